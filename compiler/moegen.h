@@ -1,0 +1,100 @@
+/* moegen.h: the compiler's one internal header. Sections follow the pipeline,
+ * one per file: diag.c -> spec_load.c -> spec_check.c -> info.c -> plan.c ->
+ * backends -> link.c, called in order by main.c. */
+#ifndef MOEGEN_H
+#define MOEGEN_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "../runtime/moe_desc.h"
+
+/* Exit codes of the moegen command (docs/cli.md). */
+enum moe_exit {
+	MOE_EXIT_OK = 0,
+	MOE_EXIT_SPEC = 1,     /* the spec (or an override) is invalid */
+	MOE_EXIT_USAGE = 2,    /* bad command line */
+	MOE_EXIT_IO = 3,       /* a file could not be read or written */
+	MOE_EXIT_BACKEND = 4,  /* code generation, linking or the runtime failed */
+	MOE_EXIT_CHECK = 5,    /* run --check found a mismatch with the reference */
+	MOE_EXIT_INTERNAL = 70 /* a broken invariant (a moegen bug) */
+};
+
+/* Broken invariants only; user input never reaches these. */
+#define MOE_ASSERT(c) ((c) ? (void)0 : moe_die(__FILE__, __LINE__, "assertion failed: %s", #c))
+__attribute__((noreturn, format(printf, 3, 4))) void moe_die(const char *file, int line,
+							     const char *fmt, ...);
+
+/* diag.c ---------------------------------------------------------------- */
+
+struct moe_loc {
+	const char *file;   /* NULL: no location */
+	uint32_t line, col; /* 1-based */
+};
+
+/* A diagnostic sink. Messages are whole lines without the trailing newline:
+ * "FILE:LINE:COL: error: MESSAGE", "...: note: ...", or "moegen: error: ...".
+ * With no callback they go to stderr. */
+struct moe_diag {
+	int n_errors;
+	int n_warnings;
+	void (*sink)(void *ctx, const char *line);
+	void *ctx;
+};
+
+__attribute__((format(printf, 3, 4))) void moe_diag_error_at(struct moe_diag *d, struct moe_loc loc,
+							     const char *fmt, ...);
+__attribute__((format(printf, 3, 4))) void
+moe_diag_warning_at(struct moe_diag *d, struct moe_loc loc, const char *fmt, ...);
+__attribute__((format(printf, 3, 4))) void moe_diag_note_at(struct moe_diag *d, struct moe_loc loc,
+							    const char *fmt, ...);
+__attribute__((format(printf, 2, 3))) void moe_diag_error(struct moe_diag *d, const char *fmt, ...);
+/* Levenshtein distance, for did-you-mean. */
+int moe_edit_distance(const char *a, const char *b);
+/* The closest of n candidates within a small distance, or NULL. */
+const char *moe_closest(const char *word, const char *const *cands, int n);
+
+/* spec_load.c ----------------------------------------------------------- */
+
+/* The spec as written: a YAML document (libyaml document API) with the file
+ * name and every node's line:col. Overrides from --set edit it in place. */
+struct moe_spec;
+
+/* Parse a file / a buffer. Malformed YAML is reported located; NULL on failure. */
+struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d);
+struct moe_spec *moe_spec_load_string(const char *name, const char *text, size_t len,
+				      struct moe_diag *d);
+/* Apply "a.b.c=VALUE" (VALUE is parsed as YAML: scalar, [list] or {map}).
+ * Intermediate mappings are created as needed. 0 on success. */
+int moe_spec_set(struct moe_spec *s, const char *assignment, struct moe_diag *d);
+/* Canonical YAML text of the document (`moegen -d spec`). */
+void moe_spec_dump(const struct moe_spec *s, FILE *out);
+void moe_spec_free(struct moe_spec *s);
+
+/* spec_check.c ---------------------------------------------------------- */
+
+/* Validate and resolve the spec into a description: defaults applied, split
+ * applied, layer list materialized. Every error of the stage is reported
+ * before it returns. 0 on success. */
+int moe_spec_check(const struct moe_spec *s, struct moe_desc *out, struct moe_diag *d);
+
+/* info.c ---------------------------------------------------------------- */
+
+/* Parameter accounting, in parameters (not bytes). */
+struct moe_counts {
+	double routed_total, routed_active; /* all MoE layers */
+	double shared;                      /* shared experts, all MoE layers */
+	double router;                      /* router, biases, noise, keys, queries */
+	double dense_ffn;                   /* non-MoE layers' FFNs */
+	double attention, embedding, norms; /* when the spec describes them */
+	double total, active;
+	double flops_per_token; /* 2 * active multiply-adds of the MoE layers' FFN + router */
+	double weight_bytes_per_token; /* bytes of MoE-layer weights read per token at T = 1 */
+};
+
+void moe_info_count(const struct moe_desc *d, struct moe_counts *c);
+void moe_info_print(const struct moe_desc *d, FILE *out);
+
+#endif

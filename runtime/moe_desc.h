@@ -1,0 +1,246 @@
+/* moe_desc.h: the resolved description of one MoE layer kind, shared by the
+ * compiler (it is the `model` stage) and the runtime (generated code embeds it
+ * as static data, the reference forward interprets it). Plain data, no
+ * pointers, so it can be emitted as a constant and compared with memcmp. */
+#ifndef MOE_DESC_H
+#define MOE_DESC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MOE_DESC_VERSION 1
+#define MOE_MAX_LAYERS 512
+#define MOE_MAX_LEVELS 2
+#define MOE_NAME_MAX 256
+
+/* Each enum is an X-macro list: value, spec spelling. */
+#define MOE_DTYPES(X) X(F32, "f32") X(BF16, "bf16") X(F16, "f16")
+#define MOE_MODES(X)                                                                               \
+	X(TOKEN_CHOICE, "token_choice")                                                            \
+	X(DENSE, "dense")                                                                          \
+	X(EXPERT_CHOICE, "expert_choice")                                                          \
+	X(SOFT, "soft")                                                                            \
+	X(HIERARCHICAL, "hierarchical")                                                            \
+	X(PRODUCT_KEY, "product_key")                                                              \
+	X(SPARSEMIXER, "sparsemixer")
+#define MOE_SCORES(X) X(SOFTMAX, "softmax") X(SIGMOID, "sigmoid") X(SQRTSOFTPLUS, "sqrtsoftplus")
+#define MOE_NORMS(X) X(NONE, "none") X(SUM, "sum") X(LP, "lp")
+#define MOE_GROUP_SCORES(X) X(MAX, "max") X(SUM_TOP2, "sum_top2")
+#define MOE_CAPACITIES(X) X(NONE, "none") X(FACTOR, "factor") X(PER_EXPERT, "per_expert")
+#define MOE_PRIORITIES(X) X(POSITION, "position") X(SCORE, "score")
+#define MOE_OVERFLOWS(X) X(DROP, "drop") X(PASSTHROUGH, "passthrough")
+#define MOE_NOISES(X) X(NONE, "none") X(LEARNED_GAUSSIAN, "learned_gaussian") X(JITTER, "jitter")
+#define MOE_APPLIES(X) X(OUTPUT, "output") X(INPUT, "input")
+#define MOE_KINDS(X) X(GLU, "glu") X(MLP, "mlp") X(SINGLE_NEURON, "single_neuron")
+/* The elementwise function; GLU experts apply it to the gate half. */
+#define MOE_ACTS(X)                                                                                \
+	X(SILU, "silu")                                                                            \
+	X(GELU, "gelu") X(GELU_TANH, "gelu_tanh") X(RELU, "relu") X(SWIGLU_OAI, "swiglu_oai")
+#define MOE_SHARED_GATES(X) X(NONE, "none") X(SIGMOID, "sigmoid")
+#define MOE_ATTNS(X) X(NONE, "none") X(MHA, "mha") X(MLA, "mla")
+#define MOE_FUSES(X) X(NONE, "none") X(CONCAT, "concat") X(INTERLEAVE, "interleave")
+#define MOE_ORIENTS(X) X(OUT_IN, "out_in") X(IN_OUT, "in_out")
+
+#define MOE_ENUM_VALUE_(prefix, v, s) prefix##v,
+#define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
+
+#define MOE_ENUM_X_MOE_DTYPE_(v, s) MOE_DTYPE_##v,
+#define MOE_ENUM_X_MOE_MODE_(v, s) MOE_MODE_##v,
+#define MOE_ENUM_X_MOE_SCORE_(v, s) MOE_SCORE_##v,
+#define MOE_ENUM_X_MOE_NORM_(v, s) MOE_NORM_##v,
+#define MOE_ENUM_X_MOE_GROUP_SCORE_(v, s) MOE_GROUP_SCORE_##v,
+#define MOE_ENUM_X_MOE_CAPACITY_(v, s) MOE_CAPACITY_##v,
+#define MOE_ENUM_X_MOE_PRIORITY_(v, s) MOE_PRIORITY_##v,
+#define MOE_ENUM_X_MOE_OVERFLOW_(v, s) MOE_OVERFLOW_##v,
+#define MOE_ENUM_X_MOE_NOISE_(v, s) MOE_NOISE_##v,
+#define MOE_ENUM_X_MOE_APPLY_(v, s) MOE_APPLY_##v,
+#define MOE_ENUM_X_MOE_KIND_(v, s) MOE_KIND_##v,
+#define MOE_ENUM_X_MOE_ACT_(v, s) MOE_ACT_##v,
+#define MOE_ENUM_X_MOE_SHARED_GATE_(v, s) MOE_SHARED_GATE_##v,
+#define MOE_ENUM_X_MOE_ATTN_(v, s) MOE_ATTN_##v,
+#define MOE_ENUM_X_MOE_FUSE_(v, s) MOE_FUSE_##v,
+#define MOE_ENUM_X_MOE_ORIENT_(v, s) MOE_ORIENT_##v,
+
+MOE_DEFINE_ENUM(moe_dtype, MOE_DTYPE_, MOE_DTYPES);
+MOE_DEFINE_ENUM(moe_mode, MOE_MODE_, MOE_MODES);
+MOE_DEFINE_ENUM(moe_score, MOE_SCORE_, MOE_SCORES);
+MOE_DEFINE_ENUM(moe_norm, MOE_NORM_, MOE_NORMS);
+MOE_DEFINE_ENUM(moe_group_score, MOE_GROUP_SCORE_, MOE_GROUP_SCORES);
+MOE_DEFINE_ENUM(moe_capacity, MOE_CAPACITY_, MOE_CAPACITIES);
+MOE_DEFINE_ENUM(moe_priority, MOE_PRIORITY_, MOE_PRIORITIES);
+MOE_DEFINE_ENUM(moe_overflow, MOE_OVERFLOW_, MOE_OVERFLOWS);
+MOE_DEFINE_ENUM(moe_noise, MOE_NOISE_, MOE_NOISES);
+MOE_DEFINE_ENUM(moe_apply, MOE_APPLY_, MOE_APPLIES);
+MOE_DEFINE_ENUM(moe_kind, MOE_KIND_, MOE_KINDS);
+MOE_DEFINE_ENUM(moe_act, MOE_ACT_, MOE_ACTS);
+MOE_DEFINE_ENUM(moe_shared_gate, MOE_SHARED_GATE_, MOE_SHARED_GATES);
+MOE_DEFINE_ENUM(moe_attn, MOE_ATTN_, MOE_ATTNS);
+MOE_DEFINE_ENUM(moe_fuse, MOE_FUSE_, MOE_FUSES);
+MOE_DEFINE_ENUM(moe_orient, MOE_ORIENT_, MOE_ORIENTS);
+
+/* Weight roles. Canonical (reference) shapes, f32, row-major, nn.Linear
+ * [out, in] orientation; E = routed experts after split, I = expert width after
+ * split, Is = shared width (count * intermediate), G = hierarchical groups,
+ * S = slots (E * slots_per_expert), N = product-key experts, R = sub_keys,
+ * Q = heads * query_dim. The loader converts from the on-disk layout. */
+#define MOE_ROLES(X)                                                                               \
+	X(ROUTER, "router")                 /* [E, H] (hierarchical: level-2 rows) */              \
+	X(ROUTER_BIAS, "router_bias")       /* [E] */                                              \
+	X(SELECT_BIAS, "select_bias")       /* [E] selection only */                               \
+	X(NOISE, "noise")                   /* [E, H] learned gaussian noise projection */         \
+	X(GROUP_ROUTER, "group_router")     /* [G, H] hierarchical level 1 */                      \
+	X(GATE, "gate")                     /* [E, I, H] */                                        \
+	X(UP, "up")                         /* [E, I, H] (mlp: the first layer) */                 \
+	X(GATE_UP, "gate_up")               /* fused on disk only; canonical is GATE + UP */       \
+	X(DOWN, "down")                     /* [E, H, I] */                                        \
+	X(GATE_BIAS, "gate_bias")           /* [E, I] */                                           \
+	X(UP_BIAS, "up_bias")               /* [E, I] */                                           \
+	X(GATE_UP_BIAS, "gate_up_bias")     /* fused on disk only */                               \
+	X(DOWN_BIAS, "down_bias")           /* [E, H] */                                           \
+	X(SHARED_GATE, "shared_gate")       /* [Is, H] */                                          \
+	X(SHARED_UP, "shared_up")           /* [Is, H] */                                          \
+	X(SHARED_GATE_UP, "shared_gate_up") /* fused on disk only */                               \
+	X(SHARED_DOWN, "shared_down")       /* [H, Is] */                                          \
+	X(SHARED_EXPERT_GATE, "shared_expert_gate") /* [1, H] */                                   \
+	X(SOFT_SLOTS, "soft_slots")                 /* [S, H] slot parameters, one row per slot */ \
+	X(SOFT_SCALE, "soft_scale")                 /* [1] learned scale */                        \
+	X(PK_QUERY, "pk_query")                     /* [Q, H] BatchNorm folded in at load */       \
+	X(PK_QUERY_BIAS, "pk_query_bias")           /* [Q] */                                      \
+	X(PK_KEYS, "pk_keys")                       /* [2, R, query_dim/2] the two sub-key sets */ \
+	X(NEURON_U, "neuron_u")                     /* [N, H] single-neuron input vectors */       \
+	X(NEURON_V, "neuron_v")                     /* [N, H] single-neuron output vectors */
+
+#define MOE_ENUM_X_MOE_ROLE_(v, s) MOE_ROLE_##v,
+MOE_DEFINE_ENUM(moe_role, MOE_ROLE_, MOE_ROLES);
+
+/* How one role is stored on disk. A name without {expert} holds all experts
+ * stacked along the first axis (or, with row_blocked, as E blocks of rows). */
+struct moe_layout {
+	enum moe_orient orient; /* out_in = nn.Linear [out, in]; in_out = transposed */
+	enum moe_fuse fuse;     /* gate_up only: concat (gate first) or interleave */
+	uint8_t row_blocked;    /* stacked as [E * rows, cols] (DBRX) */
+	uint8_t explicit_;      /* set in the spec, not defaulted */
+};
+
+struct moe_level {
+	uint32_t groups; /* level 1: number of groups (gates over groups) */
+	uint32_t top_k;
+};
+
+struct moe_desc {
+	uint32_t version; /* MOE_DESC_VERSION */
+	char name[MOE_NAME_MAX];
+
+	/* model */
+	uint32_t hidden; /* H */
+	uint32_t n_layers;
+	uint32_t n_moe_layers;
+	uint32_t moe_layers[MOE_MAX_LAYERS]; /* ascending layer indices */
+	uint32_t dense_intermediate;         /* 0: no dense layers described */
+	enum moe_kind dense_kind;            /* glu | mlp */
+	enum moe_act dense_act;
+	/* accounting only */
+	uint32_t vocab;
+	uint8_t tied_embeddings;
+	enum moe_attn attn;
+	uint32_t attn_heads, attn_kv_heads, attn_head_dim;
+	uint32_t mla_q_lora_rank, mla_kv_lora_rank, mla_qk_nope_dim, mla_qk_rope_dim, mla_v_dim;
+
+	/* dtypes */
+	enum moe_dtype weight_dtype;
+	enum moe_dtype act_dtype; /* f32 | bf16 */
+
+	/* router */
+	enum moe_mode mode;
+	enum moe_score score;
+	uint32_t top_k; /* after split; dense: E; expert_choice: 0 */
+	enum moe_norm norm;
+	float norm_eps; /* w /= max(sum + eps, norm_min) */
+	float norm_min;
+	float norm_p; /* lp */
+	float scale;  /* routed scaling factor, applied after normalization */
+	uint8_t router_bias;
+	uint8_t select_bias;
+	uint32_t n_groups; /* 1: no group limit */
+	uint32_t group_top;
+	enum moe_group_score group_score;
+	enum moe_capacity capacity;
+	float capacity_factor; /* C = ceil(top_k * T * factor / E) */
+	uint32_t capacity_per_expert;
+	enum moe_priority priority;
+	enum moe_overflow overflow;
+	enum moe_noise noise;
+	float jitter_eps; /* noise jitter: x *= U(1 - eps, 1 + eps) */
+	enum moe_apply apply_to;
+
+	/* mode blocks */
+	uint32_t n_levels; /* hierarchical: 2 */
+	struct moe_level levels[MOE_MAX_LEVELS];
+	float ec_capacity_factor;       /* expert_choice: C = ceil(T * f / E) */
+	uint32_t soft_slots_per_expert; /* soft */
+	float sparsemixer_eps;          /* sparsemixer (router_jitter_noise) */
+	uint32_t pk_sub_keys;           /* R = sqrt(N) */
+	uint32_t pk_heads;
+	uint32_t pk_top_k;
+	uint32_t pk_query_dim;   /* d, split in two halves of d/2 */
+	enum moe_score pk_score; /* softmax | sigmoid */
+
+	/* experts (after split: n_experts = split * declared count, width / split,
+	 * top_k * split) */
+	enum moe_kind kind;
+	uint32_t n_experts;    /* E */
+	uint32_t intermediate; /* I */
+	enum moe_act act;
+	float act_alpha; /* swiglu_oai */
+	float act_limit; /* swiglu_oai */
+	uint8_t expert_bias;
+	uint32_t split; /* m, already applied to the fields above */
+
+	/* shared experts, fused into one FFN of width shared_count * shared_intermediate */
+	uint32_t shared_count;
+	uint32_t shared_intermediate;
+	enum moe_kind shared_kind;
+	enum moe_act shared_act;
+	enum moe_shared_gate shared_gate;
+
+	/* weights on disk */
+	char names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* "" when absent */
+	struct moe_layout layouts[MOE_ROLE_COUNT];
+};
+
+/* Name tables, indexed by enum value; defined in desc.c. */
+extern const char *const moe_dtype_names[MOE_DTYPE_COUNT];
+extern const char *const moe_mode_names[MOE_MODE_COUNT];
+extern const char *const moe_score_names[MOE_SCORE_COUNT];
+extern const char *const moe_norm_names[MOE_NORM_COUNT];
+extern const char *const moe_group_score_names[MOE_GROUP_SCORE_COUNT];
+extern const char *const moe_capacity_names[MOE_CAPACITY_COUNT];
+extern const char *const moe_priority_names[MOE_PRIORITY_COUNT];
+extern const char *const moe_overflow_names[MOE_OVERFLOW_COUNT];
+extern const char *const moe_noise_names[MOE_NOISE_COUNT];
+extern const char *const moe_apply_names[MOE_APPLY_COUNT];
+extern const char *const moe_kind_names[MOE_KIND_COUNT];
+extern const char *const moe_act_names[MOE_ACT_COUNT];
+extern const char *const moe_shared_gate_names[MOE_SHARED_GATE_COUNT];
+extern const char *const moe_attn_names[MOE_ATTN_COUNT];
+extern const char *const moe_fuse_names[MOE_FUSE_COUNT];
+extern const char *const moe_orient_names[MOE_ORIENT_COUNT];
+extern const char *const moe_role_names[MOE_ROLE_COUNT];
+
+/* Index of `s` in a name table of n entries, or -1. */
+int moe_enum_lookup(const char *const *names, int n, const char *s);
+
+/* Derived sizes. */
+uint32_t moe_desc_route_width(const struct moe_desc *d); /* (id, weight) slots per token */
+uint32_t moe_desc_shared_width(const struct moe_desc *d);
+uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
+/* Number of rows and columns of a role's canonical tensor, per expert where the
+ * role is per expert (*per_expert set), else for the whole tensor. Returns 0
+ * when the role is not used by this description. */
+int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *rows, uint64_t *cols,
+			int *per_expert);
+/* A one-line-per-field text dump (`moegen -d model`). Returns bytes written
+ * (like snprintf). */
+size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap);
+
+#endif

@@ -1,0 +1,97 @@
+/* moe_ref.h: the reference forward pass, plain C, clarity over speed. It is the
+ * oracle of every numeric test. It works on canonical f32 weights (shapes in
+ * moe_desc.h, MOE_ROLES) and implements SEMANTICS.md exactly; docs/semantics.md
+ * states each rule it follows. */
+#ifndef MOE_REF_H
+#define MOE_REF_H
+
+#include "moe_desc.h"
+
+/* Status codes shared by the reference and the runtime (moe.h re-exports them). */
+enum moe_status {
+	MOE_OK = 0,
+	MOE_ERR_ARG,   /* bad argument: NULL, wrong size, unknown layer */
+	MOE_ERR_INPUT, /* non-finite input */
+	MOE_ERR_NOMEM,
+	MOE_ERR_WEIGHTS,     /* missing, mis-shaped or malformed weights */
+	MOE_ERR_IO,          /* file I/O */
+	MOE_ERR_UNSUPPORTED, /* feature not generated for this target */
+	MOE_ERR_DEVICE,      /* accelerator failure or absence */
+	MOE_ERR_BUSY,        /* concurrent forward on one model */
+	MOE_ERR_INTERNAL,
+	MOE_STATUS_COUNT
+};
+
+const char *moe_status_name(enum moe_status s);
+
+/* Canonical weights of one layer: one f32 array per role, NULL when unused.
+ * Per-expert roles are E contiguous [rows, cols] blocks. */
+struct moe_ref_weights {
+	float *w[MOE_ROLE_COUNT];
+};
+
+/* Allocate (zeroed) every role the description uses / free them. */
+enum moe_status moe_ref_weights_alloc(const struct moe_desc *d, struct moe_ref_weights *w);
+void moe_ref_weights_free(struct moe_ref_weights *w);
+/* Deterministic random weights for (seed, layer): uniform in +-1/sqrt(fan_in)
+ * per role from a counter-based generator, so the value of element i of a role
+ * depends only on (seed, layer, role, i). When the description's weight dtype
+ * is bf16 or f16 the values are rounded to it, so every backend sees the same
+ * numbers. */
+void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+			    struct moe_ref_weights *w);
+
+/* Forward options. */
+struct moe_fwd_opts {
+	int training;  /* noise and jitter apply only when set */
+	uint64_t seed; /* noise seed; the draw for (token, expert) depends only on
+			  (seed, layer, token index in this call, expert) */
+	uint32_t layer;
+};
+
+/* Routing output, every pointer optional (NULL: not wanted). W is
+ * moe_desc_route_width(d): ids/weights are [n_tokens, W]. Unused or dropped
+ * slots have id -1 and weight 0. Per mode:
+ *   token_choice, hierarchical, sparsemixer: the k chosen experts per token;
+ *   dense: W = E, all experts in order;
+ *   expert_choice: W = E, slot e holds e if expert e chose the token, else -1;
+ *   product_key: W = heads * top_k, expert index i * sub_keys + j;
+ *   soft: W = 0 (no discrete routing).
+ * counts: [E] assignments kept per expert (soft: slots per expert).
+ * importance: [E] sum over tokens of the normalized router probability.
+ * Scalars: see docs/semantics.md, "Auxiliary statistics". */
+struct moe_routing {
+	int32_t *expert_ids;
+	float *weights;
+	int64_t *counts;
+	float *importance;
+	float importance_cv2; /* squared coefficient of variation of importance */
+	float lb_loss;        /* Switch load-balancing loss E * sum_e f_e * P_e */
+	float z_loss;         /* mean over tokens of logsumexp(logits)^2 */
+	int64_t n_dropped;    /* assignments dropped by capacity */
+};
+
+/* y[n_tokens, H] = MoE(x[n_tokens, H]) for one layer. n_tokens may be 0.
+ * Returns MOE_ERR_INPUT on non-finite x, MOE_ERR_ARG on NULL pointers or an
+ * invalid description, MOE_ERR_NOMEM. `err` (optional, cap bytes) receives a
+ * message on failure. */
+enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_weights *w,
+				const float *x, float *y, size_t n_tokens,
+				const struct moe_fwd_opts *opts, struct moe_routing *routing,
+				char *err, size_t err_cap);
+
+/* Scalar helpers every backend must agree with (exposed for tests). */
+float moe_ref_act(enum moe_act a, float alpha, float limit, float x);
+float moe_bf16_round(float x); /* round to nearest even, keep NaN */
+float moe_f16_round(float x);
+uint16_t moe_f32_to_bf16(float x);
+float moe_bf16_to_f32(uint16_t h);
+uint16_t moe_f32_to_f16(float x);
+float moe_f16_to_f32(uint16_t h);
+
+/* Counter-based random numbers (SplitMix64 finalizer over a key). */
+uint64_t moe_rng_hash(uint64_t seed, uint64_t a, uint64_t b, uint64_t c);
+float moe_rng_uniform(uint64_t h); /* [0, 1) from 24 high bits */
+float moe_rng_normal(uint64_t seed, uint64_t a, uint64_t b, uint64_t c); /* Box-Muller */
+
+#endif

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the Debian packages moegen needs, only those missing (run as root).
+set -euo pipefail
+pkgs=(build-essential cmake pkg-config llvm-19-dev libyaml-dev libcmocka-dev
+      libcjson-dev libopenblas-dev clang-format python3)
+missing=()
+for p in "${pkgs[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+		missing+=("$p")
+	fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "moegen: installing ${missing[*]}"
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "moegen: run as root to install: ${missing[*]}" >&2
+		exit 1
+	fi
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -q
+	apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
