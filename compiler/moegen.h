@@ -97,4 +97,12 @@ struct moe_counts {
 void moe_info_count(const struct moe_desc *d, struct moe_counts *c);
 void moe_info_print(const struct moe_desc *d, FILE *out);
 
+/* driver.c ------------------------------------------------------------- */
+
+/* The front half every command shares: load SPEC, apply the --set overrides
+ * in order, check. Diagnostics go to d. Returns MOE_EXIT_OK, MOE_EXIT_SPEC or
+ * MOE_EXIT_IO. */
+int moe_front(const char *path, const char *const *sets, int n_sets, struct moe_desc *out,
+	      struct moe_diag *d);
+
 #endif
