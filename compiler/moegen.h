@@ -92,6 +92,13 @@ struct moe_counts {
 	double total, active;
 	double flops_per_token; /* 2 * active multiply-adds of the MoE layers' FFN + router */
 	double weight_bytes_per_token; /* bytes of MoE-layer weights read per token at T = 1 */
+	/* Conventions and breakdowns (docs/models.md). */
+	double active_no_embed_in; /* active less the input embedding table (not when tied) */
+	double experts_per_token;  /* routed expert applications per token, per mode */
+	double layer_flops;        /* flops_per_token of one MoE layer */
+	double layer_weight_bytes; /* weight_bytes_per_token of one MoE layer */
+	double model_flops;        /* 2 * active matmul multiply-adds of the whole model per
+				      token, attention scores excluded; 0 without attention */
 };
 
 void moe_info_count(const struct moe_desc *d, struct moe_counts *c);
