@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../runtime/moe_ref.h"
+#include "import.h"
 
 #define MAX_SETS 256
 
@@ -28,6 +29,7 @@ static void usage_main(FILE *out)
 	      "  info SPEC           parameters (total/active), FLOPs and weight bytes per token\n"
 	      "  -d spec|model SPEC  print a pipeline stage\n"
 	      "  ref SPEC            reference forward pass on random weights\n"
+	      "  import CONFIG.json  write a spec from a Hugging Face config.json\n"
 	      "\n"
 	      "Every command that takes a spec accepts --set KEY=VALUE (repeatable) to\n"
 	      "override a spec key, e.g. --set model.hidden=128 --set experts.intermediate=64.\n"

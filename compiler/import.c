@@ -1,0 +1,1763 @@
+/* import.c: `moegen import`. A Hugging Face config.json (parsed with cJSON) is
+ * read field by field by one function per model family into struct imp, the
+ * spec to be; one writer prints it as explicit YAML (layers listed, names and
+ * layouts filled in, every router choice spelled out). docs/import.md. */
+#include "import.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define IMP_MAX_NOTES 24
+#define IMP_NOTE_MAX 512
+/* Config files are small; a bigger one is not a config. */
+#define IMP_MAX_BYTES (64u << 20)
+/* Sizes above this are certainly mistakes and would overflow products. */
+#define IMP_INT_MAX (1L << 30)
+
+struct imp_layout {
+	enum moe_orient orient;
+	enum moe_fuse fuse;
+	int row_blocked;
+};
+
+/* The spec being built. Fields mirror docs/spec.md; defaults are the language's. */
+struct imp {
+	const char *path;
+	const char *family; /* model_type as written */
+	struct moe_diag *d;
+	int n_err;
+	enum moe_import_stack stack;
+
+	char name[MOE_NAME_MAX];
+	long hidden, layers;
+	unsigned char moe[MOE_MAX_LAYERS];
+	long dense_inter; /* 0: every layer is MoE */
+	enum moe_kind dense_kind;
+	enum moe_act dense_act;
+	long vocab;
+	int tied; /* -1: not stated */
+	enum moe_attn attn;
+	long heads, kv_heads, head_dim;
+	long q_lora, kv_lora, qk_nope, qk_rope, v_dim;
+	enum moe_dtype wdtype;
+
+	enum moe_mode mode;
+	enum moe_score score;
+	long top_k;
+	enum moe_norm norm;
+	double norm_eps, norm_min, norm_p;
+	double scale;
+	int router_bias, select_bias;
+	long n_groups, group_top; /* n_groups 0: no group limit */
+	enum moe_group_score group_score;
+	enum moe_capacity capacity;
+	long cap_per_expert;
+	enum moe_priority priority;
+	enum moe_overflow overflow;
+	enum moe_noise noise;
+	double jitter_eps;
+	enum moe_apply apply_to;
+	double sparsemixer_eps;
+
+	enum moe_kind kind;
+	long n_experts, inter;
+	enum moe_act act;
+	double act_alpha, act_limit;
+	int expert_bias;
+
+	long shared_count, shared_inter; /* shared_count 0: none */
+	enum moe_kind shared_kind;
+	enum moe_act shared_act;
+	enum moe_shared_gate shared_gate;
+
+	char names[MOE_ROLE_COUNT][MOE_NAME_MAX];
+	struct imp_layout layout[MOE_ROLE_COUNT];
+
+	int n_notes;
+	char notes[IMP_MAX_NOTES][IMP_NOTE_MAX];
+};
+
+/* Diagnostics ---------------------------------------------------------- */
+
+__attribute__((format(printf, 2, 3))) static void err(struct imp *m, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	moe_diag_error(m->d, "%s: %s", m->path, msg);
+	m->n_err++;
+}
+
+__attribute__((format(printf, 2, 3))) static void warn(struct imp *m, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	moe_diag_warning_at(m->d, (struct moe_loc){0}, "%s: %s", m->path, msg);
+}
+
+/* A comment line of the written spec (word-wrapped by the writer). */
+__attribute__((format(printf, 2, 3))) static void note(struct imp *m, const char *fmt, ...)
+{
+	MOE_ASSERT(m->n_notes < IMP_MAX_NOTES);
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(m->notes[m->n_notes++], IMP_NOTE_MAX, fmt, ap);
+	va_end(ap);
+}
+
+/* Field access ---------------------------------------------------------- */
+
+/* JSON null is how transformers writes None: treated as absent. */
+static const cJSON *field(const cJSON *o, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+	return v && !cJSON_IsNull(v) ? v : NULL;
+}
+
+static const char *json_type(const cJSON *v)
+{
+	if (cJSON_IsBool(v))
+		return "a boolean";
+	if (cJSON_IsNumber(v))
+		return "a number";
+	if (cJSON_IsString(v))
+		return "a string";
+	if (cJSON_IsArray(v))
+		return "an array";
+	if (cJSON_IsObject(v))
+		return "an object";
+	return "null";
+}
+
+static void missing(struct imp *m, const char *pre, const char *key)
+{
+	err(m, "%s needs '%s%s'", m->family, pre, key);
+}
+
+static int as_int(struct imp *m, const cJSON *v, const char *pre, const char *key, long min,
+		  long *out)
+{
+	if (!cJSON_IsNumber(v)) {
+		err(m, "'%s%s' must be an integer, not %s", pre, key, json_type(v));
+		return 0;
+	}
+	double x = v->valuedouble;
+	if (!(x == floor(x)) || x < (double)min || x > (double)IMP_INT_MAX) {
+		err(m, "'%s%s' must be an integer >= %ld (got %.17g)", pre, key, min, x);
+		return 0;
+	}
+	*out = (long)x;
+	return 1;
+}
+
+/* On error these return a harmless value (min or def): the error is counted
+ * and the import fails, but the family function can run on to report more. */
+static long req_int(struct imp *m, const cJSON *o, const char *pre, const char *key, long min)
+{
+	const cJSON *v = field(o, key);
+	long x = min;
+	if (!v)
+		missing(m, pre, key);
+	else if (!as_int(m, v, pre, key, min, &x))
+		x = min;
+	return x;
+}
+
+static long opt_int(struct imp *m, const cJSON *o, const char *pre, const char *key, long def,
+		    long min)
+{
+	const cJSON *v = field(o, key);
+	long x = def;
+	if (v && !as_int(m, v, pre, key, min, &x))
+		x = def;
+	return x;
+}
+
+/* A number in [lo, hi]. */
+static double opt_num(struct imp *m, const cJSON *o, const char *pre, const char *key, double def,
+		      double lo, double hi)
+{
+	const cJSON *v = field(o, key);
+	if (!v)
+		return def;
+	if (!cJSON_IsNumber(v)) {
+		err(m, "'%s%s' must be a number, not %s", pre, key, json_type(v));
+		return def;
+	}
+	double x = v->valuedouble;
+	if (!isfinite(x) || x < lo || x > hi) {
+		err(m, "'%s%s' must be a number in [%g, %g] (got %.17g)", pre, key, lo, hi, x);
+		return def;
+	}
+	return x;
+}
+
+/* true/false, or 0/1 as some configs write it. */
+static int opt_bool(struct imp *m, const cJSON *o, const char *pre, const char *key, int def)
+{
+	const cJSON *v = field(o, key);
+	if (!v)
+		return def;
+	if (cJSON_IsBool(v))
+		return cJSON_IsTrue(v);
+	if (cJSON_IsNumber(v) && (v->valuedouble == 0 || v->valuedouble == 1))
+		return v->valuedouble == 1;
+	err(m, "'%s%s' must be a boolean, not %s", pre, key, json_type(v));
+	return def;
+}
+
+static const char *opt_str(struct imp *m, const cJSON *o, const char *pre, const char *key,
+			   const char *def)
+{
+	const cJSON *v = field(o, key);
+	if (!v)
+		return def;
+	if (!cJSON_IsString(v)) {
+		err(m, "'%s%s' must be a string, not %s", pre, key, json_type(v));
+		return def;
+	}
+	return v->valuestring;
+}
+
+static const cJSON *opt_obj(struct imp *m, const cJSON *o, const char *pre, const char *key)
+{
+	const cJSON *v = field(o, key);
+	if (v && !cJSON_IsObject(v)) {
+		err(m, "'%s%s' must be an object, not %s", pre, key, json_type(v));
+		return NULL;
+	}
+	return v;
+}
+
+/* A per-model value that transformers also accepts as a per-layer list: one
+ * spec describes one MoE layer kind, so a list must hold one value. */
+static long req_int_or_uniform_list(struct imp *m, const cJSON *o, const char *pre, const char *key,
+				    long min)
+{
+	const cJSON *v = field(o, key);
+	if (!v || !cJSON_IsArray(v))
+		return req_int(m, o, pre, key, min);
+	long first = min;
+	int i = 0;
+	const cJSON *e;
+	cJSON_ArrayForEach(e, v)
+	{
+		long x;
+		if (!as_int(m, e, pre, key, min, &x))
+			return min;
+		if (i++ == 0)
+			first = x;
+		else if (x != first) {
+			err(m,
+			    "'%s%s' differs between layers (%ld, %ld): one spec describes one MoE "
+			    "layer kind",
+			    pre, key, first, x);
+			return min;
+		}
+	}
+	if (i == 0) {
+		err(m, "'%s%s' is an empty list", pre, key);
+		return min;
+	}
+	return first;
+}
+
+/* Layer indices; each must name a layer. Returns 0 on error. */
+static int layer_list(struct imp *m, const cJSON *v, const char *pre, const char *key,
+		      unsigned char *mark)
+{
+	if (!cJSON_IsArray(v)) {
+		err(m, "'%s%s' must be a list of layer indices, not %s", pre, key, json_type(v));
+		return 0;
+	}
+	const cJSON *e;
+	cJSON_ArrayForEach(e, v)
+	{
+		long x;
+		if (!as_int(m, e, pre, key, 0, &x))
+			return 0;
+		if (x >= m->layers) {
+			err(m, "'%s%s' names layer %ld, but the model has %ld layers", pre, key, x,
+			    m->layers);
+			return 0;
+		}
+		mark[x] = 1;
+	}
+	return 1;
+}
+
+/* Value spellings ------------------------------------------------------- */
+
+static const char act_supported[] = "silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu";
+
+static int parse_act(struct imp *m, const char *pre, const char *key, const char *s,
+		     enum moe_act *out)
+{
+	static const struct {
+		const char *hf;
+		enum moe_act act;
+	} map[] = {
+	    {"silu", MOE_ACT_SILU},
+	    {"swish", MOE_ACT_SILU},
+	    {"gelu", MOE_ACT_GELU},
+	    {"gelu_new", MOE_ACT_GELU_TANH},
+	    {"gelu_pytorch_tanh", MOE_ACT_GELU_TANH},
+	    {"relu", MOE_ACT_RELU},
+	};
+	for (size_t i = 0; i < sizeof map / sizeof *map; i++)
+		if (strcmp(s, map[i].hf) == 0) {
+			*out = map[i].act;
+			return 1;
+		}
+	err(m, "unsupported %s%s '%s' (supported: %s)", pre, key, s, act_supported);
+	return 0;
+}
+
+/* The activation of a GLU family's experts, shared expert and dense layers. */
+static void glu_act(struct imp *m, const cJSON *o, const char *pre, const char *key)
+{
+	enum moe_act a = MOE_ACT_SILU;
+	parse_act(m, pre, key, opt_str(m, o, pre, key, "silu"), &a);
+	m->kind = m->shared_kind = m->dense_kind = MOE_KIND_GLU;
+	m->act = m->shared_act = m->dense_act = a;
+}
+
+static void weight_dtype(struct imp *m, const cJSON *o, const char *pre)
+{
+	const char *key = field(o, "torch_dtype") ? "torch_dtype" : "dtype";
+	const char *s = opt_str(m, o, pre, key, NULL);
+	if (!s) {
+		m->wdtype = MOE_DTYPE_F32;
+		note(m, "The config states no torch_dtype: weights are taken as f32.");
+		return;
+	}
+	static const struct {
+		const char *hf;
+		enum moe_dtype dt;
+	} map[] = {
+	    {"float32", MOE_DTYPE_F32},
+	    {"bfloat16", MOE_DTYPE_BF16},
+	    {"float16", MOE_DTYPE_F16},
+	};
+	for (size_t i = 0; i < sizeof map / sizeof *map; i++)
+		if (strcmp(s, map[i].hf) == 0) {
+			m->wdtype = map[i].dt;
+			return;
+		}
+	err(m, "unsupported %s%s '%s' (supported: float32, bfloat16, float16)", pre, key, s);
+}
+
+/* Quantized checkpoints: the spec language has no key for them (yet), so the
+ * spec describes the dequantized weights and says so. */
+static void quantization(struct imp *m, const cJSON *o, const char *pre)
+{
+	const cJSON *q = opt_obj(m, o, pre, "quantization_config");
+	if (!q)
+		return;
+	char qpre[128];
+	snprintf(qpre, sizeof qpre, "%squantization_config.", pre);
+	const char *method = opt_str(m, q, qpre, "quant_method", NULL);
+	if (!method) {
+		missing(m, qpre, "quant_method");
+		return;
+	}
+	if (strcmp(method, "fp8") == 0) {
+		char block[64] = "per-tensor";
+		const cJSON *b = field(q, "weight_block_size");
+		if (cJSON_IsArray(b) && cJSON_GetArraySize(b) == 2 &&
+		    cJSON_IsNumber(cJSON_GetArrayItem(b, 0)) &&
+		    cJSON_IsNumber(cJSON_GetArrayItem(b, 1)))
+			snprintf(block, sizeof block, "[%.0f, %.0f]",
+				 cJSON_GetArrayItem(b, 0)->valuedouble,
+				 cJSON_GetArrayItem(b, 1)->valuedouble);
+		const char *fmt = opt_str(m, q, qpre, "fmt", "e4m3");
+		note(
+		    m,
+		    "Checkpoint quantization: fp8 %s weights, block %s, with *.weight_scale_inv "
+		    "scales (multiplied). The spec language has no key for it: the names below are "
+		    "those of a dequantized (%s) checkpoint.",
+		    fmt, block, moe_dtype_names[m->wdtype]);
+		warn(m,
+		     "quantization_config fp8 (block %s) is not expressible in the spec language; "
+		     "the spec describes dequantized weights",
+		     block);
+	} else if (strcmp(method, "mxfp4") == 0) {
+		note(m,
+		     "Checkpoint quantization: mxfp4 expert weights (*_blocks [E, out, in/32, 16] "
+		     "u8, low nibble first, *_scales e8m0). The spec language has no key for it: "
+		     "the names below are those of the dequantized (bf16) export.");
+		warn(m, "quantization_config mxfp4 is not expressible in the spec language; the "
+			"spec describes dequantized weights");
+	} else {
+		err(m, "unsupported %squant_method '%s' (supported: fp8, mxfp4)", qpre, method);
+	}
+}
+
+/* Names and layouts ----------------------------------------------------- */
+
+__attribute__((format(printf, 3, 4))) static void name(struct imp *m, enum moe_role r,
+						       const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(m->names[r], MOE_NAME_MAX, fmt, ap);
+	va_end(ap);
+	MOE_ASSERT(n > 0 && n < MOE_NAME_MAX);
+}
+
+static void layout(struct imp *m, enum moe_role r, enum moe_orient o, enum moe_fuse f,
+		   int row_blocked)
+{
+	m->layout[r] = (struct imp_layout){o, f, row_blocked};
+}
+
+/* The common per-expert GLU naming: PREFIX.experts.{expert}.G/U/D.weight. */
+static void glu_names(struct imp *m, const char *prefix, const char *experts, const char *g,
+		      const char *u, const char *dn)
+{
+	name(m, MOE_ROLE_GATE, "%s.%s.{expert}.%s.weight", prefix, experts, g);
+	name(m, MOE_ROLE_UP, "%s.%s.{expert}.%s.weight", prefix, experts, u);
+	name(m, MOE_ROLE_DOWN, "%s.%s.{expert}.%s.weight", prefix, experts, dn);
+}
+
+static void shared_names(struct imp *m, const char *prefix)
+{
+	name(m, MOE_ROLE_SHARED_GATE, "%s.gate_proj.weight", prefix);
+	name(m, MOE_ROLE_SHARED_UP, "%s.up_proj.weight", prefix);
+	name(m, MOE_ROLE_SHARED_DOWN, "%s.down_proj.weight", prefix);
+}
+
+/* Common parts ---------------------------------------------------------- */
+
+static int set_layers(struct imp *m, long n)
+{
+	m->layers = n;
+	if (n > MOE_MAX_LAYERS) {
+		err(m, "%ld layers exceed the spec language's limit of %d", n, MOE_MAX_LAYERS);
+		m->layers = 1;
+		return 0;
+	}
+	return 1;
+}
+
+/* hidden, layers, vocab and tied embeddings of a decoder-only config. */
+static void dims(struct imp *m, const cJSON *o, const char *pre)
+{
+	m->hidden = req_int(m, o, pre, "hidden_size", 1);
+	set_layers(m, req_int(m, o, pre, "num_hidden_layers", 1));
+	m->vocab = opt_int(m, o, pre, "vocab_size", 0, 0);
+	m->tied =
+	    field(o, "tie_word_embeddings") ? opt_bool(m, o, pre, "tie_word_embeddings", 0) : -1;
+}
+
+static void base(struct imp *m, const cJSON *o, const char *pre)
+{
+	dims(m, o, pre);
+	weight_dtype(m, o, pre);
+}
+
+/* Grouped-query attention, for accounting (moegen info). */
+static void attention_mha(struct imp *m, const cJSON *o, const char *pre)
+{
+	if (!field(o, "num_attention_heads"))
+		return;
+	long h = opt_int(m, o, pre, "num_attention_heads", 1, 1);
+	long kv = opt_int(m, o, pre, "num_key_value_heads", h, 1);
+	long hd = field(o, "head_dim") ? opt_int(m, o, pre, "head_dim", 1, 1)
+				       : (m->hidden % h == 0 ? m->hidden / h : 0);
+	if (!hd)
+		return;
+	m->attn = MOE_ATTN_MHA;
+	m->heads = h, m->kv_heads = kv, m->head_dim = hd;
+}
+
+static void all_layers(struct imp *m)
+{
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = 1;
+}
+
+/* The FFN of the non-MoE layers, read only when the model has some. */
+static void dense_ffn(struct imp *m, const cJSON *o, const char *pre, const char *key)
+{
+	for (long i = 0; i < m->layers; i++)
+		if (!m->moe[i]) {
+			m->dense_inter = req_int(m, o, pre, key, 1);
+			return;
+		}
+}
+
+static void norm_sum(struct imp *m, double eps, double min)
+{
+	m->norm = MOE_NORM_SUM;
+	m->norm_eps = eps;
+	m->norm_min = min;
+}
+
+static void jitter(struct imp *m, double eps)
+{
+	if (eps > 0) {
+		m->noise = MOE_NOISE_JITTER;
+		m->jitter_eps = eps;
+	}
+}
+
+/* Families -------------------------------------------------------------- */
+
+static void fam_mixtral(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	norm_sum(m, 0, 0);
+	jitter(m, opt_num(m, c, "", "router_jitter_noise", 0, 0, 1));
+	all_layers(m);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.block_sparse_moe.gate.weight");
+	glu_names(m, "model.layers.{layer}.block_sparse_moe", "experts", "w1", "w3", "w2");
+	note(m, "mixtral: p = softmax(x W_g^T) over all experts (f32); the top-k p are "
+		"renormalized to sum 1 (no eps). Jitter noise, if any, is training-only.");
+}
+
+static void fam_phimoe(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	if (m->top_k != 2)
+		err(m,
+		    "phimoe routes with sparsemixer, which selects exactly 2 experts; "
+		    "'num_experts_per_tok' is %ld",
+		    m->top_k);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	m->mode = MOE_MODE_SPARSEMIXER;
+	m->sparsemixer_eps = opt_num(m, c, "", "router_jitter_noise", 0.01, 0, 1);
+	jitter(m, opt_num(m, c, "", "input_jitter_noise", 0, 0, 1));
+	all_layers(m);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.block_sparse_moe.gate.weight");
+	glu_names(m, "model.layers.{layer}.block_sparse_moe", "experts", "w1", "w3", "w2");
+	note(m, "phimoe: sparsemixer top-2 at inference with eps = router_jitter_noise: each of "
+		"the two weights is a softmax over logits masked by relative distance to that "
+		"round's maximum; the two are not renormalized. input_jitter_noise is "
+		"training-only.");
+}
+
+/* qwen2_moe and qwen3_moe share the router (and HF code). */
+static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", 0);
+	if (renorm)
+		norm_sum(m, 0, 0);
+	long step = opt_int(m, c, "", "decoder_sparse_step", 1, 1);
+	unsigned char mlp_only[MOE_MAX_LAYERS] = {0};
+	const cJSON *v = field(c, "mlp_only_layers");
+	if (v)
+		layer_list(m, v, "", "mlp_only_layers", mlp_only);
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = !mlp_only[i] && (i + 1) % step == 0;
+	dense_ffn(m, c, "", "intermediate_size");
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	if (qwen2) {
+		long si = req_int(m, c, "", "shared_expert_intermediate_size", 0);
+		if (si > 0) {
+			m->shared_count = 1;
+			m->shared_inter = si;
+			m->shared_gate = MOE_SHARED_GATE_SIGMOID;
+			shared_names(m, "model.layers.{layer}.mlp.shared_expert");
+			name(m, MOE_ROLE_SHARED_EXPERT_GATE,
+			     "model.layers.{layer}.mlp.shared_expert_gate.weight");
+		}
+	}
+	note(m, "%s: p = softmax(x W_g^T) over all experts (f32), top-k; %s", m->family,
+	     renorm ? "renormalized to sum 1 (norm_topk_prob true, no eps)."
+		    : "not renormalized (norm_topk_prob false): the weights sum to less than 1.");
+	if (m->shared_count)
+		note(m, "The shared expert is scaled per token by sigmoid(x . shared_expert_gate) "
+			"and added.");
+	note(m, "MoE layers: (layer + 1) %% decoder_sparse_step == 0 and not in "
+		"mlp_only_layers; the others are dense (intermediate_size).");
+}
+
+static void fam_olmoe(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", 0);
+	if (renorm)
+		norm_sum(m, 0, 0);
+	all_layers(m);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m, "olmoe: p = softmax(x W_g^T) over all experts (f32), top-k; %s",
+	     renorm ? "renormalized to sum 1 (norm_topk_prob true, no eps)."
+		    : "not renormalized (norm_topk_prob false).");
+}
+
+static void attention_mla(struct imp *m, const cJSON *c)
+{
+	if (!field(c, "num_attention_heads") || !field(c, "kv_lora_rank"))
+		return;
+	if (!field(c, "q_lora_rank")) {
+		note(m, "Attention (MLA without a q_lora_rank) is not described: the spec "
+			"language's mla attention needs q_lora_rank.");
+		return;
+	}
+	m->attn = MOE_ATTN_MLA;
+	m->heads = opt_int(m, c, "", "num_attention_heads", 1, 1);
+	m->kv_heads = m->heads;
+	m->q_lora = opt_int(m, c, "", "q_lora_rank", 1, 1);
+	m->kv_lora = opt_int(m, c, "", "kv_lora_rank", 1, 1);
+	m->qk_nope = req_int(m, c, "", "qk_nope_head_dim", 1);
+	m->qk_rope = req_int(m, c, "", "qk_rope_head_dim", 1);
+	m->v_dim = req_int(m, c, "", "v_head_dim", 1);
+}
+
+/* Group-limited routing; n_group 1 is no limit. */
+static void groups(struct imp *m, long n_group, long topk_group, enum moe_group_score gs)
+{
+	if (n_group <= 1 || m->n_err) /* after an error E may be a placeholder */
+		return;
+	if (m->n_experts % n_group != 0) {
+		err(m, "'n_group' (%ld) must divide the number of experts (%ld)", n_group,
+		    m->n_experts);
+		return;
+	}
+	if (topk_group > n_group) {
+		err(m, "'topk_group' (%ld) exceeds 'n_group' (%ld)", topk_group, n_group);
+		return;
+	}
+	m->n_groups = n_group;
+	m->group_top = topk_group;
+	m->group_score = gs;
+}
+
+static void mtp_note(struct imp *m, const cJSON *c)
+{
+	long n = opt_int(m, c, "", "num_nextn_predict_layers", 0, 0);
+	if (n == 1)
+		note(m,
+		     "Layer %ld (num_nextn_predict_layers) is the multi-token prediction module: "
+		     "not part of plain inference, not imported.",
+		     m->layers);
+	else if (n > 1)
+		note(m,
+		     "Layers %ld..%ld (num_nextn_predict_layers) are the multi-token prediction "
+		     "module: not part of plain inference, not imported.",
+		     m->layers, m->layers + n - 1);
+}
+
+static void fam_deepseek(struct imp *m, const cJSON *c, int v3)
+{
+	base(m, c, "");
+	attention_mla(m, c);
+	m->n_experts = req_int(m, c, "", "n_routed_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	long first = opt_int(m, c, "", "first_k_dense_replace", v3 ? 3 : 0, 0);
+	long freq = opt_int(m, c, "", "moe_layer_freq", 1, 1);
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = i >= first && i % freq == 0;
+	dense_ffn(m, c, "", "intermediate_size");
+	long n_shared = opt_int(m, c, "", "n_shared_experts", v3 ? 1 : 0, 0);
+	if (n_shared > 0) {
+		m->shared_count = n_shared;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_experts");
+	}
+	m->scale = opt_num(m, c, "", "routed_scaling_factor", v3 ? 2.5 : 1.0, 1e-30, 1e30);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", v3);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+
+	const char *method = opt_str(m, c, "", "topk_method", v3 ? "noaux_tc" : "greedy");
+	const char *scoring = opt_str(m, c, "", "scoring_func", v3 ? "sigmoid" : "softmax");
+	if (!v3) {
+		if (strcmp(scoring, "softmax") != 0)
+			err(m, "unsupported scoring_func '%s' for deepseek_v2 (supported: softmax)",
+			    scoring);
+		if (strcmp(method, "group_limited_greedy") == 0) {
+			long ng = req_int(m, c, "", "n_group", 1);
+			long tg = req_int(m, c, "", "topk_group", 1);
+			groups(m, ng, tg, MOE_GROUP_SCORE_MAX);
+		} else if (strcmp(method, "greedy") != 0) {
+			err(m,
+			    "unsupported topk_method '%s' for deepseek_v2 (supported: greedy, "
+			    "group_limited_greedy)",
+			    method);
+		}
+		if (renorm)
+			warn(m,
+			     "norm_topk_prob true is ignored: deepseek_v2 softmax routing is never "
+			     "renormalized (transformers, official inference)");
+		note(m,
+		     "deepseek_v2: s = softmax(x W_g^T) over all experts (f32); %s; the "
+		     "weights are the top-k s, not renormalized, times routed_scaling_factor.",
+		     m->n_groups ? "top-k within the topk_group groups of highest max score "
+				   "(other experts masked)"
+				 : "top-k (greedy)");
+	} else {
+		if (strcmp(method, "noaux_tc") != 0)
+			err(m, "unsupported topk_method '%s' for deepseek_v3 (supported: noaux_tc)",
+			    method);
+		if (strcmp(scoring, "sigmoid") != 0)
+			err(m, "unsupported scoring_func '%s' for deepseek_v3 (supported: sigmoid)",
+			    scoring);
+		long ng = opt_int(m, c, "", "n_group", 8, 1);
+		long tg = opt_int(m, c, "", "topk_group", 4, 1);
+		groups(m, ng, tg, MOE_GROUP_SCORE_SUM_TOP2);
+		m->score = MOE_SCORE_SIGMOID;
+		m->select_bias = 1;
+		if (renorm)
+			norm_sum(m, 1e-20, 0);
+		name(m, MOE_ROLE_SELECT_BIAS,
+		     "model.layers.{layer}.mlp.gate.e_score_correction_bias");
+		note(m,
+		     "deepseek_v3: s = sigmoid(x W_g^T) (f32); experts are chosen by s + "
+		     "e_score_correction_bias%s; the weights are the unbiased s, %s, times "
+		     "routed_scaling_factor.",
+		     m->n_groups ? " within the topk_group groups of highest group score (sum of "
+				   "the two best biased scores; other experts -inf)"
+				 : "",
+		     renorm ? "renormalized (sum + 1e-20)" : "not renormalized");
+		mtp_note(m, c);
+	}
+	if (n_shared > 0)
+		note(m,
+		     "Shared experts (n_shared_experts %ld): one GLU of width n_shared_experts * "
+		     "moe_intermediate_size, added unweighted.",
+		     n_shared);
+	note(m, "MoE layers: layer >= first_k_dense_replace and layer %% moe_layer_freq == 0; "
+		"the others are dense (intermediate_size).");
+	quantization(m, c, "");
+}
+
+static void fam_glm4_moe(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "n_routed_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	long first = opt_int(m, c, "", "first_k_dense_replace", 1, 0);
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = i >= first;
+	dense_ffn(m, c, "", "intermediate_size");
+	long n_shared = opt_int(m, c, "", "n_shared_experts", 1, 0);
+	if (n_shared > 0) {
+		m->shared_count = n_shared;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_experts");
+	}
+	m->scale = opt_num(m, c, "", "routed_scaling_factor", 1.0, 1e-30, 1e30);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", 1);
+	long ng = opt_int(m, c, "", "n_group", 1, 1);
+	long tg = opt_int(m, c, "", "topk_group", 1, 1);
+	groups(m, ng, tg, MOE_GROUP_SCORE_SUM_TOP2);
+	m->score = MOE_SCORE_SIGMOID;
+	m->select_bias = 1;
+	if (renorm)
+		norm_sum(m, 1e-20, 0);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	name(m, MOE_ROLE_SELECT_BIAS, "model.layers.{layer}.mlp.gate.e_score_correction_bias");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m,
+	     "glm4_moe: the DeepSeek-V3 router. s = sigmoid(x W_g^T) (f32); experts chosen by s + "
+	     "e_score_correction_bias%s; weights are the unbiased s, %s, times "
+	     "routed_scaling_factor.",
+	     m->n_groups ? " within the best topk_group groups (sum of top-2 biased scores)" : "",
+	     renorm ? "renormalized (sum + 1e-20)" : "not renormalized");
+	if (n_shared > 0)
+		note(m,
+		     "Shared experts: one GLU of width n_shared_experts * moe_intermediate_size, "
+		     "added unweighted. Layers before first_k_dense_replace are dense.");
+	mtp_note(m, c);
+	quantization(m, c, "");
+}
+
+static void fam_dbrx(struct imp *m, const cJSON *c)
+{
+	m->hidden = req_int(m, c, "", "d_model", 1);
+	set_layers(m, req_int(m, c, "", "n_layers", 1));
+	m->vocab = opt_int(m, c, "", "vocab_size", 0, 0);
+	m->tied =
+	    field(c, "tie_word_embeddings") ? opt_bool(m, c, "", "tie_word_embeddings", 0) : -1;
+	weight_dtype(m, c, "");
+	const cJSON *f = opt_obj(m, c, "", "ffn_config");
+	if (!f) {
+		if (!field(c, "ffn_config"))
+			missing(m, "", "ffn_config");
+		return;
+	}
+	const char *fp = "ffn_config.";
+	if (field(c, "n_heads")) {
+		long h = opt_int(m, c, "", "n_heads", 1, 1);
+		const cJSON *a = opt_obj(m, c, "", "attn_config");
+		long kv = a ? opt_int(m, a, "attn_config.", "kv_n_heads", h, 1) : h;
+		if (m->hidden % h == 0) {
+			m->attn = MOE_ATTN_MHA;
+			m->heads = h, m->kv_heads = kv, m->head_dim = m->hidden / h;
+		}
+	}
+	m->n_experts = req_int(m, f, fp, "moe_num_experts", 1);
+	m->top_k = req_int(m, f, fp, "moe_top_k", 1);
+	m->inter = req_int(m, f, fp, "ffn_hidden_size", 1);
+	const cJSON *act = opt_obj(m, f, fp, "ffn_act_fn");
+	enum moe_act a = MOE_ACT_SILU;
+	if (act)
+		parse_act(m, "ffn_config.ffn_act_fn.", "name",
+			  opt_str(m, act, "ffn_config.ffn_act_fn.", "name", "silu"), &a);
+	m->kind = MOE_KIND_GLU;
+	m->act = a;
+	/* An explicit null disables normalization; an absent key is the default 1. */
+	const cJSON *nv = cJSON_GetObjectItemCaseSensitive(f, "moe_normalize_expert_weights");
+	if (!(nv && cJSON_IsNull(nv))) {
+		m->norm = MOE_NORM_LP;
+		m->norm_p = opt_num(m, f, fp, "moe_normalize_expert_weights", 1.0, 1e-30, 1e30);
+	}
+	jitter(m, opt_num(m, f, fp, "moe_jitter_eps", 0, 0, 1));
+	if (opt_bool(m, f, fp, "uniform_expert_assignment", 0))
+		err(m, "unsupported ffn_config.uniform_expert_assignment true (a load-testing "
+		       "mode that ignores the router)");
+	all_layers(m);
+	const char *p = "transformer.blocks.{layer}.ffn";
+	name(m, MOE_ROLE_ROUTER, "%s.router.layer.weight", p);
+	name(m, MOE_ROLE_GATE, "%s.experts.mlp.w1", p);
+	name(m, MOE_ROLE_UP, "%s.experts.mlp.v1", p);
+	name(m, MOE_ROLE_DOWN, "%s.experts.mlp.w2", p);
+	layout(m, MOE_ROLE_GATE, MOE_ORIENT_OUT_IN, MOE_FUSE_NONE, 1);
+	layout(m, MOE_ROLE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_NONE, 1);
+	layout(m, MOE_ROLE_DOWN, MOE_ORIENT_IN_OUT, MOE_FUSE_NONE, 1);
+	if (m->norm == MOE_NORM_LP)
+		note(m, "dbrx: p = softmax(x W_r^T) over all experts, top-k, w /= ||w||_p with p = "
+			"moe_normalize_expert_weights (no eps).");
+	else
+		note(m, "dbrx: p = softmax(x W_r^T) over all experts, top-k, not renormalized "
+			"(moe_normalize_expert_weights null).");
+	note(m, "Experts are stacked row-blocked: w1, v1 and w2 are [E * I, H], expert e owns rows "
+		"e*I..(e+1)*I-1; w2's block is [I, H] (in-major), used without transpose.");
+}
+
+static void fam_switch(struct imp *m, const cJSON *c)
+{
+	int dec = m->stack == MOE_IMPORT_DECODER;
+	m->hidden = req_int(m, c, "", "d_model", 1);
+	long enc_layers = req_int(m, c, "", "num_layers", 1);
+	set_layers(m, dec ? opt_int(m, c, "", "num_decoder_layers", enc_layers, 1) : enc_layers);
+	const char *skey = dec ? "num_sparse_decoder_layers" : "num_sparse_encoder_layers";
+	long n_sparse = opt_int(m, c, "", skey, 3, 0);
+	m->vocab = opt_int(m, c, "", "vocab_size", 0, 0);
+	m->tied =
+	    field(c, "tie_word_embeddings") ? opt_bool(m, c, "", "tie_word_embeddings", 1) : -1;
+	weight_dtype(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_experts", 1);
+	m->top_k = 1;
+	m->inter = req_int(m, c, "", "d_ff", 1);
+	const char *proj = opt_str(m, c, "", "feed_forward_proj", "relu");
+	enum moe_act a = MOE_ACT_RELU;
+	if (strncmp(proj, "gated-", 6) == 0)
+		err(m,
+		    "unsupported feed_forward_proj '%s' for switch_transformers (its experts are "
+		    "not gated; supported: relu, gelu, gelu_new, silu)",
+		    proj);
+	else
+		parse_act(m, "", "feed_forward_proj", proj, &a);
+	m->kind = m->dense_kind = MOE_KIND_MLP;
+	m->act = m->dense_act = a;
+	m->router_bias = opt_bool(m, c, "", "router_bias", 0);
+	jitter(m, opt_num(m, c, "", "router_jitter_noise", 0.01, 0, 1));
+	m->capacity = MOE_CAPACITY_PER_EXPERT;
+	m->cap_per_expert = opt_int(m, c, "", "expert_capacity", 64, 1);
+	m->priority = MOE_PRIORITY_POSITION;
+	m->overflow = MOE_OVERFLOW_PASSTHROUGH;
+	if (n_sparse == 0) {
+		err(m, "'%s' is 0: that stack has no MoE layer", skey);
+	} else {
+		long step = m->layers / n_sparse;
+		if (step < 1)
+			step = 1;
+		for (long i = 0; i < m->layers; i++)
+			m->moe[i] = step == 1 || i % step == 1;
+	}
+	dense_ffn(m, c, "", "d_ff");
+	const char *p =
+	    dec ? "decoder.block.{layer}.layer.2.mlp" : "encoder.block.{layer}.layer.1.mlp";
+	name(m, MOE_ROLE_ROUTER, "%s.router.classifier.weight", p);
+	if (m->router_bias)
+		name(m, MOE_ROLE_ROUTER_BIAS, "%s.router.classifier.bias", p);
+	name(m, MOE_ROLE_UP, "%s.experts.expert_{expert}.wi.weight", p);
+	name(m, MOE_ROLE_DOWN, "%s.experts.expert_{expert}.wo.weight", p);
+	note(m,
+	     "switch_transformers (%s stack): p = softmax(x W_c^T) in f32, top-1, weight = max "
+	     "p (no renormalization). Jitter noise is training-only.",
+	     dec ? "decoder" : "encoder");
+	note(m, "Capacity: expert_capacity tokens per expert, by position; a token over capacity "
+		"passes through as w * x (transformers' SwitchTransformersSparseMLP). transformers "
+		"counts positions per sequence: forward one sequence per call to match.");
+	note(m,
+	     "MoE layers: layer %% (layers / %s) == 1 (every layer when that step is 1). The "
+	     "%s stack is imported with --%s.",
+	     skey, dec ? "encoder" : "decoder", dec ? "encoder" : "decoder");
+	const char *rdt = opt_str(m, c, "", "router_dtype", "float32");
+	if (strcmp(rdt, "float32") != 0)
+		note(m, "router_dtype is %s; the router is computed in f32 here.", rdt);
+}
+
+static void fam_nllb(struct imp *m, const cJSON *c)
+{
+	int dec = m->stack == MOE_IMPORT_DECODER;
+	const char *stk = dec ? "decoder" : "encoder";
+	char key[64];
+	m->hidden = req_int(m, c, "", "d_model", 1);
+	snprintf(key, sizeof key, "%s_layers", stk);
+	set_layers(m, req_int(m, c, "", key, 1));
+	m->vocab = opt_int(m, c, "", "vocab_size", 0, 0);
+	m->tied =
+	    field(c, "tie_word_embeddings") ? opt_bool(m, c, "", "tie_word_embeddings", 1) : -1;
+	weight_dtype(m, c, "");
+	snprintf(key, sizeof key, "%s_ffn_dim", stk);
+	m->inter = req_int(m, c, "", key, 1);
+	m->n_experts = req_int(m, c, "", "num_experts", 2);
+	m->top_k = 2;
+	enum moe_act a = MOE_ACT_RELU;
+	parse_act(m, "", "activation_function", opt_str(m, c, "", "activation_function", "relu"),
+		  &a);
+	m->kind = m->dense_kind = MOE_KIND_MLP;
+	m->act = m->dense_act = a;
+	m->expert_bias = 1;
+	m->router_bias = opt_bool(m, c, "", "router_bias", 0);
+	/* The clamp of the two weights' sum is torch.finfo(float32).eps. */
+	norm_sum(m, 0, FLT_EPSILON);
+	const char *policy = opt_str(m, c, "", "second_expert_policy", "all");
+	if (strcmp(policy, "all") != 0)
+		err(m,
+		    "unsupported second_expert_policy '%s' (supported: all; 'sampling' and "
+		    "'random' make the second expert random)",
+		    policy);
+	double frac = opt_num(m, c, "", "moe_eval_capacity_token_fraction", 1.0, -1e30, 1e30);
+	if (frac < 1.0)
+		err(m,
+		    "unsupported moe_eval_capacity_token_fraction %g: below 1.0 experts drop "
+		    "tokens at inference, top-1 choices first, which the spec language's "
+		    "router.capacity cannot express",
+		    frac);
+	double drop = opt_num(m, c, "", "moe_token_dropout", 0.2, 0, 0.999999);
+	m->scale = 1.0 - drop;
+	snprintf(key, sizeof key, "%s_sparse_step", stk);
+	long step = opt_int(m, c, "", key, 4, 0);
+	if (step == 0)
+		err(m, "'%s' is 0: that stack has no MoE layer", key);
+	else
+		for (long i = 0; i < m->layers; i++)
+			m->moe[i] = (i + 1) % step == 0;
+	snprintf(key, sizeof key, "%s_ffn_dim", stk);
+	dense_ffn(m, c, "", key);
+	char p[64];
+	snprintf(p, sizeof p, "model.%s.layers.{layer}.ffn", stk);
+	name(m, MOE_ROLE_ROUTER, "%s.router.classifier.weight", p);
+	if (m->router_bias)
+		name(m, MOE_ROLE_ROUTER_BIAS, "%s.router.classifier.bias", p);
+	name(m, MOE_ROLE_UP, "%s.experts.expert_{expert}.fc1.weight", p);
+	name(m, MOE_ROLE_UP_BIAS, "%s.experts.expert_{expert}.fc1.bias", p);
+	name(m, MOE_ROLE_DOWN, "%s.experts.expert_{expert}.fc2.weight", p);
+	name(m, MOE_ROLE_DOWN_BIAS, "%s.experts.expert_{expert}.fc2.bias", p);
+	note(m,
+	     "nllb_moe (%s stack): p = softmax(x W_c^T) (f32); top-1 = argmax p, top-2 = argmax of "
+	     "the logits without top-1 (the second-highest p); weights p1/(p1+p2), p2/(p1+p2) with "
+	     "the sum clamped to f32 eps.",
+	     stk);
+	note(m, "scale = 1 - moe_token_dropout: at inference every expert output is multiplied by "
+		"it. moe_eval_capacity_token_fraction >= 1 lets no token drop.");
+	note(m,
+	     "MoE layers: (layer + 1) %% %s_sparse_step == 0. The %s stack is imported with "
+	     "--%s.",
+	     stk, dec ? "encoder" : "decoder", dec ? "encoder" : "decoder");
+}
+
+static void fam_gpt_oss(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	if (field(c, "num_experts_per_tok") || !field(c, "experts_per_token"))
+		m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	else
+		m->top_k = req_int(m, c, "", "experts_per_token", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	m->kind = MOE_KIND_GLU;
+	m->act = MOE_ACT_SWIGLU_OAI;
+	m->act_alpha = 1.702;
+	m->act_limit = opt_num(m, c, "", "swiglu_limit", 7.0, 1e-30, 1e30);
+	m->expert_bias = 1;
+	m->router_bias = 1;
+	norm_sum(m, 0, 0);
+	all_layers(m);
+	const char *p = "model.layers.{layer}.mlp";
+	name(m, MOE_ROLE_ROUTER, "%s.router.weight", p);
+	name(m, MOE_ROLE_ROUTER_BIAS, "%s.router.bias", p);
+	name(m, MOE_ROLE_GATE_UP, "%s.experts.gate_up_proj", p);
+	name(m, MOE_ROLE_GATE_UP_BIAS, "%s.experts.gate_up_proj_bias", p);
+	name(m, MOE_ROLE_DOWN, "%s.experts.down_proj", p);
+	name(m, MOE_ROLE_DOWN_BIAS, "%s.experts.down_proj_bias", p);
+	layout(m, MOE_ROLE_GATE_UP, MOE_ORIENT_IN_OUT, MOE_FUSE_INTERLEAVE, 0);
+	layout(m, MOE_ROLE_GATE_UP_BIAS, MOE_ORIENT_OUT_IN, MOE_FUSE_INTERLEAVE, 0);
+	layout(m, MOE_ROLE_DOWN, MOE_ORIENT_IN_OUT, MOE_FUSE_NONE, 0);
+	note(m, "gpt_oss: logits = x W_r^T + b_r; top-k on the logits, softmax over the k chosen "
+		"(written as softmax over all, top-k, renormalized: the same weights).");
+	note(m, "Experts: h = x W_gu + b_gu, gate = h[0::2], up = h[1::2] (interleaved); "
+		"out = (min(gate, limit) * sigmoid(alpha * min(gate, limit))) * (clamp(up, -limit, "
+		"limit) + 1), then W_d and b_d. gate_up_proj is [E, H, 2I], down_proj [E, I, H].");
+	quantization(m, c, "");
+}
+
+static void fam_llama4(struct imp *m, const cJSON *c)
+{
+	const cJSON *t = c;
+	const char *pre = "";
+	const char *prefix = "model.layers.{layer}";
+	if (strcmp(m->family, "llama4") == 0) {
+		t = opt_obj(m, c, "", "text_config");
+		if (!t) {
+			if (!field(c, "text_config"))
+				missing(m, "", "text_config");
+			return;
+		}
+		pre = "text_config.";
+		prefix = "language_model.model.layers.{layer}";
+	}
+	dims(m, t, pre);
+	/* The multimodal config may state the dtype at the top level only. */
+	if (field(t, "torch_dtype") || field(t, "dtype"))
+		weight_dtype(m, t, pre);
+	else
+		weight_dtype(m, c, "");
+	attention_mha(m, t, pre);
+	m->n_experts = req_int(m, t, pre, "num_local_experts", 1);
+	m->top_k = req_int(m, t, pre, "num_experts_per_tok", 1);
+	m->inter = req_int(m, t, pre, "intermediate_size", 1);
+	glu_act(m, t, pre, "hidden_act");
+	m->score = MOE_SCORE_SIGMOID;
+	m->apply_to = MOE_APPLY_INPUT;
+	const cJSON *ml = field(t, "moe_layers");
+	if (ml) {
+		layer_list(m, ml, pre, "moe_layers", m->moe);
+	} else {
+		long step = opt_int(m, t, pre, "interleave_moe_layer_step", 1, 1);
+		for (long i = step - 1; i < m->layers; i += step)
+			m->moe[i] = 1;
+	}
+	dense_ffn(m, t, pre, "intermediate_size_mlp");
+	m->shared_count = 1;
+	m->shared_inter = m->inter;
+	char p[128];
+	snprintf(p, sizeof p, "%s.feed_forward", prefix);
+	name(m, MOE_ROLE_ROUTER, "%s.router.weight", p);
+	name(m, MOE_ROLE_GATE_UP, "%s.experts.gate_up_proj", p);
+	name(m, MOE_ROLE_DOWN, "%s.experts.down_proj", p);
+	layout(m, MOE_ROLE_GATE_UP, MOE_ORIENT_IN_OUT, MOE_FUSE_CONCAT, 0);
+	layout(m, MOE_ROLE_DOWN, MOE_ORIENT_IN_OUT, MOE_FUSE_NONE, 0);
+	snprintf(p, sizeof p, "%s.feed_forward.shared_expert", prefix);
+	shared_names(m, p);
+	note(m, "llama4: top-k on the logits x W_r^T, score = sigmoid(logit) (f32), no "
+		"renormalization; the score multiplies the expert's input, not its output. The "
+		"shared expert (width intermediate_size) is added unweighted.");
+	note(m, "gate_up_proj is [E, H, 2I] (in-major, gate half first), down_proj [E, I, H]. "
+		"MoE layers: moe_layers, else every interleave_moe_layer_step-th layer; the others "
+		"are dense (intermediate_size_mlp).");
+}
+
+static void fam_granitemoe(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	norm_sum(m, 0, 0);
+	all_layers(m);
+	const char *p = "model.layers.{layer}.block_sparse_moe";
+	name(m, MOE_ROLE_ROUTER, "%s.router.layer.weight", p);
+	name(m, MOE_ROLE_GATE_UP, "%s.input_linear.weight", p);
+	name(m, MOE_ROLE_DOWN, "%s.output_linear.weight", p);
+	layout(m, MOE_ROLE_GATE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_CONCAT, 0);
+	note(m,
+	     "granitemoe: top-k on the logits x W^T (f32), softmax over the k chosen (written "
+	     "as softmax over all, top-k, renormalized: the same weights). input_linear is [E, 2I, "
+	     "H] (gate half first), output_linear [E, H, I].");
+	double rm = opt_num(m, c, "", "residual_multiplier", 1.0, -1e30, 1e30);
+	if (rm != 1.0) {
+		note(m,
+		     "residual_multiplier %g scales this block's output (and attention's) in the "
+		     "decoder layer, before the residual add: it is outside the MoE block and not "
+		     "in "
+		     "this spec.",
+		     rm);
+		warn(
+		    m,
+		    "residual_multiplier %g is applied by the decoder layer outside the MoE block; "
+		    "the spec language has no key for it",
+		    rm);
+	}
+}
+
+static void fam_jetmoe(struct imp *m, const cJSON *c)
+{
+	(void)c;
+	err(m, "jetmoe adds an output bias 'mlp.bias' [hidden] once after combining the experts; "
+	       "the spec language has no key for it, so jetmoe cannot be imported");
+}
+
+static void fam_jamba(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	long period = opt_int(m, c, "", "expert_layer_period", 2, 1);
+	long offset = opt_int(m, c, "", "expert_layer_offset", 1, 0);
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = i % period == offset;
+	dense_ffn(m, c, "", "intermediate_size");
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.feed_forward.router.weight");
+	glu_names(m, "model.layers.{layer}.feed_forward", "experts", "gate_proj", "up_proj",
+		  "down_proj");
+	note(m, "jamba: p = softmax(x W_r^T) over all experts (f32), top-k, not renormalized. "
+		"MoE layers: layer %% expert_layer_period == expert_layer_offset. Attention and "
+		"Mamba mixers are not described.");
+}
+
+static void fam_ernie(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "moe_num_experts", 1);
+	m->top_k = req_int(m, c, "", "moe_k", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	if (opt_bool(m, c, "", "use_bias", 0))
+		err(m, "unsupported use_bias true: the shared experts and dense layers would have "
+		       "biases, which the spec language cannot express");
+	long n_shared = opt_int(m, c, "", "moe_num_shared_experts", 2, 0);
+	if (n_shared > 0) {
+		m->shared_count = n_shared;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_experts");
+	}
+	norm_sum(m, 0, opt_num(m, c, "", "moe_norm_min", 1e-12, 0, 1e30));
+	m->select_bias = 1;
+	long start = opt_int(m, c, "", "moe_layer_start_index", 1, 0);
+	long end = opt_int(m, c, "", "moe_layer_end_index", -1, -1);
+	long interval = opt_int(m, c, "", "moe_layer_interval", 1, 1);
+	if (end == -1)
+		end = m->layers - 1;
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = (i + 1) % interval == 0 && i >= start && i <= end;
+	dense_ffn(m, c, "", "intermediate_size");
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	name(m, MOE_ROLE_SELECT_BIAS,
+	     "model.layers.{layer}.mlp.moe_statics.e_score_correction_bias");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m, "ernie4_5_moe: p = softmax(x W_g^T) entirely in f32; experts chosen by p + "
+		"e_score_correction_bias (stored [1, E]); weights are the unbiased p, divided by "
+		"max(sum, moe_norm_min).");
+	note(m, "Shared experts: one GLU of width moe_num_shared_experts * moe_intermediate_size, "
+		"added unweighted. MoE layers: (layer + 1) %% moe_layer_interval == 0 within "
+		"[moe_layer_start_index, moe_layer_end_index].");
+}
+
+static void fam_hunyuan(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int_or_uniform_list(m, c, "", "num_experts", 1);
+	m->top_k = req_int_or_uniform_list(m, c, "", "moe_topk", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	if (m->top_k > 1)
+		err(m,
+		    "moe_topk %ld: hunyuan_v1_moe routes top-k > 1 with a capacity even at "
+		    "inference (C = max(k, k*T/E) per expert, top-1 choices first), which the "
+		    "spec language's router.capacity cannot express",
+		    m->top_k);
+	if (opt_bool(m, c, "", "use_mixed_mlp_moe", 0)) {
+		m->shared_count = 1;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_mlp");
+	}
+	all_layers(m);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.wg.weight");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m, "hunyuan_v1_moe (top-1): p = softmax(x W_g^T) with the gate in f32; the weight is "
+		"the top-1 p, not renormalized; no token drops at top-1 (capacity = tokens).");
+	if (m->shared_count)
+		note(m, "use_mixed_mlp_moe: the shared MLP (width intermediate_size) is added "
+			"unweighted.");
+}
+
+struct family {
+	const char *model_type;
+	void (*fn)(struct imp *m, const cJSON *c);
+};
+
+static void fam_deepseek_v2(struct imp *m, const cJSON *c)
+{
+	fam_deepseek(m, c, 0);
+}
+static void fam_deepseek_v3(struct imp *m, const cJSON *c)
+{
+	fam_deepseek(m, c, 1);
+}
+static void fam_qwen2_moe(struct imp *m, const cJSON *c)
+{
+	fam_qwen(m, c, 1);
+}
+static void fam_qwen3_moe(struct imp *m, const cJSON *c)
+{
+	fam_qwen(m, c, 0);
+}
+
+/* Sorted by name: the order of the "supported:" list. */
+static const struct family families[] = {
+    {"dbrx", fam_dbrx},
+    {"deepseek_v2", fam_deepseek_v2},
+    {"deepseek_v3", fam_deepseek_v3},
+    {"ernie4_5_moe", fam_ernie},
+    {"glm4_moe", fam_glm4_moe},
+    {"gpt_oss", fam_gpt_oss},
+    {"granitemoe", fam_granitemoe},
+    {"hunyuan_v1_moe", fam_hunyuan},
+    {"jamba", fam_jamba},
+    {"jetmoe", fam_jetmoe},
+    {"llama4", fam_llama4},
+    {"llama4_text", fam_llama4},
+    {"mixtral", fam_mixtral},
+    {"nllb_moe", fam_nllb},
+    {"olmoe", fam_olmoe},
+    {"phimoe", fam_phimoe},
+    {"qwen2_moe", fam_qwen2_moe},
+    {"qwen3_moe", fam_qwen3_moe},
+    {"switch_transformers", fam_switch},
+};
+#define N_FAMILIES ((int)(sizeof families / sizeof *families))
+
+/* The writer ------------------------------------------------------------ */
+
+/* Shortest round-trip spelling of an f32-meant value, always with a '.' so
+ * every YAML schema reads it as a float. */
+static void fmt_num(double x, char buf[48])
+{
+	char t[40];
+	snprintf(t, sizeof t, "%.9g", x);
+	/* prefer the shorter spelling when it reads back the same float */
+	for (int prec = 1; prec < 9; prec++) {
+		char s[40];
+		snprintf(s, sizeof s, "%.*g", prec, x);
+		if ((float)strtod(s, NULL) == (float)x) {
+			memcpy(t, s, sizeof s);
+			break;
+		}
+	}
+	char *e = strchr(t, 'e');
+	if (strchr(t, '.') || strchr(t, 'n') || strchr(t, 'i'))
+		snprintf(buf, 48, "%s", t);
+	else if (e)
+		snprintf(buf, 48, "%.*s.0%s", (int)(e - t), t, e);
+	else
+		snprintf(buf, 48, "%s.0", t);
+}
+
+static const char *act_spelling(enum moe_kind k, enum moe_act a)
+{
+	if (k == MOE_KIND_GLU && a == MOE_ACT_SILU)
+		return "swiglu";
+	if (k == MOE_KIND_GLU && a == MOE_ACT_GELU)
+		return "geglu";
+	return moe_act_names[a];
+}
+
+/* "# " comment lines, word-wrapped at 100 columns. */
+static void write_comment(FILE *f, const char *text)
+{
+	const char *s = text;
+	int first = 1;
+	while (*s) {
+		const char *lead = first ? "# " : "#   ";
+		size_t room = 100 - strlen(lead);
+		size_t n = strlen(s);
+		if (n > room) {
+			n = room;
+			while (n > 0 && s[n] != ' ')
+				n--;
+			if (n == 0)
+				n = room;
+		}
+		fputs(lead, f);
+		for (size_t i = 0; i < n; i++) /* a path may hold anything */
+			fputc((unsigned char)s[i] < 0x20 ? '?' : s[i], f);
+		fputc('\n', f);
+		s += n;
+		while (*s == ' ')
+			s++;
+		first = 0;
+	}
+}
+
+static int is_matrix_role(enum moe_role r)
+{
+	switch (r) {
+	case MOE_ROLE_ROUTER:
+	case MOE_ROLE_NOISE:
+	case MOE_ROLE_GROUP_ROUTER:
+	case MOE_ROLE_GATE:
+	case MOE_ROLE_UP:
+	case MOE_ROLE_GATE_UP:
+	case MOE_ROLE_DOWN:
+	case MOE_ROLE_SHARED_GATE:
+	case MOE_ROLE_SHARED_UP:
+	case MOE_ROLE_SHARED_GATE_UP:
+	case MOE_ROLE_SHARED_DOWN:
+	case MOE_ROLE_SHARED_EXPERT_GATE:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+static void write_spec(const struct imp *m, FILE *f)
+{
+	char a[48], b[48], c[48];
+	char line[256];
+	snprintf(line, sizeof line, "Imported by moegen import from %s (model_type %s).", m->path,
+		 m->family);
+	write_comment(f, line);
+	for (int i = 0; i < m->n_notes; i++)
+		write_comment(f, m->notes[i]);
+	fprintf(f, "moegen: 1\nname: %s\n", m->name);
+
+	fprintf(f, "model:\n  hidden: %ld\n  layers: %ld\n", m->hidden, m->layers);
+	fprintf(f, "  moe_layers: [");
+	int col = 15, first = 1;
+	for (long i = 0; i < m->layers; i++) {
+		if (!m->moe[i])
+			continue;
+		char num[24];
+		int n = snprintf(num, sizeof num, "%ld", i);
+		if (!first && col + n + 2 > 96) {
+			fprintf(f, ",\n    ");
+			col = 4;
+		} else if (!first) {
+			fprintf(f, ", ");
+			col += 2;
+		}
+		fputs(num, f);
+		col += n;
+		first = 0;
+	}
+	fprintf(f, "]\n");
+	if (m->dense_inter)
+		fprintf(f, "  dense_ffn: {intermediate: %ld, activation: %s, kind: %s}\n",
+			m->dense_inter, act_spelling(m->dense_kind, m->dense_act),
+			moe_kind_names[m->dense_kind]);
+	if (m->vocab)
+		fprintf(f, "  vocab: %ld\n", m->vocab);
+	if (m->tied >= 0)
+		fprintf(f, "  tied_embeddings: %s\n", m->tied ? "true" : "false");
+	if (m->attn == MOE_ATTN_MHA)
+		fprintf(f, "  attention: {kind: mha, heads: %ld, kv_heads: %ld, head_dim: %ld}\n",
+			m->heads, m->kv_heads, m->head_dim);
+	else if (m->attn == MOE_ATTN_MLA)
+		fprintf(f,
+			"  attention: {kind: mla, heads: %ld, q_lora_rank: %ld, kv_lora_rank: %ld, "
+			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
+			m->heads, m->q_lora, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
+	fprintf(f, "dtype: {weights: %s, activations: f32, router: f32}\n",
+		moe_dtype_names[m->wdtype]);
+
+	fprintf(f, "router:\n  mode: %s\n  score: %s\n", moe_mode_names[m->mode],
+		moe_score_names[m->score]);
+	fprintf(f, "  top_k: %ld\n", m->top_k);
+	fmt_num(m->norm_eps, a);
+	fmt_num(m->norm_min, b);
+	fmt_num(m->norm_p, c);
+	if (m->norm == MOE_NORM_NONE)
+		fprintf(f, "  normalize: none\n");
+	else if (m->norm == MOE_NORM_SUM)
+		fprintf(f, "  normalize: {kind: sum, eps: %s, min: %s}\n", a, b);
+	else
+		fprintf(f, "  normalize: {kind: lp, p: %s, eps: %s, min: %s}\n", c, a, b);
+	fmt_num(m->scale, a);
+	fprintf(f, "  scale: %s\n", a);
+	fprintf(f, "  bias: %s\n", m->router_bias ? "true" : "false");
+	fprintf(f, "  select_bias: %s\n", m->select_bias ? "true" : "false");
+	if (m->n_groups)
+		fprintf(f, "  groups: {count: %ld, top: %ld, score: %s}\n", m->n_groups,
+			m->group_top, moe_group_score_names[m->group_score]);
+	if (m->capacity == MOE_CAPACITY_PER_EXPERT)
+		fprintf(f, "  capacity: {per_expert: %ld, priority: %s, overflow: %s}\n",
+			m->cap_per_expert, moe_priority_names[m->priority],
+			moe_overflow_names[m->overflow]);
+	if (m->noise == MOE_NOISE_JITTER) {
+		fmt_num(m->jitter_eps, a);
+		fprintf(f, "  noise: {kind: jitter, eps: %s}\n", a);
+	} else {
+		fprintf(f, "  noise: none\n");
+	}
+	fprintf(f, "  apply_to: %s\n", moe_apply_names[m->apply_to]);
+	if (m->mode == MOE_MODE_SPARSEMIXER) {
+		fmt_num(m->sparsemixer_eps, a);
+		fprintf(f, "sparsemixer: {eps: %s}\n", a);
+	}
+
+	fprintf(f, "experts:\n  kind: %s\n  count: %ld\n  intermediate: %ld\n",
+		moe_kind_names[m->kind], m->n_experts, m->inter);
+	if (m->act == MOE_ACT_SWIGLU_OAI) {
+		fmt_num(m->act_alpha, a);
+		fmt_num(m->act_limit, b);
+		fprintf(f, "  activation: {swiglu_oai: {alpha: %s, limit: %s}}\n", a, b);
+	} else {
+		fprintf(f, "  activation: %s\n", act_spelling(m->kind, m->act));
+	}
+	fprintf(f, "  bias: %s\n  split: 1\n", m->expert_bias ? "true" : "false");
+	if (m->shared_count)
+		fprintf(f,
+			"shared_experts:\n  count: %ld\n  intermediate: %ld\n  activation: %s\n  "
+			"kind: %s\n  gate: %s\n",
+			m->shared_count, m->shared_inter,
+			act_spelling(m->shared_kind, m->shared_act), moe_kind_names[m->shared_kind],
+			moe_shared_gate_names[m->shared_gate]);
+
+	fprintf(f, "weights:\n  format: safetensors\n  names:\n");
+	for (int r = 0; r < MOE_ROLE_COUNT; r++)
+		if (m->names[r][0])
+			fprintf(f, "    %s: %s\n", moe_role_names[r], m->names[r]);
+	fprintf(f, "  layout:\n");
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		const struct imp_layout *l = &m->layout[r];
+		if (!m->names[r][0] || (!is_matrix_role(r) && l->fuse == MOE_FUSE_NONE))
+			continue;
+		fprintf(f, "    %s: {", moe_role_names[r]);
+		if (l->fuse != MOE_FUSE_NONE)
+			fprintf(f, "fuse: %s%s", moe_fuse_names[l->fuse],
+				is_matrix_role(r) ? ", " : "");
+		if (is_matrix_role(r))
+			fprintf(f, "orient: %s", moe_orient_names[l->orient]);
+		if (l->row_blocked)
+			fprintf(f, ", row_blocked: true");
+		fprintf(f, "}\n");
+	}
+}
+
+/* Import ---------------------------------------------------------------- */
+
+/* The spec name: the last path component of _name_or_path, else the
+ * model_type, with characters outside [A-Za-z0-9._-] replaced by '-'. */
+static void spec_name(struct imp *m, const cJSON *c)
+{
+	const cJSON *v = field(c, "_name_or_path");
+	const char *s = cJSON_IsString(v) ? v->valuestring : "";
+	const char *slash = strrchr(s, '/');
+	if (slash)
+		s = slash + 1;
+	if (!*s)
+		s = m->family;
+	size_t n = 0;
+	for (; *s && n < MOE_NAME_MAX - 1; s++) {
+		char ch = *s;
+		int ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+			 (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-';
+		m->name[n++] = ok ? ch : '-';
+	}
+	m->name[n] = 0;
+}
+
+/* Line and column (1-based) of byte offset off in text. */
+static void line_col(const char *text, size_t off, uint32_t *line, uint32_t *col)
+{
+	*line = 1, *col = 1;
+	for (size_t i = 0; i < off; i++) {
+		if (text[i] == '\n')
+			(*line)++, *col = 1;
+		else
+			(*col)++;
+	}
+}
+
+static char *read_file(const char *path, size_t *len, struct moe_diag *d)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f) {
+		moe_diag_error(d, "cannot read '%s': %s", path, strerror(errno));
+		return NULL;
+	}
+	size_t cap = 4096, n = 0;
+	char *buf = malloc(cap);
+	MOE_ASSERT(buf);
+	for (;;) {
+		if (n == cap) {
+			if (cap >= IMP_MAX_BYTES) {
+				moe_diag_error(d, "%s: larger than %u MiB: not a config.json", path,
+					       IMP_MAX_BYTES >> 20);
+				free(buf);
+				fclose(f);
+				return NULL;
+			}
+			cap *= 2;
+			buf = realloc(buf, cap);
+			MOE_ASSERT(buf);
+		}
+		size_t got = fread(buf + n, 1, cap - n, f);
+		n += got;
+		if (got == 0)
+			break;
+	}
+	if (n == cap) {
+		buf = realloc(buf, cap + 1);
+		MOE_ASSERT(buf);
+	}
+	buf[n] = 0;
+	int bad = ferror(f) ? errno : 0;
+	fclose(f);
+	if (bad) {
+		moe_diag_error(d, "cannot read '%s': %s", path, strerror(bad));
+		free(buf);
+		return NULL;
+	}
+	*len = n;
+	return buf;
+}
+
+int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE *out,
+		    struct moe_diag *d)
+{
+	size_t len = 0;
+	char *text = read_file(json_path, &len, d);
+	if (!text)
+		return MOE_EXIT_IO;
+	if (memchr(text, 0, len)) {
+		moe_diag_error(d, "%s: not a JSON text (contains a NUL byte)", json_path);
+		free(text);
+		return MOE_EXIT_SPEC;
+	}
+	/* Parse through the terminating NUL so trailing garbage is an error. */
+	const char *end = NULL;
+	cJSON *root = cJSON_ParseWithLengthOpts(text, len + 1, &end, 1);
+	if (!root) {
+		size_t off = end && end >= text && end <= text + len ? (size_t)(end - text) : 0;
+		struct moe_loc loc = {json_path, 1, 1};
+		line_col(text, off, &loc.line, &loc.col);
+		moe_diag_error_at(d, loc, "malformed JSON");
+		free(text);
+		return MOE_EXIT_SPEC;
+	}
+	free(text);
+
+	struct imp *m = calloc(1, sizeof *m);
+	MOE_ASSERT(m);
+	m->path = json_path;
+	m->d = d;
+	m->stack = o ? o->stack : MOE_IMPORT_ENCODER;
+	m->tied = -1;
+	m->wdtype = MOE_DTYPE_BF16;
+	m->mode = MOE_MODE_TOKEN_CHOICE;
+	m->score = MOE_SCORE_SOFTMAX;
+	m->norm = MOE_NORM_NONE;
+	m->scale = 1.0;
+	m->capacity = MOE_CAPACITY_NONE;
+	m->noise = MOE_NOISE_NONE;
+	m->apply_to = MOE_APPLY_OUTPUT;
+	m->kind = m->shared_kind = m->dense_kind = MOE_KIND_GLU;
+	m->act = m->shared_act = m->dense_act = MOE_ACT_SILU;
+	m->shared_gate = MOE_SHARED_GATE_NONE;
+	for (int r = 0; r < MOE_ROLE_COUNT; r++)
+		m->layout[r] = (struct imp_layout){MOE_ORIENT_OUT_IN, MOE_FUSE_NONE, 0};
+
+	int rc = MOE_EXIT_SPEC;
+	const cJSON *mt = cJSON_IsObject(root) ? field(root, "model_type") : NULL;
+	if (!cJSON_IsObject(root)) {
+		moe_diag_error(d, "%s: the top level must be a JSON object, not %s", json_path,
+			       json_type(root));
+	} else if (!mt) {
+		moe_diag_error(d, "%s: needs 'model_type'", json_path);
+	} else if (!cJSON_IsString(mt)) {
+		moe_diag_error(d, "%s: 'model_type' must be a string, not %s", json_path,
+			       json_type(mt));
+	} else {
+		const struct family *fam = NULL;
+		for (int i = 0; i < N_FAMILIES; i++)
+			if (strcmp(families[i].model_type, mt->valuestring) == 0)
+				fam = &families[i];
+		if (!fam) {
+			char list[512] = "";
+			const char *cands[N_FAMILIES];
+			for (int i = 0; i < N_FAMILIES; i++) {
+				cands[i] = families[i].model_type;
+				strcat(list, i ? ", " : "");
+				strcat(list, families[i].model_type);
+			}
+			const char *near = moe_closest(mt->valuestring, cands, N_FAMILIES);
+			char hint[96] = "";
+			if (near)
+				snprintf(hint, sizeof hint, "; did you mean '%s'?", near);
+			moe_diag_error(d, "%s: unsupported model_type '%.64s'%s (supported: %s)",
+				       json_path, mt->valuestring, hint, list);
+		} else {
+			m->family = fam->model_type;
+			spec_name(m, root);
+			fam->fn(m, root);
+			int any = 0;
+			for (long i = 0; i < m->layers; i++)
+				any |= m->moe[i];
+			if (!m->n_err && !any)
+				err(m, "%s: the configuration has no MoE layer", m->family);
+			if (!m->n_err && m->top_k > m->n_experts)
+				err(m, "top-k (%ld) exceeds the number of experts (%ld)", m->top_k,
+				    m->n_experts);
+			if (!m->n_err) {
+				write_spec(m, out);
+				rc = fflush(out) == 0 && !ferror(out) ? MOE_EXIT_OK : MOE_EXIT_IO;
+				if (rc != MOE_EXIT_OK)
+					moe_diag_error(d, "cannot write the spec: %s",
+						       strerror(errno));
+			}
+		}
+	}
+	free(m);
+	cJSON_Delete(root);
+	return rc;
+}
+
+int moe_import(const char *json_path, FILE *out, struct moe_diag *d)
+{
+	return moe_import_with(json_path, NULL, out, d);
+}
+
+/* The command ----------------------------------------------------------- */
+
+static const char import_usage[] =
+    "usage: moegen import CONFIG.json [-o SPEC.yaml] [--encoder | --decoder]\n"
+    "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o).\n"
+    "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n";
+
+int moe_cmd_import(int argc, char **argv)
+{
+	const char *in = NULL, *outp = NULL;
+	struct moe_import_opts o = {MOE_IMPORT_ENCODER};
+	struct moe_diag d = {0};
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+			fputs(import_usage, stdout);
+			return MOE_EXIT_OK;
+		} else if (strcmp(a, "-o") == 0 || strcmp(a, "--output") == 0) {
+			if (i + 1 >= argc || outp) {
+				moe_diag_error(&d, "import: %s",
+					       outp ? "-o given twice" : "-o needs a file name");
+				fputs(import_usage, stderr);
+				return MOE_EXIT_USAGE;
+			}
+			outp = argv[++i];
+		} else if (strcmp(a, "--decoder") == 0) {
+			o.stack = MOE_IMPORT_DECODER;
+		} else if (strcmp(a, "--encoder") == 0) {
+			o.stack = MOE_IMPORT_ENCODER;
+		} else if (a[0] == '-' && a[1]) {
+			moe_diag_error(&d, "import: unknown option '%s'", a);
+			fputs(import_usage, stderr);
+			return MOE_EXIT_USAGE;
+		} else if (in) {
+			moe_diag_error(&d, "import: one config file expected, got '%s' and '%s'",
+				       in, a);
+			fputs(import_usage, stderr);
+			return MOE_EXIT_USAGE;
+		} else {
+			in = a;
+		}
+	}
+	if (!in) {
+		moe_diag_error(&d, "import: no config file");
+		fputs(import_usage, stderr);
+		return MOE_EXIT_USAGE;
+	}
+	if (!outp || strcmp(outp, "-") == 0)
+		return moe_import_with(in, &o, stdout, &d);
+
+	/* Import into memory first: a config error leaves no file behind at all. */
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *mem = open_memstream(&buf, &len);
+	MOE_ASSERT(mem);
+	int rc = moe_import_with(in, &o, mem, &d);
+	fclose(mem);
+	if (rc != MOE_EXIT_OK) {
+		free(buf);
+		return rc;
+	}
+	size_t pl = strlen(outp);
+	char *tmp = malloc(pl + 8);
+	MOE_ASSERT(tmp);
+	memcpy(tmp, outp, pl);
+	memcpy(tmp + pl, ".XXXXXX", 8);
+	int fd = mkstemp(tmp);
+	if (fd < 0) {
+		moe_diag_error(&d, "cannot write '%s': %s", outp, strerror(errno));
+		free(tmp);
+		free(buf);
+		return MOE_EXIT_IO;
+	}
+	mode_t mask = umask(0);
+	umask(mask);
+	int ok = fchmod(fd, 0666 & ~mask) == 0;
+	size_t done = 0;
+	while (ok && done < len) {
+		ssize_t w = write(fd, buf + done, len - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			ok = 0;
+		else
+			done += (size_t)w;
+	}
+	int saved = errno;
+	if (close(fd) != 0 && ok)
+		ok = 0, saved = errno;
+	if (ok && rename(tmp, outp) != 0)
+		ok = 0, saved = errno;
+	if (!ok) {
+		moe_diag_error(&d, "cannot write '%s': %s", outp, strerror(saved));
+		unlink(tmp);
+		rc = MOE_EXIT_IO;
+	}
+	free(tmp);
+	free(buf);
+	return rc;
+}

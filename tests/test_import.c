@@ -1,0 +1,750 @@
+/* test_import.c: `moegen import`. Every family's fixture (tests/import/FAMILY/
+ * config.json) imports to its hand-written expected.yaml byte for byte; layer
+ * placement is recomputed here from each family's rule; bad configs fail with
+ * a message naming the field; -o writes atomically; imported specs validate. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "import.h"
+#include "moegen.h"
+
+/* Diagnostics captured through the sink. */
+struct capture {
+	char text[16384];
+	size_t len;
+};
+
+static void sink(void *ctx, const char *line)
+{
+	struct capture *c = ctx;
+	int n = snprintf(c->text + c->len, sizeof c->text - c->len, "%s\n", line);
+	if (n > 0 && c->len + (size_t)n < sizeof c->text)
+		c->len += (size_t)n;
+}
+
+static char *slurp(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return NULL;
+	fseek(f, 0, SEEK_END);
+	long n = ftell(f);
+	fseek(f, 0, SEEK_SET);
+	char *buf = malloc((size_t)n + 1);
+	assert_non_null(buf);
+	assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+	buf[n] = 0;
+	fclose(f);
+	if (len)
+		*len = (size_t)n;
+	return buf;
+}
+
+/* The result of one import into memory. */
+struct run {
+	int rc;
+	char *out;
+	size_t len;
+	struct moe_diag d;
+	struct capture cap;
+};
+
+static void run_import(struct run *r, const char *path, enum moe_import_stack stack)
+{
+	memset(r, 0, sizeof *r);
+	r->d.sink = sink;
+	r->d.ctx = &r->cap;
+	FILE *mem = open_memstream(&r->out, &r->len);
+	assert_non_null(mem);
+	struct moe_import_opts o = {stack};
+	r->rc = moe_import_with(path, &o, mem, &r->d);
+	fclose(mem);
+}
+
+static void run_free(struct run *r)
+{
+	free(r->out);
+	r->out = NULL;
+}
+
+static void fixture_path(char *buf, size_t n, const char *family, const char *file)
+{
+	snprintf(buf, n, "tests/import/%s/%s", family, file);
+}
+
+/* Golden: every family ------------------------------------------------- */
+
+static const char *const goldens[] = {
+    "dbrx",         "deepseek_v2",    "deepseek_v3",
+    "ernie4_5_moe", "glm4_moe",       "gpt_oss",
+    "granitemoe",   "hunyuan_v1_moe", "jamba",
+    "llama4",       "llama4_text",    "mixtral",
+    "nllb_moe",     "olmoe",          "phimoe",
+    "qwen2_moe",    "qwen3_moe",      "switch_transformers",
+};
+#define N_GOLDENS ((int)(sizeof goldens / sizeof *goldens))
+
+/* Families whose spec carries a fact the language cannot hold: a warning. */
+static int expected_warnings(const char *family)
+{
+	return strcmp(family, "deepseek_v3") == 0 || strcmp(family, "gpt_oss") == 0 ||
+	       strcmp(family, "granitemoe") == 0;
+}
+
+static void test_golden(void **state)
+{
+	const char *family = *state;
+	char cfg[256], exp[256];
+	fixture_path(cfg, sizeof cfg, family, "config.json");
+	fixture_path(exp, sizeof exp, family, "expected.yaml");
+	struct run r;
+	run_import(&r, cfg, MOE_IMPORT_ENCODER);
+	if (r.rc != MOE_EXIT_OK)
+		fprintf(stderr, "%s", r.cap.text);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_int_equal(r.d.n_errors, 0);
+	assert_int_equal(r.d.n_warnings, expected_warnings(family));
+	size_t elen = 0;
+	char *want = slurp(exp, &elen);
+	assert_non_null(want);
+	if (elen != r.len || memcmp(want, r.out, elen) != 0) {
+		/* show the first differing line */
+		size_t i = 0, line = 1;
+		while (i < elen && i < r.len && want[i] == r.out[i])
+			line += want[i++] == '\n';
+		fprintf(stderr, "%s: first difference at line %zu\n--- got:\n%s", exp, line, r.out);
+		fail();
+	}
+	free(want);
+	run_free(&r);
+}
+
+/* Layer placement, recomputed from each family's rule ---------------------- */
+
+/* The moe_layers list of a written spec (flow sequence, possibly wrapped). */
+static int parse_moe_layers(const char *yaml, int *out, int max)
+{
+	const char *p = strstr(yaml, "\n  moe_layers: [");
+	assert_non_null(p);
+	p += strlen("\n  moe_layers: [");
+	int n = 0;
+	while (*p && *p != ']') {
+		char *end;
+		long v = strtol(p, &end, 10);
+		if (end == p) {
+			p++;
+			continue;
+		}
+		assert_true(n < max);
+		out[n++] = (int)v;
+		p = end;
+	}
+	return n;
+}
+
+static void check_layers(const char *family, enum moe_import_stack stack, int layers,
+			 int (*is_moe)(int i))
+{
+	char cfg[256];
+	fixture_path(cfg, sizeof cfg, family, "config.json");
+	struct run r;
+	run_import(&r, cfg, stack);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	int got[MOE_MAX_LAYERS];
+	int n = parse_moe_layers(r.out, got, MOE_MAX_LAYERS);
+	int k = 0;
+	for (int i = 0; i < layers; i++)
+		if (is_moe(i)) {
+			assert_true(k < n);
+			assert_int_equal(got[k], i);
+			k++;
+		}
+	assert_int_equal(k, n);
+	run_free(&r);
+}
+
+/* DeepSeek-V3: i >= first_k_dense_replace (3) and i % moe_layer_freq (1) == 0. */
+static int rule_v3(int i)
+{
+	return i >= 3;
+}
+/* Switch: step = 12 / 6 = 2, sparse iff i % 2 == 1. */
+static int rule_switch(int i)
+{
+	return i % 2 == 1;
+}
+/* NLLB: (i + 1) % 4 == 0. */
+static int rule_nllb(int i)
+{
+	return (i + 1) % 4 == 0;
+}
+/* Jamba: i % 2 == 1 (period 2, offset 1). */
+static int rule_jamba(int i)
+{
+	return i % 2 == 1;
+}
+/* Llama-4 step 2: range(1, 48, 2). */
+static int rule_llama4_step2(int i)
+{
+	return i >= 1 && (i - 1) % 2 == 0;
+}
+/* ERNIE: (i + 1) % 1 == 0 and 1 <= i <= 27. */
+static int rule_ernie(int i)
+{
+	return i >= 1 && i <= 27;
+}
+/* GLM-4.5-Air: i >= first_k_dense_replace (1). */
+static int rule_glm(int i)
+{
+	return i >= 1;
+}
+static int rule_all(int i)
+{
+	(void)i;
+	return 1;
+}
+
+static void test_layer_rules(void **state)
+{
+	(void)state;
+	check_layers("deepseek_v3", MOE_IMPORT_ENCODER, 61, rule_v3);
+	check_layers("switch_transformers", MOE_IMPORT_ENCODER, 12, rule_switch);
+	check_layers("switch_transformers", MOE_IMPORT_DECODER, 12, rule_switch);
+	check_layers("nllb_moe", MOE_IMPORT_ENCODER, 24, rule_nllb);
+	check_layers("nllb_moe", MOE_IMPORT_DECODER, 24, rule_nllb);
+	check_layers("jamba", MOE_IMPORT_ENCODER, 32, rule_jamba);
+	check_layers("llama4_text", MOE_IMPORT_ENCODER, 48, rule_llama4_step2);
+	check_layers("ernie4_5_moe", MOE_IMPORT_ENCODER, 28, rule_ernie);
+	check_layers("glm4_moe", MOE_IMPORT_ENCODER, 46, rule_glm);
+	check_layers("qwen3_moe", MOE_IMPORT_ENCODER, 48, rule_all);
+}
+
+/* The decoder stack of the encoder-decoder families uses the decoder names. */
+static void test_decoder_stack(void **state)
+{
+	(void)state;
+	struct run r;
+	run_import(&r, "tests/import/switch_transformers/config.json", MOE_IMPORT_DECODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_non_null(strstr(r.out, "    router: decoder.block.{layer}.layer.2.mlp.router."
+				      "classifier.weight\n"));
+	assert_null(strstr(r.out, "encoder.block"));
+	run_free(&r);
+	run_import(&r, "tests/import/nllb_moe/config.json", MOE_IMPORT_DECODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_non_null(strstr(r.out, "    up: model.decoder.layers.{layer}.ffn.experts.expert_{"
+				      "expert}.fc1.weight\n"));
+	run_free(&r);
+}
+
+/* Bad configs --------------------------------------------------------- */
+
+struct scratch {
+	char dir[64];
+};
+
+static void scratch_open(struct scratch *s)
+{
+	snprintf(s->dir, sizeof s->dir, "/tmp/moe_import_XXXXXX");
+	assert_non_null(mkdtemp(s->dir));
+}
+
+/* Remove the scratch directory and everything in it (flat). */
+static void scratch_close(struct scratch *s)
+{
+	DIR *d = opendir(s->dir);
+	assert_non_null(d);
+	struct dirent *e;
+	char p[512];
+	while ((e = readdir(d)))
+		if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+			snprintf(p, sizeof p, "%s/%s", s->dir, e->d_name);
+			unlink(p);
+		}
+	closedir(d);
+	rmdir(s->dir);
+}
+
+static int scratch_count(struct scratch *s)
+{
+	DIR *d = opendir(s->dir);
+	assert_non_null(d);
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d)))
+		n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+	closedir(d);
+	return n;
+}
+
+static void write_text(const char *path, const char *text, size_t len)
+{
+	FILE *f = fopen(path, "wb");
+	assert_non_null(f);
+	assert_int_equal(fwrite(text, 1, len, f), len);
+	fclose(f);
+}
+
+/* Write FAMILY's fixture with "key" (or "obj.key") set to the JSON text value,
+ * or removed when value is NULL, to path. */
+static void mutate(const char *family, const char *key, const char *value, const char *path)
+{
+	char cfg[256];
+	fixture_path(cfg, sizeof cfg, family, "config.json");
+	char *text = slurp(cfg, NULL);
+	assert_non_null(text);
+	cJSON *root = cJSON_Parse(text);
+	free(text);
+	assert_non_null(root);
+	cJSON *obj = root;
+	char k[128];
+	snprintf(k, sizeof k, "%s", key);
+	char *dot = strchr(k, '.');
+	if (dot) {
+		*dot = 0;
+		obj = cJSON_GetObjectItemCaseSensitive(root, k);
+		assert_non_null(obj);
+		memmove(k, dot + 1, strlen(dot + 1) + 1);
+	}
+	cJSON_DeleteItemFromObjectCaseSensitive(obj, k);
+	if (value) {
+		cJSON *v = cJSON_Parse(value);
+		assert_non_null(v);
+		cJSON_AddItemToObject(obj, k, v);
+	}
+	char *out = cJSON_Print(root);
+	write_text(path, out, strlen(out));
+	cJSON_free(out);
+	cJSON_Delete(root);
+}
+
+/* Import path; expect rc, n errors and every one of the NULL-terminated
+ * substrings in the diagnostics; nothing may be written. */
+static void expect_fail(const char *path, int rc, int n_errors, ...)
+{
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, rc);
+	assert_int_equal(r.d.n_errors, n_errors);
+	assert_int_equal(r.len, 0);
+	va_list ap;
+	va_start(ap, n_errors);
+	const char *want;
+	while ((want = va_arg(ap, const char *))) {
+		if (!strstr(r.cap.text, want))
+			fprintf(stderr, "wanted '%s' in:\n%s", want, r.cap.text);
+		assert_non_null(strstr(r.cap.text, want));
+	}
+	va_end(ap);
+	run_free(&r);
+}
+
+static void mutate_fail(const char *family, const char *key, const char *value, const char *want1,
+			const char *want2)
+{
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate(family, key, value, path);
+	expect_fail(path, MOE_EXIT_SPEC, 1, want1, want2, (const char *)NULL);
+	scratch_close(&s);
+}
+
+static void test_bad_json(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	/* the error is on line 3, after "hidden_size": */
+	const char *bad = "{\n  \"model_type\": \"mixtral\",\n  \"hidden_size\": ,\n}\n";
+	write_text(path, bad, strlen(bad));
+	char where[160];
+	snprintf(where, sizeof where, "%s:3:", path);
+	expect_fail(path, MOE_EXIT_SPEC, 1, where, "malformed JSON", (const char *)NULL);
+	write_text(path, "", 0);
+	expect_fail(path, MOE_EXIT_SPEC, 1, "malformed JSON", (const char *)NULL);
+	write_text(path, "{\"model_type\": \"mixtral\"} trailing", 34);
+	expect_fail(path, MOE_EXIT_SPEC, 1, "malformed JSON", (const char *)NULL);
+	write_text(path, "{\"a\":\0}", 7);
+	expect_fail(path, MOE_EXIT_SPEC, 1, "NUL", (const char *)NULL);
+	write_text(path, "[1, 2]", 6);
+	expect_fail(path, MOE_EXIT_SPEC, 1, "must be a JSON object, not an array",
+		    (const char *)NULL);
+	write_text(path, "{\"hidden_size\": 8}", 18);
+	expect_fail(path, MOE_EXIT_SPEC, 1, "needs 'model_type'", (const char *)NULL);
+	write_text(path, "{\"model_type\": 7}", 17);
+	expect_fail(path, MOE_EXIT_SPEC, 1, "'model_type' must be a string, not a number",
+		    (const char *)NULL);
+	scratch_close(&s);
+	expect_fail("tests/import/no_such_family/config.json", MOE_EXIT_IO, 1, "cannot read",
+		    (const char *)NULL);
+	expect_fail("tests/import", MOE_EXIT_IO, 1, "cannot read", (const char *)NULL);
+}
+
+static void test_unknown_type(void **state)
+{
+	(void)state;
+	mutate_fail("mixtral", "model_type", "\"foo\"", "unsupported model_type 'foo'",
+		    "(supported: dbrx, deepseek_v2, deepseek_v3, ernie4_5_moe, glm4_moe, gpt_oss, "
+		    "granitemoe, hunyuan_v1_moe, jamba, jetmoe, llama4, llama4_text, mixtral, "
+		    "nllb_moe, olmoe, phimoe, qwen2_moe, qwen3_moe, switch_transformers)");
+	mutate_fail("mixtral", "model_type", "\"mixtrl\"", "unsupported model_type 'mixtrl'",
+		    "did you mean 'mixtral'?");
+}
+
+static void test_missing_field(void **state)
+{
+	(void)state;
+	mutate_fail("deepseek_v3", "n_routed_experts", NULL, "deepseek_v3 needs 'n_routed_experts'",
+		    "/config.json: deepseek_v3");
+	mutate_fail("dbrx", "ffn_config.moe_top_k", NULL, "dbrx needs 'ffn_config.moe_top_k'",
+		    NULL);
+	mutate_fail("llama4", "text_config", NULL, "llama4 needs 'text_config'", NULL);
+	mutate_fail("llama4", "text_config.num_local_experts", NULL,
+		    "llama4 needs 'text_config.num_local_experts'", NULL);
+	/* null is how transformers writes None: as good as absent */
+	mutate_fail("mixtral", "hidden_size", "null", "mixtral needs 'hidden_size'", NULL);
+	/* dense layers exist, so their width is required */
+	mutate_fail("deepseek_v2", "intermediate_size", NULL,
+		    "deepseek_v2 needs 'intermediate_size'", NULL);
+}
+
+static void test_wrong_type(void **state)
+{
+	(void)state;
+	mutate_fail("mixtral", "hidden_size", "\"4096\"",
+		    "'hidden_size' must be an integer, not a string", NULL);
+	mutate_fail("mixtral", "num_local_experts", "8.5",
+		    "'num_local_experts' must be an integer >= 1 (got 8.5)", NULL);
+	mutate_fail("mixtral", "num_experts_per_tok", "-2",
+		    "'num_experts_per_tok' must be an integer >= 1", NULL);
+	mutate_fail("qwen3_moe", "norm_topk_prob", "\"yes\"",
+		    "'norm_topk_prob' must be a boolean, not a string", NULL);
+	mutate_fail("qwen3_moe", "mlp_only_layers", "{}",
+		    "'mlp_only_layers' must be a list of layer indices, not an object", NULL);
+	mutate_fail("qwen3_moe", "mlp_only_layers", "[3, 48]",
+		    "'mlp_only_layers' names layer 48, but the model has 48 layers", NULL);
+	mutate_fail("deepseek_v3", "routed_scaling_factor", "[2.5]",
+		    "'routed_scaling_factor' must be a number, not an array", NULL);
+	mutate_fail("dbrx", "ffn_config", "7", "'ffn_config' must be an object, not a number",
+		    NULL);
+	mutate_fail("mixtral", "num_hidden_layers", "513", "513 layers exceed", "512");
+	mutate_fail("mixtral", "num_experts_per_tok", "9",
+		    "top-k (9) exceeds the number of experts (8)", NULL);
+}
+
+static void test_unsupported_values(void **state)
+{
+	(void)state;
+	mutate_fail("deepseek_v2", "topk_method", "\"xyz\"",
+		    "unsupported topk_method 'xyz' for deepseek_v2",
+		    "greedy, group_limited_greedy");
+	mutate_fail("deepseek_v3", "topk_method", "\"greedy\"",
+		    "unsupported topk_method 'greedy' for deepseek_v3 (supported: noaux_tc)", NULL);
+	mutate_fail("deepseek_v3", "scoring_func", "\"sqrtsoftplus\"",
+		    "unsupported scoring_func 'sqrtsoftplus'", NULL);
+	mutate_fail("mixtral", "hidden_act", "\"abc\"", "unsupported hidden_act 'abc'",
+		    "(supported: silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu)");
+	mutate_fail("dbrx", "ffn_config.ffn_act_fn", "{\"name\": \"tanh\"}",
+		    "unsupported ffn_config.ffn_act_fn.name 'tanh'", NULL);
+	mutate_fail("mixtral", "torch_dtype", "\"int8\"", "unsupported torch_dtype 'int8'", NULL);
+	mutate_fail("deepseek_v3", "quantization_config", "{\"quant_method\": \"gptq\"}",
+		    "unsupported quantization_config.quant_method 'gptq'", "fp8, mxfp4");
+	mutate_fail("deepseek_v3", "n_group", "7", "'n_group' (7) must divide", "(256)");
+	mutate_fail("phimoe", "num_experts_per_tok", "3", "sparsemixer",
+		    "'num_experts_per_tok' is 3");
+	mutate_fail("nllb_moe", "second_expert_policy", "\"sampling\"",
+		    "unsupported second_expert_policy 'sampling'", NULL);
+	mutate_fail("nllb_moe", "moe_eval_capacity_token_fraction", "0.5",
+		    "moe_eval_capacity_token_fraction 0.5", "router.capacity");
+	mutate_fail("switch_transformers", "feed_forward_proj", "\"gated-gelu\"",
+		    "unsupported feed_forward_proj 'gated-gelu'", NULL);
+	mutate_fail("switch_transformers", "num_sparse_encoder_layers", "0",
+		    "'num_sparse_encoder_layers' is 0", NULL);
+	mutate_fail("ernie4_5_moe", "use_bias", "true", "unsupported use_bias true", NULL);
+	mutate_fail("hunyuan_v1_moe", "moe_topk", "8", "moe_topk 8", "C = max(k, k*T/E)");
+	mutate_fail("hunyuan_v1_moe", "num_experts", "[16, 16, 8]",
+		    "'num_experts' differs between layers (16, 8)", NULL);
+	mutate_fail("qwen3_moe", "decoder_sparse_step", "100", "has no MoE layer", NULL);
+	expect_fail("tests/import/jetmoe/config.json", MOE_EXIT_SPEC, 1, "jetmoe",
+		    "output bias 'mlp.bias'", (const char *)NULL);
+}
+
+/* A per-layer list with one value is the same model as the scalar. */
+static void test_uniform_list(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate("hunyuan_v1_moe", "num_experts", "[16, 16, 16]", path);
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_non_null(strstr(r.out, "\n  count: 16\n"));
+	run_free(&r);
+	scratch_close(&s);
+}
+
+/* Every error of a config is reported, not just the first. */
+static void test_all_errors(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	const char *text = "{\"model_type\": \"mixtral\", \"hidden_size\": \"x\", "
+			   "\"num_hidden_layers\": 4, \"num_experts_per_tok\": 2, "
+			   "\"intermediate_size\": 64, \"hidden_act\": \"abc\"}";
+	write_text(path, text, strlen(text));
+	expect_fail(path, MOE_EXIT_SPEC, 3, "'hidden_size' must be an integer",
+		    "needs 'num_local_experts'", "unsupported hidden_act 'abc'",
+		    (const char *)NULL);
+	scratch_close(&s);
+}
+
+/* A minimal config: defaults of the transformers config class fill the rest. */
+static void test_minimal_defaults(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	const char *text = "{\"model_type\": \"deepseek_v3\", \"hidden_size\": 64, "
+			   "\"num_hidden_layers\": 5, \"n_routed_experts\": 16, "
+			   "\"num_experts_per_tok\": 4, \"moe_intermediate_size\": 32, "
+			   "\"intermediate_size\": 128}";
+	write_text(path, text, strlen(text));
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	/* DeepseekV3Config defaults: first_k_dense_replace 3, n_group 8, topk_group 4,
+	 * routed_scaling_factor 2.5, norm_topk_prob true, one shared expert */
+	assert_non_null(strstr(r.out, "\n  moe_layers: [3, 4]\n"));
+	assert_non_null(strstr(r.out, "\n  groups: {count: 8, top: 4, score: sum_top2}\n"));
+	assert_non_null(strstr(r.out, "\n  scale: 2.5\n"));
+	assert_non_null(strstr(r.out, "\n  normalize: {kind: sum, eps: 1.0e-20, min: 0.0}\n"));
+	assert_non_null(strstr(r.out, "shared_experts:\n  count: 1\n  intermediate: 32\n"));
+	/* no torch_dtype: f32, said in a comment */
+	assert_non_null(strstr(r.out, "dtype: {weights: f32,"));
+	assert_non_null(strstr(r.out, "# The config states no torch_dtype"));
+	/* the name falls back to the model_type */
+	assert_non_null(strstr(r.out, "\nname: deepseek_v3\n"));
+	run_free(&r);
+	scratch_close(&s);
+}
+
+/* The command --------------------------------------------------------- */
+
+static int cmd(int argc, ...)
+{
+	char *argv[16];
+	va_list ap;
+	va_start(ap, argc);
+	for (int i = 0; i < argc; i++)
+		argv[i] = va_arg(ap, char *);
+	va_end(ap);
+	argv[argc] = NULL;
+	return moe_cmd_import(argc, argv);
+}
+
+static void test_cmd(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char out[128];
+	snprintf(out, sizeof out, "%s/spec.yaml", s.dir);
+
+	/* -o writes the same bytes as the golden, and nothing else is left */
+	assert_int_equal(cmd(4, "import", "tests/import/mixtral/config.json", "-o", out),
+			 MOE_EXIT_OK);
+	size_t n1 = 0, n2 = 0;
+	char *got = slurp(out, &n1);
+	char *want = slurp("tests/import/mixtral/expected.yaml", &n2);
+	assert_non_null(got);
+	assert_non_null(want);
+	assert_int_equal(n1, n2);
+	assert_memory_equal(got, want, n1);
+	free(got);
+	assert_int_equal(scratch_count(&s), 1);
+	struct stat st;
+	assert_int_equal(stat(out, &st), 0);
+	assert_true(st.st_mode & S_IRUSR);
+
+	/* a failed import keeps the old file intact and leaves no temporary */
+	assert_int_equal(cmd(4, "import", "tests/import/jetmoe/config.json", "-o", out),
+			 MOE_EXIT_SPEC);
+	got = slurp(out, &n1);
+	assert_int_equal(n1, n2);
+	assert_memory_equal(got, want, n1);
+	free(got);
+	assert_int_equal(scratch_count(&s), 1);
+	free(want);
+
+	/* a failed import into a new name creates nothing */
+	char other[128];
+	snprintf(other, sizeof other, "%s/other.yaml", s.dir);
+	assert_int_equal(cmd(4, "import", "tests/import/none/config.json", "-o", other),
+			 MOE_EXIT_IO);
+	assert_int_equal(scratch_count(&s), 1);
+
+	/* --decoder */
+	assert_int_equal(
+	    cmd(5, "import", "--decoder", "tests/import/nllb_moe/config.json", "-o", other),
+	    MOE_EXIT_OK);
+	got = slurp(other, NULL);
+	assert_non_null(strstr(got, "model.decoder.layers.{layer}"));
+	free(got);
+
+	/* an unwritable destination */
+	char nodir[160];
+	snprintf(nodir, sizeof nodir, "%s/missing/spec.yaml", s.dir);
+	assert_int_equal(cmd(4, "import", "tests/import/mixtral/config.json", "-o", nodir),
+			 MOE_EXIT_IO);
+	scratch_close(&s);
+
+	/* usage */
+	assert_int_equal(cmd(1, "import"), MOE_EXIT_USAGE);
+	assert_int_equal(cmd(3, "import", "a.json", "b.json"), MOE_EXIT_USAGE);
+	assert_int_equal(cmd(3, "import", "a.json", "--bogus"), MOE_EXIT_USAGE);
+	assert_int_equal(cmd(3, "import", "a.json", "-o"), MOE_EXIT_USAGE);
+	assert_int_equal(cmd(6, "import", "a.json", "-o", "x", "-o", "y"), MOE_EXIT_USAGE);
+	assert_int_equal(cmd(2, "import", "--help"), MOE_EXIT_OK);
+}
+
+/* Imported specs validate, and resolve to the family's numbers ------------- */
+
+struct resolved {
+	const char *family;
+	uint32_t n_moe_layers, n_experts, top_k, shared_width;
+	enum moe_mode mode;
+	enum moe_score score;
+	enum moe_norm norm;
+	float scale;
+	int select_bias, router_bias, groups;
+	enum moe_apply apply_to;
+};
+
+/* From SEMANTICS.md and the fixtures, independently of the importer. */
+static const struct resolved resolved[] = {
+    {"dbrx", 40, 16, 4, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_LP, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"deepseek_v2", 26, 64, 6, 2 * 1408, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
+     1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
+    {"deepseek_v3", 58, 256, 8, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 2.5f,
+     1, 0, 8, MOE_APPLY_OUTPUT},
+    {"ernie4_5_moe", 27, 64, 6, 2 * 1536, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
+     1.0f, 1, 0, 1, MOE_APPLY_OUTPUT},
+    {"glm4_moe", 45, 128, 8, 1408, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 1.0f, 1,
+     0, 1, MOE_APPLY_OUTPUT},
+    {"gpt_oss", 24, 32, 4, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 1, 1,
+     MOE_APPLY_OUTPUT},
+    {"granitemoe", 32, 40, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
+     1, MOE_APPLY_OUTPUT},
+    {"hunyuan_v1_moe", 64, 16, 1, 18304, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
+     1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
+    {"jamba", 16, 16, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"llama4", 48, 16, 1, 8192, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_NONE, 1.0f, 0, 0,
+     1, MOE_APPLY_INPUT},
+    {"llama4_text", 24, 128, 1, 8192, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_NONE, 1.0f,
+     0, 0, 1, MOE_APPLY_INPUT},
+    {"mixtral", 32, 8, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"nllb_moe", 6, 128, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 0.8f, 0, 0,
+     1, MOE_APPLY_OUTPUT},
+    {"olmoe", 16, 64, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"phimoe", 32, 16, 2, 0, MOE_MODE_SPARSEMIXER, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"qwen2_moe", 24, 60, 4, 5632, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0,
+     0, 1, MOE_APPLY_OUTPUT},
+    {"qwen3_moe", 48, 128, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
+     1, MOE_APPLY_OUTPUT},
+    {"switch_transformers", 6, 8, 1, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
+     1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
+};
+
+static void test_validates(void **state)
+{
+	(void)state;
+	_Static_assert(sizeof resolved / sizeof *resolved == N_GOLDENS, "one row per golden");
+	for (int i = 0; i < N_GOLDENS; i++) {
+		const struct resolved *w = &resolved[i];
+		char cfg[256];
+		fixture_path(cfg, sizeof cfg, w->family, "config.json");
+		struct run r;
+		run_import(&r, cfg, MOE_IMPORT_ENCODER);
+		assert_int_equal(r.rc, MOE_EXIT_OK);
+		struct capture cap = {{0}, 0};
+		struct moe_diag d = {0, 0, sink, &cap};
+		struct moe_spec *s = moe_spec_load_string(cfg, r.out, r.len, &d);
+		struct moe_desc *desc = calloc(1, sizeof *desc);
+		assert_non_null(desc);
+		int rc = s ? moe_spec_check(s, desc, &d) : -1;
+		if (rc != 0)
+			fprintf(stderr, "%s: the imported spec does not validate:\n%s", w->family,
+				cap.text);
+		assert_int_equal(rc, 0);
+		assert_int_equal(d.n_errors, 0);
+		assert_int_equal(desc->n_moe_layers, w->n_moe_layers);
+		assert_int_equal(desc->n_experts, w->n_experts);
+		assert_int_equal(desc->top_k, w->top_k);
+		assert_int_equal(moe_desc_shared_width(desc), w->shared_width);
+		assert_int_equal(desc->mode, w->mode);
+		assert_int_equal(desc->score, w->score);
+		assert_int_equal(desc->norm, w->norm);
+		assert_true(fabsf(desc->scale - w->scale) <= 1e-6f);
+		assert_int_equal(desc->select_bias, w->select_bias);
+		assert_int_equal(desc->router_bias, w->router_bias);
+		assert_int_equal(desc->n_groups <= 1 ? 1 : desc->n_groups, w->groups);
+		assert_int_equal(desc->apply_to, w->apply_to);
+		free(desc);
+		moe_spec_free(s);
+		run_free(&r);
+	}
+}
+
+int main(void)
+{
+	struct CMUnitTest tests[N_GOLDENS + 12];
+	int n = 0;
+	for (int i = 0; i < N_GOLDENS; i++)
+		tests[n++] =
+		    (struct CMUnitTest){goldens[i], test_golden, NULL, NULL, (void *)goldens[i]};
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_layer_rules);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_decoder_stack);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_bad_json);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_unknown_type);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_missing_field);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_wrong_type);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_unsupported_values);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_uniform_list);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_all_errors);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_minimal_defaults);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_cmd);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_validates);
+	if (n != (int)(sizeof tests / sizeof *tests))
+		return 1;
+	return cmocka_run_group_tests_name("import", tests, NULL, NULL);
+}
