@@ -343,6 +343,7 @@ static const struct command commands[] = {
     {"check", cmd_check},
     {"info", cmd_info},
     {"ref", cmd_ref},
+    {"import", moe_cmd_import},
 };
 
 int main(int argc, char **argv)
