@@ -1,0 +1,279 @@
+/* ref_util.c: the scalar pieces every backend must agree with: status names,
+ * canonical weight buffers and their deterministic random fill, the
+ * counter-based generator, bf16/f16 rounding and the expert activations.
+ * The forward pass that uses them is ref.c. */
+#include "moe_ref.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const status_names[MOE_STATUS_COUNT] = {
+    [MOE_OK] = "ok",
+    [MOE_ERR_ARG] = "bad argument",
+    [MOE_ERR_INPUT] = "bad input",
+    [MOE_ERR_NOMEM] = "out of memory",
+    [MOE_ERR_WEIGHTS] = "bad weights",
+    [MOE_ERR_IO] = "I/O error",
+    [MOE_ERR_UNSUPPORTED] = "unsupported",
+    [MOE_ERR_DEVICE] = "device error",
+    [MOE_ERR_BUSY] = "busy",
+    [MOE_ERR_INTERNAL] = "internal error",
+};
+
+const char *moe_status_name(enum moe_status s)
+{
+	if ((unsigned)s >= MOE_STATUS_COUNT)
+		return "unknown status";
+	return status_names[s];
+}
+
+/* Elements of a role's canonical tensor, 0 when unused or when the count does
+ * not fit in size_t. */
+static size_t role_elems(const struct moe_desc *d, enum moe_role r)
+{
+	uint64_t rows, cols;
+	int pe;
+	if (!moe_desc_role_shape(d, r, &rows, &cols, &pe))
+		return 0;
+	uint64_t n = rows;
+	if (cols && n > UINT64_MAX / cols)
+		return 0;
+	n *= cols;
+	if (pe) {
+		if (d->n_experts && n > UINT64_MAX / d->n_experts)
+			return 0;
+		n *= d->n_experts;
+	}
+	if (n == 0 || n > SIZE_MAX / sizeof(float))
+		return 0;
+	return (size_t)n;
+}
+
+enum moe_status moe_ref_weights_alloc(const struct moe_desc *d, struct moe_ref_weights *w)
+{
+	if (!d || !w)
+		return MOE_ERR_ARG;
+	memset(w, 0, sizeof *w);
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		uint64_t rows, cols;
+		if (!moe_desc_role_shape(d, (enum moe_role)r, &rows, &cols, NULL))
+			continue;
+		size_t n = role_elems(d, (enum moe_role)r);
+		if (!n) {
+			moe_ref_weights_free(w);
+			return MOE_ERR_ARG; /* used role of zero or unrepresentable size */
+		}
+		w->w[r] = calloc(n, sizeof(float));
+		if (!w->w[r]) {
+			moe_ref_weights_free(w);
+			return MOE_ERR_NOMEM;
+		}
+	}
+	return MOE_OK;
+}
+
+void moe_ref_weights_free(struct moe_ref_weights *w)
+{
+	if (!w)
+		return;
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		free(w->w[r]);
+		w->w[r] = NULL;
+	}
+}
+
+static int is_bias_role(enum moe_role r)
+{
+	switch (r) {
+	case MOE_ROLE_ROUTER_BIAS:
+	case MOE_ROLE_SELECT_BIAS:
+	case MOE_ROLE_GATE_BIAS:
+	case MOE_ROLE_UP_BIAS:
+	case MOE_ROLE_DOWN_BIAS:
+	case MOE_ROLE_PK_QUERY_BIAS:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+static float round_to_dtype(enum moe_dtype t, float v)
+{
+	if (t == MOE_DTYPE_BF16)
+		return moe_bf16_round(v);
+	if (t == MOE_DTYPE_F16)
+		return moe_f16_round(v);
+	return v;
+}
+
+void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+			    struct moe_ref_weights *w)
+{
+	if (!d || !w)
+		return;
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		uint64_t rows, cols;
+		if (!w->w[r] || !moe_desc_role_shape(d, (enum moe_role)r, &rows, &cols, NULL))
+			continue;
+		size_t n = role_elems(d, (enum moe_role)r);
+		float *p = w->w[r];
+		if (r == MOE_ROLE_SOFT_SCALE) {
+			for (size_t i = 0; i < n; i++)
+				p[i] = 1.0f;
+			continue;
+		}
+		/* fan-in bound for matrices keeps every layer's output O(|x|) */
+		double a = is_bias_role((enum moe_role)r) ? 0.1 : 1.0 / sqrt((double)cols);
+		for (size_t i = 0; i < n; i++) {
+			float u = moe_rng_uniform(moe_rng_hash(seed, layer, (uint64_t)r, i));
+			float v = (float)((2.0 * u - 1.0) * a);
+			p[i] = round_to_dtype(d->weight_dtype, v);
+		}
+	}
+}
+
+/* SplitMix64 finalizer; each key word is folded in and re-mixed so that
+ * (seed, a, b, c) tuples differing in any word give unrelated outputs. */
+static uint64_t mix64(uint64_t z)
+{
+	z += 0x9e3779b97f4a7c15ull;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+uint64_t moe_rng_hash(uint64_t seed, uint64_t a, uint64_t b, uint64_t c)
+{
+	uint64_t h = mix64(seed);
+	h = mix64(h ^ a);
+	h = mix64(h ^ b);
+	return mix64(h ^ c);
+}
+
+float moe_rng_uniform(uint64_t h)
+{
+	return (float)(h >> 40) * 0x1p-24f;
+}
+
+float moe_rng_normal(uint64_t seed, uint64_t a, uint64_t b, uint64_t c)
+{
+	double u1 = moe_rng_uniform(moe_rng_hash(seed, a, b, c));
+	double u2 = moe_rng_uniform(moe_rng_hash(seed, a, b, c ^ (1ull << 63)));
+	/* 1 - u1 lies in (0, 1], so the logarithm is finite */
+	double r = sqrt(-2.0 * log(1.0 - u1));
+	return (float)(r * cos(2.0 * M_PI * u2));
+}
+
+static uint32_t f32_bits(float x)
+{
+	uint32_t u;
+	memcpy(&u, &x, sizeof u);
+	return u;
+}
+
+static float bits_f32(uint32_t u)
+{
+	float x;
+	memcpy(&x, &u, sizeof x);
+	return x;
+}
+
+uint16_t moe_f32_to_bf16(float x)
+{
+	uint32_t u = f32_bits(x);
+	if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: keep sign and top payload, force quiet */
+		return (uint16_t)((u >> 16) | 0x0040u);
+	u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even; overflows to inf */
+	return (uint16_t)(u >> 16);
+}
+
+float moe_bf16_to_f32(uint16_t h)
+{
+	return bits_f32((uint32_t)h << 16);
+}
+
+float moe_bf16_round(float x)
+{
+	return moe_bf16_to_f32(moe_f32_to_bf16(x));
+}
+
+/* Shift m right by s >= 1 bits, rounding to nearest with ties to even. */
+static uint32_t shift_rne(uint32_t m, unsigned s)
+{
+	if (s >= 32)
+		return 0;
+	uint32_t q = m >> s, rem = m & ((1u << s) - 1u), half = 1u << (s - 1);
+	if (rem > half || (rem == half && (q & 1u)))
+		q++;
+	return q;
+}
+
+uint16_t moe_f32_to_f16(float x)
+{
+	uint32_t u = f32_bits(x);
+	uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+	uint32_t exp = (u >> 23) & 0xffu, man = u & 0x7fffffu;
+	if (exp == 0xff) {
+		if (man) /* NaN: quiet, keep the top payload bits */
+			return (uint16_t)(sign | 0x7e00u | (man >> 13));
+		return (uint16_t)(sign | 0x7c00u);
+	}
+	int e = (int)exp - 127;
+	if (e > 15)
+		return (uint16_t)(sign | 0x7c00u);
+	if (e >= -14) {
+		/* normal: a carry out of the mantissa bumps the exponent, up to inf */
+		uint32_t v = ((uint32_t)(e + 15) << 23 | man);
+		return (uint16_t)(sign | shift_rne(v, 13));
+	}
+	if (exp == 0)
+		return sign; /* f32 subnormals are far below the f16 range */
+	/* subnormal: value = (man | 1 << 23) * 2^(e - 23), f16 unit 2^-24 */
+	uint32_t q = shift_rne(man | 0x800000u, (unsigned)(-e - 1));
+	return (uint16_t)(sign | q); /* q == 0x400 is the smallest normal, encoded alike */
+}
+
+float moe_f16_to_f32(uint16_t h)
+{
+	uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+	uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+	if (exp == 0x1f)
+		return bits_f32(sign | 0x7f800000u | (man << 13));
+	if (exp == 0) {
+		float v = ldexpf((float)man, -24);
+		return sign ? -v : v;
+	}
+	return bits_f32(sign | ((exp - 15 + 127) << 23) | (man << 13));
+}
+
+float moe_f16_round(float x)
+{
+	return moe_f16_to_f32(moe_f32_to_f16(x));
+}
+
+/* Activations are evaluated in double and rounded once to f32. swiglu_oai
+ * here is the gate half only, min(x, limit) * sigmoid(alpha * min(x, limit));
+ * the expert multiplies it by clamp(up, -limit, limit) + 1. */
+float moe_ref_act(enum moe_act a, float alpha, float limit, float x)
+{
+	double v = x;
+	switch (a) {
+	case MOE_ACT_SILU:
+		return (float)(v / (1.0 + exp(-v)));
+	case MOE_ACT_GELU:
+		return (float)(0.5 * v * (1.0 + erf(v / sqrt(2.0))));
+	case MOE_ACT_GELU_TANH: {
+		double c = sqrt(2.0 / M_PI);
+		return (float)(0.5 * v * (1.0 + tanh(c * (v + 0.044715 * v * v * v))));
+	}
+	case MOE_ACT_RELU:
+		return x > 0.0f ? x : 0.0f;
+	case MOE_ACT_SWIGLU_OAI: {
+		double g = v < (double)limit ? v : (double)limit;
+		return (float)(g / (1.0 + exp(-(double)alpha * g)));
+	}
+	default:
+		return x;
+	}
+}
