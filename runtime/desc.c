@@ -23,6 +23,7 @@ const char *const moe_shared_gate_names[] = {MOE_SHARED_GATES(NAME_)};
 const char *const moe_attn_names[] = {MOE_ATTNS(NAME_)};
 const char *const moe_fuse_names[] = {MOE_FUSES(NAME_)};
 const char *const moe_orient_names[] = {MOE_ORIENTS(NAME_)};
+const char *const moe_quant_names[] = {MOE_QUANTS(NAME_)};
 const char *const moe_role_names[] = {MOE_ROLES(NAME_)};
 #undef NAME_
 
@@ -258,6 +259,9 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 			put(&o, " fuse %s", moe_fuse_names[l->fuse]);
 		if (l->row_blocked)
 			put(&o, " row_blocked");
+		if (l->quant != MOE_QUANT_NONE)
+			put(&o, " quant %s block %ux%u scales %s", moe_quant_names[l->quant],
+			    l->quant_block[0], l->quant_block[1], d->scale_names[r]);
 		put(&o, "\n");
 	}
 	return o.len;

@@ -40,6 +40,8 @@
 #define MOE_ATTNS(X) X(NONE, "none") X(MHA, "mha") X(MLA, "mla")
 #define MOE_FUSES(X) X(NONE, "none") X(CONCAT, "concat") X(INTERLEAVE, "interleave")
 #define MOE_ORIENTS(X) X(OUT_IN, "out_in") X(IN_OUT, "in_out")
+/* On-disk quantization of a weight role, dequantized to f32 at load. */
+#define MOE_QUANTS(X) X(NONE, "none") X(FP8_BLOCK, "fp8_block") X(MXFP4, "mxfp4")
 
 #define MOE_ENUM_VALUE_(prefix, v, s) prefix##v,
 #define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
@@ -60,6 +62,7 @@
 #define MOE_ENUM_X_MOE_ATTN_(v, s) MOE_ATTN_##v,
 #define MOE_ENUM_X_MOE_FUSE_(v, s) MOE_FUSE_##v,
 #define MOE_ENUM_X_MOE_ORIENT_(v, s) MOE_ORIENT_##v,
+#define MOE_ENUM_X_MOE_QUANT_(v, s) MOE_QUANT_##v,
 
 MOE_DEFINE_ENUM(moe_dtype, MOE_DTYPE_, MOE_DTYPES);
 MOE_DEFINE_ENUM(moe_mode, MOE_MODE_, MOE_MODES);
@@ -77,6 +80,7 @@ MOE_DEFINE_ENUM(moe_shared_gate, MOE_SHARED_GATE_, MOE_SHARED_GATES);
 MOE_DEFINE_ENUM(moe_attn, MOE_ATTN_, MOE_ATTNS);
 MOE_DEFINE_ENUM(moe_fuse, MOE_FUSE_, MOE_FUSES);
 MOE_DEFINE_ENUM(moe_orient, MOE_ORIENT_, MOE_ORIENTS);
+MOE_DEFINE_ENUM(moe_quant, MOE_QUANT_, MOE_QUANTS);
 
 /* Weight roles. Canonical (reference) shapes, f32, row-major, nn.Linear
  * [out, in] orientation; E = routed experts after split, I = expert width after
@@ -120,6 +124,13 @@ struct moe_layout {
 	enum moe_fuse fuse;     /* gate_up only: concat (gate first) or interleave */
 	uint8_t row_blocked;    /* stacked as [E * rows, cols] (DBRX) */
 	uint8_t explicit_;      /* set in the spec, not defaulted */
+	/* fp8_block: e4m3 data with an f32 scale tensor of [ceil(rows/b0),
+	 * ceil(cols/b1)] multiplied in (DeepSeek-V3 weight_scale_inv); mxfp4:
+	 * u8 blocks [.., rows, cols/32, 16] (low nibble first) with u8 E8M0 scales
+	 * [.., rows, cols/32] (gpt-oss). The scale tensor's name is in
+	 * moe_desc.scale_names. */
+	enum moe_quant quant;
+	uint32_t quant_block[2];
 };
 
 struct moe_level {
@@ -206,6 +217,7 @@ struct moe_desc {
 	/* weights on disk */
 	char names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* "" when absent */
 	struct moe_layout layouts[MOE_ROLE_COUNT];
+	char scale_names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* quantized roles' scale tensors */
 };
 
 /* Name tables, indexed by enum value; defined in desc.c. */
@@ -225,6 +237,7 @@ extern const char *const moe_shared_gate_names[MOE_SHARED_GATE_COUNT];
 extern const char *const moe_attn_names[MOE_ATTN_COUNT];
 extern const char *const moe_fuse_names[MOE_FUSE_COUNT];
 extern const char *const moe_orient_names[MOE_ORIENT_COUNT];
+extern const char *const moe_quant_names[MOE_QUANT_COUNT];
 extern const char *const moe_role_names[MOE_ROLE_COUNT];
 
 /* Index of `s` in a name table of n entries, or -1. */
