@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../runtime/moe_ref.h"
 #include "import.h"
@@ -173,6 +174,10 @@ static int cmd_dump(int argc, char **argv)
 		return rc < 0 ? MOE_EXIT_OK : rc;
 	if (!strcmp(stage, "spec")) {
 		struct moe_diag diag = {0};
+		if (access(fo.spec, R_OK) != 0) {
+			moe_diag_error(&diag, "cannot read '%s': %s", fo.spec, strerror(errno));
+			return MOE_EXIT_IO;
+		}
 		struct moe_spec *s = moe_spec_load(fo.spec, &diag);
 		if (!s)
 			return MOE_EXIT_SPEC;

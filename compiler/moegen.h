@@ -72,6 +72,12 @@ int moe_spec_set(struct moe_spec *s, const char *assignment, struct moe_diag *d)
 /* Canonical YAML text of the document (`moegen -d spec`). */
 void moe_spec_dump(const struct moe_spec *s, FILE *out);
 void moe_spec_free(struct moe_spec *s);
+/* The document behind a spec, for spec_check.c (nodes are libyaml's
+ * yaml_node_t; include <yaml.h> to use them). */
+struct yaml_node_s;
+const struct yaml_node_s *moe_spec_root(const struct moe_spec *s);
+const struct yaml_node_s *moe_spec_node(const struct moe_spec *s, int id); /* 1-based */
+struct moe_loc moe_spec_loc(const struct moe_spec *s, const struct yaml_node_s *n);
 
 /* spec_check.c ---------------------------------------------------------- */
 
