@@ -176,7 +176,7 @@ static void t_token(const struct moe_desc *d, const struct moe_ref_weights *w, c
 		    int n, const int *ids, const double *wts, double *y)
 {
 	uint32_t H = d->hidden;
-	double x[MAXD], xin[MAXD], out[MAXD];
+	double x[MAXD] = {0}, xin[MAXD] = {0}, out[MAXD] = {0};
 	for (uint32_t h = 0; h < H; h++)
 		x[h] = xf[h], y[h] = 0.0;
 	for (int j = 0; j < n; j++) {
