@@ -164,6 +164,10 @@ int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *row
 		if (neuron)
 			R = E, C = H;
 		break;
+	case MOE_ROLE_OUTPUT_BIAS:
+		if (d->output_bias)
+			R = 1, C = H;
+		break;
 	default: /* fused on-disk roles have no canonical tensor */
 		break;
 	}
@@ -225,6 +229,12 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	put(&o, "capacity %s factor %g per_expert %u priority %s overflow %s\n",
 	    moe_capacity_names[d->capacity], (double)d->capacity_factor, d->capacity_per_expert,
 	    moe_priority_names[d->priority], moe_overflow_names[d->overflow]);
+	if (d->capacity_token_fraction != 0 || d->capacity_min || d->capacity_floor)
+		put(&o, "capacity token_fraction %g min %u rounding %s\n",
+		    (double)d->capacity_token_fraction, d->capacity_min,
+		    d->capacity_floor ? "floor" : "ceil");
+	if (d->output_bias)
+		put(&o, "output_bias 1\n");
 	put(&o, "noise %s jitter_eps %g\n", moe_noise_names[d->noise], (double)d->jitter_eps);
 	if (d->mode == MOE_MODE_HIERARCHICAL)
 		for (uint32_t i = 0; i < d->n_levels; i++)

@@ -26,7 +26,9 @@
 #define MOE_SCORES(X) X(SOFTMAX, "softmax") X(SIGMOID, "sigmoid") X(SQRTSOFTPLUS, "sqrtsoftplus")
 #define MOE_NORMS(X) X(NONE, "none") X(SUM, "sum") X(LP, "lp")
 #define MOE_GROUP_SCORES(X) X(MAX, "max") X(SUM_TOP2, "sum_top2")
-#define MOE_CAPACITIES(X) X(NONE, "none") X(FACTOR, "factor") X(PER_EXPERT, "per_expert")
+#define MOE_CAPACITIES(X)                                                                          \
+	X(NONE, "none")                                                                            \
+	X(FACTOR, "factor") X(PER_EXPERT, "per_expert") X(TOKEN_FRACTION, "token_fraction")
 #define MOE_PRIORITIES(X) X(POSITION, "position") X(SCORE, "score")
 #define MOE_OVERFLOWS(X) X(DROP, "drop") X(PASSTHROUGH, "passthrough")
 #define MOE_NOISES(X) X(NONE, "none") X(LEARNED_GAUSSIAN, "learned_gaussian") X(JITTER, "jitter")
@@ -112,7 +114,8 @@ MOE_DEFINE_ENUM(moe_quant, MOE_QUANT_, MOE_QUANTS);
 	X(PK_QUERY_BIAS, "pk_query_bias")           /* [Q] */                                      \
 	X(PK_KEYS, "pk_keys")                       /* [2, R, query_dim/2] the two sub-key sets */ \
 	X(NEURON_U, "neuron_u")                     /* [N, H] single-neuron input vectors */       \
-	X(NEURON_V, "neuron_v")                     /* [N, H] single-neuron output vectors */
+	X(NEURON_V, "neuron_v")                     /* [N, H] single-neuron output vectors */      \
+	X(OUTPUT_BIAS, "output_bias")               /* [H] added once after combining (JetMoE) */
 
 #define MOE_ENUM_X_MOE_ROLE_(v, s) MOE_ROLE_##v,
 MOE_DEFINE_ENUM(moe_role, MOE_ROLE_, MOE_ROLES);
@@ -176,13 +179,17 @@ struct moe_desc {
 	uint32_t group_top;
 	enum moe_group_score group_score;
 	enum moe_capacity capacity;
-	float capacity_factor; /* C = ceil(top_k * T * factor / E) */
+	float capacity_factor; /* C = ceil(top_k * T * factor / E) (floor if capacity_floor) */
 	uint32_t capacity_per_expert;
+	float capacity_token_fraction; /* C = ceil(T * fraction) (NLLB eval) */
+	uint32_t capacity_min;         /* C = max(C, capacity_min) (Hunyuan: top_k) */
+	uint8_t capacity_floor;        /* round the factor formula down (Hunyuan) */
 	enum moe_priority priority;
 	enum moe_overflow overflow;
 	enum moe_noise noise;
 	float jitter_eps; /* noise jitter: x *= U(1 - eps, 1 + eps) */
 	enum moe_apply apply_to;
+	uint8_t output_bias; /* one [H] bias added to the layer output (JetMoE) */
 
 	/* mode blocks */
 	uint32_t n_levels; /* hierarchical: 2 */
