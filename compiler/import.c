@@ -25,6 +25,8 @@ struct imp_layout {
 	enum moe_orient orient;
 	enum moe_fuse fuse;
 	int row_blocked;
+	enum moe_quant quant;
+	long block[2]; /* fp8_block tile */
 };
 
 /* The spec being built. Fields mirror docs/spec.md; defaults are the language's. */
@@ -59,6 +61,10 @@ struct imp {
 	enum moe_group_score group_score;
 	enum moe_capacity capacity;
 	long cap_per_expert;
+	double cap_factor, cap_fraction;
+	long cap_min;       /* 0: none */
+	int cap_floor;      /* factor rounds down */
+	int cap_after_drop; /* normalize the weights that survive the capacity */
 	enum moe_priority priority;
 	enum moe_overflow overflow;
 	enum moe_noise noise;
@@ -78,7 +84,9 @@ struct imp {
 	enum moe_shared_gate shared_gate;
 
 	char names[MOE_ROLE_COUNT][MOE_NAME_MAX];
+	char scales[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* quantized roles' scale tensors */
 	struct imp_layout layout[MOE_ROLE_COUNT];
+	int output_bias;
 
 	int n_notes;
 	char notes[IMP_MAX_NOTES][IMP_NOTE_MAX];
@@ -359,52 +367,6 @@ static void weight_dtype(struct imp *m, const cJSON *o, const char *pre)
 	err(m, "unsupported %s%s '%s' (supported: float32, bfloat16, float16)", pre, key, s);
 }
 
-/* Quantized checkpoints: the spec language has no key for them (yet), so the
- * spec describes the dequantized weights and says so. */
-static void quantization(struct imp *m, const cJSON *o, const char *pre)
-{
-	const cJSON *q = opt_obj(m, o, pre, "quantization_config");
-	if (!q)
-		return;
-	char qpre[128];
-	snprintf(qpre, sizeof qpre, "%squantization_config.", pre);
-	const char *method = opt_str(m, q, qpre, "quant_method", NULL);
-	if (!method) {
-		missing(m, qpre, "quant_method");
-		return;
-	}
-	if (strcmp(method, "fp8") == 0) {
-		char block[64] = "per-tensor";
-		const cJSON *b = field(q, "weight_block_size");
-		if (cJSON_IsArray(b) && cJSON_GetArraySize(b) == 2 &&
-		    cJSON_IsNumber(cJSON_GetArrayItem(b, 0)) &&
-		    cJSON_IsNumber(cJSON_GetArrayItem(b, 1)))
-			snprintf(block, sizeof block, "[%.0f, %.0f]",
-				 cJSON_GetArrayItem(b, 0)->valuedouble,
-				 cJSON_GetArrayItem(b, 1)->valuedouble);
-		const char *fmt = opt_str(m, q, qpre, "fmt", "e4m3");
-		note(
-		    m,
-		    "Checkpoint quantization: fp8 %s weights, block %s, with *.weight_scale_inv "
-		    "scales (multiplied). The spec language has no key for it: the names below are "
-		    "those of a dequantized (%s) checkpoint.",
-		    fmt, block, moe_dtype_names[m->wdtype]);
-		warn(m,
-		     "quantization_config fp8 (block %s) is not expressible in the spec language; "
-		     "the spec describes dequantized weights",
-		     block);
-	} else if (strcmp(method, "mxfp4") == 0) {
-		note(m,
-		     "Checkpoint quantization: mxfp4 expert weights (*_blocks [E, out, in/32, 16] "
-		     "u8, low nibble first, *_scales e8m0). The spec language has no key for it: "
-		     "the names below are those of the dequantized (bf16) export.");
-		warn(m, "quantization_config mxfp4 is not expressible in the spec language; the "
-			"spec describes dequantized weights");
-	} else {
-		err(m, "unsupported %squant_method '%s' (supported: fp8, mxfp4)", qpre, method);
-	}
-}
-
 /* Names and layouts ----------------------------------------------------- */
 
 __attribute__((format(printf, 3, 4))) static void name(struct imp *m, enum moe_role r,
@@ -420,7 +382,7 @@ __attribute__((format(printf, 3, 4))) static void name(struct imp *m, enum moe_r
 static void layout(struct imp *m, enum moe_role r, enum moe_orient o, enum moe_fuse f,
 		   int row_blocked)
 {
-	m->layout[r] = (struct imp_layout){o, f, row_blocked};
+	m->layout[r] = (struct imp_layout){o, f, row_blocked, MOE_QUANT_NONE, {0, 0}};
 }
 
 /* The common per-expert GLU naming: PREFIX.experts.{expert}.G/U/D.weight. */
@@ -437,6 +399,126 @@ static void shared_names(struct imp *m, const char *prefix)
 	name(m, MOE_ROLE_SHARED_GATE, "%s.gate_proj.weight", prefix);
 	name(m, MOE_ROLE_SHARED_UP, "%s.up_proj.weight", prefix);
 	name(m, MOE_ROLE_SHARED_DOWN, "%s.down_proj.weight", prefix);
+}
+
+/* Quantized checkpoints (quantization_config), after the family has named
+ * its tensors: the quantized roles get a `quant` layout and the name of their
+ * scale tensor. */
+static int quantizable(enum moe_role r)
+{
+	return r == MOE_ROLE_GATE || r == MOE_ROLE_UP || r == MOE_ROLE_GATE_UP ||
+	       r == MOE_ROLE_DOWN || r == MOE_ROLE_SHARED_GATE || r == MOE_ROLE_SHARED_UP ||
+	       r == MOE_ROLE_SHARED_GATE_UP || r == MOE_ROLE_SHARED_DOWN;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), k = strlen(suffix);
+	return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+/* The scale tensor of role r: BASE followed by SUFFIX. */
+static void scale_name(struct imp *m, enum moe_role r, const char *base, const char *suffix)
+{
+	char t[MOE_NAME_MAX];
+	int n = snprintf(t, sizeof t, "%s%s", base, suffix);
+	MOE_ASSERT(n > 0 && n < MOE_NAME_MAX);
+	memcpy(m->scales[r], t, (size_t)n + 1);
+}
+
+/* transformers' fine-grained fp8 (DeepSeek-V3): every quantized nn.Linear
+ * X.weight is e4m3 with X.weight_scale_inv beside it, one f32 per tile. */
+static void quant_fp8(struct imp *m, const cJSON *q, const char *qpre)
+{
+	const char *fmt = opt_str(m, q, qpre, "fmt", "e4m3");
+	if (strcmp(fmt, "e4m3") != 0) {
+		err(m, "unsupported %sfmt '%s' (supported: e4m3)", qpre, fmt);
+		return;
+	}
+	/* FineGrainedFP8Config's default tile */
+	long blk[2] = {128, 128};
+	const cJSON *b = field(q, "weight_block_size");
+	if (b) {
+		if (!cJSON_IsArray(b) || cJSON_GetArraySize(b) != 2) {
+			err(m, "'%sweight_block_size' must be a list of two integers", qpre);
+			return;
+		}
+		for (int i = 0; i < 2; i++)
+			if (!as_int(m, cJSON_GetArrayItem(b, i), qpre, "weight_block_size", 1,
+				    &blk[i]))
+				return;
+		if (blk[0] > 65536 || blk[1] > 65536) {
+			err(m, "'%sweight_block_size' [%ld, %ld] exceeds 65536", qpre, blk[0],
+			    blk[1]);
+			return;
+		}
+	}
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		if (!m->names[r][0] || !quantizable((enum moe_role)r))
+			continue;
+		if (m->layout[r].fuse != MOE_FUSE_NONE || m->layout[r].row_blocked ||
+		    !ends_with(m->names[r], ".weight")) {
+			err(m,
+			    "unsupported %squant_method fp8 for %s: its %s tensor '%s' is not an "
+			    "nn.Linear weight with a weight_scale_inv beside it",
+			    qpre, m->family, moe_role_names[r], m->names[r]);
+			return;
+		}
+		scale_name(m, (enum moe_role)r, m->names[r], "_scale_inv");
+		m->layout[r].quant = MOE_QUANT_FP8_BLOCK;
+		m->layout[r].block[0] = blk[0];
+		m->layout[r].block[1] = blk[1];
+	}
+	const char *acts = opt_str(m, q, qpre, "activation_scheme", "dynamic");
+	note(m,
+	     "Checkpoint quantization: the expert and shared-expert matrices are fp8 e4m3 with "
+	     "one f32 scale per [%ld, %ld] tile (*.weight_scale_inv, multiplied: W = q * s); the "
+	     "router and the other tensors are %s. Dequantized at load; activations stay f32 "
+	     "(activation_scheme %s quantizes them per 1x128 block in fp8 inference).",
+	     blk[0], blk[1], moe_dtype_names[m->wdtype], acts);
+}
+
+/* gpt-oss MXFP4: the expert matrices are PREFIX_blocks [E, out, in/32, 16]
+ * (out-major, unlike the in-major bf16 export) with PREFIX_scales. */
+static void quant_mxfp4(struct imp *m, const char *qpre)
+{
+	if (strcmp(m->family, "gpt_oss") != 0) {
+		err(m, "unsupported %squant_method mxfp4 for %s (supported for gpt_oss)", qpre,
+		    m->family);
+		return;
+	}
+	static const enum moe_role roles[] = {MOE_ROLE_GATE_UP, MOE_ROLE_DOWN};
+	for (int i = 0; i < 2; i++) {
+		enum moe_role r = roles[i];
+		MOE_ASSERT(m->names[r][0]);
+		char base[MOE_NAME_MAX];
+		snprintf(base, sizeof base, "%s", m->names[r]);
+		name(m, r, "%s_blocks", base);
+		scale_name(m, r, base, "_scales");
+		m->layout[r].orient = MOE_ORIENT_OUT_IN;
+		m->layout[r].quant = MOE_QUANT_MXFP4;
+	}
+	note(m, "Checkpoint quantization: mxfp4 expert matrices, *_blocks [E, out, in/32, 16] u8 "
+		"(two E2M1 codes per byte, low nibble first) with *_scales [E, out, in/32] E8M0: "
+		"out-major, unlike the in-major bf16 export. Dequantized at load.");
+}
+
+static void quantization(struct imp *m, const cJSON *o, const char *pre)
+{
+	const cJSON *q = opt_obj(m, o, pre, "quantization_config");
+	if (!q)
+		return;
+	char qpre[128];
+	snprintf(qpre, sizeof qpre, "%squantization_config.", pre);
+	const char *method = opt_str(m, q, qpre, "quant_method", NULL);
+	if (!method)
+		missing(m, qpre, "quant_method");
+	else if (strcmp(method, "fp8") == 0)
+		quant_fp8(m, q, qpre);
+	else if (strcmp(method, "mxfp4") == 0)
+		quant_mxfp4(m, qpre);
+	else
+		err(m, "unsupported %squant_method '%s' (supported: fp8, mxfp4)", qpre, method);
 }
 
 /* Common parts ---------------------------------------------------------- */
@@ -963,12 +1045,28 @@ static void fam_nllb(struct imp *m, const cJSON *c)
 		    "'random' make the second expert random)",
 		    policy);
 	double frac = opt_num(m, c, "", "moe_eval_capacity_token_fraction", 1.0, -1e30, 1e30);
-	if (frac < 1.0)
-		err(m,
-		    "unsupported moe_eval_capacity_token_fraction %g: below 1.0 experts drop "
-		    "tokens at inference, top-1 choices first, which the spec language's "
-		    "router.capacity cannot express",
-		    frac);
+	if (frac < 1.0) {
+		/* at eval C = ceil(frac * T); a fraction <= 0 falls back to
+		 * expert_capacity. Top-1 assignments fill first. */
+		if (frac > 0) {
+			m->capacity = MOE_CAPACITY_TOKEN_FRACTION;
+			m->cap_fraction = frac;
+		} else if (field(c, "expert_capacity") ||
+			   !cJSON_GetObjectItemCaseSensitive(c, "expert_capacity")) {
+			m->capacity = MOE_CAPACITY_PER_EXPERT;
+			m->cap_per_expert = opt_int(m, c, "", "expert_capacity", 64, 1);
+		} else {
+			err(m,
+			    "unsupported moe_eval_capacity_token_fraction %g with expert_capacity "
+			    "null: C = 2 * ceil(T / E) is not a capacity form of the spec language",
+			    frac);
+		}
+		m->priority = opt_bool(m, c, "", "batch_prioritized_routing", 0)
+				  ? MOE_PRIORITY_SCORE
+				  : MOE_PRIORITY_POSITION;
+		m->overflow = MOE_OVERFLOW_DROP;
+		m->cap_after_drop = !opt_bool(m, c, "", "normalize_router_prob_before_dropping", 0);
+	}
 	double drop = opt_num(m, c, "", "moe_token_dropout", 0.2, 0, 0.999999);
 	m->scale = 1.0 - drop;
 	snprintf(key, sizeof key, "%s_sparse_step", stk);
@@ -994,8 +1092,27 @@ static void fam_nllb(struct imp *m, const cJSON *c)
 	     "the logits without top-1 (the second-highest p); weights p1/(p1+p2), p2/(p1+p2) with "
 	     "the sum clamped to f32 eps.",
 	     stk);
-	note(m, "scale = 1 - moe_token_dropout: at inference every expert output is multiplied by "
-		"it. moe_eval_capacity_token_fraction >= 1 lets no token drop.");
+	if (m->capacity == MOE_CAPACITY_NONE)
+		note(m,
+		     "scale = 1 - moe_token_dropout: at inference every expert output is "
+		     "multiplied by it. moe_eval_capacity_token_fraction >= 1 lets no token drop.");
+	else
+		note(
+		    m,
+		    "scale = 1 - moe_token_dropout: at inference every expert output is multiplied "
+		    "by it. Capacity at inference: %s per expert over the tokens of one call, "
+		    "every "
+		    "token's first choice before any second (%s); assignments over C are dropped "
+		    "and the weights are %s.",
+		    m->capacity == MOE_CAPACITY_TOKEN_FRACTION
+			? "C = ceil(moe_eval_capacity_token_fraction * T)"
+			: "C = expert_capacity",
+		    m->priority == MOE_PRIORITY_SCORE
+			? "batch_prioritized_routing: tokens by their top-1 probability"
+			: "tokens in order",
+		    m->cap_after_drop ? "p1/(p1+p2) over the experts kept, after the drop"
+				      : "normalized before the drop "
+					"(normalize_router_prob_before_dropping)");
 	note(m,
 	     "MoE layers: (layer + 1) %% %s_sparse_step == 0. The %s stack is imported with "
 	     "--%s.",
@@ -1131,9 +1248,26 @@ static void fam_granitemoe(struct imp *m, const cJSON *c)
 
 static void fam_jetmoe(struct imp *m, const cJSON *c)
 {
-	(void)c;
-	err(m, "jetmoe adds an output bias 'mlp.bias' [hidden] once after combining the experts; "
-	       "the spec language has no key for it, so jetmoe cannot be imported");
+	base(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "activation_function");
+	norm_sum(m, 0, 0);
+	m->output_bias = 1;
+	all_layers(m);
+	const char *p = "model.layers.{layer}.mlp";
+	name(m, MOE_ROLE_ROUTER, "%s.router.layer.weight", p);
+	name(m, MOE_ROLE_GATE_UP, "%s.input_linear.weight", p);
+	name(m, MOE_ROLE_DOWN, "%s.output_linear.weight", p);
+	name(m, MOE_ROLE_OUTPUT_BIAS, "%s.bias", p);
+	layout(m, MOE_ROLE_GATE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_CONCAT, 0);
+	note(m,
+	     "jetmoe: top-k on the logits x W^T (f32), softmax over the k chosen (written as "
+	     "softmax over all, top-k, renormalized: the same weights). input_linear is [E, 2I, "
+	     "H] (gate half first), output_linear [E, H, I]; the bias mlp.bias [H] is added once "
+	     "after combining the experts.");
+	note(m, "Attention is a mixture of attention heads (MoA): not described.");
 }
 
 static void fam_jamba(struct imp *m, const cJSON *c)
@@ -1203,12 +1337,17 @@ static void fam_hunyuan(struct imp *m, const cJSON *c)
 	m->top_k = req_int_or_uniform_list(m, c, "", "moe_topk", 1);
 	m->inter = req_int(m, c, "", "intermediate_size", 1);
 	glu_act(m, c, "", "hidden_act");
-	if (m->top_k > 1)
-		err(m,
-		    "moe_topk %ld: hunyuan_v1_moe routes top-k > 1 with a capacity even at "
-		    "inference (C = max(k, k*T/E) per expert, top-1 choices first), which the "
-		    "spec language's router.capacity cannot express",
-		    m->top_k);
+	if (m->top_k > 1) {
+		/* topkgating: C = max(k, k*T // E), top-1 choices first, weights
+		 * p / clamp(sum of the top-k p, min = f32 eps) before the drop */
+		norm_sum(m, 0, FLT_EPSILON);
+		m->capacity = MOE_CAPACITY_FACTOR;
+		m->cap_factor = 1.0;
+		m->cap_floor = 1;
+		m->cap_min = m->top_k;
+		m->priority = MOE_PRIORITY_POSITION;
+		m->overflow = MOE_OVERFLOW_DROP;
+	}
 	if (opt_bool(m, c, "", "use_mixed_mlp_moe", 0)) {
 		m->shared_count = 1;
 		m->shared_inter = m->inter;
@@ -1217,8 +1356,19 @@ static void fam_hunyuan(struct imp *m, const cJSON *c)
 	all_layers(m);
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.wg.weight");
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
-	note(m, "hunyuan_v1_moe (top-1): p = softmax(x W_g^T) with the gate in f32; the weight is "
-		"the top-1 p, not renormalized; no token drops at top-1 (capacity = tokens).");
+	if (m->top_k == 1)
+		note(m,
+		     "hunyuan_v1_moe (top-1): p = softmax(x W_g^T) with the gate in f32; the "
+		     "weight is the top-1 p, not renormalized; no token drops at top-1 (capacity "
+		     "= tokens).");
+	else
+		note(m,
+		     "hunyuan_v1_moe (top-%ld): p = softmax(x W_g^T) with the gate in f32, "
+		     "top-k, w = p / max(sum, f32 eps). A capacity applies even at inference: C = "
+		     "max(k, k*T // E) per expert over the tokens of one call, every token's first "
+		     "choice before any second; assignments over C are dropped (outputs depend on "
+		     "the batch).",
+		     m->top_k);
 	if (m->shared_count)
 		note(m, "use_mixed_mlp_moe: the shared MLP (width intermediate_size) is added "
 			"unweighted.");
@@ -1422,10 +1572,25 @@ static void write_spec(const struct imp *m, FILE *f)
 	if (m->n_groups)
 		fprintf(f, "  groups: {count: %ld, top: %ld, score: %s}\n", m->n_groups,
 			m->group_top, moe_group_score_names[m->group_score]);
-	if (m->capacity == MOE_CAPACITY_PER_EXPERT)
-		fprintf(f, "  capacity: {per_expert: %ld, priority: %s, overflow: %s}\n",
-			m->cap_per_expert, moe_priority_names[m->priority],
+	if (m->capacity != MOE_CAPACITY_NONE) {
+		fprintf(f, "  capacity: {");
+		if (m->capacity == MOE_CAPACITY_PER_EXPERT) {
+			fprintf(f, "per_expert: %ld", m->cap_per_expert);
+		} else if (m->capacity == MOE_CAPACITY_FACTOR) {
+			fmt_num(m->cap_factor, a);
+			fprintf(f, "factor: %s, rounding: %s", a, m->cap_floor ? "floor" : "ceil");
+		} else {
+			fmt_num(m->cap_fraction, a);
+			fprintf(f, "token_fraction: %s", a);
+		}
+		if (m->cap_min)
+			fprintf(f, ", min: %ld", m->cap_min);
+		fprintf(f, ", priority: %s, overflow: %s", moe_priority_names[m->priority],
 			moe_overflow_names[m->overflow]);
+		if (m->cap_after_drop)
+			fprintf(f, ", normalize_after_drop: true");
+		fprintf(f, "}\n");
+	}
 	if (m->noise == MOE_NOISE_JITTER) {
 		fmt_num(m->jitter_eps, a);
 		fprintf(f, "  noise: {kind: jitter, eps: %s}\n", a);
@@ -1448,6 +1613,8 @@ static void write_spec(const struct imp *m, FILE *f)
 		fprintf(f, "  activation: %s\n", act_spelling(m->kind, m->act));
 	}
 	fprintf(f, "  bias: %s\n  split: 1\n", m->expert_bias ? "true" : "false");
+	if (m->output_bias)
+		fprintf(f, "  output_bias: true\n");
 	if (m->shared_count)
 		fprintf(f,
 			"shared_experts:\n  count: %ld\n  intermediate: %ld\n  activation: %s\n  "
@@ -1465,6 +1632,18 @@ static void write_spec(const struct imp *m, FILE *f)
 		const struct imp_layout *l = &m->layout[r];
 		if (!m->names[r][0] || (!is_matrix_role(r) && l->fuse == MOE_FUSE_NONE))
 			continue;
+		if (l->quant != MOE_QUANT_NONE) {
+			/* block style: the scale template has braces */
+			fprintf(f, "    %s:\n", moe_role_names[r]);
+			if (l->fuse != MOE_FUSE_NONE)
+				fprintf(f, "      fuse: %s\n", moe_fuse_names[l->fuse]);
+			fprintf(f, "      orient: %s\n      quant:\n        kind: %s\n",
+				moe_orient_names[l->orient], moe_quant_names[l->quant]);
+			if (l->quant == MOE_QUANT_FP8_BLOCK)
+				fprintf(f, "        block: [%ld, %ld]\n", l->block[0], l->block[1]);
+			fprintf(f, "        scales: %s\n", m->scales[r]);
+			continue;
+		}
 		fprintf(f, "    %s: {", moe_role_names[r]);
 		if (l->fuse != MOE_FUSE_NONE)
 			fprintf(f, "fuse: %s%s", moe_fuse_names[l->fuse],
@@ -1599,7 +1778,8 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 	m->act = m->shared_act = m->dense_act = MOE_ACT_SILU;
 	m->shared_gate = MOE_SHARED_GATE_NONE;
 	for (int r = 0; r < MOE_ROLE_COUNT; r++)
-		m->layout[r] = (struct imp_layout){MOE_ORIENT_OUT_IN, MOE_FUSE_NONE, 0};
+		m->layout[r] = (struct imp_layout){
+		    MOE_ORIENT_OUT_IN, MOE_FUSE_NONE, 0, MOE_QUANT_NONE, {0, 0}};
 
 	int rc = MOE_EXIT_SPEC;
 	const cJSON *mt = cJSON_IsObject(root) ? field(root, "model_type") : NULL;

@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include "../runtime/moe_ref.h"
+#include "backend.h"
+#include "bench.h"
 #include "import.h"
 
 #define MAX_SETS 256
@@ -28,9 +30,12 @@ static void usage_main(FILE *out)
 	      "commands:\n"
 	      "  check SPEC          validate a spec; errors are FILE:LINE:COL located\n"
 	      "  info SPEC           parameters (total/active), FLOPs and weight bytes per token\n"
-	      "  -d spec|model SPEC  print a pipeline stage\n"
+	      "  -d spec|model|plan SPEC  print a pipeline stage\n"
 	      "  ref SPEC            reference forward pass on random weights\n"
 	      "  import CONFIG.json  write a spec from a Hugging Face config.json\n"
+	      "  SPEC -o model.so    compile SPEC (also: compile SPEC ...)\n"
+	      "  run MODEL.so        run a compiled model, optionally against the reference\n"
+	      "  bench               benchmark the generated layer against peak and BLAS\n"
 	      "\n"
 	      "Every command that takes a spec accepts --set KEY=VALUE (repeatable) to\n"
 	      "override a spec key, e.g. --set model.hidden=128 --set experts.intermediate=64.\n"
@@ -44,9 +49,10 @@ static const char *const usage_info =
     "usage: moegen info SPEC [--set KEY=VALUE]...\n"
     "Print total and active parameters (routed experts, shared experts, router,\n"
     "dense parts), FLOPs and weight bytes per token.\n";
-static const char *const usage_dump = "usage: moegen -d spec|model SPEC [--set KEY=VALUE]...\n"
-				      "Print the spec as read (after overrides) or the resolved "
-				      "model.\n";
+static const char *const usage_dump =
+    "usage: moegen -d spec|model|plan SPEC [--set KEY=VALUE]...\n"
+    "Print the spec as read (after overrides), the resolved model, or the CPU\n"
+    "kernel plan.\n";
 static const char *const usage_ref =
     "usage: moegen ref SPEC [--set KEY=VALUE]... [--random SEED] [--tokens N]\n"
     "                  [--layer L] [--training --noise-seed S]\n"
@@ -166,8 +172,9 @@ static int cmd_dump(int argc, char **argv)
 		return argc < 2 ? MOE_EXIT_USAGE : MOE_EXIT_OK;
 	}
 	const char *stage = argv[1];
-	if (strcmp(stage, "spec") && strcmp(stage, "model"))
-		return bad_usage(usage_dump, "unknown stage '%s' (stages: spec, model)", stage);
+	if (strcmp(stage, "spec") && strcmp(stage, "model") && strcmp(stage, "plan"))
+		return bad_usage(usage_dump, "unknown stage '%s' (stages: spec, model, plan)",
+				 stage);
 	struct front_opts fo;
 	int rc = parse_front(argc - 1, argv + 1, usage_dump, &fo, NULL, NULL);
 	if (rc)
@@ -192,7 +199,14 @@ static int cmd_dump(int argc, char **argv)
 	if (!d)
 		return MOE_EXIT_INTERNAL;
 	rc = front(&fo, d);
-	if (rc == MOE_EXIT_OK) {
+	if (rc == MOE_EXIT_OK && !strcmp(stage, "plan")) {
+		struct moe_diag diag = {0};
+		struct moe_plan p;
+		if (moe_plan_build(d, MOE_TARGET_CPU, &p, &diag) == 0)
+			moe_plan_dump(&p, stdout);
+		else
+			rc = MOE_EXIT_BACKEND;
+	} else if (rc == MOE_EXIT_OK) {
 		size_t n = moe_desc_dump(d, NULL, 0);
 		char *buf = malloc(n + 1);
 		if (!buf) {
@@ -345,10 +359,9 @@ struct command {
 };
 
 static const struct command commands[] = {
-    {"check", cmd_check},
-    {"info", cmd_info},
-    {"ref", cmd_ref},
-    {"import", moe_cmd_import},
+    {"check", cmd_check},       {"info", cmd_info},           {"ref", cmd_ref},
+    {"import", moe_cmd_import}, {"compile", moe_cmd_compile}, {"run", moe_cmd_run},
+    {"bench", moe_cmd_bench},
 };
 
 int main(int argc, char **argv)
@@ -367,6 +380,14 @@ int main(int argc, char **argv)
 	for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
 		if (!strcmp(cmd, commands[i].name))
 			return commands[i].fn(argc - 1, argv + 1);
+	/* `moegen SPEC -o model.so`: a spec file in command position compiles. */
+	size_t len = strlen(cmd);
+	if (cmd[0] != '-' &&
+	    ((len > 5 && !strcmp(cmd + len - 5, ".yaml")) ||
+	     (len > 4 && !strcmp(cmd + len - 4, ".yml")) || access(cmd, F_OK) == 0)) {
+		argv[0] = (char *)"compile";
+		return moe_cmd_compile(argc, argv);
+	}
 	const char *names[sizeof commands / sizeof *commands];
 	for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
 		names[i] = commands[i].name;

@@ -77,6 +77,10 @@
 	X(CAP_PER, "router.capacity.per_expert")                                                   \
 	X(CAP_PRIO, "router.capacity.priority")                                                    \
 	X(CAP_OVER, "router.capacity.overflow")                                                    \
+	X(CAP_FRAC, "router.capacity.token_fraction")                                              \
+	X(CAP_MIN, "router.capacity.min")                                                          \
+	X(CAP_ROUND, "router.capacity.rounding")                                                   \
+	X(CAP_NAD, "router.capacity.normalize_after_drop")                                         \
 	X(NOISE, "router.noise")                                                                   \
 	X(NOISE_KIND, "router.noise.kind")                                                         \
 	X(NOISE_EPS, "router.noise.eps")                                                           \
@@ -90,6 +94,7 @@
 	X(OAI_LIMIT, "experts.activation.swiglu_oai.limit")                                        \
 	X(E_BIAS, "experts.bias")                                                                  \
 	X(E_SPLIT, "experts.split")                                                                \
+	X(E_OBIAS, "experts.output_bias")                                                          \
 	X(SHARED, "shared_experts")                                                                \
 	X(SH_COUNT, "shared_experts.count")                                                        \
 	X(SH_I, "shared_experts.intermediate")                                                     \
@@ -197,6 +202,7 @@ static const char *const router_dtype_names[] = {"f32"};
 static const char *const pk_score_names[] = {"softmax", "sigmoid"};
 static const char *const format_names[] = {"safetensors"};
 static const char *const fuse_names[] = {"concat", "interleave"};
+static const char *const rounding_names[] = {"ceil", "floor"};
 /* Activation spellings; glu-only ones first. */
 static const char *const act_names[] = {"swiglu",    "geglu", "swiglu_oai", "gelu",
 					"gelu_tanh", "relu",  "silu"};
@@ -239,10 +245,10 @@ static const struct field group_fields[] = {
     ENUM_(G_SCORE, moe_group_score_names, 0),
 };
 static const struct field cap_fields[] = {
-    FLOAT_(CAP_FACTOR, 0, MAX_FACTOR, OPEN_LO),
-    UINT_(CAP_PER, 1, MAX_CAPACITY, 0),
-    ENUM_(CAP_PRIO, moe_priority_names, 0),
-    ENUM_(CAP_OVER, moe_overflow_names, 0),
+    FLOAT_(CAP_FACTOR, 0, MAX_FACTOR, OPEN_LO), UINT_(CAP_PER, 1, MAX_CAPACITY, 0),
+    ENUM_(CAP_PRIO, moe_priority_names, 0),     ENUM_(CAP_OVER, moe_overflow_names, 0),
+    FLOAT_(CAP_FRAC, 0, MAX_FACTOR, OPEN_LO),   UINT_(CAP_MIN, 1, MAX_CAPACITY, 0),
+    ENUM_(CAP_ROUND, rounding_names, 0),        BOOL_(CAP_NAD),
 };
 static const struct field noise_fields[] = {
     ENUM_(NOISE_KIND, moe_noise_names, REQ),
@@ -272,6 +278,7 @@ static const struct field expert_fields[] = {
     ANY_(E_ACT, 0),
     BOOL_(E_BIAS),
     UINT_(E_SPLIT, 1, MAX_SPLIT, 0),
+    BOOL_(E_OBIAS),
 };
 static const struct field shared_fields[] = {
     UINT_(SH_COUNT, 0, MAX_SHARED, 0), UINT_(SH_I, 1, MAX_WIDTH, REQ),           ANY_(SH_ACT, 0),
@@ -329,6 +336,8 @@ struct ctx {
 	/* weights.names / weights.layout per role */
 	const yaml_node_t *wname[MOE_ROLE_COUNT], *wname_key[MOE_ROLE_COUNT];
 	struct moe_layout layout[MOE_ROLE_COUNT];
+	const yaml_node_t *quant_key[MOE_ROLE_COUNT]; /* weights.layout.ROLE.quant, when valid */
+	const char *scales[MOE_ROLE_COUNT];           /* its scale tensor's template */
 };
 
 /* Diagnostics ------------------------------------------------------------- */
@@ -958,10 +967,146 @@ static void parse_names(struct ctx *c)
 		}
 }
 
+/* Roles whose on-disk data may be quantized: the expert and shared-expert
+ * matrices (a router or a bias is small and kept in the weight dtype). */
+static int role_quantizable(int r)
+{
+	switch (r) {
+	case MOE_ROLE_GATE:
+	case MOE_ROLE_UP:
+	case MOE_ROLE_GATE_UP:
+	case MOE_ROLE_DOWN:
+	case MOE_ROLE_SHARED_GATE:
+	case MOE_ROLE_SHARED_UP:
+	case MOE_ROLE_SHARED_GATE_UP:
+	case MOE_ROLE_SHARED_DOWN:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+/* The placeholders a template uses, as bits: 1 {layer}, 2 {expert}. */
+static unsigned placeholders(const char *t)
+{
+	return (strstr(t, "{layer}") ? 1u : 0u) | (strstr(t, "{expert}") ? 2u : 0u);
+}
+
+/* weights.layout.ROLE.quant: `none`, a kind name (shorthand for {kind: K}) or
+ * {kind, block, scales}. On success the role's layout holds the quantization
+ * and c->scales[r] the scale template. */
+static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_node_t *v,
+			const char *where)
+{
+	static const char *const keys[] = {"kind", "block", "scales"};
+	char path[160], sub[192];
+	snprintf(path, sizeof path, "%s.quant", where);
+	if (!role_quantizable(r)) {
+		err(c, k,
+		    "%s: only expert and shared-expert matrices (gate, up, gate_up, down, "
+		    "shared_gate, shared_up, shared_gate_up, shared_down) can be quantized",
+		    path);
+		return;
+	}
+	const yaml_node_t *n[3] = {NULL, NULL, NULL}, *nk[3] = {NULL, NULL, NULL};
+	if (v->type == YAML_SCALAR_NODE && !is_null(v)) {
+		n[0] = v, nk[0] = k;
+	} else if (v->type == YAML_MAPPING_NODE) {
+		for (yaml_node_pair_t *p = v->data.mapping.pairs.start;
+		     p < v->data.mapping.pairs.top; p++) {
+			const yaml_node_t *kk = moe_spec_node(c->s, p->key);
+			const char *key = scalar(kk) ? scalar(kk) : "";
+			int i = 0;
+			while (i < 3 && strcmp(key, keys[i]))
+				i++;
+			if (i < 3) {
+				n[i] = moe_spec_node(c->s, p->value), nk[i] = kk;
+				continue;
+			}
+			const char *dym = moe_closest(key, keys, 3);
+			if (dym)
+				err(c, kk, "unknown key %s in %s (did you mean '%s'?)", show(kk),
+				    path, dym);
+			else
+				err(c, kk, "unknown key %s in %s", show(kk), path);
+		}
+	} else {
+		err(c, v, "%s must be none or a mapping {kind, block, scales}, got %s", path,
+		    show(v));
+		return;
+	}
+	if (!n[0]) {
+		err(c, k, "%s.kind is required (fp8_block or mxfp4)", path);
+		return;
+	}
+	const char *kn;
+	snprintf(sub, sizeof sub, "%s.kind", path);
+	if (get_enum(c, n[0], sub, moe_quant_names, MOE_QUANT_COUNT, &kn) != 0)
+		return;
+	enum moe_quant q = (enum moe_quant)moe_enum_lookup(moe_quant_names, MOE_QUANT_COUNT, kn);
+	int before = c->n_err;
+	if (q == MOE_QUANT_NONE) {
+		for (int i = 1; i < 3; i++)
+			if (nk[i])
+				err(c, nk[i], "%s.%s does not apply to quant kind none", path,
+				    keys[i]);
+		return;
+	}
+	uint64_t blk[2] = {1, 32}; /* mxfp4: one E8M0 scale per 32 inputs of a row */
+	if (q == MOE_QUANT_FP8_BLOCK && !n[1]) {
+		err(c, n[0],
+		    "%s: fp8_block needs block: [ROWS, COLS], the tile one scale covers (e.g. "
+		    "[128, 128])",
+		    path);
+	} else if (q == MOE_QUANT_FP8_BLOCK) {
+		snprintf(sub, sizeof sub, "%s.block", path);
+		const yaml_node_t *b = n[1];
+		if (b->type != YAML_SEQUENCE_NODE ||
+		    b->data.sequence.items.top - b->data.sequence.items.start != 2) {
+			err(c, b, "%s must be a list of two integers [ROWS, COLS], got %s", sub,
+			    show(b));
+		} else {
+			for (int i = 0; i < 2; i++) {
+				char ip[208];
+				snprintf(ip, sizeof ip, "%s[%d]", sub, i);
+				get_uint(c, moe_spec_node(c->s, b->data.sequence.items.start[i]),
+					 ip, 1, MAX_DIM, &blk[i]);
+			}
+		}
+	} else if (nk[1]) {
+		err(c, nk[1],
+		    "%s.block does not apply to mxfp4: one scale covers 32 inputs of a row", path);
+	}
+	const char *t = NULL;
+	snprintf(sub, sizeof sub, "%s.scales", path);
+	if (!n[2]) {
+		err(c, k, "%s is required: the name template of the scale tensor", sub);
+	} else if (get_str(c, n[2], sub, &t) == 0) {
+		int pre = c->n_err;
+		check_template(c, r, n[2], t, sub);
+		const char *nm = scalar(c->wname[r]);
+		if (c->n_err == pre && nm && placeholders(nm) != placeholders(t)) {
+			err(c, n[2],
+			    "%s must use the same placeholders as weights.names.%s: one scale "
+			    "tensor goes with each weight tensor",
+			    sub, moe_role_names[r]);
+			note(c, c->wname_key[r], "weights.names.%s declared here",
+			     moe_role_names[r]);
+		}
+	}
+	if (c->n_err != before)
+		return;
+	c->layout[r].quant = q;
+	c->layout[r].quant_block[0] = (uint32_t)blk[0];
+	c->layout[r].quant_block[1] = (uint32_t)blk[1];
+	c->scales[r] = t;
+	c->quant_key[r] = k;
+}
+
 static void parse_layouts(struct ctx *c)
 {
 	const yaml_node_t *n = c->n[S_W_LAYOUT];
-	static const char *const keys[] = {"orient", "fuse", "row_blocked"};
+	static const char *const keys[] = {"orient", "fuse", "row_blocked", "quant"};
 	if (!n || is_null(n))
 		return;
 	if (n->type != YAML_MAPPING_NODE) {
@@ -987,18 +1132,20 @@ static void parse_layouts(struct ctx *c)
 			continue;
 		}
 		if (v->type != YAML_MAPPING_NODE) {
-			err(c, v, "%s must be a mapping {orient, fuse, row_blocked}, got %s", where,
-			    show(v));
+			err(c, v, "%s must be a mapping {orient, fuse, row_blocked, quant}, got %s",
+			    where, show(v));
 			continue;
 		}
+		const yaml_node_t *orient_k = NULL, *rb_k = NULL;
 		for (yaml_node_pair_t *q = v->data.mapping.pairs.start;
 		     q < v->data.mapping.pairs.top; q++) {
 			const yaml_node_t *kk = moe_spec_node(c->s, q->key);
 			const yaml_node_t *vv = moe_spec_node(c->s, q->value);
-			const char *key = scalar(kk), *e;
+			const char *key = scalar(kk) ? scalar(kk) : "", *e;
 			uint64_t b;
 			snprintf(path, sizeof path, "%s.%s", where, key);
 			if (!strcmp(key, "orient")) {
+				orient_k = kk;
 				if (!get_enum(c, vv, path, moe_orient_names, MOE_ORIENT_COUNT, &e))
 					l->orient = (enum moe_orient)moe_enum_lookup(
 					    moe_orient_names, MOE_ORIENT_COUNT, e);
@@ -1025,15 +1172,34 @@ static void parse_layouts(struct ctx *c)
 					     role);
 				} else {
 					l->row_blocked = 1;
+					rb_k = kk;
 				}
+			} else if (!strcmp(key, "quant")) {
+				parse_quant(c, r, kk, vv, where);
 			} else {
-				const char *dym = moe_closest(key, keys, 3);
+				const char *dym = moe_closest(key, keys, N_(keys));
 				if (dym)
 					err(c, kk, "unknown key %s in %s (did you mean '%s'?)",
 					    show(kk), where, dym);
 				else
 					err(c, kk, "unknown key %s in %s", show(kk), where);
 			}
+		}
+		/* Rules between the keys of one layout, whatever their order. */
+		if (c->quant_key[r] && l->quant == MOE_QUANT_MXFP4 &&
+		    l->orient == MOE_ORIENT_IN_OUT) {
+			err(c, c->quant_key[r],
+			    "%s.quant: mxfp4 blocks are stored out-major (32 inputs of one output "
+			    "row per block): orient must be out_in",
+			    where);
+			note(c, orient_k, "%s.orient declared here", where);
+		}
+		if (c->quant_key[r] && rb_k) {
+			err(c, c->quant_key[r],
+			    "%s.quant cannot be combined with row_blocked: quantized tensors are "
+			    "per expert or stacked along the first axis",
+			    where);
+			note(c, rb_k, "%s.row_blocked declared here", where);
 		}
 	}
 }
@@ -1048,6 +1214,71 @@ static void not_for_mode(struct ctx *c, int slot, enum moe_mode mode, const char
 	err(c, c->k[slot], "%s does not apply to router.mode %s%s%s", slot_path[slot],
 	    moe_mode_names[mode], why ? ": " : "", why ? why : "");
 	note_at(c, S_MODE);
+}
+
+/* router.capacity: one form of C, and the keys that go with it. nk is the
+ * router.normalize kind (NULL: none or invalid). */
+static void check_capacity(struct ctx *c, const char *nk)
+{
+	static const int forms[] = {S_CAP_FACTOR, S_CAP_PER, S_CAP_FRAC};
+	const char *need = "router.capacity needs one of factor, per_expert and token_fraction";
+	if (is_null(c->n[S_CAP])) {
+		err(c, c->k[S_CAP], "%s", need);
+		return;
+	}
+	if (c->n[S_CAP]->type != YAML_MAPPING_NODE)
+		return; /* reported by the schema walk */
+	/* The first form in the mapping stands; each other one is the error. */
+	int first = -1;
+	const yaml_node_t *cap = c->n[S_CAP];
+	for (yaml_node_pair_t *p = cap->data.mapping.pairs.start;
+	     p < cap->data.mapping.pairs.top && first < 0; p++)
+		for (int i = 0; i < N_(forms); i++)
+			if (moe_spec_node(c->s, p->key) == c->k[forms[i]])
+				first = forms[i];
+	for (int i = 0; i < N_(forms); i++) {
+		if (!c->n[forms[i]] || forms[i] == first)
+			continue;
+		err(c, c->k[forms[i]],
+		    "router.capacity takes one of factor, per_expert and token_fraction, not both "
+		    "%s and %s",
+		    slot_key(first), slot_key(forms[i]));
+		note_at(c, first);
+	}
+	if (first < 0) {
+		err(c, c->k[S_CAP], "%s", need);
+		return;
+	}
+	/* min bounds a computed C; rounding chooses how the factor formula
+	 * rounds (token_fraction always rounds up, like NLLB) */
+	if (first == S_CAP_PER && c->ok[S_CAP_MIN]) {
+		err(c, c->k[S_CAP_MIN],
+		    "router.capacity.min applies to factor and token_fraction, not to a fixed "
+		    "per_expert capacity");
+		note_at(c, S_CAP_PER);
+	}
+	if (first != S_CAP_FACTOR && c->ok[S_CAP_ROUND]) {
+		err(c, c->k[S_CAP_ROUND],
+		    "router.capacity.rounding applies only to factor (C = k * T * factor / E), "
+		    "not to %s",
+		    slot_key(first));
+		note_at(c, first);
+	}
+	if (c->ok[S_CAP_NAD] && c->u[S_CAP_NAD]) {
+		if (!nk || !strcmp(nk, "none")) {
+			err(c, c->k[S_CAP_NAD],
+			    "router.capacity.normalize_after_drop needs router.normalize sum or "
+			    "lp: "
+			    "there is no normalization to move after the drop");
+			note_at(c, S_NORM);
+		}
+		if (c->ok[S_CAP_OVER] && !strcmp(c->str[S_CAP_OVER], "passthrough")) {
+			err(c, c->k[S_CAP_NAD],
+			    "router.capacity.normalize_after_drop cannot be combined with overflow "
+			    "passthrough: a dropped slot's weight would be undefined");
+			note_at(c, S_CAP_OVER);
+		}
+	}
 }
 
 static void check_router(struct ctx *c, struct moe_desc *o, uint64_t E)
@@ -1154,19 +1385,10 @@ static void check_router(struct ctx *c, struct moe_desc *o, uint64_t E)
 	}
 
 	/* capacity */
-	if (c->n[S_CAP] && mode != MOE_MODE_TOKEN_CHOICE) {
+	if (c->n[S_CAP] && mode != MOE_MODE_TOKEN_CHOICE)
 		not_for_mode(c, S_CAP, mode, NULL);
-	} else if (c->n[S_CAP] && c->n[S_CAP]->type == YAML_MAPPING_NODE) {
-		if (c->n[S_CAP_FACTOR] && c->n[S_CAP_PER]) {
-			err(c, c->k[S_CAP_PER],
-			    "router.capacity takes one of factor and per_expert, not both");
-			note_at(c, S_CAP_FACTOR);
-		} else if (!c->n[S_CAP_FACTOR] && !c->n[S_CAP_PER]) {
-			err(c, c->k[S_CAP], "router.capacity needs factor or per_expert");
-		}
-	} else if (c->n[S_CAP] && is_null(c->n[S_CAP])) {
-		err(c, c->k[S_CAP], "router.capacity needs factor or per_expert");
-	}
+	else if (c->n[S_CAP])
+		check_capacity(c, nk);
 
 	/* noise */
 	const char *nz = c->ok[S_NOISE_KIND] ? c->str[S_NOISE_KIND] : NULL;
@@ -1259,17 +1481,22 @@ static enum moe_dtype dtype_of(struct ctx *c, int slot)
 	return (enum moe_dtype)moe_enum_lookup(moe_dtype_names, MOE_DTYPE_COUNT, c->str[slot]);
 }
 
-/* Is role r used by the resolved description? Fused roles stand for their
- * gate part. */
-static int role_used(const struct moe_desc *o, int r)
+/* A fused role stands for its gate part (same shape per half). */
+static int role_part(int r)
 {
 	if (r == MOE_ROLE_GATE_UP)
-		r = MOE_ROLE_GATE;
-	else if (r == MOE_ROLE_GATE_UP_BIAS)
-		r = MOE_ROLE_GATE_BIAS;
-	else if (r == MOE_ROLE_SHARED_GATE_UP)
-		r = MOE_ROLE_SHARED_GATE;
-	return moe_desc_role_shape(o, (enum moe_role)r, NULL, NULL, NULL);
+		return MOE_ROLE_GATE;
+	if (r == MOE_ROLE_GATE_UP_BIAS)
+		return MOE_ROLE_GATE_BIAS;
+	if (r == MOE_ROLE_SHARED_GATE_UP)
+		return MOE_ROLE_SHARED_GATE;
+	return r;
+}
+
+/* Is role r used by the resolved description? */
+static int role_used(const struct moe_desc *o, int r)
+{
+	return moe_desc_role_shape(o, (enum moe_role)role_part(r), NULL, NULL, NULL);
 }
 
 /* A misspelt mode was reported; rules that depend on the mode would only add
@@ -1422,6 +1649,7 @@ static void resolve_experts(struct ctx *c, struct moe_desc *o)
 		o->act_limit = c->ok[S_OAI_LIMIT] ? (float)c->f[S_OAI_LIMIT] : 7.0f;
 	}
 	o->expert_bias = c->ok[S_E_BIAS] ? (uint8_t)c->u[S_E_BIAS] : 0;
+	o->output_bias = c->ok[S_E_OBIAS] ? (uint8_t)c->u[S_E_OBIAS] : 0;
 	if (neuron && mode_known(c) && mode != MOE_MODE_PRODUCT_KEY) {
 		err(c, c->n[S_E_KIND],
 		    "experts.kind single_neuron needs router.mode product_key, got %s",
@@ -1520,10 +1748,16 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 		    E % o->n_groups == 0 && E / o->n_groups * m < 2)
 			o->group_score = MOE_GROUP_SCORE_MAX;
 	}
-	if (c->ok[S_CAP_FACTOR] || c->ok[S_CAP_PER]) {
-		o->capacity = c->ok[S_CAP_FACTOR] ? MOE_CAPACITY_FACTOR : MOE_CAPACITY_PER_EXPERT;
+	if (c->ok[S_CAP_FACTOR] || c->ok[S_CAP_PER] || c->ok[S_CAP_FRAC]) {
+		o->capacity = c->ok[S_CAP_FACTOR] ? MOE_CAPACITY_FACTOR
+			      : c->ok[S_CAP_PER]  ? MOE_CAPACITY_PER_EXPERT
+						  : MOE_CAPACITY_TOKEN_FRACTION;
 		o->capacity_factor = c->ok[S_CAP_FACTOR] ? (float)c->f[S_CAP_FACTOR] : 0.0f;
 		o->capacity_per_expert = c->ok[S_CAP_PER] ? (uint32_t)c->u[S_CAP_PER] : 0;
+		o->capacity_token_fraction = c->ok[S_CAP_FRAC] ? (float)c->f[S_CAP_FRAC] : 0.0f;
+		o->capacity_min = c->ok[S_CAP_MIN] ? (uint32_t)c->u[S_CAP_MIN] : 0;
+		o->capacity_floor = c->ok[S_CAP_ROUND] && !strcmp(c->str[S_CAP_ROUND], "floor");
+		o->capacity_norm_after_drop = c->ok[S_CAP_NAD] ? (uint8_t)c->u[S_CAP_NAD] : 0;
 		if (c->ok[S_CAP_PRIO])
 			o->priority = (enum moe_priority)moe_enum_lookup(
 			    moe_priority_names, MOE_PRIORITY_COUNT, c->str[S_CAP_PRIO]);
@@ -1607,6 +1841,7 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 		o->pk_score = c->ok[S_PK_SCORE] && !strcmp(c->str[S_PK_SCORE], "sigmoid")
 				  ? MOE_SCORE_SIGMOID
 				  : MOE_SCORE_SOFTMAX;
+		o->pk_query_bn = c->ok[S_PK_BN] ? (uint8_t)c->u[S_PK_BN] : 0;
 		o->top_k = o->pk_heads * o->pk_top_k;
 	}
 }
@@ -1654,14 +1889,28 @@ static void resolve_weights(struct ctx *c, struct moe_desc *o)
 		o->layouts[r] = c->layout[r];
 		if (role_fused(r) && !c->layout[r].explicit_)
 			o->layouts[r].fuse = MOE_FUSE_CONCAT;
+		if (c->scales[r])
+			memcpy(o->scale_names[r], c->scales[r], strlen(c->scales[r]));
 	}
 	/* Only on an otherwise valid description: role shapes depend on all of it. */
-	if (!c->n_err)
-		for (int r = 0; r < MOE_ROLE_COUNT; r++)
-			if (c->wname[r] && !role_used(o, r))
-				err(c, c->wname_key[r],
-				    "weights.names.%s: this spec has no %s tensor",
-				    moe_role_names[r], moe_role_names[r]);
+	if (c->n_err)
+		return;
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		if (c->wname[r] && !role_used(o, r)) {
+			err(c, c->wname_key[r], "weights.names.%s: this spec has no %s tensor",
+			    moe_role_names[r], moe_role_names[r]);
+			continue;
+		}
+		uint64_t cols = 0;
+		if (!c->wname[r] || o->layouts[r].quant != MOE_QUANT_MXFP4 ||
+		    !moe_desc_role_shape(o, (enum moe_role)role_part(r), NULL, &cols, NULL))
+			continue;
+		if (cols % 32)
+			err(c, c->quant_key[r],
+			    "weights.layout.%s.quant: mxfp4 packs 32 inputs per scale, but the "
+			    "input width of %s is %llu, not a multiple of 32",
+			    moe_role_names[r], moe_role_names[r], (unsigned long long)cols);
+	}
 }
 
 /* In this order: each part reads what the previous ones resolved. */

@@ -229,10 +229,11 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	put(&o, "capacity %s factor %g per_expert %u priority %s overflow %s\n",
 	    moe_capacity_names[d->capacity], (double)d->capacity_factor, d->capacity_per_expert,
 	    moe_priority_names[d->priority], moe_overflow_names[d->overflow]);
-	if (d->capacity_token_fraction != 0 || d->capacity_min || d->capacity_floor)
-		put(&o, "capacity token_fraction %g min %u rounding %s\n",
+	if (d->capacity_token_fraction != 0 || d->capacity_min || d->capacity_floor ||
+	    d->capacity_norm_after_drop)
+		put(&o, "capacity token_fraction %g min %u rounding %s normalize_after_drop %u\n",
 		    (double)d->capacity_token_fraction, d->capacity_min,
-		    d->capacity_floor ? "floor" : "ceil");
+		    d->capacity_floor ? "floor" : "ceil", d->capacity_norm_after_drop);
 	if (d->output_bias)
 		put(&o, "output_bias 1\n");
 	put(&o, "noise %s jitter_eps %g\n", moe_noise_names[d->noise], (double)d->jitter_eps);
@@ -247,9 +248,10 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	if (d->mode == MOE_MODE_SPARSEMIXER)
 		put(&o, "sparsemixer eps %g\n", (double)d->sparsemixer_eps);
 	if (d->mode == MOE_MODE_PRODUCT_KEY)
-		put(&o, "product_key sub_keys %u heads %u top_k %u query_dim %u score %s\n",
+		put(&o,
+		    "product_key sub_keys %u heads %u top_k %u query_dim %u score %s query_bn %u\n",
 		    d->pk_sub_keys, d->pk_heads, d->pk_top_k, d->pk_query_dim,
-		    moe_score_names[d->pk_score]);
+		    moe_score_names[d->pk_score], d->pk_query_bn);
 	put(&o, "experts %s count %u intermediate %u activation %s", moe_kind_names[d->kind],
 	    d->n_experts, d->intermediate, moe_act_names[d->act]);
 	if (d->act == MOE_ACT_SWIGLU_OAI)

@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MOE_DESC_VERSION 1
+#define MOE_DESC_VERSION 2
 #define MOE_MAX_LAYERS 512
 #define MOE_MAX_LEVELS 2
 #define MOE_NAME_MAX 256
@@ -225,6 +225,12 @@ struct moe_desc {
 	char names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* "" when absent */
 	struct moe_layout layouts[MOE_ROLE_COUNT];
 	char scale_names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* quantized roles' scale tensors */
+
+	/* appended fields */
+	uint8_t pk_query_bn; /* product_key: the query has a BatchNorm, folded in at load */
+	/* capacity: the normalization (norm, eps, min) and the scale apply to the
+	 * weights that survive the capacity, after dropping (NLLB) */
+	uint8_t capacity_norm_after_drop;
 };
 
 /* Name tables, indexed by enum value; defined in desc.c. */

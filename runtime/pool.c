@@ -27,8 +27,8 @@ struct moe_pool {
 	unsigned n_started;
 
 	pthread_mutex_t mu;
-	pthread_cond_t wake; /* a new generation or stop */
-	pthread_cond_t done; /* the last worker finished */
+	pthread_cond_t wake;    /* a new generation or stop */
+	pthread_cond_t done;    /* the last worker finished */
 	pthread_mutex_t run_mu; /* serializes runs from different callers */
 
 	/* The current run, written by the caller before the generation bump. */
@@ -37,9 +37,9 @@ struct moe_pool {
 	size_t n_tasks;
 	int is_static;
 
-	atomic_size_t next;       /* dynamic runs: next task to hand out */
-	atomic_uint active;       /* workers still in the current run */
-	atomic_ulong generation;  /* bumped once per run */
+	atomic_size_t next;      /* dynamic runs: next task to hand out */
+	atomic_uint active;      /* workers still in the current run */
+	atomic_ulong generation; /* bumped once per run */
 	atomic_int stop;
 };
 
@@ -92,7 +92,7 @@ static void *worker(void *argp)
 		if (g == seen) {
 			pthread_mutex_lock(&p->mu);
 			while ((g = atomic_load_explicit(&p->generation, memory_order_acquire)) ==
-				       seen &&
+				   seen &&
 			       !atomic_load_explicit(&p->stop, memory_order_relaxed))
 				pthread_cond_wait(&p->wake, &p->mu);
 			pthread_mutex_unlock(&p->mu);

@@ -19,11 +19,13 @@ struct moe_pool *moe_pool_create(unsigned n_threads);
 void moe_pool_destroy(struct moe_pool *p);
 unsigned moe_pool_size(const struct moe_pool *p);
 
-/* Run fn for every task in [0, n_tasks) and return when all have finished.
- * Tasks are handed out one at a time from a shared counter, so which thread
- * runs a task is not fixed. A pool of one thread runs the tasks in order on
- * the caller. Calls from several threads on one pool are serialized; a call
- * from inside a task of the same pool runs its tasks inline on that thread. */
+/* Run fn for every task in [0, n_tasks) and return when all have finished
+ * (a barrier; their writes are visible to the caller). Tasks are handed out one
+ * at a time from a shared counter, so which thread runs a task is not fixed.
+ * A pool of one thread runs the tasks in order on the caller. Runs from
+ * several threads on one pool are serialized. A run started from inside a
+ * task of the same pool runs all its tasks on that thread, with that
+ * thread's index. */
 void moe_pool_run(struct moe_pool *p, size_t n_tasks, moe_task_fn *fn, void *ctx);
 /* Like moe_pool_run, but task i always runs on thread i % moe_pool_size(p), in
  * increasing order of i on each thread: for work whose result must not depend

@@ -284,9 +284,18 @@ static void expert_fwd(const struct fwd *f, int64_t e, const float *xin, float *
 	}
 }
 
+/* The output bias (JetMoE), once per token, the last term of the sum. */
+static void add_output_bias(const struct fwd *f, double *acc)
+{
+	const float *ob = f->w->w[MOE_ROLE_OUTPUT_BIAS];
+	if (f->d->output_bias)
+		for (uint32_t h = 0; h < f->H; h++)
+			acc[h] += ob[h];
+}
+
 /* y_t = sum over slots in rank order of the weighted expert outputs, plus the
- * shared expert, summed in double. Dropped slots add 0 or, with passthrough,
- * w * x_t. */
+ * shared expert, plus the output bias, summed in double. Dropped slots add 0
+ * or, with passthrough, w * x_t. */
 static int combine(struct fwd *f)
 {
 	const struct moe_desc *d = f->d;
@@ -333,6 +342,7 @@ static int combine(struct fwd *f)
 			for (uint32_t h = 0; h < H; h++)
 				acc[h] += (double)(g * out[h]);
 		}
+		add_output_bias(f, acc);
 		for (uint32_t h = 0; h < H; h++)
 			f->y[t * H + h] = (float)acc[h];
 	}
@@ -458,6 +468,8 @@ static int route_topk(struct fwd *f)
 	const struct moe_desc *d = f->d;
 	uint32_t E = f->E, k = f->W;
 	int dense = d->mode == MOE_MODE_DENSE;
+	/* NLLB: normalize and scale what survives the capacity (apply_capacity) */
+	int after_drop = d->capacity != MOE_CAPACITY_NONE && d->capacity_norm_after_drop && !dense;
 	const float *sb = f->w->w[MOE_ROLE_SELECT_BIAS];
 	struct tokbuf b;
 	if (!tokbuf_alloc(&b, E))
@@ -478,10 +490,11 @@ static int route_topk(struct fwd *f)
 		}
 		for (uint32_t j = 0; j < k; j++)
 			b.wk[j] = b.s[b.idx[j]];
-		normalize(d, b.wk, k);
+		if (!after_drop)
+			normalize(d, b.wk, k);
 		for (uint32_t j = 0; j < k; j++) {
 			f->ids[t * k + j] = (int32_t)b.idx[j];
-			f->wts[t * k + j] = b.wk[j] * d->scale;
+			f->wts[t * k + j] = after_drop ? b.wk[j] : b.wk[j] * d->scale;
 		}
 		f->prio[t] = b.c[b.idx[0]];
 		prob_vec(d->score, b.l, b.s, b.p, E);
@@ -500,20 +513,71 @@ static int cmp_prio_desc(const void *pa, const void *pb)
 	return cmp_ranked(a, b);
 }
 
+/* A float of the description as the decimal it was written as: the shortest
+ * decimal that reads back as the same f32 (0.3f -> 0.3), in double. The
+ * frameworks compute capacities in double from the decimal of their config;
+ * the f32's exact value (0.300000012) could round T * 0.3 up past an integer
+ * that the decimal lands on. */
+static double decimal_of(float v)
+{
+	char buf[32];
+	for (int prec = 1; prec <= 9; prec++) {
+		snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
+		double x = strtod(buf, NULL);
+		if ((float)x == v)
+			return x;
+	}
+	return (double)v;
+}
+
+/* The capacity C of each expert for a call of T tokens. */
+static uint64_t capacity_of(const struct moe_desc *d, size_t T, uint32_t E)
+{
+	uint64_t C;
+	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
+		C = d->capacity_per_expert;
+	} else {
+		double v;
+		if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION) {
+			v = ceil((double)T * decimal_of(d->capacity_token_fraction));
+		} else {
+			v = (double)d->top_k * (double)T * decimal_of(d->capacity_factor) /
+			    (double)E;
+			v = d->capacity_floor ? floor(v) : ceil(v);
+		}
+		C = v >= 1.8e19 ? UINT64_MAX : (uint64_t)v;
+	}
+	return C < d->capacity_min ? d->capacity_min : C;
+}
+
+/* With capacity_norm_after_drop the routed weights are still the raw scores:
+ * normalize each token's surviving ones (rank order) and scale them. */
+static int normalize_kept(struct fwd *f)
+{
+	float *w = xcalloc(f->W, sizeof *w);
+	if (!w)
+		return 0;
+	for (size_t t = 0; t < f->T; t++) {
+		uint32_t n = 0;
+		for (uint32_t j = 0; j < f->W; j++)
+			if (f->ids[t * f->W + j] >= 0)
+				w[n++] = f->wts[t * f->W + j];
+		normalize(f->d, w, n);
+		n = 0;
+		for (uint32_t j = 0; j < f->W; j++)
+			if (f->ids[t * f->W + j] >= 0)
+				f->wts[t * f->W + j] = w[n++] * f->d->scale;
+	}
+	free(w);
+	return 1;
+}
+
 /* Capacity: fill each expert up to C in priority order (rank outer, tokens
  * inner); later assignments overflow. */
 static int apply_capacity(struct fwd *f)
 {
 	const struct moe_desc *d = f->d;
-	uint64_t C;
-	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
-		C = d->capacity_per_expert;
-	} else {
-		double v =
-		    (double)d->top_k * (double)f->T * (double)d->capacity_factor / (double)f->E;
-		v = ceil(v);
-		C = v >= 1.8e19 ? UINT64_MAX : (uint64_t)v;
-	}
+	uint64_t C = capacity_of(d, f->T, f->E);
 	uint64_t *fill = xcalloc(f->E, sizeof *fill);
 	struct ranked *ord = xcalloc(f->T, sizeof *ord);
 	if (!fill || !ord) {
@@ -540,7 +604,7 @@ static int apply_capacity(struct fwd *f)
 		}
 	}
 	free(fill), free(ord);
-	return 1;
+	return d->capacity_norm_after_drop ? normalize_kept(f) : 1;
 }
 
 /* Phi-3.5 sparsemixer, inference: two masked softmaxes. */
@@ -763,6 +827,7 @@ static int route_soft(struct fwd *f)
 				for (uint32_t h = 0; h < H; h++)
 					acc[h] += (double)(g * out[h]);
 			}
+			add_output_bias(f, acc);
 			for (uint32_t h = 0; h < H; h++)
 				f->y[t * H + h] = (float)acc[h];
 		}
@@ -894,6 +959,12 @@ static int check_desc(struct fwd *f)
 		}
 		if (d->capacity == MOE_CAPACITY_FACTOR && !finite_pos(d->capacity_factor))
 			BAD("capacity factor must be positive");
+		if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION &&
+		    !finite_pos(d->capacity_token_fraction))
+			BAD("capacity token_fraction must be positive");
+		if (d->capacity != MOE_CAPACITY_NONE && d->capacity_norm_after_drop &&
+		    d->overflow == MOE_OVERFLOW_PASSTHROUGH)
+			BAD("capacity normalize_after_drop cannot be combined with passthrough");
 		break;
 	case MOE_MODE_DENSE:
 		break;

@@ -92,6 +92,7 @@ static int is_bias_role(enum moe_role r)
 	case MOE_ROLE_UP_BIAS:
 	case MOE_ROLE_DOWN_BIAS:
 	case MOE_ROLE_PK_QUERY_BIAS:
+	case MOE_ROLE_OUTPUT_BIAS:
 		return 1;
 	default:
 		return 0;

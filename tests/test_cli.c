@@ -50,7 +50,7 @@ static void test_usage(void **state)
 	assert_non_null(strstr(buf, "missing SPEC"));
 	assert_int_equal(run(buf, sizeof buf, "check specs/mixtral-mini.yaml --bogus"), 2);
 	assert_non_null(strstr(buf, "unknown option '--bogus'"));
-	assert_int_equal(run(buf, sizeof buf, "-d plan specs/mixtral-mini.yaml"), 2);
+	assert_int_equal(run(buf, sizeof buf, "-d bogus specs/mixtral-mini.yaml"), 2);
 	assert_int_equal(run(buf, sizeof buf, "ref specs/mixtral-mini.yaml --tokens x"), 2);
 }
 

@@ -11,6 +11,7 @@
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,20 +89,35 @@ static void fixture_path(char *buf, size_t n, const char *family, const char *fi
 /* Golden: every family ------------------------------------------------- */
 
 static const char *const goldens[] = {
-    "dbrx",         "deepseek_v2",    "deepseek_v3",
-    "ernie4_5_moe", "glm4_moe",       "gpt_oss",
-    "granitemoe",   "hunyuan_v1_moe", "jamba",
-    "llama4",       "llama4_text",    "mixtral",
-    "nllb_moe",     "olmoe",          "phimoe",
-    "qwen2_moe",    "qwen3_moe",      "switch_transformers",
+    "dbrx",
+    "deepseek_v2",
+    "deepseek_v3",
+    "ernie4_5_moe",
+    "glm4_moe",
+    "gpt_oss",
+    "granitemoe",
+    "hunyuan_v1_moe",
+    "hunyuan_v1_moe-top2",
+    "jamba",
+    "jetmoe",
+    "llama4",
+    "llama4_text",
+    "mixtral",
+    "nllb_moe",
+    "nllb_moe-capacity",
+    "olmoe",
+    "phimoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "switch_transformers",
 };
 #define N_GOLDENS ((int)(sizeof goldens / sizeof *goldens))
 
-/* Families whose spec carries a fact the language cannot hold: a warning. */
+/* Families whose spec carries a fact the language cannot hold: a warning
+ * (Granite's residual_multiplier, outside the MoE block). */
 static int expected_warnings(const char *family)
 {
-	return strcmp(family, "deepseek_v3") == 0 || strcmp(family, "gpt_oss") == 0 ||
-	       strcmp(family, "granitemoe") == 0;
+	return strcmp(family, "granitemoe") == 0;
 }
 
 static void test_golden(void **state)
@@ -471,19 +487,259 @@ static void test_unsupported_values(void **state)
 		    "'num_experts_per_tok' is 3");
 	mutate_fail("nllb_moe", "second_expert_policy", "\"sampling\"",
 		    "unsupported second_expert_policy 'sampling'", NULL);
-	mutate_fail("nllb_moe", "moe_eval_capacity_token_fraction", "0.5",
-		    "moe_eval_capacity_token_fraction 0.5", "router.capacity");
 	mutate_fail("switch_transformers", "feed_forward_proj", "\"gated-gelu\"",
 		    "unsupported feed_forward_proj 'gated-gelu'", NULL);
 	mutate_fail("switch_transformers", "num_sparse_encoder_layers", "0",
 		    "'num_sparse_encoder_layers' is 0", NULL);
 	mutate_fail("ernie4_5_moe", "use_bias", "true", "unsupported use_bias true", NULL);
-	mutate_fail("hunyuan_v1_moe", "moe_topk", "8", "moe_topk 8", "C = max(k, k*T/E)");
 	mutate_fail("hunyuan_v1_moe", "num_experts", "[16, 16, 8]",
 		    "'num_experts' differs between layers (16, 8)", NULL);
 	mutate_fail("qwen3_moe", "decoder_sparse_step", "100", "has no MoE layer", NULL);
-	expect_fail("tests/import/jetmoe/config.json", MOE_EXIT_SPEC, 1, "jetmoe",
-		    "output bias 'mlp.bias'", (const char *)NULL);
+	mutate_fail("deepseek_v3", "quantization_config",
+		    "{\"quant_method\": \"fp8\", \"fmt\": \"e5m2\"}",
+		    "unsupported quantization_config.fmt 'e5m2'", "(supported: e4m3)");
+	mutate_fail("deepseek_v3", "quantization_config",
+		    "{\"quant_method\": \"fp8\", \"weight_block_size\": [128]}",
+		    "'quantization_config.weight_block_size' must be a list of two integers", NULL);
+	mutate_fail("deepseek_v3", "quantization_config", "{\"quant_method\": \"mxfp4\"}",
+		    "unsupported quantization_config.quant_method mxfp4 for deepseek_v3",
+		    "(supported for gpt_oss)");
+	/* gpt-oss stores gate_up stacked and fused: not an fp8 nn.Linear */
+	mutate_fail("gpt_oss", "quantization_config", "{\"quant_method\": \"fp8\"}",
+		    "unsupported quantization_config.quant_method fp8 for gpt_oss",
+		    "gate_up tensor 'model.layers.{layer}.mlp.experts.gate_up_proj'");
+}
+
+/* FAMILY's fixture with several "key": JSON-value edits (value NULL:
+ * removed), written to path. */
+static void mutate_many(const char *family, const char *const *kv, int n, const char *path)
+{
+	char cfg[256];
+	fixture_path(cfg, sizeof cfg, family, "config.json");
+	char *text = slurp(cfg, NULL);
+	assert_non_null(text);
+	cJSON *root = cJSON_Parse(text);
+	free(text);
+	assert_non_null(root);
+	for (int i = 0; i < n; i++) {
+		cJSON_DeleteItemFromObjectCaseSensitive(root, kv[2 * i]);
+		if (kv[2 * i + 1]) {
+			cJSON *v = cJSON_Parse(kv[2 * i + 1]);
+			assert_non_null(v);
+			cJSON_AddItemToObject(root, kv[2 * i], v);
+		}
+	}
+	char *out = cJSON_Print(root);
+	write_text(path, out, strlen(out));
+	cJSON_free(out);
+	cJSON_Delete(root);
+}
+
+/* Import FAMILY with the edits; expect success and each NULL-terminated
+ * substring in the spec. */
+static void expect_spec(const char *family, const char *const *kv, int n, ...)
+{
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate_many(family, kv, n, path);
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	if (r.rc != MOE_EXIT_OK)
+		fprintf(stderr, "%s", r.cap.text);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	/* comments joined back into one line each, so notes match whole */
+	char *flat = malloc(r.len + 1);
+	assert_non_null(flat);
+	size_t o = 0;
+	for (size_t i = 0; i < r.len; i++) {
+		if (!strncmp(r.out + i, "\n#   ", 5)) {
+			flat[o++] = ' ';
+			i += 4;
+			continue;
+		}
+		flat[o++] = r.out[i];
+	}
+	flat[o] = 0;
+	va_list ap;
+	va_start(ap, n);
+	const char *want;
+	while ((want = va_arg(ap, const char *))) {
+		if (!strstr(flat, want))
+			fprintf(stderr, "wanted '%s' in:\n%s", want, flat);
+		assert_non_null(strstr(flat, want));
+	}
+	va_end(ap);
+	free(flat);
+	run_free(&r);
+	scratch_close(&s);
+}
+
+/* NLLB's eval capacity (SEMANTICS.md): ceil(fraction * T) when the fraction
+ * is in (0, 1); expert_capacity when it is <= 0; batch_prioritized_routing
+ * orders by the top-1 probability; the weights are normalized after the drop
+ * unless normalize_router_prob_before_dropping. Hunyuan top-k: C = max(k,
+ * k*T // E). fp8 tiles from weight_block_size. */
+static void test_capacity_and_quant_variants(void **state)
+{
+	(void)state;
+	const char *prio[] = {"batch_prioritized_routing", "true"};
+	expect_spec("nllb_moe-capacity", prio, 1,
+		    "capacity: {token_fraction: 0.3, priority: score, overflow: drop, "
+		    "normalize_after_drop: true}",
+		    "batch_prioritized_routing: tokens by their top-1 probability",
+		    (const char *)NULL);
+	const char *before[] = {"normalize_router_prob_before_dropping", "true"};
+	expect_spec("nllb_moe-capacity", before, 1,
+		    "capacity: {token_fraction: 0.3, priority: position, overflow: drop}\n",
+		    "normalized before the drop", (const char *)NULL);
+	const char *zero[] = {"moe_eval_capacity_token_fraction", "0", "expert_capacity", "32"};
+	expect_spec("nllb_moe-capacity", zero, 2,
+		    "capacity: {per_expert: 32, priority: position, overflow: drop, "
+		    "normalize_after_drop: true}",
+		    "C = expert_capacity", (const char *)NULL);
+	const char *over[] = {"moe_eval_capacity_token_fraction", "1.5"};
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate_many("nllb_moe-capacity", over, 1, path);
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_null(strstr(r.out, "capacity: {")); /* C >= T: nothing can drop */
+	run_free(&r);
+	const char *nul[] = {"moe_eval_capacity_token_fraction", "-1", "expert_capacity", "null"};
+	mutate_many("nllb_moe-capacity", nul, 2, path);
+	expect_fail(path, MOE_EXIT_SPEC, 1,
+		    "unsupported moe_eval_capacity_token_fraction -1 with expert_capacity null",
+		    (const char *)NULL);
+	scratch_close(&s);
+
+	const char *k4[] = {"moe_topk", "4", "num_experts", "8"};
+	expect_spec("hunyuan_v1_moe-top2", k4, 2,
+		    "capacity: {factor: 1.0, rounding: floor, min: 4, priority: position, "
+		    "overflow: drop}",
+		    "hunyuan_v1_moe (top-4)", (const char *)NULL);
+
+	const char *blk[] = {"quantization_config",
+			     "{\"quant_method\": \"fp8\", \"weight_block_size\": [64, 32]}"};
+	expect_spec("deepseek_v3", blk, 1, "        block: [64, 32]\n",
+		    "one f32 scale per [64, 32] tile", (const char *)NULL);
+	const char *dflt[] = {"quantization_config", "{\"quant_method\": \"fp8\"}"};
+	expect_spec("deepseek_v3", dflt, 1, "        block: [128, 128]\n", (const char *)NULL);
+	/* no quantization_config: the plain names, no quant */
+	const char *none[] = {"quantization_config", NULL};
+	struct scratch t;
+	scratch_open(&t);
+	snprintf(path, sizeof path, "%s/config.json", t.dir);
+	mutate_many("gpt_oss", none, 1, path);
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_null(strstr(r.out, "quant"));
+	assert_non_null(strstr(r.out, "    gate_up: {fuse: interleave, orient: in_out}\n"));
+	assert_non_null(
+	    strstr(r.out, "    gate_up: model.layers.{layer}.mlp.experts.gate_up_proj\n"));
+	run_free(&r);
+	scratch_close(&t);
+}
+
+/* The imported specs resolve to the capacities, output bias and
+ * quantizations of SEMANTICS.md. */
+static struct moe_desc *resolve_fixture(const char *family)
+{
+	char cfg[256];
+	fixture_path(cfg, sizeof cfg, family, "config.json");
+	struct run r;
+	run_import(&r, cfg, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	struct capture cap = {{0}, 0};
+	struct moe_diag d = {0, 0, sink, &cap};
+	struct moe_spec *s = moe_spec_load_string(cfg, r.out, r.len, &d);
+	struct moe_desc *desc = calloc(1, sizeof *desc);
+	assert_non_null(desc);
+	int rc = s ? moe_spec_check(s, desc, &d) : -1;
+	if (rc != 0)
+		fprintf(stderr, "%s", cap.text);
+	assert_int_equal(rc, 0);
+	moe_spec_free(s);
+	run_free(&r);
+	return desc;
+}
+
+static void test_resolved_extensions(void **state)
+{
+	(void)state;
+	/* Hunyuan top-2 over 16 experts: C = max(2, 2T // 16) */
+	struct moe_desc *d = resolve_fixture("hunyuan_v1_moe-top2");
+	assert_int_equal(d->capacity, MOE_CAPACITY_FACTOR);
+	assert_true(d->capacity_factor == 1.0f);
+	assert_int_equal(d->capacity_floor, 1);
+	assert_int_equal(d->capacity_min, d->top_k);
+	assert_int_equal(d->priority, MOE_PRIORITY_POSITION);
+	assert_int_equal(d->overflow, MOE_OVERFLOW_DROP);
+	assert_true(d->norm_min == FLT_EPSILON && d->norm_eps == 0.0f);
+	assert_int_equal(d->capacity_norm_after_drop, 0);
+	free(d);
+
+	d = resolve_fixture("nllb_moe-capacity");
+	assert_int_equal(d->capacity, MOE_CAPACITY_TOKEN_FRACTION);
+	assert_true(d->capacity_token_fraction == 0.3f);
+	assert_int_equal(d->capacity_norm_after_drop, 1);
+	assert_int_equal(d->capacity_min, 0);
+	assert_int_equal(d->overflow, MOE_OVERFLOW_DROP);
+	free(d);
+	d = resolve_fixture("nllb_moe"); /* fraction 1: no capacity */
+	assert_int_equal(d->capacity, MOE_CAPACITY_NONE);
+	free(d);
+
+	d = resolve_fixture("jetmoe");
+	assert_int_equal(d->output_bias, 1);
+	assert_string_equal(d->names[MOE_ROLE_OUTPUT_BIAS], "model.layers.{layer}.mlp.bias");
+	assert_int_equal(d->layouts[MOE_ROLE_GATE_UP].fuse, MOE_FUSE_CONCAT);
+	assert_int_equal(d->layouts[MOE_ROLE_GATE_UP].orient, MOE_ORIENT_OUT_IN);
+	assert_int_equal(d->intermediate, 5632);
+	free(d);
+
+	/* DeepSeek-V3: every expert and shared matrix fp8 with [128, 128] tiles,
+	 * the scale named X.weight_scale_inv; router and bias unquantized */
+	d = resolve_fixture("deepseek_v3");
+	static const enum moe_role q8[] = {MOE_ROLE_GATE,      MOE_ROLE_UP,
+					   MOE_ROLE_DOWN,      MOE_ROLE_SHARED_GATE,
+					   MOE_ROLE_SHARED_UP, MOE_ROLE_SHARED_DOWN};
+	for (int i = 0; i < 6; i++) {
+		const struct moe_layout *l = &d->layouts[q8[i]];
+		assert_int_equal(l->quant, MOE_QUANT_FP8_BLOCK);
+		assert_true(l->quant_block[0] == 128 && l->quant_block[1] == 128);
+		char want[MOE_NAME_MAX];
+		snprintf(want, sizeof want, "%.200s_scale_inv", d->names[q8[i]]);
+		assert_string_equal(d->scale_names[q8[i]], want);
+	}
+	assert_int_equal(d->layouts[MOE_ROLE_ROUTER].quant, MOE_QUANT_NONE);
+	assert_int_equal(d->layouts[MOE_ROLE_SELECT_BIAS].quant, MOE_QUANT_NONE);
+	assert_int_equal(d->weight_dtype, MOE_DTYPE_BF16);
+	free(d);
+
+	/* gpt-oss: MXFP4 blocks, out-major, gate/up interleaved */
+	d = resolve_fixture("gpt_oss");
+	assert_string_equal(d->names[MOE_ROLE_GATE_UP],
+			    "model.layers.{layer}.mlp.experts.gate_up_proj_blocks");
+	assert_string_equal(d->scale_names[MOE_ROLE_GATE_UP],
+			    "model.layers.{layer}.mlp.experts.gate_up_proj_scales");
+	assert_string_equal(d->names[MOE_ROLE_DOWN],
+			    "model.layers.{layer}.mlp.experts.down_proj_blocks");
+	assert_string_equal(d->scale_names[MOE_ROLE_DOWN],
+			    "model.layers.{layer}.mlp.experts.down_proj_scales");
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		int q = r == MOE_ROLE_GATE_UP || r == MOE_ROLE_DOWN;
+		assert_int_equal(d->layouts[r].quant, q ? MOE_QUANT_MXFP4 : MOE_QUANT_NONE);
+		if (q)
+			assert_int_equal(d->layouts[r].orient, MOE_ORIENT_OUT_IN);
+	}
+	assert_int_equal(d->layouts[MOE_ROLE_GATE_UP].fuse, MOE_FUSE_INTERLEAVE);
+	assert_int_equal(d->layouts[MOE_ROLE_GATE_UP_BIAS].fuse, MOE_FUSE_INTERLEAVE);
+	free(d);
 }
 
 /* A per-layer list with one value is the same model as the scalar. */
@@ -592,8 +848,13 @@ static void test_cmd(void **state)
 	assert_true(st.st_mode & S_IRUSR);
 
 	/* a failed import keeps the old file intact and leaves no temporary */
-	assert_int_equal(cmd(4, "import", "tests/import/jetmoe/config.json", "-o", out),
-			 MOE_EXIT_SPEC);
+	struct scratch bad;
+	scratch_open(&bad);
+	char badcfg[128];
+	snprintf(badcfg, sizeof badcfg, "%s/config.json", bad.dir);
+	mutate("ernie4_5_moe", "use_bias", "true", badcfg);
+	assert_int_equal(cmd(4, "import", badcfg, "-o", out), MOE_EXIT_SPEC);
+	scratch_close(&bad);
 	got = slurp(out, &n1);
 	assert_int_equal(n1, n2);
 	assert_memory_equal(got, want, n1);
@@ -663,7 +924,11 @@ static const struct resolved resolved[] = {
      1, MOE_APPLY_OUTPUT},
     {"hunyuan_v1_moe", 64, 16, 1, 18304, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
+    {"hunyuan_v1_moe-top2", 4, 16, 2, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
+     1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"jamba", 16, 16, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"jetmoe", 24, 8, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0, 1,
      MOE_APPLY_OUTPUT},
     {"llama4", 48, 16, 1, 8192, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_NONE, 1.0f, 0, 0,
      1, MOE_APPLY_INPUT},
@@ -673,6 +938,8 @@ static const struct resolved resolved[] = {
      MOE_APPLY_OUTPUT},
     {"nllb_moe", 6, 128, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 0.8f, 0, 0,
      1, MOE_APPLY_OUTPUT},
+    {"nllb_moe-capacity", 6, 128, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
+     0.8f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"olmoe", 16, 64, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0, 1,
      MOE_APPLY_OUTPUT},
     {"phimoe", 32, 16, 2, 0, MOE_MODE_SPARSEMIXER, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0, 1,
@@ -727,7 +994,7 @@ static void test_validates(void **state)
 
 int main(void)
 {
-	struct CMUnitTest tests[N_GOLDENS + 12];
+	struct CMUnitTest tests[N_GOLDENS + 14];
 	int n = 0;
 	for (int i = 0; i < N_GOLDENS; i++)
 		tests[n++] =
@@ -744,6 +1011,8 @@ int main(void)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_minimal_defaults);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_cmd);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_validates);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_capacity_and_quant_variants);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_resolved_extensions);
 	if (n != (int)(sizeof tests / sizeof *tests))
 		return 1;
 	return cmocka_run_group_tests_name("import", tests, NULL, NULL);

@@ -1786,6 +1786,21 @@ static void test_bad_input(void **state)
 	assert_int_equal(moe_ref_forward(&b, &w, x, y, 2, NULL, NULL, err, sizeof err),
 			 MOE_ERR_ARG);
 	b = d;
+	b.capacity = MOE_CAPACITY_TOKEN_FRACTION;
+	b.capacity_token_fraction = -0.5f;
+	assert_int_equal(moe_ref_forward(&b, &w, x, y, 2, NULL, NULL, err, sizeof err),
+			 MOE_ERR_ARG);
+	assert_non_null(strstr(err, "token_fraction must be positive"));
+	b.capacity_token_fraction = NAN;
+	assert_int_equal(moe_ref_forward(&b, &w, x, y, 2, NULL, NULL, err, sizeof err),
+			 MOE_ERR_ARG);
+	b.capacity_token_fraction = 0.5f;
+	b.capacity_norm_after_drop = 1;
+	b.overflow = MOE_OVERFLOW_PASSTHROUGH;
+	assert_int_equal(moe_ref_forward(&b, &w, x, y, 2, NULL, NULL, err, sizeof err),
+			 MOE_ERR_ARG);
+	assert_non_null(strstr(err, "passthrough"));
+	b = d;
 	b.kind = MOE_KIND_SINGLE_NEURON;
 	assert_int_equal(moe_ref_forward(&b, &w, x, y, 2, NULL, NULL, err, sizeof err),
 			 MOE_ERR_ARG);
@@ -1850,6 +1865,304 @@ static void test_nonfinite_weights(void **state)
 	for (int i = 0; i < 9; i++)
 		assert_true(ids[i] >= -1 && ids[i] < 8);
 	moe_ref_weights_free(&w);
+}
+
+/* Token-choice routing by the test's own math: per token the k best
+ * softmax scores (ties to the lower index) and those raw scores. */
+static void t_route(const struct moe_desc *d, const struct moe_ref_weights *w, const float *x,
+		    int T, int *ids, double *p)
+{
+	int E = (int)d->n_experts, k = (int)d->top_k, H = (int)d->hidden;
+	for (int t = 0; t < T; t++) {
+		double l[MAXD], s[MAXD];
+		int idx[MAXD];
+		t_logits(d, w, x + t * H, l);
+		t_softmax(l, s, E);
+		t_argsort(s, E, idx);
+		for (int j = 0; j < k; j++)
+			ids[t * k + j] = idx[j], p[t * k + j] = s[idx[j]];
+	}
+}
+
+/* Drops by capacity C: rank outer, tokens in index order; ids[] of dropped
+ * slots become -1. Returns the number dropped. */
+static int t_fill(int *ids, int T, int k, int E, long C)
+{
+	long fill[MAXD] = {0};
+	int dropped = 0;
+	assert_true(E <= MAXD);
+	for (int j = 0; j < k; j++)
+		for (int t = 0; t < T; t++) {
+			int e = ids[t * k + j];
+			if (fill[e] < C)
+				fill[e]++;
+			else
+				ids[t * k + j] = -1, dropped++;
+		}
+	return dropped;
+}
+
+/* Tokens whose first feature is large all prefer expert 0 (identity router):
+ * a skewed batch where capacity drops. */
+static void skewed_tokens(float *x, int T, int H, uint64_t seed)
+{
+	lcg_seed(seed);
+	fill_rand(x, (size_t)T * H, 1.0f);
+	for (int t = 0; t < T; t++)
+		x[t * H] += 3.0f;
+}
+
+/* Hunyuan (top-k > 1): C = max(k, k * T // E), i.e. factor 1 rounded down with
+ * a minimum of k; weights p / max(sum of the top-k p, eps) from before the
+ * drop, not renormalized after it. */
+static void test_capacity_floor_min(void **state)
+{
+	(void)state;
+	enum { H = 4, E = 4, K = 2, TMAX = 9 };
+	struct moe_desc d;
+	struct moe_ref_weights w;
+	base_desc(&d, H, E, 3, K);
+	d.norm = MOE_NORM_SUM;
+	d.norm_min = 1.1920929e-07f;
+	d.capacity = MOE_CAPACITY_FACTOR;
+	d.capacity_factor = 1.0f;
+	d.capacity_floor = 1;
+	d.capacity_min = K;
+	d.shared_count = 1;
+	d.shared_intermediate = 2;
+	weights_make(&d, &w, 60);
+	router_identity(&d, &w);
+	float x[TMAX * H], y[TMAX * H], wt[TMAX * K];
+	int32_t rid[TMAX * K];
+	struct moe_routing r = {.expert_ids = rid, .weights = wt};
+	skewed_tokens(x, TMAX, H, 61);
+	const int Ts[] = {3, 5, 9};
+	for (int i = 0; i < 3; i++) {
+		int T = Ts[i];
+		long C = (long)K * T / E; /* integer division, as the HF code */
+		if (C < K)
+			C = K;
+		int ids[TMAX * K];
+		double p[TMAX * K], ey[TMAX * H];
+		t_route(&d, &w, x, T, ids, p);
+		int nd = t_fill(ids, T, K, E, C);
+		assert_true(nd > 0);
+		fwd(&d, &w, x, y, (size_t)T, &r);
+		assert_int_equal(r.n_dropped, nd);
+		for (int t = 0; t < T; t++) {
+			double s = p[t * K] + p[t * K + 1], wts[K];
+			for (int j = 0; j < K; j++) {
+				wts[j] = p[t * K + j] / s;
+				assert_int_equal(rid[t * K + j], ids[t * K + j]);
+				assert_true(
+				    fabs(wt[t * K + j] - (ids[t * K + j] < 0 ? 0 : wts[j])) < 1e-6);
+			}
+			t_token(&d, &w, x + t * H, K, ids + t * K, wts, ey + t * H);
+		}
+		check_close(y, ey, (size_t)T * H, 1e-5);
+	}
+	/* rounding up instead keeps one more at T = 5 (ceil(2.5) = 3) */
+	d.capacity_floor = 0;
+	int ids[TMAX * K];
+	double p[TMAX * K];
+	t_route(&d, &w, x, 5, ids, p);
+	int nd = t_fill(ids, 5, K, E, 3);
+	fwd(&d, &w, x, y, 5, &r);
+	assert_int_equal(r.n_dropped, nd);
+	for (int s = 0; s < 5 * K; s++)
+		assert_int_equal(rid[s], ids[s]);
+	moe_ref_weights_free(&w);
+}
+
+/* token_fraction: C = ceil(T * fraction), the fraction read as the decimal
+ * written (0.3 * 10 is 3 in double, not 4 as the f32 0.300000012 would give);
+ * min raises C. */
+static void test_capacity_token_fraction(void **state)
+{
+	(void)state;
+	enum { H = 4, E = 4, K = 2, T = 10 };
+	struct moe_desc d;
+	struct moe_ref_weights w;
+	base_desc(&d, H, E, 3, K);
+	d.capacity = MOE_CAPACITY_TOKEN_FRACTION;
+	weights_make(&d, &w, 62);
+	router_identity(&d, &w);
+	float x[T * H], y[T * H];
+	int32_t rid[T * K];
+	int64_t counts[E];
+	struct moe_routing r = {.expert_ids = rid, .counts = counts};
+	skewed_tokens(x, T, H, 63);
+	const struct {
+		float frac;
+		double dec; /* the same fraction as a double literal */
+		uint32_t min;
+	} cs[] = {
+	    {0.3f, 0.3, 0}, {0.05f, 0.05, 3}, {0.25f, 0.25, 0}, {0.7f, 0.7, 0}, {1.0f, 1.0, 0}};
+	for (size_t i = 0; i < sizeof cs / sizeof *cs; i++) {
+		d.capacity_token_fraction = cs[i].frac;
+		d.capacity_min = cs[i].min;
+		long C = (long)ceil(T * cs[i].dec);
+		if (C < (long)cs[i].min)
+			C = cs[i].min;
+		int ids[T * K];
+		double p[T * K], ey[T * H];
+		t_route(&d, &w, x, T, ids, p);
+		int nd = t_fill(ids, T, K, E, C);
+		fwd(&d, &w, x, y, T, &r);
+		assert_int_equal(r.n_dropped, nd);
+		for (int s = 0; s < T * K; s++)
+			assert_int_equal(rid[s], ids[s]);
+		/* expert 0 is every token's first choice: it keeps exactly C */
+		assert_int_equal(counts[0], C < T ? C : T);
+		for (int t = 0; t < T; t++)
+			t_token(&d, &w, x + t * H, K, ids + t * K, p + t * K, ey + t * H);
+		check_close(y, ey, T * H, 1e-5);
+	}
+	/* fraction 1 (NLLB's default) never drops: the dropless model */
+	d.capacity_token_fraction = 1.0f;
+	d.capacity_min = 0;
+	float y0[T * H];
+	fwd(&d, &w, x, y, T, &r);
+	assert_int_equal(r.n_dropped, 0);
+	d.capacity = MOE_CAPACITY_NONE;
+	fwd(&d, &w, x, y0, T, NULL);
+	assert_memory_equal(y, y0, sizeof y);
+	moe_ref_weights_free(&w);
+}
+
+/* NLLB: top-2 weights p_j / max(sum of the kept p, eps) computed after the
+ * drop (a token that lost its second expert weighs its first by 1), times
+ * 1 - moe_token_dropout; MLP experts with biases. */
+static void test_capacity_normalize_after_drop(void **state)
+{
+	(void)state;
+	enum { H = 4, E = 4, K = 2, T = 8 };
+	struct moe_desc d;
+	struct moe_ref_weights w;
+	base_desc(&d, H, E, 5, K);
+	d.kind = MOE_KIND_MLP;
+	d.act = MOE_ACT_RELU;
+	d.expert_bias = 1;
+	d.norm = MOE_NORM_SUM;
+	d.norm_min = 1.1920929e-07f;
+	d.scale = 0.8f;
+	d.capacity = MOE_CAPACITY_TOKEN_FRACTION;
+	d.capacity_token_fraction = 0.25f; /* C = 2 */
+	d.capacity_norm_after_drop = 1;
+	weights_make(&d, &w, 64);
+	router_identity(&d, &w);
+	float x[T * H], y[T * H], wt[T * K];
+	int32_t rid[T * K];
+	struct moe_routing r = {.expert_ids = rid, .weights = wt};
+	skewed_tokens(x, T, H, 65);
+	/* spread the second choices so that some tokens keep both experts */
+	for (int t = 0; t < T; t++)
+		x[t * H + 1 + t % 3] += 1.0f;
+	int ids[T * K];
+	double p[T * K], ey[T * H];
+	t_route(&d, &w, x, T, ids, p);
+	int nd = t_fill(ids, T, K, E, 2);
+	fwd(&d, &w, x, y, T, &r);
+	assert_int_equal(r.n_dropped, nd);
+	int both = 0, one = 0;
+	for (int t = 0; t < T; t++) {
+		double kept = 0, wts[K];
+		for (int j = 0; j < K; j++)
+			kept += ids[t * K + j] < 0 ? 0 : p[t * K + j];
+		for (int j = 0; j < K; j++) {
+			wts[j] =
+			    ids[t * K + j] < 0 ? 0 : 0.8 * p[t * K + j] / fmax(kept, 1.1920929e-07);
+			assert_int_equal(rid[t * K + j], ids[t * K + j]);
+			assert_true(fabs(wt[t * K + j] - wts[j]) < 1e-6);
+		}
+		int n = (ids[t * K] >= 0) + (ids[t * K + 1] >= 0);
+		both += n == 2;
+		one += n == 1;
+		if (n == 1) /* the survivor carries the whole routed weight */
+			assert_true(fabs(wts[0] + wts[1] - 0.8) < 1e-12);
+		t_token(&d, &w, x + t * H, K, ids + t * K, wts, ey + t * H);
+	}
+	assert_true(both > 0 && one > 0);
+	check_close(y, ey, T * H, 1e-5);
+	/* normalized before the drop instead: the survivor keeps its share */
+	d.capacity_norm_after_drop = 0;
+	fwd(&d, &w, x, y, T, &r);
+	for (int s = 0; s < T * K; s++)
+		if (rid[s] >= 0)
+			assert_true(fabs(wt[s] - 0.8 * p[s] / (p[s - s % K] + p[s - s % K + 1])) <
+				    1e-6);
+	moe_ref_weights_free(&w);
+}
+
+/* JetMoE's output bias: added once per token after the routed and shared
+ * experts, in every mode. */
+static void test_output_bias(void **state)
+{
+	(void)state;
+	enum { H = 4, E = 4, K = 2, T = 3 };
+	struct moe_desc d;
+	struct moe_ref_weights w;
+	base_desc(&d, H, E, 3, K);
+	d.norm = MOE_NORM_SUM;
+	d.shared_count = 1;
+	d.shared_intermediate = 2;
+	d.output_bias = 1;
+	weights_make(&d, &w, 66);
+	const float *b = w.w[MOE_ROLE_OUTPUT_BIAS];
+	assert_non_null(b);
+	/* random bias roles are in +-0.1 */
+	for (int h = 0; h < H; h++)
+		assert_true(fabsf(b[h]) <= 0.1f && b[h] != 0.0f);
+	float x[T * H], y[T * H];
+	lcg_seed(67);
+	fill_rand(x, T * H, 1.0f);
+	fwd(&d, &w, x, y, T, NULL);
+	int ids[T * K];
+	double p[T * K], ey[T * H];
+	t_route(&d, &w, x, T, ids, p);
+	for (int t = 0; t < T; t++) {
+		double wts[K] = {p[t * K] / (p[t * K] + p[t * K + 1]),
+				 p[t * K + 1] / (p[t * K] + p[t * K + 1])};
+		t_token(&d, &w, x + t * H, K, ids + t * K, wts, ey + t * H);
+		for (int h = 0; h < H; h++)
+			ey[t * H + h] += b[h];
+	}
+	check_close(y, ey, T * H, 1e-5);
+	/* the same weights without the bias differ by exactly b (up to rounding) */
+	float y0[T * H];
+	d.output_bias = 0;
+	fwd(&d, &w, x, y0, T, NULL);
+	for (int i = 0; i < T * H; i++)
+		assert_true(fabsf(y[i] - y0[i] - b[i % H]) <= 1e-6f);
+	/* the bias is a required weight when the description has it */
+	d.output_bias = 1;
+	float *keep = w.w[MOE_ROLE_OUTPUT_BIAS];
+	w.w[MOE_ROLE_OUTPUT_BIAS] = NULL;
+	char err[128];
+	assert_int_equal(moe_ref_forward(&d, &w, x, y, T, NULL, NULL, err, sizeof err),
+			 MOE_ERR_WEIGHTS);
+	assert_non_null(strstr(err, "output_bias"));
+	w.w[MOE_ROLE_OUTPUT_BIAS] = keep;
+	moe_ref_weights_free(&w);
+
+	/* Soft MoE and expert choice add it too */
+	const enum moe_mode modes[] = {MOE_MODE_SOFT, MOE_MODE_EXPERT_CHOICE, MOE_MODE_DENSE};
+	for (int i = 0; i < 3; i++) {
+		base_desc(&d, H, E, 3, 0);
+		d.mode = modes[i];
+		d.soft_slots_per_expert = 1;
+		d.ec_capacity_factor = 1.0f;
+		d.top_k = modes[i] == MOE_MODE_DENSE ? E : 0;
+		d.output_bias = 1;
+		weights_make(&d, &w, 68);
+		fwd(&d, &w, x, y, T, NULL);
+		d.output_bias = 0;
+		fwd(&d, &w, x, y0, T, NULL);
+		for (int j = 0; j < T * H; j++)
+			assert_true(fabsf(y[j] - y0[j] - w.w[MOE_ROLE_OUTPUT_BIAS][j % H]) <=
+				    1e-6f);
+		moe_ref_weights_free(&w);
+	}
 }
 
 /* A larger call runs through the sorting paths (k > 32 in expert choice). */
@@ -1926,6 +2239,10 @@ int main(void)
 	    cmocka_unit_test(test_zero_tokens),
 	    cmocka_unit_test(test_nonfinite_weights),
 	    cmocka_unit_test(test_larger_expert_choice),
+	    cmocka_unit_test(test_capacity_floor_min),
+	    cmocka_unit_test(test_capacity_token_fraction),
+	    cmocka_unit_test(test_capacity_normalize_after_drop),
+	    cmocka_unit_test(test_output_bias),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

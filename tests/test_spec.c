@@ -414,6 +414,7 @@ static void good_peer(const struct moe_desc *d)
 	assert_int_equal(d->pk_top_k, 16);
 	assert_int_equal(d->pk_query_dim, 256);
 	assert_int_equal(d->pk_score, MOE_SCORE_SIGMOID);
+	assert_int_equal(d->pk_query_bn, 1);
 	assert_int_equal(d->top_k, 8 * 16);
 	assert_int_equal(d->act, MOE_ACT_GELU);
 	assert_int_equal(d->n_moe_layers, 1);
@@ -451,8 +452,16 @@ static void good_minimal(const struct moe_desc *d)
 	assert_true(d->act_alpha == 0.0f && d->act_limit == 0.0f);
 	assert_int_equal(d->split, 1);
 	assert_int_equal(d->attn, MOE_ATTN_NONE);
-	for (int r = 0; r < MOE_ROLE_COUNT; r++)
+	assert_int_equal(d->output_bias, 0);
+	assert_int_equal(d->pk_query_bn, 0);
+	assert_int_equal(d->capacity_min, 0);
+	assert_int_equal(d->capacity_floor, 0);
+	assert_int_equal(d->capacity_norm_after_drop, 0);
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
 		assert_string_equal(d->names[r], "");
+		assert_string_equal(d->scale_names[r], "");
+		assert_int_equal(d->layouts[r].quant, MOE_QUANT_NONE);
+	}
 }
 
 static void good_sqrtsoftplus(const struct moe_desc *d)
@@ -470,20 +479,115 @@ static void good_sqrtsoftplus(const struct moe_desc *d)
 	assert_string_equal(d->names[MOE_ROLE_UP], "blk.{layer}.ffn_up_exps.weight");
 }
 
+static void good_jetmoe(const struct moe_desc *d)
+{
+	assert_int_equal(d->output_bias, 1);
+	assert_string_equal(d->names[role("output_bias")], "model.layers.{layer}.mlp.bias");
+	/* the output bias is one [H] vector, not per expert */
+	uint64_t rows = 0, cols = 0;
+	int pe = 1;
+	assert_true(moe_desc_role_shape(d, MOE_ROLE_OUTPUT_BIAS, &rows, &cols, &pe));
+	assert_true(rows == 1 && cols == 2048 && pe == 0);
+	assert_int_equal(d->expert_bias, 0);
+	assert_int_equal(d->capacity, MOE_CAPACITY_NONE);
+	assert_int_equal(d->layouts[role("gate_up")].fuse, MOE_FUSE_CONCAT);
+}
+
+static void good_nllb_capacity(const struct moe_desc *d)
+{
+	assert_int_equal(d->capacity, MOE_CAPACITY_TOKEN_FRACTION);
+	assert_true(d->capacity_token_fraction == 0.25f);
+	assert_true(d->capacity_factor == 0.0f);
+	assert_int_equal(d->capacity_per_expert, 0);
+	assert_int_equal(d->capacity_min, 0);
+	assert_int_equal(d->capacity_floor, 0);
+	assert_int_equal(d->capacity_norm_after_drop, 1);
+	assert_int_equal(d->priority, MOE_PRIORITY_POSITION);
+	assert_int_equal(d->overflow, MOE_OVERFLOW_DROP);
+	assert_int_equal(d->norm, MOE_NORM_SUM);
+	assert_true(d->norm_min == 1.1920929e-07f);
+	assert_true(d->scale == 0.8f);
+	assert_int_equal(d->n_moe_layers, 6); /* 3, 7, ..., 23 */
+	assert_int_equal(d->moe_layers[5], 23);
+	assert_int_equal(d->output_bias, 0);
+}
+
+static void good_hunyuan(const struct moe_desc *d)
+{
+	assert_int_equal(d->capacity, MOE_CAPACITY_FACTOR);
+	assert_true(d->capacity_factor == 1.0f);
+	assert_int_equal(d->capacity_floor, 1);
+	assert_int_equal(d->capacity_min, 2);
+	assert_true(d->capacity_token_fraction == 0.0f);
+	assert_int_equal(d->capacity_norm_after_drop, 0);
+	assert_int_equal(d->priority, MOE_PRIORITY_POSITION); /* the default */
+	assert_int_equal(d->top_k, 2);
+	assert_int_equal(d->shared_count, 1);
+	assert_int_equal(d->shared_intermediate, 3072);
+}
+
+static void good_deepseek_v3_fp8(const struct moe_desc *d)
+{
+	static const char *const q[] = {"gate", "up", "down", "shared_down"};
+	for (int i = 0; i < 4; i++) {
+		const struct moe_layout *l = &d->layouts[role(q[i])];
+		assert_int_equal(l->quant, MOE_QUANT_FP8_BLOCK);
+		assert_int_equal(l->quant_block[0], 128);
+		assert_int_equal(l->quant_block[1], 128);
+		assert_int_equal(l->explicit_, 1);
+		/* the scale template is the weight's name plus _scale_inv */
+		char want[MOE_NAME_MAX];
+		snprintf(want, sizeof want, "%s_scale_inv", d->names[role(q[i])]);
+		assert_string_equal(d->scale_names[role(q[i])], want);
+	}
+	/* `quant: none` and roles without a layout are not quantized */
+	static const char *const plain[] = {"router", "select_bias", "shared_gate", "shared_up"};
+	for (int i = 0; i < 4; i++) {
+		assert_int_equal(d->layouts[role(plain[i])].quant, MOE_QUANT_NONE);
+		assert_string_equal(d->scale_names[role(plain[i])], "");
+	}
+	assert_int_equal(d->layouts[role("shared_gate")].explicit_, 1);
+	assert_int_equal(d->weight_dtype, MOE_DTYPE_BF16);
+}
+
+static void good_gpt_oss_mxfp4(const struct moe_desc *d)
+{
+	int gu = role("gate_up"), dn = role("down");
+	assert_int_equal(d->layouts[gu].quant, MOE_QUANT_MXFP4);
+	assert_int_equal(d->layouts[gu].fuse, MOE_FUSE_INTERLEAVE);
+	assert_int_equal(d->layouts[gu].orient, MOE_ORIENT_OUT_IN);
+	assert_int_equal(d->layouts[dn].quant, MOE_QUANT_MXFP4);
+	/* one scale per 32 inputs of one row */
+	assert_int_equal(d->layouts[dn].quant_block[0], 1);
+	assert_int_equal(d->layouts[dn].quant_block[1], 32);
+	assert_string_equal(d->names[gu], "model.layers.{layer}.mlp.experts.gate_up_proj_blocks");
+	assert_string_equal(d->scale_names[gu],
+			    "model.layers.{layer}.mlp.experts.gate_up_proj_scales");
+	assert_string_equal(d->scale_names[dn],
+			    "model.layers.{layer}.mlp.experts.down_proj_scales");
+	assert_int_equal(d->layouts[role("gate_up_bias")].quant, MOE_QUANT_NONE);
+	assert_true(d->act_alpha == 1.702f && d->act_limit == 7.0f);
+}
+
 static const struct {
 	const char *file;
 	void (*check)(const struct moe_desc *);
 } good_cases[] = {
     {"dbrx.yaml", good_dbrx},
+    {"deepseek-v3-fp8.yaml", good_deepseek_v3_fp8},
     {"deepseek-v3.yaml", good_deepseek_v3},
     {"deepseekmoe-split.yaml", good_split},
     {"dense.yaml", good_dense},
     {"expert-choice.yaml", good_expert_choice},
+    {"gpt-oss-mxfp4.yaml", good_gpt_oss_mxfp4},
     {"gpt-oss.yaml", good_gpt_oss},
     {"hierarchical.yaml", good_hierarchical},
+    {"hunyuan.yaml", good_hunyuan},
+    {"jetmoe.yaml", good_jetmoe},
     {"llama4.yaml", good_llama4},
     {"minimal.yaml", good_minimal},
     {"mixtral.yaml", good_mixtral},
+    {"nllb-capacity.yaml", good_nllb_capacity},
     {"peer.yaml", good_peer},
     {"phimoe.yaml", good_phimoe},
     {"qwen2-moe.yaml", good_qwen2},
@@ -1160,6 +1264,61 @@ static void test_all_errors(void **state)
 	assert_memory_equal(&d, &zero, sizeof d);
 }
 
+/* The capacity forms and the quantization block resolve to the values
+ * written, in the written order, and apply through --set overrides. */
+static void test_capacity_and_quant(void **state)
+{
+	(void)state;
+	struct capture c;
+	struct moe_desc d;
+	char t[1024];
+	snprintf(t, sizeof t,
+		 "%sweights:\n  names: {down: 'l.{layer}.down'}\n"
+		 "  layout: {down: {quant: {kind: fp8_block, block: [64, 16], scales: "
+		 "'l.{layer}.down_s'}}}\n",
+		 base);
+	cap_init(&c);
+	assert_int_equal(check_text(t, &c, &d), 0);
+	assert_int_equal(d.layouts[MOE_ROLE_DOWN].quant, MOE_QUANT_FP8_BLOCK);
+	assert_int_equal(d.layouts[MOE_ROLE_DOWN].quant_block[0], 64);
+	assert_int_equal(d.layouts[MOE_ROLE_DOWN].quant_block[1], 16);
+	assert_string_equal(d.scale_names[MOE_ROLE_DOWN], "l.{layer}.down_s");
+
+	struct moe_spec *s = moe_spec_load_string("t.yaml", base, strlen(base), &c.sink);
+	assert_non_null(s);
+	assert_int_equal(moe_spec_set(s, "router.capacity={token_fraction: 0.3, min: 5}", &c.sink),
+			 0);
+	assert_int_equal(moe_spec_check(s, &d, &c.sink), 0);
+	assert_int_equal(d.capacity, MOE_CAPACITY_TOKEN_FRACTION);
+	assert_true(d.capacity_token_fraction == 0.3f);
+	assert_int_equal(d.capacity_min, 5);
+	assert_int_equal(d.capacity_floor, 0);
+	assert_int_equal(d.capacity_norm_after_drop, 0);
+	/* rounding goes with factor only; the error is located at the override */
+	assert_int_equal(moe_spec_set(s, "router.capacity.rounding=floor", &c.sink), 0);
+	cap_init(&c);
+	assert_int_not_equal(moe_spec_check(s, &d, &c.sink), 0);
+	const struct diag_line *l = cap_find(&c, "error", "rounding applies only to factor");
+	assert_non_null(l);
+	assert_string_equal(l->file, "--set");
+	assert_int_equal(l->col, strlen("router.capacity.") + 1); /* at the key */
+	assert_int_equal(c.sink.n_errors, 1);
+	assert_int_equal(
+	    moe_spec_set(s, "router.capacity={factor: 1.0, rounding: floor, min: 2}", &c.sink), 0);
+	assert_int_equal(moe_spec_check(s, &d, &c.sink), 0);
+	assert_int_equal(d.capacity, MOE_CAPACITY_FACTOR);
+	assert_int_equal(d.capacity_floor, 1);
+	assert_int_equal(d.capacity_min, 2);
+	assert_true(d.capacity_token_fraction == 0.0f);
+	/* a second form: the first one in the mapping stands, one error */
+	assert_int_equal(moe_spec_set(s, "router.capacity.per_expert=4", &c.sink), 0);
+	cap_init(&c);
+	assert_int_not_equal(moe_spec_check(s, &d, &c.sink), 0);
+	assert_non_null(cap_find(&c, "error", "not both factor and per_expert"));
+	assert_int_equal(c.sink.n_errors, 1);
+	moe_spec_free(s);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1178,6 +1337,7 @@ int main(void)
 	    cmocka_unit_test(test_garbage),
 	    cmocka_unit_test(test_dump_format),
 	    cmocka_unit_test(test_all_errors),
+	    cmocka_unit_test(test_capacity_and_quant),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,1336 @@
+/* bench.c: `moegen bench`: one MoE layer of real shapes, timed three ways in
+ * one run against this machine's own FMA peak and DRAM bandwidth: the layer
+ * moegen generates (compiled to a temporary model.so and called through
+ * moe.h) and a per-expert cblas_sgemm baseline, on the same inputs and the
+ * same routing. docs/benchmarks.md gives the method. */
+#include "bench.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../runtime/moe.h"
+#include "../runtime/pool.h"
+#include "backend.h"
+#include "moegen.h"
+
+#ifdef MOE_HAVE_OPENBLAS
+#include <cblas.h>
+/* OpenBLAS's header pulls in <complex.h>, whose I would shadow the expert
+ * width I used throughout. */
+#undef I
+#endif
+
+static const char *const usage_bench =
+    "usage: moegen bench [--shapes LIST] [--tokens LIST] [--weights LIST]\n"
+    "                    [--routing LIST] [--threads N] [--reps N] [--quick]\n"
+    "                    [--copies N] [--csv FILE] [--no-generated]\n"
+    "Measure this machine's FMA peak and DRAM read bandwidth, then time one MoE\n"
+    "layer per shape, token count, weight dtype and routing: the layer moegen\n"
+    "generates and a per-expert cblas_sgemm baseline on the same routing.\n"
+    "  --shapes   qwen3,olmoe,mixtral,deepseek (default: all)\n"
+    "  --tokens   token counts (default: 1,16,256,4096)\n"
+    "  --weights  f32,bf16 (default: both)\n"
+    "  --routing  uniform,zipf (default: both)\n"
+    "  --threads  threads for every side (default: all online cores)\n"
+    "  --reps     timed repetitions; the median is reported (default: adaptive)\n"
+    "  --copies   weight copies cycled between repetitions (default: enough to\n"
+    "             read four times the last-level cache per cycle, at most 8)\n"
+    "  --quick    qwen3 and deepseek at 1,16,256 tokens, short probes\n"
+    "  --csv FILE also write shape,tokens,weights,routing,ms,gflops,gbps,\n"
+    "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup\n"
+    "  --no-generated  probes and baseline only\n";
+
+struct shape {
+	const char *name;  /* --shapes and the csv */
+	const char *label; /* the model it comes from */
+	uint32_t E, k, H, I;
+	int deepseek; /* sigmoid, groups 8/4 sum_top2, select bias, 1 shared expert */
+};
+
+static const struct shape shapes[] = {
+    {"qwen3", "Qwen3-30B-A3B", 128, 8, 2048, 768, 0},
+    {"olmoe", "OLMoE-1B-7B", 64, 8, 2048, 1024, 0},
+    {"mixtral", "Mixtral-8x7B", 8, 2, 4096, 14336, 0},
+    {"deepseek", "DeepSeek-V3 TP8 shard", 256, 8, 7168, 256, 1},
+};
+#define N_SHAPES (sizeof shapes / sizeof *shapes)
+
+#define MAX_TOKENS_LIST 16
+#define MAX_COPIES 8
+#define SEED 1
+#define ZIPF_S 1.0 /* exponent of the skewed routing: p(rank r) ~ 1 / r^s */
+
+enum routing { ROUTE_UNIFORM, ROUTE_ZIPF, ROUTE_COUNT };
+static const char *const routing_names[ROUTE_COUNT] = {"uniform", "zipf"};
+
+struct opts {
+	int shape_on[N_SHAPES];
+	uint32_t tokens[MAX_TOKENS_LIST];
+	int n_tokens;
+	int dtype_on[MOE_DTYPE_COUNT];
+	int routing_on[ROUTE_COUNT];
+	unsigned threads;
+	int reps;   /* 0: adaptive */
+	int copies; /* weight copies; 0: from the cache size */
+	int quick;
+	int generated;
+	const char *csv;
+};
+
+struct machine {
+	double fma8, fma16, peak_gflops; /* peak: the better of the two */
+	double dram_gbps;
+	size_t llc;
+	char cpu[128];
+};
+
+/* Results of one (shape, tokens, routing): the baseline runs once in f32 and
+ * serves both weight dtypes (docs/benchmarks.md). */
+struct result {
+	double ms; /* < 0: not measured */
+	double match;
+	double check; /* max |y - y_base| / max |y_base|; < 0: not compared */
+};
+
+/* Options ----------------------------------------------------------------- */
+
+static int bad_usage(const char *fmt, const char *arg)
+{
+	fprintf(stderr, "moegen: error: ");
+	fprintf(stderr, fmt, arg);
+	fprintf(stderr, "\n%s", usage_bench);
+	return MOE_EXIT_USAGE;
+}
+
+/* Split a comma list and call item() for each; -1 on the first bad item. */
+static int each_item(const char *list, int (*item)(struct opts *o, const char *s), struct opts *o)
+{
+	char buf[256];
+	if (strlen(list) >= sizeof buf || !*list)
+		return -1;
+	strcpy(buf, list);
+	for (char *save = NULL, *s = strtok_r(buf, ",", &save); s; s = strtok_r(NULL, ",", &save))
+		if (item(o, s))
+			return -1;
+	return 0;
+}
+
+static int item_shape(struct opts *o, const char *s)
+{
+	for (size_t i = 0; i < N_SHAPES; i++)
+		if (!strcmp(s, shapes[i].name)) {
+			o->shape_on[i] = 1;
+			return 0;
+		}
+	return -1;
+}
+
+static int item_tokens(struct opts *o, const char *s)
+{
+	char *end;
+	errno = 0;
+	unsigned long v = strtoul(s, &end, 10);
+	if (errno || *end || *s == '-' || v == 0 || v > 65536 || o->n_tokens >= MAX_TOKENS_LIST)
+		return -1;
+	o->tokens[o->n_tokens++] = (uint32_t)v;
+	return 0;
+}
+
+static int item_weights(struct opts *o, const char *s)
+{
+	if (strcmp(s, "f32") && strcmp(s, "bf16"))
+		return -1;
+	o->dtype_on[moe_enum_lookup(moe_dtype_names, MOE_DTYPE_COUNT, s)] = 1;
+	return 0;
+}
+
+static int item_routing(struct opts *o, const char *s)
+{
+	for (int i = 0; i < ROUTE_COUNT; i++)
+		if (!strcmp(s, routing_names[i])) {
+			o->routing_on[i] = 1;
+			return 0;
+		}
+	return -1;
+}
+
+static int parse_uint(const char *s, unsigned max, unsigned *out)
+{
+	char *end;
+	errno = 0;
+	if (!s || !*s || *s == '-')
+		return -1;
+	unsigned long v = strtoul(s, &end, 10);
+	if (errno || *end || v > max)
+		return -1;
+	*out = (unsigned)v;
+	return 0;
+}
+
+static int parse_opts(int argc, char **argv, struct opts *o)
+{
+	const char *shapes_arg = NULL, *tokens_arg = NULL, *weights_arg = NULL, *routing_arg = NULL;
+	memset(o, 0, sizeof *o);
+	o->generated = 1;
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		const char **val = NULL;
+		if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+			fputs(usage_bench, stdout);
+			return -2;
+		} else if (!strcmp(a, "--quick")) {
+			o->quick = 1;
+			continue;
+		} else if (!strcmp(a, "--no-generated")) {
+			o->generated = 0;
+			continue;
+		} else if (!strcmp(a, "--shapes")) {
+			val = &shapes_arg;
+		} else if (!strcmp(a, "--tokens")) {
+			val = &tokens_arg;
+		} else if (!strcmp(a, "--weights")) {
+			val = &weights_arg;
+		} else if (!strcmp(a, "--routing")) {
+			val = &routing_arg;
+		} else if (!strcmp(a, "--csv")) {
+			val = &o->csv;
+		} else if (!strcmp(a, "--threads") || !strcmp(a, "--reps") ||
+			   !strcmp(a, "--copies")) {
+			unsigned v;
+			if (i + 1 >= argc || parse_uint(argv[i + 1], 1024, &v) || v == 0)
+				return bad_usage("%s needs a positive integer", a);
+			if (!strcmp(a, "--threads"))
+				o->threads = v;
+			else if (!strcmp(a, "--reps"))
+				o->reps = v > 60 ? 60 : (int)v;
+			else
+				o->copies = v > MAX_COPIES ? MAX_COPIES : (int)v;
+			i++;
+			continue;
+		} else {
+			return bad_usage(
+			    a[0] == '-' ? "unknown option '%s'" : "unexpected argument '%s'", a);
+		}
+		if (i + 1 >= argc)
+			return bad_usage("%s needs a value", a);
+		*val = argv[++i];
+	}
+	if (!shapes_arg)
+		shapes_arg = o->quick ? "qwen3,deepseek" : "qwen3,olmoe,mixtral,deepseek";
+	if (!tokens_arg)
+		tokens_arg = o->quick ? "1,16,256" : "1,16,256,4096";
+	if (each_item(shapes_arg, item_shape, o))
+		return bad_usage(
+		    "--shapes: expected a list of qwen3, olmoe, mixtral, deepseek, got "
+		    "'%s'",
+		    shapes_arg);
+	if (each_item(tokens_arg, item_tokens, o))
+		return bad_usage("--tokens: expected up to 16 counts in 1..65536, got '%s'",
+				 tokens_arg);
+	if (each_item(weights_arg ? weights_arg : "f32,bf16", item_weights, o))
+		return bad_usage("--weights: expected a list of f32, bf16, got '%s'", weights_arg);
+	if (each_item(routing_arg ? routing_arg : "uniform,zipf", item_routing, o))
+		return bad_usage("--routing: expected a list of uniform, zipf, got '%s'",
+				 routing_arg);
+	if (o->quick && !o->reps)
+		o->reps = 3;
+	if (!o->threads) {
+		long c = sysconf(_SC_NPROCESSORS_ONLN);
+		o->threads = c > 0 ? (unsigned)c : 1;
+	}
+	return 0;
+}
+
+#ifdef MOE_HAVE_OPENBLAS
+
+static void cpu_model(char *buf, size_t cap)
+{
+	FILE *f = fopen("/proc/cpuinfo", "r");
+	char line[512];
+	snprintf(buf, cap, "unknown CPU");
+	if (!f)
+		return;
+	while (fgets(line, sizeof line, f)) {
+		char *colon = strchr(line, ':');
+		if (!strncmp(line, "model name", 10) && colon) {
+			colon += colon[1] == ' ' ? 2 : 1;
+			colon[strcspn(colon, "\n")] = 0;
+			snprintf(buf, cap, "%s", colon);
+			break;
+		}
+	}
+	fclose(f);
+}
+
+static void errf(char *err, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void errf(char *err, size_t cap, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(err, cap, fmt, ap);
+	va_end(ap);
+}
+
+/* The model ------------------------------------------------------------- */
+
+static void shape_desc(const struct shape *s, enum moe_dtype wt, struct moe_desc *d)
+{
+	memset(d, 0, sizeof *d);
+	d->version = MOE_DESC_VERSION;
+	snprintf(d->name, sizeof d->name, "bench-%s-%s", s->name, moe_dtype_names[wt]);
+	d->hidden = s->H;
+	d->n_layers = 1;
+	d->n_moe_layers = 1;
+	d->moe_layers[0] = 0;
+	d->dense_kind = MOE_KIND_GLU;
+	d->dense_act = MOE_ACT_SILU;
+	d->attn = MOE_ATTN_NONE;
+	d->weight_dtype = wt;
+	d->act_dtype = MOE_DTYPE_F32;
+	d->mode = MOE_MODE_TOKEN_CHOICE;
+	d->score = MOE_SCORE_SOFTMAX;
+	d->top_k = s->k;
+	d->norm = MOE_NORM_SUM;
+	d->norm_p = 1;
+	d->scale = 1;
+	d->n_groups = 1;
+	d->group_top = 1;
+	d->group_score = MOE_GROUP_SCORE_MAX;
+	d->capacity = MOE_CAPACITY_NONE;
+	d->noise = MOE_NOISE_NONE;
+	d->apply_to = MOE_APPLY_OUTPUT;
+	d->kind = MOE_KIND_GLU;
+	d->n_experts = s->E;
+	d->intermediate = s->I;
+	d->act = MOE_ACT_SILU;
+	d->split = 1;
+	d->shared_kind = MOE_KIND_GLU;
+	d->shared_act = MOE_ACT_SILU;
+	d->shared_gate = MOE_SHARED_GATE_NONE;
+	if (!strcmp(s->name, "olmoe"))
+		d->norm = MOE_NORM_NONE; /* norm_topk_prob false */
+	if (s->deepseek) {
+		d->score = MOE_SCORE_SIGMOID;
+		d->norm_eps = 1e-20f;
+		d->scale = 2.5f;
+		d->select_bias = 1;
+		d->n_groups = 8;
+		d->group_top = 4;
+		d->group_score = MOE_GROUP_SCORE_SUM_TOP2;
+		d->shared_count = 1;
+		d->shared_intermediate = 256;
+	}
+}
+
+/* FLOPs and weight bytes of one forward of T tokens, with `touched` distinct
+ * experts receiving tokens: router 2HE per token, each (token, expert) pair
+ * 2 * 3HI (gate, up, down), the shared FFN 2 * 3 H Is per token. Bytes are
+ * the weights actually read (each touched expert once, the router in f32)
+ * plus the input and output. */
+static double layer_flops(const struct moe_desc *d, double T)
+{
+	double H = d->hidden, E = d->n_experts, I = d->intermediate;
+	double Is = (double)moe_desc_shared_width(d);
+	return T * (2 * H * E + d->top_k * 6 * H * I + 6 * H * Is);
+}
+
+static double layer_bytes(const struct moe_desc *d, double T, double touched, int wbytes)
+{
+	double H = d->hidden, E = d->n_experts, I = d->intermediate;
+	double Is = (double)moe_desc_shared_width(d);
+	return 4 * E * H + touched * 3 * H * I * wbytes + 3 * H * Is * wbytes + 2 * T * H * 4;
+}
+
+static int dtype_bytes(enum moe_dtype t)
+{
+	return t == MOE_DTYPE_F32 ? 4 : 2;
+}
+
+static double mem_available(void)
+{
+	FILE *f = fopen("/proc/meminfo", "r");
+	char line[256];
+	double kb = 0;
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "MemAvailable: %lf kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb * 1024;
+}
+
+static double total_params(const struct moe_desc *d)
+{
+	double H = d->hidden, E = d->n_experts, I = d->intermediate;
+	return E * H + E * 3 * H * I + 3 * H * (double)moe_desc_shared_width(d);
+}
+
+/* Inputs with a chosen routing ------------------------------------------ */
+
+/* One benchmark input: tokens x[T, H] whose routing is the chosen target
+ * experts, target[T, k] (ascending per token). */
+struct input {
+	uint32_t T;
+	enum routing routing;
+	float *x;
+	int32_t *target;
+	uint32_t touched; /* distinct experts */
+	float *y_base;    /* the baseline's output, for the comparison */
+};
+
+static float urand(uint64_t a, uint64_t b, uint64_t c)
+{
+	return moe_rng_uniform(moe_rng_hash(SEED, a, b, c));
+}
+
+/* Cholesky factor (lower, in place) of the Gram matrix G = W W^T of the
+ * router, in double: E is at most a few hundred and W has full row rank. */
+static int gram_cholesky(const float *W, uint32_t E, uint32_t H, double *L)
+{
+	double *Wd = malloc((size_t)E * H * sizeof *Wd);
+	if (!Wd)
+		return -1;
+	for (size_t i = 0; i < (size_t)E * H; i++)
+		Wd[i] = W[i];
+	cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)E, (int)E, (int)H, 1.0, Wd,
+		    (int)H, Wd, (int)H, 0.0, L, (int)E);
+	free(Wd);
+	for (uint32_t j = 0; j < E; j++) {
+		double s = L[(size_t)j * E + j];
+		for (uint32_t k = 0; k < j; k++)
+			s -= L[(size_t)j * E + k] * L[(size_t)j * E + k];
+		if (!(s > 0))
+			return -1;
+		double ljj = sqrt(s);
+		L[(size_t)j * E + j] = ljj;
+		for (uint32_t i = j + 1; i < E; i++) {
+			double t = L[(size_t)i * E + j];
+			for (uint32_t k = 0; k < j; k++)
+				t -= L[(size_t)i * E + k] * L[(size_t)j * E + k];
+			L[(size_t)i * E + j] = t / ljj;
+		}
+	}
+	return 0;
+}
+
+/* Draw k distinct experts for token t with probability proportional to p[],
+ * respecting the group limit: once group_top groups hold a choice, only
+ * experts of those groups remain eligible. */
+static void draw_targets(const struct moe_desc *d, const double *p, uint64_t tag, uint32_t t,
+			 int32_t *out)
+{
+	uint32_t E = d->n_experts, k = d->top_k, G = d->n_groups, per = E / G;
+	uint8_t chosen[1024] = {0}, gsel[64] = {0};
+	uint32_t n_groups_used = 0;
+	for (uint32_t j = 0; j < k; j++) {
+		double tot = 0;
+		for (uint32_t e = 0; e < E; e++)
+			if (!chosen[e] && (G == 1 || n_groups_used < d->group_top || gsel[e / per]))
+				tot += p[e];
+		double u = urand(tag, t, j) * tot, acc = 0;
+		uint32_t pick = E;
+		for (uint32_t e = 0; e < E; e++) {
+			if (chosen[e] || !(G == 1 || n_groups_used < d->group_top || gsel[e / per]))
+				continue;
+			pick = e;
+			acc += p[e];
+			if (u < acc)
+				break;
+		}
+		chosen[pick] = 1;
+		if (G > 1 && !gsel[pick / per]) {
+			gsel[pick / per] = 1;
+			n_groups_used++;
+		}
+	}
+	uint32_t n = 0;
+	for (uint32_t e = 0; e < E; e++)
+		if (chosen[e])
+			out[n++] = (int32_t)e;
+}
+
+/* x = r + W^T G^-1 (z - W r): a random vector r moved, within the row space
+ * of the router, so that its logits are exactly z, where z is high (3..4) for
+ * the target experts and low (-2..-1) for the rest. Softmax or sigmoid, any
+ * bias of +-0.1 and the group limit then select the targets. */
+static int make_input(const struct moe_desc *d, const float *W, const double *L, struct input *in)
+{
+	uint32_t E = d->n_experts, H = d->hidden, k = d->top_k, T = in->T;
+	uint64_t tag = 1000 + (uint64_t)in->routing * 100000 + T;
+	in->x = malloc((size_t)T * H * sizeof *in->x);
+	in->target = malloc((size_t)T * k * sizeof *in->target);
+	float *lg = malloc((size_t)T * E * sizeof *lg);
+	double *p = malloc(E * sizeof *p), *v = malloc(E * sizeof *v);
+	uint8_t *used = calloc(E, 1);
+	int rc = -1;
+	if (!in->x || !in->target || !lg || !p || !v || !used || E > 1024 || d->n_groups > 64)
+		goto out;
+	/* Popularity: equal, or Zipf over a random ranking of the experts. */
+	uint32_t *rank = malloc(E * sizeof *rank);
+	if (!rank)
+		goto out;
+	for (uint32_t e = 0; e < E; e++)
+		rank[e] = e;
+	for (uint32_t e = E; e > 1; e--) {
+		uint32_t j = (uint32_t)(urand(tag, 7, e) * (float)e) % e;
+		uint32_t tmp = rank[e - 1];
+		rank[e - 1] = rank[j];
+		rank[j] = tmp;
+	}
+	for (uint32_t e = 0; e < E; e++)
+		p[e] = in->routing == ROUTE_ZIPF ? pow(rank[e] + 1.0, -ZIPF_S) : 1.0;
+	free(rank);
+
+	for (size_t i = 0; i < (size_t)T * H; i++)
+		in->x[i] = (urand(tag, 1, i) * 2 - 1) * 1.7320508f; /* variance 1 */
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)E, (int)H, 1.0f, in->x,
+		    (int)H, W, (int)H, 0.0f, lg, (int)E);
+	for (uint32_t t = 0; t < T; t++) {
+		int32_t *tg = in->target + (size_t)t * k;
+		draw_targets(d, p, tag, t, tg);
+		for (uint32_t e = 0; e < E; e++)
+			v[e] = -1.0 - urand(tag, 3, (uint64_t)t * E + e);
+		for (uint32_t j = 0; j < k; j++) {
+			v[tg[j]] = 3.0 + urand(tag, 4, (uint64_t)t * k + j);
+			used[tg[j]] = 1;
+		}
+		/* Solve G c = z - W r (forward, then backward substitution). */
+		for (uint32_t e = 0; e < E; e++)
+			v[e] -= lg[(size_t)t * E + e];
+		for (uint32_t i = 0; i < E; i++) {
+			double s = v[i];
+			for (uint32_t j = 0; j < i; j++)
+				s -= L[(size_t)i * E + j] * v[j];
+			v[i] = s / L[(size_t)i * E + i];
+		}
+		for (uint32_t i = E; i-- > 0;) {
+			double s = v[i];
+			for (uint32_t j = i + 1; j < E; j++)
+				s -= L[(size_t)j * E + i] * v[j];
+			v[i] = s / L[(size_t)i * E + i];
+		}
+		for (uint32_t e = 0; e < E; e++)
+			lg[(size_t)t * E + e] = (float)v[e];
+	}
+	/* x += c W */
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)H, (int)E, 1.0f, lg,
+		    (int)E, W, (int)H, 1.0f, in->x, (int)H);
+	in->touched = 0;
+	for (uint32_t e = 0; e < E; e++)
+		in->touched += used[e];
+	rc = 0;
+out:
+	free(lg);
+	free(p);
+	free(v);
+	free(used);
+	return rc;
+}
+
+/* Fraction of the target (token, expert) pairs found in ids[T, k]. */
+static double match_rate(const struct input *in, const int32_t *ids, uint32_t k)
+{
+	size_t hit = 0;
+	for (size_t t = 0; t < in->T; t++)
+		for (uint32_t j = 0; j < k; j++)
+			for (uint32_t i = 0; i < k; i++)
+				if (ids[t * k + i] == in->target[t * k + j]) {
+					hit++;
+					break;
+				}
+	return in->T ? (double)hit / ((double)in->T * k) : 1.0;
+}
+
+/* The baseline: what a user writes with BLAS ------------------------------ */
+
+struct base {
+	const struct moe_desc *d;
+	const float *router, *sel_bias;
+	const float *gate[MAX_COPIES], *up[MAX_COPIES], *down[MAX_COPIES];
+	const float *sgate, *sup, *sdown;
+	int n_copies;
+	/* workspace for up to T_max tokens */
+	float *logits, *wts, *rw, *xe, *g, *u, *dn, *sg, *su;
+	int32_t *ids, *rows;
+	size_t *count, *off;
+};
+
+static float silu(float v)
+{
+	return v / (1.0f + expf(-v));
+}
+
+/* Per token: scores, optional selection bias and group limit, top-k (ties to
+ * the lower index), normalize, scale. */
+static void base_route(const struct base *b, uint32_t T)
+{
+	const struct moe_desc *d = b->d;
+	uint32_t E = d->n_experts, k = d->top_k, G = d->n_groups, per = E / G;
+	float s[1024], sel[1024];
+	for (uint32_t t = 0; t < T; t++) {
+		const float *l = b->logits + (size_t)t * E;
+		if (d->score == MOE_SCORE_SIGMOID) {
+			for (uint32_t e = 0; e < E; e++)
+				s[e] = 1.0f / (1.0f + expf(-l[e]));
+		} else {
+			float mx = l[0], sum = 0;
+			for (uint32_t e = 1; e < E; e++)
+				mx = fmaxf(mx, l[e]);
+			for (uint32_t e = 0; e < E; e++)
+				sum += s[e] = expf(l[e] - mx);
+			for (uint32_t e = 0; e < E; e++)
+				s[e] /= sum;
+		}
+		for (uint32_t e = 0; e < E; e++)
+			sel[e] = s[e] + (b->sel_bias ? b->sel_bias[e] : 0.0f);
+		if (G > 1) {
+			float gs[64];
+			for (uint32_t g = 0; g < G; g++) {
+				float m1 = -INFINITY, m2 = -INFINITY;
+				for (uint32_t e = g * per; e < (g + 1) * per; e++) {
+					if (sel[e] > m1)
+						m2 = m1, m1 = sel[e];
+					else if (sel[e] > m2)
+						m2 = sel[e];
+				}
+				gs[g] = d->group_score == MOE_GROUP_SCORE_SUM_TOP2 ? m1 + m2 : m1;
+			}
+			uint8_t keep[64] = {0};
+			for (uint32_t r = 0; r < d->group_top; r++) {
+				uint32_t best = G;
+				for (uint32_t g = 0; g < G; g++)
+					if (!keep[g] && (best == G || gs[g] > gs[best]))
+						best = g;
+				keep[best] = 1;
+			}
+			for (uint32_t e = 0; e < E; e++)
+				if (!keep[e / per])
+					sel[e] = -INFINITY;
+		}
+		int32_t *id = b->ids + (size_t)t * k;
+		float *w = b->wts + (size_t)t * k, sum = 0;
+		for (uint32_t j = 0; j < k; j++) {
+			uint32_t best = E;
+			for (uint32_t e = 0; e < E; e++)
+				if (sel[e] != -INFINITY && (best == E || sel[e] > sel[best]))
+					best = e;
+			id[j] = (int32_t)best;
+			w[j] = s[best];
+			sel[best] = -INFINITY;
+			sum += w[j];
+		}
+		float den = d->norm == MOE_NORM_SUM ? sum + d->norm_eps : 1.0f;
+		for (uint32_t j = 0; j < k; j++)
+			w[j] = w[j] / den * d->scale;
+	}
+}
+
+/* c[m, n] = a[m, k] b[n, k]^T. One row goes to sgemv: OpenBLAS's sgemm
+ * repacks the whole weight matrix for a single row and runs several times
+ * slower than its sgemv there, and a user would not leave that on the table. */
+static void matmul_t(int m, int n, int k, const float *a, const float *b, float *c)
+{
+	if (m == 1)
+		cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, b, k, a, 1, 0.0f, c, 1);
+	else
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a, k, b, k,
+			    0.0f, c, n);
+}
+
+static void base_forward(const struct base *b, int copy, const float *x, float *y, uint32_t T)
+{
+	const struct moe_desc *d = b->d;
+	int H = (int)d->hidden, I = (int)d->intermediate, E = (int)d->n_experts;
+	uint32_t k = d->top_k;
+	memset(y, 0, (size_t)T * H * sizeof *y);
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, E, H, 1.0f, x, H, b->router, H,
+		    0.0f, b->logits, E);
+	base_route(b, T);
+	/* Bucket the (token, expert) pairs by expert. */
+	memset(b->count, 0, (size_t)E * sizeof *b->count);
+	for (size_t i = 0; i < (size_t)T * k; i++)
+		b->count[b->ids[i]]++;
+	for (int e = 0, o = 0; e < E; e++) {
+		b->off[e] = (size_t)o;
+		o += (int)b->count[e];
+	}
+	for (size_t i = 0; i < (size_t)T * k; i++) {
+		size_t at = b->off[b->ids[i]]++;
+		b->rows[at] = (int32_t)(i / k);
+		b->rw[at] = b->wts[i];
+	}
+	size_t start = 0;
+	for (int e = 0; e < E; e++) {
+		int n = (int)b->count[e];
+		if (!n)
+			continue;
+		const int32_t *rows = b->rows + start;
+		const float *rw = b->rw + start;
+		start += (size_t)n;
+		for (int r = 0; r < n; r++)
+			memcpy(b->xe + (size_t)r * H, x + (size_t)rows[r] * H,
+			       (size_t)H * sizeof *x);
+		size_t ex = (size_t)e * I * H;
+		matmul_t(n, I, H, b->xe, b->gate[copy] + ex, b->g);
+		matmul_t(n, I, H, b->xe, b->up[copy] + ex, b->u);
+		for (size_t i = 0; i < (size_t)n * I; i++)
+			b->g[i] = silu(b->g[i]) * b->u[i];
+		matmul_t(n, H, I, b->g, b->down[copy] + ex, b->dn);
+		for (int r = 0; r < n; r++) {
+			float *yr = y + (size_t)rows[r] * H;
+			const float *dr = b->dn + (size_t)r * H;
+			for (int h = 0; h < H; h++)
+				yr[h] += rw[r] * dr[h];
+		}
+	}
+	int Is = (int)moe_desc_shared_width(d);
+	if (Is) {
+		matmul_t((int)T, Is, H, x, b->sgate, b->sg);
+		matmul_t((int)T, Is, H, x, b->sup, b->su);
+		for (size_t i = 0; i < (size_t)T * Is; i++)
+			b->sg[i] = silu(b->sg[i]) * b->su[i];
+		matmul_t((int)T, H, Is, b->sg, b->sdown, b->dn);
+		for (size_t i = 0; i < (size_t)T * H; i++)
+			y[i] += b->dn[i];
+	}
+}
+
+static void base_free(struct base *b)
+{
+	for (int c = 1; c < b->n_copies; c++) {
+		free((void *)b->gate[c]);
+		free((void *)b->up[c]);
+		free((void *)b->down[c]);
+	}
+	free(b->logits), free(b->wts), free(b->rw), free(b->xe), free(b->g), free(b->u);
+	free(b->dn), free(b->sg), free(b->su), free(b->ids), free(b->rows);
+	free(b->count), free(b->off);
+}
+
+static int base_init(struct base *b, const struct moe_desc *d, const struct moe_ref_weights *w,
+		     uint32_t T, int copies)
+{
+	memset(b, 0, sizeof *b);
+	b->d = d;
+	size_t E = d->n_experts, k = d->top_k, H = d->hidden, I = d->intermediate;
+	size_t Is = moe_desc_shared_width(d);
+	b->router = w->w[MOE_ROLE_ROUTER];
+	b->sel_bias = w->w[MOE_ROLE_SELECT_BIAS];
+	b->gate[0] = w->w[MOE_ROLE_GATE];
+	b->up[0] = w->w[MOE_ROLE_UP];
+	b->down[0] = w->w[MOE_ROLE_DOWN];
+	b->sgate = w->w[MOE_ROLE_SHARED_GATE];
+	b->sup = w->w[MOE_ROLE_SHARED_UP];
+	b->sdown = w->w[MOE_ROLE_SHARED_DOWN];
+	b->n_copies = 1;
+	size_t ex = E * I * H * sizeof(float);
+	for (int c = 1; c < copies; c++) {
+		float *g = malloc(ex), *u = malloc(ex), *dn = malloc(ex);
+		if (!g || !u || !dn) {
+			free(g), free(u), free(dn);
+			break;
+		}
+		memcpy(g, b->gate[0], ex), memcpy(u, b->up[0], ex), memcpy(dn, b->down[0], ex);
+		b->gate[c] = g, b->up[c] = u, b->down[c] = dn;
+		b->n_copies++;
+	}
+	size_t P = (size_t)T * k;
+	b->logits = malloc(T * E * sizeof(float));
+	b->wts = malloc(P * sizeof(float));
+	b->rw = malloc(P * sizeof(float));
+	b->xe = malloc(T * H * sizeof(float)); /* an expert gets each token at most once */
+	b->g = malloc(T * I * sizeof(float));
+	b->u = malloc(T * I * sizeof(float));
+	b->dn = malloc(T * H * sizeof(float));
+	b->sg = malloc((Is ? T * Is : 1) * sizeof(float));
+	b->su = malloc((Is ? T * Is : 1) * sizeof(float));
+	b->ids = malloc(P * sizeof(int32_t));
+	b->rows = malloc(P * sizeof(int32_t));
+	b->count = malloc(E * sizeof(size_t));
+	b->off = malloc(E * sizeof(size_t));
+	if (!b->logits || !b->wts || !b->rw || !b->xe || !b->g || !b->u || !b->dn || !b->sg ||
+	    !b->su || !b->ids || !b->rows || !b->count || !b->off) {
+		base_free(b);
+		return -1;
+	}
+	return 0;
+}
+
+/* The generated layer ----------------------------------------------------- */
+
+/* A model.so compiled for this machine, opened with dlopen, and `copies`
+ * models with identical weights (cycled so that caches cannot serve repeats). */
+struct gen {
+	void *dl;
+	const struct moe_info *(*info)(void);
+	enum moe_status (*create)(moe_model **, const struct moe_create_opts *);
+	void (*destroy)(moe_model *);
+	enum moe_status (*init_random)(moe_model *, uint64_t);
+	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
+				   struct moe_routing *, const struct moe_fwd_opts *);
+	const char *(*last_error)(void);
+	moe_model *m[MAX_COPIES];
+	int n_copies;
+};
+
+static void gen_close(struct gen *g)
+{
+	for (int c = 0; c < g->n_copies; c++)
+		g->destroy(g->m[c]);
+	g->n_copies = 0;
+	if (g->dl)
+		dlclose(g->dl);
+	g->dl = NULL;
+}
+
+/* Compile d into dir/NAME.so with the CPU backend and open it. This is the
+ * only place that knows how a model.so is produced. */
+static int gen_open(const struct moe_desc *d, const char *dir, unsigned threads, int copies,
+		    struct gen *g, char *err, size_t cap)
+{
+	memset(g, 0, sizeof *g);
+	char path[4096];
+	snprintf(path, sizeof path, "%s/%s.so", dir, d->name);
+	struct moe_cpu_target t = {.cpu = "native", .opt_level = 3};
+	if (moe_compile_cpu(d, &t, MOE_EMIT_SO, path, err, cap) != 0)
+		return -1;
+	g->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+	unlink(path);
+	if (!g->dl) {
+		errf(err, cap, "dlopen: %s", dlerror());
+		return -1;
+	}
+#define SYM(field, name)                                                                           \
+	do {                                                                                       \
+		*(void **)&g->field = dlsym(g->dl, name);                                          \
+		if (!g->field) {                                                                   \
+			errf(err, cap, "model.so lacks %s", name);                                 \
+			gen_close(g);                                                              \
+			return -1;                                                                 \
+		}                                                                                  \
+	} while (0)
+	SYM(info, "moe_info");
+	SYM(create, "moe_create");
+	SYM(destroy, "moe_destroy");
+	SYM(init_random, "moe_init_random");
+	SYM(forward, "moe_forward");
+	SYM(last_error, "moe_last_error");
+#undef SYM
+	if (g->info()->abi_version != MOE_ABI_VERSION) {
+		errf(err, cap, "model.so has ABI %u, expected %u", g->info()->abi_version,
+		     MOE_ABI_VERSION);
+		gen_close(g);
+		return -1;
+	}
+	struct moe_create_opts o = {.threads = threads, .device = MOE_DEVICE_CPU};
+	for (int c = 0; c < copies; c++) {
+		moe_model *m = NULL;
+		enum moe_status st = g->create(&m, &o);
+		if (st == MOE_OK)
+			st = g->init_random(m, SEED);
+		if (st != MOE_OK) {
+			if (c == 0) {
+				errf(err, cap, "%s: %s", moe_status_name(st), g->last_error());
+				if (m)
+					g->destroy(m);
+				gen_close(g);
+				return -1;
+			}
+			if (m)
+				g->destroy(m);
+			break; /* fewer copies: out of memory */
+		}
+		g->m[g->n_copies++] = m;
+	}
+	return 0;
+}
+
+/* Timing ------------------------------------------------------------------ */
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* The median of the timed runs of fn; the first run warms up (page faults,
+ * frequency) and counts as a sample only when it is long enough for that not
+ * to matter. With reps 0 the count adapts to about two seconds of runs. */
+struct timed {
+	int (*fn)(void *ctx, int copy);
+	void *ctx;
+	int n_copies;
+};
+
+static double time_median(const struct timed *tm, int reps)
+{
+	double samples[64];
+	int n = 0, copy = 0;
+	double t0 = moe_now();
+	if (tm->fn(tm->ctx, copy))
+		return -1;
+	double warm = moe_now() - t0;
+	if (reps <= 0) {
+		if (warm >= 1.0) {
+			samples[n++] = warm;
+			reps = warm > 4.0 ? 1 : 2;
+		} else {
+			reps = warm > 0 ? (int)(2.0 / warm) : 25;
+			reps = reps < 3 ? 3 : reps > 25 ? 25 : reps;
+		}
+	}
+	if (reps > 60)
+		reps = 60;
+	for (int r = 0; r < reps; r++) {
+		copy = (copy + 1) % tm->n_copies;
+		t0 = moe_now();
+		if (tm->fn(tm->ctx, copy))
+			return -1;
+		samples[n++] = moe_now() - t0;
+	}
+	qsort(samples, (size_t)n, sizeof *samples, cmp_double);
+	return n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
+}
+
+/* Output ------------------------------------------------------------------ */
+
+static void print_header(FILE *out)
+{
+	fprintf(out, "%-9s %5s %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n", "shape", "T",
+		"wt", "routing", "ms", "GFLOP/s", "GB/s", "%peakF", "%peakB", "base_ms", "base_GF",
+		"speedup", "match", "check");
+}
+
+static void fmt_num(char *buf, size_t cap, double v, const char *fmt)
+{
+	if (v < 0 || !isfinite(v))
+		snprintf(buf, cap, "-");
+	else
+		snprintf(buf, cap, fmt, v);
+}
+
+struct row {
+	const char *shape;
+	uint32_t T;
+	enum moe_dtype wt;
+	enum routing routing;
+	double flops, bytes; /* of one forward */
+	struct result gen, base;
+};
+
+#define MAX_ROWS ((int)(N_SHAPES * MAX_TOKENS_LIST * ROUTE_COUNT * MOE_DTYPE_COUNT))
+
+struct table {
+	struct row r[MAX_ROWS];
+	int n;
+};
+
+static void emit_row(const struct row *r, const struct machine *mc, FILE *out, FILE *csv)
+{
+	double gms = r->gen.ms, bms = r->base.ms;
+	double gf = gms > 0 ? r->flops / (gms * 1e-3) * 1e-9 : -1;
+	double gb = gms > 0 ? r->bytes / (gms * 1e-3) * 1e-9 : -1;
+	double pf = gf > 0 && mc->peak_gflops > 0 ? 100 * gf / mc->peak_gflops : -1;
+	double pb = gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1;
+	double bgf = bms > 0 ? r->flops / (bms * 1e-3) * 1e-9 : -1;
+	double sp = gms > 0 && bms > 0 ? bms / gms : -1;
+	char c[10][32];
+	fmt_num(c[0], 32, gms, "%.3f");
+	fmt_num(c[1], 32, gf, "%.1f");
+	fmt_num(c[2], 32, gb, "%.1f");
+	fmt_num(c[3], 32, pf, "%.1f");
+	fmt_num(c[4], 32, pb, "%.1f");
+	fmt_num(c[5], 32, bms, "%.3f");
+	fmt_num(c[6], 32, bgf, "%.1f");
+	fmt_num(c[7], 32, sp, "%.2f");
+	double match = r->gen.ms >= 0 ? r->gen.match : r->base.match;
+	fmt_num(c[8], 32, match * 100, "%.1f%%");
+	fmt_num(c[9], 32, r->gen.check, "%.1e");
+	if (out) {
+		fprintf(out, "%-9s %5u %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n",
+			r->shape, r->T, moe_dtype_names[r->wt], routing_names[r->routing], c[0],
+			c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]);
+		fflush(out);
+	}
+	if (csv) {
+		/* Empty fields where a side was not measured. */
+		for (int i = 0; i < 8; i++)
+			if (!strcmp(c[i], "-"))
+				c[i][0] = 0;
+		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r->shape, r->T,
+			moe_dtype_names[r->wt], routing_names[r->routing], c[0], c[1], c[2], c[3],
+			c[4], c[5], c[7]);
+	}
+}
+
+/* One shape ---------------------------------------------------------------- */
+
+struct base_ctx {
+	struct base *b;
+	const struct input *in;
+	float *y;
+};
+
+static int base_run(void *ctx, int copy)
+{
+	struct base_ctx *c = ctx;
+	base_forward(c->b, copy, c->in->x, c->y, c->in->T);
+	return 0;
+}
+
+struct gen_ctx {
+	struct gen *g;
+	const struct input *in;
+	float *y;
+	char *err;
+	size_t cap;
+};
+
+static int gen_run(void *ctx, int copy)
+{
+	struct gen_ctx *c = ctx;
+	enum moe_status st = c->g->forward(c->g->m[copy], 0, c->in->x, c->y, c->in->T, NULL, NULL);
+	if (st != MOE_OK) {
+		errf(c->err, c->cap, "moe_forward: %s: %s", moe_status_name(st),
+		     c->g->last_error());
+		return -1;
+	}
+	return 0;
+}
+
+/* moe_ref_weights_random, one role per task: an element's value depends
+ * only on (seed, layer, role, index), so the roles can be drawn in parallel
+ * and still equal what moe_init_random gives the generated model. */
+struct rand_job {
+	const struct moe_desc *d;
+	struct moe_ref_weights *w;
+	int roles[MOE_ROLE_COUNT];
+};
+
+static void rand_task(void *ctx, size_t task, unsigned thread)
+{
+	(void)thread;
+	struct rand_job *j = ctx;
+	struct moe_ref_weights one = {{0}};
+	one.w[j->roles[task]] = j->w->w[j->roles[task]];
+	moe_ref_weights_random(j->d, SEED, 0, &one);
+}
+
+static void random_weights(const struct moe_desc *d, struct moe_ref_weights *w,
+			   struct moe_pool *pool)
+{
+	struct rand_job j = {d, w, {0}};
+	size_t n = 0;
+	/* Largest first, so the big roles start together. */
+	static const int order[] = {MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN};
+	for (size_t i = 0; i < sizeof order / sizeof *order; i++)
+		if (w->w[order[i]])
+			j.roles[n++] = order[i];
+	for (int r = 0; r < MOE_ROLE_COUNT; r++)
+		if (w->w[r] && r != MOE_ROLE_GATE && r != MOE_ROLE_UP && r != MOE_ROLE_DOWN)
+			j.roles[n++] = r;
+	moe_pool_run(pool, n, rand_task, &j);
+}
+
+/* How many copies of the weights keep repeats from being served by the
+ * last-level cache: the bytes one forward reads at T = 1, times the copies,
+ * should exceed four times the cache. Twice would do for a true LRU cache;
+ * the margin covers victim caches with other replacement policies, which can
+ * keep part of a cyclic stream. */
+static int copies_for(const struct moe_desc *d, int wbytes, size_t llc, int forced)
+{
+	if (forced)
+		return forced;
+	double touched = layer_bytes(d, 1, d->top_k, wbytes);
+	int c = (int)ceil(4.0 * (double)llc / touched);
+	return c < 1 ? 1 : c > MAX_COPIES ? MAX_COPIES : c;
+}
+
+static void bench_shape(const struct shape *s, const struct opts *o, const struct machine *mc,
+			struct moe_pool *pool, const char *tmpdir, struct table *tab)
+{
+	struct moe_desc *d = malloc(sizeof *d), *dg = malloc(sizeof *dg);
+	struct input in[MAX_TOKENS_LIST * ROUTE_COUNT];
+	int n_in = 0;
+	struct result base[MAX_TOKENS_LIST * ROUTE_COUNT];
+	struct moe_ref_weights w = {{0}};
+	double *L = NULL;
+	float *y = NULL;
+	struct base b;
+	int printed_header = 0;
+	char err[2048];
+	if (!d || !dg)
+		goto out;
+	shape_desc(s, MOE_DTYPE_F32, d);
+	uint32_t T_max = 0;
+	for (int i = 0; i < o->n_tokens; i++)
+		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
+
+	double need = total_params(d) * 4 + 4.0 * T_max * d->hidden * 6;
+	double avail = mem_available();
+	printf("\n%s: E=%u k=%u H=%u I=%u%s; f32 weights %.2f GB\n", s->label, s->E, s->k, s->H,
+	       s->I, s->deepseek ? ", sigmoid, groups 8/4 sum_top2, select bias, 1 shared" : "",
+	       total_params(d) * 4e-9);
+	if (avail > 0 && need > 0.9 * avail) {
+		printf("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
+		       avail * 1e-9);
+		goto out;
+	}
+	double t0 = moe_now();
+	if (moe_ref_weights_alloc(d, &w) != MOE_OK) {
+		printf("  skipped: out of memory for the weights\n");
+		goto out;
+	}
+	random_weights(d, &w, pool);
+	L = malloc((size_t)d->n_experts * d->n_experts * sizeof *L);
+	if (!L || gram_cholesky(w.w[MOE_ROLE_ROUTER], d->n_experts, d->hidden, L)) {
+		printf("  skipped: cannot prepare the routed inputs\n");
+		goto out;
+	}
+	for (int r = 0; r < ROUTE_COUNT; r++) {
+		if (!o->routing_on[r])
+			continue;
+		for (int i = 0; i < o->n_tokens; i++) {
+			struct input *p = &in[n_in];
+			memset(p, 0, sizeof *p);
+			p->T = o->tokens[i];
+			p->routing = (enum routing)r;
+			base[n_in] = (struct result){-1, -1, -1};
+			n_in++;
+			if (make_input(d, w.w[MOE_ROLE_ROUTER], L, p)) {
+				printf("  skipped: out of memory for the inputs\n");
+				goto out;
+			}
+		}
+	}
+	y = malloc((size_t)T_max * d->hidden * sizeof *y);
+	if (!y)
+		goto out;
+	printf("  setup (random weights, routed inputs) %.1f s\n", moe_now() - t0);
+
+	/* Baseline, f32. */
+	int bc = copies_for(d, 4, mc->llc, o->copies);
+	if (base_init(&b, d, &w, T_max, bc) == 0) {
+		for (int i = 0; i < n_in; i++) {
+			struct base_ctx c = {&b, &in[i], y};
+			struct timed tm = {base_run, &c, b.n_copies};
+			base[i].ms = time_median(&tm, o->reps) * 1e3;
+			base[i].match = match_rate(&in[i], b.ids, d->top_k);
+			/* Keep the output to compare the generated layer with. */
+			size_t ny = (size_t)in[i].T * d->hidden;
+			in[i].y_base = malloc(ny * sizeof(float));
+			if (in[i].y_base)
+				memcpy(in[i].y_base, y, ny * sizeof(float));
+		}
+		printf("  baseline: %d weight cop%s, OpenBLAS %u threads\n", b.n_copies,
+		       b.n_copies == 1 ? "y" : "ies", o->threads);
+		base_free(&b);
+	} else {
+		printf("  baseline: out of memory\n");
+	}
+	moe_ref_weights_free(&w);
+
+	for (int wt = 0; wt < MOE_DTYPE_COUNT; wt++) {
+		if (!o->dtype_on[wt])
+			continue;
+		shape_desc(s, (enum moe_dtype)wt, dg);
+		struct gen g = {0};
+		int have_gen = 0;
+		struct result res[MAX_TOKENS_LIST * ROUTE_COUNT];
+		for (int i = 0; i < n_in; i++)
+			res[i] = (struct result){-1, -1, -1};
+		if (o->generated) {
+			int copies =
+			    copies_for(dg, dtype_bytes(dg->weight_dtype), mc->llc, o->copies);
+			double gneed =
+			    total_params(dg) * (dtype_bytes(dg->weight_dtype) * copies + 4);
+			avail = mem_available();
+			t0 = moe_now();
+			if (avail > 0 && gneed > 0.9 * avail)
+				printf("  generated %s: skipped, needs about %.1f GB, %.1f GB "
+				       "available\n",
+				       moe_dtype_names[wt], gneed * 1e-9, avail * 1e-9);
+			else if (gen_open(dg, tmpdir, o->threads, copies, &g, err, sizeof err))
+				printf("  generated %s: unavailable: %s\n", moe_dtype_names[wt],
+				       err);
+			else {
+				have_gen = 1;
+				printf("  generated %s: compiled and initialized in %.1f s, %d "
+				       "weight cop%s\n",
+				       moe_dtype_names[wt], moe_now() - t0, g.n_copies,
+				       g.n_copies == 1 ? "y" : "ies");
+			}
+		}
+		for (int i = 0; have_gen && i < n_in; i++) {
+			struct input *p = &in[i];
+			/* Routing and output check on an untimed call. */
+			int32_t *ids = malloc((size_t)p->T * d->top_k * sizeof *ids);
+			struct moe_routing rt = {.expert_ids = ids};
+			enum moe_status st =
+			    ids ? g.forward(g.m[0], 0, p->x, y, p->T, &rt, NULL) : MOE_ERR_NOMEM;
+			if (st != MOE_OK) {
+				printf("  generated %s T=%u: %s: %s\n", moe_dtype_names[wt], p->T,
+				       moe_status_name(st), g.last_error());
+				free(ids);
+				continue;
+			}
+			res[i].match = match_rate(p, ids, d->top_k);
+			free(ids);
+			if (p->y_base) {
+				double mx = 0, md = 0;
+				for (size_t j = 0; j < (size_t)p->T * d->hidden; j++) {
+					mx = fmax(mx, fabs(p->y_base[j]));
+					md = fmax(md, fabs((double)y[j] - p->y_base[j]));
+				}
+				res[i].check = mx > 0 ? md / mx : md;
+			}
+			struct gen_ctx c = {&g, p, y, err, sizeof err};
+			struct timed tm = {gen_run, &c, g.n_copies};
+			res[i].ms = time_median(&tm, o->reps) * 1e3;
+			if (res[i].ms < 0)
+				printf("  generated %s T=%u: %s\n", moe_dtype_names[wt], p->T, err);
+		}
+		if (have_gen)
+			gen_close(&g);
+		if (!printed_header++)
+			print_header(stdout);
+		for (int i = 0; i < n_in && tab->n < MAX_ROWS; i++) {
+			struct row *r = &tab->r[tab->n++];
+			r->shape = s->name;
+			r->T = in[i].T;
+			r->wt = (enum moe_dtype)wt;
+			r->routing = in[i].routing;
+			r->flops = layer_flops(dg, in[i].T);
+			r->bytes =
+			    layer_bytes(dg, in[i].T, in[i].touched, dtype_bytes(dg->weight_dtype));
+			r->gen = res[i];
+			r->base = base[i];
+			emit_row(r, mc, stdout, NULL);
+		}
+	}
+out:
+	for (int i = 0; i < n_in; i++) {
+		free(in[i].x);
+		free(in[i].target);
+		free(in[i].y_base);
+	}
+	moe_ref_weights_free(&w);
+	free(L);
+	free(y);
+	free(d);
+	free(dg);
+}
+
+/* Measure the machine; keep the best of this and any earlier probe. */
+static void probe(struct machine *mc, struct moe_pool *pool, int runs, size_t bw_bytes,
+		  const char *when)
+{
+	double f8 = moe_probe_fma(pool, 8, runs), f16 = moe_probe_fma(pool, 16, runs);
+	double bw = moe_probe_dram(pool, bw_bytes, runs);
+	printf("  probes %s: FMA peak f32 %.1f GFLOP/s (AVX2)", when, f8);
+	if (f16 > 0)
+		printf(", %.1f GFLOP/s (AVX-512)", f16);
+	printf("; DRAM read %.1f GB/s (%zu MiB, best of %d)\n", bw, bw_bytes >> 20, runs);
+	mc->fma8 = fmax(mc->fma8, f8);
+	mc->fma16 = fmax(mc->fma16, f16);
+	mc->peak_gflops = fmax(mc->fma8, mc->fma16);
+	mc->dram_gbps = fmax(mc->dram_gbps, bw);
+	fflush(stdout);
+}
+
+#endif /* MOE_HAVE_OPENBLAS */
+
+int moe_cmd_bench(int argc, char **argv)
+{
+	struct opts o;
+	int rc = parse_opts(argc, argv, &o);
+	if (rc == -2)
+		return MOE_EXIT_OK;
+	if (rc)
+		return rc;
+#ifndef MOE_HAVE_OPENBLAS
+	fprintf(stderr, "moegen: error: bench needs OpenBLAS (libopenblas-dev) for its baseline\n");
+	return MOE_EXIT_USAGE;
+#else
+	/* Fail on an unwritable --csv before the long run, not after it. */
+	if (o.csv) {
+		FILE *csv = fopen(o.csv, "a");
+		if (!csv) {
+			fprintf(stderr, "moegen: error: cannot write '%s': %s\n", o.csv,
+				strerror(errno));
+			return MOE_EXIT_IO;
+		}
+		fclose(csv);
+	}
+	struct moe_pool *pool = moe_pool_create(o.threads);
+	if (!pool) {
+		fprintf(stderr, "moegen: error: cannot start %u threads\n", o.threads);
+		return MOE_EXIT_BACKEND;
+	}
+	openblas_set_num_threads((int)o.threads);
+
+	struct machine mc = {0};
+	cpu_model(mc.cpu, sizeof mc.cpu);
+	mc.llc = moe_probe_llc_bytes();
+	int runs = o.quick ? 3 : 7;
+	size_t bw_bytes = o.quick ? (size_t)256 << 20 : (size_t)1 << 30;
+	printf("moegen bench: %s, %u threads, last-level cache %zu MiB\n", mc.cpu, o.threads,
+	       mc.llc >> 20);
+	probe(&mc, pool, runs, bw_bytes, "at the start");
+	printf("  baseline: per-expert cblas_sgemm (sgemv for one row), f32 weights\n");
+
+	struct table *tab = calloc(1, sizeof *tab);
+	char tmpdir[] = "/tmp/moegen-bench.XXXXXX";
+	if (!tab) {
+		moe_pool_destroy(pool);
+		fprintf(stderr, "moegen: error: out of memory\n");
+		return MOE_EXIT_BACKEND;
+	}
+	if (o.generated && !mkdtemp(tmpdir)) {
+		fprintf(stderr, "moegen: error: cannot create a temporary directory: %s\n",
+			strerror(errno));
+		o.generated = 0;
+	}
+	for (size_t i = 0; i < N_SHAPES; i++)
+		if (o.shape_on[i])
+			bench_shape(&shapes[i], &o, &mc, pool, tmpdir, tab);
+	if (o.generated)
+		rmdir(tmpdir);
+
+	/* Probe again: on a shared machine the better of two moments is the
+	 * closer estimate of the hardware's limits. */
+	probe(&mc, pool, runs, bw_bytes, "at the end");
+	moe_pool_destroy(pool);
+	printf("\nSummary (%%peakF = GFLOP/s / %.1f, %%peakB = GB/s / %.1f, the better probes):\n",
+	       mc.peak_gflops, mc.dram_gbps);
+	print_header(stdout);
+	for (int i = 0; i < tab->n; i++)
+		emit_row(&tab->r[i], &mc, stdout, NULL);
+
+	rc = MOE_EXIT_OK;
+	if (o.csv) {
+		FILE *csv = fopen(o.csv, "w");
+		if (csv) {
+			fprintf(csv, "shape,tokens,weights,routing,ms,gflops,gbps,pct_peak_flops,"
+				     "pct_peak_bw,baseline_ms,speedup\n");
+			for (int i = 0; i < tab->n; i++)
+				emit_row(&tab->r[i], &mc, NULL, csv);
+		}
+		if (!csv || fclose(csv) != 0) {
+			fprintf(stderr, "moegen: error: cannot write '%s': %s\n", o.csv,
+				strerror(errno));
+			rc = MOE_EXIT_IO;
+		}
+	}
+	free(tab);
+	return rc;
+#endif
+}

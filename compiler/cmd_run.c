@@ -1,0 +1,352 @@
+/* cmd_run.c: `moegen run MODEL.so`: open a built model through its public ABI
+ * (dlopen + moe.h), feed it seeded random tokens, time the forward pass and,
+ * with --check, compare it with the reference forward pass on the same
+ * weights. */
+#include "backend.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../runtime/moe.h"
+
+/* The entry points of a model.so. */
+struct moe_api {
+	void *dl;
+	const struct moe_info *(*info)(void);
+	enum moe_status (*create)(moe_model **, const struct moe_create_opts *);
+	void (*destroy)(moe_model *);
+	enum moe_status (*load)(moe_model *, const char *const *, size_t);
+	enum moe_status (*init_random)(moe_model *, uint64_t);
+	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
+				   struct moe_routing *, const struct moe_fwd_opts *);
+	const char *(*last_error)(void);
+};
+
+static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
+{
+	char p[4096];
+	memset(a, 0, sizeof *a);
+	/* a bare name would be searched on the library path */
+	snprintf(p, sizeof p, "%s%s", strchr(path, '/') ? "" : "./", path);
+	a->dl = dlopen(p, RTLD_NOW | RTLD_LOCAL);
+	if (!a->dl) {
+		snprintf(err, cap, "cannot open '%s': %s", path, dlerror());
+		return -1;
+	}
+#define SYM(field, name)                                                                           \
+	do {                                                                                       \
+		*(void **)&a->field = dlsym(a->dl, name);                                          \
+		if (!a->field) {                                                                   \
+			snprintf(err, cap, "'%s' is not a moegen model: symbol %s is missing",     \
+				 path, name);                                                      \
+			dlclose(a->dl);                                                            \
+			a->dl = NULL;                                                              \
+			return -1;                                                                 \
+		}                                                                                  \
+	} while (0)
+	SYM(info, "moe_info");
+	SYM(create, "moe_create");
+	SYM(destroy, "moe_destroy");
+	SYM(load, "moe_load_safetensors");
+	SYM(init_random, "moe_init_random");
+	SYM(forward, "moe_forward");
+	SYM(last_error, "moe_last_error");
+#undef SYM
+	const struct moe_info *in = a->info();
+	if (in->abi_version != MOE_ABI_VERSION) {
+		snprintf(err, cap, "'%s' has ABI version %u, this moegen speaks %u", path,
+			 in->abi_version, MOE_ABI_VERSION);
+		dlclose(a->dl);
+		a->dl = NULL;
+		return -1;
+	}
+	return 0;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: moegen run MODEL.so [--weights FILE... | --random SEED] [--tokens N]\n"
+		   "                  [--threads N] [--layer L] [--seed S] [--reps N] [--check]\n"
+		   "Run one MoE layer of a built model on seeded random tokens and time it.\n"
+		   "  --weights FILE...  safetensors files (or a .index.json) to load\n"
+		   "  --random SEED      deterministic random weights (default 1)\n"
+		   "  --tokens N         tokens per forward (default 16)\n"
+		   "  --threads N        worker threads (default: all cores)\n"
+		   "  --layer L          model layer (default: the first MoE layer)\n"
+		   "  --seed S           input seed (default 1)\n"
+		   "  --reps N           forward passes to time (default 3)\n"
+		   "  --check            compare with the reference forward pass (random\n"
+		   "                     weights only); exit 5 on mismatch\n");
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+	char *end;
+	if (!s || !*s || *s == '-')
+		return -1;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 0);
+	if (errno || *end)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Compare the expert sets of two routings, token by token. */
+static size_t routing_mismatches(const int32_t *a, const int32_t *b, size_t T, size_t W)
+{
+	size_t bad = 0;
+	for (size_t t = 0; t < T; t++) {
+		int same = 1;
+		for (size_t j = 0; j < W && same; j++) {
+			int found = 0;
+			for (size_t i = 0; i < W; i++)
+				found |= a[t * W + j] == b[t * W + i];
+			same = found;
+		}
+		bad += !same;
+	}
+	return bad;
+}
+
+struct run_opts {
+	const char *model;
+	const char **weights;
+	size_t n_weights;
+	uint64_t seed_w, seed_x, tokens, threads, layer, reps;
+	int have_layer, check;
+};
+
+static int do_run(const struct run_opts *o)
+{
+	struct moe_api a;
+	char err[4096];
+	if (api_open(o->model, &a, err, sizeof err) != 0) {
+		fprintf(stderr, "moegen: error: %s\n", err);
+		return MOE_EXIT_IO;
+	}
+	const struct moe_info *in = a.info();
+	const struct moe_desc *d = in->desc;
+	int rc = MOE_EXIT_BACKEND;
+	moe_model *m = NULL;
+	float *x = NULL, *y = NULL, *yr = NULL;
+	uint16_t *xb = NULL, *yb = NULL;
+	int32_t *ids = NULL, *ids_ref = NULL;
+	int64_t *counts = NULL;
+	struct moe_ref_weights w = {0};
+	uint32_t layer =
+	    o->have_layer ? (uint32_t)o->layer : (d->n_moe_layers ? d->moe_layers[0] : 0);
+	size_t T = o->tokens, H = in->hidden, W = in->route_width;
+	int bf16 = in->act_dtype == MOE_DTYPE_BF16;
+
+	struct moe_create_opts co = {.threads = (uint32_t)o->threads, .device = MOE_DEVICE_CPU};
+	if (a.create(&m, &co) != MOE_OK) {
+		fprintf(stderr, "moegen: error: %s\n", a.last_error());
+		goto out;
+	}
+	double t0 = now_s();
+	enum moe_status st =
+	    o->n_weights ? a.load(m, o->weights, o->n_weights) : a.init_random(m, o->seed_w);
+	if (st != MOE_OK) {
+		fprintf(stderr, "moegen: error: %s\n", a.last_error());
+		rc = st == MOE_ERR_IO ? MOE_EXIT_IO : MOE_EXIT_BACKEND;
+		goto out;
+	}
+	double t_load = now_s() - t0;
+	x = malloc((T ? T : 1) * H * sizeof *x);
+	y = malloc((T ? T : 1) * H * sizeof *y);
+	ids = malloc((T ? T : 1) * (W ? W : 1) * sizeof *ids);
+	counts = calloc(in->n_experts, sizeof *counts);
+	xb = malloc((T ? T : 1) * H * sizeof *xb);
+	yb = malloc((T ? T : 1) * H * sizeof *yb);
+	if (!x || !y || !ids || !counts || !xb || !yb) {
+		fprintf(stderr, "moegen: error: out of memory\n");
+		goto out;
+	}
+	/* inputs uniform in [-1, 1), seeded; bf16 models get them rounded */
+	for (size_t i = 0; i < T * H; i++) {
+		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(o->seed_x, 0x78, i / H, i % H)) - 1.0f;
+		if (bf16) {
+			xb[i] = moe_f32_to_bf16(x[i]);
+			x[i] = moe_bf16_to_f32(xb[i]);
+		}
+	}
+	struct moe_routing rt = {.expert_ids = ids, .counts = counts};
+	double best = INFINITY;
+	for (uint64_t r = 0; r < (o->reps ? o->reps : 1); r++) {
+		t0 = now_s();
+		st = a.forward(m, layer, bf16 ? (const void *)xb : x, bf16 ? (void *)yb : y, T, &rt,
+			       NULL);
+		double dt = now_s() - t0;
+		if (st != MOE_OK) {
+			fprintf(stderr, "moegen: error: %s\n", a.last_error());
+			goto out;
+		}
+		if (dt < best)
+			best = dt;
+	}
+	if (bf16)
+		for (size_t i = 0; i < T * H; i++)
+			y[i] = moe_bf16_to_f32(yb[i]);
+	double amax = 0.0, sum = 0.0;
+	for (size_t i = 0; i < T * H; i++) {
+		sum += y[i];
+		if (fabs(y[i]) > amax)
+			amax = fabs(y[i]);
+	}
+	double I = d->intermediate, Is = moe_desc_shared_width(d);
+	double mats = d->kind == MOE_KIND_GLU ? 3.0 : 2.0;
+	double smats = d->shared_kind == MOE_KIND_GLU ? 3.0 : 2.0;
+	double flops = 2.0 * (double)T *
+		       ((double)W * mats * H * I + smats * H * Is + (double)H * in->n_experts);
+	char thr[32] = "all cores";
+	if (o->threads)
+		snprintf(thr, sizeof thr, "%u", (unsigned)o->threads);
+	printf("model %s (cpu %s), layer %u, %zu tokens, threads %s\n", in->name, in->cpu, layer, T,
+	       thr);
+	printf("weights %s in %.3f s\n", o->n_weights ? "loaded" : "random", t_load);
+	printf("forward %.3f ms (best of %llu), %.1f GFLOP/s\n", best * 1e3,
+	       (unsigned long long)(o->reps ? o->reps : 1), T ? flops / best * 1e-9 : 0.0);
+	printf("output mean %.6g, max |y| %.6g\n", T ? sum / (double)(T * H) : 0.0, amax);
+	printf("aux: lb_loss %.6g z_loss %.6g importance_cv2 %.6g dropped %lld\n",
+	       (double)rt.lb_loss, (double)rt.z_loss, (double)rt.importance_cv2,
+	       (long long)rt.n_dropped);
+	rc = MOE_EXIT_OK;
+
+	if (o->check) {
+		if (o->n_weights) {
+			fprintf(stderr, "moegen: error: --check needs --random weights\n");
+			rc = MOE_EXIT_USAGE;
+			goto out;
+		}
+		yr = malloc((T ? T : 1) * H * sizeof *yr);
+		ids_ref = malloc((T ? T : 1) * (W ? W : 1) * sizeof *ids_ref);
+		if (!yr || !ids_ref || moe_ref_weights_alloc(d, &w) != MOE_OK) {
+			fprintf(stderr, "moegen: error: out of memory\n");
+			rc = MOE_EXIT_BACKEND;
+			goto out;
+		}
+		moe_ref_weights_random(d, o->seed_w, layer, &w);
+		struct moe_routing rr = {.expert_ids = ids_ref};
+		struct moe_fwd_opts fo = {.layer = layer};
+		if (moe_ref_forward(d, &w, x, yr, T, &fo, &rr, err, sizeof err) != MOE_OK) {
+			fprintf(stderr, "moegen: error: reference: %s\n", err);
+			rc = MOE_EXIT_BACKEND;
+			goto out;
+		}
+		double rmax = 0.0, emax = 0.0, se = 0.0, sr = 0.0;
+		for (size_t i = 0; i < T * H; i++) {
+			double r = bf16 ? moe_bf16_round(yr[i]) : yr[i];
+			double e = fabs((double)y[i] - r);
+			rmax = fmax(rmax, fabs(r));
+			emax = fmax(emax, e);
+			se += e * e;
+			sr += r * r;
+		}
+		double rel = rmax > 0.0 ? emax / rmax : emax;
+		double nmse = sr > 0.0 ? se / sr : se;
+		size_t bad = W ? routing_mismatches(ids, ids_ref, T, W) : 0;
+		/* bf16 activations: the output itself is rounded to 8 bits */
+		double tol = bf16 ? 1.0 / 128.0 : 1e-5;
+		printf("check: max rel err %.3g (tol %.0e), nmse %.3g, routing agreement "
+		       "%zu/%zu tokens\n",
+		       rel, tol, nmse, T - bad, T);
+		if (!(rel <= tol) || bad) {
+			printf("check: MISMATCH\n");
+			rc = MOE_EXIT_CHECK;
+		} else {
+			printf("check: ok\n");
+		}
+	}
+out:
+	moe_ref_weights_free(&w);
+	free(x), free(y), free(yr), free(xb), free(yb), free(ids), free(ids_ref), free(counts);
+	if (m)
+		a.destroy(m);
+	dlclose(a.dl);
+	return rc;
+}
+
+int moe_cmd_run(int argc, char **argv)
+{
+	struct run_opts o = {.seed_w = 1, .seed_x = 1, .tokens = 16, .reps = 3};
+	const char **wts = calloc((size_t)argc + 1, sizeof *wts);
+	int rc = MOE_EXIT_USAGE;
+	if (!wts)
+		return MOE_EXIT_INTERNAL;
+	o.weights = wts;
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		uint64_t *num = NULL;
+		if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+			usage(stdout);
+			rc = MOE_EXIT_OK;
+			goto done;
+		} else if (!strcmp(a, "--check")) {
+			o.check = 1;
+			continue;
+		} else if (!strcmp(a, "--weights")) {
+			while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0)
+				wts[o.n_weights++] = argv[++i];
+			if (!o.n_weights) {
+				fprintf(stderr,
+					"moegen: error: --weights needs at least one file\n");
+				goto done;
+			}
+			continue;
+		} else if (!strcmp(a, "--random")) {
+			num = &o.seed_w;
+		} else if (!strcmp(a, "--tokens")) {
+			num = &o.tokens;
+		} else if (!strcmp(a, "--threads")) {
+			num = &o.threads;
+		} else if (!strcmp(a, "--layer")) {
+			num = &o.layer;
+			o.have_layer = 1;
+		} else if (!strcmp(a, "--seed")) {
+			num = &o.seed_x;
+		} else if (!strcmp(a, "--reps")) {
+			num = &o.reps;
+		} else if (a[0] == '-') {
+			fprintf(stderr, "moegen: error: unknown option '%s'\n", a);
+			usage(stderr);
+			goto done;
+		} else if (!o.model) {
+			o.model = a;
+			continue;
+		} else {
+			fprintf(stderr, "moegen: error: unexpected argument '%s'\n", a);
+			goto done;
+		}
+		if (i + 1 >= argc || parse_u64(argv[i + 1], num) != 0) {
+			fprintf(stderr, "moegen: error: option '%s' needs a non-negative integer\n",
+				a);
+			goto done;
+		}
+		i++;
+	}
+	if (!o.model) {
+		fprintf(stderr, "moegen: error: missing MODEL.so\n");
+		usage(stderr);
+		goto done;
+	}
+	if (o.tokens > (1u << 24) || o.threads > 1024 || o.layer > UINT32_MAX) {
+		fprintf(stderr, "moegen: error: --tokens, --threads or --layer out of range\n");
+		goto done;
+	}
+	rc = do_run(&o);
+done:
+	free(wts);
+	return rc;
+}

@@ -1,0 +1,664 @@
+/* moe.c: the public ABI of every model.so (moe.h) over the generated kernels
+ * (moe_gen_model, moe_kernels.h): metadata, create/destroy, weights (random or
+ * safetensors, packed once), argument checks and the forward call. Nothing
+ * here aborts on bad input: every failure is a status and a message. */
+#include "moe.h"
+#include "cuda_rt.h"
+#include "moe_kernels.h"
+#include "pool.h"
+#include "dequant.h"
+#include "safetensors.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MOE_API __attribute__((visibility("default")))
+
+static _Thread_local char last_error[1024];
+
+void moe_set_error(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(last_error, sizeof last_error, fmt, ap);
+	va_end(ap);
+}
+
+MOE_API const char *moe_last_error(void)
+{
+	return last_error;
+}
+
+static struct moe_info info;
+static pthread_once_t info_once = PTHREAD_ONCE_INIT;
+
+static void info_init(void)
+{
+	const struct moe_gen *g = &moe_gen_model; /* NULL: built for cuda only */
+	const struct moe_cuda_gen *cg = moe_cuda_gen();
+	const struct moe_desc *d = g ? g->desc : (const struct moe_desc *)cg->desc;
+	info.abi_version = MOE_ABI_VERSION;
+	info.name = d->name;
+	info.desc = d;
+	info.hidden = d->hidden;
+	info.n_experts = d->n_experts;
+	info.top_k = d->top_k;
+	info.route_width = moe_desc_route_width(d);
+	info.n_layers = d->n_layers;
+	info.n_moe_layers = d->n_moe_layers;
+	info.weight_dtype = d->weight_dtype;
+	info.act_dtype = d->act_dtype;
+	info.targets = (g ? 1u << MOE_DEVICE_CPU : 0) | (cg ? 1u << MOE_DEVICE_CUDA : 0);
+	info.spec_hash = g ? g->spec_hash : cg->spec_hash;
+	info.cpu = g ? g->cpu : "";
+}
+
+MOE_API const struct moe_info *moe_info(void)
+{
+	pthread_once(&info_once, info_init);
+	return &info;
+}
+
+MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts *opts)
+{
+	if (!out) {
+		moe_set_error("moe_create: the output handle pointer is NULL");
+		return MOE_ERR_ARG;
+	}
+	*out = NULL;
+	if (opts && opts->device == MOE_DEVICE_CUDA) {
+		const struct moe_info *in = moe_info();
+		struct moe_model *m = calloc(1, sizeof *m);
+		char err[1024];
+		if (!m) {
+			moe_set_error("moe_create: out of memory");
+			return MOE_ERR_NOMEM;
+		}
+		m->d = in->desc;
+		m->layers = NULL;
+		enum moe_status st =
+		    moe_cuda_create(moe_cuda_gen(), m->d, opts->stream, &m->cuda, err, sizeof err);
+		if (st != MOE_OK) {
+			moe_set_error("moe_create: %s", err);
+			free(m);
+			return st;
+		}
+		atomic_init(&m->busy, 0);
+		*out = m;
+		return MOE_OK;
+	}
+	const struct moe_gen *g = &moe_gen_model;
+	if (!g) {
+		moe_set_error("moe_create: this model.so was built for cuda only (targets: cuda)");
+		return MOE_ERR_DEVICE;
+	}
+	if (g->abi != MOE_KERNELS_ABI || g->desc_bytes != sizeof(struct moe_desc) ||
+	    g->desc->version != MOE_DESC_VERSION) {
+		moe_set_error("moe_create: the generated kernels (abi %u, %u-byte description) do "
+			      "not match this runtime (abi %u, %zu bytes)",
+			      g->abi, g->desc_bytes, MOE_KERNELS_ABI, sizeof(struct moe_desc));
+		return MOE_ERR_INTERNAL;
+	}
+	if (opts && opts->device != MOE_DEVICE_CPU) {
+		moe_set_error("moe_create: unknown device %d", (int)opts->device);
+		return MOE_ERR_ARG;
+	}
+	struct moe_model *m = calloc(1, sizeof *m);
+	if (!m) {
+		moe_set_error("moe_create: out of memory");
+		return MOE_ERR_NOMEM;
+	}
+	m->gen = g;
+	m->d = g->desc;
+	moe_geom_init(&m->routed, m->d->hidden, m->d->intermediate, m->d->kind == MOE_KIND_GLU);
+	uint32_t is = moe_desc_shared_width(m->d);
+	if (is)
+		moe_geom_init(&m->shared, m->d->hidden, is, m->d->shared_kind == MOE_KIND_GLU);
+	m->layers = calloc(m->d->n_moe_layers ? m->d->n_moe_layers : 1, sizeof *m->layers);
+	m->pool = moe_pool_create(opts ? opts->threads : 0);
+	if (!m->layers || !m->pool) {
+		moe_set_error("moe_create: cannot start %u threads or out of memory",
+			      opts ? opts->threads : 0);
+		moe_destroy(m);
+		return MOE_ERR_NOMEM;
+	}
+	atomic_init(&m->busy, 0);
+	*out = m;
+	return MOE_OK;
+}
+
+MOE_API void moe_destroy(moe_model *m)
+{
+	if (!m)
+		return;
+	moe_cuda_destroy(m->cuda);
+	if (m->layers)
+		for (uint32_t i = 0; i < m->d->n_moe_layers; i++)
+			moe_layer_w_free(&m->layers[i]);
+	free(m->layers);
+	moe_pool_destroy(m->pool);
+	moe_ws_free(&m->ws);
+	free(m);
+}
+
+/* Take the model for one call, or refuse: one forward or load at a time. */
+static int acquire(moe_model *m, const char *what)
+{
+	int expect = 0;
+	if (!atomic_compare_exchange_strong(&m->busy, &expect, 1)) {
+		moe_set_error("%s: the model is busy in another thread (one call at a time per "
+			      "model; create one model per thread)",
+			      what);
+		return 0;
+	}
+	return 1;
+}
+
+static void release(moe_model *m)
+{
+	atomic_store(&m->busy, 0);
+}
+
+static void free_layers(moe_model *m)
+{
+	for (uint32_t i = 0; m->layers && i < m->d->n_moe_layers; i++)
+		moe_layer_w_free(&m->layers[i]);
+	m->loaded = 0;
+}
+
+/* One layer's canonical weights into the model: packed for the CPU kernels,
+ * or uploaded and packed on the device. */
+static enum moe_status put_layer(moe_model *m, uint32_t i, const struct moe_ref_weights *w)
+{
+	if (!m->cuda)
+		return moe_pack_layer(m, w, &m->layers[i]);
+	char err[1024];
+	enum moe_status st = moe_cuda_load_layer(m->cuda, i, w, err, sizeof err);
+	if (st != MOE_OK)
+		moe_set_error("loading layer %u on the device: %s", m->d->moe_layers[i], err);
+	return st;
+}
+
+MOE_API enum moe_status moe_init_random(moe_model *m, uint64_t seed)
+{
+	if (!m) {
+		moe_set_error("moe_init_random: model is NULL");
+		return MOE_ERR_ARG;
+	}
+	if (!acquire(m, "moe_init_random"))
+		return MOE_ERR_BUSY;
+	free_layers(m);
+	enum moe_status st = MOE_OK;
+	for (uint32_t i = 0; i < m->d->n_moe_layers && st == MOE_OK; i++) {
+		struct moe_ref_weights w;
+		st = moe_ref_weights_alloc(m->d, &w);
+		if (st != MOE_OK) {
+			moe_set_error("moe_init_random: out of memory for layer %u",
+				      m->d->moe_layers[i]);
+			break;
+		}
+		moe_ref_weights_random(m->d, seed, m->d->moe_layers[i], &w);
+		st = put_layer(m, i, &w);
+		moe_ref_weights_free(&w);
+	}
+	if (st == MOE_OK)
+		m->loaded = 1;
+	else
+		free_layers(m);
+	release(m);
+	return st;
+}
+
+/* Checkpoints ---------------------------------------------------------------- */
+
+/* Read one canonical role of one layer from the set into w (f32), applying
+ * the on-disk layout: per-expert names or one stacked tensor, out_in or
+ * in_out orientation, fused gate_up (concat / interleave), row-blocked. */
+struct st_ctx {
+	const struct moe_desc *d;
+	struct moe_st_set *set;
+	uint32_t layer;
+	int unsupported;
+	char err[1024];
+};
+
+static const struct moe_st_tensor *find(struct st_ctx *c, enum moe_role role, long expert,
+					char *name, size_t cap)
+{
+	const char *tmpl = c->d->names[role];
+	if (moe_st_expand(tmpl, c->layer, expert, name, cap, c->err, sizeof c->err) != MOE_OK)
+		return NULL;
+	const struct moe_st_tensor *t = moe_st_set_find(c->set, name);
+	if (!t)
+		snprintf(c->err, sizeof c->err, "tensor '%s' (%s, layer %u) not found", name,
+			 moe_role_names[role], c->layer);
+	return t;
+}
+
+/* Copy src (rows x cols as stored: out_in = [R, C], in_out = [C, R]) into
+ * dst [R, C]. */
+static void orient_copy(const float *src, float *dst, uint64_t R, uint64_t C, int in_out)
+{
+	if (!in_out) {
+		memcpy(dst, src, R * C * sizeof *dst);
+		return;
+	}
+	for (uint64_t c = 0; c < C; c++)
+		for (uint64_t r = 0; r < R; r++)
+			dst[r * C + c] = src[c * R + r];
+}
+
+/* A quantized role (layouts[role].quant): t holds n_e matrices of SR x SC as
+ * stored, e4m3 (fp8_block) or packed E2M1 (mxfp4), with the scale tensor
+ * named by scale_names[role] for the same layer and expert. Dequantized to
+ * f32 in the stored order into out (n_e * SR * SC floats). */
+static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
+		      enum moe_role role, long expert, uint64_t n_e, uint64_t SR, uint64_t SC,
+		      float *out)
+{
+	const struct moe_layout *l = &c->d->layouts[role];
+	int fp8 = l->quant == MOE_QUANT_FP8_BLOCK;
+	char sname[MOE_NAME_MAX * 2];
+	if (moe_st_expand(c->d->scale_names[role], c->layer, expert, sname, sizeof sname, c->err,
+			  sizeof c->err) != MOE_OK)
+		return -1;
+	const struct moe_st_tensor *s = moe_st_set_find(c->set, sname);
+	if (!s) {
+		snprintf(c->err, sizeof c->err,
+			 "scale tensor '%s' of '%s' (%s, layer %u) not found", sname, name,
+			 moe_role_names[role], c->layer);
+		return -1;
+	}
+	uint64_t gr = SR, gc = SC / 32; /* one scale matrix: mxfp4 [SR, SC/32] */
+	if (fp8)
+		moe_fp8_block_scale_shape(SR, SC, l->quant_block, &gr, &gc);
+	uint64_t want_q = n_e * SR * (fp8 ? SC : SC / 2), want_s = n_e * gr * gc;
+	enum moe_st_dtype qt = fp8 ? MOE_ST_F8_E4M3 : MOE_ST_U8;
+	if (t->dtype != qt || t->numel != want_q || (!fp8 && SC % 32)) {
+		snprintf(c->err, sizeof c->err,
+			 "tensor '%s' (%s, %s) must be %s with %llu elements, got %s with %llu",
+			 name, moe_role_names[role], moe_quant_names[l->quant],
+			 moe_st_dtype_names[qt], (unsigned long long)want_q,
+			 moe_st_dtype_names[t->dtype], (unsigned long long)t->numel);
+		return -1;
+	}
+	if (s->numel != want_s || (!fp8 && s->dtype != MOE_ST_U8)) {
+		snprintf(c->err, sizeof c->err,
+			 "scale tensor '%s' (%s) must have %llu %s elements, got %s with %llu", sname,
+			 moe_role_names[role], (unsigned long long)want_s, fp8 ? "float" : "U8",
+			 moe_st_dtype_names[s->dtype], (unsigned long long)s->numel);
+		return -1;
+	}
+	float *sf = NULL;
+	if (fp8) {
+		sf = malloc(want_s * sizeof *sf);
+		if (!sf) {
+			snprintf(c->err, sizeof c->err, "out of memory");
+			return -1;
+		}
+		if (moe_st_read_f32(s, sf, want_s, c->err, sizeof c->err) != MOE_OK) {
+			free(sf);
+			return -1;
+		}
+	}
+	const uint8_t *q = t->data, *su = s->data;
+	int64_t bad = 0;
+	for (uint64_t e = 0; e < n_e && bad >= 0; e++) {
+		int64_t b = fp8 ? moe_dequant_fp8_block(q + e * SR * SC, sf + e * gr * gc, SR, SC,
+							l->quant_block, out + e * SR * SC)
+				: moe_dequant_mxfp4(q + e * SR * SC / 2, su + e * gr * gc, SR, SC,
+						    out + e * SR * SC);
+		bad = b < 0 ? -1 : bad + b;
+	}
+	free(sf);
+	if (bad < 0) {
+		snprintf(c->err, sizeof c->err, "tensor '%s' (%s): invalid %s geometry", name,
+			 moe_role_names[role], moe_quant_names[l->quant]);
+		return -1;
+	}
+	if (bad > 0) {
+		snprintf(c->err, sizeof c->err,
+			 "tensor '%s' (%s): %lld values dequantize to NaN or infinity", name,
+			 moe_role_names[role], (long long)bad);
+		return -1;
+	}
+	return 0;
+}
+
+/* Read a tensor expected to hold n_e blocks of R x C canonical values. */
+static int read_blocks(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
+		       enum moe_role role, long expert, uint64_t n_e, uint64_t R, uint64_t C,
+		       float *dst)
+{
+	uint64_t want = n_e * R * C;
+	int quant = c->d->layouts[role].quant != MOE_QUANT_NONE;
+	if (!quant && t->numel != want) {
+		snprintf(c->err, sizeof c->err,
+			 "tensor '%s' (%s) has %llu elements, expected %llu (%llu x %llu x %llu)",
+			 name, moe_role_names[role], (unsigned long long)t->numel,
+			 (unsigned long long)want, (unsigned long long)n_e, (unsigned long long)R,
+			 (unsigned long long)C);
+		return -1;
+	}
+	int in_out = c->d->layouts[role].orient == MOE_ORIENT_IN_OUT;
+	float *tmp = in_out ? malloc(want * sizeof *tmp) : dst;
+	if (!tmp) {
+		snprintf(c->err, sizeof c->err, "out of memory");
+		return -1;
+	}
+	if (quant ? read_quant(c, t, name, role, expert, n_e, in_out ? C : R, in_out ? R : C,
+			       tmp) != 0
+		  : moe_st_read_f32(t, tmp, want, c->err, sizeof c->err) != MOE_OK) {
+		if (in_out)
+			free(tmp);
+		return -1;
+	}
+	if (in_out) {
+		for (uint64_t e = 0; e < n_e; e++)
+			orient_copy(tmp + e * R * C, dst + e * R * C, R, C, 1);
+		free(tmp);
+	}
+	return 0;
+}
+
+static int load_role(struct st_ctx *c, enum moe_role role, float *dst)
+{
+	uint64_t R, C;
+	int pe;
+	if (!moe_desc_role_shape(c->d, role, &R, &C, &pe))
+		return 0;
+	char name[MOE_NAME_MAX * 2];
+	uint64_t n_e = pe ? c->d->n_experts : 1;
+	if (!strstr(c->d->names[role], "{expert}")) {
+		const struct moe_st_tensor *t = find(c, role, -1, name, sizeof name);
+		return t ? read_blocks(c, t, name, role, -1, n_e, R, C, dst) : -1;
+	}
+	for (uint64_t e = 0; e < n_e; e++) {
+		const struct moe_st_tensor *t = find(c, role, (long)e, name, sizeof name);
+		if (!t || read_blocks(c, t, name, role, (long)e, 1, R, C, dst + e * R * C) != 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* gate and up from one fused tensor per expert (or stacked): [2I, H] with
+ * gate rows first (concat) or alternating (interleave). */
+static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r, float *gate,
+		      float *up)
+{
+	uint64_t R, C;
+	int pe;
+	if (!moe_desc_role_shape(c->d, up_r, &R, &C, &pe))
+		return 0;
+	uint64_t n_e = pe ? c->d->n_experts : 1;
+	float *tmp = malloc(n_e * 2 * R * C * sizeof *tmp);
+	if (!tmp) {
+		snprintf(c->err, sizeof c->err, "out of memory");
+		return -1;
+	}
+	char name[MOE_NAME_MAX * 2];
+	int rc = 0;
+	if (!strstr(c->d->names[fused], "{expert}")) {
+		const struct moe_st_tensor *t = find(c, fused, -1, name, sizeof name);
+		rc = t ? read_blocks(c, t, name, fused, -1, n_e, 2 * R, C, tmp) : -1;
+	} else {
+		for (uint64_t e = 0; e < n_e && rc == 0; e++) {
+			const struct moe_st_tensor *t = find(c, fused, (long)e, name, sizeof name);
+			rc = t ? read_blocks(c, t, name, fused, (long)e, 1, 2 * R, C,
+					     tmp + e * 2 * R * C)
+			       : -1;
+		}
+	}
+	int inter = c->d->layouts[fused].fuse == MOE_FUSE_INTERLEAVE;
+	/* a fused bias is one [2I] vector per expert: interleaving alternates
+	 * its elements, not rows */
+	if (rc == 0 && R == 1) {
+		for (uint64_t e = 0; e < n_e; e++)
+			for (uint64_t i = 0; i < C; i++) {
+				const float *s = tmp + e * 2 * C;
+				gate[e * C + i] = inter ? s[2 * i] : s[i];
+				up[e * C + i] = inter ? s[2 * i + 1] : s[C + i];
+			}
+		free(tmp);
+		return 0;
+	}
+	for (uint64_t e = 0; rc == 0 && e < n_e; e++)
+		for (uint64_t r = 0; r < R; r++) {
+			const float *gs = tmp + (e * 2 * R + (inter ? 2 * r : r)) * C;
+			const float *us = tmp + (e * 2 * R + (inter ? 2 * r + 1 : R + r)) * C;
+			memcpy(gate + (e * R + r) * C, gs, C * sizeof *gate);
+			memcpy(up + (e * R + r) * C, us, C * sizeof *up);
+		}
+	free(tmp);
+	return rc;
+}
+
+static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
+{
+	const struct moe_desc *d = c->d;
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		if (!w->w[r])
+			continue;
+		int fused_gu =
+		    (r == MOE_ROLE_GATE || r == MOE_ROLE_UP) && d->names[MOE_ROLE_GATE_UP][0];
+		int fused_s = (r == MOE_ROLE_SHARED_GATE || r == MOE_ROLE_SHARED_UP) &&
+			      d->names[MOE_ROLE_SHARED_GATE_UP][0];
+		int fused_b = (r == MOE_ROLE_GATE_BIAS || r == MOE_ROLE_UP_BIAS) &&
+			      d->names[MOE_ROLE_GATE_UP_BIAS][0];
+		if (fused_gu || fused_s || fused_b)
+			continue;
+		if (!d->names[r][0]) {
+			snprintf(c->err, sizeof c->err,
+				 "the spec names no tensor for role '%s' (weights.names.%s)",
+				 moe_role_names[r], moe_role_names[r]);
+			return -1;
+		}
+		if (load_role(c, (enum moe_role)r, w->w[r]) != 0)
+			return -1;
+	}
+	if (d->names[MOE_ROLE_GATE_UP][0] &&
+	    load_fused(c, MOE_ROLE_GATE_UP, MOE_ROLE_UP, w->w[MOE_ROLE_GATE], w->w[MOE_ROLE_UP]) !=
+		0)
+		return -1;
+	if (d->names[MOE_ROLE_SHARED_GATE_UP][0] &&
+	    load_fused(c, MOE_ROLE_SHARED_GATE_UP, MOE_ROLE_SHARED_UP, w->w[MOE_ROLE_SHARED_GATE],
+		       w->w[MOE_ROLE_SHARED_UP]) != 0)
+		return -1;
+	if (d->names[MOE_ROLE_GATE_UP_BIAS][0] && w->w[MOE_ROLE_UP_BIAS] &&
+	    load_fused(c, MOE_ROLE_GATE_UP_BIAS, MOE_ROLE_UP_BIAS, w->w[MOE_ROLE_GATE_BIAS],
+		       w->w[MOE_ROLE_UP_BIAS]) != 0)
+		return -1;
+	/* the kernels see what a bf16/f16 checkpoint holds: round like the
+	 * reference does for random weights */
+	if (d->weight_dtype != MOE_DTYPE_F32)
+		for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+			uint64_t R, C;
+			int pe;
+			if (!w->w[r] || !moe_desc_role_shape(d, (enum moe_role)r, &R, &C, &pe))
+				continue;
+			uint64_t n = R * C * (pe ? d->n_experts : 1);
+			for (uint64_t i = 0; i < n; i++)
+				w->w[r][i] = d->weight_dtype == MOE_DTYPE_BF16
+						 ? moe_bf16_round(w->w[r][i])
+						 : moe_f16_round(w->w[r][i]);
+		}
+	return 0;
+}
+
+MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *files, size_t n_files)
+{
+	if (!m || (!files && n_files)) {
+		moe_set_error("moe_load_safetensors: %s is NULL", m ? "files" : "model");
+		return MOE_ERR_ARG;
+	}
+	if (!n_files) {
+		moe_set_error("moe_load_safetensors: no files given");
+		return MOE_ERR_ARG;
+	}
+	if (!acquire(m, "moe_load_safetensors"))
+		return MOE_ERR_BUSY;
+	free_layers(m);
+	struct st_ctx c = {.d = m->d};
+	enum moe_status st = moe_st_set_open(files, n_files, &c.set, c.err, sizeof c.err);
+	if (st != MOE_OK) {
+		moe_set_error("moe_load_safetensors: %s", c.err);
+		release(m);
+		return st;
+	}
+	for (uint32_t i = 0; i < m->d->n_moe_layers && st == MOE_OK; i++) {
+		struct moe_ref_weights w;
+		c.layer = m->d->moe_layers[i];
+		if (moe_ref_weights_alloc(m->d, &w) != MOE_OK) {
+			moe_set_error("moe_load_safetensors: out of memory");
+			st = MOE_ERR_NOMEM;
+			break;
+		}
+		if (load_layer(&c, &w) != 0) {
+			moe_set_error("moe_load_safetensors: %s", c.err);
+			st = c.unsupported ? MOE_ERR_UNSUPPORTED : MOE_ERR_WEIGHTS;
+		} else {
+			st = put_layer(m, i, &w);
+		}
+		moe_ref_weights_free(&w);
+	}
+	moe_st_set_close(c.set);
+	if (st == MOE_OK)
+		m->loaded = 1;
+	else
+		free_layers(m);
+	release(m);
+	return st;
+}
+
+/* Forward ---------------------------------------------------------------- */
+
+static int layer_index(const struct moe_desc *d, uint32_t layer)
+{
+	for (uint32_t i = 0; i < d->n_moe_layers; i++)
+		if (d->moe_layers[i] == layer)
+			return (int)i;
+	return -1;
+}
+
+static void zero_routing(const struct moe_desc *d, struct moe_routing *rt)
+{
+	if (rt->counts)
+		memset(rt->counts, 0, d->n_experts * sizeof *rt->counts);
+	if (rt->importance)
+		memset(rt->importance, 0, d->n_experts * sizeof *rt->importance);
+	rt->importance_cv2 = rt->lb_loss = rt->z_loss = 0.0f;
+	rt->n_dropped = 0;
+}
+
+MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x, void *y,
+				    size_t n_tokens, struct moe_routing *routing,
+				    const struct moe_fwd_opts *opts)
+{
+	if (!m) {
+		moe_set_error("moe_forward: model is NULL");
+		return MOE_ERR_ARG;
+	}
+	const struct moe_desc *d = m->d;
+	int li = layer_index(d, layer);
+	if (li < 0) {
+		moe_set_error("moe_forward: layer %u is not an MoE layer of '%s' (%u MoE layers, "
+			      "first %u)",
+			      layer, d->name, d->n_moe_layers,
+			      d->n_moe_layers ? d->moe_layers[0] : 0);
+		return MOE_ERR_ARG;
+	}
+	if (n_tokens && (!x || !y)) {
+		moe_set_error("moe_forward: %s is NULL with %zu tokens", x ? "y" : "x", n_tokens);
+		return MOE_ERR_ARG;
+	}
+	if (m->cuda) { /* x and y are device pointers, on the model's stream */
+		if (!acquire(m, "moe_forward"))
+			return MOE_ERR_BUSY;
+		enum moe_status cst = MOE_ERR_WEIGHTS;
+		char err[1024];
+		if (!m->loaded)
+			moe_set_error("moe_forward: no weights loaded (call moe_init_random or "
+				      "moe_load_safetensors first)");
+		else if ((cst = moe_cuda_forward(m->cuda, (uint32_t)li, x, y, n_tokens, routing,
+						 opts, err, sizeof err)) != MOE_OK)
+			moe_set_error("moe_forward: %s", err);
+		release(m);
+		return cst;
+	}
+	if (opts && opts->training && d->noise != MOE_NOISE_NONE &&
+	    !(d->noise == MOE_NOISE_JITTER ? m->gen->jitter != NULL : m->gen->route_x != NULL)) {
+		moe_set_error("moe_forward: training-mode noise (%s) is not generated for target "
+			      "cpu yet",
+			      moe_noise_names[d->noise]);
+		return MOE_ERR_UNSUPPORTED;
+	}
+	size_t H = d->hidden;
+	if (n_tokens > (size_t)INT32_MAX / (moe_desc_route_width(d) + 1) ||
+	    n_tokens > SIZE_MAX / 4 / H / (m->routed.ld_h + 1)) {
+		moe_set_error("moe_forward: too many tokens (%zu)", n_tokens);
+		return MOE_ERR_ARG;
+	}
+	if (!acquire(m, "moe_forward"))
+		return MOE_ERR_BUSY;
+	enum moe_status st = MOE_OK;
+	if (!m->loaded) {
+		moe_set_error("moe_forward: no weights loaded (call moe_init_random or "
+			      "moe_load_safetensors first)");
+		st = MOE_ERR_WEIGHTS;
+		goto out;
+	}
+	if (n_tokens == 0) {
+		if (routing)
+			zero_routing(d, routing);
+		goto out;
+	}
+	int bf16 = d->act_dtype == MOE_DTYPE_BF16;
+	const float *xf = x;
+	if (bf16) {
+		float *buf = malloc(n_tokens * H * sizeof *buf);
+		if (!buf) {
+			moe_set_error("moe_forward: out of memory");
+			st = MOE_ERR_NOMEM;
+			goto out;
+		}
+		const uint16_t *xb = x;
+		for (size_t i = 0; i < n_tokens * H; i++)
+			buf[i] = moe_bf16_to_f32(xb[i]);
+		xf = buf;
+	}
+	for (size_t t = 0; t < n_tokens; t++)
+		for (size_t h = 0; h < H; h++)
+			if (!isfinite(xf[t * H + h])) {
+				moe_set_error(
+				    "moe_forward: non-finite input at token %zu, column %zu", t, h);
+				st = MOE_ERR_INPUT;
+				goto conv_out;
+			}
+	if (bf16) {
+		float *yf = malloc(n_tokens * H * sizeof *yf);
+		if (!yf) {
+			moe_set_error("moe_forward: out of memory");
+			st = MOE_ERR_NOMEM;
+			goto conv_out;
+		}
+		st = moe_exec_research(m, &m->layers[li], xf, yf, n_tokens, routing, opts);
+		if (st == MOE_OK) {
+			uint16_t *yb = y;
+			for (size_t i = 0; i < n_tokens * H; i++)
+				yb[i] = moe_f32_to_bf16(yf[i]);
+		}
+		free(yf);
+	} else {
+		st = moe_exec_research(m, &m->layers[li], xf, y, n_tokens, routing, opts);
+	}
+conv_out:
+	if (bf16)
+		free((void *)xf);
+out:
+	release(m);
+	return st;
+}

@@ -1,0 +1,202 @@
+/* moe_kernels.h: the contract between the code moegen generates for the CPU
+ * and the runtime linked beside it: the packed weight layout, the signatures
+ * of the generated tile functions and the table the generated object exports.
+ * Both sides compute the geometry with moe_geom_init, so they cannot disagree. */
+#ifndef MOE_KERNELS_H
+#define MOE_KERNELS_H
+
+#include <stdint.h>
+
+#include "moe_desc.h"
+
+#define MOE_KERNELS_ABI 2
+#define MOE_VW 8  /* floats per vector (AVX2 ymm) */
+#define MOE_MR 6  /* token rows per micro-tile */
+#define MOE_NR 16 /* values per k in one weight panel: two vectors */
+#define MOE_RB 8  /* router: expert columns per router panel */
+
+/* Geometry of one FFN (the routed experts, or the fused shared experts).
+ *
+ * Up panels (gate and up projections, K = hidden): for GLU experts panel p
+ * holds, for k = 0..hidden-1, gate rows 8p..8p+7 then up rows 8p..8p+7 at
+ * column k (16 values), so one pass computes both halves and the activation
+ * in registers; for MLP experts it holds up rows 16p..16p+15. Down panels
+ * (K = width): panel p holds, for k = 0..width-1, down rows 16p..16p+15 at
+ * column k. Rows past the end are zero. Elements have the weight dtype
+ * (bf16/f16 stay 16-bit and are widened in registers). Every expert's panels
+ * are contiguous: up_elems then (separately) down_elems per expert.
+ *
+ * bf16 panels pair the two vectors' lanes in 32-bit words (slot 2i: lane i of
+ * the first vector, 2i+1: lane i of the second; moe_panel_slot): one 32-byte
+ * load then a shift and a mask give both f32 vectors. */
+struct moe_geom {
+	uint32_t hidden;      /* K of the up panels, N of the down panels */
+	uint32_t width;       /* I: K of the down panels */
+	uint32_t glu;         /* 1: gate and up interleaved */
+	uint32_t up_cols;     /* h columns one up panel produces: 8 (glu) or 16 */
+	uint32_t up_panels;   /* ceil(width / up_cols) */
+	uint32_t ld_h;        /* row stride of the activation buffer h */
+	uint32_t down_panels; /* ceil(hidden / 16) */
+	uint32_t ld_bias;     /* padded length of down-bias vectors */
+	uint64_t up_elems;    /* per expert: up_panels * hidden * 16 */
+	uint64_t down_elems;  /* per expert: down_panels * width * 16 */
+};
+
+static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t width, int glu)
+{
+	g->hidden = hidden;
+	g->width = width;
+	g->glu = glu != 0;
+	g->up_cols = glu ? MOE_NR / 2 : MOE_NR;
+	g->up_panels = (width + g->up_cols - 1) / g->up_cols;
+	g->ld_h = g->up_panels * g->up_cols;
+	g->down_panels = (hidden + MOE_NR - 1) / MOE_NR;
+	g->ld_bias = g->down_panels * MOE_NR;
+	g->up_elems = (uint64_t)g->up_panels * hidden * MOE_NR;
+	g->down_elems = (uint64_t)g->down_panels * width * MOE_NR;
+}
+
+/* Where value j (0..15: vector j / 8, lane j % 8) of one panel row lives. */
+static inline uint32_t moe_panel_slot(enum moe_dtype t, uint32_t j)
+{
+	return t == MOE_DTYPE_BF16 ? 2 * (j % MOE_VW) + j / MOE_VW : j;
+}
+
+/* Router panels: expert columns in blocks of MOE_RB, [ceil(E/8)][hidden][8]
+ * f32, padding experts zero. */
+static inline uint32_t moe_router_blocks(uint32_t n_experts)
+{
+	return (n_experts + MOE_RB - 1) / MOE_RB;
+}
+
+/* The router for tokens [t0, t1): logits [T, E] (bias included), the chosen
+ * expert ids and weights [T, route_width] (ranked; dense: all experts in
+ * order), prio[T] (the selection score of the top choice: capacity priority)
+ * and, when the shared experts are sigmoid-gated, sgate[T]. Pointers of roles
+ * the description does not use may be NULL. */
+typedef void moe_route_fn(const float *x, int64_t t0, int64_t t1, const float *router,
+			  const float *router_bias, const float *select_bias,
+			  const float *shared_gate_w, float *logits, int32_t *ids, float *weights,
+			  float *sgate, float *prio);
+
+/* Up tile: for rows r in [0, n) (token rows[r] of x) and up panels
+ * [p0, p1): h[r, cols of p] = act(gate) * up, scaled by rw[r] (routed:
+ * the routing weight, applied to the input or the output as the spec says;
+ * shared: the sigmoid gate, or rw NULL). bg/bu: biases padded to ld_h, or
+ * NULL when the experts have none. */
+typedef void moe_up_fn(const float *x, const int32_t *rows, const float *rw, int64_t n,
+		       const void *panels, const float *bg, const float *bu, float *h, int64_t p0,
+		       int64_t p1);
+
+/* Down tile: y[rows[r], cols of p] += h[r, :] . down for rows [0, n) and down
+ * panels [p0, p1), K in a fixed order so every output element sees the same
+ * arithmetic whatever the tile; then + rw[r] * bd (bias, padded to ld_bias;
+ * rw NULL means 1). */
+typedef void moe_down_fn(const float *h, const int32_t *rows, const float *rw, int64_t n,
+			 const void *panels, const float *bd, float *y, int64_t p0, int64_t p1);
+
+/* The research routers (sparsemixer, hierarchical, token choice with learned
+ * noise; compiler/cpu_llvm_research.c): moe_route_fn's outputs plus
+ * prob[T, E], the router probability the statistics use. group: the
+ * hierarchical level-1 router panels; noise: the noise projection panels (both
+ * laid out like the router). The noise of (token t, expert e) is
+ * moe_rng_normal(seed, layer, t, e) and is drawn only when training != 0. */
+typedef void moe_route_x_fn(const float *x, int64_t t0, int64_t t1, const float *router,
+			    const float *router_bias, const float *select_bias, const float *group,
+			    const float *noise, uint64_t seed, uint64_t layer, int32_t training,
+			    float *logits, int32_t *ids, float *weights, float *prob, float *prio);
+/* Input jitter (training): xj = x * U(1 - eps, 1 + eps) for tokens [t0, t1),
+ * U from moe_rng_hash(seed, layer, t, h). */
+typedef void moe_jitter_fn(const float *x, float *xj, int64_t t0, int64_t t1, uint64_t seed,
+			   uint64_t layer);
+
+/* What the generated object exports (hidden inside model.so). */
+struct moe_gen {
+	uint32_t abi; /* MOE_KERNELS_ABI */
+	uint32_t desc_bytes;
+	const struct moe_desc *desc;
+	const char *spec_hash; /* hex SHA-256 of moe_desc_dump */
+	const char *cpu;       /* CPU name the code was generated for */
+	const char *triple;
+	moe_route_fn *route;
+	moe_up_fn *up;
+	moe_down_fn *down;
+	moe_up_fn *shared_up;     /* NULL without shared experts */
+	moe_down_fn *shared_down; /* NULL without shared experts */
+	moe_route_x_fn *route_x;  /* research routers; when set, used instead of route */
+	moe_jitter_fn *jitter;    /* noise jitter */
+};
+
+/* weak: a model.so built for cuda only has no CPU kernels */
+extern const struct moe_gen moe_gen_model __attribute__((weak));
+
+/* The runtime's side (moe.c, pack.c, exec_cpu.c) ---------------------------- */
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+#include "moe_ref.h"
+
+/* One MoE layer's weights in the kernels' layout. */
+struct moe_layer_w {
+	float *router;        /* router panels, moe_router_blocks(E) * H * 8 */
+	float *router_bias;   /* [E] */
+	float *select_bias;   /* [E] */
+	float *shared_gate_w; /* [H] */
+	void *up, *down;      /* E * up_elems, E * down_elems, weight dtype */
+	float *bg, *bu;       /* [E, ld_h] */
+	float *bd;            /* [E, ld_bias] */
+	void *s_up, *s_down;  /* shared FFN panels */
+	float *output_bias;   /* [H], added once after combining */
+	float *group_router;  /* hierarchical level 1, router panels of G rows */
+	float *noise;         /* learned noise projection, router panels of E rows */
+};
+
+/* Per-call scratch, grown on demand. */
+struct moe_ws {
+	size_t cap_tokens;
+	float *logits, *wts, *sgate, *prio, *row_w, *h, *hs, *x32, *y32;
+	int32_t *ids, *rows; /* rows: T * W routed rows, then T shared */
+	int64_t *counts, *offsets;
+	uint8_t *kept;
+	float *prob; /* [T, E] router probability (route_x) */
+};
+
+struct moe_pool;
+
+struct moe_model {
+	const struct moe_gen *gen;
+	const struct moe_desc *d;
+	struct moe_geom routed, shared; /* shared.width == 0: none */
+	struct moe_pool *pool;
+	struct moe_layer_w *layers; /* d->n_moe_layers */
+	int loaded;
+	atomic_int busy;
+	struct moe_cuda *cuda; /* device state when created for MOE_DEVICE_CUDA */
+	struct moe_ws ws;
+	struct moe_fwd_opts fwd; /* the current forward's options (noise draws) */
+};
+
+/* pack.c: canonical f32 weights of one layer -> the kernels' layout. Frees
+ * what it allocated on failure. */
+enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_weights *w,
+			       struct moe_layer_w *out);
+void moe_layer_w_free(struct moe_layer_w *lw);
+size_t moe_dtype_size(enum moe_dtype t);
+
+/* exec_cpu.c: one forward on f32 activations (checked by the caller). */
+enum moe_status moe_exec_cpu(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+			     float *y, size_t T, struct moe_routing *rt);
+void moe_ws_free(struct moe_ws *ws);
+/* exec_research.c: training-mode jitter, then moe_exec_cpu with the options
+ * the research routers draw their noise from. */
+enum moe_status moe_exec_research(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+				  float *y, size_t T, struct moe_routing *rt,
+				  const struct moe_fwd_opts *opts);
+/* pack.c: router-style panels [ceil(rows/8)][H][8] of a [rows, H] tensor. */
+float *moe_pack_router_panels(const float *w, uint32_t rows, uint32_t H);
+
+/* moe.c: the thread's last error. */
+void moe_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif

@@ -1,0 +1,205 @@
+/* pack.c: weights are packed once, at load, from the canonical f32 tensors
+ * (moe_desc.h roles) into the panels the generated micro-kernels stream
+ * (layout in moe_kernels.h); bf16/f16 weights stay 16-bit. */
+#include "moe_kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+size_t moe_dtype_size(enum moe_dtype t)
+{
+	return t == MOE_DTYPE_F32 ? 4 : 2;
+}
+
+/* 64-byte aligned, zeroed (padding rows and columns must be zero). */
+static void *zalloc(size_t bytes)
+{
+	size_t n = (bytes + 63) / 64 * 64;
+	void *p = aligned_alloc(64, n ? n : 64);
+	if (p)
+		memset(p, 0, n ? n : 64);
+	return p;
+}
+
+static void put(void *dst, size_t i, float v, enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_BF16:
+		((uint16_t *)dst)[i] = moe_f32_to_bf16(v);
+		break;
+	case MOE_DTYPE_F16:
+		((uint16_t *)dst)[i] = moe_f32_to_f16(v);
+		break;
+	default:
+		((float *)dst)[i] = v;
+		break;
+	}
+}
+
+/* Up panels of one FFN for experts [0, n_e): gate [n_e, width, H] (NULL for
+ * mlp) and up [n_e, width, H]. */
+static void *pack_up(const struct moe_geom *g, uint32_t n_e, const float *gate, const float *up,
+		     enum moe_dtype t)
+{
+	size_t es = moe_dtype_size(t);
+	char *out = zalloc((size_t)n_e * g->up_elems * es);
+	if (!out)
+		return NULL;
+	uint32_t H = g->hidden, W = g->width;
+	for (uint32_t e = 0; e < n_e; e++) {
+		char *pe = out + (size_t)e * g->up_elems * es;
+		for (uint32_t p = 0; p < g->up_panels; p++)
+			for (uint32_t j = 0; j < MOE_NR; j++) {
+				const float *src;
+				uint32_t row;
+				if (g->glu) {
+					row = p * (MOE_NR / 2) + j % (MOE_NR / 2);
+					src = j < MOE_NR / 2 ? gate : up;
+				} else {
+					row = p * MOE_NR + j;
+					src = up;
+				}
+				if (row >= W)
+					continue;
+				const float *s = src + ((size_t)e * W + row) * H;
+				size_t base = (size_t)p * H * MOE_NR + moe_panel_slot(t, j);
+				for (uint32_t k = 0; k < H; k++)
+					put(pe, base + (size_t)k * MOE_NR, s[k], t);
+			}
+	}
+	return out;
+}
+
+/* Down panels: down [n_e, H, width]. */
+static void *pack_down(const struct moe_geom *g, uint32_t n_e, const float *down, enum moe_dtype t)
+{
+	size_t es = moe_dtype_size(t);
+	char *out = zalloc((size_t)n_e * g->down_elems * es);
+	if (!out)
+		return NULL;
+	uint32_t H = g->hidden, W = g->width;
+	for (uint32_t e = 0; e < n_e; e++) {
+		char *pe = out + (size_t)e * g->down_elems * es;
+		for (uint32_t p = 0; p < g->down_panels; p++)
+			for (uint32_t j = 0; j < MOE_NR; j++) {
+				uint32_t row = p * MOE_NR + j;
+				if (row >= H)
+					continue;
+				const float *s = down + ((size_t)e * H + row) * W;
+				size_t base = (size_t)p * W * MOE_NR + moe_panel_slot(t, j);
+				for (uint32_t k = 0; k < W; k++)
+					put(pe, base + (size_t)k * MOE_NR, s[k], t);
+			}
+	}
+	return out;
+}
+
+/* Per-expert bias vectors [n_e, n] padded to [n_e, ld]. */
+static float *pack_bias(const float *b, uint32_t n_e, uint32_t n, uint32_t ld)
+{
+	float *out = zalloc((size_t)n_e * ld * sizeof *out);
+	if (!out)
+		return NULL;
+	for (uint32_t e = 0; e < n_e; e++)
+		memcpy(out + (size_t)e * ld, b + (size_t)e * n, n * sizeof *out);
+	return out;
+}
+
+static float *copy_f32(const float *src, size_t n)
+{
+	float *out = zalloc(n * sizeof *out);
+	if (out)
+		memcpy(out, src, n * sizeof *out);
+	return out;
+}
+
+float *moe_pack_router_panels(const float *w, uint32_t rows, uint32_t H)
+{
+	float *out = zalloc((size_t)moe_router_blocks(rows) * H * MOE_RB * sizeof(float));
+	if (!out)
+		return NULL;
+	for (uint32_t e = 0; e < rows; e++)
+		for (uint32_t h = 0; h < H; h++)
+			out[(size_t)(e / MOE_RB) * H * MOE_RB + (size_t)h * MOE_RB + e % MOE_RB] =
+			    w[(size_t)e * H + h];
+	return out;
+}
+
+void moe_layer_w_free(struct moe_layer_w *lw)
+{
+	if (!lw)
+		return;
+	free(lw->router), free(lw->router_bias), free(lw->select_bias);
+	free(lw->shared_gate_w), free(lw->up), free(lw->down);
+	free(lw->bg), free(lw->bu), free(lw->bd), free(lw->s_up), free(lw->s_down);
+	free(lw->output_bias);
+	free(lw->group_router), free(lw->noise);
+	memset(lw, 0, sizeof *lw);
+}
+
+enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_weights *w,
+			       struct moe_layer_w *out)
+{
+	const struct moe_desc *d = m->d;
+	const struct moe_geom *rg = &m->routed, *sg = &m->shared;
+	uint32_t E = d->n_experts, H = d->hidden, I = d->intermediate;
+	enum moe_dtype t = d->weight_dtype;
+	float *const *W = w->w;
+	memset(out, 0, sizeof *out);
+
+	/* router panels: [block][h][8] */
+	uint32_t nb = moe_router_blocks(E);
+	out->router = zalloc((size_t)nb * H * MOE_RB * sizeof(float));
+	if (!out->router)
+		goto nomem;
+	for (uint32_t e = 0; e < E; e++) {
+		const float *r = W[MOE_ROLE_ROUTER] + (size_t)e * H;
+		float *dst = out->router + (size_t)(e / MOE_RB) * H * MOE_RB + e % MOE_RB;
+		for (uint32_t h = 0; h < H; h++)
+			dst[(size_t)h * MOE_RB] = r[h];
+	}
+	if (d->router_bias && !(out->router_bias = copy_f32(W[MOE_ROLE_ROUTER_BIAS], E)))
+		goto nomem;
+	if (d->select_bias && !(out->select_bias = copy_f32(W[MOE_ROLE_SELECT_BIAS], E)))
+		goto nomem;
+
+	int glu = d->kind == MOE_KIND_GLU;
+	out->up = pack_up(rg, E, glu ? W[MOE_ROLE_GATE] : NULL, W[MOE_ROLE_UP], t);
+	out->down = pack_down(rg, E, W[MOE_ROLE_DOWN], t);
+	if (!out->up || !out->down)
+		goto nomem;
+	if (d->expert_bias) {
+		if (glu && !(out->bg = pack_bias(W[MOE_ROLE_GATE_BIAS], E, I, rg->ld_h)))
+			goto nomem;
+		if (!(out->bu = pack_bias(W[MOE_ROLE_UP_BIAS], E, I, rg->ld_h)))
+			goto nomem;
+		if (!(out->bd = pack_bias(W[MOE_ROLE_DOWN_BIAS], E, H, rg->ld_bias)))
+			goto nomem;
+	}
+	/* research routers: hierarchical level 1, the learned noise projection */
+	if (d->mode == MOE_MODE_HIERARCHICAL && W[MOE_ROLE_GROUP_ROUTER] &&
+	    !(out->group_router =
+		  moe_pack_router_panels(W[MOE_ROLE_GROUP_ROUTER], d->levels[0].groups, H)))
+		goto nomem;
+	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN && W[MOE_ROLE_NOISE] &&
+	    !(out->noise = moe_pack_router_panels(W[MOE_ROLE_NOISE], E, H)))
+		goto nomem;
+	if (d->output_bias && !(out->output_bias = copy_f32(W[MOE_ROLE_OUTPUT_BIAS], H)))
+		goto nomem;
+	if (sg->width) {
+		int sglu = d->shared_kind == MOE_KIND_GLU;
+		out->s_up =
+		    pack_up(sg, 1, sglu ? W[MOE_ROLE_SHARED_GATE] : NULL, W[MOE_ROLE_SHARED_UP], t);
+		out->s_down = pack_down(sg, 1, W[MOE_ROLE_SHARED_DOWN], t);
+		if (!out->s_up || !out->s_down)
+			goto nomem;
+		if (d->shared_gate == MOE_SHARED_GATE_SIGMOID &&
+		    !(out->shared_gate_w = copy_f32(W[MOE_ROLE_SHARED_EXPERT_GATE], H)))
+			goto nomem;
+	}
+	return MOE_OK;
+nomem:
+	moe_layer_w_free(out);
+	moe_set_error("out of memory packing the weights");
+	return MOE_ERR_NOMEM;
+}

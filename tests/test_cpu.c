@@ -1,0 +1,829 @@
+/* test_cpu.c: the CPU backend end to end: descriptions built in C are
+ * compiled to model.so, opened through the public ABI and compared with the
+ * reference forward pass (max relative error, identical expert choices), plus
+ * batch and thread-count invariance bit for bit, every runtime error path,
+ * refusals, deterministic output and a randomized sweep (MOE_TEST_SEED). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <dlfcn.h>
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../compiler/backend.h"
+#include "../runtime/moe.h"
+#include "../runtime/safetensors.h"
+
+static char tmpdir[] = "/tmp/test_cpu.XXXXXX";
+static int n_models;
+/* The randomized sweep compiles most descriptions at -O0 (same IR and the
+ * same arithmetic, much faster to build) and every fourth at -O2. */
+static int opt_level = 2;
+
+struct model {
+	void *dl;
+	const struct moe_info *(*info)(void);
+	enum moe_status (*create)(moe_model **, const struct moe_create_opts *);
+	void (*destroy)(moe_model *);
+	enum moe_status (*load)(moe_model *, const char *const *, size_t);
+	enum moe_status (*init_random)(moe_model *, uint64_t);
+	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
+				   struct moe_routing *, const struct moe_fwd_opts *);
+	const char *(*last_error)(void);
+	char path[256];
+};
+
+/* A small valid token-choice description: callers change fields. */
+static void base_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t k, uint32_t I)
+{
+	memset(d, 0, sizeof *d);
+	d->version = MOE_DESC_VERSION;
+	snprintf(d->name, sizeof d->name, "cpu-test");
+	d->hidden = H;
+	d->n_layers = 2;
+	d->n_moe_layers = 2;
+	d->moe_layers[0] = 0;
+	d->moe_layers[1] = 1;
+	d->weight_dtype = MOE_DTYPE_F32;
+	d->act_dtype = MOE_DTYPE_F32;
+	d->mode = MOE_MODE_TOKEN_CHOICE;
+	d->score = MOE_SCORE_SOFTMAX;
+	d->top_k = k;
+	d->norm = MOE_NORM_SUM;
+	d->scale = 1.0f;
+	d->n_groups = 1;
+	d->kind = MOE_KIND_GLU;
+	d->n_experts = E;
+	d->intermediate = I;
+	d->act = MOE_ACT_SILU;
+	d->act_alpha = 1.702f;
+	d->act_limit = 7.0f;
+	d->split = 1;
+	d->shared_kind = MOE_KIND_GLU;
+	d->shared_act = MOE_ACT_SILU;
+}
+
+/* Compile d into a fresh model.so and open it. Returns 0 or the compile
+ * exit code (err holds the message). */
+static int model_open(const struct moe_desc *d, struct model *m, char *err, size_t cap)
+{
+	memset(m, 0, sizeof *m);
+	snprintf(m->path, sizeof m->path, "%s/m%d.so", tmpdir, n_models++);
+	struct moe_cpu_target t = {.cpu = "native", .opt_level = opt_level};
+	int rc = moe_compile_cpu(d, &t, MOE_EMIT_SO, m->path, err, cap);
+	if (rc)
+		return rc;
+	m->dl = dlopen(m->path, RTLD_NOW | RTLD_LOCAL);
+	if (!m->dl)
+		fprintf(stderr, "dlopen: %s\n", dlerror());
+	assert_non_null(m->dl);
+	*(void **)&m->info = dlsym(m->dl, "moe_info");
+	*(void **)&m->create = dlsym(m->dl, "moe_create");
+	*(void **)&m->destroy = dlsym(m->dl, "moe_destroy");
+	*(void **)&m->load = dlsym(m->dl, "moe_load_safetensors");
+	*(void **)&m->init_random = dlsym(m->dl, "moe_init_random");
+	*(void **)&m->forward = dlsym(m->dl, "moe_forward");
+	*(void **)&m->last_error = dlsym(m->dl, "moe_last_error");
+	assert_non_null(m->info);
+	assert_non_null(m->create);
+	assert_non_null(m->destroy);
+	assert_non_null(m->load);
+	assert_non_null(m->init_random);
+	assert_non_null(m->forward);
+	assert_non_null(m->last_error);
+	/* only the ABI is exported */
+	assert_null(dlsym(m->dl, "moe_ref_forward"));
+	assert_null(dlsym(m->dl, "moe_gen_model"));
+	return 0;
+}
+
+static void model_close(struct model *m)
+{
+	dlclose(m->dl);
+	unlink(m->path);
+}
+
+static void fill_input(float *x, size_t n, uint64_t seed)
+{
+	for (size_t i = 0; i < n; i++)
+		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(seed, 99, i, 0)) - 1.0f;
+}
+
+/* Same expert set per token (order free). */
+static int same_sets(const int32_t *a, const int32_t *b, size_t T, size_t W, size_t *bad_tok)
+{
+	for (size_t t = 0; t < T; t++)
+		for (size_t j = 0; j < W; j++) {
+			int found = 0;
+			for (size_t i = 0; i < W; i++)
+				found |= a[t * W + j] == b[t * W + i];
+			if (!found) {
+				*bad_tok = t;
+				return 0;
+			}
+		}
+	return 1;
+}
+
+struct cmp_result {
+	double rel, nmse;
+	int routing_ok;
+};
+
+/* Forward T tokens of layer `layer` through the model and the reference on
+ * the same random weights; fail the test on a mismatch. */
+static struct cmp_result compare(const struct moe_desc *d, size_t T, uint32_t threads,
+				 uint64_t seed, double tol)
+{
+	struct model m;
+	char err[2048];
+	int rc = model_open(d, &m, err, sizeof err);
+	if (rc)
+		fprintf(stderr, "compile: %s\n", err);
+	assert_int_equal(rc, 0);
+	moe_model *mm;
+	struct moe_create_opts co = {.threads = threads};
+	assert_int_equal(m.create(&mm, &co), MOE_OK);
+	assert_int_equal(m.init_random(mm, seed), MOE_OK);
+	size_t H = d->hidden, W = moe_desc_route_width(d), E = d->n_experts;
+	uint32_t layer = d->moe_layers[d->n_moe_layers - 1];
+	float *x = malloc((T + 1) * H * 4), *y = malloc((T + 1) * H * 4);
+	float *yr = malloc((T + 1) * H * 4);
+	int32_t *ids = malloc((T + 1) * W * 4), *idr = malloc((T + 1) * W * 4);
+	float *wg = malloc((T + 1) * W * 4), *wr = malloc((T + 1) * W * 4);
+	int64_t *cnt = malloc(E * 8), *cntr = malloc(E * 8);
+	float *imp = malloc(E * 4), *impr = malloc(E * 4);
+	uint16_t *xb = malloc((T + 1) * H * 2), *yb = malloc((T + 1) * H * 2);
+	fill_input(x, T * H, seed + 1);
+	int bf16 = d->act_dtype == MOE_DTYPE_BF16;
+	for (size_t i = 0; bf16 && i < T * H; i++) {
+		xb[i] = moe_f32_to_bf16(x[i]);
+		x[i] = moe_bf16_to_f32(xb[i]);
+	}
+	struct moe_routing rt = {ids, wg, cnt, imp, 0, 0, 0, 0};
+	struct moe_routing rr = {idr, wr, cntr, impr, 0, 0, 0, 0};
+	enum moe_status st = m.forward(mm, layer, bf16 ? (void *)xb : (void *)x,
+				       bf16 ? (void *)yb : (void *)y, T, &rt, NULL);
+	if (st)
+		fprintf(stderr, "forward: %s\n", m.last_error());
+	assert_int_equal(st, MOE_OK);
+	for (size_t i = 0; bf16 && i < T * H; i++)
+		y[i] = moe_bf16_to_f32(yb[i]);
+
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(d, &w), MOE_OK);
+	moe_ref_weights_random(d, seed, layer, &w);
+	struct moe_fwd_opts fo = {.layer = layer};
+	st = moe_ref_forward(d, &w, x, yr, T, &fo, &rr, err, sizeof err);
+	if (st)
+		fprintf(stderr, "reference: %s\n", err);
+	assert_int_equal(st, MOE_OK);
+
+	struct cmp_result res = {0, 0, 1};
+	double rmax = 0, emax = 0, se = 0, sr = 0;
+	for (size_t i = 0; i < T * H; i++) {
+		double r = bf16 ? moe_bf16_round(yr[i]) : yr[i];
+		rmax = fmax(rmax, fabs(r));
+		emax = fmax(emax, fabs(y[i] - r));
+		se += (y[i] - r) * (y[i] - r);
+		sr += r * r;
+	}
+	res.rel = rmax > 0 ? emax / rmax : emax;
+	res.nmse = sr > 0 ? se / sr : se;
+	size_t bad = 0;
+	res.routing_ok = same_sets(ids, idr, T, W, &bad);
+	if (!res.routing_ok || !(res.rel <= tol)) {
+		char dump[8192];
+		moe_desc_dump(d, dump, sizeof dump);
+		fprintf(stderr, "mismatch: rel %g (tol %g) routing_ok %d (token %zu) T %zu\n%s",
+			res.rel, tol, res.routing_ok, bad, T, dump);
+	}
+	assert_true(res.routing_ok);
+	assert_true(res.rel <= tol);
+	/* routing output and statistics as the reference documents them */
+	for (size_t i = 0; i < E; i++)
+		assert_int_equal(cnt[i], cntr[i]);
+	assert_int_equal(rt.n_dropped, rr.n_dropped);
+	for (size_t i = 0; i < T * W; i++) {
+		/* same set; same order too since the router ranks like the reference */
+		assert_int_equal(ids[i], idr[i]);
+		assert_true(fabs(wg[i] - wr[i]) <= 1e-6 * fmax(1.0, fabs(wr[i])));
+	}
+	assert_true(fabs(rt.lb_loss - rr.lb_loss) <= 1e-5 * fmax(1.0, fabs(rr.lb_loss)));
+	assert_true(fabs(rt.z_loss - rr.z_loss) <= 1e-5 * fmax(1.0, fabs(rr.z_loss)));
+	assert_true(fabs(rt.importance_cv2 - rr.importance_cv2) <=
+		    1e-4 * fmax(1.0, fabs(rr.importance_cv2)));
+	for (size_t i = 0; i < E; i++)
+		assert_true(fabs(imp[i] - impr[i]) <= 1e-5 * fmax(1.0, fabs(impr[i])));
+
+	moe_ref_weights_free(&w);
+	free(x), free(y), free(yr), free(ids), free(idr), free(wg), free(wr);
+	free(cnt), free(cntr), free(imp), free(impr), free(xb), free(yb);
+	m.destroy(mm);
+	model_close(&m);
+	return res;
+}
+
+/* bf16/f16 weights: the reference runs on the same rounded weights, so the
+ * f32 bound holds up to accumulation order. */
+#define TOL 1e-5
+
+static void test_expert_counts(void **state)
+{
+	(void)state;
+	static const uint32_t Es[] = {1, 3, 60, 160, 384};
+	static const uint32_t ks[] = {1, 2, 4, 6, 8};
+	for (size_t i = 0; i < sizeof Es / sizeof *Es; i++) {
+		struct moe_desc d;
+		base_desc(&d, 40, Es[i], ks[i], 24);
+		compare(&d, 29, 2, 11 + i, TOL);
+	}
+}
+
+/* One feature at a time, each against the reference. */
+static void test_features(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	for (int sc = 0; sc < MOE_SCORE_COUNT; sc++)
+		for (int nm = 0; nm < MOE_NORM_COUNT; nm++) {
+			base_desc(&d, 48, 12, 3, 40);
+			d.score = sc;
+			d.norm = nm;
+			d.norm_p = 2.0f;
+			d.norm_eps = nm ? 1e-6f : 0.0f;
+			d.norm_min = nm == MOE_NORM_SUM ? 0.05f : 0.0f;
+			d.scale = 2.5f;
+			compare(&d, 21, 2, 100 + (uint64_t)sc * 3 + nm, TOL);
+		}
+	base_desc(&d, 48, 12, 3, 40);
+	d.norm = MOE_NORM_LP;
+	d.norm_p = 1.0f;
+	compare(&d, 21, 2, 5, TOL);
+	base_desc(&d, 48, 12, 3, 40);
+	d.router_bias = 1;
+	d.score = MOE_SCORE_SIGMOID;
+	compare(&d, 21, 2, 6, TOL);
+	base_desc(&d, 48, 16, 4, 40);
+	d.select_bias = 1;
+	d.score = MOE_SCORE_SIGMOID;
+	d.n_groups = 4;
+	d.group_top = 2;
+	d.group_score = MOE_GROUP_SCORE_SUM_TOP2;
+	compare(&d, 33, 2, 7, TOL);
+	d.group_score = MOE_GROUP_SCORE_MAX;
+	d.select_bias = 0;
+	d.score = MOE_SCORE_SOFTMAX;
+	compare(&d, 33, 2, 8, TOL);
+	/* capacity: drop and passthrough, both priorities */
+	for (int ov = 0; ov < MOE_OVERFLOW_COUNT; ov++)
+		for (int pr = 0; pr < MOE_PRIORITY_COUNT; pr++) {
+			base_desc(&d, 32, 6, 2, 24);
+			d.capacity = pr ? MOE_CAPACITY_PER_EXPERT : MOE_CAPACITY_FACTOR;
+			d.capacity_factor = 0.75f;
+			d.capacity_per_expert = 5;
+			d.priority = pr;
+			d.overflow = ov;
+			d.select_bias = 1;
+			struct cmp_result r = compare(&d, 40, 2, 9 + (uint64_t)ov * 2 + pr, TOL);
+			(void)r;
+		}
+	base_desc(&d, 48, 8, 2, 40);
+	d.apply_to = MOE_APPLY_INPUT;
+	d.score = MOE_SCORE_SIGMOID;
+	d.norm = MOE_NORM_NONE;
+	compare(&d, 21, 2, 13, TOL);
+	for (int a = 0; a < MOE_ACT_COUNT; a++) {
+		base_desc(&d, 40, 8, 2, 36);
+		d.act = a;
+		compare(&d, 17, 2, 14 + (uint64_t)a, TOL);
+		if (a == MOE_ACT_SWIGLU_OAI)
+			continue;
+		d.kind = MOE_KIND_MLP;
+		compare(&d, 17, 2, 20 + (uint64_t)a, TOL);
+	}
+	base_desc(&d, 40, 8, 2, 36);
+	d.act = MOE_ACT_SWIGLU_OAI;
+	d.act_limit = 0.05f; /* small so the clamps bite */
+	d.expert_bias = 1;
+	d.router_bias = 1;
+	compare(&d, 17, 2, 26, TOL);
+	d.kind = MOE_KIND_MLP;
+	d.act = MOE_ACT_RELU;
+	d.apply_to = MOE_APPLY_INPUT;
+	compare(&d, 17, 2, 27, TOL);
+	/* shared experts, gated and not, glu and mlp */
+	for (int gate = 0; gate < 2; gate++) {
+		base_desc(&d, 40, 8, 2, 36);
+		d.shared_count = 2;
+		d.shared_intermediate = 20;
+		d.shared_gate = gate ? MOE_SHARED_GATE_SIGMOID : MOE_SHARED_GATE_NONE;
+		compare(&d, 23, 2, 28 + (uint64_t)gate, TOL);
+		d.shared_kind = MOE_KIND_MLP;
+		d.shared_act = MOE_ACT_GELU_TANH;
+		compare(&d, 23, 2, 30 + (uint64_t)gate, TOL);
+	}
+	/* dense */
+	base_desc(&d, 40, 5, 5, 36);
+	d.mode = MOE_MODE_DENSE;
+	d.norm = MOE_NORM_NONE;
+	compare(&d, 19, 2, 32, TOL);
+	/* weight and activation dtypes */
+	for (int dt = 0; dt < MOE_DTYPE_COUNT; dt++) {
+		base_desc(&d, 56, 10, 3, 44);
+		d.weight_dtype = dt;
+		d.shared_count = 1;
+		d.shared_intermediate = 24;
+		compare(&d, 25, 2, 33 + (uint64_t)dt, TOL);
+	}
+	base_desc(&d, 56, 10, 3, 44);
+	d.act_dtype = MOE_DTYPE_BF16;
+	d.weight_dtype = MOE_DTYPE_BF16;
+	compare(&d, 25, 2, 36, 1.0 / 128);
+}
+
+/* Output row i depends only on input row i, bit for bit, whatever the batch,
+ * tile and thread count. */
+static void test_invariance(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	base_desc(&d, 53, 9, 3, 27); /* no multiples of 8 or 16 anywhere */
+	d.shared_count = 1;
+	d.shared_intermediate = 19;
+	d.shared_gate = MOE_SHARED_GATE_SIGMOID;
+	d.expert_bias = 1;
+	struct model m;
+	char err[1024];
+	assert_int_equal(model_open(&d, &m, err, sizeof err), 0);
+	size_t T = 45, H = d.hidden;
+	float *x = malloc(T * H * 4), *y1 = malloc(T * H * 4), *yb = malloc(T * H * 4);
+	float *y2 = malloc(T * H * 4);
+	fill_input(x, T * H, 5);
+	moe_model *a, *b;
+	struct moe_create_opts one = {.threads = 1}, three = {.threads = 3};
+	assert_int_equal(m.create(&a, &one), MOE_OK);
+	assert_int_equal(m.create(&b, &three), MOE_OK);
+	assert_int_equal(m.init_random(a, 3), MOE_OK);
+	assert_int_equal(m.init_random(b, 3), MOE_OK);
+	assert_int_equal(m.forward(a, 1, x, y1, T, NULL, NULL), MOE_OK);
+	for (size_t t = 0; t < T; t++)
+		assert_int_equal(m.forward(a, 1, x + t * H, yb + t * H, 1, NULL, NULL), MOE_OK);
+	assert_memory_equal(y1, yb, T * H * 4);
+	/* odd chunks so rows land in different tiles */
+	for (size_t t = 0; t < T;) {
+		size_t n = t % 7 + 1 < T - t ? t % 7 + 1 : T - t;
+		assert_int_equal(m.forward(b, 1, x + t * H, yb + t * H, n, NULL, NULL), MOE_OK);
+		t += n;
+	}
+	assert_memory_equal(y1, yb, T * H * 4);
+	assert_int_equal(m.forward(b, 1, x, y2, T, NULL, NULL), MOE_OK);
+	assert_memory_equal(y1, y2, T * H * 4);
+	/* and the result is real: it matches the reference */
+	m.destroy(a), m.destroy(b);
+	model_close(&m);
+	compare(&d, T, 3, 3, TOL);
+	free(x), free(y1), free(yb), free(y2);
+}
+
+static void test_errors(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	base_desc(&d, 16, 4, 2, 8);
+	d.noise = MOE_NOISE_LEARNED_GAUSSIAN;
+	struct model m;
+	char err[1024];
+	assert_int_equal(model_open(&d, &m, err, sizeof err), 0);
+	const struct moe_info *in = m.info();
+	assert_int_equal(in->abi_version, MOE_ABI_VERSION);
+	assert_int_equal(in->hidden, 16);
+	assert_int_equal(in->n_experts, 4);
+	assert_int_equal(in->top_k, 2);
+	assert_int_equal(in->n_moe_layers, 2);
+	assert_memory_equal(in->desc, &d, sizeof d);
+	char hash[65];
+	moe_desc_hash(&d, hash);
+	assert_string_equal(in->spec_hash, hash);
+
+	float x[2 * 16], y[2 * 16];
+	fill_input(x, 32, 1);
+	assert_int_equal(m.create(NULL, NULL), MOE_ERR_ARG);
+	assert_non_null(strstr(m.last_error(), "NULL"));
+	moe_model *mm;
+	struct moe_create_opts cuda = {.device = MOE_DEVICE_CUDA};
+	assert_int_equal(m.create(&mm, &cuda), MOE_ERR_DEVICE);
+	assert_int_equal(m.create(&mm, NULL), MOE_OK);
+	assert_int_equal(m.forward(NULL, 0, x, y, 2, NULL, NULL), MOE_ERR_ARG);
+	assert_non_null(strstr(m.last_error(), "NULL"));
+	assert_int_equal(m.init_random(NULL, 1), MOE_ERR_ARG);
+	/* forward before weights */
+	assert_int_equal(m.forward(mm, 0, x, y, 2, NULL, NULL), MOE_ERR_WEIGHTS);
+	assert_non_null(strstr(m.last_error(), "no weights loaded"));
+	assert_int_equal(m.init_random(mm, 1), MOE_OK);
+	assert_int_equal(m.forward(mm, 7, x, y, 2, NULL, NULL), MOE_ERR_ARG);
+	assert_non_null(strstr(m.last_error(), "layer 7 is not an MoE layer"));
+	assert_int_equal(m.forward(mm, 0, NULL, y, 2, NULL, NULL), MOE_ERR_ARG);
+	assert_int_equal(m.forward(mm, 0, x, NULL, 2, NULL, NULL), MOE_ERR_ARG);
+	/* zero tokens is fine, with NULL tensors, and zeroes the statistics */
+	int64_t cnt[4] = {9, 9, 9, 9};
+	struct moe_routing rt = {.counts = cnt, .lb_loss = 3, .n_dropped = 4};
+	assert_int_equal(m.forward(mm, 0, NULL, NULL, 0, &rt, NULL), MOE_OK);
+	assert_int_equal(cnt[0] + cnt[1] + cnt[2] + cnt[3], 0);
+	assert_true(rt.lb_loss == 0.0f);
+	assert_int_equal(rt.n_dropped, 0);
+	/* non-finite input */
+	x[16 + 5] = NAN;
+	assert_int_equal(m.forward(mm, 1, x, y, 2, NULL, NULL), MOE_ERR_INPUT);
+	assert_non_null(strstr(m.last_error(), "non-finite input at token 1, column 5"));
+	x[16 + 5] = INFINITY;
+	assert_int_equal(m.forward(mm, 1, x, y, 2, NULL, NULL), MOE_ERR_INPUT);
+	x[16 + 5] = 0.5f;
+	/* training-mode noise is not generated: refused, not run elsewhere */
+	struct moe_fwd_opts tr = {.training = 1, .seed = 1};
+	assert_int_equal(m.forward(mm, 1, x, y, 2, NULL, &tr), MOE_ERR_UNSUPPORTED);
+	assert_non_null(strstr(m.last_error(), "not generated for target cpu"));
+	assert_int_equal(m.forward(mm, 1, x, y, 2, NULL, NULL), MOE_OK);
+	assert_string_equal(m.last_error(),
+			    "moe_forward: training-mode noise (learned_gaussian) is "
+			    "not generated for target cpu yet");
+	/* safetensors errors */
+	const char *none[] = {"/nonexistent/x.safetensors"};
+	assert_int_not_equal(m.load(mm, none, 1), MOE_OK);
+	assert_non_null(strstr(m.last_error(), "x.safetensors"));
+	assert_int_equal(m.load(mm, NULL, 0), MOE_ERR_ARG);
+	/* a failed load leaves no weights behind */
+	assert_int_equal(m.forward(mm, 0, x, y, 2, NULL, NULL), MOE_ERR_WEIGHTS);
+	m.destroy(mm);
+	m.destroy(NULL);
+	model_close(&m);
+}
+
+static void test_refusals(void **state)
+{
+	(void)state;
+	static const enum moe_mode modes[] = {MOE_MODE_EXPERT_CHOICE, MOE_MODE_SOFT,
+					      MOE_MODE_HIERARCHICAL, MOE_MODE_PRODUCT_KEY,
+					      MOE_MODE_SPARSEMIXER};
+	for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) {
+		struct moe_desc d;
+		base_desc(&d, 16, 4, 2, 8);
+		d.mode = modes[i];
+		char err[1024], want[256], path[300];
+		snprintf(path, sizeof path, "%s/refused.so", tmpdir);
+		struct moe_cpu_target t = {.opt_level = 1};
+		assert_int_equal(moe_compile_cpu(&d, &t, MOE_EMIT_SO, path, err, sizeof err),
+				 MOE_EXIT_BACKEND);
+		snprintf(want, sizeof want, "router.mode %s is not generated for target cpu yet",
+			 moe_mode_names[modes[i]]);
+		assert_string_equal(err, want);
+		assert_int_not_equal(access(path, F_OK), 0);
+	}
+}
+
+static int read_file(const char *path, char **buf, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return -1;
+	fseek(f, 0, SEEK_END);
+	*len = (size_t)ftell(f);
+	fseek(f, 0, SEEK_SET);
+	*buf = malloc(*len + 1);
+	size_t n = fread(*buf, 1, *len, f);
+	(*buf)[n] = 0;
+	fclose(f);
+	return n == *len ? 0 : -1;
+}
+
+static void test_deterministic(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	base_desc(&d, 24, 6, 2, 16);
+	d.shared_count = 1;
+	d.shared_intermediate = 8;
+	static const enum moe_emit kinds[] = {MOE_EMIT_SO, MOE_EMIT_LL, MOE_EMIT_OBJ,
+					      MOE_EMIT_HEADER};
+	struct moe_cpu_target t = {
+	    .cpu = "x86-64-v3", .triple = "x86_64-pc-linux-gnu", .opt_level = 3};
+	for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) {
+		char p1[300], p2[300], err[1024];
+		snprintf(p1, sizeof p1, "%s/det1.%s", tmpdir, moe_emit_names[kinds[i]]);
+		snprintf(p2, sizeof p2, "%s/det2.%s", tmpdir, moe_emit_names[kinds[i]]);
+		assert_int_equal(moe_compile_cpu(&d, &t, kinds[i], p1, err, sizeof err), 0);
+		assert_int_equal(moe_compile_cpu(&d, &t, kinds[i], p2, err, sizeof err), 0);
+		char *a, *b;
+		size_t la, lb;
+		assert_int_equal(read_file(p1, &a, &la), 0);
+		assert_int_equal(read_file(p2, &b, &lb), 0);
+		assert_true(la > 0);
+		assert_int_equal(la, lb);
+		assert_memory_equal(a, b, la);
+		if (kinds[i] == MOE_EMIT_LL) {
+			assert_non_null(strstr(a, "define hidden void @moe_route("));
+			assert_non_null(strstr(a, "define hidden void @moe_up("));
+			assert_non_null(strstr(a, "define hidden void @moe_shared_down("));
+			assert_non_null(strstr(a, "@llvm.fma.v8f32"));
+		}
+		if (kinds[i] == MOE_EMIT_HEADER) {
+			assert_non_null(strstr(a, "#define MOE_MODEL_HIDDEN 24\n"));
+			assert_non_null(strstr(a, "#define MOE_MODEL_EXPERTS 6\n"));
+			assert_non_null(strstr(a, "moe_forward("));
+		}
+		free(a), free(b);
+		unlink(p1), unlink(p2);
+	}
+}
+
+/* Weights written to a safetensors checkpoint (per-expert names, a stacked
+ * in_out down tensor, a fused interleaved gate_up) load to exactly what
+ * moe_init_random gives. */
+static void test_safetensors(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	base_desc(&d, 24, 4, 2, 12);
+	d.n_layers = 1;
+	d.n_moe_layers = 1;
+	d.weight_dtype = MOE_DTYPE_BF16;
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "l.{layer}.gate.weight");
+	snprintf(d.names[MOE_ROLE_GATE_UP], MOE_NAME_MAX, "l.{layer}.e.{expert}.gate_up");
+	d.layouts[MOE_ROLE_GATE_UP].fuse = MOE_FUSE_INTERLEAVE;
+	snprintf(d.names[MOE_ROLE_DOWN], MOE_NAME_MAX, "l.{layer}.down");
+	d.layouts[MOE_ROLE_DOWN].orient = MOE_ORIENT_IN_OUT;
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+	moe_ref_weights_random(&d, 4, 0, &w);
+	size_t H = 24, I = 12, E = 4;
+	float *gu = malloc(E * 2 * I * H * 4), *dn = malloc(E * I * H * 4);
+	for (size_t e = 0; e < E; e++)
+		for (size_t i = 0; i < I; i++)
+			for (size_t h = 0; h < H; h++) {
+				gu[((e * 2 * I) + 2 * i) * H + h] =
+				    w.w[MOE_ROLE_GATE][(e * I + i) * H + h];
+				gu[((e * 2 * I) + 2 * i + 1) * H + h] =
+				    w.w[MOE_ROLE_UP][(e * I + i) * H + h];
+			}
+	for (size_t e = 0; e < E; e++) /* canonical [H, I] -> stored [I, H] */
+		for (size_t h = 0; h < H; h++)
+			for (size_t i = 0; i < I; i++)
+				dn[(e * I + i) * H + h] = w.w[MOE_ROLE_DOWN][(e * H + h) * I + i];
+	struct moe_st_tensor ts[6];
+	char names[6][64];
+	size_t n = 0;
+	ts[n] = (struct moe_st_tensor){.name = "l.0.gate.weight",
+				       .dtype = MOE_ST_F32,
+				       .ndim = 2,
+				       .shape = {E, H},
+				       .data = w.w[MOE_ROLE_ROUTER]};
+	n++;
+	ts[n] = (struct moe_st_tensor){
+	    .name = "l.0.down", .dtype = MOE_ST_F32, .ndim = 3, .shape = {E, I, H}, .data = dn};
+	n++;
+	for (size_t e = 0; e < E; e++, n++) {
+		snprintf(names[e], sizeof names[e], "l.0.e.%zu.gate_up", e);
+		ts[n] = (struct moe_st_tensor){.name = names[e],
+					       .dtype = MOE_ST_F32,
+					       .ndim = 2,
+					       .shape = {2 * I, H},
+					       .data = gu + e * 2 * I * H};
+	}
+	char path[300], err[1024];
+	snprintf(path, sizeof path, "%s/w.safetensors", tmpdir);
+	assert_int_equal(moe_st_write(path, ts, n, err, sizeof err), MOE_OK);
+
+	struct model m;
+	assert_int_equal(model_open(&d, &m, err, sizeof err), 0);
+	moe_model *a, *b;
+	assert_int_equal(m.create(&a, NULL), MOE_OK);
+	assert_int_equal(m.create(&b, NULL), MOE_OK);
+	assert_int_equal(m.init_random(a, 4), MOE_OK);
+	const char *files[] = {path};
+	enum moe_status st = m.load(b, files, 1);
+	if (st)
+		fprintf(stderr, "load: %s\n", m.last_error());
+	assert_int_equal(st, MOE_OK);
+	size_t T = 9;
+	float x[9 * 24], ya[9 * 24], yb[9 * 24];
+	fill_input(x, T * H, 2);
+	assert_int_equal(m.forward(a, 0, x, ya, T, NULL, NULL), MOE_OK);
+	assert_int_equal(m.forward(b, 0, x, yb, T, NULL, NULL), MOE_OK);
+	assert_memory_equal(ya, yb, sizeof ya);
+	/* a missing tensor is named */
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "l.{layer}.gate.weight");
+	ts[0].name = "l.0.other";
+	assert_int_equal(moe_st_write(path, ts, n, err, sizeof err), MOE_OK);
+	assert_int_equal(m.load(b, files, 1), MOE_ERR_WEIGHTS);
+	assert_non_null(strstr(m.last_error(), "l.0.gate.weight"));
+	m.destroy(a), m.destroy(b);
+	model_close(&m);
+	unlink(path);
+	moe_ref_weights_free(&w);
+	free(gu), free(dn);
+}
+
+/* Run one forward of T tokens (seeded weights and input) and return y and,
+ * optionally, the routing ids. */
+static void run_once(const struct moe_desc *d, size_t T, float *y, int32_t *ids, int64_t *n_dropped)
+{
+	struct model m;
+	char err[1024];
+	assert_int_equal(model_open(d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	assert_int_equal(m.create(&mm, NULL), MOE_OK);
+	assert_int_equal(m.init_random(mm, 21), MOE_OK);
+	float *x = malloc(T * d->hidden * 4);
+	fill_input(x, T * d->hidden, 22);
+	struct moe_routing rt = {.expert_ids = ids};
+	assert_int_equal(m.forward(mm, d->moe_layers[0], x, y, T, &rt, NULL), MOE_OK);
+	if (n_dropped)
+		*n_dropped = rt.n_dropped;
+	free(x);
+	m.destroy(mm);
+	model_close(&m);
+}
+
+/* Capacity variants checked against a simulation of the fill order on the
+ * dropless routing, and the output bias against y + b. */
+static void test_capacity_and_bias(void **state)
+{
+	(void)state;
+	enum { T = 37, K = 2, E = 5, H = 24 };
+	struct moe_desc d;
+	base_desc(&d, H, E, K, 20);
+	float *y0 = malloc(T * H * 4), *y1 = malloc(T * H * 4);
+	int32_t ids0[T * K], ids1[T * K];
+	int64_t nd;
+	run_once(&d, T, y0, ids0, NULL);
+
+	/* a capacity nobody reaches is the dropless model, bit for bit */
+	struct moe_desc c = d;
+	c.capacity = MOE_CAPACITY_TOKEN_FRACTION;
+	c.capacity_token_fraction = 1.0f;
+	run_once(&c, T, y1, ids1, &nd);
+	assert_int_equal(nd, 0);
+	assert_memory_equal(y0, y1, T * H * 4);
+
+	for (int v = 0; v < 2; v++) {
+		c = d;
+		uint64_t C;
+		if (v == 0) {
+			c.capacity = MOE_CAPACITY_FACTOR;
+			c.capacity_factor = 1.0f;
+			c.capacity_floor = 1;
+			C = (uint64_t)floor((double)K * T / E); /* 14 */
+		} else {
+			c.capacity = MOE_CAPACITY_TOKEN_FRACTION;
+			c.capacity_token_fraction = 0.05f;
+			c.capacity_min = 3;
+			C = 3; /* ceil(37 * 0.05) = 2 < min */
+		}
+		run_once(&c, T, y1, ids1, &nd);
+		uint64_t fill[E] = {0};
+		int64_t want = 0;
+		for (int r = 0; r < K; r++)
+			for (int t = 0; t < T; t++) {
+				int32_t e = ids0[t * K + r];
+				int keep = fill[e] < C;
+				fill[e] += (uint64_t)keep;
+				want += !keep;
+				assert_int_equal(ids1[t * K + r], keep ? e : -1);
+			}
+		assert_true(want > 0);
+		assert_int_equal(nd, want);
+	}
+
+	/* output bias: added once, last */
+	c = d;
+	c.output_bias = 1;
+	run_once(&c, T, y1, NULL, NULL);
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(&c, &w), MOE_OK);
+	moe_ref_weights_random(&c, 21, 0, &w);
+	const float *ob = w.w[MOE_ROLE_OUTPUT_BIAS];
+	assert_non_null(ob);
+	for (int t = 0; t < T; t++)
+		for (int h = 0; h < H; h++)
+			assert_true(y1[t * H + h] == y0[t * H + h] + ob[h]);
+	moe_ref_weights_free(&w);
+	free(y0), free(y1);
+}
+
+static uint32_t rnd(uint64_t seed, uint64_t i, uint64_t what, uint32_t n)
+{
+	return (uint32_t)(moe_rng_hash(seed, 0x5eed, i, what) % n);
+}
+
+/* Random valid descriptions, small sizes, generated vs reference. */
+static void test_random(void **state)
+{
+	(void)state;
+	uint64_t seed = (uint64_t)time(NULL);
+	const char *env = getenv("MOE_TEST_SEED");
+	if (env)
+		seed = strtoull(env, NULL, 0);
+	int n = 200;
+	const char *nenv = getenv("MOE_TEST_RANDOM_N");
+	if (nenv)
+		n = atoi(nenv);
+	printf("test_random: MOE_TEST_SEED=%llu (%d descriptions)\n", (unsigned long long)seed, n);
+	fflush(stdout);
+	for (int i = 0; i < n; i++) {
+		opt_level = i % 4 == 0 ? 2 : 0;
+		struct moe_desc d;
+		uint64_t s = seed;
+		uint32_t G = 1 + rnd(s, i, 1, 4);
+		uint32_t E = G * (1 + rnd(s, i, 2, 12));
+		uint32_t H = 1 + rnd(s, i, 3, 70), I = 1 + rnd(s, i, 4, 50);
+		uint32_t k = 1 + rnd(s, i, 5, E < 8 ? E : 8);
+		base_desc(&d, H, E, k, I);
+		d.mode = rnd(s, i, 6, 8) == 0 ? MOE_MODE_DENSE : MOE_MODE_TOKEN_CHOICE;
+		if (d.mode == MOE_MODE_DENSE)
+			d.top_k = E;
+		d.score = rnd(s, i, 7, MOE_SCORE_COUNT);
+		d.norm = rnd(s, i, 8, MOE_NORM_COUNT);
+		d.norm_p = 0.5f + (float)rnd(s, i, 9, 4);
+		d.norm_eps = rnd(s, i, 10, 2) ? 1e-20f : 0.0f;
+		d.norm_min = rnd(s, i, 11, 3) == 0 ? 0.1f : 0.0f;
+		d.scale = rnd(s, i, 12, 2) ? 1.0f : 2.5f;
+		d.router_bias = rnd(s, i, 13, 3) == 0;
+		d.select_bias = rnd(s, i, 14, 3) == 0;
+		if (d.mode == MOE_MODE_TOKEN_CHOICE && G > 1 && rnd(s, i, 15, 2)) {
+			d.n_groups = G;
+			d.group_top = 1 + rnd(s, i, 16, G);
+			d.group_score = rnd(s, i, 17, MOE_GROUP_SCORE_COUNT);
+			uint32_t maxk = d.group_top * (E / G);
+			if (d.top_k > maxk)
+				d.top_k = maxk;
+		}
+		if (d.mode == MOE_MODE_TOKEN_CHOICE && rnd(s, i, 18, 4) == 0) {
+			d.capacity = 1 + rnd(s, i, 19, 2);
+			d.capacity_factor = 0.5f + 0.25f * (float)rnd(s, i, 20, 4);
+			d.capacity_per_expert = 1 + rnd(s, i, 21, 6);
+			d.priority = rnd(s, i, 22, MOE_PRIORITY_COUNT);
+			d.overflow = rnd(s, i, 23, MOE_OVERFLOW_COUNT);
+		}
+		d.apply_to = rnd(s, i, 24, 4) == 0 ? MOE_APPLY_INPUT : MOE_APPLY_OUTPUT;
+		d.kind = rnd(s, i, 25, 3) == 0 ? MOE_KIND_MLP : MOE_KIND_GLU;
+		d.act = rnd(s, i, 26, MOE_ACT_COUNT);
+		if (d.act == MOE_ACT_SWIGLU_OAI && d.kind != MOE_KIND_GLU)
+			d.act = MOE_ACT_SILU;
+		d.act_limit = rnd(s, i, 27, 2) ? 7.0f : 0.1f;
+		d.expert_bias = rnd(s, i, 28, 3) == 0;
+		if (rnd(s, i, 29, 3) == 0) {
+			d.shared_count = 1 + rnd(s, i, 30, 2);
+			d.shared_intermediate = 1 + rnd(s, i, 31, 30);
+			d.shared_kind = rnd(s, i, 32, 3) == 0 ? MOE_KIND_MLP : MOE_KIND_GLU;
+			d.shared_act = rnd(s, i, 33, MOE_ACT_COUNT);
+			if (d.shared_act == MOE_ACT_SWIGLU_OAI && d.shared_kind != MOE_KIND_GLU)
+				d.shared_act = MOE_ACT_RELU;
+			d.shared_gate = rnd(s, i, 34, 2);
+		}
+		d.weight_dtype = rnd(s, i, 35, MOE_DTYPE_COUNT);
+		size_t T = rnd(s, i, 36, 40);
+		compare(&d, T, 1 + rnd(s, i, 37, 3), seed + (uint64_t)i, TOL);
+	}
+	opt_level = 2;
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	return mkdtemp(tmpdir) ? 0 : -1;
+}
+
+static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+	(void)sb, (void)flag, (void)ftw;
+	return remove(path);
+}
+
+/* Also after a failed test, whose models were left behind. */
+static int teardown(void **state)
+{
+	(void)state;
+	return nftw(tmpdir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_expert_counts), cmocka_unit_test(test_features),
+	    cmocka_unit_test(test_invariance),    cmocka_unit_test(test_errors),
+	    cmocka_unit_test(test_refusals),      cmocka_unit_test(test_deterministic),
+	    cmocka_unit_test(test_safetensors),   cmocka_unit_test(test_capacity_and_bias),
+	    cmocka_unit_test(test_random),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
