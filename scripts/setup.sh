@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# README command 1: install what is missing, build, and run the main job on the
-# default example spec (specs/mixtral-mini.yaml).
+# README command 1: install what is missing, build, then compile the default
+# example spec (specs/mixtral-mini.yaml) into model.so and run it against the
+# reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -10,4 +11,5 @@ spec=specs/mixtral-mini.yaml
 set -x
 ./build/moegen check "$spec"
 ./build/moegen info "$spec"
-./build/moegen ref "$spec" --random 1 --tokens 8
+./build/moegen "$spec" -o build/mixtral-mini.so
+./build/moegen run build/mixtral-mini.so --random 1 --tokens 64 --check

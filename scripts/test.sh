@@ -20,3 +20,11 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMOE_SANITIZE=ON >/dev/null
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	ctest --test-dir build-asan --output-on-failure -j"$jobs"
+
+echo "== python binding and parity with transformers"
+# The virtual environment (torch, transformers from PyPI) lives outside the
+# clone so a machine installs it once; tests/parity/run.sh creates it when
+# missing, and prints "skipped:" only when torch cannot be installed at all.
+export MOE_PARITY_VENV=${MOE_PARITY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moegen/parity-venv}
+mkdir -p "$(dirname "$MOE_PARITY_VENV")"
+MOEGEN=$PWD/build/moegen bash tests/parity/run.sh
