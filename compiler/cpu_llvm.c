@@ -433,6 +433,11 @@ struct ffn {
 	int scale_in;    /* rw scales the input (apply_to input) */
 	int scale_out;   /* rw scales the output */
 	int down_bias_w; /* the down bias is scaled by rw */
+	/* down tiles: the K block [k0, k0 + klen) (k0 NULL: all of K); the
+	 * bias goes in with the block that ends K */
+	LLVMValueRef k0;
+	int64_t klen;
+	int kfinal;
 };
 
 /* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
@@ -583,16 +588,21 @@ static void down_tile(struct cg *g, const struct ffn *f, int mr, int ncols, LLVM
 			store(g, vload_cols(g, y_ptr[r][v], lanes[v], ""), acc[r][v]);
 		}
 	}
+	LLVMValueRef kb = f->k0 ? f->k0 : ci64(g, 0);
+	int64_t klen = f->k0 ? f->klen : ge->width;
+	int bias = f->bias && (!f->k0 || f->kfinal);
 	LLVMValueRef pbase =
-	    LLVMBuildNSWMul(b, p, ci64(g, (int64_t)ge->width * MOE_NR), "panel.off");
+	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, p, ci64(g, (int64_t)ge->width * MOE_NR), ""),
+			    LLVMBuildNSWMul(b, kb, ci64(g, MOE_NR), ""), "panel.off");
 	struct loop k;
-	loop_open(g, &k, ci64(g, 0), ci64(g, ge->width), 1, "k");
+	loop_open(g, &k, ci64(g, 0), ci64(g, klen), 1, "k");
 	LLVMValueRef off =
 	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, ci64(g, MOE_NR), ""), "");
 	LLVMValueRef wv[2];
 	load_row16(g, panels, off, wv, nv);
+	LLVMValueRef ka = LLVMBuildNSWAdd(b, kb, k.iv, "");
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef a = load(g, g->t_f32, gep(g, g->t_f32, a_row[r], k.iv, ""), "");
+		LLVMValueRef a = load(g, g->t_f32, gep(g, g->t_f32, a_row[r], ka, ""), "");
 		a = splat(g, a, "");
 		for (int v = 0; v < nv; v++)
 			store(g, fma3(g, a, wv[v], load(g, g->t_v8f, acc[r][v], ""), ""),
@@ -602,13 +612,13 @@ static void down_tile(struct cg *g, const struct ffn *f, int mr, int ncols, LLVM
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef w = NULL;
-		if (f->bias && f->down_bias_w) {
+		if (bias && f->down_bias_w) {
 			LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, ci64(g, r), "");
 			w = splat(g, load(g, g->t_f32, gep(g, g->t_f32, rw, ri, ""), "w"), "");
 		}
 		for (int v = 0; v < nv; v++) {
 			LLVMValueRef o = load(g, g->t_v8f, acc[r][v], "");
-			if (f->bias) {
+			if (bias) {
 				LLVMValueRef c = LLVMBuildNSWAdd(b, c0, ci64(g, v * MOE_VW), "");
 				LLVMValueRef bv =
 				    load(g, g->t_v8f, gep(g, g->t_f32, bd, c, ""), "bd");
@@ -684,6 +694,34 @@ static void gen_up(struct cg *g, const char *name, const struct ffn *f)
 	fn_close(g);
 }
 
+/* Panel p of the down projection in K blocks, each run over every row block
+ * before the next, so the block of the panel (about 16 KB) stays in L1 while
+ * all the rows pass; y carries the sums between blocks (stored and reloaded
+ * exactly, so each element's chain of FMAs is the same as unblocked). */
+static void down_kblocks(struct cg *g, const struct ffn *f, int ncols, LLVMValueRef p)
+{
+	int64_t width = f->geom->width;
+	int64_t kb = 16384 / (MOE_NR * (int64_t)moe_dtype_size(g->d->weight_dtype));
+	int64_t nb = (width + kb - 1) / kb;
+	kb = (width + nb - 1) / nb;
+	kb = (kb + 7) / 8 * 8;
+	nb = (width + kb - 1) / kb;
+	struct ffn fb = *f;
+	if (nb > 1) {
+		struct loop k;
+		loop_open(g, &k, ci64(g, 0), ci64(g, (nb - 1) * kb), kb, "kb");
+		fb.k0 = k.iv;
+		fb.klen = kb;
+		fb.kfinal = 0;
+		row_blocks(g, &fb, down_tile, ncols, p, arg(g, 3));
+		loop_close(g, &k);
+	}
+	fb.k0 = ci64(g, (nb - 1) * kb);
+	fb.klen = width - (nb - 1) * kb;
+	fb.kfinal = 1;
+	row_blocks(g, &fb, down_tile, ncols, p, arg(g, 3));
+}
+
 static void gen_down(struct cg *g, const char *name, const struct ffn *f)
 {
 	LLVMBuilderRef b = g->b;
@@ -702,7 +740,7 @@ static void gen_down(struct cg *g, const char *name, const struct ffn *f)
 					   p1, ci64(g, n_full), "end");
 	struct loop p;
 	loop_open(g, &p, p0, end, 1, "p");
-	row_blocks(g, f, down_tile, MOE_NR, p.iv, arg(g, 3));
+	down_kblocks(g, f, MOE_NR, p.iv);
 	loop_close(g, &p);
 	if (n_full != ge->down_panels) {
 		/* the partial last panel: masked loads and stores of y */
@@ -710,7 +748,7 @@ static void gen_down(struct cg *g, const char *name, const struct ffn *f)
 		    LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntSLE, p0, ci64(g, n_full), ""),
 				 LLVMBuildICmp(b, LLVMIntSGT, p1, ci64(g, n_full), ""), "has_last");
 		LLVMBasicBlockRef e = if_open(g, in, "last");
-		row_blocks(g, f, down_tile, last, ci64(g, n_full), arg(g, 3));
+		down_kblocks(g, f, last, ci64(g, n_full));
 		if_close(g, e);
 	}
 	fn_close(g);
