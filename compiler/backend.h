@@ -105,6 +105,27 @@ void moe_cpu_research_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModu
 			    struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
 			    struct LLVMOpaqueValue *fns[MOE_RESEARCH_FNS]);
 
+/* cpu_llvm_ecsoft.c: expert choice. *route_x: its score router (moe_route_x,
+ * the route_x entry); fns[0]: moe_ec_select (the ec_select entry). NULL when
+ * the description does not use it. moe_plan_ecsoft: plan.c's check, as
+ * moe_plan_research. */
+#define MOE_ECSOFT_FNS 1
+int moe_cpu_ecsoft_route(const struct moe_desc *d);
+int moe_plan_ecsoft(const struct moe_desc *d, struct moe_diag *diag);
+void moe_cpu_ecsoft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
+			  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
+			  struct LLVMOpaqueValue **route_x,
+			  struct LLVMOpaqueValue *fns[MOE_ECSOFT_FNS]);
+
+/* cpu_llvm_peer.c: PEER. fns[0]: moe_pk_route, fns[1]: moe_pk_experts (the
+ * pk_route and pk_experts entries; NULL unless mode product_key).
+ * moe_plan_peer: plan.c's check, as moe_plan_research. */
+#define MOE_PEER_FNS 2
+int moe_plan_peer(const struct moe_desc *d, struct moe_diag *diag);
+void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
+			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
+			struct LLVMOpaqueValue *fns[MOE_PEER_FNS]);
+
 /* link.c ---------------------------------------------------------------- */
 
 /* The hex SHA-256 of the model dump of d (65 bytes with the NUL). */

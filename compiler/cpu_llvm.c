@@ -1108,7 +1108,8 @@ static LLVMValueRef cstring(struct cg *g, const char *name, const char *s)
 	return gv;
 }
 
-static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns)
+static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMValueRef *efns,
+		      LLVMValueRef *pfns)
 {
 	const struct moe_desc *d = g->d;
 	/* The description as bytes: plain data by design (moe_desc.h). */
@@ -1136,6 +1137,9 @@ static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns)
 	    fns[4] ? fns[4] : null,
 	    rfns[0] ? rfns[0] : null,
 	    rfns[1] ? rfns[1] : null,
+	    efns[0] ? efns[0] : null,
+	    pfns[0] ? pfns[0] : null,
+	    pfns[1] ? pfns[1] : null,
 	};
 	LLVMValueRef init = LLVMConstStructInContext(g->ctx, vals, sizeof vals / sizeof *vals, 0);
 	LLVMValueRef gv = LLVMAddGlobal(g->mod, LLVMTypeOf(init), "moe_gen_model");
@@ -1149,13 +1153,19 @@ static void build_module(struct cg *g)
 {
 	const struct moe_desc *d = g->d;
 	const struct moe_plan *p = g->p;
-	LLVMValueRef fns[5] = {0}, rfns[MOE_RESEARCH_FNS];
+	LLVMValueRef fns[5] = {0}, rfns[MOE_RESEARCH_FNS], efns[MOE_ECSOFT_FNS], ec_route;
+	LLVMValueRef pfns[MOE_PEER_FNS];
 
-	if (!moe_cpu_research_route(d)) {
+	if (!moe_cpu_research_route(d) && !moe_cpu_ecsoft_route(d) &&
+	    d->mode != MOE_MODE_PRODUCT_KEY) {
 		gen_route(g);
 		fns[0] = g->fn;
 	}
 	moe_cpu_research_build(g->ctx, g->mod, g->b, p, rfns);
+	moe_cpu_ecsoft_build(g->ctx, g->mod, g->b, p, &ec_route, efns);
+	if (ec_route)
+		rfns[0] = ec_route;
+	moe_cpu_peer_build(g->ctx, g->mod, g->b, p, pfns);
 	struct ffn routed = {
 	    .geom = &p->routed,
 	    .act = d->act,
@@ -1183,7 +1193,7 @@ static void build_module(struct cg *g)
 		gen_down(g, "moe_shared_down", &shared);
 		fns[4] = g->fn;
 	}
-	gen_table(g, fns, rfns);
+	gen_table(g, fns, rfns, efns, pfns);
 }
 
 /* Target machine and emission -------------------------------------------- */

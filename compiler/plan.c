@@ -21,6 +21,10 @@ static int check_cpu(const struct moe_desc *d, struct moe_diag *diag)
 {
 	int bad = 0;
 	int research = moe_plan_research(d, diag);
+	if (research == 0)
+		research = moe_plan_ecsoft(d, diag);
+	if (research == 0)
+		research = moe_plan_peer(d, diag);
 	if (research < 0) {
 		bad = 1;
 	} else if (!research && d->mode != MOE_MODE_TOKEN_CHOICE && d->mode != MOE_MODE_DENSE) {
@@ -28,7 +32,7 @@ static int check_cpu(const struct moe_desc *d, struct moe_diag *diag)
 			       moe_mode_names[d->mode]);
 		bad = 1;
 	}
-	if (d->kind == MOE_KIND_SINGLE_NEURON) {
+	if (d->kind == MOE_KIND_SINGLE_NEURON && d->mode != MOE_MODE_PRODUCT_KEY) {
 		moe_diag_error(diag,
 			       "experts.kind single_neuron is not generated for target cpu yet");
 		bad = 1;

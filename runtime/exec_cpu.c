@@ -374,6 +374,8 @@ enum moe_status moe_exec_cpu(struct moe_model *m, const struct moe_layer_w *lw, 
 	int64_t n_dropped = 0;
 	if (apply_capacity(m, T, &n_dropped) != 0)
 		goto nomem;
+	if (m->gen->ec_select && moe_exec_ec_select(m, T) != 0)
+		goto nomem;
 	memset(ws->counts, 0, E * sizeof *ws->counts);
 	for (size_t s = 0; s < T * W; s++)
 		if (ws->kept[s])

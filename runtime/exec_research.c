@@ -32,6 +32,8 @@ enum moe_status moe_exec_research(struct moe_model *m, const struct moe_layer_w 
 				  const struct moe_fwd_opts *opts)
 {
 	const struct moe_desc *d = m->d;
+	if (m->gen->pk_route)
+		return moe_exec_peer(m, lw, x, y, T, rt);
 	memset(&m->fwd, 0, sizeof m->fwd);
 	if (opts && opts->training && d->noise != MOE_NOISE_NONE)
 		m->fwd = *opts;

@@ -9,7 +9,7 @@
 
 #include "moe_desc.h"
 
-#define MOE_KERNELS_ABI 2
+#define MOE_KERNELS_ABI 3
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -109,6 +109,31 @@ typedef void moe_route_x_fn(const float *x, int64_t t0, int64_t t1, const float 
  * U from moe_rng_hash(seed, layer, t, h). */
 typedef void moe_jitter_fn(const float *x, float *xj, int64_t t0, int64_t t1, uint64_t seed,
 			   uint64_t layer);
+/* Expert choice (compiler/cpu_llvm_ecsoft.c): for experts [e0, e1), the top-C
+ * tokens of score column e of weights[T, E] (route_x wrote the scores there):
+ * ids[t, e] = e and weights[t, e] = S[t, e] * scale for the chosen, -1 for
+ * the rest. pick: C int64 of scratch. */
+typedef void moe_ec_select_fn(int64_t T, int64_t C, int64_t e0, int64_t e1, int32_t *ids,
+			      float *weights, int64_t *pick);
+/* PEER (compiler/cpu_llvm_peer.c). moe_pk_route: for tokens [t0, t1), per
+ * head the query (query: router-style panels of the heads * d rows, qbias
+ * padded to them), the top_k of each half's sub-key scores, the top_k of the
+ * k * k sums, scored: ids and weights [T, heads * top_k]. keys: the two
+ * sub-key sets as [2][moe_pk_key_blocks(R)][d / 2][8] f32 panels, zero past R.
+ * moe_pk_experts: y[t] = sum of w * act(u_e . x_t) * v_e over those slots, u
+ * and v the [N, H] tables in the weight dtype (f32 or bf16). */
+typedef void moe_pk_route_fn(const float *x, int64_t t0, int64_t t1, const float *query,
+			     const float *qbias, const float *keys, int32_t *ids, float *weights);
+typedef void moe_pk_experts_fn(const float *x, int64_t t0, int64_t t1, const int32_t *ids,
+			       const float *weights, const void *u, const void *v, float *y);
+
+/* Sub-key panel blocks of R keys: ceil(R / 8) rounded up to the 4 (or fewer)
+ * blocks the generated loop takes per pass. */
+static inline uint32_t moe_pk_key_blocks(uint32_t R)
+{
+	uint32_t b = (R + MOE_VW - 1) / MOE_VW, u = b < 4 ? b : 4;
+	return u ? (b + u - 1) / u * u : 0;
+}
 
 /* What the generated object exports (hidden inside model.so). */
 struct moe_gen {
@@ -125,6 +150,10 @@ struct moe_gen {
 	moe_down_fn *shared_down; /* NULL without shared experts */
 	moe_route_x_fn *route_x;  /* research routers; when set, used instead of route */
 	moe_jitter_fn *jitter;    /* noise jitter */
+	/* expert choice: per-expert top-C */
+	moe_ec_select_fn *ec_select;
+	moe_pk_route_fn *pk_route;	   /* PEER: when set, the layer runs moe_exec_peer */
+	moe_pk_experts_fn *pk_experts; /* PEER single-neuron experts */
 };
 
 /* weak: a model.so built for cuda only has no CPU kernels */
@@ -150,6 +179,8 @@ struct moe_layer_w {
 	float *output_bias;   /* [H], added once after combining */
 	float *group_router;  /* hierarchical level 1, router panels of G rows */
 	float *noise;         /* learned noise projection, router panels of E rows */
+	float *pk_query, *pk_qbias, *pk_keys; /* PEER: see moe_pk_route_fn */
+	void *pk_u, *pk_v;                    /* PEER: [N, H] neuron tables, weight dtype */
 };
 
 /* Per-call scratch, grown on demand. */
@@ -193,6 +224,15 @@ void moe_ws_free(struct moe_ws *ws);
 enum moe_status moe_exec_research(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
 				  float *y, size_t T, struct moe_routing *rt,
 				  const struct moe_fwd_opts *opts);
+/* exec_ecsoft.c: expert choice's selection over the T routed tokens (after
+ * route_x): ids, weights and the kept mask of the workspace. 0 or -1 (memory). */
+int moe_exec_ec_select(struct moe_model *m, size_t T);
+/* exec_peer.c: a PEER layer's forward, and its packing (pack.c hands it the
+ * canonical weights; f32 neuron tables are moved out of w, not copied). */
+enum moe_status moe_exec_peer(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+			      float *y, size_t T, struct moe_routing *rt);
+enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights *w,
+			      struct moe_layer_w *out);
 /* pack.c: router-style panels [ceil(rows/8)][H][8] of a [rows, H] tensor. */
 float *moe_pack_router_panels(const float *w, uint32_t rows, uint32_t H);
 

@@ -134,6 +134,7 @@ void moe_layer_w_free(struct moe_layer_w *lw)
 	free(lw->bg), free(lw->bu), free(lw->bd), free(lw->s_up), free(lw->s_down);
 	free(lw->output_bias);
 	free(lw->group_router), free(lw->noise);
+	free(lw->pk_query), free(lw->pk_qbias), free(lw->pk_keys), free(lw->pk_u), free(lw->pk_v);
 	memset(lw, 0, sizeof *lw);
 }
 
@@ -146,6 +147,10 @@ enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_w
 	enum moe_dtype t = d->weight_dtype;
 	float *const *W = w->w;
 	memset(out, 0, sizeof *out);
+	/* PEER: its own layout (exec_peer.c); the caller's w is its own and freed
+	 * right after, so the f32 neuron tables move instead of being copied */
+	if (d->mode == MOE_MODE_PRODUCT_KEY)
+		return moe_pack_peer(m, (struct moe_ref_weights *)w, out);
 
 	/* router panels: [block][h][8] */
 	uint32_t nb = moe_router_blocks(E);

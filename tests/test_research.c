@@ -414,9 +414,8 @@ static void test_refusals(void **state)
 	struct moe_desc d;
 	char err[2048];
 	struct model m;
-	static const enum moe_mode modes[] = {MOE_MODE_EXPERT_CHOICE, MOE_MODE_SOFT,
-					      MOE_MODE_PRODUCT_KEY};
-	for (size_t i = 0; i < 3; i++) {
+	static const enum moe_mode modes[] = {MOE_MODE_SOFT, MOE_MODE_PRODUCT_KEY};
+	for (size_t i = 0; i < 2; i++) {
 		base_desc(&d, 32, 8, 2, 16);
 		d.mode = modes[i];
 		d.ec_capacity_factor = 1.0f;

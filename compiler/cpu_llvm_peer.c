@@ -1,0 +1,623 @@
+/* cpu_llvm_peer.c: PEER (product-key retrieval over single-neuron experts) for
+ * the CPU backend, emitted into the module cpu_llvm.c builds. moe_pk_route
+ * repeats the reference's f32 arithmetic lane by lane so the selections agree
+ * bit for bit; moe_pk_experts gathers the u/v rows of the chosen neurons. */
+#include "backend.h"
+
+#include <llvm-c/Core.h>
+
+#include <math.h>
+#include <string.h>
+
+#define PK_TB 4 /* tokens per query-projection pass: one panel load feeds four */
+#define PK_MAX_TOP_K 64
+#define PK_MAX_SUB_KEYS 8192
+#define PK_MAX_QUERY 4096
+#define PK_MAX_HIDDEN 16384
+
+struct pg {
+	LLVMContextRef ctx;
+	LLVMModuleRef mod;
+	LLVMBuilderRef b;
+	LLVMTypeRef t_void, t_i1, t_i16, t_i32, t_i64, t_f32, t_f64, t_ptr, t_v8f, t_v8d;
+	LLVMValueRef fn;
+	LLVMBasicBlockRef entry;
+	const struct moe_desc *d;
+};
+
+static LLVMValueRef i64c(struct pg *g, int64_t v)
+{
+	return LLVMConstInt(g->t_i64, (unsigned long long)v, 1);
+}
+
+static LLVMValueRef f32c(struct pg *g, double v)
+{
+	return LLVMConstReal(g->t_f32, v);
+}
+
+static LLVMValueRef f64c(struct pg *g, double v)
+{
+	return LLVMConstReal(g->t_f64, v);
+}
+
+static LLVMValueRef at(struct pg *g, LLVMTypeRef t, LLVMValueRef base, LLVMValueRef i)
+{
+	return LLVMBuildInBoundsGEP2(g->b, t, base, &i, 1, "");
+}
+
+static LLVMValueRef ld(struct pg *g, LLVMTypeRef t, LLVMValueRef p)
+{
+	LLVMValueRef v = LLVMBuildLoad2(g->b, t, p, "");
+	LLVMSetAlignment(v, t == g->t_i16 ? 2 : t == g->t_i64 || t == g->t_f64 ? 8 : 4);
+	return v;
+}
+
+static void st(struct pg *g, LLVMValueRef v, LLVMValueRef p)
+{
+	LLVMTypeRef t = LLVMTypeOf(v);
+	LLVMSetAlignment(LLVMBuildStore(g->b, v, p), t == g->t_i64 || t == g->t_f64 ? 8 : 4);
+}
+
+static LLVMValueRef ldf(struct pg *g, LLVMValueRef p, LLVMValueRef i)
+{
+	return ld(g, g->t_f32, at(g, g->t_f32, p, i));
+}
+
+static LLVMValueRef ldi(struct pg *g, LLVMValueRef p, LLVMValueRef i)
+{
+	return ld(g, g->t_i64, at(g, g->t_i64, p, i));
+}
+
+static LLVMValueRef alloca_(struct pg *g, LLVMTypeRef t, uint64_t n, const char *name)
+{
+	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
+	LLVMPositionBuilderAtEnd(g->b, g->entry);
+	LLVMValueRef a = n == 1 ? LLVMBuildAlloca(g->b, t, name)
+				: LLVMBuildAlloca(g->b, LLVMArrayType2(t, n), name);
+	LLVMSetAlignment(a, 32);
+	LLVMPositionBuilderAtEnd(g->b, cur);
+	return a;
+}
+
+static LLVMBasicBlockRef bb(struct pg *g, const char *name)
+{
+	return LLVMAppendBasicBlockInContext(g->ctx, g->fn, name);
+}
+
+struct lp {
+	LLVMBasicBlockRef head, exit;
+	LLVMValueRef iv;
+	int64_t step;
+};
+
+/* for (iv = from; iv < to; iv += step) */
+static void lp_open(struct pg *g, struct lp *l, LLVMValueRef from, LLVMValueRef to, int64_t step,
+		    const char *name)
+{
+	LLVMBasicBlockRef pre = LLVMGetInsertBlock(g->b), body = bb(g, name);
+	l->head = bb(g, name);
+	l->exit = bb(g, name);
+	l->step = step;
+	LLVMBuildBr(g->b, l->head);
+	LLVMPositionBuilderAtEnd(g->b, l->head);
+	l->iv = LLVMBuildPhi(g->b, g->t_i64, name);
+	LLVMAddIncoming(l->iv, &from, &pre, 1);
+	LLVMBuildCondBr(g->b, LLVMBuildICmp(g->b, LLVMIntSLT, l->iv, to, ""), body, l->exit);
+	LLVMPositionBuilderAtEnd(g->b, body);
+}
+
+static void lp_close(struct pg *g, struct lp *l)
+{
+	LLVMBasicBlockRef latch = LLVMGetInsertBlock(g->b);
+	LLVMValueRef next = LLVMBuildNSWAdd(g->b, l->iv, i64c(g, l->step), "");
+	LLVMBuildBr(g->b, l->head);
+	LLVMAddIncoming(l->iv, &next, &latch, 1);
+	LLVMMoveBasicBlockAfter(l->exit, latch);
+	LLVMPositionBuilderAtEnd(g->b, l->exit);
+}
+
+static LLVMBasicBlockRef when(struct pg *g, LLVMValueRef c)
+{
+	LLVMBasicBlockRef then = bb(g, "then"), end = bb(g, "endif");
+	LLVMBuildCondBr(g->b, c, then, end);
+	LLVMPositionBuilderAtEnd(g->b, then);
+	return end;
+}
+
+static void when_end(struct pg *g, LLVMBasicBlockRef end)
+{
+	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
+	LLVMBuildBr(g->b, end);
+	LLVMMoveBasicBlockAfter(end, cur);
+	LLVMPositionBuilderAtEnd(g->b, end);
+}
+
+static void fn_begin(struct pg *g, const char *name, LLVMTypeRef *params, unsigned n,
+		     const char *const *pnames)
+{
+	g->fn = LLVMAddFunction(g->mod, name, LLVMFunctionType(g->t_void, params, n, 0));
+	LLVMSetVisibility(g->fn, LLVMHiddenVisibility);
+	unsigned k = LLVMGetEnumAttributeKindForName("nounwind", 8);
+	LLVMAddAttributeAtIndex(g->fn, LLVMAttributeFunctionIndex,
+				LLVMCreateEnumAttribute(g->ctx, k, 0));
+	for (unsigned i = 0; i < n; i++)
+		LLVMSetValueName2(LLVMGetParam(g->fn, i), pnames[i], strlen(pnames[i]));
+	g->entry = bb(g, "entry");
+	LLVMPositionBuilderAtEnd(g->b, bb(g, "start"));
+}
+
+static void fn_end(struct pg *g)
+{
+	LLVMBuildRetVoid(g->b);
+	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
+	LLVMPositionBuilderAtEnd(g->b, g->entry);
+	LLVMBuildBr(g->b, LLVMGetNextBasicBlock(g->entry));
+	LLVMPositionBuilderAtEnd(g->b, cur);
+}
+
+static LLVMValueRef prm(struct pg *g, unsigned i)
+{
+	return LLVMGetParam(g->fn, i);
+}
+
+/* double f(double) from the C library, as the reference calls it. */
+static LLVMValueRef cm(struct pg *g, const char *fname, LLVMValueRef a)
+{
+	LLVMTypeRef ft = LLVMFunctionType(g->t_f64, &g->t_f64, 1, 0);
+	LLVMValueRef f = LLVMGetNamedFunction(g->mod, fname);
+	if (!f)
+		f = LLVMAddFunction(g->mod, fname, ft);
+	return LLVMBuildCall2(g->b, ft, f, &a, 1, "");
+}
+
+static LLVMValueRef splat(struct pg *g, LLVMValueRef s, LLVMTypeRef vt)
+{
+	LLVMValueRef v =
+	    LLVMBuildInsertElement(g->b, LLVMGetUndef(vt), s, LLVMConstInt(g->t_i32, 0, 0), "");
+	return LLVMBuildShuffleVector(g->b, v, LLVMGetUndef(vt),
+				      LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
+}
+
+static LLVMValueRef ldv(struct pg *g, LLVMValueRef base, LLVMValueRef i)
+{
+	return ld(g, g->t_v8f, at(g, g->t_f32, base, i));
+}
+
+static void stv(struct pg *g, LLVMValueRef v, LLVMValueRef base, LLVMValueRef i)
+{
+	st(g, v, at(g, g->t_f32, base, i));
+}
+
+/* a ranks before b: NaN last, then the larger value, then the smaller key
+ * (the reference's ranks_before). */
+static LLVMValueRef ranks_before(struct pg *g, LLVMValueRef va, LLVMValueRef ka, LLVMValueRef vb,
+				 LLVMValueRef kb)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef na = LLVMBuildFCmp(b, LLVMRealUNO, va, va, "");
+	LLVMValueRef nb = LLVMBuildFCmp(b, LLVMRealUNO, vb, vb, "");
+	LLVMValueRef ne =
+	    LLVMBuildAnd(b, LLVMBuildNot(b, na, ""), LLVMBuildFCmp(b, LLVMRealONE, va, vb, ""), "");
+	LLVMValueRef r = LLVMBuildSelect(b, ne, LLVMBuildFCmp(b, LLVMRealOGT, va, vb, ""),
+					 LLVMBuildICmp(b, LLVMIntULT, ka, kb, ""), "");
+	return LLVMBuildSelect(b, LLVMBuildXor(b, na, nb, ""), nb, r, "");
+}
+
+/* out[0..k) = positions of the k best of v[0..n) in rank order, keys NULL
+ * meaning key = position: insertion into the sorted prefix, as the
+ * reference's topk. */
+static void topk(struct pg *g, LLVMValueRef v, LLVMValueRef keys, int64_t n, int64_t k,
+		 LLVMValueRef out, LLVMValueRef mcell)
+{
+	LLVMBuilderRef b = g->b;
+	st(g, i64c(g, 0), mcell);
+	struct lp i;
+	lp_open(g, &i, i64c(g, 0), i64c(g, n), 1, "tk");
+	LLVMValueRef vi = ldf(g, v, i.iv), ki = keys ? ldi(g, keys, i.iv) : i.iv;
+	LLVMValueRef m = ld(g, g->t_i64, mcell);
+	LLVMBasicBlockRef pre = LLVMGetInsertBlock(b), head = bb(g, "ins"), chk = bb(g, "ins"),
+			  body = bb(g, "ins"), done = bb(g, "ins");
+	LLVMBuildBr(b, head);
+	LLVMPositionBuilderAtEnd(b, head);
+	LLVMValueRef p = LLVMBuildPhi(b, g->t_i64, "p");
+	LLVMAddIncoming(p, &m, &pre, 1);
+	LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntSGT, p, i64c(g, 0), ""), chk, done);
+	LLVMPositionBuilderAtEnd(b, chk);
+	LLVMValueRef pm1 = LLVMBuildNSWSub(b, p, i64c(g, 1), "");
+	LLVMValueRef q = ldi(g, out, pm1);
+	LLVMValueRef kq = keys ? ldi(g, keys, q) : q;
+	LLVMBuildCondBr(b, ranks_before(g, vi, ki, ldf(g, v, q), kq), body, done);
+	LLVMPositionBuilderAtEnd(b, body);
+	LLVMBasicBlockRef end = when(g, LLVMBuildICmp(b, LLVMIntSLT, p, i64c(g, k), ""));
+	st(g, q, at(g, g->t_i64, out, p));
+	when_end(g, end);
+	LLVMBasicBlockRef latch = LLVMGetInsertBlock(b);
+	LLVMBuildBr(b, head);
+	LLVMAddIncoming(p, &pm1, &latch, 1);
+	LLVMPositionBuilderAtEnd(b, done);
+	LLVMValueRef pf = LLVMBuildPhi(b, g->t_i64, "pf");
+	LLVMBasicBlockRef from[2] = {head, chk};
+	LLVMValueRef vals[2] = {p, p};
+	LLVMAddIncoming(pf, vals, from, 2);
+	end = when(g, LLVMBuildICmp(b, LLVMIntSLT, pf, i64c(g, k), ""));
+	st(g, i.iv, at(g, g->t_i64, out, pf));
+	when_end(g, end);
+	LLVMValueRef m1 = LLVMBuildNSWAdd(b, m, i64c(g, 1), "");
+	m1 = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, m1, i64c(g, k), ""), m1, i64c(g, k),
+			     "");
+	st(g, m1, mcell);
+	lp_close(g, &i);
+}
+
+/* Sub-key blocks of 8 taken per pass (independent accumulators). */
+static uint32_t key_unroll(uint32_t R)
+{
+	uint32_t blocks = (R + MOE_VW - 1) / MOE_VW;
+	return blocks < 4 ? blocks : 4;
+}
+
+enum { R_X, R_T0, R_T1, R_QUERY, R_QBIAS, R_KEYS, R_IDS, R_WEIGHTS, R_COUNT };
+
+static void gen_pk_route(struct pg *g)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_desc *d = g->d;
+	int64_t H = d->hidden, R = d->pk_sub_keys, k = d->pk_top_k, heads = d->pk_heads;
+	int64_t dq = d->pk_query_dim, h2 = dq / 2, W = heads * k;
+	int64_t QB = moe_router_blocks((uint32_t)(heads * dq)), U = key_unroll((uint32_t)R);
+	int64_t KB = moe_pk_key_blocks((uint32_t)R);
+	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
+	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P, P, P};
+	static const char *const pn[R_COUNT] = {"x",     "t0",   "t1",  "query",
+						"qbias", "keys", "ids", "weights"};
+	fn_begin(g, "moe_pk_route", params, R_COUNT, pn);
+	LLVMValueRef qs = alloca_(g, g->t_f32, (uint64_t)(PK_TB * QB * 8), "q");
+	LLVMValueRef sab[2] = {alloca_(g, g->t_f32, (uint64_t)KB * 8, "sa"),
+			       alloca_(g, g->t_f32, (uint64_t)KB * 8, "sb")};
+	LLVMValueRef iab[2] = {alloca_(g, g->t_i64, (uint64_t)k, "ia"),
+			       alloca_(g, g->t_i64, (uint64_t)k, "ib")};
+	LLVMValueRef cv = alloca_(g, g->t_f32, (uint64_t)(k * k), "cv");
+	LLVMValueRef ck = alloca_(g, g->t_i64, (uint64_t)(k * k), "ck");
+	LLVMValueRef ic = alloca_(g, g->t_i64, (uint64_t)k, "ic");
+	LLVMValueRef gs = alloca_(g, g->t_f32, (uint64_t)k, "g");
+	LLVMValueRef mcell = alloca_(g, g->t_i64, 1, "m");
+	LLVMValueRef acc[PK_TB];
+	for (int j = 0; j < PK_TB; j++)
+		acc[j] = alloca_(g, g->t_v8f, 1, "acc");
+	LLVMValueRef zero8 = LLVMConstNull(g->t_v8f);
+
+	struct lp tb, qb, h, j, hd, kb, i, c;
+	lp_open(g, &tb, prm(g, R_T0), prm(g, R_T1), PK_TB, "tb");
+	LLVMValueRef last = LLVMBuildNSWSub(b, prm(g, R_T1), i64c(g, 1), "");
+	LLVMValueRef n = LLVMBuildNSWSub(b, prm(g, R_T1), tb.iv, "");
+	n = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, n, i64c(g, PK_TB), ""), n,
+			    i64c(g, PK_TB), "n");
+	LLVMValueRef xr[PK_TB];
+	for (int t = 0; t < PK_TB; t++) {
+		LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, i64c(g, t), "");
+		tt = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLE, tt, last, ""), tt, last, "");
+		xr[t] = at(g, g->t_f32, prm(g, R_X), LLVMBuildNSWMul(b, tt, i64c(g, H), ""));
+	}
+	/* q = Q x + bias, eight rows per lane vector, terms in ascending h */
+	lp_open(g, &qb, i64c(g, 0), i64c(g, QB), 1, "qb");
+	for (int t = 0; t < PK_TB; t++)
+		st(g, zero8, acc[t]);
+	LLVMValueRef pbase =
+	    at(g, g->t_f32, prm(g, R_QUERY), LLVMBuildNSWMul(b, qb.iv, i64c(g, H * 8), ""));
+	lp_open(g, &h, i64c(g, 0), i64c(g, H), 1, "h");
+	LLVMValueRef pv = ldv(g, pbase, LLVMBuildNSWMul(b, h.iv, i64c(g, 8), ""));
+	for (int t = 0; t < PK_TB; t++) {
+		LLVMValueRef xv = splat(g, ldf(g, xr[t], h.iv), g->t_v8f);
+		st(g, LLVMBuildFAdd(b, ld(g, g->t_v8f, acc[t]), LLVMBuildFMul(b, xv, pv, ""), ""),
+		   acc[t]);
+	}
+	lp_close(g, &h);
+	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, i64c(g, 8), "");
+	LLVMValueRef bias = ldv(g, prm(g, R_QBIAS), q8);
+	for (int t = 0; t < PK_TB; t++)
+		stv(g, LLVMBuildFAdd(b, ld(g, g->t_v8f, acc[t]), bias, ""), qs,
+		    LLVMBuildNSWAdd(b, q8, i64c(g, t * QB * 8), ""));
+	lp_close(g, &qb);
+
+	lp_open(g, &j, i64c(g, 0), n, 1, "tok");
+	LLVMValueRef t = LLVMBuildNSWAdd(b, tb.iv, j.iv, "t");
+	lp_open(g, &hd, i64c(g, 0), i64c(g, heads), 1, "head");
+	LLVMValueRef qh = at(g, g->t_f32, qs,
+			     LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, j.iv, i64c(g, QB * 8), ""),
+					     LLVMBuildNSWMul(b, hd.iv, i64c(g, dq), ""), ""));
+	for (int half = 0; half < 2; half++) {
+		/* sub-key scores, eight keys per vector, terms in ascending i */
+		LLVMValueRef kbase = at(g, g->t_f32, prm(g, R_KEYS), i64c(g, half * KB * h2 * 8));
+		lp_open(g, &kb, i64c(g, 0), i64c(g, KB), U, "kb");
+		for (int u = 0; u < U; u++)
+			st(g, zero8, acc[u]);
+		LLVMValueRef kp =
+		    at(g, g->t_f32, kbase, LLVMBuildNSWMul(b, kb.iv, i64c(g, h2 * 8), ""));
+		lp_open(g, &i, i64c(g, 0), i64c(g, h2), 1, "ki");
+		LLVMValueRef qv = splat(
+		    g, ldf(g, qh, LLVMBuildNSWAdd(b, i.iv, i64c(g, half * h2), "")), g->t_v8f);
+		LLVMValueRef i8 = LLVMBuildNSWMul(b, i.iv, i64c(g, 8), "");
+		for (int u = 0; u < U; u++) {
+			LLVMValueRef kv =
+			    ldv(g, kp, LLVMBuildNSWAdd(b, i8, i64c(g, u * h2 * 8), ""));
+			st(g,
+			   LLVMBuildFAdd(b, ld(g, g->t_v8f, acc[u]), LLVMBuildFMul(b, qv, kv, ""),
+					 ""),
+			   acc[u]);
+		}
+		lp_close(g, &i);
+		LLVMValueRef k8 = LLVMBuildNSWMul(b, kb.iv, i64c(g, 8), "");
+		for (int u = 0; u < U; u++)
+			stv(g, ld(g, g->t_v8f, acc[u]), sab[half],
+			    LLVMBuildNSWAdd(b, k8, i64c(g, u * 8), ""));
+		lp_close(g, &kb);
+		topk(g, sab[half], NULL, R, k, iab[half], mcell);
+	}
+	/* the k * k candidates: score sums and expert indices i * R + j */
+	lp_open(g, &i, i64c(g, 0), i64c(g, k), 1, "ca");
+	LLVMValueRef ia = ldi(g, iab[0], i.iv), sa = ldf(g, sab[0], ia);
+	lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "cb");
+	LLVMValueRef ib = ldi(g, iab[1], c.iv);
+	LLVMValueRef ci = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, i64c(g, k), ""), c.iv, "");
+	st(g, LLVMBuildFAdd(b, sa, ldf(g, sab[1], ib), ""), at(g, g->t_f32, cv, ci));
+	st(g, LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, ia, i64c(g, R), ""), ib, ""),
+	   at(g, g->t_i64, ck, ci));
+	lp_close(g, &c);
+	lp_close(g, &i);
+	topk(g, cv, ck, k * k, k, ic, mcell);
+	/* scores of the k retrieved sums */
+	LLVMValueRef mx = NULL, sum = NULL;
+	if (d->pk_score != MOE_SCORE_SIGMOID) {
+		LLVMValueRef mxc = alloca_(g, g->t_f32, 1, "mx");
+		st(g, f32c(g, -INFINITY), mxc);
+		lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "mx");
+		LLVMValueRef l = ldf(g, cv, ldi(g, ic, c.iv)), m0 = ld(g, g->t_f32, mxc);
+		st(g, LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, l, m0, ""), l, m0, ""), mxc);
+		lp_close(g, &c);
+		mx = ld(g, g->t_f32, mxc);
+		LLVMValueRef sc = alloca_(g, g->t_f32, 1, "sum");
+		st(g, f32c(g, 0.0), sc);
+		lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "ex");
+		LLVMValueRef le = ldf(g, cv, ldi(g, ic, c.iv));
+		LLVMValueRef e =
+		    cm(g, "exp", LLVMBuildFPExt(b, LLVMBuildFSub(b, le, mx, ""), g->t_f64, ""));
+		e = LLVMBuildFPTrunc(b, e, g->t_f32, "");
+		st(g, e, at(g, g->t_f32, gs, c.iv));
+		st(g, LLVMBuildFAdd(b, ld(g, g->t_f32, sc), e, ""), sc);
+		lp_close(g, &c);
+		sum = ld(g, g->t_f32, sc);
+	}
+	LLVMValueRef wrow = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t, i64c(g, W), ""),
+					    LLVMBuildNSWMul(b, hd.iv, i64c(g, k), ""), "");
+	lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "out");
+	LLVMValueRef pos = ldi(g, ic, c.iv), s;
+	if (d->pk_score == MOE_SCORE_SIGMOID) {
+		LLVMValueRef l = LLVMBuildFPExt(b, ldf(g, cv, pos), g->t_f64, "");
+		LLVMValueRef e = cm(g, "exp", LLVMBuildFNeg(b, l, ""));
+		s = LLVMBuildFDiv(b, f64c(g, 1.0), LLVMBuildFAdd(b, f64c(g, 1.0), e, ""), "");
+		s = LLVMBuildFPTrunc(b, s, g->t_f32, "");
+	} else {
+		s = LLVMBuildFDiv(b, ldf(g, gs, c.iv), sum, "");
+	}
+	LLVMValueRef slot = LLVMBuildNSWAdd(b, wrow, c.iv, "");
+	st(g, LLVMBuildTrunc(b, ldi(g, ck, pos), g->t_i32, ""),
+	   at(g, g->t_i32, prm(g, R_IDS), slot));
+	st(g, LLVMBuildFMul(b, s, f32c(g, d->scale), ""), at(g, g->t_f32, prm(g, R_WEIGHTS), slot));
+	lp_close(g, &c);
+	lp_close(g, &hd);
+	lp_close(g, &j);
+	lp_close(g, &tb);
+	fn_end(g);
+}
+
+/* Eight table elements at p (f32, or bf16 widened by a shift) as <8 x f32>. */
+static LLVMValueRef ld_row8(struct pg *g, LLVMValueRef row, LLVMValueRef i, int bf16)
+{
+	LLVMBuilderRef b = g->b;
+	if (!bf16)
+		return ldv(g, row, i);
+	LLVMTypeRef v8i16 = LLVMVectorType(g->t_i16, 8), v8i32 = LLVMVectorType(g->t_i32, 8);
+	LLVMValueRef v = LLVMBuildLoad2(b, v8i16, at(g, g->t_i16, row, i), "");
+	LLVMSetAlignment(v, 2);
+	LLVMValueRef sh[8];
+	for (int l = 0; l < 8; l++)
+		sh[l] = LLVMConstInt(g->t_i32, 16, 0);
+	v = LLVMBuildShl(b, LLVMBuildZExt(b, v, v8i32, ""), LLVMConstVector(sh, 8), "");
+	return LLVMBuildBitCast(b, v, g->t_v8f, "");
+}
+
+static LLVMValueRef ld_row1(struct pg *g, LLVMValueRef row, LLVMValueRef i, int bf16)
+{
+	LLVMBuilderRef b = g->b;
+	if (!bf16)
+		return ldf(g, row, i);
+	LLVMValueRef v = LLVMBuildZExt(b, ld(g, g->t_i16, at(g, g->t_i16, row, i)), g->t_i32, "");
+	return LLVMBuildBitCast(b, LLVMBuildShl(b, v, LLVMConstInt(g->t_i32, 16, 0), ""), g->t_f32,
+				"");
+}
+
+/* The expert activation on the f32 pre-activation, as moe_ref_act. */
+static LLVMValueRef act(struct pg *g, LLVMValueRef x)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef v = LLVMBuildFPExt(b, x, g->t_f64, ""), r;
+	switch (g->d->act) {
+	case MOE_ACT_RELU:
+		return LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, x, f32c(g, 0.0), ""), x,
+				       f32c(g, 0.0), "");
+	case MOE_ACT_SILU:
+		r = LLVMBuildFDiv(
+		    b, v, LLVMBuildFAdd(b, f64c(g, 1.0), cm(g, "exp", LLVMBuildFNeg(b, v, "")), ""),
+		    "");
+		break;
+	case MOE_ACT_GELU:
+		r = cm(g, "erf", LLVMBuildFDiv(b, v, f64c(g, sqrt(2.0)), ""));
+		r = LLVMBuildFMul(b, LLVMBuildFMul(b, f64c(g, 0.5), v, ""),
+				  LLVMBuildFAdd(b, f64c(g, 1.0), r, ""), "");
+		break;
+	default: { /* gelu_tanh */
+		LLVMValueRef c3 = LLVMBuildFMul(
+		    b, LLVMBuildFMul(b, LLVMBuildFMul(b, f64c(g, 0.044715), v, ""), v, ""), v, "");
+		r = LLVMBuildFMul(b, f64c(g, sqrt(2.0 / M_PI)), LLVMBuildFAdd(b, v, c3, ""), "");
+		r = LLVMBuildFAdd(b, f64c(g, 1.0), cm(g, "tanh", r), "");
+		r = LLVMBuildFMul(b, LLVMBuildFMul(b, f64c(g, 0.5), v, ""), r, "");
+		break;
+	}
+	}
+	return LLVMBuildFPTrunc(b, r, g->t_f32, "");
+}
+
+enum { E_X, E_T0, E_T1, E_IDS, E_WEIGHTS, E_U, E_V, E_Y, E_COUNT };
+
+/* y_t = sum over the heads' slots in rank order of w * act(u_e . x_t) * v_e,
+ * accumulated in double like the reference's combine. */
+static void gen_pk_experts(struct pg *g)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_desc *d = g->d;
+	int64_t H = d->hidden, W = (int64_t)d->pk_heads * d->pk_top_k, H8 = H / 8 * 8;
+	int bf16 = d->weight_dtype == MOE_DTYPE_BF16;
+	LLVMTypeRef et = bf16 ? g->t_i16 : g->t_f32;
+	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
+	LLVMTypeRef params[E_COUNT] = {P, I, I, P, P, P, P, P};
+	static const char *const pn[E_COUNT] = {"x", "t0", "t1", "ids", "weights", "u", "v", "y"};
+	fn_begin(g, "moe_pk_experts", params, E_COUNT, pn);
+	LLVMValueRef acc = alloca_(g, g->t_f64, (uint64_t)H, "acc");
+	LLVMValueRef dacc = alloca_(g, g->t_v8d, 1, "dacc");
+	LLVMValueRef dtail = alloca_(g, g->t_f64, 1, "dtail");
+	struct lp t, s, h;
+	lp_open(g, &t, prm(g, E_T0), prm(g, E_T1), 1, "t");
+	LLVMValueRef xr = at(g, g->t_f32, prm(g, E_X), LLVMBuildNSWMul(b, t.iv, i64c(g, H), ""));
+	lp_open(g, &h, i64c(g, 0), i64c(g, H), 1, "z");
+	st(g, f64c(g, 0.0), at(g, g->t_f64, acc, h.iv));
+	lp_close(g, &h);
+	lp_open(g, &s, i64c(g, 0), i64c(g, W), 1, "slot");
+	LLVMValueRef si = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t.iv, i64c(g, W), ""), s.iv, "");
+	LLVMValueRef e = ld(g, g->t_i32, at(g, g->t_i32, prm(g, E_IDS), si));
+	LLVMBasicBlockRef skip =
+	    when(g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""));
+	LLVMValueRef wt = ldf(g, prm(g, E_WEIGHTS), si);
+	LLVMValueRef off = LLVMBuildNSWMul(b, LLVMBuildZExt(b, e, g->t_i64, ""), i64c(g, H), "");
+	LLVMValueRef ur = at(g, et, prm(g, E_U), off), vr = at(g, et, prm(g, E_V), off);
+	/* u . x: exact products summed in double, rounded once */
+	st(g, LLVMConstNull(g->t_v8d), dacc);
+	lp_open(g, &h, i64c(g, 0), i64c(g, H8), 8, "dot");
+	LLVMValueRef xv = LLVMBuildFPExt(b, ldv(g, xr, h.iv), g->t_v8d, "");
+	LLVMValueRef uv = LLVMBuildFPExt(b, ld_row8(g, ur, h.iv, bf16), g->t_v8d, "");
+	st(g, LLVMBuildFAdd(b, ld(g, g->t_v8d, dacc), LLVMBuildFMul(b, xv, uv, ""), ""), dacc);
+	lp_close(g, &h);
+	LLVMValueRef dv = ld(g, g->t_v8d, dacc), dsum = f64c(g, 0.0);
+	for (int l = 0; l < 8; l++)
+		dsum = LLVMBuildFAdd(
+		    b, dsum, LLVMBuildExtractElement(b, dv, LLVMConstInt(g->t_i32, l, 0), ""), "");
+	st(g, dsum, dtail);
+	if (H8 < H) {
+		lp_open(g, &h, i64c(g, H8), i64c(g, H), 1, "dtail");
+		LLVMValueRef pr =
+		    LLVMBuildFMul(b, LLVMBuildFPExt(b, ldf(g, xr, h.iv), g->t_f64, ""),
+				  LLVMBuildFPExt(b, ld_row1(g, ur, h.iv, bf16), g->t_f64, ""), "");
+		st(g, LLVMBuildFAdd(b, ld(g, g->t_f64, dtail), pr, ""), dtail);
+		lp_close(g, &h);
+	}
+	LLVMValueRef a = act(g, LLVMBuildFPTrunc(b, ld(g, g->t_f64, dtail), g->t_f32, ""));
+	/* acc += (double)(w * (a * v)) */
+	LLVMValueRef av = splat(g, a, g->t_v8f), wv = splat(g, wt, g->t_v8f);
+	lp_open(g, &h, i64c(g, 0), i64c(g, H8), 8, "axpy");
+	LLVMValueRef o =
+	    LLVMBuildFMul(b, wv, LLVMBuildFMul(b, av, ld_row8(g, vr, h.iv, bf16), ""), "");
+	LLVMValueRef ap = at(g, g->t_f64, acc, h.iv);
+	LLVMValueRef cur = LLVMBuildLoad2(b, g->t_v8d, ap, "");
+	LLVMSetAlignment(cur, 8);
+	st(g, LLVMBuildFAdd(b, cur, LLVMBuildFPExt(b, o, g->t_v8d, ""), ""), ap);
+	lp_close(g, &h);
+	if (H8 < H) {
+		lp_open(g, &h, i64c(g, H8), i64c(g, H), 1, "atail");
+		LLVMValueRef o1 =
+		    LLVMBuildFMul(b, wt, LLVMBuildFMul(b, a, ld_row1(g, vr, h.iv, bf16), ""), "");
+		LLVMValueRef p1 = at(g, g->t_f64, acc, h.iv);
+		st(g,
+		   LLVMBuildFAdd(b, ld(g, g->t_f64, p1), LLVMBuildFPExt(b, o1, g->t_f64, ""), ""),
+		   p1);
+		lp_close(g, &h);
+	}
+	when_end(g, skip);
+	lp_close(g, &s);
+	LLVMValueRef yr = at(g, g->t_f32, prm(g, E_Y), LLVMBuildNSWMul(b, t.iv, i64c(g, H), ""));
+	lp_open(g, &h, i64c(g, 0), i64c(g, H), 1, "y");
+	st(g, LLVMBuildFPTrunc(b, ld(g, g->t_f64, at(g, g->t_f64, acc, h.iv)), g->t_f32, ""),
+	   at(g, g->t_f32, yr, h.iv));
+	lp_close(g, &h);
+	lp_close(g, &t);
+	fn_end(g);
+}
+
+int moe_plan_peer(const struct moe_desc *d, struct moe_diag *diag)
+{
+	if (d->mode != MOE_MODE_PRODUCT_KEY)
+		return 0;
+	int bad = 0;
+	uint32_t R = d->pk_sub_keys, k = d->pk_top_k, dq = d->pk_query_dim;
+	uint64_t Q = (uint64_t)d->pk_heads * dq;
+	if (d->kind != MOE_KIND_SINGLE_NEURON || R == 0 || d->pk_heads == 0 || dq < 2 || dq % 2 ||
+	    k == 0 || k > R || (uint64_t)R * R != d->n_experts ||
+	    (d->pk_score != MOE_SCORE_SOFTMAX && d->pk_score != MOE_SCORE_SIGMOID) ||
+	    d->hidden == 0) {
+		moe_diag_error(diag,
+			       "invalid product_key (kind %s, sub_keys %u, heads %u, top_k %u, "
+			       "query_dim %u, %u experts)",
+			       moe_kind_names[d->kind], R, d->pk_heads, k, dq, d->n_experts);
+		return -1;
+	}
+	if (k > PK_MAX_TOP_K || R > PK_MAX_SUB_KEYS || Q > PK_MAX_QUERY ||
+	    d->hidden > PK_MAX_HIDDEN) {
+		moe_diag_error(diag,
+			       "product_key with top_k > %d, sub_keys > %d, heads * query_dim > "
+			       "%d or hidden > %d is not generated for target cpu yet",
+			       PK_MAX_TOP_K, PK_MAX_SUB_KEYS, PK_MAX_QUERY, PK_MAX_HIDDEN);
+		bad = 1;
+	}
+	if (d->weight_dtype != MOE_DTYPE_F32 && d->weight_dtype != MOE_DTYPE_BF16) {
+		moe_diag_error(diag,
+			       "product_key with %s weights is not generated for target cpu yet",
+			       moe_dtype_names[d->weight_dtype]);
+		bad = 1;
+	}
+	if (d->act != MOE_ACT_RELU && d->act != MOE_ACT_SILU && d->act != MOE_ACT_GELU &&
+	    d->act != MOE_ACT_GELU_TANH) {
+		moe_diag_error(diag,
+			       "product_key with activation %s is not generated for target cpu",
+			       moe_act_names[d->act]);
+		bad = 1;
+	}
+	if (d->shared_count || d->output_bias || d->capacity != MOE_CAPACITY_NONE ||
+	    d->noise != MOE_NOISE_NONE) {
+		moe_diag_error(diag, "product_key with shared experts, an output bias, capacity or "
+				     "noise is not generated for target cpu yet");
+		bad = 1;
+	}
+	return bad ? -1 : 1;
+}
+
+void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
+			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
+			struct LLVMOpaqueValue *fns[MOE_PEER_FNS])
+{
+	struct pg g = {.ctx = ctx, .mod = mod, .b = b, .d = p->desc};
+	fns[0] = fns[1] = NULL;
+	if (g.d->mode != MOE_MODE_PRODUCT_KEY)
+		return;
+	g.t_void = LLVMVoidTypeInContext(ctx);
+	g.t_i1 = LLVMInt1TypeInContext(ctx);
+	g.t_i16 = LLVMInt16TypeInContext(ctx);
+	g.t_i32 = LLVMInt32TypeInContext(ctx);
+	g.t_i64 = LLVMInt64TypeInContext(ctx);
+	g.t_f32 = LLVMFloatTypeInContext(ctx);
+	g.t_f64 = LLVMDoubleTypeInContext(ctx);
+	g.t_ptr = LLVMPointerTypeInContext(ctx, 0);
+	g.t_v8f = LLVMVectorType(g.t_f32, 8);
+	g.t_v8d = LLVMVectorType(g.t_f64, 8);
+	gen_pk_route(&g);
+	fns[0] = g.fn;
+	gen_pk_experts(&g);
+	fns[1] = g.fn;
+}
