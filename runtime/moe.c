@@ -4,9 +4,9 @@
  * here aborts on bad input: every failure is a status and a message. */
 #include "moe.h"
 #include "cuda_rt.h"
+#include "dequant.h"
 #include "moe_kernels.h"
 #include "pool.h"
-#include "dequant.h"
 #include "safetensors.h"
 
 #include <math.h>
@@ -288,9 +288,10 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
 	}
 	if (s->numel != want_s || (!fp8 && s->dtype != MOE_ST_U8)) {
 		snprintf(c->err, sizeof c->err,
-			 "scale tensor '%s' (%s) must have %llu %s elements, got %s with %llu", sname,
-			 moe_role_names[role], (unsigned long long)want_s, fp8 ? "float" : "U8",
-			 moe_st_dtype_names[s->dtype], (unsigned long long)s->numel);
+			 "scale tensor '%s' (%s) must have %llu %s elements, got %s with %llu",
+			 sname, moe_role_names[role], (unsigned long long)want_s,
+			 fp8 ? "float" : "U8", moe_st_dtype_names[s->dtype],
+			 (unsigned long long)s->numel);
 		return -1;
 	}
 	float *sf = NULL;

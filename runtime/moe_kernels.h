@@ -152,7 +152,7 @@ struct moe_gen {
 	moe_jitter_fn *jitter;    /* noise jitter */
 	/* expert choice: per-expert top-C */
 	moe_ec_select_fn *ec_select;
-	moe_pk_route_fn *pk_route;	   /* PEER: when set, the layer runs moe_exec_peer */
+	moe_pk_route_fn *pk_route;     /* PEER: when set, the layer runs moe_exec_peer */
 	moe_pk_experts_fn *pk_experts; /* PEER single-neuron experts */
 };
 

@@ -536,7 +536,7 @@ static void good_deepseek_v3_fp8(const struct moe_desc *d)
 		assert_int_equal(l->quant_block[1], 128);
 		assert_int_equal(l->explicit_, 1);
 		/* the scale template is the weight's name plus _scale_inv */
-		char want[MOE_NAME_MAX];
+		char want[MOE_NAME_MAX + 16];
 		snprintf(want, sizeof want, "%s_scale_inv", d->names[role(q[i])]);
 		assert_string_equal(d->scale_names[role(q[i])], want);
 	}
