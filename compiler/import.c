@@ -32,7 +32,7 @@ struct imp_layout {
 /* The spec being built. Fields mirror docs/spec.md; defaults are the language's. */
 struct imp {
 	const char *path;
-	const char *family; /* model_type as written */
+	const char *family; /* model_type, in the families[] spelling */
 	struct moe_diag *d;
 	int n_err;
 	enum moe_import_stack stack;
@@ -645,7 +645,11 @@ static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
 {
 	base(m, c, "");
 	attention_mha(m, c, "");
-	m->n_experts = req_int(m, c, "", "num_experts", 1);
+	/* transformers 5 writes num_local_experts for qwen3_moe (num_experts is
+	 * its alias); either spelling is the expert count. */
+	m->n_experts = field(c, "num_experts") || !field(c, "num_local_experts")
+			   ? req_int(m, c, "", "num_experts", 1)
+			   : req_int(m, c, "", "num_local_experts", 1);
 	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
 	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
 	glu_act(m, c, "", "hidden_act");
@@ -979,7 +983,7 @@ static void fam_switch(struct imp *m, const cJSON *c)
 	m->capacity = MOE_CAPACITY_PER_EXPERT;
 	m->cap_per_expert = opt_int(m, c, "", "expert_capacity", 64, 1);
 	m->priority = MOE_PRIORITY_POSITION;
-	m->overflow = MOE_OVERFLOW_PASSTHROUGH;
+	m->overflow = MOE_OVERFLOW_DROP;
 	if (n_sparse == 0) {
 		err(m, "'%s' is 0: that stack has no MoE layer", skey);
 	} else {
@@ -1002,8 +1006,10 @@ static void fam_switch(struct imp *m, const cJSON *c)
 	     "p (no renormalization). Jitter noise is training-only.",
 	     dec ? "decoder" : "encoder");
 	note(m, "Capacity: expert_capacity tokens per expert, by position; a token over capacity "
-		"passes through as w * x (transformers' SwitchTransformersSparseMLP). transformers "
-		"counts positions per sequence: forward one sequence per call to match.");
+		"gets 0 from the MoE block (transformers >= 5). The original transformers 4 code "
+		"passed a dropped token through as w * x instead (overflow: passthrough). "
+		"transformers counts positions per sequence: forward one sequence per call to "
+		"match.");
 	note(m,
 	     "MoE layers: layer %% (layers / %s) == 1 (every layer when that step is 1). The "
 	     "%s stack is imported with --%s.",
@@ -1337,41 +1343,24 @@ static void fam_hunyuan(struct imp *m, const cJSON *c)
 	m->top_k = req_int_or_uniform_list(m, c, "", "moe_topk", 1);
 	m->inter = req_int(m, c, "", "intermediate_size", 1);
 	glu_act(m, c, "", "hidden_act");
-	if (m->top_k > 1) {
-		/* topkgating: C = max(k, k*T // E), top-1 choices first, weights
-		 * p / clamp(sum of the top-k p, min = f32 eps) before the drop */
-		norm_sum(m, 0, FLT_EPSILON);
-		m->capacity = MOE_CAPACITY_FACTOR;
-		m->cap_factor = 1.0;
-		m->cap_floor = 1;
-		m->cap_min = m->top_k;
-		m->priority = MOE_PRIORITY_POSITION;
-		m->overflow = MOE_OVERFLOW_DROP;
-	}
-	if (opt_bool(m, c, "", "use_mixed_mlp_moe", 0)) {
-		m->shared_count = 1;
-		m->shared_inter = m->inter;
-		shared_names(m, "model.layers.{layer}.mlp.shared_mlp");
-	}
+	/* transformers 5 (HunYuanMoEV1Gate): the top-k p divided by their sum,
+	 * no eps or clamp, at every k (top-1 weighs 1); no capacity at
+	 * inference. The shared MLP runs in every MoE block whatever
+	 * use_mixed_mlp_moe says, with intermediate_size as its width. */
+	norm_sum(m, 0, 0);
+	m->shared_count = 1;
+	m->shared_inter = m->inter;
+	shared_names(m, "model.layers.{layer}.mlp.shared_mlp");
 	all_layers(m);
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.wg.weight");
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
-	if (m->top_k == 1)
-		note(m,
-		     "hunyuan_v1_moe (top-1): p = softmax(x W_g^T) with the gate in f32; the "
-		     "weight is the top-1 p, not renormalized; no token drops at top-1 (capacity "
-		     "= tokens).");
-	else
-		note(m,
-		     "hunyuan_v1_moe (top-%ld): p = softmax(x W_g^T) with the gate in f32, "
-		     "top-k, w = p / max(sum, f32 eps). A capacity applies even at inference: C = "
-		     "max(k, k*T // E) per expert over the tokens of one call, every token's first "
-		     "choice before any second; assignments over C are dropped (outputs depend on "
-		     "the batch).",
-		     m->top_k);
-	if (m->shared_count)
-		note(m, "use_mixed_mlp_moe: the shared MLP (width intermediate_size) is added "
-			"unweighted.");
+	note(m,
+	     "hunyuan_v1_moe (top-%ld): p = softmax(x W_g^T) with the gate in f32, top-k, w = p / "
+	     "sum of the top-k p (no eps; at top-1 the weight is 1). No capacity: transformers 5 "
+	     "drops no token at inference.",
+	     m->top_k);
+	note(m, "The shared MLP model.layers.{layer}.mlp.shared_mlp (width intermediate_size) is "
+		"always on and added unweighted.");
 }
 
 struct family {
@@ -1419,6 +1408,24 @@ static const struct family families[] = {
     {"switch_transformers", fam_switch},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof *families))
+
+/* Other spellings of a model_type: NllbMoeConfig saves "nllb-moe". */
+static const struct {
+	const char *spelling, *model_type;
+} family_aliases[] = {
+    {"nllb-moe", "nllb_moe"},
+};
+
+static const struct family *find_family(const char *model_type)
+{
+	for (size_t i = 0; i < sizeof family_aliases / sizeof *family_aliases; i++)
+		if (strcmp(family_aliases[i].spelling, model_type) == 0)
+			model_type = family_aliases[i].model_type;
+	for (int i = 0; i < N_FAMILIES; i++)
+		if (strcmp(families[i].model_type, model_type) == 0)
+			return &families[i];
+	return NULL;
+}
 
 /* The writer ------------------------------------------------------------ */
 
@@ -1792,10 +1799,7 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 		moe_diag_error(d, "%s: 'model_type' must be a string, not %s", json_path,
 			       json_type(mt));
 	} else {
-		const struct family *fam = NULL;
-		for (int i = 0; i < N_FAMILIES; i++)
-			if (strcmp(families[i].model_type, mt->valuestring) == 0)
-				fam = &families[i];
+		const struct family *fam = find_family(mt->valuestring);
 		if (!fam) {
 			char list[512] = "";
 			const char *cands[N_FAMILIES];

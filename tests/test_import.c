@@ -579,8 +579,8 @@ static void expect_spec(const char *family, const char *const *kv, int n, ...)
 /* NLLB's eval capacity (SEMANTICS.md): ceil(fraction * T) when the fraction
  * is in (0, 1); expert_capacity when it is <= 0; batch_prioritized_routing
  * orders by the top-1 probability; the weights are normalized after the drop
- * unless normalize_router_prob_before_dropping. Hunyuan top-k: C = max(k,
- * k*T // E). fp8 tiles from weight_block_size. */
+ * unless normalize_router_prob_before_dropping. fp8 tiles from
+ * weight_block_size. */
 static void test_capacity_and_quant_variants(void **state)
 {
 	(void)state;
@@ -616,12 +616,6 @@ static void test_capacity_and_quant_variants(void **state)
 		    "unsupported moe_eval_capacity_token_fraction -1 with expert_capacity null",
 		    (const char *)NULL);
 	scratch_close(&s);
-
-	const char *k4[] = {"moe_topk", "4", "num_experts", "8"};
-	expect_spec("hunyuan_v1_moe-top2", k4, 2,
-		    "capacity: {factor: 1.0, rounding: floor, min: 4, priority: position, "
-		    "overflow: drop}",
-		    "hunyuan_v1_moe (top-4)", (const char *)NULL);
 
 	const char *blk[] = {"quantization_config",
 			     "{\"quant_method\": \"fp8\", \"weight_block_size\": [64, 32]}"};
@@ -671,16 +665,20 @@ static struct moe_desc *resolve_fixture(const char *family)
 static void test_resolved_extensions(void **state)
 {
 	(void)state;
-	/* Hunyuan top-2 over 16 experts: C = max(2, 2T // 16) */
+	/* Hunyuan (transformers 5): w = p / sum of the top-k p, no clamp, no
+	 * capacity at inference */
 	struct moe_desc *d = resolve_fixture("hunyuan_v1_moe-top2");
-	assert_int_equal(d->capacity, MOE_CAPACITY_FACTOR);
-	assert_true(d->capacity_factor == 1.0f);
-	assert_int_equal(d->capacity_floor, 1);
-	assert_int_equal(d->capacity_min, d->top_k);
+	assert_int_equal(d->capacity, MOE_CAPACITY_NONE);
+	assert_int_equal(d->norm, MOE_NORM_SUM);
+	assert_true(d->norm_min == 0.0f && d->norm_eps == 0.0f);
+	free(d);
+
+	/* Switch: expert_capacity by position; transformers 5 zeroes what drops */
+	d = resolve_fixture("switch_transformers");
+	assert_int_equal(d->capacity, MOE_CAPACITY_PER_EXPERT);
+	assert_int_equal(d->capacity_per_expert, 64);
 	assert_int_equal(d->priority, MOE_PRIORITY_POSITION);
 	assert_int_equal(d->overflow, MOE_OVERFLOW_DROP);
-	assert_true(d->norm_min == FLT_EPSILON && d->norm_eps == 0.0f);
-	assert_int_equal(d->capacity_norm_after_drop, 0);
 	free(d);
 
 	d = resolve_fixture("nllb_moe-capacity");
@@ -740,6 +738,90 @@ static void test_resolved_extensions(void **state)
 	assert_int_equal(d->layouts[MOE_ROLE_GATE_UP].fuse, MOE_FUSE_INTERLEAVE);
 	assert_int_equal(d->layouts[MOE_ROLE_GATE_UP_BIAS].fuse, MOE_FUSE_INTERLEAVE);
 	free(d);
+}
+
+/* The import of a mutated fixture, which must succeed; free with run_free. */
+static void import_mutated(struct run *r, const char *family, const char *const *kv, int n)
+{
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate_many(family, kv, n, path);
+	run_import(r, path, MOE_IMPORT_ENCODER);
+	if (r->rc != MOE_EXIT_OK)
+		fprintf(stderr, "%s", r->cap.text);
+	assert_int_equal(r->rc, MOE_EXIT_OK);
+	scratch_close(&s);
+}
+
+/* The spec after its comments: the model itself. */
+static const char *spec_body(const struct run *r)
+{
+	const char *b = strstr(r->out, "moegen: 1\n");
+	assert_non_null(b);
+	return b;
+}
+
+/* What transformers 5 writes or does differently from the fixtures' configs. */
+static void test_transformers5(void **state)
+{
+	(void)state;
+	struct run r, want;
+
+	/* Hunyuan: the shared MLP exists whatever use_mixed_mlp_moe says, with
+	 * the width of intermediate_size; no capacity even at top-4. */
+	const char *k4[] = {"moe_topk", "4", "num_experts", "8", "use_mixed_mlp_moe", "false"};
+	import_mutated(&r, "hunyuan_v1_moe-top2", k4, 3);
+	assert_non_null(strstr(r.out, "\n  top_k: 4\n"));
+	assert_non_null(strstr(r.out, "\n  count: 8\n"));
+	assert_non_null(strstr(r.out, "normalize: {kind: sum, eps: 0.0, min: 0.0}\n"));
+	assert_null(strstr(r.out, "\n  capacity:"));
+	assert_non_null(strstr(r.out, "shared_experts:\n  count: 1\n  intermediate: 2048\n"));
+	assert_non_null(strstr(
+	    r.out, "    shared_down: model.layers.{layer}.mlp.shared_mlp.down_proj.weight\n"));
+	run_free(&r);
+
+	/* qwen3_moe and qwen2_moe: num_local_experts is the same count. */
+	static const char *const qwen[] = {"qwen3_moe", "qwen2_moe"};
+	for (int i = 0; i < 2; i++) {
+		char cfg[256];
+		fixture_path(cfg, sizeof cfg, qwen[i], "config.json");
+		run_import(&want, cfg, MOE_IMPORT_ENCODER);
+		assert_int_equal(want.rc, MOE_EXIT_OK);
+		const char *local[] = {"num_experts", NULL, "num_local_experts", "96"};
+		import_mutated(&r, qwen[i], local, 2);
+		assert_non_null(strstr(r.out, "\n  count: 96\n"));
+		assert_null(strstr(want.out, "\n  count: 96\n"));
+		run_free(&r);
+		/* renamed with its value kept: the same spec */
+		cJSON *root = NULL;
+		char *text = slurp(cfg, NULL);
+		assert_non_null(text);
+		root = cJSON_Parse(text);
+		free(text);
+		assert_non_null(root);
+		char n[32];
+		snprintf(n, sizeof n, "%d",
+			 cJSON_GetObjectItemCaseSensitive(root, "num_experts")->valueint);
+		cJSON_Delete(root);
+		const char *same[] = {"num_experts", NULL, "num_local_experts", n};
+		import_mutated(&r, qwen[i], same, 2);
+		assert_string_equal(spec_body(&r), spec_body(&want));
+		run_free(&r);
+		run_free(&want);
+	}
+
+	/* NllbMoeConfig saves model_type "nllb-moe": the nllb_moe import. */
+	char cfg[256];
+	fixture_path(cfg, sizeof cfg, "nllb_moe", "config.json");
+	run_import(&want, cfg, MOE_IMPORT_ENCODER);
+	assert_int_equal(want.rc, MOE_EXIT_OK);
+	const char *hyphen[] = {"model_type", "\"nllb-moe\""};
+	import_mutated(&r, "nllb_moe", hyphen, 1);
+	assert_string_equal(spec_body(&r), spec_body(&want));
+	run_free(&r);
+	run_free(&want);
 }
 
 /* A per-layer list with one value is the same model as the scalar. */
@@ -922,7 +1004,7 @@ static const struct resolved resolved[] = {
      MOE_APPLY_OUTPUT},
     {"granitemoe", 32, 40, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
      1, MOE_APPLY_OUTPUT},
-    {"hunyuan_v1_moe", 64, 16, 1, 18304, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
+    {"hunyuan_v1_moe", 64, 16, 1, 18304, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"hunyuan_v1_moe-top2", 4, 16, 2, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
@@ -994,7 +1076,7 @@ static void test_validates(void **state)
 
 int main(void)
 {
-	struct CMUnitTest tests[N_GOLDENS + 14];
+	struct CMUnitTest tests[N_GOLDENS + 15];
 	int n = 0;
 	for (int i = 0; i < N_GOLDENS; i++)
 		tests[n++] =
@@ -1013,6 +1095,7 @@ int main(void)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_validates);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_capacity_and_quant_variants);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_resolved_extensions);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_transformers5);
 	if (n != (int)(sizeof tests / sizeof *tests))
 		return 1;
 	return cmocka_run_group_tests_name("import", tests, NULL, NULL);
