@@ -126,6 +126,15 @@ void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *
 			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
 			struct LLVMOpaqueValue *fns[MOE_PEER_FNS]);
 
+/* cpu_llvm_soft.c: Soft MoE. fns: moe_soft_norm, _logits, _combine,
+ * _dispatch, _slot_in, _out (the soft_* entries; NULL unless mode soft).
+ * moe_plan_soft: plan.c's check, as moe_plan_research. */
+#define MOE_SOFT_FNS 6
+int moe_plan_soft(const struct moe_desc *d, struct moe_diag *diag);
+void moe_cpu_soft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
+			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
+			struct LLVMOpaqueValue *fns[MOE_SOFT_FNS]);
+
 /* link.c ---------------------------------------------------------------- */
 
 /* The hex SHA-256 of the model dump of d (65 bytes with the NUL). */

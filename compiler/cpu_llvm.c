@@ -29,6 +29,7 @@ struct cg {
 	const struct moe_desc *d;
 	const char *cpu_name;
 	const char *triple;
+	int wide; /* AVX-512: expert tiles keep one 16-lane accumulator per row */
 };
 
 /* Constants and small builders -------------------------------------------- */
@@ -422,6 +423,49 @@ static void load_row16(struct cg *g, LLVMValueRef base, LLVMValueRef idx, LLVMVa
 		out[1] = load_w8(g, base, LLVMBuildNSWAdd(b, idx, ci64(g, MOE_VW), ""), "b1");
 }
 
+/* The same panel row as one <16 x float> (AVX-512 targets). */
+static LLVMValueRef load_row16w(struct cg *g, LLVMValueRef base, LLVMValueRef idx)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
+	switch (g->d->weight_dtype) {
+	case MOE_DTYPE_F32:
+		return load(g, t16, gep(g, g->t_f32, base, idx, ""), "w16");
+	case MOE_DTYPE_F16: {
+		LLVMTypeRef ti = LLVMVectorType(g->t_i16, 2 * MOE_VW);
+		LLVMValueRef v = load(g, ti, gep(g, g->t_i16, base, idx, ""), "");
+		LLVMSetAlignment(v, 2);
+		v = LLVMBuildBitCast(b, v, LLVMVectorType(g->t_half, 2 * MOE_VW), "");
+		return LLVMBuildFPExt(b, v, t16, "w16");
+	}
+	default: {
+		LLVMValueRef h[2], m[2 * MOE_VW];
+		load_row16(g, base, idx, h, 2);
+		for (int i = 0; i < 2 * MOE_VW; i++)
+			m[i] = ci32(g, i);
+		return LLVMBuildShuffleVector(b, h[0], h[1], LLVMConstVector(m, 2 * MOE_VW), "w16");
+	}
+	}
+}
+
+static LLVMValueRef splat16(struct cg *g, LLVMValueRef s)
+{
+	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
+	LLVMValueRef v = LLVMBuildInsertElement(g->b, LLVMGetPoison(t16), s, ci32(g, 0), "");
+	return LLVMBuildShuffleVector(g->b, v, LLVMGetPoison(t16),
+				      LLVMConstNull(LLVMVectorType(g->t_i32, 2 * MOE_VW)), "");
+}
+
+/* Half h (0: lanes 0..7, 1: lanes 8..15) of a <16 x float>. */
+static LLVMValueRef half16(struct cg *g, LLVMValueRef v, int h)
+{
+	LLVMValueRef m[MOE_VW];
+	for (int i = 0; i < MOE_VW; i++)
+		m[i] = ci32(g, h * MOE_VW + i);
+	return LLVMBuildShuffleVector(g->b, v, LLVMGetPoison(LLVMTypeOf(v)),
+				      LLVMConstVector(m, MOE_VW), "");
+}
+
 /* The micro-kernels ------------------------------------------------------- */
 
 /* What differs between the routed and the shared FFN. */
@@ -433,11 +477,6 @@ struct ffn {
 	int scale_in;    /* rw scales the input (apply_to input) */
 	int scale_out;   /* rw scales the output */
 	int down_bias_w; /* the down bias is scaled by rw */
-	/* down tiles: the K block [k0, k0 + klen) (k0 NULL: all of K); the
-	 * bias goes in with the block that ends K */
-	LLVMValueRef k0;
-	int64_t klen;
-	int kfinal;
 };
 
 /* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
@@ -449,6 +488,9 @@ static void up_tile(struct cg *g, const struct ffn *f, int mr, LLVMValueRef r0, 
 	LLVMValueRef x = arg(g, 0), rows = arg(g, 1), rw = arg(g, 2), panels = arg(g, 4);
 	LLVMValueRef bg = arg(g, 5), bu = arg(g, 6), h = arg(g, 7);
 	LLVMValueRef a_row[MOE_MR], acc[MOE_MR][2];
+	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
+	/* one row: two 8-lane chains hide the FMA latency better than one */
+	int wide = g->wide && mr > 1;
 	char nm[32];
 
 	for (int r = 0; r < mr; r++) {
@@ -458,10 +500,10 @@ static void up_tile(struct cg *g, const struct ffn *f, int mr, LLVMValueRef r0, 
 		snprintf(nm, sizeof nm, "a%d", r);
 		a_row[r] =
 		    gep(g, g->t_f32, x, LLVMBuildNSWMul(b, tok, ci64(g, ge->hidden), ""), nm);
-		for (int v = 0; v < 2; v++) {
+		for (int v = 0; v < 2 - wide; v++) {
 			snprintf(nm, sizeof nm, "acc%d%d", r, v);
-			acc[r][v] = var(g, g->t_v8f, 1, nm);
-			store(g, vconst(g, 0.0), acc[r][v]);
+			acc[r][v] = var(g, wide ? t16 : g->t_v8f, 1, nm);
+			store(g, LLVMConstNull(wide ? t16 : g->t_v8f), acc[r][v]);
 		}
 	}
 	LLVMValueRef pbase =
@@ -470,14 +512,25 @@ static void up_tile(struct cg *g, const struct ffn *f, int mr, LLVMValueRef r0, 
 	loop_open(g, &k, ci64(g, 0), ci64(g, ge->hidden), 1, "k");
 	LLVMValueRef off =
 	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, ci64(g, MOE_NR), ""), "");
-	LLVMValueRef wv[2];
-	load_row16(g, panels, off, wv, 2);
-	LLVMValueRef w0 = wv[0], w1 = wv[1];
-	for (int r = 0; r < mr; r++) {
-		LLVMValueRef a = load(g, g->t_f32, gep(g, g->t_f32, a_row[r], k.iv, ""), "");
-		a = splat(g, a, "");
-		store(g, fma3(g, a, w0, load(g, g->t_v8f, acc[r][0], ""), ""), acc[r][0]);
-		store(g, fma3(g, a, w1, load(g, g->t_v8f, acc[r][1], ""), ""), acc[r][1]);
+	if (wide) {
+		LLVMValueRef w = load_row16w(g, panels, off);
+		for (int r = 0; r < mr; r++) {
+			LLVMValueRef a =
+			    load(g, g->t_f32, gep(g, g->t_f32, a_row[r], k.iv, ""), "");
+			a = splat16(g, a);
+			store(g, fma3(g, a, w, load(g, t16, acc[r][0], ""), ""), acc[r][0]);
+		}
+	} else {
+		LLVMValueRef wv[2];
+		load_row16(g, panels, off, wv, 2);
+		LLVMValueRef w0 = wv[0], w1 = wv[1];
+		for (int r = 0; r < mr; r++) {
+			LLVMValueRef a =
+			    load(g, g->t_f32, gep(g, g->t_f32, a_row[r], k.iv, ""), "");
+			a = splat(g, a, "");
+			store(g, fma3(g, a, w0, load(g, g->t_v8f, acc[r][0], ""), ""), acc[r][0]);
+			store(g, fma3(g, a, w1, load(g, g->t_v8f, acc[r][1], ""), ""), acc[r][1]);
+		}
 	}
 	loop_close(g, &k);
 
@@ -492,7 +545,8 @@ static void up_tile(struct cg *g, const struct ffn *f, int mr, LLVMValueRef r0, 
 		LLVMValueRef c0 = LLVMBuildNSWMul(b, p, ci64(g, ge->up_cols), "col");
 		LLVMValueRef v[2];
 		for (int j = 0; j < 2; j++) {
-			v[j] = load(g, g->t_v8f, acc[r][j], "");
+			v[j] = wide ? half16(g, load(g, t16, acc[r][0], ""), j)
+				    : load(g, g->t_v8f, acc[r][j], "");
 			if (f->scale_in)
 				v[j] = LLVMBuildFMul(b, v[j], w, "");
 		}
@@ -566,6 +620,8 @@ static void down_tile(struct cg *g, const struct ffn *f, int mr, int ncols, LLVM
 	LLVMValueRef bd = arg(g, 5), y = arg(g, 6);
 	int nv = ncols > MOE_VW ? 2 : 1;
 	int lanes[2] = {ncols > MOE_VW ? MOE_VW : ncols, ncols - MOE_VW};
+	int wide = g->wide && ncols == MOE_NR && mr > 1;
+	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 	LLVMValueRef a_row[MOE_MR], y_ptr[MOE_MR][2], acc[MOE_MR][2];
 	char nm[32];
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, ci64(g, MOE_NR), "col");
@@ -583,26 +639,34 @@ static void down_tile(struct cg *g, const struct ffn *f, int mr, int ncols, LLVM
 			snprintf(nm, sizeof nm, "y%d%d", r, v);
 			y_ptr[r][v] = gep(g, g->t_f32, yrow,
 					  LLVMBuildNSWAdd(b, c0, ci64(g, v * MOE_VW), ""), nm);
+			if (wide && v)
+				continue;
 			snprintf(nm, sizeof nm, "acc%d%d", r, v);
-			acc[r][v] = var(g, g->t_v8f, 1, nm);
-			store(g, vload_cols(g, y_ptr[r][v], lanes[v], ""), acc[r][v]);
+			acc[r][v] = var(g, wide ? t16 : g->t_v8f, 1, nm);
+			store(g,
+			      wide ? load(g, t16, y_ptr[r][0], "")
+				   : vload_cols(g, y_ptr[r][v], lanes[v], ""),
+			      acc[r][v]);
 		}
 	}
-	LLVMValueRef kb = f->k0 ? f->k0 : ci64(g, 0);
-	int64_t klen = f->k0 ? f->klen : ge->width;
-	int bias = f->bias && (!f->k0 || f->kfinal);
 	LLVMValueRef pbase =
-	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, p, ci64(g, (int64_t)ge->width * MOE_NR), ""),
-			    LLVMBuildNSWMul(b, kb, ci64(g, MOE_NR), ""), "panel.off");
+	    LLVMBuildNSWMul(b, p, ci64(g, (int64_t)ge->width * MOE_NR), "panel.off");
 	struct loop k;
-	loop_open(g, &k, ci64(g, 0), ci64(g, klen), 1, "k");
+	loop_open(g, &k, ci64(g, 0), ci64(g, ge->width), 1, "k");
 	LLVMValueRef off =
 	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, ci64(g, MOE_NR), ""), "");
 	LLVMValueRef wv[2];
-	load_row16(g, panels, off, wv, nv);
-	LLVMValueRef ka = LLVMBuildNSWAdd(b, kb, k.iv, "");
+	if (wide)
+		wv[0] = load_row16w(g, panels, off);
+	else
+		load_row16(g, panels, off, wv, nv);
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef a = load(g, g->t_f32, gep(g, g->t_f32, a_row[r], ka, ""), "");
+		LLVMValueRef a = load(g, g->t_f32, gep(g, g->t_f32, a_row[r], k.iv, ""), "");
+		if (wide) {
+			store(g, fma3(g, splat16(g, a), wv[0], load(g, t16, acc[r][0], ""), ""),
+			      acc[r][0]);
+			continue;
+		}
 		a = splat(g, a, "");
 		for (int v = 0; v < nv; v++)
 			store(g, fma3(g, a, wv[v], load(g, g->t_v8f, acc[r][v], ""), ""),
@@ -612,13 +676,14 @@ static void down_tile(struct cg *g, const struct ffn *f, int mr, int ncols, LLVM
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef w = NULL;
-		if (bias && f->down_bias_w) {
+		if (f->bias && f->down_bias_w) {
 			LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, ci64(g, r), "");
 			w = splat(g, load(g, g->t_f32, gep(g, g->t_f32, rw, ri, ""), "w"), "");
 		}
 		for (int v = 0; v < nv; v++) {
-			LLVMValueRef o = load(g, g->t_v8f, acc[r][v], "");
-			if (bias) {
+			LLVMValueRef o = wide ? half16(g, load(g, t16, acc[r][0], ""), v)
+					      : load(g, g->t_v8f, acc[r][v], "");
+			if (f->bias) {
 				LLVMValueRef c = LLVMBuildNSWAdd(b, c0, ci64(g, v * MOE_VW), "");
 				LLVMValueRef bv =
 				    load(g, g->t_v8f, gep(g, g->t_f32, bd, c, ""), "bd");
@@ -694,34 +759,6 @@ static void gen_up(struct cg *g, const char *name, const struct ffn *f)
 	fn_close(g);
 }
 
-/* Panel p of the down projection in K blocks, each run over every row block
- * before the next, so the block of the panel (about 16 KB) stays in L1 while
- * all the rows pass; y carries the sums between blocks (stored and reloaded
- * exactly, so each element's chain of FMAs is the same as unblocked). */
-static void down_kblocks(struct cg *g, const struct ffn *f, int ncols, LLVMValueRef p)
-{
-	int64_t width = f->geom->width;
-	int64_t kb = 16384 / (MOE_NR * (int64_t)moe_dtype_size(g->d->weight_dtype));
-	int64_t nb = (width + kb - 1) / kb;
-	kb = (width + nb - 1) / nb;
-	kb = (kb + 7) / 8 * 8;
-	nb = (width + kb - 1) / kb;
-	struct ffn fb = *f;
-	if (nb > 1) {
-		struct loop k;
-		loop_open(g, &k, ci64(g, 0), ci64(g, (nb - 1) * kb), kb, "kb");
-		fb.k0 = k.iv;
-		fb.klen = kb;
-		fb.kfinal = 0;
-		row_blocks(g, &fb, down_tile, ncols, p, arg(g, 3));
-		loop_close(g, &k);
-	}
-	fb.k0 = ci64(g, (nb - 1) * kb);
-	fb.klen = width - (nb - 1) * kb;
-	fb.kfinal = 1;
-	row_blocks(g, &fb, down_tile, ncols, p, arg(g, 3));
-}
-
 static void gen_down(struct cg *g, const char *name, const struct ffn *f)
 {
 	LLVMBuilderRef b = g->b;
@@ -740,7 +777,7 @@ static void gen_down(struct cg *g, const char *name, const struct ffn *f)
 					   p1, ci64(g, n_full), "end");
 	struct loop p;
 	loop_open(g, &p, p0, end, 1, "p");
-	down_kblocks(g, f, MOE_NR, p.iv);
+	row_blocks(g, f, down_tile, MOE_NR, p.iv, arg(g, 3));
 	loop_close(g, &p);
 	if (n_full != ge->down_panels) {
 		/* the partial last panel: masked loads and stores of y */
@@ -748,7 +785,7 @@ static void gen_down(struct cg *g, const char *name, const struct ffn *f)
 		    LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntSLE, p0, ci64(g, n_full), ""),
 				 LLVMBuildICmp(b, LLVMIntSGT, p1, ci64(g, n_full), ""), "has_last");
 		LLVMBasicBlockRef e = if_open(g, in, "last");
-		down_kblocks(g, f, last, ci64(g, n_full));
+		row_blocks(g, f, down_tile, last, ci64(g, n_full), arg(g, 3));
 		if_close(g, e);
 	}
 	fn_close(g);
@@ -1109,7 +1146,7 @@ static LLVMValueRef cstring(struct cg *g, const char *name, const char *s)
 }
 
 static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMValueRef *efns,
-		      LLVMValueRef *pfns)
+		      LLVMValueRef *pfns, LLVMValueRef *sfns)
 {
 	const struct moe_desc *d = g->d;
 	/* The description as bytes: plain data by design (moe_desc.h). */
@@ -1140,6 +1177,12 @@ static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMV
 	    efns[0] ? efns[0] : null,
 	    pfns[0] ? pfns[0] : null,
 	    pfns[1] ? pfns[1] : null,
+	    sfns[0] ? sfns[0] : null,
+	    sfns[1] ? sfns[1] : null,
+	    sfns[2] ? sfns[2] : null,
+	    sfns[3] ? sfns[3] : null,
+	    sfns[4] ? sfns[4] : null,
+	    sfns[5] ? sfns[5] : null,
 	};
 	LLVMValueRef init = LLVMConstStructInContext(g->ctx, vals, sizeof vals / sizeof *vals, 0);
 	LLVMValueRef gv = LLVMAddGlobal(g->mod, LLVMTypeOf(init), "moe_gen_model");
@@ -1154,10 +1197,10 @@ static void build_module(struct cg *g)
 	const struct moe_desc *d = g->d;
 	const struct moe_plan *p = g->p;
 	LLVMValueRef fns[5] = {0}, rfns[MOE_RESEARCH_FNS], efns[MOE_ECSOFT_FNS], ec_route;
-	LLVMValueRef pfns[MOE_PEER_FNS];
+	LLVMValueRef pfns[MOE_PEER_FNS], sfns[MOE_SOFT_FNS];
 
 	if (!moe_cpu_research_route(d) && !moe_cpu_ecsoft_route(d) &&
-	    d->mode != MOE_MODE_PRODUCT_KEY) {
+	    d->mode != MOE_MODE_PRODUCT_KEY && d->mode != MOE_MODE_SOFT) {
 		gen_route(g);
 		fns[0] = g->fn;
 	}
@@ -1166,6 +1209,7 @@ static void build_module(struct cg *g)
 	if (ec_route)
 		rfns[0] = ec_route;
 	moe_cpu_peer_build(g->ctx, g->mod, g->b, p, pfns);
+	moe_cpu_soft_build(g->ctx, g->mod, g->b, p, sfns);
 	struct ffn routed = {
 	    .geom = &p->routed,
 	    .act = d->act,
@@ -1193,7 +1237,7 @@ static void build_module(struct cg *g)
 		gen_down(g, "moe_shared_down", &shared);
 		fns[4] = g->fn;
 	}
-	gen_table(g, fns, rfns, efns, pfns);
+	gen_table(g, fns, rfns, efns, pfns, sfns);
 }
 
 /* Target machine and emission -------------------------------------------- */
@@ -1266,6 +1310,26 @@ static int cpu_probe(LLVMTargetRef target, const char *triple, const char *cpu,
 	return ok;
 }
 
+/* Whether the target has AVX-512F (32 vector registers, 16-lane FMAs with a
+ * folded broadcast): from the feature string, else the CPU's name. */
+static int has_avx512(const char *triple, const char *cpu, const char *features)
+{
+	static const char *const cpus[] = {
+	    "x86-64-v4",  "znver4",         "znver5",         "skylake-avx512", "cascadelake",
+	    "cooperlake", "cannonlake",     "icelake-client", "icelake-server", "tigerlake",
+	    "rocketlake", "sapphirerapids", "emeraldrapids",  "graniterapids",  "graniterapids-d",
+	};
+	if (strncmp(triple, "x86_64", 6) != 0)
+		return 0;
+	for (const char *f = features; (f = strstr(f, "avx512f")) != NULL; f += 7)
+		if (f > features && (f[-1] == '+' || f[-1] == '-') && (f[7] == ',' || f[7] == 0))
+			return f[-1] == '+';
+	for (size_t i = 0; i < sizeof cpus / sizeof *cpus; i++)
+		if (cpu && strcmp(cpu, cpus[i]) == 0)
+			return 1;
+	return 0;
+}
+
 int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, enum moe_emit kind,
 		     char **out, size_t *len, char *err, size_t cap)
 {
@@ -1322,6 +1386,7 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 	g.d = p->desc;
 	g.cpu_name = cpu_name;
 	g.triple = triple;
+	g.wide = has_avx512(triple, cpu_name, features);
 	g.t_void = LLVMVoidTypeInContext(g.ctx);
 	g.t_i1 = LLVMInt1TypeInContext(g.ctx);
 	g.t_i8 = LLVMInt8TypeInContext(g.ctx);

@@ -25,6 +25,8 @@ static int check_cpu(const struct moe_desc *d, struct moe_diag *diag)
 		research = moe_plan_ecsoft(d, diag);
 	if (research == 0)
 		research = moe_plan_peer(d, diag);
+	if (research == 0)
+		research = moe_plan_soft(d, diag);
 	if (research < 0) {
 		bad = 1;
 	} else if (!research && d->mode != MOE_MODE_TOKEN_CHOICE && d->mode != MOE_MODE_DENSE) {

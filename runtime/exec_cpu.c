@@ -356,6 +356,8 @@ static int fill_routing(struct moe_model *m, size_t T, int64_t n_dropped, struct
 enum moe_status moe_exec_cpu(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
 			     float *y, size_t T, struct moe_routing *rt)
 {
+	if (m->gen->soft_logits)
+		return moe_exec_soft(m, lw, x, y, T, rt);
 	const struct moe_desc *d = m->d;
 	uint32_t E = d->n_experts;
 	size_t W = moe_desc_route_width(d);

@@ -9,7 +9,7 @@
 
 #include "moe_desc.h"
 
-#define MOE_KERNELS_ABI 3
+#define MOE_KERNELS_ABI 4
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -127,6 +127,22 @@ typedef void moe_pk_route_fn(const float *x, int64_t t0, int64_t t1, const float
 typedef void moe_pk_experts_fn(const float *x, int64_t t0, int64_t t1, const int32_t *ids,
 			       const float *weights, const void *u, const void *v, float *y);
 
+/* Soft MoE (compiler/cpu_llvm_soft.c), S = E * slots_per_expert slots:
+ * norm: l2-normalized rows [r0, r1) of [*, H]; logits: L[t, s] = scale *
+ * xn_t . slot_s (slots: normalized, as router panels of S rows); combine: per
+ * token softmax over slots; dispatch: per slot softmax over the T tokens,
+ * stored Dt[S, T]; slot_in: xs[s] = sum_t Dt[s, t] x_t; out: y_t = sum_s
+ * C[t, s] Y[s] (+ output bias). acc: H doubles of scratch per call. */
+typedef void moe_soft_norm_fn(const float *src, float *dst, int64_t r0, int64_t r1);
+typedef void moe_soft_logits_fn(const float *xn, const float *slots, float scale, int64_t t0,
+				int64_t t1, float *L);
+typedef void moe_soft_combine_fn(const float *L, int64_t t0, int64_t t1, float *C);
+typedef void moe_soft_dispatch_fn(const float *L, int64_t T, int64_t s0, int64_t s1, float *Dt);
+typedef void moe_soft_slot_in_fn(const float *Dt, const float *x, int64_t T, int64_t s0,
+				 int64_t s1, float *xs, double *acc);
+typedef void moe_soft_out_fn(const float *C, const float *Y, const float *bias, int64_t t0,
+			     int64_t t1, float *y, double *acc);
+
 /* Sub-key panel blocks of R keys: ceil(R / 8) rounded up to the 4 (or fewer)
  * blocks the generated loop takes per pass. */
 static inline uint32_t moe_pk_key_blocks(uint32_t R)
@@ -154,6 +170,13 @@ struct moe_gen {
 	moe_ec_select_fn *ec_select;
 	moe_pk_route_fn *pk_route;     /* PEER: when set, the layer runs moe_exec_peer */
 	moe_pk_experts_fn *pk_experts; /* PEER single-neuron experts */
+	/* Soft MoE: when soft_logits is set, the layer runs moe_exec_soft */
+	moe_soft_norm_fn *soft_norm;
+	moe_soft_logits_fn *soft_logits;
+	moe_soft_combine_fn *soft_combine;
+	moe_soft_dispatch_fn *soft_dispatch;
+	moe_soft_slot_in_fn *soft_slot_in;
+	moe_soft_out_fn *soft_out;
 };
 
 /* weak: a model.so built for cuda only has no CPU kernels */
@@ -181,6 +204,8 @@ struct moe_layer_w {
 	float *noise;         /* learned noise projection, router panels of E rows */
 	float *pk_query, *pk_qbias, *pk_keys; /* PEER: see moe_pk_route_fn */
 	void *pk_u, *pk_v;                    /* PEER: [N, H] neuron tables, weight dtype */
+	float *soft_slots; /* Soft MoE: normalized slot parameters, router panels of S rows */
+	float soft_scale;
 };
 
 /* Per-call scratch, grown on demand. */
@@ -232,6 +257,12 @@ int moe_exec_ec_select(struct moe_model *m, size_t T);
 enum moe_status moe_exec_peer(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
 			      float *y, size_t T, struct moe_routing *rt);
 enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights *w,
+			      struct moe_layer_w *out);
+/* exec_soft.c: a Soft MoE layer's forward, and the packing of its slot
+ * parameters (normalized by the generated moe_soft_norm). */
+enum moe_status moe_exec_soft(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+			      float *y, size_t T, struct moe_routing *rt);
+enum moe_status moe_pack_soft(const struct moe_model *m, const struct moe_ref_weights *w,
 			      struct moe_layer_w *out);
 /* pack.c: router-style panels [ceil(rows/8)][H][8] of a [rows, H] tensor. */
 float *moe_pack_router_panels(const float *w, uint32_t rows, uint32_t H);

@@ -135,6 +135,7 @@ void moe_layer_w_free(struct moe_layer_w *lw)
 	free(lw->output_bias);
 	free(lw->group_router), free(lw->noise);
 	free(lw->pk_query), free(lw->pk_qbias), free(lw->pk_keys), free(lw->pk_u), free(lw->pk_v);
+	free(lw->soft_slots);
 	memset(lw, 0, sizeof *lw);
 }
 
@@ -157,7 +158,7 @@ enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_w
 	out->router = zalloc((size_t)nb * H * MOE_RB * sizeof(float));
 	if (!out->router)
 		goto nomem;
-	for (uint32_t e = 0; e < E; e++) {
+	for (uint32_t e = 0; W[MOE_ROLE_ROUTER] && e < E; e++) { /* soft: none */
 		const float *r = W[MOE_ROLE_ROUTER] + (size_t)e * H;
 		float *dst = out->router + (size_t)(e / MOE_RB) * H * MOE_RB + e % MOE_RB;
 		for (uint32_t h = 0; h < H; h++)
@@ -190,6 +191,8 @@ enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_w
 	    !(out->noise = moe_pack_router_panels(W[MOE_ROLE_NOISE], E, H)))
 		goto nomem;
 	if (d->output_bias && !(out->output_bias = copy_f32(W[MOE_ROLE_OUTPUT_BIAS], H)))
+		goto nomem;
+	if (d->mode == MOE_MODE_SOFT && moe_pack_soft(m, w, out) != MOE_OK)
 		goto nomem;
 	if (sg->width) {
 		int sglu = d->shared_kind == MOE_KIND_GLU;

@@ -468,17 +468,21 @@ static void test_errors(void **state)
 static void test_refusals(void **state)
 {
 	(void)state;
+	/* every mode is generated; soft mode with noise is not */
 	static const enum moe_mode modes[] = {MOE_MODE_SOFT};
 	for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) {
 		struct moe_desc d;
 		base_desc(&d, 16, 4, 2, 8);
 		d.mode = modes[i];
+		d.soft_slots_per_expert = 1;
+		d.noise = MOE_NOISE_JITTER;
 		char err[1024], want[256], path[300];
 		snprintf(path, sizeof path, "%s/refused.so", tmpdir);
 		struct moe_cpu_target t = {.opt_level = 1};
 		assert_int_equal(moe_compile_cpu(&d, &t, MOE_EMIT_SO, path, err, sizeof err),
 				 MOE_EXIT_BACKEND);
-		snprintf(want, sizeof want, "router.mode %s is not generated for target cpu yet",
+		snprintf(want, sizeof want,
+			 "router.noise with mode %s is not generated for target cpu yet",
 			 moe_mode_names[modes[i]]);
 		assert_string_equal(err, want);
 		assert_int_not_equal(access(path, F_OK), 0);

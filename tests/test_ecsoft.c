@@ -1,7 +1,7 @@
 /* test_ecsoft.c: expert-choice routing generated for the CPU against the
  * reference on token groups of several sizes (identical selections, outputs
  * within 1e-5, the same statistics), hand-derived tiny cases and the
- * statistics' closed forms; Soft MoE stays refused by name. */
+ * statistics' closed forms; refusals by name. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -392,9 +392,11 @@ static void test_refusals(void **state)
 	base_desc(&d, 32, 8, 2, 16);
 	d.mode = MOE_MODE_SOFT;
 	d.soft_slots_per_expert = 1;
+	d.capacity = MOE_CAPACITY_FACTOR;
+	d.capacity_factor = 1.0f;
 	err[0] = 0;
 	assert_int_not_equal(model_open(&d, &m, err, sizeof err), 0);
-	assert_non_null(strstr(err, "router.mode soft is not generated for target cpu yet"));
+	assert_non_null(strstr(err, "router.capacity with mode soft is not generated"));
 	ec_desc(&d, 32, 8, 16, 1.0f);
 	d.noise = MOE_NOISE_LEARNED_GAUSSIAN;
 	err[0] = 0;

@@ -420,6 +420,8 @@ static void test_refusals(void **state)
 		d.mode = modes[i];
 		d.ec_capacity_factor = 1.0f;
 		d.soft_slots_per_expert = 1;
+		if (modes[i] == MOE_MODE_SOFT) /* soft is generated, not with noise */
+			d.noise = MOE_NOISE_JITTER, d.jitter_eps = 0.01f;
 		err[0] = 0;
 		assert_int_not_equal(model_open(&d, &m, err, sizeof err), 0);
 		assert_non_null(strstr(err, moe_mode_names[modes[i]]));

@@ -7,7 +7,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [65 x i8] c"c802e2aff6d94de119c2346dd0e172071ce3ff879b752a6a442358864b5109f7\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr } { i32 3, i32 16524, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, ptr @moe_route, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr } { i32 4, i32 16524, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, ptr @moe_route, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_route(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
@@ -2069,78 +2069,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
-  %acc00137 = alloca <8 x float>, align 32
-  %acc01139 = alloca <8 x float>, align 32
-  %acc10142 = alloca <8 x float>, align 32
-  %acc11144 = alloca <8 x float>, align 32
-  %acc20147 = alloca <8 x float>, align 32
-  %acc21149 = alloca <8 x float>, align 32
-  %acc30152 = alloca <8 x float>, align 32
-  %acc31154 = alloca <8 x float>, align 32
-  %acc40157 = alloca <8 x float>, align 32
-  %acc41159 = alloca <8 x float>, align 32
-  %acc50162 = alloca <8 x float>, align 32
-  %acc51164 = alloca <8 x float>, align 32
-  %acc00193 = alloca <8 x float>, align 32
-  %acc01195 = alloca <8 x float>, align 32
-  %acc10198 = alloca <8 x float>, align 32
-  %acc11200 = alloca <8 x float>, align 32
-  %acc20203 = alloca <8 x float>, align 32
-  %acc21205 = alloca <8 x float>, align 32
-  %acc30208 = alloca <8 x float>, align 32
-  %acc31210 = alloca <8 x float>, align 32
-  %acc40213 = alloca <8 x float>, align 32
-  %acc41215 = alloca <8 x float>, align 32
-  %acc00242 = alloca <8 x float>, align 32
-  %acc01244 = alloca <8 x float>, align 32
-  %acc10247 = alloca <8 x float>, align 32
-  %acc11249 = alloca <8 x float>, align 32
-  %acc20252 = alloca <8 x float>, align 32
-  %acc21254 = alloca <8 x float>, align 32
-  %acc30257 = alloca <8 x float>, align 32
-  %acc31259 = alloca <8 x float>, align 32
-  %acc00283 = alloca <8 x float>, align 32
-  %acc01285 = alloca <8 x float>, align 32
-  %acc10288 = alloca <8 x float>, align 32
-  %acc11290 = alloca <8 x float>, align 32
-  %acc20293 = alloca <8 x float>, align 32
-  %acc21295 = alloca <8 x float>, align 32
-  %acc00316 = alloca <8 x float>, align 32
-  %acc01318 = alloca <8 x float>, align 32
-  %acc10321 = alloca <8 x float>, align 32
-  %acc11323 = alloca <8 x float>, align 32
-  %acc00341 = alloca <8 x float>, align 32
-  %acc01343 = alloca <8 x float>, align 32
+  %acc0021 = alloca <8 x float>, align 32
+  %acc0123 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1128 = alloca <8 x float>, align 32
+  %acc2031 = alloca <8 x float>, align 32
+  %acc2133 = alloca <8 x float>, align 32
+  %acc3036 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4041 = alloca <8 x float>, align 32
+  %acc4143 = alloca <8 x float>, align 32
+  %acc0070 = alloca <8 x float>, align 32
+  %acc0172 = alloca <8 x float>, align 32
+  %acc1075 = alloca <8 x float>, align 32
+  %acc1177 = alloca <8 x float>, align 32
+  %acc2080 = alloca <8 x float>, align 32
+  %acc2182 = alloca <8 x float>, align 32
+  %acc3085 = alloca <8 x float>, align 32
+  %acc3187 = alloca <8 x float>, align 32
+  %acc00111 = alloca <8 x float>, align 32
+  %acc01113 = alloca <8 x float>, align 32
+  %acc10116 = alloca <8 x float>, align 32
+  %acc11118 = alloca <8 x float>, align 32
+  %acc20121 = alloca <8 x float>, align 32
+  %acc21123 = alloca <8 x float>, align 32
+  %acc00144 = alloca <8 x float>, align 32
+  %acc01146 = alloca <8 x float>, align 32
+  %acc10149 = alloca <8 x float>, align 32
+  %acc11151 = alloca <8 x float>, align 32
+  %acc00169 = alloca <8 x float>, align 32
+  %acc01171 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2148,31 +2106,23 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 180
   br label %p.head
 
-p.head:                                           ; preds = %r0.end123, %start
-  %p = phi i64 [ %p0, %start ], [ %1258, %r0.end123 ]
+p.head:                                           ; preds = %r0.end, %start
+  %p = phi i64 [ %p0, %start ], [ %740, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %kb.head
-
-kb.head:                                          ; preds = %r0.end, %p.body
-  %kb = phi i64 [ 0, %p.body ], [ %507, %r0.end ]
-  %2 = icmp slt i64 %kb, 2400
-  br i1 %2, label %kb.body, label %kb.end
-
-kb.body:                                          ; preds = %kb.head
   br label %r0.head
 
-r0.head:                                          ; preds = %tile.done, %kb.body
-  %r0 = phi i64 [ 0, %kb.body ], [ %506, %tile.done ]
-  %3 = icmp slt i64 %r0, %n
-  br i1 %3, label %r0.body, label %r0.end
+r0.head:                                          ; preds = %tile.done, %p.body
+  %r0 = phi i64 [ 0, %p.body ], [ %739, %tile.done ]
+  %2 = icmp slt i64 %r0, %n
+  br i1 %2, label %r0.body, label %r0.end
 
 r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
-  %4 = icmp sge i64 %left, 6
-  %mr = select i1 %4, i64 6, i64 %left
+  %3 = icmp sge i64 %left, 6
+  %mr = select i1 %3, i64 6, i64 %left
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2183,1943 +2133,1105 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %5 = add nsw i64 %r0, 0
-  %6 = mul nsw i64 %5, 2880
-  %h0 = getelementptr inbounds float, ptr %h, i64 %6
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 2880
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %11, i64 %12
-  %13 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %13, ptr %acc00, align 4
-  %14 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %11, i64 %14
-  %15 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %15, ptr %acc01, align 4
-  %16 = add nsw i64 %r0, 1
-  %17 = mul nsw i64 %16, 2880
-  %h1 = getelementptr inbounds float, ptr %h, i64 %17
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %16
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 2880
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %22, i64 %23
-  %24 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %24, ptr %acc10, align 4
-  %25 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %22, i64 %25
-  %26 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %26, ptr %acc11, align 4
-  %27 = add nsw i64 %r0, 2
-  %28 = mul nsw i64 %27, 2880
-  %h2 = getelementptr inbounds float, ptr %h, i64 %28
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 2880
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %33, i64 %34
-  %35 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %35, ptr %acc20, align 4
-  %36 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %33, i64 %36
-  %37 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %37, ptr %acc21, align 4
-  %38 = add nsw i64 %r0, 3
-  %39 = mul nsw i64 %38, 2880
-  %h3 = getelementptr inbounds float, ptr %h, i64 %39
-  %40 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %41 = load i32, ptr %40, align 4
-  %42 = sext i32 %41 to i64
-  %43 = mul nsw i64 %42, 2880
-  %44 = getelementptr inbounds float, ptr %y, i64 %43
-  %45 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %44, i64 %45
-  %46 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %46, ptr %acc30, align 4
-  %47 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %44, i64 %47
-  %48 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %48, ptr %acc31, align 4
-  %49 = add nsw i64 %r0, 4
-  %50 = mul nsw i64 %49, 2880
-  %h4 = getelementptr inbounds float, ptr %h, i64 %50
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %49
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 2880
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %55, i64 %56
-  %57 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %57, ptr %acc40, align 4
-  %58 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %55, i64 %58
-  %59 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %59, ptr %acc41, align 4
-  %60 = add nsw i64 %r0, 5
-  %61 = mul nsw i64 %60, 2880
-  %h5 = getelementptr inbounds float, ptr %h, i64 %61
-  %62 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %63 = load i32, ptr %62, align 4
-  %64 = sext i32 %63 to i64
-  %65 = mul nsw i64 %64, 2880
-  %66 = getelementptr inbounds float, ptr %y, i64 %65
-  %67 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %66, i64 %67
-  %68 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %68, ptr %acc50, align 4
-  %69 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %66, i64 %69
-  %70 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %70, ptr %acc51, align 4
-  %71 = mul nsw i64 %kb, 16
-  %72 = mul nsw i64 %p, 46080
-  %panel.off = add nsw i64 %72, %71
+  %4 = add nsw i64 %r0, 0
+  %5 = mul nsw i64 %4, 2880
+  %h0 = getelementptr inbounds float, ptr %h, i64 %5
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 2880
+  %10 = getelementptr inbounds float, ptr %y, i64 %9
+  %11 = add nsw i64 %col, 0
+  %y00 = getelementptr inbounds float, ptr %10, i64 %11
+  %12 = load <8 x float>, ptr %y00, align 4
+  store <8 x float> %12, ptr %acc00, align 4
+  %13 = add nsw i64 %col, 8
+  %y01 = getelementptr inbounds float, ptr %10, i64 %13
+  %14 = load <8 x float>, ptr %y01, align 4
+  store <8 x float> %14, ptr %acc01, align 4
+  %15 = add nsw i64 %r0, 1
+  %16 = mul nsw i64 %15, 2880
+  %h1 = getelementptr inbounds float, ptr %h, i64 %16
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 2880
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %y10 = getelementptr inbounds float, ptr %21, i64 %22
+  %23 = load <8 x float>, ptr %y10, align 4
+  store <8 x float> %23, ptr %acc10, align 4
+  %24 = add nsw i64 %col, 8
+  %y11 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = load <8 x float>, ptr %y11, align 4
+  store <8 x float> %25, ptr %acc11, align 4
+  %26 = add nsw i64 %r0, 2
+  %27 = mul nsw i64 %26, 2880
+  %h2 = getelementptr inbounds float, ptr %h, i64 %27
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 2880
+  %32 = getelementptr inbounds float, ptr %y, i64 %31
+  %33 = add nsw i64 %col, 0
+  %y20 = getelementptr inbounds float, ptr %32, i64 %33
+  %34 = load <8 x float>, ptr %y20, align 4
+  store <8 x float> %34, ptr %acc20, align 4
+  %35 = add nsw i64 %col, 8
+  %y21 = getelementptr inbounds float, ptr %32, i64 %35
+  %36 = load <8 x float>, ptr %y21, align 4
+  store <8 x float> %36, ptr %acc21, align 4
+  %37 = add nsw i64 %r0, 3
+  %38 = mul nsw i64 %37, 2880
+  %h3 = getelementptr inbounds float, ptr %h, i64 %38
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 2880
+  %43 = getelementptr inbounds float, ptr %y, i64 %42
+  %44 = add nsw i64 %col, 0
+  %y30 = getelementptr inbounds float, ptr %43, i64 %44
+  %45 = load <8 x float>, ptr %y30, align 4
+  store <8 x float> %45, ptr %acc30, align 4
+  %46 = add nsw i64 %col, 8
+  %y31 = getelementptr inbounds float, ptr %43, i64 %46
+  %47 = load <8 x float>, ptr %y31, align 4
+  store <8 x float> %47, ptr %acc31, align 4
+  %48 = add nsw i64 %r0, 4
+  %49 = mul nsw i64 %48, 2880
+  %h4 = getelementptr inbounds float, ptr %h, i64 %49
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 2880
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %y40 = getelementptr inbounds float, ptr %54, i64 %55
+  %56 = load <8 x float>, ptr %y40, align 4
+  store <8 x float> %56, ptr %acc40, align 4
+  %57 = add nsw i64 %col, 8
+  %y41 = getelementptr inbounds float, ptr %54, i64 %57
+  %58 = load <8 x float>, ptr %y41, align 4
+  store <8 x float> %58, ptr %acc41, align 4
+  %59 = add nsw i64 %r0, 5
+  %60 = mul nsw i64 %59, 2880
+  %h5 = getelementptr inbounds float, ptr %h, i64 %60
+  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
+  %62 = load i32, ptr %61, align 4
+  %63 = sext i32 %62 to i64
+  %64 = mul nsw i64 %63, 2880
+  %65 = getelementptr inbounds float, ptr %y, i64 %64
+  %66 = add nsw i64 %col, 0
+  %y50 = getelementptr inbounds float, ptr %65, i64 %66
+  %67 = load <8 x float>, ptr %y50, align 4
+  store <8 x float> %67, ptr %acc50, align 4
+  %68 = add nsw i64 %col, 8
+  %y51 = getelementptr inbounds float, ptr %65, i64 %68
+  %69 = load <8 x float>, ptr %y51, align 4
+  store <8 x float> %69, ptr %acc51, align 4
+  %panel.off = mul nsw i64 %p, 46080
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %128, %k.body ]
-  %73 = icmp slt i64 %k, 480
-  br i1 %73, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
+  %70 = icmp slt i64 %k, 2880
+  br i1 %70, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %74 = mul nsw i64 %k, 16
-  %75 = add nsw i64 %panel.off, %74
-  %76 = getelementptr inbounds i16, ptr %panels, i64 %75
-  %bw = load <8 x i32>, ptr %76, align 4
-  %77 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %77 to <8 x float>
-  %78 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %78 to <8 x float>
-  %79 = add nsw i64 %kb, %k
-  %80 = getelementptr inbounds float, ptr %h0, i64 %79
-  %81 = load float, ptr %80, align 4
-  %82 = insertelement <8 x float> poison, float %81, i32 0
-  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
-  %84 = load <8 x float>, ptr %acc00, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %b0, <8 x float> %84)
-  store <8 x float> %85, ptr %acc00, align 4
-  %86 = load <8 x float>, ptr %acc01, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %b1, <8 x float> %86)
-  store <8 x float> %87, ptr %acc01, align 4
-  %88 = getelementptr inbounds float, ptr %h1, i64 %79
-  %89 = load float, ptr %88, align 4
-  %90 = insertelement <8 x float> poison, float %89, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = load <8 x float>, ptr %acc10, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %b0, <8 x float> %92)
-  store <8 x float> %93, ptr %acc10, align 4
-  %94 = load <8 x float>, ptr %acc11, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %b1, <8 x float> %94)
-  store <8 x float> %95, ptr %acc11, align 4
-  %96 = getelementptr inbounds float, ptr %h2, i64 %79
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc20, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %b0, <8 x float> %100)
-  store <8 x float> %101, ptr %acc20, align 4
-  %102 = load <8 x float>, ptr %acc21, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %b1, <8 x float> %102)
-  store <8 x float> %103, ptr %acc21, align 4
-  %104 = getelementptr inbounds float, ptr %h3, i64 %79
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc30, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc30, align 4
-  %110 = load <8 x float>, ptr %acc31, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc31, align 4
-  %112 = getelementptr inbounds float, ptr %h4, i64 %79
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc40, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc40, align 4
-  %118 = load <8 x float>, ptr %acc41, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc41, align 4
-  %120 = getelementptr inbounds float, ptr %h5, i64 %79
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc50, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc50, align 4
-  %126 = load <8 x float>, ptr %acc51, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc51, align 4
-  %128 = add nsw i64 %k, 1
+  %71 = mul nsw i64 %k, 16
+  %72 = add nsw i64 %panel.off, %71
+  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
+  %bw = load <8 x i32>, ptr %73, align 4
+  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %74 to <8 x float>
+  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %75 to <8 x float>
+  %76 = getelementptr inbounds float, ptr %h0, i64 %k
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc00, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
+  store <8 x float> %81, ptr %acc00, align 4
+  %82 = load <8 x float>, ptr %acc01, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
+  store <8 x float> %83, ptr %acc01, align 4
+  %84 = getelementptr inbounds float, ptr %h1, i64 %k
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc10, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
+  store <8 x float> %89, ptr %acc10, align 4
+  %90 = load <8 x float>, ptr %acc11, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
+  store <8 x float> %91, ptr %acc11, align 4
+  %92 = getelementptr inbounds float, ptr %h2, i64 %k
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc20, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
+  store <8 x float> %97, ptr %acc20, align 4
+  %98 = load <8 x float>, ptr %acc21, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
+  store <8 x float> %99, ptr %acc21, align 4
+  %100 = getelementptr inbounds float, ptr %h3, i64 %k
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc30, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
+  store <8 x float> %105, ptr %acc30, align 4
+  %106 = load <8 x float>, ptr %acc31, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
+  store <8 x float> %107, ptr %acc31, align 4
+  %108 = getelementptr inbounds float, ptr %h4, i64 %k
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc40, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
+  store <8 x float> %113, ptr %acc40, align 4
+  %114 = load <8 x float>, ptr %acc41, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
+  store <8 x float> %115, ptr %acc41, align 4
+  %116 = getelementptr inbounds float, ptr %h5, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc50, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
+  store <8 x float> %121, ptr %acc50, align 4
+  %122 = load <8 x float>, ptr %acc51, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
+  store <8 x float> %123, ptr %acc51, align 4
+  %124 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
+  %125 = add nsw i64 %r0, 0
+  %126 = getelementptr inbounds float, ptr %rw, i64 %125
+  %w = load float, ptr %126, align 4
+  %127 = insertelement <8 x float> poison, float %w, i32 0
+  %128 = shufflevector <8 x float> %127, <8 x float> poison, <8 x i32> zeroinitializer
   %129 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %129, ptr %y00, align 4
-  %130 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %130, ptr %y01, align 4
-  %131 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %131, ptr %y10, align 4
-  %132 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %132, ptr %y11, align 4
-  %133 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %133, ptr %y20, align 4
-  %134 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %134, ptr %y21, align 4
-  %135 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %135, ptr %y30, align 4
-  %136 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %136, ptr %y31, align 4
-  %137 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %137, ptr %y40, align 4
-  %138 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %138, ptr %y41, align 4
-  %139 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %139, ptr %y50, align 4
-  %140 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %140, ptr %y51, align 4
+  %130 = add nsw i64 %col, 0
+  %131 = getelementptr inbounds float, ptr %bd, i64 %130
+  %bd1 = load <8 x float>, ptr %131, align 4
+  %132 = fmul <8 x float> %bd1, %128
+  %133 = fadd <8 x float> %129, %132
+  store <8 x float> %133, ptr %y00, align 4
+  %134 = load <8 x float>, ptr %acc01, align 4
+  %135 = add nsw i64 %col, 8
+  %136 = getelementptr inbounds float, ptr %bd, i64 %135
+  %bd2 = load <8 x float>, ptr %136, align 4
+  %137 = fmul <8 x float> %bd2, %128
+  %138 = fadd <8 x float> %134, %137
+  store <8 x float> %138, ptr %y01, align 4
+  %139 = add nsw i64 %r0, 1
+  %140 = getelementptr inbounds float, ptr %rw, i64 %139
+  %w3 = load float, ptr %140, align 4
+  %141 = insertelement <8 x float> poison, float %w3, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc10, align 4
+  %144 = add nsw i64 %col, 0
+  %145 = getelementptr inbounds float, ptr %bd, i64 %144
+  %bd4 = load <8 x float>, ptr %145, align 4
+  %146 = fmul <8 x float> %bd4, %142
+  %147 = fadd <8 x float> %143, %146
+  store <8 x float> %147, ptr %y10, align 4
+  %148 = load <8 x float>, ptr %acc11, align 4
+  %149 = add nsw i64 %col, 8
+  %150 = getelementptr inbounds float, ptr %bd, i64 %149
+  %bd5 = load <8 x float>, ptr %150, align 4
+  %151 = fmul <8 x float> %bd5, %142
+  %152 = fadd <8 x float> %148, %151
+  store <8 x float> %152, ptr %y11, align 4
+  %153 = add nsw i64 %r0, 2
+  %154 = getelementptr inbounds float, ptr %rw, i64 %153
+  %w6 = load float, ptr %154, align 4
+  %155 = insertelement <8 x float> poison, float %w6, i32 0
+  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
+  %157 = load <8 x float>, ptr %acc20, align 4
+  %158 = add nsw i64 %col, 0
+  %159 = getelementptr inbounds float, ptr %bd, i64 %158
+  %bd7 = load <8 x float>, ptr %159, align 4
+  %160 = fmul <8 x float> %bd7, %156
+  %161 = fadd <8 x float> %157, %160
+  store <8 x float> %161, ptr %y20, align 4
+  %162 = load <8 x float>, ptr %acc21, align 4
+  %163 = add nsw i64 %col, 8
+  %164 = getelementptr inbounds float, ptr %bd, i64 %163
+  %bd8 = load <8 x float>, ptr %164, align 4
+  %165 = fmul <8 x float> %bd8, %156
+  %166 = fadd <8 x float> %162, %165
+  store <8 x float> %166, ptr %y21, align 4
+  %167 = add nsw i64 %r0, 3
+  %168 = getelementptr inbounds float, ptr %rw, i64 %167
+  %w9 = load float, ptr %168, align 4
+  %169 = insertelement <8 x float> poison, float %w9, i32 0
+  %170 = shufflevector <8 x float> %169, <8 x float> poison, <8 x i32> zeroinitializer
+  %171 = load <8 x float>, ptr %acc30, align 4
+  %172 = add nsw i64 %col, 0
+  %173 = getelementptr inbounds float, ptr %bd, i64 %172
+  %bd10 = load <8 x float>, ptr %173, align 4
+  %174 = fmul <8 x float> %bd10, %170
+  %175 = fadd <8 x float> %171, %174
+  store <8 x float> %175, ptr %y30, align 4
+  %176 = load <8 x float>, ptr %acc31, align 4
+  %177 = add nsw i64 %col, 8
+  %178 = getelementptr inbounds float, ptr %bd, i64 %177
+  %bd11 = load <8 x float>, ptr %178, align 4
+  %179 = fmul <8 x float> %bd11, %170
+  %180 = fadd <8 x float> %176, %179
+  store <8 x float> %180, ptr %y31, align 4
+  %181 = add nsw i64 %r0, 4
+  %182 = getelementptr inbounds float, ptr %rw, i64 %181
+  %w12 = load float, ptr %182, align 4
+  %183 = insertelement <8 x float> poison, float %w12, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = load <8 x float>, ptr %acc40, align 4
+  %186 = add nsw i64 %col, 0
+  %187 = getelementptr inbounds float, ptr %bd, i64 %186
+  %bd13 = load <8 x float>, ptr %187, align 4
+  %188 = fmul <8 x float> %bd13, %184
+  %189 = fadd <8 x float> %185, %188
+  store <8 x float> %189, ptr %y40, align 4
+  %190 = load <8 x float>, ptr %acc41, align 4
+  %191 = add nsw i64 %col, 8
+  %192 = getelementptr inbounds float, ptr %bd, i64 %191
+  %bd14 = load <8 x float>, ptr %192, align 4
+  %193 = fmul <8 x float> %bd14, %184
+  %194 = fadd <8 x float> %190, %193
+  store <8 x float> %194, ptr %y41, align 4
+  %195 = add nsw i64 %r0, 5
+  %196 = getelementptr inbounds float, ptr %rw, i64 %195
+  %w15 = load float, ptr %196, align 4
+  %197 = insertelement <8 x float> poison, float %w15, i32 0
+  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
+  %199 = load <8 x float>, ptr %acc50, align 4
+  %200 = add nsw i64 %col, 0
+  %201 = getelementptr inbounds float, ptr %bd, i64 %200
+  %bd16 = load <8 x float>, ptr %201, align 4
+  %202 = fmul <8 x float> %bd16, %198
+  %203 = fadd <8 x float> %199, %202
+  store <8 x float> %203, ptr %y50, align 4
+  %204 = load <8 x float>, ptr %acc51, align 4
+  %205 = add nsw i64 %col, 8
+  %206 = getelementptr inbounds float, ptr %bd, i64 %205
+  %bd17 = load <8 x float>, ptr %206, align 4
+  %207 = fmul <8 x float> %bd17, %198
+  %208 = fadd <8 x float> %204, %207
+  store <8 x float> %208, ptr %y51, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %141 = add nsw i64 %r0, 0
-  %142 = mul nsw i64 %141, 2880
-  %h02 = getelementptr inbounds float, ptr %h, i64 %142
-  %143 = getelementptr inbounds i32, ptr %rows, i64 %141
-  %144 = load i32, ptr %143, align 4
-  %145 = sext i32 %144 to i64
-  %146 = mul nsw i64 %145, 2880
-  %147 = getelementptr inbounds float, ptr %y, i64 %146
-  %148 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %147, i64 %148
-  %149 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %149, ptr %acc004, align 4
-  %150 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %147, i64 %150
-  %151 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %151, ptr %acc016, align 4
-  %152 = add nsw i64 %r0, 1
-  %153 = mul nsw i64 %152, 2880
-  %h17 = getelementptr inbounds float, ptr %h, i64 %153
-  %154 = getelementptr inbounds i32, ptr %rows, i64 %152
-  %155 = load i32, ptr %154, align 4
-  %156 = sext i32 %155 to i64
-  %157 = mul nsw i64 %156, 2880
-  %158 = getelementptr inbounds float, ptr %y, i64 %157
-  %159 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %158, i64 %159
-  %160 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %160, ptr %acc109, align 4
-  %161 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %158, i64 %161
-  %162 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %162, ptr %acc1111, align 4
-  %163 = add nsw i64 %r0, 2
-  %164 = mul nsw i64 %163, 2880
-  %h212 = getelementptr inbounds float, ptr %h, i64 %164
-  %165 = getelementptr inbounds i32, ptr %rows, i64 %163
-  %166 = load i32, ptr %165, align 4
-  %167 = sext i32 %166 to i64
-  %168 = mul nsw i64 %167, 2880
-  %169 = getelementptr inbounds float, ptr %y, i64 %168
-  %170 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %169, i64 %170
-  %171 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %171, ptr %acc2014, align 4
-  %172 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %169, i64 %172
-  %173 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %173, ptr %acc2116, align 4
-  %174 = add nsw i64 %r0, 3
-  %175 = mul nsw i64 %174, 2880
-  %h317 = getelementptr inbounds float, ptr %h, i64 %175
-  %176 = getelementptr inbounds i32, ptr %rows, i64 %174
-  %177 = load i32, ptr %176, align 4
-  %178 = sext i32 %177 to i64
-  %179 = mul nsw i64 %178, 2880
-  %180 = getelementptr inbounds float, ptr %y, i64 %179
-  %181 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %180, i64 %181
-  %182 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %182, ptr %acc3019, align 4
-  %183 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %180, i64 %183
-  %184 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %184, ptr %acc3121, align 4
-  %185 = add nsw i64 %r0, 4
-  %186 = mul nsw i64 %185, 2880
-  %h422 = getelementptr inbounds float, ptr %h, i64 %186
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %185
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 2880
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %191, i64 %192
-  %193 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %193, ptr %acc4024, align 4
-  %194 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %191, i64 %194
-  %195 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %195, ptr %acc4126, align 4
-  %196 = mul nsw i64 %kb, 16
-  %197 = mul nsw i64 %p, 46080
-  %panel.off27 = add nsw i64 %197, %196
-  br label %k.head28
+  %col18 = mul nsw i64 %p, 16
+  %209 = add nsw i64 %r0, 0
+  %210 = mul nsw i64 %209, 2880
+  %h019 = getelementptr inbounds float, ptr %h, i64 %210
+  %211 = getelementptr inbounds i32, ptr %rows, i64 %209
+  %212 = load i32, ptr %211, align 4
+  %213 = sext i32 %212 to i64
+  %214 = mul nsw i64 %213, 2880
+  %215 = getelementptr inbounds float, ptr %y, i64 %214
+  %216 = add nsw i64 %col18, 0
+  %y0020 = getelementptr inbounds float, ptr %215, i64 %216
+  %217 = load <8 x float>, ptr %y0020, align 4
+  store <8 x float> %217, ptr %acc0021, align 4
+  %218 = add nsw i64 %col18, 8
+  %y0122 = getelementptr inbounds float, ptr %215, i64 %218
+  %219 = load <8 x float>, ptr %y0122, align 4
+  store <8 x float> %219, ptr %acc0123, align 4
+  %220 = add nsw i64 %r0, 1
+  %221 = mul nsw i64 %220, 2880
+  %h124 = getelementptr inbounds float, ptr %h, i64 %221
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %220
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 2880
+  %226 = getelementptr inbounds float, ptr %y, i64 %225
+  %227 = add nsw i64 %col18, 0
+  %y1025 = getelementptr inbounds float, ptr %226, i64 %227
+  %228 = load <8 x float>, ptr %y1025, align 4
+  store <8 x float> %228, ptr %acc1026, align 4
+  %229 = add nsw i64 %col18, 8
+  %y1127 = getelementptr inbounds float, ptr %226, i64 %229
+  %230 = load <8 x float>, ptr %y1127, align 4
+  store <8 x float> %230, ptr %acc1128, align 4
+  %231 = add nsw i64 %r0, 2
+  %232 = mul nsw i64 %231, 2880
+  %h229 = getelementptr inbounds float, ptr %h, i64 %232
+  %233 = getelementptr inbounds i32, ptr %rows, i64 %231
+  %234 = load i32, ptr %233, align 4
+  %235 = sext i32 %234 to i64
+  %236 = mul nsw i64 %235, 2880
+  %237 = getelementptr inbounds float, ptr %y, i64 %236
+  %238 = add nsw i64 %col18, 0
+  %y2030 = getelementptr inbounds float, ptr %237, i64 %238
+  %239 = load <8 x float>, ptr %y2030, align 4
+  store <8 x float> %239, ptr %acc2031, align 4
+  %240 = add nsw i64 %col18, 8
+  %y2132 = getelementptr inbounds float, ptr %237, i64 %240
+  %241 = load <8 x float>, ptr %y2132, align 4
+  store <8 x float> %241, ptr %acc2133, align 4
+  %242 = add nsw i64 %r0, 3
+  %243 = mul nsw i64 %242, 2880
+  %h334 = getelementptr inbounds float, ptr %h, i64 %243
+  %244 = getelementptr inbounds i32, ptr %rows, i64 %242
+  %245 = load i32, ptr %244, align 4
+  %246 = sext i32 %245 to i64
+  %247 = mul nsw i64 %246, 2880
+  %248 = getelementptr inbounds float, ptr %y, i64 %247
+  %249 = add nsw i64 %col18, 0
+  %y3035 = getelementptr inbounds float, ptr %248, i64 %249
+  %250 = load <8 x float>, ptr %y3035, align 4
+  store <8 x float> %250, ptr %acc3036, align 4
+  %251 = add nsw i64 %col18, 8
+  %y3137 = getelementptr inbounds float, ptr %248, i64 %251
+  %252 = load <8 x float>, ptr %y3137, align 4
+  store <8 x float> %252, ptr %acc3138, align 4
+  %253 = add nsw i64 %r0, 4
+  %254 = mul nsw i64 %253, 2880
+  %h439 = getelementptr inbounds float, ptr %h, i64 %254
+  %255 = getelementptr inbounds i32, ptr %rows, i64 %253
+  %256 = load i32, ptr %255, align 4
+  %257 = sext i32 %256 to i64
+  %258 = mul nsw i64 %257, 2880
+  %259 = getelementptr inbounds float, ptr %y, i64 %258
+  %260 = add nsw i64 %col18, 0
+  %y4040 = getelementptr inbounds float, ptr %259, i64 %260
+  %261 = load <8 x float>, ptr %y4040, align 4
+  store <8 x float> %261, ptr %acc4041, align 4
+  %262 = add nsw i64 %col18, 8
+  %y4142 = getelementptr inbounds float, ptr %259, i64 %262
+  %263 = load <8 x float>, ptr %y4142, align 4
+  store <8 x float> %263, ptr %acc4143, align 4
+  %panel.off44 = mul nsw i64 %p, 46080
+  br label %k.head45
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %245, %k.body29 ]
-  %198 = icmp slt i64 %k31, 480
-  br i1 %198, label %k.body29, label %k.end30
+k.head45:                                         ; preds = %k.body46, %tile.mr5
+  %k48 = phi i64 [ 0, %tile.mr5 ], [ %310, %k.body46 ]
+  %264 = icmp slt i64 %k48, 2880
+  br i1 %264, label %k.body46, label %k.end47
 
-k.body29:                                         ; preds = %k.head28
-  %199 = mul nsw i64 %k31, 16
-  %200 = add nsw i64 %panel.off27, %199
-  %201 = getelementptr inbounds i16, ptr %panels, i64 %200
-  %bw32 = load <8 x i32>, ptr %201, align 4
-  %202 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %202 to <8 x float>
-  %203 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %203 to <8 x float>
-  %204 = add nsw i64 %kb, %k31
-  %205 = getelementptr inbounds float, ptr %h02, i64 %204
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc004, align 4
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b033, <8 x float> %209)
-  store <8 x float> %210, ptr %acc004, align 4
-  %211 = load <8 x float>, ptr %acc016, align 4
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b134, <8 x float> %211)
-  store <8 x float> %212, ptr %acc016, align 4
-  %213 = getelementptr inbounds float, ptr %h17, i64 %204
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = load <8 x float>, ptr %acc109, align 4
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b033, <8 x float> %217)
-  store <8 x float> %218, ptr %acc109, align 4
-  %219 = load <8 x float>, ptr %acc1111, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b134, <8 x float> %219)
-  store <8 x float> %220, ptr %acc1111, align 4
-  %221 = getelementptr inbounds float, ptr %h212, i64 %204
-  %222 = load float, ptr %221, align 4
-  %223 = insertelement <8 x float> poison, float %222, i32 0
-  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
-  %225 = load <8 x float>, ptr %acc2014, align 4
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b033, <8 x float> %225)
-  store <8 x float> %226, ptr %acc2014, align 4
-  %227 = load <8 x float>, ptr %acc2116, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b134, <8 x float> %227)
-  store <8 x float> %228, ptr %acc2116, align 4
-  %229 = getelementptr inbounds float, ptr %h317, i64 %204
-  %230 = load float, ptr %229, align 4
-  %231 = insertelement <8 x float> poison, float %230, i32 0
-  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
-  %233 = load <8 x float>, ptr %acc3019, align 4
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b033, <8 x float> %233)
-  store <8 x float> %234, ptr %acc3019, align 4
-  %235 = load <8 x float>, ptr %acc3121, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b134, <8 x float> %235)
-  store <8 x float> %236, ptr %acc3121, align 4
-  %237 = getelementptr inbounds float, ptr %h422, i64 %204
-  %238 = load float, ptr %237, align 4
-  %239 = insertelement <8 x float> poison, float %238, i32 0
-  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
-  %241 = load <8 x float>, ptr %acc4024, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b033, <8 x float> %241)
-  store <8 x float> %242, ptr %acc4024, align 4
-  %243 = load <8 x float>, ptr %acc4126, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b134, <8 x float> %243)
-  store <8 x float> %244, ptr %acc4126, align 4
-  %245 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body46:                                         ; preds = %k.head45
+  %265 = mul nsw i64 %k48, 16
+  %266 = add nsw i64 %panel.off44, %265
+  %267 = getelementptr inbounds i16, ptr %panels, i64 %266
+  %bw49 = load <8 x i32>, ptr %267, align 4
+  %268 = shl <8 x i32> %bw49, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %268 to <8 x float>
+  %269 = and <8 x i32> %bw49, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %269 to <8 x float>
+  %270 = getelementptr inbounds float, ptr %h019, i64 %k48
+  %271 = load float, ptr %270, align 4
+  %272 = insertelement <8 x float> poison, float %271, i32 0
+  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
+  %274 = load <8 x float>, ptr %acc0021, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b050, <8 x float> %274)
+  store <8 x float> %275, ptr %acc0021, align 4
+  %276 = load <8 x float>, ptr %acc0123, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b151, <8 x float> %276)
+  store <8 x float> %277, ptr %acc0123, align 4
+  %278 = getelementptr inbounds float, ptr %h124, i64 %k48
+  %279 = load float, ptr %278, align 4
+  %280 = insertelement <8 x float> poison, float %279, i32 0
+  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
+  %282 = load <8 x float>, ptr %acc1026, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b050, <8 x float> %282)
+  store <8 x float> %283, ptr %acc1026, align 4
+  %284 = load <8 x float>, ptr %acc1128, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b151, <8 x float> %284)
+  store <8 x float> %285, ptr %acc1128, align 4
+  %286 = getelementptr inbounds float, ptr %h229, i64 %k48
+  %287 = load float, ptr %286, align 4
+  %288 = insertelement <8 x float> poison, float %287, i32 0
+  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
+  %290 = load <8 x float>, ptr %acc2031, align 4
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b050, <8 x float> %290)
+  store <8 x float> %291, ptr %acc2031, align 4
+  %292 = load <8 x float>, ptr %acc2133, align 4
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b151, <8 x float> %292)
+  store <8 x float> %293, ptr %acc2133, align 4
+  %294 = getelementptr inbounds float, ptr %h334, i64 %k48
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <8 x float> poison, float %295, i32 0
+  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
+  %298 = load <8 x float>, ptr %acc3036, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b050, <8 x float> %298)
+  store <8 x float> %299, ptr %acc3036, align 4
+  %300 = load <8 x float>, ptr %acc3138, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b151, <8 x float> %300)
+  store <8 x float> %301, ptr %acc3138, align 4
+  %302 = getelementptr inbounds float, ptr %h439, i64 %k48
+  %303 = load float, ptr %302, align 4
+  %304 = insertelement <8 x float> poison, float %303, i32 0
+  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
+  %306 = load <8 x float>, ptr %acc4041, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b050, <8 x float> %306)
+  store <8 x float> %307, ptr %acc4041, align 4
+  %308 = load <8 x float>, ptr %acc4143, align 4
+  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b151, <8 x float> %308)
+  store <8 x float> %309, ptr %acc4143, align 4
+  %310 = add nsw i64 %k48, 1
+  br label %k.head45
 
-k.end30:                                          ; preds = %k.head28
-  %246 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %246, ptr %y003, align 4
-  %247 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %247, ptr %y015, align 4
-  %248 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %248, ptr %y108, align 4
-  %249 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %249, ptr %y1110, align 4
-  %250 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %250, ptr %y2013, align 4
-  %251 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %251, ptr %y2115, align 4
-  %252 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %252, ptr %y3018, align 4
-  %253 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %253, ptr %y3120, align 4
-  %254 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %254, ptr %y4023, align 4
-  %255 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %255, ptr %y4125, align 4
+k.end47:                                          ; preds = %k.head45
+  %311 = add nsw i64 %r0, 0
+  %312 = getelementptr inbounds float, ptr %rw, i64 %311
+  %w52 = load float, ptr %312, align 4
+  %313 = insertelement <8 x float> poison, float %w52, i32 0
+  %314 = shufflevector <8 x float> %313, <8 x float> poison, <8 x i32> zeroinitializer
+  %315 = load <8 x float>, ptr %acc0021, align 4
+  %316 = add nsw i64 %col18, 0
+  %317 = getelementptr inbounds float, ptr %bd, i64 %316
+  %bd53 = load <8 x float>, ptr %317, align 4
+  %318 = fmul <8 x float> %bd53, %314
+  %319 = fadd <8 x float> %315, %318
+  store <8 x float> %319, ptr %y0020, align 4
+  %320 = load <8 x float>, ptr %acc0123, align 4
+  %321 = add nsw i64 %col18, 8
+  %322 = getelementptr inbounds float, ptr %bd, i64 %321
+  %bd54 = load <8 x float>, ptr %322, align 4
+  %323 = fmul <8 x float> %bd54, %314
+  %324 = fadd <8 x float> %320, %323
+  store <8 x float> %324, ptr %y0122, align 4
+  %325 = add nsw i64 %r0, 1
+  %326 = getelementptr inbounds float, ptr %rw, i64 %325
+  %w55 = load float, ptr %326, align 4
+  %327 = insertelement <8 x float> poison, float %w55, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = load <8 x float>, ptr %acc1026, align 4
+  %330 = add nsw i64 %col18, 0
+  %331 = getelementptr inbounds float, ptr %bd, i64 %330
+  %bd56 = load <8 x float>, ptr %331, align 4
+  %332 = fmul <8 x float> %bd56, %328
+  %333 = fadd <8 x float> %329, %332
+  store <8 x float> %333, ptr %y1025, align 4
+  %334 = load <8 x float>, ptr %acc1128, align 4
+  %335 = add nsw i64 %col18, 8
+  %336 = getelementptr inbounds float, ptr %bd, i64 %335
+  %bd57 = load <8 x float>, ptr %336, align 4
+  %337 = fmul <8 x float> %bd57, %328
+  %338 = fadd <8 x float> %334, %337
+  store <8 x float> %338, ptr %y1127, align 4
+  %339 = add nsw i64 %r0, 2
+  %340 = getelementptr inbounds float, ptr %rw, i64 %339
+  %w58 = load float, ptr %340, align 4
+  %341 = insertelement <8 x float> poison, float %w58, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %acc2031, align 4
+  %344 = add nsw i64 %col18, 0
+  %345 = getelementptr inbounds float, ptr %bd, i64 %344
+  %bd59 = load <8 x float>, ptr %345, align 4
+  %346 = fmul <8 x float> %bd59, %342
+  %347 = fadd <8 x float> %343, %346
+  store <8 x float> %347, ptr %y2030, align 4
+  %348 = load <8 x float>, ptr %acc2133, align 4
+  %349 = add nsw i64 %col18, 8
+  %350 = getelementptr inbounds float, ptr %bd, i64 %349
+  %bd60 = load <8 x float>, ptr %350, align 4
+  %351 = fmul <8 x float> %bd60, %342
+  %352 = fadd <8 x float> %348, %351
+  store <8 x float> %352, ptr %y2132, align 4
+  %353 = add nsw i64 %r0, 3
+  %354 = getelementptr inbounds float, ptr %rw, i64 %353
+  %w61 = load float, ptr %354, align 4
+  %355 = insertelement <8 x float> poison, float %w61, i32 0
+  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
+  %357 = load <8 x float>, ptr %acc3036, align 4
+  %358 = add nsw i64 %col18, 0
+  %359 = getelementptr inbounds float, ptr %bd, i64 %358
+  %bd62 = load <8 x float>, ptr %359, align 4
+  %360 = fmul <8 x float> %bd62, %356
+  %361 = fadd <8 x float> %357, %360
+  store <8 x float> %361, ptr %y3035, align 4
+  %362 = load <8 x float>, ptr %acc3138, align 4
+  %363 = add nsw i64 %col18, 8
+  %364 = getelementptr inbounds float, ptr %bd, i64 %363
+  %bd63 = load <8 x float>, ptr %364, align 4
+  %365 = fmul <8 x float> %bd63, %356
+  %366 = fadd <8 x float> %362, %365
+  store <8 x float> %366, ptr %y3137, align 4
+  %367 = add nsw i64 %r0, 4
+  %368 = getelementptr inbounds float, ptr %rw, i64 %367
+  %w64 = load float, ptr %368, align 4
+  %369 = insertelement <8 x float> poison, float %w64, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = load <8 x float>, ptr %acc4041, align 4
+  %372 = add nsw i64 %col18, 0
+  %373 = getelementptr inbounds float, ptr %bd, i64 %372
+  %bd65 = load <8 x float>, ptr %373, align 4
+  %374 = fmul <8 x float> %bd65, %370
+  %375 = fadd <8 x float> %371, %374
+  store <8 x float> %375, ptr %y4040, align 4
+  %376 = load <8 x float>, ptr %acc4143, align 4
+  %377 = add nsw i64 %col18, 8
+  %378 = getelementptr inbounds float, ptr %bd, i64 %377
+  %bd66 = load <8 x float>, ptr %378, align 4
+  %379 = fmul <8 x float> %bd66, %370
+  %380 = fadd <8 x float> %376, %379
+  store <8 x float> %380, ptr %y4142, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %256 = add nsw i64 %r0, 0
-  %257 = mul nsw i64 %256, 2880
-  %h036 = getelementptr inbounds float, ptr %h, i64 %257
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %256
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 2880
-  %262 = getelementptr inbounds float, ptr %y, i64 %261
-  %263 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %262, i64 %263
-  %264 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %264, ptr %acc0038, align 4
-  %265 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %262, i64 %265
-  %266 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %266, ptr %acc0140, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = mul nsw i64 %267, 2880
-  %h141 = getelementptr inbounds float, ptr %h, i64 %268
-  %269 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %270 = load i32, ptr %269, align 4
-  %271 = sext i32 %270 to i64
-  %272 = mul nsw i64 %271, 2880
-  %273 = getelementptr inbounds float, ptr %y, i64 %272
-  %274 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %273, i64 %274
-  %275 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %275, ptr %acc1043, align 4
-  %276 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %273, i64 %276
-  %277 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %277, ptr %acc1145, align 4
-  %278 = add nsw i64 %r0, 2
-  %279 = mul nsw i64 %278, 2880
-  %h246 = getelementptr inbounds float, ptr %h, i64 %279
-  %280 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %281 = load i32, ptr %280, align 4
-  %282 = sext i32 %281 to i64
-  %283 = mul nsw i64 %282, 2880
-  %284 = getelementptr inbounds float, ptr %y, i64 %283
-  %285 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %284, i64 %285
-  %286 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %286, ptr %acc2048, align 4
-  %287 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %284, i64 %287
-  %288 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %288, ptr %acc2150, align 4
-  %289 = add nsw i64 %r0, 3
-  %290 = mul nsw i64 %289, 2880
-  %h351 = getelementptr inbounds float, ptr %h, i64 %290
-  %291 = getelementptr inbounds i32, ptr %rows, i64 %289
-  %292 = load i32, ptr %291, align 4
-  %293 = sext i32 %292 to i64
-  %294 = mul nsw i64 %293, 2880
-  %295 = getelementptr inbounds float, ptr %y, i64 %294
-  %296 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %295, i64 %296
-  %297 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %297, ptr %acc3053, align 4
-  %298 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %295, i64 %298
-  %299 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %299, ptr %acc3155, align 4
-  %300 = mul nsw i64 %kb, 16
-  %301 = mul nsw i64 %p, 46080
-  %panel.off56 = add nsw i64 %301, %300
-  br label %k.head57
+  %col67 = mul nsw i64 %p, 16
+  %381 = add nsw i64 %r0, 0
+  %382 = mul nsw i64 %381, 2880
+  %h068 = getelementptr inbounds float, ptr %h, i64 %382
+  %383 = getelementptr inbounds i32, ptr %rows, i64 %381
+  %384 = load i32, ptr %383, align 4
+  %385 = sext i32 %384 to i64
+  %386 = mul nsw i64 %385, 2880
+  %387 = getelementptr inbounds float, ptr %y, i64 %386
+  %388 = add nsw i64 %col67, 0
+  %y0069 = getelementptr inbounds float, ptr %387, i64 %388
+  %389 = load <8 x float>, ptr %y0069, align 4
+  store <8 x float> %389, ptr %acc0070, align 4
+  %390 = add nsw i64 %col67, 8
+  %y0171 = getelementptr inbounds float, ptr %387, i64 %390
+  %391 = load <8 x float>, ptr %y0171, align 4
+  store <8 x float> %391, ptr %acc0172, align 4
+  %392 = add nsw i64 %r0, 1
+  %393 = mul nsw i64 %392, 2880
+  %h173 = getelementptr inbounds float, ptr %h, i64 %393
+  %394 = getelementptr inbounds i32, ptr %rows, i64 %392
+  %395 = load i32, ptr %394, align 4
+  %396 = sext i32 %395 to i64
+  %397 = mul nsw i64 %396, 2880
+  %398 = getelementptr inbounds float, ptr %y, i64 %397
+  %399 = add nsw i64 %col67, 0
+  %y1074 = getelementptr inbounds float, ptr %398, i64 %399
+  %400 = load <8 x float>, ptr %y1074, align 4
+  store <8 x float> %400, ptr %acc1075, align 4
+  %401 = add nsw i64 %col67, 8
+  %y1176 = getelementptr inbounds float, ptr %398, i64 %401
+  %402 = load <8 x float>, ptr %y1176, align 4
+  store <8 x float> %402, ptr %acc1177, align 4
+  %403 = add nsw i64 %r0, 2
+  %404 = mul nsw i64 %403, 2880
+  %h278 = getelementptr inbounds float, ptr %h, i64 %404
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %403
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 2880
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col67, 0
+  %y2079 = getelementptr inbounds float, ptr %409, i64 %410
+  %411 = load <8 x float>, ptr %y2079, align 4
+  store <8 x float> %411, ptr %acc2080, align 4
+  %412 = add nsw i64 %col67, 8
+  %y2181 = getelementptr inbounds float, ptr %409, i64 %412
+  %413 = load <8 x float>, ptr %y2181, align 4
+  store <8 x float> %413, ptr %acc2182, align 4
+  %414 = add nsw i64 %r0, 3
+  %415 = mul nsw i64 %414, 2880
+  %h383 = getelementptr inbounds float, ptr %h, i64 %415
+  %416 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %417 = load i32, ptr %416, align 4
+  %418 = sext i32 %417 to i64
+  %419 = mul nsw i64 %418, 2880
+  %420 = getelementptr inbounds float, ptr %y, i64 %419
+  %421 = add nsw i64 %col67, 0
+  %y3084 = getelementptr inbounds float, ptr %420, i64 %421
+  %422 = load <8 x float>, ptr %y3084, align 4
+  store <8 x float> %422, ptr %acc3085, align 4
+  %423 = add nsw i64 %col67, 8
+  %y3186 = getelementptr inbounds float, ptr %420, i64 %423
+  %424 = load <8 x float>, ptr %y3186, align 4
+  store <8 x float> %424, ptr %acc3187, align 4
+  %panel.off88 = mul nsw i64 %p, 46080
+  br label %k.head89
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %341, %k.body58 ]
-  %302 = icmp slt i64 %k60, 480
-  br i1 %302, label %k.body58, label %k.end59
+k.head89:                                         ; preds = %k.body90, %tile.mr4
+  %k92 = phi i64 [ 0, %tile.mr4 ], [ %463, %k.body90 ]
+  %425 = icmp slt i64 %k92, 2880
+  br i1 %425, label %k.body90, label %k.end91
 
-k.body58:                                         ; preds = %k.head57
-  %303 = mul nsw i64 %k60, 16
-  %304 = add nsw i64 %panel.off56, %303
-  %305 = getelementptr inbounds i16, ptr %panels, i64 %304
-  %bw61 = load <8 x i32>, ptr %305, align 4
-  %306 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %306 to <8 x float>
-  %307 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %307 to <8 x float>
-  %308 = add nsw i64 %kb, %k60
-  %309 = getelementptr inbounds float, ptr %h036, i64 %308
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc0038, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b062, <8 x float> %313)
-  store <8 x float> %314, ptr %acc0038, align 4
-  %315 = load <8 x float>, ptr %acc0140, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b163, <8 x float> %315)
-  store <8 x float> %316, ptr %acc0140, align 4
-  %317 = getelementptr inbounds float, ptr %h141, i64 %308
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc1043, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b062, <8 x float> %321)
-  store <8 x float> %322, ptr %acc1043, align 4
-  %323 = load <8 x float>, ptr %acc1145, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b163, <8 x float> %323)
-  store <8 x float> %324, ptr %acc1145, align 4
-  %325 = getelementptr inbounds float, ptr %h246, i64 %308
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc2048, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b062, <8 x float> %329)
-  store <8 x float> %330, ptr %acc2048, align 4
-  %331 = load <8 x float>, ptr %acc2150, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b163, <8 x float> %331)
-  store <8 x float> %332, ptr %acc2150, align 4
-  %333 = getelementptr inbounds float, ptr %h351, i64 %308
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %acc3053, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b062, <8 x float> %337)
-  store <8 x float> %338, ptr %acc3053, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b163, <8 x float> %339)
-  store <8 x float> %340, ptr %acc3155, align 4
-  %341 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body90:                                         ; preds = %k.head89
+  %426 = mul nsw i64 %k92, 16
+  %427 = add nsw i64 %panel.off88, %426
+  %428 = getelementptr inbounds i16, ptr %panels, i64 %427
+  %bw93 = load <8 x i32>, ptr %428, align 4
+  %429 = shl <8 x i32> %bw93, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b094 = bitcast <8 x i32> %429 to <8 x float>
+  %430 = and <8 x i32> %bw93, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b195 = bitcast <8 x i32> %430 to <8 x float>
+  %431 = getelementptr inbounds float, ptr %h068, i64 %k92
+  %432 = load float, ptr %431, align 4
+  %433 = insertelement <8 x float> poison, float %432, i32 0
+  %434 = shufflevector <8 x float> %433, <8 x float> poison, <8 x i32> zeroinitializer
+  %435 = load <8 x float>, ptr %acc0070, align 4
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %b094, <8 x float> %435)
+  store <8 x float> %436, ptr %acc0070, align 4
+  %437 = load <8 x float>, ptr %acc0172, align 4
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %b195, <8 x float> %437)
+  store <8 x float> %438, ptr %acc0172, align 4
+  %439 = getelementptr inbounds float, ptr %h173, i64 %k92
+  %440 = load float, ptr %439, align 4
+  %441 = insertelement <8 x float> poison, float %440, i32 0
+  %442 = shufflevector <8 x float> %441, <8 x float> poison, <8 x i32> zeroinitializer
+  %443 = load <8 x float>, ptr %acc1075, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %b094, <8 x float> %443)
+  store <8 x float> %444, ptr %acc1075, align 4
+  %445 = load <8 x float>, ptr %acc1177, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %b195, <8 x float> %445)
+  store <8 x float> %446, ptr %acc1177, align 4
+  %447 = getelementptr inbounds float, ptr %h278, i64 %k92
+  %448 = load float, ptr %447, align 4
+  %449 = insertelement <8 x float> poison, float %448, i32 0
+  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
+  %451 = load <8 x float>, ptr %acc2080, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %b094, <8 x float> %451)
+  store <8 x float> %452, ptr %acc2080, align 4
+  %453 = load <8 x float>, ptr %acc2182, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %b195, <8 x float> %453)
+  store <8 x float> %454, ptr %acc2182, align 4
+  %455 = getelementptr inbounds float, ptr %h383, i64 %k92
+  %456 = load float, ptr %455, align 4
+  %457 = insertelement <8 x float> poison, float %456, i32 0
+  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
+  %459 = load <8 x float>, ptr %acc3085, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %b094, <8 x float> %459)
+  store <8 x float> %460, ptr %acc3085, align 4
+  %461 = load <8 x float>, ptr %acc3187, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %b195, <8 x float> %461)
+  store <8 x float> %462, ptr %acc3187, align 4
+  %463 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end59:                                          ; preds = %k.head57
-  %342 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %342, ptr %y0037, align 4
-  %343 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %343, ptr %y0139, align 4
-  %344 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %344, ptr %y1042, align 4
-  %345 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %345, ptr %y1144, align 4
-  %346 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %346, ptr %y2047, align 4
-  %347 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %347, ptr %y2149, align 4
-  %348 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %348, ptr %y3052, align 4
-  %349 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %349, ptr %y3154, align 4
+k.end91:                                          ; preds = %k.head89
+  %464 = add nsw i64 %r0, 0
+  %465 = getelementptr inbounds float, ptr %rw, i64 %464
+  %w96 = load float, ptr %465, align 4
+  %466 = insertelement <8 x float> poison, float %w96, i32 0
+  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
+  %468 = load <8 x float>, ptr %acc0070, align 4
+  %469 = add nsw i64 %col67, 0
+  %470 = getelementptr inbounds float, ptr %bd, i64 %469
+  %bd97 = load <8 x float>, ptr %470, align 4
+  %471 = fmul <8 x float> %bd97, %467
+  %472 = fadd <8 x float> %468, %471
+  store <8 x float> %472, ptr %y0069, align 4
+  %473 = load <8 x float>, ptr %acc0172, align 4
+  %474 = add nsw i64 %col67, 8
+  %475 = getelementptr inbounds float, ptr %bd, i64 %474
+  %bd98 = load <8 x float>, ptr %475, align 4
+  %476 = fmul <8 x float> %bd98, %467
+  %477 = fadd <8 x float> %473, %476
+  store <8 x float> %477, ptr %y0171, align 4
+  %478 = add nsw i64 %r0, 1
+  %479 = getelementptr inbounds float, ptr %rw, i64 %478
+  %w99 = load float, ptr %479, align 4
+  %480 = insertelement <8 x float> poison, float %w99, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = load <8 x float>, ptr %acc1075, align 4
+  %483 = add nsw i64 %col67, 0
+  %484 = getelementptr inbounds float, ptr %bd, i64 %483
+  %bd100 = load <8 x float>, ptr %484, align 4
+  %485 = fmul <8 x float> %bd100, %481
+  %486 = fadd <8 x float> %482, %485
+  store <8 x float> %486, ptr %y1074, align 4
+  %487 = load <8 x float>, ptr %acc1177, align 4
+  %488 = add nsw i64 %col67, 8
+  %489 = getelementptr inbounds float, ptr %bd, i64 %488
+  %bd101 = load <8 x float>, ptr %489, align 4
+  %490 = fmul <8 x float> %bd101, %481
+  %491 = fadd <8 x float> %487, %490
+  store <8 x float> %491, ptr %y1176, align 4
+  %492 = add nsw i64 %r0, 2
+  %493 = getelementptr inbounds float, ptr %rw, i64 %492
+  %w102 = load float, ptr %493, align 4
+  %494 = insertelement <8 x float> poison, float %w102, i32 0
+  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
+  %496 = load <8 x float>, ptr %acc2080, align 4
+  %497 = add nsw i64 %col67, 0
+  %498 = getelementptr inbounds float, ptr %bd, i64 %497
+  %bd103 = load <8 x float>, ptr %498, align 4
+  %499 = fmul <8 x float> %bd103, %495
+  %500 = fadd <8 x float> %496, %499
+  store <8 x float> %500, ptr %y2079, align 4
+  %501 = load <8 x float>, ptr %acc2182, align 4
+  %502 = add nsw i64 %col67, 8
+  %503 = getelementptr inbounds float, ptr %bd, i64 %502
+  %bd104 = load <8 x float>, ptr %503, align 4
+  %504 = fmul <8 x float> %bd104, %495
+  %505 = fadd <8 x float> %501, %504
+  store <8 x float> %505, ptr %y2181, align 4
+  %506 = add nsw i64 %r0, 3
+  %507 = getelementptr inbounds float, ptr %rw, i64 %506
+  %w105 = load float, ptr %507, align 4
+  %508 = insertelement <8 x float> poison, float %w105, i32 0
+  %509 = shufflevector <8 x float> %508, <8 x float> poison, <8 x i32> zeroinitializer
+  %510 = load <8 x float>, ptr %acc3085, align 4
+  %511 = add nsw i64 %col67, 0
+  %512 = getelementptr inbounds float, ptr %bd, i64 %511
+  %bd106 = load <8 x float>, ptr %512, align 4
+  %513 = fmul <8 x float> %bd106, %509
+  %514 = fadd <8 x float> %510, %513
+  store <8 x float> %514, ptr %y3084, align 4
+  %515 = load <8 x float>, ptr %acc3187, align 4
+  %516 = add nsw i64 %col67, 8
+  %517 = getelementptr inbounds float, ptr %bd, i64 %516
+  %bd107 = load <8 x float>, ptr %517, align 4
+  %518 = fmul <8 x float> %bd107, %509
+  %519 = fadd <8 x float> %515, %518
+  store <8 x float> %519, ptr %y3186, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %350 = add nsw i64 %r0, 0
-  %351 = mul nsw i64 %350, 2880
-  %h065 = getelementptr inbounds float, ptr %h, i64 %351
-  %352 = getelementptr inbounds i32, ptr %rows, i64 %350
-  %353 = load i32, ptr %352, align 4
-  %354 = sext i32 %353 to i64
-  %355 = mul nsw i64 %354, 2880
-  %356 = getelementptr inbounds float, ptr %y, i64 %355
-  %357 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %356, i64 %357
-  %358 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %358, ptr %acc0067, align 4
-  %359 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %356, i64 %359
-  %360 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %360, ptr %acc0169, align 4
-  %361 = add nsw i64 %r0, 1
-  %362 = mul nsw i64 %361, 2880
-  %h170 = getelementptr inbounds float, ptr %h, i64 %362
-  %363 = getelementptr inbounds i32, ptr %rows, i64 %361
-  %364 = load i32, ptr %363, align 4
-  %365 = sext i32 %364 to i64
-  %366 = mul nsw i64 %365, 2880
-  %367 = getelementptr inbounds float, ptr %y, i64 %366
-  %368 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %367, i64 %368
-  %369 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %369, ptr %acc1072, align 4
-  %370 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %367, i64 %370
-  %371 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %371, ptr %acc1174, align 4
-  %372 = add nsw i64 %r0, 2
-  %373 = mul nsw i64 %372, 2880
-  %h275 = getelementptr inbounds float, ptr %h, i64 %373
-  %374 = getelementptr inbounds i32, ptr %rows, i64 %372
-  %375 = load i32, ptr %374, align 4
-  %376 = sext i32 %375 to i64
-  %377 = mul nsw i64 %376, 2880
-  %378 = getelementptr inbounds float, ptr %y, i64 %377
-  %379 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %378, i64 %379
-  %380 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %380, ptr %acc2077, align 4
-  %381 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %378, i64 %381
-  %382 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %382, ptr %acc2179, align 4
-  %383 = mul nsw i64 %kb, 16
-  %384 = mul nsw i64 %p, 46080
-  %panel.off80 = add nsw i64 %384, %383
-  br label %k.head81
+  %col108 = mul nsw i64 %p, 16
+  %520 = add nsw i64 %r0, 0
+  %521 = mul nsw i64 %520, 2880
+  %h0109 = getelementptr inbounds float, ptr %h, i64 %521
+  %522 = getelementptr inbounds i32, ptr %rows, i64 %520
+  %523 = load i32, ptr %522, align 4
+  %524 = sext i32 %523 to i64
+  %525 = mul nsw i64 %524, 2880
+  %526 = getelementptr inbounds float, ptr %y, i64 %525
+  %527 = add nsw i64 %col108, 0
+  %y00110 = getelementptr inbounds float, ptr %526, i64 %527
+  %528 = load <8 x float>, ptr %y00110, align 4
+  store <8 x float> %528, ptr %acc00111, align 4
+  %529 = add nsw i64 %col108, 8
+  %y01112 = getelementptr inbounds float, ptr %526, i64 %529
+  %530 = load <8 x float>, ptr %y01112, align 4
+  store <8 x float> %530, ptr %acc01113, align 4
+  %531 = add nsw i64 %r0, 1
+  %532 = mul nsw i64 %531, 2880
+  %h1114 = getelementptr inbounds float, ptr %h, i64 %532
+  %533 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %534 = load i32, ptr %533, align 4
+  %535 = sext i32 %534 to i64
+  %536 = mul nsw i64 %535, 2880
+  %537 = getelementptr inbounds float, ptr %y, i64 %536
+  %538 = add nsw i64 %col108, 0
+  %y10115 = getelementptr inbounds float, ptr %537, i64 %538
+  %539 = load <8 x float>, ptr %y10115, align 4
+  store <8 x float> %539, ptr %acc10116, align 4
+  %540 = add nsw i64 %col108, 8
+  %y11117 = getelementptr inbounds float, ptr %537, i64 %540
+  %541 = load <8 x float>, ptr %y11117, align 4
+  store <8 x float> %541, ptr %acc11118, align 4
+  %542 = add nsw i64 %r0, 2
+  %543 = mul nsw i64 %542, 2880
+  %h2119 = getelementptr inbounds float, ptr %h, i64 %543
+  %544 = getelementptr inbounds i32, ptr %rows, i64 %542
+  %545 = load i32, ptr %544, align 4
+  %546 = sext i32 %545 to i64
+  %547 = mul nsw i64 %546, 2880
+  %548 = getelementptr inbounds float, ptr %y, i64 %547
+  %549 = add nsw i64 %col108, 0
+  %y20120 = getelementptr inbounds float, ptr %548, i64 %549
+  %550 = load <8 x float>, ptr %y20120, align 4
+  store <8 x float> %550, ptr %acc20121, align 4
+  %551 = add nsw i64 %col108, 8
+  %y21122 = getelementptr inbounds float, ptr %548, i64 %551
+  %552 = load <8 x float>, ptr %y21122, align 4
+  store <8 x float> %552, ptr %acc21123, align 4
+  %panel.off124 = mul nsw i64 %p, 46080
+  br label %k.head125
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %416, %k.body82 ]
-  %385 = icmp slt i64 %k84, 480
-  br i1 %385, label %k.body82, label %k.end83
+k.head125:                                        ; preds = %k.body126, %tile.mr3
+  %k128 = phi i64 [ 0, %tile.mr3 ], [ %583, %k.body126 ]
+  %553 = icmp slt i64 %k128, 2880
+  br i1 %553, label %k.body126, label %k.end127
 
-k.body82:                                         ; preds = %k.head81
-  %386 = mul nsw i64 %k84, 16
-  %387 = add nsw i64 %panel.off80, %386
-  %388 = getelementptr inbounds i16, ptr %panels, i64 %387
-  %bw85 = load <8 x i32>, ptr %388, align 4
-  %389 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %389 to <8 x float>
-  %390 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %390 to <8 x float>
-  %391 = add nsw i64 %kb, %k84
-  %392 = getelementptr inbounds float, ptr %h065, i64 %391
-  %393 = load float, ptr %392, align 4
-  %394 = insertelement <8 x float> poison, float %393, i32 0
-  %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
-  %396 = load <8 x float>, ptr %acc0067, align 4
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b086, <8 x float> %396)
-  store <8 x float> %397, ptr %acc0067, align 4
-  %398 = load <8 x float>, ptr %acc0169, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b187, <8 x float> %398)
-  store <8 x float> %399, ptr %acc0169, align 4
-  %400 = getelementptr inbounds float, ptr %h170, i64 %391
-  %401 = load float, ptr %400, align 4
-  %402 = insertelement <8 x float> poison, float %401, i32 0
-  %403 = shufflevector <8 x float> %402, <8 x float> poison, <8 x i32> zeroinitializer
-  %404 = load <8 x float>, ptr %acc1072, align 4
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %b086, <8 x float> %404)
-  store <8 x float> %405, ptr %acc1072, align 4
-  %406 = load <8 x float>, ptr %acc1174, align 4
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %b187, <8 x float> %406)
-  store <8 x float> %407, ptr %acc1174, align 4
-  %408 = getelementptr inbounds float, ptr %h275, i64 %391
-  %409 = load float, ptr %408, align 4
-  %410 = insertelement <8 x float> poison, float %409, i32 0
-  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
-  %412 = load <8 x float>, ptr %acc2077, align 4
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %b086, <8 x float> %412)
-  store <8 x float> %413, ptr %acc2077, align 4
-  %414 = load <8 x float>, ptr %acc2179, align 4
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %b187, <8 x float> %414)
-  store <8 x float> %415, ptr %acc2179, align 4
-  %416 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body126:                                        ; preds = %k.head125
+  %554 = mul nsw i64 %k128, 16
+  %555 = add nsw i64 %panel.off124, %554
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %555
+  %bw129 = load <8 x i32>, ptr %556, align 4
+  %557 = shl <8 x i32> %bw129, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0130 = bitcast <8 x i32> %557 to <8 x float>
+  %558 = and <8 x i32> %bw129, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1131 = bitcast <8 x i32> %558 to <8 x float>
+  %559 = getelementptr inbounds float, ptr %h0109, i64 %k128
+  %560 = load float, ptr %559, align 4
+  %561 = insertelement <8 x float> poison, float %560, i32 0
+  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
+  %563 = load <8 x float>, ptr %acc00111, align 4
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b0130, <8 x float> %563)
+  store <8 x float> %564, ptr %acc00111, align 4
+  %565 = load <8 x float>, ptr %acc01113, align 4
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b1131, <8 x float> %565)
+  store <8 x float> %566, ptr %acc01113, align 4
+  %567 = getelementptr inbounds float, ptr %h1114, i64 %k128
+  %568 = load float, ptr %567, align 4
+  %569 = insertelement <8 x float> poison, float %568, i32 0
+  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
+  %571 = load <8 x float>, ptr %acc10116, align 4
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b0130, <8 x float> %571)
+  store <8 x float> %572, ptr %acc10116, align 4
+  %573 = load <8 x float>, ptr %acc11118, align 4
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b1131, <8 x float> %573)
+  store <8 x float> %574, ptr %acc11118, align 4
+  %575 = getelementptr inbounds float, ptr %h2119, i64 %k128
+  %576 = load float, ptr %575, align 4
+  %577 = insertelement <8 x float> poison, float %576, i32 0
+  %578 = shufflevector <8 x float> %577, <8 x float> poison, <8 x i32> zeroinitializer
+  %579 = load <8 x float>, ptr %acc20121, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b0130, <8 x float> %579)
+  store <8 x float> %580, ptr %acc20121, align 4
+  %581 = load <8 x float>, ptr %acc21123, align 4
+  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b1131, <8 x float> %581)
+  store <8 x float> %582, ptr %acc21123, align 4
+  %583 = add nsw i64 %k128, 1
+  br label %k.head125
 
-k.end83:                                          ; preds = %k.head81
-  %417 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %417, ptr %y0066, align 4
-  %418 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %418, ptr %y0168, align 4
-  %419 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %419, ptr %y1071, align 4
-  %420 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %420, ptr %y1173, align 4
-  %421 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %421, ptr %y2076, align 4
-  %422 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %422, ptr %y2178, align 4
+k.end127:                                         ; preds = %k.head125
+  %584 = add nsw i64 %r0, 0
+  %585 = getelementptr inbounds float, ptr %rw, i64 %584
+  %w132 = load float, ptr %585, align 4
+  %586 = insertelement <8 x float> poison, float %w132, i32 0
+  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
+  %588 = load <8 x float>, ptr %acc00111, align 4
+  %589 = add nsw i64 %col108, 0
+  %590 = getelementptr inbounds float, ptr %bd, i64 %589
+  %bd133 = load <8 x float>, ptr %590, align 4
+  %591 = fmul <8 x float> %bd133, %587
+  %592 = fadd <8 x float> %588, %591
+  store <8 x float> %592, ptr %y00110, align 4
+  %593 = load <8 x float>, ptr %acc01113, align 4
+  %594 = add nsw i64 %col108, 8
+  %595 = getelementptr inbounds float, ptr %bd, i64 %594
+  %bd134 = load <8 x float>, ptr %595, align 4
+  %596 = fmul <8 x float> %bd134, %587
+  %597 = fadd <8 x float> %593, %596
+  store <8 x float> %597, ptr %y01112, align 4
+  %598 = add nsw i64 %r0, 1
+  %599 = getelementptr inbounds float, ptr %rw, i64 %598
+  %w135 = load float, ptr %599, align 4
+  %600 = insertelement <8 x float> poison, float %w135, i32 0
+  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
+  %602 = load <8 x float>, ptr %acc10116, align 4
+  %603 = add nsw i64 %col108, 0
+  %604 = getelementptr inbounds float, ptr %bd, i64 %603
+  %bd136 = load <8 x float>, ptr %604, align 4
+  %605 = fmul <8 x float> %bd136, %601
+  %606 = fadd <8 x float> %602, %605
+  store <8 x float> %606, ptr %y10115, align 4
+  %607 = load <8 x float>, ptr %acc11118, align 4
+  %608 = add nsw i64 %col108, 8
+  %609 = getelementptr inbounds float, ptr %bd, i64 %608
+  %bd137 = load <8 x float>, ptr %609, align 4
+  %610 = fmul <8 x float> %bd137, %601
+  %611 = fadd <8 x float> %607, %610
+  store <8 x float> %611, ptr %y11117, align 4
+  %612 = add nsw i64 %r0, 2
+  %613 = getelementptr inbounds float, ptr %rw, i64 %612
+  %w138 = load float, ptr %613, align 4
+  %614 = insertelement <8 x float> poison, float %w138, i32 0
+  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
+  %616 = load <8 x float>, ptr %acc20121, align 4
+  %617 = add nsw i64 %col108, 0
+  %618 = getelementptr inbounds float, ptr %bd, i64 %617
+  %bd139 = load <8 x float>, ptr %618, align 4
+  %619 = fmul <8 x float> %bd139, %615
+  %620 = fadd <8 x float> %616, %619
+  store <8 x float> %620, ptr %y20120, align 4
+  %621 = load <8 x float>, ptr %acc21123, align 4
+  %622 = add nsw i64 %col108, 8
+  %623 = getelementptr inbounds float, ptr %bd, i64 %622
+  %bd140 = load <8 x float>, ptr %623, align 4
+  %624 = fmul <8 x float> %bd140, %615
+  %625 = fadd <8 x float> %621, %624
+  store <8 x float> %625, ptr %y21122, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %423 = add nsw i64 %r0, 0
-  %424 = mul nsw i64 %423, 2880
-  %h089 = getelementptr inbounds float, ptr %h, i64 %424
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %423
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 2880
-  %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %429, i64 %430
-  %431 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %431, ptr %acc0091, align 4
-  %432 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %429, i64 %432
-  %433 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %433, ptr %acc0193, align 4
-  %434 = add nsw i64 %r0, 1
-  %435 = mul nsw i64 %434, 2880
-  %h194 = getelementptr inbounds float, ptr %h, i64 %435
-  %436 = getelementptr inbounds i32, ptr %rows, i64 %434
-  %437 = load i32, ptr %436, align 4
-  %438 = sext i32 %437 to i64
-  %439 = mul nsw i64 %438, 2880
-  %440 = getelementptr inbounds float, ptr %y, i64 %439
-  %441 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %440, i64 %441
-  %442 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %442, ptr %acc1096, align 4
-  %443 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %440, i64 %443
-  %444 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %444, ptr %acc1198, align 4
-  %445 = mul nsw i64 %kb, 16
-  %446 = mul nsw i64 %p, 46080
-  %panel.off99 = add nsw i64 %446, %445
-  br label %k.head100
+  %col141 = mul nsw i64 %p, 16
+  %626 = add nsw i64 %r0, 0
+  %627 = mul nsw i64 %626, 2880
+  %h0142 = getelementptr inbounds float, ptr %h, i64 %627
+  %628 = getelementptr inbounds i32, ptr %rows, i64 %626
+  %629 = load i32, ptr %628, align 4
+  %630 = sext i32 %629 to i64
+  %631 = mul nsw i64 %630, 2880
+  %632 = getelementptr inbounds float, ptr %y, i64 %631
+  %633 = add nsw i64 %col141, 0
+  %y00143 = getelementptr inbounds float, ptr %632, i64 %633
+  %634 = load <8 x float>, ptr %y00143, align 4
+  store <8 x float> %634, ptr %acc00144, align 4
+  %635 = add nsw i64 %col141, 8
+  %y01145 = getelementptr inbounds float, ptr %632, i64 %635
+  %636 = load <8 x float>, ptr %y01145, align 4
+  store <8 x float> %636, ptr %acc01146, align 4
+  %637 = add nsw i64 %r0, 1
+  %638 = mul nsw i64 %637, 2880
+  %h1147 = getelementptr inbounds float, ptr %h, i64 %638
+  %639 = getelementptr inbounds i32, ptr %rows, i64 %637
+  %640 = load i32, ptr %639, align 4
+  %641 = sext i32 %640 to i64
+  %642 = mul nsw i64 %641, 2880
+  %643 = getelementptr inbounds float, ptr %y, i64 %642
+  %644 = add nsw i64 %col141, 0
+  %y10148 = getelementptr inbounds float, ptr %643, i64 %644
+  %645 = load <8 x float>, ptr %y10148, align 4
+  store <8 x float> %645, ptr %acc10149, align 4
+  %646 = add nsw i64 %col141, 8
+  %y11150 = getelementptr inbounds float, ptr %643, i64 %646
+  %647 = load <8 x float>, ptr %y11150, align 4
+  store <8 x float> %647, ptr %acc11151, align 4
+  %panel.off152 = mul nsw i64 %p, 46080
+  br label %k.head153
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %470, %k.body101 ]
-  %447 = icmp slt i64 %k103, 480
-  br i1 %447, label %k.body101, label %k.end102
+k.head153:                                        ; preds = %k.body154, %tile.mr2
+  %k156 = phi i64 [ 0, %tile.mr2 ], [ %670, %k.body154 ]
+  %648 = icmp slt i64 %k156, 2880
+  br i1 %648, label %k.body154, label %k.end155
 
-k.body101:                                        ; preds = %k.head100
-  %448 = mul nsw i64 %k103, 16
-  %449 = add nsw i64 %panel.off99, %448
-  %450 = getelementptr inbounds i16, ptr %panels, i64 %449
-  %bw104 = load <8 x i32>, ptr %450, align 4
-  %451 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = add nsw i64 %kb, %k103
-  %454 = getelementptr inbounds float, ptr %h089, i64 %453
-  %455 = load float, ptr %454, align 4
-  %456 = insertelement <8 x float> poison, float %455, i32 0
-  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
-  %458 = load <8 x float>, ptr %acc0091, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b0105, <8 x float> %458)
-  store <8 x float> %459, ptr %acc0091, align 4
-  %460 = load <8 x float>, ptr %acc0193, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b1106, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0193, align 4
-  %462 = getelementptr inbounds float, ptr %h194, i64 %453
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = load <8 x float>, ptr %acc1096, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b0105, <8 x float> %466)
-  store <8 x float> %467, ptr %acc1096, align 4
-  %468 = load <8 x float>, ptr %acc1198, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b1106, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1198, align 4
-  %470 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body154:                                        ; preds = %k.head153
+  %649 = mul nsw i64 %k156, 16
+  %650 = add nsw i64 %panel.off152, %649
+  %651 = getelementptr inbounds i16, ptr %panels, i64 %650
+  %bw157 = load <8 x i32>, ptr %651, align 4
+  %652 = shl <8 x i32> %bw157, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0158 = bitcast <8 x i32> %652 to <8 x float>
+  %653 = and <8 x i32> %bw157, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1159 = bitcast <8 x i32> %653 to <8 x float>
+  %654 = getelementptr inbounds float, ptr %h0142, i64 %k156
+  %655 = load float, ptr %654, align 4
+  %656 = insertelement <8 x float> poison, float %655, i32 0
+  %657 = shufflevector <8 x float> %656, <8 x float> poison, <8 x i32> zeroinitializer
+  %658 = load <8 x float>, ptr %acc00144, align 4
+  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %b0158, <8 x float> %658)
+  store <8 x float> %659, ptr %acc00144, align 4
+  %660 = load <8 x float>, ptr %acc01146, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %b1159, <8 x float> %660)
+  store <8 x float> %661, ptr %acc01146, align 4
+  %662 = getelementptr inbounds float, ptr %h1147, i64 %k156
+  %663 = load float, ptr %662, align 4
+  %664 = insertelement <8 x float> poison, float %663, i32 0
+  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
+  %666 = load <8 x float>, ptr %acc10149, align 4
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b0158, <8 x float> %666)
+  store <8 x float> %667, ptr %acc10149, align 4
+  %668 = load <8 x float>, ptr %acc11151, align 4
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b1159, <8 x float> %668)
+  store <8 x float> %669, ptr %acc11151, align 4
+  %670 = add nsw i64 %k156, 1
+  br label %k.head153
 
-k.end102:                                         ; preds = %k.head100
-  %471 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %471, ptr %y0090, align 4
-  %472 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %472, ptr %y0192, align 4
-  %473 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %473, ptr %y1095, align 4
-  %474 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %474, ptr %y1197, align 4
+k.end155:                                         ; preds = %k.head153
+  %671 = add nsw i64 %r0, 0
+  %672 = getelementptr inbounds float, ptr %rw, i64 %671
+  %w160 = load float, ptr %672, align 4
+  %673 = insertelement <8 x float> poison, float %w160, i32 0
+  %674 = shufflevector <8 x float> %673, <8 x float> poison, <8 x i32> zeroinitializer
+  %675 = load <8 x float>, ptr %acc00144, align 4
+  %676 = add nsw i64 %col141, 0
+  %677 = getelementptr inbounds float, ptr %bd, i64 %676
+  %bd161 = load <8 x float>, ptr %677, align 4
+  %678 = fmul <8 x float> %bd161, %674
+  %679 = fadd <8 x float> %675, %678
+  store <8 x float> %679, ptr %y00143, align 4
+  %680 = load <8 x float>, ptr %acc01146, align 4
+  %681 = add nsw i64 %col141, 8
+  %682 = getelementptr inbounds float, ptr %bd, i64 %681
+  %bd162 = load <8 x float>, ptr %682, align 4
+  %683 = fmul <8 x float> %bd162, %674
+  %684 = fadd <8 x float> %680, %683
+  store <8 x float> %684, ptr %y01145, align 4
+  %685 = add nsw i64 %r0, 1
+  %686 = getelementptr inbounds float, ptr %rw, i64 %685
+  %w163 = load float, ptr %686, align 4
+  %687 = insertelement <8 x float> poison, float %w163, i32 0
+  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
+  %689 = load <8 x float>, ptr %acc10149, align 4
+  %690 = add nsw i64 %col141, 0
+  %691 = getelementptr inbounds float, ptr %bd, i64 %690
+  %bd164 = load <8 x float>, ptr %691, align 4
+  %692 = fmul <8 x float> %bd164, %688
+  %693 = fadd <8 x float> %689, %692
+  store <8 x float> %693, ptr %y10148, align 4
+  %694 = load <8 x float>, ptr %acc11151, align 4
+  %695 = add nsw i64 %col141, 8
+  %696 = getelementptr inbounds float, ptr %bd, i64 %695
+  %bd165 = load <8 x float>, ptr %696, align 4
+  %697 = fmul <8 x float> %bd165, %688
+  %698 = fadd <8 x float> %694, %697
+  store <8 x float> %698, ptr %y11150, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %475 = add nsw i64 %r0, 0
-  %476 = mul nsw i64 %475, 2880
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %476
-  %477 = getelementptr inbounds i32, ptr %rows, i64 %475
-  %478 = load i32, ptr %477, align 4
-  %479 = sext i32 %478 to i64
-  %480 = mul nsw i64 %479, 2880
-  %481 = getelementptr inbounds float, ptr %y, i64 %480
-  %482 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %481, i64 %482
-  %483 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %483, ptr %acc00110, align 4
-  %484 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %481, i64 %484
-  %485 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %485, ptr %acc01112, align 4
-  %486 = mul nsw i64 %kb, 16
-  %487 = mul nsw i64 %p, 46080
-  %panel.off113 = add nsw i64 %487, %486
-  br label %k.head114
+  %col166 = mul nsw i64 %p, 16
+  %699 = add nsw i64 %r0, 0
+  %700 = mul nsw i64 %699, 2880
+  %h0167 = getelementptr inbounds float, ptr %h, i64 %700
+  %701 = getelementptr inbounds i32, ptr %rows, i64 %699
+  %702 = load i32, ptr %701, align 4
+  %703 = sext i32 %702 to i64
+  %704 = mul nsw i64 %703, 2880
+  %705 = getelementptr inbounds float, ptr %y, i64 %704
+  %706 = add nsw i64 %col166, 0
+  %y00168 = getelementptr inbounds float, ptr %705, i64 %706
+  %707 = load <8 x float>, ptr %y00168, align 4
+  store <8 x float> %707, ptr %acc00169, align 4
+  %708 = add nsw i64 %col166, 8
+  %y01170 = getelementptr inbounds float, ptr %705, i64 %708
+  %709 = load <8 x float>, ptr %y01170, align 4
+  store <8 x float> %709, ptr %acc01171, align 4
+  %panel.off172 = mul nsw i64 %p, 46080
+  br label %k.head173
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %503, %k.body115 ]
-  %488 = icmp slt i64 %k117, 480
-  br i1 %488, label %k.body115, label %k.end116
+k.head173:                                        ; preds = %k.body174, %tile.mr1
+  %k176 = phi i64 [ 0, %tile.mr1 ], [ %724, %k.body174 ]
+  %710 = icmp slt i64 %k176, 2880
+  br i1 %710, label %k.body174, label %k.end175
 
-k.body115:                                        ; preds = %k.head114
-  %489 = mul nsw i64 %k117, 16
-  %490 = add nsw i64 %panel.off113, %489
-  %491 = getelementptr inbounds i16, ptr %panels, i64 %490
-  %bw118 = load <8 x i32>, ptr %491, align 4
-  %492 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %492 to <8 x float>
-  %493 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %493 to <8 x float>
-  %494 = add nsw i64 %kb, %k117
-  %495 = getelementptr inbounds float, ptr %h0108, i64 %494
-  %496 = load float, ptr %495, align 4
-  %497 = insertelement <8 x float> poison, float %496, i32 0
-  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = load <8 x float>, ptr %acc00110, align 4
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b0119, <8 x float> %499)
-  store <8 x float> %500, ptr %acc00110, align 4
-  %501 = load <8 x float>, ptr %acc01112, align 4
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b1120, <8 x float> %501)
-  store <8 x float> %502, ptr %acc01112, align 4
-  %503 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body174:                                        ; preds = %k.head173
+  %711 = mul nsw i64 %k176, 16
+  %712 = add nsw i64 %panel.off172, %711
+  %713 = getelementptr inbounds i16, ptr %panels, i64 %712
+  %bw177 = load <8 x i32>, ptr %713, align 4
+  %714 = shl <8 x i32> %bw177, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %714 to <8 x float>
+  %715 = and <8 x i32> %bw177, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %715 to <8 x float>
+  %716 = getelementptr inbounds float, ptr %h0167, i64 %k176
+  %717 = load float, ptr %716, align 4
+  %718 = insertelement <8 x float> poison, float %717, i32 0
+  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
+  %720 = load <8 x float>, ptr %acc00169, align 4
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b0178, <8 x float> %720)
+  store <8 x float> %721, ptr %acc00169, align 4
+  %722 = load <8 x float>, ptr %acc01171, align 4
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b1179, <8 x float> %722)
+  store <8 x float> %723, ptr %acc01171, align 4
+  %724 = add nsw i64 %k176, 1
+  br label %k.head173
 
-k.end116:                                         ; preds = %k.head114
-  %504 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %504, ptr %y00109, align 4
-  %505 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %505, ptr %y01111, align 4
+k.end175:                                         ; preds = %k.head173
+  %725 = add nsw i64 %r0, 0
+  %726 = getelementptr inbounds float, ptr %rw, i64 %725
+  %w180 = load float, ptr %726, align 4
+  %727 = insertelement <8 x float> poison, float %w180, i32 0
+  %728 = shufflevector <8 x float> %727, <8 x float> poison, <8 x i32> zeroinitializer
+  %729 = load <8 x float>, ptr %acc00169, align 4
+  %730 = add nsw i64 %col166, 0
+  %731 = getelementptr inbounds float, ptr %bd, i64 %730
+  %bd181 = load <8 x float>, ptr %731, align 4
+  %732 = fmul <8 x float> %bd181, %728
+  %733 = fadd <8 x float> %729, %732
+  store <8 x float> %733, ptr %y00168, align 4
+  %734 = load <8 x float>, ptr %acc01171, align 4
+  %735 = add nsw i64 %col166, 8
+  %736 = getelementptr inbounds float, ptr %bd, i64 %735
+  %bd182 = load <8 x float>, ptr %736, align 4
+  %737 = fmul <8 x float> %bd182, %728
+  %738 = fadd <8 x float> %734, %737
+  store <8 x float> %738, ptr %y01170, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %506 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end175, %k.end155, %k.end127, %k.end91, %k.end47, %k.end
+  %739 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %507 = add nsw i64 %kb, 480
-  br label %kb.head
-
-kb.end:                                           ; preds = %kb.head
-  br label %r0.head121
-
-r0.head121:                                       ; preds = %tile.done127, %kb.end
-  %r0124 = phi i64 [ 0, %kb.end ], [ %1257, %tile.done127 ]
-  %508 = icmp slt i64 %r0124, %n
-  br i1 %508, label %r0.body122, label %r0.end123
-
-r0.body122:                                       ; preds = %r0.head121
-  %left125 = sub nsw i64 %n, %r0124
-  %509 = icmp sge i64 %left125, 6
-  %mr126 = select i1 %509, i64 6, i64 %left125
-  switch i64 %mr126, label %tile.mr6133 [
-    i64 1, label %tile.mr1128
-    i64 2, label %tile.mr2129
-    i64 3, label %tile.mr3130
-    i64 4, label %tile.mr4131
-    i64 5, label %tile.mr5132
-  ]
-
-tile.mr6133:                                      ; preds = %r0.body122
-  %col134 = mul nsw i64 %p, 16
-  %510 = add nsw i64 %r0124, 0
-  %511 = mul nsw i64 %510, 2880
-  %h0135 = getelementptr inbounds float, ptr %h, i64 %511
-  %512 = getelementptr inbounds i32, ptr %rows, i64 %510
-  %513 = load i32, ptr %512, align 4
-  %514 = sext i32 %513 to i64
-  %515 = mul nsw i64 %514, 2880
-  %516 = getelementptr inbounds float, ptr %y, i64 %515
-  %517 = add nsw i64 %col134, 0
-  %y00136 = getelementptr inbounds float, ptr %516, i64 %517
-  %518 = load <8 x float>, ptr %y00136, align 4
-  store <8 x float> %518, ptr %acc00137, align 4
-  %519 = add nsw i64 %col134, 8
-  %y01138 = getelementptr inbounds float, ptr %516, i64 %519
-  %520 = load <8 x float>, ptr %y01138, align 4
-  store <8 x float> %520, ptr %acc01139, align 4
-  %521 = add nsw i64 %r0124, 1
-  %522 = mul nsw i64 %521, 2880
-  %h1140 = getelementptr inbounds float, ptr %h, i64 %522
-  %523 = getelementptr inbounds i32, ptr %rows, i64 %521
-  %524 = load i32, ptr %523, align 4
-  %525 = sext i32 %524 to i64
-  %526 = mul nsw i64 %525, 2880
-  %527 = getelementptr inbounds float, ptr %y, i64 %526
-  %528 = add nsw i64 %col134, 0
-  %y10141 = getelementptr inbounds float, ptr %527, i64 %528
-  %529 = load <8 x float>, ptr %y10141, align 4
-  store <8 x float> %529, ptr %acc10142, align 4
-  %530 = add nsw i64 %col134, 8
-  %y11143 = getelementptr inbounds float, ptr %527, i64 %530
-  %531 = load <8 x float>, ptr %y11143, align 4
-  store <8 x float> %531, ptr %acc11144, align 4
-  %532 = add nsw i64 %r0124, 2
-  %533 = mul nsw i64 %532, 2880
-  %h2145 = getelementptr inbounds float, ptr %h, i64 %533
-  %534 = getelementptr inbounds i32, ptr %rows, i64 %532
-  %535 = load i32, ptr %534, align 4
-  %536 = sext i32 %535 to i64
-  %537 = mul nsw i64 %536, 2880
-  %538 = getelementptr inbounds float, ptr %y, i64 %537
-  %539 = add nsw i64 %col134, 0
-  %y20146 = getelementptr inbounds float, ptr %538, i64 %539
-  %540 = load <8 x float>, ptr %y20146, align 4
-  store <8 x float> %540, ptr %acc20147, align 4
-  %541 = add nsw i64 %col134, 8
-  %y21148 = getelementptr inbounds float, ptr %538, i64 %541
-  %542 = load <8 x float>, ptr %y21148, align 4
-  store <8 x float> %542, ptr %acc21149, align 4
-  %543 = add nsw i64 %r0124, 3
-  %544 = mul nsw i64 %543, 2880
-  %h3150 = getelementptr inbounds float, ptr %h, i64 %544
-  %545 = getelementptr inbounds i32, ptr %rows, i64 %543
-  %546 = load i32, ptr %545, align 4
-  %547 = sext i32 %546 to i64
-  %548 = mul nsw i64 %547, 2880
-  %549 = getelementptr inbounds float, ptr %y, i64 %548
-  %550 = add nsw i64 %col134, 0
-  %y30151 = getelementptr inbounds float, ptr %549, i64 %550
-  %551 = load <8 x float>, ptr %y30151, align 4
-  store <8 x float> %551, ptr %acc30152, align 4
-  %552 = add nsw i64 %col134, 8
-  %y31153 = getelementptr inbounds float, ptr %549, i64 %552
-  %553 = load <8 x float>, ptr %y31153, align 4
-  store <8 x float> %553, ptr %acc31154, align 4
-  %554 = add nsw i64 %r0124, 4
-  %555 = mul nsw i64 %554, 2880
-  %h4155 = getelementptr inbounds float, ptr %h, i64 %555
-  %556 = getelementptr inbounds i32, ptr %rows, i64 %554
-  %557 = load i32, ptr %556, align 4
-  %558 = sext i32 %557 to i64
-  %559 = mul nsw i64 %558, 2880
-  %560 = getelementptr inbounds float, ptr %y, i64 %559
-  %561 = add nsw i64 %col134, 0
-  %y40156 = getelementptr inbounds float, ptr %560, i64 %561
-  %562 = load <8 x float>, ptr %y40156, align 4
-  store <8 x float> %562, ptr %acc40157, align 4
-  %563 = add nsw i64 %col134, 8
-  %y41158 = getelementptr inbounds float, ptr %560, i64 %563
-  %564 = load <8 x float>, ptr %y41158, align 4
-  store <8 x float> %564, ptr %acc41159, align 4
-  %565 = add nsw i64 %r0124, 5
-  %566 = mul nsw i64 %565, 2880
-  %h5160 = getelementptr inbounds float, ptr %h, i64 %566
-  %567 = getelementptr inbounds i32, ptr %rows, i64 %565
-  %568 = load i32, ptr %567, align 4
-  %569 = sext i32 %568 to i64
-  %570 = mul nsw i64 %569, 2880
-  %571 = getelementptr inbounds float, ptr %y, i64 %570
-  %572 = add nsw i64 %col134, 0
-  %y50161 = getelementptr inbounds float, ptr %571, i64 %572
-  %573 = load <8 x float>, ptr %y50161, align 4
-  store <8 x float> %573, ptr %acc50162, align 4
-  %574 = add nsw i64 %col134, 8
-  %y51163 = getelementptr inbounds float, ptr %571, i64 %574
-  %575 = load <8 x float>, ptr %y51163, align 4
-  store <8 x float> %575, ptr %acc51164, align 4
-  %576 = mul nsw i64 %p, 46080
-  %panel.off165 = add nsw i64 %576, 38400
-  br label %k.head166
-
-k.head166:                                        ; preds = %k.body167, %tile.mr6133
-  %k169 = phi i64 [ 0, %tile.mr6133 ], [ %632, %k.body167 ]
-  %577 = icmp slt i64 %k169, 480
-  br i1 %577, label %k.body167, label %k.end168
-
-k.body167:                                        ; preds = %k.head166
-  %578 = mul nsw i64 %k169, 16
-  %579 = add nsw i64 %panel.off165, %578
-  %580 = getelementptr inbounds i16, ptr %panels, i64 %579
-  %bw170 = load <8 x i32>, ptr %580, align 4
-  %581 = shl <8 x i32> %bw170, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0171 = bitcast <8 x i32> %581 to <8 x float>
-  %582 = and <8 x i32> %bw170, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1172 = bitcast <8 x i32> %582 to <8 x float>
-  %583 = add nsw i64 2400, %k169
-  %584 = getelementptr inbounds float, ptr %h0135, i64 %583
-  %585 = load float, ptr %584, align 4
-  %586 = insertelement <8 x float> poison, float %585, i32 0
-  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
-  %588 = load <8 x float>, ptr %acc00137, align 4
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %b0171, <8 x float> %588)
-  store <8 x float> %589, ptr %acc00137, align 4
-  %590 = load <8 x float>, ptr %acc01139, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %b1172, <8 x float> %590)
-  store <8 x float> %591, ptr %acc01139, align 4
-  %592 = getelementptr inbounds float, ptr %h1140, i64 %583
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = load <8 x float>, ptr %acc10142, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %b0171, <8 x float> %596)
-  store <8 x float> %597, ptr %acc10142, align 4
-  %598 = load <8 x float>, ptr %acc11144, align 4
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %b1172, <8 x float> %598)
-  store <8 x float> %599, ptr %acc11144, align 4
-  %600 = getelementptr inbounds float, ptr %h2145, i64 %583
-  %601 = load float, ptr %600, align 4
-  %602 = insertelement <8 x float> poison, float %601, i32 0
-  %603 = shufflevector <8 x float> %602, <8 x float> poison, <8 x i32> zeroinitializer
-  %604 = load <8 x float>, ptr %acc20147, align 4
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %b0171, <8 x float> %604)
-  store <8 x float> %605, ptr %acc20147, align 4
-  %606 = load <8 x float>, ptr %acc21149, align 4
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %b1172, <8 x float> %606)
-  store <8 x float> %607, ptr %acc21149, align 4
-  %608 = getelementptr inbounds float, ptr %h3150, i64 %583
-  %609 = load float, ptr %608, align 4
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
-  %612 = load <8 x float>, ptr %acc30152, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %b0171, <8 x float> %612)
-  store <8 x float> %613, ptr %acc30152, align 4
-  %614 = load <8 x float>, ptr %acc31154, align 4
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %b1172, <8 x float> %614)
-  store <8 x float> %615, ptr %acc31154, align 4
-  %616 = getelementptr inbounds float, ptr %h4155, i64 %583
-  %617 = load float, ptr %616, align 4
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
-  %620 = load <8 x float>, ptr %acc40157, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b0171, <8 x float> %620)
-  store <8 x float> %621, ptr %acc40157, align 4
-  %622 = load <8 x float>, ptr %acc41159, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b1172, <8 x float> %622)
-  store <8 x float> %623, ptr %acc41159, align 4
-  %624 = getelementptr inbounds float, ptr %h5160, i64 %583
-  %625 = load float, ptr %624, align 4
-  %626 = insertelement <8 x float> poison, float %625, i32 0
-  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
-  %628 = load <8 x float>, ptr %acc50162, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %b0171, <8 x float> %628)
-  store <8 x float> %629, ptr %acc50162, align 4
-  %630 = load <8 x float>, ptr %acc51164, align 4
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %b1172, <8 x float> %630)
-  store <8 x float> %631, ptr %acc51164, align 4
-  %632 = add nsw i64 %k169, 1
-  br label %k.head166
-
-k.end168:                                         ; preds = %k.head166
-  %633 = add nsw i64 %r0124, 0
-  %634 = getelementptr inbounds float, ptr %rw, i64 %633
-  %w = load float, ptr %634, align 4
-  %635 = insertelement <8 x float> poison, float %w, i32 0
-  %636 = shufflevector <8 x float> %635, <8 x float> poison, <8 x i32> zeroinitializer
-  %637 = load <8 x float>, ptr %acc00137, align 4
-  %638 = add nsw i64 %col134, 0
-  %639 = getelementptr inbounds float, ptr %bd, i64 %638
-  %bd173 = load <8 x float>, ptr %639, align 4
-  %640 = fmul <8 x float> %bd173, %636
-  %641 = fadd <8 x float> %637, %640
-  store <8 x float> %641, ptr %y00136, align 4
-  %642 = load <8 x float>, ptr %acc01139, align 4
-  %643 = add nsw i64 %col134, 8
-  %644 = getelementptr inbounds float, ptr %bd, i64 %643
-  %bd174 = load <8 x float>, ptr %644, align 4
-  %645 = fmul <8 x float> %bd174, %636
-  %646 = fadd <8 x float> %642, %645
-  store <8 x float> %646, ptr %y01138, align 4
-  %647 = add nsw i64 %r0124, 1
-  %648 = getelementptr inbounds float, ptr %rw, i64 %647
-  %w175 = load float, ptr %648, align 4
-  %649 = insertelement <8 x float> poison, float %w175, i32 0
-  %650 = shufflevector <8 x float> %649, <8 x float> poison, <8 x i32> zeroinitializer
-  %651 = load <8 x float>, ptr %acc10142, align 4
-  %652 = add nsw i64 %col134, 0
-  %653 = getelementptr inbounds float, ptr %bd, i64 %652
-  %bd176 = load <8 x float>, ptr %653, align 4
-  %654 = fmul <8 x float> %bd176, %650
-  %655 = fadd <8 x float> %651, %654
-  store <8 x float> %655, ptr %y10141, align 4
-  %656 = load <8 x float>, ptr %acc11144, align 4
-  %657 = add nsw i64 %col134, 8
-  %658 = getelementptr inbounds float, ptr %bd, i64 %657
-  %bd177 = load <8 x float>, ptr %658, align 4
-  %659 = fmul <8 x float> %bd177, %650
-  %660 = fadd <8 x float> %656, %659
-  store <8 x float> %660, ptr %y11143, align 4
-  %661 = add nsw i64 %r0124, 2
-  %662 = getelementptr inbounds float, ptr %rw, i64 %661
-  %w178 = load float, ptr %662, align 4
-  %663 = insertelement <8 x float> poison, float %w178, i32 0
-  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
-  %665 = load <8 x float>, ptr %acc20147, align 4
-  %666 = add nsw i64 %col134, 0
-  %667 = getelementptr inbounds float, ptr %bd, i64 %666
-  %bd179 = load <8 x float>, ptr %667, align 4
-  %668 = fmul <8 x float> %bd179, %664
-  %669 = fadd <8 x float> %665, %668
-  store <8 x float> %669, ptr %y20146, align 4
-  %670 = load <8 x float>, ptr %acc21149, align 4
-  %671 = add nsw i64 %col134, 8
-  %672 = getelementptr inbounds float, ptr %bd, i64 %671
-  %bd180 = load <8 x float>, ptr %672, align 4
-  %673 = fmul <8 x float> %bd180, %664
-  %674 = fadd <8 x float> %670, %673
-  store <8 x float> %674, ptr %y21148, align 4
-  %675 = add nsw i64 %r0124, 3
-  %676 = getelementptr inbounds float, ptr %rw, i64 %675
-  %w181 = load float, ptr %676, align 4
-  %677 = insertelement <8 x float> poison, float %w181, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = load <8 x float>, ptr %acc30152, align 4
-  %680 = add nsw i64 %col134, 0
-  %681 = getelementptr inbounds float, ptr %bd, i64 %680
-  %bd182 = load <8 x float>, ptr %681, align 4
-  %682 = fmul <8 x float> %bd182, %678
-  %683 = fadd <8 x float> %679, %682
-  store <8 x float> %683, ptr %y30151, align 4
-  %684 = load <8 x float>, ptr %acc31154, align 4
-  %685 = add nsw i64 %col134, 8
-  %686 = getelementptr inbounds float, ptr %bd, i64 %685
-  %bd183 = load <8 x float>, ptr %686, align 4
-  %687 = fmul <8 x float> %bd183, %678
-  %688 = fadd <8 x float> %684, %687
-  store <8 x float> %688, ptr %y31153, align 4
-  %689 = add nsw i64 %r0124, 4
-  %690 = getelementptr inbounds float, ptr %rw, i64 %689
-  %w184 = load float, ptr %690, align 4
-  %691 = insertelement <8 x float> poison, float %w184, i32 0
-  %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
-  %693 = load <8 x float>, ptr %acc40157, align 4
-  %694 = add nsw i64 %col134, 0
-  %695 = getelementptr inbounds float, ptr %bd, i64 %694
-  %bd185 = load <8 x float>, ptr %695, align 4
-  %696 = fmul <8 x float> %bd185, %692
-  %697 = fadd <8 x float> %693, %696
-  store <8 x float> %697, ptr %y40156, align 4
-  %698 = load <8 x float>, ptr %acc41159, align 4
-  %699 = add nsw i64 %col134, 8
-  %700 = getelementptr inbounds float, ptr %bd, i64 %699
-  %bd186 = load <8 x float>, ptr %700, align 4
-  %701 = fmul <8 x float> %bd186, %692
-  %702 = fadd <8 x float> %698, %701
-  store <8 x float> %702, ptr %y41158, align 4
-  %703 = add nsw i64 %r0124, 5
-  %704 = getelementptr inbounds float, ptr %rw, i64 %703
-  %w187 = load float, ptr %704, align 4
-  %705 = insertelement <8 x float> poison, float %w187, i32 0
-  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
-  %707 = load <8 x float>, ptr %acc50162, align 4
-  %708 = add nsw i64 %col134, 0
-  %709 = getelementptr inbounds float, ptr %bd, i64 %708
-  %bd188 = load <8 x float>, ptr %709, align 4
-  %710 = fmul <8 x float> %bd188, %706
-  %711 = fadd <8 x float> %707, %710
-  store <8 x float> %711, ptr %y50161, align 4
-  %712 = load <8 x float>, ptr %acc51164, align 4
-  %713 = add nsw i64 %col134, 8
-  %714 = getelementptr inbounds float, ptr %bd, i64 %713
-  %bd189 = load <8 x float>, ptr %714, align 4
-  %715 = fmul <8 x float> %bd189, %706
-  %716 = fadd <8 x float> %712, %715
-  store <8 x float> %716, ptr %y51163, align 4
-  br label %tile.done127
-
-tile.mr5132:                                      ; preds = %r0.body122
-  %col190 = mul nsw i64 %p, 16
-  %717 = add nsw i64 %r0124, 0
-  %718 = mul nsw i64 %717, 2880
-  %h0191 = getelementptr inbounds float, ptr %h, i64 %718
-  %719 = getelementptr inbounds i32, ptr %rows, i64 %717
-  %720 = load i32, ptr %719, align 4
-  %721 = sext i32 %720 to i64
-  %722 = mul nsw i64 %721, 2880
-  %723 = getelementptr inbounds float, ptr %y, i64 %722
-  %724 = add nsw i64 %col190, 0
-  %y00192 = getelementptr inbounds float, ptr %723, i64 %724
-  %725 = load <8 x float>, ptr %y00192, align 4
-  store <8 x float> %725, ptr %acc00193, align 4
-  %726 = add nsw i64 %col190, 8
-  %y01194 = getelementptr inbounds float, ptr %723, i64 %726
-  %727 = load <8 x float>, ptr %y01194, align 4
-  store <8 x float> %727, ptr %acc01195, align 4
-  %728 = add nsw i64 %r0124, 1
-  %729 = mul nsw i64 %728, 2880
-  %h1196 = getelementptr inbounds float, ptr %h, i64 %729
-  %730 = getelementptr inbounds i32, ptr %rows, i64 %728
-  %731 = load i32, ptr %730, align 4
-  %732 = sext i32 %731 to i64
-  %733 = mul nsw i64 %732, 2880
-  %734 = getelementptr inbounds float, ptr %y, i64 %733
-  %735 = add nsw i64 %col190, 0
-  %y10197 = getelementptr inbounds float, ptr %734, i64 %735
-  %736 = load <8 x float>, ptr %y10197, align 4
-  store <8 x float> %736, ptr %acc10198, align 4
-  %737 = add nsw i64 %col190, 8
-  %y11199 = getelementptr inbounds float, ptr %734, i64 %737
-  %738 = load <8 x float>, ptr %y11199, align 4
-  store <8 x float> %738, ptr %acc11200, align 4
-  %739 = add nsw i64 %r0124, 2
-  %740 = mul nsw i64 %739, 2880
-  %h2201 = getelementptr inbounds float, ptr %h, i64 %740
-  %741 = getelementptr inbounds i32, ptr %rows, i64 %739
-  %742 = load i32, ptr %741, align 4
-  %743 = sext i32 %742 to i64
-  %744 = mul nsw i64 %743, 2880
-  %745 = getelementptr inbounds float, ptr %y, i64 %744
-  %746 = add nsw i64 %col190, 0
-  %y20202 = getelementptr inbounds float, ptr %745, i64 %746
-  %747 = load <8 x float>, ptr %y20202, align 4
-  store <8 x float> %747, ptr %acc20203, align 4
-  %748 = add nsw i64 %col190, 8
-  %y21204 = getelementptr inbounds float, ptr %745, i64 %748
-  %749 = load <8 x float>, ptr %y21204, align 4
-  store <8 x float> %749, ptr %acc21205, align 4
-  %750 = add nsw i64 %r0124, 3
-  %751 = mul nsw i64 %750, 2880
-  %h3206 = getelementptr inbounds float, ptr %h, i64 %751
-  %752 = getelementptr inbounds i32, ptr %rows, i64 %750
-  %753 = load i32, ptr %752, align 4
-  %754 = sext i32 %753 to i64
-  %755 = mul nsw i64 %754, 2880
-  %756 = getelementptr inbounds float, ptr %y, i64 %755
-  %757 = add nsw i64 %col190, 0
-  %y30207 = getelementptr inbounds float, ptr %756, i64 %757
-  %758 = load <8 x float>, ptr %y30207, align 4
-  store <8 x float> %758, ptr %acc30208, align 4
-  %759 = add nsw i64 %col190, 8
-  %y31209 = getelementptr inbounds float, ptr %756, i64 %759
-  %760 = load <8 x float>, ptr %y31209, align 4
-  store <8 x float> %760, ptr %acc31210, align 4
-  %761 = add nsw i64 %r0124, 4
-  %762 = mul nsw i64 %761, 2880
-  %h4211 = getelementptr inbounds float, ptr %h, i64 %762
-  %763 = getelementptr inbounds i32, ptr %rows, i64 %761
-  %764 = load i32, ptr %763, align 4
-  %765 = sext i32 %764 to i64
-  %766 = mul nsw i64 %765, 2880
-  %767 = getelementptr inbounds float, ptr %y, i64 %766
-  %768 = add nsw i64 %col190, 0
-  %y40212 = getelementptr inbounds float, ptr %767, i64 %768
-  %769 = load <8 x float>, ptr %y40212, align 4
-  store <8 x float> %769, ptr %acc40213, align 4
-  %770 = add nsw i64 %col190, 8
-  %y41214 = getelementptr inbounds float, ptr %767, i64 %770
-  %771 = load <8 x float>, ptr %y41214, align 4
-  store <8 x float> %771, ptr %acc41215, align 4
-  %772 = mul nsw i64 %p, 46080
-  %panel.off216 = add nsw i64 %772, 38400
-  br label %k.head217
-
-k.head217:                                        ; preds = %k.body218, %tile.mr5132
-  %k220 = phi i64 [ 0, %tile.mr5132 ], [ %820, %k.body218 ]
-  %773 = icmp slt i64 %k220, 480
-  br i1 %773, label %k.body218, label %k.end219
-
-k.body218:                                        ; preds = %k.head217
-  %774 = mul nsw i64 %k220, 16
-  %775 = add nsw i64 %panel.off216, %774
-  %776 = getelementptr inbounds i16, ptr %panels, i64 %775
-  %bw221 = load <8 x i32>, ptr %776, align 4
-  %777 = shl <8 x i32> %bw221, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0222 = bitcast <8 x i32> %777 to <8 x float>
-  %778 = and <8 x i32> %bw221, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1223 = bitcast <8 x i32> %778 to <8 x float>
-  %779 = add nsw i64 2400, %k220
-  %780 = getelementptr inbounds float, ptr %h0191, i64 %779
-  %781 = load float, ptr %780, align 4
-  %782 = insertelement <8 x float> poison, float %781, i32 0
-  %783 = shufflevector <8 x float> %782, <8 x float> poison, <8 x i32> zeroinitializer
-  %784 = load <8 x float>, ptr %acc00193, align 4
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %b0222, <8 x float> %784)
-  store <8 x float> %785, ptr %acc00193, align 4
-  %786 = load <8 x float>, ptr %acc01195, align 4
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %b1223, <8 x float> %786)
-  store <8 x float> %787, ptr %acc01195, align 4
-  %788 = getelementptr inbounds float, ptr %h1196, i64 %779
-  %789 = load float, ptr %788, align 4
-  %790 = insertelement <8 x float> poison, float %789, i32 0
-  %791 = shufflevector <8 x float> %790, <8 x float> poison, <8 x i32> zeroinitializer
-  %792 = load <8 x float>, ptr %acc10198, align 4
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %b0222, <8 x float> %792)
-  store <8 x float> %793, ptr %acc10198, align 4
-  %794 = load <8 x float>, ptr %acc11200, align 4
-  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %b1223, <8 x float> %794)
-  store <8 x float> %795, ptr %acc11200, align 4
-  %796 = getelementptr inbounds float, ptr %h2201, i64 %779
-  %797 = load float, ptr %796, align 4
-  %798 = insertelement <8 x float> poison, float %797, i32 0
-  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
-  %800 = load <8 x float>, ptr %acc20203, align 4
-  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %b0222, <8 x float> %800)
-  store <8 x float> %801, ptr %acc20203, align 4
-  %802 = load <8 x float>, ptr %acc21205, align 4
-  %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %b1223, <8 x float> %802)
-  store <8 x float> %803, ptr %acc21205, align 4
-  %804 = getelementptr inbounds float, ptr %h3206, i64 %779
-  %805 = load float, ptr %804, align 4
-  %806 = insertelement <8 x float> poison, float %805, i32 0
-  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
-  %808 = load <8 x float>, ptr %acc30208, align 4
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %b0222, <8 x float> %808)
-  store <8 x float> %809, ptr %acc30208, align 4
-  %810 = load <8 x float>, ptr %acc31210, align 4
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %b1223, <8 x float> %810)
-  store <8 x float> %811, ptr %acc31210, align 4
-  %812 = getelementptr inbounds float, ptr %h4211, i64 %779
-  %813 = load float, ptr %812, align 4
-  %814 = insertelement <8 x float> poison, float %813, i32 0
-  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
-  %816 = load <8 x float>, ptr %acc40213, align 4
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %b0222, <8 x float> %816)
-  store <8 x float> %817, ptr %acc40213, align 4
-  %818 = load <8 x float>, ptr %acc41215, align 4
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %b1223, <8 x float> %818)
-  store <8 x float> %819, ptr %acc41215, align 4
-  %820 = add nsw i64 %k220, 1
-  br label %k.head217
-
-k.end219:                                         ; preds = %k.head217
-  %821 = add nsw i64 %r0124, 0
-  %822 = getelementptr inbounds float, ptr %rw, i64 %821
-  %w224 = load float, ptr %822, align 4
-  %823 = insertelement <8 x float> poison, float %w224, i32 0
-  %824 = shufflevector <8 x float> %823, <8 x float> poison, <8 x i32> zeroinitializer
-  %825 = load <8 x float>, ptr %acc00193, align 4
-  %826 = add nsw i64 %col190, 0
-  %827 = getelementptr inbounds float, ptr %bd, i64 %826
-  %bd225 = load <8 x float>, ptr %827, align 4
-  %828 = fmul <8 x float> %bd225, %824
-  %829 = fadd <8 x float> %825, %828
-  store <8 x float> %829, ptr %y00192, align 4
-  %830 = load <8 x float>, ptr %acc01195, align 4
-  %831 = add nsw i64 %col190, 8
-  %832 = getelementptr inbounds float, ptr %bd, i64 %831
-  %bd226 = load <8 x float>, ptr %832, align 4
-  %833 = fmul <8 x float> %bd226, %824
-  %834 = fadd <8 x float> %830, %833
-  store <8 x float> %834, ptr %y01194, align 4
-  %835 = add nsw i64 %r0124, 1
-  %836 = getelementptr inbounds float, ptr %rw, i64 %835
-  %w227 = load float, ptr %836, align 4
-  %837 = insertelement <8 x float> poison, float %w227, i32 0
-  %838 = shufflevector <8 x float> %837, <8 x float> poison, <8 x i32> zeroinitializer
-  %839 = load <8 x float>, ptr %acc10198, align 4
-  %840 = add nsw i64 %col190, 0
-  %841 = getelementptr inbounds float, ptr %bd, i64 %840
-  %bd228 = load <8 x float>, ptr %841, align 4
-  %842 = fmul <8 x float> %bd228, %838
-  %843 = fadd <8 x float> %839, %842
-  store <8 x float> %843, ptr %y10197, align 4
-  %844 = load <8 x float>, ptr %acc11200, align 4
-  %845 = add nsw i64 %col190, 8
-  %846 = getelementptr inbounds float, ptr %bd, i64 %845
-  %bd229 = load <8 x float>, ptr %846, align 4
-  %847 = fmul <8 x float> %bd229, %838
-  %848 = fadd <8 x float> %844, %847
-  store <8 x float> %848, ptr %y11199, align 4
-  %849 = add nsw i64 %r0124, 2
-  %850 = getelementptr inbounds float, ptr %rw, i64 %849
-  %w230 = load float, ptr %850, align 4
-  %851 = insertelement <8 x float> poison, float %w230, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = load <8 x float>, ptr %acc20203, align 4
-  %854 = add nsw i64 %col190, 0
-  %855 = getelementptr inbounds float, ptr %bd, i64 %854
-  %bd231 = load <8 x float>, ptr %855, align 4
-  %856 = fmul <8 x float> %bd231, %852
-  %857 = fadd <8 x float> %853, %856
-  store <8 x float> %857, ptr %y20202, align 4
-  %858 = load <8 x float>, ptr %acc21205, align 4
-  %859 = add nsw i64 %col190, 8
-  %860 = getelementptr inbounds float, ptr %bd, i64 %859
-  %bd232 = load <8 x float>, ptr %860, align 4
-  %861 = fmul <8 x float> %bd232, %852
-  %862 = fadd <8 x float> %858, %861
-  store <8 x float> %862, ptr %y21204, align 4
-  %863 = add nsw i64 %r0124, 3
-  %864 = getelementptr inbounds float, ptr %rw, i64 %863
-  %w233 = load float, ptr %864, align 4
-  %865 = insertelement <8 x float> poison, float %w233, i32 0
-  %866 = shufflevector <8 x float> %865, <8 x float> poison, <8 x i32> zeroinitializer
-  %867 = load <8 x float>, ptr %acc30208, align 4
-  %868 = add nsw i64 %col190, 0
-  %869 = getelementptr inbounds float, ptr %bd, i64 %868
-  %bd234 = load <8 x float>, ptr %869, align 4
-  %870 = fmul <8 x float> %bd234, %866
-  %871 = fadd <8 x float> %867, %870
-  store <8 x float> %871, ptr %y30207, align 4
-  %872 = load <8 x float>, ptr %acc31210, align 4
-  %873 = add nsw i64 %col190, 8
-  %874 = getelementptr inbounds float, ptr %bd, i64 %873
-  %bd235 = load <8 x float>, ptr %874, align 4
-  %875 = fmul <8 x float> %bd235, %866
-  %876 = fadd <8 x float> %872, %875
-  store <8 x float> %876, ptr %y31209, align 4
-  %877 = add nsw i64 %r0124, 4
-  %878 = getelementptr inbounds float, ptr %rw, i64 %877
-  %w236 = load float, ptr %878, align 4
-  %879 = insertelement <8 x float> poison, float %w236, i32 0
-  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
-  %881 = load <8 x float>, ptr %acc40213, align 4
-  %882 = add nsw i64 %col190, 0
-  %883 = getelementptr inbounds float, ptr %bd, i64 %882
-  %bd237 = load <8 x float>, ptr %883, align 4
-  %884 = fmul <8 x float> %bd237, %880
-  %885 = fadd <8 x float> %881, %884
-  store <8 x float> %885, ptr %y40212, align 4
-  %886 = load <8 x float>, ptr %acc41215, align 4
-  %887 = add nsw i64 %col190, 8
-  %888 = getelementptr inbounds float, ptr %bd, i64 %887
-  %bd238 = load <8 x float>, ptr %888, align 4
-  %889 = fmul <8 x float> %bd238, %880
-  %890 = fadd <8 x float> %886, %889
-  store <8 x float> %890, ptr %y41214, align 4
-  br label %tile.done127
-
-tile.mr4131:                                      ; preds = %r0.body122
-  %col239 = mul nsw i64 %p, 16
-  %891 = add nsw i64 %r0124, 0
-  %892 = mul nsw i64 %891, 2880
-  %h0240 = getelementptr inbounds float, ptr %h, i64 %892
-  %893 = getelementptr inbounds i32, ptr %rows, i64 %891
-  %894 = load i32, ptr %893, align 4
-  %895 = sext i32 %894 to i64
-  %896 = mul nsw i64 %895, 2880
-  %897 = getelementptr inbounds float, ptr %y, i64 %896
-  %898 = add nsw i64 %col239, 0
-  %y00241 = getelementptr inbounds float, ptr %897, i64 %898
-  %899 = load <8 x float>, ptr %y00241, align 4
-  store <8 x float> %899, ptr %acc00242, align 4
-  %900 = add nsw i64 %col239, 8
-  %y01243 = getelementptr inbounds float, ptr %897, i64 %900
-  %901 = load <8 x float>, ptr %y01243, align 4
-  store <8 x float> %901, ptr %acc01244, align 4
-  %902 = add nsw i64 %r0124, 1
-  %903 = mul nsw i64 %902, 2880
-  %h1245 = getelementptr inbounds float, ptr %h, i64 %903
-  %904 = getelementptr inbounds i32, ptr %rows, i64 %902
-  %905 = load i32, ptr %904, align 4
-  %906 = sext i32 %905 to i64
-  %907 = mul nsw i64 %906, 2880
-  %908 = getelementptr inbounds float, ptr %y, i64 %907
-  %909 = add nsw i64 %col239, 0
-  %y10246 = getelementptr inbounds float, ptr %908, i64 %909
-  %910 = load <8 x float>, ptr %y10246, align 4
-  store <8 x float> %910, ptr %acc10247, align 4
-  %911 = add nsw i64 %col239, 8
-  %y11248 = getelementptr inbounds float, ptr %908, i64 %911
-  %912 = load <8 x float>, ptr %y11248, align 4
-  store <8 x float> %912, ptr %acc11249, align 4
-  %913 = add nsw i64 %r0124, 2
-  %914 = mul nsw i64 %913, 2880
-  %h2250 = getelementptr inbounds float, ptr %h, i64 %914
-  %915 = getelementptr inbounds i32, ptr %rows, i64 %913
-  %916 = load i32, ptr %915, align 4
-  %917 = sext i32 %916 to i64
-  %918 = mul nsw i64 %917, 2880
-  %919 = getelementptr inbounds float, ptr %y, i64 %918
-  %920 = add nsw i64 %col239, 0
-  %y20251 = getelementptr inbounds float, ptr %919, i64 %920
-  %921 = load <8 x float>, ptr %y20251, align 4
-  store <8 x float> %921, ptr %acc20252, align 4
-  %922 = add nsw i64 %col239, 8
-  %y21253 = getelementptr inbounds float, ptr %919, i64 %922
-  %923 = load <8 x float>, ptr %y21253, align 4
-  store <8 x float> %923, ptr %acc21254, align 4
-  %924 = add nsw i64 %r0124, 3
-  %925 = mul nsw i64 %924, 2880
-  %h3255 = getelementptr inbounds float, ptr %h, i64 %925
-  %926 = getelementptr inbounds i32, ptr %rows, i64 %924
-  %927 = load i32, ptr %926, align 4
-  %928 = sext i32 %927 to i64
-  %929 = mul nsw i64 %928, 2880
-  %930 = getelementptr inbounds float, ptr %y, i64 %929
-  %931 = add nsw i64 %col239, 0
-  %y30256 = getelementptr inbounds float, ptr %930, i64 %931
-  %932 = load <8 x float>, ptr %y30256, align 4
-  store <8 x float> %932, ptr %acc30257, align 4
-  %933 = add nsw i64 %col239, 8
-  %y31258 = getelementptr inbounds float, ptr %930, i64 %933
-  %934 = load <8 x float>, ptr %y31258, align 4
-  store <8 x float> %934, ptr %acc31259, align 4
-  %935 = mul nsw i64 %p, 46080
-  %panel.off260 = add nsw i64 %935, 38400
-  br label %k.head261
-
-k.head261:                                        ; preds = %k.body262, %tile.mr4131
-  %k264 = phi i64 [ 0, %tile.mr4131 ], [ %975, %k.body262 ]
-  %936 = icmp slt i64 %k264, 480
-  br i1 %936, label %k.body262, label %k.end263
-
-k.body262:                                        ; preds = %k.head261
-  %937 = mul nsw i64 %k264, 16
-  %938 = add nsw i64 %panel.off260, %937
-  %939 = getelementptr inbounds i16, ptr %panels, i64 %938
-  %bw265 = load <8 x i32>, ptr %939, align 4
-  %940 = shl <8 x i32> %bw265, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0266 = bitcast <8 x i32> %940 to <8 x float>
-  %941 = and <8 x i32> %bw265, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1267 = bitcast <8 x i32> %941 to <8 x float>
-  %942 = add nsw i64 2400, %k264
-  %943 = getelementptr inbounds float, ptr %h0240, i64 %942
-  %944 = load float, ptr %943, align 4
-  %945 = insertelement <8 x float> poison, float %944, i32 0
-  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
-  %947 = load <8 x float>, ptr %acc00242, align 4
-  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b0266, <8 x float> %947)
-  store <8 x float> %948, ptr %acc00242, align 4
-  %949 = load <8 x float>, ptr %acc01244, align 4
-  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b1267, <8 x float> %949)
-  store <8 x float> %950, ptr %acc01244, align 4
-  %951 = getelementptr inbounds float, ptr %h1245, i64 %942
-  %952 = load float, ptr %951, align 4
-  %953 = insertelement <8 x float> poison, float %952, i32 0
-  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
-  %955 = load <8 x float>, ptr %acc10247, align 4
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b0266, <8 x float> %955)
-  store <8 x float> %956, ptr %acc10247, align 4
-  %957 = load <8 x float>, ptr %acc11249, align 4
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b1267, <8 x float> %957)
-  store <8 x float> %958, ptr %acc11249, align 4
-  %959 = getelementptr inbounds float, ptr %h2250, i64 %942
-  %960 = load float, ptr %959, align 4
-  %961 = insertelement <8 x float> poison, float %960, i32 0
-  %962 = shufflevector <8 x float> %961, <8 x float> poison, <8 x i32> zeroinitializer
-  %963 = load <8 x float>, ptr %acc20252, align 4
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %b0266, <8 x float> %963)
-  store <8 x float> %964, ptr %acc20252, align 4
-  %965 = load <8 x float>, ptr %acc21254, align 4
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %b1267, <8 x float> %965)
-  store <8 x float> %966, ptr %acc21254, align 4
-  %967 = getelementptr inbounds float, ptr %h3255, i64 %942
-  %968 = load float, ptr %967, align 4
-  %969 = insertelement <8 x float> poison, float %968, i32 0
-  %970 = shufflevector <8 x float> %969, <8 x float> poison, <8 x i32> zeroinitializer
-  %971 = load <8 x float>, ptr %acc30257, align 4
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %b0266, <8 x float> %971)
-  store <8 x float> %972, ptr %acc30257, align 4
-  %973 = load <8 x float>, ptr %acc31259, align 4
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %b1267, <8 x float> %973)
-  store <8 x float> %974, ptr %acc31259, align 4
-  %975 = add nsw i64 %k264, 1
-  br label %k.head261
-
-k.end263:                                         ; preds = %k.head261
-  %976 = add nsw i64 %r0124, 0
-  %977 = getelementptr inbounds float, ptr %rw, i64 %976
-  %w268 = load float, ptr %977, align 4
-  %978 = insertelement <8 x float> poison, float %w268, i32 0
-  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
-  %980 = load <8 x float>, ptr %acc00242, align 4
-  %981 = add nsw i64 %col239, 0
-  %982 = getelementptr inbounds float, ptr %bd, i64 %981
-  %bd269 = load <8 x float>, ptr %982, align 4
-  %983 = fmul <8 x float> %bd269, %979
-  %984 = fadd <8 x float> %980, %983
-  store <8 x float> %984, ptr %y00241, align 4
-  %985 = load <8 x float>, ptr %acc01244, align 4
-  %986 = add nsw i64 %col239, 8
-  %987 = getelementptr inbounds float, ptr %bd, i64 %986
-  %bd270 = load <8 x float>, ptr %987, align 4
-  %988 = fmul <8 x float> %bd270, %979
-  %989 = fadd <8 x float> %985, %988
-  store <8 x float> %989, ptr %y01243, align 4
-  %990 = add nsw i64 %r0124, 1
-  %991 = getelementptr inbounds float, ptr %rw, i64 %990
-  %w271 = load float, ptr %991, align 4
-  %992 = insertelement <8 x float> poison, float %w271, i32 0
-  %993 = shufflevector <8 x float> %992, <8 x float> poison, <8 x i32> zeroinitializer
-  %994 = load <8 x float>, ptr %acc10247, align 4
-  %995 = add nsw i64 %col239, 0
-  %996 = getelementptr inbounds float, ptr %bd, i64 %995
-  %bd272 = load <8 x float>, ptr %996, align 4
-  %997 = fmul <8 x float> %bd272, %993
-  %998 = fadd <8 x float> %994, %997
-  store <8 x float> %998, ptr %y10246, align 4
-  %999 = load <8 x float>, ptr %acc11249, align 4
-  %1000 = add nsw i64 %col239, 8
-  %1001 = getelementptr inbounds float, ptr %bd, i64 %1000
-  %bd273 = load <8 x float>, ptr %1001, align 4
-  %1002 = fmul <8 x float> %bd273, %993
-  %1003 = fadd <8 x float> %999, %1002
-  store <8 x float> %1003, ptr %y11248, align 4
-  %1004 = add nsw i64 %r0124, 2
-  %1005 = getelementptr inbounds float, ptr %rw, i64 %1004
-  %w274 = load float, ptr %1005, align 4
-  %1006 = insertelement <8 x float> poison, float %w274, i32 0
-  %1007 = shufflevector <8 x float> %1006, <8 x float> poison, <8 x i32> zeroinitializer
-  %1008 = load <8 x float>, ptr %acc20252, align 4
-  %1009 = add nsw i64 %col239, 0
-  %1010 = getelementptr inbounds float, ptr %bd, i64 %1009
-  %bd275 = load <8 x float>, ptr %1010, align 4
-  %1011 = fmul <8 x float> %bd275, %1007
-  %1012 = fadd <8 x float> %1008, %1011
-  store <8 x float> %1012, ptr %y20251, align 4
-  %1013 = load <8 x float>, ptr %acc21254, align 4
-  %1014 = add nsw i64 %col239, 8
-  %1015 = getelementptr inbounds float, ptr %bd, i64 %1014
-  %bd276 = load <8 x float>, ptr %1015, align 4
-  %1016 = fmul <8 x float> %bd276, %1007
-  %1017 = fadd <8 x float> %1013, %1016
-  store <8 x float> %1017, ptr %y21253, align 4
-  %1018 = add nsw i64 %r0124, 3
-  %1019 = getelementptr inbounds float, ptr %rw, i64 %1018
-  %w277 = load float, ptr %1019, align 4
-  %1020 = insertelement <8 x float> poison, float %w277, i32 0
-  %1021 = shufflevector <8 x float> %1020, <8 x float> poison, <8 x i32> zeroinitializer
-  %1022 = load <8 x float>, ptr %acc30257, align 4
-  %1023 = add nsw i64 %col239, 0
-  %1024 = getelementptr inbounds float, ptr %bd, i64 %1023
-  %bd278 = load <8 x float>, ptr %1024, align 4
-  %1025 = fmul <8 x float> %bd278, %1021
-  %1026 = fadd <8 x float> %1022, %1025
-  store <8 x float> %1026, ptr %y30256, align 4
-  %1027 = load <8 x float>, ptr %acc31259, align 4
-  %1028 = add nsw i64 %col239, 8
-  %1029 = getelementptr inbounds float, ptr %bd, i64 %1028
-  %bd279 = load <8 x float>, ptr %1029, align 4
-  %1030 = fmul <8 x float> %bd279, %1021
-  %1031 = fadd <8 x float> %1027, %1030
-  store <8 x float> %1031, ptr %y31258, align 4
-  br label %tile.done127
-
-tile.mr3130:                                      ; preds = %r0.body122
-  %col280 = mul nsw i64 %p, 16
-  %1032 = add nsw i64 %r0124, 0
-  %1033 = mul nsw i64 %1032, 2880
-  %h0281 = getelementptr inbounds float, ptr %h, i64 %1033
-  %1034 = getelementptr inbounds i32, ptr %rows, i64 %1032
-  %1035 = load i32, ptr %1034, align 4
-  %1036 = sext i32 %1035 to i64
-  %1037 = mul nsw i64 %1036, 2880
-  %1038 = getelementptr inbounds float, ptr %y, i64 %1037
-  %1039 = add nsw i64 %col280, 0
-  %y00282 = getelementptr inbounds float, ptr %1038, i64 %1039
-  %1040 = load <8 x float>, ptr %y00282, align 4
-  store <8 x float> %1040, ptr %acc00283, align 4
-  %1041 = add nsw i64 %col280, 8
-  %y01284 = getelementptr inbounds float, ptr %1038, i64 %1041
-  %1042 = load <8 x float>, ptr %y01284, align 4
-  store <8 x float> %1042, ptr %acc01285, align 4
-  %1043 = add nsw i64 %r0124, 1
-  %1044 = mul nsw i64 %1043, 2880
-  %h1286 = getelementptr inbounds float, ptr %h, i64 %1044
-  %1045 = getelementptr inbounds i32, ptr %rows, i64 %1043
-  %1046 = load i32, ptr %1045, align 4
-  %1047 = sext i32 %1046 to i64
-  %1048 = mul nsw i64 %1047, 2880
-  %1049 = getelementptr inbounds float, ptr %y, i64 %1048
-  %1050 = add nsw i64 %col280, 0
-  %y10287 = getelementptr inbounds float, ptr %1049, i64 %1050
-  %1051 = load <8 x float>, ptr %y10287, align 4
-  store <8 x float> %1051, ptr %acc10288, align 4
-  %1052 = add nsw i64 %col280, 8
-  %y11289 = getelementptr inbounds float, ptr %1049, i64 %1052
-  %1053 = load <8 x float>, ptr %y11289, align 4
-  store <8 x float> %1053, ptr %acc11290, align 4
-  %1054 = add nsw i64 %r0124, 2
-  %1055 = mul nsw i64 %1054, 2880
-  %h2291 = getelementptr inbounds float, ptr %h, i64 %1055
-  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1054
-  %1057 = load i32, ptr %1056, align 4
-  %1058 = sext i32 %1057 to i64
-  %1059 = mul nsw i64 %1058, 2880
-  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
-  %1061 = add nsw i64 %col280, 0
-  %y20292 = getelementptr inbounds float, ptr %1060, i64 %1061
-  %1062 = load <8 x float>, ptr %y20292, align 4
-  store <8 x float> %1062, ptr %acc20293, align 4
-  %1063 = add nsw i64 %col280, 8
-  %y21294 = getelementptr inbounds float, ptr %1060, i64 %1063
-  %1064 = load <8 x float>, ptr %y21294, align 4
-  store <8 x float> %1064, ptr %acc21295, align 4
-  %1065 = mul nsw i64 %p, 46080
-  %panel.off296 = add nsw i64 %1065, 38400
-  br label %k.head297
-
-k.head297:                                        ; preds = %k.body298, %tile.mr3130
-  %k300 = phi i64 [ 0, %tile.mr3130 ], [ %1097, %k.body298 ]
-  %1066 = icmp slt i64 %k300, 480
-  br i1 %1066, label %k.body298, label %k.end299
-
-k.body298:                                        ; preds = %k.head297
-  %1067 = mul nsw i64 %k300, 16
-  %1068 = add nsw i64 %panel.off296, %1067
-  %1069 = getelementptr inbounds i16, ptr %panels, i64 %1068
-  %bw301 = load <8 x i32>, ptr %1069, align 4
-  %1070 = shl <8 x i32> %bw301, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0302 = bitcast <8 x i32> %1070 to <8 x float>
-  %1071 = and <8 x i32> %bw301, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1303 = bitcast <8 x i32> %1071 to <8 x float>
-  %1072 = add nsw i64 2400, %k300
-  %1073 = getelementptr inbounds float, ptr %h0281, i64 %1072
-  %1074 = load float, ptr %1073, align 4
-  %1075 = insertelement <8 x float> poison, float %1074, i32 0
-  %1076 = shufflevector <8 x float> %1075, <8 x float> poison, <8 x i32> zeroinitializer
-  %1077 = load <8 x float>, ptr %acc00283, align 4
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %b0302, <8 x float> %1077)
-  store <8 x float> %1078, ptr %acc00283, align 4
-  %1079 = load <8 x float>, ptr %acc01285, align 4
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %b1303, <8 x float> %1079)
-  store <8 x float> %1080, ptr %acc01285, align 4
-  %1081 = getelementptr inbounds float, ptr %h1286, i64 %1072
-  %1082 = load float, ptr %1081, align 4
-  %1083 = insertelement <8 x float> poison, float %1082, i32 0
-  %1084 = shufflevector <8 x float> %1083, <8 x float> poison, <8 x i32> zeroinitializer
-  %1085 = load <8 x float>, ptr %acc10288, align 4
-  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %b0302, <8 x float> %1085)
-  store <8 x float> %1086, ptr %acc10288, align 4
-  %1087 = load <8 x float>, ptr %acc11290, align 4
-  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %b1303, <8 x float> %1087)
-  store <8 x float> %1088, ptr %acc11290, align 4
-  %1089 = getelementptr inbounds float, ptr %h2291, i64 %1072
-  %1090 = load float, ptr %1089, align 4
-  %1091 = insertelement <8 x float> poison, float %1090, i32 0
-  %1092 = shufflevector <8 x float> %1091, <8 x float> poison, <8 x i32> zeroinitializer
-  %1093 = load <8 x float>, ptr %acc20293, align 4
-  %1094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1092, <8 x float> %b0302, <8 x float> %1093)
-  store <8 x float> %1094, ptr %acc20293, align 4
-  %1095 = load <8 x float>, ptr %acc21295, align 4
-  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1092, <8 x float> %b1303, <8 x float> %1095)
-  store <8 x float> %1096, ptr %acc21295, align 4
-  %1097 = add nsw i64 %k300, 1
-  br label %k.head297
-
-k.end299:                                         ; preds = %k.head297
-  %1098 = add nsw i64 %r0124, 0
-  %1099 = getelementptr inbounds float, ptr %rw, i64 %1098
-  %w304 = load float, ptr %1099, align 4
-  %1100 = insertelement <8 x float> poison, float %w304, i32 0
-  %1101 = shufflevector <8 x float> %1100, <8 x float> poison, <8 x i32> zeroinitializer
-  %1102 = load <8 x float>, ptr %acc00283, align 4
-  %1103 = add nsw i64 %col280, 0
-  %1104 = getelementptr inbounds float, ptr %bd, i64 %1103
-  %bd305 = load <8 x float>, ptr %1104, align 4
-  %1105 = fmul <8 x float> %bd305, %1101
-  %1106 = fadd <8 x float> %1102, %1105
-  store <8 x float> %1106, ptr %y00282, align 4
-  %1107 = load <8 x float>, ptr %acc01285, align 4
-  %1108 = add nsw i64 %col280, 8
-  %1109 = getelementptr inbounds float, ptr %bd, i64 %1108
-  %bd306 = load <8 x float>, ptr %1109, align 4
-  %1110 = fmul <8 x float> %bd306, %1101
-  %1111 = fadd <8 x float> %1107, %1110
-  store <8 x float> %1111, ptr %y01284, align 4
-  %1112 = add nsw i64 %r0124, 1
-  %1113 = getelementptr inbounds float, ptr %rw, i64 %1112
-  %w307 = load float, ptr %1113, align 4
-  %1114 = insertelement <8 x float> poison, float %w307, i32 0
-  %1115 = shufflevector <8 x float> %1114, <8 x float> poison, <8 x i32> zeroinitializer
-  %1116 = load <8 x float>, ptr %acc10288, align 4
-  %1117 = add nsw i64 %col280, 0
-  %1118 = getelementptr inbounds float, ptr %bd, i64 %1117
-  %bd308 = load <8 x float>, ptr %1118, align 4
-  %1119 = fmul <8 x float> %bd308, %1115
-  %1120 = fadd <8 x float> %1116, %1119
-  store <8 x float> %1120, ptr %y10287, align 4
-  %1121 = load <8 x float>, ptr %acc11290, align 4
-  %1122 = add nsw i64 %col280, 8
-  %1123 = getelementptr inbounds float, ptr %bd, i64 %1122
-  %bd309 = load <8 x float>, ptr %1123, align 4
-  %1124 = fmul <8 x float> %bd309, %1115
-  %1125 = fadd <8 x float> %1121, %1124
-  store <8 x float> %1125, ptr %y11289, align 4
-  %1126 = add nsw i64 %r0124, 2
-  %1127 = getelementptr inbounds float, ptr %rw, i64 %1126
-  %w310 = load float, ptr %1127, align 4
-  %1128 = insertelement <8 x float> poison, float %w310, i32 0
-  %1129 = shufflevector <8 x float> %1128, <8 x float> poison, <8 x i32> zeroinitializer
-  %1130 = load <8 x float>, ptr %acc20293, align 4
-  %1131 = add nsw i64 %col280, 0
-  %1132 = getelementptr inbounds float, ptr %bd, i64 %1131
-  %bd311 = load <8 x float>, ptr %1132, align 4
-  %1133 = fmul <8 x float> %bd311, %1129
-  %1134 = fadd <8 x float> %1130, %1133
-  store <8 x float> %1134, ptr %y20292, align 4
-  %1135 = load <8 x float>, ptr %acc21295, align 4
-  %1136 = add nsw i64 %col280, 8
-  %1137 = getelementptr inbounds float, ptr %bd, i64 %1136
-  %bd312 = load <8 x float>, ptr %1137, align 4
-  %1138 = fmul <8 x float> %bd312, %1129
-  %1139 = fadd <8 x float> %1135, %1138
-  store <8 x float> %1139, ptr %y21294, align 4
-  br label %tile.done127
-
-tile.mr2129:                                      ; preds = %r0.body122
-  %col313 = mul nsw i64 %p, 16
-  %1140 = add nsw i64 %r0124, 0
-  %1141 = mul nsw i64 %1140, 2880
-  %h0314 = getelementptr inbounds float, ptr %h, i64 %1141
-  %1142 = getelementptr inbounds i32, ptr %rows, i64 %1140
-  %1143 = load i32, ptr %1142, align 4
-  %1144 = sext i32 %1143 to i64
-  %1145 = mul nsw i64 %1144, 2880
-  %1146 = getelementptr inbounds float, ptr %y, i64 %1145
-  %1147 = add nsw i64 %col313, 0
-  %y00315 = getelementptr inbounds float, ptr %1146, i64 %1147
-  %1148 = load <8 x float>, ptr %y00315, align 4
-  store <8 x float> %1148, ptr %acc00316, align 4
-  %1149 = add nsw i64 %col313, 8
-  %y01317 = getelementptr inbounds float, ptr %1146, i64 %1149
-  %1150 = load <8 x float>, ptr %y01317, align 4
-  store <8 x float> %1150, ptr %acc01318, align 4
-  %1151 = add nsw i64 %r0124, 1
-  %1152 = mul nsw i64 %1151, 2880
-  %h1319 = getelementptr inbounds float, ptr %h, i64 %1152
-  %1153 = getelementptr inbounds i32, ptr %rows, i64 %1151
-  %1154 = load i32, ptr %1153, align 4
-  %1155 = sext i32 %1154 to i64
-  %1156 = mul nsw i64 %1155, 2880
-  %1157 = getelementptr inbounds float, ptr %y, i64 %1156
-  %1158 = add nsw i64 %col313, 0
-  %y10320 = getelementptr inbounds float, ptr %1157, i64 %1158
-  %1159 = load <8 x float>, ptr %y10320, align 4
-  store <8 x float> %1159, ptr %acc10321, align 4
-  %1160 = add nsw i64 %col313, 8
-  %y11322 = getelementptr inbounds float, ptr %1157, i64 %1160
-  %1161 = load <8 x float>, ptr %y11322, align 4
-  store <8 x float> %1161, ptr %acc11323, align 4
-  %1162 = mul nsw i64 %p, 46080
-  %panel.off324 = add nsw i64 %1162, 38400
-  br label %k.head325
-
-k.head325:                                        ; preds = %k.body326, %tile.mr2129
-  %k328 = phi i64 [ 0, %tile.mr2129 ], [ %1186, %k.body326 ]
-  %1163 = icmp slt i64 %k328, 480
-  br i1 %1163, label %k.body326, label %k.end327
-
-k.body326:                                        ; preds = %k.head325
-  %1164 = mul nsw i64 %k328, 16
-  %1165 = add nsw i64 %panel.off324, %1164
-  %1166 = getelementptr inbounds i16, ptr %panels, i64 %1165
-  %bw329 = load <8 x i32>, ptr %1166, align 4
-  %1167 = shl <8 x i32> %bw329, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0330 = bitcast <8 x i32> %1167 to <8 x float>
-  %1168 = and <8 x i32> %bw329, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1331 = bitcast <8 x i32> %1168 to <8 x float>
-  %1169 = add nsw i64 2400, %k328
-  %1170 = getelementptr inbounds float, ptr %h0314, i64 %1169
-  %1171 = load float, ptr %1170, align 4
-  %1172 = insertelement <8 x float> poison, float %1171, i32 0
-  %1173 = shufflevector <8 x float> %1172, <8 x float> poison, <8 x i32> zeroinitializer
-  %1174 = load <8 x float>, ptr %acc00316, align 4
-  %1175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1173, <8 x float> %b0330, <8 x float> %1174)
-  store <8 x float> %1175, ptr %acc00316, align 4
-  %1176 = load <8 x float>, ptr %acc01318, align 4
-  %1177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1173, <8 x float> %b1331, <8 x float> %1176)
-  store <8 x float> %1177, ptr %acc01318, align 4
-  %1178 = getelementptr inbounds float, ptr %h1319, i64 %1169
-  %1179 = load float, ptr %1178, align 4
-  %1180 = insertelement <8 x float> poison, float %1179, i32 0
-  %1181 = shufflevector <8 x float> %1180, <8 x float> poison, <8 x i32> zeroinitializer
-  %1182 = load <8 x float>, ptr %acc10321, align 4
-  %1183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1181, <8 x float> %b0330, <8 x float> %1182)
-  store <8 x float> %1183, ptr %acc10321, align 4
-  %1184 = load <8 x float>, ptr %acc11323, align 4
-  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1181, <8 x float> %b1331, <8 x float> %1184)
-  store <8 x float> %1185, ptr %acc11323, align 4
-  %1186 = add nsw i64 %k328, 1
-  br label %k.head325
-
-k.end327:                                         ; preds = %k.head325
-  %1187 = add nsw i64 %r0124, 0
-  %1188 = getelementptr inbounds float, ptr %rw, i64 %1187
-  %w332 = load float, ptr %1188, align 4
-  %1189 = insertelement <8 x float> poison, float %w332, i32 0
-  %1190 = shufflevector <8 x float> %1189, <8 x float> poison, <8 x i32> zeroinitializer
-  %1191 = load <8 x float>, ptr %acc00316, align 4
-  %1192 = add nsw i64 %col313, 0
-  %1193 = getelementptr inbounds float, ptr %bd, i64 %1192
-  %bd333 = load <8 x float>, ptr %1193, align 4
-  %1194 = fmul <8 x float> %bd333, %1190
-  %1195 = fadd <8 x float> %1191, %1194
-  store <8 x float> %1195, ptr %y00315, align 4
-  %1196 = load <8 x float>, ptr %acc01318, align 4
-  %1197 = add nsw i64 %col313, 8
-  %1198 = getelementptr inbounds float, ptr %bd, i64 %1197
-  %bd334 = load <8 x float>, ptr %1198, align 4
-  %1199 = fmul <8 x float> %bd334, %1190
-  %1200 = fadd <8 x float> %1196, %1199
-  store <8 x float> %1200, ptr %y01317, align 4
-  %1201 = add nsw i64 %r0124, 1
-  %1202 = getelementptr inbounds float, ptr %rw, i64 %1201
-  %w335 = load float, ptr %1202, align 4
-  %1203 = insertelement <8 x float> poison, float %w335, i32 0
-  %1204 = shufflevector <8 x float> %1203, <8 x float> poison, <8 x i32> zeroinitializer
-  %1205 = load <8 x float>, ptr %acc10321, align 4
-  %1206 = add nsw i64 %col313, 0
-  %1207 = getelementptr inbounds float, ptr %bd, i64 %1206
-  %bd336 = load <8 x float>, ptr %1207, align 4
-  %1208 = fmul <8 x float> %bd336, %1204
-  %1209 = fadd <8 x float> %1205, %1208
-  store <8 x float> %1209, ptr %y10320, align 4
-  %1210 = load <8 x float>, ptr %acc11323, align 4
-  %1211 = add nsw i64 %col313, 8
-  %1212 = getelementptr inbounds float, ptr %bd, i64 %1211
-  %bd337 = load <8 x float>, ptr %1212, align 4
-  %1213 = fmul <8 x float> %bd337, %1204
-  %1214 = fadd <8 x float> %1210, %1213
-  store <8 x float> %1214, ptr %y11322, align 4
-  br label %tile.done127
-
-tile.mr1128:                                      ; preds = %r0.body122
-  %col338 = mul nsw i64 %p, 16
-  %1215 = add nsw i64 %r0124, 0
-  %1216 = mul nsw i64 %1215, 2880
-  %h0339 = getelementptr inbounds float, ptr %h, i64 %1216
-  %1217 = getelementptr inbounds i32, ptr %rows, i64 %1215
-  %1218 = load i32, ptr %1217, align 4
-  %1219 = sext i32 %1218 to i64
-  %1220 = mul nsw i64 %1219, 2880
-  %1221 = getelementptr inbounds float, ptr %y, i64 %1220
-  %1222 = add nsw i64 %col338, 0
-  %y00340 = getelementptr inbounds float, ptr %1221, i64 %1222
-  %1223 = load <8 x float>, ptr %y00340, align 4
-  store <8 x float> %1223, ptr %acc00341, align 4
-  %1224 = add nsw i64 %col338, 8
-  %y01342 = getelementptr inbounds float, ptr %1221, i64 %1224
-  %1225 = load <8 x float>, ptr %y01342, align 4
-  store <8 x float> %1225, ptr %acc01343, align 4
-  %1226 = mul nsw i64 %p, 46080
-  %panel.off344 = add nsw i64 %1226, 38400
-  br label %k.head345
-
-k.head345:                                        ; preds = %k.body346, %tile.mr1128
-  %k348 = phi i64 [ 0, %tile.mr1128 ], [ %1242, %k.body346 ]
-  %1227 = icmp slt i64 %k348, 480
-  br i1 %1227, label %k.body346, label %k.end347
-
-k.body346:                                        ; preds = %k.head345
-  %1228 = mul nsw i64 %k348, 16
-  %1229 = add nsw i64 %panel.off344, %1228
-  %1230 = getelementptr inbounds i16, ptr %panels, i64 %1229
-  %bw349 = load <8 x i32>, ptr %1230, align 4
-  %1231 = shl <8 x i32> %bw349, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0350 = bitcast <8 x i32> %1231 to <8 x float>
-  %1232 = and <8 x i32> %bw349, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1351 = bitcast <8 x i32> %1232 to <8 x float>
-  %1233 = add nsw i64 2400, %k348
-  %1234 = getelementptr inbounds float, ptr %h0339, i64 %1233
-  %1235 = load float, ptr %1234, align 4
-  %1236 = insertelement <8 x float> poison, float %1235, i32 0
-  %1237 = shufflevector <8 x float> %1236, <8 x float> poison, <8 x i32> zeroinitializer
-  %1238 = load <8 x float>, ptr %acc00341, align 4
-  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> %b0350, <8 x float> %1238)
-  store <8 x float> %1239, ptr %acc00341, align 4
-  %1240 = load <8 x float>, ptr %acc01343, align 4
-  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> %b1351, <8 x float> %1240)
-  store <8 x float> %1241, ptr %acc01343, align 4
-  %1242 = add nsw i64 %k348, 1
-  br label %k.head345
-
-k.end347:                                         ; preds = %k.head345
-  %1243 = add nsw i64 %r0124, 0
-  %1244 = getelementptr inbounds float, ptr %rw, i64 %1243
-  %w352 = load float, ptr %1244, align 4
-  %1245 = insertelement <8 x float> poison, float %w352, i32 0
-  %1246 = shufflevector <8 x float> %1245, <8 x float> poison, <8 x i32> zeroinitializer
-  %1247 = load <8 x float>, ptr %acc00341, align 4
-  %1248 = add nsw i64 %col338, 0
-  %1249 = getelementptr inbounds float, ptr %bd, i64 %1248
-  %bd353 = load <8 x float>, ptr %1249, align 4
-  %1250 = fmul <8 x float> %bd353, %1246
-  %1251 = fadd <8 x float> %1247, %1250
-  store <8 x float> %1251, ptr %y00340, align 4
-  %1252 = load <8 x float>, ptr %acc01343, align 4
-  %1253 = add nsw i64 %col338, 8
-  %1254 = getelementptr inbounds float, ptr %bd, i64 %1253
-  %bd354 = load <8 x float>, ptr %1254, align 4
-  %1255 = fmul <8 x float> %bd354, %1246
-  %1256 = fadd <8 x float> %1252, %1255
-  store <8 x float> %1256, ptr %y01342, align 4
-  br label %tile.done127
-
-tile.done127:                                     ; preds = %k.end347, %k.end327, %k.end299, %k.end263, %k.end219, %k.end168
-  %1257 = add nsw i64 %r0124, 6
-  br label %r0.head121
-
-r0.end123:                                        ; preds = %r0.head121
-  %1258 = add nsw i64 %p, 1
+  %740 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -7,7 +7,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [65 x i8] c"97a12d84a1cf9e115a8201e8da1aa7fea29795bd49227f2a99ce5aaaba69d680\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr } { i32 3, i32 16524, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, ptr @moe_route, ptr @moe_up, ptr @moe_down, ptr @moe_shared_up, ptr @moe_shared_down, ptr null, ptr null, ptr null, ptr null, ptr null }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr } { i32 4, i32 16524, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, ptr @moe_route, ptr @moe_up, ptr @moe_down, ptr @moe_shared_up, ptr @moe_shared_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_route(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
@@ -1714,48 +1714,6 @@ entry:
   %acc1198 = alloca <8 x float>, align 32
   %acc00110 = alloca <8 x float>, align 32
   %acc01112 = alloca <8 x float>, align 32
-  %acc00137 = alloca <8 x float>, align 32
-  %acc01139 = alloca <8 x float>, align 32
-  %acc10142 = alloca <8 x float>, align 32
-  %acc11144 = alloca <8 x float>, align 32
-  %acc20147 = alloca <8 x float>, align 32
-  %acc21149 = alloca <8 x float>, align 32
-  %acc30152 = alloca <8 x float>, align 32
-  %acc31154 = alloca <8 x float>, align 32
-  %acc40157 = alloca <8 x float>, align 32
-  %acc41159 = alloca <8 x float>, align 32
-  %acc50162 = alloca <8 x float>, align 32
-  %acc51164 = alloca <8 x float>, align 32
-  %acc00176 = alloca <8 x float>, align 32
-  %acc01178 = alloca <8 x float>, align 32
-  %acc10181 = alloca <8 x float>, align 32
-  %acc11183 = alloca <8 x float>, align 32
-  %acc20186 = alloca <8 x float>, align 32
-  %acc21188 = alloca <8 x float>, align 32
-  %acc30191 = alloca <8 x float>, align 32
-  %acc31193 = alloca <8 x float>, align 32
-  %acc40196 = alloca <8 x float>, align 32
-  %acc41198 = alloca <8 x float>, align 32
-  %acc00210 = alloca <8 x float>, align 32
-  %acc01212 = alloca <8 x float>, align 32
-  %acc10215 = alloca <8 x float>, align 32
-  %acc11217 = alloca <8 x float>, align 32
-  %acc20220 = alloca <8 x float>, align 32
-  %acc21222 = alloca <8 x float>, align 32
-  %acc30225 = alloca <8 x float>, align 32
-  %acc31227 = alloca <8 x float>, align 32
-  %acc00239 = alloca <8 x float>, align 32
-  %acc01241 = alloca <8 x float>, align 32
-  %acc10244 = alloca <8 x float>, align 32
-  %acc11246 = alloca <8 x float>, align 32
-  %acc20249 = alloca <8 x float>, align 32
-  %acc21251 = alloca <8 x float>, align 32
-  %acc00263 = alloca <8 x float>, align 32
-  %acc01265 = alloca <8 x float>, align 32
-  %acc10268 = alloca <8 x float>, align 32
-  %acc11270 = alloca <8 x float>, align 32
-  %acc00282 = alloca <8 x float>, align 32
-  %acc01284 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1763,31 +1721,23 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 320
   br label %p.head
 
-p.head:                                           ; preds = %r0.end123, %start
-  %p = phi i64 [ %p0, %start ], [ %1006, %r0.end123 ]
+p.head:                                           ; preds = %r0.end, %start
+  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %kb.head
-
-kb.head:                                          ; preds = %r0.end, %p.body
-  %kb = phi i64 [ 0, %p.body ], [ %507, %r0.end ]
-  %2 = icmp slt i64 %kb, 7680
-  br i1 %2, label %kb.body, label %kb.end
-
-kb.body:                                          ; preds = %kb.head
   br label %r0.head
 
-r0.head:                                          ; preds = %tile.done, %kb.body
-  %r0 = phi i64 [ 0, %kb.body ], [ %506, %tile.done ]
-  %3 = icmp slt i64 %r0, %n
-  br i1 %3, label %r0.body, label %r0.end
+r0.head:                                          ; preds = %tile.done, %p.body
+  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %2 = icmp slt i64 %r0, %n
+  br i1 %2, label %r0.body, label %r0.end
 
 r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
-  %4 = icmp sge i64 %left, 6
-  %mr = select i1 %4, i64 6, i64 %left
+  %3 = icmp sge i64 %left, 6
+  %mr = select i1 %3, i64 6, i64 %left
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1798,1628 +1748,790 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %5 = add nsw i64 %r0, 0
-  %6 = mul nsw i64 %5, 8192
-  %h0 = getelementptr inbounds float, ptr %h, i64 %6
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 5120
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %11, i64 %12
-  %13 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %13, ptr %acc00, align 4
-  %14 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %11, i64 %14
-  %15 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %15, ptr %acc01, align 4
-  %16 = add nsw i64 %r0, 1
-  %17 = mul nsw i64 %16, 8192
-  %h1 = getelementptr inbounds float, ptr %h, i64 %17
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %16
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 5120
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %22, i64 %23
-  %24 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %24, ptr %acc10, align 4
-  %25 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %22, i64 %25
-  %26 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %26, ptr %acc11, align 4
-  %27 = add nsw i64 %r0, 2
-  %28 = mul nsw i64 %27, 8192
-  %h2 = getelementptr inbounds float, ptr %h, i64 %28
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 5120
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %33, i64 %34
-  %35 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %35, ptr %acc20, align 4
-  %36 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %33, i64 %36
-  %37 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %37, ptr %acc21, align 4
-  %38 = add nsw i64 %r0, 3
-  %39 = mul nsw i64 %38, 8192
-  %h3 = getelementptr inbounds float, ptr %h, i64 %39
-  %40 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %41 = load i32, ptr %40, align 4
-  %42 = sext i32 %41 to i64
-  %43 = mul nsw i64 %42, 5120
-  %44 = getelementptr inbounds float, ptr %y, i64 %43
-  %45 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %44, i64 %45
-  %46 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %46, ptr %acc30, align 4
-  %47 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %44, i64 %47
-  %48 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %48, ptr %acc31, align 4
-  %49 = add nsw i64 %r0, 4
-  %50 = mul nsw i64 %49, 8192
-  %h4 = getelementptr inbounds float, ptr %h, i64 %50
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %49
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 5120
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %55, i64 %56
-  %57 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %57, ptr %acc40, align 4
-  %58 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %55, i64 %58
-  %59 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %59, ptr %acc41, align 4
-  %60 = add nsw i64 %r0, 5
-  %61 = mul nsw i64 %60, 8192
-  %h5 = getelementptr inbounds float, ptr %h, i64 %61
-  %62 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %63 = load i32, ptr %62, align 4
-  %64 = sext i32 %63 to i64
-  %65 = mul nsw i64 %64, 5120
-  %66 = getelementptr inbounds float, ptr %y, i64 %65
-  %67 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %66, i64 %67
-  %68 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %68, ptr %acc50, align 4
-  %69 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %66, i64 %69
-  %70 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %70, ptr %acc51, align 4
-  %71 = mul nsw i64 %kb, 16
-  %72 = mul nsw i64 %p, 131072
-  %panel.off = add nsw i64 %72, %71
+  %4 = add nsw i64 %r0, 0
+  %5 = mul nsw i64 %4, 8192
+  %h0 = getelementptr inbounds float, ptr %h, i64 %5
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 5120
+  %10 = getelementptr inbounds float, ptr %y, i64 %9
+  %11 = add nsw i64 %col, 0
+  %y00 = getelementptr inbounds float, ptr %10, i64 %11
+  %12 = load <8 x float>, ptr %y00, align 4
+  store <8 x float> %12, ptr %acc00, align 4
+  %13 = add nsw i64 %col, 8
+  %y01 = getelementptr inbounds float, ptr %10, i64 %13
+  %14 = load <8 x float>, ptr %y01, align 4
+  store <8 x float> %14, ptr %acc01, align 4
+  %15 = add nsw i64 %r0, 1
+  %16 = mul nsw i64 %15, 8192
+  %h1 = getelementptr inbounds float, ptr %h, i64 %16
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 5120
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %y10 = getelementptr inbounds float, ptr %21, i64 %22
+  %23 = load <8 x float>, ptr %y10, align 4
+  store <8 x float> %23, ptr %acc10, align 4
+  %24 = add nsw i64 %col, 8
+  %y11 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = load <8 x float>, ptr %y11, align 4
+  store <8 x float> %25, ptr %acc11, align 4
+  %26 = add nsw i64 %r0, 2
+  %27 = mul nsw i64 %26, 8192
+  %h2 = getelementptr inbounds float, ptr %h, i64 %27
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 5120
+  %32 = getelementptr inbounds float, ptr %y, i64 %31
+  %33 = add nsw i64 %col, 0
+  %y20 = getelementptr inbounds float, ptr %32, i64 %33
+  %34 = load <8 x float>, ptr %y20, align 4
+  store <8 x float> %34, ptr %acc20, align 4
+  %35 = add nsw i64 %col, 8
+  %y21 = getelementptr inbounds float, ptr %32, i64 %35
+  %36 = load <8 x float>, ptr %y21, align 4
+  store <8 x float> %36, ptr %acc21, align 4
+  %37 = add nsw i64 %r0, 3
+  %38 = mul nsw i64 %37, 8192
+  %h3 = getelementptr inbounds float, ptr %h, i64 %38
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 5120
+  %43 = getelementptr inbounds float, ptr %y, i64 %42
+  %44 = add nsw i64 %col, 0
+  %y30 = getelementptr inbounds float, ptr %43, i64 %44
+  %45 = load <8 x float>, ptr %y30, align 4
+  store <8 x float> %45, ptr %acc30, align 4
+  %46 = add nsw i64 %col, 8
+  %y31 = getelementptr inbounds float, ptr %43, i64 %46
+  %47 = load <8 x float>, ptr %y31, align 4
+  store <8 x float> %47, ptr %acc31, align 4
+  %48 = add nsw i64 %r0, 4
+  %49 = mul nsw i64 %48, 8192
+  %h4 = getelementptr inbounds float, ptr %h, i64 %49
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 5120
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %y40 = getelementptr inbounds float, ptr %54, i64 %55
+  %56 = load <8 x float>, ptr %y40, align 4
+  store <8 x float> %56, ptr %acc40, align 4
+  %57 = add nsw i64 %col, 8
+  %y41 = getelementptr inbounds float, ptr %54, i64 %57
+  %58 = load <8 x float>, ptr %y41, align 4
+  store <8 x float> %58, ptr %acc41, align 4
+  %59 = add nsw i64 %r0, 5
+  %60 = mul nsw i64 %59, 8192
+  %h5 = getelementptr inbounds float, ptr %h, i64 %60
+  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
+  %62 = load i32, ptr %61, align 4
+  %63 = sext i32 %62 to i64
+  %64 = mul nsw i64 %63, 5120
+  %65 = getelementptr inbounds float, ptr %y, i64 %64
+  %66 = add nsw i64 %col, 0
+  %y50 = getelementptr inbounds float, ptr %65, i64 %66
+  %67 = load <8 x float>, ptr %y50, align 4
+  store <8 x float> %67, ptr %acc50, align 4
+  %68 = add nsw i64 %col, 8
+  %y51 = getelementptr inbounds float, ptr %65, i64 %68
+  %69 = load <8 x float>, ptr %y51, align 4
+  store <8 x float> %69, ptr %acc51, align 4
+  %panel.off = mul nsw i64 %p, 131072
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %128, %k.body ]
-  %73 = icmp slt i64 %k, 512
-  br i1 %73, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
+  %70 = icmp slt i64 %k, 8192
+  br i1 %70, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %74 = mul nsw i64 %k, 16
-  %75 = add nsw i64 %panel.off, %74
-  %76 = getelementptr inbounds i16, ptr %panels, i64 %75
-  %bw = load <8 x i32>, ptr %76, align 4
-  %77 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %77 to <8 x float>
-  %78 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %78 to <8 x float>
-  %79 = add nsw i64 %kb, %k
-  %80 = getelementptr inbounds float, ptr %h0, i64 %79
-  %81 = load float, ptr %80, align 4
-  %82 = insertelement <8 x float> poison, float %81, i32 0
-  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
-  %84 = load <8 x float>, ptr %acc00, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %b0, <8 x float> %84)
-  store <8 x float> %85, ptr %acc00, align 4
-  %86 = load <8 x float>, ptr %acc01, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %b1, <8 x float> %86)
-  store <8 x float> %87, ptr %acc01, align 4
-  %88 = getelementptr inbounds float, ptr %h1, i64 %79
-  %89 = load float, ptr %88, align 4
-  %90 = insertelement <8 x float> poison, float %89, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = load <8 x float>, ptr %acc10, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %b0, <8 x float> %92)
-  store <8 x float> %93, ptr %acc10, align 4
-  %94 = load <8 x float>, ptr %acc11, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %b1, <8 x float> %94)
-  store <8 x float> %95, ptr %acc11, align 4
-  %96 = getelementptr inbounds float, ptr %h2, i64 %79
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc20, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %b0, <8 x float> %100)
-  store <8 x float> %101, ptr %acc20, align 4
-  %102 = load <8 x float>, ptr %acc21, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %b1, <8 x float> %102)
-  store <8 x float> %103, ptr %acc21, align 4
-  %104 = getelementptr inbounds float, ptr %h3, i64 %79
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc30, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc30, align 4
-  %110 = load <8 x float>, ptr %acc31, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc31, align 4
-  %112 = getelementptr inbounds float, ptr %h4, i64 %79
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc40, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc40, align 4
-  %118 = load <8 x float>, ptr %acc41, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc41, align 4
-  %120 = getelementptr inbounds float, ptr %h5, i64 %79
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc50, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc50, align 4
-  %126 = load <8 x float>, ptr %acc51, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc51, align 4
-  %128 = add nsw i64 %k, 1
+  %71 = mul nsw i64 %k, 16
+  %72 = add nsw i64 %panel.off, %71
+  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
+  %bw = load <8 x i32>, ptr %73, align 4
+  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %74 to <8 x float>
+  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %75 to <8 x float>
+  %76 = getelementptr inbounds float, ptr %h0, i64 %k
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc00, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
+  store <8 x float> %81, ptr %acc00, align 4
+  %82 = load <8 x float>, ptr %acc01, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
+  store <8 x float> %83, ptr %acc01, align 4
+  %84 = getelementptr inbounds float, ptr %h1, i64 %k
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc10, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
+  store <8 x float> %89, ptr %acc10, align 4
+  %90 = load <8 x float>, ptr %acc11, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
+  store <8 x float> %91, ptr %acc11, align 4
+  %92 = getelementptr inbounds float, ptr %h2, i64 %k
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc20, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
+  store <8 x float> %97, ptr %acc20, align 4
+  %98 = load <8 x float>, ptr %acc21, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
+  store <8 x float> %99, ptr %acc21, align 4
+  %100 = getelementptr inbounds float, ptr %h3, i64 %k
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc30, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
+  store <8 x float> %105, ptr %acc30, align 4
+  %106 = load <8 x float>, ptr %acc31, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
+  store <8 x float> %107, ptr %acc31, align 4
+  %108 = getelementptr inbounds float, ptr %h4, i64 %k
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc40, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
+  store <8 x float> %113, ptr %acc40, align 4
+  %114 = load <8 x float>, ptr %acc41, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
+  store <8 x float> %115, ptr %acc41, align 4
+  %116 = getelementptr inbounds float, ptr %h5, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc50, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
+  store <8 x float> %121, ptr %acc50, align 4
+  %122 = load <8 x float>, ptr %acc51, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
+  store <8 x float> %123, ptr %acc51, align 4
+  %124 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %129 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %129, ptr %y00, align 4
-  %130 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %130, ptr %y01, align 4
-  %131 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %131, ptr %y10, align 4
-  %132 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %132, ptr %y11, align 4
-  %133 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %133, ptr %y20, align 4
-  %134 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %134, ptr %y21, align 4
-  %135 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %135, ptr %y30, align 4
-  %136 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %136, ptr %y31, align 4
-  %137 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %137, ptr %y40, align 4
-  %138 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %138, ptr %y41, align 4
-  %139 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %139, ptr %y50, align 4
-  %140 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %140, ptr %y51, align 4
+  %125 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %125, ptr %y00, align 4
+  %126 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %126, ptr %y01, align 4
+  %127 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %127, ptr %y10, align 4
+  %128 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %128, ptr %y11, align 4
+  %129 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %129, ptr %y20, align 4
+  %130 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %130, ptr %y21, align 4
+  %131 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %131, ptr %y30, align 4
+  %132 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %132, ptr %y31, align 4
+  %133 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %133, ptr %y40, align 4
+  %134 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %134, ptr %y41, align 4
+  %135 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %135, ptr %y50, align 4
+  %136 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %136, ptr %y51, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %141 = add nsw i64 %r0, 0
-  %142 = mul nsw i64 %141, 8192
-  %h02 = getelementptr inbounds float, ptr %h, i64 %142
-  %143 = getelementptr inbounds i32, ptr %rows, i64 %141
-  %144 = load i32, ptr %143, align 4
-  %145 = sext i32 %144 to i64
-  %146 = mul nsw i64 %145, 5120
-  %147 = getelementptr inbounds float, ptr %y, i64 %146
-  %148 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %147, i64 %148
-  %149 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %149, ptr %acc004, align 4
-  %150 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %147, i64 %150
-  %151 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %151, ptr %acc016, align 4
-  %152 = add nsw i64 %r0, 1
-  %153 = mul nsw i64 %152, 8192
-  %h17 = getelementptr inbounds float, ptr %h, i64 %153
-  %154 = getelementptr inbounds i32, ptr %rows, i64 %152
-  %155 = load i32, ptr %154, align 4
-  %156 = sext i32 %155 to i64
-  %157 = mul nsw i64 %156, 5120
-  %158 = getelementptr inbounds float, ptr %y, i64 %157
-  %159 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %158, i64 %159
-  %160 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %160, ptr %acc109, align 4
-  %161 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %158, i64 %161
-  %162 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %162, ptr %acc1111, align 4
-  %163 = add nsw i64 %r0, 2
-  %164 = mul nsw i64 %163, 8192
-  %h212 = getelementptr inbounds float, ptr %h, i64 %164
-  %165 = getelementptr inbounds i32, ptr %rows, i64 %163
-  %166 = load i32, ptr %165, align 4
-  %167 = sext i32 %166 to i64
-  %168 = mul nsw i64 %167, 5120
-  %169 = getelementptr inbounds float, ptr %y, i64 %168
-  %170 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %169, i64 %170
-  %171 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %171, ptr %acc2014, align 4
-  %172 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %169, i64 %172
-  %173 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %173, ptr %acc2116, align 4
-  %174 = add nsw i64 %r0, 3
-  %175 = mul nsw i64 %174, 8192
-  %h317 = getelementptr inbounds float, ptr %h, i64 %175
-  %176 = getelementptr inbounds i32, ptr %rows, i64 %174
-  %177 = load i32, ptr %176, align 4
-  %178 = sext i32 %177 to i64
-  %179 = mul nsw i64 %178, 5120
-  %180 = getelementptr inbounds float, ptr %y, i64 %179
-  %181 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %180, i64 %181
-  %182 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %182, ptr %acc3019, align 4
-  %183 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %180, i64 %183
-  %184 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %184, ptr %acc3121, align 4
-  %185 = add nsw i64 %r0, 4
-  %186 = mul nsw i64 %185, 8192
-  %h422 = getelementptr inbounds float, ptr %h, i64 %186
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %185
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 5120
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %191, i64 %192
-  %193 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %193, ptr %acc4024, align 4
-  %194 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %191, i64 %194
-  %195 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %195, ptr %acc4126, align 4
-  %196 = mul nsw i64 %kb, 16
-  %197 = mul nsw i64 %p, 131072
-  %panel.off27 = add nsw i64 %197, %196
+  %137 = add nsw i64 %r0, 0
+  %138 = mul nsw i64 %137, 8192
+  %h02 = getelementptr inbounds float, ptr %h, i64 %138
+  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
+  %140 = load i32, ptr %139, align 4
+  %141 = sext i32 %140 to i64
+  %142 = mul nsw i64 %141, 5120
+  %143 = getelementptr inbounds float, ptr %y, i64 %142
+  %144 = add nsw i64 %col1, 0
+  %y003 = getelementptr inbounds float, ptr %143, i64 %144
+  %145 = load <8 x float>, ptr %y003, align 4
+  store <8 x float> %145, ptr %acc004, align 4
+  %146 = add nsw i64 %col1, 8
+  %y015 = getelementptr inbounds float, ptr %143, i64 %146
+  %147 = load <8 x float>, ptr %y015, align 4
+  store <8 x float> %147, ptr %acc016, align 4
+  %148 = add nsw i64 %r0, 1
+  %149 = mul nsw i64 %148, 8192
+  %h17 = getelementptr inbounds float, ptr %h, i64 %149
+  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
+  %151 = load i32, ptr %150, align 4
+  %152 = sext i32 %151 to i64
+  %153 = mul nsw i64 %152, 5120
+  %154 = getelementptr inbounds float, ptr %y, i64 %153
+  %155 = add nsw i64 %col1, 0
+  %y108 = getelementptr inbounds float, ptr %154, i64 %155
+  %156 = load <8 x float>, ptr %y108, align 4
+  store <8 x float> %156, ptr %acc109, align 4
+  %157 = add nsw i64 %col1, 8
+  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
+  %158 = load <8 x float>, ptr %y1110, align 4
+  store <8 x float> %158, ptr %acc1111, align 4
+  %159 = add nsw i64 %r0, 2
+  %160 = mul nsw i64 %159, 8192
+  %h212 = getelementptr inbounds float, ptr %h, i64 %160
+  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
+  %162 = load i32, ptr %161, align 4
+  %163 = sext i32 %162 to i64
+  %164 = mul nsw i64 %163, 5120
+  %165 = getelementptr inbounds float, ptr %y, i64 %164
+  %166 = add nsw i64 %col1, 0
+  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
+  %167 = load <8 x float>, ptr %y2013, align 4
+  store <8 x float> %167, ptr %acc2014, align 4
+  %168 = add nsw i64 %col1, 8
+  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
+  %169 = load <8 x float>, ptr %y2115, align 4
+  store <8 x float> %169, ptr %acc2116, align 4
+  %170 = add nsw i64 %r0, 3
+  %171 = mul nsw i64 %170, 8192
+  %h317 = getelementptr inbounds float, ptr %h, i64 %171
+  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %173 = load i32, ptr %172, align 4
+  %174 = sext i32 %173 to i64
+  %175 = mul nsw i64 %174, 5120
+  %176 = getelementptr inbounds float, ptr %y, i64 %175
+  %177 = add nsw i64 %col1, 0
+  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
+  %178 = load <8 x float>, ptr %y3018, align 4
+  store <8 x float> %178, ptr %acc3019, align 4
+  %179 = add nsw i64 %col1, 8
+  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
+  %180 = load <8 x float>, ptr %y3120, align 4
+  store <8 x float> %180, ptr %acc3121, align 4
+  %181 = add nsw i64 %r0, 4
+  %182 = mul nsw i64 %181, 8192
+  %h422 = getelementptr inbounds float, ptr %h, i64 %182
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 5120
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col1, 0
+  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
+  %189 = load <8 x float>, ptr %y4023, align 4
+  store <8 x float> %189, ptr %acc4024, align 4
+  %190 = add nsw i64 %col1, 8
+  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
+  %191 = load <8 x float>, ptr %y4125, align 4
+  store <8 x float> %191, ptr %acc4126, align 4
+  %panel.off27 = mul nsw i64 %p, 131072
   br label %k.head28
 
 k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %245, %k.body29 ]
-  %198 = icmp slt i64 %k31, 512
-  br i1 %198, label %k.body29, label %k.end30
+  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
+  %192 = icmp slt i64 %k31, 8192
+  br i1 %192, label %k.body29, label %k.end30
 
 k.body29:                                         ; preds = %k.head28
-  %199 = mul nsw i64 %k31, 16
-  %200 = add nsw i64 %panel.off27, %199
-  %201 = getelementptr inbounds i16, ptr %panels, i64 %200
-  %bw32 = load <8 x i32>, ptr %201, align 4
-  %202 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %202 to <8 x float>
-  %203 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %203 to <8 x float>
-  %204 = add nsw i64 %kb, %k31
-  %205 = getelementptr inbounds float, ptr %h02, i64 %204
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc004, align 4
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b033, <8 x float> %209)
-  store <8 x float> %210, ptr %acc004, align 4
-  %211 = load <8 x float>, ptr %acc016, align 4
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b134, <8 x float> %211)
-  store <8 x float> %212, ptr %acc016, align 4
-  %213 = getelementptr inbounds float, ptr %h17, i64 %204
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = load <8 x float>, ptr %acc109, align 4
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b033, <8 x float> %217)
-  store <8 x float> %218, ptr %acc109, align 4
-  %219 = load <8 x float>, ptr %acc1111, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b134, <8 x float> %219)
-  store <8 x float> %220, ptr %acc1111, align 4
-  %221 = getelementptr inbounds float, ptr %h212, i64 %204
-  %222 = load float, ptr %221, align 4
-  %223 = insertelement <8 x float> poison, float %222, i32 0
-  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
-  %225 = load <8 x float>, ptr %acc2014, align 4
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b033, <8 x float> %225)
-  store <8 x float> %226, ptr %acc2014, align 4
-  %227 = load <8 x float>, ptr %acc2116, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b134, <8 x float> %227)
-  store <8 x float> %228, ptr %acc2116, align 4
-  %229 = getelementptr inbounds float, ptr %h317, i64 %204
-  %230 = load float, ptr %229, align 4
-  %231 = insertelement <8 x float> poison, float %230, i32 0
-  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
-  %233 = load <8 x float>, ptr %acc3019, align 4
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b033, <8 x float> %233)
-  store <8 x float> %234, ptr %acc3019, align 4
-  %235 = load <8 x float>, ptr %acc3121, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b134, <8 x float> %235)
-  store <8 x float> %236, ptr %acc3121, align 4
-  %237 = getelementptr inbounds float, ptr %h422, i64 %204
-  %238 = load float, ptr %237, align 4
-  %239 = insertelement <8 x float> poison, float %238, i32 0
-  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
-  %241 = load <8 x float>, ptr %acc4024, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b033, <8 x float> %241)
-  store <8 x float> %242, ptr %acc4024, align 4
-  %243 = load <8 x float>, ptr %acc4126, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b134, <8 x float> %243)
-  store <8 x float> %244, ptr %acc4126, align 4
-  %245 = add nsw i64 %k31, 1
+  %193 = mul nsw i64 %k31, 16
+  %194 = add nsw i64 %panel.off27, %193
+  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
+  %bw32 = load <8 x i32>, ptr %195, align 4
+  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %196 to <8 x float>
+  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %197 to <8 x float>
+  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
+  %199 = load float, ptr %198, align 4
+  %200 = insertelement <8 x float> poison, float %199, i32 0
+  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
+  %202 = load <8 x float>, ptr %acc004, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
+  store <8 x float> %203, ptr %acc004, align 4
+  %204 = load <8 x float>, ptr %acc016, align 4
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
+  store <8 x float> %205, ptr %acc016, align 4
+  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
+  %207 = load float, ptr %206, align 4
+  %208 = insertelement <8 x float> poison, float %207, i32 0
+  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
+  %210 = load <8 x float>, ptr %acc109, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
+  store <8 x float> %211, ptr %acc109, align 4
+  %212 = load <8 x float>, ptr %acc1111, align 4
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
+  store <8 x float> %213, ptr %acc1111, align 4
+  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = load <8 x float>, ptr %acc2014, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
+  store <8 x float> %219, ptr %acc2014, align 4
+  %220 = load <8 x float>, ptr %acc2116, align 4
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
+  store <8 x float> %221, ptr %acc2116, align 4
+  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc3019, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
+  store <8 x float> %227, ptr %acc3019, align 4
+  %228 = load <8 x float>, ptr %acc3121, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
+  store <8 x float> %229, ptr %acc3121, align 4
+  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
+  %231 = load float, ptr %230, align 4
+  %232 = insertelement <8 x float> poison, float %231, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = load <8 x float>, ptr %acc4024, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
+  store <8 x float> %235, ptr %acc4024, align 4
+  %236 = load <8 x float>, ptr %acc4126, align 4
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
+  store <8 x float> %237, ptr %acc4126, align 4
+  %238 = add nsw i64 %k31, 1
   br label %k.head28
 
 k.end30:                                          ; preds = %k.head28
-  %246 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %246, ptr %y003, align 4
-  %247 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %247, ptr %y015, align 4
-  %248 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %248, ptr %y108, align 4
-  %249 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %249, ptr %y1110, align 4
-  %250 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %250, ptr %y2013, align 4
-  %251 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %251, ptr %y2115, align 4
-  %252 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %252, ptr %y3018, align 4
-  %253 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %253, ptr %y3120, align 4
-  %254 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %254, ptr %y4023, align 4
-  %255 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %255, ptr %y4125, align 4
+  %239 = load <8 x float>, ptr %acc004, align 4
+  store <8 x float> %239, ptr %y003, align 4
+  %240 = load <8 x float>, ptr %acc016, align 4
+  store <8 x float> %240, ptr %y015, align 4
+  %241 = load <8 x float>, ptr %acc109, align 4
+  store <8 x float> %241, ptr %y108, align 4
+  %242 = load <8 x float>, ptr %acc1111, align 4
+  store <8 x float> %242, ptr %y1110, align 4
+  %243 = load <8 x float>, ptr %acc2014, align 4
+  store <8 x float> %243, ptr %y2013, align 4
+  %244 = load <8 x float>, ptr %acc2116, align 4
+  store <8 x float> %244, ptr %y2115, align 4
+  %245 = load <8 x float>, ptr %acc3019, align 4
+  store <8 x float> %245, ptr %y3018, align 4
+  %246 = load <8 x float>, ptr %acc3121, align 4
+  store <8 x float> %246, ptr %y3120, align 4
+  %247 = load <8 x float>, ptr %acc4024, align 4
+  store <8 x float> %247, ptr %y4023, align 4
+  %248 = load <8 x float>, ptr %acc4126, align 4
+  store <8 x float> %248, ptr %y4125, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col35 = mul nsw i64 %p, 16
-  %256 = add nsw i64 %r0, 0
-  %257 = mul nsw i64 %256, 8192
-  %h036 = getelementptr inbounds float, ptr %h, i64 %257
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %256
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 5120
-  %262 = getelementptr inbounds float, ptr %y, i64 %261
-  %263 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %262, i64 %263
-  %264 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %264, ptr %acc0038, align 4
-  %265 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %262, i64 %265
-  %266 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %266, ptr %acc0140, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = mul nsw i64 %267, 8192
-  %h141 = getelementptr inbounds float, ptr %h, i64 %268
-  %269 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %270 = load i32, ptr %269, align 4
-  %271 = sext i32 %270 to i64
-  %272 = mul nsw i64 %271, 5120
-  %273 = getelementptr inbounds float, ptr %y, i64 %272
-  %274 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %273, i64 %274
-  %275 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %275, ptr %acc1043, align 4
-  %276 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %273, i64 %276
-  %277 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %277, ptr %acc1145, align 4
-  %278 = add nsw i64 %r0, 2
-  %279 = mul nsw i64 %278, 8192
-  %h246 = getelementptr inbounds float, ptr %h, i64 %279
-  %280 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %281 = load i32, ptr %280, align 4
-  %282 = sext i32 %281 to i64
-  %283 = mul nsw i64 %282, 5120
-  %284 = getelementptr inbounds float, ptr %y, i64 %283
-  %285 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %284, i64 %285
-  %286 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %286, ptr %acc2048, align 4
-  %287 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %284, i64 %287
-  %288 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %288, ptr %acc2150, align 4
-  %289 = add nsw i64 %r0, 3
-  %290 = mul nsw i64 %289, 8192
-  %h351 = getelementptr inbounds float, ptr %h, i64 %290
-  %291 = getelementptr inbounds i32, ptr %rows, i64 %289
-  %292 = load i32, ptr %291, align 4
-  %293 = sext i32 %292 to i64
-  %294 = mul nsw i64 %293, 5120
-  %295 = getelementptr inbounds float, ptr %y, i64 %294
-  %296 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %295, i64 %296
-  %297 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %297, ptr %acc3053, align 4
-  %298 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %295, i64 %298
-  %299 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %299, ptr %acc3155, align 4
-  %300 = mul nsw i64 %kb, 16
-  %301 = mul nsw i64 %p, 131072
-  %panel.off56 = add nsw i64 %301, %300
+  %249 = add nsw i64 %r0, 0
+  %250 = mul nsw i64 %249, 8192
+  %h036 = getelementptr inbounds float, ptr %h, i64 %250
+  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
+  %252 = load i32, ptr %251, align 4
+  %253 = sext i32 %252 to i64
+  %254 = mul nsw i64 %253, 5120
+  %255 = getelementptr inbounds float, ptr %y, i64 %254
+  %256 = add nsw i64 %col35, 0
+  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
+  %257 = load <8 x float>, ptr %y0037, align 4
+  store <8 x float> %257, ptr %acc0038, align 4
+  %258 = add nsw i64 %col35, 8
+  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
+  %259 = load <8 x float>, ptr %y0139, align 4
+  store <8 x float> %259, ptr %acc0140, align 4
+  %260 = add nsw i64 %r0, 1
+  %261 = mul nsw i64 %260, 8192
+  %h141 = getelementptr inbounds float, ptr %h, i64 %261
+  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
+  %263 = load i32, ptr %262, align 4
+  %264 = sext i32 %263 to i64
+  %265 = mul nsw i64 %264, 5120
+  %266 = getelementptr inbounds float, ptr %y, i64 %265
+  %267 = add nsw i64 %col35, 0
+  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
+  %268 = load <8 x float>, ptr %y1042, align 4
+  store <8 x float> %268, ptr %acc1043, align 4
+  %269 = add nsw i64 %col35, 8
+  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
+  %270 = load <8 x float>, ptr %y1144, align 4
+  store <8 x float> %270, ptr %acc1145, align 4
+  %271 = add nsw i64 %r0, 2
+  %272 = mul nsw i64 %271, 8192
+  %h246 = getelementptr inbounds float, ptr %h, i64 %272
+  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
+  %274 = load i32, ptr %273, align 4
+  %275 = sext i32 %274 to i64
+  %276 = mul nsw i64 %275, 5120
+  %277 = getelementptr inbounds float, ptr %y, i64 %276
+  %278 = add nsw i64 %col35, 0
+  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
+  %279 = load <8 x float>, ptr %y2047, align 4
+  store <8 x float> %279, ptr %acc2048, align 4
+  %280 = add nsw i64 %col35, 8
+  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
+  %281 = load <8 x float>, ptr %y2149, align 4
+  store <8 x float> %281, ptr %acc2150, align 4
+  %282 = add nsw i64 %r0, 3
+  %283 = mul nsw i64 %282, 8192
+  %h351 = getelementptr inbounds float, ptr %h, i64 %283
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 5120
+  %288 = getelementptr inbounds float, ptr %y, i64 %287
+  %289 = add nsw i64 %col35, 0
+  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
+  %290 = load <8 x float>, ptr %y3052, align 4
+  store <8 x float> %290, ptr %acc3053, align 4
+  %291 = add nsw i64 %col35, 8
+  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
+  %292 = load <8 x float>, ptr %y3154, align 4
+  store <8 x float> %292, ptr %acc3155, align 4
+  %panel.off56 = mul nsw i64 %p, 131072
   br label %k.head57
 
 k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %341, %k.body58 ]
-  %302 = icmp slt i64 %k60, 512
-  br i1 %302, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
+  %293 = icmp slt i64 %k60, 8192
+  br i1 %293, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %303 = mul nsw i64 %k60, 16
-  %304 = add nsw i64 %panel.off56, %303
-  %305 = getelementptr inbounds i16, ptr %panels, i64 %304
-  %bw61 = load <8 x i32>, ptr %305, align 4
-  %306 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %306 to <8 x float>
-  %307 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %307 to <8 x float>
-  %308 = add nsw i64 %kb, %k60
-  %309 = getelementptr inbounds float, ptr %h036, i64 %308
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc0038, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b062, <8 x float> %313)
-  store <8 x float> %314, ptr %acc0038, align 4
-  %315 = load <8 x float>, ptr %acc0140, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b163, <8 x float> %315)
-  store <8 x float> %316, ptr %acc0140, align 4
-  %317 = getelementptr inbounds float, ptr %h141, i64 %308
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc1043, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b062, <8 x float> %321)
-  store <8 x float> %322, ptr %acc1043, align 4
-  %323 = load <8 x float>, ptr %acc1145, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b163, <8 x float> %323)
-  store <8 x float> %324, ptr %acc1145, align 4
-  %325 = getelementptr inbounds float, ptr %h246, i64 %308
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc2048, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b062, <8 x float> %329)
-  store <8 x float> %330, ptr %acc2048, align 4
-  %331 = load <8 x float>, ptr %acc2150, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b163, <8 x float> %331)
-  store <8 x float> %332, ptr %acc2150, align 4
-  %333 = getelementptr inbounds float, ptr %h351, i64 %308
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %acc3053, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b062, <8 x float> %337)
-  store <8 x float> %338, ptr %acc3053, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b163, <8 x float> %339)
-  store <8 x float> %340, ptr %acc3155, align 4
-  %341 = add nsw i64 %k60, 1
+  %294 = mul nsw i64 %k60, 16
+  %295 = add nsw i64 %panel.off56, %294
+  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
+  %bw61 = load <8 x i32>, ptr %296, align 4
+  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b062 = bitcast <8 x i32> %297 to <8 x float>
+  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b163 = bitcast <8 x i32> %298 to <8 x float>
+  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
+  %300 = load float, ptr %299, align 4
+  %301 = insertelement <8 x float> poison, float %300, i32 0
+  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
+  %303 = load <8 x float>, ptr %acc0038, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
+  store <8 x float> %304, ptr %acc0038, align 4
+  %305 = load <8 x float>, ptr %acc0140, align 4
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
+  store <8 x float> %306, ptr %acc0140, align 4
+  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = load <8 x float>, ptr %acc1043, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
+  store <8 x float> %312, ptr %acc1043, align 4
+  %313 = load <8 x float>, ptr %acc1145, align 4
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
+  store <8 x float> %314, ptr %acc1145, align 4
+  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc2048, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
+  store <8 x float> %320, ptr %acc2048, align 4
+  %321 = load <8 x float>, ptr %acc2150, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
+  store <8 x float> %322, ptr %acc2150, align 4
+  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc3053, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
+  store <8 x float> %328, ptr %acc3053, align 4
+  %329 = load <8 x float>, ptr %acc3155, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
+  store <8 x float> %330, ptr %acc3155, align 4
+  %331 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %342 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %342, ptr %y0037, align 4
-  %343 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %343, ptr %y0139, align 4
-  %344 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %344, ptr %y1042, align 4
-  %345 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %345, ptr %y1144, align 4
-  %346 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %346, ptr %y2047, align 4
-  %347 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %347, ptr %y2149, align 4
-  %348 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %348, ptr %y3052, align 4
-  %349 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %349, ptr %y3154, align 4
+  %332 = load <8 x float>, ptr %acc0038, align 4
+  store <8 x float> %332, ptr %y0037, align 4
+  %333 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %333, ptr %y0139, align 4
+  %334 = load <8 x float>, ptr %acc1043, align 4
+  store <8 x float> %334, ptr %y1042, align 4
+  %335 = load <8 x float>, ptr %acc1145, align 4
+  store <8 x float> %335, ptr %y1144, align 4
+  %336 = load <8 x float>, ptr %acc2048, align 4
+  store <8 x float> %336, ptr %y2047, align 4
+  %337 = load <8 x float>, ptr %acc2150, align 4
+  store <8 x float> %337, ptr %y2149, align 4
+  %338 = load <8 x float>, ptr %acc3053, align 4
+  store <8 x float> %338, ptr %y3052, align 4
+  %339 = load <8 x float>, ptr %acc3155, align 4
+  store <8 x float> %339, ptr %y3154, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col64 = mul nsw i64 %p, 16
-  %350 = add nsw i64 %r0, 0
-  %351 = mul nsw i64 %350, 8192
-  %h065 = getelementptr inbounds float, ptr %h, i64 %351
-  %352 = getelementptr inbounds i32, ptr %rows, i64 %350
-  %353 = load i32, ptr %352, align 4
-  %354 = sext i32 %353 to i64
-  %355 = mul nsw i64 %354, 5120
-  %356 = getelementptr inbounds float, ptr %y, i64 %355
-  %357 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %356, i64 %357
-  %358 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %358, ptr %acc0067, align 4
-  %359 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %356, i64 %359
-  %360 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %360, ptr %acc0169, align 4
-  %361 = add nsw i64 %r0, 1
-  %362 = mul nsw i64 %361, 8192
-  %h170 = getelementptr inbounds float, ptr %h, i64 %362
-  %363 = getelementptr inbounds i32, ptr %rows, i64 %361
-  %364 = load i32, ptr %363, align 4
-  %365 = sext i32 %364 to i64
-  %366 = mul nsw i64 %365, 5120
-  %367 = getelementptr inbounds float, ptr %y, i64 %366
-  %368 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %367, i64 %368
-  %369 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %369, ptr %acc1072, align 4
-  %370 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %367, i64 %370
-  %371 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %371, ptr %acc1174, align 4
-  %372 = add nsw i64 %r0, 2
-  %373 = mul nsw i64 %372, 8192
-  %h275 = getelementptr inbounds float, ptr %h, i64 %373
-  %374 = getelementptr inbounds i32, ptr %rows, i64 %372
-  %375 = load i32, ptr %374, align 4
-  %376 = sext i32 %375 to i64
-  %377 = mul nsw i64 %376, 5120
-  %378 = getelementptr inbounds float, ptr %y, i64 %377
-  %379 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %378, i64 %379
-  %380 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %380, ptr %acc2077, align 4
-  %381 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %378, i64 %381
-  %382 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %382, ptr %acc2179, align 4
-  %383 = mul nsw i64 %kb, 16
-  %384 = mul nsw i64 %p, 131072
-  %panel.off80 = add nsw i64 %384, %383
+  %340 = add nsw i64 %r0, 0
+  %341 = mul nsw i64 %340, 8192
+  %h065 = getelementptr inbounds float, ptr %h, i64 %341
+  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
+  %343 = load i32, ptr %342, align 4
+  %344 = sext i32 %343 to i64
+  %345 = mul nsw i64 %344, 5120
+  %346 = getelementptr inbounds float, ptr %y, i64 %345
+  %347 = add nsw i64 %col64, 0
+  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
+  %348 = load <8 x float>, ptr %y0066, align 4
+  store <8 x float> %348, ptr %acc0067, align 4
+  %349 = add nsw i64 %col64, 8
+  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
+  %350 = load <8 x float>, ptr %y0168, align 4
+  store <8 x float> %350, ptr %acc0169, align 4
+  %351 = add nsw i64 %r0, 1
+  %352 = mul nsw i64 %351, 8192
+  %h170 = getelementptr inbounds float, ptr %h, i64 %352
+  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
+  %354 = load i32, ptr %353, align 4
+  %355 = sext i32 %354 to i64
+  %356 = mul nsw i64 %355, 5120
+  %357 = getelementptr inbounds float, ptr %y, i64 %356
+  %358 = add nsw i64 %col64, 0
+  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
+  %359 = load <8 x float>, ptr %y1071, align 4
+  store <8 x float> %359, ptr %acc1072, align 4
+  %360 = add nsw i64 %col64, 8
+  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
+  %361 = load <8 x float>, ptr %y1173, align 4
+  store <8 x float> %361, ptr %acc1174, align 4
+  %362 = add nsw i64 %r0, 2
+  %363 = mul nsw i64 %362, 8192
+  %h275 = getelementptr inbounds float, ptr %h, i64 %363
+  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
+  %365 = load i32, ptr %364, align 4
+  %366 = sext i32 %365 to i64
+  %367 = mul nsw i64 %366, 5120
+  %368 = getelementptr inbounds float, ptr %y, i64 %367
+  %369 = add nsw i64 %col64, 0
+  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
+  %370 = load <8 x float>, ptr %y2076, align 4
+  store <8 x float> %370, ptr %acc2077, align 4
+  %371 = add nsw i64 %col64, 8
+  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
+  %372 = load <8 x float>, ptr %y2178, align 4
+  store <8 x float> %372, ptr %acc2179, align 4
+  %panel.off80 = mul nsw i64 %p, 131072
   br label %k.head81
 
 k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %416, %k.body82 ]
-  %385 = icmp slt i64 %k84, 512
-  br i1 %385, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
+  %373 = icmp slt i64 %k84, 8192
+  br i1 %373, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %386 = mul nsw i64 %k84, 16
-  %387 = add nsw i64 %panel.off80, %386
-  %388 = getelementptr inbounds i16, ptr %panels, i64 %387
-  %bw85 = load <8 x i32>, ptr %388, align 4
-  %389 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %389 to <8 x float>
-  %390 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %390 to <8 x float>
-  %391 = add nsw i64 %kb, %k84
-  %392 = getelementptr inbounds float, ptr %h065, i64 %391
-  %393 = load float, ptr %392, align 4
-  %394 = insertelement <8 x float> poison, float %393, i32 0
-  %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
-  %396 = load <8 x float>, ptr %acc0067, align 4
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b086, <8 x float> %396)
-  store <8 x float> %397, ptr %acc0067, align 4
-  %398 = load <8 x float>, ptr %acc0169, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b187, <8 x float> %398)
-  store <8 x float> %399, ptr %acc0169, align 4
-  %400 = getelementptr inbounds float, ptr %h170, i64 %391
-  %401 = load float, ptr %400, align 4
-  %402 = insertelement <8 x float> poison, float %401, i32 0
-  %403 = shufflevector <8 x float> %402, <8 x float> poison, <8 x i32> zeroinitializer
-  %404 = load <8 x float>, ptr %acc1072, align 4
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %b086, <8 x float> %404)
-  store <8 x float> %405, ptr %acc1072, align 4
-  %406 = load <8 x float>, ptr %acc1174, align 4
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %b187, <8 x float> %406)
-  store <8 x float> %407, ptr %acc1174, align 4
-  %408 = getelementptr inbounds float, ptr %h275, i64 %391
-  %409 = load float, ptr %408, align 4
-  %410 = insertelement <8 x float> poison, float %409, i32 0
-  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
-  %412 = load <8 x float>, ptr %acc2077, align 4
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %b086, <8 x float> %412)
-  store <8 x float> %413, ptr %acc2077, align 4
-  %414 = load <8 x float>, ptr %acc2179, align 4
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %b187, <8 x float> %414)
-  store <8 x float> %415, ptr %acc2179, align 4
-  %416 = add nsw i64 %k84, 1
+  %374 = mul nsw i64 %k84, 16
+  %375 = add nsw i64 %panel.off80, %374
+  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
+  %bw85 = load <8 x i32>, ptr %376, align 4
+  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b086 = bitcast <8 x i32> %377 to <8 x float>
+  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b187 = bitcast <8 x i32> %378 to <8 x float>
+  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
+  %380 = load float, ptr %379, align 4
+  %381 = insertelement <8 x float> poison, float %380, i32 0
+  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
+  %383 = load <8 x float>, ptr %acc0067, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
+  store <8 x float> %384, ptr %acc0067, align 4
+  %385 = load <8 x float>, ptr %acc0169, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
+  store <8 x float> %386, ptr %acc0169, align 4
+  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc1072, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
+  store <8 x float> %392, ptr %acc1072, align 4
+  %393 = load <8 x float>, ptr %acc1174, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
+  store <8 x float> %394, ptr %acc1174, align 4
+  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc2077, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
+  store <8 x float> %400, ptr %acc2077, align 4
+  %401 = load <8 x float>, ptr %acc2179, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
+  store <8 x float> %402, ptr %acc2179, align 4
+  %403 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %417 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %417, ptr %y0066, align 4
-  %418 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %418, ptr %y0168, align 4
-  %419 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %419, ptr %y1071, align 4
-  %420 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %420, ptr %y1173, align 4
-  %421 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %421, ptr %y2076, align 4
-  %422 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %422, ptr %y2178, align 4
+  %404 = load <8 x float>, ptr %acc0067, align 4
+  store <8 x float> %404, ptr %y0066, align 4
+  %405 = load <8 x float>, ptr %acc0169, align 4
+  store <8 x float> %405, ptr %y0168, align 4
+  %406 = load <8 x float>, ptr %acc1072, align 4
+  store <8 x float> %406, ptr %y1071, align 4
+  %407 = load <8 x float>, ptr %acc1174, align 4
+  store <8 x float> %407, ptr %y1173, align 4
+  %408 = load <8 x float>, ptr %acc2077, align 4
+  store <8 x float> %408, ptr %y2076, align 4
+  %409 = load <8 x float>, ptr %acc2179, align 4
+  store <8 x float> %409, ptr %y2178, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col88 = mul nsw i64 %p, 16
-  %423 = add nsw i64 %r0, 0
-  %424 = mul nsw i64 %423, 8192
-  %h089 = getelementptr inbounds float, ptr %h, i64 %424
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %423
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 5120
-  %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %429, i64 %430
-  %431 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %431, ptr %acc0091, align 4
-  %432 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %429, i64 %432
-  %433 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %433, ptr %acc0193, align 4
-  %434 = add nsw i64 %r0, 1
-  %435 = mul nsw i64 %434, 8192
-  %h194 = getelementptr inbounds float, ptr %h, i64 %435
-  %436 = getelementptr inbounds i32, ptr %rows, i64 %434
-  %437 = load i32, ptr %436, align 4
-  %438 = sext i32 %437 to i64
-  %439 = mul nsw i64 %438, 5120
-  %440 = getelementptr inbounds float, ptr %y, i64 %439
-  %441 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %440, i64 %441
-  %442 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %442, ptr %acc1096, align 4
-  %443 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %440, i64 %443
-  %444 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %444, ptr %acc1198, align 4
-  %445 = mul nsw i64 %kb, 16
-  %446 = mul nsw i64 %p, 131072
-  %panel.off99 = add nsw i64 %446, %445
+  %410 = add nsw i64 %r0, 0
+  %411 = mul nsw i64 %410, 8192
+  %h089 = getelementptr inbounds float, ptr %h, i64 %411
+  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %413 = load i32, ptr %412, align 4
+  %414 = sext i32 %413 to i64
+  %415 = mul nsw i64 %414, 5120
+  %416 = getelementptr inbounds float, ptr %y, i64 %415
+  %417 = add nsw i64 %col88, 0
+  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
+  %418 = load <8 x float>, ptr %y0090, align 4
+  store <8 x float> %418, ptr %acc0091, align 4
+  %419 = add nsw i64 %col88, 8
+  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
+  %420 = load <8 x float>, ptr %y0192, align 4
+  store <8 x float> %420, ptr %acc0193, align 4
+  %421 = add nsw i64 %r0, 1
+  %422 = mul nsw i64 %421, 8192
+  %h194 = getelementptr inbounds float, ptr %h, i64 %422
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
+  %424 = load i32, ptr %423, align 4
+  %425 = sext i32 %424 to i64
+  %426 = mul nsw i64 %425, 5120
+  %427 = getelementptr inbounds float, ptr %y, i64 %426
+  %428 = add nsw i64 %col88, 0
+  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
+  %429 = load <8 x float>, ptr %y1095, align 4
+  store <8 x float> %429, ptr %acc1096, align 4
+  %430 = add nsw i64 %col88, 8
+  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
+  %431 = load <8 x float>, ptr %y1197, align 4
+  store <8 x float> %431, ptr %acc1198, align 4
+  %panel.off99 = mul nsw i64 %p, 131072
   br label %k.head100
 
 k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %470, %k.body101 ]
-  %447 = icmp slt i64 %k103, 512
-  br i1 %447, label %k.body101, label %k.end102
+  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
+  %432 = icmp slt i64 %k103, 8192
+  br i1 %432, label %k.body101, label %k.end102
 
 k.body101:                                        ; preds = %k.head100
-  %448 = mul nsw i64 %k103, 16
-  %449 = add nsw i64 %panel.off99, %448
-  %450 = getelementptr inbounds i16, ptr %panels, i64 %449
-  %bw104 = load <8 x i32>, ptr %450, align 4
-  %451 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = add nsw i64 %kb, %k103
-  %454 = getelementptr inbounds float, ptr %h089, i64 %453
-  %455 = load float, ptr %454, align 4
-  %456 = insertelement <8 x float> poison, float %455, i32 0
-  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
-  %458 = load <8 x float>, ptr %acc0091, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b0105, <8 x float> %458)
-  store <8 x float> %459, ptr %acc0091, align 4
-  %460 = load <8 x float>, ptr %acc0193, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b1106, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0193, align 4
-  %462 = getelementptr inbounds float, ptr %h194, i64 %453
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = load <8 x float>, ptr %acc1096, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b0105, <8 x float> %466)
-  store <8 x float> %467, ptr %acc1096, align 4
-  %468 = load <8 x float>, ptr %acc1198, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b1106, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1198, align 4
-  %470 = add nsw i64 %k103, 1
+  %433 = mul nsw i64 %k103, 16
+  %434 = add nsw i64 %panel.off99, %433
+  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
+  %bw104 = load <8 x i32>, ptr %435, align 4
+  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0105 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1106 = bitcast <8 x i32> %437 to <8 x float>
+  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
+  %439 = load float, ptr %438, align 4
+  %440 = insertelement <8 x float> poison, float %439, i32 0
+  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
+  %442 = load <8 x float>, ptr %acc0091, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
+  store <8 x float> %443, ptr %acc0091, align 4
+  %444 = load <8 x float>, ptr %acc0193, align 4
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
+  store <8 x float> %445, ptr %acc0193, align 4
+  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = load <8 x float>, ptr %acc1096, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
+  store <8 x float> %451, ptr %acc1096, align 4
+  %452 = load <8 x float>, ptr %acc1198, align 4
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
+  store <8 x float> %453, ptr %acc1198, align 4
+  %454 = add nsw i64 %k103, 1
   br label %k.head100
 
 k.end102:                                         ; preds = %k.head100
-  %471 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %471, ptr %y0090, align 4
-  %472 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %472, ptr %y0192, align 4
-  %473 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %473, ptr %y1095, align 4
-  %474 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %474, ptr %y1197, align 4
+  %455 = load <8 x float>, ptr %acc0091, align 4
+  store <8 x float> %455, ptr %y0090, align 4
+  %456 = load <8 x float>, ptr %acc0193, align 4
+  store <8 x float> %456, ptr %y0192, align 4
+  %457 = load <8 x float>, ptr %acc1096, align 4
+  store <8 x float> %457, ptr %y1095, align 4
+  %458 = load <8 x float>, ptr %acc1198, align 4
+  store <8 x float> %458, ptr %y1197, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col107 = mul nsw i64 %p, 16
-  %475 = add nsw i64 %r0, 0
-  %476 = mul nsw i64 %475, 8192
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %476
-  %477 = getelementptr inbounds i32, ptr %rows, i64 %475
-  %478 = load i32, ptr %477, align 4
-  %479 = sext i32 %478 to i64
-  %480 = mul nsw i64 %479, 5120
-  %481 = getelementptr inbounds float, ptr %y, i64 %480
-  %482 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %481, i64 %482
-  %483 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %483, ptr %acc00110, align 4
-  %484 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %481, i64 %484
-  %485 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %485, ptr %acc01112, align 4
-  %486 = mul nsw i64 %kb, 16
-  %487 = mul nsw i64 %p, 131072
-  %panel.off113 = add nsw i64 %487, %486
+  %459 = add nsw i64 %r0, 0
+  %460 = mul nsw i64 %459, 8192
+  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
+  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
+  %462 = load i32, ptr %461, align 4
+  %463 = sext i32 %462 to i64
+  %464 = mul nsw i64 %463, 5120
+  %465 = getelementptr inbounds float, ptr %y, i64 %464
+  %466 = add nsw i64 %col107, 0
+  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
+  %467 = load <8 x float>, ptr %y00109, align 4
+  store <8 x float> %467, ptr %acc00110, align 4
+  %468 = add nsw i64 %col107, 8
+  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
+  %469 = load <8 x float>, ptr %y01111, align 4
+  store <8 x float> %469, ptr %acc01112, align 4
+  %panel.off113 = mul nsw i64 %p, 131072
   br label %k.head114
 
 k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %503, %k.body115 ]
-  %488 = icmp slt i64 %k117, 512
-  br i1 %488, label %k.body115, label %k.end116
+  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
+  %470 = icmp slt i64 %k117, 8192
+  br i1 %470, label %k.body115, label %k.end116
 
 k.body115:                                        ; preds = %k.head114
-  %489 = mul nsw i64 %k117, 16
-  %490 = add nsw i64 %panel.off113, %489
-  %491 = getelementptr inbounds i16, ptr %panels, i64 %490
-  %bw118 = load <8 x i32>, ptr %491, align 4
-  %492 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %492 to <8 x float>
-  %493 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %493 to <8 x float>
-  %494 = add nsw i64 %kb, %k117
-  %495 = getelementptr inbounds float, ptr %h0108, i64 %494
-  %496 = load float, ptr %495, align 4
-  %497 = insertelement <8 x float> poison, float %496, i32 0
-  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = load <8 x float>, ptr %acc00110, align 4
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b0119, <8 x float> %499)
-  store <8 x float> %500, ptr %acc00110, align 4
-  %501 = load <8 x float>, ptr %acc01112, align 4
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b1120, <8 x float> %501)
-  store <8 x float> %502, ptr %acc01112, align 4
-  %503 = add nsw i64 %k117, 1
+  %471 = mul nsw i64 %k117, 16
+  %472 = add nsw i64 %panel.off113, %471
+  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
+  %bw118 = load <8 x i32>, ptr %473, align 4
+  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0119 = bitcast <8 x i32> %474 to <8 x float>
+  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1120 = bitcast <8 x i32> %475 to <8 x float>
+  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc00110, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
+  store <8 x float> %481, ptr %acc00110, align 4
+  %482 = load <8 x float>, ptr %acc01112, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
+  store <8 x float> %483, ptr %acc01112, align 4
+  %484 = add nsw i64 %k117, 1
   br label %k.head114
 
 k.end116:                                         ; preds = %k.head114
-  %504 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %504, ptr %y00109, align 4
-  %505 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %505, ptr %y01111, align 4
+  %485 = load <8 x float>, ptr %acc00110, align 4
+  store <8 x float> %485, ptr %y00109, align 4
+  %486 = load <8 x float>, ptr %acc01112, align 4
+  store <8 x float> %486, ptr %y01111, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %506 = add nsw i64 %r0, 6
+  %487 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %507 = add nsw i64 %kb, 512
-  br label %kb.head
-
-kb.end:                                           ; preds = %kb.head
-  br label %r0.head121
-
-r0.head121:                                       ; preds = %tile.done127, %kb.end
-  %r0124 = phi i64 [ 0, %kb.end ], [ %1005, %tile.done127 ]
-  %508 = icmp slt i64 %r0124, %n
-  br i1 %508, label %r0.body122, label %r0.end123
-
-r0.body122:                                       ; preds = %r0.head121
-  %left125 = sub nsw i64 %n, %r0124
-  %509 = icmp sge i64 %left125, 6
-  %mr126 = select i1 %509, i64 6, i64 %left125
-  switch i64 %mr126, label %tile.mr6133 [
-    i64 1, label %tile.mr1128
-    i64 2, label %tile.mr2129
-    i64 3, label %tile.mr3130
-    i64 4, label %tile.mr4131
-    i64 5, label %tile.mr5132
-  ]
-
-tile.mr6133:                                      ; preds = %r0.body122
-  %col134 = mul nsw i64 %p, 16
-  %510 = add nsw i64 %r0124, 0
-  %511 = mul nsw i64 %510, 8192
-  %h0135 = getelementptr inbounds float, ptr %h, i64 %511
-  %512 = getelementptr inbounds i32, ptr %rows, i64 %510
-  %513 = load i32, ptr %512, align 4
-  %514 = sext i32 %513 to i64
-  %515 = mul nsw i64 %514, 5120
-  %516 = getelementptr inbounds float, ptr %y, i64 %515
-  %517 = add nsw i64 %col134, 0
-  %y00136 = getelementptr inbounds float, ptr %516, i64 %517
-  %518 = load <8 x float>, ptr %y00136, align 4
-  store <8 x float> %518, ptr %acc00137, align 4
-  %519 = add nsw i64 %col134, 8
-  %y01138 = getelementptr inbounds float, ptr %516, i64 %519
-  %520 = load <8 x float>, ptr %y01138, align 4
-  store <8 x float> %520, ptr %acc01139, align 4
-  %521 = add nsw i64 %r0124, 1
-  %522 = mul nsw i64 %521, 8192
-  %h1140 = getelementptr inbounds float, ptr %h, i64 %522
-  %523 = getelementptr inbounds i32, ptr %rows, i64 %521
-  %524 = load i32, ptr %523, align 4
-  %525 = sext i32 %524 to i64
-  %526 = mul nsw i64 %525, 5120
-  %527 = getelementptr inbounds float, ptr %y, i64 %526
-  %528 = add nsw i64 %col134, 0
-  %y10141 = getelementptr inbounds float, ptr %527, i64 %528
-  %529 = load <8 x float>, ptr %y10141, align 4
-  store <8 x float> %529, ptr %acc10142, align 4
-  %530 = add nsw i64 %col134, 8
-  %y11143 = getelementptr inbounds float, ptr %527, i64 %530
-  %531 = load <8 x float>, ptr %y11143, align 4
-  store <8 x float> %531, ptr %acc11144, align 4
-  %532 = add nsw i64 %r0124, 2
-  %533 = mul nsw i64 %532, 8192
-  %h2145 = getelementptr inbounds float, ptr %h, i64 %533
-  %534 = getelementptr inbounds i32, ptr %rows, i64 %532
-  %535 = load i32, ptr %534, align 4
-  %536 = sext i32 %535 to i64
-  %537 = mul nsw i64 %536, 5120
-  %538 = getelementptr inbounds float, ptr %y, i64 %537
-  %539 = add nsw i64 %col134, 0
-  %y20146 = getelementptr inbounds float, ptr %538, i64 %539
-  %540 = load <8 x float>, ptr %y20146, align 4
-  store <8 x float> %540, ptr %acc20147, align 4
-  %541 = add nsw i64 %col134, 8
-  %y21148 = getelementptr inbounds float, ptr %538, i64 %541
-  %542 = load <8 x float>, ptr %y21148, align 4
-  store <8 x float> %542, ptr %acc21149, align 4
-  %543 = add nsw i64 %r0124, 3
-  %544 = mul nsw i64 %543, 8192
-  %h3150 = getelementptr inbounds float, ptr %h, i64 %544
-  %545 = getelementptr inbounds i32, ptr %rows, i64 %543
-  %546 = load i32, ptr %545, align 4
-  %547 = sext i32 %546 to i64
-  %548 = mul nsw i64 %547, 5120
-  %549 = getelementptr inbounds float, ptr %y, i64 %548
-  %550 = add nsw i64 %col134, 0
-  %y30151 = getelementptr inbounds float, ptr %549, i64 %550
-  %551 = load <8 x float>, ptr %y30151, align 4
-  store <8 x float> %551, ptr %acc30152, align 4
-  %552 = add nsw i64 %col134, 8
-  %y31153 = getelementptr inbounds float, ptr %549, i64 %552
-  %553 = load <8 x float>, ptr %y31153, align 4
-  store <8 x float> %553, ptr %acc31154, align 4
-  %554 = add nsw i64 %r0124, 4
-  %555 = mul nsw i64 %554, 8192
-  %h4155 = getelementptr inbounds float, ptr %h, i64 %555
-  %556 = getelementptr inbounds i32, ptr %rows, i64 %554
-  %557 = load i32, ptr %556, align 4
-  %558 = sext i32 %557 to i64
-  %559 = mul nsw i64 %558, 5120
-  %560 = getelementptr inbounds float, ptr %y, i64 %559
-  %561 = add nsw i64 %col134, 0
-  %y40156 = getelementptr inbounds float, ptr %560, i64 %561
-  %562 = load <8 x float>, ptr %y40156, align 4
-  store <8 x float> %562, ptr %acc40157, align 4
-  %563 = add nsw i64 %col134, 8
-  %y41158 = getelementptr inbounds float, ptr %560, i64 %563
-  %564 = load <8 x float>, ptr %y41158, align 4
-  store <8 x float> %564, ptr %acc41159, align 4
-  %565 = add nsw i64 %r0124, 5
-  %566 = mul nsw i64 %565, 8192
-  %h5160 = getelementptr inbounds float, ptr %h, i64 %566
-  %567 = getelementptr inbounds i32, ptr %rows, i64 %565
-  %568 = load i32, ptr %567, align 4
-  %569 = sext i32 %568 to i64
-  %570 = mul nsw i64 %569, 5120
-  %571 = getelementptr inbounds float, ptr %y, i64 %570
-  %572 = add nsw i64 %col134, 0
-  %y50161 = getelementptr inbounds float, ptr %571, i64 %572
-  %573 = load <8 x float>, ptr %y50161, align 4
-  store <8 x float> %573, ptr %acc50162, align 4
-  %574 = add nsw i64 %col134, 8
-  %y51163 = getelementptr inbounds float, ptr %571, i64 %574
-  %575 = load <8 x float>, ptr %y51163, align 4
-  store <8 x float> %575, ptr %acc51164, align 4
-  %576 = mul nsw i64 %p, 131072
-  %panel.off165 = add nsw i64 %576, 122880
-  br label %k.head166
-
-k.head166:                                        ; preds = %k.body167, %tile.mr6133
-  %k169 = phi i64 [ 0, %tile.mr6133 ], [ %632, %k.body167 ]
-  %577 = icmp slt i64 %k169, 512
-  br i1 %577, label %k.body167, label %k.end168
-
-k.body167:                                        ; preds = %k.head166
-  %578 = mul nsw i64 %k169, 16
-  %579 = add nsw i64 %panel.off165, %578
-  %580 = getelementptr inbounds i16, ptr %panels, i64 %579
-  %bw170 = load <8 x i32>, ptr %580, align 4
-  %581 = shl <8 x i32> %bw170, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0171 = bitcast <8 x i32> %581 to <8 x float>
-  %582 = and <8 x i32> %bw170, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1172 = bitcast <8 x i32> %582 to <8 x float>
-  %583 = add nsw i64 7680, %k169
-  %584 = getelementptr inbounds float, ptr %h0135, i64 %583
-  %585 = load float, ptr %584, align 4
-  %586 = insertelement <8 x float> poison, float %585, i32 0
-  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
-  %588 = load <8 x float>, ptr %acc00137, align 4
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %b0171, <8 x float> %588)
-  store <8 x float> %589, ptr %acc00137, align 4
-  %590 = load <8 x float>, ptr %acc01139, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %b1172, <8 x float> %590)
-  store <8 x float> %591, ptr %acc01139, align 4
-  %592 = getelementptr inbounds float, ptr %h1140, i64 %583
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = load <8 x float>, ptr %acc10142, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %b0171, <8 x float> %596)
-  store <8 x float> %597, ptr %acc10142, align 4
-  %598 = load <8 x float>, ptr %acc11144, align 4
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %b1172, <8 x float> %598)
-  store <8 x float> %599, ptr %acc11144, align 4
-  %600 = getelementptr inbounds float, ptr %h2145, i64 %583
-  %601 = load float, ptr %600, align 4
-  %602 = insertelement <8 x float> poison, float %601, i32 0
-  %603 = shufflevector <8 x float> %602, <8 x float> poison, <8 x i32> zeroinitializer
-  %604 = load <8 x float>, ptr %acc20147, align 4
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %b0171, <8 x float> %604)
-  store <8 x float> %605, ptr %acc20147, align 4
-  %606 = load <8 x float>, ptr %acc21149, align 4
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %b1172, <8 x float> %606)
-  store <8 x float> %607, ptr %acc21149, align 4
-  %608 = getelementptr inbounds float, ptr %h3150, i64 %583
-  %609 = load float, ptr %608, align 4
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
-  %612 = load <8 x float>, ptr %acc30152, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %b0171, <8 x float> %612)
-  store <8 x float> %613, ptr %acc30152, align 4
-  %614 = load <8 x float>, ptr %acc31154, align 4
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %b1172, <8 x float> %614)
-  store <8 x float> %615, ptr %acc31154, align 4
-  %616 = getelementptr inbounds float, ptr %h4155, i64 %583
-  %617 = load float, ptr %616, align 4
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
-  %620 = load <8 x float>, ptr %acc40157, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b0171, <8 x float> %620)
-  store <8 x float> %621, ptr %acc40157, align 4
-  %622 = load <8 x float>, ptr %acc41159, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b1172, <8 x float> %622)
-  store <8 x float> %623, ptr %acc41159, align 4
-  %624 = getelementptr inbounds float, ptr %h5160, i64 %583
-  %625 = load float, ptr %624, align 4
-  %626 = insertelement <8 x float> poison, float %625, i32 0
-  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
-  %628 = load <8 x float>, ptr %acc50162, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %b0171, <8 x float> %628)
-  store <8 x float> %629, ptr %acc50162, align 4
-  %630 = load <8 x float>, ptr %acc51164, align 4
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %b1172, <8 x float> %630)
-  store <8 x float> %631, ptr %acc51164, align 4
-  %632 = add nsw i64 %k169, 1
-  br label %k.head166
-
-k.end168:                                         ; preds = %k.head166
-  %633 = load <8 x float>, ptr %acc00137, align 4
-  store <8 x float> %633, ptr %y00136, align 4
-  %634 = load <8 x float>, ptr %acc01139, align 4
-  store <8 x float> %634, ptr %y01138, align 4
-  %635 = load <8 x float>, ptr %acc10142, align 4
-  store <8 x float> %635, ptr %y10141, align 4
-  %636 = load <8 x float>, ptr %acc11144, align 4
-  store <8 x float> %636, ptr %y11143, align 4
-  %637 = load <8 x float>, ptr %acc20147, align 4
-  store <8 x float> %637, ptr %y20146, align 4
-  %638 = load <8 x float>, ptr %acc21149, align 4
-  store <8 x float> %638, ptr %y21148, align 4
-  %639 = load <8 x float>, ptr %acc30152, align 4
-  store <8 x float> %639, ptr %y30151, align 4
-  %640 = load <8 x float>, ptr %acc31154, align 4
-  store <8 x float> %640, ptr %y31153, align 4
-  %641 = load <8 x float>, ptr %acc40157, align 4
-  store <8 x float> %641, ptr %y40156, align 4
-  %642 = load <8 x float>, ptr %acc41159, align 4
-  store <8 x float> %642, ptr %y41158, align 4
-  %643 = load <8 x float>, ptr %acc50162, align 4
-  store <8 x float> %643, ptr %y50161, align 4
-  %644 = load <8 x float>, ptr %acc51164, align 4
-  store <8 x float> %644, ptr %y51163, align 4
-  br label %tile.done127
-
-tile.mr5132:                                      ; preds = %r0.body122
-  %col173 = mul nsw i64 %p, 16
-  %645 = add nsw i64 %r0124, 0
-  %646 = mul nsw i64 %645, 8192
-  %h0174 = getelementptr inbounds float, ptr %h, i64 %646
-  %647 = getelementptr inbounds i32, ptr %rows, i64 %645
-  %648 = load i32, ptr %647, align 4
-  %649 = sext i32 %648 to i64
-  %650 = mul nsw i64 %649, 5120
-  %651 = getelementptr inbounds float, ptr %y, i64 %650
-  %652 = add nsw i64 %col173, 0
-  %y00175 = getelementptr inbounds float, ptr %651, i64 %652
-  %653 = load <8 x float>, ptr %y00175, align 4
-  store <8 x float> %653, ptr %acc00176, align 4
-  %654 = add nsw i64 %col173, 8
-  %y01177 = getelementptr inbounds float, ptr %651, i64 %654
-  %655 = load <8 x float>, ptr %y01177, align 4
-  store <8 x float> %655, ptr %acc01178, align 4
-  %656 = add nsw i64 %r0124, 1
-  %657 = mul nsw i64 %656, 8192
-  %h1179 = getelementptr inbounds float, ptr %h, i64 %657
-  %658 = getelementptr inbounds i32, ptr %rows, i64 %656
-  %659 = load i32, ptr %658, align 4
-  %660 = sext i32 %659 to i64
-  %661 = mul nsw i64 %660, 5120
-  %662 = getelementptr inbounds float, ptr %y, i64 %661
-  %663 = add nsw i64 %col173, 0
-  %y10180 = getelementptr inbounds float, ptr %662, i64 %663
-  %664 = load <8 x float>, ptr %y10180, align 4
-  store <8 x float> %664, ptr %acc10181, align 4
-  %665 = add nsw i64 %col173, 8
-  %y11182 = getelementptr inbounds float, ptr %662, i64 %665
-  %666 = load <8 x float>, ptr %y11182, align 4
-  store <8 x float> %666, ptr %acc11183, align 4
-  %667 = add nsw i64 %r0124, 2
-  %668 = mul nsw i64 %667, 8192
-  %h2184 = getelementptr inbounds float, ptr %h, i64 %668
-  %669 = getelementptr inbounds i32, ptr %rows, i64 %667
-  %670 = load i32, ptr %669, align 4
-  %671 = sext i32 %670 to i64
-  %672 = mul nsw i64 %671, 5120
-  %673 = getelementptr inbounds float, ptr %y, i64 %672
-  %674 = add nsw i64 %col173, 0
-  %y20185 = getelementptr inbounds float, ptr %673, i64 %674
-  %675 = load <8 x float>, ptr %y20185, align 4
-  store <8 x float> %675, ptr %acc20186, align 4
-  %676 = add nsw i64 %col173, 8
-  %y21187 = getelementptr inbounds float, ptr %673, i64 %676
-  %677 = load <8 x float>, ptr %y21187, align 4
-  store <8 x float> %677, ptr %acc21188, align 4
-  %678 = add nsw i64 %r0124, 3
-  %679 = mul nsw i64 %678, 8192
-  %h3189 = getelementptr inbounds float, ptr %h, i64 %679
-  %680 = getelementptr inbounds i32, ptr %rows, i64 %678
-  %681 = load i32, ptr %680, align 4
-  %682 = sext i32 %681 to i64
-  %683 = mul nsw i64 %682, 5120
-  %684 = getelementptr inbounds float, ptr %y, i64 %683
-  %685 = add nsw i64 %col173, 0
-  %y30190 = getelementptr inbounds float, ptr %684, i64 %685
-  %686 = load <8 x float>, ptr %y30190, align 4
-  store <8 x float> %686, ptr %acc30191, align 4
-  %687 = add nsw i64 %col173, 8
-  %y31192 = getelementptr inbounds float, ptr %684, i64 %687
-  %688 = load <8 x float>, ptr %y31192, align 4
-  store <8 x float> %688, ptr %acc31193, align 4
-  %689 = add nsw i64 %r0124, 4
-  %690 = mul nsw i64 %689, 8192
-  %h4194 = getelementptr inbounds float, ptr %h, i64 %690
-  %691 = getelementptr inbounds i32, ptr %rows, i64 %689
-  %692 = load i32, ptr %691, align 4
-  %693 = sext i32 %692 to i64
-  %694 = mul nsw i64 %693, 5120
-  %695 = getelementptr inbounds float, ptr %y, i64 %694
-  %696 = add nsw i64 %col173, 0
-  %y40195 = getelementptr inbounds float, ptr %695, i64 %696
-  %697 = load <8 x float>, ptr %y40195, align 4
-  store <8 x float> %697, ptr %acc40196, align 4
-  %698 = add nsw i64 %col173, 8
-  %y41197 = getelementptr inbounds float, ptr %695, i64 %698
-  %699 = load <8 x float>, ptr %y41197, align 4
-  store <8 x float> %699, ptr %acc41198, align 4
-  %700 = mul nsw i64 %p, 131072
-  %panel.off199 = add nsw i64 %700, 122880
-  br label %k.head200
-
-k.head200:                                        ; preds = %k.body201, %tile.mr5132
-  %k203 = phi i64 [ 0, %tile.mr5132 ], [ %748, %k.body201 ]
-  %701 = icmp slt i64 %k203, 512
-  br i1 %701, label %k.body201, label %k.end202
-
-k.body201:                                        ; preds = %k.head200
-  %702 = mul nsw i64 %k203, 16
-  %703 = add nsw i64 %panel.off199, %702
-  %704 = getelementptr inbounds i16, ptr %panels, i64 %703
-  %bw204 = load <8 x i32>, ptr %704, align 4
-  %705 = shl <8 x i32> %bw204, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0205 = bitcast <8 x i32> %705 to <8 x float>
-  %706 = and <8 x i32> %bw204, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1206 = bitcast <8 x i32> %706 to <8 x float>
-  %707 = add nsw i64 7680, %k203
-  %708 = getelementptr inbounds float, ptr %h0174, i64 %707
-  %709 = load float, ptr %708, align 4
-  %710 = insertelement <8 x float> poison, float %709, i32 0
-  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
-  %712 = load <8 x float>, ptr %acc00176, align 4
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b0205, <8 x float> %712)
-  store <8 x float> %713, ptr %acc00176, align 4
-  %714 = load <8 x float>, ptr %acc01178, align 4
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b1206, <8 x float> %714)
-  store <8 x float> %715, ptr %acc01178, align 4
-  %716 = getelementptr inbounds float, ptr %h1179, i64 %707
-  %717 = load float, ptr %716, align 4
-  %718 = insertelement <8 x float> poison, float %717, i32 0
-  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
-  %720 = load <8 x float>, ptr %acc10181, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b0205, <8 x float> %720)
-  store <8 x float> %721, ptr %acc10181, align 4
-  %722 = load <8 x float>, ptr %acc11183, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b1206, <8 x float> %722)
-  store <8 x float> %723, ptr %acc11183, align 4
-  %724 = getelementptr inbounds float, ptr %h2184, i64 %707
-  %725 = load float, ptr %724, align 4
-  %726 = insertelement <8 x float> poison, float %725, i32 0
-  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
-  %728 = load <8 x float>, ptr %acc20186, align 4
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %b0205, <8 x float> %728)
-  store <8 x float> %729, ptr %acc20186, align 4
-  %730 = load <8 x float>, ptr %acc21188, align 4
-  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %b1206, <8 x float> %730)
-  store <8 x float> %731, ptr %acc21188, align 4
-  %732 = getelementptr inbounds float, ptr %h3189, i64 %707
-  %733 = load float, ptr %732, align 4
-  %734 = insertelement <8 x float> poison, float %733, i32 0
-  %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
-  %736 = load <8 x float>, ptr %acc30191, align 4
-  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %b0205, <8 x float> %736)
-  store <8 x float> %737, ptr %acc30191, align 4
-  %738 = load <8 x float>, ptr %acc31193, align 4
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %b1206, <8 x float> %738)
-  store <8 x float> %739, ptr %acc31193, align 4
-  %740 = getelementptr inbounds float, ptr %h4194, i64 %707
-  %741 = load float, ptr %740, align 4
-  %742 = insertelement <8 x float> poison, float %741, i32 0
-  %743 = shufflevector <8 x float> %742, <8 x float> poison, <8 x i32> zeroinitializer
-  %744 = load <8 x float>, ptr %acc40196, align 4
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %b0205, <8 x float> %744)
-  store <8 x float> %745, ptr %acc40196, align 4
-  %746 = load <8 x float>, ptr %acc41198, align 4
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %b1206, <8 x float> %746)
-  store <8 x float> %747, ptr %acc41198, align 4
-  %748 = add nsw i64 %k203, 1
-  br label %k.head200
-
-k.end202:                                         ; preds = %k.head200
-  %749 = load <8 x float>, ptr %acc00176, align 4
-  store <8 x float> %749, ptr %y00175, align 4
-  %750 = load <8 x float>, ptr %acc01178, align 4
-  store <8 x float> %750, ptr %y01177, align 4
-  %751 = load <8 x float>, ptr %acc10181, align 4
-  store <8 x float> %751, ptr %y10180, align 4
-  %752 = load <8 x float>, ptr %acc11183, align 4
-  store <8 x float> %752, ptr %y11182, align 4
-  %753 = load <8 x float>, ptr %acc20186, align 4
-  store <8 x float> %753, ptr %y20185, align 4
-  %754 = load <8 x float>, ptr %acc21188, align 4
-  store <8 x float> %754, ptr %y21187, align 4
-  %755 = load <8 x float>, ptr %acc30191, align 4
-  store <8 x float> %755, ptr %y30190, align 4
-  %756 = load <8 x float>, ptr %acc31193, align 4
-  store <8 x float> %756, ptr %y31192, align 4
-  %757 = load <8 x float>, ptr %acc40196, align 4
-  store <8 x float> %757, ptr %y40195, align 4
-  %758 = load <8 x float>, ptr %acc41198, align 4
-  store <8 x float> %758, ptr %y41197, align 4
-  br label %tile.done127
-
-tile.mr4131:                                      ; preds = %r0.body122
-  %col207 = mul nsw i64 %p, 16
-  %759 = add nsw i64 %r0124, 0
-  %760 = mul nsw i64 %759, 8192
-  %h0208 = getelementptr inbounds float, ptr %h, i64 %760
-  %761 = getelementptr inbounds i32, ptr %rows, i64 %759
-  %762 = load i32, ptr %761, align 4
-  %763 = sext i32 %762 to i64
-  %764 = mul nsw i64 %763, 5120
-  %765 = getelementptr inbounds float, ptr %y, i64 %764
-  %766 = add nsw i64 %col207, 0
-  %y00209 = getelementptr inbounds float, ptr %765, i64 %766
-  %767 = load <8 x float>, ptr %y00209, align 4
-  store <8 x float> %767, ptr %acc00210, align 4
-  %768 = add nsw i64 %col207, 8
-  %y01211 = getelementptr inbounds float, ptr %765, i64 %768
-  %769 = load <8 x float>, ptr %y01211, align 4
-  store <8 x float> %769, ptr %acc01212, align 4
-  %770 = add nsw i64 %r0124, 1
-  %771 = mul nsw i64 %770, 8192
-  %h1213 = getelementptr inbounds float, ptr %h, i64 %771
-  %772 = getelementptr inbounds i32, ptr %rows, i64 %770
-  %773 = load i32, ptr %772, align 4
-  %774 = sext i32 %773 to i64
-  %775 = mul nsw i64 %774, 5120
-  %776 = getelementptr inbounds float, ptr %y, i64 %775
-  %777 = add nsw i64 %col207, 0
-  %y10214 = getelementptr inbounds float, ptr %776, i64 %777
-  %778 = load <8 x float>, ptr %y10214, align 4
-  store <8 x float> %778, ptr %acc10215, align 4
-  %779 = add nsw i64 %col207, 8
-  %y11216 = getelementptr inbounds float, ptr %776, i64 %779
-  %780 = load <8 x float>, ptr %y11216, align 4
-  store <8 x float> %780, ptr %acc11217, align 4
-  %781 = add nsw i64 %r0124, 2
-  %782 = mul nsw i64 %781, 8192
-  %h2218 = getelementptr inbounds float, ptr %h, i64 %782
-  %783 = getelementptr inbounds i32, ptr %rows, i64 %781
-  %784 = load i32, ptr %783, align 4
-  %785 = sext i32 %784 to i64
-  %786 = mul nsw i64 %785, 5120
-  %787 = getelementptr inbounds float, ptr %y, i64 %786
-  %788 = add nsw i64 %col207, 0
-  %y20219 = getelementptr inbounds float, ptr %787, i64 %788
-  %789 = load <8 x float>, ptr %y20219, align 4
-  store <8 x float> %789, ptr %acc20220, align 4
-  %790 = add nsw i64 %col207, 8
-  %y21221 = getelementptr inbounds float, ptr %787, i64 %790
-  %791 = load <8 x float>, ptr %y21221, align 4
-  store <8 x float> %791, ptr %acc21222, align 4
-  %792 = add nsw i64 %r0124, 3
-  %793 = mul nsw i64 %792, 8192
-  %h3223 = getelementptr inbounds float, ptr %h, i64 %793
-  %794 = getelementptr inbounds i32, ptr %rows, i64 %792
-  %795 = load i32, ptr %794, align 4
-  %796 = sext i32 %795 to i64
-  %797 = mul nsw i64 %796, 5120
-  %798 = getelementptr inbounds float, ptr %y, i64 %797
-  %799 = add nsw i64 %col207, 0
-  %y30224 = getelementptr inbounds float, ptr %798, i64 %799
-  %800 = load <8 x float>, ptr %y30224, align 4
-  store <8 x float> %800, ptr %acc30225, align 4
-  %801 = add nsw i64 %col207, 8
-  %y31226 = getelementptr inbounds float, ptr %798, i64 %801
-  %802 = load <8 x float>, ptr %y31226, align 4
-  store <8 x float> %802, ptr %acc31227, align 4
-  %803 = mul nsw i64 %p, 131072
-  %panel.off228 = add nsw i64 %803, 122880
-  br label %k.head229
-
-k.head229:                                        ; preds = %k.body230, %tile.mr4131
-  %k232 = phi i64 [ 0, %tile.mr4131 ], [ %843, %k.body230 ]
-  %804 = icmp slt i64 %k232, 512
-  br i1 %804, label %k.body230, label %k.end231
-
-k.body230:                                        ; preds = %k.head229
-  %805 = mul nsw i64 %k232, 16
-  %806 = add nsw i64 %panel.off228, %805
-  %807 = getelementptr inbounds i16, ptr %panels, i64 %806
-  %bw233 = load <8 x i32>, ptr %807, align 4
-  %808 = shl <8 x i32> %bw233, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0234 = bitcast <8 x i32> %808 to <8 x float>
-  %809 = and <8 x i32> %bw233, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1235 = bitcast <8 x i32> %809 to <8 x float>
-  %810 = add nsw i64 7680, %k232
-  %811 = getelementptr inbounds float, ptr %h0208, i64 %810
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc00210, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b0234, <8 x float> %815)
-  store <8 x float> %816, ptr %acc00210, align 4
-  %817 = load <8 x float>, ptr %acc01212, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b1235, <8 x float> %817)
-  store <8 x float> %818, ptr %acc01212, align 4
-  %819 = getelementptr inbounds float, ptr %h1213, i64 %810
-  %820 = load float, ptr %819, align 4
-  %821 = insertelement <8 x float> poison, float %820, i32 0
-  %822 = shufflevector <8 x float> %821, <8 x float> poison, <8 x i32> zeroinitializer
-  %823 = load <8 x float>, ptr %acc10215, align 4
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %b0234, <8 x float> %823)
-  store <8 x float> %824, ptr %acc10215, align 4
-  %825 = load <8 x float>, ptr %acc11217, align 4
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %b1235, <8 x float> %825)
-  store <8 x float> %826, ptr %acc11217, align 4
-  %827 = getelementptr inbounds float, ptr %h2218, i64 %810
-  %828 = load float, ptr %827, align 4
-  %829 = insertelement <8 x float> poison, float %828, i32 0
-  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
-  %831 = load <8 x float>, ptr %acc20220, align 4
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %b0234, <8 x float> %831)
-  store <8 x float> %832, ptr %acc20220, align 4
-  %833 = load <8 x float>, ptr %acc21222, align 4
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %b1235, <8 x float> %833)
-  store <8 x float> %834, ptr %acc21222, align 4
-  %835 = getelementptr inbounds float, ptr %h3223, i64 %810
-  %836 = load float, ptr %835, align 4
-  %837 = insertelement <8 x float> poison, float %836, i32 0
-  %838 = shufflevector <8 x float> %837, <8 x float> poison, <8 x i32> zeroinitializer
-  %839 = load <8 x float>, ptr %acc30225, align 4
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %b0234, <8 x float> %839)
-  store <8 x float> %840, ptr %acc30225, align 4
-  %841 = load <8 x float>, ptr %acc31227, align 4
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %b1235, <8 x float> %841)
-  store <8 x float> %842, ptr %acc31227, align 4
-  %843 = add nsw i64 %k232, 1
-  br label %k.head229
-
-k.end231:                                         ; preds = %k.head229
-  %844 = load <8 x float>, ptr %acc00210, align 4
-  store <8 x float> %844, ptr %y00209, align 4
-  %845 = load <8 x float>, ptr %acc01212, align 4
-  store <8 x float> %845, ptr %y01211, align 4
-  %846 = load <8 x float>, ptr %acc10215, align 4
-  store <8 x float> %846, ptr %y10214, align 4
-  %847 = load <8 x float>, ptr %acc11217, align 4
-  store <8 x float> %847, ptr %y11216, align 4
-  %848 = load <8 x float>, ptr %acc20220, align 4
-  store <8 x float> %848, ptr %y20219, align 4
-  %849 = load <8 x float>, ptr %acc21222, align 4
-  store <8 x float> %849, ptr %y21221, align 4
-  %850 = load <8 x float>, ptr %acc30225, align 4
-  store <8 x float> %850, ptr %y30224, align 4
-  %851 = load <8 x float>, ptr %acc31227, align 4
-  store <8 x float> %851, ptr %y31226, align 4
-  br label %tile.done127
-
-tile.mr3130:                                      ; preds = %r0.body122
-  %col236 = mul nsw i64 %p, 16
-  %852 = add nsw i64 %r0124, 0
-  %853 = mul nsw i64 %852, 8192
-  %h0237 = getelementptr inbounds float, ptr %h, i64 %853
-  %854 = getelementptr inbounds i32, ptr %rows, i64 %852
-  %855 = load i32, ptr %854, align 4
-  %856 = sext i32 %855 to i64
-  %857 = mul nsw i64 %856, 5120
-  %858 = getelementptr inbounds float, ptr %y, i64 %857
-  %859 = add nsw i64 %col236, 0
-  %y00238 = getelementptr inbounds float, ptr %858, i64 %859
-  %860 = load <8 x float>, ptr %y00238, align 4
-  store <8 x float> %860, ptr %acc00239, align 4
-  %861 = add nsw i64 %col236, 8
-  %y01240 = getelementptr inbounds float, ptr %858, i64 %861
-  %862 = load <8 x float>, ptr %y01240, align 4
-  store <8 x float> %862, ptr %acc01241, align 4
-  %863 = add nsw i64 %r0124, 1
-  %864 = mul nsw i64 %863, 8192
-  %h1242 = getelementptr inbounds float, ptr %h, i64 %864
-  %865 = getelementptr inbounds i32, ptr %rows, i64 %863
-  %866 = load i32, ptr %865, align 4
-  %867 = sext i32 %866 to i64
-  %868 = mul nsw i64 %867, 5120
-  %869 = getelementptr inbounds float, ptr %y, i64 %868
-  %870 = add nsw i64 %col236, 0
-  %y10243 = getelementptr inbounds float, ptr %869, i64 %870
-  %871 = load <8 x float>, ptr %y10243, align 4
-  store <8 x float> %871, ptr %acc10244, align 4
-  %872 = add nsw i64 %col236, 8
-  %y11245 = getelementptr inbounds float, ptr %869, i64 %872
-  %873 = load <8 x float>, ptr %y11245, align 4
-  store <8 x float> %873, ptr %acc11246, align 4
-  %874 = add nsw i64 %r0124, 2
-  %875 = mul nsw i64 %874, 8192
-  %h2247 = getelementptr inbounds float, ptr %h, i64 %875
-  %876 = getelementptr inbounds i32, ptr %rows, i64 %874
-  %877 = load i32, ptr %876, align 4
-  %878 = sext i32 %877 to i64
-  %879 = mul nsw i64 %878, 5120
-  %880 = getelementptr inbounds float, ptr %y, i64 %879
-  %881 = add nsw i64 %col236, 0
-  %y20248 = getelementptr inbounds float, ptr %880, i64 %881
-  %882 = load <8 x float>, ptr %y20248, align 4
-  store <8 x float> %882, ptr %acc20249, align 4
-  %883 = add nsw i64 %col236, 8
-  %y21250 = getelementptr inbounds float, ptr %880, i64 %883
-  %884 = load <8 x float>, ptr %y21250, align 4
-  store <8 x float> %884, ptr %acc21251, align 4
-  %885 = mul nsw i64 %p, 131072
-  %panel.off252 = add nsw i64 %885, 122880
-  br label %k.head253
-
-k.head253:                                        ; preds = %k.body254, %tile.mr3130
-  %k256 = phi i64 [ 0, %tile.mr3130 ], [ %917, %k.body254 ]
-  %886 = icmp slt i64 %k256, 512
-  br i1 %886, label %k.body254, label %k.end255
-
-k.body254:                                        ; preds = %k.head253
-  %887 = mul nsw i64 %k256, 16
-  %888 = add nsw i64 %panel.off252, %887
-  %889 = getelementptr inbounds i16, ptr %panels, i64 %888
-  %bw257 = load <8 x i32>, ptr %889, align 4
-  %890 = shl <8 x i32> %bw257, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0258 = bitcast <8 x i32> %890 to <8 x float>
-  %891 = and <8 x i32> %bw257, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1259 = bitcast <8 x i32> %891 to <8 x float>
-  %892 = add nsw i64 7680, %k256
-  %893 = getelementptr inbounds float, ptr %h0237, i64 %892
-  %894 = load float, ptr %893, align 4
-  %895 = insertelement <8 x float> poison, float %894, i32 0
-  %896 = shufflevector <8 x float> %895, <8 x float> poison, <8 x i32> zeroinitializer
-  %897 = load <8 x float>, ptr %acc00239, align 4
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %b0258, <8 x float> %897)
-  store <8 x float> %898, ptr %acc00239, align 4
-  %899 = load <8 x float>, ptr %acc01241, align 4
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %b1259, <8 x float> %899)
-  store <8 x float> %900, ptr %acc01241, align 4
-  %901 = getelementptr inbounds float, ptr %h1242, i64 %892
-  %902 = load float, ptr %901, align 4
-  %903 = insertelement <8 x float> poison, float %902, i32 0
-  %904 = shufflevector <8 x float> %903, <8 x float> poison, <8 x i32> zeroinitializer
-  %905 = load <8 x float>, ptr %acc10244, align 4
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %b0258, <8 x float> %905)
-  store <8 x float> %906, ptr %acc10244, align 4
-  %907 = load <8 x float>, ptr %acc11246, align 4
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %b1259, <8 x float> %907)
-  store <8 x float> %908, ptr %acc11246, align 4
-  %909 = getelementptr inbounds float, ptr %h2247, i64 %892
-  %910 = load float, ptr %909, align 4
-  %911 = insertelement <8 x float> poison, float %910, i32 0
-  %912 = shufflevector <8 x float> %911, <8 x float> poison, <8 x i32> zeroinitializer
-  %913 = load <8 x float>, ptr %acc20249, align 4
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %b0258, <8 x float> %913)
-  store <8 x float> %914, ptr %acc20249, align 4
-  %915 = load <8 x float>, ptr %acc21251, align 4
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %b1259, <8 x float> %915)
-  store <8 x float> %916, ptr %acc21251, align 4
-  %917 = add nsw i64 %k256, 1
-  br label %k.head253
-
-k.end255:                                         ; preds = %k.head253
-  %918 = load <8 x float>, ptr %acc00239, align 4
-  store <8 x float> %918, ptr %y00238, align 4
-  %919 = load <8 x float>, ptr %acc01241, align 4
-  store <8 x float> %919, ptr %y01240, align 4
-  %920 = load <8 x float>, ptr %acc10244, align 4
-  store <8 x float> %920, ptr %y10243, align 4
-  %921 = load <8 x float>, ptr %acc11246, align 4
-  store <8 x float> %921, ptr %y11245, align 4
-  %922 = load <8 x float>, ptr %acc20249, align 4
-  store <8 x float> %922, ptr %y20248, align 4
-  %923 = load <8 x float>, ptr %acc21251, align 4
-  store <8 x float> %923, ptr %y21250, align 4
-  br label %tile.done127
-
-tile.mr2129:                                      ; preds = %r0.body122
-  %col260 = mul nsw i64 %p, 16
-  %924 = add nsw i64 %r0124, 0
-  %925 = mul nsw i64 %924, 8192
-  %h0261 = getelementptr inbounds float, ptr %h, i64 %925
-  %926 = getelementptr inbounds i32, ptr %rows, i64 %924
-  %927 = load i32, ptr %926, align 4
-  %928 = sext i32 %927 to i64
-  %929 = mul nsw i64 %928, 5120
-  %930 = getelementptr inbounds float, ptr %y, i64 %929
-  %931 = add nsw i64 %col260, 0
-  %y00262 = getelementptr inbounds float, ptr %930, i64 %931
-  %932 = load <8 x float>, ptr %y00262, align 4
-  store <8 x float> %932, ptr %acc00263, align 4
-  %933 = add nsw i64 %col260, 8
-  %y01264 = getelementptr inbounds float, ptr %930, i64 %933
-  %934 = load <8 x float>, ptr %y01264, align 4
-  store <8 x float> %934, ptr %acc01265, align 4
-  %935 = add nsw i64 %r0124, 1
-  %936 = mul nsw i64 %935, 8192
-  %h1266 = getelementptr inbounds float, ptr %h, i64 %936
-  %937 = getelementptr inbounds i32, ptr %rows, i64 %935
-  %938 = load i32, ptr %937, align 4
-  %939 = sext i32 %938 to i64
-  %940 = mul nsw i64 %939, 5120
-  %941 = getelementptr inbounds float, ptr %y, i64 %940
-  %942 = add nsw i64 %col260, 0
-  %y10267 = getelementptr inbounds float, ptr %941, i64 %942
-  %943 = load <8 x float>, ptr %y10267, align 4
-  store <8 x float> %943, ptr %acc10268, align 4
-  %944 = add nsw i64 %col260, 8
-  %y11269 = getelementptr inbounds float, ptr %941, i64 %944
-  %945 = load <8 x float>, ptr %y11269, align 4
-  store <8 x float> %945, ptr %acc11270, align 4
-  %946 = mul nsw i64 %p, 131072
-  %panel.off271 = add nsw i64 %946, 122880
-  br label %k.head272
-
-k.head272:                                        ; preds = %k.body273, %tile.mr2129
-  %k275 = phi i64 [ 0, %tile.mr2129 ], [ %970, %k.body273 ]
-  %947 = icmp slt i64 %k275, 512
-  br i1 %947, label %k.body273, label %k.end274
-
-k.body273:                                        ; preds = %k.head272
-  %948 = mul nsw i64 %k275, 16
-  %949 = add nsw i64 %panel.off271, %948
-  %950 = getelementptr inbounds i16, ptr %panels, i64 %949
-  %bw276 = load <8 x i32>, ptr %950, align 4
-  %951 = shl <8 x i32> %bw276, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0277 = bitcast <8 x i32> %951 to <8 x float>
-  %952 = and <8 x i32> %bw276, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1278 = bitcast <8 x i32> %952 to <8 x float>
-  %953 = add nsw i64 7680, %k275
-  %954 = getelementptr inbounds float, ptr %h0261, i64 %953
-  %955 = load float, ptr %954, align 4
-  %956 = insertelement <8 x float> poison, float %955, i32 0
-  %957 = shufflevector <8 x float> %956, <8 x float> poison, <8 x i32> zeroinitializer
-  %958 = load <8 x float>, ptr %acc00263, align 4
-  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %b0277, <8 x float> %958)
-  store <8 x float> %959, ptr %acc00263, align 4
-  %960 = load <8 x float>, ptr %acc01265, align 4
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %b1278, <8 x float> %960)
-  store <8 x float> %961, ptr %acc01265, align 4
-  %962 = getelementptr inbounds float, ptr %h1266, i64 %953
-  %963 = load float, ptr %962, align 4
-  %964 = insertelement <8 x float> poison, float %963, i32 0
-  %965 = shufflevector <8 x float> %964, <8 x float> poison, <8 x i32> zeroinitializer
-  %966 = load <8 x float>, ptr %acc10268, align 4
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %b0277, <8 x float> %966)
-  store <8 x float> %967, ptr %acc10268, align 4
-  %968 = load <8 x float>, ptr %acc11270, align 4
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %b1278, <8 x float> %968)
-  store <8 x float> %969, ptr %acc11270, align 4
-  %970 = add nsw i64 %k275, 1
-  br label %k.head272
-
-k.end274:                                         ; preds = %k.head272
-  %971 = load <8 x float>, ptr %acc00263, align 4
-  store <8 x float> %971, ptr %y00262, align 4
-  %972 = load <8 x float>, ptr %acc01265, align 4
-  store <8 x float> %972, ptr %y01264, align 4
-  %973 = load <8 x float>, ptr %acc10268, align 4
-  store <8 x float> %973, ptr %y10267, align 4
-  %974 = load <8 x float>, ptr %acc11270, align 4
-  store <8 x float> %974, ptr %y11269, align 4
-  br label %tile.done127
-
-tile.mr1128:                                      ; preds = %r0.body122
-  %col279 = mul nsw i64 %p, 16
-  %975 = add nsw i64 %r0124, 0
-  %976 = mul nsw i64 %975, 8192
-  %h0280 = getelementptr inbounds float, ptr %h, i64 %976
-  %977 = getelementptr inbounds i32, ptr %rows, i64 %975
-  %978 = load i32, ptr %977, align 4
-  %979 = sext i32 %978 to i64
-  %980 = mul nsw i64 %979, 5120
-  %981 = getelementptr inbounds float, ptr %y, i64 %980
-  %982 = add nsw i64 %col279, 0
-  %y00281 = getelementptr inbounds float, ptr %981, i64 %982
-  %983 = load <8 x float>, ptr %y00281, align 4
-  store <8 x float> %983, ptr %acc00282, align 4
-  %984 = add nsw i64 %col279, 8
-  %y01283 = getelementptr inbounds float, ptr %981, i64 %984
-  %985 = load <8 x float>, ptr %y01283, align 4
-  store <8 x float> %985, ptr %acc01284, align 4
-  %986 = mul nsw i64 %p, 131072
-  %panel.off285 = add nsw i64 %986, 122880
-  br label %k.head286
-
-k.head286:                                        ; preds = %k.body287, %tile.mr1128
-  %k289 = phi i64 [ 0, %tile.mr1128 ], [ %1002, %k.body287 ]
-  %987 = icmp slt i64 %k289, 512
-  br i1 %987, label %k.body287, label %k.end288
-
-k.body287:                                        ; preds = %k.head286
-  %988 = mul nsw i64 %k289, 16
-  %989 = add nsw i64 %panel.off285, %988
-  %990 = getelementptr inbounds i16, ptr %panels, i64 %989
-  %bw290 = load <8 x i32>, ptr %990, align 4
-  %991 = shl <8 x i32> %bw290, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0291 = bitcast <8 x i32> %991 to <8 x float>
-  %992 = and <8 x i32> %bw290, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1292 = bitcast <8 x i32> %992 to <8 x float>
-  %993 = add nsw i64 7680, %k289
-  %994 = getelementptr inbounds float, ptr %h0280, i64 %993
-  %995 = load float, ptr %994, align 4
-  %996 = insertelement <8 x float> poison, float %995, i32 0
-  %997 = shufflevector <8 x float> %996, <8 x float> poison, <8 x i32> zeroinitializer
-  %998 = load <8 x float>, ptr %acc00282, align 4
-  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %b0291, <8 x float> %998)
-  store <8 x float> %999, ptr %acc00282, align 4
-  %1000 = load <8 x float>, ptr %acc01284, align 4
-  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %b1292, <8 x float> %1000)
-  store <8 x float> %1001, ptr %acc01284, align 4
-  %1002 = add nsw i64 %k289, 1
-  br label %k.head286
-
-k.end288:                                         ; preds = %k.head286
-  %1003 = load <8 x float>, ptr %acc00282, align 4
-  store <8 x float> %1003, ptr %y00281, align 4
-  %1004 = load <8 x float>, ptr %acc01284, align 4
-  store <8 x float> %1004, ptr %y01283, align 4
-  br label %tile.done127
-
-tile.done127:                                     ; preds = %k.end288, %k.end274, %k.end255, %k.end231, %k.end202, %k.end168
-  %1005 = add nsw i64 %r0124, 6
-  br label %r0.head121
-
-r0.end123:                                        ; preds = %r0.head121
-  %1006 = add nsw i64 %p, 1
+  %488 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4794,48 +3906,6 @@ entry:
   %acc1198 = alloca <8 x float>, align 32
   %acc00110 = alloca <8 x float>, align 32
   %acc01112 = alloca <8 x float>, align 32
-  %acc00137 = alloca <8 x float>, align 32
-  %acc01139 = alloca <8 x float>, align 32
-  %acc10142 = alloca <8 x float>, align 32
-  %acc11144 = alloca <8 x float>, align 32
-  %acc20147 = alloca <8 x float>, align 32
-  %acc21149 = alloca <8 x float>, align 32
-  %acc30152 = alloca <8 x float>, align 32
-  %acc31154 = alloca <8 x float>, align 32
-  %acc40157 = alloca <8 x float>, align 32
-  %acc41159 = alloca <8 x float>, align 32
-  %acc50162 = alloca <8 x float>, align 32
-  %acc51164 = alloca <8 x float>, align 32
-  %acc00176 = alloca <8 x float>, align 32
-  %acc01178 = alloca <8 x float>, align 32
-  %acc10181 = alloca <8 x float>, align 32
-  %acc11183 = alloca <8 x float>, align 32
-  %acc20186 = alloca <8 x float>, align 32
-  %acc21188 = alloca <8 x float>, align 32
-  %acc30191 = alloca <8 x float>, align 32
-  %acc31193 = alloca <8 x float>, align 32
-  %acc40196 = alloca <8 x float>, align 32
-  %acc41198 = alloca <8 x float>, align 32
-  %acc00210 = alloca <8 x float>, align 32
-  %acc01212 = alloca <8 x float>, align 32
-  %acc10215 = alloca <8 x float>, align 32
-  %acc11217 = alloca <8 x float>, align 32
-  %acc20220 = alloca <8 x float>, align 32
-  %acc21222 = alloca <8 x float>, align 32
-  %acc30225 = alloca <8 x float>, align 32
-  %acc31227 = alloca <8 x float>, align 32
-  %acc00239 = alloca <8 x float>, align 32
-  %acc01241 = alloca <8 x float>, align 32
-  %acc10244 = alloca <8 x float>, align 32
-  %acc11246 = alloca <8 x float>, align 32
-  %acc20249 = alloca <8 x float>, align 32
-  %acc21251 = alloca <8 x float>, align 32
-  %acc00263 = alloca <8 x float>, align 32
-  %acc01265 = alloca <8 x float>, align 32
-  %acc10268 = alloca <8 x float>, align 32
-  %acc11270 = alloca <8 x float>, align 32
-  %acc00282 = alloca <8 x float>, align 32
-  %acc01284 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4843,31 +3913,23 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 320
   br label %p.head
 
-p.head:                                           ; preds = %r0.end123, %start
-  %p = phi i64 [ %p0, %start ], [ %1006, %r0.end123 ]
+p.head:                                           ; preds = %r0.end, %start
+  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %kb.head
-
-kb.head:                                          ; preds = %r0.end, %p.body
-  %kb = phi i64 [ 0, %p.body ], [ %507, %r0.end ]
-  %2 = icmp slt i64 %kb, 7680
-  br i1 %2, label %kb.body, label %kb.end
-
-kb.body:                                          ; preds = %kb.head
   br label %r0.head
 
-r0.head:                                          ; preds = %tile.done, %kb.body
-  %r0 = phi i64 [ 0, %kb.body ], [ %506, %tile.done ]
-  %3 = icmp slt i64 %r0, %n
-  br i1 %3, label %r0.body, label %r0.end
+r0.head:                                          ; preds = %tile.done, %p.body
+  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %2 = icmp slt i64 %r0, %n
+  br i1 %2, label %r0.body, label %r0.end
 
 r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
-  %4 = icmp sge i64 %left, 6
-  %mr = select i1 %4, i64 6, i64 %left
+  %3 = icmp sge i64 %left, 6
+  %mr = select i1 %3, i64 6, i64 %left
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -4878,1628 +3940,790 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %5 = add nsw i64 %r0, 0
-  %6 = mul nsw i64 %5, 8192
-  %h0 = getelementptr inbounds float, ptr %h, i64 %6
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 5120
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %11, i64 %12
-  %13 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %13, ptr %acc00, align 4
-  %14 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %11, i64 %14
-  %15 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %15, ptr %acc01, align 4
-  %16 = add nsw i64 %r0, 1
-  %17 = mul nsw i64 %16, 8192
-  %h1 = getelementptr inbounds float, ptr %h, i64 %17
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %16
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 5120
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %22, i64 %23
-  %24 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %24, ptr %acc10, align 4
-  %25 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %22, i64 %25
-  %26 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %26, ptr %acc11, align 4
-  %27 = add nsw i64 %r0, 2
-  %28 = mul nsw i64 %27, 8192
-  %h2 = getelementptr inbounds float, ptr %h, i64 %28
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 5120
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %33, i64 %34
-  %35 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %35, ptr %acc20, align 4
-  %36 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %33, i64 %36
-  %37 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %37, ptr %acc21, align 4
-  %38 = add nsw i64 %r0, 3
-  %39 = mul nsw i64 %38, 8192
-  %h3 = getelementptr inbounds float, ptr %h, i64 %39
-  %40 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %41 = load i32, ptr %40, align 4
-  %42 = sext i32 %41 to i64
-  %43 = mul nsw i64 %42, 5120
-  %44 = getelementptr inbounds float, ptr %y, i64 %43
-  %45 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %44, i64 %45
-  %46 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %46, ptr %acc30, align 4
-  %47 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %44, i64 %47
-  %48 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %48, ptr %acc31, align 4
-  %49 = add nsw i64 %r0, 4
-  %50 = mul nsw i64 %49, 8192
-  %h4 = getelementptr inbounds float, ptr %h, i64 %50
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %49
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 5120
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %55, i64 %56
-  %57 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %57, ptr %acc40, align 4
-  %58 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %55, i64 %58
-  %59 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %59, ptr %acc41, align 4
-  %60 = add nsw i64 %r0, 5
-  %61 = mul nsw i64 %60, 8192
-  %h5 = getelementptr inbounds float, ptr %h, i64 %61
-  %62 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %63 = load i32, ptr %62, align 4
-  %64 = sext i32 %63 to i64
-  %65 = mul nsw i64 %64, 5120
-  %66 = getelementptr inbounds float, ptr %y, i64 %65
-  %67 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %66, i64 %67
-  %68 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %68, ptr %acc50, align 4
-  %69 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %66, i64 %69
-  %70 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %70, ptr %acc51, align 4
-  %71 = mul nsw i64 %kb, 16
-  %72 = mul nsw i64 %p, 131072
-  %panel.off = add nsw i64 %72, %71
+  %4 = add nsw i64 %r0, 0
+  %5 = mul nsw i64 %4, 8192
+  %h0 = getelementptr inbounds float, ptr %h, i64 %5
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 5120
+  %10 = getelementptr inbounds float, ptr %y, i64 %9
+  %11 = add nsw i64 %col, 0
+  %y00 = getelementptr inbounds float, ptr %10, i64 %11
+  %12 = load <8 x float>, ptr %y00, align 4
+  store <8 x float> %12, ptr %acc00, align 4
+  %13 = add nsw i64 %col, 8
+  %y01 = getelementptr inbounds float, ptr %10, i64 %13
+  %14 = load <8 x float>, ptr %y01, align 4
+  store <8 x float> %14, ptr %acc01, align 4
+  %15 = add nsw i64 %r0, 1
+  %16 = mul nsw i64 %15, 8192
+  %h1 = getelementptr inbounds float, ptr %h, i64 %16
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 5120
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %y10 = getelementptr inbounds float, ptr %21, i64 %22
+  %23 = load <8 x float>, ptr %y10, align 4
+  store <8 x float> %23, ptr %acc10, align 4
+  %24 = add nsw i64 %col, 8
+  %y11 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = load <8 x float>, ptr %y11, align 4
+  store <8 x float> %25, ptr %acc11, align 4
+  %26 = add nsw i64 %r0, 2
+  %27 = mul nsw i64 %26, 8192
+  %h2 = getelementptr inbounds float, ptr %h, i64 %27
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 5120
+  %32 = getelementptr inbounds float, ptr %y, i64 %31
+  %33 = add nsw i64 %col, 0
+  %y20 = getelementptr inbounds float, ptr %32, i64 %33
+  %34 = load <8 x float>, ptr %y20, align 4
+  store <8 x float> %34, ptr %acc20, align 4
+  %35 = add nsw i64 %col, 8
+  %y21 = getelementptr inbounds float, ptr %32, i64 %35
+  %36 = load <8 x float>, ptr %y21, align 4
+  store <8 x float> %36, ptr %acc21, align 4
+  %37 = add nsw i64 %r0, 3
+  %38 = mul nsw i64 %37, 8192
+  %h3 = getelementptr inbounds float, ptr %h, i64 %38
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 5120
+  %43 = getelementptr inbounds float, ptr %y, i64 %42
+  %44 = add nsw i64 %col, 0
+  %y30 = getelementptr inbounds float, ptr %43, i64 %44
+  %45 = load <8 x float>, ptr %y30, align 4
+  store <8 x float> %45, ptr %acc30, align 4
+  %46 = add nsw i64 %col, 8
+  %y31 = getelementptr inbounds float, ptr %43, i64 %46
+  %47 = load <8 x float>, ptr %y31, align 4
+  store <8 x float> %47, ptr %acc31, align 4
+  %48 = add nsw i64 %r0, 4
+  %49 = mul nsw i64 %48, 8192
+  %h4 = getelementptr inbounds float, ptr %h, i64 %49
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 5120
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %y40 = getelementptr inbounds float, ptr %54, i64 %55
+  %56 = load <8 x float>, ptr %y40, align 4
+  store <8 x float> %56, ptr %acc40, align 4
+  %57 = add nsw i64 %col, 8
+  %y41 = getelementptr inbounds float, ptr %54, i64 %57
+  %58 = load <8 x float>, ptr %y41, align 4
+  store <8 x float> %58, ptr %acc41, align 4
+  %59 = add nsw i64 %r0, 5
+  %60 = mul nsw i64 %59, 8192
+  %h5 = getelementptr inbounds float, ptr %h, i64 %60
+  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
+  %62 = load i32, ptr %61, align 4
+  %63 = sext i32 %62 to i64
+  %64 = mul nsw i64 %63, 5120
+  %65 = getelementptr inbounds float, ptr %y, i64 %64
+  %66 = add nsw i64 %col, 0
+  %y50 = getelementptr inbounds float, ptr %65, i64 %66
+  %67 = load <8 x float>, ptr %y50, align 4
+  store <8 x float> %67, ptr %acc50, align 4
+  %68 = add nsw i64 %col, 8
+  %y51 = getelementptr inbounds float, ptr %65, i64 %68
+  %69 = load <8 x float>, ptr %y51, align 4
+  store <8 x float> %69, ptr %acc51, align 4
+  %panel.off = mul nsw i64 %p, 131072
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %128, %k.body ]
-  %73 = icmp slt i64 %k, 512
-  br i1 %73, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
+  %70 = icmp slt i64 %k, 8192
+  br i1 %70, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %74 = mul nsw i64 %k, 16
-  %75 = add nsw i64 %panel.off, %74
-  %76 = getelementptr inbounds i16, ptr %panels, i64 %75
-  %bw = load <8 x i32>, ptr %76, align 4
-  %77 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %77 to <8 x float>
-  %78 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %78 to <8 x float>
-  %79 = add nsw i64 %kb, %k
-  %80 = getelementptr inbounds float, ptr %h0, i64 %79
-  %81 = load float, ptr %80, align 4
-  %82 = insertelement <8 x float> poison, float %81, i32 0
-  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
-  %84 = load <8 x float>, ptr %acc00, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %b0, <8 x float> %84)
-  store <8 x float> %85, ptr %acc00, align 4
-  %86 = load <8 x float>, ptr %acc01, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %b1, <8 x float> %86)
-  store <8 x float> %87, ptr %acc01, align 4
-  %88 = getelementptr inbounds float, ptr %h1, i64 %79
-  %89 = load float, ptr %88, align 4
-  %90 = insertelement <8 x float> poison, float %89, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = load <8 x float>, ptr %acc10, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %b0, <8 x float> %92)
-  store <8 x float> %93, ptr %acc10, align 4
-  %94 = load <8 x float>, ptr %acc11, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %b1, <8 x float> %94)
-  store <8 x float> %95, ptr %acc11, align 4
-  %96 = getelementptr inbounds float, ptr %h2, i64 %79
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc20, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %b0, <8 x float> %100)
-  store <8 x float> %101, ptr %acc20, align 4
-  %102 = load <8 x float>, ptr %acc21, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %b1, <8 x float> %102)
-  store <8 x float> %103, ptr %acc21, align 4
-  %104 = getelementptr inbounds float, ptr %h3, i64 %79
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc30, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc30, align 4
-  %110 = load <8 x float>, ptr %acc31, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc31, align 4
-  %112 = getelementptr inbounds float, ptr %h4, i64 %79
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc40, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc40, align 4
-  %118 = load <8 x float>, ptr %acc41, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc41, align 4
-  %120 = getelementptr inbounds float, ptr %h5, i64 %79
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc50, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc50, align 4
-  %126 = load <8 x float>, ptr %acc51, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc51, align 4
-  %128 = add nsw i64 %k, 1
+  %71 = mul nsw i64 %k, 16
+  %72 = add nsw i64 %panel.off, %71
+  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
+  %bw = load <8 x i32>, ptr %73, align 4
+  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %74 to <8 x float>
+  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %75 to <8 x float>
+  %76 = getelementptr inbounds float, ptr %h0, i64 %k
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc00, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
+  store <8 x float> %81, ptr %acc00, align 4
+  %82 = load <8 x float>, ptr %acc01, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
+  store <8 x float> %83, ptr %acc01, align 4
+  %84 = getelementptr inbounds float, ptr %h1, i64 %k
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc10, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
+  store <8 x float> %89, ptr %acc10, align 4
+  %90 = load <8 x float>, ptr %acc11, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
+  store <8 x float> %91, ptr %acc11, align 4
+  %92 = getelementptr inbounds float, ptr %h2, i64 %k
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc20, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
+  store <8 x float> %97, ptr %acc20, align 4
+  %98 = load <8 x float>, ptr %acc21, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
+  store <8 x float> %99, ptr %acc21, align 4
+  %100 = getelementptr inbounds float, ptr %h3, i64 %k
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc30, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
+  store <8 x float> %105, ptr %acc30, align 4
+  %106 = load <8 x float>, ptr %acc31, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
+  store <8 x float> %107, ptr %acc31, align 4
+  %108 = getelementptr inbounds float, ptr %h4, i64 %k
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc40, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
+  store <8 x float> %113, ptr %acc40, align 4
+  %114 = load <8 x float>, ptr %acc41, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
+  store <8 x float> %115, ptr %acc41, align 4
+  %116 = getelementptr inbounds float, ptr %h5, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc50, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
+  store <8 x float> %121, ptr %acc50, align 4
+  %122 = load <8 x float>, ptr %acc51, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
+  store <8 x float> %123, ptr %acc51, align 4
+  %124 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %129 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %129, ptr %y00, align 4
-  %130 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %130, ptr %y01, align 4
-  %131 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %131, ptr %y10, align 4
-  %132 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %132, ptr %y11, align 4
-  %133 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %133, ptr %y20, align 4
-  %134 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %134, ptr %y21, align 4
-  %135 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %135, ptr %y30, align 4
-  %136 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %136, ptr %y31, align 4
-  %137 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %137, ptr %y40, align 4
-  %138 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %138, ptr %y41, align 4
-  %139 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %139, ptr %y50, align 4
-  %140 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %140, ptr %y51, align 4
+  %125 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %125, ptr %y00, align 4
+  %126 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %126, ptr %y01, align 4
+  %127 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %127, ptr %y10, align 4
+  %128 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %128, ptr %y11, align 4
+  %129 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %129, ptr %y20, align 4
+  %130 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %130, ptr %y21, align 4
+  %131 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %131, ptr %y30, align 4
+  %132 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %132, ptr %y31, align 4
+  %133 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %133, ptr %y40, align 4
+  %134 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %134, ptr %y41, align 4
+  %135 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %135, ptr %y50, align 4
+  %136 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %136, ptr %y51, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %141 = add nsw i64 %r0, 0
-  %142 = mul nsw i64 %141, 8192
-  %h02 = getelementptr inbounds float, ptr %h, i64 %142
-  %143 = getelementptr inbounds i32, ptr %rows, i64 %141
-  %144 = load i32, ptr %143, align 4
-  %145 = sext i32 %144 to i64
-  %146 = mul nsw i64 %145, 5120
-  %147 = getelementptr inbounds float, ptr %y, i64 %146
-  %148 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %147, i64 %148
-  %149 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %149, ptr %acc004, align 4
-  %150 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %147, i64 %150
-  %151 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %151, ptr %acc016, align 4
-  %152 = add nsw i64 %r0, 1
-  %153 = mul nsw i64 %152, 8192
-  %h17 = getelementptr inbounds float, ptr %h, i64 %153
-  %154 = getelementptr inbounds i32, ptr %rows, i64 %152
-  %155 = load i32, ptr %154, align 4
-  %156 = sext i32 %155 to i64
-  %157 = mul nsw i64 %156, 5120
-  %158 = getelementptr inbounds float, ptr %y, i64 %157
-  %159 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %158, i64 %159
-  %160 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %160, ptr %acc109, align 4
-  %161 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %158, i64 %161
-  %162 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %162, ptr %acc1111, align 4
-  %163 = add nsw i64 %r0, 2
-  %164 = mul nsw i64 %163, 8192
-  %h212 = getelementptr inbounds float, ptr %h, i64 %164
-  %165 = getelementptr inbounds i32, ptr %rows, i64 %163
-  %166 = load i32, ptr %165, align 4
-  %167 = sext i32 %166 to i64
-  %168 = mul nsw i64 %167, 5120
-  %169 = getelementptr inbounds float, ptr %y, i64 %168
-  %170 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %169, i64 %170
-  %171 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %171, ptr %acc2014, align 4
-  %172 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %169, i64 %172
-  %173 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %173, ptr %acc2116, align 4
-  %174 = add nsw i64 %r0, 3
-  %175 = mul nsw i64 %174, 8192
-  %h317 = getelementptr inbounds float, ptr %h, i64 %175
-  %176 = getelementptr inbounds i32, ptr %rows, i64 %174
-  %177 = load i32, ptr %176, align 4
-  %178 = sext i32 %177 to i64
-  %179 = mul nsw i64 %178, 5120
-  %180 = getelementptr inbounds float, ptr %y, i64 %179
-  %181 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %180, i64 %181
-  %182 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %182, ptr %acc3019, align 4
-  %183 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %180, i64 %183
-  %184 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %184, ptr %acc3121, align 4
-  %185 = add nsw i64 %r0, 4
-  %186 = mul nsw i64 %185, 8192
-  %h422 = getelementptr inbounds float, ptr %h, i64 %186
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %185
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 5120
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %191, i64 %192
-  %193 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %193, ptr %acc4024, align 4
-  %194 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %191, i64 %194
-  %195 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %195, ptr %acc4126, align 4
-  %196 = mul nsw i64 %kb, 16
-  %197 = mul nsw i64 %p, 131072
-  %panel.off27 = add nsw i64 %197, %196
+  %137 = add nsw i64 %r0, 0
+  %138 = mul nsw i64 %137, 8192
+  %h02 = getelementptr inbounds float, ptr %h, i64 %138
+  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
+  %140 = load i32, ptr %139, align 4
+  %141 = sext i32 %140 to i64
+  %142 = mul nsw i64 %141, 5120
+  %143 = getelementptr inbounds float, ptr %y, i64 %142
+  %144 = add nsw i64 %col1, 0
+  %y003 = getelementptr inbounds float, ptr %143, i64 %144
+  %145 = load <8 x float>, ptr %y003, align 4
+  store <8 x float> %145, ptr %acc004, align 4
+  %146 = add nsw i64 %col1, 8
+  %y015 = getelementptr inbounds float, ptr %143, i64 %146
+  %147 = load <8 x float>, ptr %y015, align 4
+  store <8 x float> %147, ptr %acc016, align 4
+  %148 = add nsw i64 %r0, 1
+  %149 = mul nsw i64 %148, 8192
+  %h17 = getelementptr inbounds float, ptr %h, i64 %149
+  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
+  %151 = load i32, ptr %150, align 4
+  %152 = sext i32 %151 to i64
+  %153 = mul nsw i64 %152, 5120
+  %154 = getelementptr inbounds float, ptr %y, i64 %153
+  %155 = add nsw i64 %col1, 0
+  %y108 = getelementptr inbounds float, ptr %154, i64 %155
+  %156 = load <8 x float>, ptr %y108, align 4
+  store <8 x float> %156, ptr %acc109, align 4
+  %157 = add nsw i64 %col1, 8
+  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
+  %158 = load <8 x float>, ptr %y1110, align 4
+  store <8 x float> %158, ptr %acc1111, align 4
+  %159 = add nsw i64 %r0, 2
+  %160 = mul nsw i64 %159, 8192
+  %h212 = getelementptr inbounds float, ptr %h, i64 %160
+  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
+  %162 = load i32, ptr %161, align 4
+  %163 = sext i32 %162 to i64
+  %164 = mul nsw i64 %163, 5120
+  %165 = getelementptr inbounds float, ptr %y, i64 %164
+  %166 = add nsw i64 %col1, 0
+  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
+  %167 = load <8 x float>, ptr %y2013, align 4
+  store <8 x float> %167, ptr %acc2014, align 4
+  %168 = add nsw i64 %col1, 8
+  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
+  %169 = load <8 x float>, ptr %y2115, align 4
+  store <8 x float> %169, ptr %acc2116, align 4
+  %170 = add nsw i64 %r0, 3
+  %171 = mul nsw i64 %170, 8192
+  %h317 = getelementptr inbounds float, ptr %h, i64 %171
+  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %173 = load i32, ptr %172, align 4
+  %174 = sext i32 %173 to i64
+  %175 = mul nsw i64 %174, 5120
+  %176 = getelementptr inbounds float, ptr %y, i64 %175
+  %177 = add nsw i64 %col1, 0
+  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
+  %178 = load <8 x float>, ptr %y3018, align 4
+  store <8 x float> %178, ptr %acc3019, align 4
+  %179 = add nsw i64 %col1, 8
+  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
+  %180 = load <8 x float>, ptr %y3120, align 4
+  store <8 x float> %180, ptr %acc3121, align 4
+  %181 = add nsw i64 %r0, 4
+  %182 = mul nsw i64 %181, 8192
+  %h422 = getelementptr inbounds float, ptr %h, i64 %182
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 5120
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col1, 0
+  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
+  %189 = load <8 x float>, ptr %y4023, align 4
+  store <8 x float> %189, ptr %acc4024, align 4
+  %190 = add nsw i64 %col1, 8
+  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
+  %191 = load <8 x float>, ptr %y4125, align 4
+  store <8 x float> %191, ptr %acc4126, align 4
+  %panel.off27 = mul nsw i64 %p, 131072
   br label %k.head28
 
 k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %245, %k.body29 ]
-  %198 = icmp slt i64 %k31, 512
-  br i1 %198, label %k.body29, label %k.end30
+  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
+  %192 = icmp slt i64 %k31, 8192
+  br i1 %192, label %k.body29, label %k.end30
 
 k.body29:                                         ; preds = %k.head28
-  %199 = mul nsw i64 %k31, 16
-  %200 = add nsw i64 %panel.off27, %199
-  %201 = getelementptr inbounds i16, ptr %panels, i64 %200
-  %bw32 = load <8 x i32>, ptr %201, align 4
-  %202 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %202 to <8 x float>
-  %203 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %203 to <8 x float>
-  %204 = add nsw i64 %kb, %k31
-  %205 = getelementptr inbounds float, ptr %h02, i64 %204
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc004, align 4
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b033, <8 x float> %209)
-  store <8 x float> %210, ptr %acc004, align 4
-  %211 = load <8 x float>, ptr %acc016, align 4
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b134, <8 x float> %211)
-  store <8 x float> %212, ptr %acc016, align 4
-  %213 = getelementptr inbounds float, ptr %h17, i64 %204
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = load <8 x float>, ptr %acc109, align 4
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b033, <8 x float> %217)
-  store <8 x float> %218, ptr %acc109, align 4
-  %219 = load <8 x float>, ptr %acc1111, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b134, <8 x float> %219)
-  store <8 x float> %220, ptr %acc1111, align 4
-  %221 = getelementptr inbounds float, ptr %h212, i64 %204
-  %222 = load float, ptr %221, align 4
-  %223 = insertelement <8 x float> poison, float %222, i32 0
-  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
-  %225 = load <8 x float>, ptr %acc2014, align 4
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b033, <8 x float> %225)
-  store <8 x float> %226, ptr %acc2014, align 4
-  %227 = load <8 x float>, ptr %acc2116, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b134, <8 x float> %227)
-  store <8 x float> %228, ptr %acc2116, align 4
-  %229 = getelementptr inbounds float, ptr %h317, i64 %204
-  %230 = load float, ptr %229, align 4
-  %231 = insertelement <8 x float> poison, float %230, i32 0
-  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
-  %233 = load <8 x float>, ptr %acc3019, align 4
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b033, <8 x float> %233)
-  store <8 x float> %234, ptr %acc3019, align 4
-  %235 = load <8 x float>, ptr %acc3121, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b134, <8 x float> %235)
-  store <8 x float> %236, ptr %acc3121, align 4
-  %237 = getelementptr inbounds float, ptr %h422, i64 %204
-  %238 = load float, ptr %237, align 4
-  %239 = insertelement <8 x float> poison, float %238, i32 0
-  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
-  %241 = load <8 x float>, ptr %acc4024, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b033, <8 x float> %241)
-  store <8 x float> %242, ptr %acc4024, align 4
-  %243 = load <8 x float>, ptr %acc4126, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b134, <8 x float> %243)
-  store <8 x float> %244, ptr %acc4126, align 4
-  %245 = add nsw i64 %k31, 1
+  %193 = mul nsw i64 %k31, 16
+  %194 = add nsw i64 %panel.off27, %193
+  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
+  %bw32 = load <8 x i32>, ptr %195, align 4
+  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %196 to <8 x float>
+  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %197 to <8 x float>
+  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
+  %199 = load float, ptr %198, align 4
+  %200 = insertelement <8 x float> poison, float %199, i32 0
+  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
+  %202 = load <8 x float>, ptr %acc004, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
+  store <8 x float> %203, ptr %acc004, align 4
+  %204 = load <8 x float>, ptr %acc016, align 4
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
+  store <8 x float> %205, ptr %acc016, align 4
+  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
+  %207 = load float, ptr %206, align 4
+  %208 = insertelement <8 x float> poison, float %207, i32 0
+  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
+  %210 = load <8 x float>, ptr %acc109, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
+  store <8 x float> %211, ptr %acc109, align 4
+  %212 = load <8 x float>, ptr %acc1111, align 4
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
+  store <8 x float> %213, ptr %acc1111, align 4
+  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = load <8 x float>, ptr %acc2014, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
+  store <8 x float> %219, ptr %acc2014, align 4
+  %220 = load <8 x float>, ptr %acc2116, align 4
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
+  store <8 x float> %221, ptr %acc2116, align 4
+  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc3019, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
+  store <8 x float> %227, ptr %acc3019, align 4
+  %228 = load <8 x float>, ptr %acc3121, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
+  store <8 x float> %229, ptr %acc3121, align 4
+  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
+  %231 = load float, ptr %230, align 4
+  %232 = insertelement <8 x float> poison, float %231, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = load <8 x float>, ptr %acc4024, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
+  store <8 x float> %235, ptr %acc4024, align 4
+  %236 = load <8 x float>, ptr %acc4126, align 4
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
+  store <8 x float> %237, ptr %acc4126, align 4
+  %238 = add nsw i64 %k31, 1
   br label %k.head28
 
 k.end30:                                          ; preds = %k.head28
-  %246 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %246, ptr %y003, align 4
-  %247 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %247, ptr %y015, align 4
-  %248 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %248, ptr %y108, align 4
-  %249 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %249, ptr %y1110, align 4
-  %250 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %250, ptr %y2013, align 4
-  %251 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %251, ptr %y2115, align 4
-  %252 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %252, ptr %y3018, align 4
-  %253 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %253, ptr %y3120, align 4
-  %254 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %254, ptr %y4023, align 4
-  %255 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %255, ptr %y4125, align 4
+  %239 = load <8 x float>, ptr %acc004, align 4
+  store <8 x float> %239, ptr %y003, align 4
+  %240 = load <8 x float>, ptr %acc016, align 4
+  store <8 x float> %240, ptr %y015, align 4
+  %241 = load <8 x float>, ptr %acc109, align 4
+  store <8 x float> %241, ptr %y108, align 4
+  %242 = load <8 x float>, ptr %acc1111, align 4
+  store <8 x float> %242, ptr %y1110, align 4
+  %243 = load <8 x float>, ptr %acc2014, align 4
+  store <8 x float> %243, ptr %y2013, align 4
+  %244 = load <8 x float>, ptr %acc2116, align 4
+  store <8 x float> %244, ptr %y2115, align 4
+  %245 = load <8 x float>, ptr %acc3019, align 4
+  store <8 x float> %245, ptr %y3018, align 4
+  %246 = load <8 x float>, ptr %acc3121, align 4
+  store <8 x float> %246, ptr %y3120, align 4
+  %247 = load <8 x float>, ptr %acc4024, align 4
+  store <8 x float> %247, ptr %y4023, align 4
+  %248 = load <8 x float>, ptr %acc4126, align 4
+  store <8 x float> %248, ptr %y4125, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col35 = mul nsw i64 %p, 16
-  %256 = add nsw i64 %r0, 0
-  %257 = mul nsw i64 %256, 8192
-  %h036 = getelementptr inbounds float, ptr %h, i64 %257
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %256
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 5120
-  %262 = getelementptr inbounds float, ptr %y, i64 %261
-  %263 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %262, i64 %263
-  %264 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %264, ptr %acc0038, align 4
-  %265 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %262, i64 %265
-  %266 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %266, ptr %acc0140, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = mul nsw i64 %267, 8192
-  %h141 = getelementptr inbounds float, ptr %h, i64 %268
-  %269 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %270 = load i32, ptr %269, align 4
-  %271 = sext i32 %270 to i64
-  %272 = mul nsw i64 %271, 5120
-  %273 = getelementptr inbounds float, ptr %y, i64 %272
-  %274 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %273, i64 %274
-  %275 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %275, ptr %acc1043, align 4
-  %276 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %273, i64 %276
-  %277 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %277, ptr %acc1145, align 4
-  %278 = add nsw i64 %r0, 2
-  %279 = mul nsw i64 %278, 8192
-  %h246 = getelementptr inbounds float, ptr %h, i64 %279
-  %280 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %281 = load i32, ptr %280, align 4
-  %282 = sext i32 %281 to i64
-  %283 = mul nsw i64 %282, 5120
-  %284 = getelementptr inbounds float, ptr %y, i64 %283
-  %285 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %284, i64 %285
-  %286 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %286, ptr %acc2048, align 4
-  %287 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %284, i64 %287
-  %288 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %288, ptr %acc2150, align 4
-  %289 = add nsw i64 %r0, 3
-  %290 = mul nsw i64 %289, 8192
-  %h351 = getelementptr inbounds float, ptr %h, i64 %290
-  %291 = getelementptr inbounds i32, ptr %rows, i64 %289
-  %292 = load i32, ptr %291, align 4
-  %293 = sext i32 %292 to i64
-  %294 = mul nsw i64 %293, 5120
-  %295 = getelementptr inbounds float, ptr %y, i64 %294
-  %296 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %295, i64 %296
-  %297 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %297, ptr %acc3053, align 4
-  %298 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %295, i64 %298
-  %299 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %299, ptr %acc3155, align 4
-  %300 = mul nsw i64 %kb, 16
-  %301 = mul nsw i64 %p, 131072
-  %panel.off56 = add nsw i64 %301, %300
+  %249 = add nsw i64 %r0, 0
+  %250 = mul nsw i64 %249, 8192
+  %h036 = getelementptr inbounds float, ptr %h, i64 %250
+  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
+  %252 = load i32, ptr %251, align 4
+  %253 = sext i32 %252 to i64
+  %254 = mul nsw i64 %253, 5120
+  %255 = getelementptr inbounds float, ptr %y, i64 %254
+  %256 = add nsw i64 %col35, 0
+  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
+  %257 = load <8 x float>, ptr %y0037, align 4
+  store <8 x float> %257, ptr %acc0038, align 4
+  %258 = add nsw i64 %col35, 8
+  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
+  %259 = load <8 x float>, ptr %y0139, align 4
+  store <8 x float> %259, ptr %acc0140, align 4
+  %260 = add nsw i64 %r0, 1
+  %261 = mul nsw i64 %260, 8192
+  %h141 = getelementptr inbounds float, ptr %h, i64 %261
+  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
+  %263 = load i32, ptr %262, align 4
+  %264 = sext i32 %263 to i64
+  %265 = mul nsw i64 %264, 5120
+  %266 = getelementptr inbounds float, ptr %y, i64 %265
+  %267 = add nsw i64 %col35, 0
+  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
+  %268 = load <8 x float>, ptr %y1042, align 4
+  store <8 x float> %268, ptr %acc1043, align 4
+  %269 = add nsw i64 %col35, 8
+  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
+  %270 = load <8 x float>, ptr %y1144, align 4
+  store <8 x float> %270, ptr %acc1145, align 4
+  %271 = add nsw i64 %r0, 2
+  %272 = mul nsw i64 %271, 8192
+  %h246 = getelementptr inbounds float, ptr %h, i64 %272
+  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
+  %274 = load i32, ptr %273, align 4
+  %275 = sext i32 %274 to i64
+  %276 = mul nsw i64 %275, 5120
+  %277 = getelementptr inbounds float, ptr %y, i64 %276
+  %278 = add nsw i64 %col35, 0
+  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
+  %279 = load <8 x float>, ptr %y2047, align 4
+  store <8 x float> %279, ptr %acc2048, align 4
+  %280 = add nsw i64 %col35, 8
+  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
+  %281 = load <8 x float>, ptr %y2149, align 4
+  store <8 x float> %281, ptr %acc2150, align 4
+  %282 = add nsw i64 %r0, 3
+  %283 = mul nsw i64 %282, 8192
+  %h351 = getelementptr inbounds float, ptr %h, i64 %283
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 5120
+  %288 = getelementptr inbounds float, ptr %y, i64 %287
+  %289 = add nsw i64 %col35, 0
+  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
+  %290 = load <8 x float>, ptr %y3052, align 4
+  store <8 x float> %290, ptr %acc3053, align 4
+  %291 = add nsw i64 %col35, 8
+  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
+  %292 = load <8 x float>, ptr %y3154, align 4
+  store <8 x float> %292, ptr %acc3155, align 4
+  %panel.off56 = mul nsw i64 %p, 131072
   br label %k.head57
 
 k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %341, %k.body58 ]
-  %302 = icmp slt i64 %k60, 512
-  br i1 %302, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
+  %293 = icmp slt i64 %k60, 8192
+  br i1 %293, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %303 = mul nsw i64 %k60, 16
-  %304 = add nsw i64 %panel.off56, %303
-  %305 = getelementptr inbounds i16, ptr %panels, i64 %304
-  %bw61 = load <8 x i32>, ptr %305, align 4
-  %306 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %306 to <8 x float>
-  %307 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %307 to <8 x float>
-  %308 = add nsw i64 %kb, %k60
-  %309 = getelementptr inbounds float, ptr %h036, i64 %308
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc0038, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b062, <8 x float> %313)
-  store <8 x float> %314, ptr %acc0038, align 4
-  %315 = load <8 x float>, ptr %acc0140, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b163, <8 x float> %315)
-  store <8 x float> %316, ptr %acc0140, align 4
-  %317 = getelementptr inbounds float, ptr %h141, i64 %308
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc1043, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b062, <8 x float> %321)
-  store <8 x float> %322, ptr %acc1043, align 4
-  %323 = load <8 x float>, ptr %acc1145, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b163, <8 x float> %323)
-  store <8 x float> %324, ptr %acc1145, align 4
-  %325 = getelementptr inbounds float, ptr %h246, i64 %308
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc2048, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b062, <8 x float> %329)
-  store <8 x float> %330, ptr %acc2048, align 4
-  %331 = load <8 x float>, ptr %acc2150, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b163, <8 x float> %331)
-  store <8 x float> %332, ptr %acc2150, align 4
-  %333 = getelementptr inbounds float, ptr %h351, i64 %308
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %acc3053, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b062, <8 x float> %337)
-  store <8 x float> %338, ptr %acc3053, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b163, <8 x float> %339)
-  store <8 x float> %340, ptr %acc3155, align 4
-  %341 = add nsw i64 %k60, 1
+  %294 = mul nsw i64 %k60, 16
+  %295 = add nsw i64 %panel.off56, %294
+  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
+  %bw61 = load <8 x i32>, ptr %296, align 4
+  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b062 = bitcast <8 x i32> %297 to <8 x float>
+  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b163 = bitcast <8 x i32> %298 to <8 x float>
+  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
+  %300 = load float, ptr %299, align 4
+  %301 = insertelement <8 x float> poison, float %300, i32 0
+  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
+  %303 = load <8 x float>, ptr %acc0038, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
+  store <8 x float> %304, ptr %acc0038, align 4
+  %305 = load <8 x float>, ptr %acc0140, align 4
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
+  store <8 x float> %306, ptr %acc0140, align 4
+  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = load <8 x float>, ptr %acc1043, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
+  store <8 x float> %312, ptr %acc1043, align 4
+  %313 = load <8 x float>, ptr %acc1145, align 4
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
+  store <8 x float> %314, ptr %acc1145, align 4
+  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc2048, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
+  store <8 x float> %320, ptr %acc2048, align 4
+  %321 = load <8 x float>, ptr %acc2150, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
+  store <8 x float> %322, ptr %acc2150, align 4
+  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc3053, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
+  store <8 x float> %328, ptr %acc3053, align 4
+  %329 = load <8 x float>, ptr %acc3155, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
+  store <8 x float> %330, ptr %acc3155, align 4
+  %331 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %342 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %342, ptr %y0037, align 4
-  %343 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %343, ptr %y0139, align 4
-  %344 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %344, ptr %y1042, align 4
-  %345 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %345, ptr %y1144, align 4
-  %346 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %346, ptr %y2047, align 4
-  %347 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %347, ptr %y2149, align 4
-  %348 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %348, ptr %y3052, align 4
-  %349 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %349, ptr %y3154, align 4
+  %332 = load <8 x float>, ptr %acc0038, align 4
+  store <8 x float> %332, ptr %y0037, align 4
+  %333 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %333, ptr %y0139, align 4
+  %334 = load <8 x float>, ptr %acc1043, align 4
+  store <8 x float> %334, ptr %y1042, align 4
+  %335 = load <8 x float>, ptr %acc1145, align 4
+  store <8 x float> %335, ptr %y1144, align 4
+  %336 = load <8 x float>, ptr %acc2048, align 4
+  store <8 x float> %336, ptr %y2047, align 4
+  %337 = load <8 x float>, ptr %acc2150, align 4
+  store <8 x float> %337, ptr %y2149, align 4
+  %338 = load <8 x float>, ptr %acc3053, align 4
+  store <8 x float> %338, ptr %y3052, align 4
+  %339 = load <8 x float>, ptr %acc3155, align 4
+  store <8 x float> %339, ptr %y3154, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col64 = mul nsw i64 %p, 16
-  %350 = add nsw i64 %r0, 0
-  %351 = mul nsw i64 %350, 8192
-  %h065 = getelementptr inbounds float, ptr %h, i64 %351
-  %352 = getelementptr inbounds i32, ptr %rows, i64 %350
-  %353 = load i32, ptr %352, align 4
-  %354 = sext i32 %353 to i64
-  %355 = mul nsw i64 %354, 5120
-  %356 = getelementptr inbounds float, ptr %y, i64 %355
-  %357 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %356, i64 %357
-  %358 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %358, ptr %acc0067, align 4
-  %359 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %356, i64 %359
-  %360 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %360, ptr %acc0169, align 4
-  %361 = add nsw i64 %r0, 1
-  %362 = mul nsw i64 %361, 8192
-  %h170 = getelementptr inbounds float, ptr %h, i64 %362
-  %363 = getelementptr inbounds i32, ptr %rows, i64 %361
-  %364 = load i32, ptr %363, align 4
-  %365 = sext i32 %364 to i64
-  %366 = mul nsw i64 %365, 5120
-  %367 = getelementptr inbounds float, ptr %y, i64 %366
-  %368 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %367, i64 %368
-  %369 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %369, ptr %acc1072, align 4
-  %370 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %367, i64 %370
-  %371 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %371, ptr %acc1174, align 4
-  %372 = add nsw i64 %r0, 2
-  %373 = mul nsw i64 %372, 8192
-  %h275 = getelementptr inbounds float, ptr %h, i64 %373
-  %374 = getelementptr inbounds i32, ptr %rows, i64 %372
-  %375 = load i32, ptr %374, align 4
-  %376 = sext i32 %375 to i64
-  %377 = mul nsw i64 %376, 5120
-  %378 = getelementptr inbounds float, ptr %y, i64 %377
-  %379 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %378, i64 %379
-  %380 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %380, ptr %acc2077, align 4
-  %381 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %378, i64 %381
-  %382 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %382, ptr %acc2179, align 4
-  %383 = mul nsw i64 %kb, 16
-  %384 = mul nsw i64 %p, 131072
-  %panel.off80 = add nsw i64 %384, %383
+  %340 = add nsw i64 %r0, 0
+  %341 = mul nsw i64 %340, 8192
+  %h065 = getelementptr inbounds float, ptr %h, i64 %341
+  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
+  %343 = load i32, ptr %342, align 4
+  %344 = sext i32 %343 to i64
+  %345 = mul nsw i64 %344, 5120
+  %346 = getelementptr inbounds float, ptr %y, i64 %345
+  %347 = add nsw i64 %col64, 0
+  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
+  %348 = load <8 x float>, ptr %y0066, align 4
+  store <8 x float> %348, ptr %acc0067, align 4
+  %349 = add nsw i64 %col64, 8
+  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
+  %350 = load <8 x float>, ptr %y0168, align 4
+  store <8 x float> %350, ptr %acc0169, align 4
+  %351 = add nsw i64 %r0, 1
+  %352 = mul nsw i64 %351, 8192
+  %h170 = getelementptr inbounds float, ptr %h, i64 %352
+  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
+  %354 = load i32, ptr %353, align 4
+  %355 = sext i32 %354 to i64
+  %356 = mul nsw i64 %355, 5120
+  %357 = getelementptr inbounds float, ptr %y, i64 %356
+  %358 = add nsw i64 %col64, 0
+  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
+  %359 = load <8 x float>, ptr %y1071, align 4
+  store <8 x float> %359, ptr %acc1072, align 4
+  %360 = add nsw i64 %col64, 8
+  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
+  %361 = load <8 x float>, ptr %y1173, align 4
+  store <8 x float> %361, ptr %acc1174, align 4
+  %362 = add nsw i64 %r0, 2
+  %363 = mul nsw i64 %362, 8192
+  %h275 = getelementptr inbounds float, ptr %h, i64 %363
+  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
+  %365 = load i32, ptr %364, align 4
+  %366 = sext i32 %365 to i64
+  %367 = mul nsw i64 %366, 5120
+  %368 = getelementptr inbounds float, ptr %y, i64 %367
+  %369 = add nsw i64 %col64, 0
+  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
+  %370 = load <8 x float>, ptr %y2076, align 4
+  store <8 x float> %370, ptr %acc2077, align 4
+  %371 = add nsw i64 %col64, 8
+  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
+  %372 = load <8 x float>, ptr %y2178, align 4
+  store <8 x float> %372, ptr %acc2179, align 4
+  %panel.off80 = mul nsw i64 %p, 131072
   br label %k.head81
 
 k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %416, %k.body82 ]
-  %385 = icmp slt i64 %k84, 512
-  br i1 %385, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
+  %373 = icmp slt i64 %k84, 8192
+  br i1 %373, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %386 = mul nsw i64 %k84, 16
-  %387 = add nsw i64 %panel.off80, %386
-  %388 = getelementptr inbounds i16, ptr %panels, i64 %387
-  %bw85 = load <8 x i32>, ptr %388, align 4
-  %389 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %389 to <8 x float>
-  %390 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %390 to <8 x float>
-  %391 = add nsw i64 %kb, %k84
-  %392 = getelementptr inbounds float, ptr %h065, i64 %391
-  %393 = load float, ptr %392, align 4
-  %394 = insertelement <8 x float> poison, float %393, i32 0
-  %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
-  %396 = load <8 x float>, ptr %acc0067, align 4
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b086, <8 x float> %396)
-  store <8 x float> %397, ptr %acc0067, align 4
-  %398 = load <8 x float>, ptr %acc0169, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b187, <8 x float> %398)
-  store <8 x float> %399, ptr %acc0169, align 4
-  %400 = getelementptr inbounds float, ptr %h170, i64 %391
-  %401 = load float, ptr %400, align 4
-  %402 = insertelement <8 x float> poison, float %401, i32 0
-  %403 = shufflevector <8 x float> %402, <8 x float> poison, <8 x i32> zeroinitializer
-  %404 = load <8 x float>, ptr %acc1072, align 4
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %b086, <8 x float> %404)
-  store <8 x float> %405, ptr %acc1072, align 4
-  %406 = load <8 x float>, ptr %acc1174, align 4
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %b187, <8 x float> %406)
-  store <8 x float> %407, ptr %acc1174, align 4
-  %408 = getelementptr inbounds float, ptr %h275, i64 %391
-  %409 = load float, ptr %408, align 4
-  %410 = insertelement <8 x float> poison, float %409, i32 0
-  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
-  %412 = load <8 x float>, ptr %acc2077, align 4
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %b086, <8 x float> %412)
-  store <8 x float> %413, ptr %acc2077, align 4
-  %414 = load <8 x float>, ptr %acc2179, align 4
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %b187, <8 x float> %414)
-  store <8 x float> %415, ptr %acc2179, align 4
-  %416 = add nsw i64 %k84, 1
+  %374 = mul nsw i64 %k84, 16
+  %375 = add nsw i64 %panel.off80, %374
+  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
+  %bw85 = load <8 x i32>, ptr %376, align 4
+  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b086 = bitcast <8 x i32> %377 to <8 x float>
+  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b187 = bitcast <8 x i32> %378 to <8 x float>
+  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
+  %380 = load float, ptr %379, align 4
+  %381 = insertelement <8 x float> poison, float %380, i32 0
+  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
+  %383 = load <8 x float>, ptr %acc0067, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
+  store <8 x float> %384, ptr %acc0067, align 4
+  %385 = load <8 x float>, ptr %acc0169, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
+  store <8 x float> %386, ptr %acc0169, align 4
+  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc1072, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
+  store <8 x float> %392, ptr %acc1072, align 4
+  %393 = load <8 x float>, ptr %acc1174, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
+  store <8 x float> %394, ptr %acc1174, align 4
+  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc2077, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
+  store <8 x float> %400, ptr %acc2077, align 4
+  %401 = load <8 x float>, ptr %acc2179, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
+  store <8 x float> %402, ptr %acc2179, align 4
+  %403 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %417 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %417, ptr %y0066, align 4
-  %418 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %418, ptr %y0168, align 4
-  %419 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %419, ptr %y1071, align 4
-  %420 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %420, ptr %y1173, align 4
-  %421 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %421, ptr %y2076, align 4
-  %422 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %422, ptr %y2178, align 4
+  %404 = load <8 x float>, ptr %acc0067, align 4
+  store <8 x float> %404, ptr %y0066, align 4
+  %405 = load <8 x float>, ptr %acc0169, align 4
+  store <8 x float> %405, ptr %y0168, align 4
+  %406 = load <8 x float>, ptr %acc1072, align 4
+  store <8 x float> %406, ptr %y1071, align 4
+  %407 = load <8 x float>, ptr %acc1174, align 4
+  store <8 x float> %407, ptr %y1173, align 4
+  %408 = load <8 x float>, ptr %acc2077, align 4
+  store <8 x float> %408, ptr %y2076, align 4
+  %409 = load <8 x float>, ptr %acc2179, align 4
+  store <8 x float> %409, ptr %y2178, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col88 = mul nsw i64 %p, 16
-  %423 = add nsw i64 %r0, 0
-  %424 = mul nsw i64 %423, 8192
-  %h089 = getelementptr inbounds float, ptr %h, i64 %424
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %423
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 5120
-  %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %429, i64 %430
-  %431 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %431, ptr %acc0091, align 4
-  %432 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %429, i64 %432
-  %433 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %433, ptr %acc0193, align 4
-  %434 = add nsw i64 %r0, 1
-  %435 = mul nsw i64 %434, 8192
-  %h194 = getelementptr inbounds float, ptr %h, i64 %435
-  %436 = getelementptr inbounds i32, ptr %rows, i64 %434
-  %437 = load i32, ptr %436, align 4
-  %438 = sext i32 %437 to i64
-  %439 = mul nsw i64 %438, 5120
-  %440 = getelementptr inbounds float, ptr %y, i64 %439
-  %441 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %440, i64 %441
-  %442 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %442, ptr %acc1096, align 4
-  %443 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %440, i64 %443
-  %444 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %444, ptr %acc1198, align 4
-  %445 = mul nsw i64 %kb, 16
-  %446 = mul nsw i64 %p, 131072
-  %panel.off99 = add nsw i64 %446, %445
+  %410 = add nsw i64 %r0, 0
+  %411 = mul nsw i64 %410, 8192
+  %h089 = getelementptr inbounds float, ptr %h, i64 %411
+  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %413 = load i32, ptr %412, align 4
+  %414 = sext i32 %413 to i64
+  %415 = mul nsw i64 %414, 5120
+  %416 = getelementptr inbounds float, ptr %y, i64 %415
+  %417 = add nsw i64 %col88, 0
+  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
+  %418 = load <8 x float>, ptr %y0090, align 4
+  store <8 x float> %418, ptr %acc0091, align 4
+  %419 = add nsw i64 %col88, 8
+  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
+  %420 = load <8 x float>, ptr %y0192, align 4
+  store <8 x float> %420, ptr %acc0193, align 4
+  %421 = add nsw i64 %r0, 1
+  %422 = mul nsw i64 %421, 8192
+  %h194 = getelementptr inbounds float, ptr %h, i64 %422
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
+  %424 = load i32, ptr %423, align 4
+  %425 = sext i32 %424 to i64
+  %426 = mul nsw i64 %425, 5120
+  %427 = getelementptr inbounds float, ptr %y, i64 %426
+  %428 = add nsw i64 %col88, 0
+  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
+  %429 = load <8 x float>, ptr %y1095, align 4
+  store <8 x float> %429, ptr %acc1096, align 4
+  %430 = add nsw i64 %col88, 8
+  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
+  %431 = load <8 x float>, ptr %y1197, align 4
+  store <8 x float> %431, ptr %acc1198, align 4
+  %panel.off99 = mul nsw i64 %p, 131072
   br label %k.head100
 
 k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %470, %k.body101 ]
-  %447 = icmp slt i64 %k103, 512
-  br i1 %447, label %k.body101, label %k.end102
+  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
+  %432 = icmp slt i64 %k103, 8192
+  br i1 %432, label %k.body101, label %k.end102
 
 k.body101:                                        ; preds = %k.head100
-  %448 = mul nsw i64 %k103, 16
-  %449 = add nsw i64 %panel.off99, %448
-  %450 = getelementptr inbounds i16, ptr %panels, i64 %449
-  %bw104 = load <8 x i32>, ptr %450, align 4
-  %451 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = add nsw i64 %kb, %k103
-  %454 = getelementptr inbounds float, ptr %h089, i64 %453
-  %455 = load float, ptr %454, align 4
-  %456 = insertelement <8 x float> poison, float %455, i32 0
-  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
-  %458 = load <8 x float>, ptr %acc0091, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b0105, <8 x float> %458)
-  store <8 x float> %459, ptr %acc0091, align 4
-  %460 = load <8 x float>, ptr %acc0193, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b1106, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0193, align 4
-  %462 = getelementptr inbounds float, ptr %h194, i64 %453
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = load <8 x float>, ptr %acc1096, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b0105, <8 x float> %466)
-  store <8 x float> %467, ptr %acc1096, align 4
-  %468 = load <8 x float>, ptr %acc1198, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b1106, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1198, align 4
-  %470 = add nsw i64 %k103, 1
+  %433 = mul nsw i64 %k103, 16
+  %434 = add nsw i64 %panel.off99, %433
+  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
+  %bw104 = load <8 x i32>, ptr %435, align 4
+  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0105 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1106 = bitcast <8 x i32> %437 to <8 x float>
+  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
+  %439 = load float, ptr %438, align 4
+  %440 = insertelement <8 x float> poison, float %439, i32 0
+  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
+  %442 = load <8 x float>, ptr %acc0091, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
+  store <8 x float> %443, ptr %acc0091, align 4
+  %444 = load <8 x float>, ptr %acc0193, align 4
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
+  store <8 x float> %445, ptr %acc0193, align 4
+  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = load <8 x float>, ptr %acc1096, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
+  store <8 x float> %451, ptr %acc1096, align 4
+  %452 = load <8 x float>, ptr %acc1198, align 4
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
+  store <8 x float> %453, ptr %acc1198, align 4
+  %454 = add nsw i64 %k103, 1
   br label %k.head100
 
 k.end102:                                         ; preds = %k.head100
-  %471 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %471, ptr %y0090, align 4
-  %472 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %472, ptr %y0192, align 4
-  %473 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %473, ptr %y1095, align 4
-  %474 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %474, ptr %y1197, align 4
+  %455 = load <8 x float>, ptr %acc0091, align 4
+  store <8 x float> %455, ptr %y0090, align 4
+  %456 = load <8 x float>, ptr %acc0193, align 4
+  store <8 x float> %456, ptr %y0192, align 4
+  %457 = load <8 x float>, ptr %acc1096, align 4
+  store <8 x float> %457, ptr %y1095, align 4
+  %458 = load <8 x float>, ptr %acc1198, align 4
+  store <8 x float> %458, ptr %y1197, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col107 = mul nsw i64 %p, 16
-  %475 = add nsw i64 %r0, 0
-  %476 = mul nsw i64 %475, 8192
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %476
-  %477 = getelementptr inbounds i32, ptr %rows, i64 %475
-  %478 = load i32, ptr %477, align 4
-  %479 = sext i32 %478 to i64
-  %480 = mul nsw i64 %479, 5120
-  %481 = getelementptr inbounds float, ptr %y, i64 %480
-  %482 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %481, i64 %482
-  %483 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %483, ptr %acc00110, align 4
-  %484 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %481, i64 %484
-  %485 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %485, ptr %acc01112, align 4
-  %486 = mul nsw i64 %kb, 16
-  %487 = mul nsw i64 %p, 131072
-  %panel.off113 = add nsw i64 %487, %486
+  %459 = add nsw i64 %r0, 0
+  %460 = mul nsw i64 %459, 8192
+  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
+  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
+  %462 = load i32, ptr %461, align 4
+  %463 = sext i32 %462 to i64
+  %464 = mul nsw i64 %463, 5120
+  %465 = getelementptr inbounds float, ptr %y, i64 %464
+  %466 = add nsw i64 %col107, 0
+  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
+  %467 = load <8 x float>, ptr %y00109, align 4
+  store <8 x float> %467, ptr %acc00110, align 4
+  %468 = add nsw i64 %col107, 8
+  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
+  %469 = load <8 x float>, ptr %y01111, align 4
+  store <8 x float> %469, ptr %acc01112, align 4
+  %panel.off113 = mul nsw i64 %p, 131072
   br label %k.head114
 
 k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %503, %k.body115 ]
-  %488 = icmp slt i64 %k117, 512
-  br i1 %488, label %k.body115, label %k.end116
+  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
+  %470 = icmp slt i64 %k117, 8192
+  br i1 %470, label %k.body115, label %k.end116
 
 k.body115:                                        ; preds = %k.head114
-  %489 = mul nsw i64 %k117, 16
-  %490 = add nsw i64 %panel.off113, %489
-  %491 = getelementptr inbounds i16, ptr %panels, i64 %490
-  %bw118 = load <8 x i32>, ptr %491, align 4
-  %492 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %492 to <8 x float>
-  %493 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %493 to <8 x float>
-  %494 = add nsw i64 %kb, %k117
-  %495 = getelementptr inbounds float, ptr %h0108, i64 %494
-  %496 = load float, ptr %495, align 4
-  %497 = insertelement <8 x float> poison, float %496, i32 0
-  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = load <8 x float>, ptr %acc00110, align 4
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b0119, <8 x float> %499)
-  store <8 x float> %500, ptr %acc00110, align 4
-  %501 = load <8 x float>, ptr %acc01112, align 4
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b1120, <8 x float> %501)
-  store <8 x float> %502, ptr %acc01112, align 4
-  %503 = add nsw i64 %k117, 1
+  %471 = mul nsw i64 %k117, 16
+  %472 = add nsw i64 %panel.off113, %471
+  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
+  %bw118 = load <8 x i32>, ptr %473, align 4
+  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0119 = bitcast <8 x i32> %474 to <8 x float>
+  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1120 = bitcast <8 x i32> %475 to <8 x float>
+  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc00110, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
+  store <8 x float> %481, ptr %acc00110, align 4
+  %482 = load <8 x float>, ptr %acc01112, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
+  store <8 x float> %483, ptr %acc01112, align 4
+  %484 = add nsw i64 %k117, 1
   br label %k.head114
 
 k.end116:                                         ; preds = %k.head114
-  %504 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %504, ptr %y00109, align 4
-  %505 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %505, ptr %y01111, align 4
+  %485 = load <8 x float>, ptr %acc00110, align 4
+  store <8 x float> %485, ptr %y00109, align 4
+  %486 = load <8 x float>, ptr %acc01112, align 4
+  store <8 x float> %486, ptr %y01111, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %506 = add nsw i64 %r0, 6
+  %487 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %507 = add nsw i64 %kb, 512
-  br label %kb.head
-
-kb.end:                                           ; preds = %kb.head
-  br label %r0.head121
-
-r0.head121:                                       ; preds = %tile.done127, %kb.end
-  %r0124 = phi i64 [ 0, %kb.end ], [ %1005, %tile.done127 ]
-  %508 = icmp slt i64 %r0124, %n
-  br i1 %508, label %r0.body122, label %r0.end123
-
-r0.body122:                                       ; preds = %r0.head121
-  %left125 = sub nsw i64 %n, %r0124
-  %509 = icmp sge i64 %left125, 6
-  %mr126 = select i1 %509, i64 6, i64 %left125
-  switch i64 %mr126, label %tile.mr6133 [
-    i64 1, label %tile.mr1128
-    i64 2, label %tile.mr2129
-    i64 3, label %tile.mr3130
-    i64 4, label %tile.mr4131
-    i64 5, label %tile.mr5132
-  ]
-
-tile.mr6133:                                      ; preds = %r0.body122
-  %col134 = mul nsw i64 %p, 16
-  %510 = add nsw i64 %r0124, 0
-  %511 = mul nsw i64 %510, 8192
-  %h0135 = getelementptr inbounds float, ptr %h, i64 %511
-  %512 = getelementptr inbounds i32, ptr %rows, i64 %510
-  %513 = load i32, ptr %512, align 4
-  %514 = sext i32 %513 to i64
-  %515 = mul nsw i64 %514, 5120
-  %516 = getelementptr inbounds float, ptr %y, i64 %515
-  %517 = add nsw i64 %col134, 0
-  %y00136 = getelementptr inbounds float, ptr %516, i64 %517
-  %518 = load <8 x float>, ptr %y00136, align 4
-  store <8 x float> %518, ptr %acc00137, align 4
-  %519 = add nsw i64 %col134, 8
-  %y01138 = getelementptr inbounds float, ptr %516, i64 %519
-  %520 = load <8 x float>, ptr %y01138, align 4
-  store <8 x float> %520, ptr %acc01139, align 4
-  %521 = add nsw i64 %r0124, 1
-  %522 = mul nsw i64 %521, 8192
-  %h1140 = getelementptr inbounds float, ptr %h, i64 %522
-  %523 = getelementptr inbounds i32, ptr %rows, i64 %521
-  %524 = load i32, ptr %523, align 4
-  %525 = sext i32 %524 to i64
-  %526 = mul nsw i64 %525, 5120
-  %527 = getelementptr inbounds float, ptr %y, i64 %526
-  %528 = add nsw i64 %col134, 0
-  %y10141 = getelementptr inbounds float, ptr %527, i64 %528
-  %529 = load <8 x float>, ptr %y10141, align 4
-  store <8 x float> %529, ptr %acc10142, align 4
-  %530 = add nsw i64 %col134, 8
-  %y11143 = getelementptr inbounds float, ptr %527, i64 %530
-  %531 = load <8 x float>, ptr %y11143, align 4
-  store <8 x float> %531, ptr %acc11144, align 4
-  %532 = add nsw i64 %r0124, 2
-  %533 = mul nsw i64 %532, 8192
-  %h2145 = getelementptr inbounds float, ptr %h, i64 %533
-  %534 = getelementptr inbounds i32, ptr %rows, i64 %532
-  %535 = load i32, ptr %534, align 4
-  %536 = sext i32 %535 to i64
-  %537 = mul nsw i64 %536, 5120
-  %538 = getelementptr inbounds float, ptr %y, i64 %537
-  %539 = add nsw i64 %col134, 0
-  %y20146 = getelementptr inbounds float, ptr %538, i64 %539
-  %540 = load <8 x float>, ptr %y20146, align 4
-  store <8 x float> %540, ptr %acc20147, align 4
-  %541 = add nsw i64 %col134, 8
-  %y21148 = getelementptr inbounds float, ptr %538, i64 %541
-  %542 = load <8 x float>, ptr %y21148, align 4
-  store <8 x float> %542, ptr %acc21149, align 4
-  %543 = add nsw i64 %r0124, 3
-  %544 = mul nsw i64 %543, 8192
-  %h3150 = getelementptr inbounds float, ptr %h, i64 %544
-  %545 = getelementptr inbounds i32, ptr %rows, i64 %543
-  %546 = load i32, ptr %545, align 4
-  %547 = sext i32 %546 to i64
-  %548 = mul nsw i64 %547, 5120
-  %549 = getelementptr inbounds float, ptr %y, i64 %548
-  %550 = add nsw i64 %col134, 0
-  %y30151 = getelementptr inbounds float, ptr %549, i64 %550
-  %551 = load <8 x float>, ptr %y30151, align 4
-  store <8 x float> %551, ptr %acc30152, align 4
-  %552 = add nsw i64 %col134, 8
-  %y31153 = getelementptr inbounds float, ptr %549, i64 %552
-  %553 = load <8 x float>, ptr %y31153, align 4
-  store <8 x float> %553, ptr %acc31154, align 4
-  %554 = add nsw i64 %r0124, 4
-  %555 = mul nsw i64 %554, 8192
-  %h4155 = getelementptr inbounds float, ptr %h, i64 %555
-  %556 = getelementptr inbounds i32, ptr %rows, i64 %554
-  %557 = load i32, ptr %556, align 4
-  %558 = sext i32 %557 to i64
-  %559 = mul nsw i64 %558, 5120
-  %560 = getelementptr inbounds float, ptr %y, i64 %559
-  %561 = add nsw i64 %col134, 0
-  %y40156 = getelementptr inbounds float, ptr %560, i64 %561
-  %562 = load <8 x float>, ptr %y40156, align 4
-  store <8 x float> %562, ptr %acc40157, align 4
-  %563 = add nsw i64 %col134, 8
-  %y41158 = getelementptr inbounds float, ptr %560, i64 %563
-  %564 = load <8 x float>, ptr %y41158, align 4
-  store <8 x float> %564, ptr %acc41159, align 4
-  %565 = add nsw i64 %r0124, 5
-  %566 = mul nsw i64 %565, 8192
-  %h5160 = getelementptr inbounds float, ptr %h, i64 %566
-  %567 = getelementptr inbounds i32, ptr %rows, i64 %565
-  %568 = load i32, ptr %567, align 4
-  %569 = sext i32 %568 to i64
-  %570 = mul nsw i64 %569, 5120
-  %571 = getelementptr inbounds float, ptr %y, i64 %570
-  %572 = add nsw i64 %col134, 0
-  %y50161 = getelementptr inbounds float, ptr %571, i64 %572
-  %573 = load <8 x float>, ptr %y50161, align 4
-  store <8 x float> %573, ptr %acc50162, align 4
-  %574 = add nsw i64 %col134, 8
-  %y51163 = getelementptr inbounds float, ptr %571, i64 %574
-  %575 = load <8 x float>, ptr %y51163, align 4
-  store <8 x float> %575, ptr %acc51164, align 4
-  %576 = mul nsw i64 %p, 131072
-  %panel.off165 = add nsw i64 %576, 122880
-  br label %k.head166
-
-k.head166:                                        ; preds = %k.body167, %tile.mr6133
-  %k169 = phi i64 [ 0, %tile.mr6133 ], [ %632, %k.body167 ]
-  %577 = icmp slt i64 %k169, 512
-  br i1 %577, label %k.body167, label %k.end168
-
-k.body167:                                        ; preds = %k.head166
-  %578 = mul nsw i64 %k169, 16
-  %579 = add nsw i64 %panel.off165, %578
-  %580 = getelementptr inbounds i16, ptr %panels, i64 %579
-  %bw170 = load <8 x i32>, ptr %580, align 4
-  %581 = shl <8 x i32> %bw170, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0171 = bitcast <8 x i32> %581 to <8 x float>
-  %582 = and <8 x i32> %bw170, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1172 = bitcast <8 x i32> %582 to <8 x float>
-  %583 = add nsw i64 7680, %k169
-  %584 = getelementptr inbounds float, ptr %h0135, i64 %583
-  %585 = load float, ptr %584, align 4
-  %586 = insertelement <8 x float> poison, float %585, i32 0
-  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
-  %588 = load <8 x float>, ptr %acc00137, align 4
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %b0171, <8 x float> %588)
-  store <8 x float> %589, ptr %acc00137, align 4
-  %590 = load <8 x float>, ptr %acc01139, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %b1172, <8 x float> %590)
-  store <8 x float> %591, ptr %acc01139, align 4
-  %592 = getelementptr inbounds float, ptr %h1140, i64 %583
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = load <8 x float>, ptr %acc10142, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %b0171, <8 x float> %596)
-  store <8 x float> %597, ptr %acc10142, align 4
-  %598 = load <8 x float>, ptr %acc11144, align 4
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %b1172, <8 x float> %598)
-  store <8 x float> %599, ptr %acc11144, align 4
-  %600 = getelementptr inbounds float, ptr %h2145, i64 %583
-  %601 = load float, ptr %600, align 4
-  %602 = insertelement <8 x float> poison, float %601, i32 0
-  %603 = shufflevector <8 x float> %602, <8 x float> poison, <8 x i32> zeroinitializer
-  %604 = load <8 x float>, ptr %acc20147, align 4
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %b0171, <8 x float> %604)
-  store <8 x float> %605, ptr %acc20147, align 4
-  %606 = load <8 x float>, ptr %acc21149, align 4
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %b1172, <8 x float> %606)
-  store <8 x float> %607, ptr %acc21149, align 4
-  %608 = getelementptr inbounds float, ptr %h3150, i64 %583
-  %609 = load float, ptr %608, align 4
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
-  %612 = load <8 x float>, ptr %acc30152, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %b0171, <8 x float> %612)
-  store <8 x float> %613, ptr %acc30152, align 4
-  %614 = load <8 x float>, ptr %acc31154, align 4
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %b1172, <8 x float> %614)
-  store <8 x float> %615, ptr %acc31154, align 4
-  %616 = getelementptr inbounds float, ptr %h4155, i64 %583
-  %617 = load float, ptr %616, align 4
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
-  %620 = load <8 x float>, ptr %acc40157, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b0171, <8 x float> %620)
-  store <8 x float> %621, ptr %acc40157, align 4
-  %622 = load <8 x float>, ptr %acc41159, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b1172, <8 x float> %622)
-  store <8 x float> %623, ptr %acc41159, align 4
-  %624 = getelementptr inbounds float, ptr %h5160, i64 %583
-  %625 = load float, ptr %624, align 4
-  %626 = insertelement <8 x float> poison, float %625, i32 0
-  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
-  %628 = load <8 x float>, ptr %acc50162, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %b0171, <8 x float> %628)
-  store <8 x float> %629, ptr %acc50162, align 4
-  %630 = load <8 x float>, ptr %acc51164, align 4
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %b1172, <8 x float> %630)
-  store <8 x float> %631, ptr %acc51164, align 4
-  %632 = add nsw i64 %k169, 1
-  br label %k.head166
-
-k.end168:                                         ; preds = %k.head166
-  %633 = load <8 x float>, ptr %acc00137, align 4
-  store <8 x float> %633, ptr %y00136, align 4
-  %634 = load <8 x float>, ptr %acc01139, align 4
-  store <8 x float> %634, ptr %y01138, align 4
-  %635 = load <8 x float>, ptr %acc10142, align 4
-  store <8 x float> %635, ptr %y10141, align 4
-  %636 = load <8 x float>, ptr %acc11144, align 4
-  store <8 x float> %636, ptr %y11143, align 4
-  %637 = load <8 x float>, ptr %acc20147, align 4
-  store <8 x float> %637, ptr %y20146, align 4
-  %638 = load <8 x float>, ptr %acc21149, align 4
-  store <8 x float> %638, ptr %y21148, align 4
-  %639 = load <8 x float>, ptr %acc30152, align 4
-  store <8 x float> %639, ptr %y30151, align 4
-  %640 = load <8 x float>, ptr %acc31154, align 4
-  store <8 x float> %640, ptr %y31153, align 4
-  %641 = load <8 x float>, ptr %acc40157, align 4
-  store <8 x float> %641, ptr %y40156, align 4
-  %642 = load <8 x float>, ptr %acc41159, align 4
-  store <8 x float> %642, ptr %y41158, align 4
-  %643 = load <8 x float>, ptr %acc50162, align 4
-  store <8 x float> %643, ptr %y50161, align 4
-  %644 = load <8 x float>, ptr %acc51164, align 4
-  store <8 x float> %644, ptr %y51163, align 4
-  br label %tile.done127
-
-tile.mr5132:                                      ; preds = %r0.body122
-  %col173 = mul nsw i64 %p, 16
-  %645 = add nsw i64 %r0124, 0
-  %646 = mul nsw i64 %645, 8192
-  %h0174 = getelementptr inbounds float, ptr %h, i64 %646
-  %647 = getelementptr inbounds i32, ptr %rows, i64 %645
-  %648 = load i32, ptr %647, align 4
-  %649 = sext i32 %648 to i64
-  %650 = mul nsw i64 %649, 5120
-  %651 = getelementptr inbounds float, ptr %y, i64 %650
-  %652 = add nsw i64 %col173, 0
-  %y00175 = getelementptr inbounds float, ptr %651, i64 %652
-  %653 = load <8 x float>, ptr %y00175, align 4
-  store <8 x float> %653, ptr %acc00176, align 4
-  %654 = add nsw i64 %col173, 8
-  %y01177 = getelementptr inbounds float, ptr %651, i64 %654
-  %655 = load <8 x float>, ptr %y01177, align 4
-  store <8 x float> %655, ptr %acc01178, align 4
-  %656 = add nsw i64 %r0124, 1
-  %657 = mul nsw i64 %656, 8192
-  %h1179 = getelementptr inbounds float, ptr %h, i64 %657
-  %658 = getelementptr inbounds i32, ptr %rows, i64 %656
-  %659 = load i32, ptr %658, align 4
-  %660 = sext i32 %659 to i64
-  %661 = mul nsw i64 %660, 5120
-  %662 = getelementptr inbounds float, ptr %y, i64 %661
-  %663 = add nsw i64 %col173, 0
-  %y10180 = getelementptr inbounds float, ptr %662, i64 %663
-  %664 = load <8 x float>, ptr %y10180, align 4
-  store <8 x float> %664, ptr %acc10181, align 4
-  %665 = add nsw i64 %col173, 8
-  %y11182 = getelementptr inbounds float, ptr %662, i64 %665
-  %666 = load <8 x float>, ptr %y11182, align 4
-  store <8 x float> %666, ptr %acc11183, align 4
-  %667 = add nsw i64 %r0124, 2
-  %668 = mul nsw i64 %667, 8192
-  %h2184 = getelementptr inbounds float, ptr %h, i64 %668
-  %669 = getelementptr inbounds i32, ptr %rows, i64 %667
-  %670 = load i32, ptr %669, align 4
-  %671 = sext i32 %670 to i64
-  %672 = mul nsw i64 %671, 5120
-  %673 = getelementptr inbounds float, ptr %y, i64 %672
-  %674 = add nsw i64 %col173, 0
-  %y20185 = getelementptr inbounds float, ptr %673, i64 %674
-  %675 = load <8 x float>, ptr %y20185, align 4
-  store <8 x float> %675, ptr %acc20186, align 4
-  %676 = add nsw i64 %col173, 8
-  %y21187 = getelementptr inbounds float, ptr %673, i64 %676
-  %677 = load <8 x float>, ptr %y21187, align 4
-  store <8 x float> %677, ptr %acc21188, align 4
-  %678 = add nsw i64 %r0124, 3
-  %679 = mul nsw i64 %678, 8192
-  %h3189 = getelementptr inbounds float, ptr %h, i64 %679
-  %680 = getelementptr inbounds i32, ptr %rows, i64 %678
-  %681 = load i32, ptr %680, align 4
-  %682 = sext i32 %681 to i64
-  %683 = mul nsw i64 %682, 5120
-  %684 = getelementptr inbounds float, ptr %y, i64 %683
-  %685 = add nsw i64 %col173, 0
-  %y30190 = getelementptr inbounds float, ptr %684, i64 %685
-  %686 = load <8 x float>, ptr %y30190, align 4
-  store <8 x float> %686, ptr %acc30191, align 4
-  %687 = add nsw i64 %col173, 8
-  %y31192 = getelementptr inbounds float, ptr %684, i64 %687
-  %688 = load <8 x float>, ptr %y31192, align 4
-  store <8 x float> %688, ptr %acc31193, align 4
-  %689 = add nsw i64 %r0124, 4
-  %690 = mul nsw i64 %689, 8192
-  %h4194 = getelementptr inbounds float, ptr %h, i64 %690
-  %691 = getelementptr inbounds i32, ptr %rows, i64 %689
-  %692 = load i32, ptr %691, align 4
-  %693 = sext i32 %692 to i64
-  %694 = mul nsw i64 %693, 5120
-  %695 = getelementptr inbounds float, ptr %y, i64 %694
-  %696 = add nsw i64 %col173, 0
-  %y40195 = getelementptr inbounds float, ptr %695, i64 %696
-  %697 = load <8 x float>, ptr %y40195, align 4
-  store <8 x float> %697, ptr %acc40196, align 4
-  %698 = add nsw i64 %col173, 8
-  %y41197 = getelementptr inbounds float, ptr %695, i64 %698
-  %699 = load <8 x float>, ptr %y41197, align 4
-  store <8 x float> %699, ptr %acc41198, align 4
-  %700 = mul nsw i64 %p, 131072
-  %panel.off199 = add nsw i64 %700, 122880
-  br label %k.head200
-
-k.head200:                                        ; preds = %k.body201, %tile.mr5132
-  %k203 = phi i64 [ 0, %tile.mr5132 ], [ %748, %k.body201 ]
-  %701 = icmp slt i64 %k203, 512
-  br i1 %701, label %k.body201, label %k.end202
-
-k.body201:                                        ; preds = %k.head200
-  %702 = mul nsw i64 %k203, 16
-  %703 = add nsw i64 %panel.off199, %702
-  %704 = getelementptr inbounds i16, ptr %panels, i64 %703
-  %bw204 = load <8 x i32>, ptr %704, align 4
-  %705 = shl <8 x i32> %bw204, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0205 = bitcast <8 x i32> %705 to <8 x float>
-  %706 = and <8 x i32> %bw204, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1206 = bitcast <8 x i32> %706 to <8 x float>
-  %707 = add nsw i64 7680, %k203
-  %708 = getelementptr inbounds float, ptr %h0174, i64 %707
-  %709 = load float, ptr %708, align 4
-  %710 = insertelement <8 x float> poison, float %709, i32 0
-  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
-  %712 = load <8 x float>, ptr %acc00176, align 4
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b0205, <8 x float> %712)
-  store <8 x float> %713, ptr %acc00176, align 4
-  %714 = load <8 x float>, ptr %acc01178, align 4
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b1206, <8 x float> %714)
-  store <8 x float> %715, ptr %acc01178, align 4
-  %716 = getelementptr inbounds float, ptr %h1179, i64 %707
-  %717 = load float, ptr %716, align 4
-  %718 = insertelement <8 x float> poison, float %717, i32 0
-  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
-  %720 = load <8 x float>, ptr %acc10181, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b0205, <8 x float> %720)
-  store <8 x float> %721, ptr %acc10181, align 4
-  %722 = load <8 x float>, ptr %acc11183, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b1206, <8 x float> %722)
-  store <8 x float> %723, ptr %acc11183, align 4
-  %724 = getelementptr inbounds float, ptr %h2184, i64 %707
-  %725 = load float, ptr %724, align 4
-  %726 = insertelement <8 x float> poison, float %725, i32 0
-  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
-  %728 = load <8 x float>, ptr %acc20186, align 4
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %b0205, <8 x float> %728)
-  store <8 x float> %729, ptr %acc20186, align 4
-  %730 = load <8 x float>, ptr %acc21188, align 4
-  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %b1206, <8 x float> %730)
-  store <8 x float> %731, ptr %acc21188, align 4
-  %732 = getelementptr inbounds float, ptr %h3189, i64 %707
-  %733 = load float, ptr %732, align 4
-  %734 = insertelement <8 x float> poison, float %733, i32 0
-  %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
-  %736 = load <8 x float>, ptr %acc30191, align 4
-  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %b0205, <8 x float> %736)
-  store <8 x float> %737, ptr %acc30191, align 4
-  %738 = load <8 x float>, ptr %acc31193, align 4
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %b1206, <8 x float> %738)
-  store <8 x float> %739, ptr %acc31193, align 4
-  %740 = getelementptr inbounds float, ptr %h4194, i64 %707
-  %741 = load float, ptr %740, align 4
-  %742 = insertelement <8 x float> poison, float %741, i32 0
-  %743 = shufflevector <8 x float> %742, <8 x float> poison, <8 x i32> zeroinitializer
-  %744 = load <8 x float>, ptr %acc40196, align 4
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %b0205, <8 x float> %744)
-  store <8 x float> %745, ptr %acc40196, align 4
-  %746 = load <8 x float>, ptr %acc41198, align 4
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %b1206, <8 x float> %746)
-  store <8 x float> %747, ptr %acc41198, align 4
-  %748 = add nsw i64 %k203, 1
-  br label %k.head200
-
-k.end202:                                         ; preds = %k.head200
-  %749 = load <8 x float>, ptr %acc00176, align 4
-  store <8 x float> %749, ptr %y00175, align 4
-  %750 = load <8 x float>, ptr %acc01178, align 4
-  store <8 x float> %750, ptr %y01177, align 4
-  %751 = load <8 x float>, ptr %acc10181, align 4
-  store <8 x float> %751, ptr %y10180, align 4
-  %752 = load <8 x float>, ptr %acc11183, align 4
-  store <8 x float> %752, ptr %y11182, align 4
-  %753 = load <8 x float>, ptr %acc20186, align 4
-  store <8 x float> %753, ptr %y20185, align 4
-  %754 = load <8 x float>, ptr %acc21188, align 4
-  store <8 x float> %754, ptr %y21187, align 4
-  %755 = load <8 x float>, ptr %acc30191, align 4
-  store <8 x float> %755, ptr %y30190, align 4
-  %756 = load <8 x float>, ptr %acc31193, align 4
-  store <8 x float> %756, ptr %y31192, align 4
-  %757 = load <8 x float>, ptr %acc40196, align 4
-  store <8 x float> %757, ptr %y40195, align 4
-  %758 = load <8 x float>, ptr %acc41198, align 4
-  store <8 x float> %758, ptr %y41197, align 4
-  br label %tile.done127
-
-tile.mr4131:                                      ; preds = %r0.body122
-  %col207 = mul nsw i64 %p, 16
-  %759 = add nsw i64 %r0124, 0
-  %760 = mul nsw i64 %759, 8192
-  %h0208 = getelementptr inbounds float, ptr %h, i64 %760
-  %761 = getelementptr inbounds i32, ptr %rows, i64 %759
-  %762 = load i32, ptr %761, align 4
-  %763 = sext i32 %762 to i64
-  %764 = mul nsw i64 %763, 5120
-  %765 = getelementptr inbounds float, ptr %y, i64 %764
-  %766 = add nsw i64 %col207, 0
-  %y00209 = getelementptr inbounds float, ptr %765, i64 %766
-  %767 = load <8 x float>, ptr %y00209, align 4
-  store <8 x float> %767, ptr %acc00210, align 4
-  %768 = add nsw i64 %col207, 8
-  %y01211 = getelementptr inbounds float, ptr %765, i64 %768
-  %769 = load <8 x float>, ptr %y01211, align 4
-  store <8 x float> %769, ptr %acc01212, align 4
-  %770 = add nsw i64 %r0124, 1
-  %771 = mul nsw i64 %770, 8192
-  %h1213 = getelementptr inbounds float, ptr %h, i64 %771
-  %772 = getelementptr inbounds i32, ptr %rows, i64 %770
-  %773 = load i32, ptr %772, align 4
-  %774 = sext i32 %773 to i64
-  %775 = mul nsw i64 %774, 5120
-  %776 = getelementptr inbounds float, ptr %y, i64 %775
-  %777 = add nsw i64 %col207, 0
-  %y10214 = getelementptr inbounds float, ptr %776, i64 %777
-  %778 = load <8 x float>, ptr %y10214, align 4
-  store <8 x float> %778, ptr %acc10215, align 4
-  %779 = add nsw i64 %col207, 8
-  %y11216 = getelementptr inbounds float, ptr %776, i64 %779
-  %780 = load <8 x float>, ptr %y11216, align 4
-  store <8 x float> %780, ptr %acc11217, align 4
-  %781 = add nsw i64 %r0124, 2
-  %782 = mul nsw i64 %781, 8192
-  %h2218 = getelementptr inbounds float, ptr %h, i64 %782
-  %783 = getelementptr inbounds i32, ptr %rows, i64 %781
-  %784 = load i32, ptr %783, align 4
-  %785 = sext i32 %784 to i64
-  %786 = mul nsw i64 %785, 5120
-  %787 = getelementptr inbounds float, ptr %y, i64 %786
-  %788 = add nsw i64 %col207, 0
-  %y20219 = getelementptr inbounds float, ptr %787, i64 %788
-  %789 = load <8 x float>, ptr %y20219, align 4
-  store <8 x float> %789, ptr %acc20220, align 4
-  %790 = add nsw i64 %col207, 8
-  %y21221 = getelementptr inbounds float, ptr %787, i64 %790
-  %791 = load <8 x float>, ptr %y21221, align 4
-  store <8 x float> %791, ptr %acc21222, align 4
-  %792 = add nsw i64 %r0124, 3
-  %793 = mul nsw i64 %792, 8192
-  %h3223 = getelementptr inbounds float, ptr %h, i64 %793
-  %794 = getelementptr inbounds i32, ptr %rows, i64 %792
-  %795 = load i32, ptr %794, align 4
-  %796 = sext i32 %795 to i64
-  %797 = mul nsw i64 %796, 5120
-  %798 = getelementptr inbounds float, ptr %y, i64 %797
-  %799 = add nsw i64 %col207, 0
-  %y30224 = getelementptr inbounds float, ptr %798, i64 %799
-  %800 = load <8 x float>, ptr %y30224, align 4
-  store <8 x float> %800, ptr %acc30225, align 4
-  %801 = add nsw i64 %col207, 8
-  %y31226 = getelementptr inbounds float, ptr %798, i64 %801
-  %802 = load <8 x float>, ptr %y31226, align 4
-  store <8 x float> %802, ptr %acc31227, align 4
-  %803 = mul nsw i64 %p, 131072
-  %panel.off228 = add nsw i64 %803, 122880
-  br label %k.head229
-
-k.head229:                                        ; preds = %k.body230, %tile.mr4131
-  %k232 = phi i64 [ 0, %tile.mr4131 ], [ %843, %k.body230 ]
-  %804 = icmp slt i64 %k232, 512
-  br i1 %804, label %k.body230, label %k.end231
-
-k.body230:                                        ; preds = %k.head229
-  %805 = mul nsw i64 %k232, 16
-  %806 = add nsw i64 %panel.off228, %805
-  %807 = getelementptr inbounds i16, ptr %panels, i64 %806
-  %bw233 = load <8 x i32>, ptr %807, align 4
-  %808 = shl <8 x i32> %bw233, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0234 = bitcast <8 x i32> %808 to <8 x float>
-  %809 = and <8 x i32> %bw233, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1235 = bitcast <8 x i32> %809 to <8 x float>
-  %810 = add nsw i64 7680, %k232
-  %811 = getelementptr inbounds float, ptr %h0208, i64 %810
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc00210, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b0234, <8 x float> %815)
-  store <8 x float> %816, ptr %acc00210, align 4
-  %817 = load <8 x float>, ptr %acc01212, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b1235, <8 x float> %817)
-  store <8 x float> %818, ptr %acc01212, align 4
-  %819 = getelementptr inbounds float, ptr %h1213, i64 %810
-  %820 = load float, ptr %819, align 4
-  %821 = insertelement <8 x float> poison, float %820, i32 0
-  %822 = shufflevector <8 x float> %821, <8 x float> poison, <8 x i32> zeroinitializer
-  %823 = load <8 x float>, ptr %acc10215, align 4
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %b0234, <8 x float> %823)
-  store <8 x float> %824, ptr %acc10215, align 4
-  %825 = load <8 x float>, ptr %acc11217, align 4
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %b1235, <8 x float> %825)
-  store <8 x float> %826, ptr %acc11217, align 4
-  %827 = getelementptr inbounds float, ptr %h2218, i64 %810
-  %828 = load float, ptr %827, align 4
-  %829 = insertelement <8 x float> poison, float %828, i32 0
-  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
-  %831 = load <8 x float>, ptr %acc20220, align 4
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %b0234, <8 x float> %831)
-  store <8 x float> %832, ptr %acc20220, align 4
-  %833 = load <8 x float>, ptr %acc21222, align 4
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %b1235, <8 x float> %833)
-  store <8 x float> %834, ptr %acc21222, align 4
-  %835 = getelementptr inbounds float, ptr %h3223, i64 %810
-  %836 = load float, ptr %835, align 4
-  %837 = insertelement <8 x float> poison, float %836, i32 0
-  %838 = shufflevector <8 x float> %837, <8 x float> poison, <8 x i32> zeroinitializer
-  %839 = load <8 x float>, ptr %acc30225, align 4
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %b0234, <8 x float> %839)
-  store <8 x float> %840, ptr %acc30225, align 4
-  %841 = load <8 x float>, ptr %acc31227, align 4
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %b1235, <8 x float> %841)
-  store <8 x float> %842, ptr %acc31227, align 4
-  %843 = add nsw i64 %k232, 1
-  br label %k.head229
-
-k.end231:                                         ; preds = %k.head229
-  %844 = load <8 x float>, ptr %acc00210, align 4
-  store <8 x float> %844, ptr %y00209, align 4
-  %845 = load <8 x float>, ptr %acc01212, align 4
-  store <8 x float> %845, ptr %y01211, align 4
-  %846 = load <8 x float>, ptr %acc10215, align 4
-  store <8 x float> %846, ptr %y10214, align 4
-  %847 = load <8 x float>, ptr %acc11217, align 4
-  store <8 x float> %847, ptr %y11216, align 4
-  %848 = load <8 x float>, ptr %acc20220, align 4
-  store <8 x float> %848, ptr %y20219, align 4
-  %849 = load <8 x float>, ptr %acc21222, align 4
-  store <8 x float> %849, ptr %y21221, align 4
-  %850 = load <8 x float>, ptr %acc30225, align 4
-  store <8 x float> %850, ptr %y30224, align 4
-  %851 = load <8 x float>, ptr %acc31227, align 4
-  store <8 x float> %851, ptr %y31226, align 4
-  br label %tile.done127
-
-tile.mr3130:                                      ; preds = %r0.body122
-  %col236 = mul nsw i64 %p, 16
-  %852 = add nsw i64 %r0124, 0
-  %853 = mul nsw i64 %852, 8192
-  %h0237 = getelementptr inbounds float, ptr %h, i64 %853
-  %854 = getelementptr inbounds i32, ptr %rows, i64 %852
-  %855 = load i32, ptr %854, align 4
-  %856 = sext i32 %855 to i64
-  %857 = mul nsw i64 %856, 5120
-  %858 = getelementptr inbounds float, ptr %y, i64 %857
-  %859 = add nsw i64 %col236, 0
-  %y00238 = getelementptr inbounds float, ptr %858, i64 %859
-  %860 = load <8 x float>, ptr %y00238, align 4
-  store <8 x float> %860, ptr %acc00239, align 4
-  %861 = add nsw i64 %col236, 8
-  %y01240 = getelementptr inbounds float, ptr %858, i64 %861
-  %862 = load <8 x float>, ptr %y01240, align 4
-  store <8 x float> %862, ptr %acc01241, align 4
-  %863 = add nsw i64 %r0124, 1
-  %864 = mul nsw i64 %863, 8192
-  %h1242 = getelementptr inbounds float, ptr %h, i64 %864
-  %865 = getelementptr inbounds i32, ptr %rows, i64 %863
-  %866 = load i32, ptr %865, align 4
-  %867 = sext i32 %866 to i64
-  %868 = mul nsw i64 %867, 5120
-  %869 = getelementptr inbounds float, ptr %y, i64 %868
-  %870 = add nsw i64 %col236, 0
-  %y10243 = getelementptr inbounds float, ptr %869, i64 %870
-  %871 = load <8 x float>, ptr %y10243, align 4
-  store <8 x float> %871, ptr %acc10244, align 4
-  %872 = add nsw i64 %col236, 8
-  %y11245 = getelementptr inbounds float, ptr %869, i64 %872
-  %873 = load <8 x float>, ptr %y11245, align 4
-  store <8 x float> %873, ptr %acc11246, align 4
-  %874 = add nsw i64 %r0124, 2
-  %875 = mul nsw i64 %874, 8192
-  %h2247 = getelementptr inbounds float, ptr %h, i64 %875
-  %876 = getelementptr inbounds i32, ptr %rows, i64 %874
-  %877 = load i32, ptr %876, align 4
-  %878 = sext i32 %877 to i64
-  %879 = mul nsw i64 %878, 5120
-  %880 = getelementptr inbounds float, ptr %y, i64 %879
-  %881 = add nsw i64 %col236, 0
-  %y20248 = getelementptr inbounds float, ptr %880, i64 %881
-  %882 = load <8 x float>, ptr %y20248, align 4
-  store <8 x float> %882, ptr %acc20249, align 4
-  %883 = add nsw i64 %col236, 8
-  %y21250 = getelementptr inbounds float, ptr %880, i64 %883
-  %884 = load <8 x float>, ptr %y21250, align 4
-  store <8 x float> %884, ptr %acc21251, align 4
-  %885 = mul nsw i64 %p, 131072
-  %panel.off252 = add nsw i64 %885, 122880
-  br label %k.head253
-
-k.head253:                                        ; preds = %k.body254, %tile.mr3130
-  %k256 = phi i64 [ 0, %tile.mr3130 ], [ %917, %k.body254 ]
-  %886 = icmp slt i64 %k256, 512
-  br i1 %886, label %k.body254, label %k.end255
-
-k.body254:                                        ; preds = %k.head253
-  %887 = mul nsw i64 %k256, 16
-  %888 = add nsw i64 %panel.off252, %887
-  %889 = getelementptr inbounds i16, ptr %panels, i64 %888
-  %bw257 = load <8 x i32>, ptr %889, align 4
-  %890 = shl <8 x i32> %bw257, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0258 = bitcast <8 x i32> %890 to <8 x float>
-  %891 = and <8 x i32> %bw257, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1259 = bitcast <8 x i32> %891 to <8 x float>
-  %892 = add nsw i64 7680, %k256
-  %893 = getelementptr inbounds float, ptr %h0237, i64 %892
-  %894 = load float, ptr %893, align 4
-  %895 = insertelement <8 x float> poison, float %894, i32 0
-  %896 = shufflevector <8 x float> %895, <8 x float> poison, <8 x i32> zeroinitializer
-  %897 = load <8 x float>, ptr %acc00239, align 4
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %b0258, <8 x float> %897)
-  store <8 x float> %898, ptr %acc00239, align 4
-  %899 = load <8 x float>, ptr %acc01241, align 4
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %b1259, <8 x float> %899)
-  store <8 x float> %900, ptr %acc01241, align 4
-  %901 = getelementptr inbounds float, ptr %h1242, i64 %892
-  %902 = load float, ptr %901, align 4
-  %903 = insertelement <8 x float> poison, float %902, i32 0
-  %904 = shufflevector <8 x float> %903, <8 x float> poison, <8 x i32> zeroinitializer
-  %905 = load <8 x float>, ptr %acc10244, align 4
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %b0258, <8 x float> %905)
-  store <8 x float> %906, ptr %acc10244, align 4
-  %907 = load <8 x float>, ptr %acc11246, align 4
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %b1259, <8 x float> %907)
-  store <8 x float> %908, ptr %acc11246, align 4
-  %909 = getelementptr inbounds float, ptr %h2247, i64 %892
-  %910 = load float, ptr %909, align 4
-  %911 = insertelement <8 x float> poison, float %910, i32 0
-  %912 = shufflevector <8 x float> %911, <8 x float> poison, <8 x i32> zeroinitializer
-  %913 = load <8 x float>, ptr %acc20249, align 4
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %b0258, <8 x float> %913)
-  store <8 x float> %914, ptr %acc20249, align 4
-  %915 = load <8 x float>, ptr %acc21251, align 4
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %b1259, <8 x float> %915)
-  store <8 x float> %916, ptr %acc21251, align 4
-  %917 = add nsw i64 %k256, 1
-  br label %k.head253
-
-k.end255:                                         ; preds = %k.head253
-  %918 = load <8 x float>, ptr %acc00239, align 4
-  store <8 x float> %918, ptr %y00238, align 4
-  %919 = load <8 x float>, ptr %acc01241, align 4
-  store <8 x float> %919, ptr %y01240, align 4
-  %920 = load <8 x float>, ptr %acc10244, align 4
-  store <8 x float> %920, ptr %y10243, align 4
-  %921 = load <8 x float>, ptr %acc11246, align 4
-  store <8 x float> %921, ptr %y11245, align 4
-  %922 = load <8 x float>, ptr %acc20249, align 4
-  store <8 x float> %922, ptr %y20248, align 4
-  %923 = load <8 x float>, ptr %acc21251, align 4
-  store <8 x float> %923, ptr %y21250, align 4
-  br label %tile.done127
-
-tile.mr2129:                                      ; preds = %r0.body122
-  %col260 = mul nsw i64 %p, 16
-  %924 = add nsw i64 %r0124, 0
-  %925 = mul nsw i64 %924, 8192
-  %h0261 = getelementptr inbounds float, ptr %h, i64 %925
-  %926 = getelementptr inbounds i32, ptr %rows, i64 %924
-  %927 = load i32, ptr %926, align 4
-  %928 = sext i32 %927 to i64
-  %929 = mul nsw i64 %928, 5120
-  %930 = getelementptr inbounds float, ptr %y, i64 %929
-  %931 = add nsw i64 %col260, 0
-  %y00262 = getelementptr inbounds float, ptr %930, i64 %931
-  %932 = load <8 x float>, ptr %y00262, align 4
-  store <8 x float> %932, ptr %acc00263, align 4
-  %933 = add nsw i64 %col260, 8
-  %y01264 = getelementptr inbounds float, ptr %930, i64 %933
-  %934 = load <8 x float>, ptr %y01264, align 4
-  store <8 x float> %934, ptr %acc01265, align 4
-  %935 = add nsw i64 %r0124, 1
-  %936 = mul nsw i64 %935, 8192
-  %h1266 = getelementptr inbounds float, ptr %h, i64 %936
-  %937 = getelementptr inbounds i32, ptr %rows, i64 %935
-  %938 = load i32, ptr %937, align 4
-  %939 = sext i32 %938 to i64
-  %940 = mul nsw i64 %939, 5120
-  %941 = getelementptr inbounds float, ptr %y, i64 %940
-  %942 = add nsw i64 %col260, 0
-  %y10267 = getelementptr inbounds float, ptr %941, i64 %942
-  %943 = load <8 x float>, ptr %y10267, align 4
-  store <8 x float> %943, ptr %acc10268, align 4
-  %944 = add nsw i64 %col260, 8
-  %y11269 = getelementptr inbounds float, ptr %941, i64 %944
-  %945 = load <8 x float>, ptr %y11269, align 4
-  store <8 x float> %945, ptr %acc11270, align 4
-  %946 = mul nsw i64 %p, 131072
-  %panel.off271 = add nsw i64 %946, 122880
-  br label %k.head272
-
-k.head272:                                        ; preds = %k.body273, %tile.mr2129
-  %k275 = phi i64 [ 0, %tile.mr2129 ], [ %970, %k.body273 ]
-  %947 = icmp slt i64 %k275, 512
-  br i1 %947, label %k.body273, label %k.end274
-
-k.body273:                                        ; preds = %k.head272
-  %948 = mul nsw i64 %k275, 16
-  %949 = add nsw i64 %panel.off271, %948
-  %950 = getelementptr inbounds i16, ptr %panels, i64 %949
-  %bw276 = load <8 x i32>, ptr %950, align 4
-  %951 = shl <8 x i32> %bw276, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0277 = bitcast <8 x i32> %951 to <8 x float>
-  %952 = and <8 x i32> %bw276, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1278 = bitcast <8 x i32> %952 to <8 x float>
-  %953 = add nsw i64 7680, %k275
-  %954 = getelementptr inbounds float, ptr %h0261, i64 %953
-  %955 = load float, ptr %954, align 4
-  %956 = insertelement <8 x float> poison, float %955, i32 0
-  %957 = shufflevector <8 x float> %956, <8 x float> poison, <8 x i32> zeroinitializer
-  %958 = load <8 x float>, ptr %acc00263, align 4
-  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %b0277, <8 x float> %958)
-  store <8 x float> %959, ptr %acc00263, align 4
-  %960 = load <8 x float>, ptr %acc01265, align 4
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %b1278, <8 x float> %960)
-  store <8 x float> %961, ptr %acc01265, align 4
-  %962 = getelementptr inbounds float, ptr %h1266, i64 %953
-  %963 = load float, ptr %962, align 4
-  %964 = insertelement <8 x float> poison, float %963, i32 0
-  %965 = shufflevector <8 x float> %964, <8 x float> poison, <8 x i32> zeroinitializer
-  %966 = load <8 x float>, ptr %acc10268, align 4
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %b0277, <8 x float> %966)
-  store <8 x float> %967, ptr %acc10268, align 4
-  %968 = load <8 x float>, ptr %acc11270, align 4
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %b1278, <8 x float> %968)
-  store <8 x float> %969, ptr %acc11270, align 4
-  %970 = add nsw i64 %k275, 1
-  br label %k.head272
-
-k.end274:                                         ; preds = %k.head272
-  %971 = load <8 x float>, ptr %acc00263, align 4
-  store <8 x float> %971, ptr %y00262, align 4
-  %972 = load <8 x float>, ptr %acc01265, align 4
-  store <8 x float> %972, ptr %y01264, align 4
-  %973 = load <8 x float>, ptr %acc10268, align 4
-  store <8 x float> %973, ptr %y10267, align 4
-  %974 = load <8 x float>, ptr %acc11270, align 4
-  store <8 x float> %974, ptr %y11269, align 4
-  br label %tile.done127
-
-tile.mr1128:                                      ; preds = %r0.body122
-  %col279 = mul nsw i64 %p, 16
-  %975 = add nsw i64 %r0124, 0
-  %976 = mul nsw i64 %975, 8192
-  %h0280 = getelementptr inbounds float, ptr %h, i64 %976
-  %977 = getelementptr inbounds i32, ptr %rows, i64 %975
-  %978 = load i32, ptr %977, align 4
-  %979 = sext i32 %978 to i64
-  %980 = mul nsw i64 %979, 5120
-  %981 = getelementptr inbounds float, ptr %y, i64 %980
-  %982 = add nsw i64 %col279, 0
-  %y00281 = getelementptr inbounds float, ptr %981, i64 %982
-  %983 = load <8 x float>, ptr %y00281, align 4
-  store <8 x float> %983, ptr %acc00282, align 4
-  %984 = add nsw i64 %col279, 8
-  %y01283 = getelementptr inbounds float, ptr %981, i64 %984
-  %985 = load <8 x float>, ptr %y01283, align 4
-  store <8 x float> %985, ptr %acc01284, align 4
-  %986 = mul nsw i64 %p, 131072
-  %panel.off285 = add nsw i64 %986, 122880
-  br label %k.head286
-
-k.head286:                                        ; preds = %k.body287, %tile.mr1128
-  %k289 = phi i64 [ 0, %tile.mr1128 ], [ %1002, %k.body287 ]
-  %987 = icmp slt i64 %k289, 512
-  br i1 %987, label %k.body287, label %k.end288
-
-k.body287:                                        ; preds = %k.head286
-  %988 = mul nsw i64 %k289, 16
-  %989 = add nsw i64 %panel.off285, %988
-  %990 = getelementptr inbounds i16, ptr %panels, i64 %989
-  %bw290 = load <8 x i32>, ptr %990, align 4
-  %991 = shl <8 x i32> %bw290, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0291 = bitcast <8 x i32> %991 to <8 x float>
-  %992 = and <8 x i32> %bw290, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1292 = bitcast <8 x i32> %992 to <8 x float>
-  %993 = add nsw i64 7680, %k289
-  %994 = getelementptr inbounds float, ptr %h0280, i64 %993
-  %995 = load float, ptr %994, align 4
-  %996 = insertelement <8 x float> poison, float %995, i32 0
-  %997 = shufflevector <8 x float> %996, <8 x float> poison, <8 x i32> zeroinitializer
-  %998 = load <8 x float>, ptr %acc00282, align 4
-  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %b0291, <8 x float> %998)
-  store <8 x float> %999, ptr %acc00282, align 4
-  %1000 = load <8 x float>, ptr %acc01284, align 4
-  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %b1292, <8 x float> %1000)
-  store <8 x float> %1001, ptr %acc01284, align 4
-  %1002 = add nsw i64 %k289, 1
-  br label %k.head286
-
-k.end288:                                         ; preds = %k.head286
-  %1003 = load <8 x float>, ptr %acc00282, align 4
-  store <8 x float> %1003, ptr %y00281, align 4
-  %1004 = load <8 x float>, ptr %acc01284, align 4
-  store <8 x float> %1004, ptr %y01283, align 4
-  br label %tile.done127
-
-tile.done127:                                     ; preds = %k.end288, %k.end274, %k.end255, %k.end231, %k.end202, %k.end168
-  %1005 = add nsw i64 %r0124, 6
-  br label %r0.head121
-
-r0.end123:                                        ; preds = %r0.head121
-  %1006 = add nsw i64 %p, 1
+  %488 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -7,7 +7,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [65 x i8] c"b8df570d9aaf46086b56b60f239c962994c2faa6430797d18f198284e147191e\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr } { i32 3, i32 16524, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr @moe_pk_route, ptr @moe_pk_experts }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr } { i32 4, i32 16524, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr @moe_pk_route, ptr @moe_pk_experts, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_pk_route(ptr %x, i64 %t0, i64 %t1, ptr %query, ptr %qbias, ptr %keys, ptr %ids, ptr %weights) #0 {
@@ -1960,7 +1960,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %500, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -1968,7 +1968,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %499, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2082,700 +2082,688 @@ tile.mr6:                                         ; preds = %r0.body
   %y51 = getelementptr inbounds float, ptr %65, i64 %68
   %69 = load <8 x float>, ptr %y51, align 4
   store <8 x float> %69, ptr %acc51, align 4
-  %70 = mul nsw i64 %p, 16
-  %panel.off = add nsw i64 %70, 0
+  %panel.off = mul nsw i64 %p, 16
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %126, %k.body ]
-  %71 = icmp slt i64 %k, 1
-  br i1 %71, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
+  %70 = icmp slt i64 %k, 1
+  br i1 %70, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %72 = mul nsw i64 %k, 16
-  %73 = add nsw i64 %panel.off, %72
-  %74 = getelementptr inbounds float, ptr %panels, i64 %73
-  %b0 = load <8 x float>, ptr %74, align 4
-  %75 = add nsw i64 %73, 8
-  %76 = getelementptr inbounds float, ptr %panels, i64 %75
-  %b1 = load <8 x float>, ptr %76, align 4
-  %77 = add nsw i64 0, %k
-  %78 = getelementptr inbounds float, ptr %h0, i64 %77
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc00, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
-  store <8 x float> %83, ptr %acc00, align 4
-  %84 = load <8 x float>, ptr %acc01, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
-  store <8 x float> %85, ptr %acc01, align 4
-  %86 = getelementptr inbounds float, ptr %h1, i64 %77
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc10, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
-  store <8 x float> %91, ptr %acc10, align 4
-  %92 = load <8 x float>, ptr %acc11, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
-  store <8 x float> %93, ptr %acc11, align 4
-  %94 = getelementptr inbounds float, ptr %h2, i64 %77
-  %95 = load float, ptr %94, align 4
-  %96 = insertelement <8 x float> poison, float %95, i32 0
-  %97 = shufflevector <8 x float> %96, <8 x float> poison, <8 x i32> zeroinitializer
-  %98 = load <8 x float>, ptr %acc20, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %b0, <8 x float> %98)
-  store <8 x float> %99, ptr %acc20, align 4
-  %100 = load <8 x float>, ptr %acc21, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %b1, <8 x float> %100)
-  store <8 x float> %101, ptr %acc21, align 4
-  %102 = getelementptr inbounds float, ptr %h3, i64 %77
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <8 x float> poison, float %103, i32 0
-  %105 = shufflevector <8 x float> %104, <8 x float> poison, <8 x i32> zeroinitializer
-  %106 = load <8 x float>, ptr %acc30, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %b0, <8 x float> %106)
-  store <8 x float> %107, ptr %acc30, align 4
-  %108 = load <8 x float>, ptr %acc31, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %b1, <8 x float> %108)
-  store <8 x float> %109, ptr %acc31, align 4
-  %110 = getelementptr inbounds float, ptr %h4, i64 %77
-  %111 = load float, ptr %110, align 4
-  %112 = insertelement <8 x float> poison, float %111, i32 0
-  %113 = shufflevector <8 x float> %112, <8 x float> poison, <8 x i32> zeroinitializer
-  %114 = load <8 x float>, ptr %acc40, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %b0, <8 x float> %114)
-  store <8 x float> %115, ptr %acc40, align 4
-  %116 = load <8 x float>, ptr %acc41, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %b1, <8 x float> %116)
-  store <8 x float> %117, ptr %acc41, align 4
-  %118 = getelementptr inbounds float, ptr %h5, i64 %77
-  %119 = load float, ptr %118, align 4
-  %120 = insertelement <8 x float> poison, float %119, i32 0
-  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
-  %122 = load <8 x float>, ptr %acc50, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> %b0, <8 x float> %122)
-  store <8 x float> %123, ptr %acc50, align 4
-  %124 = load <8 x float>, ptr %acc51, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> %b1, <8 x float> %124)
-  store <8 x float> %125, ptr %acc51, align 4
-  %126 = add nsw i64 %k, 1
+  %71 = mul nsw i64 %k, 16
+  %72 = add nsw i64 %panel.off, %71
+  %73 = getelementptr inbounds float, ptr %panels, i64 %72
+  %b0 = load <8 x float>, ptr %73, align 4
+  %74 = add nsw i64 %72, 8
+  %75 = getelementptr inbounds float, ptr %panels, i64 %74
+  %b1 = load <8 x float>, ptr %75, align 4
+  %76 = getelementptr inbounds float, ptr %h0, i64 %k
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc00, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
+  store <8 x float> %81, ptr %acc00, align 4
+  %82 = load <8 x float>, ptr %acc01, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
+  store <8 x float> %83, ptr %acc01, align 4
+  %84 = getelementptr inbounds float, ptr %h1, i64 %k
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc10, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
+  store <8 x float> %89, ptr %acc10, align 4
+  %90 = load <8 x float>, ptr %acc11, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
+  store <8 x float> %91, ptr %acc11, align 4
+  %92 = getelementptr inbounds float, ptr %h2, i64 %k
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc20, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
+  store <8 x float> %97, ptr %acc20, align 4
+  %98 = load <8 x float>, ptr %acc21, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
+  store <8 x float> %99, ptr %acc21, align 4
+  %100 = getelementptr inbounds float, ptr %h3, i64 %k
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc30, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
+  store <8 x float> %105, ptr %acc30, align 4
+  %106 = load <8 x float>, ptr %acc31, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
+  store <8 x float> %107, ptr %acc31, align 4
+  %108 = getelementptr inbounds float, ptr %h4, i64 %k
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc40, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
+  store <8 x float> %113, ptr %acc40, align 4
+  %114 = load <8 x float>, ptr %acc41, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
+  store <8 x float> %115, ptr %acc41, align 4
+  %116 = getelementptr inbounds float, ptr %h5, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc50, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
+  store <8 x float> %121, ptr %acc50, align 4
+  %122 = load <8 x float>, ptr %acc51, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
+  store <8 x float> %123, ptr %acc51, align 4
+  %124 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %127 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %127, ptr %y00, align 4
-  %128 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %128, ptr %y01, align 4
-  %129 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %129, ptr %y10, align 4
-  %130 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %130, ptr %y11, align 4
-  %131 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %131, ptr %y20, align 4
-  %132 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %132, ptr %y21, align 4
-  %133 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %133, ptr %y30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %134, ptr %y31, align 4
-  %135 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %135, ptr %y40, align 4
-  %136 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %136, ptr %y41, align 4
-  %137 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %137, ptr %y50, align 4
-  %138 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %138, ptr %y51, align 4
+  %125 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %125, ptr %y00, align 4
+  %126 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %126, ptr %y01, align 4
+  %127 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %127, ptr %y10, align 4
+  %128 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %128, ptr %y11, align 4
+  %129 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %129, ptr %y20, align 4
+  %130 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %130, ptr %y21, align 4
+  %131 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %131, ptr %y30, align 4
+  %132 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %132, ptr %y31, align 4
+  %133 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %133, ptr %y40, align 4
+  %134 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %134, ptr %y41, align 4
+  %135 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %135, ptr %y50, align 4
+  %136 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %136, ptr %y51, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %139 = add nsw i64 %r0, 0
-  %140 = mul nsw i64 %139, 16
-  %h02 = getelementptr inbounds float, ptr %h, i64 %140
-  %141 = getelementptr inbounds i32, ptr %rows, i64 %139
-  %142 = load i32, ptr %141, align 4
-  %143 = sext i32 %142 to i64
-  %144 = mul nsw i64 %143, 1024
-  %145 = getelementptr inbounds float, ptr %y, i64 %144
-  %146 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %145, i64 %146
-  %147 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %147, ptr %acc004, align 4
-  %148 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %145, i64 %148
-  %149 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %149, ptr %acc016, align 4
-  %150 = add nsw i64 %r0, 1
-  %151 = mul nsw i64 %150, 16
-  %h17 = getelementptr inbounds float, ptr %h, i64 %151
-  %152 = getelementptr inbounds i32, ptr %rows, i64 %150
-  %153 = load i32, ptr %152, align 4
-  %154 = sext i32 %153 to i64
-  %155 = mul nsw i64 %154, 1024
-  %156 = getelementptr inbounds float, ptr %y, i64 %155
-  %157 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %156, i64 %157
-  %158 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %158, ptr %acc109, align 4
-  %159 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %156, i64 %159
-  %160 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %160, ptr %acc1111, align 4
-  %161 = add nsw i64 %r0, 2
-  %162 = mul nsw i64 %161, 16
-  %h212 = getelementptr inbounds float, ptr %h, i64 %162
-  %163 = getelementptr inbounds i32, ptr %rows, i64 %161
-  %164 = load i32, ptr %163, align 4
-  %165 = sext i32 %164 to i64
-  %166 = mul nsw i64 %165, 1024
-  %167 = getelementptr inbounds float, ptr %y, i64 %166
-  %168 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %167, i64 %168
-  %169 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %169, ptr %acc2014, align 4
-  %170 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %167, i64 %170
-  %171 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %171, ptr %acc2116, align 4
-  %172 = add nsw i64 %r0, 3
-  %173 = mul nsw i64 %172, 16
-  %h317 = getelementptr inbounds float, ptr %h, i64 %173
-  %174 = getelementptr inbounds i32, ptr %rows, i64 %172
-  %175 = load i32, ptr %174, align 4
-  %176 = sext i32 %175 to i64
-  %177 = mul nsw i64 %176, 1024
-  %178 = getelementptr inbounds float, ptr %y, i64 %177
-  %179 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %178, i64 %179
-  %180 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %180, ptr %acc3019, align 4
-  %181 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %178, i64 %181
-  %182 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %182, ptr %acc3121, align 4
-  %183 = add nsw i64 %r0, 4
-  %184 = mul nsw i64 %183, 16
-  %h422 = getelementptr inbounds float, ptr %h, i64 %184
-  %185 = getelementptr inbounds i32, ptr %rows, i64 %183
-  %186 = load i32, ptr %185, align 4
-  %187 = sext i32 %186 to i64
-  %188 = mul nsw i64 %187, 1024
-  %189 = getelementptr inbounds float, ptr %y, i64 %188
-  %190 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %189, i64 %190
-  %191 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %191, ptr %acc4024, align 4
-  %192 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %189, i64 %192
-  %193 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %193, ptr %acc4126, align 4
-  %194 = mul nsw i64 %p, 16
-  %panel.off27 = add nsw i64 %194, 0
+  %137 = add nsw i64 %r0, 0
+  %138 = mul nsw i64 %137, 16
+  %h02 = getelementptr inbounds float, ptr %h, i64 %138
+  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
+  %140 = load i32, ptr %139, align 4
+  %141 = sext i32 %140 to i64
+  %142 = mul nsw i64 %141, 1024
+  %143 = getelementptr inbounds float, ptr %y, i64 %142
+  %144 = add nsw i64 %col1, 0
+  %y003 = getelementptr inbounds float, ptr %143, i64 %144
+  %145 = load <8 x float>, ptr %y003, align 4
+  store <8 x float> %145, ptr %acc004, align 4
+  %146 = add nsw i64 %col1, 8
+  %y015 = getelementptr inbounds float, ptr %143, i64 %146
+  %147 = load <8 x float>, ptr %y015, align 4
+  store <8 x float> %147, ptr %acc016, align 4
+  %148 = add nsw i64 %r0, 1
+  %149 = mul nsw i64 %148, 16
+  %h17 = getelementptr inbounds float, ptr %h, i64 %149
+  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
+  %151 = load i32, ptr %150, align 4
+  %152 = sext i32 %151 to i64
+  %153 = mul nsw i64 %152, 1024
+  %154 = getelementptr inbounds float, ptr %y, i64 %153
+  %155 = add nsw i64 %col1, 0
+  %y108 = getelementptr inbounds float, ptr %154, i64 %155
+  %156 = load <8 x float>, ptr %y108, align 4
+  store <8 x float> %156, ptr %acc109, align 4
+  %157 = add nsw i64 %col1, 8
+  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
+  %158 = load <8 x float>, ptr %y1110, align 4
+  store <8 x float> %158, ptr %acc1111, align 4
+  %159 = add nsw i64 %r0, 2
+  %160 = mul nsw i64 %159, 16
+  %h212 = getelementptr inbounds float, ptr %h, i64 %160
+  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
+  %162 = load i32, ptr %161, align 4
+  %163 = sext i32 %162 to i64
+  %164 = mul nsw i64 %163, 1024
+  %165 = getelementptr inbounds float, ptr %y, i64 %164
+  %166 = add nsw i64 %col1, 0
+  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
+  %167 = load <8 x float>, ptr %y2013, align 4
+  store <8 x float> %167, ptr %acc2014, align 4
+  %168 = add nsw i64 %col1, 8
+  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
+  %169 = load <8 x float>, ptr %y2115, align 4
+  store <8 x float> %169, ptr %acc2116, align 4
+  %170 = add nsw i64 %r0, 3
+  %171 = mul nsw i64 %170, 16
+  %h317 = getelementptr inbounds float, ptr %h, i64 %171
+  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %173 = load i32, ptr %172, align 4
+  %174 = sext i32 %173 to i64
+  %175 = mul nsw i64 %174, 1024
+  %176 = getelementptr inbounds float, ptr %y, i64 %175
+  %177 = add nsw i64 %col1, 0
+  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
+  %178 = load <8 x float>, ptr %y3018, align 4
+  store <8 x float> %178, ptr %acc3019, align 4
+  %179 = add nsw i64 %col1, 8
+  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
+  %180 = load <8 x float>, ptr %y3120, align 4
+  store <8 x float> %180, ptr %acc3121, align 4
+  %181 = add nsw i64 %r0, 4
+  %182 = mul nsw i64 %181, 16
+  %h422 = getelementptr inbounds float, ptr %h, i64 %182
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 1024
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col1, 0
+  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
+  %189 = load <8 x float>, ptr %y4023, align 4
+  store <8 x float> %189, ptr %acc4024, align 4
+  %190 = add nsw i64 %col1, 8
+  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
+  %191 = load <8 x float>, ptr %y4125, align 4
+  store <8 x float> %191, ptr %acc4126, align 4
+  %panel.off27 = mul nsw i64 %p, 16
   br label %k.head28
 
 k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %242, %k.body29 ]
-  %195 = icmp slt i64 %k31, 1
-  br i1 %195, label %k.body29, label %k.end30
+  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
+  %192 = icmp slt i64 %k31, 1
+  br i1 %192, label %k.body29, label %k.end30
 
 k.body29:                                         ; preds = %k.head28
-  %196 = mul nsw i64 %k31, 16
-  %197 = add nsw i64 %panel.off27, %196
-  %198 = getelementptr inbounds float, ptr %panels, i64 %197
-  %b032 = load <8 x float>, ptr %198, align 4
-  %199 = add nsw i64 %197, 8
-  %200 = getelementptr inbounds float, ptr %panels, i64 %199
-  %b133 = load <8 x float>, ptr %200, align 4
-  %201 = add nsw i64 0, %k31
-  %202 = getelementptr inbounds float, ptr %h02, i64 %201
-  %203 = load float, ptr %202, align 4
-  %204 = insertelement <8 x float> poison, float %203, i32 0
-  %205 = shufflevector <8 x float> %204, <8 x float> poison, <8 x i32> zeroinitializer
-  %206 = load <8 x float>, ptr %acc004, align 4
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> %b032, <8 x float> %206)
-  store <8 x float> %207, ptr %acc004, align 4
-  %208 = load <8 x float>, ptr %acc016, align 4
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> %b133, <8 x float> %208)
-  store <8 x float> %209, ptr %acc016, align 4
-  %210 = getelementptr inbounds float, ptr %h17, i64 %201
-  %211 = load float, ptr %210, align 4
-  %212 = insertelement <8 x float> poison, float %211, i32 0
-  %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
-  %214 = load <8 x float>, ptr %acc109, align 4
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %b032, <8 x float> %214)
-  store <8 x float> %215, ptr %acc109, align 4
-  %216 = load <8 x float>, ptr %acc1111, align 4
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %b133, <8 x float> %216)
-  store <8 x float> %217, ptr %acc1111, align 4
-  %218 = getelementptr inbounds float, ptr %h212, i64 %201
-  %219 = load float, ptr %218, align 4
-  %220 = insertelement <8 x float> poison, float %219, i32 0
-  %221 = shufflevector <8 x float> %220, <8 x float> poison, <8 x i32> zeroinitializer
-  %222 = load <8 x float>, ptr %acc2014, align 4
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %b032, <8 x float> %222)
-  store <8 x float> %223, ptr %acc2014, align 4
-  %224 = load <8 x float>, ptr %acc2116, align 4
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %b133, <8 x float> %224)
-  store <8 x float> %225, ptr %acc2116, align 4
-  %226 = getelementptr inbounds float, ptr %h317, i64 %201
-  %227 = load float, ptr %226, align 4
-  %228 = insertelement <8 x float> poison, float %227, i32 0
-  %229 = shufflevector <8 x float> %228, <8 x float> poison, <8 x i32> zeroinitializer
-  %230 = load <8 x float>, ptr %acc3019, align 4
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %b032, <8 x float> %230)
-  store <8 x float> %231, ptr %acc3019, align 4
-  %232 = load <8 x float>, ptr %acc3121, align 4
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %b133, <8 x float> %232)
-  store <8 x float> %233, ptr %acc3121, align 4
-  %234 = getelementptr inbounds float, ptr %h422, i64 %201
-  %235 = load float, ptr %234, align 4
-  %236 = insertelement <8 x float> poison, float %235, i32 0
-  %237 = shufflevector <8 x float> %236, <8 x float> poison, <8 x i32> zeroinitializer
-  %238 = load <8 x float>, ptr %acc4024, align 4
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %b032, <8 x float> %238)
-  store <8 x float> %239, ptr %acc4024, align 4
-  %240 = load <8 x float>, ptr %acc4126, align 4
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %b133, <8 x float> %240)
-  store <8 x float> %241, ptr %acc4126, align 4
-  %242 = add nsw i64 %k31, 1
+  %193 = mul nsw i64 %k31, 16
+  %194 = add nsw i64 %panel.off27, %193
+  %195 = getelementptr inbounds float, ptr %panels, i64 %194
+  %b032 = load <8 x float>, ptr %195, align 4
+  %196 = add nsw i64 %194, 8
+  %197 = getelementptr inbounds float, ptr %panels, i64 %196
+  %b133 = load <8 x float>, ptr %197, align 4
+  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
+  %199 = load float, ptr %198, align 4
+  %200 = insertelement <8 x float> poison, float %199, i32 0
+  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
+  %202 = load <8 x float>, ptr %acc004, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b032, <8 x float> %202)
+  store <8 x float> %203, ptr %acc004, align 4
+  %204 = load <8 x float>, ptr %acc016, align 4
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b133, <8 x float> %204)
+  store <8 x float> %205, ptr %acc016, align 4
+  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
+  %207 = load float, ptr %206, align 4
+  %208 = insertelement <8 x float> poison, float %207, i32 0
+  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
+  %210 = load <8 x float>, ptr %acc109, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b032, <8 x float> %210)
+  store <8 x float> %211, ptr %acc109, align 4
+  %212 = load <8 x float>, ptr %acc1111, align 4
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b133, <8 x float> %212)
+  store <8 x float> %213, ptr %acc1111, align 4
+  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = load <8 x float>, ptr %acc2014, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b032, <8 x float> %218)
+  store <8 x float> %219, ptr %acc2014, align 4
+  %220 = load <8 x float>, ptr %acc2116, align 4
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b133, <8 x float> %220)
+  store <8 x float> %221, ptr %acc2116, align 4
+  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc3019, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b032, <8 x float> %226)
+  store <8 x float> %227, ptr %acc3019, align 4
+  %228 = load <8 x float>, ptr %acc3121, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b133, <8 x float> %228)
+  store <8 x float> %229, ptr %acc3121, align 4
+  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
+  %231 = load float, ptr %230, align 4
+  %232 = insertelement <8 x float> poison, float %231, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = load <8 x float>, ptr %acc4024, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b032, <8 x float> %234)
+  store <8 x float> %235, ptr %acc4024, align 4
+  %236 = load <8 x float>, ptr %acc4126, align 4
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b133, <8 x float> %236)
+  store <8 x float> %237, ptr %acc4126, align 4
+  %238 = add nsw i64 %k31, 1
   br label %k.head28
 
 k.end30:                                          ; preds = %k.head28
-  %243 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %243, ptr %y003, align 4
-  %244 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %244, ptr %y015, align 4
-  %245 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %245, ptr %y108, align 4
-  %246 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %246, ptr %y1110, align 4
-  %247 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %247, ptr %y2013, align 4
-  %248 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %248, ptr %y2115, align 4
-  %249 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %249, ptr %y3018, align 4
-  %250 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %250, ptr %y3120, align 4
-  %251 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %251, ptr %y4023, align 4
-  %252 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %252, ptr %y4125, align 4
+  %239 = load <8 x float>, ptr %acc004, align 4
+  store <8 x float> %239, ptr %y003, align 4
+  %240 = load <8 x float>, ptr %acc016, align 4
+  store <8 x float> %240, ptr %y015, align 4
+  %241 = load <8 x float>, ptr %acc109, align 4
+  store <8 x float> %241, ptr %y108, align 4
+  %242 = load <8 x float>, ptr %acc1111, align 4
+  store <8 x float> %242, ptr %y1110, align 4
+  %243 = load <8 x float>, ptr %acc2014, align 4
+  store <8 x float> %243, ptr %y2013, align 4
+  %244 = load <8 x float>, ptr %acc2116, align 4
+  store <8 x float> %244, ptr %y2115, align 4
+  %245 = load <8 x float>, ptr %acc3019, align 4
+  store <8 x float> %245, ptr %y3018, align 4
+  %246 = load <8 x float>, ptr %acc3121, align 4
+  store <8 x float> %246, ptr %y3120, align 4
+  %247 = load <8 x float>, ptr %acc4024, align 4
+  store <8 x float> %247, ptr %y4023, align 4
+  %248 = load <8 x float>, ptr %acc4126, align 4
+  store <8 x float> %248, ptr %y4125, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col34 = mul nsw i64 %p, 16
-  %253 = add nsw i64 %r0, 0
-  %254 = mul nsw i64 %253, 16
-  %h035 = getelementptr inbounds float, ptr %h, i64 %254
-  %255 = getelementptr inbounds i32, ptr %rows, i64 %253
-  %256 = load i32, ptr %255, align 4
-  %257 = sext i32 %256 to i64
-  %258 = mul nsw i64 %257, 1024
-  %259 = getelementptr inbounds float, ptr %y, i64 %258
-  %260 = add nsw i64 %col34, 0
-  %y0036 = getelementptr inbounds float, ptr %259, i64 %260
-  %261 = load <8 x float>, ptr %y0036, align 4
-  store <8 x float> %261, ptr %acc0037, align 4
-  %262 = add nsw i64 %col34, 8
-  %y0138 = getelementptr inbounds float, ptr %259, i64 %262
-  %263 = load <8 x float>, ptr %y0138, align 4
-  store <8 x float> %263, ptr %acc0139, align 4
-  %264 = add nsw i64 %r0, 1
-  %265 = mul nsw i64 %264, 16
-  %h140 = getelementptr inbounds float, ptr %h, i64 %265
-  %266 = getelementptr inbounds i32, ptr %rows, i64 %264
-  %267 = load i32, ptr %266, align 4
-  %268 = sext i32 %267 to i64
-  %269 = mul nsw i64 %268, 1024
-  %270 = getelementptr inbounds float, ptr %y, i64 %269
-  %271 = add nsw i64 %col34, 0
-  %y1041 = getelementptr inbounds float, ptr %270, i64 %271
-  %272 = load <8 x float>, ptr %y1041, align 4
-  store <8 x float> %272, ptr %acc1042, align 4
-  %273 = add nsw i64 %col34, 8
-  %y1143 = getelementptr inbounds float, ptr %270, i64 %273
-  %274 = load <8 x float>, ptr %y1143, align 4
-  store <8 x float> %274, ptr %acc1144, align 4
-  %275 = add nsw i64 %r0, 2
-  %276 = mul nsw i64 %275, 16
-  %h245 = getelementptr inbounds float, ptr %h, i64 %276
-  %277 = getelementptr inbounds i32, ptr %rows, i64 %275
-  %278 = load i32, ptr %277, align 4
-  %279 = sext i32 %278 to i64
-  %280 = mul nsw i64 %279, 1024
-  %281 = getelementptr inbounds float, ptr %y, i64 %280
-  %282 = add nsw i64 %col34, 0
-  %y2046 = getelementptr inbounds float, ptr %281, i64 %282
-  %283 = load <8 x float>, ptr %y2046, align 4
-  store <8 x float> %283, ptr %acc2047, align 4
-  %284 = add nsw i64 %col34, 8
-  %y2148 = getelementptr inbounds float, ptr %281, i64 %284
-  %285 = load <8 x float>, ptr %y2148, align 4
-  store <8 x float> %285, ptr %acc2149, align 4
-  %286 = add nsw i64 %r0, 3
-  %287 = mul nsw i64 %286, 16
-  %h350 = getelementptr inbounds float, ptr %h, i64 %287
-  %288 = getelementptr inbounds i32, ptr %rows, i64 %286
-  %289 = load i32, ptr %288, align 4
-  %290 = sext i32 %289 to i64
-  %291 = mul nsw i64 %290, 1024
-  %292 = getelementptr inbounds float, ptr %y, i64 %291
-  %293 = add nsw i64 %col34, 0
-  %y3051 = getelementptr inbounds float, ptr %292, i64 %293
-  %294 = load <8 x float>, ptr %y3051, align 4
-  store <8 x float> %294, ptr %acc3052, align 4
-  %295 = add nsw i64 %col34, 8
-  %y3153 = getelementptr inbounds float, ptr %292, i64 %295
-  %296 = load <8 x float>, ptr %y3153, align 4
-  store <8 x float> %296, ptr %acc3154, align 4
-  %297 = mul nsw i64 %p, 16
-  %panel.off55 = add nsw i64 %297, 0
+  %249 = add nsw i64 %r0, 0
+  %250 = mul nsw i64 %249, 16
+  %h035 = getelementptr inbounds float, ptr %h, i64 %250
+  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
+  %252 = load i32, ptr %251, align 4
+  %253 = sext i32 %252 to i64
+  %254 = mul nsw i64 %253, 1024
+  %255 = getelementptr inbounds float, ptr %y, i64 %254
+  %256 = add nsw i64 %col34, 0
+  %y0036 = getelementptr inbounds float, ptr %255, i64 %256
+  %257 = load <8 x float>, ptr %y0036, align 4
+  store <8 x float> %257, ptr %acc0037, align 4
+  %258 = add nsw i64 %col34, 8
+  %y0138 = getelementptr inbounds float, ptr %255, i64 %258
+  %259 = load <8 x float>, ptr %y0138, align 4
+  store <8 x float> %259, ptr %acc0139, align 4
+  %260 = add nsw i64 %r0, 1
+  %261 = mul nsw i64 %260, 16
+  %h140 = getelementptr inbounds float, ptr %h, i64 %261
+  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
+  %263 = load i32, ptr %262, align 4
+  %264 = sext i32 %263 to i64
+  %265 = mul nsw i64 %264, 1024
+  %266 = getelementptr inbounds float, ptr %y, i64 %265
+  %267 = add nsw i64 %col34, 0
+  %y1041 = getelementptr inbounds float, ptr %266, i64 %267
+  %268 = load <8 x float>, ptr %y1041, align 4
+  store <8 x float> %268, ptr %acc1042, align 4
+  %269 = add nsw i64 %col34, 8
+  %y1143 = getelementptr inbounds float, ptr %266, i64 %269
+  %270 = load <8 x float>, ptr %y1143, align 4
+  store <8 x float> %270, ptr %acc1144, align 4
+  %271 = add nsw i64 %r0, 2
+  %272 = mul nsw i64 %271, 16
+  %h245 = getelementptr inbounds float, ptr %h, i64 %272
+  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
+  %274 = load i32, ptr %273, align 4
+  %275 = sext i32 %274 to i64
+  %276 = mul nsw i64 %275, 1024
+  %277 = getelementptr inbounds float, ptr %y, i64 %276
+  %278 = add nsw i64 %col34, 0
+  %y2046 = getelementptr inbounds float, ptr %277, i64 %278
+  %279 = load <8 x float>, ptr %y2046, align 4
+  store <8 x float> %279, ptr %acc2047, align 4
+  %280 = add nsw i64 %col34, 8
+  %y2148 = getelementptr inbounds float, ptr %277, i64 %280
+  %281 = load <8 x float>, ptr %y2148, align 4
+  store <8 x float> %281, ptr %acc2149, align 4
+  %282 = add nsw i64 %r0, 3
+  %283 = mul nsw i64 %282, 16
+  %h350 = getelementptr inbounds float, ptr %h, i64 %283
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 1024
+  %288 = getelementptr inbounds float, ptr %y, i64 %287
+  %289 = add nsw i64 %col34, 0
+  %y3051 = getelementptr inbounds float, ptr %288, i64 %289
+  %290 = load <8 x float>, ptr %y3051, align 4
+  store <8 x float> %290, ptr %acc3052, align 4
+  %291 = add nsw i64 %col34, 8
+  %y3153 = getelementptr inbounds float, ptr %288, i64 %291
+  %292 = load <8 x float>, ptr %y3153, align 4
+  store <8 x float> %292, ptr %acc3154, align 4
+  %panel.off55 = mul nsw i64 %p, 16
   br label %k.head56
 
 k.head56:                                         ; preds = %k.body57, %tile.mr4
-  %k59 = phi i64 [ 0, %tile.mr4 ], [ %337, %k.body57 ]
-  %298 = icmp slt i64 %k59, 1
-  br i1 %298, label %k.body57, label %k.end58
+  %k59 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body57 ]
+  %293 = icmp slt i64 %k59, 1
+  br i1 %293, label %k.body57, label %k.end58
 
 k.body57:                                         ; preds = %k.head56
-  %299 = mul nsw i64 %k59, 16
-  %300 = add nsw i64 %panel.off55, %299
-  %301 = getelementptr inbounds float, ptr %panels, i64 %300
-  %b060 = load <8 x float>, ptr %301, align 4
-  %302 = add nsw i64 %300, 8
-  %303 = getelementptr inbounds float, ptr %panels, i64 %302
-  %b161 = load <8 x float>, ptr %303, align 4
-  %304 = add nsw i64 0, %k59
-  %305 = getelementptr inbounds float, ptr %h035, i64 %304
-  %306 = load float, ptr %305, align 4
-  %307 = insertelement <8 x float> poison, float %306, i32 0
-  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
-  %309 = load <8 x float>, ptr %acc0037, align 4
-  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %b060, <8 x float> %309)
-  store <8 x float> %310, ptr %acc0037, align 4
-  %311 = load <8 x float>, ptr %acc0139, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %b161, <8 x float> %311)
-  store <8 x float> %312, ptr %acc0139, align 4
-  %313 = getelementptr inbounds float, ptr %h140, i64 %304
-  %314 = load float, ptr %313, align 4
-  %315 = insertelement <8 x float> poison, float %314, i32 0
-  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
-  %317 = load <8 x float>, ptr %acc1042, align 4
-  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b060, <8 x float> %317)
-  store <8 x float> %318, ptr %acc1042, align 4
-  %319 = load <8 x float>, ptr %acc1144, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b161, <8 x float> %319)
-  store <8 x float> %320, ptr %acc1144, align 4
-  %321 = getelementptr inbounds float, ptr %h245, i64 %304
-  %322 = load float, ptr %321, align 4
-  %323 = insertelement <8 x float> poison, float %322, i32 0
-  %324 = shufflevector <8 x float> %323, <8 x float> poison, <8 x i32> zeroinitializer
-  %325 = load <8 x float>, ptr %acc2047, align 4
-  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %b060, <8 x float> %325)
-  store <8 x float> %326, ptr %acc2047, align 4
-  %327 = load <8 x float>, ptr %acc2149, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %b161, <8 x float> %327)
-  store <8 x float> %328, ptr %acc2149, align 4
-  %329 = getelementptr inbounds float, ptr %h350, i64 %304
-  %330 = load float, ptr %329, align 4
-  %331 = insertelement <8 x float> poison, float %330, i32 0
-  %332 = shufflevector <8 x float> %331, <8 x float> poison, <8 x i32> zeroinitializer
-  %333 = load <8 x float>, ptr %acc3052, align 4
-  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b060, <8 x float> %333)
-  store <8 x float> %334, ptr %acc3052, align 4
-  %335 = load <8 x float>, ptr %acc3154, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b161, <8 x float> %335)
-  store <8 x float> %336, ptr %acc3154, align 4
-  %337 = add nsw i64 %k59, 1
+  %294 = mul nsw i64 %k59, 16
+  %295 = add nsw i64 %panel.off55, %294
+  %296 = getelementptr inbounds float, ptr %panels, i64 %295
+  %b060 = load <8 x float>, ptr %296, align 4
+  %297 = add nsw i64 %295, 8
+  %298 = getelementptr inbounds float, ptr %panels, i64 %297
+  %b161 = load <8 x float>, ptr %298, align 4
+  %299 = getelementptr inbounds float, ptr %h035, i64 %k59
+  %300 = load float, ptr %299, align 4
+  %301 = insertelement <8 x float> poison, float %300, i32 0
+  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
+  %303 = load <8 x float>, ptr %acc0037, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b060, <8 x float> %303)
+  store <8 x float> %304, ptr %acc0037, align 4
+  %305 = load <8 x float>, ptr %acc0139, align 4
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b161, <8 x float> %305)
+  store <8 x float> %306, ptr %acc0139, align 4
+  %307 = getelementptr inbounds float, ptr %h140, i64 %k59
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = load <8 x float>, ptr %acc1042, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b060, <8 x float> %311)
+  store <8 x float> %312, ptr %acc1042, align 4
+  %313 = load <8 x float>, ptr %acc1144, align 4
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b161, <8 x float> %313)
+  store <8 x float> %314, ptr %acc1144, align 4
+  %315 = getelementptr inbounds float, ptr %h245, i64 %k59
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc2047, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b060, <8 x float> %319)
+  store <8 x float> %320, ptr %acc2047, align 4
+  %321 = load <8 x float>, ptr %acc2149, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b161, <8 x float> %321)
+  store <8 x float> %322, ptr %acc2149, align 4
+  %323 = getelementptr inbounds float, ptr %h350, i64 %k59
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc3052, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b060, <8 x float> %327)
+  store <8 x float> %328, ptr %acc3052, align 4
+  %329 = load <8 x float>, ptr %acc3154, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b161, <8 x float> %329)
+  store <8 x float> %330, ptr %acc3154, align 4
+  %331 = add nsw i64 %k59, 1
   br label %k.head56
 
 k.end58:                                          ; preds = %k.head56
-  %338 = load <8 x float>, ptr %acc0037, align 4
-  store <8 x float> %338, ptr %y0036, align 4
-  %339 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %339, ptr %y0138, align 4
-  %340 = load <8 x float>, ptr %acc1042, align 4
-  store <8 x float> %340, ptr %y1041, align 4
-  %341 = load <8 x float>, ptr %acc1144, align 4
-  store <8 x float> %341, ptr %y1143, align 4
-  %342 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %342, ptr %y2046, align 4
-  %343 = load <8 x float>, ptr %acc2149, align 4
-  store <8 x float> %343, ptr %y2148, align 4
-  %344 = load <8 x float>, ptr %acc3052, align 4
-  store <8 x float> %344, ptr %y3051, align 4
-  %345 = load <8 x float>, ptr %acc3154, align 4
-  store <8 x float> %345, ptr %y3153, align 4
+  %332 = load <8 x float>, ptr %acc0037, align 4
+  store <8 x float> %332, ptr %y0036, align 4
+  %333 = load <8 x float>, ptr %acc0139, align 4
+  store <8 x float> %333, ptr %y0138, align 4
+  %334 = load <8 x float>, ptr %acc1042, align 4
+  store <8 x float> %334, ptr %y1041, align 4
+  %335 = load <8 x float>, ptr %acc1144, align 4
+  store <8 x float> %335, ptr %y1143, align 4
+  %336 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %336, ptr %y2046, align 4
+  %337 = load <8 x float>, ptr %acc2149, align 4
+  store <8 x float> %337, ptr %y2148, align 4
+  %338 = load <8 x float>, ptr %acc3052, align 4
+  store <8 x float> %338, ptr %y3051, align 4
+  %339 = load <8 x float>, ptr %acc3154, align 4
+  store <8 x float> %339, ptr %y3153, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col62 = mul nsw i64 %p, 16
-  %346 = add nsw i64 %r0, 0
-  %347 = mul nsw i64 %346, 16
-  %h063 = getelementptr inbounds float, ptr %h, i64 %347
-  %348 = getelementptr inbounds i32, ptr %rows, i64 %346
-  %349 = load i32, ptr %348, align 4
-  %350 = sext i32 %349 to i64
-  %351 = mul nsw i64 %350, 1024
-  %352 = getelementptr inbounds float, ptr %y, i64 %351
-  %353 = add nsw i64 %col62, 0
-  %y0064 = getelementptr inbounds float, ptr %352, i64 %353
-  %354 = load <8 x float>, ptr %y0064, align 4
-  store <8 x float> %354, ptr %acc0065, align 4
-  %355 = add nsw i64 %col62, 8
-  %y0166 = getelementptr inbounds float, ptr %352, i64 %355
-  %356 = load <8 x float>, ptr %y0166, align 4
-  store <8 x float> %356, ptr %acc0167, align 4
-  %357 = add nsw i64 %r0, 1
-  %358 = mul nsw i64 %357, 16
-  %h168 = getelementptr inbounds float, ptr %h, i64 %358
-  %359 = getelementptr inbounds i32, ptr %rows, i64 %357
-  %360 = load i32, ptr %359, align 4
-  %361 = sext i32 %360 to i64
-  %362 = mul nsw i64 %361, 1024
-  %363 = getelementptr inbounds float, ptr %y, i64 %362
-  %364 = add nsw i64 %col62, 0
-  %y1069 = getelementptr inbounds float, ptr %363, i64 %364
-  %365 = load <8 x float>, ptr %y1069, align 4
-  store <8 x float> %365, ptr %acc1070, align 4
-  %366 = add nsw i64 %col62, 8
-  %y1171 = getelementptr inbounds float, ptr %363, i64 %366
-  %367 = load <8 x float>, ptr %y1171, align 4
-  store <8 x float> %367, ptr %acc1172, align 4
-  %368 = add nsw i64 %r0, 2
-  %369 = mul nsw i64 %368, 16
-  %h273 = getelementptr inbounds float, ptr %h, i64 %369
-  %370 = getelementptr inbounds i32, ptr %rows, i64 %368
-  %371 = load i32, ptr %370, align 4
-  %372 = sext i32 %371 to i64
-  %373 = mul nsw i64 %372, 1024
-  %374 = getelementptr inbounds float, ptr %y, i64 %373
-  %375 = add nsw i64 %col62, 0
-  %y2074 = getelementptr inbounds float, ptr %374, i64 %375
-  %376 = load <8 x float>, ptr %y2074, align 4
-  store <8 x float> %376, ptr %acc2075, align 4
-  %377 = add nsw i64 %col62, 8
-  %y2176 = getelementptr inbounds float, ptr %374, i64 %377
-  %378 = load <8 x float>, ptr %y2176, align 4
-  store <8 x float> %378, ptr %acc2177, align 4
-  %379 = mul nsw i64 %p, 16
-  %panel.off78 = add nsw i64 %379, 0
+  %340 = add nsw i64 %r0, 0
+  %341 = mul nsw i64 %340, 16
+  %h063 = getelementptr inbounds float, ptr %h, i64 %341
+  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
+  %343 = load i32, ptr %342, align 4
+  %344 = sext i32 %343 to i64
+  %345 = mul nsw i64 %344, 1024
+  %346 = getelementptr inbounds float, ptr %y, i64 %345
+  %347 = add nsw i64 %col62, 0
+  %y0064 = getelementptr inbounds float, ptr %346, i64 %347
+  %348 = load <8 x float>, ptr %y0064, align 4
+  store <8 x float> %348, ptr %acc0065, align 4
+  %349 = add nsw i64 %col62, 8
+  %y0166 = getelementptr inbounds float, ptr %346, i64 %349
+  %350 = load <8 x float>, ptr %y0166, align 4
+  store <8 x float> %350, ptr %acc0167, align 4
+  %351 = add nsw i64 %r0, 1
+  %352 = mul nsw i64 %351, 16
+  %h168 = getelementptr inbounds float, ptr %h, i64 %352
+  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
+  %354 = load i32, ptr %353, align 4
+  %355 = sext i32 %354 to i64
+  %356 = mul nsw i64 %355, 1024
+  %357 = getelementptr inbounds float, ptr %y, i64 %356
+  %358 = add nsw i64 %col62, 0
+  %y1069 = getelementptr inbounds float, ptr %357, i64 %358
+  %359 = load <8 x float>, ptr %y1069, align 4
+  store <8 x float> %359, ptr %acc1070, align 4
+  %360 = add nsw i64 %col62, 8
+  %y1171 = getelementptr inbounds float, ptr %357, i64 %360
+  %361 = load <8 x float>, ptr %y1171, align 4
+  store <8 x float> %361, ptr %acc1172, align 4
+  %362 = add nsw i64 %r0, 2
+  %363 = mul nsw i64 %362, 16
+  %h273 = getelementptr inbounds float, ptr %h, i64 %363
+  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
+  %365 = load i32, ptr %364, align 4
+  %366 = sext i32 %365 to i64
+  %367 = mul nsw i64 %366, 1024
+  %368 = getelementptr inbounds float, ptr %y, i64 %367
+  %369 = add nsw i64 %col62, 0
+  %y2074 = getelementptr inbounds float, ptr %368, i64 %369
+  %370 = load <8 x float>, ptr %y2074, align 4
+  store <8 x float> %370, ptr %acc2075, align 4
+  %371 = add nsw i64 %col62, 8
+  %y2176 = getelementptr inbounds float, ptr %368, i64 %371
+  %372 = load <8 x float>, ptr %y2176, align 4
+  store <8 x float> %372, ptr %acc2177, align 4
+  %panel.off78 = mul nsw i64 %p, 16
   br label %k.head79
 
 k.head79:                                         ; preds = %k.body80, %tile.mr3
-  %k82 = phi i64 [ 0, %tile.mr3 ], [ %411, %k.body80 ]
-  %380 = icmp slt i64 %k82, 1
-  br i1 %380, label %k.body80, label %k.end81
+  %k82 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body80 ]
+  %373 = icmp slt i64 %k82, 1
+  br i1 %373, label %k.body80, label %k.end81
 
 k.body80:                                         ; preds = %k.head79
-  %381 = mul nsw i64 %k82, 16
-  %382 = add nsw i64 %panel.off78, %381
-  %383 = getelementptr inbounds float, ptr %panels, i64 %382
-  %b083 = load <8 x float>, ptr %383, align 4
-  %384 = add nsw i64 %382, 8
-  %385 = getelementptr inbounds float, ptr %panels, i64 %384
-  %b184 = load <8 x float>, ptr %385, align 4
-  %386 = add nsw i64 0, %k82
-  %387 = getelementptr inbounds float, ptr %h063, i64 %386
+  %374 = mul nsw i64 %k82, 16
+  %375 = add nsw i64 %panel.off78, %374
+  %376 = getelementptr inbounds float, ptr %panels, i64 %375
+  %b083 = load <8 x float>, ptr %376, align 4
+  %377 = add nsw i64 %375, 8
+  %378 = getelementptr inbounds float, ptr %panels, i64 %377
+  %b184 = load <8 x float>, ptr %378, align 4
+  %379 = getelementptr inbounds float, ptr %h063, i64 %k82
+  %380 = load float, ptr %379, align 4
+  %381 = insertelement <8 x float> poison, float %380, i32 0
+  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
+  %383 = load <8 x float>, ptr %acc0065, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b083, <8 x float> %383)
+  store <8 x float> %384, ptr %acc0065, align 4
+  %385 = load <8 x float>, ptr %acc0167, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b184, <8 x float> %385)
+  store <8 x float> %386, ptr %acc0167, align 4
+  %387 = getelementptr inbounds float, ptr %h168, i64 %k82
   %388 = load float, ptr %387, align 4
   %389 = insertelement <8 x float> poison, float %388, i32 0
   %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc0065, align 4
+  %391 = load <8 x float>, ptr %acc1070, align 4
   %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b083, <8 x float> %391)
-  store <8 x float> %392, ptr %acc0065, align 4
-  %393 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %392, ptr %acc1070, align 4
+  %393 = load <8 x float>, ptr %acc1172, align 4
   %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b184, <8 x float> %393)
-  store <8 x float> %394, ptr %acc0167, align 4
-  %395 = getelementptr inbounds float, ptr %h168, i64 %386
+  store <8 x float> %394, ptr %acc1172, align 4
+  %395 = getelementptr inbounds float, ptr %h273, i64 %k82
   %396 = load float, ptr %395, align 4
   %397 = insertelement <8 x float> poison, float %396, i32 0
   %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc1070, align 4
+  %399 = load <8 x float>, ptr %acc2075, align 4
   %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b083, <8 x float> %399)
-  store <8 x float> %400, ptr %acc1070, align 4
-  %401 = load <8 x float>, ptr %acc1172, align 4
+  store <8 x float> %400, ptr %acc2075, align 4
+  %401 = load <8 x float>, ptr %acc2177, align 4
   %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b184, <8 x float> %401)
-  store <8 x float> %402, ptr %acc1172, align 4
-  %403 = getelementptr inbounds float, ptr %h273, i64 %386
-  %404 = load float, ptr %403, align 4
-  %405 = insertelement <8 x float> poison, float %404, i32 0
-  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = load <8 x float>, ptr %acc2075, align 4
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b083, <8 x float> %407)
-  store <8 x float> %408, ptr %acc2075, align 4
-  %409 = load <8 x float>, ptr %acc2177, align 4
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b184, <8 x float> %409)
-  store <8 x float> %410, ptr %acc2177, align 4
-  %411 = add nsw i64 %k82, 1
+  store <8 x float> %402, ptr %acc2177, align 4
+  %403 = add nsw i64 %k82, 1
   br label %k.head79
 
 k.end81:                                          ; preds = %k.head79
-  %412 = load <8 x float>, ptr %acc0065, align 4
-  store <8 x float> %412, ptr %y0064, align 4
-  %413 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %413, ptr %y0166, align 4
-  %414 = load <8 x float>, ptr %acc1070, align 4
-  store <8 x float> %414, ptr %y1069, align 4
-  %415 = load <8 x float>, ptr %acc1172, align 4
-  store <8 x float> %415, ptr %y1171, align 4
-  %416 = load <8 x float>, ptr %acc2075, align 4
-  store <8 x float> %416, ptr %y2074, align 4
-  %417 = load <8 x float>, ptr %acc2177, align 4
-  store <8 x float> %417, ptr %y2176, align 4
+  %404 = load <8 x float>, ptr %acc0065, align 4
+  store <8 x float> %404, ptr %y0064, align 4
+  %405 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %405, ptr %y0166, align 4
+  %406 = load <8 x float>, ptr %acc1070, align 4
+  store <8 x float> %406, ptr %y1069, align 4
+  %407 = load <8 x float>, ptr %acc1172, align 4
+  store <8 x float> %407, ptr %y1171, align 4
+  %408 = load <8 x float>, ptr %acc2075, align 4
+  store <8 x float> %408, ptr %y2074, align 4
+  %409 = load <8 x float>, ptr %acc2177, align 4
+  store <8 x float> %409, ptr %y2176, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col85 = mul nsw i64 %p, 16
-  %418 = add nsw i64 %r0, 0
-  %419 = mul nsw i64 %418, 16
-  %h086 = getelementptr inbounds float, ptr %h, i64 %419
-  %420 = getelementptr inbounds i32, ptr %rows, i64 %418
-  %421 = load i32, ptr %420, align 4
-  %422 = sext i32 %421 to i64
-  %423 = mul nsw i64 %422, 1024
-  %424 = getelementptr inbounds float, ptr %y, i64 %423
-  %425 = add nsw i64 %col85, 0
-  %y0087 = getelementptr inbounds float, ptr %424, i64 %425
-  %426 = load <8 x float>, ptr %y0087, align 4
-  store <8 x float> %426, ptr %acc0088, align 4
-  %427 = add nsw i64 %col85, 8
-  %y0189 = getelementptr inbounds float, ptr %424, i64 %427
-  %428 = load <8 x float>, ptr %y0189, align 4
-  store <8 x float> %428, ptr %acc0190, align 4
-  %429 = add nsw i64 %r0, 1
-  %430 = mul nsw i64 %429, 16
-  %h191 = getelementptr inbounds float, ptr %h, i64 %430
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %429
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 1024
-  %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col85, 0
-  %y1092 = getelementptr inbounds float, ptr %435, i64 %436
-  %437 = load <8 x float>, ptr %y1092, align 4
-  store <8 x float> %437, ptr %acc1093, align 4
-  %438 = add nsw i64 %col85, 8
-  %y1194 = getelementptr inbounds float, ptr %435, i64 %438
-  %439 = load <8 x float>, ptr %y1194, align 4
-  store <8 x float> %439, ptr %acc1195, align 4
-  %440 = mul nsw i64 %p, 16
-  %panel.off96 = add nsw i64 %440, 0
+  %410 = add nsw i64 %r0, 0
+  %411 = mul nsw i64 %410, 16
+  %h086 = getelementptr inbounds float, ptr %h, i64 %411
+  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %413 = load i32, ptr %412, align 4
+  %414 = sext i32 %413 to i64
+  %415 = mul nsw i64 %414, 1024
+  %416 = getelementptr inbounds float, ptr %y, i64 %415
+  %417 = add nsw i64 %col85, 0
+  %y0087 = getelementptr inbounds float, ptr %416, i64 %417
+  %418 = load <8 x float>, ptr %y0087, align 4
+  store <8 x float> %418, ptr %acc0088, align 4
+  %419 = add nsw i64 %col85, 8
+  %y0189 = getelementptr inbounds float, ptr %416, i64 %419
+  %420 = load <8 x float>, ptr %y0189, align 4
+  store <8 x float> %420, ptr %acc0190, align 4
+  %421 = add nsw i64 %r0, 1
+  %422 = mul nsw i64 %421, 16
+  %h191 = getelementptr inbounds float, ptr %h, i64 %422
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
+  %424 = load i32, ptr %423, align 4
+  %425 = sext i32 %424 to i64
+  %426 = mul nsw i64 %425, 1024
+  %427 = getelementptr inbounds float, ptr %y, i64 %426
+  %428 = add nsw i64 %col85, 0
+  %y1092 = getelementptr inbounds float, ptr %427, i64 %428
+  %429 = load <8 x float>, ptr %y1092, align 4
+  store <8 x float> %429, ptr %acc1093, align 4
+  %430 = add nsw i64 %col85, 8
+  %y1194 = getelementptr inbounds float, ptr %427, i64 %430
+  %431 = load <8 x float>, ptr %y1194, align 4
+  store <8 x float> %431, ptr %acc1195, align 4
+  %panel.off96 = mul nsw i64 %p, 16
   br label %k.head97
 
 k.head97:                                         ; preds = %k.body98, %tile.mr2
-  %k100 = phi i64 [ 0, %tile.mr2 ], [ %464, %k.body98 ]
-  %441 = icmp slt i64 %k100, 1
-  br i1 %441, label %k.body98, label %k.end99
+  %k100 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body98 ]
+  %432 = icmp slt i64 %k100, 1
+  br i1 %432, label %k.body98, label %k.end99
 
 k.body98:                                         ; preds = %k.head97
-  %442 = mul nsw i64 %k100, 16
-  %443 = add nsw i64 %panel.off96, %442
-  %444 = getelementptr inbounds float, ptr %panels, i64 %443
-  %b0101 = load <8 x float>, ptr %444, align 4
-  %445 = add nsw i64 %443, 8
-  %446 = getelementptr inbounds float, ptr %panels, i64 %445
-  %b1102 = load <8 x float>, ptr %446, align 4
-  %447 = add nsw i64 0, %k100
-  %448 = getelementptr inbounds float, ptr %h086, i64 %447
-  %449 = load float, ptr %448, align 4
-  %450 = insertelement <8 x float> poison, float %449, i32 0
-  %451 = shufflevector <8 x float> %450, <8 x float> poison, <8 x i32> zeroinitializer
-  %452 = load <8 x float>, ptr %acc0088, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %b0101, <8 x float> %452)
-  store <8 x float> %453, ptr %acc0088, align 4
-  %454 = load <8 x float>, ptr %acc0190, align 4
-  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %b1102, <8 x float> %454)
-  store <8 x float> %455, ptr %acc0190, align 4
-  %456 = getelementptr inbounds float, ptr %h191, i64 %447
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc1093, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %b0101, <8 x float> %460)
-  store <8 x float> %461, ptr %acc1093, align 4
-  %462 = load <8 x float>, ptr %acc1195, align 4
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %b1102, <8 x float> %462)
-  store <8 x float> %463, ptr %acc1195, align 4
-  %464 = add nsw i64 %k100, 1
+  %433 = mul nsw i64 %k100, 16
+  %434 = add nsw i64 %panel.off96, %433
+  %435 = getelementptr inbounds float, ptr %panels, i64 %434
+  %b0101 = load <8 x float>, ptr %435, align 4
+  %436 = add nsw i64 %434, 8
+  %437 = getelementptr inbounds float, ptr %panels, i64 %436
+  %b1102 = load <8 x float>, ptr %437, align 4
+  %438 = getelementptr inbounds float, ptr %h086, i64 %k100
+  %439 = load float, ptr %438, align 4
+  %440 = insertelement <8 x float> poison, float %439, i32 0
+  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
+  %442 = load <8 x float>, ptr %acc0088, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0101, <8 x float> %442)
+  store <8 x float> %443, ptr %acc0088, align 4
+  %444 = load <8 x float>, ptr %acc0190, align 4
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1102, <8 x float> %444)
+  store <8 x float> %445, ptr %acc0190, align 4
+  %446 = getelementptr inbounds float, ptr %h191, i64 %k100
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = load <8 x float>, ptr %acc1093, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0101, <8 x float> %450)
+  store <8 x float> %451, ptr %acc1093, align 4
+  %452 = load <8 x float>, ptr %acc1195, align 4
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1102, <8 x float> %452)
+  store <8 x float> %453, ptr %acc1195, align 4
+  %454 = add nsw i64 %k100, 1
   br label %k.head97
 
 k.end99:                                          ; preds = %k.head97
-  %465 = load <8 x float>, ptr %acc0088, align 4
-  store <8 x float> %465, ptr %y0087, align 4
-  %466 = load <8 x float>, ptr %acc0190, align 4
-  store <8 x float> %466, ptr %y0189, align 4
-  %467 = load <8 x float>, ptr %acc1093, align 4
-  store <8 x float> %467, ptr %y1092, align 4
-  %468 = load <8 x float>, ptr %acc1195, align 4
-  store <8 x float> %468, ptr %y1194, align 4
+  %455 = load <8 x float>, ptr %acc0088, align 4
+  store <8 x float> %455, ptr %y0087, align 4
+  %456 = load <8 x float>, ptr %acc0190, align 4
+  store <8 x float> %456, ptr %y0189, align 4
+  %457 = load <8 x float>, ptr %acc1093, align 4
+  store <8 x float> %457, ptr %y1092, align 4
+  %458 = load <8 x float>, ptr %acc1195, align 4
+  store <8 x float> %458, ptr %y1194, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col103 = mul nsw i64 %p, 16
-  %469 = add nsw i64 %r0, 0
-  %470 = mul nsw i64 %469, 16
-  %h0104 = getelementptr inbounds float, ptr %h, i64 %470
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %469
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 1024
-  %475 = getelementptr inbounds float, ptr %y, i64 %474
-  %476 = add nsw i64 %col103, 0
-  %y00105 = getelementptr inbounds float, ptr %475, i64 %476
-  %477 = load <8 x float>, ptr %y00105, align 4
-  store <8 x float> %477, ptr %acc00106, align 4
-  %478 = add nsw i64 %col103, 8
-  %y01107 = getelementptr inbounds float, ptr %475, i64 %478
-  %479 = load <8 x float>, ptr %y01107, align 4
-  store <8 x float> %479, ptr %acc01108, align 4
-  %480 = mul nsw i64 %p, 16
-  %panel.off109 = add nsw i64 %480, 0
+  %459 = add nsw i64 %r0, 0
+  %460 = mul nsw i64 %459, 16
+  %h0104 = getelementptr inbounds float, ptr %h, i64 %460
+  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
+  %462 = load i32, ptr %461, align 4
+  %463 = sext i32 %462 to i64
+  %464 = mul nsw i64 %463, 1024
+  %465 = getelementptr inbounds float, ptr %y, i64 %464
+  %466 = add nsw i64 %col103, 0
+  %y00105 = getelementptr inbounds float, ptr %465, i64 %466
+  %467 = load <8 x float>, ptr %y00105, align 4
+  store <8 x float> %467, ptr %acc00106, align 4
+  %468 = add nsw i64 %col103, 8
+  %y01107 = getelementptr inbounds float, ptr %465, i64 %468
+  %469 = load <8 x float>, ptr %y01107, align 4
+  store <8 x float> %469, ptr %acc01108, align 4
+  %panel.off109 = mul nsw i64 %p, 16
   br label %k.head110
 
 k.head110:                                        ; preds = %k.body111, %tile.mr1
-  %k113 = phi i64 [ 0, %tile.mr1 ], [ %496, %k.body111 ]
-  %481 = icmp slt i64 %k113, 1
-  br i1 %481, label %k.body111, label %k.end112
+  %k113 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body111 ]
+  %470 = icmp slt i64 %k113, 1
+  br i1 %470, label %k.body111, label %k.end112
 
 k.body111:                                        ; preds = %k.head110
-  %482 = mul nsw i64 %k113, 16
-  %483 = add nsw i64 %panel.off109, %482
-  %484 = getelementptr inbounds float, ptr %panels, i64 %483
-  %b0114 = load <8 x float>, ptr %484, align 4
-  %485 = add nsw i64 %483, 8
-  %486 = getelementptr inbounds float, ptr %panels, i64 %485
-  %b1115 = load <8 x float>, ptr %486, align 4
-  %487 = add nsw i64 0, %k113
-  %488 = getelementptr inbounds float, ptr %h0104, i64 %487
-  %489 = load float, ptr %488, align 4
-  %490 = insertelement <8 x float> poison, float %489, i32 0
-  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
-  %492 = load <8 x float>, ptr %acc00106, align 4
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b0114, <8 x float> %492)
-  store <8 x float> %493, ptr %acc00106, align 4
-  %494 = load <8 x float>, ptr %acc01108, align 4
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b1115, <8 x float> %494)
-  store <8 x float> %495, ptr %acc01108, align 4
-  %496 = add nsw i64 %k113, 1
+  %471 = mul nsw i64 %k113, 16
+  %472 = add nsw i64 %panel.off109, %471
+  %473 = getelementptr inbounds float, ptr %panels, i64 %472
+  %b0114 = load <8 x float>, ptr %473, align 4
+  %474 = add nsw i64 %472, 8
+  %475 = getelementptr inbounds float, ptr %panels, i64 %474
+  %b1115 = load <8 x float>, ptr %475, align 4
+  %476 = getelementptr inbounds float, ptr %h0104, i64 %k113
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc00106, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0114, <8 x float> %480)
+  store <8 x float> %481, ptr %acc00106, align 4
+  %482 = load <8 x float>, ptr %acc01108, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1115, <8 x float> %482)
+  store <8 x float> %483, ptr %acc01108, align 4
+  %484 = add nsw i64 %k113, 1
   br label %k.head110
 
 k.end112:                                         ; preds = %k.head110
-  %497 = load <8 x float>, ptr %acc00106, align 4
-  store <8 x float> %497, ptr %y00105, align 4
-  %498 = load <8 x float>, ptr %acc01108, align 4
-  store <8 x float> %498, ptr %y01107, align 4
+  %485 = load <8 x float>, ptr %acc00106, align 4
+  store <8 x float> %485, ptr %y00105, align 4
+  %486 = load <8 x float>, ptr %acc01108, align 4
+  store <8 x float> %486, ptr %y01107, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end112, %k.end99, %k.end81, %k.end58, %k.end30, %k.end
-  %499 = add nsw i64 %r0, 6
+  %487 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %500 = add nsw i64 %p, 1
+  %488 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
