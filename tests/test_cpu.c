@@ -10,114 +10,15 @@
 
 #include <cmocka.h>
 
-#include <dlfcn.h>
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "../compiler/backend.h"
-#include "../runtime/moe.h"
 #include "../runtime/safetensors.h"
-
-static char tmpdir[] = "/tmp/test_cpu.XXXXXX";
-static int n_models;
-/* The randomized sweep compiles most descriptions at -O0 (same IR and the
- * same arithmetic, much faster to build) and every fourth at -O2. */
-static int opt_level = 2;
-
-struct model {
-	void *dl;
-	const struct moe_info *(*info)(void);
-	enum moe_status (*create)(moe_model **, const struct moe_create_opts *);
-	void (*destroy)(moe_model *);
-	enum moe_status (*load)(moe_model *, const char *const *, size_t);
-	enum moe_status (*init_random)(moe_model *, uint64_t);
-	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
-				   struct moe_routing *, const struct moe_fwd_opts *);
-	const char *(*last_error)(void);
-	char path[256];
-};
-
-/* A small valid token-choice description: callers change fields. */
-static void base_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t k, uint32_t I)
-{
-	memset(d, 0, sizeof *d);
-	d->version = MOE_DESC_VERSION;
-	snprintf(d->name, sizeof d->name, "cpu-test");
-	d->hidden = H;
-	d->n_layers = 2;
-	d->n_moe_layers = 2;
-	d->moe_layers[0] = 0;
-	d->moe_layers[1] = 1;
-	d->weight_dtype = MOE_DTYPE_F32;
-	d->act_dtype = MOE_DTYPE_F32;
-	d->mode = MOE_MODE_TOKEN_CHOICE;
-	d->score = MOE_SCORE_SOFTMAX;
-	d->top_k = k;
-	d->norm = MOE_NORM_SUM;
-	d->scale = 1.0f;
-	d->n_groups = 1;
-	d->kind = MOE_KIND_GLU;
-	d->n_experts = E;
-	d->intermediate = I;
-	d->act = MOE_ACT_SILU;
-	d->act_alpha = 1.702f;
-	d->act_limit = 7.0f;
-	d->split = 1;
-	d->shared_kind = MOE_KIND_GLU;
-	d->shared_act = MOE_ACT_SILU;
-}
-
-/* Compile d into a fresh model.so and open it. Returns 0 or the compile
- * exit code (err holds the message). */
-static int model_open(const struct moe_desc *d, struct model *m, char *err, size_t cap)
-{
-	memset(m, 0, sizeof *m);
-	snprintf(m->path, sizeof m->path, "%s/m%d.so", tmpdir, n_models++);
-	struct moe_cpu_target t = {.cpu = "native", .opt_level = opt_level};
-	int rc = moe_compile_cpu(d, &t, MOE_EMIT_SO, m->path, err, cap);
-	if (rc)
-		return rc;
-	m->dl = dlopen(m->path, RTLD_NOW | RTLD_LOCAL);
-	if (!m->dl)
-		fprintf(stderr, "dlopen: %s\n", dlerror());
-	assert_non_null(m->dl);
-	*(void **)&m->info = dlsym(m->dl, "moe_info");
-	*(void **)&m->create = dlsym(m->dl, "moe_create");
-	*(void **)&m->destroy = dlsym(m->dl, "moe_destroy");
-	*(void **)&m->load = dlsym(m->dl, "moe_load_safetensors");
-	*(void **)&m->init_random = dlsym(m->dl, "moe_init_random");
-	*(void **)&m->forward = dlsym(m->dl, "moe_forward");
-	*(void **)&m->last_error = dlsym(m->dl, "moe_last_error");
-	assert_non_null(m->info);
-	assert_non_null(m->create);
-	assert_non_null(m->destroy);
-	assert_non_null(m->load);
-	assert_non_null(m->init_random);
-	assert_non_null(m->forward);
-	assert_non_null(m->last_error);
-	/* only the ABI is exported */
-	assert_null(dlsym(m->dl, "moe_ref_forward"));
-	assert_null(dlsym(m->dl, "moe_gen_model"));
-	return 0;
-}
-
-static void model_close(struct model *m)
-{
-	dlclose(m->dl);
-	unlink(m->path);
-}
-
-static void fill_input(float *x, size_t n, uint64_t seed)
-{
-	for (size_t i = 0; i < n; i++)
-		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(seed, 99, i, 0)) - 1.0f;
-}
+#include "harness.h"
 
 /* Same expert set per token (order free). */
 static int same_sets(const int32_t *a, const int32_t *b, size_t T, size_t W, size_t *bad_tok)
@@ -145,9 +46,9 @@ struct cmp_result {
 static struct cmp_result compare(const struct moe_desc *d, size_t T, uint32_t threads,
 				 uint64_t seed, double tol)
 {
-	struct model m;
+	struct h_model m;
 	char err[2048];
-	int rc = model_open(d, &m, err, sizeof err);
+	int rc = h_model_open(d, &m, err, sizeof err);
 	if (rc)
 		fprintf(stderr, "compile: %s\n", err);
 	assert_int_equal(rc, 0);
@@ -164,7 +65,7 @@ static struct cmp_result compare(const struct moe_desc *d, size_t T, uint32_t th
 	int64_t *cnt = malloc(E * 8), *cntr = malloc(E * 8);
 	float *imp = malloc(E * 4), *impr = malloc(E * 4);
 	uint16_t *xb = malloc((T + 1) * H * 2), *yb = malloc((T + 1) * H * 2);
-	fill_input(x, T * H, seed + 1);
+	h_fill_input(x, T * H, seed + 1);
 	int bf16 = d->act_dtype == MOE_DTYPE_BF16;
 	for (size_t i = 0; bf16 && i < T * H; i++) {
 		xb[i] = moe_f32_to_bf16(x[i]);
@@ -230,7 +131,7 @@ static struct cmp_result compare(const struct moe_desc *d, size_t T, uint32_t th
 	free(x), free(y), free(yr), free(ids), free(idr), free(wg), free(wr);
 	free(cnt), free(cntr), free(imp), free(impr), free(xb), free(yb);
 	m.destroy(mm);
-	model_close(&m);
+	h_model_close(&m);
 	return res;
 }
 
@@ -245,7 +146,7 @@ static void test_expert_counts(void **state)
 	static const uint32_t ks[] = {1, 2, 4, 6, 8};
 	for (size_t i = 0; i < sizeof Es / sizeof *Es; i++) {
 		struct moe_desc d;
-		base_desc(&d, 40, Es[i], ks[i], 24);
+		h_base_desc(&d, 40, Es[i], ks[i], 24);
 		compare(&d, 29, 2, 11 + i, TOL);
 	}
 }
@@ -257,7 +158,7 @@ static void test_features(void **state)
 	struct moe_desc d;
 	for (int sc = 0; sc < MOE_SCORE_COUNT; sc++)
 		for (int nm = 0; nm < MOE_NORM_COUNT; nm++) {
-			base_desc(&d, 48, 12, 3, 40);
+			h_base_desc(&d, 48, 12, 3, 40);
 			d.score = sc;
 			d.norm = nm;
 			d.norm_p = 2.0f;
@@ -266,15 +167,15 @@ static void test_features(void **state)
 			d.scale = 2.5f;
 			compare(&d, 21, 2, 100 + (uint64_t)sc * 3 + nm, TOL);
 		}
-	base_desc(&d, 48, 12, 3, 40);
+	h_base_desc(&d, 48, 12, 3, 40);
 	d.norm = MOE_NORM_LP;
 	d.norm_p = 1.0f;
 	compare(&d, 21, 2, 5, TOL);
-	base_desc(&d, 48, 12, 3, 40);
+	h_base_desc(&d, 48, 12, 3, 40);
 	d.router_bias = 1;
 	d.score = MOE_SCORE_SIGMOID;
 	compare(&d, 21, 2, 6, TOL);
-	base_desc(&d, 48, 16, 4, 40);
+	h_base_desc(&d, 48, 16, 4, 40);
 	d.select_bias = 1;
 	d.score = MOE_SCORE_SIGMOID;
 	d.n_groups = 4;
@@ -288,7 +189,7 @@ static void test_features(void **state)
 	/* capacity: drop and passthrough, both priorities */
 	for (int ov = 0; ov < MOE_OVERFLOW_COUNT; ov++)
 		for (int pr = 0; pr < MOE_PRIORITY_COUNT; pr++) {
-			base_desc(&d, 32, 6, 2, 24);
+			h_base_desc(&d, 32, 6, 2, 24);
 			d.capacity = pr ? MOE_CAPACITY_PER_EXPERT : MOE_CAPACITY_FACTOR;
 			d.capacity_factor = 0.75f;
 			d.capacity_per_expert = 5;
@@ -298,13 +199,13 @@ static void test_features(void **state)
 			struct cmp_result r = compare(&d, 40, 2, 9 + (uint64_t)ov * 2 + pr, TOL);
 			(void)r;
 		}
-	base_desc(&d, 48, 8, 2, 40);
+	h_base_desc(&d, 48, 8, 2, 40);
 	d.apply_to = MOE_APPLY_INPUT;
 	d.score = MOE_SCORE_SIGMOID;
 	d.norm = MOE_NORM_NONE;
 	compare(&d, 21, 2, 13, TOL);
 	for (int a = 0; a < MOE_ACT_COUNT; a++) {
-		base_desc(&d, 40, 8, 2, 36);
+		h_base_desc(&d, 40, 8, 2, 36);
 		d.act = a;
 		compare(&d, 17, 2, 14 + (uint64_t)a, TOL);
 		if (a == MOE_ACT_SWIGLU_OAI)
@@ -312,7 +213,7 @@ static void test_features(void **state)
 		d.kind = MOE_KIND_MLP;
 		compare(&d, 17, 2, 20 + (uint64_t)a, TOL);
 	}
-	base_desc(&d, 40, 8, 2, 36);
+	h_base_desc(&d, 40, 8, 2, 36);
 	d.act = MOE_ACT_SWIGLU_OAI;
 	d.act_limit = 0.05f; /* small so the clamps bite */
 	d.expert_bias = 1;
@@ -324,7 +225,7 @@ static void test_features(void **state)
 	compare(&d, 17, 2, 27, TOL);
 	/* shared experts, gated and not, glu and mlp */
 	for (int gate = 0; gate < 2; gate++) {
-		base_desc(&d, 40, 8, 2, 36);
+		h_base_desc(&d, 40, 8, 2, 36);
 		d.shared_count = 2;
 		d.shared_intermediate = 20;
 		d.shared_gate = gate ? MOE_SHARED_GATE_SIGMOID : MOE_SHARED_GATE_NONE;
@@ -334,19 +235,19 @@ static void test_features(void **state)
 		compare(&d, 23, 2, 30 + (uint64_t)gate, TOL);
 	}
 	/* dense */
-	base_desc(&d, 40, 5, 5, 36);
+	h_base_desc(&d, 40, 5, 5, 36);
 	d.mode = MOE_MODE_DENSE;
 	d.norm = MOE_NORM_NONE;
 	compare(&d, 19, 2, 32, TOL);
 	/* weight and activation dtypes */
 	for (int dt = 0; dt < MOE_DTYPE_COUNT; dt++) {
-		base_desc(&d, 56, 10, 3, 44);
+		h_base_desc(&d, 56, 10, 3, 44);
 		d.weight_dtype = dt;
 		d.shared_count = 1;
 		d.shared_intermediate = 24;
 		compare(&d, 25, 2, 33 + (uint64_t)dt, TOL);
 	}
-	base_desc(&d, 56, 10, 3, 44);
+	h_base_desc(&d, 56, 10, 3, 44);
 	d.act_dtype = MOE_DTYPE_BF16;
 	d.weight_dtype = MOE_DTYPE_BF16;
 	compare(&d, 25, 2, 36, 1.0 / 128);
@@ -358,18 +259,18 @@ static void test_invariance(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	base_desc(&d, 53, 9, 3, 27); /* no multiples of 8 or 16 anywhere */
+	h_base_desc(&d, 53, 9, 3, 27); /* no multiples of 8 or 16 anywhere */
 	d.shared_count = 1;
 	d.shared_intermediate = 19;
 	d.shared_gate = MOE_SHARED_GATE_SIGMOID;
 	d.expert_bias = 1;
-	struct model m;
+	struct h_model m;
 	char err[1024];
-	assert_int_equal(model_open(&d, &m, err, sizeof err), 0);
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
 	size_t T = 45, H = d.hidden;
 	float *x = malloc(T * H * 4), *y1 = malloc(T * H * 4), *yb = malloc(T * H * 4);
 	float *y2 = malloc(T * H * 4);
-	fill_input(x, T * H, 5);
+	h_fill_input(x, T * H, 5);
 	moe_model *a, *b;
 	struct moe_create_opts one = {.threads = 1}, three = {.threads = 3};
 	assert_int_equal(m.create(&a, &one), MOE_OK);
@@ -391,7 +292,7 @@ static void test_invariance(void **state)
 	assert_memory_equal(y1, y2, T * H * 4);
 	/* and the result is real: it matches the reference */
 	m.destroy(a), m.destroy(b);
-	model_close(&m);
+	h_model_close(&m);
 	compare(&d, T, 3, 3, TOL);
 	free(x), free(y1), free(yb), free(y2);
 }
@@ -400,11 +301,11 @@ static void test_errors(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	base_desc(&d, 16, 4, 2, 8);
+	h_base_desc(&d, 16, 4, 2, 8);
 	d.noise = MOE_NOISE_LEARNED_GAUSSIAN;
-	struct model m;
+	struct h_model m;
 	char err[1024];
-	assert_int_equal(model_open(&d, &m, err, sizeof err), 0);
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
 	const struct moe_info *in = m.info();
 	assert_int_equal(in->abi_version, MOE_ABI_VERSION);
 	assert_int_equal(in->hidden, 16);
@@ -417,7 +318,7 @@ static void test_errors(void **state)
 	assert_string_equal(in->spec_hash, hash);
 
 	float x[2 * 16], y[2 * 16];
-	fill_input(x, 32, 1);
+	h_fill_input(x, 32, 1);
 	assert_int_equal(m.create(NULL, NULL), MOE_ERR_ARG);
 	assert_non_null(strstr(m.last_error(), "NULL"));
 	moe_model *mm;
@@ -462,7 +363,7 @@ static void test_errors(void **state)
 	assert_int_equal(m.forward(mm, 0, x, y, 2, NULL, NULL), MOE_ERR_WEIGHTS);
 	m.destroy(mm);
 	m.destroy(NULL);
-	model_close(&m);
+	h_model_close(&m);
 }
 
 static void test_refusals(void **state)
@@ -472,12 +373,12 @@ static void test_refusals(void **state)
 	static const enum moe_mode modes[] = {MOE_MODE_SOFT};
 	for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) {
 		struct moe_desc d;
-		base_desc(&d, 16, 4, 2, 8);
+		h_base_desc(&d, 16, 4, 2, 8);
 		d.mode = modes[i];
 		d.soft_slots_per_expert = 1;
 		d.noise = MOE_NOISE_JITTER;
 		char err[1024], want[256], path[300];
-		snprintf(path, sizeof path, "%s/refused.so", tmpdir);
+		snprintf(path, sizeof path, "%s/refused.so", h_tmpdir);
 		struct moe_cpu_target t = {.opt_level = 1};
 		assert_int_equal(moe_compile_cpu(&d, &t, MOE_EMIT_SO, path, err, sizeof err),
 				 MOE_EXIT_BACKEND);
@@ -508,7 +409,7 @@ static void test_deterministic(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	base_desc(&d, 24, 6, 2, 16);
+	h_base_desc(&d, 24, 6, 2, 16);
 	d.shared_count = 1;
 	d.shared_intermediate = 8;
 	static const enum moe_emit kinds[] = {MOE_EMIT_SO, MOE_EMIT_LL, MOE_EMIT_OBJ,
@@ -517,8 +418,8 @@ static void test_deterministic(void **state)
 	    .cpu = "x86-64-v3", .triple = "x86_64-pc-linux-gnu", .opt_level = 3};
 	for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) {
 		char p1[300], p2[300], err[1024];
-		snprintf(p1, sizeof p1, "%s/det1.%s", tmpdir, moe_emit_names[kinds[i]]);
-		snprintf(p2, sizeof p2, "%s/det2.%s", tmpdir, moe_emit_names[kinds[i]]);
+		snprintf(p1, sizeof p1, "%s/det1.%s", h_tmpdir, moe_emit_names[kinds[i]]);
+		snprintf(p2, sizeof p2, "%s/det2.%s", h_tmpdir, moe_emit_names[kinds[i]]);
 		assert_int_equal(moe_compile_cpu(&d, &t, kinds[i], p1, err, sizeof err), 0);
 		assert_int_equal(moe_compile_cpu(&d, &t, kinds[i], p2, err, sizeof err), 0);
 		char *a, *b;
@@ -551,7 +452,7 @@ static void test_safetensors(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	base_desc(&d, 24, 4, 2, 12);
+	h_base_desc(&d, 24, 4, 2, 12);
 	d.n_layers = 1;
 	d.n_moe_layers = 1;
 	d.weight_dtype = MOE_DTYPE_BF16;
@@ -598,11 +499,11 @@ static void test_safetensors(void **state)
 					       .data = gu + e * 2 * I * H};
 	}
 	char path[300], err[1024];
-	snprintf(path, sizeof path, "%s/w.safetensors", tmpdir);
+	snprintf(path, sizeof path, "%s/w.safetensors", h_tmpdir);
 	assert_int_equal(moe_st_write(path, ts, n, err, sizeof err), MOE_OK);
 
-	struct model m;
-	assert_int_equal(model_open(&d, &m, err, sizeof err), 0);
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
 	moe_model *a, *b;
 	assert_int_equal(m.create(&a, NULL), MOE_OK);
 	assert_int_equal(m.create(&b, NULL), MOE_OK);
@@ -614,7 +515,7 @@ static void test_safetensors(void **state)
 	assert_int_equal(st, MOE_OK);
 	size_t T = 9;
 	float x[9 * 24], ya[9 * 24], yb[9 * 24];
-	fill_input(x, T * H, 2);
+	h_fill_input(x, T * H, 2);
 	assert_int_equal(m.forward(a, 0, x, ya, T, NULL, NULL), MOE_OK);
 	assert_int_equal(m.forward(b, 0, x, yb, T, NULL, NULL), MOE_OK);
 	assert_memory_equal(ya, yb, sizeof ya);
@@ -625,7 +526,7 @@ static void test_safetensors(void **state)
 	assert_int_equal(m.load(b, files, 1), MOE_ERR_WEIGHTS);
 	assert_non_null(strstr(m.last_error(), "l.0.gate.weight"));
 	m.destroy(a), m.destroy(b);
-	model_close(&m);
+	h_model_close(&m);
 	unlink(path);
 	moe_ref_weights_free(&w);
 	free(gu), free(dn);
@@ -635,21 +536,21 @@ static void test_safetensors(void **state)
  * optionally, the routing ids. */
 static void run_once(const struct moe_desc *d, size_t T, float *y, int32_t *ids, int64_t *n_dropped)
 {
-	struct model m;
+	struct h_model m;
 	char err[1024];
-	assert_int_equal(model_open(d, &m, err, sizeof err), 0);
+	assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
 	moe_model *mm;
 	assert_int_equal(m.create(&mm, NULL), MOE_OK);
 	assert_int_equal(m.init_random(mm, 21), MOE_OK);
 	float *x = malloc(T * d->hidden * 4);
-	fill_input(x, T * d->hidden, 22);
+	h_fill_input(x, T * d->hidden, 22);
 	struct moe_routing rt = {.expert_ids = ids};
 	assert_int_equal(m.forward(mm, d->moe_layers[0], x, y, T, &rt, NULL), MOE_OK);
 	if (n_dropped)
 		*n_dropped = rt.n_dropped;
 	free(x);
 	m.destroy(mm);
-	model_close(&m);
+	h_model_close(&m);
 }
 
 /* Capacity variants checked against a simulation of the fill order on the
@@ -659,7 +560,7 @@ static void test_capacity_and_bias(void **state)
 	(void)state;
 	enum { T = 37, K = 2, E = 5, H = 24 };
 	struct moe_desc d;
-	base_desc(&d, H, E, K, 20);
+	h_base_desc(&d, H, E, K, 20);
 	float *y0 = malloc(T * H * 4), *y1 = malloc(T * H * 4);
 	int32_t ids0[T * K], ids1[T * K];
 	int64_t nd;
@@ -738,14 +639,14 @@ static void test_random(void **state)
 	printf("test_random: MOE_TEST_SEED=%llu (%d descriptions)\n", (unsigned long long)seed, n);
 	fflush(stdout);
 	for (int i = 0; i < n; i++) {
-		opt_level = i % 4 == 0 ? 2 : 0;
+		h_opt_level = i % 4 == 0 ? 2 : 0;
 		struct moe_desc d;
 		uint64_t s = seed;
 		uint32_t G = 1 + rnd(s, i, 1, 4);
 		uint32_t E = G * (1 + rnd(s, i, 2, 12));
 		uint32_t H = 1 + rnd(s, i, 3, 70), I = 1 + rnd(s, i, 4, 50);
 		uint32_t k = 1 + rnd(s, i, 5, E < 8 ? E : 8);
-		base_desc(&d, H, E, k, I);
+		h_base_desc(&d, H, E, k, I);
 		d.mode = rnd(s, i, 6, 8) == 0 ? MOE_MODE_DENSE : MOE_MODE_TOKEN_CHOICE;
 		if (d.mode == MOE_MODE_DENSE)
 			d.top_k = E;
@@ -792,26 +693,17 @@ static void test_random(void **state)
 		size_t T = rnd(s, i, 36, 40);
 		compare(&d, T, 1 + rnd(s, i, 37, 3), seed + (uint64_t)i, TOL);
 	}
-	opt_level = 2;
+	h_opt_level = 2;
 }
 
+/* The randomized sweep compiles most descriptions at -O0 (same IR and the
+ * same arithmetic, much faster to build) and every fourth at -O2; the other
+ * tests compile at -O2. */
 static int setup(void **state)
 {
 	(void)state;
-	return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-	(void)sb, (void)flag, (void)ftw;
-	return remove(path);
-}
-
-/* Also after a failed test, whose models were left behind. */
-static int teardown(void **state)
-{
-	(void)state;
-	return nftw(tmpdir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+	h_opt_level = 2;
+	return h_setup("test_cpu");
 }
 
 int main(void)
@@ -823,5 +715,5 @@ int main(void)
 	    cmocka_unit_test(test_safetensors),   cmocka_unit_test(test_capacity_and_bias),
 	    cmocka_unit_test(test_random),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -1,0 +1,56 @@
+/* harness.h: what the generated-CPU-model tests share: a model.so compiled
+ * from a description into a temporary directory and opened through its ABI,
+ * a small base description, deterministic inputs and the comparison of one
+ * forward pass against the reference. */
+#ifndef MOE_TEST_HARNESS_H
+#define MOE_TEST_HARNESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../compiler/backend.h"
+#include "../runtime/moe.h"
+
+/* outputs of h_compare agree with the reference within this relative error */
+#define H_TOL 1e-5
+
+/* The temporary directory of this test run (h_setup creates it) and the
+ * optimization level h_model_open compiles at (default 1). */
+extern char h_tmpdir[64];
+extern int h_opt_level;
+
+/* A model.so opened with dlopen and its exported ABI. */
+struct h_model {
+	void *dl;
+	const struct moe_info *(*info)(void);
+	enum moe_status (*create)(moe_model **, const struct moe_create_opts *);
+	void (*destroy)(moe_model *);
+	enum moe_status (*load)(moe_model *, const char *const *, size_t);
+	enum moe_status (*init_random)(moe_model *, uint64_t);
+	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
+				   struct moe_routing *, const struct moe_fwd_opts *);
+	const char *(*last_error)(void);
+	char path[256];
+};
+
+/* A small valid token-choice description: callers change fields. */
+void h_base_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t k, uint32_t I);
+/* Compile d into a fresh model.so under h_tmpdir and open it. Returns 0 or
+ * the compile exit code (err holds the message). */
+int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t cap);
+void h_model_close(struct h_model *m);
+/* x[i] uniform in [-1, 1), a function of (seed, i) only. */
+void h_fill_input(float *x, size_t n, uint64_t seed);
+/* Forward T tokens through the generated model and the reference (same
+ * weights, same options): identical expert ids in rank order, weights and
+ * statistics within f32 rounding, outputs within H_TOL. y_out (optional)
+ * receives the model's output. */
+void h_compare(const struct moe_desc *d, size_t T, uint32_t threads, uint64_t seed,
+	       const struct moe_fwd_opts *opts, float *y_out);
+
+/* Create the temporary directory /tmp/<name>.XXXXXX; remove it and all it
+ * holds (cmocka group teardown). */
+int h_setup(const char *name);
+int h_teardown(void **state);
+
+#endif
