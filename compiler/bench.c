@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "../runtime/moe.h"
+#include "../runtime/moe_kernels.h" /* the product-key phases, timed alone */
 #include "../runtime/pool.h"
 #include "backend.h"
 #include "moegen.h"
@@ -30,7 +31,7 @@
 static const char *const usage_bench =
     "usage: moegen bench [--shapes LIST] [--tokens LIST] [--weights LIST]\n"
     "                    [--routing LIST] [--threads N] [--reps N] [--quick]\n"
-    "                    [--copies N] [--csv FILE] [--no-generated]\n"
+    "                    [--copies N] [--csv FILE] [--no-generated] [--modes LIST]\n"
     "Measure this machine's FMA peak and DRAM read bandwidth, then time one MoE\n"
     "layer per shape, token count, weight dtype and routing: the layer moegen\n"
     "generates and a per-expert cblas_sgemm baseline on the same routing.\n"
@@ -45,7 +46,11 @@ static const char *const usage_bench =
     "  --quick    qwen3 and deepseek at 1,16,256 tokens, short probes\n"
     "  --csv FILE also write shape,tokens,weights,routing,ms,gflops,gbps,\n"
     "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup\n"
-    "  --no-generated  probes and baseline only\n";
+    "  --no-generated  probes and baseline only\n"
+    "  --modes    research routers, generated layer only: hier, sparsemixer,\n"
+    "             noisy, ec, soft, peer, peer-1m (full size, 8 GiB; only when\n"
+    "             named). Default: all but peer-1m in a full run, none with\n"
+    "             --quick; alone, without --shapes, it runs no shapes\n";
 
 struct shape {
 	const char *name;  /* --shapes and the csv */
@@ -70,8 +75,11 @@ static const struct shape shapes[] = {
 enum routing { ROUTE_UNIFORM, ROUTE_ZIPF, ROUTE_COUNT };
 static const char *const routing_names[ROUTE_COUNT] = {"uniform", "zipf"};
 
+#define N_MODE_NAMES 7 /* entries of modes[] below */
+
 struct opts {
 	int shape_on[N_SHAPES];
+	int mode_on[N_MODE_NAMES];
 	uint32_t tokens[MAX_TOKENS_LIST];
 	int n_tokens;
 	int dtype_on[MOE_DTYPE_COUNT];
@@ -132,6 +140,19 @@ static int item_shape(struct opts *o, const char *s)
 	return -1;
 }
 
+static const char *const mode_names[N_MODE_NAMES] = {"hier", "sparsemixer", "noisy",  "ec",
+						     "soft", "peer",        "peer-1m"};
+
+static int item_mode(struct opts *o, const char *s)
+{
+	for (int i = 0; i < N_MODE_NAMES; i++)
+		if (!strcmp(s, mode_names[i])) {
+			o->mode_on[i] = 1;
+			return 0;
+		}
+	return -1;
+}
+
 static int item_tokens(struct opts *o, const char *s)
 {
 	char *end;
@@ -177,6 +198,7 @@ static int parse_uint(const char *s, unsigned max, unsigned *out)
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	const char *shapes_arg = NULL, *tokens_arg = NULL, *weights_arg = NULL, *routing_arg = NULL;
+	const char *modes_arg = NULL;
 	memset(o, 0, sizeof *o);
 	o->generated = 1;
 	for (int i = 1; i < argc; i++) {
@@ -193,6 +215,8 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 			continue;
 		} else if (!strcmp(a, "--shapes")) {
 			val = &shapes_arg;
+		} else if (!strcmp(a, "--modes")) {
+			val = &modes_arg;
 		} else if (!strcmp(a, "--tokens")) {
 			val = &tokens_arg;
 		} else if (!strcmp(a, "--weights")) {
@@ -222,11 +246,20 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 			return bad_usage("%s needs a value", a);
 		*val = argv[++i];
 	}
+	if (modes_arg && each_item(modes_arg, item_mode, o))
+		return bad_usage("--modes: expected a list of hier, sparsemixer, noisy, ec, soft, "
+				 "peer, peer-1m, got '%s'",
+				 modes_arg);
+	if (!modes_arg && !o->quick)
+		for (int i = 0; i < N_MODE_NAMES - 1; i++)
+			o->mode_on[i] = 1; /* all but peer-1m */
+	if (!shapes_arg && modes_arg)
+		shapes_arg = "";
 	if (!shapes_arg)
 		shapes_arg = o->quick ? "qwen3,deepseek" : "qwen3,olmoe,mixtral,deepseek";
 	if (!tokens_arg)
 		tokens_arg = o->quick ? "1,16,256" : "1,16,256,4096";
-	if (each_item(shapes_arg, item_shape, o))
+	if (*shapes_arg && each_item(shapes_arg, item_shape, o))
 		return bad_usage(
 		    "--shapes: expected a list of qwen3, olmoe, mixtral, deepseek, got "
 		    "'%s'",
@@ -1229,6 +1262,465 @@ out:
 	free(dg);
 }
 
+/* Research modes ---------------------------------------------------------- */
+
+/* One layer per research router, the shape of its specs/ file scaled where
+ * the full size would not set up in seconds (docs/benchmarks.md). */
+struct mode {
+	const char *name;  /* --modes and the csv */
+	const char *label; /* the spec it follows */
+	enum moe_mode mode;
+	enum moe_dtype wt;
+	uint32_t H, E, I, k;
+	enum moe_kind kind;
+	enum moe_act act;
+	int training; /* forward with opts.training = 1 (noise drawn) */
+	uint32_t R;   /* product key: sub_keys */
+};
+
+static const struct mode modes[] = {
+    {"hier", "shazeer-hierarchical", MOE_MODE_HIERARCHICAL, MOE_DTYPE_F32, 512, 256, 1024, 4,
+     MOE_KIND_MLP, MOE_ACT_RELU, 0, 0},
+    {"sparsemixer", "phi-3.5-moe / 4", MOE_MODE_SPARSEMIXER, MOE_DTYPE_BF16, 1024, 16, 1600, 2,
+     MOE_KIND_GLU, MOE_ACT_SILU, 0, 0},
+    {"noisy", "noisy-top-k, training", MOE_MODE_TOKEN_CHOICE, MOE_DTYPE_F32, 512, 32, 1024, 4,
+     MOE_KIND_MLP, MOE_ACT_RELU, 1, 0},
+    {"ec", "expert-choice, E 64 -> 16", MOE_MODE_EXPERT_CHOICE, MOE_DTYPE_F32, 768, 16, 3072, 0,
+     MOE_KIND_MLP, MOE_ACT_GELU, 0, 0},
+    {"soft", "soft-moe, E 128 -> 16", MOE_MODE_SOFT, MOE_DTYPE_F32, 768, 16, 3072, 0, MOE_KIND_MLP,
+     MOE_ACT_GELU, 0, 0},
+    {"peer", "peer-1m, R 1024 -> 128", MOE_MODE_PRODUCT_KEY, MOE_DTYPE_F32, 1024, 0, 1, 128,
+     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 128},
+    {"peer-1m", "peer-1m, full size", MOE_MODE_PRODUCT_KEY, MOE_DTYPE_F32, 1024, 0, 1, 128,
+     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 1024},
+};
+#define N_MODES (sizeof modes / sizeof *modes)
+_Static_assert(N_MODES == N_MODE_NAMES, "modes[] and mode_names[] list the same modes");
+#define PK_HEADS 8
+#define PK_TOP_K 16
+#define PK_QUERY_DIM 256
+#define HIER_GROUPS 16
+
+static void mode_desc(const struct mode *md, struct moe_desc *d)
+{
+	memset(d, 0, sizeof *d);
+	d->version = MOE_DESC_VERSION;
+	snprintf(d->name, sizeof d->name, "bench-%s", md->name);
+	for (char *c = d->name; *c; c++)
+		if (*c == '-' && c > d->name + 5)
+			*c = '_';
+	d->hidden = md->H;
+	d->n_layers = 1;
+	d->n_moe_layers = 1;
+	d->dense_kind = MOE_KIND_MLP;
+	d->dense_act = MOE_ACT_GELU;
+	d->attn = MOE_ATTN_NONE;
+	d->weight_dtype = md->wt;
+	d->act_dtype = MOE_DTYPE_F32;
+	d->mode = md->mode;
+	d->score = MOE_SCORE_SOFTMAX;
+	d->top_k = md->k;
+	d->norm = MOE_NORM_NONE;
+	d->norm_p = 1;
+	d->scale = 1;
+	d->n_groups = 1;
+	d->group_top = 1;
+	d->group_score = MOE_GROUP_SCORE_MAX;
+	d->capacity = MOE_CAPACITY_NONE;
+	d->priority = MOE_PRIORITY_POSITION;
+	d->overflow = MOE_OVERFLOW_DROP;
+	d->noise = MOE_NOISE_NONE;
+	d->apply_to = MOE_APPLY_OUTPUT;
+	d->kind = md->kind;
+	d->n_experts = md->E;
+	d->intermediate = md->I;
+	d->act = md->act;
+	d->split = 1;
+	d->shared_kind = MOE_KIND_GLU;
+	d->shared_act = MOE_ACT_SILU;
+	d->shared_gate = MOE_SHARED_GATE_NONE;
+	switch (md->mode) {
+	case MOE_MODE_HIERARCHICAL:
+		d->noise = MOE_NOISE_LEARNED_GAUSSIAN; /* drawn in training only */
+		d->n_levels = 2;
+		d->levels[0] = (struct moe_level){HIER_GROUPS, 2};
+		d->levels[1] = (struct moe_level){0, 2};
+		break;
+	case MOE_MODE_SPARSEMIXER:
+		d->sparsemixer_eps = 0.01f;
+		d->noise = MOE_NOISE_JITTER; /* training only */
+		d->jitter_eps = 0.01f;
+		break;
+	case MOE_MODE_TOKEN_CHOICE:
+		d->norm = MOE_NORM_SUM;
+		d->noise = MOE_NOISE_LEARNED_GAUSSIAN;
+		d->capacity = MOE_CAPACITY_FACTOR;
+		d->capacity_factor = 1.25f;
+		break;
+	case MOE_MODE_EXPERT_CHOICE:
+		d->ec_capacity_factor = 2;
+		break;
+	case MOE_MODE_SOFT:
+		d->soft_slots_per_expert = 1;
+		break;
+	case MOE_MODE_PRODUCT_KEY:
+		d->n_experts = md->R * md->R;
+		d->pk_sub_keys = md->R;
+		d->pk_heads = PK_HEADS;
+		d->pk_top_k = PK_TOP_K;
+		d->pk_query_dim = PK_QUERY_DIM;
+		d->pk_score = MOE_SCORE_SOFTMAX;
+		d->pk_query_bn = 1;
+		break;
+	default:
+		break;
+	}
+}
+
+/* Weight matrices per expert (GLU: gate, up, down; MLP: up, down). */
+static double mode_mats(const struct moe_desc *d)
+{
+	return d->kind == MOE_KIND_GLU ? 3 : 2;
+}
+
+/* The router's f32 bytes: the matrices every token reads whatever it picks
+ * (hierarchical: both levels; learned noise in training: the noise
+ * projection; soft: the slot parameters; product key: the query projection
+ * and its bias, and the two sub-key sets). */
+static double mode_router_bytes(const struct moe_desc *d, int training)
+{
+	double H = d->hidden, E = d->n_experts;
+	switch (d->mode) {
+	case MOE_MODE_HIERARCHICAL:
+		return 4 * H * (E + d->levels[0].groups);
+	case MOE_MODE_PRODUCT_KEY: {
+		double Q = (double)d->pk_heads * d->pk_query_dim;
+		return 4 * (Q * H + Q) + 4 * 2.0 * d->pk_sub_keys * (d->pk_query_dim / 2);
+	}
+	case MOE_MODE_SOFT:
+		return 4 * H * E * d->soft_slots_per_expert;
+	default:
+		return 4 * H * E * (training && d->noise == MOE_NOISE_LEARNED_GAUSSIAN ? 2 : 1);
+	}
+}
+
+static double mode_params(const struct moe_desc *d, int training)
+{
+	double H = d->hidden, E = d->n_experts, I = d->intermediate;
+	if (d->mode == MOE_MODE_PRODUCT_KEY)
+		return mode_router_bytes(d, 0) / 4 + 2 * E * H;
+	return mode_router_bytes(d, training || d->noise == MOE_NOISE_LEARNED_GAUSSIAN) / 4 +
+	       E * mode_mats(d) * H * I;
+}
+
+/* FLOPs of one forward (multiply-adds count 2, elementwise work 0): the
+ * router's products, then 2 * mats * H * I per (row, expert) assignment the
+ * layer actually ran (A: after capacity, expert choice's C per expert, soft's
+ * slots); product key: the query 2 H Q, the sub-key scores 2 heads R d, and
+ * 4 H per retrieved neuron (u . x and the scaled v). */
+static double mode_flops(const struct moe_desc *d, int training, double T, double A)
+{
+	double H = d->hidden, E = d->n_experts, I = d->intermediate;
+	double expert = A * 2 * mode_mats(d) * H * I;
+	switch (d->mode) {
+	case MOE_MODE_HIERARCHICAL:
+		return T * 2 * H * (E + d->levels[0].groups) + expert;
+	case MOE_MODE_PRODUCT_KEY: {
+		double Q = (double)d->pk_heads * d->pk_query_dim;
+		return T * (2 * H * Q + 2.0 * d->pk_heads * d->pk_sub_keys * d->pk_query_dim) +
+		       A * 4 * H;
+	}
+	case MOE_MODE_SOFT: {
+		/* logits, slot inputs D^T x and the combine C Y: 2 T S H each */
+		double S = E * d->soft_slots_per_expert;
+		return 3 * 2 * T * S * H + expert;
+	}
+	default:
+		return T * 2 * H * E *
+			   (training && d->noise == MOE_NOISE_LEARNED_GAUSSIAN ? 2 : 1) +
+		       expert;
+	}
+}
+
+/* Bytes of one forward: the router's, each distinct expert (or neuron) that
+ * ran once, the input and the output. */
+static double mode_bytes(const struct moe_desc *d, int training, double T, double touched)
+{
+	double H = d->hidden, I = d->intermediate, wb = dtype_bytes(d->weight_dtype);
+	double per = d->mode == MOE_MODE_PRODUCT_KEY ? 2 * H * wb : mode_mats(d) * H * I * wb;
+	return mode_router_bytes(d, training) + touched * per + 2 * T * H * 4;
+}
+
+struct mode_row {
+	const char *mode;
+	uint32_t T;
+	enum moe_dtype wt;
+	double ms, flops, bytes;
+	double touched, assigned; /* distinct experts, (row, expert) pairs */
+	/* product key only (< 0: not measured): the forward and its two phases,
+	 * timed interleaved on one model */
+	double fwd_ms, route_ms, experts_ms;
+};
+
+#define MAX_MODE_ROWS ((int)(N_MODES * MAX_TOKENS_LIST))
+
+static void print_mode_header(FILE *out)
+{
+	fprintf(out, "%-11s %5s %4s %10s %8s %7s %6s %6s %10s %9s\n", "mode", "T", "wt", "ms",
+		"GFLOP/s", "GB/s", "%peakF", "%peakB", "tokens/s", "experts");
+}
+
+static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FILE *out, FILE *csv)
+{
+	double s = r->ms * 1e-3;
+	double gf = r->ms > 0 ? r->flops / s * 1e-9 : -1, gb = r->ms > 0 ? r->bytes / s * 1e-9 : -1;
+	double pf = gf > 0 && mc->peak_gflops > 0 ? 100 * gf / mc->peak_gflops : -1;
+	double pb = gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1;
+	double tps = r->ms > 0 ? r->T / s : -1;
+	char c[6][32];
+	fmt_num(c[0], 32, r->ms, "%.3f");
+	fmt_num(c[1], 32, gf, "%.1f");
+	fmt_num(c[2], 32, gb, "%.1f");
+	fmt_num(c[3], 32, pf, "%.1f");
+	fmt_num(c[4], 32, pb, "%.1f");
+	fmt_num(c[5], 32, tps, "%.0f");
+	if (out) {
+		fprintf(out, "%-11s %5u %4s %10s %8s %7s %6s %6s %10s %9.0f\n", r->mode, r->T,
+			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[5], r->touched);
+		if (r->route_ms >= 0) {
+			double tot = r->route_ms + r->experts_ms;
+			fprintf(out,
+				"%-11s   interleaved, one model: forward %.3f ms; alone: retrieval "
+				"%.3f ms (%.0f%%), expert gathers %.3f ms (%.0f%%)\n",
+				"", r->fwd_ms, r->route_ms, tot > 0 ? 100 * r->route_ms / tot : 0,
+				r->experts_ms, tot > 0 ? 100 * r->experts_ms / tot : 0);
+		}
+		fflush(out);
+	}
+	if (csv) {
+		for (int i = 0; i < 5; i++)
+			if (!strcmp(c[i], "-"))
+				c[i][0] = 0;
+		/* the shape columns, with the mode as the routing */
+		fprintf(csv, "%s,%u,%s,mode,%s,%s,%s,%s,%s,,\n", r->mode, r->T,
+			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4]);
+	}
+}
+
+/* The two phases of the product-key layer, each over all tokens in tasks of
+ * 8 tokens like the runtime's: the generated moe_pk_route alone, then the
+ * generated moe_pk_experts alone on its selections. The model's internal
+ * table (moe_kernels.h) gives the functions and the packed weights. */
+struct pk_phase {
+	const struct moe_model *m;
+	const float *x;
+	float *y;
+	int32_t *ids;
+	float *wts;
+	size_t T;
+	int experts;
+};
+
+#define PK_TASK_TOKENS 8
+
+static void pk_task(void *ctx, size_t task, unsigned thread)
+{
+	(void)thread;
+	struct pk_phase *p = ctx;
+	const struct moe_gen *g = p->m->gen;
+	const struct moe_layer_w *lw = &p->m->layers[0];
+	int64_t t0 = (int64_t)task * PK_TASK_TOKENS, t1 = t0 + PK_TASK_TOKENS;
+	if (t1 > (int64_t)p->T)
+		t1 = (int64_t)p->T;
+	if (p->experts)
+		g->pk_experts(p->x, t0, t1, p->ids, p->wts, lw->pk_u, lw->pk_v, p->y);
+	else
+		g->pk_route(p->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, p->ids, p->wts);
+}
+
+/* The forward and its two phases alone, interleaved in every repetition on
+ * the same model (copy 0), so that a changing load on a shared machine
+ * touches all three alike; the medians. */
+static void pk_split(struct gen *g, const float *x, float *y, int32_t *ids, float *wts, uint32_t T,
+		     const struct moe_fwd_opts *fo, struct moe_pool *pool, int reps,
+		     struct mode_row *r)
+{
+	double f[25], a[25], b[25];
+	const struct moe_model *m = (const struct moe_model *)g->m[0];
+	struct pk_phase ph = {m, x, y, ids, wts, T, 0};
+	size_t tasks = (T + PK_TASK_TOKENS - 1) / PK_TASK_TOKENS;
+	int n = reps > 0 ? reps : r->ms > 1000 ? 3 : r->ms > 100 ? 5 : 15;
+	n = n > 25 ? 25 : n;
+	for (int i = 0; i < n; i++) {
+		double t0 = moe_now();
+		if (g->forward(g->m[0], 0, x, y, T, NULL, fo) != MOE_OK)
+			return;
+		double t1 = moe_now();
+		ph.experts = 0;
+		moe_pool_run(pool, tasks, pk_task, &ph);
+		double t2 = moe_now();
+		ph.experts = 1;
+		moe_pool_run(pool, tasks, pk_task, &ph);
+		double t3 = moe_now();
+		f[i] = t1 - t0, a[i] = t2 - t1, b[i] = t3 - t2;
+	}
+	qsort(f, (size_t)n, sizeof *f, cmp_double);
+	qsort(a, (size_t)n, sizeof *a, cmp_double);
+	qsort(b, (size_t)n, sizeof *b, cmp_double);
+	r->fwd_ms = f[n / 2] * 1e3;
+	r->route_ms = a[n / 2] * 1e3;
+	r->experts_ms = b[n / 2] * 1e3;
+}
+
+struct mode_ctx {
+	struct gen *g;
+	const float *x;
+	float *y;
+	uint32_t T;
+	const struct moe_fwd_opts *fo;
+	char *err;
+	size_t cap;
+};
+
+static int mode_run(void *ctx, int copy)
+{
+	struct mode_ctx *c = ctx;
+	enum moe_status st = c->g->forward(c->g->m[copy], 0, c->x, c->y, c->T, NULL, c->fo);
+	if (st != MOE_OK) {
+		errf(c->err, c->cap, "moe_forward: %s: %s", moe_status_name(st),
+		     c->g->last_error());
+		return -1;
+	}
+	return 0;
+}
+
+struct mode_table {
+	struct mode_row r[MAX_MODE_ROWS];
+	int n;
+};
+
+static void bench_mode(const struct mode *md, const struct opts *o, const struct machine *mc,
+		       struct moe_pool *pool, const char *tmpdir, struct mode_table *tab)
+{
+	struct moe_desc *d = malloc(sizeof *d);
+	float *x = NULL, *y = NULL, *wts = NULL;
+	int32_t *ids = NULL;
+	int64_t *counts = NULL;
+	struct gen g = {0};
+	int have_gen = 0;
+	char err[2048];
+	if (!d)
+		return;
+	mode_desc(md, d);
+	uint32_t T_max = 0;
+	for (int i = 0; i < o->n_tokens; i++)
+		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
+	int wb = dtype_bytes(d->weight_dtype);
+	double params = mode_params(d, md->training);
+	/* Enough copies that the bytes one T = 1 forward nominally reads, times
+	 * the copies, exceed four times the cache (as for the shapes). */
+	double t1_touched =
+	    d->mode == MOE_MODE_SOFT || d->mode == MOE_MODE_EXPERT_CHOICE ? d->n_experts : d->top_k;
+	int copies = o->copies;
+	if (!copies) {
+		copies =
+		    (int)ceil(4.0 * (double)mc->llc / mode_bytes(d, md->training, 1, t1_touched));
+		copies = copies < 1 ? 1 : copies > MAX_COPIES ? MAX_COPIES : copies;
+	}
+	printf("\n%s (%s): %s, H=%u, ", md->name, md->label, moe_mode_names[d->mode], d->hidden);
+	if (d->mode == MOE_MODE_PRODUCT_KEY)
+		printf("N=%u^2, %u heads, top-%u, d=%u", md->R, PK_HEADS, PK_TOP_K, PK_QUERY_DIM);
+	else
+		printf("E=%u k=%u I=%u %s/%s", d->n_experts, d->top_k, d->intermediate,
+		       moe_kind_names[d->kind], moe_act_names[d->act]);
+	printf(", %s weights %.2f GB%s\n", moe_dtype_names[d->weight_dtype], params * wb * 1e-9,
+	       md->training ? ", training forward" : "");
+	/* moe_init_random draws f32 canonical weights before packing. */
+	double avail = mem_available();
+	double need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
+	/* Fewer copies where memory is short: a layer this large is far beyond
+	 * the cache anyway. */
+	while (!o->copies && copies > 1 && avail > 0 && need > 0.9 * avail) {
+		copies--;
+		need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
+	}
+	if (avail > 0 && need > 0.9 * avail) {
+		printf("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
+		       avail * 1e-9);
+		goto out;
+	}
+	double t0 = moe_now();
+	if (gen_open(d, tmpdir, o->threads, copies, &g, err, sizeof err)) {
+		printf("  generated: unavailable: %s\n", err);
+		goto out;
+	}
+	have_gen = 1;
+	printf("  compiled and initialized in %.1f s, %d weight cop%s\n", moe_now() - t0,
+	       g.n_copies, g.n_copies == 1 ? "y" : "ies");
+	size_t W = moe_desc_route_width(d), E = d->n_experts;
+	x = malloc((size_t)T_max * d->hidden * sizeof *x);
+	y = malloc((size_t)T_max * d->hidden * sizeof *y);
+	counts = malloc(E * sizeof *counts);
+	ids = malloc((size_t)T_max * (W ? W : 1) * sizeof *ids);
+	wts = malloc((size_t)T_max * (W ? W : 1) * sizeof *wts);
+	if (!x || !y || !counts || !ids || !wts) {
+		printf("  skipped: out of memory for the inputs\n");
+		goto out;
+	}
+	/* Random tokens, uniform in [-1, 1): every router spreads them. */
+	for (size_t i = 0; i < (size_t)T_max * d->hidden; i++)
+		x[i] = 2 * urand(77, i / d->hidden, i % d->hidden) - 1;
+	struct moe_fwd_opts fo = {.training = md->training, .seed = SEED};
+	int printed_header = 0;
+	for (int i = 0; i < o->n_tokens; i++) {
+		uint32_t T = o->tokens[i];
+		/* Which experts ran and how many assignments, on an untimed call. */
+		struct moe_routing rt = {.counts = counts};
+		enum moe_status st = g.forward(g.m[0], 0, x, y, T, &rt, &fo);
+		if (st != MOE_OK) {
+			printf("  T=%u: %s: %s\n", T, moe_status_name(st), g.last_error());
+			continue;
+		}
+		double touched = 0, assigned = 0;
+		for (size_t e = 0; e < E; e++) {
+			touched += counts[e] > 0;
+			assigned += (double)counts[e];
+		}
+		struct mode_ctx c = {&g, x, y, T, &fo, err, sizeof err};
+		struct timed tm = {mode_run, &c, g.n_copies};
+		struct mode_row *r = tab->n < MAX_MODE_ROWS ? &tab->r[tab->n++] : NULL;
+		if (!r)
+			break;
+		*r = (struct mode_row){
+		    md->name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1, -1, -1};
+		r->ms = time_median(&tm, o->reps) * 1e3;
+		if (r->ms < 0)
+			printf("  T=%u: %s\n", T, err);
+		r->flops = mode_flops(d, md->training, T, assigned);
+		r->bytes = mode_bytes(d, md->training, T, touched);
+		if (d->mode == MOE_MODE_PRODUCT_KEY)
+			pk_split(&g, x, y, ids, wts, T, &fo, pool, o->reps, r);
+		if (!printed_header++)
+			print_mode_header(stdout);
+		emit_mode_row(r, mc, stdout, NULL);
+	}
+	if (d->mode == MOE_MODE_PRODUCT_KEY) {
+		/* The bandwidth bound: per token the gathers read 2 heads k H weight
+		 * bytes; the query projection and the sub-keys are read once per
+		 * forward (or per block of tokens, from cache). */
+		double per_tok = 2.0 * PK_HEADS * PK_TOP_K * d->hidden * wb;
+		printf("  gathers %.0f KiB per token: at %.1f GB/s at most %.0f tokens/s from "
+		       "the gathers alone; query + keys %.1f MiB per forward\n",
+		       per_tok / 1024, mc->dram_gbps, mc->dram_gbps * 1e9 / per_tok,
+		       mode_router_bytes(d, 0) / (1 << 20));
+	}
+out:
+	if (have_gen)
+		gen_close(&g);
+	free(x), free(y), free(ids), free(wts), free(counts);
+	free(d);
+}
+
 /* Measure the machine; keep the best of this and any earlier probe. */
 static void probe(struct machine *mc, struct moe_pool *pool, int runs, size_t bw_bytes,
 		  const char *when)
@@ -1288,8 +1780,10 @@ int moe_cmd_bench(int argc, char **argv)
 	printf("  baseline: per-expert cblas_sgemm (sgemv for one row), f32 weights\n");
 
 	struct table *tab = calloc(1, sizeof *tab);
+	struct mode_table *mtab = calloc(1, sizeof *mtab);
 	char tmpdir[] = "/tmp/moegen-bench.XXXXXX";
-	if (!tab) {
+	if (!tab || !mtab) {
+		free(tab), free(mtab);
 		moe_pool_destroy(pool);
 		fprintf(stderr, "moegen: error: out of memory\n");
 		return MOE_EXIT_BACKEND;
@@ -1302,6 +1796,9 @@ int moe_cmd_bench(int argc, char **argv)
 	for (size_t i = 0; i < N_SHAPES; i++)
 		if (o.shape_on[i])
 			bench_shape(&shapes[i], &o, &mc, pool, tmpdir, tab);
+	for (size_t i = 0; i < N_MODES && o.generated; i++)
+		if (o.mode_on[i])
+			bench_mode(&modes[i], &o, &mc, pool, tmpdir, mtab);
 	if (o.generated)
 		rmdir(tmpdir);
 
@@ -1311,9 +1808,17 @@ int moe_cmd_bench(int argc, char **argv)
 	moe_pool_destroy(pool);
 	printf("\nSummary (%%peakF = GFLOP/s / %.1f, %%peakB = GB/s / %.1f, the better probes):\n",
 	       mc.peak_gflops, mc.dram_gbps);
-	print_header(stdout);
-	for (int i = 0; i < tab->n; i++)
-		emit_row(&tab->r[i], &mc, stdout, NULL);
+	if (tab->n) {
+		print_header(stdout);
+		for (int i = 0; i < tab->n; i++)
+			emit_row(&tab->r[i], &mc, stdout, NULL);
+	}
+	if (mtab->n) {
+		printf("\nResearch modes (generated layer only):\n");
+		print_mode_header(stdout);
+		for (int i = 0; i < mtab->n; i++)
+			emit_mode_row(&mtab->r[i], &mc, stdout, NULL);
+	}
 
 	rc = MOE_EXIT_OK;
 	if (o.csv) {
@@ -1323,6 +1828,8 @@ int moe_cmd_bench(int argc, char **argv)
 				     "pct_peak_bw,baseline_ms,speedup\n");
 			for (int i = 0; i < tab->n; i++)
 				emit_row(&tab->r[i], &mc, NULL, csv);
+			for (int i = 0; i < mtab->n; i++)
+				emit_mode_row(&mtab->r[i], &mc, NULL, csv);
 		}
 		if (!csv || fclose(csv) != 0) {
 			fprintf(stderr, "moegen: error: cannot write '%s': %s\n", o.csv,
@@ -1331,6 +1838,7 @@ int moe_cmd_bench(int argc, char **argv)
 		}
 	}
 	free(tab);
+	free(mtab);
 	return rc;
 #endif
 }
