@@ -29,7 +29,7 @@ for spec in specs/*.yaml; do
 		fail=$((fail + 1))
 		continue
 	fi
-	for T in 1 7 64; do
+	for T in ${MOE_CHECK_TOKENS:-1 7 64}; do
 		if ! out=$("$moegen" run "$tmp/$name.so" --random 3 --tokens $T --reps 1 --check 2>&1); then
 			echo "FAIL $name T=$T:"
 			echo "$out"
