@@ -1,7 +1,7 @@
-/* test_cpu_kblock.c: expert widths large enough that the down projection
- * runs in several K blocks (y carries the partial sums between them): the
- * result still matches the reference, the bias goes in once, and the output
- * stays bit for bit independent of the batch and the thread count. */
+/* test_cpu_wide.c: wide experts (long K loops in the down tiles, 512 to
+ * 1100) with biases and both places of the routing weight, f32 and bf16: the
+ * layer matches the reference, and the output stays bit for bit independent
+ * of the batch and the thread count. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,7 +19,7 @@
 #include "../compiler/backend.h"
 #include "../runtime/moe.h"
 
-static char tmpdir[] = "/tmp/test_cpu_kblock.XXXXXX";
+static char tmpdir[] = "/tmp/test_cpu_wide.XXXXXX";
 
 struct model {
 	void *dl;
@@ -31,13 +31,13 @@ struct model {
 	char path[256];
 };
 
-/* H 20: a partial last down panel too. Widths past 16 KB of panel per K
- * block: 256 k for f32, 512 for bf16. */
+/* H 20: one full and one partial down panel (the full one takes the 16-lane
+ * tiles on AVX-512 hosts, the partial one the masked 8-lane tiles). */
 static void desc_init(struct moe_desc *d, uint32_t I, enum moe_dtype wt, enum moe_apply apply)
 {
 	memset(d, 0, sizeof *d);
 	d->version = MOE_DESC_VERSION;
-	snprintf(d->name, sizeof d->name, "kblock-test");
+	snprintf(d->name, sizeof d->name, "wide-test");
 	d->hidden = 20;
 	d->n_layers = 1;
 	d->n_moe_layers = 1;
@@ -137,11 +137,10 @@ static void check_width(uint32_t I, enum moe_dtype wt, enum moe_apply apply, int
 	free(x), free(y), free(y1), free(y2), free(yr);
 }
 
-static void test_kblocks(void **state)
+static void test_wide_experts(void **state)
 {
 	(void)state;
 	int n = 0;
-	/* f32: 3 blocks of 208, 208, 194 and exactly 2 of 256; bf16: 2 blocks */
 	check_width(610, MOE_DTYPE_F32, MOE_APPLY_OUTPUT, n++);
 	check_width(512, MOE_DTYPE_F32, MOE_APPLY_INPUT, n++);
 	check_width(610, MOE_DTYPE_BF16, MOE_APPLY_OUTPUT, n++);
@@ -154,7 +153,7 @@ int main(void)
 		perror("mkdtemp");
 		return 1;
 	}
-	const struct CMUnitTest tests[] = {cmocka_unit_test(test_kblocks)};
+	const struct CMUnitTest tests[] = {cmocka_unit_test(test_wide_experts)};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	rmdir(tmpdir);
 	return rc;
