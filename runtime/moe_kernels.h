@@ -138,8 +138,8 @@ typedef void moe_soft_logits_fn(const float *xn, const float *slots, float scale
 				int64_t t1, float *L);
 typedef void moe_soft_combine_fn(const float *L, int64_t t0, int64_t t1, float *C);
 typedef void moe_soft_dispatch_fn(const float *L, int64_t T, int64_t s0, int64_t s1, float *Dt);
-typedef void moe_soft_slot_in_fn(const float *Dt, const float *x, int64_t T, int64_t s0,
-				 int64_t s1, float *xs, double *acc);
+typedef void moe_soft_slot_in_fn(const float *Dt, const float *x, int64_t T, int64_t s0, int64_t s1,
+				 float *xs, double *acc);
 typedef void moe_soft_out_fn(const float *C, const float *Y, const float *bias, int64_t t0,
 			     int64_t t1, float *y, double *acc);
 
