@@ -3,6 +3,7 @@
  * repeats the reference's f32 arithmetic lane by lane so the selections agree
  * bit for bit; moe_pk_experts gathers the u/v rows of the chosen neurons. */
 #include "backend.h"
+#include "cpu_llvm_util.h"
 
 #include <llvm-c/Core.h>
 
@@ -15,73 +16,9 @@
 #define PK_MAX_QUERY 4096
 #define PK_MAX_HIDDEN 16384
 
-struct pg {
-	LLVMContextRef ctx;
-	LLVMModuleRef mod;
-	LLVMBuilderRef b;
-	LLVMTypeRef t_void, t_i1, t_i16, t_i32, t_i64, t_f32, t_f64, t_ptr, t_v8f, t_v8d;
-	LLVMValueRef fn;
-	LLVMBasicBlockRef entry;
-	const struct moe_desc *d;
-};
-
-static LLVMValueRef i64c(struct pg *g, int64_t v)
+static LLVMValueRef ldi(struct moe_ll *g, LLVMValueRef p, LLVMValueRef i)
 {
-	return LLVMConstInt(g->t_i64, (unsigned long long)v, 1);
-}
-
-static LLVMValueRef f32c(struct pg *g, double v)
-{
-	return LLVMConstReal(g->t_f32, v);
-}
-
-static LLVMValueRef f64c(struct pg *g, double v)
-{
-	return LLVMConstReal(g->t_f64, v);
-}
-
-static LLVMValueRef at(struct pg *g, LLVMTypeRef t, LLVMValueRef base, LLVMValueRef i)
-{
-	return LLVMBuildInBoundsGEP2(g->b, t, base, &i, 1, "");
-}
-
-static LLVMValueRef ld(struct pg *g, LLVMTypeRef t, LLVMValueRef p)
-{
-	LLVMValueRef v = LLVMBuildLoad2(g->b, t, p, "");
-	LLVMSetAlignment(v, t == g->t_i16 ? 2 : t == g->t_i64 || t == g->t_f64 ? 8 : 4);
-	return v;
-}
-
-static void st(struct pg *g, LLVMValueRef v, LLVMValueRef p)
-{
-	LLVMTypeRef t = LLVMTypeOf(v);
-	LLVMSetAlignment(LLVMBuildStore(g->b, v, p), t == g->t_i64 || t == g->t_f64 ? 8 : 4);
-}
-
-static LLVMValueRef ldf(struct pg *g, LLVMValueRef p, LLVMValueRef i)
-{
-	return ld(g, g->t_f32, at(g, g->t_f32, p, i));
-}
-
-static LLVMValueRef ldi(struct pg *g, LLVMValueRef p, LLVMValueRef i)
-{
-	return ld(g, g->t_i64, at(g, g->t_i64, p, i));
-}
-
-static LLVMValueRef alloca_(struct pg *g, LLVMTypeRef t, uint64_t n, const char *name)
-{
-	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
-	LLVMPositionBuilderAtEnd(g->b, g->entry);
-	LLVMValueRef a = n == 1 ? LLVMBuildAlloca(g->b, t, name)
-				: LLVMBuildAlloca(g->b, LLVMArrayType2(t, n), name);
-	LLVMSetAlignment(a, 32);
-	LLVMPositionBuilderAtEnd(g->b, cur);
-	return a;
-}
-
-static LLVMBasicBlockRef bb(struct pg *g, const char *name)
-{
-	return LLVMAppendBasicBlockInContext(g->ctx, g->fn, name);
+	return moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, p, i));
 }
 
 struct lp {
@@ -91,12 +28,12 @@ struct lp {
 };
 
 /* for (iv = from; iv < to; iv += step) */
-static void lp_open(struct pg *g, struct lp *l, LLVMValueRef from, LLVMValueRef to, int64_t step,
-		    const char *name)
+static void lp_open(struct moe_ll *g, struct lp *l, LLVMValueRef from, LLVMValueRef to,
+		    int64_t step, const char *name)
 {
-	LLVMBasicBlockRef pre = LLVMGetInsertBlock(g->b), body = bb(g, name);
-	l->head = bb(g, name);
-	l->exit = bb(g, name);
+	LLVMBasicBlockRef pre = LLVMGetInsertBlock(g->b), body = moe_ll_bb(g, name);
+	l->head = moe_ll_bb(g, name);
+	l->exit = moe_ll_bb(g, name);
 	l->step = step;
 	LLVMBuildBr(g->b, l->head);
 	LLVMPositionBuilderAtEnd(g->b, l->head);
@@ -106,62 +43,18 @@ static void lp_open(struct pg *g, struct lp *l, LLVMValueRef from, LLVMValueRef 
 	LLVMPositionBuilderAtEnd(g->b, body);
 }
 
-static void lp_close(struct pg *g, struct lp *l)
+static void lp_close(struct moe_ll *g, struct lp *l)
 {
 	LLVMBasicBlockRef latch = LLVMGetInsertBlock(g->b);
-	LLVMValueRef next = LLVMBuildNSWAdd(g->b, l->iv, i64c(g, l->step), "");
+	LLVMValueRef next = LLVMBuildNSWAdd(g->b, l->iv, moe_ll_i64c(g, l->step), "");
 	LLVMBuildBr(g->b, l->head);
 	LLVMAddIncoming(l->iv, &next, &latch, 1);
 	LLVMMoveBasicBlockAfter(l->exit, latch);
 	LLVMPositionBuilderAtEnd(g->b, l->exit);
 }
 
-static LLVMBasicBlockRef when(struct pg *g, LLVMValueRef c)
-{
-	LLVMBasicBlockRef then = bb(g, "then"), end = bb(g, "endif");
-	LLVMBuildCondBr(g->b, c, then, end);
-	LLVMPositionBuilderAtEnd(g->b, then);
-	return end;
-}
-
-static void when_end(struct pg *g, LLVMBasicBlockRef end)
-{
-	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
-	LLVMBuildBr(g->b, end);
-	LLVMMoveBasicBlockAfter(end, cur);
-	LLVMPositionBuilderAtEnd(g->b, end);
-}
-
-static void fn_begin(struct pg *g, const char *name, LLVMTypeRef *params, unsigned n,
-		     const char *const *pnames)
-{
-	g->fn = LLVMAddFunction(g->mod, name, LLVMFunctionType(g->t_void, params, n, 0));
-	LLVMSetVisibility(g->fn, LLVMHiddenVisibility);
-	unsigned k = LLVMGetEnumAttributeKindForName("nounwind", 8);
-	LLVMAddAttributeAtIndex(g->fn, LLVMAttributeFunctionIndex,
-				LLVMCreateEnumAttribute(g->ctx, k, 0));
-	for (unsigned i = 0; i < n; i++)
-		LLVMSetValueName2(LLVMGetParam(g->fn, i), pnames[i], strlen(pnames[i]));
-	g->entry = bb(g, "entry");
-	LLVMPositionBuilderAtEnd(g->b, bb(g, "start"));
-}
-
-static void fn_end(struct pg *g)
-{
-	LLVMBuildRetVoid(g->b);
-	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
-	LLVMPositionBuilderAtEnd(g->b, g->entry);
-	LLVMBuildBr(g->b, LLVMGetNextBasicBlock(g->entry));
-	LLVMPositionBuilderAtEnd(g->b, cur);
-}
-
-static LLVMValueRef prm(struct pg *g, unsigned i)
-{
-	return LLVMGetParam(g->fn, i);
-}
-
 /* double f(double) from the C library, as the reference calls it. */
-static LLVMValueRef cm(struct pg *g, const char *fname, LLVMValueRef a)
+static LLVMValueRef cm(struct moe_ll *g, const char *fname, LLVMValueRef a)
 {
 	LLVMTypeRef ft = LLVMFunctionType(g->t_f64, &g->t_f64, 1, 0);
 	LLVMValueRef f = LLVMGetNamedFunction(g->mod, fname);
@@ -170,7 +63,7 @@ static LLVMValueRef cm(struct pg *g, const char *fname, LLVMValueRef a)
 	return LLVMBuildCall2(g->b, ft, f, &a, 1, "");
 }
 
-static LLVMValueRef splat(struct pg *g, LLVMValueRef s, LLVMTypeRef vt)
+static LLVMValueRef splat(struct moe_ll *g, LLVMValueRef s, LLVMTypeRef vt)
 {
 	LLVMValueRef v =
 	    LLVMBuildInsertElement(g->b, LLVMGetUndef(vt), s, LLVMConstInt(g->t_i32, 0, 0), "");
@@ -178,20 +71,20 @@ static LLVMValueRef splat(struct pg *g, LLVMValueRef s, LLVMTypeRef vt)
 				      LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
 }
 
-static LLVMValueRef ldv(struct pg *g, LLVMValueRef base, LLVMValueRef i)
+static LLVMValueRef ldv(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i)
 {
-	return ld(g, g->t_v8f, at(g, g->t_f32, base, i));
+	return moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, base, i));
 }
 
-static void stv(struct pg *g, LLVMValueRef v, LLVMValueRef base, LLVMValueRef i)
+static void stv(struct moe_ll *g, LLVMValueRef v, LLVMValueRef base, LLVMValueRef i)
 {
-	st(g, v, at(g, g->t_f32, base, i));
+	moe_ll_st(g, v, moe_ll_at(g, g->t_f32, base, i));
 }
 
 /* a ranks before b: NaN last, then the larger value, then the smaller key
  * (the reference's ranks_before). */
-static LLVMValueRef ranks_before(struct pg *g, LLVMValueRef va, LLVMValueRef ka, LLVMValueRef vb,
-				 LLVMValueRef kb)
+static LLVMValueRef ranks_before(struct moe_ll *g, LLVMValueRef va, LLVMValueRef ka,
+				 LLVMValueRef vb, LLVMValueRef kb)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef na = LLVMBuildFCmp(b, LLVMRealUNO, va, va, "");
@@ -206,31 +99,33 @@ static LLVMValueRef ranks_before(struct pg *g, LLVMValueRef va, LLVMValueRef ka,
 /* out[0..k) = positions of the k best of v[0..n) in rank order, keys NULL
  * meaning key = position: insertion into the sorted prefix, as the
  * reference's topk. */
-static void topk(struct pg *g, LLVMValueRef v, LLVMValueRef keys, int64_t n, int64_t k,
+static void topk(struct moe_ll *g, LLVMValueRef v, LLVMValueRef keys, int64_t n, int64_t k,
 		 LLVMValueRef out, LLVMValueRef mcell)
 {
 	LLVMBuilderRef b = g->b;
-	st(g, i64c(g, 0), mcell);
+	moe_ll_st(g, moe_ll_i64c(g, 0), mcell);
 	struct lp i;
-	lp_open(g, &i, i64c(g, 0), i64c(g, n), 1, "tk");
-	LLVMValueRef vi = ldf(g, v, i.iv), ki = keys ? ldi(g, keys, i.iv) : i.iv;
-	LLVMValueRef m = ld(g, g->t_i64, mcell);
-	LLVMBasicBlockRef pre = LLVMGetInsertBlock(b), head = bb(g, "ins"), chk = bb(g, "ins"),
-			  body = bb(g, "ins"), done = bb(g, "ins");
+	lp_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "tk");
+	LLVMValueRef vi = moe_ll_ldf(g, v, i.iv), ki = keys ? ldi(g, keys, i.iv) : i.iv;
+	LLVMValueRef m = moe_ll_ld(g, g->t_i64, mcell);
+	LLVMBasicBlockRef pre = LLVMGetInsertBlock(b), head = moe_ll_bb(g, "ins"),
+			  chk = moe_ll_bb(g, "ins"), body = moe_ll_bb(g, "ins"),
+			  done = moe_ll_bb(g, "ins");
 	LLVMBuildBr(b, head);
 	LLVMPositionBuilderAtEnd(b, head);
 	LLVMValueRef p = LLVMBuildPhi(b, g->t_i64, "p");
 	LLVMAddIncoming(p, &m, &pre, 1);
-	LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntSGT, p, i64c(g, 0), ""), chk, done);
+	LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntSGT, p, moe_ll_i64c(g, 0), ""), chk, done);
 	LLVMPositionBuilderAtEnd(b, chk);
-	LLVMValueRef pm1 = LLVMBuildNSWSub(b, p, i64c(g, 1), "");
+	LLVMValueRef pm1 = LLVMBuildNSWSub(b, p, moe_ll_i64c(g, 1), "");
 	LLVMValueRef q = ldi(g, out, pm1);
 	LLVMValueRef kq = keys ? ldi(g, keys, q) : q;
-	LLVMBuildCondBr(b, ranks_before(g, vi, ki, ldf(g, v, q), kq), body, done);
+	LLVMBuildCondBr(b, ranks_before(g, vi, ki, moe_ll_ldf(g, v, q), kq), body, done);
 	LLVMPositionBuilderAtEnd(b, body);
-	LLVMBasicBlockRef end = when(g, LLVMBuildICmp(b, LLVMIntSLT, p, i64c(g, k), ""));
-	st(g, q, at(g, g->t_i64, out, p));
-	when_end(g, end);
+	LLVMBasicBlockRef end =
+	    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, p, moe_ll_i64c(g, k), ""));
+	moe_ll_st(g, q, moe_ll_at(g, g->t_i64, out, p));
+	moe_ll_when_end(g, end);
 	LLVMBasicBlockRef latch = LLVMGetInsertBlock(b);
 	LLVMBuildBr(b, head);
 	LLVMAddIncoming(p, &pm1, &latch, 1);
@@ -239,13 +134,13 @@ static void topk(struct pg *g, LLVMValueRef v, LLVMValueRef keys, int64_t n, int
 	LLVMBasicBlockRef from[2] = {head, chk};
 	LLVMValueRef vals[2] = {p, p};
 	LLVMAddIncoming(pf, vals, from, 2);
-	end = when(g, LLVMBuildICmp(b, LLVMIntSLT, pf, i64c(g, k), ""));
-	st(g, i.iv, at(g, g->t_i64, out, pf));
-	when_end(g, end);
-	LLVMValueRef m1 = LLVMBuildNSWAdd(b, m, i64c(g, 1), "");
-	m1 = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, m1, i64c(g, k), ""), m1, i64c(g, k),
-			     "");
-	st(g, m1, mcell);
+	end = moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, pf, moe_ll_i64c(g, k), ""));
+	moe_ll_st(g, i.iv, moe_ll_at(g, g->t_i64, out, pf));
+	moe_ll_when_end(g, end);
+	LLVMValueRef m1 = LLVMBuildNSWAdd(b, m, moe_ll_i64c(g, 1), "");
+	m1 = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, m1, moe_ll_i64c(g, k), ""), m1,
+			     moe_ll_i64c(g, k), "");
+	moe_ll_st(g, m1, mcell);
 	lp_close(g, &i);
 }
 
@@ -258,7 +153,7 @@ static uint32_t key_unroll(uint32_t R)
 
 enum { R_X, R_T0, R_T1, R_QUERY, R_QBIAS, R_KEYS, R_IDS, R_WEIGHTS, R_COUNT };
 
-static void gen_pk_route(struct pg *g)
+static void gen_pk_route(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
@@ -270,154 +165,167 @@ static void gen_pk_route(struct pg *g)
 	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P, P, P};
 	static const char *const pn[R_COUNT] = {"x",     "t0",   "t1",  "query",
 						"qbias", "keys", "ids", "weights"};
-	fn_begin(g, "moe_pk_route", params, R_COUNT, pn);
-	LLVMValueRef qs = alloca_(g, g->t_f32, (uint64_t)(PK_TB * QB * 8), "q");
-	LLVMValueRef sab[2] = {alloca_(g, g->t_f32, (uint64_t)KB * 8, "sa"),
-			       alloca_(g, g->t_f32, (uint64_t)KB * 8, "sb")};
-	LLVMValueRef iab[2] = {alloca_(g, g->t_i64, (uint64_t)k, "ia"),
-			       alloca_(g, g->t_i64, (uint64_t)k, "ib")};
-	LLVMValueRef cv = alloca_(g, g->t_f32, (uint64_t)(k * k), "cv");
-	LLVMValueRef ck = alloca_(g, g->t_i64, (uint64_t)(k * k), "ck");
-	LLVMValueRef ic = alloca_(g, g->t_i64, (uint64_t)k, "ic");
-	LLVMValueRef gs = alloca_(g, g->t_f32, (uint64_t)k, "g");
-	LLVMValueRef mcell = alloca_(g, g->t_i64, 1, "m");
+	moe_ll_fn_begin(g, "moe_pk_route", params, pn, R_COUNT);
+	LLVMValueRef qs = moe_ll_alloca(g, g->t_f32, (uint64_t)(PK_TB * QB * 8), "q");
+	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sa"),
+			       moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sb")};
+	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ia"),
+			       moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ib")};
+	LLVMValueRef cv = moe_ll_alloca(g, g->t_f32, (uint64_t)(k * k), "cv");
+	LLVMValueRef ck = moe_ll_alloca(g, g->t_i64, (uint64_t)(k * k), "ck");
+	LLVMValueRef ic = moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ic");
+	LLVMValueRef gs = moe_ll_alloca(g, g->t_f32, (uint64_t)k, "g");
+	LLVMValueRef mcell = moe_ll_alloca(g, g->t_i64, 1, "m");
 	LLVMValueRef acc[PK_TB];
 	for (int j = 0; j < PK_TB; j++)
-		acc[j] = alloca_(g, g->t_v8f, 1, "acc");
+		acc[j] = moe_ll_alloca(g, g->t_v8f, 1, "acc");
 	LLVMValueRef zero8 = LLVMConstNull(g->t_v8f);
 
 	struct lp tb, qb, h, j, hd, kb, i, c;
-	lp_open(g, &tb, prm(g, R_T0), prm(g, R_T1), PK_TB, "tb");
-	LLVMValueRef last = LLVMBuildNSWSub(b, prm(g, R_T1), i64c(g, 1), "");
-	LLVMValueRef n = LLVMBuildNSWSub(b, prm(g, R_T1), tb.iv, "");
-	n = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, n, i64c(g, PK_TB), ""), n,
-			    i64c(g, PK_TB), "n");
+	lp_open(g, &tb, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), PK_TB, "tb");
+	LLVMValueRef last = LLVMBuildNSWSub(b, moe_ll_prm(g, R_T1), moe_ll_i64c(g, 1), "");
+	LLVMValueRef n = LLVMBuildNSWSub(b, moe_ll_prm(g, R_T1), tb.iv, "");
+	n = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, n, moe_ll_i64c(g, PK_TB), ""), n,
+			    moe_ll_i64c(g, PK_TB), "n");
 	LLVMValueRef xr[PK_TB];
 	for (int t = 0; t < PK_TB; t++) {
-		LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, i64c(g, t), "");
+		LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
 		tt = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLE, tt, last, ""), tt, last, "");
-		xr[t] = at(g, g->t_f32, prm(g, R_X), LLVMBuildNSWMul(b, tt, i64c(g, H), ""));
+		xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_X),
+				  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
 	}
 	/* q = Q x + bias, eight rows per lane vector, terms in ascending h */
-	lp_open(g, &qb, i64c(g, 0), i64c(g, QB), 1, "qb");
+	lp_open(g, &qb, moe_ll_i64c(g, 0), moe_ll_i64c(g, QB), 1, "qb");
 	for (int t = 0; t < PK_TB; t++)
-		st(g, zero8, acc[t]);
-	LLVMValueRef pbase =
-	    at(g, g->t_f32, prm(g, R_QUERY), LLVMBuildNSWMul(b, qb.iv, i64c(g, H * 8), ""));
-	lp_open(g, &h, i64c(g, 0), i64c(g, H), 1, "h");
-	LLVMValueRef pv = ldv(g, pbase, LLVMBuildNSWMul(b, h.iv, i64c(g, 8), ""));
+		moe_ll_st(g, zero8, acc[t]);
+	LLVMValueRef pbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_QUERY),
+				       LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, H * 8), ""));
+	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "h");
+	LLVMValueRef pv = ldv(g, pbase, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, 8), ""));
 	for (int t = 0; t < PK_TB; t++) {
-		LLVMValueRef xv = splat(g, ldf(g, xr[t], h.iv), g->t_v8f);
-		st(g, LLVMBuildFAdd(b, ld(g, g->t_v8f, acc[t]), LLVMBuildFMul(b, xv, pv, ""), ""),
-		   acc[t]);
+		LLVMValueRef xv = splat(g, moe_ll_ldf(g, xr[t], h.iv), g->t_v8f);
+		moe_ll_st(g,
+			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc[t]),
+					LLVMBuildFMul(b, xv, pv, ""), ""),
+			  acc[t]);
 	}
 	lp_close(g, &h);
-	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, i64c(g, 8), "");
-	LLVMValueRef bias = ldv(g, prm(g, R_QBIAS), q8);
+	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
+	LLVMValueRef bias = ldv(g, moe_ll_prm(g, R_QBIAS), q8);
 	for (int t = 0; t < PK_TB; t++)
-		stv(g, LLVMBuildFAdd(b, ld(g, g->t_v8f, acc[t]), bias, ""), qs,
-		    LLVMBuildNSWAdd(b, q8, i64c(g, t * QB * 8), ""));
+		stv(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc[t]), bias, ""), qs,
+		    LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, t * QB * 8), ""));
 	lp_close(g, &qb);
 
-	lp_open(g, &j, i64c(g, 0), n, 1, "tok");
+	lp_open(g, &j, moe_ll_i64c(g, 0), n, 1, "tok");
 	LLVMValueRef t = LLVMBuildNSWAdd(b, tb.iv, j.iv, "t");
-	lp_open(g, &hd, i64c(g, 0), i64c(g, heads), 1, "head");
-	LLVMValueRef qh = at(g, g->t_f32, qs,
-			     LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, j.iv, i64c(g, QB * 8), ""),
-					     LLVMBuildNSWMul(b, hd.iv, i64c(g, dq), ""), ""));
+	lp_open(g, &hd, moe_ll_i64c(g, 0), moe_ll_i64c(g, heads), 1, "head");
+	LLVMValueRef qh =
+	    moe_ll_at(g, g->t_f32, qs,
+		      LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, QB * 8), ""),
+				      LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, dq), ""), ""));
 	for (int half = 0; half < 2; half++) {
 		/* sub-key scores, eight keys per vector, terms in ascending i */
-		LLVMValueRef kbase = at(g, g->t_f32, prm(g, R_KEYS), i64c(g, half * KB * h2 * 8));
-		lp_open(g, &kb, i64c(g, 0), i64c(g, KB), U, "kb");
+		LLVMValueRef kbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS),
+					       moe_ll_i64c(g, half * KB * h2 * 8));
+		lp_open(g, &kb, moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), U, "kb");
 		for (int u = 0; u < U; u++)
-			st(g, zero8, acc[u]);
-		LLVMValueRef kp =
-		    at(g, g->t_f32, kbase, LLVMBuildNSWMul(b, kb.iv, i64c(g, h2 * 8), ""));
-		lp_open(g, &i, i64c(g, 0), i64c(g, h2), 1, "ki");
+			moe_ll_st(g, zero8, acc[u]);
+		LLVMValueRef kp = moe_ll_at(g, g->t_f32, kbase,
+					    LLVMBuildNSWMul(b, kb.iv, moe_ll_i64c(g, h2 * 8), ""));
+		lp_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, h2), 1, "ki");
 		LLVMValueRef qv = splat(
-		    g, ldf(g, qh, LLVMBuildNSWAdd(b, i.iv, i64c(g, half * h2), "")), g->t_v8f);
-		LLVMValueRef i8 = LLVMBuildNSWMul(b, i.iv, i64c(g, 8), "");
+		    g, moe_ll_ldf(g, qh, LLVMBuildNSWAdd(b, i.iv, moe_ll_i64c(g, half * h2), "")),
+		    g->t_v8f);
+		LLVMValueRef i8 = LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, 8), "");
 		for (int u = 0; u < U; u++) {
 			LLVMValueRef kv =
-			    ldv(g, kp, LLVMBuildNSWAdd(b, i8, i64c(g, u * h2 * 8), ""));
-			st(g,
-			   LLVMBuildFAdd(b, ld(g, g->t_v8f, acc[u]), LLVMBuildFMul(b, qv, kv, ""),
-					 ""),
-			   acc[u]);
+			    ldv(g, kp, LLVMBuildNSWAdd(b, i8, moe_ll_i64c(g, u * h2 * 8), ""));
+			moe_ll_st(g,
+				  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc[u]),
+						LLVMBuildFMul(b, qv, kv, ""), ""),
+				  acc[u]);
 		}
 		lp_close(g, &i);
-		LLVMValueRef k8 = LLVMBuildNSWMul(b, kb.iv, i64c(g, 8), "");
+		LLVMValueRef k8 = LLVMBuildNSWMul(b, kb.iv, moe_ll_i64c(g, 8), "");
 		for (int u = 0; u < U; u++)
-			stv(g, ld(g, g->t_v8f, acc[u]), sab[half],
-			    LLVMBuildNSWAdd(b, k8, i64c(g, u * 8), ""));
+			stv(g, moe_ll_ld(g, g->t_v8f, acc[u]), sab[half],
+			    LLVMBuildNSWAdd(b, k8, moe_ll_i64c(g, u * 8), ""));
 		lp_close(g, &kb);
 		topk(g, sab[half], NULL, R, k, iab[half], mcell);
 	}
 	/* the k * k candidates: score sums and expert indices i * R + j */
-	lp_open(g, &i, i64c(g, 0), i64c(g, k), 1, "ca");
-	LLVMValueRef ia = ldi(g, iab[0], i.iv), sa = ldf(g, sab[0], ia);
-	lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "cb");
+	lp_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "ca");
+	LLVMValueRef ia = ldi(g, iab[0], i.iv), sa = moe_ll_ldf(g, sab[0], ia);
+	lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "cb");
 	LLVMValueRef ib = ldi(g, iab[1], c.iv);
-	LLVMValueRef ci = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, i64c(g, k), ""), c.iv, "");
-	st(g, LLVMBuildFAdd(b, sa, ldf(g, sab[1], ib), ""), at(g, g->t_f32, cv, ci));
-	st(g, LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, ia, i64c(g, R), ""), ib, ""),
-	   at(g, g->t_i64, ck, ci));
+	LLVMValueRef ci =
+	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, k), ""), c.iv, "");
+	moe_ll_st(g, LLVMBuildFAdd(b, sa, moe_ll_ldf(g, sab[1], ib), ""),
+		  moe_ll_at(g, g->t_f32, cv, ci));
+	moe_ll_st(g, LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, ia, moe_ll_i64c(g, R), ""), ib, ""),
+		  moe_ll_at(g, g->t_i64, ck, ci));
 	lp_close(g, &c);
 	lp_close(g, &i);
 	topk(g, cv, ck, k * k, k, ic, mcell);
 	/* scores of the k retrieved sums */
 	LLVMValueRef mx = NULL, sum = NULL;
 	if (d->pk_score != MOE_SCORE_SIGMOID) {
-		LLVMValueRef mxc = alloca_(g, g->t_f32, 1, "mx");
-		st(g, f32c(g, -INFINITY), mxc);
-		lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "mx");
-		LLVMValueRef l = ldf(g, cv, ldi(g, ic, c.iv)), m0 = ld(g, g->t_f32, mxc);
-		st(g, LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, l, m0, ""), l, m0, ""), mxc);
+		LLVMValueRef mxc = moe_ll_alloca(g, g->t_f32, 1, "mx");
+		moe_ll_st(g, moe_ll_f32c(g, -INFINITY), mxc);
+		lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "mx");
+		LLVMValueRef l = moe_ll_ldf(g, cv, ldi(g, ic, c.iv)),
+			     m0 = moe_ll_ld(g, g->t_f32, mxc);
+		moe_ll_st(g,
+			  LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, l, m0, ""), l, m0, ""),
+			  mxc);
 		lp_close(g, &c);
-		mx = ld(g, g->t_f32, mxc);
-		LLVMValueRef sc = alloca_(g, g->t_f32, 1, "sum");
-		st(g, f32c(g, 0.0), sc);
-		lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "ex");
-		LLVMValueRef le = ldf(g, cv, ldi(g, ic, c.iv));
+		mx = moe_ll_ld(g, g->t_f32, mxc);
+		LLVMValueRef sc = moe_ll_alloca(g, g->t_f32, 1, "sum");
+		moe_ll_st(g, moe_ll_f32c(g, 0.0), sc);
+		lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "ex");
+		LLVMValueRef le = moe_ll_ldf(g, cv, ldi(g, ic, c.iv));
 		LLVMValueRef e =
 		    cm(g, "exp", LLVMBuildFPExt(b, LLVMBuildFSub(b, le, mx, ""), g->t_f64, ""));
 		e = LLVMBuildFPTrunc(b, e, g->t_f32, "");
-		st(g, e, at(g, g->t_f32, gs, c.iv));
-		st(g, LLVMBuildFAdd(b, ld(g, g->t_f32, sc), e, ""), sc);
+		moe_ll_st(g, e, moe_ll_at(g, g->t_f32, gs, c.iv));
+		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sc), e, ""), sc);
 		lp_close(g, &c);
-		sum = ld(g, g->t_f32, sc);
+		sum = moe_ll_ld(g, g->t_f32, sc);
 	}
-	LLVMValueRef wrow = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t, i64c(g, W), ""),
-					    LLVMBuildNSWMul(b, hd.iv, i64c(g, k), ""), "");
-	lp_open(g, &c, i64c(g, 0), i64c(g, k), 1, "out");
+	LLVMValueRef wrow = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t, moe_ll_i64c(g, W), ""),
+					    LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, k), ""), "");
+	lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "out");
 	LLVMValueRef pos = ldi(g, ic, c.iv), s;
 	if (d->pk_score == MOE_SCORE_SIGMOID) {
-		LLVMValueRef l = LLVMBuildFPExt(b, ldf(g, cv, pos), g->t_f64, "");
+		LLVMValueRef l = LLVMBuildFPExt(b, moe_ll_ldf(g, cv, pos), g->t_f64, "");
 		LLVMValueRef e = cm(g, "exp", LLVMBuildFNeg(b, l, ""));
-		s = LLVMBuildFDiv(b, f64c(g, 1.0), LLVMBuildFAdd(b, f64c(g, 1.0), e, ""), "");
+		s = LLVMBuildFDiv(b, moe_ll_f64c(g, 1.0),
+				  LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), e, ""), "");
 		s = LLVMBuildFPTrunc(b, s, g->t_f32, "");
 	} else {
-		s = LLVMBuildFDiv(b, ldf(g, gs, c.iv), sum, "");
+		s = LLVMBuildFDiv(b, moe_ll_ldf(g, gs, c.iv), sum, "");
 	}
 	LLVMValueRef slot = LLVMBuildNSWAdd(b, wrow, c.iv, "");
-	st(g, LLVMBuildTrunc(b, ldi(g, ck, pos), g->t_i32, ""),
-	   at(g, g->t_i32, prm(g, R_IDS), slot));
-	st(g, LLVMBuildFMul(b, s, f32c(g, d->scale), ""), at(g, g->t_f32, prm(g, R_WEIGHTS), slot));
+	moe_ll_st(g, LLVMBuildTrunc(b, ldi(g, ck, pos), g->t_i32, ""),
+		  moe_ll_at(g, g->t_i32, moe_ll_prm(g, R_IDS), slot));
+	moe_ll_st(g, LLVMBuildFMul(b, s, moe_ll_f32c(g, d->scale), ""),
+		  moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_WEIGHTS), slot));
 	lp_close(g, &c);
 	lp_close(g, &hd);
 	lp_close(g, &j);
 	lp_close(g, &tb);
-	fn_end(g);
+	moe_ll_fn_end(g);
 }
 
 /* Eight table elements at p (f32, or bf16 widened by a shift) as <8 x f32>. */
-static LLVMValueRef ld_row8(struct pg *g, LLVMValueRef row, LLVMValueRef i, int bf16)
+static LLVMValueRef ld_row8(struct moe_ll *g, LLVMValueRef row, LLVMValueRef i, int bf16)
 {
 	LLVMBuilderRef b = g->b;
 	if (!bf16)
 		return ldv(g, row, i);
 	LLVMTypeRef v8i16 = LLVMVectorType(g->t_i16, 8), v8i32 = LLVMVectorType(g->t_i32, 8);
-	LLVMValueRef v = LLVMBuildLoad2(b, v8i16, at(g, g->t_i16, row, i), "");
+	LLVMValueRef v = LLVMBuildLoad2(b, v8i16, moe_ll_at(g, g->t_i16, row, i), "");
 	LLVMSetAlignment(v, 2);
 	LLVMValueRef sh[8];
 	for (int l = 0; l < 8; l++)
@@ -426,41 +334,45 @@ static LLVMValueRef ld_row8(struct pg *g, LLVMValueRef row, LLVMValueRef i, int 
 	return LLVMBuildBitCast(b, v, g->t_v8f, "");
 }
 
-static LLVMValueRef ld_row1(struct pg *g, LLVMValueRef row, LLVMValueRef i, int bf16)
+static LLVMValueRef ld_row1(struct moe_ll *g, LLVMValueRef row, LLVMValueRef i, int bf16)
 {
 	LLVMBuilderRef b = g->b;
 	if (!bf16)
-		return ldf(g, row, i);
-	LLVMValueRef v = LLVMBuildZExt(b, ld(g, g->t_i16, at(g, g->t_i16, row, i)), g->t_i32, "");
+		return moe_ll_ldf(g, row, i);
+	LLVMValueRef v =
+	    LLVMBuildZExt(b, moe_ll_ld(g, g->t_i16, moe_ll_at(g, g->t_i16, row, i)), g->t_i32, "");
 	return LLVMBuildBitCast(b, LLVMBuildShl(b, v, LLVMConstInt(g->t_i32, 16, 0), ""), g->t_f32,
 				"");
 }
 
 /* The expert activation on the f32 pre-activation, as moe_ref_act. */
-static LLVMValueRef act(struct pg *g, LLVMValueRef x)
+static LLVMValueRef act(struct moe_ll *g, LLVMValueRef x)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef v = LLVMBuildFPExt(b, x, g->t_f64, ""), r;
 	switch (g->d->act) {
 	case MOE_ACT_RELU:
-		return LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, x, f32c(g, 0.0), ""), x,
-				       f32c(g, 0.0), "");
+		return LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, x, moe_ll_f32c(g, 0.0), ""),
+				       x, moe_ll_f32c(g, 0.0), "");
 	case MOE_ACT_SILU:
-		r = LLVMBuildFDiv(
-		    b, v, LLVMBuildFAdd(b, f64c(g, 1.0), cm(g, "exp", LLVMBuildFNeg(b, v, "")), ""),
-		    "");
+		r = LLVMBuildFDiv(b, v,
+				  LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0),
+						cm(g, "exp", LLVMBuildFNeg(b, v, "")), ""),
+				  "");
 		break;
 	case MOE_ACT_GELU:
-		r = cm(g, "erf", LLVMBuildFDiv(b, v, f64c(g, sqrt(2.0)), ""));
-		r = LLVMBuildFMul(b, LLVMBuildFMul(b, f64c(g, 0.5), v, ""),
-				  LLVMBuildFAdd(b, f64c(g, 1.0), r, ""), "");
+		r = cm(g, "erf", LLVMBuildFDiv(b, v, moe_ll_f64c(g, sqrt(2.0)), ""));
+		r = LLVMBuildFMul(b, LLVMBuildFMul(b, moe_ll_f64c(g, 0.5), v, ""),
+				  LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), r, ""), "");
 		break;
 	default: { /* gelu_tanh */
 		LLVMValueRef c3 = LLVMBuildFMul(
-		    b, LLVMBuildFMul(b, LLVMBuildFMul(b, f64c(g, 0.044715), v, ""), v, ""), v, "");
-		r = LLVMBuildFMul(b, f64c(g, sqrt(2.0 / M_PI)), LLVMBuildFAdd(b, v, c3, ""), "");
-		r = LLVMBuildFAdd(b, f64c(g, 1.0), cm(g, "tanh", r), "");
-		r = LLVMBuildFMul(b, LLVMBuildFMul(b, f64c(g, 0.5), v, ""), r, "");
+		    b, LLVMBuildFMul(b, LLVMBuildFMul(b, moe_ll_f64c(g, 0.044715), v, ""), v, ""),
+		    v, "");
+		r = LLVMBuildFMul(b, moe_ll_f64c(g, sqrt(2.0 / M_PI)), LLVMBuildFAdd(b, v, c3, ""),
+				  "");
+		r = LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), cm(g, "tanh", r), "");
+		r = LLVMBuildFMul(b, LLVMBuildFMul(b, moe_ll_f64c(g, 0.5), v, ""), r, "");
 		break;
 	}
 	}
@@ -471,7 +383,7 @@ enum { E_X, E_T0, E_T1, E_IDS, E_WEIGHTS, E_U, E_V, E_Y, E_COUNT };
 
 /* y_t = sum over the heads' slots in rank order of w * act(u_e . x_t) * v_e,
  * accumulated in double like the reference's combine. */
-static void gen_pk_experts(struct pg *g)
+static void gen_pk_experts(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
@@ -481,74 +393,84 @@ static void gen_pk_experts(struct pg *g)
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
 	LLVMTypeRef params[E_COUNT] = {P, I, I, P, P, P, P, P};
 	static const char *const pn[E_COUNT] = {"x", "t0", "t1", "ids", "weights", "u", "v", "y"};
-	fn_begin(g, "moe_pk_experts", params, E_COUNT, pn);
-	LLVMValueRef acc = alloca_(g, g->t_f64, (uint64_t)H, "acc");
-	LLVMValueRef dacc = alloca_(g, g->t_v8d, 1, "dacc");
-	LLVMValueRef dtail = alloca_(g, g->t_f64, 1, "dtail");
+	moe_ll_fn_begin(g, "moe_pk_experts", params, pn, E_COUNT);
+	LLVMValueRef acc = moe_ll_alloca(g, g->t_f64, (uint64_t)H, "acc");
+	LLVMValueRef dacc = moe_ll_alloca(g, g->t_v8d, 1, "dacc");
+	LLVMValueRef dtail = moe_ll_alloca(g, g->t_f64, 1, "dtail");
 	struct lp t, s, h;
-	lp_open(g, &t, prm(g, E_T0), prm(g, E_T1), 1, "t");
-	LLVMValueRef xr = at(g, g->t_f32, prm(g, E_X), LLVMBuildNSWMul(b, t.iv, i64c(g, H), ""));
-	lp_open(g, &h, i64c(g, 0), i64c(g, H), 1, "z");
-	st(g, f64c(g, 0.0), at(g, g->t_f64, acc, h.iv));
+	lp_open(g, &t, moe_ll_prm(g, E_T0), moe_ll_prm(g, E_T1), 1, "t");
+	LLVMValueRef xr = moe_ll_at(g, g->t_f32, moe_ll_prm(g, E_X),
+				    LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
+	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "z");
+	moe_ll_st(g, moe_ll_f64c(g, 0.0), moe_ll_at(g, g->t_f64, acc, h.iv));
 	lp_close(g, &h);
-	lp_open(g, &s, i64c(g, 0), i64c(g, W), 1, "slot");
-	LLVMValueRef si = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t.iv, i64c(g, W), ""), s.iv, "");
-	LLVMValueRef e = ld(g, g->t_i32, at(g, g->t_i32, prm(g, E_IDS), si));
+	lp_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, W), 1, "slot");
+	LLVMValueRef si =
+	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), ""), s.iv, "");
+	LLVMValueRef e = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, E_IDS), si));
 	LLVMBasicBlockRef skip =
-	    when(g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""));
-	LLVMValueRef wt = ldf(g, prm(g, E_WEIGHTS), si);
-	LLVMValueRef off = LLVMBuildNSWMul(b, LLVMBuildZExt(b, e, g->t_i64, ""), i64c(g, H), "");
-	LLVMValueRef ur = at(g, et, prm(g, E_U), off), vr = at(g, et, prm(g, E_V), off);
+	    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""));
+	LLVMValueRef wt = moe_ll_ldf(g, moe_ll_prm(g, E_WEIGHTS), si);
+	LLVMValueRef off =
+	    LLVMBuildNSWMul(b, LLVMBuildZExt(b, e, g->t_i64, ""), moe_ll_i64c(g, H), "");
+	LLVMValueRef ur = moe_ll_at(g, et, moe_ll_prm(g, E_U), off),
+		     vr = moe_ll_at(g, et, moe_ll_prm(g, E_V), off);
 	/* u . x: exact products summed in double, rounded once */
-	st(g, LLVMConstNull(g->t_v8d), dacc);
-	lp_open(g, &h, i64c(g, 0), i64c(g, H8), 8, "dot");
+	moe_ll_st(g, LLVMConstNull(g->t_v8d), dacc);
+	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "dot");
 	LLVMValueRef xv = LLVMBuildFPExt(b, ldv(g, xr, h.iv), g->t_v8d, "");
 	LLVMValueRef uv = LLVMBuildFPExt(b, ld_row8(g, ur, h.iv, bf16), g->t_v8d, "");
-	st(g, LLVMBuildFAdd(b, ld(g, g->t_v8d, dacc), LLVMBuildFMul(b, xv, uv, ""), ""), dacc);
+	moe_ll_st(g,
+		  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8d, dacc), LLVMBuildFMul(b, xv, uv, ""), ""),
+		  dacc);
 	lp_close(g, &h);
-	LLVMValueRef dv = ld(g, g->t_v8d, dacc), dsum = f64c(g, 0.0);
+	LLVMValueRef dv = moe_ll_ld(g, g->t_v8d, dacc), dsum = moe_ll_f64c(g, 0.0);
 	for (int l = 0; l < 8; l++)
 		dsum = LLVMBuildFAdd(
 		    b, dsum, LLVMBuildExtractElement(b, dv, LLVMConstInt(g->t_i32, l, 0), ""), "");
-	st(g, dsum, dtail);
+	moe_ll_st(g, dsum, dtail);
 	if (H8 < H) {
-		lp_open(g, &h, i64c(g, H8), i64c(g, H), 1, "dtail");
+		lp_open(g, &h, moe_ll_i64c(g, H8), moe_ll_i64c(g, H), 1, "dtail");
 		LLVMValueRef pr =
-		    LLVMBuildFMul(b, LLVMBuildFPExt(b, ldf(g, xr, h.iv), g->t_f64, ""),
+		    LLVMBuildFMul(b, LLVMBuildFPExt(b, moe_ll_ldf(g, xr, h.iv), g->t_f64, ""),
 				  LLVMBuildFPExt(b, ld_row1(g, ur, h.iv, bf16), g->t_f64, ""), "");
-		st(g, LLVMBuildFAdd(b, ld(g, g->t_f64, dtail), pr, ""), dtail);
+		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f64, dtail), pr, ""), dtail);
 		lp_close(g, &h);
 	}
-	LLVMValueRef a = act(g, LLVMBuildFPTrunc(b, ld(g, g->t_f64, dtail), g->t_f32, ""));
+	LLVMValueRef a = act(g, LLVMBuildFPTrunc(b, moe_ll_ld(g, g->t_f64, dtail), g->t_f32, ""));
 	/* acc += (double)(w * (a * v)) */
 	LLVMValueRef av = splat(g, a, g->t_v8f), wv = splat(g, wt, g->t_v8f);
-	lp_open(g, &h, i64c(g, 0), i64c(g, H8), 8, "axpy");
+	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "axpy");
 	LLVMValueRef o =
 	    LLVMBuildFMul(b, wv, LLVMBuildFMul(b, av, ld_row8(g, vr, h.iv, bf16), ""), "");
-	LLVMValueRef ap = at(g, g->t_f64, acc, h.iv);
+	LLVMValueRef ap = moe_ll_at(g, g->t_f64, acc, h.iv);
 	LLVMValueRef cur = LLVMBuildLoad2(b, g->t_v8d, ap, "");
 	LLVMSetAlignment(cur, 8);
-	st(g, LLVMBuildFAdd(b, cur, LLVMBuildFPExt(b, o, g->t_v8d, ""), ""), ap);
+	moe_ll_st(g, LLVMBuildFAdd(b, cur, LLVMBuildFPExt(b, o, g->t_v8d, ""), ""), ap);
 	lp_close(g, &h);
 	if (H8 < H) {
-		lp_open(g, &h, i64c(g, H8), i64c(g, H), 1, "atail");
+		lp_open(g, &h, moe_ll_i64c(g, H8), moe_ll_i64c(g, H), 1, "atail");
 		LLVMValueRef o1 =
 		    LLVMBuildFMul(b, wt, LLVMBuildFMul(b, a, ld_row1(g, vr, h.iv, bf16), ""), "");
-		LLVMValueRef p1 = at(g, g->t_f64, acc, h.iv);
-		st(g,
-		   LLVMBuildFAdd(b, ld(g, g->t_f64, p1), LLVMBuildFPExt(b, o1, g->t_f64, ""), ""),
-		   p1);
+		LLVMValueRef p1 = moe_ll_at(g, g->t_f64, acc, h.iv);
+		moe_ll_st(g,
+			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f64, p1),
+					LLVMBuildFPExt(b, o1, g->t_f64, ""), ""),
+			  p1);
 		lp_close(g, &h);
 	}
-	when_end(g, skip);
+	moe_ll_when_end(g, skip);
 	lp_close(g, &s);
-	LLVMValueRef yr = at(g, g->t_f32, prm(g, E_Y), LLVMBuildNSWMul(b, t.iv, i64c(g, H), ""));
-	lp_open(g, &h, i64c(g, 0), i64c(g, H), 1, "y");
-	st(g, LLVMBuildFPTrunc(b, ld(g, g->t_f64, at(g, g->t_f64, acc, h.iv)), g->t_f32, ""),
-	   at(g, g->t_f32, yr, h.iv));
+	LLVMValueRef yr = moe_ll_at(g, g->t_f32, moe_ll_prm(g, E_Y),
+				    LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
+	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "y");
+	moe_ll_st(g,
+		  LLVMBuildFPTrunc(b, moe_ll_ld(g, g->t_f64, moe_ll_at(g, g->t_f64, acc, h.iv)),
+				   g->t_f32, ""),
+		  moe_ll_at(g, g->t_f32, yr, h.iv));
 	lp_close(g, &h);
 	lp_close(g, &t);
-	fn_end(g);
+	moe_ll_fn_end(g);
 }
 
 int moe_plan_peer(const struct moe_desc *d, struct moe_diag *diag)
@@ -602,20 +524,11 @@ void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *
 			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
 			struct LLVMOpaqueValue *fns[MOE_PEER_FNS])
 {
-	struct pg g = {.ctx = ctx, .mod = mod, .b = b, .d = p->desc};
+	struct moe_ll g;
+	moe_ll_init(&g, ctx, mod, b, p->desc);
 	fns[0] = fns[1] = NULL;
 	if (g.d->mode != MOE_MODE_PRODUCT_KEY)
 		return;
-	g.t_void = LLVMVoidTypeInContext(ctx);
-	g.t_i1 = LLVMInt1TypeInContext(ctx);
-	g.t_i16 = LLVMInt16TypeInContext(ctx);
-	g.t_i32 = LLVMInt32TypeInContext(ctx);
-	g.t_i64 = LLVMInt64TypeInContext(ctx);
-	g.t_f32 = LLVMFloatTypeInContext(ctx);
-	g.t_f64 = LLVMDoubleTypeInContext(ctx);
-	g.t_ptr = LLVMPointerTypeInContext(ctx, 0);
-	g.t_v8f = LLVMVectorType(g.t_f32, 8);
-	g.t_v8d = LLVMVectorType(g.t_f64, 8);
 	gen_pk_route(&g);
 	fns[0] = g.fn;
 	gen_pk_experts(&g);
