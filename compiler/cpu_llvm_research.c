@@ -77,127 +77,6 @@ static LLVMValueRef rng_normal(struct moe_ll *g, LLVMValueRef seed, LLVMValueRef
 
 /* Router pieces ----------------------------------------------------------------- */
 
-/* out[0..n) = rows of panel weights . xrow: [ceil(n/8)][H][8] f32 panels,
- * each lane an f32 sum in ascending h (multiply then add), like dot_f32. */
-static void panel_dots(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, uint32_t n,
-		       LLVMValueRef out)
-{
-	LLVMBuilderRef b = g->b;
-	uint32_t H = g->d->hidden, nb = moe_router_blocks(n);
-	LLVMValueRef acc = moe_ll_alloca(g, g->t_v8f, 1, "acc");
-	struct moe_ll_loop p, h;
-	moe_ll_loop_open(g, &p, moe_ll_i64c(g, 0), moe_ll_i64c(g, nb), "pd.b");
-	moe_ll_st(g, LLVMConstNull(g->t_v8f), acc);
-	LLVMValueRef wb =
-	    moe_ll_at(g, g->t_f32, w, LLVMBuildNSWMul(b, p.iv, moe_ll_i64c(g, (int64_t)H * 8), ""));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "pd.h");
-	LLVMValueRef xv = moe_ll_ldf(g, xrow, h.iv);
-	LLVMValueRef v = LLVMBuildInsertElement(b, LLVMGetPoison(g->t_v8f), xv,
-						LLVMConstInt(g->t_i32, 0, 0), "");
-	v = LLVMBuildShuffleVector(b, v, LLVMGetPoison(g->t_v8f),
-				   LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
-	LLVMValueRef wv =
-	    moe_ll_ld(g, g->t_v8f,
-		      moe_ll_at(g, g->t_f32, wb, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, 8), "")));
-	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc), LLVMBuildFMul(b, v, wv, ""), ""),
-		  acc);
-	moe_ll_loop_close(g, &h);
-	/* store the lanes that exist */
-	LLVMValueRef a = moe_ll_ld(g, g->t_v8f, acc);
-	for (int j = 0; j < 8; j++) {
-		LLVMValueRef e = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, p.iv, moe_ll_i64c(g, 8), ""),
-						 moe_ll_i64c(g, j), "");
-		LLVMBasicBlockRef end =
-		    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, e, moe_ll_i64c(g, n), ""));
-		moe_ll_stf(
-		    g, LLVMBuildExtractElement(b, a, LLVMConstInt(g->t_i32, (unsigned)j, 0), ""),
-		    out, e);
-		moe_ll_when_end(g, end);
-	}
-	moe_ll_loop_close(g, &p);
-}
-
-/* Scores s[off + i] = f(l[off + i]) for i in [0, n), as score_vec. */
-static void scores(struct moe_ll *g, enum moe_score sc, LLVMValueRef l, LLVMValueRef s,
-		   LLVMValueRef off, uint32_t n)
-{
-	LLVMBuilderRef b = g->b;
-	struct moe_ll_loop e;
-	if (sc == MOE_SCORE_SOFTMAX) {
-		LLVMValueRef m = moe_ll_alloca(g, g->t_f32, 1, "smax"),
-			     sum = moe_ll_alloca(g, g->t_f32, 1, "ssum");
-		moe_ll_st(g, moe_ll_f32c(g, -INFINITY), m);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.max");
-		LLVMValueRef v = moe_ll_ldf(g, l, LLVMBuildNSWAdd(b, off, e.iv, ""));
-		LLVMValueRef mv = moe_ll_ld(g, g->t_f32, m);
-		moe_ll_st(g, moe_ll_sel_gt(g, v, mv, v, mv), m);
-		moe_ll_loop_close(g, &e);
-		LLVMValueRef mx = moe_ll_ld(g, g->t_f32, m);
-		moe_ll_st(g, moe_ll_f32c(g, 0.0), sum);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.exp");
-		LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
-		LLVMValueRef ex = moe_ll_to_f32(
-		    g, moe_ll_libm(g, "exp", LLVMBuildFSub(b, moe_ll_ldf(g, l, i), mx, "")));
-		moe_ll_stf(g, ex, s, i);
-		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sum), ex, ""), sum);
-		moe_ll_loop_close(g, &e);
-		LLVMValueRef tot = moe_ll_ld(g, g->t_f32, sum);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.div");
-		i = LLVMBuildNSWAdd(b, off, e.iv, "");
-		moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, s, i), tot, ""), s, i);
-		moe_ll_loop_close(g, &e);
-		return;
-	}
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sc");
-	LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
-	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, l, i), g->t_f64, "");
-	LLVMValueRef o;
-	if (sc == MOE_SCORE_SIGMOID) {
-		LLVMValueRef ex = moe_ll_libm(g, "exp", LLVMBuildFNeg(b, vd, ""));
-		o = moe_ll_to_f32(g,
-				  LLVMBuildFDiv(b, moe_ll_f64c(g, 1.0),
-						LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), ex, ""), ""));
-	} else {
-		LLVMValueRef sp = moe_ll_libm(g, "log1p", moe_ll_libm(g, "exp", vd));
-		sp = moe_ll_to_f32(g, moe_ll_sel_gt(g, vd, moe_ll_f64c(g, 20.0), vd, sp));
-		o = moe_ll_to_f32(
-		    g, moe_ll_intr1(g, "llvm.sqrt", LLVMBuildFPExt(b, sp, g->t_f64, "")));
-	}
-	moe_ll_stf(g, o, s, i);
-	moe_ll_loop_close(g, &e);
-}
-
-/* p[off..off+n) = the statistics' router probability of scores s (prob_vec):
- * the softmax itself, or the scores normalized to sum 1; times mul (NULL: 1). */
-static void probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValueRef p,
-		  LLVMValueRef off, uint32_t n, LLVMValueRef mul)
-{
-	LLVMBuilderRef b = g->b;
-	struct moe_ll_loop e;
-	LLVMValueRef sum = NULL;
-	if (sc != MOE_SCORE_SOFTMAX) {
-		LLVMValueRef acc = moe_ll_alloca(g, g->t_f32, 1, "psum");
-		moe_ll_st(g, moe_ll_f32c(g, 0.0), acc);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "p.sum");
-		moe_ll_st(g,
-			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, acc),
-					moe_ll_ldf(g, s, LLVMBuildNSWAdd(b, off, e.iv, "")), ""),
-			  acc);
-		moe_ll_loop_close(g, &e);
-		sum = moe_ll_ld(g, g->t_f32, acc);
-	}
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "p.set");
-	LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
-	LLVMValueRef v = moe_ll_ldf(g, s, i);
-	if (sum)
-		v = moe_ll_sel_gt(g, sum, moe_ll_f32c(g, 0.0), LLVMBuildFDiv(b, v, sum, ""),
-				  moe_ll_f32c(g, 0.0));
-	if (mul)
-		v = LLVMBuildFMul(b, v, mul, "");
-	moe_ll_stf(g, v, p, i);
-	moe_ll_loop_close(g, &e);
-}
-
 /* top-k of c[off..off+n) into idx[0..k) (i64, relative to off), ranked: the
  * larger value first, ties to the lower index; taken[] is i8 scratch. */
 static void topk(struct moe_ll *g, LLVMValueRef c, LLVMValueRef off, uint32_t n, uint32_t k,
@@ -295,7 +174,7 @@ static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValu
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
 	uint32_t E = d->n_experts;
-	panel_dots(g, xrow, moe_ll_prm(g, A_ROUTER), E, l);
+	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_ROUTER), E, l);
 	struct moe_ll_loop e;
 	if (d->router_bias) {
 		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), "bias");
@@ -310,7 +189,7 @@ static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValu
 	LLVMValueRef tr = LLVMBuildICmp(b, LLVMIntNE, moe_ll_prm(g, A_TRAIN),
 					LLVMConstInt(g->t_i32, 0, 0), "training");
 	LLVMBasicBlockRef end = moe_ll_when(g, tr);
-	panel_dots(g, xrow, moe_ll_prm(g, A_NOISE), E, nl);
+	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_NOISE), E, nl);
 	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), "noise");
 	LLVMValueRef z = rng_normal(g, moe_ll_prm(g, A_SEED), moe_ll_prm(g, A_LAYER), t, e.iv);
 	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, nl, e.iv), g->t_f64, "");
@@ -374,7 +253,7 @@ static void sparsemixer(struct moe_ll *g, LLVMValueRef l, LLVMValueRef m, LLVMVa
 			gap = LLVMBuildOr(b, gap, LLVMBuildICmp(b, LLVMIntEQ, e.iv, e1v, ""), "");
 		moe_ll_stf(g, LLVMBuildSelect(b, gap, ninf, v, ""), m, e.iv);
 		moe_ll_loop_close(g, &e);
-		scores(g, MOE_SCORE_SOFTMAX, m, s, moe_ll_i64c(g, 0), E);
+		moe_ll_scores(g, MOE_SCORE_SOFTMAX, m, s, moe_ll_i64c(g, 0), E);
 		ids[pass] = ei;
 		w[pass] = LLVMBuildFMul(b, moe_ll_ldf(g, s, ei), moe_ll_f32c(g, d->scale), "");
 		if (pass == 0)
@@ -404,8 +283,8 @@ static void hierarchical(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef l, LL
 	LLVMValueRef gtk = moe_ll_alloca(g, g->t_i8, G, "gtaken"),
 		     tk = moe_ll_alloca(g, g->t_i8, n, "taken");
 	LLVMValueRef zero = moe_ll_i64c(g, 0);
-	panel_dots(g, xrow, moe_ll_prm(g, A_GROUP), G, gl);
-	scores(g, d->score, gl, gs, zero, G);
+	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_GROUP), G, gl);
+	moe_ll_scores(g, d->score, gl, gs, zero, G);
 	topk(g, gs, zero, G, k1, gtk, gidx);
 	struct moe_ll_loop j, i, gr;
 	moe_ll_loop_open(g, &j, zero, moe_ll_i64c(g, k1), "h.gw");
@@ -414,7 +293,7 @@ static void hierarchical(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef l, LL
 	moe_ll_loop_close(g, &j);
 	normalize(g, gw, k1);
 	moe_ll_loop_open(g, &gr, zero, moe_ll_i64c(g, G), "h.s2");
-	scores(g, d->score, l, s, LLVMBuildNSWMul(b, gr.iv, moe_ll_i64c(g, n), ""), n);
+	moe_ll_scores(g, d->score, l, s, LLVMBuildNSWMul(b, gr.iv, moe_ll_i64c(g, n), ""), n);
 	moe_ll_loop_close(g, &gr);
 	moe_ll_loop_open(g, &j, zero, moe_ll_i64c(g, k1), "h.j");
 	LLVMValueRef grp = moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, gidx, j.iv));
@@ -448,10 +327,10 @@ static void hierarchical(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef l, LL
 	moe_ll_loop_close(g, &i);
 	moe_ll_loop_close(g, &j);
 	/* statistics: level-1 probability times the in-group probability */
-	probs(g, d->score, gs, gp, zero, G, NULL);
+	moe_ll_probs(g, d->score, gs, gp, zero, G, NULL);
 	moe_ll_loop_open(g, &gr, zero, moe_ll_i64c(g, G), "h.p");
-	probs(g, d->score, s, prow, LLVMBuildNSWMul(b, gr.iv, moe_ll_i64c(g, n), ""), n,
-	      moe_ll_ldf(g, gp, gr.iv));
+	moe_ll_probs(g, d->score, s, prow, LLVMBuildNSWMul(b, gr.iv, moe_ll_i64c(g, n), ""), n,
+		     moe_ll_ldf(g, gp, gr.iv));
 	moe_ll_loop_close(g, &gr);
 }
 
@@ -466,7 +345,7 @@ static void noisy_topk(struct moe_ll *g, LLVMValueRef l, LLVMValueRef s, LLVMVal
 	LLVMValueRef idx = moe_ll_alloca(g, g->t_i64, k, "idx"),
 		     tk = moe_ll_alloca(g, g->t_i8, E, "taken");
 	LLVMValueRef w = moe_ll_alloca(g, g->t_f32, k, "w");
-	scores(g, d->score, l, s, zero, E);
+	moe_ll_scores(g, d->score, l, s, zero, E);
 	struct moe_ll_loop e;
 	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, E), "n.c");
 	LLVMValueRef v = moe_ll_ldf(g, s, e.iv);
@@ -493,7 +372,7 @@ static void noisy_topk(struct moe_ll *g, LLVMValueRef l, LLVMValueRef s, LLVMVal
 	moe_ll_loop_close(g, &e);
 	LLVMValueRef first = moe_ll_ld(g, g->t_i64, idx);
 	moe_ll_stf(g, moe_ll_ldf(g, c, first), moe_ll_prm(g, A_PRIO), t);
-	probs(g, d->score, s, prow, zero, E, NULL);
+	moe_ll_probs(g, d->score, s, prow, zero, E, NULL);
 }
 
 static void gen_route_x(struct moe_ll *g)
@@ -524,7 +403,7 @@ static void gen_route_x(struct moe_ll *g)
 	LLVMValueRef wbase = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), "wbase");
 	if (d->mode == MOE_MODE_SPARSEMIXER) {
 		sparsemixer(g, l, c, s, wbase);
-		scores(g, MOE_SCORE_SOFTMAX, l, prow, moe_ll_i64c(g, 0), E);
+		moe_ll_scores(g, MOE_SCORE_SOFTMAX, l, prow, moe_ll_i64c(g, 0), E);
 		moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), t.iv);
 	} else if (d->mode == MOE_MODE_HIERARCHICAL) {
 		hierarchical(g, xrow, l, s, c, prow, wbase);

@@ -5,6 +5,7 @@
 
 #include "backend.h"
 
+#include <math.h>
 #include <string.h>
 
 void moe_ll_init(struct moe_ll *g, LLVMContextRef ctx, LLVMModuleRef mod, LLVMBuilderRef b,
@@ -208,4 +209,125 @@ LLVMValueRef moe_ll_sel_gt(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLV
 LLVMValueRef moe_ll_to_f32(struct moe_ll *g, LLVMValueRef v)
 {
 	return LLVMBuildFPTrunc(g->b, v, g->t_f32, "");
+}
+
+/* out[0..n) = rows of panel weights . xrow: [ceil(n/8)][H][8] f32 panels,
+ * each lane an f32 sum in ascending h (multiply then add), like dot_f32. */
+void moe_ll_panel_dots(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, uint32_t n,
+		       LLVMValueRef out)
+{
+	LLVMBuilderRef b = g->b;
+	uint32_t H = g->d->hidden, nb = moe_router_blocks(n);
+	LLVMValueRef acc = moe_ll_alloca(g, g->t_v8f, 1, "acc");
+	struct moe_ll_loop p, h;
+	moe_ll_loop_open(g, &p, moe_ll_i64c(g, 0), moe_ll_i64c(g, nb), "pd.b");
+	moe_ll_st(g, LLVMConstNull(g->t_v8f), acc);
+	LLVMValueRef wb =
+	    moe_ll_at(g, g->t_f32, w, LLVMBuildNSWMul(b, p.iv, moe_ll_i64c(g, (int64_t)H * 8), ""));
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "pd.h");
+	LLVMValueRef xv = moe_ll_ldf(g, xrow, h.iv);
+	LLVMValueRef v = LLVMBuildInsertElement(b, LLVMGetPoison(g->t_v8f), xv,
+						LLVMConstInt(g->t_i32, 0, 0), "");
+	v = LLVMBuildShuffleVector(b, v, LLVMGetPoison(g->t_v8f),
+				   LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
+	LLVMValueRef wv =
+	    moe_ll_ld(g, g->t_v8f,
+		      moe_ll_at(g, g->t_f32, wb, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, 8), "")));
+	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc), LLVMBuildFMul(b, v, wv, ""), ""),
+		  acc);
+	moe_ll_loop_close(g, &h);
+	/* store the lanes that exist */
+	LLVMValueRef a = moe_ll_ld(g, g->t_v8f, acc);
+	for (int j = 0; j < 8; j++) {
+		LLVMValueRef e = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, p.iv, moe_ll_i64c(g, 8), ""),
+						 moe_ll_i64c(g, j), "");
+		LLVMBasicBlockRef end =
+		    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, e, moe_ll_i64c(g, n), ""));
+		moe_ll_stf(
+		    g, LLVMBuildExtractElement(b, a, LLVMConstInt(g->t_i32, (unsigned)j, 0), ""),
+		    out, e);
+		moe_ll_when_end(g, end);
+	}
+	moe_ll_loop_close(g, &p);
+}
+
+/* Scores s[off + i] = f(l[off + i]) for i in [0, n), as score_vec. */
+void moe_ll_scores(struct moe_ll *g, enum moe_score sc, LLVMValueRef l, LLVMValueRef s,
+		   LLVMValueRef off, uint32_t n)
+{
+	LLVMBuilderRef b = g->b;
+	struct moe_ll_loop e;
+	if (sc == MOE_SCORE_SOFTMAX) {
+		LLVMValueRef m = moe_ll_alloca(g, g->t_f32, 1, "smax"),
+			     sum = moe_ll_alloca(g, g->t_f32, 1, "ssum");
+		moe_ll_st(g, moe_ll_f32c(g, -INFINITY), m);
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.max");
+		LLVMValueRef v = moe_ll_ldf(g, l, LLVMBuildNSWAdd(b, off, e.iv, ""));
+		LLVMValueRef mv = moe_ll_ld(g, g->t_f32, m);
+		moe_ll_st(g, moe_ll_sel_gt(g, v, mv, v, mv), m);
+		moe_ll_loop_close(g, &e);
+		LLVMValueRef mx = moe_ll_ld(g, g->t_f32, m);
+		moe_ll_st(g, moe_ll_f32c(g, 0.0), sum);
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.exp");
+		LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
+		LLVMValueRef ex = moe_ll_to_f32(
+		    g, moe_ll_libm(g, "exp", LLVMBuildFSub(b, moe_ll_ldf(g, l, i), mx, "")));
+		moe_ll_stf(g, ex, s, i);
+		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sum), ex, ""), sum);
+		moe_ll_loop_close(g, &e);
+		LLVMValueRef tot = moe_ll_ld(g, g->t_f32, sum);
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.div");
+		i = LLVMBuildNSWAdd(b, off, e.iv, "");
+		moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, s, i), tot, ""), s, i);
+		moe_ll_loop_close(g, &e);
+		return;
+	}
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sc");
+	LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
+	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, l, i), g->t_f64, "");
+	LLVMValueRef o;
+	if (sc == MOE_SCORE_SIGMOID) {
+		LLVMValueRef ex = moe_ll_libm(g, "exp", LLVMBuildFNeg(b, vd, ""));
+		o = moe_ll_to_f32(g,
+				  LLVMBuildFDiv(b, moe_ll_f64c(g, 1.0),
+						LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), ex, ""), ""));
+	} else {
+		LLVMValueRef sp = moe_ll_libm(g, "log1p", moe_ll_libm(g, "exp", vd));
+		sp = moe_ll_to_f32(g, moe_ll_sel_gt(g, vd, moe_ll_f64c(g, 20.0), vd, sp));
+		o = moe_ll_to_f32(
+		    g, moe_ll_intr1(g, "llvm.sqrt", LLVMBuildFPExt(b, sp, g->t_f64, "")));
+	}
+	moe_ll_stf(g, o, s, i);
+	moe_ll_loop_close(g, &e);
+}
+
+/* p[off..off+n) = the statistics' router probability of scores s (prob_vec):
+ * the softmax itself, or the scores normalized to sum 1; times mul (NULL: 1). */
+void moe_ll_probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValueRef p,
+		  LLVMValueRef off, uint32_t n, LLVMValueRef mul)
+{
+	LLVMBuilderRef b = g->b;
+	struct moe_ll_loop e;
+	LLVMValueRef sum = NULL;
+	if (sc != MOE_SCORE_SOFTMAX) {
+		LLVMValueRef acc = moe_ll_alloca(g, g->t_f32, 1, "psum");
+		moe_ll_st(g, moe_ll_f32c(g, 0.0), acc);
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "p.sum");
+		moe_ll_st(g,
+			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, acc),
+					moe_ll_ldf(g, s, LLVMBuildNSWAdd(b, off, e.iv, "")), ""),
+			  acc);
+		moe_ll_loop_close(g, &e);
+		sum = moe_ll_ld(g, g->t_f32, acc);
+	}
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "p.set");
+	LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
+	LLVMValueRef v = moe_ll_ldf(g, s, i);
+	if (sum)
+		v = moe_ll_sel_gt(g, sum, moe_ll_f32c(g, 0.0), LLVMBuildFDiv(b, v, sum, ""),
+				  moe_ll_f32c(g, 0.0));
+	if (mul)
+		v = LLVMBuildFMul(b, v, mul, "");
+	moe_ll_stf(g, v, p, i);
+	moe_ll_loop_close(g, &e);
 }

@@ -7,6 +7,8 @@
 
 #include <llvm-c/Core.h>
 
+#include "../runtime/moe_desc.h"
+
 #include <stdint.h>
 
 struct moe_desc;
@@ -54,5 +56,14 @@ LLVMValueRef moe_ll_intr1(struct moe_ll *g, const char *name, LLVMValueRef a);
 LLVMValueRef moe_ll_sel_gt(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMValueRef x,
 			   LLVMValueRef y);
 LLVMValueRef moe_ll_to_f32(struct moe_ll *g, LLVMValueRef v);
+
+/* Router pieces: panel dot products (f32, ascending h), scores and the
+ * statistics probability, in the reference's arithmetic. */
+void moe_ll_panel_dots(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, uint32_t n,
+		       LLVMValueRef out);
+void moe_ll_scores(struct moe_ll *g, enum moe_score sc, LLVMValueRef l, LLVMValueRef s,
+		   LLVMValueRef off, uint32_t n);
+void moe_ll_probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValueRef p,
+		  LLVMValueRef off, uint32_t n, LLVMValueRef mul);
 
 #endif
