@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "../runtime/moe_kernels.h"
+#include "moe_kernels.h"
 #include "moegen.h"
 
 /* plan.c ---------------------------------------------------------------- */

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../runtime/moe.h"
+#include "moe.h"
 
 /* The entry points of a model.so. */
 struct moe_api {

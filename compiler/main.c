@@ -9,7 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../runtime/moe_ref.h"
+#include "moe_ref.h"
 #include "backend.h"
 #include "bench.h"
 #include "import.h"

@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "../runtime/moe_desc.h"
+#include "moe_desc.h"
 
 /* Exit codes of the moegen command (docs/cli.md). */
 enum moe_exit {

@@ -7,7 +7,7 @@ bash scripts/deps.sh
 jobs=$(nproc)
 
 echo "== format"
-files=$(git ls-files 'compiler/*.[ch]' 'runtime/*.[ch]' 'tests/*.[ch]')
+files=$(git ls-files 'compiler/*.[ch]' 'runtime/*.[ch]' 'tests/*.[ch]' 'compiler/**/*.[ch]' 'runtime/**/*.[ch]' 'tests/**/*.[ch]')
 clang-format --dry-run --Werror $files
 
 echo "== build (release)"

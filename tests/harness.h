@@ -8,8 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../compiler/backend.h"
-#include "../runtime/moe.h"
+#include "backend.h"
+#include "moe.h"
 
 /* outputs of h_compare agree with the reference within this relative error */
 #define H_TOL 1e-5

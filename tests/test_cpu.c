@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../runtime/safetensors.h"
+#include "safetensors.h"
 #include "harness.h"
 
 /* Same expert set per token (order free). */

@@ -16,8 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../compiler/backend.h"
-#include "../runtime/moe.h"
+#include "backend.h"
+#include "moe.h"
 
 static char tmpdir[] = "/tmp/test_cpu_wide.XXXXXX";
 

@@ -494,8 +494,11 @@ static void test_images_file(void **state)
 		"\treturn 0;\n}\n");
 	assert_int_equal(fclose(f), 0);
 	const char *src = getenv("MOE_SOURCE_DIR");
-	snprintf(cmd, sizeof cmd, "cc -std=c11 -I%s/runtime -o %s %s %s && %s > %s/out.txt",
-		 src ? src : ".", exe, rd, img, exe, dir);
+	src = src ? src : ".";
+	snprintf(cmd, sizeof cmd,
+		 "cc -std=c11 -I%s/runtime/cuda -I%s/runtime/core -I%s/runtime/ref -o %s %s %s && "
+		 "%s > %s/out.txt",
+		 src, src, src, exe, rd, img, exe, dir);
 	assert_int_equal(system(cmd), 0);
 	char outp[600], want[1024];
 	snprintf(outp, sizeof outp, "%s/out.txt", dir);

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../runtime/safetensors.h"
+#include "safetensors.h"
 #include "harness.h"
 
 /* A PEER description: R^2 single-neuron experts of width H. */

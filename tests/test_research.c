@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../runtime/safetensors.h"
+#include "safetensors.h"
 #include "harness.h"
 
 static void sparsemixer_desc(struct moe_desc *d, uint32_t H, uint32_t E, float eps)

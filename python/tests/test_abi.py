@@ -47,7 +47,7 @@ def probe(tmp_path_factory, repo):
     exe = d / "probe"
     src.write_text(_probe_source())
     cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-std=c11", "-Wall", "-Werror", "-I", str(repo / "runtime"), str(src),
+    subprocess.run([cc, "-std=c11", "-Wall", "-Werror", *[a for sub in ("", "core", "ref") for a in ("-I", str(repo / "runtime" / sub))], str(src),
                     "-o", str(exe)], check=True)
     lines = subprocess.run([str(exe)], check=True, stdout=subprocess.PIPE,
                            text=True).stdout.splitlines()

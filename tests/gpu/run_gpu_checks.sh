@@ -17,7 +17,7 @@ cmake --build "$build" -j"$(nproc)" --target moegen_core moe_runtime >/dev/null
 blas=$(grep -Po '^OPENBLAS_LIB:FILEPATH=\K.*' "$build/CMakeCache.txt" || true)
 [[ $blas == *NOTFOUND* ]] && blas=
 # shellcheck disable=SC2046
-cc -std=c11 -O2 -D_GNU_SOURCE -Icompiler -Iruntime tests/gpu/gpu_check.c \
+cc -std=c11 -O2 -D_GNU_SOURCE $(for d in compiler compiler/* runtime runtime/*; do [ -d $d ] && printf -- "-I%s " $d; done) tests/gpu/gpu_check.c \
 	-Wl,--start-group "$build/libmoegen_core.a" "$build/libmoe_runtime.a" -Wl,--end-group \
 	$(pkg-config --libs yaml-0.1 libcjson) -L/usr/lib/llvm-19/lib -lLLVM-19 $blas \
 	-lm -ldl -lpthread -o "$build/gpu_check"

@@ -11,7 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../runtime/pool.h"
+#include "pool.h"
 
 double moe_now(void)
 {

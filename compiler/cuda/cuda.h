@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../runtime/cuda_rt.h"
+#include "cuda_rt.h"
 #include "backend.h"
 
 /* What moe_cuda_generate produces. */

@@ -15,9 +15,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../runtime/moe.h"
-#include "../runtime/moe_kernels.h" /* the product-key phases, timed alone */
-#include "../runtime/pool.h"
+#include "moe.h"
+#include "moe_kernels.h" /* the product-key phases, timed alone */
+#include "pool.h"
 #include "backend.h"
 #include "moegen.h"
 

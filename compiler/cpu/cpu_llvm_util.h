@@ -7,7 +7,7 @@
 
 #include <llvm-c/Core.h>
 
-#include "../runtime/moe_desc.h"
+#include "moe_desc.h"
 
 #include <stdint.h>
 
