@@ -13,19 +13,6 @@
 
 /* plan.c ---------------------------------------------------------------- */
 
-#define MOE_OPS(X)                                                                                 \
-	X(ROUTE, "route")             /* logits, score, bias, groups, top-k, normalize */          \
-	X(GROUP, "group")             /* counts, offsets, row map, capacity (runtime) */           \
-	X(EXPERT_UP, "expert_up")     /* gathered rows x packed [gate|up], activation */           \
-	X(EXPERT_DOWN, "expert_down") /* x down, accumulated into the output */                    \
-	X(SHARED_UP, "shared_up")                                                                  \
-	X(SHARED_DOWN, "shared_down")                                                              \
-	X(PASSTHROUGH, "passthrough") /* capacity overflow: y += w * x */
-
-#define MOE_ENUM_X_MOE_OP_(v, s) MOE_OP_##v,
-MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
-extern const char *const moe_op_names[MOE_OP_COUNT];
-
 #define MOE_TARGETS(X) X(CPU, "cpu") X(CUDA, "cuda")
 #define MOE_ENUM_X_MOE_TARGET_(v, s) MOE_TARGET_##v,
 MOE_DEFINE_ENUM(moe_target, MOE_TARGET_, MOE_TARGETS);
@@ -40,22 +27,25 @@ extern const char *const moe_target_names[MOE_TARGET_COUNT];
 	X(ROWS, "rows")         /* [T * W] i32 token of each grouped row */                        \
 	X(ROW_W, "row_w")       /* [T * W] f32 routing weight of each grouped row */               \
 	X(H, "h")               /* [T * W, ld_h] f32 expert activations */                         \
-	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */
+	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */                                         \
+	X(KEPT, "kept")         /* [T, W] u8 slots within capacity */
 
 #define MOE_ENUM_X_MOE_BUF_(v, s) MOE_BUF_##v,
 MOE_DEFINE_ENUM(moe_buf, MOE_BUF_, MOE_BUFS);
 
 struct moe_plan_op {
-	enum moe_op op;
+	enum moe_op op;   /* moe_ops.h */
 	uint32_t in, out; /* buffer ids (MOE_BUF_COUNT: the layer input/output) */
 };
 
-/* The kernel plan: ops in order, buffers per token, the FFN geometries. */
+/* The kernel plan, built once per target from the mode table: ops in
+ * order, buffers per token, the FFN geometries. Every backend emits from it
+ * and the CPU runtime walks its op list. */
 struct moe_plan {
 	const struct moe_desc *desc; /* borrowed */
 	enum moe_target target;
 	uint32_t n_ops;
-	struct moe_plan_op ops[8];
+	struct moe_plan_op ops[MOE_MAX_OPS];
 	uint32_t route_width;
 	struct moe_geom routed, shared;        /* shared.width == 0: none */
 	uint64_t buf_per_token[MOE_BUF_COUNT]; /* bytes per token of each workspace buffer */
@@ -67,6 +57,19 @@ struct moe_plan {
 int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan *p,
 		   struct moe_diag *diag);
 void moe_plan_dump(const struct moe_plan *p, FILE *out);
+/* 1 when the plan has op. */
+int moe_plan_has(const struct moe_plan *p, enum moe_op op);
+
+/* modes.c: the mode table (rows of moe_modes.def). Whether target t generates
+ * d (1), else 0 with every reason in diag; and the op list of d's mode. */
+int moe_mode_supported(const struct moe_desc *d, enum moe_target t, struct moe_diag *diag);
+void moe_mode_ops(const struct moe_desc *d, struct moe_plan *p);
+
+/* Limits of the CPU's PEER kernels (their per-token scratch is sized by them). */
+#define MOE_PK_MAX_TOP_K 64
+#define MOE_PK_MAX_SUB_KEYS 8192
+#define MOE_PK_MAX_QUERY 4096
+#define MOE_PK_MAX_HIDDEN 16384
 
 /* cpu_llvm.c ------------------------------------------------------------ */
 
@@ -88,52 +91,26 @@ struct moe_cpu_target {
 int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, enum moe_emit kind,
 		     char **out, size_t *len, char *err, size_t cap);
 
-/* cpu_llvm_research.c: the research routers, emitted into the module
- * cpu_llvm.c builds. fns[0]: moe_route_x (NULL when the description uses the
- * plain router), fns[1]: moe_jitter (NULL without jitter noise); they fill
- * the route_x and jitter entries of the moe_gen table. */
-#define MOE_RESEARCH_FNS 2
+/* The CPU router emitters beside cpu_llvm.c, each emitting into the module
+ * cpu_llvm.c builds and filling the kernels it generates (k[MOE_KERNEL_*]):
+ * cpu_llvm_research.c: moe_route_x of sparsemixer, hierarchical and learned
+ * noise, and the input jitter moe_jitter;
+ * cpu_llvm_ecsoft.c: expert choice's score router and moe_ec_select;
+ * cpu_llvm_peer.c: PEER's moe_pk_route and moe_pk_experts;
+ * cpu_llvm_soft.c: Soft MoE's six kernels. */
 struct LLVMOpaqueContext;
 struct LLVMOpaqueModule;
 struct LLVMOpaqueBuilder;
 struct LLVMOpaqueValue;
-int moe_cpu_research_route(const struct moe_desc *d);
-/* plan.c's check of the research routers for the CPU: 1 when d uses one and
- * it is generated, 0 when d uses none, -1 (errors in diag) when refused. */
-int moe_plan_research(const struct moe_desc *d, struct moe_diag *diag);
-void moe_cpu_research_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			    struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			    struct LLVMOpaqueValue *fns[MOE_RESEARCH_FNS]);
-
-/* cpu_llvm_ecsoft.c: expert choice. *route_x: its score router (moe_route_x,
- * the route_x entry); fns[0]: moe_ec_select (the ec_select entry). NULL when
- * the description does not use it. moe_plan_ecsoft: plan.c's check, as
- * moe_plan_research. */
-#define MOE_ECSOFT_FNS 1
-int moe_cpu_ecsoft_route(const struct moe_desc *d);
-int moe_plan_ecsoft(const struct moe_desc *d, struct moe_diag *diag);
-void moe_cpu_ecsoft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			  struct LLVMOpaqueValue **route_x,
-			  struct LLVMOpaqueValue *fns[MOE_ECSOFT_FNS]);
-
-/* cpu_llvm_peer.c: PEER. fns[0]: moe_pk_route, fns[1]: moe_pk_experts (the
- * pk_route and pk_experts entries; NULL unless mode product_key).
- * moe_plan_peer: plan.c's check, as moe_plan_research. */
-#define MOE_PEER_FNS 2
-int moe_plan_peer(const struct moe_desc *d, struct moe_diag *diag);
-void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			struct LLVMOpaqueValue *fns[MOE_PEER_FNS]);
-
-/* cpu_llvm_soft.c: Soft MoE. fns: moe_soft_norm, _logits, _combine,
- * _dispatch, _slot_in, _out (the soft_* entries; NULL unless mode soft).
- * moe_plan_soft: plan.c's check, as moe_plan_research. */
-#define MOE_SOFT_FNS 6
-int moe_plan_soft(const struct moe_desc *d, struct moe_diag *diag);
-void moe_cpu_soft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			struct LLVMOpaqueValue *fns[MOE_SOFT_FNS]);
+#define MOE_CPU_EMITTER_(name)                                                                     \
+	void name(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,                     \
+		  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,                           \
+		  struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
+MOE_CPU_EMITTER_(moe_cpu_research_build);
+MOE_CPU_EMITTER_(moe_cpu_jitter_build);
+MOE_CPU_EMITTER_(moe_cpu_ecsoft_build);
+MOE_CPU_EMITTER_(moe_cpu_peer_build);
+MOE_CPU_EMITTER_(moe_cpu_soft_build);
 
 /* link.c ---------------------------------------------------------------- */
 

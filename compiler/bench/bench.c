@@ -15,11 +15,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "moe.h"
 #include "moe_kernels.h" /* the product-key phases, timed alone */
-#include "pool.h"
-#include "backend.h"
 #include "moegen.h"
+#include "pool.h"
 
 #ifdef MOE_HAVE_OPENBLAS
 #include <cblas.h>
@@ -1527,15 +1527,16 @@ static void pk_task(void *ctx, size_t task, unsigned thread)
 {
 	(void)thread;
 	struct pk_phase *p = ctx;
-	const struct moe_gen *g = p->m->gen;
 	const struct moe_layer_w *lw = &p->m->layers[0];
 	int64_t t0 = (int64_t)task * PK_TASK_TOKENS, t1 = t0 + PK_TASK_TOKENS;
 	if (t1 > (int64_t)p->T)
 		t1 = (int64_t)p->T;
 	if (p->experts)
-		g->pk_experts(p->x, t0, t1, p->ids, p->wts, lw->pk_u, lw->pk_v, p->y);
+		MOE_KERNEL(p->m, PK_EXPERTS)
+		(p->x, t0, t1, p->ids, p->wts, lw->pk_u, lw->pk_v, p->y);
 	else
-		g->pk_route(p->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, p->ids, p->wts);
+		MOE_KERNEL(p->m, PK_ROUTE)
+	(p->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, p->ids, p->wts);
 }
 
 /* The forward and its two phases alone, interleaved in every repetition on

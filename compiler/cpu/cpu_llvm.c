@@ -1145,10 +1145,12 @@ static LLVMValueRef cstring(struct cg *g, const char *name, const char *s)
 	return gv;
 }
 
-static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMValueRef *efns,
-		      LLVMValueRef *pfns, LLVMValueRef *sfns)
+/* The moe_gen table (moe_kernels.h): the description, the plan's op list and
+ * the kernels, indexed by enum moe_kernel. */
+static void gen_table(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 {
 	const struct moe_desc *d = g->d;
+	const struct moe_plan *p = g->p;
 	/* The description as bytes: plain data by design (moe_desc.h). */
 	LLVMValueRef dinit = LLVMConstStringInContext2(g->ctx, (const char *)d, sizeof *d, 1);
 	LLVMValueRef dgv = LLVMAddGlobal(g->mod, LLVMTypeOf(dinit), "moe_gen_desc");
@@ -1157,9 +1159,20 @@ static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMV
 	LLVMSetLinkage(dgv, LLVMPrivateLinkage);
 	LLVMSetAlignment(dgv, 16);
 
+	uint8_t ops[MOE_MAX_OPS];
+	for (uint32_t i = 0; i < p->n_ops; i++)
+		ops[i] = (uint8_t)p->ops[i].op;
+	LLVMValueRef oinit = LLVMConstStringInContext2(g->ctx, (const char *)ops, p->n_ops, 1);
+	LLVMValueRef ogv = LLVMAddGlobal(g->mod, LLVMTypeOf(oinit), "moe_gen_ops");
+	LLVMSetInitializer(ogv, oinit);
+	LLVMSetGlobalConstant(ogv, 1);
+	LLVMSetLinkage(ogv, LLVMPrivateLinkage);
+
+	LLVMValueRef null = LLVMConstNull(g->t_ptr), kv[MOE_KERNEL_COUNT];
+	for (int i = 0; i < MOE_KERNEL_COUNT; i++)
+		kv[i] = k[i] ? k[i] : null;
 	char hash[65];
 	moe_desc_hash(d, hash);
-	LLVMValueRef null = LLVMConstNull(g->t_ptr);
 	LLVMValueRef vals[] = {
 	    ci32(g, MOE_KERNELS_ABI),
 	    ci32(g, (int32_t)sizeof *d),
@@ -1167,22 +1180,9 @@ static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMV
 	    cstring(g, "moe_gen_hash", hash),
 	    cstring(g, "moe_gen_cpu", g->cpu_name),
 	    cstring(g, "moe_gen_triple", g->triple),
-	    fns[0] ? fns[0] : null,
-	    fns[1],
-	    fns[2],
-	    fns[3] ? fns[3] : null,
-	    fns[4] ? fns[4] : null,
-	    rfns[0] ? rfns[0] : null,
-	    rfns[1] ? rfns[1] : null,
-	    efns[0] ? efns[0] : null,
-	    pfns[0] ? pfns[0] : null,
-	    pfns[1] ? pfns[1] : null,
-	    sfns[0] ? sfns[0] : null,
-	    sfns[1] ? sfns[1] : null,
-	    sfns[2] ? sfns[2] : null,
-	    sfns[3] ? sfns[3] : null,
-	    sfns[4] ? sfns[4] : null,
-	    sfns[5] ? sfns[5] : null,
+	    ci32(g, (int32_t)p->n_ops),
+	    ogv,
+	    LLVMConstArray2(g->t_ptr, kv, MOE_KERNEL_COUNT),
 	};
 	LLVMValueRef init = LLVMConstStructInContext(g->ctx, vals, sizeof vals / sizeof *vals, 0);
 	LLVMValueRef gv = LLVMAddGlobal(g->mod, LLVMTypeOf(init), "moe_gen_model");
@@ -1192,39 +1192,71 @@ static void gen_table(struct cg *g, LLVMValueRef *fns, LLVMValueRef *rfns, LLVMV
 	LLVMSetAlignment(gv, 8);
 }
 
+/* The router emitters, one per mode family (the family column of
+ * moe_modes.def). Each emits the router kernels of its plan. */
+typedef void route_emit(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT]);
+
+static void emit_topk(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT])
+{
+	if (moe_plan_has(g->p, MOE_OP_ROUTE)) {
+		gen_route(g);
+		k[MOE_KERNEL_ROUTE] = g->fn;
+	} else {
+		moe_cpu_research_build(g->ctx, g->mod, g->b, g->p, k);
+	}
+	if (moe_plan_has(g->p, MOE_OP_JITTER))
+		moe_cpu_jitter_build(g->ctx, g->mod, g->b, g->p, k);
+}
+
+static void emit_expert_choice(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT])
+{
+	if (moe_plan_has(g->p, MOE_OP_JITTER))
+		moe_cpu_jitter_build(g->ctx, g->mod, g->b, g->p, k);
+	moe_cpu_ecsoft_build(g->ctx, g->mod, g->b, g->p, k);
+}
+
+static void emit_product_key(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT])
+{
+	moe_cpu_peer_build(g->ctx, g->mod, g->b, g->p, k);
+}
+
+static void emit_soft(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT])
+{
+	moe_cpu_soft_build(g->ctx, g->mod, g->b, g->p, k);
+}
+
+#define emit_sparsemixer emit_topk
+#define emit_hierarchical emit_topk
+static route_emit *const route_emitters[MOE_MODE_COUNT] = {
+#define MOE_MODE(v, s, targets, family, pack) [MOE_MODE_##v] = emit_##family,
+#include "moe_modes.def"
+#undef MOE_MODE
+};
+
 static void build_module(struct cg *g)
 {
 	const struct moe_desc *d = g->d;
 	const struct moe_plan *p = g->p;
-	LLVMValueRef fns[5] = {0}, rfns[MOE_RESEARCH_FNS], efns[MOE_ECSOFT_FNS], ec_route;
-	LLVMValueRef pfns[MOE_PEER_FNS], sfns[MOE_SOFT_FNS];
+	LLVMValueRef k[MOE_KERNEL_COUNT] = {0};
 
-	if (!moe_cpu_research_route(d) && !moe_cpu_ecsoft_route(d) &&
-	    d->mode != MOE_MODE_PRODUCT_KEY && d->mode != MOE_MODE_SOFT) {
-		gen_route(g);
-		fns[0] = g->fn;
+	route_emitters[d->mode](g, k);
+	if (moe_plan_has(p, MOE_OP_EXPERT_UP)) {
+		struct ffn routed = {
+		    .geom = &p->routed,
+		    .act = d->act,
+		    .alpha = d->act_alpha,
+		    .limit = d->act_limit,
+		    .bias = d->expert_bias,
+		    .scale_in = d->apply_to == MOE_APPLY_INPUT,
+		    .scale_out = d->apply_to == MOE_APPLY_OUTPUT,
+		    .down_bias_w = d->apply_to == MOE_APPLY_OUTPUT,
+		};
+		gen_up(g, "moe_up", &routed);
+		k[MOE_KERNEL_UP] = g->fn;
+		gen_down(g, "moe_down", &routed);
+		k[MOE_KERNEL_DOWN] = g->fn;
 	}
-	moe_cpu_research_build(g->ctx, g->mod, g->b, p, rfns);
-	moe_cpu_ecsoft_build(g->ctx, g->mod, g->b, p, &ec_route, efns);
-	if (ec_route)
-		rfns[0] = ec_route;
-	moe_cpu_peer_build(g->ctx, g->mod, g->b, p, pfns);
-	moe_cpu_soft_build(g->ctx, g->mod, g->b, p, sfns);
-	struct ffn routed = {
-	    .geom = &p->routed,
-	    .act = d->act,
-	    .alpha = d->act_alpha,
-	    .limit = d->act_limit,
-	    .bias = d->expert_bias,
-	    .scale_in = d->apply_to == MOE_APPLY_INPUT,
-	    .scale_out = d->apply_to == MOE_APPLY_OUTPUT,
-	    .down_bias_w = d->apply_to == MOE_APPLY_OUTPUT,
-	};
-	gen_up(g, "moe_up", &routed);
-	fns[1] = g->fn;
-	gen_down(g, "moe_down", &routed);
-	fns[2] = g->fn;
-	if (p->shared.width) {
+	if (moe_plan_has(p, MOE_OP_SHARED_UP)) {
 		struct ffn shared = {
 		    .geom = &p->shared,
 		    .act = d->shared_act,
@@ -1233,11 +1265,11 @@ static void build_module(struct cg *g)
 		    .scale_out = d->shared_gate == MOE_SHARED_GATE_SIGMOID,
 		};
 		gen_up(g, "moe_shared_up", &shared);
-		fns[3] = g->fn;
+		k[MOE_KERNEL_SHARED_UP] = g->fn;
 		gen_down(g, "moe_shared_down", &shared);
-		fns[4] = g->fn;
+		k[MOE_KERNEL_SHARED_DOWN] = g->fn;
 	}
-	gen_table(g, fns, rfns, efns, pfns, sfns);
+	gen_table(g, k);
 }
 
 /* Target machine and emission -------------------------------------------- */

@@ -158,52 +158,14 @@ static void gen_ec_select(struct moe_ll *g)
 
 /* Entry points ------------------------------------------------------------------- */
 
-int moe_plan_ecsoft(const struct moe_desc *d, struct moe_diag *diag)
-{
-	if (d->mode != MOE_MODE_EXPERT_CHOICE)
-		return 0;
-	int bad = 0;
-	if (!(d->ec_capacity_factor > 0.0f) || !isfinite(d->ec_capacity_factor)) {
-		moe_diag_error(diag, "invalid expert_choice capacity_factor %g",
-			       (double)d->ec_capacity_factor);
-		bad = 1;
-	}
-	if (d->n_experts > INT32_MAX) {
-		moe_diag_error(diag, "expert_choice with %u experts is too large", d->n_experts);
-		bad = 1;
-	}
-	if (d->capacity != MOE_CAPACITY_NONE) {
-		moe_diag_error(diag, "router.capacity with mode expert_choice is not generated for "
-				     "target cpu");
-		bad = 1;
-	}
-	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN) {
-		moe_diag_error(diag, "learned_gaussian noise with mode expert_choice is not "
-				     "generated for target cpu yet");
-		bad = 1;
-	}
-	return bad ? -1 : 1;
-}
-
-int moe_cpu_ecsoft_route(const struct moe_desc *d)
-{
-	return d->mode == MOE_MODE_EXPERT_CHOICE;
-}
-
 void moe_cpu_ecsoft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
 			  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			  struct LLVMOpaqueValue **route_x,
-			  struct LLVMOpaqueValue *fns[MOE_ECSOFT_FNS])
+			  struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
 {
 	struct moe_ll g;
 	moe_ll_init(&g, ctx, mod, b, p->desc);
-	*route_x = NULL;
-	for (int i = 0; i < MOE_ECSOFT_FNS; i++)
-		fns[i] = NULL;
-	if (g.d->mode == MOE_MODE_EXPERT_CHOICE) {
-		gen_ec_route(&g);
-		*route_x = g.fn;
-		gen_ec_select(&g);
-		fns[0] = g.fn;
-	}
+	gen_ec_route(&g);
+	k[MOE_KERNEL_ROUTE_X] = g.fn;
+	gen_ec_select(&g);
+	k[MOE_KERNEL_EC_SELECT] = g.fn;
 }

@@ -11,10 +11,6 @@
 #include <string.h>
 
 #define PK_TB 4 /* tokens per query-projection pass: one panel load feeds four */
-#define PK_MAX_TOP_K 64
-#define PK_MAX_SUB_KEYS 8192
-#define PK_MAX_QUERY 4096
-#define PK_MAX_HIDDEN 16384
 
 static LLVMValueRef ldi(struct moe_ll *g, LLVMValueRef p, LLVMValueRef i)
 {
@@ -473,64 +469,14 @@ static void gen_pk_experts(struct moe_ll *g)
 	moe_ll_fn_end(g);
 }
 
-int moe_plan_peer(const struct moe_desc *d, struct moe_diag *diag)
-{
-	if (d->mode != MOE_MODE_PRODUCT_KEY)
-		return 0;
-	int bad = 0;
-	uint32_t R = d->pk_sub_keys, k = d->pk_top_k, dq = d->pk_query_dim;
-	uint64_t Q = (uint64_t)d->pk_heads * dq;
-	if (d->kind != MOE_KIND_SINGLE_NEURON || R == 0 || d->pk_heads == 0 || dq < 2 || dq % 2 ||
-	    k == 0 || k > R || (uint64_t)R * R != d->n_experts ||
-	    (d->pk_score != MOE_SCORE_SOFTMAX && d->pk_score != MOE_SCORE_SIGMOID) ||
-	    d->hidden == 0) {
-		moe_diag_error(diag,
-			       "invalid product_key (kind %s, sub_keys %u, heads %u, top_k %u, "
-			       "query_dim %u, %u experts)",
-			       moe_kind_names[d->kind], R, d->pk_heads, k, dq, d->n_experts);
-		return -1;
-	}
-	if (k > PK_MAX_TOP_K || R > PK_MAX_SUB_KEYS || Q > PK_MAX_QUERY ||
-	    d->hidden > PK_MAX_HIDDEN) {
-		moe_diag_error(diag,
-			       "product_key with top_k > %d, sub_keys > %d, heads * query_dim > "
-			       "%d or hidden > %d is not generated for target cpu yet",
-			       PK_MAX_TOP_K, PK_MAX_SUB_KEYS, PK_MAX_QUERY, PK_MAX_HIDDEN);
-		bad = 1;
-	}
-	if (d->weight_dtype != MOE_DTYPE_F32 && d->weight_dtype != MOE_DTYPE_BF16) {
-		moe_diag_error(diag,
-			       "product_key with %s weights is not generated for target cpu yet",
-			       moe_dtype_names[d->weight_dtype]);
-		bad = 1;
-	}
-	if (d->act != MOE_ACT_RELU && d->act != MOE_ACT_SILU && d->act != MOE_ACT_GELU &&
-	    d->act != MOE_ACT_GELU_TANH) {
-		moe_diag_error(diag,
-			       "product_key with activation %s is not generated for target cpu",
-			       moe_act_names[d->act]);
-		bad = 1;
-	}
-	if (d->shared_count || d->output_bias || d->capacity != MOE_CAPACITY_NONE ||
-	    d->noise != MOE_NOISE_NONE) {
-		moe_diag_error(diag, "product_key with shared experts, an output bias, capacity or "
-				     "noise is not generated for target cpu yet");
-		bad = 1;
-	}
-	return bad ? -1 : 1;
-}
-
 void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
 			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			struct LLVMOpaqueValue *fns[MOE_PEER_FNS])
+			struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
 {
 	struct moe_ll g;
 	moe_ll_init(&g, ctx, mod, b, p->desc);
-	fns[0] = fns[1] = NULL;
-	if (g.d->mode != MOE_MODE_PRODUCT_KEY)
-		return;
 	gen_pk_route(&g);
-	fns[0] = g.fn;
+	k[MOE_KERNEL_PK_ROUTE] = g.fn;
 	gen_pk_experts(&g);
-	fns[1] = g.fn;
+	k[MOE_KERNEL_PK_EXPERTS] = g.fn;
 }

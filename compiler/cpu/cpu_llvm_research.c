@@ -444,76 +444,22 @@ static void gen_jitter(struct moe_ll *g)
 	moe_ll_fn_end(g);
 }
 
-int moe_plan_research(const struct moe_desc *d, struct moe_diag *diag)
-{
-	int mode = d->mode;
-	int noisy_tc = mode == MOE_MODE_TOKEN_CHOICE && d->noise != MOE_NOISE_NONE;
-	if (mode != MOE_MODE_SPARSEMIXER && mode != MOE_MODE_HIERARCHICAL && !noisy_tc)
-		return 0;
-	int bad = 0;
-	uint32_t E = d->n_experts;
-	if (mode == MOE_MODE_SPARSEMIXER &&
-	    (d->top_k != 2 || E < 2 || !(d->sparsemixer_eps >= 0.0f) ||
-	     !isfinite(d->sparsemixer_eps))) {
-		moe_diag_error(diag, "invalid sparsemixer (top_k %u, %u experts, eps %g)", d->top_k,
-			       E, (double)d->sparsemixer_eps);
-		bad = 1;
-	}
-	if (mode == MOE_MODE_HIERARCHICAL) {
-		uint32_t G = d->levels[0].groups, k1 = d->levels[0].top_k, k2 = d->levels[1].top_k;
-		if (d->n_levels != 2 || G == 0 || E % G || k1 == 0 || k1 > G || k2 == 0 ||
-		    k2 > E / G || d->top_k != k1 * k2) {
-			moe_diag_error(diag,
-				       "invalid hierarchical levels (%u groups, top_k %u and %u) "
-				       "for %u experts",
-				       G, k1, k2, E);
-			bad = 1;
-		}
-	}
-	if (mode != MOE_MODE_TOKEN_CHOICE && d->capacity != MOE_CAPACITY_NONE) {
-		moe_diag_error(diag, "router.capacity with mode %s is not generated for target cpu",
-			       moe_mode_names[mode]);
-		bad = 1;
-	}
-	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN && mode == MOE_MODE_TOKEN_CHOICE) {
-		if (d->n_groups > 1) {
-			moe_diag_error(diag, "router.groups with learned_gaussian noise is not "
-					     "generated for target cpu yet");
-			bad = 1;
-		}
-		if (d->capacity != MOE_CAPACITY_NONE && d->capacity_norm_after_drop) {
-			moe_diag_error(diag, "capacity normalize_after_drop with learned_gaussian "
-					     "noise is not generated for target cpu yet");
-			bad = 1;
-		}
-	}
-	if (d->noise == MOE_NOISE_JITTER && !(isfinite(d->jitter_eps) && d->jitter_eps >= 0.0f)) {
-		moe_diag_error(diag, "invalid jitter eps %g", (double)d->jitter_eps);
-		bad = 1;
-	}
-	return bad ? -1 : 1;
-}
-
-int moe_cpu_research_route(const struct moe_desc *d)
-{
-	return d->mode == MOE_MODE_SPARSEMIXER || d->mode == MOE_MODE_HIERARCHICAL ||
-	       (d->mode == MOE_MODE_TOKEN_CHOICE && d->noise == MOE_NOISE_LEARNED_GAUSSIAN);
-}
-
 void moe_cpu_research_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
 			    struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			    struct LLVMOpaqueValue *fns[MOE_RESEARCH_FNS])
+			    struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
 {
 	struct moe_ll g;
 	moe_ll_init(&g, ctx, mod, b, p->desc);
-	for (int i = 0; i < MOE_RESEARCH_FNS; i++)
-		fns[i] = NULL;
-	if (moe_cpu_research_route(g.d)) {
-		gen_route_x(&g);
-		fns[0] = g.fn;
-	}
-	if (g.d->noise == MOE_NOISE_JITTER) {
-		gen_jitter(&g);
-		fns[1] = g.fn;
-	}
+	gen_route_x(&g);
+	k[MOE_KERNEL_ROUTE_X] = g.fn;
+}
+
+void moe_cpu_jitter_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
+			  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
+			  struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
+{
+	struct moe_ll g;
+	moe_ll_init(&g, ctx, mod, b, p->desc);
+	gen_jitter(&g);
+	k[MOE_KERNEL_JITTER] = g.fn;
 }

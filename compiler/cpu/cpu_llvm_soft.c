@@ -264,54 +264,22 @@ static void gen_out(struct moe_ll *g)
 
 /* Entry points ------------------------------------------------------------------- */
 
-int moe_plan_soft(const struct moe_desc *d, struct moe_diag *diag)
-{
-	if (d->mode != MOE_MODE_SOFT)
-		return 0;
-	int bad = 0;
-	uint64_t S = (uint64_t)d->n_experts * d->soft_slots_per_expert;
-	if (d->soft_slots_per_expert == 0 || S > (1u << 20)) {
-		moe_diag_error(diag, "invalid soft slots_per_expert %u for %u experts",
-			       d->soft_slots_per_expert, d->n_experts);
-		bad = 1;
-	}
-	if (d->hidden > (1u << 20)) {
-		moe_diag_error(diag, "soft with hidden %u is not generated for target cpu",
-			       d->hidden);
-		bad = 1;
-	}
-	if (d->capacity != MOE_CAPACITY_NONE) {
-		moe_diag_error(diag,
-			       "router.capacity with mode soft is not generated for target cpu");
-		bad = 1;
-	}
-	if (d->noise != MOE_NOISE_NONE) {
-		moe_diag_error(diag, "router.noise with mode soft is not generated for target cpu "
-				     "yet");
-		bad = 1;
-	}
-	if (d->shared_count && d->shared_gate == MOE_SHARED_GATE_SIGMOID) {
-		moe_diag_error(diag, "shared_experts.gate sigmoid with mode soft is not generated "
-				     "for target cpu yet");
-		bad = 1;
-	}
-	return bad ? -1 : 1;
-}
-
 void moe_cpu_soft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
 			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			struct LLVMOpaqueValue *fns[MOE_SOFT_FNS])
+			struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
 {
+	static const struct {
+		enum moe_kernel k;
+		void (*gen)(struct moe_ll *);
+	} fns[] = {
+	    {MOE_KERNEL_SOFT_NORM, gen_norm},       {MOE_KERNEL_SOFT_LOGITS, gen_logits},
+	    {MOE_KERNEL_SOFT_COMBINE, gen_combine}, {MOE_KERNEL_SOFT_DISPATCH, gen_dispatch},
+	    {MOE_KERNEL_SOFT_SLOT_IN, gen_slot_in}, {MOE_KERNEL_SOFT_OUT, gen_out},
+	};
 	struct moe_ll g;
 	moe_ll_init(&g, ctx, mod, b, p->desc);
-	for (int i = 0; i < MOE_SOFT_FNS; i++)
-		fns[i] = NULL;
-	if (g.d->mode != MOE_MODE_SOFT)
-		return;
-	void (*gen[MOE_SOFT_FNS])(struct moe_ll *) = {gen_norm,     gen_logits,  gen_combine,
-						      gen_dispatch, gen_slot_in, gen_out};
-	for (int i = 0; i < MOE_SOFT_FNS; i++) {
-		gen[i](&g);
-		fns[i] = g.fn;
+	for (size_t i = 0; i < sizeof fns / sizeof *fns; i++) {
+		fns[i].gen(&g);
+		k[fns[i].k] = g.fn;
 	}
 }

@@ -1,6 +1,7 @@
 /* desc.c: name tables, derived sizes and the text dump of struct moe_desc.
  * Linked into both moegen and every model.so. */
 #include "moe_desc.h"
+#include "moe_ops.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -8,7 +9,11 @@
 
 #define NAME_(v, s) s,
 const char *const moe_dtype_names[] = {MOE_DTYPES(NAME_)};
-const char *const moe_mode_names[] = {MOE_MODES(NAME_)};
+const char *const moe_mode_names[] = {
+#define MOE_MODE(v, s, targets, family, pack) s,
+#include "moe_modes.def"
+#undef MOE_MODE
+};
 const char *const moe_score_names[] = {MOE_SCORES(NAME_)};
 const char *const moe_norm_names[] = {MOE_NORMS(NAME_)};
 const char *const moe_group_score_names[] = {MOE_GROUP_SCORES(NAME_)};
@@ -25,7 +30,17 @@ const char *const moe_fuse_names[] = {MOE_FUSES(NAME_)};
 const char *const moe_orient_names[] = {MOE_ORIENTS(NAME_)};
 const char *const moe_quant_names[] = {MOE_QUANTS(NAME_)};
 const char *const moe_role_names[] = {MOE_ROLES(NAME_)};
+/* moe_ops.h */
+#define OP_NAME_(v, s, shape) s,
+#define OP_SHAPE_(v, s, shape) MOE_SHAPE_##shape,
+const char *const moe_op_names[] = {MOE_OPS(OP_NAME_)};
+const enum moe_shape moe_op_shapes[] = {MOE_OPS(OP_SHAPE_)};
+const char *const moe_shape_names[] = {MOE_SHAPES(NAME_)};
+_Static_assert(sizeof moe_op_names / sizeof *moe_op_names == MOE_OP_COUNT, "op table");
+_Static_assert(sizeof moe_shape_names / sizeof *moe_shape_names == MOE_SHAPE_COUNT, "shapes");
 #undef NAME_
+#undef OP_NAME_
+#undef OP_SHAPE_
 
 _Static_assert(sizeof moe_mode_names / sizeof *moe_mode_names == MOE_MODE_COUNT, "mode table");
 _Static_assert(sizeof moe_role_names / sizeof *moe_role_names == MOE_ROLE_COUNT, "role table");

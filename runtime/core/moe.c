@@ -591,7 +591,8 @@ MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x,
 		return cst;
 	}
 	if (opts && opts->training && d->noise != MOE_NOISE_NONE &&
-	    !(d->noise == MOE_NOISE_JITTER ? m->gen->jitter != NULL : m->gen->route_x != NULL)) {
+	    !moe_gen_has_op(m->gen,
+			    d->noise == MOE_NOISE_JITTER ? MOE_OP_JITTER : MOE_OP_ROUTE_X)) {
 		moe_set_error("moe_forward: training-mode noise (%s) is not generated for target "
 			      "cpu yet",
 			      moe_noise_names[d->noise]);
@@ -646,7 +647,7 @@ MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x,
 			st = MOE_ERR_NOMEM;
 			goto conv_out;
 		}
-		st = moe_exec_research(m, &m->layers[li], xf, yf, n_tokens, routing, opts);
+		st = moe_exec_forward(m, &m->layers[li], xf, yf, n_tokens, routing, opts);
 		if (st == MOE_OK) {
 			uint16_t *yb = y;
 			for (size_t i = 0; i < n_tokens * H; i++)
@@ -654,7 +655,7 @@ MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x,
 		}
 		free(yf);
 	} else {
-		st = moe_exec_research(m, &m->layers[li], xf, y, n_tokens, routing, opts);
+		st = moe_exec_forward(m, &m->layers[li], xf, y, n_tokens, routing, opts);
 	}
 conv_out:
 	if (bf16)

@@ -15,14 +15,6 @@
 
 /* Each enum is an X-macro list: value, spec spelling. */
 #define MOE_DTYPES(X) X(F32, "f32") X(BF16, "bf16") X(F16, "f16")
-#define MOE_MODES(X)                                                                               \
-	X(TOKEN_CHOICE, "token_choice")                                                            \
-	X(DENSE, "dense")                                                                          \
-	X(EXPERT_CHOICE, "expert_choice")                                                          \
-	X(SOFT, "soft")                                                                            \
-	X(HIERARCHICAL, "hierarchical")                                                            \
-	X(PRODUCT_KEY, "product_key")                                                              \
-	X(SPARSEMIXER, "sparsemixer")
 #define MOE_SCORES(X) X(SOFTMAX, "softmax") X(SIGMOID, "sigmoid") X(SQRTSOFTPLUS, "sqrtsoftplus")
 #define MOE_NORMS(X) X(NONE, "none") X(SUM, "sum") X(LP, "lp")
 #define MOE_GROUP_SCORES(X) X(MAX, "max") X(SUM_TOP2, "sum_top2")
@@ -49,7 +41,6 @@
 #define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
 
 #define MOE_ENUM_X_MOE_DTYPE_(v, s) MOE_DTYPE_##v,
-#define MOE_ENUM_X_MOE_MODE_(v, s) MOE_MODE_##v,
 #define MOE_ENUM_X_MOE_SCORE_(v, s) MOE_SCORE_##v,
 #define MOE_ENUM_X_MOE_NORM_(v, s) MOE_NORM_##v,
 #define MOE_ENUM_X_MOE_GROUP_SCORE_(v, s) MOE_GROUP_SCORE_##v,
@@ -67,7 +58,13 @@
 #define MOE_ENUM_X_MOE_QUANT_(v, s) MOE_QUANT_##v,
 
 MOE_DEFINE_ENUM(moe_dtype, MOE_DTYPE_, MOE_DTYPES);
-MOE_DEFINE_ENUM(moe_mode, MOE_MODE_, MOE_MODES);
+/* The router modes are the rows of moe_modes.def. */
+enum moe_mode {
+#define MOE_MODE(v, s, targets, family, pack) MOE_MODE_##v,
+#include "moe_modes.def"
+#undef MOE_MODE
+	MOE_MODE_COUNT
+};
 MOE_DEFINE_ENUM(moe_score, MOE_SCORE_, MOE_SCORES);
 MOE_DEFINE_ENUM(moe_norm, MOE_NORM_, MOE_NORMS);
 MOE_DEFINE_ENUM(moe_group_score, MOE_GROUP_SCORE_, MOE_GROUP_SCORES);

@@ -8,8 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PEER_TOKENS_PER_TASK 8
-
 static void *zalloc(size_t bytes)
 {
 	size_t n = (bytes + 63) / 64 * 64;
@@ -60,60 +58,44 @@ nomem:
 	return MOE_ERR_NOMEM;
 }
 
-struct peer_run {
-	const struct moe_model *m;
-	const struct moe_layer_w *lw;
-	const float *x;
-	float *y;
-	size_t T;
-	int32_t *ids;
-	float *wts;
-};
-
-static void peer_task(void *ctx, size_t task, unsigned thread)
+/* Retrieval then the neuron gathers of a token block: consecutive TOKENS
+ * ops, so one task runs both while the block's routing is still in cache. */
+void moe_run_pk_route(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
 {
 	(void)thread;
-	struct peer_run *r = ctx;
-	const struct moe_gen *g = r->m->gen;
-	const struct moe_layer_w *lw = r->lw;
-	int64_t t0 = (int64_t)task * PEER_TOKENS_PER_TASK, t1 = t0 + PEER_TOKENS_PER_TASK;
-	if (t1 > (int64_t)r->T)
-		t1 = (int64_t)r->T;
-	g->pk_route(r->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, r->ids, r->wts);
-	g->pk_experts(r->x, t0, t1, r->ids, r->wts, lw->pk_u, lw->pk_v, r->y);
+	const struct moe_layer_w *lw = x->lw;
+	MOE_KERNEL(x->m, PK_ROUTE)
+	(x->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, x->m->ws.ids, x->m->ws.wts);
 }
 
-enum moe_status moe_exec_peer(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-			      float *y, size_t T, struct moe_routing *rt)
+void moe_run_pk_experts(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
 {
-	const struct moe_desc *d = m->d;
-	size_t W = moe_desc_route_width(d), E = d->n_experts;
-	int32_t *ids = malloc(T * W * sizeof *ids);
-	float *wts = malloc(T * W * sizeof *wts);
-	if (!ids || !wts) {
-		free(ids), free(wts);
-		moe_set_error("moe_forward: out of memory");
-		return MOE_ERR_NOMEM;
+	(void)thread;
+	MOE_KERNEL(x->m, PK_EXPERTS)
+	(x->x, t0, t1, x->m->ws.ids, x->m->ws.wts, x->lw->pk_u, x->lw->pk_v, x->y);
+}
+
+/* PEER has no router distribution over its N experts: no importance or
+ * losses, as in the reference. */
+enum moe_status moe_begin_pk_stats(struct moe_exec *x)
+{
+	struct moe_routing *rt = x->rt;
+	if (!rt)
+		return MOE_OK;
+	size_t T = x->T, W = moe_desc_route_width(x->d), E = x->d->n_experts;
+	const int32_t *ids = x->m->ws.ids;
+	if (rt->expert_ids)
+		memcpy(rt->expert_ids, ids, T * W * sizeof *ids);
+	if (rt->weights)
+		memcpy(rt->weights, x->m->ws.wts, T * W * sizeof(float));
+	if (rt->counts) {
+		memset(rt->counts, 0, E * sizeof *rt->counts);
+		for (size_t s = 0; s < T * W; s++)
+			rt->counts[ids[s]]++;
 	}
-	struct peer_run r = {.m = m, .lw = lw, .x = x, .y = y, .T = T, .ids = ids, .wts = wts};
-	moe_pool_run(m->pool, (T + PEER_TOKENS_PER_TASK - 1) / PEER_TOKENS_PER_TASK, peer_task, &r);
-	if (rt) {
-		/* PEER has no router distribution over its N experts: no importance or
-		 * losses, as in the reference */
-		if (rt->expert_ids)
-			memcpy(rt->expert_ids, ids, T * W * sizeof *ids);
-		if (rt->weights)
-			memcpy(rt->weights, wts, T * W * sizeof *wts);
-		if (rt->counts) {
-			memset(rt->counts, 0, E * sizeof *rt->counts);
-			for (size_t s = 0; s < T * W; s++)
-				rt->counts[ids[s]]++;
-		}
-		if (rt->importance)
-			memset(rt->importance, 0, E * sizeof *rt->importance);
-		rt->importance_cv2 = rt->lb_loss = rt->z_loss = 0.0f;
-		rt->n_dropped = 0;
-	}
-	free(ids), free(wts);
+	if (rt->importance)
+		memset(rt->importance, 0, E * sizeof *rt->importance);
+	rt->importance_cv2 = rt->lb_loss = rt->z_loss = 0.0f;
+	rt->n_dropped = 0;
 	return MOE_OK;
 }

@@ -8,8 +8,9 @@
 #include <stdint.h>
 
 #include "moe_desc.h"
+#include "moe_ops.h"
 
-#define MOE_KERNELS_ABI 4
+#define MOE_KERNELS_ABI 5
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -151,33 +152,65 @@ static inline uint32_t moe_pk_key_blocks(uint32_t R)
 	return u ? (b + u - 1) / u * u : 0;
 }
 
-/* What the generated object exports (hidden inside model.so). */
+/* The generated kernels: value, field type. Every kernel is one function of
+ * the object; which ones exist follows from the plan's ops. */
+#define MOE_KERNELS(X)                                                                             \
+	X(ROUTE, moe_route_fn)                                                                     \
+	X(ROUTE_X, moe_route_x_fn)                                                                 \
+	X(JITTER, moe_jitter_fn)                                                                   \
+	X(UP, moe_up_fn)                                                                           \
+	X(DOWN, moe_down_fn)                                                                       \
+	X(SHARED_UP, moe_up_fn)                                                                    \
+	X(SHARED_DOWN, moe_down_fn)                                                                \
+	X(EC_SELECT, moe_ec_select_fn)                                                             \
+	X(PK_ROUTE, moe_pk_route_fn)                                                               \
+	X(PK_EXPERTS, moe_pk_experts_fn)                                                           \
+	X(SOFT_NORM, moe_soft_norm_fn)                                                             \
+	X(SOFT_LOGITS, moe_soft_logits_fn)                                                         \
+	X(SOFT_COMBINE, moe_soft_combine_fn)                                                       \
+	X(SOFT_DISPATCH, moe_soft_dispatch_fn)                                                     \
+	X(SOFT_SLOT_IN, moe_soft_slot_in_fn)                                                       \
+	X(SOFT_OUT, moe_soft_out_fn)
+
+#define MOE_ENUM_X_MOE_KERNEL_(v, type) MOE_KERNEL_##v,
+MOE_DEFINE_ENUM(moe_kernel, MOE_KERNEL_, MOE_KERNELS);
+
+typedef void moe_kernel_fn(void);
+
+/* What the generated object exports (hidden inside model.so): the
+ * description, the plan's op list (enum moe_op values, in order) and the
+ * kernels, indexed by enum moe_kernel (NULL where the plan needs none). */
 struct moe_gen {
 	uint32_t abi; /* MOE_KERNELS_ABI */
 	uint32_t desc_bytes;
 	const struct moe_desc *desc;
-	const char *spec_hash; /* hex SHA-256 of moe_desc_dump */
+	const char *spec_hash; /* hex hash of moe_desc_dump */
 	const char *cpu;       /* CPU name the code was generated for */
 	const char *triple;
-	moe_route_fn *route;
-	moe_up_fn *up;
-	moe_down_fn *down;
-	moe_up_fn *shared_up;     /* NULL without shared experts */
-	moe_down_fn *shared_down; /* NULL without shared experts */
-	moe_route_x_fn *route_x;  /* research routers; when set, used instead of route */
-	moe_jitter_fn *jitter;    /* noise jitter */
-	/* expert choice: per-expert top-C */
-	moe_ec_select_fn *ec_select;
-	moe_pk_route_fn *pk_route;     /* PEER: when set, the layer runs moe_exec_peer */
-	moe_pk_experts_fn *pk_experts; /* PEER single-neuron experts */
-	/* Soft MoE: when soft_logits is set, the layer runs moe_exec_soft */
-	moe_soft_norm_fn *soft_norm;
-	moe_soft_logits_fn *soft_logits;
-	moe_soft_combine_fn *soft_combine;
-	moe_soft_dispatch_fn *soft_dispatch;
-	moe_soft_slot_in_fn *soft_slot_in;
-	moe_soft_out_fn *soft_out;
+	uint32_t n_ops;
+	const uint8_t *ops;
+	moe_kernel_fn *kernels[MOE_KERNEL_COUNT];
 };
+
+/* The kernel K of a model, as its own type: MOE_KERNEL(m, UP)(x, ...). */
+#define MOE_KERNEL_TYPE_(K) MOE_KERNEL_TYPE_##K
+#define MOE_KERNEL(m, K) ((MOE_KERNEL_TYPE_##K *)(m)->gen->kernels[MOE_KERNEL_##K])
+#define MOE_KERNEL_TYPE_ROUTE moe_route_fn
+#define MOE_KERNEL_TYPE_ROUTE_X moe_route_x_fn
+#define MOE_KERNEL_TYPE_JITTER moe_jitter_fn
+#define MOE_KERNEL_TYPE_UP moe_up_fn
+#define MOE_KERNEL_TYPE_DOWN moe_down_fn
+#define MOE_KERNEL_TYPE_SHARED_UP moe_up_fn
+#define MOE_KERNEL_TYPE_SHARED_DOWN moe_down_fn
+#define MOE_KERNEL_TYPE_EC_SELECT moe_ec_select_fn
+#define MOE_KERNEL_TYPE_PK_ROUTE moe_pk_route_fn
+#define MOE_KERNEL_TYPE_PK_EXPERTS moe_pk_experts_fn
+#define MOE_KERNEL_TYPE_SOFT_NORM moe_soft_norm_fn
+#define MOE_KERNEL_TYPE_SOFT_LOGITS moe_soft_logits_fn
+#define MOE_KERNEL_TYPE_SOFT_COMBINE moe_soft_combine_fn
+#define MOE_KERNEL_TYPE_SOFT_DISPATCH moe_soft_dispatch_fn
+#define MOE_KERNEL_TYPE_SOFT_SLOT_IN moe_soft_slot_in_fn
+#define MOE_KERNEL_TYPE_SOFT_OUT moe_soft_out_fn
 
 /* weak: a model.so built for cuda only has no CPU kernels */
 extern const struct moe_gen moe_gen_model __attribute__((weak));
@@ -211,7 +244,7 @@ struct moe_layer_w {
 /* Per-call scratch, grown on demand. */
 struct moe_ws {
 	size_t cap_tokens;
-	float *logits, *wts, *sgate, *prio, *row_w, *h, *hs, *x32, *y32;
+	float *logits, *wts, *sgate, *prio, *row_w, *h, *hs;
 	int32_t *ids, *rows; /* rows: T * W routed rows, then T shared */
 	int64_t *counts, *offsets;
 	uint8_t *kept;
@@ -230,7 +263,6 @@ struct moe_model {
 	atomic_int busy;
 	struct moe_cuda *cuda; /* device state when created for MOE_DEVICE_CUDA */
 	struct moe_ws ws;
-	struct moe_fwd_opts fwd; /* the current forward's options (noise draws) */
 };
 
 /* pack.c: canonical f32 weights of one layer -> the kernels' layout. Frees
@@ -240,28 +272,96 @@ enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_w
 void moe_layer_w_free(struct moe_layer_w *lw);
 size_t moe_dtype_size(enum moe_dtype t);
 
-/* exec_cpu.c: one forward on f32 activations (checked by the caller). */
-enum moe_status moe_exec_cpu(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-			     float *y, size_t T, struct moe_routing *rt);
+/* exec.c: the executor. One forward walks m->gen->ops; each op is a row of
+ * moe_op_execs. begin runs serially before the op's dispatch (SERIAL ops: it
+ * is the op); run does one block: tokens, slots or experts [a, b), output
+ * panels [a, b) for COLUMNS, or tile a for TILES. */
+struct moe_tile {
+	uint8_t op; /* the TILES op it belongs to */
+	int32_t e;  /* expert (-1: the shared FFN) */
+	uint32_t p0, p1;
+	int64_t r0, r1;
+};
+
+/* The rows the routed FFN runs over: gathered token rows (token choice) or
+ * the Soft MoE slots. */
+struct moe_ffn_rows {
+	const float *in; /* [*, H] rows gathered through rows[] */
+	float *out;      /* [out_rows, H] the down tiles' output, zeroed first */
+	size_t out_rows;
+	const int32_t *rows;
+	const float *row_w;
+	const int64_t *counts, *offsets; /* per expert */
+	float *h;                        /* [rows, ld_h] */
+};
+
+struct moe_exec {
+	struct moe_model *m;
+	const struct moe_layer_w *lw;
+	const struct moe_desc *d;
+	const float *x;    /* the layer input as the ops see it (jittered in training) */
+	const float *x_in; /* the caller's input */
+	float *y;
+	size_t T;
+	struct moe_routing *rt;
+	struct moe_fwd_opts fwd;
+	struct moe_ffn_rows ffn;
+	int32_t *srows; /* the shared FFN's rows: 0..T-1 */
+	int kept_set;   /* the capacity op marked ws.kept */
+	int64_t n_dropped;
+	int64_t *pass_t; /* passthrough: token and weight of each dropped slot */
+	float *pass_w;
+	size_t n_pass;
+	float *xj;
+	int64_t ec_C, *ec_pick;
+	size_t n_slots;         /* Soft MoE: S */
+	struct moe_soft *soft;  /* exec_soft.c */
+	struct moe_tile *tiles; /* the current TILES dispatch */
+	size_t n_tiles, cap_tiles;
+	void *scratch[16]; /* freed after the forward */
+	size_t n_scratch;
+};
+
+struct moe_op_exec {
+	uint32_t block; /* TOKENS, SLOTS, EXPERTS: items per task */
+	enum moe_status (*begin)(struct moe_exec *x);
+	void (*run)(struct moe_exec *x, int64_t a, int64_t b, unsigned thread);
+};
+extern const struct moe_op_exec moe_op_execs[MOE_OP_COUNT];
+
+/* One forward on f32 activations (checked by the caller). */
+enum moe_status moe_exec_forward(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+				 float *y, size_t T, struct moe_routing *rt,
+				 const struct moe_fwd_opts *opts);
 void moe_ws_free(struct moe_ws *ws);
-/* exec_research.c: training-mode jitter, then moe_exec_cpu with the options
- * the research routers draw their noise from. */
-enum moe_status moe_exec_research(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-				  float *y, size_t T, struct moe_routing *rt,
-				  const struct moe_fwd_opts *opts);
-/* exec_ecsoft.c: expert choice's selection over the T routed tokens (after
- * route_x): ids, weights and the kept mask of the workspace. 0 or -1 (memory). */
-int moe_exec_ec_select(struct moe_model *m, size_t T);
-/* exec_peer.c: a PEER layer's forward, and its packing (pack.c hands it the
- * canonical weights; f32 neuron tables are moved out of w, not copied). */
-enum moe_status moe_exec_peer(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-			      float *y, size_t T, struct moe_routing *rt);
+int moe_gen_has_op(const struct moe_gen *g, enum moe_op op);
+/* 64-byte aligned scratch freed after the forward; NULL when out of memory. */
+void *moe_exec_alloc(struct moe_exec *x, size_t bytes);
+/* The load-balancing statistics from per-expert importance and load. */
+void moe_routing_losses(const struct moe_desc *d, const double *imp, const double *load, size_t T,
+			double zsum, struct moe_routing *rt);
+
+/* exec_peer.c: PEER's ops, and its packing (f32 neuron tables are moved out
+ * of w, not copied). */
+#define MOE_PEER_TOKENS_PER_TASK 8
+void moe_run_pk_route(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
+void moe_run_pk_experts(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
+enum moe_status moe_begin_pk_stats(struct moe_exec *x);
 enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights *w,
 			      struct moe_layer_w *out);
-/* exec_soft.c: a Soft MoE layer's forward, and the packing of its slot
- * parameters (normalized by the generated moe_soft_norm). */
-enum moe_status moe_exec_soft(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-			      float *y, size_t T, struct moe_routing *rt);
+
+/* exec_soft.c: Soft MoE's ops, and the packing of its slot parameters
+ * (normalized by the generated moe_soft_norm). */
+#define MOE_SOFT_TOKENS_PER_TASK 16
+#define MOE_SOFT_SLOTS_PER_TASK 4
+enum moe_status moe_begin_soft_logits(struct moe_exec *x);
+void moe_run_soft_logits(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
+void moe_run_soft_combine(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
+void moe_run_soft_dispatch(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread);
+void moe_run_soft_slot_in(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread);
+enum moe_status moe_begin_soft_slots(struct moe_exec *x);
+void moe_run_soft_out(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
+enum moe_status moe_begin_soft_stats(struct moe_exec *x);
 enum moe_status moe_pack_soft(const struct moe_model *m, const struct moe_ref_weights *w,
 			      struct moe_layer_w *out);
 /* pack.c: router-style panels [ceil(rows/8)][H][8] of a [rows, H] tensor. */

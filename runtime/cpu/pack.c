@@ -139,8 +139,9 @@ void moe_layer_w_free(struct moe_layer_w *lw)
 	memset(lw, 0, sizeof *lw);
 }
 
-enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_weights *w,
-			       struct moe_layer_w *out)
+/* The routed and shared FFNs and the router (every mode but PEER). */
+static enum moe_status pack_ffn(const struct moe_model *m, struct moe_ref_weights *w,
+				struct moe_layer_w *out)
 {
 	const struct moe_desc *d = m->d;
 	const struct moe_geom *rg = &m->routed, *sg = &m->shared;
@@ -148,10 +149,6 @@ enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_w
 	enum moe_dtype t = d->weight_dtype;
 	float *const *W = w->w;
 	memset(out, 0, sizeof *out);
-	/* PEER: its own layout (exec_peer.c); the caller's w is its own and freed
-	 * right after, so the f32 neuron tables move instead of being copied */
-	if (d->mode == MOE_MODE_PRODUCT_KEY)
-		return moe_pack_peer(m, (struct moe_ref_weights *)w, out);
 
 	/* router panels: [block][h][8] */
 	uint32_t nb = moe_router_blocks(E);
@@ -192,8 +189,6 @@ enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_w
 		goto nomem;
 	if (d->output_bias && !(out->output_bias = copy_f32(W[MOE_ROLE_OUTPUT_BIAS], H)))
 		goto nomem;
-	if (d->mode == MOE_MODE_SOFT && moe_pack_soft(m, w, out) != MOE_OK)
-		goto nomem;
 	if (sg->width) {
 		int sglu = d->shared_kind == MOE_KIND_GLU;
 		out->s_up =
@@ -210,4 +205,34 @@ nomem:
 	moe_layer_w_free(out);
 	moe_set_error("out of memory packing the weights");
 	return MOE_ERR_NOMEM;
+}
+
+/* Soft MoE: the FFNs, then the normalized slot parameters. */
+static enum moe_status pack_soft(const struct moe_model *m, struct moe_ref_weights *w,
+				 struct moe_layer_w *out)
+{
+	enum moe_status st = pack_ffn(m, w, out);
+	if (st == MOE_OK && (st = moe_pack_soft(m, w, out)) != MOE_OK) {
+		moe_layer_w_free(out);
+		moe_set_error("out of memory packing the weights");
+	}
+	return st;
+}
+
+#define pack_peer moe_pack_peer
+typedef enum moe_status pack_fn(const struct moe_model *m, struct moe_ref_weights *w,
+				struct moe_layer_w *out);
+/* The pack column of moe_modes.def. */
+static pack_fn *const pack_mode[MOE_MODE_COUNT] = {
+#define MOE_MODE(v, s, targets, family, pack) [MOE_MODE_##v] = pack_##pack,
+#include "moe_modes.def"
+#undef MOE_MODE
+};
+
+/* PEER's pack takes the caller's w, its own copy freed right after, so the f32
+ * neuron tables move instead of being copied. */
+enum moe_status moe_pack_layer(const struct moe_model *m, const struct moe_ref_weights *w,
+			       struct moe_layer_w *out)
+{
+	return pack_mode[m->d->mode](m, (struct moe_ref_weights *)w, out);
 }

@@ -1,0 +1,65 @@
+/* moe_ops.h: the ops of a kernel plan. The compiler's plan stage builds the
+ * op list of a layer (compiler/plan/plan.c), each backend emits the kernels
+ * of those ops, and model.so carries the list: the CPU runtime walks it
+ * (runtime/cpu/exec.c), so what `moegen -d plan` prints is what runs.
+ *
+ * Each op has a shape, the unit its work is split into. The runtime runs a
+ * maximal run of consecutive ops of one shape as one parallel dispatch: for
+ * TOKENS, SLOTS, EXPERTS and COLUMNS each task applies every op of the run,
+ * in order, to its block (so PK_ROUTE then PK_EXPERTS see a token block
+ * while it is in cache, and the down ops accumulate an output column block
+ * in a fixed order); for TILES the tiles of every op of the run are one
+ * task list; SERIAL ops run alone on the calling thread. */
+#ifndef MOE_OPS_H
+#define MOE_OPS_H
+
+#include "moe_desc.h"
+
+#define MOE_SHAPES(X)                                                                              \
+	X(SERIAL, "serial")                                                                        \
+	X(TOKENS, "tokens")   /* blocks of tokens */                                               \
+	X(SLOTS, "slots")     /* blocks of Soft MoE slots */                                       \
+	X(EXPERTS, "experts") /* blocks of experts */                                              \
+	X(TILES, "tiles")     /* (expert, row block, panel block) tiles of a grouped GEMM */       \
+	X(COLUMNS, "columns") /* blocks of output columns, every token */
+
+#define MOE_ENUM_X_MOE_SHAPE_(v, s) MOE_SHAPE_##v,
+MOE_DEFINE_ENUM(moe_shape, MOE_SHAPE_, MOE_SHAPES);
+
+/* value, spelling, shape */
+#define MOE_OPS(X)                                                                                 \
+	X(JITTER, "jitter", TOKENS)            /* training: x * U(1 - eps, 1 + eps) */             \
+	X(ROUTE, "route", TOKENS)              /* logits, score, bias, groups, top-k, weights */   \
+	X(ROUTE_X, "route_x", TOKENS)          /* research routers: + probability, noise */        \
+	X(EC_SELECT, "ec_select", EXPERTS)     /* expert choice: each expert's top-C tokens */     \
+	X(CAPACITY, "capacity", SERIAL)        /* slots kept within each expert's capacity */      \
+	X(GROUP, "group", SERIAL)              /* counts, offsets, rows grouped by expert */       \
+	X(EXPERT_UP, "expert_up", TILES)       /* gathered rows x [gate|up], activation */         \
+	X(SHARED_UP, "shared_up", TILES)       /* every token x the shared [gate|up] */            \
+	X(EXPERT_DOWN, "expert_down", COLUMNS) /* x down, scaled, summed in expert order */        \
+	X(SHARED_DOWN, "shared_down", COLUMNS) /* + the shared FFN */                              \
+	X(PASSTHROUGH, "passthrough", COLUMNS) /* + w x for slots over capacity */                 \
+	X(OUTPUT_BIAS, "output_bias", COLUMNS) /* + the layer's output bias */                     \
+	X(STATS, "stats", SERIAL)              /* routing outputs and auxiliary statistics */      \
+	X(PK_ROUTE, "pk_route", TOKENS)        /* PEER: query, sub-key top-k, product top-k */     \
+	X(PK_EXPERTS, "pk_experts", TOKENS)    /* PEER: single-neuron experts, into y */           \
+	X(PK_STATS, "pk_stats", SERIAL)                                                            \
+	X(SOFT_LOGITS, "soft_logits", TOKENS)    /* Soft MoE: normalized tokens x slots */         \
+	X(SOFT_COMBINE, "soft_combine", TOKENS)  /* per-token softmax over slots */                \
+	X(SOFT_DISPATCH, "soft_dispatch", SLOTS) /* per-slot softmax over tokens */                \
+	X(SOFT_SLOT_IN, "soft_slot_in", SLOTS)   /* slot inputs */                                 \
+	X(SOFT_SLOTS, "soft_slots", SERIAL)      /* the slots become the experts' rows */          \
+	X(SOFT_OUT, "soft_out", TOKENS)          /* y = combine x slot outputs */                  \
+	X(SOFT_STATS, "soft_stats", SERIAL)
+
+#define MOE_ENUM_X_MOE_OP_(v, s, shape) MOE_OP_##v,
+MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
+
+/* The most ops one plan holds. */
+#define MOE_MAX_OPS 24
+
+extern const char *const moe_op_names[MOE_OP_COUNT];
+extern const char *const moe_shape_names[MOE_SHAPE_COUNT];
+extern const enum moe_shape moe_op_shapes[MOE_OP_COUNT];
+
+#endif

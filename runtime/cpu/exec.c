@@ -1,0 +1,684 @@
+/* exec.c: the CPU executor. A forward walks the op list the plan embedded in
+ * model.so (moe_gen.ops) and runs each op through its row of moe_op_execs:
+ * consecutive ops of one shape become one parallel dispatch on the pool
+ * (moe_ops.h). This file holds the walker and the ops of the routed and
+ * shared FFNs (route, capacity, grouping, up tiles, down column blocks,
+ * statistics); exec_peer.c and exec_soft.c hold those of PEER and Soft MoE.
+ * Every task's arithmetic is fixed by its block, never by the thread, so
+ * results do not depend on T or the thread count. */
+#include "moe_kernels.h"
+#include "pool.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROUTE_TOKENS_PER_TASK 16
+#define EC_EXPERTS_PER_TASK 4
+#define UP_PANELS_PER_TASK 16
+#define UP_ROWS_PER_TASK (16 * MOE_MR)
+
+/* Workspace ------------------------------------------------------------------ */
+
+void moe_ws_free(struct moe_ws *ws)
+{
+	free(ws->logits), free(ws->wts), free(ws->sgate), free(ws->prio), free(ws->row_w);
+	free(ws->h), free(ws->hs);
+	free(ws->ids), free(ws->rows);
+	free(ws->counts), free(ws->offsets), free(ws->kept), free(ws->prob);
+	memset(ws, 0, sizeof *ws);
+}
+
+void *moe_exec_alloc(struct moe_exec *x, size_t bytes)
+{
+	if (x->n_scratch == sizeof x->scratch / sizeof *x->scratch)
+		return NULL;
+	size_t n = (bytes + 63) / 64 * 64;
+	void *p = aligned_alloc(64, n ? n : 64);
+	if (p)
+		x->scratch[x->n_scratch++] = p;
+	return p;
+}
+
+/* The workspace of the plan's ops for T tokens (grown, never shrunk). */
+static int ws_reserve(struct moe_model *m, size_t T)
+{
+	struct moe_ws *ws = &m->ws;
+	if (T <= ws->cap_tokens && ws->ids)
+		return 0;
+	size_t cap = T < 16 ? 16 : T;
+	if (cap < ws->cap_tokens * 2)
+		cap = ws->cap_tokens * 2;
+	moe_ws_free(ws);
+	const struct moe_desc *d = m->d;
+	const struct moe_gen *g = m->gen;
+	size_t E = d->n_experts, W = moe_desc_route_width(d);
+	int prob = moe_gen_has_op(g, MOE_OP_ROUTE_X);
+	int routed = prob || moe_gen_has_op(g, MOE_OP_ROUTE);
+	int grouped = moe_gen_has_op(g, MOE_OP_GROUP);
+	int bad = 0;
+#define A_(p, use, bytes)                                                                          \
+	do {                                                                                       \
+		if ((use) && !((p) = aligned_alloc(64, ((bytes) + 63) / 64 * 64)))                 \
+			bad = 1;                                                                   \
+	} while (0)
+	A_(ws->ids, 1, cap * W * sizeof(int32_t));
+	A_(ws->wts, 1, cap * W * sizeof(float));
+	A_(ws->logits, routed, cap * E * sizeof(float));
+	A_(ws->prob, prob, cap * E * sizeof(float));
+	A_(ws->sgate, routed, cap * sizeof(float));
+	A_(ws->prio, routed, cap * sizeof(float));
+	A_(ws->kept, grouped, cap * W);
+	A_(ws->counts, grouped, E * sizeof(int64_t));
+	A_(ws->offsets, grouped, (E + 1) * sizeof(int64_t));
+	A_(ws->row_w, grouped, cap * W * sizeof(float));
+	A_(ws->rows, grouped, cap * W * sizeof(int32_t));
+	A_(ws->h, grouped, cap * W * m->routed.ld_h * sizeof(float));
+	A_(ws->hs, m->shared.width, cap * m->shared.ld_h * sizeof(float));
+#undef A_
+	if (bad) {
+		moe_ws_free(ws);
+		return -1;
+	}
+	ws->cap_tokens = cap;
+	return 0;
+}
+
+int moe_gen_has_op(const struct moe_gen *g, enum moe_op op)
+{
+	for (uint32_t i = 0; i < g->n_ops; i++)
+		if (g->ops[i] == op)
+			return 1;
+	return 0;
+}
+
+static void span(int64_t i, int64_t per, int64_t n, int64_t *a, int64_t *b)
+{
+	*a = i * per;
+	*b = *a + per < n ? *a + per : n;
+}
+
+/* Route ---------------------------------------------------------------------- */
+
+static void run_jitter(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
+{
+	(void)thread;
+	if (x->xj)
+		MOE_KERNEL(x->m, JITTER)(x->x_in, x->xj, t0, t1, x->fwd.seed, x->fwd.layer);
+}
+
+/* In training, the router and the experts see the jittered input. */
+static enum moe_status begin_jitter(struct moe_exec *x)
+{
+	if (!x->fwd.training)
+		return MOE_OK;
+	x->xj = moe_exec_alloc(x, x->T * x->d->hidden * sizeof(float));
+	if (!x->xj)
+		return MOE_ERR_NOMEM;
+	x->x = x->xj;
+	return MOE_OK;
+}
+
+static void run_route(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
+{
+	(void)thread;
+	const struct moe_layer_w *lw = x->lw;
+	struct moe_ws *ws = &x->m->ws;
+	MOE_KERNEL(x->m, ROUTE)
+	(x->x, t0, t1, lw->router, lw->router_bias, lw->select_bias, lw->shared_gate_w, ws->logits,
+	 ws->ids, ws->wts, ws->sgate, ws->prio);
+}
+
+static enum moe_status begin_route_x(struct moe_exec *x)
+{
+	if (x->fwd.training && x->d->noise == MOE_NOISE_LEARNED_GAUSSIAN && !x->lw->noise) {
+		moe_set_error("moe_forward: training with learned_gaussian noise needs the '%s' "
+			      "weights, which were not loaded",
+			      moe_role_names[MOE_ROLE_NOISE]);
+		return MOE_ERR_WEIGHTS;
+	}
+	return MOE_OK;
+}
+
+static void run_route_x(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
+{
+	(void)thread;
+	const struct moe_layer_w *lw = x->lw;
+	struct moe_ws *ws = &x->m->ws;
+	/* noise is drawn only in training, and only where the description has it */
+	int32_t training = x->fwd.training && x->d->noise != MOE_NOISE_NONE;
+	MOE_KERNEL(x->m, ROUTE_X)
+	(x->x, t0, t1, lw->router, lw->router_bias, lw->select_bias, lw->group_router, lw->noise,
+	 x->fwd.seed, x->fwd.layer, training, ws->logits, ws->ids, ws->wts, ws->prob, ws->prio);
+}
+
+/* Expert choice: C = ceil(T * factor / E), at most T (the reference's formula);
+ * scratch of C per thread. */
+static enum moe_status begin_ec_select(struct moe_exec *x)
+{
+	double cv = ceil((double)x->T * (double)x->d->ec_capacity_factor / (double)x->d->n_experts);
+	x->ec_C = cv >= (double)x->T ? (int64_t)x->T : (int64_t)cv;
+	if (x->ec_C < 1)
+		x->ec_C = 1;
+	x->ec_pick =
+	    moe_exec_alloc(x, moe_pool_size(x->m->pool) * (size_t)x->ec_C * sizeof(int64_t));
+	return x->ec_pick ? MOE_OK : MOE_ERR_NOMEM;
+}
+
+static void run_ec_select(struct moe_exec *x, int64_t e0, int64_t e1, unsigned thread)
+{
+	struct moe_ws *ws = &x->m->ws;
+	MOE_KERNEL(x->m, EC_SELECT)
+	((int64_t)x->T, x->ec_C, e0, e1, ws->ids, ws->wts, x->ec_pick + (size_t)thread * x->ec_C);
+}
+
+/* Capacity and grouping --------------------------------------------------- */
+
+struct prio_ent {
+	float v;
+	int64_t t;
+};
+
+static int cmp_prio(const void *pa, const void *pb)
+{
+	const struct prio_ent *a = pa, *b = pb;
+	if (a->v != b->v)
+		return a->v > b->v ? -1 : 1;
+	return a->t < b->t ? -1 : a->t > b->t;
+}
+
+/* A description float as the decimal it was written as (0.3f -> 0.3), as
+ * the reference reads capacity factors and fractions. */
+static double decimal_of(float v)
+{
+	char buf[32];
+	for (int prec = 1; prec <= 9; prec++) {
+		snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
+		double r = strtod(buf, NULL);
+		if ((float)r == v)
+			return r;
+	}
+	return (double)v;
+}
+
+/* Mark the kept slots: those within each expert's capacity C in the
+ * priority order (rank outer, tokens inner), like the reference. */
+static enum moe_status begin_capacity(struct moe_exec *x)
+{
+	const struct moe_desc *d = x->d;
+	struct moe_ws *ws = &x->m->ws;
+	size_t T = x->T, W = moe_desc_route_width(d);
+	memset(ws->kept, 1, T * W);
+	x->kept_set = 1;
+	uint64_t C;
+	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
+		C = d->capacity_per_expert;
+	} else {
+		double v = d->capacity == MOE_CAPACITY_TOKEN_FRACTION
+			       ? ceil((double)T * decimal_of(d->capacity_token_fraction))
+			       : (double)d->top_k * (double)T * decimal_of(d->capacity_factor) /
+				     (double)d->n_experts;
+		if (d->capacity == MOE_CAPACITY_FACTOR)
+			v = d->capacity_floor ? floor(v) : ceil(v);
+		C = v >= 1.8e19 ? UINT64_MAX : (uint64_t)v;
+	}
+	if (C < d->capacity_min)
+		C = d->capacity_min;
+	uint64_t *fill = calloc(d->n_experts, sizeof *fill);
+	struct prio_ent *ord = malloc(T * sizeof *ord);
+	if (!fill || !ord) {
+		free(fill), free(ord);
+		return MOE_ERR_NOMEM;
+	}
+	for (size_t t = 0; t < T; t++)
+		ord[t] = (struct prio_ent){ws->prio[t], (int64_t)t};
+	if (d->priority == MOE_PRIORITY_SCORE)
+		qsort(ord, T, sizeof *ord, cmp_prio);
+	for (size_t j = 0; j < W; j++)
+		for (size_t i = 0; i < T; i++) {
+			size_t s = (size_t)ord[i].t * W + j;
+			int32_t e = ws->ids[s];
+			if (fill[e] < C) {
+				fill[e]++;
+			} else {
+				ws->kept[s] = 0;
+				x->n_dropped++;
+			}
+		}
+	free(fill), free(ord);
+	return MOE_OK;
+}
+
+/* Counts, offsets and the rows of each expert sorted by token. A slot is
+ * kept unless the capacity dropped it or the router left it empty (id -1:
+ * expert choice). Dropped slots feed the passthrough. */
+static enum moe_status begin_group(struct moe_exec *x)
+{
+	const struct moe_desc *d = x->d;
+	struct moe_ws *ws = &x->m->ws;
+	size_t T = x->T, W = moe_desc_route_width(d);
+	uint32_t E = d->n_experts;
+	if (!x->kept_set)
+		for (size_t s = 0; s < T * W; s++)
+			ws->kept[s] = ws->ids[s] >= 0;
+	memset(ws->counts, 0, E * sizeof *ws->counts);
+	for (size_t s = 0; s < T * W; s++)
+		if (ws->kept[s])
+			ws->counts[ws->ids[s]]++;
+	ws->offsets[0] = 0;
+	for (uint32_t e = 0; e < E; e++)
+		ws->offsets[e + 1] = ws->offsets[e] + ws->counts[e];
+	int64_t *fill = calloc(E, sizeof *fill);
+	if (!fill)
+		return MOE_ERR_NOMEM;
+	size_t n_pass = 0;
+	for (size_t t = 0; t < T; t++)
+		for (size_t j = 0; j < W; j++) {
+			size_t s = t * W + j;
+			if (!ws->kept[s]) {
+				n_pass++;
+				continue;
+			}
+			int32_t e = ws->ids[s];
+			int64_t row = ws->offsets[e] + fill[e]++;
+			ws->rows[row] = (int32_t)t;
+			ws->row_w[row] = ws->wts[s];
+		}
+	free(fill);
+	if (d->overflow == MOE_OVERFLOW_PASSTHROUGH && n_pass && x->kept_set) {
+		x->pass_t = moe_exec_alloc(x, n_pass * sizeof *x->pass_t);
+		x->pass_w = moe_exec_alloc(x, n_pass * sizeof *x->pass_w);
+		if (!x->pass_t || !x->pass_w)
+			return MOE_ERR_NOMEM;
+		for (size_t s = 0; s < T * W; s++)
+			if (!ws->kept[s]) {
+				x->pass_t[x->n_pass] = (int64_t)(s / W);
+				x->pass_w[x->n_pass++] = ws->wts[s];
+			}
+	}
+	x->ffn = (struct moe_ffn_rows){.in = x->x,
+				       .out = x->y,
+				       .out_rows = T,
+				       .rows = ws->rows,
+				       .row_w = ws->row_w,
+				       .counts = ws->counts,
+				       .offsets = ws->offsets,
+				       .h = ws->h};
+	return MOE_OK;
+}
+
+/* The FFN tiles ---------------------------------------------------------------- */
+
+static enum moe_status add_tiles(struct moe_exec *x, enum moe_op op, int32_t e, int64_t n,
+				 uint32_t panels)
+{
+	for (int64_t r0 = 0; r0 < n; r0 += UP_ROWS_PER_TASK)
+		for (uint32_t p0 = 0; p0 < panels; p0 += UP_PANELS_PER_TASK) {
+			if (x->n_tiles == x->cap_tiles) {
+				size_t cap = x->cap_tiles ? 2 * x->cap_tiles : 64;
+				struct moe_tile *t = realloc(x->tiles, cap * sizeof *t);
+				if (!t)
+					return MOE_ERR_NOMEM;
+				x->tiles = t, x->cap_tiles = cap;
+			}
+			x->tiles[x->n_tiles++] = (struct moe_tile){
+			    .op = (uint8_t)op,
+			    .e = e,
+			    .r0 = r0,
+			    .r1 = r0 + UP_ROWS_PER_TASK < n ? r0 + UP_ROWS_PER_TASK : n,
+			    .p0 = p0,
+			    .p1 =
+				p0 + UP_PANELS_PER_TASK < panels ? p0 + UP_PANELS_PER_TASK : panels,
+			};
+		}
+	return MOE_OK;
+}
+
+static enum moe_status begin_expert_up(struct moe_exec *x)
+{
+	for (uint32_t e = 0; e < x->d->n_experts; e++) {
+		int64_t n = x->ffn.counts[e];
+		if (n &&
+		    add_tiles(x, MOE_OP_EXPERT_UP, (int32_t)e, n, x->m->routed.up_panels) != MOE_OK)
+			return MOE_ERR_NOMEM;
+	}
+	return MOE_OK;
+}
+
+static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned thread)
+{
+	(void)i1, (void)thread;
+	const struct moe_tile *u = &x->tiles[i];
+	const struct moe_layer_w *lw = x->lw;
+	const struct moe_geom *g = &x->m->routed;
+	size_t es = moe_dtype_size(x->d->weight_dtype);
+	int64_t base = x->ffn.offsets[u->e] + u->r0;
+	const char *panels = (const char *)lw->up + (size_t)u->e * g->up_elems * es;
+	MOE_KERNEL(x->m, UP)
+	(x->ffn.in, x->ffn.rows + base, x->ffn.row_w + base, u->r1 - u->r0, panels,
+	 lw->bg ? lw->bg + (size_t)u->e * g->ld_h : NULL,
+	 lw->bu ? lw->bu + (size_t)u->e * g->ld_h : NULL, x->ffn.h + (size_t)base * g->ld_h, u->p0,
+	 u->p1);
+}
+
+/* The shared FFN runs over every token of the layer input (rows 0..T-1). */
+static enum moe_status begin_shared_up(struct moe_exec *x)
+{
+	x->srows = moe_exec_alloc(x, x->T * sizeof *x->srows);
+	if (!x->srows)
+		return MOE_ERR_NOMEM;
+	for (size_t t = 0; t < x->T; t++)
+		x->srows[t] = (int32_t)t;
+	return add_tiles(x, MOE_OP_SHARED_UP, -1, (int64_t)x->T, x->m->shared.up_panels);
+}
+
+static void run_shared_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned thread)
+{
+	(void)i1, (void)thread;
+	const struct moe_tile *u = &x->tiles[i];
+	struct moe_ws *ws = &x->m->ws;
+	const float *gate = x->d->shared_gate == MOE_SHARED_GATE_SIGMOID ? ws->sgate + u->r0 : NULL;
+	MOE_KERNEL(x->m, SHARED_UP)
+	(x->x, x->srows + u->r0, gate, u->r1 - u->r0, x->lw->s_up, NULL, NULL,
+	 ws->hs + (size_t)u->r0 * x->m->shared.ld_h, u->p0, u->p1);
+}
+
+/* Column blocks: [p0, p1) down panels of 16 output columns. */
+static void cols_of(const struct moe_exec *x, int64_t p0, int64_t p1, int64_t *c0, int64_t *c1)
+{
+	int64_t H = x->d->hidden;
+	*c0 = p0 * MOE_NR;
+	*c1 = p1 * MOE_NR > H ? H : p1 * MOE_NR;
+}
+
+static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread)
+{
+	(void)thread;
+	const struct moe_layer_w *lw = x->lw;
+	const struct moe_geom *g = &x->m->routed;
+	size_t es = moe_dtype_size(x->d->weight_dtype), H = x->d->hidden;
+	int64_t c0, c1;
+	cols_of(x, p0, p1, &c0, &c1);
+	for (size_t t = 0; t < x->ffn.out_rows; t++)
+		memset(x->ffn.out + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+	for (uint32_t e = 0; e < x->d->n_experts; e++) {
+		int64_t n = x->ffn.counts[e];
+		if (!n)
+			continue;
+		int64_t base = x->ffn.offsets[e];
+		const char *panels = (const char *)lw->down + (size_t)e * g->down_elems * es;
+		MOE_KERNEL(x->m, DOWN)
+		(x->ffn.h + (size_t)base * g->ld_h, x->ffn.rows + base, x->ffn.row_w + base, n,
+		 panels, lw->bd ? lw->bd + (size_t)e * g->ld_bias : NULL, x->ffn.out, p0, p1);
+	}
+}
+
+static void run_shared_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread)
+{
+	(void)thread;
+	MOE_KERNEL(x->m, SHARED_DOWN)
+	(x->m->ws.hs, x->srows, NULL, (int64_t)x->T, x->lw->s_down, NULL, x->y, p0, p1);
+}
+
+static void run_passthrough(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread)
+{
+	(void)thread;
+	size_t H = x->d->hidden;
+	int64_t c0, c1;
+	cols_of(x, p0, p1, &c0, &c1);
+	for (size_t i = 0; i < x->n_pass; i++) {
+		float w = x->pass_w[i];
+		const float *xr = x->x + (size_t)x->pass_t[i] * H;
+		float *yr = x->y + (size_t)x->pass_t[i] * H;
+		for (int64_t c = c0; c < c1; c++)
+			yr[c] += w * xr[c];
+	}
+}
+
+static void run_output_bias(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread)
+{
+	(void)thread;
+	size_t H = x->d->hidden;
+	int64_t c0, c1;
+	cols_of(x, p0, p1, &c0, &c1);
+	for (size_t t = 0; t < x->T; t++)
+		for (int64_t c = c0; c < c1; c++)
+			x->y[t * H + c] += x->lw->output_bias[c];
+}
+
+/* Statistics ------------------------------------------------------------------ */
+
+/* The router probability of the statistics: softmax, or positive scores
+ * normalized to sum 1; and logsumexp for the z-loss. Same formulas as the
+ * reference. */
+static void token_stats(const struct moe_desc *d, const float *l, const float *p, double *imp,
+			double *zsum, float *s)
+{
+	uint32_t E = d->n_experts;
+	if (d->score == MOE_SCORE_SOFTMAX) {
+		float m = -INFINITY, sum = 0.0f;
+		for (uint32_t i = 0; i < E; i++)
+			if (l[i] > m)
+				m = l[i];
+		for (uint32_t i = 0; i < E; i++) {
+			s[i] = (float)exp((double)(l[i] - m));
+			sum += s[i];
+		}
+		for (uint32_t i = 0; i < E; i++)
+			s[i] /= sum;
+	} else {
+		float sum = 0.0f;
+		for (uint32_t i = 0; i < E; i++) {
+			double v = l[i];
+			if (d->score == MOE_SCORE_SIGMOID)
+				s[i] = (float)(1.0 / (1.0 + exp(-v)));
+			else
+				s[i] = (float)sqrt((double)(float)(v > 20.0 ? v : log1p(exp(v))));
+			sum += s[i];
+		}
+		for (uint32_t i = 0; i < E; i++)
+			s[i] = sum > 0.0f ? s[i] / sum : 0.0f;
+	}
+	const float *q = p ? p : s; /* research routers: the router's probability */
+	for (uint32_t i = 0; i < E; i++)
+		imp[i] += q[i];
+	double m = -INFINITY, z = 0.0;
+	for (uint32_t i = 0; i < E; i++)
+		if (l[i] > m)
+			m = l[i];
+	if (isfinite(m)) {
+		for (uint32_t i = 0; i < E; i++)
+			z += exp((double)l[i] - m);
+		z = m + log(z);
+	}
+	*zsum += z * z;
+}
+
+void moe_routing_losses(const struct moe_desc *d, const double *imp, const double *load, size_t T,
+			double zsum, struct moe_routing *rt)
+{
+	uint32_t E = d->n_experts;
+	double mean = 0.0, var = 0.0, total = 0.0, lb = 0.0;
+	for (uint32_t e = 0; e < E; e++) {
+		mean += imp[e];
+		total += load[e];
+	}
+	mean /= E;
+	for (uint32_t e = 0; e < E; e++)
+		var += (imp[e] - mean) * (imp[e] - mean);
+	var /= E;
+	for (uint32_t e = 0; e < E; e++)
+		if (total > 0.0)
+			lb += (load[e] / total) * (imp[e] / (double)T);
+	if (rt->importance)
+		for (uint32_t e = 0; e < E; e++)
+			rt->importance[e] = (float)imp[e];
+	rt->importance_cv2 = mean > 0.0 ? (float)(var / (mean * mean)) : 0.0f;
+	rt->lb_loss = (float)(E * lb);
+	rt->z_loss = (float)(zsum / (double)T);
+}
+
+static enum moe_status begin_stats(struct moe_exec *x)
+{
+	struct moe_routing *rt = x->rt;
+	if (!rt)
+		return MOE_OK;
+	const struct moe_desc *d = x->d;
+	struct moe_ws *ws = &x->m->ws;
+	uint32_t E = d->n_experts;
+	size_t T = x->T, W = moe_desc_route_width(d);
+	for (size_t s = 0; s < T * W; s++) {
+		if (rt->expert_ids)
+			rt->expert_ids[s] = ws->kept[s] ? ws->ids[s] : -1;
+		if (rt->weights)
+			rt->weights[s] = ws->kept[s] ? ws->wts[s] : 0.0f;
+	}
+	if (rt->counts)
+		for (uint32_t e = 0; e < E; e++)
+			rt->counts[e] = ws->counts[e];
+	rt->n_dropped = x->n_dropped;
+	double *imp = calloc(E, sizeof *imp), *load = malloc(E * sizeof *load);
+	float *s = malloc(E * sizeof *s);
+	if (!imp || !load || !s) {
+		free(imp), free(load), free(s);
+		return MOE_ERR_NOMEM;
+	}
+	double zsum = 0.0;
+	for (size_t t = 0; t < T; t++)
+		token_stats(d, ws->logits + t * E, ws->prob ? ws->prob + t * E : NULL, imp, &zsum,
+			    s);
+	for (uint32_t e = 0; e < E; e++)
+		load[e] = (double)ws->counts[e];
+	moe_routing_losses(d, imp, load, T, zsum, rt);
+	free(imp), free(load), free(s);
+	return MOE_OK;
+}
+
+/* The op table ------------------------------------------------------------------ */
+
+const struct moe_op_exec moe_op_execs[MOE_OP_COUNT] = {
+    [MOE_OP_JITTER] = {ROUTE_TOKENS_PER_TASK, begin_jitter, run_jitter},
+    [MOE_OP_ROUTE] = {ROUTE_TOKENS_PER_TASK, NULL, run_route},
+    [MOE_OP_ROUTE_X] = {ROUTE_TOKENS_PER_TASK, begin_route_x, run_route_x},
+    [MOE_OP_EC_SELECT] = {EC_EXPERTS_PER_TASK, begin_ec_select, run_ec_select},
+    [MOE_OP_CAPACITY] = {0, begin_capacity, NULL},
+    [MOE_OP_GROUP] = {0, begin_group, NULL},
+    [MOE_OP_EXPERT_UP] = {0, begin_expert_up, run_expert_up},
+    [MOE_OP_SHARED_UP] = {0, begin_shared_up, run_shared_up},
+    [MOE_OP_EXPERT_DOWN] = {0, NULL, run_expert_down},
+    [MOE_OP_SHARED_DOWN] = {0, NULL, run_shared_down},
+    [MOE_OP_PASSTHROUGH] = {0, NULL, run_passthrough},
+    [MOE_OP_OUTPUT_BIAS] = {0, NULL, run_output_bias},
+    [MOE_OP_STATS] = {0, begin_stats, NULL},
+    [MOE_OP_PK_ROUTE] = {MOE_PEER_TOKENS_PER_TASK, NULL, moe_run_pk_route},
+    [MOE_OP_PK_EXPERTS] = {MOE_PEER_TOKENS_PER_TASK, NULL, moe_run_pk_experts},
+    [MOE_OP_PK_STATS] = {0, moe_begin_pk_stats, NULL},
+    [MOE_OP_SOFT_LOGITS] = {MOE_SOFT_TOKENS_PER_TASK, moe_begin_soft_logits, moe_run_soft_logits},
+    [MOE_OP_SOFT_COMBINE] = {MOE_SOFT_TOKENS_PER_TASK, NULL, moe_run_soft_combine},
+    [MOE_OP_SOFT_DISPATCH] = {MOE_SOFT_SLOTS_PER_TASK, NULL, moe_run_soft_dispatch},
+    [MOE_OP_SOFT_SLOT_IN] = {MOE_SOFT_SLOTS_PER_TASK, NULL, moe_run_soft_slot_in},
+    [MOE_OP_SOFT_SLOTS] = {0, moe_begin_soft_slots, NULL},
+    [MOE_OP_SOFT_OUT] = {MOE_SOFT_TOKENS_PER_TASK, NULL, moe_run_soft_out},
+    [MOE_OP_SOFT_STATS] = {0, moe_begin_soft_stats, NULL},
+};
+
+/* The walker ---------------------------------------------------------------------- */
+
+struct dispatch {
+	struct moe_exec *x;
+	const uint8_t *ops;
+	uint32_t n_ops;
+	enum moe_shape shape;
+	int64_t per, n; /* items per task, items */
+};
+
+static void dispatch_task(void *ctx, size_t task, unsigned thread)
+{
+	struct dispatch *r = ctx;
+	if (r->shape == MOE_SHAPE_TILES) {
+		const struct moe_tile *t = &r->x->tiles[task];
+		moe_op_execs[t->op].run(r->x, (int64_t)task, (int64_t)task + 1, thread);
+		return;
+	}
+	int64_t a, b;
+	span((int64_t)task, r->per, r->n, &a, &b);
+	for (uint32_t i = 0; i < r->n_ops; i++)
+		moe_op_execs[r->ops[i]].run(r->x, a, b, thread);
+}
+
+static enum moe_status run_ops(struct moe_exec *x)
+{
+	const struct moe_gen *g = x->m->gen;
+	unsigned nth = moe_pool_size(x->m->pool);
+	for (uint32_t i = 0; i < g->n_ops;) {
+		enum moe_shape shape = moe_op_shapes[g->ops[i]];
+		uint32_t j = i + 1;
+		while (shape != MOE_SHAPE_SERIAL && j < g->n_ops &&
+		       moe_op_shapes[g->ops[j]] == shape)
+			j++;
+		struct dispatch r = {.x = x, .ops = g->ops + i, .n_ops = j - i, .shape = shape};
+		x->n_tiles = 0;
+		for (uint32_t k = i; k < j; k++) {
+			const struct moe_op_exec *e = &moe_op_execs[g->ops[k]];
+			enum moe_status st = e->begin ? e->begin(x) : MOE_OK;
+			if (st != MOE_OK)
+				return st;
+			if (e->block && (r.per == 0 || e->block < r.per))
+				r.per = e->block;
+		}
+		switch (shape) {
+		case MOE_SHAPE_SERIAL:
+			break;
+		case MOE_SHAPE_TOKENS:
+			r.n = (int64_t)x->T;
+			break;
+		case MOE_SHAPE_SLOTS:
+			r.n = (int64_t)x->n_slots;
+			break;
+		case MOE_SHAPE_EXPERTS:
+			r.n = x->d->n_experts;
+			break;
+		case MOE_SHAPE_TILES:
+			r.per = 1;
+			r.n = (int64_t)x->n_tiles;
+			break;
+		case MOE_SHAPE_COLUMNS: {
+			/* threads own column blocks: four per thread */
+			int64_t panels = x->m->routed.down_panels, want = 4 * (int64_t)nth;
+			r.per = (panels + want - 1) / want;
+			r.n = panels;
+			break;
+		}
+		case MOE_SHAPE_COUNT:
+			break;
+		}
+		if (shape != MOE_SHAPE_SERIAL && r.n > 0 && r.per > 0) {
+			moe_pool_run(x->m->pool, (size_t)((r.n + r.per - 1) / r.per), dispatch_task,
+				     &r);
+		}
+		i = j;
+	}
+	return MOE_OK;
+}
+
+enum moe_status moe_exec_forward(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+				 float *y, size_t T, struct moe_routing *rt,
+				 const struct moe_fwd_opts *opts)
+{
+	if (ws_reserve(m, T) != 0) {
+		moe_set_error("moe_forward: out of memory for the workspace of %zu tokens", T);
+		return MOE_ERR_NOMEM;
+	}
+	struct moe_exec ex = {
+	    .m = m, .lw = lw, .d = m->d, .x = x, .x_in = x, .y = y, .T = T, .rt = rt};
+	if (opts)
+		ex.fwd = *opts;
+	enum moe_status st = run_ops(&ex);
+	if (st == MOE_ERR_NOMEM)
+		moe_set_error("moe_forward: out of memory");
+	for (size_t i = 0; i < ex.n_scratch; i++)
+		free(ex.scratch[i]);
+	free(ex.tiles);
+	return st;
+}
