@@ -430,6 +430,15 @@ static void good_phimoe(const struct moe_desc *d)
 	assert_true(d->sparsemixer_eps == 0.01f);
 }
 
+static void good_top_p(const struct moe_desc *d)
+{
+	assert_int_equal(d->mode, MOE_MODE_TOP_P);
+	assert_int_equal(d->top_k, 3);
+	assert_true(d->top_p == 0.4f);
+	assert_int_equal(d->norm, MOE_NORM_SUM);
+	assert_int_equal(moe_desc_route_width(d), 3);
+}
+
 static void good_minimal(const struct moe_desc *d)
 {
 	assert_int_equal(d->version, MOE_DESC_VERSION);
@@ -594,6 +603,7 @@ static const struct {
     {"soft.yaml", good_soft},
     {"sqrtsoftplus.yaml", good_sqrtsoftplus},
     {"switch.yaml", good_switch},
+    {"top-p.yaml", good_top_p},
     {"vmoe.yaml", good_vmoe},
 };
 

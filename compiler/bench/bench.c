@@ -1531,12 +1531,12 @@ static void pk_task(void *ctx, size_t task, unsigned thread)
 	int64_t t0 = (int64_t)task * PK_TASK_TOKENS, t1 = t0 + PK_TASK_TOKENS;
 	if (t1 > (int64_t)p->T)
 		t1 = (int64_t)p->T;
+	moe_pk_experts_fn *experts = MOE_KERNEL(p->m, PK_EXPERTS);
+	moe_pk_route_fn *route = MOE_KERNEL(p->m, PK_ROUTE);
 	if (p->experts)
-		MOE_KERNEL(p->m, PK_EXPERTS)
-		(p->x, t0, t1, p->ids, p->wts, lw->pk_u, lw->pk_v, p->y);
+		experts(p->x, t0, t1, p->ids, p->wts, lw->pk_u, lw->pk_v, p->y);
 	else
-		MOE_KERNEL(p->m, PK_ROUTE)
-	(p->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, p->ids, p->wts);
+		route(p->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, p->ids, p->wts);
 }
 
 /* The forward and its two phases alone, interleaved in every repetition on

@@ -1032,6 +1032,30 @@ static void gen_normalize(struct cg *g, LLVMValueRef w, uint32_t n)
 	}
 }
 
+/* Top-p: of the n ranked slots keep the fewest whose weights (the softmax
+ * probabilities), summed in f32 in rank order, reach top_p; the rest become
+ * id -1, weight 0. Branch-free: a running flag selects. */
+static void gen_top_p_cut(struct cg *g, LLVMValueRef ids, LLVMValueRef w, uint32_t n)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef cum = var(g, g->t_f32, 1, "cum"), done = var(g, g->t_i8, 1, "done");
+	store(g, cf32(g, 0.0), cum);
+	store(g, LLVMConstInt(g->t_i8, 0, 0), done);
+	struct loop j;
+	loop_open(g, &j, ci64(g, 0), ci64(g, n), 1, "topp");
+	LLVMValueRef pw = gep(g, g->t_f32, w, j.iv, ""), pi = gep(g, g->t_i32, ids, j.iv, "");
+	LLVMValueRef dn = LLVMBuildICmp(b, LLVMIntNE, load(g, g->t_i8, done, ""),
+					LLVMConstInt(g->t_i8, 0, 0), "dn");
+	LLVMValueRef wv = load(g, g->t_f32, pw, ""), c0 = load(g, g->t_f32, cum, "");
+	LLVMValueRef c = LLVMBuildFAdd(b, c0, wv, "c");
+	store(g, LLVMBuildSelect(b, dn, c0, c, ""), cum);
+	store(g, LLVMBuildSelect(b, dn, ci32(g, -1), load(g, g->t_i32, pi, ""), ""), pi);
+	store(g, LLVMBuildSelect(b, dn, cf32(g, 0.0), wv, ""), pw);
+	LLVMValueRef reach = LLVMBuildFCmp(b, LLVMRealOGE, c, cf32(g, g->d->top_p), "reach");
+	store(g, LLVMBuildZExt(b, LLVMBuildOr(b, dn, reach, ""), g->t_i8, ""), done);
+	loop_close(g, &j);
+}
+
 static void gen_route(struct cg *g)
 {
 	LLVMBuilderRef b = g->b;
@@ -1105,6 +1129,8 @@ static void gen_route(struct cg *g)
 			gen_groups(g, c, gs, gsel, gtk);
 		}
 		gen_topk(g, c, taken, E, d->top_k, emit_expert, &rc, "top");
+		if (d->mode == MOE_MODE_TOP_P)
+			gen_top_p_cut(g, rc.ids_row, rc.w_row, W);
 		LLVMValueRef first = load(g, g->t_i32, rc.ids_row, "first");
 		first = LLVMBuildSExt(b, first, g->t_i64, "");
 		LLVMValueRef pv = load(g, g->t_f32, gep(g, g->t_f32, c, first, ""), "prio");
@@ -1226,6 +1252,7 @@ static void emit_soft(struct cg *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 }
 
 #define emit_sparsemixer emit_topk
+#define emit_top_p emit_topk
 #define emit_hierarchical emit_topk
 static route_emit *const route_emitters[MOE_MODE_COUNT] = {
 #define MOE_MODE(v, s, targets, family, pack) [MOE_MODE_##v] = emit_##family,

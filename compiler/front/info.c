@@ -3,6 +3,7 @@
  * each figure (what "active" means per router mode) are in docs/models.md. */
 #include "moegen.h"
 
+#include <math.h>
 #include <string.h>
 
 static double dtype_bytes(enum moe_dtype t)
@@ -56,6 +57,17 @@ static void levels(const struct moe_desc *d, double *G, double *b, double *k1, d
 	*k2 = d->levels[1].top_k;
 }
 
+/* Top-p takes between 1 and top_k experts, as the router's confidence goes.
+ * The expected count quoted is that of a router with no preference (every
+ * probability 1/E): the fewest experts whose probabilities reach p. */
+static double top_p_expected(const struct moe_desc *d)
+{
+	double m = ceil((double)d->top_p * d->n_experts - 1e-9);
+	if (m < 1)
+		m = 1;
+	return m < d->top_k ? m : d->top_k;
+}
+
 /* Expert applications per token that define compute and active parameters:
  * the large-batch average for routers whose choice depends on the batch. */
 static double experts_per_token(const struct moe_desc *d)
@@ -77,6 +89,8 @@ static double experts_per_token(const struct moe_desc *d)
 		return 1;
 	case MOE_MODE_PRODUCT_KEY:
 		return (double)d->pk_heads * d->pk_top_k;
+	case MOE_MODE_TOP_P:
+		return top_p_expected(d);
 	default:
 		return d->top_k;
 	}
@@ -273,6 +287,12 @@ void moe_info_print(const struct moe_desc *d, FILE *out)
 		fprintf(out, " %s top-%u", moe_score_names[d->score], d->top_k);
 		if (d->n_groups > 1)
 			fprintf(out, " in %u of %u groups", d->group_top, d->n_groups);
+		break;
+	case MOE_MODE_TOP_P:
+		fprintf(out,
+			" %s top-p %g: 1 to %u experts per token, %g with a uniform router "
+			"(the figures below)",
+			moe_score_names[d->score], (double)d->top_p, d->top_k, top_p_expected(d));
 		break;
 	case MOE_MODE_HIERARCHICAL:
 		fprintf(out, " top-%u of %u groups, top-%u in each", d->levels[0].top_k,

@@ -60,6 +60,7 @@
 	X(MODE, "router.mode")                                                                     \
 	X(SCORE, "router.score")                                                                   \
 	X(TOPK, "router.top_k")                                                                    \
+	X(TOP_P, "router.top_p")                                                                   \
 	X(NORM, "router.normalize")                                                                \
 	X(NORM_KIND, "router.normalize.kind")                                                      \
 	X(NORM_EPS, "router.normalize.eps")                                                        \
@@ -258,6 +259,7 @@ static const struct field router_fields[] = {
     ENUM_(MODE, moe_mode_names, 0),
     ENUM_(SCORE, moe_score_names, 0),
     UINT_(TOPK, 1, MAX_EXPERTS, 0),
+    FLOAT_(TOP_P, 0, 1, OPEN_LO),
     KINDMAP_(NORM, norm_fields),
     FLOAT_(SCALE, 0, 1e6, OPEN_LO),
     BOOL_(RBIAS),
@@ -1287,10 +1289,11 @@ static void check_router(struct ctx *c, struct moe_desc *o, uint64_t E)
 	unsigned m = 1u << mode;
 
 	/* top_k */
-	if (mode == MOE_MODE_TOKEN_CHOICE && !c->n[S_TOPK] && c->n[S_ROUTER]) {
+	if ((mode == MOE_MODE_TOKEN_CHOICE || mode == MOE_MODE_TOP_P) && !c->n[S_TOPK] &&
+	    c->n[S_ROUTER]) {
 		err(c, key_or_parent(c, S_TOPK), "router.top_k is required for router.mode %s",
 		    moe_mode_names[mode]);
-	} else if (c->n[S_TOPK] && !(m & (M_(TOKEN_CHOICE) | M_(SPARSEMIXER)))) {
+	} else if (c->n[S_TOPK] && !(m & (M_(TOKEN_CHOICE) | M_(SPARSEMIXER) | M_(TOP_P)))) {
 		static const char *const why[MOE_MODE_COUNT] = {
 		    [MOE_MODE_DENSE] = "every expert is used",
 		    [MOE_MODE_EXPERT_CHOICE] = "experts choose tokens",
@@ -1308,6 +1311,11 @@ static void check_router(struct ctx *c, struct moe_desc *o, uint64_t E)
 		    (unsigned long long)c->u[S_TOPK], (unsigned long long)E);
 		note_at(c, S_E_COUNT);
 	}
+	/* top_p: the threshold of the cumulative probability; top_k caps the count */
+	if (mode == MOE_MODE_TOP_P && !c->n[S_TOP_P] && c->n[S_ROUTER])
+		err(c, key_or_parent(c, S_TOP_P), "router.top_p is required for router.mode top_p");
+	else if (c->n[S_TOP_P] && mode != MOE_MODE_TOP_P)
+		not_for_mode(c, S_TOP_P, mode, "it is the threshold of router.mode top_p");
 	if (mode == MOE_MODE_SPARSEMIXER && E && E < 2) {
 		err(c, c->n[S_E_COUNT],
 		    "router.mode sparsemixer needs at least 2 experts, got %llu",
@@ -1321,6 +1329,8 @@ static void check_router(struct ctx *c, struct moe_desc *o, uint64_t E)
 			not_for_mode(c, S_SCORE, mode, "use product_key.score");
 		else if ((m & (M_(SOFT) | M_(SPARSEMIXER))) && strcmp(c->str[S_SCORE], "softmax"))
 			not_for_mode(c, S_SCORE, mode, "it always uses softmax");
+		else if (mode == MOE_MODE_TOP_P && strcmp(c->str[S_SCORE], "softmax"))
+			not_for_mode(c, S_SCORE, mode, "it sums router probabilities (softmax)");
 	}
 
 	/* normalize */
@@ -1716,6 +1726,10 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 		break;
 	case MOE_MODE_SPARSEMIXER:
 		o->top_k = 2;
+		break;
+	case MOE_MODE_TOP_P:
+		o->top_k = (uint32_t)(k * m);
+		o->top_p = c->ok[S_TOP_P] ? (float)c->f[S_TOP_P] : 1.0f;
 		break;
 	default:
 		o->top_k = 0; /* set below for hierarchical and product_key */

@@ -96,6 +96,20 @@ static int check_no_capacity(const struct moe_desc *d, enum moe_target t, struct
 	return bad;
 }
 
+static int check_top_p(const struct moe_desc *d, enum moe_target t, struct moe_diag *diag)
+{
+	int bad = check_no_capacity(d, t, diag);
+	if (d->top_k == 0 || d->top_k > d->n_experts || !(d->top_p > 0.0f && d->top_p <= 1.0f) ||
+	    d->score != MOE_SCORE_SOFTMAX)
+		REFUSE("invalid top_p routing (top_p %g, top_k %u, %u experts, score %s)",
+		       (double)d->top_p, d->top_k, d->n_experts, moe_score_names[d->score]);
+	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN || d->n_groups > 1 || d->select_bias)
+		REFUSE("top_p routing with learned noise, groups or a selection bias is not "
+		       "generated for target %s",
+		       moe_target_names[t]);
+	return bad;
+}
+
 static int check_sparsemixer(const struct moe_desc *d, enum moe_target t, struct moe_diag *diag)
 {
 	int bad = check_no_capacity(d, t, diag) | check_topk(d, t, diag);
@@ -239,6 +253,7 @@ static void ops_research(const struct moe_desc *d, struct moe_plan *p)
 {
 	ops_routed(d, p, MOE_OP_ROUTE_X);
 }
+#define ops_top_p ops_topk
 #define ops_sparsemixer ops_research
 #define ops_hierarchical ops_research
 #define ops_expert_choice ops_research

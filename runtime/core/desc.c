@@ -262,6 +262,8 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		put(&o, "soft slots_per_expert %u\n", d->soft_slots_per_expert);
 	if (d->mode == MOE_MODE_SPARSEMIXER)
 		put(&o, "sparsemixer eps %g\n", (double)d->sparsemixer_eps);
+	if (d->mode == MOE_MODE_TOP_P)
+		put(&o, "top_p %.9g\n", (double)d->top_p);
 	if (d->mode == MOE_MODE_PRODUCT_KEY)
 		put(&o,
 		    "product_key sub_keys %u heads %u top_k %u query_dim %u score %s query_bn %u\n",

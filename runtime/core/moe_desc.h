@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MOE_DESC_VERSION 2
+#define MOE_DESC_VERSION 3
 #define MOE_MAX_LAYERS 512
 #define MOE_MAX_LEVELS 2
 #define MOE_NAME_MAX 256
@@ -194,6 +194,7 @@ struct moe_desc {
 	float ec_capacity_factor;       /* expert_choice: C = ceil(T * f / E) */
 	uint32_t soft_slots_per_expert; /* soft */
 	float sparsemixer_eps;          /* sparsemixer (router_jitter_noise) */
+	float top_p; /* top_p: the cumulative probability the chosen experts reach */
 	uint32_t pk_sub_keys;           /* R = sqrt(N) */
 	uint32_t pk_heads;
 	uint32_t pk_top_k;

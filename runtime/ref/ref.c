@@ -507,6 +507,47 @@ fail:
 	return 0;
 }
 
+/* Top-p dynamic routing: each token takes the fewest highest-probability
+ * experts whose softmax probabilities, summed in f32 in rank order, reach
+ * top_p, at most top_k of them (ranked, ties to the lower index). Their
+ * weights are their probabilities (normalized over the chosen when the spec
+ * says so) times the scale; the unused slots hold id -1. */
+static int route_top_p(struct fwd *f)
+{
+	const struct moe_desc *d = f->d;
+	uint32_t E = f->E, k = f->W;
+	struct tokbuf b;
+	if (!tokbuf_alloc(&b, E))
+		return 0;
+	for (size_t t = 0; t < f->T; t++) {
+		router_logits(f, t, 0, E, b.l);
+		score_vec(d->score, b.l, b.s, E);
+		if (!topk(b.s, NULL, E, k, b.idx)) {
+			tokbuf_free(&b);
+			return 0;
+		}
+		uint32_t m = 0;
+		float cum = 0.0f;
+		while (m < k) {
+			cum += b.s[b.idx[m++]];
+			if (cum >= d->top_p)
+				break;
+		}
+		for (uint32_t j = 0; j < m; j++)
+			b.wk[j] = b.s[b.idx[j]];
+		normalize(d, b.wk, m);
+		for (uint32_t j = 0; j < k; j++) {
+			f->ids[t * k + j] = j < m ? (int32_t)b.idx[j] : -1;
+			f->wts[t * k + j] = j < m ? b.wk[j] * d->scale : 0.0f;
+		}
+		f->prio[t] = b.s[b.idx[0]];
+		prob_vec(d->score, b.l, b.s, b.p, E);
+		stats_token(f, b.p, b.l, E);
+	}
+	tokbuf_free(&b);
+	return 1;
+}
+
 static int cmp_prio_desc(const void *pa, const void *pb)
 {
 	const struct ranked *a = pa, *b = pb;
@@ -1006,6 +1047,14 @@ static int check_desc(struct fwd *f)
 			BAD("product_key heads too large");
 		break;
 	}
+	case MOE_MODE_TOP_P:
+		if (d->top_k == 0 || d->top_k > E)
+			BAD("top_k (%u) must be in 1..n_experts (%u)", d->top_k, E);
+		if (!(d->top_p > 0.0f && d->top_p <= 1.0f))
+			BAD("top_p (%g) must be in (0, 1]", (double)d->top_p);
+		if (d->score != MOE_SCORE_SOFTMAX)
+			BAD("top_p routing sums softmax probabilities");
+		break;
 	case MOE_MODE_SPARSEMIXER:
 		if (d->top_k != 2 || E < 2)
 			BAD("sparsemixer needs top_k 2 and at least 2 experts");
@@ -1095,6 +1144,13 @@ static void finish_stats(struct fwd *f, struct moe_routing *rt)
 	rt->z_loss = (float)(f->z_sum / T);
 }
 
+/* One router per mode: the family column of moe_modes.def. */
+static int (*const route_fns[MOE_MODE_COUNT])(struct fwd *f) = {
+#define MOE_MODE(v, s, targets, family, pack) [MOE_MODE_##v] = route_##family,
+#include "moe_modes.def"
+#undef MOE_MODE
+};
+
 enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_weights *w,
 				const float *x, float *y, size_t n_tokens,
 				const struct moe_fwd_opts *opts, struct moe_routing *routing,
@@ -1168,35 +1224,10 @@ enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_w
 	if (!f->imp || !f->counts || !f->ids || !f->wts || !f->dropped || !f->prio)
 		goto out;
 
-	int ok = 1;
-	switch (d->mode) {
-	case MOE_MODE_TOKEN_CHOICE:
-		ok = route_topk(f);
-		if (ok && d->capacity != MOE_CAPACITY_NONE)
-			ok = apply_capacity(f);
-		break;
-	case MOE_MODE_DENSE:
-		ok = route_topk(f);
-		break;
-	case MOE_MODE_SPARSEMIXER:
-		ok = route_sparsemixer(f);
-		break;
-	case MOE_MODE_HIERARCHICAL:
-		ok = route_hierarchical(f);
-		break;
-	case MOE_MODE_EXPERT_CHOICE:
-		ok = route_expert_choice(f);
-		break;
-	case MOE_MODE_PRODUCT_KEY:
-		ok = route_product_key(f);
-		break;
-	case MOE_MODE_SOFT:
-		ok = route_soft(f);
-		break;
-	default:
-		ok = 0;
-		break;
-	}
+	/* the route column of moe_modes.def; capacity is token choice's alone */
+	int ok = route_fns[d->mode](f);
+	if (ok && d->capacity != MOE_CAPACITY_NONE)
+		ok = apply_capacity(f);
 	if (ok && d->mode != MOE_MODE_SOFT)
 		ok = combine(f);
 	if (!ok)
