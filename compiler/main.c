@@ -9,10 +9,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "moe_ref.h"
 #include "backend.h"
 #include "bench.h"
 #include "import.h"
+#include "moe_ref.h"
 
 #define MAX_SETS 256
 

@@ -17,8 +17,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "safetensors.h"
 #include "harness.h"
+#include "safetensors.h"
 
 /* Same expert set per token (order free). */
 static int same_sets(const int32_t *a, const int32_t *b, size_t T, size_t W, size_t *bad_tok)

@@ -14,8 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "safetensors.h"
 #include "harness.h"
+#include "safetensors.h"
 
 /* A PEER description: R^2 single-neuron experts of width H. */
 static void peer_desc(struct moe_desc *d, uint32_t H, uint32_t R, uint32_t heads, uint32_t k,

@@ -14,8 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "safetensors.h"
 #include "harness.h"
+#include "safetensors.h"
 
 static void sparsemixer_desc(struct moe_desc *d, uint32_t H, uint32_t E, float eps)
 {

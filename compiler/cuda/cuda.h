@@ -8,8 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "cuda_rt.h"
 #include "backend.h"
+#include "cuda_rt.h"
 
 /* What moe_cuda_generate produces. */
 #define MOE_CUDA_EMITS(X) X(CU, "cu") X(PTX, "ptx") X(IMAGES, "images")
