@@ -8,12 +8,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "moe.h" /* enum moe_dtype, enum moe_status: the public ABI */
+
 #define MOE_DESC_VERSION 2
 #define MOE_MAX_LAYERS 512
 #define MOE_MAX_LEVELS 2
 #define MOE_NAME_MAX 256
 
-/* Each enum is an X-macro list: value, spec spelling. */
+/* Each enum is an X-macro list: value, spec spelling. enum moe_dtype itself is
+ * public (moe.h); desc.c checks that this list matches it. */
 #define MOE_DTYPES(X) X(F32, "f32") X(BF16, "bf16") X(F16, "f16")
 #define MOE_MODES(X)                                                                               \
 	X(TOKEN_CHOICE, "token_choice")                                                            \
@@ -48,7 +51,6 @@
 #define MOE_ENUM_VALUE_(prefix, v, s) prefix##v,
 #define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
 
-#define MOE_ENUM_X_MOE_DTYPE_(v, s) MOE_DTYPE_##v,
 #define MOE_ENUM_X_MOE_MODE_(v, s) MOE_MODE_##v,
 #define MOE_ENUM_X_MOE_SCORE_(v, s) MOE_SCORE_##v,
 #define MOE_ENUM_X_MOE_NORM_(v, s) MOE_NORM_##v,
@@ -66,7 +68,6 @@
 #define MOE_ENUM_X_MOE_ORIENT_(v, s) MOE_ORIENT_##v,
 #define MOE_ENUM_X_MOE_QUANT_(v, s) MOE_QUANT_##v,
 
-MOE_DEFINE_ENUM(moe_dtype, MOE_DTYPE_, MOE_DTYPES);
 MOE_DEFINE_ENUM(moe_mode, MOE_MODE_, MOE_MODES);
 MOE_DEFINE_ENUM(moe_score, MOE_SCORE_, MOE_SCORES);
 MOE_DEFINE_ENUM(moe_norm, MOE_NORM_, MOE_NORMS);
@@ -265,8 +266,13 @@ uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
  * when the role is not used by this description. */
 int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *rows, uint64_t *cols,
 			int *per_expert);
-/* A one-line-per-field text dump (`moegen -d model`). Returns bytes written
- * (like snprintf). */
+/* A one-line-per-field text dump (`moegen -d model`, moe_describe()). Returns
+ * the length of the whole text (like snprintf). Floats are printed with the
+ * fewest digits that read back to the same value. */
 size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap);
+/* The inverse of moe_desc_dump: parse its text into *d (zeroed first; fields
+ * the text leaves out stay zero, as the dump leaves out only unused ones).
+ * Returns 0, or -1 with a message naming the line in err. */
+int moe_desc_parse(const char *text, struct moe_desc *d, char *err, size_t cap);
 
 #endif
