@@ -39,8 +39,8 @@ enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 };
  * layers. The full description is text, from moe_describe(). Fields are only
  * ever appended: read a field only when its offset is below `size`. */
 struct moe_info {
+	uint32_t abi_version;  /* MOE_ABI_VERSION of the library: first in every version */
 	uint32_t size;         /* sizeof(struct moe_info) of the library */
-	uint32_t abi_version;  /* MOE_ABI_VERSION of the library */
 	const char *name;      /* the spec's name */
 	const char *spec_hash; /* 32 hex digits: XXH3-128 of the moe_describe() text */
 	uint32_t hidden;       /* H: columns of x and y */

@@ -19,6 +19,14 @@
 #include "harness.h"
 #include "moegen.h"
 
+/* A model.so of a sanitizer build carries the sanitizer runtime: so must the
+ * probe that links it. */
+#if defined(__SANITIZE_ADDRESS__)
+#define PROBE_SAN " -fsanitize=address,undefined"
+#else
+#define PROBE_SAN ""
+#endif
+
 static int setup(void **state)
 {
 	(void)state;
@@ -152,9 +160,9 @@ static void test_moe_h_alone(void **state)
 	write_file(probe, probe_src);
 	assert_int_equal(
 	    sh(out, sizeof out,
-	       "cc -std=c11 -pedantic -Wall -Wextra -Werror -DHEADER='\"moe.h\"' -I'%s' "
+	       "cc -std=c11 -pedantic -Wall -Wextra -Werror%s -DHEADER='\"moe.h\"' -I'%s' "
 	       "'%s' '%s' -Wl,-rpath,'%s' -o '%s/probe' && '%s/probe'",
-	       dir, probe, m.path, h_tmpdir, h_tmpdir, h_tmpdir),
+	       PROBE_SAN, dir, probe, m.path, h_tmpdir, h_tmpdir, h_tmpdir),
 	    0);
 	expected(&d, want, sizeof want);
 	assert_string_equal(out, want);
@@ -190,9 +198,9 @@ static void test_emitted_header_alone(void **state)
 	write_file(probe, src);
 	assert_int_equal(
 	    sh(out, sizeof out,
-	       "cc -std=c11 -pedantic -Wall -Wextra -Werror -DHEADER='\"abi_probe.h\"' "
+	       "cc -std=c11 -pedantic -Wall -Wextra -Werror%s -DHEADER='\"abi_probe.h\"' "
 	       "-I'%s' '%s' '%s' -Wl,-rpath,'%s' -o '%s/probe2' && '%s/probe2'",
-	       dir, probe, m.path, h_tmpdir, h_tmpdir, h_tmpdir),
+	       PROBE_SAN, dir, probe, m.path, h_tmpdir, h_tmpdir, h_tmpdir),
 	    0);
 	expected(&d, want, sizeof want);
 	assert_string_equal(out, want);

@@ -28,8 +28,8 @@ c_enum = C.c_int
 class Info(C.Structure):
     """struct moe_info (moe.h); `size` is the library's sizeof(struct moe_info)."""
     _fields_ = [
-        ("size", C.c_uint32),
         ("abi_version", C.c_uint32),
+        ("size", C.c_uint32),
         ("name", C.c_char_p),
         ("spec_hash", C.c_char_p),
         ("hidden", C.c_uint32),
