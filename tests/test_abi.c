@@ -281,6 +281,26 @@ static void test_parse_exact_and_strict(void **state)
 	assert_non_null(strstr(err, "unknown line 'lasers'"));
 	assert_int_equal(moe_desc_parse("hidden 8\n", &back, err, sizeof err), -1);
 	assert_non_null(strstr(err, "name"));
+
+	/* every prefix of a rich description: whole lines read, cut lines are
+	 * read or refused, never overrun (the sanitizer build checks) */
+	struct moe_desc *full = calloc(1, sizeof *full);
+	assert_non_null(full);
+	struct moe_diag diag = {0, 0, capture, "specs/deepseek-v3.yaml"};
+	assert_int_equal(moe_front("specs/deepseek-v3.yaml", NULL, 0, full, &diag), MOE_EXIT_OK);
+	size_t n = moe_desc_dump(full, text, sizeof text);
+	assert_true(n < sizeof text);
+	for (size_t cut = 1; cut <= n; cut++) {
+		char c = text[cut];
+		text[cut] = 0;
+		int rc = moe_desc_parse(text, &back, err, sizeof err);
+		if (text[cut - 1] == '\n')
+			assert_int_equal(rc, 0);
+		else
+			assert_true(rc == 0 || rc == -1);
+		text[cut] = c;
+	}
+	free(full);
 }
 
 int main(void)

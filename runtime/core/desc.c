@@ -647,7 +647,8 @@ int moe_desc_parse(const char *text, struct moe_desc *d, char *err, size_t cap)
 			bad = l.bad;
 			continue;
 		}
-		for (char *t = strtok(s, " "); t; t = strtok(NULL, " ")) {
+		char *save = NULL;
+		for (char *t = strtok_r(s, " ", &save); t; t = strtok_r(NULL, " ", &save)) {
 			if (l.n == LINE_TOKENS) {
 				line_error(&l, "too many fields");
 				break;
