@@ -114,8 +114,8 @@ MOE_CPU_EMITTER_(moe_cpu_soft_build);
 
 /* link.c ---------------------------------------------------------------- */
 
-/* The hex SHA-256 of the model dump of d (65 bytes with the NUL). */
-void moe_desc_hash(const struct moe_desc *d, char hex[65]);
+/* The spec hash: hex XXH3-128 of the model dump of d (33 bytes with the NUL). */
+void moe_desc_hash(const struct moe_desc *d, char hex[33]);
 /* The runtime archive model.so links against, found next to the running
  * moegen or in the build dir; NULL when missing. */
 const char *moe_runtime_archive(void);

@@ -24,6 +24,7 @@ struct moe_api {
 	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
 				   struct moe_routing *, const struct moe_fwd_opts *);
 	const char *(*last_error)(void);
+	size_t (*describe)(char *, size_t);
 };
 
 static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
@@ -55,6 +56,7 @@ static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 	SYM(init_random, "moe_init_random");
 	SYM(forward, "moe_forward");
 	SYM(last_error, "moe_last_error");
+	SYM(describe, "moe_describe");
 #undef SYM
 	const struct moe_info *in = a->info();
 	if (in->abi_version != MOE_ABI_VERSION) {
@@ -65,6 +67,32 @@ static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 		return -1;
 	}
 	return 0;
+}
+
+/* The model's full description, read back from its text (moe_describe). The
+ * text's hash must be the spec hash: then nothing was lost on the way. */
+static struct moe_desc *api_desc(const struct moe_api *a, const char *path, char *err, size_t cap)
+{
+	size_t n = a->describe(NULL, 0);
+	char *text = malloc(n + 1);
+	struct moe_desc *d = malloc(sizeof *d);
+	char perr[512] = "its length changed between two calls", hash[33];
+	if (!text || !d) {
+		snprintf(err, cap, "out of memory");
+	} else if (a->describe(text, n + 1) != n || moe_desc_parse(text, d, perr, sizeof perr)) {
+		snprintf(err, cap, "'%s': its description does not read back: %s", path, perr);
+	} else {
+		moe_desc_hash(d, hash);
+		if (strcmp(hash, a->info()->spec_hash) == 0) {
+			free(text);
+			return d;
+		}
+		snprintf(err, cap, "'%s': its description reads back with hash %s, not %s", path,
+			 hash, a->info()->spec_hash);
+	}
+	free(text);
+	free(d);
+	return NULL;
 }
 
 static void usage(FILE *f)
@@ -137,7 +165,12 @@ static int do_run(const struct run_opts *o)
 		return MOE_EXIT_IO;
 	}
 	const struct moe_info *in = a.info();
-	const struct moe_desc *d = in->desc;
+	struct moe_desc *d = api_desc(&a, o->model, err, sizeof err);
+	if (!d) {
+		fprintf(stderr, "moegen: error: %s\n", err);
+		dlclose(a.dl);
+		return MOE_EXIT_IO;
+	}
 	int rc = MOE_EXIT_BACKEND;
 	moe_model *m = NULL;
 	float *x = NULL, *y = NULL, *yr = NULL;
@@ -275,6 +308,7 @@ out:
 	if (m)
 		a.destroy(m);
 	dlclose(a.dl);
+	free(d);
 	return rc;
 }
 

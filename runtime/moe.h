@@ -1,32 +1,63 @@
-/* moe.h: the ABI of every model.so that moegen builds. Opaque handles, status
- * codes, no globals; the last error message is kept per thread. Tensors are
- * caller-owned, row-major. See docs/abi.md. */
+/* moe.h: the ABI of every model.so that moegen builds. Self-contained (only
+ * the C library's headers): opaque handles, status codes, no globals; the last
+ * error message is kept per thread. Tensors are caller-owned, row-major.
+ * See docs/abi.md. */
 #ifndef MOE_H
 #define MOE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "moe_ref.h" /* enum moe_status, struct moe_routing, struct moe_fwd_opts */
-
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define MOE_ABI_VERSION 1
+/* 2: moe_info became a small versioned struct; moe_describe() added. */
+#define MOE_ABI_VERSION 2
+
+/* Every call returns one of these; the message is in moe_last_error(). */
+enum moe_status {
+	MOE_OK = 0,
+	MOE_ERR_ARG,   /* bad argument: NULL, wrong size, unknown layer */
+	MOE_ERR_INPUT, /* non-finite input */
+	MOE_ERR_NOMEM,
+	MOE_ERR_WEIGHTS,     /* missing, mis-shaped or malformed weights */
+	MOE_ERR_IO,          /* file I/O */
+	MOE_ERR_UNSUPPORTED, /* feature not generated for this target */
+	MOE_ERR_DEVICE,      /* accelerator failure or absence */
+	MOE_ERR_BUSY,        /* concurrent forward on one model */
+	MOE_ERR_INTERNAL,
+	MOE_STATUS_COUNT
+};
+
+/* Element types of weights and activations. */
+enum moe_dtype { MOE_DTYPE_F32 = 0, MOE_DTYPE_BF16 = 1, MOE_DTYPE_F16 = 2, MOE_DTYPE_COUNT };
 
 enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 };
 
-/* Static metadata of a model.so; never NULL, points at constant data. */
+/* Static metadata of a model.so: what a caller needs to size tensors and pick
+ * layers. The full description is text, from moe_describe(). Fields are only
+ * ever appended: read a field only when its offset is below `size`. */
 struct moe_info {
-	uint32_t abi_version; /* MOE_ABI_VERSION */
-	const char *name;
-	const struct moe_desc *desc; /* the resolved spec */
-	uint32_t hidden, n_experts, top_k, route_width, n_layers, n_moe_layers;
-	enum moe_dtype weight_dtype, act_dtype;
-	uint32_t targets;      /* bit (1 << enum moe_device) per compiled target */
-	const char *spec_hash; /* hex SHA-256 of the canonical model dump */
-	const char *cpu;       /* CPU the kernels were compiled for */
+	uint32_t abi_version;  /* MOE_ABI_VERSION of the library: first in every version */
+	uint32_t size;         /* sizeof(struct moe_info) of the library */
+	const char *name;      /* the spec's name */
+	const char *spec_hash; /* 32 hex digits: XXH3-128 of the moe_describe() text */
+	uint32_t hidden;       /* H: columns of x and y */
+	uint32_t intermediate; /* width of one routed expert (after the fine-grained split) */
+	uint32_t n_experts;    /* E: routed experts (after the split) */
+	uint32_t top_k;        /* experts per token (after the split); dense: E; expert choice: 0 */
+	uint32_t route_width;  /* W: slots per token in moe_routing.expert_ids/weights */
+	uint32_t n_shared_experts;
+	uint32_t shared_intermediate; /* width of one shared expert (0: none) */
+	uint32_t n_layers;            /* layers of the whole model */
+	uint32_t n_moe_layers;
+	enum moe_dtype weight_dtype;
+	enum moe_dtype act_dtype; /* of x and y: float, or bf16 bits in uint16_t */
+	uint32_t targets;         /* bit (1 << enum moe_device) per compiled target */
+	const uint32_t
+	    *moe_layers; /* [n_moe_layers] ascending: the `layer` values of moe_forward */
+	const char *cpu; /* CPU the kernels were compiled for ("" without cpu) */
 };
 
 struct moe_create_opts {
@@ -35,9 +66,47 @@ struct moe_create_opts {
 	void *stream; /* CUDA stream for device forward (CUstream) */
 };
 
+/* Forward options. */
+struct moe_fwd_opts {
+	int training;  /* noise and jitter apply only when set */
+	uint64_t seed; /* noise seed; the draw for (token, expert) depends only on
+			  (seed, layer, token index in this call, expert) */
+	uint32_t layer;
+};
+
+/* Routing output, every pointer optional (NULL: not wanted), caller-owned.
+ * ids/weights are [n_tokens, route_width]. Unused or dropped slots have id -1
+ * and weight 0. Per router mode:
+ *   token_choice, hierarchical, sparsemixer: the k chosen experts per token;
+ *   dense: W = E, all experts in order;
+ *   expert_choice: W = E, slot e holds e if expert e chose the token, else -1;
+ *   product_key: W = heads * top_k, expert index i * sub_keys + j;
+ *   soft: W = 0 (no discrete routing).
+ * counts: [E] assignments kept per expert (soft: slots per expert).
+ * importance: [E] sum over tokens of the normalized router probability.
+ * Scalars: see docs/semantics.md, "Auxiliary statistics". */
+struct moe_routing {
+	int32_t *expert_ids;
+	float *weights;
+	int64_t *counts;
+	float *importance;
+	float importance_cv2; /* squared coefficient of variation of importance */
+	float lb_loss;        /* Switch load-balancing loss E * sum_e f_e * P_e */
+	float z_loss;         /* mean over tokens of logsumexp(logits)^2 */
+	int64_t n_dropped;    /* assignments dropped by capacity */
+};
+
 typedef struct moe_model moe_model;
 
+/* Static metadata; never NULL, points at constant data owned by the library. */
 const struct moe_info *moe_info(void);
+
+/* The resolved model description as text, one fact per line ("key value ...",
+ * the same text as `moegen -d model`; spec_hash is its XXH3-128). Writes at
+ * most cap bytes including the terminating NUL into buf (buf may be NULL when
+ * cap is 0) and returns the length of the whole text, like snprintf: call
+ * with cap 0 to size the buffer. */
+size_t moe_describe(char *buf, size_t cap);
 
 /* Create a model with no weights loaded. opts may be NULL (defaults). */
 enum moe_status moe_create(moe_model **m, const struct moe_create_opts *opts);
@@ -47,7 +116,7 @@ void moe_destroy(moe_model *m); /* NULL is a no-op */
  * spec's name templates; a model.safetensors.index.json path loads its shards.
  * Weights are converted and packed once. */
 enum moe_status moe_load_safetensors(moe_model *m, const char *const *files, size_t n_files);
-/* Deterministic random weights (moe_ref_weights_random) for every MoE layer. */
+/* Deterministic random weights (the reference's) for every MoE layer. */
 enum moe_status moe_init_random(moe_model *m, uint64_t seed);
 
 /* y[n_tokens, H] = MoE layer `layer` (a model layer index that is an MoE layer)

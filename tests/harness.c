@@ -74,6 +74,7 @@ int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t 
 	*(void **)&m->init_random = dlsym(m->dl, "moe_init_random");
 	*(void **)&m->forward = dlsym(m->dl, "moe_forward");
 	*(void **)&m->last_error = dlsym(m->dl, "moe_last_error");
+	*(void **)&m->describe = dlsym(m->dl, "moe_describe");
 	assert_non_null(m->info);
 	assert_non_null(m->create);
 	assert_non_null(m->destroy);
@@ -81,6 +82,7 @@ int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t 
 	assert_non_null(m->init_random);
 	assert_non_null(m->forward);
 	assert_non_null(m->last_error);
+	assert_non_null(m->describe);
 	/* only the ABI is exported */
 	assert_null(dlsym(m->dl, "moe_ref_forward"));
 	assert_null(dlsym(m->dl, "moe_gen_model"));

@@ -30,6 +30,7 @@ struct h_model {
 	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
 				   struct moe_routing *, const struct moe_fwd_opts *);
 	const char *(*last_error)(void);
+	size_t (*describe)(char *, size_t);
 	char path[256];
 };
 

@@ -496,9 +496,9 @@ static void test_images_file(void **state)
 	const char *src = getenv("MOE_SOURCE_DIR");
 	src = src ? src : ".";
 	snprintf(cmd, sizeof cmd,
-		 "cc -std=c11 -I%s/runtime/cuda -I%s/runtime/core -I%s/runtime/ref -o %s %s %s && "
-		 "%s > %s/out.txt",
-		 src, src, src, exe, rd, img, exe, dir);
+		 "cc -std=c11 -I%s/runtime -I%s/runtime/cuda -I%s/runtime/core -I%s/runtime/ref -o "
+		 "%s %s %s && %s > %s/out.txt",
+		 src, src, src, src, exe, rd, img, exe, dir);
 	assert_int_equal(system(cmd), 0);
 	char outp[600], want[1024];
 	snprintf(outp, sizeof outp, "%s/out.txt", dir);

@@ -14,110 +14,26 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 extern char **environ;
 
-/* SHA-256 (FIPS 180-4) of the model dump: the spec hash in moe_info(). */
-struct sha256 {
-	uint32_t h[8];
-	uint64_t len;
-	uint8_t buf[64];
-	size_t n;
-};
-
-static const uint32_t sha_k[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
-
-static uint32_t ror(uint32_t x, int n)
-{
-	return (x >> n) | (x << (32 - n));
-}
-
-static void sha_block(struct sha256 *s, const uint8_t *p)
-{
-	uint32_t w[64], a[8];
-	for (int i = 0; i < 16; i++)
-		w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
-		       (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-	for (int i = 16; i < 64; i++) {
-		uint32_t s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >> 3);
-		uint32_t s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >> 10);
-		w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-	}
-	memcpy(a, s->h, sizeof a);
-	for (int i = 0; i < 64; i++) {
-		uint32_t s1 = ror(a[4], 6) ^ ror(a[4], 11) ^ ror(a[4], 25);
-		uint32_t ch = (a[4] & a[5]) ^ (~a[4] & a[6]);
-		uint32_t t1 = a[7] + s1 + ch + sha_k[i] + w[i];
-		uint32_t s0 = ror(a[0], 2) ^ ror(a[0], 13) ^ ror(a[0], 22);
-		uint32_t mj = (a[0] & a[1]) ^ (a[0] & a[2]) ^ (a[1] & a[2]);
-		memmove(a + 1, a, 7 * sizeof *a);
-		a[4] += t1;
-		a[0] = t1 + s0 + mj;
-	}
-	for (int i = 0; i < 8; i++)
-		s->h[i] += a[i];
-}
-
-static void sha_init(struct sha256 *s)
-{
-	static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-				       0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-	memcpy(s->h, h0, sizeof h0);
-	s->len = 0;
-	s->n = 0;
-}
-
-static void sha_update(struct sha256 *s, const void *data, size_t n)
-{
-	const uint8_t *p = data;
-	s->len += n;
-	while (n) {
-		size_t take = 64 - s->n < n ? 64 - s->n : n;
-		memcpy(s->buf + s->n, p, take);
-		s->n += take;
-		p += take;
-		n -= take;
-		if (s->n == 64) {
-			sha_block(s, s->buf);
-			s->n = 0;
-		}
-	}
-}
-
-static void sha_final(struct sha256 *s, char hex[65])
-{
-	uint64_t bits = s->len * 8;
-	uint8_t pad = 0x80, zero = 0, lenb[8];
-	sha_update(s, &pad, 1);
-	while (s->n != 56)
-		sha_update(s, &zero, 1);
-	for (int i = 0; i < 8; i++)
-		lenb[i] = (uint8_t)(bits >> (56 - 8 * i));
-	sha_update(s, lenb, 8);
-	for (int i = 0; i < 8; i++)
-		snprintf(hex + 8 * i, 9, "%08x", s->h[i]);
-}
-
-void moe_desc_hash(const struct moe_desc *d, char hex[65])
+/* The spec hash in moe_info(): XXH3-128 of the model dump (moe_describe's
+ * text), as the 32 hex digits of its canonical (big-endian) form. */
+void moe_desc_hash(const struct moe_desc *d, char hex[33])
 {
 	size_t n = moe_desc_dump(d, NULL, 0);
 	char *buf = malloc(n + 1);
-	struct sha256 s;
-	sha_init(&s);
+	XXH128_hash_t h = {0, 0};
 	if (buf) {
 		moe_desc_dump(d, buf, n + 1);
-		sha_update(&s, buf, n);
+		h = XXH3_128bits(buf, n);
 		free(buf);
 	}
-	sha_final(&s, hex);
+	XXH128_canonical_t c;
+	XXH128_canonicalFromHash(&c, h);
+	for (size_t i = 0; i < sizeof c.digest; i++)
+		snprintf(hex + 2 * i, 3, "%02x", c.digest[i]);
 }
 
 static void errf(char *err, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -176,9 +92,9 @@ static int write_all(const char *path, const void *data, size_t n, char *err, si
 }
 
 /* The symbols of runtime/moe.h that model.so exports (and only those). */
-static const char *const api_syms[] = {
-    "moe_info",        "moe_create",  "moe_destroy",   "moe_load_safetensors",
-    "moe_init_random", "moe_forward", "moe_last_error"};
+static const char *const api_syms[] = {"moe_info",    "moe_describe",         "moe_create",
+				       "moe_destroy", "moe_load_safetensors", "moe_init_random",
+				       "moe_forward", "moe_last_error"};
 #define N_API (sizeof api_syms / sizeof *api_syms)
 
 /* Run the linker: cc -shared -o out obj archive ... Captures its stderr
@@ -267,9 +183,13 @@ static int rm_rf_tmp(const char *dir, const char *const *names, int n)
 	return rmdir(dir);
 }
 
+/* runtime/moe.h, embedded at build time (CMakeLists.txt): the ABI part of the
+ * headers moe_write_header writes. */
+extern const char moe_abi_header[];
+
 int moe_write_header(const struct moe_desc *d, FILE *f)
 {
-	char hash[65], guard[MOE_NAME_MAX + 16];
+	char hash[33], guard[MOE_NAME_MAX + 16];
 	moe_desc_hash(d, hash);
 	size_t g = 0;
 	g += (size_t)snprintf(guard, sizeof guard, "MOE_MODEL_");
@@ -283,8 +203,11 @@ int moe_write_header(const struct moe_desc *d, FILE *f)
 	fprintf(f, "/* The model '%s' generated by moegen (spec hash %s).\n", d->name, hash);
 	fprintf(f, " * Link with the model.so built from the same spec, or with the object from\n"
 		   " * `moegen SPEC --emit obj` plus the runtime archive libmoe_runtime.a. */\n");
-	fprintf(f, "#ifndef %s\n#define %s\n\n#include <stddef.h>\n#include <stdint.h>\n\n", guard,
-		guard);
+	fprintf(f, "#ifndef %s\n#define %s\n\n", guard, guard);
+	/* The ABI, runtime/moe.h verbatim (its own include guard), for users who
+	 * do not have moegen's headers. */
+	fputs(moe_abi_header, f);
+	fprintf(f, "\n/* The constants of this model (moe_info() at compile time). */\n");
 	fprintf(f, "#define MOE_MODEL_NAME \"%s\"\n", d->name);
 	fprintf(f, "#define MOE_MODEL_SPEC_HASH \"%s\"\n", hash);
 	fprintf(f, "#define MOE_MODEL_HIDDEN %u\n", d->hidden);
@@ -294,53 +217,17 @@ int moe_write_header(const struct moe_desc *d, FILE *f)
 	fprintf(f, "#define MOE_MODEL_TOP_K %u\n", d->top_k);
 	fprintf(f, "#define MOE_MODEL_ROUTE_WIDTH %u\n", moe_desc_route_width(d));
 	fprintf(f, "#define MOE_MODEL_INTERMEDIATE %u\n", d->intermediate);
+	fprintf(f, "#define MOE_MODEL_SHARED_EXPERTS %u\n", d->shared_count);
 	fprintf(f, "#define MOE_MODEL_SHARED_WIDTH %u\n", moe_desc_shared_width(d));
-	fprintf(f, "#define MOE_MODEL_WEIGHT_DTYPE \"%s\"\n", moe_dtype_names[d->weight_dtype]);
-	fprintf(f, "#define MOE_MODEL_ACT_DTYPE \"%s\"\n", moe_dtype_names[d->act_dtype]);
+	static const char *const dtype_enum[MOE_DTYPE_COUNT] = {"F32", "BF16", "F16"};
+	fprintf(f, "#define MOE_MODEL_WEIGHT_DTYPE MOE_DTYPE_%s\n", dtype_enum[d->weight_dtype]);
+	fprintf(f, "#define MOE_MODEL_ACT_DTYPE MOE_DTYPE_%s\n", dtype_enum[d->act_dtype]);
 	fprintf(f, "#define MOE_MODEL_ROUTER_MODE \"%s\"\n", moe_mode_names[d->mode]);
 	fprintf(f, "static const uint32_t moe_model_moe_layers[%u] = {",
 		d->n_moe_layers ? d->n_moe_layers : 1);
 	for (uint32_t i = 0; i < d->n_moe_layers; i++)
 		fprintf(f, "%s%u", i ? ", " : "", d->moe_layers[i]);
-	fprintf(f, "};\n\n");
-	/* The ABI of runtime/moe.h, for users who do not have moegen's headers. */
-	fprintf(f, "#ifndef MOE_REF_H\n"
-		   "enum moe_status {\n\tMOE_OK = 0,\n\tMOE_ERR_ARG,\n\tMOE_ERR_INPUT,\n"
-		   "\tMOE_ERR_NOMEM,\n\tMOE_ERR_WEIGHTS,\n\tMOE_ERR_IO,\n\tMOE_ERR_UNSUPPORTED,\n"
-		   "\tMOE_ERR_DEVICE,\n\tMOE_ERR_BUSY,\n\tMOE_ERR_INTERNAL,\n"
-		   "\tMOE_STATUS_COUNT\n};\n"
-		   "struct moe_fwd_opts {\n\tint training;\n\tuint64_t seed;\n\tuint32_t layer;\n"
-		   "};\n"
-		   "struct moe_routing {\n\tint32_t *expert_ids;\n\tfloat *weights;\n"
-		   "\tint64_t *counts;\n\tfloat *importance;\n\tfloat importance_cv2;\n"
-		   "\tfloat lb_loss;\n\tfloat z_loss;\n\tint64_t n_dropped;\n};\n"
-		   "struct moe_desc;\n"
-		   "enum moe_dtype { MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16, "
-		   "MOE_DTYPE_COUNT };\n"
-		   "#endif\n\n");
-	fprintf(f,
-		"#ifndef MOE_H\n#define MOE_H\n#ifdef __cplusplus\nextern \"C\" {\n#endif\n"
-		"#define MOE_ABI_VERSION 1\n"
-		"enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 };\n"
-		"struct moe_info {\n\tuint32_t abi_version;\n\tconst char *name;\n"
-		"\tconst struct moe_desc *desc;\n"
-		"\tuint32_t hidden, n_experts, top_k, route_width, n_layers, n_moe_layers;\n"
-		"\tenum moe_dtype weight_dtype, act_dtype;\n\tuint32_t targets;\n"
-		"\tconst char *spec_hash;\n\tconst char *cpu;\n};\n"
-		"struct moe_create_opts {\n\tuint32_t threads;\n\tenum moe_device device;\n"
-		"\tvoid *stream;\n};\n"
-		"typedef struct moe_model moe_model;\n"
-		"const struct moe_info *moe_info(void);\n"
-		"enum moe_status moe_create(moe_model **m, const struct moe_create_opts *opts);\n"
-		"void moe_destroy(moe_model *m);\n"
-		"enum moe_status moe_load_safetensors(moe_model *m, const char *const *files, "
-		"size_t n_files);\n"
-		"enum moe_status moe_init_random(moe_model *m, uint64_t seed);\n"
-		"enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x, void "
-		"*y, size_t n_tokens,\n\t\t\t    struct moe_routing *routing, const struct "
-		"moe_fwd_opts *opts);\n"
-		"const char *moe_last_error(void);\n"
-		"#ifdef __cplusplus\n}\n#endif\n#endif\n\n#endif\n");
+	fprintf(f, "};\n\n#endif\n");
 	return ferror(f) ? -1 : 0;
 }
 

@@ -44,34 +44,38 @@ def _name(table, value):
 
 
 class ModelInfo:
-    """The static metadata of a model.so (struct moe_info and its description)."""
+    """The static metadata of a model.so: struct moe_info, and the full
+    description as text (moe_describe, the `moegen -d model` dump) with a few
+    facts read from it (mode, score, weight_names)."""
 
-    def __init__(self, raw):
+    def __init__(self, raw, description):
         self.abi_version = raw.abi_version
         self.name = raw.name.decode()
+        self.spec_hash = raw.spec_hash.decode() if raw.spec_hash else ""
         self.hidden = raw.hidden
+        self.intermediate = raw.intermediate
         self.n_experts = raw.n_experts
         self.top_k = raw.top_k
         self.route_width = raw.route_width
+        self.n_shared_experts = raw.n_shared_experts
+        self.shared_intermediate = raw.shared_intermediate
+        self.shared_width = raw.n_shared_experts * raw.shared_intermediate
         self.n_layers = raw.n_layers
         self.n_moe_layers = raw.n_moe_layers
+        self.moe_layers = [raw.moe_layers[i] for i in range(raw.n_moe_layers)]
         self.weight_dtype = _name(_abi.DTYPES, raw.weight_dtype)
         self.act_dtype = _name(_abi.DTYPES, raw.act_dtype)
         self.targets = [d for i, d in enumerate(_abi.DEVICES) if raw.targets & (1 << i)]
-        self.spec_hash = raw.spec_hash.decode() if raw.spec_hash else ""
         self.cpu = raw.cpu.decode() if raw.cpu else ""
-        d = raw.desc.contents
-        self.desc = d  # the raw struct moe_desc, for fields not surfaced here
-        self.moe_layers = [d.moe_layers[i] for i in range(min(d.n_moe_layers, _abi.MAX_LAYERS))]
-        self.mode = _name(_abi.MODES, d.mode)
-        self.score = _name(_abi.SCORES, d.score)
-        self.intermediate = d.intermediate
-        self.shared_width = d.shared_count * d.shared_intermediate
+        self.description = description
+        self.mode = self.score = ""
         self.weight_names = {}
-        for i, role in enumerate(_abi.ROLES):
-            n = d.names[i].value.decode()
-            if n:
-                self.weight_names[role] = n
+        for line in description.splitlines():
+            w = line.split(" ")
+            if w[0] == "router" and len(w) >= 4:  # router MODE score SCORE top_k K
+                self.mode, self.score = w[1], w[3]
+            elif w[0] == "weight" and len(w) >= 3:  # weight ROLE NAME orient ...
+                self.weight_names[w[1]] = w[2]
 
     def __repr__(self):
         return ("ModelInfo(name=%r, hidden=%d, n_experts=%d, top_k=%d, mode=%s, "
@@ -136,16 +140,14 @@ class Model:
         # RTLD_LOCAL: several model.so export the same symbol names.
         self._lib = _abi.bind(ctypes.CDLL(self.path, mode=os.RTLD_NOW | os.RTLD_LOCAL))
         raw = self._lib.moe_info().contents
-        if raw.abi_version != ABI_VERSION:
+        if raw.abi_version != ABI_VERSION or raw.size < ctypes.sizeof(_abi.Info):
             raise MoeError(_abi.STATUSES.index("ERR_INTERNAL"),
-                           "%s has ABI version %d, this binding speaks version %d" %
-                           (self.path, raw.abi_version, ABI_VERSION))
-        if raw.desc.contents.version != _abi.DESC_VERSION:
-            raise MoeError(_abi.STATUSES.index("ERR_INTERNAL"),
-                           "%s embeds a version %d model description, this binding reads "
-                           "version %d" % (self.path, raw.desc.contents.version,
-                                           _abi.DESC_VERSION))
-        self.info = ModelInfo(raw)
+                           "%s has ABI version %d (%d-byte moe_info), this binding speaks "
+                           "version %d" % (self.path, raw.abi_version, raw.size, ABI_VERSION))
+        n = self._lib.moe_describe(None, 0)
+        text = ctypes.create_string_buffer(n + 1)
+        self._lib.moe_describe(text, n + 1)
+        self.info = ModelInfo(raw, text.value.decode())
         self._lock = threading.Lock()
         self._h = ctypes.c_void_p()
         if threads < 0 or threads >= 1 << 32:

@@ -2,6 +2,8 @@
 safetensors by the test, outputs and routing compared with a numpy forward
 written here from the formulas (SEMANTICS.md, Mixtral / Qwen2-MoE)."""
 
+import os
+import subprocess
 import threading
 
 import numpy as np
@@ -121,10 +123,21 @@ def test_info(tiny):
     assert i.mode == "token_choice" and i.score == "softmax"
     assert i.weight_dtype == "f32" and i.act_dtype == "f32"
     assert "cpu" in i.targets
-    assert len(i.spec_hash) == 64 and int(i.spec_hash, 16) >= 0
+    assert len(i.spec_hash) == 32 and int(i.spec_hash, 16) >= 0
     assert i.weight_names["router"] == "l.{layer}.gate.weight"
     assert i.weight_names["down"] == "l.{layer}.e.{expert}.w2.weight"
-    assert i.desc.intermediate == 8 and i.desc.n_experts == 4
+    assert i.intermediate == 8 and i.n_shared_experts == 0 and i.shared_width == 0
+
+
+def test_description_is_the_model_dump(tiny, moegen_cmd):
+    # moe_describe's text is what `moegen -d model` prints for the same spec
+    so, _, _ = tiny
+    m = moegen.load(so)
+    spec = os.path.join(os.path.dirname(so), "pyt-tiny.yaml")
+    dump = subprocess.run([moegen_cmd, "-d", "model", spec], check=True,
+                          stdout=subprocess.PIPE, text=True).stdout
+    assert m.info.description == dump
+    assert m.info.description.startswith("name pyt-tiny\n")
 
 
 @pytest.mark.parametrize("layer", [0, 2])
@@ -241,6 +254,9 @@ def test_two_models_side_by_side(tmp_path, moegen_cmd):
     a = moegen.load(so_a, weights=tmp_path / "a.safetensors")
     b = moegen.load(so_b, weights=tmp_path / "b.safetensors", threads=1)
     assert (a.info.name, b.info.name) == ("pyt-a", "pyt-b")
+    assert (a.info.n_shared_experts, b.info.n_shared_experts) == (0, 1)
+    assert (b.info.shared_intermediate, b.info.shared_width) == (10, 10)
+    assert a.info.spec_hash != b.info.spec_hash
     xa = rng.standard_normal((40, 16)).astype(np.float32)
     xb = rng.standard_normal((40, 24)).astype(np.float32)
     out = {}

@@ -3,8 +3,11 @@
 #include "moe_desc.h"
 #include "moe_ops.h"
 
+#include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NAME_(v, s) s,
@@ -41,6 +44,16 @@ _Static_assert(sizeof moe_shape_names / sizeof *moe_shape_names == MOE_SHAPE_COU
 #undef NAME_
 #undef OP_NAME_
 #undef OP_SHAPE_
+
+/* enum moe_dtype is public (moe.h): the X-macro list must match it. */
+#define DTYPE_ORDER_(v, s) MOE_DTYPE_ORDER_##v,
+enum { MOE_DTYPES(DTYPE_ORDER_) MOE_DTYPE_ORDER_COUNT };
+#undef DTYPE_ORDER_
+#define DTYPE_CHECK_(v, s)                                                                         \
+	_Static_assert((int)MOE_DTYPE_ORDER_##v == (int)MOE_DTYPE_##v, "dtype " s);
+MOE_DTYPES(DTYPE_CHECK_)
+#undef DTYPE_CHECK_
+_Static_assert((int)MOE_DTYPE_ORDER_COUNT == (int)MOE_DTYPE_COUNT, "dtype list");
 
 _Static_assert(sizeof moe_mode_names / sizeof *moe_mode_names == MOE_MODE_COUNT, "mode table");
 _Static_assert(sizeof moe_role_names / sizeof *moe_role_names == MOE_ROLE_COUNT, "role table");
@@ -211,6 +224,24 @@ __attribute__((format(printf, 2, 3))) static void put(struct out *o, const char 
 		o->len += (size_t)n;
 }
 
+/* The fewest significant digits that read back (strtof) as the same float,
+ * so the dump is exact and still reads "1.25", not "1.25000000". */
+struct fstr {
+	char s[32];
+};
+
+static struct fstr fl(float v)
+{
+	struct fstr f;
+	snprintf(f.s, sizeof f.s, "%g", (double)v);
+	for (int p = 1; p <= 9 && isfinite(v); p++) {
+		snprintf(f.s, sizeof f.s, "%.*g", p, (double)v);
+		if (strtof(f.s, NULL) == v)
+			break;
+	}
+	return f;
+}
+
 size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 {
 	struct out o = {buf, cap, 0};
@@ -235,35 +266,35 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	    moe_dtype_names[d->act_dtype]);
 	put(&o, "router %s score %s top_k %u\n", moe_mode_names[d->mode], moe_score_names[d->score],
 	    d->top_k);
-	put(&o, "normalize %s eps %g min %g p %g scale %g\n", moe_norm_names[d->norm],
-	    (double)d->norm_eps, (double)d->norm_min, (double)d->norm_p, (double)d->scale);
+	put(&o, "normalize %s eps %s min %s p %s scale %s\n", moe_norm_names[d->norm],
+	    fl(d->norm_eps).s, fl(d->norm_min).s, fl(d->norm_p).s, fl(d->scale).s);
 	put(&o, "router_bias %u select_bias %u apply_to %s\n", d->router_bias, d->select_bias,
 	    moe_apply_names[d->apply_to]);
 	put(&o, "groups %u top %u score %s\n", d->n_groups, d->group_top,
 	    moe_group_score_names[d->group_score]);
-	put(&o, "capacity %s factor %g per_expert %u priority %s overflow %s\n",
-	    moe_capacity_names[d->capacity], (double)d->capacity_factor, d->capacity_per_expert,
+	put(&o, "capacity %s factor %s per_expert %u priority %s overflow %s\n",
+	    moe_capacity_names[d->capacity], fl(d->capacity_factor).s, d->capacity_per_expert,
 	    moe_priority_names[d->priority], moe_overflow_names[d->overflow]);
 	if (d->capacity_token_fraction != 0 || d->capacity_min || d->capacity_floor ||
 	    d->capacity_norm_after_drop)
-		put(&o, "capacity token_fraction %g min %u rounding %s normalize_after_drop %u\n",
-		    (double)d->capacity_token_fraction, d->capacity_min,
+		put(&o, "capacity token_fraction %s min %u rounding %s normalize_after_drop %u\n",
+		    fl(d->capacity_token_fraction).s, d->capacity_min,
 		    d->capacity_floor ? "floor" : "ceil", d->capacity_norm_after_drop);
 	if (d->output_bias)
 		put(&o, "output_bias 1\n");
-	put(&o, "noise %s jitter_eps %g\n", moe_noise_names[d->noise], (double)d->jitter_eps);
+	put(&o, "noise %s jitter_eps %s\n", moe_noise_names[d->noise], fl(d->jitter_eps).s);
 	if (d->mode == MOE_MODE_HIERARCHICAL)
 		for (uint32_t i = 0; i < d->n_levels; i++)
 			put(&o, "level %u groups %u top_k %u\n", i, d->levels[i].groups,
 			    d->levels[i].top_k);
 	if (d->mode == MOE_MODE_EXPERT_CHOICE)
-		put(&o, "expert_choice capacity_factor %g\n", (double)d->ec_capacity_factor);
+		put(&o, "expert_choice capacity_factor %s\n", fl(d->ec_capacity_factor).s);
 	if (d->mode == MOE_MODE_SOFT)
 		put(&o, "soft slots_per_expert %u\n", d->soft_slots_per_expert);
 	if (d->mode == MOE_MODE_SPARSEMIXER)
-		put(&o, "sparsemixer eps %g\n", (double)d->sparsemixer_eps);
+		put(&o, "sparsemixer eps %s\n", fl(d->sparsemixer_eps).s);
 	if (d->mode == MOE_MODE_TOP_P)
-		put(&o, "top_p %.9g\n", (double)d->top_p);
+		put(&o, "top_p %s\n", fl(d->top_p).s);
 	if (d->mode == MOE_MODE_PRODUCT_KEY)
 		put(&o,
 		    "product_key sub_keys %u heads %u top_k %u query_dim %u score %s query_bn %u\n",
@@ -272,7 +303,7 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	put(&o, "experts %s count %u intermediate %u activation %s", moe_kind_names[d->kind],
 	    d->n_experts, d->intermediate, moe_act_names[d->act]);
 	if (d->act == MOE_ACT_SWIGLU_OAI)
-		put(&o, " alpha %g limit %g", (double)d->act_alpha, (double)d->act_limit);
+		put(&o, " alpha %s limit %s", fl(d->act_alpha).s, fl(d->act_limit).s);
 	put(&o, " bias %u split %u\n", d->expert_bias, d->split);
 	if (d->shared_count)
 		put(&o, "shared %s count %u intermediate %u activation %s gate %s\n",
@@ -294,4 +325,365 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		put(&o, "\n");
 	}
 	return o.len;
+}
+
+/* moe_desc_parse: one line of the dump is "head [value] (key value)*", except
+ * name (the rest of the line), moe_layers (a list), dense_ffn (three values)
+ * and weight (role, name, then keys and the flag row_blocked). Every token
+ * must be consumed: an unknown key is an error, not skipped. */
+#define LINE_TOKENS 64
+
+struct line {
+	char *tok[LINE_TOKENS];
+	int n, first_pair; /* pairs start at tok[first_pair] */
+	uint8_t used[LINE_TOKENS];
+	int lineno, bad;
+	char *err;
+	size_t cap;
+};
+
+__attribute__((format(printf, 2, 3))) static void line_error(struct line *l, const char *fmt, ...)
+{
+	if (l->bad++)
+		return;
+	int n = l->err && l->cap ? snprintf(l->err, l->cap, "line %d: ", l->lineno) : 0;
+	va_list ap;
+	va_start(ap, fmt);
+	if (n >= 0 && (size_t)n < l->cap)
+		vsnprintf(l->err + n, l->cap - (size_t)n, fmt, ap);
+	va_end(ap);
+}
+
+/* The value of `key` in the line's pairs, or the head value when key is NULL;
+ * NULL (and an error unless optional) when absent. */
+static const char *field(struct line *l, const char *key, int optional)
+{
+	if (!key) {
+		if (l->first_pair == 2) {
+			l->used[1] = 1;
+			return l->tok[1];
+		}
+	} else {
+		for (int i = l->first_pair; i + 1 < l->n; i += 2)
+			if (!l->used[i] && strcmp(l->tok[i], key) == 0) {
+				l->used[i] = l->used[i + 1] = 1;
+				return l->tok[i + 1];
+			}
+	}
+	if (!optional)
+		line_error(l, "'%s' lacks %s", l->tok[0], key ? key : "its value");
+	return NULL;
+}
+
+/* Whether the line has an unread `key` (an optional field). */
+static int has(const struct line *l, const char *key)
+{
+	for (int i = l->first_pair; i + 1 < l->n; i += 2)
+		if (!l->used[i] && strcmp(l->tok[i], key) == 0)
+			return 1;
+	return 0;
+}
+
+static void to_u32(struct line *l, const char *s, uint32_t *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (*s < '0' || *s > '9' || *end || errno || v > UINT32_MAX)
+		line_error(l, "'%s' is not a 32-bit unsigned number", s);
+	else
+		*out = (uint32_t)v;
+}
+
+static void take_u32(struct line *l, const char *key, int optional, uint32_t *out)
+{
+	const char *s = field(l, key, optional);
+	if (s)
+		to_u32(l, s, out);
+}
+
+static void take_u8(struct line *l, const char *key, uint8_t *out)
+{
+	uint32_t v = 0;
+	take_u32(l, key, 0, &v);
+	if (v > UINT8_MAX)
+		line_error(l, "%s %u is out of range", key ? key : l->tok[0], v);
+	*out = (uint8_t)v;
+}
+
+static void take_f32(struct line *l, const char *key, float *out)
+{
+	const char *s = field(l, key, 0);
+	if (!s)
+		return;
+	char *end;
+	float v = strtof(s, &end);
+	if (end == s || *end)
+		line_error(l, "'%s' is not a number", s);
+	else
+		*out = v;
+}
+
+static int take_enum(struct line *l, const char *key, const char *const *names, int n)
+{
+	const char *s = field(l, key, 0);
+	if (!s)
+		return 0;
+	int v = moe_enum_lookup(names, n, s);
+	if (v < 0) {
+		line_error(l, "unknown %s '%s'", key ? key : l->tok[0], s);
+		return 0;
+	}
+	return v;
+}
+
+#define ENUM_(key, table, count) take_enum(l, key, table, count)
+
+static void parse_weight(struct line *l, struct moe_desc *d)
+{
+	if (l->n < 3) {
+		line_error(l, "'weight' needs a role and a name");
+		return;
+	}
+	int r = moe_enum_lookup(moe_role_names, MOE_ROLE_COUNT, l->tok[1]);
+	if (r < 0) {
+		line_error(l, "unknown weight role '%s'", l->tok[1]);
+		return;
+	}
+	if (strlen(l->tok[2]) >= MOE_NAME_MAX) {
+		line_error(l, "the %s name is too long", l->tok[1]);
+		return;
+	}
+	l->used[1] = l->used[2] = 1;
+	strcpy(d->names[r], l->tok[2]);
+	/* the flag shifts the pairs after it: take it out first */
+	int w = 3;
+	for (int i = 3; i < l->n; i++)
+		if (strcmp(l->tok[i], "row_blocked") == 0)
+			d->layouts[r].row_blocked = 1;
+		else
+			l->tok[w++] = l->tok[i];
+	l->n = w;
+	l->first_pair = 3;
+	struct moe_layout *lo = &d->layouts[r];
+	lo->orient = (enum moe_orient)ENUM_("orient", moe_orient_names, MOE_ORIENT_COUNT);
+	if (has(l, "fuse"))
+		lo->fuse = (enum moe_fuse)ENUM_("fuse", moe_fuse_names, MOE_FUSE_COUNT);
+	if (has(l, "quant")) {
+		lo->quant = (enum moe_quant)ENUM_("quant", moe_quant_names, MOE_QUANT_COUNT);
+		const char *b = field(l, "block", 0);
+		unsigned b0, b1;
+		char tail;
+		if (b && sscanf(b, "%ux%u%c", &b0, &b1, &tail) != 2)
+			line_error(l, "block '%s' is not RxC", b);
+		else if (b) {
+			lo->quant_block[0] = b0;
+			lo->quant_block[1] = b1;
+		}
+		const char *sc = field(l, "scales", 0);
+		if (sc && strlen(sc) >= MOE_NAME_MAX)
+			line_error(l, "the %s scales name is too long", l->tok[1]);
+		else if (sc)
+			strcpy(d->scale_names[r], sc);
+	}
+}
+
+static void parse_line(struct line *l, struct moe_desc *d)
+{
+	const char *h = l->tok[0];
+	if (!strcmp(h, "moe_layers")) {
+		for (int i = 1; i < l->n; i++) {
+			if (d->n_moe_layers == MOE_MAX_LAYERS) {
+				line_error(l, "more than %d MoE layers", MOE_MAX_LAYERS);
+				return;
+			}
+			to_u32(l, l->tok[i], &d->moe_layers[d->n_moe_layers++]);
+			l->used[i] = 1;
+		}
+	} else if (!strcmp(h, "dense_ffn")) {
+		if (l->n != 4) {
+			line_error(l, "'dense_ffn' needs a kind, an activation and a width");
+			return;
+		}
+		int k = moe_enum_lookup(moe_kind_names, MOE_KIND_COUNT, l->tok[1]);
+		int a = moe_enum_lookup(moe_act_names, MOE_ACT_COUNT, l->tok[2]);
+		if (k < 0 || a < 0)
+			line_error(l, "unknown dense kind '%s' or activation '%s'", l->tok[1],
+				   l->tok[2]);
+		d->dense_kind = (enum moe_kind)(k < 0 ? 0 : k);
+		d->dense_act = (enum moe_act)(a < 0 ? 0 : a);
+		to_u32(l, l->tok[3], &d->dense_intermediate);
+		l->used[1] = l->used[2] = l->used[3] = 1;
+	} else if (!strcmp(h, "weight")) {
+		parse_weight(l, d);
+	} else if (!strcmp(h, "hidden")) {
+		take_u32(l, NULL, 0, &d->hidden);
+	} else if (!strcmp(h, "layers")) {
+		take_u32(l, NULL, 0, &d->n_layers);
+	} else if (!strcmp(h, "vocab")) {
+		take_u32(l, NULL, 0, &d->vocab);
+		take_u8(l, "tied", &d->tied_embeddings);
+	} else if (!strcmp(h, "attention")) {
+		d->attn = (enum moe_attn)ENUM_(NULL, moe_attn_names, MOE_ATTN_COUNT);
+		take_u32(l, "heads", 0, &d->attn_heads);
+		take_u32(l, "kv_heads", 0, &d->attn_kv_heads);
+		take_u32(l, "head_dim", 0, &d->attn_head_dim);
+		int mla = d->attn == MOE_ATTN_MLA;
+		take_u32(l, "q_lora", !mla, &d->mla_q_lora_rank);
+		take_u32(l, "kv_lora", !mla, &d->mla_kv_lora_rank);
+		take_u32(l, "nope", !mla, &d->mla_qk_nope_dim);
+		take_u32(l, "rope", !mla, &d->mla_qk_rope_dim);
+		take_u32(l, "v", !mla, &d->mla_v_dim);
+	} else if (!strcmp(h, "dtype")) {
+		d->weight_dtype =
+		    (enum moe_dtype)ENUM_("weights", moe_dtype_names, MOE_DTYPE_COUNT);
+		d->act_dtype =
+		    (enum moe_dtype)ENUM_("activations", moe_dtype_names, MOE_DTYPE_COUNT);
+		const char *r = field(l, "router", 0);
+		if (r && strcmp(r, "f32") != 0)
+			line_error(l, "router dtype '%s' is not f32", r);
+	} else if (!strcmp(h, "router")) {
+		d->mode = (enum moe_mode)ENUM_(NULL, moe_mode_names, MOE_MODE_COUNT);
+		d->score = (enum moe_score)ENUM_("score", moe_score_names, MOE_SCORE_COUNT);
+		take_u32(l, "top_k", 0, &d->top_k);
+	} else if (!strcmp(h, "normalize")) {
+		d->norm = (enum moe_norm)ENUM_(NULL, moe_norm_names, MOE_NORM_COUNT);
+		take_f32(l, "eps", &d->norm_eps);
+		take_f32(l, "min", &d->norm_min);
+		take_f32(l, "p", &d->norm_p);
+		take_f32(l, "scale", &d->scale);
+	} else if (!strcmp(h, "router_bias")) {
+		take_u8(l, NULL, &d->router_bias);
+		take_u8(l, "select_bias", &d->select_bias);
+		d->apply_to = (enum moe_apply)ENUM_("apply_to", moe_apply_names, MOE_APPLY_COUNT);
+	} else if (!strcmp(h, "groups")) {
+		take_u32(l, NULL, 0, &d->n_groups);
+		take_u32(l, "top", 0, &d->group_top);
+		d->group_score = (enum moe_group_score)ENUM_("score", moe_group_score_names,
+							     MOE_GROUP_SCORE_COUNT);
+	} else if (!strcmp(h, "capacity") && l->first_pair == 2) {
+		d->capacity =
+		    (enum moe_capacity)ENUM_(NULL, moe_capacity_names, MOE_CAPACITY_COUNT);
+		take_f32(l, "factor", &d->capacity_factor);
+		take_u32(l, "per_expert", 0, &d->capacity_per_expert);
+		d->priority =
+		    (enum moe_priority)ENUM_("priority", moe_priority_names, MOE_PRIORITY_COUNT);
+		d->overflow =
+		    (enum moe_overflow)ENUM_("overflow", moe_overflow_names, MOE_OVERFLOW_COUNT);
+	} else if (!strcmp(h, "capacity")) {
+		take_f32(l, "token_fraction", &d->capacity_token_fraction);
+		take_u32(l, "min", 0, &d->capacity_min);
+		static const char *const rounding[] = {"ceil", "floor"};
+		d->capacity_floor = (uint8_t)ENUM_("rounding", rounding, 2);
+		take_u8(l, "normalize_after_drop", &d->capacity_norm_after_drop);
+	} else if (!strcmp(h, "output_bias")) {
+		take_u8(l, NULL, &d->output_bias);
+	} else if (!strcmp(h, "noise")) {
+		d->noise = (enum moe_noise)ENUM_(NULL, moe_noise_names, MOE_NOISE_COUNT);
+		take_f32(l, "jitter_eps", &d->jitter_eps);
+	} else if (!strcmp(h, "level")) {
+		uint32_t i = MOE_MAX_LEVELS;
+		take_u32(l, NULL, 0, &i);
+		if (i != d->n_levels || i >= MOE_MAX_LEVELS) {
+			line_error(l, "level %u out of order or beyond %d", i, MOE_MAX_LEVELS);
+			return;
+		}
+		take_u32(l, "groups", 0, &d->levels[i].groups);
+		take_u32(l, "top_k", 0, &d->levels[i].top_k);
+		d->n_levels++;
+	} else if (!strcmp(h, "expert_choice")) {
+		take_f32(l, "capacity_factor", &d->ec_capacity_factor);
+	} else if (!strcmp(h, "soft")) {
+		take_u32(l, "slots_per_expert", 0, &d->soft_slots_per_expert);
+	} else if (!strcmp(h, "sparsemixer")) {
+		take_f32(l, "eps", &d->sparsemixer_eps);
+	} else if (!strcmp(h, "top_p")) {
+		take_f32(l, NULL, &d->top_p);
+	} else if (!strcmp(h, "product_key")) {
+		take_u32(l, "sub_keys", 0, &d->pk_sub_keys);
+		take_u32(l, "heads", 0, &d->pk_heads);
+		take_u32(l, "top_k", 0, &d->pk_top_k);
+		take_u32(l, "query_dim", 0, &d->pk_query_dim);
+		d->pk_score = (enum moe_score)ENUM_("score", moe_score_names, MOE_SCORE_COUNT);
+		take_u8(l, "query_bn", &d->pk_query_bn);
+	} else if (!strcmp(h, "experts")) {
+		d->kind = (enum moe_kind)ENUM_(NULL, moe_kind_names, MOE_KIND_COUNT);
+		take_u32(l, "count", 0, &d->n_experts);
+		take_u32(l, "intermediate", 0, &d->intermediate);
+		d->act = (enum moe_act)ENUM_("activation", moe_act_names, MOE_ACT_COUNT);
+		if (d->act == MOE_ACT_SWIGLU_OAI) {
+			take_f32(l, "alpha", &d->act_alpha);
+			take_f32(l, "limit", &d->act_limit);
+		}
+		take_u8(l, "bias", &d->expert_bias);
+		take_u32(l, "split", 0, &d->split);
+	} else if (!strcmp(h, "shared")) {
+		d->shared_kind = (enum moe_kind)ENUM_(NULL, moe_kind_names, MOE_KIND_COUNT);
+		take_u32(l, "count", 0, &d->shared_count);
+		take_u32(l, "intermediate", 0, &d->shared_intermediate);
+		d->shared_act = (enum moe_act)ENUM_("activation", moe_act_names, MOE_ACT_COUNT);
+		d->shared_gate = (enum moe_shared_gate)ENUM_("gate", moe_shared_gate_names,
+							     MOE_SHARED_GATE_COUNT);
+	} else {
+		line_error(l, "unknown line '%s'", h);
+		return;
+	}
+	for (int i = 1; i < l->n; i++)
+		if (!l->used[i]) {
+			line_error(l, "unexpected '%s' in '%s'", l->tok[i], h);
+			return;
+		}
+}
+
+int moe_desc_parse(const char *text, struct moe_desc *d, char *err, size_t cap)
+{
+	memset(d, 0, sizeof *d);
+	d->version = MOE_DESC_VERSION;
+	if (err && cap)
+		err[0] = 0;
+	char *copy = strdup(text ? text : "");
+	if (!copy) {
+		if (err && cap)
+			snprintf(err, cap, "out of memory");
+		return -1;
+	}
+	int bad = 0, lineno = 0, have_name = 0;
+	for (char *s = copy, *next; s && *s && !bad; s = next) {
+		next = strchr(s, '\n');
+		if (next)
+			*next++ = 0;
+		lineno++;
+		if (!*s)
+			continue;
+		struct line l = {.lineno = lineno, .err = err, .cap = cap};
+		if (strncmp(s, "name ", 5) == 0) {
+			if (strlen(s + 5) >= MOE_NAME_MAX) {
+				line_error(&l, "the name is too long");
+			} else {
+				strcpy(d->name, s + 5);
+				have_name = 1;
+			}
+			bad = l.bad;
+			continue;
+		}
+		char *save = NULL;
+		for (char *t = strtok_r(s, " ", &save); t; t = strtok_r(NULL, " ", &save)) {
+			if (l.n == LINE_TOKENS) {
+				line_error(&l, "too many fields");
+				break;
+			}
+			l.tok[l.n++] = t;
+		}
+		l.first_pair = l.n % 2 == 0 ? 2 : 1; /* head value, then pairs */
+		if (!l.bad && l.n)
+			parse_line(&l, d);
+		bad = l.bad;
+	}
+	free(copy);
+	if (!bad && !have_name) {
+		if (err && cap)
+			snprintf(err, cap, "no 'name' line: not a model description");
+		bad = 1;
+	}
+	return bad ? -1 : 0;
 }

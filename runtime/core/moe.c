@@ -34,6 +34,7 @@ MOE_API const char *moe_last_error(void)
 }
 
 static struct moe_info info;
+static const struct moe_desc *info_desc; /* behind moe_info() and moe_describe() */
 static pthread_once_t info_once = PTHREAD_ONCE_INIT;
 
 static void info_init(void)
@@ -41,19 +42,24 @@ static void info_init(void)
 	const struct moe_gen *g = &moe_gen_model; /* NULL: built for cuda only */
 	const struct moe_cuda_gen *cg = moe_cuda_gen();
 	const struct moe_desc *d = g ? g->desc : (const struct moe_desc *)cg->desc;
+	info_desc = d;
+	info.size = sizeof info;
 	info.abi_version = MOE_ABI_VERSION;
 	info.name = d->name;
-	info.desc = d;
+	info.spec_hash = g ? g->spec_hash : cg->spec_hash;
 	info.hidden = d->hidden;
+	info.intermediate = d->intermediate;
 	info.n_experts = d->n_experts;
 	info.top_k = d->top_k;
 	info.route_width = moe_desc_route_width(d);
+	info.n_shared_experts = d->shared_count;
+	info.shared_intermediate = d->shared_count ? d->shared_intermediate : 0;
 	info.n_layers = d->n_layers;
 	info.n_moe_layers = d->n_moe_layers;
 	info.weight_dtype = d->weight_dtype;
 	info.act_dtype = d->act_dtype;
 	info.targets = (g ? 1u << MOE_DEVICE_CPU : 0) | (cg ? 1u << MOE_DEVICE_CUDA : 0);
-	info.spec_hash = g ? g->spec_hash : cg->spec_hash;
+	info.moe_layers = d->moe_layers;
 	info.cpu = g ? g->cpu : "";
 }
 
@@ -61,6 +67,12 @@ MOE_API const struct moe_info *moe_info(void)
 {
 	pthread_once(&info_once, info_init);
 	return &info;
+}
+
+MOE_API size_t moe_describe(char *buf, size_t cap)
+{
+	pthread_once(&info_once, info_init);
+	return moe_desc_dump(info_desc, buf, buf ? cap : 0);
 }
 
 MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts *opts)
@@ -71,14 +83,14 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 	}
 	*out = NULL;
 	if (opts && opts->device == MOE_DEVICE_CUDA) {
-		const struct moe_info *in = moe_info();
+		pthread_once(&info_once, info_init);
 		struct moe_model *m = calloc(1, sizeof *m);
 		char err[1024];
 		if (!m) {
 			moe_set_error("moe_create: out of memory");
 			return MOE_ERR_NOMEM;
 		}
-		m->d = in->desc;
+		m->d = info_desc;
 		m->layers = NULL;
 		enum moe_status st =
 		    moe_cuda_create(moe_cuda_gen(), m->d, opts->stream, &m->cuda, err, sizeof err);

@@ -8,12 +8,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "moe.h" /* enum moe_dtype, enum moe_status: the public ABI */
+
 #define MOE_DESC_VERSION 3
 #define MOE_MAX_LAYERS 512
 #define MOE_MAX_LEVELS 2
 #define MOE_NAME_MAX 256
 
-/* Each enum is an X-macro list: value, spec spelling. */
+/* Each enum is an X-macro list: value, spec spelling. enum moe_dtype itself is
+ * public (moe.h); desc.c checks that this list matches it. */
 #define MOE_DTYPES(X) X(F32, "f32") X(BF16, "bf16") X(F16, "f16")
 #define MOE_SCORES(X) X(SOFTMAX, "softmax") X(SIGMOID, "sigmoid") X(SQRTSOFTPLUS, "sqrtsoftplus")
 #define MOE_NORMS(X) X(NONE, "none") X(SUM, "sum") X(LP, "lp")
@@ -40,7 +43,6 @@
 #define MOE_ENUM_VALUE_(prefix, v, s) prefix##v,
 #define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
 
-#define MOE_ENUM_X_MOE_DTYPE_(v, s) MOE_DTYPE_##v,
 #define MOE_ENUM_X_MOE_SCORE_(v, s) MOE_SCORE_##v,
 #define MOE_ENUM_X_MOE_NORM_(v, s) MOE_NORM_##v,
 #define MOE_ENUM_X_MOE_GROUP_SCORE_(v, s) MOE_GROUP_SCORE_##v,
@@ -57,7 +59,6 @@
 #define MOE_ENUM_X_MOE_ORIENT_(v, s) MOE_ORIENT_##v,
 #define MOE_ENUM_X_MOE_QUANT_(v, s) MOE_QUANT_##v,
 
-MOE_DEFINE_ENUM(moe_dtype, MOE_DTYPE_, MOE_DTYPES);
 /* The router modes are the rows of moe_modes.def. */
 enum moe_mode {
 #define MOE_MODE(v, s, targets, family, pack) MOE_MODE_##v,
@@ -263,8 +264,13 @@ uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
  * when the role is not used by this description. */
 int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *rows, uint64_t *cols,
 			int *per_expert);
-/* A one-line-per-field text dump (`moegen -d model`). Returns bytes written
- * (like snprintf). */
+/* A one-line-per-field text dump (`moegen -d model`, moe_describe()). Returns
+ * the length of the whole text (like snprintf). Floats are printed with the
+ * fewest digits that read back to the same value. */
 size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap);
+/* The inverse of moe_desc_dump: parse its text into *d (zeroed first; fields
+ * the text leaves out stay zero, as the dump leaves out only unused ones).
+ * Returns 0, or -1 with a message naming the line in err. */
+int moe_desc_parse(const char *text, struct moe_desc *d, char *err, size_t cap);
 
 #endif

@@ -184,7 +184,7 @@ struct moe_gen {
 	uint32_t abi; /* MOE_KERNELS_ABI */
 	uint32_t desc_bytes;
 	const struct moe_desc *desc;
-	const char *spec_hash; /* hex hash of moe_desc_dump */
+	const char *spec_hash; /* hex XXH3-128 of moe_desc_dump */
 	const char *cpu;       /* CPU name the code was generated for */
 	const char *triple;
 	uint32_t n_ops;

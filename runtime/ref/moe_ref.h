@@ -5,23 +5,9 @@
 #ifndef MOE_REF_H
 #define MOE_REF_H
 
-#include "moe_desc.h"
+#include "moe_desc.h" /* includes moe.h */
 
-/* Status codes shared by the reference and the runtime (moe.h re-exports them). */
-enum moe_status {
-	MOE_OK = 0,
-	MOE_ERR_ARG,   /* bad argument: NULL, wrong size, unknown layer */
-	MOE_ERR_INPUT, /* non-finite input */
-	MOE_ERR_NOMEM,
-	MOE_ERR_WEIGHTS,     /* missing, mis-shaped or malformed weights */
-	MOE_ERR_IO,          /* file I/O */
-	MOE_ERR_UNSUPPORTED, /* feature not generated for this target */
-	MOE_ERR_DEVICE,      /* accelerator failure or absence */
-	MOE_ERR_BUSY,        /* concurrent forward on one model */
-	MOE_ERR_INTERNAL,
-	MOE_STATUS_COUNT
-};
-
+/* A short name of a status code ("bad argument"; enum moe_status is in moe.h). */
 const char *moe_status_name(enum moe_status s);
 
 /* Canonical weights of one layer: one f32 array per role, NULL when unused.
@@ -41,35 +27,8 @@ void moe_ref_weights_free(struct moe_ref_weights *w);
 void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
 			    struct moe_ref_weights *w);
 
-/* Forward options. */
-struct moe_fwd_opts {
-	int training;  /* noise and jitter apply only when set */
-	uint64_t seed; /* noise seed; the draw for (token, expert) depends only on
-			  (seed, layer, token index in this call, expert) */
-	uint32_t layer;
-};
-
-/* Routing output, every pointer optional (NULL: not wanted). W is
- * moe_desc_route_width(d): ids/weights are [n_tokens, W]. Unused or dropped
- * slots have id -1 and weight 0. Per mode:
- *   token_choice, hierarchical, sparsemixer: the k chosen experts per token;
- *   dense: W = E, all experts in order;
- *   expert_choice: W = E, slot e holds e if expert e chose the token, else -1;
- *   product_key: W = heads * top_k, expert index i * sub_keys + j;
- *   soft: W = 0 (no discrete routing).
- * counts: [E] assignments kept per expert (soft: slots per expert).
- * importance: [E] sum over tokens of the normalized router probability.
- * Scalars: see docs/semantics.md, "Auxiliary statistics". */
-struct moe_routing {
-	int32_t *expert_ids;
-	float *weights;
-	int64_t *counts;
-	float *importance;
-	float importance_cv2; /* squared coefficient of variation of importance */
-	float lb_loss;        /* Switch load-balancing loss E * sum_e f_e * P_e */
-	float z_loss;         /* mean over tokens of logsumexp(logits)^2 */
-	int64_t n_dropped;    /* assignments dropped by capacity */
-};
+/* struct moe_fwd_opts and struct moe_routing (the public ABI, moe.h) are the
+ * reference's options and routing output too. */
 
 /* y[n_tokens, H] = MoE(x[n_tokens, H]) for one layer. n_tokens may be 0.
  * Returns MOE_ERR_INPUT on non-finite x, MOE_ERR_ARG on NULL pointers or an

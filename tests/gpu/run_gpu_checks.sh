@@ -19,7 +19,7 @@ blas=$(grep -Po '^OPENBLAS_LIB:FILEPATH=\K.*' "$build/CMakeCache.txt" || true)
 # shellcheck disable=SC2046
 cc -std=c11 -O2 -D_GNU_SOURCE $(for d in compiler compiler/* runtime runtime/*; do [ -d $d ] && printf -- "-I%s " $d; done) tests/gpu/gpu_check.c \
 	-Wl,--start-group "$build/libmoegen_core.a" "$build/libmoe_runtime.a" -Wl,--end-group \
-	$(pkg-config --libs yaml-0.1 libcjson) -L/usr/lib/llvm-19/lib -lLLVM-19 $blas \
+	$(pkg-config --libs yaml-0.1 libcjson libxxhash) -L/usr/lib/llvm-19/lib -lLLVM-19 $blas \
 	-lm -ldl -lpthread -o "$build/gpu_check"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
