@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <yaml.h>
 
 /* Deeper documents are rejected before any recursive walk sees them. */
@@ -335,12 +336,17 @@ struct moe_spec *moe_spec_load_string(const char *name, const char *text, size_t
 	return s;
 }
 
-struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d)
+int moe_spec_read(const char *path, char **text, size_t *len_out, struct moe_diag *d)
 {
-	FILE *f = fopen(path, "rb");
+	*text = NULL, *len_out = 0;
+	int fd = moe_input_open(path, d);
+	if (fd < 0)
+		return -1;
+	FILE *f = fdopen(fd, "rb");
 	if (!f) {
 		moe_diag_error(d, "cannot read '%s': %s", path, strerror(errno));
-		return NULL;
+		close(fd);
+		return -1;
 	}
 	size_t cap = 4096, len = 0;
 	char *buf = malloc(cap);
@@ -372,8 +378,18 @@ struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d)
 	if (err) {
 		moe_diag_error(d, "cannot read '%s': %s", path, strerror(err));
 		free(buf);
-		return NULL;
+		return -1;
 	}
+	*text = buf, *len_out = len;
+	return 0;
+}
+
+struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d)
+{
+	char *buf;
+	size_t len;
+	if (moe_spec_read(path, &buf, &len, d) != 0)
+		return NULL;
 	struct moe_spec *s = moe_spec_load_string(path, buf, len, d);
 	free(buf);
 	return s;
