@@ -25,7 +25,8 @@ enum moe_exit {
 	MOE_EXIT_INTERNAL = 70 /* a broken invariant (a moegen bug) */
 };
 
-/* Broken invariants only; user input never reaches these. */
+/* Broken invariants only; user input never reaches these. moe_die prints
+ * the C location, removes the temporaries and exits with MOE_EXIT_INTERNAL. */
 #define MOE_ASSERT(c) ((c) ? (void)0 : moe_die(__FILE__, __LINE__, "assertion failed: %s", #c))
 __attribute__((noreturn, format(printf, 3, 4))) void moe_die(const char *file, int line,
 							     const char *fmt, ...);
@@ -172,6 +173,8 @@ int moe_temp_dir(char *buf, size_t cap, const char *prefix, char *err, size_t ec
 int moe_temp_track(const char *path);
 void moe_temp_remove(const char *path);
 void moe_temp_forget(const char *path);
+/* Remove every tracked temporary (moe_die calls it before exiting). */
+void moe_temp_remove_all(void);
 void moe_temp_child(pid_t pgid);
 void moe_temp_block(sigset_t *old);
 void moe_temp_unblock(const sigset_t *old);

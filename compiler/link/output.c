@@ -146,6 +146,16 @@ void moe_temp_remove(const char *path)
 		}
 }
 
+void moe_temp_remove_all(void)
+{
+	for (int i = 0; i < MAX_TEMPS; i++)
+		if (temp_kind[i] == TEMP_FILE)
+			moe_temp_remove(temp_path[i]);
+	for (int i = MAX_TEMPS - 1; i >= 0; i--)
+		if (temp_kind[i] == TEMP_DIR)
+			moe_temp_remove(temp_path[i]);
+}
+
 void moe_temp_child(pid_t pgid)
 {
 	temp_child = pgid;
