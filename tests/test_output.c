@@ -369,8 +369,10 @@ static void test_signal_cleanup(void **state)
 		if (pid == 0) {
 			setenv("MOE_CC", cc, 1);
 			setenv("TMPDIR", tmpd, 1);
+			/* a background job starts with SIGINT ignored */
 			signal(SIGINT, SIG_DFL);
 			signal(SIGHUP, SIG_DFL);
+			signal(SIGTERM, SIG_DFL);
 			execl(bin, bin, spec, "-o", out, (char *)NULL);
 			_exit(127);
 		}

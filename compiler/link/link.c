@@ -239,12 +239,16 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	posix_spawn_file_actions_addopen(&fa, 1, logp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
 	posix_spawn_file_actions_adddup2(&fa, 1, 2);
 	posix_spawnattr_t at;
-	sigset_t none, old;
+	sigset_t none, dfl, old;
 	sigemptyset(&none);
+	sigemptyset(&dfl); /* SIGINT ends the linker even where moegen's caller ignores it */
+	sigaddset(&dfl, SIGINT);
 	posix_spawnattr_init(&at);
-	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK);
+	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+					  POSIX_SPAWN_SETSIGDEF);
 	posix_spawnattr_setpgroup(&at, 0);
 	posix_spawnattr_setsigmask(&at, &none);
+	posix_spawnattr_setsigdefault(&at, &dfl);
 	pid_t pid;
 	moe_temp_block(&old);
 	int rc = posix_spawnp(&pid, cc, &fa, &at, (char *const *)argv, environ);

@@ -61,7 +61,9 @@ static void on_signal(int sig)
 	int saved = errno;
 	pid_t child = (pid_t)temp_child;
 	if (child > 0) {
-		kill(-child, SIGTERM);
+		/* SIGINT: the signal the compiler driver and collect2 clean up after
+		 * themselves on (collect2 leaves its files on SIGTERM) */
+		kill(-child, SIGINT);
 		while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
 			;
 	}
