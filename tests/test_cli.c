@@ -171,6 +171,35 @@ static void test_exit_spec(void **state)
 	rm_tdir();
 }
 
+/* Duplicate keys (found by sorting) are reported in file order, each pointing
+ * at the first occurrence, in every mapping. */
+static void test_duplicate_keys(void **state)
+{
+	(void)state;
+	assert_int_equal(make_tdir(), 0);
+	char p[512];
+	snprintf(p, sizeof p, "%s/dup.yaml", tdir);
+	FILE *f = fopen(p, "w");
+	assert_non_null(f);
+	fputs("moegen: 1\nb: 1\na: 2\nb: 3\nab: 4\na: 5\nm:\n  x: 1\n  x: 2\nb: 6\n", f);
+	fclose(f);
+	assert_int_equal(run(buf, sizeof buf, "-d spec %s", p), 1);
+	static const char *const want[] = {
+	    "dup.yaml:4:1: error: duplicate key 'b'",  "dup.yaml:2:1: note: 'b' first given here",
+	    "dup.yaml:6:1: error: duplicate key 'a'",  "dup.yaml:3:1: note: 'a' first given here",
+	    "dup.yaml:9:3: error: duplicate key 'x'",  "dup.yaml:8:3: note: 'x' first given here",
+	    "dup.yaml:10:1: error: duplicate key 'b'",
+	};
+	const char *at = buf;
+	for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+		const char *hit = strstr(at, want[i]);
+		assert_non_null(hit);
+		at = hit + strlen(want[i]);
+	}
+	assert_null(strstr(buf, "'ab'"));
+	rm_tdir();
+}
+
 /* 2: bad command line, in every command. */
 static void test_exit_usage(void **state)
 {
@@ -333,7 +362,7 @@ int main(void)
 	    cmocka_unit_test(test_ref),           cmocka_unit_test(test_exit_spec),
 	    cmocka_unit_test(test_exit_usage),    cmocka_unit_test(test_exit_file),
 	    cmocka_unit_test(test_exit_backend),  cmocka_unit_test(test_exit_check),
-	    cmocka_unit_test(test_exit_internal),
+	    cmocka_unit_test(test_exit_internal), cmocka_unit_test(test_duplicate_keys),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
