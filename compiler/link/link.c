@@ -229,11 +229,11 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	argv[a++] = "-ldl";
 	argv[a] = NULL;
 
-	/* The linker runs in its own process group, which a signal handler of
-	 * output.c terminates (and waits for) before it removes the temporaries:
-	 * none of the linker's processes may write after that. The signals stay
-	 * blocked from the spawn until the group is recorded; the child starts
-	 * with an empty mask. */
+	/* The linker runs in its own process group, which output.c's signal
+	 * handler interrupts (and waits for the driver) before it removes the
+	 * temporaries, so that the linker does not write after them. The signals
+	 * stay blocked from the spawn until the group is recorded; the child
+	 * starts with an empty mask. */
 	posix_spawn_file_actions_t fa;
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_addopen(&fa, 1, logp, O_WRONLY | O_CREAT | O_TRUNC, 0600);

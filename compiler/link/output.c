@@ -43,9 +43,10 @@ static const char *kind_name(mode_t m)
 
 /* Temporaries ------------------------------------------------------------ */
 
-/* The handler reads these; a slot's path is written before its kind is set,
- * and only the main flow writes them. */
-#define MAX_TEMPS 16
+/* The handler reads these; a slot's path is written before its kind is set.
+ * One thread at a time creates and removes temporaries (a compile tracks at
+ * most seven). */
+#define MAX_TEMPS 32
 enum { TEMP_FREE, TEMP_FILE, TEMP_DIR };
 static char temp_path[MAX_TEMPS][PATH_MAX];
 static volatile sig_atomic_t temp_kind[MAX_TEMPS];
