@@ -3,6 +3,7 @@
  * --emit option asks for). */
 #include "cuda.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -157,7 +158,7 @@ int moe_cmd_compile(int argc, char **argv)
 		free(d);
 		goto done;
 	}
-	char def[MOE_NAME_MAX + 8], tmp[64] = "", arch_buf[256], err[16384];
+	char def[MOE_NAME_MAX + 8], tmp[PATH_MAX] = "", arch_buf[256], err[16384];
 	const char *archs[MOE_CUDA_MAX_ARCHS];
 	int n_archs = 0;
 	if (cuda_kind >= 0)
@@ -180,22 +181,32 @@ int moe_cmd_compile(int argc, char **argv)
 		goto done;
 	}
 	if (to_stdout) {
-		snprintf(tmp, sizeof tmp, "/tmp/moegen-out.XXXXXX");
-		int fd = mkstemp(tmp);
+		int fd = moe_temp_file(tmp, sizeof tmp, "moegen-out", err, sizeof err);
 		if (fd < 0) {
-			fprintf(stderr, "moegen: error: cannot create a temporary file\n");
+			fprintf(stderr, "moegen: error: %s\n", err);
 			free(d);
 			rc = MOE_EXIT_IO;
 			goto done;
 		}
 		close(fd);
 		out = tmp;
-	} else if (!out) {
-		snprintf(def, sizeof def, "%s%s", d->name,
-			 cuda_kind == MOE_CUDA_EMIT_CU    ? ".cu"
-			 : cuda_kind == MOE_CUDA_EMIT_PTX ? ".ptx"
-							  : exts[kind]);
-		out = def;
+	} else {
+		if (!out) {
+			snprintf(def, sizeof def, "%s%s", d->name,
+				 cuda_kind == MOE_CUDA_EMIT_CU    ? ".cu"
+				 : cuda_kind == MOE_CUDA_EMIT_PTX ? ".ptx"
+								  : exts[kind]);
+			out = def;
+		}
+		/* Refuse to overwrite the spec (or a device, a directory) before
+		 * any work; the link adds the runtime archive to the inputs. */
+		const char *inputs[1] = {spec};
+		if (moe_output_check(out, inputs, 1, err, sizeof err) != 0) {
+			fprintf(stderr, "moegen: error: %s\n", err);
+			free(d);
+			rc = MOE_EXIT_IO;
+			goto done;
+		}
 	}
 	if (cuda_kind >= 0)
 		rc = moe_compile_cuda(d, archs, n_archs, (enum moe_cuda_emit)cuda_kind, out, err,
@@ -208,7 +219,7 @@ int moe_cmd_compile(int argc, char **argv)
 	else if (to_stdout && cat_file(out) != 0)
 		rc = MOE_EXIT_IO;
 	if (to_stdout)
-		unlink(tmp);
+		moe_temp_remove(tmp);
 	free(d);
 done:
 	free(sets);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "moe.h"
 
@@ -27,10 +28,32 @@ struct moe_api {
 	size_t (*describe)(char *, size_t);
 };
 
+struct msg {
+	char *buf;
+	size_t cap;
+};
+
+/* The diagnostic as the message, without its "moegen: error: " prefix. */
+static void keep_msg(void *ctx, const char *line)
+{
+	struct msg *m = ctx;
+	static const char pre[] = "moegen: error: ";
+	if (!strncmp(line, pre, sizeof pre - 1))
+		line += sizeof pre - 1;
+	snprintf(m->buf, m->cap, "%s", line);
+}
+
 static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 {
 	char p[4096];
 	memset(a, 0, sizeof *a);
+	/* dlopen would block on a FIFO: only a regular file is opened */
+	struct msg m = {err, cap};
+	struct moe_diag d = {.sink = keep_msg, .ctx = &m};
+	int fd = moe_input_open(path, &d);
+	if (fd < 0)
+		return -1;
+	close(fd);
 	/* a bare name would be searched on the library path */
 	snprintf(p, sizeof p, "%s%s", strchr(path, '/') ? "" : "./", path);
 	a->dl = dlopen(p, RTLD_NOW | RTLD_LOCAL);

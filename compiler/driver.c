@@ -2,18 +2,17 @@
  * overrides, check and resolve it into a description. */
 #include "moegen.h"
 
-#include <errno.h>
-#include <string.h>
-#include <unistd.h>
+#include <stdlib.h>
 
 int moe_front(const char *path, const char *const *sets, int n_sets, struct moe_desc *out,
 	      struct moe_diag *d)
 {
-	if (access(path, R_OK) != 0) {
-		moe_diag_error(d, "cannot read '%s': %s", path, strerror(errno));
+	char *text;
+	size_t len;
+	if (moe_spec_read(path, &text, &len, d) != 0)
 		return MOE_EXIT_IO;
-	}
-	struct moe_spec *s = moe_spec_load(path, d);
+	struct moe_spec *s = moe_spec_load_string(path, text, len, d);
+	free(text);
 	if (!s)
 		return MOE_EXIT_SPEC;
 	int bad = 0;

@@ -181,11 +181,12 @@ static int cmd_dump(int argc, char **argv)
 		return rc < 0 ? MOE_EXIT_OK : rc;
 	if (!strcmp(stage, "spec")) {
 		struct moe_diag diag = {0};
-		if (access(fo.spec, R_OK) != 0) {
-			moe_diag_error(&diag, "cannot read '%s': %s", fo.spec, strerror(errno));
+		char *text;
+		size_t len;
+		if (moe_spec_read(fo.spec, &text, &len, &diag) != 0)
 			return MOE_EXIT_IO;
-		}
-		struct moe_spec *s = moe_spec_load(fo.spec, &diag);
+		struct moe_spec *s = moe_spec_load_string(fo.spec, text, len, &diag);
+		free(text);
 		if (!s)
 			return MOE_EXIT_SPEC;
 		for (int i = 0; i < fo.n_sets; i++)

@@ -4,10 +4,13 @@
 #ifndef MOEGEN_H
 #define MOEGEN_H
 
+#include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 #include "moe_desc.h"
 
@@ -22,7 +25,8 @@ enum moe_exit {
 	MOE_EXIT_INTERNAL = 70 /* a broken invariant (a moegen bug) */
 };
 
-/* Broken invariants only; user input never reaches these. */
+/* Broken invariants only; user input never reaches these. moe_die prints
+ * the C location, removes the temporaries and exits with MOE_EXIT_INTERNAL. */
 #define MOE_ASSERT(c) ((c) ? (void)0 : moe_die(__FILE__, __LINE__, "assertion failed: %s", #c))
 __attribute__((noreturn, format(printf, 3, 4))) void moe_die(const char *file, int line,
 							     const char *fmt, ...);
@@ -62,6 +66,10 @@ const char *moe_closest(const char *word, const char *const *cands, int n);
  * name and every node's line:col. Overrides from --set edit it in place. */
 struct moe_spec;
 
+/* Read a spec file whole (a regular file, opened without blocking, at most
+ * 64 MiB) into *text (malloc'd, the caller frees). -1 with the error in d: a
+ * file error (exit code MOE_EXIT_IO), not a spec error. */
+int moe_spec_read(const char *path, char **text, size_t *len, struct moe_diag *d);
 /* Parse a file / a buffer. Malformed YAML is reported located; NULL on failure. */
 struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d);
 struct moe_spec *moe_spec_load_string(const char *name, const char *text, size_t len,
@@ -117,5 +125,58 @@ void moe_info_print(const struct moe_desc *d, FILE *out);
  * MOE_EXIT_IO. */
 int moe_front(const char *path, const char *const *sets, int n_sets, struct moe_desc *out,
 	      struct moe_diag *d);
+
+/* output.c ------------------------------------------------------------- */
+
+/* Open an input file (a spec, a config.json) for reading: without blocking
+ * (a FIFO with no writer fails instead of hanging) and only when it is a
+ * regular file. Returns the descriptor, or -1 with the error in d. */
+int moe_input_open(const char *path, struct moe_diag *d);
+
+/* An output file. moe_output_open resolves `path` through symlinks (the
+ * target is what gets replaced), refuses a final file that exists and is not
+ * a regular file (directory, device, FIFO, socket) or that is one of the
+ * inputs[0, n_inputs) (same device and inode: symlinks and hard links
+ * included), and creates a temporary beside it. Write through fd (or
+ * moe_output_stream, or by path: tmp), then moe_output_commit renames it over
+ * the final file with `mode` less the umask, or moe_output_abort removes it.
+ * The temporary is removed if a signal ends the process meanwhile. Errors go
+ * to err as "cannot write 'PATH': ..." / "refusing to write 'PATH': ...". */
+struct moe_output {
+	char shown[PATH_MAX]; /* the path as given, for messages */
+	char path[PATH_MAX];  /* the file that is replaced */
+	char tmp[PATH_MAX];   /* the temporary beside it; "" once committed or aborted */
+	int fd;
+	FILE *f;
+	unsigned mode;
+};
+int moe_output_open(struct moe_output *o, const char *path, const char *const *inputs, int n_inputs,
+		    unsigned mode, char *err, size_t cap);
+/* Only the checks of moe_output_open, to refuse before a long computation. */
+int moe_output_check(const char *path, const char *const *inputs, int n_inputs, char *err,
+		     size_t cap);
+FILE *moe_output_stream(struct moe_output *o);
+int moe_output_write(struct moe_output *o, const void *data, size_t n, char *err, size_t cap);
+int moe_output_commit(struct moe_output *o, char *err, size_t cap);
+void moe_output_abort(struct moe_output *o);
+
+/* Temporaries removed on SIGINT, SIGTERM, SIGHUP and SIGPIPE (the handlers are
+ * installed with the first one; the signal then ends the process as usual).
+ * moe_temp_file / moe_temp_dir create "$TMPDIR/PREFIX.XXXXXX" (default /tmp)
+ * into buf and track it; moe_temp_track tracks a file about to be created;
+ * moe_temp_remove deletes and forgets; moe_temp_forget only forgets.
+ * moe_temp_child names the process group of a running tool (the linker), which
+ * the handler terminates first; 0 when none. Create, then track, with the
+ * signals blocked (moe_temp_block/unblock) so that no moment leaks. */
+int moe_temp_file(char *buf, size_t cap, const char *prefix, char *err, size_t ecap);
+int moe_temp_dir(char *buf, size_t cap, const char *prefix, char *err, size_t ecap);
+int moe_temp_track(const char *path);
+void moe_temp_remove(const char *path);
+void moe_temp_forget(const char *path);
+/* Remove every tracked temporary (moe_die calls it before exiting). */
+void moe_temp_remove_all(void);
+void moe_temp_child(pid_t pgid);
+void moe_temp_block(sigset_t *old);
+void moe_temp_unblock(const sigset_t *old);
 
 #endif

@@ -1753,19 +1753,19 @@ int moe_cmd_bench(int argc, char **argv)
 	fprintf(stderr, "moegen: error: bench needs OpenBLAS (libopenblas-dev) for its baseline\n");
 	return MOE_EXIT_USAGE;
 #else
-	/* Fail on an unwritable --csv before the long run, not after it. */
-	if (o.csv) {
-		FILE *csv = fopen(o.csv, "a");
-		if (!csv) {
-			fprintf(stderr, "moegen: error: cannot write '%s': %s\n", o.csv,
-				strerror(errno));
-			return MOE_EXIT_IO;
-		}
-		fclose(csv);
+	/* Fail on an unwritable --csv before the long run, not after it: the
+	 * temporary beside it is created now and renamed over it at the end. */
+	char csv_err[PATH_MAX + 256];
+	struct moe_output csv_out;
+	if (o.csv && moe_output_open(&csv_out, o.csv, NULL, 0, 0666, csv_err, sizeof csv_err)) {
+		fprintf(stderr, "moegen: error: %s\n", csv_err);
+		return MOE_EXIT_IO;
 	}
 	struct moe_pool *pool = moe_pool_create(o.threads);
 	if (!pool) {
 		fprintf(stderr, "moegen: error: cannot start %u threads\n", o.threads);
+		if (o.csv)
+			moe_output_abort(&csv_out);
 		return MOE_EXIT_BACKEND;
 	}
 	openblas_set_num_threads((int)o.threads);
@@ -1784,6 +1784,8 @@ int moe_cmd_bench(int argc, char **argv)
 	struct mode_table *mtab = calloc(1, sizeof *mtab);
 	char tmpdir[] = "/tmp/moegen-bench.XXXXXX";
 	if (!tab || !mtab) {
+		if (o.csv)
+			moe_output_abort(&csv_out);
 		free(tab), free(mtab);
 		moe_pool_destroy(pool);
 		fprintf(stderr, "moegen: error: out of memory\n");
@@ -1823,7 +1825,7 @@ int moe_cmd_bench(int argc, char **argv)
 
 	rc = MOE_EXIT_OK;
 	if (o.csv) {
-		FILE *csv = fopen(o.csv, "w");
+		FILE *csv = moe_output_stream(&csv_out);
 		if (csv) {
 			fprintf(csv, "shape,tokens,weights,routing,ms,gflops,gbps,pct_peak_flops,"
 				     "pct_peak_bw,baseline_ms,speedup\n");
@@ -1832,9 +1834,10 @@ int moe_cmd_bench(int argc, char **argv)
 			for (int i = 0; i < mtab->n; i++)
 				emit_mode_row(&mtab->r[i], &mc, NULL, csv);
 		}
-		if (!csv || fclose(csv) != 0) {
-			fprintf(stderr, "moegen: error: cannot write '%s': %s\n", o.csv,
-				strerror(errno));
+		if (!csv || moe_output_commit(&csv_out, csv_err, sizeof csv_err) != 0) {
+			fprintf(stderr, "moegen: error: %s\n",
+				csv ? csv_err : "cannot write the --csv file");
+			moe_output_abort(&csv_out);
 			rc = MOE_EXIT_IO;
 		}
 	}

@@ -1682,19 +1682,11 @@ int moe_compile_cuda(const struct moe_desc *d, const char *const *archs, int n_a
 	size_t len = 0;
 	if (moe_cuda_generate(&plan, archs, n_archs, kind, &buf, &len, err, cap) != 0)
 		return MOE_EXIT_BACKEND;
-	char tmp[4096];
-	snprintf(tmp, sizeof tmp, "%s.tmp%ld", out, (long)getpid());
-	FILE *f = fopen(tmp, "wb");
-	int bad = !f;
-	if (f) {
-		bad = len && fwrite(buf, 1, len, f) != len;
-		bad |= fclose(f) != 0;
-	}
+	struct moe_output o;
+	int bad = moe_output_open(&o, out, NULL, 0, 0666, err, cap) != 0 ||
+		  moe_output_write(&o, buf, len, err, cap) != 0 ||
+		  moe_output_commit(&o, err, cap) != 0;
+	moe_output_abort(&o);
 	free(buf);
-	if (bad || rename(tmp, out) != 0) {
-		snprintf(err, cap, "cannot write '%s': %s", out, strerror(errno));
-		unlink(tmp);
-		return MOE_EXIT_IO;
-	}
-	return 0;
+	return bad ? MOE_EXIT_IO : 0;
 }

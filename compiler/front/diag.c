@@ -13,7 +13,8 @@ void moe_die(const char *file, int line, const char *fmt, ...)
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
 	fputc('\n', stderr);
-	abort();
+	moe_temp_remove_all();
+	exit(MOE_EXIT_INTERNAL); /* docs/cli.md: 70, a broken invariant */
 }
 
 static void emit(struct moe_diag *d, struct moe_loc loc, const char *kind, const char *fmt,

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <yaml.h>
 
 /* Deeper documents are rejected before any recursive walk sees them. */
@@ -245,6 +246,52 @@ static int same_scalar(const yaml_node_t *a, const char *s, size_t len)
 	       memcmp(a->data.scalar.value, s, len) == 0;
 }
 
+/* A scalar key of a mapping, for the duplicate scan. */
+struct key_ref {
+	const unsigned char *value;
+	size_t len;
+	int idx; /* position of the pair in its mapping */
+};
+
+static int key_cmp(const void *pa, const void *pb)
+{
+	const struct key_ref *a = pa, *b = pb;
+	if (a->len != b->len)
+		return a->len < b->len ? -1 : 1;
+	int c = memcmp(a->value, b->value, a->len);
+	if (c)
+		return c;
+	return (a->idx > b->idx) - (a->idx < b->idx);
+}
+
+/* first[i]: the position of the earlier pair whose key equals pair i's, or
+ * -1. Sorting makes this O(n log n) in the number of keys. */
+static int find_duplicates(const yaml_document_t *doc, const yaml_node_t *n, int *first)
+{
+	int np = (int)(n->data.mapping.pairs.top - n->data.mapping.pairs.start);
+	struct key_ref *keys = malloc((size_t)np * sizeof *keys + 1);
+	if (!keys)
+		return -1;
+	int nk = 0;
+	for (int i = 0; i < np; i++) {
+		const yaml_node_t *k = node_at(doc, n->data.mapping.pairs.start[i].key);
+		first[i] = -1;
+		if (k && k->type == YAML_SCALAR_NODE)
+			keys[nk++] =
+			    (struct key_ref){k->data.scalar.value, k->data.scalar.length, i};
+	}
+	qsort(keys, (size_t)nk, sizeof *keys, key_cmp);
+	for (int i = 1, g = 0; i < nk; i++) {
+		if (keys[i].len == keys[g].len &&
+		    !memcmp(keys[i].value, keys[g].value, keys[i].len))
+			first[keys[i].idx] = keys[g].idx;
+		else
+			g = i;
+	}
+	free(keys);
+	return 0;
+}
+
 /* Keys must be scalars and unique in their mapping (YAML says so, libyaml
  * does not check). Depth is bounded by scan_events. */
 static int check_tree(const yaml_document_t *doc, int id, struct moe_diag *d,
@@ -262,31 +309,32 @@ static int check_tree(const yaml_document_t *doc, int id, struct moe_diag *d,
 	}
 	if (n->type != YAML_MAPPING_NODE)
 		return 0;
-	for (yaml_node_pair_t *p = n->data.mapping.pairs.start; p < n->data.mapping.pairs.top;
-	     p++) {
-		const yaml_node_t *k = node_at(doc, p->key);
+	yaml_node_pair_t *pairs = n->data.mapping.pairs.start;
+	int np = (int)(n->data.mapping.pairs.top - pairs);
+	int *first = malloc((size_t)np * sizeof *first + 1);
+	if (!first || find_duplicates(doc, n, first) != 0) {
+		free(first);
+		moe_diag_error(d, "out of memory while reading '%s'", o->file);
+		return bad + 1;
+	}
+	for (int i = 0; i < np; i++) {
+		const yaml_node_t *k = node_at(doc, pairs[i].key);
 		if (k && k->type != YAML_SCALAR_NODE) {
 			moe_diag_error_at(d, mark_loc(o, k->start_mark),
 					  "a key must be a name, got %s", node_what(k));
 			bad++;
-		} else if (k) {
-			for (yaml_node_pair_t *q = n->data.mapping.pairs.start; q < p; q++) {
-				const yaml_node_t *k0 = node_at(doc, q->key);
-				if (!k0 || !same_scalar(k0, (const char *)k->data.scalar.value,
-							k->data.scalar.length))
-					continue;
-				moe_diag_error_at(d, mark_loc(o, k->start_mark),
-						  "duplicate key '%.100s'",
-						  (const char *)k->data.scalar.value);
-				moe_diag_note_at(d, mark_loc(o, k0->start_mark),
-						 "'%.100s' first given here",
-						 (const char *)k0->data.scalar.value);
-				bad++;
-				break;
-			}
+		} else if (k && first[i] >= 0) {
+			const yaml_node_t *k0 = node_at(doc, pairs[first[i]].key);
+			moe_diag_error_at(d, mark_loc(o, k->start_mark), "duplicate key '%.100s'",
+					  (const char *)k->data.scalar.value);
+			moe_diag_note_at(d, mark_loc(o, k0->start_mark),
+					 "'%.100s' first given here",
+					 (const char *)k0->data.scalar.value);
+			bad++;
 		}
-		bad += check_tree(doc, p->value, d, o);
+		bad += check_tree(doc, pairs[i].value, d, o);
 	}
+	free(first);
 	return bad;
 }
 
@@ -335,12 +383,17 @@ struct moe_spec *moe_spec_load_string(const char *name, const char *text, size_t
 	return s;
 }
 
-struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d)
+int moe_spec_read(const char *path, char **text, size_t *len_out, struct moe_diag *d)
 {
-	FILE *f = fopen(path, "rb");
+	*text = NULL, *len_out = 0;
+	int fd = moe_input_open(path, d);
+	if (fd < 0)
+		return -1;
+	FILE *f = fdopen(fd, "rb");
 	if (!f) {
 		moe_diag_error(d, "cannot read '%s': %s", path, strerror(errno));
-		return NULL;
+		close(fd);
+		return -1;
 	}
 	size_t cap = 4096, len = 0;
 	char *buf = malloc(cap);
@@ -372,8 +425,18 @@ struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d)
 	if (err) {
 		moe_diag_error(d, "cannot read '%s': %s", path, strerror(err));
 		free(buf);
-		return NULL;
+		return -1;
 	}
+	*text = buf, *len_out = len;
+	return 0;
+}
+
+struct moe_spec *moe_spec_load(const char *path, struct moe_diag *d)
+{
+	char *buf;
+	size_t len;
+	if (moe_spec_read(path, &buf, &len, d) != 0)
+		return NULL;
 	struct moe_spec *s = moe_spec_load_string(path, buf, len, d);
 	free(buf);
 	return s;

@@ -1700,9 +1700,14 @@ static void line_col(const char *text, size_t off, uint32_t *line, uint32_t *col
 
 static char *read_file(const char *path, size_t *len, struct moe_diag *d)
 {
-	FILE *f = fopen(path, "rb");
+	/* non-blocking, regular files only: a FIFO must not hang the import */
+	int fd = moe_input_open(path, d);
+	FILE *f = fd < 0 ? NULL : fdopen(fd, "rb");
 	if (!f) {
-		moe_diag_error(d, "cannot read '%s': %s", path, strerror(errno));
+		if (fd >= 0) {
+			moe_diag_error(d, "cannot read '%s': %s", path, strerror(errno));
+			close(fd);
+		}
 		return NULL;
 	}
 	size_t cap = 4096, n = 0;
@@ -1906,42 +1911,18 @@ int moe_cmd_import(int argc, char **argv)
 		free(buf);
 		return rc;
 	}
-	size_t pl = strlen(outp);
-	char *tmp = malloc(pl + 8);
-	MOE_ASSERT(tmp);
-	memcpy(tmp, outp, pl);
-	memcpy(tmp + pl, ".XXXXXX", 8);
-	int fd = mkstemp(tmp);
-	if (fd < 0) {
-		moe_diag_error(&d, "cannot write '%s': %s", outp, strerror(errno));
-		free(tmp);
-		free(buf);
-		return MOE_EXIT_IO;
-	}
-	mode_t mask = umask(0);
-	umask(mask);
-	int ok = fchmod(fd, 0666 & ~mask) == 0;
-	size_t done = 0;
-	while (ok && done < len) {
-		ssize_t w = write(fd, buf + done, len - done);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			ok = 0;
-		else
-			done += (size_t)w;
-	}
-	int saved = errno;
-	if (close(fd) != 0 && ok)
-		ok = 0, saved = errno;
-	if (ok && rename(tmp, outp) != 0)
-		ok = 0, saved = errno;
-	if (!ok) {
-		moe_diag_error(&d, "cannot write '%s': %s", outp, strerror(saved));
-		unlink(tmp);
+	/* Never over the config it reads, a device or a directory; through a
+	 * symlink; atomically (moe_output_*). */
+	char err[PATH_MAX + 256];
+	const char *inputs[1] = {in};
+	struct moe_output out;
+	if (moe_output_open(&out, outp, inputs, 1, 0666, err, sizeof err) != 0 ||
+	    moe_output_write(&out, buf, len, err, sizeof err) != 0 ||
+	    moe_output_commit(&out, err, sizeof err) != 0) {
+		moe_diag_error(&d, "%s", err);
 		rc = MOE_EXIT_IO;
 	}
-	free(tmp);
+	moe_output_abort(&out);
 	free(buf);
 	return rc;
 }

@@ -1,7 +1,8 @@
 /* link.c: the last stage: generated object + the runtime archive -> model.so
  * with the system C compiler driver as linker, plus the other --emit outputs
- * (obj, ll, asm, header). Every output is written under a temporary name and
- * renamed, so a failed run never leaves a broken file. */
+ * (obj, ll, asm, header). Every output goes through output.c: written under a
+ * temporary name and renamed, so a failed or interrupted run never leaves a
+ * broken file. */
 #include "cuda.h"
 
 #include <errno.h>
@@ -72,8 +73,10 @@ const char *moe_runtime_archive(void)
 	return NULL;
 }
 
+/* A file of the work directory, tracked so that a signal removes it. */
 static int write_all(const char *path, const void *data, size_t n, char *err, size_t cap)
 {
+	moe_temp_track(path);
 	FILE *f = fopen(path, "wb");
 	if (!f) {
 		errf(err, cap, "cannot write '%s': %s", path, strerror(errno));
@@ -85,7 +88,6 @@ static int write_all(const char *path, const void *data, size_t n, char *err, si
 		bad = 1;
 	if (bad) {
 		errf(err, cap, "cannot write '%s': %s", path, strerror(errno));
-		unlink(path);
 		return -1;
 	}
 	return 0;
@@ -112,7 +114,7 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	const char *cc = getenv("MOE_CC");
 	if (!cc || !*cc)
 		cc = "cc";
-	char vs[PATH_MAX + 32];
+	char vs[PATH_MAX + 64];
 	snprintf(vs, sizeof vs, "-Wl,--version-script=%s", vscript);
 	char und[N_API][64];
 	const char *argv[64];
@@ -143,12 +145,33 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	argv[a++] = "-ldl";
 	argv[a] = NULL;
 
+	/* The linker runs in its own process group, which output.c's signal
+	 * handler interrupts (and waits for the driver) before it removes the
+	 * temporaries, so that the linker does not write after them. The signals
+	 * stay blocked from the spawn until the group is recorded; the child
+	 * starts with an empty mask. */
 	posix_spawn_file_actions_t fa;
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_addopen(&fa, 1, logp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
 	posix_spawn_file_actions_adddup2(&fa, 1, 2);
+	posix_spawnattr_t at;
+	sigset_t none, dfl, old;
+	sigemptyset(&none);
+	sigemptyset(&dfl); /* SIGINT ends the linker even where moegen's caller ignores it */
+	sigaddset(&dfl, SIGINT);
+	posix_spawnattr_init(&at);
+	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+					  POSIX_SPAWN_SETSIGDEF);
+	posix_spawnattr_setpgroup(&at, 0);
+	posix_spawnattr_setsigmask(&at, &none);
+	posix_spawnattr_setsigdefault(&at, &dfl);
 	pid_t pid;
-	int rc = posix_spawnp(&pid, cc, &fa, NULL, (char *const *)argv, environ);
+	moe_temp_block(&old);
+	int rc = posix_spawnp(&pid, cc, &fa, &at, (char *const *)argv, environ);
+	if (rc == 0)
+		moe_temp_child(pid);
+	moe_temp_unblock(&old);
+	posix_spawnattr_destroy(&at);
 	posix_spawn_file_actions_destroy(&fa);
 	if (rc != 0) {
 		errf(err, cap, "cannot run the linker '%s': %s", cc, strerror(rc));
@@ -157,9 +180,11 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	int st;
 	while (waitpid(pid, &st, 0) < 0)
 		if (errno != EINTR) {
+			moe_temp_child(0);
 			errf(err, cap, "waiting for the linker: %s", strerror(errno));
 			return -1;
 		}
+	moe_temp_child(0);
 	if (WIFEXITED(st) && WEXITSTATUS(st) == 0)
 		return 0;
 	char log[1024] = "";
@@ -173,14 +198,15 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	return -1;
 }
 
-static int rm_rf_tmp(const char *dir, const char *const *names, int n)
+static void rm_work_dir(const char *dir, const char *const *names, int n)
 {
-	char p[PATH_MAX];
+	char p[PATH_MAX + 32];
 	for (int i = 0; i < n; i++) {
 		snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+		moe_temp_remove(p);
 		unlink(p);
 	}
-	return rmdir(dir);
+	moe_temp_remove(dir);
 }
 
 /* runtime/moe.h, embedded at build time (CMakeLists.txt): the ABI part of the
@@ -285,61 +311,57 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 			return MOE_EXIT_BACKEND;
 	}
 
-	/* The temporary output beside the final one, so rename is atomic. */
-	char tmp_out[PATH_MAX];
-	snprintf(tmp_out, sizeof tmp_out, "%s.tmp%ld", out, (long)getpid());
+	/* The output beside its final name (symlinks followed), refused when it
+	 * is the runtime archive the link reads or not a regular file. */
+	const char *inputs[1] = {kind == MOE_EMIT_SO ? moe_runtime_archive() : NULL};
+	struct moe_output o;
+	if (moe_output_open(&o, out, inputs, 1, kind == MOE_EMIT_SO ? 0777 : 0666, err, cap) != 0) {
+		free(images);
+		return MOE_EXIT_IO;
+	}
 
 	if (kind == MOE_EMIT_HEADER) {
-		FILE *f = fopen(tmp_out, "w");
-		if (!f) {
+		FILE *f = moe_output_stream(&o);
+		if (!f || moe_write_header(d, f) != 0) {
 			errf(err, cap, "cannot write '%s': %s", out, strerror(errno));
+			moe_output_abort(&o);
 			return MOE_EXIT_IO;
 		}
-		int bad = moe_write_header(d, f);
-		if (fclose(f) != 0)
-			bad = -1;
-		if (bad || rename(tmp_out, out) != 0) {
-			errf(err, cap, "cannot write '%s': %s", out, strerror(errno));
-			unlink(tmp_out);
-			return MOE_EXIT_IO;
-		}
-		return 0;
+		return moe_output_commit(&o, err, cap) == 0 ? 0 : MOE_EXIT_IO;
 	}
 
 	char *buf = NULL;
 	size_t len = 0;
 	enum moe_emit gk = kind == MOE_EMIT_SO ? MOE_EMIT_OBJ : kind;
 	if (cpu && moe_cpu_generate(&plan, t, gk, &buf, &len, err, cap) != 0) {
+		moe_output_abort(&o);
 		free(images);
 		return MOE_EXIT_BACKEND;
 	}
 	int rc = MOE_EXIT_IO;
 	if (kind != MOE_EMIT_SO) {
-		if (write_all(tmp_out, buf, len, err, cap) == 0) {
-			if (rename(tmp_out, out) == 0)
-				rc = 0;
-			else {
-				errf(err, cap, "cannot write '%s': %s", out, strerror(errno));
-				unlink(tmp_out);
-			}
-		}
+		if (moe_output_write(&o, buf, len, err, cap) == 0 &&
+		    moe_output_commit(&o, err, cap) == 0)
+			rc = 0;
+		moe_output_abort(&o);
 		free(buf);
 		return rc;
 	}
 
-	char dir[] = "/tmp/moegen.XXXXXX";
-	if (!mkdtemp(dir)) {
-		errf(err, cap, "cannot create a temporary directory: %s", strerror(errno));
+	char dir[PATH_MAX];
+	if (moe_temp_dir(dir, sizeof dir, "moegen", err, cap) != 0) {
+		moe_output_abort(&o);
 		free(buf);
 		free(images);
 		return MOE_EXIT_IO;
 	}
 	static const char *const names[] = {"model.o", "exports.map", "link.log", "cuda_images.c"};
-	char obj[PATH_MAX], vs[PATH_MAX], logp[PATH_MAX], img[PATH_MAX];
+	char obj[PATH_MAX + 16], vs[PATH_MAX + 16], logp[PATH_MAX + 16], img[PATH_MAX + 16];
 	snprintf(obj, sizeof obj, "%s/%s", dir, names[0]);
 	snprintf(vs, sizeof vs, "%s/%s", dir, names[1]);
 	snprintf(logp, sizeof logp, "%s/%s", dir, names[2]);
 	snprintf(img, sizeof img, "%s/%s", dir, names[3]);
+	moe_temp_track(logp);
 	char script[512];
 	size_t sl = (size_t)snprintf(script, sizeof script, "{\n  global:\n");
 	for (size_t i = 0; i < N_API; i++)
@@ -348,18 +370,16 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 	if ((!cpu || write_all(obj, buf, len, err, cap) == 0) &&
 	    (!images || write_all(img, images, images_len, err, cap) == 0) &&
 	    write_all(vs, script, sl, err, cap) == 0) {
-		if (run_linker(cpu ? obj : NULL, images ? img : NULL, vs, tmp_out, logp, err,
-			       cap) != 0)
+		/* the linker writes the temporary by name */
+		if (run_linker(cpu ? obj : NULL, images ? img : NULL, vs, o.tmp, logp, err, cap) !=
+		    0)
 			rc = MOE_EXIT_BACKEND;
-		else if (rename(tmp_out, out) == 0)
+		else if (moe_output_commit(&o, err, cap) == 0)
 			rc = 0;
-		else
-			errf(err, cap, "cannot write '%s': %s", out, strerror(errno));
 	}
-	if (rc)
-		unlink(tmp_out);
+	moe_output_abort(&o);
 	free(buf);
 	free(images);
-	rm_rf_tmp(dir, names, 4);
+	rm_work_dir(dir, names, 4);
 	return rc;
 }
