@@ -311,6 +311,8 @@ static void test_exit_check(void **state)
 	    "sym(\"moe_load_safetensors\"))(m, f, n); }\n"
 	    "int moe_init_random(void *m, uint64_t s) {\n"
 	    "\treturn ((int (*)(void *, uint64_t))sym(\"moe_init_random\"))(m, s); }\n"
+	    "size_t moe_describe(char *b, size_t c) {\n"
+	    "\treturn ((size_t (*)(char *, size_t))sym(\"moe_describe\"))(b, c); }\n"
 	    "const char *moe_last_error(void) {\n"
 	    "\treturn ((const char *(*)(void))sym(\"moe_last_error\"))(); }\n"
 	    "int moe_forward(void *m, uint32_t l, const void *x, void *y, size_t n, void *r,\n"
