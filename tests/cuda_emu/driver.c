@@ -6,6 +6,8 @@
 #define _GNU_SOURCE /* clock_gettime */
 #endif
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,7 +30,10 @@ struct function {
 	struct function *next;
 };
 
-static long live_allocs;
+static atomic_long live_allocs;
+/* one emulated launch at a time: the fiber emulation has global state, and
+ * callers may initialize several models from several threads */
+static pthread_mutex_t launch_mu = PTHREAD_MUTEX_INITIALIZER;
 static int ctx_dummy;
 
 long moe_emu_live_allocs(void)
@@ -229,6 +234,7 @@ static int capture_add(void *s, struct node *nd)
 
 static void node_run(const struct node *nd)
 {
+	pthread_mutex_lock(&launch_mu);
 	if (nd->f) {
 		nd->f->m->launch(nd->f->k, nd->grid, nd->block, nd->arg);
 	} else {
@@ -236,6 +242,7 @@ static void node_run(const struct node *nd)
 		for (size_t i = 0; i < nd->n; i++)
 			q[i] = nd->v;
 	}
+	pthread_mutex_unlock(&launch_mu);
 }
 
 CUresult cuMemsetD32Async(uintptr_t p, unsigned v, size_t n, void *s)

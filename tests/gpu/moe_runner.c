@@ -18,6 +18,7 @@
  * Exit status: 0 pass, 1 mismatch, 2 error. */
 #include <dlfcn.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -388,6 +389,53 @@ out:
 	return rc;
 }
 
+/* moe_init_random of several models at once, one thread each: generating
+ * full-size random weights is single-threaded host work per model. */
+struct init_job {
+	moe_model *m;
+	uint64_t seed;
+	enum moe_status st;
+	char err[512];
+};
+
+static void *init_one(void *p)
+{
+	struct init_job *j = p;
+	j->st = so.init_random(j->m, j->seed);
+	if (j->st != MOE_OK)
+		snprintf(j->err, sizeof j->err, "%s", so.last_error());
+	return NULL;
+}
+
+static int init_models(moe_model **ms, const uint64_t *seeds, int n)
+{
+	struct init_job *jobs = calloc((size_t)n, sizeof *jobs);
+	pthread_t *th = calloc((size_t)n, sizeof *th);
+	int rc = 0;
+	if (!jobs || !th) {
+		free(jobs), free(th);
+		return -1;
+	}
+	for (int i = 0; i < n; i++) {
+		jobs[i] = (struct init_job){.m = ms[i], .seed = seeds[i]};
+		if (pthread_create(&th[i], NULL, init_one, &jobs[i]) != 0) {
+			init_one(&jobs[i]);
+			th[i] = 0;
+		}
+	}
+	for (int i = 0; i < n; i++) {
+		if (th[i])
+			pthread_join(th[i], NULL);
+		if (jobs[i].st != MOE_OK) {
+			fprintf(stderr, "moe_runner: moe_init_random: %s (status %d)\n",
+				jobs[i].err, (int)jobs[i].st);
+			rc = -1;
+		}
+	}
+	free(jobs), free(th);
+	return rc;
+}
+
 static int cmd_check(const struct opts *o)
 {
 	struct moe_create_opts co = {.threads = 0, .device = MOE_DEVICE_CPU};
@@ -395,14 +443,19 @@ static int cmd_check(const struct opts *o)
 	moe_model *cpu = NULL, *gpu = NULL;
 	double t0 = now();
 	if (moe_check(so.create(&cpu, &co), "moe_create (cpu)") ||
-	    moe_check(so.init_random(cpu, o->seed), "moe_init_random (cpu)") ||
-	    moe_check(so.create(&gpu, &go), "moe_create (cuda)") ||
-	    moe_check(so.init_random(gpu, o->seed), "moe_init_random (cuda)")) {
+	    moe_check(so.create(&gpu, &go), "moe_create (cuda)")) {
+		so.destroy(cpu);
+		return 2;
+	}
+	moe_model *both[2] = {cpu, gpu};
+	uint64_t seeds[2] = {o->seed, o->seed};
+	if (init_models(both, seeds, 2)) {
 		so.destroy(cpu);
 		so.destroy(gpu);
 		return 2;
 	}
-	fprintf(stderr, "  two models created and initialized in %.1f s\n", now() - t0);
+	fprintf(stderr, "  two models created and initialized (in parallel) in %.1f s\n",
+		now() - t0);
 	FILE *csv = csv_open(o->csv, "label,spec,T,ids_differ,near_ties,counts_equal,max_err,"
 				     "rel_l2,tol,unwritten,rerun_identical,graph_identical,"
 				     "batch_invariant,status");
@@ -566,17 +619,30 @@ static int cmd_bench(const struct opts *o)
 		goto out;
 	double t0 = now();
 	struct moe_create_opts go = {.device = MOE_DEVICE_CUDA, .stream = stream};
+	uint64_t *seeds = calloc((size_t)n, sizeof *seeds);
+	if (!seeds)
+		goto out;
 	for (int c = 0; c < n; c++) {
-		if (moe_check(so.create(&ms[c], &go), "moe_create (cuda)") ||
-		    moe_check(so.init_random(ms[c], o->seed + (uint64_t)c), "moe_init_random") ||
-		    cu_check(cu.cuMemAlloc(&dx[c], Tmax * rb), "cuMemAlloc") ||
+		seeds[c] = o->seed + (uint64_t)c;
+		if (moe_check(so.create(&ms[c], &go), "moe_create (cuda)")) {
+			free(seeds);
+			goto out;
+		}
+	}
+	int bad = init_models(ms, seeds, n);
+	free(seeds);
+	if (bad)
+		goto out;
+	for (int c = 0; c < n; c++) {
+		if (cu_check(cu.cuMemAlloc(&dx[c], Tmax * rb), "cuMemAlloc") ||
 		    cu_check(cu.cuMemAlloc(&dy[c], Tmax * rb), "cuMemAlloc"))
 			goto out;
 		fill_x(x, Tmax * in->hidden, es, o->seed * 7919u + (uint64_t)c);
 		if (cu_check(cu.cuMemcpyHtoD(dx[c], x, Tmax * rb), "cuMemcpyHtoD"))
 			goto out;
 	}
-	fprintf(stderr, "  %d copies created and initialized in %.1f s\n", n, now() - t0);
+	fprintf(stderr, "  %d copies created and initialized (in parallel) in %.1f s\n", n,
+		now() - t0);
 	FILE *csv = csv_open(o->csv, "label,spec,gpu,T,copies,events_us,graph_us,flops,bytes,"
 				     "tflops,gbps");
 	rc = 0;
