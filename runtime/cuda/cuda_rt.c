@@ -475,7 +475,7 @@ static enum moe_status upload(struct moe_cuda *c, CUdeviceptr *p, const void *sr
 	if (st != MOE_OK)
 		return st;
 	CUresult r = copy_in(c, *p, src, n);
-	return r ? cu_fail(err, cap, "cuMemcpyHtoD", r) : MOE_OK;
+	return r ? cu_fail(err, cap, "cuMemcpyHtoDAsync", r) : MOE_OK;
 }
 
 /* rows [n, src_cols] f32 -> [n, dst_cols] with zero padding */
