@@ -50,7 +50,8 @@ enum {
 	X(cuModuleGetFunction, "cuModuleGetFunction", (CUfunction * f, CUmodule m, const char *n)) \
 	X(cuMemAlloc, "cuMemAlloc_v2", (CUdeviceptr * p, size_t n))                                \
 	X(cuMemFree, "cuMemFree_v2", (CUdeviceptr p))                                              \
-	X(cuMemcpyHtoD, "cuMemcpyHtoD_v2", (CUdeviceptr dst, const void *src, size_t n))           \
+	X(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2",                                               \
+	  (CUdeviceptr dst, const void *src, size_t n, CUstream s))                                \
 	X(cuMemcpyDtoH, "cuMemcpyDtoH_v2", (void *dst, CUdeviceptr src, size_t n))                 \
 	X(cuMemsetD32Async, "cuMemsetD32Async", (CUdeviceptr p, unsigned v, size_t n, CUstream s)) \
 	X(cuLaunchKernel, "cuLaunchKernel",                                                        \
@@ -459,18 +460,27 @@ static enum moe_status dalloc(CUdeviceptr *p, size_t n, char *err, size_t cap)
 	return MOE_OK;
 }
 
-static enum moe_status upload(CUdeviceptr *p, const void *src, size_t n, char *err, size_t cap)
+/* Host to device on the model's stream: ordered before the kernels that read
+ * it, also on a stream that does not wait for the legacy default stream (a
+ * pageable source is staged before the call returns). */
+static CUresult copy_in(struct moe_cuda *c, CUdeviceptr dst, const void *src, size_t n)
+{
+	return cu.cuMemcpyHtoDAsync(dst, src, n, c->stream);
+}
+
+static enum moe_status upload(struct moe_cuda *c, CUdeviceptr *p, const void *src, size_t n,
+			      char *err, size_t cap)
 {
 	enum moe_status st = dalloc(p, n, err, cap);
 	if (st != MOE_OK)
 		return st;
-	CUresult r = cu.cuMemcpyHtoD(*p, src, n);
-	return r ? cu_fail(err, cap, "cuMemcpyHtoD", r) : MOE_OK;
+	CUresult r = copy_in(c, *p, src, n);
+	return r ? cu_fail(err, cap, "cuMemcpyHtoDAsync", r) : MOE_OK;
 }
 
 /* rows [n, src_cols] f32 -> [n, dst_cols] with zero padding */
-static enum moe_status upload_padded(CUdeviceptr *p, const float *src, size_t n, size_t src_cols,
-				     size_t dst_cols, char *err, size_t cap)
+static enum moe_status upload_padded(struct moe_cuda *c, CUdeviceptr *p, const float *src, size_t n,
+				     size_t src_cols, size_t dst_cols, char *err, size_t cap)
 {
 	float *tmp = calloc(n * dst_cols + 1, sizeof *tmp);
 	if (!tmp) {
@@ -479,7 +489,7 @@ static enum moe_status upload_padded(CUdeviceptr *p, const float *src, size_t n,
 	}
 	for (size_t i = 0; i < n; i++)
 		memcpy(tmp + i * dst_cols, src + i * src_cols, src_cols * sizeof *tmp);
-	enum moe_status st = upload(p, tmp, n * dst_cols * sizeof *tmp, err, cap);
+	enum moe_status st = upload(c, p, tmp, n * dst_cols * sizeof *tmp, err, cap);
 	free(tmp);
 	return st;
 }
@@ -509,9 +519,9 @@ static enum moe_status pack(struct moe_cuda *c, CUdeviceptr dst, uint32_t n_e, c
 	for (uint32_t e = 0; e < n_e; e++) {
 		CUresult r = cu.cuStreamSynchronize(c->stream); /* the stage is free again */
 		if (!r)
-			r = cu.cuMemcpyHtoD(stage, a + (size_t)e * rows * cols, blk);
+			r = copy_in(c, stage, a + (size_t)e * rows * cols, blk);
 		if (!r && glu)
-			r = cu.cuMemcpyHtoD(stage + blk, b + (size_t)e * rows * cols, blk);
+			r = copy_in(c, stage + blk, b + (size_t)e * rows * cols, blk);
 		if (r)
 			return cu_fail(err, cap, "uploading weights", r);
 		struct moe_cuda_pack_args pa = {
@@ -588,29 +598,29 @@ enum moe_status moe_cuda_load_layer(struct moe_cuda *c, uint32_t li,
 	if (c->sg.width && 2 * (size_t)c->sg.width * H * sizeof(float) > stage_bytes)
 		stage_bytes = 2 * (size_t)c->sg.width * H * sizeof(float);
 	CUdeviceptr stage = 0;
-	if ((st = upload(&l->router, W[MOE_ROLE_ROUTER], E * H * 4, err, cap)) != MOE_OK)
+	if ((st = upload(c, &l->router, W[MOE_ROLE_ROUTER], E * H * 4, err, cap)) != MOE_OK)
 		goto fail;
 	if (d->router_bias &&
-	    (st = upload(&l->rbias, W[MOE_ROLE_ROUTER_BIAS], E * 4, err, cap)) != MOE_OK)
+	    (st = upload(c, &l->rbias, W[MOE_ROLE_ROUTER_BIAS], E * 4, err, cap)) != MOE_OK)
 		goto fail;
 	if (d->select_bias &&
-	    (st = upload(&l->sbias, W[MOE_ROLE_SELECT_BIAS], E * 4, err, cap)) != MOE_OK)
+	    (st = upload(c, &l->sbias, W[MOE_ROLE_SELECT_BIAS], E * 4, err, cap)) != MOE_OK)
 		goto fail;
 	if (c->sg.width && d->shared_gate == MOE_SHARED_GATE_SIGMOID &&
-	    (st = upload(&l->segw, W[MOE_ROLE_SHARED_EXPERT_GATE], H * 4, err, cap)) != MOE_OK)
+	    (st = upload(c, &l->segw, W[MOE_ROLE_SHARED_EXPERT_GATE], H * 4, err, cap)) != MOE_OK)
 		goto fail;
 	if (d->output_bias &&
-	    (st = upload(&l->obias, W[MOE_ROLE_OUTPUT_BIAS], H * 4, err, cap)) != MOE_OK)
+	    (st = upload(c, &l->obias, W[MOE_ROLE_OUTPUT_BIAS], H * 4, err, cap)) != MOE_OK)
 		goto fail;
 	if (d->expert_bias) {
 		if (glu && W[MOE_ROLE_GATE_BIAS] &&
-		    (st = upload_padded(&l->bg, W[MOE_ROLE_GATE_BIAS], E, d->intermediate,
+		    (st = upload_padded(c, &l->bg, W[MOE_ROLE_GATE_BIAS], E, d->intermediate,
 					c->rg.ld_h, err, cap)) != MOE_OK)
 			goto fail;
-		if ((st = upload_padded(&l->bu, W[MOE_ROLE_UP_BIAS], E, d->intermediate, c->rg.ld_h,
-					err, cap)) != MOE_OK ||
-		    (st = upload_padded(&l->bd, W[MOE_ROLE_DOWN_BIAS], E, H, c->rg.down_rows, err,
-					cap)) != MOE_OK)
+		if ((st = upload_padded(c, &l->bu, W[MOE_ROLE_UP_BIAS], E, d->intermediate,
+					c->rg.ld_h, err, cap)) != MOE_OK ||
+		    (st = upload_padded(c, &l->bd, W[MOE_ROLE_DOWN_BIAS], E, H, c->rg.down_rows,
+					err, cap)) != MOE_OK)
 			goto fail;
 	}
 	if ((st = dalloc(&stage, stage_bytes, err, cap)) != MOE_OK)
@@ -1032,8 +1042,10 @@ enum moe_status moe_cuda_memcpy(struct moe_cuda *c, void *dst, const void *src, 
 		return st;
 	CUresult r = cu.cuStreamSynchronize(c->stream);
 	if (!r)
-		r = to_device ? cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)dst, src, bytes)
+		r = to_device ? copy_in(c, (CUdeviceptr)(uintptr_t)dst, src, bytes)
 			      : cu.cuMemcpyDtoH(dst, (CUdeviceptr)(uintptr_t)src, bytes);
+	if (!r && to_device)
+		r = cu.cuStreamSynchronize(c->stream);
 	leave();
 	return r ? cu_fail(err, cap, "moe_cuda_memcpy", r) : MOE_OK;
 }

@@ -22,18 +22,29 @@ struct entry {
 	const char *name;
 	void (*body)(void *);
 	bool present;
+	size_t arg_size;
 };
 
 #define FWD(k)                                                                                     \
 	{                                                                                          \
-#k, body < moe_args, k>, k != nullptr                                              \
+#k, body < moe_args, k>, k != nullptr, sizeof(moe_args)                            \
 	}
 static const entry table[] = {
-    FWD(moe_route_small), FWD(moe_route_logits),  FWD(moe_route_select),
-    FWD(moe_cap_order),   FWD(moe_capacity),      FWD(moe_cap_normalize),
-    FWD(moe_group_mask),  FWD(moe_group_offsets), FWD(moe_group_scatter),
-    FWD(moe_up),          FWD(moe_down),          FWD(moe_shared_up),
-    FWD(moe_shared_down), FWD(moe_combine),       {"moe_pack", body<moe_pack_args, moe_pack>, true},
+    FWD(moe_route_small),
+    FWD(moe_route_logits),
+    FWD(moe_route_select),
+    FWD(moe_cap_order),
+    FWD(moe_capacity),
+    FWD(moe_cap_normalize),
+    FWD(moe_group_mask),
+    FWD(moe_group_offsets),
+    FWD(moe_group_scatter),
+    FWD(moe_up),
+    FWD(moe_down),
+    FWD(moe_shared_up),
+    FWD(moe_shared_down),
+    FWD(moe_combine),
+    {"moe_pack", body<moe_pack_args, moe_pack>, true, sizeof(moe_pack_args)},
 };
 
 extern "C" int moe_emu_find(const char *name)
@@ -48,4 +59,9 @@ extern "C" void moe_emu_launch(int k, const unsigned grid[3], const unsigned blo
 {
 	emu_launch(table[k].body, arg, emu_dim3{grid[0], grid[1], grid[2]},
 		   emu_dim3{block[0], block[1], block[2]});
+}
+
+extern "C" size_t moe_emu_arg_size(int k)
+{
+	return table[k].arg_size;
 }
