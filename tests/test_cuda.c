@@ -62,7 +62,7 @@ static int load_specs(void **state)
 		}
 		struct moe_plan p;
 		struct moe_diag dg = {.sink = sink_first, .ctx = s->refusal};
-		s->plannable = moe_cuda_plan_build(s->d, &p, &dg) == 0;
+		s->plannable = moe_plan_build(s->d, MOE_TARGET_CUDA, &p, &dg) == 0;
 		n_specs++;
 	}
 	globfree(&gl);
@@ -82,7 +82,7 @@ static char *emit(const struct moe_desc *d, size_t *len)
 {
 	struct moe_plan p;
 	struct moe_diag dq = {.sink = sink_quiet};
-	assert_int_equal(moe_cuda_plan_build(d, &p, &dq), 0);
+	assert_int_equal(moe_plan_build(d, MOE_TARGET_CUDA, &p, &dq), 0);
 	char *src = NULL, err[1024];
 	assert_int_equal(moe_cuda_emit_source(&p, &src, len, err, sizeof err), 0);
 	assert_non_null(src);
@@ -161,14 +161,14 @@ static void test_refusal_reports_all(void **state)
 	d.act_dtype = MOE_DTYPE_F16;
 	d.hidden = d.n_experts = d.intermediate = d.top_k = 4;
 	struct moe_diag dg = {.sink = sink_quiet};
-	assert_int_equal(moe_cuda_check(&d, &dg), -1);
+	assert_int_equal(moe_mode_supported(&d, MOE_TARGET_CUDA, &dg), 0);
 	assert_int_equal(dg.n_errors, 3);
 	/* a good description passes */
 	d.mode = MOE_MODE_TOKEN_CHOICE;
 	d.kind = MOE_KIND_GLU;
 	d.act_dtype = MOE_DTYPE_F32;
 	struct moe_diag ok = {.sink = sink_quiet};
-	assert_int_equal(moe_cuda_check(&d, &ok), 0);
+	assert_int_equal(moe_mode_supported(&d, MOE_TARGET_CUDA, &ok), 1);
 	assert_int_equal(ok.n_errors, 0);
 }
 

@@ -102,7 +102,7 @@ static void build_module(const struct moe_desc *d, const char *tag, char *so, si
 {
 	struct moe_plan p;
 	struct moe_diag dg = {.sink = quiet};
-	assert_int_equal(moe_cuda_plan_build(d, &p, &dg), 0);
+	assert_int_equal(moe_plan_build(d, MOE_TARGET_CUDA, &p, &dg), 0);
 	char *src = NULL, err[1024], cu[512], cmd[4096];
 	size_t len;
 	assert_int_equal(moe_cuda_emit_source(&p, &src, &len, err, sizeof err), 0);

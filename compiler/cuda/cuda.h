@@ -23,15 +23,10 @@ extern const char *const moe_cuda_emit_names[MOE_CUDA_EMIT_COUNT];
 
 /* cuda_emit.c ------------------------------------------------------------ */
 
-/* Refuse, with one error per feature in diag, what the CUDA backend does not
- * generate (modes other than token_choice and dense, single-neuron experts,
- * f16 activations, ...). Returns 0 or -1. */
-int moe_cuda_check(const struct moe_desc *d, struct moe_diag *diag);
-
-/* Build the plan of d for the CUDA target (moe_cuda_check, then the same
- * op list as the CPU plan; the geometry fields hold the CPU panels and are
- * not used by this backend). Returns 0 or -1. */
-int moe_cuda_plan_build(const struct moe_desc *d, struct moe_plan *p, struct moe_diag *diag);
+/* The CUDA backend generates from the one plan, moe_plan_build(d,
+ * MOE_TARGET_CUDA, ...): what it refuses is said by the mode table
+ * (compiler/plan/modes.c); the plan's geometry fields hold the CPU panels and
+ * are not used here. */
 
 /* The generated source's name, e.g. "mixtral-8x7b.cu" (cap bytes). */
 void moe_cuda_source_name(const struct moe_desc *d, char *buf, size_t cap);

@@ -85,101 +85,6 @@ static const char *flit(float v, char buf[48])
 	return buf;
 }
 
-/* Checks ------------------------------------------------------------------ */
-
-int moe_cuda_check(const struct moe_desc *d, struct moe_diag *diag)
-{
-	int bad = 0;
-	if (d->mode != MOE_MODE_TOKEN_CHOICE && d->mode != MOE_MODE_DENSE) {
-		moe_diag_error(diag, "router.mode %s is not generated for target cuda yet",
-			       moe_mode_names[d->mode]);
-		bad = 1;
-	}
-	if (d->kind == MOE_KIND_SINGLE_NEURON ||
-	    (moe_cuda_has_shared(d) && d->shared_kind == MOE_KIND_SINGLE_NEURON)) {
-		moe_diag_error(diag, "experts.kind single_neuron is not generated for target cuda "
-				     "yet");
-		bad = 1;
-	}
-	if ((d->act == MOE_ACT_SWIGLU_OAI && d->kind != MOE_KIND_GLU) ||
-	    (moe_cuda_has_shared(d) && d->shared_act == MOE_ACT_SWIGLU_OAI &&
-	     d->shared_kind != MOE_KIND_GLU)) {
-		moe_diag_error(diag, "activation swiglu_oai needs glu experts");
-		bad = 1;
-	}
-	if (d->act_dtype != MOE_DTYPE_F32 && d->act_dtype != MOE_DTYPE_BF16) {
-		moe_diag_error(diag,
-			       "dtype.activations %s is not generated for target cuda (f32, "
-			       "bf16)",
-			       moe_dtype_names[d->act_dtype]);
-		bad = 1;
-	}
-	if (d->mode == MOE_MODE_DENSE && d->capacity != MOE_CAPACITY_NONE) {
-		moe_diag_error(diag, "router.capacity with mode dense is not generated for target "
-				     "cuda yet");
-		bad = 1;
-	}
-	if (!bad &&
-	    (d->hidden == 0 || d->n_experts == 0 || d->intermediate == 0 || d->top_k == 0 ||
-	     d->top_k > d->n_experts || d->n_experts > INT32_MAX / 2 || d->hidden > INT32_MAX / 2 ||
-	     d->intermediate > INT32_MAX / 4 || moe_desc_shared_width(d) > INT32_MAX / 4)) {
-		moe_diag_error(diag,
-			       "invalid model description for target cuda (hidden %u, "
-			       "experts %u, intermediate %u, top_k %u)",
-			       d->hidden, d->n_experts, d->intermediate, d->top_k);
-		bad = 1;
-	}
-	if (!bad && d->mode == MOE_MODE_TOKEN_CHOICE && d->n_groups > 1 &&
-	    (d->n_experts % d->n_groups || d->group_top == 0 || d->group_top > d->n_groups ||
-	     (uint64_t)d->group_top * (d->n_experts / d->n_groups) < d->top_k)) {
-		moe_diag_error(diag,
-			       "invalid router.groups (%u groups, top %u) for %u experts, "
-			       "top_k %u",
-			       d->n_groups, d->group_top, d->n_experts, d->top_k);
-		bad = 1;
-	}
-	return bad ? -1 : 0;
-}
-
-static void add_op(struct moe_plan *p, enum moe_op op, uint32_t in, uint32_t out)
-{
-	MOE_ASSERT(p->n_ops < sizeof p->ops / sizeof *p->ops);
-	p->ops[p->n_ops++] = (struct moe_plan_op){op, in, out};
-}
-
-int moe_cuda_plan_build(const struct moe_desc *d, struct moe_plan *p, struct moe_diag *diag)
-{
-	memset(p, 0, sizeof *p);
-	p->desc = d;
-	p->target = MOE_TARGET_CUDA;
-	if (moe_cuda_check(d, diag) != 0)
-		return -1;
-	p->route_width = moe_desc_route_width(d);
-	moe_geom_init(&p->routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU);
-	uint32_t is = moe_desc_shared_width(d);
-	if (is)
-		moe_geom_init(&p->shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU);
-	const uint32_t io = MOE_BUF_COUNT;
-	add_op(p, MOE_OP_ROUTE, io, MOE_BUF_WEIGHTS);
-	add_op(p, MOE_OP_GROUP, MOE_BUF_WEIGHTS, MOE_BUF_ROWS);
-	add_op(p, MOE_OP_EXPERT_UP, MOE_BUF_ROWS, MOE_BUF_H);
-	add_op(p, MOE_OP_EXPERT_DOWN, MOE_BUF_H, io);
-	if (is) {
-		add_op(p, MOE_OP_SHARED_UP, io, MOE_BUF_H_SHARED);
-		add_op(p, MOE_OP_SHARED_DOWN, MOE_BUF_H_SHARED, io);
-	}
-	if (d->capacity != MOE_CAPACITY_NONE && d->overflow == MOE_OVERFLOW_PASSTHROUGH)
-		add_op(p, MOE_OP_PASSTHROUGH, MOE_BUF_ROWS, io);
-	uint64_t w = p->route_width;
-	p->buf_per_token[MOE_BUF_LOGITS] = 4ull * d->n_experts;
-	p->buf_per_token[MOE_BUF_IDS] = 4 * w;
-	p->buf_per_token[MOE_BUF_WEIGHTS] = 4 * w;
-	p->buf_per_token[MOE_BUF_SGATE] = d->shared_gate == MOE_SHARED_GATE_SIGMOID ? 4 : 0;
-	p->buf_per_token[MOE_BUF_ROWS] = 4 * w;
-	p->buf_per_token[MOE_BUF_ROW_W] = 4 * w;
-	return 0;
-}
-
 void moe_cuda_source_name(const struct moe_desc *d, char *buf, size_t cap)
 {
 	snprintf(buf, cap, "%s.cu", d->name[0] ? d->name : "model");
@@ -1673,7 +1578,7 @@ int moe_compile_cuda(const struct moe_desc *d, const char *const *archs, int n_a
 	struct moe_diag diag = {.sink = capture_first, .ctx = &cb};
 	if (cap)
 		err[0] = 0;
-	if (moe_cuda_plan_build(d, &plan, &diag) != 0) {
+	if (moe_plan_build(d, MOE_TARGET_CUDA, &plan, &diag) != 0) {
 		if (cap && !err[0])
 			snprintf(err, cap, "the spec is not supported for target cuda");
 		return MOE_EXIT_BACKEND;

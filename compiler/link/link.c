@@ -301,7 +301,7 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 	char *images = NULL;
 	size_t images_len = 0;
 	if (n_archs > 0 && kind == MOE_EMIT_SO) {
-		if (moe_cuda_plan_build(d, &cplan, &diag) != 0) {
+		if (moe_plan_build(d, MOE_TARGET_CUDA, &cplan, &diag) != 0) {
 			if (err && cap && !err[0])
 				errf(err, cap, "the spec is not supported for target cuda");
 			return MOE_EXIT_BACKEND;

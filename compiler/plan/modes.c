@@ -71,7 +71,7 @@ static int check_topk(const struct moe_desc *d, enum moe_target t, struct moe_di
 		REFUSE("router.capacity with mode dense is not generated for target %s yet", tn);
 	if (t == MOE_TARGET_CPU && d->capacity != MOE_CAPACITY_NONE && d->capacity_norm_after_drop)
 		REFUSE("router.capacity.normalize_after_drop is not generated for target cpu yet");
-	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN && tc) {
+	if (t == MOE_TARGET_CPU && d->noise == MOE_NOISE_LEARNED_GAUSSIAN && tc) {
 		if (d->n_groups > 1)
 			REFUSE("router.groups with learned_gaussian noise is not generated for "
 			       "target %s yet",
@@ -302,15 +302,16 @@ static const struct mode_row rows[MOE_MODE_COUNT] = {
 int moe_mode_supported(const struct moe_desc *d, enum moe_target t, struct moe_diag *diag)
 {
 	MOE_ASSERT(d->mode < MOE_MODE_COUNT && t < MOE_TARGET_COUNT);
-	if (!(rows[d->mode].targets & (1u << t))) {
+	/* every reason is reported: the mode, then what every mode shares, then
+	 * the mode's own limits when the mode itself is generated */
+	int mode_ok = (rows[d->mode].targets & (1u << t)) != 0;
+	if (!mode_ok)
 		moe_diag_error(diag, "router.mode %s is not generated for target %s yet",
 			       moe_mode_names[d->mode], moe_target_names[t]);
-		return 0;
-	}
 	int bad = check_common(d, t, diag);
-	if (!bad)
+	if (mode_ok && !bad)
 		bad = rows[d->mode].check(d, t, diag);
-	return !bad;
+	return mode_ok && !bad;
 }
 
 void moe_mode_ops(const struct moe_desc *d, struct moe_plan *p)
