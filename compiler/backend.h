@@ -112,6 +112,38 @@ MOE_CPU_EMITTER_(moe_cpu_ecsoft_build);
 MOE_CPU_EMITTER_(moe_cpu_peer_build);
 MOE_CPU_EMITTER_(moe_cpu_soft_build);
 
+/* Backends -------------------------------------------------------------- */
+
+/* What a backend needs beyond the plan: the CPU's target machine, the CUDA
+ * archs. */
+struct moe_backend_opts {
+	const struct moe_cpu_target *cpu;
+	const char *const *archs; /* CUDA: sm_XX, the first also as PTX */
+	int n_archs;
+};
+
+/* A backend, one per target: the plan in, its part of model.so out. The
+ * link stage walks the requested targets through this table and knows
+ * nothing else of them. Inside generate, each backend emits per op of the
+ * plan (its emitter table keyed by enum moe_op). */
+struct moe_backend {
+	enum moe_target target;
+	const char *name;
+	/* Whether the backend generates d (1), else 0 with each reason in diag:
+	 * the mode table's answer for this target (compiler/plan/modes.c). */
+	int (*supports)(const struct moe_desc *d, struct moe_diag *diag);
+	/* The link input of plan p (an object file, or C the linker compiles),
+	 * malloc'ed into *out / *len. 0, or -1 with a message in err. */
+	int (*generate)(const struct moe_plan *p, const struct moe_backend_opts *o, char **out,
+			size_t *len, char *err, size_t cap);
+	/* The link input's file name in the work directory ("model.o"). */
+	const char *link_name;
+};
+
+extern const struct moe_backend moe_backend_cpu;  /* compiler/cpu/cpu_backend.c */
+extern const struct moe_backend moe_backend_cuda; /* compiler/cuda/cuda_backend.c */
+extern const struct moe_backend *const moe_backends[MOE_TARGET_COUNT];
+
 /* link.c ---------------------------------------------------------------- */
 
 /* The spec hash: hex XXH3-128 of the model dump of d (33 bytes with the NUL). */

@@ -99,9 +99,9 @@ static const char *const api_syms[] = {"moe_info",    "moe_describe",         "m
 				       "moe_forward", "moe_last_error"};
 #define N_API (sizeof api_syms / sizeof *api_syms)
 
-/* Run the linker: cc -shared -o out obj archive ... Captures its stderr
- * into err on failure. */
-static int run_linker(const char *obj, const char *images, const char *vscript, const char *out,
+/* Run the linker: cc -shared -o out INPUTS... archive ... (objects, or C the
+ * driver compiles). Captures its stderr into err on failure. */
+static int run_linker(const char *const *inputs, int n_inputs, const char *vscript, const char *out,
 		      const char *logp, char *err, size_t cap)
 {
 	const char *archive = moe_runtime_archive();
@@ -123,10 +123,8 @@ static int run_linker(const char *obj, const char *images, const char *vscript, 
 	argv[a++] = "-shared";
 	argv[a++] = "-o";
 	argv[a++] = out;
-	if (obj)
-		argv[a++] = obj;
-	if (images) /* the CUDA images, plain C */
-		argv[a++] = images;
+	for (int i = 0; i < n_inputs; i++)
+		argv[a++] = inputs[i];
 	for (size_t i = 0; i < N_API; i++) {
 		snprintf(und[i], sizeof und[i], "-Wl,--undefined=%s", api_syms[i]);
 		argv[a++] = und[i];
@@ -284,7 +282,6 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 		      const char *const *archs, int n_archs, enum moe_emit kind, const char *out,
 		      char *err, size_t cap)
 {
-	struct moe_plan plan, cplan;
 	struct msgbuf mb = {err, cap};
 	struct moe_diag diag = {.sink = capture, .ctx = &mb};
 	if (err && cap)
@@ -293,32 +290,27 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 		errf(err, cap, "--emit %s needs --target cpu", moe_emit_names[kind]);
 		return MOE_EXIT_USAGE;
 	}
-	if (cpu && moe_plan_build(d, MOE_TARGET_CPU, &plan, &diag) != 0) {
-		if (err && cap && !err[0])
-			errf(err, cap, "the spec is not supported for target cpu");
-		return MOE_EXIT_BACKEND;
-	}
-	char *images = NULL;
-	size_t images_len = 0;
-	if (n_archs > 0 && kind == MOE_EMIT_SO) {
-		if (moe_plan_build(d, MOE_TARGET_CUDA, &cplan, &diag) != 0) {
+	/* The targets asked for, in table order; the CPU alone for the
+	 * inspection outputs (obj, ll, asm) and none for the header. */
+	int want[MOE_TARGET_COUNT] = {
+	    [MOE_TARGET_CPU] = cpu, [MOE_TARGET_CUDA] = n_archs > 0 && kind == MOE_EMIT_SO};
+	struct moe_backend_opts bo = {.cpu = t, .archs = archs, .n_archs = n_archs};
+	struct moe_plan plan[MOE_TARGET_COUNT];
+	for (int i = 0; i < MOE_TARGET_COUNT; i++) {
+		if (want[i] && moe_plan_build(d, (enum moe_target)i, &plan[i], &diag) != 0) {
 			if (err && cap && !err[0])
-				errf(err, cap, "the spec is not supported for target cuda");
+				errf(err, cap, "the spec is not supported for target %s",
+				     moe_backends[i]->name);
 			return MOE_EXIT_BACKEND;
 		}
-		if (moe_cuda_generate(&cplan, archs, n_archs, MOE_CUDA_EMIT_IMAGES, &images,
-				      &images_len, err, cap) != 0)
-			return MOE_EXIT_BACKEND;
 	}
 
 	/* The output beside its final name (symlinks followed), refused when it
 	 * is the runtime archive the link reads or not a regular file. */
 	const char *inputs[1] = {kind == MOE_EMIT_SO ? moe_runtime_archive() : NULL};
 	struct moe_output o;
-	if (moe_output_open(&o, out, inputs, 1, kind == MOE_EMIT_SO ? 0777 : 0666, err, cap) != 0) {
-		free(images);
+	if (moe_output_open(&o, out, inputs, 1, kind == MOE_EMIT_SO ? 0777 : 0666, err, cap) != 0)
 		return MOE_EXIT_IO;
-	}
 
 	if (kind == MOE_EMIT_HEADER) {
 		FILE *f = moe_output_stream(&o);
@@ -330,56 +322,64 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 		return moe_output_commit(&o, err, cap) == 0 ? 0 : MOE_EXIT_IO;
 	}
 
-	char *buf = NULL;
-	size_t len = 0;
-	enum moe_emit gk = kind == MOE_EMIT_SO ? MOE_EMIT_OBJ : kind;
-	if (cpu && moe_cpu_generate(&plan, t, gk, &buf, &len, err, cap) != 0) {
-		moe_output_abort(&o);
-		free(images);
-		return MOE_EXIT_BACKEND;
-	}
 	int rc = MOE_EXIT_IO;
-	if (kind != MOE_EMIT_SO) {
-		if (moe_output_write(&o, buf, len, err, cap) == 0 &&
-		    moe_output_commit(&o, err, cap) == 0)
+	if (kind != MOE_EMIT_SO) { /* the CPU module as obj, ll or asm */
+		char *buf = NULL;
+		size_t len = 0;
+		if (moe_cpu_generate(&plan[MOE_TARGET_CPU], t, kind, &buf, &len, err, cap) != 0)
+			rc = MOE_EXIT_BACKEND;
+		else if (moe_output_write(&o, buf, len, err, cap) == 0 &&
+			 moe_output_commit(&o, err, cap) == 0)
 			rc = 0;
 		moe_output_abort(&o);
 		free(buf);
 		return rc;
 	}
 
+	/* model.so: each backend's link input in a work directory, then the link. */
 	char dir[PATH_MAX];
 	if (moe_temp_dir(dir, sizeof dir, "moegen", err, cap) != 0) {
 		moe_output_abort(&o);
-		free(buf);
-		free(images);
 		return MOE_EXIT_IO;
 	}
-	static const char *const names[] = {"model.o", "exports.map", "link.log", "cuda_images.c"};
-	char obj[PATH_MAX + 16], vs[PATH_MAX + 16], logp[PATH_MAX + 16], img[PATH_MAX + 16];
-	snprintf(obj, sizeof obj, "%s/%s", dir, names[0]);
-	snprintf(vs, sizeof vs, "%s/%s", dir, names[1]);
-	snprintf(logp, sizeof logp, "%s/%s", dir, names[2]);
-	snprintf(img, sizeof img, "%s/%s", dir, names[3]);
-	moe_temp_track(logp);
+	const char *names[MOE_TARGET_COUNT + 2] = {"exports.map", "link.log"};
+	char paths[MOE_TARGET_COUNT + 2][PATH_MAX + 32];
+	const char *link_in[MOE_TARGET_COUNT];
+	int n_names = 2, n_in = 0;
+	snprintf(paths[0], sizeof paths[0], "%s/%s", dir, names[0]);
+	snprintf(paths[1], sizeof paths[1], "%s/%s", dir, names[1]);
+	moe_temp_track(paths[1]);
 	char script[512];
 	size_t sl = (size_t)snprintf(script, sizeof script, "{\n  global:\n");
 	for (size_t i = 0; i < N_API; i++)
 		sl += (size_t)snprintf(script + sl, sizeof script - sl, "    %s;\n", api_syms[i]);
 	sl += (size_t)snprintf(script + sl, sizeof script - sl, "  local: *;\n};\n");
-	if ((!cpu || write_all(obj, buf, len, err, cap) == 0) &&
-	    (!images || write_all(img, images, images_len, err, cap) == 0) &&
-	    write_all(vs, script, sl, err, cap) == 0) {
+	int ok = write_all(paths[0], script, sl, err, cap) == 0;
+	for (int i = 0; ok && i < MOE_TARGET_COUNT; i++) {
+		if (!want[i])
+			continue;
+		const struct moe_backend *be = moe_backends[i];
+		char *buf = NULL;
+		size_t len = 0;
+		if (be->generate(&plan[i], &bo, &buf, &len, err, cap) != 0) {
+			rc = MOE_EXIT_BACKEND;
+			ok = 0;
+			break;
+		}
+		names[n_names] = be->link_name;
+		snprintf(paths[n_names], sizeof paths[n_names], "%s/%s", dir, be->link_name);
+		ok = write_all(paths[n_names], buf, len, err, cap) == 0;
+		link_in[n_in++] = paths[n_names++];
+		free(buf);
+	}
+	if (ok) {
 		/* the linker writes the temporary by name */
-		if (run_linker(cpu ? obj : NULL, images ? img : NULL, vs, o.tmp, logp, err, cap) !=
-		    0)
+		if (run_linker(link_in, n_in, paths[0], o.tmp, paths[1], err, cap) != 0)
 			rc = MOE_EXIT_BACKEND;
 		else if (moe_output_commit(&o, err, cap) == 0)
 			rc = 0;
 	}
 	moe_output_abort(&o);
-	free(buf);
-	free(images);
-	rm_work_dir(dir, names, 4);
+	rm_work_dir(dir, names, n_names);
 	return rc;
 }

@@ -14,13 +14,18 @@ static const char *const buf_names[] = {MOE_BUFS(NAME_)};
 
 _Static_assert(sizeof buf_names / sizeof *buf_names == MOE_BUF_COUNT, "buffer table");
 
+const struct moe_backend *const moe_backends[MOE_TARGET_COUNT] = {
+    [MOE_TARGET_CPU] = &moe_backend_cpu,
+    [MOE_TARGET_CUDA] = &moe_backend_cuda,
+};
+
 int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan *p,
 		   struct moe_diag *diag)
 {
 	memset(p, 0, sizeof *p);
 	p->desc = d;
 	p->target = t;
-	if (!moe_mode_supported(d, t, diag))
+	if (!moe_backends[t]->supports(d, diag))
 		return -1;
 	p->route_width = moe_desc_route_width(d);
 	moe_geom_init(&p->routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU);
