@@ -18,28 +18,14 @@
 MOE_DEFINE_ENUM(moe_target, MOE_TARGET_, MOE_TARGETS);
 extern const char *const moe_target_names[MOE_TARGET_COUNT];
 
-/* Workspace buffers, sized per forward call from T (tokens). */
-#define MOE_BUFS(X)                                                                                \
-	X(LOGITS, "logits")     /* [T, E] f32 */                                                   \
-	X(IDS, "ids")           /* [T, W] i32 */                                                   \
-	X(WEIGHTS, "weights")   /* [T, W] f32 */                                                   \
-	X(SGATE, "sgate")       /* [T] f32 shared-expert gate */                                   \
-	X(ROWS, "rows")         /* [T * W] i32 token of each grouped row */                        \
-	X(ROW_W, "row_w")       /* [T * W] f32 routing weight of each grouped row */               \
-	X(H, "h")               /* [T * W, ld_h] f32 expert activations */                         \
-	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */                                         \
-	X(KEPT, "kept")         /* [T, W] u8 slots within capacity */
-
-#define MOE_ENUM_X_MOE_BUF_(v, s) MOE_BUF_##v,
-MOE_DEFINE_ENUM(moe_buf, MOE_BUF_, MOE_BUFS);
-
 struct moe_plan_op {
 	enum moe_op op;   /* moe_ops.h */
 	uint32_t in, out; /* buffer ids (MOE_BUF_COUNT: the layer input/output) */
 };
 
 /* The kernel plan, built once per target from the mode table: ops in
- * order, buffers per token, the FFN geometries. Every backend emits from it
+ * order with the buffers they read and write, the workspace, the FFN
+ * geometries. Every backend emits from it
  * and the CPU runtime walks its op list. */
 struct moe_plan {
 	const struct moe_desc *desc; /* borrowed */
@@ -47,8 +33,8 @@ struct moe_plan {
 	uint32_t n_ops;
 	struct moe_plan_op ops[MOE_MAX_OPS];
 	uint32_t route_width;
-	struct moe_geom routed, shared;        /* shared.width == 0: none */
-	uint64_t buf_per_token[MOE_BUF_COUNT]; /* bytes per token of each workspace buffer */
+	struct moe_geom routed, shared;          /* shared.width == 0: none */
+	struct moe_buf_size bufs[MOE_BUF_COUNT]; /* the workspace (moe_workspace) */
 };
 
 /* Build the plan of d for target t. Modes and features the target does not

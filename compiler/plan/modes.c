@@ -227,7 +227,7 @@ static void ops_ffn(const struct moe_desc *d, struct moe_plan *p)
 static void ops_routed(const struct moe_desc *d, struct moe_plan *p, enum moe_op route)
 {
 	if (d->noise == MOE_NOISE_JITTER)
-		add(p, MOE_OP_JITTER, IO, IO);
+		add(p, MOE_OP_JITTER, IO, MOE_BUF_XJ);
 	add(p, route, IO, MOE_BUF_WEIGHTS);
 	if (d->mode == MOE_MODE_EXPERT_CHOICE)
 		add(p, MOE_OP_EC_SELECT, MOE_BUF_WEIGHTS, MOE_BUF_WEIGHTS);
@@ -269,18 +269,18 @@ static void ops_product_key(const struct moe_desc *d, struct moe_plan *p)
 static void ops_soft(const struct moe_desc *d, struct moe_plan *p)
 {
 	add(p, MOE_OP_SOFT_LOGITS, IO, MOE_BUF_LOGITS);
-	add(p, MOE_OP_SOFT_COMBINE, MOE_BUF_LOGITS, MOE_BUF_WEIGHTS);
-	add(p, MOE_OP_SOFT_DISPATCH, MOE_BUF_LOGITS, MOE_BUF_WEIGHTS);
-	add(p, MOE_OP_SOFT_SLOT_IN, MOE_BUF_WEIGHTS, MOE_BUF_ROWS);
-	add(p, MOE_OP_SOFT_SLOTS, MOE_BUF_ROWS, MOE_BUF_ROWS);
+	add(p, MOE_OP_SOFT_COMBINE, MOE_BUF_LOGITS, MOE_BUF_SOFT_C);
+	add(p, MOE_OP_SOFT_DISPATCH, MOE_BUF_LOGITS, MOE_BUF_SOFT_D);
+	add(p, MOE_OP_SOFT_SLOT_IN, MOE_BUF_SOFT_D, MOE_BUF_SOFT_XS);
+	add(p, MOE_OP_SOFT_SLOTS, MOE_BUF_SOFT_XS, MOE_BUF_ROWS);
 	add(p, MOE_OP_EXPERT_UP, MOE_BUF_ROWS, MOE_BUF_H);
 	if (has_shared(d))
 		add(p, MOE_OP_SHARED_UP, IO, MOE_BUF_H_SHARED);
-	add(p, MOE_OP_EXPERT_DOWN, MOE_BUF_H, MOE_BUF_ROWS);
-	add(p, MOE_OP_SOFT_OUT, MOE_BUF_ROWS, IO);
+	add(p, MOE_OP_EXPERT_DOWN, MOE_BUF_H, MOE_BUF_SOFT_Y);
+	add(p, MOE_OP_SOFT_OUT, MOE_BUF_SOFT_Y, IO);
 	if (has_shared(d))
 		add(p, MOE_OP_SHARED_DOWN, MOE_BUF_H_SHARED, IO);
-	add(p, MOE_OP_SOFT_STATS, MOE_BUF_WEIGHTS, IO);
+	add(p, MOE_OP_SOFT_STATS, MOE_BUF_SOFT_C, IO);
 }
 
 /* The table ---------------------------------------------------------------------- */

@@ -9,10 +9,7 @@
 #define NAME_(v, s) s,
 const char *const moe_target_names[] = {MOE_TARGETS(NAME_)};
 const char *const moe_emit_names[] = {MOE_EMITS(NAME_)};
-static const char *const buf_names[] = {MOE_BUFS(NAME_)};
 #undef NAME_
-
-_Static_assert(sizeof buf_names / sizeof *buf_names == MOE_BUF_COUNT, "buffer table");
 
 const struct moe_backend *const moe_backends[MOE_TARGET_COUNT] = {
     [MOE_TARGET_CPU] = &moe_backend_cpu,
@@ -34,21 +31,12 @@ int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan 
 		moe_geom_init(&p->shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU);
 	moe_mode_ops(d, p);
 
-	uint64_t w = p->route_width;
-	int routed = moe_plan_has(p, MOE_OP_ROUTE) || moe_plan_has(p, MOE_OP_ROUTE_X);
-	int grouped = moe_plan_has(p, MOE_OP_GROUP);
-	p->buf_per_token[MOE_BUF_LOGITS] = routed ? 4ull * d->n_experts : 0;
-	p->buf_per_token[MOE_BUF_IDS] = 4 * w;
-	p->buf_per_token[MOE_BUF_WEIGHTS] = 4 * w;
-	p->buf_per_token[MOE_BUF_SGATE] =
-	    routed && d->shared_gate == MOE_SHARED_GATE_SIGMOID ? 4 : 0;
-	p->buf_per_token[MOE_BUF_ROWS] = grouped ? 4 * w : 0;
-	p->buf_per_token[MOE_BUF_ROW_W] = grouped ? 4 * w : 0;
-	p->buf_per_token[MOE_BUF_KEPT] = grouped ? w : 0;
-	if (t == MOE_TARGET_CPU) {
-		p->buf_per_token[MOE_BUF_H] = grouped ? 4 * w * p->routed.ld_h : 0;
-		p->buf_per_token[MOE_BUF_H_SHARED] = is ? 4ull * p->shared.ld_h : 0;
-	}
+	/* the CPU keeps the FFN activations in packed panels; CUDA in its kernels */
+	uint64_t ops = 0;
+	for (uint32_t i = 0; i < p->n_ops; i++)
+		ops |= MOE_OP_BIT(p->ops[i].op);
+	int cpu = t == MOE_TARGET_CPU;
+	moe_workspace(d, ops, cpu ? p->routed.ld_h : 0, cpu && is ? p->shared.ld_h : 0, p->bufs);
 	return 0;
 }
 
@@ -77,15 +65,23 @@ void moe_plan_dump(const struct moe_plan *p, FILE *out)
 	dump_geom(out, "routed", &p->routed);
 	if (p->shared.width)
 		dump_geom(out, "shared", &p->shared);
-	for (int b = 0; b < MOE_BUF_COUNT; b++)
-		if (p->buf_per_token[b])
-			fprintf(out, "buffer %s %llu bytes/token\n", buf_names[b],
-				(unsigned long long)p->buf_per_token[b]);
+	for (int b = 0; b < MOE_BUF_COUNT; b++) {
+		const struct moe_buf_size *z = &p->bufs[b];
+		if (!z->per_token && !z->fixed)
+			continue;
+		fprintf(out, "buffer %s", moe_buf_names[b]);
+		if (z->per_token)
+			fprintf(out, " %llu bytes/token", (unsigned long long)z->per_token);
+		if (z->fixed)
+			fprintf(out, "%s %llu bytes", z->per_token ? " +" : "",
+				(unsigned long long)z->fixed);
+		fputc('\n', out);
+	}
 	for (uint32_t i = 0; i < p->n_ops; i++) {
 		const struct moe_plan_op *o = &p->ops[i];
 		fprintf(out, "op %u %s (%s) %s -> %s\n", i, moe_op_names[o->op],
 			moe_shape_names[moe_op_shapes[o->op]],
-			o->in == MOE_BUF_COUNT ? "io" : buf_names[o->in],
-			o->out == MOE_BUF_COUNT ? "io" : buf_names[o->out]);
+			o->in == MOE_BUF_COUNT ? "io" : moe_buf_names[o->in],
+			o->out == MOE_BUF_COUNT ? "io" : moe_buf_names[o->out]);
 	}
 }

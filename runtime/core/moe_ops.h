@@ -58,6 +58,50 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
 /* The most ops one plan holds. */
 #define MOE_MAX_OPS 24
 
+/* The workspace buffers of a layer's ops. A buffer's size for T tokens is
+ * per_token * T + fixed bytes, from moe_workspace (runtime/cpu/workspace.c),
+ * which the plan prints and the CPU runtime allocates: one layout for both.
+ * T: tokens, E: experts, W: route width, H: hidden, S: Soft MoE slots. */
+#define MOE_BUFS(X)                                                                                \
+	X(XJ, "x_jitter")       /* [T, H] f32 the jittered input (training) */                     \
+	X(LOGITS, "logits")     /* [T, E] f32 (Soft MoE: [T, S]) */                                \
+	X(PROB, "prob")         /* [T, E] f32 router probability (route_x) */                      \
+	X(IDS, "ids")           /* [T, W] i32 */                                                   \
+	X(WEIGHTS, "weights")   /* [T, W] f32 */                                                   \
+	X(SGATE, "sgate")       /* [T] f32 shared-expert gate */                                   \
+	X(PRIO, "prio")         /* [T] f32 token priority for capacity */                          \
+	X(KEPT, "kept")         /* [T, W] u8 slots within capacity */                              \
+	X(COUNTS, "counts")     /* [E] i64 rows per expert */                                      \
+	X(OFFSETS, "offsets")   /* [E + 1] i64 first row of each expert */                         \
+	X(ROWS, "rows")         /* [T * W] i32 token of each grouped row (Soft: [S]) */            \
+	X(ROW_W, "row_w")       /* [T * W] f32 weight of each grouped row (Soft: [S]) */           \
+	X(SROWS, "srows")       /* [T] i32 the shared FFN's rows */                                \
+	X(H, "h")               /* [T * W, ld_h] f32 expert activations (Soft: [S, ..]) */         \
+	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */                                         \
+	X(SOFT_XN, "soft_xn")   /* [T, H] f32 normalized tokens */                                 \
+	X(SOFT_C, "soft_c")     /* [T, S] f32 combine weights */                                   \
+	X(SOFT_D, "soft_d")     /* [S, T] f32 dispatch weights */                                  \
+	X(SOFT_XS, "soft_xs")   /* [S, H] f32 slot inputs */                                       \
+	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */
+
+#define MOE_ENUM_X_MOE_BUF_(v, s) MOE_BUF_##v,
+MOE_DEFINE_ENUM(moe_buf, MOE_BUF_, MOE_BUFS);
+extern const char *const moe_buf_names[MOE_BUF_COUNT];
+
+struct moe_buf_size {
+	uint64_t per_token, fixed; /* bytes */
+};
+
+/* The workspace of d's layer when it runs ops (bit i: op i is in the plan),
+ * with the routed and shared FFN's activation strides (0: the target keeps
+ * no activation buffer). Buffers the ops do not use are zero. Scratch that
+ * depends on the thread count or on the routing (expert choice's per-thread
+ * picks, the dropped slots' list) is not in it. */
+void moe_workspace(const struct moe_desc *d, uint64_t ops, uint32_t ld_h, uint32_t ld_h_shared,
+		   struct moe_buf_size b[MOE_BUF_COUNT]);
+#define MOE_OP_BIT(op) (1ull << (op))
+_Static_assert(MOE_OP_COUNT <= 64, "an op set is a 64-bit mask");
+
 extern const char *const moe_op_names[MOE_OP_COUNT];
 extern const char *const moe_shape_names[MOE_SHAPE_COUNT];
 extern const enum moe_shape moe_op_shapes[MOE_OP_COUNT];

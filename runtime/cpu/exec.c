@@ -23,10 +23,8 @@
 
 void moe_ws_free(struct moe_ws *ws)
 {
-	free(ws->logits), free(ws->wts), free(ws->sgate), free(ws->prio), free(ws->row_w);
-	free(ws->h), free(ws->hs);
-	free(ws->ids), free(ws->rows);
-	free(ws->counts), free(ws->offsets), free(ws->kept), free(ws->prob);
+	for (int i = 0; i < MOE_BUF_COUNT; i++)
+		free(ws->buf[i]);
 	memset(ws, 0, sizeof *ws);
 }
 
@@ -41,46 +39,43 @@ void *moe_exec_alloc(struct moe_exec *x, size_t bytes)
 	return p;
 }
 
-/* The workspace of the plan's ops for T tokens (grown, never shrunk). */
+/* The workspace of the plan's ops for T tokens (grown, never shrunk): the
+ * layout of moe_workspace, the one the plan prints. */
 static int ws_reserve(struct moe_model *m, size_t T)
 {
 	struct moe_ws *ws = &m->ws;
-	if (T <= ws->cap_tokens && ws->ids)
+	if (T <= ws->cap_tokens && ws->cap_tokens)
 		return 0;
 	size_t cap = T < 16 ? 16 : T;
 	if (cap < ws->cap_tokens * 2)
 		cap = ws->cap_tokens * 2;
 	moe_ws_free(ws);
-	const struct moe_desc *d = m->d;
 	const struct moe_gen *g = m->gen;
-	size_t E = d->n_experts, W = moe_desc_route_width(d);
-	int prob = moe_gen_has_op(g, MOE_OP_ROUTE_X);
-	int routed = prob || moe_gen_has_op(g, MOE_OP_ROUTE);
-	int grouped = moe_gen_has_op(g, MOE_OP_GROUP);
-	int bad = 0;
-#define A_(p, use, bytes)                                                                          \
-	do {                                                                                       \
-		if ((use) && !((p) = aligned_alloc(64, ((bytes) + 63) / 64 * 64)))                 \
-			bad = 1;                                                                   \
-	} while (0)
-	A_(ws->ids, 1, cap * W * sizeof(int32_t));
-	A_(ws->wts, 1, cap * W * sizeof(float));
-	A_(ws->logits, routed, cap * E * sizeof(float));
-	A_(ws->prob, prob, cap * E * sizeof(float));
-	A_(ws->sgate, routed, cap * sizeof(float));
-	A_(ws->prio, routed, cap * sizeof(float));
-	A_(ws->kept, grouped, cap * W);
-	A_(ws->counts, grouped, E * sizeof(int64_t));
-	A_(ws->offsets, grouped, (E + 1) * sizeof(int64_t));
-	A_(ws->row_w, grouped, cap * W * sizeof(float));
-	A_(ws->rows, grouped, cap * W * sizeof(int32_t));
-	A_(ws->h, grouped, cap * W * m->routed.ld_h * sizeof(float));
-	A_(ws->hs, m->shared.width, cap * m->shared.ld_h * sizeof(float));
-#undef A_
-	if (bad) {
-		moe_ws_free(ws);
-		return -1;
+	uint64_t ops = 0;
+	for (uint32_t i = 0; i < g->n_ops; i++)
+		ops |= MOE_OP_BIT(g->ops[i]);
+	struct moe_buf_size sz[MOE_BUF_COUNT];
+	moe_workspace(m->d, ops, m->routed.ld_h, m->shared.width ? m->shared.ld_h : 0, sz);
+	for (int i = 0; i < MOE_BUF_COUNT; i++) {
+		if (!sz[i].per_token && !sz[i].fixed)
+			continue;
+		if (sz[i].per_token && cap > (SIZE_MAX / 2 - sz[i].fixed) / sz[i].per_token) {
+			moe_ws_free(ws);
+			return -1;
+		}
+		size_t n = (cap * sz[i].per_token + sz[i].fixed + 63) / 64 * 64;
+		if (!(ws->buf[i] = aligned_alloc(64, n))) {
+			moe_ws_free(ws);
+			return -1;
+		}
 	}
+#define B_(name, id) ws->name = ws->buf[MOE_BUF_##id]
+	B_(xj, XJ), B_(logits, LOGITS), B_(prob, PROB), B_(ids, IDS), B_(wts, WEIGHTS);
+	B_(sgate, SGATE), B_(prio, PRIO), B_(kept, KEPT), B_(counts, COUNTS);
+	B_(offsets, OFFSETS), B_(rows, ROWS), B_(row_w, ROW_W), B_(srows, SROWS), B_(h, H);
+	B_(hs, H_SHARED), B_(soft_xn, SOFT_XN), B_(soft_c, SOFT_C), B_(soft_d, SOFT_D);
+	B_(soft_xs, SOFT_XS), B_(soft_y, SOFT_Y);
+#undef B_
 	ws->cap_tokens = cap;
 	return 0;
 }
@@ -113,9 +108,7 @@ static enum moe_status begin_jitter(struct moe_exec *x)
 {
 	if (!x->fwd.training)
 		return MOE_OK;
-	x->xj = moe_exec_alloc(x, x->T * x->d->hidden * sizeof(float));
-	if (!x->xj)
-		return MOE_ERR_NOMEM;
+	x->xj = x->m->ws.xj;
 	x->x = x->xj;
 	return MOE_OK;
 }
@@ -365,9 +358,7 @@ static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 /* The shared FFN runs over every token of the layer input (rows 0..T-1). */
 static enum moe_status begin_shared_up(struct moe_exec *x)
 {
-	x->srows = moe_exec_alloc(x, x->T * sizeof *x->srows);
-	if (!x->srows)
-		return MOE_ERR_NOMEM;
+	x->srows = x->m->ws.srows;
 	for (size_t t = 0; t < x->T; t++)
 		x->srows[t] = (int32_t)t;
 	return add_tiles(x, MOE_OP_SHARED_UP, -1, (int64_t)x->T, x->m->shared.up_panels);

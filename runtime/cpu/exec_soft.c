@@ -13,7 +13,7 @@
 /* The Soft MoE buffers of one forward (S = E * slots per expert slots). */
 struct moe_soft {
 	uint32_t S, P;
-	float *xn, *L, *C, *Dt, *xs, *Y, *ones;
+	float *xn, *L, *C, *Dt, *xs, *Y, *ones, *h;
 	int32_t *rows;    /* 0 .. S - 1 */
 	int64_t *counts;  /* P per expert */
 	int64_t *offsets; /* e * P */
@@ -34,19 +34,13 @@ enum moe_status moe_begin_soft_logits(struct moe_exec *x)
 		moe_set_error("moe_forward: too many tokens (%zu) for %zu soft slots", T, S);
 		return MOE_ERR_ARG;
 	}
-	s->xn = moe_exec_alloc(x, T * H * sizeof(float));
-	s->L = moe_exec_alloc(x, T * S * sizeof(float));
-	s->C = moe_exec_alloc(x, T * S * sizeof(float));
-	s->Dt = moe_exec_alloc(x, T * S * sizeof(float));
-	s->xs = moe_exec_alloc(x, S * H * sizeof(float));
-	s->Y = moe_exec_alloc(x, S * H * sizeof(float));
-	s->ones = moe_exec_alloc(x, S * sizeof(float));
-	s->rows = moe_exec_alloc(x, S * sizeof(int32_t));
-	s->counts = moe_exec_alloc(x, E * sizeof(int64_t));
-	s->offsets = moe_exec_alloc(x, (E + 1) * sizeof(int64_t));
+	/* the workspace's buffers (moe_workspace); the accumulators are per thread */
+	const struct moe_ws *ws = &x->m->ws;
+	s->xn = ws->soft_xn, s->L = ws->logits, s->C = ws->soft_c, s->Dt = ws->soft_d;
+	s->xs = ws->soft_xs, s->Y = ws->soft_y, s->ones = ws->row_w, s->rows = ws->rows;
+	s->counts = ws->counts, s->offsets = ws->offsets, s->h = ws->h;
 	s->acc = moe_exec_alloc(x, nth * H * sizeof(double));
-	if (!s->xn || !s->L || !s->C || !s->Dt || !s->xs || !s->Y || !s->ones || !s->rows ||
-	    !s->counts || !s->offsets || !s->acc)
+	if (!s->acc)
 		return MOE_ERR_NOMEM;
 	x->soft = s;
 	x->n_slots = S;
@@ -95,9 +89,6 @@ enum moe_status moe_begin_soft_slots(struct moe_exec *x)
 			s->counts[e] = s->P;
 		s->offsets[e] = (int64_t)e * s->P;
 	}
-	float *h = moe_exec_alloc(x, (size_t)s->S * x->m->routed.ld_h * sizeof(float));
-	if (!h)
-		return MOE_ERR_NOMEM;
 	x->ffn = (struct moe_ffn_rows){.in = s->xs,
 				       .out = s->Y,
 				       .out_rows = s->S,
@@ -105,7 +96,7 @@ enum moe_status moe_begin_soft_slots(struct moe_exec *x)
 				       .row_w = s->ones,
 				       .counts = s->counts,
 				       .offsets = s->offsets,
-				       .h = h};
+				       .h = s->h};
 	return MOE_OK;
 }
 

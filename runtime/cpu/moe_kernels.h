@@ -242,13 +242,16 @@ struct moe_layer_w {
 };
 
 /* Per-call scratch, grown on demand. */
+/* The workspace: the buffers of moe_workspace for cap_tokens tokens (grown,
+ * never shrunk), then named by type. */
 struct moe_ws {
 	size_t cap_tokens;
-	float *logits, *wts, *sgate, *prio, *row_w, *h, *hs;
-	int32_t *ids, *rows; /* rows: T * W routed rows, then T shared */
+	void *buf[MOE_BUF_COUNT]; /* NULL: not used by the plan's ops */
+	float *xj, *logits, *prob, *wts, *sgate, *prio, *row_w, *h, *hs;
+	int32_t *ids, *rows, *srows;
 	int64_t *counts, *offsets;
 	uint8_t *kept;
-	float *prob; /* [T, E] router probability (route_x) */
+	float *soft_xn, *soft_c, *soft_d, *soft_xs, *soft_y;
 };
 
 struct moe_pool;

@@ -1,0 +1,60 @@
+/* workspace.c: the workspace of a layer's ops, one layout for the plan that
+ * prints it and the CPU runtime that allocates it. */
+#include "moe_ops.h"
+
+#include <string.h>
+
+#define NAME_(v, s) s,
+const char *const moe_buf_names[] = {MOE_BUFS(NAME_)};
+#undef NAME_
+_Static_assert(sizeof moe_buf_names / sizeof *moe_buf_names == MOE_BUF_COUNT, "buffer table");
+
+void moe_workspace(const struct moe_desc *d, uint64_t ops, uint32_t ld_h, uint32_t ld_h_shared,
+		   struct moe_buf_size b[MOE_BUF_COUNT])
+{
+	memset(b, 0, MOE_BUF_COUNT * sizeof *b);
+#define HAS(op) ((ops & MOE_OP_BIT(MOE_OP_##op)) != 0)
+	uint64_t E = d->n_experts, H = d->hidden, W = moe_desc_route_width(d);
+	int routed = HAS(ROUTE) || HAS(ROUTE_X);
+	if (HAS(JITTER))
+		b[MOE_BUF_XJ].per_token = 4 * H;
+	if (routed) {
+		b[MOE_BUF_LOGITS].per_token = 4 * E;
+		b[MOE_BUF_SGATE].per_token = 4;
+		b[MOE_BUF_PRIO].per_token = 4;
+	}
+	if (HAS(ROUTE_X))
+		b[MOE_BUF_PROB].per_token = 4 * E;
+	if (routed || HAS(PK_ROUTE)) {
+		b[MOE_BUF_IDS].per_token = 4 * W;
+		b[MOE_BUF_WEIGHTS].per_token = 4 * W;
+	}
+	if (HAS(GROUP)) {
+		b[MOE_BUF_KEPT].per_token = W;
+		b[MOE_BUF_COUNTS].fixed = 8 * E;
+		b[MOE_BUF_OFFSETS].fixed = 8 * (E + 1);
+		b[MOE_BUF_ROWS].per_token = 4 * W;
+		b[MOE_BUF_ROW_W].per_token = 4 * W;
+		b[MOE_BUF_H].per_token = 4 * W * ld_h;
+	}
+	if (HAS(SHARED_UP)) {
+		b[MOE_BUF_SROWS].per_token = 4;
+		b[MOE_BUF_H_SHARED].per_token = 4ull * ld_h_shared;
+	}
+	if (HAS(SOFT_LOGITS)) {
+		/* the S slots are the routed FFN's rows: expert e's P slots */
+		uint64_t S = E * d->soft_slots_per_expert;
+		b[MOE_BUF_LOGITS].per_token = 4 * S;
+		b[MOE_BUF_SOFT_XN].per_token = 4 * H;
+		b[MOE_BUF_SOFT_C].per_token = 4 * S;
+		b[MOE_BUF_SOFT_D].per_token = 4 * S;
+		b[MOE_BUF_SOFT_XS].fixed = 4 * S * H;
+		b[MOE_BUF_SOFT_Y].fixed = 4 * S * H;
+		b[MOE_BUF_COUNTS].fixed = 8 * E;
+		b[MOE_BUF_OFFSETS].fixed = 8 * (E + 1);
+		b[MOE_BUF_ROWS].fixed = 4 * S;
+		b[MOE_BUF_ROW_W].fixed = 4 * S;
+		b[MOE_BUF_H].fixed = 4 * S * ld_h;
+	}
+#undef HAS
+}
