@@ -14,6 +14,8 @@
 #include "import.h"
 #include "moe_ref.h"
 
+#include <cjson/cJSON.h>
+
 #define MAX_SETS 256
 
 /* Options common to every command that takes a spec. */
@@ -36,6 +38,7 @@ static void usage_main(FILE *out)
 	      "  SPEC -o model.so    compile SPEC (also: compile SPEC ...)\n"
 	      "  run MODEL.so        run a compiled model, optionally against the reference\n"
 	      "  bench               benchmark the generated layer against peak and BLAS\n"
+	      "  --version           version, git revision, LLVM version and targets\n"
 	      "\n"
 	      "Every command that takes a spec accepts --set KEY=VALUE (repeatable) to\n"
 	      "override a spec key, e.g. --set model.hidden=128 --set experts.intermediate=64.\n"
@@ -43,12 +46,14 @@ static void usage_main(FILE *out)
 	      out);
 }
 
-static const char *const usage_check = "usage: moegen check SPEC [--set KEY=VALUE]...\n"
-				       "Validate SPEC and report every error at once.\n";
+static const char *const usage_check =
+    "usage: moegen check SPEC [--set KEY=VALUE]... [--json]\n"
+    "Validate SPEC and report every error at once. --json: one JSON object on\n"
+    "stdout, {\"ok\": true, the model's fields} or {\"ok\": false, \"diagnostics\": [...]}.\n";
 static const char *const usage_info =
-    "usage: moegen info SPEC [--set KEY=VALUE]...\n"
+    "usage: moegen info SPEC [--set KEY=VALUE]... [--json]\n"
     "Print total and active parameters (routed experts, shared experts, router,\n"
-    "dense parts), FLOPs and weight bytes per token.\n";
+    "dense parts), FLOPs and weight bytes per token. --json: as one JSON object.\n";
 static const char *const usage_dump =
     "usage: moegen -d spec|model|plan SPEC [--set KEY=VALUE]...\n"
     "Print the spec as read (after overrides), the resolved model, or the CPU\n"
@@ -132,37 +137,94 @@ static int front(const struct front_opts *fo, struct moe_desc *d)
 	return rc;
 }
 
-static int cmd_check(int argc, char **argv)
+static int json_flag(void *ctx, int argc, char **argv)
+{
+	(void)argc;
+	if (strcmp(argv[0], "--json"))
+		return 0;
+	*(int *)ctx = 1;
+	return 1;
+}
+
+static void json_diag(void *ctx, const char *kind, struct moe_loc loc, const char *msg)
+{
+	cJSON *d = cJSON_CreateObject();
+	if (loc.file) {
+		cJSON_AddStringToObject(d, "file", loc.file);
+		cJSON_AddNumberToObject(d, "line", loc.line);
+		cJSON_AddNumberToObject(d, "column", loc.col);
+	}
+	cJSON_AddStringToObject(d, "severity", kind);
+	cJSON_AddStringToObject(d, "message", msg);
+	cJSON_AddItemToArray(ctx, d);
+}
+
+static int print_json(cJSON *o)
+{
+	char *text = o ? cJSON_Print(o) : NULL;
+	cJSON_Delete(o);
+	if (!text) {
+		fprintf(stderr, "moegen: error: out of memory\n");
+		return MOE_EXIT_INTERNAL;
+	}
+	puts(text);
+	free(text);
+	return MOE_EXIT_OK;
+}
+
+/* check and info: the front half, then the text or JSON report. With
+ * --json the diagnostics go into the object too (stdout), the exit code is
+ * the same. */
+static int check_or_info(int argc, char **argv, const char *usage, int info)
 {
 	struct front_opts fo;
-	int rc = parse_front(argc, argv, usage_check, &fo, NULL, NULL);
+	int json = 0;
+	int rc = parse_front(argc, argv, usage, &fo, json_flag, &json);
 	if (rc)
 		return rc < 0 ? MOE_EXIT_OK : rc;
 	struct moe_desc *d = calloc(1, sizeof *d);
 	if (!d)
 		return MOE_EXIT_INTERNAL;
-	rc = front(&fo, d);
-	if (rc == MOE_EXIT_OK)
-		printf("%s: ok (%s, %u experts, top-%u, hidden %u)\n", fo.spec,
-		       moe_mode_names[d->mode], d->n_experts, d->top_k, d->hidden);
+	if (!json) {
+		rc = front(&fo, d);
+		if (rc == MOE_EXIT_OK && info) {
+			moe_info_print(d, stdout);
+		} else if (rc == MOE_EXIT_OK) {
+			char router[256];
+			moe_info_router(d, router, sizeof router);
+			printf("%s: ok (%s %s, %u experts, hidden %u)\n", fo.spec,
+			       moe_mode_names[d->mode], router, d->n_experts, d->hidden);
+		}
+		free(d);
+		return rc;
+	}
+	cJSON *diags = cJSON_CreateArray();
+	struct moe_diag diag = {.sink_at = json_diag, .ctx = diags};
+	rc = moe_front(fo.spec, fo.sets, fo.n_sets, d, &diag);
+	cJSON *o;
+	if (rc == MOE_EXIT_OK) {
+		o = info ? moe_info_json(d) : moe_check_json(fo.spec, d);
+		cJSON_AddItemToObject(o, "diagnostics", diags);
+	} else {
+		o = cJSON_CreateObject();
+		cJSON_AddStringToObject(o, "spec", fo.spec);
+		cJSON_AddBoolToObject(o, "ok", 0);
+		cJSON_AddNumberToObject(o, "exit_code", rc);
+		cJSON_AddItemToObject(o, "diagnostics", diags);
+	}
 	free(d);
-	return rc;
+	int prc = print_json(o);
+	return rc != MOE_EXIT_OK ? rc : prc;
+}
+
+static int cmd_check(int argc, char **argv)
+{
+	return check_or_info(argc, argv, usage_check, 0);
 }
 
 static int cmd_info(int argc, char **argv)
 {
-	struct front_opts fo;
-	int rc = parse_front(argc, argv, usage_info, &fo, NULL, NULL);
-	if (rc)
-		return rc < 0 ? MOE_EXIT_OK : rc;
-	struct moe_desc *d = calloc(1, sizeof *d);
-	if (!d)
-		return MOE_EXIT_INTERNAL;
-	rc = front(&fo, d);
-	if (rc == MOE_EXIT_OK)
-		moe_info_print(d, stdout);
-	free(d);
-	return rc;
+	return check_or_info(argc, argv, usage_info, 1);
 }
 
 static int cmd_dump(int argc, char **argv)
@@ -374,6 +436,10 @@ int main(int argc, char **argv)
 	const char *cmd = argv[1];
 	if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
 		usage_main(stdout);
+		return MOE_EXIT_OK;
+	}
+	if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
+		moe_version_print(stdout);
 		return MOE_EXIT_OK;
 	}
 	if (!strcmp(cmd, "-d"))

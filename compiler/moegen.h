@@ -46,6 +46,9 @@ struct moe_diag {
 	int n_warnings;
 	void (*sink)(void *ctx, const char *line);
 	void *ctx;
+	/* When set, called instead of sink with the parts of the line: kind is
+	 * "error", "warning" or "note"; loc.file is NULL when unlocated. */
+	void (*sink_at)(void *ctx, const char *kind, struct moe_loc loc, const char *msg);
 };
 
 __attribute__((format(printf, 3, 4))) void moe_diag_error_at(struct moe_diag *d, struct moe_loc loc,
@@ -117,6 +120,14 @@ struct moe_counts {
 
 void moe_info_count(const struct moe_desc *d, struct moe_counts *c);
 void moe_info_print(const struct moe_desc *d, FILE *out);
+/* The router in words ("softmax top-8", "capacity factor 2", ...), cap bytes. */
+void moe_info_router(const struct moe_desc *d, char *buf, size_t cap);
+/* report.c: `moegen --version`, and check / info as JSON (cJSON objects the
+ * caller prints and deletes). */
+struct cJSON;
+void moe_version_print(FILE *out);
+struct cJSON *moe_info_json(const struct moe_desc *d);
+struct cJSON *moe_check_json(const char *spec, const struct moe_desc *d);
 
 /* driver.c ------------------------------------------------------------- */
 

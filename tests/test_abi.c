@@ -228,7 +228,7 @@ static void test_description_reads_back(void **state)
 	char *a = malloc(65536), *b = malloc(65536), err[256];
 	assert_true(d && back && a && b);
 	for (size_t i = 0; i < g.gl_pathc; i++) {
-		struct moe_diag diag = {0, 0, capture, g.gl_pathv[i]};
+		struct moe_diag diag = {.sink = capture, .ctx = g.gl_pathv[i]};
 		assert_int_equal(moe_front(g.gl_pathv[i], NULL, 0, d, &diag), MOE_EXIT_OK);
 		size_t n = moe_desc_dump(d, a, 65536);
 		assert_true(n < 65536);
@@ -286,7 +286,7 @@ static void test_parse_exact_and_strict(void **state)
 	 * read or refused, never overrun (the sanitizer build checks) */
 	struct moe_desc *full = calloc(1, sizeof *full);
 	assert_non_null(full);
-	struct moe_diag diag = {0, 0, capture, "specs/deepseek-v3.yaml"};
+	struct moe_diag diag = {.sink = capture, .ctx = "specs/deepseek-v3.yaml"};
 	assert_int_equal(moe_front("specs/deepseek-v3.yaml", NULL, 0, full, &diag), MOE_EXIT_OK);
 	size_t n = moe_desc_dump(full, text, sizeof text);
 	assert_true(n < sizeof text);

@@ -649,7 +649,7 @@ static struct moe_desc *resolve_fixture(const char *family)
 	run_import(&r, cfg, MOE_IMPORT_ENCODER);
 	assert_int_equal(r.rc, MOE_EXIT_OK);
 	struct capture cap = {{0}, 0};
-	struct moe_diag d = {0, 0, sink, &cap};
+	struct moe_diag d = {.sink = sink, .ctx = &cap};
 	struct moe_spec *s = moe_spec_load_string(cfg, r.out, r.len, &d);
 	struct moe_desc *desc = calloc(1, sizeof *desc);
 	assert_non_null(desc);
@@ -1046,7 +1046,7 @@ static void test_validates(void **state)
 		run_import(&r, cfg, MOE_IMPORT_ENCODER);
 		assert_int_equal(r.rc, MOE_EXIT_OK);
 		struct capture cap = {{0}, 0};
-		struct moe_diag d = {0, 0, sink, &cap};
+		struct moe_diag d = {.sink = sink, .ctx = &cap};
 		struct moe_spec *s = moe_spec_load_string(cfg, r.out, r.len, &d);
 		struct moe_desc *desc = calloc(1, sizeof *desc);
 		assert_non_null(desc);

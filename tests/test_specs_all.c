@@ -117,7 +117,7 @@ static int free_specs(void **state)
 static void resolve(const char *path, struct moe_desc *d)
 {
 	struct capture cap = {{0}, 0};
-	struct moe_diag diag = {0, 0, sink, &cap};
+	struct moe_diag diag = {.sink = sink, .ctx = &cap};
 	struct moe_spec *s = moe_spec_load(path, &diag);
 	if (!s)
 		fail_msg("%s does not load:\n%s", path, cap.text);

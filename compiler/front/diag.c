@@ -22,6 +22,11 @@ static void emit(struct moe_diag *d, struct moe_loc loc, const char *kind, const
 {
 	char msg[2048];
 	int n;
+	if (d && d->sink_at) {
+		vsnprintf(msg, sizeof msg, fmt, ap);
+		d->sink_at(d->ctx, kind, loc, msg);
+		return;
+	}
 	if (loc.file)
 		n = snprintf(msg, sizeof msg, "%s:%u:%u: %s: ", loc.file, loc.line, loc.col, kind);
 	else

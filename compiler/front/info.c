@@ -270,6 +270,46 @@ static void quantity(FILE *out, const char *label, double v, const char *const s
 	fprintf(out, "  %-34s %14s  (%.0f)\n", label, human(a, sizeof a, v, sfx), v);
 }
 
+void moe_info_router(const struct moe_desc *d, char *buf, size_t cap)
+{
+	buf[0] = 0;
+	switch (d->mode) {
+	case MOE_MODE_TOKEN_CHOICE:
+	case MOE_MODE_SPARSEMIXER: {
+		int n = snprintf(buf, cap, "%s top-%u", moe_score_names[d->score], d->top_k);
+		if (d->n_groups > 1 && n >= 0 && (size_t)n < cap)
+			snprintf(buf + n, cap - (size_t)n, " in %u of %u groups", d->group_top,
+				 d->n_groups);
+		break;
+	}
+	case MOE_MODE_DENSE:
+		snprintf(buf, cap, "%s over all %u experts", moe_score_names[d->score],
+			 d->n_experts);
+		break;
+	case MOE_MODE_TOP_P:
+		snprintf(buf, cap,
+			 "%s top-p %g: 1 to %u experts per token, %g with a uniform router",
+			 moe_score_names[d->score], (double)d->top_p, d->top_k, top_p_expected(d));
+		break;
+	case MOE_MODE_HIERARCHICAL:
+		snprintf(buf, cap, "top-%u of %u groups, top-%u in each", d->levels[0].top_k,
+			 d->levels[0].groups, d->levels[1].top_k);
+		break;
+	case MOE_MODE_EXPERT_CHOICE:
+		snprintf(buf, cap, "capacity factor %g", (double)d->ec_capacity_factor);
+		break;
+	case MOE_MODE_SOFT:
+		snprintf(buf, cap, "slots per expert %u", d->soft_slots_per_expert);
+		break;
+	case MOE_MODE_PRODUCT_KEY:
+		snprintf(buf, cap, "%u heads top-%u, %u x %u keys of dim %u", d->pk_heads,
+			 d->pk_top_k, d->pk_sub_keys, d->pk_sub_keys, d->pk_query_dim);
+		break;
+	default:
+		break;
+	}
+}
+
 void moe_info_print(const struct moe_desc *d, FILE *out)
 {
 	struct moe_counts c;
@@ -280,37 +320,9 @@ void moe_info_print(const struct moe_desc *d, FILE *out)
 	if (d->vocab)
 		fprintf(out, ", vocab %u%s", d->vocab, d->tied_embeddings ? " (tied)" : "");
 	fprintf(out, ", attention %s\n", moe_attn_names[d->attn]);
-	fprintf(out, "  router %s", moe_mode_names[d->mode]);
-	switch (d->mode) {
-	case MOE_MODE_TOKEN_CHOICE:
-	case MOE_MODE_SPARSEMIXER:
-		fprintf(out, " %s top-%u", moe_score_names[d->score], d->top_k);
-		if (d->n_groups > 1)
-			fprintf(out, " in %u of %u groups", d->group_top, d->n_groups);
-		break;
-	case MOE_MODE_TOP_P:
-		fprintf(out,
-			" %s top-p %g: 1 to %u experts per token, %g with a uniform router "
-			"(the figures below)",
-			moe_score_names[d->score], (double)d->top_p, d->top_k, top_p_expected(d));
-		break;
-	case MOE_MODE_HIERARCHICAL:
-		fprintf(out, " top-%u of %u groups, top-%u in each", d->levels[0].top_k,
-			d->levels[0].groups, d->levels[1].top_k);
-		break;
-	case MOE_MODE_EXPERT_CHOICE:
-		fprintf(out, " capacity factor %g", (double)d->ec_capacity_factor);
-		break;
-	case MOE_MODE_SOFT:
-		fprintf(out, " slots per expert %u", d->soft_slots_per_expert);
-		break;
-	case MOE_MODE_PRODUCT_KEY:
-		fprintf(out, " %u heads top-%u, %u x %u keys of dim %u", d->pk_heads, d->pk_top_k,
-			d->pk_sub_keys, d->pk_sub_keys, d->pk_query_dim);
-		break;
-	default:
-		break;
-	}
+	char router[256];
+	moe_info_router(d, router, sizeof router);
+	fprintf(out, "  router %s %s", moe_mode_names[d->mode], router);
 	fprintf(out, ", %u %s experts", d->n_experts, moe_kind_names[d->kind]);
 	if (d->kind != MOE_KIND_SINGLE_NEURON)
 		fprintf(out, " of width %u", d->intermediate);

@@ -1,0 +1,166 @@
+/* test_cli_json.c: what moegen says for tools: --version, and check and info
+ * as JSON, against the compiler's own accounting of the same spec. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include <cjson/cJSON.h>
+#include <cmocka.h>
+#include <glob.h>
+
+#include "moegen.h"
+
+/* Run `moegen ARGS`, stdout only into out (stderr into err when not NULL);
+ * the exit code. */
+static int run(char *out, size_t cap, const char *fmt, ...)
+{
+	const char *bin = getenv("MOEGEN");
+	char args[2048], cmd[4096];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof args, fmt, ap);
+	va_end(ap);
+	snprintf(cmd, sizeof cmd, "timeout 120 %s %s 2>/dev/null", bin ? bin : "build/moegen",
+		 args);
+	FILE *p = popen(cmd, "r");
+	assert_non_null(p);
+	size_t n = fread(out, 1, cap - 1, p);
+	out[n] = 0;
+	int st = pclose(p);
+	assert_true(WIFEXITED(st));
+	return WEXITSTATUS(st);
+}
+
+static char buf[1 << 16];
+
+static const cJSON *get(const cJSON *o, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+	if (!v)
+		fail_msg("missing key '%s'", key);
+	return v;
+}
+
+static double num(const cJSON *o, const char *key)
+{
+	const cJSON *v = get(o, key);
+	assert_true(cJSON_IsNumber(v));
+	return v->valuedouble;
+}
+
+static void test_version(void **state)
+{
+	(void)state;
+	assert_int_equal(run(buf, sizeof buf, "--version"), 0);
+	assert_non_null(strstr(buf, "moegen "));
+	assert_non_null(strstr(buf, "(git "));
+	assert_non_null(strstr(buf, "LLVM 19."));
+	assert_non_null(strstr(buf, "target cpu:"));
+	assert_non_null(strstr(buf, "target cuda:"));
+	assert_non_null(strstr(buf, "ABI "));
+}
+
+static void test_check_json(void **state)
+{
+	(void)state;
+	assert_int_equal(run(buf, sizeof buf, "check --json specs/mixtral-mini.yaml"), 0);
+	cJSON *o = cJSON_Parse(buf);
+	assert_non_null(o);
+	assert_true(cJSON_IsTrue(get(o, "ok")));
+	assert_string_equal(get(o, "router_mode")->valuestring, "token_choice");
+	assert_int_equal((int)num(o, "experts"), 8);
+	assert_int_equal((int)num(o, "route_width"), 2);
+	assert_int_equal(cJSON_GetArraySize(get(o, "diagnostics")), 0);
+	cJSON_Delete(o);
+
+	/* a broken override: the error located at --set, the note at the spec */
+	assert_int_equal(
+	    run(buf, sizeof buf, "check --json specs/mixtral-mini.yaml --set router.top_k=100"), 1);
+	o = cJSON_Parse(buf);
+	assert_non_null(o);
+	assert_true(cJSON_IsFalse(get(o, "ok")));
+	assert_int_equal((int)num(o, "exit_code"), 1);
+	const cJSON *ds = get(o, "diagnostics");
+	assert_true(cJSON_GetArraySize(ds) >= 2);
+	const cJSON *e = cJSON_GetArrayItem(ds, 0);
+	assert_string_equal(get(e, "severity")->valuestring, "error");
+	assert_string_equal(get(e, "file")->valuestring, "--set");
+	assert_int_equal((int)num(e, "line"), 1);
+	assert_true(num(e, "column") > 1);
+	assert_non_null(strstr(get(e, "message")->valuestring, "top_k"));
+	const cJSON *n = cJSON_GetArrayItem(ds, 1);
+	assert_string_equal(get(n, "severity")->valuestring, "note");
+	assert_string_equal(get(n, "file")->valuestring, "specs/mixtral-mini.yaml");
+	cJSON_Delete(o);
+
+	/* a file error keeps its exit code, unlocated */
+	assert_int_equal(run(buf, sizeof buf, "check --json /nonexistent/x.yaml"), 3);
+	o = cJSON_Parse(buf);
+	assert_non_null(o);
+	assert_int_equal((int)num(o, "exit_code"), 3);
+	e = cJSON_GetArrayItem(get(o, "diagnostics"), 0);
+	assert_non_null(e);
+	assert_null(cJSON_GetObjectItemCaseSensitive(e, "file"));
+	cJSON_Delete(o);
+}
+
+/* Every spec: info --json reports what moe_info_count computes. */
+static void test_info_json(void **state)
+{
+	(void)state;
+	glob_t g;
+	assert_int_equal(glob("specs/*.yaml", 0, NULL, &g), 0);
+	for (size_t i = 0; i < g.gl_pathc; i++) {
+		const char *spec = g.gl_pathv[i];
+		assert_int_equal(run(buf, sizeof buf, "info --json %s", spec), 0);
+		cJSON *o = cJSON_Parse(buf);
+		assert_non_null(o);
+		struct moe_desc *d = calloc(1, sizeof *d);
+		struct moe_diag diag = {0};
+		assert_int_equal(moe_front(spec, NULL, 0, d, &diag), MOE_EXIT_OK);
+		struct moe_counts c;
+		moe_info_count(d, &c);
+		assert_string_equal(get(o, "name")->valuestring, d->name);
+		assert_string_equal(get(o, "router_mode")->valuestring, moe_mode_names[d->mode]);
+		const cJSON *all = get(get(o, "parameters"), "all");
+		assert_true(num(all, "total") == c.total);
+		assert_true(num(all, "active") == c.active);
+		const cJSON *t = get(o, "per_token");
+		assert_true(num(t, "moe_flops") == c.flops_per_token);
+		assert_true(num(t, "moe_weight_bytes") == c.weight_bytes_per_token);
+		assert_true(num(t, "routed_experts") == c.experts_per_token);
+		/* the router in words: never a top-k where the mode has none */
+		const char *r = get(o, "router")->valuestring;
+		assert_true(r[0] != 0);
+		assert_null(strstr(r, "top-0"));
+		free(d);
+		cJSON_Delete(o);
+	}
+	globfree(&g);
+}
+
+static void test_check_text(void **state)
+{
+	(void)state;
+	assert_int_equal(run(buf, sizeof buf, "check specs/expert-choice.yaml"), 0);
+	assert_null(strstr(buf, "top-0"));
+	assert_non_null(strstr(buf, "capacity factor"));
+	assert_int_equal(run(buf, sizeof buf, "check specs/mixtral-mini.yaml"), 0);
+	assert_non_null(strstr(buf, "top-2"));
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_version),
+	    cmocka_unit_test(test_check_json),
+	    cmocka_unit_test(test_info_json),
+	    cmocka_unit_test(test_check_text),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
