@@ -143,14 +143,28 @@ const char *moe_runtime_archive(void);
  * message in err (no "moegen: error:" prefix). */
 int moe_compile_cpu(const struct moe_desc *d, const struct moe_cpu_target *t, enum moe_emit kind,
 		    const char *out, char *err, size_t cap);
-/* model.so (kind so) or the CPU outputs of moe_compile_cpu, with the CPU
- * kernels when cpu is set and the CUDA images for archs[0, n_archs) (cuda.h)
- * when n_archs > 0: the device is chosen at moe_create. */
-int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, int cpu,
-		      const char *const *archs, int n_archs, enum moe_emit kind, const char *out,
-		      char *err, size_t cap);
-/* Write the C header for AOT users of d. */
-int moe_write_header(const struct moe_desc *d, FILE *f);
+/* What a compile asks for beyond the spec. */
+#define MOE_PREFIX_MAX 32
+struct moe_compile_opts {
+	const struct moe_cpu_target *cpu;
+	int want_cpu;             /* the CPU kernels */
+	const char *const *archs; /* CUDA images for archs[0, n_archs) when n_archs > 0 */
+	int n_archs;
+	const char *prefix; /* NULL, or the exported functions' prefix (a C identifier) */
+};
+/* 1 when p can prefix the exported names: [A-Za-z_][A-Za-z0-9_]*, at most
+ * MOE_PREFIX_MAX bytes. */
+int moe_prefix_valid(const char *p);
+/* model.so (kind so) or the CPU outputs of moe_compile_cpu, with the targets
+ * o asks for: the device is chosen at moe_create. model.so gets the output's
+ * file name as its SONAME and exports moe.h's functions (with o->prefix
+ * prepended) in the version node MOEGEN_ABI_<MOE_ABI_VERSION>. */
+int moe_compile_model(const struct moe_desc *d, const struct moe_compile_opts *o,
+		      enum moe_emit kind, const char *out, char *err, size_t cap);
+/* Write the C header for AOT users of d; with a prefix, the functions are
+ * declared prefixed and the constants are named PREFIX (upper case) +
+ * MOE_MODEL_..., so several models' headers go into one program. */
+int moe_write_header(const struct moe_desc *d, const char *prefix, FILE *f);
 
 /* cmd_compile.c, cmd_run.c ----------------------------------------------- */
 

@@ -14,7 +14,7 @@ static void usage(FILE *f)
 		"usage: moegen SPEC [-o OUT] [--set KEY=VALUE]... [--target cpu|cuda|cpu,cuda]\n"
 		"              [--cpu native|x86-64-v3|znver3|...] [--triple TRIPLE]\n"
 		"              [--features +f,-g] [--emit so|obj|ll|asm|header|cu|ptx] [-O0..3]\n"
-		"              [--arch sm_80,sm_90]\n"
+		"              [--arch sm_80,sm_90] [--prefix NAME]\n"
 		"Compile an MoE spec into model.so (default OUT: NAME.so, NAME from the "
 		"spec).\n"
 		"  --emit ll      the LLVM IR before optimization (deterministic)\n"
@@ -22,6 +22,9 @@ static void usage(FILE *f)
 		"  --target cuda  CUDA kernels (NVRTC: a cubin per --arch plus PTX) in model.so;\n"
 		"                 cpu,cuda carries both, the device is chosen at moe_create\n"
 		"  --emit cu|ptx  the generated CUDA C / the PTX of the first --arch\n"
+		"  --prefix NAME  export the functions as NAMEmoe_forward, ... (and name the\n"
+		"                 header's constants NAME in upper case + MOE_MODEL_...), so\n"
+		"                 several models link into one program\n"
 		"  -o -           write ll, asm or header to stdout\n");
 }
 
@@ -58,7 +61,7 @@ int moe_cmd_compile(int argc, char **argv)
 	struct moe_cpu_target tgt = {.opt_level = 3};
 	enum moe_emit kind = MOE_EMIT_SO;
 	int want_cpu = 1, want_cuda = 0, cuda_kind = -1; /* cuda_kind: --emit cu|ptx */
-	const char *arch_list = NULL;
+	const char *arch_list = NULL, *prefix = NULL;
 	int rc = MOE_EXIT_USAGE;
 	if (!sets) {
 		fprintf(stderr, "moegen: error: out of memory\n");
@@ -93,6 +96,17 @@ int moe_cmd_compile(int argc, char **argv)
 				    stderr,
 				    "moegen: error: unknown target '%s' (cpu, cuda, cpu,cuda)\n",
 				    t);
+				goto done;
+			}
+		} else if (!strcmp(a, "--prefix")) {
+			if (!need(argc, argv, i))
+				goto done;
+			prefix = argv[++i];
+			if (!moe_prefix_valid(prefix)) {
+				fprintf(stderr,
+					"moegen: error: --prefix '%s' is not a C identifier of at "
+					"most %d bytes\n",
+					prefix, MOE_PREFIX_MAX);
 				goto done;
 			}
 		} else if (!strcmp(a, "--arch")) {
@@ -212,8 +226,14 @@ int moe_cmd_compile(int argc, char **argv)
 		rc = moe_compile_cuda(d, archs, n_archs, (enum moe_cuda_emit)cuda_kind, out, err,
 				      sizeof err);
 	else
-		rc = moe_compile_model(d, &tgt, want_cpu, archs, want_cuda ? n_archs : 0, kind, out,
-				       err, sizeof err);
+		rc =
+		    moe_compile_model(d,
+				      &(struct moe_compile_opts){.cpu = &tgt,
+								 .want_cpu = want_cpu,
+								 .archs = archs,
+								 .n_archs = want_cuda ? n_archs : 0,
+								 .prefix = prefix},
+				      kind, out, err, sizeof err);
 	if (rc != 0)
 		fprintf(stderr, "moegen: error: %s\n", err);
 	else if (to_stdout && cat_file(out) != 0)

@@ -184,7 +184,7 @@ static void test_emitted_header_alone(void **state)
 	snprintf(path, sizeof path, "%s/abi_probe.h", dir);
 	FILE *f = fopen(path, "w");
 	assert_non_null(f);
-	assert_int_equal(moe_write_header(&d, f), 0);
+	assert_int_equal(moe_write_header(&d, NULL, f), 0);
 	assert_int_equal(fclose(f), 0);
 	char probe[192];
 	snprintf(probe, sizeof probe, "%s/probe2.c", h_tmpdir);

@@ -100,9 +100,11 @@ static const char *const api_syms[] = {"moe_info",    "moe_describe",         "m
 #define N_API (sizeof api_syms / sizeof *api_syms)
 
 /* Run the linker: cc -shared -o out INPUTS... archive ... (objects, or C the
- * driver compiles). Captures its stderr into err on failure. */
-static int run_linker(const char *const *inputs, int n_inputs, const char *vscript, const char *out,
-		      const char *logp, char *err, size_t cap)
+ * driver compiles), the exported names prefixed by prefix (aliases), the
+ * SONAME soname. Captures its stderr into err on failure. */
+static int run_linker(const char *const *inputs, int n_inputs, const char *vscript,
+		      const char *prefix, const char *soname, const char *out, const char *logp,
+		      char *err, size_t cap)
 {
 	const char *archive = moe_runtime_archive();
 	if (!archive) {
@@ -116,7 +118,7 @@ static int run_linker(const char *const *inputs, int n_inputs, const char *vscri
 		cc = "cc";
 	char vs[PATH_MAX + 64];
 	snprintf(vs, sizeof vs, "-Wl,--version-script=%s", vscript);
-	char und[N_API][64];
+	char und[N_API][64], def[N_API][2 * MOE_PREFIX_MAX + 64], so[PATH_MAX + 16];
 	const char *argv[64];
 	int a = 0;
 	argv[a++] = cc;
@@ -128,7 +130,14 @@ static int run_linker(const char *const *inputs, int n_inputs, const char *vscri
 	for (size_t i = 0; i < N_API; i++) {
 		snprintf(und[i], sizeof und[i], "-Wl,--undefined=%s", api_syms[i]);
 		argv[a++] = und[i];
+		if (prefix && prefix[0]) { /* the exported name is an alias */
+			snprintf(def[i], sizeof def[i], "-Wl,--defsym=%s%s=%s", prefix, api_syms[i],
+				 api_syms[i]);
+			argv[a++] = def[i];
+		}
 	}
+	snprintf(so, sizeof so, "-Wl,-soname,%s", soname);
+	argv[a++] = so;
 	argv[a++] = archive;
 	argv[a++] = vs;
 	argv[a++] = "-Wl,-Bsymbolic";
@@ -211,12 +220,16 @@ static void rm_work_dir(const char *dir, const char *const *names, int n)
  * headers moe_write_header writes. */
 extern const char moe_abi_header[];
 
-int moe_write_header(const struct moe_desc *d, FILE *f)
+int moe_write_header(const struct moe_desc *d, const char *prefix, FILE *f)
 {
-	char hash[33], guard[MOE_NAME_MAX + 16];
+	char hash[33], guard[MOE_NAME_MAX + 64], up[MOE_PREFIX_MAX + 1] = "";
+	const char *pre = prefix ? prefix : "";
+	for (size_t i = 0; pre[i] && i < MOE_PREFIX_MAX; i++)
+		up[i] = (pre[i] >= 'a' && pre[i] <= 'z') ? (char)(pre[i] - 32) : pre[i],
+		up[i + 1] = 0;
 	moe_desc_hash(d, hash);
 	size_t g = 0;
-	g += (size_t)snprintf(guard, sizeof guard, "MOE_MODEL_");
+	g += (size_t)snprintf(guard, sizeof guard, "%sMOE_MODEL_", up);
 	for (const char *s = d->name; *s && g + 3 < sizeof guard; s++)
 		guard[g++] = (*s >= 'a' && *s <= 'z') ? (char)(*s - 32)
 			     : ((*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9')) ? *s
@@ -231,23 +244,31 @@ int moe_write_header(const struct moe_desc *d, FILE *f)
 	/* The ABI, runtime/moe.h verbatim (its own include guard), for users who
 	 * do not have moegen's headers. */
 	fputs(moe_abi_header, f);
+	if (pre[0]) {
+		fprintf(f, "\n/* This model's functions: moe.h's, named with the prefix '%s'. */\n",
+			pre);
+		for (size_t i = 0; i < N_API; i++)
+			fprintf(f, "extern __typeof__(%s) %s%s;\n", api_syms[i], pre, api_syms[i]);
+	}
 	fprintf(f, "\n/* The constants of this model (moe_info() at compile time). */\n");
-	fprintf(f, "#define MOE_MODEL_NAME \"%s\"\n", d->name);
-	fprintf(f, "#define MOE_MODEL_SPEC_HASH \"%s\"\n", hash);
-	fprintf(f, "#define MOE_MODEL_HIDDEN %u\n", d->hidden);
-	fprintf(f, "#define MOE_MODEL_LAYERS %u\n", d->n_layers);
-	fprintf(f, "#define MOE_MODEL_N_MOE_LAYERS %u\n", d->n_moe_layers);
-	fprintf(f, "#define MOE_MODEL_EXPERTS %u\n", d->n_experts);
-	fprintf(f, "#define MOE_MODEL_TOP_K %u\n", d->top_k);
-	fprintf(f, "#define MOE_MODEL_ROUTE_WIDTH %u\n", moe_desc_route_width(d));
-	fprintf(f, "#define MOE_MODEL_INTERMEDIATE %u\n", d->intermediate);
-	fprintf(f, "#define MOE_MODEL_SHARED_EXPERTS %u\n", d->shared_count);
-	fprintf(f, "#define MOE_MODEL_SHARED_WIDTH %u\n", moe_desc_shared_width(d));
+#define C_(name, fmt, ...) fprintf(f, "#define %sMOE_MODEL_" name " " fmt "\n", up, __VA_ARGS__)
+	C_("NAME", "\"%s\"", d->name);
+	C_("SPEC_HASH", "\"%s\"", hash);
+	C_("HIDDEN", "%u", d->hidden);
+	C_("LAYERS", "%u", d->n_layers);
+	C_("N_MOE_LAYERS", "%u", d->n_moe_layers);
+	C_("EXPERTS", "%u", d->n_experts);
+	C_("TOP_K", "%u", d->top_k);
+	C_("ROUTE_WIDTH", "%u", moe_desc_route_width(d));
+	C_("INTERMEDIATE", "%u", d->intermediate);
+	C_("SHARED_EXPERTS", "%u", d->shared_count);
+	C_("SHARED_WIDTH", "%u", moe_desc_shared_width(d));
 	static const char *const dtype_enum[MOE_DTYPE_COUNT] = {"F32", "BF16", "F16"};
-	fprintf(f, "#define MOE_MODEL_WEIGHT_DTYPE MOE_DTYPE_%s\n", dtype_enum[d->weight_dtype]);
-	fprintf(f, "#define MOE_MODEL_ACT_DTYPE MOE_DTYPE_%s\n", dtype_enum[d->act_dtype]);
-	fprintf(f, "#define MOE_MODEL_ROUTER_MODE \"%s\"\n", moe_mode_names[d->mode]);
-	fprintf(f, "static const uint32_t moe_model_moe_layers[%u] = {",
+	C_("WEIGHT_DTYPE", "MOE_DTYPE_%s", dtype_enum[d->weight_dtype]);
+	C_("ACT_DTYPE", "MOE_DTYPE_%s", dtype_enum[d->act_dtype]);
+	C_("ROUTER_MODE", "\"%s\"", moe_mode_names[d->mode]);
+#undef C_
+	fprintf(f, "static const uint32_t %smoe_model_moe_layers[%u] = {", pre,
 		d->n_moe_layers ? d->n_moe_layers : 1);
 	for (uint32_t i = 0; i < d->n_moe_layers; i++)
 		fprintf(f, "%s%u", i ? ", " : "", d->moe_layers[i]);
@@ -275,13 +296,28 @@ static void capture(void *ctx, const char *line)
 int moe_compile_cpu(const struct moe_desc *d, const struct moe_cpu_target *t, enum moe_emit kind,
 		    const char *out, char *err, size_t cap)
 {
-	return moe_compile_model(d, t, 1, NULL, 0, kind, out, err, cap);
+	struct moe_compile_opts o = {.cpu = t, .want_cpu = 1};
+	return moe_compile_model(d, &o, kind, out, err, cap);
 }
 
-int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, int cpu,
-		      const char *const *archs, int n_archs, enum moe_emit kind, const char *out,
-		      char *err, size_t cap)
+int moe_prefix_valid(const char *p)
 {
+	size_t n = strlen(p);
+	if (n == 0 || n > MOE_PREFIX_MAX || (p[0] >= '0' && p[0] <= '9'))
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (!((p[i] >= 'a' && p[i] <= 'z') || (p[i] >= 'A' && p[i] <= 'Z') ||
+		      (p[i] >= '0' && p[i] <= '9') || p[i] == '_'))
+			return 0;
+	return 1;
+}
+
+int moe_compile_model(const struct moe_desc *d, const struct moe_compile_opts *o_,
+		      enum moe_emit kind, const char *out, char *err, size_t cap)
+{
+	const struct moe_cpu_target *t = o_->cpu;
+	int cpu = o_->want_cpu, n_archs = o_->n_archs;
+	const char *const *archs = o_->archs;
 	struct msgbuf mb = {err, cap};
 	struct moe_diag diag = {.sink = capture, .ctx = &mb};
 	if (err && cap)
@@ -314,7 +350,7 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 
 	if (kind == MOE_EMIT_HEADER) {
 		FILE *f = moe_output_stream(&o);
-		if (!f || moe_write_header(d, f) != 0) {
+		if (!f || moe_write_header(d, o_->prefix, f) != 0) {
 			errf(err, cap, "cannot write '%s': %s", out, strerror(errno));
 			moe_output_abort(&o);
 			return MOE_EXIT_IO;
@@ -349,10 +385,15 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 	snprintf(paths[0], sizeof paths[0], "%s/%s", dir, names[0]);
 	snprintf(paths[1], sizeof paths[1], "%s/%s", dir, names[1]);
 	moe_temp_track(paths[1]);
-	char script[512];
-	size_t sl = (size_t)snprintf(script, sizeof script, "{\n  global:\n");
+	char script[1024];
+	/* the ABI's functions (prefixed when asked) in the version node of the
+	 * ABI, everything else local */
+	const char *pre = o_->prefix ? o_->prefix : "";
+	size_t sl = (size_t)snprintf(script, sizeof script, "MOEGEN_ABI_%d {\n  global:\n",
+				     MOE_ABI_VERSION);
 	for (size_t i = 0; i < N_API; i++)
-		sl += (size_t)snprintf(script + sl, sizeof script - sl, "    %s;\n", api_syms[i]);
+		sl += (size_t)snprintf(script + sl, sizeof script - sl, "    %s%s;\n", pre,
+				       api_syms[i]);
 	sl += (size_t)snprintf(script + sl, sizeof script - sl, "  local: *;\n};\n");
 	int ok = write_all(paths[0], script, sl, err, cap) == 0;
 	for (int i = 0; ok && i < MOE_TARGET_COUNT; i++) {
@@ -374,7 +415,9 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_cpu_target *t, 
 	}
 	if (ok) {
 		/* the linker writes the temporary by name */
-		if (run_linker(link_in, n_in, paths[0], o.tmp, paths[1], err, cap) != 0)
+		const char *base = strrchr(out, '/');
+		if (run_linker(link_in, n_in, paths[0], pre, base ? base + 1 : out, o.tmp, paths[1],
+			       err, cap) != 0)
 			rc = MOE_EXIT_BACKEND;
 		else if (moe_output_commit(&o, err, cap) == 0)
 			rc = 0;
