@@ -63,6 +63,13 @@ const char *moe_runtime_archive(void)
 			snprintf(path, sizeof path, "%s/libmoe_runtime.a", exe);
 			if (access(path, R_OK) == 0)
 				return path;
+#ifdef MOE_INSTALL_LIBDIR
+			/* installed: PREFIX/bin/moegen, PREFIX/LIBDIR/moegen/ */
+			snprintf(path, sizeof path, "%s/../%s/moegen/libmoe_runtime.a", exe,
+				 MOE_INSTALL_LIBDIR);
+			if (access(path, R_OK) == 0)
+				return path;
+#endif
 		}
 	}
 #ifdef MOE_BINARY_DIR
