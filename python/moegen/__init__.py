@@ -215,9 +215,12 @@ class Model:
         are flattened into tokens and restored on y).
 
         layer: a model layer index that is an MoE layer (default: the first).
-        x: float32 array (numpy or torch); for bf16-activation models also
-        uint16 bf16 bit patterns or a torch.bfloat16 tensor. y has x's kind:
-        numpy in, numpy out; torch in, torch out (on the CPU).
+        x: a real array (numpy) or a CPU torch tensor of any float dtype
+        (float32, bfloat16, float16, ...); for bf16-activation models also
+        uint16 bf16 bit patterns. y has x's kind and dtype: numpy in, numpy
+        out; torch in, torch out. A tensor on another device is refused (the
+        model runs on the CPU; nothing is copied between devices behind the
+        caller's back).
         routing=True returns (y, Routing)."""
         info = self.info
         if layer is None:
@@ -233,10 +236,19 @@ class Model:
         if _is_torch(x):
             torch = _torch()
             torch_dtype = x.dtype
-            t = x.detach().cpu().contiguous()
-            if t.dtype == torch.bfloat16:
+            if x.device.type != "cpu":
+                raise ValueError(
+                    "%s runs on the CPU and x is on %s: pass x.cpu() (the binding does not "
+                    "move tensors between devices)" % (info.name, x.device))
+            if not (x.dtype.is_floating_point or x.dtype in (torch.int8, torch.int16,
+                                                             torch.int32, torch.int64,
+                                                             torch.uint8)):
+                raise TypeError("x must be a real tensor, got dtype %s" % x.dtype)
+            t = x.detach().contiguous()
+            if t.dtype == torch.bfloat16 and info.act_dtype == "bf16":
                 xa = t.view(torch.int16).numpy().view(np.uint16)
             else:
+                # bf16, f16 and the rest into an f32 model: widened exactly
                 xa = t.to(torch.float32).numpy()
         else:
             xa = np.asarray(x)

@@ -322,3 +322,27 @@ def test_torch_tensors(tiny):
     # a tensor that needs grad is detached, not refused
     y2 = m.forward(x.clone().requires_grad_(True))
     assert torch.equal(y2, y)
+
+
+def test_torch_half_dtypes_into_f32_model(tiny):
+    """A Hugging Face model's bf16/f16 hidden states go in as they are: widened
+    exactly to f32, y in the input's dtype."""
+    torch = pytest.importorskip("torch")
+    so, st, t = tiny
+    m = moegen.load(so, weights=[st])
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    for dt in (torch.bfloat16, torch.float16):
+        xd = x.to(dt)
+        y = m.forward(xd)
+        assert isinstance(y, torch.Tensor) and y.dtype == dt and y.shape == (5, 16)
+        want = m.forward(xd.to(torch.float32).numpy())
+        assert torch.equal(y, torch.from_numpy(want).to(dt))
+
+
+def test_torch_other_device_refused(tiny):
+    torch = pytest.importorskip("torch")
+    so, st, _ = tiny
+    m = moegen.load(so, weights=[st])
+    x = torch.empty(5, 16, device="meta")
+    with pytest.raises(ValueError, match="runs on the CPU and x is on meta"):
+        m.forward(x)
