@@ -281,11 +281,6 @@ static int do_run(const struct run_opts *o)
 	rc = MOE_EXIT_OK;
 
 	if (o->check) {
-		if (o->n_weights) {
-			fprintf(stderr, "moegen: error: --check needs --random weights\n");
-			rc = MOE_EXIT_USAGE;
-			goto out;
-		}
 		yr = malloc((T ? T : 1) * H * sizeof *yr);
 		ids_ref = malloc((T ? T : 1) * (W ? W : 1) * sizeof *ids_ref);
 		if (!yr || !ids_ref || moe_ref_weights_alloc(d, &w) != MOE_OK) {
@@ -400,6 +395,11 @@ int moe_cmd_run(int argc, char **argv)
 	}
 	if (o.tokens > (1u << 24) || o.threads > 1024 || o.layer > UINT32_MAX) {
 		fprintf(stderr, "moegen: error: --tokens, --threads or --layer out of range\n");
+		goto done;
+	}
+	if (o.check && o.n_weights) { /* refused before anything runs */
+		fprintf(stderr, "moegen: error: --check compares with the reference on --random "
+				"weights; it cannot be combined with --weights\n");
 		goto done;
 	}
 	rc = do_run(&o);

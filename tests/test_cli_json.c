@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 #include <cmocka.h>
@@ -154,6 +155,91 @@ static void test_check_text(void **state)
 	assert_non_null(strstr(buf, "top-2"));
 }
 
+/* The options of a usage text: every "--word" token, sorted, one string. */
+static void options_of(const char *text, char *out, size_t cap)
+{
+	char opts[64][32];
+	int n = 0;
+	for (const char *p = text; (p = strstr(p, "--")) && n < 64;) {
+		size_t k = 2;
+		while ((p[k] >= 'a' && p[k] <= 'z') || p[k] == '-')
+			k++;
+		if (k > 2 && k < sizeof opts[0]) {
+			int dup = 0;
+			for (int i = 0; i < n; i++)
+				dup |= !strncmp(opts[i], p, k) && opts[i][k] == 0;
+			if (!dup) {
+				memcpy(opts[n], p, k);
+				opts[n++][k] = 0;
+			}
+		}
+		p += k;
+	}
+	qsort(opts, (size_t)n, sizeof opts[0], (int (*)(const void *, const void *))strcmp);
+	out[0] = 0;
+	for (int i = 0; i < n; i++)
+		snprintf(out + strlen(out), cap - strlen(out), "%s ", opts[i]);
+}
+
+/* docs/cli.md's synopsis lists, per command, the options of its --help. */
+static void test_synopsis_matches_help(void **state)
+{
+	(void)state;
+	FILE *f = fopen("docs/cli.md", "r");
+	assert_non_null(f);
+	static char doc[1 << 16];
+	size_t n = fread(doc, 1, sizeof doc - 1, f);
+	doc[n] = 0;
+	fclose(f);
+	static const char *const cmds[][2] = {
+	    {"check", "check"},   {"info", "info"},    {"-d", "-d"},   {"ref", "ref"},
+	    {"import", "import"}, {"SPEC", "compile"}, {"run", "run"}, {"bench", "bench"},
+	};
+	for (size_t c = 0; c < sizeof cmds / sizeof *cmds; c++) {
+		/* the synopsis entry: "    moegen CMD ..." plus deeper-indented lines */
+		char key[32];
+		snprintf(key, sizeof key, "\n    moegen %s ", cmds[c][0]);
+		const char *a = strstr(doc, key);
+		if (!a)
+			fail_msg("docs/cli.md: no synopsis for '%s'", cmds[c][0]);
+		const char *e = strchr(a + 1, '\n');
+		while (e && !strncmp(e, "\n           ", 12))
+			e = strchr(e + 1, '\n');
+		char entry[1024];
+		snprintf(entry, sizeof entry, "%.*s", (int)(e ? e - a : (long)strlen(a)), a);
+		/* the usage of --help: the first line plus lines indented by 6 or more */
+		assert_int_equal(run(buf, sizeof buf, "%s --help", cmds[c][1]), 0);
+		char *u = strstr(buf, "usage:");
+		assert_non_null(u);
+		char *end = strchr(u, '\n');
+		while (end && !strncmp(end, "\n      ", 7))
+			end = strchr(end + 1, '\n');
+		if (end)
+			*end = 0;
+		char want[1024], got[1024];
+		options_of(u, want, sizeof want);
+		options_of(entry, got, sizeof got);
+		if (strcmp(want, got))
+			fail_msg("'%s': --help has [%s], docs/cli.md has [%s]", cmds[c][1], want,
+				 got);
+	}
+}
+
+/* run --check with --weights is refused before anything runs. */
+static void test_run_check_needs_random(void **state)
+{
+	(void)state;
+	char so[] = "/tmp/moegen-cli-json-XXXXXX";
+	int fd = mkstemp(so);
+	assert_true(fd >= 0);
+	close(fd);
+	assert_int_equal(run(buf, sizeof buf, "specs/mixtral-mini.yaml -o %s", so), 0);
+	assert_int_equal(
+	    run(buf, sizeof buf, "run %s --weights /nonexistent.safetensors --check", so), 2);
+	assert_null(strstr(buf, "forward"));
+	unlink(so);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -161,6 +247,8 @@ int main(void)
 	    cmocka_unit_test(test_check_json),
 	    cmocka_unit_test(test_info_json),
 	    cmocka_unit_test(test_check_text),
+	    cmocka_unit_test(test_synopsis_matches_help),
+	    cmocka_unit_test(test_run_check_needs_random),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
