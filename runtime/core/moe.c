@@ -264,8 +264,9 @@ static void orient_copy(const float *src, float *dst, uint64_t R, uint64_t C, in
 			dst[r * C + c] = src[c * R + r];
 }
 
-/* Vector roles are stored 1-D ([C], a fused bias [2C]); every other role is
- * a matrix, 2-D even with one row (nn.Linear(H, 1).weight is [1, H]). */
+/* Vector roles are stored 1-D ([C], a fused bias [2C]; one not stacked may
+ * also be a row, [1, C]); every other role is a matrix, 2-D even with one
+ * row (nn.Linear(H, 1).weight is [1, H]). */
 static int is_vector(enum moe_role r)
 {
 	switch (r) {
@@ -450,8 +451,10 @@ static int read_blocks(struct st_ctx *c, const struct moe_st_tensor *t, const ch
 		uint64_t ws[MOE_ST_MAX_DIMS], alt[MOE_ST_MAX_DIMS];
 		uint32_t nd, alt_nd = 0;
 		if (is_vector(role)) {
-			uint64_t v = R * C;
+			uint64_t v = R * C, row[2] = {1, R * C};
 			nd = stored_shape(ws, &v, 1, stacked, 0, n_e);
+			if (!stacked) /* a row vector (Ernie 4.5 stores [1, E]) */
+				alt_nd = stored_shape(alt, row, 2, 0, 0, 1);
 		} else if (role == MOE_ROLE_PK_KEYS) {
 			/* the two sub-key sets: [2, R/2, D/2], or flat [R, D/2] */
 			uint64_t k3[3] = {2, R / 2, C};
