@@ -2,7 +2,8 @@
 # Install the Debian packages moegen needs, only those missing (run as root).
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config llvm-19-dev libyaml-dev libcmocka-dev
-      libcjson-dev libxxhash-dev libopenblas-dev clang-format python3 python3-venv)
+      libcjson-dev libxxhash-dev libopenblas-dev clang-format python3 python3-venv
+      clang libclang-rt-14-dev) # clang + libclang-rt: libFuzzer for tests/fuzz/run.sh
 missing=()
 for p in "${pkgs[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

@@ -255,14 +255,14 @@ static void test_decoder_stack(void **state)
 	struct run r;
 	run_import(&r, "tests/import/switch_transformers/config.json", MOE_IMPORT_DECODER);
 	assert_int_equal(r.rc, MOE_EXIT_OK);
-	assert_non_null(strstr(r.out, "    router: decoder.block.{layer}.layer.2.mlp.router."
-				      "classifier.weight\n"));
+	assert_non_null(strstr(r.out, "    router: \"decoder.block.{layer}.layer.2.mlp.router."
+				      "classifier.weight\"\n"));
 	assert_null(strstr(r.out, "encoder.block"));
 	run_free(&r);
 	run_import(&r, "tests/import/nllb_moe/config.json", MOE_IMPORT_DECODER);
 	assert_int_equal(r.rc, MOE_EXIT_OK);
-	assert_non_null(strstr(r.out, "    up: model.decoder.layers.{layer}.ffn.experts.expert_{"
-				      "expert}.fc1.weight\n"));
+	assert_non_null(strstr(r.out, "    up: \"model.decoder.layers.{layer}.ffn.experts.expert_{"
+				      "expert}.fc1.weight\"\n"));
 	run_free(&r);
 }
 
@@ -634,7 +634,7 @@ static void test_capacity_and_quant_variants(void **state)
 	assert_null(strstr(r.out, "quant"));
 	assert_non_null(strstr(r.out, "    gate_up: {fuse: interleave, orient: in_out}\n"));
 	assert_non_null(
-	    strstr(r.out, "    gate_up: model.layers.{layer}.mlp.experts.gate_up_proj\n"));
+	    strstr(r.out, "    gate_up: \"model.layers.{layer}.mlp.experts.gate_up_proj\"\n"));
 	run_free(&r);
 	scratch_close(&t);
 }
@@ -779,7 +779,7 @@ static void test_transformers5(void **state)
 	assert_null(strstr(r.out, "\n  capacity:"));
 	assert_non_null(strstr(r.out, "shared_experts:\n  count: 1\n  intermediate: 2048\n"));
 	assert_non_null(strstr(
-	    r.out, "    shared_down: model.layers.{layer}.mlp.shared_mlp.down_proj.weight\n"));
+	    r.out, "    shared_down: \"model.layers.{layer}.mlp.shared_mlp.down_proj.weight\"\n"));
 	run_free(&r);
 
 	/* qwen3_moe and qwen2_moe: num_local_experts is the same count. */
@@ -886,7 +886,7 @@ static void test_minimal_defaults(void **state)
 	assert_non_null(strstr(r.out, "dtype: {weights: f32,"));
 	assert_non_null(strstr(r.out, "# The config states no torch_dtype"));
 	/* the name falls back to the model_type */
-	assert_non_null(strstr(r.out, "\nname: deepseek_v3\n"));
+	assert_non_null(strstr(r.out, "\nname: \"deepseek_v3\"\n"));
 	run_free(&r);
 	scratch_close(&s);
 }
@@ -1074,9 +1074,230 @@ static void test_validates(void **state)
 	}
 }
 
+/* Self-validation -------------------------------------------------------- */
+
+/* Well-formed UTF-8 throughout (no overlongs, surrogates or stray bytes). */
+static int valid_utf8(const char *p, size_t n)
+{
+	const unsigned char *s = (const unsigned char *)p;
+	for (size_t i = 0; i < n;) {
+		unsigned c = s[i];
+		size_t k = c < 0x80         ? 1
+			   : (c >> 5) == 6  ? 2
+			   : (c >> 4) == 14 ? 3
+			   : (c >> 3) == 30 ? 4
+					    : 0;
+		if (!k || i + k > n || (k == 2 && c < 0xc2))
+			return 0;
+		uint32_t cp = k == 1 ? c : c & (0x7fu >> k);
+		for (size_t j = 1; j < k; j++) {
+			if ((s[i + j] & 0xc0) != 0x80)
+				return 0;
+			cp = cp << 6 | (s[i + j] & 0x3f);
+		}
+		if ((k == 3 && cp < 0x800) || (k == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+		    (cp >= 0xd800 && cp <= 0xdfff))
+			return 0;
+		i += k;
+	}
+	return 1;
+}
+
+/* The imported text loads and checks as `moegen check` would. */
+static void assert_checks(const char *text, size_t len, const char *what)
+{
+	struct capture cap = {0};
+	struct moe_diag d = {.sink = sink, .ctx = &cap};
+	struct moe_spec *s = moe_spec_load_string("imported.yaml", text, len, &d);
+	struct moe_desc *desc = calloc(1, sizeof *desc);
+	assert_non_null(desc);
+	if (s)
+		moe_spec_check(s, desc, &d);
+	if (!s || d.n_errors)
+		fail_msg("%s imported, but its spec does not check:\n%s\n%s", what, cap.text, text);
+	moe_spec_free(s);
+	free(desc);
+}
+
+/* The importer refuses, naming the config file and key, and writes nothing. */
+static void expect_refused(const char *family, const char *key, const char *value,
+			   const char *want1, const char *want2)
+{
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate(family, key, value, path);
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	if (r.rc != MOE_EXIT_SPEC || !strstr(r.cap.text, want1) ||
+	    (want2 && !strstr(r.cap.text, want2)))
+		fail_msg("%s with %s = %s: rc %d, wanted '%s' and '%s' in:\n%s", family, key, value,
+			 r.rc, want1, want2 ? want2 : "", r.cap.text);
+	assert_true(r.d.n_errors >= 1);
+	assert_int_equal(r.len, 0);
+	assert_non_null(strstr(r.cap.text, "does not pass `moegen check`"));
+	run_free(&r);
+	scratch_close(&s);
+}
+
+/* What the checker refuses, the importer refuses, located at the config key. */
+static void test_self_check(void **state)
+{
+	(void)state;
+	expect_refused("mixtral", "num_key_value_heads", "3",
+		       "config.json: num_key_value_heads: model.attention.kv_heads (3) must divide",
+		       NULL);
+	expect_refused("ernie4_5_moe", "moe_norm_min", "2.0",
+		       "config.json: moe_norm_min: router.normalize.min", "at most 1");
+	expect_refused("mixtral", "hidden_size", "16777216",
+		       "config.json: hidden_size: model.hidden", "too large");
+	expect_refused("gpt_oss", "hidden_size", "2890",
+		       "config.json: quantization_config:", "not a multiple of 32");
+	expect_refused("qwen3_moe", "num_experts", "16777217", "config.json: num_experts:", NULL);
+}
+
+/* Every string is written quoted: a name that sanitizes to "-" stays a
+ * string; a path that is not UTF-8 never reaches the spec raw. */
+static void test_quoting(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char path[256];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	mutate("mixtral", "_name_or_path", "\"org/?\"", path);
+	struct run r;
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_non_null(strstr(r.out, "\nname: \"-\"\n"));
+	assert_checks(r.out, r.len, "a name of '-'");
+	run_free(&r);
+
+	char odd[160];
+	snprintf(odd, sizeof odd, "%s/bad\xff\xfe\xc3(dir", s.dir);
+	assert_int_equal(mkdir(odd, 0700), 0);
+	snprintf(path, sizeof path, "%s/config.json", odd);
+	mutate("mixtral", "num_local_experts", "8", path);
+	run_import(&r, path, MOE_IMPORT_ENCODER);
+	assert_int_equal(r.rc, MOE_EXIT_OK);
+	assert_true(valid_utf8(r.out, r.len));
+	assert_non_null(strstr(r.out, "bad??"
+				      "?(dir/config.json"));
+	assert_checks(r.out, r.len, "a path that is not UTF-8");
+	run_free(&r);
+	unlink(path);
+	rmdir(odd);
+	scratch_close(&s);
+}
+
+static uint64_t rng_next(uint64_t *x)
+{
+	*x ^= *x << 13;
+	*x ^= *x >> 7;
+	*x ^= *x << 17;
+	return *x;
+}
+
+static void collect(cJSON *o, cJSON **out, int *n, int cap)
+{
+	cJSON *e;
+	cJSON_ArrayForEach(e, o)
+	{
+		if (*n < cap)
+			out[(*n)++] = e;
+		if (cJSON_IsObject(e) || cJSON_IsArray(e))
+			collect(e, out, n, cap);
+	}
+}
+
+/* Property: any config that imports yields a spec that checks. Every
+ * fixture, mutated many times from a fixed seed: numbers replaced by edge
+ * values, strings by odd ones, booleans flipped, keys removed. */
+static void test_property_imports_check(void **state)
+{
+	(void)state;
+	static const double nums[] = {0,    1,     2,     3,     5,      7,    31,   32,
+				      33,   64,    96,    1000,  4097,   1e5,  1e6,  16777216,
+				      -1,   0.5,   1.5,   2.0,   1e-12,  1e30, 2881, 65537,
+				      1e20, 0.999, 1e-30, -1e30, 1048577};
+	static const char *const strs[] = {"",     "-",          "silu", "gelu", "\xff\xfe",
+					   "a: b", "[x]",        "null", "relu", "gelu_new",
+					   "yes",  "org/\xc3(x", "true", "1",    "bfloat16",
+					   "fp8",  "mxfp4",      "{}",   "\"q\""};
+	uint64_t seed = 0x9e3779b97f4a7c15ull;
+	struct scratch s;
+	scratch_open(&s);
+	char path[160];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	int ok = 0, refused = 0;
+	for (int f = 0; f < N_GOLDENS; f++) {
+		char cfg[256];
+		fixture_path(cfg, sizeof cfg, goldens[f], "config.json");
+		char *text = slurp(cfg, NULL);
+		assert_non_null(text);
+		for (int round = 0; round < 60; round++) {
+			cJSON *root = cJSON_Parse(text);
+			assert_non_null(root);
+			cJSON *items[512];
+			int n = 0;
+			collect(root, items, &n, 512);
+			int changes = 1 + (int)(rng_next(&seed) % 3);
+			for (int c = 0; c < changes && n; c++) {
+				cJSON *it = items[rng_next(&seed) % (uint64_t)n];
+				uint64_t r = rng_next(&seed);
+				if (cJSON_IsNumber(it)) {
+					double v =
+					    r % 4 ? nums[(r >> 8) % (sizeof nums / sizeof *nums)]
+						  : (double)((r >> 8) % 5000);
+					cJSON_SetNumberValue(it, v);
+				} else if (cJSON_IsString(it)) {
+					cJSON_SetValuestring(
+					    it, strs[(r >> 8) % (sizeof strs / sizeof *strs)]);
+				} else if (cJSON_IsBool(it)) {
+					it->type = cJSON_IsTrue(it) ? cJSON_False : cJSON_True;
+				} else if (cJSON_IsNull(it)) {
+					it->type = cJSON_Number;
+					cJSON_SetNumberValue(it, (double)(r % 64));
+				}
+			}
+			if (rng_next(&seed) % 5 == 0 && n) { /* remove a top-level key */
+				int k = (int)(rng_next(&seed) % (uint64_t)cJSON_GetArraySize(root));
+				cJSON_DeleteItemFromArray(root, k);
+			}
+			char *out = cJSON_Print(root);
+			write_text(path, out, strlen(out));
+			cJSON_free(out);
+			cJSON_Delete(root);
+			for (int st = 0; st < 2; st++) {
+				struct run r;
+				run_import(&r, path, st ? MOE_IMPORT_DECODER : MOE_IMPORT_ENCODER);
+				if (r.rc == MOE_EXIT_OK) {
+					char what[300];
+					snprintf(what, sizeof what, "%s round %d", goldens[f],
+						 round);
+					assert_true(valid_utf8(r.out, r.len));
+					assert_checks(r.out, r.len, what);
+					ok++;
+				} else {
+					assert_int_equal(r.rc, MOE_EXIT_SPEC);
+					assert_int_equal(r.len, 0);
+					refused++;
+				}
+				run_free(&r);
+			}
+		}
+		free(text);
+	}
+	/* the mutations reach both sides */
+	assert_true(ok > 100);
+	assert_true(refused > 100);
+	scratch_close(&s);
+}
+
 int main(void)
 {
-	struct CMUnitTest tests[N_GOLDENS + 15];
+	struct CMUnitTest tests[N_GOLDENS + 18];
 	int n = 0;
 	for (int i = 0; i < N_GOLDENS; i++)
 		tests[n++] =
@@ -1096,6 +1317,9 @@ int main(void)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_capacity_and_quant_variants);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_resolved_extensions);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_transformers5);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_self_check);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_quoting);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_property_imports_check);
 	if (n != (int)(sizeof tests / sizeof *tests))
 		return 1;
 	return cmocka_run_group_tests_name("import", tests, NULL, NULL);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml.h>
 
 #define IMP_MAX_NOTES 24
 #define IMP_NOTE_MAX 512
@@ -1462,6 +1463,64 @@ static const char *act_spelling(enum moe_kind k, enum moe_act a)
 	return moe_act_names[a];
 }
 
+/* The length of the well-formed UTF-8 sequence at s (at most n bytes), or 0. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+	size_t k = s[0] < 0x80                    ? 1
+		   : s[0] >= 0xc2 && s[0] <= 0xdf ? 2
+		   : s[0] >= 0xe0 && s[0] <= 0xef ? 3
+		   : s[0] >= 0xf0 && s[0] <= 0xf4 ? 4
+						  : 0;
+	if (!k || k > n)
+		return 0;
+	for (size_t i = 1; i < k; i++)
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+	/* overlong 3- and 4-byte forms, surrogates, beyond U+10FFFF */
+	if ((k == 3 && s[0] == 0xe0 && s[1] < 0xa0) || (k == 3 && s[0] == 0xed && s[1] >= 0xa0) ||
+	    (k == 4 && s[0] == 0xf0 && s[1] < 0x90) || (k == 4 && s[0] == 0xf4 && s[1] >= 0x90))
+		return 0;
+	return k;
+}
+
+/* n bytes of s into a comment: control characters and bytes that are not
+ * well-formed UTF-8 become '?' (a config's strings may hold anything). */
+static void put_comment_text(FILE *f, const char *s, size_t n)
+{
+	const unsigned char *u = (const unsigned char *)s;
+	for (size_t i = 0; i < n;) {
+		size_t k = utf8_len(u + i, n - i);
+		if (!k || (k == 1 && (u[i] < 0x20 || u[i] == 0x7f))) {
+			fputc('?', f);
+			i++;
+			continue;
+		}
+		fwrite(u + i, 1, k, f);
+		i += k;
+	}
+}
+
+/* s as a YAML double-quoted scalar: every string the importer writes is
+ * quoted, so no name can read back as a list item, a number, a boolean or
+ * null. Non-printable ASCII and bytes that are not UTF-8 are escaped. */
+static void put_quoted(FILE *f, const char *s)
+{
+	const unsigned char *u = (const unsigned char *)s;
+	size_t n = strlen(s);
+	fputc('"', f);
+	for (size_t i = 0; i < n;) {
+		size_t k = utf8_len(u + i, n - i);
+		if (k == 1 && (u[i] == '"' || u[i] == '\\'))
+			fprintf(f, "\\%c", u[i]);
+		else if (!k || (k == 1 && (u[i] < 0x20 || u[i] == 0x7f)))
+			fprintf(f, "\\x%02x", u[i]);
+		else
+			fwrite(u + i, 1, k, f);
+		i += k ? k : 1;
+	}
+	fputc('"', f);
+}
+
 /* "# " comment lines, word-wrapped at 100 columns. */
 static void write_comment(FILE *f, const char *text)
 {
@@ -1479,8 +1538,7 @@ static void write_comment(FILE *f, const char *text)
 				n = room;
 		}
 		fputs(lead, f);
-		for (size_t i = 0; i < n; i++) /* a path may hold anything */
-			fputc((unsigned char)s[i] < 0x20 ? '?' : s[i], f);
+		put_comment_text(f, s, n); /* a path may hold anything */
 		fputc('\n', f);
 		s += n;
 		while (*s == ' ')
@@ -1519,7 +1577,9 @@ static void write_spec(const struct imp *m, FILE *f)
 	write_comment(f, line);
 	for (int i = 0; i < m->n_notes; i++)
 		write_comment(f, m->notes[i]);
-	fprintf(f, "moegen: 1\nname: %s\n", m->name);
+	fprintf(f, "moegen: 1\nname: ");
+	put_quoted(f, m->name);
+	fputc('\n', f);
 
 	fprintf(f, "model:\n  hidden: %ld\n  layers: %ld\n", m->hidden, m->layers);
 	fprintf(f, "  moe_layers: [");
@@ -1632,8 +1692,11 @@ static void write_spec(const struct imp *m, FILE *f)
 
 	fprintf(f, "weights:\n  format: safetensors\n  names:\n");
 	for (int r = 0; r < MOE_ROLE_COUNT; r++)
-		if (m->names[r][0])
-			fprintf(f, "    %s: %s\n", moe_role_names[r], m->names[r]);
+		if (m->names[r][0]) {
+			fprintf(f, "    %s: ", moe_role_names[r]);
+			put_quoted(f, m->names[r]);
+			fputc('\n', f);
+		}
 	fprintf(f, "  layout:\n");
 	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
 		const struct imp_layout *l = &m->layout[r];
@@ -1648,7 +1711,9 @@ static void write_spec(const struct imp *m, FILE *f)
 				moe_orient_names[l->orient], moe_quant_names[l->quant]);
 			if (l->quant == MOE_QUANT_FP8_BLOCK)
 				fprintf(f, "        block: [%ld, %ld]\n", l->block[0], l->block[1]);
-			fprintf(f, "        scales: %s\n", m->scales[r]);
+			fprintf(f, "        scales: ");
+			put_quoted(f, m->scales[r]);
+			fputc('\n', f);
 			continue;
 		}
 		fprintf(f, "    %s: {", moe_role_names[r]);
@@ -1747,6 +1812,207 @@ static char *read_file(const char *path, size_t *len, struct moe_diag *d)
 	return buf;
 }
 
+/* Self-check ------------------------------------------------------------- */
+
+/* Where a spec key of the written spec comes from: config.json keys in the
+ * spellings of the families, searched in this order (anywhere in the
+ * config, e.g. ffn_config.moe_top_k). A spec path matches an entry equal to
+ * it or below it; the longest entry wins. */
+static const struct {
+	const char *spec;
+	const char *keys[8];
+} spec_keys[] = {
+    {"name", {"_name_or_path", "model_type"}},
+    {"model.hidden", {"hidden_size", "d_model", "n_embd"}},
+    {"model.layers",
+     {"num_hidden_layers", "num_layers", "n_layers", "num_decoder_layers", "decoder_layers",
+      "encoder_layers"}},
+    {"model.moe_layers",
+     {"decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace", "interleave_moe_layer_step",
+      "num_sparse_decoder_layers", "num_sparse_encoder_layers", "expert_interval",
+      "mlp_only_layers"}},
+    {"model.dense_ffn", {"intermediate_size", "ffn_dim", "d_ff", "intermediate_size_mlp"}},
+    {"model.vocab", {"vocab_size"}},
+    {"model.attention", {"num_attention_heads", "n_heads", "num_heads"}},
+    {"model.attention.heads",
+     {"num_attention_heads", "n_heads", "num_heads", "decoder_attention_heads",
+      "encoder_attention_heads"}},
+    {"model.attention.kv_heads",
+     {"num_key_value_heads", "kv_n_heads", "num_kv_heads", "num_key_value_groups"}},
+    {"model.attention.head_dim", {"head_dim", "d_kv", "kv_channels"}},
+    {"model.attention.q_lora_rank", {"q_lora_rank"}},
+    {"model.attention.kv_lora_rank", {"kv_lora_rank"}},
+    {"model.attention.qk_nope_head_dim", {"qk_nope_head_dim"}},
+    {"model.attention.qk_rope_head_dim", {"qk_rope_head_dim"}},
+    {"model.attention.v_head_dim", {"v_head_dim"}},
+    {"dtype", {"torch_dtype", "dtype"}},
+    {"router.top_k",
+     {"num_experts_per_tok", "moe_top_k", "experts_per_token", "moe_k", "top_k", "moe_topk"}},
+    {"router.normalize", {"moe_norm_min", "norm_topk_prob", "normalize_expert_weights"}},
+    {"router.scale", {"routed_scaling_factor", "router_scaling_factor"}},
+    {"router.groups", {"n_group", "topk_group"}},
+    {"router.groups.count", {"n_group"}},
+    {"router.groups.top", {"topk_group"}},
+    {"router.capacity", {"expert_capacity", "capacity_factor", "moe_eval_capacity_token_fraction"}},
+    {"router.noise", {"router_jitter_noise", "input_jitter_noise", "moe_jitter_eps"}},
+    {"sparsemixer", {"router_jitter_noise"}},
+    {"experts.count", {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"}},
+    {"experts.intermediate",
+     {"moe_intermediate_size", "intermediate_size", "ffn_hidden_size", "d_ff", "ffn_dim",
+      "expert_intermediate_size"}},
+    {"experts.activation", {"hidden_act", "activation_function", "swiglu_limit"}},
+    {"experts", {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"}},
+    {"shared_experts",
+     {"shared_expert_intermediate_size", "n_shared_experts", "moe_num_shared_experts",
+      "moe_shared_expert_intermediate_size", "num_shared_expert"}},
+    {"weights", {"quantization_config"}},
+};
+
+/* The dotted path of key in the config (depth-first, objects only), or 0. */
+static int config_key(const cJSON *o, const char *key, char *path, size_t cap, int depth)
+{
+	const cJSON *e;
+	cJSON_ArrayForEach(e, o)
+	{
+		if (e->string && strcmp(e->string, key) == 0) {
+			snprintf(path, cap, "%s", key);
+			return 1;
+		}
+	}
+	if (depth >= 3)
+		return 0;
+	cJSON_ArrayForEach(e, o)
+	{
+		char sub[256];
+		if (cJSON_IsObject(e) && e->string &&
+		    config_key(e, key, sub, sizeof sub, depth + 1)) {
+			snprintf(path, cap, "%.100s.%.140s", e->string, sub);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The spec path of the node at loc ("router.top_k", "model.attention"), by
+ * walking the written document. */
+static int spec_path_at(const struct moe_spec *s, const yaml_node_t *n, struct moe_loc loc,
+			char *path, size_t cap)
+{
+	if (n->type == YAML_SEQUENCE_NODE) {
+		int i = 0;
+		for (yaml_node_item_t *it = n->data.sequence.items.start;
+		     it < n->data.sequence.items.top; it++, i++) {
+			const yaml_node_t *v = moe_spec_node(s, *it);
+			char sub[256];
+			struct moe_loc l = moe_spec_loc(s, v);
+			if (l.line == loc.line && l.col == loc.col) {
+				snprintf(path, cap, "[%d]", i);
+				return 1;
+			}
+			if (spec_path_at(s, v, loc, sub, sizeof sub)) {
+				snprintf(path, cap, "[%d]%s%.200s", i, sub[0] == '[' ? "" : ".",
+					 sub);
+				return 1;
+			}
+		}
+		return 0;
+	}
+	if (n->type != YAML_MAPPING_NODE)
+		return 0;
+	for (yaml_node_pair_t *p = n->data.mapping.pairs.start; p < n->data.mapping.pairs.top;
+	     p++) {
+		const yaml_node_t *k = moe_spec_node(s, p->key), *v = moe_spec_node(s, p->value);
+		if (k->type != YAML_SCALAR_NODE)
+			continue;
+		const char *ks = (const char *)k->data.scalar.value;
+		struct moe_loc kl = moe_spec_loc(s, k), vl = moe_spec_loc(s, v);
+		if ((kl.line == loc.line && kl.col == loc.col) ||
+		    (vl.line == loc.line && vl.col == loc.col)) {
+			snprintf(path, cap, "%s", ks);
+			return 1;
+		}
+		char sub[256];
+		if (spec_path_at(s, v, loc, sub, sizeof sub)) {
+			snprintf(path, cap, "%.100s%s%.140s", ks, sub[0] == '[' ? "" : ".", sub);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+struct captured {
+	char *lines;
+	size_t len;
+	FILE *f;
+};
+
+static void capture_line(void *ctx, const char *line)
+{
+	struct captured *c = ctx;
+	fprintf(c->f, "%s\n", line);
+}
+
+#define SELF_NAME "imported-spec"
+
+/* Run the written spec through the spec loader and checker, as `moegen
+ * check` would. Every error is reported again against the config key the
+ * value came from ("config.json: num_experts_per_tok: ..."). 0 when it
+ * checks. */
+static int self_check(struct imp *m, const cJSON *root, const char *text, size_t len)
+{
+	struct captured cap = {0};
+	cap.f = open_memstream(&cap.lines, &cap.len);
+	MOE_ASSERT(cap.f);
+	struct moe_diag cd = {.sink = capture_line, .ctx = &cap};
+	struct moe_spec *s = moe_spec_load_string(SELF_NAME, text, len, &cd);
+	struct moe_desc *desc = calloc(1, sizeof *desc);
+	MOE_ASSERT(desc);
+	if (s)
+		moe_spec_check(s, desc, &cd);
+	free(desc);
+	fclose(cap.f);
+	int bad = !s || cd.n_errors;
+	for (char *line = cap.lines, *nl; bad && line && *line; line = nl ? nl + 1 : NULL) {
+		nl = strchr(line, '\n');
+		if (nl)
+			*nl = 0;
+		unsigned ln = 0, col = 0;
+		int off = 0;
+		if (strncmp(line, SELF_NAME ":", sizeof SELF_NAME) != 0 ||
+		    sscanf(line + sizeof SELF_NAME, "%u:%u: error: %n", &ln, &col, &off) < 2 ||
+		    !off)
+			continue; /* notes point at the spec, which is not written */
+		const char *msg = line + sizeof SELF_NAME + off;
+		char spath[256] = "", ckey[256] = "";
+		if (s)
+			spec_path_at(s, moe_spec_root(s), (struct moe_loc){NULL, ln, col}, spath,
+				     sizeof spath);
+		size_t best = 0;
+		int which = -1;
+		for (size_t i = 0; i < sizeof spec_keys / sizeof *spec_keys; i++) {
+			size_t n = strlen(spec_keys[i].spec);
+			if (strncmp(spath, spec_keys[i].spec, n) == 0 &&
+			    (spath[n] == 0 || spath[n] == '.' || spath[n] == '[') && n > best)
+				best = n, which = (int)i;
+		}
+		for (int k = 0; which >= 0 && k < 8 && spec_keys[which].keys[k] && !ckey[0]; k++)
+			config_key(root, spec_keys[which].keys[k], ckey, sizeof ckey, 0);
+		if (ckey[0])
+			moe_diag_error(m->d, "%s: %s: %s", m->path, ckey, msg);
+		else
+			moe_diag_error(m->d, "%s: %s (the spec's %s)", m->path, msg,
+				       spath[0] ? spath : "text");
+	}
+	if (bad)
+		moe_diag_note_at(m->d, (struct moe_loc){0},
+				 "the spec imported from %s does not pass `moegen check`; nothing "
+				 "was written",
+				 m->path);
+	moe_spec_free(s);
+	free(cap.lines);
+	return bad ? -1 : 0;
+}
+
 int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE *out,
 		    struct moe_diag *d)
 {
@@ -1831,13 +2097,24 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 			if (!m->n_err && m->top_k > m->n_experts)
 				err(m, "top-k (%ld) exceeds the number of experts (%ld)", m->top_k,
 				    m->n_experts);
-			if (!m->n_err) {
-				write_spec(m, out);
-				rc = fflush(out) == 0 && !ferror(out) ? MOE_EXIT_OK : MOE_EXIT_IO;
+			char *spec = NULL;
+			size_t slen = 0;
+			FILE *mem = m->n_err ? NULL : open_memstream(&spec, &slen);
+			if (mem) {
+				write_spec(m, mem);
+				MOE_ASSERT(fclose(mem) == 0);
+			}
+			/* nothing is written that `moegen check` would refuse */
+			if (mem && self_check(m, root, spec, slen) == 0) {
+				rc = fwrite(spec, 1, slen, out) == slen && fflush(out) == 0 &&
+					     !ferror(out)
+					 ? MOE_EXIT_OK
+					 : MOE_EXIT_IO;
 				if (rc != MOE_EXIT_OK)
 					moe_diag_error(d, "cannot write the spec: %s",
 						       strerror(errno));
 			}
+			free(spec);
 		}
 	}
 	free(m);

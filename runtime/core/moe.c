@@ -264,13 +264,86 @@ static void orient_copy(const float *src, float *dst, uint64_t R, uint64_t C, in
 			dst[r * C + c] = src[c * R + r];
 }
 
+/* Vector roles are stored 1-D ([C], a fused bias [2C]; one not stacked may
+ * also be a row, [1, C]); every other role is a matrix, 2-D even with one
+ * row (nn.Linear(H, 1).weight is [1, H]). */
+static int is_vector(enum moe_role r)
+{
+	switch (r) {
+	case MOE_ROLE_ROUTER_BIAS:
+	case MOE_ROLE_SELECT_BIAS:
+	case MOE_ROLE_GATE_BIAS:
+	case MOE_ROLE_UP_BIAS:
+	case MOE_ROLE_DOWN_BIAS:
+	case MOE_ROLE_GATE_UP_BIAS:
+	case MOE_ROLE_PK_QUERY_BIAS:
+	case MOE_ROLE_OUTPUT_BIAS:
+	case MOE_ROLE_SOFT_SCALE:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+/* "[2, 3, 4]" */
+static void dims_str(const uint64_t *s, uint32_t nd, char *buf, size_t cap)
+{
+	size_t len = 0;
+	buf[0] = 0;
+	for (uint32_t i = 0; i <= nd && len < cap; i++) {
+		int k = i == nd ? snprintf(buf + len, cap - len, "]")
+				: snprintf(buf + len, cap - len, "%s%llu", i ? ", " : "[",
+					   (unsigned long long)s[i]);
+		len += k > 0 ? (size_t)k : 0;
+	}
+	if (!nd)
+		snprintf(buf, cap, "[]");
+}
+
+/* The expected on-disk shape: dims (nd of them) for one matrix, with a
+ * leading n_e axis when stacked, or the first axis times n_e when
+ * row_blocked. Returns the rank. */
+static uint32_t stored_shape(uint64_t *out, const uint64_t *dims, uint32_t nd, int stacked,
+			     int row_blocked, uint64_t n_e)
+{
+	uint32_t k = 0;
+	if (stacked && !row_blocked)
+		out[k++] = n_e;
+	for (uint32_t i = 0; i < nd; i++)
+		out[k++] = dims[i] * (stacked && row_blocked && i == 0 ? n_e : 1);
+	return k;
+}
+
+/* The tensor's full shape must be want (or alt, when alt_nd is not 0). */
+static int check_shape(struct st_ctx *c, const struct moe_st_tensor *t, const char *what,
+		       enum moe_role role, const uint64_t *want, uint32_t nd, const uint64_t *alt,
+		       uint32_t alt_nd)
+{
+	int ok = t->ndim == nd && memcmp(t->shape, want, nd * sizeof *want) == 0;
+	if (!ok && alt_nd)
+		ok = t->ndim == alt_nd && memcmp(t->shape, alt, alt_nd * sizeof *alt) == 0;
+	if (ok)
+		return 0;
+	char w[160], a[160], f[160];
+	dims_str(want, nd, w, sizeof w);
+	dims_str(alt, alt_nd, a, sizeof a);
+	dims_str(t->shape, t->ndim, f, sizeof f);
+	const struct moe_layout *l = &c->d->layouts[role];
+	snprintf(c->err, sizeof c->err,
+		 "%s: %s '%s' (%s, layer %u, orient %s%s): expected shape %s%s%s, found %s",
+		 t->file ? t->file : "(memory)", what, t->name, moe_role_names[role], c->layer,
+		 moe_orient_names[l->orient], l->row_blocked ? ", row_blocked" : "", w,
+		 alt_nd ? " or " : "", alt_nd ? a : "", f);
+	return -1;
+}
+
 /* A quantized role (layouts[role].quant): t holds n_e matrices of SR x SC as
  * stored, e4m3 (fp8_block) or packed E2M1 (mxfp4), with the scale tensor
  * named by scale_names[role] for the same layer and expert. Dequantized to
  * f32 in the stored order into out (n_e * SR * SC floats). */
 static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
 		      enum moe_role role, long expert, uint64_t n_e, uint64_t SR, uint64_t SC,
-		      float *out)
+		      int stacked, float *out)
 {
 	const struct moe_layout *l = &c->d->layouts[role];
 	int fp8 = l->quant == MOE_QUANT_FP8_BLOCK;
@@ -306,19 +379,38 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
 			 (unsigned long long)s->numel);
 		return -1;
 	}
+	uint64_t want[MOE_ST_MAX_DIMS], sw[MOE_ST_MAX_DIMS];
+	uint64_t qd[3] = {SR, fp8 ? SC : SC / 32, 16}, sd[2] = {gr, gc};
+	int rb = l->row_blocked;
+	uint32_t nq = stored_shape(want, qd, fp8 ? 2 : 3, stacked, rb, n_e);
+	uint32_t ns = stored_shape(sw, sd, 2, stacked, rb, n_e);
+	if (check_shape(c, t, "tensor", role, want, nq, NULL, 0) ||
+	    check_shape(c, s, "scale tensor", role, sw, ns, NULL, 0))
+		return -1;
 	float *sf = NULL;
+	uint8_t *q = malloc(t->bytes + 1), *su = fp8 ? NULL : malloc(s->bytes + 1);
+	if (!q || (!fp8 && !su)) {
+		free(q), free(su);
+		snprintf(c->err, sizeof c->err, "out of memory");
+		return -1;
+	}
+	if (moe_st_read_bytes(t, q, c->err, sizeof c->err) != MOE_OK ||
+	    (!fp8 && moe_st_read_bytes(s, su, c->err, sizeof c->err) != MOE_OK)) {
+		free(q), free(su);
+		return -1;
+	}
 	if (fp8) {
 		sf = malloc(want_s * sizeof *sf);
 		if (!sf) {
+			free(q);
 			snprintf(c->err, sizeof c->err, "out of memory");
 			return -1;
 		}
 		if (moe_st_read_f32(s, sf, want_s, c->err, sizeof c->err) != MOE_OK) {
-			free(sf);
+			free(sf), free(q);
 			return -1;
 		}
 	}
-	const uint8_t *q = t->data, *su = s->data;
 	int64_t bad = 0;
 	for (uint64_t e = 0; e < n_e && bad >= 0; e++) {
 		int64_t b = fp8 ? moe_dequant_fp8_block(q + e * SR * SC, sf + e * gr * gc, SR, SC,
@@ -327,7 +419,7 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
 						    out + e * SR * SC);
 		bad = b < 0 ? -1 : bad + b;
 	}
-	free(sf);
+	free(sf), free(q), free(su);
 	if (bad < 0) {
 		snprintf(c->err, sizeof c->err, "tensor '%s' (%s): invalid %s geometry", name,
 			 moe_role_names[role], moe_quant_names[l->quant]);
@@ -343,33 +435,63 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
 }
 
 /* Read a tensor expected to hold n_e blocks of R x C canonical values. */
+/* Read a tensor expected to hold n_e blocks of R x C canonical values (one
+ * axis more, n_e first, when stacked). Its full shape is checked against the
+ * layout (orientation, stacking, row blocks; a vector role is 1-D), and its
+ * values must be finite. */
 static int read_blocks(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
 		       enum moe_role role, long expert, uint64_t n_e, uint64_t R, uint64_t C,
-		       float *dst)
+		       int stacked, float *dst)
 {
 	uint64_t want = n_e * R * C;
-	int quant = c->d->layouts[role].quant != MOE_QUANT_NONE;
-	if (!quant && t->numel != want) {
-		snprintf(c->err, sizeof c->err,
-			 "tensor '%s' (%s) has %llu elements, expected %llu (%llu x %llu x %llu)",
-			 name, moe_role_names[role], (unsigned long long)t->numel,
-			 (unsigned long long)want, (unsigned long long)n_e, (unsigned long long)R,
-			 (unsigned long long)C);
-		return -1;
+	const struct moe_layout *l = &c->d->layouts[role];
+	int quant = l->quant != MOE_QUANT_NONE;
+	int in_out = l->orient == MOE_ORIENT_IN_OUT;
+	if (!quant) {
+		uint64_t ws[MOE_ST_MAX_DIMS], alt[MOE_ST_MAX_DIMS];
+		uint32_t nd, alt_nd = 0;
+		if (is_vector(role)) {
+			uint64_t v = R * C, row[2] = {1, R * C};
+			nd = stored_shape(ws, &v, 1, stacked, 0, n_e);
+			if (!stacked) /* a row vector (Ernie 4.5 stores [1, E]) */
+				alt_nd = stored_shape(alt, row, 2, 0, 0, 1);
+		} else if (role == MOE_ROLE_PK_KEYS) {
+			/* the two sub-key sets: [2, R/2, D/2], or flat [R, D/2] */
+			uint64_t k3[3] = {2, R / 2, C};
+			nd = stored_shape(ws, k3, 3, 0, 0, 1);
+			uint64_t k2[2] = {R, C};
+			alt_nd = stored_shape(alt, k2, 2, 0, 0, 1);
+		} else {
+			uint64_t m[2] = {in_out ? C : R, in_out ? R : C};
+			nd = stored_shape(ws, m, 2, stacked, l->row_blocked, n_e);
+		}
+		if (check_shape(c, t, "tensor", role, ws, nd, alt, alt_nd))
+			return -1;
 	}
-	int in_out = c->d->layouts[role].orient == MOE_ORIENT_IN_OUT;
 	float *tmp = in_out ? malloc(want * sizeof *tmp) : dst;
 	if (!tmp) {
 		snprintf(c->err, sizeof c->err, "out of memory");
 		return -1;
 	}
 	if (quant ? read_quant(c, t, name, role, expert, n_e, in_out ? C : R, in_out ? R : C,
-			       tmp) != 0
+			       stacked, tmp) != 0
 		  : moe_st_read_f32(t, tmp, want, c->err, sizeof c->err) != MOE_OK) {
 		if (in_out)
 			free(tmp);
 		return -1;
 	}
+	for (uint64_t i = 0; !quant && i < want; i++)
+		if (!isfinite(tmp[i])) {
+			snprintf(c->err, sizeof c->err,
+				 "%s: tensor '%s' (%s, layer %u): non-finite value (%s) at index "
+				 "%llu",
+				 t->file ? t->file : "(memory)", t->name, moe_role_names[role],
+				 c->layer, isnan(tmp[i]) ? "NaN" : "infinity",
+				 (unsigned long long)i);
+			if (in_out)
+				free(tmp);
+			return -1;
+		}
 	if (in_out) {
 		for (uint64_t e = 0; e < n_e; e++)
 			orient_copy(tmp + e * R * C, dst + e * R * C, R, C, 1);
@@ -388,11 +510,11 @@ static int load_role(struct st_ctx *c, enum moe_role role, float *dst)
 	uint64_t n_e = pe ? c->d->n_experts : 1;
 	if (!strstr(c->d->names[role], "{expert}")) {
 		const struct moe_st_tensor *t = find(c, role, -1, name, sizeof name);
-		return t ? read_blocks(c, t, name, role, -1, n_e, R, C, dst) : -1;
+		return t ? read_blocks(c, t, name, role, -1, n_e, R, C, pe, dst) : -1;
 	}
 	for (uint64_t e = 0; e < n_e; e++) {
 		const struct moe_st_tensor *t = find(c, role, (long)e, name, sizeof name);
-		if (!t || read_blocks(c, t, name, role, (long)e, 1, R, C, dst + e * R * C) != 0)
+		if (!t || read_blocks(c, t, name, role, (long)e, 1, R, C, 0, dst + e * R * C) != 0)
 			return -1;
 	}
 	return 0;
@@ -417,11 +539,11 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 	int rc = 0;
 	if (!strstr(c->d->names[fused], "{expert}")) {
 		const struct moe_st_tensor *t = find(c, fused, -1, name, sizeof name);
-		rc = t ? read_blocks(c, t, name, fused, -1, n_e, 2 * R, C, tmp) : -1;
+		rc = t ? read_blocks(c, t, name, fused, -1, n_e, 2 * R, C, pe, tmp) : -1;
 	} else {
 		for (uint64_t e = 0; e < n_e && rc == 0; e++) {
 			const struct moe_st_tensor *t = find(c, fused, (long)e, name, sizeof name);
-			rc = t ? read_blocks(c, t, name, fused, (long)e, 1, 2 * R, C,
+			rc = t ? read_blocks(c, t, name, fused, (long)e, 1, 2 * R, C, 0,
 					     tmp + e * 2 * R * C)
 			       : -1;
 		}
@@ -567,6 +689,15 @@ static void zero_routing(const struct moe_desc *d, struct moe_routing *rt)
 	rt->n_dropped = 0;
 }
 
+/* Finite input, non-finite output: the values overflowed (docs/abi.md). */
+static enum moe_status overflow(size_t i, size_t H)
+{
+	moe_set_error("moe_forward: non-finite output at token %zu, column %zu from finite "
+		      "input (the values overflow: input or weights out of range)",
+		      i / H, i % H);
+	return MOE_ERR_INPUT;
+}
+
 MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x, void *y,
 				    size_t n_tokens, struct moe_routing *routing,
 				    const struct moe_fwd_opts *opts)
@@ -664,10 +795,17 @@ MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x,
 			uint16_t *yb = y;
 			for (size_t i = 0; i < n_tokens * H; i++)
 				yb[i] = moe_f32_to_bf16(yf[i]);
+			for (size_t i = 0; i < n_tokens * H && st == MOE_OK; i++)
+				if ((yb[i] & 0x7f80u) == 0x7f80u)
+					st = overflow(i, H);
 		}
 		free(yf);
 	} else {
 		st = moe_exec_forward(m, &m->layers[li], xf, y, n_tokens, routing, opts);
+		const float *yf = y;
+		for (size_t i = 0; i < n_tokens * H && st == MOE_OK; i++)
+			if (!isfinite(yf[i]))
+				st = overflow(i, H);
 	}
 conv_out:
 	if (bf16)

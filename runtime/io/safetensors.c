@@ -1,7 +1,8 @@
 /* safetensors.c: reading checkpoints the way Hugging Face writes them: an
- * 8-byte little-endian header length, a JSON header (cJSON), then the data,
- * mmapped. Every field is validated before anything points into the data, so
- * a malformed or truncated file is an error message, never a bad read. */
+ * 8-byte little-endian header length, a JSON header (cJSON), then the data.
+ * Every field is validated before any data is read, and the data is read
+ * with pread (no mapping), so a malformed file, or one truncated while it is
+ * being read, is an error message, never a bad read or a SIGBUS. */
 #include "safetensors.h"
 
 #include <cjson/cJSON.h>
@@ -12,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -31,9 +31,10 @@ struct meta {
 
 struct moe_st_file {
 	char *path;
-	void *map;
-	size_t map_size;
-	const unsigned char *data; /* after the header */
+	int fd;    /* open for the file's lifetime; -1 when closed */
+	dev_t dev; /* identity, so one file named two ways is one file */
+	ino_t ino;
+	uint64_t data_pos; /* file offset of the data: 8 + header length */
 	uint64_t data_size;
 	struct moe_st_tensor *t; /* sorted by name */
 	size_t n;
@@ -118,9 +119,8 @@ static int by_begin(const void *a, const void *b)
 {
 	const struct moe_st_tensor *x = *(const struct moe_st_tensor *const *)a;
 	const struct moe_st_tensor *y = *(const struct moe_st_tensor *const *)b;
-	const unsigned char *p = x->data, *q = y->data;
-	if (p != q)
-		return p < q ? -1 : 1;
+	if (x->offset != y->offset)
+		return x->offset < y->offset ? -1 : 1;
 	return x->bytes < y->bytes ? -1 : x->bytes > y->bytes;
 }
 
@@ -136,8 +136,8 @@ void moe_st_close(struct moe_st_file *f)
 		free(f->meta[i].value);
 	}
 	free(f->meta);
-	if (f->map)
-		munmap(f->map, f->map_size);
+	if (f->fd >= 0)
+		close(f->fd);
 	free(f->path);
 	free(f);
 }
@@ -255,7 +255,8 @@ static enum moe_status parse_entry(struct moe_st_file *f, const cJSON *e, struct
 			    p, nm, (unsigned long long)b, (unsigned long long)en,
 			    (unsigned long long)(en - b), moe_st_dtype_names[t->dtype], ss,
 			    (unsigned long long)bytes);
-	t->data = f->data + b;
+	t->offset = b;
+	t->src = f;
 	return MOE_OK;
 }
 
@@ -334,12 +335,9 @@ static enum moe_status parse_header(struct moe_st_file *f, const char *json, siz
 	qsort(by, m, sizeof *by, by_begin);
 	for (size_t i = 1; i < m; i++) {
 		const struct moe_st_tensor *a = by[i - 1], *b = by[i];
-		const unsigned char *ae = (const unsigned char *)a->data + a->bytes;
-		if ((const unsigned char *)b->data < ae) {
-			unsigned long long ab =
-			    (unsigned long long)((const unsigned char *)a->data - f->data);
-			unsigned long long bb =
-			    (unsigned long long)((const unsigned char *)b->data - f->data);
+		if (b->offset < a->offset + a->bytes) {
+			unsigned long long ab = (unsigned long long)a->offset;
+			unsigned long long bb = (unsigned long long)b->offset;
 			st = fail(err, cap, MOE_ERR_WEIGHTS,
 				  "%s: tensor '%s': data_offsets [%llu, %llu] overlap tensor '%s' "
 				  "[%llu, %llu]",
@@ -351,6 +349,50 @@ static enum moe_status parse_header(struct moe_st_file *f, const char *json, siz
 out:
 	cJSON_Delete(root);
 	return st;
+}
+
+/* Open path for reading without blocking (a FIFO with no writer must not
+ * hang), close-on-exec, and only if it is a regular file. */
+static enum moe_status open_regular(const char *path, int *fd_out, struct stat *sb, char *err,
+				    size_t cap)
+{
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0)
+		return fail(err, cap, MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+	if (fstat(fd, sb) != 0) {
+		int e = errno;
+		close(fd);
+		return fail(err, cap, MOE_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
+	}
+	if (!S_ISREG(sb->st_mode)) {
+		close(fd);
+		return fail(err, cap, MOE_ERR_IO, "%s: not a regular file", path);
+	}
+	/* regular files never block; clear the flag for ordinary reads */
+	int fl = fcntl(fd, F_GETFL);
+	if (fl >= 0)
+		(void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+	*fd_out = fd;
+	return MOE_OK;
+}
+
+/* Read exactly n bytes at off. 0, or -1 with errno (0 when the file ended
+ * first: it shrank, or lied about its size). */
+static int pread_full(int fd, void *buf, size_t n, uint64_t off)
+{
+	unsigned char *p = buf;
+	while (n) {
+		ssize_t r = pread(fd, p, n, (off_t)off);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			if (r == 0)
+				errno = 0;
+			return -1;
+		}
+		p += r, n -= (size_t)r, off += (uint64_t)r;
+	}
+	return 0;
 }
 
 enum moe_status moe_st_open(const char *path, struct moe_st_file **out, char *err, size_t cap)
@@ -365,66 +407,83 @@ enum moe_status moe_st_open(const char *path, struct moe_st_file **out, char *er
 		free(f);
 		return fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", path);
 	}
-	enum moe_status st;
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		st = fail(err, cap, MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-		goto bad;
-	}
+	f->fd = -1;
+	char *json = NULL;
 	struct stat sb;
-	if (fstat(fd, &sb) != 0) {
-		st = fail(err, cap, MOE_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-		close(fd);
+	enum moe_status st = open_regular(path, &f->fd, &sb, err, cap);
+	if (st != MOE_OK)
 		goto bad;
-	}
-	if (!S_ISREG(sb.st_mode)) {
-		st = fail(err, cap, MOE_ERR_IO, "%s: not a regular file", path);
-		close(fd);
-		goto bad;
-	}
+	f->dev = sb.st_dev;
+	f->ino = sb.st_ino;
 	uint64_t size = (uint64_t)sb.st_size;
 	if (size < 8) {
 		st = fail(err, cap, MOE_ERR_WEIGHTS,
 			  "%s: file is %llu bytes, too short for the 8-byte header length "
 			  "(truncated file?)",
 			  path, (unsigned long long)size);
-		close(fd);
 		goto bad;
 	}
-	f->map_size = (size_t)size;
-	f->map = mmap(NULL, f->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
-	close(fd);
-	if (f->map == MAP_FAILED) {
-		f->map = NULL;
-		st = fail(err, cap, MOE_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
+	unsigned char b[8];
+	if (pread_full(f->fd, b, 8, 0) != 0) {
+		st = fail(err, cap, MOE_ERR_WEIGHTS, "%s: cannot read the header length: %s", path,
+			  errno ? strerror(errno) : "the file ended (truncated?)");
 		goto bad;
 	}
-	const unsigned char *b = f->map;
 	uint64_t hlen = 0;
 	for (int i = 7; i >= 0; i--)
 		hlen = hlen << 8 | b[i];
-	if (hlen > MOE_ST_MAX_HEADER) {
+	/* hlen is whatever the first 8 bytes hold: never print it (the file may
+	 * not be a checkpoint at all) */
+	if (hlen > MOE_ST_MAX_HEADER || hlen > size - 8) {
 		st = fail(err, cap, MOE_ERR_WEIGHTS,
-			  "%s: oversized header: length %llu exceeds the limit of %u bytes", path,
-			  (unsigned long long)hlen, MOE_ST_MAX_HEADER);
+			  "%s: not a safetensors file (bad header length for a file of %llu "
+			  "bytes; truncated?)",
+			  path, (unsigned long long)size);
 		goto bad;
 	}
-	if (hlen > size - 8) {
-		st = fail(err, cap, MOE_ERR_WEIGHTS,
-			  "%s: header length %llu exceeds the %llu bytes after it (truncated "
-			  "file?)",
-			  path, (unsigned long long)hlen, (unsigned long long)(size - 8));
+	json = malloc((size_t)hlen + 1);
+	if (!json) {
+		st = fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", path);
 		goto bad;
 	}
-	f->data = b + 8 + hlen;
+	if (pread_full(f->fd, json, (size_t)hlen, 8) != 0) {
+		st = fail(err, cap, MOE_ERR_WEIGHTS, "%s: cannot read the header: %s", path,
+			  errno ? strerror(errno) : "the file ended (truncated?)");
+		goto bad;
+	}
+	json[hlen] = 0;
+	f->data_pos = 8 + hlen;
 	f->data_size = size - 8 - hlen;
-	if ((st = parse_header(f, (const char *)b + 8, (size_t)hlen, err, cap)) != MOE_OK)
+	if ((st = parse_header(f, json, (size_t)hlen, err, cap)) != MOE_OK)
 		goto bad;
+	free(json);
 	*out = f;
 	return MOE_OK;
 bad:
+	free(json);
 	moe_st_close(f);
 	return st;
+}
+
+enum moe_status moe_st_read_bytes(const struct moe_st_tensor *t, void *dst, char *err, size_t cap)
+{
+	if (!t || (!dst && t->bytes))
+		return fail(err, cap, MOE_ERR_ARG, "moe_st_read_bytes: NULL argument");
+	if (!t->bytes)
+		return MOE_OK;
+	if (!t->src) {
+		if (!t->data)
+			return fail(err, cap, MOE_ERR_ARG, "tensor '%s': no data", t->name);
+		memcpy(dst, t->data, t->bytes);
+		return MOE_OK;
+	}
+	const struct moe_st_file *f = t->src;
+	if (pread_full(f->fd, dst, t->bytes, f->data_pos + t->offset) != 0)
+		return fail(err, cap, errno ? MOE_ERR_IO : MOE_ERR_WEIGHTS,
+			    "%s: tensor '%s': cannot read %zu bytes at offset %llu: %s", f->path,
+			    t->name, t->bytes, (unsigned long long)(f->data_pos + t->offset),
+			    errno ? strerror(errno) : "the file ended (truncated while loading?)");
+	return MOE_OK;
 }
 
 const char *moe_st_path(const struct moe_st_file *f)
@@ -481,10 +540,14 @@ static enum moe_status set_add(struct moe_st_set *s, struct moe_st_file *f, char
 	return MOE_OK;
 }
 
+/* The open file that is path (same device and inode), or NULL. */
 static struct moe_st_file *set_file(const struct moe_st_set *s, const char *path)
 {
+	struct stat sb;
+	if (stat(path, &sb) != 0)
+		return NULL;
 	for (size_t i = 0; i < s->n_files; i++)
-		if (strcmp(s->files[i]->path, path) == 0)
+		if (s->files[i]->dev == sb.st_dev && s->files[i]->ino == sb.st_ino)
 			return s->files[i];
 	return NULL;
 }
@@ -492,46 +555,90 @@ static struct moe_st_file *set_file(const struct moe_st_set *s, const char *path
 static char *read_small_file(const char *path, size_t *len, char *err, size_t cap,
 			     enum moe_status *st)
 {
-	FILE *fp = fopen(path, "rb");
-	if (!fp) {
-		*st = fail(err, cap, MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+	int fd;
+	struct stat sb;
+	if ((*st = open_regular(path, &fd, &sb, err, cap)) != MOE_OK)
+		return NULL;
+	if ((uint64_t)sb.st_size > MOE_ST_MAX_HEADER) {
+		*st = fail(err, cap, MOE_ERR_WEIGHTS, "%s: index file larger than %u bytes", path,
+			   MOE_ST_MAX_HEADER);
+		close(fd);
 		return NULL;
 	}
-	char *buf = NULL;
-	size_t n = 0, alloc = 0;
-	for (;;) {
-		if (n == alloc) {
-			if (alloc >= MOE_ST_MAX_HEADER) {
-				*st = fail(err, cap, MOE_ERR_WEIGHTS,
-					   "%s: index file larger than %u bytes", path,
-					   MOE_ST_MAX_HEADER);
-				goto bad;
-			}
-			alloc = alloc ? alloc * 2 : 65536;
-			char *nb = realloc(buf, alloc + 1);
-			if (!nb) {
-				*st = fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", path);
-				goto bad;
-			}
-			buf = nb;
-		}
-		size_t r = fread(buf + n, 1, alloc - n, fp);
-		n += r;
-		if (r == 0)
-			break;
+	size_t n = (size_t)sb.st_size;
+	char *buf = malloc(n + 1);
+	if (!buf) {
+		*st = fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", path);
+		close(fd);
+		return NULL;
 	}
-	if (ferror(fp)) {
-		*st = fail(err, cap, MOE_ERR_IO, "%s: read error", path);
-		goto bad;
+	if (pread_full(fd, buf, n, 0) != 0) {
+		*st = fail(err, cap, errno ? MOE_ERR_IO : MOE_ERR_WEIGHTS, "%s: read error: %s",
+			   path, errno ? strerror(errno) : "the file ended (truncated?)");
+		close(fd);
+		free(buf);
+		return NULL;
 	}
-	fclose(fp);
+	close(fd);
 	buf[n] = 0;
 	*len = n;
 	return buf;
-bad:
-	fclose(fp);
-	free(buf);
-	return NULL;
+}
+
+/* Check a shard name of an index whose directory is dir (realpath'd):
+ * relative, no ".." component, and its resolved path inside dir. Returns
+ * NULL (message in err) or the path to open, malloc'd. */
+static char *confine(const char *index, const char *dir, const char *shard, const char *tensor,
+		     char *err, size_t cap, enum moe_status *st)
+{
+	*st = MOE_ERR_WEIGHTS;
+	if (shard[0] == '/') {
+		fail(err, cap, *st,
+		     "%s: tensor '%s': shard '%s' is an absolute path (shards must "
+		     "be inside the index's directory)",
+		     index, tensor, shard);
+		return NULL;
+	}
+	for (const char *p = shard; *p;) {
+		size_t k = strcspn(p, "/");
+		if (k == 2 && p[0] == '.' && p[1] == '.') {
+			fail(err, cap, *st,
+			     "%s: tensor '%s': shard '%s' has a '..' component (shards must be "
+			     "inside the index's directory)",
+			     index, tensor, shard);
+			return NULL;
+		}
+		p += k;
+		while (*p == '/')
+			p++;
+	}
+	size_t need = strlen(dir) + strlen(shard) + 2;
+	char *full = malloc(need);
+	if (!full) {
+		*st = fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", index);
+		return NULL;
+	}
+	snprintf(full, need, "%s/%s", dir, shard);
+	char *real = realpath(full, NULL);
+	if (!real) {
+		*st = fail(err, cap, MOE_ERR_IO, "%s: tensor '%s': shard '%s': cannot open: %s",
+			   index, tensor, shard, strerror(errno));
+		free(full);
+		return NULL;
+	}
+	size_t dl = strlen(dir);
+	int inside = strncmp(real, dir, dl) == 0 && (real[dl] == '/' || dl == 1);
+	free(real);
+	if (!inside) {
+		fail(err, cap, *st,
+		     "%s: tensor '%s': shard '%s' resolves outside the index's directory "
+		     "(through a symbolic link)",
+		     index, tensor, shard);
+		free(full);
+		return NULL;
+	}
+	*st = MOE_OK;
+	return full;
 }
 
 static enum moe_status open_index(struct moe_st_set *s, const char *path, char *err, size_t cap)
@@ -545,14 +652,25 @@ static enum moe_status open_index(struct moe_st_set *s, const char *path, char *
 	free(text);
 	if (!root)
 		return fail(err, cap, MOE_ERR_WEIGHTS, "%s: not valid JSON", path);
+	char *dir = NULL;
 	const cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
 	if (!cJSON_IsObject(root) || !cJSON_IsObject(wm)) {
 		st = fail(err, cap, MOE_ERR_WEIGHTS, "%s: no \"weight_map\" object", path);
 		goto out;
 	}
-	/* Shard names are relative to the index's directory. */
-	const char *slash = strrchr(path, '/');
-	size_t dir_len = slash ? (size_t)(slash - path) + 1 : 0;
+	/* Shard names are relative to the index's directory, resolved. */
+	{
+		const char *slash = strrchr(path, '/');
+		char *d = slash ? strndup(path, (size_t)(slash - path) + 1) : strdup(".");
+		dir = d ? realpath(d, NULL) : NULL;
+		if (!dir) {
+			st = fail(err, cap, d ? MOE_ERR_IO : MOE_ERR_NOMEM,
+				  "%s: cannot resolve its directory: %s", path, strerror(errno));
+			free(d);
+			goto out;
+		}
+		free(d);
+	}
 	const cJSON *e;
 	cJSON_ArrayForEach(e, wm)
 	{
@@ -563,16 +681,9 @@ static enum moe_status open_index(struct moe_st_set *s, const char *path, char *
 			goto out;
 		}
 		const char *shard = e->valuestring;
-		size_t need = (shard[0] == '/' ? 0 : dir_len) + strlen(shard) + 1;
-		char *full = malloc(need);
-		if (!full) {
-			st = fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", path);
+		char *full = confine(path, dir, shard, e->string, err, cap, &st);
+		if (!full)
 			goto out;
-		}
-		if (shard[0] == '/')
-			snprintf(full, need, "%s", shard);
-		else
-			snprintf(full, need, "%.*s%s", (int)dir_len, path, shard);
 		struct moe_st_file *f = set_file(s, full);
 		if (!f) {
 			char inner[512];
@@ -597,6 +708,7 @@ static enum moe_status open_index(struct moe_st_set *s, const char *path, char *
 		}
 	}
 out:
+	free(dir);
 	cJSON_Delete(root);
 	return st;
 }
@@ -791,11 +903,29 @@ enum moe_status moe_st_read_f32(const struct moe_st_tensor *t, float *dst, size_
 		return fail(err, cap, MOE_ERR_ARG,
 			    "%s: tensor '%s': has %llu elements, the destination holds %zu", file,
 			    t->name, (unsigned long long)t->numel, n);
-	if (moe_st_convert_f32(t->dtype, t->data, n, dst) != MOE_OK)
+	if (moe_st_convert_f32(t->dtype, NULL, 0, NULL) != MOE_OK)
 		return fail(err, cap, MOE_ERR_WEIGHTS,
 			    "%s: tensor '%s': dtype %s cannot be converted to f32", file, t->name,
 			    moe_st_dtype_names[t->dtype]);
-	return MOE_OK;
+	if (!t->src)
+		return moe_st_convert_f32(t->dtype, t->data, n, dst);
+	/* from the file, a bounded piece at a time */
+	size_t es = moe_st_dtype_sizes[t->dtype], chunk = ((size_t)1 << 20) / es;
+	unsigned char *buf = malloc((n < chunk ? n : chunk) * es + 1);
+	if (!buf)
+		return fail(err, cap, MOE_ERR_NOMEM, "%s: out of memory", file);
+	struct moe_st_tensor piece = *t;
+	enum moe_status st = MOE_OK;
+	for (size_t i = 0; i < n && st == MOE_OK; i += chunk) {
+		size_t k = n - i < chunk ? n - i : chunk;
+		piece.offset = t->offset + (uint64_t)i * es;
+		piece.bytes = k * es;
+		st = moe_st_read_bytes(&piece, buf, err, cap);
+		if (st == MOE_OK)
+			moe_st_convert_f32(t->dtype, buf, k, dst + i);
+	}
+	free(buf);
+	return st;
 }
 
 /* Templates --------------------------------------------------------------- */

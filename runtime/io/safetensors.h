@@ -1,4 +1,4 @@
-/* safetensors.h: the checkpoint reader (mmap, strict header validation, lookup
+/* safetensors.h: the checkpoint reader (pread, strict header validation, lookup
  * across sharded sets, conversion to f32), name templates, and a writer for
  * tests and tools. Errors name the file and the tensor. */
 #ifndef MOE_SAFETENSORS_H
@@ -38,10 +38,14 @@ enum moe_st_dtype { MOE_ST_DTYPES(MOE_ST_ENUM_) MOE_ST_DTYPE_COUNT };
 extern const char *const moe_st_dtype_names[MOE_ST_DTYPE_COUNT];
 extern const uint8_t moe_st_dtype_sizes[MOE_ST_DTYPE_COUNT];
 
-/* One tensor. As returned by lookups it points into the mapped file: `data` is
- * valid until the file (or set) is closed and may be unaligned; `file` is the
- * path of the file holding it. For moe_st_write the caller fills name, dtype,
- * ndim, shape and data (bytes and numel may be 0: they are computed). */
+/* One tensor. As returned by lookups it describes bytes of an open file
+ * (`src`, at `offset` from the start of the data section: data_offsets[0]);
+ * nothing is read until moe_st_read_bytes or moe_st_read_f32 (pread: no
+ * mapping, so a file truncated meanwhile is an error, never a SIGBUS); `data`
+ * is NULL and `file` is the path of the file holding it. For moe_st_write and
+ * in-memory tensors the caller fills name, dtype, ndim, shape and data
+ * (bytes and numel may be 0: they are computed) and leaves src NULL. */
+struct moe_st_file;
 struct moe_st_tensor {
 	const char *name;
 	const char *file;
@@ -51,13 +55,19 @@ struct moe_st_tensor {
 	uint64_t numel;
 	const void *data;
 	size_t bytes;
+	uint64_t offset;
+	const struct moe_st_file *src;
 };
 
 struct moe_st_file;
 
-/* Open and validate one .safetensors file (mmapped read-only). On failure *out
- * is NULL and err (cap bytes, may be NULL) holds "PATH: ...". MOE_ERR_IO when
- * the file cannot be read, MOE_ERR_WEIGHTS when it is malformed. */
+/* Open and validate one .safetensors file: opened O_NONBLOCK | O_CLOEXEC and
+ * refused unless fstat says it is a regular file (a FIFO never hangs), the
+ * header read with pread; the descriptor stays open until moe_st_close. On
+ * failure *out is NULL and err (cap bytes, may be NULL) holds "PATH: ...".
+ * MOE_ERR_IO when the file cannot be read, MOE_ERR_WEIGHTS when it is
+ * malformed. Messages never quote the file's bytes before its header has
+ * parsed as JSON. */
 enum moe_status moe_st_open(const char *path, struct moe_st_file **out, char *err, size_t cap);
 void moe_st_close(struct moe_st_file *f); /* NULL is a no-op */
 
@@ -71,10 +81,13 @@ const struct moe_st_tensor *moe_st_find(const struct moe_st_file *f, const char 
 const char *moe_st_metadata(const struct moe_st_file *f, const char *key);
 
 /* A set of checkpoint files searched as one. A path ending in ".index.json"
- * is a sharded checkpoint: its weight_map names the shard of every tensor
- * (shard paths are relative to the index's directory); each shard is opened
- * once, and every tensor it lists must exist in its shard. A tensor name found
- * in two files is an error. */
+ * is a sharded checkpoint: its weight_map names the shard of every tensor.
+ * Shard names are confined to the index's directory: relative, without ".."
+ * components, and, symlinks resolved (realpath), still inside it; anything
+ * else is MOE_ERR_WEIGHTS. Every file is opened once: names of one file
+ * ("a.safetensors", "./a.safetensors", a link to it) are the same file (by
+ * device and inode). Every tensor the index lists must exist in its shard.
+ * A tensor name found in two files is an error. */
 struct moe_st_set;
 
 enum moe_status moe_st_set_open(const char *const *paths, size_t n, struct moe_st_set **out,
@@ -89,6 +102,10 @@ const struct moe_st_tensor *moe_st_set_at(const struct moe_st_set *s, size_t i);
  * BF16, F8_E4M3 (e4m3fn: no infinities) and F8_E5M2 convert; F8 values are
  * taken as stored, without any scale. Returns MOE_ERR_WEIGHTS for other types. */
 enum moe_status moe_st_convert_f32(enum moe_st_dtype dt, const void *src, size_t n, float *dst);
+/* The tensor's bytes as stored (t->bytes of them) into dst. A file that ends
+ * before the tensor (truncated after it was opened) is MOE_ERR_WEIGHTS, a
+ * read error MOE_ERR_IO; err as for moe_st_open. */
+enum moe_status moe_st_read_bytes(const struct moe_st_tensor *t, void *dst, char *err, size_t cap);
 /* Convert a whole tensor; n must equal t->numel. err as for moe_st_open,
  * naming the file and the tensor. */
 enum moe_status moe_st_read_f32(const struct moe_st_tensor *t, float *dst, size_t n, char *err,

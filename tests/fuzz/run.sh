@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# tests/fuzz/run.sh [SECONDS] [TARGET...]: build the libFuzzer targets with
+# clang (-fsanitize=fuzzer,address,undefined), replay every regression input
+# under tests/fuzz/regress/TARGET/, then fuzz each target for SECONDS (default
+# 30) in one process, from seed corpora (specs/, tests/cases, tests/import,
+# and small checkpoints tests/fuzz/seeds.py generates). Targets: spec, import,
+# safetensors, index (default: all). Work files go to $MOE_FUZZ_DIR (default
+# build-fuzz/): binaries, the growing corpora, crash artifacts, logs. Exits
+# non-zero on a failed regression input or a new crash; prints per target the
+# executions, the time and the coverage libFuzzer reports.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+secs=${1:-30}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(spec import safetensors index)
+out=${MOE_FUZZ_DIR:-$root/build-fuzz}
+cc=${MOE_FUZZ_CC:-clang}
+mkdir -p "$out/bin" "$out/corpus" "$out/artifacts" "$out/logs"
+
+flags=(-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -g -O1
+       -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter
+       -Icompiler -Icompiler/import -Iruntime -Iruntime/core -Iruntime/io -Iruntime/ref -Iruntime/cpu
+       -Iruntime/cuda -Itests/fuzz $(pkg-config --cflags libcjson yaml-0.1))
+front=(compiler/front/spec_load.c compiler/front/spec_check.c compiler/front/diag.c
+       compiler/link/output.c runtime/core/desc.c)
+libs=($(pkg-config --libs libcjson yaml-0.1) -lm)
+
+build() {
+	local t=$1 src=()
+	case $t in
+	spec) src=(tests/fuzz/fuzz_spec.c "${front[@]}") ;;
+	import) src=(tests/fuzz/fuzz_import.c compiler/import/import.c "${front[@]}") ;;
+	safetensors) src=(tests/fuzz/fuzz_safetensors.c runtime/io/safetensors.c) ;;
+	index) src=(tests/fuzz/fuzz_index.c runtime/io/safetensors.c) ;;
+	*) echo "run.sh: unknown target '$t' (spec, import, safetensors, index)" >&2; exit 2 ;;
+	esac
+	"$cc" "${flags[@]}" "${src[@]}" "${libs[@]}" -o "$out/bin/fuzz_$t"
+}
+
+seed() {
+	local t=$1 c=$out/corpus/$1
+	mkdir -p "$c"
+	case $t in
+	spec) cp specs/*.yaml "$c/"
+	      for f in tests/cases/*/*.yaml; do cp "$f" "$c/case-$(basename "$(dirname "$f")")-$(basename "$f")"; done ;;
+	import) for d in tests/import/*/; do cp "$d/config.json" "$c/$(basename "$d").json"; done ;;
+	safetensors) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/safetensors/* "$c/" ;;
+	index) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/index/* "$c/" ;;
+	esac
+}
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+status=0
+for t in "${targets[@]}"; do
+	echo "== fuzz $t: build"
+	build "$t"
+	reg=tests/fuzz/regress/$t
+	if [ -d "$reg" ] && [ -n "$(ls -A "$reg")" ]; then
+		echo "== fuzz $t: replay $(ls "$reg" | wc -l) regression inputs"
+		if ! "$out/bin/fuzz_$t" "$reg"/* >"$out/logs/$t-regress.log" 2>&1; then
+			echo "FAIL: a regression input of $t fails again:"; tail -30 "$out/logs/$t-regress.log"
+			status=1
+			continue
+		fi
+	fi
+	seed "$t"
+	mkdir -p "$out/artifacts/$t"
+	echo "== fuzz $t: ${secs}s"
+	log=$out/logs/$t.log
+	if ! "$out/bin/fuzz_$t" -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 \
+		-max_len=65536 -print_final_stats=1 -artifact_prefix="$out/artifacts/$t/" \
+		"$out/corpus/$t" >"$log" 2>&1; then
+		echo "FAIL: fuzz_$t found a crash (artifacts in $out/artifacts/$t):"; tail -40 "$log"
+		status=1
+	fi
+	execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo ?)
+	cov=$(grep -oE '(#[0-9]+)[[:space:]]+(DONE|INITED)[[:space:]]+cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || echo "cov: ?")
+	echo "   $t: $execs executions in ${secs}s, $cov, corpus $(ls "$out/corpus/$t" | wc -l) files"
+done
+exit $status
