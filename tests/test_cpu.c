@@ -10,10 +10,12 @@
 
 #include <cmocka.h>
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -419,10 +421,16 @@ static void test_deterministic(void **state)
 					      MOE_EMIT_HEADER};
 	struct moe_cpu_target t = {
 	    .cpu = "x86-64-v3", .triple = "x86_64-pc-linux-gnu", .opt_level = 3};
+	/* one file name in two directories: model.so's SONAME is its file name */
+	char d1[300], d2[300];
+	snprintf(d1, sizeof d1, "%s/det1", h_tmpdir);
+	snprintf(d2, sizeof d2, "%s/det2", h_tmpdir);
+	assert_true(mkdir(d1, 0700) == 0 || errno == EEXIST);
+	assert_true(mkdir(d2, 0700) == 0 || errno == EEXIST);
 	for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++) {
-		char p1[300], p2[300], err[1024];
-		snprintf(p1, sizeof p1, "%s/det1.%s", h_tmpdir, moe_emit_names[kinds[i]]);
-		snprintf(p2, sizeof p2, "%s/det2.%s", h_tmpdir, moe_emit_names[kinds[i]]);
+		char p1[400], p2[400], err[1024];
+		snprintf(p1, sizeof p1, "%s/det.%s", d1, moe_emit_names[kinds[i]]);
+		snprintf(p2, sizeof p2, "%s/det.%s", d2, moe_emit_names[kinds[i]]);
 		assert_int_equal(moe_compile_cpu(&d, &t, kinds[i], p1, err, sizeof err), 0);
 		assert_int_equal(moe_compile_cpu(&d, &t, kinds[i], p2, err, sizeof err), 0);
 		char *a, *b;
