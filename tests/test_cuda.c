@@ -195,8 +195,21 @@ static void test_source_constants(void **state)
 		assert_true(contains(a, "static constexpr int ld_h = %u;", ld_h));
 		assert_true(contains(a, "static constexpr int up_rows = %u;",
 				     d->kind == MOE_KIND_GLU ? 2 * ld_h : ld_h));
-		assert_int_equal(contains(a, "constexpr int kGroups = %u;", d->n_groups),
-				 d->n_groups > 1);
+		int groups = d->mode == MOE_MODE_TOKEN_CHOICE && d->n_groups > 1;
+		assert_true(contains(a, "constexpr int kGroups = %u;", groups ? d->n_groups : 1));
+		/* the formulas and features the fixed code specializes on */
+		assert_true(contains(a, "constexpr score_fn kScore = score_fn::%s;",
+				     moe_score_names[d->score]));
+		assert_true(
+		    contains(a, "constexpr norm_fn kNorm = norm_fn::%s;", moe_norm_names[d->norm]));
+		assert_true(contains(a, "constexpr dtype kWeightDtype = dtype::%s;",
+				     moe_dtype_names[d->weight_dtype]));
+		assert_true(contains(a, "constexpr dtype kActDtype = dtype::%s;",
+				     moe_dtype_names[d->act_dtype]));
+		assert_true(contains(a, "static constexpr act_fn act = act_fn::%s;",
+				     moe_act_names[d->act]));
+		assert_true(contains(a, "constexpr bool kDense = %s;",
+				     d->mode == MOE_MODE_DENSE ? "true" : "false"));
 		/* one kernel per op, the names the runtime looks up */
 		static const char *const always[] = {
 		    "moe_route_small",   "moe_route_logits",  "moe_route_select", "moe_group_mask",
@@ -211,8 +224,12 @@ static void test_source_constants(void **state)
 		/* tensor cores exactly when the weights are 16-bit */
 		assert_int_equal(contains(a, "mma.sync.aligned.m16n8k16"),
 				 d->weight_dtype != MOE_DTYPE_F32);
-		assert_int_equal(contains(a, "a.router_bias[e]"), d->router_bias);
-		assert_int_equal(contains(a, "a.select_bias[e]"), d->select_bias);
+		assert_true(contains(a, "constexpr bool kRouterBias = %s;",
+				     d->router_bias ? "true" : "false"));
+		assert_true(contains(a, "constexpr bool kSelectBias = %s;",
+				     d->select_bias ? "true" : "false"));
+		assert_true(contains(a, "constexpr bool kCapacity = %s;", cap ? "true" : "false"));
+		assert_true(contains(a, "constexpr bool kShared = %s;", shared ? "true" : "false"));
 		free(a), free(b);
 		seen++;
 	}
@@ -238,6 +255,76 @@ static void test_source_follows_overrides(void **state)
 	assert_true(contains(a, "static constexpr int down_rows = 128;"));
 	free(a);
 	free(d);
+}
+
+/* The file's text without its `#pragma once` line, as the generator inlines
+ * it (malloc'ed). */
+static char *inlined_text(const char *text)
+{
+	static const char once[] = "#pragma once\n";
+	const char *p = strstr(text, once);
+	size_t n = strlen(text);
+	char *r = malloc(n + 1);
+	assert_non_null(r);
+	if (!p) {
+		memcpy(r, text, n + 1);
+		return r;
+	}
+	size_t head = (size_t)(p - text);
+	memcpy(r, text, head);
+	memcpy(r + head, p + sizeof once - 1, n - head - (sizeof once - 1) + 1);
+	return r;
+}
+
+/* The fixed device code is the .cuh files of compiler/cuda/kernels, each
+ * embedded as it is on disk, and the generated source inlines exactly the
+ * ones it needs: the tensor-core tiles for 16-bit weights, the CUDA-core
+ * tiles for f32. */
+static void test_kernel_files(void **state)
+{
+	(void)state;
+	glob_t gl;
+	assert_int_equal(glob("compiler/cuda/kernels/*.cuh", 0, NULL, &gl), 0);
+	size_t n_files = 0;
+	for (const struct moe_cuda_kernel_file *k = moe_cuda_kernel_files; k->name; k++)
+		n_files++;
+	assert_int_equal(n_files, gl.gl_pathc);
+	for (size_t i = 0; i < gl.gl_pathc; i++) {
+		const char *base = strrchr(gl.gl_pathv[i], '/') + 1;
+		const struct moe_cuda_kernel_file *k = moe_cuda_kernel_files;
+		while (k->name && strcmp(k->name, base))
+			k++;
+		if (!k->name)
+			fail_msg("%s is not embedded", gl.gl_pathv[i]);
+		size_t n;
+		char *disk = read_file(gl.gl_pathv[i], &n);
+		assert_non_null(disk);
+		if (strcmp(disk, k->text))
+			fail_msg("%s: the embedded copy is stale (rebuild)", gl.gl_pathv[i]);
+		free(disk);
+	}
+	globfree(&gl);
+	int seen[2] = {0, 0};
+	for (size_t i = 0; i < n_specs; i++) {
+		if (!specs[i].plannable)
+			continue;
+		int mma = specs[i].d->weight_dtype != MOE_DTYPE_F32;
+		size_t n;
+		char *src = emit(specs[i].d, &n);
+		for (const struct moe_cuda_kernel_file *k = moe_cuda_kernel_files; k->name; k++) {
+			char *body = inlined_text(k->text);
+			int want =
+			    strcmp(k->name, mma ? "moe_gemm_simt.cuh" : "moe_gemm_mma.cuh") != 0;
+			if ((strstr(src, body) != NULL) != want)
+				fail_msg("%s: %s is %sinlined", specs[i].path, k->name,
+					 want ? "not " : "");
+			free(body);
+		}
+		free(src);
+		seen[mma] = 1;
+	}
+	/* specs/ has both weight kinds */
+	assert_true(seen[0] && seen[1]);
 }
 
 static int regen(void)
@@ -588,6 +675,7 @@ int main(void)
 	    cmocka_unit_test(test_pick_image),
 	    cmocka_unit_test(test_no_device),
 	    cmocka_unit_test(test_geometry),
+	    cmocka_unit_test(test_kernel_files),
 	    cmocka_unit_test(test_compile_cuda_cu),
 	    cmocka_unit_test(test_nvrtc_error_log),
 	    cmocka_unit_test(test_images_file),

@@ -1,7 +1,10 @@
-/* cuda.h: the CUDA backend of the compiler: cuda_emit.c writes CUDA C from
- * the plan (one kernel per op, shapes and k as constants) and the images
- * file that embeds the compiled kernels into model.so; nvrtc.c compiles the
- * CUDA C with NVRTC (opened with dlopen) into a cubin per arch plus PTX. */
+/* cuda.h: the CUDA backend of the compiler: the fixed device code lives in
+ * the .cuh files of kernels/ (embedded at build time); cuda_emit.c writes a
+ * model's CUDA C
+ * from the plan (its constants and kernels around those files) and the
+ * images file that embeds the compiled kernels into model.so; nvrtc.c
+ * compiles the CUDA C with NVRTC (opened with dlopen) into a cubin per arch
+ * plus PTX. */
 #ifndef MOE_CUDA_H
 #define MOE_CUDA_H
 
@@ -21,6 +24,15 @@ extern const char *const moe_cuda_emit_names[MOE_CUDA_EMIT_COUNT];
 #define MOE_CUDA_DEFAULT_ARCHS "sm_80,sm_90"
 #define MOE_CUDA_MAX_ARCHS 8
 
+/* The fixed device code: the files of compiler/cuda/kernels, embedded by
+ * CMakeLists.txt (moe_cuda_kernels.c in the build folder). The list ends
+ * with a null name. */
+struct moe_cuda_kernel_file {
+	const char *name; /* "moe_router.cuh" */
+	const char *text; /* the whole file, NUL-terminated */
+};
+extern const struct moe_cuda_kernel_file moe_cuda_kernel_files[];
+
 /* cuda_emit.c ------------------------------------------------------------ */
 
 /* The CUDA backend generates from the one plan, moe_plan_build(d,
@@ -32,7 +44,10 @@ extern const char *const moe_cuda_emit_names[MOE_CUDA_EMIT_COUNT];
 void moe_cuda_source_name(const struct moe_desc *d, char *buf, size_t cap);
 
 /* The CUDA C of plan p, deterministic, NUL-terminated, malloc'ed into *out
- * (*len bytes without the NUL). Returns 0, or -1 with a message in err. */
+ * (*len bytes without the NUL): the files of kernels/ it needs inlined in
+ * order, with the model's constants, its FFN geometries and one kernel per
+ * op of the plan around them; one self-contained file that NVRTC compiles
+ * as it is. Returns 0, or -1 with a message in err. */
 int moe_cuda_emit_source(const struct moe_plan *p, char **out, size_t *len, char *err, size_t cap);
 
 /* Parse "sm_80,sm_90" (or NULL: the default) into archs (pointers into

@@ -6,31 +6,27 @@
  * scale 1.0f.
  * Shared experts: one FFN of width 5632 glu silu, gate sigmoid.
  *
- * Launch order (runtime/cuda_rt.c), all on one stream, no host round trip:
- *   moe_route_small      T <= 32: the whole router in one launch, or
- *   moe_route_logits, moe_route_select   logits, then scores, selection and
- *                        weights (one block per token)
- *   moe_group_mask, moe_group_offsets, moe_group_scatter
- *                        rows grouped by expert (bitmaps, prefix sums)
- *   moe_up, moe_down     grouped GEMMs: activation fused into the first,
- *                        routing weight into the second
- *   moe_shared_up, moe_shared_down   the shared FFN on every token
- *   moe_combine          y = sum of a token's rows in rank order (no atomics)
- * moe_pack converts canonical f32 weights to the packed layout at load.
- * Needs no header: NVRTC compiles it with no include path. */
+ * The fixed device code (the .cuh files of compiler/cuda/kernels) is
+ * inlined in order, each part opening with its file's name; this model's
+ * constants follow moe_base.cuh, and its kernels, in launch order
+ * (runtime/cuda/cuda_rt.c), close the file. Needs no header: NVRTC
+ * compiles it with no include path. */
 
-/* ---- shapes and constants of this model ---- */
-constexpr int kHidden = 2048;          /* H */
-constexpr int kExperts = 60;           /* E */
-constexpr int kRoute = 4;              /* route width: top-k */
-constexpr int kRChunk = 32;            /* router K chunk */
-constexpr int kChunks = 64;            /* router K chunks */
-constexpr float kScale = 1.0f;         /* routed scaling factor */
-constexpr int kBM = 64, kBN = 64, kBK = 32; /* GEMM tiles (runtime/cuda_rt.h) */
+/* moe_base.cuh: the fixed ground of every generated CUDA source: storage
+ * types and conversions, the formula enums the generated constants name, the
+ * kernel arguments and the deterministic block reductions. Needs nothing of
+ * the model; the generated constants come right after it. */
 
 /* ---- storage types and conversions (round to nearest even) ---- */
 typedef unsigned short bits16; /* bf16 or f16 */
 typedef long long i64;
+
+/* The formulas a model picks; the spellings of the spec (docs/spec.md). */
+enum class dtype { f32, bf16, f16 };
+enum class score_fn { softmax, sigmoid, sqrtsoftplus };
+enum class norm_fn { none, sum, lp };
+enum class group_score { max, sum_top2 };
+enum class act_fn { silu, gelu, gelu_tanh, relu, swiglu_oai };
 
 __device__ __forceinline__ float bf16_to_f32(bits16 h)
 {
@@ -49,37 +45,14 @@ __device__ __forceinline__ bits16 f32_to_bf16(float f)
 #endif
 }
 
-typedef float act_t; /* activations: f32 */
-__device__ __forceinline__ float ld_act(const act_t *p)
-{
-	return *p;
-}
-__device__ __forceinline__ void st_act(act_t *p, float v)
-{
-	*p = v;
-}
-
-/* four consecutive activations (16-byte aligned rows, H % 4 == 0) */
-__device__ __forceinline__ void ld_act4(const act_t *p, float (&v)[4])
-{
-	const float4 q = *(const float4 *)p;
-	v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-}
-
-typedef bits16 w_t; /* weights and h: bf16 */
-__device__ __forceinline__ w_t to_w(float v)
-{
-	return f32_to_bf16(v);
-}
-/* two values packed for one 32-bit operand register: lo first */
-__device__ __forceinline__ unsigned pack_w2(float lo, float hi)
+__device__ __forceinline__ bits16 f32_to_f16(float f)
 {
 #ifndef MOE_CUDA_EMULATION
-	unsigned r;
-	asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+	bits16 r;
+	asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
 	return r;
 #else
-	return emu_f32_to_bf16(lo) | (unsigned)emu_f32_to_bf16(hi) << 16;
+	return emu_f32_to_f16(f);
 #endif
 }
 
@@ -89,7 +62,7 @@ __device__ __forceinline__ float neg_inf()
 }
 
 /* The one argument of every forward kernel: struct moe_cuda_args of
- * runtime/cuda_rt.h, pointers then 64-bit integers. */
+ * runtime/cuda/cuda_rt.h, pointers then 64-bit integers. */
 struct moe_args {
 	const void *x;
 	void *y;
@@ -115,42 +88,12 @@ struct moe_args {
 	i64 T, small, capacity;
 };
 
-/* the routed experts */
-struct routed_ffn {
-	static constexpr int width = 1408;   /* expert width */
-	static constexpr int ld_h = 1408;    /* h row stride: width padded to kBN */
-	static constexpr int up_rows = 2816; /* packed up rows: gate and up interleaved by 8 */
-	static constexpr int up_k = 2048;    /* up GEMM K: hidden padded to kBK */
-	static constexpr int down_rows = 2048; /* packed down rows: hidden padded to kBN */
-	static constexpr bool glu = true;
-	static __device__ __forceinline__ float act(float v)
-	{
-		return v / (1.0f + expf(-v)); /* silu */
-	}
-	/* the GLU output of one column from its gate and up values */
-	static __device__ __forceinline__ float glu_out(float gate, float up)
-	{
-		return act(gate) * up;
-	}
-};
-
-/* the shared experts, fused into one FFN */
-struct shared_ffn {
-	static constexpr int width = 5632;   /* expert width */
-	static constexpr int ld_h = 5632;    /* h row stride: width padded to kBN */
-	static constexpr int up_rows = 11264; /* packed up rows: gate and up interleaved by 8 */
-	static constexpr int up_k = 2048;    /* up GEMM K: hidden padded to kBK */
-	static constexpr int down_rows = 2048; /* packed down rows: hidden padded to kBN */
-	static constexpr bool glu = true;
-	static __device__ __forceinline__ float act(float v)
-	{
-		return v / (1.0f + expf(-v)); /* silu */
-	}
-	/* the GLU output of one column from its gate and up values */
-	static __device__ __forceinline__ float glu_out(float gate, float up)
-	{
-		return act(gate) * up;
-	}
+/* The argument of moe_pack: canonical f32 [rows, cols] -> packed
+ * [dst_rows, dst_cols]; glu: a = gate, b = up, interleaved by 8 rows. */
+struct moe_pack_args {
+	const float *a, *b;
+	void *dst;
+	i64 rows, cols, dst_rows, dst_cols, glu;
 };
 
 /* ---- block reductions (256 threads), in a fixed order: deterministic ---- */
@@ -232,13 +175,252 @@ __device__ int block_next(const float *v, int n, float pv, int pk)
 	return rk;
 }
 
-/* routing weights: normalize (none) over the kept slots in rank order, then
+/* ---- shapes, formulas and features of this model ---- */
+constexpr int kHidden = 2048;          /* H */
+constexpr int kExperts = 60;           /* E */
+constexpr int kRoute = 4;              /* route width: top-k */
+constexpr int kGroups = 1;             /* expert groups (1: none) */
+constexpr int kGroupSize = 60;         /* experts per group */
+constexpr int kGroupTop = 1;           /* groups kept per token */
+constexpr group_score kGroupScore = group_score::max; /* a group's score */
+constexpr int kRChunk = 32;            /* router K chunk */
+constexpr int kChunks = 64;            /* router K chunks */
+constexpr score_fn kScore = score_fn::softmax; /* router scores */
+constexpr norm_fn kNorm = norm_fn::none; /* routing weights */
+constexpr float kScale = 1.0f;         /* routed scaling factor */
+constexpr float kNormEps = 0.0f;       /* w /= max(S + eps, min) */
+constexpr float kNormMin = 0.0f;
+constexpr double kNormP = 1.0f;        /* S = the p-norm (lp) */
+constexpr float kActAlpha = 0.0f;      /* swiglu_oai */
+constexpr float kActLimit = 0.0f;
+constexpr dtype kActDtype = dtype::f32; /* activations */
+constexpr dtype kWeightDtype = dtype::bf16; /* weights and h */
+constexpr int kBM = 64, kBN = 64, kBK = 32; /* GEMM tiles (runtime/cuda/cuda_rt.h) */
+constexpr bool kDense = false;         /* every expert, no selection */
+constexpr bool kRouterBias = false;
+constexpr bool kSelectBias = false;
+constexpr bool kCapacity = false;      /* expert capacity */
+constexpr bool kPriorityScore = false; /* capacity order by score */
+constexpr bool kNormAfterDrop = false; /* normalize after the capacity */
+constexpr bool kPassthrough = false;   /* dropped slots pass x through */
+constexpr bool kInputScaled = false;   /* apply_to: input */
+constexpr bool kExpertBias = false;
+constexpr bool kOutputBias = false;
+constexpr bool kShared = true;         /* shared experts */
+constexpr bool kSharedGate = true;     /* their sigmoid gate */
+
+/* the routed experts */
+struct routed_ffn {
+	static constexpr int width = 1408;   /* expert width */
+	static constexpr int ld_h = 1408;    /* h row stride: width padded to kBN */
+	static constexpr int up_rows = 2816; /* packed up rows: gate and up interleaved by 8 */
+	static constexpr int up_k = 2048;    /* up GEMM K: hidden padded to kBK */
+	static constexpr int down_rows = 2048; /* packed down rows: hidden padded to kBN */
+	static constexpr bool glu = true;
+	static constexpr act_fn act = act_fn::silu;
+};
+
+/* the shared experts, fused into one FFN */
+struct shared_ffn {
+	static constexpr int width = 5632;   /* expert width */
+	static constexpr int ld_h = 5632;    /* h row stride: width padded to kBN */
+	static constexpr int up_rows = 11264; /* packed up rows: gate and up interleaved by 8 */
+	static constexpr int up_k = 2048;    /* up GEMM K: hidden padded to kBK */
+	static constexpr int down_rows = 2048; /* packed down rows: hidden padded to kBN */
+	static constexpr bool glu = true;
+	static constexpr act_fn act = act_fn::silu;
+};
+
+/* moe_io.cuh: the model's storage types (activations f32 or bf16; weights
+ * and h bf16, f16 or f32), their loads and stores, the activation functions
+ * and the load-time weight packing. Needs the generated constants kActDtype,
+ * kWeightDtype, kHidden, kActAlpha and kActLimit. */
+
+template <dtype D> struct storage {
+	typedef bits16 type; /* bf16 or f16 */
+};
+template <> struct storage<dtype::f32> {
+	typedef float type;
+};
+typedef storage<kActDtype>::type act_t;  /* activations */
+typedef storage<kWeightDtype>::type w_t; /* weights and h */
+
+/* activations: f32 or bf16 */
+__device__ __forceinline__ float ld_act(const float *p)
+{
+	return *p;
+}
+__device__ __forceinline__ float ld_act(const bits16 *p)
+{
+	return bf16_to_f32(*p);
+}
+__device__ __forceinline__ void st_act(float *p, float v)
+{
+	*p = v;
+}
+__device__ __forceinline__ void st_act(bits16 *p, float v)
+{
+	*p = f32_to_bf16(v);
+}
+
+/* four consecutive activations (16-byte aligned rows, H % 4 == 0) */
+__device__ __forceinline__ void ld_act4(const float *p, float (&v)[4])
+{
+	const float4 q = *(const float4 *)p;
+	v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void ld_act4(const bits16 *p, float (&v)[4])
+{
+	const uint2 q = *(const uint2 *)p;
+	v[0] = __uint_as_float(q.x << 16), v[1] = __uint_as_float(q.x & 0xffff0000u);
+	v[2] = __uint_as_float(q.y << 16), v[3] = __uint_as_float(q.y & 0xffff0000u);
+}
+
+/* one value in the weight type */
+template <dtype D = kWeightDtype> __device__ __forceinline__ typename storage<D>::type to_w(float v)
+{
+	if constexpr (D == dtype::bf16)
+		return f32_to_bf16(v);
+	else if constexpr (D == dtype::f16)
+		return f32_to_f16(v);
+	else
+		return v;
+}
+
+/* two values in a 16-bit weight type packed for one 32-bit operand register:
+ * lo first */
+template <dtype D = kWeightDtype> __device__ __forceinline__ unsigned pack_w2(float lo, float hi)
+{
+#ifndef MOE_CUDA_EMULATION
+	unsigned r;
+	if constexpr (D == dtype::f16)
+		asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+	else
+		asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+	return r;
+#else
+	if constexpr (D == dtype::f16)
+		return emu_f32_to_f16(lo) | (unsigned)emu_f32_to_f16(hi) << 16;
+	else
+		return emu_f32_to_bf16(lo) | (unsigned)emu_f32_to_bf16(hi) << 16;
+#endif
+}
+
+/* act(v) of one activation, f32, the formulas of the reference */
+template <act_fn A> __device__ __forceinline__ float apply_act(float v)
+{
+	if constexpr (A == act_fn::silu) {
+		return v / (1.0f + expf(-v));
+	} else if constexpr (A == act_fn::gelu) {
+		return 0.5f * v * (1.0f + erff(v * 0.707106781f));
+	} else if constexpr (A == act_fn::gelu_tanh) {
+		return 0.5f * v * (1.0f + tanhf(0.797884561f * (v + 0.044715f * v * v * v)));
+	} else if constexpr (A == act_fn::relu) {
+		return v > 0.0f ? v : 0.0f;
+	} else { /* swiglu_oai: the clamped gate */
+		const float c = fminf(v, kActLimit);
+		return c / (1.0f + expf(-kActAlpha * c));
+	}
+}
+
+/* The activation of an FFN F (the generated routed_ffn, shared_ffn). */
+template <class F> __device__ __forceinline__ float ffn_act(float v)
+{
+	return apply_act<F::act>(v);
+}
+
+/* the GLU output of one column of F from its gate and up values */
+template <class F> __device__ __forceinline__ float ffn_glu_out(float gate, float up)
+{
+	if constexpr (F::act == act_fn::swiglu_oai) {
+		const float u = fminf(fmaxf(up, -kActLimit), kActLimit);
+		return apply_act<F::act>(gate) * (u + 1.0f);
+	} else {
+		return apply_act<F::act>(gate) * up;
+	}
+}
+
+/* Gathered activation rows: thread rows (tid >> 3) + 16 i, columns 4 (tid & 7),
+ * token tok[i] (< 0: none), scaled by sc[i]. */
+__device__ __forceinline__ void fetch_x(float (&v)[4][4], const act_t *x, const i64 (&tok)[4],
+					const float (&sc)[4], int k0)
+{
+	const int k = k0 + (threadIdx.x & 7) * 4;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if constexpr (kHidden % 4 == 0) {
+			if (tok[i] >= 0 && k < kHidden)
+				ld_act4(x + tok[i] * kHidden + k, v[i]);
+			else
+				v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
+		} else {
+			for (int j = 0; j < 4; j++)
+				v[i][j] = tok[i] >= 0 && k + j < kHidden
+					      ? ld_act(x + tok[i] * kHidden + k + j)
+					      : 0.0f;
+		}
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			v[i][j] *= sc[i];
+	}
+}
+
+/* ---- load: canonical f32 [rows, cols] -> packed [dst_rows, dst_cols] ----
+ * glu: a = gate, b = up, interleaved by 8 rows; zero past rows and cols. */
+__device__ __forceinline__ void pack(const moe_pack_args &p)
+{
+	const i64 n = p.dst_rows * p.dst_cols;
+	for (i64 i = blockIdx.x * 256LL + threadIdx.x; i < n; i += (i64)gridDim.x * 256) {
+		const i64 r = i / p.dst_cols, k = i % p.dst_cols;
+		const float *src = p.a;
+		i64 sr = r;
+		if (p.glu) {
+			sr = (r >> 4) * 8 + (r & 7);
+			src = (r & 15) < 8 ? p.a : p.b;
+		}
+		const float v = sr < p.rows && k < p.cols ? src[sr * p.cols + k] : 0.0f;
+		((w_t *)p.dst)[i] = to_w(v);
+	}
+}
+
+/* moe_router.cuh: the router, on the device: logits (tiled, or by chunk
+ * partials for small T), scores, selection bias, group limits, top-k,
+ * normalized and scaled weights, the shared experts' gate. Needs the
+ * generated constants (shapes, kScore, kNorm, kDense, the feature flags). */
+
+/* routing weights: normalize (kNorm) over the kept slots in rank order, then
  * scale; keep null: every slot */
 __device__ void normalize_scale(float *w, const unsigned char *keep, int n)
 {
-	for (int j = 0; j < n; j++)
-		if (!keep || keep[j])
+	if constexpr (kNorm == norm_fn::none) {
+		for (int j = 0; j < n; j++)
+			if (!keep || keep[j])
+				w[j] = w[j] * kScale;
+	} else {
+		float S;
+		if constexpr (kNorm == norm_fn::lp) { /* the p-norm */
+			double acc = 0.0;
+			for (int j = 0; j < n; j++)
+				if (!keep || keep[j])
+					acc += pow(fabs((double)w[j]), kNormP);
+			S = (float)pow(acc, 1.0 / kNormP);
+		} else { /* the sum */
+			S = 0.0f;
+			for (int j = 0; j < n; j++)
+				if (!keep || keep[j])
+					S += w[j];
+		}
+		float den = S + kNormEps;
+		if (den < kNormMin)
+			den = kNormMin;
+		for (int j = 0; j < n; j++) {
+			if (keep && !keep[j])
+				continue;
+			if (den > 0.0f)
+				w[j] = w[j] / den;
 			w[j] = w[j] * kScale;
+		}
+	}
 }
 
 /* ---- router ----
@@ -246,8 +428,9 @@ __device__ void normalize_scale(float *w, const unsigned char *keep, int n)
  * columns in column order. Both router kernels compute exactly that, so a
  * token's routing never depends on the batch size. */
 
-/* logits of 64 tokens x 64 experts per block, 4 x 4 per thread */
-extern "C" __global__ void __launch_bounds__(256) moe_route_logits(const moe_args a)
+/* moe_route_logits: logits of 64 tokens x 64 experts per block, 4 x 4 per
+ * thread; grid (T/64, E/64), 256 threads */
+__device__ __forceinline__ void route_logits(const moe_args &a)
 {
 	__shared__ float xs[64][kRChunk + 1], rs[64][kRChunk + 1];
 	const i64 t0 = blockIdx.x * 64LL;
@@ -264,7 +447,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_route_logits(const moe_arg
 			const i64 t = t0 + r;
 			const int e = e0 + r;
 			xs[r][k] = t < a.T && k < n ? ld_act(x + t * kHidden + h0 + k) : 0.0f;
-			rs[r][k] = e < kExperts && k < n ? a.router[(i64)e * kHidden + h0 + k] : 0.0f;
+			rs[r][k] =
+			    e < kExperts && k < n ? a.router[(i64)e * kHidden + h0 + k] : 0.0f;
 		}
 		__syncthreads();
 		for (int i = 0; i < 4; i++)
@@ -273,7 +457,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_route_logits(const moe_arg
 		for (int k = 0; k < n; k++)
 			for (int i = 0; i < 4; i++)
 				for (int j = 0; j < 4; j++)
-					acc[i][j] = __fmaf_rn(xs[ty * 4 + i][k], rs[tx * 4 + j][k], acc[i][j]);
+					acc[i][j] = __fmaf_rn(xs[ty * 4 + i][k], rs[tx * 4 + j][k],
+							      acc[i][j]);
 		for (int i = 0; i < 4; i++)
 			for (int j = 0; j < 4; j++)
 				tot[i][j] = __fadd_rn(tot[i][j], acc[i][j]);
@@ -308,66 +493,132 @@ __device__ void route_token(const moe_args &a, const i64 t)
 		} else {
 			v = l[e];
 		}
+		if constexpr (kRouterBias)
+			v = __fadd_rn(v, a.router_bias[e]);
 		l[e] = v;
 	}
 	__syncthreads();
 
-	/* softmax over every expert: exp in double, like the reference */
-	float m = neg_inf();
-	for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-		m = l[e] > m ? l[e] : m;
-	m = block_max(m);
-	float z = 0.0f;
-	for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-		const float v = (float)exp((double)(l[e] - m));
-		s[e] = v;
-		z += v;
+	if constexpr (kScore == score_fn::softmax) {
+		/* softmax over every expert: exp in double, like the reference */
+		float m = neg_inf();
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
+			m = l[e] > m ? l[e] : m;
+		m = block_max(m);
+		float z = 0.0f;
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+			const float v = (float)exp((double)(l[e] - m));
+			s[e] = v;
+			z += v;
+		}
+		z = block_sum(z);
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
+			s[e] = s[e] / z;
+	} else if constexpr (kScore == score_fn::sigmoid) {
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
+			s[e] = (float)(1.0 / (1.0 + exp(-(double)l[e])));
+	} else { /* sqrt softplus */
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+			const double v = l[e];
+			const float sp = (float)(v > 20.0 ? v : log1p(exp(v)));
+			s[e] = (float)sqrt((double)sp);
+		}
 	}
-	z = block_sum(z);
-	for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-		s[e] = s[e] / z;
-	/* selection scores */
-	for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-		c[e] = s[e];
-	__syncthreads();
 
-	/* top-k in rank order: value descending, ties to the lower index */
-	int pk = -1;
-	float pv = 0.0f;
-	for (int j = 0; j < kRoute; j++) {
-		pk = block_next(c, kExperts, pv, pk);
-		pv = c[pk];
-		if (threadIdx.x == 0)
-			ids[j] = pk;
+	if constexpr (kDense) {
+		/* dense: every expert, in order */
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+			c[e] = s[e];
+			ids[e] = e;
+		}
+		__syncthreads();
+	} else {
+		/* selection scores: the selection bias is for selection only */
+		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
+			c[e] = kSelectBias ? __fadd_rn(s[e], a.select_bias[e]) : s[e];
+		__syncthreads();
+
+		if constexpr (kGroups > 1) {
+			/* group-limited: keep the kGroupTop best groups (kGroupScore),
+			 * mask the rest */
+			float *gs = a.gscore + t * kGroups;
+			for (int gi = threadIdx.x; gi < kGroups; gi += blockDim.x) {
+				const float *cg = c + gi * kGroupSize;
+				float b1 = neg_inf(), b2 = neg_inf();
+				for (int i = 0; i < kGroupSize; i++) {
+					if (cg[i] > b1)
+						b2 = b1, b1 = cg[i];
+					else if (cg[i] > b2)
+						b2 = cg[i];
+				}
+				if constexpr (kGroupScore == group_score::sum_top2 &&
+					      kGroupSize >= 2)
+					gs[gi] = b1 + b2;
+				else
+					gs[gi] = b1;
+			}
+			__syncthreads();
+			int pg = -1;
+			float pgv = 0.0f;
+			for (int j = 0; j < kGroupTop; j++) {
+				pg = block_next(gs, kGroups, pgv, pg);
+				pgv = gs[pg];
+			}
+			/* kept: the groups ranked up to the last one picked */
+			for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+				const int gi = e / kGroupSize;
+				if (gi != pg && !ranks_before(gs[gi], gi, pgv, pg))
+					c[e] = neg_inf();
+			}
+			__syncthreads();
+		}
+
+		/* top-k in rank order: value descending, ties to the lower index */
+		int pk = -1;
+		float pv = 0.0f;
+		for (int j = 0; j < kRoute; j++) {
+			pk = block_next(c, kExperts, pv, pk);
+			pv = c[pk];
+			if (threadIdx.x == 0)
+				ids[j] = pk;
+		}
+		__syncthreads();
 	}
-	__syncthreads();
 
-	/* weights from the unbiased scores, normalized in rank order */
+	/* weights from the unbiased scores, normalized in rank order; with
+	 * kNormAfterDrop normalized and scaled after the capacity, over the slots
+	 * it keeps (moe_cap_normalize) */
 	if (threadIdx.x == 0) {
 		for (int j = 0; j < kRoute; j++)
 			wts[j] = s[ids[j]];
-		normalize_scale(wts, nullptr, kRoute);
+		if constexpr (!kNormAfterDrop)
+			normalize_scale(wts, nullptr, kRoute);
+		if constexpr (kCapacity)
+			a.prio[t] = c[ids[0]]; /* capacity priority */
 	}
 
-	/* the shared experts' gate: sigmoid(x . w) */
-	const act_t *x = (const act_t *)a.x + t * kHidden;
-	float dot = 0.0f;
-	for (int h = threadIdx.x; h < kHidden; h += blockDim.x)
-		dot = __fmaf_rn(ld_act(x + h), a.shared_gate_w[h], dot);
-	dot = block_sum(dot);
-	if (threadIdx.x == 0)
-		a.sgate[t] = (float)(1.0 / (1.0 + exp(-(double)dot)));
+	if constexpr (kSharedGate) {
+		/* the shared experts' gate: sigmoid(x . w) */
+		const act_t *x = (const act_t *)a.x + t * kHidden;
+		float dot = 0.0f;
+		for (int h = threadIdx.x; h < kHidden; h += blockDim.x)
+			dot = __fmaf_rn(ld_act(x + h), a.shared_gate_w[h], dot);
+		dot = block_sum(dot);
+		if (threadIdx.x == 0)
+			a.sgate[t] = (float)(1.0 / (1.0 + exp(-(double)dot)));
+	}
 }
 
-/* T > 32: after moe_route_logits, grid T */
-extern "C" __global__ void __launch_bounds__(256) moe_route_select(const moe_args a)
+/* moe_route_select: T > 32, after moe_route_logits; grid T, 256 threads */
+__device__ __forceinline__ void route_select(const moe_args &a)
 {
 	route_token(a, blockIdx.x);
 }
 
-/* T <= 32, the whole router in one launch: grid (blocks of (expert, chunk)
- * partials, T); the last block of a token to finish routes it. */
-extern "C" __global__ void __launch_bounds__(256) moe_route_small(const moe_args a)
+/* moe_route_small: T <= 32, the whole router in one launch: grid (blocks of
+ * (expert, chunk) partials, T), 256 threads; the last block of a token to
+ * finish routes it. */
+__device__ __forceinline__ void route_small(const moe_args &a)
 {
 	__shared__ bool last;
 	const i64 t = blockIdx.y;
@@ -396,22 +647,80 @@ extern "C" __global__ void __launch_bounds__(256) moe_route_small(const moe_args
 	route_token(a, t);
 }
 
+/* moe_capacity.cuh: expert capacity on the device: the tokens' priority
+ * order, the kept slots, the weights renormalized over what is kept. Needs
+ * the generated constants kExperts, kRoute, kPriorityScore and moe_router.cuh
+ * (normalize_scale). */
+
+/* moe_cap_order: tokens by priority (top selection score, descending; ties to
+ * the earlier token): each token counts the tokens ranked before it. Grid
+ * T/256, 256 threads. */
+__device__ __forceinline__ void cap_order(const moe_args &a)
+{
+	const i64 t = blockIdx.x * 256LL + threadIdx.x;
+	if (t >= a.T)
+		return;
+	const float v = a.prio[t];
+	i64 r = 0;
+	for (i64 u = 0; u < a.T; u++)
+		r += ranks_before(a.prio[u], u, v, t);
+	a.order[r] = (int)t;
+}
+
+/* moe_capacity: each expert keeps its first a.capacity assignments, rank
+ * outer and tokens inner in token (or, kPriorityScore, priority) order; the
+ * rest overflow. One thread per expert: grid E/128, 128 threads. */
+__device__ __forceinline__ void capacity(const moe_args &a)
+{
+	const int e = blockIdx.x * 128 + threadIdx.x;
+	if (e >= kExperts)
+		return;
+	i64 fill = 0;
+	for (int r = 0; r < kRoute; r++)
+		for (i64 i = 0; i < a.T; i++) {
+			const i64 s = (i64)(kPriorityScore ? a.order[i] : i) * kRoute + r;
+			if (a.ids[s] != e)
+				continue;
+			a.kept[s] = fill < a.capacity;
+			fill += fill < a.capacity;
+		}
+}
+
+/* moe_cap_normalize: the weights the capacity kept, normalized and scaled per
+ * token. Grid T/256, 256 threads. */
+__device__ __forceinline__ void cap_normalize(const moe_args &a)
+{
+	const i64 t = blockIdx.x * 256LL + threadIdx.x;
+	if (t < a.T)
+		normalize_scale(a.wts + t * kRoute, a.kept + t * kRoute, kRoute);
+}
+
+/* moe_group.cuh: the slots grouped by expert, on the device, and the GEMM
+ * row tile of a block. Needs the generated constants kExperts, kRoute, kBM
+ * and kCapacity. */
+
 /* ---- grouping by expert, on the device ----
  * mask[blk][e] has bit i set when token 32*blk + i chose expert e. A row's
  * place is its block's base plus the earlier tokens of the block: rows of
  * an expert are sorted by token, deterministically, without a sort. */
-extern "C" __global__ void __launch_bounds__(256) moe_group_mask(const moe_args a)
+
+/* moe_group_mask: grid slots/256, 256 threads */
+__device__ __forceinline__ void group_mask(const moe_args &a)
 {
 	const i64 s = blockIdx.x * 256LL + threadIdx.x;
 	if (s >= a.T * kRoute)
 		return;
+	if constexpr (kCapacity)
+		if (!a.kept[s])
+			return;
 	const i64 t = s / kRoute;
 	atomicOr(&a.mask[(t >> 5) * kExperts + a.ids[s]], 1u << (t & 31));
 }
 
-/* Counts, offsets and GEMM row tiles per expert, the base row of every token
- * block: one block of 1024 threads, experts in chunks of 1024. */
-extern "C" __global__ void __launch_bounds__(1024) moe_group_offsets(const moe_args a)
+/* moe_group_offsets: counts, offsets and GEMM row tiles per expert, the base
+ * row of every token block: one block of 1024 threads, experts in chunks of
+ * 1024. */
+__device__ __forceinline__ void group_offsets(const moe_args &a)
 {
 	__shared__ int wsum[32][2], carry[2];
 	const i64 nb = (a.T + 31) >> 5;
@@ -469,11 +778,18 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group_offsets(const moe_a
 		a.offsets[kExperts] = carry[0], a.tstart[kExperts] = carry[1];
 }
 
-extern "C" __global__ void __launch_bounds__(256) moe_group_scatter(const moe_args a)
+/* moe_group_scatter: grid slots/256, 256 threads */
+__device__ __forceinline__ void group_scatter(const moe_args &a)
 {
 	const i64 s = blockIdx.x * 256LL + threadIdx.x;
 	if (s >= a.T * kRoute)
 		return;
+	if constexpr (kCapacity) {
+		if (!a.kept[s]) {
+			a.slot_row[s] = -1;
+			return;
+		}
+	}
 	const i64 t = s / kRoute;
 	const i64 m = (t >> 5) * kExperts + a.ids[s];
 	const int row = a.tbase[m] + __popc(a.mask[m] & ((1u << (t & 31)) - 1u));
@@ -509,6 +825,11 @@ __device__ __forceinline__ bool find_tile(const moe_args &a, tile &tl)
 	return true;
 }
 
+/* moe_gemm_mma.cuh: the grouped GEMM tiles on tensor cores, for bf16 and
+ * f16 weights: the main loops of the up and down GEMMs and their epilogues
+ * (activation, routing weight). Needs the generated constants kHidden, kBM,
+ * kBN, kBK, kWeightDtype and moe_io.cuh. */
+
 /* ---- grouped GEMM on tensor cores ----
  * 64 x 64 tiles, K steps of 32 double-buffered in shared memory (weights by
  * cp.async, activations through registers), four warps of 32 x 32, each a
@@ -524,8 +845,8 @@ __device__ __forceinline__ unsigned smem_u32(const void *p)
 /* 16 bytes global -> shared; zero-filled when !full */
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full)
 {
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)),
-		     "l"(src), "r"(full ? 16 : 0));
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
+		     "r"(full ? 16 : 0));
 }
 
 __device__ __forceinline__ void cp_async_commit()
@@ -548,10 +869,16 @@ __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void *p)
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
 					  unsigned b1)
 {
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-		     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+	if constexpr (kWeightDtype == dtype::f16)
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+			     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+			     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+			     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+	else
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+			     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+			     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+			     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #else /* the host emulation's warp-level versions */
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full)
@@ -571,11 +898,26 @@ __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void *p)
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
 					  unsigned b1)
 {
-	emu_mma_16816_bf16(c, a, b0, b1);
+	if constexpr (kWeightDtype == dtype::f16)
+		emu_mma_16816_f16(c, a, b0, b1);
+	else
+		emu_mma_16816_bf16(c, a, b0, b1);
 }
 #endif
 
-struct __align__(16) gemm_smem {
+/* the f32 accumulators of a thread: the warp's 2 x 4 grid of m16n8 tiles */
+typedef float gemm_acc[2][4][4];
+
+__device__ __forceinline__ void acc_zero(gemm_acc &acc)
+{
+	for (int i = 0; i < 2; i++)
+		for (int j = 0; j < 4; j++)
+			for (int q = 0; q < 4; q++)
+				acc[i][j][q] = 0.0f;
+}
+
+struct __align__(16) gemm_smem
+{
 	bits16 a[2][kBM * kLds]; /* [row][k] */
 	bits16 b[2][kBN * kLds]; /* [packed weight row][k] */
 };
@@ -589,11 +931,13 @@ __device__ __forceinline__ void mma_step(const bits16 *As, const bits16 *Bs, flo
 		unsigned af[2][4], bfr[2][4];
 #pragma unroll
 		for (int mi = 0; mi < 2; mi++)
-			ldsm_x4(af[mi], As + (wm * 32 + mi * 16 + (lane & 15)) * kLds + kk + (lane >> 4) * 8);
+			ldsm_x4(af[mi], As + (wm * 32 + mi * 16 + (lane & 15)) * kLds + kk +
+					    (lane >> 4) * 8);
 #pragma unroll
 		for (int nj = 0; nj < 2; nj++) /* two n8 tiles per ldmatrix */
-			ldsm_x4(bfr[nj], Bs + (wn * 32 + nj * 16 + (lane >> 4) * 8 + (lane & 7)) * kLds + kk +
-						 ((lane >> 3) & 1) * 8);
+			ldsm_x4(bfr[nj],
+				Bs + (wn * 32 + nj * 16 + (lane >> 4) * 8 + (lane & 7)) * kLds +
+				    kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
 		for (int mi = 0; mi < 2; mi++)
 #pragma unroll
@@ -623,30 +967,13 @@ __device__ __forceinline__ void load_h(bits16 *As, const w_t *h, int ld, int n, 
 	}
 }
 
-/* Gathered activation rows: thread rows (tid >> 3) + 16 i, columns 4 (tid & 7),
- * token tok[i] (< 0: none), scaled by sc[i]; converted to the weight type. */
-__device__ __forceinline__ void fetch_x(float (&v)[4][4], const act_t *x, const i64 (&tok)[4],
-					const float (&sc)[4], int k0)
-{
-	const int k = k0 + (threadIdx.x & 7) * 4;
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		if (tok[i] >= 0 && k < kHidden)
-			ld_act4(x + tok[i] * kHidden + k, v[i]);
-		else
-			v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			v[i][j] *= sc[i];
-	}
-}
-
 __device__ __forceinline__ void store_x(bits16 *As, const float (&v)[4][4])
 {
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		const int r = (threadIdx.x >> 3) + 16 * i, k = (threadIdx.x & 7) * 4;
-		*(uint2 *)(As + r * kLds + k) = make_uint2(pack_w2(v[i][0], v[i][1]), pack_w2(v[i][2], v[i][3]));
+		*(uint2 *)(As + r * kLds + k) =
+		    make_uint2(pack_w2(v[i][0], v[i][1]), pack_w2(v[i][2], v[i][3]));
 	}
 }
 
@@ -707,8 +1034,8 @@ __device__ __forceinline__ void down_loop(gemm_smem &sm, const w_t *h, int n, co
 /* Up epilogue: h[row, col] = act(gate) * up (GLU: n8 tiles 2p, 2p+1 are the
  * gate and up of the same 8 columns) or act(up), biases added first. */
 template <class F>
-__device__ __forceinline__ void up_store(const float (&acc)[2][4][4], w_t *h, int n, const float *bg,
-					 const float *bu)
+__device__ __forceinline__ void up_store(const float (&acc)[2][4][4], w_t *h, int n,
+					 const float *bg, const float *bu)
 {
 	const int lane = threadIdx.x & 31, wm = (threadIdx.x >> 5) & 1, wn = threadIdx.x >> 6;
 #pragma unroll
@@ -722,23 +1049,30 @@ __device__ __forceinline__ void up_store(const float (&acc)[2][4][4], w_t *h, in
 			if constexpr (F::glu) {
 #pragma unroll
 				for (int p = 0; p < 2; p++) {
-					const int col = blockIdx.y * (kBN / 2) + wn * 16 + p * 8 + (lane & 3) * 2;
-					float g0 = acc[mi][2 * p][half * 2], g1 = acc[mi][2 * p][half * 2 + 1];
-					float u0 = acc[mi][2 * p + 1][half * 2], u1 = acc[mi][2 * p + 1][half * 2 + 1];
+					const int col = blockIdx.y * (kBN / 2) + wn * 16 + p * 8 +
+							(lane & 3) * 2;
+					float g0 = acc[mi][2 * p][half * 2],
+					      g1 = acc[mi][2 * p][half * 2 + 1];
+					float u0 = acc[mi][2 * p + 1][half * 2],
+					      u1 = acc[mi][2 * p + 1][half * 2 + 1];
 					if (bg)
 						g0 += bg[col], g1 += bg[col + 1];
 					if (bu)
 						u0 += bu[col], u1 += bu[col + 1];
-					*(unsigned *)(hr + col) = pack_w2(F::glu_out(g0, u0), F::glu_out(g1, u1));
+					*(unsigned *)(hr + col) =
+					    pack_w2(ffn_glu_out<F>(g0, u0), ffn_glu_out<F>(g1, u1));
 				}
 			} else {
 #pragma unroll
 				for (int ni = 0; ni < 4; ni++) {
-					const int col = blockIdx.y * kBN + wn * 32 + ni * 8 + (lane & 3) * 2;
-					float u0 = acc[mi][ni][half * 2], u1 = acc[mi][ni][half * 2 + 1];
+					const int col =
+					    blockIdx.y * kBN + wn * 32 + ni * 8 + (lane & 3) * 2;
+					float u0 = acc[mi][ni][half * 2],
+					      u1 = acc[mi][ni][half * 2 + 1];
 					if (bu)
 						u0 += bu[col], u1 += bu[col + 1];
-					*(unsigned *)(hr + col) = pack_w2(F::act(u0), F::act(u1));
+					*(unsigned *)(hr + col) =
+					    pack_w2(ffn_act<F>(u0), ffn_act<F>(u1));
 				}
 			}
 		}
@@ -761,17 +1095,27 @@ __device__ __forceinline__ void down_store(const float (&acc)[2][4][4], float *o
 			for (int ni = 0; ni < 4; ni++)
 #pragma unroll
 				for (int q = 0; q < 2; q++) {
-					const int col = blockIdx.y * kBN + wn * 32 + ni * 8 + (lane & 3) * 2 + q;
+					const int col = blockIdx.y * kBN + wn * 32 + ni * 8 +
+							(lane & 3) * 2 + q;
 					if (col < kHidden)
 						out[(i64)r * kHidden + col] =
-						    w * (acc[mi][ni][half * 2 + q] + (bd ? bd[col] : 0.0f));
+						    w * (acc[mi][ni][half * 2 + q] +
+							 (bd ? bd[col] : 0.0f));
 				}
 		}
 }
 
+/* moe_experts.cuh: the expert kernels (the grouped up and down GEMMs of the
+ * routed experts, the shared FFN over every token) and the combine. Needs the
+ * generated constants, moe_group.cuh (find_tile) and one of moe_gemm_mma.cuh
+ * / moe_gemm_simt.cuh. F is an FFN's geometry and activation (the generated
+ * routed_ffn or shared_ffn). */
+
 /* ---- the expert kernels: grid (row tiles, column tiles), 128 threads ---- */
-/* h[rows of expert e] = act(x[tokens] . gate_e^T) * (x[tokens] . up_e^T) */
-extern "C" __global__ void __launch_bounds__(128) moe_up(const moe_args a)
+
+/* moe_up: h[rows of expert e] = act(x[tokens] . gate_e^T) * (x[tokens] .
+ * up_e^T), the input scaled by the routing weight with kInputScaled */
+template <class F> __device__ __forceinline__ void expert_up(const moe_args &a)
 {
 	tile tl;
 	if (!find_tile(a, tl))
@@ -782,39 +1126,41 @@ extern "C" __global__ void __launch_bounds__(128) moe_up(const moe_args a)
 	for (int i = 0; i < 4; i++) {
 		const int r = (threadIdx.x >> 3) + 16 * i;
 		tok[i] = r < tl.n ? a.rows[tl.row0 + r] : -1;
-		sc[i] = 1.0f;
+		if constexpr (kInputScaled)
+			sc[i] = r < tl.n ? a.row_w[tl.row0 + r] : 0.0f;
+		else
+			sc[i] = 1.0f;
 	}
-	float acc[2][4][4];
-	for (int i = 0; i < 2; i++)
-		for (int j = 0; j < 4; j++)
-			for (int q = 0; q < 4; q++)
-				acc[i][j][q] = 0.0f;
-	const i64 wrow = (i64)tl.e * routed_ffn::up_rows + blockIdx.y * kBN;
-	const w_t *w = (const w_t *)a.up + wrow * routed_ffn::up_k;
-	up_loop<routed_ffn>(sm, (const act_t *)a.x, tok, sc, w, acc);
-	up_store<routed_ffn>(acc, (w_t *)a.h + tl.row0 * routed_ffn::ld_h, tl.n, nullptr, nullptr);
+	gemm_acc acc;
+	acc_zero(acc);
+	const i64 wrow = (i64)tl.e * F::up_rows + blockIdx.y * kBN;
+	const w_t *w = (const w_t *)a.up + wrow * F::up_k;
+	up_loop<F>(sm, (const act_t *)a.x, tok, sc, w, acc);
+	up_store<F>(acc, (w_t *)a.h + tl.row0 * F::ld_h, tl.n,
+		    kExpertBias && F::glu ? a.bg + (i64)tl.e * F::ld_h : nullptr,
+		    kExpertBias ? a.bu + (i64)tl.e * F::ld_h : nullptr);
 }
 
-/* o[rows of expert e] = routing weight * (h . down_e^T) */
-extern "C" __global__ void __launch_bounds__(128) moe_down(const moe_args a)
+/* moe_down: o[rows of expert e] = routing weight * (h . down_e^T + bias); the
+ * weight left out with kInputScaled, the bias with !kExpertBias */
+template <class F> __device__ __forceinline__ void expert_down(const moe_args &a)
 {
 	tile tl;
 	if (!find_tile(a, tl))
 		return;
 	__shared__ gemm_smem sm;
-	float acc[2][4][4];
-	for (int i = 0; i < 2; i++)
-		for (int j = 0; j < 4; j++)
-			for (int q = 0; q < 4; q++)
-				acc[i][j][q] = 0.0f;
-	const i64 wrow = (i64)tl.e * routed_ffn::down_rows + blockIdx.y * kBN;
-	const w_t *w = (const w_t *)a.down + wrow * routed_ffn::ld_h;
-	down_loop<routed_ffn>(sm, (const w_t *)a.h + tl.row0 * routed_ffn::ld_h, tl.n, w, acc);
-	down_store(acc, a.o + tl.row0 * kHidden, tl.n, a.row_w + tl.row0, nullptr);
+	gemm_acc acc;
+	acc_zero(acc);
+	const i64 wrow = (i64)tl.e * F::down_rows + blockIdx.y * kBN;
+	const w_t *w = (const w_t *)a.down + wrow * F::ld_h;
+	down_loop<F>(sm, (const w_t *)a.h + tl.row0 * F::ld_h, tl.n, w, acc);
+	down_store(acc, a.o + tl.row0 * kHidden, tl.n, kInputScaled ? nullptr : a.row_w + tl.row0,
+		   kExpertBias ? a.bd + (i64)tl.e * F::down_rows : nullptr);
 }
 
-/* the shared FFN over every token: grid (token tiles, column tiles) */
-extern "C" __global__ void __launch_bounds__(128) moe_shared_up(const moe_args a)
+/* moe_shared_up: the shared FFN over every token: grid (token tiles, column
+ * tiles) */
+template <class F> __device__ __forceinline__ void shared_up(const moe_args &a)
 {
 	const i64 m0 = blockIdx.x * (i64)kBM;
 	const int n = (int)min((i64)kBM, a.T - m0);
@@ -825,35 +1171,31 @@ extern "C" __global__ void __launch_bounds__(128) moe_shared_up(const moe_args a
 		const int r = (threadIdx.x >> 3) + 16 * i;
 		tok[i] = r < n ? m0 + r : -1;
 	}
-	float acc[2][4][4];
-	for (int i = 0; i < 2; i++)
-		for (int j = 0; j < 4; j++)
-			for (int q = 0; q < 4; q++)
-				acc[i][j][q] = 0.0f;
-	const w_t *w = (const w_t *)a.s_up + (i64)blockIdx.y * kBN * shared_ffn::up_k;
-	up_loop<shared_ffn>(sm, (const act_t *)a.x, tok, sc, w, acc);
-	up_store<shared_ffn>(acc, (w_t *)a.hs + m0 * shared_ffn::ld_h, n, nullptr, nullptr);
+	gemm_acc acc;
+	acc_zero(acc);
+	const w_t *w = (const w_t *)a.s_up + (i64)blockIdx.y * kBN * F::up_k;
+	up_loop<F>(sm, (const act_t *)a.x, tok, sc, w, acc);
+	up_store<F>(acc, (w_t *)a.hs + m0 * F::ld_h, n, nullptr, nullptr);
 }
 
-/* os = sigmoid gate * shared(x) */
-extern "C" __global__ void __launch_bounds__(128) moe_shared_down(const moe_args a)
+/* moe_shared_down: os = shared(x), times the sigmoid gate with kSharedGate */
+template <class F> __device__ __forceinline__ void shared_down(const moe_args &a)
 {
 	const i64 m0 = blockIdx.x * (i64)kBM;
 	const int n = (int)min((i64)kBM, a.T - m0);
 	__shared__ gemm_smem sm;
-	float acc[2][4][4];
-	for (int i = 0; i < 2; i++)
-		for (int j = 0; j < 4; j++)
-			for (int q = 0; q < 4; q++)
-				acc[i][j][q] = 0.0f;
-	const w_t *w = (const w_t *)a.s_down + (i64)blockIdx.y * kBN * shared_ffn::ld_h;
-	down_loop<shared_ffn>(sm, (const w_t *)a.hs + m0 * shared_ffn::ld_h, n, w, acc);
-	down_store(acc, a.os + m0 * kHidden, n, a.sgate + m0, nullptr);
+	gemm_acc acc;
+	acc_zero(acc);
+	const w_t *w = (const w_t *)a.s_down + (i64)blockIdx.y * kBN * F::ld_h;
+	down_loop<F>(sm, (const w_t *)a.hs + m0 * F::ld_h, n, w, acc);
+	down_store(acc, a.os + m0 * kHidden, n, kSharedGate ? a.sgate + m0 : nullptr, nullptr);
 }
 
-/* ---- combine: y[t] = the token's rows in rank order, then the shared FFN ----
- * grid (tokens, column blocks of 256) */
-extern "C" __global__ void __launch_bounds__(256) moe_combine(const moe_args a)
+/* ---- combine: y[t] = the token's rows in rank order (kPassthrough: w * x[t]
+ * for a dropped slot), then the shared FFN (kShared), then the output bias
+ * (kOutputBias) ----
+ * moe_combine: grid (tokens, column blocks of 256) */
+__device__ __forceinline__ void combine(const moe_args &a)
 {
 	const i64 t = blockIdx.x;
 	const int col = blockIdx.y * 256 + threadIdx.x;
@@ -864,31 +1206,87 @@ extern "C" __global__ void __launch_bounds__(256) moe_combine(const moe_args a)
 		const int r = a.slot_row[t * kRoute + j];
 		if (r >= 0)
 			acc += a.o[(i64)r * kHidden + col];
+		else if (kPassthrough)
+			acc +=
+			    a.wts[t * kRoute + j] * ld_act((const act_t *)a.x + t * kHidden + col);
 	}
-	acc += a.os[t * kHidden + col];
+	if constexpr (kShared)
+		acc += a.os[t * kHidden + col];
+	if constexpr (kOutputBias)
+		acc += a.output_bias[col];
 	st_act((act_t *)a.y + t * kHidden + col, acc);
 }
 
-/* ---- load: canonical f32 [rows, cols] -> packed [dst_rows, dst_cols] ----
- * glu: a = gate, b = up, interleaved by 8 rows; zero past rows and cols. */
-struct moe_pack_args {
-	const float *a, *b;
-	void *dst;
-	i64 rows, cols, dst_rows, dst_cols, glu;
-};
+/* ---- the kernels of this model, in launch order (the plan's ops) ---- */
 
-extern "C" __global__ void __launch_bounds__(256) moe_pack(const moe_pack_args p)
+/* route, T <= 32: the whole router in one launch */
+extern "C" __global__ void __launch_bounds__(256) moe_route_small(const moe_args a)
 {
-	const i64 n = p.dst_rows * p.dst_cols;
-	for (i64 i = blockIdx.x * 256LL + threadIdx.x; i < n; i += (i64)gridDim.x * 256) {
-		const i64 r = i / p.dst_cols, k = i % p.dst_cols;
-		const float *src = p.a;
-		i64 sr = r;
-		if (p.glu) {
-			sr = (r >> 4) * 8 + (r & 7);
-			src = (r & 15) < 8 ? p.a : p.b;
-		}
-		const float v = sr < p.rows && k < p.cols ? src[sr * p.cols + k] : 0.0f;
-		((w_t *)p.dst)[i] = to_w(v);
-	}
+	route_small(a);
+}
+
+/* route, T > 32: tiled logits */
+extern "C" __global__ void __launch_bounds__(256) moe_route_logits(const moe_args a)
+{
+	route_logits(a);
+}
+
+/* then scores, selection and weights, one block per token */
+extern "C" __global__ void __launch_bounds__(256) moe_route_select(const moe_args a)
+{
+	route_select(a);
+}
+
+/* group: the expert bitmaps */
+extern "C" __global__ void __launch_bounds__(256) moe_group_mask(const moe_args a)
+{
+	group_mask(a);
+}
+
+/* group: counts, offsets, row tiles */
+extern "C" __global__ void __launch_bounds__(1024) moe_group_offsets(const moe_args a)
+{
+	group_offsets(a);
+}
+
+/* group: the rows of each expert */
+extern "C" __global__ void __launch_bounds__(256) moe_group_scatter(const moe_args a)
+{
+	group_scatter(a);
+}
+
+/* expert_up: the grouped up GEMM, activation fused */
+extern "C" __global__ void __launch_bounds__(128) moe_up(const moe_args a)
+{
+	expert_up<routed_ffn>(a);
+}
+
+/* shared_up: the shared FFN's up GEMM, every token */
+extern "C" __global__ void __launch_bounds__(128) moe_shared_up(const moe_args a)
+{
+	shared_up<shared_ffn>(a);
+}
+
+/* expert_down: the grouped down GEMM, routing weight fused */
+extern "C" __global__ void __launch_bounds__(128) moe_down(const moe_args a)
+{
+	expert_down<routed_ffn>(a);
+}
+
+/* shared_down: the shared FFN's down GEMM */
+extern "C" __global__ void __launch_bounds__(128) moe_shared_down(const moe_args a)
+{
+	shared_down<shared_ffn>(a);
+}
+
+/* y = a token's rows in rank order (+ passthrough, + shared, + output bias): grid (T, H/256) */
+extern "C" __global__ void __launch_bounds__(256) moe_combine(const moe_args a)
+{
+	combine(a);
+}
+
+/* at load: canonical f32 weights -> the packed layout */
+extern "C" __global__ void __launch_bounds__(256) moe_pack(const moe_pack_args a)
+{
+	pack(a);
 }
