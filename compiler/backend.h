@@ -77,27 +77,6 @@ struct moe_cpu_target {
 int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, enum moe_emit kind,
 		     char **out, size_t *len, char *err, size_t cap);
 
-/* The CPU router emitters beside cpu_llvm.c, each emitting into the module
- * cpu_llvm.c builds and filling the kernels it generates (k[MOE_KERNEL_*]):
- * cpu_llvm_research.c: moe_route_x of sparsemixer, hierarchical and learned
- * noise, and the input jitter moe_jitter;
- * cpu_llvm_ecsoft.c: expert choice's score router and moe_ec_select;
- * cpu_llvm_peer.c: PEER's moe_pk_route and moe_pk_experts;
- * cpu_llvm_soft.c: Soft MoE's six kernels. */
-struct LLVMOpaqueContext;
-struct LLVMOpaqueModule;
-struct LLVMOpaqueBuilder;
-struct LLVMOpaqueValue;
-#define MOE_CPU_EMITTER_(name)                                                                     \
-	void name(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,                     \
-		  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,                           \
-		  struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
-MOE_CPU_EMITTER_(moe_cpu_research_build);
-MOE_CPU_EMITTER_(moe_cpu_jitter_build);
-MOE_CPU_EMITTER_(moe_cpu_ecsoft_build);
-MOE_CPU_EMITTER_(moe_cpu_peer_build);
-MOE_CPU_EMITTER_(moe_cpu_soft_build);
-
 /* Backends -------------------------------------------------------------- */
 
 /* What a backend needs beyond the plan: the CPU's target machine, the CUDA

@@ -2,7 +2,6 @@
  * the CPU backend, emitted into the module cpu_llvm.c builds. moe_pk_route
  * repeats the reference's f32 arithmetic lane by lane so the selections agree
  * bit for bit; moe_pk_experts gathers the u/v rows of the chosen neurons. */
-#include "backend.h"
 #include "cpu_llvm_util.h"
 
 #include <llvm-c/Core.h>
@@ -12,132 +11,9 @@
 
 #define PK_TB 4 /* tokens per query-projection pass: one panel load feeds four */
 
-static LLVMValueRef ldi(struct moe_ll *g, LLVMValueRef p, LLVMValueRef i)
-{
-	return moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, p, i));
-}
-
-struct lp {
-	LLVMBasicBlockRef head, exit;
-	LLVMValueRef iv;
-	int64_t step;
-};
-
-/* for (iv = from; iv < to; iv += step) */
-static void lp_open(struct moe_ll *g, struct lp *l, LLVMValueRef from, LLVMValueRef to,
-		    int64_t step, const char *name)
-{
-	LLVMBasicBlockRef pre = LLVMGetInsertBlock(g->b), body = moe_ll_bb(g, name);
-	l->head = moe_ll_bb(g, name);
-	l->exit = moe_ll_bb(g, name);
-	l->step = step;
-	LLVMBuildBr(g->b, l->head);
-	LLVMPositionBuilderAtEnd(g->b, l->head);
-	l->iv = LLVMBuildPhi(g->b, g->t_i64, name);
-	LLVMAddIncoming(l->iv, &from, &pre, 1);
-	LLVMBuildCondBr(g->b, LLVMBuildICmp(g->b, LLVMIntSLT, l->iv, to, ""), body, l->exit);
-	LLVMPositionBuilderAtEnd(g->b, body);
-}
-
-static void lp_close(struct moe_ll *g, struct lp *l)
-{
-	LLVMBasicBlockRef latch = LLVMGetInsertBlock(g->b);
-	LLVMValueRef next = LLVMBuildNSWAdd(g->b, l->iv, moe_ll_i64c(g, l->step), "");
-	LLVMBuildBr(g->b, l->head);
-	LLVMAddIncoming(l->iv, &next, &latch, 1);
-	LLVMMoveBasicBlockAfter(l->exit, latch);
-	LLVMPositionBuilderAtEnd(g->b, l->exit);
-}
-
-/* double f(double) from the C library, as the reference calls it. */
-static LLVMValueRef cm(struct moe_ll *g, const char *fname, LLVMValueRef a)
-{
-	LLVMTypeRef ft = LLVMFunctionType(g->t_f64, &g->t_f64, 1, 0);
-	LLVMValueRef f = LLVMGetNamedFunction(g->mod, fname);
-	if (!f)
-		f = LLVMAddFunction(g->mod, fname, ft);
-	return LLVMBuildCall2(g->b, ft, f, &a, 1, "");
-}
-
-static LLVMValueRef splat(struct moe_ll *g, LLVMValueRef s, LLVMTypeRef vt)
-{
-	LLVMValueRef v =
-	    LLVMBuildInsertElement(g->b, LLVMGetUndef(vt), s, LLVMConstInt(g->t_i32, 0, 0), "");
-	return LLVMBuildShuffleVector(g->b, v, LLVMGetUndef(vt),
-				      LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
-}
-
 static LLVMValueRef ldv(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i)
 {
 	return moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, base, i));
-}
-
-static void stv(struct moe_ll *g, LLVMValueRef v, LLVMValueRef base, LLVMValueRef i)
-{
-	moe_ll_st(g, v, moe_ll_at(g, g->t_f32, base, i));
-}
-
-/* a ranks before b: NaN last, then the larger value, then the smaller key
- * (the reference's ranks_before). */
-static LLVMValueRef ranks_before(struct moe_ll *g, LLVMValueRef va, LLVMValueRef ka,
-				 LLVMValueRef vb, LLVMValueRef kb)
-{
-	LLVMBuilderRef b = g->b;
-	LLVMValueRef na = LLVMBuildFCmp(b, LLVMRealUNO, va, va, "");
-	LLVMValueRef nb = LLVMBuildFCmp(b, LLVMRealUNO, vb, vb, "");
-	LLVMValueRef ne =
-	    LLVMBuildAnd(b, LLVMBuildNot(b, na, ""), LLVMBuildFCmp(b, LLVMRealONE, va, vb, ""), "");
-	LLVMValueRef r = LLVMBuildSelect(b, ne, LLVMBuildFCmp(b, LLVMRealOGT, va, vb, ""),
-					 LLVMBuildICmp(b, LLVMIntULT, ka, kb, ""), "");
-	return LLVMBuildSelect(b, LLVMBuildXor(b, na, nb, ""), nb, r, "");
-}
-
-/* out[0..k) = positions of the k best of v[0..n) in rank order, keys NULL
- * meaning key = position: insertion into the sorted prefix, as the
- * reference's topk. */
-static void topk(struct moe_ll *g, LLVMValueRef v, LLVMValueRef keys, int64_t n, int64_t k,
-		 LLVMValueRef out, LLVMValueRef mcell)
-{
-	LLVMBuilderRef b = g->b;
-	moe_ll_st(g, moe_ll_i64c(g, 0), mcell);
-	struct lp i;
-	lp_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "tk");
-	LLVMValueRef vi = moe_ll_ldf(g, v, i.iv), ki = keys ? ldi(g, keys, i.iv) : i.iv;
-	LLVMValueRef m = moe_ll_ld(g, g->t_i64, mcell);
-	LLVMBasicBlockRef pre = LLVMGetInsertBlock(b), head = moe_ll_bb(g, "ins"),
-			  chk = moe_ll_bb(g, "ins"), body = moe_ll_bb(g, "ins"),
-			  done = moe_ll_bb(g, "ins");
-	LLVMBuildBr(b, head);
-	LLVMPositionBuilderAtEnd(b, head);
-	LLVMValueRef p = LLVMBuildPhi(b, g->t_i64, "p");
-	LLVMAddIncoming(p, &m, &pre, 1);
-	LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntSGT, p, moe_ll_i64c(g, 0), ""), chk, done);
-	LLVMPositionBuilderAtEnd(b, chk);
-	LLVMValueRef pm1 = LLVMBuildNSWSub(b, p, moe_ll_i64c(g, 1), "");
-	LLVMValueRef q = ldi(g, out, pm1);
-	LLVMValueRef kq = keys ? ldi(g, keys, q) : q;
-	LLVMBuildCondBr(b, ranks_before(g, vi, ki, moe_ll_ldf(g, v, q), kq), body, done);
-	LLVMPositionBuilderAtEnd(b, body);
-	LLVMBasicBlockRef end =
-	    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, p, moe_ll_i64c(g, k), ""));
-	moe_ll_st(g, q, moe_ll_at(g, g->t_i64, out, p));
-	moe_ll_when_end(g, end);
-	LLVMBasicBlockRef latch = LLVMGetInsertBlock(b);
-	LLVMBuildBr(b, head);
-	LLVMAddIncoming(p, &pm1, &latch, 1);
-	LLVMPositionBuilderAtEnd(b, done);
-	LLVMValueRef pf = LLVMBuildPhi(b, g->t_i64, "pf");
-	LLVMBasicBlockRef from[2] = {head, chk};
-	LLVMValueRef vals[2] = {p, p};
-	LLVMAddIncoming(pf, vals, from, 2);
-	end = moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, pf, moe_ll_i64c(g, k), ""));
-	moe_ll_st(g, i.iv, moe_ll_at(g, g->t_i64, out, pf));
-	moe_ll_when_end(g, end);
-	LLVMValueRef m1 = LLVMBuildNSWAdd(b, m, moe_ll_i64c(g, 1), "");
-	m1 = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, m1, moe_ll_i64c(g, k), ""), m1,
-			     moe_ll_i64c(g, k), "");
-	moe_ll_st(g, m1, mcell);
-	lp_close(g, &i);
 }
 
 /* Sub-key blocks of 8 taken per pass (independent accumulators). */
@@ -171,14 +47,10 @@ static void gen_pk_route(struct moe_ll *g)
 	LLVMValueRef ck = moe_ll_alloca(g, g->t_i64, (uint64_t)(k * k), "ck");
 	LLVMValueRef ic = moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ic");
 	LLVMValueRef gs = moe_ll_alloca(g, g->t_f32, (uint64_t)k, "g");
-	LLVMValueRef mcell = moe_ll_alloca(g, g->t_i64, 1, "m");
-	LLVMValueRef acc[PK_TB];
-	for (int j = 0; j < PK_TB; j++)
-		acc[j] = moe_ll_alloca(g, g->t_v8f, 1, "acc");
-	LLVMValueRef zero8 = LLVMConstNull(g->t_v8f);
+	LLVMValueRef kk = moe_ll_i64c(g, k), acc[MOE_LL_TILE_MAX];
 
-	struct lp tb, qb, h, j, hd, kb, i, c;
-	lp_open(g, &tb, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), PK_TB, "tb");
+	struct moe_ll_loop tb, qb, j, hd, kb, i, c;
+	moe_ll_loop_open(g, &tb, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), PK_TB, "tb");
 	LLVMValueRef last = LLVMBuildNSWSub(b, moe_ll_prm(g, R_T1), moe_ll_i64c(g, 1), "");
 	LLVMValueRef n = LLVMBuildNSWSub(b, moe_ll_prm(g, R_T1), tb.iv, "");
 	n = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, n, moe_ll_i64c(g, PK_TB), ""), n,
@@ -190,127 +62,70 @@ static void gen_pk_route(struct moe_ll *g)
 		xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_X),
 				  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
 	}
-	/* q = Q x + bias, eight rows per lane vector, terms in ascending h */
-	lp_open(g, &qb, moe_ll_i64c(g, 0), moe_ll_i64c(g, QB), 1, "qb");
-	for (int t = 0; t < PK_TB; t++)
-		moe_ll_st(g, zero8, acc[t]);
-	LLVMValueRef pbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_QUERY),
-				       LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, H * 8), ""));
-	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "h");
-	LLVMValueRef pv = ldv(g, pbase, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, 8), ""));
-	for (int t = 0; t < PK_TB; t++) {
-		LLVMValueRef xv = splat(g, moe_ll_ldf(g, xr[t], h.iv), g->t_v8f);
-		moe_ll_st(g,
-			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc[t]),
-					LLVMBuildFMul(b, xv, pv, ""), ""),
-			  acc[t]);
-	}
-	lp_close(g, &h);
+	/* q = Q x + bias: one panel block feeds the PK_TB tokens */
+	moe_ll_loop_open(g, &qb, moe_ll_i64c(g, 0), moe_ll_i64c(g, QB), 1, "qb");
+	moe_ll_panel_tile(g, xr, PK_TB, moe_ll_prm(g, R_QUERY), qb.iv, 1, H, acc);
 	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
-	LLVMValueRef bias = ldv(g, moe_ll_prm(g, R_QBIAS), q8);
+	LLVMValueRef bias =
+	    moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_QBIAS), q8));
 	for (int t = 0; t < PK_TB; t++)
-		stv(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc[t]), bias, ""), qs,
-		    LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, t * QB * 8), ""));
-	lp_close(g, &qb);
+		moe_ll_st(g, LLVMBuildFAdd(b, acc[t], bias, ""),
+			  moe_ll_at(g, g->t_f32, qs,
+				    LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, t * QB * 8), "")));
+	moe_ll_loop_close(g, &qb);
 
-	lp_open(g, &j, moe_ll_i64c(g, 0), n, 1, "tok");
+	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), n, 1, "tok");
 	LLVMValueRef t = LLVMBuildNSWAdd(b, tb.iv, j.iv, "t");
-	lp_open(g, &hd, moe_ll_i64c(g, 0), moe_ll_i64c(g, heads), 1, "head");
+	moe_ll_loop_open(g, &hd, moe_ll_i64c(g, 0), moe_ll_i64c(g, heads), 1, "head");
 	LLVMValueRef qh =
 	    moe_ll_at(g, g->t_f32, qs,
 		      LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, QB * 8), ""),
 				      LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, dq), ""), ""));
 	for (int half = 0; half < 2; half++) {
-		/* sub-key scores, eight keys per vector, terms in ascending i */
+		/* sub-key scores: the half query against U key blocks per pass */
 		LLVMValueRef kbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS),
 					       moe_ll_i64c(g, half * KB * h2 * 8));
-		lp_open(g, &kb, moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), U, "kb");
-		for (int u = 0; u < U; u++)
-			moe_ll_st(g, zero8, acc[u]);
-		LLVMValueRef kp = moe_ll_at(g, g->t_f32, kbase,
-					    LLVMBuildNSWMul(b, kb.iv, moe_ll_i64c(g, h2 * 8), ""));
-		lp_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, h2), 1, "ki");
-		LLVMValueRef qv = splat(
-		    g, moe_ll_ldf(g, qh, LLVMBuildNSWAdd(b, i.iv, moe_ll_i64c(g, half * h2), "")),
-		    g->t_v8f);
-		LLVMValueRef i8 = LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, 8), "");
-		for (int u = 0; u < U; u++) {
-			LLVMValueRef kv =
-			    ldv(g, kp, LLVMBuildNSWAdd(b, i8, moe_ll_i64c(g, u * h2 * 8), ""));
-			moe_ll_st(g,
-				  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc[u]),
-						LLVMBuildFMul(b, qv, kv, ""), ""),
-				  acc[u]);
-		}
-		lp_close(g, &i);
+		LLVMValueRef qx = moe_ll_at(g, g->t_f32, qh, moe_ll_i64c(g, half * h2));
+		moe_ll_loop_open(g, &kb, moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), U, "kb");
+		moe_ll_panel_tile(g, &qx, 1, kbase, kb.iv, (int)U, h2, acc);
 		LLVMValueRef k8 = LLVMBuildNSWMul(b, kb.iv, moe_ll_i64c(g, 8), "");
 		for (int u = 0; u < U; u++)
-			stv(g, moe_ll_ld(g, g->t_v8f, acc[u]), sab[half],
-			    LLVMBuildNSWAdd(b, k8, moe_ll_i64c(g, u * 8), ""));
-		lp_close(g, &kb);
-		topk(g, sab[half], NULL, R, k, iab[half], mcell);
+			moe_ll_st(g, acc[u],
+				  moe_ll_at(g, g->t_f32, sab[half],
+					    LLVMBuildNSWAdd(b, k8, moe_ll_i64c(g, u * 8), "")));
+		moe_ll_loop_close(g, &kb);
+		moe_ll_topk(g, sab[half], NULL, 1, NULL, moe_ll_i64c(g, R), kk, iab[half]);
 	}
 	/* the k * k candidates: score sums and expert indices i * R + j */
-	lp_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "ca");
-	LLVMValueRef ia = ldi(g, iab[0], i.iv), sa = moe_ll_ldf(g, sab[0], ia);
-	lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "cb");
-	LLVMValueRef ib = ldi(g, iab[1], c.iv);
-	LLVMValueRef ci =
-	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, k), ""), c.iv, "");
-	moe_ll_st(g, LLVMBuildFAdd(b, sa, moe_ll_ldf(g, sab[1], ib), ""),
-		  moe_ll_at(g, g->t_f32, cv, ci));
+	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), kk, 1, "ca");
+	LLVMValueRef ia = moe_ll_ldi(g, iab[0], i.iv), sa = moe_ll_ldf(g, sab[0], ia);
+	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "cb");
+	LLVMValueRef ib = moe_ll_ldi(g, iab[1], c.iv);
+	LLVMValueRef ci = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, kk, ""), c.iv, "");
+	moe_ll_stf(g, LLVMBuildFAdd(b, sa, moe_ll_ldf(g, sab[1], ib), ""), cv, ci);
 	moe_ll_st(g, LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, ia, moe_ll_i64c(g, R), ""), ib, ""),
 		  moe_ll_at(g, g->t_i64, ck, ci));
-	lp_close(g, &c);
-	lp_close(g, &i);
-	topk(g, cv, ck, k * k, k, ic, mcell);
+	moe_ll_loop_close(g, &c);
+	moe_ll_loop_close(g, &i);
+	moe_ll_topk(g, cv, NULL, 1, ck, moe_ll_i64c(g, k * k), kk, ic);
 	/* scores of the k retrieved sums */
-	LLVMValueRef mx = NULL, sum = NULL;
-	if (d->pk_score != MOE_SCORE_SIGMOID) {
-		LLVMValueRef mxc = moe_ll_alloca(g, g->t_f32, 1, "mx");
-		moe_ll_st(g, moe_ll_f32c(g, -INFINITY), mxc);
-		lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "mx");
-		LLVMValueRef l = moe_ll_ldf(g, cv, ldi(g, ic, c.iv)),
-			     m0 = moe_ll_ld(g, g->t_f32, mxc);
-		moe_ll_st(g,
-			  LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, l, m0, ""), l, m0, ""),
-			  mxc);
-		lp_close(g, &c);
-		mx = moe_ll_ld(g, g->t_f32, mxc);
-		LLVMValueRef sc = moe_ll_alloca(g, g->t_f32, 1, "sum");
-		moe_ll_st(g, moe_ll_f32c(g, 0.0), sc);
-		lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "ex");
-		LLVMValueRef le = moe_ll_ldf(g, cv, ldi(g, ic, c.iv));
-		LLVMValueRef e =
-		    cm(g, "exp", LLVMBuildFPExt(b, LLVMBuildFSub(b, le, mx, ""), g->t_f64, ""));
-		e = LLVMBuildFPTrunc(b, e, g->t_f32, "");
-		moe_ll_st(g, e, moe_ll_at(g, g->t_f32, gs, c.iv));
-		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sc), e, ""), sc);
-		lp_close(g, &c);
-		sum = moe_ll_ld(g, g->t_f32, sc);
-	}
+	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "gather");
+	moe_ll_stf(g, moe_ll_ldf(g, cv, moe_ll_ldi(g, ic, c.iv)), gs, c.iv);
+	moe_ll_loop_close(g, &c);
+	moe_ll_scores(g, d->pk_score == MOE_SCORE_SIGMOID ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX,
+		      gs, gs, moe_ll_i64c(g, 0), (uint32_t)k);
 	LLVMValueRef wrow = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t, moe_ll_i64c(g, W), ""),
-					    LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, k), ""), "");
-	lp_open(g, &c, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), 1, "out");
-	LLVMValueRef pos = ldi(g, ic, c.iv), s;
-	if (d->pk_score == MOE_SCORE_SIGMOID) {
-		LLVMValueRef l = LLVMBuildFPExt(b, moe_ll_ldf(g, cv, pos), g->t_f64, "");
-		LLVMValueRef e = cm(g, "exp", LLVMBuildFNeg(b, l, ""));
-		s = LLVMBuildFDiv(b, moe_ll_f64c(g, 1.0),
-				  LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), e, ""), "");
-		s = LLVMBuildFPTrunc(b, s, g->t_f32, "");
-	} else {
-		s = LLVMBuildFDiv(b, moe_ll_ldf(g, gs, c.iv), sum, "");
-	}
+					    LLVMBuildNSWMul(b, hd.iv, kk, ""), "");
+	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "out");
 	LLVMValueRef slot = LLVMBuildNSWAdd(b, wrow, c.iv, "");
-	moe_ll_st(g, LLVMBuildTrunc(b, ldi(g, ck, pos), g->t_i32, ""),
+	moe_ll_st(g, LLVMBuildTrunc(b, moe_ll_ldi(g, ck, moe_ll_ldi(g, ic, c.iv)), g->t_i32, ""),
 		  moe_ll_at(g, g->t_i32, moe_ll_prm(g, R_IDS), slot));
-	moe_ll_st(g, LLVMBuildFMul(b, s, moe_ll_f32c(g, d->scale), ""),
-		  moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_WEIGHTS), slot));
-	lp_close(g, &c);
-	lp_close(g, &hd);
-	lp_close(g, &j);
-	lp_close(g, &tb);
+	moe_ll_stf(g, LLVMBuildFMul(b, moe_ll_ldf(g, gs, c.iv), moe_ll_f32c(g, d->scale), ""),
+		   moe_ll_prm(g, R_WEIGHTS), slot);
+	moe_ll_loop_close(g, &c);
+	moe_ll_loop_close(g, &hd);
+	moe_ll_loop_close(g, &j);
+	moe_ll_loop_close(g, &tb);
 	moe_ll_fn_end(g);
 }
 
@@ -353,11 +168,11 @@ static LLVMValueRef act(struct moe_ll *g, LLVMValueRef x)
 	case MOE_ACT_SILU:
 		r = LLVMBuildFDiv(b, v,
 				  LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0),
-						cm(g, "exp", LLVMBuildFNeg(b, v, "")), ""),
+						moe_ll_libm(g, "exp", LLVMBuildFNeg(b, v, "")), ""),
 				  "");
 		break;
 	case MOE_ACT_GELU:
-		r = cm(g, "erf", LLVMBuildFDiv(b, v, moe_ll_f64c(g, sqrt(2.0)), ""));
+		r = moe_ll_libm(g, "erf", LLVMBuildFDiv(b, v, moe_ll_f64c(g, sqrt(2.0)), ""));
 		r = LLVMBuildFMul(b, LLVMBuildFMul(b, moe_ll_f64c(g, 0.5), v, ""),
 				  LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), r, ""), "");
 		break;
@@ -367,7 +182,7 @@ static LLVMValueRef act(struct moe_ll *g, LLVMValueRef x)
 		    v, "");
 		r = LLVMBuildFMul(b, moe_ll_f64c(g, sqrt(2.0 / M_PI)), LLVMBuildFAdd(b, v, c3, ""),
 				  "");
-		r = LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), cm(g, "tanh", r), "");
+		r = LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), moe_ll_libm(g, "tanh", r), "");
 		r = LLVMBuildFMul(b, LLVMBuildFMul(b, moe_ll_f64c(g, 0.5), v, ""), r, "");
 		break;
 	}
@@ -393,19 +208,19 @@ static void gen_pk_experts(struct moe_ll *g)
 	LLVMValueRef acc = moe_ll_alloca(g, g->t_f64, (uint64_t)H, "acc");
 	LLVMValueRef dacc = moe_ll_alloca(g, g->t_v8d, 1, "dacc");
 	LLVMValueRef dtail = moe_ll_alloca(g, g->t_f64, 1, "dtail");
-	struct lp t, s, h;
-	lp_open(g, &t, moe_ll_prm(g, E_T0), moe_ll_prm(g, E_T1), 1, "t");
+	struct moe_ll_loop t, s, h;
+	moe_ll_loop_open(g, &t, moe_ll_prm(g, E_T0), moe_ll_prm(g, E_T1), 1, "t");
 	LLVMValueRef xr = moe_ll_at(g, g->t_f32, moe_ll_prm(g, E_X),
 				    LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
-	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "z");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "z");
 	moe_ll_st(g, moe_ll_f64c(g, 0.0), moe_ll_at(g, g->t_f64, acc, h.iv));
-	lp_close(g, &h);
-	lp_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, W), 1, "slot");
+	moe_ll_loop_close(g, &h);
+	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, W), 1, "slot");
 	LLVMValueRef si =
 	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), ""), s.iv, "");
 	LLVMValueRef e = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, E_IDS), si));
-	LLVMBasicBlockRef skip =
-	    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""));
+	LLVMBasicBlockRef skip = moe_ll_when(
+	    g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""), "slot");
 	LLVMValueRef wt = moe_ll_ldf(g, moe_ll_prm(g, E_WEIGHTS), si);
 	LLVMValueRef off =
 	    LLVMBuildNSWMul(b, LLVMBuildZExt(b, e, g->t_i64, ""), moe_ll_i64c(g, H), "");
@@ -413,39 +228,39 @@ static void gen_pk_experts(struct moe_ll *g)
 		     vr = moe_ll_at(g, et, moe_ll_prm(g, E_V), off);
 	/* u . x: exact products summed in double, rounded once */
 	moe_ll_st(g, LLVMConstNull(g->t_v8d), dacc);
-	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "dot");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "dot");
 	LLVMValueRef xv = LLVMBuildFPExt(b, ldv(g, xr, h.iv), g->t_v8d, "");
 	LLVMValueRef uv = LLVMBuildFPExt(b, ld_row8(g, ur, h.iv, bf16), g->t_v8d, "");
 	moe_ll_st(g,
 		  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8d, dacc), LLVMBuildFMul(b, xv, uv, ""), ""),
 		  dacc);
-	lp_close(g, &h);
+	moe_ll_loop_close(g, &h);
 	LLVMValueRef dv = moe_ll_ld(g, g->t_v8d, dacc), dsum = moe_ll_f64c(g, 0.0);
 	for (int l = 0; l < 8; l++)
 		dsum = LLVMBuildFAdd(
 		    b, dsum, LLVMBuildExtractElement(b, dv, LLVMConstInt(g->t_i32, l, 0), ""), "");
 	moe_ll_st(g, dsum, dtail);
 	if (H8 < H) {
-		lp_open(g, &h, moe_ll_i64c(g, H8), moe_ll_i64c(g, H), 1, "dtail");
+		moe_ll_loop_open(g, &h, moe_ll_i64c(g, H8), moe_ll_i64c(g, H), 1, "dtail");
 		LLVMValueRef pr =
 		    LLVMBuildFMul(b, LLVMBuildFPExt(b, moe_ll_ldf(g, xr, h.iv), g->t_f64, ""),
 				  LLVMBuildFPExt(b, ld_row1(g, ur, h.iv, bf16), g->t_f64, ""), "");
 		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f64, dtail), pr, ""), dtail);
-		lp_close(g, &h);
+		moe_ll_loop_close(g, &h);
 	}
 	LLVMValueRef a = act(g, LLVMBuildFPTrunc(b, moe_ll_ld(g, g->t_f64, dtail), g->t_f32, ""));
 	/* acc += (double)(w * (a * v)) */
-	LLVMValueRef av = splat(g, a, g->t_v8f), wv = splat(g, wt, g->t_v8f);
-	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "axpy");
+	LLVMValueRef av = moe_ll_splat(g, a, g->t_v8f), wv = moe_ll_splat(g, wt, g->t_v8f);
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "axpy");
 	LLVMValueRef o =
 	    LLVMBuildFMul(b, wv, LLVMBuildFMul(b, av, ld_row8(g, vr, h.iv, bf16), ""), "");
 	LLVMValueRef ap = moe_ll_at(g, g->t_f64, acc, h.iv);
 	LLVMValueRef cur = LLVMBuildLoad2(b, g->t_v8d, ap, "");
 	LLVMSetAlignment(cur, 8);
 	moe_ll_st(g, LLVMBuildFAdd(b, cur, LLVMBuildFPExt(b, o, g->t_v8d, ""), ""), ap);
-	lp_close(g, &h);
+	moe_ll_loop_close(g, &h);
 	if (H8 < H) {
-		lp_open(g, &h, moe_ll_i64c(g, H8), moe_ll_i64c(g, H), 1, "atail");
+		moe_ll_loop_open(g, &h, moe_ll_i64c(g, H8), moe_ll_i64c(g, H), 1, "atail");
 		LLVMValueRef o1 =
 		    LLVMBuildFMul(b, wt, LLVMBuildFMul(b, a, ld_row1(g, vr, h.iv, bf16), ""), "");
 		LLVMValueRef p1 = moe_ll_at(g, g->t_f64, acc, h.iv);
@@ -453,30 +268,26 @@ static void gen_pk_experts(struct moe_ll *g)
 			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f64, p1),
 					LLVMBuildFPExt(b, o1, g->t_f64, ""), ""),
 			  p1);
-		lp_close(g, &h);
+		moe_ll_loop_close(g, &h);
 	}
 	moe_ll_when_end(g, skip);
-	lp_close(g, &s);
+	moe_ll_loop_close(g, &s);
 	LLVMValueRef yr = moe_ll_at(g, g->t_f32, moe_ll_prm(g, E_Y),
 				    LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
-	lp_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "y");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "y");
 	moe_ll_st(g,
 		  LLVMBuildFPTrunc(b, moe_ll_ld(g, g->t_f64, moe_ll_at(g, g->t_f64, acc, h.iv)),
 				   g->t_f32, ""),
 		  moe_ll_at(g, g->t_f32, yr, h.iv));
-	lp_close(g, &h);
-	lp_close(g, &t);
+	moe_ll_loop_close(g, &h);
+	moe_ll_loop_close(g, &t);
 	moe_ll_fn_end(g);
 }
 
-void moe_cpu_peer_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
+void moe_cpu_peer_build(struct moe_ll *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 {
-	struct moe_ll g;
-	moe_ll_init(&g, ctx, mod, b, p->desc);
-	gen_pk_route(&g);
-	k[MOE_KERNEL_PK_ROUTE] = g.fn;
-	gen_pk_experts(&g);
-	k[MOE_KERNEL_PK_EXPERTS] = g.fn;
+	gen_pk_route(g);
+	k[MOE_KERNEL_PK_ROUTE] = g->fn;
+	gen_pk_experts(g);
+	k[MOE_KERNEL_PK_EXPERTS] = g->fn;
 }

@@ -2,7 +2,6 @@
  * the module cpu_llvm.c builds: sparsemixer, hierarchical gating and noisy
  * top-k (learned gaussian noise from a counter-based generator, input jitter).
  * Every step copies the reference's arithmetic so the choices agree bit for bit. */
-#include "backend.h"
 #include "cpu_llvm_util.h"
 
 #include <llvm-c/Core.h>
@@ -15,18 +14,6 @@
 static LLVMValueRef u64c(struct moe_ll *g, uint64_t v)
 {
 	return LLVMConstInt(g->t_i64, v, 0);
-}
-
-/* pow(a, e) from the C library, a double. */
-static LLVMValueRef pow_d(struct moe_ll *g, LLVMValueRef a, double e)
-{
-	LLVMTypeRef two[2] = {g->t_f64, g->t_f64};
-	LLVMTypeRef ft = LLVMFunctionType(g->t_f64, two, 2, 0);
-	LLVMValueRef f = LLVMGetNamedFunction(g->mod, "pow");
-	if (!f)
-		f = LLVMAddFunction(g->mod, "pow", ft);
-	LLVMValueRef args[2] = {a, moe_ll_f64c(g, e)};
-	return LLVMBuildCall2(g->b, ft, f, args, 2, "");
 }
 
 /* Counter-based random numbers: moe_rng_hash, moe_rng_uniform, moe_rng_normal. */
@@ -77,73 +64,6 @@ static LLVMValueRef rng_normal(struct moe_ll *g, LLVMValueRef seed, LLVMValueRef
 
 /* Router pieces ----------------------------------------------------------------- */
 
-/* top-k of c[off..off+n) into idx[0..k) (i64, relative to off), ranked: the
- * larger value first, ties to the lower index; taken[] is i8 scratch. */
-static void topk(struct moe_ll *g, LLVMValueRef c, LLVMValueRef off, uint32_t n, uint32_t k,
-		 LLVMValueRef taken, LLVMValueRef idx)
-{
-	LLVMBuilderRef b = g->b;
-	LLVMValueRef best = moe_ll_alloca(g, g->t_i64, 1, "best"),
-		     bv = moe_ll_alloca(g, g->t_f32, 1, "bv");
-	struct moe_ll_loop e, j;
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "tk.clr");
-	moe_ll_st(g, LLVMConstInt(g->t_i8, 0, 0), moe_ll_at(g, g->t_i8, taken, e.iv));
-	moe_ll_loop_close(g, &e);
-	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), moe_ll_i64c(g, k), "tk.j");
-	moe_ll_st(g, moe_ll_i64c(g, -1), best);
-	moe_ll_st(g, moe_ll_f32c(g, -INFINITY), bv);
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "tk.e");
-	LLVMValueRef v = moe_ll_ldf(g, c, LLVMBuildNSWAdd(b, off, e.iv, ""));
-	LLVMValueRef fr =
-	    LLVMBuildICmp(b, LLVMIntEQ, moe_ll_ld(g, g->t_i8, moe_ll_at(g, g->t_i8, taken, e.iv)),
-			  LLVMConstInt(g->t_i8, 0, 0), "");
-	LLVMValueRef bi = moe_ll_ld(g, g->t_i64, best), bvv = moe_ll_ld(g, g->t_f32, bv);
-	LLVMValueRef none = LLVMBuildICmp(b, LLVMIntSLT, bi, moe_ll_i64c(g, 0), "");
-	LLVMValueRef gt = LLVMBuildFCmp(b, LLVMRealOGT, v, bvv, "");
-	LLVMValueRef take = LLVMBuildAnd(b, fr, LLVMBuildOr(b, none, gt, ""), "");
-	moe_ll_st(g, LLVMBuildSelect(b, take, e.iv, bi, ""), best);
-	moe_ll_st(g, LLVMBuildSelect(b, take, v, bvv, ""), bv);
-	moe_ll_loop_close(g, &e);
-	LLVMValueRef ch = moe_ll_ld(g, g->t_i64, best);
-	moe_ll_st(g, LLVMConstInt(g->t_i8, 1, 0), moe_ll_at(g, g->t_i8, taken, ch));
-	moe_ll_st(g, ch, moe_ll_at(g, g->t_i64, idx, j.iv));
-	moe_ll_loop_close(g, &j);
-}
-
-/* w[0..n) /= max(S + eps, min) (the reference's normalize), no scale. */
-static void normalize(struct moe_ll *g, LLVMValueRef w, uint32_t n)
-{
-	LLVMBuilderRef b = g->b;
-	const struct moe_desc *d = g->d;
-	if (d->norm == MOE_NORM_NONE)
-		return;
-	int lpn = d->norm == MOE_NORM_LP;
-	LLVMTypeRef t = lpn ? g->t_f64 : g->t_f32;
-	LLVMValueRef acc = moe_ll_alloca(g, t, 1, "nsum");
-	moe_ll_st(g, LLVMConstReal(t, 0.0), acc);
-	struct moe_ll_loop j;
-	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "n.sum");
-	LLVMValueRef v = moe_ll_ldf(g, w, j.iv);
-	if (lpn) {
-		v = moe_ll_intr1(g, "llvm.fabs", LLVMBuildFPExt(b, v, g->t_f64, ""));
-		v = pow_d(g, v, d->norm_p);
-	}
-	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, t, acc), v, ""), acc);
-	moe_ll_loop_close(g, &j);
-	LLVMValueRef den = moe_ll_ld(g, t, acc);
-	if (lpn)
-		den = moe_ll_to_f32(g, pow_d(g, den, 1.0 / (double)d->norm_p));
-	den = LLVMBuildFAdd(b, den, moe_ll_f32c(g, d->norm_eps), "");
-	LLVMValueRef mn = moe_ll_f32c(g, d->norm_min);
-	den = LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOLT, den, mn, ""), mn, den, "");
-	LLVMValueRef pos = LLVMBuildFCmp(b, LLVMRealOGT, den, moe_ll_f32c(g, 0.0), "");
-	LLVMBasicBlockRef end = moe_ll_when(g, pos);
-	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "n.div");
-	moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, w, j.iv), den, ""), w, j.iv);
-	moe_ll_loop_close(g, &j);
-	moe_ll_when_end(g, end);
-}
-
 /* The research router ------------------------------------------------------------ */
 
 enum {
@@ -177,7 +97,7 @@ static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValu
 	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_ROUTER), E, l);
 	struct moe_ll_loop e;
 	if (d->router_bias) {
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), "bias");
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "bias");
 		moe_ll_stf(g,
 			   LLVMBuildFAdd(b, moe_ll_ldf(g, l, e.iv),
 					 moe_ll_ldf(g, moe_ll_prm(g, A_RBIAS), e.iv), ""),
@@ -188,9 +108,9 @@ static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValu
 		return;
 	LLVMValueRef tr = LLVMBuildICmp(b, LLVMIntNE, moe_ll_prm(g, A_TRAIN),
 					LLVMConstInt(g->t_i32, 0, 0), "training");
-	LLVMBasicBlockRef end = moe_ll_when(g, tr);
+	LLVMBasicBlockRef end = moe_ll_when(g, tr, "training");
 	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_NOISE), E, nl);
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), "noise");
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "noise");
 	LLVMValueRef z = rng_normal(g, moe_ll_prm(g, A_SEED), moe_ll_prm(g, A_LAYER), t, e.iv);
 	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, nl, e.iv), g->t_f64, "");
 	LLVMValueRef sp = moe_ll_libm(g, "log1p", moe_ll_libm(g, "exp", vd));
@@ -231,7 +151,7 @@ static void sparsemixer(struct moe_ll *g, LLVMValueRef l, LLVMValueRef m, LLVMVa
 			: LLVMBuildZExt(b, LLVMBuildICmp(b, LLVMIntEQ, e1v, moe_ll_i64c(g, 0), ""),
 					g->t_i64, ""),
 		    arg);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, pass == 0 ? 1 : 0), moe_ll_i64c(g, E),
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, pass == 0 ? 1 : 0), moe_ll_i64c(g, E), 1,
 				 "sx.arg");
 		LLVMValueRef a = moe_ll_ld(g, g->t_i64, arg);
 		LLVMValueRef gt =
@@ -242,7 +162,7 @@ static void sparsemixer(struct moe_ll *g, LLVMValueRef l, LLVMValueRef m, LLVMVa
 		moe_ll_loop_close(g, &e);
 		LLVMValueRef ei = moe_ll_ld(g, g->t_i64, arg);
 		LLVMValueRef mv = moe_ll_ldf(g, l, ei);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), "sx.mask");
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "sx.mask");
 		LLVMValueRef v = moe_ll_ldf(g, l, e.iv);
 		LLVMValueRef av = moe_ll_intr1(g, "llvm.fabs", v);
 		LLVMValueRef den = moe_ll_sel_gt(g, av, mv, av, mv);
@@ -273,49 +193,47 @@ static void hierarchical(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef l, LL
 	const struct moe_desc *d = g->d;
 	uint32_t E = d->n_experts, G = d->levels[0].groups, n = E / G;
 	uint32_t k1 = d->levels[0].top_k, k2 = d->levels[1].top_k;
-	LLVMValueRef gl = moe_ll_alloca(g, g->t_f32, G, "gl"),
+	LLVMValueRef gl = moe_ll_alloca(g, g->t_f32, (uint64_t)moe_router_blocks(G) * MOE_RB, "gl"),
 		     gs = moe_ll_alloca(g, g->t_f32, G, "gs");
 	LLVMValueRef gp = moe_ll_alloca(g, g->t_f32, G, "gp");
 	LLVMValueRef gw = moe_ll_alloca(g, g->t_f32, k1, "gw"),
 		     w2 = moe_ll_alloca(g, g->t_f32, k2, "w2");
 	LLVMValueRef gidx = moe_ll_alloca(g, g->t_i64, k1, "gidx"),
 		     idx = moe_ll_alloca(g, g->t_i64, k2, "idx");
-	LLVMValueRef gtk = moe_ll_alloca(g, g->t_i8, G, "gtaken"),
-		     tk = moe_ll_alloca(g, g->t_i8, n, "taken");
 	LLVMValueRef zero = moe_ll_i64c(g, 0);
 	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_GROUP), G, gl);
 	moe_ll_scores(g, d->score, gl, gs, zero, G);
-	topk(g, gs, zero, G, k1, gtk, gidx);
+	moe_ll_topk(g, gs, NULL, 1, NULL, moe_ll_i64c(g, G), moe_ll_i64c(g, k1), gidx);
 	struct moe_ll_loop j, i, gr;
-	moe_ll_loop_open(g, &j, zero, moe_ll_i64c(g, k1), "h.gw");
+	moe_ll_loop_open(g, &j, zero, moe_ll_i64c(g, k1), 1, "h.gw");
 	moe_ll_stf(g, moe_ll_ldf(g, gs, moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, gidx, j.iv))),
 		   gw, j.iv);
 	moe_ll_loop_close(g, &j);
-	normalize(g, gw, k1);
-	moe_ll_loop_open(g, &gr, zero, moe_ll_i64c(g, G), "h.s2");
+	moe_ll_normalize(g, gw, k1);
+	moe_ll_loop_open(g, &gr, zero, moe_ll_i64c(g, G), 1, "h.s2");
 	moe_ll_scores(g, d->score, l, s, LLVMBuildNSWMul(b, gr.iv, moe_ll_i64c(g, n), ""), n);
 	moe_ll_loop_close(g, &gr);
-	moe_ll_loop_open(g, &j, zero, moe_ll_i64c(g, k1), "h.j");
+	moe_ll_loop_open(g, &j, zero, moe_ll_i64c(g, k1), 1, "h.j");
 	LLVMValueRef grp = moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, gidx, j.iv));
 	LLVMValueRef off = LLVMBuildNSWMul(b, grp, moe_ll_i64c(g, n), "goff");
-	moe_ll_loop_open(g, &i, zero, moe_ll_i64c(g, n), "h.c");
+	moe_ll_loop_open(g, &i, zero, moe_ll_i64c(g, n), 1, "h.c");
 	LLVMValueRef ei = LLVMBuildNSWAdd(b, off, i.iv, "");
 	LLVMValueRef v = moe_ll_ldf(g, s, ei);
 	if (d->select_bias)
 		v = LLVMBuildFAdd(b, v, moe_ll_ldf(g, moe_ll_prm(g, A_SBIAS), ei), "");
 	moe_ll_stf(g, v, c, ei);
 	moe_ll_loop_close(g, &i);
-	topk(g, c, off, n, k2, tk, idx);
-	moe_ll_loop_open(g, &i, zero, moe_ll_i64c(g, k2), "h.w2");
+	moe_ll_topk(g, c, off, 1, NULL, moe_ll_i64c(g, n), moe_ll_i64c(g, k2), idx);
+	moe_ll_loop_open(g, &i, zero, moe_ll_i64c(g, k2), 1, "h.w2");
 	LLVMValueRef e =
 	    LLVMBuildNSWAdd(b, off, moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, idx, i.iv)), "");
 	moe_ll_stf(g, moe_ll_ldf(g, s, e), w2, i.iv);
 	moe_ll_loop_close(g, &i);
-	normalize(g, w2, k2);
+	moe_ll_normalize(g, w2, k2);
 	LLVMValueRef g1 = moe_ll_ldf(g, gw, j.iv);
 	LLVMValueRef sbase =
 	    LLVMBuildNSWAdd(b, wbase, LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, k2), ""), "");
-	moe_ll_loop_open(g, &i, zero, moe_ll_i64c(g, k2), "h.out");
+	moe_ll_loop_open(g, &i, zero, moe_ll_i64c(g, k2), 1, "h.out");
 	LLVMValueRef e2 =
 	    LLVMBuildNSWAdd(b, off, moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, idx, i.iv)), "");
 	LLVMValueRef wv = LLVMBuildFMul(b, LLVMBuildFMul(b, g1, moe_ll_ldf(g, w2, i.iv), ""),
@@ -328,7 +246,7 @@ static void hierarchical(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef l, LL
 	moe_ll_loop_close(g, &j);
 	/* statistics: level-1 probability times the in-group probability */
 	moe_ll_probs(g, d->score, gs, gp, zero, G, NULL);
-	moe_ll_loop_open(g, &gr, zero, moe_ll_i64c(g, G), "h.p");
+	moe_ll_loop_open(g, &gr, zero, moe_ll_i64c(g, G), 1, "h.p");
 	moe_ll_probs(g, d->score, s, prow, LLVMBuildNSWMul(b, gr.iv, moe_ll_i64c(g, n), ""), n,
 		     moe_ll_ldf(g, gp, gr.iv));
 	moe_ll_loop_close(g, &gr);
@@ -342,24 +260,23 @@ static void noisy_topk(struct moe_ll *g, LLVMValueRef l, LLVMValueRef s, LLVMVal
 	const struct moe_desc *d = g->d;
 	uint32_t E = d->n_experts, k = d->top_k;
 	LLVMValueRef zero = moe_ll_i64c(g, 0);
-	LLVMValueRef idx = moe_ll_alloca(g, g->t_i64, k, "idx"),
-		     tk = moe_ll_alloca(g, g->t_i8, E, "taken");
+	LLVMValueRef idx = moe_ll_alloca(g, g->t_i64, k, "idx");
 	LLVMValueRef w = moe_ll_alloca(g, g->t_f32, k, "w");
 	moe_ll_scores(g, d->score, l, s, zero, E);
 	struct moe_ll_loop e;
-	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, E), "n.c");
+	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, E), 1, "n.c");
 	LLVMValueRef v = moe_ll_ldf(g, s, e.iv);
 	if (d->select_bias)
 		v = LLVMBuildFAdd(b, v, moe_ll_ldf(g, moe_ll_prm(g, A_SBIAS), e.iv), "");
 	moe_ll_stf(g, v, c, e.iv);
 	moe_ll_loop_close(g, &e);
-	topk(g, c, zero, E, k, tk, idx);
-	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, k), "n.w");
+	moe_ll_topk(g, c, NULL, 1, NULL, moe_ll_i64c(g, E), moe_ll_i64c(g, k), idx);
+	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, k), 1, "n.w");
 	moe_ll_stf(g, moe_ll_ldf(g, s, moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, idx, e.iv))),
 		   w, e.iv);
 	moe_ll_loop_close(g, &e);
-	normalize(g, w, k);
-	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, k), "n.out");
+	moe_ll_normalize(g, w, k);
+	moe_ll_loop_open(g, &e, zero, moe_ll_i64c(g, k), 1, "n.out");
 	LLVMValueRef slot = LLVMBuildNSWAdd(b, wbase, e.iv, "");
 	moe_ll_st(g,
 		  LLVMBuildTrunc(b, moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, idx, e.iv)),
@@ -386,18 +303,19 @@ static void gen_route_x(struct moe_ll *g)
 	    "x",    "t0",    "t1",       "router", "router_bias", "select_bias", "group", "noise",
 	    "seed", "layer", "training", "logits", "ids",         "weights",     "prob",  "prio"};
 	moe_ll_fn_begin(g, "moe_route_x", params, pn, A_COUNT);
-	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, E, "l"),
-		     nl = moe_ll_alloca(g, g->t_f32, E, "nl");
+	uint64_t padded = (uint64_t)moe_router_blocks(E) * MOE_RB;
+	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, padded, "l"),
+		     nl = moe_ll_alloca(g, g->t_f32, padded, "nl");
 	LLVMValueRef s = moe_ll_alloca(g, g->t_f32, E, "s"), c = moe_ll_alloca(g, g->t_f32, E, "c");
 	struct moe_ll_loop t, e;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, A_T0), moe_ll_prm(g, A_T1), "t");
+	moe_ll_loop_open(g, &t, moe_ll_prm(g, A_T0), moe_ll_prm(g, A_T1), 1, "t");
 	LLVMValueRef xrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_X),
 				      LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
 	logits(g, xrow, t.iv, l, nl);
 	LLVMValueRef rowE = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, E), "");
 	LLVMValueRef lrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_LOGITS), rowE);
 	LLVMValueRef prow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_PROB), rowE);
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), "lcopy");
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "lcopy");
 	moe_ll_stf(g, moe_ll_ldf(g, l, e.iv), lrow, e.iv);
 	moe_ll_loop_close(g, &e);
 	LLVMValueRef wbase = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), "wbase");
@@ -428,9 +346,9 @@ static void gen_jitter(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_jitter", params, pn, 6);
 	double eps = d->jitter_eps;
 	struct moe_ll_loop t, h;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, 2), moe_ll_prm(g, 3), "t");
+	moe_ll_loop_open(g, &t, moe_ll_prm(g, 2), moe_ll_prm(g, 3), 1, "t");
 	LLVMValueRef row = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), "");
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "h");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "h");
 	LLVMValueRef u =
 	    rng_uniform(g, rng_hash(g, moe_ll_prm(g, 4), moe_ll_prm(g, 5), t.iv, h.iv));
 	LLVMValueRef m =
@@ -444,22 +362,14 @@ static void gen_jitter(struct moe_ll *g)
 	moe_ll_fn_end(g);
 }
 
-void moe_cpu_research_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			    struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			    struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
+void moe_cpu_research_build(struct moe_ll *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 {
-	struct moe_ll g;
-	moe_ll_init(&g, ctx, mod, b, p->desc);
-	gen_route_x(&g);
-	k[MOE_KERNEL_ROUTE_X] = g.fn;
+	gen_route_x(g);
+	k[MOE_KERNEL_ROUTE_X] = g->fn;
 }
 
-void moe_cpu_jitter_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			  struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			  struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
+void moe_cpu_jitter_build(struct moe_ll *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 {
-	struct moe_ll g;
-	moe_ll_init(&g, ctx, mod, b, p->desc);
-	gen_jitter(&g);
-	k[MOE_KERNEL_JITTER] = g.fn;
+	gen_jitter(g);
+	k[MOE_KERNEL_JITTER] = g->fn;
 }

@@ -2,7 +2,6 @@
  * cpu_llvm.c builds: l2-normalization of tokens and slot parameters, the
  * token-slot logits, the two softmaxes, the slot inputs D^T x and the output
  * C Y. Each repeats the reference's arithmetic order (route_soft in ref.c). */
-#include "backend.h"
 #include "cpu_llvm_util.h"
 
 #include <llvm-c/Core.h>
@@ -33,48 +32,6 @@ static LLVMValueRef mul(struct moe_ll *g, LLVMValueRef a, int64_t k)
 	return LLVMBuildNSWMul(g->b, a, moe_ll_i64c(g, k), "");
 }
 
-static LLVMValueRef add(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b)
-{
-	return LLVMBuildNSWAdd(g->b, a, b, "");
-}
-
-static LLVMValueRef ext(struct moe_ll *g, LLVMValueRef v)
-{
-	return LLVMBuildFPExt(g->b, v, g->t_f64, "");
-}
-
-/* score_vec's softmax over n values l[off + i * stride] into
- * s[soff + i * sstride]: maximum, exp in double of the f32 difference rounded
- * to f32, f32 sum in index order, division. */
-static void softmax(struct moe_ll *g, LLVMValueRef l, LLVMValueRef off, int64_t stride,
-		    LLVMValueRef s, LLVMValueRef soff, int64_t sstride, LLVMValueRef n)
-{
-	LLVMBuilderRef b = g->b;
-	LLVMValueRef m = moe_ll_alloca(g, g->t_f32, 1, "smax"),
-		     sum = moe_ll_alloca(g, g->t_f32, 1, "ssum");
-	struct moe_ll_loop i;
-	moe_ll_st(g, moe_ll_f32c(g, -INFINITY), m);
-	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), n, "sm.max");
-	LLVMValueRef v = moe_ll_ldf(g, l, add(g, off, mul(g, i.iv, stride)));
-	LLVMValueRef mv = moe_ll_ld(g, g->t_f32, m);
-	moe_ll_st(g, LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOGT, v, mv, ""), v, mv, ""), m);
-	moe_ll_loop_close(g, &i);
-	LLVMValueRef mx = moe_ll_ld(g, g->t_f32, m);
-	moe_ll_st(g, moe_ll_f32c(g, 0.0), sum);
-	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), n, "sm.exp");
-	v = moe_ll_ldf(g, l, add(g, off, mul(g, i.iv, stride)));
-	LLVMValueRef ex =
-	    moe_ll_to_f32(g, moe_ll_libm(g, "exp", ext(g, LLVMBuildFSub(b, v, mx, ""))));
-	moe_ll_stf(g, ex, s, add(g, soff, mul(g, i.iv, sstride)));
-	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sum), ex, ""), sum);
-	moe_ll_loop_close(g, &i);
-	LLVMValueRef tot = moe_ll_ld(g, g->t_f32, sum);
-	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), n, "sm.div");
-	LLVMValueRef k = add(g, soff, mul(g, i.iv, sstride));
-	moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, s, k), tot, ""), s, k);
-	moe_ll_loop_close(g, &i);
-}
-
 /* The kernels ------------------------------------------------------------------ */
 
 /* moe_soft_norm(src, dst, r0, r1): rows [r0, r1) of [*, H]: dst = src * r,
@@ -89,24 +46,20 @@ static void gen_norm(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_soft_norm", params, pn, 4);
 	LLVMValueRef ss = moe_ll_alloca(g, g->t_f32, 1, "ss");
 	struct moe_ll_loop r, h;
-	moe_ll_loop_open(g, &r, moe_ll_prm(g, 2), moe_ll_prm(g, 3), "r");
+	moe_ll_loop_open(g, &r, moe_ll_prm(g, 2), moe_ll_prm(g, 3), 1, "r");
 	LLVMValueRef src = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), mul(g, r.iv, H));
 	LLVMValueRef dst = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), mul(g, r.iv, H));
 	moe_ll_st(g, moe_ll_f32c(g, 0.0), ss);
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "ss");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "ss");
 	LLVMValueRef v = moe_ll_ldf(g, src, h.iv);
 	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, ss), LLVMBuildFMul(b, v, v, ""), ""),
 		  ss);
 	moe_ll_loop_close(g, &h);
-	LLVMValueRef den =
-	    LLVMBuildFAdd(b, ext(g, moe_ll_ld(g, g->t_f32, ss)), moe_ll_f64c(g, 1e-6), "");
-	LLVMTypeRef t = g->t_f64;
-	unsigned id = LLVMLookupIntrinsicID("llvm.sqrt", 9);
-	LLVMValueRef sq =
-	    LLVMBuildCall2(b, LLVMIntrinsicGetType(g->ctx, id, &t, 1),
-			   LLVMGetIntrinsicDeclaration(g->mod, id, &t, 1), &den, 1, "");
+	LLVMValueRef den = LLVMBuildFAdd(b, moe_ll_to_f64(g, moe_ll_ld(g, g->t_f32, ss)),
+					 moe_ll_f64c(g, 1e-6), "");
+	LLVMValueRef sq = moe_ll_intr1(g, "llvm.sqrt", den);
 	LLVMValueRef inv = moe_ll_to_f32(g, LLVMBuildFDiv(b, moe_ll_f64c(g, 1.0), sq, ""));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "sc");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "sc");
 	moe_ll_stf(g, LLVMBuildFMul(b, moe_ll_ldf(g, src, h.iv), inv, ""), dst, h.iv);
 	moe_ll_loop_close(g, &h);
 	moe_ll_loop_close(g, &r);
@@ -114,48 +67,23 @@ static void gen_norm(struct moe_ll *g)
 }
 
 /* moe_soft_logits(xn, slots, scale, t0, t1, L): L[t, s] = scale * (xn_t .
- * slot_s), the slots as router panels [ceil(S/8)][H][8], each lane an f32 sum
- * in ascending h (multiply, then add), as dot_f32. */
+ * slot_s), the slots as router panels of the S slots (moe_ll_panel_dots). */
 static void gen_logits(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
-	uint32_t H = g->d->hidden, S = n_slots(g), nb = moe_router_blocks(S);
+	uint32_t H = g->d->hidden, S = n_slots(g);
 	LLVMTypeRef params[] = {g->t_ptr, g->t_ptr, g->t_f32, g->t_i64, g->t_i64, g->t_ptr};
 	static const char *const pn[] = {"xn", "slots", "scale", "t0", "t1", "L"};
 	moe_ll_fn_begin(g, "moe_soft_logits", params, pn, 6);
-	LLVMValueRef acc = moe_ll_alloca(g, g->t_v8f, 1, "acc"), scale = moe_ll_prm(g, 2);
-	struct moe_ll_loop t, p, h;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, 3), moe_ll_prm(g, 4), "t");
+	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, (uint64_t)moe_router_blocks(S) * MOE_RB, "l");
+	struct moe_ll_loop t, s;
+	moe_ll_loop_open(g, &t, moe_ll_prm(g, 3), moe_ll_prm(g, 4), 1, "t");
 	LLVMValueRef xrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), mul(g, t.iv, H));
 	LLVMValueRef lrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5), mul(g, t.iv, S));
-	moe_ll_loop_open(g, &p, moe_ll_i64c(g, 0), moe_ll_i64c(g, nb), "p");
-	moe_ll_st(g, LLVMConstNull(g->t_v8f), acc);
-	LLVMValueRef wb = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), mul(g, p.iv, (int64_t)H * 8));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "h");
-	LLVMValueRef xv =
-	    LLVMBuildInsertElement(b, LLVMGetPoison(g->t_v8f), moe_ll_ldf(g, xrow, h.iv),
-				   LLVMConstInt(g->t_i32, 0, 0), "");
-	xv = LLVMBuildShuffleVector(b, xv, LLVMGetPoison(g->t_v8f),
-				    LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
-	LLVMValueRef wv = moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, wb, mul(g, h.iv, 8)));
-	moe_ll_st(g,
-		  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc), LLVMBuildFMul(b, xv, wv, ""), ""),
-		  acc);
-	moe_ll_loop_close(g, &h);
-	LLVMValueRef a = moe_ll_ld(g, g->t_v8f, acc);
-	for (int j = 0; j < 8; j++) {
-		LLVMValueRef s = add(g, mul(g, p.iv, 8), moe_ll_i64c(g, j));
-		LLVMBasicBlockRef then = moe_ll_bb(g, "lane"), end = moe_ll_bb(g, "lane.end");
-		LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntSLT, s, moe_ll_i64c(g, S), ""), then,
-				end);
-		LLVMPositionBuilderAtEnd(b, then);
-		LLVMValueRef v =
-		    LLVMBuildExtractElement(b, a, LLVMConstInt(g->t_i32, (unsigned)j, 0), "");
-		moe_ll_stf(g, LLVMBuildFMul(b, scale, v, ""), lrow, s);
-		LLVMBuildBr(b, end);
-		LLVMPositionBuilderAtEnd(b, end);
-	}
-	moe_ll_loop_close(g, &p);
+	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, 1), S, l);
+	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, S), 1, "s");
+	moe_ll_stf(g, LLVMBuildFMul(b, moe_ll_prm(g, 2), moe_ll_ldf(g, l, s.iv), ""), lrow, s.iv);
+	moe_ll_loop_close(g, &s);
 	moe_ll_loop_close(g, &t);
 	moe_ll_fn_end(g);
 }
@@ -168,9 +96,10 @@ static void gen_combine(struct moe_ll *g)
 	static const char *const pn[] = {"L", "t0", "t1", "C"};
 	moe_ll_fn_begin(g, "moe_soft_combine", params, pn, 4);
 	struct moe_ll_loop t;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, 1), moe_ll_prm(g, 2), "t");
+	moe_ll_loop_open(g, &t, moe_ll_prm(g, 1), moe_ll_prm(g, 2), 1, "t");
 	LLVMValueRef off = mul(g, t.iv, n_slots(g));
-	softmax(g, moe_ll_prm(g, 0), off, 1, moe_ll_prm(g, 3), off, 1, moe_ll_i64c(g, n_slots(g)));
+	moe_ll_softmax(g, moe_ll_prm(g, 0), off, 1, moe_ll_prm(g, 3), off, 1,
+		       moe_ll_i64c(g, n_slots(g)));
 	moe_ll_loop_close(g, &t);
 	moe_ll_fn_end(g);
 }
@@ -184,9 +113,9 @@ static void gen_dispatch(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_soft_dispatch", params, pn, 5);
 	LLVMValueRef T = moe_ll_prm(g, 1);
 	struct moe_ll_loop s;
-	moe_ll_loop_open(g, &s, moe_ll_prm(g, 2), moe_ll_prm(g, 3), "s");
-	softmax(g, moe_ll_prm(g, 0), s.iv, n_slots(g), moe_ll_prm(g, 4),
-		LLVMBuildNSWMul(g->b, s.iv, T, ""), 1, T);
+	moe_ll_loop_open(g, &s, moe_ll_prm(g, 2), moe_ll_prm(g, 3), 1, "s");
+	moe_ll_softmax(g, moe_ll_prm(g, 0), s.iv, n_slots(g), moe_ll_prm(g, 4),
+		       LLVMBuildNSWMul(g->b, s.iv, T, ""), 1, T);
 	moe_ll_loop_close(g, &s);
 	moe_ll_fn_end(g);
 }
@@ -203,22 +132,22 @@ static void gen_slot_in(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_soft_slot_in", params, pn, 7);
 	LLVMValueRef T = moe_ll_prm(g, 2), acc = moe_ll_prm(g, 6);
 	struct moe_ll_loop s, t, h;
-	moe_ll_loop_open(g, &s, moe_ll_prm(g, 3), moe_ll_prm(g, 4), "s");
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "z");
+	moe_ll_loop_open(g, &s, moe_ll_prm(g, 3), moe_ll_prm(g, 4), 1, "s");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "z");
 	std_(g, moe_ll_f64c(g, 0.0), acc, h.iv);
 	moe_ll_loop_close(g, &h);
 	LLVMValueRef drow =
 	    moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), LLVMBuildNSWMul(b, s.iv, T, ""));
-	moe_ll_loop_open(g, &t, moe_ll_i64c(g, 0), T, "t");
-	LLVMValueRef dv = ext(g, moe_ll_ldf(g, drow, t.iv));
+	moe_ll_loop_open(g, &t, moe_ll_i64c(g, 0), T, 1, "t");
+	LLVMValueRef dv = moe_ll_to_f64(g, moe_ll_ldf(g, drow, t.iv));
 	LLVMValueRef xrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), mul(g, t.iv, H));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "h");
-	LLVMValueRef pr = LLVMBuildFMul(b, dv, ext(g, moe_ll_ldf(g, xrow, h.iv)), "");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "h");
+	LLVMValueRef pr = LLVMBuildFMul(b, dv, moe_ll_to_f64(g, moe_ll_ldf(g, xrow, h.iv)), "");
 	std_(g, LLVMBuildFAdd(b, ldd(g, acc, h.iv), pr, ""), acc, h.iv);
 	moe_ll_loop_close(g, &h);
 	moe_ll_loop_close(g, &t);
 	LLVMValueRef xs = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5), mul(g, s.iv, H));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "o");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "o");
 	moe_ll_stf(g, moe_ll_to_f32(g, ldd(g, acc, h.iv)), xs, h.iv);
 	moe_ll_loop_close(g, &h);
 	moe_ll_loop_close(g, &s);
@@ -238,24 +167,25 @@ static void gen_out(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_soft_out", params, pn, 7);
 	LLVMValueRef acc = moe_ll_prm(g, 6);
 	struct moe_ll_loop t, s, h;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, 3), moe_ll_prm(g, 4), "t");
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "z");
+	moe_ll_loop_open(g, &t, moe_ll_prm(g, 3), moe_ll_prm(g, 4), 1, "t");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "z");
 	std_(g, moe_ll_f64c(g, 0.0), acc, h.iv);
 	moe_ll_loop_close(g, &h);
 	LLVMValueRef crow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), mul(g, t.iv, S));
-	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, S), "s");
+	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, S), 1, "s");
 	LLVMValueRef c = moe_ll_ldf(g, crow, s.iv);
 	LLVMValueRef yrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), mul(g, s.iv, H));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "h");
-	LLVMValueRef pr = ext(g, LLVMBuildFMul(b, c, moe_ll_ldf(g, yrow, h.iv), ""));
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "h");
+	LLVMValueRef pr = moe_ll_to_f64(g, LLVMBuildFMul(b, c, moe_ll_ldf(g, yrow, h.iv), ""));
 	std_(g, LLVMBuildFAdd(b, ldd(g, acc, h.iv), pr, ""), acc, h.iv);
 	moe_ll_loop_close(g, &h);
 	moe_ll_loop_close(g, &s);
 	LLVMValueRef out = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5), mul(g, t.iv, H));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "o");
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "o");
 	LLVMValueRef v = ldd(g, acc, h.iv);
 	if (g->d->output_bias)
-		v = LLVMBuildFAdd(b, v, ext(g, moe_ll_ldf(g, moe_ll_prm(g, 2), h.iv)), "");
+		v = LLVMBuildFAdd(b, v, moe_ll_to_f64(g, moe_ll_ldf(g, moe_ll_prm(g, 2), h.iv)),
+				  "");
 	moe_ll_stf(g, moe_ll_to_f32(g, v), out, h.iv);
 	moe_ll_loop_close(g, &h);
 	moe_ll_loop_close(g, &t);
@@ -264,9 +194,7 @@ static void gen_out(struct moe_ll *g)
 
 /* Entry points ------------------------------------------------------------------- */
 
-void moe_cpu_soft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *mod,
-			struct LLVMOpaqueBuilder *b, const struct moe_plan *p,
-			struct LLVMOpaqueValue *k[MOE_KERNEL_COUNT])
+void moe_cpu_soft_build(struct moe_ll *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 {
 	static const struct {
 		enum moe_kernel k;
@@ -276,10 +204,8 @@ void moe_cpu_soft_build(struct LLVMOpaqueContext *ctx, struct LLVMOpaqueModule *
 	    {MOE_KERNEL_SOFT_COMBINE, gen_combine}, {MOE_KERNEL_SOFT_DISPATCH, gen_dispatch},
 	    {MOE_KERNEL_SOFT_SLOT_IN, gen_slot_in}, {MOE_KERNEL_SOFT_OUT, gen_out},
 	};
-	struct moe_ll g;
-	moe_ll_init(&g, ctx, mod, b, p->desc);
 	for (size_t i = 0; i < sizeof fns / sizeof *fns; i++) {
-		fns[i].gen(&g);
-		k[fns[i].k] = g.fn;
+		fns[i].gen(g);
+		k[fns[i].k] = g->fn;
 	}
 }

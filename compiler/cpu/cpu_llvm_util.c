@@ -1,21 +1,22 @@
-/* cpu_llvm_util.c: the small IR builders the CPU backend's router and layer
- * files share (see cpu_llvm_util.h). Alignments, block order and attributes
- * are part of the generated IR that generated/ pins, so keep them stable. */
+/* cpu_llvm_util.c: the CPU backend's IR builder (see cpu_llvm_util.h).
+ * Alignments, block order and attributes are part of the generated IR that
+ * generated/ pins, so keep them stable. */
 #include "cpu_llvm_util.h"
 
-#include "backend.h"
-
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 void moe_ll_init(struct moe_ll *g, LLVMContextRef ctx, LLVMModuleRef mod, LLVMBuilderRef b,
-		 const struct moe_desc *d)
+		 const struct moe_plan *p, int wide)
 {
 	memset(g, 0, sizeof *g);
 	g->ctx = ctx;
 	g->mod = mod;
 	g->b = b;
-	g->d = d;
+	g->p = p;
+	g->d = p->desc;
+	g->wide = wide;
 	g->t_void = LLVMVoidTypeInContext(ctx);
 	g->t_i1 = LLVMInt1TypeInContext(ctx);
 	g->t_i8 = LLVMInt8TypeInContext(ctx);
@@ -24,14 +25,26 @@ void moe_ll_init(struct moe_ll *g, LLVMContextRef ctx, LLVMModuleRef mod, LLVMBu
 	g->t_i64 = LLVMInt64TypeInContext(ctx);
 	g->t_f32 = LLVMFloatTypeInContext(ctx);
 	g->t_f64 = LLVMDoubleTypeInContext(ctx);
+	g->t_half = LLVMHalfTypeInContext(ctx);
 	g->t_ptr = LLVMPointerTypeInContext(ctx, 0);
-	g->t_v8f = LLVMVectorType(g->t_f32, 8);
-	g->t_v8d = LLVMVectorType(g->t_f64, 8);
+	g->t_v8f = LLVMVectorType(g->t_f32, MOE_VW);
+	g->t_v8d = LLVMVectorType(g->t_f64, MOE_VW);
+	g->t_v8i16 = LLVMVectorType(g->t_i16, MOE_VW);
+	g->t_v8i32 = LLVMVectorType(g->t_i32, MOE_VW);
+	g->t_v8h = LLVMVectorType(g->t_half, MOE_VW);
+	g->t_v16f = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 }
+
+/* Constants -------------------------------------------------------------- */
 
 LLVMValueRef moe_ll_i64c(struct moe_ll *g, int64_t v)
 {
 	return LLVMConstInt(g->t_i64, (unsigned long long)v, 1);
+}
+
+LLVMValueRef moe_ll_i32c(struct moe_ll *g, int32_t v)
+{
+	return LLVMConstInt(g->t_i32, (unsigned long long)(int64_t)v, 1);
 }
 
 LLVMValueRef moe_ll_f32c(struct moe_ll *g, double v)
@@ -44,29 +57,50 @@ LLVMValueRef moe_ll_f64c(struct moe_ll *g, double v)
 	return LLVMConstReal(g->t_f64, v);
 }
 
+LLVMValueRef moe_ll_vf32c(struct moe_ll *g, double v)
+{
+	LLVMValueRef e[MOE_VW];
+	for (int i = 0; i < MOE_VW; i++)
+		e[i] = moe_ll_f32c(g, v);
+	return LLVMConstVector(e, MOE_VW);
+}
+
+LLVMValueRef moe_ll_vi32c(struct moe_ll *g, int32_t v)
+{
+	LLVMValueRef e[MOE_VW];
+	for (int i = 0; i < MOE_VW; i++)
+		e[i] = moe_ll_i32c(g, v);
+	return LLVMConstVector(e, MOE_VW);
+}
+
+/* Memory ----------------------------------------------------------------- */
+
 LLVMValueRef moe_ll_at(struct moe_ll *g, LLVMTypeRef t, LLVMValueRef base, LLVMValueRef i)
 {
 	return LLVMBuildInBoundsGEP2(g->b, t, base, &i, 1, "");
 }
 
-/* Loads take the scalar's natural alignment (vectors of f32: 4, the arrays
- * they come from); stores of i16 stay at 4, as they always were. */
+/* the natural alignment of t's scalar (a vector's element) */
+static unsigned align_of(struct moe_ll *g, LLVMTypeRef t)
+{
+	if (LLVMGetTypeKind(t) == LLVMVectorTypeKind)
+		t = LLVMGetElementType(t);
+	return t == g->t_i8                                      ? 1
+	       : t == g->t_i16 || t == g->t_half                 ? 2
+	       : t == g->t_i64 || t == g->t_f64 || t == g->t_ptr ? 8
+								 : 4;
+}
+
 LLVMValueRef moe_ll_ld(struct moe_ll *g, LLVMTypeRef t, LLVMValueRef p)
 {
 	LLVMValueRef v = LLVMBuildLoad2(g->b, t, p, "");
-	LLVMSetAlignment(v, t == g->t_i8                     ? 1
-			    : t == g->t_i16                  ? 2
-			    : t == g->t_i64 || t == g->t_f64 ? 8
-							     : 4);
+	LLVMSetAlignment(v, align_of(g, t));
 	return v;
 }
 
 void moe_ll_st(struct moe_ll *g, LLVMValueRef v, LLVMValueRef p)
 {
-	LLVMTypeRef t = LLVMTypeOf(v);
-	LLVMSetAlignment(LLVMBuildStore(g->b, v, p), t == g->t_i8                     ? 1
-						     : t == g->t_i64 || t == g->t_f64 ? 8
-										      : 4);
+	LLVMSetAlignment(LLVMBuildStore(g->b, v, p), align_of(g, LLVMTypeOf(v)));
 }
 
 /* f32 element i of array p */
@@ -80,8 +114,13 @@ void moe_ll_stf(struct moe_ll *g, LLVMValueRef v, LLVMValueRef p, LLVMValueRef i
 	moe_ll_st(g, v, moe_ll_at(g, g->t_f32, p, i));
 }
 
+LLVMValueRef moe_ll_ldi(struct moe_ll *g, LLVMValueRef p, LLVMValueRef i)
+{
+	return moe_ll_ld(g, g->t_i64, moe_ll_at(g, g->t_i64, p, i));
+}
+
 /* n elements of t (a scalar slot when n == 1) in the entry block, so the
- * allocas stay static whatever loop builds them. */
+ * allocas stay static whatever loop builds them (mem2reg promotes them). */
 LLVMValueRef moe_ll_alloca(struct moe_ll *g, LLVMTypeRef t, uint64_t n, const char *name)
 {
 	LLVMBasicBlockRef cur = LLVMGetInsertBlock(g->b);
@@ -93,18 +132,28 @@ LLVMValueRef moe_ll_alloca(struct moe_ll *g, LLVMTypeRef t, uint64_t n, const ch
 	return a;
 }
 
+/* Control flow and functions ----------------------------------------------- */
+
 LLVMBasicBlockRef moe_ll_bb(struct moe_ll *g, const char *name)
 {
 	return LLVMAppendBasicBlockInContext(g->ctx, g->fn, name);
 }
 
+static LLVMBasicBlockRef bb2(struct moe_ll *g, const char *name, const char *suffix)
+{
+	char nm[64];
+	snprintf(nm, sizeof nm, "%s.%s", name, suffix);
+	return moe_ll_bb(g, nm);
+}
+
 void moe_ll_loop_open(struct moe_ll *g, struct moe_ll_loop *l, LLVMValueRef from, LLVMValueRef to,
-		      const char *name)
+		      int64_t step, const char *name)
 {
 	LLVMBasicBlockRef pre = LLVMGetInsertBlock(g->b);
-	l->head = moe_ll_bb(g, name);
-	l->body = moe_ll_bb(g, name);
-	l->exit = moe_ll_bb(g, name);
+	l->head = bb2(g, name, "head");
+	l->body = bb2(g, name, "body");
+	l->exit = bb2(g, name, "end");
+	l->step = step;
 	LLVMBuildBr(g->b, l->head);
 	LLVMPositionBuilderAtEnd(g->b, l->head);
 	l->iv = LLVMBuildPhi(g->b, g->t_i64, name);
@@ -117,17 +166,16 @@ void moe_ll_loop_open(struct moe_ll *g, struct moe_ll_loop *l, LLVMValueRef from
 void moe_ll_loop_close(struct moe_ll *g, struct moe_ll_loop *l)
 {
 	LLVMBasicBlockRef latch = LLVMGetInsertBlock(g->b);
-	LLVMValueRef next = LLVMBuildNSWAdd(g->b, l->iv, moe_ll_i64c(g, 1), "");
+	LLVMValueRef next = LLVMBuildNSWAdd(g->b, l->iv, moe_ll_i64c(g, l->step), "");
 	LLVMBuildBr(g->b, l->head);
 	LLVMAddIncoming(l->iv, &next, &latch, 1);
 	LLVMMoveBasicBlockAfter(l->exit, latch);
 	LLVMPositionBuilderAtEnd(g->b, l->exit);
 }
 
-/* if (c) { ... }: returns the join block for moe_ll_when_end */
-LLVMBasicBlockRef moe_ll_when(struct moe_ll *g, LLVMValueRef c)
+LLVMBasicBlockRef moe_ll_when(struct moe_ll *g, LLVMValueRef c, const char *name)
 {
-	LLVMBasicBlockRef then = moe_ll_bb(g, "then"), end = moe_ll_bb(g, "endif");
+	LLVMBasicBlockRef then = bb2(g, name, "then"), end = bb2(g, name, "end");
 	LLVMBuildCondBr(g->b, c, then, end);
 	LLVMPositionBuilderAtEnd(g->b, then);
 	return end;
@@ -141,6 +189,12 @@ void moe_ll_when_end(struct moe_ll *g, LLVMBasicBlockRef end)
 	LLVMPositionBuilderAtEnd(g->b, end);
 }
 
+static void attr(struct moe_ll *g, LLVMValueRef f, unsigned idx, const char *name)
+{
+	unsigned k = LLVMGetEnumAttributeKindForName(name, strlen(name));
+	LLVMAddAttributeAtIndex(f, idx, LLVMCreateEnumAttribute(g->ctx, k, 0));
+}
+
 /* A hidden nounwind void function; the builder is left in its first block
  * after "entry", which moe_ll_fn_end links to. */
 void moe_ll_fn_begin(struct moe_ll *g, const char *name, LLVMTypeRef *params,
@@ -149,9 +203,7 @@ void moe_ll_fn_begin(struct moe_ll *g, const char *name, LLVMTypeRef *params,
 	LLVMTypeRef ft = LLVMFunctionType(g->t_void, params, n, 0);
 	g->fn = LLVMAddFunction(g->mod, name, ft);
 	LLVMSetVisibility(g->fn, LLVMHiddenVisibility);
-	unsigned k = LLVMGetEnumAttributeKindForName("nounwind", 8);
-	LLVMAddAttributeAtIndex(g->fn, LLVMAttributeFunctionIndex,
-				LLVMCreateEnumAttribute(g->ctx, k, 0));
+	attr(g, g->fn, LLVMAttributeFunctionIndex, "nounwind");
 	for (unsigned i = 0; i < n; i++)
 		LLVMSetValueName2(LLVMGetParam(g->fn, i), pnames[i], strlen(pnames[i]));
 	g->entry = moe_ll_bb(g, "entry");
@@ -172,31 +224,72 @@ LLVMValueRef moe_ll_prm(struct moe_ll *g, unsigned i)
 	return LLVMGetParam(g->fn, i);
 }
 
-/* double f(double) from the C library, declared nounwind: the reference's
- * formulas. An f32 argument is widened first. */
-LLVMValueRef moe_ll_libm(struct moe_ll *g, const char *fname, LLVMValueRef a)
+void moe_ll_noalias(struct moe_ll *g, unsigned i)
 {
-	LLVMTypeRef ft = LLVMFunctionType(g->t_f64, &g->t_f64, 1, 0);
-	LLVMValueRef f = LLVMGetNamedFunction(g->mod, fname);
-	if (!f) {
-		f = LLVMAddFunction(g->mod, fname, ft);
-		unsigned k = LLVMGetEnumAttributeKindForName("nounwind", 8);
-		LLVMAddAttributeAtIndex(f, LLVMAttributeFunctionIndex,
-					LLVMCreateEnumAttribute(g->ctx, k, 0));
-	}
-	if (LLVMTypeOf(a) != g->t_f64)
-		a = LLVMBuildFPExt(g->b, a, g->t_f64, "");
-	return LLVMBuildCall2(g->b, ft, f, &a, 1, "");
+	attr(g, g->fn, i + 1, "noalias");
+}
+
+/* Arithmetic --------------------------------------------------------------- */
+
+LLVMValueRef moe_ll_intr(struct moe_ll *g, const char *name, LLVMTypeRef *tys, size_t n_tys,
+			 LLVMValueRef *args, unsigned n_args)
+{
+	unsigned id = LLVMLookupIntrinsicID(name, strlen(name));
+	MOE_ASSERT(id != 0);
+	LLVMValueRef f = LLVMGetIntrinsicDeclaration(g->mod, id, tys, n_tys);
+	LLVMTypeRef ft = LLVMIntrinsicGetType(g->ctx, id, tys, n_tys);
+	return LLVMBuildCall2(g->b, ft, f, args, n_args, "");
 }
 
 /* a one-operand intrinsic overloaded on a's type (llvm.fabs, llvm.sqrt, ...) */
 LLVMValueRef moe_ll_intr1(struct moe_ll *g, const char *name, LLVMValueRef a)
 {
 	LLVMTypeRef t = LLVMTypeOf(a);
-	unsigned id = LLVMLookupIntrinsicID(name, strlen(name));
-	MOE_ASSERT(id != 0);
-	LLVMValueRef f = LLVMGetIntrinsicDeclaration(g->mod, id, &t, 1);
-	return LLVMBuildCall2(g->b, LLVMIntrinsicGetType(g->ctx, id, &t, 1), f, &a, 1, "");
+	return moe_ll_intr(g, name, &t, 1, &a, 1);
+}
+
+LLVMValueRef moe_ll_fma(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMValueRef c)
+{
+	LLVMTypeRef t = LLVMTypeOf(a);
+	LLVMValueRef args[3] = {a, b, c};
+	return moe_ll_intr(g, "llvm.fma", &t, 1, args, 3);
+}
+
+/* A C library function of n arguments of type t returning t, declared
+ * nounwind on first use: the reference's formulas call the same. */
+static LLVMValueRef libcall(struct moe_ll *g, const char *fname, LLVMTypeRef t, LLVMValueRef *args,
+			    unsigned n)
+{
+	LLVMTypeRef ps[2] = {t, t};
+	LLVMTypeRef ft = LLVMFunctionType(t, ps, n, 0);
+	LLVMValueRef f = LLVMGetNamedFunction(g->mod, fname);
+	if (!f) {
+		f = LLVMAddFunction(g->mod, fname, ft);
+		attr(g, f, LLVMAttributeFunctionIndex, "nounwind");
+	}
+	return LLVMBuildCall2(g->b, ft, f, args, n, "");
+}
+
+/* double f(double); an f32 argument is widened first. */
+LLVMValueRef moe_ll_libm(struct moe_ll *g, const char *fname, LLVMValueRef a)
+{
+	if (LLVMTypeOf(a) != g->t_f64)
+		a = moe_ll_to_f64(g, a);
+	return libcall(g, fname, g->t_f64, &a, 1);
+}
+
+/* float f(float) */
+LLVMValueRef moe_ll_libmf(struct moe_ll *g, const char *fname, LLVMValueRef a)
+{
+	return libcall(g, fname, g->t_f32, &a, 1);
+}
+
+/* pow(a, e) of the C library in double, as the reference's normalize calls it
+ * (not llvm.pow, which the optimizer may turn into sqrt). */
+LLVMValueRef moe_ll_pow(struct moe_ll *g, LLVMValueRef a, double e)
+{
+	LLVMValueRef args[2] = {a, moe_ll_f64c(g, e)};
+	return libcall(g, "pow", g->t_f64, args, 2);
 }
 
 /* a > b ? x : y, false when either is NaN */
@@ -206,85 +299,153 @@ LLVMValueRef moe_ll_sel_gt(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLV
 	return LLVMBuildSelect(g->b, LLVMBuildFCmp(g->b, LLVMRealOGT, a, b, ""), x, y, "");
 }
 
+/* a > b ? a : b (a NaN b: b) */
+LLVMValueRef moe_ll_fmax(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b)
+{
+	return moe_ll_sel_gt(g, a, b, a, b);
+}
+
+/* a < b ? a : b (a NaN b: b) */
+LLVMValueRef moe_ll_fmin(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b)
+{
+	return LLVMBuildSelect(g->b, LLVMBuildFCmp(g->b, LLVMRealOLT, a, b, ""), a, b, "");
+}
+
 LLVMValueRef moe_ll_to_f32(struct moe_ll *g, LLVMValueRef v)
 {
 	return LLVMBuildFPTrunc(g->b, v, g->t_f32, "");
 }
 
-/* out[0..n) = rows of panel weights . xrow: [ceil(n/8)][H][8] f32 panels,
- * each lane an f32 sum in ascending h (multiply then add), like dot_f32. */
+LLVMValueRef moe_ll_to_f64(struct moe_ll *g, LLVMValueRef v)
+{
+	return LLVMBuildFPExt(g->b, v, g->t_f64, "");
+}
+
+/* scalar s in every lane of vector type vt */
+LLVMValueRef moe_ll_splat(struct moe_ll *g, LLVMValueRef s, LLVMTypeRef vt)
+{
+	unsigned n = LLVMGetVectorSize(vt);
+	LLVMValueRef v = LLVMBuildInsertElement(g->b, LLVMGetPoison(vt), s, moe_ll_i32c(g, 0), "");
+	return LLVMBuildShuffleVector(g->b, v, LLVMGetPoison(vt),
+				      LLVMConstNull(LLVMVectorType(g->t_i32, n)), "");
+}
+
+/* Router pieces ------------------------------------------------------------ */
+
+void moe_ll_panel_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
+		       LLVMValueRef pb0, int nb, int64_t K, LLVMValueRef *acc)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef cell[MOE_LL_TILE_MAX * MOE_LL_TILE_MAX], wv[MOE_LL_TILE_MAX];
+	char nm[32];
+	MOE_ASSERT(nr >= 1 && nr <= MOE_LL_TILE_MAX && nb >= 1 && nb <= MOE_LL_TILE_MAX);
+	for (int i = 0; i < nr * nb; i++) {
+		snprintf(nm, sizeof nm, "lacc%d", i);
+		cell[i] = moe_ll_alloca(g, g->t_v8f, 1, nm);
+		moe_ll_st(g, moe_ll_vf32c(g, 0.0), cell[i]);
+	}
+	struct moe_ll_loop h;
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, K), 1, "hh");
+	for (int r = 0; r < nr; r++) {
+		LLVMValueRef a = moe_ll_splat(g, moe_ll_ldf(g, x[r], h.iv), g->t_v8f);
+		for (int j = 0; j < nb; j++) {
+			if (r == 0) {
+				LLVMValueRef pb = LLVMBuildNSWAdd(b, pb0, moe_ll_i64c(g, j), "");
+				LLVMValueRef off =
+				    LLVMBuildNSWMul(b, pb, moe_ll_i64c(g, K * MOE_RB), "");
+				off = LLVMBuildNSWAdd(
+				    b, off, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, MOE_RB), ""),
+				    "");
+				wv[j] = moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, w, off));
+			}
+			LLVMValueRef m = LLVMBuildFMul(b, a, wv[j], "");
+			LLVMValueRef c = cell[r * nb + j];
+			moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, c), m, ""), c);
+		}
+	}
+	moe_ll_loop_close(g, &h);
+	for (int i = 0; i < nr * nb; i++)
+		acc[i] = moe_ll_ld(g, g->t_v8f, cell[i]);
+}
+
+/* blocks [pb0, pb0 + nb) of one row into out */
+static void panel_blocks(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, LLVMValueRef out,
+			 LLVMValueRef pb0, int nb)
+{
+	LLVMValueRef acc[MOE_LL_TILE_MAX];
+	moe_ll_panel_tile(g, &xrow, 1, w, pb0, nb, g->d->hidden, acc);
+	for (int j = 0; j < nb; j++) {
+		LLVMValueRef pb = LLVMBuildNSWAdd(g->b, pb0, moe_ll_i64c(g, j), "");
+		LLVMValueRef e = LLVMBuildNSWMul(g->b, pb, moe_ll_i64c(g, MOE_RB), "");
+		moe_ll_st(g, acc[j], moe_ll_at(g, g->t_f32, out, e));
+	}
+}
+
 void moe_ll_panel_dots(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, uint32_t n,
 		       LLVMValueRef out)
 {
-	LLVMBuilderRef b = g->b;
-	uint32_t H = g->d->hidden, nb = moe_router_blocks(n);
-	LLVMValueRef acc = moe_ll_alloca(g, g->t_v8f, 1, "acc");
-	struct moe_ll_loop p, h;
-	moe_ll_loop_open(g, &p, moe_ll_i64c(g, 0), moe_ll_i64c(g, nb), "pd.b");
-	moe_ll_st(g, LLVMConstNull(g->t_v8f), acc);
-	LLVMValueRef wb =
-	    moe_ll_at(g, g->t_f32, w, LLVMBuildNSWMul(b, p.iv, moe_ll_i64c(g, (int64_t)H * 8), ""));
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), "pd.h");
-	LLVMValueRef xv = moe_ll_ldf(g, xrow, h.iv);
-	LLVMValueRef v = LLVMBuildInsertElement(b, LLVMGetPoison(g->t_v8f), xv,
-						LLVMConstInt(g->t_i32, 0, 0), "");
-	v = LLVMBuildShuffleVector(b, v, LLVMGetPoison(g->t_v8f),
-				   LLVMConstNull(LLVMVectorType(g->t_i32, 8)), "");
-	LLVMValueRef wv =
-	    moe_ll_ld(g, g->t_v8f,
-		      moe_ll_at(g, g->t_f32, wb, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, 8), "")));
-	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, acc), LLVMBuildFMul(b, v, wv, ""), ""),
-		  acc);
-	moe_ll_loop_close(g, &h);
-	/* store the lanes that exist */
-	LLVMValueRef a = moe_ll_ld(g, g->t_v8f, acc);
-	for (int j = 0; j < 8; j++) {
-		LLVMValueRef e = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, p.iv, moe_ll_i64c(g, 8), ""),
-						 moe_ll_i64c(g, j), "");
-		LLVMBasicBlockRef end =
-		    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, e, moe_ll_i64c(g, n), ""));
-		moe_ll_stf(
-		    g, LLVMBuildExtractElement(b, a, LLVMConstInt(g->t_i32, (unsigned)j, 0), ""),
-		    out, e);
-		moe_ll_when_end(g, end);
+	uint32_t nblk = moe_router_blocks(n), nfull = nblk / MOE_LL_TILE_MAX,
+		 rem = nblk % MOE_LL_TILE_MAX;
+	if (nfull) {
+		struct moe_ll_loop pb;
+		moe_ll_loop_open(g, &pb, moe_ll_i64c(g, 0),
+				 moe_ll_i64c(g, (int64_t)nfull * MOE_LL_TILE_MAX), MOE_LL_TILE_MAX,
+				 "pb");
+		panel_blocks(g, xrow, w, out, pb.iv, MOE_LL_TILE_MAX);
+		moe_ll_loop_close(g, &pb);
 	}
-	moe_ll_loop_close(g, &p);
+	if (rem)
+		panel_blocks(g, xrow, w, out, moe_ll_i64c(g, (int64_t)nfull * MOE_LL_TILE_MAX),
+			     (int)rem);
 }
 
-/* Scores s[off + i] = f(l[off + i]) for i in [0, n), as score_vec. */
+/* base + i * stride */
+static LLVMValueRef idx(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i, int64_t stride)
+{
+	if (stride != 1)
+		i = LLVMBuildNSWMul(g->b, i, moe_ll_i64c(g, stride), "");
+	return base ? LLVMBuildNSWAdd(g->b, base, i, "") : i;
+}
+
+void moe_ll_softmax(struct moe_ll *g, LLVMValueRef l, LLVMValueRef loff, int64_t lstride,
+		    LLVMValueRef s, LLVMValueRef soff, int64_t sstride, LLVMValueRef n)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef m = moe_ll_alloca(g, g->t_f32, 1, "smax"),
+		     sum = moe_ll_alloca(g, g->t_f32, 1, "ssum");
+	struct moe_ll_loop e;
+	moe_ll_st(g, moe_ll_f32c(g, -INFINITY), m);
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), n, 1, "smax");
+	LLVMValueRef v = moe_ll_ldf(g, l, idx(g, loff, e.iv, lstride));
+	moe_ll_st(g, moe_ll_fmax(g, v, moe_ll_ld(g, g->t_f32, m)), m);
+	moe_ll_loop_close(g, &e);
+	LLVMValueRef mx = moe_ll_ld(g, g->t_f32, m);
+	moe_ll_st(g, moe_ll_f32c(g, 0.0), sum);
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), n, 1, "sexp");
+	v = moe_ll_ldf(g, l, idx(g, loff, e.iv, lstride));
+	LLVMValueRef ex = moe_ll_to_f32(g, moe_ll_libm(g, "exp", LLVMBuildFSub(b, v, mx, "")));
+	moe_ll_stf(g, ex, s, idx(g, soff, e.iv, sstride));
+	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sum), ex, ""), sum);
+	moe_ll_loop_close(g, &e);
+	LLVMValueRef tot = moe_ll_ld(g, g->t_f32, sum);
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), n, 1, "sdiv");
+	LLVMValueRef i = idx(g, soff, e.iv, sstride);
+	moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, s, i), tot, ""), s, i);
+	moe_ll_loop_close(g, &e);
+}
+
 void moe_ll_scores(struct moe_ll *g, enum moe_score sc, LLVMValueRef l, LLVMValueRef s,
 		   LLVMValueRef off, uint32_t n)
 {
 	LLVMBuilderRef b = g->b;
-	struct moe_ll_loop e;
 	if (sc == MOE_SCORE_SOFTMAX) {
-		LLVMValueRef m = moe_ll_alloca(g, g->t_f32, 1, "smax"),
-			     sum = moe_ll_alloca(g, g->t_f32, 1, "ssum");
-		moe_ll_st(g, moe_ll_f32c(g, -INFINITY), m);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.max");
-		LLVMValueRef v = moe_ll_ldf(g, l, LLVMBuildNSWAdd(b, off, e.iv, ""));
-		LLVMValueRef mv = moe_ll_ld(g, g->t_f32, m);
-		moe_ll_st(g, moe_ll_sel_gt(g, v, mv, v, mv), m);
-		moe_ll_loop_close(g, &e);
-		LLVMValueRef mx = moe_ll_ld(g, g->t_f32, m);
-		moe_ll_st(g, moe_ll_f32c(g, 0.0), sum);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.exp");
-		LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
-		LLVMValueRef ex = moe_ll_to_f32(
-		    g, moe_ll_libm(g, "exp", LLVMBuildFSub(b, moe_ll_ldf(g, l, i), mx, "")));
-		moe_ll_stf(g, ex, s, i);
-		moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, sum), ex, ""), sum);
-		moe_ll_loop_close(g, &e);
-		LLVMValueRef tot = moe_ll_ld(g, g->t_f32, sum);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sm.div");
-		i = LLVMBuildNSWAdd(b, off, e.iv, "");
-		moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, s, i), tot, ""), s, i);
-		moe_ll_loop_close(g, &e);
+		moe_ll_softmax(g, l, off, 1, s, off, 1, moe_ll_i64c(g, n));
 		return;
 	}
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "sc");
-	LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
-	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, l, i), g->t_f64, "");
+	struct moe_ll_loop e;
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "score");
+	LLVMValueRef i = idx(g, off, e.iv, 1);
+	LLVMValueRef vd = moe_ll_to_f64(g, moe_ll_ldf(g, l, i));
 	LLVMValueRef o;
 	if (sc == MOE_SCORE_SIGMOID) {
 		LLVMValueRef ex = moe_ll_libm(g, "exp", LLVMBuildFNeg(b, vd, ""));
@@ -292,17 +453,15 @@ void moe_ll_scores(struct moe_ll *g, enum moe_score sc, LLVMValueRef l, LLVMValu
 				  LLVMBuildFDiv(b, moe_ll_f64c(g, 1.0),
 						LLVMBuildFAdd(b, moe_ll_f64c(g, 1.0), ex, ""), ""));
 	} else {
+		/* sqrt(softplus(l)), softplus(l) = l above 20 */
 		LLVMValueRef sp = moe_ll_libm(g, "log1p", moe_ll_libm(g, "exp", vd));
 		sp = moe_ll_to_f32(g, moe_ll_sel_gt(g, vd, moe_ll_f64c(g, 20.0), vd, sp));
-		o = moe_ll_to_f32(
-		    g, moe_ll_intr1(g, "llvm.sqrt", LLVMBuildFPExt(b, sp, g->t_f64, "")));
+		o = moe_ll_to_f32(g, moe_ll_intr1(g, "llvm.sqrt", moe_ll_to_f64(g, sp)));
 	}
 	moe_ll_stf(g, o, s, i);
 	moe_ll_loop_close(g, &e);
 }
 
-/* p[off..off+n) = the statistics' router probability of scores s (prob_vec):
- * the softmax itself, or the scores normalized to sum 1; times mul (NULL: 1). */
 void moe_ll_probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValueRef p,
 		  LLVMValueRef off, uint32_t n, LLVMValueRef mul)
 {
@@ -312,16 +471,16 @@ void moe_ll_probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValue
 	if (sc != MOE_SCORE_SOFTMAX) {
 		LLVMValueRef acc = moe_ll_alloca(g, g->t_f32, 1, "psum");
 		moe_ll_st(g, moe_ll_f32c(g, 0.0), acc);
-		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "p.sum");
+		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "psum");
 		moe_ll_st(g,
 			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, acc),
-					moe_ll_ldf(g, s, LLVMBuildNSWAdd(b, off, e.iv, "")), ""),
+					moe_ll_ldf(g, s, idx(g, off, e.iv, 1)), ""),
 			  acc);
 		moe_ll_loop_close(g, &e);
 		sum = moe_ll_ld(g, g->t_f32, acc);
 	}
-	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), "p.set");
-	LLVMValueRef i = LLVMBuildNSWAdd(b, off, e.iv, "");
+	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "pset");
+	LLVMValueRef i = idx(g, off, e.iv, 1);
 	LLVMValueRef v = moe_ll_ldf(g, s, i);
 	if (sum)
 		v = moe_ll_sel_gt(g, sum, moe_ll_f32c(g, 0.0), LLVMBuildFDiv(b, v, sum, ""),
@@ -330,4 +489,105 @@ void moe_ll_probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValue
 		v = LLVMBuildFMul(b, v, mul, "");
 	moe_ll_stf(g, v, p, i);
 	moe_ll_loop_close(g, &e);
+}
+
+/* a (value va, key ka) ranks before b: the reference's ranks_before. With no
+ * keys a is the later position, so the key never decides: a is not NaN and
+ * (b is NaN or a > b). */
+static LLVMValueRef ranks_before(struct moe_ll *g, LLVMValueRef va, LLVMValueRef ka,
+				 LLVMValueRef vb, LLVMValueRef kb)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef na = LLVMBuildFCmp(b, LLVMRealUNO, va, va, "");
+	if (!ka)
+		return LLVMBuildAnd(b, LLVMBuildNot(b, na, ""),
+				    LLVMBuildFCmp(b, LLVMRealUGT, va, vb, ""), "");
+	LLVMValueRef nb = LLVMBuildFCmp(b, LLVMRealUNO, vb, vb, "");
+	LLVMValueRef ne =
+	    LLVMBuildAnd(b, LLVMBuildNot(b, na, ""), LLVMBuildFCmp(b, LLVMRealONE, va, vb, ""), "");
+	LLVMValueRef r = LLVMBuildSelect(b, ne, LLVMBuildFCmp(b, LLVMRealOGT, va, vb, ""),
+					 LLVMBuildICmp(b, LLVMIntULT, ka, kb, ""), "");
+	return LLVMBuildSelect(b, LLVMBuildXor(b, na, nb, ""), nb, r, "");
+}
+
+/* for each i: p = m; while (p > 0 && v[i] ranks before v[out[p - 1]]) shift
+ * out[p - 1] up (when it stays within k), p--; out[p] = i when p < k;
+ * m = min(m + 1, k). */
+LLVMValueRef moe_ll_topk(struct moe_ll *g, LLVMValueRef v, LLVMValueRef off, int64_t stride,
+			 LLVMValueRef keys, LLVMValueRef n, LLVMValueRef k, LLVMValueRef out)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef mcell = moe_ll_alloca(g, g->t_i64, 1, "tk.m");
+	moe_ll_st(g, moe_ll_i64c(g, 0), mcell);
+	struct moe_ll_loop i;
+	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), n, 1, "tk");
+	LLVMValueRef vi = moe_ll_ldf(g, v, idx(g, off, i.iv, stride));
+	LLVMValueRef ki = keys ? moe_ll_ldi(g, keys, i.iv) : NULL;
+	LLVMValueRef m = moe_ll_ld(g, g->t_i64, mcell);
+	LLVMBasicBlockRef pre = LLVMGetInsertBlock(b), head = moe_ll_bb(g, "tk.ins.head"),
+			  chk = moe_ll_bb(g, "tk.ins.chk"), body = moe_ll_bb(g, "tk.ins.body"),
+			  done = moe_ll_bb(g, "tk.ins.end");
+	LLVMBuildBr(b, head);
+	LLVMPositionBuilderAtEnd(b, head);
+	LLVMValueRef p = LLVMBuildPhi(b, g->t_i64, "p");
+	LLVMAddIncoming(p, &m, &pre, 1);
+	LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntSGT, p, moe_ll_i64c(g, 0), ""), chk, done);
+	LLVMPositionBuilderAtEnd(b, chk);
+	LLVMValueRef pm1 = LLVMBuildNSWSub(b, p, moe_ll_i64c(g, 1), "");
+	LLVMValueRef q = moe_ll_ldi(g, out, pm1);
+	LLVMValueRef vq = moe_ll_ldf(g, v, idx(g, off, q, stride));
+	LLVMBuildCondBr(b, ranks_before(g, vi, ki, vq, keys ? moe_ll_ldi(g, keys, q) : NULL), body,
+			done);
+	LLVMPositionBuilderAtEnd(b, body);
+	LLVMBasicBlockRef end = moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, p, k, ""), "tk.shift");
+	moe_ll_st(g, q, moe_ll_at(g, g->t_i64, out, p));
+	moe_ll_when_end(g, end);
+	LLVMBasicBlockRef latch = LLVMGetInsertBlock(b);
+	LLVMBuildBr(b, head);
+	LLVMAddIncoming(p, &pm1, &latch, 1);
+	LLVMMoveBasicBlockAfter(done, latch);
+	LLVMPositionBuilderAtEnd(b, done);
+	LLVMValueRef pf = LLVMBuildPhi(b, g->t_i64, "pf");
+	LLVMBasicBlockRef from[2] = {head, chk};
+	LLVMValueRef vals[2] = {p, p};
+	LLVMAddIncoming(pf, vals, from, 2);
+	end = moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSLT, pf, k, ""), "tk.put");
+	moe_ll_st(g, i.iv, moe_ll_at(g, g->t_i64, out, pf));
+	moe_ll_when_end(g, end);
+	LLVMValueRef m1 = LLVMBuildNSWAdd(b, m, moe_ll_i64c(g, 1), "");
+	moe_ll_st(g, LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, m1, k, ""), m1, k, ""), mcell);
+	moe_ll_loop_close(g, &i);
+	return moe_ll_ld(g, g->t_i64, mcell);
+}
+
+void moe_ll_normalize(struct moe_ll *g, LLVMValueRef w, uint32_t n)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_desc *d = g->d;
+	if (d->norm == MOE_NORM_NONE)
+		return;
+	int lp = d->norm == MOE_NORM_LP;
+	LLVMTypeRef t = lp ? g->t_f64 : g->t_f32;
+	LLVMValueRef acc = moe_ll_alloca(g, t, 1, "wsum");
+	moe_ll_st(g, LLVMConstReal(t, 0.0), acc);
+	struct moe_ll_loop j;
+	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "nsum");
+	LLVMValueRef v = moe_ll_ldf(g, w, j.iv);
+	if (lp)
+		v = moe_ll_pow(g, moe_ll_intr1(g, "llvm.fabs", moe_ll_to_f64(g, v)),
+			       (double)d->norm_p);
+	moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, t, acc), v, ""), acc);
+	moe_ll_loop_close(g, &j);
+	LLVMValueRef den = moe_ll_ld(g, t, acc);
+	if (lp)
+		den = moe_ll_to_f32(g, moe_ll_pow(g, den, 1.0 / (double)d->norm_p));
+	den = LLVMBuildFAdd(b, den, moe_ll_f32c(g, d->norm_eps), "");
+	/* if (den < min) den = min: a NaN stays NaN, then counts as not positive */
+	LLVMValueRef mn = moe_ll_f32c(g, d->norm_min);
+	den = LLVMBuildSelect(b, LLVMBuildFCmp(b, LLVMRealOLT, den, mn, ""), mn, den, "");
+	/* w / 1 == w: dividing by one leaves the weights as they are */
+	den = moe_ll_sel_gt(g, den, moe_ll_f32c(g, 0.0), den, moe_ll_f32c(g, 1.0));
+	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "ndiv");
+	moe_ll_stf(g, LLVMBuildFDiv(b, moe_ll_ldf(g, w, j.iv), den, ""), w, j.iv);
+	moe_ll_loop_close(g, &j);
 }

@@ -16,7 +16,7 @@ entry:
   %l = alloca [256 x float], align 32
   %s = alloca [256 x float], align 32
   %c = alloca [256 x float], align 32
-  %taken = alloca [256 x i8], align 32
+  %idx = alloca [8 x i64], align 32
   %lacc0 = alloca <8 x float>, align 32
   %lacc1 = alloca <8 x float>, align 32
   %lacc2 = alloca <8 x float>, align 32
@@ -27,13 +27,11 @@ entry:
   %lacc7 = alloca <8 x float>, align 32
   %gscore = alloca [8 x float], align 32
   %gsel = alloca [8 x i8], align 32
-  %gtaken = alloca [8 x i8], align 32
+  %gkeep = alloca [4 x i64], align 32
   %m1 = alloca float, align 32
   %m2 = alloca float, align 32
-  %best = alloca i64, align 32
-  %bestv = alloca float, align 32
-  %best11 = alloca i64, align 32
-  %bestv12 = alloca float, align 32
+  %tk.m = alloca i64, align 32
+  %tk.m2 = alloca i64, align 32
   %wsum = alloca float, align 32
   br label %start
 
@@ -41,19 +39,19 @@ start:                                            ; preds = %entry
   br label %t.head
 
 t.head:                                           ; preds = %nscale.end, %start
-  %t = phi i64 [ %t0, %start ], [ %228, %nscale.end ]
+  %t = phi i64 [ %t0, %start ], [ %264, %nscale.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %1 = mul nsw i64 %t, 7168
-  %xrow = getelementptr inbounds float, ptr %x, i64 %1
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
   br label %pb.head
 
 pb.head:                                          ; preds = %hh.end, %t.body
-  %pb = phi i64 [ 0, %t.body ], [ %104, %hh.end ]
-  %2 = icmp slt i64 %pb, 32
-  br i1 %2, label %pb.body, label %pb.end
+  %pb = phi i64 [ 0, %t.body ], [ %114, %hh.end ]
+  %3 = icmp slt i64 %pb, 32
+  br i1 %3, label %pb.body, label %pb.end
 
 pb.body:                                          ; preds = %pb.head
   store <8 x float> zeroinitializer, ptr %lacc0, align 4
@@ -67,211 +65,212 @@ pb.body:                                          ; preds = %pb.head
   br label %hh.head
 
 hh.head:                                          ; preds = %hh.body, %pb.body
-  %hh = phi i64 [ 0, %pb.body ], [ %71, %hh.body ]
-  %3 = icmp slt i64 %hh, 7168
-  br i1 %3, label %hh.body, label %hh.end
+  %hh = phi i64 [ 0, %pb.body ], [ %81, %hh.body ]
+  %4 = icmp slt i64 %hh, 7168
+  br i1 %4, label %hh.body, label %hh.end
 
 hh.body:                                          ; preds = %hh.head
-  %4 = getelementptr inbounds float, ptr %xrow, i64 %hh
-  %xh = load float, ptr %4, align 4
-  %5 = insertelement <8 x float> poison, float %xh, i32 0
-  %6 = shufflevector <8 x float> %5, <8 x float> poison, <8 x i32> zeroinitializer
-  %7 = add nsw i64 %pb, 0
-  %8 = mul nsw i64 %7, 57344
-  %9 = mul nsw i64 %hh, 8
-  %10 = add nsw i64 %8, %9
-  %11 = getelementptr inbounds float, ptr %router, i64 %10
-  %wr = load <8 x float>, ptr %11, align 4
-  %12 = fmul <8 x float> %6, %wr
-  %13 = load <8 x float>, ptr %lacc0, align 4
-  %14 = fadd <8 x float> %13, %12
-  store <8 x float> %14, ptr %lacc0, align 4
-  %15 = add nsw i64 %pb, 1
-  %16 = mul nsw i64 %15, 57344
-  %17 = mul nsw i64 %hh, 8
-  %18 = add nsw i64 %16, %17
-  %19 = getelementptr inbounds float, ptr %router, i64 %18
-  %wr1 = load <8 x float>, ptr %19, align 4
-  %20 = fmul <8 x float> %6, %wr1
-  %21 = load <8 x float>, ptr %lacc1, align 4
-  %22 = fadd <8 x float> %21, %20
-  store <8 x float> %22, ptr %lacc1, align 4
-  %23 = add nsw i64 %pb, 2
-  %24 = mul nsw i64 %23, 57344
-  %25 = mul nsw i64 %hh, 8
-  %26 = add nsw i64 %24, %25
-  %27 = getelementptr inbounds float, ptr %router, i64 %26
-  %wr2 = load <8 x float>, ptr %27, align 4
-  %28 = fmul <8 x float> %6, %wr2
-  %29 = load <8 x float>, ptr %lacc2, align 4
-  %30 = fadd <8 x float> %29, %28
-  store <8 x float> %30, ptr %lacc2, align 4
-  %31 = add nsw i64 %pb, 3
-  %32 = mul nsw i64 %31, 57344
-  %33 = mul nsw i64 %hh, 8
-  %34 = add nsw i64 %32, %33
-  %35 = getelementptr inbounds float, ptr %router, i64 %34
-  %wr3 = load <8 x float>, ptr %35, align 4
-  %36 = fmul <8 x float> %6, %wr3
-  %37 = load <8 x float>, ptr %lacc3, align 4
-  %38 = fadd <8 x float> %37, %36
-  store <8 x float> %38, ptr %lacc3, align 4
-  %39 = add nsw i64 %pb, 4
-  %40 = mul nsw i64 %39, 57344
-  %41 = mul nsw i64 %hh, 8
-  %42 = add nsw i64 %40, %41
-  %43 = getelementptr inbounds float, ptr %router, i64 %42
-  %wr4 = load <8 x float>, ptr %43, align 4
-  %44 = fmul <8 x float> %6, %wr4
-  %45 = load <8 x float>, ptr %lacc4, align 4
-  %46 = fadd <8 x float> %45, %44
-  store <8 x float> %46, ptr %lacc4, align 4
-  %47 = add nsw i64 %pb, 5
-  %48 = mul nsw i64 %47, 57344
-  %49 = mul nsw i64 %hh, 8
-  %50 = add nsw i64 %48, %49
-  %51 = getelementptr inbounds float, ptr %router, i64 %50
-  %wr5 = load <8 x float>, ptr %51, align 4
-  %52 = fmul <8 x float> %6, %wr5
-  %53 = load <8 x float>, ptr %lacc5, align 4
-  %54 = fadd <8 x float> %53, %52
-  store <8 x float> %54, ptr %lacc5, align 4
-  %55 = add nsw i64 %pb, 6
-  %56 = mul nsw i64 %55, 57344
-  %57 = mul nsw i64 %hh, 8
-  %58 = add nsw i64 %56, %57
-  %59 = getelementptr inbounds float, ptr %router, i64 %58
-  %wr6 = load <8 x float>, ptr %59, align 4
-  %60 = fmul <8 x float> %6, %wr6
-  %61 = load <8 x float>, ptr %lacc6, align 4
+  %5 = getelementptr inbounds float, ptr %2, i64 %hh
+  %6 = load float, ptr %5, align 4
+  %7 = insertelement <8 x float> poison, float %6, i32 0
+  %8 = shufflevector <8 x float> %7, <8 x float> poison, <8 x i32> zeroinitializer
+  %9 = add nsw i64 %pb, 0
+  %10 = mul nsw i64 %9, 57344
+  %11 = mul nsw i64 %hh, 8
+  %12 = add nsw i64 %10, %11
+  %13 = getelementptr inbounds float, ptr %router, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  %15 = fmul <8 x float> %8, %14
+  %16 = load <8 x float>, ptr %lacc0, align 4
+  %17 = fadd <8 x float> %16, %15
+  store <8 x float> %17, ptr %lacc0, align 4
+  %18 = add nsw i64 %pb, 1
+  %19 = mul nsw i64 %18, 57344
+  %20 = mul nsw i64 %hh, 8
+  %21 = add nsw i64 %19, %20
+  %22 = getelementptr inbounds float, ptr %router, i64 %21
+  %23 = load <8 x float>, ptr %22, align 4
+  %24 = fmul <8 x float> %8, %23
+  %25 = load <8 x float>, ptr %lacc1, align 4
+  %26 = fadd <8 x float> %25, %24
+  store <8 x float> %26, ptr %lacc1, align 4
+  %27 = add nsw i64 %pb, 2
+  %28 = mul nsw i64 %27, 57344
+  %29 = mul nsw i64 %hh, 8
+  %30 = add nsw i64 %28, %29
+  %31 = getelementptr inbounds float, ptr %router, i64 %30
+  %32 = load <8 x float>, ptr %31, align 4
+  %33 = fmul <8 x float> %8, %32
+  %34 = load <8 x float>, ptr %lacc2, align 4
+  %35 = fadd <8 x float> %34, %33
+  store <8 x float> %35, ptr %lacc2, align 4
+  %36 = add nsw i64 %pb, 3
+  %37 = mul nsw i64 %36, 57344
+  %38 = mul nsw i64 %hh, 8
+  %39 = add nsw i64 %37, %38
+  %40 = getelementptr inbounds float, ptr %router, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  %42 = fmul <8 x float> %8, %41
+  %43 = load <8 x float>, ptr %lacc3, align 4
+  %44 = fadd <8 x float> %43, %42
+  store <8 x float> %44, ptr %lacc3, align 4
+  %45 = add nsw i64 %pb, 4
+  %46 = mul nsw i64 %45, 57344
+  %47 = mul nsw i64 %hh, 8
+  %48 = add nsw i64 %46, %47
+  %49 = getelementptr inbounds float, ptr %router, i64 %48
+  %50 = load <8 x float>, ptr %49, align 4
+  %51 = fmul <8 x float> %8, %50
+  %52 = load <8 x float>, ptr %lacc4, align 4
+  %53 = fadd <8 x float> %52, %51
+  store <8 x float> %53, ptr %lacc4, align 4
+  %54 = add nsw i64 %pb, 5
+  %55 = mul nsw i64 %54, 57344
+  %56 = mul nsw i64 %hh, 8
+  %57 = add nsw i64 %55, %56
+  %58 = getelementptr inbounds float, ptr %router, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  %60 = fmul <8 x float> %8, %59
+  %61 = load <8 x float>, ptr %lacc5, align 4
   %62 = fadd <8 x float> %61, %60
-  store <8 x float> %62, ptr %lacc6, align 4
-  %63 = add nsw i64 %pb, 7
+  store <8 x float> %62, ptr %lacc5, align 4
+  %63 = add nsw i64 %pb, 6
   %64 = mul nsw i64 %63, 57344
   %65 = mul nsw i64 %hh, 8
   %66 = add nsw i64 %64, %65
   %67 = getelementptr inbounds float, ptr %router, i64 %66
-  %wr7 = load <8 x float>, ptr %67, align 4
-  %68 = fmul <8 x float> %6, %wr7
-  %69 = load <8 x float>, ptr %lacc7, align 4
-  %70 = fadd <8 x float> %69, %68
-  store <8 x float> %70, ptr %lacc7, align 4
-  %71 = add nsw i64 %hh, 1
+  %68 = load <8 x float>, ptr %67, align 4
+  %69 = fmul <8 x float> %8, %68
+  %70 = load <8 x float>, ptr %lacc6, align 4
+  %71 = fadd <8 x float> %70, %69
+  store <8 x float> %71, ptr %lacc6, align 4
+  %72 = add nsw i64 %pb, 7
+  %73 = mul nsw i64 %72, 57344
+  %74 = mul nsw i64 %hh, 8
+  %75 = add nsw i64 %73, %74
+  %76 = getelementptr inbounds float, ptr %router, i64 %75
+  %77 = load <8 x float>, ptr %76, align 4
+  %78 = fmul <8 x float> %8, %77
+  %79 = load <8 x float>, ptr %lacc7, align 4
+  %80 = fadd <8 x float> %79, %78
+  store <8 x float> %80, ptr %lacc7, align 4
+  %81 = add nsw i64 %hh, 1
   br label %hh.head
 
 hh.end:                                           ; preds = %hh.head
-  %72 = add nsw i64 %pb, 0
-  %73 = mul nsw i64 %72, 8
-  %74 = getelementptr inbounds float, ptr %l, i64 %73
-  %75 = load <8 x float>, ptr %lacc0, align 4
-  store <8 x float> %75, ptr %74, align 4
-  %76 = add nsw i64 %pb, 1
-  %77 = mul nsw i64 %76, 8
-  %78 = getelementptr inbounds float, ptr %l, i64 %77
-  %79 = load <8 x float>, ptr %lacc1, align 4
-  store <8 x float> %79, ptr %78, align 4
-  %80 = add nsw i64 %pb, 2
-  %81 = mul nsw i64 %80, 8
-  %82 = getelementptr inbounds float, ptr %l, i64 %81
-  %83 = load <8 x float>, ptr %lacc2, align 4
-  store <8 x float> %83, ptr %82, align 4
-  %84 = add nsw i64 %pb, 3
-  %85 = mul nsw i64 %84, 8
-  %86 = getelementptr inbounds float, ptr %l, i64 %85
-  %87 = load <8 x float>, ptr %lacc3, align 4
-  store <8 x float> %87, ptr %86, align 4
-  %88 = add nsw i64 %pb, 4
-  %89 = mul nsw i64 %88, 8
-  %90 = getelementptr inbounds float, ptr %l, i64 %89
-  %91 = load <8 x float>, ptr %lacc4, align 4
-  store <8 x float> %91, ptr %90, align 4
-  %92 = add nsw i64 %pb, 5
-  %93 = mul nsw i64 %92, 8
-  %94 = getelementptr inbounds float, ptr %l, i64 %93
-  %95 = load <8 x float>, ptr %lacc5, align 4
-  store <8 x float> %95, ptr %94, align 4
-  %96 = add nsw i64 %pb, 6
+  %82 = load <8 x float>, ptr %lacc0, align 4
+  %83 = load <8 x float>, ptr %lacc1, align 4
+  %84 = load <8 x float>, ptr %lacc2, align 4
+  %85 = load <8 x float>, ptr %lacc3, align 4
+  %86 = load <8 x float>, ptr %lacc4, align 4
+  %87 = load <8 x float>, ptr %lacc5, align 4
+  %88 = load <8 x float>, ptr %lacc6, align 4
+  %89 = load <8 x float>, ptr %lacc7, align 4
+  %90 = add nsw i64 %pb, 0
+  %91 = mul nsw i64 %90, 8
+  %92 = getelementptr inbounds float, ptr %l, i64 %91
+  store <8 x float> %82, ptr %92, align 4
+  %93 = add nsw i64 %pb, 1
+  %94 = mul nsw i64 %93, 8
+  %95 = getelementptr inbounds float, ptr %l, i64 %94
+  store <8 x float> %83, ptr %95, align 4
+  %96 = add nsw i64 %pb, 2
   %97 = mul nsw i64 %96, 8
   %98 = getelementptr inbounds float, ptr %l, i64 %97
-  %99 = load <8 x float>, ptr %lacc6, align 4
-  store <8 x float> %99, ptr %98, align 4
-  %100 = add nsw i64 %pb, 7
-  %101 = mul nsw i64 %100, 8
-  %102 = getelementptr inbounds float, ptr %l, i64 %101
-  %103 = load <8 x float>, ptr %lacc7, align 4
-  store <8 x float> %103, ptr %102, align 4
-  %104 = add nsw i64 %pb, 8
+  store <8 x float> %84, ptr %98, align 4
+  %99 = add nsw i64 %pb, 3
+  %100 = mul nsw i64 %99, 8
+  %101 = getelementptr inbounds float, ptr %l, i64 %100
+  store <8 x float> %85, ptr %101, align 4
+  %102 = add nsw i64 %pb, 4
+  %103 = mul nsw i64 %102, 8
+  %104 = getelementptr inbounds float, ptr %l, i64 %103
+  store <8 x float> %86, ptr %104, align 4
+  %105 = add nsw i64 %pb, 5
+  %106 = mul nsw i64 %105, 8
+  %107 = getelementptr inbounds float, ptr %l, i64 %106
+  store <8 x float> %87, ptr %107, align 4
+  %108 = add nsw i64 %pb, 6
+  %109 = mul nsw i64 %108, 8
+  %110 = getelementptr inbounds float, ptr %l, i64 %109
+  store <8 x float> %88, ptr %110, align 4
+  %111 = add nsw i64 %pb, 7
+  %112 = mul nsw i64 %111, 8
+  %113 = getelementptr inbounds float, ptr %l, i64 %112
+  store <8 x float> %89, ptr %113, align 4
+  %114 = add nsw i64 %pb, 8
   br label %pb.head
 
 pb.end:                                           ; preds = %pb.head
-  %105 = mul nsw i64 %t, 256
-  %lrow = getelementptr inbounds float, ptr %logits, i64 %105
+  %115 = mul nsw i64 %t, 256
+  %116 = getelementptr inbounds float, ptr %logits, i64 %115
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %pb.end
-  %lb = phi i64 [ 0, %pb.end ], [ %110, %lb.body ]
-  %106 = icmp slt i64 %lb, 256
-  br i1 %106, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %pb.end ], [ %121, %lb.body ]
+  %117 = icmp slt i64 %lb, 256
+  br i1 %117, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %107 = getelementptr inbounds float, ptr %l, i64 %lb
-  %108 = load float, ptr %107, align 4
-  %109 = getelementptr inbounds float, ptr %lrow, i64 %lb
-  store float %108, ptr %109, align 4
-  %110 = add nsw i64 %lb, 1
+  %118 = getelementptr inbounds float, ptr %l, i64 %lb
+  %119 = load float, ptr %118, align 4
+  %120 = getelementptr inbounds float, ptr %116, i64 %lb
+  store float %119, ptr %120, align 4
+  %121 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
   br label %score.head
 
 score.head:                                       ; preds = %score.body, %lb.end
-  %score = phi i64 [ 0, %lb.end ], [ %119, %score.body ]
-  %111 = icmp slt i64 %score, 256
-  br i1 %111, label %score.body, label %score.end
+  %score = phi i64 [ 0, %lb.end ], [ %133, %score.body ]
+  %122 = icmp slt i64 %score, 256
+  br i1 %122, label %score.body, label %score.end
 
 score.body:                                       ; preds = %score.head
-  %112 = getelementptr inbounds float, ptr %l, i64 %score
-  %l8 = load float, ptr %112, align 4
-  %113 = fpext float %l8 to double
-  %114 = fneg double %113
-  %115 = call double @exp(double %114)
-  %116 = fadd double 1.000000e+00, %115
-  %117 = fdiv double 1.000000e+00, %116
-  %sig = fptrunc double %117 to float
-  %118 = getelementptr inbounds float, ptr %s, i64 %score
-  store float %sig, ptr %118, align 4
-  %119 = add nsw i64 %score, 1
+  %123 = add nsw i64 0, %score
+  %124 = getelementptr inbounds float, ptr %l, i64 %123
+  %125 = load float, ptr %124, align 4
+  %126 = fpext float %125 to double
+  %127 = fneg double %126
+  %128 = call double @exp(double %127)
+  %129 = fadd double 1.000000e+00, %128
+  %130 = fdiv double 1.000000e+00, %129
+  %131 = fptrunc double %130 to float
+  %132 = getelementptr inbounds float, ptr %s, i64 %123
+  store float %131, ptr %132, align 4
+  %133 = add nsw i64 %score, 1
   br label %score.head
 
 score.end:                                        ; preds = %score.head
-  %120 = mul nsw i64 %t, 8
-  %ids_row = getelementptr inbounds i32, ptr %ids, i64 %120
-  %w_row = getelementptr inbounds float, ptr %weights, i64 %120
+  %134 = mul nsw i64 %t, 8
+  %135 = getelementptr inbounds i32, ptr %ids, i64 %134
+  %136 = getelementptr inbounds float, ptr %weights, i64 %134
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %score.end
-  %sel = phi i64 [ 0, %score.end ], [ %128, %sel.body ]
-  %121 = icmp slt i64 %sel, 256
-  br i1 %121, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %score.end ], [ %144, %sel.body ]
+  %137 = icmp slt i64 %sel, 256
+  br i1 %137, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %122 = getelementptr inbounds float, ptr %s, i64 %sel
-  %123 = load float, ptr %122, align 4
-  %124 = getelementptr inbounds float, ptr %select_bias, i64 %sel
-  %125 = load float, ptr %124, align 4
-  %126 = fadd float %123, %125
-  %127 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %126, ptr %127, align 4
-  %128 = add nsw i64 %sel, 1
+  %138 = getelementptr inbounds float, ptr %s, i64 %sel
+  %139 = load float, ptr %138, align 4
+  %140 = getelementptr inbounds float, ptr %select_bias, i64 %sel
+  %141 = load float, ptr %140, align 4
+  %142 = fadd float %139, %141
+  %143 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %142, ptr %143, align 4
+  %144 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
   br label %grp.head
 
 grp.head:                                         ; preds = %gi.end, %sel.end
-  %grp = phi i64 [ 0, %sel.end ], [ %145, %gi.end ]
-  %129 = icmp slt i64 %grp, 8
-  br i1 %129, label %grp.body, label %grp.end
+  %grp = phi i64 [ 0, %sel.end ], [ %162, %gi.end ]
+  %145 = icmp slt i64 %grp, 8
+  br i1 %145, label %grp.body, label %grp.end
 
 grp.body:                                         ; preds = %grp.head
   %gbase = mul nsw i64 %grp, 32
@@ -280,261 +279,299 @@ grp.body:                                         ; preds = %grp.head
   br label %gi.head
 
 gi.head:                                          ; preds = %gi.body, %grp.body
-  %gi = phi i64 [ 0, %grp.body ], [ %140, %gi.body ]
-  %130 = icmp slt i64 %gi, 32
-  br i1 %130, label %gi.body, label %gi.end
+  %gi = phi i64 [ 0, %grp.body ], [ %157, %gi.body ]
+  %146 = icmp slt i64 %gi, 32
+  br i1 %146, label %gi.body, label %gi.end
 
 gi.body:                                          ; preds = %gi.head
-  %131 = add nsw i64 %gbase, %gi
-  %132 = getelementptr inbounds float, ptr %c, i64 %131
-  %c9 = load float, ptr %132, align 4
-  %133 = load float, ptr %m1, align 4
-  %134 = load float, ptr %m2, align 4
-  %135 = fcmp ogt float %c9, %133
-  %136 = fcmp ogt float %c9, %134
-  %137 = select i1 %136, float %c9, float %134
-  %138 = select i1 %135, float %133, float %137
-  %139 = select i1 %135, float %c9, float %133
-  store float %139, ptr %m1, align 4
-  store float %138, ptr %m2, align 4
-  %140 = add nsw i64 %gi, 1
+  %147 = add nsw i64 %gbase, %gi
+  %148 = getelementptr inbounds float, ptr %c, i64 %147
+  %149 = load float, ptr %148, align 4
+  %150 = load float, ptr %m1, align 4
+  %151 = load float, ptr %m2, align 4
+  %152 = fcmp ogt float %149, %150
+  %153 = fcmp ogt float %149, %151
+  %154 = select i1 %153, float %149, float %151
+  %155 = select i1 %152, float %150, float %154
+  %156 = select i1 %152, float %149, float %150
+  store float %156, ptr %m1, align 4
+  store float %155, ptr %m2, align 4
+  %157 = add nsw i64 %gi, 1
   br label %gi.head
 
 gi.end:                                           ; preds = %gi.head
-  %141 = load float, ptr %m1, align 4
-  %142 = load float, ptr %m2, align 4
-  %top2 = fadd float %141, %142
-  %143 = getelementptr inbounds float, ptr %gscore, i64 %grp
-  store float %top2, ptr %143, align 4
-  %144 = getelementptr inbounds i8, ptr %gsel, i64 %grp
-  store i8 0, ptr %144, align 1
-  %145 = add nsw i64 %grp, 1
+  %158 = load float, ptr %m1, align 4
+  %159 = load float, ptr %m2, align 4
+  %top2 = fadd float %158, %159
+  %160 = getelementptr inbounds float, ptr %gscore, i64 %grp
+  store float %top2, ptr %160, align 4
+  %161 = getelementptr inbounds i8, ptr %gsel, i64 %grp
+  store i8 0, ptr %161, align 1
+  %162 = add nsw i64 %grp, 1
   br label %grp.head
 
 grp.end:                                          ; preds = %grp.head
-  br label %gtop.clr.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-gtop.clr.head:                                    ; preds = %gtop.clr.body, %grp.end
-  %gtop.clr = phi i64 [ 0, %grp.end ], [ %148, %gtop.clr.body ]
-  %146 = icmp slt i64 %gtop.clr, 8
-  br i1 %146, label %gtop.clr.body, label %gtop.clr.end
+tk.head:                                          ; preds = %tk.put.end, %grp.end
+  %tk = phi i64 [ 0, %grp.end ], [ %184, %tk.put.end ]
+  %163 = icmp slt i64 %tk, 8
+  br i1 %163, label %tk.body, label %tk.end
 
-gtop.clr.body:                                    ; preds = %gtop.clr.head
-  %147 = getelementptr inbounds i8, ptr %gtaken, i64 %gtop.clr
-  store i8 0, ptr %147, align 1
-  %148 = add nsw i64 %gtop.clr, 1
-  br label %gtop.clr.head
+tk.body:                                          ; preds = %tk.head
+  %164 = getelementptr inbounds float, ptr %gscore, i64 %tk
+  %165 = load float, ptr %164, align 4
+  %166 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-gtop.clr.end:                                     ; preds = %gtop.clr.head
-  br label %gtop.j.head
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %166, %tk.body ], [ %168, %tk.shift.end ]
+  %167 = icmp sgt i64 %p, 0
+  br i1 %167, label %tk.ins.chk, label %tk.ins.end
 
-gtop.j.head:                                      ; preds = %gtop.e.end, %gtop.clr.end
-  %gtop.j = phi i64 [ 0, %gtop.clr.end ], [ %166, %gtop.e.end ]
-  %149 = icmp slt i64 %gtop.j, 4
-  br i1 %149, label %gtop.j.body, label %gtop.j.end
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %168 = sub nsw i64 %p, 1
+  %169 = getelementptr inbounds i64, ptr %gkeep, i64 %168
+  %170 = load i64, ptr %169, align 8
+  %171 = getelementptr inbounds float, ptr %gscore, i64 %170
+  %172 = load float, ptr %171, align 4
+  %173 = fcmp uno float %165, %165
+  %174 = fcmp ugt float %165, %172
+  %175 = xor i1 %173, true
+  %176 = and i1 %175, %174
+  br i1 %176, label %tk.ins.body, label %tk.ins.end
 
-gtop.j.body:                                      ; preds = %gtop.j.head
-  store i64 -1, ptr %best, align 4
-  store float 0xFFF0000000000000, ptr %bestv, align 4
-  br label %gtop.e.head
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %177 = icmp slt i64 %p, 4
+  br i1 %177, label %tk.shift.then, label %tk.shift.end
 
-gtop.e.head:                                      ; preds = %gtop.e.body, %gtop.j.body
-  %gtop.e = phi i64 [ 0, %gtop.j.body ], [ %163, %gtop.e.body ]
-  %150 = icmp slt i64 %gtop.e, 8
-  br i1 %150, label %gtop.e.body, label %gtop.e.end
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %178 = getelementptr inbounds i64, ptr %gkeep, i64 %p
+  store i64 %170, ptr %178, align 8
+  br label %tk.shift.end
 
-gtop.e.body:                                      ; preds = %gtop.e.head
-  %151 = getelementptr inbounds float, ptr %gscore, i64 %gtop.e
-  %s10 = load float, ptr %151, align 4
-  %152 = getelementptr inbounds i8, ptr %gtaken, i64 %gtop.e
-  %153 = load i8, ptr %152, align 1
-  %154 = icmp eq i8 %153, 0
-  %155 = load i64, ptr %best, align 4
-  %156 = icmp slt i64 %155, 0
-  %157 = load float, ptr %bestv, align 4
-  %158 = fcmp ogt float %s10, %157
-  %159 = or i1 %156, %158
-  %take = and i1 %154, %159
-  %160 = select i1 %take, i64 %gtop.e, i64 %155
-  store i64 %160, ptr %best, align 4
-  %161 = load float, ptr %bestv, align 4
-  %162 = select i1 %take, float %s10, float %161
-  store float %162, ptr %bestv, align 4
-  %163 = add nsw i64 %gtop.e, 1
-  br label %gtop.e.head
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-gtop.e.end:                                       ; preds = %gtop.e.head
-  %chosen = load i64, ptr %best, align 4
-  %164 = getelementptr inbounds i8, ptr %gtaken, i64 %chosen
-  store i8 1, ptr %164, align 1
-  %165 = getelementptr inbounds i8, ptr %gsel, i64 %chosen
-  store i8 1, ptr %165, align 1
-  %166 = add nsw i64 %gtop.j, 1
-  br label %gtop.j.head
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %179 = icmp slt i64 %pf, 4
+  br i1 %179, label %tk.put.then, label %tk.put.end
 
-gtop.j.end:                                       ; preds = %gtop.j.head
+tk.put.then:                                      ; preds = %tk.ins.end
+  %180 = getelementptr inbounds i64, ptr %gkeep, i64 %pf
+  store i64 %tk, ptr %180, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %181 = add nsw i64 %166, 1
+  %182 = icmp slt i64 %181, 4
+  %183 = select i1 %182, i64 %181, i64 4
+  store i64 %183, ptr %tk.m, align 8
+  %184 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %185 = load i64, ptr %tk.m, align 8
+  br label %gkeep.head
+
+gkeep.head:                                       ; preds = %gkeep.body, %tk.end
+  %gkeep1 = phi i64 [ 0, %tk.end ], [ %190, %gkeep.body ]
+  %186 = icmp slt i64 %gkeep1, 4
+  br i1 %186, label %gkeep.body, label %gkeep.end
+
+gkeep.body:                                       ; preds = %gkeep.head
+  %187 = getelementptr inbounds i64, ptr %gkeep, i64 %gkeep1
+  %188 = load i64, ptr %187, align 8
+  %189 = getelementptr inbounds i8, ptr %gsel, i64 %188
+  store i8 1, ptr %189, align 1
+  %190 = add nsw i64 %gkeep1, 1
+  br label %gkeep.head
+
+gkeep.end:                                        ; preds = %gkeep.head
   br label %gmask.head
 
-gmask.head:                                       ; preds = %gm.end, %gtop.j.end
-  %gmask = phi i64 [ 0, %gtop.j.end ], [ %178, %gm.end ]
-  %167 = icmp slt i64 %gmask, 8
-  br i1 %167, label %gmask.body, label %gmask.end
+gmask.head:                                       ; preds = %gm.end, %gkeep.end
+  %gmask = phi i64 [ 0, %gkeep.end ], [ %202, %gm.end ]
+  %191 = icmp slt i64 %gmask, 8
+  br i1 %191, label %gmask.body, label %gmask.end
 
 gmask.body:                                       ; preds = %gmask.head
-  %168 = getelementptr inbounds i8, ptr %gsel, i64 %gmask
-  %169 = load i8, ptr %168, align 1
-  %170 = icmp eq i8 %169, 0
-  %171 = mul nsw i64 %gmask, 32
+  %192 = getelementptr inbounds i8, ptr %gsel, i64 %gmask
+  %193 = load i8, ptr %192, align 1
+  %194 = icmp eq i8 %193, 0
+  %195 = mul nsw i64 %gmask, 32
   br label %gm.head
 
 gm.head:                                          ; preds = %gm.body, %gmask.body
-  %gm = phi i64 [ 0, %gmask.body ], [ %177, %gm.body ]
-  %172 = icmp slt i64 %gm, 32
-  br i1 %172, label %gm.body, label %gm.end
+  %gm = phi i64 [ 0, %gmask.body ], [ %201, %gm.body ]
+  %196 = icmp slt i64 %gm, 32
+  br i1 %196, label %gm.body, label %gm.end
 
 gm.body:                                          ; preds = %gm.head
-  %173 = add nsw i64 %171, %gm
-  %174 = getelementptr inbounds float, ptr %c, i64 %173
-  %175 = load float, ptr %174, align 4
-  %176 = select i1 %170, float 0xFFF0000000000000, float %175
-  store float %176, ptr %174, align 4
-  %177 = add nsw i64 %gm, 1
+  %197 = add nsw i64 %195, %gm
+  %198 = getelementptr inbounds float, ptr %c, i64 %197
+  %199 = load float, ptr %198, align 4
+  %200 = select i1 %194, float 0xFFF0000000000000, float %199
+  store float %200, ptr %198, align 4
+  %201 = add nsw i64 %gm, 1
   br label %gm.head
 
 gm.end:                                           ; preds = %gm.head
-  %178 = add nsw i64 %gmask, 1
+  %202 = add nsw i64 %gmask, 1
   br label %gmask.head
 
 gmask.end:                                        ; preds = %gmask.head
-  br label %top.clr.head
+  store i64 0, ptr %tk.m2, align 8
+  br label %tk.head3
 
-top.clr.head:                                     ; preds = %top.clr.body, %gmask.end
-  %top.clr = phi i64 [ 0, %gmask.end ], [ %181, %top.clr.body ]
-  %179 = icmp slt i64 %top.clr, 256
-  br i1 %179, label %top.clr.body, label %top.clr.end
+tk.head3:                                         ; preds = %tk.put.end16, %gmask.end
+  %tk6 = phi i64 [ 0, %gmask.end ], [ %224, %tk.put.end16 ]
+  %203 = icmp slt i64 %tk6, 256
+  br i1 %203, label %tk.body4, label %tk.end5
 
-top.clr.body:                                     ; preds = %top.clr.head
-  %180 = getelementptr inbounds i8, ptr %taken, i64 %top.clr
-  store i8 0, ptr %180, align 1
-  %181 = add nsw i64 %top.clr, 1
-  br label %top.clr.head
+tk.body4:                                         ; preds = %tk.head3
+  %204 = getelementptr inbounds float, ptr %c, i64 %tk6
+  %205 = load float, ptr %204, align 4
+  %206 = load i64, ptr %tk.m2, align 8
+  br label %tk.ins.head7
 
-top.clr.end:                                      ; preds = %top.clr.head
-  br label %top.j.head
+tk.ins.head7:                                     ; preds = %tk.shift.end13, %tk.body4
+  %p11 = phi i64 [ %206, %tk.body4 ], [ %208, %tk.shift.end13 ]
+  %207 = icmp sgt i64 %p11, 0
+  br i1 %207, label %tk.ins.chk8, label %tk.ins.end10
 
-top.j.head:                                       ; preds = %top.e.end, %top.clr.end
-  %top.j = phi i64 [ 0, %top.clr.end ], [ %203, %top.e.end ]
-  %182 = icmp slt i64 %top.j, 8
-  br i1 %182, label %top.j.body, label %top.j.end
+tk.ins.chk8:                                      ; preds = %tk.ins.head7
+  %208 = sub nsw i64 %p11, 1
+  %209 = getelementptr inbounds i64, ptr %idx, i64 %208
+  %210 = load i64, ptr %209, align 8
+  %211 = getelementptr inbounds float, ptr %c, i64 %210
+  %212 = load float, ptr %211, align 4
+  %213 = fcmp uno float %205, %205
+  %214 = fcmp ugt float %205, %212
+  %215 = xor i1 %213, true
+  %216 = and i1 %215, %214
+  br i1 %216, label %tk.ins.body9, label %tk.ins.end10
 
-top.j.body:                                       ; preds = %top.j.head
-  store i64 -1, ptr %best11, align 4
-  store float 0xFFF0000000000000, ptr %bestv12, align 4
-  br label %top.e.head
+tk.ins.body9:                                     ; preds = %tk.ins.chk8
+  %217 = icmp slt i64 %p11, 8
+  br i1 %217, label %tk.shift.then12, label %tk.shift.end13
 
-top.e.head:                                       ; preds = %top.e.body, %top.j.body
-  %top.e = phi i64 [ 0, %top.j.body ], [ %196, %top.e.body ]
-  %183 = icmp slt i64 %top.e, 256
-  br i1 %183, label %top.e.body, label %top.e.end
+tk.shift.then12:                                  ; preds = %tk.ins.body9
+  %218 = getelementptr inbounds i64, ptr %idx, i64 %p11
+  store i64 %210, ptr %218, align 8
+  br label %tk.shift.end13
 
-top.e.body:                                       ; preds = %top.e.head
-  %184 = getelementptr inbounds float, ptr %c, i64 %top.e
-  %s13 = load float, ptr %184, align 4
-  %185 = getelementptr inbounds i8, ptr %taken, i64 %top.e
-  %186 = load i8, ptr %185, align 1
-  %187 = icmp eq i8 %186, 0
-  %188 = load i64, ptr %best11, align 4
-  %189 = icmp slt i64 %188, 0
-  %190 = load float, ptr %bestv12, align 4
-  %191 = fcmp ogt float %s13, %190
-  %192 = or i1 %189, %191
-  %take14 = and i1 %187, %192
-  %193 = select i1 %take14, i64 %top.e, i64 %188
-  store i64 %193, ptr %best11, align 4
-  %194 = load float, ptr %bestv12, align 4
-  %195 = select i1 %take14, float %s13, float %194
-  store float %195, ptr %bestv12, align 4
-  %196 = add nsw i64 %top.e, 1
-  br label %top.e.head
+tk.shift.end13:                                   ; preds = %tk.shift.then12, %tk.ins.body9
+  br label %tk.ins.head7
 
-top.e.end:                                        ; preds = %top.e.head
-  %chosen15 = load i64, ptr %best11, align 4
-  %197 = getelementptr inbounds i8, ptr %taken, i64 %chosen15
-  store i8 1, ptr %197, align 1
-  %198 = trunc i64 %chosen15 to i32
-  %199 = getelementptr inbounds i32, ptr %ids_row, i64 %top.j
-  store i32 %198, ptr %199, align 4
-  %200 = getelementptr inbounds float, ptr %s, i64 %chosen15
-  %201 = load float, ptr %200, align 4
-  %202 = getelementptr inbounds float, ptr %w_row, i64 %top.j
-  store float %201, ptr %202, align 4
-  %203 = add nsw i64 %top.j, 1
-  br label %top.j.head
+tk.ins.end10:                                     ; preds = %tk.ins.chk8, %tk.ins.head7
+  %pf14 = phi i64 [ %p11, %tk.ins.head7 ], [ %p11, %tk.ins.chk8 ]
+  %219 = icmp slt i64 %pf14, 8
+  br i1 %219, label %tk.put.then15, label %tk.put.end16
 
-top.j.end:                                        ; preds = %top.j.head
-  %first = load i32, ptr %ids_row, align 4
-  %204 = sext i32 %first to i64
-  %205 = getelementptr inbounds float, ptr %c, i64 %204
-  %prio16 = load float, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %prio16, ptr %206, align 4
+tk.put.then15:                                    ; preds = %tk.ins.end10
+  %220 = getelementptr inbounds i64, ptr %idx, i64 %pf14
+  store i64 %tk6, ptr %220, align 8
+  br label %tk.put.end16
+
+tk.put.end16:                                     ; preds = %tk.put.then15, %tk.ins.end10
+  %221 = add nsw i64 %206, 1
+  %222 = icmp slt i64 %221, 8
+  %223 = select i1 %222, i64 %221, i64 8
+  store i64 %223, ptr %tk.m2, align 8
+  %224 = add nsw i64 %tk6, 1
+  br label %tk.head3
+
+tk.end5:                                          ; preds = %tk.head3
+  %225 = load i64, ptr %tk.m2, align 8
+  br label %top.head
+
+top.head:                                         ; preds = %top.body, %tk.end5
+  %top = phi i64 [ 0, %tk.end5 ], [ %234, %top.body ]
+  %226 = icmp slt i64 %top, 8
+  br i1 %226, label %top.body, label %top.end
+
+top.body:                                         ; preds = %top.head
+  %227 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %228 = load i64, ptr %227, align 8
+  %229 = getelementptr inbounds i32, ptr %135, i64 %top
+  %230 = trunc i64 %228 to i32
+  store i32 %230, ptr %229, align 4
+  %231 = getelementptr inbounds float, ptr %s, i64 %228
+  %232 = load float, ptr %231, align 4
+  %233 = getelementptr inbounds float, ptr %136, i64 %top
+  store float %232, ptr %233, align 4
+  %234 = add nsw i64 %top, 1
+  br label %top.head
+
+top.end:                                          ; preds = %top.head
+  %235 = getelementptr inbounds i64, ptr %idx, i64 0
+  %236 = load i64, ptr %235, align 8
+  %237 = getelementptr inbounds float, ptr %c, i64 %236
+  %238 = load float, ptr %237, align 4
+  %239 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %238, ptr %239, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
-nsum.head:                                        ; preds = %nsum.body, %top.j.end
-  %nsum = phi i64 [ 0, %top.j.end ], [ %212, %nsum.body ]
-  %207 = icmp slt i64 %nsum, 8
-  br i1 %207, label %nsum.body, label %nsum.end
+nsum.head:                                        ; preds = %nsum.body, %top.end
+  %nsum = phi i64 [ 0, %top.end ], [ %245, %nsum.body ]
+  %240 = icmp slt i64 %nsum, 8
+  br i1 %240, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %208 = getelementptr inbounds float, ptr %w_row, i64 %nsum
-  %209 = load float, ptr %208, align 4
-  %210 = load float, ptr %wsum, align 4
-  %211 = fadd float %210, %209
-  store float %211, ptr %wsum, align 4
-  %212 = add nsw i64 %nsum, 1
+  %241 = getelementptr inbounds float, ptr %136, i64 %nsum
+  %242 = load float, ptr %241, align 4
+  %243 = load float, ptr %wsum, align 4
+  %244 = fadd float %243, %242
+  store float %244, ptr %wsum, align 4
+  %245 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %213 = load float, ptr %wsum, align 4
-  %214 = fadd float %213, 0x3BC79CA100000000
-  %215 = fcmp ogt float %214, 0.000000e+00
-  %den = select i1 %215, float %214, float 0.000000e+00
-  %216 = fcmp ogt float %den, 0.000000e+00
-  %217 = select i1 %216, float %den, float 1.000000e+00
+  %246 = load float, ptr %wsum, align 4
+  %247 = fadd float %246, 0x3BC79CA100000000
+  %248 = fcmp olt float %247, 0.000000e+00
+  %249 = select i1 %248, float 0.000000e+00, float %247
+  %250 = fcmp ogt float %249, 0.000000e+00
+  %251 = select i1 %250, float %249, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %222, %ndiv.body ]
-  %218 = icmp slt i64 %ndiv, 8
-  br i1 %218, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %257, %ndiv.body ]
+  %252 = icmp slt i64 %ndiv, 8
+  br i1 %252, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %219 = getelementptr inbounds float, ptr %w_row, i64 %ndiv
-  %220 = load float, ptr %219, align 4
-  %221 = fdiv float %220, %217
-  store float %221, ptr %219, align 4
-  %222 = add nsw i64 %ndiv, 1
+  %253 = getelementptr inbounds float, ptr %136, i64 %ndiv
+  %254 = load float, ptr %253, align 4
+  %255 = fdiv float %254, %251
+  %256 = getelementptr inbounds float, ptr %136, i64 %ndiv
+  store float %255, ptr %256, align 4
+  %257 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
   br label %nscale.head
 
 nscale.head:                                      ; preds = %nscale.body, %ndiv.end
-  %nscale = phi i64 [ 0, %ndiv.end ], [ %227, %nscale.body ]
-  %223 = icmp slt i64 %nscale, 8
-  br i1 %223, label %nscale.body, label %nscale.end
+  %nscale = phi i64 [ 0, %ndiv.end ], [ %263, %nscale.body ]
+  %258 = icmp slt i64 %nscale, 8
+  br i1 %258, label %nscale.body, label %nscale.end
 
 nscale.body:                                      ; preds = %nscale.head
-  %224 = getelementptr inbounds float, ptr %w_row, i64 %nscale
-  %225 = load float, ptr %224, align 4
-  %226 = fmul float %225, 2.500000e+00
-  store float %226, ptr %224, align 4
-  %227 = add nsw i64 %nscale, 1
+  %259 = getelementptr inbounds float, ptr %136, i64 %nscale
+  %260 = load float, ptr %259, align 4
+  %261 = fmul float %260, 2.500000e+00
+  %262 = getelementptr inbounds float, ptr %136, i64 %nscale
+  store float %261, ptr %262, align 4
+  %263 = add nsw i64 %nscale, 1
   br label %nscale.head
 
 nscale.end:                                       ; preds = %nscale.head
-  %228 = add nsw i64 %t, 1
+  %264 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -559,43 +596,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1050 = alloca <8 x float>, align 32
-  %acc1151 = alloca <8 x float>, align 32
-  %acc2053 = alloca <8 x float>, align 32
-  %acc2154 = alloca <8 x float>, align 32
-  %acc3056 = alloca <8 x float>, align 32
-  %acc3157 = alloca <8 x float>, align 32
-  %acc4059 = alloca <8 x float>, align 32
-  %acc4160 = alloca <8 x float>, align 32
-  %acc00115 = alloca <8 x float>, align 32
-  %acc01116 = alloca <8 x float>, align 32
-  %acc10118 = alloca <8 x float>, align 32
-  %acc11119 = alloca <8 x float>, align 32
+  %acc0031 = alloca <8 x float>, align 32
+  %acc0132 = alloca <8 x float>, align 32
+  %acc1033 = alloca <8 x float>, align 32
+  %acc1134 = alloca <8 x float>, align 32
+  %acc2035 = alloca <8 x float>, align 32
+  %acc2136 = alloca <8 x float>, align 32
+  %acc3037 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4039 = alloca <8 x float>, align 32
+  %acc4140 = alloca <8 x float>, align 32
+  %acc0078 = alloca <8 x float>, align 32
+  %acc0179 = alloca <8 x float>, align 32
+  %acc1080 = alloca <8 x float>, align 32
+  %acc1181 = alloca <8 x float>, align 32
+  %acc2082 = alloca <8 x float>, align 32
+  %acc2183 = alloca <8 x float>, align 32
+  %acc3084 = alloca <8 x float>, align 32
+  %acc3185 = alloca <8 x float>, align 32
+  %acc00117 = alloca <8 x float>, align 32
+  %acc01118 = alloca <8 x float>, align 32
+  %acc10119 = alloca <8 x float>, align 32
+  %acc11120 = alloca <8 x float>, align 32
   %acc20121 = alloca <8 x float>, align 32
   %acc21122 = alloca <8 x float>, align 32
-  %acc30124 = alloca <8 x float>, align 32
-  %acc31125 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc10150 = alloca <8 x float>, align 32
+  %acc11151 = alloca <8 x float>, align 32
   %acc00171 = alloca <8 x float>, align 32
   %acc01172 = alloca <8 x float>, align 32
-  %acc10174 = alloca <8 x float>, align 32
-  %acc11175 = alloca <8 x float>, align 32
-  %acc20177 = alloca <8 x float>, align 32
-  %acc21178 = alloca <8 x float>, align 32
-  %acc00215 = alloca <8 x float>, align 32
-  %acc01216 = alloca <8 x float>, align 32
-  %acc10218 = alloca <8 x float>, align 32
-  %acc11219 = alloca <8 x float>, align 32
-  %acc00247 = alloca <8 x float>, align 32
-  %acc01248 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %928, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1018, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -603,7 +640,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %927, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1017, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -625,1347 +662,1347 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 7168
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 7168
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 7168
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 7168
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 7168
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 7168
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 7168
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 7168
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 7168
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 7168
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 7168
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 114688
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 7168
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 7168
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 2048
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %95 = add nsw i64 %r0, 0
+  %96 = getelementptr inbounds float, ptr %rw, i64 %95
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = mul nsw i64 %95, 2048
+  %101 = getelementptr inbounds float, ptr %h, i64 %100
   %col = mul nsw i64 %p, 8
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = fneg <8 x float> %94
-  %97 = fcmp olt <8 x float> %96, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %98 = select <8 x i1> %97, <8 x float> %96, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %99 = fcmp ogt <8 x float> %98, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %100 = select <8 x i1> %99, <8 x float> %98, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %100, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %101)
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %100)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %102)
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %108 = fmul <8 x float> %exp.r, %exp.r
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %108, <8 x float> %exp.r)
-  %110 = fadd <8 x float> %109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %111 = fptosi <8 x float> %exp.n to <8 x i32>
-  %112 = add <8 x i32> %111, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %113 = shl <8 x i32> %112, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %113 to <8 x float>
-  %exp = fmul <8 x float> %110, %exp.2n
-  %114 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %114
-  %silu = fmul <8 x float> %94, %sigmoid
-  %glu = fmul <8 x float> %silu, %95
-  %115 = fmul <8 x float> %glu, %91
-  %116 = getelementptr inbounds float, ptr %93, i64 %col
-  store <8 x float> %115, ptr %116, align 4
-  %117 = add nsw i64 %r0, 1
-  %118 = getelementptr inbounds float, ptr %rw, i64 %117
-  %w1 = load float, ptr %118, align 4
-  %119 = insertelement <8 x float> poison, float %w1, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %117, 2048
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
-  %col2 = mul nsw i64 %p, 8
-  %123 = load <8 x float>, ptr %acc10, align 4
-  %124 = load <8 x float>, ptr %acc11, align 4
-  %125 = fneg <8 x float> %123
-  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n3 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
-  %exp.r4 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %131)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r4, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %exp.r4, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %exp.r4, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %exp.r4, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %exp.r4, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %137 = fmul <8 x float> %exp.r4, %exp.r4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %137, <8 x float> %exp.r4)
-  %139 = fadd <8 x float> %138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %140 = fptosi <8 x float> %exp.n3 to <8 x i32>
-  %141 = add <8 x i32> %140, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %142 = shl <8 x i32> %141, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n5 = bitcast <8 x i32> %142 to <8 x float>
-  %exp6 = fmul <8 x float> %139, %exp.2n5
-  %143 = fadd <8 x float> %exp6, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid7 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %143
-  %silu8 = fmul <8 x float> %123, %sigmoid7
-  %glu9 = fmul <8 x float> %silu8, %124
-  %144 = fmul <8 x float> %glu9, %120
-  %145 = getelementptr inbounds float, ptr %122, i64 %col2
-  store <8 x float> %144, ptr %145, align 4
-  %146 = add nsw i64 %r0, 2
-  %147 = getelementptr inbounds float, ptr %rw, i64 %146
-  %w10 = load float, ptr %147, align 4
-  %148 = insertelement <8 x float> poison, float %w10, i32 0
-  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
-  %150 = mul nsw i64 %146, 2048
-  %151 = getelementptr inbounds float, ptr %h, i64 %150
-  %col11 = mul nsw i64 %p, 8
-  %152 = load <8 x float>, ptr %acc20, align 4
-  %153 = load <8 x float>, ptr %acc21, align 4
-  %154 = fneg <8 x float> %152
-  %155 = fcmp olt <8 x float> %154, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %156 = select <8 x i1> %155, <8 x float> %154, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %157 = fcmp ogt <8 x float> %156, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n12 = call <8 x float> @llvm.floor.v8f32(<8 x float> %159)
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %158)
-  %exp.r13 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %160)
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r13, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %exp.r13, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %exp.r13, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %exp.r13, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> %exp.r13, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %166 = fmul <8 x float> %exp.r13, %exp.r13
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %166, <8 x float> %exp.r13)
-  %168 = fadd <8 x float> %167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %169 = fptosi <8 x float> %exp.n12 to <8 x i32>
-  %170 = add <8 x i32> %169, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %171 = shl <8 x i32> %170, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %171 to <8 x float>
-  %exp15 = fmul <8 x float> %168, %exp.2n14
-  %172 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %172
-  %silu17 = fmul <8 x float> %152, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %153
-  %173 = fmul <8 x float> %glu18, %149
-  %174 = getelementptr inbounds float, ptr %151, i64 %col11
-  store <8 x float> %173, ptr %174, align 4
-  %175 = add nsw i64 %r0, 3
-  %176 = getelementptr inbounds float, ptr %rw, i64 %175
-  %w19 = load float, ptr %176, align 4
-  %177 = insertelement <8 x float> poison, float %w19, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = mul nsw i64 %175, 2048
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
-  %col20 = mul nsw i64 %p, 8
-  %181 = load <8 x float>, ptr %acc30, align 4
-  %182 = load <8 x float>, ptr %acc31, align 4
-  %183 = fneg <8 x float> %181
-  %184 = fcmp olt <8 x float> %183, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %186 = fcmp ogt <8 x float> %185, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n21 = call <8 x float> @llvm.floor.v8f32(<8 x float> %188)
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %187)
-  %exp.r22 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %189)
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r22, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %exp.r22, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %exp.r22, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %exp.r22, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %exp.r22, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %195 = fmul <8 x float> %exp.r22, %exp.r22
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %exp.r22)
-  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %198 = fptosi <8 x float> %exp.n21 to <8 x i32>
-  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %200 to <8 x float>
-  %exp24 = fmul <8 x float> %197, %exp.2n23
-  %201 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
-  %silu26 = fmul <8 x float> %181, %sigmoid25
-  %glu27 = fmul <8 x float> %silu26, %182
-  %202 = fmul <8 x float> %glu27, %178
-  %203 = getelementptr inbounds float, ptr %180, i64 %col20
-  store <8 x float> %202, ptr %203, align 4
-  %204 = add nsw i64 %r0, 4
-  %205 = getelementptr inbounds float, ptr %rw, i64 %204
-  %w28 = load float, ptr %205, align 4
-  %206 = insertelement <8 x float> poison, float %w28, i32 0
-  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
-  %208 = mul nsw i64 %204, 2048
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %col29 = mul nsw i64 %p, 8
-  %210 = load <8 x float>, ptr %acc40, align 4
-  %211 = load <8 x float>, ptr %acc41, align 4
-  %212 = fneg <8 x float> %210
-  %213 = fcmp olt <8 x float> %212, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %214 = select <8 x i1> %213, <8 x float> %212, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %215 = fcmp ogt <8 x float> %214, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %216 = select <8 x i1> %215, <8 x float> %214, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n30 = call <8 x float> @llvm.floor.v8f32(<8 x float> %217)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %216)
-  %exp.r31 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %218)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r31, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %exp.r31, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %exp.r31, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %exp.r31, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %exp.r31, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %224 = fmul <8 x float> %exp.r31, %exp.r31
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %224, <8 x float> %exp.r31)
-  %226 = fadd <8 x float> %225, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %227 = fptosi <8 x float> %exp.n30 to <8 x i32>
-  %228 = add <8 x i32> %227, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %229 = shl <8 x i32> %228, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n32 = bitcast <8 x i32> %229 to <8 x float>
-  %exp33 = fmul <8 x float> %226, %exp.2n32
-  %230 = fadd <8 x float> %exp33, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid34 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %230
-  %silu35 = fmul <8 x float> %210, %sigmoid34
-  %glu36 = fmul <8 x float> %silu35, %211
-  %231 = fmul <8 x float> %glu36, %207
-  %232 = getelementptr inbounds float, ptr %209, i64 %col29
-  store <8 x float> %231, ptr %232, align 4
-  %233 = add nsw i64 %r0, 5
-  %234 = getelementptr inbounds float, ptr %rw, i64 %233
-  %w37 = load float, ptr %234, align 4
-  %235 = insertelement <8 x float> poison, float %w37, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = mul nsw i64 %233, 2048
-  %238 = getelementptr inbounds float, ptr %h, i64 %237
-  %col38 = mul nsw i64 %p, 8
-  %239 = load <8 x float>, ptr %acc50, align 4
-  %240 = load <8 x float>, ptr %acc51, align 4
-  %241 = fneg <8 x float> %239
-  %242 = fcmp olt <8 x float> %241, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %243 = select <8 x i1> %242, <8 x float> %241, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %244 = fcmp ogt <8 x float> %243, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n39 = call <8 x float> @llvm.floor.v8f32(<8 x float> %246)
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %245)
-  %exp.r40 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %247)
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r40, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %exp.r40, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %exp.r40, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %exp.r40, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %exp.r40, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %253 = fmul <8 x float> %exp.r40, %exp.r40
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %253, <8 x float> %exp.r40)
-  %255 = fadd <8 x float> %254, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %256 = fptosi <8 x float> %exp.n39 to <8 x i32>
-  %257 = add <8 x i32> %256, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %258 = shl <8 x i32> %257, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n41 = bitcast <8 x i32> %258 to <8 x float>
-  %exp42 = fmul <8 x float> %255, %exp.2n41
-  %259 = fadd <8 x float> %exp42, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid43 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %259
-  %silu44 = fmul <8 x float> %239, %sigmoid43
-  %glu45 = fmul <8 x float> %silu44, %240
-  %260 = fmul <8 x float> %glu45, %236
-  %261 = getelementptr inbounds float, ptr %238, i64 %col38
-  store <8 x float> %260, ptr %261, align 4
+  %102 = load <8 x float>, ptr %acc00, align 4
+  %103 = load <8 x float>, ptr %acc01, align 4
+  %104 = fneg <8 x float> %102
+  %105 = fcmp olt <8 x float> %104, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %106 = select <8 x i1> %105, <8 x float> %104, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %107 = fcmp ogt <8 x float> %106, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %108 = select <8 x i1> %107, <8 x float> %106, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %110 = call <8 x float> @llvm.floor.v8f32(<8 x float> %109)
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %108)
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %111)
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %112, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %112, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %112, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %112, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %112, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %118 = fmul <8 x float> %112, %112
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %118, <8 x float> %112)
+  %120 = fadd <8 x float> %119, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %121 = fptosi <8 x float> %110 to <8 x i32>
+  %122 = add <8 x i32> %121, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %123 = shl <8 x i32> %122, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %123 to <8 x float>
+  %exp = fmul <8 x float> %120, %exp.2n
+  %124 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %124
+  %silu = fmul <8 x float> %102, %sigmoid
+  %glu = fmul <8 x float> %silu, %103
+  %125 = fmul <8 x float> %glu, %99
+  %126 = getelementptr inbounds float, ptr %101, i64 %col
+  store <8 x float> %125, ptr %126, align 4
+  %127 = add nsw i64 %r0, 1
+  %128 = getelementptr inbounds float, ptr %rw, i64 %127
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = mul nsw i64 %127, 2048
+  %133 = getelementptr inbounds float, ptr %h, i64 %132
+  %col1 = mul nsw i64 %p, 8
+  %134 = load <8 x float>, ptr %acc10, align 4
+  %135 = load <8 x float>, ptr %acc11, align 4
+  %136 = fneg <8 x float> %134
+  %137 = fcmp olt <8 x float> %136, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %139 = fcmp ogt <8 x float> %138, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %142 = call <8 x float> @llvm.floor.v8f32(<8 x float> %141)
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %140)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %143)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %150 = fmul <8 x float> %144, %144
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %150, <8 x float> %144)
+  %152 = fadd <8 x float> %151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %153 = fptosi <8 x float> %142 to <8 x i32>
+  %154 = add <8 x i32> %153, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %155 = shl <8 x i32> %154, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %155 to <8 x float>
+  %exp3 = fmul <8 x float> %152, %exp.2n2
+  %156 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %156
+  %silu5 = fmul <8 x float> %134, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %135
+  %157 = fmul <8 x float> %glu6, %131
+  %158 = getelementptr inbounds float, ptr %133, i64 %col1
+  store <8 x float> %157, ptr %158, align 4
+  %159 = add nsw i64 %r0, 2
+  %160 = getelementptr inbounds float, ptr %rw, i64 %159
+  %161 = load float, ptr %160, align 4
+  %162 = insertelement <8 x float> poison, float %161, i32 0
+  %163 = shufflevector <8 x float> %162, <8 x float> poison, <8 x i32> zeroinitializer
+  %164 = mul nsw i64 %159, 2048
+  %165 = getelementptr inbounds float, ptr %h, i64 %164
+  %col7 = mul nsw i64 %p, 8
+  %166 = load <8 x float>, ptr %acc20, align 4
+  %167 = load <8 x float>, ptr %acc21, align 4
+  %168 = fneg <8 x float> %166
+  %169 = fcmp olt <8 x float> %168, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %170 = select <8 x i1> %169, <8 x float> %168, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %171 = fcmp ogt <8 x float> %170, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %172 = select <8 x i1> %171, <8 x float> %170, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %174 = call <8 x float> @llvm.floor.v8f32(<8 x float> %173)
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %172)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %175)
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %176, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %176, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %176, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %176, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %176, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %182 = fmul <8 x float> %176, %176
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %182, <8 x float> %176)
+  %184 = fadd <8 x float> %183, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %185 = fptosi <8 x float> %174 to <8 x i32>
+  %186 = add <8 x i32> %185, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %187 = shl <8 x i32> %186, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %187 to <8 x float>
+  %exp9 = fmul <8 x float> %184, %exp.2n8
+  %188 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %188
+  %silu11 = fmul <8 x float> %166, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %167
+  %189 = fmul <8 x float> %glu12, %163
+  %190 = getelementptr inbounds float, ptr %165, i64 %col7
+  store <8 x float> %189, ptr %190, align 4
+  %191 = add nsw i64 %r0, 3
+  %192 = getelementptr inbounds float, ptr %rw, i64 %191
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <8 x float> poison, float %193, i32 0
+  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
+  %196 = mul nsw i64 %191, 2048
+  %197 = getelementptr inbounds float, ptr %h, i64 %196
+  %col13 = mul nsw i64 %p, 8
+  %198 = load <8 x float>, ptr %acc30, align 4
+  %199 = load <8 x float>, ptr %acc31, align 4
+  %200 = fneg <8 x float> %198
+  %201 = fcmp olt <8 x float> %200, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %202 = select <8 x i1> %201, <8 x float> %200, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %203 = fcmp ogt <8 x float> %202, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %204 = select <8 x i1> %203, <8 x float> %202, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %206 = call <8 x float> @llvm.floor.v8f32(<8 x float> %205)
+  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %204)
+  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %207)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %208, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %208, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %208, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %208, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %208, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %214 = fmul <8 x float> %208, %208
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %214, <8 x float> %208)
+  %216 = fadd <8 x float> %215, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %217 = fptosi <8 x float> %206 to <8 x i32>
+  %218 = add <8 x i32> %217, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %219 = shl <8 x i32> %218, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %219 to <8 x float>
+  %exp15 = fmul <8 x float> %216, %exp.2n14
+  %220 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %220
+  %silu17 = fmul <8 x float> %198, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %199
+  %221 = fmul <8 x float> %glu18, %195
+  %222 = getelementptr inbounds float, ptr %197, i64 %col13
+  store <8 x float> %221, ptr %222, align 4
+  %223 = add nsw i64 %r0, 4
+  %224 = getelementptr inbounds float, ptr %rw, i64 %223
+  %225 = load float, ptr %224, align 4
+  %226 = insertelement <8 x float> poison, float %225, i32 0
+  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
+  %228 = mul nsw i64 %223, 2048
+  %229 = getelementptr inbounds float, ptr %h, i64 %228
+  %col19 = mul nsw i64 %p, 8
+  %230 = load <8 x float>, ptr %acc40, align 4
+  %231 = load <8 x float>, ptr %acc41, align 4
+  %232 = fneg <8 x float> %230
+  %233 = fcmp olt <8 x float> %232, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %234 = select <8 x i1> %233, <8 x float> %232, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %235 = fcmp ogt <8 x float> %234, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %238 = call <8 x float> @llvm.floor.v8f32(<8 x float> %237)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %236)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %239)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %246 = fmul <8 x float> %240, %240
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %246, <8 x float> %240)
+  %248 = fadd <8 x float> %247, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %249 = fptosi <8 x float> %238 to <8 x i32>
+  %250 = add <8 x i32> %249, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %251 = shl <8 x i32> %250, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %251 to <8 x float>
+  %exp21 = fmul <8 x float> %248, %exp.2n20
+  %252 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %252
+  %silu23 = fmul <8 x float> %230, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %231
+  %253 = fmul <8 x float> %glu24, %227
+  %254 = getelementptr inbounds float, ptr %229, i64 %col19
+  store <8 x float> %253, ptr %254, align 4
+  %255 = add nsw i64 %r0, 5
+  %256 = getelementptr inbounds float, ptr %rw, i64 %255
+  %257 = load float, ptr %256, align 4
+  %258 = insertelement <8 x float> poison, float %257, i32 0
+  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
+  %260 = mul nsw i64 %255, 2048
+  %261 = getelementptr inbounds float, ptr %h, i64 %260
+  %col25 = mul nsw i64 %p, 8
+  %262 = load <8 x float>, ptr %acc50, align 4
+  %263 = load <8 x float>, ptr %acc51, align 4
+  %264 = fneg <8 x float> %262
+  %265 = fcmp olt <8 x float> %264, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %266 = select <8 x i1> %265, <8 x float> %264, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %267 = fcmp ogt <8 x float> %266, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %268 = select <8 x i1> %267, <8 x float> %266, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %270 = call <8 x float> @llvm.floor.v8f32(<8 x float> %269)
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %268)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %271)
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %272, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %272, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %272, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %272, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %272, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %278 = fmul <8 x float> %272, %272
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %278, <8 x float> %272)
+  %280 = fadd <8 x float> %279, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %281 = fptosi <8 x float> %270 to <8 x i32>
+  %282 = add <8 x i32> %281, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %283 = shl <8 x i32> %282, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %283 to <8 x float>
+  %exp27 = fmul <8 x float> %280, %exp.2n26
+  %284 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %284
+  %silu29 = fmul <8 x float> %262, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %263
+  %285 = fmul <8 x float> %glu30, %259
+  %286 = getelementptr inbounds float, ptr %261, i64 %col25
+  store <8 x float> %285, ptr %286, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %262 = add nsw i64 %r0, 0
-  %263 = getelementptr inbounds i32, ptr %rows, i64 %262
-  %264 = load i32, ptr %263, align 4
-  %265 = sext i32 %264 to i64
-  %266 = mul nsw i64 %265, 7168
-  %a046 = getelementptr inbounds float, ptr %x, i64 %266
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %269 = load i32, ptr %268, align 4
-  %270 = sext i32 %269 to i64
-  %271 = mul nsw i64 %270, 7168
-  %a149 = getelementptr inbounds float, ptr %x, i64 %271
-  store <8 x float> zeroinitializer, ptr %acc1050, align 4
-  store <8 x float> zeroinitializer, ptr %acc1151, align 4
-  %272 = add nsw i64 %r0, 2
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %272
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 7168
-  %a252 = getelementptr inbounds float, ptr %x, i64 %276
-  store <8 x float> zeroinitializer, ptr %acc2053, align 4
-  store <8 x float> zeroinitializer, ptr %acc2154, align 4
-  %277 = add nsw i64 %r0, 3
-  %278 = getelementptr inbounds i32, ptr %rows, i64 %277
-  %279 = load i32, ptr %278, align 4
-  %280 = sext i32 %279 to i64
-  %281 = mul nsw i64 %280, 7168
-  %a355 = getelementptr inbounds float, ptr %x, i64 %281
-  store <8 x float> zeroinitializer, ptr %acc3056, align 4
-  store <8 x float> zeroinitializer, ptr %acc3157, align 4
-  %282 = add nsw i64 %r0, 4
-  %283 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %284 = load i32, ptr %283, align 4
-  %285 = sext i32 %284 to i64
-  %286 = mul nsw i64 %285, 7168
-  %a458 = getelementptr inbounds float, ptr %x, i64 %286
-  store <8 x float> zeroinitializer, ptr %acc4059, align 4
-  store <8 x float> zeroinitializer, ptr %acc4160, align 4
-  %panel.off61 = mul nsw i64 %p, 114688
-  br label %k.head62
+  %287 = add nsw i64 %r0, 0
+  %288 = getelementptr inbounds i32, ptr %rows, i64 %287
+  %289 = load i32, ptr %288, align 4
+  %290 = sext i32 %289 to i64
+  %291 = mul nsw i64 %290, 7168
+  %292 = getelementptr inbounds float, ptr %x, i64 %291
+  store <8 x float> zeroinitializer, ptr %acc0031, align 4
+  store <8 x float> zeroinitializer, ptr %acc0132, align 4
+  %293 = add nsw i64 %r0, 1
+  %294 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %295 = load i32, ptr %294, align 4
+  %296 = sext i32 %295 to i64
+  %297 = mul nsw i64 %296, 7168
+  %298 = getelementptr inbounds float, ptr %x, i64 %297
+  store <8 x float> zeroinitializer, ptr %acc1033, align 4
+  store <8 x float> zeroinitializer, ptr %acc1134, align 4
+  %299 = add nsw i64 %r0, 2
+  %300 = getelementptr inbounds i32, ptr %rows, i64 %299
+  %301 = load i32, ptr %300, align 4
+  %302 = sext i32 %301 to i64
+  %303 = mul nsw i64 %302, 7168
+  %304 = getelementptr inbounds float, ptr %x, i64 %303
+  store <8 x float> zeroinitializer, ptr %acc2035, align 4
+  store <8 x float> zeroinitializer, ptr %acc2136, align 4
+  %305 = add nsw i64 %r0, 3
+  %306 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %307 = load i32, ptr %306, align 4
+  %308 = sext i32 %307 to i64
+  %309 = mul nsw i64 %308, 7168
+  %310 = getelementptr inbounds float, ptr %x, i64 %309
+  store <8 x float> zeroinitializer, ptr %acc3037, align 4
+  store <8 x float> zeroinitializer, ptr %acc3138, align 4
+  %311 = add nsw i64 %r0, 4
+  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %313 = load i32, ptr %312, align 4
+  %314 = sext i32 %313 to i64
+  %315 = mul nsw i64 %314, 7168
+  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  store <8 x float> zeroinitializer, ptr %acc4039, align 4
+  store <8 x float> zeroinitializer, ptr %acc4140, align 4
+  %panel.off41 = mul nsw i64 %p, 114688
+  br label %k.head42
 
-k.head62:                                         ; preds = %k.body63, %tile.mr5
-  %k65 = phi i64 [ 0, %tile.mr5 ], [ %333, %k.body63 ]
-  %287 = icmp slt i64 %k65, 7168
-  br i1 %287, label %k.body63, label %k.end64
+k.head42:                                         ; preds = %k.body43, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %364, %k.body43 ]
+  %317 = icmp slt i64 %k45, 7168
+  br i1 %317, label %k.body43, label %k.end44
 
-k.body63:                                         ; preds = %k.head62
-  %288 = mul nsw i64 %k65, 16
-  %289 = add nsw i64 %panel.off61, %288
-  %290 = getelementptr inbounds i16, ptr %panels, i64 %289
-  %bw66 = load <8 x i32>, ptr %290, align 4
-  %291 = shl <8 x i32> %bw66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b067 = bitcast <8 x i32> %291 to <8 x float>
-  %292 = and <8 x i32> %bw66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b168 = bitcast <8 x i32> %292 to <8 x float>
-  %293 = getelementptr inbounds float, ptr %a046, i64 %k65
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = load <8 x float>, ptr %acc0047, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b067, <8 x float> %297)
-  store <8 x float> %298, ptr %acc0047, align 4
-  %299 = load <8 x float>, ptr %acc0148, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b168, <8 x float> %299)
-  store <8 x float> %300, ptr %acc0148, align 4
-  %301 = getelementptr inbounds float, ptr %a149, i64 %k65
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <8 x float> poison, float %302, i32 0
-  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
-  %305 = load <8 x float>, ptr %acc1050, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b067, <8 x float> %305)
-  store <8 x float> %306, ptr %acc1050, align 4
-  %307 = load <8 x float>, ptr %acc1151, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b168, <8 x float> %307)
-  store <8 x float> %308, ptr %acc1151, align 4
-  %309 = getelementptr inbounds float, ptr %a252, i64 %k65
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc2053, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b067, <8 x float> %313)
-  store <8 x float> %314, ptr %acc2053, align 4
-  %315 = load <8 x float>, ptr %acc2154, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b168, <8 x float> %315)
-  store <8 x float> %316, ptr %acc2154, align 4
-  %317 = getelementptr inbounds float, ptr %a355, i64 %k65
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc3056, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b067, <8 x float> %321)
-  store <8 x float> %322, ptr %acc3056, align 4
-  %323 = load <8 x float>, ptr %acc3157, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b168, <8 x float> %323)
-  store <8 x float> %324, ptr %acc3157, align 4
-  %325 = getelementptr inbounds float, ptr %a458, i64 %k65
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc4059, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b067, <8 x float> %329)
-  store <8 x float> %330, ptr %acc4059, align 4
-  %331 = load <8 x float>, ptr %acc4160, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b168, <8 x float> %331)
-  store <8 x float> %332, ptr %acc4160, align 4
-  %333 = add nsw i64 %k65, 1
-  br label %k.head62
+k.body43:                                         ; preds = %k.head42
+  %318 = mul nsw i64 %k45, 16
+  %319 = add nsw i64 %panel.off41, %318
+  %320 = getelementptr inbounds i16, ptr %panels, i64 %319
+  %321 = load <8 x i32>, ptr %320, align 4
+  %322 = shl <8 x i32> %321, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b046 = bitcast <8 x i32> %322 to <8 x float>
+  %323 = and <8 x i32> %321, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b147 = bitcast <8 x i32> %323 to <8 x float>
+  %324 = getelementptr inbounds float, ptr %292, i64 %k45
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %acc0031, align 4
+  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b046, <8 x float> %328)
+  store <8 x float> %329, ptr %acc0031, align 4
+  %330 = load <8 x float>, ptr %acc0132, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b147, <8 x float> %330)
+  store <8 x float> %331, ptr %acc0132, align 4
+  %332 = getelementptr inbounds float, ptr %298, i64 %k45
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %acc1033, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b046, <8 x float> %336)
+  store <8 x float> %337, ptr %acc1033, align 4
+  %338 = load <8 x float>, ptr %acc1134, align 4
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b147, <8 x float> %338)
+  store <8 x float> %339, ptr %acc1134, align 4
+  %340 = getelementptr inbounds float, ptr %304, i64 %k45
+  %341 = load float, ptr %340, align 4
+  %342 = insertelement <8 x float> poison, float %341, i32 0
+  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
+  %344 = load <8 x float>, ptr %acc2035, align 4
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b046, <8 x float> %344)
+  store <8 x float> %345, ptr %acc2035, align 4
+  %346 = load <8 x float>, ptr %acc2136, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b147, <8 x float> %346)
+  store <8 x float> %347, ptr %acc2136, align 4
+  %348 = getelementptr inbounds float, ptr %310, i64 %k45
+  %349 = load float, ptr %348, align 4
+  %350 = insertelement <8 x float> poison, float %349, i32 0
+  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
+  %352 = load <8 x float>, ptr %acc3037, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b046, <8 x float> %352)
+  store <8 x float> %353, ptr %acc3037, align 4
+  %354 = load <8 x float>, ptr %acc3138, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b147, <8 x float> %354)
+  store <8 x float> %355, ptr %acc3138, align 4
+  %356 = getelementptr inbounds float, ptr %316, i64 %k45
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = load <8 x float>, ptr %acc4039, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b046, <8 x float> %360)
+  store <8 x float> %361, ptr %acc4039, align 4
+  %362 = load <8 x float>, ptr %acc4140, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b147, <8 x float> %362)
+  store <8 x float> %363, ptr %acc4140, align 4
+  %364 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end64:                                          ; preds = %k.head62
-  %334 = add nsw i64 %r0, 0
-  %335 = getelementptr inbounds float, ptr %rw, i64 %334
-  %w69 = load float, ptr %335, align 4
-  %336 = insertelement <8 x float> poison, float %w69, i32 0
-  %337 = shufflevector <8 x float> %336, <8 x float> poison, <8 x i32> zeroinitializer
-  %338 = mul nsw i64 %334, 2048
-  %339 = getelementptr inbounds float, ptr %h, i64 %338
-  %col70 = mul nsw i64 %p, 8
-  %340 = load <8 x float>, ptr %acc0047, align 4
-  %341 = load <8 x float>, ptr %acc0148, align 4
-  %342 = fneg <8 x float> %340
-  %343 = fcmp olt <8 x float> %342, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %344 = select <8 x i1> %343, <8 x float> %342, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %345 = fcmp ogt <8 x float> %344, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %346 = select <8 x i1> %345, <8 x float> %344, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n71 = call <8 x float> @llvm.floor.v8f32(<8 x float> %347)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n71, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %346)
-  %exp.r72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n71, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %348)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r72, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %exp.r72, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %exp.r72, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %exp.r72, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %exp.r72, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %354 = fmul <8 x float> %exp.r72, %exp.r72
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %354, <8 x float> %exp.r72)
-  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %357 = fptosi <8 x float> %exp.n71 to <8 x i32>
-  %358 = add <8 x i32> %357, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %359 = shl <8 x i32> %358, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %359 to <8 x float>
-  %exp74 = fmul <8 x float> %356, %exp.2n73
-  %360 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %360
-  %silu76 = fmul <8 x float> %340, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %341
-  %361 = fmul <8 x float> %glu77, %337
-  %362 = getelementptr inbounds float, ptr %339, i64 %col70
-  store <8 x float> %361, ptr %362, align 4
-  %363 = add nsw i64 %r0, 1
-  %364 = getelementptr inbounds float, ptr %rw, i64 %363
-  %w78 = load float, ptr %364, align 4
-  %365 = insertelement <8 x float> poison, float %w78, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = mul nsw i64 %363, 2048
-  %368 = getelementptr inbounds float, ptr %h, i64 %367
-  %col79 = mul nsw i64 %p, 8
-  %369 = load <8 x float>, ptr %acc1050, align 4
-  %370 = load <8 x float>, ptr %acc1151, align 4
-  %371 = fneg <8 x float> %369
-  %372 = fcmp olt <8 x float> %371, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %374 = fcmp ogt <8 x float> %373, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n80 = call <8 x float> @llvm.floor.v8f32(<8 x float> %376)
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n80, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %375)
-  %exp.r81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n80, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %377)
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r81, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %exp.r81, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %exp.r81, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %exp.r81, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %exp.r81, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %383 = fmul <8 x float> %exp.r81, %exp.r81
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %383, <8 x float> %exp.r81)
-  %385 = fadd <8 x float> %384, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %386 = fptosi <8 x float> %exp.n80 to <8 x i32>
-  %387 = add <8 x i32> %386, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %388 = shl <8 x i32> %387, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n82 = bitcast <8 x i32> %388 to <8 x float>
-  %exp83 = fmul <8 x float> %385, %exp.2n82
-  %389 = fadd <8 x float> %exp83, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid84 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %389
-  %silu85 = fmul <8 x float> %369, %sigmoid84
-  %glu86 = fmul <8 x float> %silu85, %370
-  %390 = fmul <8 x float> %glu86, %366
-  %391 = getelementptr inbounds float, ptr %368, i64 %col79
-  store <8 x float> %390, ptr %391, align 4
-  %392 = add nsw i64 %r0, 2
-  %393 = getelementptr inbounds float, ptr %rw, i64 %392
-  %w87 = load float, ptr %393, align 4
-  %394 = insertelement <8 x float> poison, float %w87, i32 0
-  %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
-  %396 = mul nsw i64 %392, 2048
-  %397 = getelementptr inbounds float, ptr %h, i64 %396
-  %col88 = mul nsw i64 %p, 8
-  %398 = load <8 x float>, ptr %acc2053, align 4
-  %399 = load <8 x float>, ptr %acc2154, align 4
-  %400 = fneg <8 x float> %398
-  %401 = fcmp olt <8 x float> %400, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %402 = select <8 x i1> %401, <8 x float> %400, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %403 = fcmp ogt <8 x float> %402, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %404 = select <8 x i1> %403, <8 x float> %402, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n89 = call <8 x float> @llvm.floor.v8f32(<8 x float> %405)
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %404)
-  %exp.r90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %406)
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r90, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %exp.r90, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %exp.r90, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %exp.r90, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %exp.r90, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %412 = fmul <8 x float> %exp.r90, %exp.r90
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %412, <8 x float> %exp.r90)
-  %414 = fadd <8 x float> %413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %415 = fptosi <8 x float> %exp.n89 to <8 x i32>
-  %416 = add <8 x i32> %415, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %417 = shl <8 x i32> %416, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %417 to <8 x float>
-  %exp92 = fmul <8 x float> %414, %exp.2n91
-  %418 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %418
-  %silu94 = fmul <8 x float> %398, %sigmoid93
-  %glu95 = fmul <8 x float> %silu94, %399
-  %419 = fmul <8 x float> %glu95, %395
-  %420 = getelementptr inbounds float, ptr %397, i64 %col88
-  store <8 x float> %419, ptr %420, align 4
-  %421 = add nsw i64 %r0, 3
-  %422 = getelementptr inbounds float, ptr %rw, i64 %421
-  %w96 = load float, ptr %422, align 4
-  %423 = insertelement <8 x float> poison, float %w96, i32 0
-  %424 = shufflevector <8 x float> %423, <8 x float> poison, <8 x i32> zeroinitializer
-  %425 = mul nsw i64 %421, 2048
-  %426 = getelementptr inbounds float, ptr %h, i64 %425
-  %col97 = mul nsw i64 %p, 8
-  %427 = load <8 x float>, ptr %acc3056, align 4
-  %428 = load <8 x float>, ptr %acc3157, align 4
-  %429 = fneg <8 x float> %427
-  %430 = fcmp olt <8 x float> %429, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %431 = select <8 x i1> %430, <8 x float> %429, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %432 = fcmp ogt <8 x float> %431, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %433 = select <8 x i1> %432, <8 x float> %431, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n98 = call <8 x float> @llvm.floor.v8f32(<8 x float> %434)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %433)
-  %exp.r99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %435)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r99, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %exp.r99, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %exp.r99, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %exp.r99, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %exp.r99, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %441 = fmul <8 x float> %exp.r99, %exp.r99
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %441, <8 x float> %exp.r99)
-  %443 = fadd <8 x float> %442, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %444 = fptosi <8 x float> %exp.n98 to <8 x i32>
-  %445 = add <8 x i32> %444, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %446 = shl <8 x i32> %445, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %446 to <8 x float>
-  %exp101 = fmul <8 x float> %443, %exp.2n100
-  %447 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %447
-  %silu103 = fmul <8 x float> %427, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %428
-  %448 = fmul <8 x float> %glu104, %424
-  %449 = getelementptr inbounds float, ptr %426, i64 %col97
-  store <8 x float> %448, ptr %449, align 4
-  %450 = add nsw i64 %r0, 4
-  %451 = getelementptr inbounds float, ptr %rw, i64 %450
-  %w105 = load float, ptr %451, align 4
-  %452 = insertelement <8 x float> poison, float %w105, i32 0
-  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
-  %454 = mul nsw i64 %450, 2048
-  %455 = getelementptr inbounds float, ptr %h, i64 %454
-  %col106 = mul nsw i64 %p, 8
-  %456 = load <8 x float>, ptr %acc4059, align 4
-  %457 = load <8 x float>, ptr %acc4160, align 4
-  %458 = fneg <8 x float> %456
-  %459 = fcmp olt <8 x float> %458, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %461 = fcmp ogt <8 x float> %460, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %462 = select <8 x i1> %461, <8 x float> %460, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n107 = call <8 x float> @llvm.floor.v8f32(<8 x float> %463)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n107, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %462)
-  %exp.r108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n107, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %464)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r108, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %exp.r108, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %exp.r108, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %exp.r108, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %exp.r108, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %470 = fmul <8 x float> %exp.r108, %exp.r108
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %exp.r108)
-  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %473 = fptosi <8 x float> %exp.n107 to <8 x i32>
-  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n109 = bitcast <8 x i32> %475 to <8 x float>
-  %exp110 = fmul <8 x float> %472, %exp.2n109
-  %476 = fadd <8 x float> %exp110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid111 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
-  %silu112 = fmul <8 x float> %456, %sigmoid111
-  %glu113 = fmul <8 x float> %silu112, %457
-  %477 = fmul <8 x float> %glu113, %453
-  %478 = getelementptr inbounds float, ptr %455, i64 %col106
-  store <8 x float> %477, ptr %478, align 4
+k.end44:                                          ; preds = %k.head42
+  %365 = add nsw i64 %r0, 0
+  %366 = getelementptr inbounds float, ptr %rw, i64 %365
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = mul nsw i64 %365, 2048
+  %371 = getelementptr inbounds float, ptr %h, i64 %370
+  %col48 = mul nsw i64 %p, 8
+  %372 = load <8 x float>, ptr %acc0031, align 4
+  %373 = load <8 x float>, ptr %acc0132, align 4
+  %374 = fneg <8 x float> %372
+  %375 = fcmp olt <8 x float> %374, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %376 = select <8 x i1> %375, <8 x float> %374, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %377 = fcmp ogt <8 x float> %376, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %378 = select <8 x i1> %377, <8 x float> %376, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %380 = call <8 x float> @llvm.floor.v8f32(<8 x float> %379)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %378)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %381)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %382, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %382, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %382, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %382, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %382, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %388 = fmul <8 x float> %382, %382
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %388, <8 x float> %382)
+  %390 = fadd <8 x float> %389, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %391 = fptosi <8 x float> %380 to <8 x i32>
+  %392 = add <8 x i32> %391, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %393 = shl <8 x i32> %392, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n49 = bitcast <8 x i32> %393 to <8 x float>
+  %exp50 = fmul <8 x float> %390, %exp.2n49
+  %394 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %394
+  %silu52 = fmul <8 x float> %372, %sigmoid51
+  %glu53 = fmul <8 x float> %silu52, %373
+  %395 = fmul <8 x float> %glu53, %369
+  %396 = getelementptr inbounds float, ptr %371, i64 %col48
+  store <8 x float> %395, ptr %396, align 4
+  %397 = add nsw i64 %r0, 1
+  %398 = getelementptr inbounds float, ptr %rw, i64 %397
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = mul nsw i64 %397, 2048
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %col54 = mul nsw i64 %p, 8
+  %404 = load <8 x float>, ptr %acc1033, align 4
+  %405 = load <8 x float>, ptr %acc1134, align 4
+  %406 = fneg <8 x float> %404
+  %407 = fcmp olt <8 x float> %406, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %409 = fcmp ogt <8 x float> %408, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %412 = call <8 x float> @llvm.floor.v8f32(<8 x float> %411)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %410)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %413)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %414, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %414, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %414, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %414, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %420 = fmul <8 x float> %414, %414
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %420, <8 x float> %414)
+  %422 = fadd <8 x float> %421, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %423 = fptosi <8 x float> %412 to <8 x i32>
+  %424 = add <8 x i32> %423, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %425 = shl <8 x i32> %424, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %425 to <8 x float>
+  %exp56 = fmul <8 x float> %422, %exp.2n55
+  %426 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
+  %silu58 = fmul <8 x float> %404, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %405
+  %427 = fmul <8 x float> %glu59, %401
+  %428 = getelementptr inbounds float, ptr %403, i64 %col54
+  store <8 x float> %427, ptr %428, align 4
+  %429 = add nsw i64 %r0, 2
+  %430 = getelementptr inbounds float, ptr %rw, i64 %429
+  %431 = load float, ptr %430, align 4
+  %432 = insertelement <8 x float> poison, float %431, i32 0
+  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
+  %434 = mul nsw i64 %429, 2048
+  %435 = getelementptr inbounds float, ptr %h, i64 %434
+  %col60 = mul nsw i64 %p, 8
+  %436 = load <8 x float>, ptr %acc2035, align 4
+  %437 = load <8 x float>, ptr %acc2136, align 4
+  %438 = fneg <8 x float> %436
+  %439 = fcmp olt <8 x float> %438, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %441 = fcmp ogt <8 x float> %440, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %444 = call <8 x float> @llvm.floor.v8f32(<8 x float> %443)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %442)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %445)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %446, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %446, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %446, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %446, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %446, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %452 = fmul <8 x float> %446, %446
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %452, <8 x float> %446)
+  %454 = fadd <8 x float> %453, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %455 = fptosi <8 x float> %444 to <8 x i32>
+  %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %457 to <8 x float>
+  %exp62 = fmul <8 x float> %454, %exp.2n61
+  %458 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
+  %silu64 = fmul <8 x float> %436, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %437
+  %459 = fmul <8 x float> %glu65, %433
+  %460 = getelementptr inbounds float, ptr %435, i64 %col60
+  store <8 x float> %459, ptr %460, align 4
+  %461 = add nsw i64 %r0, 3
+  %462 = getelementptr inbounds float, ptr %rw, i64 %461
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <8 x float> poison, float %463, i32 0
+  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
+  %466 = mul nsw i64 %461, 2048
+  %467 = getelementptr inbounds float, ptr %h, i64 %466
+  %col66 = mul nsw i64 %p, 8
+  %468 = load <8 x float>, ptr %acc3037, align 4
+  %469 = load <8 x float>, ptr %acc3138, align 4
+  %470 = fneg <8 x float> %468
+  %471 = fcmp olt <8 x float> %470, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %473 = fcmp ogt <8 x float> %472, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %476 = call <8 x float> @llvm.floor.v8f32(<8 x float> %475)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %474)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %477)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %478, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %478, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %478, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %478, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %478, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %484 = fmul <8 x float> %478, %478
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %484, <8 x float> %478)
+  %486 = fadd <8 x float> %485, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %487 = fptosi <8 x float> %476 to <8 x i32>
+  %488 = add <8 x i32> %487, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %489 = shl <8 x i32> %488, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %489 to <8 x float>
+  %exp68 = fmul <8 x float> %486, %exp.2n67
+  %490 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
+  %silu70 = fmul <8 x float> %468, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %469
+  %491 = fmul <8 x float> %glu71, %465
+  %492 = getelementptr inbounds float, ptr %467, i64 %col66
+  store <8 x float> %491, ptr %492, align 4
+  %493 = add nsw i64 %r0, 4
+  %494 = getelementptr inbounds float, ptr %rw, i64 %493
+  %495 = load float, ptr %494, align 4
+  %496 = insertelement <8 x float> poison, float %495, i32 0
+  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
+  %498 = mul nsw i64 %493, 2048
+  %499 = getelementptr inbounds float, ptr %h, i64 %498
+  %col72 = mul nsw i64 %p, 8
+  %500 = load <8 x float>, ptr %acc4039, align 4
+  %501 = load <8 x float>, ptr %acc4140, align 4
+  %502 = fneg <8 x float> %500
+  %503 = fcmp olt <8 x float> %502, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %505 = fcmp ogt <8 x float> %504, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %508 = call <8 x float> @llvm.floor.v8f32(<8 x float> %507)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %506)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %509)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %510, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %510, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %510, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %510, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %510, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %516 = fmul <8 x float> %510, %510
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %516, <8 x float> %510)
+  %518 = fadd <8 x float> %517, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %519 = fptosi <8 x float> %508 to <8 x i32>
+  %520 = add <8 x i32> %519, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %521 = shl <8 x i32> %520, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %521 to <8 x float>
+  %exp74 = fmul <8 x float> %518, %exp.2n73
+  %522 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
+  %silu76 = fmul <8 x float> %500, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %501
+  %523 = fmul <8 x float> %glu77, %497
+  %524 = getelementptr inbounds float, ptr %499, i64 %col72
+  store <8 x float> %523, ptr %524, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %479 = add nsw i64 %r0, 0
-  %480 = getelementptr inbounds i32, ptr %rows, i64 %479
-  %481 = load i32, ptr %480, align 4
-  %482 = sext i32 %481 to i64
-  %483 = mul nsw i64 %482, 7168
-  %a0114 = getelementptr inbounds float, ptr %x, i64 %483
-  store <8 x float> zeroinitializer, ptr %acc00115, align 4
-  store <8 x float> zeroinitializer, ptr %acc01116, align 4
-  %484 = add nsw i64 %r0, 1
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %484
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 7168
-  %a1117 = getelementptr inbounds float, ptr %x, i64 %488
-  store <8 x float> zeroinitializer, ptr %acc10118, align 4
-  store <8 x float> zeroinitializer, ptr %acc11119, align 4
-  %489 = add nsw i64 %r0, 2
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %489
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 7168
-  %a2120 = getelementptr inbounds float, ptr %x, i64 %493
-  store <8 x float> zeroinitializer, ptr %acc20121, align 4
-  store <8 x float> zeroinitializer, ptr %acc21122, align 4
-  %494 = add nsw i64 %r0, 3
-  %495 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %496 = load i32, ptr %495, align 4
-  %497 = sext i32 %496 to i64
-  %498 = mul nsw i64 %497, 7168
-  %a3123 = getelementptr inbounds float, ptr %x, i64 %498
-  store <8 x float> zeroinitializer, ptr %acc30124, align 4
-  store <8 x float> zeroinitializer, ptr %acc31125, align 4
-  %panel.off126 = mul nsw i64 %p, 114688
-  br label %k.head127
+  %525 = add nsw i64 %r0, 0
+  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
+  %527 = load i32, ptr %526, align 4
+  %528 = sext i32 %527 to i64
+  %529 = mul nsw i64 %528, 7168
+  %530 = getelementptr inbounds float, ptr %x, i64 %529
+  store <8 x float> zeroinitializer, ptr %acc0078, align 4
+  store <8 x float> zeroinitializer, ptr %acc0179, align 4
+  %531 = add nsw i64 %r0, 1
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 7168
+  %536 = getelementptr inbounds float, ptr %x, i64 %535
+  store <8 x float> zeroinitializer, ptr %acc1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc1181, align 4
+  %537 = add nsw i64 %r0, 2
+  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
+  %539 = load i32, ptr %538, align 4
+  %540 = sext i32 %539 to i64
+  %541 = mul nsw i64 %540, 7168
+  %542 = getelementptr inbounds float, ptr %x, i64 %541
+  store <8 x float> zeroinitializer, ptr %acc2082, align 4
+  store <8 x float> zeroinitializer, ptr %acc2183, align 4
+  %543 = add nsw i64 %r0, 3
+  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
+  %545 = load i32, ptr %544, align 4
+  %546 = sext i32 %545 to i64
+  %547 = mul nsw i64 %546, 7168
+  %548 = getelementptr inbounds float, ptr %x, i64 %547
+  store <8 x float> zeroinitializer, ptr %acc3084, align 4
+  store <8 x float> zeroinitializer, ptr %acc3185, align 4
+  %panel.off86 = mul nsw i64 %p, 114688
+  br label %k.head87
 
-k.head127:                                        ; preds = %k.body128, %tile.mr4
-  %k130 = phi i64 [ 0, %tile.mr4 ], [ %537, %k.body128 ]
-  %499 = icmp slt i64 %k130, 7168
-  br i1 %499, label %k.body128, label %k.end129
+k.head87:                                         ; preds = %k.body88, %tile.mr4
+  %k90 = phi i64 [ 0, %tile.mr4 ], [ %588, %k.body88 ]
+  %549 = icmp slt i64 %k90, 7168
+  br i1 %549, label %k.body88, label %k.end89
 
-k.body128:                                        ; preds = %k.head127
-  %500 = mul nsw i64 %k130, 16
-  %501 = add nsw i64 %panel.off126, %500
-  %502 = getelementptr inbounds i16, ptr %panels, i64 %501
-  %bw131 = load <8 x i32>, ptr %502, align 4
-  %503 = shl <8 x i32> %bw131, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0132 = bitcast <8 x i32> %503 to <8 x float>
-  %504 = and <8 x i32> %bw131, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1133 = bitcast <8 x i32> %504 to <8 x float>
-  %505 = getelementptr inbounds float, ptr %a0114, i64 %k130
-  %506 = load float, ptr %505, align 4
-  %507 = insertelement <8 x float> poison, float %506, i32 0
-  %508 = shufflevector <8 x float> %507, <8 x float> poison, <8 x i32> zeroinitializer
-  %509 = load <8 x float>, ptr %acc00115, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %b0132, <8 x float> %509)
-  store <8 x float> %510, ptr %acc00115, align 4
-  %511 = load <8 x float>, ptr %acc01116, align 4
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %b1133, <8 x float> %511)
-  store <8 x float> %512, ptr %acc01116, align 4
-  %513 = getelementptr inbounds float, ptr %a1117, i64 %k130
-  %514 = load float, ptr %513, align 4
-  %515 = insertelement <8 x float> poison, float %514, i32 0
-  %516 = shufflevector <8 x float> %515, <8 x float> poison, <8 x i32> zeroinitializer
-  %517 = load <8 x float>, ptr %acc10118, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %b0132, <8 x float> %517)
-  store <8 x float> %518, ptr %acc10118, align 4
-  %519 = load <8 x float>, ptr %acc11119, align 4
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %b1133, <8 x float> %519)
-  store <8 x float> %520, ptr %acc11119, align 4
-  %521 = getelementptr inbounds float, ptr %a2120, i64 %k130
-  %522 = load float, ptr %521, align 4
-  %523 = insertelement <8 x float> poison, float %522, i32 0
-  %524 = shufflevector <8 x float> %523, <8 x float> poison, <8 x i32> zeroinitializer
-  %525 = load <8 x float>, ptr %acc20121, align 4
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %b0132, <8 x float> %525)
-  store <8 x float> %526, ptr %acc20121, align 4
-  %527 = load <8 x float>, ptr %acc21122, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %b1133, <8 x float> %527)
-  store <8 x float> %528, ptr %acc21122, align 4
-  %529 = getelementptr inbounds float, ptr %a3123, i64 %k130
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = load <8 x float>, ptr %acc30124, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b0132, <8 x float> %533)
-  store <8 x float> %534, ptr %acc30124, align 4
-  %535 = load <8 x float>, ptr %acc31125, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b1133, <8 x float> %535)
-  store <8 x float> %536, ptr %acc31125, align 4
-  %537 = add nsw i64 %k130, 1
-  br label %k.head127
+k.body88:                                         ; preds = %k.head87
+  %550 = mul nsw i64 %k90, 16
+  %551 = add nsw i64 %panel.off86, %550
+  %552 = getelementptr inbounds i16, ptr %panels, i64 %551
+  %553 = load <8 x i32>, ptr %552, align 4
+  %554 = shl <8 x i32> %553, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b091 = bitcast <8 x i32> %554 to <8 x float>
+  %555 = and <8 x i32> %553, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b192 = bitcast <8 x i32> %555 to <8 x float>
+  %556 = getelementptr inbounds float, ptr %530, i64 %k90
+  %557 = load float, ptr %556, align 4
+  %558 = insertelement <8 x float> poison, float %557, i32 0
+  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
+  %560 = load <8 x float>, ptr %acc0078, align 4
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b091, <8 x float> %560)
+  store <8 x float> %561, ptr %acc0078, align 4
+  %562 = load <8 x float>, ptr %acc0179, align 4
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b192, <8 x float> %562)
+  store <8 x float> %563, ptr %acc0179, align 4
+  %564 = getelementptr inbounds float, ptr %536, i64 %k90
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc1080, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b091, <8 x float> %568)
+  store <8 x float> %569, ptr %acc1080, align 4
+  %570 = load <8 x float>, ptr %acc1181, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b192, <8 x float> %570)
+  store <8 x float> %571, ptr %acc1181, align 4
+  %572 = getelementptr inbounds float, ptr %542, i64 %k90
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc2082, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b091, <8 x float> %576)
+  store <8 x float> %577, ptr %acc2082, align 4
+  %578 = load <8 x float>, ptr %acc2183, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b192, <8 x float> %578)
+  store <8 x float> %579, ptr %acc2183, align 4
+  %580 = getelementptr inbounds float, ptr %548, i64 %k90
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc3084, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b091, <8 x float> %584)
+  store <8 x float> %585, ptr %acc3084, align 4
+  %586 = load <8 x float>, ptr %acc3185, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b192, <8 x float> %586)
+  store <8 x float> %587, ptr %acc3185, align 4
+  %588 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end129:                                         ; preds = %k.head127
-  %538 = add nsw i64 %r0, 0
-  %539 = getelementptr inbounds float, ptr %rw, i64 %538
-  %w134 = load float, ptr %539, align 4
-  %540 = insertelement <8 x float> poison, float %w134, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = mul nsw i64 %538, 2048
-  %543 = getelementptr inbounds float, ptr %h, i64 %542
-  %col135 = mul nsw i64 %p, 8
-  %544 = load <8 x float>, ptr %acc00115, align 4
-  %545 = load <8 x float>, ptr %acc01116, align 4
-  %546 = fneg <8 x float> %544
-  %547 = fcmp olt <8 x float> %546, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %548 = select <8 x i1> %547, <8 x float> %546, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %549 = fcmp ogt <8 x float> %548, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %550 = select <8 x i1> %549, <8 x float> %548, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n136 = call <8 x float> @llvm.floor.v8f32(<8 x float> %551)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n136, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %550)
-  %exp.r137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n136, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %552)
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r137, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %exp.r137, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %exp.r137, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %exp.r137, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %exp.r137, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %558 = fmul <8 x float> %exp.r137, %exp.r137
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %558, <8 x float> %exp.r137)
-  %560 = fadd <8 x float> %559, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %561 = fptosi <8 x float> %exp.n136 to <8 x i32>
-  %562 = add <8 x i32> %561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %563 = shl <8 x i32> %562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %563 to <8 x float>
-  %exp139 = fmul <8 x float> %560, %exp.2n138
-  %564 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %564
-  %silu141 = fmul <8 x float> %544, %sigmoid140
-  %glu142 = fmul <8 x float> %silu141, %545
-  %565 = fmul <8 x float> %glu142, %541
-  %566 = getelementptr inbounds float, ptr %543, i64 %col135
-  store <8 x float> %565, ptr %566, align 4
-  %567 = add nsw i64 %r0, 1
-  %568 = getelementptr inbounds float, ptr %rw, i64 %567
-  %w143 = load float, ptr %568, align 4
-  %569 = insertelement <8 x float> poison, float %w143, i32 0
-  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = mul nsw i64 %567, 2048
-  %572 = getelementptr inbounds float, ptr %h, i64 %571
-  %col144 = mul nsw i64 %p, 8
-  %573 = load <8 x float>, ptr %acc10118, align 4
-  %574 = load <8 x float>, ptr %acc11119, align 4
-  %575 = fneg <8 x float> %573
-  %576 = fcmp olt <8 x float> %575, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %577 = select <8 x i1> %576, <8 x float> %575, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %578 = fcmp ogt <8 x float> %577, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %579 = select <8 x i1> %578, <8 x float> %577, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n145 = call <8 x float> @llvm.floor.v8f32(<8 x float> %580)
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n145, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %579)
-  %exp.r146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n145, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %581)
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %exp.r146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %exp.r146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %exp.r146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %exp.r146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %587 = fmul <8 x float> %exp.r146, %exp.r146
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %587, <8 x float> %exp.r146)
-  %589 = fadd <8 x float> %588, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %590 = fptosi <8 x float> %exp.n145 to <8 x i32>
-  %591 = add <8 x i32> %590, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %592 = shl <8 x i32> %591, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %592 to <8 x float>
-  %exp148 = fmul <8 x float> %589, %exp.2n147
-  %593 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %593
-  %silu150 = fmul <8 x float> %573, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %574
-  %594 = fmul <8 x float> %glu151, %570
-  %595 = getelementptr inbounds float, ptr %572, i64 %col144
-  store <8 x float> %594, ptr %595, align 4
-  %596 = add nsw i64 %r0, 2
-  %597 = getelementptr inbounds float, ptr %rw, i64 %596
-  %w152 = load float, ptr %597, align 4
-  %598 = insertelement <8 x float> poison, float %w152, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = mul nsw i64 %596, 2048
-  %601 = getelementptr inbounds float, ptr %h, i64 %600
-  %col153 = mul nsw i64 %p, 8
-  %602 = load <8 x float>, ptr %acc20121, align 4
-  %603 = load <8 x float>, ptr %acc21122, align 4
-  %604 = fneg <8 x float> %602
-  %605 = fcmp olt <8 x float> %604, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %607 = fcmp ogt <8 x float> %606, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n154 = call <8 x float> @llvm.floor.v8f32(<8 x float> %609)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n154, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %608)
-  %exp.r155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n154, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %610)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r155, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %exp.r155, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %exp.r155, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %exp.r155, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %exp.r155, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %616 = fmul <8 x float> %exp.r155, %exp.r155
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %exp.r155)
-  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %619 = fptosi <8 x float> %exp.n154 to <8 x i32>
-  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n156 = bitcast <8 x i32> %621 to <8 x float>
-  %exp157 = fmul <8 x float> %618, %exp.2n156
-  %622 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
-  %silu159 = fmul <8 x float> %602, %sigmoid158
-  %glu160 = fmul <8 x float> %silu159, %603
-  %623 = fmul <8 x float> %glu160, %599
-  %624 = getelementptr inbounds float, ptr %601, i64 %col153
-  store <8 x float> %623, ptr %624, align 4
-  %625 = add nsw i64 %r0, 3
-  %626 = getelementptr inbounds float, ptr %rw, i64 %625
-  %w161 = load float, ptr %626, align 4
-  %627 = insertelement <8 x float> poison, float %w161, i32 0
-  %628 = shufflevector <8 x float> %627, <8 x float> poison, <8 x i32> zeroinitializer
-  %629 = mul nsw i64 %625, 2048
-  %630 = getelementptr inbounds float, ptr %h, i64 %629
-  %col162 = mul nsw i64 %p, 8
-  %631 = load <8 x float>, ptr %acc30124, align 4
-  %632 = load <8 x float>, ptr %acc31125, align 4
-  %633 = fneg <8 x float> %631
-  %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %636 = fcmp ogt <8 x float> %635, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %637 = select <8 x i1> %636, <8 x float> %635, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
-  %exp.r164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %639)
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r164, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %exp.r164, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> %exp.r164, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %exp.r164, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %exp.r164, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %645 = fmul <8 x float> %exp.r164, %exp.r164
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %645, <8 x float> %exp.r164)
-  %647 = fadd <8 x float> %646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %648 = fptosi <8 x float> %exp.n163 to <8 x i32>
-  %649 = add <8 x i32> %648, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %650 = shl <8 x i32> %649, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n165 = bitcast <8 x i32> %650 to <8 x float>
-  %exp166 = fmul <8 x float> %647, %exp.2n165
-  %651 = fadd <8 x float> %exp166, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid167 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %651
-  %silu168 = fmul <8 x float> %631, %sigmoid167
-  %glu169 = fmul <8 x float> %silu168, %632
-  %652 = fmul <8 x float> %glu169, %628
-  %653 = getelementptr inbounds float, ptr %630, i64 %col162
-  store <8 x float> %652, ptr %653, align 4
+k.end89:                                          ; preds = %k.head87
+  %589 = add nsw i64 %r0, 0
+  %590 = getelementptr inbounds float, ptr %rw, i64 %589
+  %591 = load float, ptr %590, align 4
+  %592 = insertelement <8 x float> poison, float %591, i32 0
+  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
+  %594 = mul nsw i64 %589, 2048
+  %595 = getelementptr inbounds float, ptr %h, i64 %594
+  %col93 = mul nsw i64 %p, 8
+  %596 = load <8 x float>, ptr %acc0078, align 4
+  %597 = load <8 x float>, ptr %acc0179, align 4
+  %598 = fneg <8 x float> %596
+  %599 = fcmp olt <8 x float> %598, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %600 = select <8 x i1> %599, <8 x float> %598, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %601 = fcmp ogt <8 x float> %600, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %602 = select <8 x i1> %601, <8 x float> %600, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %604 = call <8 x float> @llvm.floor.v8f32(<8 x float> %603)
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %602)
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %605)
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %606, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %606, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %606, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %606, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %606, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %612 = fmul <8 x float> %606, %606
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %612, <8 x float> %606)
+  %614 = fadd <8 x float> %613, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %615 = fptosi <8 x float> %604 to <8 x i32>
+  %616 = add <8 x i32> %615, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %617 = shl <8 x i32> %616, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %617 to <8 x float>
+  %exp95 = fmul <8 x float> %614, %exp.2n94
+  %618 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %618
+  %silu97 = fmul <8 x float> %596, %sigmoid96
+  %glu98 = fmul <8 x float> %silu97, %597
+  %619 = fmul <8 x float> %glu98, %593
+  %620 = getelementptr inbounds float, ptr %595, i64 %col93
+  store <8 x float> %619, ptr %620, align 4
+  %621 = add nsw i64 %r0, 1
+  %622 = getelementptr inbounds float, ptr %rw, i64 %621
+  %623 = load float, ptr %622, align 4
+  %624 = insertelement <8 x float> poison, float %623, i32 0
+  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
+  %626 = mul nsw i64 %621, 2048
+  %627 = getelementptr inbounds float, ptr %h, i64 %626
+  %col99 = mul nsw i64 %p, 8
+  %628 = load <8 x float>, ptr %acc1080, align 4
+  %629 = load <8 x float>, ptr %acc1181, align 4
+  %630 = fneg <8 x float> %628
+  %631 = fcmp olt <8 x float> %630, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %632 = select <8 x i1> %631, <8 x float> %630, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %633 = fcmp ogt <8 x float> %632, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %634 = select <8 x i1> %633, <8 x float> %632, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %636 = call <8 x float> @llvm.floor.v8f32(<8 x float> %635)
+  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %634)
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %637)
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %638, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> %638, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %638, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> %638, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %638, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %644 = fmul <8 x float> %638, %638
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %644, <8 x float> %638)
+  %646 = fadd <8 x float> %645, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %647 = fptosi <8 x float> %636 to <8 x i32>
+  %648 = add <8 x i32> %647, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %649 = shl <8 x i32> %648, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %649 to <8 x float>
+  %exp101 = fmul <8 x float> %646, %exp.2n100
+  %650 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %650
+  %silu103 = fmul <8 x float> %628, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %629
+  %651 = fmul <8 x float> %glu104, %625
+  %652 = getelementptr inbounds float, ptr %627, i64 %col99
+  store <8 x float> %651, ptr %652, align 4
+  %653 = add nsw i64 %r0, 2
+  %654 = getelementptr inbounds float, ptr %rw, i64 %653
+  %655 = load float, ptr %654, align 4
+  %656 = insertelement <8 x float> poison, float %655, i32 0
+  %657 = shufflevector <8 x float> %656, <8 x float> poison, <8 x i32> zeroinitializer
+  %658 = mul nsw i64 %653, 2048
+  %659 = getelementptr inbounds float, ptr %h, i64 %658
+  %col105 = mul nsw i64 %p, 8
+  %660 = load <8 x float>, ptr %acc2082, align 4
+  %661 = load <8 x float>, ptr %acc2183, align 4
+  %662 = fneg <8 x float> %660
+  %663 = fcmp olt <8 x float> %662, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %664 = select <8 x i1> %663, <8 x float> %662, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %665 = fcmp ogt <8 x float> %664, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %666 = select <8 x i1> %665, <8 x float> %664, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %668 = call <8 x float> @llvm.floor.v8f32(<8 x float> %667)
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %666)
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %669)
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %670, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %670, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %670, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %670, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %670, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %676 = fmul <8 x float> %670, %670
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %676, <8 x float> %670)
+  %678 = fadd <8 x float> %677, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %679 = fptosi <8 x float> %668 to <8 x i32>
+  %680 = add <8 x i32> %679, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %681 = shl <8 x i32> %680, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n106 = bitcast <8 x i32> %681 to <8 x float>
+  %exp107 = fmul <8 x float> %678, %exp.2n106
+  %682 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %682
+  %silu109 = fmul <8 x float> %660, %sigmoid108
+  %glu110 = fmul <8 x float> %silu109, %661
+  %683 = fmul <8 x float> %glu110, %657
+  %684 = getelementptr inbounds float, ptr %659, i64 %col105
+  store <8 x float> %683, ptr %684, align 4
+  %685 = add nsw i64 %r0, 3
+  %686 = getelementptr inbounds float, ptr %rw, i64 %685
+  %687 = load float, ptr %686, align 4
+  %688 = insertelement <8 x float> poison, float %687, i32 0
+  %689 = shufflevector <8 x float> %688, <8 x float> poison, <8 x i32> zeroinitializer
+  %690 = mul nsw i64 %685, 2048
+  %691 = getelementptr inbounds float, ptr %h, i64 %690
+  %col111 = mul nsw i64 %p, 8
+  %692 = load <8 x float>, ptr %acc3084, align 4
+  %693 = load <8 x float>, ptr %acc3185, align 4
+  %694 = fneg <8 x float> %692
+  %695 = fcmp olt <8 x float> %694, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %696 = select <8 x i1> %695, <8 x float> %694, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %697 = fcmp ogt <8 x float> %696, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %700 = call <8 x float> @llvm.floor.v8f32(<8 x float> %699)
+  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %698)
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %701)
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %702, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %702, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %702, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %702, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %702, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %708 = fmul <8 x float> %702, %702
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %708, <8 x float> %702)
+  %710 = fadd <8 x float> %709, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %711 = fptosi <8 x float> %700 to <8 x i32>
+  %712 = add <8 x i32> %711, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %713 = shl <8 x i32> %712, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n112 = bitcast <8 x i32> %713 to <8 x float>
+  %exp113 = fmul <8 x float> %710, %exp.2n112
+  %714 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %714
+  %silu115 = fmul <8 x float> %692, %sigmoid114
+  %glu116 = fmul <8 x float> %silu115, %693
+  %715 = fmul <8 x float> %glu116, %689
+  %716 = getelementptr inbounds float, ptr %691, i64 %col111
+  store <8 x float> %715, ptr %716, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %654 = add nsw i64 %r0, 0
-  %655 = getelementptr inbounds i32, ptr %rows, i64 %654
-  %656 = load i32, ptr %655, align 4
-  %657 = sext i32 %656 to i64
-  %658 = mul nsw i64 %657, 7168
-  %a0170 = getelementptr inbounds float, ptr %x, i64 %658
-  store <8 x float> zeroinitializer, ptr %acc00171, align 4
-  store <8 x float> zeroinitializer, ptr %acc01172, align 4
-  %659 = add nsw i64 %r0, 1
-  %660 = getelementptr inbounds i32, ptr %rows, i64 %659
-  %661 = load i32, ptr %660, align 4
-  %662 = sext i32 %661 to i64
-  %663 = mul nsw i64 %662, 7168
-  %a1173 = getelementptr inbounds float, ptr %x, i64 %663
-  store <8 x float> zeroinitializer, ptr %acc10174, align 4
-  store <8 x float> zeroinitializer, ptr %acc11175, align 4
-  %664 = add nsw i64 %r0, 2
-  %665 = getelementptr inbounds i32, ptr %rows, i64 %664
-  %666 = load i32, ptr %665, align 4
-  %667 = sext i32 %666 to i64
-  %668 = mul nsw i64 %667, 7168
-  %a2176 = getelementptr inbounds float, ptr %x, i64 %668
-  store <8 x float> zeroinitializer, ptr %acc20177, align 4
-  store <8 x float> zeroinitializer, ptr %acc21178, align 4
-  %panel.off179 = mul nsw i64 %p, 114688
-  br label %k.head180
+  %717 = add nsw i64 %r0, 0
+  %718 = getelementptr inbounds i32, ptr %rows, i64 %717
+  %719 = load i32, ptr %718, align 4
+  %720 = sext i32 %719 to i64
+  %721 = mul nsw i64 %720, 7168
+  %722 = getelementptr inbounds float, ptr %x, i64 %721
+  store <8 x float> zeroinitializer, ptr %acc00117, align 4
+  store <8 x float> zeroinitializer, ptr %acc01118, align 4
+  %723 = add nsw i64 %r0, 1
+  %724 = getelementptr inbounds i32, ptr %rows, i64 %723
+  %725 = load i32, ptr %724, align 4
+  %726 = sext i32 %725 to i64
+  %727 = mul nsw i64 %726, 7168
+  %728 = getelementptr inbounds float, ptr %x, i64 %727
+  store <8 x float> zeroinitializer, ptr %acc10119, align 4
+  store <8 x float> zeroinitializer, ptr %acc11120, align 4
+  %729 = add nsw i64 %r0, 2
+  %730 = getelementptr inbounds i32, ptr %rows, i64 %729
+  %731 = load i32, ptr %730, align 4
+  %732 = sext i32 %731 to i64
+  %733 = mul nsw i64 %732, 7168
+  %734 = getelementptr inbounds float, ptr %x, i64 %733
+  store <8 x float> zeroinitializer, ptr %acc20121, align 4
+  store <8 x float> zeroinitializer, ptr %acc21122, align 4
+  %panel.off123 = mul nsw i64 %p, 114688
+  br label %k.head124
 
-k.head180:                                        ; preds = %k.body181, %tile.mr3
-  %k183 = phi i64 [ 0, %tile.mr3 ], [ %699, %k.body181 ]
-  %669 = icmp slt i64 %k183, 7168
-  br i1 %669, label %k.body181, label %k.end182
+k.head124:                                        ; preds = %k.body125, %tile.mr3
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %766, %k.body125 ]
+  %735 = icmp slt i64 %k127, 7168
+  br i1 %735, label %k.body125, label %k.end126
 
-k.body181:                                        ; preds = %k.head180
-  %670 = mul nsw i64 %k183, 16
-  %671 = add nsw i64 %panel.off179, %670
-  %672 = getelementptr inbounds i16, ptr %panels, i64 %671
-  %bw184 = load <8 x i32>, ptr %672, align 4
-  %673 = shl <8 x i32> %bw184, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0185 = bitcast <8 x i32> %673 to <8 x float>
-  %674 = and <8 x i32> %bw184, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1186 = bitcast <8 x i32> %674 to <8 x float>
-  %675 = getelementptr inbounds float, ptr %a0170, i64 %k183
-  %676 = load float, ptr %675, align 4
-  %677 = insertelement <8 x float> poison, float %676, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = load <8 x float>, ptr %acc00171, align 4
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b0185, <8 x float> %679)
-  store <8 x float> %680, ptr %acc00171, align 4
-  %681 = load <8 x float>, ptr %acc01172, align 4
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b1186, <8 x float> %681)
-  store <8 x float> %682, ptr %acc01172, align 4
-  %683 = getelementptr inbounds float, ptr %a1173, i64 %k183
-  %684 = load float, ptr %683, align 4
-  %685 = insertelement <8 x float> poison, float %684, i32 0
-  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
-  %687 = load <8 x float>, ptr %acc10174, align 4
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b0185, <8 x float> %687)
-  store <8 x float> %688, ptr %acc10174, align 4
-  %689 = load <8 x float>, ptr %acc11175, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b1186, <8 x float> %689)
-  store <8 x float> %690, ptr %acc11175, align 4
-  %691 = getelementptr inbounds float, ptr %a2176, i64 %k183
-  %692 = load float, ptr %691, align 4
-  %693 = insertelement <8 x float> poison, float %692, i32 0
-  %694 = shufflevector <8 x float> %693, <8 x float> poison, <8 x i32> zeroinitializer
-  %695 = load <8 x float>, ptr %acc20177, align 4
-  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b0185, <8 x float> %695)
-  store <8 x float> %696, ptr %acc20177, align 4
-  %697 = load <8 x float>, ptr %acc21178, align 4
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b1186, <8 x float> %697)
-  store <8 x float> %698, ptr %acc21178, align 4
-  %699 = add nsw i64 %k183, 1
-  br label %k.head180
-
-k.end182:                                         ; preds = %k.head180
-  %700 = add nsw i64 %r0, 0
-  %701 = getelementptr inbounds float, ptr %rw, i64 %700
-  %w187 = load float, ptr %701, align 4
-  %702 = insertelement <8 x float> poison, float %w187, i32 0
-  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
-  %704 = mul nsw i64 %700, 2048
-  %705 = getelementptr inbounds float, ptr %h, i64 %704
-  %col188 = mul nsw i64 %p, 8
-  %706 = load <8 x float>, ptr %acc00171, align 4
-  %707 = load <8 x float>, ptr %acc01172, align 4
-  %708 = fneg <8 x float> %706
-  %709 = fcmp olt <8 x float> %708, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %710 = select <8 x i1> %709, <8 x float> %708, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %711 = fcmp ogt <8 x float> %710, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %712 = select <8 x i1> %711, <8 x float> %710, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n189 = call <8 x float> @llvm.floor.v8f32(<8 x float> %713)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n189, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %712)
-  %exp.r190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n189, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %714)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r190, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %exp.r190, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %exp.r190, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %exp.r190, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %exp.r190, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %720 = fmul <8 x float> %exp.r190, %exp.r190
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %720, <8 x float> %exp.r190)
-  %722 = fadd <8 x float> %721, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %723 = fptosi <8 x float> %exp.n189 to <8 x i32>
-  %724 = add <8 x i32> %723, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %725 = shl <8 x i32> %724, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n191 = bitcast <8 x i32> %725 to <8 x float>
-  %exp192 = fmul <8 x float> %722, %exp.2n191
-  %726 = fadd <8 x float> %exp192, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid193 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %726
-  %silu194 = fmul <8 x float> %706, %sigmoid193
-  %glu195 = fmul <8 x float> %silu194, %707
-  %727 = fmul <8 x float> %glu195, %703
-  %728 = getelementptr inbounds float, ptr %705, i64 %col188
-  store <8 x float> %727, ptr %728, align 4
-  %729 = add nsw i64 %r0, 1
-  %730 = getelementptr inbounds float, ptr %rw, i64 %729
-  %w196 = load float, ptr %730, align 4
-  %731 = insertelement <8 x float> poison, float %w196, i32 0
-  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
-  %733 = mul nsw i64 %729, 2048
-  %734 = getelementptr inbounds float, ptr %h, i64 %733
-  %col197 = mul nsw i64 %p, 8
-  %735 = load <8 x float>, ptr %acc10174, align 4
-  %736 = load <8 x float>, ptr %acc11175, align 4
-  %737 = fneg <8 x float> %735
-  %738 = fcmp olt <8 x float> %737, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %740 = fcmp ogt <8 x float> %739, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %741 = select <8 x i1> %740, <8 x float> %739, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n198 = call <8 x float> @llvm.floor.v8f32(<8 x float> %742)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n198, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %741)
-  %exp.r199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n198, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %743)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %exp.r199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %exp.r199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %exp.r199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %exp.r199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %749 = fmul <8 x float> %exp.r199, %exp.r199
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %749, <8 x float> %exp.r199)
-  %751 = fadd <8 x float> %750, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %752 = fptosi <8 x float> %exp.n198 to <8 x i32>
-  %753 = add <8 x i32> %752, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %754 = shl <8 x i32> %753, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n200 = bitcast <8 x i32> %754 to <8 x float>
-  %exp201 = fmul <8 x float> %751, %exp.2n200
-  %755 = fadd <8 x float> %exp201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid202 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %755
-  %silu203 = fmul <8 x float> %735, %sigmoid202
-  %glu204 = fmul <8 x float> %silu203, %736
-  %756 = fmul <8 x float> %glu204, %732
-  %757 = getelementptr inbounds float, ptr %734, i64 %col197
-  store <8 x float> %756, ptr %757, align 4
-  %758 = add nsw i64 %r0, 2
-  %759 = getelementptr inbounds float, ptr %rw, i64 %758
-  %w205 = load float, ptr %759, align 4
-  %760 = insertelement <8 x float> poison, float %w205, i32 0
+k.body125:                                        ; preds = %k.head124
+  %736 = mul nsw i64 %k127, 16
+  %737 = add nsw i64 %panel.off123, %736
+  %738 = getelementptr inbounds i16, ptr %panels, i64 %737
+  %739 = load <8 x i32>, ptr %738, align 4
+  %740 = shl <8 x i32> %739, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0128 = bitcast <8 x i32> %740 to <8 x float>
+  %741 = and <8 x i32> %739, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1129 = bitcast <8 x i32> %741 to <8 x float>
+  %742 = getelementptr inbounds float, ptr %722, i64 %k127
+  %743 = load float, ptr %742, align 4
+  %744 = insertelement <8 x float> poison, float %743, i32 0
+  %745 = shufflevector <8 x float> %744, <8 x float> poison, <8 x i32> zeroinitializer
+  %746 = load <8 x float>, ptr %acc00117, align 4
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b0128, <8 x float> %746)
+  store <8 x float> %747, ptr %acc00117, align 4
+  %748 = load <8 x float>, ptr %acc01118, align 4
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b1129, <8 x float> %748)
+  store <8 x float> %749, ptr %acc01118, align 4
+  %750 = getelementptr inbounds float, ptr %728, i64 %k127
+  %751 = load float, ptr %750, align 4
+  %752 = insertelement <8 x float> poison, float %751, i32 0
+  %753 = shufflevector <8 x float> %752, <8 x float> poison, <8 x i32> zeroinitializer
+  %754 = load <8 x float>, ptr %acc10119, align 4
+  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %b0128, <8 x float> %754)
+  store <8 x float> %755, ptr %acc10119, align 4
+  %756 = load <8 x float>, ptr %acc11120, align 4
+  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %b1129, <8 x float> %756)
+  store <8 x float> %757, ptr %acc11120, align 4
+  %758 = getelementptr inbounds float, ptr %734, i64 %k127
+  %759 = load float, ptr %758, align 4
+  %760 = insertelement <8 x float> poison, float %759, i32 0
   %761 = shufflevector <8 x float> %760, <8 x float> poison, <8 x i32> zeroinitializer
-  %762 = mul nsw i64 %758, 2048
-  %763 = getelementptr inbounds float, ptr %h, i64 %762
-  %col206 = mul nsw i64 %p, 8
-  %764 = load <8 x float>, ptr %acc20177, align 4
-  %765 = load <8 x float>, ptr %acc21178, align 4
-  %766 = fneg <8 x float> %764
-  %767 = fcmp olt <8 x float> %766, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %768 = select <8 x i1> %767, <8 x float> %766, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %769 = fcmp ogt <8 x float> %768, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %770 = select <8 x i1> %769, <8 x float> %768, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %770, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %771)
-  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %770)
-  %exp.r208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %772)
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r208, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %exp.r208, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %774, <8 x float> %exp.r208, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %exp.r208, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %exp.r208, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %778 = fmul <8 x float> %exp.r208, %exp.r208
-  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %777, <8 x float> %778, <8 x float> %exp.r208)
-  %780 = fadd <8 x float> %779, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %781 = fptosi <8 x float> %exp.n207 to <8 x i32>
-  %782 = add <8 x i32> %781, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %783 = shl <8 x i32> %782, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n209 = bitcast <8 x i32> %783 to <8 x float>
-  %exp210 = fmul <8 x float> %780, %exp.2n209
-  %784 = fadd <8 x float> %exp210, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid211 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %784
-  %silu212 = fmul <8 x float> %764, %sigmoid211
-  %glu213 = fmul <8 x float> %silu212, %765
-  %785 = fmul <8 x float> %glu213, %761
-  %786 = getelementptr inbounds float, ptr %763, i64 %col206
-  store <8 x float> %785, ptr %786, align 4
+  %762 = load <8 x float>, ptr %acc20121, align 4
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %b0128, <8 x float> %762)
+  store <8 x float> %763, ptr %acc20121, align 4
+  %764 = load <8 x float>, ptr %acc21122, align 4
+  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %b1129, <8 x float> %764)
+  store <8 x float> %765, ptr %acc21122, align 4
+  %766 = add nsw i64 %k127, 1
+  br label %k.head124
+
+k.end126:                                         ; preds = %k.head124
+  %767 = add nsw i64 %r0, 0
+  %768 = getelementptr inbounds float, ptr %rw, i64 %767
+  %769 = load float, ptr %768, align 4
+  %770 = insertelement <8 x float> poison, float %769, i32 0
+  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
+  %772 = mul nsw i64 %767, 2048
+  %773 = getelementptr inbounds float, ptr %h, i64 %772
+  %col130 = mul nsw i64 %p, 8
+  %774 = load <8 x float>, ptr %acc00117, align 4
+  %775 = load <8 x float>, ptr %acc01118, align 4
+  %776 = fneg <8 x float> %774
+  %777 = fcmp olt <8 x float> %776, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %779 = fcmp ogt <8 x float> %778, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %782 = call <8 x float> @llvm.floor.v8f32(<8 x float> %781)
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %780)
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %783)
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %784, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %784, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %784, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %784, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %784, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %790 = fmul <8 x float> %784, %784
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %784)
+  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %793 = fptosi <8 x float> %782 to <8 x i32>
+  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %795 to <8 x float>
+  %exp132 = fmul <8 x float> %792, %exp.2n131
+  %796 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
+  %silu134 = fmul <8 x float> %774, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %775
+  %797 = fmul <8 x float> %glu135, %771
+  %798 = getelementptr inbounds float, ptr %773, i64 %col130
+  store <8 x float> %797, ptr %798, align 4
+  %799 = add nsw i64 %r0, 1
+  %800 = getelementptr inbounds float, ptr %rw, i64 %799
+  %801 = load float, ptr %800, align 4
+  %802 = insertelement <8 x float> poison, float %801, i32 0
+  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
+  %804 = mul nsw i64 %799, 2048
+  %805 = getelementptr inbounds float, ptr %h, i64 %804
+  %col136 = mul nsw i64 %p, 8
+  %806 = load <8 x float>, ptr %acc10119, align 4
+  %807 = load <8 x float>, ptr %acc11120, align 4
+  %808 = fneg <8 x float> %806
+  %809 = fcmp olt <8 x float> %808, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %810 = select <8 x i1> %809, <8 x float> %808, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %811 = fcmp ogt <8 x float> %810, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %812 = select <8 x i1> %811, <8 x float> %810, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %814 = call <8 x float> @llvm.floor.v8f32(<8 x float> %813)
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %812)
+  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %815)
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %816, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> %816, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %816, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %816, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %816, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %822 = fmul <8 x float> %816, %816
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %822, <8 x float> %816)
+  %824 = fadd <8 x float> %823, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %825 = fptosi <8 x float> %814 to <8 x i32>
+  %826 = add <8 x i32> %825, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %827 = shl <8 x i32> %826, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %827 to <8 x float>
+  %exp138 = fmul <8 x float> %824, %exp.2n137
+  %828 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %828
+  %silu140 = fmul <8 x float> %806, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %807
+  %829 = fmul <8 x float> %glu141, %803
+  %830 = getelementptr inbounds float, ptr %805, i64 %col136
+  store <8 x float> %829, ptr %830, align 4
+  %831 = add nsw i64 %r0, 2
+  %832 = getelementptr inbounds float, ptr %rw, i64 %831
+  %833 = load float, ptr %832, align 4
+  %834 = insertelement <8 x float> poison, float %833, i32 0
+  %835 = shufflevector <8 x float> %834, <8 x float> poison, <8 x i32> zeroinitializer
+  %836 = mul nsw i64 %831, 2048
+  %837 = getelementptr inbounds float, ptr %h, i64 %836
+  %col142 = mul nsw i64 %p, 8
+  %838 = load <8 x float>, ptr %acc20121, align 4
+  %839 = load <8 x float>, ptr %acc21122, align 4
+  %840 = fneg <8 x float> %838
+  %841 = fcmp olt <8 x float> %840, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %842 = select <8 x i1> %841, <8 x float> %840, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %843 = fcmp ogt <8 x float> %842, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %846 = call <8 x float> @llvm.floor.v8f32(<8 x float> %845)
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %844)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %847)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %848, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %848, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %848, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %848, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %848, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %854 = fmul <8 x float> %848, %848
+  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %854, <8 x float> %848)
+  %856 = fadd <8 x float> %855, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %857 = fptosi <8 x float> %846 to <8 x i32>
+  %858 = add <8 x i32> %857, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %859 = shl <8 x i32> %858, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %859 to <8 x float>
+  %exp144 = fmul <8 x float> %856, %exp.2n143
+  %860 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %860
+  %silu146 = fmul <8 x float> %838, %sigmoid145
+  %glu147 = fmul <8 x float> %silu146, %839
+  %861 = fmul <8 x float> %glu147, %835
+  %862 = getelementptr inbounds float, ptr %837, i64 %col142
+  store <8 x float> %861, ptr %862, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %787 = add nsw i64 %r0, 0
-  %788 = getelementptr inbounds i32, ptr %rows, i64 %787
-  %789 = load i32, ptr %788, align 4
-  %790 = sext i32 %789 to i64
-  %791 = mul nsw i64 %790, 7168
-  %a0214 = getelementptr inbounds float, ptr %x, i64 %791
-  store <8 x float> zeroinitializer, ptr %acc00215, align 4
-  store <8 x float> zeroinitializer, ptr %acc01216, align 4
-  %792 = add nsw i64 %r0, 1
-  %793 = getelementptr inbounds i32, ptr %rows, i64 %792
-  %794 = load i32, ptr %793, align 4
-  %795 = sext i32 %794 to i64
-  %796 = mul nsw i64 %795, 7168
-  %a1217 = getelementptr inbounds float, ptr %x, i64 %796
-  store <8 x float> zeroinitializer, ptr %acc10218, align 4
-  store <8 x float> zeroinitializer, ptr %acc11219, align 4
-  %panel.off220 = mul nsw i64 %p, 114688
-  br label %k.head221
+  %863 = add nsw i64 %r0, 0
+  %864 = getelementptr inbounds i32, ptr %rows, i64 %863
+  %865 = load i32, ptr %864, align 4
+  %866 = sext i32 %865 to i64
+  %867 = mul nsw i64 %866, 7168
+  %868 = getelementptr inbounds float, ptr %x, i64 %867
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  store <8 x float> zeroinitializer, ptr %acc01149, align 4
+  %869 = add nsw i64 %r0, 1
+  %870 = getelementptr inbounds i32, ptr %rows, i64 %869
+  %871 = load i32, ptr %870, align 4
+  %872 = sext i32 %871 to i64
+  %873 = mul nsw i64 %872, 7168
+  %874 = getelementptr inbounds float, ptr %x, i64 %873
+  store <8 x float> zeroinitializer, ptr %acc10150, align 4
+  store <8 x float> zeroinitializer, ptr %acc11151, align 4
+  %panel.off152 = mul nsw i64 %p, 114688
+  br label %k.head153
 
-k.head221:                                        ; preds = %k.body222, %tile.mr2
-  %k224 = phi i64 [ 0, %tile.mr2 ], [ %819, %k.body222 ]
-  %797 = icmp slt i64 %k224, 7168
-  br i1 %797, label %k.body222, label %k.end223
+k.head153:                                        ; preds = %k.body154, %tile.mr2
+  %k156 = phi i64 [ 0, %tile.mr2 ], [ %898, %k.body154 ]
+  %875 = icmp slt i64 %k156, 7168
+  br i1 %875, label %k.body154, label %k.end155
 
-k.body222:                                        ; preds = %k.head221
-  %798 = mul nsw i64 %k224, 16
-  %799 = add nsw i64 %panel.off220, %798
-  %800 = getelementptr inbounds i16, ptr %panels, i64 %799
-  %bw225 = load <8 x i32>, ptr %800, align 4
-  %801 = shl <8 x i32> %bw225, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0226 = bitcast <8 x i32> %801 to <8 x float>
-  %802 = and <8 x i32> %bw225, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1227 = bitcast <8 x i32> %802 to <8 x float>
-  %803 = getelementptr inbounds float, ptr %a0214, i64 %k224
-  %804 = load float, ptr %803, align 4
-  %805 = insertelement <8 x float> poison, float %804, i32 0
-  %806 = shufflevector <8 x float> %805, <8 x float> poison, <8 x i32> zeroinitializer
-  %807 = load <8 x float>, ptr %acc00215, align 4
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b0226, <8 x float> %807)
-  store <8 x float> %808, ptr %acc00215, align 4
-  %809 = load <8 x float>, ptr %acc01216, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b1227, <8 x float> %809)
-  store <8 x float> %810, ptr %acc01216, align 4
-  %811 = getelementptr inbounds float, ptr %a1217, i64 %k224
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc10218, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b0226, <8 x float> %815)
-  store <8 x float> %816, ptr %acc10218, align 4
-  %817 = load <8 x float>, ptr %acc11219, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b1227, <8 x float> %817)
-  store <8 x float> %818, ptr %acc11219, align 4
-  %819 = add nsw i64 %k224, 1
-  br label %k.head221
+k.body154:                                        ; preds = %k.head153
+  %876 = mul nsw i64 %k156, 16
+  %877 = add nsw i64 %panel.off152, %876
+  %878 = getelementptr inbounds i16, ptr %panels, i64 %877
+  %879 = load <8 x i32>, ptr %878, align 4
+  %880 = shl <8 x i32> %879, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0157 = bitcast <8 x i32> %880 to <8 x float>
+  %881 = and <8 x i32> %879, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1158 = bitcast <8 x i32> %881 to <8 x float>
+  %882 = getelementptr inbounds float, ptr %868, i64 %k156
+  %883 = load float, ptr %882, align 4
+  %884 = insertelement <8 x float> poison, float %883, i32 0
+  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
+  %886 = load <8 x float>, ptr %acc00148, align 4
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %b0157, <8 x float> %886)
+  store <8 x float> %887, ptr %acc00148, align 4
+  %888 = load <8 x float>, ptr %acc01149, align 4
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %b1158, <8 x float> %888)
+  store <8 x float> %889, ptr %acc01149, align 4
+  %890 = getelementptr inbounds float, ptr %874, i64 %k156
+  %891 = load float, ptr %890, align 4
+  %892 = insertelement <8 x float> poison, float %891, i32 0
+  %893 = shufflevector <8 x float> %892, <8 x float> poison, <8 x i32> zeroinitializer
+  %894 = load <8 x float>, ptr %acc10150, align 4
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %b0157, <8 x float> %894)
+  store <8 x float> %895, ptr %acc10150, align 4
+  %896 = load <8 x float>, ptr %acc11151, align 4
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %b1158, <8 x float> %896)
+  store <8 x float> %897, ptr %acc11151, align 4
+  %898 = add nsw i64 %k156, 1
+  br label %k.head153
 
-k.end223:                                         ; preds = %k.head221
-  %820 = add nsw i64 %r0, 0
-  %821 = getelementptr inbounds float, ptr %rw, i64 %820
-  %w228 = load float, ptr %821, align 4
-  %822 = insertelement <8 x float> poison, float %w228, i32 0
-  %823 = shufflevector <8 x float> %822, <8 x float> poison, <8 x i32> zeroinitializer
-  %824 = mul nsw i64 %820, 2048
-  %825 = getelementptr inbounds float, ptr %h, i64 %824
-  %col229 = mul nsw i64 %p, 8
-  %826 = load <8 x float>, ptr %acc00215, align 4
-  %827 = load <8 x float>, ptr %acc01216, align 4
-  %828 = fneg <8 x float> %826
-  %829 = fcmp olt <8 x float> %828, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %831 = fcmp ogt <8 x float> %830, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %832 = select <8 x i1> %831, <8 x float> %830, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n230 = call <8 x float> @llvm.floor.v8f32(<8 x float> %833)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n230, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %832)
-  %exp.r231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n230, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %834)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r231, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %exp.r231, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %exp.r231, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %exp.r231, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %exp.r231, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %840 = fmul <8 x float> %exp.r231, %exp.r231
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %exp.r231)
-  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %843 = fptosi <8 x float> %exp.n230 to <8 x i32>
-  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n232 = bitcast <8 x i32> %845 to <8 x float>
-  %exp233 = fmul <8 x float> %842, %exp.2n232
-  %846 = fadd <8 x float> %exp233, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid234 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu235 = fmul <8 x float> %826, %sigmoid234
-  %glu236 = fmul <8 x float> %silu235, %827
-  %847 = fmul <8 x float> %glu236, %823
-  %848 = getelementptr inbounds float, ptr %825, i64 %col229
-  store <8 x float> %847, ptr %848, align 4
-  %849 = add nsw i64 %r0, 1
-  %850 = getelementptr inbounds float, ptr %rw, i64 %849
-  %w237 = load float, ptr %850, align 4
-  %851 = insertelement <8 x float> poison, float %w237, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = mul nsw i64 %849, 2048
-  %854 = getelementptr inbounds float, ptr %h, i64 %853
-  %col238 = mul nsw i64 %p, 8
-  %855 = load <8 x float>, ptr %acc10218, align 4
-  %856 = load <8 x float>, ptr %acc11219, align 4
-  %857 = fneg <8 x float> %855
-  %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %860 = fcmp ogt <8 x float> %859, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %862)
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %861)
-  %exp.r240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %863)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %exp.r240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %exp.r240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %exp.r240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %exp.r240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %869 = fmul <8 x float> %exp.r240, %exp.r240
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %869, <8 x float> %exp.r240)
-  %871 = fadd <8 x float> %870, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %872 = fptosi <8 x float> %exp.n239 to <8 x i32>
-  %873 = add <8 x i32> %872, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %874 = shl <8 x i32> %873, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n241 = bitcast <8 x i32> %874 to <8 x float>
-  %exp242 = fmul <8 x float> %871, %exp.2n241
-  %875 = fadd <8 x float> %exp242, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid243 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %875
-  %silu244 = fmul <8 x float> %855, %sigmoid243
-  %glu245 = fmul <8 x float> %silu244, %856
-  %876 = fmul <8 x float> %glu245, %852
-  %877 = getelementptr inbounds float, ptr %854, i64 %col238
-  store <8 x float> %876, ptr %877, align 4
+k.end155:                                         ; preds = %k.head153
+  %899 = add nsw i64 %r0, 0
+  %900 = getelementptr inbounds float, ptr %rw, i64 %899
+  %901 = load float, ptr %900, align 4
+  %902 = insertelement <8 x float> poison, float %901, i32 0
+  %903 = shufflevector <8 x float> %902, <8 x float> poison, <8 x i32> zeroinitializer
+  %904 = mul nsw i64 %899, 2048
+  %905 = getelementptr inbounds float, ptr %h, i64 %904
+  %col159 = mul nsw i64 %p, 8
+  %906 = load <8 x float>, ptr %acc00148, align 4
+  %907 = load <8 x float>, ptr %acc01149, align 4
+  %908 = fneg <8 x float> %906
+  %909 = fcmp olt <8 x float> %908, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %910 = select <8 x i1> %909, <8 x float> %908, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %911 = fcmp ogt <8 x float> %910, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %912 = select <8 x i1> %911, <8 x float> %910, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %914 = call <8 x float> @llvm.floor.v8f32(<8 x float> %913)
+  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %912)
+  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %915)
+  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %916, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> %916, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %916, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> %916, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %916, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %922 = fmul <8 x float> %916, %916
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %922, <8 x float> %916)
+  %924 = fadd <8 x float> %923, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %925 = fptosi <8 x float> %914 to <8 x i32>
+  %926 = add <8 x i32> %925, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %927 = shl <8 x i32> %926, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %927 to <8 x float>
+  %exp161 = fmul <8 x float> %924, %exp.2n160
+  %928 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %928
+  %silu163 = fmul <8 x float> %906, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %907
+  %929 = fmul <8 x float> %glu164, %903
+  %930 = getelementptr inbounds float, ptr %905, i64 %col159
+  store <8 x float> %929, ptr %930, align 4
+  %931 = add nsw i64 %r0, 1
+  %932 = getelementptr inbounds float, ptr %rw, i64 %931
+  %933 = load float, ptr %932, align 4
+  %934 = insertelement <8 x float> poison, float %933, i32 0
+  %935 = shufflevector <8 x float> %934, <8 x float> poison, <8 x i32> zeroinitializer
+  %936 = mul nsw i64 %931, 2048
+  %937 = getelementptr inbounds float, ptr %h, i64 %936
+  %col165 = mul nsw i64 %p, 8
+  %938 = load <8 x float>, ptr %acc10150, align 4
+  %939 = load <8 x float>, ptr %acc11151, align 4
+  %940 = fneg <8 x float> %938
+  %941 = fcmp olt <8 x float> %940, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %942 = select <8 x i1> %941, <8 x float> %940, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %943 = fcmp ogt <8 x float> %942, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %944 = select <8 x i1> %943, <8 x float> %942, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %946 = call <8 x float> @llvm.floor.v8f32(<8 x float> %945)
+  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %944)
+  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %947)
+  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %948, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %948, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %948, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %948, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %952, <8 x float> %948, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %954 = fmul <8 x float> %948, %948
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %954, <8 x float> %948)
+  %956 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %957 = fptosi <8 x float> %946 to <8 x i32>
+  %958 = add <8 x i32> %957, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %959 = shl <8 x i32> %958, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %959 to <8 x float>
+  %exp167 = fmul <8 x float> %956, %exp.2n166
+  %960 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %960
+  %silu169 = fmul <8 x float> %938, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %939
+  %961 = fmul <8 x float> %glu170, %935
+  %962 = getelementptr inbounds float, ptr %937, i64 %col165
+  store <8 x float> %961, ptr %962, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %878 = add nsw i64 %r0, 0
-  %879 = getelementptr inbounds i32, ptr %rows, i64 %878
-  %880 = load i32, ptr %879, align 4
-  %881 = sext i32 %880 to i64
-  %882 = mul nsw i64 %881, 7168
-  %a0246 = getelementptr inbounds float, ptr %x, i64 %882
-  store <8 x float> zeroinitializer, ptr %acc00247, align 4
-  store <8 x float> zeroinitializer, ptr %acc01248, align 4
-  %panel.off249 = mul nsw i64 %p, 114688
-  br label %k.head250
+  %963 = add nsw i64 %r0, 0
+  %964 = getelementptr inbounds i32, ptr %rows, i64 %963
+  %965 = load i32, ptr %964, align 4
+  %966 = sext i32 %965 to i64
+  %967 = mul nsw i64 %966, 7168
+  %968 = getelementptr inbounds float, ptr %x, i64 %967
+  store <8 x float> zeroinitializer, ptr %acc00171, align 4
+  store <8 x float> zeroinitializer, ptr %acc01172, align 4
+  %panel.off173 = mul nsw i64 %p, 114688
+  br label %k.head174
 
-k.head250:                                        ; preds = %k.body251, %tile.mr1
-  %k253 = phi i64 [ 0, %tile.mr1 ], [ %897, %k.body251 ]
-  %883 = icmp slt i64 %k253, 7168
-  br i1 %883, label %k.body251, label %k.end252
+k.head174:                                        ; preds = %k.body175, %tile.mr1
+  %k177 = phi i64 [ 0, %tile.mr1 ], [ %984, %k.body175 ]
+  %969 = icmp slt i64 %k177, 7168
+  br i1 %969, label %k.body175, label %k.end176
 
-k.body251:                                        ; preds = %k.head250
-  %884 = mul nsw i64 %k253, 16
-  %885 = add nsw i64 %panel.off249, %884
-  %886 = getelementptr inbounds i16, ptr %panels, i64 %885
-  %bw254 = load <8 x i32>, ptr %886, align 4
-  %887 = shl <8 x i32> %bw254, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0255 = bitcast <8 x i32> %887 to <8 x float>
-  %888 = and <8 x i32> %bw254, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1256 = bitcast <8 x i32> %888 to <8 x float>
-  %889 = getelementptr inbounds float, ptr %a0246, i64 %k253
-  %890 = load float, ptr %889, align 4
-  %891 = insertelement <8 x float> poison, float %890, i32 0
-  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
-  %893 = load <8 x float>, ptr %acc00247, align 4
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b0255, <8 x float> %893)
-  store <8 x float> %894, ptr %acc00247, align 4
-  %895 = load <8 x float>, ptr %acc01248, align 4
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b1256, <8 x float> %895)
-  store <8 x float> %896, ptr %acc01248, align 4
-  %897 = add nsw i64 %k253, 1
-  br label %k.head250
+k.body175:                                        ; preds = %k.head174
+  %970 = mul nsw i64 %k177, 16
+  %971 = add nsw i64 %panel.off173, %970
+  %972 = getelementptr inbounds i16, ptr %panels, i64 %971
+  %973 = load <8 x i32>, ptr %972, align 4
+  %974 = shl <8 x i32> %973, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %974 to <8 x float>
+  %975 = and <8 x i32> %973, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %975 to <8 x float>
+  %976 = getelementptr inbounds float, ptr %968, i64 %k177
+  %977 = load float, ptr %976, align 4
+  %978 = insertelement <8 x float> poison, float %977, i32 0
+  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
+  %980 = load <8 x float>, ptr %acc00171, align 4
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %b0178, <8 x float> %980)
+  store <8 x float> %981, ptr %acc00171, align 4
+  %982 = load <8 x float>, ptr %acc01172, align 4
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %b1179, <8 x float> %982)
+  store <8 x float> %983, ptr %acc01172, align 4
+  %984 = add nsw i64 %k177, 1
+  br label %k.head174
 
-k.end252:                                         ; preds = %k.head250
-  %898 = add nsw i64 %r0, 0
-  %899 = getelementptr inbounds float, ptr %rw, i64 %898
-  %w257 = load float, ptr %899, align 4
-  %900 = insertelement <8 x float> poison, float %w257, i32 0
-  %901 = shufflevector <8 x float> %900, <8 x float> poison, <8 x i32> zeroinitializer
-  %902 = mul nsw i64 %898, 2048
-  %903 = getelementptr inbounds float, ptr %h, i64 %902
-  %col258 = mul nsw i64 %p, 8
-  %904 = load <8 x float>, ptr %acc00247, align 4
-  %905 = load <8 x float>, ptr %acc01248, align 4
-  %906 = fneg <8 x float> %904
-  %907 = fcmp olt <8 x float> %906, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %908 = select <8 x i1> %907, <8 x float> %906, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %909 = fcmp ogt <8 x float> %908, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %910 = select <8 x i1> %909, <8 x float> %908, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %911)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %910)
-  %exp.r260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %912)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %exp.r260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %exp.r260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %exp.r260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> %exp.r260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %918 = fmul <8 x float> %exp.r260, %exp.r260
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> %918, <8 x float> %exp.r260)
-  %920 = fadd <8 x float> %919, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %921 = fptosi <8 x float> %exp.n259 to <8 x i32>
-  %922 = add <8 x i32> %921, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %923 = shl <8 x i32> %922, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n261 = bitcast <8 x i32> %923 to <8 x float>
-  %exp262 = fmul <8 x float> %920, %exp.2n261
-  %924 = fadd <8 x float> %exp262, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid263 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %924
-  %silu264 = fmul <8 x float> %904, %sigmoid263
-  %glu265 = fmul <8 x float> %silu264, %905
-  %925 = fmul <8 x float> %glu265, %901
-  %926 = getelementptr inbounds float, ptr %903, i64 %col258
-  store <8 x float> %925, ptr %926, align 4
+k.end176:                                         ; preds = %k.head174
+  %985 = add nsw i64 %r0, 0
+  %986 = getelementptr inbounds float, ptr %rw, i64 %985
+  %987 = load float, ptr %986, align 4
+  %988 = insertelement <8 x float> poison, float %987, i32 0
+  %989 = shufflevector <8 x float> %988, <8 x float> poison, <8 x i32> zeroinitializer
+  %990 = mul nsw i64 %985, 2048
+  %991 = getelementptr inbounds float, ptr %h, i64 %990
+  %col180 = mul nsw i64 %p, 8
+  %992 = load <8 x float>, ptr %acc00171, align 4
+  %993 = load <8 x float>, ptr %acc01172, align 4
+  %994 = fneg <8 x float> %992
+  %995 = fcmp olt <8 x float> %994, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %996 = select <8 x i1> %995, <8 x float> %994, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %997 = fcmp ogt <8 x float> %996, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %998 = select <8 x i1> %997, <8 x float> %996, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %998, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1000 = call <8 x float> @llvm.floor.v8f32(<8 x float> %999)
+  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %998)
+  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1001)
+  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1002, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1003, <8 x float> %1002, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %1002, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> %1002, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> %1002, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1008 = fmul <8 x float> %1002, %1002
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> %1008, <8 x float> %1002)
+  %1010 = fadd <8 x float> %1009, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1011 = fptosi <8 x float> %1000 to <8 x i32>
+  %1012 = add <8 x i32> %1011, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1013 = shl <8 x i32> %1012, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %1013 to <8 x float>
+  %exp182 = fmul <8 x float> %1010, %exp.2n181
+  %1014 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1014
+  %silu184 = fmul <8 x float> %992, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %993
+  %1015 = fmul <8 x float> %glu185, %989
+  %1016 = getelementptr inbounds float, ptr %991, i64 %col180
+  store <8 x float> %1015, ptr %1016, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end252, %k.end223, %k.end182, %k.end129, %k.end64, %k.end
-  %927 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
+  %1017 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %928 = add nsw i64 %p, 1
+  %1018 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -1993,36 +2030,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2031,7 +2068,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2039,7 +2076,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2059,788 +2096,788 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 2048
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 7168
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 2048
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 7168
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 2048
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 7168
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 2048
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 7168
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 2048
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 7168
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 7168
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 2048
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 7168
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 2048
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 7168
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 2048
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 7168
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 2048
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 7168
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 2048
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 7168
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 2048
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 7168
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 2048
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 2048
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %144 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %144, ptr %13, align 4
+  %145 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %145, ptr %16, align 4
+  %146 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %146, ptr %27, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %147, ptr %30, align 4
+  %148 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %148, ptr %41, align 4
+  %149 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %149, ptr %44, align 4
+  %150 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %150, ptr %55, align 4
+  %151 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %151, ptr %58, align 4
+  %152 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %152, ptr %69, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %153, ptr %72, align 4
+  %154 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %154, ptr %83, align 4
+  %155 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %155, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 2048
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 7168
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 2048
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 7168
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 2048
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 7168
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
-  %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
+  %156 = add nsw i64 %r0, 0
+  %157 = mul nsw i64 %156, 2048
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
+  %160 = load i32, ptr %159, align 4
+  %161 = sext i32 %160 to i64
+  %162 = mul nsw i64 %161, 7168
+  %163 = getelementptr inbounds float, ptr %y, i64 %162
+  %164 = add nsw i64 %col1, 0
+  %165 = getelementptr inbounds float, ptr %163, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  store <8 x float> %166, ptr %acc002, align 4
+  %167 = add nsw i64 %col1, 8
+  %168 = getelementptr inbounds float, ptr %163, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  store <8 x float> %169, ptr %acc013, align 4
+  %170 = add nsw i64 %r0, 1
   %171 = mul nsw i64 %170, 2048
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 7168
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 2048
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 7168
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 32768
-  br label %k.head28
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %174 = load i32, ptr %173, align 4
+  %175 = sext i32 %174 to i64
+  %176 = mul nsw i64 %175, 7168
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = add nsw i64 %col1, 0
+  %179 = getelementptr inbounds float, ptr %177, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  store <8 x float> %180, ptr %acc104, align 4
+  %181 = add nsw i64 %col1, 8
+  %182 = getelementptr inbounds float, ptr %177, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  store <8 x float> %183, ptr %acc115, align 4
+  %184 = add nsw i64 %r0, 2
+  %185 = mul nsw i64 %184, 2048
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
+  %188 = load i32, ptr %187, align 4
+  %189 = sext i32 %188 to i64
+  %190 = mul nsw i64 %189, 7168
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = add nsw i64 %col1, 0
+  %193 = getelementptr inbounds float, ptr %191, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  store <8 x float> %194, ptr %acc206, align 4
+  %195 = add nsw i64 %col1, 8
+  %196 = getelementptr inbounds float, ptr %191, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  store <8 x float> %197, ptr %acc217, align 4
+  %198 = add nsw i64 %r0, 3
+  %199 = mul nsw i64 %198, 2048
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
+  %202 = load i32, ptr %201, align 4
+  %203 = sext i32 %202 to i64
+  %204 = mul nsw i64 %203, 7168
+  %205 = getelementptr inbounds float, ptr %y, i64 %204
+  %206 = add nsw i64 %col1, 0
+  %207 = getelementptr inbounds float, ptr %205, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  store <8 x float> %208, ptr %acc308, align 4
+  %209 = add nsw i64 %col1, 8
+  %210 = getelementptr inbounds float, ptr %205, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  store <8 x float> %211, ptr %acc319, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 2048
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 7168
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col1, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  store <8 x float> %222, ptr %acc4010, align 4
+  %223 = add nsw i64 %col1, 8
+  %224 = getelementptr inbounds float, ptr %219, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  store <8 x float> %225, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 32768
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 2048
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
+  %226 = icmp slt i64 %k16, 2048
+  br i1 %226, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
-  %bw32 = load <8 x i32>, ptr %195, align 4
-  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %197 to <8 x float>
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %227 = mul nsw i64 %k16, 16
+  %228 = add nsw i64 %panel.off12, %227
+  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
+  %230 = load <8 x i32>, ptr %229, align 4
+  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %231 to <8 x float>
+  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %232 to <8 x float>
+  %233 = getelementptr inbounds float, ptr %158, i64 %k16
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc002, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
+  store <8 x float> %238, ptr %acc002, align 4
+  %239 = load <8 x float>, ptr %acc013, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
+  store <8 x float> %240, ptr %acc013, align 4
+  %241 = getelementptr inbounds float, ptr %172, i64 %k16
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc104, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
+  store <8 x float> %246, ptr %acc104, align 4
+  %247 = load <8 x float>, ptr %acc115, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
+  store <8 x float> %248, ptr %acc115, align 4
+  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc206, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
+  store <8 x float> %254, ptr %acc206, align 4
+  %255 = load <8 x float>, ptr %acc217, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
+  store <8 x float> %256, ptr %acc217, align 4
+  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc308, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
+  store <8 x float> %262, ptr %acc308, align 4
+  %263 = load <8 x float>, ptr %acc319, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
+  store <8 x float> %264, ptr %acc319, align 4
+  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc4010, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
+  store <8 x float> %270, ptr %acc4010, align 4
+  %271 = load <8 x float>, ptr %acc4111, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4111, align 4
+  %273 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %274 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %274, ptr %165, align 4
+  %275 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %275, ptr %168, align 4
+  %276 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %276, ptr %179, align 4
+  %277 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %277, ptr %182, align 4
+  %278 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %278, ptr %193, align 4
+  %279 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %279, ptr %196, align 4
+  %280 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %280, ptr %207, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %281, ptr %210, align 4
+  %282 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %282, ptr %221, align 4
+  %283 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %283, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 2048
-  %h036 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 7168
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %257, ptr %acc0038, align 4
-  %258 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %259, ptr %acc0140, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 2048
-  %h141 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 7168
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %268, ptr %acc1043, align 4
-  %269 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %270, ptr %acc1145, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 2048
-  %h246 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 7168
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %279, ptr %acc2048, align 4
-  %280 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %281, ptr %acc2150, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 2048
-  %h351 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 7168
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %290, ptr %acc3053, align 4
-  %291 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %292, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 32768
-  br label %k.head57
+  %col19 = mul nsw i64 %p, 16
+  %284 = add nsw i64 %r0, 0
+  %285 = mul nsw i64 %284, 2048
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 7168
+  %291 = getelementptr inbounds float, ptr %y, i64 %290
+  %292 = add nsw i64 %col19, 0
+  %293 = getelementptr inbounds float, ptr %291, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  store <8 x float> %294, ptr %acc0020, align 4
+  %295 = add nsw i64 %col19, 8
+  %296 = getelementptr inbounds float, ptr %291, i64 %295
+  %297 = load <8 x float>, ptr %296, align 4
+  store <8 x float> %297, ptr %acc0121, align 4
+  %298 = add nsw i64 %r0, 1
+  %299 = mul nsw i64 %298, 2048
+  %300 = getelementptr inbounds float, ptr %h, i64 %299
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 7168
+  %305 = getelementptr inbounds float, ptr %y, i64 %304
+  %306 = add nsw i64 %col19, 0
+  %307 = getelementptr inbounds float, ptr %305, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  store <8 x float> %308, ptr %acc1022, align 4
+  %309 = add nsw i64 %col19, 8
+  %310 = getelementptr inbounds float, ptr %305, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  store <8 x float> %311, ptr %acc1123, align 4
+  %312 = add nsw i64 %r0, 2
+  %313 = mul nsw i64 %312, 2048
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 7168
+  %319 = getelementptr inbounds float, ptr %y, i64 %318
+  %320 = add nsw i64 %col19, 0
+  %321 = getelementptr inbounds float, ptr %319, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  store <8 x float> %322, ptr %acc2024, align 4
+  %323 = add nsw i64 %col19, 8
+  %324 = getelementptr inbounds float, ptr %319, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc2125, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = mul nsw i64 %326, 2048
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 7168
+  %333 = getelementptr inbounds float, ptr %y, i64 %332
+  %334 = add nsw i64 %col19, 0
+  %335 = getelementptr inbounds float, ptr %333, i64 %334
+  %336 = load <8 x float>, ptr %335, align 4
+  store <8 x float> %336, ptr %acc3026, align 4
+  %337 = add nsw i64 %col19, 8
+  %338 = getelementptr inbounds float, ptr %333, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 32768
+  br label %k.head29
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
-  %293 = icmp slt i64 %k60, 2048
-  br i1 %293, label %k.body58, label %k.end59
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
+  %340 = icmp slt i64 %k32, 2048
+  br i1 %340, label %k.body30, label %k.end31
 
-k.body58:                                         ; preds = %k.head57
-  %294 = mul nsw i64 %k60, 16
-  %295 = add nsw i64 %panel.off56, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw61 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0038, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0038, align 4
-  %305 = load <8 x float>, ptr %acc0140, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0140, align 4
-  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1043, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1043, align 4
-  %313 = load <8 x float>, ptr %acc1145, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1145, align 4
-  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2048, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2048, align 4
-  %321 = load <8 x float>, ptr %acc2150, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2150, align 4
-  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3053, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3053, align 4
-  %329 = load <8 x float>, ptr %acc3155, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3155, align 4
-  %331 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body30:                                         ; preds = %k.head29
+  %341 = mul nsw i64 %k32, 16
+  %342 = add nsw i64 %panel.off28, %341
+  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
+  %344 = load <8 x i32>, ptr %343, align 4
+  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %346 to <8 x float>
+  %347 = getelementptr inbounds float, ptr %286, i64 %k32
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc0020, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
+  store <8 x float> %352, ptr %acc0020, align 4
+  %353 = load <8 x float>, ptr %acc0121, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
+  store <8 x float> %354, ptr %acc0121, align 4
+  %355 = getelementptr inbounds float, ptr %300, i64 %k32
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc1022, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
+  store <8 x float> %360, ptr %acc1022, align 4
+  %361 = load <8 x float>, ptr %acc1123, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
+  store <8 x float> %362, ptr %acc1123, align 4
+  %363 = getelementptr inbounds float, ptr %314, i64 %k32
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc2024, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
+  store <8 x float> %368, ptr %acc2024, align 4
+  %369 = load <8 x float>, ptr %acc2125, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
+  store <8 x float> %370, ptr %acc2125, align 4
+  %371 = getelementptr inbounds float, ptr %328, i64 %k32
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc3026, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
+  store <8 x float> %376, ptr %acc3026, align 4
+  %377 = load <8 x float>, ptr %acc3127, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
+  store <8 x float> %378, ptr %acc3127, align 4
+  %379 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end59:                                          ; preds = %k.head57
-  %332 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %332, ptr %y0037, align 4
-  %333 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %333, ptr %y0139, align 4
-  %334 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %334, ptr %y1042, align 4
-  %335 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %335, ptr %y1144, align 4
-  %336 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %336, ptr %y2047, align 4
-  %337 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %337, ptr %y2149, align 4
-  %338 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %338, ptr %y3052, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %339, ptr %y3154, align 4
+k.end31:                                          ; preds = %k.head29
+  %380 = load <8 x float>, ptr %acc0020, align 4
+  store <8 x float> %380, ptr %293, align 4
+  %381 = load <8 x float>, ptr %acc0121, align 4
+  store <8 x float> %381, ptr %296, align 4
+  %382 = load <8 x float>, ptr %acc1022, align 4
+  store <8 x float> %382, ptr %307, align 4
+  %383 = load <8 x float>, ptr %acc1123, align 4
+  store <8 x float> %383, ptr %310, align 4
+  %384 = load <8 x float>, ptr %acc2024, align 4
+  store <8 x float> %384, ptr %321, align 4
+  %385 = load <8 x float>, ptr %acc2125, align 4
+  store <8 x float> %385, ptr %324, align 4
+  %386 = load <8 x float>, ptr %acc3026, align 4
+  store <8 x float> %386, ptr %335, align 4
+  %387 = load <8 x float>, ptr %acc3127, align 4
+  store <8 x float> %387, ptr %338, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 2048
-  %h065 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 7168
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %348, ptr %acc0067, align 4
-  %349 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %350, ptr %acc0169, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 2048
-  %h170 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 7168
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %359, ptr %acc1072, align 4
-  %360 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %361, ptr %acc1174, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 2048
-  %h275 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 7168
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %370, ptr %acc2077, align 4
-  %371 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %372, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 32768
-  br label %k.head81
+  %col35 = mul nsw i64 %p, 16
+  %388 = add nsw i64 %r0, 0
+  %389 = mul nsw i64 %388, 2048
+  %390 = getelementptr inbounds float, ptr %h, i64 %389
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 7168
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = add nsw i64 %col35, 0
+  %397 = getelementptr inbounds float, ptr %395, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  store <8 x float> %398, ptr %acc0036, align 4
+  %399 = add nsw i64 %col35, 8
+  %400 = getelementptr inbounds float, ptr %395, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0137, align 4
+  %402 = add nsw i64 %r0, 1
+  %403 = mul nsw i64 %402, 2048
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 7168
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col35, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  store <8 x float> %412, ptr %acc1038, align 4
+  %413 = add nsw i64 %col35, 8
+  %414 = getelementptr inbounds float, ptr %409, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1139, align 4
+  %416 = add nsw i64 %r0, 2
+  %417 = mul nsw i64 %416, 2048
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 7168
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col35, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  store <8 x float> %426, ptr %acc2040, align 4
+  %427 = add nsw i64 %col35, 8
+  %428 = getelementptr inbounds float, ptr %423, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 32768
+  br label %k.head43
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
-  %373 = icmp slt i64 %k84, 2048
-  br i1 %373, label %k.body82, label %k.end83
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
+  %430 = icmp slt i64 %k46, 2048
+  br i1 %430, label %k.body44, label %k.end45
 
-k.body82:                                         ; preds = %k.head81
-  %374 = mul nsw i64 %k84, 16
-  %375 = add nsw i64 %panel.off80, %374
-  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
-  %bw85 = load <8 x i32>, ptr %376, align 4
-  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %377 to <8 x float>
-  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %378 to <8 x float>
-  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0067, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0067, align 4
-  %385 = load <8 x float>, ptr %acc0169, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0169, align 4
-  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1072, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1072, align 4
-  %393 = load <8 x float>, ptr %acc1174, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1174, align 4
-  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2077, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2077, align 4
-  %401 = load <8 x float>, ptr %acc2179, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2179, align 4
-  %403 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body44:                                         ; preds = %k.head43
+  %431 = mul nsw i64 %k46, 16
+  %432 = add nsw i64 %panel.off42, %431
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
+  %434 = load <8 x i32>, ptr %433, align 4
+  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = getelementptr inbounds float, ptr %390, i64 %k46
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc0036, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
+  store <8 x float> %442, ptr %acc0036, align 4
+  %443 = load <8 x float>, ptr %acc0137, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0137, align 4
+  %445 = getelementptr inbounds float, ptr %404, i64 %k46
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc1038, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc1038, align 4
+  %451 = load <8 x float>, ptr %acc1139, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1139, align 4
+  %453 = getelementptr inbounds float, ptr %418, i64 %k46
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc2040, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc2040, align 4
+  %459 = load <8 x float>, ptr %acc2141, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2141, align 4
+  %461 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end83:                                          ; preds = %k.head81
-  %404 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %404, ptr %y0066, align 4
-  %405 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %405, ptr %y0168, align 4
-  %406 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %406, ptr %y1071, align 4
-  %407 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %407, ptr %y1173, align 4
-  %408 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %408, ptr %y2076, align 4
-  %409 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %409, ptr %y2178, align 4
+k.end45:                                          ; preds = %k.head43
+  %462 = load <8 x float>, ptr %acc0036, align 4
+  store <8 x float> %462, ptr %397, align 4
+  %463 = load <8 x float>, ptr %acc0137, align 4
+  store <8 x float> %463, ptr %400, align 4
+  %464 = load <8 x float>, ptr %acc1038, align 4
+  store <8 x float> %464, ptr %411, align 4
+  %465 = load <8 x float>, ptr %acc1139, align 4
+  store <8 x float> %465, ptr %414, align 4
+  %466 = load <8 x float>, ptr %acc2040, align 4
+  store <8 x float> %466, ptr %425, align 4
+  %467 = load <8 x float>, ptr %acc2141, align 4
+  store <8 x float> %467, ptr %428, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 2048
-  %h089 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 7168
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %418, ptr %acc0091, align 4
-  %419 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %420, ptr %acc0193, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 2048
-  %h194 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 7168
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %429, ptr %acc1096, align 4
-  %430 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %431, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 32768
-  br label %k.head100
+  %col49 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 2048
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 7168
+  %475 = getelementptr inbounds float, ptr %y, i64 %474
+  %476 = add nsw i64 %col49, 0
+  %477 = getelementptr inbounds float, ptr %475, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0050, align 4
+  %479 = add nsw i64 %col49, 8
+  %480 = getelementptr inbounds float, ptr %475, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  store <8 x float> %481, ptr %acc0151, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 2048
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 7168
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col49, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1052, align 4
+  %493 = add nsw i64 %col49, 8
+  %494 = getelementptr inbounds float, ptr %489, i64 %493
+  %495 = load <8 x float>, ptr %494, align 4
+  store <8 x float> %495, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 32768
+  br label %k.head55
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
-  %432 = icmp slt i64 %k103, 2048
-  br i1 %432, label %k.body101, label %k.end102
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
+  %496 = icmp slt i64 %k58, 2048
+  br i1 %496, label %k.body56, label %k.end57
 
-k.body101:                                        ; preds = %k.head100
-  %433 = mul nsw i64 %k103, 16
-  %434 = add nsw i64 %panel.off99, %433
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
-  %bw104 = load <8 x i32>, ptr %435, align 4
-  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %437 to <8 x float>
-  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0091, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0091, align 4
-  %444 = load <8 x float>, ptr %acc0193, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0193, align 4
-  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1096, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1096, align 4
-  %452 = load <8 x float>, ptr %acc1198, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1198, align 4
-  %454 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body56:                                         ; preds = %k.head55
+  %497 = mul nsw i64 %k58, 16
+  %498 = add nsw i64 %panel.off54, %497
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = load <8 x i32>, ptr %499, align 4
+  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %501 to <8 x float>
+  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %502 to <8 x float>
+  %503 = getelementptr inbounds float, ptr %470, i64 %k58
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc0050, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0050, align 4
+  %509 = load <8 x float>, ptr %acc0151, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
+  store <8 x float> %510, ptr %acc0151, align 4
+  %511 = getelementptr inbounds float, ptr %484, i64 %k58
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = load <8 x float>, ptr %acc1052, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1052, align 4
+  %517 = load <8 x float>, ptr %acc1153, align 4
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
+  store <8 x float> %518, ptr %acc1153, align 4
+  %519 = add nsw i64 %k58, 1
+  br label %k.head55
 
-k.end102:                                         ; preds = %k.head100
-  %455 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %455, ptr %y0090, align 4
-  %456 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %456, ptr %y0192, align 4
-  %457 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %457, ptr %y1095, align 4
-  %458 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %458, ptr %y1197, align 4
+k.end57:                                          ; preds = %k.head55
+  %520 = load <8 x float>, ptr %acc0050, align 4
+  store <8 x float> %520, ptr %477, align 4
+  %521 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %521, ptr %480, align 4
+  %522 = load <8 x float>, ptr %acc1052, align 4
+  store <8 x float> %522, ptr %491, align 4
+  %523 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %523, ptr %494, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 2048
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 7168
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %467, ptr %acc00110, align 4
-  %468 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %469, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 32768
-  br label %k.head114
+  %col61 = mul nsw i64 %p, 16
+  %524 = add nsw i64 %r0, 0
+  %525 = mul nsw i64 %524, 2048
+  %526 = getelementptr inbounds float, ptr %h, i64 %525
+  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
+  %528 = load i32, ptr %527, align 4
+  %529 = sext i32 %528 to i64
+  %530 = mul nsw i64 %529, 7168
+  %531 = getelementptr inbounds float, ptr %y, i64 %530
+  %532 = add nsw i64 %col61, 0
+  %533 = getelementptr inbounds float, ptr %531, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc0062, align 4
+  %535 = add nsw i64 %col61, 8
+  %536 = getelementptr inbounds float, ptr %531, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 32768
+  br label %k.head65
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
-  %470 = icmp slt i64 %k117, 2048
-  br i1 %470, label %k.body115, label %k.end116
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
+  %538 = icmp slt i64 %k68, 2048
+  br i1 %538, label %k.body66, label %k.end67
 
-k.body115:                                        ; preds = %k.head114
-  %471 = mul nsw i64 %k117, 16
-  %472 = add nsw i64 %panel.off113, %471
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  %bw118 = load <8 x i32>, ptr %473, align 4
-  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %474 to <8 x float>
-  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %475 to <8 x float>
-  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00110, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00110, align 4
-  %482 = load <8 x float>, ptr %acc01112, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01112, align 4
-  %484 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body66:                                         ; preds = %k.head65
+  %539 = mul nsw i64 %k68, 16
+  %540 = add nsw i64 %panel.off64, %539
+  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
+  %542 = load <8 x i32>, ptr %541, align 4
+  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %543 to <8 x float>
+  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %544 to <8 x float>
+  %545 = getelementptr inbounds float, ptr %526, i64 %k68
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0062, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0062, align 4
+  %551 = load <8 x float>, ptr %acc0163, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0163, align 4
+  %553 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end116:                                         ; preds = %k.head114
-  %485 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %485, ptr %y00109, align 4
-  %486 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %486, ptr %y01111, align 4
+k.end67:                                          ; preds = %k.head65
+  %554 = load <8 x float>, ptr %acc0062, align 4
+  store <8 x float> %554, ptr %533, align 4
+  %555 = load <8 x float>, ptr %acc0163, align 4
+  store <8 x float> %555, ptr %536, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %556 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %557 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2862,43 +2899,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0042 = alloca <8 x float>, align 32
-  %acc0143 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2149 = alloca <8 x float>, align 32
-  %acc3051 = alloca <8 x float>, align 32
-  %acc3152 = alloca <8 x float>, align 32
-  %acc4054 = alloca <8 x float>, align 32
-  %acc4155 = alloca <8 x float>, align 32
-  %acc00105 = alloca <8 x float>, align 32
-  %acc01106 = alloca <8 x float>, align 32
-  %acc10108 = alloca <8 x float>, align 32
-  %acc11109 = alloca <8 x float>, align 32
-  %acc20111 = alloca <8 x float>, align 32
-  %acc21112 = alloca <8 x float>, align 32
-  %acc30114 = alloca <8 x float>, align 32
-  %acc31115 = alloca <8 x float>, align 32
-  %acc00157 = alloca <8 x float>, align 32
-  %acc01158 = alloca <8 x float>, align 32
-  %acc10160 = alloca <8 x float>, align 32
-  %acc11161 = alloca <8 x float>, align 32
-  %acc20163 = alloca <8 x float>, align 32
-  %acc21164 = alloca <8 x float>, align 32
-  %acc00198 = alloca <8 x float>, align 32
-  %acc01199 = alloca <8 x float>, align 32
-  %acc10201 = alloca <8 x float>, align 32
-  %acc11202 = alloca <8 x float>, align 32
-  %acc00228 = alloca <8 x float>, align 32
-  %acc01229 = alloca <8 x float>, align 32
+  %acc0031 = alloca <8 x float>, align 32
+  %acc0132 = alloca <8 x float>, align 32
+  %acc1033 = alloca <8 x float>, align 32
+  %acc1134 = alloca <8 x float>, align 32
+  %acc2035 = alloca <8 x float>, align 32
+  %acc2136 = alloca <8 x float>, align 32
+  %acc3037 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4039 = alloca <8 x float>, align 32
+  %acc4140 = alloca <8 x float>, align 32
+  %acc0078 = alloca <8 x float>, align 32
+  %acc0179 = alloca <8 x float>, align 32
+  %acc1080 = alloca <8 x float>, align 32
+  %acc1181 = alloca <8 x float>, align 32
+  %acc2082 = alloca <8 x float>, align 32
+  %acc2183 = alloca <8 x float>, align 32
+  %acc3084 = alloca <8 x float>, align 32
+  %acc3185 = alloca <8 x float>, align 32
+  %acc00117 = alloca <8 x float>, align 32
+  %acc01118 = alloca <8 x float>, align 32
+  %acc10119 = alloca <8 x float>, align 32
+  %acc11120 = alloca <8 x float>, align 32
+  %acc20121 = alloca <8 x float>, align 32
+  %acc21122 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc10150 = alloca <8 x float>, align 32
+  %acc11151 = alloca <8 x float>, align 32
+  %acc00171 = alloca <8 x float>, align 32
+  %acc01172 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %844, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %913, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -2906,7 +2943,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %843, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %912, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -2928,1242 +2965,1242 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 7168
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 7168
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 7168
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 7168
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 7168
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 7168
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 7168
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 7168
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 7168
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 7168
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 7168
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 114688
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 7168
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 7168
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = mul nsw i64 %88, 2048
-  %90 = getelementptr inbounds float, ptr %h, i64 %89
+  %95 = add nsw i64 %r0, 0
+  %96 = mul nsw i64 %95, 2048
+  %97 = getelementptr inbounds float, ptr %h, i64 %96
   %col = mul nsw i64 %p, 8
-  %91 = load <8 x float>, ptr %acc00, align 4
-  %92 = load <8 x float>, ptr %acc01, align 4
-  %93 = fneg <8 x float> %91
-  %94 = fcmp olt <8 x float> %93, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %95 = select <8 x i1> %94, <8 x float> %93, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %96 = fcmp ogt <8 x float> %95, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %97 = select <8 x i1> %96, <8 x float> %95, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %98)
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %97)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %99)
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %100, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %105 = fmul <8 x float> %exp.r, %exp.r
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %105, <8 x float> %exp.r)
-  %107 = fadd <8 x float> %106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %108 = fptosi <8 x float> %exp.n to <8 x i32>
-  %109 = add <8 x i32> %108, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %110 = shl <8 x i32> %109, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %110 to <8 x float>
-  %exp = fmul <8 x float> %107, %exp.2n
-  %111 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %111
-  %silu = fmul <8 x float> %91, %sigmoid
-  %glu = fmul <8 x float> %silu, %92
-  %112 = getelementptr inbounds float, ptr %90, i64 %col
-  store <8 x float> %glu, ptr %112, align 4
-  %113 = add nsw i64 %r0, 1
-  %114 = mul nsw i64 %113, 2048
-  %115 = getelementptr inbounds float, ptr %h, i64 %114
+  %98 = load <8 x float>, ptr %acc00, align 4
+  %99 = load <8 x float>, ptr %acc01, align 4
+  %100 = fneg <8 x float> %98
+  %101 = fcmp olt <8 x float> %100, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %102 = select <8 x i1> %101, <8 x float> %100, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %103 = fcmp ogt <8 x float> %102, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %104 = select <8 x i1> %103, <8 x float> %102, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %106 = call <8 x float> @llvm.floor.v8f32(<8 x float> %105)
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %104)
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %107)
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %108, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %108, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %108, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %108, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %108, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %114 = fmul <8 x float> %108, %108
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %114, <8 x float> %108)
+  %116 = fadd <8 x float> %115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %117 = fptosi <8 x float> %106 to <8 x i32>
+  %118 = add <8 x i32> %117, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %119 = shl <8 x i32> %118, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %119 to <8 x float>
+  %exp = fmul <8 x float> %116, %exp.2n
+  %120 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %120
+  %silu = fmul <8 x float> %98, %sigmoid
+  %glu = fmul <8 x float> %silu, %99
+  %121 = getelementptr inbounds float, ptr %97, i64 %col
+  store <8 x float> %glu, ptr %121, align 4
+  %122 = add nsw i64 %r0, 1
+  %123 = mul nsw i64 %122, 2048
+  %124 = getelementptr inbounds float, ptr %h, i64 %123
   %col1 = mul nsw i64 %p, 8
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = load <8 x float>, ptr %acc11, align 4
-  %118 = fneg <8 x float> %116
-  %119 = fcmp olt <8 x float> %118, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %120 = select <8 x i1> %119, <8 x float> %118, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %121 = fcmp ogt <8 x float> %120, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %122 = select <8 x i1> %121, <8 x float> %120, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n2 = call <8 x float> @llvm.floor.v8f32(<8 x float> %123)
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n2, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %122)
-  %exp.r3 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n2, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %124)
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r3, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %exp.r3, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %exp.r3, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %exp.r3, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %exp.r3, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %130 = fmul <8 x float> %exp.r3, %exp.r3
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %130, <8 x float> %exp.r3)
-  %132 = fadd <8 x float> %131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %133 = fptosi <8 x float> %exp.n2 to <8 x i32>
-  %134 = add <8 x i32> %133, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %135 = shl <8 x i32> %134, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n4 = bitcast <8 x i32> %135 to <8 x float>
-  %exp5 = fmul <8 x float> %132, %exp.2n4
-  %136 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %136
-  %silu7 = fmul <8 x float> %116, %sigmoid6
-  %glu8 = fmul <8 x float> %silu7, %117
-  %137 = getelementptr inbounds float, ptr %115, i64 %col1
-  store <8 x float> %glu8, ptr %137, align 4
-  %138 = add nsw i64 %r0, 2
-  %139 = mul nsw i64 %138, 2048
-  %140 = getelementptr inbounds float, ptr %h, i64 %139
-  %col9 = mul nsw i64 %p, 8
-  %141 = load <8 x float>, ptr %acc20, align 4
-  %142 = load <8 x float>, ptr %acc21, align 4
-  %143 = fneg <8 x float> %141
-  %144 = fcmp olt <8 x float> %143, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %145 = select <8 x i1> %144, <8 x float> %143, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %146 = fcmp ogt <8 x float> %145, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %147 = select <8 x i1> %146, <8 x float> %145, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n10 = call <8 x float> @llvm.floor.v8f32(<8 x float> %148)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n10, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %147)
-  %exp.r11 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n10, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %149)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r11, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %exp.r11, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %exp.r11, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %exp.r11, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %exp.r11, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %155 = fmul <8 x float> %exp.r11, %exp.r11
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %155, <8 x float> %exp.r11)
-  %157 = fadd <8 x float> %156, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %158 = fptosi <8 x float> %exp.n10 to <8 x i32>
-  %159 = add <8 x i32> %158, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %160 = shl <8 x i32> %159, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n12 = bitcast <8 x i32> %160 to <8 x float>
-  %exp13 = fmul <8 x float> %157, %exp.2n12
-  %161 = fadd <8 x float> %exp13, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid14 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %161
-  %silu15 = fmul <8 x float> %141, %sigmoid14
-  %glu16 = fmul <8 x float> %silu15, %142
-  %162 = getelementptr inbounds float, ptr %140, i64 %col9
-  store <8 x float> %glu16, ptr %162, align 4
-  %163 = add nsw i64 %r0, 3
-  %164 = mul nsw i64 %163, 2048
-  %165 = getelementptr inbounds float, ptr %h, i64 %164
-  %col17 = mul nsw i64 %p, 8
-  %166 = load <8 x float>, ptr %acc30, align 4
-  %167 = load <8 x float>, ptr %acc31, align 4
-  %168 = fneg <8 x float> %166
-  %169 = fcmp olt <8 x float> %168, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %170 = select <8 x i1> %169, <8 x float> %168, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %171 = fcmp ogt <8 x float> %170, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %172 = select <8 x i1> %171, <8 x float> %170, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n18 = call <8 x float> @llvm.floor.v8f32(<8 x float> %173)
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n18, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %172)
-  %exp.r19 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n18, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %174)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r19, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %exp.r19, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %exp.r19, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %exp.r19, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %exp.r19, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %180 = fmul <8 x float> %exp.r19, %exp.r19
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %180, <8 x float> %exp.r19)
-  %182 = fadd <8 x float> %181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %183 = fptosi <8 x float> %exp.n18 to <8 x i32>
-  %184 = add <8 x i32> %183, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %185 = shl <8 x i32> %184, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %185 to <8 x float>
-  %exp21 = fmul <8 x float> %182, %exp.2n20
-  %186 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %186
-  %silu23 = fmul <8 x float> %166, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %167
-  %187 = getelementptr inbounds float, ptr %165, i64 %col17
-  store <8 x float> %glu24, ptr %187, align 4
-  %188 = add nsw i64 %r0, 4
-  %189 = mul nsw i64 %188, 2048
-  %190 = getelementptr inbounds float, ptr %h, i64 %189
+  %125 = load <8 x float>, ptr %acc10, align 4
+  %126 = load <8 x float>, ptr %acc11, align 4
+  %127 = fneg <8 x float> %125
+  %128 = fcmp olt <8 x float> %127, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %130 = fcmp ogt <8 x float> %129, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %131 = select <8 x i1> %130, <8 x float> %129, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %132)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %131)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %134)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %135, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %135, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %135, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %135, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %135, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %141 = fmul <8 x float> %135, %135
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %141, <8 x float> %135)
+  %143 = fadd <8 x float> %142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %144 = fptosi <8 x float> %133 to <8 x i32>
+  %145 = add <8 x i32> %144, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %146 = shl <8 x i32> %145, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %146 to <8 x float>
+  %exp3 = fmul <8 x float> %143, %exp.2n2
+  %147 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %147
+  %silu5 = fmul <8 x float> %125, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %126
+  %148 = getelementptr inbounds float, ptr %124, i64 %col1
+  store <8 x float> %glu6, ptr %148, align 4
+  %149 = add nsw i64 %r0, 2
+  %150 = mul nsw i64 %149, 2048
+  %151 = getelementptr inbounds float, ptr %h, i64 %150
+  %col7 = mul nsw i64 %p, 8
+  %152 = load <8 x float>, ptr %acc20, align 4
+  %153 = load <8 x float>, ptr %acc21, align 4
+  %154 = fneg <8 x float> %152
+  %155 = fcmp olt <8 x float> %154, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %156 = select <8 x i1> %155, <8 x float> %154, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %157 = fcmp ogt <8 x float> %156, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %160 = call <8 x float> @llvm.floor.v8f32(<8 x float> %159)
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %158)
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %161)
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %162, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %162, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> %162, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %162, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %162, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %168 = fmul <8 x float> %162, %162
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %168, <8 x float> %162)
+  %170 = fadd <8 x float> %169, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %171 = fptosi <8 x float> %160 to <8 x i32>
+  %172 = add <8 x i32> %171, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %173 = shl <8 x i32> %172, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %173 to <8 x float>
+  %exp9 = fmul <8 x float> %170, %exp.2n8
+  %174 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %174
+  %silu11 = fmul <8 x float> %152, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %153
+  %175 = getelementptr inbounds float, ptr %151, i64 %col7
+  store <8 x float> %glu12, ptr %175, align 4
+  %176 = add nsw i64 %r0, 3
+  %177 = mul nsw i64 %176, 2048
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %col13 = mul nsw i64 %p, 8
+  %179 = load <8 x float>, ptr %acc30, align 4
+  %180 = load <8 x float>, ptr %acc31, align 4
+  %181 = fneg <8 x float> %179
+  %182 = fcmp olt <8 x float> %181, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %183 = select <8 x i1> %182, <8 x float> %181, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %184 = fcmp ogt <8 x float> %183, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %187 = call <8 x float> @llvm.floor.v8f32(<8 x float> %186)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %185)
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %188)
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %189, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %189, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %189, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %189, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %189, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %195 = fmul <8 x float> %189, %189
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %189)
+  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %198 = fptosi <8 x float> %187 to <8 x i32>
+  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %200 to <8 x float>
+  %exp15 = fmul <8 x float> %197, %exp.2n14
+  %201 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
+  %silu17 = fmul <8 x float> %179, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %180
+  %202 = getelementptr inbounds float, ptr %178, i64 %col13
+  store <8 x float> %glu18, ptr %202, align 4
+  %203 = add nsw i64 %r0, 4
+  %204 = mul nsw i64 %203, 2048
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %col19 = mul nsw i64 %p, 8
+  %206 = load <8 x float>, ptr %acc40, align 4
+  %207 = load <8 x float>, ptr %acc41, align 4
+  %208 = fneg <8 x float> %206
+  %209 = fcmp olt <8 x float> %208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %210 = select <8 x i1> %209, <8 x float> %208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %211 = fcmp ogt <8 x float> %210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %213)
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %212)
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %215)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %222 = fmul <8 x float> %216, %216
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %222, <8 x float> %216)
+  %224 = fadd <8 x float> %223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %225 = fptosi <8 x float> %214 to <8 x i32>
+  %226 = add <8 x i32> %225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %227 = shl <8 x i32> %226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %227 to <8 x float>
+  %exp21 = fmul <8 x float> %224, %exp.2n20
+  %228 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %228
+  %silu23 = fmul <8 x float> %206, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %207
+  %229 = getelementptr inbounds float, ptr %205, i64 %col19
+  store <8 x float> %glu24, ptr %229, align 4
+  %230 = add nsw i64 %r0, 5
+  %231 = mul nsw i64 %230, 2048
+  %232 = getelementptr inbounds float, ptr %h, i64 %231
   %col25 = mul nsw i64 %p, 8
-  %191 = load <8 x float>, ptr %acc40, align 4
-  %192 = load <8 x float>, ptr %acc41, align 4
-  %193 = fneg <8 x float> %191
-  %194 = fcmp olt <8 x float> %193, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %195 = select <8 x i1> %194, <8 x float> %193, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %196 = fcmp ogt <8 x float> %195, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %197 = select <8 x i1> %196, <8 x float> %195, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n26 = call <8 x float> @llvm.floor.v8f32(<8 x float> %198)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n26, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %197)
-  %exp.r27 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n26, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %199)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r27, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %exp.r27, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %exp.r27, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %exp.r27, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %exp.r27, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %205 = fmul <8 x float> %exp.r27, %exp.r27
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %205, <8 x float> %exp.r27)
-  %207 = fadd <8 x float> %206, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %208 = fptosi <8 x float> %exp.n26 to <8 x i32>
-  %209 = add <8 x i32> %208, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %210 = shl <8 x i32> %209, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n28 = bitcast <8 x i32> %210 to <8 x float>
-  %exp29 = fmul <8 x float> %207, %exp.2n28
-  %211 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %211
-  %silu31 = fmul <8 x float> %191, %sigmoid30
-  %glu32 = fmul <8 x float> %silu31, %192
-  %212 = getelementptr inbounds float, ptr %190, i64 %col25
-  store <8 x float> %glu32, ptr %212, align 4
-  %213 = add nsw i64 %r0, 5
-  %214 = mul nsw i64 %213, 2048
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %col33 = mul nsw i64 %p, 8
-  %216 = load <8 x float>, ptr %acc50, align 4
-  %217 = load <8 x float>, ptr %acc51, align 4
-  %218 = fneg <8 x float> %216
-  %219 = fcmp olt <8 x float> %218, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %220 = select <8 x i1> %219, <8 x float> %218, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %221 = fcmp ogt <8 x float> %220, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n34 = call <8 x float> @llvm.floor.v8f32(<8 x float> %223)
-  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n34, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %222)
-  %exp.r35 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n34, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %224)
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r35, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %exp.r35, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %exp.r35, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %exp.r35, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> %exp.r35, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %230 = fmul <8 x float> %exp.r35, %exp.r35
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %230, <8 x float> %exp.r35)
-  %232 = fadd <8 x float> %231, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %233 = fptosi <8 x float> %exp.n34 to <8 x i32>
-  %234 = add <8 x i32> %233, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %235 = shl <8 x i32> %234, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n36 = bitcast <8 x i32> %235 to <8 x float>
-  %exp37 = fmul <8 x float> %232, %exp.2n36
-  %236 = fadd <8 x float> %exp37, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid38 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %236
-  %silu39 = fmul <8 x float> %216, %sigmoid38
-  %glu40 = fmul <8 x float> %silu39, %217
-  %237 = getelementptr inbounds float, ptr %215, i64 %col33
-  store <8 x float> %glu40, ptr %237, align 4
+  %233 = load <8 x float>, ptr %acc50, align 4
+  %234 = load <8 x float>, ptr %acc51, align 4
+  %235 = fneg <8 x float> %233
+  %236 = fcmp olt <8 x float> %235, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %238 = fcmp ogt <8 x float> %237, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %239 = select <8 x i1> %238, <8 x float> %237, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %241 = call <8 x float> @llvm.floor.v8f32(<8 x float> %240)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %239)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %242)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %243, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %243, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %243, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %243, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %249 = fmul <8 x float> %243, %243
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %249, <8 x float> %243)
+  %251 = fadd <8 x float> %250, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %252 = fptosi <8 x float> %241 to <8 x i32>
+  %253 = add <8 x i32> %252, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %254 = shl <8 x i32> %253, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %254 to <8 x float>
+  %exp27 = fmul <8 x float> %251, %exp.2n26
+  %255 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %255
+  %silu29 = fmul <8 x float> %233, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %234
+  %256 = getelementptr inbounds float, ptr %232, i64 %col25
+  store <8 x float> %glu30, ptr %256, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %238 = add nsw i64 %r0, 0
-  %239 = getelementptr inbounds i32, ptr %rows, i64 %238
-  %240 = load i32, ptr %239, align 4
-  %241 = sext i32 %240 to i64
-  %242 = mul nsw i64 %241, 7168
-  %a041 = getelementptr inbounds float, ptr %x, i64 %242
-  store <8 x float> zeroinitializer, ptr %acc0042, align 4
-  store <8 x float> zeroinitializer, ptr %acc0143, align 4
-  %243 = add nsw i64 %r0, 1
-  %244 = getelementptr inbounds i32, ptr %rows, i64 %243
-  %245 = load i32, ptr %244, align 4
-  %246 = sext i32 %245 to i64
-  %247 = mul nsw i64 %246, 7168
-  %a144 = getelementptr inbounds float, ptr %x, i64 %247
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %248 = add nsw i64 %r0, 2
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %248
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 7168
-  %a247 = getelementptr inbounds float, ptr %x, i64 %252
-  store <8 x float> zeroinitializer, ptr %acc2048, align 4
-  store <8 x float> zeroinitializer, ptr %acc2149, align 4
-  %253 = add nsw i64 %r0, 3
-  %254 = getelementptr inbounds i32, ptr %rows, i64 %253
-  %255 = load i32, ptr %254, align 4
-  %256 = sext i32 %255 to i64
-  %257 = mul nsw i64 %256, 7168
-  %a350 = getelementptr inbounds float, ptr %x, i64 %257
-  store <8 x float> zeroinitializer, ptr %acc3051, align 4
-  store <8 x float> zeroinitializer, ptr %acc3152, align 4
-  %258 = add nsw i64 %r0, 4
-  %259 = getelementptr inbounds i32, ptr %rows, i64 %258
-  %260 = load i32, ptr %259, align 4
-  %261 = sext i32 %260 to i64
-  %262 = mul nsw i64 %261, 7168
-  %a453 = getelementptr inbounds float, ptr %x, i64 %262
-  store <8 x float> zeroinitializer, ptr %acc4054, align 4
-  store <8 x float> zeroinitializer, ptr %acc4155, align 4
-  %panel.off56 = mul nsw i64 %p, 114688
-  br label %k.head57
+  %257 = add nsw i64 %r0, 0
+  %258 = getelementptr inbounds i32, ptr %rows, i64 %257
+  %259 = load i32, ptr %258, align 4
+  %260 = sext i32 %259 to i64
+  %261 = mul nsw i64 %260, 7168
+  %262 = getelementptr inbounds float, ptr %x, i64 %261
+  store <8 x float> zeroinitializer, ptr %acc0031, align 4
+  store <8 x float> zeroinitializer, ptr %acc0132, align 4
+  %263 = add nsw i64 %r0, 1
+  %264 = getelementptr inbounds i32, ptr %rows, i64 %263
+  %265 = load i32, ptr %264, align 4
+  %266 = sext i32 %265 to i64
+  %267 = mul nsw i64 %266, 7168
+  %268 = getelementptr inbounds float, ptr %x, i64 %267
+  store <8 x float> zeroinitializer, ptr %acc1033, align 4
+  store <8 x float> zeroinitializer, ptr %acc1134, align 4
+  %269 = add nsw i64 %r0, 2
+  %270 = getelementptr inbounds i32, ptr %rows, i64 %269
+  %271 = load i32, ptr %270, align 4
+  %272 = sext i32 %271 to i64
+  %273 = mul nsw i64 %272, 7168
+  %274 = getelementptr inbounds float, ptr %x, i64 %273
+  store <8 x float> zeroinitializer, ptr %acc2035, align 4
+  store <8 x float> zeroinitializer, ptr %acc2136, align 4
+  %275 = add nsw i64 %r0, 3
+  %276 = getelementptr inbounds i32, ptr %rows, i64 %275
+  %277 = load i32, ptr %276, align 4
+  %278 = sext i32 %277 to i64
+  %279 = mul nsw i64 %278, 7168
+  %280 = getelementptr inbounds float, ptr %x, i64 %279
+  store <8 x float> zeroinitializer, ptr %acc3037, align 4
+  store <8 x float> zeroinitializer, ptr %acc3138, align 4
+  %281 = add nsw i64 %r0, 4
+  %282 = getelementptr inbounds i32, ptr %rows, i64 %281
+  %283 = load i32, ptr %282, align 4
+  %284 = sext i32 %283 to i64
+  %285 = mul nsw i64 %284, 7168
+  %286 = getelementptr inbounds float, ptr %x, i64 %285
+  store <8 x float> zeroinitializer, ptr %acc4039, align 4
+  store <8 x float> zeroinitializer, ptr %acc4140, align 4
+  %panel.off41 = mul nsw i64 %p, 114688
+  br label %k.head42
 
-k.head57:                                         ; preds = %k.body58, %tile.mr5
-  %k60 = phi i64 [ 0, %tile.mr5 ], [ %309, %k.body58 ]
-  %263 = icmp slt i64 %k60, 7168
-  br i1 %263, label %k.body58, label %k.end59
+k.head42:                                         ; preds = %k.body43, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %334, %k.body43 ]
+  %287 = icmp slt i64 %k45, 7168
+  br i1 %287, label %k.body43, label %k.end44
 
-k.body58:                                         ; preds = %k.head57
-  %264 = mul nsw i64 %k60, 16
-  %265 = add nsw i64 %panel.off56, %264
-  %266 = getelementptr inbounds i16, ptr %panels, i64 %265
-  %bw61 = load <8 x i32>, ptr %266, align 4
-  %267 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %267 to <8 x float>
-  %268 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %268 to <8 x float>
-  %269 = getelementptr inbounds float, ptr %a041, i64 %k60
-  %270 = load float, ptr %269, align 4
-  %271 = insertelement <8 x float> poison, float %270, i32 0
-  %272 = shufflevector <8 x float> %271, <8 x float> poison, <8 x i32> zeroinitializer
-  %273 = load <8 x float>, ptr %acc0042, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %b062, <8 x float> %273)
-  store <8 x float> %274, ptr %acc0042, align 4
-  %275 = load <8 x float>, ptr %acc0143, align 4
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %b163, <8 x float> %275)
-  store <8 x float> %276, ptr %acc0143, align 4
-  %277 = getelementptr inbounds float, ptr %a144, i64 %k60
-  %278 = load float, ptr %277, align 4
-  %279 = insertelement <8 x float> poison, float %278, i32 0
-  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
-  %281 = load <8 x float>, ptr %acc1045, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b062, <8 x float> %281)
-  store <8 x float> %282, ptr %acc1045, align 4
-  %283 = load <8 x float>, ptr %acc1146, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b163, <8 x float> %283)
-  store <8 x float> %284, ptr %acc1146, align 4
-  %285 = getelementptr inbounds float, ptr %a247, i64 %k60
-  %286 = load float, ptr %285, align 4
-  %287 = insertelement <8 x float> poison, float %286, i32 0
-  %288 = shufflevector <8 x float> %287, <8 x float> poison, <8 x i32> zeroinitializer
-  %289 = load <8 x float>, ptr %acc2048, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b062, <8 x float> %289)
-  store <8 x float> %290, ptr %acc2048, align 4
-  %291 = load <8 x float>, ptr %acc2149, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b163, <8 x float> %291)
-  store <8 x float> %292, ptr %acc2149, align 4
-  %293 = getelementptr inbounds float, ptr %a350, i64 %k60
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = load <8 x float>, ptr %acc3051, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b062, <8 x float> %297)
-  store <8 x float> %298, ptr %acc3051, align 4
-  %299 = load <8 x float>, ptr %acc3152, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b163, <8 x float> %299)
-  store <8 x float> %300, ptr %acc3152, align 4
-  %301 = getelementptr inbounds float, ptr %a453, i64 %k60
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <8 x float> poison, float %302, i32 0
-  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
-  %305 = load <8 x float>, ptr %acc4054, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b062, <8 x float> %305)
-  store <8 x float> %306, ptr %acc4054, align 4
-  %307 = load <8 x float>, ptr %acc4155, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b163, <8 x float> %307)
-  store <8 x float> %308, ptr %acc4155, align 4
-  %309 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body43:                                         ; preds = %k.head42
+  %288 = mul nsw i64 %k45, 16
+  %289 = add nsw i64 %panel.off41, %288
+  %290 = getelementptr inbounds i16, ptr %panels, i64 %289
+  %291 = load <8 x i32>, ptr %290, align 4
+  %292 = shl <8 x i32> %291, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b046 = bitcast <8 x i32> %292 to <8 x float>
+  %293 = and <8 x i32> %291, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b147 = bitcast <8 x i32> %293 to <8 x float>
+  %294 = getelementptr inbounds float, ptr %262, i64 %k45
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <8 x float> poison, float %295, i32 0
+  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
+  %298 = load <8 x float>, ptr %acc0031, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b046, <8 x float> %298)
+  store <8 x float> %299, ptr %acc0031, align 4
+  %300 = load <8 x float>, ptr %acc0132, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b147, <8 x float> %300)
+  store <8 x float> %301, ptr %acc0132, align 4
+  %302 = getelementptr inbounds float, ptr %268, i64 %k45
+  %303 = load float, ptr %302, align 4
+  %304 = insertelement <8 x float> poison, float %303, i32 0
+  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
+  %306 = load <8 x float>, ptr %acc1033, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b046, <8 x float> %306)
+  store <8 x float> %307, ptr %acc1033, align 4
+  %308 = load <8 x float>, ptr %acc1134, align 4
+  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b147, <8 x float> %308)
+  store <8 x float> %309, ptr %acc1134, align 4
+  %310 = getelementptr inbounds float, ptr %274, i64 %k45
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %acc2035, align 4
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b046, <8 x float> %314)
+  store <8 x float> %315, ptr %acc2035, align 4
+  %316 = load <8 x float>, ptr %acc2136, align 4
+  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b147, <8 x float> %316)
+  store <8 x float> %317, ptr %acc2136, align 4
+  %318 = getelementptr inbounds float, ptr %280, i64 %k45
+  %319 = load float, ptr %318, align 4
+  %320 = insertelement <8 x float> poison, float %319, i32 0
+  %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
+  %322 = load <8 x float>, ptr %acc3037, align 4
+  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b046, <8 x float> %322)
+  store <8 x float> %323, ptr %acc3037, align 4
+  %324 = load <8 x float>, ptr %acc3138, align 4
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b147, <8 x float> %324)
+  store <8 x float> %325, ptr %acc3138, align 4
+  %326 = getelementptr inbounds float, ptr %286, i64 %k45
+  %327 = load float, ptr %326, align 4
+  %328 = insertelement <8 x float> poison, float %327, i32 0
+  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
+  %330 = load <8 x float>, ptr %acc4039, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b046, <8 x float> %330)
+  store <8 x float> %331, ptr %acc4039, align 4
+  %332 = load <8 x float>, ptr %acc4140, align 4
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b147, <8 x float> %332)
+  store <8 x float> %333, ptr %acc4140, align 4
+  %334 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end59:                                          ; preds = %k.head57
-  %310 = add nsw i64 %r0, 0
-  %311 = mul nsw i64 %310, 2048
-  %312 = getelementptr inbounds float, ptr %h, i64 %311
-  %col64 = mul nsw i64 %p, 8
-  %313 = load <8 x float>, ptr %acc0042, align 4
-  %314 = load <8 x float>, ptr %acc0143, align 4
-  %315 = fneg <8 x float> %313
-  %316 = fcmp olt <8 x float> %315, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %317 = select <8 x i1> %316, <8 x float> %315, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %318 = fcmp ogt <8 x float> %317, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %319 = select <8 x i1> %318, <8 x float> %317, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %319, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n65 = call <8 x float> @llvm.floor.v8f32(<8 x float> %320)
-  %321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n65, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %319)
-  %exp.r66 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n65, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %321)
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r66, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %322, <8 x float> %exp.r66, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %exp.r66, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %exp.r66, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %exp.r66, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %327 = fmul <8 x float> %exp.r66, %exp.r66
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %327, <8 x float> %exp.r66)
-  %329 = fadd <8 x float> %328, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %330 = fptosi <8 x float> %exp.n65 to <8 x i32>
-  %331 = add <8 x i32> %330, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %332 = shl <8 x i32> %331, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %332 to <8 x float>
-  %exp68 = fmul <8 x float> %329, %exp.2n67
-  %333 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %333
-  %silu70 = fmul <8 x float> %313, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %314
-  %334 = getelementptr inbounds float, ptr %312, i64 %col64
-  store <8 x float> %glu71, ptr %334, align 4
-  %335 = add nsw i64 %r0, 1
+k.end44:                                          ; preds = %k.head42
+  %335 = add nsw i64 %r0, 0
   %336 = mul nsw i64 %335, 2048
   %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %col72 = mul nsw i64 %p, 8
-  %338 = load <8 x float>, ptr %acc1045, align 4
-  %339 = load <8 x float>, ptr %acc1146, align 4
+  %col48 = mul nsw i64 %p, 8
+  %338 = load <8 x float>, ptr %acc0031, align 4
+  %339 = load <8 x float>, ptr %acc0132, align 4
   %340 = fneg <8 x float> %338
   %341 = fcmp olt <8 x float> %340, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %342 = select <8 x i1> %341, <8 x float> %340, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %343 = fcmp ogt <8 x float> %342, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %344 = select <8 x i1> %343, <8 x float> %342, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n73 = call <8 x float> @llvm.floor.v8f32(<8 x float> %345)
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n73, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %344)
-  %exp.r74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n73, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %346)
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r74, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %exp.r74, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %exp.r74, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %exp.r74, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %exp.r74, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %352 = fmul <8 x float> %exp.r74, %exp.r74
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %352, <8 x float> %exp.r74)
-  %354 = fadd <8 x float> %353, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %355 = fptosi <8 x float> %exp.n73 to <8 x i32>
-  %356 = add <8 x i32> %355, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %357 = shl <8 x i32> %356, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n75 = bitcast <8 x i32> %357 to <8 x float>
-  %exp76 = fmul <8 x float> %354, %exp.2n75
-  %358 = fadd <8 x float> %exp76, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid77 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %358
-  %silu78 = fmul <8 x float> %338, %sigmoid77
-  %glu79 = fmul <8 x float> %silu78, %339
-  %359 = getelementptr inbounds float, ptr %337, i64 %col72
-  store <8 x float> %glu79, ptr %359, align 4
-  %360 = add nsw i64 %r0, 2
-  %361 = mul nsw i64 %360, 2048
-  %362 = getelementptr inbounds float, ptr %h, i64 %361
-  %col80 = mul nsw i64 %p, 8
-  %363 = load <8 x float>, ptr %acc2048, align 4
-  %364 = load <8 x float>, ptr %acc2149, align 4
-  %365 = fneg <8 x float> %363
-  %366 = fcmp olt <8 x float> %365, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %367 = select <8 x i1> %366, <8 x float> %365, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %368 = fcmp ogt <8 x float> %367, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %369 = select <8 x i1> %368, <8 x float> %367, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n81 = call <8 x float> @llvm.floor.v8f32(<8 x float> %370)
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n81, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %369)
-  %exp.r82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n81, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %371)
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r82, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %exp.r82, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %exp.r82, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %exp.r82, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %exp.r82, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %377 = fmul <8 x float> %exp.r82, %exp.r82
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %377, <8 x float> %exp.r82)
-  %379 = fadd <8 x float> %378, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %380 = fptosi <8 x float> %exp.n81 to <8 x i32>
-  %381 = add <8 x i32> %380, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %382 = shl <8 x i32> %381, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n83 = bitcast <8 x i32> %382 to <8 x float>
-  %exp84 = fmul <8 x float> %379, %exp.2n83
-  %383 = fadd <8 x float> %exp84, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid85 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %383
-  %silu86 = fmul <8 x float> %363, %sigmoid85
-  %glu87 = fmul <8 x float> %silu86, %364
-  %384 = getelementptr inbounds float, ptr %362, i64 %col80
-  store <8 x float> %glu87, ptr %384, align 4
-  %385 = add nsw i64 %r0, 3
-  %386 = mul nsw i64 %385, 2048
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
-  %col88 = mul nsw i64 %p, 8
-  %388 = load <8 x float>, ptr %acc3051, align 4
-  %389 = load <8 x float>, ptr %acc3152, align 4
-  %390 = fneg <8 x float> %388
-  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n89 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
-  %exp.r90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %396)
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r90, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %exp.r90, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %exp.r90, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %exp.r90, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %exp.r90, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %402 = fmul <8 x float> %exp.r90, %exp.r90
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %402, <8 x float> %exp.r90)
-  %404 = fadd <8 x float> %403, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %405 = fptosi <8 x float> %exp.n89 to <8 x i32>
-  %406 = add <8 x i32> %405, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %407 = shl <8 x i32> %406, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %407 to <8 x float>
-  %exp92 = fmul <8 x float> %404, %exp.2n91
-  %408 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %408
-  %silu94 = fmul <8 x float> %388, %sigmoid93
-  %glu95 = fmul <8 x float> %silu94, %389
-  %409 = getelementptr inbounds float, ptr %387, i64 %col88
-  store <8 x float> %glu95, ptr %409, align 4
-  %410 = add nsw i64 %r0, 4
-  %411 = mul nsw i64 %410, 2048
-  %412 = getelementptr inbounds float, ptr %h, i64 %411
-  %col96 = mul nsw i64 %p, 8
-  %413 = load <8 x float>, ptr %acc4054, align 4
-  %414 = load <8 x float>, ptr %acc4155, align 4
-  %415 = fneg <8 x float> %413
-  %416 = fcmp olt <8 x float> %415, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %417 = select <8 x i1> %416, <8 x float> %415, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %418 = fcmp ogt <8 x float> %417, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %419 = select <8 x i1> %418, <8 x float> %417, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n97 = call <8 x float> @llvm.floor.v8f32(<8 x float> %420)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n97, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %419)
-  %exp.r98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n97, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %421)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r98, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %exp.r98, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %exp.r98, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %exp.r98, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %exp.r98, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %427 = fmul <8 x float> %exp.r98, %exp.r98
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %427, <8 x float> %exp.r98)
-  %429 = fadd <8 x float> %428, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %430 = fptosi <8 x float> %exp.n97 to <8 x i32>
-  %431 = add <8 x i32> %430, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %432 = shl <8 x i32> %431, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n99 = bitcast <8 x i32> %432 to <8 x float>
-  %exp100 = fmul <8 x float> %429, %exp.2n99
-  %433 = fadd <8 x float> %exp100, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid101 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %433
-  %silu102 = fmul <8 x float> %413, %sigmoid101
-  %glu103 = fmul <8 x float> %silu102, %414
-  %434 = getelementptr inbounds float, ptr %412, i64 %col96
-  store <8 x float> %glu103, ptr %434, align 4
+  %346 = call <8 x float> @llvm.floor.v8f32(<8 x float> %345)
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %344)
+  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %347)
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %348, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %348, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %348, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %348, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %348, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %354 = fmul <8 x float> %348, %348
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %354, <8 x float> %348)
+  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %357 = fptosi <8 x float> %346 to <8 x i32>
+  %358 = add <8 x i32> %357, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %359 = shl <8 x i32> %358, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n49 = bitcast <8 x i32> %359 to <8 x float>
+  %exp50 = fmul <8 x float> %356, %exp.2n49
+  %360 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %360
+  %silu52 = fmul <8 x float> %338, %sigmoid51
+  %glu53 = fmul <8 x float> %silu52, %339
+  %361 = getelementptr inbounds float, ptr %337, i64 %col48
+  store <8 x float> %glu53, ptr %361, align 4
+  %362 = add nsw i64 %r0, 1
+  %363 = mul nsw i64 %362, 2048
+  %364 = getelementptr inbounds float, ptr %h, i64 %363
+  %col54 = mul nsw i64 %p, 8
+  %365 = load <8 x float>, ptr %acc1033, align 4
+  %366 = load <8 x float>, ptr %acc1134, align 4
+  %367 = fneg <8 x float> %365
+  %368 = fcmp olt <8 x float> %367, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %369 = select <8 x i1> %368, <8 x float> %367, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %370 = fcmp ogt <8 x float> %369, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %371 = select <8 x i1> %370, <8 x float> %369, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %373 = call <8 x float> @llvm.floor.v8f32(<8 x float> %372)
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %371)
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %374)
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %375, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %375, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %375, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %375, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %375, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %381 = fmul <8 x float> %375, %375
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %381, <8 x float> %375)
+  %383 = fadd <8 x float> %382, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %384 = fptosi <8 x float> %373 to <8 x i32>
+  %385 = add <8 x i32> %384, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %386 = shl <8 x i32> %385, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %386 to <8 x float>
+  %exp56 = fmul <8 x float> %383, %exp.2n55
+  %387 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %387
+  %silu58 = fmul <8 x float> %365, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %366
+  %388 = getelementptr inbounds float, ptr %364, i64 %col54
+  store <8 x float> %glu59, ptr %388, align 4
+  %389 = add nsw i64 %r0, 2
+  %390 = mul nsw i64 %389, 2048
+  %391 = getelementptr inbounds float, ptr %h, i64 %390
+  %col60 = mul nsw i64 %p, 8
+  %392 = load <8 x float>, ptr %acc2035, align 4
+  %393 = load <8 x float>, ptr %acc2136, align 4
+  %394 = fneg <8 x float> %392
+  %395 = fcmp olt <8 x float> %394, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %396 = select <8 x i1> %395, <8 x float> %394, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %397 = fcmp ogt <8 x float> %396, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %398 = select <8 x i1> %397, <8 x float> %396, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %400 = call <8 x float> @llvm.floor.v8f32(<8 x float> %399)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %398)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %401)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %402, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %402, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %402, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %402, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %402, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %408 = fmul <8 x float> %402, %402
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %408, <8 x float> %402)
+  %410 = fadd <8 x float> %409, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %411 = fptosi <8 x float> %400 to <8 x i32>
+  %412 = add <8 x i32> %411, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %413 = shl <8 x i32> %412, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %413 to <8 x float>
+  %exp62 = fmul <8 x float> %410, %exp.2n61
+  %414 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %414
+  %silu64 = fmul <8 x float> %392, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %393
+  %415 = getelementptr inbounds float, ptr %391, i64 %col60
+  store <8 x float> %glu65, ptr %415, align 4
+  %416 = add nsw i64 %r0, 3
+  %417 = mul nsw i64 %416, 2048
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %col66 = mul nsw i64 %p, 8
+  %419 = load <8 x float>, ptr %acc3037, align 4
+  %420 = load <8 x float>, ptr %acc3138, align 4
+  %421 = fneg <8 x float> %419
+  %422 = fcmp olt <8 x float> %421, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %423 = select <8 x i1> %422, <8 x float> %421, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = fcmp ogt <8 x float> %423, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %425 = select <8 x i1> %424, <8 x float> %423, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %427 = call <8 x float> @llvm.floor.v8f32(<8 x float> %426)
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %425)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %428)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %429, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> %429, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %429, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %429, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %429, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %435 = fmul <8 x float> %429, %429
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %435, <8 x float> %429)
+  %437 = fadd <8 x float> %436, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %438 = fptosi <8 x float> %427 to <8 x i32>
+  %439 = add <8 x i32> %438, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %440 = shl <8 x i32> %439, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %440 to <8 x float>
+  %exp68 = fmul <8 x float> %437, %exp.2n67
+  %441 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %441
+  %silu70 = fmul <8 x float> %419, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %420
+  %442 = getelementptr inbounds float, ptr %418, i64 %col66
+  store <8 x float> %glu71, ptr %442, align 4
+  %443 = add nsw i64 %r0, 4
+  %444 = mul nsw i64 %443, 2048
+  %445 = getelementptr inbounds float, ptr %h, i64 %444
+  %col72 = mul nsw i64 %p, 8
+  %446 = load <8 x float>, ptr %acc4039, align 4
+  %447 = load <8 x float>, ptr %acc4140, align 4
+  %448 = fneg <8 x float> %446
+  %449 = fcmp olt <8 x float> %448, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %450 = select <8 x i1> %449, <8 x float> %448, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %451 = fcmp ogt <8 x float> %450, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %452 = select <8 x i1> %451, <8 x float> %450, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %454 = call <8 x float> @llvm.floor.v8f32(<8 x float> %453)
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %452)
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %455)
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %456, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %456, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %456, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %456, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %462 = fmul <8 x float> %456, %456
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %462, <8 x float> %456)
+  %464 = fadd <8 x float> %463, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %465 = fptosi <8 x float> %454 to <8 x i32>
+  %466 = add <8 x i32> %465, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %467 = shl <8 x i32> %466, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %467 to <8 x float>
+  %exp74 = fmul <8 x float> %464, %exp.2n73
+  %468 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %468
+  %silu76 = fmul <8 x float> %446, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %447
+  %469 = getelementptr inbounds float, ptr %445, i64 %col72
+  store <8 x float> %glu77, ptr %469, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %435 = add nsw i64 %r0, 0
-  %436 = getelementptr inbounds i32, ptr %rows, i64 %435
-  %437 = load i32, ptr %436, align 4
-  %438 = sext i32 %437 to i64
-  %439 = mul nsw i64 %438, 7168
-  %a0104 = getelementptr inbounds float, ptr %x, i64 %439
-  store <8 x float> zeroinitializer, ptr %acc00105, align 4
-  store <8 x float> zeroinitializer, ptr %acc01106, align 4
-  %440 = add nsw i64 %r0, 1
-  %441 = getelementptr inbounds i32, ptr %rows, i64 %440
-  %442 = load i32, ptr %441, align 4
-  %443 = sext i32 %442 to i64
-  %444 = mul nsw i64 %443, 7168
-  %a1107 = getelementptr inbounds float, ptr %x, i64 %444
-  store <8 x float> zeroinitializer, ptr %acc10108, align 4
-  store <8 x float> zeroinitializer, ptr %acc11109, align 4
-  %445 = add nsw i64 %r0, 2
-  %446 = getelementptr inbounds i32, ptr %rows, i64 %445
-  %447 = load i32, ptr %446, align 4
-  %448 = sext i32 %447 to i64
-  %449 = mul nsw i64 %448, 7168
-  %a2110 = getelementptr inbounds float, ptr %x, i64 %449
-  store <8 x float> zeroinitializer, ptr %acc20111, align 4
-  store <8 x float> zeroinitializer, ptr %acc21112, align 4
-  %450 = add nsw i64 %r0, 3
-  %451 = getelementptr inbounds i32, ptr %rows, i64 %450
-  %452 = load i32, ptr %451, align 4
-  %453 = sext i32 %452 to i64
-  %454 = mul nsw i64 %453, 7168
-  %a3113 = getelementptr inbounds float, ptr %x, i64 %454
-  store <8 x float> zeroinitializer, ptr %acc30114, align 4
-  store <8 x float> zeroinitializer, ptr %acc31115, align 4
-  %panel.off116 = mul nsw i64 %p, 114688
-  br label %k.head117
+  %470 = add nsw i64 %r0, 0
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %470
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 7168
+  %475 = getelementptr inbounds float, ptr %x, i64 %474
+  store <8 x float> zeroinitializer, ptr %acc0078, align 4
+  store <8 x float> zeroinitializer, ptr %acc0179, align 4
+  %476 = add nsw i64 %r0, 1
+  %477 = getelementptr inbounds i32, ptr %rows, i64 %476
+  %478 = load i32, ptr %477, align 4
+  %479 = sext i32 %478 to i64
+  %480 = mul nsw i64 %479, 7168
+  %481 = getelementptr inbounds float, ptr %x, i64 %480
+  store <8 x float> zeroinitializer, ptr %acc1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc1181, align 4
+  %482 = add nsw i64 %r0, 2
+  %483 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %484 = load i32, ptr %483, align 4
+  %485 = sext i32 %484 to i64
+  %486 = mul nsw i64 %485, 7168
+  %487 = getelementptr inbounds float, ptr %x, i64 %486
+  store <8 x float> zeroinitializer, ptr %acc2082, align 4
+  store <8 x float> zeroinitializer, ptr %acc2183, align 4
+  %488 = add nsw i64 %r0, 3
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %488
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 7168
+  %493 = getelementptr inbounds float, ptr %x, i64 %492
+  store <8 x float> zeroinitializer, ptr %acc3084, align 4
+  store <8 x float> zeroinitializer, ptr %acc3185, align 4
+  %panel.off86 = mul nsw i64 %p, 114688
+  br label %k.head87
 
-k.head117:                                        ; preds = %k.body118, %tile.mr4
-  %k120 = phi i64 [ 0, %tile.mr4 ], [ %493, %k.body118 ]
-  %455 = icmp slt i64 %k120, 7168
-  br i1 %455, label %k.body118, label %k.end119
+k.head87:                                         ; preds = %k.body88, %tile.mr4
+  %k90 = phi i64 [ 0, %tile.mr4 ], [ %533, %k.body88 ]
+  %494 = icmp slt i64 %k90, 7168
+  br i1 %494, label %k.body88, label %k.end89
 
-k.body118:                                        ; preds = %k.head117
-  %456 = mul nsw i64 %k120, 16
-  %457 = add nsw i64 %panel.off116, %456
-  %458 = getelementptr inbounds i16, ptr %panels, i64 %457
-  %bw121 = load <8 x i32>, ptr %458, align 4
-  %459 = shl <8 x i32> %bw121, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0122 = bitcast <8 x i32> %459 to <8 x float>
-  %460 = and <8 x i32> %bw121, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1123 = bitcast <8 x i32> %460 to <8 x float>
-  %461 = getelementptr inbounds float, ptr %a0104, i64 %k120
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc00105, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b0122, <8 x float> %465)
-  store <8 x float> %466, ptr %acc00105, align 4
-  %467 = load <8 x float>, ptr %acc01106, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b1123, <8 x float> %467)
-  store <8 x float> %468, ptr %acc01106, align 4
-  %469 = getelementptr inbounds float, ptr %a1107, i64 %k120
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc10108, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b0122, <8 x float> %473)
-  store <8 x float> %474, ptr %acc10108, align 4
-  %475 = load <8 x float>, ptr %acc11109, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b1123, <8 x float> %475)
-  store <8 x float> %476, ptr %acc11109, align 4
-  %477 = getelementptr inbounds float, ptr %a2110, i64 %k120
-  %478 = load float, ptr %477, align 4
-  %479 = insertelement <8 x float> poison, float %478, i32 0
-  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc20111, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b0122, <8 x float> %481)
-  store <8 x float> %482, ptr %acc20111, align 4
-  %483 = load <8 x float>, ptr %acc21112, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b1123, <8 x float> %483)
-  store <8 x float> %484, ptr %acc21112, align 4
-  %485 = getelementptr inbounds float, ptr %a3113, i64 %k120
-  %486 = load float, ptr %485, align 4
-  %487 = insertelement <8 x float> poison, float %486, i32 0
-  %488 = shufflevector <8 x float> %487, <8 x float> poison, <8 x i32> zeroinitializer
-  %489 = load <8 x float>, ptr %acc30114, align 4
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %b0122, <8 x float> %489)
-  store <8 x float> %490, ptr %acc30114, align 4
-  %491 = load <8 x float>, ptr %acc31115, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %b1123, <8 x float> %491)
-  store <8 x float> %492, ptr %acc31115, align 4
-  %493 = add nsw i64 %k120, 1
-  br label %k.head117
+k.body88:                                         ; preds = %k.head87
+  %495 = mul nsw i64 %k90, 16
+  %496 = add nsw i64 %panel.off86, %495
+  %497 = getelementptr inbounds i16, ptr %panels, i64 %496
+  %498 = load <8 x i32>, ptr %497, align 4
+  %499 = shl <8 x i32> %498, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b091 = bitcast <8 x i32> %499 to <8 x float>
+  %500 = and <8 x i32> %498, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b192 = bitcast <8 x i32> %500 to <8 x float>
+  %501 = getelementptr inbounds float, ptr %475, i64 %k90
+  %502 = load float, ptr %501, align 4
+  %503 = insertelement <8 x float> poison, float %502, i32 0
+  %504 = shufflevector <8 x float> %503, <8 x float> poison, <8 x i32> zeroinitializer
+  %505 = load <8 x float>, ptr %acc0078, align 4
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %b091, <8 x float> %505)
+  store <8 x float> %506, ptr %acc0078, align 4
+  %507 = load <8 x float>, ptr %acc0179, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %b192, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0179, align 4
+  %509 = getelementptr inbounds float, ptr %481, i64 %k90
+  %510 = load float, ptr %509, align 4
+  %511 = insertelement <8 x float> poison, float %510, i32 0
+  %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
+  %513 = load <8 x float>, ptr %acc1080, align 4
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %b091, <8 x float> %513)
+  store <8 x float> %514, ptr %acc1080, align 4
+  %515 = load <8 x float>, ptr %acc1181, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %b192, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1181, align 4
+  %517 = getelementptr inbounds float, ptr %487, i64 %k90
+  %518 = load float, ptr %517, align 4
+  %519 = insertelement <8 x float> poison, float %518, i32 0
+  %520 = shufflevector <8 x float> %519, <8 x float> poison, <8 x i32> zeroinitializer
+  %521 = load <8 x float>, ptr %acc2082, align 4
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %b091, <8 x float> %521)
+  store <8 x float> %522, ptr %acc2082, align 4
+  %523 = load <8 x float>, ptr %acc2183, align 4
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %b192, <8 x float> %523)
+  store <8 x float> %524, ptr %acc2183, align 4
+  %525 = getelementptr inbounds float, ptr %493, i64 %k90
+  %526 = load float, ptr %525, align 4
+  %527 = insertelement <8 x float> poison, float %526, i32 0
+  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
+  %529 = load <8 x float>, ptr %acc3084, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %b091, <8 x float> %529)
+  store <8 x float> %530, ptr %acc3084, align 4
+  %531 = load <8 x float>, ptr %acc3185, align 4
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %b192, <8 x float> %531)
+  store <8 x float> %532, ptr %acc3185, align 4
+  %533 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end119:                                         ; preds = %k.head117
-  %494 = add nsw i64 %r0, 0
-  %495 = mul nsw i64 %494, 2048
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %col124 = mul nsw i64 %p, 8
-  %497 = load <8 x float>, ptr %acc00105, align 4
-  %498 = load <8 x float>, ptr %acc01106, align 4
-  %499 = fneg <8 x float> %497
-  %500 = fcmp olt <8 x float> %499, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %501 = select <8 x i1> %500, <8 x float> %499, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %502 = fcmp ogt <8 x float> %501, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %503 = select <8 x i1> %502, <8 x float> %501, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n125 = call <8 x float> @llvm.floor.v8f32(<8 x float> %504)
-  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n125, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %503)
-  %exp.r126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n125, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %505)
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r126, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %exp.r126, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %exp.r126, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %exp.r126, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %exp.r126, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %511 = fmul <8 x float> %exp.r126, %exp.r126
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %511, <8 x float> %exp.r126)
-  %513 = fadd <8 x float> %512, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %514 = fptosi <8 x float> %exp.n125 to <8 x i32>
-  %515 = add <8 x i32> %514, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %516 = shl <8 x i32> %515, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n127 = bitcast <8 x i32> %516 to <8 x float>
-  %exp128 = fmul <8 x float> %513, %exp.2n127
-  %517 = fadd <8 x float> %exp128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid129 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %517
-  %silu130 = fmul <8 x float> %497, %sigmoid129
-  %glu131 = fmul <8 x float> %silu130, %498
-  %518 = getelementptr inbounds float, ptr %496, i64 %col124
-  store <8 x float> %glu131, ptr %518, align 4
-  %519 = add nsw i64 %r0, 1
-  %520 = mul nsw i64 %519, 2048
-  %521 = getelementptr inbounds float, ptr %h, i64 %520
-  %col132 = mul nsw i64 %p, 8
-  %522 = load <8 x float>, ptr %acc10108, align 4
-  %523 = load <8 x float>, ptr %acc11109, align 4
-  %524 = fneg <8 x float> %522
-  %525 = fcmp olt <8 x float> %524, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %526 = select <8 x i1> %525, <8 x float> %524, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %527 = fcmp ogt <8 x float> %526, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %528 = select <8 x i1> %527, <8 x float> %526, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %529)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %528)
-  %exp.r134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %530)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r134, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %exp.r134, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %exp.r134, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %exp.r134, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %exp.r134, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %536 = fmul <8 x float> %exp.r134, %exp.r134
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %536, <8 x float> %exp.r134)
-  %538 = fadd <8 x float> %537, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %539 = fptosi <8 x float> %exp.n133 to <8 x i32>
-  %540 = add <8 x i32> %539, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %541 = shl <8 x i32> %540, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n135 = bitcast <8 x i32> %541 to <8 x float>
-  %exp136 = fmul <8 x float> %538, %exp.2n135
-  %542 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %542
-  %silu138 = fmul <8 x float> %522, %sigmoid137
-  %glu139 = fmul <8 x float> %silu138, %523
-  %543 = getelementptr inbounds float, ptr %521, i64 %col132
-  store <8 x float> %glu139, ptr %543, align 4
-  %544 = add nsw i64 %r0, 2
-  %545 = mul nsw i64 %544, 2048
-  %546 = getelementptr inbounds float, ptr %h, i64 %545
-  %col140 = mul nsw i64 %p, 8
-  %547 = load <8 x float>, ptr %acc20111, align 4
-  %548 = load <8 x float>, ptr %acc21112, align 4
-  %549 = fneg <8 x float> %547
-  %550 = fcmp olt <8 x float> %549, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %551 = select <8 x i1> %550, <8 x float> %549, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %552 = fcmp ogt <8 x float> %551, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %553 = select <8 x i1> %552, <8 x float> %551, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n141 = call <8 x float> @llvm.floor.v8f32(<8 x float> %554)
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n141, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %553)
-  %exp.r142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n141, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %555)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r142, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %exp.r142, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %exp.r142, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %exp.r142, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %exp.r142, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %561 = fmul <8 x float> %exp.r142, %exp.r142
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %561, <8 x float> %exp.r142)
-  %563 = fadd <8 x float> %562, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %564 = fptosi <8 x float> %exp.n141 to <8 x i32>
-  %565 = add <8 x i32> %564, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %566 = shl <8 x i32> %565, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %566 to <8 x float>
-  %exp144 = fmul <8 x float> %563, %exp.2n143
-  %567 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %567
-  %silu146 = fmul <8 x float> %547, %sigmoid145
-  %glu147 = fmul <8 x float> %silu146, %548
-  %568 = getelementptr inbounds float, ptr %546, i64 %col140
-  store <8 x float> %glu147, ptr %568, align 4
-  %569 = add nsw i64 %r0, 3
-  %570 = mul nsw i64 %569, 2048
-  %571 = getelementptr inbounds float, ptr %h, i64 %570
-  %col148 = mul nsw i64 %p, 8
-  %572 = load <8 x float>, ptr %acc30114, align 4
-  %573 = load <8 x float>, ptr %acc31115, align 4
-  %574 = fneg <8 x float> %572
-  %575 = fcmp olt <8 x float> %574, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %576 = select <8 x i1> %575, <8 x float> %574, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %577 = fcmp ogt <8 x float> %576, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %578 = select <8 x i1> %577, <8 x float> %576, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n149 = call <8 x float> @llvm.floor.v8f32(<8 x float> %579)
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n149, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %578)
-  %exp.r150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n149, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %580)
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r150, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %581, <8 x float> %exp.r150, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %exp.r150, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %exp.r150, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %exp.r150, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %586 = fmul <8 x float> %exp.r150, %exp.r150
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %586, <8 x float> %exp.r150)
-  %588 = fadd <8 x float> %587, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %589 = fptosi <8 x float> %exp.n149 to <8 x i32>
-  %590 = add <8 x i32> %589, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %591 = shl <8 x i32> %590, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n151 = bitcast <8 x i32> %591 to <8 x float>
-  %exp152 = fmul <8 x float> %588, %exp.2n151
-  %592 = fadd <8 x float> %exp152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid153 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %592
-  %silu154 = fmul <8 x float> %572, %sigmoid153
-  %glu155 = fmul <8 x float> %silu154, %573
-  %593 = getelementptr inbounds float, ptr %571, i64 %col148
-  store <8 x float> %glu155, ptr %593, align 4
+k.end89:                                          ; preds = %k.head87
+  %534 = add nsw i64 %r0, 0
+  %535 = mul nsw i64 %534, 2048
+  %536 = getelementptr inbounds float, ptr %h, i64 %535
+  %col93 = mul nsw i64 %p, 8
+  %537 = load <8 x float>, ptr %acc0078, align 4
+  %538 = load <8 x float>, ptr %acc0179, align 4
+  %539 = fneg <8 x float> %537
+  %540 = fcmp olt <8 x float> %539, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %542 = fcmp ogt <8 x float> %541, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %543 = select <8 x i1> %542, <8 x float> %541, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %545 = call <8 x float> @llvm.floor.v8f32(<8 x float> %544)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %543)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %546)
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %547, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %547, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %547, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %547, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %553 = fmul <8 x float> %547, %547
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %553, <8 x float> %547)
+  %555 = fadd <8 x float> %554, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %556 = fptosi <8 x float> %545 to <8 x i32>
+  %557 = add <8 x i32> %556, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %558 = shl <8 x i32> %557, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %558 to <8 x float>
+  %exp95 = fmul <8 x float> %555, %exp.2n94
+  %559 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %559
+  %silu97 = fmul <8 x float> %537, %sigmoid96
+  %glu98 = fmul <8 x float> %silu97, %538
+  %560 = getelementptr inbounds float, ptr %536, i64 %col93
+  store <8 x float> %glu98, ptr %560, align 4
+  %561 = add nsw i64 %r0, 1
+  %562 = mul nsw i64 %561, 2048
+  %563 = getelementptr inbounds float, ptr %h, i64 %562
+  %col99 = mul nsw i64 %p, 8
+  %564 = load <8 x float>, ptr %acc1080, align 4
+  %565 = load <8 x float>, ptr %acc1181, align 4
+  %566 = fneg <8 x float> %564
+  %567 = fcmp olt <8 x float> %566, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %568 = select <8 x i1> %567, <8 x float> %566, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %569 = fcmp ogt <8 x float> %568, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %570 = select <8 x i1> %569, <8 x float> %568, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %572 = call <8 x float> @llvm.floor.v8f32(<8 x float> %571)
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %570)
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %573)
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %574, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %574, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %574, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %574, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %574, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %580 = fmul <8 x float> %574, %574
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %580, <8 x float> %574)
+  %582 = fadd <8 x float> %581, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %583 = fptosi <8 x float> %572 to <8 x i32>
+  %584 = add <8 x i32> %583, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %585 = shl <8 x i32> %584, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %585 to <8 x float>
+  %exp101 = fmul <8 x float> %582, %exp.2n100
+  %586 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %586
+  %silu103 = fmul <8 x float> %564, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %565
+  %587 = getelementptr inbounds float, ptr %563, i64 %col99
+  store <8 x float> %glu104, ptr %587, align 4
+  %588 = add nsw i64 %r0, 2
+  %589 = mul nsw i64 %588, 2048
+  %590 = getelementptr inbounds float, ptr %h, i64 %589
+  %col105 = mul nsw i64 %p, 8
+  %591 = load <8 x float>, ptr %acc2082, align 4
+  %592 = load <8 x float>, ptr %acc2183, align 4
+  %593 = fneg <8 x float> %591
+  %594 = fcmp olt <8 x float> %593, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %595 = select <8 x i1> %594, <8 x float> %593, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %596 = fcmp ogt <8 x float> %595, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %597 = select <8 x i1> %596, <8 x float> %595, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %599 = call <8 x float> @llvm.floor.v8f32(<8 x float> %598)
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %597)
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %600)
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %601, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %601, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %601, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %601, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %601, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %607 = fmul <8 x float> %601, %601
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %607, <8 x float> %601)
+  %609 = fadd <8 x float> %608, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %610 = fptosi <8 x float> %599 to <8 x i32>
+  %611 = add <8 x i32> %610, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %612 = shl <8 x i32> %611, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n106 = bitcast <8 x i32> %612 to <8 x float>
+  %exp107 = fmul <8 x float> %609, %exp.2n106
+  %613 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %613
+  %silu109 = fmul <8 x float> %591, %sigmoid108
+  %glu110 = fmul <8 x float> %silu109, %592
+  %614 = getelementptr inbounds float, ptr %590, i64 %col105
+  store <8 x float> %glu110, ptr %614, align 4
+  %615 = add nsw i64 %r0, 3
+  %616 = mul nsw i64 %615, 2048
+  %617 = getelementptr inbounds float, ptr %h, i64 %616
+  %col111 = mul nsw i64 %p, 8
+  %618 = load <8 x float>, ptr %acc3084, align 4
+  %619 = load <8 x float>, ptr %acc3185, align 4
+  %620 = fneg <8 x float> %618
+  %621 = fcmp olt <8 x float> %620, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %623 = fcmp ogt <8 x float> %622, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %624 = select <8 x i1> %623, <8 x float> %622, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %626 = call <8 x float> @llvm.floor.v8f32(<8 x float> %625)
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %624)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %627)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %628, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %628, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %628, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %628, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %628, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %634 = fmul <8 x float> %628, %628
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %634, <8 x float> %628)
+  %636 = fadd <8 x float> %635, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %637 = fptosi <8 x float> %626 to <8 x i32>
+  %638 = add <8 x i32> %637, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %639 = shl <8 x i32> %638, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n112 = bitcast <8 x i32> %639 to <8 x float>
+  %exp113 = fmul <8 x float> %636, %exp.2n112
+  %640 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %640
+  %silu115 = fmul <8 x float> %618, %sigmoid114
+  %glu116 = fmul <8 x float> %silu115, %619
+  %641 = getelementptr inbounds float, ptr %617, i64 %col111
+  store <8 x float> %glu116, ptr %641, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %594 = add nsw i64 %r0, 0
-  %595 = getelementptr inbounds i32, ptr %rows, i64 %594
-  %596 = load i32, ptr %595, align 4
-  %597 = sext i32 %596 to i64
-  %598 = mul nsw i64 %597, 7168
-  %a0156 = getelementptr inbounds float, ptr %x, i64 %598
-  store <8 x float> zeroinitializer, ptr %acc00157, align 4
-  store <8 x float> zeroinitializer, ptr %acc01158, align 4
-  %599 = add nsw i64 %r0, 1
-  %600 = getelementptr inbounds i32, ptr %rows, i64 %599
-  %601 = load i32, ptr %600, align 4
-  %602 = sext i32 %601 to i64
-  %603 = mul nsw i64 %602, 7168
-  %a1159 = getelementptr inbounds float, ptr %x, i64 %603
-  store <8 x float> zeroinitializer, ptr %acc10160, align 4
-  store <8 x float> zeroinitializer, ptr %acc11161, align 4
-  %604 = add nsw i64 %r0, 2
-  %605 = getelementptr inbounds i32, ptr %rows, i64 %604
-  %606 = load i32, ptr %605, align 4
-  %607 = sext i32 %606 to i64
-  %608 = mul nsw i64 %607, 7168
-  %a2162 = getelementptr inbounds float, ptr %x, i64 %608
-  store <8 x float> zeroinitializer, ptr %acc20163, align 4
-  store <8 x float> zeroinitializer, ptr %acc21164, align 4
-  %panel.off165 = mul nsw i64 %p, 114688
-  br label %k.head166
+  %642 = add nsw i64 %r0, 0
+  %643 = getelementptr inbounds i32, ptr %rows, i64 %642
+  %644 = load i32, ptr %643, align 4
+  %645 = sext i32 %644 to i64
+  %646 = mul nsw i64 %645, 7168
+  %647 = getelementptr inbounds float, ptr %x, i64 %646
+  store <8 x float> zeroinitializer, ptr %acc00117, align 4
+  store <8 x float> zeroinitializer, ptr %acc01118, align 4
+  %648 = add nsw i64 %r0, 1
+  %649 = getelementptr inbounds i32, ptr %rows, i64 %648
+  %650 = load i32, ptr %649, align 4
+  %651 = sext i32 %650 to i64
+  %652 = mul nsw i64 %651, 7168
+  %653 = getelementptr inbounds float, ptr %x, i64 %652
+  store <8 x float> zeroinitializer, ptr %acc10119, align 4
+  store <8 x float> zeroinitializer, ptr %acc11120, align 4
+  %654 = add nsw i64 %r0, 2
+  %655 = getelementptr inbounds i32, ptr %rows, i64 %654
+  %656 = load i32, ptr %655, align 4
+  %657 = sext i32 %656 to i64
+  %658 = mul nsw i64 %657, 7168
+  %659 = getelementptr inbounds float, ptr %x, i64 %658
+  store <8 x float> zeroinitializer, ptr %acc20121, align 4
+  store <8 x float> zeroinitializer, ptr %acc21122, align 4
+  %panel.off123 = mul nsw i64 %p, 114688
+  br label %k.head124
 
-k.head166:                                        ; preds = %k.body167, %tile.mr3
-  %k169 = phi i64 [ 0, %tile.mr3 ], [ %639, %k.body167 ]
-  %609 = icmp slt i64 %k169, 7168
-  br i1 %609, label %k.body167, label %k.end168
+k.head124:                                        ; preds = %k.body125, %tile.mr3
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %691, %k.body125 ]
+  %660 = icmp slt i64 %k127, 7168
+  br i1 %660, label %k.body125, label %k.end126
 
-k.body167:                                        ; preds = %k.head166
-  %610 = mul nsw i64 %k169, 16
-  %611 = add nsw i64 %panel.off165, %610
-  %612 = getelementptr inbounds i16, ptr %panels, i64 %611
-  %bw170 = load <8 x i32>, ptr %612, align 4
-  %613 = shl <8 x i32> %bw170, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0171 = bitcast <8 x i32> %613 to <8 x float>
-  %614 = and <8 x i32> %bw170, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1172 = bitcast <8 x i32> %614 to <8 x float>
-  %615 = getelementptr inbounds float, ptr %a0156, i64 %k169
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc00157, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b0171, <8 x float> %619)
-  store <8 x float> %620, ptr %acc00157, align 4
-  %621 = load <8 x float>, ptr %acc01158, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b1172, <8 x float> %621)
-  store <8 x float> %622, ptr %acc01158, align 4
-  %623 = getelementptr inbounds float, ptr %a1159, i64 %k169
-  %624 = load float, ptr %623, align 4
-  %625 = insertelement <8 x float> poison, float %624, i32 0
-  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = load <8 x float>, ptr %acc10160, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b0171, <8 x float> %627)
-  store <8 x float> %628, ptr %acc10160, align 4
-  %629 = load <8 x float>, ptr %acc11161, align 4
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b1172, <8 x float> %629)
-  store <8 x float> %630, ptr %acc11161, align 4
-  %631 = getelementptr inbounds float, ptr %a2162, i64 %k169
-  %632 = load float, ptr %631, align 4
-  %633 = insertelement <8 x float> poison, float %632, i32 0
-  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
-  %635 = load <8 x float>, ptr %acc20163, align 4
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b0171, <8 x float> %635)
-  store <8 x float> %636, ptr %acc20163, align 4
-  %637 = load <8 x float>, ptr %acc21164, align 4
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b1172, <8 x float> %637)
-  store <8 x float> %638, ptr %acc21164, align 4
-  %639 = add nsw i64 %k169, 1
-  br label %k.head166
+k.body125:                                        ; preds = %k.head124
+  %661 = mul nsw i64 %k127, 16
+  %662 = add nsw i64 %panel.off123, %661
+  %663 = getelementptr inbounds i16, ptr %panels, i64 %662
+  %664 = load <8 x i32>, ptr %663, align 4
+  %665 = shl <8 x i32> %664, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0128 = bitcast <8 x i32> %665 to <8 x float>
+  %666 = and <8 x i32> %664, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1129 = bitcast <8 x i32> %666 to <8 x float>
+  %667 = getelementptr inbounds float, ptr %647, i64 %k127
+  %668 = load float, ptr %667, align 4
+  %669 = insertelement <8 x float> poison, float %668, i32 0
+  %670 = shufflevector <8 x float> %669, <8 x float> poison, <8 x i32> zeroinitializer
+  %671 = load <8 x float>, ptr %acc00117, align 4
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %b0128, <8 x float> %671)
+  store <8 x float> %672, ptr %acc00117, align 4
+  %673 = load <8 x float>, ptr %acc01118, align 4
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %b1129, <8 x float> %673)
+  store <8 x float> %674, ptr %acc01118, align 4
+  %675 = getelementptr inbounds float, ptr %653, i64 %k127
+  %676 = load float, ptr %675, align 4
+  %677 = insertelement <8 x float> poison, float %676, i32 0
+  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
+  %679 = load <8 x float>, ptr %acc10119, align 4
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b0128, <8 x float> %679)
+  store <8 x float> %680, ptr %acc10119, align 4
+  %681 = load <8 x float>, ptr %acc11120, align 4
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b1129, <8 x float> %681)
+  store <8 x float> %682, ptr %acc11120, align 4
+  %683 = getelementptr inbounds float, ptr %659, i64 %k127
+  %684 = load float, ptr %683, align 4
+  %685 = insertelement <8 x float> poison, float %684, i32 0
+  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
+  %687 = load <8 x float>, ptr %acc20121, align 4
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b0128, <8 x float> %687)
+  store <8 x float> %688, ptr %acc20121, align 4
+  %689 = load <8 x float>, ptr %acc21122, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b1129, <8 x float> %689)
+  store <8 x float> %690, ptr %acc21122, align 4
+  %691 = add nsw i64 %k127, 1
+  br label %k.head124
 
-k.end168:                                         ; preds = %k.head166
-  %640 = add nsw i64 %r0, 0
-  %641 = mul nsw i64 %640, 2048
-  %642 = getelementptr inbounds float, ptr %h, i64 %641
-  %col173 = mul nsw i64 %p, 8
-  %643 = load <8 x float>, ptr %acc00157, align 4
-  %644 = load <8 x float>, ptr %acc01158, align 4
-  %645 = fneg <8 x float> %643
-  %646 = fcmp olt <8 x float> %645, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %648 = fcmp ogt <8 x float> %647, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %649 = select <8 x i1> %648, <8 x float> %647, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n174 = call <8 x float> @llvm.floor.v8f32(<8 x float> %650)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n174, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %649)
-  %exp.r175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n174, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %651)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r175, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %exp.r175, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %exp.r175, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %exp.r175, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %exp.r175, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %657 = fmul <8 x float> %exp.r175, %exp.r175
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %657, <8 x float> %exp.r175)
-  %659 = fadd <8 x float> %658, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %660 = fptosi <8 x float> %exp.n174 to <8 x i32>
-  %661 = add <8 x i32> %660, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %662 = shl <8 x i32> %661, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n176 = bitcast <8 x i32> %662 to <8 x float>
-  %exp177 = fmul <8 x float> %659, %exp.2n176
-  %663 = fadd <8 x float> %exp177, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid178 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %663
-  %silu179 = fmul <8 x float> %643, %sigmoid178
-  %glu180 = fmul <8 x float> %silu179, %644
-  %664 = getelementptr inbounds float, ptr %642, i64 %col173
-  store <8 x float> %glu180, ptr %664, align 4
-  %665 = add nsw i64 %r0, 1
-  %666 = mul nsw i64 %665, 2048
-  %667 = getelementptr inbounds float, ptr %h, i64 %666
-  %col181 = mul nsw i64 %p, 8
-  %668 = load <8 x float>, ptr %acc10160, align 4
-  %669 = load <8 x float>, ptr %acc11161, align 4
-  %670 = fneg <8 x float> %668
-  %671 = fcmp olt <8 x float> %670, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %672 = select <8 x i1> %671, <8 x float> %670, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %673 = fcmp ogt <8 x float> %672, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %674 = select <8 x i1> %673, <8 x float> %672, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n182 = call <8 x float> @llvm.floor.v8f32(<8 x float> %675)
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n182, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %674)
-  %exp.r183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n182, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %676)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %exp.r183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %exp.r183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %exp.r183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %exp.r183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %682 = fmul <8 x float> %exp.r183, %exp.r183
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %682, <8 x float> %exp.r183)
-  %684 = fadd <8 x float> %683, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %685 = fptosi <8 x float> %exp.n182 to <8 x i32>
-  %686 = add <8 x i32> %685, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %687 = shl <8 x i32> %686, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n184 = bitcast <8 x i32> %687 to <8 x float>
-  %exp185 = fmul <8 x float> %684, %exp.2n184
-  %688 = fadd <8 x float> %exp185, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid186 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %688
-  %silu187 = fmul <8 x float> %668, %sigmoid186
-  %glu188 = fmul <8 x float> %silu187, %669
-  %689 = getelementptr inbounds float, ptr %667, i64 %col181
-  store <8 x float> %glu188, ptr %689, align 4
-  %690 = add nsw i64 %r0, 2
-  %691 = mul nsw i64 %690, 2048
-  %692 = getelementptr inbounds float, ptr %h, i64 %691
-  %col189 = mul nsw i64 %p, 8
-  %693 = load <8 x float>, ptr %acc20163, align 4
-  %694 = load <8 x float>, ptr %acc21164, align 4
-  %695 = fneg <8 x float> %693
-  %696 = fcmp olt <8 x float> %695, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %697 = select <8 x i1> %696, <8 x float> %695, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %698 = fcmp ogt <8 x float> %697, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n190 = call <8 x float> @llvm.floor.v8f32(<8 x float> %700)
-  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n190, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %699)
-  %exp.r191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n190, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %701)
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r191, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %exp.r191, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %exp.r191, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %exp.r191, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %exp.r191, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %707 = fmul <8 x float> %exp.r191, %exp.r191
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %707, <8 x float> %exp.r191)
-  %709 = fadd <8 x float> %708, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %710 = fptosi <8 x float> %exp.n190 to <8 x i32>
-  %711 = add <8 x i32> %710, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %712 = shl <8 x i32> %711, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n192 = bitcast <8 x i32> %712 to <8 x float>
-  %exp193 = fmul <8 x float> %709, %exp.2n192
-  %713 = fadd <8 x float> %exp193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid194 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %713
-  %silu195 = fmul <8 x float> %693, %sigmoid194
-  %glu196 = fmul <8 x float> %silu195, %694
-  %714 = getelementptr inbounds float, ptr %692, i64 %col189
-  store <8 x float> %glu196, ptr %714, align 4
+k.end126:                                         ; preds = %k.head124
+  %692 = add nsw i64 %r0, 0
+  %693 = mul nsw i64 %692, 2048
+  %694 = getelementptr inbounds float, ptr %h, i64 %693
+  %col130 = mul nsw i64 %p, 8
+  %695 = load <8 x float>, ptr %acc00117, align 4
+  %696 = load <8 x float>, ptr %acc01118, align 4
+  %697 = fneg <8 x float> %695
+  %698 = fcmp olt <8 x float> %697, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %700 = fcmp ogt <8 x float> %699, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %701 = select <8 x i1> %700, <8 x float> %699, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %703 = call <8 x float> @llvm.floor.v8f32(<8 x float> %702)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %701)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %704)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %705, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %705, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %705, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %705, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %705, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %711 = fmul <8 x float> %705, %705
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %711, <8 x float> %705)
+  %713 = fadd <8 x float> %712, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %714 = fptosi <8 x float> %703 to <8 x i32>
+  %715 = add <8 x i32> %714, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %716 = shl <8 x i32> %715, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %716 to <8 x float>
+  %exp132 = fmul <8 x float> %713, %exp.2n131
+  %717 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %717
+  %silu134 = fmul <8 x float> %695, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %696
+  %718 = getelementptr inbounds float, ptr %694, i64 %col130
+  store <8 x float> %glu135, ptr %718, align 4
+  %719 = add nsw i64 %r0, 1
+  %720 = mul nsw i64 %719, 2048
+  %721 = getelementptr inbounds float, ptr %h, i64 %720
+  %col136 = mul nsw i64 %p, 8
+  %722 = load <8 x float>, ptr %acc10119, align 4
+  %723 = load <8 x float>, ptr %acc11120, align 4
+  %724 = fneg <8 x float> %722
+  %725 = fcmp olt <8 x float> %724, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %726 = select <8 x i1> %725, <8 x float> %724, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %727 = fcmp ogt <8 x float> %726, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %728 = select <8 x i1> %727, <8 x float> %726, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %730 = call <8 x float> @llvm.floor.v8f32(<8 x float> %729)
+  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %728)
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %731)
+  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %732, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> %732, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %732, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %732, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %732, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %738 = fmul <8 x float> %732, %732
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %738, <8 x float> %732)
+  %740 = fadd <8 x float> %739, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %741 = fptosi <8 x float> %730 to <8 x i32>
+  %742 = add <8 x i32> %741, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %743 = shl <8 x i32> %742, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %743 to <8 x float>
+  %exp138 = fmul <8 x float> %740, %exp.2n137
+  %744 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %744
+  %silu140 = fmul <8 x float> %722, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %723
+  %745 = getelementptr inbounds float, ptr %721, i64 %col136
+  store <8 x float> %glu141, ptr %745, align 4
+  %746 = add nsw i64 %r0, 2
+  %747 = mul nsw i64 %746, 2048
+  %748 = getelementptr inbounds float, ptr %h, i64 %747
+  %col142 = mul nsw i64 %p, 8
+  %749 = load <8 x float>, ptr %acc20121, align 4
+  %750 = load <8 x float>, ptr %acc21122, align 4
+  %751 = fneg <8 x float> %749
+  %752 = fcmp olt <8 x float> %751, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %753 = select <8 x i1> %752, <8 x float> %751, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %754 = fcmp ogt <8 x float> %753, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %755 = select <8 x i1> %754, <8 x float> %753, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %757 = call <8 x float> @llvm.floor.v8f32(<8 x float> %756)
+  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %755)
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %758)
+  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %759, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %759, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %759, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> %759, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %759, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %765 = fmul <8 x float> %759, %759
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %765, <8 x float> %759)
+  %767 = fadd <8 x float> %766, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %768 = fptosi <8 x float> %757 to <8 x i32>
+  %769 = add <8 x i32> %768, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %770 = shl <8 x i32> %769, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %770 to <8 x float>
+  %exp144 = fmul <8 x float> %767, %exp.2n143
+  %771 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %771
+  %silu146 = fmul <8 x float> %749, %sigmoid145
+  %glu147 = fmul <8 x float> %silu146, %750
+  %772 = getelementptr inbounds float, ptr %748, i64 %col142
+  store <8 x float> %glu147, ptr %772, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %715 = add nsw i64 %r0, 0
-  %716 = getelementptr inbounds i32, ptr %rows, i64 %715
-  %717 = load i32, ptr %716, align 4
-  %718 = sext i32 %717 to i64
-  %719 = mul nsw i64 %718, 7168
-  %a0197 = getelementptr inbounds float, ptr %x, i64 %719
-  store <8 x float> zeroinitializer, ptr %acc00198, align 4
-  store <8 x float> zeroinitializer, ptr %acc01199, align 4
-  %720 = add nsw i64 %r0, 1
-  %721 = getelementptr inbounds i32, ptr %rows, i64 %720
-  %722 = load i32, ptr %721, align 4
-  %723 = sext i32 %722 to i64
-  %724 = mul nsw i64 %723, 7168
-  %a1200 = getelementptr inbounds float, ptr %x, i64 %724
-  store <8 x float> zeroinitializer, ptr %acc10201, align 4
-  store <8 x float> zeroinitializer, ptr %acc11202, align 4
-  %panel.off203 = mul nsw i64 %p, 114688
-  br label %k.head204
+  %773 = add nsw i64 %r0, 0
+  %774 = getelementptr inbounds i32, ptr %rows, i64 %773
+  %775 = load i32, ptr %774, align 4
+  %776 = sext i32 %775 to i64
+  %777 = mul nsw i64 %776, 7168
+  %778 = getelementptr inbounds float, ptr %x, i64 %777
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  store <8 x float> zeroinitializer, ptr %acc01149, align 4
+  %779 = add nsw i64 %r0, 1
+  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
+  %781 = load i32, ptr %780, align 4
+  %782 = sext i32 %781 to i64
+  %783 = mul nsw i64 %782, 7168
+  %784 = getelementptr inbounds float, ptr %x, i64 %783
+  store <8 x float> zeroinitializer, ptr %acc10150, align 4
+  store <8 x float> zeroinitializer, ptr %acc11151, align 4
+  %panel.off152 = mul nsw i64 %p, 114688
+  br label %k.head153
 
-k.head204:                                        ; preds = %k.body205, %tile.mr2
-  %k207 = phi i64 [ 0, %tile.mr2 ], [ %747, %k.body205 ]
-  %725 = icmp slt i64 %k207, 7168
-  br i1 %725, label %k.body205, label %k.end206
+k.head153:                                        ; preds = %k.body154, %tile.mr2
+  %k156 = phi i64 [ 0, %tile.mr2 ], [ %808, %k.body154 ]
+  %785 = icmp slt i64 %k156, 7168
+  br i1 %785, label %k.body154, label %k.end155
 
-k.body205:                                        ; preds = %k.head204
-  %726 = mul nsw i64 %k207, 16
-  %727 = add nsw i64 %panel.off203, %726
-  %728 = getelementptr inbounds i16, ptr %panels, i64 %727
-  %bw208 = load <8 x i32>, ptr %728, align 4
-  %729 = shl <8 x i32> %bw208, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0209 = bitcast <8 x i32> %729 to <8 x float>
-  %730 = and <8 x i32> %bw208, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1210 = bitcast <8 x i32> %730 to <8 x float>
-  %731 = getelementptr inbounds float, ptr %a0197, i64 %k207
-  %732 = load float, ptr %731, align 4
-  %733 = insertelement <8 x float> poison, float %732, i32 0
-  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
-  %735 = load <8 x float>, ptr %acc00198, align 4
-  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %b0209, <8 x float> %735)
-  store <8 x float> %736, ptr %acc00198, align 4
-  %737 = load <8 x float>, ptr %acc01199, align 4
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %b1210, <8 x float> %737)
-  store <8 x float> %738, ptr %acc01199, align 4
-  %739 = getelementptr inbounds float, ptr %a1200, i64 %k207
-  %740 = load float, ptr %739, align 4
-  %741 = insertelement <8 x float> poison, float %740, i32 0
-  %742 = shufflevector <8 x float> %741, <8 x float> poison, <8 x i32> zeroinitializer
-  %743 = load <8 x float>, ptr %acc10201, align 4
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %b0209, <8 x float> %743)
-  store <8 x float> %744, ptr %acc10201, align 4
-  %745 = load <8 x float>, ptr %acc11202, align 4
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %b1210, <8 x float> %745)
-  store <8 x float> %746, ptr %acc11202, align 4
-  %747 = add nsw i64 %k207, 1
-  br label %k.head204
+k.body154:                                        ; preds = %k.head153
+  %786 = mul nsw i64 %k156, 16
+  %787 = add nsw i64 %panel.off152, %786
+  %788 = getelementptr inbounds i16, ptr %panels, i64 %787
+  %789 = load <8 x i32>, ptr %788, align 4
+  %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0157 = bitcast <8 x i32> %790 to <8 x float>
+  %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1158 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = getelementptr inbounds float, ptr %778, i64 %k156
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = load <8 x float>, ptr %acc00148, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0157, <8 x float> %796)
+  store <8 x float> %797, ptr %acc00148, align 4
+  %798 = load <8 x float>, ptr %acc01149, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1158, <8 x float> %798)
+  store <8 x float> %799, ptr %acc01149, align 4
+  %800 = getelementptr inbounds float, ptr %784, i64 %k156
+  %801 = load float, ptr %800, align 4
+  %802 = insertelement <8 x float> poison, float %801, i32 0
+  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
+  %804 = load <8 x float>, ptr %acc10150, align 4
+  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0157, <8 x float> %804)
+  store <8 x float> %805, ptr %acc10150, align 4
+  %806 = load <8 x float>, ptr %acc11151, align 4
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1158, <8 x float> %806)
+  store <8 x float> %807, ptr %acc11151, align 4
+  %808 = add nsw i64 %k156, 1
+  br label %k.head153
 
-k.end206:                                         ; preds = %k.head204
-  %748 = add nsw i64 %r0, 0
-  %749 = mul nsw i64 %748, 2048
-  %750 = getelementptr inbounds float, ptr %h, i64 %749
-  %col211 = mul nsw i64 %p, 8
-  %751 = load <8 x float>, ptr %acc00198, align 4
-  %752 = load <8 x float>, ptr %acc01199, align 4
-  %753 = fneg <8 x float> %751
-  %754 = fcmp olt <8 x float> %753, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %755 = select <8 x i1> %754, <8 x float> %753, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %756 = fcmp ogt <8 x float> %755, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %757 = select <8 x i1> %756, <8 x float> %755, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n212 = call <8 x float> @llvm.floor.v8f32(<8 x float> %758)
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n212, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %757)
-  %exp.r213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n212, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %759)
-  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r213, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %exp.r213, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %exp.r213, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> %exp.r213, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %exp.r213, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %765 = fmul <8 x float> %exp.r213, %exp.r213
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %765, <8 x float> %exp.r213)
-  %767 = fadd <8 x float> %766, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %768 = fptosi <8 x float> %exp.n212 to <8 x i32>
-  %769 = add <8 x i32> %768, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %770 = shl <8 x i32> %769, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n214 = bitcast <8 x i32> %770 to <8 x float>
-  %exp215 = fmul <8 x float> %767, %exp.2n214
-  %771 = fadd <8 x float> %exp215, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid216 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %771
-  %silu217 = fmul <8 x float> %751, %sigmoid216
-  %glu218 = fmul <8 x float> %silu217, %752
-  %772 = getelementptr inbounds float, ptr %750, i64 %col211
-  store <8 x float> %glu218, ptr %772, align 4
-  %773 = add nsw i64 %r0, 1
-  %774 = mul nsw i64 %773, 2048
-  %775 = getelementptr inbounds float, ptr %h, i64 %774
-  %col219 = mul nsw i64 %p, 8
-  %776 = load <8 x float>, ptr %acc10201, align 4
-  %777 = load <8 x float>, ptr %acc11202, align 4
-  %778 = fneg <8 x float> %776
-  %779 = fcmp olt <8 x float> %778, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %781 = fcmp ogt <8 x float> %780, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %782 = select <8 x i1> %781, <8 x float> %780, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n220 = call <8 x float> @llvm.floor.v8f32(<8 x float> %783)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n220, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %782)
-  %exp.r221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n220, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %784)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r221, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %exp.r221, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %exp.r221, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %exp.r221, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %exp.r221, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %790 = fmul <8 x float> %exp.r221, %exp.r221
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %exp.r221)
-  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %793 = fptosi <8 x float> %exp.n220 to <8 x i32>
-  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n222 = bitcast <8 x i32> %795 to <8 x float>
-  %exp223 = fmul <8 x float> %792, %exp.2n222
-  %796 = fadd <8 x float> %exp223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid224 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
-  %silu225 = fmul <8 x float> %776, %sigmoid224
-  %glu226 = fmul <8 x float> %silu225, %777
-  %797 = getelementptr inbounds float, ptr %775, i64 %col219
-  store <8 x float> %glu226, ptr %797, align 4
+k.end155:                                         ; preds = %k.head153
+  %809 = add nsw i64 %r0, 0
+  %810 = mul nsw i64 %809, 2048
+  %811 = getelementptr inbounds float, ptr %h, i64 %810
+  %col159 = mul nsw i64 %p, 8
+  %812 = load <8 x float>, ptr %acc00148, align 4
+  %813 = load <8 x float>, ptr %acc01149, align 4
+  %814 = fneg <8 x float> %812
+  %815 = fcmp olt <8 x float> %814, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %816 = select <8 x i1> %815, <8 x float> %814, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %817 = fcmp ogt <8 x float> %816, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %818 = select <8 x i1> %817, <8 x float> %816, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %820 = call <8 x float> @llvm.floor.v8f32(<8 x float> %819)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %818)
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %821)
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %822, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %822, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %822, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %822, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %822, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %828 = fmul <8 x float> %822, %822
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %828, <8 x float> %822)
+  %830 = fadd <8 x float> %829, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %831 = fptosi <8 x float> %820 to <8 x i32>
+  %832 = add <8 x i32> %831, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %833 = shl <8 x i32> %832, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %833 to <8 x float>
+  %exp161 = fmul <8 x float> %830, %exp.2n160
+  %834 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %834
+  %silu163 = fmul <8 x float> %812, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %813
+  %835 = getelementptr inbounds float, ptr %811, i64 %col159
+  store <8 x float> %glu164, ptr %835, align 4
+  %836 = add nsw i64 %r0, 1
+  %837 = mul nsw i64 %836, 2048
+  %838 = getelementptr inbounds float, ptr %h, i64 %837
+  %col165 = mul nsw i64 %p, 8
+  %839 = load <8 x float>, ptr %acc10150, align 4
+  %840 = load <8 x float>, ptr %acc11151, align 4
+  %841 = fneg <8 x float> %839
+  %842 = fcmp olt <8 x float> %841, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %843 = select <8 x i1> %842, <8 x float> %841, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %844 = fcmp ogt <8 x float> %843, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %845 = select <8 x i1> %844, <8 x float> %843, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %847 = call <8 x float> @llvm.floor.v8f32(<8 x float> %846)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %845)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %848)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %849, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %849, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %849, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %849, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %849, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %855 = fmul <8 x float> %849, %849
+  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %855, <8 x float> %849)
+  %857 = fadd <8 x float> %856, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %858 = fptosi <8 x float> %847 to <8 x i32>
+  %859 = add <8 x i32> %858, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %860 = shl <8 x i32> %859, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %860 to <8 x float>
+  %exp167 = fmul <8 x float> %857, %exp.2n166
+  %861 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %861
+  %silu169 = fmul <8 x float> %839, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %840
+  %862 = getelementptr inbounds float, ptr %838, i64 %col165
+  store <8 x float> %glu170, ptr %862, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %798 = add nsw i64 %r0, 0
-  %799 = getelementptr inbounds i32, ptr %rows, i64 %798
-  %800 = load i32, ptr %799, align 4
-  %801 = sext i32 %800 to i64
-  %802 = mul nsw i64 %801, 7168
-  %a0227 = getelementptr inbounds float, ptr %x, i64 %802
-  store <8 x float> zeroinitializer, ptr %acc00228, align 4
-  store <8 x float> zeroinitializer, ptr %acc01229, align 4
-  %panel.off230 = mul nsw i64 %p, 114688
-  br label %k.head231
+  %863 = add nsw i64 %r0, 0
+  %864 = getelementptr inbounds i32, ptr %rows, i64 %863
+  %865 = load i32, ptr %864, align 4
+  %866 = sext i32 %865 to i64
+  %867 = mul nsw i64 %866, 7168
+  %868 = getelementptr inbounds float, ptr %x, i64 %867
+  store <8 x float> zeroinitializer, ptr %acc00171, align 4
+  store <8 x float> zeroinitializer, ptr %acc01172, align 4
+  %panel.off173 = mul nsw i64 %p, 114688
+  br label %k.head174
 
-k.head231:                                        ; preds = %k.body232, %tile.mr1
-  %k234 = phi i64 [ 0, %tile.mr1 ], [ %817, %k.body232 ]
-  %803 = icmp slt i64 %k234, 7168
-  br i1 %803, label %k.body232, label %k.end233
+k.head174:                                        ; preds = %k.body175, %tile.mr1
+  %k177 = phi i64 [ 0, %tile.mr1 ], [ %884, %k.body175 ]
+  %869 = icmp slt i64 %k177, 7168
+  br i1 %869, label %k.body175, label %k.end176
 
-k.body232:                                        ; preds = %k.head231
-  %804 = mul nsw i64 %k234, 16
-  %805 = add nsw i64 %panel.off230, %804
-  %806 = getelementptr inbounds i16, ptr %panels, i64 %805
-  %bw235 = load <8 x i32>, ptr %806, align 4
-  %807 = shl <8 x i32> %bw235, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0236 = bitcast <8 x i32> %807 to <8 x float>
-  %808 = and <8 x i32> %bw235, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1237 = bitcast <8 x i32> %808 to <8 x float>
-  %809 = getelementptr inbounds float, ptr %a0227, i64 %k234
-  %810 = load float, ptr %809, align 4
-  %811 = insertelement <8 x float> poison, float %810, i32 0
-  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
-  %813 = load <8 x float>, ptr %acc00228, align 4
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b0236, <8 x float> %813)
-  store <8 x float> %814, ptr %acc00228, align 4
-  %815 = load <8 x float>, ptr %acc01229, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b1237, <8 x float> %815)
-  store <8 x float> %816, ptr %acc01229, align 4
-  %817 = add nsw i64 %k234, 1
-  br label %k.head231
+k.body175:                                        ; preds = %k.head174
+  %870 = mul nsw i64 %k177, 16
+  %871 = add nsw i64 %panel.off173, %870
+  %872 = getelementptr inbounds i16, ptr %panels, i64 %871
+  %873 = load <8 x i32>, ptr %872, align 4
+  %874 = shl <8 x i32> %873, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %874 to <8 x float>
+  %875 = and <8 x i32> %873, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %875 to <8 x float>
+  %876 = getelementptr inbounds float, ptr %868, i64 %k177
+  %877 = load float, ptr %876, align 4
+  %878 = insertelement <8 x float> poison, float %877, i32 0
+  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
+  %880 = load <8 x float>, ptr %acc00171, align 4
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %b0178, <8 x float> %880)
+  store <8 x float> %881, ptr %acc00171, align 4
+  %882 = load <8 x float>, ptr %acc01172, align 4
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %b1179, <8 x float> %882)
+  store <8 x float> %883, ptr %acc01172, align 4
+  %884 = add nsw i64 %k177, 1
+  br label %k.head174
 
-k.end233:                                         ; preds = %k.head231
-  %818 = add nsw i64 %r0, 0
-  %819 = mul nsw i64 %818, 2048
-  %820 = getelementptr inbounds float, ptr %h, i64 %819
-  %col238 = mul nsw i64 %p, 8
-  %821 = load <8 x float>, ptr %acc00228, align 4
-  %822 = load <8 x float>, ptr %acc01229, align 4
-  %823 = fneg <8 x float> %821
-  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
-  %exp.r240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %829)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %exp.r240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %exp.r240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %exp.r240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %exp.r240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %835 = fmul <8 x float> %exp.r240, %exp.r240
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %835, <8 x float> %exp.r240)
-  %837 = fadd <8 x float> %836, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %838 = fptosi <8 x float> %exp.n239 to <8 x i32>
-  %839 = add <8 x i32> %838, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %840 = shl <8 x i32> %839, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n241 = bitcast <8 x i32> %840 to <8 x float>
-  %exp242 = fmul <8 x float> %837, %exp.2n241
-  %841 = fadd <8 x float> %exp242, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid243 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %841
-  %silu244 = fmul <8 x float> %821, %sigmoid243
-  %glu245 = fmul <8 x float> %silu244, %822
-  %842 = getelementptr inbounds float, ptr %820, i64 %col238
-  store <8 x float> %glu245, ptr %842, align 4
+k.end176:                                         ; preds = %k.head174
+  %885 = add nsw i64 %r0, 0
+  %886 = mul nsw i64 %885, 2048
+  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %col180 = mul nsw i64 %p, 8
+  %888 = load <8 x float>, ptr %acc00171, align 4
+  %889 = load <8 x float>, ptr %acc01172, align 4
+  %890 = fneg <8 x float> %888
+  %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %893 = fcmp ogt <8 x float> %892, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %896 = call <8 x float> @llvm.floor.v8f32(<8 x float> %895)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %894)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %897)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %898, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %898, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %898, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %898, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %898, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %904 = fmul <8 x float> %898, %898
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %904, <8 x float> %898)
+  %906 = fadd <8 x float> %905, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %907 = fptosi <8 x float> %896 to <8 x i32>
+  %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %909 to <8 x float>
+  %exp182 = fmul <8 x float> %906, %exp.2n181
+  %910 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
+  %silu184 = fmul <8 x float> %888, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %889
+  %911 = getelementptr inbounds float, ptr %887, i64 %col180
+  store <8 x float> %glu185, ptr %911, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end233, %k.end206, %k.end168, %k.end119, %k.end59, %k.end
-  %843 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
+  %912 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %844 = add nsw i64 %p, 1
+  %913 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4185,36 +4222,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4223,7 +4260,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -4231,7 +4268,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -4251,788 +4288,788 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 2048
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 7168
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 2048
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 7168
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 2048
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 7168
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 2048
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 7168
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 2048
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 7168
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 7168
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 2048
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 7168
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 2048
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 7168
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 2048
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 7168
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 2048
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 7168
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 2048
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 7168
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 2048
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 7168
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 2048
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 2048
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %144 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %144, ptr %13, align 4
+  %145 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %145, ptr %16, align 4
+  %146 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %146, ptr %27, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %147, ptr %30, align 4
+  %148 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %148, ptr %41, align 4
+  %149 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %149, ptr %44, align 4
+  %150 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %150, ptr %55, align 4
+  %151 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %151, ptr %58, align 4
+  %152 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %152, ptr %69, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %153, ptr %72, align 4
+  %154 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %154, ptr %83, align 4
+  %155 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %155, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 2048
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 7168
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 2048
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 7168
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 2048
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 7168
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
-  %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
+  %156 = add nsw i64 %r0, 0
+  %157 = mul nsw i64 %156, 2048
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
+  %160 = load i32, ptr %159, align 4
+  %161 = sext i32 %160 to i64
+  %162 = mul nsw i64 %161, 7168
+  %163 = getelementptr inbounds float, ptr %y, i64 %162
+  %164 = add nsw i64 %col1, 0
+  %165 = getelementptr inbounds float, ptr %163, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  store <8 x float> %166, ptr %acc002, align 4
+  %167 = add nsw i64 %col1, 8
+  %168 = getelementptr inbounds float, ptr %163, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  store <8 x float> %169, ptr %acc013, align 4
+  %170 = add nsw i64 %r0, 1
   %171 = mul nsw i64 %170, 2048
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 7168
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 2048
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 7168
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 32768
-  br label %k.head28
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %174 = load i32, ptr %173, align 4
+  %175 = sext i32 %174 to i64
+  %176 = mul nsw i64 %175, 7168
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = add nsw i64 %col1, 0
+  %179 = getelementptr inbounds float, ptr %177, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  store <8 x float> %180, ptr %acc104, align 4
+  %181 = add nsw i64 %col1, 8
+  %182 = getelementptr inbounds float, ptr %177, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  store <8 x float> %183, ptr %acc115, align 4
+  %184 = add nsw i64 %r0, 2
+  %185 = mul nsw i64 %184, 2048
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
+  %188 = load i32, ptr %187, align 4
+  %189 = sext i32 %188 to i64
+  %190 = mul nsw i64 %189, 7168
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = add nsw i64 %col1, 0
+  %193 = getelementptr inbounds float, ptr %191, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  store <8 x float> %194, ptr %acc206, align 4
+  %195 = add nsw i64 %col1, 8
+  %196 = getelementptr inbounds float, ptr %191, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  store <8 x float> %197, ptr %acc217, align 4
+  %198 = add nsw i64 %r0, 3
+  %199 = mul nsw i64 %198, 2048
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
+  %202 = load i32, ptr %201, align 4
+  %203 = sext i32 %202 to i64
+  %204 = mul nsw i64 %203, 7168
+  %205 = getelementptr inbounds float, ptr %y, i64 %204
+  %206 = add nsw i64 %col1, 0
+  %207 = getelementptr inbounds float, ptr %205, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  store <8 x float> %208, ptr %acc308, align 4
+  %209 = add nsw i64 %col1, 8
+  %210 = getelementptr inbounds float, ptr %205, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  store <8 x float> %211, ptr %acc319, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 2048
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 7168
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col1, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  store <8 x float> %222, ptr %acc4010, align 4
+  %223 = add nsw i64 %col1, 8
+  %224 = getelementptr inbounds float, ptr %219, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  store <8 x float> %225, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 32768
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 2048
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
+  %226 = icmp slt i64 %k16, 2048
+  br i1 %226, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
-  %bw32 = load <8 x i32>, ptr %195, align 4
-  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %197 to <8 x float>
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %227 = mul nsw i64 %k16, 16
+  %228 = add nsw i64 %panel.off12, %227
+  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
+  %230 = load <8 x i32>, ptr %229, align 4
+  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %231 to <8 x float>
+  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %232 to <8 x float>
+  %233 = getelementptr inbounds float, ptr %158, i64 %k16
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc002, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
+  store <8 x float> %238, ptr %acc002, align 4
+  %239 = load <8 x float>, ptr %acc013, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
+  store <8 x float> %240, ptr %acc013, align 4
+  %241 = getelementptr inbounds float, ptr %172, i64 %k16
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc104, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
+  store <8 x float> %246, ptr %acc104, align 4
+  %247 = load <8 x float>, ptr %acc115, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
+  store <8 x float> %248, ptr %acc115, align 4
+  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc206, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
+  store <8 x float> %254, ptr %acc206, align 4
+  %255 = load <8 x float>, ptr %acc217, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
+  store <8 x float> %256, ptr %acc217, align 4
+  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc308, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
+  store <8 x float> %262, ptr %acc308, align 4
+  %263 = load <8 x float>, ptr %acc319, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
+  store <8 x float> %264, ptr %acc319, align 4
+  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc4010, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
+  store <8 x float> %270, ptr %acc4010, align 4
+  %271 = load <8 x float>, ptr %acc4111, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4111, align 4
+  %273 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %274 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %274, ptr %165, align 4
+  %275 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %275, ptr %168, align 4
+  %276 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %276, ptr %179, align 4
+  %277 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %277, ptr %182, align 4
+  %278 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %278, ptr %193, align 4
+  %279 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %279, ptr %196, align 4
+  %280 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %280, ptr %207, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %281, ptr %210, align 4
+  %282 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %282, ptr %221, align 4
+  %283 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %283, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 2048
-  %h036 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 7168
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %257, ptr %acc0038, align 4
-  %258 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %259, ptr %acc0140, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 2048
-  %h141 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 7168
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %268, ptr %acc1043, align 4
-  %269 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %270, ptr %acc1145, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 2048
-  %h246 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 7168
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %279, ptr %acc2048, align 4
-  %280 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %281, ptr %acc2150, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 2048
-  %h351 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 7168
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %290, ptr %acc3053, align 4
-  %291 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %292, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 32768
-  br label %k.head57
+  %col19 = mul nsw i64 %p, 16
+  %284 = add nsw i64 %r0, 0
+  %285 = mul nsw i64 %284, 2048
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 7168
+  %291 = getelementptr inbounds float, ptr %y, i64 %290
+  %292 = add nsw i64 %col19, 0
+  %293 = getelementptr inbounds float, ptr %291, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  store <8 x float> %294, ptr %acc0020, align 4
+  %295 = add nsw i64 %col19, 8
+  %296 = getelementptr inbounds float, ptr %291, i64 %295
+  %297 = load <8 x float>, ptr %296, align 4
+  store <8 x float> %297, ptr %acc0121, align 4
+  %298 = add nsw i64 %r0, 1
+  %299 = mul nsw i64 %298, 2048
+  %300 = getelementptr inbounds float, ptr %h, i64 %299
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 7168
+  %305 = getelementptr inbounds float, ptr %y, i64 %304
+  %306 = add nsw i64 %col19, 0
+  %307 = getelementptr inbounds float, ptr %305, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  store <8 x float> %308, ptr %acc1022, align 4
+  %309 = add nsw i64 %col19, 8
+  %310 = getelementptr inbounds float, ptr %305, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  store <8 x float> %311, ptr %acc1123, align 4
+  %312 = add nsw i64 %r0, 2
+  %313 = mul nsw i64 %312, 2048
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 7168
+  %319 = getelementptr inbounds float, ptr %y, i64 %318
+  %320 = add nsw i64 %col19, 0
+  %321 = getelementptr inbounds float, ptr %319, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  store <8 x float> %322, ptr %acc2024, align 4
+  %323 = add nsw i64 %col19, 8
+  %324 = getelementptr inbounds float, ptr %319, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc2125, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = mul nsw i64 %326, 2048
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 7168
+  %333 = getelementptr inbounds float, ptr %y, i64 %332
+  %334 = add nsw i64 %col19, 0
+  %335 = getelementptr inbounds float, ptr %333, i64 %334
+  %336 = load <8 x float>, ptr %335, align 4
+  store <8 x float> %336, ptr %acc3026, align 4
+  %337 = add nsw i64 %col19, 8
+  %338 = getelementptr inbounds float, ptr %333, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 32768
+  br label %k.head29
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
-  %293 = icmp slt i64 %k60, 2048
-  br i1 %293, label %k.body58, label %k.end59
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
+  %340 = icmp slt i64 %k32, 2048
+  br i1 %340, label %k.body30, label %k.end31
 
-k.body58:                                         ; preds = %k.head57
-  %294 = mul nsw i64 %k60, 16
-  %295 = add nsw i64 %panel.off56, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw61 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0038, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0038, align 4
-  %305 = load <8 x float>, ptr %acc0140, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0140, align 4
-  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1043, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1043, align 4
-  %313 = load <8 x float>, ptr %acc1145, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1145, align 4
-  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2048, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2048, align 4
-  %321 = load <8 x float>, ptr %acc2150, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2150, align 4
-  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3053, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3053, align 4
-  %329 = load <8 x float>, ptr %acc3155, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3155, align 4
-  %331 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body30:                                         ; preds = %k.head29
+  %341 = mul nsw i64 %k32, 16
+  %342 = add nsw i64 %panel.off28, %341
+  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
+  %344 = load <8 x i32>, ptr %343, align 4
+  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %346 to <8 x float>
+  %347 = getelementptr inbounds float, ptr %286, i64 %k32
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc0020, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
+  store <8 x float> %352, ptr %acc0020, align 4
+  %353 = load <8 x float>, ptr %acc0121, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
+  store <8 x float> %354, ptr %acc0121, align 4
+  %355 = getelementptr inbounds float, ptr %300, i64 %k32
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc1022, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
+  store <8 x float> %360, ptr %acc1022, align 4
+  %361 = load <8 x float>, ptr %acc1123, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
+  store <8 x float> %362, ptr %acc1123, align 4
+  %363 = getelementptr inbounds float, ptr %314, i64 %k32
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc2024, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
+  store <8 x float> %368, ptr %acc2024, align 4
+  %369 = load <8 x float>, ptr %acc2125, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
+  store <8 x float> %370, ptr %acc2125, align 4
+  %371 = getelementptr inbounds float, ptr %328, i64 %k32
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc3026, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
+  store <8 x float> %376, ptr %acc3026, align 4
+  %377 = load <8 x float>, ptr %acc3127, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
+  store <8 x float> %378, ptr %acc3127, align 4
+  %379 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end59:                                          ; preds = %k.head57
-  %332 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %332, ptr %y0037, align 4
-  %333 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %333, ptr %y0139, align 4
-  %334 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %334, ptr %y1042, align 4
-  %335 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %335, ptr %y1144, align 4
-  %336 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %336, ptr %y2047, align 4
-  %337 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %337, ptr %y2149, align 4
-  %338 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %338, ptr %y3052, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %339, ptr %y3154, align 4
+k.end31:                                          ; preds = %k.head29
+  %380 = load <8 x float>, ptr %acc0020, align 4
+  store <8 x float> %380, ptr %293, align 4
+  %381 = load <8 x float>, ptr %acc0121, align 4
+  store <8 x float> %381, ptr %296, align 4
+  %382 = load <8 x float>, ptr %acc1022, align 4
+  store <8 x float> %382, ptr %307, align 4
+  %383 = load <8 x float>, ptr %acc1123, align 4
+  store <8 x float> %383, ptr %310, align 4
+  %384 = load <8 x float>, ptr %acc2024, align 4
+  store <8 x float> %384, ptr %321, align 4
+  %385 = load <8 x float>, ptr %acc2125, align 4
+  store <8 x float> %385, ptr %324, align 4
+  %386 = load <8 x float>, ptr %acc3026, align 4
+  store <8 x float> %386, ptr %335, align 4
+  %387 = load <8 x float>, ptr %acc3127, align 4
+  store <8 x float> %387, ptr %338, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 2048
-  %h065 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 7168
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %348, ptr %acc0067, align 4
-  %349 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %350, ptr %acc0169, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 2048
-  %h170 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 7168
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %359, ptr %acc1072, align 4
-  %360 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %361, ptr %acc1174, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 2048
-  %h275 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 7168
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %370, ptr %acc2077, align 4
-  %371 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %372, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 32768
-  br label %k.head81
+  %col35 = mul nsw i64 %p, 16
+  %388 = add nsw i64 %r0, 0
+  %389 = mul nsw i64 %388, 2048
+  %390 = getelementptr inbounds float, ptr %h, i64 %389
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 7168
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = add nsw i64 %col35, 0
+  %397 = getelementptr inbounds float, ptr %395, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  store <8 x float> %398, ptr %acc0036, align 4
+  %399 = add nsw i64 %col35, 8
+  %400 = getelementptr inbounds float, ptr %395, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0137, align 4
+  %402 = add nsw i64 %r0, 1
+  %403 = mul nsw i64 %402, 2048
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 7168
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col35, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  store <8 x float> %412, ptr %acc1038, align 4
+  %413 = add nsw i64 %col35, 8
+  %414 = getelementptr inbounds float, ptr %409, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1139, align 4
+  %416 = add nsw i64 %r0, 2
+  %417 = mul nsw i64 %416, 2048
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 7168
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col35, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  store <8 x float> %426, ptr %acc2040, align 4
+  %427 = add nsw i64 %col35, 8
+  %428 = getelementptr inbounds float, ptr %423, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 32768
+  br label %k.head43
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
-  %373 = icmp slt i64 %k84, 2048
-  br i1 %373, label %k.body82, label %k.end83
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
+  %430 = icmp slt i64 %k46, 2048
+  br i1 %430, label %k.body44, label %k.end45
 
-k.body82:                                         ; preds = %k.head81
-  %374 = mul nsw i64 %k84, 16
-  %375 = add nsw i64 %panel.off80, %374
-  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
-  %bw85 = load <8 x i32>, ptr %376, align 4
-  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %377 to <8 x float>
-  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %378 to <8 x float>
-  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0067, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0067, align 4
-  %385 = load <8 x float>, ptr %acc0169, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0169, align 4
-  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1072, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1072, align 4
-  %393 = load <8 x float>, ptr %acc1174, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1174, align 4
-  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2077, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2077, align 4
-  %401 = load <8 x float>, ptr %acc2179, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2179, align 4
-  %403 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body44:                                         ; preds = %k.head43
+  %431 = mul nsw i64 %k46, 16
+  %432 = add nsw i64 %panel.off42, %431
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
+  %434 = load <8 x i32>, ptr %433, align 4
+  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = getelementptr inbounds float, ptr %390, i64 %k46
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc0036, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
+  store <8 x float> %442, ptr %acc0036, align 4
+  %443 = load <8 x float>, ptr %acc0137, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0137, align 4
+  %445 = getelementptr inbounds float, ptr %404, i64 %k46
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc1038, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc1038, align 4
+  %451 = load <8 x float>, ptr %acc1139, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1139, align 4
+  %453 = getelementptr inbounds float, ptr %418, i64 %k46
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc2040, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc2040, align 4
+  %459 = load <8 x float>, ptr %acc2141, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2141, align 4
+  %461 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end83:                                          ; preds = %k.head81
-  %404 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %404, ptr %y0066, align 4
-  %405 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %405, ptr %y0168, align 4
-  %406 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %406, ptr %y1071, align 4
-  %407 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %407, ptr %y1173, align 4
-  %408 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %408, ptr %y2076, align 4
-  %409 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %409, ptr %y2178, align 4
+k.end45:                                          ; preds = %k.head43
+  %462 = load <8 x float>, ptr %acc0036, align 4
+  store <8 x float> %462, ptr %397, align 4
+  %463 = load <8 x float>, ptr %acc0137, align 4
+  store <8 x float> %463, ptr %400, align 4
+  %464 = load <8 x float>, ptr %acc1038, align 4
+  store <8 x float> %464, ptr %411, align 4
+  %465 = load <8 x float>, ptr %acc1139, align 4
+  store <8 x float> %465, ptr %414, align 4
+  %466 = load <8 x float>, ptr %acc2040, align 4
+  store <8 x float> %466, ptr %425, align 4
+  %467 = load <8 x float>, ptr %acc2141, align 4
+  store <8 x float> %467, ptr %428, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 2048
-  %h089 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 7168
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %418, ptr %acc0091, align 4
-  %419 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %420, ptr %acc0193, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 2048
-  %h194 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 7168
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %429, ptr %acc1096, align 4
-  %430 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %431, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 32768
-  br label %k.head100
+  %col49 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 2048
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 7168
+  %475 = getelementptr inbounds float, ptr %y, i64 %474
+  %476 = add nsw i64 %col49, 0
+  %477 = getelementptr inbounds float, ptr %475, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0050, align 4
+  %479 = add nsw i64 %col49, 8
+  %480 = getelementptr inbounds float, ptr %475, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  store <8 x float> %481, ptr %acc0151, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 2048
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 7168
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col49, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1052, align 4
+  %493 = add nsw i64 %col49, 8
+  %494 = getelementptr inbounds float, ptr %489, i64 %493
+  %495 = load <8 x float>, ptr %494, align 4
+  store <8 x float> %495, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 32768
+  br label %k.head55
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
-  %432 = icmp slt i64 %k103, 2048
-  br i1 %432, label %k.body101, label %k.end102
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
+  %496 = icmp slt i64 %k58, 2048
+  br i1 %496, label %k.body56, label %k.end57
 
-k.body101:                                        ; preds = %k.head100
-  %433 = mul nsw i64 %k103, 16
-  %434 = add nsw i64 %panel.off99, %433
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
-  %bw104 = load <8 x i32>, ptr %435, align 4
-  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %437 to <8 x float>
-  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0091, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0091, align 4
-  %444 = load <8 x float>, ptr %acc0193, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0193, align 4
-  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1096, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1096, align 4
-  %452 = load <8 x float>, ptr %acc1198, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1198, align 4
-  %454 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body56:                                         ; preds = %k.head55
+  %497 = mul nsw i64 %k58, 16
+  %498 = add nsw i64 %panel.off54, %497
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = load <8 x i32>, ptr %499, align 4
+  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %501 to <8 x float>
+  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %502 to <8 x float>
+  %503 = getelementptr inbounds float, ptr %470, i64 %k58
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc0050, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0050, align 4
+  %509 = load <8 x float>, ptr %acc0151, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
+  store <8 x float> %510, ptr %acc0151, align 4
+  %511 = getelementptr inbounds float, ptr %484, i64 %k58
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = load <8 x float>, ptr %acc1052, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1052, align 4
+  %517 = load <8 x float>, ptr %acc1153, align 4
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
+  store <8 x float> %518, ptr %acc1153, align 4
+  %519 = add nsw i64 %k58, 1
+  br label %k.head55
 
-k.end102:                                         ; preds = %k.head100
-  %455 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %455, ptr %y0090, align 4
-  %456 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %456, ptr %y0192, align 4
-  %457 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %457, ptr %y1095, align 4
-  %458 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %458, ptr %y1197, align 4
+k.end57:                                          ; preds = %k.head55
+  %520 = load <8 x float>, ptr %acc0050, align 4
+  store <8 x float> %520, ptr %477, align 4
+  %521 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %521, ptr %480, align 4
+  %522 = load <8 x float>, ptr %acc1052, align 4
+  store <8 x float> %522, ptr %491, align 4
+  %523 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %523, ptr %494, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 2048
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 7168
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %467, ptr %acc00110, align 4
-  %468 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %469, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 32768
-  br label %k.head114
+  %col61 = mul nsw i64 %p, 16
+  %524 = add nsw i64 %r0, 0
+  %525 = mul nsw i64 %524, 2048
+  %526 = getelementptr inbounds float, ptr %h, i64 %525
+  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
+  %528 = load i32, ptr %527, align 4
+  %529 = sext i32 %528 to i64
+  %530 = mul nsw i64 %529, 7168
+  %531 = getelementptr inbounds float, ptr %y, i64 %530
+  %532 = add nsw i64 %col61, 0
+  %533 = getelementptr inbounds float, ptr %531, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc0062, align 4
+  %535 = add nsw i64 %col61, 8
+  %536 = getelementptr inbounds float, ptr %531, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 32768
+  br label %k.head65
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
-  %470 = icmp slt i64 %k117, 2048
-  br i1 %470, label %k.body115, label %k.end116
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
+  %538 = icmp slt i64 %k68, 2048
+  br i1 %538, label %k.body66, label %k.end67
 
-k.body115:                                        ; preds = %k.head114
-  %471 = mul nsw i64 %k117, 16
-  %472 = add nsw i64 %panel.off113, %471
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  %bw118 = load <8 x i32>, ptr %473, align 4
-  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %474 to <8 x float>
-  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %475 to <8 x float>
-  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00110, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00110, align 4
-  %482 = load <8 x float>, ptr %acc01112, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01112, align 4
-  %484 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body66:                                         ; preds = %k.head65
+  %539 = mul nsw i64 %k68, 16
+  %540 = add nsw i64 %panel.off64, %539
+  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
+  %542 = load <8 x i32>, ptr %541, align 4
+  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %543 to <8 x float>
+  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %544 to <8 x float>
+  %545 = getelementptr inbounds float, ptr %526, i64 %k68
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0062, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0062, align 4
+  %551 = load <8 x float>, ptr %acc0163, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0163, align 4
+  %553 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end116:                                         ; preds = %k.head114
-  %485 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %485, ptr %y00109, align 4
-  %486 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %486, ptr %y01111, align 4
+k.end67:                                          ; preds = %k.head65
+  %554 = load <8 x float>, ptr %acc0062, align 4
+  store <8 x float> %554, ptr %533, align 4
+  %555 = load <8 x float>, ptr %acc0163, align 4
+  store <8 x float> %555, ptr %536, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %556 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %557 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

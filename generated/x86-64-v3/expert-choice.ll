@@ -14,265 +14,294 @@ target triple = "x86_64-unknown-linux-gnu"
 define hidden void @moe_route_x(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %group, ptr %noise, i64 %seed, i64 %layer, i32 %training, ptr %logits, ptr %ids, ptr %weights, ptr %prob, ptr %prio) #0 {
 entry:
   %l = alloca [64 x float], align 32
-  %acc = alloca <8 x float>, align 32
+  %lacc0 = alloca <8 x float>, align 32
+  %lacc1 = alloca <8 x float>, align 32
+  %lacc2 = alloca <8 x float>, align 32
+  %lacc3 = alloca <8 x float>, align 32
+  %lacc4 = alloca <8 x float>, align 32
+  %lacc5 = alloca <8 x float>, align 32
+  %lacc6 = alloca <8 x float>, align 32
+  %lacc7 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %t
+  br label %t.head
 
-t:                                                ; preds = %p.set38, %start
-  %t4 = phi i64 [ %t0, %start ], [ %105, %p.set38 ]
-  %0 = icmp slt i64 %t4, %t1
-  br i1 %0, label %t2, label %t3
+t.head:                                           ; preds = %pset.end, %start
+  %t = phi i64 [ %t0, %start ], [ %161, %pset.end ]
+  %0 = icmp slt i64 %t, %t1
+  br i1 %0, label %t.body, label %t.end
 
-t2:                                               ; preds = %t
-  %1 = mul nsw i64 %t4, 768
+t.body:                                           ; preds = %t.head
+  %1 = mul nsw i64 %t, 768
   %2 = getelementptr inbounds float, ptr %x, i64 %1
-  br label %pd.b
+  br label %pb.head
 
-pd.b:                                             ; preds = %endif24, %t2
-  %pd.b7 = phi i64 [ 0, %t2 ], [ %59, %endif24 ]
-  %3 = icmp slt i64 %pd.b7, 8
-  br i1 %3, label %pd.b5, label %pd.b6
+pb.head:                                          ; preds = %hh.end, %t.body
+  %pb = phi i64 [ 0, %t.body ], [ %114, %hh.end ]
+  %3 = icmp slt i64 %pb, 8
+  br i1 %3, label %pb.body, label %pb.end
 
-pd.b5:                                            ; preds = %pd.b
-  store <8 x float> zeroinitializer, ptr %acc, align 4
-  %4 = mul nsw i64 %pd.b7, 6144
-  %5 = getelementptr inbounds float, ptr %router, i64 %4
-  br label %pd.h
+pb.body:                                          ; preds = %pb.head
+  store <8 x float> zeroinitializer, ptr %lacc0, align 4
+  store <8 x float> zeroinitializer, ptr %lacc1, align 4
+  store <8 x float> zeroinitializer, ptr %lacc2, align 4
+  store <8 x float> zeroinitializer, ptr %lacc3, align 4
+  store <8 x float> zeroinitializer, ptr %lacc4, align 4
+  store <8 x float> zeroinitializer, ptr %lacc5, align 4
+  store <8 x float> zeroinitializer, ptr %lacc6, align 4
+  store <8 x float> zeroinitializer, ptr %lacc7, align 4
+  br label %hh.head
 
-pd.h:                                             ; preds = %pd.h8, %pd.b5
-  %pd.h10 = phi i64 [ 0, %pd.b5 ], [ %17, %pd.h8 ]
-  %6 = icmp slt i64 %pd.h10, 768
-  br i1 %6, label %pd.h8, label %pd.h9
+hh.head:                                          ; preds = %hh.body, %pb.body
+  %hh = phi i64 [ 0, %pb.body ], [ %81, %hh.body ]
+  %4 = icmp slt i64 %hh, 768
+  br i1 %4, label %hh.body, label %hh.end
 
-pd.h8:                                            ; preds = %pd.h
-  %7 = getelementptr inbounds float, ptr %2, i64 %pd.h10
-  %8 = load float, ptr %7, align 4
-  %9 = insertelement <8 x float> poison, float %8, i32 0
-  %10 = shufflevector <8 x float> %9, <8 x float> poison, <8 x i32> zeroinitializer
-  %11 = mul nsw i64 %pd.h10, 8
-  %12 = getelementptr inbounds float, ptr %5, i64 %11
-  %13 = load <8 x float>, ptr %12, align 4
-  %14 = fmul <8 x float> %10, %13
-  %15 = load <8 x float>, ptr %acc, align 4
-  %16 = fadd <8 x float> %15, %14
-  store <8 x float> %16, ptr %acc, align 4
-  %17 = add nsw i64 %pd.h10, 1
-  br label %pd.h
+hh.body:                                          ; preds = %hh.head
+  %5 = getelementptr inbounds float, ptr %2, i64 %hh
+  %6 = load float, ptr %5, align 4
+  %7 = insertelement <8 x float> poison, float %6, i32 0
+  %8 = shufflevector <8 x float> %7, <8 x float> poison, <8 x i32> zeroinitializer
+  %9 = add nsw i64 %pb, 0
+  %10 = mul nsw i64 %9, 6144
+  %11 = mul nsw i64 %hh, 8
+  %12 = add nsw i64 %10, %11
+  %13 = getelementptr inbounds float, ptr %router, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  %15 = fmul <8 x float> %8, %14
+  %16 = load <8 x float>, ptr %lacc0, align 4
+  %17 = fadd <8 x float> %16, %15
+  store <8 x float> %17, ptr %lacc0, align 4
+  %18 = add nsw i64 %pb, 1
+  %19 = mul nsw i64 %18, 6144
+  %20 = mul nsw i64 %hh, 8
+  %21 = add nsw i64 %19, %20
+  %22 = getelementptr inbounds float, ptr %router, i64 %21
+  %23 = load <8 x float>, ptr %22, align 4
+  %24 = fmul <8 x float> %8, %23
+  %25 = load <8 x float>, ptr %lacc1, align 4
+  %26 = fadd <8 x float> %25, %24
+  store <8 x float> %26, ptr %lacc1, align 4
+  %27 = add nsw i64 %pb, 2
+  %28 = mul nsw i64 %27, 6144
+  %29 = mul nsw i64 %hh, 8
+  %30 = add nsw i64 %28, %29
+  %31 = getelementptr inbounds float, ptr %router, i64 %30
+  %32 = load <8 x float>, ptr %31, align 4
+  %33 = fmul <8 x float> %8, %32
+  %34 = load <8 x float>, ptr %lacc2, align 4
+  %35 = fadd <8 x float> %34, %33
+  store <8 x float> %35, ptr %lacc2, align 4
+  %36 = add nsw i64 %pb, 3
+  %37 = mul nsw i64 %36, 6144
+  %38 = mul nsw i64 %hh, 8
+  %39 = add nsw i64 %37, %38
+  %40 = getelementptr inbounds float, ptr %router, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  %42 = fmul <8 x float> %8, %41
+  %43 = load <8 x float>, ptr %lacc3, align 4
+  %44 = fadd <8 x float> %43, %42
+  store <8 x float> %44, ptr %lacc3, align 4
+  %45 = add nsw i64 %pb, 4
+  %46 = mul nsw i64 %45, 6144
+  %47 = mul nsw i64 %hh, 8
+  %48 = add nsw i64 %46, %47
+  %49 = getelementptr inbounds float, ptr %router, i64 %48
+  %50 = load <8 x float>, ptr %49, align 4
+  %51 = fmul <8 x float> %8, %50
+  %52 = load <8 x float>, ptr %lacc4, align 4
+  %53 = fadd <8 x float> %52, %51
+  store <8 x float> %53, ptr %lacc4, align 4
+  %54 = add nsw i64 %pb, 5
+  %55 = mul nsw i64 %54, 6144
+  %56 = mul nsw i64 %hh, 8
+  %57 = add nsw i64 %55, %56
+  %58 = getelementptr inbounds float, ptr %router, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  %60 = fmul <8 x float> %8, %59
+  %61 = load <8 x float>, ptr %lacc5, align 4
+  %62 = fadd <8 x float> %61, %60
+  store <8 x float> %62, ptr %lacc5, align 4
+  %63 = add nsw i64 %pb, 6
+  %64 = mul nsw i64 %63, 6144
+  %65 = mul nsw i64 %hh, 8
+  %66 = add nsw i64 %64, %65
+  %67 = getelementptr inbounds float, ptr %router, i64 %66
+  %68 = load <8 x float>, ptr %67, align 4
+  %69 = fmul <8 x float> %8, %68
+  %70 = load <8 x float>, ptr %lacc6, align 4
+  %71 = fadd <8 x float> %70, %69
+  store <8 x float> %71, ptr %lacc6, align 4
+  %72 = add nsw i64 %pb, 7
+  %73 = mul nsw i64 %72, 6144
+  %74 = mul nsw i64 %hh, 8
+  %75 = add nsw i64 %73, %74
+  %76 = getelementptr inbounds float, ptr %router, i64 %75
+  %77 = load <8 x float>, ptr %76, align 4
+  %78 = fmul <8 x float> %8, %77
+  %79 = load <8 x float>, ptr %lacc7, align 4
+  %80 = fadd <8 x float> %79, %78
+  store <8 x float> %80, ptr %lacc7, align 4
+  %81 = add nsw i64 %hh, 1
+  br label %hh.head
 
-pd.h9:                                            ; preds = %pd.h
-  %18 = load <8 x float>, ptr %acc, align 4
-  %19 = mul nsw i64 %pd.b7, 8
-  %20 = add nsw i64 %19, 0
-  %21 = icmp slt i64 %20, 64
-  br i1 %21, label %then, label %endif
+hh.end:                                           ; preds = %hh.head
+  %82 = load <8 x float>, ptr %lacc0, align 4
+  %83 = load <8 x float>, ptr %lacc1, align 4
+  %84 = load <8 x float>, ptr %lacc2, align 4
+  %85 = load <8 x float>, ptr %lacc3, align 4
+  %86 = load <8 x float>, ptr %lacc4, align 4
+  %87 = load <8 x float>, ptr %lacc5, align 4
+  %88 = load <8 x float>, ptr %lacc6, align 4
+  %89 = load <8 x float>, ptr %lacc7, align 4
+  %90 = add nsw i64 %pb, 0
+  %91 = mul nsw i64 %90, 8
+  %92 = getelementptr inbounds float, ptr %l, i64 %91
+  store <8 x float> %82, ptr %92, align 4
+  %93 = add nsw i64 %pb, 1
+  %94 = mul nsw i64 %93, 8
+  %95 = getelementptr inbounds float, ptr %l, i64 %94
+  store <8 x float> %83, ptr %95, align 4
+  %96 = add nsw i64 %pb, 2
+  %97 = mul nsw i64 %96, 8
+  %98 = getelementptr inbounds float, ptr %l, i64 %97
+  store <8 x float> %84, ptr %98, align 4
+  %99 = add nsw i64 %pb, 3
+  %100 = mul nsw i64 %99, 8
+  %101 = getelementptr inbounds float, ptr %l, i64 %100
+  store <8 x float> %85, ptr %101, align 4
+  %102 = add nsw i64 %pb, 4
+  %103 = mul nsw i64 %102, 8
+  %104 = getelementptr inbounds float, ptr %l, i64 %103
+  store <8 x float> %86, ptr %104, align 4
+  %105 = add nsw i64 %pb, 5
+  %106 = mul nsw i64 %105, 8
+  %107 = getelementptr inbounds float, ptr %l, i64 %106
+  store <8 x float> %87, ptr %107, align 4
+  %108 = add nsw i64 %pb, 6
+  %109 = mul nsw i64 %108, 8
+  %110 = getelementptr inbounds float, ptr %l, i64 %109
+  store <8 x float> %88, ptr %110, align 4
+  %111 = add nsw i64 %pb, 7
+  %112 = mul nsw i64 %111, 8
+  %113 = getelementptr inbounds float, ptr %l, i64 %112
+  store <8 x float> %89, ptr %113, align 4
+  %114 = add nsw i64 %pb, 8
+  br label %pb.head
 
-then:                                             ; preds = %pd.h9
-  %22 = extractelement <8 x float> %18, i32 0
-  %23 = getelementptr inbounds float, ptr %l, i64 %20
-  store float %22, ptr %23, align 4
-  br label %endif
+pb.end:                                           ; preds = %pb.head
+  %115 = mul nsw i64 %t, 64
+  %116 = getelementptr inbounds float, ptr %logits, i64 %115
+  %117 = getelementptr inbounds float, ptr %weights, i64 %115
+  %118 = getelementptr inbounds float, ptr %prob, i64 %115
+  br label %lcopy.head
 
-endif:                                            ; preds = %then, %pd.h9
-  %24 = mul nsw i64 %pd.b7, 8
-  %25 = add nsw i64 %24, 1
-  %26 = icmp slt i64 %25, 64
-  br i1 %26, label %then11, label %endif12
+lcopy.head:                                       ; preds = %lcopy.body, %pb.end
+  %lcopy = phi i64 [ 0, %pb.end ], [ %123, %lcopy.body ]
+  %119 = icmp slt i64 %lcopy, 64
+  br i1 %119, label %lcopy.body, label %lcopy.end
 
-then11:                                           ; preds = %endif
-  %27 = extractelement <8 x float> %18, i32 1
-  %28 = getelementptr inbounds float, ptr %l, i64 %25
-  store float %27, ptr %28, align 4
-  br label %endif12
+lcopy.body:                                       ; preds = %lcopy.head
+  %120 = getelementptr inbounds float, ptr %l, i64 %lcopy
+  %121 = load float, ptr %120, align 4
+  %122 = getelementptr inbounds float, ptr %116, i64 %lcopy
+  store float %121, ptr %122, align 4
+  %123 = add nsw i64 %lcopy, 1
+  br label %lcopy.head
 
-endif12:                                          ; preds = %then11, %endif
-  %29 = mul nsw i64 %pd.b7, 8
-  %30 = add nsw i64 %29, 2
-  %31 = icmp slt i64 %30, 64
-  br i1 %31, label %then13, label %endif14
-
-then13:                                           ; preds = %endif12
-  %32 = extractelement <8 x float> %18, i32 2
-  %33 = getelementptr inbounds float, ptr %l, i64 %30
-  store float %32, ptr %33, align 4
-  br label %endif14
-
-endif14:                                          ; preds = %then13, %endif12
-  %34 = mul nsw i64 %pd.b7, 8
-  %35 = add nsw i64 %34, 3
-  %36 = icmp slt i64 %35, 64
-  br i1 %36, label %then15, label %endif16
-
-then15:                                           ; preds = %endif14
-  %37 = extractelement <8 x float> %18, i32 3
-  %38 = getelementptr inbounds float, ptr %l, i64 %35
-  store float %37, ptr %38, align 4
-  br label %endif16
-
-endif16:                                          ; preds = %then15, %endif14
-  %39 = mul nsw i64 %pd.b7, 8
-  %40 = add nsw i64 %39, 4
-  %41 = icmp slt i64 %40, 64
-  br i1 %41, label %then17, label %endif18
-
-then17:                                           ; preds = %endif16
-  %42 = extractelement <8 x float> %18, i32 4
-  %43 = getelementptr inbounds float, ptr %l, i64 %40
-  store float %42, ptr %43, align 4
-  br label %endif18
-
-endif18:                                          ; preds = %then17, %endif16
-  %44 = mul nsw i64 %pd.b7, 8
-  %45 = add nsw i64 %44, 5
-  %46 = icmp slt i64 %45, 64
-  br i1 %46, label %then19, label %endif20
-
-then19:                                           ; preds = %endif18
-  %47 = extractelement <8 x float> %18, i32 5
-  %48 = getelementptr inbounds float, ptr %l, i64 %45
-  store float %47, ptr %48, align 4
-  br label %endif20
-
-endif20:                                          ; preds = %then19, %endif18
-  %49 = mul nsw i64 %pd.b7, 8
-  %50 = add nsw i64 %49, 6
-  %51 = icmp slt i64 %50, 64
-  br i1 %51, label %then21, label %endif22
-
-then21:                                           ; preds = %endif20
-  %52 = extractelement <8 x float> %18, i32 6
-  %53 = getelementptr inbounds float, ptr %l, i64 %50
-  store float %52, ptr %53, align 4
-  br label %endif22
-
-endif22:                                          ; preds = %then21, %endif20
-  %54 = mul nsw i64 %pd.b7, 8
-  %55 = add nsw i64 %54, 7
-  %56 = icmp slt i64 %55, 64
-  br i1 %56, label %then23, label %endif24
-
-then23:                                           ; preds = %endif22
-  %57 = extractelement <8 x float> %18, i32 7
-  %58 = getelementptr inbounds float, ptr %l, i64 %55
-  store float %57, ptr %58, align 4
-  br label %endif24
-
-endif24:                                          ; preds = %then23, %endif22
-  %59 = add nsw i64 %pd.b7, 1
-  br label %pd.b
-
-pd.b6:                                            ; preds = %pd.b
-  %60 = mul nsw i64 %t4, 64
-  %61 = getelementptr inbounds float, ptr %logits, i64 %60
-  %62 = getelementptr inbounds float, ptr %weights, i64 %60
-  %63 = getelementptr inbounds float, ptr %prob, i64 %60
-  br label %lcopy
-
-lcopy:                                            ; preds = %lcopy25, %pd.b6
-  %lcopy27 = phi i64 [ 0, %pd.b6 ], [ %68, %lcopy25 ]
-  %64 = icmp slt i64 %lcopy27, 64
-  br i1 %64, label %lcopy25, label %lcopy26
-
-lcopy25:                                          ; preds = %lcopy
-  %65 = getelementptr inbounds float, ptr %l, i64 %lcopy27
-  %66 = load float, ptr %65, align 4
-  %67 = getelementptr inbounds float, ptr %61, i64 %lcopy27
-  store float %66, ptr %67, align 4
-  %68 = add nsw i64 %lcopy27, 1
-  br label %lcopy
-
-lcopy26:                                          ; preds = %lcopy
+lcopy.end:                                        ; preds = %lcopy.head
   store float 0xFFF0000000000000, ptr %smax, align 4
-  br label %sm.max
+  br label %smax.head
 
-sm.max:                                           ; preds = %sm.max28, %lcopy26
-  %sm.max30 = phi i64 [ 0, %lcopy26 ], [ %76, %sm.max28 ]
-  %69 = icmp slt i64 %sm.max30, 64
-  br i1 %69, label %sm.max28, label %sm.max29
+smax.head:                                        ; preds = %smax.body, %lcopy.end
+  %smax1 = phi i64 [ 0, %lcopy.end ], [ %131, %smax.body ]
+  %124 = icmp slt i64 %smax1, 64
+  br i1 %124, label %smax.body, label %smax.end
 
-sm.max28:                                         ; preds = %sm.max
-  %70 = add nsw i64 0, %sm.max30
-  %71 = getelementptr inbounds float, ptr %61, i64 %70
-  %72 = load float, ptr %71, align 4
-  %73 = load float, ptr %smax, align 4
-  %74 = fcmp ogt float %72, %73
-  %75 = select i1 %74, float %72, float %73
-  store float %75, ptr %smax, align 4
-  %76 = add nsw i64 %sm.max30, 1
-  br label %sm.max
+smax.body:                                        ; preds = %smax.head
+  %125 = add nsw i64 0, %smax1
+  %126 = getelementptr inbounds float, ptr %116, i64 %125
+  %127 = load float, ptr %126, align 4
+  %128 = load float, ptr %smax, align 4
+  %129 = fcmp ogt float %127, %128
+  %130 = select i1 %129, float %127, float %128
+  store float %130, ptr %smax, align 4
+  %131 = add nsw i64 %smax1, 1
+  br label %smax.head
 
-sm.max29:                                         ; preds = %sm.max
-  %77 = load float, ptr %smax, align 4
+smax.end:                                         ; preds = %smax.head
+  %132 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
-  br label %sm.exp
+  br label %sexp.head
 
-sm.exp:                                           ; preds = %sm.exp31, %sm.max29
-  %sm.exp33 = phi i64 [ 0, %sm.max29 ], [ %89, %sm.exp31 ]
-  %78 = icmp slt i64 %sm.exp33, 64
-  br i1 %78, label %sm.exp31, label %sm.exp32
+sexp.head:                                        ; preds = %sexp.body, %smax.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %145, %sexp.body ]
+  %133 = icmp slt i64 %sexp, 64
+  br i1 %133, label %sexp.body, label %sexp.end
 
-sm.exp31:                                         ; preds = %sm.exp
-  %79 = add nsw i64 0, %sm.exp33
-  %80 = getelementptr inbounds float, ptr %61, i64 %79
-  %81 = load float, ptr %80, align 4
-  %82 = fsub float %81, %77
-  %83 = fpext float %82 to double
-  %84 = call double @exp(double %83)
-  %85 = fptrunc double %84 to float
-  %86 = getelementptr inbounds float, ptr %62, i64 %79
-  store float %85, ptr %86, align 4
-  %87 = load float, ptr %ssum, align 4
-  %88 = fadd float %87, %85
-  store float %88, ptr %ssum, align 4
-  %89 = add nsw i64 %sm.exp33, 1
-  br label %sm.exp
+sexp.body:                                        ; preds = %sexp.head
+  %134 = add nsw i64 0, %sexp
+  %135 = getelementptr inbounds float, ptr %116, i64 %134
+  %136 = load float, ptr %135, align 4
+  %137 = fsub float %136, %132
+  %138 = fpext float %137 to double
+  %139 = call double @exp(double %138)
+  %140 = fptrunc double %139 to float
+  %141 = add nsw i64 0, %sexp
+  %142 = getelementptr inbounds float, ptr %117, i64 %141
+  store float %140, ptr %142, align 4
+  %143 = load float, ptr %ssum, align 4
+  %144 = fadd float %143, %140
+  store float %144, ptr %ssum, align 4
+  %145 = add nsw i64 %sexp, 1
+  br label %sexp.head
 
-sm.exp32:                                         ; preds = %sm.exp
-  %90 = load float, ptr %ssum, align 4
-  br label %sm.div
+sexp.end:                                         ; preds = %sexp.head
+  %146 = load float, ptr %ssum, align 4
+  br label %sdiv.head
 
-sm.div:                                           ; preds = %sm.div34, %sm.exp32
-  %sm.div36 = phi i64 [ 0, %sm.exp32 ], [ %97, %sm.div34 ]
-  %91 = icmp slt i64 %sm.div36, 64
-  br i1 %91, label %sm.div34, label %sm.div35
+sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %153, %sdiv.body ]
+  %147 = icmp slt i64 %sdiv, 64
+  br i1 %147, label %sdiv.body, label %sdiv.end
 
-sm.div34:                                         ; preds = %sm.div
-  %92 = add nsw i64 0, %sm.div36
-  %93 = getelementptr inbounds float, ptr %62, i64 %92
-  %94 = load float, ptr %93, align 4
-  %95 = fdiv float %94, %90
-  %96 = getelementptr inbounds float, ptr %62, i64 %92
-  store float %95, ptr %96, align 4
-  %97 = add nsw i64 %sm.div36, 1
-  br label %sm.div
+sdiv.body:                                        ; preds = %sdiv.head
+  %148 = add nsw i64 0, %sdiv
+  %149 = getelementptr inbounds float, ptr %117, i64 %148
+  %150 = load float, ptr %149, align 4
+  %151 = fdiv float %150, %146
+  %152 = getelementptr inbounds float, ptr %117, i64 %148
+  store float %151, ptr %152, align 4
+  %153 = add nsw i64 %sdiv, 1
+  br label %sdiv.head
 
-sm.div35:                                         ; preds = %sm.div
-  br label %p.set
+sdiv.end:                                         ; preds = %sdiv.head
+  br label %pset.head
 
-p.set:                                            ; preds = %p.set37, %sm.div35
-  %p.set39 = phi i64 [ 0, %sm.div35 ], [ %103, %p.set37 ]
-  %98 = icmp slt i64 %p.set39, 64
-  br i1 %98, label %p.set37, label %p.set38
+pset.head:                                        ; preds = %pset.body, %sdiv.end
+  %pset = phi i64 [ 0, %sdiv.end ], [ %159, %pset.body ]
+  %154 = icmp slt i64 %pset, 64
+  br i1 %154, label %pset.body, label %pset.end
 
-p.set37:                                          ; preds = %p.set
-  %99 = add nsw i64 0, %p.set39
-  %100 = getelementptr inbounds float, ptr %62, i64 %99
-  %101 = load float, ptr %100, align 4
-  %102 = getelementptr inbounds float, ptr %63, i64 %99
-  store float %101, ptr %102, align 4
-  %103 = add nsw i64 %p.set39, 1
-  br label %p.set
+pset.body:                                        ; preds = %pset.head
+  %155 = add nsw i64 0, %pset
+  %156 = getelementptr inbounds float, ptr %117, i64 %155
+  %157 = load float, ptr %156, align 4
+  %158 = getelementptr inbounds float, ptr %118, i64 %155
+  store float %157, ptr %158, align 4
+  %159 = add nsw i64 %pset, 1
+  br label %pset.head
 
-p.set38:                                          ; preds = %p.set
-  %104 = getelementptr inbounds float, ptr %prio, i64 %t4
-  store float 0.000000e+00, ptr %104, align 4
-  %105 = add nsw i64 %t4, 1
-  br label %t
+pset.end:                                         ; preds = %pset.head
+  %160 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float 0.000000e+00, ptr %160, align 4
+  %161 = add nsw i64 %t, 1
+  br label %t.head
 
-t3:                                               ; preds = %t
+t.end:                                            ; preds = %t.head
   ret void
 }
 
@@ -282,130 +311,129 @@ declare double @exp(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_ec_select(i64 %T, i64 %C, i64 %e0, i64 %e1, ptr %ids, ptr %weights, ptr %pick) #0 {
 entry:
-  %m = alloca i64, align 32
-  %pos = alloca i64, align 32
+  %tk.m = alloca i64, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %e
+  br label %e.head
 
-e:                                                ; preds = %mark12, %start
-  %e4 = phi i64 [ %e0, %start ], [ %50, %mark12 ]
-  %0 = icmp slt i64 %e4, %e1
-  br i1 %0, label %e2, label %e3
+e.head:                                           ; preds = %mark.end, %start
+  %e = phi i64 [ %e0, %start ], [ %45, %mark.end ]
+  %0 = icmp slt i64 %e, %e1
+  br i1 %0, label %e.body, label %e.end
 
-e2:                                               ; preds = %e
-  %1 = trunc i64 %e4 to i32
-  store i64 0, ptr %m, align 8
-  br label %t
+e.body:                                           ; preds = %e.head
+  %1 = trunc i64 %e to i32
+  br label %t.head
 
-t:                                                ; preds = %endif, %e2
-  %t7 = phi i64 [ 0, %e2 ], [ %37, %endif ]
-  %2 = icmp slt i64 %t7, %T
-  br i1 %2, label %t5, label %t6
+t.head:                                           ; preds = %t.body, %e.body
+  %t = phi i64 [ 0, %e.body ], [ %6, %t.body ]
+  %2 = icmp slt i64 %t, %T
+  br i1 %2, label %t.body, label %t.end
 
-t5:                                               ; preds = %t
-  %3 = mul nsw i64 %t7, 64
-  %4 = add nsw i64 %3, %e4
+t.body:                                           ; preds = %t.head
+  %3 = mul nsw i64 %t, 64
+  %4 = add nsw i64 %3, %e
   %5 = getelementptr inbounds i32, ptr %ids, i64 %4
   store i32 -1, ptr %5, align 4
-  %6 = getelementptr inbounds float, ptr %weights, i64 %4
-  %7 = load float, ptr %6, align 4
-  %8 = load i64, ptr %m, align 8
-  store i64 %8, ptr %pos, align 8
-  br label %ins.head
+  %6 = add nsw i64 %t, 1
+  br label %t.head
 
-ins.head:                                         ; preds = %ins.dec, %t5
-  %9 = load i64, ptr %pos, align 8
-  %10 = icmp sgt i64 %9, 0
-  br i1 %10, label %ins.chk, label %ins.done
+t.end:                                            ; preds = %t.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-ins.chk:                                          ; preds = %ins.head
-  %11 = sub nsw i64 %9, 1
-  %12 = getelementptr inbounds i64, ptr %pick, i64 %11
-  %13 = load i64, ptr %12, align 8
-  %14 = mul nsw i64 %13, 64
-  %15 = add nsw i64 %14, %e4
-  %16 = getelementptr inbounds float, ptr %weights, i64 %15
-  %17 = load float, ptr %16, align 4
-  %18 = fcmp ord float %7, %7
-  %19 = fcmp ugt float %7, %17
-  %20 = and i1 %18, %19
-  br i1 %20, label %ins.dec, label %ins.done
+tk.head:                                          ; preds = %tk.put.end, %t.end
+  %tk = phi i64 [ 0, %t.end ], [ %32, %tk.put.end ]
+  %7 = icmp slt i64 %tk, %T
+  br i1 %7, label %tk.body, label %tk.end
 
-ins.dec:                                          ; preds = %ins.chk
-  store i64 %11, ptr %pos, align 8
-  br label %ins.head
+tk.body:                                          ; preds = %tk.head
+  %8 = mul nsw i64 %tk, 64
+  %9 = add nsw i64 %e, %8
+  %10 = getelementptr inbounds float, ptr %weights, i64 %9
+  %11 = load float, ptr %10, align 4
+  %12 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-ins.done:                                         ; preds = %ins.chk, %ins.head
-  %21 = load i64, ptr %pos, align 8
-  %22 = icmp slt i64 %21, %C
-  br i1 %22, label %then, label %endif
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %12, %tk.body ], [ %14, %tk.shift.end ]
+  %13 = icmp sgt i64 %p, 0
+  br i1 %13, label %tk.ins.chk, label %tk.ins.end
 
-then:                                             ; preds = %ins.done
-  %23 = sub nsw i64 %C, 1
-  %24 = icmp slt i64 %8, %23
-  %last = select i1 %24, i64 %8, i64 %23
-  %25 = sub nsw i64 %last, %21
-  br label %shift
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %14 = sub nsw i64 %p, 1
+  %15 = getelementptr inbounds i64, ptr %pick, i64 %14
+  %16 = load i64, ptr %15, align 8
+  %17 = mul nsw i64 %16, 64
+  %18 = add nsw i64 %e, %17
+  %19 = getelementptr inbounds float, ptr %weights, i64 %18
+  %20 = load float, ptr %19, align 4
+  %21 = fcmp uno float %11, %11
+  %22 = fcmp ugt float %11, %20
+  %23 = xor i1 %21, true
+  %24 = and i1 %23, %22
+  br i1 %24, label %tk.ins.body, label %tk.ins.end
 
-shift:                                            ; preds = %shift8, %then
-  %shift10 = phi i64 [ 0, %then ], [ %32, %shift8 ]
-  %26 = icmp slt i64 %shift10, %25
-  br i1 %26, label %shift8, label %shift9
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %25 = icmp slt i64 %p, %C
+  br i1 %25, label %tk.shift.then, label %tk.shift.end
 
-shift8:                                           ; preds = %shift
-  %27 = sub nsw i64 %last, %shift10
-  %28 = sub nsw i64 %27, 1
-  %29 = getelementptr inbounds i64, ptr %pick, i64 %28
-  %30 = load i64, ptr %29, align 8
-  %31 = getelementptr inbounds i64, ptr %pick, i64 %27
-  store i64 %30, ptr %31, align 8
-  %32 = add nsw i64 %shift10, 1
-  br label %shift
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %26 = getelementptr inbounds i64, ptr %pick, i64 %p
+  store i64 %16, ptr %26, align 8
+  br label %tk.shift.end
 
-shift9:                                           ; preds = %shift
-  %33 = getelementptr inbounds i64, ptr %pick, i64 %21
-  store i64 %t7, ptr %33, align 8
-  %34 = icmp slt i64 %8, %C
-  %35 = add nsw i64 %8, 1
-  %36 = select i1 %34, i64 %35, i64 %8
-  store i64 %36, ptr %m, align 8
-  br label %endif
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-endif:                                            ; preds = %shift9, %ins.done
-  %37 = add nsw i64 %t7, 1
-  br label %t
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %27 = icmp slt i64 %pf, %C
+  br i1 %27, label %tk.put.then, label %tk.put.end
 
-t6:                                               ; preds = %t
-  %38 = load i64, ptr %m, align 8
-  br label %mark
+tk.put.then:                                      ; preds = %tk.ins.end
+  %28 = getelementptr inbounds i64, ptr %pick, i64 %pf
+  store i64 %tk, ptr %28, align 8
+  br label %tk.put.end
 
-mark:                                             ; preds = %mark11, %t6
-  %mark13 = phi i64 [ 0, %t6 ], [ %49, %mark11 ]
-  %39 = icmp slt i64 %mark13, %38
-  br i1 %39, label %mark11, label %mark12
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %29 = add nsw i64 %12, 1
+  %30 = icmp slt i64 %29, %C
+  %31 = select i1 %30, i64 %29, i64 %C
+  store i64 %31, ptr %tk.m, align 8
+  %32 = add nsw i64 %tk, 1
+  br label %tk.head
 
-mark11:                                           ; preds = %mark
-  %40 = getelementptr inbounds i64, ptr %pick, i64 %mark13
-  %41 = load i64, ptr %40, align 8
-  %42 = mul nsw i64 %41, 64
-  %43 = add nsw i64 %42, %e4
-  %44 = getelementptr inbounds i32, ptr %ids, i64 %43
-  store i32 %1, ptr %44, align 4
-  %45 = getelementptr inbounds float, ptr %weights, i64 %43
-  %46 = load float, ptr %45, align 4
-  %47 = fmul float %46, 1.000000e+00
-  %48 = getelementptr inbounds float, ptr %weights, i64 %43
-  store float %47, ptr %48, align 4
-  %49 = add nsw i64 %mark13, 1
-  br label %mark
+tk.end:                                           ; preds = %tk.head
+  %33 = load i64, ptr %tk.m, align 8
+  br label %mark.head
 
-mark12:                                           ; preds = %mark
-  %50 = add nsw i64 %e4, 1
-  br label %e
+mark.head:                                        ; preds = %mark.body, %tk.end
+  %mark = phi i64 [ 0, %tk.end ], [ %44, %mark.body ]
+  %34 = icmp slt i64 %mark, %33
+  br i1 %34, label %mark.body, label %mark.end
 
-e3:                                               ; preds = %e
+mark.body:                                        ; preds = %mark.head
+  %35 = getelementptr inbounds i64, ptr %pick, i64 %mark
+  %36 = load i64, ptr %35, align 8
+  %37 = mul nsw i64 %36, 64
+  %38 = add nsw i64 %37, %e
+  %39 = getelementptr inbounds i32, ptr %ids, i64 %38
+  store i32 %1, ptr %39, align 4
+  %40 = getelementptr inbounds float, ptr %weights, i64 %38
+  %41 = load float, ptr %40, align 4
+  %42 = fmul float %41, 1.000000e+00
+  %43 = getelementptr inbounds float, ptr %weights, i64 %38
+  store float %42, ptr %43, align 4
+  %44 = add nsw i64 %mark, 1
+  br label %mark.head
+
+mark.end:                                         ; preds = %mark.head
+  %45 = add nsw i64 %e, 1
+  br label %e.head
+
+e.end:                                            ; preds = %e.head
   ret void
 }
 
@@ -424,43 +452,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0023 = alloca <8 x float>, align 32
-  %acc0124 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2029 = alloca <8 x float>, align 32
-  %acc2130 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc4035 = alloca <8 x float>, align 32
-  %acc4136 = alloca <8 x float>, align 32
-  %acc0065 = alloca <8 x float>, align 32
-  %acc0166 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc2071 = alloca <8 x float>, align 32
-  %acc2172 = alloca <8 x float>, align 32
-  %acc3074 = alloca <8 x float>, align 32
-  %acc3175 = alloca <8 x float>, align 32
-  %acc00100 = alloca <8 x float>, align 32
-  %acc01101 = alloca <8 x float>, align 32
-  %acc10103 = alloca <8 x float>, align 32
-  %acc11104 = alloca <8 x float>, align 32
-  %acc20106 = alloca <8 x float>, align 32
-  %acc21107 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc10131 = alloca <8 x float>, align 32
-  %acc11132 = alloca <8 x float>, align 32
-  %acc00149 = alloca <8 x float>, align 32
-  %acc01150 = alloca <8 x float>, align 32
+  %acc0017 = alloca <8 x float>, align 32
+  %acc0118 = alloca <8 x float>, align 32
+  %acc1019 = alloca <8 x float>, align 32
+  %acc1120 = alloca <8 x float>, align 32
+  %acc2021 = alloca <8 x float>, align 32
+  %acc2122 = alloca <8 x float>, align 32
+  %acc3023 = alloca <8 x float>, align 32
+  %acc3124 = alloca <8 x float>, align 32
+  %acc4025 = alloca <8 x float>, align 32
+  %acc4126 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc3053 = alloca <8 x float>, align 32
+  %acc3154 = alloca <8 x float>, align 32
+  %acc0072 = alloca <8 x float>, align 32
+  %acc0173 = alloca <8 x float>, align 32
+  %acc1074 = alloca <8 x float>, align 32
+  %acc1175 = alloca <8 x float>, align 32
+  %acc2076 = alloca <8 x float>, align 32
+  %acc2177 = alloca <8 x float>, align 32
+  %acc0092 = alloca <8 x float>, align 32
+  %acc0193 = alloca <8 x float>, align 32
+  %acc1094 = alloca <8 x float>, align 32
+  %acc1195 = alloca <8 x float>, align 32
+  %acc00107 = alloca <8 x float>, align 32
+  %acc01108 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1747, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1801, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -468,7 +496,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1746, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1800, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -490,2076 +518,2076 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 768
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 768
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 768
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 768
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 768
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 768
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 768
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 768
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 768
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 768
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 768
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 768
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %95, %k.body ]
+  %39 = icmp slt i64 %k, 768
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds float, ptr %panels, i64 %35
-  %b0 = load <8 x float>, ptr %36, align 4
-  %37 = add nsw i64 %35, 8
-  %38 = getelementptr inbounds float, ptr %panels, i64 %37
-  %b1 = load <8 x float>, ptr %38, align 4
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds float, ptr %panels, i64 %41
+  %43 = load <8 x float>, ptr %42, align 4
+  %44 = add nsw i64 %41, 8
+  %45 = getelementptr inbounds float, ptr %panels, i64 %44
+  %46 = load <8 x float>, ptr %45, align 4
+  %47 = getelementptr inbounds float, ptr %8, i64 %k
   %48 = load float, ptr %47, align 4
   %49 = insertelement <8 x float> poison, float %48, i32 0
   %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
+  %51 = load <8 x float>, ptr %acc00, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %43, <8 x float> %51)
+  store <8 x float> %52, ptr %acc00, align 4
+  %53 = load <8 x float>, ptr %acc01, align 4
+  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %46, <8 x float> %53)
+  store <8 x float> %54, ptr %acc01, align 4
+  %55 = getelementptr inbounds float, ptr %14, i64 %k
   %56 = load float, ptr %55, align 4
   %57 = insertelement <8 x float> poison, float %56, i32 0
   %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
+  %59 = load <8 x float>, ptr %acc10, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %43, <8 x float> %59)
+  store <8 x float> %60, ptr %acc10, align 4
+  %61 = load <8 x float>, ptr %acc11, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %46, <8 x float> %61)
+  store <8 x float> %62, ptr %acc11, align 4
+  %63 = getelementptr inbounds float, ptr %20, i64 %k
   %64 = load float, ptr %63, align 4
   %65 = insertelement <8 x float> poison, float %64, i32 0
   %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
+  %67 = load <8 x float>, ptr %acc20, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %43, <8 x float> %67)
+  store <8 x float> %68, ptr %acc20, align 4
+  %69 = load <8 x float>, ptr %acc21, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %46, <8 x float> %69)
+  store <8 x float> %70, ptr %acc21, align 4
+  %71 = getelementptr inbounds float, ptr %26, i64 %k
   %72 = load float, ptr %71, align 4
   %73 = insertelement <8 x float> poison, float %72, i32 0
   %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
+  %75 = load <8 x float>, ptr %acc30, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %43, <8 x float> %75)
+  store <8 x float> %76, ptr %acc30, align 4
+  %77 = load <8 x float>, ptr %acc31, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %46, <8 x float> %77)
+  store <8 x float> %78, ptr %acc31, align 4
+  %79 = getelementptr inbounds float, ptr %32, i64 %k
   %80 = load float, ptr %79, align 4
   %81 = insertelement <8 x float> poison, float %80, i32 0
   %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %83 = load <8 x float>, ptr %acc40, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %43, <8 x float> %83)
+  store <8 x float> %84, ptr %acc40, align 4
+  %85 = load <8 x float>, ptr %acc41, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %46, <8 x float> %85)
+  store <8 x float> %86, ptr %acc41, align 4
+  %87 = getelementptr inbounds float, ptr %38, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc50, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %43, <8 x float> %91)
+  store <8 x float> %92, ptr %acc50, align 4
+  %93 = load <8 x float>, ptr %acc51, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %46, <8 x float> %93)
+  store <8 x float> %94, ptr %acc51, align 4
+  %95 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 3072
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %96 = add nsw i64 %r0, 0
+  %97 = getelementptr inbounds float, ptr %rw, i64 %96
+  %98 = load float, ptr %97, align 4
+  %99 = insertelement <8 x float> poison, float %98, i32 0
+  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
+  %101 = mul nsw i64 %96, 3072
+  %102 = getelementptr inbounds float, ptr %h, i64 %101
   %col = mul nsw i64 %p, 16
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = add nsw i64 %col, 0
-  %97 = fmul <8 x float> %94, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %98 = extractelement <8 x float> %97, i32 0
-  %99 = call float @erff(float %98)
-  %100 = insertelement <8 x float> poison, float %99, i32 0
-  %101 = extractelement <8 x float> %97, i32 1
-  %102 = call float @erff(float %101)
-  %103 = insertelement <8 x float> %100, float %102, i32 1
-  %104 = extractelement <8 x float> %97, i32 2
-  %105 = call float @erff(float %104)
-  %106 = insertelement <8 x float> %103, float %105, i32 2
-  %107 = extractelement <8 x float> %97, i32 3
+  %103 = load <8 x float>, ptr %acc00, align 4
+  %104 = load <8 x float>, ptr %acc01, align 4
+  %105 = add nsw i64 %col, 0
+  %106 = fmul <8 x float> %103, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %107 = extractelement <8 x float> %106, i32 0
   %108 = call float @erff(float %107)
-  %109 = insertelement <8 x float> %106, float %108, i32 3
-  %110 = extractelement <8 x float> %97, i32 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = extractelement <8 x float> %106, i32 1
   %111 = call float @erff(float %110)
-  %112 = insertelement <8 x float> %109, float %111, i32 4
-  %113 = extractelement <8 x float> %97, i32 5
+  %112 = insertelement <8 x float> %109, float %111, i32 1
+  %113 = extractelement <8 x float> %106, i32 2
   %114 = call float @erff(float %113)
-  %115 = insertelement <8 x float> %112, float %114, i32 5
-  %116 = extractelement <8 x float> %97, i32 6
+  %115 = insertelement <8 x float> %112, float %114, i32 2
+  %116 = extractelement <8 x float> %106, i32 3
   %117 = call float @erff(float %116)
-  %118 = insertelement <8 x float> %115, float %117, i32 6
-  %119 = extractelement <8 x float> %97, i32 7
+  %118 = insertelement <8 x float> %115, float %117, i32 3
+  %119 = extractelement <8 x float> %106, i32 4
   %120 = call float @erff(float %119)
-  %121 = insertelement <8 x float> %118, float %120, i32 7
-  %122 = fadd <8 x float> %121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %123 = fmul <8 x float> %94, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu = fmul <8 x float> %123, %122
-  %124 = fmul <8 x float> %gelu, %91
-  %125 = getelementptr inbounds float, ptr %93, i64 %96
-  store <8 x float> %124, ptr %125, align 4
-  %126 = add nsw i64 %col, 8
-  %127 = fmul <8 x float> %95, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %128 = extractelement <8 x float> %127, i32 0
+  %121 = insertelement <8 x float> %118, float %120, i32 4
+  %122 = extractelement <8 x float> %106, i32 5
+  %123 = call float @erff(float %122)
+  %124 = insertelement <8 x float> %121, float %123, i32 5
+  %125 = extractelement <8 x float> %106, i32 6
+  %126 = call float @erff(float %125)
+  %127 = insertelement <8 x float> %124, float %126, i32 6
+  %128 = extractelement <8 x float> %106, i32 7
   %129 = call float @erff(float %128)
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = extractelement <8 x float> %127, i32 1
-  %132 = call float @erff(float %131)
-  %133 = insertelement <8 x float> %130, float %132, i32 1
-  %134 = extractelement <8 x float> %127, i32 2
-  %135 = call float @erff(float %134)
-  %136 = insertelement <8 x float> %133, float %135, i32 2
-  %137 = extractelement <8 x float> %127, i32 3
+  %130 = insertelement <8 x float> %127, float %129, i32 7
+  %131 = fadd <8 x float> %130, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %132 = fmul <8 x float> %103, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu = fmul <8 x float> %132, %131
+  %133 = fmul <8 x float> %gelu, %100
+  %134 = getelementptr inbounds float, ptr %102, i64 %105
+  store <8 x float> %133, ptr %134, align 4
+  %135 = add nsw i64 %col, 8
+  %136 = fmul <8 x float> %104, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %137 = extractelement <8 x float> %136, i32 0
   %138 = call float @erff(float %137)
-  %139 = insertelement <8 x float> %136, float %138, i32 3
-  %140 = extractelement <8 x float> %127, i32 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = extractelement <8 x float> %136, i32 1
   %141 = call float @erff(float %140)
-  %142 = insertelement <8 x float> %139, float %141, i32 4
-  %143 = extractelement <8 x float> %127, i32 5
+  %142 = insertelement <8 x float> %139, float %141, i32 1
+  %143 = extractelement <8 x float> %136, i32 2
   %144 = call float @erff(float %143)
-  %145 = insertelement <8 x float> %142, float %144, i32 5
-  %146 = extractelement <8 x float> %127, i32 6
+  %145 = insertelement <8 x float> %142, float %144, i32 2
+  %146 = extractelement <8 x float> %136, i32 3
   %147 = call float @erff(float %146)
-  %148 = insertelement <8 x float> %145, float %147, i32 6
-  %149 = extractelement <8 x float> %127, i32 7
+  %148 = insertelement <8 x float> %145, float %147, i32 3
+  %149 = extractelement <8 x float> %136, i32 4
   %150 = call float @erff(float %149)
-  %151 = insertelement <8 x float> %148, float %150, i32 7
-  %152 = fadd <8 x float> %151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %153 = fmul <8 x float> %95, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu1 = fmul <8 x float> %153, %152
-  %154 = fmul <8 x float> %gelu1, %91
-  %155 = getelementptr inbounds float, ptr %93, i64 %126
-  store <8 x float> %154, ptr %155, align 4
-  %156 = add nsw i64 %r0, 1
-  %157 = getelementptr inbounds float, ptr %rw, i64 %156
-  %w2 = load float, ptr %157, align 4
-  %158 = insertelement <8 x float> poison, float %w2, i32 0
-  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
-  %160 = mul nsw i64 %156, 3072
-  %161 = getelementptr inbounds float, ptr %h, i64 %160
-  %col3 = mul nsw i64 %p, 16
-  %162 = load <8 x float>, ptr %acc10, align 4
-  %163 = load <8 x float>, ptr %acc11, align 4
-  %164 = add nsw i64 %col3, 0
-  %165 = fmul <8 x float> %162, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %166 = extractelement <8 x float> %165, i32 0
-  %167 = call float @erff(float %166)
+  %151 = insertelement <8 x float> %148, float %150, i32 4
+  %152 = extractelement <8 x float> %136, i32 5
+  %153 = call float @erff(float %152)
+  %154 = insertelement <8 x float> %151, float %153, i32 5
+  %155 = extractelement <8 x float> %136, i32 6
+  %156 = call float @erff(float %155)
+  %157 = insertelement <8 x float> %154, float %156, i32 6
+  %158 = extractelement <8 x float> %136, i32 7
+  %159 = call float @erff(float %158)
+  %160 = insertelement <8 x float> %157, float %159, i32 7
+  %161 = fadd <8 x float> %160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %162 = fmul <8 x float> %104, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu1 = fmul <8 x float> %162, %161
+  %163 = fmul <8 x float> %gelu1, %100
+  %164 = getelementptr inbounds float, ptr %102, i64 %135
+  store <8 x float> %163, ptr %164, align 4
+  %165 = add nsw i64 %r0, 1
+  %166 = getelementptr inbounds float, ptr %rw, i64 %165
+  %167 = load float, ptr %166, align 4
   %168 = insertelement <8 x float> poison, float %167, i32 0
-  %169 = extractelement <8 x float> %165, i32 1
-  %170 = call float @erff(float %169)
-  %171 = insertelement <8 x float> %168, float %170, i32 1
-  %172 = extractelement <8 x float> %165, i32 2
-  %173 = call float @erff(float %172)
-  %174 = insertelement <8 x float> %171, float %173, i32 2
-  %175 = extractelement <8 x float> %165, i32 3
-  %176 = call float @erff(float %175)
-  %177 = insertelement <8 x float> %174, float %176, i32 3
-  %178 = extractelement <8 x float> %165, i32 4
-  %179 = call float @erff(float %178)
-  %180 = insertelement <8 x float> %177, float %179, i32 4
-  %181 = extractelement <8 x float> %165, i32 5
-  %182 = call float @erff(float %181)
-  %183 = insertelement <8 x float> %180, float %182, i32 5
-  %184 = extractelement <8 x float> %165, i32 6
-  %185 = call float @erff(float %184)
-  %186 = insertelement <8 x float> %183, float %185, i32 6
-  %187 = extractelement <8 x float> %165, i32 7
-  %188 = call float @erff(float %187)
-  %189 = insertelement <8 x float> %186, float %188, i32 7
-  %190 = fadd <8 x float> %189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %191 = fmul <8 x float> %162, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu4 = fmul <8 x float> %191, %190
-  %192 = fmul <8 x float> %gelu4, %159
-  %193 = getelementptr inbounds float, ptr %161, i64 %164
-  store <8 x float> %192, ptr %193, align 4
-  %194 = add nsw i64 %col3, 8
-  %195 = fmul <8 x float> %163, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %196 = extractelement <8 x float> %195, i32 0
-  %197 = call float @erff(float %196)
-  %198 = insertelement <8 x float> poison, float %197, i32 0
-  %199 = extractelement <8 x float> %195, i32 1
-  %200 = call float @erff(float %199)
-  %201 = insertelement <8 x float> %198, float %200, i32 1
-  %202 = extractelement <8 x float> %195, i32 2
-  %203 = call float @erff(float %202)
-  %204 = insertelement <8 x float> %201, float %203, i32 2
-  %205 = extractelement <8 x float> %195, i32 3
-  %206 = call float @erff(float %205)
-  %207 = insertelement <8 x float> %204, float %206, i32 3
-  %208 = extractelement <8 x float> %195, i32 4
-  %209 = call float @erff(float %208)
-  %210 = insertelement <8 x float> %207, float %209, i32 4
-  %211 = extractelement <8 x float> %195, i32 5
-  %212 = call float @erff(float %211)
-  %213 = insertelement <8 x float> %210, float %212, i32 5
-  %214 = extractelement <8 x float> %195, i32 6
-  %215 = call float @erff(float %214)
-  %216 = insertelement <8 x float> %213, float %215, i32 6
-  %217 = extractelement <8 x float> %195, i32 7
-  %218 = call float @erff(float %217)
-  %219 = insertelement <8 x float> %216, float %218, i32 7
-  %220 = fadd <8 x float> %219, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %221 = fmul <8 x float> %163, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu5 = fmul <8 x float> %221, %220
-  %222 = fmul <8 x float> %gelu5, %159
-  %223 = getelementptr inbounds float, ptr %161, i64 %194
-  store <8 x float> %222, ptr %223, align 4
-  %224 = add nsw i64 %r0, 2
-  %225 = getelementptr inbounds float, ptr %rw, i64 %224
-  %w6 = load float, ptr %225, align 4
-  %226 = insertelement <8 x float> poison, float %w6, i32 0
-  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
-  %228 = mul nsw i64 %224, 3072
-  %229 = getelementptr inbounds float, ptr %h, i64 %228
-  %col7 = mul nsw i64 %p, 16
-  %230 = load <8 x float>, ptr %acc20, align 4
-  %231 = load <8 x float>, ptr %acc21, align 4
-  %232 = add nsw i64 %col7, 0
-  %233 = fmul <8 x float> %230, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %234 = extractelement <8 x float> %233, i32 0
-  %235 = call float @erff(float %234)
-  %236 = insertelement <8 x float> poison, float %235, i32 0
-  %237 = extractelement <8 x float> %233, i32 1
-  %238 = call float @erff(float %237)
-  %239 = insertelement <8 x float> %236, float %238, i32 1
-  %240 = extractelement <8 x float> %233, i32 2
-  %241 = call float @erff(float %240)
-  %242 = insertelement <8 x float> %239, float %241, i32 2
-  %243 = extractelement <8 x float> %233, i32 3
-  %244 = call float @erff(float %243)
-  %245 = insertelement <8 x float> %242, float %244, i32 3
-  %246 = extractelement <8 x float> %233, i32 4
-  %247 = call float @erff(float %246)
-  %248 = insertelement <8 x float> %245, float %247, i32 4
-  %249 = extractelement <8 x float> %233, i32 5
-  %250 = call float @erff(float %249)
-  %251 = insertelement <8 x float> %248, float %250, i32 5
-  %252 = extractelement <8 x float> %233, i32 6
-  %253 = call float @erff(float %252)
-  %254 = insertelement <8 x float> %251, float %253, i32 6
-  %255 = extractelement <8 x float> %233, i32 7
-  %256 = call float @erff(float %255)
-  %257 = insertelement <8 x float> %254, float %256, i32 7
-  %258 = fadd <8 x float> %257, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %259 = fmul <8 x float> %230, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu8 = fmul <8 x float> %259, %258
-  %260 = fmul <8 x float> %gelu8, %227
-  %261 = getelementptr inbounds float, ptr %229, i64 %232
-  store <8 x float> %260, ptr %261, align 4
-  %262 = add nsw i64 %col7, 8
-  %263 = fmul <8 x float> %231, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %264 = extractelement <8 x float> %263, i32 0
-  %265 = call float @erff(float %264)
-  %266 = insertelement <8 x float> poison, float %265, i32 0
-  %267 = extractelement <8 x float> %263, i32 1
-  %268 = call float @erff(float %267)
-  %269 = insertelement <8 x float> %266, float %268, i32 1
-  %270 = extractelement <8 x float> %263, i32 2
-  %271 = call float @erff(float %270)
-  %272 = insertelement <8 x float> %269, float %271, i32 2
-  %273 = extractelement <8 x float> %263, i32 3
-  %274 = call float @erff(float %273)
-  %275 = insertelement <8 x float> %272, float %274, i32 3
-  %276 = extractelement <8 x float> %263, i32 4
-  %277 = call float @erff(float %276)
-  %278 = insertelement <8 x float> %275, float %277, i32 4
-  %279 = extractelement <8 x float> %263, i32 5
-  %280 = call float @erff(float %279)
-  %281 = insertelement <8 x float> %278, float %280, i32 5
-  %282 = extractelement <8 x float> %263, i32 6
-  %283 = call float @erff(float %282)
-  %284 = insertelement <8 x float> %281, float %283, i32 6
-  %285 = extractelement <8 x float> %263, i32 7
-  %286 = call float @erff(float %285)
-  %287 = insertelement <8 x float> %284, float %286, i32 7
-  %288 = fadd <8 x float> %287, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %289 = fmul <8 x float> %231, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu9 = fmul <8 x float> %289, %288
-  %290 = fmul <8 x float> %gelu9, %227
-  %291 = getelementptr inbounds float, ptr %229, i64 %262
-  store <8 x float> %290, ptr %291, align 4
-  %292 = add nsw i64 %r0, 3
-  %293 = getelementptr inbounds float, ptr %rw, i64 %292
-  %w10 = load float, ptr %293, align 4
-  %294 = insertelement <8 x float> poison, float %w10, i32 0
-  %295 = shufflevector <8 x float> %294, <8 x float> poison, <8 x i32> zeroinitializer
-  %296 = mul nsw i64 %292, 3072
-  %297 = getelementptr inbounds float, ptr %h, i64 %296
-  %col11 = mul nsw i64 %p, 16
-  %298 = load <8 x float>, ptr %acc30, align 4
-  %299 = load <8 x float>, ptr %acc31, align 4
-  %300 = add nsw i64 %col11, 0
-  %301 = fmul <8 x float> %298, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %302 = extractelement <8 x float> %301, i32 0
-  %303 = call float @erff(float %302)
-  %304 = insertelement <8 x float> poison, float %303, i32 0
-  %305 = extractelement <8 x float> %301, i32 1
-  %306 = call float @erff(float %305)
-  %307 = insertelement <8 x float> %304, float %306, i32 1
-  %308 = extractelement <8 x float> %301, i32 2
-  %309 = call float @erff(float %308)
-  %310 = insertelement <8 x float> %307, float %309, i32 2
-  %311 = extractelement <8 x float> %301, i32 3
-  %312 = call float @erff(float %311)
-  %313 = insertelement <8 x float> %310, float %312, i32 3
-  %314 = extractelement <8 x float> %301, i32 4
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = mul nsw i64 %165, 3072
+  %171 = getelementptr inbounds float, ptr %h, i64 %170
+  %col2 = mul nsw i64 %p, 16
+  %172 = load <8 x float>, ptr %acc10, align 4
+  %173 = load <8 x float>, ptr %acc11, align 4
+  %174 = add nsw i64 %col2, 0
+  %175 = fmul <8 x float> %172, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %176 = extractelement <8 x float> %175, i32 0
+  %177 = call float @erff(float %176)
+  %178 = insertelement <8 x float> poison, float %177, i32 0
+  %179 = extractelement <8 x float> %175, i32 1
+  %180 = call float @erff(float %179)
+  %181 = insertelement <8 x float> %178, float %180, i32 1
+  %182 = extractelement <8 x float> %175, i32 2
+  %183 = call float @erff(float %182)
+  %184 = insertelement <8 x float> %181, float %183, i32 2
+  %185 = extractelement <8 x float> %175, i32 3
+  %186 = call float @erff(float %185)
+  %187 = insertelement <8 x float> %184, float %186, i32 3
+  %188 = extractelement <8 x float> %175, i32 4
+  %189 = call float @erff(float %188)
+  %190 = insertelement <8 x float> %187, float %189, i32 4
+  %191 = extractelement <8 x float> %175, i32 5
+  %192 = call float @erff(float %191)
+  %193 = insertelement <8 x float> %190, float %192, i32 5
+  %194 = extractelement <8 x float> %175, i32 6
+  %195 = call float @erff(float %194)
+  %196 = insertelement <8 x float> %193, float %195, i32 6
+  %197 = extractelement <8 x float> %175, i32 7
+  %198 = call float @erff(float %197)
+  %199 = insertelement <8 x float> %196, float %198, i32 7
+  %200 = fadd <8 x float> %199, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %201 = fmul <8 x float> %172, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu3 = fmul <8 x float> %201, %200
+  %202 = fmul <8 x float> %gelu3, %169
+  %203 = getelementptr inbounds float, ptr %171, i64 %174
+  store <8 x float> %202, ptr %203, align 4
+  %204 = add nsw i64 %col2, 8
+  %205 = fmul <8 x float> %173, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %206 = extractelement <8 x float> %205, i32 0
+  %207 = call float @erff(float %206)
+  %208 = insertelement <8 x float> poison, float %207, i32 0
+  %209 = extractelement <8 x float> %205, i32 1
+  %210 = call float @erff(float %209)
+  %211 = insertelement <8 x float> %208, float %210, i32 1
+  %212 = extractelement <8 x float> %205, i32 2
+  %213 = call float @erff(float %212)
+  %214 = insertelement <8 x float> %211, float %213, i32 2
+  %215 = extractelement <8 x float> %205, i32 3
+  %216 = call float @erff(float %215)
+  %217 = insertelement <8 x float> %214, float %216, i32 3
+  %218 = extractelement <8 x float> %205, i32 4
+  %219 = call float @erff(float %218)
+  %220 = insertelement <8 x float> %217, float %219, i32 4
+  %221 = extractelement <8 x float> %205, i32 5
+  %222 = call float @erff(float %221)
+  %223 = insertelement <8 x float> %220, float %222, i32 5
+  %224 = extractelement <8 x float> %205, i32 6
+  %225 = call float @erff(float %224)
+  %226 = insertelement <8 x float> %223, float %225, i32 6
+  %227 = extractelement <8 x float> %205, i32 7
+  %228 = call float @erff(float %227)
+  %229 = insertelement <8 x float> %226, float %228, i32 7
+  %230 = fadd <8 x float> %229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %231 = fmul <8 x float> %173, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu4 = fmul <8 x float> %231, %230
+  %232 = fmul <8 x float> %gelu4, %169
+  %233 = getelementptr inbounds float, ptr %171, i64 %204
+  store <8 x float> %232, ptr %233, align 4
+  %234 = add nsw i64 %r0, 2
+  %235 = getelementptr inbounds float, ptr %rw, i64 %234
+  %236 = load float, ptr %235, align 4
+  %237 = insertelement <8 x float> poison, float %236, i32 0
+  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
+  %239 = mul nsw i64 %234, 3072
+  %240 = getelementptr inbounds float, ptr %h, i64 %239
+  %col5 = mul nsw i64 %p, 16
+  %241 = load <8 x float>, ptr %acc20, align 4
+  %242 = load <8 x float>, ptr %acc21, align 4
+  %243 = add nsw i64 %col5, 0
+  %244 = fmul <8 x float> %241, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %245 = extractelement <8 x float> %244, i32 0
+  %246 = call float @erff(float %245)
+  %247 = insertelement <8 x float> poison, float %246, i32 0
+  %248 = extractelement <8 x float> %244, i32 1
+  %249 = call float @erff(float %248)
+  %250 = insertelement <8 x float> %247, float %249, i32 1
+  %251 = extractelement <8 x float> %244, i32 2
+  %252 = call float @erff(float %251)
+  %253 = insertelement <8 x float> %250, float %252, i32 2
+  %254 = extractelement <8 x float> %244, i32 3
+  %255 = call float @erff(float %254)
+  %256 = insertelement <8 x float> %253, float %255, i32 3
+  %257 = extractelement <8 x float> %244, i32 4
+  %258 = call float @erff(float %257)
+  %259 = insertelement <8 x float> %256, float %258, i32 4
+  %260 = extractelement <8 x float> %244, i32 5
+  %261 = call float @erff(float %260)
+  %262 = insertelement <8 x float> %259, float %261, i32 5
+  %263 = extractelement <8 x float> %244, i32 6
+  %264 = call float @erff(float %263)
+  %265 = insertelement <8 x float> %262, float %264, i32 6
+  %266 = extractelement <8 x float> %244, i32 7
+  %267 = call float @erff(float %266)
+  %268 = insertelement <8 x float> %265, float %267, i32 7
+  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %270 = fmul <8 x float> %241, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu6 = fmul <8 x float> %270, %269
+  %271 = fmul <8 x float> %gelu6, %238
+  %272 = getelementptr inbounds float, ptr %240, i64 %243
+  store <8 x float> %271, ptr %272, align 4
+  %273 = add nsw i64 %col5, 8
+  %274 = fmul <8 x float> %242, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %275 = extractelement <8 x float> %274, i32 0
+  %276 = call float @erff(float %275)
+  %277 = insertelement <8 x float> poison, float %276, i32 0
+  %278 = extractelement <8 x float> %274, i32 1
+  %279 = call float @erff(float %278)
+  %280 = insertelement <8 x float> %277, float %279, i32 1
+  %281 = extractelement <8 x float> %274, i32 2
+  %282 = call float @erff(float %281)
+  %283 = insertelement <8 x float> %280, float %282, i32 2
+  %284 = extractelement <8 x float> %274, i32 3
+  %285 = call float @erff(float %284)
+  %286 = insertelement <8 x float> %283, float %285, i32 3
+  %287 = extractelement <8 x float> %274, i32 4
+  %288 = call float @erff(float %287)
+  %289 = insertelement <8 x float> %286, float %288, i32 4
+  %290 = extractelement <8 x float> %274, i32 5
+  %291 = call float @erff(float %290)
+  %292 = insertelement <8 x float> %289, float %291, i32 5
+  %293 = extractelement <8 x float> %274, i32 6
+  %294 = call float @erff(float %293)
+  %295 = insertelement <8 x float> %292, float %294, i32 6
+  %296 = extractelement <8 x float> %274, i32 7
+  %297 = call float @erff(float %296)
+  %298 = insertelement <8 x float> %295, float %297, i32 7
+  %299 = fadd <8 x float> %298, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %300 = fmul <8 x float> %242, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu7 = fmul <8 x float> %300, %299
+  %301 = fmul <8 x float> %gelu7, %238
+  %302 = getelementptr inbounds float, ptr %240, i64 %273
+  store <8 x float> %301, ptr %302, align 4
+  %303 = add nsw i64 %r0, 3
+  %304 = getelementptr inbounds float, ptr %rw, i64 %303
+  %305 = load float, ptr %304, align 4
+  %306 = insertelement <8 x float> poison, float %305, i32 0
+  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
+  %308 = mul nsw i64 %303, 3072
+  %309 = getelementptr inbounds float, ptr %h, i64 %308
+  %col8 = mul nsw i64 %p, 16
+  %310 = load <8 x float>, ptr %acc30, align 4
+  %311 = load <8 x float>, ptr %acc31, align 4
+  %312 = add nsw i64 %col8, 0
+  %313 = fmul <8 x float> %310, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %314 = extractelement <8 x float> %313, i32 0
   %315 = call float @erff(float %314)
-  %316 = insertelement <8 x float> %313, float %315, i32 4
-  %317 = extractelement <8 x float> %301, i32 5
+  %316 = insertelement <8 x float> poison, float %315, i32 0
+  %317 = extractelement <8 x float> %313, i32 1
   %318 = call float @erff(float %317)
-  %319 = insertelement <8 x float> %316, float %318, i32 5
-  %320 = extractelement <8 x float> %301, i32 6
+  %319 = insertelement <8 x float> %316, float %318, i32 1
+  %320 = extractelement <8 x float> %313, i32 2
   %321 = call float @erff(float %320)
-  %322 = insertelement <8 x float> %319, float %321, i32 6
-  %323 = extractelement <8 x float> %301, i32 7
+  %322 = insertelement <8 x float> %319, float %321, i32 2
+  %323 = extractelement <8 x float> %313, i32 3
   %324 = call float @erff(float %323)
-  %325 = insertelement <8 x float> %322, float %324, i32 7
-  %326 = fadd <8 x float> %325, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %327 = fmul <8 x float> %298, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu12 = fmul <8 x float> %327, %326
-  %328 = fmul <8 x float> %gelu12, %295
-  %329 = getelementptr inbounds float, ptr %297, i64 %300
-  store <8 x float> %328, ptr %329, align 4
-  %330 = add nsw i64 %col11, 8
-  %331 = fmul <8 x float> %299, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %332 = extractelement <8 x float> %331, i32 0
+  %325 = insertelement <8 x float> %322, float %324, i32 3
+  %326 = extractelement <8 x float> %313, i32 4
+  %327 = call float @erff(float %326)
+  %328 = insertelement <8 x float> %325, float %327, i32 4
+  %329 = extractelement <8 x float> %313, i32 5
+  %330 = call float @erff(float %329)
+  %331 = insertelement <8 x float> %328, float %330, i32 5
+  %332 = extractelement <8 x float> %313, i32 6
   %333 = call float @erff(float %332)
-  %334 = insertelement <8 x float> poison, float %333, i32 0
-  %335 = extractelement <8 x float> %331, i32 1
+  %334 = insertelement <8 x float> %331, float %333, i32 6
+  %335 = extractelement <8 x float> %313, i32 7
   %336 = call float @erff(float %335)
-  %337 = insertelement <8 x float> %334, float %336, i32 1
-  %338 = extractelement <8 x float> %331, i32 2
-  %339 = call float @erff(float %338)
-  %340 = insertelement <8 x float> %337, float %339, i32 2
-  %341 = extractelement <8 x float> %331, i32 3
-  %342 = call float @erff(float %341)
-  %343 = insertelement <8 x float> %340, float %342, i32 3
-  %344 = extractelement <8 x float> %331, i32 4
+  %337 = insertelement <8 x float> %334, float %336, i32 7
+  %338 = fadd <8 x float> %337, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %339 = fmul <8 x float> %310, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu9 = fmul <8 x float> %339, %338
+  %340 = fmul <8 x float> %gelu9, %307
+  %341 = getelementptr inbounds float, ptr %309, i64 %312
+  store <8 x float> %340, ptr %341, align 4
+  %342 = add nsw i64 %col8, 8
+  %343 = fmul <8 x float> %311, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %344 = extractelement <8 x float> %343, i32 0
   %345 = call float @erff(float %344)
-  %346 = insertelement <8 x float> %343, float %345, i32 4
-  %347 = extractelement <8 x float> %331, i32 5
+  %346 = insertelement <8 x float> poison, float %345, i32 0
+  %347 = extractelement <8 x float> %343, i32 1
   %348 = call float @erff(float %347)
-  %349 = insertelement <8 x float> %346, float %348, i32 5
-  %350 = extractelement <8 x float> %331, i32 6
+  %349 = insertelement <8 x float> %346, float %348, i32 1
+  %350 = extractelement <8 x float> %343, i32 2
   %351 = call float @erff(float %350)
-  %352 = insertelement <8 x float> %349, float %351, i32 6
-  %353 = extractelement <8 x float> %331, i32 7
+  %352 = insertelement <8 x float> %349, float %351, i32 2
+  %353 = extractelement <8 x float> %343, i32 3
   %354 = call float @erff(float %353)
-  %355 = insertelement <8 x float> %352, float %354, i32 7
-  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %357 = fmul <8 x float> %299, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu13 = fmul <8 x float> %357, %356
-  %358 = fmul <8 x float> %gelu13, %295
-  %359 = getelementptr inbounds float, ptr %297, i64 %330
-  store <8 x float> %358, ptr %359, align 4
-  %360 = add nsw i64 %r0, 4
-  %361 = getelementptr inbounds float, ptr %rw, i64 %360
-  %w14 = load float, ptr %361, align 4
-  %362 = insertelement <8 x float> poison, float %w14, i32 0
-  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = mul nsw i64 %360, 3072
-  %365 = getelementptr inbounds float, ptr %h, i64 %364
-  %col15 = mul nsw i64 %p, 16
-  %366 = load <8 x float>, ptr %acc40, align 4
-  %367 = load <8 x float>, ptr %acc41, align 4
-  %368 = add nsw i64 %col15, 0
-  %369 = fmul <8 x float> %366, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %370 = extractelement <8 x float> %369, i32 0
-  %371 = call float @erff(float %370)
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = extractelement <8 x float> %369, i32 1
-  %374 = call float @erff(float %373)
-  %375 = insertelement <8 x float> %372, float %374, i32 1
-  %376 = extractelement <8 x float> %369, i32 2
-  %377 = call float @erff(float %376)
-  %378 = insertelement <8 x float> %375, float %377, i32 2
-  %379 = extractelement <8 x float> %369, i32 3
-  %380 = call float @erff(float %379)
-  %381 = insertelement <8 x float> %378, float %380, i32 3
-  %382 = extractelement <8 x float> %369, i32 4
-  %383 = call float @erff(float %382)
-  %384 = insertelement <8 x float> %381, float %383, i32 4
-  %385 = extractelement <8 x float> %369, i32 5
-  %386 = call float @erff(float %385)
-  %387 = insertelement <8 x float> %384, float %386, i32 5
-  %388 = extractelement <8 x float> %369, i32 6
-  %389 = call float @erff(float %388)
-  %390 = insertelement <8 x float> %387, float %389, i32 6
-  %391 = extractelement <8 x float> %369, i32 7
-  %392 = call float @erff(float %391)
-  %393 = insertelement <8 x float> %390, float %392, i32 7
-  %394 = fadd <8 x float> %393, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %395 = fmul <8 x float> %366, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu16 = fmul <8 x float> %395, %394
-  %396 = fmul <8 x float> %gelu16, %363
-  %397 = getelementptr inbounds float, ptr %365, i64 %368
-  store <8 x float> %396, ptr %397, align 4
-  %398 = add nsw i64 %col15, 8
-  %399 = fmul <8 x float> %367, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %400 = extractelement <8 x float> %399, i32 0
-  %401 = call float @erff(float %400)
-  %402 = insertelement <8 x float> poison, float %401, i32 0
-  %403 = extractelement <8 x float> %399, i32 1
-  %404 = call float @erff(float %403)
-  %405 = insertelement <8 x float> %402, float %404, i32 1
-  %406 = extractelement <8 x float> %399, i32 2
-  %407 = call float @erff(float %406)
-  %408 = insertelement <8 x float> %405, float %407, i32 2
-  %409 = extractelement <8 x float> %399, i32 3
-  %410 = call float @erff(float %409)
-  %411 = insertelement <8 x float> %408, float %410, i32 3
-  %412 = extractelement <8 x float> %399, i32 4
-  %413 = call float @erff(float %412)
-  %414 = insertelement <8 x float> %411, float %413, i32 4
-  %415 = extractelement <8 x float> %399, i32 5
-  %416 = call float @erff(float %415)
-  %417 = insertelement <8 x float> %414, float %416, i32 5
-  %418 = extractelement <8 x float> %399, i32 6
-  %419 = call float @erff(float %418)
-  %420 = insertelement <8 x float> %417, float %419, i32 6
-  %421 = extractelement <8 x float> %399, i32 7
-  %422 = call float @erff(float %421)
-  %423 = insertelement <8 x float> %420, float %422, i32 7
-  %424 = fadd <8 x float> %423, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %425 = fmul <8 x float> %367, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu17 = fmul <8 x float> %425, %424
-  %426 = fmul <8 x float> %gelu17, %363
-  %427 = getelementptr inbounds float, ptr %365, i64 %398
-  store <8 x float> %426, ptr %427, align 4
-  %428 = add nsw i64 %r0, 5
-  %429 = getelementptr inbounds float, ptr %rw, i64 %428
-  %w18 = load float, ptr %429, align 4
-  %430 = insertelement <8 x float> poison, float %w18, i32 0
-  %431 = shufflevector <8 x float> %430, <8 x float> poison, <8 x i32> zeroinitializer
-  %432 = mul nsw i64 %428, 3072
-  %433 = getelementptr inbounds float, ptr %h, i64 %432
-  %col19 = mul nsw i64 %p, 16
-  %434 = load <8 x float>, ptr %acc50, align 4
-  %435 = load <8 x float>, ptr %acc51, align 4
-  %436 = add nsw i64 %col19, 0
-  %437 = fmul <8 x float> %434, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %438 = extractelement <8 x float> %437, i32 0
-  %439 = call float @erff(float %438)
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = extractelement <8 x float> %437, i32 1
-  %442 = call float @erff(float %441)
-  %443 = insertelement <8 x float> %440, float %442, i32 1
-  %444 = extractelement <8 x float> %437, i32 2
-  %445 = call float @erff(float %444)
-  %446 = insertelement <8 x float> %443, float %445, i32 2
-  %447 = extractelement <8 x float> %437, i32 3
-  %448 = call float @erff(float %447)
-  %449 = insertelement <8 x float> %446, float %448, i32 3
-  %450 = extractelement <8 x float> %437, i32 4
-  %451 = call float @erff(float %450)
-  %452 = insertelement <8 x float> %449, float %451, i32 4
-  %453 = extractelement <8 x float> %437, i32 5
-  %454 = call float @erff(float %453)
-  %455 = insertelement <8 x float> %452, float %454, i32 5
-  %456 = extractelement <8 x float> %437, i32 6
-  %457 = call float @erff(float %456)
-  %458 = insertelement <8 x float> %455, float %457, i32 6
-  %459 = extractelement <8 x float> %437, i32 7
-  %460 = call float @erff(float %459)
-  %461 = insertelement <8 x float> %458, float %460, i32 7
-  %462 = fadd <8 x float> %461, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %463 = fmul <8 x float> %434, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu20 = fmul <8 x float> %463, %462
-  %464 = fmul <8 x float> %gelu20, %431
-  %465 = getelementptr inbounds float, ptr %433, i64 %436
-  store <8 x float> %464, ptr %465, align 4
-  %466 = add nsw i64 %col19, 8
-  %467 = fmul <8 x float> %435, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %468 = extractelement <8 x float> %467, i32 0
-  %469 = call float @erff(float %468)
-  %470 = insertelement <8 x float> poison, float %469, i32 0
-  %471 = extractelement <8 x float> %467, i32 1
-  %472 = call float @erff(float %471)
-  %473 = insertelement <8 x float> %470, float %472, i32 1
-  %474 = extractelement <8 x float> %467, i32 2
-  %475 = call float @erff(float %474)
-  %476 = insertelement <8 x float> %473, float %475, i32 2
-  %477 = extractelement <8 x float> %467, i32 3
-  %478 = call float @erff(float %477)
-  %479 = insertelement <8 x float> %476, float %478, i32 3
-  %480 = extractelement <8 x float> %467, i32 4
-  %481 = call float @erff(float %480)
-  %482 = insertelement <8 x float> %479, float %481, i32 4
-  %483 = extractelement <8 x float> %467, i32 5
-  %484 = call float @erff(float %483)
-  %485 = insertelement <8 x float> %482, float %484, i32 5
-  %486 = extractelement <8 x float> %467, i32 6
-  %487 = call float @erff(float %486)
-  %488 = insertelement <8 x float> %485, float %487, i32 6
-  %489 = extractelement <8 x float> %467, i32 7
-  %490 = call float @erff(float %489)
-  %491 = insertelement <8 x float> %488, float %490, i32 7
-  %492 = fadd <8 x float> %491, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %493 = fmul <8 x float> %435, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu21 = fmul <8 x float> %493, %492
-  %494 = fmul <8 x float> %gelu21, %431
-  %495 = getelementptr inbounds float, ptr %433, i64 %466
-  store <8 x float> %494, ptr %495, align 4
+  %355 = insertelement <8 x float> %352, float %354, i32 3
+  %356 = extractelement <8 x float> %343, i32 4
+  %357 = call float @erff(float %356)
+  %358 = insertelement <8 x float> %355, float %357, i32 4
+  %359 = extractelement <8 x float> %343, i32 5
+  %360 = call float @erff(float %359)
+  %361 = insertelement <8 x float> %358, float %360, i32 5
+  %362 = extractelement <8 x float> %343, i32 6
+  %363 = call float @erff(float %362)
+  %364 = insertelement <8 x float> %361, float %363, i32 6
+  %365 = extractelement <8 x float> %343, i32 7
+  %366 = call float @erff(float %365)
+  %367 = insertelement <8 x float> %364, float %366, i32 7
+  %368 = fadd <8 x float> %367, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %369 = fmul <8 x float> %311, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu10 = fmul <8 x float> %369, %368
+  %370 = fmul <8 x float> %gelu10, %307
+  %371 = getelementptr inbounds float, ptr %309, i64 %342
+  store <8 x float> %370, ptr %371, align 4
+  %372 = add nsw i64 %r0, 4
+  %373 = getelementptr inbounds float, ptr %rw, i64 %372
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = mul nsw i64 %372, 3072
+  %378 = getelementptr inbounds float, ptr %h, i64 %377
+  %col11 = mul nsw i64 %p, 16
+  %379 = load <8 x float>, ptr %acc40, align 4
+  %380 = load <8 x float>, ptr %acc41, align 4
+  %381 = add nsw i64 %col11, 0
+  %382 = fmul <8 x float> %379, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %383 = extractelement <8 x float> %382, i32 0
+  %384 = call float @erff(float %383)
+  %385 = insertelement <8 x float> poison, float %384, i32 0
+  %386 = extractelement <8 x float> %382, i32 1
+  %387 = call float @erff(float %386)
+  %388 = insertelement <8 x float> %385, float %387, i32 1
+  %389 = extractelement <8 x float> %382, i32 2
+  %390 = call float @erff(float %389)
+  %391 = insertelement <8 x float> %388, float %390, i32 2
+  %392 = extractelement <8 x float> %382, i32 3
+  %393 = call float @erff(float %392)
+  %394 = insertelement <8 x float> %391, float %393, i32 3
+  %395 = extractelement <8 x float> %382, i32 4
+  %396 = call float @erff(float %395)
+  %397 = insertelement <8 x float> %394, float %396, i32 4
+  %398 = extractelement <8 x float> %382, i32 5
+  %399 = call float @erff(float %398)
+  %400 = insertelement <8 x float> %397, float %399, i32 5
+  %401 = extractelement <8 x float> %382, i32 6
+  %402 = call float @erff(float %401)
+  %403 = insertelement <8 x float> %400, float %402, i32 6
+  %404 = extractelement <8 x float> %382, i32 7
+  %405 = call float @erff(float %404)
+  %406 = insertelement <8 x float> %403, float %405, i32 7
+  %407 = fadd <8 x float> %406, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %408 = fmul <8 x float> %379, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu12 = fmul <8 x float> %408, %407
+  %409 = fmul <8 x float> %gelu12, %376
+  %410 = getelementptr inbounds float, ptr %378, i64 %381
+  store <8 x float> %409, ptr %410, align 4
+  %411 = add nsw i64 %col11, 8
+  %412 = fmul <8 x float> %380, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %413 = extractelement <8 x float> %412, i32 0
+  %414 = call float @erff(float %413)
+  %415 = insertelement <8 x float> poison, float %414, i32 0
+  %416 = extractelement <8 x float> %412, i32 1
+  %417 = call float @erff(float %416)
+  %418 = insertelement <8 x float> %415, float %417, i32 1
+  %419 = extractelement <8 x float> %412, i32 2
+  %420 = call float @erff(float %419)
+  %421 = insertelement <8 x float> %418, float %420, i32 2
+  %422 = extractelement <8 x float> %412, i32 3
+  %423 = call float @erff(float %422)
+  %424 = insertelement <8 x float> %421, float %423, i32 3
+  %425 = extractelement <8 x float> %412, i32 4
+  %426 = call float @erff(float %425)
+  %427 = insertelement <8 x float> %424, float %426, i32 4
+  %428 = extractelement <8 x float> %412, i32 5
+  %429 = call float @erff(float %428)
+  %430 = insertelement <8 x float> %427, float %429, i32 5
+  %431 = extractelement <8 x float> %412, i32 6
+  %432 = call float @erff(float %431)
+  %433 = insertelement <8 x float> %430, float %432, i32 6
+  %434 = extractelement <8 x float> %412, i32 7
+  %435 = call float @erff(float %434)
+  %436 = insertelement <8 x float> %433, float %435, i32 7
+  %437 = fadd <8 x float> %436, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %438 = fmul <8 x float> %380, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu13 = fmul <8 x float> %438, %437
+  %439 = fmul <8 x float> %gelu13, %376
+  %440 = getelementptr inbounds float, ptr %378, i64 %411
+  store <8 x float> %439, ptr %440, align 4
+  %441 = add nsw i64 %r0, 5
+  %442 = getelementptr inbounds float, ptr %rw, i64 %441
+  %443 = load float, ptr %442, align 4
+  %444 = insertelement <8 x float> poison, float %443, i32 0
+  %445 = shufflevector <8 x float> %444, <8 x float> poison, <8 x i32> zeroinitializer
+  %446 = mul nsw i64 %441, 3072
+  %447 = getelementptr inbounds float, ptr %h, i64 %446
+  %col14 = mul nsw i64 %p, 16
+  %448 = load <8 x float>, ptr %acc50, align 4
+  %449 = load <8 x float>, ptr %acc51, align 4
+  %450 = add nsw i64 %col14, 0
+  %451 = fmul <8 x float> %448, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %452 = extractelement <8 x float> %451, i32 0
+  %453 = call float @erff(float %452)
+  %454 = insertelement <8 x float> poison, float %453, i32 0
+  %455 = extractelement <8 x float> %451, i32 1
+  %456 = call float @erff(float %455)
+  %457 = insertelement <8 x float> %454, float %456, i32 1
+  %458 = extractelement <8 x float> %451, i32 2
+  %459 = call float @erff(float %458)
+  %460 = insertelement <8 x float> %457, float %459, i32 2
+  %461 = extractelement <8 x float> %451, i32 3
+  %462 = call float @erff(float %461)
+  %463 = insertelement <8 x float> %460, float %462, i32 3
+  %464 = extractelement <8 x float> %451, i32 4
+  %465 = call float @erff(float %464)
+  %466 = insertelement <8 x float> %463, float %465, i32 4
+  %467 = extractelement <8 x float> %451, i32 5
+  %468 = call float @erff(float %467)
+  %469 = insertelement <8 x float> %466, float %468, i32 5
+  %470 = extractelement <8 x float> %451, i32 6
+  %471 = call float @erff(float %470)
+  %472 = insertelement <8 x float> %469, float %471, i32 6
+  %473 = extractelement <8 x float> %451, i32 7
+  %474 = call float @erff(float %473)
+  %475 = insertelement <8 x float> %472, float %474, i32 7
+  %476 = fadd <8 x float> %475, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %477 = fmul <8 x float> %448, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu15 = fmul <8 x float> %477, %476
+  %478 = fmul <8 x float> %gelu15, %445
+  %479 = getelementptr inbounds float, ptr %447, i64 %450
+  store <8 x float> %478, ptr %479, align 4
+  %480 = add nsw i64 %col14, 8
+  %481 = fmul <8 x float> %449, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %482 = extractelement <8 x float> %481, i32 0
+  %483 = call float @erff(float %482)
+  %484 = insertelement <8 x float> poison, float %483, i32 0
+  %485 = extractelement <8 x float> %481, i32 1
+  %486 = call float @erff(float %485)
+  %487 = insertelement <8 x float> %484, float %486, i32 1
+  %488 = extractelement <8 x float> %481, i32 2
+  %489 = call float @erff(float %488)
+  %490 = insertelement <8 x float> %487, float %489, i32 2
+  %491 = extractelement <8 x float> %481, i32 3
+  %492 = call float @erff(float %491)
+  %493 = insertelement <8 x float> %490, float %492, i32 3
+  %494 = extractelement <8 x float> %481, i32 4
+  %495 = call float @erff(float %494)
+  %496 = insertelement <8 x float> %493, float %495, i32 4
+  %497 = extractelement <8 x float> %481, i32 5
+  %498 = call float @erff(float %497)
+  %499 = insertelement <8 x float> %496, float %498, i32 5
+  %500 = extractelement <8 x float> %481, i32 6
+  %501 = call float @erff(float %500)
+  %502 = insertelement <8 x float> %499, float %501, i32 6
+  %503 = extractelement <8 x float> %481, i32 7
+  %504 = call float @erff(float %503)
+  %505 = insertelement <8 x float> %502, float %504, i32 7
+  %506 = fadd <8 x float> %505, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %507 = fmul <8 x float> %449, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu16 = fmul <8 x float> %507, %506
+  %508 = fmul <8 x float> %gelu16, %445
+  %509 = getelementptr inbounds float, ptr %447, i64 %480
+  store <8 x float> %508, ptr %509, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %496 = add nsw i64 %r0, 0
-  %497 = getelementptr inbounds i32, ptr %rows, i64 %496
-  %498 = load i32, ptr %497, align 4
-  %499 = sext i32 %498 to i64
-  %500 = mul nsw i64 %499, 768
-  %a022 = getelementptr inbounds float, ptr %x, i64 %500
-  store <8 x float> zeroinitializer, ptr %acc0023, align 4
-  store <8 x float> zeroinitializer, ptr %acc0124, align 4
-  %501 = add nsw i64 %r0, 1
-  %502 = getelementptr inbounds i32, ptr %rows, i64 %501
-  %503 = load i32, ptr %502, align 4
-  %504 = sext i32 %503 to i64
-  %505 = mul nsw i64 %504, 768
-  %a125 = getelementptr inbounds float, ptr %x, i64 %505
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %506 = add nsw i64 %r0, 2
-  %507 = getelementptr inbounds i32, ptr %rows, i64 %506
-  %508 = load i32, ptr %507, align 4
-  %509 = sext i32 %508 to i64
-  %510 = mul nsw i64 %509, 768
-  %a228 = getelementptr inbounds float, ptr %x, i64 %510
-  store <8 x float> zeroinitializer, ptr %acc2029, align 4
-  store <8 x float> zeroinitializer, ptr %acc2130, align 4
-  %511 = add nsw i64 %r0, 3
-  %512 = getelementptr inbounds i32, ptr %rows, i64 %511
-  %513 = load i32, ptr %512, align 4
-  %514 = sext i32 %513 to i64
-  %515 = mul nsw i64 %514, 768
-  %a331 = getelementptr inbounds float, ptr %x, i64 %515
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
-  %516 = add nsw i64 %r0, 4
+  %510 = add nsw i64 %r0, 0
+  %511 = getelementptr inbounds i32, ptr %rows, i64 %510
+  %512 = load i32, ptr %511, align 4
+  %513 = sext i32 %512 to i64
+  %514 = mul nsw i64 %513, 768
+  %515 = getelementptr inbounds float, ptr %x, i64 %514
+  store <8 x float> zeroinitializer, ptr %acc0017, align 4
+  store <8 x float> zeroinitializer, ptr %acc0118, align 4
+  %516 = add nsw i64 %r0, 1
   %517 = getelementptr inbounds i32, ptr %rows, i64 %516
   %518 = load i32, ptr %517, align 4
   %519 = sext i32 %518 to i64
   %520 = mul nsw i64 %519, 768
-  %a434 = getelementptr inbounds float, ptr %x, i64 %520
-  store <8 x float> zeroinitializer, ptr %acc4035, align 4
-  store <8 x float> zeroinitializer, ptr %acc4136, align 4
-  %panel.off37 = mul nsw i64 %p, 12288
-  br label %k.head38
+  %521 = getelementptr inbounds float, ptr %x, i64 %520
+  store <8 x float> zeroinitializer, ptr %acc1019, align 4
+  store <8 x float> zeroinitializer, ptr %acc1120, align 4
+  %522 = add nsw i64 %r0, 2
+  %523 = getelementptr inbounds i32, ptr %rows, i64 %522
+  %524 = load i32, ptr %523, align 4
+  %525 = sext i32 %524 to i64
+  %526 = mul nsw i64 %525, 768
+  %527 = getelementptr inbounds float, ptr %x, i64 %526
+  store <8 x float> zeroinitializer, ptr %acc2021, align 4
+  store <8 x float> zeroinitializer, ptr %acc2122, align 4
+  %528 = add nsw i64 %r0, 3
+  %529 = getelementptr inbounds i32, ptr %rows, i64 %528
+  %530 = load i32, ptr %529, align 4
+  %531 = sext i32 %530 to i64
+  %532 = mul nsw i64 %531, 768
+  %533 = getelementptr inbounds float, ptr %x, i64 %532
+  store <8 x float> zeroinitializer, ptr %acc3023, align 4
+  store <8 x float> zeroinitializer, ptr %acc3124, align 4
+  %534 = add nsw i64 %r0, 4
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %534
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 768
+  %539 = getelementptr inbounds float, ptr %x, i64 %538
+  store <8 x float> zeroinitializer, ptr %acc4025, align 4
+  store <8 x float> zeroinitializer, ptr %acc4126, align 4
+  %panel.off27 = mul nsw i64 %p, 12288
+  br label %k.head28
 
-k.head38:                                         ; preds = %k.body39, %tile.mr5
-  %k41 = phi i64 [ 0, %tile.mr5 ], [ %567, %k.body39 ]
-  %521 = icmp slt i64 %k41, 768
-  br i1 %521, label %k.body39, label %k.end40
+k.head28:                                         ; preds = %k.body29, %tile.mr5
+  %k31 = phi i64 [ 0, %tile.mr5 ], [ %588, %k.body29 ]
+  %540 = icmp slt i64 %k31, 768
+  br i1 %540, label %k.body29, label %k.end30
 
-k.body39:                                         ; preds = %k.head38
-  %522 = mul nsw i64 %k41, 16
-  %523 = add nsw i64 %panel.off37, %522
-  %524 = getelementptr inbounds float, ptr %panels, i64 %523
-  %b042 = load <8 x float>, ptr %524, align 4
-  %525 = add nsw i64 %523, 8
-  %526 = getelementptr inbounds float, ptr %panels, i64 %525
-  %b143 = load <8 x float>, ptr %526, align 4
-  %527 = getelementptr inbounds float, ptr %a022, i64 %k41
-  %528 = load float, ptr %527, align 4
-  %529 = insertelement <8 x float> poison, float %528, i32 0
-  %530 = shufflevector <8 x float> %529, <8 x float> poison, <8 x i32> zeroinitializer
-  %531 = load <8 x float>, ptr %acc0023, align 4
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %b042, <8 x float> %531)
-  store <8 x float> %532, ptr %acc0023, align 4
-  %533 = load <8 x float>, ptr %acc0124, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %b143, <8 x float> %533)
-  store <8 x float> %534, ptr %acc0124, align 4
-  %535 = getelementptr inbounds float, ptr %a125, i64 %k41
-  %536 = load float, ptr %535, align 4
-  %537 = insertelement <8 x float> poison, float %536, i32 0
-  %538 = shufflevector <8 x float> %537, <8 x float> poison, <8 x i32> zeroinitializer
-  %539 = load <8 x float>, ptr %acc1026, align 4
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> %b042, <8 x float> %539)
-  store <8 x float> %540, ptr %acc1026, align 4
-  %541 = load <8 x float>, ptr %acc1127, align 4
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> %b143, <8 x float> %541)
-  store <8 x float> %542, ptr %acc1127, align 4
-  %543 = getelementptr inbounds float, ptr %a228, i64 %k41
-  %544 = load float, ptr %543, align 4
-  %545 = insertelement <8 x float> poison, float %544, i32 0
-  %546 = shufflevector <8 x float> %545, <8 x float> poison, <8 x i32> zeroinitializer
-  %547 = load <8 x float>, ptr %acc2029, align 4
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %b042, <8 x float> %547)
-  store <8 x float> %548, ptr %acc2029, align 4
-  %549 = load <8 x float>, ptr %acc2130, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %b143, <8 x float> %549)
-  store <8 x float> %550, ptr %acc2130, align 4
-  %551 = getelementptr inbounds float, ptr %a331, i64 %k41
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = load <8 x float>, ptr %acc3032, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %b042, <8 x float> %555)
-  store <8 x float> %556, ptr %acc3032, align 4
-  %557 = load <8 x float>, ptr %acc3133, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %b143, <8 x float> %557)
-  store <8 x float> %558, ptr %acc3133, align 4
-  %559 = getelementptr inbounds float, ptr %a434, i64 %k41
-  %560 = load float, ptr %559, align 4
-  %561 = insertelement <8 x float> poison, float %560, i32 0
-  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
-  %563 = load <8 x float>, ptr %acc4035, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b042, <8 x float> %563)
-  store <8 x float> %564, ptr %acc4035, align 4
-  %565 = load <8 x float>, ptr %acc4136, align 4
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b143, <8 x float> %565)
-  store <8 x float> %566, ptr %acc4136, align 4
-  %567 = add nsw i64 %k41, 1
-  br label %k.head38
+k.body29:                                         ; preds = %k.head28
+  %541 = mul nsw i64 %k31, 16
+  %542 = add nsw i64 %panel.off27, %541
+  %543 = getelementptr inbounds float, ptr %panels, i64 %542
+  %544 = load <8 x float>, ptr %543, align 4
+  %545 = add nsw i64 %542, 8
+  %546 = getelementptr inbounds float, ptr %panels, i64 %545
+  %547 = load <8 x float>, ptr %546, align 4
+  %548 = getelementptr inbounds float, ptr %515, i64 %k31
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc0017, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %544, <8 x float> %552)
+  store <8 x float> %553, ptr %acc0017, align 4
+  %554 = load <8 x float>, ptr %acc0118, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> %554)
+  store <8 x float> %555, ptr %acc0118, align 4
+  %556 = getelementptr inbounds float, ptr %521, i64 %k31
+  %557 = load float, ptr %556, align 4
+  %558 = insertelement <8 x float> poison, float %557, i32 0
+  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
+  %560 = load <8 x float>, ptr %acc1019, align 4
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %544, <8 x float> %560)
+  store <8 x float> %561, ptr %acc1019, align 4
+  %562 = load <8 x float>, ptr %acc1120, align 4
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %547, <8 x float> %562)
+  store <8 x float> %563, ptr %acc1120, align 4
+  %564 = getelementptr inbounds float, ptr %527, i64 %k31
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc2021, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %544, <8 x float> %568)
+  store <8 x float> %569, ptr %acc2021, align 4
+  %570 = load <8 x float>, ptr %acc2122, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %547, <8 x float> %570)
+  store <8 x float> %571, ptr %acc2122, align 4
+  %572 = getelementptr inbounds float, ptr %533, i64 %k31
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc3023, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %544, <8 x float> %576)
+  store <8 x float> %577, ptr %acc3023, align 4
+  %578 = load <8 x float>, ptr %acc3124, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %547, <8 x float> %578)
+  store <8 x float> %579, ptr %acc3124, align 4
+  %580 = getelementptr inbounds float, ptr %539, i64 %k31
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc4025, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %544, <8 x float> %584)
+  store <8 x float> %585, ptr %acc4025, align 4
+  %586 = load <8 x float>, ptr %acc4126, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %547, <8 x float> %586)
+  store <8 x float> %587, ptr %acc4126, align 4
+  %588 = add nsw i64 %k31, 1
+  br label %k.head28
 
-k.end40:                                          ; preds = %k.head38
-  %568 = add nsw i64 %r0, 0
-  %569 = getelementptr inbounds float, ptr %rw, i64 %568
-  %w44 = load float, ptr %569, align 4
-  %570 = insertelement <8 x float> poison, float %w44, i32 0
-  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
-  %572 = mul nsw i64 %568, 3072
-  %573 = getelementptr inbounds float, ptr %h, i64 %572
-  %col45 = mul nsw i64 %p, 16
-  %574 = load <8 x float>, ptr %acc0023, align 4
-  %575 = load <8 x float>, ptr %acc0124, align 4
-  %576 = add nsw i64 %col45, 0
-  %577 = fmul <8 x float> %574, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %578 = extractelement <8 x float> %577, i32 0
-  %579 = call float @erff(float %578)
-  %580 = insertelement <8 x float> poison, float %579, i32 0
-  %581 = extractelement <8 x float> %577, i32 1
-  %582 = call float @erff(float %581)
-  %583 = insertelement <8 x float> %580, float %582, i32 1
-  %584 = extractelement <8 x float> %577, i32 2
-  %585 = call float @erff(float %584)
-  %586 = insertelement <8 x float> %583, float %585, i32 2
-  %587 = extractelement <8 x float> %577, i32 3
-  %588 = call float @erff(float %587)
-  %589 = insertelement <8 x float> %586, float %588, i32 3
-  %590 = extractelement <8 x float> %577, i32 4
-  %591 = call float @erff(float %590)
-  %592 = insertelement <8 x float> %589, float %591, i32 4
-  %593 = extractelement <8 x float> %577, i32 5
-  %594 = call float @erff(float %593)
-  %595 = insertelement <8 x float> %592, float %594, i32 5
-  %596 = extractelement <8 x float> %577, i32 6
-  %597 = call float @erff(float %596)
-  %598 = insertelement <8 x float> %595, float %597, i32 6
-  %599 = extractelement <8 x float> %577, i32 7
-  %600 = call float @erff(float %599)
-  %601 = insertelement <8 x float> %598, float %600, i32 7
-  %602 = fadd <8 x float> %601, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %603 = fmul <8 x float> %574, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu46 = fmul <8 x float> %603, %602
-  %604 = fmul <8 x float> %gelu46, %571
-  %605 = getelementptr inbounds float, ptr %573, i64 %576
-  store <8 x float> %604, ptr %605, align 4
-  %606 = add nsw i64 %col45, 8
-  %607 = fmul <8 x float> %575, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %608 = extractelement <8 x float> %607, i32 0
-  %609 = call float @erff(float %608)
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = extractelement <8 x float> %607, i32 1
-  %612 = call float @erff(float %611)
-  %613 = insertelement <8 x float> %610, float %612, i32 1
-  %614 = extractelement <8 x float> %607, i32 2
-  %615 = call float @erff(float %614)
-  %616 = insertelement <8 x float> %613, float %615, i32 2
-  %617 = extractelement <8 x float> %607, i32 3
-  %618 = call float @erff(float %617)
-  %619 = insertelement <8 x float> %616, float %618, i32 3
-  %620 = extractelement <8 x float> %607, i32 4
-  %621 = call float @erff(float %620)
-  %622 = insertelement <8 x float> %619, float %621, i32 4
-  %623 = extractelement <8 x float> %607, i32 5
-  %624 = call float @erff(float %623)
-  %625 = insertelement <8 x float> %622, float %624, i32 5
-  %626 = extractelement <8 x float> %607, i32 6
-  %627 = call float @erff(float %626)
-  %628 = insertelement <8 x float> %625, float %627, i32 6
-  %629 = extractelement <8 x float> %607, i32 7
-  %630 = call float @erff(float %629)
-  %631 = insertelement <8 x float> %628, float %630, i32 7
-  %632 = fadd <8 x float> %631, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %633 = fmul <8 x float> %575, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu47 = fmul <8 x float> %633, %632
-  %634 = fmul <8 x float> %gelu47, %571
-  %635 = getelementptr inbounds float, ptr %573, i64 %606
-  store <8 x float> %634, ptr %635, align 4
-  %636 = add nsw i64 %r0, 1
-  %637 = getelementptr inbounds float, ptr %rw, i64 %636
-  %w48 = load float, ptr %637, align 4
-  %638 = insertelement <8 x float> poison, float %w48, i32 0
-  %639 = shufflevector <8 x float> %638, <8 x float> poison, <8 x i32> zeroinitializer
-  %640 = mul nsw i64 %636, 3072
-  %641 = getelementptr inbounds float, ptr %h, i64 %640
-  %col49 = mul nsw i64 %p, 16
-  %642 = load <8 x float>, ptr %acc1026, align 4
-  %643 = load <8 x float>, ptr %acc1127, align 4
-  %644 = add nsw i64 %col49, 0
-  %645 = fmul <8 x float> %642, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %646 = extractelement <8 x float> %645, i32 0
-  %647 = call float @erff(float %646)
-  %648 = insertelement <8 x float> poison, float %647, i32 0
-  %649 = extractelement <8 x float> %645, i32 1
-  %650 = call float @erff(float %649)
-  %651 = insertelement <8 x float> %648, float %650, i32 1
-  %652 = extractelement <8 x float> %645, i32 2
-  %653 = call float @erff(float %652)
-  %654 = insertelement <8 x float> %651, float %653, i32 2
-  %655 = extractelement <8 x float> %645, i32 3
-  %656 = call float @erff(float %655)
-  %657 = insertelement <8 x float> %654, float %656, i32 3
-  %658 = extractelement <8 x float> %645, i32 4
-  %659 = call float @erff(float %658)
-  %660 = insertelement <8 x float> %657, float %659, i32 4
-  %661 = extractelement <8 x float> %645, i32 5
-  %662 = call float @erff(float %661)
-  %663 = insertelement <8 x float> %660, float %662, i32 5
-  %664 = extractelement <8 x float> %645, i32 6
-  %665 = call float @erff(float %664)
-  %666 = insertelement <8 x float> %663, float %665, i32 6
-  %667 = extractelement <8 x float> %645, i32 7
-  %668 = call float @erff(float %667)
-  %669 = insertelement <8 x float> %666, float %668, i32 7
-  %670 = fadd <8 x float> %669, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %671 = fmul <8 x float> %642, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu50 = fmul <8 x float> %671, %670
-  %672 = fmul <8 x float> %gelu50, %639
-  %673 = getelementptr inbounds float, ptr %641, i64 %644
-  store <8 x float> %672, ptr %673, align 4
-  %674 = add nsw i64 %col49, 8
-  %675 = fmul <8 x float> %643, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %676 = extractelement <8 x float> %675, i32 0
-  %677 = call float @erff(float %676)
-  %678 = insertelement <8 x float> poison, float %677, i32 0
-  %679 = extractelement <8 x float> %675, i32 1
-  %680 = call float @erff(float %679)
-  %681 = insertelement <8 x float> %678, float %680, i32 1
-  %682 = extractelement <8 x float> %675, i32 2
-  %683 = call float @erff(float %682)
-  %684 = insertelement <8 x float> %681, float %683, i32 2
-  %685 = extractelement <8 x float> %675, i32 3
-  %686 = call float @erff(float %685)
-  %687 = insertelement <8 x float> %684, float %686, i32 3
-  %688 = extractelement <8 x float> %675, i32 4
-  %689 = call float @erff(float %688)
-  %690 = insertelement <8 x float> %687, float %689, i32 4
-  %691 = extractelement <8 x float> %675, i32 5
-  %692 = call float @erff(float %691)
-  %693 = insertelement <8 x float> %690, float %692, i32 5
-  %694 = extractelement <8 x float> %675, i32 6
-  %695 = call float @erff(float %694)
-  %696 = insertelement <8 x float> %693, float %695, i32 6
-  %697 = extractelement <8 x float> %675, i32 7
-  %698 = call float @erff(float %697)
-  %699 = insertelement <8 x float> %696, float %698, i32 7
-  %700 = fadd <8 x float> %699, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %701 = fmul <8 x float> %643, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu51 = fmul <8 x float> %701, %700
-  %702 = fmul <8 x float> %gelu51, %639
-  %703 = getelementptr inbounds float, ptr %641, i64 %674
-  store <8 x float> %702, ptr %703, align 4
-  %704 = add nsw i64 %r0, 2
-  %705 = getelementptr inbounds float, ptr %rw, i64 %704
-  %w52 = load float, ptr %705, align 4
-  %706 = insertelement <8 x float> poison, float %w52, i32 0
-  %707 = shufflevector <8 x float> %706, <8 x float> poison, <8 x i32> zeroinitializer
-  %708 = mul nsw i64 %704, 3072
-  %709 = getelementptr inbounds float, ptr %h, i64 %708
-  %col53 = mul nsw i64 %p, 16
-  %710 = load <8 x float>, ptr %acc2029, align 4
-  %711 = load <8 x float>, ptr %acc2130, align 4
-  %712 = add nsw i64 %col53, 0
-  %713 = fmul <8 x float> %710, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %714 = extractelement <8 x float> %713, i32 0
+k.end30:                                          ; preds = %k.head28
+  %589 = add nsw i64 %r0, 0
+  %590 = getelementptr inbounds float, ptr %rw, i64 %589
+  %591 = load float, ptr %590, align 4
+  %592 = insertelement <8 x float> poison, float %591, i32 0
+  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
+  %594 = mul nsw i64 %589, 3072
+  %595 = getelementptr inbounds float, ptr %h, i64 %594
+  %col32 = mul nsw i64 %p, 16
+  %596 = load <8 x float>, ptr %acc0017, align 4
+  %597 = load <8 x float>, ptr %acc0118, align 4
+  %598 = add nsw i64 %col32, 0
+  %599 = fmul <8 x float> %596, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %600 = extractelement <8 x float> %599, i32 0
+  %601 = call float @erff(float %600)
+  %602 = insertelement <8 x float> poison, float %601, i32 0
+  %603 = extractelement <8 x float> %599, i32 1
+  %604 = call float @erff(float %603)
+  %605 = insertelement <8 x float> %602, float %604, i32 1
+  %606 = extractelement <8 x float> %599, i32 2
+  %607 = call float @erff(float %606)
+  %608 = insertelement <8 x float> %605, float %607, i32 2
+  %609 = extractelement <8 x float> %599, i32 3
+  %610 = call float @erff(float %609)
+  %611 = insertelement <8 x float> %608, float %610, i32 3
+  %612 = extractelement <8 x float> %599, i32 4
+  %613 = call float @erff(float %612)
+  %614 = insertelement <8 x float> %611, float %613, i32 4
+  %615 = extractelement <8 x float> %599, i32 5
+  %616 = call float @erff(float %615)
+  %617 = insertelement <8 x float> %614, float %616, i32 5
+  %618 = extractelement <8 x float> %599, i32 6
+  %619 = call float @erff(float %618)
+  %620 = insertelement <8 x float> %617, float %619, i32 6
+  %621 = extractelement <8 x float> %599, i32 7
+  %622 = call float @erff(float %621)
+  %623 = insertelement <8 x float> %620, float %622, i32 7
+  %624 = fadd <8 x float> %623, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %625 = fmul <8 x float> %596, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu33 = fmul <8 x float> %625, %624
+  %626 = fmul <8 x float> %gelu33, %593
+  %627 = getelementptr inbounds float, ptr %595, i64 %598
+  store <8 x float> %626, ptr %627, align 4
+  %628 = add nsw i64 %col32, 8
+  %629 = fmul <8 x float> %597, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %630 = extractelement <8 x float> %629, i32 0
+  %631 = call float @erff(float %630)
+  %632 = insertelement <8 x float> poison, float %631, i32 0
+  %633 = extractelement <8 x float> %629, i32 1
+  %634 = call float @erff(float %633)
+  %635 = insertelement <8 x float> %632, float %634, i32 1
+  %636 = extractelement <8 x float> %629, i32 2
+  %637 = call float @erff(float %636)
+  %638 = insertelement <8 x float> %635, float %637, i32 2
+  %639 = extractelement <8 x float> %629, i32 3
+  %640 = call float @erff(float %639)
+  %641 = insertelement <8 x float> %638, float %640, i32 3
+  %642 = extractelement <8 x float> %629, i32 4
+  %643 = call float @erff(float %642)
+  %644 = insertelement <8 x float> %641, float %643, i32 4
+  %645 = extractelement <8 x float> %629, i32 5
+  %646 = call float @erff(float %645)
+  %647 = insertelement <8 x float> %644, float %646, i32 5
+  %648 = extractelement <8 x float> %629, i32 6
+  %649 = call float @erff(float %648)
+  %650 = insertelement <8 x float> %647, float %649, i32 6
+  %651 = extractelement <8 x float> %629, i32 7
+  %652 = call float @erff(float %651)
+  %653 = insertelement <8 x float> %650, float %652, i32 7
+  %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %655 = fmul <8 x float> %597, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu34 = fmul <8 x float> %655, %654
+  %656 = fmul <8 x float> %gelu34, %593
+  %657 = getelementptr inbounds float, ptr %595, i64 %628
+  store <8 x float> %656, ptr %657, align 4
+  %658 = add nsw i64 %r0, 1
+  %659 = getelementptr inbounds float, ptr %rw, i64 %658
+  %660 = load float, ptr %659, align 4
+  %661 = insertelement <8 x float> poison, float %660, i32 0
+  %662 = shufflevector <8 x float> %661, <8 x float> poison, <8 x i32> zeroinitializer
+  %663 = mul nsw i64 %658, 3072
+  %664 = getelementptr inbounds float, ptr %h, i64 %663
+  %col35 = mul nsw i64 %p, 16
+  %665 = load <8 x float>, ptr %acc1019, align 4
+  %666 = load <8 x float>, ptr %acc1120, align 4
+  %667 = add nsw i64 %col35, 0
+  %668 = fmul <8 x float> %665, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %669 = extractelement <8 x float> %668, i32 0
+  %670 = call float @erff(float %669)
+  %671 = insertelement <8 x float> poison, float %670, i32 0
+  %672 = extractelement <8 x float> %668, i32 1
+  %673 = call float @erff(float %672)
+  %674 = insertelement <8 x float> %671, float %673, i32 1
+  %675 = extractelement <8 x float> %668, i32 2
+  %676 = call float @erff(float %675)
+  %677 = insertelement <8 x float> %674, float %676, i32 2
+  %678 = extractelement <8 x float> %668, i32 3
+  %679 = call float @erff(float %678)
+  %680 = insertelement <8 x float> %677, float %679, i32 3
+  %681 = extractelement <8 x float> %668, i32 4
+  %682 = call float @erff(float %681)
+  %683 = insertelement <8 x float> %680, float %682, i32 4
+  %684 = extractelement <8 x float> %668, i32 5
+  %685 = call float @erff(float %684)
+  %686 = insertelement <8 x float> %683, float %685, i32 5
+  %687 = extractelement <8 x float> %668, i32 6
+  %688 = call float @erff(float %687)
+  %689 = insertelement <8 x float> %686, float %688, i32 6
+  %690 = extractelement <8 x float> %668, i32 7
+  %691 = call float @erff(float %690)
+  %692 = insertelement <8 x float> %689, float %691, i32 7
+  %693 = fadd <8 x float> %692, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %694 = fmul <8 x float> %665, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu36 = fmul <8 x float> %694, %693
+  %695 = fmul <8 x float> %gelu36, %662
+  %696 = getelementptr inbounds float, ptr %664, i64 %667
+  store <8 x float> %695, ptr %696, align 4
+  %697 = add nsw i64 %col35, 8
+  %698 = fmul <8 x float> %666, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %699 = extractelement <8 x float> %698, i32 0
+  %700 = call float @erff(float %699)
+  %701 = insertelement <8 x float> poison, float %700, i32 0
+  %702 = extractelement <8 x float> %698, i32 1
+  %703 = call float @erff(float %702)
+  %704 = insertelement <8 x float> %701, float %703, i32 1
+  %705 = extractelement <8 x float> %698, i32 2
+  %706 = call float @erff(float %705)
+  %707 = insertelement <8 x float> %704, float %706, i32 2
+  %708 = extractelement <8 x float> %698, i32 3
+  %709 = call float @erff(float %708)
+  %710 = insertelement <8 x float> %707, float %709, i32 3
+  %711 = extractelement <8 x float> %698, i32 4
+  %712 = call float @erff(float %711)
+  %713 = insertelement <8 x float> %710, float %712, i32 4
+  %714 = extractelement <8 x float> %698, i32 5
   %715 = call float @erff(float %714)
-  %716 = insertelement <8 x float> poison, float %715, i32 0
-  %717 = extractelement <8 x float> %713, i32 1
+  %716 = insertelement <8 x float> %713, float %715, i32 5
+  %717 = extractelement <8 x float> %698, i32 6
   %718 = call float @erff(float %717)
-  %719 = insertelement <8 x float> %716, float %718, i32 1
-  %720 = extractelement <8 x float> %713, i32 2
+  %719 = insertelement <8 x float> %716, float %718, i32 6
+  %720 = extractelement <8 x float> %698, i32 7
   %721 = call float @erff(float %720)
-  %722 = insertelement <8 x float> %719, float %721, i32 2
-  %723 = extractelement <8 x float> %713, i32 3
-  %724 = call float @erff(float %723)
-  %725 = insertelement <8 x float> %722, float %724, i32 3
-  %726 = extractelement <8 x float> %713, i32 4
-  %727 = call float @erff(float %726)
-  %728 = insertelement <8 x float> %725, float %727, i32 4
-  %729 = extractelement <8 x float> %713, i32 5
-  %730 = call float @erff(float %729)
-  %731 = insertelement <8 x float> %728, float %730, i32 5
-  %732 = extractelement <8 x float> %713, i32 6
-  %733 = call float @erff(float %732)
-  %734 = insertelement <8 x float> %731, float %733, i32 6
-  %735 = extractelement <8 x float> %713, i32 7
-  %736 = call float @erff(float %735)
-  %737 = insertelement <8 x float> %734, float %736, i32 7
-  %738 = fadd <8 x float> %737, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %739 = fmul <8 x float> %710, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu54 = fmul <8 x float> %739, %738
-  %740 = fmul <8 x float> %gelu54, %707
-  %741 = getelementptr inbounds float, ptr %709, i64 %712
-  store <8 x float> %740, ptr %741, align 4
-  %742 = add nsw i64 %col53, 8
-  %743 = fmul <8 x float> %711, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %744 = extractelement <8 x float> %743, i32 0
+  %722 = insertelement <8 x float> %719, float %721, i32 7
+  %723 = fadd <8 x float> %722, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %724 = fmul <8 x float> %666, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu37 = fmul <8 x float> %724, %723
+  %725 = fmul <8 x float> %gelu37, %662
+  %726 = getelementptr inbounds float, ptr %664, i64 %697
+  store <8 x float> %725, ptr %726, align 4
+  %727 = add nsw i64 %r0, 2
+  %728 = getelementptr inbounds float, ptr %rw, i64 %727
+  %729 = load float, ptr %728, align 4
+  %730 = insertelement <8 x float> poison, float %729, i32 0
+  %731 = shufflevector <8 x float> %730, <8 x float> poison, <8 x i32> zeroinitializer
+  %732 = mul nsw i64 %727, 3072
+  %733 = getelementptr inbounds float, ptr %h, i64 %732
+  %col38 = mul nsw i64 %p, 16
+  %734 = load <8 x float>, ptr %acc2021, align 4
+  %735 = load <8 x float>, ptr %acc2122, align 4
+  %736 = add nsw i64 %col38, 0
+  %737 = fmul <8 x float> %734, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %738 = extractelement <8 x float> %737, i32 0
+  %739 = call float @erff(float %738)
+  %740 = insertelement <8 x float> poison, float %739, i32 0
+  %741 = extractelement <8 x float> %737, i32 1
+  %742 = call float @erff(float %741)
+  %743 = insertelement <8 x float> %740, float %742, i32 1
+  %744 = extractelement <8 x float> %737, i32 2
   %745 = call float @erff(float %744)
-  %746 = insertelement <8 x float> poison, float %745, i32 0
-  %747 = extractelement <8 x float> %743, i32 1
+  %746 = insertelement <8 x float> %743, float %745, i32 2
+  %747 = extractelement <8 x float> %737, i32 3
   %748 = call float @erff(float %747)
-  %749 = insertelement <8 x float> %746, float %748, i32 1
-  %750 = extractelement <8 x float> %743, i32 2
+  %749 = insertelement <8 x float> %746, float %748, i32 3
+  %750 = extractelement <8 x float> %737, i32 4
   %751 = call float @erff(float %750)
-  %752 = insertelement <8 x float> %749, float %751, i32 2
-  %753 = extractelement <8 x float> %743, i32 3
+  %752 = insertelement <8 x float> %749, float %751, i32 4
+  %753 = extractelement <8 x float> %737, i32 5
   %754 = call float @erff(float %753)
-  %755 = insertelement <8 x float> %752, float %754, i32 3
-  %756 = extractelement <8 x float> %743, i32 4
+  %755 = insertelement <8 x float> %752, float %754, i32 5
+  %756 = extractelement <8 x float> %737, i32 6
   %757 = call float @erff(float %756)
-  %758 = insertelement <8 x float> %755, float %757, i32 4
-  %759 = extractelement <8 x float> %743, i32 5
+  %758 = insertelement <8 x float> %755, float %757, i32 6
+  %759 = extractelement <8 x float> %737, i32 7
   %760 = call float @erff(float %759)
-  %761 = insertelement <8 x float> %758, float %760, i32 5
-  %762 = extractelement <8 x float> %743, i32 6
-  %763 = call float @erff(float %762)
-  %764 = insertelement <8 x float> %761, float %763, i32 6
-  %765 = extractelement <8 x float> %743, i32 7
-  %766 = call float @erff(float %765)
-  %767 = insertelement <8 x float> %764, float %766, i32 7
-  %768 = fadd <8 x float> %767, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %769 = fmul <8 x float> %711, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu55 = fmul <8 x float> %769, %768
-  %770 = fmul <8 x float> %gelu55, %707
-  %771 = getelementptr inbounds float, ptr %709, i64 %742
-  store <8 x float> %770, ptr %771, align 4
-  %772 = add nsw i64 %r0, 3
-  %773 = getelementptr inbounds float, ptr %rw, i64 %772
-  %w56 = load float, ptr %773, align 4
-  %774 = insertelement <8 x float> poison, float %w56, i32 0
-  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
-  %776 = mul nsw i64 %772, 3072
-  %777 = getelementptr inbounds float, ptr %h, i64 %776
-  %col57 = mul nsw i64 %p, 16
-  %778 = load <8 x float>, ptr %acc3032, align 4
-  %779 = load <8 x float>, ptr %acc3133, align 4
-  %780 = add nsw i64 %col57, 0
-  %781 = fmul <8 x float> %778, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %782 = extractelement <8 x float> %781, i32 0
-  %783 = call float @erff(float %782)
-  %784 = insertelement <8 x float> poison, float %783, i32 0
-  %785 = extractelement <8 x float> %781, i32 1
-  %786 = call float @erff(float %785)
-  %787 = insertelement <8 x float> %784, float %786, i32 1
-  %788 = extractelement <8 x float> %781, i32 2
-  %789 = call float @erff(float %788)
-  %790 = insertelement <8 x float> %787, float %789, i32 2
-  %791 = extractelement <8 x float> %781, i32 3
-  %792 = call float @erff(float %791)
-  %793 = insertelement <8 x float> %790, float %792, i32 3
-  %794 = extractelement <8 x float> %781, i32 4
-  %795 = call float @erff(float %794)
-  %796 = insertelement <8 x float> %793, float %795, i32 4
-  %797 = extractelement <8 x float> %781, i32 5
-  %798 = call float @erff(float %797)
-  %799 = insertelement <8 x float> %796, float %798, i32 5
-  %800 = extractelement <8 x float> %781, i32 6
-  %801 = call float @erff(float %800)
-  %802 = insertelement <8 x float> %799, float %801, i32 6
-  %803 = extractelement <8 x float> %781, i32 7
-  %804 = call float @erff(float %803)
-  %805 = insertelement <8 x float> %802, float %804, i32 7
-  %806 = fadd <8 x float> %805, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %807 = fmul <8 x float> %778, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu58 = fmul <8 x float> %807, %806
-  %808 = fmul <8 x float> %gelu58, %775
-  %809 = getelementptr inbounds float, ptr %777, i64 %780
-  store <8 x float> %808, ptr %809, align 4
-  %810 = add nsw i64 %col57, 8
-  %811 = fmul <8 x float> %779, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %812 = extractelement <8 x float> %811, i32 0
-  %813 = call float @erff(float %812)
-  %814 = insertelement <8 x float> poison, float %813, i32 0
-  %815 = extractelement <8 x float> %811, i32 1
-  %816 = call float @erff(float %815)
-  %817 = insertelement <8 x float> %814, float %816, i32 1
-  %818 = extractelement <8 x float> %811, i32 2
-  %819 = call float @erff(float %818)
-  %820 = insertelement <8 x float> %817, float %819, i32 2
-  %821 = extractelement <8 x float> %811, i32 3
-  %822 = call float @erff(float %821)
-  %823 = insertelement <8 x float> %820, float %822, i32 3
-  %824 = extractelement <8 x float> %811, i32 4
-  %825 = call float @erff(float %824)
-  %826 = insertelement <8 x float> %823, float %825, i32 4
-  %827 = extractelement <8 x float> %811, i32 5
-  %828 = call float @erff(float %827)
-  %829 = insertelement <8 x float> %826, float %828, i32 5
-  %830 = extractelement <8 x float> %811, i32 6
-  %831 = call float @erff(float %830)
-  %832 = insertelement <8 x float> %829, float %831, i32 6
-  %833 = extractelement <8 x float> %811, i32 7
-  %834 = call float @erff(float %833)
-  %835 = insertelement <8 x float> %832, float %834, i32 7
-  %836 = fadd <8 x float> %835, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %837 = fmul <8 x float> %779, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu59 = fmul <8 x float> %837, %836
-  %838 = fmul <8 x float> %gelu59, %775
-  %839 = getelementptr inbounds float, ptr %777, i64 %810
-  store <8 x float> %838, ptr %839, align 4
-  %840 = add nsw i64 %r0, 4
-  %841 = getelementptr inbounds float, ptr %rw, i64 %840
-  %w60 = load float, ptr %841, align 4
-  %842 = insertelement <8 x float> poison, float %w60, i32 0
-  %843 = shufflevector <8 x float> %842, <8 x float> poison, <8 x i32> zeroinitializer
-  %844 = mul nsw i64 %840, 3072
-  %845 = getelementptr inbounds float, ptr %h, i64 %844
-  %col61 = mul nsw i64 %p, 16
-  %846 = load <8 x float>, ptr %acc4035, align 4
-  %847 = load <8 x float>, ptr %acc4136, align 4
-  %848 = add nsw i64 %col61, 0
-  %849 = fmul <8 x float> %846, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %850 = extractelement <8 x float> %849, i32 0
-  %851 = call float @erff(float %850)
-  %852 = insertelement <8 x float> poison, float %851, i32 0
-  %853 = extractelement <8 x float> %849, i32 1
-  %854 = call float @erff(float %853)
-  %855 = insertelement <8 x float> %852, float %854, i32 1
-  %856 = extractelement <8 x float> %849, i32 2
-  %857 = call float @erff(float %856)
-  %858 = insertelement <8 x float> %855, float %857, i32 2
-  %859 = extractelement <8 x float> %849, i32 3
-  %860 = call float @erff(float %859)
-  %861 = insertelement <8 x float> %858, float %860, i32 3
-  %862 = extractelement <8 x float> %849, i32 4
-  %863 = call float @erff(float %862)
-  %864 = insertelement <8 x float> %861, float %863, i32 4
-  %865 = extractelement <8 x float> %849, i32 5
-  %866 = call float @erff(float %865)
-  %867 = insertelement <8 x float> %864, float %866, i32 5
-  %868 = extractelement <8 x float> %849, i32 6
-  %869 = call float @erff(float %868)
-  %870 = insertelement <8 x float> %867, float %869, i32 6
-  %871 = extractelement <8 x float> %849, i32 7
-  %872 = call float @erff(float %871)
-  %873 = insertelement <8 x float> %870, float %872, i32 7
-  %874 = fadd <8 x float> %873, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %875 = fmul <8 x float> %846, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu62 = fmul <8 x float> %875, %874
-  %876 = fmul <8 x float> %gelu62, %843
-  %877 = getelementptr inbounds float, ptr %845, i64 %848
-  store <8 x float> %876, ptr %877, align 4
-  %878 = add nsw i64 %col61, 8
-  %879 = fmul <8 x float> %847, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %880 = extractelement <8 x float> %879, i32 0
-  %881 = call float @erff(float %880)
-  %882 = insertelement <8 x float> poison, float %881, i32 0
-  %883 = extractelement <8 x float> %879, i32 1
-  %884 = call float @erff(float %883)
-  %885 = insertelement <8 x float> %882, float %884, i32 1
-  %886 = extractelement <8 x float> %879, i32 2
-  %887 = call float @erff(float %886)
-  %888 = insertelement <8 x float> %885, float %887, i32 2
-  %889 = extractelement <8 x float> %879, i32 3
-  %890 = call float @erff(float %889)
-  %891 = insertelement <8 x float> %888, float %890, i32 3
-  %892 = extractelement <8 x float> %879, i32 4
-  %893 = call float @erff(float %892)
-  %894 = insertelement <8 x float> %891, float %893, i32 4
-  %895 = extractelement <8 x float> %879, i32 5
-  %896 = call float @erff(float %895)
-  %897 = insertelement <8 x float> %894, float %896, i32 5
-  %898 = extractelement <8 x float> %879, i32 6
-  %899 = call float @erff(float %898)
-  %900 = insertelement <8 x float> %897, float %899, i32 6
-  %901 = extractelement <8 x float> %879, i32 7
-  %902 = call float @erff(float %901)
-  %903 = insertelement <8 x float> %900, float %902, i32 7
-  %904 = fadd <8 x float> %903, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %905 = fmul <8 x float> %847, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu63 = fmul <8 x float> %905, %904
-  %906 = fmul <8 x float> %gelu63, %843
-  %907 = getelementptr inbounds float, ptr %845, i64 %878
-  store <8 x float> %906, ptr %907, align 4
+  %761 = insertelement <8 x float> %758, float %760, i32 7
+  %762 = fadd <8 x float> %761, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %763 = fmul <8 x float> %734, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu39 = fmul <8 x float> %763, %762
+  %764 = fmul <8 x float> %gelu39, %731
+  %765 = getelementptr inbounds float, ptr %733, i64 %736
+  store <8 x float> %764, ptr %765, align 4
+  %766 = add nsw i64 %col38, 8
+  %767 = fmul <8 x float> %735, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %768 = extractelement <8 x float> %767, i32 0
+  %769 = call float @erff(float %768)
+  %770 = insertelement <8 x float> poison, float %769, i32 0
+  %771 = extractelement <8 x float> %767, i32 1
+  %772 = call float @erff(float %771)
+  %773 = insertelement <8 x float> %770, float %772, i32 1
+  %774 = extractelement <8 x float> %767, i32 2
+  %775 = call float @erff(float %774)
+  %776 = insertelement <8 x float> %773, float %775, i32 2
+  %777 = extractelement <8 x float> %767, i32 3
+  %778 = call float @erff(float %777)
+  %779 = insertelement <8 x float> %776, float %778, i32 3
+  %780 = extractelement <8 x float> %767, i32 4
+  %781 = call float @erff(float %780)
+  %782 = insertelement <8 x float> %779, float %781, i32 4
+  %783 = extractelement <8 x float> %767, i32 5
+  %784 = call float @erff(float %783)
+  %785 = insertelement <8 x float> %782, float %784, i32 5
+  %786 = extractelement <8 x float> %767, i32 6
+  %787 = call float @erff(float %786)
+  %788 = insertelement <8 x float> %785, float %787, i32 6
+  %789 = extractelement <8 x float> %767, i32 7
+  %790 = call float @erff(float %789)
+  %791 = insertelement <8 x float> %788, float %790, i32 7
+  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %793 = fmul <8 x float> %735, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu40 = fmul <8 x float> %793, %792
+  %794 = fmul <8 x float> %gelu40, %731
+  %795 = getelementptr inbounds float, ptr %733, i64 %766
+  store <8 x float> %794, ptr %795, align 4
+  %796 = add nsw i64 %r0, 3
+  %797 = getelementptr inbounds float, ptr %rw, i64 %796
+  %798 = load float, ptr %797, align 4
+  %799 = insertelement <8 x float> poison, float %798, i32 0
+  %800 = shufflevector <8 x float> %799, <8 x float> poison, <8 x i32> zeroinitializer
+  %801 = mul nsw i64 %796, 3072
+  %802 = getelementptr inbounds float, ptr %h, i64 %801
+  %col41 = mul nsw i64 %p, 16
+  %803 = load <8 x float>, ptr %acc3023, align 4
+  %804 = load <8 x float>, ptr %acc3124, align 4
+  %805 = add nsw i64 %col41, 0
+  %806 = fmul <8 x float> %803, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %807 = extractelement <8 x float> %806, i32 0
+  %808 = call float @erff(float %807)
+  %809 = insertelement <8 x float> poison, float %808, i32 0
+  %810 = extractelement <8 x float> %806, i32 1
+  %811 = call float @erff(float %810)
+  %812 = insertelement <8 x float> %809, float %811, i32 1
+  %813 = extractelement <8 x float> %806, i32 2
+  %814 = call float @erff(float %813)
+  %815 = insertelement <8 x float> %812, float %814, i32 2
+  %816 = extractelement <8 x float> %806, i32 3
+  %817 = call float @erff(float %816)
+  %818 = insertelement <8 x float> %815, float %817, i32 3
+  %819 = extractelement <8 x float> %806, i32 4
+  %820 = call float @erff(float %819)
+  %821 = insertelement <8 x float> %818, float %820, i32 4
+  %822 = extractelement <8 x float> %806, i32 5
+  %823 = call float @erff(float %822)
+  %824 = insertelement <8 x float> %821, float %823, i32 5
+  %825 = extractelement <8 x float> %806, i32 6
+  %826 = call float @erff(float %825)
+  %827 = insertelement <8 x float> %824, float %826, i32 6
+  %828 = extractelement <8 x float> %806, i32 7
+  %829 = call float @erff(float %828)
+  %830 = insertelement <8 x float> %827, float %829, i32 7
+  %831 = fadd <8 x float> %830, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %832 = fmul <8 x float> %803, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu42 = fmul <8 x float> %832, %831
+  %833 = fmul <8 x float> %gelu42, %800
+  %834 = getelementptr inbounds float, ptr %802, i64 %805
+  store <8 x float> %833, ptr %834, align 4
+  %835 = add nsw i64 %col41, 8
+  %836 = fmul <8 x float> %804, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %837 = extractelement <8 x float> %836, i32 0
+  %838 = call float @erff(float %837)
+  %839 = insertelement <8 x float> poison, float %838, i32 0
+  %840 = extractelement <8 x float> %836, i32 1
+  %841 = call float @erff(float %840)
+  %842 = insertelement <8 x float> %839, float %841, i32 1
+  %843 = extractelement <8 x float> %836, i32 2
+  %844 = call float @erff(float %843)
+  %845 = insertelement <8 x float> %842, float %844, i32 2
+  %846 = extractelement <8 x float> %836, i32 3
+  %847 = call float @erff(float %846)
+  %848 = insertelement <8 x float> %845, float %847, i32 3
+  %849 = extractelement <8 x float> %836, i32 4
+  %850 = call float @erff(float %849)
+  %851 = insertelement <8 x float> %848, float %850, i32 4
+  %852 = extractelement <8 x float> %836, i32 5
+  %853 = call float @erff(float %852)
+  %854 = insertelement <8 x float> %851, float %853, i32 5
+  %855 = extractelement <8 x float> %836, i32 6
+  %856 = call float @erff(float %855)
+  %857 = insertelement <8 x float> %854, float %856, i32 6
+  %858 = extractelement <8 x float> %836, i32 7
+  %859 = call float @erff(float %858)
+  %860 = insertelement <8 x float> %857, float %859, i32 7
+  %861 = fadd <8 x float> %860, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %862 = fmul <8 x float> %804, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu43 = fmul <8 x float> %862, %861
+  %863 = fmul <8 x float> %gelu43, %800
+  %864 = getelementptr inbounds float, ptr %802, i64 %835
+  store <8 x float> %863, ptr %864, align 4
+  %865 = add nsw i64 %r0, 4
+  %866 = getelementptr inbounds float, ptr %rw, i64 %865
+  %867 = load float, ptr %866, align 4
+  %868 = insertelement <8 x float> poison, float %867, i32 0
+  %869 = shufflevector <8 x float> %868, <8 x float> poison, <8 x i32> zeroinitializer
+  %870 = mul nsw i64 %865, 3072
+  %871 = getelementptr inbounds float, ptr %h, i64 %870
+  %col44 = mul nsw i64 %p, 16
+  %872 = load <8 x float>, ptr %acc4025, align 4
+  %873 = load <8 x float>, ptr %acc4126, align 4
+  %874 = add nsw i64 %col44, 0
+  %875 = fmul <8 x float> %872, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %876 = extractelement <8 x float> %875, i32 0
+  %877 = call float @erff(float %876)
+  %878 = insertelement <8 x float> poison, float %877, i32 0
+  %879 = extractelement <8 x float> %875, i32 1
+  %880 = call float @erff(float %879)
+  %881 = insertelement <8 x float> %878, float %880, i32 1
+  %882 = extractelement <8 x float> %875, i32 2
+  %883 = call float @erff(float %882)
+  %884 = insertelement <8 x float> %881, float %883, i32 2
+  %885 = extractelement <8 x float> %875, i32 3
+  %886 = call float @erff(float %885)
+  %887 = insertelement <8 x float> %884, float %886, i32 3
+  %888 = extractelement <8 x float> %875, i32 4
+  %889 = call float @erff(float %888)
+  %890 = insertelement <8 x float> %887, float %889, i32 4
+  %891 = extractelement <8 x float> %875, i32 5
+  %892 = call float @erff(float %891)
+  %893 = insertelement <8 x float> %890, float %892, i32 5
+  %894 = extractelement <8 x float> %875, i32 6
+  %895 = call float @erff(float %894)
+  %896 = insertelement <8 x float> %893, float %895, i32 6
+  %897 = extractelement <8 x float> %875, i32 7
+  %898 = call float @erff(float %897)
+  %899 = insertelement <8 x float> %896, float %898, i32 7
+  %900 = fadd <8 x float> %899, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %901 = fmul <8 x float> %872, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu45 = fmul <8 x float> %901, %900
+  %902 = fmul <8 x float> %gelu45, %869
+  %903 = getelementptr inbounds float, ptr %871, i64 %874
+  store <8 x float> %902, ptr %903, align 4
+  %904 = add nsw i64 %col44, 8
+  %905 = fmul <8 x float> %873, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %906 = extractelement <8 x float> %905, i32 0
+  %907 = call float @erff(float %906)
+  %908 = insertelement <8 x float> poison, float %907, i32 0
+  %909 = extractelement <8 x float> %905, i32 1
+  %910 = call float @erff(float %909)
+  %911 = insertelement <8 x float> %908, float %910, i32 1
+  %912 = extractelement <8 x float> %905, i32 2
+  %913 = call float @erff(float %912)
+  %914 = insertelement <8 x float> %911, float %913, i32 2
+  %915 = extractelement <8 x float> %905, i32 3
+  %916 = call float @erff(float %915)
+  %917 = insertelement <8 x float> %914, float %916, i32 3
+  %918 = extractelement <8 x float> %905, i32 4
+  %919 = call float @erff(float %918)
+  %920 = insertelement <8 x float> %917, float %919, i32 4
+  %921 = extractelement <8 x float> %905, i32 5
+  %922 = call float @erff(float %921)
+  %923 = insertelement <8 x float> %920, float %922, i32 5
+  %924 = extractelement <8 x float> %905, i32 6
+  %925 = call float @erff(float %924)
+  %926 = insertelement <8 x float> %923, float %925, i32 6
+  %927 = extractelement <8 x float> %905, i32 7
+  %928 = call float @erff(float %927)
+  %929 = insertelement <8 x float> %926, float %928, i32 7
+  %930 = fadd <8 x float> %929, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %931 = fmul <8 x float> %873, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu46 = fmul <8 x float> %931, %930
+  %932 = fmul <8 x float> %gelu46, %869
+  %933 = getelementptr inbounds float, ptr %871, i64 %904
+  store <8 x float> %932, ptr %933, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %908 = add nsw i64 %r0, 0
-  %909 = getelementptr inbounds i32, ptr %rows, i64 %908
-  %910 = load i32, ptr %909, align 4
-  %911 = sext i32 %910 to i64
-  %912 = mul nsw i64 %911, 768
-  %a064 = getelementptr inbounds float, ptr %x, i64 %912
-  store <8 x float> zeroinitializer, ptr %acc0065, align 4
-  store <8 x float> zeroinitializer, ptr %acc0166, align 4
-  %913 = add nsw i64 %r0, 1
-  %914 = getelementptr inbounds i32, ptr %rows, i64 %913
-  %915 = load i32, ptr %914, align 4
-  %916 = sext i32 %915 to i64
-  %917 = mul nsw i64 %916, 768
-  %a167 = getelementptr inbounds float, ptr %x, i64 %917
-  store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  store <8 x float> zeroinitializer, ptr %acc1169, align 4
-  %918 = add nsw i64 %r0, 2
-  %919 = getelementptr inbounds i32, ptr %rows, i64 %918
-  %920 = load i32, ptr %919, align 4
-  %921 = sext i32 %920 to i64
-  %922 = mul nsw i64 %921, 768
-  %a270 = getelementptr inbounds float, ptr %x, i64 %922
-  store <8 x float> zeroinitializer, ptr %acc2071, align 4
-  store <8 x float> zeroinitializer, ptr %acc2172, align 4
-  %923 = add nsw i64 %r0, 3
-  %924 = getelementptr inbounds i32, ptr %rows, i64 %923
-  %925 = load i32, ptr %924, align 4
-  %926 = sext i32 %925 to i64
-  %927 = mul nsw i64 %926, 768
-  %a373 = getelementptr inbounds float, ptr %x, i64 %927
-  store <8 x float> zeroinitializer, ptr %acc3074, align 4
-  store <8 x float> zeroinitializer, ptr %acc3175, align 4
-  %panel.off76 = mul nsw i64 %p, 12288
-  br label %k.head77
+  %934 = add nsw i64 %r0, 0
+  %935 = getelementptr inbounds i32, ptr %rows, i64 %934
+  %936 = load i32, ptr %935, align 4
+  %937 = sext i32 %936 to i64
+  %938 = mul nsw i64 %937, 768
+  %939 = getelementptr inbounds float, ptr %x, i64 %938
+  store <8 x float> zeroinitializer, ptr %acc0047, align 4
+  store <8 x float> zeroinitializer, ptr %acc0148, align 4
+  %940 = add nsw i64 %r0, 1
+  %941 = getelementptr inbounds i32, ptr %rows, i64 %940
+  %942 = load i32, ptr %941, align 4
+  %943 = sext i32 %942 to i64
+  %944 = mul nsw i64 %943, 768
+  %945 = getelementptr inbounds float, ptr %x, i64 %944
+  store <8 x float> zeroinitializer, ptr %acc1049, align 4
+  store <8 x float> zeroinitializer, ptr %acc1150, align 4
+  %946 = add nsw i64 %r0, 2
+  %947 = getelementptr inbounds i32, ptr %rows, i64 %946
+  %948 = load i32, ptr %947, align 4
+  %949 = sext i32 %948 to i64
+  %950 = mul nsw i64 %949, 768
+  %951 = getelementptr inbounds float, ptr %x, i64 %950
+  store <8 x float> zeroinitializer, ptr %acc2051, align 4
+  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %952 = add nsw i64 %r0, 3
+  %953 = getelementptr inbounds i32, ptr %rows, i64 %952
+  %954 = load i32, ptr %953, align 4
+  %955 = sext i32 %954 to i64
+  %956 = mul nsw i64 %955, 768
+  %957 = getelementptr inbounds float, ptr %x, i64 %956
+  store <8 x float> zeroinitializer, ptr %acc3053, align 4
+  store <8 x float> zeroinitializer, ptr %acc3154, align 4
+  %panel.off55 = mul nsw i64 %p, 12288
+  br label %k.head56
 
-k.head77:                                         ; preds = %k.body78, %tile.mr4
-  %k80 = phi i64 [ 0, %tile.mr4 ], [ %966, %k.body78 ]
-  %928 = icmp slt i64 %k80, 768
-  br i1 %928, label %k.body78, label %k.end79
+k.head56:                                         ; preds = %k.body57, %tile.mr4
+  %k59 = phi i64 [ 0, %tile.mr4 ], [ %998, %k.body57 ]
+  %958 = icmp slt i64 %k59, 768
+  br i1 %958, label %k.body57, label %k.end58
 
-k.body78:                                         ; preds = %k.head77
-  %929 = mul nsw i64 %k80, 16
-  %930 = add nsw i64 %panel.off76, %929
-  %931 = getelementptr inbounds float, ptr %panels, i64 %930
-  %b081 = load <8 x float>, ptr %931, align 4
-  %932 = add nsw i64 %930, 8
-  %933 = getelementptr inbounds float, ptr %panels, i64 %932
-  %b182 = load <8 x float>, ptr %933, align 4
-  %934 = getelementptr inbounds float, ptr %a064, i64 %k80
-  %935 = load float, ptr %934, align 4
-  %936 = insertelement <8 x float> poison, float %935, i32 0
-  %937 = shufflevector <8 x float> %936, <8 x float> poison, <8 x i32> zeroinitializer
-  %938 = load <8 x float>, ptr %acc0065, align 4
-  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %b081, <8 x float> %938)
-  store <8 x float> %939, ptr %acc0065, align 4
-  %940 = load <8 x float>, ptr %acc0166, align 4
-  %941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %b182, <8 x float> %940)
-  store <8 x float> %941, ptr %acc0166, align 4
-  %942 = getelementptr inbounds float, ptr %a167, i64 %k80
-  %943 = load float, ptr %942, align 4
-  %944 = insertelement <8 x float> poison, float %943, i32 0
-  %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
-  %946 = load <8 x float>, ptr %acc1068, align 4
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b081, <8 x float> %946)
-  store <8 x float> %947, ptr %acc1068, align 4
-  %948 = load <8 x float>, ptr %acc1169, align 4
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b182, <8 x float> %948)
-  store <8 x float> %949, ptr %acc1169, align 4
-  %950 = getelementptr inbounds float, ptr %a270, i64 %k80
-  %951 = load float, ptr %950, align 4
-  %952 = insertelement <8 x float> poison, float %951, i32 0
-  %953 = shufflevector <8 x float> %952, <8 x float> poison, <8 x i32> zeroinitializer
-  %954 = load <8 x float>, ptr %acc2071, align 4
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b081, <8 x float> %954)
-  store <8 x float> %955, ptr %acc2071, align 4
-  %956 = load <8 x float>, ptr %acc2172, align 4
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b182, <8 x float> %956)
-  store <8 x float> %957, ptr %acc2172, align 4
-  %958 = getelementptr inbounds float, ptr %a373, i64 %k80
-  %959 = load float, ptr %958, align 4
-  %960 = insertelement <8 x float> poison, float %959, i32 0
-  %961 = shufflevector <8 x float> %960, <8 x float> poison, <8 x i32> zeroinitializer
-  %962 = load <8 x float>, ptr %acc3074, align 4
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %b081, <8 x float> %962)
-  store <8 x float> %963, ptr %acc3074, align 4
-  %964 = load <8 x float>, ptr %acc3175, align 4
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %b182, <8 x float> %964)
-  store <8 x float> %965, ptr %acc3175, align 4
-  %966 = add nsw i64 %k80, 1
-  br label %k.head77
+k.body57:                                         ; preds = %k.head56
+  %959 = mul nsw i64 %k59, 16
+  %960 = add nsw i64 %panel.off55, %959
+  %961 = getelementptr inbounds float, ptr %panels, i64 %960
+  %962 = load <8 x float>, ptr %961, align 4
+  %963 = add nsw i64 %960, 8
+  %964 = getelementptr inbounds float, ptr %panels, i64 %963
+  %965 = load <8 x float>, ptr %964, align 4
+  %966 = getelementptr inbounds float, ptr %939, i64 %k59
+  %967 = load float, ptr %966, align 4
+  %968 = insertelement <8 x float> poison, float %967, i32 0
+  %969 = shufflevector <8 x float> %968, <8 x float> poison, <8 x i32> zeroinitializer
+  %970 = load <8 x float>, ptr %acc0047, align 4
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %962, <8 x float> %970)
+  store <8 x float> %971, ptr %acc0047, align 4
+  %972 = load <8 x float>, ptr %acc0148, align 4
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %965, <8 x float> %972)
+  store <8 x float> %973, ptr %acc0148, align 4
+  %974 = getelementptr inbounds float, ptr %945, i64 %k59
+  %975 = load float, ptr %974, align 4
+  %976 = insertelement <8 x float> poison, float %975, i32 0
+  %977 = shufflevector <8 x float> %976, <8 x float> poison, <8 x i32> zeroinitializer
+  %978 = load <8 x float>, ptr %acc1049, align 4
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %962, <8 x float> %978)
+  store <8 x float> %979, ptr %acc1049, align 4
+  %980 = load <8 x float>, ptr %acc1150, align 4
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %965, <8 x float> %980)
+  store <8 x float> %981, ptr %acc1150, align 4
+  %982 = getelementptr inbounds float, ptr %951, i64 %k59
+  %983 = load float, ptr %982, align 4
+  %984 = insertelement <8 x float> poison, float %983, i32 0
+  %985 = shufflevector <8 x float> %984, <8 x float> poison, <8 x i32> zeroinitializer
+  %986 = load <8 x float>, ptr %acc2051, align 4
+  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %962, <8 x float> %986)
+  store <8 x float> %987, ptr %acc2051, align 4
+  %988 = load <8 x float>, ptr %acc2152, align 4
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %965, <8 x float> %988)
+  store <8 x float> %989, ptr %acc2152, align 4
+  %990 = getelementptr inbounds float, ptr %957, i64 %k59
+  %991 = load float, ptr %990, align 4
+  %992 = insertelement <8 x float> poison, float %991, i32 0
+  %993 = shufflevector <8 x float> %992, <8 x float> poison, <8 x i32> zeroinitializer
+  %994 = load <8 x float>, ptr %acc3053, align 4
+  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %962, <8 x float> %994)
+  store <8 x float> %995, ptr %acc3053, align 4
+  %996 = load <8 x float>, ptr %acc3154, align 4
+  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %965, <8 x float> %996)
+  store <8 x float> %997, ptr %acc3154, align 4
+  %998 = add nsw i64 %k59, 1
+  br label %k.head56
 
-k.end79:                                          ; preds = %k.head77
-  %967 = add nsw i64 %r0, 0
-  %968 = getelementptr inbounds float, ptr %rw, i64 %967
-  %w83 = load float, ptr %968, align 4
-  %969 = insertelement <8 x float> poison, float %w83, i32 0
-  %970 = shufflevector <8 x float> %969, <8 x float> poison, <8 x i32> zeroinitializer
-  %971 = mul nsw i64 %967, 3072
-  %972 = getelementptr inbounds float, ptr %h, i64 %971
-  %col84 = mul nsw i64 %p, 16
-  %973 = load <8 x float>, ptr %acc0065, align 4
-  %974 = load <8 x float>, ptr %acc0166, align 4
-  %975 = add nsw i64 %col84, 0
-  %976 = fmul <8 x float> %973, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %977 = extractelement <8 x float> %976, i32 0
-  %978 = call float @erff(float %977)
-  %979 = insertelement <8 x float> poison, float %978, i32 0
-  %980 = extractelement <8 x float> %976, i32 1
-  %981 = call float @erff(float %980)
-  %982 = insertelement <8 x float> %979, float %981, i32 1
-  %983 = extractelement <8 x float> %976, i32 2
-  %984 = call float @erff(float %983)
-  %985 = insertelement <8 x float> %982, float %984, i32 2
-  %986 = extractelement <8 x float> %976, i32 3
-  %987 = call float @erff(float %986)
-  %988 = insertelement <8 x float> %985, float %987, i32 3
-  %989 = extractelement <8 x float> %976, i32 4
-  %990 = call float @erff(float %989)
-  %991 = insertelement <8 x float> %988, float %990, i32 4
-  %992 = extractelement <8 x float> %976, i32 5
-  %993 = call float @erff(float %992)
-  %994 = insertelement <8 x float> %991, float %993, i32 5
-  %995 = extractelement <8 x float> %976, i32 6
-  %996 = call float @erff(float %995)
-  %997 = insertelement <8 x float> %994, float %996, i32 6
-  %998 = extractelement <8 x float> %976, i32 7
-  %999 = call float @erff(float %998)
-  %1000 = insertelement <8 x float> %997, float %999, i32 7
-  %1001 = fadd <8 x float> %1000, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1002 = fmul <8 x float> %973, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu85 = fmul <8 x float> %1002, %1001
-  %1003 = fmul <8 x float> %gelu85, %970
-  %1004 = getelementptr inbounds float, ptr %972, i64 %975
-  store <8 x float> %1003, ptr %1004, align 4
-  %1005 = add nsw i64 %col84, 8
-  %1006 = fmul <8 x float> %974, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1007 = extractelement <8 x float> %1006, i32 0
-  %1008 = call float @erff(float %1007)
-  %1009 = insertelement <8 x float> poison, float %1008, i32 0
-  %1010 = extractelement <8 x float> %1006, i32 1
+k.end58:                                          ; preds = %k.head56
+  %999 = add nsw i64 %r0, 0
+  %1000 = getelementptr inbounds float, ptr %rw, i64 %999
+  %1001 = load float, ptr %1000, align 4
+  %1002 = insertelement <8 x float> poison, float %1001, i32 0
+  %1003 = shufflevector <8 x float> %1002, <8 x float> poison, <8 x i32> zeroinitializer
+  %1004 = mul nsw i64 %999, 3072
+  %1005 = getelementptr inbounds float, ptr %h, i64 %1004
+  %col60 = mul nsw i64 %p, 16
+  %1006 = load <8 x float>, ptr %acc0047, align 4
+  %1007 = load <8 x float>, ptr %acc0148, align 4
+  %1008 = add nsw i64 %col60, 0
+  %1009 = fmul <8 x float> %1006, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1010 = extractelement <8 x float> %1009, i32 0
   %1011 = call float @erff(float %1010)
-  %1012 = insertelement <8 x float> %1009, float %1011, i32 1
-  %1013 = extractelement <8 x float> %1006, i32 2
+  %1012 = insertelement <8 x float> poison, float %1011, i32 0
+  %1013 = extractelement <8 x float> %1009, i32 1
   %1014 = call float @erff(float %1013)
-  %1015 = insertelement <8 x float> %1012, float %1014, i32 2
-  %1016 = extractelement <8 x float> %1006, i32 3
+  %1015 = insertelement <8 x float> %1012, float %1014, i32 1
+  %1016 = extractelement <8 x float> %1009, i32 2
   %1017 = call float @erff(float %1016)
-  %1018 = insertelement <8 x float> %1015, float %1017, i32 3
-  %1019 = extractelement <8 x float> %1006, i32 4
+  %1018 = insertelement <8 x float> %1015, float %1017, i32 2
+  %1019 = extractelement <8 x float> %1009, i32 3
   %1020 = call float @erff(float %1019)
-  %1021 = insertelement <8 x float> %1018, float %1020, i32 4
-  %1022 = extractelement <8 x float> %1006, i32 5
+  %1021 = insertelement <8 x float> %1018, float %1020, i32 3
+  %1022 = extractelement <8 x float> %1009, i32 4
   %1023 = call float @erff(float %1022)
-  %1024 = insertelement <8 x float> %1021, float %1023, i32 5
-  %1025 = extractelement <8 x float> %1006, i32 6
+  %1024 = insertelement <8 x float> %1021, float %1023, i32 4
+  %1025 = extractelement <8 x float> %1009, i32 5
   %1026 = call float @erff(float %1025)
-  %1027 = insertelement <8 x float> %1024, float %1026, i32 6
-  %1028 = extractelement <8 x float> %1006, i32 7
+  %1027 = insertelement <8 x float> %1024, float %1026, i32 5
+  %1028 = extractelement <8 x float> %1009, i32 6
   %1029 = call float @erff(float %1028)
-  %1030 = insertelement <8 x float> %1027, float %1029, i32 7
-  %1031 = fadd <8 x float> %1030, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1032 = fmul <8 x float> %974, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu86 = fmul <8 x float> %1032, %1031
-  %1033 = fmul <8 x float> %gelu86, %970
-  %1034 = getelementptr inbounds float, ptr %972, i64 %1005
-  store <8 x float> %1033, ptr %1034, align 4
-  %1035 = add nsw i64 %r0, 1
-  %1036 = getelementptr inbounds float, ptr %rw, i64 %1035
-  %w87 = load float, ptr %1036, align 4
-  %1037 = insertelement <8 x float> poison, float %w87, i32 0
-  %1038 = shufflevector <8 x float> %1037, <8 x float> poison, <8 x i32> zeroinitializer
-  %1039 = mul nsw i64 %1035, 3072
-  %1040 = getelementptr inbounds float, ptr %h, i64 %1039
-  %col88 = mul nsw i64 %p, 16
-  %1041 = load <8 x float>, ptr %acc1068, align 4
-  %1042 = load <8 x float>, ptr %acc1169, align 4
-  %1043 = add nsw i64 %col88, 0
-  %1044 = fmul <8 x float> %1041, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1045 = extractelement <8 x float> %1044, i32 0
-  %1046 = call float @erff(float %1045)
-  %1047 = insertelement <8 x float> poison, float %1046, i32 0
-  %1048 = extractelement <8 x float> %1044, i32 1
-  %1049 = call float @erff(float %1048)
-  %1050 = insertelement <8 x float> %1047, float %1049, i32 1
-  %1051 = extractelement <8 x float> %1044, i32 2
-  %1052 = call float @erff(float %1051)
-  %1053 = insertelement <8 x float> %1050, float %1052, i32 2
-  %1054 = extractelement <8 x float> %1044, i32 3
-  %1055 = call float @erff(float %1054)
-  %1056 = insertelement <8 x float> %1053, float %1055, i32 3
-  %1057 = extractelement <8 x float> %1044, i32 4
-  %1058 = call float @erff(float %1057)
-  %1059 = insertelement <8 x float> %1056, float %1058, i32 4
-  %1060 = extractelement <8 x float> %1044, i32 5
-  %1061 = call float @erff(float %1060)
-  %1062 = insertelement <8 x float> %1059, float %1061, i32 5
-  %1063 = extractelement <8 x float> %1044, i32 6
-  %1064 = call float @erff(float %1063)
-  %1065 = insertelement <8 x float> %1062, float %1064, i32 6
-  %1066 = extractelement <8 x float> %1044, i32 7
-  %1067 = call float @erff(float %1066)
-  %1068 = insertelement <8 x float> %1065, float %1067, i32 7
-  %1069 = fadd <8 x float> %1068, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1070 = fmul <8 x float> %1041, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu89 = fmul <8 x float> %1070, %1069
-  %1071 = fmul <8 x float> %gelu89, %1038
-  %1072 = getelementptr inbounds float, ptr %1040, i64 %1043
-  store <8 x float> %1071, ptr %1072, align 4
-  %1073 = add nsw i64 %col88, 8
-  %1074 = fmul <8 x float> %1042, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1075 = extractelement <8 x float> %1074, i32 0
-  %1076 = call float @erff(float %1075)
-  %1077 = insertelement <8 x float> poison, float %1076, i32 0
-  %1078 = extractelement <8 x float> %1074, i32 1
-  %1079 = call float @erff(float %1078)
-  %1080 = insertelement <8 x float> %1077, float %1079, i32 1
-  %1081 = extractelement <8 x float> %1074, i32 2
-  %1082 = call float @erff(float %1081)
-  %1083 = insertelement <8 x float> %1080, float %1082, i32 2
-  %1084 = extractelement <8 x float> %1074, i32 3
-  %1085 = call float @erff(float %1084)
-  %1086 = insertelement <8 x float> %1083, float %1085, i32 3
-  %1087 = extractelement <8 x float> %1074, i32 4
-  %1088 = call float @erff(float %1087)
-  %1089 = insertelement <8 x float> %1086, float %1088, i32 4
-  %1090 = extractelement <8 x float> %1074, i32 5
-  %1091 = call float @erff(float %1090)
-  %1092 = insertelement <8 x float> %1089, float %1091, i32 5
-  %1093 = extractelement <8 x float> %1074, i32 6
-  %1094 = call float @erff(float %1093)
-  %1095 = insertelement <8 x float> %1092, float %1094, i32 6
-  %1096 = extractelement <8 x float> %1074, i32 7
-  %1097 = call float @erff(float %1096)
-  %1098 = insertelement <8 x float> %1095, float %1097, i32 7
-  %1099 = fadd <8 x float> %1098, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1100 = fmul <8 x float> %1042, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu90 = fmul <8 x float> %1100, %1099
-  %1101 = fmul <8 x float> %gelu90, %1038
-  %1102 = getelementptr inbounds float, ptr %1040, i64 %1073
-  store <8 x float> %1101, ptr %1102, align 4
-  %1103 = add nsw i64 %r0, 2
-  %1104 = getelementptr inbounds float, ptr %rw, i64 %1103
-  %w91 = load float, ptr %1104, align 4
-  %1105 = insertelement <8 x float> poison, float %w91, i32 0
-  %1106 = shufflevector <8 x float> %1105, <8 x float> poison, <8 x i32> zeroinitializer
-  %1107 = mul nsw i64 %1103, 3072
-  %1108 = getelementptr inbounds float, ptr %h, i64 %1107
-  %col92 = mul nsw i64 %p, 16
-  %1109 = load <8 x float>, ptr %acc2071, align 4
-  %1110 = load <8 x float>, ptr %acc2172, align 4
-  %1111 = add nsw i64 %col92, 0
-  %1112 = fmul <8 x float> %1109, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1113 = extractelement <8 x float> %1112, i32 0
-  %1114 = call float @erff(float %1113)
-  %1115 = insertelement <8 x float> poison, float %1114, i32 0
-  %1116 = extractelement <8 x float> %1112, i32 1
-  %1117 = call float @erff(float %1116)
-  %1118 = insertelement <8 x float> %1115, float %1117, i32 1
-  %1119 = extractelement <8 x float> %1112, i32 2
-  %1120 = call float @erff(float %1119)
-  %1121 = insertelement <8 x float> %1118, float %1120, i32 2
-  %1122 = extractelement <8 x float> %1112, i32 3
-  %1123 = call float @erff(float %1122)
-  %1124 = insertelement <8 x float> %1121, float %1123, i32 3
-  %1125 = extractelement <8 x float> %1112, i32 4
-  %1126 = call float @erff(float %1125)
-  %1127 = insertelement <8 x float> %1124, float %1126, i32 4
-  %1128 = extractelement <8 x float> %1112, i32 5
-  %1129 = call float @erff(float %1128)
-  %1130 = insertelement <8 x float> %1127, float %1129, i32 5
-  %1131 = extractelement <8 x float> %1112, i32 6
-  %1132 = call float @erff(float %1131)
-  %1133 = insertelement <8 x float> %1130, float %1132, i32 6
-  %1134 = extractelement <8 x float> %1112, i32 7
-  %1135 = call float @erff(float %1134)
-  %1136 = insertelement <8 x float> %1133, float %1135, i32 7
-  %1137 = fadd <8 x float> %1136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1138 = fmul <8 x float> %1109, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu93 = fmul <8 x float> %1138, %1137
-  %1139 = fmul <8 x float> %gelu93, %1106
-  %1140 = getelementptr inbounds float, ptr %1108, i64 %1111
-  store <8 x float> %1139, ptr %1140, align 4
-  %1141 = add nsw i64 %col92, 8
-  %1142 = fmul <8 x float> %1110, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1143 = extractelement <8 x float> %1142, i32 0
-  %1144 = call float @erff(float %1143)
-  %1145 = insertelement <8 x float> poison, float %1144, i32 0
-  %1146 = extractelement <8 x float> %1142, i32 1
-  %1147 = call float @erff(float %1146)
-  %1148 = insertelement <8 x float> %1145, float %1147, i32 1
-  %1149 = extractelement <8 x float> %1142, i32 2
-  %1150 = call float @erff(float %1149)
-  %1151 = insertelement <8 x float> %1148, float %1150, i32 2
-  %1152 = extractelement <8 x float> %1142, i32 3
-  %1153 = call float @erff(float %1152)
-  %1154 = insertelement <8 x float> %1151, float %1153, i32 3
-  %1155 = extractelement <8 x float> %1142, i32 4
-  %1156 = call float @erff(float %1155)
-  %1157 = insertelement <8 x float> %1154, float %1156, i32 4
-  %1158 = extractelement <8 x float> %1142, i32 5
-  %1159 = call float @erff(float %1158)
-  %1160 = insertelement <8 x float> %1157, float %1159, i32 5
-  %1161 = extractelement <8 x float> %1142, i32 6
-  %1162 = call float @erff(float %1161)
-  %1163 = insertelement <8 x float> %1160, float %1162, i32 6
-  %1164 = extractelement <8 x float> %1142, i32 7
-  %1165 = call float @erff(float %1164)
-  %1166 = insertelement <8 x float> %1163, float %1165, i32 7
-  %1167 = fadd <8 x float> %1166, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1168 = fmul <8 x float> %1110, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu94 = fmul <8 x float> %1168, %1167
-  %1169 = fmul <8 x float> %gelu94, %1106
-  %1170 = getelementptr inbounds float, ptr %1108, i64 %1141
-  store <8 x float> %1169, ptr %1170, align 4
-  %1171 = add nsw i64 %r0, 3
-  %1172 = getelementptr inbounds float, ptr %rw, i64 %1171
-  %w95 = load float, ptr %1172, align 4
-  %1173 = insertelement <8 x float> poison, float %w95, i32 0
-  %1174 = shufflevector <8 x float> %1173, <8 x float> poison, <8 x i32> zeroinitializer
-  %1175 = mul nsw i64 %1171, 3072
-  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
-  %col96 = mul nsw i64 %p, 16
-  %1177 = load <8 x float>, ptr %acc3074, align 4
-  %1178 = load <8 x float>, ptr %acc3175, align 4
-  %1179 = add nsw i64 %col96, 0
-  %1180 = fmul <8 x float> %1177, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1181 = extractelement <8 x float> %1180, i32 0
+  %1030 = insertelement <8 x float> %1027, float %1029, i32 6
+  %1031 = extractelement <8 x float> %1009, i32 7
+  %1032 = call float @erff(float %1031)
+  %1033 = insertelement <8 x float> %1030, float %1032, i32 7
+  %1034 = fadd <8 x float> %1033, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1035 = fmul <8 x float> %1006, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu61 = fmul <8 x float> %1035, %1034
+  %1036 = fmul <8 x float> %gelu61, %1003
+  %1037 = getelementptr inbounds float, ptr %1005, i64 %1008
+  store <8 x float> %1036, ptr %1037, align 4
+  %1038 = add nsw i64 %col60, 8
+  %1039 = fmul <8 x float> %1007, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1040 = extractelement <8 x float> %1039, i32 0
+  %1041 = call float @erff(float %1040)
+  %1042 = insertelement <8 x float> poison, float %1041, i32 0
+  %1043 = extractelement <8 x float> %1039, i32 1
+  %1044 = call float @erff(float %1043)
+  %1045 = insertelement <8 x float> %1042, float %1044, i32 1
+  %1046 = extractelement <8 x float> %1039, i32 2
+  %1047 = call float @erff(float %1046)
+  %1048 = insertelement <8 x float> %1045, float %1047, i32 2
+  %1049 = extractelement <8 x float> %1039, i32 3
+  %1050 = call float @erff(float %1049)
+  %1051 = insertelement <8 x float> %1048, float %1050, i32 3
+  %1052 = extractelement <8 x float> %1039, i32 4
+  %1053 = call float @erff(float %1052)
+  %1054 = insertelement <8 x float> %1051, float %1053, i32 4
+  %1055 = extractelement <8 x float> %1039, i32 5
+  %1056 = call float @erff(float %1055)
+  %1057 = insertelement <8 x float> %1054, float %1056, i32 5
+  %1058 = extractelement <8 x float> %1039, i32 6
+  %1059 = call float @erff(float %1058)
+  %1060 = insertelement <8 x float> %1057, float %1059, i32 6
+  %1061 = extractelement <8 x float> %1039, i32 7
+  %1062 = call float @erff(float %1061)
+  %1063 = insertelement <8 x float> %1060, float %1062, i32 7
+  %1064 = fadd <8 x float> %1063, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1065 = fmul <8 x float> %1007, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu62 = fmul <8 x float> %1065, %1064
+  %1066 = fmul <8 x float> %gelu62, %1003
+  %1067 = getelementptr inbounds float, ptr %1005, i64 %1038
+  store <8 x float> %1066, ptr %1067, align 4
+  %1068 = add nsw i64 %r0, 1
+  %1069 = getelementptr inbounds float, ptr %rw, i64 %1068
+  %1070 = load float, ptr %1069, align 4
+  %1071 = insertelement <8 x float> poison, float %1070, i32 0
+  %1072 = shufflevector <8 x float> %1071, <8 x float> poison, <8 x i32> zeroinitializer
+  %1073 = mul nsw i64 %1068, 3072
+  %1074 = getelementptr inbounds float, ptr %h, i64 %1073
+  %col63 = mul nsw i64 %p, 16
+  %1075 = load <8 x float>, ptr %acc1049, align 4
+  %1076 = load <8 x float>, ptr %acc1150, align 4
+  %1077 = add nsw i64 %col63, 0
+  %1078 = fmul <8 x float> %1075, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1079 = extractelement <8 x float> %1078, i32 0
+  %1080 = call float @erff(float %1079)
+  %1081 = insertelement <8 x float> poison, float %1080, i32 0
+  %1082 = extractelement <8 x float> %1078, i32 1
+  %1083 = call float @erff(float %1082)
+  %1084 = insertelement <8 x float> %1081, float %1083, i32 1
+  %1085 = extractelement <8 x float> %1078, i32 2
+  %1086 = call float @erff(float %1085)
+  %1087 = insertelement <8 x float> %1084, float %1086, i32 2
+  %1088 = extractelement <8 x float> %1078, i32 3
+  %1089 = call float @erff(float %1088)
+  %1090 = insertelement <8 x float> %1087, float %1089, i32 3
+  %1091 = extractelement <8 x float> %1078, i32 4
+  %1092 = call float @erff(float %1091)
+  %1093 = insertelement <8 x float> %1090, float %1092, i32 4
+  %1094 = extractelement <8 x float> %1078, i32 5
+  %1095 = call float @erff(float %1094)
+  %1096 = insertelement <8 x float> %1093, float %1095, i32 5
+  %1097 = extractelement <8 x float> %1078, i32 6
+  %1098 = call float @erff(float %1097)
+  %1099 = insertelement <8 x float> %1096, float %1098, i32 6
+  %1100 = extractelement <8 x float> %1078, i32 7
+  %1101 = call float @erff(float %1100)
+  %1102 = insertelement <8 x float> %1099, float %1101, i32 7
+  %1103 = fadd <8 x float> %1102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1104 = fmul <8 x float> %1075, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu64 = fmul <8 x float> %1104, %1103
+  %1105 = fmul <8 x float> %gelu64, %1072
+  %1106 = getelementptr inbounds float, ptr %1074, i64 %1077
+  store <8 x float> %1105, ptr %1106, align 4
+  %1107 = add nsw i64 %col63, 8
+  %1108 = fmul <8 x float> %1076, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1109 = extractelement <8 x float> %1108, i32 0
+  %1110 = call float @erff(float %1109)
+  %1111 = insertelement <8 x float> poison, float %1110, i32 0
+  %1112 = extractelement <8 x float> %1108, i32 1
+  %1113 = call float @erff(float %1112)
+  %1114 = insertelement <8 x float> %1111, float %1113, i32 1
+  %1115 = extractelement <8 x float> %1108, i32 2
+  %1116 = call float @erff(float %1115)
+  %1117 = insertelement <8 x float> %1114, float %1116, i32 2
+  %1118 = extractelement <8 x float> %1108, i32 3
+  %1119 = call float @erff(float %1118)
+  %1120 = insertelement <8 x float> %1117, float %1119, i32 3
+  %1121 = extractelement <8 x float> %1108, i32 4
+  %1122 = call float @erff(float %1121)
+  %1123 = insertelement <8 x float> %1120, float %1122, i32 4
+  %1124 = extractelement <8 x float> %1108, i32 5
+  %1125 = call float @erff(float %1124)
+  %1126 = insertelement <8 x float> %1123, float %1125, i32 5
+  %1127 = extractelement <8 x float> %1108, i32 6
+  %1128 = call float @erff(float %1127)
+  %1129 = insertelement <8 x float> %1126, float %1128, i32 6
+  %1130 = extractelement <8 x float> %1108, i32 7
+  %1131 = call float @erff(float %1130)
+  %1132 = insertelement <8 x float> %1129, float %1131, i32 7
+  %1133 = fadd <8 x float> %1132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1134 = fmul <8 x float> %1076, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu65 = fmul <8 x float> %1134, %1133
+  %1135 = fmul <8 x float> %gelu65, %1072
+  %1136 = getelementptr inbounds float, ptr %1074, i64 %1107
+  store <8 x float> %1135, ptr %1136, align 4
+  %1137 = add nsw i64 %r0, 2
+  %1138 = getelementptr inbounds float, ptr %rw, i64 %1137
+  %1139 = load float, ptr %1138, align 4
+  %1140 = insertelement <8 x float> poison, float %1139, i32 0
+  %1141 = shufflevector <8 x float> %1140, <8 x float> poison, <8 x i32> zeroinitializer
+  %1142 = mul nsw i64 %1137, 3072
+  %1143 = getelementptr inbounds float, ptr %h, i64 %1142
+  %col66 = mul nsw i64 %p, 16
+  %1144 = load <8 x float>, ptr %acc2051, align 4
+  %1145 = load <8 x float>, ptr %acc2152, align 4
+  %1146 = add nsw i64 %col66, 0
+  %1147 = fmul <8 x float> %1144, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1148 = extractelement <8 x float> %1147, i32 0
+  %1149 = call float @erff(float %1148)
+  %1150 = insertelement <8 x float> poison, float %1149, i32 0
+  %1151 = extractelement <8 x float> %1147, i32 1
+  %1152 = call float @erff(float %1151)
+  %1153 = insertelement <8 x float> %1150, float %1152, i32 1
+  %1154 = extractelement <8 x float> %1147, i32 2
+  %1155 = call float @erff(float %1154)
+  %1156 = insertelement <8 x float> %1153, float %1155, i32 2
+  %1157 = extractelement <8 x float> %1147, i32 3
+  %1158 = call float @erff(float %1157)
+  %1159 = insertelement <8 x float> %1156, float %1158, i32 3
+  %1160 = extractelement <8 x float> %1147, i32 4
+  %1161 = call float @erff(float %1160)
+  %1162 = insertelement <8 x float> %1159, float %1161, i32 4
+  %1163 = extractelement <8 x float> %1147, i32 5
+  %1164 = call float @erff(float %1163)
+  %1165 = insertelement <8 x float> %1162, float %1164, i32 5
+  %1166 = extractelement <8 x float> %1147, i32 6
+  %1167 = call float @erff(float %1166)
+  %1168 = insertelement <8 x float> %1165, float %1167, i32 6
+  %1169 = extractelement <8 x float> %1147, i32 7
+  %1170 = call float @erff(float %1169)
+  %1171 = insertelement <8 x float> %1168, float %1170, i32 7
+  %1172 = fadd <8 x float> %1171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1173 = fmul <8 x float> %1144, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu67 = fmul <8 x float> %1173, %1172
+  %1174 = fmul <8 x float> %gelu67, %1141
+  %1175 = getelementptr inbounds float, ptr %1143, i64 %1146
+  store <8 x float> %1174, ptr %1175, align 4
+  %1176 = add nsw i64 %col66, 8
+  %1177 = fmul <8 x float> %1145, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1178 = extractelement <8 x float> %1177, i32 0
+  %1179 = call float @erff(float %1178)
+  %1180 = insertelement <8 x float> poison, float %1179, i32 0
+  %1181 = extractelement <8 x float> %1177, i32 1
   %1182 = call float @erff(float %1181)
-  %1183 = insertelement <8 x float> poison, float %1182, i32 0
-  %1184 = extractelement <8 x float> %1180, i32 1
+  %1183 = insertelement <8 x float> %1180, float %1182, i32 1
+  %1184 = extractelement <8 x float> %1177, i32 2
   %1185 = call float @erff(float %1184)
-  %1186 = insertelement <8 x float> %1183, float %1185, i32 1
-  %1187 = extractelement <8 x float> %1180, i32 2
+  %1186 = insertelement <8 x float> %1183, float %1185, i32 2
+  %1187 = extractelement <8 x float> %1177, i32 3
   %1188 = call float @erff(float %1187)
-  %1189 = insertelement <8 x float> %1186, float %1188, i32 2
-  %1190 = extractelement <8 x float> %1180, i32 3
+  %1189 = insertelement <8 x float> %1186, float %1188, i32 3
+  %1190 = extractelement <8 x float> %1177, i32 4
   %1191 = call float @erff(float %1190)
-  %1192 = insertelement <8 x float> %1189, float %1191, i32 3
-  %1193 = extractelement <8 x float> %1180, i32 4
+  %1192 = insertelement <8 x float> %1189, float %1191, i32 4
+  %1193 = extractelement <8 x float> %1177, i32 5
   %1194 = call float @erff(float %1193)
-  %1195 = insertelement <8 x float> %1192, float %1194, i32 4
-  %1196 = extractelement <8 x float> %1180, i32 5
+  %1195 = insertelement <8 x float> %1192, float %1194, i32 5
+  %1196 = extractelement <8 x float> %1177, i32 6
   %1197 = call float @erff(float %1196)
-  %1198 = insertelement <8 x float> %1195, float %1197, i32 5
-  %1199 = extractelement <8 x float> %1180, i32 6
+  %1198 = insertelement <8 x float> %1195, float %1197, i32 6
+  %1199 = extractelement <8 x float> %1177, i32 7
   %1200 = call float @erff(float %1199)
-  %1201 = insertelement <8 x float> %1198, float %1200, i32 6
-  %1202 = extractelement <8 x float> %1180, i32 7
-  %1203 = call float @erff(float %1202)
-  %1204 = insertelement <8 x float> %1201, float %1203, i32 7
-  %1205 = fadd <8 x float> %1204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1206 = fmul <8 x float> %1177, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu97 = fmul <8 x float> %1206, %1205
-  %1207 = fmul <8 x float> %gelu97, %1174
-  %1208 = getelementptr inbounds float, ptr %1176, i64 %1179
-  store <8 x float> %1207, ptr %1208, align 4
-  %1209 = add nsw i64 %col96, 8
-  %1210 = fmul <8 x float> %1178, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1211 = extractelement <8 x float> %1210, i32 0
-  %1212 = call float @erff(float %1211)
-  %1213 = insertelement <8 x float> poison, float %1212, i32 0
-  %1214 = extractelement <8 x float> %1210, i32 1
-  %1215 = call float @erff(float %1214)
-  %1216 = insertelement <8 x float> %1213, float %1215, i32 1
-  %1217 = extractelement <8 x float> %1210, i32 2
+  %1201 = insertelement <8 x float> %1198, float %1200, i32 7
+  %1202 = fadd <8 x float> %1201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1203 = fmul <8 x float> %1145, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu68 = fmul <8 x float> %1203, %1202
+  %1204 = fmul <8 x float> %gelu68, %1141
+  %1205 = getelementptr inbounds float, ptr %1143, i64 %1176
+  store <8 x float> %1204, ptr %1205, align 4
+  %1206 = add nsw i64 %r0, 3
+  %1207 = getelementptr inbounds float, ptr %rw, i64 %1206
+  %1208 = load float, ptr %1207, align 4
+  %1209 = insertelement <8 x float> poison, float %1208, i32 0
+  %1210 = shufflevector <8 x float> %1209, <8 x float> poison, <8 x i32> zeroinitializer
+  %1211 = mul nsw i64 %1206, 3072
+  %1212 = getelementptr inbounds float, ptr %h, i64 %1211
+  %col69 = mul nsw i64 %p, 16
+  %1213 = load <8 x float>, ptr %acc3053, align 4
+  %1214 = load <8 x float>, ptr %acc3154, align 4
+  %1215 = add nsw i64 %col69, 0
+  %1216 = fmul <8 x float> %1213, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1217 = extractelement <8 x float> %1216, i32 0
   %1218 = call float @erff(float %1217)
-  %1219 = insertelement <8 x float> %1216, float %1218, i32 2
-  %1220 = extractelement <8 x float> %1210, i32 3
+  %1219 = insertelement <8 x float> poison, float %1218, i32 0
+  %1220 = extractelement <8 x float> %1216, i32 1
   %1221 = call float @erff(float %1220)
-  %1222 = insertelement <8 x float> %1219, float %1221, i32 3
-  %1223 = extractelement <8 x float> %1210, i32 4
+  %1222 = insertelement <8 x float> %1219, float %1221, i32 1
+  %1223 = extractelement <8 x float> %1216, i32 2
   %1224 = call float @erff(float %1223)
-  %1225 = insertelement <8 x float> %1222, float %1224, i32 4
-  %1226 = extractelement <8 x float> %1210, i32 5
+  %1225 = insertelement <8 x float> %1222, float %1224, i32 2
+  %1226 = extractelement <8 x float> %1216, i32 3
   %1227 = call float @erff(float %1226)
-  %1228 = insertelement <8 x float> %1225, float %1227, i32 5
-  %1229 = extractelement <8 x float> %1210, i32 6
+  %1228 = insertelement <8 x float> %1225, float %1227, i32 3
+  %1229 = extractelement <8 x float> %1216, i32 4
   %1230 = call float @erff(float %1229)
-  %1231 = insertelement <8 x float> %1228, float %1230, i32 6
-  %1232 = extractelement <8 x float> %1210, i32 7
+  %1231 = insertelement <8 x float> %1228, float %1230, i32 4
+  %1232 = extractelement <8 x float> %1216, i32 5
   %1233 = call float @erff(float %1232)
-  %1234 = insertelement <8 x float> %1231, float %1233, i32 7
-  %1235 = fadd <8 x float> %1234, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1236 = fmul <8 x float> %1178, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu98 = fmul <8 x float> %1236, %1235
-  %1237 = fmul <8 x float> %gelu98, %1174
-  %1238 = getelementptr inbounds float, ptr %1176, i64 %1209
-  store <8 x float> %1237, ptr %1238, align 4
+  %1234 = insertelement <8 x float> %1231, float %1233, i32 5
+  %1235 = extractelement <8 x float> %1216, i32 6
+  %1236 = call float @erff(float %1235)
+  %1237 = insertelement <8 x float> %1234, float %1236, i32 6
+  %1238 = extractelement <8 x float> %1216, i32 7
+  %1239 = call float @erff(float %1238)
+  %1240 = insertelement <8 x float> %1237, float %1239, i32 7
+  %1241 = fadd <8 x float> %1240, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1242 = fmul <8 x float> %1213, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu70 = fmul <8 x float> %1242, %1241
+  %1243 = fmul <8 x float> %gelu70, %1210
+  %1244 = getelementptr inbounds float, ptr %1212, i64 %1215
+  store <8 x float> %1243, ptr %1244, align 4
+  %1245 = add nsw i64 %col69, 8
+  %1246 = fmul <8 x float> %1214, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1247 = extractelement <8 x float> %1246, i32 0
+  %1248 = call float @erff(float %1247)
+  %1249 = insertelement <8 x float> poison, float %1248, i32 0
+  %1250 = extractelement <8 x float> %1246, i32 1
+  %1251 = call float @erff(float %1250)
+  %1252 = insertelement <8 x float> %1249, float %1251, i32 1
+  %1253 = extractelement <8 x float> %1246, i32 2
+  %1254 = call float @erff(float %1253)
+  %1255 = insertelement <8 x float> %1252, float %1254, i32 2
+  %1256 = extractelement <8 x float> %1246, i32 3
+  %1257 = call float @erff(float %1256)
+  %1258 = insertelement <8 x float> %1255, float %1257, i32 3
+  %1259 = extractelement <8 x float> %1246, i32 4
+  %1260 = call float @erff(float %1259)
+  %1261 = insertelement <8 x float> %1258, float %1260, i32 4
+  %1262 = extractelement <8 x float> %1246, i32 5
+  %1263 = call float @erff(float %1262)
+  %1264 = insertelement <8 x float> %1261, float %1263, i32 5
+  %1265 = extractelement <8 x float> %1246, i32 6
+  %1266 = call float @erff(float %1265)
+  %1267 = insertelement <8 x float> %1264, float %1266, i32 6
+  %1268 = extractelement <8 x float> %1246, i32 7
+  %1269 = call float @erff(float %1268)
+  %1270 = insertelement <8 x float> %1267, float %1269, i32 7
+  %1271 = fadd <8 x float> %1270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1272 = fmul <8 x float> %1214, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu71 = fmul <8 x float> %1272, %1271
+  %1273 = fmul <8 x float> %gelu71, %1210
+  %1274 = getelementptr inbounds float, ptr %1212, i64 %1245
+  store <8 x float> %1273, ptr %1274, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %1239 = add nsw i64 %r0, 0
-  %1240 = getelementptr inbounds i32, ptr %rows, i64 %1239
-  %1241 = load i32, ptr %1240, align 4
-  %1242 = sext i32 %1241 to i64
-  %1243 = mul nsw i64 %1242, 768
-  %a099 = getelementptr inbounds float, ptr %x, i64 %1243
-  store <8 x float> zeroinitializer, ptr %acc00100, align 4
-  store <8 x float> zeroinitializer, ptr %acc01101, align 4
-  %1244 = add nsw i64 %r0, 1
-  %1245 = getelementptr inbounds i32, ptr %rows, i64 %1244
-  %1246 = load i32, ptr %1245, align 4
-  %1247 = sext i32 %1246 to i64
-  %1248 = mul nsw i64 %1247, 768
-  %a1102 = getelementptr inbounds float, ptr %x, i64 %1248
-  store <8 x float> zeroinitializer, ptr %acc10103, align 4
-  store <8 x float> zeroinitializer, ptr %acc11104, align 4
-  %1249 = add nsw i64 %r0, 2
-  %1250 = getelementptr inbounds i32, ptr %rows, i64 %1249
-  %1251 = load i32, ptr %1250, align 4
-  %1252 = sext i32 %1251 to i64
-  %1253 = mul nsw i64 %1252, 768
-  %a2105 = getelementptr inbounds float, ptr %x, i64 %1253
-  store <8 x float> zeroinitializer, ptr %acc20106, align 4
-  store <8 x float> zeroinitializer, ptr %acc21107, align 4
-  %panel.off108 = mul nsw i64 %p, 12288
-  br label %k.head109
+  %1275 = add nsw i64 %r0, 0
+  %1276 = getelementptr inbounds i32, ptr %rows, i64 %1275
+  %1277 = load i32, ptr %1276, align 4
+  %1278 = sext i32 %1277 to i64
+  %1279 = mul nsw i64 %1278, 768
+  %1280 = getelementptr inbounds float, ptr %x, i64 %1279
+  store <8 x float> zeroinitializer, ptr %acc0072, align 4
+  store <8 x float> zeroinitializer, ptr %acc0173, align 4
+  %1281 = add nsw i64 %r0, 1
+  %1282 = getelementptr inbounds i32, ptr %rows, i64 %1281
+  %1283 = load i32, ptr %1282, align 4
+  %1284 = sext i32 %1283 to i64
+  %1285 = mul nsw i64 %1284, 768
+  %1286 = getelementptr inbounds float, ptr %x, i64 %1285
+  store <8 x float> zeroinitializer, ptr %acc1074, align 4
+  store <8 x float> zeroinitializer, ptr %acc1175, align 4
+  %1287 = add nsw i64 %r0, 2
+  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1287
+  %1289 = load i32, ptr %1288, align 4
+  %1290 = sext i32 %1289 to i64
+  %1291 = mul nsw i64 %1290, 768
+  %1292 = getelementptr inbounds float, ptr %x, i64 %1291
+  store <8 x float> zeroinitializer, ptr %acc2076, align 4
+  store <8 x float> zeroinitializer, ptr %acc2177, align 4
+  %panel.off78 = mul nsw i64 %p, 12288
+  br label %k.head79
 
-k.head109:                                        ; preds = %k.body110, %tile.mr3
-  %k112 = phi i64 [ 0, %tile.mr3 ], [ %1284, %k.body110 ]
-  %1254 = icmp slt i64 %k112, 768
-  br i1 %1254, label %k.body110, label %k.end111
+k.head79:                                         ; preds = %k.body80, %tile.mr3
+  %k82 = phi i64 [ 0, %tile.mr3 ], [ %1325, %k.body80 ]
+  %1293 = icmp slt i64 %k82, 768
+  br i1 %1293, label %k.body80, label %k.end81
 
-k.body110:                                        ; preds = %k.head109
-  %1255 = mul nsw i64 %k112, 16
-  %1256 = add nsw i64 %panel.off108, %1255
-  %1257 = getelementptr inbounds float, ptr %panels, i64 %1256
-  %b0113 = load <8 x float>, ptr %1257, align 4
-  %1258 = add nsw i64 %1256, 8
-  %1259 = getelementptr inbounds float, ptr %panels, i64 %1258
-  %b1114 = load <8 x float>, ptr %1259, align 4
-  %1260 = getelementptr inbounds float, ptr %a099, i64 %k112
-  %1261 = load float, ptr %1260, align 4
-  %1262 = insertelement <8 x float> poison, float %1261, i32 0
-  %1263 = shufflevector <8 x float> %1262, <8 x float> poison, <8 x i32> zeroinitializer
-  %1264 = load <8 x float>, ptr %acc00100, align 4
-  %1265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %b0113, <8 x float> %1264)
-  store <8 x float> %1265, ptr %acc00100, align 4
-  %1266 = load <8 x float>, ptr %acc01101, align 4
-  %1267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %b1114, <8 x float> %1266)
-  store <8 x float> %1267, ptr %acc01101, align 4
-  %1268 = getelementptr inbounds float, ptr %a1102, i64 %k112
-  %1269 = load float, ptr %1268, align 4
-  %1270 = insertelement <8 x float> poison, float %1269, i32 0
-  %1271 = shufflevector <8 x float> %1270, <8 x float> poison, <8 x i32> zeroinitializer
-  %1272 = load <8 x float>, ptr %acc10103, align 4
-  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1271, <8 x float> %b0113, <8 x float> %1272)
-  store <8 x float> %1273, ptr %acc10103, align 4
-  %1274 = load <8 x float>, ptr %acc11104, align 4
-  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1271, <8 x float> %b1114, <8 x float> %1274)
-  store <8 x float> %1275, ptr %acc11104, align 4
-  %1276 = getelementptr inbounds float, ptr %a2105, i64 %k112
-  %1277 = load float, ptr %1276, align 4
-  %1278 = insertelement <8 x float> poison, float %1277, i32 0
-  %1279 = shufflevector <8 x float> %1278, <8 x float> poison, <8 x i32> zeroinitializer
-  %1280 = load <8 x float>, ptr %acc20106, align 4
-  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %b0113, <8 x float> %1280)
-  store <8 x float> %1281, ptr %acc20106, align 4
-  %1282 = load <8 x float>, ptr %acc21107, align 4
-  %1283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %b1114, <8 x float> %1282)
-  store <8 x float> %1283, ptr %acc21107, align 4
-  %1284 = add nsw i64 %k112, 1
-  br label %k.head109
+k.body80:                                         ; preds = %k.head79
+  %1294 = mul nsw i64 %k82, 16
+  %1295 = add nsw i64 %panel.off78, %1294
+  %1296 = getelementptr inbounds float, ptr %panels, i64 %1295
+  %1297 = load <8 x float>, ptr %1296, align 4
+  %1298 = add nsw i64 %1295, 8
+  %1299 = getelementptr inbounds float, ptr %panels, i64 %1298
+  %1300 = load <8 x float>, ptr %1299, align 4
+  %1301 = getelementptr inbounds float, ptr %1280, i64 %k82
+  %1302 = load float, ptr %1301, align 4
+  %1303 = insertelement <8 x float> poison, float %1302, i32 0
+  %1304 = shufflevector <8 x float> %1303, <8 x float> poison, <8 x i32> zeroinitializer
+  %1305 = load <8 x float>, ptr %acc0072, align 4
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> %1297, <8 x float> %1305)
+  store <8 x float> %1306, ptr %acc0072, align 4
+  %1307 = load <8 x float>, ptr %acc0173, align 4
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> %1300, <8 x float> %1307)
+  store <8 x float> %1308, ptr %acc0173, align 4
+  %1309 = getelementptr inbounds float, ptr %1286, i64 %k82
+  %1310 = load float, ptr %1309, align 4
+  %1311 = insertelement <8 x float> poison, float %1310, i32 0
+  %1312 = shufflevector <8 x float> %1311, <8 x float> poison, <8 x i32> zeroinitializer
+  %1313 = load <8 x float>, ptr %acc1074, align 4
+  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1297, <8 x float> %1313)
+  store <8 x float> %1314, ptr %acc1074, align 4
+  %1315 = load <8 x float>, ptr %acc1175, align 4
+  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1300, <8 x float> %1315)
+  store <8 x float> %1316, ptr %acc1175, align 4
+  %1317 = getelementptr inbounds float, ptr %1292, i64 %k82
+  %1318 = load float, ptr %1317, align 4
+  %1319 = insertelement <8 x float> poison, float %1318, i32 0
+  %1320 = shufflevector <8 x float> %1319, <8 x float> poison, <8 x i32> zeroinitializer
+  %1321 = load <8 x float>, ptr %acc2076, align 4
+  %1322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1297, <8 x float> %1321)
+  store <8 x float> %1322, ptr %acc2076, align 4
+  %1323 = load <8 x float>, ptr %acc2177, align 4
+  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1300, <8 x float> %1323)
+  store <8 x float> %1324, ptr %acc2177, align 4
+  %1325 = add nsw i64 %k82, 1
+  br label %k.head79
 
-k.end111:                                         ; preds = %k.head109
-  %1285 = add nsw i64 %r0, 0
-  %1286 = getelementptr inbounds float, ptr %rw, i64 %1285
-  %w115 = load float, ptr %1286, align 4
-  %1287 = insertelement <8 x float> poison, float %w115, i32 0
-  %1288 = shufflevector <8 x float> %1287, <8 x float> poison, <8 x i32> zeroinitializer
-  %1289 = mul nsw i64 %1285, 3072
-  %1290 = getelementptr inbounds float, ptr %h, i64 %1289
-  %col116 = mul nsw i64 %p, 16
-  %1291 = load <8 x float>, ptr %acc00100, align 4
-  %1292 = load <8 x float>, ptr %acc01101, align 4
-  %1293 = add nsw i64 %col116, 0
-  %1294 = fmul <8 x float> %1291, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1295 = extractelement <8 x float> %1294, i32 0
-  %1296 = call float @erff(float %1295)
-  %1297 = insertelement <8 x float> poison, float %1296, i32 0
-  %1298 = extractelement <8 x float> %1294, i32 1
-  %1299 = call float @erff(float %1298)
-  %1300 = insertelement <8 x float> %1297, float %1299, i32 1
-  %1301 = extractelement <8 x float> %1294, i32 2
-  %1302 = call float @erff(float %1301)
-  %1303 = insertelement <8 x float> %1300, float %1302, i32 2
-  %1304 = extractelement <8 x float> %1294, i32 3
-  %1305 = call float @erff(float %1304)
-  %1306 = insertelement <8 x float> %1303, float %1305, i32 3
-  %1307 = extractelement <8 x float> %1294, i32 4
-  %1308 = call float @erff(float %1307)
-  %1309 = insertelement <8 x float> %1306, float %1308, i32 4
-  %1310 = extractelement <8 x float> %1294, i32 5
-  %1311 = call float @erff(float %1310)
-  %1312 = insertelement <8 x float> %1309, float %1311, i32 5
-  %1313 = extractelement <8 x float> %1294, i32 6
-  %1314 = call float @erff(float %1313)
-  %1315 = insertelement <8 x float> %1312, float %1314, i32 6
-  %1316 = extractelement <8 x float> %1294, i32 7
-  %1317 = call float @erff(float %1316)
-  %1318 = insertelement <8 x float> %1315, float %1317, i32 7
-  %1319 = fadd <8 x float> %1318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1320 = fmul <8 x float> %1291, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu117 = fmul <8 x float> %1320, %1319
-  %1321 = fmul <8 x float> %gelu117, %1288
-  %1322 = getelementptr inbounds float, ptr %1290, i64 %1293
-  store <8 x float> %1321, ptr %1322, align 4
-  %1323 = add nsw i64 %col116, 8
-  %1324 = fmul <8 x float> %1292, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1325 = extractelement <8 x float> %1324, i32 0
-  %1326 = call float @erff(float %1325)
-  %1327 = insertelement <8 x float> poison, float %1326, i32 0
-  %1328 = extractelement <8 x float> %1324, i32 1
-  %1329 = call float @erff(float %1328)
-  %1330 = insertelement <8 x float> %1327, float %1329, i32 1
-  %1331 = extractelement <8 x float> %1324, i32 2
-  %1332 = call float @erff(float %1331)
-  %1333 = insertelement <8 x float> %1330, float %1332, i32 2
-  %1334 = extractelement <8 x float> %1324, i32 3
-  %1335 = call float @erff(float %1334)
-  %1336 = insertelement <8 x float> %1333, float %1335, i32 3
-  %1337 = extractelement <8 x float> %1324, i32 4
+k.end81:                                          ; preds = %k.head79
+  %1326 = add nsw i64 %r0, 0
+  %1327 = getelementptr inbounds float, ptr %rw, i64 %1326
+  %1328 = load float, ptr %1327, align 4
+  %1329 = insertelement <8 x float> poison, float %1328, i32 0
+  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
+  %1331 = mul nsw i64 %1326, 3072
+  %1332 = getelementptr inbounds float, ptr %h, i64 %1331
+  %col83 = mul nsw i64 %p, 16
+  %1333 = load <8 x float>, ptr %acc0072, align 4
+  %1334 = load <8 x float>, ptr %acc0173, align 4
+  %1335 = add nsw i64 %col83, 0
+  %1336 = fmul <8 x float> %1333, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1337 = extractelement <8 x float> %1336, i32 0
   %1338 = call float @erff(float %1337)
-  %1339 = insertelement <8 x float> %1336, float %1338, i32 4
-  %1340 = extractelement <8 x float> %1324, i32 5
+  %1339 = insertelement <8 x float> poison, float %1338, i32 0
+  %1340 = extractelement <8 x float> %1336, i32 1
   %1341 = call float @erff(float %1340)
-  %1342 = insertelement <8 x float> %1339, float %1341, i32 5
-  %1343 = extractelement <8 x float> %1324, i32 6
+  %1342 = insertelement <8 x float> %1339, float %1341, i32 1
+  %1343 = extractelement <8 x float> %1336, i32 2
   %1344 = call float @erff(float %1343)
-  %1345 = insertelement <8 x float> %1342, float %1344, i32 6
-  %1346 = extractelement <8 x float> %1324, i32 7
+  %1345 = insertelement <8 x float> %1342, float %1344, i32 2
+  %1346 = extractelement <8 x float> %1336, i32 3
   %1347 = call float @erff(float %1346)
-  %1348 = insertelement <8 x float> %1345, float %1347, i32 7
-  %1349 = fadd <8 x float> %1348, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1350 = fmul <8 x float> %1292, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu118 = fmul <8 x float> %1350, %1349
-  %1351 = fmul <8 x float> %gelu118, %1288
-  %1352 = getelementptr inbounds float, ptr %1290, i64 %1323
-  store <8 x float> %1351, ptr %1352, align 4
-  %1353 = add nsw i64 %r0, 1
-  %1354 = getelementptr inbounds float, ptr %rw, i64 %1353
-  %w119 = load float, ptr %1354, align 4
-  %1355 = insertelement <8 x float> poison, float %w119, i32 0
-  %1356 = shufflevector <8 x float> %1355, <8 x float> poison, <8 x i32> zeroinitializer
-  %1357 = mul nsw i64 %1353, 3072
-  %1358 = getelementptr inbounds float, ptr %h, i64 %1357
-  %col120 = mul nsw i64 %p, 16
-  %1359 = load <8 x float>, ptr %acc10103, align 4
-  %1360 = load <8 x float>, ptr %acc11104, align 4
-  %1361 = add nsw i64 %col120, 0
-  %1362 = fmul <8 x float> %1359, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1363 = extractelement <8 x float> %1362, i32 0
-  %1364 = call float @erff(float %1363)
-  %1365 = insertelement <8 x float> poison, float %1364, i32 0
-  %1366 = extractelement <8 x float> %1362, i32 1
-  %1367 = call float @erff(float %1366)
-  %1368 = insertelement <8 x float> %1365, float %1367, i32 1
-  %1369 = extractelement <8 x float> %1362, i32 2
-  %1370 = call float @erff(float %1369)
-  %1371 = insertelement <8 x float> %1368, float %1370, i32 2
-  %1372 = extractelement <8 x float> %1362, i32 3
-  %1373 = call float @erff(float %1372)
-  %1374 = insertelement <8 x float> %1371, float %1373, i32 3
-  %1375 = extractelement <8 x float> %1362, i32 4
-  %1376 = call float @erff(float %1375)
-  %1377 = insertelement <8 x float> %1374, float %1376, i32 4
-  %1378 = extractelement <8 x float> %1362, i32 5
-  %1379 = call float @erff(float %1378)
-  %1380 = insertelement <8 x float> %1377, float %1379, i32 5
-  %1381 = extractelement <8 x float> %1362, i32 6
-  %1382 = call float @erff(float %1381)
-  %1383 = insertelement <8 x float> %1380, float %1382, i32 6
-  %1384 = extractelement <8 x float> %1362, i32 7
-  %1385 = call float @erff(float %1384)
-  %1386 = insertelement <8 x float> %1383, float %1385, i32 7
-  %1387 = fadd <8 x float> %1386, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1388 = fmul <8 x float> %1359, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu121 = fmul <8 x float> %1388, %1387
-  %1389 = fmul <8 x float> %gelu121, %1356
-  %1390 = getelementptr inbounds float, ptr %1358, i64 %1361
-  store <8 x float> %1389, ptr %1390, align 4
-  %1391 = add nsw i64 %col120, 8
-  %1392 = fmul <8 x float> %1360, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1393 = extractelement <8 x float> %1392, i32 0
-  %1394 = call float @erff(float %1393)
-  %1395 = insertelement <8 x float> poison, float %1394, i32 0
-  %1396 = extractelement <8 x float> %1392, i32 1
-  %1397 = call float @erff(float %1396)
-  %1398 = insertelement <8 x float> %1395, float %1397, i32 1
-  %1399 = extractelement <8 x float> %1392, i32 2
-  %1400 = call float @erff(float %1399)
-  %1401 = insertelement <8 x float> %1398, float %1400, i32 2
-  %1402 = extractelement <8 x float> %1392, i32 3
-  %1403 = call float @erff(float %1402)
-  %1404 = insertelement <8 x float> %1401, float %1403, i32 3
-  %1405 = extractelement <8 x float> %1392, i32 4
-  %1406 = call float @erff(float %1405)
-  %1407 = insertelement <8 x float> %1404, float %1406, i32 4
-  %1408 = extractelement <8 x float> %1392, i32 5
-  %1409 = call float @erff(float %1408)
-  %1410 = insertelement <8 x float> %1407, float %1409, i32 5
-  %1411 = extractelement <8 x float> %1392, i32 6
-  %1412 = call float @erff(float %1411)
-  %1413 = insertelement <8 x float> %1410, float %1412, i32 6
-  %1414 = extractelement <8 x float> %1392, i32 7
-  %1415 = call float @erff(float %1414)
-  %1416 = insertelement <8 x float> %1413, float %1415, i32 7
-  %1417 = fadd <8 x float> %1416, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1418 = fmul <8 x float> %1360, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu122 = fmul <8 x float> %1418, %1417
-  %1419 = fmul <8 x float> %gelu122, %1356
-  %1420 = getelementptr inbounds float, ptr %1358, i64 %1391
-  store <8 x float> %1419, ptr %1420, align 4
-  %1421 = add nsw i64 %r0, 2
-  %1422 = getelementptr inbounds float, ptr %rw, i64 %1421
-  %w123 = load float, ptr %1422, align 4
-  %1423 = insertelement <8 x float> poison, float %w123, i32 0
-  %1424 = shufflevector <8 x float> %1423, <8 x float> poison, <8 x i32> zeroinitializer
-  %1425 = mul nsw i64 %1421, 3072
-  %1426 = getelementptr inbounds float, ptr %h, i64 %1425
-  %col124 = mul nsw i64 %p, 16
-  %1427 = load <8 x float>, ptr %acc20106, align 4
-  %1428 = load <8 x float>, ptr %acc21107, align 4
-  %1429 = add nsw i64 %col124, 0
-  %1430 = fmul <8 x float> %1427, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1431 = extractelement <8 x float> %1430, i32 0
-  %1432 = call float @erff(float %1431)
-  %1433 = insertelement <8 x float> poison, float %1432, i32 0
-  %1434 = extractelement <8 x float> %1430, i32 1
-  %1435 = call float @erff(float %1434)
-  %1436 = insertelement <8 x float> %1433, float %1435, i32 1
-  %1437 = extractelement <8 x float> %1430, i32 2
-  %1438 = call float @erff(float %1437)
-  %1439 = insertelement <8 x float> %1436, float %1438, i32 2
-  %1440 = extractelement <8 x float> %1430, i32 3
-  %1441 = call float @erff(float %1440)
-  %1442 = insertelement <8 x float> %1439, float %1441, i32 3
-  %1443 = extractelement <8 x float> %1430, i32 4
-  %1444 = call float @erff(float %1443)
-  %1445 = insertelement <8 x float> %1442, float %1444, i32 4
-  %1446 = extractelement <8 x float> %1430, i32 5
-  %1447 = call float @erff(float %1446)
-  %1448 = insertelement <8 x float> %1445, float %1447, i32 5
-  %1449 = extractelement <8 x float> %1430, i32 6
-  %1450 = call float @erff(float %1449)
-  %1451 = insertelement <8 x float> %1448, float %1450, i32 6
-  %1452 = extractelement <8 x float> %1430, i32 7
-  %1453 = call float @erff(float %1452)
-  %1454 = insertelement <8 x float> %1451, float %1453, i32 7
-  %1455 = fadd <8 x float> %1454, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1456 = fmul <8 x float> %1427, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu125 = fmul <8 x float> %1456, %1455
-  %1457 = fmul <8 x float> %gelu125, %1424
-  %1458 = getelementptr inbounds float, ptr %1426, i64 %1429
-  store <8 x float> %1457, ptr %1458, align 4
-  %1459 = add nsw i64 %col124, 8
-  %1460 = fmul <8 x float> %1428, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1461 = extractelement <8 x float> %1460, i32 0
-  %1462 = call float @erff(float %1461)
-  %1463 = insertelement <8 x float> poison, float %1462, i32 0
-  %1464 = extractelement <8 x float> %1460, i32 1
-  %1465 = call float @erff(float %1464)
-  %1466 = insertelement <8 x float> %1463, float %1465, i32 1
-  %1467 = extractelement <8 x float> %1460, i32 2
-  %1468 = call float @erff(float %1467)
-  %1469 = insertelement <8 x float> %1466, float %1468, i32 2
-  %1470 = extractelement <8 x float> %1460, i32 3
-  %1471 = call float @erff(float %1470)
-  %1472 = insertelement <8 x float> %1469, float %1471, i32 3
-  %1473 = extractelement <8 x float> %1460, i32 4
-  %1474 = call float @erff(float %1473)
-  %1475 = insertelement <8 x float> %1472, float %1474, i32 4
-  %1476 = extractelement <8 x float> %1460, i32 5
-  %1477 = call float @erff(float %1476)
-  %1478 = insertelement <8 x float> %1475, float %1477, i32 5
-  %1479 = extractelement <8 x float> %1460, i32 6
-  %1480 = call float @erff(float %1479)
-  %1481 = insertelement <8 x float> %1478, float %1480, i32 6
-  %1482 = extractelement <8 x float> %1460, i32 7
-  %1483 = call float @erff(float %1482)
-  %1484 = insertelement <8 x float> %1481, float %1483, i32 7
-  %1485 = fadd <8 x float> %1484, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1486 = fmul <8 x float> %1428, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu126 = fmul <8 x float> %1486, %1485
-  %1487 = fmul <8 x float> %gelu126, %1424
-  %1488 = getelementptr inbounds float, ptr %1426, i64 %1459
-  store <8 x float> %1487, ptr %1488, align 4
+  %1348 = insertelement <8 x float> %1345, float %1347, i32 3
+  %1349 = extractelement <8 x float> %1336, i32 4
+  %1350 = call float @erff(float %1349)
+  %1351 = insertelement <8 x float> %1348, float %1350, i32 4
+  %1352 = extractelement <8 x float> %1336, i32 5
+  %1353 = call float @erff(float %1352)
+  %1354 = insertelement <8 x float> %1351, float %1353, i32 5
+  %1355 = extractelement <8 x float> %1336, i32 6
+  %1356 = call float @erff(float %1355)
+  %1357 = insertelement <8 x float> %1354, float %1356, i32 6
+  %1358 = extractelement <8 x float> %1336, i32 7
+  %1359 = call float @erff(float %1358)
+  %1360 = insertelement <8 x float> %1357, float %1359, i32 7
+  %1361 = fadd <8 x float> %1360, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1362 = fmul <8 x float> %1333, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu84 = fmul <8 x float> %1362, %1361
+  %1363 = fmul <8 x float> %gelu84, %1330
+  %1364 = getelementptr inbounds float, ptr %1332, i64 %1335
+  store <8 x float> %1363, ptr %1364, align 4
+  %1365 = add nsw i64 %col83, 8
+  %1366 = fmul <8 x float> %1334, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1367 = extractelement <8 x float> %1366, i32 0
+  %1368 = call float @erff(float %1367)
+  %1369 = insertelement <8 x float> poison, float %1368, i32 0
+  %1370 = extractelement <8 x float> %1366, i32 1
+  %1371 = call float @erff(float %1370)
+  %1372 = insertelement <8 x float> %1369, float %1371, i32 1
+  %1373 = extractelement <8 x float> %1366, i32 2
+  %1374 = call float @erff(float %1373)
+  %1375 = insertelement <8 x float> %1372, float %1374, i32 2
+  %1376 = extractelement <8 x float> %1366, i32 3
+  %1377 = call float @erff(float %1376)
+  %1378 = insertelement <8 x float> %1375, float %1377, i32 3
+  %1379 = extractelement <8 x float> %1366, i32 4
+  %1380 = call float @erff(float %1379)
+  %1381 = insertelement <8 x float> %1378, float %1380, i32 4
+  %1382 = extractelement <8 x float> %1366, i32 5
+  %1383 = call float @erff(float %1382)
+  %1384 = insertelement <8 x float> %1381, float %1383, i32 5
+  %1385 = extractelement <8 x float> %1366, i32 6
+  %1386 = call float @erff(float %1385)
+  %1387 = insertelement <8 x float> %1384, float %1386, i32 6
+  %1388 = extractelement <8 x float> %1366, i32 7
+  %1389 = call float @erff(float %1388)
+  %1390 = insertelement <8 x float> %1387, float %1389, i32 7
+  %1391 = fadd <8 x float> %1390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1392 = fmul <8 x float> %1334, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu85 = fmul <8 x float> %1392, %1391
+  %1393 = fmul <8 x float> %gelu85, %1330
+  %1394 = getelementptr inbounds float, ptr %1332, i64 %1365
+  store <8 x float> %1393, ptr %1394, align 4
+  %1395 = add nsw i64 %r0, 1
+  %1396 = getelementptr inbounds float, ptr %rw, i64 %1395
+  %1397 = load float, ptr %1396, align 4
+  %1398 = insertelement <8 x float> poison, float %1397, i32 0
+  %1399 = shufflevector <8 x float> %1398, <8 x float> poison, <8 x i32> zeroinitializer
+  %1400 = mul nsw i64 %1395, 3072
+  %1401 = getelementptr inbounds float, ptr %h, i64 %1400
+  %col86 = mul nsw i64 %p, 16
+  %1402 = load <8 x float>, ptr %acc1074, align 4
+  %1403 = load <8 x float>, ptr %acc1175, align 4
+  %1404 = add nsw i64 %col86, 0
+  %1405 = fmul <8 x float> %1402, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1406 = extractelement <8 x float> %1405, i32 0
+  %1407 = call float @erff(float %1406)
+  %1408 = insertelement <8 x float> poison, float %1407, i32 0
+  %1409 = extractelement <8 x float> %1405, i32 1
+  %1410 = call float @erff(float %1409)
+  %1411 = insertelement <8 x float> %1408, float %1410, i32 1
+  %1412 = extractelement <8 x float> %1405, i32 2
+  %1413 = call float @erff(float %1412)
+  %1414 = insertelement <8 x float> %1411, float %1413, i32 2
+  %1415 = extractelement <8 x float> %1405, i32 3
+  %1416 = call float @erff(float %1415)
+  %1417 = insertelement <8 x float> %1414, float %1416, i32 3
+  %1418 = extractelement <8 x float> %1405, i32 4
+  %1419 = call float @erff(float %1418)
+  %1420 = insertelement <8 x float> %1417, float %1419, i32 4
+  %1421 = extractelement <8 x float> %1405, i32 5
+  %1422 = call float @erff(float %1421)
+  %1423 = insertelement <8 x float> %1420, float %1422, i32 5
+  %1424 = extractelement <8 x float> %1405, i32 6
+  %1425 = call float @erff(float %1424)
+  %1426 = insertelement <8 x float> %1423, float %1425, i32 6
+  %1427 = extractelement <8 x float> %1405, i32 7
+  %1428 = call float @erff(float %1427)
+  %1429 = insertelement <8 x float> %1426, float %1428, i32 7
+  %1430 = fadd <8 x float> %1429, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1431 = fmul <8 x float> %1402, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu87 = fmul <8 x float> %1431, %1430
+  %1432 = fmul <8 x float> %gelu87, %1399
+  %1433 = getelementptr inbounds float, ptr %1401, i64 %1404
+  store <8 x float> %1432, ptr %1433, align 4
+  %1434 = add nsw i64 %col86, 8
+  %1435 = fmul <8 x float> %1403, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1436 = extractelement <8 x float> %1435, i32 0
+  %1437 = call float @erff(float %1436)
+  %1438 = insertelement <8 x float> poison, float %1437, i32 0
+  %1439 = extractelement <8 x float> %1435, i32 1
+  %1440 = call float @erff(float %1439)
+  %1441 = insertelement <8 x float> %1438, float %1440, i32 1
+  %1442 = extractelement <8 x float> %1435, i32 2
+  %1443 = call float @erff(float %1442)
+  %1444 = insertelement <8 x float> %1441, float %1443, i32 2
+  %1445 = extractelement <8 x float> %1435, i32 3
+  %1446 = call float @erff(float %1445)
+  %1447 = insertelement <8 x float> %1444, float %1446, i32 3
+  %1448 = extractelement <8 x float> %1435, i32 4
+  %1449 = call float @erff(float %1448)
+  %1450 = insertelement <8 x float> %1447, float %1449, i32 4
+  %1451 = extractelement <8 x float> %1435, i32 5
+  %1452 = call float @erff(float %1451)
+  %1453 = insertelement <8 x float> %1450, float %1452, i32 5
+  %1454 = extractelement <8 x float> %1435, i32 6
+  %1455 = call float @erff(float %1454)
+  %1456 = insertelement <8 x float> %1453, float %1455, i32 6
+  %1457 = extractelement <8 x float> %1435, i32 7
+  %1458 = call float @erff(float %1457)
+  %1459 = insertelement <8 x float> %1456, float %1458, i32 7
+  %1460 = fadd <8 x float> %1459, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1461 = fmul <8 x float> %1403, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu88 = fmul <8 x float> %1461, %1460
+  %1462 = fmul <8 x float> %gelu88, %1399
+  %1463 = getelementptr inbounds float, ptr %1401, i64 %1434
+  store <8 x float> %1462, ptr %1463, align 4
+  %1464 = add nsw i64 %r0, 2
+  %1465 = getelementptr inbounds float, ptr %rw, i64 %1464
+  %1466 = load float, ptr %1465, align 4
+  %1467 = insertelement <8 x float> poison, float %1466, i32 0
+  %1468 = shufflevector <8 x float> %1467, <8 x float> poison, <8 x i32> zeroinitializer
+  %1469 = mul nsw i64 %1464, 3072
+  %1470 = getelementptr inbounds float, ptr %h, i64 %1469
+  %col89 = mul nsw i64 %p, 16
+  %1471 = load <8 x float>, ptr %acc2076, align 4
+  %1472 = load <8 x float>, ptr %acc2177, align 4
+  %1473 = add nsw i64 %col89, 0
+  %1474 = fmul <8 x float> %1471, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1475 = extractelement <8 x float> %1474, i32 0
+  %1476 = call float @erff(float %1475)
+  %1477 = insertelement <8 x float> poison, float %1476, i32 0
+  %1478 = extractelement <8 x float> %1474, i32 1
+  %1479 = call float @erff(float %1478)
+  %1480 = insertelement <8 x float> %1477, float %1479, i32 1
+  %1481 = extractelement <8 x float> %1474, i32 2
+  %1482 = call float @erff(float %1481)
+  %1483 = insertelement <8 x float> %1480, float %1482, i32 2
+  %1484 = extractelement <8 x float> %1474, i32 3
+  %1485 = call float @erff(float %1484)
+  %1486 = insertelement <8 x float> %1483, float %1485, i32 3
+  %1487 = extractelement <8 x float> %1474, i32 4
+  %1488 = call float @erff(float %1487)
+  %1489 = insertelement <8 x float> %1486, float %1488, i32 4
+  %1490 = extractelement <8 x float> %1474, i32 5
+  %1491 = call float @erff(float %1490)
+  %1492 = insertelement <8 x float> %1489, float %1491, i32 5
+  %1493 = extractelement <8 x float> %1474, i32 6
+  %1494 = call float @erff(float %1493)
+  %1495 = insertelement <8 x float> %1492, float %1494, i32 6
+  %1496 = extractelement <8 x float> %1474, i32 7
+  %1497 = call float @erff(float %1496)
+  %1498 = insertelement <8 x float> %1495, float %1497, i32 7
+  %1499 = fadd <8 x float> %1498, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1500 = fmul <8 x float> %1471, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu90 = fmul <8 x float> %1500, %1499
+  %1501 = fmul <8 x float> %gelu90, %1468
+  %1502 = getelementptr inbounds float, ptr %1470, i64 %1473
+  store <8 x float> %1501, ptr %1502, align 4
+  %1503 = add nsw i64 %col89, 8
+  %1504 = fmul <8 x float> %1472, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1505 = extractelement <8 x float> %1504, i32 0
+  %1506 = call float @erff(float %1505)
+  %1507 = insertelement <8 x float> poison, float %1506, i32 0
+  %1508 = extractelement <8 x float> %1504, i32 1
+  %1509 = call float @erff(float %1508)
+  %1510 = insertelement <8 x float> %1507, float %1509, i32 1
+  %1511 = extractelement <8 x float> %1504, i32 2
+  %1512 = call float @erff(float %1511)
+  %1513 = insertelement <8 x float> %1510, float %1512, i32 2
+  %1514 = extractelement <8 x float> %1504, i32 3
+  %1515 = call float @erff(float %1514)
+  %1516 = insertelement <8 x float> %1513, float %1515, i32 3
+  %1517 = extractelement <8 x float> %1504, i32 4
+  %1518 = call float @erff(float %1517)
+  %1519 = insertelement <8 x float> %1516, float %1518, i32 4
+  %1520 = extractelement <8 x float> %1504, i32 5
+  %1521 = call float @erff(float %1520)
+  %1522 = insertelement <8 x float> %1519, float %1521, i32 5
+  %1523 = extractelement <8 x float> %1504, i32 6
+  %1524 = call float @erff(float %1523)
+  %1525 = insertelement <8 x float> %1522, float %1524, i32 6
+  %1526 = extractelement <8 x float> %1504, i32 7
+  %1527 = call float @erff(float %1526)
+  %1528 = insertelement <8 x float> %1525, float %1527, i32 7
+  %1529 = fadd <8 x float> %1528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1530 = fmul <8 x float> %1472, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu91 = fmul <8 x float> %1530, %1529
+  %1531 = fmul <8 x float> %gelu91, %1468
+  %1532 = getelementptr inbounds float, ptr %1470, i64 %1503
+  store <8 x float> %1531, ptr %1532, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1489 = add nsw i64 %r0, 0
-  %1490 = getelementptr inbounds i32, ptr %rows, i64 %1489
-  %1491 = load i32, ptr %1490, align 4
-  %1492 = sext i32 %1491 to i64
-  %1493 = mul nsw i64 %1492, 768
-  %a0127 = getelementptr inbounds float, ptr %x, i64 %1493
-  store <8 x float> zeroinitializer, ptr %acc00128, align 4
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %1494 = add nsw i64 %r0, 1
-  %1495 = getelementptr inbounds i32, ptr %rows, i64 %1494
-  %1496 = load i32, ptr %1495, align 4
-  %1497 = sext i32 %1496 to i64
-  %1498 = mul nsw i64 %1497, 768
-  %a1130 = getelementptr inbounds float, ptr %x, i64 %1498
-  store <8 x float> zeroinitializer, ptr %acc10131, align 4
-  store <8 x float> zeroinitializer, ptr %acc11132, align 4
-  %panel.off133 = mul nsw i64 %p, 12288
-  br label %k.head134
+  %1533 = add nsw i64 %r0, 0
+  %1534 = getelementptr inbounds i32, ptr %rows, i64 %1533
+  %1535 = load i32, ptr %1534, align 4
+  %1536 = sext i32 %1535 to i64
+  %1537 = mul nsw i64 %1536, 768
+  %1538 = getelementptr inbounds float, ptr %x, i64 %1537
+  store <8 x float> zeroinitializer, ptr %acc0092, align 4
+  store <8 x float> zeroinitializer, ptr %acc0193, align 4
+  %1539 = add nsw i64 %r0, 1
+  %1540 = getelementptr inbounds i32, ptr %rows, i64 %1539
+  %1541 = load i32, ptr %1540, align 4
+  %1542 = sext i32 %1541 to i64
+  %1543 = mul nsw i64 %1542, 768
+  %1544 = getelementptr inbounds float, ptr %x, i64 %1543
+  store <8 x float> zeroinitializer, ptr %acc1094, align 4
+  store <8 x float> zeroinitializer, ptr %acc1195, align 4
+  %panel.off96 = mul nsw i64 %p, 12288
+  br label %k.head97
 
-k.head134:                                        ; preds = %k.body135, %tile.mr2
-  %k137 = phi i64 [ 0, %tile.mr2 ], [ %1521, %k.body135 ]
-  %1499 = icmp slt i64 %k137, 768
-  br i1 %1499, label %k.body135, label %k.end136
+k.head97:                                         ; preds = %k.body98, %tile.mr2
+  %k100 = phi i64 [ 0, %tile.mr2 ], [ %1569, %k.body98 ]
+  %1545 = icmp slt i64 %k100, 768
+  br i1 %1545, label %k.body98, label %k.end99
 
-k.body135:                                        ; preds = %k.head134
-  %1500 = mul nsw i64 %k137, 16
-  %1501 = add nsw i64 %panel.off133, %1500
-  %1502 = getelementptr inbounds float, ptr %panels, i64 %1501
-  %b0138 = load <8 x float>, ptr %1502, align 4
-  %1503 = add nsw i64 %1501, 8
-  %1504 = getelementptr inbounds float, ptr %panels, i64 %1503
-  %b1139 = load <8 x float>, ptr %1504, align 4
-  %1505 = getelementptr inbounds float, ptr %a0127, i64 %k137
-  %1506 = load float, ptr %1505, align 4
-  %1507 = insertelement <8 x float> poison, float %1506, i32 0
-  %1508 = shufflevector <8 x float> %1507, <8 x float> poison, <8 x i32> zeroinitializer
-  %1509 = load <8 x float>, ptr %acc00128, align 4
-  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1508, <8 x float> %b0138, <8 x float> %1509)
-  store <8 x float> %1510, ptr %acc00128, align 4
-  %1511 = load <8 x float>, ptr %acc01129, align 4
-  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1508, <8 x float> %b1139, <8 x float> %1511)
-  store <8 x float> %1512, ptr %acc01129, align 4
-  %1513 = getelementptr inbounds float, ptr %a1130, i64 %k137
-  %1514 = load float, ptr %1513, align 4
-  %1515 = insertelement <8 x float> poison, float %1514, i32 0
-  %1516 = shufflevector <8 x float> %1515, <8 x float> poison, <8 x i32> zeroinitializer
-  %1517 = load <8 x float>, ptr %acc10131, align 4
-  %1518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1516, <8 x float> %b0138, <8 x float> %1517)
-  store <8 x float> %1518, ptr %acc10131, align 4
-  %1519 = load <8 x float>, ptr %acc11132, align 4
-  %1520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1516, <8 x float> %b1139, <8 x float> %1519)
-  store <8 x float> %1520, ptr %acc11132, align 4
-  %1521 = add nsw i64 %k137, 1
-  br label %k.head134
+k.body98:                                         ; preds = %k.head97
+  %1546 = mul nsw i64 %k100, 16
+  %1547 = add nsw i64 %panel.off96, %1546
+  %1548 = getelementptr inbounds float, ptr %panels, i64 %1547
+  %1549 = load <8 x float>, ptr %1548, align 4
+  %1550 = add nsw i64 %1547, 8
+  %1551 = getelementptr inbounds float, ptr %panels, i64 %1550
+  %1552 = load <8 x float>, ptr %1551, align 4
+  %1553 = getelementptr inbounds float, ptr %1538, i64 %k100
+  %1554 = load float, ptr %1553, align 4
+  %1555 = insertelement <8 x float> poison, float %1554, i32 0
+  %1556 = shufflevector <8 x float> %1555, <8 x float> poison, <8 x i32> zeroinitializer
+  %1557 = load <8 x float>, ptr %acc0092, align 4
+  %1558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1556, <8 x float> %1549, <8 x float> %1557)
+  store <8 x float> %1558, ptr %acc0092, align 4
+  %1559 = load <8 x float>, ptr %acc0193, align 4
+  %1560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1556, <8 x float> %1552, <8 x float> %1559)
+  store <8 x float> %1560, ptr %acc0193, align 4
+  %1561 = getelementptr inbounds float, ptr %1544, i64 %k100
+  %1562 = load float, ptr %1561, align 4
+  %1563 = insertelement <8 x float> poison, float %1562, i32 0
+  %1564 = shufflevector <8 x float> %1563, <8 x float> poison, <8 x i32> zeroinitializer
+  %1565 = load <8 x float>, ptr %acc1094, align 4
+  %1566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1564, <8 x float> %1549, <8 x float> %1565)
+  store <8 x float> %1566, ptr %acc1094, align 4
+  %1567 = load <8 x float>, ptr %acc1195, align 4
+  %1568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1564, <8 x float> %1552, <8 x float> %1567)
+  store <8 x float> %1568, ptr %acc1195, align 4
+  %1569 = add nsw i64 %k100, 1
+  br label %k.head97
 
-k.end136:                                         ; preds = %k.head134
-  %1522 = add nsw i64 %r0, 0
-  %1523 = getelementptr inbounds float, ptr %rw, i64 %1522
-  %w140 = load float, ptr %1523, align 4
-  %1524 = insertelement <8 x float> poison, float %w140, i32 0
-  %1525 = shufflevector <8 x float> %1524, <8 x float> poison, <8 x i32> zeroinitializer
-  %1526 = mul nsw i64 %1522, 3072
-  %1527 = getelementptr inbounds float, ptr %h, i64 %1526
-  %col141 = mul nsw i64 %p, 16
-  %1528 = load <8 x float>, ptr %acc00128, align 4
-  %1529 = load <8 x float>, ptr %acc01129, align 4
-  %1530 = add nsw i64 %col141, 0
-  %1531 = fmul <8 x float> %1528, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1532 = extractelement <8 x float> %1531, i32 0
-  %1533 = call float @erff(float %1532)
-  %1534 = insertelement <8 x float> poison, float %1533, i32 0
-  %1535 = extractelement <8 x float> %1531, i32 1
-  %1536 = call float @erff(float %1535)
-  %1537 = insertelement <8 x float> %1534, float %1536, i32 1
-  %1538 = extractelement <8 x float> %1531, i32 2
-  %1539 = call float @erff(float %1538)
-  %1540 = insertelement <8 x float> %1537, float %1539, i32 2
-  %1541 = extractelement <8 x float> %1531, i32 3
-  %1542 = call float @erff(float %1541)
-  %1543 = insertelement <8 x float> %1540, float %1542, i32 3
-  %1544 = extractelement <8 x float> %1531, i32 4
-  %1545 = call float @erff(float %1544)
-  %1546 = insertelement <8 x float> %1543, float %1545, i32 4
-  %1547 = extractelement <8 x float> %1531, i32 5
-  %1548 = call float @erff(float %1547)
-  %1549 = insertelement <8 x float> %1546, float %1548, i32 5
-  %1550 = extractelement <8 x float> %1531, i32 6
-  %1551 = call float @erff(float %1550)
-  %1552 = insertelement <8 x float> %1549, float %1551, i32 6
-  %1553 = extractelement <8 x float> %1531, i32 7
-  %1554 = call float @erff(float %1553)
-  %1555 = insertelement <8 x float> %1552, float %1554, i32 7
-  %1556 = fadd <8 x float> %1555, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1557 = fmul <8 x float> %1528, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu142 = fmul <8 x float> %1557, %1556
-  %1558 = fmul <8 x float> %gelu142, %1525
-  %1559 = getelementptr inbounds float, ptr %1527, i64 %1530
-  store <8 x float> %1558, ptr %1559, align 4
-  %1560 = add nsw i64 %col141, 8
-  %1561 = fmul <8 x float> %1529, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1562 = extractelement <8 x float> %1561, i32 0
-  %1563 = call float @erff(float %1562)
-  %1564 = insertelement <8 x float> poison, float %1563, i32 0
-  %1565 = extractelement <8 x float> %1561, i32 1
-  %1566 = call float @erff(float %1565)
-  %1567 = insertelement <8 x float> %1564, float %1566, i32 1
-  %1568 = extractelement <8 x float> %1561, i32 2
-  %1569 = call float @erff(float %1568)
-  %1570 = insertelement <8 x float> %1567, float %1569, i32 2
-  %1571 = extractelement <8 x float> %1561, i32 3
-  %1572 = call float @erff(float %1571)
-  %1573 = insertelement <8 x float> %1570, float %1572, i32 3
-  %1574 = extractelement <8 x float> %1561, i32 4
-  %1575 = call float @erff(float %1574)
-  %1576 = insertelement <8 x float> %1573, float %1575, i32 4
-  %1577 = extractelement <8 x float> %1561, i32 5
-  %1578 = call float @erff(float %1577)
-  %1579 = insertelement <8 x float> %1576, float %1578, i32 5
-  %1580 = extractelement <8 x float> %1561, i32 6
-  %1581 = call float @erff(float %1580)
-  %1582 = insertelement <8 x float> %1579, float %1581, i32 6
-  %1583 = extractelement <8 x float> %1561, i32 7
-  %1584 = call float @erff(float %1583)
-  %1585 = insertelement <8 x float> %1582, float %1584, i32 7
-  %1586 = fadd <8 x float> %1585, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1587 = fmul <8 x float> %1529, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu143 = fmul <8 x float> %1587, %1586
-  %1588 = fmul <8 x float> %gelu143, %1525
-  %1589 = getelementptr inbounds float, ptr %1527, i64 %1560
-  store <8 x float> %1588, ptr %1589, align 4
-  %1590 = add nsw i64 %r0, 1
-  %1591 = getelementptr inbounds float, ptr %rw, i64 %1590
-  %w144 = load float, ptr %1591, align 4
-  %1592 = insertelement <8 x float> poison, float %w144, i32 0
-  %1593 = shufflevector <8 x float> %1592, <8 x float> poison, <8 x i32> zeroinitializer
-  %1594 = mul nsw i64 %1590, 3072
-  %1595 = getelementptr inbounds float, ptr %h, i64 %1594
-  %col145 = mul nsw i64 %p, 16
-  %1596 = load <8 x float>, ptr %acc10131, align 4
-  %1597 = load <8 x float>, ptr %acc11132, align 4
-  %1598 = add nsw i64 %col145, 0
-  %1599 = fmul <8 x float> %1596, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1600 = extractelement <8 x float> %1599, i32 0
-  %1601 = call float @erff(float %1600)
-  %1602 = insertelement <8 x float> poison, float %1601, i32 0
-  %1603 = extractelement <8 x float> %1599, i32 1
-  %1604 = call float @erff(float %1603)
-  %1605 = insertelement <8 x float> %1602, float %1604, i32 1
-  %1606 = extractelement <8 x float> %1599, i32 2
-  %1607 = call float @erff(float %1606)
-  %1608 = insertelement <8 x float> %1605, float %1607, i32 2
-  %1609 = extractelement <8 x float> %1599, i32 3
-  %1610 = call float @erff(float %1609)
-  %1611 = insertelement <8 x float> %1608, float %1610, i32 3
-  %1612 = extractelement <8 x float> %1599, i32 4
-  %1613 = call float @erff(float %1612)
-  %1614 = insertelement <8 x float> %1611, float %1613, i32 4
-  %1615 = extractelement <8 x float> %1599, i32 5
-  %1616 = call float @erff(float %1615)
-  %1617 = insertelement <8 x float> %1614, float %1616, i32 5
-  %1618 = extractelement <8 x float> %1599, i32 6
-  %1619 = call float @erff(float %1618)
-  %1620 = insertelement <8 x float> %1617, float %1619, i32 6
-  %1621 = extractelement <8 x float> %1599, i32 7
-  %1622 = call float @erff(float %1621)
-  %1623 = insertelement <8 x float> %1620, float %1622, i32 7
-  %1624 = fadd <8 x float> %1623, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1625 = fmul <8 x float> %1596, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu146 = fmul <8 x float> %1625, %1624
-  %1626 = fmul <8 x float> %gelu146, %1593
-  %1627 = getelementptr inbounds float, ptr %1595, i64 %1598
-  store <8 x float> %1626, ptr %1627, align 4
-  %1628 = add nsw i64 %col145, 8
-  %1629 = fmul <8 x float> %1597, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1630 = extractelement <8 x float> %1629, i32 0
-  %1631 = call float @erff(float %1630)
-  %1632 = insertelement <8 x float> poison, float %1631, i32 0
-  %1633 = extractelement <8 x float> %1629, i32 1
-  %1634 = call float @erff(float %1633)
-  %1635 = insertelement <8 x float> %1632, float %1634, i32 1
-  %1636 = extractelement <8 x float> %1629, i32 2
-  %1637 = call float @erff(float %1636)
-  %1638 = insertelement <8 x float> %1635, float %1637, i32 2
-  %1639 = extractelement <8 x float> %1629, i32 3
-  %1640 = call float @erff(float %1639)
-  %1641 = insertelement <8 x float> %1638, float %1640, i32 3
-  %1642 = extractelement <8 x float> %1629, i32 4
-  %1643 = call float @erff(float %1642)
-  %1644 = insertelement <8 x float> %1641, float %1643, i32 4
-  %1645 = extractelement <8 x float> %1629, i32 5
-  %1646 = call float @erff(float %1645)
-  %1647 = insertelement <8 x float> %1644, float %1646, i32 5
-  %1648 = extractelement <8 x float> %1629, i32 6
-  %1649 = call float @erff(float %1648)
-  %1650 = insertelement <8 x float> %1647, float %1649, i32 6
-  %1651 = extractelement <8 x float> %1629, i32 7
-  %1652 = call float @erff(float %1651)
-  %1653 = insertelement <8 x float> %1650, float %1652, i32 7
-  %1654 = fadd <8 x float> %1653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1655 = fmul <8 x float> %1597, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu147 = fmul <8 x float> %1655, %1654
-  %1656 = fmul <8 x float> %gelu147, %1593
-  %1657 = getelementptr inbounds float, ptr %1595, i64 %1628
-  store <8 x float> %1656, ptr %1657, align 4
+k.end99:                                          ; preds = %k.head97
+  %1570 = add nsw i64 %r0, 0
+  %1571 = getelementptr inbounds float, ptr %rw, i64 %1570
+  %1572 = load float, ptr %1571, align 4
+  %1573 = insertelement <8 x float> poison, float %1572, i32 0
+  %1574 = shufflevector <8 x float> %1573, <8 x float> poison, <8 x i32> zeroinitializer
+  %1575 = mul nsw i64 %1570, 3072
+  %1576 = getelementptr inbounds float, ptr %h, i64 %1575
+  %col101 = mul nsw i64 %p, 16
+  %1577 = load <8 x float>, ptr %acc0092, align 4
+  %1578 = load <8 x float>, ptr %acc0193, align 4
+  %1579 = add nsw i64 %col101, 0
+  %1580 = fmul <8 x float> %1577, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1581 = extractelement <8 x float> %1580, i32 0
+  %1582 = call float @erff(float %1581)
+  %1583 = insertelement <8 x float> poison, float %1582, i32 0
+  %1584 = extractelement <8 x float> %1580, i32 1
+  %1585 = call float @erff(float %1584)
+  %1586 = insertelement <8 x float> %1583, float %1585, i32 1
+  %1587 = extractelement <8 x float> %1580, i32 2
+  %1588 = call float @erff(float %1587)
+  %1589 = insertelement <8 x float> %1586, float %1588, i32 2
+  %1590 = extractelement <8 x float> %1580, i32 3
+  %1591 = call float @erff(float %1590)
+  %1592 = insertelement <8 x float> %1589, float %1591, i32 3
+  %1593 = extractelement <8 x float> %1580, i32 4
+  %1594 = call float @erff(float %1593)
+  %1595 = insertelement <8 x float> %1592, float %1594, i32 4
+  %1596 = extractelement <8 x float> %1580, i32 5
+  %1597 = call float @erff(float %1596)
+  %1598 = insertelement <8 x float> %1595, float %1597, i32 5
+  %1599 = extractelement <8 x float> %1580, i32 6
+  %1600 = call float @erff(float %1599)
+  %1601 = insertelement <8 x float> %1598, float %1600, i32 6
+  %1602 = extractelement <8 x float> %1580, i32 7
+  %1603 = call float @erff(float %1602)
+  %1604 = insertelement <8 x float> %1601, float %1603, i32 7
+  %1605 = fadd <8 x float> %1604, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1606 = fmul <8 x float> %1577, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu102 = fmul <8 x float> %1606, %1605
+  %1607 = fmul <8 x float> %gelu102, %1574
+  %1608 = getelementptr inbounds float, ptr %1576, i64 %1579
+  store <8 x float> %1607, ptr %1608, align 4
+  %1609 = add nsw i64 %col101, 8
+  %1610 = fmul <8 x float> %1578, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1611 = extractelement <8 x float> %1610, i32 0
+  %1612 = call float @erff(float %1611)
+  %1613 = insertelement <8 x float> poison, float %1612, i32 0
+  %1614 = extractelement <8 x float> %1610, i32 1
+  %1615 = call float @erff(float %1614)
+  %1616 = insertelement <8 x float> %1613, float %1615, i32 1
+  %1617 = extractelement <8 x float> %1610, i32 2
+  %1618 = call float @erff(float %1617)
+  %1619 = insertelement <8 x float> %1616, float %1618, i32 2
+  %1620 = extractelement <8 x float> %1610, i32 3
+  %1621 = call float @erff(float %1620)
+  %1622 = insertelement <8 x float> %1619, float %1621, i32 3
+  %1623 = extractelement <8 x float> %1610, i32 4
+  %1624 = call float @erff(float %1623)
+  %1625 = insertelement <8 x float> %1622, float %1624, i32 4
+  %1626 = extractelement <8 x float> %1610, i32 5
+  %1627 = call float @erff(float %1626)
+  %1628 = insertelement <8 x float> %1625, float %1627, i32 5
+  %1629 = extractelement <8 x float> %1610, i32 6
+  %1630 = call float @erff(float %1629)
+  %1631 = insertelement <8 x float> %1628, float %1630, i32 6
+  %1632 = extractelement <8 x float> %1610, i32 7
+  %1633 = call float @erff(float %1632)
+  %1634 = insertelement <8 x float> %1631, float %1633, i32 7
+  %1635 = fadd <8 x float> %1634, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1636 = fmul <8 x float> %1578, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu103 = fmul <8 x float> %1636, %1635
+  %1637 = fmul <8 x float> %gelu103, %1574
+  %1638 = getelementptr inbounds float, ptr %1576, i64 %1609
+  store <8 x float> %1637, ptr %1638, align 4
+  %1639 = add nsw i64 %r0, 1
+  %1640 = getelementptr inbounds float, ptr %rw, i64 %1639
+  %1641 = load float, ptr %1640, align 4
+  %1642 = insertelement <8 x float> poison, float %1641, i32 0
+  %1643 = shufflevector <8 x float> %1642, <8 x float> poison, <8 x i32> zeroinitializer
+  %1644 = mul nsw i64 %1639, 3072
+  %1645 = getelementptr inbounds float, ptr %h, i64 %1644
+  %col104 = mul nsw i64 %p, 16
+  %1646 = load <8 x float>, ptr %acc1094, align 4
+  %1647 = load <8 x float>, ptr %acc1195, align 4
+  %1648 = add nsw i64 %col104, 0
+  %1649 = fmul <8 x float> %1646, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1650 = extractelement <8 x float> %1649, i32 0
+  %1651 = call float @erff(float %1650)
+  %1652 = insertelement <8 x float> poison, float %1651, i32 0
+  %1653 = extractelement <8 x float> %1649, i32 1
+  %1654 = call float @erff(float %1653)
+  %1655 = insertelement <8 x float> %1652, float %1654, i32 1
+  %1656 = extractelement <8 x float> %1649, i32 2
+  %1657 = call float @erff(float %1656)
+  %1658 = insertelement <8 x float> %1655, float %1657, i32 2
+  %1659 = extractelement <8 x float> %1649, i32 3
+  %1660 = call float @erff(float %1659)
+  %1661 = insertelement <8 x float> %1658, float %1660, i32 3
+  %1662 = extractelement <8 x float> %1649, i32 4
+  %1663 = call float @erff(float %1662)
+  %1664 = insertelement <8 x float> %1661, float %1663, i32 4
+  %1665 = extractelement <8 x float> %1649, i32 5
+  %1666 = call float @erff(float %1665)
+  %1667 = insertelement <8 x float> %1664, float %1666, i32 5
+  %1668 = extractelement <8 x float> %1649, i32 6
+  %1669 = call float @erff(float %1668)
+  %1670 = insertelement <8 x float> %1667, float %1669, i32 6
+  %1671 = extractelement <8 x float> %1649, i32 7
+  %1672 = call float @erff(float %1671)
+  %1673 = insertelement <8 x float> %1670, float %1672, i32 7
+  %1674 = fadd <8 x float> %1673, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1675 = fmul <8 x float> %1646, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu105 = fmul <8 x float> %1675, %1674
+  %1676 = fmul <8 x float> %gelu105, %1643
+  %1677 = getelementptr inbounds float, ptr %1645, i64 %1648
+  store <8 x float> %1676, ptr %1677, align 4
+  %1678 = add nsw i64 %col104, 8
+  %1679 = fmul <8 x float> %1647, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1680 = extractelement <8 x float> %1679, i32 0
+  %1681 = call float @erff(float %1680)
+  %1682 = insertelement <8 x float> poison, float %1681, i32 0
+  %1683 = extractelement <8 x float> %1679, i32 1
+  %1684 = call float @erff(float %1683)
+  %1685 = insertelement <8 x float> %1682, float %1684, i32 1
+  %1686 = extractelement <8 x float> %1679, i32 2
+  %1687 = call float @erff(float %1686)
+  %1688 = insertelement <8 x float> %1685, float %1687, i32 2
+  %1689 = extractelement <8 x float> %1679, i32 3
+  %1690 = call float @erff(float %1689)
+  %1691 = insertelement <8 x float> %1688, float %1690, i32 3
+  %1692 = extractelement <8 x float> %1679, i32 4
+  %1693 = call float @erff(float %1692)
+  %1694 = insertelement <8 x float> %1691, float %1693, i32 4
+  %1695 = extractelement <8 x float> %1679, i32 5
+  %1696 = call float @erff(float %1695)
+  %1697 = insertelement <8 x float> %1694, float %1696, i32 5
+  %1698 = extractelement <8 x float> %1679, i32 6
+  %1699 = call float @erff(float %1698)
+  %1700 = insertelement <8 x float> %1697, float %1699, i32 6
+  %1701 = extractelement <8 x float> %1679, i32 7
+  %1702 = call float @erff(float %1701)
+  %1703 = insertelement <8 x float> %1700, float %1702, i32 7
+  %1704 = fadd <8 x float> %1703, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1705 = fmul <8 x float> %1647, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu106 = fmul <8 x float> %1705, %1704
+  %1706 = fmul <8 x float> %gelu106, %1643
+  %1707 = getelementptr inbounds float, ptr %1645, i64 %1678
+  store <8 x float> %1706, ptr %1707, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1658 = add nsw i64 %r0, 0
-  %1659 = getelementptr inbounds i32, ptr %rows, i64 %1658
-  %1660 = load i32, ptr %1659, align 4
-  %1661 = sext i32 %1660 to i64
-  %1662 = mul nsw i64 %1661, 768
-  %a0148 = getelementptr inbounds float, ptr %x, i64 %1662
-  store <8 x float> zeroinitializer, ptr %acc00149, align 4
-  store <8 x float> zeroinitializer, ptr %acc01150, align 4
-  %panel.off151 = mul nsw i64 %p, 12288
-  br label %k.head152
+  %1708 = add nsw i64 %r0, 0
+  %1709 = getelementptr inbounds i32, ptr %rows, i64 %1708
+  %1710 = load i32, ptr %1709, align 4
+  %1711 = sext i32 %1710 to i64
+  %1712 = mul nsw i64 %1711, 768
+  %1713 = getelementptr inbounds float, ptr %x, i64 %1712
+  store <8 x float> zeroinitializer, ptr %acc00107, align 4
+  store <8 x float> zeroinitializer, ptr %acc01108, align 4
+  %panel.off109 = mul nsw i64 %p, 12288
+  br label %k.head110
 
-k.head152:                                        ; preds = %k.body153, %tile.mr1
-  %k155 = phi i64 [ 0, %tile.mr1 ], [ %1677, %k.body153 ]
-  %1663 = icmp slt i64 %k155, 768
-  br i1 %1663, label %k.body153, label %k.end154
+k.head110:                                        ; preds = %k.body111, %tile.mr1
+  %k113 = phi i64 [ 0, %tile.mr1 ], [ %1730, %k.body111 ]
+  %1714 = icmp slt i64 %k113, 768
+  br i1 %1714, label %k.body111, label %k.end112
 
-k.body153:                                        ; preds = %k.head152
-  %1664 = mul nsw i64 %k155, 16
-  %1665 = add nsw i64 %panel.off151, %1664
-  %1666 = getelementptr inbounds float, ptr %panels, i64 %1665
-  %b0156 = load <8 x float>, ptr %1666, align 4
-  %1667 = add nsw i64 %1665, 8
-  %1668 = getelementptr inbounds float, ptr %panels, i64 %1667
-  %b1157 = load <8 x float>, ptr %1668, align 4
-  %1669 = getelementptr inbounds float, ptr %a0148, i64 %k155
-  %1670 = load float, ptr %1669, align 4
-  %1671 = insertelement <8 x float> poison, float %1670, i32 0
-  %1672 = shufflevector <8 x float> %1671, <8 x float> poison, <8 x i32> zeroinitializer
-  %1673 = load <8 x float>, ptr %acc00149, align 4
-  %1674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1672, <8 x float> %b0156, <8 x float> %1673)
-  store <8 x float> %1674, ptr %acc00149, align 4
-  %1675 = load <8 x float>, ptr %acc01150, align 4
-  %1676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1672, <8 x float> %b1157, <8 x float> %1675)
-  store <8 x float> %1676, ptr %acc01150, align 4
-  %1677 = add nsw i64 %k155, 1
-  br label %k.head152
+k.body111:                                        ; preds = %k.head110
+  %1715 = mul nsw i64 %k113, 16
+  %1716 = add nsw i64 %panel.off109, %1715
+  %1717 = getelementptr inbounds float, ptr %panels, i64 %1716
+  %1718 = load <8 x float>, ptr %1717, align 4
+  %1719 = add nsw i64 %1716, 8
+  %1720 = getelementptr inbounds float, ptr %panels, i64 %1719
+  %1721 = load <8 x float>, ptr %1720, align 4
+  %1722 = getelementptr inbounds float, ptr %1713, i64 %k113
+  %1723 = load float, ptr %1722, align 4
+  %1724 = insertelement <8 x float> poison, float %1723, i32 0
+  %1725 = shufflevector <8 x float> %1724, <8 x float> poison, <8 x i32> zeroinitializer
+  %1726 = load <8 x float>, ptr %acc00107, align 4
+  %1727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1725, <8 x float> %1718, <8 x float> %1726)
+  store <8 x float> %1727, ptr %acc00107, align 4
+  %1728 = load <8 x float>, ptr %acc01108, align 4
+  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1725, <8 x float> %1721, <8 x float> %1728)
+  store <8 x float> %1729, ptr %acc01108, align 4
+  %1730 = add nsw i64 %k113, 1
+  br label %k.head110
 
-k.end154:                                         ; preds = %k.head152
-  %1678 = add nsw i64 %r0, 0
-  %1679 = getelementptr inbounds float, ptr %rw, i64 %1678
-  %w158 = load float, ptr %1679, align 4
-  %1680 = insertelement <8 x float> poison, float %w158, i32 0
-  %1681 = shufflevector <8 x float> %1680, <8 x float> poison, <8 x i32> zeroinitializer
-  %1682 = mul nsw i64 %1678, 3072
-  %1683 = getelementptr inbounds float, ptr %h, i64 %1682
-  %col159 = mul nsw i64 %p, 16
-  %1684 = load <8 x float>, ptr %acc00149, align 4
-  %1685 = load <8 x float>, ptr %acc01150, align 4
-  %1686 = add nsw i64 %col159, 0
-  %1687 = fmul <8 x float> %1684, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1688 = extractelement <8 x float> %1687, i32 0
-  %1689 = call float @erff(float %1688)
-  %1690 = insertelement <8 x float> poison, float %1689, i32 0
-  %1691 = extractelement <8 x float> %1687, i32 1
-  %1692 = call float @erff(float %1691)
-  %1693 = insertelement <8 x float> %1690, float %1692, i32 1
-  %1694 = extractelement <8 x float> %1687, i32 2
-  %1695 = call float @erff(float %1694)
-  %1696 = insertelement <8 x float> %1693, float %1695, i32 2
-  %1697 = extractelement <8 x float> %1687, i32 3
-  %1698 = call float @erff(float %1697)
-  %1699 = insertelement <8 x float> %1696, float %1698, i32 3
-  %1700 = extractelement <8 x float> %1687, i32 4
-  %1701 = call float @erff(float %1700)
-  %1702 = insertelement <8 x float> %1699, float %1701, i32 4
-  %1703 = extractelement <8 x float> %1687, i32 5
-  %1704 = call float @erff(float %1703)
-  %1705 = insertelement <8 x float> %1702, float %1704, i32 5
-  %1706 = extractelement <8 x float> %1687, i32 6
-  %1707 = call float @erff(float %1706)
-  %1708 = insertelement <8 x float> %1705, float %1707, i32 6
-  %1709 = extractelement <8 x float> %1687, i32 7
-  %1710 = call float @erff(float %1709)
-  %1711 = insertelement <8 x float> %1708, float %1710, i32 7
-  %1712 = fadd <8 x float> %1711, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1713 = fmul <8 x float> %1684, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu160 = fmul <8 x float> %1713, %1712
-  %1714 = fmul <8 x float> %gelu160, %1681
-  %1715 = getelementptr inbounds float, ptr %1683, i64 %1686
-  store <8 x float> %1714, ptr %1715, align 4
-  %1716 = add nsw i64 %col159, 8
-  %1717 = fmul <8 x float> %1685, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1718 = extractelement <8 x float> %1717, i32 0
-  %1719 = call float @erff(float %1718)
-  %1720 = insertelement <8 x float> poison, float %1719, i32 0
-  %1721 = extractelement <8 x float> %1717, i32 1
-  %1722 = call float @erff(float %1721)
-  %1723 = insertelement <8 x float> %1720, float %1722, i32 1
-  %1724 = extractelement <8 x float> %1717, i32 2
-  %1725 = call float @erff(float %1724)
-  %1726 = insertelement <8 x float> %1723, float %1725, i32 2
-  %1727 = extractelement <8 x float> %1717, i32 3
-  %1728 = call float @erff(float %1727)
-  %1729 = insertelement <8 x float> %1726, float %1728, i32 3
-  %1730 = extractelement <8 x float> %1717, i32 4
-  %1731 = call float @erff(float %1730)
-  %1732 = insertelement <8 x float> %1729, float %1731, i32 4
-  %1733 = extractelement <8 x float> %1717, i32 5
-  %1734 = call float @erff(float %1733)
-  %1735 = insertelement <8 x float> %1732, float %1734, i32 5
-  %1736 = extractelement <8 x float> %1717, i32 6
-  %1737 = call float @erff(float %1736)
-  %1738 = insertelement <8 x float> %1735, float %1737, i32 6
-  %1739 = extractelement <8 x float> %1717, i32 7
-  %1740 = call float @erff(float %1739)
-  %1741 = insertelement <8 x float> %1738, float %1740, i32 7
-  %1742 = fadd <8 x float> %1741, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1743 = fmul <8 x float> %1685, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu161 = fmul <8 x float> %1743, %1742
-  %1744 = fmul <8 x float> %gelu161, %1681
-  %1745 = getelementptr inbounds float, ptr %1683, i64 %1716
-  store <8 x float> %1744, ptr %1745, align 4
+k.end112:                                         ; preds = %k.head110
+  %1731 = add nsw i64 %r0, 0
+  %1732 = getelementptr inbounds float, ptr %rw, i64 %1731
+  %1733 = load float, ptr %1732, align 4
+  %1734 = insertelement <8 x float> poison, float %1733, i32 0
+  %1735 = shufflevector <8 x float> %1734, <8 x float> poison, <8 x i32> zeroinitializer
+  %1736 = mul nsw i64 %1731, 3072
+  %1737 = getelementptr inbounds float, ptr %h, i64 %1736
+  %col114 = mul nsw i64 %p, 16
+  %1738 = load <8 x float>, ptr %acc00107, align 4
+  %1739 = load <8 x float>, ptr %acc01108, align 4
+  %1740 = add nsw i64 %col114, 0
+  %1741 = fmul <8 x float> %1738, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1742 = extractelement <8 x float> %1741, i32 0
+  %1743 = call float @erff(float %1742)
+  %1744 = insertelement <8 x float> poison, float %1743, i32 0
+  %1745 = extractelement <8 x float> %1741, i32 1
+  %1746 = call float @erff(float %1745)
+  %1747 = insertelement <8 x float> %1744, float %1746, i32 1
+  %1748 = extractelement <8 x float> %1741, i32 2
+  %1749 = call float @erff(float %1748)
+  %1750 = insertelement <8 x float> %1747, float %1749, i32 2
+  %1751 = extractelement <8 x float> %1741, i32 3
+  %1752 = call float @erff(float %1751)
+  %1753 = insertelement <8 x float> %1750, float %1752, i32 3
+  %1754 = extractelement <8 x float> %1741, i32 4
+  %1755 = call float @erff(float %1754)
+  %1756 = insertelement <8 x float> %1753, float %1755, i32 4
+  %1757 = extractelement <8 x float> %1741, i32 5
+  %1758 = call float @erff(float %1757)
+  %1759 = insertelement <8 x float> %1756, float %1758, i32 5
+  %1760 = extractelement <8 x float> %1741, i32 6
+  %1761 = call float @erff(float %1760)
+  %1762 = insertelement <8 x float> %1759, float %1761, i32 6
+  %1763 = extractelement <8 x float> %1741, i32 7
+  %1764 = call float @erff(float %1763)
+  %1765 = insertelement <8 x float> %1762, float %1764, i32 7
+  %1766 = fadd <8 x float> %1765, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1767 = fmul <8 x float> %1738, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu115 = fmul <8 x float> %1767, %1766
+  %1768 = fmul <8 x float> %gelu115, %1735
+  %1769 = getelementptr inbounds float, ptr %1737, i64 %1740
+  store <8 x float> %1768, ptr %1769, align 4
+  %1770 = add nsw i64 %col114, 8
+  %1771 = fmul <8 x float> %1739, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1772 = extractelement <8 x float> %1771, i32 0
+  %1773 = call float @erff(float %1772)
+  %1774 = insertelement <8 x float> poison, float %1773, i32 0
+  %1775 = extractelement <8 x float> %1771, i32 1
+  %1776 = call float @erff(float %1775)
+  %1777 = insertelement <8 x float> %1774, float %1776, i32 1
+  %1778 = extractelement <8 x float> %1771, i32 2
+  %1779 = call float @erff(float %1778)
+  %1780 = insertelement <8 x float> %1777, float %1779, i32 2
+  %1781 = extractelement <8 x float> %1771, i32 3
+  %1782 = call float @erff(float %1781)
+  %1783 = insertelement <8 x float> %1780, float %1782, i32 3
+  %1784 = extractelement <8 x float> %1771, i32 4
+  %1785 = call float @erff(float %1784)
+  %1786 = insertelement <8 x float> %1783, float %1785, i32 4
+  %1787 = extractelement <8 x float> %1771, i32 5
+  %1788 = call float @erff(float %1787)
+  %1789 = insertelement <8 x float> %1786, float %1788, i32 5
+  %1790 = extractelement <8 x float> %1771, i32 6
+  %1791 = call float @erff(float %1790)
+  %1792 = insertelement <8 x float> %1789, float %1791, i32 6
+  %1793 = extractelement <8 x float> %1771, i32 7
+  %1794 = call float @erff(float %1793)
+  %1795 = insertelement <8 x float> %1792, float %1794, i32 7
+  %1796 = fadd <8 x float> %1795, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1797 = fmul <8 x float> %1739, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu116 = fmul <8 x float> %1797, %1796
+  %1798 = fmul <8 x float> %gelu116, %1735
+  %1799 = getelementptr inbounds float, ptr %1737, i64 %1770
+  store <8 x float> %1798, ptr %1799, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end154, %k.end136, %k.end111, %k.end79, %k.end40, %k.end
-  %1746 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end112, %k.end99, %k.end81, %k.end58, %k.end30, %k.end
+  %1800 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1747 = add nsw i64 %p, 1
+  %1801 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2587,36 +2615,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0037 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1042 = alloca <8 x float>, align 32
-  %acc1144 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2149 = alloca <8 x float>, align 32
-  %acc3052 = alloca <8 x float>, align 32
-  %acc3154 = alloca <8 x float>, align 32
-  %acc0065 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1070 = alloca <8 x float>, align 32
-  %acc1172 = alloca <8 x float>, align 32
-  %acc2075 = alloca <8 x float>, align 32
-  %acc2177 = alloca <8 x float>, align 32
-  %acc0088 = alloca <8 x float>, align 32
-  %acc0190 = alloca <8 x float>, align 32
-  %acc1093 = alloca <8 x float>, align 32
-  %acc1195 = alloca <8 x float>, align 32
-  %acc00106 = alloca <8 x float>, align 32
-  %acc01108 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0018 = alloca <8 x float>, align 32
+  %acc0119 = alloca <8 x float>, align 32
+  %acc1020 = alloca <8 x float>, align 32
+  %acc1121 = alloca <8 x float>, align 32
+  %acc2022 = alloca <8 x float>, align 32
+  %acc2123 = alloca <8 x float>, align 32
+  %acc3024 = alloca <8 x float>, align 32
+  %acc3125 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc0044 = alloca <8 x float>, align 32
+  %acc0145 = alloca <8 x float>, align 32
+  %acc1046 = alloca <8 x float>, align 32
+  %acc1147 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2625,7 +2653,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %563, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2633,7 +2661,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %562, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2653,782 +2681,782 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 3072
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 768
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 3072
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 768
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 3072
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 768
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 3072
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 768
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 3072
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 768
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 768
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 3072
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 768
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 3072
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 768
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 3072
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 768
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 3072
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 768
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 3072
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 768
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 3072
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 768
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 3072
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %144, %k.body ]
+  %88 = icmp slt i64 %k, 3072
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds float, ptr %panels, i64 %72
-  %b0 = load <8 x float>, ptr %73, align 4
-  %74 = add nsw i64 %72, 8
-  %75 = getelementptr inbounds float, ptr %panels, i64 %74
-  %b1 = load <8 x float>, ptr %75, align 4
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds float, ptr %panels, i64 %90
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = add nsw i64 %90, 8
+  %94 = getelementptr inbounds float, ptr %panels, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = getelementptr inbounds float, ptr %6, i64 %k
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = load <8 x float>, ptr %acc00, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %92, <8 x float> %100)
+  store <8 x float> %101, ptr %acc00, align 4
+  %102 = load <8 x float>, ptr %acc01, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %95, <8 x float> %102)
+  store <8 x float> %103, ptr %acc01, align 4
+  %104 = getelementptr inbounds float, ptr %20, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc10, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %92, <8 x float> %108)
+  store <8 x float> %109, ptr %acc10, align 4
+  %110 = load <8 x float>, ptr %acc11, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %95, <8 x float> %110)
+  store <8 x float> %111, ptr %acc11, align 4
+  %112 = getelementptr inbounds float, ptr %34, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc20, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %92, <8 x float> %116)
+  store <8 x float> %117, ptr %acc20, align 4
+  %118 = load <8 x float>, ptr %acc21, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %95, <8 x float> %118)
+  store <8 x float> %119, ptr %acc21, align 4
+  %120 = getelementptr inbounds float, ptr %48, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc30, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %92, <8 x float> %124)
+  store <8 x float> %125, ptr %acc30, align 4
+  %126 = load <8 x float>, ptr %acc31, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %95, <8 x float> %126)
+  store <8 x float> %127, ptr %acc31, align 4
+  %128 = getelementptr inbounds float, ptr %62, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc40, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %92, <8 x float> %132)
+  store <8 x float> %133, ptr %acc40, align 4
+  %134 = load <8 x float>, ptr %acc41, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %95, <8 x float> %134)
+  store <8 x float> %135, ptr %acc41, align 4
+  %136 = getelementptr inbounds float, ptr %76, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc50, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %92, <8 x float> %140)
+  store <8 x float> %141, ptr %acc50, align 4
+  %142 = load <8 x float>, ptr %acc51, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %95, <8 x float> %142)
+  store <8 x float> %143, ptr %acc51, align 4
+  %144 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %145 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %145, ptr %13, align 4
+  %146 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %146, ptr %16, align 4
+  %147 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %147, ptr %27, align 4
+  %148 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %148, ptr %30, align 4
+  %149 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %149, ptr %41, align 4
+  %150 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %150, ptr %44, align 4
+  %151 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %151, ptr %55, align 4
+  %152 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %152, ptr %58, align 4
+  %153 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %153, ptr %69, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %154, ptr %72, align 4
+  %155 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %155, ptr %83, align 4
+  %156 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %156, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 3072
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 768
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 3072
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 768
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 3072
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 768
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
+  %157 = add nsw i64 %r0, 0
+  %158 = mul nsw i64 %157, 3072
+  %159 = getelementptr inbounds float, ptr %h, i64 %158
+  %160 = getelementptr inbounds i32, ptr %rows, i64 %157
+  %161 = load i32, ptr %160, align 4
+  %162 = sext i32 %161 to i64
+  %163 = mul nsw i64 %162, 768
+  %164 = getelementptr inbounds float, ptr %y, i64 %163
+  %165 = add nsw i64 %col1, 0
+  %166 = getelementptr inbounds float, ptr %164, i64 %165
+  %167 = load <8 x float>, ptr %166, align 4
+  store <8 x float> %167, ptr %acc002, align 4
   %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
-  %171 = mul nsw i64 %170, 3072
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 768
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 3072
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 768
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 49152
-  br label %k.head28
+  %169 = getelementptr inbounds float, ptr %164, i64 %168
+  %170 = load <8 x float>, ptr %169, align 4
+  store <8 x float> %170, ptr %acc013, align 4
+  %171 = add nsw i64 %r0, 1
+  %172 = mul nsw i64 %171, 3072
+  %173 = getelementptr inbounds float, ptr %h, i64 %172
+  %174 = getelementptr inbounds i32, ptr %rows, i64 %171
+  %175 = load i32, ptr %174, align 4
+  %176 = sext i32 %175 to i64
+  %177 = mul nsw i64 %176, 768
+  %178 = getelementptr inbounds float, ptr %y, i64 %177
+  %179 = add nsw i64 %col1, 0
+  %180 = getelementptr inbounds float, ptr %178, i64 %179
+  %181 = load <8 x float>, ptr %180, align 4
+  store <8 x float> %181, ptr %acc104, align 4
+  %182 = add nsw i64 %col1, 8
+  %183 = getelementptr inbounds float, ptr %178, i64 %182
+  %184 = load <8 x float>, ptr %183, align 4
+  store <8 x float> %184, ptr %acc115, align 4
+  %185 = add nsw i64 %r0, 2
+  %186 = mul nsw i64 %185, 3072
+  %187 = getelementptr inbounds float, ptr %h, i64 %186
+  %188 = getelementptr inbounds i32, ptr %rows, i64 %185
+  %189 = load i32, ptr %188, align 4
+  %190 = sext i32 %189 to i64
+  %191 = mul nsw i64 %190, 768
+  %192 = getelementptr inbounds float, ptr %y, i64 %191
+  %193 = add nsw i64 %col1, 0
+  %194 = getelementptr inbounds float, ptr %192, i64 %193
+  %195 = load <8 x float>, ptr %194, align 4
+  store <8 x float> %195, ptr %acc206, align 4
+  %196 = add nsw i64 %col1, 8
+  %197 = getelementptr inbounds float, ptr %192, i64 %196
+  %198 = load <8 x float>, ptr %197, align 4
+  store <8 x float> %198, ptr %acc217, align 4
+  %199 = add nsw i64 %r0, 3
+  %200 = mul nsw i64 %199, 3072
+  %201 = getelementptr inbounds float, ptr %h, i64 %200
+  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
+  %203 = load i32, ptr %202, align 4
+  %204 = sext i32 %203 to i64
+  %205 = mul nsw i64 %204, 768
+  %206 = getelementptr inbounds float, ptr %y, i64 %205
+  %207 = add nsw i64 %col1, 0
+  %208 = getelementptr inbounds float, ptr %206, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  store <8 x float> %209, ptr %acc308, align 4
+  %210 = add nsw i64 %col1, 8
+  %211 = getelementptr inbounds float, ptr %206, i64 %210
+  %212 = load <8 x float>, ptr %211, align 4
+  store <8 x float> %212, ptr %acc319, align 4
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 3072
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 768
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col1, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  store <8 x float> %223, ptr %acc4010, align 4
+  %224 = add nsw i64 %col1, 8
+  %225 = getelementptr inbounds float, ptr %220, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  store <8 x float> %226, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 49152
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 3072
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %275, %k.body14 ]
+  %227 = icmp slt i64 %k16, 3072
+  br i1 %227, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds float, ptr %panels, i64 %194
-  %b032 = load <8 x float>, ptr %195, align 4
-  %196 = add nsw i64 %194, 8
-  %197 = getelementptr inbounds float, ptr %panels, i64 %196
-  %b133 = load <8 x float>, ptr %197, align 4
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b032, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b133, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b032, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b133, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b032, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b133, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b032, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b133, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b032, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b133, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %228 = mul nsw i64 %k16, 16
+  %229 = add nsw i64 %panel.off12, %228
+  %230 = getelementptr inbounds float, ptr %panels, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  %232 = add nsw i64 %229, 8
+  %233 = getelementptr inbounds float, ptr %panels, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  %235 = getelementptr inbounds float, ptr %159, i64 %k16
+  %236 = load float, ptr %235, align 4
+  %237 = insertelement <8 x float> poison, float %236, i32 0
+  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
+  %239 = load <8 x float>, ptr %acc002, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %231, <8 x float> %239)
+  store <8 x float> %240, ptr %acc002, align 4
+  %241 = load <8 x float>, ptr %acc013, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %234, <8 x float> %241)
+  store <8 x float> %242, ptr %acc013, align 4
+  %243 = getelementptr inbounds float, ptr %173, i64 %k16
+  %244 = load float, ptr %243, align 4
+  %245 = insertelement <8 x float> poison, float %244, i32 0
+  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
+  %247 = load <8 x float>, ptr %acc104, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %231, <8 x float> %247)
+  store <8 x float> %248, ptr %acc104, align 4
+  %249 = load <8 x float>, ptr %acc115, align 4
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %234, <8 x float> %249)
+  store <8 x float> %250, ptr %acc115, align 4
+  %251 = getelementptr inbounds float, ptr %187, i64 %k16
+  %252 = load float, ptr %251, align 4
+  %253 = insertelement <8 x float> poison, float %252, i32 0
+  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
+  %255 = load <8 x float>, ptr %acc206, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %231, <8 x float> %255)
+  store <8 x float> %256, ptr %acc206, align 4
+  %257 = load <8 x float>, ptr %acc217, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %234, <8 x float> %257)
+  store <8 x float> %258, ptr %acc217, align 4
+  %259 = getelementptr inbounds float, ptr %201, i64 %k16
+  %260 = load float, ptr %259, align 4
+  %261 = insertelement <8 x float> poison, float %260, i32 0
+  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
+  %263 = load <8 x float>, ptr %acc308, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %231, <8 x float> %263)
+  store <8 x float> %264, ptr %acc308, align 4
+  %265 = load <8 x float>, ptr %acc319, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %234, <8 x float> %265)
+  store <8 x float> %266, ptr %acc319, align 4
+  %267 = getelementptr inbounds float, ptr %215, i64 %k16
+  %268 = load float, ptr %267, align 4
+  %269 = insertelement <8 x float> poison, float %268, i32 0
+  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
+  %271 = load <8 x float>, ptr %acc4010, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %231, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4010, align 4
+  %273 = load <8 x float>, ptr %acc4111, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %234, <8 x float> %273)
+  store <8 x float> %274, ptr %acc4111, align 4
+  %275 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %276 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %276, ptr %166, align 4
+  %277 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %277, ptr %169, align 4
+  %278 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %278, ptr %180, align 4
+  %279 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %279, ptr %183, align 4
+  %280 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %280, ptr %194, align 4
+  %281 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %281, ptr %197, align 4
+  %282 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %282, ptr %208, align 4
+  %283 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %283, ptr %211, align 4
+  %284 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %284, ptr %222, align 4
+  %285 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %285, ptr %225, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col34 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 3072
-  %h035 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 768
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col34, 0
-  %y0036 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0036, align 4
-  store <8 x float> %257, ptr %acc0037, align 4
-  %258 = add nsw i64 %col34, 8
-  %y0138 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0138, align 4
-  store <8 x float> %259, ptr %acc0139, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 3072
-  %h140 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 768
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col34, 0
-  %y1041 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1041, align 4
-  store <8 x float> %268, ptr %acc1042, align 4
-  %269 = add nsw i64 %col34, 8
-  %y1143 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1143, align 4
-  store <8 x float> %270, ptr %acc1144, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 3072
-  %h245 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 768
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col34, 0
-  %y2046 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2046, align 4
-  store <8 x float> %279, ptr %acc2047, align 4
-  %280 = add nsw i64 %col34, 8
-  %y2148 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2148, align 4
-  store <8 x float> %281, ptr %acc2149, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 3072
-  %h350 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 768
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col34, 0
-  %y3051 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3051, align 4
-  store <8 x float> %290, ptr %acc3052, align 4
-  %291 = add nsw i64 %col34, 8
-  %y3153 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3153, align 4
-  store <8 x float> %292, ptr %acc3154, align 4
-  %panel.off55 = mul nsw i64 %p, 49152
-  br label %k.head56
+  %col17 = mul nsw i64 %p, 16
+  %286 = add nsw i64 %r0, 0
+  %287 = mul nsw i64 %286, 3072
+  %288 = getelementptr inbounds float, ptr %h, i64 %287
+  %289 = getelementptr inbounds i32, ptr %rows, i64 %286
+  %290 = load i32, ptr %289, align 4
+  %291 = sext i32 %290 to i64
+  %292 = mul nsw i64 %291, 768
+  %293 = getelementptr inbounds float, ptr %y, i64 %292
+  %294 = add nsw i64 %col17, 0
+  %295 = getelementptr inbounds float, ptr %293, i64 %294
+  %296 = load <8 x float>, ptr %295, align 4
+  store <8 x float> %296, ptr %acc0018, align 4
+  %297 = add nsw i64 %col17, 8
+  %298 = getelementptr inbounds float, ptr %293, i64 %297
+  %299 = load <8 x float>, ptr %298, align 4
+  store <8 x float> %299, ptr %acc0119, align 4
+  %300 = add nsw i64 %r0, 1
+  %301 = mul nsw i64 %300, 3072
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 768
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col17, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc1020, align 4
+  %311 = add nsw i64 %col17, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc1121, align 4
+  %314 = add nsw i64 %r0, 2
+  %315 = mul nsw i64 %314, 3072
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 768
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col17, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc2022, align 4
+  %325 = add nsw i64 %col17, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc2123, align 4
+  %328 = add nsw i64 %r0, 3
+  %329 = mul nsw i64 %328, 3072
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 768
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col17, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc3024, align 4
+  %339 = add nsw i64 %col17, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc3125, align 4
+  %panel.off26 = mul nsw i64 %p, 49152
+  br label %k.head27
 
-k.head56:                                         ; preds = %k.body57, %tile.mr4
-  %k59 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body57 ]
-  %293 = icmp slt i64 %k59, 3072
-  br i1 %293, label %k.body57, label %k.end58
+k.head27:                                         ; preds = %k.body28, %tile.mr4
+  %k30 = phi i64 [ 0, %tile.mr4 ], [ %382, %k.body28 ]
+  %342 = icmp slt i64 %k30, 3072
+  br i1 %342, label %k.body28, label %k.end29
 
-k.body57:                                         ; preds = %k.head56
-  %294 = mul nsw i64 %k59, 16
-  %295 = add nsw i64 %panel.off55, %294
-  %296 = getelementptr inbounds float, ptr %panels, i64 %295
-  %b060 = load <8 x float>, ptr %296, align 4
-  %297 = add nsw i64 %295, 8
-  %298 = getelementptr inbounds float, ptr %panels, i64 %297
-  %b161 = load <8 x float>, ptr %298, align 4
-  %299 = getelementptr inbounds float, ptr %h035, i64 %k59
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0037, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b060, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0037, align 4
-  %305 = load <8 x float>, ptr %acc0139, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b161, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0139, align 4
-  %307 = getelementptr inbounds float, ptr %h140, i64 %k59
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1042, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b060, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1042, align 4
-  %313 = load <8 x float>, ptr %acc1144, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b161, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1144, align 4
-  %315 = getelementptr inbounds float, ptr %h245, i64 %k59
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2047, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b060, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2047, align 4
-  %321 = load <8 x float>, ptr %acc2149, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b161, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2149, align 4
-  %323 = getelementptr inbounds float, ptr %h350, i64 %k59
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3052, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b060, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3052, align 4
-  %329 = load <8 x float>, ptr %acc3154, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b161, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3154, align 4
-  %331 = add nsw i64 %k59, 1
-  br label %k.head56
+k.body28:                                         ; preds = %k.head27
+  %343 = mul nsw i64 %k30, 16
+  %344 = add nsw i64 %panel.off26, %343
+  %345 = getelementptr inbounds float, ptr %panels, i64 %344
+  %346 = load <8 x float>, ptr %345, align 4
+  %347 = add nsw i64 %344, 8
+  %348 = getelementptr inbounds float, ptr %panels, i64 %347
+  %349 = load <8 x float>, ptr %348, align 4
+  %350 = getelementptr inbounds float, ptr %288, i64 %k30
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = load <8 x float>, ptr %acc0018, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %346, <8 x float> %354)
+  store <8 x float> %355, ptr %acc0018, align 4
+  %356 = load <8 x float>, ptr %acc0119, align 4
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %349, <8 x float> %356)
+  store <8 x float> %357, ptr %acc0119, align 4
+  %358 = getelementptr inbounds float, ptr %302, i64 %k30
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc1020, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %346, <8 x float> %362)
+  store <8 x float> %363, ptr %acc1020, align 4
+  %364 = load <8 x float>, ptr %acc1121, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %349, <8 x float> %364)
+  store <8 x float> %365, ptr %acc1121, align 4
+  %366 = getelementptr inbounds float, ptr %316, i64 %k30
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc2022, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %346, <8 x float> %370)
+  store <8 x float> %371, ptr %acc2022, align 4
+  %372 = load <8 x float>, ptr %acc2123, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %349, <8 x float> %372)
+  store <8 x float> %373, ptr %acc2123, align 4
+  %374 = getelementptr inbounds float, ptr %330, i64 %k30
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc3024, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %346, <8 x float> %378)
+  store <8 x float> %379, ptr %acc3024, align 4
+  %380 = load <8 x float>, ptr %acc3125, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %349, <8 x float> %380)
+  store <8 x float> %381, ptr %acc3125, align 4
+  %382 = add nsw i64 %k30, 1
+  br label %k.head27
 
-k.end58:                                          ; preds = %k.head56
-  %332 = load <8 x float>, ptr %acc0037, align 4
-  store <8 x float> %332, ptr %y0036, align 4
-  %333 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %333, ptr %y0138, align 4
-  %334 = load <8 x float>, ptr %acc1042, align 4
-  store <8 x float> %334, ptr %y1041, align 4
-  %335 = load <8 x float>, ptr %acc1144, align 4
-  store <8 x float> %335, ptr %y1143, align 4
-  %336 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %336, ptr %y2046, align 4
-  %337 = load <8 x float>, ptr %acc2149, align 4
-  store <8 x float> %337, ptr %y2148, align 4
-  %338 = load <8 x float>, ptr %acc3052, align 4
-  store <8 x float> %338, ptr %y3051, align 4
-  %339 = load <8 x float>, ptr %acc3154, align 4
-  store <8 x float> %339, ptr %y3153, align 4
+k.end29:                                          ; preds = %k.head27
+  %383 = load <8 x float>, ptr %acc0018, align 4
+  store <8 x float> %383, ptr %295, align 4
+  %384 = load <8 x float>, ptr %acc0119, align 4
+  store <8 x float> %384, ptr %298, align 4
+  %385 = load <8 x float>, ptr %acc1020, align 4
+  store <8 x float> %385, ptr %309, align 4
+  %386 = load <8 x float>, ptr %acc1121, align 4
+  store <8 x float> %386, ptr %312, align 4
+  %387 = load <8 x float>, ptr %acc2022, align 4
+  store <8 x float> %387, ptr %323, align 4
+  %388 = load <8 x float>, ptr %acc2123, align 4
+  store <8 x float> %388, ptr %326, align 4
+  %389 = load <8 x float>, ptr %acc3024, align 4
+  store <8 x float> %389, ptr %337, align 4
+  %390 = load <8 x float>, ptr %acc3125, align 4
+  store <8 x float> %390, ptr %340, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col62 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 3072
-  %h063 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 768
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col62, 0
-  %y0064 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0064, align 4
-  store <8 x float> %348, ptr %acc0065, align 4
-  %349 = add nsw i64 %col62, 8
-  %y0166 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0166, align 4
-  store <8 x float> %350, ptr %acc0167, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 3072
-  %h168 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 768
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col62, 0
-  %y1069 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1069, align 4
-  store <8 x float> %359, ptr %acc1070, align 4
-  %360 = add nsw i64 %col62, 8
-  %y1171 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1171, align 4
-  store <8 x float> %361, ptr %acc1172, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 3072
-  %h273 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 768
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col62, 0
-  %y2074 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2074, align 4
-  store <8 x float> %370, ptr %acc2075, align 4
-  %371 = add nsw i64 %col62, 8
-  %y2176 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2176, align 4
-  store <8 x float> %372, ptr %acc2177, align 4
-  %panel.off78 = mul nsw i64 %p, 49152
-  br label %k.head79
+  %col31 = mul nsw i64 %p, 16
+  %391 = add nsw i64 %r0, 0
+  %392 = mul nsw i64 %391, 3072
+  %393 = getelementptr inbounds float, ptr %h, i64 %392
+  %394 = getelementptr inbounds i32, ptr %rows, i64 %391
+  %395 = load i32, ptr %394, align 4
+  %396 = sext i32 %395 to i64
+  %397 = mul nsw i64 %396, 768
+  %398 = getelementptr inbounds float, ptr %y, i64 %397
+  %399 = add nsw i64 %col31, 0
+  %400 = getelementptr inbounds float, ptr %398, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0032, align 4
+  %402 = add nsw i64 %col31, 8
+  %403 = getelementptr inbounds float, ptr %398, i64 %402
+  %404 = load <8 x float>, ptr %403, align 4
+  store <8 x float> %404, ptr %acc0133, align 4
+  %405 = add nsw i64 %r0, 1
+  %406 = mul nsw i64 %405, 3072
+  %407 = getelementptr inbounds float, ptr %h, i64 %406
+  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
+  %409 = load i32, ptr %408, align 4
+  %410 = sext i32 %409 to i64
+  %411 = mul nsw i64 %410, 768
+  %412 = getelementptr inbounds float, ptr %y, i64 %411
+  %413 = add nsw i64 %col31, 0
+  %414 = getelementptr inbounds float, ptr %412, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1034, align 4
+  %416 = add nsw i64 %col31, 8
+  %417 = getelementptr inbounds float, ptr %412, i64 %416
+  %418 = load <8 x float>, ptr %417, align 4
+  store <8 x float> %418, ptr %acc1135, align 4
+  %419 = add nsw i64 %r0, 2
+  %420 = mul nsw i64 %419, 3072
+  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %422 = getelementptr inbounds i32, ptr %rows, i64 %419
+  %423 = load i32, ptr %422, align 4
+  %424 = sext i32 %423 to i64
+  %425 = mul nsw i64 %424, 768
+  %426 = getelementptr inbounds float, ptr %y, i64 %425
+  %427 = add nsw i64 %col31, 0
+  %428 = getelementptr inbounds float, ptr %426, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2036, align 4
+  %430 = add nsw i64 %col31, 8
+  %431 = getelementptr inbounds float, ptr %426, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  store <8 x float> %432, ptr %acc2137, align 4
+  %panel.off38 = mul nsw i64 %p, 49152
+  br label %k.head39
 
-k.head79:                                         ; preds = %k.body80, %tile.mr3
-  %k82 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body80 ]
-  %373 = icmp slt i64 %k82, 3072
-  br i1 %373, label %k.body80, label %k.end81
+k.head39:                                         ; preds = %k.body40, %tile.mr3
+  %k42 = phi i64 [ 0, %tile.mr3 ], [ %465, %k.body40 ]
+  %433 = icmp slt i64 %k42, 3072
+  br i1 %433, label %k.body40, label %k.end41
 
-k.body80:                                         ; preds = %k.head79
-  %374 = mul nsw i64 %k82, 16
-  %375 = add nsw i64 %panel.off78, %374
-  %376 = getelementptr inbounds float, ptr %panels, i64 %375
-  %b083 = load <8 x float>, ptr %376, align 4
-  %377 = add nsw i64 %375, 8
-  %378 = getelementptr inbounds float, ptr %panels, i64 %377
-  %b184 = load <8 x float>, ptr %378, align 4
-  %379 = getelementptr inbounds float, ptr %h063, i64 %k82
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0065, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b083, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0065, align 4
-  %385 = load <8 x float>, ptr %acc0167, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b184, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0167, align 4
-  %387 = getelementptr inbounds float, ptr %h168, i64 %k82
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1070, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b083, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1070, align 4
-  %393 = load <8 x float>, ptr %acc1172, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b184, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1172, align 4
-  %395 = getelementptr inbounds float, ptr %h273, i64 %k82
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2075, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b083, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2075, align 4
-  %401 = load <8 x float>, ptr %acc2177, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b184, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2177, align 4
-  %403 = add nsw i64 %k82, 1
-  br label %k.head79
+k.body40:                                         ; preds = %k.head39
+  %434 = mul nsw i64 %k42, 16
+  %435 = add nsw i64 %panel.off38, %434
+  %436 = getelementptr inbounds float, ptr %panels, i64 %435
+  %437 = load <8 x float>, ptr %436, align 4
+  %438 = add nsw i64 %435, 8
+  %439 = getelementptr inbounds float, ptr %panels, i64 %438
+  %440 = load <8 x float>, ptr %439, align 4
+  %441 = getelementptr inbounds float, ptr %393, i64 %k42
+  %442 = load float, ptr %441, align 4
+  %443 = insertelement <8 x float> poison, float %442, i32 0
+  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
+  %445 = load <8 x float>, ptr %acc0032, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %437, <8 x float> %445)
+  store <8 x float> %446, ptr %acc0032, align 4
+  %447 = load <8 x float>, ptr %acc0133, align 4
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %440, <8 x float> %447)
+  store <8 x float> %448, ptr %acc0133, align 4
+  %449 = getelementptr inbounds float, ptr %407, i64 %k42
+  %450 = load float, ptr %449, align 4
+  %451 = insertelement <8 x float> poison, float %450, i32 0
+  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
+  %453 = load <8 x float>, ptr %acc1034, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %437, <8 x float> %453)
+  store <8 x float> %454, ptr %acc1034, align 4
+  %455 = load <8 x float>, ptr %acc1135, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %440, <8 x float> %455)
+  store <8 x float> %456, ptr %acc1135, align 4
+  %457 = getelementptr inbounds float, ptr %421, i64 %k42
+  %458 = load float, ptr %457, align 4
+  %459 = insertelement <8 x float> poison, float %458, i32 0
+  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
+  %461 = load <8 x float>, ptr %acc2036, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %437, <8 x float> %461)
+  store <8 x float> %462, ptr %acc2036, align 4
+  %463 = load <8 x float>, ptr %acc2137, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %440, <8 x float> %463)
+  store <8 x float> %464, ptr %acc2137, align 4
+  %465 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end81:                                          ; preds = %k.head79
-  %404 = load <8 x float>, ptr %acc0065, align 4
-  store <8 x float> %404, ptr %y0064, align 4
-  %405 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %405, ptr %y0166, align 4
-  %406 = load <8 x float>, ptr %acc1070, align 4
-  store <8 x float> %406, ptr %y1069, align 4
-  %407 = load <8 x float>, ptr %acc1172, align 4
-  store <8 x float> %407, ptr %y1171, align 4
-  %408 = load <8 x float>, ptr %acc2075, align 4
-  store <8 x float> %408, ptr %y2074, align 4
-  %409 = load <8 x float>, ptr %acc2177, align 4
-  store <8 x float> %409, ptr %y2176, align 4
+k.end41:                                          ; preds = %k.head39
+  %466 = load <8 x float>, ptr %acc0032, align 4
+  store <8 x float> %466, ptr %400, align 4
+  %467 = load <8 x float>, ptr %acc0133, align 4
+  store <8 x float> %467, ptr %403, align 4
+  %468 = load <8 x float>, ptr %acc1034, align 4
+  store <8 x float> %468, ptr %414, align 4
+  %469 = load <8 x float>, ptr %acc1135, align 4
+  store <8 x float> %469, ptr %417, align 4
+  %470 = load <8 x float>, ptr %acc2036, align 4
+  store <8 x float> %470, ptr %428, align 4
+  %471 = load <8 x float>, ptr %acc2137, align 4
+  store <8 x float> %471, ptr %431, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col85 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 3072
-  %h086 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 768
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col85, 0
-  %y0087 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0087, align 4
-  store <8 x float> %418, ptr %acc0088, align 4
-  %419 = add nsw i64 %col85, 8
-  %y0189 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0189, align 4
-  store <8 x float> %420, ptr %acc0190, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 3072
-  %h191 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 768
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col85, 0
-  %y1092 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1092, align 4
-  store <8 x float> %429, ptr %acc1093, align 4
-  %430 = add nsw i64 %col85, 8
-  %y1194 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1194, align 4
-  store <8 x float> %431, ptr %acc1195, align 4
-  %panel.off96 = mul nsw i64 %p, 49152
-  br label %k.head97
+  %col43 = mul nsw i64 %p, 16
+  %472 = add nsw i64 %r0, 0
+  %473 = mul nsw i64 %472, 3072
+  %474 = getelementptr inbounds float, ptr %h, i64 %473
+  %475 = getelementptr inbounds i32, ptr %rows, i64 %472
+  %476 = load i32, ptr %475, align 4
+  %477 = sext i32 %476 to i64
+  %478 = mul nsw i64 %477, 768
+  %479 = getelementptr inbounds float, ptr %y, i64 %478
+  %480 = add nsw i64 %col43, 0
+  %481 = getelementptr inbounds float, ptr %479, i64 %480
+  %482 = load <8 x float>, ptr %481, align 4
+  store <8 x float> %482, ptr %acc0044, align 4
+  %483 = add nsw i64 %col43, 8
+  %484 = getelementptr inbounds float, ptr %479, i64 %483
+  %485 = load <8 x float>, ptr %484, align 4
+  store <8 x float> %485, ptr %acc0145, align 4
+  %486 = add nsw i64 %r0, 1
+  %487 = mul nsw i64 %486, 3072
+  %488 = getelementptr inbounds float, ptr %h, i64 %487
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 768
+  %493 = getelementptr inbounds float, ptr %y, i64 %492
+  %494 = add nsw i64 %col43, 0
+  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  %496 = load <8 x float>, ptr %495, align 4
+  store <8 x float> %496, ptr %acc1046, align 4
+  %497 = add nsw i64 %col43, 8
+  %498 = getelementptr inbounds float, ptr %493, i64 %497
+  %499 = load <8 x float>, ptr %498, align 4
+  store <8 x float> %499, ptr %acc1147, align 4
+  %panel.off48 = mul nsw i64 %p, 49152
+  br label %k.head49
 
-k.head97:                                         ; preds = %k.body98, %tile.mr2
-  %k100 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body98 ]
-  %432 = icmp slt i64 %k100, 3072
-  br i1 %432, label %k.body98, label %k.end99
+k.head49:                                         ; preds = %k.body50, %tile.mr2
+  %k52 = phi i64 [ 0, %tile.mr2 ], [ %524, %k.body50 ]
+  %500 = icmp slt i64 %k52, 3072
+  br i1 %500, label %k.body50, label %k.end51
 
-k.body98:                                         ; preds = %k.head97
-  %433 = mul nsw i64 %k100, 16
-  %434 = add nsw i64 %panel.off96, %433
-  %435 = getelementptr inbounds float, ptr %panels, i64 %434
-  %b0101 = load <8 x float>, ptr %435, align 4
-  %436 = add nsw i64 %434, 8
-  %437 = getelementptr inbounds float, ptr %panels, i64 %436
-  %b1102 = load <8 x float>, ptr %437, align 4
-  %438 = getelementptr inbounds float, ptr %h086, i64 %k100
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0088, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0101, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0088, align 4
-  %444 = load <8 x float>, ptr %acc0190, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1102, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0190, align 4
-  %446 = getelementptr inbounds float, ptr %h191, i64 %k100
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1093, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0101, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1093, align 4
-  %452 = load <8 x float>, ptr %acc1195, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1102, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1195, align 4
-  %454 = add nsw i64 %k100, 1
-  br label %k.head97
+k.body50:                                         ; preds = %k.head49
+  %501 = mul nsw i64 %k52, 16
+  %502 = add nsw i64 %panel.off48, %501
+  %503 = getelementptr inbounds float, ptr %panels, i64 %502
+  %504 = load <8 x float>, ptr %503, align 4
+  %505 = add nsw i64 %502, 8
+  %506 = getelementptr inbounds float, ptr %panels, i64 %505
+  %507 = load <8 x float>, ptr %506, align 4
+  %508 = getelementptr inbounds float, ptr %474, i64 %k52
+  %509 = load float, ptr %508, align 4
+  %510 = insertelement <8 x float> poison, float %509, i32 0
+  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
+  %512 = load <8 x float>, ptr %acc0044, align 4
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %504, <8 x float> %512)
+  store <8 x float> %513, ptr %acc0044, align 4
+  %514 = load <8 x float>, ptr %acc0145, align 4
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %507, <8 x float> %514)
+  store <8 x float> %515, ptr %acc0145, align 4
+  %516 = getelementptr inbounds float, ptr %488, i64 %k52
+  %517 = load float, ptr %516, align 4
+  %518 = insertelement <8 x float> poison, float %517, i32 0
+  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
+  %520 = load <8 x float>, ptr %acc1046, align 4
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %504, <8 x float> %520)
+  store <8 x float> %521, ptr %acc1046, align 4
+  %522 = load <8 x float>, ptr %acc1147, align 4
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %507, <8 x float> %522)
+  store <8 x float> %523, ptr %acc1147, align 4
+  %524 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end99:                                          ; preds = %k.head97
-  %455 = load <8 x float>, ptr %acc0088, align 4
-  store <8 x float> %455, ptr %y0087, align 4
-  %456 = load <8 x float>, ptr %acc0190, align 4
-  store <8 x float> %456, ptr %y0189, align 4
-  %457 = load <8 x float>, ptr %acc1093, align 4
-  store <8 x float> %457, ptr %y1092, align 4
-  %458 = load <8 x float>, ptr %acc1195, align 4
-  store <8 x float> %458, ptr %y1194, align 4
+k.end51:                                          ; preds = %k.head49
+  %525 = load <8 x float>, ptr %acc0044, align 4
+  store <8 x float> %525, ptr %481, align 4
+  %526 = load <8 x float>, ptr %acc0145, align 4
+  store <8 x float> %526, ptr %484, align 4
+  %527 = load <8 x float>, ptr %acc1046, align 4
+  store <8 x float> %527, ptr %495, align 4
+  %528 = load <8 x float>, ptr %acc1147, align 4
+  store <8 x float> %528, ptr %498, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col103 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 3072
-  %h0104 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 768
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col103, 0
-  %y00105 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00105, align 4
-  store <8 x float> %467, ptr %acc00106, align 4
-  %468 = add nsw i64 %col103, 8
-  %y01107 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01107, align 4
-  store <8 x float> %469, ptr %acc01108, align 4
-  %panel.off109 = mul nsw i64 %p, 49152
-  br label %k.head110
+  %col53 = mul nsw i64 %p, 16
+  %529 = add nsw i64 %r0, 0
+  %530 = mul nsw i64 %529, 3072
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %529
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 768
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col53, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  store <8 x float> %539, ptr %acc0054, align 4
+  %540 = add nsw i64 %col53, 8
+  %541 = getelementptr inbounds float, ptr %536, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  store <8 x float> %542, ptr %acc0155, align 4
+  %panel.off56 = mul nsw i64 %p, 49152
+  br label %k.head57
 
-k.head110:                                        ; preds = %k.body111, %tile.mr1
-  %k113 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body111 ]
-  %470 = icmp slt i64 %k113, 3072
-  br i1 %470, label %k.body111, label %k.end112
+k.head57:                                         ; preds = %k.body58, %tile.mr1
+  %k60 = phi i64 [ 0, %tile.mr1 ], [ %559, %k.body58 ]
+  %543 = icmp slt i64 %k60, 3072
+  br i1 %543, label %k.body58, label %k.end59
 
-k.body111:                                        ; preds = %k.head110
-  %471 = mul nsw i64 %k113, 16
-  %472 = add nsw i64 %panel.off109, %471
-  %473 = getelementptr inbounds float, ptr %panels, i64 %472
-  %b0114 = load <8 x float>, ptr %473, align 4
-  %474 = add nsw i64 %472, 8
-  %475 = getelementptr inbounds float, ptr %panels, i64 %474
-  %b1115 = load <8 x float>, ptr %475, align 4
-  %476 = getelementptr inbounds float, ptr %h0104, i64 %k113
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00106, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0114, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00106, align 4
-  %482 = load <8 x float>, ptr %acc01108, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1115, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01108, align 4
-  %484 = add nsw i64 %k113, 1
-  br label %k.head110
+k.body58:                                         ; preds = %k.head57
+  %544 = mul nsw i64 %k60, 16
+  %545 = add nsw i64 %panel.off56, %544
+  %546 = getelementptr inbounds float, ptr %panels, i64 %545
+  %547 = load <8 x float>, ptr %546, align 4
+  %548 = add nsw i64 %545, 8
+  %549 = getelementptr inbounds float, ptr %panels, i64 %548
+  %550 = load <8 x float>, ptr %549, align 4
+  %551 = getelementptr inbounds float, ptr %531, i64 %k60
+  %552 = load float, ptr %551, align 4
+  %553 = insertelement <8 x float> poison, float %552, i32 0
+  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
+  %555 = load <8 x float>, ptr %acc0054, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
+  store <8 x float> %556, ptr %acc0054, align 4
+  %557 = load <8 x float>, ptr %acc0155, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
+  store <8 x float> %558, ptr %acc0155, align 4
+  %559 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end112:                                         ; preds = %k.head110
-  %485 = load <8 x float>, ptr %acc00106, align 4
-  store <8 x float> %485, ptr %y00105, align 4
-  %486 = load <8 x float>, ptr %acc01108, align 4
-  store <8 x float> %486, ptr %y01107, align 4
+k.end59:                                          ; preds = %k.head57
+  %560 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %560, ptr %538, align 4
+  %561 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %561, ptr %541, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end112, %k.end99, %k.end81, %k.end58, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end59, %k.end51, %k.end41, %k.end29, %k.end15, %k.end
+  %562 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %563 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

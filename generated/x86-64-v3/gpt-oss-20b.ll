@@ -16,15 +16,14 @@ entry:
   %l = alloca [32 x float], align 32
   %s = alloca [32 x float], align 32
   %c = alloca [32 x float], align 32
-  %taken = alloca [32 x i8], align 32
+  %idx = alloca [4 x i64], align 32
   %lacc0 = alloca <8 x float>, align 32
   %lacc1 = alloca <8 x float>, align 32
   %lacc2 = alloca <8 x float>, align 32
   %lacc3 = alloca <8 x float>, align 32
-  %lmax = alloca float, align 32
-  %sum = alloca float, align 32
-  %best = alloca i64, align 32
-  %bestv = alloca float, align 32
+  %smax = alloca float, align 32
+  %ssum = alloca float, align 32
+  %tk.m = alloca i64, align 32
   %wsum = alloca float, align 32
   br label %start
 
@@ -32,13 +31,13 @@ start:                                            ; preds = %entry
   br label %t.head
 
 t.head:                                           ; preds = %ndiv.end, %start
-  %t = phi i64 [ %t0, %start ], [ %120, %ndiv.end ]
+  %t = phi i64 [ %t0, %start ], [ %148, %ndiv.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %1 = mul nsw i64 %t, 2880
-  %xrow = getelementptr inbounds float, ptr %x, i64 %1
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
   store <8 x float> zeroinitializer, ptr %lacc0, align 4
   store <8 x float> zeroinitializer, ptr %lacc1, align 4
   store <8 x float> zeroinitializer, ptr %lacc2, align 4
@@ -46,278 +45,302 @@ t.body:                                           ; preds = %t.head
   br label %hh.head
 
 hh.head:                                          ; preds = %hh.body, %t.body
-  %hh = phi i64 [ 0, %t.body ], [ %30, %hh.body ]
-  %2 = icmp slt i64 %hh, 2880
-  br i1 %2, label %hh.body, label %hh.end
+  %hh = phi i64 [ 0, %t.body ], [ %36, %hh.body ]
+  %3 = icmp slt i64 %hh, 2880
+  br i1 %3, label %hh.body, label %hh.end
 
 hh.body:                                          ; preds = %hh.head
-  %3 = getelementptr inbounds float, ptr %xrow, i64 %hh
-  %xh = load float, ptr %3, align 4
-  %4 = insertelement <8 x float> poison, float %xh, i32 0
-  %5 = shufflevector <8 x float> %4, <8 x float> poison, <8 x i32> zeroinitializer
-  %6 = mul nsw i64 %hh, 8
-  %7 = add nsw i64 0, %6
-  %8 = getelementptr inbounds float, ptr %router, i64 %7
-  %wr = load <8 x float>, ptr %8, align 4
-  %9 = fmul <8 x float> %5, %wr
-  %10 = load <8 x float>, ptr %lacc0, align 4
-  %11 = fadd <8 x float> %10, %9
-  store <8 x float> %11, ptr %lacc0, align 4
-  %12 = mul nsw i64 %hh, 8
-  %13 = add nsw i64 23040, %12
-  %14 = getelementptr inbounds float, ptr %router, i64 %13
-  %wr1 = load <8 x float>, ptr %14, align 4
-  %15 = fmul <8 x float> %5, %wr1
-  %16 = load <8 x float>, ptr %lacc1, align 4
-  %17 = fadd <8 x float> %16, %15
-  store <8 x float> %17, ptr %lacc1, align 4
-  %18 = mul nsw i64 %hh, 8
-  %19 = add nsw i64 46080, %18
-  %20 = getelementptr inbounds float, ptr %router, i64 %19
-  %wr2 = load <8 x float>, ptr %20, align 4
-  %21 = fmul <8 x float> %5, %wr2
-  %22 = load <8 x float>, ptr %lacc2, align 4
-  %23 = fadd <8 x float> %22, %21
-  store <8 x float> %23, ptr %lacc2, align 4
-  %24 = mul nsw i64 %hh, 8
-  %25 = add nsw i64 69120, %24
-  %26 = getelementptr inbounds float, ptr %router, i64 %25
-  %wr3 = load <8 x float>, ptr %26, align 4
-  %27 = fmul <8 x float> %5, %wr3
-  %28 = load <8 x float>, ptr %lacc3, align 4
-  %29 = fadd <8 x float> %28, %27
-  store <8 x float> %29, ptr %lacc3, align 4
-  %30 = add nsw i64 %hh, 1
+  %4 = getelementptr inbounds float, ptr %2, i64 %hh
+  %5 = load float, ptr %4, align 4
+  %6 = insertelement <8 x float> poison, float %5, i32 0
+  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
+  %8 = mul nsw i64 %hh, 8
+  %9 = add nsw i64 0, %8
+  %10 = getelementptr inbounds float, ptr %router, i64 %9
+  %11 = load <8 x float>, ptr %10, align 4
+  %12 = fmul <8 x float> %7, %11
+  %13 = load <8 x float>, ptr %lacc0, align 4
+  %14 = fadd <8 x float> %13, %12
+  store <8 x float> %14, ptr %lacc0, align 4
+  %15 = mul nsw i64 %hh, 8
+  %16 = add nsw i64 23040, %15
+  %17 = getelementptr inbounds float, ptr %router, i64 %16
+  %18 = load <8 x float>, ptr %17, align 4
+  %19 = fmul <8 x float> %7, %18
+  %20 = load <8 x float>, ptr %lacc1, align 4
+  %21 = fadd <8 x float> %20, %19
+  store <8 x float> %21, ptr %lacc1, align 4
+  %22 = mul nsw i64 %hh, 8
+  %23 = add nsw i64 46080, %22
+  %24 = getelementptr inbounds float, ptr %router, i64 %23
+  %25 = load <8 x float>, ptr %24, align 4
+  %26 = fmul <8 x float> %7, %25
+  %27 = load <8 x float>, ptr %lacc2, align 4
+  %28 = fadd <8 x float> %27, %26
+  store <8 x float> %28, ptr %lacc2, align 4
+  %29 = mul nsw i64 %hh, 8
+  %30 = add nsw i64 69120, %29
+  %31 = getelementptr inbounds float, ptr %router, i64 %30
+  %32 = load <8 x float>, ptr %31, align 4
+  %33 = fmul <8 x float> %7, %32
+  %34 = load <8 x float>, ptr %lacc3, align 4
+  %35 = fadd <8 x float> %34, %33
+  store <8 x float> %35, ptr %lacc3, align 4
+  %36 = add nsw i64 %hh, 1
   br label %hh.head
 
 hh.end:                                           ; preds = %hh.head
-  %31 = getelementptr inbounds float, ptr %l, i64 0
-  %32 = load <8 x float>, ptr %lacc0, align 4
-  store <8 x float> %32, ptr %31, align 4
-  %33 = getelementptr inbounds float, ptr %l, i64 8
-  %34 = load <8 x float>, ptr %lacc1, align 4
-  store <8 x float> %34, ptr %33, align 4
-  %35 = getelementptr inbounds float, ptr %l, i64 16
-  %36 = load <8 x float>, ptr %lacc2, align 4
-  store <8 x float> %36, ptr %35, align 4
-  %37 = getelementptr inbounds float, ptr %l, i64 24
-  %38 = load <8 x float>, ptr %lacc3, align 4
-  store <8 x float> %38, ptr %37, align 4
-  %39 = mul nsw i64 %t, 32
-  %lrow = getelementptr inbounds float, ptr %logits, i64 %39
+  %37 = load <8 x float>, ptr %lacc0, align 4
+  %38 = load <8 x float>, ptr %lacc1, align 4
+  %39 = load <8 x float>, ptr %lacc2, align 4
+  %40 = load <8 x float>, ptr %lacc3, align 4
+  %41 = getelementptr inbounds float, ptr %l, i64 0
+  store <8 x float> %37, ptr %41, align 4
+  %42 = getelementptr inbounds float, ptr %l, i64 8
+  store <8 x float> %38, ptr %42, align 4
+  %43 = getelementptr inbounds float, ptr %l, i64 16
+  store <8 x float> %39, ptr %43, align 4
+  %44 = getelementptr inbounds float, ptr %l, i64 24
+  store <8 x float> %40, ptr %44, align 4
+  %45 = mul nsw i64 %t, 32
+  %46 = getelementptr inbounds float, ptr %logits, i64 %45
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %hh.end
-  %lb = phi i64 [ 0, %hh.end ], [ %47, %lb.body ]
-  %40 = icmp slt i64 %lb, 32
-  br i1 %40, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %hh.end ], [ %54, %lb.body ]
+  %47 = icmp slt i64 %lb, 32
+  br i1 %47, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %41 = getelementptr inbounds float, ptr %l, i64 %lb
-  %42 = load float, ptr %41, align 4
-  %43 = getelementptr inbounds float, ptr %router_bias, i64 %lb
-  %44 = load float, ptr %43, align 4
-  %45 = fadd float %42, %44
-  store float %45, ptr %41, align 4
-  %46 = getelementptr inbounds float, ptr %lrow, i64 %lb
-  store float %45, ptr %46, align 4
-  %47 = add nsw i64 %lb, 1
+  %48 = getelementptr inbounds float, ptr %l, i64 %lb
+  %49 = load float, ptr %48, align 4
+  %50 = getelementptr inbounds float, ptr %router_bias, i64 %lb
+  %51 = load float, ptr %50, align 4
+  %52 = fadd float %49, %51
+  store float %52, ptr %48, align 4
+  %53 = getelementptr inbounds float, ptr %46, i64 %lb
+  store float %52, ptr %53, align 4
+  %54 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
-  store float 0xFFF0000000000000, ptr %lmax, align 4
+  store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax = phi i64 [ 0, %lb.end ], [ %54, %smax.body ]
-  %48 = icmp slt i64 %smax, 32
-  br i1 %48, label %smax.body, label %smax.end
+  %smax1 = phi i64 [ 0, %lb.end ], [ %62, %smax.body ]
+  %55 = icmp slt i64 %smax1, 32
+  br i1 %55, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %49 = getelementptr inbounds float, ptr %l, i64 %smax
-  %50 = load float, ptr %49, align 4
-  %51 = load float, ptr %lmax, align 4
-  %52 = fcmp ogt float %50, %51
-  %53 = select i1 %52, float %50, float %51
-  store float %53, ptr %lmax, align 4
-  %54 = add nsw i64 %smax, 1
+  %56 = add nsw i64 0, %smax1
+  %57 = getelementptr inbounds float, ptr %l, i64 %56
+  %58 = load float, ptr %57, align 4
+  %59 = load float, ptr %smax, align 4
+  %60 = fcmp ogt float %58, %59
+  %61 = select i1 %60, float %58, float %59
+  store float %61, ptr %smax, align 4
+  %62 = add nsw i64 %smax1, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %max = load float, ptr %lmax, align 4
-  store float 0.000000e+00, ptr %sum, align 4
+  %63 = load float, ptr %smax, align 4
+  store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %64, %sexp.body ]
-  %55 = icmp slt i64 %sexp, 32
-  br i1 %55, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %76, %sexp.body ]
+  %64 = icmp slt i64 %sexp, 32
+  br i1 %64, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %56 = getelementptr inbounds float, ptr %l, i64 %sexp
-  %57 = load float, ptr %56, align 4
-  %58 = fsub float %57, %max
-  %59 = fpext float %58 to double
-  %60 = call double @exp(double %59)
-  %ex = fptrunc double %60 to float
-  %61 = getelementptr inbounds float, ptr %s, i64 %sexp
-  store float %ex, ptr %61, align 4
-  %62 = load float, ptr %sum, align 4
-  %63 = fadd float %62, %ex
-  store float %63, ptr %sum, align 4
-  %64 = add nsw i64 %sexp, 1
+  %65 = add nsw i64 0, %sexp
+  %66 = getelementptr inbounds float, ptr %l, i64 %65
+  %67 = load float, ptr %66, align 4
+  %68 = fsub float %67, %63
+  %69 = fpext float %68 to double
+  %70 = call double @exp(double %69)
+  %71 = fptrunc double %70 to float
+  %72 = add nsw i64 0, %sexp
+  %73 = getelementptr inbounds float, ptr %s, i64 %72
+  store float %71, ptr %73, align 4
+  %74 = load float, ptr %ssum, align 4
+  %75 = fadd float %74, %71
+  store float %75, ptr %ssum, align 4
+  %76 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %total = load float, ptr %sum, align 4
+  %77 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %69, %sdiv.body ]
-  %65 = icmp slt i64 %sdiv, 32
-  br i1 %65, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %84, %sdiv.body ]
+  %78 = icmp slt i64 %sdiv, 32
+  br i1 %78, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %66 = getelementptr inbounds float, ptr %s, i64 %sdiv
-  %67 = load float, ptr %66, align 4
-  %68 = fdiv float %67, %total
-  store float %68, ptr %66, align 4
-  %69 = add nsw i64 %sdiv, 1
+  %79 = add nsw i64 0, %sdiv
+  %80 = getelementptr inbounds float, ptr %s, i64 %79
+  %81 = load float, ptr %80, align 4
+  %82 = fdiv float %81, %77
+  %83 = getelementptr inbounds float, ptr %s, i64 %79
+  store float %82, ptr %83, align 4
+  %84 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %70 = mul nsw i64 %t, 4
-  %ids_row = getelementptr inbounds i32, ptr %ids, i64 %70
-  %w_row = getelementptr inbounds float, ptr %weights, i64 %70
+  %85 = mul nsw i64 %t, 4
+  %86 = getelementptr inbounds i32, ptr %ids, i64 %85
+  %87 = getelementptr inbounds float, ptr %weights, i64 %85
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %75, %sel.body ]
-  %71 = icmp slt i64 %sel, 32
-  br i1 %71, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %92, %sel.body ]
+  %88 = icmp slt i64 %sel, 32
+  br i1 %88, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %72 = getelementptr inbounds float, ptr %s, i64 %sel
-  %73 = load float, ptr %72, align 4
-  %74 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %73, ptr %74, align 4
-  %75 = add nsw i64 %sel, 1
+  %89 = getelementptr inbounds float, ptr %s, i64 %sel
+  %90 = load float, ptr %89, align 4
+  %91 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %90, ptr %91, align 4
+  %92 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
-  br label %top.clr.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-top.clr.head:                                     ; preds = %top.clr.body, %sel.end
-  %top.clr = phi i64 [ 0, %sel.end ], [ %78, %top.clr.body ]
-  %76 = icmp slt i64 %top.clr, 32
-  br i1 %76, label %top.clr.body, label %top.clr.end
+tk.head:                                          ; preds = %tk.put.end, %sel.end
+  %tk = phi i64 [ 0, %sel.end ], [ %114, %tk.put.end ]
+  %93 = icmp slt i64 %tk, 32
+  br i1 %93, label %tk.body, label %tk.end
 
-top.clr.body:                                     ; preds = %top.clr.head
-  %77 = getelementptr inbounds i8, ptr %taken, i64 %top.clr
-  store i8 0, ptr %77, align 1
-  %78 = add nsw i64 %top.clr, 1
-  br label %top.clr.head
+tk.body:                                          ; preds = %tk.head
+  %94 = getelementptr inbounds float, ptr %c, i64 %tk
+  %95 = load float, ptr %94, align 4
+  %96 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-top.clr.end:                                      ; preds = %top.clr.head
-  br label %top.j.head
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %96, %tk.body ], [ %98, %tk.shift.end ]
+  %97 = icmp sgt i64 %p, 0
+  br i1 %97, label %tk.ins.chk, label %tk.ins.end
 
-top.j.head:                                       ; preds = %top.e.end, %top.clr.end
-  %top.j = phi i64 [ 0, %top.clr.end ], [ %100, %top.e.end ]
-  %79 = icmp slt i64 %top.j, 4
-  br i1 %79, label %top.j.body, label %top.j.end
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %98 = sub nsw i64 %p, 1
+  %99 = getelementptr inbounds i64, ptr %idx, i64 %98
+  %100 = load i64, ptr %99, align 8
+  %101 = getelementptr inbounds float, ptr %c, i64 %100
+  %102 = load float, ptr %101, align 4
+  %103 = fcmp uno float %95, %95
+  %104 = fcmp ugt float %95, %102
+  %105 = xor i1 %103, true
+  %106 = and i1 %105, %104
+  br i1 %106, label %tk.ins.body, label %tk.ins.end
 
-top.j.body:                                       ; preds = %top.j.head
-  store i64 -1, ptr %best, align 4
-  store float 0xFFF0000000000000, ptr %bestv, align 4
-  br label %top.e.head
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %107 = icmp slt i64 %p, 4
+  br i1 %107, label %tk.shift.then, label %tk.shift.end
 
-top.e.head:                                       ; preds = %top.e.body, %top.j.body
-  %top.e = phi i64 [ 0, %top.j.body ], [ %93, %top.e.body ]
-  %80 = icmp slt i64 %top.e, 32
-  br i1 %80, label %top.e.body, label %top.e.end
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %108 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %100, ptr %108, align 8
+  br label %tk.shift.end
 
-top.e.body:                                       ; preds = %top.e.head
-  %81 = getelementptr inbounds float, ptr %c, i64 %top.e
-  %s4 = load float, ptr %81, align 4
-  %82 = getelementptr inbounds i8, ptr %taken, i64 %top.e
-  %83 = load i8, ptr %82, align 1
-  %84 = icmp eq i8 %83, 0
-  %85 = load i64, ptr %best, align 4
-  %86 = icmp slt i64 %85, 0
-  %87 = load float, ptr %bestv, align 4
-  %88 = fcmp ogt float %s4, %87
-  %89 = or i1 %86, %88
-  %take = and i1 %84, %89
-  %90 = select i1 %take, i64 %top.e, i64 %85
-  store i64 %90, ptr %best, align 4
-  %91 = load float, ptr %bestv, align 4
-  %92 = select i1 %take, float %s4, float %91
-  store float %92, ptr %bestv, align 4
-  %93 = add nsw i64 %top.e, 1
-  br label %top.e.head
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-top.e.end:                                        ; preds = %top.e.head
-  %chosen = load i64, ptr %best, align 4
-  %94 = getelementptr inbounds i8, ptr %taken, i64 %chosen
-  store i8 1, ptr %94, align 1
-  %95 = trunc i64 %chosen to i32
-  %96 = getelementptr inbounds i32, ptr %ids_row, i64 %top.j
-  store i32 %95, ptr %96, align 4
-  %97 = getelementptr inbounds float, ptr %s, i64 %chosen
-  %98 = load float, ptr %97, align 4
-  %99 = getelementptr inbounds float, ptr %w_row, i64 %top.j
-  store float %98, ptr %99, align 4
-  %100 = add nsw i64 %top.j, 1
-  br label %top.j.head
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %109 = icmp slt i64 %pf, 4
+  br i1 %109, label %tk.put.then, label %tk.put.end
 
-top.j.end:                                        ; preds = %top.j.head
-  %first = load i32, ptr %ids_row, align 4
-  %101 = sext i32 %first to i64
-  %102 = getelementptr inbounds float, ptr %c, i64 %101
-  %prio5 = load float, ptr %102, align 4
-  %103 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %prio5, ptr %103, align 4
+tk.put.then:                                      ; preds = %tk.ins.end
+  %110 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %110, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %111 = add nsw i64 %96, 1
+  %112 = icmp slt i64 %111, 4
+  %113 = select i1 %112, i64 %111, i64 4
+  store i64 %113, ptr %tk.m, align 8
+  %114 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %115 = load i64, ptr %tk.m, align 8
+  br label %top.head
+
+top.head:                                         ; preds = %top.body, %tk.end
+  %top = phi i64 [ 0, %tk.end ], [ %124, %top.body ]
+  %116 = icmp slt i64 %top, 4
+  br i1 %116, label %top.body, label %top.end
+
+top.body:                                         ; preds = %top.head
+  %117 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %118 = load i64, ptr %117, align 8
+  %119 = getelementptr inbounds i32, ptr %86, i64 %top
+  %120 = trunc i64 %118 to i32
+  store i32 %120, ptr %119, align 4
+  %121 = getelementptr inbounds float, ptr %s, i64 %118
+  %122 = load float, ptr %121, align 4
+  %123 = getelementptr inbounds float, ptr %87, i64 %top
+  store float %122, ptr %123, align 4
+  %124 = add nsw i64 %top, 1
+  br label %top.head
+
+top.end:                                          ; preds = %top.head
+  %125 = getelementptr inbounds i64, ptr %idx, i64 0
+  %126 = load i64, ptr %125, align 8
+  %127 = getelementptr inbounds float, ptr %c, i64 %126
+  %128 = load float, ptr %127, align 4
+  %129 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %128, ptr %129, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
-nsum.head:                                        ; preds = %nsum.body, %top.j.end
-  %nsum = phi i64 [ 0, %top.j.end ], [ %109, %nsum.body ]
-  %104 = icmp slt i64 %nsum, 4
-  br i1 %104, label %nsum.body, label %nsum.end
+nsum.head:                                        ; preds = %nsum.body, %top.end
+  %nsum = phi i64 [ 0, %top.end ], [ %135, %nsum.body ]
+  %130 = icmp slt i64 %nsum, 4
+  br i1 %130, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %105 = getelementptr inbounds float, ptr %w_row, i64 %nsum
-  %106 = load float, ptr %105, align 4
-  %107 = load float, ptr %wsum, align 4
-  %108 = fadd float %107, %106
-  store float %108, ptr %wsum, align 4
-  %109 = add nsw i64 %nsum, 1
+  %131 = getelementptr inbounds float, ptr %87, i64 %nsum
+  %132 = load float, ptr %131, align 4
+  %133 = load float, ptr %wsum, align 4
+  %134 = fadd float %133, %132
+  store float %134, ptr %wsum, align 4
+  %135 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %110 = load float, ptr %wsum, align 4
-  %111 = fadd float %110, 0.000000e+00
-  %112 = fcmp ogt float %111, 0.000000e+00
-  %den = select i1 %112, float %111, float 0.000000e+00
-  %113 = fcmp ogt float %den, 0.000000e+00
-  %114 = select i1 %113, float %den, float 1.000000e+00
+  %136 = load float, ptr %wsum, align 4
+  %137 = fadd float %136, 0.000000e+00
+  %138 = fcmp olt float %137, 0.000000e+00
+  %139 = select i1 %138, float 0.000000e+00, float %137
+  %140 = fcmp ogt float %139, 0.000000e+00
+  %141 = select i1 %140, float %139, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %119, %ndiv.body ]
-  %115 = icmp slt i64 %ndiv, 4
-  br i1 %115, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %147, %ndiv.body ]
+  %142 = icmp slt i64 %ndiv, 4
+  br i1 %142, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %116 = getelementptr inbounds float, ptr %w_row, i64 %ndiv
-  %117 = load float, ptr %116, align 4
-  %118 = fdiv float %117, %114
-  store float %118, ptr %116, align 4
-  %119 = add nsw i64 %ndiv, 1
+  %143 = getelementptr inbounds float, ptr %87, i64 %ndiv
+  %144 = load float, ptr %143, align 4
+  %145 = fdiv float %144, %141
+  %146 = getelementptr inbounds float, ptr %87, i64 %ndiv
+  store float %145, ptr %146, align 4
+  %147 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
-  %120 = add nsw i64 %t, 1
+  %148 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -342,43 +365,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0052 = alloca <8 x float>, align 32
-  %acc0153 = alloca <8 x float>, align 32
-  %acc1055 = alloca <8 x float>, align 32
-  %acc1156 = alloca <8 x float>, align 32
-  %acc2058 = alloca <8 x float>, align 32
-  %acc2159 = alloca <8 x float>, align 32
-  %acc3061 = alloca <8 x float>, align 32
-  %acc3162 = alloca <8 x float>, align 32
-  %acc4064 = alloca <8 x float>, align 32
-  %acc4165 = alloca <8 x float>, align 32
-  %acc00125 = alloca <8 x float>, align 32
-  %acc01126 = alloca <8 x float>, align 32
-  %acc10128 = alloca <8 x float>, align 32
-  %acc11129 = alloca <8 x float>, align 32
-  %acc20131 = alloca <8 x float>, align 32
-  %acc21132 = alloca <8 x float>, align 32
-  %acc30134 = alloca <8 x float>, align 32
-  %acc31135 = alloca <8 x float>, align 32
-  %acc00185 = alloca <8 x float>, align 32
-  %acc01186 = alloca <8 x float>, align 32
-  %acc10188 = alloca <8 x float>, align 32
-  %acc11189 = alloca <8 x float>, align 32
-  %acc20191 = alloca <8 x float>, align 32
-  %acc21192 = alloca <8 x float>, align 32
-  %acc00232 = alloca <8 x float>, align 32
-  %acc01233 = alloca <8 x float>, align 32
-  %acc10235 = alloca <8 x float>, align 32
-  %acc11236 = alloca <8 x float>, align 32
-  %acc00266 = alloca <8 x float>, align 32
-  %acc01267 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
+  %acc3032 = alloca <8 x float>, align 32
+  %acc3133 = alloca <8 x float>, align 32
+  %acc4034 = alloca <8 x float>, align 32
+  %acc4135 = alloca <8 x float>, align 32
+  %acc0068 = alloca <8 x float>, align 32
+  %acc0169 = alloca <8 x float>, align 32
+  %acc1070 = alloca <8 x float>, align 32
+  %acc1171 = alloca <8 x float>, align 32
+  %acc2072 = alloca <8 x float>, align 32
+  %acc2173 = alloca <8 x float>, align 32
+  %acc3074 = alloca <8 x float>, align 32
+  %acc3175 = alloca <8 x float>, align 32
+  %acc00103 = alloca <8 x float>, align 32
+  %acc01104 = alloca <8 x float>, align 32
+  %acc10105 = alloca <8 x float>, align 32
+  %acc11106 = alloca <8 x float>, align 32
+  %acc20107 = alloca <8 x float>, align 32
+  %acc21108 = alloca <8 x float>, align 32
+  %acc00131 = alloca <8 x float>, align 32
+  %acc01132 = alloca <8 x float>, align 32
+  %acc10133 = alloca <8 x float>, align 32
+  %acc11134 = alloca <8 x float>, align 32
+  %acc00152 = alloca <8 x float>, align 32
+  %acc01153 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1201, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1333, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -386,7 +409,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1200, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1332, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -408,1641 +431,1641 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 2880
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 2880
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 2880
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 2880
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 2880
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 2880
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 2880
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 2880
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 2880
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 2880
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 2880
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 2880
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 2880
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 2880
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %95 = add nsw i64 %r0, 0
+  %96 = getelementptr inbounds float, ptr %rw, i64 %95
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = mul nsw i64 %95, 2880
+  %101 = getelementptr inbounds float, ptr %h, i64 %100
   %col = mul nsw i64 %p, 8
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = getelementptr inbounds float, ptr %bg, i64 %col
-  %97 = load <8 x float>, ptr %96, align 4
-  %98 = fadd <8 x float> %94, %97
-  %99 = getelementptr inbounds float, ptr %bu, i64 %col
-  %100 = load <8 x float>, ptr %99, align 4
-  %101 = fadd <8 x float> %95, %100
-  %102 = fcmp olt <8 x float> %98, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g = select <8 x i1> %102, <8 x float> %98, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %103 = fcmp olt <8 x float> %101, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %104 = select <8 x i1> %103, <8 x float> %101, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %105 = fcmp ogt <8 x float> %104, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u = select <8 x i1> %105, <8 x float> %104, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %106 = fmul <8 x float> %g, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %107 = fneg <8 x float> %106
-  %108 = fcmp olt <8 x float> %107, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %109 = select <8 x i1> %108, <8 x float> %107, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %110 = fcmp ogt <8 x float> %109, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %111 = select <8 x i1> %110, <8 x float> %109, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %112)
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %111)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %113)
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %119 = fmul <8 x float> %exp.r, %exp.r
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %119, <8 x float> %exp.r)
-  %121 = fadd <8 x float> %120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %122 = fptosi <8 x float> %exp.n to <8 x i32>
-  %123 = add <8 x i32> %122, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %124 = shl <8 x i32> %123, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %124 to <8 x float>
-  %exp = fmul <8 x float> %121, %exp.2n
-  %125 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %125
-  %126 = fmul <8 x float> %g, %sigmoid
-  %127 = fadd <8 x float> %u, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai = fmul <8 x float> %126, %127
-  %128 = fmul <8 x float> %oai, %91
-  %129 = getelementptr inbounds float, ptr %93, i64 %col
-  store <8 x float> %128, ptr %129, align 4
-  %130 = add nsw i64 %r0, 1
-  %131 = getelementptr inbounds float, ptr %rw, i64 %130
-  %w1 = load float, ptr %131, align 4
-  %132 = insertelement <8 x float> poison, float %w1, i32 0
-  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
-  %134 = mul nsw i64 %130, 2880
-  %135 = getelementptr inbounds float, ptr %h, i64 %134
-  %col2 = mul nsw i64 %p, 8
-  %136 = load <8 x float>, ptr %acc10, align 4
-  %137 = load <8 x float>, ptr %acc11, align 4
-  %138 = getelementptr inbounds float, ptr %bg, i64 %col2
-  %139 = load <8 x float>, ptr %138, align 4
-  %140 = fadd <8 x float> %136, %139
-  %141 = getelementptr inbounds float, ptr %bu, i64 %col2
-  %142 = load <8 x float>, ptr %141, align 4
-  %143 = fadd <8 x float> %137, %142
-  %144 = fcmp olt <8 x float> %140, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g3 = select <8 x i1> %144, <8 x float> %140, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %145 = fcmp olt <8 x float> %143, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %146 = select <8 x i1> %145, <8 x float> %143, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %147 = fcmp ogt <8 x float> %146, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u4 = select <8 x i1> %147, <8 x float> %146, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %148 = fmul <8 x float> %g3, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %149 = fneg <8 x float> %148
-  %150 = fcmp olt <8 x float> %149, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %151 = select <8 x i1> %150, <8 x float> %149, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %152 = fcmp ogt <8 x float> %151, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %153 = select <8 x i1> %152, <8 x float> %151, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n5 = call <8 x float> @llvm.floor.v8f32(<8 x float> %154)
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n5, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %153)
-  %exp.r6 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n5, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %155)
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r6, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %exp.r6, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %exp.r6, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %exp.r6, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %exp.r6, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %161 = fmul <8 x float> %exp.r6, %exp.r6
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %161, <8 x float> %exp.r6)
-  %163 = fadd <8 x float> %162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %164 = fptosi <8 x float> %exp.n5 to <8 x i32>
-  %165 = add <8 x i32> %164, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %166 = shl <8 x i32> %165, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n7 = bitcast <8 x i32> %166 to <8 x float>
-  %exp8 = fmul <8 x float> %163, %exp.2n7
-  %167 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %167
-  %168 = fmul <8 x float> %g3, %sigmoid9
-  %169 = fadd <8 x float> %u4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai10 = fmul <8 x float> %168, %169
-  %170 = fmul <8 x float> %oai10, %133
-  %171 = getelementptr inbounds float, ptr %135, i64 %col2
-  store <8 x float> %170, ptr %171, align 4
-  %172 = add nsw i64 %r0, 2
-  %173 = getelementptr inbounds float, ptr %rw, i64 %172
-  %w11 = load float, ptr %173, align 4
-  %174 = insertelement <8 x float> poison, float %w11, i32 0
-  %175 = shufflevector <8 x float> %174, <8 x float> poison, <8 x i32> zeroinitializer
-  %176 = mul nsw i64 %172, 2880
-  %177 = getelementptr inbounds float, ptr %h, i64 %176
-  %col12 = mul nsw i64 %p, 8
-  %178 = load <8 x float>, ptr %acc20, align 4
-  %179 = load <8 x float>, ptr %acc21, align 4
-  %180 = getelementptr inbounds float, ptr %bg, i64 %col12
-  %181 = load <8 x float>, ptr %180, align 4
-  %182 = fadd <8 x float> %178, %181
-  %183 = getelementptr inbounds float, ptr %bu, i64 %col12
-  %184 = load <8 x float>, ptr %183, align 4
-  %185 = fadd <8 x float> %179, %184
-  %186 = fcmp olt <8 x float> %182, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g13 = select <8 x i1> %186, <8 x float> %182, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %187 = fcmp olt <8 x float> %185, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %188 = select <8 x i1> %187, <8 x float> %185, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %189 = fcmp ogt <8 x float> %188, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u14 = select <8 x i1> %189, <8 x float> %188, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %190 = fmul <8 x float> %g13, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %191 = fneg <8 x float> %190
-  %192 = fcmp olt <8 x float> %191, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %194 = fcmp ogt <8 x float> %193, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %195 = select <8 x i1> %194, <8 x float> %193, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n15 = call <8 x float> @llvm.floor.v8f32(<8 x float> %196)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n15, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %195)
-  %exp.r16 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n15, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %197)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r16, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %exp.r16, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %exp.r16, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %exp.r16, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %exp.r16, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %203 = fmul <8 x float> %exp.r16, %exp.r16
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %203, <8 x float> %exp.r16)
-  %205 = fadd <8 x float> %204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %206 = fptosi <8 x float> %exp.n15 to <8 x i32>
-  %207 = add <8 x i32> %206, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %208 = shl <8 x i32> %207, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n17 = bitcast <8 x i32> %208 to <8 x float>
-  %exp18 = fmul <8 x float> %205, %exp.2n17
-  %209 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %209
-  %210 = fmul <8 x float> %g13, %sigmoid19
-  %211 = fadd <8 x float> %u14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai20 = fmul <8 x float> %210, %211
-  %212 = fmul <8 x float> %oai20, %175
-  %213 = getelementptr inbounds float, ptr %177, i64 %col12
-  store <8 x float> %212, ptr %213, align 4
-  %214 = add nsw i64 %r0, 3
-  %215 = getelementptr inbounds float, ptr %rw, i64 %214
-  %w21 = load float, ptr %215, align 4
-  %216 = insertelement <8 x float> poison, float %w21, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = mul nsw i64 %214, 2880
-  %219 = getelementptr inbounds float, ptr %h, i64 %218
-  %col22 = mul nsw i64 %p, 8
-  %220 = load <8 x float>, ptr %acc30, align 4
-  %221 = load <8 x float>, ptr %acc31, align 4
-  %222 = getelementptr inbounds float, ptr %bg, i64 %col22
-  %223 = load <8 x float>, ptr %222, align 4
-  %224 = fadd <8 x float> %220, %223
-  %225 = getelementptr inbounds float, ptr %bu, i64 %col22
-  %226 = load <8 x float>, ptr %225, align 4
-  %227 = fadd <8 x float> %221, %226
-  %228 = fcmp olt <8 x float> %224, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g23 = select <8 x i1> %228, <8 x float> %224, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %229 = fcmp olt <8 x float> %227, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %230 = select <8 x i1> %229, <8 x float> %227, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %231 = fcmp ogt <8 x float> %230, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u24 = select <8 x i1> %231, <8 x float> %230, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %232 = fmul <8 x float> %g23, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %233 = fneg <8 x float> %232
-  %234 = fcmp olt <8 x float> %233, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %236 = fcmp ogt <8 x float> %235, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n25 = call <8 x float> @llvm.floor.v8f32(<8 x float> %238)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n25, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %237)
-  %exp.r26 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n25, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %239)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r26, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %exp.r26, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %exp.r26, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %exp.r26, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %exp.r26, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %245 = fmul <8 x float> %exp.r26, %exp.r26
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %245, <8 x float> %exp.r26)
-  %247 = fadd <8 x float> %246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %248 = fptosi <8 x float> %exp.n25 to <8 x i32>
-  %249 = add <8 x i32> %248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %250 = shl <8 x i32> %249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %250 to <8 x float>
-  %exp28 = fmul <8 x float> %247, %exp.2n27
-  %251 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %251
-  %252 = fmul <8 x float> %g23, %sigmoid29
-  %253 = fadd <8 x float> %u24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai30 = fmul <8 x float> %252, %253
-  %254 = fmul <8 x float> %oai30, %217
-  %255 = getelementptr inbounds float, ptr %219, i64 %col22
-  store <8 x float> %254, ptr %255, align 4
-  %256 = add nsw i64 %r0, 4
-  %257 = getelementptr inbounds float, ptr %rw, i64 %256
-  %w31 = load float, ptr %257, align 4
-  %258 = insertelement <8 x float> poison, float %w31, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = mul nsw i64 %256, 2880
-  %261 = getelementptr inbounds float, ptr %h, i64 %260
-  %col32 = mul nsw i64 %p, 8
-  %262 = load <8 x float>, ptr %acc40, align 4
-  %263 = load <8 x float>, ptr %acc41, align 4
-  %264 = getelementptr inbounds float, ptr %bg, i64 %col32
-  %265 = load <8 x float>, ptr %264, align 4
-  %266 = fadd <8 x float> %262, %265
-  %267 = getelementptr inbounds float, ptr %bu, i64 %col32
-  %268 = load <8 x float>, ptr %267, align 4
-  %269 = fadd <8 x float> %263, %268
-  %270 = fcmp olt <8 x float> %266, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g33 = select <8 x i1> %270, <8 x float> %266, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %271 = fcmp olt <8 x float> %269, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %272 = select <8 x i1> %271, <8 x float> %269, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %273 = fcmp ogt <8 x float> %272, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u34 = select <8 x i1> %273, <8 x float> %272, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %274 = fmul <8 x float> %g33, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %275 = fneg <8 x float> %274
-  %276 = fcmp olt <8 x float> %275, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %277 = select <8 x i1> %276, <8 x float> %275, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %278 = fcmp ogt <8 x float> %277, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %279 = select <8 x i1> %278, <8 x float> %277, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n35 = call <8 x float> @llvm.floor.v8f32(<8 x float> %280)
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n35, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %279)
-  %exp.r36 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n35, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %281)
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r36, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %exp.r36, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %exp.r36, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %exp.r36, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> %exp.r36, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %287 = fmul <8 x float> %exp.r36, %exp.r36
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %287, <8 x float> %exp.r36)
-  %289 = fadd <8 x float> %288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %290 = fptosi <8 x float> %exp.n35 to <8 x i32>
-  %291 = add <8 x i32> %290, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %292 = shl <8 x i32> %291, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n37 = bitcast <8 x i32> %292 to <8 x float>
-  %exp38 = fmul <8 x float> %289, %exp.2n37
-  %293 = fadd <8 x float> %exp38, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid39 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %293
-  %294 = fmul <8 x float> %g33, %sigmoid39
-  %295 = fadd <8 x float> %u34, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai40 = fmul <8 x float> %294, %295
-  %296 = fmul <8 x float> %oai40, %259
-  %297 = getelementptr inbounds float, ptr %261, i64 %col32
-  store <8 x float> %296, ptr %297, align 4
-  %298 = add nsw i64 %r0, 5
-  %299 = getelementptr inbounds float, ptr %rw, i64 %298
-  %w41 = load float, ptr %299, align 4
-  %300 = insertelement <8 x float> poison, float %w41, i32 0
-  %301 = shufflevector <8 x float> %300, <8 x float> poison, <8 x i32> zeroinitializer
-  %302 = mul nsw i64 %298, 2880
-  %303 = getelementptr inbounds float, ptr %h, i64 %302
-  %col42 = mul nsw i64 %p, 8
-  %304 = load <8 x float>, ptr %acc50, align 4
-  %305 = load <8 x float>, ptr %acc51, align 4
-  %306 = getelementptr inbounds float, ptr %bg, i64 %col42
-  %307 = load <8 x float>, ptr %306, align 4
-  %308 = fadd <8 x float> %304, %307
-  %309 = getelementptr inbounds float, ptr %bu, i64 %col42
-  %310 = load <8 x float>, ptr %309, align 4
-  %311 = fadd <8 x float> %305, %310
-  %312 = fcmp olt <8 x float> %308, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g43 = select <8 x i1> %312, <8 x float> %308, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %313 = fcmp olt <8 x float> %311, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %314 = select <8 x i1> %313, <8 x float> %311, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %315 = fcmp ogt <8 x float> %314, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u44 = select <8 x i1> %315, <8 x float> %314, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %316 = fmul <8 x float> %g43, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %317 = fneg <8 x float> %316
-  %318 = fcmp olt <8 x float> %317, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %319 = select <8 x i1> %318, <8 x float> %317, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %320 = fcmp ogt <8 x float> %319, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %321 = select <8 x i1> %320, <8 x float> %319, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n45 = call <8 x float> @llvm.floor.v8f32(<8 x float> %322)
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n45, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %321)
-  %exp.r46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n45, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %323)
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r46, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %exp.r46, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %exp.r46, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %327 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %exp.r46, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %exp.r46, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %329 = fmul <8 x float> %exp.r46, %exp.r46
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %329, <8 x float> %exp.r46)
-  %331 = fadd <8 x float> %330, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %332 = fptosi <8 x float> %exp.n45 to <8 x i32>
-  %333 = add <8 x i32> %332, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %334 = shl <8 x i32> %333, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n47 = bitcast <8 x i32> %334 to <8 x float>
-  %exp48 = fmul <8 x float> %331, %exp.2n47
-  %335 = fadd <8 x float> %exp48, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid49 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %335
-  %336 = fmul <8 x float> %g43, %sigmoid49
-  %337 = fadd <8 x float> %u44, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai50 = fmul <8 x float> %336, %337
-  %338 = fmul <8 x float> %oai50, %301
-  %339 = getelementptr inbounds float, ptr %303, i64 %col42
-  store <8 x float> %338, ptr %339, align 4
+  %102 = load <8 x float>, ptr %acc00, align 4
+  %103 = load <8 x float>, ptr %acc01, align 4
+  %104 = getelementptr inbounds float, ptr %bg, i64 %col
+  %105 = load <8 x float>, ptr %104, align 4
+  %106 = fadd <8 x float> %102, %105
+  %107 = getelementptr inbounds float, ptr %bu, i64 %col
+  %108 = load <8 x float>, ptr %107, align 4
+  %109 = fadd <8 x float> %103, %108
+  %110 = fcmp olt <8 x float> %106, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %111 = select <8 x i1> %110, <8 x float> %106, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %112 = fcmp olt <8 x float> %109, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %113 = select <8 x i1> %112, <8 x float> %109, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %114 = fcmp ogt <8 x float> %113, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %115 = select <8 x i1> %114, <8 x float> %113, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %116 = fmul <8 x float> %111, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %117 = fneg <8 x float> %116
+  %118 = fcmp olt <8 x float> %117, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %119 = select <8 x i1> %118, <8 x float> %117, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %120 = fcmp ogt <8 x float> %119, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %121 = select <8 x i1> %120, <8 x float> %119, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %123 = call <8 x float> @llvm.floor.v8f32(<8 x float> %122)
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %121)
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %124)
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %125, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %125, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %125, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %125, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %125, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %131 = fmul <8 x float> %125, %125
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %131, <8 x float> %125)
+  %133 = fadd <8 x float> %132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %134 = fptosi <8 x float> %123 to <8 x i32>
+  %135 = add <8 x i32> %134, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %136 = shl <8 x i32> %135, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %136 to <8 x float>
+  %exp = fmul <8 x float> %133, %exp.2n
+  %137 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %137
+  %138 = fmul <8 x float> %111, %sigmoid
+  %139 = fadd <8 x float> %115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai = fmul <8 x float> %138, %139
+  %140 = fmul <8 x float> %oai, %99
+  %141 = getelementptr inbounds float, ptr %101, i64 %col
+  store <8 x float> %140, ptr %141, align 4
+  %142 = add nsw i64 %r0, 1
+  %143 = getelementptr inbounds float, ptr %rw, i64 %142
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <8 x float> poison, float %144, i32 0
+  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
+  %147 = mul nsw i64 %142, 2880
+  %148 = getelementptr inbounds float, ptr %h, i64 %147
+  %col1 = mul nsw i64 %p, 8
+  %149 = load <8 x float>, ptr %acc10, align 4
+  %150 = load <8 x float>, ptr %acc11, align 4
+  %151 = getelementptr inbounds float, ptr %bg, i64 %col1
+  %152 = load <8 x float>, ptr %151, align 4
+  %153 = fadd <8 x float> %149, %152
+  %154 = getelementptr inbounds float, ptr %bu, i64 %col1
+  %155 = load <8 x float>, ptr %154, align 4
+  %156 = fadd <8 x float> %150, %155
+  %157 = fcmp olt <8 x float> %153, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %158 = select <8 x i1> %157, <8 x float> %153, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %159 = fcmp olt <8 x float> %156, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %160 = select <8 x i1> %159, <8 x float> %156, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %161 = fcmp ogt <8 x float> %160, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %163 = fmul <8 x float> %158, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %164 = fneg <8 x float> %163
+  %165 = fcmp olt <8 x float> %164, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %166 = select <8 x i1> %165, <8 x float> %164, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %167 = fcmp ogt <8 x float> %166, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %168 = select <8 x i1> %167, <8 x float> %166, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %170 = call <8 x float> @llvm.floor.v8f32(<8 x float> %169)
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %168)
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %171)
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %172, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %172, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> %172, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %172, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %172, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %178 = fmul <8 x float> %172, %172
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %178, <8 x float> %172)
+  %180 = fadd <8 x float> %179, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %181 = fptosi <8 x float> %170 to <8 x i32>
+  %182 = add <8 x i32> %181, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %183 = shl <8 x i32> %182, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %183 to <8 x float>
+  %exp3 = fmul <8 x float> %180, %exp.2n2
+  %184 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %184
+  %185 = fmul <8 x float> %158, %sigmoid4
+  %186 = fadd <8 x float> %162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai5 = fmul <8 x float> %185, %186
+  %187 = fmul <8 x float> %oai5, %146
+  %188 = getelementptr inbounds float, ptr %148, i64 %col1
+  store <8 x float> %187, ptr %188, align 4
+  %189 = add nsw i64 %r0, 2
+  %190 = getelementptr inbounds float, ptr %rw, i64 %189
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = mul nsw i64 %189, 2880
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %col6 = mul nsw i64 %p, 8
+  %196 = load <8 x float>, ptr %acc20, align 4
+  %197 = load <8 x float>, ptr %acc21, align 4
+  %198 = getelementptr inbounds float, ptr %bg, i64 %col6
+  %199 = load <8 x float>, ptr %198, align 4
+  %200 = fadd <8 x float> %196, %199
+  %201 = getelementptr inbounds float, ptr %bu, i64 %col6
+  %202 = load <8 x float>, ptr %201, align 4
+  %203 = fadd <8 x float> %197, %202
+  %204 = fcmp olt <8 x float> %200, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %205 = select <8 x i1> %204, <8 x float> %200, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %206 = fcmp olt <8 x float> %203, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %207 = select <8 x i1> %206, <8 x float> %203, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %208 = fcmp ogt <8 x float> %207, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %209 = select <8 x i1> %208, <8 x float> %207, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %210 = fmul <8 x float> %205, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %211 = fneg <8 x float> %210
+  %212 = fcmp olt <8 x float> %211, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %213 = select <8 x i1> %212, <8 x float> %211, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %214 = fcmp ogt <8 x float> %213, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %215 = select <8 x i1> %214, <8 x float> %213, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %217 = call <8 x float> @llvm.floor.v8f32(<8 x float> %216)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %215)
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %218)
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %219, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %219, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %219, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %219, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %219, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %225 = fmul <8 x float> %219, %219
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %225, <8 x float> %219)
+  %227 = fadd <8 x float> %226, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %228 = fptosi <8 x float> %217 to <8 x i32>
+  %229 = add <8 x i32> %228, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %230 = shl <8 x i32> %229, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n7 = bitcast <8 x i32> %230 to <8 x float>
+  %exp8 = fmul <8 x float> %227, %exp.2n7
+  %231 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %231
+  %232 = fmul <8 x float> %205, %sigmoid9
+  %233 = fadd <8 x float> %209, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai10 = fmul <8 x float> %232, %233
+  %234 = fmul <8 x float> %oai10, %193
+  %235 = getelementptr inbounds float, ptr %195, i64 %col6
+  store <8 x float> %234, ptr %235, align 4
+  %236 = add nsw i64 %r0, 3
+  %237 = getelementptr inbounds float, ptr %rw, i64 %236
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = mul nsw i64 %236, 2880
+  %242 = getelementptr inbounds float, ptr %h, i64 %241
+  %col11 = mul nsw i64 %p, 8
+  %243 = load <8 x float>, ptr %acc30, align 4
+  %244 = load <8 x float>, ptr %acc31, align 4
+  %245 = getelementptr inbounds float, ptr %bg, i64 %col11
+  %246 = load <8 x float>, ptr %245, align 4
+  %247 = fadd <8 x float> %243, %246
+  %248 = getelementptr inbounds float, ptr %bu, i64 %col11
+  %249 = load <8 x float>, ptr %248, align 4
+  %250 = fadd <8 x float> %244, %249
+  %251 = fcmp olt <8 x float> %247, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %252 = select <8 x i1> %251, <8 x float> %247, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %253 = fcmp olt <8 x float> %250, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %254 = select <8 x i1> %253, <8 x float> %250, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %255 = fcmp ogt <8 x float> %254, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %257 = fmul <8 x float> %252, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %258 = fneg <8 x float> %257
+  %259 = fcmp olt <8 x float> %258, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %261 = fcmp ogt <8 x float> %260, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %262 = select <8 x i1> %261, <8 x float> %260, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %264 = call <8 x float> @llvm.floor.v8f32(<8 x float> %263)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %262)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %265)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %266, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %266, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %266, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %266, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %266, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %272 = fmul <8 x float> %266, %266
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %272, <8 x float> %266)
+  %274 = fadd <8 x float> %273, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %275 = fptosi <8 x float> %264 to <8 x i32>
+  %276 = add <8 x i32> %275, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %277 = shl <8 x i32> %276, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n12 = bitcast <8 x i32> %277 to <8 x float>
+  %exp13 = fmul <8 x float> %274, %exp.2n12
+  %278 = fadd <8 x float> %exp13, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid14 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %278
+  %279 = fmul <8 x float> %252, %sigmoid14
+  %280 = fadd <8 x float> %256, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai15 = fmul <8 x float> %279, %280
+  %281 = fmul <8 x float> %oai15, %240
+  %282 = getelementptr inbounds float, ptr %242, i64 %col11
+  store <8 x float> %281, ptr %282, align 4
+  %283 = add nsw i64 %r0, 4
+  %284 = getelementptr inbounds float, ptr %rw, i64 %283
+  %285 = load float, ptr %284, align 4
+  %286 = insertelement <8 x float> poison, float %285, i32 0
+  %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
+  %288 = mul nsw i64 %283, 2880
+  %289 = getelementptr inbounds float, ptr %h, i64 %288
+  %col16 = mul nsw i64 %p, 8
+  %290 = load <8 x float>, ptr %acc40, align 4
+  %291 = load <8 x float>, ptr %acc41, align 4
+  %292 = getelementptr inbounds float, ptr %bg, i64 %col16
+  %293 = load <8 x float>, ptr %292, align 4
+  %294 = fadd <8 x float> %290, %293
+  %295 = getelementptr inbounds float, ptr %bu, i64 %col16
+  %296 = load <8 x float>, ptr %295, align 4
+  %297 = fadd <8 x float> %291, %296
+  %298 = fcmp olt <8 x float> %294, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %299 = select <8 x i1> %298, <8 x float> %294, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %300 = fcmp olt <8 x float> %297, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %301 = select <8 x i1> %300, <8 x float> %297, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %302 = fcmp ogt <8 x float> %301, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %303 = select <8 x i1> %302, <8 x float> %301, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %304 = fmul <8 x float> %299, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %305 = fneg <8 x float> %304
+  %306 = fcmp olt <8 x float> %305, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %307 = select <8 x i1> %306, <8 x float> %305, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %308 = fcmp ogt <8 x float> %307, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %309 = select <8 x i1> %308, <8 x float> %307, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %309, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %311 = call <8 x float> @llvm.floor.v8f32(<8 x float> %310)
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %309)
+  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %312)
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %313, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %313, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %315, <8 x float> %313, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %313, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> %313, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %319 = fmul <8 x float> %313, %313
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %319, <8 x float> %313)
+  %321 = fadd <8 x float> %320, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %322 = fptosi <8 x float> %311 to <8 x i32>
+  %323 = add <8 x i32> %322, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %324 = shl <8 x i32> %323, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n17 = bitcast <8 x i32> %324 to <8 x float>
+  %exp18 = fmul <8 x float> %321, %exp.2n17
+  %325 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %325
+  %326 = fmul <8 x float> %299, %sigmoid19
+  %327 = fadd <8 x float> %303, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai20 = fmul <8 x float> %326, %327
+  %328 = fmul <8 x float> %oai20, %287
+  %329 = getelementptr inbounds float, ptr %289, i64 %col16
+  store <8 x float> %328, ptr %329, align 4
+  %330 = add nsw i64 %r0, 5
+  %331 = getelementptr inbounds float, ptr %rw, i64 %330
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = mul nsw i64 %330, 2880
+  %336 = getelementptr inbounds float, ptr %h, i64 %335
+  %col21 = mul nsw i64 %p, 8
+  %337 = load <8 x float>, ptr %acc50, align 4
+  %338 = load <8 x float>, ptr %acc51, align 4
+  %339 = getelementptr inbounds float, ptr %bg, i64 %col21
+  %340 = load <8 x float>, ptr %339, align 4
+  %341 = fadd <8 x float> %337, %340
+  %342 = getelementptr inbounds float, ptr %bu, i64 %col21
+  %343 = load <8 x float>, ptr %342, align 4
+  %344 = fadd <8 x float> %338, %343
+  %345 = fcmp olt <8 x float> %341, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %346 = select <8 x i1> %345, <8 x float> %341, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %347 = fcmp olt <8 x float> %344, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %348 = select <8 x i1> %347, <8 x float> %344, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %349 = fcmp ogt <8 x float> %348, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %350 = select <8 x i1> %349, <8 x float> %348, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %351 = fmul <8 x float> %346, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %352 = fneg <8 x float> %351
+  %353 = fcmp olt <8 x float> %352, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %354 = select <8 x i1> %353, <8 x float> %352, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %355 = fcmp ogt <8 x float> %354, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %356 = select <8 x i1> %355, <8 x float> %354, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %358 = call <8 x float> @llvm.floor.v8f32(<8 x float> %357)
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %356)
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %359)
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %360, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %360, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> %360, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %360, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %366 = fmul <8 x float> %360, %360
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %366, <8 x float> %360)
+  %368 = fadd <8 x float> %367, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %369 = fptosi <8 x float> %358 to <8 x i32>
+  %370 = add <8 x i32> %369, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %371 = shl <8 x i32> %370, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %371 to <8 x float>
+  %exp23 = fmul <8 x float> %368, %exp.2n22
+  %372 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %372
+  %373 = fmul <8 x float> %346, %sigmoid24
+  %374 = fadd <8 x float> %350, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai25 = fmul <8 x float> %373, %374
+  %375 = fmul <8 x float> %oai25, %334
+  %376 = getelementptr inbounds float, ptr %336, i64 %col21
+  store <8 x float> %375, ptr %376, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %340 = add nsw i64 %r0, 0
-  %341 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %342 = load i32, ptr %341, align 4
-  %343 = sext i32 %342 to i64
-  %344 = mul nsw i64 %343, 2880
-  %a051 = getelementptr inbounds float, ptr %x, i64 %344
-  store <8 x float> zeroinitializer, ptr %acc0052, align 4
-  store <8 x float> zeroinitializer, ptr %acc0153, align 4
-  %345 = add nsw i64 %r0, 1
-  %346 = getelementptr inbounds i32, ptr %rows, i64 %345
-  %347 = load i32, ptr %346, align 4
-  %348 = sext i32 %347 to i64
-  %349 = mul nsw i64 %348, 2880
-  %a154 = getelementptr inbounds float, ptr %x, i64 %349
-  store <8 x float> zeroinitializer, ptr %acc1055, align 4
-  store <8 x float> zeroinitializer, ptr %acc1156, align 4
-  %350 = add nsw i64 %r0, 2
-  %351 = getelementptr inbounds i32, ptr %rows, i64 %350
-  %352 = load i32, ptr %351, align 4
-  %353 = sext i32 %352 to i64
-  %354 = mul nsw i64 %353, 2880
-  %a257 = getelementptr inbounds float, ptr %x, i64 %354
-  store <8 x float> zeroinitializer, ptr %acc2058, align 4
-  store <8 x float> zeroinitializer, ptr %acc2159, align 4
-  %355 = add nsw i64 %r0, 3
-  %356 = getelementptr inbounds i32, ptr %rows, i64 %355
-  %357 = load i32, ptr %356, align 4
-  %358 = sext i32 %357 to i64
-  %359 = mul nsw i64 %358, 2880
-  %a360 = getelementptr inbounds float, ptr %x, i64 %359
-  store <8 x float> zeroinitializer, ptr %acc3061, align 4
-  store <8 x float> zeroinitializer, ptr %acc3162, align 4
-  %360 = add nsw i64 %r0, 4
-  %361 = getelementptr inbounds i32, ptr %rows, i64 %360
-  %362 = load i32, ptr %361, align 4
-  %363 = sext i32 %362 to i64
-  %364 = mul nsw i64 %363, 2880
-  %a463 = getelementptr inbounds float, ptr %x, i64 %364
-  store <8 x float> zeroinitializer, ptr %acc4064, align 4
-  store <8 x float> zeroinitializer, ptr %acc4165, align 4
-  %panel.off66 = mul nsw i64 %p, 46080
-  br label %k.head67
+  %377 = add nsw i64 %r0, 0
+  %378 = getelementptr inbounds i32, ptr %rows, i64 %377
+  %379 = load i32, ptr %378, align 4
+  %380 = sext i32 %379 to i64
+  %381 = mul nsw i64 %380, 2880
+  %382 = getelementptr inbounds float, ptr %x, i64 %381
+  store <8 x float> zeroinitializer, ptr %acc0026, align 4
+  store <8 x float> zeroinitializer, ptr %acc0127, align 4
+  %383 = add nsw i64 %r0, 1
+  %384 = getelementptr inbounds i32, ptr %rows, i64 %383
+  %385 = load i32, ptr %384, align 4
+  %386 = sext i32 %385 to i64
+  %387 = mul nsw i64 %386, 2880
+  %388 = getelementptr inbounds float, ptr %x, i64 %387
+  store <8 x float> zeroinitializer, ptr %acc1028, align 4
+  store <8 x float> zeroinitializer, ptr %acc1129, align 4
+  %389 = add nsw i64 %r0, 2
+  %390 = getelementptr inbounds i32, ptr %rows, i64 %389
+  %391 = load i32, ptr %390, align 4
+  %392 = sext i32 %391 to i64
+  %393 = mul nsw i64 %392, 2880
+  %394 = getelementptr inbounds float, ptr %x, i64 %393
+  store <8 x float> zeroinitializer, ptr %acc2030, align 4
+  store <8 x float> zeroinitializer, ptr %acc2131, align 4
+  %395 = add nsw i64 %r0, 3
+  %396 = getelementptr inbounds i32, ptr %rows, i64 %395
+  %397 = load i32, ptr %396, align 4
+  %398 = sext i32 %397 to i64
+  %399 = mul nsw i64 %398, 2880
+  %400 = getelementptr inbounds float, ptr %x, i64 %399
+  store <8 x float> zeroinitializer, ptr %acc3032, align 4
+  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %401 = add nsw i64 %r0, 4
+  %402 = getelementptr inbounds i32, ptr %rows, i64 %401
+  %403 = load i32, ptr %402, align 4
+  %404 = sext i32 %403 to i64
+  %405 = mul nsw i64 %404, 2880
+  %406 = getelementptr inbounds float, ptr %x, i64 %405
+  store <8 x float> zeroinitializer, ptr %acc4034, align 4
+  store <8 x float> zeroinitializer, ptr %acc4135, align 4
+  %panel.off36 = mul nsw i64 %p, 46080
+  br label %k.head37
 
-k.head67:                                         ; preds = %k.body68, %tile.mr5
-  %k70 = phi i64 [ 0, %tile.mr5 ], [ %411, %k.body68 ]
-  %365 = icmp slt i64 %k70, 2880
-  br i1 %365, label %k.body68, label %k.end69
+k.head37:                                         ; preds = %k.body38, %tile.mr5
+  %k40 = phi i64 [ 0, %tile.mr5 ], [ %454, %k.body38 ]
+  %407 = icmp slt i64 %k40, 2880
+  br i1 %407, label %k.body38, label %k.end39
 
-k.body68:                                         ; preds = %k.head67
-  %366 = mul nsw i64 %k70, 16
-  %367 = add nsw i64 %panel.off66, %366
-  %368 = getelementptr inbounds i16, ptr %panels, i64 %367
-  %bw71 = load <8 x i32>, ptr %368, align 4
-  %369 = shl <8 x i32> %bw71, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %369 to <8 x float>
-  %370 = and <8 x i32> %bw71, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %370 to <8 x float>
-  %371 = getelementptr inbounds float, ptr %a051, i64 %k70
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc0052, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b072, <8 x float> %375)
-  store <8 x float> %376, ptr %acc0052, align 4
-  %377 = load <8 x float>, ptr %acc0153, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b173, <8 x float> %377)
-  store <8 x float> %378, ptr %acc0153, align 4
-  %379 = getelementptr inbounds float, ptr %a154, i64 %k70
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc1055, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b072, <8 x float> %383)
-  store <8 x float> %384, ptr %acc1055, align 4
-  %385 = load <8 x float>, ptr %acc1156, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b173, <8 x float> %385)
-  store <8 x float> %386, ptr %acc1156, align 4
-  %387 = getelementptr inbounds float, ptr %a257, i64 %k70
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc2058, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b072, <8 x float> %391)
-  store <8 x float> %392, ptr %acc2058, align 4
-  %393 = load <8 x float>, ptr %acc2159, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b173, <8 x float> %393)
-  store <8 x float> %394, ptr %acc2159, align 4
-  %395 = getelementptr inbounds float, ptr %a360, i64 %k70
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc3061, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b072, <8 x float> %399)
-  store <8 x float> %400, ptr %acc3061, align 4
-  %401 = load <8 x float>, ptr %acc3162, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b173, <8 x float> %401)
-  store <8 x float> %402, ptr %acc3162, align 4
-  %403 = getelementptr inbounds float, ptr %a463, i64 %k70
-  %404 = load float, ptr %403, align 4
-  %405 = insertelement <8 x float> poison, float %404, i32 0
-  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = load <8 x float>, ptr %acc4064, align 4
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b072, <8 x float> %407)
-  store <8 x float> %408, ptr %acc4064, align 4
-  %409 = load <8 x float>, ptr %acc4165, align 4
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b173, <8 x float> %409)
-  store <8 x float> %410, ptr %acc4165, align 4
-  %411 = add nsw i64 %k70, 1
-  br label %k.head67
+k.body38:                                         ; preds = %k.head37
+  %408 = mul nsw i64 %k40, 16
+  %409 = add nsw i64 %panel.off36, %408
+  %410 = getelementptr inbounds i16, ptr %panels, i64 %409
+  %411 = load <8 x i32>, ptr %410, align 4
+  %412 = shl <8 x i32> %411, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b041 = bitcast <8 x i32> %412 to <8 x float>
+  %413 = and <8 x i32> %411, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b142 = bitcast <8 x i32> %413 to <8 x float>
+  %414 = getelementptr inbounds float, ptr %382, i64 %k40
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = load <8 x float>, ptr %acc0026, align 4
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %b041, <8 x float> %418)
+  store <8 x float> %419, ptr %acc0026, align 4
+  %420 = load <8 x float>, ptr %acc0127, align 4
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %b142, <8 x float> %420)
+  store <8 x float> %421, ptr %acc0127, align 4
+  %422 = getelementptr inbounds float, ptr %388, i64 %k40
+  %423 = load float, ptr %422, align 4
+  %424 = insertelement <8 x float> poison, float %423, i32 0
+  %425 = shufflevector <8 x float> %424, <8 x float> poison, <8 x i32> zeroinitializer
+  %426 = load <8 x float>, ptr %acc1028, align 4
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %b041, <8 x float> %426)
+  store <8 x float> %427, ptr %acc1028, align 4
+  %428 = load <8 x float>, ptr %acc1129, align 4
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %b142, <8 x float> %428)
+  store <8 x float> %429, ptr %acc1129, align 4
+  %430 = getelementptr inbounds float, ptr %394, i64 %k40
+  %431 = load float, ptr %430, align 4
+  %432 = insertelement <8 x float> poison, float %431, i32 0
+  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
+  %434 = load <8 x float>, ptr %acc2030, align 4
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b041, <8 x float> %434)
+  store <8 x float> %435, ptr %acc2030, align 4
+  %436 = load <8 x float>, ptr %acc2131, align 4
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b142, <8 x float> %436)
+  store <8 x float> %437, ptr %acc2131, align 4
+  %438 = getelementptr inbounds float, ptr %400, i64 %k40
+  %439 = load float, ptr %438, align 4
+  %440 = insertelement <8 x float> poison, float %439, i32 0
+  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
+  %442 = load <8 x float>, ptr %acc3032, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b041, <8 x float> %442)
+  store <8 x float> %443, ptr %acc3032, align 4
+  %444 = load <8 x float>, ptr %acc3133, align 4
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b142, <8 x float> %444)
+  store <8 x float> %445, ptr %acc3133, align 4
+  %446 = getelementptr inbounds float, ptr %406, i64 %k40
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = load <8 x float>, ptr %acc4034, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b041, <8 x float> %450)
+  store <8 x float> %451, ptr %acc4034, align 4
+  %452 = load <8 x float>, ptr %acc4135, align 4
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b142, <8 x float> %452)
+  store <8 x float> %453, ptr %acc4135, align 4
+  %454 = add nsw i64 %k40, 1
+  br label %k.head37
 
-k.end69:                                          ; preds = %k.head67
-  %412 = add nsw i64 %r0, 0
-  %413 = getelementptr inbounds float, ptr %rw, i64 %412
-  %w74 = load float, ptr %413, align 4
-  %414 = insertelement <8 x float> poison, float %w74, i32 0
-  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
-  %416 = mul nsw i64 %412, 2880
-  %417 = getelementptr inbounds float, ptr %h, i64 %416
-  %col75 = mul nsw i64 %p, 8
-  %418 = load <8 x float>, ptr %acc0052, align 4
-  %419 = load <8 x float>, ptr %acc0153, align 4
-  %420 = getelementptr inbounds float, ptr %bg, i64 %col75
-  %421 = load <8 x float>, ptr %420, align 4
-  %422 = fadd <8 x float> %418, %421
-  %423 = getelementptr inbounds float, ptr %bu, i64 %col75
-  %424 = load <8 x float>, ptr %423, align 4
-  %425 = fadd <8 x float> %419, %424
-  %426 = fcmp olt <8 x float> %422, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g76 = select <8 x i1> %426, <8 x float> %422, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %427 = fcmp olt <8 x float> %425, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %428 = select <8 x i1> %427, <8 x float> %425, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %429 = fcmp ogt <8 x float> %428, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u77 = select <8 x i1> %429, <8 x float> %428, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %430 = fmul <8 x float> %g76, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %431 = fneg <8 x float> %430
-  %432 = fcmp olt <8 x float> %431, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %433 = select <8 x i1> %432, <8 x float> %431, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %434 = fcmp ogt <8 x float> %433, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %435 = select <8 x i1> %434, <8 x float> %433, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n78 = call <8 x float> @llvm.floor.v8f32(<8 x float> %436)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n78, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %435)
-  %exp.r79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n78, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %437)
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r79, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %exp.r79, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %exp.r79, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %exp.r79, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %exp.r79, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %443 = fmul <8 x float> %exp.r79, %exp.r79
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %443, <8 x float> %exp.r79)
-  %445 = fadd <8 x float> %444, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %446 = fptosi <8 x float> %exp.n78 to <8 x i32>
-  %447 = add <8 x i32> %446, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %448 = shl <8 x i32> %447, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n80 = bitcast <8 x i32> %448 to <8 x float>
-  %exp81 = fmul <8 x float> %445, %exp.2n80
-  %449 = fadd <8 x float> %exp81, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid82 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %449
-  %450 = fmul <8 x float> %g76, %sigmoid82
-  %451 = fadd <8 x float> %u77, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai83 = fmul <8 x float> %450, %451
-  %452 = fmul <8 x float> %oai83, %415
-  %453 = getelementptr inbounds float, ptr %417, i64 %col75
-  store <8 x float> %452, ptr %453, align 4
-  %454 = add nsw i64 %r0, 1
-  %455 = getelementptr inbounds float, ptr %rw, i64 %454
-  %w84 = load float, ptr %455, align 4
-  %456 = insertelement <8 x float> poison, float %w84, i32 0
-  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
-  %458 = mul nsw i64 %454, 2880
-  %459 = getelementptr inbounds float, ptr %h, i64 %458
-  %col85 = mul nsw i64 %p, 8
-  %460 = load <8 x float>, ptr %acc1055, align 4
-  %461 = load <8 x float>, ptr %acc1156, align 4
-  %462 = getelementptr inbounds float, ptr %bg, i64 %col85
-  %463 = load <8 x float>, ptr %462, align 4
-  %464 = fadd <8 x float> %460, %463
-  %465 = getelementptr inbounds float, ptr %bu, i64 %col85
-  %466 = load <8 x float>, ptr %465, align 4
-  %467 = fadd <8 x float> %461, %466
-  %468 = fcmp olt <8 x float> %464, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g86 = select <8 x i1> %468, <8 x float> %464, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %469 = fcmp olt <8 x float> %467, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %470 = select <8 x i1> %469, <8 x float> %467, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %471 = fcmp ogt <8 x float> %470, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u87 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %472 = fmul <8 x float> %g86, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %473 = fneg <8 x float> %472
-  %474 = fcmp olt <8 x float> %473, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %476 = fcmp ogt <8 x float> %475, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %477 = select <8 x i1> %476, <8 x float> %475, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n88 = call <8 x float> @llvm.floor.v8f32(<8 x float> %478)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n88, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %477)
-  %exp.r89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n88, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %479)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r89, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %exp.r89, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %exp.r89, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %exp.r89, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %exp.r89, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %485 = fmul <8 x float> %exp.r89, %exp.r89
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %485, <8 x float> %exp.r89)
-  %487 = fadd <8 x float> %486, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %488 = fptosi <8 x float> %exp.n88 to <8 x i32>
-  %489 = add <8 x i32> %488, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %490 = shl <8 x i32> %489, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n90 = bitcast <8 x i32> %490 to <8 x float>
-  %exp91 = fmul <8 x float> %487, %exp.2n90
-  %491 = fadd <8 x float> %exp91, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid92 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %491
-  %492 = fmul <8 x float> %g86, %sigmoid92
-  %493 = fadd <8 x float> %u87, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai93 = fmul <8 x float> %492, %493
-  %494 = fmul <8 x float> %oai93, %457
-  %495 = getelementptr inbounds float, ptr %459, i64 %col85
-  store <8 x float> %494, ptr %495, align 4
-  %496 = add nsw i64 %r0, 2
-  %497 = getelementptr inbounds float, ptr %rw, i64 %496
-  %w94 = load float, ptr %497, align 4
-  %498 = insertelement <8 x float> poison, float %w94, i32 0
-  %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
-  %500 = mul nsw i64 %496, 2880
-  %501 = getelementptr inbounds float, ptr %h, i64 %500
-  %col95 = mul nsw i64 %p, 8
-  %502 = load <8 x float>, ptr %acc2058, align 4
-  %503 = load <8 x float>, ptr %acc2159, align 4
-  %504 = getelementptr inbounds float, ptr %bg, i64 %col95
-  %505 = load <8 x float>, ptr %504, align 4
-  %506 = fadd <8 x float> %502, %505
-  %507 = getelementptr inbounds float, ptr %bu, i64 %col95
-  %508 = load <8 x float>, ptr %507, align 4
-  %509 = fadd <8 x float> %503, %508
-  %510 = fcmp olt <8 x float> %506, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g96 = select <8 x i1> %510, <8 x float> %506, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %511 = fcmp olt <8 x float> %509, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %512 = select <8 x i1> %511, <8 x float> %509, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %513 = fcmp ogt <8 x float> %512, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u97 = select <8 x i1> %513, <8 x float> %512, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %514 = fmul <8 x float> %g96, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %515 = fneg <8 x float> %514
-  %516 = fcmp olt <8 x float> %515, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %517 = select <8 x i1> %516, <8 x float> %515, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %518 = fcmp ogt <8 x float> %517, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %519 = select <8 x i1> %518, <8 x float> %517, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n98 = call <8 x float> @llvm.floor.v8f32(<8 x float> %520)
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %519)
-  %exp.r99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %521)
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r99, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> %exp.r99, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %exp.r99, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %exp.r99, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %exp.r99, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %527 = fmul <8 x float> %exp.r99, %exp.r99
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %527, <8 x float> %exp.r99)
-  %529 = fadd <8 x float> %528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %530 = fptosi <8 x float> %exp.n98 to <8 x i32>
-  %531 = add <8 x i32> %530, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %532 = shl <8 x i32> %531, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %532 to <8 x float>
-  %exp101 = fmul <8 x float> %529, %exp.2n100
-  %533 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %533
-  %534 = fmul <8 x float> %g96, %sigmoid102
-  %535 = fadd <8 x float> %u97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai103 = fmul <8 x float> %534, %535
-  %536 = fmul <8 x float> %oai103, %499
-  %537 = getelementptr inbounds float, ptr %501, i64 %col95
-  store <8 x float> %536, ptr %537, align 4
-  %538 = add nsw i64 %r0, 3
-  %539 = getelementptr inbounds float, ptr %rw, i64 %538
-  %w104 = load float, ptr %539, align 4
-  %540 = insertelement <8 x float> poison, float %w104, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = mul nsw i64 %538, 2880
-  %543 = getelementptr inbounds float, ptr %h, i64 %542
-  %col105 = mul nsw i64 %p, 8
-  %544 = load <8 x float>, ptr %acc3061, align 4
-  %545 = load <8 x float>, ptr %acc3162, align 4
-  %546 = getelementptr inbounds float, ptr %bg, i64 %col105
-  %547 = load <8 x float>, ptr %546, align 4
-  %548 = fadd <8 x float> %544, %547
-  %549 = getelementptr inbounds float, ptr %bu, i64 %col105
-  %550 = load <8 x float>, ptr %549, align 4
-  %551 = fadd <8 x float> %545, %550
-  %552 = fcmp olt <8 x float> %548, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g106 = select <8 x i1> %552, <8 x float> %548, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %553 = fcmp olt <8 x float> %551, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %554 = select <8 x i1> %553, <8 x float> %551, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %555 = fcmp ogt <8 x float> %554, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u107 = select <8 x i1> %555, <8 x float> %554, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %556 = fmul <8 x float> %g106, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %557 = fneg <8 x float> %556
-  %558 = fcmp olt <8 x float> %557, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %559 = select <8 x i1> %558, <8 x float> %557, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %560 = fcmp ogt <8 x float> %559, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %561 = select <8 x i1> %560, <8 x float> %559, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n108 = call <8 x float> @llvm.floor.v8f32(<8 x float> %562)
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n108, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %561)
-  %exp.r109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n108, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %563)
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r109, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %exp.r109, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %exp.r109, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %exp.r109, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %exp.r109, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %569 = fmul <8 x float> %exp.r109, %exp.r109
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %569, <8 x float> %exp.r109)
-  %571 = fadd <8 x float> %570, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %572 = fptosi <8 x float> %exp.n108 to <8 x i32>
-  %573 = add <8 x i32> %572, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %574 = shl <8 x i32> %573, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n110 = bitcast <8 x i32> %574 to <8 x float>
-  %exp111 = fmul <8 x float> %571, %exp.2n110
-  %575 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %575
-  %576 = fmul <8 x float> %g106, %sigmoid112
-  %577 = fadd <8 x float> %u107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai113 = fmul <8 x float> %576, %577
-  %578 = fmul <8 x float> %oai113, %541
-  %579 = getelementptr inbounds float, ptr %543, i64 %col105
-  store <8 x float> %578, ptr %579, align 4
-  %580 = add nsw i64 %r0, 4
-  %581 = getelementptr inbounds float, ptr %rw, i64 %580
-  %w114 = load float, ptr %581, align 4
-  %582 = insertelement <8 x float> poison, float %w114, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = mul nsw i64 %580, 2880
-  %585 = getelementptr inbounds float, ptr %h, i64 %584
-  %col115 = mul nsw i64 %p, 8
-  %586 = load <8 x float>, ptr %acc4064, align 4
-  %587 = load <8 x float>, ptr %acc4165, align 4
-  %588 = getelementptr inbounds float, ptr %bg, i64 %col115
-  %589 = load <8 x float>, ptr %588, align 4
-  %590 = fadd <8 x float> %586, %589
-  %591 = getelementptr inbounds float, ptr %bu, i64 %col115
-  %592 = load <8 x float>, ptr %591, align 4
-  %593 = fadd <8 x float> %587, %592
-  %594 = fcmp olt <8 x float> %590, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g116 = select <8 x i1> %594, <8 x float> %590, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %595 = fcmp olt <8 x float> %593, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %596 = select <8 x i1> %595, <8 x float> %593, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %597 = fcmp ogt <8 x float> %596, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u117 = select <8 x i1> %597, <8 x float> %596, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %598 = fmul <8 x float> %g116, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %599 = fneg <8 x float> %598
-  %600 = fcmp olt <8 x float> %599, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %601 = select <8 x i1> %600, <8 x float> %599, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %602 = fcmp ogt <8 x float> %601, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %603 = select <8 x i1> %602, <8 x float> %601, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n118 = call <8 x float> @llvm.floor.v8f32(<8 x float> %604)
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n118, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %603)
-  %exp.r119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n118, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %605)
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r119, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %exp.r119, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %exp.r119, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %exp.r119, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %exp.r119, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %611 = fmul <8 x float> %exp.r119, %exp.r119
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %611, <8 x float> %exp.r119)
-  %613 = fadd <8 x float> %612, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %614 = fptosi <8 x float> %exp.n118 to <8 x i32>
-  %615 = add <8 x i32> %614, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %616 = shl <8 x i32> %615, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n120 = bitcast <8 x i32> %616 to <8 x float>
-  %exp121 = fmul <8 x float> %613, %exp.2n120
-  %617 = fadd <8 x float> %exp121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid122 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %617
-  %618 = fmul <8 x float> %g116, %sigmoid122
-  %619 = fadd <8 x float> %u117, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai123 = fmul <8 x float> %618, %619
-  %620 = fmul <8 x float> %oai123, %583
-  %621 = getelementptr inbounds float, ptr %585, i64 %col115
-  store <8 x float> %620, ptr %621, align 4
+k.end39:                                          ; preds = %k.head37
+  %455 = add nsw i64 %r0, 0
+  %456 = getelementptr inbounds float, ptr %rw, i64 %455
+  %457 = load float, ptr %456, align 4
+  %458 = insertelement <8 x float> poison, float %457, i32 0
+  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
+  %460 = mul nsw i64 %455, 2880
+  %461 = getelementptr inbounds float, ptr %h, i64 %460
+  %col43 = mul nsw i64 %p, 8
+  %462 = load <8 x float>, ptr %acc0026, align 4
+  %463 = load <8 x float>, ptr %acc0127, align 4
+  %464 = getelementptr inbounds float, ptr %bg, i64 %col43
+  %465 = load <8 x float>, ptr %464, align 4
+  %466 = fadd <8 x float> %462, %465
+  %467 = getelementptr inbounds float, ptr %bu, i64 %col43
+  %468 = load <8 x float>, ptr %467, align 4
+  %469 = fadd <8 x float> %463, %468
+  %470 = fcmp olt <8 x float> %466, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %471 = select <8 x i1> %470, <8 x float> %466, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %472 = fcmp olt <8 x float> %469, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %473 = select <8 x i1> %472, <8 x float> %469, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %474 = fcmp ogt <8 x float> %473, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %476 = fmul <8 x float> %471, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %477 = fneg <8 x float> %476
+  %478 = fcmp olt <8 x float> %477, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %479 = select <8 x i1> %478, <8 x float> %477, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %480 = fcmp ogt <8 x float> %479, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %481 = select <8 x i1> %480, <8 x float> %479, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %483 = call <8 x float> @llvm.floor.v8f32(<8 x float> %482)
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %481)
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %484)
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %485, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %485, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %485, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %485, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %485, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %491 = fmul <8 x float> %485, %485
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %491, <8 x float> %485)
+  %493 = fadd <8 x float> %492, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %494 = fptosi <8 x float> %483 to <8 x i32>
+  %495 = add <8 x i32> %494, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %496 = shl <8 x i32> %495, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n44 = bitcast <8 x i32> %496 to <8 x float>
+  %exp45 = fmul <8 x float> %493, %exp.2n44
+  %497 = fadd <8 x float> %exp45, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid46 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %497
+  %498 = fmul <8 x float> %471, %sigmoid46
+  %499 = fadd <8 x float> %475, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai47 = fmul <8 x float> %498, %499
+  %500 = fmul <8 x float> %oai47, %459
+  %501 = getelementptr inbounds float, ptr %461, i64 %col43
+  store <8 x float> %500, ptr %501, align 4
+  %502 = add nsw i64 %r0, 1
+  %503 = getelementptr inbounds float, ptr %rw, i64 %502
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = mul nsw i64 %502, 2880
+  %508 = getelementptr inbounds float, ptr %h, i64 %507
+  %col48 = mul nsw i64 %p, 8
+  %509 = load <8 x float>, ptr %acc1028, align 4
+  %510 = load <8 x float>, ptr %acc1129, align 4
+  %511 = getelementptr inbounds float, ptr %bg, i64 %col48
+  %512 = load <8 x float>, ptr %511, align 4
+  %513 = fadd <8 x float> %509, %512
+  %514 = getelementptr inbounds float, ptr %bu, i64 %col48
+  %515 = load <8 x float>, ptr %514, align 4
+  %516 = fadd <8 x float> %510, %515
+  %517 = fcmp olt <8 x float> %513, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %518 = select <8 x i1> %517, <8 x float> %513, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %519 = fcmp olt <8 x float> %516, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %520 = select <8 x i1> %519, <8 x float> %516, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %521 = fcmp ogt <8 x float> %520, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %523 = fmul <8 x float> %518, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %524 = fneg <8 x float> %523
+  %525 = fcmp olt <8 x float> %524, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %526 = select <8 x i1> %525, <8 x float> %524, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %527 = fcmp ogt <8 x float> %526, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %528 = select <8 x i1> %527, <8 x float> %526, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %530 = call <8 x float> @llvm.floor.v8f32(<8 x float> %529)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %528)
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %531)
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %532, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %532, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %532, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %532, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> %532, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %538 = fmul <8 x float> %532, %532
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %538, <8 x float> %532)
+  %540 = fadd <8 x float> %539, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %541 = fptosi <8 x float> %530 to <8 x i32>
+  %542 = add <8 x i32> %541, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %543 = shl <8 x i32> %542, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n49 = bitcast <8 x i32> %543 to <8 x float>
+  %exp50 = fmul <8 x float> %540, %exp.2n49
+  %544 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %544
+  %545 = fmul <8 x float> %518, %sigmoid51
+  %546 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai52 = fmul <8 x float> %545, %546
+  %547 = fmul <8 x float> %oai52, %506
+  %548 = getelementptr inbounds float, ptr %508, i64 %col48
+  store <8 x float> %547, ptr %548, align 4
+  %549 = add nsw i64 %r0, 2
+  %550 = getelementptr inbounds float, ptr %rw, i64 %549
+  %551 = load float, ptr %550, align 4
+  %552 = insertelement <8 x float> poison, float %551, i32 0
+  %553 = shufflevector <8 x float> %552, <8 x float> poison, <8 x i32> zeroinitializer
+  %554 = mul nsw i64 %549, 2880
+  %555 = getelementptr inbounds float, ptr %h, i64 %554
+  %col53 = mul nsw i64 %p, 8
+  %556 = load <8 x float>, ptr %acc2030, align 4
+  %557 = load <8 x float>, ptr %acc2131, align 4
+  %558 = getelementptr inbounds float, ptr %bg, i64 %col53
+  %559 = load <8 x float>, ptr %558, align 4
+  %560 = fadd <8 x float> %556, %559
+  %561 = getelementptr inbounds float, ptr %bu, i64 %col53
+  %562 = load <8 x float>, ptr %561, align 4
+  %563 = fadd <8 x float> %557, %562
+  %564 = fcmp olt <8 x float> %560, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %565 = select <8 x i1> %564, <8 x float> %560, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %566 = fcmp olt <8 x float> %563, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %567 = select <8 x i1> %566, <8 x float> %563, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %568 = fcmp ogt <8 x float> %567, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %569 = select <8 x i1> %568, <8 x float> %567, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %570 = fmul <8 x float> %565, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %571 = fneg <8 x float> %570
+  %572 = fcmp olt <8 x float> %571, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %573 = select <8 x i1> %572, <8 x float> %571, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %574 = fcmp ogt <8 x float> %573, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %575 = select <8 x i1> %574, <8 x float> %573, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %577 = call <8 x float> @llvm.floor.v8f32(<8 x float> %576)
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %575)
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %578)
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %579, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %579, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %581, <8 x float> %579, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %579, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %579, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %585 = fmul <8 x float> %579, %579
+  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %585, <8 x float> %579)
+  %587 = fadd <8 x float> %586, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %588 = fptosi <8 x float> %577 to <8 x i32>
+  %589 = add <8 x i32> %588, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %590 = shl <8 x i32> %589, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n54 = bitcast <8 x i32> %590 to <8 x float>
+  %exp55 = fmul <8 x float> %587, %exp.2n54
+  %591 = fadd <8 x float> %exp55, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid56 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %591
+  %592 = fmul <8 x float> %565, %sigmoid56
+  %593 = fadd <8 x float> %569, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai57 = fmul <8 x float> %592, %593
+  %594 = fmul <8 x float> %oai57, %553
+  %595 = getelementptr inbounds float, ptr %555, i64 %col53
+  store <8 x float> %594, ptr %595, align 4
+  %596 = add nsw i64 %r0, 3
+  %597 = getelementptr inbounds float, ptr %rw, i64 %596
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = mul nsw i64 %596, 2880
+  %602 = getelementptr inbounds float, ptr %h, i64 %601
+  %col58 = mul nsw i64 %p, 8
+  %603 = load <8 x float>, ptr %acc3032, align 4
+  %604 = load <8 x float>, ptr %acc3133, align 4
+  %605 = getelementptr inbounds float, ptr %bg, i64 %col58
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = fadd <8 x float> %603, %606
+  %608 = getelementptr inbounds float, ptr %bu, i64 %col58
+  %609 = load <8 x float>, ptr %608, align 4
+  %610 = fadd <8 x float> %604, %609
+  %611 = fcmp olt <8 x float> %607, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %612 = select <8 x i1> %611, <8 x float> %607, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %613 = fcmp olt <8 x float> %610, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %614 = select <8 x i1> %613, <8 x float> %610, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %615 = fcmp ogt <8 x float> %614, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %616 = select <8 x i1> %615, <8 x float> %614, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %617 = fmul <8 x float> %612, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %618 = fneg <8 x float> %617
+  %619 = fcmp olt <8 x float> %618, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %620 = select <8 x i1> %619, <8 x float> %618, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %621 = fcmp ogt <8 x float> %620, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %624 = call <8 x float> @llvm.floor.v8f32(<8 x float> %623)
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %622)
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %625)
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %626, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %626, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %626, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %626, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %626, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %632 = fmul <8 x float> %626, %626
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %632, <8 x float> %626)
+  %634 = fadd <8 x float> %633, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %635 = fptosi <8 x float> %624 to <8 x i32>
+  %636 = add <8 x i32> %635, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %637 = shl <8 x i32> %636, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %637 to <8 x float>
+  %exp60 = fmul <8 x float> %634, %exp.2n59
+  %638 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %638
+  %639 = fmul <8 x float> %612, %sigmoid61
+  %640 = fadd <8 x float> %616, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai62 = fmul <8 x float> %639, %640
+  %641 = fmul <8 x float> %oai62, %600
+  %642 = getelementptr inbounds float, ptr %602, i64 %col58
+  store <8 x float> %641, ptr %642, align 4
+  %643 = add nsw i64 %r0, 4
+  %644 = getelementptr inbounds float, ptr %rw, i64 %643
+  %645 = load float, ptr %644, align 4
+  %646 = insertelement <8 x float> poison, float %645, i32 0
+  %647 = shufflevector <8 x float> %646, <8 x float> poison, <8 x i32> zeroinitializer
+  %648 = mul nsw i64 %643, 2880
+  %649 = getelementptr inbounds float, ptr %h, i64 %648
+  %col63 = mul nsw i64 %p, 8
+  %650 = load <8 x float>, ptr %acc4034, align 4
+  %651 = load <8 x float>, ptr %acc4135, align 4
+  %652 = getelementptr inbounds float, ptr %bg, i64 %col63
+  %653 = load <8 x float>, ptr %652, align 4
+  %654 = fadd <8 x float> %650, %653
+  %655 = getelementptr inbounds float, ptr %bu, i64 %col63
+  %656 = load <8 x float>, ptr %655, align 4
+  %657 = fadd <8 x float> %651, %656
+  %658 = fcmp olt <8 x float> %654, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %659 = select <8 x i1> %658, <8 x float> %654, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %660 = fcmp olt <8 x float> %657, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %661 = select <8 x i1> %660, <8 x float> %657, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %662 = fcmp ogt <8 x float> %661, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %663 = select <8 x i1> %662, <8 x float> %661, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %664 = fmul <8 x float> %659, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %665 = fneg <8 x float> %664
+  %666 = fcmp olt <8 x float> %665, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %667 = select <8 x i1> %666, <8 x float> %665, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %668 = fcmp ogt <8 x float> %667, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %669 = select <8 x i1> %668, <8 x float> %667, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %671 = call <8 x float> @llvm.floor.v8f32(<8 x float> %670)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %669)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %672)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %673, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %673, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %673, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %673, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %673, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %679 = fmul <8 x float> %673, %673
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %679, <8 x float> %673)
+  %681 = fadd <8 x float> %680, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %682 = fptosi <8 x float> %671 to <8 x i32>
+  %683 = add <8 x i32> %682, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %684 = shl <8 x i32> %683, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n64 = bitcast <8 x i32> %684 to <8 x float>
+  %exp65 = fmul <8 x float> %681, %exp.2n64
+  %685 = fadd <8 x float> %exp65, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid66 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %685
+  %686 = fmul <8 x float> %659, %sigmoid66
+  %687 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai67 = fmul <8 x float> %686, %687
+  %688 = fmul <8 x float> %oai67, %647
+  %689 = getelementptr inbounds float, ptr %649, i64 %col63
+  store <8 x float> %688, ptr %689, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %622 = add nsw i64 %r0, 0
-  %623 = getelementptr inbounds i32, ptr %rows, i64 %622
-  %624 = load i32, ptr %623, align 4
-  %625 = sext i32 %624 to i64
-  %626 = mul nsw i64 %625, 2880
-  %a0124 = getelementptr inbounds float, ptr %x, i64 %626
-  store <8 x float> zeroinitializer, ptr %acc00125, align 4
-  store <8 x float> zeroinitializer, ptr %acc01126, align 4
-  %627 = add nsw i64 %r0, 1
-  %628 = getelementptr inbounds i32, ptr %rows, i64 %627
-  %629 = load i32, ptr %628, align 4
-  %630 = sext i32 %629 to i64
-  %631 = mul nsw i64 %630, 2880
-  %a1127 = getelementptr inbounds float, ptr %x, i64 %631
-  store <8 x float> zeroinitializer, ptr %acc10128, align 4
-  store <8 x float> zeroinitializer, ptr %acc11129, align 4
-  %632 = add nsw i64 %r0, 2
-  %633 = getelementptr inbounds i32, ptr %rows, i64 %632
-  %634 = load i32, ptr %633, align 4
-  %635 = sext i32 %634 to i64
-  %636 = mul nsw i64 %635, 2880
-  %a2130 = getelementptr inbounds float, ptr %x, i64 %636
-  store <8 x float> zeroinitializer, ptr %acc20131, align 4
-  store <8 x float> zeroinitializer, ptr %acc21132, align 4
-  %637 = add nsw i64 %r0, 3
-  %638 = getelementptr inbounds i32, ptr %rows, i64 %637
-  %639 = load i32, ptr %638, align 4
-  %640 = sext i32 %639 to i64
-  %641 = mul nsw i64 %640, 2880
-  %a3133 = getelementptr inbounds float, ptr %x, i64 %641
-  store <8 x float> zeroinitializer, ptr %acc30134, align 4
-  store <8 x float> zeroinitializer, ptr %acc31135, align 4
-  %panel.off136 = mul nsw i64 %p, 46080
-  br label %k.head137
+  %690 = add nsw i64 %r0, 0
+  %691 = getelementptr inbounds i32, ptr %rows, i64 %690
+  %692 = load i32, ptr %691, align 4
+  %693 = sext i32 %692 to i64
+  %694 = mul nsw i64 %693, 2880
+  %695 = getelementptr inbounds float, ptr %x, i64 %694
+  store <8 x float> zeroinitializer, ptr %acc0068, align 4
+  store <8 x float> zeroinitializer, ptr %acc0169, align 4
+  %696 = add nsw i64 %r0, 1
+  %697 = getelementptr inbounds i32, ptr %rows, i64 %696
+  %698 = load i32, ptr %697, align 4
+  %699 = sext i32 %698 to i64
+  %700 = mul nsw i64 %699, 2880
+  %701 = getelementptr inbounds float, ptr %x, i64 %700
+  store <8 x float> zeroinitializer, ptr %acc1070, align 4
+  store <8 x float> zeroinitializer, ptr %acc1171, align 4
+  %702 = add nsw i64 %r0, 2
+  %703 = getelementptr inbounds i32, ptr %rows, i64 %702
+  %704 = load i32, ptr %703, align 4
+  %705 = sext i32 %704 to i64
+  %706 = mul nsw i64 %705, 2880
+  %707 = getelementptr inbounds float, ptr %x, i64 %706
+  store <8 x float> zeroinitializer, ptr %acc2072, align 4
+  store <8 x float> zeroinitializer, ptr %acc2173, align 4
+  %708 = add nsw i64 %r0, 3
+  %709 = getelementptr inbounds i32, ptr %rows, i64 %708
+  %710 = load i32, ptr %709, align 4
+  %711 = sext i32 %710 to i64
+  %712 = mul nsw i64 %711, 2880
+  %713 = getelementptr inbounds float, ptr %x, i64 %712
+  store <8 x float> zeroinitializer, ptr %acc3074, align 4
+  store <8 x float> zeroinitializer, ptr %acc3175, align 4
+  %panel.off76 = mul nsw i64 %p, 46080
+  br label %k.head77
 
-k.head137:                                        ; preds = %k.body138, %tile.mr4
-  %k140 = phi i64 [ 0, %tile.mr4 ], [ %680, %k.body138 ]
-  %642 = icmp slt i64 %k140, 2880
-  br i1 %642, label %k.body138, label %k.end139
+k.head77:                                         ; preds = %k.body78, %tile.mr4
+  %k80 = phi i64 [ 0, %tile.mr4 ], [ %753, %k.body78 ]
+  %714 = icmp slt i64 %k80, 2880
+  br i1 %714, label %k.body78, label %k.end79
 
-k.body138:                                        ; preds = %k.head137
-  %643 = mul nsw i64 %k140, 16
-  %644 = add nsw i64 %panel.off136, %643
-  %645 = getelementptr inbounds i16, ptr %panels, i64 %644
-  %bw141 = load <8 x i32>, ptr %645, align 4
-  %646 = shl <8 x i32> %bw141, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0142 = bitcast <8 x i32> %646 to <8 x float>
-  %647 = and <8 x i32> %bw141, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1143 = bitcast <8 x i32> %647 to <8 x float>
-  %648 = getelementptr inbounds float, ptr %a0124, i64 %k140
-  %649 = load float, ptr %648, align 4
-  %650 = insertelement <8 x float> poison, float %649, i32 0
-  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
-  %652 = load <8 x float>, ptr %acc00125, align 4
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b0142, <8 x float> %652)
-  store <8 x float> %653, ptr %acc00125, align 4
-  %654 = load <8 x float>, ptr %acc01126, align 4
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b1143, <8 x float> %654)
-  store <8 x float> %655, ptr %acc01126, align 4
-  %656 = getelementptr inbounds float, ptr %a1127, i64 %k140
-  %657 = load float, ptr %656, align 4
-  %658 = insertelement <8 x float> poison, float %657, i32 0
-  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
-  %660 = load <8 x float>, ptr %acc10128, align 4
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b0142, <8 x float> %660)
-  store <8 x float> %661, ptr %acc10128, align 4
-  %662 = load <8 x float>, ptr %acc11129, align 4
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b1143, <8 x float> %662)
-  store <8 x float> %663, ptr %acc11129, align 4
-  %664 = getelementptr inbounds float, ptr %a2130, i64 %k140
-  %665 = load float, ptr %664, align 4
-  %666 = insertelement <8 x float> poison, float %665, i32 0
-  %667 = shufflevector <8 x float> %666, <8 x float> poison, <8 x i32> zeroinitializer
-  %668 = load <8 x float>, ptr %acc20131, align 4
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %b0142, <8 x float> %668)
-  store <8 x float> %669, ptr %acc20131, align 4
-  %670 = load <8 x float>, ptr %acc21132, align 4
-  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %b1143, <8 x float> %670)
-  store <8 x float> %671, ptr %acc21132, align 4
-  %672 = getelementptr inbounds float, ptr %a3133, i64 %k140
-  %673 = load float, ptr %672, align 4
-  %674 = insertelement <8 x float> poison, float %673, i32 0
-  %675 = shufflevector <8 x float> %674, <8 x float> poison, <8 x i32> zeroinitializer
-  %676 = load <8 x float>, ptr %acc30134, align 4
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %b0142, <8 x float> %676)
-  store <8 x float> %677, ptr %acc30134, align 4
-  %678 = load <8 x float>, ptr %acc31135, align 4
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %b1143, <8 x float> %678)
-  store <8 x float> %679, ptr %acc31135, align 4
-  %680 = add nsw i64 %k140, 1
-  br label %k.head137
+k.body78:                                         ; preds = %k.head77
+  %715 = mul nsw i64 %k80, 16
+  %716 = add nsw i64 %panel.off76, %715
+  %717 = getelementptr inbounds i16, ptr %panels, i64 %716
+  %718 = load <8 x i32>, ptr %717, align 4
+  %719 = shl <8 x i32> %718, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b081 = bitcast <8 x i32> %719 to <8 x float>
+  %720 = and <8 x i32> %718, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b182 = bitcast <8 x i32> %720 to <8 x float>
+  %721 = getelementptr inbounds float, ptr %695, i64 %k80
+  %722 = load float, ptr %721, align 4
+  %723 = insertelement <8 x float> poison, float %722, i32 0
+  %724 = shufflevector <8 x float> %723, <8 x float> poison, <8 x i32> zeroinitializer
+  %725 = load <8 x float>, ptr %acc0068, align 4
+  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %b081, <8 x float> %725)
+  store <8 x float> %726, ptr %acc0068, align 4
+  %727 = load <8 x float>, ptr %acc0169, align 4
+  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %b182, <8 x float> %727)
+  store <8 x float> %728, ptr %acc0169, align 4
+  %729 = getelementptr inbounds float, ptr %701, i64 %k80
+  %730 = load float, ptr %729, align 4
+  %731 = insertelement <8 x float> poison, float %730, i32 0
+  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
+  %733 = load <8 x float>, ptr %acc1070, align 4
+  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %b081, <8 x float> %733)
+  store <8 x float> %734, ptr %acc1070, align 4
+  %735 = load <8 x float>, ptr %acc1171, align 4
+  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %b182, <8 x float> %735)
+  store <8 x float> %736, ptr %acc1171, align 4
+  %737 = getelementptr inbounds float, ptr %707, i64 %k80
+  %738 = load float, ptr %737, align 4
+  %739 = insertelement <8 x float> poison, float %738, i32 0
+  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
+  %741 = load <8 x float>, ptr %acc2072, align 4
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %b081, <8 x float> %741)
+  store <8 x float> %742, ptr %acc2072, align 4
+  %743 = load <8 x float>, ptr %acc2173, align 4
+  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %b182, <8 x float> %743)
+  store <8 x float> %744, ptr %acc2173, align 4
+  %745 = getelementptr inbounds float, ptr %713, i64 %k80
+  %746 = load float, ptr %745, align 4
+  %747 = insertelement <8 x float> poison, float %746, i32 0
+  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
+  %749 = load <8 x float>, ptr %acc3074, align 4
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %b081, <8 x float> %749)
+  store <8 x float> %750, ptr %acc3074, align 4
+  %751 = load <8 x float>, ptr %acc3175, align 4
+  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %b182, <8 x float> %751)
+  store <8 x float> %752, ptr %acc3175, align 4
+  %753 = add nsw i64 %k80, 1
+  br label %k.head77
 
-k.end139:                                         ; preds = %k.head137
-  %681 = add nsw i64 %r0, 0
-  %682 = getelementptr inbounds float, ptr %rw, i64 %681
-  %w144 = load float, ptr %682, align 4
-  %683 = insertelement <8 x float> poison, float %w144, i32 0
-  %684 = shufflevector <8 x float> %683, <8 x float> poison, <8 x i32> zeroinitializer
-  %685 = mul nsw i64 %681, 2880
-  %686 = getelementptr inbounds float, ptr %h, i64 %685
-  %col145 = mul nsw i64 %p, 8
-  %687 = load <8 x float>, ptr %acc00125, align 4
-  %688 = load <8 x float>, ptr %acc01126, align 4
-  %689 = getelementptr inbounds float, ptr %bg, i64 %col145
-  %690 = load <8 x float>, ptr %689, align 4
-  %691 = fadd <8 x float> %687, %690
-  %692 = getelementptr inbounds float, ptr %bu, i64 %col145
-  %693 = load <8 x float>, ptr %692, align 4
-  %694 = fadd <8 x float> %688, %693
-  %695 = fcmp olt <8 x float> %691, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g146 = select <8 x i1> %695, <8 x float> %691, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %696 = fcmp olt <8 x float> %694, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %697 = select <8 x i1> %696, <8 x float> %694, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %698 = fcmp ogt <8 x float> %697, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u147 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %699 = fmul <8 x float> %g146, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %700 = fneg <8 x float> %699
-  %701 = fcmp olt <8 x float> %700, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %702 = select <8 x i1> %701, <8 x float> %700, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %703 = fcmp ogt <8 x float> %702, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n148 = call <8 x float> @llvm.floor.v8f32(<8 x float> %705)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n148, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %704)
-  %exp.r149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n148, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %706)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r149, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %exp.r149, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %exp.r149, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %exp.r149, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %exp.r149, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %712 = fmul <8 x float> %exp.r149, %exp.r149
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %712, <8 x float> %exp.r149)
-  %714 = fadd <8 x float> %713, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %715 = fptosi <8 x float> %exp.n148 to <8 x i32>
-  %716 = add <8 x i32> %715, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %717 = shl <8 x i32> %716, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n150 = bitcast <8 x i32> %717 to <8 x float>
-  %exp151 = fmul <8 x float> %714, %exp.2n150
-  %718 = fadd <8 x float> %exp151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid152 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %718
-  %719 = fmul <8 x float> %g146, %sigmoid152
-  %720 = fadd <8 x float> %u147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai153 = fmul <8 x float> %719, %720
-  %721 = fmul <8 x float> %oai153, %684
-  %722 = getelementptr inbounds float, ptr %686, i64 %col145
-  store <8 x float> %721, ptr %722, align 4
-  %723 = add nsw i64 %r0, 1
-  %724 = getelementptr inbounds float, ptr %rw, i64 %723
-  %w154 = load float, ptr %724, align 4
-  %725 = insertelement <8 x float> poison, float %w154, i32 0
-  %726 = shufflevector <8 x float> %725, <8 x float> poison, <8 x i32> zeroinitializer
-  %727 = mul nsw i64 %723, 2880
-  %728 = getelementptr inbounds float, ptr %h, i64 %727
-  %col155 = mul nsw i64 %p, 8
-  %729 = load <8 x float>, ptr %acc10128, align 4
-  %730 = load <8 x float>, ptr %acc11129, align 4
-  %731 = getelementptr inbounds float, ptr %bg, i64 %col155
-  %732 = load <8 x float>, ptr %731, align 4
-  %733 = fadd <8 x float> %729, %732
-  %734 = getelementptr inbounds float, ptr %bu, i64 %col155
-  %735 = load <8 x float>, ptr %734, align 4
-  %736 = fadd <8 x float> %730, %735
-  %737 = fcmp olt <8 x float> %733, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g156 = select <8 x i1> %737, <8 x float> %733, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %738 = fcmp olt <8 x float> %736, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %739 = select <8 x i1> %738, <8 x float> %736, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %740 = fcmp ogt <8 x float> %739, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u157 = select <8 x i1> %740, <8 x float> %739, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %741 = fmul <8 x float> %g156, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %742 = fneg <8 x float> %741
-  %743 = fcmp olt <8 x float> %742, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %744 = select <8 x i1> %743, <8 x float> %742, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %745 = fcmp ogt <8 x float> %744, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %746 = select <8 x i1> %745, <8 x float> %744, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n158 = call <8 x float> @llvm.floor.v8f32(<8 x float> %747)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n158, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %746)
-  %exp.r159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n158, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %748)
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r159, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %exp.r159, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %exp.r159, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> %exp.r159, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %752, <8 x float> %exp.r159, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %754 = fmul <8 x float> %exp.r159, %exp.r159
-  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %754, <8 x float> %exp.r159)
-  %756 = fadd <8 x float> %755, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %757 = fptosi <8 x float> %exp.n158 to <8 x i32>
-  %758 = add <8 x i32> %757, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %759 = shl <8 x i32> %758, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n160 = bitcast <8 x i32> %759 to <8 x float>
-  %exp161 = fmul <8 x float> %756, %exp.2n160
-  %760 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %760
-  %761 = fmul <8 x float> %g156, %sigmoid162
-  %762 = fadd <8 x float> %u157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai163 = fmul <8 x float> %761, %762
-  %763 = fmul <8 x float> %oai163, %726
-  %764 = getelementptr inbounds float, ptr %728, i64 %col155
-  store <8 x float> %763, ptr %764, align 4
-  %765 = add nsw i64 %r0, 2
-  %766 = getelementptr inbounds float, ptr %rw, i64 %765
-  %w164 = load float, ptr %766, align 4
-  %767 = insertelement <8 x float> poison, float %w164, i32 0
-  %768 = shufflevector <8 x float> %767, <8 x float> poison, <8 x i32> zeroinitializer
-  %769 = mul nsw i64 %765, 2880
-  %770 = getelementptr inbounds float, ptr %h, i64 %769
-  %col165 = mul nsw i64 %p, 8
-  %771 = load <8 x float>, ptr %acc20131, align 4
-  %772 = load <8 x float>, ptr %acc21132, align 4
-  %773 = getelementptr inbounds float, ptr %bg, i64 %col165
-  %774 = load <8 x float>, ptr %773, align 4
-  %775 = fadd <8 x float> %771, %774
-  %776 = getelementptr inbounds float, ptr %bu, i64 %col165
-  %777 = load <8 x float>, ptr %776, align 4
-  %778 = fadd <8 x float> %772, %777
-  %779 = fcmp olt <8 x float> %775, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g166 = select <8 x i1> %779, <8 x float> %775, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %780 = fcmp olt <8 x float> %778, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %781 = select <8 x i1> %780, <8 x float> %778, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %782 = fcmp ogt <8 x float> %781, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u167 = select <8 x i1> %782, <8 x float> %781, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %783 = fmul <8 x float> %g166, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %784 = fneg <8 x float> %783
-  %785 = fcmp olt <8 x float> %784, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %786 = select <8 x i1> %785, <8 x float> %784, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %787 = fcmp ogt <8 x float> %786, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %788 = select <8 x i1> %787, <8 x float> %786, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n168 = call <8 x float> @llvm.floor.v8f32(<8 x float> %789)
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n168, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %788)
-  %exp.r169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n168, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %790)
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r169, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %exp.r169, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %exp.r169, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %exp.r169, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %exp.r169, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %796 = fmul <8 x float> %exp.r169, %exp.r169
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %796, <8 x float> %exp.r169)
-  %798 = fadd <8 x float> %797, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %799 = fptosi <8 x float> %exp.n168 to <8 x i32>
-  %800 = add <8 x i32> %799, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %801 = shl <8 x i32> %800, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n170 = bitcast <8 x i32> %801 to <8 x float>
-  %exp171 = fmul <8 x float> %798, %exp.2n170
-  %802 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %802
-  %803 = fmul <8 x float> %g166, %sigmoid172
-  %804 = fadd <8 x float> %u167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai173 = fmul <8 x float> %803, %804
-  %805 = fmul <8 x float> %oai173, %768
-  %806 = getelementptr inbounds float, ptr %770, i64 %col165
-  store <8 x float> %805, ptr %806, align 4
-  %807 = add nsw i64 %r0, 3
-  %808 = getelementptr inbounds float, ptr %rw, i64 %807
-  %w174 = load float, ptr %808, align 4
-  %809 = insertelement <8 x float> poison, float %w174, i32 0
-  %810 = shufflevector <8 x float> %809, <8 x float> poison, <8 x i32> zeroinitializer
-  %811 = mul nsw i64 %807, 2880
-  %812 = getelementptr inbounds float, ptr %h, i64 %811
-  %col175 = mul nsw i64 %p, 8
-  %813 = load <8 x float>, ptr %acc30134, align 4
-  %814 = load <8 x float>, ptr %acc31135, align 4
-  %815 = getelementptr inbounds float, ptr %bg, i64 %col175
-  %816 = load <8 x float>, ptr %815, align 4
-  %817 = fadd <8 x float> %813, %816
-  %818 = getelementptr inbounds float, ptr %bu, i64 %col175
-  %819 = load <8 x float>, ptr %818, align 4
-  %820 = fadd <8 x float> %814, %819
-  %821 = fcmp olt <8 x float> %817, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g176 = select <8 x i1> %821, <8 x float> %817, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %822 = fcmp olt <8 x float> %820, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %823 = select <8 x i1> %822, <8 x float> %820, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %824 = fcmp ogt <8 x float> %823, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u177 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %825 = fmul <8 x float> %g176, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %826 = fneg <8 x float> %825
-  %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %829 = fcmp ogt <8 x float> %828, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n178 = call <8 x float> @llvm.floor.v8f32(<8 x float> %831)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n178, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %830)
-  %exp.r179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n178, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %832)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r179, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %exp.r179, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %exp.r179, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %exp.r179, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %exp.r179, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %838 = fmul <8 x float> %exp.r179, %exp.r179
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %838, <8 x float> %exp.r179)
-  %840 = fadd <8 x float> %839, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %841 = fptosi <8 x float> %exp.n178 to <8 x i32>
-  %842 = add <8 x i32> %841, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %843 = shl <8 x i32> %842, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n180 = bitcast <8 x i32> %843 to <8 x float>
-  %exp181 = fmul <8 x float> %840, %exp.2n180
-  %844 = fadd <8 x float> %exp181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid182 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %844
-  %845 = fmul <8 x float> %g176, %sigmoid182
-  %846 = fadd <8 x float> %u177, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai183 = fmul <8 x float> %845, %846
-  %847 = fmul <8 x float> %oai183, %810
-  %848 = getelementptr inbounds float, ptr %812, i64 %col175
-  store <8 x float> %847, ptr %848, align 4
+k.end79:                                          ; preds = %k.head77
+  %754 = add nsw i64 %r0, 0
+  %755 = getelementptr inbounds float, ptr %rw, i64 %754
+  %756 = load float, ptr %755, align 4
+  %757 = insertelement <8 x float> poison, float %756, i32 0
+  %758 = shufflevector <8 x float> %757, <8 x float> poison, <8 x i32> zeroinitializer
+  %759 = mul nsw i64 %754, 2880
+  %760 = getelementptr inbounds float, ptr %h, i64 %759
+  %col83 = mul nsw i64 %p, 8
+  %761 = load <8 x float>, ptr %acc0068, align 4
+  %762 = load <8 x float>, ptr %acc0169, align 4
+  %763 = getelementptr inbounds float, ptr %bg, i64 %col83
+  %764 = load <8 x float>, ptr %763, align 4
+  %765 = fadd <8 x float> %761, %764
+  %766 = getelementptr inbounds float, ptr %bu, i64 %col83
+  %767 = load <8 x float>, ptr %766, align 4
+  %768 = fadd <8 x float> %762, %767
+  %769 = fcmp olt <8 x float> %765, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %770 = select <8 x i1> %769, <8 x float> %765, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %771 = fcmp olt <8 x float> %768, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %772 = select <8 x i1> %771, <8 x float> %768, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %773 = fcmp ogt <8 x float> %772, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %774 = select <8 x i1> %773, <8 x float> %772, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %775 = fmul <8 x float> %770, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %776 = fneg <8 x float> %775
+  %777 = fcmp olt <8 x float> %776, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %779 = fcmp ogt <8 x float> %778, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %782 = call <8 x float> @llvm.floor.v8f32(<8 x float> %781)
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %780)
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %783)
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %784, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %784, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %784, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %784, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %784, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %790 = fmul <8 x float> %784, %784
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %784)
+  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %793 = fptosi <8 x float> %782 to <8 x i32>
+  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n84 = bitcast <8 x i32> %795 to <8 x float>
+  %exp85 = fmul <8 x float> %792, %exp.2n84
+  %796 = fadd <8 x float> %exp85, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid86 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
+  %797 = fmul <8 x float> %770, %sigmoid86
+  %798 = fadd <8 x float> %774, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai87 = fmul <8 x float> %797, %798
+  %799 = fmul <8 x float> %oai87, %758
+  %800 = getelementptr inbounds float, ptr %760, i64 %col83
+  store <8 x float> %799, ptr %800, align 4
+  %801 = add nsw i64 %r0, 1
+  %802 = getelementptr inbounds float, ptr %rw, i64 %801
+  %803 = load float, ptr %802, align 4
+  %804 = insertelement <8 x float> poison, float %803, i32 0
+  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
+  %806 = mul nsw i64 %801, 2880
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
+  %col88 = mul nsw i64 %p, 8
+  %808 = load <8 x float>, ptr %acc1070, align 4
+  %809 = load <8 x float>, ptr %acc1171, align 4
+  %810 = getelementptr inbounds float, ptr %bg, i64 %col88
+  %811 = load <8 x float>, ptr %810, align 4
+  %812 = fadd <8 x float> %808, %811
+  %813 = getelementptr inbounds float, ptr %bu, i64 %col88
+  %814 = load <8 x float>, ptr %813, align 4
+  %815 = fadd <8 x float> %809, %814
+  %816 = fcmp olt <8 x float> %812, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %817 = select <8 x i1> %816, <8 x float> %812, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %818 = fcmp olt <8 x float> %815, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %820 = fcmp ogt <8 x float> %819, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %822 = fmul <8 x float> %817, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %823 = fneg <8 x float> %822
+  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %837 = fmul <8 x float> %831, %831
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
+  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %840 = fptosi <8 x float> %829 to <8 x i32>
+  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n89 = bitcast <8 x i32> %842 to <8 x float>
+  %exp90 = fmul <8 x float> %839, %exp.2n89
+  %843 = fadd <8 x float> %exp90, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid91 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
+  %844 = fmul <8 x float> %817, %sigmoid91
+  %845 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai92 = fmul <8 x float> %844, %845
+  %846 = fmul <8 x float> %oai92, %805
+  %847 = getelementptr inbounds float, ptr %807, i64 %col88
+  store <8 x float> %846, ptr %847, align 4
+  %848 = add nsw i64 %r0, 2
+  %849 = getelementptr inbounds float, ptr %rw, i64 %848
+  %850 = load float, ptr %849, align 4
+  %851 = insertelement <8 x float> poison, float %850, i32 0
+  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
+  %853 = mul nsw i64 %848, 2880
+  %854 = getelementptr inbounds float, ptr %h, i64 %853
+  %col93 = mul nsw i64 %p, 8
+  %855 = load <8 x float>, ptr %acc2072, align 4
+  %856 = load <8 x float>, ptr %acc2173, align 4
+  %857 = getelementptr inbounds float, ptr %bg, i64 %col93
+  %858 = load <8 x float>, ptr %857, align 4
+  %859 = fadd <8 x float> %855, %858
+  %860 = getelementptr inbounds float, ptr %bu, i64 %col93
+  %861 = load <8 x float>, ptr %860, align 4
+  %862 = fadd <8 x float> %856, %861
+  %863 = fcmp olt <8 x float> %859, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %864 = select <8 x i1> %863, <8 x float> %859, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %865 = fcmp olt <8 x float> %862, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %866 = select <8 x i1> %865, <8 x float> %862, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %867 = fcmp ogt <8 x float> %866, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %868 = select <8 x i1> %867, <8 x float> %866, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %869 = fmul <8 x float> %864, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %870 = fneg <8 x float> %869
+  %871 = fcmp olt <8 x float> %870, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %872 = select <8 x i1> %871, <8 x float> %870, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %873 = fcmp ogt <8 x float> %872, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %876 = call <8 x float> @llvm.floor.v8f32(<8 x float> %875)
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %874)
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %877)
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %878, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %878, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %878, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %878, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %878, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %884 = fmul <8 x float> %878, %878
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %884, <8 x float> %878)
+  %886 = fadd <8 x float> %885, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %887 = fptosi <8 x float> %876 to <8 x i32>
+  %888 = add <8 x i32> %887, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %889 = shl <8 x i32> %888, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %889 to <8 x float>
+  %exp95 = fmul <8 x float> %886, %exp.2n94
+  %890 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %890
+  %891 = fmul <8 x float> %864, %sigmoid96
+  %892 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai97 = fmul <8 x float> %891, %892
+  %893 = fmul <8 x float> %oai97, %852
+  %894 = getelementptr inbounds float, ptr %854, i64 %col93
+  store <8 x float> %893, ptr %894, align 4
+  %895 = add nsw i64 %r0, 3
+  %896 = getelementptr inbounds float, ptr %rw, i64 %895
+  %897 = load float, ptr %896, align 4
+  %898 = insertelement <8 x float> poison, float %897, i32 0
+  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
+  %900 = mul nsw i64 %895, 2880
+  %901 = getelementptr inbounds float, ptr %h, i64 %900
+  %col98 = mul nsw i64 %p, 8
+  %902 = load <8 x float>, ptr %acc3074, align 4
+  %903 = load <8 x float>, ptr %acc3175, align 4
+  %904 = getelementptr inbounds float, ptr %bg, i64 %col98
+  %905 = load <8 x float>, ptr %904, align 4
+  %906 = fadd <8 x float> %902, %905
+  %907 = getelementptr inbounds float, ptr %bu, i64 %col98
+  %908 = load <8 x float>, ptr %907, align 4
+  %909 = fadd <8 x float> %903, %908
+  %910 = fcmp olt <8 x float> %906, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %911 = select <8 x i1> %910, <8 x float> %906, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %912 = fcmp olt <8 x float> %909, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %913 = select <8 x i1> %912, <8 x float> %909, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %914 = fcmp ogt <8 x float> %913, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %916 = fmul <8 x float> %911, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %917 = fneg <8 x float> %916
+  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %931 = fmul <8 x float> %925, %925
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
+  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %934 = fptosi <8 x float> %923 to <8 x i32>
+  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n99 = bitcast <8 x i32> %936 to <8 x float>
+  %exp100 = fmul <8 x float> %933, %exp.2n99
+  %937 = fadd <8 x float> %exp100, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid101 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
+  %938 = fmul <8 x float> %911, %sigmoid101
+  %939 = fadd <8 x float> %915, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai102 = fmul <8 x float> %938, %939
+  %940 = fmul <8 x float> %oai102, %899
+  %941 = getelementptr inbounds float, ptr %901, i64 %col98
+  store <8 x float> %940, ptr %941, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %849 = add nsw i64 %r0, 0
-  %850 = getelementptr inbounds i32, ptr %rows, i64 %849
-  %851 = load i32, ptr %850, align 4
-  %852 = sext i32 %851 to i64
-  %853 = mul nsw i64 %852, 2880
-  %a0184 = getelementptr inbounds float, ptr %x, i64 %853
-  store <8 x float> zeroinitializer, ptr %acc00185, align 4
-  store <8 x float> zeroinitializer, ptr %acc01186, align 4
-  %854 = add nsw i64 %r0, 1
-  %855 = getelementptr inbounds i32, ptr %rows, i64 %854
-  %856 = load i32, ptr %855, align 4
-  %857 = sext i32 %856 to i64
-  %858 = mul nsw i64 %857, 2880
-  %a1187 = getelementptr inbounds float, ptr %x, i64 %858
-  store <8 x float> zeroinitializer, ptr %acc10188, align 4
-  store <8 x float> zeroinitializer, ptr %acc11189, align 4
-  %859 = add nsw i64 %r0, 2
-  %860 = getelementptr inbounds i32, ptr %rows, i64 %859
-  %861 = load i32, ptr %860, align 4
-  %862 = sext i32 %861 to i64
-  %863 = mul nsw i64 %862, 2880
-  %a2190 = getelementptr inbounds float, ptr %x, i64 %863
-  store <8 x float> zeroinitializer, ptr %acc20191, align 4
-  store <8 x float> zeroinitializer, ptr %acc21192, align 4
-  %panel.off193 = mul nsw i64 %p, 46080
-  br label %k.head194
+  %942 = add nsw i64 %r0, 0
+  %943 = getelementptr inbounds i32, ptr %rows, i64 %942
+  %944 = load i32, ptr %943, align 4
+  %945 = sext i32 %944 to i64
+  %946 = mul nsw i64 %945, 2880
+  %947 = getelementptr inbounds float, ptr %x, i64 %946
+  store <8 x float> zeroinitializer, ptr %acc00103, align 4
+  store <8 x float> zeroinitializer, ptr %acc01104, align 4
+  %948 = add nsw i64 %r0, 1
+  %949 = getelementptr inbounds i32, ptr %rows, i64 %948
+  %950 = load i32, ptr %949, align 4
+  %951 = sext i32 %950 to i64
+  %952 = mul nsw i64 %951, 2880
+  %953 = getelementptr inbounds float, ptr %x, i64 %952
+  store <8 x float> zeroinitializer, ptr %acc10105, align 4
+  store <8 x float> zeroinitializer, ptr %acc11106, align 4
+  %954 = add nsw i64 %r0, 2
+  %955 = getelementptr inbounds i32, ptr %rows, i64 %954
+  %956 = load i32, ptr %955, align 4
+  %957 = sext i32 %956 to i64
+  %958 = mul nsw i64 %957, 2880
+  %959 = getelementptr inbounds float, ptr %x, i64 %958
+  store <8 x float> zeroinitializer, ptr %acc20107, align 4
+  store <8 x float> zeroinitializer, ptr %acc21108, align 4
+  %panel.off109 = mul nsw i64 %p, 46080
+  br label %k.head110
 
-k.head194:                                        ; preds = %k.body195, %tile.mr3
-  %k197 = phi i64 [ 0, %tile.mr3 ], [ %894, %k.body195 ]
-  %864 = icmp slt i64 %k197, 2880
-  br i1 %864, label %k.body195, label %k.end196
+k.head110:                                        ; preds = %k.body111, %tile.mr3
+  %k113 = phi i64 [ 0, %tile.mr3 ], [ %991, %k.body111 ]
+  %960 = icmp slt i64 %k113, 2880
+  br i1 %960, label %k.body111, label %k.end112
 
-k.body195:                                        ; preds = %k.head194
-  %865 = mul nsw i64 %k197, 16
-  %866 = add nsw i64 %panel.off193, %865
-  %867 = getelementptr inbounds i16, ptr %panels, i64 %866
-  %bw198 = load <8 x i32>, ptr %867, align 4
-  %868 = shl <8 x i32> %bw198, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0199 = bitcast <8 x i32> %868 to <8 x float>
-  %869 = and <8 x i32> %bw198, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1200 = bitcast <8 x i32> %869 to <8 x float>
-  %870 = getelementptr inbounds float, ptr %a0184, i64 %k197
-  %871 = load float, ptr %870, align 4
-  %872 = insertelement <8 x float> poison, float %871, i32 0
-  %873 = shufflevector <8 x float> %872, <8 x float> poison, <8 x i32> zeroinitializer
-  %874 = load <8 x float>, ptr %acc00185, align 4
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %b0199, <8 x float> %874)
-  store <8 x float> %875, ptr %acc00185, align 4
-  %876 = load <8 x float>, ptr %acc01186, align 4
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %b1200, <8 x float> %876)
-  store <8 x float> %877, ptr %acc01186, align 4
-  %878 = getelementptr inbounds float, ptr %a1187, i64 %k197
-  %879 = load float, ptr %878, align 4
-  %880 = insertelement <8 x float> poison, float %879, i32 0
-  %881 = shufflevector <8 x float> %880, <8 x float> poison, <8 x i32> zeroinitializer
-  %882 = load <8 x float>, ptr %acc10188, align 4
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %b0199, <8 x float> %882)
-  store <8 x float> %883, ptr %acc10188, align 4
-  %884 = load <8 x float>, ptr %acc11189, align 4
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %b1200, <8 x float> %884)
-  store <8 x float> %885, ptr %acc11189, align 4
-  %886 = getelementptr inbounds float, ptr %a2190, i64 %k197
-  %887 = load float, ptr %886, align 4
-  %888 = insertelement <8 x float> poison, float %887, i32 0
-  %889 = shufflevector <8 x float> %888, <8 x float> poison, <8 x i32> zeroinitializer
-  %890 = load <8 x float>, ptr %acc20191, align 4
-  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %b0199, <8 x float> %890)
-  store <8 x float> %891, ptr %acc20191, align 4
-  %892 = load <8 x float>, ptr %acc21192, align 4
-  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %b1200, <8 x float> %892)
-  store <8 x float> %893, ptr %acc21192, align 4
-  %894 = add nsw i64 %k197, 1
-  br label %k.head194
+k.body111:                                        ; preds = %k.head110
+  %961 = mul nsw i64 %k113, 16
+  %962 = add nsw i64 %panel.off109, %961
+  %963 = getelementptr inbounds i16, ptr %panels, i64 %962
+  %964 = load <8 x i32>, ptr %963, align 4
+  %965 = shl <8 x i32> %964, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0114 = bitcast <8 x i32> %965 to <8 x float>
+  %966 = and <8 x i32> %964, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1115 = bitcast <8 x i32> %966 to <8 x float>
+  %967 = getelementptr inbounds float, ptr %947, i64 %k113
+  %968 = load float, ptr %967, align 4
+  %969 = insertelement <8 x float> poison, float %968, i32 0
+  %970 = shufflevector <8 x float> %969, <8 x float> poison, <8 x i32> zeroinitializer
+  %971 = load <8 x float>, ptr %acc00103, align 4
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %b0114, <8 x float> %971)
+  store <8 x float> %972, ptr %acc00103, align 4
+  %973 = load <8 x float>, ptr %acc01104, align 4
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %b1115, <8 x float> %973)
+  store <8 x float> %974, ptr %acc01104, align 4
+  %975 = getelementptr inbounds float, ptr %953, i64 %k113
+  %976 = load float, ptr %975, align 4
+  %977 = insertelement <8 x float> poison, float %976, i32 0
+  %978 = shufflevector <8 x float> %977, <8 x float> poison, <8 x i32> zeroinitializer
+  %979 = load <8 x float>, ptr %acc10105, align 4
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %b0114, <8 x float> %979)
+  store <8 x float> %980, ptr %acc10105, align 4
+  %981 = load <8 x float>, ptr %acc11106, align 4
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %b1115, <8 x float> %981)
+  store <8 x float> %982, ptr %acc11106, align 4
+  %983 = getelementptr inbounds float, ptr %959, i64 %k113
+  %984 = load float, ptr %983, align 4
+  %985 = insertelement <8 x float> poison, float %984, i32 0
+  %986 = shufflevector <8 x float> %985, <8 x float> poison, <8 x i32> zeroinitializer
+  %987 = load <8 x float>, ptr %acc20107, align 4
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %b0114, <8 x float> %987)
+  store <8 x float> %988, ptr %acc20107, align 4
+  %989 = load <8 x float>, ptr %acc21108, align 4
+  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %b1115, <8 x float> %989)
+  store <8 x float> %990, ptr %acc21108, align 4
+  %991 = add nsw i64 %k113, 1
+  br label %k.head110
 
-k.end196:                                         ; preds = %k.head194
-  %895 = add nsw i64 %r0, 0
-  %896 = getelementptr inbounds float, ptr %rw, i64 %895
-  %w201 = load float, ptr %896, align 4
-  %897 = insertelement <8 x float> poison, float %w201, i32 0
-  %898 = shufflevector <8 x float> %897, <8 x float> poison, <8 x i32> zeroinitializer
-  %899 = mul nsw i64 %895, 2880
-  %900 = getelementptr inbounds float, ptr %h, i64 %899
-  %col202 = mul nsw i64 %p, 8
-  %901 = load <8 x float>, ptr %acc00185, align 4
-  %902 = load <8 x float>, ptr %acc01186, align 4
-  %903 = getelementptr inbounds float, ptr %bg, i64 %col202
-  %904 = load <8 x float>, ptr %903, align 4
-  %905 = fadd <8 x float> %901, %904
-  %906 = getelementptr inbounds float, ptr %bu, i64 %col202
-  %907 = load <8 x float>, ptr %906, align 4
-  %908 = fadd <8 x float> %902, %907
-  %909 = fcmp olt <8 x float> %905, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g203 = select <8 x i1> %909, <8 x float> %905, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %910 = fcmp olt <8 x float> %908, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %911 = select <8 x i1> %910, <8 x float> %908, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %912 = fcmp ogt <8 x float> %911, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u204 = select <8 x i1> %912, <8 x float> %911, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %913 = fmul <8 x float> %g203, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %914 = fneg <8 x float> %913
-  %915 = fcmp olt <8 x float> %914, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %916 = select <8 x i1> %915, <8 x float> %914, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %917 = fcmp ogt <8 x float> %916, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %918 = select <8 x i1> %917, <8 x float> %916, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n205 = call <8 x float> @llvm.floor.v8f32(<8 x float> %919)
-  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n205, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %918)
-  %exp.r206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n205, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %920)
-  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r206, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %exp.r206, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %exp.r206, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %exp.r206, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %exp.r206, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %926 = fmul <8 x float> %exp.r206, %exp.r206
-  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> %926, <8 x float> %exp.r206)
-  %928 = fadd <8 x float> %927, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %929 = fptosi <8 x float> %exp.n205 to <8 x i32>
-  %930 = add <8 x i32> %929, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %931 = shl <8 x i32> %930, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %931 to <8 x float>
-  %exp208 = fmul <8 x float> %928, %exp.2n207
-  %932 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %932
-  %933 = fmul <8 x float> %g203, %sigmoid209
-  %934 = fadd <8 x float> %u204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai210 = fmul <8 x float> %933, %934
-  %935 = fmul <8 x float> %oai210, %898
-  %936 = getelementptr inbounds float, ptr %900, i64 %col202
-  store <8 x float> %935, ptr %936, align 4
-  %937 = add nsw i64 %r0, 1
-  %938 = getelementptr inbounds float, ptr %rw, i64 %937
-  %w211 = load float, ptr %938, align 4
-  %939 = insertelement <8 x float> poison, float %w211, i32 0
-  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
-  %941 = mul nsw i64 %937, 2880
-  %942 = getelementptr inbounds float, ptr %h, i64 %941
-  %col212 = mul nsw i64 %p, 8
-  %943 = load <8 x float>, ptr %acc10188, align 4
-  %944 = load <8 x float>, ptr %acc11189, align 4
-  %945 = getelementptr inbounds float, ptr %bg, i64 %col212
-  %946 = load <8 x float>, ptr %945, align 4
-  %947 = fadd <8 x float> %943, %946
-  %948 = getelementptr inbounds float, ptr %bu, i64 %col212
-  %949 = load <8 x float>, ptr %948, align 4
-  %950 = fadd <8 x float> %944, %949
-  %951 = fcmp olt <8 x float> %947, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g213 = select <8 x i1> %951, <8 x float> %947, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %952 = fcmp olt <8 x float> %950, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %953 = select <8 x i1> %952, <8 x float> %950, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %954 = fcmp ogt <8 x float> %953, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u214 = select <8 x i1> %954, <8 x float> %953, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %955 = fmul <8 x float> %g213, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %956 = fneg <8 x float> %955
-  %957 = fcmp olt <8 x float> %956, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %958 = select <8 x i1> %957, <8 x float> %956, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %959 = fcmp ogt <8 x float> %958, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %960 = select <8 x i1> %959, <8 x float> %958, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n215 = call <8 x float> @llvm.floor.v8f32(<8 x float> %961)
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n215, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %960)
-  %exp.r216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n215, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %962)
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %exp.r216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %exp.r216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %exp.r216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> %exp.r216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %968 = fmul <8 x float> %exp.r216, %exp.r216
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %968, <8 x float> %exp.r216)
-  %970 = fadd <8 x float> %969, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %971 = fptosi <8 x float> %exp.n215 to <8 x i32>
-  %972 = add <8 x i32> %971, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %973 = shl <8 x i32> %972, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n217 = bitcast <8 x i32> %973 to <8 x float>
-  %exp218 = fmul <8 x float> %970, %exp.2n217
-  %974 = fadd <8 x float> %exp218, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid219 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %974
-  %975 = fmul <8 x float> %g213, %sigmoid219
-  %976 = fadd <8 x float> %u214, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai220 = fmul <8 x float> %975, %976
-  %977 = fmul <8 x float> %oai220, %940
-  %978 = getelementptr inbounds float, ptr %942, i64 %col212
-  store <8 x float> %977, ptr %978, align 4
-  %979 = add nsw i64 %r0, 2
-  %980 = getelementptr inbounds float, ptr %rw, i64 %979
-  %w221 = load float, ptr %980, align 4
-  %981 = insertelement <8 x float> poison, float %w221, i32 0
-  %982 = shufflevector <8 x float> %981, <8 x float> poison, <8 x i32> zeroinitializer
-  %983 = mul nsw i64 %979, 2880
-  %984 = getelementptr inbounds float, ptr %h, i64 %983
-  %col222 = mul nsw i64 %p, 8
-  %985 = load <8 x float>, ptr %acc20191, align 4
-  %986 = load <8 x float>, ptr %acc21192, align 4
-  %987 = getelementptr inbounds float, ptr %bg, i64 %col222
-  %988 = load <8 x float>, ptr %987, align 4
-  %989 = fadd <8 x float> %985, %988
-  %990 = getelementptr inbounds float, ptr %bu, i64 %col222
-  %991 = load <8 x float>, ptr %990, align 4
-  %992 = fadd <8 x float> %986, %991
-  %993 = fcmp olt <8 x float> %989, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g223 = select <8 x i1> %993, <8 x float> %989, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %994 = fcmp olt <8 x float> %992, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %995 = select <8 x i1> %994, <8 x float> %992, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %996 = fcmp ogt <8 x float> %995, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u224 = select <8 x i1> %996, <8 x float> %995, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %997 = fmul <8 x float> %g223, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %998 = fneg <8 x float> %997
-  %999 = fcmp olt <8 x float> %998, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1000 = select <8 x i1> %999, <8 x float> %998, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1001 = fcmp ogt <8 x float> %1000, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1002, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n225 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1003)
-  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n225, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1002)
-  %exp.r226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n225, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1004)
-  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r226, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> %exp.r226, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> %exp.r226, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> %exp.r226, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %exp.r226, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1010 = fmul <8 x float> %exp.r226, %exp.r226
-  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1010, <8 x float> %exp.r226)
-  %1012 = fadd <8 x float> %1011, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1013 = fptosi <8 x float> %exp.n225 to <8 x i32>
-  %1014 = add <8 x i32> %1013, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1015 = shl <8 x i32> %1014, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n227 = bitcast <8 x i32> %1015 to <8 x float>
-  %exp228 = fmul <8 x float> %1012, %exp.2n227
-  %1016 = fadd <8 x float> %exp228, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid229 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1016
-  %1017 = fmul <8 x float> %g223, %sigmoid229
-  %1018 = fadd <8 x float> %u224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai230 = fmul <8 x float> %1017, %1018
-  %1019 = fmul <8 x float> %oai230, %982
-  %1020 = getelementptr inbounds float, ptr %984, i64 %col222
-  store <8 x float> %1019, ptr %1020, align 4
+k.end112:                                         ; preds = %k.head110
+  %992 = add nsw i64 %r0, 0
+  %993 = getelementptr inbounds float, ptr %rw, i64 %992
+  %994 = load float, ptr %993, align 4
+  %995 = insertelement <8 x float> poison, float %994, i32 0
+  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
+  %997 = mul nsw i64 %992, 2880
+  %998 = getelementptr inbounds float, ptr %h, i64 %997
+  %col116 = mul nsw i64 %p, 8
+  %999 = load <8 x float>, ptr %acc00103, align 4
+  %1000 = load <8 x float>, ptr %acc01104, align 4
+  %1001 = getelementptr inbounds float, ptr %bg, i64 %col116
+  %1002 = load <8 x float>, ptr %1001, align 4
+  %1003 = fadd <8 x float> %999, %1002
+  %1004 = getelementptr inbounds float, ptr %bu, i64 %col116
+  %1005 = load <8 x float>, ptr %1004, align 4
+  %1006 = fadd <8 x float> %1000, %1005
+  %1007 = fcmp olt <8 x float> %1003, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1008 = select <8 x i1> %1007, <8 x float> %1003, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1009 = fcmp olt <8 x float> %1006, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1010 = select <8 x i1> %1009, <8 x float> %1006, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1011 = fcmp ogt <8 x float> %1010, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1012 = select <8 x i1> %1011, <8 x float> %1010, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1013 = fmul <8 x float> %1008, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1014 = fneg <8 x float> %1013
+  %1015 = fcmp olt <8 x float> %1014, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1016 = select <8 x i1> %1015, <8 x float> %1014, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1017 = fcmp ogt <8 x float> %1016, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1020 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1019)
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1018)
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1021)
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1022, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %1022, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> %1022, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1022, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1022, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1028 = fmul <8 x float> %1022, %1022
+  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1028, <8 x float> %1022)
+  %1030 = fadd <8 x float> %1029, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1031 = fptosi <8 x float> %1020 to <8 x i32>
+  %1032 = add <8 x i32> %1031, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1033 = shl <8 x i32> %1032, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n117 = bitcast <8 x i32> %1033 to <8 x float>
+  %exp118 = fmul <8 x float> %1030, %exp.2n117
+  %1034 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1034
+  %1035 = fmul <8 x float> %1008, %sigmoid119
+  %1036 = fadd <8 x float> %1012, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai120 = fmul <8 x float> %1035, %1036
+  %1037 = fmul <8 x float> %oai120, %996
+  %1038 = getelementptr inbounds float, ptr %998, i64 %col116
+  store <8 x float> %1037, ptr %1038, align 4
+  %1039 = add nsw i64 %r0, 1
+  %1040 = getelementptr inbounds float, ptr %rw, i64 %1039
+  %1041 = load float, ptr %1040, align 4
+  %1042 = insertelement <8 x float> poison, float %1041, i32 0
+  %1043 = shufflevector <8 x float> %1042, <8 x float> poison, <8 x i32> zeroinitializer
+  %1044 = mul nsw i64 %1039, 2880
+  %1045 = getelementptr inbounds float, ptr %h, i64 %1044
+  %col121 = mul nsw i64 %p, 8
+  %1046 = load <8 x float>, ptr %acc10105, align 4
+  %1047 = load <8 x float>, ptr %acc11106, align 4
+  %1048 = getelementptr inbounds float, ptr %bg, i64 %col121
+  %1049 = load <8 x float>, ptr %1048, align 4
+  %1050 = fadd <8 x float> %1046, %1049
+  %1051 = getelementptr inbounds float, ptr %bu, i64 %col121
+  %1052 = load <8 x float>, ptr %1051, align 4
+  %1053 = fadd <8 x float> %1047, %1052
+  %1054 = fcmp olt <8 x float> %1050, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1055 = select <8 x i1> %1054, <8 x float> %1050, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1056 = fcmp olt <8 x float> %1053, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1057 = select <8 x i1> %1056, <8 x float> %1053, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1058 = fcmp ogt <8 x float> %1057, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1059 = select <8 x i1> %1058, <8 x float> %1057, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1060 = fmul <8 x float> %1055, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1061 = fneg <8 x float> %1060
+  %1062 = fcmp olt <8 x float> %1061, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1063 = select <8 x i1> %1062, <8 x float> %1061, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1064 = fcmp ogt <8 x float> %1063, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1065 = select <8 x i1> %1064, <8 x float> %1063, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1065, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1067 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1066)
+  %1068 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1067, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1065)
+  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1067, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1068)
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1069, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> %1069, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> %1069, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1072, <8 x float> %1069, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1069, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1075 = fmul <8 x float> %1069, %1069
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1075, <8 x float> %1069)
+  %1077 = fadd <8 x float> %1076, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1078 = fptosi <8 x float> %1067 to <8 x i32>
+  %1079 = add <8 x i32> %1078, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1080 = shl <8 x i32> %1079, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n122 = bitcast <8 x i32> %1080 to <8 x float>
+  %exp123 = fmul <8 x float> %1077, %exp.2n122
+  %1081 = fadd <8 x float> %exp123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid124 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1081
+  %1082 = fmul <8 x float> %1055, %sigmoid124
+  %1083 = fadd <8 x float> %1059, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai125 = fmul <8 x float> %1082, %1083
+  %1084 = fmul <8 x float> %oai125, %1043
+  %1085 = getelementptr inbounds float, ptr %1045, i64 %col121
+  store <8 x float> %1084, ptr %1085, align 4
+  %1086 = add nsw i64 %r0, 2
+  %1087 = getelementptr inbounds float, ptr %rw, i64 %1086
+  %1088 = load float, ptr %1087, align 4
+  %1089 = insertelement <8 x float> poison, float %1088, i32 0
+  %1090 = shufflevector <8 x float> %1089, <8 x float> poison, <8 x i32> zeroinitializer
+  %1091 = mul nsw i64 %1086, 2880
+  %1092 = getelementptr inbounds float, ptr %h, i64 %1091
+  %col126 = mul nsw i64 %p, 8
+  %1093 = load <8 x float>, ptr %acc20107, align 4
+  %1094 = load <8 x float>, ptr %acc21108, align 4
+  %1095 = getelementptr inbounds float, ptr %bg, i64 %col126
+  %1096 = load <8 x float>, ptr %1095, align 4
+  %1097 = fadd <8 x float> %1093, %1096
+  %1098 = getelementptr inbounds float, ptr %bu, i64 %col126
+  %1099 = load <8 x float>, ptr %1098, align 4
+  %1100 = fadd <8 x float> %1094, %1099
+  %1101 = fcmp olt <8 x float> %1097, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1102 = select <8 x i1> %1101, <8 x float> %1097, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1103 = fcmp olt <8 x float> %1100, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1104 = select <8 x i1> %1103, <8 x float> %1100, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1105 = fcmp ogt <8 x float> %1104, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1106 = select <8 x i1> %1105, <8 x float> %1104, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1107 = fmul <8 x float> %1102, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1108 = fneg <8 x float> %1107
+  %1109 = fcmp olt <8 x float> %1108, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1110 = select <8 x i1> %1109, <8 x float> %1108, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1111 = fcmp ogt <8 x float> %1110, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1112 = select <8 x i1> %1111, <8 x float> %1110, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1112, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1114 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1113)
+  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1112)
+  %1116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1115)
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1116, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> %1116, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %1116, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1119, <8 x float> %1116, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1120, <8 x float> %1116, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1122 = fmul <8 x float> %1116, %1116
+  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1122, <8 x float> %1116)
+  %1124 = fadd <8 x float> %1123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1125 = fptosi <8 x float> %1114 to <8 x i32>
+  %1126 = add <8 x i32> %1125, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1127 = shl <8 x i32> %1126, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n127 = bitcast <8 x i32> %1127 to <8 x float>
+  %exp128 = fmul <8 x float> %1124, %exp.2n127
+  %1128 = fadd <8 x float> %exp128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid129 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1128
+  %1129 = fmul <8 x float> %1102, %sigmoid129
+  %1130 = fadd <8 x float> %1106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai130 = fmul <8 x float> %1129, %1130
+  %1131 = fmul <8 x float> %oai130, %1090
+  %1132 = getelementptr inbounds float, ptr %1092, i64 %col126
+  store <8 x float> %1131, ptr %1132, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1021 = add nsw i64 %r0, 0
-  %1022 = getelementptr inbounds i32, ptr %rows, i64 %1021
-  %1023 = load i32, ptr %1022, align 4
-  %1024 = sext i32 %1023 to i64
-  %1025 = mul nsw i64 %1024, 2880
-  %a0231 = getelementptr inbounds float, ptr %x, i64 %1025
-  store <8 x float> zeroinitializer, ptr %acc00232, align 4
-  store <8 x float> zeroinitializer, ptr %acc01233, align 4
-  %1026 = add nsw i64 %r0, 1
-  %1027 = getelementptr inbounds i32, ptr %rows, i64 %1026
-  %1028 = load i32, ptr %1027, align 4
-  %1029 = sext i32 %1028 to i64
-  %1030 = mul nsw i64 %1029, 2880
-  %a1234 = getelementptr inbounds float, ptr %x, i64 %1030
-  store <8 x float> zeroinitializer, ptr %acc10235, align 4
-  store <8 x float> zeroinitializer, ptr %acc11236, align 4
-  %panel.off237 = mul nsw i64 %p, 46080
-  br label %k.head238
+  %1133 = add nsw i64 %r0, 0
+  %1134 = getelementptr inbounds i32, ptr %rows, i64 %1133
+  %1135 = load i32, ptr %1134, align 4
+  %1136 = sext i32 %1135 to i64
+  %1137 = mul nsw i64 %1136, 2880
+  %1138 = getelementptr inbounds float, ptr %x, i64 %1137
+  store <8 x float> zeroinitializer, ptr %acc00131, align 4
+  store <8 x float> zeroinitializer, ptr %acc01132, align 4
+  %1139 = add nsw i64 %r0, 1
+  %1140 = getelementptr inbounds i32, ptr %rows, i64 %1139
+  %1141 = load i32, ptr %1140, align 4
+  %1142 = sext i32 %1141 to i64
+  %1143 = mul nsw i64 %1142, 2880
+  %1144 = getelementptr inbounds float, ptr %x, i64 %1143
+  store <8 x float> zeroinitializer, ptr %acc10133, align 4
+  store <8 x float> zeroinitializer, ptr %acc11134, align 4
+  %panel.off135 = mul nsw i64 %p, 46080
+  br label %k.head136
 
-k.head238:                                        ; preds = %k.body239, %tile.mr2
-  %k241 = phi i64 [ 0, %tile.mr2 ], [ %1053, %k.body239 ]
-  %1031 = icmp slt i64 %k241, 2880
-  br i1 %1031, label %k.body239, label %k.end240
+k.head136:                                        ; preds = %k.body137, %tile.mr2
+  %k139 = phi i64 [ 0, %tile.mr2 ], [ %1168, %k.body137 ]
+  %1145 = icmp slt i64 %k139, 2880
+  br i1 %1145, label %k.body137, label %k.end138
 
-k.body239:                                        ; preds = %k.head238
-  %1032 = mul nsw i64 %k241, 16
-  %1033 = add nsw i64 %panel.off237, %1032
-  %1034 = getelementptr inbounds i16, ptr %panels, i64 %1033
-  %bw242 = load <8 x i32>, ptr %1034, align 4
-  %1035 = shl <8 x i32> %bw242, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0243 = bitcast <8 x i32> %1035 to <8 x float>
-  %1036 = and <8 x i32> %bw242, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1244 = bitcast <8 x i32> %1036 to <8 x float>
-  %1037 = getelementptr inbounds float, ptr %a0231, i64 %k241
-  %1038 = load float, ptr %1037, align 4
-  %1039 = insertelement <8 x float> poison, float %1038, i32 0
-  %1040 = shufflevector <8 x float> %1039, <8 x float> poison, <8 x i32> zeroinitializer
-  %1041 = load <8 x float>, ptr %acc00232, align 4
-  %1042 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1040, <8 x float> %b0243, <8 x float> %1041)
-  store <8 x float> %1042, ptr %acc00232, align 4
-  %1043 = load <8 x float>, ptr %acc01233, align 4
-  %1044 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1040, <8 x float> %b1244, <8 x float> %1043)
-  store <8 x float> %1044, ptr %acc01233, align 4
-  %1045 = getelementptr inbounds float, ptr %a1234, i64 %k241
-  %1046 = load float, ptr %1045, align 4
-  %1047 = insertelement <8 x float> poison, float %1046, i32 0
-  %1048 = shufflevector <8 x float> %1047, <8 x float> poison, <8 x i32> zeroinitializer
-  %1049 = load <8 x float>, ptr %acc10235, align 4
-  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %b0243, <8 x float> %1049)
-  store <8 x float> %1050, ptr %acc10235, align 4
-  %1051 = load <8 x float>, ptr %acc11236, align 4
-  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %b1244, <8 x float> %1051)
-  store <8 x float> %1052, ptr %acc11236, align 4
-  %1053 = add nsw i64 %k241, 1
-  br label %k.head238
+k.body137:                                        ; preds = %k.head136
+  %1146 = mul nsw i64 %k139, 16
+  %1147 = add nsw i64 %panel.off135, %1146
+  %1148 = getelementptr inbounds i16, ptr %panels, i64 %1147
+  %1149 = load <8 x i32>, ptr %1148, align 4
+  %1150 = shl <8 x i32> %1149, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0140 = bitcast <8 x i32> %1150 to <8 x float>
+  %1151 = and <8 x i32> %1149, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1141 = bitcast <8 x i32> %1151 to <8 x float>
+  %1152 = getelementptr inbounds float, ptr %1138, i64 %k139
+  %1153 = load float, ptr %1152, align 4
+  %1154 = insertelement <8 x float> poison, float %1153, i32 0
+  %1155 = shufflevector <8 x float> %1154, <8 x float> poison, <8 x i32> zeroinitializer
+  %1156 = load <8 x float>, ptr %acc00131, align 4
+  %1157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1155, <8 x float> %b0140, <8 x float> %1156)
+  store <8 x float> %1157, ptr %acc00131, align 4
+  %1158 = load <8 x float>, ptr %acc01132, align 4
+  %1159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1155, <8 x float> %b1141, <8 x float> %1158)
+  store <8 x float> %1159, ptr %acc01132, align 4
+  %1160 = getelementptr inbounds float, ptr %1144, i64 %k139
+  %1161 = load float, ptr %1160, align 4
+  %1162 = insertelement <8 x float> poison, float %1161, i32 0
+  %1163 = shufflevector <8 x float> %1162, <8 x float> poison, <8 x i32> zeroinitializer
+  %1164 = load <8 x float>, ptr %acc10133, align 4
+  %1165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1163, <8 x float> %b0140, <8 x float> %1164)
+  store <8 x float> %1165, ptr %acc10133, align 4
+  %1166 = load <8 x float>, ptr %acc11134, align 4
+  %1167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1163, <8 x float> %b1141, <8 x float> %1166)
+  store <8 x float> %1167, ptr %acc11134, align 4
+  %1168 = add nsw i64 %k139, 1
+  br label %k.head136
 
-k.end240:                                         ; preds = %k.head238
-  %1054 = add nsw i64 %r0, 0
-  %1055 = getelementptr inbounds float, ptr %rw, i64 %1054
-  %w245 = load float, ptr %1055, align 4
-  %1056 = insertelement <8 x float> poison, float %w245, i32 0
-  %1057 = shufflevector <8 x float> %1056, <8 x float> poison, <8 x i32> zeroinitializer
-  %1058 = mul nsw i64 %1054, 2880
-  %1059 = getelementptr inbounds float, ptr %h, i64 %1058
-  %col246 = mul nsw i64 %p, 8
-  %1060 = load <8 x float>, ptr %acc00232, align 4
-  %1061 = load <8 x float>, ptr %acc01233, align 4
-  %1062 = getelementptr inbounds float, ptr %bg, i64 %col246
-  %1063 = load <8 x float>, ptr %1062, align 4
-  %1064 = fadd <8 x float> %1060, %1063
-  %1065 = getelementptr inbounds float, ptr %bu, i64 %col246
-  %1066 = load <8 x float>, ptr %1065, align 4
-  %1067 = fadd <8 x float> %1061, %1066
-  %1068 = fcmp olt <8 x float> %1064, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g247 = select <8 x i1> %1068, <8 x float> %1064, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1069 = fcmp olt <8 x float> %1067, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1070 = select <8 x i1> %1069, <8 x float> %1067, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1071 = fcmp ogt <8 x float> %1070, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u248 = select <8 x i1> %1071, <8 x float> %1070, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1072 = fmul <8 x float> %g247, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1073 = fneg <8 x float> %1072
-  %1074 = fcmp olt <8 x float> %1073, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1075 = select <8 x i1> %1074, <8 x float> %1073, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1076 = fcmp ogt <8 x float> %1075, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1077 = select <8 x i1> %1076, <8 x float> %1075, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n249 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1078)
-  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n249, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1077)
-  %exp.r250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n249, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1079)
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r250, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1080, <8 x float> %exp.r250, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> %exp.r250, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %exp.r250, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %exp.r250, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1085 = fmul <8 x float> %exp.r250, %exp.r250
-  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %1085, <8 x float> %exp.r250)
-  %1087 = fadd <8 x float> %1086, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1088 = fptosi <8 x float> %exp.n249 to <8 x i32>
-  %1089 = add <8 x i32> %1088, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1090 = shl <8 x i32> %1089, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n251 = bitcast <8 x i32> %1090 to <8 x float>
-  %exp252 = fmul <8 x float> %1087, %exp.2n251
-  %1091 = fadd <8 x float> %exp252, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid253 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1091
-  %1092 = fmul <8 x float> %g247, %sigmoid253
-  %1093 = fadd <8 x float> %u248, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai254 = fmul <8 x float> %1092, %1093
-  %1094 = fmul <8 x float> %oai254, %1057
-  %1095 = getelementptr inbounds float, ptr %1059, i64 %col246
-  store <8 x float> %1094, ptr %1095, align 4
-  %1096 = add nsw i64 %r0, 1
-  %1097 = getelementptr inbounds float, ptr %rw, i64 %1096
-  %w255 = load float, ptr %1097, align 4
-  %1098 = insertelement <8 x float> poison, float %w255, i32 0
-  %1099 = shufflevector <8 x float> %1098, <8 x float> poison, <8 x i32> zeroinitializer
-  %1100 = mul nsw i64 %1096, 2880
-  %1101 = getelementptr inbounds float, ptr %h, i64 %1100
-  %col256 = mul nsw i64 %p, 8
-  %1102 = load <8 x float>, ptr %acc10235, align 4
-  %1103 = load <8 x float>, ptr %acc11236, align 4
-  %1104 = getelementptr inbounds float, ptr %bg, i64 %col256
-  %1105 = load <8 x float>, ptr %1104, align 4
-  %1106 = fadd <8 x float> %1102, %1105
-  %1107 = getelementptr inbounds float, ptr %bu, i64 %col256
-  %1108 = load <8 x float>, ptr %1107, align 4
-  %1109 = fadd <8 x float> %1103, %1108
-  %1110 = fcmp olt <8 x float> %1106, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g257 = select <8 x i1> %1110, <8 x float> %1106, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1111 = fcmp olt <8 x float> %1109, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1112 = select <8 x i1> %1111, <8 x float> %1109, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1113 = fcmp ogt <8 x float> %1112, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u258 = select <8 x i1> %1113, <8 x float> %1112, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1114 = fmul <8 x float> %g257, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1115 = fneg <8 x float> %1114
-  %1116 = fcmp olt <8 x float> %1115, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1117 = select <8 x i1> %1116, <8 x float> %1115, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1118 = fcmp ogt <8 x float> %1117, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1119 = select <8 x i1> %1118, <8 x float> %1117, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1119, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1120)
-  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1119)
-  %exp.r260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1121)
-  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %exp.r260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %exp.r260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> %exp.r260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1125, <8 x float> %exp.r260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1127 = fmul <8 x float> %exp.r260, %exp.r260
-  %1128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> %1127, <8 x float> %exp.r260)
-  %1129 = fadd <8 x float> %1128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1130 = fptosi <8 x float> %exp.n259 to <8 x i32>
-  %1131 = add <8 x i32> %1130, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1132 = shl <8 x i32> %1131, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n261 = bitcast <8 x i32> %1132 to <8 x float>
-  %exp262 = fmul <8 x float> %1129, %exp.2n261
-  %1133 = fadd <8 x float> %exp262, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid263 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1133
-  %1134 = fmul <8 x float> %g257, %sigmoid263
-  %1135 = fadd <8 x float> %u258, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai264 = fmul <8 x float> %1134, %1135
-  %1136 = fmul <8 x float> %oai264, %1099
-  %1137 = getelementptr inbounds float, ptr %1101, i64 %col256
-  store <8 x float> %1136, ptr %1137, align 4
+k.end138:                                         ; preds = %k.head136
+  %1169 = add nsw i64 %r0, 0
+  %1170 = getelementptr inbounds float, ptr %rw, i64 %1169
+  %1171 = load float, ptr %1170, align 4
+  %1172 = insertelement <8 x float> poison, float %1171, i32 0
+  %1173 = shufflevector <8 x float> %1172, <8 x float> poison, <8 x i32> zeroinitializer
+  %1174 = mul nsw i64 %1169, 2880
+  %1175 = getelementptr inbounds float, ptr %h, i64 %1174
+  %col142 = mul nsw i64 %p, 8
+  %1176 = load <8 x float>, ptr %acc00131, align 4
+  %1177 = load <8 x float>, ptr %acc01132, align 4
+  %1178 = getelementptr inbounds float, ptr %bg, i64 %col142
+  %1179 = load <8 x float>, ptr %1178, align 4
+  %1180 = fadd <8 x float> %1176, %1179
+  %1181 = getelementptr inbounds float, ptr %bu, i64 %col142
+  %1182 = load <8 x float>, ptr %1181, align 4
+  %1183 = fadd <8 x float> %1177, %1182
+  %1184 = fcmp olt <8 x float> %1180, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1185 = select <8 x i1> %1184, <8 x float> %1180, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1186 = fcmp olt <8 x float> %1183, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1187 = select <8 x i1> %1186, <8 x float> %1183, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1188 = fcmp ogt <8 x float> %1187, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1189 = select <8 x i1> %1188, <8 x float> %1187, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1190 = fmul <8 x float> %1185, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1191 = fneg <8 x float> %1190
+  %1192 = fcmp olt <8 x float> %1191, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1193 = select <8 x i1> %1192, <8 x float> %1191, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1194 = fcmp ogt <8 x float> %1193, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1195 = select <8 x i1> %1194, <8 x float> %1193, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1195, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1197 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1196)
+  %1198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1197, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1195)
+  %1199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1197, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1198)
+  %1200 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1200, <8 x float> %1199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1201, <8 x float> %1199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1202, <8 x float> %1199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1203, <8 x float> %1199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1205 = fmul <8 x float> %1199, %1199
+  %1206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1204, <8 x float> %1205, <8 x float> %1199)
+  %1207 = fadd <8 x float> %1206, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1208 = fptosi <8 x float> %1197 to <8 x i32>
+  %1209 = add <8 x i32> %1208, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1210 = shl <8 x i32> %1209, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %1210 to <8 x float>
+  %exp144 = fmul <8 x float> %1207, %exp.2n143
+  %1211 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1211
+  %1212 = fmul <8 x float> %1185, %sigmoid145
+  %1213 = fadd <8 x float> %1189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai146 = fmul <8 x float> %1212, %1213
+  %1214 = fmul <8 x float> %oai146, %1173
+  %1215 = getelementptr inbounds float, ptr %1175, i64 %col142
+  store <8 x float> %1214, ptr %1215, align 4
+  %1216 = add nsw i64 %r0, 1
+  %1217 = getelementptr inbounds float, ptr %rw, i64 %1216
+  %1218 = load float, ptr %1217, align 4
+  %1219 = insertelement <8 x float> poison, float %1218, i32 0
+  %1220 = shufflevector <8 x float> %1219, <8 x float> poison, <8 x i32> zeroinitializer
+  %1221 = mul nsw i64 %1216, 2880
+  %1222 = getelementptr inbounds float, ptr %h, i64 %1221
+  %col147 = mul nsw i64 %p, 8
+  %1223 = load <8 x float>, ptr %acc10133, align 4
+  %1224 = load <8 x float>, ptr %acc11134, align 4
+  %1225 = getelementptr inbounds float, ptr %bg, i64 %col147
+  %1226 = load <8 x float>, ptr %1225, align 4
+  %1227 = fadd <8 x float> %1223, %1226
+  %1228 = getelementptr inbounds float, ptr %bu, i64 %col147
+  %1229 = load <8 x float>, ptr %1228, align 4
+  %1230 = fadd <8 x float> %1224, %1229
+  %1231 = fcmp olt <8 x float> %1227, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1232 = select <8 x i1> %1231, <8 x float> %1227, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1233 = fcmp olt <8 x float> %1230, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1234 = select <8 x i1> %1233, <8 x float> %1230, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1235 = fcmp ogt <8 x float> %1234, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1236 = select <8 x i1> %1235, <8 x float> %1234, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1237 = fmul <8 x float> %1232, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1238 = fneg <8 x float> %1237
+  %1239 = fcmp olt <8 x float> %1238, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1240 = select <8 x i1> %1239, <8 x float> %1238, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1241 = fcmp ogt <8 x float> %1240, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1242 = select <8 x i1> %1241, <8 x float> %1240, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1242, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1244 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1243)
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1242)
+  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1245)
+  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1246, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1246, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1248, <8 x float> %1246, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1246, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1250, <8 x float> %1246, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1252 = fmul <8 x float> %1246, %1246
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1252, <8 x float> %1246)
+  %1254 = fadd <8 x float> %1253, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1255 = fptosi <8 x float> %1244 to <8 x i32>
+  %1256 = add <8 x i32> %1255, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1257 = shl <8 x i32> %1256, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n148 = bitcast <8 x i32> %1257 to <8 x float>
+  %exp149 = fmul <8 x float> %1254, %exp.2n148
+  %1258 = fadd <8 x float> %exp149, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid150 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1258
+  %1259 = fmul <8 x float> %1232, %sigmoid150
+  %1260 = fadd <8 x float> %1236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai151 = fmul <8 x float> %1259, %1260
+  %1261 = fmul <8 x float> %oai151, %1220
+  %1262 = getelementptr inbounds float, ptr %1222, i64 %col147
+  store <8 x float> %1261, ptr %1262, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1138 = add nsw i64 %r0, 0
-  %1139 = getelementptr inbounds i32, ptr %rows, i64 %1138
-  %1140 = load i32, ptr %1139, align 4
-  %1141 = sext i32 %1140 to i64
-  %1142 = mul nsw i64 %1141, 2880
-  %a0265 = getelementptr inbounds float, ptr %x, i64 %1142
-  store <8 x float> zeroinitializer, ptr %acc00266, align 4
-  store <8 x float> zeroinitializer, ptr %acc01267, align 4
-  %panel.off268 = mul nsw i64 %p, 46080
-  br label %k.head269
+  %1263 = add nsw i64 %r0, 0
+  %1264 = getelementptr inbounds i32, ptr %rows, i64 %1263
+  %1265 = load i32, ptr %1264, align 4
+  %1266 = sext i32 %1265 to i64
+  %1267 = mul nsw i64 %1266, 2880
+  %1268 = getelementptr inbounds float, ptr %x, i64 %1267
+  store <8 x float> zeroinitializer, ptr %acc00152, align 4
+  store <8 x float> zeroinitializer, ptr %acc01153, align 4
+  %panel.off154 = mul nsw i64 %p, 46080
+  br label %k.head155
 
-k.head269:                                        ; preds = %k.body270, %tile.mr1
-  %k272 = phi i64 [ 0, %tile.mr1 ], [ %1157, %k.body270 ]
-  %1143 = icmp slt i64 %k272, 2880
-  br i1 %1143, label %k.body270, label %k.end271
+k.head155:                                        ; preds = %k.body156, %tile.mr1
+  %k158 = phi i64 [ 0, %tile.mr1 ], [ %1284, %k.body156 ]
+  %1269 = icmp slt i64 %k158, 2880
+  br i1 %1269, label %k.body156, label %k.end157
 
-k.body270:                                        ; preds = %k.head269
-  %1144 = mul nsw i64 %k272, 16
-  %1145 = add nsw i64 %panel.off268, %1144
-  %1146 = getelementptr inbounds i16, ptr %panels, i64 %1145
-  %bw273 = load <8 x i32>, ptr %1146, align 4
-  %1147 = shl <8 x i32> %bw273, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0274 = bitcast <8 x i32> %1147 to <8 x float>
-  %1148 = and <8 x i32> %bw273, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1275 = bitcast <8 x i32> %1148 to <8 x float>
-  %1149 = getelementptr inbounds float, ptr %a0265, i64 %k272
-  %1150 = load float, ptr %1149, align 4
-  %1151 = insertelement <8 x float> poison, float %1150, i32 0
-  %1152 = shufflevector <8 x float> %1151, <8 x float> poison, <8 x i32> zeroinitializer
-  %1153 = load <8 x float>, ptr %acc00266, align 4
-  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %b0274, <8 x float> %1153)
-  store <8 x float> %1154, ptr %acc00266, align 4
-  %1155 = load <8 x float>, ptr %acc01267, align 4
-  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %b1275, <8 x float> %1155)
-  store <8 x float> %1156, ptr %acc01267, align 4
-  %1157 = add nsw i64 %k272, 1
-  br label %k.head269
+k.body156:                                        ; preds = %k.head155
+  %1270 = mul nsw i64 %k158, 16
+  %1271 = add nsw i64 %panel.off154, %1270
+  %1272 = getelementptr inbounds i16, ptr %panels, i64 %1271
+  %1273 = load <8 x i32>, ptr %1272, align 4
+  %1274 = shl <8 x i32> %1273, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0159 = bitcast <8 x i32> %1274 to <8 x float>
+  %1275 = and <8 x i32> %1273, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1160 = bitcast <8 x i32> %1275 to <8 x float>
+  %1276 = getelementptr inbounds float, ptr %1268, i64 %k158
+  %1277 = load float, ptr %1276, align 4
+  %1278 = insertelement <8 x float> poison, float %1277, i32 0
+  %1279 = shufflevector <8 x float> %1278, <8 x float> poison, <8 x i32> zeroinitializer
+  %1280 = load <8 x float>, ptr %acc00152, align 4
+  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %b0159, <8 x float> %1280)
+  store <8 x float> %1281, ptr %acc00152, align 4
+  %1282 = load <8 x float>, ptr %acc01153, align 4
+  %1283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %b1160, <8 x float> %1282)
+  store <8 x float> %1283, ptr %acc01153, align 4
+  %1284 = add nsw i64 %k158, 1
+  br label %k.head155
 
-k.end271:                                         ; preds = %k.head269
-  %1158 = add nsw i64 %r0, 0
-  %1159 = getelementptr inbounds float, ptr %rw, i64 %1158
-  %w276 = load float, ptr %1159, align 4
-  %1160 = insertelement <8 x float> poison, float %w276, i32 0
-  %1161 = shufflevector <8 x float> %1160, <8 x float> poison, <8 x i32> zeroinitializer
-  %1162 = mul nsw i64 %1158, 2880
-  %1163 = getelementptr inbounds float, ptr %h, i64 %1162
-  %col277 = mul nsw i64 %p, 8
-  %1164 = load <8 x float>, ptr %acc00266, align 4
-  %1165 = load <8 x float>, ptr %acc01267, align 4
-  %1166 = getelementptr inbounds float, ptr %bg, i64 %col277
-  %1167 = load <8 x float>, ptr %1166, align 4
-  %1168 = fadd <8 x float> %1164, %1167
-  %1169 = getelementptr inbounds float, ptr %bu, i64 %col277
-  %1170 = load <8 x float>, ptr %1169, align 4
-  %1171 = fadd <8 x float> %1165, %1170
-  %1172 = fcmp olt <8 x float> %1168, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %g278 = select <8 x i1> %1172, <8 x float> %1168, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1173 = fcmp olt <8 x float> %1171, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1174 = select <8 x i1> %1173, <8 x float> %1171, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1175 = fcmp ogt <8 x float> %1174, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %u279 = select <8 x i1> %1175, <8 x float> %1174, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1176 = fmul <8 x float> %g278, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1177 = fneg <8 x float> %1176
-  %1178 = fcmp olt <8 x float> %1177, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1179 = select <8 x i1> %1178, <8 x float> %1177, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1180 = fcmp ogt <8 x float> %1179, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1181 = select <8 x i1> %1180, <8 x float> %1179, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1181, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n280 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1182)
-  %1183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n280, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1181)
-  %exp.r281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n280, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1183)
-  %1184 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r281, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1184, <8 x float> %exp.r281, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1185, <8 x float> %exp.r281, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> %exp.r281, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1187, <8 x float> %exp.r281, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1189 = fmul <8 x float> %exp.r281, %exp.r281
-  %1190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1188, <8 x float> %1189, <8 x float> %exp.r281)
-  %1191 = fadd <8 x float> %1190, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1192 = fptosi <8 x float> %exp.n280 to <8 x i32>
-  %1193 = add <8 x i32> %1192, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1194 = shl <8 x i32> %1193, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n282 = bitcast <8 x i32> %1194 to <8 x float>
-  %exp283 = fmul <8 x float> %1191, %exp.2n282
-  %1195 = fadd <8 x float> %exp283, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid284 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1195
-  %1196 = fmul <8 x float> %g278, %sigmoid284
-  %1197 = fadd <8 x float> %u279, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai285 = fmul <8 x float> %1196, %1197
-  %1198 = fmul <8 x float> %oai285, %1161
-  %1199 = getelementptr inbounds float, ptr %1163, i64 %col277
-  store <8 x float> %1198, ptr %1199, align 4
+k.end157:                                         ; preds = %k.head155
+  %1285 = add nsw i64 %r0, 0
+  %1286 = getelementptr inbounds float, ptr %rw, i64 %1285
+  %1287 = load float, ptr %1286, align 4
+  %1288 = insertelement <8 x float> poison, float %1287, i32 0
+  %1289 = shufflevector <8 x float> %1288, <8 x float> poison, <8 x i32> zeroinitializer
+  %1290 = mul nsw i64 %1285, 2880
+  %1291 = getelementptr inbounds float, ptr %h, i64 %1290
+  %col161 = mul nsw i64 %p, 8
+  %1292 = load <8 x float>, ptr %acc00152, align 4
+  %1293 = load <8 x float>, ptr %acc01153, align 4
+  %1294 = getelementptr inbounds float, ptr %bg, i64 %col161
+  %1295 = load <8 x float>, ptr %1294, align 4
+  %1296 = fadd <8 x float> %1292, %1295
+  %1297 = getelementptr inbounds float, ptr %bu, i64 %col161
+  %1298 = load <8 x float>, ptr %1297, align 4
+  %1299 = fadd <8 x float> %1293, %1298
+  %1300 = fcmp olt <8 x float> %1296, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1301 = select <8 x i1> %1300, <8 x float> %1296, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1302 = fcmp olt <8 x float> %1299, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1303 = select <8 x i1> %1302, <8 x float> %1299, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1304 = fcmp ogt <8 x float> %1303, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1305 = select <8 x i1> %1304, <8 x float> %1303, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1306 = fmul <8 x float> %1301, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1307 = fneg <8 x float> %1306
+  %1308 = fcmp olt <8 x float> %1307, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1309 = select <8 x i1> %1308, <8 x float> %1307, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1310 = fcmp ogt <8 x float> %1309, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1311 = select <8 x i1> %1310, <8 x float> %1309, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1313 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1312)
+  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1311)
+  %1315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1314)
+  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1315, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1316, <8 x float> %1315, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1317, <8 x float> %1315, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1318, <8 x float> %1315, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %1315, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1321 = fmul <8 x float> %1315, %1315
+  %1322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1321, <8 x float> %1315)
+  %1323 = fadd <8 x float> %1322, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1324 = fptosi <8 x float> %1313 to <8 x i32>
+  %1325 = add <8 x i32> %1324, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1326 = shl <8 x i32> %1325, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n162 = bitcast <8 x i32> %1326 to <8 x float>
+  %exp163 = fmul <8 x float> %1323, %exp.2n162
+  %1327 = fadd <8 x float> %exp163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid164 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1327
+  %1328 = fmul <8 x float> %1301, %sigmoid164
+  %1329 = fadd <8 x float> %1305, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai165 = fmul <8 x float> %1328, %1329
+  %1330 = fmul <8 x float> %oai165, %1289
+  %1331 = getelementptr inbounds float, ptr %1291, i64 %col161
+  store <8 x float> %1330, ptr %1331, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end271, %k.end240, %k.end196, %k.end139, %k.end69, %k.end
-  %1200 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end157, %k.end138, %k.end112, %k.end79, %k.end39, %k.end
+  %1332 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1201 = add nsw i64 %p, 1
+  %1333 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2070,36 +2093,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0021 = alloca <8 x float>, align 32
-  %acc0123 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1128 = alloca <8 x float>, align 32
-  %acc2031 = alloca <8 x float>, align 32
-  %acc2133 = alloca <8 x float>, align 32
-  %acc3036 = alloca <8 x float>, align 32
-  %acc3138 = alloca <8 x float>, align 32
-  %acc4041 = alloca <8 x float>, align 32
-  %acc4143 = alloca <8 x float>, align 32
-  %acc0070 = alloca <8 x float>, align 32
-  %acc0172 = alloca <8 x float>, align 32
-  %acc1075 = alloca <8 x float>, align 32
-  %acc1177 = alloca <8 x float>, align 32
-  %acc2080 = alloca <8 x float>, align 32
-  %acc2182 = alloca <8 x float>, align 32
-  %acc3085 = alloca <8 x float>, align 32
-  %acc3187 = alloca <8 x float>, align 32
-  %acc00111 = alloca <8 x float>, align 32
-  %acc01113 = alloca <8 x float>, align 32
-  %acc10116 = alloca <8 x float>, align 32
-  %acc11118 = alloca <8 x float>, align 32
-  %acc20121 = alloca <8 x float>, align 32
-  %acc21123 = alloca <8 x float>, align 32
-  %acc00144 = alloca <8 x float>, align 32
-  %acc01146 = alloca <8 x float>, align 32
-  %acc10149 = alloca <8 x float>, align 32
-  %acc11151 = alloca <8 x float>, align 32
-  %acc00169 = alloca <8 x float>, align 32
-  %acc01171 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2108,7 +2131,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %740, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %872, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2116,7 +2139,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %739, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %871, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2136,1103 +2159,1103 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 2880
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 2880
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 2880
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 2880
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 2880
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 2880
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 2880
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 2880
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 2880
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 2880
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
   %38 = mul nsw i64 %37, 2880
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 2880
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 2880
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 2880
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 2880
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 2880
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 2880
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 2880
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 2880
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 2880
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 2880
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 2880
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 2880
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 2880
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = add nsw i64 %r0, 0
-  %126 = getelementptr inbounds float, ptr %rw, i64 %125
-  %w = load float, ptr %126, align 4
-  %127 = insertelement <8 x float> poison, float %w, i32 0
-  %128 = shufflevector <8 x float> %127, <8 x float> poison, <8 x i32> zeroinitializer
-  %129 = load <8 x float>, ptr %acc00, align 4
-  %130 = add nsw i64 %col, 0
-  %131 = getelementptr inbounds float, ptr %bd, i64 %130
-  %bd1 = load <8 x float>, ptr %131, align 4
-  %132 = fmul <8 x float> %bd1, %128
-  %133 = fadd <8 x float> %129, %132
-  store <8 x float> %133, ptr %y00, align 4
-  %134 = load <8 x float>, ptr %acc01, align 4
-  %135 = add nsw i64 %col, 8
-  %136 = getelementptr inbounds float, ptr %bd, i64 %135
-  %bd2 = load <8 x float>, ptr %136, align 4
-  %137 = fmul <8 x float> %bd2, %128
-  %138 = fadd <8 x float> %134, %137
-  store <8 x float> %138, ptr %y01, align 4
-  %139 = add nsw i64 %r0, 1
-  %140 = getelementptr inbounds float, ptr %rw, i64 %139
-  %w3 = load float, ptr %140, align 4
-  %141 = insertelement <8 x float> poison, float %w3, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc10, align 4
-  %144 = add nsw i64 %col, 0
-  %145 = getelementptr inbounds float, ptr %bd, i64 %144
-  %bd4 = load <8 x float>, ptr %145, align 4
-  %146 = fmul <8 x float> %bd4, %142
-  %147 = fadd <8 x float> %143, %146
-  store <8 x float> %147, ptr %y10, align 4
-  %148 = load <8 x float>, ptr %acc11, align 4
-  %149 = add nsw i64 %col, 8
-  %150 = getelementptr inbounds float, ptr %bd, i64 %149
-  %bd5 = load <8 x float>, ptr %150, align 4
-  %151 = fmul <8 x float> %bd5, %142
-  %152 = fadd <8 x float> %148, %151
-  store <8 x float> %152, ptr %y11, align 4
-  %153 = add nsw i64 %r0, 2
-  %154 = getelementptr inbounds float, ptr %rw, i64 %153
-  %w6 = load float, ptr %154, align 4
-  %155 = insertelement <8 x float> poison, float %w6, i32 0
-  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
-  %157 = load <8 x float>, ptr %acc20, align 4
-  %158 = add nsw i64 %col, 0
-  %159 = getelementptr inbounds float, ptr %bd, i64 %158
-  %bd7 = load <8 x float>, ptr %159, align 4
-  %160 = fmul <8 x float> %bd7, %156
-  %161 = fadd <8 x float> %157, %160
-  store <8 x float> %161, ptr %y20, align 4
-  %162 = load <8 x float>, ptr %acc21, align 4
-  %163 = add nsw i64 %col, 8
-  %164 = getelementptr inbounds float, ptr %bd, i64 %163
-  %bd8 = load <8 x float>, ptr %164, align 4
-  %165 = fmul <8 x float> %bd8, %156
-  %166 = fadd <8 x float> %162, %165
-  store <8 x float> %166, ptr %y21, align 4
-  %167 = add nsw i64 %r0, 3
-  %168 = getelementptr inbounds float, ptr %rw, i64 %167
-  %w9 = load float, ptr %168, align 4
-  %169 = insertelement <8 x float> poison, float %w9, i32 0
-  %170 = shufflevector <8 x float> %169, <8 x float> poison, <8 x i32> zeroinitializer
-  %171 = load <8 x float>, ptr %acc30, align 4
-  %172 = add nsw i64 %col, 0
-  %173 = getelementptr inbounds float, ptr %bd, i64 %172
-  %bd10 = load <8 x float>, ptr %173, align 4
-  %174 = fmul <8 x float> %bd10, %170
-  %175 = fadd <8 x float> %171, %174
-  store <8 x float> %175, ptr %y30, align 4
-  %176 = load <8 x float>, ptr %acc31, align 4
-  %177 = add nsw i64 %col, 8
-  %178 = getelementptr inbounds float, ptr %bd, i64 %177
-  %bd11 = load <8 x float>, ptr %178, align 4
-  %179 = fmul <8 x float> %bd11, %170
-  %180 = fadd <8 x float> %176, %179
-  store <8 x float> %180, ptr %y31, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = getelementptr inbounds float, ptr %rw, i64 %181
-  %w12 = load float, ptr %182, align 4
-  %183 = insertelement <8 x float> poison, float %w12, i32 0
-  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
-  %185 = load <8 x float>, ptr %acc40, align 4
-  %186 = add nsw i64 %col, 0
-  %187 = getelementptr inbounds float, ptr %bd, i64 %186
-  %bd13 = load <8 x float>, ptr %187, align 4
-  %188 = fmul <8 x float> %bd13, %184
-  %189 = fadd <8 x float> %185, %188
-  store <8 x float> %189, ptr %y40, align 4
-  %190 = load <8 x float>, ptr %acc41, align 4
-  %191 = add nsw i64 %col, 8
-  %192 = getelementptr inbounds float, ptr %bd, i64 %191
-  %bd14 = load <8 x float>, ptr %192, align 4
-  %193 = fmul <8 x float> %bd14, %184
-  %194 = fadd <8 x float> %190, %193
-  store <8 x float> %194, ptr %y41, align 4
-  %195 = add nsw i64 %r0, 5
+  %144 = add nsw i64 %r0, 0
+  %145 = getelementptr inbounds float, ptr %rw, i64 %144
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %acc00, align 4
+  %150 = add nsw i64 %col, 0
+  %151 = getelementptr inbounds float, ptr %bd, i64 %150
+  %152 = load <8 x float>, ptr %151, align 4
+  %153 = fmul <8 x float> %152, %148
+  %154 = fadd <8 x float> %149, %153
+  store <8 x float> %154, ptr %13, align 4
+  %155 = load <8 x float>, ptr %acc01, align 4
+  %156 = add nsw i64 %col, 8
+  %157 = getelementptr inbounds float, ptr %bd, i64 %156
+  %158 = load <8 x float>, ptr %157, align 4
+  %159 = fmul <8 x float> %158, %148
+  %160 = fadd <8 x float> %155, %159
+  store <8 x float> %160, ptr %16, align 4
+  %161 = add nsw i64 %r0, 1
+  %162 = getelementptr inbounds float, ptr %rw, i64 %161
+  %163 = load float, ptr %162, align 4
+  %164 = insertelement <8 x float> poison, float %163, i32 0
+  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
+  %166 = load <8 x float>, ptr %acc10, align 4
+  %167 = add nsw i64 %col, 0
+  %168 = getelementptr inbounds float, ptr %bd, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  %170 = fmul <8 x float> %169, %165
+  %171 = fadd <8 x float> %166, %170
+  store <8 x float> %171, ptr %27, align 4
+  %172 = load <8 x float>, ptr %acc11, align 4
+  %173 = add nsw i64 %col, 8
+  %174 = getelementptr inbounds float, ptr %bd, i64 %173
+  %175 = load <8 x float>, ptr %174, align 4
+  %176 = fmul <8 x float> %175, %165
+  %177 = fadd <8 x float> %172, %176
+  store <8 x float> %177, ptr %30, align 4
+  %178 = add nsw i64 %r0, 2
+  %179 = getelementptr inbounds float, ptr %rw, i64 %178
+  %180 = load float, ptr %179, align 4
+  %181 = insertelement <8 x float> poison, float %180, i32 0
+  %182 = shufflevector <8 x float> %181, <8 x float> poison, <8 x i32> zeroinitializer
+  %183 = load <8 x float>, ptr %acc20, align 4
+  %184 = add nsw i64 %col, 0
+  %185 = getelementptr inbounds float, ptr %bd, i64 %184
+  %186 = load <8 x float>, ptr %185, align 4
+  %187 = fmul <8 x float> %186, %182
+  %188 = fadd <8 x float> %183, %187
+  store <8 x float> %188, ptr %41, align 4
+  %189 = load <8 x float>, ptr %acc21, align 4
+  %190 = add nsw i64 %col, 8
+  %191 = getelementptr inbounds float, ptr %bd, i64 %190
+  %192 = load <8 x float>, ptr %191, align 4
+  %193 = fmul <8 x float> %192, %182
+  %194 = fadd <8 x float> %189, %193
+  store <8 x float> %194, ptr %44, align 4
+  %195 = add nsw i64 %r0, 3
   %196 = getelementptr inbounds float, ptr %rw, i64 %195
-  %w15 = load float, ptr %196, align 4
-  %197 = insertelement <8 x float> poison, float %w15, i32 0
-  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
-  %199 = load <8 x float>, ptr %acc50, align 4
-  %200 = add nsw i64 %col, 0
-  %201 = getelementptr inbounds float, ptr %bd, i64 %200
-  %bd16 = load <8 x float>, ptr %201, align 4
-  %202 = fmul <8 x float> %bd16, %198
-  %203 = fadd <8 x float> %199, %202
-  store <8 x float> %203, ptr %y50, align 4
-  %204 = load <8 x float>, ptr %acc51, align 4
-  %205 = add nsw i64 %col, 8
-  %206 = getelementptr inbounds float, ptr %bd, i64 %205
-  %bd17 = load <8 x float>, ptr %206, align 4
-  %207 = fmul <8 x float> %bd17, %198
-  %208 = fadd <8 x float> %204, %207
-  store <8 x float> %208, ptr %y51, align 4
+  %197 = load float, ptr %196, align 4
+  %198 = insertelement <8 x float> poison, float %197, i32 0
+  %199 = shufflevector <8 x float> %198, <8 x float> poison, <8 x i32> zeroinitializer
+  %200 = load <8 x float>, ptr %acc30, align 4
+  %201 = add nsw i64 %col, 0
+  %202 = getelementptr inbounds float, ptr %bd, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  %204 = fmul <8 x float> %203, %199
+  %205 = fadd <8 x float> %200, %204
+  store <8 x float> %205, ptr %55, align 4
+  %206 = load <8 x float>, ptr %acc31, align 4
+  %207 = add nsw i64 %col, 8
+  %208 = getelementptr inbounds float, ptr %bd, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  %210 = fmul <8 x float> %209, %199
+  %211 = fadd <8 x float> %206, %210
+  store <8 x float> %211, ptr %58, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = load <8 x float>, ptr %acc40, align 4
+  %218 = add nsw i64 %col, 0
+  %219 = getelementptr inbounds float, ptr %bd, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  %221 = fmul <8 x float> %220, %216
+  %222 = fadd <8 x float> %217, %221
+  store <8 x float> %222, ptr %69, align 4
+  %223 = load <8 x float>, ptr %acc41, align 4
+  %224 = add nsw i64 %col, 8
+  %225 = getelementptr inbounds float, ptr %bd, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  %227 = fmul <8 x float> %226, %216
+  %228 = fadd <8 x float> %223, %227
+  store <8 x float> %228, ptr %72, align 4
+  %229 = add nsw i64 %r0, 5
+  %230 = getelementptr inbounds float, ptr %rw, i64 %229
+  %231 = load float, ptr %230, align 4
+  %232 = insertelement <8 x float> poison, float %231, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = load <8 x float>, ptr %acc50, align 4
+  %235 = add nsw i64 %col, 0
+  %236 = getelementptr inbounds float, ptr %bd, i64 %235
+  %237 = load <8 x float>, ptr %236, align 4
+  %238 = fmul <8 x float> %237, %233
+  %239 = fadd <8 x float> %234, %238
+  store <8 x float> %239, ptr %83, align 4
+  %240 = load <8 x float>, ptr %acc51, align 4
+  %241 = add nsw i64 %col, 8
+  %242 = getelementptr inbounds float, ptr %bd, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = fmul <8 x float> %243, %233
+  %245 = fadd <8 x float> %240, %244
+  store <8 x float> %245, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col18 = mul nsw i64 %p, 16
-  %209 = add nsw i64 %r0, 0
-  %210 = mul nsw i64 %209, 2880
-  %h019 = getelementptr inbounds float, ptr %h, i64 %210
-  %211 = getelementptr inbounds i32, ptr %rows, i64 %209
-  %212 = load i32, ptr %211, align 4
-  %213 = sext i32 %212 to i64
-  %214 = mul nsw i64 %213, 2880
-  %215 = getelementptr inbounds float, ptr %y, i64 %214
-  %216 = add nsw i64 %col18, 0
-  %y0020 = getelementptr inbounds float, ptr %215, i64 %216
-  %217 = load <8 x float>, ptr %y0020, align 4
-  store <8 x float> %217, ptr %acc0021, align 4
-  %218 = add nsw i64 %col18, 8
-  %y0122 = getelementptr inbounds float, ptr %215, i64 %218
-  %219 = load <8 x float>, ptr %y0122, align 4
-  store <8 x float> %219, ptr %acc0123, align 4
-  %220 = add nsw i64 %r0, 1
-  %221 = mul nsw i64 %220, 2880
-  %h124 = getelementptr inbounds float, ptr %h, i64 %221
-  %222 = getelementptr inbounds i32, ptr %rows, i64 %220
-  %223 = load i32, ptr %222, align 4
-  %224 = sext i32 %223 to i64
-  %225 = mul nsw i64 %224, 2880
-  %226 = getelementptr inbounds float, ptr %y, i64 %225
-  %227 = add nsw i64 %col18, 0
-  %y1025 = getelementptr inbounds float, ptr %226, i64 %227
-  %228 = load <8 x float>, ptr %y1025, align 4
-  store <8 x float> %228, ptr %acc1026, align 4
-  %229 = add nsw i64 %col18, 8
-  %y1127 = getelementptr inbounds float, ptr %226, i64 %229
-  %230 = load <8 x float>, ptr %y1127, align 4
-  store <8 x float> %230, ptr %acc1128, align 4
-  %231 = add nsw i64 %r0, 2
-  %232 = mul nsw i64 %231, 2880
-  %h229 = getelementptr inbounds float, ptr %h, i64 %232
-  %233 = getelementptr inbounds i32, ptr %rows, i64 %231
-  %234 = load i32, ptr %233, align 4
-  %235 = sext i32 %234 to i64
-  %236 = mul nsw i64 %235, 2880
-  %237 = getelementptr inbounds float, ptr %y, i64 %236
-  %238 = add nsw i64 %col18, 0
-  %y2030 = getelementptr inbounds float, ptr %237, i64 %238
-  %239 = load <8 x float>, ptr %y2030, align 4
-  store <8 x float> %239, ptr %acc2031, align 4
-  %240 = add nsw i64 %col18, 8
-  %y2132 = getelementptr inbounds float, ptr %237, i64 %240
-  %241 = load <8 x float>, ptr %y2132, align 4
-  store <8 x float> %241, ptr %acc2133, align 4
-  %242 = add nsw i64 %r0, 3
-  %243 = mul nsw i64 %242, 2880
-  %h334 = getelementptr inbounds float, ptr %h, i64 %243
-  %244 = getelementptr inbounds i32, ptr %rows, i64 %242
-  %245 = load i32, ptr %244, align 4
-  %246 = sext i32 %245 to i64
+  %col1 = mul nsw i64 %p, 16
+  %246 = add nsw i64 %r0, 0
   %247 = mul nsw i64 %246, 2880
-  %248 = getelementptr inbounds float, ptr %y, i64 %247
-  %249 = add nsw i64 %col18, 0
-  %y3035 = getelementptr inbounds float, ptr %248, i64 %249
-  %250 = load <8 x float>, ptr %y3035, align 4
-  store <8 x float> %250, ptr %acc3036, align 4
-  %251 = add nsw i64 %col18, 8
-  %y3137 = getelementptr inbounds float, ptr %248, i64 %251
-  %252 = load <8 x float>, ptr %y3137, align 4
-  store <8 x float> %252, ptr %acc3138, align 4
-  %253 = add nsw i64 %r0, 4
-  %254 = mul nsw i64 %253, 2880
-  %h439 = getelementptr inbounds float, ptr %h, i64 %254
-  %255 = getelementptr inbounds i32, ptr %rows, i64 %253
-  %256 = load i32, ptr %255, align 4
-  %257 = sext i32 %256 to i64
-  %258 = mul nsw i64 %257, 2880
-  %259 = getelementptr inbounds float, ptr %y, i64 %258
-  %260 = add nsw i64 %col18, 0
-  %y4040 = getelementptr inbounds float, ptr %259, i64 %260
-  %261 = load <8 x float>, ptr %y4040, align 4
-  store <8 x float> %261, ptr %acc4041, align 4
-  %262 = add nsw i64 %col18, 8
-  %y4142 = getelementptr inbounds float, ptr %259, i64 %262
-  %263 = load <8 x float>, ptr %y4142, align 4
-  store <8 x float> %263, ptr %acc4143, align 4
-  %panel.off44 = mul nsw i64 %p, 46080
-  br label %k.head45
+  %248 = getelementptr inbounds float, ptr %h, i64 %247
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %246
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 2880
+  %253 = getelementptr inbounds float, ptr %y, i64 %252
+  %254 = add nsw i64 %col1, 0
+  %255 = getelementptr inbounds float, ptr %253, i64 %254
+  %256 = load <8 x float>, ptr %255, align 4
+  store <8 x float> %256, ptr %acc002, align 4
+  %257 = add nsw i64 %col1, 8
+  %258 = getelementptr inbounds float, ptr %253, i64 %257
+  %259 = load <8 x float>, ptr %258, align 4
+  store <8 x float> %259, ptr %acc013, align 4
+  %260 = add nsw i64 %r0, 1
+  %261 = mul nsw i64 %260, 2880
+  %262 = getelementptr inbounds float, ptr %h, i64 %261
+  %263 = getelementptr inbounds i32, ptr %rows, i64 %260
+  %264 = load i32, ptr %263, align 4
+  %265 = sext i32 %264 to i64
+  %266 = mul nsw i64 %265, 2880
+  %267 = getelementptr inbounds float, ptr %y, i64 %266
+  %268 = add nsw i64 %col1, 0
+  %269 = getelementptr inbounds float, ptr %267, i64 %268
+  %270 = load <8 x float>, ptr %269, align 4
+  store <8 x float> %270, ptr %acc104, align 4
+  %271 = add nsw i64 %col1, 8
+  %272 = getelementptr inbounds float, ptr %267, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  store <8 x float> %273, ptr %acc115, align 4
+  %274 = add nsw i64 %r0, 2
+  %275 = mul nsw i64 %274, 2880
+  %276 = getelementptr inbounds float, ptr %h, i64 %275
+  %277 = getelementptr inbounds i32, ptr %rows, i64 %274
+  %278 = load i32, ptr %277, align 4
+  %279 = sext i32 %278 to i64
+  %280 = mul nsw i64 %279, 2880
+  %281 = getelementptr inbounds float, ptr %y, i64 %280
+  %282 = add nsw i64 %col1, 0
+  %283 = getelementptr inbounds float, ptr %281, i64 %282
+  %284 = load <8 x float>, ptr %283, align 4
+  store <8 x float> %284, ptr %acc206, align 4
+  %285 = add nsw i64 %col1, 8
+  %286 = getelementptr inbounds float, ptr %281, i64 %285
+  %287 = load <8 x float>, ptr %286, align 4
+  store <8 x float> %287, ptr %acc217, align 4
+  %288 = add nsw i64 %r0, 3
+  %289 = mul nsw i64 %288, 2880
+  %290 = getelementptr inbounds float, ptr %h, i64 %289
+  %291 = getelementptr inbounds i32, ptr %rows, i64 %288
+  %292 = load i32, ptr %291, align 4
+  %293 = sext i32 %292 to i64
+  %294 = mul nsw i64 %293, 2880
+  %295 = getelementptr inbounds float, ptr %y, i64 %294
+  %296 = add nsw i64 %col1, 0
+  %297 = getelementptr inbounds float, ptr %295, i64 %296
+  %298 = load <8 x float>, ptr %297, align 4
+  store <8 x float> %298, ptr %acc308, align 4
+  %299 = add nsw i64 %col1, 8
+  %300 = getelementptr inbounds float, ptr %295, i64 %299
+  %301 = load <8 x float>, ptr %300, align 4
+  store <8 x float> %301, ptr %acc319, align 4
+  %302 = add nsw i64 %r0, 4
+  %303 = mul nsw i64 %302, 2880
+  %304 = getelementptr inbounds float, ptr %h, i64 %303
+  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %306 = load i32, ptr %305, align 4
+  %307 = sext i32 %306 to i64
+  %308 = mul nsw i64 %307, 2880
+  %309 = getelementptr inbounds float, ptr %y, i64 %308
+  %310 = add nsw i64 %col1, 0
+  %311 = getelementptr inbounds float, ptr %309, i64 %310
+  %312 = load <8 x float>, ptr %311, align 4
+  store <8 x float> %312, ptr %acc4010, align 4
+  %313 = add nsw i64 %col1, 8
+  %314 = getelementptr inbounds float, ptr %309, i64 %313
+  %315 = load <8 x float>, ptr %314, align 4
+  store <8 x float> %315, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 46080
+  br label %k.head13
 
-k.head45:                                         ; preds = %k.body46, %tile.mr5
-  %k48 = phi i64 [ 0, %tile.mr5 ], [ %310, %k.body46 ]
-  %264 = icmp slt i64 %k48, 2880
-  br i1 %264, label %k.body46, label %k.end47
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %363, %k.body14 ]
+  %316 = icmp slt i64 %k16, 2880
+  br i1 %316, label %k.body14, label %k.end15
 
-k.body46:                                         ; preds = %k.head45
-  %265 = mul nsw i64 %k48, 16
-  %266 = add nsw i64 %panel.off44, %265
-  %267 = getelementptr inbounds i16, ptr %panels, i64 %266
-  %bw49 = load <8 x i32>, ptr %267, align 4
-  %268 = shl <8 x i32> %bw49, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %268 to <8 x float>
-  %269 = and <8 x i32> %bw49, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %269 to <8 x float>
-  %270 = getelementptr inbounds float, ptr %h019, i64 %k48
-  %271 = load float, ptr %270, align 4
-  %272 = insertelement <8 x float> poison, float %271, i32 0
-  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
-  %274 = load <8 x float>, ptr %acc0021, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b050, <8 x float> %274)
-  store <8 x float> %275, ptr %acc0021, align 4
-  %276 = load <8 x float>, ptr %acc0123, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b151, <8 x float> %276)
-  store <8 x float> %277, ptr %acc0123, align 4
-  %278 = getelementptr inbounds float, ptr %h124, i64 %k48
-  %279 = load float, ptr %278, align 4
-  %280 = insertelement <8 x float> poison, float %279, i32 0
-  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = load <8 x float>, ptr %acc1026, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b050, <8 x float> %282)
-  store <8 x float> %283, ptr %acc1026, align 4
-  %284 = load <8 x float>, ptr %acc1128, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b151, <8 x float> %284)
-  store <8 x float> %285, ptr %acc1128, align 4
-  %286 = getelementptr inbounds float, ptr %h229, i64 %k48
-  %287 = load float, ptr %286, align 4
-  %288 = insertelement <8 x float> poison, float %287, i32 0
-  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
-  %290 = load <8 x float>, ptr %acc2031, align 4
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b050, <8 x float> %290)
-  store <8 x float> %291, ptr %acc2031, align 4
-  %292 = load <8 x float>, ptr %acc2133, align 4
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b151, <8 x float> %292)
-  store <8 x float> %293, ptr %acc2133, align 4
-  %294 = getelementptr inbounds float, ptr %h334, i64 %k48
-  %295 = load float, ptr %294, align 4
-  %296 = insertelement <8 x float> poison, float %295, i32 0
-  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
-  %298 = load <8 x float>, ptr %acc3036, align 4
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b050, <8 x float> %298)
-  store <8 x float> %299, ptr %acc3036, align 4
-  %300 = load <8 x float>, ptr %acc3138, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b151, <8 x float> %300)
-  store <8 x float> %301, ptr %acc3138, align 4
-  %302 = getelementptr inbounds float, ptr %h439, i64 %k48
-  %303 = load float, ptr %302, align 4
-  %304 = insertelement <8 x float> poison, float %303, i32 0
-  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
-  %306 = load <8 x float>, ptr %acc4041, align 4
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b050, <8 x float> %306)
-  store <8 x float> %307, ptr %acc4041, align 4
-  %308 = load <8 x float>, ptr %acc4143, align 4
-  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b151, <8 x float> %308)
-  store <8 x float> %309, ptr %acc4143, align 4
-  %310 = add nsw i64 %k48, 1
-  br label %k.head45
-
-k.end47:                                          ; preds = %k.head45
-  %311 = add nsw i64 %r0, 0
-  %312 = getelementptr inbounds float, ptr %rw, i64 %311
-  %w52 = load float, ptr %312, align 4
-  %313 = insertelement <8 x float> poison, float %w52, i32 0
-  %314 = shufflevector <8 x float> %313, <8 x float> poison, <8 x i32> zeroinitializer
-  %315 = load <8 x float>, ptr %acc0021, align 4
-  %316 = add nsw i64 %col18, 0
-  %317 = getelementptr inbounds float, ptr %bd, i64 %316
-  %bd53 = load <8 x float>, ptr %317, align 4
-  %318 = fmul <8 x float> %bd53, %314
-  %319 = fadd <8 x float> %315, %318
-  store <8 x float> %319, ptr %y0020, align 4
-  %320 = load <8 x float>, ptr %acc0123, align 4
-  %321 = add nsw i64 %col18, 8
-  %322 = getelementptr inbounds float, ptr %bd, i64 %321
-  %bd54 = load <8 x float>, ptr %322, align 4
-  %323 = fmul <8 x float> %bd54, %314
-  %324 = fadd <8 x float> %320, %323
-  store <8 x float> %324, ptr %y0122, align 4
-  %325 = add nsw i64 %r0, 1
-  %326 = getelementptr inbounds float, ptr %rw, i64 %325
-  %w55 = load float, ptr %326, align 4
-  %327 = insertelement <8 x float> poison, float %w55, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc1026, align 4
-  %330 = add nsw i64 %col18, 0
-  %331 = getelementptr inbounds float, ptr %bd, i64 %330
-  %bd56 = load <8 x float>, ptr %331, align 4
-  %332 = fmul <8 x float> %bd56, %328
-  %333 = fadd <8 x float> %329, %332
-  store <8 x float> %333, ptr %y1025, align 4
-  %334 = load <8 x float>, ptr %acc1128, align 4
-  %335 = add nsw i64 %col18, 8
-  %336 = getelementptr inbounds float, ptr %bd, i64 %335
-  %bd57 = load <8 x float>, ptr %336, align 4
-  %337 = fmul <8 x float> %bd57, %328
-  %338 = fadd <8 x float> %334, %337
-  store <8 x float> %338, ptr %y1127, align 4
-  %339 = add nsw i64 %r0, 2
-  %340 = getelementptr inbounds float, ptr %rw, i64 %339
-  %w58 = load float, ptr %340, align 4
-  %341 = insertelement <8 x float> poison, float %w58, i32 0
+k.body14:                                         ; preds = %k.head13
+  %317 = mul nsw i64 %k16, 16
+  %318 = add nsw i64 %panel.off12, %317
+  %319 = getelementptr inbounds i16, ptr %panels, i64 %318
+  %320 = load <8 x i32>, ptr %319, align 4
+  %321 = shl <8 x i32> %320, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %321 to <8 x float>
+  %322 = and <8 x i32> %320, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %322 to <8 x float>
+  %323 = getelementptr inbounds float, ptr %248, i64 %k16
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc002, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b017, <8 x float> %327)
+  store <8 x float> %328, ptr %acc002, align 4
+  %329 = load <8 x float>, ptr %acc013, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b118, <8 x float> %329)
+  store <8 x float> %330, ptr %acc013, align 4
+  %331 = getelementptr inbounds float, ptr %262, i64 %k16
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %acc104, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b017, <8 x float> %335)
+  store <8 x float> %336, ptr %acc104, align 4
+  %337 = load <8 x float>, ptr %acc115, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b118, <8 x float> %337)
+  store <8 x float> %338, ptr %acc115, align 4
+  %339 = getelementptr inbounds float, ptr %276, i64 %k16
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
   %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %acc2031, align 4
-  %344 = add nsw i64 %col18, 0
-  %345 = getelementptr inbounds float, ptr %bd, i64 %344
-  %bd59 = load <8 x float>, ptr %345, align 4
-  %346 = fmul <8 x float> %bd59, %342
-  %347 = fadd <8 x float> %343, %346
-  store <8 x float> %347, ptr %y2030, align 4
-  %348 = load <8 x float>, ptr %acc2133, align 4
-  %349 = add nsw i64 %col18, 8
-  %350 = getelementptr inbounds float, ptr %bd, i64 %349
-  %bd60 = load <8 x float>, ptr %350, align 4
-  %351 = fmul <8 x float> %bd60, %342
-  %352 = fadd <8 x float> %348, %351
-  store <8 x float> %352, ptr %y2132, align 4
-  %353 = add nsw i64 %r0, 3
-  %354 = getelementptr inbounds float, ptr %rw, i64 %353
-  %w61 = load float, ptr %354, align 4
-  %355 = insertelement <8 x float> poison, float %w61, i32 0
-  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
-  %357 = load <8 x float>, ptr %acc3036, align 4
-  %358 = add nsw i64 %col18, 0
-  %359 = getelementptr inbounds float, ptr %bd, i64 %358
-  %bd62 = load <8 x float>, ptr %359, align 4
-  %360 = fmul <8 x float> %bd62, %356
-  %361 = fadd <8 x float> %357, %360
-  store <8 x float> %361, ptr %y3035, align 4
-  %362 = load <8 x float>, ptr %acc3138, align 4
-  %363 = add nsw i64 %col18, 8
-  %364 = getelementptr inbounds float, ptr %bd, i64 %363
-  %bd63 = load <8 x float>, ptr %364, align 4
-  %365 = fmul <8 x float> %bd63, %356
-  %366 = fadd <8 x float> %362, %365
-  store <8 x float> %366, ptr %y3137, align 4
-  %367 = add nsw i64 %r0, 4
-  %368 = getelementptr inbounds float, ptr %rw, i64 %367
-  %w64 = load float, ptr %368, align 4
-  %369 = insertelement <8 x float> poison, float %w64, i32 0
-  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
-  %371 = load <8 x float>, ptr %acc4041, align 4
-  %372 = add nsw i64 %col18, 0
-  %373 = getelementptr inbounds float, ptr %bd, i64 %372
-  %bd65 = load <8 x float>, ptr %373, align 4
-  %374 = fmul <8 x float> %bd65, %370
-  %375 = fadd <8 x float> %371, %374
-  store <8 x float> %375, ptr %y4040, align 4
-  %376 = load <8 x float>, ptr %acc4143, align 4
-  %377 = add nsw i64 %col18, 8
-  %378 = getelementptr inbounds float, ptr %bd, i64 %377
-  %bd66 = load <8 x float>, ptr %378, align 4
-  %379 = fmul <8 x float> %bd66, %370
-  %380 = fadd <8 x float> %376, %379
-  store <8 x float> %380, ptr %y4142, align 4
+  %343 = load <8 x float>, ptr %acc206, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b017, <8 x float> %343)
+  store <8 x float> %344, ptr %acc206, align 4
+  %345 = load <8 x float>, ptr %acc217, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b118, <8 x float> %345)
+  store <8 x float> %346, ptr %acc217, align 4
+  %347 = getelementptr inbounds float, ptr %290, i64 %k16
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc308, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b017, <8 x float> %351)
+  store <8 x float> %352, ptr %acc308, align 4
+  %353 = load <8 x float>, ptr %acc319, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b118, <8 x float> %353)
+  store <8 x float> %354, ptr %acc319, align 4
+  %355 = getelementptr inbounds float, ptr %304, i64 %k16
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc4010, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b017, <8 x float> %359)
+  store <8 x float> %360, ptr %acc4010, align 4
+  %361 = load <8 x float>, ptr %acc4111, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b118, <8 x float> %361)
+  store <8 x float> %362, ptr %acc4111, align 4
+  %363 = add nsw i64 %k16, 1
+  br label %k.head13
+
+k.end15:                                          ; preds = %k.head13
+  %364 = add nsw i64 %r0, 0
+  %365 = getelementptr inbounds float, ptr %rw, i64 %364
+  %366 = load float, ptr %365, align 4
+  %367 = insertelement <8 x float> poison, float %366, i32 0
+  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
+  %369 = load <8 x float>, ptr %acc002, align 4
+  %370 = add nsw i64 %col1, 0
+  %371 = getelementptr inbounds float, ptr %bd, i64 %370
+  %372 = load <8 x float>, ptr %371, align 4
+  %373 = fmul <8 x float> %372, %368
+  %374 = fadd <8 x float> %369, %373
+  store <8 x float> %374, ptr %255, align 4
+  %375 = load <8 x float>, ptr %acc013, align 4
+  %376 = add nsw i64 %col1, 8
+  %377 = getelementptr inbounds float, ptr %bd, i64 %376
+  %378 = load <8 x float>, ptr %377, align 4
+  %379 = fmul <8 x float> %378, %368
+  %380 = fadd <8 x float> %375, %379
+  store <8 x float> %380, ptr %258, align 4
+  %381 = add nsw i64 %r0, 1
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = load <8 x float>, ptr %acc104, align 4
+  %387 = add nsw i64 %col1, 0
+  %388 = getelementptr inbounds float, ptr %bd, i64 %387
+  %389 = load <8 x float>, ptr %388, align 4
+  %390 = fmul <8 x float> %389, %385
+  %391 = fadd <8 x float> %386, %390
+  store <8 x float> %391, ptr %269, align 4
+  %392 = load <8 x float>, ptr %acc115, align 4
+  %393 = add nsw i64 %col1, 8
+  %394 = getelementptr inbounds float, ptr %bd, i64 %393
+  %395 = load <8 x float>, ptr %394, align 4
+  %396 = fmul <8 x float> %395, %385
+  %397 = fadd <8 x float> %392, %396
+  store <8 x float> %397, ptr %272, align 4
+  %398 = add nsw i64 %r0, 2
+  %399 = getelementptr inbounds float, ptr %rw, i64 %398
+  %400 = load float, ptr %399, align 4
+  %401 = insertelement <8 x float> poison, float %400, i32 0
+  %402 = shufflevector <8 x float> %401, <8 x float> poison, <8 x i32> zeroinitializer
+  %403 = load <8 x float>, ptr %acc206, align 4
+  %404 = add nsw i64 %col1, 0
+  %405 = getelementptr inbounds float, ptr %bd, i64 %404
+  %406 = load <8 x float>, ptr %405, align 4
+  %407 = fmul <8 x float> %406, %402
+  %408 = fadd <8 x float> %403, %407
+  store <8 x float> %408, ptr %283, align 4
+  %409 = load <8 x float>, ptr %acc217, align 4
+  %410 = add nsw i64 %col1, 8
+  %411 = getelementptr inbounds float, ptr %bd, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  %413 = fmul <8 x float> %412, %402
+  %414 = fadd <8 x float> %409, %413
+  store <8 x float> %414, ptr %286, align 4
+  %415 = add nsw i64 %r0, 3
+  %416 = getelementptr inbounds float, ptr %rw, i64 %415
+  %417 = load float, ptr %416, align 4
+  %418 = insertelement <8 x float> poison, float %417, i32 0
+  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
+  %420 = load <8 x float>, ptr %acc308, align 4
+  %421 = add nsw i64 %col1, 0
+  %422 = getelementptr inbounds float, ptr %bd, i64 %421
+  %423 = load <8 x float>, ptr %422, align 4
+  %424 = fmul <8 x float> %423, %419
+  %425 = fadd <8 x float> %420, %424
+  store <8 x float> %425, ptr %297, align 4
+  %426 = load <8 x float>, ptr %acc319, align 4
+  %427 = add nsw i64 %col1, 8
+  %428 = getelementptr inbounds float, ptr %bd, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  %430 = fmul <8 x float> %429, %419
+  %431 = fadd <8 x float> %426, %430
+  store <8 x float> %431, ptr %300, align 4
+  %432 = add nsw i64 %r0, 4
+  %433 = getelementptr inbounds float, ptr %rw, i64 %432
+  %434 = load float, ptr %433, align 4
+  %435 = insertelement <8 x float> poison, float %434, i32 0
+  %436 = shufflevector <8 x float> %435, <8 x float> poison, <8 x i32> zeroinitializer
+  %437 = load <8 x float>, ptr %acc4010, align 4
+  %438 = add nsw i64 %col1, 0
+  %439 = getelementptr inbounds float, ptr %bd, i64 %438
+  %440 = load <8 x float>, ptr %439, align 4
+  %441 = fmul <8 x float> %440, %436
+  %442 = fadd <8 x float> %437, %441
+  store <8 x float> %442, ptr %311, align 4
+  %443 = load <8 x float>, ptr %acc4111, align 4
+  %444 = add nsw i64 %col1, 8
+  %445 = getelementptr inbounds float, ptr %bd, i64 %444
+  %446 = load <8 x float>, ptr %445, align 4
+  %447 = fmul <8 x float> %446, %436
+  %448 = fadd <8 x float> %443, %447
+  store <8 x float> %448, ptr %314, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col67 = mul nsw i64 %p, 16
-  %381 = add nsw i64 %r0, 0
-  %382 = mul nsw i64 %381, 2880
-  %h068 = getelementptr inbounds float, ptr %h, i64 %382
-  %383 = getelementptr inbounds i32, ptr %rows, i64 %381
-  %384 = load i32, ptr %383, align 4
-  %385 = sext i32 %384 to i64
-  %386 = mul nsw i64 %385, 2880
-  %387 = getelementptr inbounds float, ptr %y, i64 %386
-  %388 = add nsw i64 %col67, 0
-  %y0069 = getelementptr inbounds float, ptr %387, i64 %388
-  %389 = load <8 x float>, ptr %y0069, align 4
-  store <8 x float> %389, ptr %acc0070, align 4
-  %390 = add nsw i64 %col67, 8
-  %y0171 = getelementptr inbounds float, ptr %387, i64 %390
-  %391 = load <8 x float>, ptr %y0171, align 4
-  store <8 x float> %391, ptr %acc0172, align 4
-  %392 = add nsw i64 %r0, 1
-  %393 = mul nsw i64 %392, 2880
-  %h173 = getelementptr inbounds float, ptr %h, i64 %393
-  %394 = getelementptr inbounds i32, ptr %rows, i64 %392
-  %395 = load i32, ptr %394, align 4
-  %396 = sext i32 %395 to i64
-  %397 = mul nsw i64 %396, 2880
-  %398 = getelementptr inbounds float, ptr %y, i64 %397
-  %399 = add nsw i64 %col67, 0
-  %y1074 = getelementptr inbounds float, ptr %398, i64 %399
-  %400 = load <8 x float>, ptr %y1074, align 4
-  store <8 x float> %400, ptr %acc1075, align 4
-  %401 = add nsw i64 %col67, 8
-  %y1176 = getelementptr inbounds float, ptr %398, i64 %401
-  %402 = load <8 x float>, ptr %y1176, align 4
-  store <8 x float> %402, ptr %acc1177, align 4
-  %403 = add nsw i64 %r0, 2
-  %404 = mul nsw i64 %403, 2880
-  %h278 = getelementptr inbounds float, ptr %h, i64 %404
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %403
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 2880
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col67, 0
-  %y2079 = getelementptr inbounds float, ptr %409, i64 %410
-  %411 = load <8 x float>, ptr %y2079, align 4
-  store <8 x float> %411, ptr %acc2080, align 4
-  %412 = add nsw i64 %col67, 8
-  %y2181 = getelementptr inbounds float, ptr %409, i64 %412
-  %413 = load <8 x float>, ptr %y2181, align 4
-  store <8 x float> %413, ptr %acc2182, align 4
-  %414 = add nsw i64 %r0, 3
-  %415 = mul nsw i64 %414, 2880
-  %h383 = getelementptr inbounds float, ptr %h, i64 %415
-  %416 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %417 = load i32, ptr %416, align 4
-  %418 = sext i32 %417 to i64
-  %419 = mul nsw i64 %418, 2880
-  %420 = getelementptr inbounds float, ptr %y, i64 %419
-  %421 = add nsw i64 %col67, 0
-  %y3084 = getelementptr inbounds float, ptr %420, i64 %421
-  %422 = load <8 x float>, ptr %y3084, align 4
-  store <8 x float> %422, ptr %acc3085, align 4
-  %423 = add nsw i64 %col67, 8
-  %y3186 = getelementptr inbounds float, ptr %420, i64 %423
-  %424 = load <8 x float>, ptr %y3186, align 4
-  store <8 x float> %424, ptr %acc3187, align 4
-  %panel.off88 = mul nsw i64 %p, 46080
-  br label %k.head89
+  %col19 = mul nsw i64 %p, 16
+  %449 = add nsw i64 %r0, 0
+  %450 = mul nsw i64 %449, 2880
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %452 = getelementptr inbounds i32, ptr %rows, i64 %449
+  %453 = load i32, ptr %452, align 4
+  %454 = sext i32 %453 to i64
+  %455 = mul nsw i64 %454, 2880
+  %456 = getelementptr inbounds float, ptr %y, i64 %455
+  %457 = add nsw i64 %col19, 0
+  %458 = getelementptr inbounds float, ptr %456, i64 %457
+  %459 = load <8 x float>, ptr %458, align 4
+  store <8 x float> %459, ptr %acc0020, align 4
+  %460 = add nsw i64 %col19, 8
+  %461 = getelementptr inbounds float, ptr %456, i64 %460
+  %462 = load <8 x float>, ptr %461, align 4
+  store <8 x float> %462, ptr %acc0121, align 4
+  %463 = add nsw i64 %r0, 1
+  %464 = mul nsw i64 %463, 2880
+  %465 = getelementptr inbounds float, ptr %h, i64 %464
+  %466 = getelementptr inbounds i32, ptr %rows, i64 %463
+  %467 = load i32, ptr %466, align 4
+  %468 = sext i32 %467 to i64
+  %469 = mul nsw i64 %468, 2880
+  %470 = getelementptr inbounds float, ptr %y, i64 %469
+  %471 = add nsw i64 %col19, 0
+  %472 = getelementptr inbounds float, ptr %470, i64 %471
+  %473 = load <8 x float>, ptr %472, align 4
+  store <8 x float> %473, ptr %acc1022, align 4
+  %474 = add nsw i64 %col19, 8
+  %475 = getelementptr inbounds float, ptr %470, i64 %474
+  %476 = load <8 x float>, ptr %475, align 4
+  store <8 x float> %476, ptr %acc1123, align 4
+  %477 = add nsw i64 %r0, 2
+  %478 = mul nsw i64 %477, 2880
+  %479 = getelementptr inbounds float, ptr %h, i64 %478
+  %480 = getelementptr inbounds i32, ptr %rows, i64 %477
+  %481 = load i32, ptr %480, align 4
+  %482 = sext i32 %481 to i64
+  %483 = mul nsw i64 %482, 2880
+  %484 = getelementptr inbounds float, ptr %y, i64 %483
+  %485 = add nsw i64 %col19, 0
+  %486 = getelementptr inbounds float, ptr %484, i64 %485
+  %487 = load <8 x float>, ptr %486, align 4
+  store <8 x float> %487, ptr %acc2024, align 4
+  %488 = add nsw i64 %col19, 8
+  %489 = getelementptr inbounds float, ptr %484, i64 %488
+  %490 = load <8 x float>, ptr %489, align 4
+  store <8 x float> %490, ptr %acc2125, align 4
+  %491 = add nsw i64 %r0, 3
+  %492 = mul nsw i64 %491, 2880
+  %493 = getelementptr inbounds float, ptr %h, i64 %492
+  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
+  %495 = load i32, ptr %494, align 4
+  %496 = sext i32 %495 to i64
+  %497 = mul nsw i64 %496, 2880
+  %498 = getelementptr inbounds float, ptr %y, i64 %497
+  %499 = add nsw i64 %col19, 0
+  %500 = getelementptr inbounds float, ptr %498, i64 %499
+  %501 = load <8 x float>, ptr %500, align 4
+  store <8 x float> %501, ptr %acc3026, align 4
+  %502 = add nsw i64 %col19, 8
+  %503 = getelementptr inbounds float, ptr %498, i64 %502
+  %504 = load <8 x float>, ptr %503, align 4
+  store <8 x float> %504, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 46080
+  br label %k.head29
 
-k.head89:                                         ; preds = %k.body90, %tile.mr4
-  %k92 = phi i64 [ 0, %tile.mr4 ], [ %463, %k.body90 ]
-  %425 = icmp slt i64 %k92, 2880
-  br i1 %425, label %k.body90, label %k.end91
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %544, %k.body30 ]
+  %505 = icmp slt i64 %k32, 2880
+  br i1 %505, label %k.body30, label %k.end31
 
-k.body90:                                         ; preds = %k.head89
-  %426 = mul nsw i64 %k92, 16
-  %427 = add nsw i64 %panel.off88, %426
-  %428 = getelementptr inbounds i16, ptr %panels, i64 %427
-  %bw93 = load <8 x i32>, ptr %428, align 4
-  %429 = shl <8 x i32> %bw93, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b094 = bitcast <8 x i32> %429 to <8 x float>
-  %430 = and <8 x i32> %bw93, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b195 = bitcast <8 x i32> %430 to <8 x float>
-  %431 = getelementptr inbounds float, ptr %h068, i64 %k92
-  %432 = load float, ptr %431, align 4
-  %433 = insertelement <8 x float> poison, float %432, i32 0
-  %434 = shufflevector <8 x float> %433, <8 x float> poison, <8 x i32> zeroinitializer
-  %435 = load <8 x float>, ptr %acc0070, align 4
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %b094, <8 x float> %435)
-  store <8 x float> %436, ptr %acc0070, align 4
-  %437 = load <8 x float>, ptr %acc0172, align 4
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %b195, <8 x float> %437)
-  store <8 x float> %438, ptr %acc0172, align 4
-  %439 = getelementptr inbounds float, ptr %h173, i64 %k92
-  %440 = load float, ptr %439, align 4
-  %441 = insertelement <8 x float> poison, float %440, i32 0
-  %442 = shufflevector <8 x float> %441, <8 x float> poison, <8 x i32> zeroinitializer
-  %443 = load <8 x float>, ptr %acc1075, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %b094, <8 x float> %443)
-  store <8 x float> %444, ptr %acc1075, align 4
-  %445 = load <8 x float>, ptr %acc1177, align 4
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %b195, <8 x float> %445)
-  store <8 x float> %446, ptr %acc1177, align 4
-  %447 = getelementptr inbounds float, ptr %h278, i64 %k92
-  %448 = load float, ptr %447, align 4
-  %449 = insertelement <8 x float> poison, float %448, i32 0
-  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
-  %451 = load <8 x float>, ptr %acc2080, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %b094, <8 x float> %451)
-  store <8 x float> %452, ptr %acc2080, align 4
-  %453 = load <8 x float>, ptr %acc2182, align 4
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %b195, <8 x float> %453)
-  store <8 x float> %454, ptr %acc2182, align 4
-  %455 = getelementptr inbounds float, ptr %h383, i64 %k92
-  %456 = load float, ptr %455, align 4
-  %457 = insertelement <8 x float> poison, float %456, i32 0
-  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc3085, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %b094, <8 x float> %459)
-  store <8 x float> %460, ptr %acc3085, align 4
-  %461 = load <8 x float>, ptr %acc3187, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %b195, <8 x float> %461)
-  store <8 x float> %462, ptr %acc3187, align 4
-  %463 = add nsw i64 %k92, 1
-  br label %k.head89
+k.body30:                                         ; preds = %k.head29
+  %506 = mul nsw i64 %k32, 16
+  %507 = add nsw i64 %panel.off28, %506
+  %508 = getelementptr inbounds i16, ptr %panels, i64 %507
+  %509 = load <8 x i32>, ptr %508, align 4
+  %510 = shl <8 x i32> %509, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %510 to <8 x float>
+  %511 = and <8 x i32> %509, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %511 to <8 x float>
+  %512 = getelementptr inbounds float, ptr %451, i64 %k32
+  %513 = load float, ptr %512, align 4
+  %514 = insertelement <8 x float> poison, float %513, i32 0
+  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
+  %516 = load <8 x float>, ptr %acc0020, align 4
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %b033, <8 x float> %516)
+  store <8 x float> %517, ptr %acc0020, align 4
+  %518 = load <8 x float>, ptr %acc0121, align 4
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %b134, <8 x float> %518)
+  store <8 x float> %519, ptr %acc0121, align 4
+  %520 = getelementptr inbounds float, ptr %465, i64 %k32
+  %521 = load float, ptr %520, align 4
+  %522 = insertelement <8 x float> poison, float %521, i32 0
+  %523 = shufflevector <8 x float> %522, <8 x float> poison, <8 x i32> zeroinitializer
+  %524 = load <8 x float>, ptr %acc1022, align 4
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %b033, <8 x float> %524)
+  store <8 x float> %525, ptr %acc1022, align 4
+  %526 = load <8 x float>, ptr %acc1123, align 4
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %b134, <8 x float> %526)
+  store <8 x float> %527, ptr %acc1123, align 4
+  %528 = getelementptr inbounds float, ptr %479, i64 %k32
+  %529 = load float, ptr %528, align 4
+  %530 = insertelement <8 x float> poison, float %529, i32 0
+  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
+  %532 = load <8 x float>, ptr %acc2024, align 4
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %b033, <8 x float> %532)
+  store <8 x float> %533, ptr %acc2024, align 4
+  %534 = load <8 x float>, ptr %acc2125, align 4
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %b134, <8 x float> %534)
+  store <8 x float> %535, ptr %acc2125, align 4
+  %536 = getelementptr inbounds float, ptr %493, i64 %k32
+  %537 = load float, ptr %536, align 4
+  %538 = insertelement <8 x float> poison, float %537, i32 0
+  %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
+  %540 = load <8 x float>, ptr %acc3026, align 4
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %b033, <8 x float> %540)
+  store <8 x float> %541, ptr %acc3026, align 4
+  %542 = load <8 x float>, ptr %acc3127, align 4
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %b134, <8 x float> %542)
+  store <8 x float> %543, ptr %acc3127, align 4
+  %544 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end91:                                          ; preds = %k.head89
-  %464 = add nsw i64 %r0, 0
-  %465 = getelementptr inbounds float, ptr %rw, i64 %464
-  %w96 = load float, ptr %465, align 4
-  %466 = insertelement <8 x float> poison, float %w96, i32 0
-  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc0070, align 4
-  %469 = add nsw i64 %col67, 0
-  %470 = getelementptr inbounds float, ptr %bd, i64 %469
-  %bd97 = load <8 x float>, ptr %470, align 4
-  %471 = fmul <8 x float> %bd97, %467
-  %472 = fadd <8 x float> %468, %471
-  store <8 x float> %472, ptr %y0069, align 4
-  %473 = load <8 x float>, ptr %acc0172, align 4
-  %474 = add nsw i64 %col67, 8
-  %475 = getelementptr inbounds float, ptr %bd, i64 %474
-  %bd98 = load <8 x float>, ptr %475, align 4
-  %476 = fmul <8 x float> %bd98, %467
-  %477 = fadd <8 x float> %473, %476
-  store <8 x float> %477, ptr %y0171, align 4
-  %478 = add nsw i64 %r0, 1
-  %479 = getelementptr inbounds float, ptr %rw, i64 %478
-  %w99 = load float, ptr %479, align 4
-  %480 = insertelement <8 x float> poison, float %w99, i32 0
-  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
-  %482 = load <8 x float>, ptr %acc1075, align 4
-  %483 = add nsw i64 %col67, 0
-  %484 = getelementptr inbounds float, ptr %bd, i64 %483
-  %bd100 = load <8 x float>, ptr %484, align 4
-  %485 = fmul <8 x float> %bd100, %481
-  %486 = fadd <8 x float> %482, %485
-  store <8 x float> %486, ptr %y1074, align 4
-  %487 = load <8 x float>, ptr %acc1177, align 4
-  %488 = add nsw i64 %col67, 8
-  %489 = getelementptr inbounds float, ptr %bd, i64 %488
-  %bd101 = load <8 x float>, ptr %489, align 4
-  %490 = fmul <8 x float> %bd101, %481
-  %491 = fadd <8 x float> %487, %490
-  store <8 x float> %491, ptr %y1176, align 4
-  %492 = add nsw i64 %r0, 2
-  %493 = getelementptr inbounds float, ptr %rw, i64 %492
-  %w102 = load float, ptr %493, align 4
-  %494 = insertelement <8 x float> poison, float %w102, i32 0
-  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
-  %496 = load <8 x float>, ptr %acc2080, align 4
-  %497 = add nsw i64 %col67, 0
-  %498 = getelementptr inbounds float, ptr %bd, i64 %497
-  %bd103 = load <8 x float>, ptr %498, align 4
-  %499 = fmul <8 x float> %bd103, %495
-  %500 = fadd <8 x float> %496, %499
-  store <8 x float> %500, ptr %y2079, align 4
-  %501 = load <8 x float>, ptr %acc2182, align 4
-  %502 = add nsw i64 %col67, 8
-  %503 = getelementptr inbounds float, ptr %bd, i64 %502
-  %bd104 = load <8 x float>, ptr %503, align 4
-  %504 = fmul <8 x float> %bd104, %495
-  %505 = fadd <8 x float> %501, %504
-  store <8 x float> %505, ptr %y2181, align 4
-  %506 = add nsw i64 %r0, 3
-  %507 = getelementptr inbounds float, ptr %rw, i64 %506
-  %w105 = load float, ptr %507, align 4
-  %508 = insertelement <8 x float> poison, float %w105, i32 0
-  %509 = shufflevector <8 x float> %508, <8 x float> poison, <8 x i32> zeroinitializer
-  %510 = load <8 x float>, ptr %acc3085, align 4
-  %511 = add nsw i64 %col67, 0
-  %512 = getelementptr inbounds float, ptr %bd, i64 %511
-  %bd106 = load <8 x float>, ptr %512, align 4
-  %513 = fmul <8 x float> %bd106, %509
-  %514 = fadd <8 x float> %510, %513
-  store <8 x float> %514, ptr %y3084, align 4
-  %515 = load <8 x float>, ptr %acc3187, align 4
-  %516 = add nsw i64 %col67, 8
-  %517 = getelementptr inbounds float, ptr %bd, i64 %516
-  %bd107 = load <8 x float>, ptr %517, align 4
-  %518 = fmul <8 x float> %bd107, %509
-  %519 = fadd <8 x float> %515, %518
-  store <8 x float> %519, ptr %y3186, align 4
+k.end31:                                          ; preds = %k.head29
+  %545 = add nsw i64 %r0, 0
+  %546 = getelementptr inbounds float, ptr %rw, i64 %545
+  %547 = load float, ptr %546, align 4
+  %548 = insertelement <8 x float> poison, float %547, i32 0
+  %549 = shufflevector <8 x float> %548, <8 x float> poison, <8 x i32> zeroinitializer
+  %550 = load <8 x float>, ptr %acc0020, align 4
+  %551 = add nsw i64 %col19, 0
+  %552 = getelementptr inbounds float, ptr %bd, i64 %551
+  %553 = load <8 x float>, ptr %552, align 4
+  %554 = fmul <8 x float> %553, %549
+  %555 = fadd <8 x float> %550, %554
+  store <8 x float> %555, ptr %458, align 4
+  %556 = load <8 x float>, ptr %acc0121, align 4
+  %557 = add nsw i64 %col19, 8
+  %558 = getelementptr inbounds float, ptr %bd, i64 %557
+  %559 = load <8 x float>, ptr %558, align 4
+  %560 = fmul <8 x float> %559, %549
+  %561 = fadd <8 x float> %556, %560
+  store <8 x float> %561, ptr %461, align 4
+  %562 = add nsw i64 %r0, 1
+  %563 = getelementptr inbounds float, ptr %rw, i64 %562
+  %564 = load float, ptr %563, align 4
+  %565 = insertelement <8 x float> poison, float %564, i32 0
+  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
+  %567 = load <8 x float>, ptr %acc1022, align 4
+  %568 = add nsw i64 %col19, 0
+  %569 = getelementptr inbounds float, ptr %bd, i64 %568
+  %570 = load <8 x float>, ptr %569, align 4
+  %571 = fmul <8 x float> %570, %566
+  %572 = fadd <8 x float> %567, %571
+  store <8 x float> %572, ptr %472, align 4
+  %573 = load <8 x float>, ptr %acc1123, align 4
+  %574 = add nsw i64 %col19, 8
+  %575 = getelementptr inbounds float, ptr %bd, i64 %574
+  %576 = load <8 x float>, ptr %575, align 4
+  %577 = fmul <8 x float> %576, %566
+  %578 = fadd <8 x float> %573, %577
+  store <8 x float> %578, ptr %475, align 4
+  %579 = add nsw i64 %r0, 2
+  %580 = getelementptr inbounds float, ptr %rw, i64 %579
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc2024, align 4
+  %585 = add nsw i64 %col19, 0
+  %586 = getelementptr inbounds float, ptr %bd, i64 %585
+  %587 = load <8 x float>, ptr %586, align 4
+  %588 = fmul <8 x float> %587, %583
+  %589 = fadd <8 x float> %584, %588
+  store <8 x float> %589, ptr %486, align 4
+  %590 = load <8 x float>, ptr %acc2125, align 4
+  %591 = add nsw i64 %col19, 8
+  %592 = getelementptr inbounds float, ptr %bd, i64 %591
+  %593 = load <8 x float>, ptr %592, align 4
+  %594 = fmul <8 x float> %593, %583
+  %595 = fadd <8 x float> %590, %594
+  store <8 x float> %595, ptr %489, align 4
+  %596 = add nsw i64 %r0, 3
+  %597 = getelementptr inbounds float, ptr %rw, i64 %596
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = load <8 x float>, ptr %acc3026, align 4
+  %602 = add nsw i64 %col19, 0
+  %603 = getelementptr inbounds float, ptr %bd, i64 %602
+  %604 = load <8 x float>, ptr %603, align 4
+  %605 = fmul <8 x float> %604, %600
+  %606 = fadd <8 x float> %601, %605
+  store <8 x float> %606, ptr %500, align 4
+  %607 = load <8 x float>, ptr %acc3127, align 4
+  %608 = add nsw i64 %col19, 8
+  %609 = getelementptr inbounds float, ptr %bd, i64 %608
+  %610 = load <8 x float>, ptr %609, align 4
+  %611 = fmul <8 x float> %610, %600
+  %612 = fadd <8 x float> %607, %611
+  store <8 x float> %612, ptr %503, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col108 = mul nsw i64 %p, 16
-  %520 = add nsw i64 %r0, 0
-  %521 = mul nsw i64 %520, 2880
-  %h0109 = getelementptr inbounds float, ptr %h, i64 %521
-  %522 = getelementptr inbounds i32, ptr %rows, i64 %520
-  %523 = load i32, ptr %522, align 4
-  %524 = sext i32 %523 to i64
-  %525 = mul nsw i64 %524, 2880
-  %526 = getelementptr inbounds float, ptr %y, i64 %525
-  %527 = add nsw i64 %col108, 0
-  %y00110 = getelementptr inbounds float, ptr %526, i64 %527
-  %528 = load <8 x float>, ptr %y00110, align 4
-  store <8 x float> %528, ptr %acc00111, align 4
-  %529 = add nsw i64 %col108, 8
-  %y01112 = getelementptr inbounds float, ptr %526, i64 %529
-  %530 = load <8 x float>, ptr %y01112, align 4
-  store <8 x float> %530, ptr %acc01113, align 4
-  %531 = add nsw i64 %r0, 1
-  %532 = mul nsw i64 %531, 2880
-  %h1114 = getelementptr inbounds float, ptr %h, i64 %532
-  %533 = getelementptr inbounds i32, ptr %rows, i64 %531
-  %534 = load i32, ptr %533, align 4
-  %535 = sext i32 %534 to i64
-  %536 = mul nsw i64 %535, 2880
-  %537 = getelementptr inbounds float, ptr %y, i64 %536
-  %538 = add nsw i64 %col108, 0
-  %y10115 = getelementptr inbounds float, ptr %537, i64 %538
-  %539 = load <8 x float>, ptr %y10115, align 4
-  store <8 x float> %539, ptr %acc10116, align 4
-  %540 = add nsw i64 %col108, 8
-  %y11117 = getelementptr inbounds float, ptr %537, i64 %540
-  %541 = load <8 x float>, ptr %y11117, align 4
-  store <8 x float> %541, ptr %acc11118, align 4
-  %542 = add nsw i64 %r0, 2
-  %543 = mul nsw i64 %542, 2880
-  %h2119 = getelementptr inbounds float, ptr %h, i64 %543
-  %544 = getelementptr inbounds i32, ptr %rows, i64 %542
-  %545 = load i32, ptr %544, align 4
-  %546 = sext i32 %545 to i64
-  %547 = mul nsw i64 %546, 2880
-  %548 = getelementptr inbounds float, ptr %y, i64 %547
-  %549 = add nsw i64 %col108, 0
-  %y20120 = getelementptr inbounds float, ptr %548, i64 %549
-  %550 = load <8 x float>, ptr %y20120, align 4
-  store <8 x float> %550, ptr %acc20121, align 4
-  %551 = add nsw i64 %col108, 8
-  %y21122 = getelementptr inbounds float, ptr %548, i64 %551
-  %552 = load <8 x float>, ptr %y21122, align 4
-  store <8 x float> %552, ptr %acc21123, align 4
-  %panel.off124 = mul nsw i64 %p, 46080
-  br label %k.head125
-
-k.head125:                                        ; preds = %k.body126, %tile.mr3
-  %k128 = phi i64 [ 0, %tile.mr3 ], [ %583, %k.body126 ]
-  %553 = icmp slt i64 %k128, 2880
-  br i1 %553, label %k.body126, label %k.end127
-
-k.body126:                                        ; preds = %k.head125
-  %554 = mul nsw i64 %k128, 16
-  %555 = add nsw i64 %panel.off124, %554
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %555
-  %bw129 = load <8 x i32>, ptr %556, align 4
-  %557 = shl <8 x i32> %bw129, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0130 = bitcast <8 x i32> %557 to <8 x float>
-  %558 = and <8 x i32> %bw129, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1131 = bitcast <8 x i32> %558 to <8 x float>
-  %559 = getelementptr inbounds float, ptr %h0109, i64 %k128
-  %560 = load float, ptr %559, align 4
-  %561 = insertelement <8 x float> poison, float %560, i32 0
-  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
-  %563 = load <8 x float>, ptr %acc00111, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b0130, <8 x float> %563)
-  store <8 x float> %564, ptr %acc00111, align 4
-  %565 = load <8 x float>, ptr %acc01113, align 4
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b1131, <8 x float> %565)
-  store <8 x float> %566, ptr %acc01113, align 4
-  %567 = getelementptr inbounds float, ptr %h1114, i64 %k128
-  %568 = load float, ptr %567, align 4
-  %569 = insertelement <8 x float> poison, float %568, i32 0
-  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = load <8 x float>, ptr %acc10116, align 4
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b0130, <8 x float> %571)
-  store <8 x float> %572, ptr %acc10116, align 4
-  %573 = load <8 x float>, ptr %acc11118, align 4
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b1131, <8 x float> %573)
-  store <8 x float> %574, ptr %acc11118, align 4
-  %575 = getelementptr inbounds float, ptr %h2119, i64 %k128
-  %576 = load float, ptr %575, align 4
-  %577 = insertelement <8 x float> poison, float %576, i32 0
-  %578 = shufflevector <8 x float> %577, <8 x float> poison, <8 x i32> zeroinitializer
-  %579 = load <8 x float>, ptr %acc20121, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b0130, <8 x float> %579)
-  store <8 x float> %580, ptr %acc20121, align 4
-  %581 = load <8 x float>, ptr %acc21123, align 4
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b1131, <8 x float> %581)
-  store <8 x float> %582, ptr %acc21123, align 4
-  %583 = add nsw i64 %k128, 1
-  br label %k.head125
-
-k.end127:                                         ; preds = %k.head125
-  %584 = add nsw i64 %r0, 0
-  %585 = getelementptr inbounds float, ptr %rw, i64 %584
-  %w132 = load float, ptr %585, align 4
-  %586 = insertelement <8 x float> poison, float %w132, i32 0
-  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
-  %588 = load <8 x float>, ptr %acc00111, align 4
-  %589 = add nsw i64 %col108, 0
-  %590 = getelementptr inbounds float, ptr %bd, i64 %589
-  %bd133 = load <8 x float>, ptr %590, align 4
-  %591 = fmul <8 x float> %bd133, %587
-  %592 = fadd <8 x float> %588, %591
-  store <8 x float> %592, ptr %y00110, align 4
-  %593 = load <8 x float>, ptr %acc01113, align 4
-  %594 = add nsw i64 %col108, 8
-  %595 = getelementptr inbounds float, ptr %bd, i64 %594
-  %bd134 = load <8 x float>, ptr %595, align 4
-  %596 = fmul <8 x float> %bd134, %587
-  %597 = fadd <8 x float> %593, %596
-  store <8 x float> %597, ptr %y01112, align 4
-  %598 = add nsw i64 %r0, 1
-  %599 = getelementptr inbounds float, ptr %rw, i64 %598
-  %w135 = load float, ptr %599, align 4
-  %600 = insertelement <8 x float> poison, float %w135, i32 0
-  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
-  %602 = load <8 x float>, ptr %acc10116, align 4
-  %603 = add nsw i64 %col108, 0
-  %604 = getelementptr inbounds float, ptr %bd, i64 %603
-  %bd136 = load <8 x float>, ptr %604, align 4
-  %605 = fmul <8 x float> %bd136, %601
-  %606 = fadd <8 x float> %602, %605
-  store <8 x float> %606, ptr %y10115, align 4
-  %607 = load <8 x float>, ptr %acc11118, align 4
-  %608 = add nsw i64 %col108, 8
-  %609 = getelementptr inbounds float, ptr %bd, i64 %608
-  %bd137 = load <8 x float>, ptr %609, align 4
-  %610 = fmul <8 x float> %bd137, %601
-  %611 = fadd <8 x float> %607, %610
-  store <8 x float> %611, ptr %y11117, align 4
-  %612 = add nsw i64 %r0, 2
-  %613 = getelementptr inbounds float, ptr %rw, i64 %612
-  %w138 = load float, ptr %613, align 4
-  %614 = insertelement <8 x float> poison, float %w138, i32 0
-  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
-  %616 = load <8 x float>, ptr %acc20121, align 4
-  %617 = add nsw i64 %col108, 0
-  %618 = getelementptr inbounds float, ptr %bd, i64 %617
-  %bd139 = load <8 x float>, ptr %618, align 4
-  %619 = fmul <8 x float> %bd139, %615
-  %620 = fadd <8 x float> %616, %619
-  store <8 x float> %620, ptr %y20120, align 4
-  %621 = load <8 x float>, ptr %acc21123, align 4
-  %622 = add nsw i64 %col108, 8
-  %623 = getelementptr inbounds float, ptr %bd, i64 %622
-  %bd140 = load <8 x float>, ptr %623, align 4
-  %624 = fmul <8 x float> %bd140, %615
-  %625 = fadd <8 x float> %621, %624
-  store <8 x float> %625, ptr %y21122, align 4
-  br label %tile.done
-
-tile.mr2:                                         ; preds = %r0.body
-  %col141 = mul nsw i64 %p, 16
-  %626 = add nsw i64 %r0, 0
-  %627 = mul nsw i64 %626, 2880
-  %h0142 = getelementptr inbounds float, ptr %h, i64 %627
-  %628 = getelementptr inbounds i32, ptr %rows, i64 %626
-  %629 = load i32, ptr %628, align 4
-  %630 = sext i32 %629 to i64
-  %631 = mul nsw i64 %630, 2880
-  %632 = getelementptr inbounds float, ptr %y, i64 %631
-  %633 = add nsw i64 %col141, 0
-  %y00143 = getelementptr inbounds float, ptr %632, i64 %633
-  %634 = load <8 x float>, ptr %y00143, align 4
-  store <8 x float> %634, ptr %acc00144, align 4
-  %635 = add nsw i64 %col141, 8
-  %y01145 = getelementptr inbounds float, ptr %632, i64 %635
-  %636 = load <8 x float>, ptr %y01145, align 4
-  store <8 x float> %636, ptr %acc01146, align 4
-  %637 = add nsw i64 %r0, 1
-  %638 = mul nsw i64 %637, 2880
-  %h1147 = getelementptr inbounds float, ptr %h, i64 %638
-  %639 = getelementptr inbounds i32, ptr %rows, i64 %637
-  %640 = load i32, ptr %639, align 4
-  %641 = sext i32 %640 to i64
+  %col35 = mul nsw i64 %p, 16
+  %613 = add nsw i64 %r0, 0
+  %614 = mul nsw i64 %613, 2880
+  %615 = getelementptr inbounds float, ptr %h, i64 %614
+  %616 = getelementptr inbounds i32, ptr %rows, i64 %613
+  %617 = load i32, ptr %616, align 4
+  %618 = sext i32 %617 to i64
+  %619 = mul nsw i64 %618, 2880
+  %620 = getelementptr inbounds float, ptr %y, i64 %619
+  %621 = add nsw i64 %col35, 0
+  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  %623 = load <8 x float>, ptr %622, align 4
+  store <8 x float> %623, ptr %acc0036, align 4
+  %624 = add nsw i64 %col35, 8
+  %625 = getelementptr inbounds float, ptr %620, i64 %624
+  %626 = load <8 x float>, ptr %625, align 4
+  store <8 x float> %626, ptr %acc0137, align 4
+  %627 = add nsw i64 %r0, 1
+  %628 = mul nsw i64 %627, 2880
+  %629 = getelementptr inbounds float, ptr %h, i64 %628
+  %630 = getelementptr inbounds i32, ptr %rows, i64 %627
+  %631 = load i32, ptr %630, align 4
+  %632 = sext i32 %631 to i64
+  %633 = mul nsw i64 %632, 2880
+  %634 = getelementptr inbounds float, ptr %y, i64 %633
+  %635 = add nsw i64 %col35, 0
+  %636 = getelementptr inbounds float, ptr %634, i64 %635
+  %637 = load <8 x float>, ptr %636, align 4
+  store <8 x float> %637, ptr %acc1038, align 4
+  %638 = add nsw i64 %col35, 8
+  %639 = getelementptr inbounds float, ptr %634, i64 %638
+  %640 = load <8 x float>, ptr %639, align 4
+  store <8 x float> %640, ptr %acc1139, align 4
+  %641 = add nsw i64 %r0, 2
   %642 = mul nsw i64 %641, 2880
-  %643 = getelementptr inbounds float, ptr %y, i64 %642
-  %644 = add nsw i64 %col141, 0
-  %y10148 = getelementptr inbounds float, ptr %643, i64 %644
-  %645 = load <8 x float>, ptr %y10148, align 4
-  store <8 x float> %645, ptr %acc10149, align 4
-  %646 = add nsw i64 %col141, 8
-  %y11150 = getelementptr inbounds float, ptr %643, i64 %646
-  %647 = load <8 x float>, ptr %y11150, align 4
-  store <8 x float> %647, ptr %acc11151, align 4
-  %panel.off152 = mul nsw i64 %p, 46080
-  br label %k.head153
+  %643 = getelementptr inbounds float, ptr %h, i64 %642
+  %644 = getelementptr inbounds i32, ptr %rows, i64 %641
+  %645 = load i32, ptr %644, align 4
+  %646 = sext i32 %645 to i64
+  %647 = mul nsw i64 %646, 2880
+  %648 = getelementptr inbounds float, ptr %y, i64 %647
+  %649 = add nsw i64 %col35, 0
+  %650 = getelementptr inbounds float, ptr %648, i64 %649
+  %651 = load <8 x float>, ptr %650, align 4
+  store <8 x float> %651, ptr %acc2040, align 4
+  %652 = add nsw i64 %col35, 8
+  %653 = getelementptr inbounds float, ptr %648, i64 %652
+  %654 = load <8 x float>, ptr %653, align 4
+  store <8 x float> %654, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 46080
+  br label %k.head43
 
-k.head153:                                        ; preds = %k.body154, %tile.mr2
-  %k156 = phi i64 [ 0, %tile.mr2 ], [ %670, %k.body154 ]
-  %648 = icmp slt i64 %k156, 2880
-  br i1 %648, label %k.body154, label %k.end155
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %686, %k.body44 ]
+  %655 = icmp slt i64 %k46, 2880
+  br i1 %655, label %k.body44, label %k.end45
 
-k.body154:                                        ; preds = %k.head153
-  %649 = mul nsw i64 %k156, 16
-  %650 = add nsw i64 %panel.off152, %649
-  %651 = getelementptr inbounds i16, ptr %panels, i64 %650
-  %bw157 = load <8 x i32>, ptr %651, align 4
-  %652 = shl <8 x i32> %bw157, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0158 = bitcast <8 x i32> %652 to <8 x float>
-  %653 = and <8 x i32> %bw157, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1159 = bitcast <8 x i32> %653 to <8 x float>
-  %654 = getelementptr inbounds float, ptr %h0142, i64 %k156
-  %655 = load float, ptr %654, align 4
-  %656 = insertelement <8 x float> poison, float %655, i32 0
-  %657 = shufflevector <8 x float> %656, <8 x float> poison, <8 x i32> zeroinitializer
-  %658 = load <8 x float>, ptr %acc00144, align 4
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %b0158, <8 x float> %658)
-  store <8 x float> %659, ptr %acc00144, align 4
-  %660 = load <8 x float>, ptr %acc01146, align 4
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %b1159, <8 x float> %660)
-  store <8 x float> %661, ptr %acc01146, align 4
-  %662 = getelementptr inbounds float, ptr %h1147, i64 %k156
+k.body44:                                         ; preds = %k.head43
+  %656 = mul nsw i64 %k46, 16
+  %657 = add nsw i64 %panel.off42, %656
+  %658 = getelementptr inbounds i16, ptr %panels, i64 %657
+  %659 = load <8 x i32>, ptr %658, align 4
+  %660 = shl <8 x i32> %659, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %660 to <8 x float>
+  %661 = and <8 x i32> %659, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %661 to <8 x float>
+  %662 = getelementptr inbounds float, ptr %615, i64 %k46
   %663 = load float, ptr %662, align 4
   %664 = insertelement <8 x float> poison, float %663, i32 0
   %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
-  %666 = load <8 x float>, ptr %acc10149, align 4
-  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b0158, <8 x float> %666)
-  store <8 x float> %667, ptr %acc10149, align 4
-  %668 = load <8 x float>, ptr %acc11151, align 4
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b1159, <8 x float> %668)
-  store <8 x float> %669, ptr %acc11151, align 4
-  %670 = add nsw i64 %k156, 1
-  br label %k.head153
+  %666 = load <8 x float>, ptr %acc0036, align 4
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b047, <8 x float> %666)
+  store <8 x float> %667, ptr %acc0036, align 4
+  %668 = load <8 x float>, ptr %acc0137, align 4
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b148, <8 x float> %668)
+  store <8 x float> %669, ptr %acc0137, align 4
+  %670 = getelementptr inbounds float, ptr %629, i64 %k46
+  %671 = load float, ptr %670, align 4
+  %672 = insertelement <8 x float> poison, float %671, i32 0
+  %673 = shufflevector <8 x float> %672, <8 x float> poison, <8 x i32> zeroinitializer
+  %674 = load <8 x float>, ptr %acc1038, align 4
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %b047, <8 x float> %674)
+  store <8 x float> %675, ptr %acc1038, align 4
+  %676 = load <8 x float>, ptr %acc1139, align 4
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %b148, <8 x float> %676)
+  store <8 x float> %677, ptr %acc1139, align 4
+  %678 = getelementptr inbounds float, ptr %643, i64 %k46
+  %679 = load float, ptr %678, align 4
+  %680 = insertelement <8 x float> poison, float %679, i32 0
+  %681 = shufflevector <8 x float> %680, <8 x float> poison, <8 x i32> zeroinitializer
+  %682 = load <8 x float>, ptr %acc2040, align 4
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %b047, <8 x float> %682)
+  store <8 x float> %683, ptr %acc2040, align 4
+  %684 = load <8 x float>, ptr %acc2141, align 4
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %b148, <8 x float> %684)
+  store <8 x float> %685, ptr %acc2141, align 4
+  %686 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end155:                                         ; preds = %k.head153
-  %671 = add nsw i64 %r0, 0
-  %672 = getelementptr inbounds float, ptr %rw, i64 %671
-  %w160 = load float, ptr %672, align 4
-  %673 = insertelement <8 x float> poison, float %w160, i32 0
-  %674 = shufflevector <8 x float> %673, <8 x float> poison, <8 x i32> zeroinitializer
-  %675 = load <8 x float>, ptr %acc00144, align 4
-  %676 = add nsw i64 %col141, 0
-  %677 = getelementptr inbounds float, ptr %bd, i64 %676
-  %bd161 = load <8 x float>, ptr %677, align 4
-  %678 = fmul <8 x float> %bd161, %674
-  %679 = fadd <8 x float> %675, %678
-  store <8 x float> %679, ptr %y00143, align 4
-  %680 = load <8 x float>, ptr %acc01146, align 4
-  %681 = add nsw i64 %col141, 8
-  %682 = getelementptr inbounds float, ptr %bd, i64 %681
-  %bd162 = load <8 x float>, ptr %682, align 4
-  %683 = fmul <8 x float> %bd162, %674
-  %684 = fadd <8 x float> %680, %683
-  store <8 x float> %684, ptr %y01145, align 4
-  %685 = add nsw i64 %r0, 1
-  %686 = getelementptr inbounds float, ptr %rw, i64 %685
-  %w163 = load float, ptr %686, align 4
-  %687 = insertelement <8 x float> poison, float %w163, i32 0
-  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
-  %689 = load <8 x float>, ptr %acc10149, align 4
-  %690 = add nsw i64 %col141, 0
-  %691 = getelementptr inbounds float, ptr %bd, i64 %690
-  %bd164 = load <8 x float>, ptr %691, align 4
-  %692 = fmul <8 x float> %bd164, %688
-  %693 = fadd <8 x float> %689, %692
-  store <8 x float> %693, ptr %y10148, align 4
-  %694 = load <8 x float>, ptr %acc11151, align 4
-  %695 = add nsw i64 %col141, 8
-  %696 = getelementptr inbounds float, ptr %bd, i64 %695
-  %bd165 = load <8 x float>, ptr %696, align 4
-  %697 = fmul <8 x float> %bd165, %688
-  %698 = fadd <8 x float> %694, %697
-  store <8 x float> %698, ptr %y11150, align 4
+k.end45:                                          ; preds = %k.head43
+  %687 = add nsw i64 %r0, 0
+  %688 = getelementptr inbounds float, ptr %rw, i64 %687
+  %689 = load float, ptr %688, align 4
+  %690 = insertelement <8 x float> poison, float %689, i32 0
+  %691 = shufflevector <8 x float> %690, <8 x float> poison, <8 x i32> zeroinitializer
+  %692 = load <8 x float>, ptr %acc0036, align 4
+  %693 = add nsw i64 %col35, 0
+  %694 = getelementptr inbounds float, ptr %bd, i64 %693
+  %695 = load <8 x float>, ptr %694, align 4
+  %696 = fmul <8 x float> %695, %691
+  %697 = fadd <8 x float> %692, %696
+  store <8 x float> %697, ptr %622, align 4
+  %698 = load <8 x float>, ptr %acc0137, align 4
+  %699 = add nsw i64 %col35, 8
+  %700 = getelementptr inbounds float, ptr %bd, i64 %699
+  %701 = load <8 x float>, ptr %700, align 4
+  %702 = fmul <8 x float> %701, %691
+  %703 = fadd <8 x float> %698, %702
+  store <8 x float> %703, ptr %625, align 4
+  %704 = add nsw i64 %r0, 1
+  %705 = getelementptr inbounds float, ptr %rw, i64 %704
+  %706 = load float, ptr %705, align 4
+  %707 = insertelement <8 x float> poison, float %706, i32 0
+  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
+  %709 = load <8 x float>, ptr %acc1038, align 4
+  %710 = add nsw i64 %col35, 0
+  %711 = getelementptr inbounds float, ptr %bd, i64 %710
+  %712 = load <8 x float>, ptr %711, align 4
+  %713 = fmul <8 x float> %712, %708
+  %714 = fadd <8 x float> %709, %713
+  store <8 x float> %714, ptr %636, align 4
+  %715 = load <8 x float>, ptr %acc1139, align 4
+  %716 = add nsw i64 %col35, 8
+  %717 = getelementptr inbounds float, ptr %bd, i64 %716
+  %718 = load <8 x float>, ptr %717, align 4
+  %719 = fmul <8 x float> %718, %708
+  %720 = fadd <8 x float> %715, %719
+  store <8 x float> %720, ptr %639, align 4
+  %721 = add nsw i64 %r0, 2
+  %722 = getelementptr inbounds float, ptr %rw, i64 %721
+  %723 = load float, ptr %722, align 4
+  %724 = insertelement <8 x float> poison, float %723, i32 0
+  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
+  %726 = load <8 x float>, ptr %acc2040, align 4
+  %727 = add nsw i64 %col35, 0
+  %728 = getelementptr inbounds float, ptr %bd, i64 %727
+  %729 = load <8 x float>, ptr %728, align 4
+  %730 = fmul <8 x float> %729, %725
+  %731 = fadd <8 x float> %726, %730
+  store <8 x float> %731, ptr %650, align 4
+  %732 = load <8 x float>, ptr %acc2141, align 4
+  %733 = add nsw i64 %col35, 8
+  %734 = getelementptr inbounds float, ptr %bd, i64 %733
+  %735 = load <8 x float>, ptr %734, align 4
+  %736 = fmul <8 x float> %735, %725
+  %737 = fadd <8 x float> %732, %736
+  store <8 x float> %737, ptr %653, align 4
+  br label %tile.done
+
+tile.mr2:                                         ; preds = %r0.body
+  %col49 = mul nsw i64 %p, 16
+  %738 = add nsw i64 %r0, 0
+  %739 = mul nsw i64 %738, 2880
+  %740 = getelementptr inbounds float, ptr %h, i64 %739
+  %741 = getelementptr inbounds i32, ptr %rows, i64 %738
+  %742 = load i32, ptr %741, align 4
+  %743 = sext i32 %742 to i64
+  %744 = mul nsw i64 %743, 2880
+  %745 = getelementptr inbounds float, ptr %y, i64 %744
+  %746 = add nsw i64 %col49, 0
+  %747 = getelementptr inbounds float, ptr %745, i64 %746
+  %748 = load <8 x float>, ptr %747, align 4
+  store <8 x float> %748, ptr %acc0050, align 4
+  %749 = add nsw i64 %col49, 8
+  %750 = getelementptr inbounds float, ptr %745, i64 %749
+  %751 = load <8 x float>, ptr %750, align 4
+  store <8 x float> %751, ptr %acc0151, align 4
+  %752 = add nsw i64 %r0, 1
+  %753 = mul nsw i64 %752, 2880
+  %754 = getelementptr inbounds float, ptr %h, i64 %753
+  %755 = getelementptr inbounds i32, ptr %rows, i64 %752
+  %756 = load i32, ptr %755, align 4
+  %757 = sext i32 %756 to i64
+  %758 = mul nsw i64 %757, 2880
+  %759 = getelementptr inbounds float, ptr %y, i64 %758
+  %760 = add nsw i64 %col49, 0
+  %761 = getelementptr inbounds float, ptr %759, i64 %760
+  %762 = load <8 x float>, ptr %761, align 4
+  store <8 x float> %762, ptr %acc1052, align 4
+  %763 = add nsw i64 %col49, 8
+  %764 = getelementptr inbounds float, ptr %759, i64 %763
+  %765 = load <8 x float>, ptr %764, align 4
+  store <8 x float> %765, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 46080
+  br label %k.head55
+
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %789, %k.body56 ]
+  %766 = icmp slt i64 %k58, 2880
+  br i1 %766, label %k.body56, label %k.end57
+
+k.body56:                                         ; preds = %k.head55
+  %767 = mul nsw i64 %k58, 16
+  %768 = add nsw i64 %panel.off54, %767
+  %769 = getelementptr inbounds i16, ptr %panels, i64 %768
+  %770 = load <8 x i32>, ptr %769, align 4
+  %771 = shl <8 x i32> %770, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %771 to <8 x float>
+  %772 = and <8 x i32> %770, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %772 to <8 x float>
+  %773 = getelementptr inbounds float, ptr %740, i64 %k58
+  %774 = load float, ptr %773, align 4
+  %775 = insertelement <8 x float> poison, float %774, i32 0
+  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
+  %777 = load <8 x float>, ptr %acc0050, align 4
+  %778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b059, <8 x float> %777)
+  store <8 x float> %778, ptr %acc0050, align 4
+  %779 = load <8 x float>, ptr %acc0151, align 4
+  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b160, <8 x float> %779)
+  store <8 x float> %780, ptr %acc0151, align 4
+  %781 = getelementptr inbounds float, ptr %754, i64 %k58
+  %782 = load float, ptr %781, align 4
+  %783 = insertelement <8 x float> poison, float %782, i32 0
+  %784 = shufflevector <8 x float> %783, <8 x float> poison, <8 x i32> zeroinitializer
+  %785 = load <8 x float>, ptr %acc1052, align 4
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %b059, <8 x float> %785)
+  store <8 x float> %786, ptr %acc1052, align 4
+  %787 = load <8 x float>, ptr %acc1153, align 4
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %b160, <8 x float> %787)
+  store <8 x float> %788, ptr %acc1153, align 4
+  %789 = add nsw i64 %k58, 1
+  br label %k.head55
+
+k.end57:                                          ; preds = %k.head55
+  %790 = add nsw i64 %r0, 0
+  %791 = getelementptr inbounds float, ptr %rw, i64 %790
+  %792 = load float, ptr %791, align 4
+  %793 = insertelement <8 x float> poison, float %792, i32 0
+  %794 = shufflevector <8 x float> %793, <8 x float> poison, <8 x i32> zeroinitializer
+  %795 = load <8 x float>, ptr %acc0050, align 4
+  %796 = add nsw i64 %col49, 0
+  %797 = getelementptr inbounds float, ptr %bd, i64 %796
+  %798 = load <8 x float>, ptr %797, align 4
+  %799 = fmul <8 x float> %798, %794
+  %800 = fadd <8 x float> %795, %799
+  store <8 x float> %800, ptr %747, align 4
+  %801 = load <8 x float>, ptr %acc0151, align 4
+  %802 = add nsw i64 %col49, 8
+  %803 = getelementptr inbounds float, ptr %bd, i64 %802
+  %804 = load <8 x float>, ptr %803, align 4
+  %805 = fmul <8 x float> %804, %794
+  %806 = fadd <8 x float> %801, %805
+  store <8 x float> %806, ptr %750, align 4
+  %807 = add nsw i64 %r0, 1
+  %808 = getelementptr inbounds float, ptr %rw, i64 %807
+  %809 = load float, ptr %808, align 4
+  %810 = insertelement <8 x float> poison, float %809, i32 0
+  %811 = shufflevector <8 x float> %810, <8 x float> poison, <8 x i32> zeroinitializer
+  %812 = load <8 x float>, ptr %acc1052, align 4
+  %813 = add nsw i64 %col49, 0
+  %814 = getelementptr inbounds float, ptr %bd, i64 %813
+  %815 = load <8 x float>, ptr %814, align 4
+  %816 = fmul <8 x float> %815, %811
+  %817 = fadd <8 x float> %812, %816
+  store <8 x float> %817, ptr %761, align 4
+  %818 = load <8 x float>, ptr %acc1153, align 4
+  %819 = add nsw i64 %col49, 8
+  %820 = getelementptr inbounds float, ptr %bd, i64 %819
+  %821 = load <8 x float>, ptr %820, align 4
+  %822 = fmul <8 x float> %821, %811
+  %823 = fadd <8 x float> %818, %822
+  store <8 x float> %823, ptr %764, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col166 = mul nsw i64 %p, 16
-  %699 = add nsw i64 %r0, 0
-  %700 = mul nsw i64 %699, 2880
-  %h0167 = getelementptr inbounds float, ptr %h, i64 %700
-  %701 = getelementptr inbounds i32, ptr %rows, i64 %699
-  %702 = load i32, ptr %701, align 4
-  %703 = sext i32 %702 to i64
-  %704 = mul nsw i64 %703, 2880
-  %705 = getelementptr inbounds float, ptr %y, i64 %704
-  %706 = add nsw i64 %col166, 0
-  %y00168 = getelementptr inbounds float, ptr %705, i64 %706
-  %707 = load <8 x float>, ptr %y00168, align 4
-  store <8 x float> %707, ptr %acc00169, align 4
-  %708 = add nsw i64 %col166, 8
-  %y01170 = getelementptr inbounds float, ptr %705, i64 %708
-  %709 = load <8 x float>, ptr %y01170, align 4
-  store <8 x float> %709, ptr %acc01171, align 4
-  %panel.off172 = mul nsw i64 %p, 46080
-  br label %k.head173
+  %col61 = mul nsw i64 %p, 16
+  %824 = add nsw i64 %r0, 0
+  %825 = mul nsw i64 %824, 2880
+  %826 = getelementptr inbounds float, ptr %h, i64 %825
+  %827 = getelementptr inbounds i32, ptr %rows, i64 %824
+  %828 = load i32, ptr %827, align 4
+  %829 = sext i32 %828 to i64
+  %830 = mul nsw i64 %829, 2880
+  %831 = getelementptr inbounds float, ptr %y, i64 %830
+  %832 = add nsw i64 %col61, 0
+  %833 = getelementptr inbounds float, ptr %831, i64 %832
+  %834 = load <8 x float>, ptr %833, align 4
+  store <8 x float> %834, ptr %acc0062, align 4
+  %835 = add nsw i64 %col61, 8
+  %836 = getelementptr inbounds float, ptr %831, i64 %835
+  %837 = load <8 x float>, ptr %836, align 4
+  store <8 x float> %837, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 46080
+  br label %k.head65
 
-k.head173:                                        ; preds = %k.body174, %tile.mr1
-  %k176 = phi i64 [ 0, %tile.mr1 ], [ %724, %k.body174 ]
-  %710 = icmp slt i64 %k176, 2880
-  br i1 %710, label %k.body174, label %k.end175
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %853, %k.body66 ]
+  %838 = icmp slt i64 %k68, 2880
+  br i1 %838, label %k.body66, label %k.end67
 
-k.body174:                                        ; preds = %k.head173
-  %711 = mul nsw i64 %k176, 16
-  %712 = add nsw i64 %panel.off172, %711
-  %713 = getelementptr inbounds i16, ptr %panels, i64 %712
-  %bw177 = load <8 x i32>, ptr %713, align 4
-  %714 = shl <8 x i32> %bw177, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %714 to <8 x float>
-  %715 = and <8 x i32> %bw177, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %715 to <8 x float>
-  %716 = getelementptr inbounds float, ptr %h0167, i64 %k176
-  %717 = load float, ptr %716, align 4
-  %718 = insertelement <8 x float> poison, float %717, i32 0
-  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
-  %720 = load <8 x float>, ptr %acc00169, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b0178, <8 x float> %720)
-  store <8 x float> %721, ptr %acc00169, align 4
-  %722 = load <8 x float>, ptr %acc01171, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b1179, <8 x float> %722)
-  store <8 x float> %723, ptr %acc01171, align 4
-  %724 = add nsw i64 %k176, 1
-  br label %k.head173
+k.body66:                                         ; preds = %k.head65
+  %839 = mul nsw i64 %k68, 16
+  %840 = add nsw i64 %panel.off64, %839
+  %841 = getelementptr inbounds i16, ptr %panels, i64 %840
+  %842 = load <8 x i32>, ptr %841, align 4
+  %843 = shl <8 x i32> %842, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %843 to <8 x float>
+  %844 = and <8 x i32> %842, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %844 to <8 x float>
+  %845 = getelementptr inbounds float, ptr %826, i64 %k68
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = load <8 x float>, ptr %acc0062, align 4
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b069, <8 x float> %849)
+  store <8 x float> %850, ptr %acc0062, align 4
+  %851 = load <8 x float>, ptr %acc0163, align 4
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b170, <8 x float> %851)
+  store <8 x float> %852, ptr %acc0163, align 4
+  %853 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end175:                                         ; preds = %k.head173
-  %725 = add nsw i64 %r0, 0
-  %726 = getelementptr inbounds float, ptr %rw, i64 %725
-  %w180 = load float, ptr %726, align 4
-  %727 = insertelement <8 x float> poison, float %w180, i32 0
-  %728 = shufflevector <8 x float> %727, <8 x float> poison, <8 x i32> zeroinitializer
-  %729 = load <8 x float>, ptr %acc00169, align 4
-  %730 = add nsw i64 %col166, 0
-  %731 = getelementptr inbounds float, ptr %bd, i64 %730
-  %bd181 = load <8 x float>, ptr %731, align 4
-  %732 = fmul <8 x float> %bd181, %728
-  %733 = fadd <8 x float> %729, %732
-  store <8 x float> %733, ptr %y00168, align 4
-  %734 = load <8 x float>, ptr %acc01171, align 4
-  %735 = add nsw i64 %col166, 8
-  %736 = getelementptr inbounds float, ptr %bd, i64 %735
-  %bd182 = load <8 x float>, ptr %736, align 4
-  %737 = fmul <8 x float> %bd182, %728
-  %738 = fadd <8 x float> %734, %737
-  store <8 x float> %738, ptr %y01170, align 4
+k.end67:                                          ; preds = %k.head65
+  %854 = add nsw i64 %r0, 0
+  %855 = getelementptr inbounds float, ptr %rw, i64 %854
+  %856 = load float, ptr %855, align 4
+  %857 = insertelement <8 x float> poison, float %856, i32 0
+  %858 = shufflevector <8 x float> %857, <8 x float> poison, <8 x i32> zeroinitializer
+  %859 = load <8 x float>, ptr %acc0062, align 4
+  %860 = add nsw i64 %col61, 0
+  %861 = getelementptr inbounds float, ptr %bd, i64 %860
+  %862 = load <8 x float>, ptr %861, align 4
+  %863 = fmul <8 x float> %862, %858
+  %864 = fadd <8 x float> %859, %863
+  store <8 x float> %864, ptr %833, align 4
+  %865 = load <8 x float>, ptr %acc0163, align 4
+  %866 = add nsw i64 %col61, 8
+  %867 = getelementptr inbounds float, ptr %bd, i64 %866
+  %868 = load <8 x float>, ptr %867, align 4
+  %869 = fmul <8 x float> %868, %858
+  %870 = fadd <8 x float> %865, %869
+  store <8 x float> %870, ptr %836, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end175, %k.end155, %k.end127, %k.end91, %k.end47, %k.end
-  %739 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %871 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %740 = add nsw i64 %p, 1
+  %872 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -16,196 +16,214 @@ entry:
   %l = alloca [16 x float], align 32
   %s = alloca [16 x float], align 32
   %c = alloca [16 x float], align 32
-  %taken = alloca [16 x i8], align 32
+  %idx = alloca i64, align 32
   %lacc0 = alloca <8 x float>, align 32
   %lacc1 = alloca <8 x float>, align 32
-  %best = alloca i64, align 32
-  %bestv = alloca float, align 32
+  %tk.m = alloca i64, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %t.head
 
-t.head:                                           ; preds = %top.j.end, %start
-  %t = phi i64 [ %t0, %start ], [ %72, %top.j.end ]
+t.head:                                           ; preds = %top.end, %start
+  %t = phi i64 [ %t0, %start ], [ %91, %top.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %1 = mul nsw i64 %t, 5120
-  %xrow = getelementptr inbounds float, ptr %x, i64 %1
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
   store <8 x float> zeroinitializer, ptr %lacc0, align 4
   store <8 x float> zeroinitializer, ptr %lacc1, align 4
   br label %hh.head
 
 hh.head:                                          ; preds = %hh.body, %t.body
-  %hh = phi i64 [ 0, %t.body ], [ %18, %hh.body ]
-  %2 = icmp slt i64 %hh, 5120
-  br i1 %2, label %hh.body, label %hh.end
+  %hh = phi i64 [ 0, %t.body ], [ %22, %hh.body ]
+  %3 = icmp slt i64 %hh, 5120
+  br i1 %3, label %hh.body, label %hh.end
 
 hh.body:                                          ; preds = %hh.head
-  %3 = getelementptr inbounds float, ptr %xrow, i64 %hh
-  %xh = load float, ptr %3, align 4
-  %4 = insertelement <8 x float> poison, float %xh, i32 0
-  %5 = shufflevector <8 x float> %4, <8 x float> poison, <8 x i32> zeroinitializer
-  %6 = mul nsw i64 %hh, 8
-  %7 = add nsw i64 0, %6
-  %8 = getelementptr inbounds float, ptr %router, i64 %7
-  %wr = load <8 x float>, ptr %8, align 4
-  %9 = fmul <8 x float> %5, %wr
-  %10 = load <8 x float>, ptr %lacc0, align 4
-  %11 = fadd <8 x float> %10, %9
-  store <8 x float> %11, ptr %lacc0, align 4
-  %12 = mul nsw i64 %hh, 8
-  %13 = add nsw i64 40960, %12
-  %14 = getelementptr inbounds float, ptr %router, i64 %13
-  %wr1 = load <8 x float>, ptr %14, align 4
-  %15 = fmul <8 x float> %5, %wr1
-  %16 = load <8 x float>, ptr %lacc1, align 4
-  %17 = fadd <8 x float> %16, %15
-  store <8 x float> %17, ptr %lacc1, align 4
-  %18 = add nsw i64 %hh, 1
+  %4 = getelementptr inbounds float, ptr %2, i64 %hh
+  %5 = load float, ptr %4, align 4
+  %6 = insertelement <8 x float> poison, float %5, i32 0
+  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
+  %8 = mul nsw i64 %hh, 8
+  %9 = add nsw i64 0, %8
+  %10 = getelementptr inbounds float, ptr %router, i64 %9
+  %11 = load <8 x float>, ptr %10, align 4
+  %12 = fmul <8 x float> %7, %11
+  %13 = load <8 x float>, ptr %lacc0, align 4
+  %14 = fadd <8 x float> %13, %12
+  store <8 x float> %14, ptr %lacc0, align 4
+  %15 = mul nsw i64 %hh, 8
+  %16 = add nsw i64 40960, %15
+  %17 = getelementptr inbounds float, ptr %router, i64 %16
+  %18 = load <8 x float>, ptr %17, align 4
+  %19 = fmul <8 x float> %7, %18
+  %20 = load <8 x float>, ptr %lacc1, align 4
+  %21 = fadd <8 x float> %20, %19
+  store <8 x float> %21, ptr %lacc1, align 4
+  %22 = add nsw i64 %hh, 1
   br label %hh.head
 
 hh.end:                                           ; preds = %hh.head
-  %19 = getelementptr inbounds float, ptr %l, i64 0
-  %20 = load <8 x float>, ptr %lacc0, align 4
-  store <8 x float> %20, ptr %19, align 4
-  %21 = getelementptr inbounds float, ptr %l, i64 8
-  %22 = load <8 x float>, ptr %lacc1, align 4
-  store <8 x float> %22, ptr %21, align 4
-  %23 = mul nsw i64 %t, 16
-  %lrow = getelementptr inbounds float, ptr %logits, i64 %23
+  %23 = load <8 x float>, ptr %lacc0, align 4
+  %24 = load <8 x float>, ptr %lacc1, align 4
+  %25 = getelementptr inbounds float, ptr %l, i64 0
+  store <8 x float> %23, ptr %25, align 4
+  %26 = getelementptr inbounds float, ptr %l, i64 8
+  store <8 x float> %24, ptr %26, align 4
+  %27 = mul nsw i64 %t, 16
+  %28 = getelementptr inbounds float, ptr %logits, i64 %27
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %hh.end
-  %lb = phi i64 [ 0, %hh.end ], [ %28, %lb.body ]
-  %24 = icmp slt i64 %lb, 16
-  br i1 %24, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %hh.end ], [ %33, %lb.body ]
+  %29 = icmp slt i64 %lb, 16
+  br i1 %29, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %25 = getelementptr inbounds float, ptr %l, i64 %lb
-  %26 = load float, ptr %25, align 4
-  %27 = getelementptr inbounds float, ptr %lrow, i64 %lb
-  store float %26, ptr %27, align 4
-  %28 = add nsw i64 %lb, 1
+  %30 = getelementptr inbounds float, ptr %l, i64 %lb
+  %31 = load float, ptr %30, align 4
+  %32 = getelementptr inbounds float, ptr %28, i64 %lb
+  store float %31, ptr %32, align 4
+  %33 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
   br label %score.head
 
 score.head:                                       ; preds = %score.body, %lb.end
-  %score = phi i64 [ 0, %lb.end ], [ %37, %score.body ]
-  %29 = icmp slt i64 %score, 16
-  br i1 %29, label %score.body, label %score.end
+  %score = phi i64 [ 0, %lb.end ], [ %45, %score.body ]
+  %34 = icmp slt i64 %score, 16
+  br i1 %34, label %score.body, label %score.end
 
 score.body:                                       ; preds = %score.head
-  %30 = getelementptr inbounds float, ptr %l, i64 %score
-  %l2 = load float, ptr %30, align 4
-  %31 = fpext float %l2 to double
-  %32 = fneg double %31
-  %33 = call double @exp(double %32)
-  %34 = fadd double 1.000000e+00, %33
-  %35 = fdiv double 1.000000e+00, %34
-  %sig = fptrunc double %35 to float
-  %36 = getelementptr inbounds float, ptr %s, i64 %score
-  store float %sig, ptr %36, align 4
-  %37 = add nsw i64 %score, 1
+  %35 = add nsw i64 0, %score
+  %36 = getelementptr inbounds float, ptr %l, i64 %35
+  %37 = load float, ptr %36, align 4
+  %38 = fpext float %37 to double
+  %39 = fneg double %38
+  %40 = call double @exp(double %39)
+  %41 = fadd double 1.000000e+00, %40
+  %42 = fdiv double 1.000000e+00, %41
+  %43 = fptrunc double %42 to float
+  %44 = getelementptr inbounds float, ptr %s, i64 %35
+  store float %43, ptr %44, align 4
+  %45 = add nsw i64 %score, 1
   br label %score.head
 
 score.end:                                        ; preds = %score.head
-  %38 = mul nsw i64 %t, 1
-  %ids_row = getelementptr inbounds i32, ptr %ids, i64 %38
-  %w_row = getelementptr inbounds float, ptr %weights, i64 %38
+  %46 = mul nsw i64 %t, 1
+  %47 = getelementptr inbounds i32, ptr %ids, i64 %46
+  %48 = getelementptr inbounds float, ptr %weights, i64 %46
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %score.end
-  %sel = phi i64 [ 0, %score.end ], [ %43, %sel.body ]
-  %39 = icmp slt i64 %sel, 16
-  br i1 %39, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %score.end ], [ %53, %sel.body ]
+  %49 = icmp slt i64 %sel, 16
+  br i1 %49, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %40 = getelementptr inbounds float, ptr %s, i64 %sel
-  %41 = load float, ptr %40, align 4
-  %42 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %41, ptr %42, align 4
-  %43 = add nsw i64 %sel, 1
+  %50 = getelementptr inbounds float, ptr %s, i64 %sel
+  %51 = load float, ptr %50, align 4
+  %52 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %51, ptr %52, align 4
+  %53 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
-  br label %top.clr.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-top.clr.head:                                     ; preds = %top.clr.body, %sel.end
-  %top.clr = phi i64 [ 0, %sel.end ], [ %46, %top.clr.body ]
-  %44 = icmp slt i64 %top.clr, 16
-  br i1 %44, label %top.clr.body, label %top.clr.end
+tk.head:                                          ; preds = %tk.put.end, %sel.end
+  %tk = phi i64 [ 0, %sel.end ], [ %75, %tk.put.end ]
+  %54 = icmp slt i64 %tk, 16
+  br i1 %54, label %tk.body, label %tk.end
 
-top.clr.body:                                     ; preds = %top.clr.head
-  %45 = getelementptr inbounds i8, ptr %taken, i64 %top.clr
-  store i8 0, ptr %45, align 1
-  %46 = add nsw i64 %top.clr, 1
-  br label %top.clr.head
+tk.body:                                          ; preds = %tk.head
+  %55 = getelementptr inbounds float, ptr %c, i64 %tk
+  %56 = load float, ptr %55, align 4
+  %57 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-top.clr.end:                                      ; preds = %top.clr.head
-  br label %top.j.head
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %57, %tk.body ], [ %59, %tk.shift.end ]
+  %58 = icmp sgt i64 %p, 0
+  br i1 %58, label %tk.ins.chk, label %tk.ins.end
 
-top.j.head:                                       ; preds = %top.e.end, %top.clr.end
-  %top.j = phi i64 [ 0, %top.clr.end ], [ %68, %top.e.end ]
-  %47 = icmp slt i64 %top.j, 1
-  br i1 %47, label %top.j.body, label %top.j.end
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %59 = sub nsw i64 %p, 1
+  %60 = getelementptr inbounds i64, ptr %idx, i64 %59
+  %61 = load i64, ptr %60, align 8
+  %62 = getelementptr inbounds float, ptr %c, i64 %61
+  %63 = load float, ptr %62, align 4
+  %64 = fcmp uno float %56, %56
+  %65 = fcmp ugt float %56, %63
+  %66 = xor i1 %64, true
+  %67 = and i1 %66, %65
+  br i1 %67, label %tk.ins.body, label %tk.ins.end
 
-top.j.body:                                       ; preds = %top.j.head
-  store i64 -1, ptr %best, align 4
-  store float 0xFFF0000000000000, ptr %bestv, align 4
-  br label %top.e.head
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %68 = icmp slt i64 %p, 1
+  br i1 %68, label %tk.shift.then, label %tk.shift.end
 
-top.e.head:                                       ; preds = %top.e.body, %top.j.body
-  %top.e = phi i64 [ 0, %top.j.body ], [ %61, %top.e.body ]
-  %48 = icmp slt i64 %top.e, 16
-  br i1 %48, label %top.e.body, label %top.e.end
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %69 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %61, ptr %69, align 8
+  br label %tk.shift.end
 
-top.e.body:                                       ; preds = %top.e.head
-  %49 = getelementptr inbounds float, ptr %c, i64 %top.e
-  %s3 = load float, ptr %49, align 4
-  %50 = getelementptr inbounds i8, ptr %taken, i64 %top.e
-  %51 = load i8, ptr %50, align 1
-  %52 = icmp eq i8 %51, 0
-  %53 = load i64, ptr %best, align 4
-  %54 = icmp slt i64 %53, 0
-  %55 = load float, ptr %bestv, align 4
-  %56 = fcmp ogt float %s3, %55
-  %57 = or i1 %54, %56
-  %take = and i1 %52, %57
-  %58 = select i1 %take, i64 %top.e, i64 %53
-  store i64 %58, ptr %best, align 4
-  %59 = load float, ptr %bestv, align 4
-  %60 = select i1 %take, float %s3, float %59
-  store float %60, ptr %bestv, align 4
-  %61 = add nsw i64 %top.e, 1
-  br label %top.e.head
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-top.e.end:                                        ; preds = %top.e.head
-  %chosen = load i64, ptr %best, align 4
-  %62 = getelementptr inbounds i8, ptr %taken, i64 %chosen
-  store i8 1, ptr %62, align 1
-  %63 = trunc i64 %chosen to i32
-  %64 = getelementptr inbounds i32, ptr %ids_row, i64 %top.j
-  store i32 %63, ptr %64, align 4
-  %65 = getelementptr inbounds float, ptr %s, i64 %chosen
-  %66 = load float, ptr %65, align 4
-  %67 = getelementptr inbounds float, ptr %w_row, i64 %top.j
-  store float %66, ptr %67, align 4
-  %68 = add nsw i64 %top.j, 1
-  br label %top.j.head
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %70 = icmp slt i64 %pf, 1
+  br i1 %70, label %tk.put.then, label %tk.put.end
 
-top.j.end:                                        ; preds = %top.j.head
-  %first = load i32, ptr %ids_row, align 4
-  %69 = sext i32 %first to i64
-  %70 = getelementptr inbounds float, ptr %c, i64 %69
-  %prio4 = load float, ptr %70, align 4
-  %71 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %prio4, ptr %71, align 4
-  %72 = add nsw i64 %t, 1
+tk.put.then:                                      ; preds = %tk.ins.end
+  %71 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %71, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %72 = add nsw i64 %57, 1
+  %73 = icmp slt i64 %72, 1
+  %74 = select i1 %73, i64 %72, i64 1
+  store i64 %74, ptr %tk.m, align 8
+  %75 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %76 = load i64, ptr %tk.m, align 8
+  br label %top.head
+
+top.head:                                         ; preds = %top.body, %tk.end
+  %top = phi i64 [ 0, %tk.end ], [ %85, %top.body ]
+  %77 = icmp slt i64 %top, 1
+  br i1 %77, label %top.body, label %top.end
+
+top.body:                                         ; preds = %top.head
+  %78 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %79 = load i64, ptr %78, align 8
+  %80 = getelementptr inbounds i32, ptr %47, i64 %top
+  %81 = trunc i64 %79 to i32
+  store i32 %81, ptr %80, align 4
+  %82 = getelementptr inbounds float, ptr %s, i64 %79
+  %83 = load float, ptr %82, align 4
+  %84 = getelementptr inbounds float, ptr %48, i64 %top
+  store float %83, ptr %84, align 4
+  %85 = add nsw i64 %top, 1
+  br label %top.head
+
+top.end:                                          ; preds = %top.head
+  %86 = getelementptr inbounds i64, ptr %idx, i64 0
+  %87 = load i64, ptr %86, align 8
+  %88 = getelementptr inbounds float, ptr %c, i64 %87
+  %89 = load float, ptr %88, align 4
+  %90 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %89, ptr %90, align 4
+  %91 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -230,43 +248,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1050 = alloca <8 x float>, align 32
-  %acc1151 = alloca <8 x float>, align 32
-  %acc2053 = alloca <8 x float>, align 32
-  %acc2154 = alloca <8 x float>, align 32
-  %acc3056 = alloca <8 x float>, align 32
-  %acc3157 = alloca <8 x float>, align 32
-  %acc4059 = alloca <8 x float>, align 32
-  %acc4160 = alloca <8 x float>, align 32
-  %acc00115 = alloca <8 x float>, align 32
-  %acc01116 = alloca <8 x float>, align 32
-  %acc10118 = alloca <8 x float>, align 32
-  %acc11119 = alloca <8 x float>, align 32
+  %acc0031 = alloca <8 x float>, align 32
+  %acc0132 = alloca <8 x float>, align 32
+  %acc1033 = alloca <8 x float>, align 32
+  %acc1134 = alloca <8 x float>, align 32
+  %acc2035 = alloca <8 x float>, align 32
+  %acc2136 = alloca <8 x float>, align 32
+  %acc3037 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4039 = alloca <8 x float>, align 32
+  %acc4140 = alloca <8 x float>, align 32
+  %acc0078 = alloca <8 x float>, align 32
+  %acc0179 = alloca <8 x float>, align 32
+  %acc1080 = alloca <8 x float>, align 32
+  %acc1181 = alloca <8 x float>, align 32
+  %acc2082 = alloca <8 x float>, align 32
+  %acc2183 = alloca <8 x float>, align 32
+  %acc3084 = alloca <8 x float>, align 32
+  %acc3185 = alloca <8 x float>, align 32
+  %acc00117 = alloca <8 x float>, align 32
+  %acc01118 = alloca <8 x float>, align 32
+  %acc10119 = alloca <8 x float>, align 32
+  %acc11120 = alloca <8 x float>, align 32
   %acc20121 = alloca <8 x float>, align 32
   %acc21122 = alloca <8 x float>, align 32
-  %acc30124 = alloca <8 x float>, align 32
-  %acc31125 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc10150 = alloca <8 x float>, align 32
+  %acc11151 = alloca <8 x float>, align 32
   %acc00171 = alloca <8 x float>, align 32
   %acc01172 = alloca <8 x float>, align 32
-  %acc10174 = alloca <8 x float>, align 32
-  %acc11175 = alloca <8 x float>, align 32
-  %acc20177 = alloca <8 x float>, align 32
-  %acc21178 = alloca <8 x float>, align 32
-  %acc00215 = alloca <8 x float>, align 32
-  %acc01216 = alloca <8 x float>, align 32
-  %acc10218 = alloca <8 x float>, align 32
-  %acc11219 = alloca <8 x float>, align 32
-  %acc00247 = alloca <8 x float>, align 32
-  %acc01248 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %949, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1039, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -274,7 +292,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %948, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1038, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -296,1331 +314,1209 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 5120
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 5120
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 5120
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 5120
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 5120
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 5120
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 5120
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 5120
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 5120
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 5120
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 5120
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 81920
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 5120
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 5120
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 8192
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %95 = add nsw i64 %r0, 0
+  %96 = getelementptr inbounds float, ptr %rw, i64 %95
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = mul nsw i64 %95, 8192
+  %101 = getelementptr inbounds float, ptr %h, i64 %100
   %col = mul nsw i64 %p, 8
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = fmul <8 x float> %94, %91
-  %96 = load <8 x float>, ptr %acc01, align 4
-  %97 = fmul <8 x float> %96, %91
-  %98 = fneg <8 x float> %95
-  %99 = fcmp olt <8 x float> %98, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %100 = select <8 x i1> %99, <8 x float> %98, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %101 = fcmp ogt <8 x float> %100, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %102 = select <8 x i1> %101, <8 x float> %100, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %103)
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %102)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %104)
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %110 = fmul <8 x float> %exp.r, %exp.r
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %110, <8 x float> %exp.r)
-  %112 = fadd <8 x float> %111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %113 = fptosi <8 x float> %exp.n to <8 x i32>
-  %114 = add <8 x i32> %113, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %115 = shl <8 x i32> %114, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %115 to <8 x float>
-  %exp = fmul <8 x float> %112, %exp.2n
-  %116 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %116
-  %silu = fmul <8 x float> %95, %sigmoid
-  %glu = fmul <8 x float> %silu, %97
-  %117 = getelementptr inbounds float, ptr %93, i64 %col
-  store <8 x float> %glu, ptr %117, align 4
-  %118 = add nsw i64 %r0, 1
-  %119 = getelementptr inbounds float, ptr %rw, i64 %118
-  %w1 = load float, ptr %119, align 4
-  %120 = insertelement <8 x float> poison, float %w1, i32 0
-  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
-  %122 = mul nsw i64 %118, 8192
-  %123 = getelementptr inbounds float, ptr %h, i64 %122
-  %col2 = mul nsw i64 %p, 8
-  %124 = load <8 x float>, ptr %acc10, align 4
-  %125 = fmul <8 x float> %124, %121
-  %126 = load <8 x float>, ptr %acc11, align 4
-  %127 = fmul <8 x float> %126, %121
-  %128 = fneg <8 x float> %125
-  %129 = fcmp olt <8 x float> %128, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %131 = fcmp ogt <8 x float> %130, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %132 = select <8 x i1> %131, <8 x float> %130, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n3 = call <8 x float> @llvm.floor.v8f32(<8 x float> %133)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %132)
-  %exp.r4 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %134)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r4, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %exp.r4, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %exp.r4, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %exp.r4, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %exp.r4, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %140 = fmul <8 x float> %exp.r4, %exp.r4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %140, <8 x float> %exp.r4)
-  %142 = fadd <8 x float> %141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %143 = fptosi <8 x float> %exp.n3 to <8 x i32>
-  %144 = add <8 x i32> %143, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %145 = shl <8 x i32> %144, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n5 = bitcast <8 x i32> %145 to <8 x float>
-  %exp6 = fmul <8 x float> %142, %exp.2n5
-  %146 = fadd <8 x float> %exp6, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid7 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %146
-  %silu8 = fmul <8 x float> %125, %sigmoid7
-  %glu9 = fmul <8 x float> %silu8, %127
-  %147 = getelementptr inbounds float, ptr %123, i64 %col2
-  store <8 x float> %glu9, ptr %147, align 4
-  %148 = add nsw i64 %r0, 2
-  %149 = getelementptr inbounds float, ptr %rw, i64 %148
-  %w10 = load float, ptr %149, align 4
-  %150 = insertelement <8 x float> poison, float %w10, i32 0
-  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
-  %152 = mul nsw i64 %148, 8192
-  %153 = getelementptr inbounds float, ptr %h, i64 %152
-  %col11 = mul nsw i64 %p, 8
-  %154 = load <8 x float>, ptr %acc20, align 4
-  %155 = fmul <8 x float> %154, %151
-  %156 = load <8 x float>, ptr %acc21, align 4
-  %157 = fmul <8 x float> %156, %151
-  %158 = fneg <8 x float> %155
-  %159 = fcmp olt <8 x float> %158, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %160 = select <8 x i1> %159, <8 x float> %158, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %161 = fcmp ogt <8 x float> %160, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n12 = call <8 x float> @llvm.floor.v8f32(<8 x float> %163)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %162)
-  %exp.r13 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %164)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r13, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %exp.r13, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %exp.r13, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %exp.r13, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %exp.r13, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %170 = fmul <8 x float> %exp.r13, %exp.r13
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %170, <8 x float> %exp.r13)
-  %172 = fadd <8 x float> %171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %173 = fptosi <8 x float> %exp.n12 to <8 x i32>
-  %174 = add <8 x i32> %173, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %175 = shl <8 x i32> %174, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %175 to <8 x float>
-  %exp15 = fmul <8 x float> %172, %exp.2n14
-  %176 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %176
-  %silu17 = fmul <8 x float> %155, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %157
-  %177 = getelementptr inbounds float, ptr %153, i64 %col11
-  store <8 x float> %glu18, ptr %177, align 4
-  %178 = add nsw i64 %r0, 3
-  %179 = getelementptr inbounds float, ptr %rw, i64 %178
-  %w19 = load float, ptr %179, align 4
-  %180 = insertelement <8 x float> poison, float %w19, i32 0
-  %181 = shufflevector <8 x float> %180, <8 x float> poison, <8 x i32> zeroinitializer
-  %182 = mul nsw i64 %178, 8192
-  %183 = getelementptr inbounds float, ptr %h, i64 %182
-  %col20 = mul nsw i64 %p, 8
-  %184 = load <8 x float>, ptr %acc30, align 4
-  %185 = fmul <8 x float> %184, %181
-  %186 = load <8 x float>, ptr %acc31, align 4
-  %187 = fmul <8 x float> %186, %181
-  %188 = fneg <8 x float> %185
-  %189 = fcmp olt <8 x float> %188, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %190 = select <8 x i1> %189, <8 x float> %188, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %191 = fcmp ogt <8 x float> %190, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n21 = call <8 x float> @llvm.floor.v8f32(<8 x float> %193)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %192)
-  %exp.r22 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %194)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r22, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %exp.r22, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %exp.r22, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %exp.r22, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %exp.r22, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %200 = fmul <8 x float> %exp.r22, %exp.r22
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %200, <8 x float> %exp.r22)
-  %202 = fadd <8 x float> %201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %203 = fptosi <8 x float> %exp.n21 to <8 x i32>
-  %204 = add <8 x i32> %203, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %205 = shl <8 x i32> %204, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %205 to <8 x float>
-  %exp24 = fmul <8 x float> %202, %exp.2n23
-  %206 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %206
-  %silu26 = fmul <8 x float> %185, %sigmoid25
-  %glu27 = fmul <8 x float> %silu26, %187
-  %207 = getelementptr inbounds float, ptr %183, i64 %col20
-  store <8 x float> %glu27, ptr %207, align 4
-  %208 = add nsw i64 %r0, 4
-  %209 = getelementptr inbounds float, ptr %rw, i64 %208
-  %w28 = load float, ptr %209, align 4
-  %210 = insertelement <8 x float> poison, float %w28, i32 0
-  %211 = shufflevector <8 x float> %210, <8 x float> poison, <8 x i32> zeroinitializer
-  %212 = mul nsw i64 %208, 8192
-  %213 = getelementptr inbounds float, ptr %h, i64 %212
-  %col29 = mul nsw i64 %p, 8
-  %214 = load <8 x float>, ptr %acc40, align 4
-  %215 = fmul <8 x float> %214, %211
-  %216 = load <8 x float>, ptr %acc41, align 4
-  %217 = fmul <8 x float> %216, %211
-  %218 = fneg <8 x float> %215
-  %219 = fcmp olt <8 x float> %218, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %220 = select <8 x i1> %219, <8 x float> %218, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %221 = fcmp ogt <8 x float> %220, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n30 = call <8 x float> @llvm.floor.v8f32(<8 x float> %223)
-  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %222)
-  %exp.r31 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %224)
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r31, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %exp.r31, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %exp.r31, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %exp.r31, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> %exp.r31, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %230 = fmul <8 x float> %exp.r31, %exp.r31
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %230, <8 x float> %exp.r31)
-  %232 = fadd <8 x float> %231, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %233 = fptosi <8 x float> %exp.n30 to <8 x i32>
-  %234 = add <8 x i32> %233, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %235 = shl <8 x i32> %234, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n32 = bitcast <8 x i32> %235 to <8 x float>
-  %exp33 = fmul <8 x float> %232, %exp.2n32
-  %236 = fadd <8 x float> %exp33, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid34 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %236
-  %silu35 = fmul <8 x float> %215, %sigmoid34
-  %glu36 = fmul <8 x float> %silu35, %217
-  %237 = getelementptr inbounds float, ptr %213, i64 %col29
-  store <8 x float> %glu36, ptr %237, align 4
-  %238 = add nsw i64 %r0, 5
-  %239 = getelementptr inbounds float, ptr %rw, i64 %238
-  %w37 = load float, ptr %239, align 4
-  %240 = insertelement <8 x float> poison, float %w37, i32 0
-  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
-  %242 = mul nsw i64 %238, 8192
-  %243 = getelementptr inbounds float, ptr %h, i64 %242
-  %col38 = mul nsw i64 %p, 8
-  %244 = load <8 x float>, ptr %acc50, align 4
-  %245 = fmul <8 x float> %244, %241
-  %246 = load <8 x float>, ptr %acc51, align 4
-  %247 = fmul <8 x float> %246, %241
-  %248 = fneg <8 x float> %245
-  %249 = fcmp olt <8 x float> %248, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %250 = select <8 x i1> %249, <8 x float> %248, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %251 = fcmp ogt <8 x float> %250, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %252 = select <8 x i1> %251, <8 x float> %250, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n39 = call <8 x float> @llvm.floor.v8f32(<8 x float> %253)
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %252)
-  %exp.r40 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %254)
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r40, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %exp.r40, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %exp.r40, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %exp.r40, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> %exp.r40, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %260 = fmul <8 x float> %exp.r40, %exp.r40
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %260, <8 x float> %exp.r40)
-  %262 = fadd <8 x float> %261, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %263 = fptosi <8 x float> %exp.n39 to <8 x i32>
-  %264 = add <8 x i32> %263, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %265 = shl <8 x i32> %264, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n41 = bitcast <8 x i32> %265 to <8 x float>
-  %exp42 = fmul <8 x float> %262, %exp.2n41
-  %266 = fadd <8 x float> %exp42, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid43 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %266
-  %silu44 = fmul <8 x float> %245, %sigmoid43
-  %glu45 = fmul <8 x float> %silu44, %247
-  %267 = getelementptr inbounds float, ptr %243, i64 %col38
-  store <8 x float> %glu45, ptr %267, align 4
+  %102 = load <8 x float>, ptr %acc00, align 4
+  %103 = fmul <8 x float> %102, %99
+  %104 = load <8 x float>, ptr %acc01, align 4
+  %105 = fmul <8 x float> %104, %99
+  %106 = fneg <8 x float> %103
+  %107 = fcmp olt <8 x float> %106, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %108 = select <8 x i1> %107, <8 x float> %106, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %109 = fcmp ogt <8 x float> %108, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %110 = select <8 x i1> %109, <8 x float> %108, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %112 = call <8 x float> @llvm.floor.v8f32(<8 x float> %111)
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %110)
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %113)
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %114, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %114, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %114, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %114, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %114, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %120 = fmul <8 x float> %114, %114
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %120, <8 x float> %114)
+  %122 = fadd <8 x float> %121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %123 = fptosi <8 x float> %112 to <8 x i32>
+  %124 = add <8 x i32> %123, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %125 = shl <8 x i32> %124, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %125 to <8 x float>
+  %exp = fmul <8 x float> %122, %exp.2n
+  %126 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %126
+  %silu = fmul <8 x float> %103, %sigmoid
+  %glu = fmul <8 x float> %silu, %105
+  %127 = getelementptr inbounds float, ptr %101, i64 %col
+  store <8 x float> %glu, ptr %127, align 4
+  %128 = add nsw i64 %r0, 1
+  %129 = getelementptr inbounds float, ptr %rw, i64 %128
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = mul nsw i64 %128, 8192
+  %134 = getelementptr inbounds float, ptr %h, i64 %133
+  %col1 = mul nsw i64 %p, 8
+  %135 = load <8 x float>, ptr %acc10, align 4
+  %136 = fmul <8 x float> %135, %132
+  %137 = load <8 x float>, ptr %acc11, align 4
+  %138 = fmul <8 x float> %137, %132
+  %139 = fneg <8 x float> %136
+  %140 = fcmp olt <8 x float> %139, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %141 = select <8 x i1> %140, <8 x float> %139, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %142 = fcmp ogt <8 x float> %141, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %143 = select <8 x i1> %142, <8 x float> %141, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %145 = call <8 x float> @llvm.floor.v8f32(<8 x float> %144)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %143)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %146)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %147, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %147, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %147, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %147, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %147, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %153 = fmul <8 x float> %147, %147
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %153, <8 x float> %147)
+  %155 = fadd <8 x float> %154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %156 = fptosi <8 x float> %145 to <8 x i32>
+  %157 = add <8 x i32> %156, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %158 = shl <8 x i32> %157, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %158 to <8 x float>
+  %exp3 = fmul <8 x float> %155, %exp.2n2
+  %159 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %159
+  %silu5 = fmul <8 x float> %136, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %138
+  %160 = getelementptr inbounds float, ptr %134, i64 %col1
+  store <8 x float> %glu6, ptr %160, align 4
+  %161 = add nsw i64 %r0, 2
+  %162 = getelementptr inbounds float, ptr %rw, i64 %161
+  %163 = load float, ptr %162, align 4
+  %164 = insertelement <8 x float> poison, float %163, i32 0
+  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
+  %166 = mul nsw i64 %161, 8192
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %col7 = mul nsw i64 %p, 8
+  %168 = load <8 x float>, ptr %acc20, align 4
+  %169 = fmul <8 x float> %168, %165
+  %170 = load <8 x float>, ptr %acc21, align 4
+  %171 = fmul <8 x float> %170, %165
+  %172 = fneg <8 x float> %169
+  %173 = fcmp olt <8 x float> %172, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %174 = select <8 x i1> %173, <8 x float> %172, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %175 = fcmp ogt <8 x float> %174, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %176 = select <8 x i1> %175, <8 x float> %174, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %178 = call <8 x float> @llvm.floor.v8f32(<8 x float> %177)
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %176)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %179)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %180, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %180, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %180, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %180, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %180, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %186 = fmul <8 x float> %180, %180
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %186, <8 x float> %180)
+  %188 = fadd <8 x float> %187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %189 = fptosi <8 x float> %178 to <8 x i32>
+  %190 = add <8 x i32> %189, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %191 = shl <8 x i32> %190, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %191 to <8 x float>
+  %exp9 = fmul <8 x float> %188, %exp.2n8
+  %192 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %192
+  %silu11 = fmul <8 x float> %169, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %171
+  %193 = getelementptr inbounds float, ptr %167, i64 %col7
+  store <8 x float> %glu12, ptr %193, align 4
+  %194 = add nsw i64 %r0, 3
+  %195 = getelementptr inbounds float, ptr %rw, i64 %194
+  %196 = load float, ptr %195, align 4
+  %197 = insertelement <8 x float> poison, float %196, i32 0
+  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
+  %199 = mul nsw i64 %194, 8192
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %col13 = mul nsw i64 %p, 8
+  %201 = load <8 x float>, ptr %acc30, align 4
+  %202 = fmul <8 x float> %201, %198
+  %203 = load <8 x float>, ptr %acc31, align 4
+  %204 = fmul <8 x float> %203, %198
+  %205 = fneg <8 x float> %202
+  %206 = fcmp olt <8 x float> %205, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %207 = select <8 x i1> %206, <8 x float> %205, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %208 = fcmp ogt <8 x float> %207, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %209 = select <8 x i1> %208, <8 x float> %207, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %211 = call <8 x float> @llvm.floor.v8f32(<8 x float> %210)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %209)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %212)
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %213, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %213, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %213, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %213, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %213, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %219 = fmul <8 x float> %213, %213
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %219, <8 x float> %213)
+  %221 = fadd <8 x float> %220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %222 = fptosi <8 x float> %211 to <8 x i32>
+  %223 = add <8 x i32> %222, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %224 = shl <8 x i32> %223, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %224 to <8 x float>
+  %exp15 = fmul <8 x float> %221, %exp.2n14
+  %225 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %225
+  %silu17 = fmul <8 x float> %202, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %204
+  %226 = getelementptr inbounds float, ptr %200, i64 %col13
+  store <8 x float> %glu18, ptr %226, align 4
+  %227 = add nsw i64 %r0, 4
+  %228 = getelementptr inbounds float, ptr %rw, i64 %227
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <8 x float> poison, float %229, i32 0
+  %231 = shufflevector <8 x float> %230, <8 x float> poison, <8 x i32> zeroinitializer
+  %232 = mul nsw i64 %227, 8192
+  %233 = getelementptr inbounds float, ptr %h, i64 %232
+  %col19 = mul nsw i64 %p, 8
+  %234 = load <8 x float>, ptr %acc40, align 4
+  %235 = fmul <8 x float> %234, %231
+  %236 = load <8 x float>, ptr %acc41, align 4
+  %237 = fmul <8 x float> %236, %231
+  %238 = fneg <8 x float> %235
+  %239 = fcmp olt <8 x float> %238, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %240 = select <8 x i1> %239, <8 x float> %238, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %241 = fcmp ogt <8 x float> %240, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %242 = select <8 x i1> %241, <8 x float> %240, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %244 = call <8 x float> @llvm.floor.v8f32(<8 x float> %243)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %242)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %245)
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %246, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %246, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %246, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %246, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %246, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %252 = fmul <8 x float> %246, %246
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %252, <8 x float> %246)
+  %254 = fadd <8 x float> %253, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %255 = fptosi <8 x float> %244 to <8 x i32>
+  %256 = add <8 x i32> %255, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %257 = shl <8 x i32> %256, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %257 to <8 x float>
+  %exp21 = fmul <8 x float> %254, %exp.2n20
+  %258 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %258
+  %silu23 = fmul <8 x float> %235, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %237
+  %259 = getelementptr inbounds float, ptr %233, i64 %col19
+  store <8 x float> %glu24, ptr %259, align 4
+  %260 = add nsw i64 %r0, 5
+  %261 = getelementptr inbounds float, ptr %rw, i64 %260
+  %262 = load float, ptr %261, align 4
+  %263 = insertelement <8 x float> poison, float %262, i32 0
+  %264 = shufflevector <8 x float> %263, <8 x float> poison, <8 x i32> zeroinitializer
+  %265 = mul nsw i64 %260, 8192
+  %266 = getelementptr inbounds float, ptr %h, i64 %265
+  %col25 = mul nsw i64 %p, 8
+  %267 = load <8 x float>, ptr %acc50, align 4
+  %268 = fmul <8 x float> %267, %264
+  %269 = load <8 x float>, ptr %acc51, align 4
+  %270 = fmul <8 x float> %269, %264
+  %271 = fneg <8 x float> %268
+  %272 = fcmp olt <8 x float> %271, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %273 = select <8 x i1> %272, <8 x float> %271, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %274 = fcmp ogt <8 x float> %273, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %275 = select <8 x i1> %274, <8 x float> %273, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %277 = call <8 x float> @llvm.floor.v8f32(<8 x float> %276)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %275)
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %278)
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %279, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %279, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %279, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %279, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %279, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %285 = fmul <8 x float> %279, %279
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %285, <8 x float> %279)
+  %287 = fadd <8 x float> %286, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %288 = fptosi <8 x float> %277 to <8 x i32>
+  %289 = add <8 x i32> %288, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %290 = shl <8 x i32> %289, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %290 to <8 x float>
+  %exp27 = fmul <8 x float> %287, %exp.2n26
+  %291 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %291
+  %silu29 = fmul <8 x float> %268, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %270
+  %292 = getelementptr inbounds float, ptr %266, i64 %col25
+  store <8 x float> %glu30, ptr %292, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %268 = add nsw i64 %r0, 0
-  %269 = getelementptr inbounds i32, ptr %rows, i64 %268
-  %270 = load i32, ptr %269, align 4
-  %271 = sext i32 %270 to i64
-  %272 = mul nsw i64 %271, 5120
-  %a046 = getelementptr inbounds float, ptr %x, i64 %272
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %273 = add nsw i64 %r0, 1
-  %274 = getelementptr inbounds i32, ptr %rows, i64 %273
-  %275 = load i32, ptr %274, align 4
-  %276 = sext i32 %275 to i64
-  %277 = mul nsw i64 %276, 5120
-  %a149 = getelementptr inbounds float, ptr %x, i64 %277
-  store <8 x float> zeroinitializer, ptr %acc1050, align 4
-  store <8 x float> zeroinitializer, ptr %acc1151, align 4
-  %278 = add nsw i64 %r0, 2
-  %279 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %280 = load i32, ptr %279, align 4
-  %281 = sext i32 %280 to i64
-  %282 = mul nsw i64 %281, 5120
-  %a252 = getelementptr inbounds float, ptr %x, i64 %282
-  store <8 x float> zeroinitializer, ptr %acc2053, align 4
-  store <8 x float> zeroinitializer, ptr %acc2154, align 4
-  %283 = add nsw i64 %r0, 3
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %283
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 5120
-  %a355 = getelementptr inbounds float, ptr %x, i64 %287
-  store <8 x float> zeroinitializer, ptr %acc3056, align 4
-  store <8 x float> zeroinitializer, ptr %acc3157, align 4
-  %288 = add nsw i64 %r0, 4
-  %289 = getelementptr inbounds i32, ptr %rows, i64 %288
-  %290 = load i32, ptr %289, align 4
-  %291 = sext i32 %290 to i64
-  %292 = mul nsw i64 %291, 5120
-  %a458 = getelementptr inbounds float, ptr %x, i64 %292
-  store <8 x float> zeroinitializer, ptr %acc4059, align 4
-  store <8 x float> zeroinitializer, ptr %acc4160, align 4
-  %panel.off61 = mul nsw i64 %p, 81920
-  br label %k.head62
+  %293 = add nsw i64 %r0, 0
+  %294 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %295 = load i32, ptr %294, align 4
+  %296 = sext i32 %295 to i64
+  %297 = mul nsw i64 %296, 5120
+  %298 = getelementptr inbounds float, ptr %x, i64 %297
+  store <8 x float> zeroinitializer, ptr %acc0031, align 4
+  store <8 x float> zeroinitializer, ptr %acc0132, align 4
+  %299 = add nsw i64 %r0, 1
+  %300 = getelementptr inbounds i32, ptr %rows, i64 %299
+  %301 = load i32, ptr %300, align 4
+  %302 = sext i32 %301 to i64
+  %303 = mul nsw i64 %302, 5120
+  %304 = getelementptr inbounds float, ptr %x, i64 %303
+  store <8 x float> zeroinitializer, ptr %acc1033, align 4
+  store <8 x float> zeroinitializer, ptr %acc1134, align 4
+  %305 = add nsw i64 %r0, 2
+  %306 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %307 = load i32, ptr %306, align 4
+  %308 = sext i32 %307 to i64
+  %309 = mul nsw i64 %308, 5120
+  %310 = getelementptr inbounds float, ptr %x, i64 %309
+  store <8 x float> zeroinitializer, ptr %acc2035, align 4
+  store <8 x float> zeroinitializer, ptr %acc2136, align 4
+  %311 = add nsw i64 %r0, 3
+  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %313 = load i32, ptr %312, align 4
+  %314 = sext i32 %313 to i64
+  %315 = mul nsw i64 %314, 5120
+  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  store <8 x float> zeroinitializer, ptr %acc3037, align 4
+  store <8 x float> zeroinitializer, ptr %acc3138, align 4
+  %317 = add nsw i64 %r0, 4
+  %318 = getelementptr inbounds i32, ptr %rows, i64 %317
+  %319 = load i32, ptr %318, align 4
+  %320 = sext i32 %319 to i64
+  %321 = mul nsw i64 %320, 5120
+  %322 = getelementptr inbounds float, ptr %x, i64 %321
+  store <8 x float> zeroinitializer, ptr %acc4039, align 4
+  store <8 x float> zeroinitializer, ptr %acc4140, align 4
+  %panel.off41 = mul nsw i64 %p, 81920
+  br label %k.head42
 
-k.head62:                                         ; preds = %k.body63, %tile.mr5
-  %k65 = phi i64 [ 0, %tile.mr5 ], [ %339, %k.body63 ]
-  %293 = icmp slt i64 %k65, 5120
-  br i1 %293, label %k.body63, label %k.end64
+k.head42:                                         ; preds = %k.body43, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %370, %k.body43 ]
+  %323 = icmp slt i64 %k45, 5120
+  br i1 %323, label %k.body43, label %k.end44
 
-k.body63:                                         ; preds = %k.head62
-  %294 = mul nsw i64 %k65, 16
-  %295 = add nsw i64 %panel.off61, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw66 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b067 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b168 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %a046, i64 %k65
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0047, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b067, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0047, align 4
-  %305 = load <8 x float>, ptr %acc0148, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b168, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0148, align 4
-  %307 = getelementptr inbounds float, ptr %a149, i64 %k65
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1050, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b067, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1050, align 4
-  %313 = load <8 x float>, ptr %acc1151, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b168, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1151, align 4
-  %315 = getelementptr inbounds float, ptr %a252, i64 %k65
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2053, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b067, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2053, align 4
-  %321 = load <8 x float>, ptr %acc2154, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b168, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2154, align 4
-  %323 = getelementptr inbounds float, ptr %a355, i64 %k65
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3056, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b067, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3056, align 4
-  %329 = load <8 x float>, ptr %acc3157, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b168, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3157, align 4
-  %331 = getelementptr inbounds float, ptr %a458, i64 %k65
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %acc4059, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b067, <8 x float> %335)
-  store <8 x float> %336, ptr %acc4059, align 4
-  %337 = load <8 x float>, ptr %acc4160, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b168, <8 x float> %337)
-  store <8 x float> %338, ptr %acc4160, align 4
-  %339 = add nsw i64 %k65, 1
-  br label %k.head62
+k.body43:                                         ; preds = %k.head42
+  %324 = mul nsw i64 %k45, 16
+  %325 = add nsw i64 %panel.off41, %324
+  %326 = getelementptr inbounds i16, ptr %panels, i64 %325
+  %327 = load <8 x i32>, ptr %326, align 4
+  %328 = shl <8 x i32> %327, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b046 = bitcast <8 x i32> %328 to <8 x float>
+  %329 = and <8 x i32> %327, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b147 = bitcast <8 x i32> %329 to <8 x float>
+  %330 = getelementptr inbounds float, ptr %298, i64 %k45
+  %331 = load float, ptr %330, align 4
+  %332 = insertelement <8 x float> poison, float %331, i32 0
+  %333 = shufflevector <8 x float> %332, <8 x float> poison, <8 x i32> zeroinitializer
+  %334 = load <8 x float>, ptr %acc0031, align 4
+  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %333, <8 x float> %b046, <8 x float> %334)
+  store <8 x float> %335, ptr %acc0031, align 4
+  %336 = load <8 x float>, ptr %acc0132, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %333, <8 x float> %b147, <8 x float> %336)
+  store <8 x float> %337, ptr %acc0132, align 4
+  %338 = getelementptr inbounds float, ptr %304, i64 %k45
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = load <8 x float>, ptr %acc1033, align 4
+  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %b046, <8 x float> %342)
+  store <8 x float> %343, ptr %acc1033, align 4
+  %344 = load <8 x float>, ptr %acc1134, align 4
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %b147, <8 x float> %344)
+  store <8 x float> %345, ptr %acc1134, align 4
+  %346 = getelementptr inbounds float, ptr %310, i64 %k45
+  %347 = load float, ptr %346, align 4
+  %348 = insertelement <8 x float> poison, float %347, i32 0
+  %349 = shufflevector <8 x float> %348, <8 x float> poison, <8 x i32> zeroinitializer
+  %350 = load <8 x float>, ptr %acc2035, align 4
+  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %b046, <8 x float> %350)
+  store <8 x float> %351, ptr %acc2035, align 4
+  %352 = load <8 x float>, ptr %acc2136, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %b147, <8 x float> %352)
+  store <8 x float> %353, ptr %acc2136, align 4
+  %354 = getelementptr inbounds float, ptr %316, i64 %k45
+  %355 = load float, ptr %354, align 4
+  %356 = insertelement <8 x float> poison, float %355, i32 0
+  %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
+  %358 = load <8 x float>, ptr %acc3037, align 4
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b046, <8 x float> %358)
+  store <8 x float> %359, ptr %acc3037, align 4
+  %360 = load <8 x float>, ptr %acc3138, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b147, <8 x float> %360)
+  store <8 x float> %361, ptr %acc3138, align 4
+  %362 = getelementptr inbounds float, ptr %322, i64 %k45
+  %363 = load float, ptr %362, align 4
+  %364 = insertelement <8 x float> poison, float %363, i32 0
+  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
+  %366 = load <8 x float>, ptr %acc4039, align 4
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b046, <8 x float> %366)
+  store <8 x float> %367, ptr %acc4039, align 4
+  %368 = load <8 x float>, ptr %acc4140, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b147, <8 x float> %368)
+  store <8 x float> %369, ptr %acc4140, align 4
+  %370 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end64:                                          ; preds = %k.head62
-  %340 = add nsw i64 %r0, 0
-  %341 = getelementptr inbounds float, ptr %rw, i64 %340
-  %w69 = load float, ptr %341, align 4
-  %342 = insertelement <8 x float> poison, float %w69, i32 0
-  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = mul nsw i64 %340, 8192
-  %345 = getelementptr inbounds float, ptr %h, i64 %344
-  %col70 = mul nsw i64 %p, 8
-  %346 = load <8 x float>, ptr %acc0047, align 4
-  %347 = fmul <8 x float> %346, %343
-  %348 = load <8 x float>, ptr %acc0148, align 4
-  %349 = fmul <8 x float> %348, %343
-  %350 = fneg <8 x float> %347
-  %351 = fcmp olt <8 x float> %350, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %352 = select <8 x i1> %351, <8 x float> %350, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %353 = fcmp ogt <8 x float> %352, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %354 = select <8 x i1> %353, <8 x float> %352, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n71 = call <8 x float> @llvm.floor.v8f32(<8 x float> %355)
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n71, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %354)
-  %exp.r72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n71, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %356)
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r72, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %exp.r72, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %exp.r72, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %exp.r72, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %exp.r72, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %362 = fmul <8 x float> %exp.r72, %exp.r72
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %362, <8 x float> %exp.r72)
-  %364 = fadd <8 x float> %363, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %365 = fptosi <8 x float> %exp.n71 to <8 x i32>
-  %366 = add <8 x i32> %365, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %367 = shl <8 x i32> %366, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %367 to <8 x float>
-  %exp74 = fmul <8 x float> %364, %exp.2n73
-  %368 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %368
-  %silu76 = fmul <8 x float> %347, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %349
-  %369 = getelementptr inbounds float, ptr %345, i64 %col70
-  store <8 x float> %glu77, ptr %369, align 4
-  %370 = add nsw i64 %r0, 1
-  %371 = getelementptr inbounds float, ptr %rw, i64 %370
-  %w78 = load float, ptr %371, align 4
-  %372 = insertelement <8 x float> poison, float %w78, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = mul nsw i64 %370, 8192
-  %375 = getelementptr inbounds float, ptr %h, i64 %374
-  %col79 = mul nsw i64 %p, 8
-  %376 = load <8 x float>, ptr %acc1050, align 4
-  %377 = fmul <8 x float> %376, %373
-  %378 = load <8 x float>, ptr %acc1151, align 4
-  %379 = fmul <8 x float> %378, %373
-  %380 = fneg <8 x float> %377
-  %381 = fcmp olt <8 x float> %380, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %382 = select <8 x i1> %381, <8 x float> %380, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %383 = fcmp ogt <8 x float> %382, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %384 = select <8 x i1> %383, <8 x float> %382, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n80 = call <8 x float> @llvm.floor.v8f32(<8 x float> %385)
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n80, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %384)
-  %exp.r81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n80, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %386)
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r81, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %exp.r81, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %exp.r81, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %exp.r81, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %exp.r81, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %392 = fmul <8 x float> %exp.r81, %exp.r81
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %392, <8 x float> %exp.r81)
-  %394 = fadd <8 x float> %393, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %395 = fptosi <8 x float> %exp.n80 to <8 x i32>
-  %396 = add <8 x i32> %395, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %397 = shl <8 x i32> %396, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n82 = bitcast <8 x i32> %397 to <8 x float>
-  %exp83 = fmul <8 x float> %394, %exp.2n82
-  %398 = fadd <8 x float> %exp83, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid84 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %398
-  %silu85 = fmul <8 x float> %377, %sigmoid84
-  %glu86 = fmul <8 x float> %silu85, %379
-  %399 = getelementptr inbounds float, ptr %375, i64 %col79
-  store <8 x float> %glu86, ptr %399, align 4
-  %400 = add nsw i64 %r0, 2
-  %401 = getelementptr inbounds float, ptr %rw, i64 %400
-  %w87 = load float, ptr %401, align 4
-  %402 = insertelement <8 x float> poison, float %w87, i32 0
-  %403 = shufflevector <8 x float> %402, <8 x float> poison, <8 x i32> zeroinitializer
-  %404 = mul nsw i64 %400, 8192
-  %405 = getelementptr inbounds float, ptr %h, i64 %404
-  %col88 = mul nsw i64 %p, 8
-  %406 = load <8 x float>, ptr %acc2053, align 4
-  %407 = fmul <8 x float> %406, %403
-  %408 = load <8 x float>, ptr %acc2154, align 4
-  %409 = fmul <8 x float> %408, %403
-  %410 = fneg <8 x float> %407
-  %411 = fcmp olt <8 x float> %410, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %412 = select <8 x i1> %411, <8 x float> %410, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %413 = fcmp ogt <8 x float> %412, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %414 = select <8 x i1> %413, <8 x float> %412, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n89 = call <8 x float> @llvm.floor.v8f32(<8 x float> %415)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %414)
-  %exp.r90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %416)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r90, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %exp.r90, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %exp.r90, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %exp.r90, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %exp.r90, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %422 = fmul <8 x float> %exp.r90, %exp.r90
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %422, <8 x float> %exp.r90)
-  %424 = fadd <8 x float> %423, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %425 = fptosi <8 x float> %exp.n89 to <8 x i32>
-  %426 = add <8 x i32> %425, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %427 = shl <8 x i32> %426, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %427 to <8 x float>
-  %exp92 = fmul <8 x float> %424, %exp.2n91
-  %428 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %428
-  %silu94 = fmul <8 x float> %407, %sigmoid93
-  %glu95 = fmul <8 x float> %silu94, %409
-  %429 = getelementptr inbounds float, ptr %405, i64 %col88
-  store <8 x float> %glu95, ptr %429, align 4
-  %430 = add nsw i64 %r0, 3
-  %431 = getelementptr inbounds float, ptr %rw, i64 %430
-  %w96 = load float, ptr %431, align 4
-  %432 = insertelement <8 x float> poison, float %w96, i32 0
-  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
-  %434 = mul nsw i64 %430, 8192
-  %435 = getelementptr inbounds float, ptr %h, i64 %434
-  %col97 = mul nsw i64 %p, 8
-  %436 = load <8 x float>, ptr %acc3056, align 4
-  %437 = fmul <8 x float> %436, %433
-  %438 = load <8 x float>, ptr %acc3157, align 4
-  %439 = fmul <8 x float> %438, %433
-  %440 = fneg <8 x float> %437
-  %441 = fcmp olt <8 x float> %440, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %443 = fcmp ogt <8 x float> %442, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %444 = select <8 x i1> %443, <8 x float> %442, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n98 = call <8 x float> @llvm.floor.v8f32(<8 x float> %445)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %444)
-  %exp.r99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %446)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r99, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %exp.r99, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %exp.r99, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %exp.r99, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %exp.r99, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %452 = fmul <8 x float> %exp.r99, %exp.r99
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %452, <8 x float> %exp.r99)
-  %454 = fadd <8 x float> %453, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %455 = fptosi <8 x float> %exp.n98 to <8 x i32>
-  %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %457 to <8 x float>
-  %exp101 = fmul <8 x float> %454, %exp.2n100
-  %458 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
-  %silu103 = fmul <8 x float> %437, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %439
-  %459 = getelementptr inbounds float, ptr %435, i64 %col97
-  store <8 x float> %glu104, ptr %459, align 4
-  %460 = add nsw i64 %r0, 4
-  %461 = getelementptr inbounds float, ptr %rw, i64 %460
-  %w105 = load float, ptr %461, align 4
-  %462 = insertelement <8 x float> poison, float %w105, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = mul nsw i64 %460, 8192
-  %465 = getelementptr inbounds float, ptr %h, i64 %464
-  %col106 = mul nsw i64 %p, 8
-  %466 = load <8 x float>, ptr %acc4059, align 4
-  %467 = fmul <8 x float> %466, %463
-  %468 = load <8 x float>, ptr %acc4160, align 4
-  %469 = fmul <8 x float> %468, %463
-  %470 = fneg <8 x float> %467
-  %471 = fcmp olt <8 x float> %470, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %473 = fcmp ogt <8 x float> %472, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n107 = call <8 x float> @llvm.floor.v8f32(<8 x float> %475)
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n107, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %474)
-  %exp.r108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n107, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %476)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r108, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %exp.r108, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %exp.r108, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %exp.r108, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %exp.r108, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %482 = fmul <8 x float> %exp.r108, %exp.r108
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %482, <8 x float> %exp.r108)
-  %484 = fadd <8 x float> %483, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %485 = fptosi <8 x float> %exp.n107 to <8 x i32>
-  %486 = add <8 x i32> %485, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %487 = shl <8 x i32> %486, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n109 = bitcast <8 x i32> %487 to <8 x float>
-  %exp110 = fmul <8 x float> %484, %exp.2n109
-  %488 = fadd <8 x float> %exp110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid111 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %488
-  %silu112 = fmul <8 x float> %467, %sigmoid111
-  %glu113 = fmul <8 x float> %silu112, %469
-  %489 = getelementptr inbounds float, ptr %465, i64 %col106
-  store <8 x float> %glu113, ptr %489, align 4
+k.end44:                                          ; preds = %k.head42
+  %371 = add nsw i64 %r0, 0
+  %372 = getelementptr inbounds float, ptr %rw, i64 %371
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = mul nsw i64 %371, 8192
+  %377 = getelementptr inbounds float, ptr %h, i64 %376
+  %col48 = mul nsw i64 %p, 8
+  %378 = load <8 x float>, ptr %acc0031, align 4
+  %379 = fmul <8 x float> %378, %375
+  %380 = load <8 x float>, ptr %acc0132, align 4
+  %381 = fmul <8 x float> %380, %375
+  %382 = fneg <8 x float> %379
+  %383 = fcmp olt <8 x float> %382, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %384 = select <8 x i1> %383, <8 x float> %382, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %385 = fcmp ogt <8 x float> %384, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %386 = select <8 x i1> %385, <8 x float> %384, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %388 = call <8 x float> @llvm.floor.v8f32(<8 x float> %387)
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %386)
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %389)
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %390, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %390, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %390, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %390, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %390, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %396 = fmul <8 x float> %390, %390
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %396, <8 x float> %390)
+  %398 = fadd <8 x float> %397, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %399 = fptosi <8 x float> %388 to <8 x i32>
+  %400 = add <8 x i32> %399, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %401 = shl <8 x i32> %400, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n49 = bitcast <8 x i32> %401 to <8 x float>
+  %exp50 = fmul <8 x float> %398, %exp.2n49
+  %402 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %402
+  %silu52 = fmul <8 x float> %379, %sigmoid51
+  %glu53 = fmul <8 x float> %silu52, %381
+  %403 = getelementptr inbounds float, ptr %377, i64 %col48
+  store <8 x float> %glu53, ptr %403, align 4
+  %404 = add nsw i64 %r0, 1
+  %405 = getelementptr inbounds float, ptr %rw, i64 %404
+  %406 = load float, ptr %405, align 4
+  %407 = insertelement <8 x float> poison, float %406, i32 0
+  %408 = shufflevector <8 x float> %407, <8 x float> poison, <8 x i32> zeroinitializer
+  %409 = mul nsw i64 %404, 8192
+  %410 = getelementptr inbounds float, ptr %h, i64 %409
+  %col54 = mul nsw i64 %p, 8
+  %411 = load <8 x float>, ptr %acc1033, align 4
+  %412 = fmul <8 x float> %411, %408
+  %413 = load <8 x float>, ptr %acc1134, align 4
+  %414 = fmul <8 x float> %413, %408
+  %415 = fneg <8 x float> %412
+  %416 = fcmp olt <8 x float> %415, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %417 = select <8 x i1> %416, <8 x float> %415, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %418 = fcmp ogt <8 x float> %417, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %419 = select <8 x i1> %418, <8 x float> %417, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %421 = call <8 x float> @llvm.floor.v8f32(<8 x float> %420)
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %419)
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %422)
+  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %423, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %423, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %423, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %423, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %423, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %429 = fmul <8 x float> %423, %423
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> %429, <8 x float> %423)
+  %431 = fadd <8 x float> %430, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %432 = fptosi <8 x float> %421 to <8 x i32>
+  %433 = add <8 x i32> %432, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %434 = shl <8 x i32> %433, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %434 to <8 x float>
+  %exp56 = fmul <8 x float> %431, %exp.2n55
+  %435 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %435
+  %silu58 = fmul <8 x float> %412, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %414
+  %436 = getelementptr inbounds float, ptr %410, i64 %col54
+  store <8 x float> %glu59, ptr %436, align 4
+  %437 = add nsw i64 %r0, 2
+  %438 = getelementptr inbounds float, ptr %rw, i64 %437
+  %439 = load float, ptr %438, align 4
+  %440 = insertelement <8 x float> poison, float %439, i32 0
+  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
+  %442 = mul nsw i64 %437, 8192
+  %443 = getelementptr inbounds float, ptr %h, i64 %442
+  %col60 = mul nsw i64 %p, 8
+  %444 = load <8 x float>, ptr %acc2035, align 4
+  %445 = fmul <8 x float> %444, %441
+  %446 = load <8 x float>, ptr %acc2136, align 4
+  %447 = fmul <8 x float> %446, %441
+  %448 = fneg <8 x float> %445
+  %449 = fcmp olt <8 x float> %448, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %450 = select <8 x i1> %449, <8 x float> %448, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %451 = fcmp ogt <8 x float> %450, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %452 = select <8 x i1> %451, <8 x float> %450, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %454 = call <8 x float> @llvm.floor.v8f32(<8 x float> %453)
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %452)
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %455)
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %456, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %456, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %456, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %456, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %462 = fmul <8 x float> %456, %456
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %462, <8 x float> %456)
+  %464 = fadd <8 x float> %463, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %465 = fptosi <8 x float> %454 to <8 x i32>
+  %466 = add <8 x i32> %465, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %467 = shl <8 x i32> %466, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %467 to <8 x float>
+  %exp62 = fmul <8 x float> %464, %exp.2n61
+  %468 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %468
+  %silu64 = fmul <8 x float> %445, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %447
+  %469 = getelementptr inbounds float, ptr %443, i64 %col60
+  store <8 x float> %glu65, ptr %469, align 4
+  %470 = add nsw i64 %r0, 3
+  %471 = getelementptr inbounds float, ptr %rw, i64 %470
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = mul nsw i64 %470, 8192
+  %476 = getelementptr inbounds float, ptr %h, i64 %475
+  %col66 = mul nsw i64 %p, 8
+  %477 = load <8 x float>, ptr %acc3037, align 4
+  %478 = fmul <8 x float> %477, %474
+  %479 = load <8 x float>, ptr %acc3138, align 4
+  %480 = fmul <8 x float> %479, %474
+  %481 = fneg <8 x float> %478
+  %482 = fcmp olt <8 x float> %481, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %483 = select <8 x i1> %482, <8 x float> %481, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %484 = fcmp ogt <8 x float> %483, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %485 = select <8 x i1> %484, <8 x float> %483, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %487 = call <8 x float> @llvm.floor.v8f32(<8 x float> %486)
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %485)
+  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %488)
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %489, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %489, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %489, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %489, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> %489, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %495 = fmul <8 x float> %489, %489
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %495, <8 x float> %489)
+  %497 = fadd <8 x float> %496, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %498 = fptosi <8 x float> %487 to <8 x i32>
+  %499 = add <8 x i32> %498, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %500 = shl <8 x i32> %499, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %500 to <8 x float>
+  %exp68 = fmul <8 x float> %497, %exp.2n67
+  %501 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %501
+  %silu70 = fmul <8 x float> %478, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %480
+  %502 = getelementptr inbounds float, ptr %476, i64 %col66
+  store <8 x float> %glu71, ptr %502, align 4
+  %503 = add nsw i64 %r0, 4
+  %504 = getelementptr inbounds float, ptr %rw, i64 %503
+  %505 = load float, ptr %504, align 4
+  %506 = insertelement <8 x float> poison, float %505, i32 0
+  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
+  %508 = mul nsw i64 %503, 8192
+  %509 = getelementptr inbounds float, ptr %h, i64 %508
+  %col72 = mul nsw i64 %p, 8
+  %510 = load <8 x float>, ptr %acc4039, align 4
+  %511 = fmul <8 x float> %510, %507
+  %512 = load <8 x float>, ptr %acc4140, align 4
+  %513 = fmul <8 x float> %512, %507
+  %514 = fneg <8 x float> %511
+  %515 = fcmp olt <8 x float> %514, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %516 = select <8 x i1> %515, <8 x float> %514, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %517 = fcmp ogt <8 x float> %516, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %518 = select <8 x i1> %517, <8 x float> %516, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %520 = call <8 x float> @llvm.floor.v8f32(<8 x float> %519)
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %518)
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %521)
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %522, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %522, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %522, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %522, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %522, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %528 = fmul <8 x float> %522, %522
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %528, <8 x float> %522)
+  %530 = fadd <8 x float> %529, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %531 = fptosi <8 x float> %520 to <8 x i32>
+  %532 = add <8 x i32> %531, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %533 = shl <8 x i32> %532, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %533 to <8 x float>
+  %exp74 = fmul <8 x float> %530, %exp.2n73
+  %534 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %534
+  %silu76 = fmul <8 x float> %511, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %513
+  %535 = getelementptr inbounds float, ptr %509, i64 %col72
+  store <8 x float> %glu77, ptr %535, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %490 = add nsw i64 %r0, 0
-  %491 = getelementptr inbounds i32, ptr %rows, i64 %490
-  %492 = load i32, ptr %491, align 4
-  %493 = sext i32 %492 to i64
-  %494 = mul nsw i64 %493, 5120
-  %a0114 = getelementptr inbounds float, ptr %x, i64 %494
-  store <8 x float> zeroinitializer, ptr %acc00115, align 4
-  store <8 x float> zeroinitializer, ptr %acc01116, align 4
-  %495 = add nsw i64 %r0, 1
-  %496 = getelementptr inbounds i32, ptr %rows, i64 %495
-  %497 = load i32, ptr %496, align 4
-  %498 = sext i32 %497 to i64
-  %499 = mul nsw i64 %498, 5120
-  %a1117 = getelementptr inbounds float, ptr %x, i64 %499
-  store <8 x float> zeroinitializer, ptr %acc10118, align 4
-  store <8 x float> zeroinitializer, ptr %acc11119, align 4
-  %500 = add nsw i64 %r0, 2
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %500
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 5120
-  %a2120 = getelementptr inbounds float, ptr %x, i64 %504
-  store <8 x float> zeroinitializer, ptr %acc20121, align 4
-  store <8 x float> zeroinitializer, ptr %acc21122, align 4
-  %505 = add nsw i64 %r0, 3
-  %506 = getelementptr inbounds i32, ptr %rows, i64 %505
-  %507 = load i32, ptr %506, align 4
-  %508 = sext i32 %507 to i64
-  %509 = mul nsw i64 %508, 5120
-  %a3123 = getelementptr inbounds float, ptr %x, i64 %509
-  store <8 x float> zeroinitializer, ptr %acc30124, align 4
-  store <8 x float> zeroinitializer, ptr %acc31125, align 4
-  %panel.off126 = mul nsw i64 %p, 81920
-  br label %k.head127
+  %536 = add nsw i64 %r0, 0
+  %537 = getelementptr inbounds i32, ptr %rows, i64 %536
+  %538 = load i32, ptr %537, align 4
+  %539 = sext i32 %538 to i64
+  %540 = mul nsw i64 %539, 5120
+  %541 = getelementptr inbounds float, ptr %x, i64 %540
+  store <8 x float> zeroinitializer, ptr %acc0078, align 4
+  store <8 x float> zeroinitializer, ptr %acc0179, align 4
+  %542 = add nsw i64 %r0, 1
+  %543 = getelementptr inbounds i32, ptr %rows, i64 %542
+  %544 = load i32, ptr %543, align 4
+  %545 = sext i32 %544 to i64
+  %546 = mul nsw i64 %545, 5120
+  %547 = getelementptr inbounds float, ptr %x, i64 %546
+  store <8 x float> zeroinitializer, ptr %acc1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc1181, align 4
+  %548 = add nsw i64 %r0, 2
+  %549 = getelementptr inbounds i32, ptr %rows, i64 %548
+  %550 = load i32, ptr %549, align 4
+  %551 = sext i32 %550 to i64
+  %552 = mul nsw i64 %551, 5120
+  %553 = getelementptr inbounds float, ptr %x, i64 %552
+  store <8 x float> zeroinitializer, ptr %acc2082, align 4
+  store <8 x float> zeroinitializer, ptr %acc2183, align 4
+  %554 = add nsw i64 %r0, 3
+  %555 = getelementptr inbounds i32, ptr %rows, i64 %554
+  %556 = load i32, ptr %555, align 4
+  %557 = sext i32 %556 to i64
+  %558 = mul nsw i64 %557, 5120
+  %559 = getelementptr inbounds float, ptr %x, i64 %558
+  store <8 x float> zeroinitializer, ptr %acc3084, align 4
+  store <8 x float> zeroinitializer, ptr %acc3185, align 4
+  %panel.off86 = mul nsw i64 %p, 81920
+  br label %k.head87
 
-k.head127:                                        ; preds = %k.body128, %tile.mr4
-  %k130 = phi i64 [ 0, %tile.mr4 ], [ %548, %k.body128 ]
-  %510 = icmp slt i64 %k130, 5120
-  br i1 %510, label %k.body128, label %k.end129
+k.head87:                                         ; preds = %k.body88, %tile.mr4
+  %k90 = phi i64 [ 0, %tile.mr4 ], [ %599, %k.body88 ]
+  %560 = icmp slt i64 %k90, 5120
+  br i1 %560, label %k.body88, label %k.end89
 
-k.body128:                                        ; preds = %k.head127
-  %511 = mul nsw i64 %k130, 16
-  %512 = add nsw i64 %panel.off126, %511
-  %513 = getelementptr inbounds i16, ptr %panels, i64 %512
-  %bw131 = load <8 x i32>, ptr %513, align 4
-  %514 = shl <8 x i32> %bw131, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0132 = bitcast <8 x i32> %514 to <8 x float>
-  %515 = and <8 x i32> %bw131, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1133 = bitcast <8 x i32> %515 to <8 x float>
-  %516 = getelementptr inbounds float, ptr %a0114, i64 %k130
-  %517 = load float, ptr %516, align 4
-  %518 = insertelement <8 x float> poison, float %517, i32 0
-  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
-  %520 = load <8 x float>, ptr %acc00115, align 4
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %b0132, <8 x float> %520)
-  store <8 x float> %521, ptr %acc00115, align 4
-  %522 = load <8 x float>, ptr %acc01116, align 4
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %b1133, <8 x float> %522)
-  store <8 x float> %523, ptr %acc01116, align 4
-  %524 = getelementptr inbounds float, ptr %a1117, i64 %k130
-  %525 = load float, ptr %524, align 4
-  %526 = insertelement <8 x float> poison, float %525, i32 0
-  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
-  %528 = load <8 x float>, ptr %acc10118, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b0132, <8 x float> %528)
-  store <8 x float> %529, ptr %acc10118, align 4
-  %530 = load <8 x float>, ptr %acc11119, align 4
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b1133, <8 x float> %530)
-  store <8 x float> %531, ptr %acc11119, align 4
-  %532 = getelementptr inbounds float, ptr %a2120, i64 %k130
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <8 x float> poison, float %533, i32 0
-  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
-  %536 = load <8 x float>, ptr %acc20121, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b0132, <8 x float> %536)
-  store <8 x float> %537, ptr %acc20121, align 4
-  %538 = load <8 x float>, ptr %acc21122, align 4
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b1133, <8 x float> %538)
-  store <8 x float> %539, ptr %acc21122, align 4
-  %540 = getelementptr inbounds float, ptr %a3123, i64 %k130
-  %541 = load float, ptr %540, align 4
-  %542 = insertelement <8 x float> poison, float %541, i32 0
-  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
-  %544 = load <8 x float>, ptr %acc30124, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b0132, <8 x float> %544)
-  store <8 x float> %545, ptr %acc30124, align 4
-  %546 = load <8 x float>, ptr %acc31125, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b1133, <8 x float> %546)
-  store <8 x float> %547, ptr %acc31125, align 4
-  %548 = add nsw i64 %k130, 1
-  br label %k.head127
+k.body88:                                         ; preds = %k.head87
+  %561 = mul nsw i64 %k90, 16
+  %562 = add nsw i64 %panel.off86, %561
+  %563 = getelementptr inbounds i16, ptr %panels, i64 %562
+  %564 = load <8 x i32>, ptr %563, align 4
+  %565 = shl <8 x i32> %564, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b091 = bitcast <8 x i32> %565 to <8 x float>
+  %566 = and <8 x i32> %564, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b192 = bitcast <8 x i32> %566 to <8 x float>
+  %567 = getelementptr inbounds float, ptr %541, i64 %k90
+  %568 = load float, ptr %567, align 4
+  %569 = insertelement <8 x float> poison, float %568, i32 0
+  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
+  %571 = load <8 x float>, ptr %acc0078, align 4
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b091, <8 x float> %571)
+  store <8 x float> %572, ptr %acc0078, align 4
+  %573 = load <8 x float>, ptr %acc0179, align 4
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b192, <8 x float> %573)
+  store <8 x float> %574, ptr %acc0179, align 4
+  %575 = getelementptr inbounds float, ptr %547, i64 %k90
+  %576 = load float, ptr %575, align 4
+  %577 = insertelement <8 x float> poison, float %576, i32 0
+  %578 = shufflevector <8 x float> %577, <8 x float> poison, <8 x i32> zeroinitializer
+  %579 = load <8 x float>, ptr %acc1080, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b091, <8 x float> %579)
+  store <8 x float> %580, ptr %acc1080, align 4
+  %581 = load <8 x float>, ptr %acc1181, align 4
+  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b192, <8 x float> %581)
+  store <8 x float> %582, ptr %acc1181, align 4
+  %583 = getelementptr inbounds float, ptr %553, i64 %k90
+  %584 = load float, ptr %583, align 4
+  %585 = insertelement <8 x float> poison, float %584, i32 0
+  %586 = shufflevector <8 x float> %585, <8 x float> poison, <8 x i32> zeroinitializer
+  %587 = load <8 x float>, ptr %acc2082, align 4
+  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %b091, <8 x float> %587)
+  store <8 x float> %588, ptr %acc2082, align 4
+  %589 = load <8 x float>, ptr %acc2183, align 4
+  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %b192, <8 x float> %589)
+  store <8 x float> %590, ptr %acc2183, align 4
+  %591 = getelementptr inbounds float, ptr %559, i64 %k90
+  %592 = load float, ptr %591, align 4
+  %593 = insertelement <8 x float> poison, float %592, i32 0
+  %594 = shufflevector <8 x float> %593, <8 x float> poison, <8 x i32> zeroinitializer
+  %595 = load <8 x float>, ptr %acc3084, align 4
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %b091, <8 x float> %595)
+  store <8 x float> %596, ptr %acc3084, align 4
+  %597 = load <8 x float>, ptr %acc3185, align 4
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %b192, <8 x float> %597)
+  store <8 x float> %598, ptr %acc3185, align 4
+  %599 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end129:                                         ; preds = %k.head127
-  %549 = add nsw i64 %r0, 0
-  %550 = getelementptr inbounds float, ptr %rw, i64 %549
-  %w134 = load float, ptr %550, align 4
-  %551 = insertelement <8 x float> poison, float %w134, i32 0
-  %552 = shufflevector <8 x float> %551, <8 x float> poison, <8 x i32> zeroinitializer
-  %553 = mul nsw i64 %549, 8192
-  %554 = getelementptr inbounds float, ptr %h, i64 %553
-  %col135 = mul nsw i64 %p, 8
-  %555 = load <8 x float>, ptr %acc00115, align 4
-  %556 = fmul <8 x float> %555, %552
-  %557 = load <8 x float>, ptr %acc01116, align 4
-  %558 = fmul <8 x float> %557, %552
-  %559 = fneg <8 x float> %556
-  %560 = fcmp olt <8 x float> %559, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %561 = select <8 x i1> %560, <8 x float> %559, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %562 = fcmp ogt <8 x float> %561, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %563 = select <8 x i1> %562, <8 x float> %561, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n136 = call <8 x float> @llvm.floor.v8f32(<8 x float> %564)
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n136, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %563)
-  %exp.r137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n136, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %565)
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r137, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %exp.r137, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %exp.r137, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %exp.r137, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %569, <8 x float> %exp.r137, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %571 = fmul <8 x float> %exp.r137, %exp.r137
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %571, <8 x float> %exp.r137)
-  %573 = fadd <8 x float> %572, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %574 = fptosi <8 x float> %exp.n136 to <8 x i32>
-  %575 = add <8 x i32> %574, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %576 = shl <8 x i32> %575, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %576 to <8 x float>
-  %exp139 = fmul <8 x float> %573, %exp.2n138
-  %577 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %577
-  %silu141 = fmul <8 x float> %556, %sigmoid140
-  %glu142 = fmul <8 x float> %silu141, %558
-  %578 = getelementptr inbounds float, ptr %554, i64 %col135
-  store <8 x float> %glu142, ptr %578, align 4
-  %579 = add nsw i64 %r0, 1
-  %580 = getelementptr inbounds float, ptr %rw, i64 %579
-  %w143 = load float, ptr %580, align 4
-  %581 = insertelement <8 x float> poison, float %w143, i32 0
-  %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = mul nsw i64 %579, 8192
-  %584 = getelementptr inbounds float, ptr %h, i64 %583
-  %col144 = mul nsw i64 %p, 8
-  %585 = load <8 x float>, ptr %acc10118, align 4
-  %586 = fmul <8 x float> %585, %582
-  %587 = load <8 x float>, ptr %acc11119, align 4
-  %588 = fmul <8 x float> %587, %582
-  %589 = fneg <8 x float> %586
-  %590 = fcmp olt <8 x float> %589, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %591 = select <8 x i1> %590, <8 x float> %589, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %592 = fcmp ogt <8 x float> %591, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %593 = select <8 x i1> %592, <8 x float> %591, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n145 = call <8 x float> @llvm.floor.v8f32(<8 x float> %594)
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n145, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %593)
-  %exp.r146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n145, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %595)
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %exp.r146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %exp.r146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %exp.r146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %exp.r146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %601 = fmul <8 x float> %exp.r146, %exp.r146
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %601, <8 x float> %exp.r146)
-  %603 = fadd <8 x float> %602, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %604 = fptosi <8 x float> %exp.n145 to <8 x i32>
-  %605 = add <8 x i32> %604, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %606 = shl <8 x i32> %605, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %606 to <8 x float>
-  %exp148 = fmul <8 x float> %603, %exp.2n147
-  %607 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %607
-  %silu150 = fmul <8 x float> %586, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %588
-  %608 = getelementptr inbounds float, ptr %584, i64 %col144
-  store <8 x float> %glu151, ptr %608, align 4
-  %609 = add nsw i64 %r0, 2
-  %610 = getelementptr inbounds float, ptr %rw, i64 %609
-  %w152 = load float, ptr %610, align 4
-  %611 = insertelement <8 x float> poison, float %w152, i32 0
-  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
-  %613 = mul nsw i64 %609, 8192
-  %614 = getelementptr inbounds float, ptr %h, i64 %613
-  %col153 = mul nsw i64 %p, 8
-  %615 = load <8 x float>, ptr %acc20121, align 4
-  %616 = fmul <8 x float> %615, %612
-  %617 = load <8 x float>, ptr %acc21122, align 4
-  %618 = fmul <8 x float> %617, %612
-  %619 = fneg <8 x float> %616
-  %620 = fcmp olt <8 x float> %619, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %621 = select <8 x i1> %620, <8 x float> %619, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %622 = fcmp ogt <8 x float> %621, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %623 = select <8 x i1> %622, <8 x float> %621, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n154 = call <8 x float> @llvm.floor.v8f32(<8 x float> %624)
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n154, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %623)
-  %exp.r155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n154, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %625)
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r155, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %exp.r155, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %exp.r155, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %exp.r155, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %exp.r155, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %631 = fmul <8 x float> %exp.r155, %exp.r155
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %631, <8 x float> %exp.r155)
-  %633 = fadd <8 x float> %632, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %634 = fptosi <8 x float> %exp.n154 to <8 x i32>
-  %635 = add <8 x i32> %634, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %636 = shl <8 x i32> %635, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n156 = bitcast <8 x i32> %636 to <8 x float>
-  %exp157 = fmul <8 x float> %633, %exp.2n156
-  %637 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %637
-  %silu159 = fmul <8 x float> %616, %sigmoid158
-  %glu160 = fmul <8 x float> %silu159, %618
-  %638 = getelementptr inbounds float, ptr %614, i64 %col153
-  store <8 x float> %glu160, ptr %638, align 4
-  %639 = add nsw i64 %r0, 3
-  %640 = getelementptr inbounds float, ptr %rw, i64 %639
-  %w161 = load float, ptr %640, align 4
-  %641 = insertelement <8 x float> poison, float %w161, i32 0
-  %642 = shufflevector <8 x float> %641, <8 x float> poison, <8 x i32> zeroinitializer
-  %643 = mul nsw i64 %639, 8192
-  %644 = getelementptr inbounds float, ptr %h, i64 %643
-  %col162 = mul nsw i64 %p, 8
-  %645 = load <8 x float>, ptr %acc30124, align 4
-  %646 = fmul <8 x float> %645, %642
-  %647 = load <8 x float>, ptr %acc31125, align 4
-  %648 = fmul <8 x float> %647, %642
-  %649 = fneg <8 x float> %646
-  %650 = fcmp olt <8 x float> %649, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %651 = select <8 x i1> %650, <8 x float> %649, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %652 = fcmp ogt <8 x float> %651, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %653 = select <8 x i1> %652, <8 x float> %651, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %654)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %653)
-  %exp.r164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %655)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r164, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %exp.r164, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %exp.r164, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %exp.r164, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %exp.r164, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %661 = fmul <8 x float> %exp.r164, %exp.r164
-  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %661, <8 x float> %exp.r164)
-  %663 = fadd <8 x float> %662, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %664 = fptosi <8 x float> %exp.n163 to <8 x i32>
-  %665 = add <8 x i32> %664, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %666 = shl <8 x i32> %665, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n165 = bitcast <8 x i32> %666 to <8 x float>
-  %exp166 = fmul <8 x float> %663, %exp.2n165
-  %667 = fadd <8 x float> %exp166, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid167 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %667
-  %silu168 = fmul <8 x float> %646, %sigmoid167
-  %glu169 = fmul <8 x float> %silu168, %648
-  %668 = getelementptr inbounds float, ptr %644, i64 %col162
-  store <8 x float> %glu169, ptr %668, align 4
+k.end89:                                          ; preds = %k.head87
+  %600 = add nsw i64 %r0, 0
+  %601 = getelementptr inbounds float, ptr %rw, i64 %600
+  %602 = load float, ptr %601, align 4
+  %603 = insertelement <8 x float> poison, float %602, i32 0
+  %604 = shufflevector <8 x float> %603, <8 x float> poison, <8 x i32> zeroinitializer
+  %605 = mul nsw i64 %600, 8192
+  %606 = getelementptr inbounds float, ptr %h, i64 %605
+  %col93 = mul nsw i64 %p, 8
+  %607 = load <8 x float>, ptr %acc0078, align 4
+  %608 = fmul <8 x float> %607, %604
+  %609 = load <8 x float>, ptr %acc0179, align 4
+  %610 = fmul <8 x float> %609, %604
+  %611 = fneg <8 x float> %608
+  %612 = fcmp olt <8 x float> %611, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %613 = select <8 x i1> %612, <8 x float> %611, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %614 = fcmp ogt <8 x float> %613, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %615 = select <8 x i1> %614, <8 x float> %613, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %617 = call <8 x float> @llvm.floor.v8f32(<8 x float> %616)
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %615)
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %618)
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %619, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %619, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %619, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %619, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %619, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %625 = fmul <8 x float> %619, %619
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %625, <8 x float> %619)
+  %627 = fadd <8 x float> %626, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %628 = fptosi <8 x float> %617 to <8 x i32>
+  %629 = add <8 x i32> %628, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %630 = shl <8 x i32> %629, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %630 to <8 x float>
+  %exp95 = fmul <8 x float> %627, %exp.2n94
+  %631 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %631
+  %silu97 = fmul <8 x float> %608, %sigmoid96
+  %glu98 = fmul <8 x float> %silu97, %610
+  %632 = getelementptr inbounds float, ptr %606, i64 %col93
+  store <8 x float> %glu98, ptr %632, align 4
+  %633 = add nsw i64 %r0, 1
+  %634 = getelementptr inbounds float, ptr %rw, i64 %633
+  %635 = load float, ptr %634, align 4
+  %636 = insertelement <8 x float> poison, float %635, i32 0
+  %637 = shufflevector <8 x float> %636, <8 x float> poison, <8 x i32> zeroinitializer
+  %638 = mul nsw i64 %633, 8192
+  %639 = getelementptr inbounds float, ptr %h, i64 %638
+  %col99 = mul nsw i64 %p, 8
+  %640 = load <8 x float>, ptr %acc1080, align 4
+  %641 = fmul <8 x float> %640, %637
+  %642 = load <8 x float>, ptr %acc1181, align 4
+  %643 = fmul <8 x float> %642, %637
+  %644 = fneg <8 x float> %641
+  %645 = fcmp olt <8 x float> %644, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %646 = select <8 x i1> %645, <8 x float> %644, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %647 = fcmp ogt <8 x float> %646, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %648 = select <8 x i1> %647, <8 x float> %646, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %650 = call <8 x float> @llvm.floor.v8f32(<8 x float> %649)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %648)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %651)
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %652, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %652, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %652, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %652, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %658 = fmul <8 x float> %652, %652
+  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %658, <8 x float> %652)
+  %660 = fadd <8 x float> %659, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %661 = fptosi <8 x float> %650 to <8 x i32>
+  %662 = add <8 x i32> %661, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %663 = shl <8 x i32> %662, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %663 to <8 x float>
+  %exp101 = fmul <8 x float> %660, %exp.2n100
+  %664 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %664
+  %silu103 = fmul <8 x float> %641, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %643
+  %665 = getelementptr inbounds float, ptr %639, i64 %col99
+  store <8 x float> %glu104, ptr %665, align 4
+  %666 = add nsw i64 %r0, 2
+  %667 = getelementptr inbounds float, ptr %rw, i64 %666
+  %668 = load float, ptr %667, align 4
+  %669 = insertelement <8 x float> poison, float %668, i32 0
+  %670 = shufflevector <8 x float> %669, <8 x float> poison, <8 x i32> zeroinitializer
+  %671 = mul nsw i64 %666, 8192
+  %672 = getelementptr inbounds float, ptr %h, i64 %671
+  %col105 = mul nsw i64 %p, 8
+  %673 = load <8 x float>, ptr %acc2082, align 4
+  %674 = fmul <8 x float> %673, %670
+  %675 = load <8 x float>, ptr %acc2183, align 4
+  %676 = fmul <8 x float> %675, %670
+  %677 = fneg <8 x float> %674
+  %678 = fcmp olt <8 x float> %677, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %679 = select <8 x i1> %678, <8 x float> %677, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %680 = fcmp ogt <8 x float> %679, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %681 = select <8 x i1> %680, <8 x float> %679, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %683 = call <8 x float> @llvm.floor.v8f32(<8 x float> %682)
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %681)
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %684)
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %685, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %685, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %685, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %685, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %685, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %691 = fmul <8 x float> %685, %685
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %691, <8 x float> %685)
+  %693 = fadd <8 x float> %692, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %694 = fptosi <8 x float> %683 to <8 x i32>
+  %695 = add <8 x i32> %694, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %696 = shl <8 x i32> %695, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n106 = bitcast <8 x i32> %696 to <8 x float>
+  %exp107 = fmul <8 x float> %693, %exp.2n106
+  %697 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %697
+  %silu109 = fmul <8 x float> %674, %sigmoid108
+  %glu110 = fmul <8 x float> %silu109, %676
+  %698 = getelementptr inbounds float, ptr %672, i64 %col105
+  store <8 x float> %glu110, ptr %698, align 4
+  %699 = add nsw i64 %r0, 3
+  %700 = getelementptr inbounds float, ptr %rw, i64 %699
+  %701 = load float, ptr %700, align 4
+  %702 = insertelement <8 x float> poison, float %701, i32 0
+  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
+  %704 = mul nsw i64 %699, 8192
+  %705 = getelementptr inbounds float, ptr %h, i64 %704
+  %col111 = mul nsw i64 %p, 8
+  %706 = load <8 x float>, ptr %acc3084, align 4
+  %707 = fmul <8 x float> %706, %703
+  %708 = load <8 x float>, ptr %acc3185, align 4
+  %709 = fmul <8 x float> %708, %703
+  %710 = fneg <8 x float> %707
+  %711 = fcmp olt <8 x float> %710, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %712 = select <8 x i1> %711, <8 x float> %710, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %713 = fcmp ogt <8 x float> %712, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %714 = select <8 x i1> %713, <8 x float> %712, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %716 = call <8 x float> @llvm.floor.v8f32(<8 x float> %715)
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %714)
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %717)
+  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %718, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %718, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %718, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %718, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %718, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %724 = fmul <8 x float> %718, %718
+  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %724, <8 x float> %718)
+  %726 = fadd <8 x float> %725, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %727 = fptosi <8 x float> %716 to <8 x i32>
+  %728 = add <8 x i32> %727, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %729 = shl <8 x i32> %728, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n112 = bitcast <8 x i32> %729 to <8 x float>
+  %exp113 = fmul <8 x float> %726, %exp.2n112
+  %730 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %730
+  %silu115 = fmul <8 x float> %707, %sigmoid114
+  %glu116 = fmul <8 x float> %silu115, %709
+  %731 = getelementptr inbounds float, ptr %705, i64 %col111
+  store <8 x float> %glu116, ptr %731, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %669 = add nsw i64 %r0, 0
-  %670 = getelementptr inbounds i32, ptr %rows, i64 %669
-  %671 = load i32, ptr %670, align 4
-  %672 = sext i32 %671 to i64
-  %673 = mul nsw i64 %672, 5120
-  %a0170 = getelementptr inbounds float, ptr %x, i64 %673
-  store <8 x float> zeroinitializer, ptr %acc00171, align 4
-  store <8 x float> zeroinitializer, ptr %acc01172, align 4
-  %674 = add nsw i64 %r0, 1
-  %675 = getelementptr inbounds i32, ptr %rows, i64 %674
-  %676 = load i32, ptr %675, align 4
-  %677 = sext i32 %676 to i64
-  %678 = mul nsw i64 %677, 5120
-  %a1173 = getelementptr inbounds float, ptr %x, i64 %678
-  store <8 x float> zeroinitializer, ptr %acc10174, align 4
-  store <8 x float> zeroinitializer, ptr %acc11175, align 4
-  %679 = add nsw i64 %r0, 2
-  %680 = getelementptr inbounds i32, ptr %rows, i64 %679
-  %681 = load i32, ptr %680, align 4
-  %682 = sext i32 %681 to i64
-  %683 = mul nsw i64 %682, 5120
-  %a2176 = getelementptr inbounds float, ptr %x, i64 %683
-  store <8 x float> zeroinitializer, ptr %acc20177, align 4
-  store <8 x float> zeroinitializer, ptr %acc21178, align 4
-  %panel.off179 = mul nsw i64 %p, 81920
-  br label %k.head180
+  %732 = add nsw i64 %r0, 0
+  %733 = getelementptr inbounds i32, ptr %rows, i64 %732
+  %734 = load i32, ptr %733, align 4
+  %735 = sext i32 %734 to i64
+  %736 = mul nsw i64 %735, 5120
+  %737 = getelementptr inbounds float, ptr %x, i64 %736
+  store <8 x float> zeroinitializer, ptr %acc00117, align 4
+  store <8 x float> zeroinitializer, ptr %acc01118, align 4
+  %738 = add nsw i64 %r0, 1
+  %739 = getelementptr inbounds i32, ptr %rows, i64 %738
+  %740 = load i32, ptr %739, align 4
+  %741 = sext i32 %740 to i64
+  %742 = mul nsw i64 %741, 5120
+  %743 = getelementptr inbounds float, ptr %x, i64 %742
+  store <8 x float> zeroinitializer, ptr %acc10119, align 4
+  store <8 x float> zeroinitializer, ptr %acc11120, align 4
+  %744 = add nsw i64 %r0, 2
+  %745 = getelementptr inbounds i32, ptr %rows, i64 %744
+  %746 = load i32, ptr %745, align 4
+  %747 = sext i32 %746 to i64
+  %748 = mul nsw i64 %747, 5120
+  %749 = getelementptr inbounds float, ptr %x, i64 %748
+  store <8 x float> zeroinitializer, ptr %acc20121, align 4
+  store <8 x float> zeroinitializer, ptr %acc21122, align 4
+  %panel.off123 = mul nsw i64 %p, 81920
+  br label %k.head124
 
-k.head180:                                        ; preds = %k.body181, %tile.mr3
-  %k183 = phi i64 [ 0, %tile.mr3 ], [ %714, %k.body181 ]
-  %684 = icmp slt i64 %k183, 5120
-  br i1 %684, label %k.body181, label %k.end182
+k.head124:                                        ; preds = %k.body125, %tile.mr3
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %781, %k.body125 ]
+  %750 = icmp slt i64 %k127, 5120
+  br i1 %750, label %k.body125, label %k.end126
 
-k.body181:                                        ; preds = %k.head180
-  %685 = mul nsw i64 %k183, 16
-  %686 = add nsw i64 %panel.off179, %685
-  %687 = getelementptr inbounds i16, ptr %panels, i64 %686
-  %bw184 = load <8 x i32>, ptr %687, align 4
-  %688 = shl <8 x i32> %bw184, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0185 = bitcast <8 x i32> %688 to <8 x float>
-  %689 = and <8 x i32> %bw184, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1186 = bitcast <8 x i32> %689 to <8 x float>
-  %690 = getelementptr inbounds float, ptr %a0170, i64 %k183
-  %691 = load float, ptr %690, align 4
-  %692 = insertelement <8 x float> poison, float %691, i32 0
-  %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
-  %694 = load <8 x float>, ptr %acc00171, align 4
-  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %b0185, <8 x float> %694)
-  store <8 x float> %695, ptr %acc00171, align 4
-  %696 = load <8 x float>, ptr %acc01172, align 4
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %b1186, <8 x float> %696)
-  store <8 x float> %697, ptr %acc01172, align 4
-  %698 = getelementptr inbounds float, ptr %a1173, i64 %k183
-  %699 = load float, ptr %698, align 4
-  %700 = insertelement <8 x float> poison, float %699, i32 0
-  %701 = shufflevector <8 x float> %700, <8 x float> poison, <8 x i32> zeroinitializer
-  %702 = load <8 x float>, ptr %acc10174, align 4
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %b0185, <8 x float> %702)
-  store <8 x float> %703, ptr %acc10174, align 4
-  %704 = load <8 x float>, ptr %acc11175, align 4
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %b1186, <8 x float> %704)
-  store <8 x float> %705, ptr %acc11175, align 4
-  %706 = getelementptr inbounds float, ptr %a2176, i64 %k183
-  %707 = load float, ptr %706, align 4
-  %708 = insertelement <8 x float> poison, float %707, i32 0
-  %709 = shufflevector <8 x float> %708, <8 x float> poison, <8 x i32> zeroinitializer
-  %710 = load <8 x float>, ptr %acc20177, align 4
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %b0185, <8 x float> %710)
-  store <8 x float> %711, ptr %acc20177, align 4
-  %712 = load <8 x float>, ptr %acc21178, align 4
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %b1186, <8 x float> %712)
-  store <8 x float> %713, ptr %acc21178, align 4
-  %714 = add nsw i64 %k183, 1
-  br label %k.head180
+k.body125:                                        ; preds = %k.head124
+  %751 = mul nsw i64 %k127, 16
+  %752 = add nsw i64 %panel.off123, %751
+  %753 = getelementptr inbounds i16, ptr %panels, i64 %752
+  %754 = load <8 x i32>, ptr %753, align 4
+  %755 = shl <8 x i32> %754, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0128 = bitcast <8 x i32> %755 to <8 x float>
+  %756 = and <8 x i32> %754, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1129 = bitcast <8 x i32> %756 to <8 x float>
+  %757 = getelementptr inbounds float, ptr %737, i64 %k127
+  %758 = load float, ptr %757, align 4
+  %759 = insertelement <8 x float> poison, float %758, i32 0
+  %760 = shufflevector <8 x float> %759, <8 x float> poison, <8 x i32> zeroinitializer
+  %761 = load <8 x float>, ptr %acc00117, align 4
+  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %b0128, <8 x float> %761)
+  store <8 x float> %762, ptr %acc00117, align 4
+  %763 = load <8 x float>, ptr %acc01118, align 4
+  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %b1129, <8 x float> %763)
+  store <8 x float> %764, ptr %acc01118, align 4
+  %765 = getelementptr inbounds float, ptr %743, i64 %k127
+  %766 = load float, ptr %765, align 4
+  %767 = insertelement <8 x float> poison, float %766, i32 0
+  %768 = shufflevector <8 x float> %767, <8 x float> poison, <8 x i32> zeroinitializer
+  %769 = load <8 x float>, ptr %acc10119, align 4
+  %770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> %b0128, <8 x float> %769)
+  store <8 x float> %770, ptr %acc10119, align 4
+  %771 = load <8 x float>, ptr %acc11120, align 4
+  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> %b1129, <8 x float> %771)
+  store <8 x float> %772, ptr %acc11120, align 4
+  %773 = getelementptr inbounds float, ptr %749, i64 %k127
+  %774 = load float, ptr %773, align 4
+  %775 = insertelement <8 x float> poison, float %774, i32 0
+  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
+  %777 = load <8 x float>, ptr %acc20121, align 4
+  %778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b0128, <8 x float> %777)
+  store <8 x float> %778, ptr %acc20121, align 4
+  %779 = load <8 x float>, ptr %acc21122, align 4
+  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b1129, <8 x float> %779)
+  store <8 x float> %780, ptr %acc21122, align 4
+  %781 = add nsw i64 %k127, 1
+  br label %k.head124
 
-k.end182:                                         ; preds = %k.head180
-  %715 = add nsw i64 %r0, 0
-  %716 = getelementptr inbounds float, ptr %rw, i64 %715
-  %w187 = load float, ptr %716, align 4
-  %717 = insertelement <8 x float> poison, float %w187, i32 0
-  %718 = shufflevector <8 x float> %717, <8 x float> poison, <8 x i32> zeroinitializer
-  %719 = mul nsw i64 %715, 8192
-  %720 = getelementptr inbounds float, ptr %h, i64 %719
-  %col188 = mul nsw i64 %p, 8
-  %721 = load <8 x float>, ptr %acc00171, align 4
-  %722 = fmul <8 x float> %721, %718
-  %723 = load <8 x float>, ptr %acc01172, align 4
-  %724 = fmul <8 x float> %723, %718
-  %725 = fneg <8 x float> %722
-  %726 = fcmp olt <8 x float> %725, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %727 = select <8 x i1> %726, <8 x float> %725, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %728 = fcmp ogt <8 x float> %727, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %729 = select <8 x i1> %728, <8 x float> %727, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n189 = call <8 x float> @llvm.floor.v8f32(<8 x float> %730)
-  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n189, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %729)
-  %exp.r190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n189, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %731)
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r190, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %exp.r190, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> %exp.r190, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %exp.r190, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %exp.r190, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %737 = fmul <8 x float> %exp.r190, %exp.r190
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %737, <8 x float> %exp.r190)
-  %739 = fadd <8 x float> %738, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %740 = fptosi <8 x float> %exp.n189 to <8 x i32>
-  %741 = add <8 x i32> %740, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %742 = shl <8 x i32> %741, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n191 = bitcast <8 x i32> %742 to <8 x float>
-  %exp192 = fmul <8 x float> %739, %exp.2n191
-  %743 = fadd <8 x float> %exp192, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid193 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %743
-  %silu194 = fmul <8 x float> %722, %sigmoid193
-  %glu195 = fmul <8 x float> %silu194, %724
-  %744 = getelementptr inbounds float, ptr %720, i64 %col188
-  store <8 x float> %glu195, ptr %744, align 4
-  %745 = add nsw i64 %r0, 1
-  %746 = getelementptr inbounds float, ptr %rw, i64 %745
-  %w196 = load float, ptr %746, align 4
-  %747 = insertelement <8 x float> poison, float %w196, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = mul nsw i64 %745, 8192
-  %750 = getelementptr inbounds float, ptr %h, i64 %749
-  %col197 = mul nsw i64 %p, 8
-  %751 = load <8 x float>, ptr %acc10174, align 4
-  %752 = fmul <8 x float> %751, %748
-  %753 = load <8 x float>, ptr %acc11175, align 4
-  %754 = fmul <8 x float> %753, %748
-  %755 = fneg <8 x float> %752
-  %756 = fcmp olt <8 x float> %755, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %757 = select <8 x i1> %756, <8 x float> %755, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %758 = fcmp ogt <8 x float> %757, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %759 = select <8 x i1> %758, <8 x float> %757, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %759, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n198 = call <8 x float> @llvm.floor.v8f32(<8 x float> %760)
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n198, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %759)
-  %exp.r199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n198, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %761)
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> %exp.r199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %exp.r199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %exp.r199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %exp.r199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %767 = fmul <8 x float> %exp.r199, %exp.r199
-  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %766, <8 x float> %767, <8 x float> %exp.r199)
-  %769 = fadd <8 x float> %768, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %770 = fptosi <8 x float> %exp.n198 to <8 x i32>
-  %771 = add <8 x i32> %770, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %772 = shl <8 x i32> %771, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n200 = bitcast <8 x i32> %772 to <8 x float>
-  %exp201 = fmul <8 x float> %769, %exp.2n200
-  %773 = fadd <8 x float> %exp201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid202 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %773
-  %silu203 = fmul <8 x float> %752, %sigmoid202
-  %glu204 = fmul <8 x float> %silu203, %754
-  %774 = getelementptr inbounds float, ptr %750, i64 %col197
-  store <8 x float> %glu204, ptr %774, align 4
-  %775 = add nsw i64 %r0, 2
-  %776 = getelementptr inbounds float, ptr %rw, i64 %775
-  %w205 = load float, ptr %776, align 4
-  %777 = insertelement <8 x float> poison, float %w205, i32 0
-  %778 = shufflevector <8 x float> %777, <8 x float> poison, <8 x i32> zeroinitializer
-  %779 = mul nsw i64 %775, 8192
-  %780 = getelementptr inbounds float, ptr %h, i64 %779
-  %col206 = mul nsw i64 %p, 8
-  %781 = load <8 x float>, ptr %acc20177, align 4
-  %782 = fmul <8 x float> %781, %778
-  %783 = load <8 x float>, ptr %acc21178, align 4
-  %784 = fmul <8 x float> %783, %778
-  %785 = fneg <8 x float> %782
-  %786 = fcmp olt <8 x float> %785, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %787 = select <8 x i1> %786, <8 x float> %785, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %788 = fcmp ogt <8 x float> %787, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %789 = select <8 x i1> %788, <8 x float> %787, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %790)
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %789)
-  %exp.r208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %791)
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r208, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %exp.r208, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %exp.r208, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %exp.r208, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %exp.r208, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %797 = fmul <8 x float> %exp.r208, %exp.r208
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %797, <8 x float> %exp.r208)
-  %799 = fadd <8 x float> %798, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %800 = fptosi <8 x float> %exp.n207 to <8 x i32>
-  %801 = add <8 x i32> %800, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %802 = shl <8 x i32> %801, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n209 = bitcast <8 x i32> %802 to <8 x float>
-  %exp210 = fmul <8 x float> %799, %exp.2n209
-  %803 = fadd <8 x float> %exp210, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid211 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %803
-  %silu212 = fmul <8 x float> %782, %sigmoid211
-  %glu213 = fmul <8 x float> %silu212, %784
-  %804 = getelementptr inbounds float, ptr %780, i64 %col206
-  store <8 x float> %glu213, ptr %804, align 4
+k.end126:                                         ; preds = %k.head124
+  %782 = add nsw i64 %r0, 0
+  %783 = getelementptr inbounds float, ptr %rw, i64 %782
+  %784 = load float, ptr %783, align 4
+  %785 = insertelement <8 x float> poison, float %784, i32 0
+  %786 = shufflevector <8 x float> %785, <8 x float> poison, <8 x i32> zeroinitializer
+  %787 = mul nsw i64 %782, 8192
+  %788 = getelementptr inbounds float, ptr %h, i64 %787
+  %col130 = mul nsw i64 %p, 8
+  %789 = load <8 x float>, ptr %acc00117, align 4
+  %790 = fmul <8 x float> %789, %786
+  %791 = load <8 x float>, ptr %acc01118, align 4
+  %792 = fmul <8 x float> %791, %786
+  %793 = fneg <8 x float> %790
+  %794 = fcmp olt <8 x float> %793, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %795 = select <8 x i1> %794, <8 x float> %793, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %796 = fcmp ogt <8 x float> %795, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %797 = select <8 x i1> %796, <8 x float> %795, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %799 = call <8 x float> @llvm.floor.v8f32(<8 x float> %798)
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %797)
+  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %800)
+  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %801, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %801, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %801, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %801, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> %801, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %807 = fmul <8 x float> %801, %801
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %807, <8 x float> %801)
+  %809 = fadd <8 x float> %808, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %810 = fptosi <8 x float> %799 to <8 x i32>
+  %811 = add <8 x i32> %810, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %812 = shl <8 x i32> %811, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %812 to <8 x float>
+  %exp132 = fmul <8 x float> %809, %exp.2n131
+  %813 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %813
+  %silu134 = fmul <8 x float> %790, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %792
+  %814 = getelementptr inbounds float, ptr %788, i64 %col130
+  store <8 x float> %glu135, ptr %814, align 4
+  %815 = add nsw i64 %r0, 1
+  %816 = getelementptr inbounds float, ptr %rw, i64 %815
+  %817 = load float, ptr %816, align 4
+  %818 = insertelement <8 x float> poison, float %817, i32 0
+  %819 = shufflevector <8 x float> %818, <8 x float> poison, <8 x i32> zeroinitializer
+  %820 = mul nsw i64 %815, 8192
+  %821 = getelementptr inbounds float, ptr %h, i64 %820
+  %col136 = mul nsw i64 %p, 8
+  %822 = load <8 x float>, ptr %acc10119, align 4
+  %823 = fmul <8 x float> %822, %819
+  %824 = load <8 x float>, ptr %acc11120, align 4
+  %825 = fmul <8 x float> %824, %819
+  %826 = fneg <8 x float> %823
+  %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %829 = fcmp ogt <8 x float> %828, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %832 = call <8 x float> @llvm.floor.v8f32(<8 x float> %831)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %830)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %833)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %834, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %834, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %834, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %834, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %834, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %840 = fmul <8 x float> %834, %834
+  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %834)
+  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %843 = fptosi <8 x float> %832 to <8 x i32>
+  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %845 to <8 x float>
+  %exp138 = fmul <8 x float> %842, %exp.2n137
+  %846 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
+  %silu140 = fmul <8 x float> %823, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %825
+  %847 = getelementptr inbounds float, ptr %821, i64 %col136
+  store <8 x float> %glu141, ptr %847, align 4
+  %848 = add nsw i64 %r0, 2
+  %849 = getelementptr inbounds float, ptr %rw, i64 %848
+  %850 = load float, ptr %849, align 4
+  %851 = insertelement <8 x float> poison, float %850, i32 0
+  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
+  %853 = mul nsw i64 %848, 8192
+  %854 = getelementptr inbounds float, ptr %h, i64 %853
+  %col142 = mul nsw i64 %p, 8
+  %855 = load <8 x float>, ptr %acc20121, align 4
+  %856 = fmul <8 x float> %855, %852
+  %857 = load <8 x float>, ptr %acc21122, align 4
+  %858 = fmul <8 x float> %857, %852
+  %859 = fneg <8 x float> %856
+  %860 = fcmp olt <8 x float> %859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %862 = fcmp ogt <8 x float> %861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %864)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %863)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %866)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %873 = fmul <8 x float> %867, %867
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %873, <8 x float> %867)
+  %875 = fadd <8 x float> %874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %876 = fptosi <8 x float> %865 to <8 x i32>
+  %877 = add <8 x i32> %876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %878 = shl <8 x i32> %877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %878 to <8 x float>
+  %exp144 = fmul <8 x float> %875, %exp.2n143
+  %879 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %879
+  %silu146 = fmul <8 x float> %856, %sigmoid145
+  %glu147 = fmul <8 x float> %silu146, %858
+  %880 = getelementptr inbounds float, ptr %854, i64 %col142
+  store <8 x float> %glu147, ptr %880, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %805 = add nsw i64 %r0, 0
-  %806 = getelementptr inbounds i32, ptr %rows, i64 %805
-  %807 = load i32, ptr %806, align 4
-  %808 = sext i32 %807 to i64
-  %809 = mul nsw i64 %808, 5120
-  %a0214 = getelementptr inbounds float, ptr %x, i64 %809
-  store <8 x float> zeroinitializer, ptr %acc00215, align 4
-  store <8 x float> zeroinitializer, ptr %acc01216, align 4
-  %810 = add nsw i64 %r0, 1
-  %811 = getelementptr inbounds i32, ptr %rows, i64 %810
-  %812 = load i32, ptr %811, align 4
-  %813 = sext i32 %812 to i64
-  %814 = mul nsw i64 %813, 5120
-  %a1217 = getelementptr inbounds float, ptr %x, i64 %814
-  store <8 x float> zeroinitializer, ptr %acc10218, align 4
-  store <8 x float> zeroinitializer, ptr %acc11219, align 4
-  %panel.off220 = mul nsw i64 %p, 81920
-  br label %k.head221
+  %881 = add nsw i64 %r0, 0
+  %882 = getelementptr inbounds i32, ptr %rows, i64 %881
+  %883 = load i32, ptr %882, align 4
+  %884 = sext i32 %883 to i64
+  %885 = mul nsw i64 %884, 5120
+  %886 = getelementptr inbounds float, ptr %x, i64 %885
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  store <8 x float> zeroinitializer, ptr %acc01149, align 4
+  %887 = add nsw i64 %r0, 1
+  %888 = getelementptr inbounds i32, ptr %rows, i64 %887
+  %889 = load i32, ptr %888, align 4
+  %890 = sext i32 %889 to i64
+  %891 = mul nsw i64 %890, 5120
+  %892 = getelementptr inbounds float, ptr %x, i64 %891
+  store <8 x float> zeroinitializer, ptr %acc10150, align 4
+  store <8 x float> zeroinitializer, ptr %acc11151, align 4
+  %panel.off152 = mul nsw i64 %p, 81920
+  br label %k.head153
 
-k.head221:                                        ; preds = %k.body222, %tile.mr2
-  %k224 = phi i64 [ 0, %tile.mr2 ], [ %837, %k.body222 ]
-  %815 = icmp slt i64 %k224, 5120
-  br i1 %815, label %k.body222, label %k.end223
+k.head153:                                        ; preds = %k.body154, %tile.mr2
+  %k156 = phi i64 [ 0, %tile.mr2 ], [ %916, %k.body154 ]
+  %893 = icmp slt i64 %k156, 5120
+  br i1 %893, label %k.body154, label %k.end155
 
-k.body222:                                        ; preds = %k.head221
-  %816 = mul nsw i64 %k224, 16
-  %817 = add nsw i64 %panel.off220, %816
-  %818 = getelementptr inbounds i16, ptr %panels, i64 %817
-  %bw225 = load <8 x i32>, ptr %818, align 4
-  %819 = shl <8 x i32> %bw225, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0226 = bitcast <8 x i32> %819 to <8 x float>
-  %820 = and <8 x i32> %bw225, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1227 = bitcast <8 x i32> %820 to <8 x float>
-  %821 = getelementptr inbounds float, ptr %a0214, i64 %k224
-  %822 = load float, ptr %821, align 4
-  %823 = insertelement <8 x float> poison, float %822, i32 0
-  %824 = shufflevector <8 x float> %823, <8 x float> poison, <8 x i32> zeroinitializer
-  %825 = load <8 x float>, ptr %acc00215, align 4
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %b0226, <8 x float> %825)
-  store <8 x float> %826, ptr %acc00215, align 4
-  %827 = load <8 x float>, ptr %acc01216, align 4
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %b1227, <8 x float> %827)
-  store <8 x float> %828, ptr %acc01216, align 4
-  %829 = getelementptr inbounds float, ptr %a1217, i64 %k224
-  %830 = load float, ptr %829, align 4
-  %831 = insertelement <8 x float> poison, float %830, i32 0
-  %832 = shufflevector <8 x float> %831, <8 x float> poison, <8 x i32> zeroinitializer
-  %833 = load <8 x float>, ptr %acc10218, align 4
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %b0226, <8 x float> %833)
-  store <8 x float> %834, ptr %acc10218, align 4
-  %835 = load <8 x float>, ptr %acc11219, align 4
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %b1227, <8 x float> %835)
-  store <8 x float> %836, ptr %acc11219, align 4
-  %837 = add nsw i64 %k224, 1
-  br label %k.head221
+k.body154:                                        ; preds = %k.head153
+  %894 = mul nsw i64 %k156, 16
+  %895 = add nsw i64 %panel.off152, %894
+  %896 = getelementptr inbounds i16, ptr %panels, i64 %895
+  %897 = load <8 x i32>, ptr %896, align 4
+  %898 = shl <8 x i32> %897, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0157 = bitcast <8 x i32> %898 to <8 x float>
+  %899 = and <8 x i32> %897, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1158 = bitcast <8 x i32> %899 to <8 x float>
+  %900 = getelementptr inbounds float, ptr %886, i64 %k156
+  %901 = load float, ptr %900, align 4
+  %902 = insertelement <8 x float> poison, float %901, i32 0
+  %903 = shufflevector <8 x float> %902, <8 x float> poison, <8 x i32> zeroinitializer
+  %904 = load <8 x float>, ptr %acc00148, align 4
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %b0157, <8 x float> %904)
+  store <8 x float> %905, ptr %acc00148, align 4
+  %906 = load <8 x float>, ptr %acc01149, align 4
+  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %b1158, <8 x float> %906)
+  store <8 x float> %907, ptr %acc01149, align 4
+  %908 = getelementptr inbounds float, ptr %892, i64 %k156
+  %909 = load float, ptr %908, align 4
+  %910 = insertelement <8 x float> poison, float %909, i32 0
+  %911 = shufflevector <8 x float> %910, <8 x float> poison, <8 x i32> zeroinitializer
+  %912 = load <8 x float>, ptr %acc10150, align 4
+  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %b0157, <8 x float> %912)
+  store <8 x float> %913, ptr %acc10150, align 4
+  %914 = load <8 x float>, ptr %acc11151, align 4
+  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %b1158, <8 x float> %914)
+  store <8 x float> %915, ptr %acc11151, align 4
+  %916 = add nsw i64 %k156, 1
+  br label %k.head153
 
-k.end223:                                         ; preds = %k.head221
-  %838 = add nsw i64 %r0, 0
-  %839 = getelementptr inbounds float, ptr %rw, i64 %838
-  %w228 = load float, ptr %839, align 4
-  %840 = insertelement <8 x float> poison, float %w228, i32 0
-  %841 = shufflevector <8 x float> %840, <8 x float> poison, <8 x i32> zeroinitializer
-  %842 = mul nsw i64 %838, 8192
-  %843 = getelementptr inbounds float, ptr %h, i64 %842
-  %col229 = mul nsw i64 %p, 8
-  %844 = load <8 x float>, ptr %acc00215, align 4
-  %845 = fmul <8 x float> %844, %841
-  %846 = load <8 x float>, ptr %acc01216, align 4
-  %847 = fmul <8 x float> %846, %841
-  %848 = fneg <8 x float> %845
-  %849 = fcmp olt <8 x float> %848, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %850 = select <8 x i1> %849, <8 x float> %848, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %851 = fcmp ogt <8 x float> %850, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %852 = select <8 x i1> %851, <8 x float> %850, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n230 = call <8 x float> @llvm.floor.v8f32(<8 x float> %853)
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n230, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %852)
-  %exp.r231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n230, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %854)
-  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r231, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %exp.r231, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %exp.r231, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %exp.r231, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %858, <8 x float> %exp.r231, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %860 = fmul <8 x float> %exp.r231, %exp.r231
-  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> %860, <8 x float> %exp.r231)
-  %862 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %863 = fptosi <8 x float> %exp.n230 to <8 x i32>
-  %864 = add <8 x i32> %863, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %865 = shl <8 x i32> %864, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n232 = bitcast <8 x i32> %865 to <8 x float>
-  %exp233 = fmul <8 x float> %862, %exp.2n232
-  %866 = fadd <8 x float> %exp233, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid234 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %866
-  %silu235 = fmul <8 x float> %845, %sigmoid234
-  %glu236 = fmul <8 x float> %silu235, %847
-  %867 = getelementptr inbounds float, ptr %843, i64 %col229
-  store <8 x float> %glu236, ptr %867, align 4
-  %868 = add nsw i64 %r0, 1
-  %869 = getelementptr inbounds float, ptr %rw, i64 %868
-  %w237 = load float, ptr %869, align 4
-  %870 = insertelement <8 x float> poison, float %w237, i32 0
-  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
-  %872 = mul nsw i64 %868, 8192
-  %873 = getelementptr inbounds float, ptr %h, i64 %872
-  %col238 = mul nsw i64 %p, 8
-  %874 = load <8 x float>, ptr %acc10218, align 4
-  %875 = fmul <8 x float> %874, %871
-  %876 = load <8 x float>, ptr %acc11219, align 4
-  %877 = fmul <8 x float> %876, %871
-  %878 = fneg <8 x float> %875
-  %879 = fcmp olt <8 x float> %878, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %880 = select <8 x i1> %879, <8 x float> %878, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %881 = fcmp ogt <8 x float> %880, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %882 = select <8 x i1> %881, <8 x float> %880, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %883)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %882)
-  %exp.r240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %884)
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %exp.r240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %exp.r240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %888 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %exp.r240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %exp.r240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %890 = fmul <8 x float> %exp.r240, %exp.r240
-  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %890, <8 x float> %exp.r240)
-  %892 = fadd <8 x float> %891, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %893 = fptosi <8 x float> %exp.n239 to <8 x i32>
-  %894 = add <8 x i32> %893, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %895 = shl <8 x i32> %894, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n241 = bitcast <8 x i32> %895 to <8 x float>
-  %exp242 = fmul <8 x float> %892, %exp.2n241
-  %896 = fadd <8 x float> %exp242, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid243 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %896
-  %silu244 = fmul <8 x float> %875, %sigmoid243
-  %glu245 = fmul <8 x float> %silu244, %877
-  %897 = getelementptr inbounds float, ptr %873, i64 %col238
-  store <8 x float> %glu245, ptr %897, align 4
-  br label %tile.done
-
-tile.mr1:                                         ; preds = %r0.body
-  %898 = add nsw i64 %r0, 0
-  %899 = getelementptr inbounds i32, ptr %rows, i64 %898
-  %900 = load i32, ptr %899, align 4
-  %901 = sext i32 %900 to i64
-  %902 = mul nsw i64 %901, 5120
-  %a0246 = getelementptr inbounds float, ptr %x, i64 %902
-  store <8 x float> zeroinitializer, ptr %acc00247, align 4
-  store <8 x float> zeroinitializer, ptr %acc01248, align 4
-  %panel.off249 = mul nsw i64 %p, 81920
-  br label %k.head250
-
-k.head250:                                        ; preds = %k.body251, %tile.mr1
-  %k253 = phi i64 [ 0, %tile.mr1 ], [ %917, %k.body251 ]
-  %903 = icmp slt i64 %k253, 5120
-  br i1 %903, label %k.body251, label %k.end252
-
-k.body251:                                        ; preds = %k.head250
-  %904 = mul nsw i64 %k253, 16
-  %905 = add nsw i64 %panel.off249, %904
-  %906 = getelementptr inbounds i16, ptr %panels, i64 %905
-  %bw254 = load <8 x i32>, ptr %906, align 4
-  %907 = shl <8 x i32> %bw254, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0255 = bitcast <8 x i32> %907 to <8 x float>
-  %908 = and <8 x i32> %bw254, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1256 = bitcast <8 x i32> %908 to <8 x float>
-  %909 = getelementptr inbounds float, ptr %a0246, i64 %k253
-  %910 = load float, ptr %909, align 4
-  %911 = insertelement <8 x float> poison, float %910, i32 0
-  %912 = shufflevector <8 x float> %911, <8 x float> poison, <8 x i32> zeroinitializer
-  %913 = load <8 x float>, ptr %acc00247, align 4
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %b0255, <8 x float> %913)
-  store <8 x float> %914, ptr %acc00247, align 4
-  %915 = load <8 x float>, ptr %acc01248, align 4
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %b1256, <8 x float> %915)
-  store <8 x float> %916, ptr %acc01248, align 4
-  %917 = add nsw i64 %k253, 1
-  br label %k.head250
-
-k.end252:                                         ; preds = %k.head250
-  %918 = add nsw i64 %r0, 0
-  %919 = getelementptr inbounds float, ptr %rw, i64 %918
-  %w257 = load float, ptr %919, align 4
-  %920 = insertelement <8 x float> poison, float %w257, i32 0
+k.end155:                                         ; preds = %k.head153
+  %917 = add nsw i64 %r0, 0
+  %918 = getelementptr inbounds float, ptr %rw, i64 %917
+  %919 = load float, ptr %918, align 4
+  %920 = insertelement <8 x float> poison, float %919, i32 0
   %921 = shufflevector <8 x float> %920, <8 x float> poison, <8 x i32> zeroinitializer
-  %922 = mul nsw i64 %918, 8192
+  %922 = mul nsw i64 %917, 8192
   %923 = getelementptr inbounds float, ptr %h, i64 %922
-  %col258 = mul nsw i64 %p, 8
-  %924 = load <8 x float>, ptr %acc00247, align 4
+  %col159 = mul nsw i64 %p, 8
+  %924 = load <8 x float>, ptr %acc00148, align 4
   %925 = fmul <8 x float> %924, %921
-  %926 = load <8 x float>, ptr %acc01248, align 4
+  %926 = load <8 x float>, ptr %acc01149, align 4
   %927 = fmul <8 x float> %926, %921
   %928 = fneg <8 x float> %925
   %929 = fcmp olt <8 x float> %928, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1628,36 +1524,158 @@ k.end252:                                         ; preds = %k.head250
   %931 = fcmp ogt <8 x float> %930, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %932 = select <8 x i1> %931, <8 x float> %930, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %932, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %933)
-  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %932)
-  %exp.r260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %934)
-  %935 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %exp.r260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> %936, <8 x float> %exp.r260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %exp.r260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> %exp.r260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %940 = fmul <8 x float> %exp.r260, %exp.r260
-  %941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %939, <8 x float> %940, <8 x float> %exp.r260)
-  %942 = fadd <8 x float> %941, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %943 = fptosi <8 x float> %exp.n259 to <8 x i32>
-  %944 = add <8 x i32> %943, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %945 = shl <8 x i32> %944, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n261 = bitcast <8 x i32> %945 to <8 x float>
-  %exp262 = fmul <8 x float> %942, %exp.2n261
-  %946 = fadd <8 x float> %exp262, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid263 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %946
-  %silu264 = fmul <8 x float> %925, %sigmoid263
-  %glu265 = fmul <8 x float> %silu264, %927
-  %947 = getelementptr inbounds float, ptr %923, i64 %col258
-  store <8 x float> %glu265, ptr %947, align 4
+  %934 = call <8 x float> @llvm.floor.v8f32(<8 x float> %933)
+  %935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %932)
+  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %935)
+  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %936, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %936, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> %936, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %939, <8 x float> %936, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> %936, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %942 = fmul <8 x float> %936, %936
+  %943 = call <8 x float> @llvm.fma.v8f32(<8 x float> %941, <8 x float> %942, <8 x float> %936)
+  %944 = fadd <8 x float> %943, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %945 = fptosi <8 x float> %934 to <8 x i32>
+  %946 = add <8 x i32> %945, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %947 = shl <8 x i32> %946, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %947 to <8 x float>
+  %exp161 = fmul <8 x float> %944, %exp.2n160
+  %948 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %948
+  %silu163 = fmul <8 x float> %925, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %927
+  %949 = getelementptr inbounds float, ptr %923, i64 %col159
+  store <8 x float> %glu164, ptr %949, align 4
+  %950 = add nsw i64 %r0, 1
+  %951 = getelementptr inbounds float, ptr %rw, i64 %950
+  %952 = load float, ptr %951, align 4
+  %953 = insertelement <8 x float> poison, float %952, i32 0
+  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
+  %955 = mul nsw i64 %950, 8192
+  %956 = getelementptr inbounds float, ptr %h, i64 %955
+  %col165 = mul nsw i64 %p, 8
+  %957 = load <8 x float>, ptr %acc10150, align 4
+  %958 = fmul <8 x float> %957, %954
+  %959 = load <8 x float>, ptr %acc11151, align 4
+  %960 = fmul <8 x float> %959, %954
+  %961 = fneg <8 x float> %958
+  %962 = fcmp olt <8 x float> %961, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %963 = select <8 x i1> %962, <8 x float> %961, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %964 = fcmp ogt <8 x float> %963, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %965 = select <8 x i1> %964, <8 x float> %963, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %967 = call <8 x float> @llvm.floor.v8f32(<8 x float> %966)
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %965)
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %968)
+  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %969, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %969, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %969, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %969, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %969, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %975 = fmul <8 x float> %969, %969
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %975, <8 x float> %969)
+  %977 = fadd <8 x float> %976, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %978 = fptosi <8 x float> %967 to <8 x i32>
+  %979 = add <8 x i32> %978, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %980 = shl <8 x i32> %979, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %980 to <8 x float>
+  %exp167 = fmul <8 x float> %977, %exp.2n166
+  %981 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %981
+  %silu169 = fmul <8 x float> %958, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %960
+  %982 = getelementptr inbounds float, ptr %956, i64 %col165
+  store <8 x float> %glu170, ptr %982, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end252, %k.end223, %k.end182, %k.end129, %k.end64, %k.end
-  %948 = add nsw i64 %r0, 6
+tile.mr1:                                         ; preds = %r0.body
+  %983 = add nsw i64 %r0, 0
+  %984 = getelementptr inbounds i32, ptr %rows, i64 %983
+  %985 = load i32, ptr %984, align 4
+  %986 = sext i32 %985 to i64
+  %987 = mul nsw i64 %986, 5120
+  %988 = getelementptr inbounds float, ptr %x, i64 %987
+  store <8 x float> zeroinitializer, ptr %acc00171, align 4
+  store <8 x float> zeroinitializer, ptr %acc01172, align 4
+  %panel.off173 = mul nsw i64 %p, 81920
+  br label %k.head174
+
+k.head174:                                        ; preds = %k.body175, %tile.mr1
+  %k177 = phi i64 [ 0, %tile.mr1 ], [ %1004, %k.body175 ]
+  %989 = icmp slt i64 %k177, 5120
+  br i1 %989, label %k.body175, label %k.end176
+
+k.body175:                                        ; preds = %k.head174
+  %990 = mul nsw i64 %k177, 16
+  %991 = add nsw i64 %panel.off173, %990
+  %992 = getelementptr inbounds i16, ptr %panels, i64 %991
+  %993 = load <8 x i32>, ptr %992, align 4
+  %994 = shl <8 x i32> %993, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %994 to <8 x float>
+  %995 = and <8 x i32> %993, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %995 to <8 x float>
+  %996 = getelementptr inbounds float, ptr %988, i64 %k177
+  %997 = load float, ptr %996, align 4
+  %998 = insertelement <8 x float> poison, float %997, i32 0
+  %999 = shufflevector <8 x float> %998, <8 x float> poison, <8 x i32> zeroinitializer
+  %1000 = load <8 x float>, ptr %acc00171, align 4
+  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %999, <8 x float> %b0178, <8 x float> %1000)
+  store <8 x float> %1001, ptr %acc00171, align 4
+  %1002 = load <8 x float>, ptr %acc01172, align 4
+  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %999, <8 x float> %b1179, <8 x float> %1002)
+  store <8 x float> %1003, ptr %acc01172, align 4
+  %1004 = add nsw i64 %k177, 1
+  br label %k.head174
+
+k.end176:                                         ; preds = %k.head174
+  %1005 = add nsw i64 %r0, 0
+  %1006 = getelementptr inbounds float, ptr %rw, i64 %1005
+  %1007 = load float, ptr %1006, align 4
+  %1008 = insertelement <8 x float> poison, float %1007, i32 0
+  %1009 = shufflevector <8 x float> %1008, <8 x float> poison, <8 x i32> zeroinitializer
+  %1010 = mul nsw i64 %1005, 8192
+  %1011 = getelementptr inbounds float, ptr %h, i64 %1010
+  %col180 = mul nsw i64 %p, 8
+  %1012 = load <8 x float>, ptr %acc00171, align 4
+  %1013 = fmul <8 x float> %1012, %1009
+  %1014 = load <8 x float>, ptr %acc01172, align 4
+  %1015 = fmul <8 x float> %1014, %1009
+  %1016 = fneg <8 x float> %1013
+  %1017 = fcmp olt <8 x float> %1016, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1019 = fcmp ogt <8 x float> %1018, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1022 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1021)
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1020)
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1023)
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1024, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1024, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1024, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1024, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1024, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1030 = fmul <8 x float> %1024, %1024
+  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1030, <8 x float> %1024)
+  %1032 = fadd <8 x float> %1031, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1033 = fptosi <8 x float> %1022 to <8 x i32>
+  %1034 = add <8 x i32> %1033, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1035 = shl <8 x i32> %1034, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %1035 to <8 x float>
+  %exp182 = fmul <8 x float> %1032, %exp.2n181
+  %1036 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1036
+  %silu184 = fmul <8 x float> %1013, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %1015
+  %1037 = getelementptr inbounds float, ptr %1011, i64 %col180
+  store <8 x float> %glu185, ptr %1037, align 4
+  br label %tile.done
+
+tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
+  %1038 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %949 = add nsw i64 %p, 1
+  %1039 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -1685,36 +1703,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1723,7 +1741,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -1731,7 +1749,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -1751,788 +1769,788 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 8192
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 5120
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 8192
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 5120
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 8192
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 5120
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 8192
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 5120
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 8192
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 5120
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 5120
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 8192
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 5120
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 8192
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 5120
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 8192
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 5120
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 8192
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 5120
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 8192
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 5120
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 8192
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 5120
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 131072
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 8192
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 8192
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %144 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %144, ptr %13, align 4
+  %145 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %145, ptr %16, align 4
+  %146 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %146, ptr %27, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %147, ptr %30, align 4
+  %148 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %148, ptr %41, align 4
+  %149 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %149, ptr %44, align 4
+  %150 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %150, ptr %55, align 4
+  %151 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %151, ptr %58, align 4
+  %152 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %152, ptr %69, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %153, ptr %72, align 4
+  %154 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %154, ptr %83, align 4
+  %155 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %155, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 8192
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 5120
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 8192
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 5120
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 8192
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 5120
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
-  %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
+  %156 = add nsw i64 %r0, 0
+  %157 = mul nsw i64 %156, 8192
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
+  %160 = load i32, ptr %159, align 4
+  %161 = sext i32 %160 to i64
+  %162 = mul nsw i64 %161, 5120
+  %163 = getelementptr inbounds float, ptr %y, i64 %162
+  %164 = add nsw i64 %col1, 0
+  %165 = getelementptr inbounds float, ptr %163, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  store <8 x float> %166, ptr %acc002, align 4
+  %167 = add nsw i64 %col1, 8
+  %168 = getelementptr inbounds float, ptr %163, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  store <8 x float> %169, ptr %acc013, align 4
+  %170 = add nsw i64 %r0, 1
   %171 = mul nsw i64 %170, 8192
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 5120
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 8192
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 5120
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 131072
-  br label %k.head28
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %174 = load i32, ptr %173, align 4
+  %175 = sext i32 %174 to i64
+  %176 = mul nsw i64 %175, 5120
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = add nsw i64 %col1, 0
+  %179 = getelementptr inbounds float, ptr %177, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  store <8 x float> %180, ptr %acc104, align 4
+  %181 = add nsw i64 %col1, 8
+  %182 = getelementptr inbounds float, ptr %177, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  store <8 x float> %183, ptr %acc115, align 4
+  %184 = add nsw i64 %r0, 2
+  %185 = mul nsw i64 %184, 8192
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
+  %188 = load i32, ptr %187, align 4
+  %189 = sext i32 %188 to i64
+  %190 = mul nsw i64 %189, 5120
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = add nsw i64 %col1, 0
+  %193 = getelementptr inbounds float, ptr %191, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  store <8 x float> %194, ptr %acc206, align 4
+  %195 = add nsw i64 %col1, 8
+  %196 = getelementptr inbounds float, ptr %191, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  store <8 x float> %197, ptr %acc217, align 4
+  %198 = add nsw i64 %r0, 3
+  %199 = mul nsw i64 %198, 8192
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
+  %202 = load i32, ptr %201, align 4
+  %203 = sext i32 %202 to i64
+  %204 = mul nsw i64 %203, 5120
+  %205 = getelementptr inbounds float, ptr %y, i64 %204
+  %206 = add nsw i64 %col1, 0
+  %207 = getelementptr inbounds float, ptr %205, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  store <8 x float> %208, ptr %acc308, align 4
+  %209 = add nsw i64 %col1, 8
+  %210 = getelementptr inbounds float, ptr %205, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  store <8 x float> %211, ptr %acc319, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 8192
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 5120
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col1, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  store <8 x float> %222, ptr %acc4010, align 4
+  %223 = add nsw i64 %col1, 8
+  %224 = getelementptr inbounds float, ptr %219, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  store <8 x float> %225, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 131072
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 8192
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
+  %226 = icmp slt i64 %k16, 8192
+  br i1 %226, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
-  %bw32 = load <8 x i32>, ptr %195, align 4
-  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %197 to <8 x float>
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %227 = mul nsw i64 %k16, 16
+  %228 = add nsw i64 %panel.off12, %227
+  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
+  %230 = load <8 x i32>, ptr %229, align 4
+  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %231 to <8 x float>
+  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %232 to <8 x float>
+  %233 = getelementptr inbounds float, ptr %158, i64 %k16
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc002, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
+  store <8 x float> %238, ptr %acc002, align 4
+  %239 = load <8 x float>, ptr %acc013, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
+  store <8 x float> %240, ptr %acc013, align 4
+  %241 = getelementptr inbounds float, ptr %172, i64 %k16
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc104, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
+  store <8 x float> %246, ptr %acc104, align 4
+  %247 = load <8 x float>, ptr %acc115, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
+  store <8 x float> %248, ptr %acc115, align 4
+  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc206, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
+  store <8 x float> %254, ptr %acc206, align 4
+  %255 = load <8 x float>, ptr %acc217, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
+  store <8 x float> %256, ptr %acc217, align 4
+  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc308, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
+  store <8 x float> %262, ptr %acc308, align 4
+  %263 = load <8 x float>, ptr %acc319, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
+  store <8 x float> %264, ptr %acc319, align 4
+  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc4010, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
+  store <8 x float> %270, ptr %acc4010, align 4
+  %271 = load <8 x float>, ptr %acc4111, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4111, align 4
+  %273 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %274 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %274, ptr %165, align 4
+  %275 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %275, ptr %168, align 4
+  %276 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %276, ptr %179, align 4
+  %277 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %277, ptr %182, align 4
+  %278 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %278, ptr %193, align 4
+  %279 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %279, ptr %196, align 4
+  %280 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %280, ptr %207, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %281, ptr %210, align 4
+  %282 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %282, ptr %221, align 4
+  %283 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %283, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 8192
-  %h036 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 5120
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %257, ptr %acc0038, align 4
-  %258 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %259, ptr %acc0140, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 8192
-  %h141 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 5120
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %268, ptr %acc1043, align 4
-  %269 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %270, ptr %acc1145, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 8192
-  %h246 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 5120
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %279, ptr %acc2048, align 4
-  %280 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %281, ptr %acc2150, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 8192
-  %h351 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 5120
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %290, ptr %acc3053, align 4
-  %291 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %292, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 131072
-  br label %k.head57
+  %col19 = mul nsw i64 %p, 16
+  %284 = add nsw i64 %r0, 0
+  %285 = mul nsw i64 %284, 8192
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 5120
+  %291 = getelementptr inbounds float, ptr %y, i64 %290
+  %292 = add nsw i64 %col19, 0
+  %293 = getelementptr inbounds float, ptr %291, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  store <8 x float> %294, ptr %acc0020, align 4
+  %295 = add nsw i64 %col19, 8
+  %296 = getelementptr inbounds float, ptr %291, i64 %295
+  %297 = load <8 x float>, ptr %296, align 4
+  store <8 x float> %297, ptr %acc0121, align 4
+  %298 = add nsw i64 %r0, 1
+  %299 = mul nsw i64 %298, 8192
+  %300 = getelementptr inbounds float, ptr %h, i64 %299
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 5120
+  %305 = getelementptr inbounds float, ptr %y, i64 %304
+  %306 = add nsw i64 %col19, 0
+  %307 = getelementptr inbounds float, ptr %305, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  store <8 x float> %308, ptr %acc1022, align 4
+  %309 = add nsw i64 %col19, 8
+  %310 = getelementptr inbounds float, ptr %305, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  store <8 x float> %311, ptr %acc1123, align 4
+  %312 = add nsw i64 %r0, 2
+  %313 = mul nsw i64 %312, 8192
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 5120
+  %319 = getelementptr inbounds float, ptr %y, i64 %318
+  %320 = add nsw i64 %col19, 0
+  %321 = getelementptr inbounds float, ptr %319, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  store <8 x float> %322, ptr %acc2024, align 4
+  %323 = add nsw i64 %col19, 8
+  %324 = getelementptr inbounds float, ptr %319, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc2125, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = mul nsw i64 %326, 8192
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 5120
+  %333 = getelementptr inbounds float, ptr %y, i64 %332
+  %334 = add nsw i64 %col19, 0
+  %335 = getelementptr inbounds float, ptr %333, i64 %334
+  %336 = load <8 x float>, ptr %335, align 4
+  store <8 x float> %336, ptr %acc3026, align 4
+  %337 = add nsw i64 %col19, 8
+  %338 = getelementptr inbounds float, ptr %333, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 131072
+  br label %k.head29
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
-  %293 = icmp slt i64 %k60, 8192
-  br i1 %293, label %k.body58, label %k.end59
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
+  %340 = icmp slt i64 %k32, 8192
+  br i1 %340, label %k.body30, label %k.end31
 
-k.body58:                                         ; preds = %k.head57
-  %294 = mul nsw i64 %k60, 16
-  %295 = add nsw i64 %panel.off56, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw61 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0038, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0038, align 4
-  %305 = load <8 x float>, ptr %acc0140, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0140, align 4
-  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1043, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1043, align 4
-  %313 = load <8 x float>, ptr %acc1145, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1145, align 4
-  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2048, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2048, align 4
-  %321 = load <8 x float>, ptr %acc2150, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2150, align 4
-  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3053, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3053, align 4
-  %329 = load <8 x float>, ptr %acc3155, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3155, align 4
-  %331 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body30:                                         ; preds = %k.head29
+  %341 = mul nsw i64 %k32, 16
+  %342 = add nsw i64 %panel.off28, %341
+  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
+  %344 = load <8 x i32>, ptr %343, align 4
+  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %346 to <8 x float>
+  %347 = getelementptr inbounds float, ptr %286, i64 %k32
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc0020, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
+  store <8 x float> %352, ptr %acc0020, align 4
+  %353 = load <8 x float>, ptr %acc0121, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
+  store <8 x float> %354, ptr %acc0121, align 4
+  %355 = getelementptr inbounds float, ptr %300, i64 %k32
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc1022, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
+  store <8 x float> %360, ptr %acc1022, align 4
+  %361 = load <8 x float>, ptr %acc1123, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
+  store <8 x float> %362, ptr %acc1123, align 4
+  %363 = getelementptr inbounds float, ptr %314, i64 %k32
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc2024, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
+  store <8 x float> %368, ptr %acc2024, align 4
+  %369 = load <8 x float>, ptr %acc2125, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
+  store <8 x float> %370, ptr %acc2125, align 4
+  %371 = getelementptr inbounds float, ptr %328, i64 %k32
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc3026, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
+  store <8 x float> %376, ptr %acc3026, align 4
+  %377 = load <8 x float>, ptr %acc3127, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
+  store <8 x float> %378, ptr %acc3127, align 4
+  %379 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end59:                                          ; preds = %k.head57
-  %332 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %332, ptr %y0037, align 4
-  %333 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %333, ptr %y0139, align 4
-  %334 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %334, ptr %y1042, align 4
-  %335 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %335, ptr %y1144, align 4
-  %336 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %336, ptr %y2047, align 4
-  %337 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %337, ptr %y2149, align 4
-  %338 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %338, ptr %y3052, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %339, ptr %y3154, align 4
+k.end31:                                          ; preds = %k.head29
+  %380 = load <8 x float>, ptr %acc0020, align 4
+  store <8 x float> %380, ptr %293, align 4
+  %381 = load <8 x float>, ptr %acc0121, align 4
+  store <8 x float> %381, ptr %296, align 4
+  %382 = load <8 x float>, ptr %acc1022, align 4
+  store <8 x float> %382, ptr %307, align 4
+  %383 = load <8 x float>, ptr %acc1123, align 4
+  store <8 x float> %383, ptr %310, align 4
+  %384 = load <8 x float>, ptr %acc2024, align 4
+  store <8 x float> %384, ptr %321, align 4
+  %385 = load <8 x float>, ptr %acc2125, align 4
+  store <8 x float> %385, ptr %324, align 4
+  %386 = load <8 x float>, ptr %acc3026, align 4
+  store <8 x float> %386, ptr %335, align 4
+  %387 = load <8 x float>, ptr %acc3127, align 4
+  store <8 x float> %387, ptr %338, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 8192
-  %h065 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 5120
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %348, ptr %acc0067, align 4
-  %349 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %350, ptr %acc0169, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 8192
-  %h170 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 5120
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %359, ptr %acc1072, align 4
-  %360 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %361, ptr %acc1174, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 8192
-  %h275 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 5120
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %370, ptr %acc2077, align 4
-  %371 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %372, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 131072
-  br label %k.head81
+  %col35 = mul nsw i64 %p, 16
+  %388 = add nsw i64 %r0, 0
+  %389 = mul nsw i64 %388, 8192
+  %390 = getelementptr inbounds float, ptr %h, i64 %389
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 5120
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = add nsw i64 %col35, 0
+  %397 = getelementptr inbounds float, ptr %395, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  store <8 x float> %398, ptr %acc0036, align 4
+  %399 = add nsw i64 %col35, 8
+  %400 = getelementptr inbounds float, ptr %395, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0137, align 4
+  %402 = add nsw i64 %r0, 1
+  %403 = mul nsw i64 %402, 8192
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 5120
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col35, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  store <8 x float> %412, ptr %acc1038, align 4
+  %413 = add nsw i64 %col35, 8
+  %414 = getelementptr inbounds float, ptr %409, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1139, align 4
+  %416 = add nsw i64 %r0, 2
+  %417 = mul nsw i64 %416, 8192
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 5120
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col35, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  store <8 x float> %426, ptr %acc2040, align 4
+  %427 = add nsw i64 %col35, 8
+  %428 = getelementptr inbounds float, ptr %423, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 131072
+  br label %k.head43
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
-  %373 = icmp slt i64 %k84, 8192
-  br i1 %373, label %k.body82, label %k.end83
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
+  %430 = icmp slt i64 %k46, 8192
+  br i1 %430, label %k.body44, label %k.end45
 
-k.body82:                                         ; preds = %k.head81
-  %374 = mul nsw i64 %k84, 16
-  %375 = add nsw i64 %panel.off80, %374
-  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
-  %bw85 = load <8 x i32>, ptr %376, align 4
-  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %377 to <8 x float>
-  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %378 to <8 x float>
-  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0067, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0067, align 4
-  %385 = load <8 x float>, ptr %acc0169, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0169, align 4
-  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1072, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1072, align 4
-  %393 = load <8 x float>, ptr %acc1174, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1174, align 4
-  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2077, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2077, align 4
-  %401 = load <8 x float>, ptr %acc2179, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2179, align 4
-  %403 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body44:                                         ; preds = %k.head43
+  %431 = mul nsw i64 %k46, 16
+  %432 = add nsw i64 %panel.off42, %431
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
+  %434 = load <8 x i32>, ptr %433, align 4
+  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = getelementptr inbounds float, ptr %390, i64 %k46
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc0036, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
+  store <8 x float> %442, ptr %acc0036, align 4
+  %443 = load <8 x float>, ptr %acc0137, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0137, align 4
+  %445 = getelementptr inbounds float, ptr %404, i64 %k46
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc1038, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc1038, align 4
+  %451 = load <8 x float>, ptr %acc1139, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1139, align 4
+  %453 = getelementptr inbounds float, ptr %418, i64 %k46
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc2040, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc2040, align 4
+  %459 = load <8 x float>, ptr %acc2141, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2141, align 4
+  %461 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end83:                                          ; preds = %k.head81
-  %404 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %404, ptr %y0066, align 4
-  %405 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %405, ptr %y0168, align 4
-  %406 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %406, ptr %y1071, align 4
-  %407 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %407, ptr %y1173, align 4
-  %408 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %408, ptr %y2076, align 4
-  %409 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %409, ptr %y2178, align 4
+k.end45:                                          ; preds = %k.head43
+  %462 = load <8 x float>, ptr %acc0036, align 4
+  store <8 x float> %462, ptr %397, align 4
+  %463 = load <8 x float>, ptr %acc0137, align 4
+  store <8 x float> %463, ptr %400, align 4
+  %464 = load <8 x float>, ptr %acc1038, align 4
+  store <8 x float> %464, ptr %411, align 4
+  %465 = load <8 x float>, ptr %acc1139, align 4
+  store <8 x float> %465, ptr %414, align 4
+  %466 = load <8 x float>, ptr %acc2040, align 4
+  store <8 x float> %466, ptr %425, align 4
+  %467 = load <8 x float>, ptr %acc2141, align 4
+  store <8 x float> %467, ptr %428, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 8192
-  %h089 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 5120
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %418, ptr %acc0091, align 4
-  %419 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %420, ptr %acc0193, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 8192
-  %h194 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 5120
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %429, ptr %acc1096, align 4
-  %430 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %431, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 131072
-  br label %k.head100
+  %col49 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 8192
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 5120
+  %475 = getelementptr inbounds float, ptr %y, i64 %474
+  %476 = add nsw i64 %col49, 0
+  %477 = getelementptr inbounds float, ptr %475, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0050, align 4
+  %479 = add nsw i64 %col49, 8
+  %480 = getelementptr inbounds float, ptr %475, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  store <8 x float> %481, ptr %acc0151, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 8192
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 5120
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col49, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1052, align 4
+  %493 = add nsw i64 %col49, 8
+  %494 = getelementptr inbounds float, ptr %489, i64 %493
+  %495 = load <8 x float>, ptr %494, align 4
+  store <8 x float> %495, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 131072
+  br label %k.head55
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
-  %432 = icmp slt i64 %k103, 8192
-  br i1 %432, label %k.body101, label %k.end102
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
+  %496 = icmp slt i64 %k58, 8192
+  br i1 %496, label %k.body56, label %k.end57
 
-k.body101:                                        ; preds = %k.head100
-  %433 = mul nsw i64 %k103, 16
-  %434 = add nsw i64 %panel.off99, %433
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
-  %bw104 = load <8 x i32>, ptr %435, align 4
-  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %437 to <8 x float>
-  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0091, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0091, align 4
-  %444 = load <8 x float>, ptr %acc0193, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0193, align 4
-  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1096, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1096, align 4
-  %452 = load <8 x float>, ptr %acc1198, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1198, align 4
-  %454 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body56:                                         ; preds = %k.head55
+  %497 = mul nsw i64 %k58, 16
+  %498 = add nsw i64 %panel.off54, %497
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = load <8 x i32>, ptr %499, align 4
+  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %501 to <8 x float>
+  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %502 to <8 x float>
+  %503 = getelementptr inbounds float, ptr %470, i64 %k58
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc0050, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0050, align 4
+  %509 = load <8 x float>, ptr %acc0151, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
+  store <8 x float> %510, ptr %acc0151, align 4
+  %511 = getelementptr inbounds float, ptr %484, i64 %k58
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = load <8 x float>, ptr %acc1052, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1052, align 4
+  %517 = load <8 x float>, ptr %acc1153, align 4
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
+  store <8 x float> %518, ptr %acc1153, align 4
+  %519 = add nsw i64 %k58, 1
+  br label %k.head55
 
-k.end102:                                         ; preds = %k.head100
-  %455 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %455, ptr %y0090, align 4
-  %456 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %456, ptr %y0192, align 4
-  %457 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %457, ptr %y1095, align 4
-  %458 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %458, ptr %y1197, align 4
+k.end57:                                          ; preds = %k.head55
+  %520 = load <8 x float>, ptr %acc0050, align 4
+  store <8 x float> %520, ptr %477, align 4
+  %521 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %521, ptr %480, align 4
+  %522 = load <8 x float>, ptr %acc1052, align 4
+  store <8 x float> %522, ptr %491, align 4
+  %523 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %523, ptr %494, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 8192
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 5120
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %467, ptr %acc00110, align 4
-  %468 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %469, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 131072
-  br label %k.head114
+  %col61 = mul nsw i64 %p, 16
+  %524 = add nsw i64 %r0, 0
+  %525 = mul nsw i64 %524, 8192
+  %526 = getelementptr inbounds float, ptr %h, i64 %525
+  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
+  %528 = load i32, ptr %527, align 4
+  %529 = sext i32 %528 to i64
+  %530 = mul nsw i64 %529, 5120
+  %531 = getelementptr inbounds float, ptr %y, i64 %530
+  %532 = add nsw i64 %col61, 0
+  %533 = getelementptr inbounds float, ptr %531, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc0062, align 4
+  %535 = add nsw i64 %col61, 8
+  %536 = getelementptr inbounds float, ptr %531, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 131072
+  br label %k.head65
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
-  %470 = icmp slt i64 %k117, 8192
-  br i1 %470, label %k.body115, label %k.end116
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
+  %538 = icmp slt i64 %k68, 8192
+  br i1 %538, label %k.body66, label %k.end67
 
-k.body115:                                        ; preds = %k.head114
-  %471 = mul nsw i64 %k117, 16
-  %472 = add nsw i64 %panel.off113, %471
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  %bw118 = load <8 x i32>, ptr %473, align 4
-  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %474 to <8 x float>
-  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %475 to <8 x float>
-  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00110, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00110, align 4
-  %482 = load <8 x float>, ptr %acc01112, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01112, align 4
-  %484 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body66:                                         ; preds = %k.head65
+  %539 = mul nsw i64 %k68, 16
+  %540 = add nsw i64 %panel.off64, %539
+  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
+  %542 = load <8 x i32>, ptr %541, align 4
+  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %543 to <8 x float>
+  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %544 to <8 x float>
+  %545 = getelementptr inbounds float, ptr %526, i64 %k68
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0062, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0062, align 4
+  %551 = load <8 x float>, ptr %acc0163, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0163, align 4
+  %553 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end116:                                         ; preds = %k.head114
-  %485 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %485, ptr %y00109, align 4
-  %486 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %486, ptr %y01111, align 4
+k.end67:                                          ; preds = %k.head65
+  %554 = load <8 x float>, ptr %acc0062, align 4
+  store <8 x float> %554, ptr %533, align 4
+  %555 = load <8 x float>, ptr %acc0163, align 4
+  store <8 x float> %555, ptr %536, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %556 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %557 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2554,43 +2572,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0042 = alloca <8 x float>, align 32
-  %acc0143 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2149 = alloca <8 x float>, align 32
-  %acc3051 = alloca <8 x float>, align 32
-  %acc3152 = alloca <8 x float>, align 32
-  %acc4054 = alloca <8 x float>, align 32
-  %acc4155 = alloca <8 x float>, align 32
-  %acc00105 = alloca <8 x float>, align 32
-  %acc01106 = alloca <8 x float>, align 32
-  %acc10108 = alloca <8 x float>, align 32
-  %acc11109 = alloca <8 x float>, align 32
-  %acc20111 = alloca <8 x float>, align 32
-  %acc21112 = alloca <8 x float>, align 32
-  %acc30114 = alloca <8 x float>, align 32
-  %acc31115 = alloca <8 x float>, align 32
-  %acc00157 = alloca <8 x float>, align 32
-  %acc01158 = alloca <8 x float>, align 32
-  %acc10160 = alloca <8 x float>, align 32
-  %acc11161 = alloca <8 x float>, align 32
-  %acc20163 = alloca <8 x float>, align 32
-  %acc21164 = alloca <8 x float>, align 32
-  %acc00198 = alloca <8 x float>, align 32
-  %acc01199 = alloca <8 x float>, align 32
-  %acc10201 = alloca <8 x float>, align 32
-  %acc11202 = alloca <8 x float>, align 32
-  %acc00228 = alloca <8 x float>, align 32
-  %acc01229 = alloca <8 x float>, align 32
+  %acc0031 = alloca <8 x float>, align 32
+  %acc0132 = alloca <8 x float>, align 32
+  %acc1033 = alloca <8 x float>, align 32
+  %acc1134 = alloca <8 x float>, align 32
+  %acc2035 = alloca <8 x float>, align 32
+  %acc2136 = alloca <8 x float>, align 32
+  %acc3037 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4039 = alloca <8 x float>, align 32
+  %acc4140 = alloca <8 x float>, align 32
+  %acc0078 = alloca <8 x float>, align 32
+  %acc0179 = alloca <8 x float>, align 32
+  %acc1080 = alloca <8 x float>, align 32
+  %acc1181 = alloca <8 x float>, align 32
+  %acc2082 = alloca <8 x float>, align 32
+  %acc2183 = alloca <8 x float>, align 32
+  %acc3084 = alloca <8 x float>, align 32
+  %acc3185 = alloca <8 x float>, align 32
+  %acc00117 = alloca <8 x float>, align 32
+  %acc01118 = alloca <8 x float>, align 32
+  %acc10119 = alloca <8 x float>, align 32
+  %acc11120 = alloca <8 x float>, align 32
+  %acc20121 = alloca <8 x float>, align 32
+  %acc21122 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc10150 = alloca <8 x float>, align 32
+  %acc11151 = alloca <8 x float>, align 32
+  %acc00171 = alloca <8 x float>, align 32
+  %acc01172 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %844, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %913, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -2598,7 +2616,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %843, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %912, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -2620,1242 +2638,1242 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 5120
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 5120
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 5120
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 5120
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 5120
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 5120
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 5120
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 5120
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 5120
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 5120
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 5120
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 81920
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 5120
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 5120
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = mul nsw i64 %88, 8192
-  %90 = getelementptr inbounds float, ptr %h, i64 %89
+  %95 = add nsw i64 %r0, 0
+  %96 = mul nsw i64 %95, 8192
+  %97 = getelementptr inbounds float, ptr %h, i64 %96
   %col = mul nsw i64 %p, 8
-  %91 = load <8 x float>, ptr %acc00, align 4
-  %92 = load <8 x float>, ptr %acc01, align 4
-  %93 = fneg <8 x float> %91
-  %94 = fcmp olt <8 x float> %93, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %95 = select <8 x i1> %94, <8 x float> %93, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %96 = fcmp ogt <8 x float> %95, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %97 = select <8 x i1> %96, <8 x float> %95, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %98)
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %97)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %99)
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %100, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %105 = fmul <8 x float> %exp.r, %exp.r
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %105, <8 x float> %exp.r)
-  %107 = fadd <8 x float> %106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %108 = fptosi <8 x float> %exp.n to <8 x i32>
-  %109 = add <8 x i32> %108, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %110 = shl <8 x i32> %109, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %110 to <8 x float>
-  %exp = fmul <8 x float> %107, %exp.2n
-  %111 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %111
-  %silu = fmul <8 x float> %91, %sigmoid
-  %glu = fmul <8 x float> %silu, %92
-  %112 = getelementptr inbounds float, ptr %90, i64 %col
-  store <8 x float> %glu, ptr %112, align 4
-  %113 = add nsw i64 %r0, 1
-  %114 = mul nsw i64 %113, 8192
-  %115 = getelementptr inbounds float, ptr %h, i64 %114
+  %98 = load <8 x float>, ptr %acc00, align 4
+  %99 = load <8 x float>, ptr %acc01, align 4
+  %100 = fneg <8 x float> %98
+  %101 = fcmp olt <8 x float> %100, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %102 = select <8 x i1> %101, <8 x float> %100, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %103 = fcmp ogt <8 x float> %102, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %104 = select <8 x i1> %103, <8 x float> %102, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %106 = call <8 x float> @llvm.floor.v8f32(<8 x float> %105)
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %104)
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %107)
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %108, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %108, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %108, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %108, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %108, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %114 = fmul <8 x float> %108, %108
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %114, <8 x float> %108)
+  %116 = fadd <8 x float> %115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %117 = fptosi <8 x float> %106 to <8 x i32>
+  %118 = add <8 x i32> %117, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %119 = shl <8 x i32> %118, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %119 to <8 x float>
+  %exp = fmul <8 x float> %116, %exp.2n
+  %120 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %120
+  %silu = fmul <8 x float> %98, %sigmoid
+  %glu = fmul <8 x float> %silu, %99
+  %121 = getelementptr inbounds float, ptr %97, i64 %col
+  store <8 x float> %glu, ptr %121, align 4
+  %122 = add nsw i64 %r0, 1
+  %123 = mul nsw i64 %122, 8192
+  %124 = getelementptr inbounds float, ptr %h, i64 %123
   %col1 = mul nsw i64 %p, 8
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = load <8 x float>, ptr %acc11, align 4
-  %118 = fneg <8 x float> %116
-  %119 = fcmp olt <8 x float> %118, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %120 = select <8 x i1> %119, <8 x float> %118, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %121 = fcmp ogt <8 x float> %120, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %122 = select <8 x i1> %121, <8 x float> %120, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n2 = call <8 x float> @llvm.floor.v8f32(<8 x float> %123)
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n2, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %122)
-  %exp.r3 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n2, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %124)
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r3, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %exp.r3, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %exp.r3, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %exp.r3, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %exp.r3, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %130 = fmul <8 x float> %exp.r3, %exp.r3
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %130, <8 x float> %exp.r3)
-  %132 = fadd <8 x float> %131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %133 = fptosi <8 x float> %exp.n2 to <8 x i32>
-  %134 = add <8 x i32> %133, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %135 = shl <8 x i32> %134, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n4 = bitcast <8 x i32> %135 to <8 x float>
-  %exp5 = fmul <8 x float> %132, %exp.2n4
-  %136 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %136
-  %silu7 = fmul <8 x float> %116, %sigmoid6
-  %glu8 = fmul <8 x float> %silu7, %117
-  %137 = getelementptr inbounds float, ptr %115, i64 %col1
-  store <8 x float> %glu8, ptr %137, align 4
-  %138 = add nsw i64 %r0, 2
-  %139 = mul nsw i64 %138, 8192
-  %140 = getelementptr inbounds float, ptr %h, i64 %139
-  %col9 = mul nsw i64 %p, 8
-  %141 = load <8 x float>, ptr %acc20, align 4
-  %142 = load <8 x float>, ptr %acc21, align 4
-  %143 = fneg <8 x float> %141
-  %144 = fcmp olt <8 x float> %143, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %145 = select <8 x i1> %144, <8 x float> %143, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %146 = fcmp ogt <8 x float> %145, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %147 = select <8 x i1> %146, <8 x float> %145, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n10 = call <8 x float> @llvm.floor.v8f32(<8 x float> %148)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n10, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %147)
-  %exp.r11 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n10, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %149)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r11, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %exp.r11, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %exp.r11, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %exp.r11, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %exp.r11, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %155 = fmul <8 x float> %exp.r11, %exp.r11
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %155, <8 x float> %exp.r11)
-  %157 = fadd <8 x float> %156, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %158 = fptosi <8 x float> %exp.n10 to <8 x i32>
-  %159 = add <8 x i32> %158, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %160 = shl <8 x i32> %159, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n12 = bitcast <8 x i32> %160 to <8 x float>
-  %exp13 = fmul <8 x float> %157, %exp.2n12
-  %161 = fadd <8 x float> %exp13, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid14 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %161
-  %silu15 = fmul <8 x float> %141, %sigmoid14
-  %glu16 = fmul <8 x float> %silu15, %142
-  %162 = getelementptr inbounds float, ptr %140, i64 %col9
-  store <8 x float> %glu16, ptr %162, align 4
-  %163 = add nsw i64 %r0, 3
-  %164 = mul nsw i64 %163, 8192
-  %165 = getelementptr inbounds float, ptr %h, i64 %164
-  %col17 = mul nsw i64 %p, 8
-  %166 = load <8 x float>, ptr %acc30, align 4
-  %167 = load <8 x float>, ptr %acc31, align 4
-  %168 = fneg <8 x float> %166
-  %169 = fcmp olt <8 x float> %168, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %170 = select <8 x i1> %169, <8 x float> %168, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %171 = fcmp ogt <8 x float> %170, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %172 = select <8 x i1> %171, <8 x float> %170, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n18 = call <8 x float> @llvm.floor.v8f32(<8 x float> %173)
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n18, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %172)
-  %exp.r19 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n18, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %174)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r19, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %exp.r19, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %exp.r19, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %exp.r19, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %exp.r19, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %180 = fmul <8 x float> %exp.r19, %exp.r19
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %180, <8 x float> %exp.r19)
-  %182 = fadd <8 x float> %181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %183 = fptosi <8 x float> %exp.n18 to <8 x i32>
-  %184 = add <8 x i32> %183, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %185 = shl <8 x i32> %184, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %185 to <8 x float>
-  %exp21 = fmul <8 x float> %182, %exp.2n20
-  %186 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %186
-  %silu23 = fmul <8 x float> %166, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %167
-  %187 = getelementptr inbounds float, ptr %165, i64 %col17
-  store <8 x float> %glu24, ptr %187, align 4
-  %188 = add nsw i64 %r0, 4
-  %189 = mul nsw i64 %188, 8192
-  %190 = getelementptr inbounds float, ptr %h, i64 %189
+  %125 = load <8 x float>, ptr %acc10, align 4
+  %126 = load <8 x float>, ptr %acc11, align 4
+  %127 = fneg <8 x float> %125
+  %128 = fcmp olt <8 x float> %127, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %130 = fcmp ogt <8 x float> %129, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %131 = select <8 x i1> %130, <8 x float> %129, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %132)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %131)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %134)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %135, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %135, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %135, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %135, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %135, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %141 = fmul <8 x float> %135, %135
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %141, <8 x float> %135)
+  %143 = fadd <8 x float> %142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %144 = fptosi <8 x float> %133 to <8 x i32>
+  %145 = add <8 x i32> %144, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %146 = shl <8 x i32> %145, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %146 to <8 x float>
+  %exp3 = fmul <8 x float> %143, %exp.2n2
+  %147 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %147
+  %silu5 = fmul <8 x float> %125, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %126
+  %148 = getelementptr inbounds float, ptr %124, i64 %col1
+  store <8 x float> %glu6, ptr %148, align 4
+  %149 = add nsw i64 %r0, 2
+  %150 = mul nsw i64 %149, 8192
+  %151 = getelementptr inbounds float, ptr %h, i64 %150
+  %col7 = mul nsw i64 %p, 8
+  %152 = load <8 x float>, ptr %acc20, align 4
+  %153 = load <8 x float>, ptr %acc21, align 4
+  %154 = fneg <8 x float> %152
+  %155 = fcmp olt <8 x float> %154, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %156 = select <8 x i1> %155, <8 x float> %154, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %157 = fcmp ogt <8 x float> %156, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %160 = call <8 x float> @llvm.floor.v8f32(<8 x float> %159)
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %158)
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %161)
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %162, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %162, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> %162, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %162, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %162, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %168 = fmul <8 x float> %162, %162
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %168, <8 x float> %162)
+  %170 = fadd <8 x float> %169, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %171 = fptosi <8 x float> %160 to <8 x i32>
+  %172 = add <8 x i32> %171, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %173 = shl <8 x i32> %172, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %173 to <8 x float>
+  %exp9 = fmul <8 x float> %170, %exp.2n8
+  %174 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %174
+  %silu11 = fmul <8 x float> %152, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %153
+  %175 = getelementptr inbounds float, ptr %151, i64 %col7
+  store <8 x float> %glu12, ptr %175, align 4
+  %176 = add nsw i64 %r0, 3
+  %177 = mul nsw i64 %176, 8192
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %col13 = mul nsw i64 %p, 8
+  %179 = load <8 x float>, ptr %acc30, align 4
+  %180 = load <8 x float>, ptr %acc31, align 4
+  %181 = fneg <8 x float> %179
+  %182 = fcmp olt <8 x float> %181, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %183 = select <8 x i1> %182, <8 x float> %181, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %184 = fcmp ogt <8 x float> %183, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %187 = call <8 x float> @llvm.floor.v8f32(<8 x float> %186)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %185)
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %188)
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %189, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %189, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %189, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %189, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %189, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %195 = fmul <8 x float> %189, %189
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %189)
+  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %198 = fptosi <8 x float> %187 to <8 x i32>
+  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %200 to <8 x float>
+  %exp15 = fmul <8 x float> %197, %exp.2n14
+  %201 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
+  %silu17 = fmul <8 x float> %179, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %180
+  %202 = getelementptr inbounds float, ptr %178, i64 %col13
+  store <8 x float> %glu18, ptr %202, align 4
+  %203 = add nsw i64 %r0, 4
+  %204 = mul nsw i64 %203, 8192
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %col19 = mul nsw i64 %p, 8
+  %206 = load <8 x float>, ptr %acc40, align 4
+  %207 = load <8 x float>, ptr %acc41, align 4
+  %208 = fneg <8 x float> %206
+  %209 = fcmp olt <8 x float> %208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %210 = select <8 x i1> %209, <8 x float> %208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %211 = fcmp ogt <8 x float> %210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %213)
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %212)
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %215)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %222 = fmul <8 x float> %216, %216
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %222, <8 x float> %216)
+  %224 = fadd <8 x float> %223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %225 = fptosi <8 x float> %214 to <8 x i32>
+  %226 = add <8 x i32> %225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %227 = shl <8 x i32> %226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %227 to <8 x float>
+  %exp21 = fmul <8 x float> %224, %exp.2n20
+  %228 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %228
+  %silu23 = fmul <8 x float> %206, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %207
+  %229 = getelementptr inbounds float, ptr %205, i64 %col19
+  store <8 x float> %glu24, ptr %229, align 4
+  %230 = add nsw i64 %r0, 5
+  %231 = mul nsw i64 %230, 8192
+  %232 = getelementptr inbounds float, ptr %h, i64 %231
   %col25 = mul nsw i64 %p, 8
-  %191 = load <8 x float>, ptr %acc40, align 4
-  %192 = load <8 x float>, ptr %acc41, align 4
-  %193 = fneg <8 x float> %191
-  %194 = fcmp olt <8 x float> %193, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %195 = select <8 x i1> %194, <8 x float> %193, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %196 = fcmp ogt <8 x float> %195, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %197 = select <8 x i1> %196, <8 x float> %195, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n26 = call <8 x float> @llvm.floor.v8f32(<8 x float> %198)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n26, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %197)
-  %exp.r27 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n26, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %199)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r27, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %exp.r27, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %exp.r27, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %exp.r27, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %exp.r27, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %205 = fmul <8 x float> %exp.r27, %exp.r27
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %205, <8 x float> %exp.r27)
-  %207 = fadd <8 x float> %206, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %208 = fptosi <8 x float> %exp.n26 to <8 x i32>
-  %209 = add <8 x i32> %208, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %210 = shl <8 x i32> %209, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n28 = bitcast <8 x i32> %210 to <8 x float>
-  %exp29 = fmul <8 x float> %207, %exp.2n28
-  %211 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %211
-  %silu31 = fmul <8 x float> %191, %sigmoid30
-  %glu32 = fmul <8 x float> %silu31, %192
-  %212 = getelementptr inbounds float, ptr %190, i64 %col25
-  store <8 x float> %glu32, ptr %212, align 4
-  %213 = add nsw i64 %r0, 5
-  %214 = mul nsw i64 %213, 8192
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %col33 = mul nsw i64 %p, 8
-  %216 = load <8 x float>, ptr %acc50, align 4
-  %217 = load <8 x float>, ptr %acc51, align 4
-  %218 = fneg <8 x float> %216
-  %219 = fcmp olt <8 x float> %218, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %220 = select <8 x i1> %219, <8 x float> %218, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %221 = fcmp ogt <8 x float> %220, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n34 = call <8 x float> @llvm.floor.v8f32(<8 x float> %223)
-  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n34, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %222)
-  %exp.r35 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n34, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %224)
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r35, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %exp.r35, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %exp.r35, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %exp.r35, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> %exp.r35, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %230 = fmul <8 x float> %exp.r35, %exp.r35
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %230, <8 x float> %exp.r35)
-  %232 = fadd <8 x float> %231, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %233 = fptosi <8 x float> %exp.n34 to <8 x i32>
-  %234 = add <8 x i32> %233, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %235 = shl <8 x i32> %234, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n36 = bitcast <8 x i32> %235 to <8 x float>
-  %exp37 = fmul <8 x float> %232, %exp.2n36
-  %236 = fadd <8 x float> %exp37, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid38 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %236
-  %silu39 = fmul <8 x float> %216, %sigmoid38
-  %glu40 = fmul <8 x float> %silu39, %217
-  %237 = getelementptr inbounds float, ptr %215, i64 %col33
-  store <8 x float> %glu40, ptr %237, align 4
+  %233 = load <8 x float>, ptr %acc50, align 4
+  %234 = load <8 x float>, ptr %acc51, align 4
+  %235 = fneg <8 x float> %233
+  %236 = fcmp olt <8 x float> %235, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %238 = fcmp ogt <8 x float> %237, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %239 = select <8 x i1> %238, <8 x float> %237, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %241 = call <8 x float> @llvm.floor.v8f32(<8 x float> %240)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %239)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %242)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %243, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %243, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %243, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %243, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %249 = fmul <8 x float> %243, %243
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %249, <8 x float> %243)
+  %251 = fadd <8 x float> %250, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %252 = fptosi <8 x float> %241 to <8 x i32>
+  %253 = add <8 x i32> %252, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %254 = shl <8 x i32> %253, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %254 to <8 x float>
+  %exp27 = fmul <8 x float> %251, %exp.2n26
+  %255 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %255
+  %silu29 = fmul <8 x float> %233, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %234
+  %256 = getelementptr inbounds float, ptr %232, i64 %col25
+  store <8 x float> %glu30, ptr %256, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %238 = add nsw i64 %r0, 0
-  %239 = getelementptr inbounds i32, ptr %rows, i64 %238
-  %240 = load i32, ptr %239, align 4
-  %241 = sext i32 %240 to i64
-  %242 = mul nsw i64 %241, 5120
-  %a041 = getelementptr inbounds float, ptr %x, i64 %242
-  store <8 x float> zeroinitializer, ptr %acc0042, align 4
-  store <8 x float> zeroinitializer, ptr %acc0143, align 4
-  %243 = add nsw i64 %r0, 1
-  %244 = getelementptr inbounds i32, ptr %rows, i64 %243
-  %245 = load i32, ptr %244, align 4
-  %246 = sext i32 %245 to i64
-  %247 = mul nsw i64 %246, 5120
-  %a144 = getelementptr inbounds float, ptr %x, i64 %247
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %248 = add nsw i64 %r0, 2
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %248
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 5120
-  %a247 = getelementptr inbounds float, ptr %x, i64 %252
-  store <8 x float> zeroinitializer, ptr %acc2048, align 4
-  store <8 x float> zeroinitializer, ptr %acc2149, align 4
-  %253 = add nsw i64 %r0, 3
-  %254 = getelementptr inbounds i32, ptr %rows, i64 %253
-  %255 = load i32, ptr %254, align 4
-  %256 = sext i32 %255 to i64
-  %257 = mul nsw i64 %256, 5120
-  %a350 = getelementptr inbounds float, ptr %x, i64 %257
-  store <8 x float> zeroinitializer, ptr %acc3051, align 4
-  store <8 x float> zeroinitializer, ptr %acc3152, align 4
-  %258 = add nsw i64 %r0, 4
-  %259 = getelementptr inbounds i32, ptr %rows, i64 %258
-  %260 = load i32, ptr %259, align 4
-  %261 = sext i32 %260 to i64
-  %262 = mul nsw i64 %261, 5120
-  %a453 = getelementptr inbounds float, ptr %x, i64 %262
-  store <8 x float> zeroinitializer, ptr %acc4054, align 4
-  store <8 x float> zeroinitializer, ptr %acc4155, align 4
-  %panel.off56 = mul nsw i64 %p, 81920
-  br label %k.head57
+  %257 = add nsw i64 %r0, 0
+  %258 = getelementptr inbounds i32, ptr %rows, i64 %257
+  %259 = load i32, ptr %258, align 4
+  %260 = sext i32 %259 to i64
+  %261 = mul nsw i64 %260, 5120
+  %262 = getelementptr inbounds float, ptr %x, i64 %261
+  store <8 x float> zeroinitializer, ptr %acc0031, align 4
+  store <8 x float> zeroinitializer, ptr %acc0132, align 4
+  %263 = add nsw i64 %r0, 1
+  %264 = getelementptr inbounds i32, ptr %rows, i64 %263
+  %265 = load i32, ptr %264, align 4
+  %266 = sext i32 %265 to i64
+  %267 = mul nsw i64 %266, 5120
+  %268 = getelementptr inbounds float, ptr %x, i64 %267
+  store <8 x float> zeroinitializer, ptr %acc1033, align 4
+  store <8 x float> zeroinitializer, ptr %acc1134, align 4
+  %269 = add nsw i64 %r0, 2
+  %270 = getelementptr inbounds i32, ptr %rows, i64 %269
+  %271 = load i32, ptr %270, align 4
+  %272 = sext i32 %271 to i64
+  %273 = mul nsw i64 %272, 5120
+  %274 = getelementptr inbounds float, ptr %x, i64 %273
+  store <8 x float> zeroinitializer, ptr %acc2035, align 4
+  store <8 x float> zeroinitializer, ptr %acc2136, align 4
+  %275 = add nsw i64 %r0, 3
+  %276 = getelementptr inbounds i32, ptr %rows, i64 %275
+  %277 = load i32, ptr %276, align 4
+  %278 = sext i32 %277 to i64
+  %279 = mul nsw i64 %278, 5120
+  %280 = getelementptr inbounds float, ptr %x, i64 %279
+  store <8 x float> zeroinitializer, ptr %acc3037, align 4
+  store <8 x float> zeroinitializer, ptr %acc3138, align 4
+  %281 = add nsw i64 %r0, 4
+  %282 = getelementptr inbounds i32, ptr %rows, i64 %281
+  %283 = load i32, ptr %282, align 4
+  %284 = sext i32 %283 to i64
+  %285 = mul nsw i64 %284, 5120
+  %286 = getelementptr inbounds float, ptr %x, i64 %285
+  store <8 x float> zeroinitializer, ptr %acc4039, align 4
+  store <8 x float> zeroinitializer, ptr %acc4140, align 4
+  %panel.off41 = mul nsw i64 %p, 81920
+  br label %k.head42
 
-k.head57:                                         ; preds = %k.body58, %tile.mr5
-  %k60 = phi i64 [ 0, %tile.mr5 ], [ %309, %k.body58 ]
-  %263 = icmp slt i64 %k60, 5120
-  br i1 %263, label %k.body58, label %k.end59
+k.head42:                                         ; preds = %k.body43, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %334, %k.body43 ]
+  %287 = icmp slt i64 %k45, 5120
+  br i1 %287, label %k.body43, label %k.end44
 
-k.body58:                                         ; preds = %k.head57
-  %264 = mul nsw i64 %k60, 16
-  %265 = add nsw i64 %panel.off56, %264
-  %266 = getelementptr inbounds i16, ptr %panels, i64 %265
-  %bw61 = load <8 x i32>, ptr %266, align 4
-  %267 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %267 to <8 x float>
-  %268 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %268 to <8 x float>
-  %269 = getelementptr inbounds float, ptr %a041, i64 %k60
-  %270 = load float, ptr %269, align 4
-  %271 = insertelement <8 x float> poison, float %270, i32 0
-  %272 = shufflevector <8 x float> %271, <8 x float> poison, <8 x i32> zeroinitializer
-  %273 = load <8 x float>, ptr %acc0042, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %b062, <8 x float> %273)
-  store <8 x float> %274, ptr %acc0042, align 4
-  %275 = load <8 x float>, ptr %acc0143, align 4
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %b163, <8 x float> %275)
-  store <8 x float> %276, ptr %acc0143, align 4
-  %277 = getelementptr inbounds float, ptr %a144, i64 %k60
-  %278 = load float, ptr %277, align 4
-  %279 = insertelement <8 x float> poison, float %278, i32 0
-  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
-  %281 = load <8 x float>, ptr %acc1045, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b062, <8 x float> %281)
-  store <8 x float> %282, ptr %acc1045, align 4
-  %283 = load <8 x float>, ptr %acc1146, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b163, <8 x float> %283)
-  store <8 x float> %284, ptr %acc1146, align 4
-  %285 = getelementptr inbounds float, ptr %a247, i64 %k60
-  %286 = load float, ptr %285, align 4
-  %287 = insertelement <8 x float> poison, float %286, i32 0
-  %288 = shufflevector <8 x float> %287, <8 x float> poison, <8 x i32> zeroinitializer
-  %289 = load <8 x float>, ptr %acc2048, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b062, <8 x float> %289)
-  store <8 x float> %290, ptr %acc2048, align 4
-  %291 = load <8 x float>, ptr %acc2149, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b163, <8 x float> %291)
-  store <8 x float> %292, ptr %acc2149, align 4
-  %293 = getelementptr inbounds float, ptr %a350, i64 %k60
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = load <8 x float>, ptr %acc3051, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b062, <8 x float> %297)
-  store <8 x float> %298, ptr %acc3051, align 4
-  %299 = load <8 x float>, ptr %acc3152, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b163, <8 x float> %299)
-  store <8 x float> %300, ptr %acc3152, align 4
-  %301 = getelementptr inbounds float, ptr %a453, i64 %k60
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <8 x float> poison, float %302, i32 0
-  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
-  %305 = load <8 x float>, ptr %acc4054, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b062, <8 x float> %305)
-  store <8 x float> %306, ptr %acc4054, align 4
-  %307 = load <8 x float>, ptr %acc4155, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b163, <8 x float> %307)
-  store <8 x float> %308, ptr %acc4155, align 4
-  %309 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body43:                                         ; preds = %k.head42
+  %288 = mul nsw i64 %k45, 16
+  %289 = add nsw i64 %panel.off41, %288
+  %290 = getelementptr inbounds i16, ptr %panels, i64 %289
+  %291 = load <8 x i32>, ptr %290, align 4
+  %292 = shl <8 x i32> %291, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b046 = bitcast <8 x i32> %292 to <8 x float>
+  %293 = and <8 x i32> %291, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b147 = bitcast <8 x i32> %293 to <8 x float>
+  %294 = getelementptr inbounds float, ptr %262, i64 %k45
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <8 x float> poison, float %295, i32 0
+  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
+  %298 = load <8 x float>, ptr %acc0031, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b046, <8 x float> %298)
+  store <8 x float> %299, ptr %acc0031, align 4
+  %300 = load <8 x float>, ptr %acc0132, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b147, <8 x float> %300)
+  store <8 x float> %301, ptr %acc0132, align 4
+  %302 = getelementptr inbounds float, ptr %268, i64 %k45
+  %303 = load float, ptr %302, align 4
+  %304 = insertelement <8 x float> poison, float %303, i32 0
+  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
+  %306 = load <8 x float>, ptr %acc1033, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b046, <8 x float> %306)
+  store <8 x float> %307, ptr %acc1033, align 4
+  %308 = load <8 x float>, ptr %acc1134, align 4
+  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b147, <8 x float> %308)
+  store <8 x float> %309, ptr %acc1134, align 4
+  %310 = getelementptr inbounds float, ptr %274, i64 %k45
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %acc2035, align 4
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b046, <8 x float> %314)
+  store <8 x float> %315, ptr %acc2035, align 4
+  %316 = load <8 x float>, ptr %acc2136, align 4
+  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b147, <8 x float> %316)
+  store <8 x float> %317, ptr %acc2136, align 4
+  %318 = getelementptr inbounds float, ptr %280, i64 %k45
+  %319 = load float, ptr %318, align 4
+  %320 = insertelement <8 x float> poison, float %319, i32 0
+  %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
+  %322 = load <8 x float>, ptr %acc3037, align 4
+  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b046, <8 x float> %322)
+  store <8 x float> %323, ptr %acc3037, align 4
+  %324 = load <8 x float>, ptr %acc3138, align 4
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b147, <8 x float> %324)
+  store <8 x float> %325, ptr %acc3138, align 4
+  %326 = getelementptr inbounds float, ptr %286, i64 %k45
+  %327 = load float, ptr %326, align 4
+  %328 = insertelement <8 x float> poison, float %327, i32 0
+  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
+  %330 = load <8 x float>, ptr %acc4039, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b046, <8 x float> %330)
+  store <8 x float> %331, ptr %acc4039, align 4
+  %332 = load <8 x float>, ptr %acc4140, align 4
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b147, <8 x float> %332)
+  store <8 x float> %333, ptr %acc4140, align 4
+  %334 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end59:                                          ; preds = %k.head57
-  %310 = add nsw i64 %r0, 0
-  %311 = mul nsw i64 %310, 8192
-  %312 = getelementptr inbounds float, ptr %h, i64 %311
-  %col64 = mul nsw i64 %p, 8
-  %313 = load <8 x float>, ptr %acc0042, align 4
-  %314 = load <8 x float>, ptr %acc0143, align 4
-  %315 = fneg <8 x float> %313
-  %316 = fcmp olt <8 x float> %315, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %317 = select <8 x i1> %316, <8 x float> %315, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %318 = fcmp ogt <8 x float> %317, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %319 = select <8 x i1> %318, <8 x float> %317, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %319, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n65 = call <8 x float> @llvm.floor.v8f32(<8 x float> %320)
-  %321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n65, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %319)
-  %exp.r66 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n65, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %321)
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r66, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %322, <8 x float> %exp.r66, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %exp.r66, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %exp.r66, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %exp.r66, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %327 = fmul <8 x float> %exp.r66, %exp.r66
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %327, <8 x float> %exp.r66)
-  %329 = fadd <8 x float> %328, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %330 = fptosi <8 x float> %exp.n65 to <8 x i32>
-  %331 = add <8 x i32> %330, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %332 = shl <8 x i32> %331, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %332 to <8 x float>
-  %exp68 = fmul <8 x float> %329, %exp.2n67
-  %333 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %333
-  %silu70 = fmul <8 x float> %313, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %314
-  %334 = getelementptr inbounds float, ptr %312, i64 %col64
-  store <8 x float> %glu71, ptr %334, align 4
-  %335 = add nsw i64 %r0, 1
+k.end44:                                          ; preds = %k.head42
+  %335 = add nsw i64 %r0, 0
   %336 = mul nsw i64 %335, 8192
   %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %col72 = mul nsw i64 %p, 8
-  %338 = load <8 x float>, ptr %acc1045, align 4
-  %339 = load <8 x float>, ptr %acc1146, align 4
+  %col48 = mul nsw i64 %p, 8
+  %338 = load <8 x float>, ptr %acc0031, align 4
+  %339 = load <8 x float>, ptr %acc0132, align 4
   %340 = fneg <8 x float> %338
   %341 = fcmp olt <8 x float> %340, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %342 = select <8 x i1> %341, <8 x float> %340, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %343 = fcmp ogt <8 x float> %342, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %344 = select <8 x i1> %343, <8 x float> %342, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n73 = call <8 x float> @llvm.floor.v8f32(<8 x float> %345)
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n73, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %344)
-  %exp.r74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n73, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %346)
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r74, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %exp.r74, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %exp.r74, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %exp.r74, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %exp.r74, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %352 = fmul <8 x float> %exp.r74, %exp.r74
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %352, <8 x float> %exp.r74)
-  %354 = fadd <8 x float> %353, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %355 = fptosi <8 x float> %exp.n73 to <8 x i32>
-  %356 = add <8 x i32> %355, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %357 = shl <8 x i32> %356, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n75 = bitcast <8 x i32> %357 to <8 x float>
-  %exp76 = fmul <8 x float> %354, %exp.2n75
-  %358 = fadd <8 x float> %exp76, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid77 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %358
-  %silu78 = fmul <8 x float> %338, %sigmoid77
-  %glu79 = fmul <8 x float> %silu78, %339
-  %359 = getelementptr inbounds float, ptr %337, i64 %col72
-  store <8 x float> %glu79, ptr %359, align 4
-  %360 = add nsw i64 %r0, 2
-  %361 = mul nsw i64 %360, 8192
-  %362 = getelementptr inbounds float, ptr %h, i64 %361
-  %col80 = mul nsw i64 %p, 8
-  %363 = load <8 x float>, ptr %acc2048, align 4
-  %364 = load <8 x float>, ptr %acc2149, align 4
-  %365 = fneg <8 x float> %363
-  %366 = fcmp olt <8 x float> %365, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %367 = select <8 x i1> %366, <8 x float> %365, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %368 = fcmp ogt <8 x float> %367, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %369 = select <8 x i1> %368, <8 x float> %367, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n81 = call <8 x float> @llvm.floor.v8f32(<8 x float> %370)
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n81, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %369)
-  %exp.r82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n81, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %371)
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r82, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %exp.r82, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %exp.r82, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %exp.r82, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %exp.r82, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %377 = fmul <8 x float> %exp.r82, %exp.r82
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %377, <8 x float> %exp.r82)
-  %379 = fadd <8 x float> %378, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %380 = fptosi <8 x float> %exp.n81 to <8 x i32>
-  %381 = add <8 x i32> %380, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %382 = shl <8 x i32> %381, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n83 = bitcast <8 x i32> %382 to <8 x float>
-  %exp84 = fmul <8 x float> %379, %exp.2n83
-  %383 = fadd <8 x float> %exp84, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid85 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %383
-  %silu86 = fmul <8 x float> %363, %sigmoid85
-  %glu87 = fmul <8 x float> %silu86, %364
-  %384 = getelementptr inbounds float, ptr %362, i64 %col80
-  store <8 x float> %glu87, ptr %384, align 4
-  %385 = add nsw i64 %r0, 3
-  %386 = mul nsw i64 %385, 8192
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
-  %col88 = mul nsw i64 %p, 8
-  %388 = load <8 x float>, ptr %acc3051, align 4
-  %389 = load <8 x float>, ptr %acc3152, align 4
-  %390 = fneg <8 x float> %388
-  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n89 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
-  %exp.r90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %396)
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r90, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %exp.r90, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %exp.r90, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %exp.r90, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %exp.r90, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %402 = fmul <8 x float> %exp.r90, %exp.r90
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %402, <8 x float> %exp.r90)
-  %404 = fadd <8 x float> %403, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %405 = fptosi <8 x float> %exp.n89 to <8 x i32>
-  %406 = add <8 x i32> %405, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %407 = shl <8 x i32> %406, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %407 to <8 x float>
-  %exp92 = fmul <8 x float> %404, %exp.2n91
-  %408 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %408
-  %silu94 = fmul <8 x float> %388, %sigmoid93
-  %glu95 = fmul <8 x float> %silu94, %389
-  %409 = getelementptr inbounds float, ptr %387, i64 %col88
-  store <8 x float> %glu95, ptr %409, align 4
-  %410 = add nsw i64 %r0, 4
-  %411 = mul nsw i64 %410, 8192
-  %412 = getelementptr inbounds float, ptr %h, i64 %411
-  %col96 = mul nsw i64 %p, 8
-  %413 = load <8 x float>, ptr %acc4054, align 4
-  %414 = load <8 x float>, ptr %acc4155, align 4
-  %415 = fneg <8 x float> %413
-  %416 = fcmp olt <8 x float> %415, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %417 = select <8 x i1> %416, <8 x float> %415, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %418 = fcmp ogt <8 x float> %417, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %419 = select <8 x i1> %418, <8 x float> %417, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n97 = call <8 x float> @llvm.floor.v8f32(<8 x float> %420)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n97, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %419)
-  %exp.r98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n97, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %421)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r98, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %exp.r98, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %exp.r98, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %exp.r98, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %exp.r98, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %427 = fmul <8 x float> %exp.r98, %exp.r98
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %427, <8 x float> %exp.r98)
-  %429 = fadd <8 x float> %428, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %430 = fptosi <8 x float> %exp.n97 to <8 x i32>
-  %431 = add <8 x i32> %430, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %432 = shl <8 x i32> %431, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n99 = bitcast <8 x i32> %432 to <8 x float>
-  %exp100 = fmul <8 x float> %429, %exp.2n99
-  %433 = fadd <8 x float> %exp100, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid101 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %433
-  %silu102 = fmul <8 x float> %413, %sigmoid101
-  %glu103 = fmul <8 x float> %silu102, %414
-  %434 = getelementptr inbounds float, ptr %412, i64 %col96
-  store <8 x float> %glu103, ptr %434, align 4
+  %346 = call <8 x float> @llvm.floor.v8f32(<8 x float> %345)
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %344)
+  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %347)
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %348, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %348, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %348, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %348, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %348, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %354 = fmul <8 x float> %348, %348
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %354, <8 x float> %348)
+  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %357 = fptosi <8 x float> %346 to <8 x i32>
+  %358 = add <8 x i32> %357, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %359 = shl <8 x i32> %358, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n49 = bitcast <8 x i32> %359 to <8 x float>
+  %exp50 = fmul <8 x float> %356, %exp.2n49
+  %360 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %360
+  %silu52 = fmul <8 x float> %338, %sigmoid51
+  %glu53 = fmul <8 x float> %silu52, %339
+  %361 = getelementptr inbounds float, ptr %337, i64 %col48
+  store <8 x float> %glu53, ptr %361, align 4
+  %362 = add nsw i64 %r0, 1
+  %363 = mul nsw i64 %362, 8192
+  %364 = getelementptr inbounds float, ptr %h, i64 %363
+  %col54 = mul nsw i64 %p, 8
+  %365 = load <8 x float>, ptr %acc1033, align 4
+  %366 = load <8 x float>, ptr %acc1134, align 4
+  %367 = fneg <8 x float> %365
+  %368 = fcmp olt <8 x float> %367, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %369 = select <8 x i1> %368, <8 x float> %367, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %370 = fcmp ogt <8 x float> %369, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %371 = select <8 x i1> %370, <8 x float> %369, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %373 = call <8 x float> @llvm.floor.v8f32(<8 x float> %372)
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %371)
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %374)
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %375, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %375, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %375, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %375, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %375, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %381 = fmul <8 x float> %375, %375
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %381, <8 x float> %375)
+  %383 = fadd <8 x float> %382, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %384 = fptosi <8 x float> %373 to <8 x i32>
+  %385 = add <8 x i32> %384, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %386 = shl <8 x i32> %385, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %386 to <8 x float>
+  %exp56 = fmul <8 x float> %383, %exp.2n55
+  %387 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %387
+  %silu58 = fmul <8 x float> %365, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %366
+  %388 = getelementptr inbounds float, ptr %364, i64 %col54
+  store <8 x float> %glu59, ptr %388, align 4
+  %389 = add nsw i64 %r0, 2
+  %390 = mul nsw i64 %389, 8192
+  %391 = getelementptr inbounds float, ptr %h, i64 %390
+  %col60 = mul nsw i64 %p, 8
+  %392 = load <8 x float>, ptr %acc2035, align 4
+  %393 = load <8 x float>, ptr %acc2136, align 4
+  %394 = fneg <8 x float> %392
+  %395 = fcmp olt <8 x float> %394, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %396 = select <8 x i1> %395, <8 x float> %394, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %397 = fcmp ogt <8 x float> %396, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %398 = select <8 x i1> %397, <8 x float> %396, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %400 = call <8 x float> @llvm.floor.v8f32(<8 x float> %399)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %398)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %401)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %402, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %402, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %402, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %402, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %402, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %408 = fmul <8 x float> %402, %402
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %408, <8 x float> %402)
+  %410 = fadd <8 x float> %409, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %411 = fptosi <8 x float> %400 to <8 x i32>
+  %412 = add <8 x i32> %411, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %413 = shl <8 x i32> %412, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %413 to <8 x float>
+  %exp62 = fmul <8 x float> %410, %exp.2n61
+  %414 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %414
+  %silu64 = fmul <8 x float> %392, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %393
+  %415 = getelementptr inbounds float, ptr %391, i64 %col60
+  store <8 x float> %glu65, ptr %415, align 4
+  %416 = add nsw i64 %r0, 3
+  %417 = mul nsw i64 %416, 8192
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %col66 = mul nsw i64 %p, 8
+  %419 = load <8 x float>, ptr %acc3037, align 4
+  %420 = load <8 x float>, ptr %acc3138, align 4
+  %421 = fneg <8 x float> %419
+  %422 = fcmp olt <8 x float> %421, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %423 = select <8 x i1> %422, <8 x float> %421, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = fcmp ogt <8 x float> %423, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %425 = select <8 x i1> %424, <8 x float> %423, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %427 = call <8 x float> @llvm.floor.v8f32(<8 x float> %426)
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %425)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %428)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %429, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> %429, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %429, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %429, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %429, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %435 = fmul <8 x float> %429, %429
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %435, <8 x float> %429)
+  %437 = fadd <8 x float> %436, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %438 = fptosi <8 x float> %427 to <8 x i32>
+  %439 = add <8 x i32> %438, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %440 = shl <8 x i32> %439, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %440 to <8 x float>
+  %exp68 = fmul <8 x float> %437, %exp.2n67
+  %441 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %441
+  %silu70 = fmul <8 x float> %419, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %420
+  %442 = getelementptr inbounds float, ptr %418, i64 %col66
+  store <8 x float> %glu71, ptr %442, align 4
+  %443 = add nsw i64 %r0, 4
+  %444 = mul nsw i64 %443, 8192
+  %445 = getelementptr inbounds float, ptr %h, i64 %444
+  %col72 = mul nsw i64 %p, 8
+  %446 = load <8 x float>, ptr %acc4039, align 4
+  %447 = load <8 x float>, ptr %acc4140, align 4
+  %448 = fneg <8 x float> %446
+  %449 = fcmp olt <8 x float> %448, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %450 = select <8 x i1> %449, <8 x float> %448, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %451 = fcmp ogt <8 x float> %450, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %452 = select <8 x i1> %451, <8 x float> %450, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %454 = call <8 x float> @llvm.floor.v8f32(<8 x float> %453)
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %452)
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %455)
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %456, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %456, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %456, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %456, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %462 = fmul <8 x float> %456, %456
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %462, <8 x float> %456)
+  %464 = fadd <8 x float> %463, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %465 = fptosi <8 x float> %454 to <8 x i32>
+  %466 = add <8 x i32> %465, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %467 = shl <8 x i32> %466, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %467 to <8 x float>
+  %exp74 = fmul <8 x float> %464, %exp.2n73
+  %468 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %468
+  %silu76 = fmul <8 x float> %446, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %447
+  %469 = getelementptr inbounds float, ptr %445, i64 %col72
+  store <8 x float> %glu77, ptr %469, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %435 = add nsw i64 %r0, 0
-  %436 = getelementptr inbounds i32, ptr %rows, i64 %435
-  %437 = load i32, ptr %436, align 4
-  %438 = sext i32 %437 to i64
-  %439 = mul nsw i64 %438, 5120
-  %a0104 = getelementptr inbounds float, ptr %x, i64 %439
-  store <8 x float> zeroinitializer, ptr %acc00105, align 4
-  store <8 x float> zeroinitializer, ptr %acc01106, align 4
-  %440 = add nsw i64 %r0, 1
-  %441 = getelementptr inbounds i32, ptr %rows, i64 %440
-  %442 = load i32, ptr %441, align 4
-  %443 = sext i32 %442 to i64
-  %444 = mul nsw i64 %443, 5120
-  %a1107 = getelementptr inbounds float, ptr %x, i64 %444
-  store <8 x float> zeroinitializer, ptr %acc10108, align 4
-  store <8 x float> zeroinitializer, ptr %acc11109, align 4
-  %445 = add nsw i64 %r0, 2
-  %446 = getelementptr inbounds i32, ptr %rows, i64 %445
-  %447 = load i32, ptr %446, align 4
-  %448 = sext i32 %447 to i64
-  %449 = mul nsw i64 %448, 5120
-  %a2110 = getelementptr inbounds float, ptr %x, i64 %449
-  store <8 x float> zeroinitializer, ptr %acc20111, align 4
-  store <8 x float> zeroinitializer, ptr %acc21112, align 4
-  %450 = add nsw i64 %r0, 3
-  %451 = getelementptr inbounds i32, ptr %rows, i64 %450
-  %452 = load i32, ptr %451, align 4
-  %453 = sext i32 %452 to i64
-  %454 = mul nsw i64 %453, 5120
-  %a3113 = getelementptr inbounds float, ptr %x, i64 %454
-  store <8 x float> zeroinitializer, ptr %acc30114, align 4
-  store <8 x float> zeroinitializer, ptr %acc31115, align 4
-  %panel.off116 = mul nsw i64 %p, 81920
-  br label %k.head117
+  %470 = add nsw i64 %r0, 0
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %470
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 5120
+  %475 = getelementptr inbounds float, ptr %x, i64 %474
+  store <8 x float> zeroinitializer, ptr %acc0078, align 4
+  store <8 x float> zeroinitializer, ptr %acc0179, align 4
+  %476 = add nsw i64 %r0, 1
+  %477 = getelementptr inbounds i32, ptr %rows, i64 %476
+  %478 = load i32, ptr %477, align 4
+  %479 = sext i32 %478 to i64
+  %480 = mul nsw i64 %479, 5120
+  %481 = getelementptr inbounds float, ptr %x, i64 %480
+  store <8 x float> zeroinitializer, ptr %acc1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc1181, align 4
+  %482 = add nsw i64 %r0, 2
+  %483 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %484 = load i32, ptr %483, align 4
+  %485 = sext i32 %484 to i64
+  %486 = mul nsw i64 %485, 5120
+  %487 = getelementptr inbounds float, ptr %x, i64 %486
+  store <8 x float> zeroinitializer, ptr %acc2082, align 4
+  store <8 x float> zeroinitializer, ptr %acc2183, align 4
+  %488 = add nsw i64 %r0, 3
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %488
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 5120
+  %493 = getelementptr inbounds float, ptr %x, i64 %492
+  store <8 x float> zeroinitializer, ptr %acc3084, align 4
+  store <8 x float> zeroinitializer, ptr %acc3185, align 4
+  %panel.off86 = mul nsw i64 %p, 81920
+  br label %k.head87
 
-k.head117:                                        ; preds = %k.body118, %tile.mr4
-  %k120 = phi i64 [ 0, %tile.mr4 ], [ %493, %k.body118 ]
-  %455 = icmp slt i64 %k120, 5120
-  br i1 %455, label %k.body118, label %k.end119
+k.head87:                                         ; preds = %k.body88, %tile.mr4
+  %k90 = phi i64 [ 0, %tile.mr4 ], [ %533, %k.body88 ]
+  %494 = icmp slt i64 %k90, 5120
+  br i1 %494, label %k.body88, label %k.end89
 
-k.body118:                                        ; preds = %k.head117
-  %456 = mul nsw i64 %k120, 16
-  %457 = add nsw i64 %panel.off116, %456
-  %458 = getelementptr inbounds i16, ptr %panels, i64 %457
-  %bw121 = load <8 x i32>, ptr %458, align 4
-  %459 = shl <8 x i32> %bw121, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0122 = bitcast <8 x i32> %459 to <8 x float>
-  %460 = and <8 x i32> %bw121, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1123 = bitcast <8 x i32> %460 to <8 x float>
-  %461 = getelementptr inbounds float, ptr %a0104, i64 %k120
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc00105, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b0122, <8 x float> %465)
-  store <8 x float> %466, ptr %acc00105, align 4
-  %467 = load <8 x float>, ptr %acc01106, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b1123, <8 x float> %467)
-  store <8 x float> %468, ptr %acc01106, align 4
-  %469 = getelementptr inbounds float, ptr %a1107, i64 %k120
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc10108, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b0122, <8 x float> %473)
-  store <8 x float> %474, ptr %acc10108, align 4
-  %475 = load <8 x float>, ptr %acc11109, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b1123, <8 x float> %475)
-  store <8 x float> %476, ptr %acc11109, align 4
-  %477 = getelementptr inbounds float, ptr %a2110, i64 %k120
-  %478 = load float, ptr %477, align 4
-  %479 = insertelement <8 x float> poison, float %478, i32 0
-  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc20111, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b0122, <8 x float> %481)
-  store <8 x float> %482, ptr %acc20111, align 4
-  %483 = load <8 x float>, ptr %acc21112, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b1123, <8 x float> %483)
-  store <8 x float> %484, ptr %acc21112, align 4
-  %485 = getelementptr inbounds float, ptr %a3113, i64 %k120
-  %486 = load float, ptr %485, align 4
-  %487 = insertelement <8 x float> poison, float %486, i32 0
-  %488 = shufflevector <8 x float> %487, <8 x float> poison, <8 x i32> zeroinitializer
-  %489 = load <8 x float>, ptr %acc30114, align 4
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %b0122, <8 x float> %489)
-  store <8 x float> %490, ptr %acc30114, align 4
-  %491 = load <8 x float>, ptr %acc31115, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %b1123, <8 x float> %491)
-  store <8 x float> %492, ptr %acc31115, align 4
-  %493 = add nsw i64 %k120, 1
-  br label %k.head117
+k.body88:                                         ; preds = %k.head87
+  %495 = mul nsw i64 %k90, 16
+  %496 = add nsw i64 %panel.off86, %495
+  %497 = getelementptr inbounds i16, ptr %panels, i64 %496
+  %498 = load <8 x i32>, ptr %497, align 4
+  %499 = shl <8 x i32> %498, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b091 = bitcast <8 x i32> %499 to <8 x float>
+  %500 = and <8 x i32> %498, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b192 = bitcast <8 x i32> %500 to <8 x float>
+  %501 = getelementptr inbounds float, ptr %475, i64 %k90
+  %502 = load float, ptr %501, align 4
+  %503 = insertelement <8 x float> poison, float %502, i32 0
+  %504 = shufflevector <8 x float> %503, <8 x float> poison, <8 x i32> zeroinitializer
+  %505 = load <8 x float>, ptr %acc0078, align 4
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %b091, <8 x float> %505)
+  store <8 x float> %506, ptr %acc0078, align 4
+  %507 = load <8 x float>, ptr %acc0179, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %b192, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0179, align 4
+  %509 = getelementptr inbounds float, ptr %481, i64 %k90
+  %510 = load float, ptr %509, align 4
+  %511 = insertelement <8 x float> poison, float %510, i32 0
+  %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
+  %513 = load <8 x float>, ptr %acc1080, align 4
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %b091, <8 x float> %513)
+  store <8 x float> %514, ptr %acc1080, align 4
+  %515 = load <8 x float>, ptr %acc1181, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %b192, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1181, align 4
+  %517 = getelementptr inbounds float, ptr %487, i64 %k90
+  %518 = load float, ptr %517, align 4
+  %519 = insertelement <8 x float> poison, float %518, i32 0
+  %520 = shufflevector <8 x float> %519, <8 x float> poison, <8 x i32> zeroinitializer
+  %521 = load <8 x float>, ptr %acc2082, align 4
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %b091, <8 x float> %521)
+  store <8 x float> %522, ptr %acc2082, align 4
+  %523 = load <8 x float>, ptr %acc2183, align 4
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %b192, <8 x float> %523)
+  store <8 x float> %524, ptr %acc2183, align 4
+  %525 = getelementptr inbounds float, ptr %493, i64 %k90
+  %526 = load float, ptr %525, align 4
+  %527 = insertelement <8 x float> poison, float %526, i32 0
+  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
+  %529 = load <8 x float>, ptr %acc3084, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %b091, <8 x float> %529)
+  store <8 x float> %530, ptr %acc3084, align 4
+  %531 = load <8 x float>, ptr %acc3185, align 4
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %b192, <8 x float> %531)
+  store <8 x float> %532, ptr %acc3185, align 4
+  %533 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end119:                                         ; preds = %k.head117
-  %494 = add nsw i64 %r0, 0
-  %495 = mul nsw i64 %494, 8192
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %col124 = mul nsw i64 %p, 8
-  %497 = load <8 x float>, ptr %acc00105, align 4
-  %498 = load <8 x float>, ptr %acc01106, align 4
-  %499 = fneg <8 x float> %497
-  %500 = fcmp olt <8 x float> %499, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %501 = select <8 x i1> %500, <8 x float> %499, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %502 = fcmp ogt <8 x float> %501, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %503 = select <8 x i1> %502, <8 x float> %501, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n125 = call <8 x float> @llvm.floor.v8f32(<8 x float> %504)
-  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n125, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %503)
-  %exp.r126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n125, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %505)
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r126, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %exp.r126, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %exp.r126, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %exp.r126, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %exp.r126, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %511 = fmul <8 x float> %exp.r126, %exp.r126
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %511, <8 x float> %exp.r126)
-  %513 = fadd <8 x float> %512, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %514 = fptosi <8 x float> %exp.n125 to <8 x i32>
-  %515 = add <8 x i32> %514, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %516 = shl <8 x i32> %515, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n127 = bitcast <8 x i32> %516 to <8 x float>
-  %exp128 = fmul <8 x float> %513, %exp.2n127
-  %517 = fadd <8 x float> %exp128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid129 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %517
-  %silu130 = fmul <8 x float> %497, %sigmoid129
-  %glu131 = fmul <8 x float> %silu130, %498
-  %518 = getelementptr inbounds float, ptr %496, i64 %col124
-  store <8 x float> %glu131, ptr %518, align 4
-  %519 = add nsw i64 %r0, 1
-  %520 = mul nsw i64 %519, 8192
-  %521 = getelementptr inbounds float, ptr %h, i64 %520
-  %col132 = mul nsw i64 %p, 8
-  %522 = load <8 x float>, ptr %acc10108, align 4
-  %523 = load <8 x float>, ptr %acc11109, align 4
-  %524 = fneg <8 x float> %522
-  %525 = fcmp olt <8 x float> %524, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %526 = select <8 x i1> %525, <8 x float> %524, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %527 = fcmp ogt <8 x float> %526, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %528 = select <8 x i1> %527, <8 x float> %526, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %529)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %528)
-  %exp.r134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %530)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r134, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %exp.r134, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %exp.r134, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %exp.r134, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %exp.r134, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %536 = fmul <8 x float> %exp.r134, %exp.r134
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %536, <8 x float> %exp.r134)
-  %538 = fadd <8 x float> %537, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %539 = fptosi <8 x float> %exp.n133 to <8 x i32>
-  %540 = add <8 x i32> %539, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %541 = shl <8 x i32> %540, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n135 = bitcast <8 x i32> %541 to <8 x float>
-  %exp136 = fmul <8 x float> %538, %exp.2n135
-  %542 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %542
-  %silu138 = fmul <8 x float> %522, %sigmoid137
-  %glu139 = fmul <8 x float> %silu138, %523
-  %543 = getelementptr inbounds float, ptr %521, i64 %col132
-  store <8 x float> %glu139, ptr %543, align 4
-  %544 = add nsw i64 %r0, 2
-  %545 = mul nsw i64 %544, 8192
-  %546 = getelementptr inbounds float, ptr %h, i64 %545
-  %col140 = mul nsw i64 %p, 8
-  %547 = load <8 x float>, ptr %acc20111, align 4
-  %548 = load <8 x float>, ptr %acc21112, align 4
-  %549 = fneg <8 x float> %547
-  %550 = fcmp olt <8 x float> %549, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %551 = select <8 x i1> %550, <8 x float> %549, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %552 = fcmp ogt <8 x float> %551, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %553 = select <8 x i1> %552, <8 x float> %551, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n141 = call <8 x float> @llvm.floor.v8f32(<8 x float> %554)
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n141, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %553)
-  %exp.r142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n141, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %555)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r142, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %exp.r142, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %exp.r142, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %exp.r142, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %exp.r142, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %561 = fmul <8 x float> %exp.r142, %exp.r142
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %561, <8 x float> %exp.r142)
-  %563 = fadd <8 x float> %562, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %564 = fptosi <8 x float> %exp.n141 to <8 x i32>
-  %565 = add <8 x i32> %564, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %566 = shl <8 x i32> %565, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %566 to <8 x float>
-  %exp144 = fmul <8 x float> %563, %exp.2n143
-  %567 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %567
-  %silu146 = fmul <8 x float> %547, %sigmoid145
-  %glu147 = fmul <8 x float> %silu146, %548
-  %568 = getelementptr inbounds float, ptr %546, i64 %col140
-  store <8 x float> %glu147, ptr %568, align 4
-  %569 = add nsw i64 %r0, 3
-  %570 = mul nsw i64 %569, 8192
-  %571 = getelementptr inbounds float, ptr %h, i64 %570
-  %col148 = mul nsw i64 %p, 8
-  %572 = load <8 x float>, ptr %acc30114, align 4
-  %573 = load <8 x float>, ptr %acc31115, align 4
-  %574 = fneg <8 x float> %572
-  %575 = fcmp olt <8 x float> %574, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %576 = select <8 x i1> %575, <8 x float> %574, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %577 = fcmp ogt <8 x float> %576, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %578 = select <8 x i1> %577, <8 x float> %576, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n149 = call <8 x float> @llvm.floor.v8f32(<8 x float> %579)
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n149, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %578)
-  %exp.r150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n149, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %580)
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r150, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %581, <8 x float> %exp.r150, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %exp.r150, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %exp.r150, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %exp.r150, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %586 = fmul <8 x float> %exp.r150, %exp.r150
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %586, <8 x float> %exp.r150)
-  %588 = fadd <8 x float> %587, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %589 = fptosi <8 x float> %exp.n149 to <8 x i32>
-  %590 = add <8 x i32> %589, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %591 = shl <8 x i32> %590, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n151 = bitcast <8 x i32> %591 to <8 x float>
-  %exp152 = fmul <8 x float> %588, %exp.2n151
-  %592 = fadd <8 x float> %exp152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid153 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %592
-  %silu154 = fmul <8 x float> %572, %sigmoid153
-  %glu155 = fmul <8 x float> %silu154, %573
-  %593 = getelementptr inbounds float, ptr %571, i64 %col148
-  store <8 x float> %glu155, ptr %593, align 4
+k.end89:                                          ; preds = %k.head87
+  %534 = add nsw i64 %r0, 0
+  %535 = mul nsw i64 %534, 8192
+  %536 = getelementptr inbounds float, ptr %h, i64 %535
+  %col93 = mul nsw i64 %p, 8
+  %537 = load <8 x float>, ptr %acc0078, align 4
+  %538 = load <8 x float>, ptr %acc0179, align 4
+  %539 = fneg <8 x float> %537
+  %540 = fcmp olt <8 x float> %539, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %542 = fcmp ogt <8 x float> %541, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %543 = select <8 x i1> %542, <8 x float> %541, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %545 = call <8 x float> @llvm.floor.v8f32(<8 x float> %544)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %543)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %546)
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %547, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %547, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %547, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %547, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %553 = fmul <8 x float> %547, %547
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %553, <8 x float> %547)
+  %555 = fadd <8 x float> %554, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %556 = fptosi <8 x float> %545 to <8 x i32>
+  %557 = add <8 x i32> %556, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %558 = shl <8 x i32> %557, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %558 to <8 x float>
+  %exp95 = fmul <8 x float> %555, %exp.2n94
+  %559 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %559
+  %silu97 = fmul <8 x float> %537, %sigmoid96
+  %glu98 = fmul <8 x float> %silu97, %538
+  %560 = getelementptr inbounds float, ptr %536, i64 %col93
+  store <8 x float> %glu98, ptr %560, align 4
+  %561 = add nsw i64 %r0, 1
+  %562 = mul nsw i64 %561, 8192
+  %563 = getelementptr inbounds float, ptr %h, i64 %562
+  %col99 = mul nsw i64 %p, 8
+  %564 = load <8 x float>, ptr %acc1080, align 4
+  %565 = load <8 x float>, ptr %acc1181, align 4
+  %566 = fneg <8 x float> %564
+  %567 = fcmp olt <8 x float> %566, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %568 = select <8 x i1> %567, <8 x float> %566, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %569 = fcmp ogt <8 x float> %568, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %570 = select <8 x i1> %569, <8 x float> %568, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %572 = call <8 x float> @llvm.floor.v8f32(<8 x float> %571)
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %570)
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %573)
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %574, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %574, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %574, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %574, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %574, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %580 = fmul <8 x float> %574, %574
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %580, <8 x float> %574)
+  %582 = fadd <8 x float> %581, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %583 = fptosi <8 x float> %572 to <8 x i32>
+  %584 = add <8 x i32> %583, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %585 = shl <8 x i32> %584, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %585 to <8 x float>
+  %exp101 = fmul <8 x float> %582, %exp.2n100
+  %586 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %586
+  %silu103 = fmul <8 x float> %564, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %565
+  %587 = getelementptr inbounds float, ptr %563, i64 %col99
+  store <8 x float> %glu104, ptr %587, align 4
+  %588 = add nsw i64 %r0, 2
+  %589 = mul nsw i64 %588, 8192
+  %590 = getelementptr inbounds float, ptr %h, i64 %589
+  %col105 = mul nsw i64 %p, 8
+  %591 = load <8 x float>, ptr %acc2082, align 4
+  %592 = load <8 x float>, ptr %acc2183, align 4
+  %593 = fneg <8 x float> %591
+  %594 = fcmp olt <8 x float> %593, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %595 = select <8 x i1> %594, <8 x float> %593, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %596 = fcmp ogt <8 x float> %595, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %597 = select <8 x i1> %596, <8 x float> %595, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %599 = call <8 x float> @llvm.floor.v8f32(<8 x float> %598)
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %597)
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %600)
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %601, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %601, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %601, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %601, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %601, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %607 = fmul <8 x float> %601, %601
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %607, <8 x float> %601)
+  %609 = fadd <8 x float> %608, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %610 = fptosi <8 x float> %599 to <8 x i32>
+  %611 = add <8 x i32> %610, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %612 = shl <8 x i32> %611, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n106 = bitcast <8 x i32> %612 to <8 x float>
+  %exp107 = fmul <8 x float> %609, %exp.2n106
+  %613 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %613
+  %silu109 = fmul <8 x float> %591, %sigmoid108
+  %glu110 = fmul <8 x float> %silu109, %592
+  %614 = getelementptr inbounds float, ptr %590, i64 %col105
+  store <8 x float> %glu110, ptr %614, align 4
+  %615 = add nsw i64 %r0, 3
+  %616 = mul nsw i64 %615, 8192
+  %617 = getelementptr inbounds float, ptr %h, i64 %616
+  %col111 = mul nsw i64 %p, 8
+  %618 = load <8 x float>, ptr %acc3084, align 4
+  %619 = load <8 x float>, ptr %acc3185, align 4
+  %620 = fneg <8 x float> %618
+  %621 = fcmp olt <8 x float> %620, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %623 = fcmp ogt <8 x float> %622, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %624 = select <8 x i1> %623, <8 x float> %622, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %626 = call <8 x float> @llvm.floor.v8f32(<8 x float> %625)
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %624)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %627)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %628, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %628, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %628, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %628, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %628, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %634 = fmul <8 x float> %628, %628
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %634, <8 x float> %628)
+  %636 = fadd <8 x float> %635, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %637 = fptosi <8 x float> %626 to <8 x i32>
+  %638 = add <8 x i32> %637, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %639 = shl <8 x i32> %638, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n112 = bitcast <8 x i32> %639 to <8 x float>
+  %exp113 = fmul <8 x float> %636, %exp.2n112
+  %640 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %640
+  %silu115 = fmul <8 x float> %618, %sigmoid114
+  %glu116 = fmul <8 x float> %silu115, %619
+  %641 = getelementptr inbounds float, ptr %617, i64 %col111
+  store <8 x float> %glu116, ptr %641, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %594 = add nsw i64 %r0, 0
-  %595 = getelementptr inbounds i32, ptr %rows, i64 %594
-  %596 = load i32, ptr %595, align 4
-  %597 = sext i32 %596 to i64
-  %598 = mul nsw i64 %597, 5120
-  %a0156 = getelementptr inbounds float, ptr %x, i64 %598
-  store <8 x float> zeroinitializer, ptr %acc00157, align 4
-  store <8 x float> zeroinitializer, ptr %acc01158, align 4
-  %599 = add nsw i64 %r0, 1
-  %600 = getelementptr inbounds i32, ptr %rows, i64 %599
-  %601 = load i32, ptr %600, align 4
-  %602 = sext i32 %601 to i64
-  %603 = mul nsw i64 %602, 5120
-  %a1159 = getelementptr inbounds float, ptr %x, i64 %603
-  store <8 x float> zeroinitializer, ptr %acc10160, align 4
-  store <8 x float> zeroinitializer, ptr %acc11161, align 4
-  %604 = add nsw i64 %r0, 2
-  %605 = getelementptr inbounds i32, ptr %rows, i64 %604
-  %606 = load i32, ptr %605, align 4
-  %607 = sext i32 %606 to i64
-  %608 = mul nsw i64 %607, 5120
-  %a2162 = getelementptr inbounds float, ptr %x, i64 %608
-  store <8 x float> zeroinitializer, ptr %acc20163, align 4
-  store <8 x float> zeroinitializer, ptr %acc21164, align 4
-  %panel.off165 = mul nsw i64 %p, 81920
-  br label %k.head166
+  %642 = add nsw i64 %r0, 0
+  %643 = getelementptr inbounds i32, ptr %rows, i64 %642
+  %644 = load i32, ptr %643, align 4
+  %645 = sext i32 %644 to i64
+  %646 = mul nsw i64 %645, 5120
+  %647 = getelementptr inbounds float, ptr %x, i64 %646
+  store <8 x float> zeroinitializer, ptr %acc00117, align 4
+  store <8 x float> zeroinitializer, ptr %acc01118, align 4
+  %648 = add nsw i64 %r0, 1
+  %649 = getelementptr inbounds i32, ptr %rows, i64 %648
+  %650 = load i32, ptr %649, align 4
+  %651 = sext i32 %650 to i64
+  %652 = mul nsw i64 %651, 5120
+  %653 = getelementptr inbounds float, ptr %x, i64 %652
+  store <8 x float> zeroinitializer, ptr %acc10119, align 4
+  store <8 x float> zeroinitializer, ptr %acc11120, align 4
+  %654 = add nsw i64 %r0, 2
+  %655 = getelementptr inbounds i32, ptr %rows, i64 %654
+  %656 = load i32, ptr %655, align 4
+  %657 = sext i32 %656 to i64
+  %658 = mul nsw i64 %657, 5120
+  %659 = getelementptr inbounds float, ptr %x, i64 %658
+  store <8 x float> zeroinitializer, ptr %acc20121, align 4
+  store <8 x float> zeroinitializer, ptr %acc21122, align 4
+  %panel.off123 = mul nsw i64 %p, 81920
+  br label %k.head124
 
-k.head166:                                        ; preds = %k.body167, %tile.mr3
-  %k169 = phi i64 [ 0, %tile.mr3 ], [ %639, %k.body167 ]
-  %609 = icmp slt i64 %k169, 5120
-  br i1 %609, label %k.body167, label %k.end168
+k.head124:                                        ; preds = %k.body125, %tile.mr3
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %691, %k.body125 ]
+  %660 = icmp slt i64 %k127, 5120
+  br i1 %660, label %k.body125, label %k.end126
 
-k.body167:                                        ; preds = %k.head166
-  %610 = mul nsw i64 %k169, 16
-  %611 = add nsw i64 %panel.off165, %610
-  %612 = getelementptr inbounds i16, ptr %panels, i64 %611
-  %bw170 = load <8 x i32>, ptr %612, align 4
-  %613 = shl <8 x i32> %bw170, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0171 = bitcast <8 x i32> %613 to <8 x float>
-  %614 = and <8 x i32> %bw170, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1172 = bitcast <8 x i32> %614 to <8 x float>
-  %615 = getelementptr inbounds float, ptr %a0156, i64 %k169
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc00157, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b0171, <8 x float> %619)
-  store <8 x float> %620, ptr %acc00157, align 4
-  %621 = load <8 x float>, ptr %acc01158, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b1172, <8 x float> %621)
-  store <8 x float> %622, ptr %acc01158, align 4
-  %623 = getelementptr inbounds float, ptr %a1159, i64 %k169
-  %624 = load float, ptr %623, align 4
-  %625 = insertelement <8 x float> poison, float %624, i32 0
-  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = load <8 x float>, ptr %acc10160, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b0171, <8 x float> %627)
-  store <8 x float> %628, ptr %acc10160, align 4
-  %629 = load <8 x float>, ptr %acc11161, align 4
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b1172, <8 x float> %629)
-  store <8 x float> %630, ptr %acc11161, align 4
-  %631 = getelementptr inbounds float, ptr %a2162, i64 %k169
-  %632 = load float, ptr %631, align 4
-  %633 = insertelement <8 x float> poison, float %632, i32 0
-  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
-  %635 = load <8 x float>, ptr %acc20163, align 4
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b0171, <8 x float> %635)
-  store <8 x float> %636, ptr %acc20163, align 4
-  %637 = load <8 x float>, ptr %acc21164, align 4
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b1172, <8 x float> %637)
-  store <8 x float> %638, ptr %acc21164, align 4
-  %639 = add nsw i64 %k169, 1
-  br label %k.head166
+k.body125:                                        ; preds = %k.head124
+  %661 = mul nsw i64 %k127, 16
+  %662 = add nsw i64 %panel.off123, %661
+  %663 = getelementptr inbounds i16, ptr %panels, i64 %662
+  %664 = load <8 x i32>, ptr %663, align 4
+  %665 = shl <8 x i32> %664, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0128 = bitcast <8 x i32> %665 to <8 x float>
+  %666 = and <8 x i32> %664, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1129 = bitcast <8 x i32> %666 to <8 x float>
+  %667 = getelementptr inbounds float, ptr %647, i64 %k127
+  %668 = load float, ptr %667, align 4
+  %669 = insertelement <8 x float> poison, float %668, i32 0
+  %670 = shufflevector <8 x float> %669, <8 x float> poison, <8 x i32> zeroinitializer
+  %671 = load <8 x float>, ptr %acc00117, align 4
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %b0128, <8 x float> %671)
+  store <8 x float> %672, ptr %acc00117, align 4
+  %673 = load <8 x float>, ptr %acc01118, align 4
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %b1129, <8 x float> %673)
+  store <8 x float> %674, ptr %acc01118, align 4
+  %675 = getelementptr inbounds float, ptr %653, i64 %k127
+  %676 = load float, ptr %675, align 4
+  %677 = insertelement <8 x float> poison, float %676, i32 0
+  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
+  %679 = load <8 x float>, ptr %acc10119, align 4
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b0128, <8 x float> %679)
+  store <8 x float> %680, ptr %acc10119, align 4
+  %681 = load <8 x float>, ptr %acc11120, align 4
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b1129, <8 x float> %681)
+  store <8 x float> %682, ptr %acc11120, align 4
+  %683 = getelementptr inbounds float, ptr %659, i64 %k127
+  %684 = load float, ptr %683, align 4
+  %685 = insertelement <8 x float> poison, float %684, i32 0
+  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
+  %687 = load <8 x float>, ptr %acc20121, align 4
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b0128, <8 x float> %687)
+  store <8 x float> %688, ptr %acc20121, align 4
+  %689 = load <8 x float>, ptr %acc21122, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b1129, <8 x float> %689)
+  store <8 x float> %690, ptr %acc21122, align 4
+  %691 = add nsw i64 %k127, 1
+  br label %k.head124
 
-k.end168:                                         ; preds = %k.head166
-  %640 = add nsw i64 %r0, 0
-  %641 = mul nsw i64 %640, 8192
-  %642 = getelementptr inbounds float, ptr %h, i64 %641
-  %col173 = mul nsw i64 %p, 8
-  %643 = load <8 x float>, ptr %acc00157, align 4
-  %644 = load <8 x float>, ptr %acc01158, align 4
-  %645 = fneg <8 x float> %643
-  %646 = fcmp olt <8 x float> %645, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %648 = fcmp ogt <8 x float> %647, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %649 = select <8 x i1> %648, <8 x float> %647, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n174 = call <8 x float> @llvm.floor.v8f32(<8 x float> %650)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n174, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %649)
-  %exp.r175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n174, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %651)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r175, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %exp.r175, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %exp.r175, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %exp.r175, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %exp.r175, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %657 = fmul <8 x float> %exp.r175, %exp.r175
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %657, <8 x float> %exp.r175)
-  %659 = fadd <8 x float> %658, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %660 = fptosi <8 x float> %exp.n174 to <8 x i32>
-  %661 = add <8 x i32> %660, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %662 = shl <8 x i32> %661, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n176 = bitcast <8 x i32> %662 to <8 x float>
-  %exp177 = fmul <8 x float> %659, %exp.2n176
-  %663 = fadd <8 x float> %exp177, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid178 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %663
-  %silu179 = fmul <8 x float> %643, %sigmoid178
-  %glu180 = fmul <8 x float> %silu179, %644
-  %664 = getelementptr inbounds float, ptr %642, i64 %col173
-  store <8 x float> %glu180, ptr %664, align 4
-  %665 = add nsw i64 %r0, 1
-  %666 = mul nsw i64 %665, 8192
-  %667 = getelementptr inbounds float, ptr %h, i64 %666
-  %col181 = mul nsw i64 %p, 8
-  %668 = load <8 x float>, ptr %acc10160, align 4
-  %669 = load <8 x float>, ptr %acc11161, align 4
-  %670 = fneg <8 x float> %668
-  %671 = fcmp olt <8 x float> %670, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %672 = select <8 x i1> %671, <8 x float> %670, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %673 = fcmp ogt <8 x float> %672, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %674 = select <8 x i1> %673, <8 x float> %672, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n182 = call <8 x float> @llvm.floor.v8f32(<8 x float> %675)
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n182, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %674)
-  %exp.r183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n182, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %676)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %exp.r183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %exp.r183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %exp.r183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %exp.r183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %682 = fmul <8 x float> %exp.r183, %exp.r183
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %682, <8 x float> %exp.r183)
-  %684 = fadd <8 x float> %683, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %685 = fptosi <8 x float> %exp.n182 to <8 x i32>
-  %686 = add <8 x i32> %685, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %687 = shl <8 x i32> %686, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n184 = bitcast <8 x i32> %687 to <8 x float>
-  %exp185 = fmul <8 x float> %684, %exp.2n184
-  %688 = fadd <8 x float> %exp185, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid186 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %688
-  %silu187 = fmul <8 x float> %668, %sigmoid186
-  %glu188 = fmul <8 x float> %silu187, %669
-  %689 = getelementptr inbounds float, ptr %667, i64 %col181
-  store <8 x float> %glu188, ptr %689, align 4
-  %690 = add nsw i64 %r0, 2
-  %691 = mul nsw i64 %690, 8192
-  %692 = getelementptr inbounds float, ptr %h, i64 %691
-  %col189 = mul nsw i64 %p, 8
-  %693 = load <8 x float>, ptr %acc20163, align 4
-  %694 = load <8 x float>, ptr %acc21164, align 4
-  %695 = fneg <8 x float> %693
-  %696 = fcmp olt <8 x float> %695, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %697 = select <8 x i1> %696, <8 x float> %695, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %698 = fcmp ogt <8 x float> %697, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n190 = call <8 x float> @llvm.floor.v8f32(<8 x float> %700)
-  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n190, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %699)
-  %exp.r191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n190, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %701)
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r191, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %exp.r191, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %exp.r191, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %exp.r191, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %exp.r191, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %707 = fmul <8 x float> %exp.r191, %exp.r191
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %707, <8 x float> %exp.r191)
-  %709 = fadd <8 x float> %708, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %710 = fptosi <8 x float> %exp.n190 to <8 x i32>
-  %711 = add <8 x i32> %710, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %712 = shl <8 x i32> %711, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n192 = bitcast <8 x i32> %712 to <8 x float>
-  %exp193 = fmul <8 x float> %709, %exp.2n192
-  %713 = fadd <8 x float> %exp193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid194 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %713
-  %silu195 = fmul <8 x float> %693, %sigmoid194
-  %glu196 = fmul <8 x float> %silu195, %694
-  %714 = getelementptr inbounds float, ptr %692, i64 %col189
-  store <8 x float> %glu196, ptr %714, align 4
+k.end126:                                         ; preds = %k.head124
+  %692 = add nsw i64 %r0, 0
+  %693 = mul nsw i64 %692, 8192
+  %694 = getelementptr inbounds float, ptr %h, i64 %693
+  %col130 = mul nsw i64 %p, 8
+  %695 = load <8 x float>, ptr %acc00117, align 4
+  %696 = load <8 x float>, ptr %acc01118, align 4
+  %697 = fneg <8 x float> %695
+  %698 = fcmp olt <8 x float> %697, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %700 = fcmp ogt <8 x float> %699, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %701 = select <8 x i1> %700, <8 x float> %699, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %703 = call <8 x float> @llvm.floor.v8f32(<8 x float> %702)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %701)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %704)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %705, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %705, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %705, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %705, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %705, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %711 = fmul <8 x float> %705, %705
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %711, <8 x float> %705)
+  %713 = fadd <8 x float> %712, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %714 = fptosi <8 x float> %703 to <8 x i32>
+  %715 = add <8 x i32> %714, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %716 = shl <8 x i32> %715, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %716 to <8 x float>
+  %exp132 = fmul <8 x float> %713, %exp.2n131
+  %717 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %717
+  %silu134 = fmul <8 x float> %695, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %696
+  %718 = getelementptr inbounds float, ptr %694, i64 %col130
+  store <8 x float> %glu135, ptr %718, align 4
+  %719 = add nsw i64 %r0, 1
+  %720 = mul nsw i64 %719, 8192
+  %721 = getelementptr inbounds float, ptr %h, i64 %720
+  %col136 = mul nsw i64 %p, 8
+  %722 = load <8 x float>, ptr %acc10119, align 4
+  %723 = load <8 x float>, ptr %acc11120, align 4
+  %724 = fneg <8 x float> %722
+  %725 = fcmp olt <8 x float> %724, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %726 = select <8 x i1> %725, <8 x float> %724, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %727 = fcmp ogt <8 x float> %726, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %728 = select <8 x i1> %727, <8 x float> %726, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %730 = call <8 x float> @llvm.floor.v8f32(<8 x float> %729)
+  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %728)
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %731)
+  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %732, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> %732, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %732, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %732, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %732, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %738 = fmul <8 x float> %732, %732
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %738, <8 x float> %732)
+  %740 = fadd <8 x float> %739, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %741 = fptosi <8 x float> %730 to <8 x i32>
+  %742 = add <8 x i32> %741, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %743 = shl <8 x i32> %742, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %743 to <8 x float>
+  %exp138 = fmul <8 x float> %740, %exp.2n137
+  %744 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %744
+  %silu140 = fmul <8 x float> %722, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %723
+  %745 = getelementptr inbounds float, ptr %721, i64 %col136
+  store <8 x float> %glu141, ptr %745, align 4
+  %746 = add nsw i64 %r0, 2
+  %747 = mul nsw i64 %746, 8192
+  %748 = getelementptr inbounds float, ptr %h, i64 %747
+  %col142 = mul nsw i64 %p, 8
+  %749 = load <8 x float>, ptr %acc20121, align 4
+  %750 = load <8 x float>, ptr %acc21122, align 4
+  %751 = fneg <8 x float> %749
+  %752 = fcmp olt <8 x float> %751, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %753 = select <8 x i1> %752, <8 x float> %751, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %754 = fcmp ogt <8 x float> %753, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %755 = select <8 x i1> %754, <8 x float> %753, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %757 = call <8 x float> @llvm.floor.v8f32(<8 x float> %756)
+  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %755)
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %758)
+  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %759, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %759, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %759, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> %759, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %759, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %765 = fmul <8 x float> %759, %759
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %765, <8 x float> %759)
+  %767 = fadd <8 x float> %766, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %768 = fptosi <8 x float> %757 to <8 x i32>
+  %769 = add <8 x i32> %768, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %770 = shl <8 x i32> %769, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %770 to <8 x float>
+  %exp144 = fmul <8 x float> %767, %exp.2n143
+  %771 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %771
+  %silu146 = fmul <8 x float> %749, %sigmoid145
+  %glu147 = fmul <8 x float> %silu146, %750
+  %772 = getelementptr inbounds float, ptr %748, i64 %col142
+  store <8 x float> %glu147, ptr %772, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %715 = add nsw i64 %r0, 0
-  %716 = getelementptr inbounds i32, ptr %rows, i64 %715
-  %717 = load i32, ptr %716, align 4
-  %718 = sext i32 %717 to i64
-  %719 = mul nsw i64 %718, 5120
-  %a0197 = getelementptr inbounds float, ptr %x, i64 %719
-  store <8 x float> zeroinitializer, ptr %acc00198, align 4
-  store <8 x float> zeroinitializer, ptr %acc01199, align 4
-  %720 = add nsw i64 %r0, 1
-  %721 = getelementptr inbounds i32, ptr %rows, i64 %720
-  %722 = load i32, ptr %721, align 4
-  %723 = sext i32 %722 to i64
-  %724 = mul nsw i64 %723, 5120
-  %a1200 = getelementptr inbounds float, ptr %x, i64 %724
-  store <8 x float> zeroinitializer, ptr %acc10201, align 4
-  store <8 x float> zeroinitializer, ptr %acc11202, align 4
-  %panel.off203 = mul nsw i64 %p, 81920
-  br label %k.head204
+  %773 = add nsw i64 %r0, 0
+  %774 = getelementptr inbounds i32, ptr %rows, i64 %773
+  %775 = load i32, ptr %774, align 4
+  %776 = sext i32 %775 to i64
+  %777 = mul nsw i64 %776, 5120
+  %778 = getelementptr inbounds float, ptr %x, i64 %777
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  store <8 x float> zeroinitializer, ptr %acc01149, align 4
+  %779 = add nsw i64 %r0, 1
+  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
+  %781 = load i32, ptr %780, align 4
+  %782 = sext i32 %781 to i64
+  %783 = mul nsw i64 %782, 5120
+  %784 = getelementptr inbounds float, ptr %x, i64 %783
+  store <8 x float> zeroinitializer, ptr %acc10150, align 4
+  store <8 x float> zeroinitializer, ptr %acc11151, align 4
+  %panel.off152 = mul nsw i64 %p, 81920
+  br label %k.head153
 
-k.head204:                                        ; preds = %k.body205, %tile.mr2
-  %k207 = phi i64 [ 0, %tile.mr2 ], [ %747, %k.body205 ]
-  %725 = icmp slt i64 %k207, 5120
-  br i1 %725, label %k.body205, label %k.end206
+k.head153:                                        ; preds = %k.body154, %tile.mr2
+  %k156 = phi i64 [ 0, %tile.mr2 ], [ %808, %k.body154 ]
+  %785 = icmp slt i64 %k156, 5120
+  br i1 %785, label %k.body154, label %k.end155
 
-k.body205:                                        ; preds = %k.head204
-  %726 = mul nsw i64 %k207, 16
-  %727 = add nsw i64 %panel.off203, %726
-  %728 = getelementptr inbounds i16, ptr %panels, i64 %727
-  %bw208 = load <8 x i32>, ptr %728, align 4
-  %729 = shl <8 x i32> %bw208, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0209 = bitcast <8 x i32> %729 to <8 x float>
-  %730 = and <8 x i32> %bw208, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1210 = bitcast <8 x i32> %730 to <8 x float>
-  %731 = getelementptr inbounds float, ptr %a0197, i64 %k207
-  %732 = load float, ptr %731, align 4
-  %733 = insertelement <8 x float> poison, float %732, i32 0
-  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
-  %735 = load <8 x float>, ptr %acc00198, align 4
-  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %b0209, <8 x float> %735)
-  store <8 x float> %736, ptr %acc00198, align 4
-  %737 = load <8 x float>, ptr %acc01199, align 4
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %b1210, <8 x float> %737)
-  store <8 x float> %738, ptr %acc01199, align 4
-  %739 = getelementptr inbounds float, ptr %a1200, i64 %k207
-  %740 = load float, ptr %739, align 4
-  %741 = insertelement <8 x float> poison, float %740, i32 0
-  %742 = shufflevector <8 x float> %741, <8 x float> poison, <8 x i32> zeroinitializer
-  %743 = load <8 x float>, ptr %acc10201, align 4
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %b0209, <8 x float> %743)
-  store <8 x float> %744, ptr %acc10201, align 4
-  %745 = load <8 x float>, ptr %acc11202, align 4
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %b1210, <8 x float> %745)
-  store <8 x float> %746, ptr %acc11202, align 4
-  %747 = add nsw i64 %k207, 1
-  br label %k.head204
+k.body154:                                        ; preds = %k.head153
+  %786 = mul nsw i64 %k156, 16
+  %787 = add nsw i64 %panel.off152, %786
+  %788 = getelementptr inbounds i16, ptr %panels, i64 %787
+  %789 = load <8 x i32>, ptr %788, align 4
+  %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0157 = bitcast <8 x i32> %790 to <8 x float>
+  %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1158 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = getelementptr inbounds float, ptr %778, i64 %k156
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = load <8 x float>, ptr %acc00148, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0157, <8 x float> %796)
+  store <8 x float> %797, ptr %acc00148, align 4
+  %798 = load <8 x float>, ptr %acc01149, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1158, <8 x float> %798)
+  store <8 x float> %799, ptr %acc01149, align 4
+  %800 = getelementptr inbounds float, ptr %784, i64 %k156
+  %801 = load float, ptr %800, align 4
+  %802 = insertelement <8 x float> poison, float %801, i32 0
+  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
+  %804 = load <8 x float>, ptr %acc10150, align 4
+  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0157, <8 x float> %804)
+  store <8 x float> %805, ptr %acc10150, align 4
+  %806 = load <8 x float>, ptr %acc11151, align 4
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1158, <8 x float> %806)
+  store <8 x float> %807, ptr %acc11151, align 4
+  %808 = add nsw i64 %k156, 1
+  br label %k.head153
 
-k.end206:                                         ; preds = %k.head204
-  %748 = add nsw i64 %r0, 0
-  %749 = mul nsw i64 %748, 8192
-  %750 = getelementptr inbounds float, ptr %h, i64 %749
-  %col211 = mul nsw i64 %p, 8
-  %751 = load <8 x float>, ptr %acc00198, align 4
-  %752 = load <8 x float>, ptr %acc01199, align 4
-  %753 = fneg <8 x float> %751
-  %754 = fcmp olt <8 x float> %753, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %755 = select <8 x i1> %754, <8 x float> %753, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %756 = fcmp ogt <8 x float> %755, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %757 = select <8 x i1> %756, <8 x float> %755, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n212 = call <8 x float> @llvm.floor.v8f32(<8 x float> %758)
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n212, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %757)
-  %exp.r213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n212, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %759)
-  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r213, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %exp.r213, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %exp.r213, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> %exp.r213, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %exp.r213, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %765 = fmul <8 x float> %exp.r213, %exp.r213
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %765, <8 x float> %exp.r213)
-  %767 = fadd <8 x float> %766, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %768 = fptosi <8 x float> %exp.n212 to <8 x i32>
-  %769 = add <8 x i32> %768, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %770 = shl <8 x i32> %769, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n214 = bitcast <8 x i32> %770 to <8 x float>
-  %exp215 = fmul <8 x float> %767, %exp.2n214
-  %771 = fadd <8 x float> %exp215, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid216 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %771
-  %silu217 = fmul <8 x float> %751, %sigmoid216
-  %glu218 = fmul <8 x float> %silu217, %752
-  %772 = getelementptr inbounds float, ptr %750, i64 %col211
-  store <8 x float> %glu218, ptr %772, align 4
-  %773 = add nsw i64 %r0, 1
-  %774 = mul nsw i64 %773, 8192
-  %775 = getelementptr inbounds float, ptr %h, i64 %774
-  %col219 = mul nsw i64 %p, 8
-  %776 = load <8 x float>, ptr %acc10201, align 4
-  %777 = load <8 x float>, ptr %acc11202, align 4
-  %778 = fneg <8 x float> %776
-  %779 = fcmp olt <8 x float> %778, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %781 = fcmp ogt <8 x float> %780, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %782 = select <8 x i1> %781, <8 x float> %780, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n220 = call <8 x float> @llvm.floor.v8f32(<8 x float> %783)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n220, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %782)
-  %exp.r221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n220, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %784)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r221, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %exp.r221, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %exp.r221, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %exp.r221, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %exp.r221, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %790 = fmul <8 x float> %exp.r221, %exp.r221
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %exp.r221)
-  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %793 = fptosi <8 x float> %exp.n220 to <8 x i32>
-  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n222 = bitcast <8 x i32> %795 to <8 x float>
-  %exp223 = fmul <8 x float> %792, %exp.2n222
-  %796 = fadd <8 x float> %exp223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid224 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
-  %silu225 = fmul <8 x float> %776, %sigmoid224
-  %glu226 = fmul <8 x float> %silu225, %777
-  %797 = getelementptr inbounds float, ptr %775, i64 %col219
-  store <8 x float> %glu226, ptr %797, align 4
+k.end155:                                         ; preds = %k.head153
+  %809 = add nsw i64 %r0, 0
+  %810 = mul nsw i64 %809, 8192
+  %811 = getelementptr inbounds float, ptr %h, i64 %810
+  %col159 = mul nsw i64 %p, 8
+  %812 = load <8 x float>, ptr %acc00148, align 4
+  %813 = load <8 x float>, ptr %acc01149, align 4
+  %814 = fneg <8 x float> %812
+  %815 = fcmp olt <8 x float> %814, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %816 = select <8 x i1> %815, <8 x float> %814, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %817 = fcmp ogt <8 x float> %816, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %818 = select <8 x i1> %817, <8 x float> %816, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %820 = call <8 x float> @llvm.floor.v8f32(<8 x float> %819)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %818)
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %821)
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %822, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %822, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %822, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %822, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %822, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %828 = fmul <8 x float> %822, %822
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %828, <8 x float> %822)
+  %830 = fadd <8 x float> %829, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %831 = fptosi <8 x float> %820 to <8 x i32>
+  %832 = add <8 x i32> %831, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %833 = shl <8 x i32> %832, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %833 to <8 x float>
+  %exp161 = fmul <8 x float> %830, %exp.2n160
+  %834 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %834
+  %silu163 = fmul <8 x float> %812, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %813
+  %835 = getelementptr inbounds float, ptr %811, i64 %col159
+  store <8 x float> %glu164, ptr %835, align 4
+  %836 = add nsw i64 %r0, 1
+  %837 = mul nsw i64 %836, 8192
+  %838 = getelementptr inbounds float, ptr %h, i64 %837
+  %col165 = mul nsw i64 %p, 8
+  %839 = load <8 x float>, ptr %acc10150, align 4
+  %840 = load <8 x float>, ptr %acc11151, align 4
+  %841 = fneg <8 x float> %839
+  %842 = fcmp olt <8 x float> %841, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %843 = select <8 x i1> %842, <8 x float> %841, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %844 = fcmp ogt <8 x float> %843, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %845 = select <8 x i1> %844, <8 x float> %843, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %847 = call <8 x float> @llvm.floor.v8f32(<8 x float> %846)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %845)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %848)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %849, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %849, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %849, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %849, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %849, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %855 = fmul <8 x float> %849, %849
+  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %855, <8 x float> %849)
+  %857 = fadd <8 x float> %856, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %858 = fptosi <8 x float> %847 to <8 x i32>
+  %859 = add <8 x i32> %858, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %860 = shl <8 x i32> %859, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %860 to <8 x float>
+  %exp167 = fmul <8 x float> %857, %exp.2n166
+  %861 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %861
+  %silu169 = fmul <8 x float> %839, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %840
+  %862 = getelementptr inbounds float, ptr %838, i64 %col165
+  store <8 x float> %glu170, ptr %862, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %798 = add nsw i64 %r0, 0
-  %799 = getelementptr inbounds i32, ptr %rows, i64 %798
-  %800 = load i32, ptr %799, align 4
-  %801 = sext i32 %800 to i64
-  %802 = mul nsw i64 %801, 5120
-  %a0227 = getelementptr inbounds float, ptr %x, i64 %802
-  store <8 x float> zeroinitializer, ptr %acc00228, align 4
-  store <8 x float> zeroinitializer, ptr %acc01229, align 4
-  %panel.off230 = mul nsw i64 %p, 81920
-  br label %k.head231
+  %863 = add nsw i64 %r0, 0
+  %864 = getelementptr inbounds i32, ptr %rows, i64 %863
+  %865 = load i32, ptr %864, align 4
+  %866 = sext i32 %865 to i64
+  %867 = mul nsw i64 %866, 5120
+  %868 = getelementptr inbounds float, ptr %x, i64 %867
+  store <8 x float> zeroinitializer, ptr %acc00171, align 4
+  store <8 x float> zeroinitializer, ptr %acc01172, align 4
+  %panel.off173 = mul nsw i64 %p, 81920
+  br label %k.head174
 
-k.head231:                                        ; preds = %k.body232, %tile.mr1
-  %k234 = phi i64 [ 0, %tile.mr1 ], [ %817, %k.body232 ]
-  %803 = icmp slt i64 %k234, 5120
-  br i1 %803, label %k.body232, label %k.end233
+k.head174:                                        ; preds = %k.body175, %tile.mr1
+  %k177 = phi i64 [ 0, %tile.mr1 ], [ %884, %k.body175 ]
+  %869 = icmp slt i64 %k177, 5120
+  br i1 %869, label %k.body175, label %k.end176
 
-k.body232:                                        ; preds = %k.head231
-  %804 = mul nsw i64 %k234, 16
-  %805 = add nsw i64 %panel.off230, %804
-  %806 = getelementptr inbounds i16, ptr %panels, i64 %805
-  %bw235 = load <8 x i32>, ptr %806, align 4
-  %807 = shl <8 x i32> %bw235, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0236 = bitcast <8 x i32> %807 to <8 x float>
-  %808 = and <8 x i32> %bw235, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1237 = bitcast <8 x i32> %808 to <8 x float>
-  %809 = getelementptr inbounds float, ptr %a0227, i64 %k234
-  %810 = load float, ptr %809, align 4
-  %811 = insertelement <8 x float> poison, float %810, i32 0
-  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
-  %813 = load <8 x float>, ptr %acc00228, align 4
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b0236, <8 x float> %813)
-  store <8 x float> %814, ptr %acc00228, align 4
-  %815 = load <8 x float>, ptr %acc01229, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b1237, <8 x float> %815)
-  store <8 x float> %816, ptr %acc01229, align 4
-  %817 = add nsw i64 %k234, 1
-  br label %k.head231
+k.body175:                                        ; preds = %k.head174
+  %870 = mul nsw i64 %k177, 16
+  %871 = add nsw i64 %panel.off173, %870
+  %872 = getelementptr inbounds i16, ptr %panels, i64 %871
+  %873 = load <8 x i32>, ptr %872, align 4
+  %874 = shl <8 x i32> %873, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %874 to <8 x float>
+  %875 = and <8 x i32> %873, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %875 to <8 x float>
+  %876 = getelementptr inbounds float, ptr %868, i64 %k177
+  %877 = load float, ptr %876, align 4
+  %878 = insertelement <8 x float> poison, float %877, i32 0
+  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
+  %880 = load <8 x float>, ptr %acc00171, align 4
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %b0178, <8 x float> %880)
+  store <8 x float> %881, ptr %acc00171, align 4
+  %882 = load <8 x float>, ptr %acc01172, align 4
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %b1179, <8 x float> %882)
+  store <8 x float> %883, ptr %acc01172, align 4
+  %884 = add nsw i64 %k177, 1
+  br label %k.head174
 
-k.end233:                                         ; preds = %k.head231
-  %818 = add nsw i64 %r0, 0
-  %819 = mul nsw i64 %818, 8192
-  %820 = getelementptr inbounds float, ptr %h, i64 %819
-  %col238 = mul nsw i64 %p, 8
-  %821 = load <8 x float>, ptr %acc00228, align 4
-  %822 = load <8 x float>, ptr %acc01229, align 4
-  %823 = fneg <8 x float> %821
-  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
-  %exp.r240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %829)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %exp.r240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %exp.r240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %exp.r240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %exp.r240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %835 = fmul <8 x float> %exp.r240, %exp.r240
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %835, <8 x float> %exp.r240)
-  %837 = fadd <8 x float> %836, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %838 = fptosi <8 x float> %exp.n239 to <8 x i32>
-  %839 = add <8 x i32> %838, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %840 = shl <8 x i32> %839, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n241 = bitcast <8 x i32> %840 to <8 x float>
-  %exp242 = fmul <8 x float> %837, %exp.2n241
-  %841 = fadd <8 x float> %exp242, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid243 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %841
-  %silu244 = fmul <8 x float> %821, %sigmoid243
-  %glu245 = fmul <8 x float> %silu244, %822
-  %842 = getelementptr inbounds float, ptr %820, i64 %col238
-  store <8 x float> %glu245, ptr %842, align 4
+k.end176:                                         ; preds = %k.head174
+  %885 = add nsw i64 %r0, 0
+  %886 = mul nsw i64 %885, 8192
+  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %col180 = mul nsw i64 %p, 8
+  %888 = load <8 x float>, ptr %acc00171, align 4
+  %889 = load <8 x float>, ptr %acc01172, align 4
+  %890 = fneg <8 x float> %888
+  %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %893 = fcmp ogt <8 x float> %892, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %896 = call <8 x float> @llvm.floor.v8f32(<8 x float> %895)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %894)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %897)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %898, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %898, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %898, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %898, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %898, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %904 = fmul <8 x float> %898, %898
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %904, <8 x float> %898)
+  %906 = fadd <8 x float> %905, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %907 = fptosi <8 x float> %896 to <8 x i32>
+  %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %909 to <8 x float>
+  %exp182 = fmul <8 x float> %906, %exp.2n181
+  %910 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
+  %silu184 = fmul <8 x float> %888, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %889
+  %911 = getelementptr inbounds float, ptr %887, i64 %col180
+  store <8 x float> %glu185, ptr %911, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end233, %k.end206, %k.end168, %k.end119, %k.end59, %k.end
-  %843 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
+  %912 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %844 = add nsw i64 %p, 1
+  %913 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3877,36 +3895,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3915,7 +3933,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3923,7 +3941,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -3943,788 +3961,788 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 8192
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 5120
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 8192
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 5120
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 8192
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 5120
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 8192
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 5120
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 8192
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 5120
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 5120
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 8192
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 5120
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 8192
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 5120
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 8192
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 5120
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 8192
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 5120
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 8192
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 5120
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 8192
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 5120
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 131072
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 8192
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 8192
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %144 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %144, ptr %13, align 4
+  %145 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %145, ptr %16, align 4
+  %146 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %146, ptr %27, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %147, ptr %30, align 4
+  %148 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %148, ptr %41, align 4
+  %149 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %149, ptr %44, align 4
+  %150 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %150, ptr %55, align 4
+  %151 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %151, ptr %58, align 4
+  %152 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %152, ptr %69, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %153, ptr %72, align 4
+  %154 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %154, ptr %83, align 4
+  %155 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %155, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 8192
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 5120
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 8192
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 5120
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 8192
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 5120
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
-  %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
+  %156 = add nsw i64 %r0, 0
+  %157 = mul nsw i64 %156, 8192
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
+  %160 = load i32, ptr %159, align 4
+  %161 = sext i32 %160 to i64
+  %162 = mul nsw i64 %161, 5120
+  %163 = getelementptr inbounds float, ptr %y, i64 %162
+  %164 = add nsw i64 %col1, 0
+  %165 = getelementptr inbounds float, ptr %163, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  store <8 x float> %166, ptr %acc002, align 4
+  %167 = add nsw i64 %col1, 8
+  %168 = getelementptr inbounds float, ptr %163, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  store <8 x float> %169, ptr %acc013, align 4
+  %170 = add nsw i64 %r0, 1
   %171 = mul nsw i64 %170, 8192
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 5120
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 8192
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 5120
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 131072
-  br label %k.head28
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %174 = load i32, ptr %173, align 4
+  %175 = sext i32 %174 to i64
+  %176 = mul nsw i64 %175, 5120
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = add nsw i64 %col1, 0
+  %179 = getelementptr inbounds float, ptr %177, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  store <8 x float> %180, ptr %acc104, align 4
+  %181 = add nsw i64 %col1, 8
+  %182 = getelementptr inbounds float, ptr %177, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  store <8 x float> %183, ptr %acc115, align 4
+  %184 = add nsw i64 %r0, 2
+  %185 = mul nsw i64 %184, 8192
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
+  %188 = load i32, ptr %187, align 4
+  %189 = sext i32 %188 to i64
+  %190 = mul nsw i64 %189, 5120
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = add nsw i64 %col1, 0
+  %193 = getelementptr inbounds float, ptr %191, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  store <8 x float> %194, ptr %acc206, align 4
+  %195 = add nsw i64 %col1, 8
+  %196 = getelementptr inbounds float, ptr %191, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  store <8 x float> %197, ptr %acc217, align 4
+  %198 = add nsw i64 %r0, 3
+  %199 = mul nsw i64 %198, 8192
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
+  %202 = load i32, ptr %201, align 4
+  %203 = sext i32 %202 to i64
+  %204 = mul nsw i64 %203, 5120
+  %205 = getelementptr inbounds float, ptr %y, i64 %204
+  %206 = add nsw i64 %col1, 0
+  %207 = getelementptr inbounds float, ptr %205, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  store <8 x float> %208, ptr %acc308, align 4
+  %209 = add nsw i64 %col1, 8
+  %210 = getelementptr inbounds float, ptr %205, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  store <8 x float> %211, ptr %acc319, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 8192
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 5120
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col1, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  store <8 x float> %222, ptr %acc4010, align 4
+  %223 = add nsw i64 %col1, 8
+  %224 = getelementptr inbounds float, ptr %219, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  store <8 x float> %225, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 131072
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 8192
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
+  %226 = icmp slt i64 %k16, 8192
+  br i1 %226, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
-  %bw32 = load <8 x i32>, ptr %195, align 4
-  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %197 to <8 x float>
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %227 = mul nsw i64 %k16, 16
+  %228 = add nsw i64 %panel.off12, %227
+  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
+  %230 = load <8 x i32>, ptr %229, align 4
+  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %231 to <8 x float>
+  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %232 to <8 x float>
+  %233 = getelementptr inbounds float, ptr %158, i64 %k16
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc002, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
+  store <8 x float> %238, ptr %acc002, align 4
+  %239 = load <8 x float>, ptr %acc013, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
+  store <8 x float> %240, ptr %acc013, align 4
+  %241 = getelementptr inbounds float, ptr %172, i64 %k16
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc104, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
+  store <8 x float> %246, ptr %acc104, align 4
+  %247 = load <8 x float>, ptr %acc115, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
+  store <8 x float> %248, ptr %acc115, align 4
+  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc206, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
+  store <8 x float> %254, ptr %acc206, align 4
+  %255 = load <8 x float>, ptr %acc217, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
+  store <8 x float> %256, ptr %acc217, align 4
+  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc308, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
+  store <8 x float> %262, ptr %acc308, align 4
+  %263 = load <8 x float>, ptr %acc319, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
+  store <8 x float> %264, ptr %acc319, align 4
+  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc4010, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
+  store <8 x float> %270, ptr %acc4010, align 4
+  %271 = load <8 x float>, ptr %acc4111, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4111, align 4
+  %273 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %274 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %274, ptr %165, align 4
+  %275 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %275, ptr %168, align 4
+  %276 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %276, ptr %179, align 4
+  %277 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %277, ptr %182, align 4
+  %278 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %278, ptr %193, align 4
+  %279 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %279, ptr %196, align 4
+  %280 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %280, ptr %207, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %281, ptr %210, align 4
+  %282 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %282, ptr %221, align 4
+  %283 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %283, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 8192
-  %h036 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 5120
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %257, ptr %acc0038, align 4
-  %258 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %259, ptr %acc0140, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 8192
-  %h141 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 5120
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %268, ptr %acc1043, align 4
-  %269 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %270, ptr %acc1145, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 8192
-  %h246 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 5120
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %279, ptr %acc2048, align 4
-  %280 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %281, ptr %acc2150, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 8192
-  %h351 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 5120
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %290, ptr %acc3053, align 4
-  %291 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %292, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 131072
-  br label %k.head57
+  %col19 = mul nsw i64 %p, 16
+  %284 = add nsw i64 %r0, 0
+  %285 = mul nsw i64 %284, 8192
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 5120
+  %291 = getelementptr inbounds float, ptr %y, i64 %290
+  %292 = add nsw i64 %col19, 0
+  %293 = getelementptr inbounds float, ptr %291, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  store <8 x float> %294, ptr %acc0020, align 4
+  %295 = add nsw i64 %col19, 8
+  %296 = getelementptr inbounds float, ptr %291, i64 %295
+  %297 = load <8 x float>, ptr %296, align 4
+  store <8 x float> %297, ptr %acc0121, align 4
+  %298 = add nsw i64 %r0, 1
+  %299 = mul nsw i64 %298, 8192
+  %300 = getelementptr inbounds float, ptr %h, i64 %299
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 5120
+  %305 = getelementptr inbounds float, ptr %y, i64 %304
+  %306 = add nsw i64 %col19, 0
+  %307 = getelementptr inbounds float, ptr %305, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  store <8 x float> %308, ptr %acc1022, align 4
+  %309 = add nsw i64 %col19, 8
+  %310 = getelementptr inbounds float, ptr %305, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  store <8 x float> %311, ptr %acc1123, align 4
+  %312 = add nsw i64 %r0, 2
+  %313 = mul nsw i64 %312, 8192
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 5120
+  %319 = getelementptr inbounds float, ptr %y, i64 %318
+  %320 = add nsw i64 %col19, 0
+  %321 = getelementptr inbounds float, ptr %319, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  store <8 x float> %322, ptr %acc2024, align 4
+  %323 = add nsw i64 %col19, 8
+  %324 = getelementptr inbounds float, ptr %319, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc2125, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = mul nsw i64 %326, 8192
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 5120
+  %333 = getelementptr inbounds float, ptr %y, i64 %332
+  %334 = add nsw i64 %col19, 0
+  %335 = getelementptr inbounds float, ptr %333, i64 %334
+  %336 = load <8 x float>, ptr %335, align 4
+  store <8 x float> %336, ptr %acc3026, align 4
+  %337 = add nsw i64 %col19, 8
+  %338 = getelementptr inbounds float, ptr %333, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 131072
+  br label %k.head29
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
-  %293 = icmp slt i64 %k60, 8192
-  br i1 %293, label %k.body58, label %k.end59
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
+  %340 = icmp slt i64 %k32, 8192
+  br i1 %340, label %k.body30, label %k.end31
 
-k.body58:                                         ; preds = %k.head57
-  %294 = mul nsw i64 %k60, 16
-  %295 = add nsw i64 %panel.off56, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw61 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0038, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0038, align 4
-  %305 = load <8 x float>, ptr %acc0140, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0140, align 4
-  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1043, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1043, align 4
-  %313 = load <8 x float>, ptr %acc1145, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1145, align 4
-  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2048, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2048, align 4
-  %321 = load <8 x float>, ptr %acc2150, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2150, align 4
-  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3053, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3053, align 4
-  %329 = load <8 x float>, ptr %acc3155, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3155, align 4
-  %331 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body30:                                         ; preds = %k.head29
+  %341 = mul nsw i64 %k32, 16
+  %342 = add nsw i64 %panel.off28, %341
+  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
+  %344 = load <8 x i32>, ptr %343, align 4
+  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %346 to <8 x float>
+  %347 = getelementptr inbounds float, ptr %286, i64 %k32
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc0020, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
+  store <8 x float> %352, ptr %acc0020, align 4
+  %353 = load <8 x float>, ptr %acc0121, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
+  store <8 x float> %354, ptr %acc0121, align 4
+  %355 = getelementptr inbounds float, ptr %300, i64 %k32
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc1022, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
+  store <8 x float> %360, ptr %acc1022, align 4
+  %361 = load <8 x float>, ptr %acc1123, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
+  store <8 x float> %362, ptr %acc1123, align 4
+  %363 = getelementptr inbounds float, ptr %314, i64 %k32
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc2024, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
+  store <8 x float> %368, ptr %acc2024, align 4
+  %369 = load <8 x float>, ptr %acc2125, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
+  store <8 x float> %370, ptr %acc2125, align 4
+  %371 = getelementptr inbounds float, ptr %328, i64 %k32
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc3026, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
+  store <8 x float> %376, ptr %acc3026, align 4
+  %377 = load <8 x float>, ptr %acc3127, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
+  store <8 x float> %378, ptr %acc3127, align 4
+  %379 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end59:                                          ; preds = %k.head57
-  %332 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %332, ptr %y0037, align 4
-  %333 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %333, ptr %y0139, align 4
-  %334 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %334, ptr %y1042, align 4
-  %335 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %335, ptr %y1144, align 4
-  %336 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %336, ptr %y2047, align 4
-  %337 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %337, ptr %y2149, align 4
-  %338 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %338, ptr %y3052, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %339, ptr %y3154, align 4
+k.end31:                                          ; preds = %k.head29
+  %380 = load <8 x float>, ptr %acc0020, align 4
+  store <8 x float> %380, ptr %293, align 4
+  %381 = load <8 x float>, ptr %acc0121, align 4
+  store <8 x float> %381, ptr %296, align 4
+  %382 = load <8 x float>, ptr %acc1022, align 4
+  store <8 x float> %382, ptr %307, align 4
+  %383 = load <8 x float>, ptr %acc1123, align 4
+  store <8 x float> %383, ptr %310, align 4
+  %384 = load <8 x float>, ptr %acc2024, align 4
+  store <8 x float> %384, ptr %321, align 4
+  %385 = load <8 x float>, ptr %acc2125, align 4
+  store <8 x float> %385, ptr %324, align 4
+  %386 = load <8 x float>, ptr %acc3026, align 4
+  store <8 x float> %386, ptr %335, align 4
+  %387 = load <8 x float>, ptr %acc3127, align 4
+  store <8 x float> %387, ptr %338, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 8192
-  %h065 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 5120
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %348, ptr %acc0067, align 4
-  %349 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %350, ptr %acc0169, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 8192
-  %h170 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 5120
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %359, ptr %acc1072, align 4
-  %360 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %361, ptr %acc1174, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 8192
-  %h275 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 5120
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %370, ptr %acc2077, align 4
-  %371 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %372, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 131072
-  br label %k.head81
+  %col35 = mul nsw i64 %p, 16
+  %388 = add nsw i64 %r0, 0
+  %389 = mul nsw i64 %388, 8192
+  %390 = getelementptr inbounds float, ptr %h, i64 %389
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 5120
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = add nsw i64 %col35, 0
+  %397 = getelementptr inbounds float, ptr %395, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  store <8 x float> %398, ptr %acc0036, align 4
+  %399 = add nsw i64 %col35, 8
+  %400 = getelementptr inbounds float, ptr %395, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0137, align 4
+  %402 = add nsw i64 %r0, 1
+  %403 = mul nsw i64 %402, 8192
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 5120
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col35, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  store <8 x float> %412, ptr %acc1038, align 4
+  %413 = add nsw i64 %col35, 8
+  %414 = getelementptr inbounds float, ptr %409, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1139, align 4
+  %416 = add nsw i64 %r0, 2
+  %417 = mul nsw i64 %416, 8192
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 5120
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col35, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  store <8 x float> %426, ptr %acc2040, align 4
+  %427 = add nsw i64 %col35, 8
+  %428 = getelementptr inbounds float, ptr %423, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 131072
+  br label %k.head43
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
-  %373 = icmp slt i64 %k84, 8192
-  br i1 %373, label %k.body82, label %k.end83
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
+  %430 = icmp slt i64 %k46, 8192
+  br i1 %430, label %k.body44, label %k.end45
 
-k.body82:                                         ; preds = %k.head81
-  %374 = mul nsw i64 %k84, 16
-  %375 = add nsw i64 %panel.off80, %374
-  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
-  %bw85 = load <8 x i32>, ptr %376, align 4
-  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %377 to <8 x float>
-  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %378 to <8 x float>
-  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0067, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0067, align 4
-  %385 = load <8 x float>, ptr %acc0169, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0169, align 4
-  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1072, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1072, align 4
-  %393 = load <8 x float>, ptr %acc1174, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1174, align 4
-  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2077, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2077, align 4
-  %401 = load <8 x float>, ptr %acc2179, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2179, align 4
-  %403 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body44:                                         ; preds = %k.head43
+  %431 = mul nsw i64 %k46, 16
+  %432 = add nsw i64 %panel.off42, %431
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
+  %434 = load <8 x i32>, ptr %433, align 4
+  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = getelementptr inbounds float, ptr %390, i64 %k46
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc0036, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
+  store <8 x float> %442, ptr %acc0036, align 4
+  %443 = load <8 x float>, ptr %acc0137, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0137, align 4
+  %445 = getelementptr inbounds float, ptr %404, i64 %k46
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc1038, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc1038, align 4
+  %451 = load <8 x float>, ptr %acc1139, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1139, align 4
+  %453 = getelementptr inbounds float, ptr %418, i64 %k46
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc2040, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc2040, align 4
+  %459 = load <8 x float>, ptr %acc2141, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2141, align 4
+  %461 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end83:                                          ; preds = %k.head81
-  %404 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %404, ptr %y0066, align 4
-  %405 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %405, ptr %y0168, align 4
-  %406 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %406, ptr %y1071, align 4
-  %407 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %407, ptr %y1173, align 4
-  %408 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %408, ptr %y2076, align 4
-  %409 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %409, ptr %y2178, align 4
+k.end45:                                          ; preds = %k.head43
+  %462 = load <8 x float>, ptr %acc0036, align 4
+  store <8 x float> %462, ptr %397, align 4
+  %463 = load <8 x float>, ptr %acc0137, align 4
+  store <8 x float> %463, ptr %400, align 4
+  %464 = load <8 x float>, ptr %acc1038, align 4
+  store <8 x float> %464, ptr %411, align 4
+  %465 = load <8 x float>, ptr %acc1139, align 4
+  store <8 x float> %465, ptr %414, align 4
+  %466 = load <8 x float>, ptr %acc2040, align 4
+  store <8 x float> %466, ptr %425, align 4
+  %467 = load <8 x float>, ptr %acc2141, align 4
+  store <8 x float> %467, ptr %428, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 8192
-  %h089 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 5120
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %418, ptr %acc0091, align 4
-  %419 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %420, ptr %acc0193, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 8192
-  %h194 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 5120
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %429, ptr %acc1096, align 4
-  %430 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %431, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 131072
-  br label %k.head100
+  %col49 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 8192
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 5120
+  %475 = getelementptr inbounds float, ptr %y, i64 %474
+  %476 = add nsw i64 %col49, 0
+  %477 = getelementptr inbounds float, ptr %475, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0050, align 4
+  %479 = add nsw i64 %col49, 8
+  %480 = getelementptr inbounds float, ptr %475, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  store <8 x float> %481, ptr %acc0151, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 8192
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 5120
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col49, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1052, align 4
+  %493 = add nsw i64 %col49, 8
+  %494 = getelementptr inbounds float, ptr %489, i64 %493
+  %495 = load <8 x float>, ptr %494, align 4
+  store <8 x float> %495, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 131072
+  br label %k.head55
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
-  %432 = icmp slt i64 %k103, 8192
-  br i1 %432, label %k.body101, label %k.end102
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
+  %496 = icmp slt i64 %k58, 8192
+  br i1 %496, label %k.body56, label %k.end57
 
-k.body101:                                        ; preds = %k.head100
-  %433 = mul nsw i64 %k103, 16
-  %434 = add nsw i64 %panel.off99, %433
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
-  %bw104 = load <8 x i32>, ptr %435, align 4
-  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %437 to <8 x float>
-  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0091, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0091, align 4
-  %444 = load <8 x float>, ptr %acc0193, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0193, align 4
-  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1096, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1096, align 4
-  %452 = load <8 x float>, ptr %acc1198, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1198, align 4
-  %454 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body56:                                         ; preds = %k.head55
+  %497 = mul nsw i64 %k58, 16
+  %498 = add nsw i64 %panel.off54, %497
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = load <8 x i32>, ptr %499, align 4
+  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %501 to <8 x float>
+  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %502 to <8 x float>
+  %503 = getelementptr inbounds float, ptr %470, i64 %k58
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc0050, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0050, align 4
+  %509 = load <8 x float>, ptr %acc0151, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
+  store <8 x float> %510, ptr %acc0151, align 4
+  %511 = getelementptr inbounds float, ptr %484, i64 %k58
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = load <8 x float>, ptr %acc1052, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1052, align 4
+  %517 = load <8 x float>, ptr %acc1153, align 4
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
+  store <8 x float> %518, ptr %acc1153, align 4
+  %519 = add nsw i64 %k58, 1
+  br label %k.head55
 
-k.end102:                                         ; preds = %k.head100
-  %455 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %455, ptr %y0090, align 4
-  %456 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %456, ptr %y0192, align 4
-  %457 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %457, ptr %y1095, align 4
-  %458 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %458, ptr %y1197, align 4
+k.end57:                                          ; preds = %k.head55
+  %520 = load <8 x float>, ptr %acc0050, align 4
+  store <8 x float> %520, ptr %477, align 4
+  %521 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %521, ptr %480, align 4
+  %522 = load <8 x float>, ptr %acc1052, align 4
+  store <8 x float> %522, ptr %491, align 4
+  %523 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %523, ptr %494, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 8192
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 5120
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %467, ptr %acc00110, align 4
-  %468 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %469, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 131072
-  br label %k.head114
+  %col61 = mul nsw i64 %p, 16
+  %524 = add nsw i64 %r0, 0
+  %525 = mul nsw i64 %524, 8192
+  %526 = getelementptr inbounds float, ptr %h, i64 %525
+  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
+  %528 = load i32, ptr %527, align 4
+  %529 = sext i32 %528 to i64
+  %530 = mul nsw i64 %529, 5120
+  %531 = getelementptr inbounds float, ptr %y, i64 %530
+  %532 = add nsw i64 %col61, 0
+  %533 = getelementptr inbounds float, ptr %531, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc0062, align 4
+  %535 = add nsw i64 %col61, 8
+  %536 = getelementptr inbounds float, ptr %531, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 131072
+  br label %k.head65
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
-  %470 = icmp slt i64 %k117, 8192
-  br i1 %470, label %k.body115, label %k.end116
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
+  %538 = icmp slt i64 %k68, 8192
+  br i1 %538, label %k.body66, label %k.end67
 
-k.body115:                                        ; preds = %k.head114
-  %471 = mul nsw i64 %k117, 16
-  %472 = add nsw i64 %panel.off113, %471
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  %bw118 = load <8 x i32>, ptr %473, align 4
-  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %474 to <8 x float>
-  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %475 to <8 x float>
-  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00110, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00110, align 4
-  %482 = load <8 x float>, ptr %acc01112, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01112, align 4
-  %484 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body66:                                         ; preds = %k.head65
+  %539 = mul nsw i64 %k68, 16
+  %540 = add nsw i64 %panel.off64, %539
+  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
+  %542 = load <8 x i32>, ptr %541, align 4
+  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %543 to <8 x float>
+  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %544 to <8 x float>
+  %545 = getelementptr inbounds float, ptr %526, i64 %k68
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0062, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0062, align 4
+  %551 = load <8 x float>, ptr %acc0163, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0163, align 4
+  %553 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end116:                                         ; preds = %k.head114
-  %485 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %485, ptr %y00109, align 4
-  %486 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %486, ptr %y01111, align 4
+k.end67:                                          ; preds = %k.head65
+  %554 = load <8 x float>, ptr %acc0062, align 4
+  store <8 x float> %554, ptr %533, align 4
+  %555 = load <8 x float>, ptr %acc0163, align 4
+  store <8 x float> %555, ptr %536, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %556 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %557 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -17,312 +17,204 @@ entry:
   %nl = alloca [32 x float], align 32
   %s = alloca [32 x float], align 32
   %c = alloca [32 x float], align 32
-  %acc = alloca <8 x float>, align 32
-  %acc28 = alloca <8 x float>, align 32
+  %lacc0 = alloca <8 x float>, align 32
+  %lacc1 = alloca <8 x float>, align 32
+  %lacc2 = alloca <8 x float>, align 32
+  %lacc3 = alloca <8 x float>, align 32
+  %lacc02 = alloca <8 x float>, align 32
+  %lacc13 = alloca <8 x float>, align 32
+  %lacc24 = alloca <8 x float>, align 32
+  %lacc35 = alloca <8 x float>, align 32
   %idx = alloca [4 x i64], align 32
-  %taken = alloca [32 x i8], align 32
   %w = alloca [4 x float], align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
-  %best = alloca i64, align 32
-  %bv = alloca float, align 32
-  %nsum = alloca float, align 32
+  %tk.m = alloca i64, align 32
+  %wsum = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %t
+  br label %t.head
 
-t:                                                ; preds = %p.set97, %start
-  %t4 = phi i64 [ %t0, %start ], [ %335, %p.set97 ]
-  %0 = icmp slt i64 %t4, %t1
-  br i1 %0, label %t2, label %t3
+t.head:                                           ; preds = %pset.end, %start
+  %t = phi i64 [ %t0, %start ], [ %306, %pset.end ]
+  %0 = icmp slt i64 %t, %t1
+  br i1 %0, label %t.body, label %t.end
 
-t2:                                               ; preds = %t
-  %1 = mul nsw i64 %t4, 512
+t.body:                                           ; preds = %t.head
+  %1 = mul nsw i64 %t, 512
   %2 = getelementptr inbounds float, ptr %x, i64 %1
-  br label %pd.b
+  store <8 x float> zeroinitializer, ptr %lacc0, align 4
+  store <8 x float> zeroinitializer, ptr %lacc1, align 4
+  store <8 x float> zeroinitializer, ptr %lacc2, align 4
+  store <8 x float> zeroinitializer, ptr %lacc3, align 4
+  br label %hh.head
 
-pd.b:                                             ; preds = %endif24, %t2
-  %pd.b7 = phi i64 [ 0, %t2 ], [ %59, %endif24 ]
-  %3 = icmp slt i64 %pd.b7, 4
-  br i1 %3, label %pd.b5, label %pd.b6
+hh.head:                                          ; preds = %hh.body, %t.body
+  %hh = phi i64 [ 0, %t.body ], [ %36, %hh.body ]
+  %3 = icmp slt i64 %hh, 512
+  br i1 %3, label %hh.body, label %hh.end
 
-pd.b5:                                            ; preds = %pd.b
-  store <8 x float> zeroinitializer, ptr %acc, align 4
-  %4 = mul nsw i64 %pd.b7, 4096
-  %5 = getelementptr inbounds float, ptr %router, i64 %4
-  br label %pd.h
+hh.body:                                          ; preds = %hh.head
+  %4 = getelementptr inbounds float, ptr %2, i64 %hh
+  %5 = load float, ptr %4, align 4
+  %6 = insertelement <8 x float> poison, float %5, i32 0
+  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
+  %8 = mul nsw i64 %hh, 8
+  %9 = add nsw i64 0, %8
+  %10 = getelementptr inbounds float, ptr %router, i64 %9
+  %11 = load <8 x float>, ptr %10, align 4
+  %12 = fmul <8 x float> %7, %11
+  %13 = load <8 x float>, ptr %lacc0, align 4
+  %14 = fadd <8 x float> %13, %12
+  store <8 x float> %14, ptr %lacc0, align 4
+  %15 = mul nsw i64 %hh, 8
+  %16 = add nsw i64 4096, %15
+  %17 = getelementptr inbounds float, ptr %router, i64 %16
+  %18 = load <8 x float>, ptr %17, align 4
+  %19 = fmul <8 x float> %7, %18
+  %20 = load <8 x float>, ptr %lacc1, align 4
+  %21 = fadd <8 x float> %20, %19
+  store <8 x float> %21, ptr %lacc1, align 4
+  %22 = mul nsw i64 %hh, 8
+  %23 = add nsw i64 8192, %22
+  %24 = getelementptr inbounds float, ptr %router, i64 %23
+  %25 = load <8 x float>, ptr %24, align 4
+  %26 = fmul <8 x float> %7, %25
+  %27 = load <8 x float>, ptr %lacc2, align 4
+  %28 = fadd <8 x float> %27, %26
+  store <8 x float> %28, ptr %lacc2, align 4
+  %29 = mul nsw i64 %hh, 8
+  %30 = add nsw i64 12288, %29
+  %31 = getelementptr inbounds float, ptr %router, i64 %30
+  %32 = load <8 x float>, ptr %31, align 4
+  %33 = fmul <8 x float> %7, %32
+  %34 = load <8 x float>, ptr %lacc3, align 4
+  %35 = fadd <8 x float> %34, %33
+  store <8 x float> %35, ptr %lacc3, align 4
+  %36 = add nsw i64 %hh, 1
+  br label %hh.head
 
-pd.h:                                             ; preds = %pd.h8, %pd.b5
-  %pd.h10 = phi i64 [ 0, %pd.b5 ], [ %17, %pd.h8 ]
-  %6 = icmp slt i64 %pd.h10, 512
-  br i1 %6, label %pd.h8, label %pd.h9
+hh.end:                                           ; preds = %hh.head
+  %37 = load <8 x float>, ptr %lacc0, align 4
+  %38 = load <8 x float>, ptr %lacc1, align 4
+  %39 = load <8 x float>, ptr %lacc2, align 4
+  %40 = load <8 x float>, ptr %lacc3, align 4
+  %41 = getelementptr inbounds float, ptr %l, i64 0
+  store <8 x float> %37, ptr %41, align 4
+  %42 = getelementptr inbounds float, ptr %l, i64 8
+  store <8 x float> %38, ptr %42, align 4
+  %43 = getelementptr inbounds float, ptr %l, i64 16
+  store <8 x float> %39, ptr %43, align 4
+  %44 = getelementptr inbounds float, ptr %l, i64 24
+  store <8 x float> %40, ptr %44, align 4
+  %training1 = icmp ne i32 %training, 0
+  br i1 %training1, label %training.then, label %training.end
 
-pd.h8:                                            ; preds = %pd.h
-  %7 = getelementptr inbounds float, ptr %2, i64 %pd.h10
-  %8 = load float, ptr %7, align 4
-  %9 = insertelement <8 x float> poison, float %8, i32 0
-  %10 = shufflevector <8 x float> %9, <8 x float> poison, <8 x i32> zeroinitializer
-  %11 = mul nsw i64 %pd.h10, 8
-  %12 = getelementptr inbounds float, ptr %5, i64 %11
-  %13 = load <8 x float>, ptr %12, align 4
-  %14 = fmul <8 x float> %10, %13
-  %15 = load <8 x float>, ptr %acc, align 4
-  %16 = fadd <8 x float> %15, %14
-  store <8 x float> %16, ptr %acc, align 4
-  %17 = add nsw i64 %pd.h10, 1
-  br label %pd.h
+training.then:                                    ; preds = %hh.end
+  store <8 x float> zeroinitializer, ptr %lacc02, align 4
+  store <8 x float> zeroinitializer, ptr %lacc13, align 4
+  store <8 x float> zeroinitializer, ptr %lacc24, align 4
+  store <8 x float> zeroinitializer, ptr %lacc35, align 4
+  br label %hh.head6
 
-pd.h9:                                            ; preds = %pd.h
-  %18 = load <8 x float>, ptr %acc, align 4
-  %19 = mul nsw i64 %pd.b7, 8
-  %20 = add nsw i64 %19, 0
-  %21 = icmp slt i64 %20, 32
-  br i1 %21, label %then, label %endif
+hh.head6:                                         ; preds = %hh.body7, %training.then
+  %hh9 = phi i64 [ 0, %training.then ], [ %78, %hh.body7 ]
+  %45 = icmp slt i64 %hh9, 512
+  br i1 %45, label %hh.body7, label %hh.end8
 
-then:                                             ; preds = %pd.h9
-  %22 = extractelement <8 x float> %18, i32 0
-  %23 = getelementptr inbounds float, ptr %l, i64 %20
-  store float %22, ptr %23, align 4
-  br label %endif
+hh.body7:                                         ; preds = %hh.head6
+  %46 = getelementptr inbounds float, ptr %2, i64 %hh9
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = mul nsw i64 %hh9, 8
+  %51 = add nsw i64 0, %50
+  %52 = getelementptr inbounds float, ptr %noise, i64 %51
+  %53 = load <8 x float>, ptr %52, align 4
+  %54 = fmul <8 x float> %49, %53
+  %55 = load <8 x float>, ptr %lacc02, align 4
+  %56 = fadd <8 x float> %55, %54
+  store <8 x float> %56, ptr %lacc02, align 4
+  %57 = mul nsw i64 %hh9, 8
+  %58 = add nsw i64 4096, %57
+  %59 = getelementptr inbounds float, ptr %noise, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = fmul <8 x float> %49, %60
+  %62 = load <8 x float>, ptr %lacc13, align 4
+  %63 = fadd <8 x float> %62, %61
+  store <8 x float> %63, ptr %lacc13, align 4
+  %64 = mul nsw i64 %hh9, 8
+  %65 = add nsw i64 8192, %64
+  %66 = getelementptr inbounds float, ptr %noise, i64 %65
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = fmul <8 x float> %49, %67
+  %69 = load <8 x float>, ptr %lacc24, align 4
+  %70 = fadd <8 x float> %69, %68
+  store <8 x float> %70, ptr %lacc24, align 4
+  %71 = mul nsw i64 %hh9, 8
+  %72 = add nsw i64 12288, %71
+  %73 = getelementptr inbounds float, ptr %noise, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %75 = fmul <8 x float> %49, %74
+  %76 = load <8 x float>, ptr %lacc35, align 4
+  %77 = fadd <8 x float> %76, %75
+  store <8 x float> %77, ptr %lacc35, align 4
+  %78 = add nsw i64 %hh9, 1
+  br label %hh.head6
 
-endif:                                            ; preds = %then, %pd.h9
-  %24 = mul nsw i64 %pd.b7, 8
-  %25 = add nsw i64 %24, 1
-  %26 = icmp slt i64 %25, 32
-  br i1 %26, label %then11, label %endif12
+hh.end8:                                          ; preds = %hh.head6
+  %79 = load <8 x float>, ptr %lacc02, align 4
+  %80 = load <8 x float>, ptr %lacc13, align 4
+  %81 = load <8 x float>, ptr %lacc24, align 4
+  %82 = load <8 x float>, ptr %lacc35, align 4
+  %83 = getelementptr inbounds float, ptr %nl, i64 0
+  store <8 x float> %79, ptr %83, align 4
+  %84 = getelementptr inbounds float, ptr %nl, i64 8
+  store <8 x float> %80, ptr %84, align 4
+  %85 = getelementptr inbounds float, ptr %nl, i64 16
+  store <8 x float> %81, ptr %85, align 4
+  %86 = getelementptr inbounds float, ptr %nl, i64 24
+  store <8 x float> %82, ptr %86, align 4
+  br label %noise.head
 
-then11:                                           ; preds = %endif
-  %27 = extractelement <8 x float> %18, i32 1
-  %28 = getelementptr inbounds float, ptr %l, i64 %25
-  store float %27, ptr %28, align 4
-  br label %endif12
+noise.head:                                       ; preds = %noise.body, %hh.end8
+  %noise10 = phi i64 [ 0, %hh.end8 ], [ %194, %noise.body ]
+  %87 = icmp slt i64 %noise10, 32
+  br i1 %87, label %noise.body, label %noise.end
 
-endif12:                                          ; preds = %then11, %endif
-  %29 = mul nsw i64 %pd.b7, 8
-  %30 = add nsw i64 %29, 2
-  %31 = icmp slt i64 %30, 32
-  br i1 %31, label %then13, label %endif14
-
-then13:                                           ; preds = %endif12
-  %32 = extractelement <8 x float> %18, i32 2
-  %33 = getelementptr inbounds float, ptr %l, i64 %30
-  store float %32, ptr %33, align 4
-  br label %endif14
-
-endif14:                                          ; preds = %then13, %endif12
-  %34 = mul nsw i64 %pd.b7, 8
-  %35 = add nsw i64 %34, 3
-  %36 = icmp slt i64 %35, 32
-  br i1 %36, label %then15, label %endif16
-
-then15:                                           ; preds = %endif14
-  %37 = extractelement <8 x float> %18, i32 3
-  %38 = getelementptr inbounds float, ptr %l, i64 %35
-  store float %37, ptr %38, align 4
-  br label %endif16
-
-endif16:                                          ; preds = %then15, %endif14
-  %39 = mul nsw i64 %pd.b7, 8
-  %40 = add nsw i64 %39, 4
-  %41 = icmp slt i64 %40, 32
-  br i1 %41, label %then17, label %endif18
-
-then17:                                           ; preds = %endif16
-  %42 = extractelement <8 x float> %18, i32 4
-  %43 = getelementptr inbounds float, ptr %l, i64 %40
-  store float %42, ptr %43, align 4
-  br label %endif18
-
-endif18:                                          ; preds = %then17, %endif16
-  %44 = mul nsw i64 %pd.b7, 8
-  %45 = add nsw i64 %44, 5
-  %46 = icmp slt i64 %45, 32
-  br i1 %46, label %then19, label %endif20
-
-then19:                                           ; preds = %endif18
-  %47 = extractelement <8 x float> %18, i32 5
-  %48 = getelementptr inbounds float, ptr %l, i64 %45
-  store float %47, ptr %48, align 4
-  br label %endif20
-
-endif20:                                          ; preds = %then19, %endif18
-  %49 = mul nsw i64 %pd.b7, 8
-  %50 = add nsw i64 %49, 6
-  %51 = icmp slt i64 %50, 32
-  br i1 %51, label %then21, label %endif22
-
-then21:                                           ; preds = %endif20
-  %52 = extractelement <8 x float> %18, i32 6
-  %53 = getelementptr inbounds float, ptr %l, i64 %50
-  store float %52, ptr %53, align 4
-  br label %endif22
-
-endif22:                                          ; preds = %then21, %endif20
-  %54 = mul nsw i64 %pd.b7, 8
-  %55 = add nsw i64 %54, 7
-  %56 = icmp slt i64 %55, 32
-  br i1 %56, label %then23, label %endif24
-
-then23:                                           ; preds = %endif22
-  %57 = extractelement <8 x float> %18, i32 7
-  %58 = getelementptr inbounds float, ptr %l, i64 %55
-  store float %57, ptr %58, align 4
-  br label %endif24
-
-endif24:                                          ; preds = %then23, %endif22
-  %59 = add nsw i64 %pd.b7, 1
-  br label %pd.b
-
-pd.b6:                                            ; preds = %pd.b
-  %training25 = icmp ne i32 %training, 0
-  br i1 %training25, label %then26, label %endif27
-
-then26:                                           ; preds = %pd.b6
-  br label %pd.b29
-
-pd.b29:                                           ; preds = %endif52, %then26
-  %pd.b32 = phi i64 [ 0, %then26 ], [ %116, %endif52 ]
-  %60 = icmp slt i64 %pd.b32, 4
-  br i1 %60, label %pd.b30, label %pd.b31
-
-pd.b30:                                           ; preds = %pd.b29
-  store <8 x float> zeroinitializer, ptr %acc28, align 4
-  %61 = mul nsw i64 %pd.b32, 4096
-  %62 = getelementptr inbounds float, ptr %noise, i64 %61
-  br label %pd.h33
-
-pd.h33:                                           ; preds = %pd.h34, %pd.b30
-  %pd.h36 = phi i64 [ 0, %pd.b30 ], [ %74, %pd.h34 ]
-  %63 = icmp slt i64 %pd.h36, 512
-  br i1 %63, label %pd.h34, label %pd.h35
-
-pd.h34:                                           ; preds = %pd.h33
-  %64 = getelementptr inbounds float, ptr %2, i64 %pd.h36
-  %65 = load float, ptr %64, align 4
-  %66 = insertelement <8 x float> poison, float %65, i32 0
-  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
-  %68 = mul nsw i64 %pd.h36, 8
-  %69 = getelementptr inbounds float, ptr %62, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  %71 = fmul <8 x float> %67, %70
-  %72 = load <8 x float>, ptr %acc28, align 4
-  %73 = fadd <8 x float> %72, %71
-  store <8 x float> %73, ptr %acc28, align 4
-  %74 = add nsw i64 %pd.h36, 1
-  br label %pd.h33
-
-pd.h35:                                           ; preds = %pd.h33
-  %75 = load <8 x float>, ptr %acc28, align 4
-  %76 = mul nsw i64 %pd.b32, 8
-  %77 = add nsw i64 %76, 0
-  %78 = icmp slt i64 %77, 32
-  br i1 %78, label %then37, label %endif38
-
-then37:                                           ; preds = %pd.h35
-  %79 = extractelement <8 x float> %75, i32 0
-  %80 = getelementptr inbounds float, ptr %nl, i64 %77
-  store float %79, ptr %80, align 4
-  br label %endif38
-
-endif38:                                          ; preds = %then37, %pd.h35
-  %81 = mul nsw i64 %pd.b32, 8
-  %82 = add nsw i64 %81, 1
-  %83 = icmp slt i64 %82, 32
-  br i1 %83, label %then39, label %endif40
-
-then39:                                           ; preds = %endif38
-  %84 = extractelement <8 x float> %75, i32 1
-  %85 = getelementptr inbounds float, ptr %nl, i64 %82
-  store float %84, ptr %85, align 4
-  br label %endif40
-
-endif40:                                          ; preds = %then39, %endif38
-  %86 = mul nsw i64 %pd.b32, 8
-  %87 = add nsw i64 %86, 2
-  %88 = icmp slt i64 %87, 32
-  br i1 %88, label %then41, label %endif42
-
-then41:                                           ; preds = %endif40
-  %89 = extractelement <8 x float> %75, i32 2
-  %90 = getelementptr inbounds float, ptr %nl, i64 %87
-  store float %89, ptr %90, align 4
-  br label %endif42
-
-endif42:                                          ; preds = %then41, %endif40
-  %91 = mul nsw i64 %pd.b32, 8
-  %92 = add nsw i64 %91, 3
-  %93 = icmp slt i64 %92, 32
-  br i1 %93, label %then43, label %endif44
-
-then43:                                           ; preds = %endif42
-  %94 = extractelement <8 x float> %75, i32 3
-  %95 = getelementptr inbounds float, ptr %nl, i64 %92
-  store float %94, ptr %95, align 4
-  br label %endif44
-
-endif44:                                          ; preds = %then43, %endif42
-  %96 = mul nsw i64 %pd.b32, 8
-  %97 = add nsw i64 %96, 4
-  %98 = icmp slt i64 %97, 32
-  br i1 %98, label %then45, label %endif46
-
-then45:                                           ; preds = %endif44
-  %99 = extractelement <8 x float> %75, i32 4
-  %100 = getelementptr inbounds float, ptr %nl, i64 %97
-  store float %99, ptr %100, align 4
-  br label %endif46
-
-endif46:                                          ; preds = %then45, %endif44
-  %101 = mul nsw i64 %pd.b32, 8
-  %102 = add nsw i64 %101, 5
-  %103 = icmp slt i64 %102, 32
-  br i1 %103, label %then47, label %endif48
-
-then47:                                           ; preds = %endif46
-  %104 = extractelement <8 x float> %75, i32 5
-  %105 = getelementptr inbounds float, ptr %nl, i64 %102
-  store float %104, ptr %105, align 4
-  br label %endif48
-
-endif48:                                          ; preds = %then47, %endif46
-  %106 = mul nsw i64 %pd.b32, 8
-  %107 = add nsw i64 %106, 6
-  %108 = icmp slt i64 %107, 32
-  br i1 %108, label %then49, label %endif50
-
-then49:                                           ; preds = %endif48
-  %109 = extractelement <8 x float> %75, i32 6
-  %110 = getelementptr inbounds float, ptr %nl, i64 %107
-  store float %109, ptr %110, align 4
-  br label %endif50
-
-endif50:                                          ; preds = %then49, %endif48
-  %111 = mul nsw i64 %pd.b32, 8
-  %112 = add nsw i64 %111, 7
-  %113 = icmp slt i64 %112, 32
-  br i1 %113, label %then51, label %endif52
-
-then51:                                           ; preds = %endif50
-  %114 = extractelement <8 x float> %75, i32 7
-  %115 = getelementptr inbounds float, ptr %nl, i64 %112
-  store float %114, ptr %115, align 4
-  br label %endif52
-
-endif52:                                          ; preds = %then51, %endif50
-  %116 = add nsw i64 %pd.b32, 1
-  br label %pd.b29
-
-pd.b31:                                           ; preds = %pd.b29
-  br label %noise53
-
-noise53:                                          ; preds = %noise54, %pd.b31
-  %noise56 = phi i64 [ 0, %pd.b31 ], [ %224, %noise54 ]
-  %117 = icmp slt i64 %noise56, 32
-  br i1 %117, label %noise54, label %noise55
-
-noise54:                                          ; preds = %noise53
-  %118 = add i64 %seed, -7046029254386353131
+noise.body:                                       ; preds = %noise.head
+  %88 = add i64 %seed, -7046029254386353131
+  %89 = lshr i64 %88, 30
+  %90 = xor i64 %88, %89
+  %91 = mul i64 %90, -4658895280553007687
+  %92 = lshr i64 %91, 27
+  %93 = xor i64 %91, %92
+  %94 = mul i64 %93, -7723592293110705685
+  %95 = lshr i64 %94, 31
+  %96 = xor i64 %94, %95
+  %97 = xor i64 %96, %layer
+  %98 = add i64 %97, -7046029254386353131
+  %99 = lshr i64 %98, 30
+  %100 = xor i64 %98, %99
+  %101 = mul i64 %100, -4658895280553007687
+  %102 = lshr i64 %101, 27
+  %103 = xor i64 %101, %102
+  %104 = mul i64 %103, -7723592293110705685
+  %105 = lshr i64 %104, 31
+  %106 = xor i64 %104, %105
+  %107 = xor i64 %106, %t
+  %108 = add i64 %107, -7046029254386353131
+  %109 = lshr i64 %108, 30
+  %110 = xor i64 %108, %109
+  %111 = mul i64 %110, -4658895280553007687
+  %112 = lshr i64 %111, 27
+  %113 = xor i64 %111, %112
+  %114 = mul i64 %113, -7723592293110705685
+  %115 = lshr i64 %114, 31
+  %116 = xor i64 %114, %115
+  %117 = xor i64 %116, %noise10
+  %118 = add i64 %117, -7046029254386353131
   %119 = lshr i64 %118, 30
   %120 = xor i64 %118, %119
   %121 = mul i64 %120, -4658895280553007687
@@ -331,41 +223,41 @@ noise54:                                          ; preds = %noise53
   %124 = mul i64 %123, -7723592293110705685
   %125 = lshr i64 %124, 31
   %126 = xor i64 %124, %125
-  %127 = xor i64 %126, %layer
-  %128 = add i64 %127, -7046029254386353131
-  %129 = lshr i64 %128, 30
-  %130 = xor i64 %128, %129
-  %131 = mul i64 %130, -4658895280553007687
-  %132 = lshr i64 %131, 27
-  %133 = xor i64 %131, %132
-  %134 = mul i64 %133, -7723592293110705685
-  %135 = lshr i64 %134, 31
-  %136 = xor i64 %134, %135
-  %137 = xor i64 %136, %t4
-  %138 = add i64 %137, -7046029254386353131
-  %139 = lshr i64 %138, 30
-  %140 = xor i64 %138, %139
-  %141 = mul i64 %140, -4658895280553007687
-  %142 = lshr i64 %141, 27
-  %143 = xor i64 %141, %142
-  %144 = mul i64 %143, -7723592293110705685
-  %145 = lshr i64 %144, 31
-  %146 = xor i64 %144, %145
-  %147 = xor i64 %146, %noise56
-  %148 = add i64 %147, -7046029254386353131
-  %149 = lshr i64 %148, 30
-  %150 = xor i64 %148, %149
-  %151 = mul i64 %150, -4658895280553007687
-  %152 = lshr i64 %151, 27
-  %153 = xor i64 %151, %152
-  %154 = mul i64 %153, -7723592293110705685
-  %155 = lshr i64 %154, 31
-  %156 = xor i64 %154, %155
-  %157 = lshr i64 %156, 40
-  %158 = uitofp i64 %157 to float
-  %u = fmul float %158, 0x3E70000000000000
-  %159 = xor i64 %noise56, -9223372036854775808
-  %160 = add i64 %seed, -7046029254386353131
+  %127 = lshr i64 %126, 40
+  %128 = uitofp i64 %127 to float
+  %u = fmul float %128, 0x3E70000000000000
+  %129 = xor i64 %noise10, -9223372036854775808
+  %130 = add i64 %seed, -7046029254386353131
+  %131 = lshr i64 %130, 30
+  %132 = xor i64 %130, %131
+  %133 = mul i64 %132, -4658895280553007687
+  %134 = lshr i64 %133, 27
+  %135 = xor i64 %133, %134
+  %136 = mul i64 %135, -7723592293110705685
+  %137 = lshr i64 %136, 31
+  %138 = xor i64 %136, %137
+  %139 = xor i64 %138, %layer
+  %140 = add i64 %139, -7046029254386353131
+  %141 = lshr i64 %140, 30
+  %142 = xor i64 %140, %141
+  %143 = mul i64 %142, -4658895280553007687
+  %144 = lshr i64 %143, 27
+  %145 = xor i64 %143, %144
+  %146 = mul i64 %145, -7723592293110705685
+  %147 = lshr i64 %146, 31
+  %148 = xor i64 %146, %147
+  %149 = xor i64 %148, %t
+  %150 = add i64 %149, -7046029254386353131
+  %151 = lshr i64 %150, 30
+  %152 = xor i64 %150, %151
+  %153 = mul i64 %152, -4658895280553007687
+  %154 = lshr i64 %153, 27
+  %155 = xor i64 %153, %154
+  %156 = mul i64 %155, -7723592293110705685
+  %157 = lshr i64 %156, 31
+  %158 = xor i64 %156, %157
+  %159 = xor i64 %158, %129
+  %160 = add i64 %159, -7046029254386353131
   %161 = lshr i64 %160, 30
   %162 = xor i64 %160, %161
   %163 = mul i64 %162, -4658895280553007687
@@ -374,344 +266,312 @@ noise54:                                          ; preds = %noise53
   %166 = mul i64 %165, -7723592293110705685
   %167 = lshr i64 %166, 31
   %168 = xor i64 %166, %167
-  %169 = xor i64 %168, %layer
-  %170 = add i64 %169, -7046029254386353131
-  %171 = lshr i64 %170, 30
-  %172 = xor i64 %170, %171
-  %173 = mul i64 %172, -4658895280553007687
-  %174 = lshr i64 %173, 27
-  %175 = xor i64 %173, %174
-  %176 = mul i64 %175, -7723592293110705685
-  %177 = lshr i64 %176, 31
-  %178 = xor i64 %176, %177
-  %179 = xor i64 %178, %t4
-  %180 = add i64 %179, -7046029254386353131
-  %181 = lshr i64 %180, 30
-  %182 = xor i64 %180, %181
-  %183 = mul i64 %182, -4658895280553007687
-  %184 = lshr i64 %183, 27
-  %185 = xor i64 %183, %184
-  %186 = mul i64 %185, -7723592293110705685
-  %187 = lshr i64 %186, 31
-  %188 = xor i64 %186, %187
-  %189 = xor i64 %188, %159
-  %190 = add i64 %189, -7046029254386353131
-  %191 = lshr i64 %190, 30
-  %192 = xor i64 %190, %191
-  %193 = mul i64 %192, -4658895280553007687
-  %194 = lshr i64 %193, 27
-  %195 = xor i64 %193, %194
-  %196 = mul i64 %195, -7723592293110705685
-  %197 = lshr i64 %196, 31
-  %198 = xor i64 %196, %197
-  %199 = lshr i64 %198, 40
-  %200 = uitofp i64 %199 to float
-  %u57 = fmul float %200, 0x3E70000000000000
-  %201 = fpext float %u to double
-  %202 = fpext float %u57 to double
-  %203 = fsub double 1.000000e+00, %201
-  %204 = call double @log(double %203)
-  %205 = fmul double -2.000000e+00, %204
-  %206 = call double @llvm.sqrt.f64(double %205)
-  %207 = fmul double 0x401921FB54442D18, %202
-  %208 = call double @cos(double %207)
-  %209 = fmul double %206, %208
-  %210 = fptrunc double %209 to float
-  %211 = getelementptr inbounds float, ptr %nl, i64 %noise56
-  %212 = load float, ptr %211, align 4
-  %213 = fpext float %212 to double
-  %214 = call double @exp(double %213)
-  %215 = call double @log1p(double %214)
-  %216 = fcmp ogt double %213, 2.000000e+01
-  %217 = select i1 %216, double %213, double %215
-  %218 = fptrunc double %217 to float
-  %219 = fmul float %210, %218
-  %220 = getelementptr inbounds float, ptr %l, i64 %noise56
-  %221 = load float, ptr %220, align 4
-  %222 = fadd float %221, %219
-  %223 = getelementptr inbounds float, ptr %l, i64 %noise56
-  store float %222, ptr %223, align 4
-  %224 = add nsw i64 %noise56, 1
-  br label %noise53
+  %169 = lshr i64 %168, 40
+  %170 = uitofp i64 %169 to float
+  %u11 = fmul float %170, 0x3E70000000000000
+  %171 = fpext float %u to double
+  %172 = fpext float %u11 to double
+  %173 = fsub double 1.000000e+00, %171
+  %174 = call double @log(double %173)
+  %175 = fmul double -2.000000e+00, %174
+  %176 = call double @llvm.sqrt.f64(double %175)
+  %177 = fmul double 0x401921FB54442D18, %172
+  %178 = call double @cos(double %177)
+  %179 = fmul double %176, %178
+  %180 = fptrunc double %179 to float
+  %181 = getelementptr inbounds float, ptr %nl, i64 %noise10
+  %182 = load float, ptr %181, align 4
+  %183 = fpext float %182 to double
+  %184 = call double @exp(double %183)
+  %185 = call double @log1p(double %184)
+  %186 = fcmp ogt double %183, 2.000000e+01
+  %187 = select i1 %186, double %183, double %185
+  %188 = fptrunc double %187 to float
+  %189 = fmul float %180, %188
+  %190 = getelementptr inbounds float, ptr %l, i64 %noise10
+  %191 = load float, ptr %190, align 4
+  %192 = fadd float %191, %189
+  %193 = getelementptr inbounds float, ptr %l, i64 %noise10
+  store float %192, ptr %193, align 4
+  %194 = add nsw i64 %noise10, 1
+  br label %noise.head
 
-noise55:                                          ; preds = %noise53
-  br label %endif27
+noise.end:                                        ; preds = %noise.head
+  br label %training.end
 
-endif27:                                          ; preds = %noise55, %pd.b6
-  %225 = mul nsw i64 %t4, 32
-  %226 = getelementptr inbounds float, ptr %logits, i64 %225
-  %227 = getelementptr inbounds float, ptr %prob, i64 %225
-  br label %lcopy
+training.end:                                     ; preds = %noise.end, %hh.end
+  %195 = mul nsw i64 %t, 32
+  %196 = getelementptr inbounds float, ptr %logits, i64 %195
+  %197 = getelementptr inbounds float, ptr %prob, i64 %195
+  br label %lcopy.head
 
-lcopy:                                            ; preds = %lcopy58, %endif27
-  %lcopy60 = phi i64 [ 0, %endif27 ], [ %232, %lcopy58 ]
-  %228 = icmp slt i64 %lcopy60, 32
-  br i1 %228, label %lcopy58, label %lcopy59
+lcopy.head:                                       ; preds = %lcopy.body, %training.end
+  %lcopy = phi i64 [ 0, %training.end ], [ %202, %lcopy.body ]
+  %198 = icmp slt i64 %lcopy, 32
+  br i1 %198, label %lcopy.body, label %lcopy.end
 
-lcopy58:                                          ; preds = %lcopy
-  %229 = getelementptr inbounds float, ptr %l, i64 %lcopy60
-  %230 = load float, ptr %229, align 4
-  %231 = getelementptr inbounds float, ptr %226, i64 %lcopy60
-  store float %230, ptr %231, align 4
-  %232 = add nsw i64 %lcopy60, 1
-  br label %lcopy
+lcopy.body:                                       ; preds = %lcopy.head
+  %199 = getelementptr inbounds float, ptr %l, i64 %lcopy
+  %200 = load float, ptr %199, align 4
+  %201 = getelementptr inbounds float, ptr %196, i64 %lcopy
+  store float %200, ptr %201, align 4
+  %202 = add nsw i64 %lcopy, 1
+  br label %lcopy.head
 
-lcopy59:                                          ; preds = %lcopy
-  %wbase = mul nsw i64 %t4, 4
+lcopy.end:                                        ; preds = %lcopy.head
+  %wbase = mul nsw i64 %t, 4
   store float 0xFFF0000000000000, ptr %smax, align 4
-  br label %sm.max
+  br label %smax.head
 
-sm.max:                                           ; preds = %sm.max61, %lcopy59
-  %sm.max63 = phi i64 [ 0, %lcopy59 ], [ %240, %sm.max61 ]
-  %233 = icmp slt i64 %sm.max63, 32
-  br i1 %233, label %sm.max61, label %sm.max62
+smax.head:                                        ; preds = %smax.body, %lcopy.end
+  %smax12 = phi i64 [ 0, %lcopy.end ], [ %210, %smax.body ]
+  %203 = icmp slt i64 %smax12, 32
+  br i1 %203, label %smax.body, label %smax.end
 
-sm.max61:                                         ; preds = %sm.max
-  %234 = add nsw i64 0, %sm.max63
-  %235 = getelementptr inbounds float, ptr %l, i64 %234
-  %236 = load float, ptr %235, align 4
-  %237 = load float, ptr %smax, align 4
-  %238 = fcmp ogt float %236, %237
-  %239 = select i1 %238, float %236, float %237
-  store float %239, ptr %smax, align 4
-  %240 = add nsw i64 %sm.max63, 1
-  br label %sm.max
+smax.body:                                        ; preds = %smax.head
+  %204 = add nsw i64 0, %smax12
+  %205 = getelementptr inbounds float, ptr %l, i64 %204
+  %206 = load float, ptr %205, align 4
+  %207 = load float, ptr %smax, align 4
+  %208 = fcmp ogt float %206, %207
+  %209 = select i1 %208, float %206, float %207
+  store float %209, ptr %smax, align 4
+  %210 = add nsw i64 %smax12, 1
+  br label %smax.head
 
-sm.max62:                                         ; preds = %sm.max
-  %241 = load float, ptr %smax, align 4
+smax.end:                                         ; preds = %smax.head
+  %211 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
-  br label %sm.exp
+  br label %sexp.head
 
-sm.exp:                                           ; preds = %sm.exp64, %sm.max62
-  %sm.exp66 = phi i64 [ 0, %sm.max62 ], [ %253, %sm.exp64 ]
-  %242 = icmp slt i64 %sm.exp66, 32
-  br i1 %242, label %sm.exp64, label %sm.exp65
+sexp.head:                                        ; preds = %sexp.body, %smax.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %224, %sexp.body ]
+  %212 = icmp slt i64 %sexp, 32
+  br i1 %212, label %sexp.body, label %sexp.end
 
-sm.exp64:                                         ; preds = %sm.exp
-  %243 = add nsw i64 0, %sm.exp66
-  %244 = getelementptr inbounds float, ptr %l, i64 %243
-  %245 = load float, ptr %244, align 4
-  %246 = fsub float %245, %241
-  %247 = fpext float %246 to double
-  %248 = call double @exp(double %247)
-  %249 = fptrunc double %248 to float
-  %250 = getelementptr inbounds float, ptr %s, i64 %243
-  store float %249, ptr %250, align 4
-  %251 = load float, ptr %ssum, align 4
-  %252 = fadd float %251, %249
-  store float %252, ptr %ssum, align 4
-  %253 = add nsw i64 %sm.exp66, 1
-  br label %sm.exp
+sexp.body:                                        ; preds = %sexp.head
+  %213 = add nsw i64 0, %sexp
+  %214 = getelementptr inbounds float, ptr %l, i64 %213
+  %215 = load float, ptr %214, align 4
+  %216 = fsub float %215, %211
+  %217 = fpext float %216 to double
+  %218 = call double @exp(double %217)
+  %219 = fptrunc double %218 to float
+  %220 = add nsw i64 0, %sexp
+  %221 = getelementptr inbounds float, ptr %s, i64 %220
+  store float %219, ptr %221, align 4
+  %222 = load float, ptr %ssum, align 4
+  %223 = fadd float %222, %219
+  store float %223, ptr %ssum, align 4
+  %224 = add nsw i64 %sexp, 1
+  br label %sexp.head
 
-sm.exp65:                                         ; preds = %sm.exp
-  %254 = load float, ptr %ssum, align 4
-  br label %sm.div
+sexp.end:                                         ; preds = %sexp.head
+  %225 = load float, ptr %ssum, align 4
+  br label %sdiv.head
 
-sm.div:                                           ; preds = %sm.div67, %sm.exp65
-  %sm.div69 = phi i64 [ 0, %sm.exp65 ], [ %261, %sm.div67 ]
-  %255 = icmp slt i64 %sm.div69, 32
-  br i1 %255, label %sm.div67, label %sm.div68
+sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %232, %sdiv.body ]
+  %226 = icmp slt i64 %sdiv, 32
+  br i1 %226, label %sdiv.body, label %sdiv.end
 
-sm.div67:                                         ; preds = %sm.div
-  %256 = add nsw i64 0, %sm.div69
-  %257 = getelementptr inbounds float, ptr %s, i64 %256
-  %258 = load float, ptr %257, align 4
-  %259 = fdiv float %258, %254
-  %260 = getelementptr inbounds float, ptr %s, i64 %256
-  store float %259, ptr %260, align 4
-  %261 = add nsw i64 %sm.div69, 1
-  br label %sm.div
+sdiv.body:                                        ; preds = %sdiv.head
+  %227 = add nsw i64 0, %sdiv
+  %228 = getelementptr inbounds float, ptr %s, i64 %227
+  %229 = load float, ptr %228, align 4
+  %230 = fdiv float %229, %225
+  %231 = getelementptr inbounds float, ptr %s, i64 %227
+  store float %230, ptr %231, align 4
+  %232 = add nsw i64 %sdiv, 1
+  br label %sdiv.head
 
-sm.div68:                                         ; preds = %sm.div
-  br label %n.c
+sdiv.end:                                         ; preds = %sdiv.head
+  br label %n.c.head
 
-n.c:                                              ; preds = %n.c70, %sm.div68
-  %n.c72 = phi i64 [ 0, %sm.div68 ], [ %266, %n.c70 ]
-  %262 = icmp slt i64 %n.c72, 32
-  br i1 %262, label %n.c70, label %n.c71
+n.c.head:                                         ; preds = %n.c.body, %sdiv.end
+  %n.c = phi i64 [ 0, %sdiv.end ], [ %237, %n.c.body ]
+  %233 = icmp slt i64 %n.c, 32
+  br i1 %233, label %n.c.body, label %n.c.end
 
-n.c70:                                            ; preds = %n.c
-  %263 = getelementptr inbounds float, ptr %s, i64 %n.c72
-  %264 = load float, ptr %263, align 4
-  %265 = getelementptr inbounds float, ptr %c, i64 %n.c72
-  store float %264, ptr %265, align 4
-  %266 = add nsw i64 %n.c72, 1
-  br label %n.c
+n.c.body:                                         ; preds = %n.c.head
+  %234 = getelementptr inbounds float, ptr %s, i64 %n.c
+  %235 = load float, ptr %234, align 4
+  %236 = getelementptr inbounds float, ptr %c, i64 %n.c
+  store float %235, ptr %236, align 4
+  %237 = add nsw i64 %n.c, 1
+  br label %n.c.head
 
-n.c71:                                            ; preds = %n.c
-  br label %tk.clr
+n.c.end:                                          ; preds = %n.c.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-tk.clr:                                           ; preds = %tk.clr73, %n.c71
-  %tk.clr75 = phi i64 [ 0, %n.c71 ], [ %269, %tk.clr73 ]
-  %267 = icmp slt i64 %tk.clr75, 32
-  br i1 %267, label %tk.clr73, label %tk.clr74
+tk.head:                                          ; preds = %tk.put.end, %n.c.end
+  %tk = phi i64 [ 0, %n.c.end ], [ %259, %tk.put.end ]
+  %238 = icmp slt i64 %tk, 32
+  br i1 %238, label %tk.body, label %tk.end
 
-tk.clr73:                                         ; preds = %tk.clr
-  %268 = getelementptr inbounds i8, ptr %taken, i64 %tk.clr75
-  store i8 0, ptr %268, align 1
-  %269 = add nsw i64 %tk.clr75, 1
-  br label %tk.clr
+tk.body:                                          ; preds = %tk.head
+  %239 = getelementptr inbounds float, ptr %c, i64 %tk
+  %240 = load float, ptr %239, align 4
+  %241 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-tk.clr74:                                         ; preds = %tk.clr
-  br label %tk.j
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %241, %tk.body ], [ %243, %tk.shift.end ]
+  %242 = icmp sgt i64 %p, 0
+  br i1 %242, label %tk.ins.chk, label %tk.ins.end
 
-tk.j:                                             ; preds = %tk.e80, %tk.clr74
-  %tk.j78 = phi i64 [ 0, %tk.clr74 ], [ %290, %tk.e80 ]
-  %270 = icmp slt i64 %tk.j78, 4
-  br i1 %270, label %tk.j76, label %tk.j77
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %243 = sub nsw i64 %p, 1
+  %244 = getelementptr inbounds i64, ptr %idx, i64 %243
+  %245 = load i64, ptr %244, align 8
+  %246 = getelementptr inbounds float, ptr %c, i64 %245
+  %247 = load float, ptr %246, align 4
+  %248 = fcmp uno float %240, %240
+  %249 = fcmp ugt float %240, %247
+  %250 = xor i1 %248, true
+  %251 = and i1 %250, %249
+  br i1 %251, label %tk.ins.body, label %tk.ins.end
 
-tk.j76:                                           ; preds = %tk.j
-  store i64 -1, ptr %best, align 8
-  store float 0xFFF0000000000000, ptr %bv, align 4
-  br label %tk.e
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %252 = icmp slt i64 %p, 4
+  br i1 %252, label %tk.shift.then, label %tk.shift.end
 
-tk.e:                                             ; preds = %tk.e79, %tk.j76
-  %tk.e81 = phi i64 [ 0, %tk.j76 ], [ %286, %tk.e79 ]
-  %271 = icmp slt i64 %tk.e81, 32
-  br i1 %271, label %tk.e79, label %tk.e80
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %253 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %245, ptr %253, align 8
+  br label %tk.shift.end
 
-tk.e79:                                           ; preds = %tk.e
-  %272 = add nsw i64 0, %tk.e81
-  %273 = getelementptr inbounds float, ptr %c, i64 %272
-  %274 = load float, ptr %273, align 4
-  %275 = getelementptr inbounds i8, ptr %taken, i64 %tk.e81
-  %276 = load i8, ptr %275, align 1
-  %277 = icmp eq i8 %276, 0
-  %278 = load i64, ptr %best, align 8
-  %279 = load float, ptr %bv, align 4
-  %280 = icmp slt i64 %278, 0
-  %281 = fcmp ogt float %274, %279
-  %282 = or i1 %280, %281
-  %283 = and i1 %277, %282
-  %284 = select i1 %283, i64 %tk.e81, i64 %278
-  store i64 %284, ptr %best, align 8
-  %285 = select i1 %283, float %274, float %279
-  store float %285, ptr %bv, align 4
-  %286 = add nsw i64 %tk.e81, 1
-  br label %tk.e
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-tk.e80:                                           ; preds = %tk.e
-  %287 = load i64, ptr %best, align 8
-  %288 = getelementptr inbounds i8, ptr %taken, i64 %287
-  store i8 1, ptr %288, align 1
-  %289 = getelementptr inbounds i64, ptr %idx, i64 %tk.j78
-  store i64 %287, ptr %289, align 8
-  %290 = add nsw i64 %tk.j78, 1
-  br label %tk.j
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %254 = icmp slt i64 %pf, 4
+  br i1 %254, label %tk.put.then, label %tk.put.end
 
-tk.j77:                                           ; preds = %tk.j
-  br label %n.w
+tk.put.then:                                      ; preds = %tk.ins.end
+  %255 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %255, align 8
+  br label %tk.put.end
 
-n.w:                                              ; preds = %n.w82, %tk.j77
-  %n.w84 = phi i64 [ 0, %tk.j77 ], [ %297, %n.w82 ]
-  %291 = icmp slt i64 %n.w84, 4
-  br i1 %291, label %n.w82, label %n.w83
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %256 = add nsw i64 %241, 1
+  %257 = icmp slt i64 %256, 4
+  %258 = select i1 %257, i64 %256, i64 4
+  store i64 %258, ptr %tk.m, align 8
+  %259 = add nsw i64 %tk, 1
+  br label %tk.head
 
-n.w82:                                            ; preds = %n.w
-  %292 = getelementptr inbounds i64, ptr %idx, i64 %n.w84
-  %293 = load i64, ptr %292, align 8
-  %294 = getelementptr inbounds float, ptr %s, i64 %293
-  %295 = load float, ptr %294, align 4
-  %296 = getelementptr inbounds float, ptr %w, i64 %n.w84
-  store float %295, ptr %296, align 4
-  %297 = add nsw i64 %n.w84, 1
-  br label %n.w
+tk.end:                                           ; preds = %tk.head
+  %260 = load i64, ptr %tk.m, align 8
+  br label %n.w.head
 
-n.w83:                                            ; preds = %n.w
-  store float 0.000000e+00, ptr %nsum, align 4
-  br label %n.sum
+n.w.head:                                         ; preds = %n.w.body, %tk.end
+  %n.w = phi i64 [ 0, %tk.end ], [ %267, %n.w.body ]
+  %261 = icmp slt i64 %n.w, 4
+  br i1 %261, label %n.w.body, label %n.w.end
 
-n.sum:                                            ; preds = %n.sum85, %n.w83
-  %n.sum87 = phi i64 [ 0, %n.w83 ], [ %303, %n.sum85 ]
-  %298 = icmp slt i64 %n.sum87, 4
-  br i1 %298, label %n.sum85, label %n.sum86
+n.w.body:                                         ; preds = %n.w.head
+  %262 = getelementptr inbounds i64, ptr %idx, i64 %n.w
+  %263 = load i64, ptr %262, align 8
+  %264 = getelementptr inbounds float, ptr %s, i64 %263
+  %265 = load float, ptr %264, align 4
+  %266 = getelementptr inbounds float, ptr %w, i64 %n.w
+  store float %265, ptr %266, align 4
+  %267 = add nsw i64 %n.w, 1
+  br label %n.w.head
 
-n.sum85:                                          ; preds = %n.sum
-  %299 = getelementptr inbounds float, ptr %w, i64 %n.sum87
-  %300 = load float, ptr %299, align 4
-  %301 = load float, ptr %nsum, align 4
-  %302 = fadd float %301, %300
-  store float %302, ptr %nsum, align 4
-  %303 = add nsw i64 %n.sum87, 1
-  br label %n.sum
+n.w.end:                                          ; preds = %n.w.head
+  store float 0.000000e+00, ptr %wsum, align 4
+  br label %nsum.head
 
-n.sum86:                                          ; preds = %n.sum
-  %304 = load float, ptr %nsum, align 4
-  %305 = fadd float %304, 0.000000e+00
-  %306 = fcmp olt float %305, 0.000000e+00
-  %307 = select i1 %306, float 0.000000e+00, float %305
-  %308 = fcmp ogt float %307, 0.000000e+00
-  br i1 %308, label %then88, label %endif89
+nsum.head:                                        ; preds = %nsum.body, %n.w.end
+  %nsum = phi i64 [ 0, %n.w.end ], [ %273, %nsum.body ]
+  %268 = icmp slt i64 %nsum, 4
+  br i1 %268, label %nsum.body, label %nsum.end
 
-then88:                                           ; preds = %n.sum86
-  br label %n.div
+nsum.body:                                        ; preds = %nsum.head
+  %269 = getelementptr inbounds float, ptr %w, i64 %nsum
+  %270 = load float, ptr %269, align 4
+  %271 = load float, ptr %wsum, align 4
+  %272 = fadd float %271, %270
+  store float %272, ptr %wsum, align 4
+  %273 = add nsw i64 %nsum, 1
+  br label %nsum.head
 
-n.div:                                            ; preds = %n.div90, %then88
-  %n.div92 = phi i64 [ 0, %then88 ], [ %314, %n.div90 ]
-  %309 = icmp slt i64 %n.div92, 4
-  br i1 %309, label %n.div90, label %n.div91
+nsum.end:                                         ; preds = %nsum.head
+  %274 = load float, ptr %wsum, align 4
+  %275 = fadd float %274, 0.000000e+00
+  %276 = fcmp olt float %275, 0.000000e+00
+  %277 = select i1 %276, float 0.000000e+00, float %275
+  %278 = fcmp ogt float %277, 0.000000e+00
+  %279 = select i1 %278, float %277, float 1.000000e+00
+  br label %ndiv.head
 
-n.div90:                                          ; preds = %n.div
-  %310 = getelementptr inbounds float, ptr %w, i64 %n.div92
-  %311 = load float, ptr %310, align 4
-  %312 = fdiv float %311, %307
-  %313 = getelementptr inbounds float, ptr %w, i64 %n.div92
-  store float %312, ptr %313, align 4
-  %314 = add nsw i64 %n.div92, 1
-  br label %n.div
+ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %285, %ndiv.body ]
+  %280 = icmp slt i64 %ndiv, 4
+  br i1 %280, label %ndiv.body, label %ndiv.end
 
-n.div91:                                          ; preds = %n.div
-  br label %endif89
+ndiv.body:                                        ; preds = %ndiv.head
+  %281 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  %282 = load float, ptr %281, align 4
+  %283 = fdiv float %282, %279
+  %284 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  store float %283, ptr %284, align 4
+  %285 = add nsw i64 %ndiv, 1
+  br label %ndiv.head
 
-endif89:                                          ; preds = %n.div91, %n.sum86
-  br label %n.out
+ndiv.end:                                         ; preds = %ndiv.head
+  br label %n.out.head
 
-n.out:                                            ; preds = %n.out93, %endif89
-  %n.out95 = phi i64 [ 0, %endif89 ], [ %324, %n.out93 ]
-  %315 = icmp slt i64 %n.out95, 4
-  br i1 %315, label %n.out93, label %n.out94
+n.out.head:                                       ; preds = %n.out.body, %ndiv.end
+  %n.out = phi i64 [ 0, %ndiv.end ], [ %295, %n.out.body ]
+  %286 = icmp slt i64 %n.out, 4
+  br i1 %286, label %n.out.body, label %n.out.end
 
-n.out93:                                          ; preds = %n.out
-  %316 = add nsw i64 %wbase, %n.out95
-  %317 = getelementptr inbounds i32, ptr %ids, i64 %316
-  %318 = getelementptr inbounds i64, ptr %idx, i64 %n.out95
-  %319 = load i64, ptr %318, align 8
-  %320 = trunc i64 %319 to i32
-  store i32 %320, ptr %317, align 4
-  %321 = getelementptr inbounds float, ptr %w, i64 %n.out95
-  %322 = load float, ptr %321, align 4
-  %323 = getelementptr inbounds float, ptr %weights, i64 %316
-  store float %322, ptr %323, align 4
-  %324 = add nsw i64 %n.out95, 1
-  br label %n.out
+n.out.body:                                       ; preds = %n.out.head
+  %287 = add nsw i64 %wbase, %n.out
+  %288 = getelementptr inbounds i32, ptr %ids, i64 %287
+  %289 = getelementptr inbounds i64, ptr %idx, i64 %n.out
+  %290 = load i64, ptr %289, align 8
+  %291 = trunc i64 %290 to i32
+  store i32 %291, ptr %288, align 4
+  %292 = getelementptr inbounds float, ptr %w, i64 %n.out
+  %293 = load float, ptr %292, align 4
+  %294 = getelementptr inbounds float, ptr %weights, i64 %287
+  store float %293, ptr %294, align 4
+  %295 = add nsw i64 %n.out, 1
+  br label %n.out.head
 
-n.out94:                                          ; preds = %n.out
-  %325 = load i64, ptr %idx, align 8
-  %326 = getelementptr inbounds float, ptr %c, i64 %325
-  %327 = load float, ptr %326, align 4
-  %328 = getelementptr inbounds float, ptr %prio, i64 %t4
-  store float %327, ptr %328, align 4
-  br label %p.set
+n.out.end:                                        ; preds = %n.out.head
+  %296 = load i64, ptr %idx, align 8
+  %297 = getelementptr inbounds float, ptr %c, i64 %296
+  %298 = load float, ptr %297, align 4
+  %299 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %298, ptr %299, align 4
+  br label %pset.head
 
-p.set:                                            ; preds = %p.set96, %n.out94
-  %p.set98 = phi i64 [ 0, %n.out94 ], [ %334, %p.set96 ]
-  %329 = icmp slt i64 %p.set98, 32
-  br i1 %329, label %p.set96, label %p.set97
+pset.head:                                        ; preds = %pset.body, %n.out.end
+  %pset = phi i64 [ 0, %n.out.end ], [ %305, %pset.body ]
+  %300 = icmp slt i64 %pset, 32
+  br i1 %300, label %pset.body, label %pset.end
 
-p.set96:                                          ; preds = %p.set
-  %330 = add nsw i64 0, %p.set98
-  %331 = getelementptr inbounds float, ptr %s, i64 %330
-  %332 = load float, ptr %331, align 4
-  %333 = getelementptr inbounds float, ptr %227, i64 %330
-  store float %332, ptr %333, align 4
-  %334 = add nsw i64 %p.set98, 1
-  br label %p.set
+pset.body:                                        ; preds = %pset.head
+  %301 = add nsw i64 0, %pset
+  %302 = getelementptr inbounds float, ptr %s, i64 %301
+  %303 = load float, ptr %302, align 4
+  %304 = getelementptr inbounds float, ptr %197, i64 %301
+  store float %303, ptr %304, align 4
+  %305 = add nsw i64 %pset, 1
+  br label %pset.head
 
-p.set97:                                          ; preds = %p.set
-  %335 = add nsw i64 %t4, 1
-  br label %t
+pset.end:                                         ; preds = %pset.head
+  %306 = add nsw i64 %t, 1
+  br label %t.head
 
-t3:                                               ; preds = %t
+t.end:                                            ; preds = %t.head
   ret void
 }
 
@@ -745,43 +605,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0023 = alloca <8 x float>, align 32
-  %acc0124 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2029 = alloca <8 x float>, align 32
-  %acc2130 = alloca <8 x float>, align 32
+  %acc006 = alloca <8 x float>, align 32
+  %acc017 = alloca <8 x float>, align 32
+  %acc108 = alloca <8 x float>, align 32
+  %acc119 = alloca <8 x float>, align 32
+  %acc2010 = alloca <8 x float>, align 32
+  %acc2111 = alloca <8 x float>, align 32
+  %acc3012 = alloca <8 x float>, align 32
+  %acc3113 = alloca <8 x float>, align 32
+  %acc4014 = alloca <8 x float>, align 32
+  %acc4115 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
   %acc3032 = alloca <8 x float>, align 32
   %acc3133 = alloca <8 x float>, align 32
-  %acc4035 = alloca <8 x float>, align 32
-  %acc4136 = alloca <8 x float>, align 32
-  %acc0065 = alloca <8 x float>, align 32
-  %acc0166 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc2071 = alloca <8 x float>, align 32
-  %acc2172 = alloca <8 x float>, align 32
-  %acc3074 = alloca <8 x float>, align 32
-  %acc3175 = alloca <8 x float>, align 32
-  %acc00100 = alloca <8 x float>, align 32
-  %acc01101 = alloca <8 x float>, align 32
-  %acc10103 = alloca <8 x float>, align 32
-  %acc11104 = alloca <8 x float>, align 32
-  %acc20106 = alloca <8 x float>, align 32
-  %acc21107 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc10131 = alloca <8 x float>, align 32
-  %acc11132 = alloca <8 x float>, align 32
-  %acc00149 = alloca <8 x float>, align 32
-  %acc01150 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0057 = alloca <8 x float>, align 32
+  %acc0158 = alloca <8 x float>, align 32
+  %acc1059 = alloca <8 x float>, align 32
+  %acc1160 = alloca <8 x float>, align 32
+  %acc0068 = alloca <8 x float>, align 32
+  %acc0169 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %655, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %751, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -789,7 +649,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %654, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %750, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -811,984 +671,984 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 512
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 512
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 512
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 512
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 512
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 512
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 512
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 512
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 512
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 512
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 512
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 8192
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 512
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %95, %k.body ]
+  %39 = icmp slt i64 %k, 512
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds float, ptr %panels, i64 %35
-  %b0 = load <8 x float>, ptr %36, align 4
-  %37 = add nsw i64 %35, 8
-  %38 = getelementptr inbounds float, ptr %panels, i64 %37
-  %b1 = load <8 x float>, ptr %38, align 4
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds float, ptr %panels, i64 %41
+  %43 = load <8 x float>, ptr %42, align 4
+  %44 = add nsw i64 %41, 8
+  %45 = getelementptr inbounds float, ptr %panels, i64 %44
+  %46 = load <8 x float>, ptr %45, align 4
+  %47 = getelementptr inbounds float, ptr %8, i64 %k
   %48 = load float, ptr %47, align 4
   %49 = insertelement <8 x float> poison, float %48, i32 0
   %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
+  %51 = load <8 x float>, ptr %acc00, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %43, <8 x float> %51)
+  store <8 x float> %52, ptr %acc00, align 4
+  %53 = load <8 x float>, ptr %acc01, align 4
+  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %46, <8 x float> %53)
+  store <8 x float> %54, ptr %acc01, align 4
+  %55 = getelementptr inbounds float, ptr %14, i64 %k
   %56 = load float, ptr %55, align 4
   %57 = insertelement <8 x float> poison, float %56, i32 0
   %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
+  %59 = load <8 x float>, ptr %acc10, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %43, <8 x float> %59)
+  store <8 x float> %60, ptr %acc10, align 4
+  %61 = load <8 x float>, ptr %acc11, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %46, <8 x float> %61)
+  store <8 x float> %62, ptr %acc11, align 4
+  %63 = getelementptr inbounds float, ptr %20, i64 %k
   %64 = load float, ptr %63, align 4
   %65 = insertelement <8 x float> poison, float %64, i32 0
   %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
+  %67 = load <8 x float>, ptr %acc20, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %43, <8 x float> %67)
+  store <8 x float> %68, ptr %acc20, align 4
+  %69 = load <8 x float>, ptr %acc21, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %46, <8 x float> %69)
+  store <8 x float> %70, ptr %acc21, align 4
+  %71 = getelementptr inbounds float, ptr %26, i64 %k
   %72 = load float, ptr %71, align 4
   %73 = insertelement <8 x float> poison, float %72, i32 0
   %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
+  %75 = load <8 x float>, ptr %acc30, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %43, <8 x float> %75)
+  store <8 x float> %76, ptr %acc30, align 4
+  %77 = load <8 x float>, ptr %acc31, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %46, <8 x float> %77)
+  store <8 x float> %78, ptr %acc31, align 4
+  %79 = getelementptr inbounds float, ptr %32, i64 %k
   %80 = load float, ptr %79, align 4
   %81 = insertelement <8 x float> poison, float %80, i32 0
   %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %83 = load <8 x float>, ptr %acc40, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %43, <8 x float> %83)
+  store <8 x float> %84, ptr %acc40, align 4
+  %85 = load <8 x float>, ptr %acc41, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %46, <8 x float> %85)
+  store <8 x float> %86, ptr %acc41, align 4
+  %87 = getelementptr inbounds float, ptr %38, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc50, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %43, <8 x float> %91)
+  store <8 x float> %92, ptr %acc50, align 4
+  %93 = load <8 x float>, ptr %acc51, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %46, <8 x float> %93)
+  store <8 x float> %94, ptr %acc51, align 4
+  %95 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 1024
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %96 = add nsw i64 %r0, 0
+  %97 = getelementptr inbounds float, ptr %rw, i64 %96
+  %98 = load float, ptr %97, align 4
+  %99 = insertelement <8 x float> poison, float %98, i32 0
+  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
+  %101 = mul nsw i64 %96, 1024
+  %102 = getelementptr inbounds float, ptr %h, i64 %101
   %col = mul nsw i64 %p, 16
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = add nsw i64 %col, 0
-  %97 = fcmp ogt <8 x float> %94, zeroinitializer
-  %relu = select <8 x i1> %97, <8 x float> %94, <8 x float> zeroinitializer
-  %98 = fmul <8 x float> %relu, %91
-  %99 = getelementptr inbounds float, ptr %93, i64 %96
-  store <8 x float> %98, ptr %99, align 4
-  %100 = add nsw i64 %col, 8
-  %101 = fcmp ogt <8 x float> %95, zeroinitializer
-  %relu1 = select <8 x i1> %101, <8 x float> %95, <8 x float> zeroinitializer
-  %102 = fmul <8 x float> %relu1, %91
-  %103 = getelementptr inbounds float, ptr %93, i64 %100
-  store <8 x float> %102, ptr %103, align 4
-  %104 = add nsw i64 %r0, 1
-  %105 = getelementptr inbounds float, ptr %rw, i64 %104
-  %w2 = load float, ptr %105, align 4
-  %106 = insertelement <8 x float> poison, float %w2, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = mul nsw i64 %104, 1024
-  %109 = getelementptr inbounds float, ptr %h, i64 %108
-  %col3 = mul nsw i64 %p, 16
-  %110 = load <8 x float>, ptr %acc10, align 4
-  %111 = load <8 x float>, ptr %acc11, align 4
-  %112 = add nsw i64 %col3, 0
-  %113 = fcmp ogt <8 x float> %110, zeroinitializer
-  %relu4 = select <8 x i1> %113, <8 x float> %110, <8 x float> zeroinitializer
-  %114 = fmul <8 x float> %relu4, %107
-  %115 = getelementptr inbounds float, ptr %109, i64 %112
-  store <8 x float> %114, ptr %115, align 4
-  %116 = add nsw i64 %col3, 8
-  %117 = fcmp ogt <8 x float> %111, zeroinitializer
-  %relu5 = select <8 x i1> %117, <8 x float> %111, <8 x float> zeroinitializer
-  %118 = fmul <8 x float> %relu5, %107
-  %119 = getelementptr inbounds float, ptr %109, i64 %116
-  store <8 x float> %118, ptr %119, align 4
-  %120 = add nsw i64 %r0, 2
-  %121 = getelementptr inbounds float, ptr %rw, i64 %120
-  %w6 = load float, ptr %121, align 4
-  %122 = insertelement <8 x float> poison, float %w6, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = mul nsw i64 %120, 1024
-  %125 = getelementptr inbounds float, ptr %h, i64 %124
-  %col7 = mul nsw i64 %p, 16
-  %126 = load <8 x float>, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = add nsw i64 %col7, 0
-  %129 = fcmp ogt <8 x float> %126, zeroinitializer
-  %relu8 = select <8 x i1> %129, <8 x float> %126, <8 x float> zeroinitializer
-  %130 = fmul <8 x float> %relu8, %123
-  %131 = getelementptr inbounds float, ptr %125, i64 %128
-  store <8 x float> %130, ptr %131, align 4
-  %132 = add nsw i64 %col7, 8
-  %133 = fcmp ogt <8 x float> %127, zeroinitializer
-  %relu9 = select <8 x i1> %133, <8 x float> %127, <8 x float> zeroinitializer
-  %134 = fmul <8 x float> %relu9, %123
-  %135 = getelementptr inbounds float, ptr %125, i64 %132
-  store <8 x float> %134, ptr %135, align 4
-  %136 = add nsw i64 %r0, 3
-  %137 = getelementptr inbounds float, ptr %rw, i64 %136
-  %w10 = load float, ptr %137, align 4
-  %138 = insertelement <8 x float> poison, float %w10, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = mul nsw i64 %136, 1024
-  %141 = getelementptr inbounds float, ptr %h, i64 %140
-  %col11 = mul nsw i64 %p, 16
-  %142 = load <8 x float>, ptr %acc30, align 4
-  %143 = load <8 x float>, ptr %acc31, align 4
-  %144 = add nsw i64 %col11, 0
-  %145 = fcmp ogt <8 x float> %142, zeroinitializer
-  %relu12 = select <8 x i1> %145, <8 x float> %142, <8 x float> zeroinitializer
-  %146 = fmul <8 x float> %relu12, %139
-  %147 = getelementptr inbounds float, ptr %141, i64 %144
+  %103 = load <8 x float>, ptr %acc00, align 4
+  %104 = load <8 x float>, ptr %acc01, align 4
+  %105 = add nsw i64 %col, 0
+  %106 = fcmp ogt <8 x float> %103, zeroinitializer
+  %107 = select <8 x i1> %106, <8 x float> %103, <8 x float> zeroinitializer
+  %108 = fmul <8 x float> %107, %100
+  %109 = getelementptr inbounds float, ptr %102, i64 %105
+  store <8 x float> %108, ptr %109, align 4
+  %110 = add nsw i64 %col, 8
+  %111 = fcmp ogt <8 x float> %104, zeroinitializer
+  %112 = select <8 x i1> %111, <8 x float> %104, <8 x float> zeroinitializer
+  %113 = fmul <8 x float> %112, %100
+  %114 = getelementptr inbounds float, ptr %102, i64 %110
+  store <8 x float> %113, ptr %114, align 4
+  %115 = add nsw i64 %r0, 1
+  %116 = getelementptr inbounds float, ptr %rw, i64 %115
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = mul nsw i64 %115, 1024
+  %121 = getelementptr inbounds float, ptr %h, i64 %120
+  %col1 = mul nsw i64 %p, 16
+  %122 = load <8 x float>, ptr %acc10, align 4
+  %123 = load <8 x float>, ptr %acc11, align 4
+  %124 = add nsw i64 %col1, 0
+  %125 = fcmp ogt <8 x float> %122, zeroinitializer
+  %126 = select <8 x i1> %125, <8 x float> %122, <8 x float> zeroinitializer
+  %127 = fmul <8 x float> %126, %119
+  %128 = getelementptr inbounds float, ptr %121, i64 %124
+  store <8 x float> %127, ptr %128, align 4
+  %129 = add nsw i64 %col1, 8
+  %130 = fcmp ogt <8 x float> %123, zeroinitializer
+  %131 = select <8 x i1> %130, <8 x float> %123, <8 x float> zeroinitializer
+  %132 = fmul <8 x float> %131, %119
+  %133 = getelementptr inbounds float, ptr %121, i64 %129
+  store <8 x float> %132, ptr %133, align 4
+  %134 = add nsw i64 %r0, 2
+  %135 = getelementptr inbounds float, ptr %rw, i64 %134
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = mul nsw i64 %134, 1024
+  %140 = getelementptr inbounds float, ptr %h, i64 %139
+  %col2 = mul nsw i64 %p, 16
+  %141 = load <8 x float>, ptr %acc20, align 4
+  %142 = load <8 x float>, ptr %acc21, align 4
+  %143 = add nsw i64 %col2, 0
+  %144 = fcmp ogt <8 x float> %141, zeroinitializer
+  %145 = select <8 x i1> %144, <8 x float> %141, <8 x float> zeroinitializer
+  %146 = fmul <8 x float> %145, %138
+  %147 = getelementptr inbounds float, ptr %140, i64 %143
   store <8 x float> %146, ptr %147, align 4
-  %148 = add nsw i64 %col11, 8
-  %149 = fcmp ogt <8 x float> %143, zeroinitializer
-  %relu13 = select <8 x i1> %149, <8 x float> %143, <8 x float> zeroinitializer
-  %150 = fmul <8 x float> %relu13, %139
-  %151 = getelementptr inbounds float, ptr %141, i64 %148
-  store <8 x float> %150, ptr %151, align 4
-  %152 = add nsw i64 %r0, 4
-  %153 = getelementptr inbounds float, ptr %rw, i64 %152
-  %w14 = load float, ptr %153, align 4
-  %154 = insertelement <8 x float> poison, float %w14, i32 0
-  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
-  %156 = mul nsw i64 %152, 1024
-  %157 = getelementptr inbounds float, ptr %h, i64 %156
-  %col15 = mul nsw i64 %p, 16
-  %158 = load <8 x float>, ptr %acc40, align 4
-  %159 = load <8 x float>, ptr %acc41, align 4
-  %160 = add nsw i64 %col15, 0
-  %161 = fcmp ogt <8 x float> %158, zeroinitializer
-  %relu16 = select <8 x i1> %161, <8 x float> %158, <8 x float> zeroinitializer
-  %162 = fmul <8 x float> %relu16, %155
-  %163 = getelementptr inbounds float, ptr %157, i64 %160
-  store <8 x float> %162, ptr %163, align 4
-  %164 = add nsw i64 %col15, 8
-  %165 = fcmp ogt <8 x float> %159, zeroinitializer
-  %relu17 = select <8 x i1> %165, <8 x float> %159, <8 x float> zeroinitializer
-  %166 = fmul <8 x float> %relu17, %155
-  %167 = getelementptr inbounds float, ptr %157, i64 %164
-  store <8 x float> %166, ptr %167, align 4
-  %168 = add nsw i64 %r0, 5
-  %169 = getelementptr inbounds float, ptr %rw, i64 %168
-  %w18 = load float, ptr %169, align 4
-  %170 = insertelement <8 x float> poison, float %w18, i32 0
-  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
-  %172 = mul nsw i64 %168, 1024
-  %173 = getelementptr inbounds float, ptr %h, i64 %172
-  %col19 = mul nsw i64 %p, 16
-  %174 = load <8 x float>, ptr %acc50, align 4
-  %175 = load <8 x float>, ptr %acc51, align 4
-  %176 = add nsw i64 %col19, 0
-  %177 = fcmp ogt <8 x float> %174, zeroinitializer
-  %relu20 = select <8 x i1> %177, <8 x float> %174, <8 x float> zeroinitializer
-  %178 = fmul <8 x float> %relu20, %171
-  %179 = getelementptr inbounds float, ptr %173, i64 %176
-  store <8 x float> %178, ptr %179, align 4
-  %180 = add nsw i64 %col19, 8
-  %181 = fcmp ogt <8 x float> %175, zeroinitializer
-  %relu21 = select <8 x i1> %181, <8 x float> %175, <8 x float> zeroinitializer
-  %182 = fmul <8 x float> %relu21, %171
-  %183 = getelementptr inbounds float, ptr %173, i64 %180
-  store <8 x float> %182, ptr %183, align 4
+  %148 = add nsw i64 %col2, 8
+  %149 = fcmp ogt <8 x float> %142, zeroinitializer
+  %150 = select <8 x i1> %149, <8 x float> %142, <8 x float> zeroinitializer
+  %151 = fmul <8 x float> %150, %138
+  %152 = getelementptr inbounds float, ptr %140, i64 %148
+  store <8 x float> %151, ptr %152, align 4
+  %153 = add nsw i64 %r0, 3
+  %154 = getelementptr inbounds float, ptr %rw, i64 %153
+  %155 = load float, ptr %154, align 4
+  %156 = insertelement <8 x float> poison, float %155, i32 0
+  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
+  %158 = mul nsw i64 %153, 1024
+  %159 = getelementptr inbounds float, ptr %h, i64 %158
+  %col3 = mul nsw i64 %p, 16
+  %160 = load <8 x float>, ptr %acc30, align 4
+  %161 = load <8 x float>, ptr %acc31, align 4
+  %162 = add nsw i64 %col3, 0
+  %163 = fcmp ogt <8 x float> %160, zeroinitializer
+  %164 = select <8 x i1> %163, <8 x float> %160, <8 x float> zeroinitializer
+  %165 = fmul <8 x float> %164, %157
+  %166 = getelementptr inbounds float, ptr %159, i64 %162
+  store <8 x float> %165, ptr %166, align 4
+  %167 = add nsw i64 %col3, 8
+  %168 = fcmp ogt <8 x float> %161, zeroinitializer
+  %169 = select <8 x i1> %168, <8 x float> %161, <8 x float> zeroinitializer
+  %170 = fmul <8 x float> %169, %157
+  %171 = getelementptr inbounds float, ptr %159, i64 %167
+  store <8 x float> %170, ptr %171, align 4
+  %172 = add nsw i64 %r0, 4
+  %173 = getelementptr inbounds float, ptr %rw, i64 %172
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = mul nsw i64 %172, 1024
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %col4 = mul nsw i64 %p, 16
+  %179 = load <8 x float>, ptr %acc40, align 4
+  %180 = load <8 x float>, ptr %acc41, align 4
+  %181 = add nsw i64 %col4, 0
+  %182 = fcmp ogt <8 x float> %179, zeroinitializer
+  %183 = select <8 x i1> %182, <8 x float> %179, <8 x float> zeroinitializer
+  %184 = fmul <8 x float> %183, %176
+  %185 = getelementptr inbounds float, ptr %178, i64 %181
+  store <8 x float> %184, ptr %185, align 4
+  %186 = add nsw i64 %col4, 8
+  %187 = fcmp ogt <8 x float> %180, zeroinitializer
+  %188 = select <8 x i1> %187, <8 x float> %180, <8 x float> zeroinitializer
+  %189 = fmul <8 x float> %188, %176
+  %190 = getelementptr inbounds float, ptr %178, i64 %186
+  store <8 x float> %189, ptr %190, align 4
+  %191 = add nsw i64 %r0, 5
+  %192 = getelementptr inbounds float, ptr %rw, i64 %191
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <8 x float> poison, float %193, i32 0
+  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
+  %196 = mul nsw i64 %191, 1024
+  %197 = getelementptr inbounds float, ptr %h, i64 %196
+  %col5 = mul nsw i64 %p, 16
+  %198 = load <8 x float>, ptr %acc50, align 4
+  %199 = load <8 x float>, ptr %acc51, align 4
+  %200 = add nsw i64 %col5, 0
+  %201 = fcmp ogt <8 x float> %198, zeroinitializer
+  %202 = select <8 x i1> %201, <8 x float> %198, <8 x float> zeroinitializer
+  %203 = fmul <8 x float> %202, %195
+  %204 = getelementptr inbounds float, ptr %197, i64 %200
+  store <8 x float> %203, ptr %204, align 4
+  %205 = add nsw i64 %col5, 8
+  %206 = fcmp ogt <8 x float> %199, zeroinitializer
+  %207 = select <8 x i1> %206, <8 x float> %199, <8 x float> zeroinitializer
+  %208 = fmul <8 x float> %207, %195
+  %209 = getelementptr inbounds float, ptr %197, i64 %205
+  store <8 x float> %208, ptr %209, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %184 = add nsw i64 %r0, 0
-  %185 = getelementptr inbounds i32, ptr %rows, i64 %184
-  %186 = load i32, ptr %185, align 4
-  %187 = sext i32 %186 to i64
-  %188 = mul nsw i64 %187, 512
-  %a022 = getelementptr inbounds float, ptr %x, i64 %188
-  store <8 x float> zeroinitializer, ptr %acc0023, align 4
-  store <8 x float> zeroinitializer, ptr %acc0124, align 4
-  %189 = add nsw i64 %r0, 1
-  %190 = getelementptr inbounds i32, ptr %rows, i64 %189
-  %191 = load i32, ptr %190, align 4
-  %192 = sext i32 %191 to i64
-  %193 = mul nsw i64 %192, 512
-  %a125 = getelementptr inbounds float, ptr %x, i64 %193
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %194 = add nsw i64 %r0, 2
-  %195 = getelementptr inbounds i32, ptr %rows, i64 %194
-  %196 = load i32, ptr %195, align 4
-  %197 = sext i32 %196 to i64
-  %198 = mul nsw i64 %197, 512
-  %a228 = getelementptr inbounds float, ptr %x, i64 %198
-  store <8 x float> zeroinitializer, ptr %acc2029, align 4
-  store <8 x float> zeroinitializer, ptr %acc2130, align 4
-  %199 = add nsw i64 %r0, 3
-  %200 = getelementptr inbounds i32, ptr %rows, i64 %199
-  %201 = load i32, ptr %200, align 4
-  %202 = sext i32 %201 to i64
-  %203 = mul nsw i64 %202, 512
-  %a331 = getelementptr inbounds float, ptr %x, i64 %203
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
-  %204 = add nsw i64 %r0, 4
-  %205 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %206 = load i32, ptr %205, align 4
-  %207 = sext i32 %206 to i64
-  %208 = mul nsw i64 %207, 512
-  %a434 = getelementptr inbounds float, ptr %x, i64 %208
-  store <8 x float> zeroinitializer, ptr %acc4035, align 4
-  store <8 x float> zeroinitializer, ptr %acc4136, align 4
-  %panel.off37 = mul nsw i64 %p, 8192
-  br label %k.head38
+  %210 = add nsw i64 %r0, 0
+  %211 = getelementptr inbounds i32, ptr %rows, i64 %210
+  %212 = load i32, ptr %211, align 4
+  %213 = sext i32 %212 to i64
+  %214 = mul nsw i64 %213, 512
+  %215 = getelementptr inbounds float, ptr %x, i64 %214
+  store <8 x float> zeroinitializer, ptr %acc006, align 4
+  store <8 x float> zeroinitializer, ptr %acc017, align 4
+  %216 = add nsw i64 %r0, 1
+  %217 = getelementptr inbounds i32, ptr %rows, i64 %216
+  %218 = load i32, ptr %217, align 4
+  %219 = sext i32 %218 to i64
+  %220 = mul nsw i64 %219, 512
+  %221 = getelementptr inbounds float, ptr %x, i64 %220
+  store <8 x float> zeroinitializer, ptr %acc108, align 4
+  store <8 x float> zeroinitializer, ptr %acc119, align 4
+  %222 = add nsw i64 %r0, 2
+  %223 = getelementptr inbounds i32, ptr %rows, i64 %222
+  %224 = load i32, ptr %223, align 4
+  %225 = sext i32 %224 to i64
+  %226 = mul nsw i64 %225, 512
+  %227 = getelementptr inbounds float, ptr %x, i64 %226
+  store <8 x float> zeroinitializer, ptr %acc2010, align 4
+  store <8 x float> zeroinitializer, ptr %acc2111, align 4
+  %228 = add nsw i64 %r0, 3
+  %229 = getelementptr inbounds i32, ptr %rows, i64 %228
+  %230 = load i32, ptr %229, align 4
+  %231 = sext i32 %230 to i64
+  %232 = mul nsw i64 %231, 512
+  %233 = getelementptr inbounds float, ptr %x, i64 %232
+  store <8 x float> zeroinitializer, ptr %acc3012, align 4
+  store <8 x float> zeroinitializer, ptr %acc3113, align 4
+  %234 = add nsw i64 %r0, 4
+  %235 = getelementptr inbounds i32, ptr %rows, i64 %234
+  %236 = load i32, ptr %235, align 4
+  %237 = sext i32 %236 to i64
+  %238 = mul nsw i64 %237, 512
+  %239 = getelementptr inbounds float, ptr %x, i64 %238
+  store <8 x float> zeroinitializer, ptr %acc4014, align 4
+  store <8 x float> zeroinitializer, ptr %acc4115, align 4
+  %panel.off16 = mul nsw i64 %p, 8192
+  br label %k.head17
 
-k.head38:                                         ; preds = %k.body39, %tile.mr5
-  %k41 = phi i64 [ 0, %tile.mr5 ], [ %255, %k.body39 ]
-  %209 = icmp slt i64 %k41, 512
-  br i1 %209, label %k.body39, label %k.end40
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %k.body18 ]
+  %240 = icmp slt i64 %k20, 512
+  br i1 %240, label %k.body18, label %k.end19
 
-k.body39:                                         ; preds = %k.head38
-  %210 = mul nsw i64 %k41, 16
-  %211 = add nsw i64 %panel.off37, %210
-  %212 = getelementptr inbounds float, ptr %panels, i64 %211
-  %b042 = load <8 x float>, ptr %212, align 4
-  %213 = add nsw i64 %211, 8
-  %214 = getelementptr inbounds float, ptr %panels, i64 %213
-  %b143 = load <8 x float>, ptr %214, align 4
-  %215 = getelementptr inbounds float, ptr %a022, i64 %k41
-  %216 = load float, ptr %215, align 4
-  %217 = insertelement <8 x float> poison, float %216, i32 0
-  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
-  %219 = load <8 x float>, ptr %acc0023, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %b042, <8 x float> %219)
-  store <8 x float> %220, ptr %acc0023, align 4
-  %221 = load <8 x float>, ptr %acc0124, align 4
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %b143, <8 x float> %221)
-  store <8 x float> %222, ptr %acc0124, align 4
-  %223 = getelementptr inbounds float, ptr %a125, i64 %k41
-  %224 = load float, ptr %223, align 4
-  %225 = insertelement <8 x float> poison, float %224, i32 0
-  %226 = shufflevector <8 x float> %225, <8 x float> poison, <8 x i32> zeroinitializer
-  %227 = load <8 x float>, ptr %acc1026, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %b042, <8 x float> %227)
-  store <8 x float> %228, ptr %acc1026, align 4
-  %229 = load <8 x float>, ptr %acc1127, align 4
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %b143, <8 x float> %229)
-  store <8 x float> %230, ptr %acc1127, align 4
-  %231 = getelementptr inbounds float, ptr %a228, i64 %k41
-  %232 = load float, ptr %231, align 4
-  %233 = insertelement <8 x float> poison, float %232, i32 0
-  %234 = shufflevector <8 x float> %233, <8 x float> poison, <8 x i32> zeroinitializer
-  %235 = load <8 x float>, ptr %acc2029, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %b042, <8 x float> %235)
-  store <8 x float> %236, ptr %acc2029, align 4
-  %237 = load <8 x float>, ptr %acc2130, align 4
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %b143, <8 x float> %237)
-  store <8 x float> %238, ptr %acc2130, align 4
-  %239 = getelementptr inbounds float, ptr %a331, i64 %k41
-  %240 = load float, ptr %239, align 4
-  %241 = insertelement <8 x float> poison, float %240, i32 0
-  %242 = shufflevector <8 x float> %241, <8 x float> poison, <8 x i32> zeroinitializer
-  %243 = load <8 x float>, ptr %acc3032, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %b042, <8 x float> %243)
-  store <8 x float> %244, ptr %acc3032, align 4
-  %245 = load <8 x float>, ptr %acc3133, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %b143, <8 x float> %245)
-  store <8 x float> %246, ptr %acc3133, align 4
-  %247 = getelementptr inbounds float, ptr %a434, i64 %k41
-  %248 = load float, ptr %247, align 4
-  %249 = insertelement <8 x float> poison, float %248, i32 0
-  %250 = shufflevector <8 x float> %249, <8 x float> poison, <8 x i32> zeroinitializer
-  %251 = load <8 x float>, ptr %acc4035, align 4
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %b042, <8 x float> %251)
-  store <8 x float> %252, ptr %acc4035, align 4
-  %253 = load <8 x float>, ptr %acc4136, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %b143, <8 x float> %253)
-  store <8 x float> %254, ptr %acc4136, align 4
-  %255 = add nsw i64 %k41, 1
-  br label %k.head38
-
-k.end40:                                          ; preds = %k.head38
-  %256 = add nsw i64 %r0, 0
-  %257 = getelementptr inbounds float, ptr %rw, i64 %256
-  %w44 = load float, ptr %257, align 4
-  %258 = insertelement <8 x float> poison, float %w44, i32 0
+k.body18:                                         ; preds = %k.head17
+  %241 = mul nsw i64 %k20, 16
+  %242 = add nsw i64 %panel.off16, %241
+  %243 = getelementptr inbounds float, ptr %panels, i64 %242
+  %244 = load <8 x float>, ptr %243, align 4
+  %245 = add nsw i64 %242, 8
+  %246 = getelementptr inbounds float, ptr %panels, i64 %245
+  %247 = load <8 x float>, ptr %246, align 4
+  %248 = getelementptr inbounds float, ptr %215, i64 %k20
+  %249 = load float, ptr %248, align 4
+  %250 = insertelement <8 x float> poison, float %249, i32 0
+  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
+  %252 = load <8 x float>, ptr %acc006, align 4
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
+  store <8 x float> %253, ptr %acc006, align 4
+  %254 = load <8 x float>, ptr %acc017, align 4
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
+  store <8 x float> %255, ptr %acc017, align 4
+  %256 = getelementptr inbounds float, ptr %221, i64 %k20
+  %257 = load float, ptr %256, align 4
+  %258 = insertelement <8 x float> poison, float %257, i32 0
   %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = mul nsw i64 %256, 1024
-  %261 = getelementptr inbounds float, ptr %h, i64 %260
-  %col45 = mul nsw i64 %p, 16
-  %262 = load <8 x float>, ptr %acc0023, align 4
-  %263 = load <8 x float>, ptr %acc0124, align 4
-  %264 = add nsw i64 %col45, 0
-  %265 = fcmp ogt <8 x float> %262, zeroinitializer
-  %relu46 = select <8 x i1> %265, <8 x float> %262, <8 x float> zeroinitializer
-  %266 = fmul <8 x float> %relu46, %259
-  %267 = getelementptr inbounds float, ptr %261, i64 %264
-  store <8 x float> %266, ptr %267, align 4
-  %268 = add nsw i64 %col45, 8
-  %269 = fcmp ogt <8 x float> %263, zeroinitializer
-  %relu47 = select <8 x i1> %269, <8 x float> %263, <8 x float> zeroinitializer
-  %270 = fmul <8 x float> %relu47, %259
-  %271 = getelementptr inbounds float, ptr %261, i64 %268
-  store <8 x float> %270, ptr %271, align 4
-  %272 = add nsw i64 %r0, 1
-  %273 = getelementptr inbounds float, ptr %rw, i64 %272
-  %w48 = load float, ptr %273, align 4
-  %274 = insertelement <8 x float> poison, float %w48, i32 0
+  %260 = load <8 x float>, ptr %acc108, align 4
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
+  store <8 x float> %261, ptr %acc108, align 4
+  %262 = load <8 x float>, ptr %acc119, align 4
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
+  store <8 x float> %263, ptr %acc119, align 4
+  %264 = getelementptr inbounds float, ptr %227, i64 %k20
+  %265 = load float, ptr %264, align 4
+  %266 = insertelement <8 x float> poison, float %265, i32 0
+  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
+  %268 = load <8 x float>, ptr %acc2010, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
+  store <8 x float> %269, ptr %acc2010, align 4
+  %270 = load <8 x float>, ptr %acc2111, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
+  store <8 x float> %271, ptr %acc2111, align 4
+  %272 = getelementptr inbounds float, ptr %233, i64 %k20
+  %273 = load float, ptr %272, align 4
+  %274 = insertelement <8 x float> poison, float %273, i32 0
   %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = mul nsw i64 %272, 1024
-  %277 = getelementptr inbounds float, ptr %h, i64 %276
-  %col49 = mul nsw i64 %p, 16
-  %278 = load <8 x float>, ptr %acc1026, align 4
-  %279 = load <8 x float>, ptr %acc1127, align 4
-  %280 = add nsw i64 %col49, 0
-  %281 = fcmp ogt <8 x float> %278, zeroinitializer
-  %relu50 = select <8 x i1> %281, <8 x float> %278, <8 x float> zeroinitializer
-  %282 = fmul <8 x float> %relu50, %275
-  %283 = getelementptr inbounds float, ptr %277, i64 %280
-  store <8 x float> %282, ptr %283, align 4
-  %284 = add nsw i64 %col49, 8
-  %285 = fcmp ogt <8 x float> %279, zeroinitializer
-  %relu51 = select <8 x i1> %285, <8 x float> %279, <8 x float> zeroinitializer
-  %286 = fmul <8 x float> %relu51, %275
-  %287 = getelementptr inbounds float, ptr %277, i64 %284
-  store <8 x float> %286, ptr %287, align 4
-  %288 = add nsw i64 %r0, 2
-  %289 = getelementptr inbounds float, ptr %rw, i64 %288
-  %w52 = load float, ptr %289, align 4
-  %290 = insertelement <8 x float> poison, float %w52, i32 0
-  %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
-  %292 = mul nsw i64 %288, 1024
-  %293 = getelementptr inbounds float, ptr %h, i64 %292
-  %col53 = mul nsw i64 %p, 16
-  %294 = load <8 x float>, ptr %acc2029, align 4
-  %295 = load <8 x float>, ptr %acc2130, align 4
-  %296 = add nsw i64 %col53, 0
-  %297 = fcmp ogt <8 x float> %294, zeroinitializer
-  %relu54 = select <8 x i1> %297, <8 x float> %294, <8 x float> zeroinitializer
-  %298 = fmul <8 x float> %relu54, %291
-  %299 = getelementptr inbounds float, ptr %293, i64 %296
-  store <8 x float> %298, ptr %299, align 4
-  %300 = add nsw i64 %col53, 8
-  %301 = fcmp ogt <8 x float> %295, zeroinitializer
-  %relu55 = select <8 x i1> %301, <8 x float> %295, <8 x float> zeroinitializer
-  %302 = fmul <8 x float> %relu55, %291
-  %303 = getelementptr inbounds float, ptr %293, i64 %300
-  store <8 x float> %302, ptr %303, align 4
-  %304 = add nsw i64 %r0, 3
-  %305 = getelementptr inbounds float, ptr %rw, i64 %304
-  %w56 = load float, ptr %305, align 4
-  %306 = insertelement <8 x float> poison, float %w56, i32 0
-  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
-  %308 = mul nsw i64 %304, 1024
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
-  %col57 = mul nsw i64 %p, 16
-  %310 = load <8 x float>, ptr %acc3032, align 4
-  %311 = load <8 x float>, ptr %acc3133, align 4
-  %312 = add nsw i64 %col57, 0
-  %313 = fcmp ogt <8 x float> %310, zeroinitializer
-  %relu58 = select <8 x i1> %313, <8 x float> %310, <8 x float> zeroinitializer
-  %314 = fmul <8 x float> %relu58, %307
-  %315 = getelementptr inbounds float, ptr %309, i64 %312
-  store <8 x float> %314, ptr %315, align 4
-  %316 = add nsw i64 %col57, 8
-  %317 = fcmp ogt <8 x float> %311, zeroinitializer
-  %relu59 = select <8 x i1> %317, <8 x float> %311, <8 x float> zeroinitializer
-  %318 = fmul <8 x float> %relu59, %307
-  %319 = getelementptr inbounds float, ptr %309, i64 %316
-  store <8 x float> %318, ptr %319, align 4
-  %320 = add nsw i64 %r0, 4
-  %321 = getelementptr inbounds float, ptr %rw, i64 %320
-  %w60 = load float, ptr %321, align 4
-  %322 = insertelement <8 x float> poison, float %w60, i32 0
-  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
-  %324 = mul nsw i64 %320, 1024
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %col61 = mul nsw i64 %p, 16
-  %326 = load <8 x float>, ptr %acc4035, align 4
-  %327 = load <8 x float>, ptr %acc4136, align 4
-  %328 = add nsw i64 %col61, 0
-  %329 = fcmp ogt <8 x float> %326, zeroinitializer
-  %relu62 = select <8 x i1> %329, <8 x float> %326, <8 x float> zeroinitializer
-  %330 = fmul <8 x float> %relu62, %323
-  %331 = getelementptr inbounds float, ptr %325, i64 %328
-  store <8 x float> %330, ptr %331, align 4
-  %332 = add nsw i64 %col61, 8
-  %333 = fcmp ogt <8 x float> %327, zeroinitializer
-  %relu63 = select <8 x i1> %333, <8 x float> %327, <8 x float> zeroinitializer
-  %334 = fmul <8 x float> %relu63, %323
-  %335 = getelementptr inbounds float, ptr %325, i64 %332
-  store <8 x float> %334, ptr %335, align 4
+  %276 = load <8 x float>, ptr %acc3012, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
+  store <8 x float> %277, ptr %acc3012, align 4
+  %278 = load <8 x float>, ptr %acc3113, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
+  store <8 x float> %279, ptr %acc3113, align 4
+  %280 = getelementptr inbounds float, ptr %239, i64 %k20
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <8 x float> poison, float %281, i32 0
+  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
+  %284 = load <8 x float>, ptr %acc4014, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
+  store <8 x float> %285, ptr %acc4014, align 4
+  %286 = load <8 x float>, ptr %acc4115, align 4
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
+  store <8 x float> %287, ptr %acc4115, align 4
+  %288 = add nsw i64 %k20, 1
+  br label %k.head17
+
+k.end19:                                          ; preds = %k.head17
+  %289 = add nsw i64 %r0, 0
+  %290 = getelementptr inbounds float, ptr %rw, i64 %289
+  %291 = load float, ptr %290, align 4
+  %292 = insertelement <8 x float> poison, float %291, i32 0
+  %293 = shufflevector <8 x float> %292, <8 x float> poison, <8 x i32> zeroinitializer
+  %294 = mul nsw i64 %289, 1024
+  %295 = getelementptr inbounds float, ptr %h, i64 %294
+  %col21 = mul nsw i64 %p, 16
+  %296 = load <8 x float>, ptr %acc006, align 4
+  %297 = load <8 x float>, ptr %acc017, align 4
+  %298 = add nsw i64 %col21, 0
+  %299 = fcmp ogt <8 x float> %296, zeroinitializer
+  %300 = select <8 x i1> %299, <8 x float> %296, <8 x float> zeroinitializer
+  %301 = fmul <8 x float> %300, %293
+  %302 = getelementptr inbounds float, ptr %295, i64 %298
+  store <8 x float> %301, ptr %302, align 4
+  %303 = add nsw i64 %col21, 8
+  %304 = fcmp ogt <8 x float> %297, zeroinitializer
+  %305 = select <8 x i1> %304, <8 x float> %297, <8 x float> zeroinitializer
+  %306 = fmul <8 x float> %305, %293
+  %307 = getelementptr inbounds float, ptr %295, i64 %303
+  store <8 x float> %306, ptr %307, align 4
+  %308 = add nsw i64 %r0, 1
+  %309 = getelementptr inbounds float, ptr %rw, i64 %308
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = mul nsw i64 %308, 1024
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %col22 = mul nsw i64 %p, 16
+  %315 = load <8 x float>, ptr %acc108, align 4
+  %316 = load <8 x float>, ptr %acc119, align 4
+  %317 = add nsw i64 %col22, 0
+  %318 = fcmp ogt <8 x float> %315, zeroinitializer
+  %319 = select <8 x i1> %318, <8 x float> %315, <8 x float> zeroinitializer
+  %320 = fmul <8 x float> %319, %312
+  %321 = getelementptr inbounds float, ptr %314, i64 %317
+  store <8 x float> %320, ptr %321, align 4
+  %322 = add nsw i64 %col22, 8
+  %323 = fcmp ogt <8 x float> %316, zeroinitializer
+  %324 = select <8 x i1> %323, <8 x float> %316, <8 x float> zeroinitializer
+  %325 = fmul <8 x float> %324, %312
+  %326 = getelementptr inbounds float, ptr %314, i64 %322
+  store <8 x float> %325, ptr %326, align 4
+  %327 = add nsw i64 %r0, 2
+  %328 = getelementptr inbounds float, ptr %rw, i64 %327
+  %329 = load float, ptr %328, align 4
+  %330 = insertelement <8 x float> poison, float %329, i32 0
+  %331 = shufflevector <8 x float> %330, <8 x float> poison, <8 x i32> zeroinitializer
+  %332 = mul nsw i64 %327, 1024
+  %333 = getelementptr inbounds float, ptr %h, i64 %332
+  %col23 = mul nsw i64 %p, 16
+  %334 = load <8 x float>, ptr %acc2010, align 4
+  %335 = load <8 x float>, ptr %acc2111, align 4
+  %336 = add nsw i64 %col23, 0
+  %337 = fcmp ogt <8 x float> %334, zeroinitializer
+  %338 = select <8 x i1> %337, <8 x float> %334, <8 x float> zeroinitializer
+  %339 = fmul <8 x float> %338, %331
+  %340 = getelementptr inbounds float, ptr %333, i64 %336
+  store <8 x float> %339, ptr %340, align 4
+  %341 = add nsw i64 %col23, 8
+  %342 = fcmp ogt <8 x float> %335, zeroinitializer
+  %343 = select <8 x i1> %342, <8 x float> %335, <8 x float> zeroinitializer
+  %344 = fmul <8 x float> %343, %331
+  %345 = getelementptr inbounds float, ptr %333, i64 %341
+  store <8 x float> %344, ptr %345, align 4
+  %346 = add nsw i64 %r0, 3
+  %347 = getelementptr inbounds float, ptr %rw, i64 %346
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = mul nsw i64 %346, 1024
+  %352 = getelementptr inbounds float, ptr %h, i64 %351
+  %col24 = mul nsw i64 %p, 16
+  %353 = load <8 x float>, ptr %acc3012, align 4
+  %354 = load <8 x float>, ptr %acc3113, align 4
+  %355 = add nsw i64 %col24, 0
+  %356 = fcmp ogt <8 x float> %353, zeroinitializer
+  %357 = select <8 x i1> %356, <8 x float> %353, <8 x float> zeroinitializer
+  %358 = fmul <8 x float> %357, %350
+  %359 = getelementptr inbounds float, ptr %352, i64 %355
+  store <8 x float> %358, ptr %359, align 4
+  %360 = add nsw i64 %col24, 8
+  %361 = fcmp ogt <8 x float> %354, zeroinitializer
+  %362 = select <8 x i1> %361, <8 x float> %354, <8 x float> zeroinitializer
+  %363 = fmul <8 x float> %362, %350
+  %364 = getelementptr inbounds float, ptr %352, i64 %360
+  store <8 x float> %363, ptr %364, align 4
+  %365 = add nsw i64 %r0, 4
+  %366 = getelementptr inbounds float, ptr %rw, i64 %365
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = mul nsw i64 %365, 1024
+  %371 = getelementptr inbounds float, ptr %h, i64 %370
+  %col25 = mul nsw i64 %p, 16
+  %372 = load <8 x float>, ptr %acc4014, align 4
+  %373 = load <8 x float>, ptr %acc4115, align 4
+  %374 = add nsw i64 %col25, 0
+  %375 = fcmp ogt <8 x float> %372, zeroinitializer
+  %376 = select <8 x i1> %375, <8 x float> %372, <8 x float> zeroinitializer
+  %377 = fmul <8 x float> %376, %369
+  %378 = getelementptr inbounds float, ptr %371, i64 %374
+  store <8 x float> %377, ptr %378, align 4
+  %379 = add nsw i64 %col25, 8
+  %380 = fcmp ogt <8 x float> %373, zeroinitializer
+  %381 = select <8 x i1> %380, <8 x float> %373, <8 x float> zeroinitializer
+  %382 = fmul <8 x float> %381, %369
+  %383 = getelementptr inbounds float, ptr %371, i64 %379
+  store <8 x float> %382, ptr %383, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %336 = add nsw i64 %r0, 0
-  %337 = getelementptr inbounds i32, ptr %rows, i64 %336
-  %338 = load i32, ptr %337, align 4
-  %339 = sext i32 %338 to i64
-  %340 = mul nsw i64 %339, 512
-  %a064 = getelementptr inbounds float, ptr %x, i64 %340
-  store <8 x float> zeroinitializer, ptr %acc0065, align 4
-  store <8 x float> zeroinitializer, ptr %acc0166, align 4
-  %341 = add nsw i64 %r0, 1
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %341
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 512
-  %a167 = getelementptr inbounds float, ptr %x, i64 %345
-  store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  store <8 x float> zeroinitializer, ptr %acc1169, align 4
-  %346 = add nsw i64 %r0, 2
-  %347 = getelementptr inbounds i32, ptr %rows, i64 %346
-  %348 = load i32, ptr %347, align 4
-  %349 = sext i32 %348 to i64
-  %350 = mul nsw i64 %349, 512
-  %a270 = getelementptr inbounds float, ptr %x, i64 %350
-  store <8 x float> zeroinitializer, ptr %acc2071, align 4
-  store <8 x float> zeroinitializer, ptr %acc2172, align 4
-  %351 = add nsw i64 %r0, 3
-  %352 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %353 = load i32, ptr %352, align 4
-  %354 = sext i32 %353 to i64
-  %355 = mul nsw i64 %354, 512
-  %a373 = getelementptr inbounds float, ptr %x, i64 %355
-  store <8 x float> zeroinitializer, ptr %acc3074, align 4
-  store <8 x float> zeroinitializer, ptr %acc3175, align 4
-  %panel.off76 = mul nsw i64 %p, 8192
-  br label %k.head77
+  %384 = add nsw i64 %r0, 0
+  %385 = getelementptr inbounds i32, ptr %rows, i64 %384
+  %386 = load i32, ptr %385, align 4
+  %387 = sext i32 %386 to i64
+  %388 = mul nsw i64 %387, 512
+  %389 = getelementptr inbounds float, ptr %x, i64 %388
+  store <8 x float> zeroinitializer, ptr %acc0026, align 4
+  store <8 x float> zeroinitializer, ptr %acc0127, align 4
+  %390 = add nsw i64 %r0, 1
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %390
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 512
+  %395 = getelementptr inbounds float, ptr %x, i64 %394
+  store <8 x float> zeroinitializer, ptr %acc1028, align 4
+  store <8 x float> zeroinitializer, ptr %acc1129, align 4
+  %396 = add nsw i64 %r0, 2
+  %397 = getelementptr inbounds i32, ptr %rows, i64 %396
+  %398 = load i32, ptr %397, align 4
+  %399 = sext i32 %398 to i64
+  %400 = mul nsw i64 %399, 512
+  %401 = getelementptr inbounds float, ptr %x, i64 %400
+  store <8 x float> zeroinitializer, ptr %acc2030, align 4
+  store <8 x float> zeroinitializer, ptr %acc2131, align 4
+  %402 = add nsw i64 %r0, 3
+  %403 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %404 = load i32, ptr %403, align 4
+  %405 = sext i32 %404 to i64
+  %406 = mul nsw i64 %405, 512
+  %407 = getelementptr inbounds float, ptr %x, i64 %406
+  store <8 x float> zeroinitializer, ptr %acc3032, align 4
+  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %panel.off34 = mul nsw i64 %p, 8192
+  br label %k.head35
 
-k.head77:                                         ; preds = %k.body78, %tile.mr4
-  %k80 = phi i64 [ 0, %tile.mr4 ], [ %394, %k.body78 ]
-  %356 = icmp slt i64 %k80, 512
-  br i1 %356, label %k.body78, label %k.end79
+k.head35:                                         ; preds = %k.body36, %tile.mr4
+  %k38 = phi i64 [ 0, %tile.mr4 ], [ %448, %k.body36 ]
+  %408 = icmp slt i64 %k38, 512
+  br i1 %408, label %k.body36, label %k.end37
 
-k.body78:                                         ; preds = %k.head77
-  %357 = mul nsw i64 %k80, 16
-  %358 = add nsw i64 %panel.off76, %357
-  %359 = getelementptr inbounds float, ptr %panels, i64 %358
-  %b081 = load <8 x float>, ptr %359, align 4
-  %360 = add nsw i64 %358, 8
-  %361 = getelementptr inbounds float, ptr %panels, i64 %360
-  %b182 = load <8 x float>, ptr %361, align 4
-  %362 = getelementptr inbounds float, ptr %a064, i64 %k80
-  %363 = load float, ptr %362, align 4
-  %364 = insertelement <8 x float> poison, float %363, i32 0
-  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
-  %366 = load <8 x float>, ptr %acc0065, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b081, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0065, align 4
-  %368 = load <8 x float>, ptr %acc0166, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b182, <8 x float> %368)
-  store <8 x float> %369, ptr %acc0166, align 4
-  %370 = getelementptr inbounds float, ptr %a167, i64 %k80
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc1068, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b081, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1068, align 4
-  %376 = load <8 x float>, ptr %acc1169, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b182, <8 x float> %376)
-  store <8 x float> %377, ptr %acc1169, align 4
-  %378 = getelementptr inbounds float, ptr %a270, i64 %k80
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc2071, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b081, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2071, align 4
-  %384 = load <8 x float>, ptr %acc2172, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b182, <8 x float> %384)
-  store <8 x float> %385, ptr %acc2172, align 4
-  %386 = getelementptr inbounds float, ptr %a373, i64 %k80
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc3074, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b081, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3074, align 4
-  %392 = load <8 x float>, ptr %acc3175, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b182, <8 x float> %392)
-  store <8 x float> %393, ptr %acc3175, align 4
-  %394 = add nsw i64 %k80, 1
-  br label %k.head77
+k.body36:                                         ; preds = %k.head35
+  %409 = mul nsw i64 %k38, 16
+  %410 = add nsw i64 %panel.off34, %409
+  %411 = getelementptr inbounds float, ptr %panels, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  %413 = add nsw i64 %410, 8
+  %414 = getelementptr inbounds float, ptr %panels, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = getelementptr inbounds float, ptr %389, i64 %k38
+  %417 = load float, ptr %416, align 4
+  %418 = insertelement <8 x float> poison, float %417, i32 0
+  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
+  %420 = load <8 x float>, ptr %acc0026, align 4
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %412, <8 x float> %420)
+  store <8 x float> %421, ptr %acc0026, align 4
+  %422 = load <8 x float>, ptr %acc0127, align 4
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %415, <8 x float> %422)
+  store <8 x float> %423, ptr %acc0127, align 4
+  %424 = getelementptr inbounds float, ptr %395, i64 %k38
+  %425 = load float, ptr %424, align 4
+  %426 = insertelement <8 x float> poison, float %425, i32 0
+  %427 = shufflevector <8 x float> %426, <8 x float> poison, <8 x i32> zeroinitializer
+  %428 = load <8 x float>, ptr %acc1028, align 4
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %412, <8 x float> %428)
+  store <8 x float> %429, ptr %acc1028, align 4
+  %430 = load <8 x float>, ptr %acc1129, align 4
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %415, <8 x float> %430)
+  store <8 x float> %431, ptr %acc1129, align 4
+  %432 = getelementptr inbounds float, ptr %401, i64 %k38
+  %433 = load float, ptr %432, align 4
+  %434 = insertelement <8 x float> poison, float %433, i32 0
+  %435 = shufflevector <8 x float> %434, <8 x float> poison, <8 x i32> zeroinitializer
+  %436 = load <8 x float>, ptr %acc2030, align 4
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %412, <8 x float> %436)
+  store <8 x float> %437, ptr %acc2030, align 4
+  %438 = load <8 x float>, ptr %acc2131, align 4
+  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %415, <8 x float> %438)
+  store <8 x float> %439, ptr %acc2131, align 4
+  %440 = getelementptr inbounds float, ptr %407, i64 %k38
+  %441 = load float, ptr %440, align 4
+  %442 = insertelement <8 x float> poison, float %441, i32 0
+  %443 = shufflevector <8 x float> %442, <8 x float> poison, <8 x i32> zeroinitializer
+  %444 = load <8 x float>, ptr %acc3032, align 4
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> %412, <8 x float> %444)
+  store <8 x float> %445, ptr %acc3032, align 4
+  %446 = load <8 x float>, ptr %acc3133, align 4
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> %415, <8 x float> %446)
+  store <8 x float> %447, ptr %acc3133, align 4
+  %448 = add nsw i64 %k38, 1
+  br label %k.head35
 
-k.end79:                                          ; preds = %k.head77
-  %395 = add nsw i64 %r0, 0
-  %396 = getelementptr inbounds float, ptr %rw, i64 %395
-  %w83 = load float, ptr %396, align 4
-  %397 = insertelement <8 x float> poison, float %w83, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = mul nsw i64 %395, 1024
-  %400 = getelementptr inbounds float, ptr %h, i64 %399
-  %col84 = mul nsw i64 %p, 16
-  %401 = load <8 x float>, ptr %acc0065, align 4
-  %402 = load <8 x float>, ptr %acc0166, align 4
-  %403 = add nsw i64 %col84, 0
-  %404 = fcmp ogt <8 x float> %401, zeroinitializer
-  %relu85 = select <8 x i1> %404, <8 x float> %401, <8 x float> zeroinitializer
-  %405 = fmul <8 x float> %relu85, %398
-  %406 = getelementptr inbounds float, ptr %400, i64 %403
-  store <8 x float> %405, ptr %406, align 4
-  %407 = add nsw i64 %col84, 8
-  %408 = fcmp ogt <8 x float> %402, zeroinitializer
-  %relu86 = select <8 x i1> %408, <8 x float> %402, <8 x float> zeroinitializer
-  %409 = fmul <8 x float> %relu86, %398
-  %410 = getelementptr inbounds float, ptr %400, i64 %407
-  store <8 x float> %409, ptr %410, align 4
-  %411 = add nsw i64 %r0, 1
-  %412 = getelementptr inbounds float, ptr %rw, i64 %411
-  %w87 = load float, ptr %412, align 4
-  %413 = insertelement <8 x float> poison, float %w87, i32 0
-  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
-  %415 = mul nsw i64 %411, 1024
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %col88 = mul nsw i64 %p, 16
-  %417 = load <8 x float>, ptr %acc1068, align 4
-  %418 = load <8 x float>, ptr %acc1169, align 4
-  %419 = add nsw i64 %col88, 0
-  %420 = fcmp ogt <8 x float> %417, zeroinitializer
-  %relu89 = select <8 x i1> %420, <8 x float> %417, <8 x float> zeroinitializer
-  %421 = fmul <8 x float> %relu89, %414
-  %422 = getelementptr inbounds float, ptr %416, i64 %419
-  store <8 x float> %421, ptr %422, align 4
-  %423 = add nsw i64 %col88, 8
-  %424 = fcmp ogt <8 x float> %418, zeroinitializer
-  %relu90 = select <8 x i1> %424, <8 x float> %418, <8 x float> zeroinitializer
-  %425 = fmul <8 x float> %relu90, %414
-  %426 = getelementptr inbounds float, ptr %416, i64 %423
-  store <8 x float> %425, ptr %426, align 4
-  %427 = add nsw i64 %r0, 2
-  %428 = getelementptr inbounds float, ptr %rw, i64 %427
-  %w91 = load float, ptr %428, align 4
-  %429 = insertelement <8 x float> poison, float %w91, i32 0
-  %430 = shufflevector <8 x float> %429, <8 x float> poison, <8 x i32> zeroinitializer
-  %431 = mul nsw i64 %427, 1024
-  %432 = getelementptr inbounds float, ptr %h, i64 %431
-  %col92 = mul nsw i64 %p, 16
-  %433 = load <8 x float>, ptr %acc2071, align 4
-  %434 = load <8 x float>, ptr %acc2172, align 4
-  %435 = add nsw i64 %col92, 0
-  %436 = fcmp ogt <8 x float> %433, zeroinitializer
-  %relu93 = select <8 x i1> %436, <8 x float> %433, <8 x float> zeroinitializer
-  %437 = fmul <8 x float> %relu93, %430
-  %438 = getelementptr inbounds float, ptr %432, i64 %435
-  store <8 x float> %437, ptr %438, align 4
-  %439 = add nsw i64 %col92, 8
-  %440 = fcmp ogt <8 x float> %434, zeroinitializer
-  %relu94 = select <8 x i1> %440, <8 x float> %434, <8 x float> zeroinitializer
-  %441 = fmul <8 x float> %relu94, %430
-  %442 = getelementptr inbounds float, ptr %432, i64 %439
-  store <8 x float> %441, ptr %442, align 4
-  %443 = add nsw i64 %r0, 3
-  %444 = getelementptr inbounds float, ptr %rw, i64 %443
-  %w95 = load float, ptr %444, align 4
-  %445 = insertelement <8 x float> poison, float %w95, i32 0
-  %446 = shufflevector <8 x float> %445, <8 x float> poison, <8 x i32> zeroinitializer
-  %447 = mul nsw i64 %443, 1024
-  %448 = getelementptr inbounds float, ptr %h, i64 %447
-  %col96 = mul nsw i64 %p, 16
-  %449 = load <8 x float>, ptr %acc3074, align 4
-  %450 = load <8 x float>, ptr %acc3175, align 4
-  %451 = add nsw i64 %col96, 0
-  %452 = fcmp ogt <8 x float> %449, zeroinitializer
-  %relu97 = select <8 x i1> %452, <8 x float> %449, <8 x float> zeroinitializer
-  %453 = fmul <8 x float> %relu97, %446
-  %454 = getelementptr inbounds float, ptr %448, i64 %451
-  store <8 x float> %453, ptr %454, align 4
-  %455 = add nsw i64 %col96, 8
-  %456 = fcmp ogt <8 x float> %450, zeroinitializer
-  %relu98 = select <8 x i1> %456, <8 x float> %450, <8 x float> zeroinitializer
-  %457 = fmul <8 x float> %relu98, %446
-  %458 = getelementptr inbounds float, ptr %448, i64 %455
-  store <8 x float> %457, ptr %458, align 4
-  br label %tile.done
-
-tile.mr3:                                         ; preds = %r0.body
-  %459 = add nsw i64 %r0, 0
-  %460 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %461 = load i32, ptr %460, align 4
-  %462 = sext i32 %461 to i64
-  %463 = mul nsw i64 %462, 512
-  %a099 = getelementptr inbounds float, ptr %x, i64 %463
-  store <8 x float> zeroinitializer, ptr %acc00100, align 4
-  store <8 x float> zeroinitializer, ptr %acc01101, align 4
-  %464 = add nsw i64 %r0, 1
-  %465 = getelementptr inbounds i32, ptr %rows, i64 %464
-  %466 = load i32, ptr %465, align 4
-  %467 = sext i32 %466 to i64
-  %468 = mul nsw i64 %467, 512
-  %a1102 = getelementptr inbounds float, ptr %x, i64 %468
-  store <8 x float> zeroinitializer, ptr %acc10103, align 4
-  store <8 x float> zeroinitializer, ptr %acc11104, align 4
-  %469 = add nsw i64 %r0, 2
-  %470 = getelementptr inbounds i32, ptr %rows, i64 %469
-  %471 = load i32, ptr %470, align 4
-  %472 = sext i32 %471 to i64
-  %473 = mul nsw i64 %472, 512
-  %a2105 = getelementptr inbounds float, ptr %x, i64 %473
-  store <8 x float> zeroinitializer, ptr %acc20106, align 4
-  store <8 x float> zeroinitializer, ptr %acc21107, align 4
-  %panel.off108 = mul nsw i64 %p, 8192
-  br label %k.head109
-
-k.head109:                                        ; preds = %k.body110, %tile.mr3
-  %k112 = phi i64 [ 0, %tile.mr3 ], [ %504, %k.body110 ]
-  %474 = icmp slt i64 %k112, 512
-  br i1 %474, label %k.body110, label %k.end111
-
-k.body110:                                        ; preds = %k.head109
-  %475 = mul nsw i64 %k112, 16
-  %476 = add nsw i64 %panel.off108, %475
-  %477 = getelementptr inbounds float, ptr %panels, i64 %476
-  %b0113 = load <8 x float>, ptr %477, align 4
-  %478 = add nsw i64 %476, 8
-  %479 = getelementptr inbounds float, ptr %panels, i64 %478
-  %b1114 = load <8 x float>, ptr %479, align 4
-  %480 = getelementptr inbounds float, ptr %a099, i64 %k112
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc00100, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %b0113, <8 x float> %484)
-  store <8 x float> %485, ptr %acc00100, align 4
-  %486 = load <8 x float>, ptr %acc01101, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %b1114, <8 x float> %486)
-  store <8 x float> %487, ptr %acc01101, align 4
-  %488 = getelementptr inbounds float, ptr %a1102, i64 %k112
+k.end37:                                          ; preds = %k.head35
+  %449 = add nsw i64 %r0, 0
+  %450 = getelementptr inbounds float, ptr %rw, i64 %449
+  %451 = load float, ptr %450, align 4
+  %452 = insertelement <8 x float> poison, float %451, i32 0
+  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
+  %454 = mul nsw i64 %449, 1024
+  %455 = getelementptr inbounds float, ptr %h, i64 %454
+  %col39 = mul nsw i64 %p, 16
+  %456 = load <8 x float>, ptr %acc0026, align 4
+  %457 = load <8 x float>, ptr %acc0127, align 4
+  %458 = add nsw i64 %col39, 0
+  %459 = fcmp ogt <8 x float> %456, zeroinitializer
+  %460 = select <8 x i1> %459, <8 x float> %456, <8 x float> zeroinitializer
+  %461 = fmul <8 x float> %460, %453
+  %462 = getelementptr inbounds float, ptr %455, i64 %458
+  store <8 x float> %461, ptr %462, align 4
+  %463 = add nsw i64 %col39, 8
+  %464 = fcmp ogt <8 x float> %457, zeroinitializer
+  %465 = select <8 x i1> %464, <8 x float> %457, <8 x float> zeroinitializer
+  %466 = fmul <8 x float> %465, %453
+  %467 = getelementptr inbounds float, ptr %455, i64 %463
+  store <8 x float> %466, ptr %467, align 4
+  %468 = add nsw i64 %r0, 1
+  %469 = getelementptr inbounds float, ptr %rw, i64 %468
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = mul nsw i64 %468, 1024
+  %474 = getelementptr inbounds float, ptr %h, i64 %473
+  %col40 = mul nsw i64 %p, 16
+  %475 = load <8 x float>, ptr %acc1028, align 4
+  %476 = load <8 x float>, ptr %acc1129, align 4
+  %477 = add nsw i64 %col40, 0
+  %478 = fcmp ogt <8 x float> %475, zeroinitializer
+  %479 = select <8 x i1> %478, <8 x float> %475, <8 x float> zeroinitializer
+  %480 = fmul <8 x float> %479, %472
+  %481 = getelementptr inbounds float, ptr %474, i64 %477
+  store <8 x float> %480, ptr %481, align 4
+  %482 = add nsw i64 %col40, 8
+  %483 = fcmp ogt <8 x float> %476, zeroinitializer
+  %484 = select <8 x i1> %483, <8 x float> %476, <8 x float> zeroinitializer
+  %485 = fmul <8 x float> %484, %472
+  %486 = getelementptr inbounds float, ptr %474, i64 %482
+  store <8 x float> %485, ptr %486, align 4
+  %487 = add nsw i64 %r0, 2
+  %488 = getelementptr inbounds float, ptr %rw, i64 %487
   %489 = load float, ptr %488, align 4
   %490 = insertelement <8 x float> poison, float %489, i32 0
   %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
-  %492 = load <8 x float>, ptr %acc10103, align 4
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b0113, <8 x float> %492)
-  store <8 x float> %493, ptr %acc10103, align 4
-  %494 = load <8 x float>, ptr %acc11104, align 4
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b1114, <8 x float> %494)
-  store <8 x float> %495, ptr %acc11104, align 4
-  %496 = getelementptr inbounds float, ptr %a2105, i64 %k112
-  %497 = load float, ptr %496, align 4
-  %498 = insertelement <8 x float> poison, float %497, i32 0
-  %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
-  %500 = load <8 x float>, ptr %acc20106, align 4
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b0113, <8 x float> %500)
-  store <8 x float> %501, ptr %acc20106, align 4
-  %502 = load <8 x float>, ptr %acc21107, align 4
-  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b1114, <8 x float> %502)
-  store <8 x float> %503, ptr %acc21107, align 4
-  %504 = add nsw i64 %k112, 1
-  br label %k.head109
-
-k.end111:                                         ; preds = %k.head109
-  %505 = add nsw i64 %r0, 0
-  %506 = getelementptr inbounds float, ptr %rw, i64 %505
-  %w115 = load float, ptr %506, align 4
-  %507 = insertelement <8 x float> poison, float %w115, i32 0
-  %508 = shufflevector <8 x float> %507, <8 x float> poison, <8 x i32> zeroinitializer
-  %509 = mul nsw i64 %505, 1024
-  %510 = getelementptr inbounds float, ptr %h, i64 %509
-  %col116 = mul nsw i64 %p, 16
-  %511 = load <8 x float>, ptr %acc00100, align 4
-  %512 = load <8 x float>, ptr %acc01101, align 4
-  %513 = add nsw i64 %col116, 0
-  %514 = fcmp ogt <8 x float> %511, zeroinitializer
-  %relu117 = select <8 x i1> %514, <8 x float> %511, <8 x float> zeroinitializer
-  %515 = fmul <8 x float> %relu117, %508
-  %516 = getelementptr inbounds float, ptr %510, i64 %513
-  store <8 x float> %515, ptr %516, align 4
-  %517 = add nsw i64 %col116, 8
-  %518 = fcmp ogt <8 x float> %512, zeroinitializer
-  %relu118 = select <8 x i1> %518, <8 x float> %512, <8 x float> zeroinitializer
-  %519 = fmul <8 x float> %relu118, %508
-  %520 = getelementptr inbounds float, ptr %510, i64 %517
-  store <8 x float> %519, ptr %520, align 4
-  %521 = add nsw i64 %r0, 1
-  %522 = getelementptr inbounds float, ptr %rw, i64 %521
-  %w119 = load float, ptr %522, align 4
-  %523 = insertelement <8 x float> poison, float %w119, i32 0
-  %524 = shufflevector <8 x float> %523, <8 x float> poison, <8 x i32> zeroinitializer
-  %525 = mul nsw i64 %521, 1024
-  %526 = getelementptr inbounds float, ptr %h, i64 %525
-  %col120 = mul nsw i64 %p, 16
-  %527 = load <8 x float>, ptr %acc10103, align 4
-  %528 = load <8 x float>, ptr %acc11104, align 4
-  %529 = add nsw i64 %col120, 0
-  %530 = fcmp ogt <8 x float> %527, zeroinitializer
-  %relu121 = select <8 x i1> %530, <8 x float> %527, <8 x float> zeroinitializer
-  %531 = fmul <8 x float> %relu121, %524
-  %532 = getelementptr inbounds float, ptr %526, i64 %529
-  store <8 x float> %531, ptr %532, align 4
-  %533 = add nsw i64 %col120, 8
-  %534 = fcmp ogt <8 x float> %528, zeroinitializer
-  %relu122 = select <8 x i1> %534, <8 x float> %528, <8 x float> zeroinitializer
-  %535 = fmul <8 x float> %relu122, %524
-  %536 = getelementptr inbounds float, ptr %526, i64 %533
-  store <8 x float> %535, ptr %536, align 4
-  %537 = add nsw i64 %r0, 2
-  %538 = getelementptr inbounds float, ptr %rw, i64 %537
-  %w123 = load float, ptr %538, align 4
-  %539 = insertelement <8 x float> poison, float %w123, i32 0
-  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
-  %541 = mul nsw i64 %537, 1024
-  %542 = getelementptr inbounds float, ptr %h, i64 %541
-  %col124 = mul nsw i64 %p, 16
-  %543 = load <8 x float>, ptr %acc20106, align 4
-  %544 = load <8 x float>, ptr %acc21107, align 4
-  %545 = add nsw i64 %col124, 0
-  %546 = fcmp ogt <8 x float> %543, zeroinitializer
-  %relu125 = select <8 x i1> %546, <8 x float> %543, <8 x float> zeroinitializer
-  %547 = fmul <8 x float> %relu125, %540
-  %548 = getelementptr inbounds float, ptr %542, i64 %545
-  store <8 x float> %547, ptr %548, align 4
-  %549 = add nsw i64 %col124, 8
-  %550 = fcmp ogt <8 x float> %544, zeroinitializer
-  %relu126 = select <8 x i1> %550, <8 x float> %544, <8 x float> zeroinitializer
-  %551 = fmul <8 x float> %relu126, %540
-  %552 = getelementptr inbounds float, ptr %542, i64 %549
-  store <8 x float> %551, ptr %552, align 4
+  %492 = mul nsw i64 %487, 1024
+  %493 = getelementptr inbounds float, ptr %h, i64 %492
+  %col41 = mul nsw i64 %p, 16
+  %494 = load <8 x float>, ptr %acc2030, align 4
+  %495 = load <8 x float>, ptr %acc2131, align 4
+  %496 = add nsw i64 %col41, 0
+  %497 = fcmp ogt <8 x float> %494, zeroinitializer
+  %498 = select <8 x i1> %497, <8 x float> %494, <8 x float> zeroinitializer
+  %499 = fmul <8 x float> %498, %491
+  %500 = getelementptr inbounds float, ptr %493, i64 %496
+  store <8 x float> %499, ptr %500, align 4
+  %501 = add nsw i64 %col41, 8
+  %502 = fcmp ogt <8 x float> %495, zeroinitializer
+  %503 = select <8 x i1> %502, <8 x float> %495, <8 x float> zeroinitializer
+  %504 = fmul <8 x float> %503, %491
+  %505 = getelementptr inbounds float, ptr %493, i64 %501
+  store <8 x float> %504, ptr %505, align 4
+  %506 = add nsw i64 %r0, 3
+  %507 = getelementptr inbounds float, ptr %rw, i64 %506
+  %508 = load float, ptr %507, align 4
+  %509 = insertelement <8 x float> poison, float %508, i32 0
+  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
+  %511 = mul nsw i64 %506, 1024
+  %512 = getelementptr inbounds float, ptr %h, i64 %511
+  %col42 = mul nsw i64 %p, 16
+  %513 = load <8 x float>, ptr %acc3032, align 4
+  %514 = load <8 x float>, ptr %acc3133, align 4
+  %515 = add nsw i64 %col42, 0
+  %516 = fcmp ogt <8 x float> %513, zeroinitializer
+  %517 = select <8 x i1> %516, <8 x float> %513, <8 x float> zeroinitializer
+  %518 = fmul <8 x float> %517, %510
+  %519 = getelementptr inbounds float, ptr %512, i64 %515
+  store <8 x float> %518, ptr %519, align 4
+  %520 = add nsw i64 %col42, 8
+  %521 = fcmp ogt <8 x float> %514, zeroinitializer
+  %522 = select <8 x i1> %521, <8 x float> %514, <8 x float> zeroinitializer
+  %523 = fmul <8 x float> %522, %510
+  %524 = getelementptr inbounds float, ptr %512, i64 %520
+  store <8 x float> %523, ptr %524, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %553 = add nsw i64 %r0, 0
-  %554 = getelementptr inbounds i32, ptr %rows, i64 %553
-  %555 = load i32, ptr %554, align 4
-  %556 = sext i32 %555 to i64
-  %557 = mul nsw i64 %556, 512
-  %a0127 = getelementptr inbounds float, ptr %x, i64 %557
-  store <8 x float> zeroinitializer, ptr %acc00128, align 4
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %558 = add nsw i64 %r0, 1
-  %559 = getelementptr inbounds i32, ptr %rows, i64 %558
-  %560 = load i32, ptr %559, align 4
-  %561 = sext i32 %560 to i64
-  %562 = mul nsw i64 %561, 512
-  %a1130 = getelementptr inbounds float, ptr %x, i64 %562
-  store <8 x float> zeroinitializer, ptr %acc10131, align 4
-  store <8 x float> zeroinitializer, ptr %acc11132, align 4
-  %panel.off133 = mul nsw i64 %p, 8192
-  br label %k.head134
+tile.mr3:                                         ; preds = %r0.body
+  %525 = add nsw i64 %r0, 0
+  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
+  %527 = load i32, ptr %526, align 4
+  %528 = sext i32 %527 to i64
+  %529 = mul nsw i64 %528, 512
+  %530 = getelementptr inbounds float, ptr %x, i64 %529
+  store <8 x float> zeroinitializer, ptr %acc0043, align 4
+  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  %531 = add nsw i64 %r0, 1
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 512
+  %536 = getelementptr inbounds float, ptr %x, i64 %535
+  store <8 x float> zeroinitializer, ptr %acc1045, align 4
+  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  %537 = add nsw i64 %r0, 2
+  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
+  %539 = load i32, ptr %538, align 4
+  %540 = sext i32 %539 to i64
+  %541 = mul nsw i64 %540, 512
+  %542 = getelementptr inbounds float, ptr %x, i64 %541
+  store <8 x float> zeroinitializer, ptr %acc2047, align 4
+  store <8 x float> zeroinitializer, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 8192
+  br label %k.head50
 
-k.head134:                                        ; preds = %k.body135, %tile.mr2
-  %k137 = phi i64 [ 0, %tile.mr2 ], [ %585, %k.body135 ]
-  %563 = icmp slt i64 %k137, 512
-  br i1 %563, label %k.body135, label %k.end136
+k.head50:                                         ; preds = %k.body51, %tile.mr3
+  %k53 = phi i64 [ 0, %tile.mr3 ], [ %575, %k.body51 ]
+  %543 = icmp slt i64 %k53, 512
+  br i1 %543, label %k.body51, label %k.end52
 
-k.body135:                                        ; preds = %k.head134
-  %564 = mul nsw i64 %k137, 16
-  %565 = add nsw i64 %panel.off133, %564
-  %566 = getelementptr inbounds float, ptr %panels, i64 %565
-  %b0138 = load <8 x float>, ptr %566, align 4
-  %567 = add nsw i64 %565, 8
-  %568 = getelementptr inbounds float, ptr %panels, i64 %567
-  %b1139 = load <8 x float>, ptr %568, align 4
-  %569 = getelementptr inbounds float, ptr %a0127, i64 %k137
-  %570 = load float, ptr %569, align 4
-  %571 = insertelement <8 x float> poison, float %570, i32 0
-  %572 = shufflevector <8 x float> %571, <8 x float> poison, <8 x i32> zeroinitializer
-  %573 = load <8 x float>, ptr %acc00128, align 4
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %b0138, <8 x float> %573)
-  store <8 x float> %574, ptr %acc00128, align 4
-  %575 = load <8 x float>, ptr %acc01129, align 4
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %b1139, <8 x float> %575)
-  store <8 x float> %576, ptr %acc01129, align 4
-  %577 = getelementptr inbounds float, ptr %a1130, i64 %k137
+k.body51:                                         ; preds = %k.head50
+  %544 = mul nsw i64 %k53, 16
+  %545 = add nsw i64 %panel.off49, %544
+  %546 = getelementptr inbounds float, ptr %panels, i64 %545
+  %547 = load <8 x float>, ptr %546, align 4
+  %548 = add nsw i64 %545, 8
+  %549 = getelementptr inbounds float, ptr %panels, i64 %548
+  %550 = load <8 x float>, ptr %549, align 4
+  %551 = getelementptr inbounds float, ptr %530, i64 %k53
+  %552 = load float, ptr %551, align 4
+  %553 = insertelement <8 x float> poison, float %552, i32 0
+  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
+  %555 = load <8 x float>, ptr %acc0043, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
+  store <8 x float> %556, ptr %acc0043, align 4
+  %557 = load <8 x float>, ptr %acc0144, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
+  store <8 x float> %558, ptr %acc0144, align 4
+  %559 = getelementptr inbounds float, ptr %536, i64 %k53
+  %560 = load float, ptr %559, align 4
+  %561 = insertelement <8 x float> poison, float %560, i32 0
+  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
+  %563 = load <8 x float>, ptr %acc1045, align 4
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %547, <8 x float> %563)
+  store <8 x float> %564, ptr %acc1045, align 4
+  %565 = load <8 x float>, ptr %acc1146, align 4
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %550, <8 x float> %565)
+  store <8 x float> %566, ptr %acc1146, align 4
+  %567 = getelementptr inbounds float, ptr %542, i64 %k53
+  %568 = load float, ptr %567, align 4
+  %569 = insertelement <8 x float> poison, float %568, i32 0
+  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
+  %571 = load <8 x float>, ptr %acc2047, align 4
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %547, <8 x float> %571)
+  store <8 x float> %572, ptr %acc2047, align 4
+  %573 = load <8 x float>, ptr %acc2148, align 4
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %550, <8 x float> %573)
+  store <8 x float> %574, ptr %acc2148, align 4
+  %575 = add nsw i64 %k53, 1
+  br label %k.head50
+
+k.end52:                                          ; preds = %k.head50
+  %576 = add nsw i64 %r0, 0
+  %577 = getelementptr inbounds float, ptr %rw, i64 %576
   %578 = load float, ptr %577, align 4
   %579 = insertelement <8 x float> poison, float %578, i32 0
   %580 = shufflevector <8 x float> %579, <8 x float> poison, <8 x i32> zeroinitializer
-  %581 = load <8 x float>, ptr %acc10131, align 4
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b0138, <8 x float> %581)
-  store <8 x float> %582, ptr %acc10131, align 4
-  %583 = load <8 x float>, ptr %acc11132, align 4
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b1139, <8 x float> %583)
-  store <8 x float> %584, ptr %acc11132, align 4
-  %585 = add nsw i64 %k137, 1
-  br label %k.head134
-
-k.end136:                                         ; preds = %k.head134
-  %586 = add nsw i64 %r0, 0
-  %587 = getelementptr inbounds float, ptr %rw, i64 %586
-  %w140 = load float, ptr %587, align 4
-  %588 = insertelement <8 x float> poison, float %w140, i32 0
-  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
-  %590 = mul nsw i64 %586, 1024
-  %591 = getelementptr inbounds float, ptr %h, i64 %590
-  %col141 = mul nsw i64 %p, 16
-  %592 = load <8 x float>, ptr %acc00128, align 4
-  %593 = load <8 x float>, ptr %acc01129, align 4
-  %594 = add nsw i64 %col141, 0
-  %595 = fcmp ogt <8 x float> %592, zeroinitializer
-  %relu142 = select <8 x i1> %595, <8 x float> %592, <8 x float> zeroinitializer
-  %596 = fmul <8 x float> %relu142, %589
-  %597 = getelementptr inbounds float, ptr %591, i64 %594
-  store <8 x float> %596, ptr %597, align 4
-  %598 = add nsw i64 %col141, 8
-  %599 = fcmp ogt <8 x float> %593, zeroinitializer
-  %relu143 = select <8 x i1> %599, <8 x float> %593, <8 x float> zeroinitializer
-  %600 = fmul <8 x float> %relu143, %589
-  %601 = getelementptr inbounds float, ptr %591, i64 %598
-  store <8 x float> %600, ptr %601, align 4
-  %602 = add nsw i64 %r0, 1
-  %603 = getelementptr inbounds float, ptr %rw, i64 %602
-  %w144 = load float, ptr %603, align 4
-  %604 = insertelement <8 x float> poison, float %w144, i32 0
-  %605 = shufflevector <8 x float> %604, <8 x float> poison, <8 x i32> zeroinitializer
-  %606 = mul nsw i64 %602, 1024
-  %607 = getelementptr inbounds float, ptr %h, i64 %606
-  %col145 = mul nsw i64 %p, 16
-  %608 = load <8 x float>, ptr %acc10131, align 4
-  %609 = load <8 x float>, ptr %acc11132, align 4
-  %610 = add nsw i64 %col145, 0
-  %611 = fcmp ogt <8 x float> %608, zeroinitializer
-  %relu146 = select <8 x i1> %611, <8 x float> %608, <8 x float> zeroinitializer
-  %612 = fmul <8 x float> %relu146, %605
-  %613 = getelementptr inbounds float, ptr %607, i64 %610
+  %581 = mul nsw i64 %576, 1024
+  %582 = getelementptr inbounds float, ptr %h, i64 %581
+  %col54 = mul nsw i64 %p, 16
+  %583 = load <8 x float>, ptr %acc0043, align 4
+  %584 = load <8 x float>, ptr %acc0144, align 4
+  %585 = add nsw i64 %col54, 0
+  %586 = fcmp ogt <8 x float> %583, zeroinitializer
+  %587 = select <8 x i1> %586, <8 x float> %583, <8 x float> zeroinitializer
+  %588 = fmul <8 x float> %587, %580
+  %589 = getelementptr inbounds float, ptr %582, i64 %585
+  store <8 x float> %588, ptr %589, align 4
+  %590 = add nsw i64 %col54, 8
+  %591 = fcmp ogt <8 x float> %584, zeroinitializer
+  %592 = select <8 x i1> %591, <8 x float> %584, <8 x float> zeroinitializer
+  %593 = fmul <8 x float> %592, %580
+  %594 = getelementptr inbounds float, ptr %582, i64 %590
+  store <8 x float> %593, ptr %594, align 4
+  %595 = add nsw i64 %r0, 1
+  %596 = getelementptr inbounds float, ptr %rw, i64 %595
+  %597 = load float, ptr %596, align 4
+  %598 = insertelement <8 x float> poison, float %597, i32 0
+  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
+  %600 = mul nsw i64 %595, 1024
+  %601 = getelementptr inbounds float, ptr %h, i64 %600
+  %col55 = mul nsw i64 %p, 16
+  %602 = load <8 x float>, ptr %acc1045, align 4
+  %603 = load <8 x float>, ptr %acc1146, align 4
+  %604 = add nsw i64 %col55, 0
+  %605 = fcmp ogt <8 x float> %602, zeroinitializer
+  %606 = select <8 x i1> %605, <8 x float> %602, <8 x float> zeroinitializer
+  %607 = fmul <8 x float> %606, %599
+  %608 = getelementptr inbounds float, ptr %601, i64 %604
+  store <8 x float> %607, ptr %608, align 4
+  %609 = add nsw i64 %col55, 8
+  %610 = fcmp ogt <8 x float> %603, zeroinitializer
+  %611 = select <8 x i1> %610, <8 x float> %603, <8 x float> zeroinitializer
+  %612 = fmul <8 x float> %611, %599
+  %613 = getelementptr inbounds float, ptr %601, i64 %609
   store <8 x float> %612, ptr %613, align 4
-  %614 = add nsw i64 %col145, 8
-  %615 = fcmp ogt <8 x float> %609, zeroinitializer
-  %relu147 = select <8 x i1> %615, <8 x float> %609, <8 x float> zeroinitializer
-  %616 = fmul <8 x float> %relu147, %605
-  %617 = getelementptr inbounds float, ptr %607, i64 %614
-  store <8 x float> %616, ptr %617, align 4
+  %614 = add nsw i64 %r0, 2
+  %615 = getelementptr inbounds float, ptr %rw, i64 %614
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = mul nsw i64 %614, 1024
+  %620 = getelementptr inbounds float, ptr %h, i64 %619
+  %col56 = mul nsw i64 %p, 16
+  %621 = load <8 x float>, ptr %acc2047, align 4
+  %622 = load <8 x float>, ptr %acc2148, align 4
+  %623 = add nsw i64 %col56, 0
+  %624 = fcmp ogt <8 x float> %621, zeroinitializer
+  %625 = select <8 x i1> %624, <8 x float> %621, <8 x float> zeroinitializer
+  %626 = fmul <8 x float> %625, %618
+  %627 = getelementptr inbounds float, ptr %620, i64 %623
+  store <8 x float> %626, ptr %627, align 4
+  %628 = add nsw i64 %col56, 8
+  %629 = fcmp ogt <8 x float> %622, zeroinitializer
+  %630 = select <8 x i1> %629, <8 x float> %622, <8 x float> zeroinitializer
+  %631 = fmul <8 x float> %630, %618
+  %632 = getelementptr inbounds float, ptr %620, i64 %628
+  store <8 x float> %631, ptr %632, align 4
+  br label %tile.done
+
+tile.mr2:                                         ; preds = %r0.body
+  %633 = add nsw i64 %r0, 0
+  %634 = getelementptr inbounds i32, ptr %rows, i64 %633
+  %635 = load i32, ptr %634, align 4
+  %636 = sext i32 %635 to i64
+  %637 = mul nsw i64 %636, 512
+  %638 = getelementptr inbounds float, ptr %x, i64 %637
+  store <8 x float> zeroinitializer, ptr %acc0057, align 4
+  store <8 x float> zeroinitializer, ptr %acc0158, align 4
+  %639 = add nsw i64 %r0, 1
+  %640 = getelementptr inbounds i32, ptr %rows, i64 %639
+  %641 = load i32, ptr %640, align 4
+  %642 = sext i32 %641 to i64
+  %643 = mul nsw i64 %642, 512
+  %644 = getelementptr inbounds float, ptr %x, i64 %643
+  store <8 x float> zeroinitializer, ptr %acc1059, align 4
+  store <8 x float> zeroinitializer, ptr %acc1160, align 4
+  %panel.off61 = mul nsw i64 %p, 8192
+  br label %k.head62
+
+k.head62:                                         ; preds = %k.body63, %tile.mr2
+  %k65 = phi i64 [ 0, %tile.mr2 ], [ %669, %k.body63 ]
+  %645 = icmp slt i64 %k65, 512
+  br i1 %645, label %k.body63, label %k.end64
+
+k.body63:                                         ; preds = %k.head62
+  %646 = mul nsw i64 %k65, 16
+  %647 = add nsw i64 %panel.off61, %646
+  %648 = getelementptr inbounds float, ptr %panels, i64 %647
+  %649 = load <8 x float>, ptr %648, align 4
+  %650 = add nsw i64 %647, 8
+  %651 = getelementptr inbounds float, ptr %panels, i64 %650
+  %652 = load <8 x float>, ptr %651, align 4
+  %653 = getelementptr inbounds float, ptr %638, i64 %k65
+  %654 = load float, ptr %653, align 4
+  %655 = insertelement <8 x float> poison, float %654, i32 0
+  %656 = shufflevector <8 x float> %655, <8 x float> poison, <8 x i32> zeroinitializer
+  %657 = load <8 x float>, ptr %acc0057, align 4
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %649, <8 x float> %657)
+  store <8 x float> %658, ptr %acc0057, align 4
+  %659 = load <8 x float>, ptr %acc0158, align 4
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> %659)
+  store <8 x float> %660, ptr %acc0158, align 4
+  %661 = getelementptr inbounds float, ptr %644, i64 %k65
+  %662 = load float, ptr %661, align 4
+  %663 = insertelement <8 x float> poison, float %662, i32 0
+  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
+  %665 = load <8 x float>, ptr %acc1059, align 4
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %649, <8 x float> %665)
+  store <8 x float> %666, ptr %acc1059, align 4
+  %667 = load <8 x float>, ptr %acc1160, align 4
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %652, <8 x float> %667)
+  store <8 x float> %668, ptr %acc1160, align 4
+  %669 = add nsw i64 %k65, 1
+  br label %k.head62
+
+k.end64:                                          ; preds = %k.head62
+  %670 = add nsw i64 %r0, 0
+  %671 = getelementptr inbounds float, ptr %rw, i64 %670
+  %672 = load float, ptr %671, align 4
+  %673 = insertelement <8 x float> poison, float %672, i32 0
+  %674 = shufflevector <8 x float> %673, <8 x float> poison, <8 x i32> zeroinitializer
+  %675 = mul nsw i64 %670, 1024
+  %676 = getelementptr inbounds float, ptr %h, i64 %675
+  %col66 = mul nsw i64 %p, 16
+  %677 = load <8 x float>, ptr %acc0057, align 4
+  %678 = load <8 x float>, ptr %acc0158, align 4
+  %679 = add nsw i64 %col66, 0
+  %680 = fcmp ogt <8 x float> %677, zeroinitializer
+  %681 = select <8 x i1> %680, <8 x float> %677, <8 x float> zeroinitializer
+  %682 = fmul <8 x float> %681, %674
+  %683 = getelementptr inbounds float, ptr %676, i64 %679
+  store <8 x float> %682, ptr %683, align 4
+  %684 = add nsw i64 %col66, 8
+  %685 = fcmp ogt <8 x float> %678, zeroinitializer
+  %686 = select <8 x i1> %685, <8 x float> %678, <8 x float> zeroinitializer
+  %687 = fmul <8 x float> %686, %674
+  %688 = getelementptr inbounds float, ptr %676, i64 %684
+  store <8 x float> %687, ptr %688, align 4
+  %689 = add nsw i64 %r0, 1
+  %690 = getelementptr inbounds float, ptr %rw, i64 %689
+  %691 = load float, ptr %690, align 4
+  %692 = insertelement <8 x float> poison, float %691, i32 0
+  %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
+  %694 = mul nsw i64 %689, 1024
+  %695 = getelementptr inbounds float, ptr %h, i64 %694
+  %col67 = mul nsw i64 %p, 16
+  %696 = load <8 x float>, ptr %acc1059, align 4
+  %697 = load <8 x float>, ptr %acc1160, align 4
+  %698 = add nsw i64 %col67, 0
+  %699 = fcmp ogt <8 x float> %696, zeroinitializer
+  %700 = select <8 x i1> %699, <8 x float> %696, <8 x float> zeroinitializer
+  %701 = fmul <8 x float> %700, %693
+  %702 = getelementptr inbounds float, ptr %695, i64 %698
+  store <8 x float> %701, ptr %702, align 4
+  %703 = add nsw i64 %col67, 8
+  %704 = fcmp ogt <8 x float> %697, zeroinitializer
+  %705 = select <8 x i1> %704, <8 x float> %697, <8 x float> zeroinitializer
+  %706 = fmul <8 x float> %705, %693
+  %707 = getelementptr inbounds float, ptr %695, i64 %703
+  store <8 x float> %706, ptr %707, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %618 = add nsw i64 %r0, 0
-  %619 = getelementptr inbounds i32, ptr %rows, i64 %618
-  %620 = load i32, ptr %619, align 4
-  %621 = sext i32 %620 to i64
-  %622 = mul nsw i64 %621, 512
-  %a0148 = getelementptr inbounds float, ptr %x, i64 %622
-  store <8 x float> zeroinitializer, ptr %acc00149, align 4
-  store <8 x float> zeroinitializer, ptr %acc01150, align 4
-  %panel.off151 = mul nsw i64 %p, 8192
-  br label %k.head152
+  %708 = add nsw i64 %r0, 0
+  %709 = getelementptr inbounds i32, ptr %rows, i64 %708
+  %710 = load i32, ptr %709, align 4
+  %711 = sext i32 %710 to i64
+  %712 = mul nsw i64 %711, 512
+  %713 = getelementptr inbounds float, ptr %x, i64 %712
+  store <8 x float> zeroinitializer, ptr %acc0068, align 4
+  store <8 x float> zeroinitializer, ptr %acc0169, align 4
+  %panel.off70 = mul nsw i64 %p, 8192
+  br label %k.head71
 
-k.head152:                                        ; preds = %k.body153, %tile.mr1
-  %k155 = phi i64 [ 0, %tile.mr1 ], [ %637, %k.body153 ]
-  %623 = icmp slt i64 %k155, 512
-  br i1 %623, label %k.body153, label %k.end154
+k.head71:                                         ; preds = %k.body72, %tile.mr1
+  %k74 = phi i64 [ 0, %tile.mr1 ], [ %730, %k.body72 ]
+  %714 = icmp slt i64 %k74, 512
+  br i1 %714, label %k.body72, label %k.end73
 
-k.body153:                                        ; preds = %k.head152
-  %624 = mul nsw i64 %k155, 16
-  %625 = add nsw i64 %panel.off151, %624
-  %626 = getelementptr inbounds float, ptr %panels, i64 %625
-  %b0156 = load <8 x float>, ptr %626, align 4
-  %627 = add nsw i64 %625, 8
-  %628 = getelementptr inbounds float, ptr %panels, i64 %627
-  %b1157 = load <8 x float>, ptr %628, align 4
-  %629 = getelementptr inbounds float, ptr %a0148, i64 %k155
-  %630 = load float, ptr %629, align 4
-  %631 = insertelement <8 x float> poison, float %630, i32 0
-  %632 = shufflevector <8 x float> %631, <8 x float> poison, <8 x i32> zeroinitializer
-  %633 = load <8 x float>, ptr %acc00149, align 4
-  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %b0156, <8 x float> %633)
-  store <8 x float> %634, ptr %acc00149, align 4
-  %635 = load <8 x float>, ptr %acc01150, align 4
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %b1157, <8 x float> %635)
-  store <8 x float> %636, ptr %acc01150, align 4
-  %637 = add nsw i64 %k155, 1
-  br label %k.head152
+k.body72:                                         ; preds = %k.head71
+  %715 = mul nsw i64 %k74, 16
+  %716 = add nsw i64 %panel.off70, %715
+  %717 = getelementptr inbounds float, ptr %panels, i64 %716
+  %718 = load <8 x float>, ptr %717, align 4
+  %719 = add nsw i64 %716, 8
+  %720 = getelementptr inbounds float, ptr %panels, i64 %719
+  %721 = load <8 x float>, ptr %720, align 4
+  %722 = getelementptr inbounds float, ptr %713, i64 %k74
+  %723 = load float, ptr %722, align 4
+  %724 = insertelement <8 x float> poison, float %723, i32 0
+  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
+  %726 = load <8 x float>, ptr %acc0068, align 4
+  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %718, <8 x float> %726)
+  store <8 x float> %727, ptr %acc0068, align 4
+  %728 = load <8 x float>, ptr %acc0169, align 4
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %721, <8 x float> %728)
+  store <8 x float> %729, ptr %acc0169, align 4
+  %730 = add nsw i64 %k74, 1
+  br label %k.head71
 
-k.end154:                                         ; preds = %k.head152
-  %638 = add nsw i64 %r0, 0
-  %639 = getelementptr inbounds float, ptr %rw, i64 %638
-  %w158 = load float, ptr %639, align 4
-  %640 = insertelement <8 x float> poison, float %w158, i32 0
-  %641 = shufflevector <8 x float> %640, <8 x float> poison, <8 x i32> zeroinitializer
-  %642 = mul nsw i64 %638, 1024
-  %643 = getelementptr inbounds float, ptr %h, i64 %642
-  %col159 = mul nsw i64 %p, 16
-  %644 = load <8 x float>, ptr %acc00149, align 4
-  %645 = load <8 x float>, ptr %acc01150, align 4
-  %646 = add nsw i64 %col159, 0
-  %647 = fcmp ogt <8 x float> %644, zeroinitializer
-  %relu160 = select <8 x i1> %647, <8 x float> %644, <8 x float> zeroinitializer
-  %648 = fmul <8 x float> %relu160, %641
-  %649 = getelementptr inbounds float, ptr %643, i64 %646
-  store <8 x float> %648, ptr %649, align 4
-  %650 = add nsw i64 %col159, 8
-  %651 = fcmp ogt <8 x float> %645, zeroinitializer
-  %relu161 = select <8 x i1> %651, <8 x float> %645, <8 x float> zeroinitializer
-  %652 = fmul <8 x float> %relu161, %641
-  %653 = getelementptr inbounds float, ptr %643, i64 %650
-  store <8 x float> %652, ptr %653, align 4
+k.end73:                                          ; preds = %k.head71
+  %731 = add nsw i64 %r0, 0
+  %732 = getelementptr inbounds float, ptr %rw, i64 %731
+  %733 = load float, ptr %732, align 4
+  %734 = insertelement <8 x float> poison, float %733, i32 0
+  %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
+  %736 = mul nsw i64 %731, 1024
+  %737 = getelementptr inbounds float, ptr %h, i64 %736
+  %col75 = mul nsw i64 %p, 16
+  %738 = load <8 x float>, ptr %acc0068, align 4
+  %739 = load <8 x float>, ptr %acc0169, align 4
+  %740 = add nsw i64 %col75, 0
+  %741 = fcmp ogt <8 x float> %738, zeroinitializer
+  %742 = select <8 x i1> %741, <8 x float> %738, <8 x float> zeroinitializer
+  %743 = fmul <8 x float> %742, %735
+  %744 = getelementptr inbounds float, ptr %737, i64 %740
+  store <8 x float> %743, ptr %744, align 4
+  %745 = add nsw i64 %col75, 8
+  %746 = fcmp ogt <8 x float> %739, zeroinitializer
+  %747 = select <8 x i1> %746, <8 x float> %739, <8 x float> zeroinitializer
+  %748 = fmul <8 x float> %747, %735
+  %749 = getelementptr inbounds float, ptr %737, i64 %745
+  store <8 x float> %748, ptr %749, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end154, %k.end136, %k.end111, %k.end79, %k.end40, %k.end
-  %654 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end73, %k.end64, %k.end52, %k.end37, %k.end19, %k.end
+  %750 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %655 = add nsw i64 %p, 1
+  %751 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -1813,36 +1673,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0037 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1042 = alloca <8 x float>, align 32
-  %acc1144 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2149 = alloca <8 x float>, align 32
-  %acc3052 = alloca <8 x float>, align 32
-  %acc3154 = alloca <8 x float>, align 32
-  %acc0065 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1070 = alloca <8 x float>, align 32
-  %acc1172 = alloca <8 x float>, align 32
-  %acc2075 = alloca <8 x float>, align 32
-  %acc2177 = alloca <8 x float>, align 32
-  %acc0088 = alloca <8 x float>, align 32
-  %acc0190 = alloca <8 x float>, align 32
-  %acc1093 = alloca <8 x float>, align 32
-  %acc1195 = alloca <8 x float>, align 32
-  %acc00106 = alloca <8 x float>, align 32
-  %acc01108 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0018 = alloca <8 x float>, align 32
+  %acc0119 = alloca <8 x float>, align 32
+  %acc1020 = alloca <8 x float>, align 32
+  %acc1121 = alloca <8 x float>, align 32
+  %acc2022 = alloca <8 x float>, align 32
+  %acc2123 = alloca <8 x float>, align 32
+  %acc3024 = alloca <8 x float>, align 32
+  %acc3125 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc0044 = alloca <8 x float>, align 32
+  %acc0145 = alloca <8 x float>, align 32
+  %acc1046 = alloca <8 x float>, align 32
+  %acc1147 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1851,7 +1711,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %563, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -1859,7 +1719,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %562, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -1879,782 +1739,782 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 1024
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 512
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 1024
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 512
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 1024
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 512
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 1024
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 512
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 1024
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 512
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 512
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 1024
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 512
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 1024
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 512
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 1024
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 512
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 1024
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 512
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 1024
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 512
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 1024
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 512
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 1024
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %144, %k.body ]
+  %88 = icmp slt i64 %k, 1024
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds float, ptr %panels, i64 %72
-  %b0 = load <8 x float>, ptr %73, align 4
-  %74 = add nsw i64 %72, 8
-  %75 = getelementptr inbounds float, ptr %panels, i64 %74
-  %b1 = load <8 x float>, ptr %75, align 4
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds float, ptr %panels, i64 %90
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = add nsw i64 %90, 8
+  %94 = getelementptr inbounds float, ptr %panels, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = getelementptr inbounds float, ptr %6, i64 %k
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = load <8 x float>, ptr %acc00, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %92, <8 x float> %100)
+  store <8 x float> %101, ptr %acc00, align 4
+  %102 = load <8 x float>, ptr %acc01, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %95, <8 x float> %102)
+  store <8 x float> %103, ptr %acc01, align 4
+  %104 = getelementptr inbounds float, ptr %20, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc10, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %92, <8 x float> %108)
+  store <8 x float> %109, ptr %acc10, align 4
+  %110 = load <8 x float>, ptr %acc11, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %95, <8 x float> %110)
+  store <8 x float> %111, ptr %acc11, align 4
+  %112 = getelementptr inbounds float, ptr %34, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc20, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %92, <8 x float> %116)
+  store <8 x float> %117, ptr %acc20, align 4
+  %118 = load <8 x float>, ptr %acc21, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %95, <8 x float> %118)
+  store <8 x float> %119, ptr %acc21, align 4
+  %120 = getelementptr inbounds float, ptr %48, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc30, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %92, <8 x float> %124)
+  store <8 x float> %125, ptr %acc30, align 4
+  %126 = load <8 x float>, ptr %acc31, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %95, <8 x float> %126)
+  store <8 x float> %127, ptr %acc31, align 4
+  %128 = getelementptr inbounds float, ptr %62, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc40, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %92, <8 x float> %132)
+  store <8 x float> %133, ptr %acc40, align 4
+  %134 = load <8 x float>, ptr %acc41, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %95, <8 x float> %134)
+  store <8 x float> %135, ptr %acc41, align 4
+  %136 = getelementptr inbounds float, ptr %76, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc50, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %92, <8 x float> %140)
+  store <8 x float> %141, ptr %acc50, align 4
+  %142 = load <8 x float>, ptr %acc51, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %95, <8 x float> %142)
+  store <8 x float> %143, ptr %acc51, align 4
+  %144 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %145 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %145, ptr %13, align 4
+  %146 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %146, ptr %16, align 4
+  %147 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %147, ptr %27, align 4
+  %148 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %148, ptr %30, align 4
+  %149 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %149, ptr %41, align 4
+  %150 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %150, ptr %44, align 4
+  %151 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %151, ptr %55, align 4
+  %152 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %152, ptr %58, align 4
+  %153 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %153, ptr %69, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %154, ptr %72, align 4
+  %155 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %155, ptr %83, align 4
+  %156 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %156, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 1024
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 512
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 1024
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 512
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 1024
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 512
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
+  %157 = add nsw i64 %r0, 0
+  %158 = mul nsw i64 %157, 1024
+  %159 = getelementptr inbounds float, ptr %h, i64 %158
+  %160 = getelementptr inbounds i32, ptr %rows, i64 %157
+  %161 = load i32, ptr %160, align 4
+  %162 = sext i32 %161 to i64
+  %163 = mul nsw i64 %162, 512
+  %164 = getelementptr inbounds float, ptr %y, i64 %163
+  %165 = add nsw i64 %col1, 0
+  %166 = getelementptr inbounds float, ptr %164, i64 %165
+  %167 = load <8 x float>, ptr %166, align 4
+  store <8 x float> %167, ptr %acc002, align 4
   %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
-  %171 = mul nsw i64 %170, 1024
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 512
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 1024
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 512
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 16384
-  br label %k.head28
+  %169 = getelementptr inbounds float, ptr %164, i64 %168
+  %170 = load <8 x float>, ptr %169, align 4
+  store <8 x float> %170, ptr %acc013, align 4
+  %171 = add nsw i64 %r0, 1
+  %172 = mul nsw i64 %171, 1024
+  %173 = getelementptr inbounds float, ptr %h, i64 %172
+  %174 = getelementptr inbounds i32, ptr %rows, i64 %171
+  %175 = load i32, ptr %174, align 4
+  %176 = sext i32 %175 to i64
+  %177 = mul nsw i64 %176, 512
+  %178 = getelementptr inbounds float, ptr %y, i64 %177
+  %179 = add nsw i64 %col1, 0
+  %180 = getelementptr inbounds float, ptr %178, i64 %179
+  %181 = load <8 x float>, ptr %180, align 4
+  store <8 x float> %181, ptr %acc104, align 4
+  %182 = add nsw i64 %col1, 8
+  %183 = getelementptr inbounds float, ptr %178, i64 %182
+  %184 = load <8 x float>, ptr %183, align 4
+  store <8 x float> %184, ptr %acc115, align 4
+  %185 = add nsw i64 %r0, 2
+  %186 = mul nsw i64 %185, 1024
+  %187 = getelementptr inbounds float, ptr %h, i64 %186
+  %188 = getelementptr inbounds i32, ptr %rows, i64 %185
+  %189 = load i32, ptr %188, align 4
+  %190 = sext i32 %189 to i64
+  %191 = mul nsw i64 %190, 512
+  %192 = getelementptr inbounds float, ptr %y, i64 %191
+  %193 = add nsw i64 %col1, 0
+  %194 = getelementptr inbounds float, ptr %192, i64 %193
+  %195 = load <8 x float>, ptr %194, align 4
+  store <8 x float> %195, ptr %acc206, align 4
+  %196 = add nsw i64 %col1, 8
+  %197 = getelementptr inbounds float, ptr %192, i64 %196
+  %198 = load <8 x float>, ptr %197, align 4
+  store <8 x float> %198, ptr %acc217, align 4
+  %199 = add nsw i64 %r0, 3
+  %200 = mul nsw i64 %199, 1024
+  %201 = getelementptr inbounds float, ptr %h, i64 %200
+  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
+  %203 = load i32, ptr %202, align 4
+  %204 = sext i32 %203 to i64
+  %205 = mul nsw i64 %204, 512
+  %206 = getelementptr inbounds float, ptr %y, i64 %205
+  %207 = add nsw i64 %col1, 0
+  %208 = getelementptr inbounds float, ptr %206, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  store <8 x float> %209, ptr %acc308, align 4
+  %210 = add nsw i64 %col1, 8
+  %211 = getelementptr inbounds float, ptr %206, i64 %210
+  %212 = load <8 x float>, ptr %211, align 4
+  store <8 x float> %212, ptr %acc319, align 4
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 1024
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 512
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col1, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  store <8 x float> %223, ptr %acc4010, align 4
+  %224 = add nsw i64 %col1, 8
+  %225 = getelementptr inbounds float, ptr %220, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  store <8 x float> %226, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 16384
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 1024
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %275, %k.body14 ]
+  %227 = icmp slt i64 %k16, 1024
+  br i1 %227, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds float, ptr %panels, i64 %194
-  %b032 = load <8 x float>, ptr %195, align 4
-  %196 = add nsw i64 %194, 8
-  %197 = getelementptr inbounds float, ptr %panels, i64 %196
-  %b133 = load <8 x float>, ptr %197, align 4
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b032, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b133, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b032, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b133, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b032, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b133, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b032, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b133, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b032, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b133, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %228 = mul nsw i64 %k16, 16
+  %229 = add nsw i64 %panel.off12, %228
+  %230 = getelementptr inbounds float, ptr %panels, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  %232 = add nsw i64 %229, 8
+  %233 = getelementptr inbounds float, ptr %panels, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  %235 = getelementptr inbounds float, ptr %159, i64 %k16
+  %236 = load float, ptr %235, align 4
+  %237 = insertelement <8 x float> poison, float %236, i32 0
+  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
+  %239 = load <8 x float>, ptr %acc002, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %231, <8 x float> %239)
+  store <8 x float> %240, ptr %acc002, align 4
+  %241 = load <8 x float>, ptr %acc013, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %234, <8 x float> %241)
+  store <8 x float> %242, ptr %acc013, align 4
+  %243 = getelementptr inbounds float, ptr %173, i64 %k16
+  %244 = load float, ptr %243, align 4
+  %245 = insertelement <8 x float> poison, float %244, i32 0
+  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
+  %247 = load <8 x float>, ptr %acc104, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %231, <8 x float> %247)
+  store <8 x float> %248, ptr %acc104, align 4
+  %249 = load <8 x float>, ptr %acc115, align 4
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %234, <8 x float> %249)
+  store <8 x float> %250, ptr %acc115, align 4
+  %251 = getelementptr inbounds float, ptr %187, i64 %k16
+  %252 = load float, ptr %251, align 4
+  %253 = insertelement <8 x float> poison, float %252, i32 0
+  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
+  %255 = load <8 x float>, ptr %acc206, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %231, <8 x float> %255)
+  store <8 x float> %256, ptr %acc206, align 4
+  %257 = load <8 x float>, ptr %acc217, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %234, <8 x float> %257)
+  store <8 x float> %258, ptr %acc217, align 4
+  %259 = getelementptr inbounds float, ptr %201, i64 %k16
+  %260 = load float, ptr %259, align 4
+  %261 = insertelement <8 x float> poison, float %260, i32 0
+  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
+  %263 = load <8 x float>, ptr %acc308, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %231, <8 x float> %263)
+  store <8 x float> %264, ptr %acc308, align 4
+  %265 = load <8 x float>, ptr %acc319, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %234, <8 x float> %265)
+  store <8 x float> %266, ptr %acc319, align 4
+  %267 = getelementptr inbounds float, ptr %215, i64 %k16
+  %268 = load float, ptr %267, align 4
+  %269 = insertelement <8 x float> poison, float %268, i32 0
+  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
+  %271 = load <8 x float>, ptr %acc4010, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %231, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4010, align 4
+  %273 = load <8 x float>, ptr %acc4111, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %234, <8 x float> %273)
+  store <8 x float> %274, ptr %acc4111, align 4
+  %275 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %276 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %276, ptr %166, align 4
+  %277 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %277, ptr %169, align 4
+  %278 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %278, ptr %180, align 4
+  %279 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %279, ptr %183, align 4
+  %280 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %280, ptr %194, align 4
+  %281 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %281, ptr %197, align 4
+  %282 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %282, ptr %208, align 4
+  %283 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %283, ptr %211, align 4
+  %284 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %284, ptr %222, align 4
+  %285 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %285, ptr %225, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col34 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 1024
-  %h035 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 512
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col34, 0
-  %y0036 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0036, align 4
-  store <8 x float> %257, ptr %acc0037, align 4
-  %258 = add nsw i64 %col34, 8
-  %y0138 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0138, align 4
-  store <8 x float> %259, ptr %acc0139, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 1024
-  %h140 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 512
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col34, 0
-  %y1041 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1041, align 4
-  store <8 x float> %268, ptr %acc1042, align 4
-  %269 = add nsw i64 %col34, 8
-  %y1143 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1143, align 4
-  store <8 x float> %270, ptr %acc1144, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 1024
-  %h245 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 512
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col34, 0
-  %y2046 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2046, align 4
-  store <8 x float> %279, ptr %acc2047, align 4
-  %280 = add nsw i64 %col34, 8
-  %y2148 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2148, align 4
-  store <8 x float> %281, ptr %acc2149, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 1024
-  %h350 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 512
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col34, 0
-  %y3051 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3051, align 4
-  store <8 x float> %290, ptr %acc3052, align 4
-  %291 = add nsw i64 %col34, 8
-  %y3153 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3153, align 4
-  store <8 x float> %292, ptr %acc3154, align 4
-  %panel.off55 = mul nsw i64 %p, 16384
-  br label %k.head56
+  %col17 = mul nsw i64 %p, 16
+  %286 = add nsw i64 %r0, 0
+  %287 = mul nsw i64 %286, 1024
+  %288 = getelementptr inbounds float, ptr %h, i64 %287
+  %289 = getelementptr inbounds i32, ptr %rows, i64 %286
+  %290 = load i32, ptr %289, align 4
+  %291 = sext i32 %290 to i64
+  %292 = mul nsw i64 %291, 512
+  %293 = getelementptr inbounds float, ptr %y, i64 %292
+  %294 = add nsw i64 %col17, 0
+  %295 = getelementptr inbounds float, ptr %293, i64 %294
+  %296 = load <8 x float>, ptr %295, align 4
+  store <8 x float> %296, ptr %acc0018, align 4
+  %297 = add nsw i64 %col17, 8
+  %298 = getelementptr inbounds float, ptr %293, i64 %297
+  %299 = load <8 x float>, ptr %298, align 4
+  store <8 x float> %299, ptr %acc0119, align 4
+  %300 = add nsw i64 %r0, 1
+  %301 = mul nsw i64 %300, 1024
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 512
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col17, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc1020, align 4
+  %311 = add nsw i64 %col17, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc1121, align 4
+  %314 = add nsw i64 %r0, 2
+  %315 = mul nsw i64 %314, 1024
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 512
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col17, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc2022, align 4
+  %325 = add nsw i64 %col17, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc2123, align 4
+  %328 = add nsw i64 %r0, 3
+  %329 = mul nsw i64 %328, 1024
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 512
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col17, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc3024, align 4
+  %339 = add nsw i64 %col17, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc3125, align 4
+  %panel.off26 = mul nsw i64 %p, 16384
+  br label %k.head27
 
-k.head56:                                         ; preds = %k.body57, %tile.mr4
-  %k59 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body57 ]
-  %293 = icmp slt i64 %k59, 1024
-  br i1 %293, label %k.body57, label %k.end58
+k.head27:                                         ; preds = %k.body28, %tile.mr4
+  %k30 = phi i64 [ 0, %tile.mr4 ], [ %382, %k.body28 ]
+  %342 = icmp slt i64 %k30, 1024
+  br i1 %342, label %k.body28, label %k.end29
 
-k.body57:                                         ; preds = %k.head56
-  %294 = mul nsw i64 %k59, 16
-  %295 = add nsw i64 %panel.off55, %294
-  %296 = getelementptr inbounds float, ptr %panels, i64 %295
-  %b060 = load <8 x float>, ptr %296, align 4
-  %297 = add nsw i64 %295, 8
-  %298 = getelementptr inbounds float, ptr %panels, i64 %297
-  %b161 = load <8 x float>, ptr %298, align 4
-  %299 = getelementptr inbounds float, ptr %h035, i64 %k59
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0037, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b060, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0037, align 4
-  %305 = load <8 x float>, ptr %acc0139, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b161, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0139, align 4
-  %307 = getelementptr inbounds float, ptr %h140, i64 %k59
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1042, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b060, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1042, align 4
-  %313 = load <8 x float>, ptr %acc1144, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b161, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1144, align 4
-  %315 = getelementptr inbounds float, ptr %h245, i64 %k59
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2047, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b060, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2047, align 4
-  %321 = load <8 x float>, ptr %acc2149, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b161, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2149, align 4
-  %323 = getelementptr inbounds float, ptr %h350, i64 %k59
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3052, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b060, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3052, align 4
-  %329 = load <8 x float>, ptr %acc3154, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b161, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3154, align 4
-  %331 = add nsw i64 %k59, 1
-  br label %k.head56
+k.body28:                                         ; preds = %k.head27
+  %343 = mul nsw i64 %k30, 16
+  %344 = add nsw i64 %panel.off26, %343
+  %345 = getelementptr inbounds float, ptr %panels, i64 %344
+  %346 = load <8 x float>, ptr %345, align 4
+  %347 = add nsw i64 %344, 8
+  %348 = getelementptr inbounds float, ptr %panels, i64 %347
+  %349 = load <8 x float>, ptr %348, align 4
+  %350 = getelementptr inbounds float, ptr %288, i64 %k30
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = load <8 x float>, ptr %acc0018, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %346, <8 x float> %354)
+  store <8 x float> %355, ptr %acc0018, align 4
+  %356 = load <8 x float>, ptr %acc0119, align 4
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %349, <8 x float> %356)
+  store <8 x float> %357, ptr %acc0119, align 4
+  %358 = getelementptr inbounds float, ptr %302, i64 %k30
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc1020, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %346, <8 x float> %362)
+  store <8 x float> %363, ptr %acc1020, align 4
+  %364 = load <8 x float>, ptr %acc1121, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %349, <8 x float> %364)
+  store <8 x float> %365, ptr %acc1121, align 4
+  %366 = getelementptr inbounds float, ptr %316, i64 %k30
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc2022, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %346, <8 x float> %370)
+  store <8 x float> %371, ptr %acc2022, align 4
+  %372 = load <8 x float>, ptr %acc2123, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %349, <8 x float> %372)
+  store <8 x float> %373, ptr %acc2123, align 4
+  %374 = getelementptr inbounds float, ptr %330, i64 %k30
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc3024, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %346, <8 x float> %378)
+  store <8 x float> %379, ptr %acc3024, align 4
+  %380 = load <8 x float>, ptr %acc3125, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %349, <8 x float> %380)
+  store <8 x float> %381, ptr %acc3125, align 4
+  %382 = add nsw i64 %k30, 1
+  br label %k.head27
 
-k.end58:                                          ; preds = %k.head56
-  %332 = load <8 x float>, ptr %acc0037, align 4
-  store <8 x float> %332, ptr %y0036, align 4
-  %333 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %333, ptr %y0138, align 4
-  %334 = load <8 x float>, ptr %acc1042, align 4
-  store <8 x float> %334, ptr %y1041, align 4
-  %335 = load <8 x float>, ptr %acc1144, align 4
-  store <8 x float> %335, ptr %y1143, align 4
-  %336 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %336, ptr %y2046, align 4
-  %337 = load <8 x float>, ptr %acc2149, align 4
-  store <8 x float> %337, ptr %y2148, align 4
-  %338 = load <8 x float>, ptr %acc3052, align 4
-  store <8 x float> %338, ptr %y3051, align 4
-  %339 = load <8 x float>, ptr %acc3154, align 4
-  store <8 x float> %339, ptr %y3153, align 4
+k.end29:                                          ; preds = %k.head27
+  %383 = load <8 x float>, ptr %acc0018, align 4
+  store <8 x float> %383, ptr %295, align 4
+  %384 = load <8 x float>, ptr %acc0119, align 4
+  store <8 x float> %384, ptr %298, align 4
+  %385 = load <8 x float>, ptr %acc1020, align 4
+  store <8 x float> %385, ptr %309, align 4
+  %386 = load <8 x float>, ptr %acc1121, align 4
+  store <8 x float> %386, ptr %312, align 4
+  %387 = load <8 x float>, ptr %acc2022, align 4
+  store <8 x float> %387, ptr %323, align 4
+  %388 = load <8 x float>, ptr %acc2123, align 4
+  store <8 x float> %388, ptr %326, align 4
+  %389 = load <8 x float>, ptr %acc3024, align 4
+  store <8 x float> %389, ptr %337, align 4
+  %390 = load <8 x float>, ptr %acc3125, align 4
+  store <8 x float> %390, ptr %340, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col62 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 1024
-  %h063 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 512
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col62, 0
-  %y0064 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0064, align 4
-  store <8 x float> %348, ptr %acc0065, align 4
-  %349 = add nsw i64 %col62, 8
-  %y0166 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0166, align 4
-  store <8 x float> %350, ptr %acc0167, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 1024
-  %h168 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 512
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col62, 0
-  %y1069 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1069, align 4
-  store <8 x float> %359, ptr %acc1070, align 4
-  %360 = add nsw i64 %col62, 8
-  %y1171 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1171, align 4
-  store <8 x float> %361, ptr %acc1172, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 1024
-  %h273 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 512
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col62, 0
-  %y2074 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2074, align 4
-  store <8 x float> %370, ptr %acc2075, align 4
-  %371 = add nsw i64 %col62, 8
-  %y2176 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2176, align 4
-  store <8 x float> %372, ptr %acc2177, align 4
-  %panel.off78 = mul nsw i64 %p, 16384
-  br label %k.head79
+  %col31 = mul nsw i64 %p, 16
+  %391 = add nsw i64 %r0, 0
+  %392 = mul nsw i64 %391, 1024
+  %393 = getelementptr inbounds float, ptr %h, i64 %392
+  %394 = getelementptr inbounds i32, ptr %rows, i64 %391
+  %395 = load i32, ptr %394, align 4
+  %396 = sext i32 %395 to i64
+  %397 = mul nsw i64 %396, 512
+  %398 = getelementptr inbounds float, ptr %y, i64 %397
+  %399 = add nsw i64 %col31, 0
+  %400 = getelementptr inbounds float, ptr %398, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0032, align 4
+  %402 = add nsw i64 %col31, 8
+  %403 = getelementptr inbounds float, ptr %398, i64 %402
+  %404 = load <8 x float>, ptr %403, align 4
+  store <8 x float> %404, ptr %acc0133, align 4
+  %405 = add nsw i64 %r0, 1
+  %406 = mul nsw i64 %405, 1024
+  %407 = getelementptr inbounds float, ptr %h, i64 %406
+  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
+  %409 = load i32, ptr %408, align 4
+  %410 = sext i32 %409 to i64
+  %411 = mul nsw i64 %410, 512
+  %412 = getelementptr inbounds float, ptr %y, i64 %411
+  %413 = add nsw i64 %col31, 0
+  %414 = getelementptr inbounds float, ptr %412, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1034, align 4
+  %416 = add nsw i64 %col31, 8
+  %417 = getelementptr inbounds float, ptr %412, i64 %416
+  %418 = load <8 x float>, ptr %417, align 4
+  store <8 x float> %418, ptr %acc1135, align 4
+  %419 = add nsw i64 %r0, 2
+  %420 = mul nsw i64 %419, 1024
+  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %422 = getelementptr inbounds i32, ptr %rows, i64 %419
+  %423 = load i32, ptr %422, align 4
+  %424 = sext i32 %423 to i64
+  %425 = mul nsw i64 %424, 512
+  %426 = getelementptr inbounds float, ptr %y, i64 %425
+  %427 = add nsw i64 %col31, 0
+  %428 = getelementptr inbounds float, ptr %426, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2036, align 4
+  %430 = add nsw i64 %col31, 8
+  %431 = getelementptr inbounds float, ptr %426, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  store <8 x float> %432, ptr %acc2137, align 4
+  %panel.off38 = mul nsw i64 %p, 16384
+  br label %k.head39
 
-k.head79:                                         ; preds = %k.body80, %tile.mr3
-  %k82 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body80 ]
-  %373 = icmp slt i64 %k82, 1024
-  br i1 %373, label %k.body80, label %k.end81
+k.head39:                                         ; preds = %k.body40, %tile.mr3
+  %k42 = phi i64 [ 0, %tile.mr3 ], [ %465, %k.body40 ]
+  %433 = icmp slt i64 %k42, 1024
+  br i1 %433, label %k.body40, label %k.end41
 
-k.body80:                                         ; preds = %k.head79
-  %374 = mul nsw i64 %k82, 16
-  %375 = add nsw i64 %panel.off78, %374
-  %376 = getelementptr inbounds float, ptr %panels, i64 %375
-  %b083 = load <8 x float>, ptr %376, align 4
-  %377 = add nsw i64 %375, 8
-  %378 = getelementptr inbounds float, ptr %panels, i64 %377
-  %b184 = load <8 x float>, ptr %378, align 4
-  %379 = getelementptr inbounds float, ptr %h063, i64 %k82
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0065, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b083, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0065, align 4
-  %385 = load <8 x float>, ptr %acc0167, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b184, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0167, align 4
-  %387 = getelementptr inbounds float, ptr %h168, i64 %k82
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1070, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b083, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1070, align 4
-  %393 = load <8 x float>, ptr %acc1172, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b184, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1172, align 4
-  %395 = getelementptr inbounds float, ptr %h273, i64 %k82
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2075, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b083, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2075, align 4
-  %401 = load <8 x float>, ptr %acc2177, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b184, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2177, align 4
-  %403 = add nsw i64 %k82, 1
-  br label %k.head79
+k.body40:                                         ; preds = %k.head39
+  %434 = mul nsw i64 %k42, 16
+  %435 = add nsw i64 %panel.off38, %434
+  %436 = getelementptr inbounds float, ptr %panels, i64 %435
+  %437 = load <8 x float>, ptr %436, align 4
+  %438 = add nsw i64 %435, 8
+  %439 = getelementptr inbounds float, ptr %panels, i64 %438
+  %440 = load <8 x float>, ptr %439, align 4
+  %441 = getelementptr inbounds float, ptr %393, i64 %k42
+  %442 = load float, ptr %441, align 4
+  %443 = insertelement <8 x float> poison, float %442, i32 0
+  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
+  %445 = load <8 x float>, ptr %acc0032, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %437, <8 x float> %445)
+  store <8 x float> %446, ptr %acc0032, align 4
+  %447 = load <8 x float>, ptr %acc0133, align 4
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %440, <8 x float> %447)
+  store <8 x float> %448, ptr %acc0133, align 4
+  %449 = getelementptr inbounds float, ptr %407, i64 %k42
+  %450 = load float, ptr %449, align 4
+  %451 = insertelement <8 x float> poison, float %450, i32 0
+  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
+  %453 = load <8 x float>, ptr %acc1034, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %437, <8 x float> %453)
+  store <8 x float> %454, ptr %acc1034, align 4
+  %455 = load <8 x float>, ptr %acc1135, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %440, <8 x float> %455)
+  store <8 x float> %456, ptr %acc1135, align 4
+  %457 = getelementptr inbounds float, ptr %421, i64 %k42
+  %458 = load float, ptr %457, align 4
+  %459 = insertelement <8 x float> poison, float %458, i32 0
+  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
+  %461 = load <8 x float>, ptr %acc2036, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %437, <8 x float> %461)
+  store <8 x float> %462, ptr %acc2036, align 4
+  %463 = load <8 x float>, ptr %acc2137, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %440, <8 x float> %463)
+  store <8 x float> %464, ptr %acc2137, align 4
+  %465 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end81:                                          ; preds = %k.head79
-  %404 = load <8 x float>, ptr %acc0065, align 4
-  store <8 x float> %404, ptr %y0064, align 4
-  %405 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %405, ptr %y0166, align 4
-  %406 = load <8 x float>, ptr %acc1070, align 4
-  store <8 x float> %406, ptr %y1069, align 4
-  %407 = load <8 x float>, ptr %acc1172, align 4
-  store <8 x float> %407, ptr %y1171, align 4
-  %408 = load <8 x float>, ptr %acc2075, align 4
-  store <8 x float> %408, ptr %y2074, align 4
-  %409 = load <8 x float>, ptr %acc2177, align 4
-  store <8 x float> %409, ptr %y2176, align 4
+k.end41:                                          ; preds = %k.head39
+  %466 = load <8 x float>, ptr %acc0032, align 4
+  store <8 x float> %466, ptr %400, align 4
+  %467 = load <8 x float>, ptr %acc0133, align 4
+  store <8 x float> %467, ptr %403, align 4
+  %468 = load <8 x float>, ptr %acc1034, align 4
+  store <8 x float> %468, ptr %414, align 4
+  %469 = load <8 x float>, ptr %acc1135, align 4
+  store <8 x float> %469, ptr %417, align 4
+  %470 = load <8 x float>, ptr %acc2036, align 4
+  store <8 x float> %470, ptr %428, align 4
+  %471 = load <8 x float>, ptr %acc2137, align 4
+  store <8 x float> %471, ptr %431, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col85 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 1024
-  %h086 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 512
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col85, 0
-  %y0087 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0087, align 4
-  store <8 x float> %418, ptr %acc0088, align 4
-  %419 = add nsw i64 %col85, 8
-  %y0189 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0189, align 4
-  store <8 x float> %420, ptr %acc0190, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 1024
-  %h191 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 512
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col85, 0
-  %y1092 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1092, align 4
-  store <8 x float> %429, ptr %acc1093, align 4
-  %430 = add nsw i64 %col85, 8
-  %y1194 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1194, align 4
-  store <8 x float> %431, ptr %acc1195, align 4
-  %panel.off96 = mul nsw i64 %p, 16384
-  br label %k.head97
+  %col43 = mul nsw i64 %p, 16
+  %472 = add nsw i64 %r0, 0
+  %473 = mul nsw i64 %472, 1024
+  %474 = getelementptr inbounds float, ptr %h, i64 %473
+  %475 = getelementptr inbounds i32, ptr %rows, i64 %472
+  %476 = load i32, ptr %475, align 4
+  %477 = sext i32 %476 to i64
+  %478 = mul nsw i64 %477, 512
+  %479 = getelementptr inbounds float, ptr %y, i64 %478
+  %480 = add nsw i64 %col43, 0
+  %481 = getelementptr inbounds float, ptr %479, i64 %480
+  %482 = load <8 x float>, ptr %481, align 4
+  store <8 x float> %482, ptr %acc0044, align 4
+  %483 = add nsw i64 %col43, 8
+  %484 = getelementptr inbounds float, ptr %479, i64 %483
+  %485 = load <8 x float>, ptr %484, align 4
+  store <8 x float> %485, ptr %acc0145, align 4
+  %486 = add nsw i64 %r0, 1
+  %487 = mul nsw i64 %486, 1024
+  %488 = getelementptr inbounds float, ptr %h, i64 %487
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 512
+  %493 = getelementptr inbounds float, ptr %y, i64 %492
+  %494 = add nsw i64 %col43, 0
+  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  %496 = load <8 x float>, ptr %495, align 4
+  store <8 x float> %496, ptr %acc1046, align 4
+  %497 = add nsw i64 %col43, 8
+  %498 = getelementptr inbounds float, ptr %493, i64 %497
+  %499 = load <8 x float>, ptr %498, align 4
+  store <8 x float> %499, ptr %acc1147, align 4
+  %panel.off48 = mul nsw i64 %p, 16384
+  br label %k.head49
 
-k.head97:                                         ; preds = %k.body98, %tile.mr2
-  %k100 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body98 ]
-  %432 = icmp slt i64 %k100, 1024
-  br i1 %432, label %k.body98, label %k.end99
+k.head49:                                         ; preds = %k.body50, %tile.mr2
+  %k52 = phi i64 [ 0, %tile.mr2 ], [ %524, %k.body50 ]
+  %500 = icmp slt i64 %k52, 1024
+  br i1 %500, label %k.body50, label %k.end51
 
-k.body98:                                         ; preds = %k.head97
-  %433 = mul nsw i64 %k100, 16
-  %434 = add nsw i64 %panel.off96, %433
-  %435 = getelementptr inbounds float, ptr %panels, i64 %434
-  %b0101 = load <8 x float>, ptr %435, align 4
-  %436 = add nsw i64 %434, 8
-  %437 = getelementptr inbounds float, ptr %panels, i64 %436
-  %b1102 = load <8 x float>, ptr %437, align 4
-  %438 = getelementptr inbounds float, ptr %h086, i64 %k100
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0088, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0101, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0088, align 4
-  %444 = load <8 x float>, ptr %acc0190, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1102, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0190, align 4
-  %446 = getelementptr inbounds float, ptr %h191, i64 %k100
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1093, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0101, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1093, align 4
-  %452 = load <8 x float>, ptr %acc1195, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1102, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1195, align 4
-  %454 = add nsw i64 %k100, 1
-  br label %k.head97
+k.body50:                                         ; preds = %k.head49
+  %501 = mul nsw i64 %k52, 16
+  %502 = add nsw i64 %panel.off48, %501
+  %503 = getelementptr inbounds float, ptr %panels, i64 %502
+  %504 = load <8 x float>, ptr %503, align 4
+  %505 = add nsw i64 %502, 8
+  %506 = getelementptr inbounds float, ptr %panels, i64 %505
+  %507 = load <8 x float>, ptr %506, align 4
+  %508 = getelementptr inbounds float, ptr %474, i64 %k52
+  %509 = load float, ptr %508, align 4
+  %510 = insertelement <8 x float> poison, float %509, i32 0
+  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
+  %512 = load <8 x float>, ptr %acc0044, align 4
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %504, <8 x float> %512)
+  store <8 x float> %513, ptr %acc0044, align 4
+  %514 = load <8 x float>, ptr %acc0145, align 4
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %507, <8 x float> %514)
+  store <8 x float> %515, ptr %acc0145, align 4
+  %516 = getelementptr inbounds float, ptr %488, i64 %k52
+  %517 = load float, ptr %516, align 4
+  %518 = insertelement <8 x float> poison, float %517, i32 0
+  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
+  %520 = load <8 x float>, ptr %acc1046, align 4
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %504, <8 x float> %520)
+  store <8 x float> %521, ptr %acc1046, align 4
+  %522 = load <8 x float>, ptr %acc1147, align 4
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %507, <8 x float> %522)
+  store <8 x float> %523, ptr %acc1147, align 4
+  %524 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end99:                                          ; preds = %k.head97
-  %455 = load <8 x float>, ptr %acc0088, align 4
-  store <8 x float> %455, ptr %y0087, align 4
-  %456 = load <8 x float>, ptr %acc0190, align 4
-  store <8 x float> %456, ptr %y0189, align 4
-  %457 = load <8 x float>, ptr %acc1093, align 4
-  store <8 x float> %457, ptr %y1092, align 4
-  %458 = load <8 x float>, ptr %acc1195, align 4
-  store <8 x float> %458, ptr %y1194, align 4
+k.end51:                                          ; preds = %k.head49
+  %525 = load <8 x float>, ptr %acc0044, align 4
+  store <8 x float> %525, ptr %481, align 4
+  %526 = load <8 x float>, ptr %acc0145, align 4
+  store <8 x float> %526, ptr %484, align 4
+  %527 = load <8 x float>, ptr %acc1046, align 4
+  store <8 x float> %527, ptr %495, align 4
+  %528 = load <8 x float>, ptr %acc1147, align 4
+  store <8 x float> %528, ptr %498, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col103 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 1024
-  %h0104 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 512
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col103, 0
-  %y00105 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00105, align 4
-  store <8 x float> %467, ptr %acc00106, align 4
-  %468 = add nsw i64 %col103, 8
-  %y01107 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01107, align 4
-  store <8 x float> %469, ptr %acc01108, align 4
-  %panel.off109 = mul nsw i64 %p, 16384
-  br label %k.head110
+  %col53 = mul nsw i64 %p, 16
+  %529 = add nsw i64 %r0, 0
+  %530 = mul nsw i64 %529, 1024
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %529
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 512
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col53, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  store <8 x float> %539, ptr %acc0054, align 4
+  %540 = add nsw i64 %col53, 8
+  %541 = getelementptr inbounds float, ptr %536, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  store <8 x float> %542, ptr %acc0155, align 4
+  %panel.off56 = mul nsw i64 %p, 16384
+  br label %k.head57
 
-k.head110:                                        ; preds = %k.body111, %tile.mr1
-  %k113 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body111 ]
-  %470 = icmp slt i64 %k113, 1024
-  br i1 %470, label %k.body111, label %k.end112
+k.head57:                                         ; preds = %k.body58, %tile.mr1
+  %k60 = phi i64 [ 0, %tile.mr1 ], [ %559, %k.body58 ]
+  %543 = icmp slt i64 %k60, 1024
+  br i1 %543, label %k.body58, label %k.end59
 
-k.body111:                                        ; preds = %k.head110
-  %471 = mul nsw i64 %k113, 16
-  %472 = add nsw i64 %panel.off109, %471
-  %473 = getelementptr inbounds float, ptr %panels, i64 %472
-  %b0114 = load <8 x float>, ptr %473, align 4
-  %474 = add nsw i64 %472, 8
-  %475 = getelementptr inbounds float, ptr %panels, i64 %474
-  %b1115 = load <8 x float>, ptr %475, align 4
-  %476 = getelementptr inbounds float, ptr %h0104, i64 %k113
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00106, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0114, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00106, align 4
-  %482 = load <8 x float>, ptr %acc01108, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1115, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01108, align 4
-  %484 = add nsw i64 %k113, 1
-  br label %k.head110
+k.body58:                                         ; preds = %k.head57
+  %544 = mul nsw i64 %k60, 16
+  %545 = add nsw i64 %panel.off56, %544
+  %546 = getelementptr inbounds float, ptr %panels, i64 %545
+  %547 = load <8 x float>, ptr %546, align 4
+  %548 = add nsw i64 %545, 8
+  %549 = getelementptr inbounds float, ptr %panels, i64 %548
+  %550 = load <8 x float>, ptr %549, align 4
+  %551 = getelementptr inbounds float, ptr %531, i64 %k60
+  %552 = load float, ptr %551, align 4
+  %553 = insertelement <8 x float> poison, float %552, i32 0
+  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
+  %555 = load <8 x float>, ptr %acc0054, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
+  store <8 x float> %556, ptr %acc0054, align 4
+  %557 = load <8 x float>, ptr %acc0155, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
+  store <8 x float> %558, ptr %acc0155, align 4
+  %559 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end112:                                         ; preds = %k.head110
-  %485 = load <8 x float>, ptr %acc00106, align 4
-  store <8 x float> %485, ptr %y00105, align 4
-  %486 = load <8 x float>, ptr %acc01108, align 4
-  store <8 x float> %486, ptr %y01107, align 4
+k.end59:                                          ; preds = %k.head57
+  %560 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %560, ptr %538, align 4
+  %561 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %561, ptr %541, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end112, %k.end99, %k.end81, %k.end58, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end59, %k.end51, %k.end41, %k.end29, %k.end15, %k.end
+  %562 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %563 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

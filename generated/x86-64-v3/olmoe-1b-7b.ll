@@ -16,7 +16,7 @@ entry:
   %l = alloca [64 x float], align 32
   %s = alloca [64 x float], align 32
   %c = alloca [64 x float], align 32
-  %taken = alloca [64 x i8], align 32
+  %idx = alloca [8 x i64], align 32
   %lacc0 = alloca <8 x float>, align 32
   %lacc1 = alloca <8 x float>, align 32
   %lacc2 = alloca <8 x float>, align 32
@@ -25,29 +25,28 @@ entry:
   %lacc5 = alloca <8 x float>, align 32
   %lacc6 = alloca <8 x float>, align 32
   %lacc7 = alloca <8 x float>, align 32
-  %lmax = alloca float, align 32
-  %sum = alloca float, align 32
-  %best = alloca i64, align 32
-  %bestv = alloca float, align 32
+  %smax = alloca float, align 32
+  %ssum = alloca float, align 32
+  %tk.m = alloca i64, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %t.head
 
-t.head:                                           ; preds = %top.j.end, %start
-  %t = phi i64 [ %t0, %start ], [ %167, %top.j.end ]
+t.head:                                           ; preds = %top.end, %start
+  %t = phi i64 [ %t0, %start ], [ %197, %top.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %1 = mul nsw i64 %t, 2048
-  %xrow = getelementptr inbounds float, ptr %x, i64 %1
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
   br label %pb.head
 
 pb.head:                                          ; preds = %hh.end, %t.body
-  %pb = phi i64 [ 0, %t.body ], [ %104, %hh.end ]
-  %2 = icmp slt i64 %pb, 8
-  br i1 %2, label %pb.body, label %pb.end
+  %pb = phi i64 [ 0, %t.body ], [ %114, %hh.end ]
+  %3 = icmp slt i64 %pb, 8
+  br i1 %3, label %pb.body, label %pb.end
 
 pb.body:                                          ; preds = %pb.head
   store <8 x float> zeroinitializer, ptr %lacc0, align 4
@@ -61,314 +60,337 @@ pb.body:                                          ; preds = %pb.head
   br label %hh.head
 
 hh.head:                                          ; preds = %hh.body, %pb.body
-  %hh = phi i64 [ 0, %pb.body ], [ %71, %hh.body ]
-  %3 = icmp slt i64 %hh, 2048
-  br i1 %3, label %hh.body, label %hh.end
+  %hh = phi i64 [ 0, %pb.body ], [ %81, %hh.body ]
+  %4 = icmp slt i64 %hh, 2048
+  br i1 %4, label %hh.body, label %hh.end
 
 hh.body:                                          ; preds = %hh.head
-  %4 = getelementptr inbounds float, ptr %xrow, i64 %hh
-  %xh = load float, ptr %4, align 4
-  %5 = insertelement <8 x float> poison, float %xh, i32 0
-  %6 = shufflevector <8 x float> %5, <8 x float> poison, <8 x i32> zeroinitializer
-  %7 = add nsw i64 %pb, 0
-  %8 = mul nsw i64 %7, 16384
-  %9 = mul nsw i64 %hh, 8
-  %10 = add nsw i64 %8, %9
-  %11 = getelementptr inbounds float, ptr %router, i64 %10
-  %wr = load <8 x float>, ptr %11, align 4
-  %12 = fmul <8 x float> %6, %wr
-  %13 = load <8 x float>, ptr %lacc0, align 4
-  %14 = fadd <8 x float> %13, %12
-  store <8 x float> %14, ptr %lacc0, align 4
-  %15 = add nsw i64 %pb, 1
-  %16 = mul nsw i64 %15, 16384
-  %17 = mul nsw i64 %hh, 8
-  %18 = add nsw i64 %16, %17
-  %19 = getelementptr inbounds float, ptr %router, i64 %18
-  %wr1 = load <8 x float>, ptr %19, align 4
-  %20 = fmul <8 x float> %6, %wr1
-  %21 = load <8 x float>, ptr %lacc1, align 4
-  %22 = fadd <8 x float> %21, %20
-  store <8 x float> %22, ptr %lacc1, align 4
-  %23 = add nsw i64 %pb, 2
-  %24 = mul nsw i64 %23, 16384
-  %25 = mul nsw i64 %hh, 8
-  %26 = add nsw i64 %24, %25
-  %27 = getelementptr inbounds float, ptr %router, i64 %26
-  %wr2 = load <8 x float>, ptr %27, align 4
-  %28 = fmul <8 x float> %6, %wr2
-  %29 = load <8 x float>, ptr %lacc2, align 4
-  %30 = fadd <8 x float> %29, %28
-  store <8 x float> %30, ptr %lacc2, align 4
-  %31 = add nsw i64 %pb, 3
-  %32 = mul nsw i64 %31, 16384
-  %33 = mul nsw i64 %hh, 8
-  %34 = add nsw i64 %32, %33
-  %35 = getelementptr inbounds float, ptr %router, i64 %34
-  %wr3 = load <8 x float>, ptr %35, align 4
-  %36 = fmul <8 x float> %6, %wr3
-  %37 = load <8 x float>, ptr %lacc3, align 4
-  %38 = fadd <8 x float> %37, %36
-  store <8 x float> %38, ptr %lacc3, align 4
-  %39 = add nsw i64 %pb, 4
-  %40 = mul nsw i64 %39, 16384
-  %41 = mul nsw i64 %hh, 8
-  %42 = add nsw i64 %40, %41
-  %43 = getelementptr inbounds float, ptr %router, i64 %42
-  %wr4 = load <8 x float>, ptr %43, align 4
-  %44 = fmul <8 x float> %6, %wr4
-  %45 = load <8 x float>, ptr %lacc4, align 4
-  %46 = fadd <8 x float> %45, %44
-  store <8 x float> %46, ptr %lacc4, align 4
-  %47 = add nsw i64 %pb, 5
-  %48 = mul nsw i64 %47, 16384
-  %49 = mul nsw i64 %hh, 8
-  %50 = add nsw i64 %48, %49
-  %51 = getelementptr inbounds float, ptr %router, i64 %50
-  %wr5 = load <8 x float>, ptr %51, align 4
-  %52 = fmul <8 x float> %6, %wr5
-  %53 = load <8 x float>, ptr %lacc5, align 4
-  %54 = fadd <8 x float> %53, %52
-  store <8 x float> %54, ptr %lacc5, align 4
-  %55 = add nsw i64 %pb, 6
-  %56 = mul nsw i64 %55, 16384
-  %57 = mul nsw i64 %hh, 8
-  %58 = add nsw i64 %56, %57
-  %59 = getelementptr inbounds float, ptr %router, i64 %58
-  %wr6 = load <8 x float>, ptr %59, align 4
-  %60 = fmul <8 x float> %6, %wr6
-  %61 = load <8 x float>, ptr %lacc6, align 4
+  %5 = getelementptr inbounds float, ptr %2, i64 %hh
+  %6 = load float, ptr %5, align 4
+  %7 = insertelement <8 x float> poison, float %6, i32 0
+  %8 = shufflevector <8 x float> %7, <8 x float> poison, <8 x i32> zeroinitializer
+  %9 = add nsw i64 %pb, 0
+  %10 = mul nsw i64 %9, 16384
+  %11 = mul nsw i64 %hh, 8
+  %12 = add nsw i64 %10, %11
+  %13 = getelementptr inbounds float, ptr %router, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  %15 = fmul <8 x float> %8, %14
+  %16 = load <8 x float>, ptr %lacc0, align 4
+  %17 = fadd <8 x float> %16, %15
+  store <8 x float> %17, ptr %lacc0, align 4
+  %18 = add nsw i64 %pb, 1
+  %19 = mul nsw i64 %18, 16384
+  %20 = mul nsw i64 %hh, 8
+  %21 = add nsw i64 %19, %20
+  %22 = getelementptr inbounds float, ptr %router, i64 %21
+  %23 = load <8 x float>, ptr %22, align 4
+  %24 = fmul <8 x float> %8, %23
+  %25 = load <8 x float>, ptr %lacc1, align 4
+  %26 = fadd <8 x float> %25, %24
+  store <8 x float> %26, ptr %lacc1, align 4
+  %27 = add nsw i64 %pb, 2
+  %28 = mul nsw i64 %27, 16384
+  %29 = mul nsw i64 %hh, 8
+  %30 = add nsw i64 %28, %29
+  %31 = getelementptr inbounds float, ptr %router, i64 %30
+  %32 = load <8 x float>, ptr %31, align 4
+  %33 = fmul <8 x float> %8, %32
+  %34 = load <8 x float>, ptr %lacc2, align 4
+  %35 = fadd <8 x float> %34, %33
+  store <8 x float> %35, ptr %lacc2, align 4
+  %36 = add nsw i64 %pb, 3
+  %37 = mul nsw i64 %36, 16384
+  %38 = mul nsw i64 %hh, 8
+  %39 = add nsw i64 %37, %38
+  %40 = getelementptr inbounds float, ptr %router, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  %42 = fmul <8 x float> %8, %41
+  %43 = load <8 x float>, ptr %lacc3, align 4
+  %44 = fadd <8 x float> %43, %42
+  store <8 x float> %44, ptr %lacc3, align 4
+  %45 = add nsw i64 %pb, 4
+  %46 = mul nsw i64 %45, 16384
+  %47 = mul nsw i64 %hh, 8
+  %48 = add nsw i64 %46, %47
+  %49 = getelementptr inbounds float, ptr %router, i64 %48
+  %50 = load <8 x float>, ptr %49, align 4
+  %51 = fmul <8 x float> %8, %50
+  %52 = load <8 x float>, ptr %lacc4, align 4
+  %53 = fadd <8 x float> %52, %51
+  store <8 x float> %53, ptr %lacc4, align 4
+  %54 = add nsw i64 %pb, 5
+  %55 = mul nsw i64 %54, 16384
+  %56 = mul nsw i64 %hh, 8
+  %57 = add nsw i64 %55, %56
+  %58 = getelementptr inbounds float, ptr %router, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  %60 = fmul <8 x float> %8, %59
+  %61 = load <8 x float>, ptr %lacc5, align 4
   %62 = fadd <8 x float> %61, %60
-  store <8 x float> %62, ptr %lacc6, align 4
-  %63 = add nsw i64 %pb, 7
+  store <8 x float> %62, ptr %lacc5, align 4
+  %63 = add nsw i64 %pb, 6
   %64 = mul nsw i64 %63, 16384
   %65 = mul nsw i64 %hh, 8
   %66 = add nsw i64 %64, %65
   %67 = getelementptr inbounds float, ptr %router, i64 %66
-  %wr7 = load <8 x float>, ptr %67, align 4
-  %68 = fmul <8 x float> %6, %wr7
-  %69 = load <8 x float>, ptr %lacc7, align 4
-  %70 = fadd <8 x float> %69, %68
-  store <8 x float> %70, ptr %lacc7, align 4
-  %71 = add nsw i64 %hh, 1
+  %68 = load <8 x float>, ptr %67, align 4
+  %69 = fmul <8 x float> %8, %68
+  %70 = load <8 x float>, ptr %lacc6, align 4
+  %71 = fadd <8 x float> %70, %69
+  store <8 x float> %71, ptr %lacc6, align 4
+  %72 = add nsw i64 %pb, 7
+  %73 = mul nsw i64 %72, 16384
+  %74 = mul nsw i64 %hh, 8
+  %75 = add nsw i64 %73, %74
+  %76 = getelementptr inbounds float, ptr %router, i64 %75
+  %77 = load <8 x float>, ptr %76, align 4
+  %78 = fmul <8 x float> %8, %77
+  %79 = load <8 x float>, ptr %lacc7, align 4
+  %80 = fadd <8 x float> %79, %78
+  store <8 x float> %80, ptr %lacc7, align 4
+  %81 = add nsw i64 %hh, 1
   br label %hh.head
 
 hh.end:                                           ; preds = %hh.head
-  %72 = add nsw i64 %pb, 0
-  %73 = mul nsw i64 %72, 8
-  %74 = getelementptr inbounds float, ptr %l, i64 %73
-  %75 = load <8 x float>, ptr %lacc0, align 4
-  store <8 x float> %75, ptr %74, align 4
-  %76 = add nsw i64 %pb, 1
-  %77 = mul nsw i64 %76, 8
-  %78 = getelementptr inbounds float, ptr %l, i64 %77
-  %79 = load <8 x float>, ptr %lacc1, align 4
-  store <8 x float> %79, ptr %78, align 4
-  %80 = add nsw i64 %pb, 2
-  %81 = mul nsw i64 %80, 8
-  %82 = getelementptr inbounds float, ptr %l, i64 %81
-  %83 = load <8 x float>, ptr %lacc2, align 4
-  store <8 x float> %83, ptr %82, align 4
-  %84 = add nsw i64 %pb, 3
-  %85 = mul nsw i64 %84, 8
-  %86 = getelementptr inbounds float, ptr %l, i64 %85
-  %87 = load <8 x float>, ptr %lacc3, align 4
-  store <8 x float> %87, ptr %86, align 4
-  %88 = add nsw i64 %pb, 4
-  %89 = mul nsw i64 %88, 8
-  %90 = getelementptr inbounds float, ptr %l, i64 %89
-  %91 = load <8 x float>, ptr %lacc4, align 4
-  store <8 x float> %91, ptr %90, align 4
-  %92 = add nsw i64 %pb, 5
-  %93 = mul nsw i64 %92, 8
-  %94 = getelementptr inbounds float, ptr %l, i64 %93
-  %95 = load <8 x float>, ptr %lacc5, align 4
-  store <8 x float> %95, ptr %94, align 4
-  %96 = add nsw i64 %pb, 6
+  %82 = load <8 x float>, ptr %lacc0, align 4
+  %83 = load <8 x float>, ptr %lacc1, align 4
+  %84 = load <8 x float>, ptr %lacc2, align 4
+  %85 = load <8 x float>, ptr %lacc3, align 4
+  %86 = load <8 x float>, ptr %lacc4, align 4
+  %87 = load <8 x float>, ptr %lacc5, align 4
+  %88 = load <8 x float>, ptr %lacc6, align 4
+  %89 = load <8 x float>, ptr %lacc7, align 4
+  %90 = add nsw i64 %pb, 0
+  %91 = mul nsw i64 %90, 8
+  %92 = getelementptr inbounds float, ptr %l, i64 %91
+  store <8 x float> %82, ptr %92, align 4
+  %93 = add nsw i64 %pb, 1
+  %94 = mul nsw i64 %93, 8
+  %95 = getelementptr inbounds float, ptr %l, i64 %94
+  store <8 x float> %83, ptr %95, align 4
+  %96 = add nsw i64 %pb, 2
   %97 = mul nsw i64 %96, 8
   %98 = getelementptr inbounds float, ptr %l, i64 %97
-  %99 = load <8 x float>, ptr %lacc6, align 4
-  store <8 x float> %99, ptr %98, align 4
-  %100 = add nsw i64 %pb, 7
-  %101 = mul nsw i64 %100, 8
-  %102 = getelementptr inbounds float, ptr %l, i64 %101
-  %103 = load <8 x float>, ptr %lacc7, align 4
-  store <8 x float> %103, ptr %102, align 4
-  %104 = add nsw i64 %pb, 8
+  store <8 x float> %84, ptr %98, align 4
+  %99 = add nsw i64 %pb, 3
+  %100 = mul nsw i64 %99, 8
+  %101 = getelementptr inbounds float, ptr %l, i64 %100
+  store <8 x float> %85, ptr %101, align 4
+  %102 = add nsw i64 %pb, 4
+  %103 = mul nsw i64 %102, 8
+  %104 = getelementptr inbounds float, ptr %l, i64 %103
+  store <8 x float> %86, ptr %104, align 4
+  %105 = add nsw i64 %pb, 5
+  %106 = mul nsw i64 %105, 8
+  %107 = getelementptr inbounds float, ptr %l, i64 %106
+  store <8 x float> %87, ptr %107, align 4
+  %108 = add nsw i64 %pb, 6
+  %109 = mul nsw i64 %108, 8
+  %110 = getelementptr inbounds float, ptr %l, i64 %109
+  store <8 x float> %88, ptr %110, align 4
+  %111 = add nsw i64 %pb, 7
+  %112 = mul nsw i64 %111, 8
+  %113 = getelementptr inbounds float, ptr %l, i64 %112
+  store <8 x float> %89, ptr %113, align 4
+  %114 = add nsw i64 %pb, 8
   br label %pb.head
 
 pb.end:                                           ; preds = %pb.head
-  %105 = mul nsw i64 %t, 64
-  %lrow = getelementptr inbounds float, ptr %logits, i64 %105
+  %115 = mul nsw i64 %t, 64
+  %116 = getelementptr inbounds float, ptr %logits, i64 %115
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %pb.end
-  %lb = phi i64 [ 0, %pb.end ], [ %110, %lb.body ]
-  %106 = icmp slt i64 %lb, 64
-  br i1 %106, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %pb.end ], [ %121, %lb.body ]
+  %117 = icmp slt i64 %lb, 64
+  br i1 %117, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %107 = getelementptr inbounds float, ptr %l, i64 %lb
-  %108 = load float, ptr %107, align 4
-  %109 = getelementptr inbounds float, ptr %lrow, i64 %lb
-  store float %108, ptr %109, align 4
-  %110 = add nsw i64 %lb, 1
+  %118 = getelementptr inbounds float, ptr %l, i64 %lb
+  %119 = load float, ptr %118, align 4
+  %120 = getelementptr inbounds float, ptr %116, i64 %lb
+  store float %119, ptr %120, align 4
+  %121 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
-  store float 0xFFF0000000000000, ptr %lmax, align 4
+  store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax = phi i64 [ 0, %lb.end ], [ %117, %smax.body ]
-  %111 = icmp slt i64 %smax, 64
-  br i1 %111, label %smax.body, label %smax.end
+  %smax1 = phi i64 [ 0, %lb.end ], [ %129, %smax.body ]
+  %122 = icmp slt i64 %smax1, 64
+  br i1 %122, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %112 = getelementptr inbounds float, ptr %l, i64 %smax
-  %113 = load float, ptr %112, align 4
-  %114 = load float, ptr %lmax, align 4
-  %115 = fcmp ogt float %113, %114
-  %116 = select i1 %115, float %113, float %114
-  store float %116, ptr %lmax, align 4
-  %117 = add nsw i64 %smax, 1
+  %123 = add nsw i64 0, %smax1
+  %124 = getelementptr inbounds float, ptr %l, i64 %123
+  %125 = load float, ptr %124, align 4
+  %126 = load float, ptr %smax, align 4
+  %127 = fcmp ogt float %125, %126
+  %128 = select i1 %127, float %125, float %126
+  store float %128, ptr %smax, align 4
+  %129 = add nsw i64 %smax1, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %max = load float, ptr %lmax, align 4
-  store float 0.000000e+00, ptr %sum, align 4
+  %130 = load float, ptr %smax, align 4
+  store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %127, %sexp.body ]
-  %118 = icmp slt i64 %sexp, 64
-  br i1 %118, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %143, %sexp.body ]
+  %131 = icmp slt i64 %sexp, 64
+  br i1 %131, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %119 = getelementptr inbounds float, ptr %l, i64 %sexp
-  %120 = load float, ptr %119, align 4
-  %121 = fsub float %120, %max
-  %122 = fpext float %121 to double
-  %123 = call double @exp(double %122)
-  %ex = fptrunc double %123 to float
-  %124 = getelementptr inbounds float, ptr %s, i64 %sexp
-  store float %ex, ptr %124, align 4
-  %125 = load float, ptr %sum, align 4
-  %126 = fadd float %125, %ex
-  store float %126, ptr %sum, align 4
-  %127 = add nsw i64 %sexp, 1
+  %132 = add nsw i64 0, %sexp
+  %133 = getelementptr inbounds float, ptr %l, i64 %132
+  %134 = load float, ptr %133, align 4
+  %135 = fsub float %134, %130
+  %136 = fpext float %135 to double
+  %137 = call double @exp(double %136)
+  %138 = fptrunc double %137 to float
+  %139 = add nsw i64 0, %sexp
+  %140 = getelementptr inbounds float, ptr %s, i64 %139
+  store float %138, ptr %140, align 4
+  %141 = load float, ptr %ssum, align 4
+  %142 = fadd float %141, %138
+  store float %142, ptr %ssum, align 4
+  %143 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %total = load float, ptr %sum, align 4
+  %144 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %132, %sdiv.body ]
-  %128 = icmp slt i64 %sdiv, 64
-  br i1 %128, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %151, %sdiv.body ]
+  %145 = icmp slt i64 %sdiv, 64
+  br i1 %145, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %129 = getelementptr inbounds float, ptr %s, i64 %sdiv
-  %130 = load float, ptr %129, align 4
-  %131 = fdiv float %130, %total
-  store float %131, ptr %129, align 4
-  %132 = add nsw i64 %sdiv, 1
+  %146 = add nsw i64 0, %sdiv
+  %147 = getelementptr inbounds float, ptr %s, i64 %146
+  %148 = load float, ptr %147, align 4
+  %149 = fdiv float %148, %144
+  %150 = getelementptr inbounds float, ptr %s, i64 %146
+  store float %149, ptr %150, align 4
+  %151 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %133 = mul nsw i64 %t, 8
-  %ids_row = getelementptr inbounds i32, ptr %ids, i64 %133
-  %w_row = getelementptr inbounds float, ptr %weights, i64 %133
+  %152 = mul nsw i64 %t, 8
+  %153 = getelementptr inbounds i32, ptr %ids, i64 %152
+  %154 = getelementptr inbounds float, ptr %weights, i64 %152
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %138, %sel.body ]
-  %134 = icmp slt i64 %sel, 64
-  br i1 %134, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %159, %sel.body ]
+  %155 = icmp slt i64 %sel, 64
+  br i1 %155, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %135 = getelementptr inbounds float, ptr %s, i64 %sel
-  %136 = load float, ptr %135, align 4
-  %137 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %136, ptr %137, align 4
-  %138 = add nsw i64 %sel, 1
+  %156 = getelementptr inbounds float, ptr %s, i64 %sel
+  %157 = load float, ptr %156, align 4
+  %158 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %157, ptr %158, align 4
+  %159 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
-  br label %top.clr.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-top.clr.head:                                     ; preds = %top.clr.body, %sel.end
-  %top.clr = phi i64 [ 0, %sel.end ], [ %141, %top.clr.body ]
-  %139 = icmp slt i64 %top.clr, 64
-  br i1 %139, label %top.clr.body, label %top.clr.end
+tk.head:                                          ; preds = %tk.put.end, %sel.end
+  %tk = phi i64 [ 0, %sel.end ], [ %181, %tk.put.end ]
+  %160 = icmp slt i64 %tk, 64
+  br i1 %160, label %tk.body, label %tk.end
 
-top.clr.body:                                     ; preds = %top.clr.head
-  %140 = getelementptr inbounds i8, ptr %taken, i64 %top.clr
-  store i8 0, ptr %140, align 1
-  %141 = add nsw i64 %top.clr, 1
-  br label %top.clr.head
+tk.body:                                          ; preds = %tk.head
+  %161 = getelementptr inbounds float, ptr %c, i64 %tk
+  %162 = load float, ptr %161, align 4
+  %163 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-top.clr.end:                                      ; preds = %top.clr.head
-  br label %top.j.head
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %163, %tk.body ], [ %165, %tk.shift.end ]
+  %164 = icmp sgt i64 %p, 0
+  br i1 %164, label %tk.ins.chk, label %tk.ins.end
 
-top.j.head:                                       ; preds = %top.e.end, %top.clr.end
-  %top.j = phi i64 [ 0, %top.clr.end ], [ %163, %top.e.end ]
-  %142 = icmp slt i64 %top.j, 8
-  br i1 %142, label %top.j.body, label %top.j.end
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %165 = sub nsw i64 %p, 1
+  %166 = getelementptr inbounds i64, ptr %idx, i64 %165
+  %167 = load i64, ptr %166, align 8
+  %168 = getelementptr inbounds float, ptr %c, i64 %167
+  %169 = load float, ptr %168, align 4
+  %170 = fcmp uno float %162, %162
+  %171 = fcmp ugt float %162, %169
+  %172 = xor i1 %170, true
+  %173 = and i1 %172, %171
+  br i1 %173, label %tk.ins.body, label %tk.ins.end
 
-top.j.body:                                       ; preds = %top.j.head
-  store i64 -1, ptr %best, align 4
-  store float 0xFFF0000000000000, ptr %bestv, align 4
-  br label %top.e.head
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %174 = icmp slt i64 %p, 8
+  br i1 %174, label %tk.shift.then, label %tk.shift.end
 
-top.e.head:                                       ; preds = %top.e.body, %top.j.body
-  %top.e = phi i64 [ 0, %top.j.body ], [ %156, %top.e.body ]
-  %143 = icmp slt i64 %top.e, 64
-  br i1 %143, label %top.e.body, label %top.e.end
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %175 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %167, ptr %175, align 8
+  br label %tk.shift.end
 
-top.e.body:                                       ; preds = %top.e.head
-  %144 = getelementptr inbounds float, ptr %c, i64 %top.e
-  %s8 = load float, ptr %144, align 4
-  %145 = getelementptr inbounds i8, ptr %taken, i64 %top.e
-  %146 = load i8, ptr %145, align 1
-  %147 = icmp eq i8 %146, 0
-  %148 = load i64, ptr %best, align 4
-  %149 = icmp slt i64 %148, 0
-  %150 = load float, ptr %bestv, align 4
-  %151 = fcmp ogt float %s8, %150
-  %152 = or i1 %149, %151
-  %take = and i1 %147, %152
-  %153 = select i1 %take, i64 %top.e, i64 %148
-  store i64 %153, ptr %best, align 4
-  %154 = load float, ptr %bestv, align 4
-  %155 = select i1 %take, float %s8, float %154
-  store float %155, ptr %bestv, align 4
-  %156 = add nsw i64 %top.e, 1
-  br label %top.e.head
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-top.e.end:                                        ; preds = %top.e.head
-  %chosen = load i64, ptr %best, align 4
-  %157 = getelementptr inbounds i8, ptr %taken, i64 %chosen
-  store i8 1, ptr %157, align 1
-  %158 = trunc i64 %chosen to i32
-  %159 = getelementptr inbounds i32, ptr %ids_row, i64 %top.j
-  store i32 %158, ptr %159, align 4
-  %160 = getelementptr inbounds float, ptr %s, i64 %chosen
-  %161 = load float, ptr %160, align 4
-  %162 = getelementptr inbounds float, ptr %w_row, i64 %top.j
-  store float %161, ptr %162, align 4
-  %163 = add nsw i64 %top.j, 1
-  br label %top.j.head
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %176 = icmp slt i64 %pf, 8
+  br i1 %176, label %tk.put.then, label %tk.put.end
 
-top.j.end:                                        ; preds = %top.j.head
-  %first = load i32, ptr %ids_row, align 4
-  %164 = sext i32 %first to i64
-  %165 = getelementptr inbounds float, ptr %c, i64 %164
-  %prio9 = load float, ptr %165, align 4
-  %166 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %prio9, ptr %166, align 4
-  %167 = add nsw i64 %t, 1
+tk.put.then:                                      ; preds = %tk.ins.end
+  %177 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %177, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %178 = add nsw i64 %163, 1
+  %179 = icmp slt i64 %178, 8
+  %180 = select i1 %179, i64 %178, i64 8
+  store i64 %180, ptr %tk.m, align 8
+  %181 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %182 = load i64, ptr %tk.m, align 8
+  br label %top.head
+
+top.head:                                         ; preds = %top.body, %tk.end
+  %top = phi i64 [ 0, %tk.end ], [ %191, %top.body ]
+  %183 = icmp slt i64 %top, 8
+  br i1 %183, label %top.body, label %top.end
+
+top.body:                                         ; preds = %top.head
+  %184 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %185 = load i64, ptr %184, align 8
+  %186 = getelementptr inbounds i32, ptr %153, i64 %top
+  %187 = trunc i64 %185 to i32
+  store i32 %187, ptr %186, align 4
+  %188 = getelementptr inbounds float, ptr %s, i64 %185
+  %189 = load float, ptr %188, align 4
+  %190 = getelementptr inbounds float, ptr %154, i64 %top
+  store float %189, ptr %190, align 4
+  %191 = add nsw i64 %top, 1
+  br label %top.head
+
+top.end:                                          ; preds = %top.head
+  %192 = getelementptr inbounds i64, ptr %idx, i64 0
+  %193 = load i64, ptr %192, align 8
+  %194 = getelementptr inbounds float, ptr %c, i64 %193
+  %195 = load float, ptr %194, align 4
+  %196 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %195, ptr %196, align 4
+  %197 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -393,43 +415,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1050 = alloca <8 x float>, align 32
-  %acc1151 = alloca <8 x float>, align 32
-  %acc2053 = alloca <8 x float>, align 32
-  %acc2154 = alloca <8 x float>, align 32
-  %acc3056 = alloca <8 x float>, align 32
-  %acc3157 = alloca <8 x float>, align 32
-  %acc4059 = alloca <8 x float>, align 32
-  %acc4160 = alloca <8 x float>, align 32
-  %acc00115 = alloca <8 x float>, align 32
-  %acc01116 = alloca <8 x float>, align 32
-  %acc10118 = alloca <8 x float>, align 32
-  %acc11119 = alloca <8 x float>, align 32
+  %acc0031 = alloca <8 x float>, align 32
+  %acc0132 = alloca <8 x float>, align 32
+  %acc1033 = alloca <8 x float>, align 32
+  %acc1134 = alloca <8 x float>, align 32
+  %acc2035 = alloca <8 x float>, align 32
+  %acc2136 = alloca <8 x float>, align 32
+  %acc3037 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4039 = alloca <8 x float>, align 32
+  %acc4140 = alloca <8 x float>, align 32
+  %acc0078 = alloca <8 x float>, align 32
+  %acc0179 = alloca <8 x float>, align 32
+  %acc1080 = alloca <8 x float>, align 32
+  %acc1181 = alloca <8 x float>, align 32
+  %acc2082 = alloca <8 x float>, align 32
+  %acc2183 = alloca <8 x float>, align 32
+  %acc3084 = alloca <8 x float>, align 32
+  %acc3185 = alloca <8 x float>, align 32
+  %acc00117 = alloca <8 x float>, align 32
+  %acc01118 = alloca <8 x float>, align 32
+  %acc10119 = alloca <8 x float>, align 32
+  %acc11120 = alloca <8 x float>, align 32
   %acc20121 = alloca <8 x float>, align 32
   %acc21122 = alloca <8 x float>, align 32
-  %acc30124 = alloca <8 x float>, align 32
-  %acc31125 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc10150 = alloca <8 x float>, align 32
+  %acc11151 = alloca <8 x float>, align 32
   %acc00171 = alloca <8 x float>, align 32
   %acc01172 = alloca <8 x float>, align 32
-  %acc10174 = alloca <8 x float>, align 32
-  %acc11175 = alloca <8 x float>, align 32
-  %acc20177 = alloca <8 x float>, align 32
-  %acc21178 = alloca <8 x float>, align 32
-  %acc00215 = alloca <8 x float>, align 32
-  %acc01216 = alloca <8 x float>, align 32
-  %acc10218 = alloca <8 x float>, align 32
-  %acc11219 = alloca <8 x float>, align 32
-  %acc00247 = alloca <8 x float>, align 32
-  %acc01248 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %928, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1018, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -437,7 +459,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %927, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1017, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -459,1347 +481,1347 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 2048
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 2048
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 2048
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 2048
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 2048
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 2048
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 2048
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 2048
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 2048
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 2048
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 2048
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 2048
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 2048
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 1024
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %95 = add nsw i64 %r0, 0
+  %96 = getelementptr inbounds float, ptr %rw, i64 %95
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = mul nsw i64 %95, 1024
+  %101 = getelementptr inbounds float, ptr %h, i64 %100
   %col = mul nsw i64 %p, 8
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = fneg <8 x float> %94
-  %97 = fcmp olt <8 x float> %96, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %98 = select <8 x i1> %97, <8 x float> %96, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %99 = fcmp ogt <8 x float> %98, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %100 = select <8 x i1> %99, <8 x float> %98, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %100, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %101)
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %100)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %102)
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %108 = fmul <8 x float> %exp.r, %exp.r
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %108, <8 x float> %exp.r)
-  %110 = fadd <8 x float> %109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %111 = fptosi <8 x float> %exp.n to <8 x i32>
-  %112 = add <8 x i32> %111, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %113 = shl <8 x i32> %112, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %113 to <8 x float>
-  %exp = fmul <8 x float> %110, %exp.2n
-  %114 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %114
-  %silu = fmul <8 x float> %94, %sigmoid
-  %glu = fmul <8 x float> %silu, %95
-  %115 = fmul <8 x float> %glu, %91
-  %116 = getelementptr inbounds float, ptr %93, i64 %col
-  store <8 x float> %115, ptr %116, align 4
-  %117 = add nsw i64 %r0, 1
-  %118 = getelementptr inbounds float, ptr %rw, i64 %117
-  %w1 = load float, ptr %118, align 4
-  %119 = insertelement <8 x float> poison, float %w1, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %117, 1024
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
-  %col2 = mul nsw i64 %p, 8
-  %123 = load <8 x float>, ptr %acc10, align 4
-  %124 = load <8 x float>, ptr %acc11, align 4
-  %125 = fneg <8 x float> %123
-  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n3 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
-  %exp.r4 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %131)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r4, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %exp.r4, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %exp.r4, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %exp.r4, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %exp.r4, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %137 = fmul <8 x float> %exp.r4, %exp.r4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %137, <8 x float> %exp.r4)
-  %139 = fadd <8 x float> %138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %140 = fptosi <8 x float> %exp.n3 to <8 x i32>
-  %141 = add <8 x i32> %140, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %142 = shl <8 x i32> %141, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n5 = bitcast <8 x i32> %142 to <8 x float>
-  %exp6 = fmul <8 x float> %139, %exp.2n5
-  %143 = fadd <8 x float> %exp6, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid7 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %143
-  %silu8 = fmul <8 x float> %123, %sigmoid7
-  %glu9 = fmul <8 x float> %silu8, %124
-  %144 = fmul <8 x float> %glu9, %120
-  %145 = getelementptr inbounds float, ptr %122, i64 %col2
-  store <8 x float> %144, ptr %145, align 4
-  %146 = add nsw i64 %r0, 2
-  %147 = getelementptr inbounds float, ptr %rw, i64 %146
-  %w10 = load float, ptr %147, align 4
-  %148 = insertelement <8 x float> poison, float %w10, i32 0
-  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
-  %150 = mul nsw i64 %146, 1024
-  %151 = getelementptr inbounds float, ptr %h, i64 %150
-  %col11 = mul nsw i64 %p, 8
-  %152 = load <8 x float>, ptr %acc20, align 4
-  %153 = load <8 x float>, ptr %acc21, align 4
-  %154 = fneg <8 x float> %152
-  %155 = fcmp olt <8 x float> %154, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %156 = select <8 x i1> %155, <8 x float> %154, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %157 = fcmp ogt <8 x float> %156, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n12 = call <8 x float> @llvm.floor.v8f32(<8 x float> %159)
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %158)
-  %exp.r13 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %160)
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r13, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %exp.r13, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %exp.r13, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %exp.r13, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> %exp.r13, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %166 = fmul <8 x float> %exp.r13, %exp.r13
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %166, <8 x float> %exp.r13)
-  %168 = fadd <8 x float> %167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %169 = fptosi <8 x float> %exp.n12 to <8 x i32>
-  %170 = add <8 x i32> %169, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %171 = shl <8 x i32> %170, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %171 to <8 x float>
-  %exp15 = fmul <8 x float> %168, %exp.2n14
-  %172 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %172
-  %silu17 = fmul <8 x float> %152, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %153
-  %173 = fmul <8 x float> %glu18, %149
-  %174 = getelementptr inbounds float, ptr %151, i64 %col11
-  store <8 x float> %173, ptr %174, align 4
-  %175 = add nsw i64 %r0, 3
-  %176 = getelementptr inbounds float, ptr %rw, i64 %175
-  %w19 = load float, ptr %176, align 4
-  %177 = insertelement <8 x float> poison, float %w19, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = mul nsw i64 %175, 1024
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
-  %col20 = mul nsw i64 %p, 8
-  %181 = load <8 x float>, ptr %acc30, align 4
-  %182 = load <8 x float>, ptr %acc31, align 4
-  %183 = fneg <8 x float> %181
-  %184 = fcmp olt <8 x float> %183, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %186 = fcmp ogt <8 x float> %185, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n21 = call <8 x float> @llvm.floor.v8f32(<8 x float> %188)
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %187)
-  %exp.r22 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %189)
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r22, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %exp.r22, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %exp.r22, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %exp.r22, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %exp.r22, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %195 = fmul <8 x float> %exp.r22, %exp.r22
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %exp.r22)
-  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %198 = fptosi <8 x float> %exp.n21 to <8 x i32>
-  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %200 to <8 x float>
-  %exp24 = fmul <8 x float> %197, %exp.2n23
-  %201 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
-  %silu26 = fmul <8 x float> %181, %sigmoid25
-  %glu27 = fmul <8 x float> %silu26, %182
-  %202 = fmul <8 x float> %glu27, %178
-  %203 = getelementptr inbounds float, ptr %180, i64 %col20
-  store <8 x float> %202, ptr %203, align 4
-  %204 = add nsw i64 %r0, 4
-  %205 = getelementptr inbounds float, ptr %rw, i64 %204
-  %w28 = load float, ptr %205, align 4
-  %206 = insertelement <8 x float> poison, float %w28, i32 0
-  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
-  %208 = mul nsw i64 %204, 1024
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %col29 = mul nsw i64 %p, 8
-  %210 = load <8 x float>, ptr %acc40, align 4
-  %211 = load <8 x float>, ptr %acc41, align 4
-  %212 = fneg <8 x float> %210
-  %213 = fcmp olt <8 x float> %212, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %214 = select <8 x i1> %213, <8 x float> %212, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %215 = fcmp ogt <8 x float> %214, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %216 = select <8 x i1> %215, <8 x float> %214, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n30 = call <8 x float> @llvm.floor.v8f32(<8 x float> %217)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %216)
-  %exp.r31 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %218)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r31, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %exp.r31, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %exp.r31, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %exp.r31, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %exp.r31, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %224 = fmul <8 x float> %exp.r31, %exp.r31
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %224, <8 x float> %exp.r31)
-  %226 = fadd <8 x float> %225, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %227 = fptosi <8 x float> %exp.n30 to <8 x i32>
-  %228 = add <8 x i32> %227, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %229 = shl <8 x i32> %228, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n32 = bitcast <8 x i32> %229 to <8 x float>
-  %exp33 = fmul <8 x float> %226, %exp.2n32
-  %230 = fadd <8 x float> %exp33, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid34 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %230
-  %silu35 = fmul <8 x float> %210, %sigmoid34
-  %glu36 = fmul <8 x float> %silu35, %211
-  %231 = fmul <8 x float> %glu36, %207
-  %232 = getelementptr inbounds float, ptr %209, i64 %col29
-  store <8 x float> %231, ptr %232, align 4
-  %233 = add nsw i64 %r0, 5
-  %234 = getelementptr inbounds float, ptr %rw, i64 %233
-  %w37 = load float, ptr %234, align 4
-  %235 = insertelement <8 x float> poison, float %w37, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = mul nsw i64 %233, 1024
-  %238 = getelementptr inbounds float, ptr %h, i64 %237
-  %col38 = mul nsw i64 %p, 8
-  %239 = load <8 x float>, ptr %acc50, align 4
-  %240 = load <8 x float>, ptr %acc51, align 4
-  %241 = fneg <8 x float> %239
-  %242 = fcmp olt <8 x float> %241, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %243 = select <8 x i1> %242, <8 x float> %241, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %244 = fcmp ogt <8 x float> %243, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n39 = call <8 x float> @llvm.floor.v8f32(<8 x float> %246)
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %245)
-  %exp.r40 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %247)
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r40, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %exp.r40, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %exp.r40, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %exp.r40, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %exp.r40, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %253 = fmul <8 x float> %exp.r40, %exp.r40
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %253, <8 x float> %exp.r40)
-  %255 = fadd <8 x float> %254, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %256 = fptosi <8 x float> %exp.n39 to <8 x i32>
-  %257 = add <8 x i32> %256, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %258 = shl <8 x i32> %257, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n41 = bitcast <8 x i32> %258 to <8 x float>
-  %exp42 = fmul <8 x float> %255, %exp.2n41
-  %259 = fadd <8 x float> %exp42, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid43 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %259
-  %silu44 = fmul <8 x float> %239, %sigmoid43
-  %glu45 = fmul <8 x float> %silu44, %240
-  %260 = fmul <8 x float> %glu45, %236
-  %261 = getelementptr inbounds float, ptr %238, i64 %col38
-  store <8 x float> %260, ptr %261, align 4
+  %102 = load <8 x float>, ptr %acc00, align 4
+  %103 = load <8 x float>, ptr %acc01, align 4
+  %104 = fneg <8 x float> %102
+  %105 = fcmp olt <8 x float> %104, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %106 = select <8 x i1> %105, <8 x float> %104, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %107 = fcmp ogt <8 x float> %106, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %108 = select <8 x i1> %107, <8 x float> %106, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %110 = call <8 x float> @llvm.floor.v8f32(<8 x float> %109)
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %108)
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %111)
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %112, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %112, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %112, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %112, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %112, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %118 = fmul <8 x float> %112, %112
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %118, <8 x float> %112)
+  %120 = fadd <8 x float> %119, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %121 = fptosi <8 x float> %110 to <8 x i32>
+  %122 = add <8 x i32> %121, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %123 = shl <8 x i32> %122, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %123 to <8 x float>
+  %exp = fmul <8 x float> %120, %exp.2n
+  %124 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %124
+  %silu = fmul <8 x float> %102, %sigmoid
+  %glu = fmul <8 x float> %silu, %103
+  %125 = fmul <8 x float> %glu, %99
+  %126 = getelementptr inbounds float, ptr %101, i64 %col
+  store <8 x float> %125, ptr %126, align 4
+  %127 = add nsw i64 %r0, 1
+  %128 = getelementptr inbounds float, ptr %rw, i64 %127
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = mul nsw i64 %127, 1024
+  %133 = getelementptr inbounds float, ptr %h, i64 %132
+  %col1 = mul nsw i64 %p, 8
+  %134 = load <8 x float>, ptr %acc10, align 4
+  %135 = load <8 x float>, ptr %acc11, align 4
+  %136 = fneg <8 x float> %134
+  %137 = fcmp olt <8 x float> %136, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %139 = fcmp ogt <8 x float> %138, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %142 = call <8 x float> @llvm.floor.v8f32(<8 x float> %141)
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %140)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %143)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %150 = fmul <8 x float> %144, %144
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %150, <8 x float> %144)
+  %152 = fadd <8 x float> %151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %153 = fptosi <8 x float> %142 to <8 x i32>
+  %154 = add <8 x i32> %153, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %155 = shl <8 x i32> %154, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %155 to <8 x float>
+  %exp3 = fmul <8 x float> %152, %exp.2n2
+  %156 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %156
+  %silu5 = fmul <8 x float> %134, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %135
+  %157 = fmul <8 x float> %glu6, %131
+  %158 = getelementptr inbounds float, ptr %133, i64 %col1
+  store <8 x float> %157, ptr %158, align 4
+  %159 = add nsw i64 %r0, 2
+  %160 = getelementptr inbounds float, ptr %rw, i64 %159
+  %161 = load float, ptr %160, align 4
+  %162 = insertelement <8 x float> poison, float %161, i32 0
+  %163 = shufflevector <8 x float> %162, <8 x float> poison, <8 x i32> zeroinitializer
+  %164 = mul nsw i64 %159, 1024
+  %165 = getelementptr inbounds float, ptr %h, i64 %164
+  %col7 = mul nsw i64 %p, 8
+  %166 = load <8 x float>, ptr %acc20, align 4
+  %167 = load <8 x float>, ptr %acc21, align 4
+  %168 = fneg <8 x float> %166
+  %169 = fcmp olt <8 x float> %168, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %170 = select <8 x i1> %169, <8 x float> %168, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %171 = fcmp ogt <8 x float> %170, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %172 = select <8 x i1> %171, <8 x float> %170, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %174 = call <8 x float> @llvm.floor.v8f32(<8 x float> %173)
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %172)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %175)
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %176, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %176, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %176, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %176, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %176, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %182 = fmul <8 x float> %176, %176
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %182, <8 x float> %176)
+  %184 = fadd <8 x float> %183, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %185 = fptosi <8 x float> %174 to <8 x i32>
+  %186 = add <8 x i32> %185, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %187 = shl <8 x i32> %186, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %187 to <8 x float>
+  %exp9 = fmul <8 x float> %184, %exp.2n8
+  %188 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %188
+  %silu11 = fmul <8 x float> %166, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %167
+  %189 = fmul <8 x float> %glu12, %163
+  %190 = getelementptr inbounds float, ptr %165, i64 %col7
+  store <8 x float> %189, ptr %190, align 4
+  %191 = add nsw i64 %r0, 3
+  %192 = getelementptr inbounds float, ptr %rw, i64 %191
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <8 x float> poison, float %193, i32 0
+  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
+  %196 = mul nsw i64 %191, 1024
+  %197 = getelementptr inbounds float, ptr %h, i64 %196
+  %col13 = mul nsw i64 %p, 8
+  %198 = load <8 x float>, ptr %acc30, align 4
+  %199 = load <8 x float>, ptr %acc31, align 4
+  %200 = fneg <8 x float> %198
+  %201 = fcmp olt <8 x float> %200, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %202 = select <8 x i1> %201, <8 x float> %200, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %203 = fcmp ogt <8 x float> %202, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %204 = select <8 x i1> %203, <8 x float> %202, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %206 = call <8 x float> @llvm.floor.v8f32(<8 x float> %205)
+  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %204)
+  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %207)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %208, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %208, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %208, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %208, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %208, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %214 = fmul <8 x float> %208, %208
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %214, <8 x float> %208)
+  %216 = fadd <8 x float> %215, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %217 = fptosi <8 x float> %206 to <8 x i32>
+  %218 = add <8 x i32> %217, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %219 = shl <8 x i32> %218, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %219 to <8 x float>
+  %exp15 = fmul <8 x float> %216, %exp.2n14
+  %220 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %220
+  %silu17 = fmul <8 x float> %198, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %199
+  %221 = fmul <8 x float> %glu18, %195
+  %222 = getelementptr inbounds float, ptr %197, i64 %col13
+  store <8 x float> %221, ptr %222, align 4
+  %223 = add nsw i64 %r0, 4
+  %224 = getelementptr inbounds float, ptr %rw, i64 %223
+  %225 = load float, ptr %224, align 4
+  %226 = insertelement <8 x float> poison, float %225, i32 0
+  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
+  %228 = mul nsw i64 %223, 1024
+  %229 = getelementptr inbounds float, ptr %h, i64 %228
+  %col19 = mul nsw i64 %p, 8
+  %230 = load <8 x float>, ptr %acc40, align 4
+  %231 = load <8 x float>, ptr %acc41, align 4
+  %232 = fneg <8 x float> %230
+  %233 = fcmp olt <8 x float> %232, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %234 = select <8 x i1> %233, <8 x float> %232, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %235 = fcmp ogt <8 x float> %234, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %238 = call <8 x float> @llvm.floor.v8f32(<8 x float> %237)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %236)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %239)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %246 = fmul <8 x float> %240, %240
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %246, <8 x float> %240)
+  %248 = fadd <8 x float> %247, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %249 = fptosi <8 x float> %238 to <8 x i32>
+  %250 = add <8 x i32> %249, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %251 = shl <8 x i32> %250, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %251 to <8 x float>
+  %exp21 = fmul <8 x float> %248, %exp.2n20
+  %252 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %252
+  %silu23 = fmul <8 x float> %230, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %231
+  %253 = fmul <8 x float> %glu24, %227
+  %254 = getelementptr inbounds float, ptr %229, i64 %col19
+  store <8 x float> %253, ptr %254, align 4
+  %255 = add nsw i64 %r0, 5
+  %256 = getelementptr inbounds float, ptr %rw, i64 %255
+  %257 = load float, ptr %256, align 4
+  %258 = insertelement <8 x float> poison, float %257, i32 0
+  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
+  %260 = mul nsw i64 %255, 1024
+  %261 = getelementptr inbounds float, ptr %h, i64 %260
+  %col25 = mul nsw i64 %p, 8
+  %262 = load <8 x float>, ptr %acc50, align 4
+  %263 = load <8 x float>, ptr %acc51, align 4
+  %264 = fneg <8 x float> %262
+  %265 = fcmp olt <8 x float> %264, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %266 = select <8 x i1> %265, <8 x float> %264, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %267 = fcmp ogt <8 x float> %266, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %268 = select <8 x i1> %267, <8 x float> %266, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %270 = call <8 x float> @llvm.floor.v8f32(<8 x float> %269)
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %268)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %271)
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %272, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %272, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %272, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %272, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %272, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %278 = fmul <8 x float> %272, %272
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %278, <8 x float> %272)
+  %280 = fadd <8 x float> %279, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %281 = fptosi <8 x float> %270 to <8 x i32>
+  %282 = add <8 x i32> %281, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %283 = shl <8 x i32> %282, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %283 to <8 x float>
+  %exp27 = fmul <8 x float> %280, %exp.2n26
+  %284 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %284
+  %silu29 = fmul <8 x float> %262, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %263
+  %285 = fmul <8 x float> %glu30, %259
+  %286 = getelementptr inbounds float, ptr %261, i64 %col25
+  store <8 x float> %285, ptr %286, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %262 = add nsw i64 %r0, 0
-  %263 = getelementptr inbounds i32, ptr %rows, i64 %262
-  %264 = load i32, ptr %263, align 4
-  %265 = sext i32 %264 to i64
-  %266 = mul nsw i64 %265, 2048
-  %a046 = getelementptr inbounds float, ptr %x, i64 %266
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %269 = load i32, ptr %268, align 4
-  %270 = sext i32 %269 to i64
-  %271 = mul nsw i64 %270, 2048
-  %a149 = getelementptr inbounds float, ptr %x, i64 %271
-  store <8 x float> zeroinitializer, ptr %acc1050, align 4
-  store <8 x float> zeroinitializer, ptr %acc1151, align 4
-  %272 = add nsw i64 %r0, 2
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %272
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 2048
-  %a252 = getelementptr inbounds float, ptr %x, i64 %276
-  store <8 x float> zeroinitializer, ptr %acc2053, align 4
-  store <8 x float> zeroinitializer, ptr %acc2154, align 4
-  %277 = add nsw i64 %r0, 3
-  %278 = getelementptr inbounds i32, ptr %rows, i64 %277
-  %279 = load i32, ptr %278, align 4
-  %280 = sext i32 %279 to i64
-  %281 = mul nsw i64 %280, 2048
-  %a355 = getelementptr inbounds float, ptr %x, i64 %281
-  store <8 x float> zeroinitializer, ptr %acc3056, align 4
-  store <8 x float> zeroinitializer, ptr %acc3157, align 4
-  %282 = add nsw i64 %r0, 4
-  %283 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %284 = load i32, ptr %283, align 4
-  %285 = sext i32 %284 to i64
-  %286 = mul nsw i64 %285, 2048
-  %a458 = getelementptr inbounds float, ptr %x, i64 %286
-  store <8 x float> zeroinitializer, ptr %acc4059, align 4
-  store <8 x float> zeroinitializer, ptr %acc4160, align 4
-  %panel.off61 = mul nsw i64 %p, 32768
-  br label %k.head62
+  %287 = add nsw i64 %r0, 0
+  %288 = getelementptr inbounds i32, ptr %rows, i64 %287
+  %289 = load i32, ptr %288, align 4
+  %290 = sext i32 %289 to i64
+  %291 = mul nsw i64 %290, 2048
+  %292 = getelementptr inbounds float, ptr %x, i64 %291
+  store <8 x float> zeroinitializer, ptr %acc0031, align 4
+  store <8 x float> zeroinitializer, ptr %acc0132, align 4
+  %293 = add nsw i64 %r0, 1
+  %294 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %295 = load i32, ptr %294, align 4
+  %296 = sext i32 %295 to i64
+  %297 = mul nsw i64 %296, 2048
+  %298 = getelementptr inbounds float, ptr %x, i64 %297
+  store <8 x float> zeroinitializer, ptr %acc1033, align 4
+  store <8 x float> zeroinitializer, ptr %acc1134, align 4
+  %299 = add nsw i64 %r0, 2
+  %300 = getelementptr inbounds i32, ptr %rows, i64 %299
+  %301 = load i32, ptr %300, align 4
+  %302 = sext i32 %301 to i64
+  %303 = mul nsw i64 %302, 2048
+  %304 = getelementptr inbounds float, ptr %x, i64 %303
+  store <8 x float> zeroinitializer, ptr %acc2035, align 4
+  store <8 x float> zeroinitializer, ptr %acc2136, align 4
+  %305 = add nsw i64 %r0, 3
+  %306 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %307 = load i32, ptr %306, align 4
+  %308 = sext i32 %307 to i64
+  %309 = mul nsw i64 %308, 2048
+  %310 = getelementptr inbounds float, ptr %x, i64 %309
+  store <8 x float> zeroinitializer, ptr %acc3037, align 4
+  store <8 x float> zeroinitializer, ptr %acc3138, align 4
+  %311 = add nsw i64 %r0, 4
+  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %313 = load i32, ptr %312, align 4
+  %314 = sext i32 %313 to i64
+  %315 = mul nsw i64 %314, 2048
+  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  store <8 x float> zeroinitializer, ptr %acc4039, align 4
+  store <8 x float> zeroinitializer, ptr %acc4140, align 4
+  %panel.off41 = mul nsw i64 %p, 32768
+  br label %k.head42
 
-k.head62:                                         ; preds = %k.body63, %tile.mr5
-  %k65 = phi i64 [ 0, %tile.mr5 ], [ %333, %k.body63 ]
-  %287 = icmp slt i64 %k65, 2048
-  br i1 %287, label %k.body63, label %k.end64
+k.head42:                                         ; preds = %k.body43, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %364, %k.body43 ]
+  %317 = icmp slt i64 %k45, 2048
+  br i1 %317, label %k.body43, label %k.end44
 
-k.body63:                                         ; preds = %k.head62
-  %288 = mul nsw i64 %k65, 16
-  %289 = add nsw i64 %panel.off61, %288
-  %290 = getelementptr inbounds i16, ptr %panels, i64 %289
-  %bw66 = load <8 x i32>, ptr %290, align 4
-  %291 = shl <8 x i32> %bw66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b067 = bitcast <8 x i32> %291 to <8 x float>
-  %292 = and <8 x i32> %bw66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b168 = bitcast <8 x i32> %292 to <8 x float>
-  %293 = getelementptr inbounds float, ptr %a046, i64 %k65
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = load <8 x float>, ptr %acc0047, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b067, <8 x float> %297)
-  store <8 x float> %298, ptr %acc0047, align 4
-  %299 = load <8 x float>, ptr %acc0148, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b168, <8 x float> %299)
-  store <8 x float> %300, ptr %acc0148, align 4
-  %301 = getelementptr inbounds float, ptr %a149, i64 %k65
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <8 x float> poison, float %302, i32 0
-  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
-  %305 = load <8 x float>, ptr %acc1050, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b067, <8 x float> %305)
-  store <8 x float> %306, ptr %acc1050, align 4
-  %307 = load <8 x float>, ptr %acc1151, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b168, <8 x float> %307)
-  store <8 x float> %308, ptr %acc1151, align 4
-  %309 = getelementptr inbounds float, ptr %a252, i64 %k65
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc2053, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b067, <8 x float> %313)
-  store <8 x float> %314, ptr %acc2053, align 4
-  %315 = load <8 x float>, ptr %acc2154, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b168, <8 x float> %315)
-  store <8 x float> %316, ptr %acc2154, align 4
-  %317 = getelementptr inbounds float, ptr %a355, i64 %k65
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc3056, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b067, <8 x float> %321)
-  store <8 x float> %322, ptr %acc3056, align 4
-  %323 = load <8 x float>, ptr %acc3157, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b168, <8 x float> %323)
-  store <8 x float> %324, ptr %acc3157, align 4
-  %325 = getelementptr inbounds float, ptr %a458, i64 %k65
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc4059, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b067, <8 x float> %329)
-  store <8 x float> %330, ptr %acc4059, align 4
-  %331 = load <8 x float>, ptr %acc4160, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b168, <8 x float> %331)
-  store <8 x float> %332, ptr %acc4160, align 4
-  %333 = add nsw i64 %k65, 1
-  br label %k.head62
+k.body43:                                         ; preds = %k.head42
+  %318 = mul nsw i64 %k45, 16
+  %319 = add nsw i64 %panel.off41, %318
+  %320 = getelementptr inbounds i16, ptr %panels, i64 %319
+  %321 = load <8 x i32>, ptr %320, align 4
+  %322 = shl <8 x i32> %321, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b046 = bitcast <8 x i32> %322 to <8 x float>
+  %323 = and <8 x i32> %321, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b147 = bitcast <8 x i32> %323 to <8 x float>
+  %324 = getelementptr inbounds float, ptr %292, i64 %k45
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %acc0031, align 4
+  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b046, <8 x float> %328)
+  store <8 x float> %329, ptr %acc0031, align 4
+  %330 = load <8 x float>, ptr %acc0132, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b147, <8 x float> %330)
+  store <8 x float> %331, ptr %acc0132, align 4
+  %332 = getelementptr inbounds float, ptr %298, i64 %k45
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %acc1033, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b046, <8 x float> %336)
+  store <8 x float> %337, ptr %acc1033, align 4
+  %338 = load <8 x float>, ptr %acc1134, align 4
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b147, <8 x float> %338)
+  store <8 x float> %339, ptr %acc1134, align 4
+  %340 = getelementptr inbounds float, ptr %304, i64 %k45
+  %341 = load float, ptr %340, align 4
+  %342 = insertelement <8 x float> poison, float %341, i32 0
+  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
+  %344 = load <8 x float>, ptr %acc2035, align 4
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b046, <8 x float> %344)
+  store <8 x float> %345, ptr %acc2035, align 4
+  %346 = load <8 x float>, ptr %acc2136, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b147, <8 x float> %346)
+  store <8 x float> %347, ptr %acc2136, align 4
+  %348 = getelementptr inbounds float, ptr %310, i64 %k45
+  %349 = load float, ptr %348, align 4
+  %350 = insertelement <8 x float> poison, float %349, i32 0
+  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
+  %352 = load <8 x float>, ptr %acc3037, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b046, <8 x float> %352)
+  store <8 x float> %353, ptr %acc3037, align 4
+  %354 = load <8 x float>, ptr %acc3138, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b147, <8 x float> %354)
+  store <8 x float> %355, ptr %acc3138, align 4
+  %356 = getelementptr inbounds float, ptr %316, i64 %k45
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = load <8 x float>, ptr %acc4039, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b046, <8 x float> %360)
+  store <8 x float> %361, ptr %acc4039, align 4
+  %362 = load <8 x float>, ptr %acc4140, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b147, <8 x float> %362)
+  store <8 x float> %363, ptr %acc4140, align 4
+  %364 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end64:                                          ; preds = %k.head62
-  %334 = add nsw i64 %r0, 0
-  %335 = getelementptr inbounds float, ptr %rw, i64 %334
-  %w69 = load float, ptr %335, align 4
-  %336 = insertelement <8 x float> poison, float %w69, i32 0
-  %337 = shufflevector <8 x float> %336, <8 x float> poison, <8 x i32> zeroinitializer
-  %338 = mul nsw i64 %334, 1024
-  %339 = getelementptr inbounds float, ptr %h, i64 %338
-  %col70 = mul nsw i64 %p, 8
-  %340 = load <8 x float>, ptr %acc0047, align 4
-  %341 = load <8 x float>, ptr %acc0148, align 4
-  %342 = fneg <8 x float> %340
-  %343 = fcmp olt <8 x float> %342, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %344 = select <8 x i1> %343, <8 x float> %342, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %345 = fcmp ogt <8 x float> %344, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %346 = select <8 x i1> %345, <8 x float> %344, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n71 = call <8 x float> @llvm.floor.v8f32(<8 x float> %347)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n71, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %346)
-  %exp.r72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n71, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %348)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r72, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %exp.r72, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %exp.r72, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %exp.r72, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %exp.r72, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %354 = fmul <8 x float> %exp.r72, %exp.r72
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %354, <8 x float> %exp.r72)
-  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %357 = fptosi <8 x float> %exp.n71 to <8 x i32>
-  %358 = add <8 x i32> %357, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %359 = shl <8 x i32> %358, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %359 to <8 x float>
-  %exp74 = fmul <8 x float> %356, %exp.2n73
-  %360 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %360
-  %silu76 = fmul <8 x float> %340, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %341
-  %361 = fmul <8 x float> %glu77, %337
-  %362 = getelementptr inbounds float, ptr %339, i64 %col70
-  store <8 x float> %361, ptr %362, align 4
-  %363 = add nsw i64 %r0, 1
-  %364 = getelementptr inbounds float, ptr %rw, i64 %363
-  %w78 = load float, ptr %364, align 4
-  %365 = insertelement <8 x float> poison, float %w78, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = mul nsw i64 %363, 1024
-  %368 = getelementptr inbounds float, ptr %h, i64 %367
-  %col79 = mul nsw i64 %p, 8
-  %369 = load <8 x float>, ptr %acc1050, align 4
-  %370 = load <8 x float>, ptr %acc1151, align 4
-  %371 = fneg <8 x float> %369
-  %372 = fcmp olt <8 x float> %371, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %374 = fcmp ogt <8 x float> %373, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n80 = call <8 x float> @llvm.floor.v8f32(<8 x float> %376)
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n80, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %375)
-  %exp.r81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n80, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %377)
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r81, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %exp.r81, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %exp.r81, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %exp.r81, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %exp.r81, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %383 = fmul <8 x float> %exp.r81, %exp.r81
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %383, <8 x float> %exp.r81)
-  %385 = fadd <8 x float> %384, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %386 = fptosi <8 x float> %exp.n80 to <8 x i32>
-  %387 = add <8 x i32> %386, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %388 = shl <8 x i32> %387, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n82 = bitcast <8 x i32> %388 to <8 x float>
-  %exp83 = fmul <8 x float> %385, %exp.2n82
-  %389 = fadd <8 x float> %exp83, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid84 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %389
-  %silu85 = fmul <8 x float> %369, %sigmoid84
-  %glu86 = fmul <8 x float> %silu85, %370
-  %390 = fmul <8 x float> %glu86, %366
-  %391 = getelementptr inbounds float, ptr %368, i64 %col79
-  store <8 x float> %390, ptr %391, align 4
-  %392 = add nsw i64 %r0, 2
-  %393 = getelementptr inbounds float, ptr %rw, i64 %392
-  %w87 = load float, ptr %393, align 4
-  %394 = insertelement <8 x float> poison, float %w87, i32 0
-  %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
-  %396 = mul nsw i64 %392, 1024
-  %397 = getelementptr inbounds float, ptr %h, i64 %396
-  %col88 = mul nsw i64 %p, 8
-  %398 = load <8 x float>, ptr %acc2053, align 4
-  %399 = load <8 x float>, ptr %acc2154, align 4
-  %400 = fneg <8 x float> %398
-  %401 = fcmp olt <8 x float> %400, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %402 = select <8 x i1> %401, <8 x float> %400, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %403 = fcmp ogt <8 x float> %402, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %404 = select <8 x i1> %403, <8 x float> %402, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n89 = call <8 x float> @llvm.floor.v8f32(<8 x float> %405)
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %404)
-  %exp.r90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n89, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %406)
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r90, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %exp.r90, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %exp.r90, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %exp.r90, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %exp.r90, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %412 = fmul <8 x float> %exp.r90, %exp.r90
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %412, <8 x float> %exp.r90)
-  %414 = fadd <8 x float> %413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %415 = fptosi <8 x float> %exp.n89 to <8 x i32>
-  %416 = add <8 x i32> %415, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %417 = shl <8 x i32> %416, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %417 to <8 x float>
-  %exp92 = fmul <8 x float> %414, %exp.2n91
-  %418 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %418
-  %silu94 = fmul <8 x float> %398, %sigmoid93
-  %glu95 = fmul <8 x float> %silu94, %399
-  %419 = fmul <8 x float> %glu95, %395
-  %420 = getelementptr inbounds float, ptr %397, i64 %col88
-  store <8 x float> %419, ptr %420, align 4
-  %421 = add nsw i64 %r0, 3
-  %422 = getelementptr inbounds float, ptr %rw, i64 %421
-  %w96 = load float, ptr %422, align 4
-  %423 = insertelement <8 x float> poison, float %w96, i32 0
-  %424 = shufflevector <8 x float> %423, <8 x float> poison, <8 x i32> zeroinitializer
-  %425 = mul nsw i64 %421, 1024
-  %426 = getelementptr inbounds float, ptr %h, i64 %425
-  %col97 = mul nsw i64 %p, 8
-  %427 = load <8 x float>, ptr %acc3056, align 4
-  %428 = load <8 x float>, ptr %acc3157, align 4
-  %429 = fneg <8 x float> %427
-  %430 = fcmp olt <8 x float> %429, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %431 = select <8 x i1> %430, <8 x float> %429, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %432 = fcmp ogt <8 x float> %431, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %433 = select <8 x i1> %432, <8 x float> %431, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n98 = call <8 x float> @llvm.floor.v8f32(<8 x float> %434)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %433)
-  %exp.r99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n98, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %435)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r99, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %exp.r99, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %exp.r99, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %exp.r99, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %exp.r99, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %441 = fmul <8 x float> %exp.r99, %exp.r99
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %441, <8 x float> %exp.r99)
-  %443 = fadd <8 x float> %442, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %444 = fptosi <8 x float> %exp.n98 to <8 x i32>
-  %445 = add <8 x i32> %444, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %446 = shl <8 x i32> %445, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %446 to <8 x float>
-  %exp101 = fmul <8 x float> %443, %exp.2n100
-  %447 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %447
-  %silu103 = fmul <8 x float> %427, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %428
-  %448 = fmul <8 x float> %glu104, %424
-  %449 = getelementptr inbounds float, ptr %426, i64 %col97
-  store <8 x float> %448, ptr %449, align 4
-  %450 = add nsw i64 %r0, 4
-  %451 = getelementptr inbounds float, ptr %rw, i64 %450
-  %w105 = load float, ptr %451, align 4
-  %452 = insertelement <8 x float> poison, float %w105, i32 0
-  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
-  %454 = mul nsw i64 %450, 1024
-  %455 = getelementptr inbounds float, ptr %h, i64 %454
-  %col106 = mul nsw i64 %p, 8
-  %456 = load <8 x float>, ptr %acc4059, align 4
-  %457 = load <8 x float>, ptr %acc4160, align 4
-  %458 = fneg <8 x float> %456
-  %459 = fcmp olt <8 x float> %458, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %461 = fcmp ogt <8 x float> %460, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %462 = select <8 x i1> %461, <8 x float> %460, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n107 = call <8 x float> @llvm.floor.v8f32(<8 x float> %463)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n107, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %462)
-  %exp.r108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n107, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %464)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r108, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %exp.r108, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %exp.r108, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %exp.r108, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %exp.r108, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %470 = fmul <8 x float> %exp.r108, %exp.r108
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %exp.r108)
-  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %473 = fptosi <8 x float> %exp.n107 to <8 x i32>
-  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n109 = bitcast <8 x i32> %475 to <8 x float>
-  %exp110 = fmul <8 x float> %472, %exp.2n109
-  %476 = fadd <8 x float> %exp110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid111 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
-  %silu112 = fmul <8 x float> %456, %sigmoid111
-  %glu113 = fmul <8 x float> %silu112, %457
-  %477 = fmul <8 x float> %glu113, %453
-  %478 = getelementptr inbounds float, ptr %455, i64 %col106
-  store <8 x float> %477, ptr %478, align 4
+k.end44:                                          ; preds = %k.head42
+  %365 = add nsw i64 %r0, 0
+  %366 = getelementptr inbounds float, ptr %rw, i64 %365
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = mul nsw i64 %365, 1024
+  %371 = getelementptr inbounds float, ptr %h, i64 %370
+  %col48 = mul nsw i64 %p, 8
+  %372 = load <8 x float>, ptr %acc0031, align 4
+  %373 = load <8 x float>, ptr %acc0132, align 4
+  %374 = fneg <8 x float> %372
+  %375 = fcmp olt <8 x float> %374, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %376 = select <8 x i1> %375, <8 x float> %374, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %377 = fcmp ogt <8 x float> %376, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %378 = select <8 x i1> %377, <8 x float> %376, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %380 = call <8 x float> @llvm.floor.v8f32(<8 x float> %379)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %378)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %381)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %382, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %382, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %382, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %382, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %382, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %388 = fmul <8 x float> %382, %382
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %388, <8 x float> %382)
+  %390 = fadd <8 x float> %389, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %391 = fptosi <8 x float> %380 to <8 x i32>
+  %392 = add <8 x i32> %391, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %393 = shl <8 x i32> %392, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n49 = bitcast <8 x i32> %393 to <8 x float>
+  %exp50 = fmul <8 x float> %390, %exp.2n49
+  %394 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %394
+  %silu52 = fmul <8 x float> %372, %sigmoid51
+  %glu53 = fmul <8 x float> %silu52, %373
+  %395 = fmul <8 x float> %glu53, %369
+  %396 = getelementptr inbounds float, ptr %371, i64 %col48
+  store <8 x float> %395, ptr %396, align 4
+  %397 = add nsw i64 %r0, 1
+  %398 = getelementptr inbounds float, ptr %rw, i64 %397
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = mul nsw i64 %397, 1024
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %col54 = mul nsw i64 %p, 8
+  %404 = load <8 x float>, ptr %acc1033, align 4
+  %405 = load <8 x float>, ptr %acc1134, align 4
+  %406 = fneg <8 x float> %404
+  %407 = fcmp olt <8 x float> %406, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %409 = fcmp ogt <8 x float> %408, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %412 = call <8 x float> @llvm.floor.v8f32(<8 x float> %411)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %410)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %413)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %414, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %414, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %414, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %414, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %420 = fmul <8 x float> %414, %414
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %420, <8 x float> %414)
+  %422 = fadd <8 x float> %421, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %423 = fptosi <8 x float> %412 to <8 x i32>
+  %424 = add <8 x i32> %423, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %425 = shl <8 x i32> %424, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %425 to <8 x float>
+  %exp56 = fmul <8 x float> %422, %exp.2n55
+  %426 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
+  %silu58 = fmul <8 x float> %404, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %405
+  %427 = fmul <8 x float> %glu59, %401
+  %428 = getelementptr inbounds float, ptr %403, i64 %col54
+  store <8 x float> %427, ptr %428, align 4
+  %429 = add nsw i64 %r0, 2
+  %430 = getelementptr inbounds float, ptr %rw, i64 %429
+  %431 = load float, ptr %430, align 4
+  %432 = insertelement <8 x float> poison, float %431, i32 0
+  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
+  %434 = mul nsw i64 %429, 1024
+  %435 = getelementptr inbounds float, ptr %h, i64 %434
+  %col60 = mul nsw i64 %p, 8
+  %436 = load <8 x float>, ptr %acc2035, align 4
+  %437 = load <8 x float>, ptr %acc2136, align 4
+  %438 = fneg <8 x float> %436
+  %439 = fcmp olt <8 x float> %438, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %441 = fcmp ogt <8 x float> %440, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %444 = call <8 x float> @llvm.floor.v8f32(<8 x float> %443)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %442)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %445)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %446, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %446, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %446, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %446, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %446, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %452 = fmul <8 x float> %446, %446
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %452, <8 x float> %446)
+  %454 = fadd <8 x float> %453, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %455 = fptosi <8 x float> %444 to <8 x i32>
+  %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %457 to <8 x float>
+  %exp62 = fmul <8 x float> %454, %exp.2n61
+  %458 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
+  %silu64 = fmul <8 x float> %436, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %437
+  %459 = fmul <8 x float> %glu65, %433
+  %460 = getelementptr inbounds float, ptr %435, i64 %col60
+  store <8 x float> %459, ptr %460, align 4
+  %461 = add nsw i64 %r0, 3
+  %462 = getelementptr inbounds float, ptr %rw, i64 %461
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <8 x float> poison, float %463, i32 0
+  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
+  %466 = mul nsw i64 %461, 1024
+  %467 = getelementptr inbounds float, ptr %h, i64 %466
+  %col66 = mul nsw i64 %p, 8
+  %468 = load <8 x float>, ptr %acc3037, align 4
+  %469 = load <8 x float>, ptr %acc3138, align 4
+  %470 = fneg <8 x float> %468
+  %471 = fcmp olt <8 x float> %470, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %473 = fcmp ogt <8 x float> %472, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %476 = call <8 x float> @llvm.floor.v8f32(<8 x float> %475)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %474)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %477)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %478, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %478, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %478, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %478, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %478, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %484 = fmul <8 x float> %478, %478
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %484, <8 x float> %478)
+  %486 = fadd <8 x float> %485, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %487 = fptosi <8 x float> %476 to <8 x i32>
+  %488 = add <8 x i32> %487, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %489 = shl <8 x i32> %488, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %489 to <8 x float>
+  %exp68 = fmul <8 x float> %486, %exp.2n67
+  %490 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
+  %silu70 = fmul <8 x float> %468, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %469
+  %491 = fmul <8 x float> %glu71, %465
+  %492 = getelementptr inbounds float, ptr %467, i64 %col66
+  store <8 x float> %491, ptr %492, align 4
+  %493 = add nsw i64 %r0, 4
+  %494 = getelementptr inbounds float, ptr %rw, i64 %493
+  %495 = load float, ptr %494, align 4
+  %496 = insertelement <8 x float> poison, float %495, i32 0
+  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
+  %498 = mul nsw i64 %493, 1024
+  %499 = getelementptr inbounds float, ptr %h, i64 %498
+  %col72 = mul nsw i64 %p, 8
+  %500 = load <8 x float>, ptr %acc4039, align 4
+  %501 = load <8 x float>, ptr %acc4140, align 4
+  %502 = fneg <8 x float> %500
+  %503 = fcmp olt <8 x float> %502, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %505 = fcmp ogt <8 x float> %504, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %508 = call <8 x float> @llvm.floor.v8f32(<8 x float> %507)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %506)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %509)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %510, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %510, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %510, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %510, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %510, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %516 = fmul <8 x float> %510, %510
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %516, <8 x float> %510)
+  %518 = fadd <8 x float> %517, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %519 = fptosi <8 x float> %508 to <8 x i32>
+  %520 = add <8 x i32> %519, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %521 = shl <8 x i32> %520, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %521 to <8 x float>
+  %exp74 = fmul <8 x float> %518, %exp.2n73
+  %522 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
+  %silu76 = fmul <8 x float> %500, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %501
+  %523 = fmul <8 x float> %glu77, %497
+  %524 = getelementptr inbounds float, ptr %499, i64 %col72
+  store <8 x float> %523, ptr %524, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %479 = add nsw i64 %r0, 0
-  %480 = getelementptr inbounds i32, ptr %rows, i64 %479
-  %481 = load i32, ptr %480, align 4
-  %482 = sext i32 %481 to i64
-  %483 = mul nsw i64 %482, 2048
-  %a0114 = getelementptr inbounds float, ptr %x, i64 %483
-  store <8 x float> zeroinitializer, ptr %acc00115, align 4
-  store <8 x float> zeroinitializer, ptr %acc01116, align 4
-  %484 = add nsw i64 %r0, 1
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %484
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 2048
-  %a1117 = getelementptr inbounds float, ptr %x, i64 %488
-  store <8 x float> zeroinitializer, ptr %acc10118, align 4
-  store <8 x float> zeroinitializer, ptr %acc11119, align 4
-  %489 = add nsw i64 %r0, 2
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %489
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 2048
-  %a2120 = getelementptr inbounds float, ptr %x, i64 %493
-  store <8 x float> zeroinitializer, ptr %acc20121, align 4
-  store <8 x float> zeroinitializer, ptr %acc21122, align 4
-  %494 = add nsw i64 %r0, 3
-  %495 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %496 = load i32, ptr %495, align 4
-  %497 = sext i32 %496 to i64
-  %498 = mul nsw i64 %497, 2048
-  %a3123 = getelementptr inbounds float, ptr %x, i64 %498
-  store <8 x float> zeroinitializer, ptr %acc30124, align 4
-  store <8 x float> zeroinitializer, ptr %acc31125, align 4
-  %panel.off126 = mul nsw i64 %p, 32768
-  br label %k.head127
+  %525 = add nsw i64 %r0, 0
+  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
+  %527 = load i32, ptr %526, align 4
+  %528 = sext i32 %527 to i64
+  %529 = mul nsw i64 %528, 2048
+  %530 = getelementptr inbounds float, ptr %x, i64 %529
+  store <8 x float> zeroinitializer, ptr %acc0078, align 4
+  store <8 x float> zeroinitializer, ptr %acc0179, align 4
+  %531 = add nsw i64 %r0, 1
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 2048
+  %536 = getelementptr inbounds float, ptr %x, i64 %535
+  store <8 x float> zeroinitializer, ptr %acc1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc1181, align 4
+  %537 = add nsw i64 %r0, 2
+  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
+  %539 = load i32, ptr %538, align 4
+  %540 = sext i32 %539 to i64
+  %541 = mul nsw i64 %540, 2048
+  %542 = getelementptr inbounds float, ptr %x, i64 %541
+  store <8 x float> zeroinitializer, ptr %acc2082, align 4
+  store <8 x float> zeroinitializer, ptr %acc2183, align 4
+  %543 = add nsw i64 %r0, 3
+  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
+  %545 = load i32, ptr %544, align 4
+  %546 = sext i32 %545 to i64
+  %547 = mul nsw i64 %546, 2048
+  %548 = getelementptr inbounds float, ptr %x, i64 %547
+  store <8 x float> zeroinitializer, ptr %acc3084, align 4
+  store <8 x float> zeroinitializer, ptr %acc3185, align 4
+  %panel.off86 = mul nsw i64 %p, 32768
+  br label %k.head87
 
-k.head127:                                        ; preds = %k.body128, %tile.mr4
-  %k130 = phi i64 [ 0, %tile.mr4 ], [ %537, %k.body128 ]
-  %499 = icmp slt i64 %k130, 2048
-  br i1 %499, label %k.body128, label %k.end129
+k.head87:                                         ; preds = %k.body88, %tile.mr4
+  %k90 = phi i64 [ 0, %tile.mr4 ], [ %588, %k.body88 ]
+  %549 = icmp slt i64 %k90, 2048
+  br i1 %549, label %k.body88, label %k.end89
 
-k.body128:                                        ; preds = %k.head127
-  %500 = mul nsw i64 %k130, 16
-  %501 = add nsw i64 %panel.off126, %500
-  %502 = getelementptr inbounds i16, ptr %panels, i64 %501
-  %bw131 = load <8 x i32>, ptr %502, align 4
-  %503 = shl <8 x i32> %bw131, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0132 = bitcast <8 x i32> %503 to <8 x float>
-  %504 = and <8 x i32> %bw131, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1133 = bitcast <8 x i32> %504 to <8 x float>
-  %505 = getelementptr inbounds float, ptr %a0114, i64 %k130
-  %506 = load float, ptr %505, align 4
-  %507 = insertelement <8 x float> poison, float %506, i32 0
-  %508 = shufflevector <8 x float> %507, <8 x float> poison, <8 x i32> zeroinitializer
-  %509 = load <8 x float>, ptr %acc00115, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %b0132, <8 x float> %509)
-  store <8 x float> %510, ptr %acc00115, align 4
-  %511 = load <8 x float>, ptr %acc01116, align 4
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %b1133, <8 x float> %511)
-  store <8 x float> %512, ptr %acc01116, align 4
-  %513 = getelementptr inbounds float, ptr %a1117, i64 %k130
-  %514 = load float, ptr %513, align 4
-  %515 = insertelement <8 x float> poison, float %514, i32 0
-  %516 = shufflevector <8 x float> %515, <8 x float> poison, <8 x i32> zeroinitializer
-  %517 = load <8 x float>, ptr %acc10118, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %b0132, <8 x float> %517)
-  store <8 x float> %518, ptr %acc10118, align 4
-  %519 = load <8 x float>, ptr %acc11119, align 4
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %b1133, <8 x float> %519)
-  store <8 x float> %520, ptr %acc11119, align 4
-  %521 = getelementptr inbounds float, ptr %a2120, i64 %k130
-  %522 = load float, ptr %521, align 4
-  %523 = insertelement <8 x float> poison, float %522, i32 0
-  %524 = shufflevector <8 x float> %523, <8 x float> poison, <8 x i32> zeroinitializer
-  %525 = load <8 x float>, ptr %acc20121, align 4
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %b0132, <8 x float> %525)
-  store <8 x float> %526, ptr %acc20121, align 4
-  %527 = load <8 x float>, ptr %acc21122, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %b1133, <8 x float> %527)
-  store <8 x float> %528, ptr %acc21122, align 4
-  %529 = getelementptr inbounds float, ptr %a3123, i64 %k130
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = load <8 x float>, ptr %acc30124, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b0132, <8 x float> %533)
-  store <8 x float> %534, ptr %acc30124, align 4
-  %535 = load <8 x float>, ptr %acc31125, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b1133, <8 x float> %535)
-  store <8 x float> %536, ptr %acc31125, align 4
-  %537 = add nsw i64 %k130, 1
-  br label %k.head127
+k.body88:                                         ; preds = %k.head87
+  %550 = mul nsw i64 %k90, 16
+  %551 = add nsw i64 %panel.off86, %550
+  %552 = getelementptr inbounds i16, ptr %panels, i64 %551
+  %553 = load <8 x i32>, ptr %552, align 4
+  %554 = shl <8 x i32> %553, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b091 = bitcast <8 x i32> %554 to <8 x float>
+  %555 = and <8 x i32> %553, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b192 = bitcast <8 x i32> %555 to <8 x float>
+  %556 = getelementptr inbounds float, ptr %530, i64 %k90
+  %557 = load float, ptr %556, align 4
+  %558 = insertelement <8 x float> poison, float %557, i32 0
+  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
+  %560 = load <8 x float>, ptr %acc0078, align 4
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b091, <8 x float> %560)
+  store <8 x float> %561, ptr %acc0078, align 4
+  %562 = load <8 x float>, ptr %acc0179, align 4
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b192, <8 x float> %562)
+  store <8 x float> %563, ptr %acc0179, align 4
+  %564 = getelementptr inbounds float, ptr %536, i64 %k90
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc1080, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b091, <8 x float> %568)
+  store <8 x float> %569, ptr %acc1080, align 4
+  %570 = load <8 x float>, ptr %acc1181, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b192, <8 x float> %570)
+  store <8 x float> %571, ptr %acc1181, align 4
+  %572 = getelementptr inbounds float, ptr %542, i64 %k90
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc2082, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b091, <8 x float> %576)
+  store <8 x float> %577, ptr %acc2082, align 4
+  %578 = load <8 x float>, ptr %acc2183, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b192, <8 x float> %578)
+  store <8 x float> %579, ptr %acc2183, align 4
+  %580 = getelementptr inbounds float, ptr %548, i64 %k90
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc3084, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b091, <8 x float> %584)
+  store <8 x float> %585, ptr %acc3084, align 4
+  %586 = load <8 x float>, ptr %acc3185, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b192, <8 x float> %586)
+  store <8 x float> %587, ptr %acc3185, align 4
+  %588 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end129:                                         ; preds = %k.head127
-  %538 = add nsw i64 %r0, 0
-  %539 = getelementptr inbounds float, ptr %rw, i64 %538
-  %w134 = load float, ptr %539, align 4
-  %540 = insertelement <8 x float> poison, float %w134, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = mul nsw i64 %538, 1024
-  %543 = getelementptr inbounds float, ptr %h, i64 %542
-  %col135 = mul nsw i64 %p, 8
-  %544 = load <8 x float>, ptr %acc00115, align 4
-  %545 = load <8 x float>, ptr %acc01116, align 4
-  %546 = fneg <8 x float> %544
-  %547 = fcmp olt <8 x float> %546, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %548 = select <8 x i1> %547, <8 x float> %546, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %549 = fcmp ogt <8 x float> %548, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %550 = select <8 x i1> %549, <8 x float> %548, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n136 = call <8 x float> @llvm.floor.v8f32(<8 x float> %551)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n136, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %550)
-  %exp.r137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n136, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %552)
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r137, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %exp.r137, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %exp.r137, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %exp.r137, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %exp.r137, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %558 = fmul <8 x float> %exp.r137, %exp.r137
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %558, <8 x float> %exp.r137)
-  %560 = fadd <8 x float> %559, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %561 = fptosi <8 x float> %exp.n136 to <8 x i32>
-  %562 = add <8 x i32> %561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %563 = shl <8 x i32> %562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %563 to <8 x float>
-  %exp139 = fmul <8 x float> %560, %exp.2n138
-  %564 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %564
-  %silu141 = fmul <8 x float> %544, %sigmoid140
-  %glu142 = fmul <8 x float> %silu141, %545
-  %565 = fmul <8 x float> %glu142, %541
-  %566 = getelementptr inbounds float, ptr %543, i64 %col135
-  store <8 x float> %565, ptr %566, align 4
-  %567 = add nsw i64 %r0, 1
-  %568 = getelementptr inbounds float, ptr %rw, i64 %567
-  %w143 = load float, ptr %568, align 4
-  %569 = insertelement <8 x float> poison, float %w143, i32 0
-  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = mul nsw i64 %567, 1024
-  %572 = getelementptr inbounds float, ptr %h, i64 %571
-  %col144 = mul nsw i64 %p, 8
-  %573 = load <8 x float>, ptr %acc10118, align 4
-  %574 = load <8 x float>, ptr %acc11119, align 4
-  %575 = fneg <8 x float> %573
-  %576 = fcmp olt <8 x float> %575, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %577 = select <8 x i1> %576, <8 x float> %575, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %578 = fcmp ogt <8 x float> %577, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %579 = select <8 x i1> %578, <8 x float> %577, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n145 = call <8 x float> @llvm.floor.v8f32(<8 x float> %580)
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n145, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %579)
-  %exp.r146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n145, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %581)
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %exp.r146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %exp.r146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %exp.r146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %exp.r146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %587 = fmul <8 x float> %exp.r146, %exp.r146
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %587, <8 x float> %exp.r146)
-  %589 = fadd <8 x float> %588, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %590 = fptosi <8 x float> %exp.n145 to <8 x i32>
-  %591 = add <8 x i32> %590, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %592 = shl <8 x i32> %591, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %592 to <8 x float>
-  %exp148 = fmul <8 x float> %589, %exp.2n147
-  %593 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %593
-  %silu150 = fmul <8 x float> %573, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %574
-  %594 = fmul <8 x float> %glu151, %570
-  %595 = getelementptr inbounds float, ptr %572, i64 %col144
-  store <8 x float> %594, ptr %595, align 4
-  %596 = add nsw i64 %r0, 2
-  %597 = getelementptr inbounds float, ptr %rw, i64 %596
-  %w152 = load float, ptr %597, align 4
-  %598 = insertelement <8 x float> poison, float %w152, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = mul nsw i64 %596, 1024
-  %601 = getelementptr inbounds float, ptr %h, i64 %600
-  %col153 = mul nsw i64 %p, 8
-  %602 = load <8 x float>, ptr %acc20121, align 4
-  %603 = load <8 x float>, ptr %acc21122, align 4
-  %604 = fneg <8 x float> %602
-  %605 = fcmp olt <8 x float> %604, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %607 = fcmp ogt <8 x float> %606, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n154 = call <8 x float> @llvm.floor.v8f32(<8 x float> %609)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n154, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %608)
-  %exp.r155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n154, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %610)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r155, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %exp.r155, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %exp.r155, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %exp.r155, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %exp.r155, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %616 = fmul <8 x float> %exp.r155, %exp.r155
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %exp.r155)
-  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %619 = fptosi <8 x float> %exp.n154 to <8 x i32>
-  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n156 = bitcast <8 x i32> %621 to <8 x float>
-  %exp157 = fmul <8 x float> %618, %exp.2n156
-  %622 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
-  %silu159 = fmul <8 x float> %602, %sigmoid158
-  %glu160 = fmul <8 x float> %silu159, %603
-  %623 = fmul <8 x float> %glu160, %599
-  %624 = getelementptr inbounds float, ptr %601, i64 %col153
-  store <8 x float> %623, ptr %624, align 4
-  %625 = add nsw i64 %r0, 3
-  %626 = getelementptr inbounds float, ptr %rw, i64 %625
-  %w161 = load float, ptr %626, align 4
-  %627 = insertelement <8 x float> poison, float %w161, i32 0
-  %628 = shufflevector <8 x float> %627, <8 x float> poison, <8 x i32> zeroinitializer
-  %629 = mul nsw i64 %625, 1024
-  %630 = getelementptr inbounds float, ptr %h, i64 %629
-  %col162 = mul nsw i64 %p, 8
-  %631 = load <8 x float>, ptr %acc30124, align 4
-  %632 = load <8 x float>, ptr %acc31125, align 4
-  %633 = fneg <8 x float> %631
-  %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %636 = fcmp ogt <8 x float> %635, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %637 = select <8 x i1> %636, <8 x float> %635, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
-  %exp.r164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %639)
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r164, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %exp.r164, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> %exp.r164, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %exp.r164, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %exp.r164, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %645 = fmul <8 x float> %exp.r164, %exp.r164
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %645, <8 x float> %exp.r164)
-  %647 = fadd <8 x float> %646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %648 = fptosi <8 x float> %exp.n163 to <8 x i32>
-  %649 = add <8 x i32> %648, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %650 = shl <8 x i32> %649, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n165 = bitcast <8 x i32> %650 to <8 x float>
-  %exp166 = fmul <8 x float> %647, %exp.2n165
-  %651 = fadd <8 x float> %exp166, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid167 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %651
-  %silu168 = fmul <8 x float> %631, %sigmoid167
-  %glu169 = fmul <8 x float> %silu168, %632
-  %652 = fmul <8 x float> %glu169, %628
-  %653 = getelementptr inbounds float, ptr %630, i64 %col162
-  store <8 x float> %652, ptr %653, align 4
+k.end89:                                          ; preds = %k.head87
+  %589 = add nsw i64 %r0, 0
+  %590 = getelementptr inbounds float, ptr %rw, i64 %589
+  %591 = load float, ptr %590, align 4
+  %592 = insertelement <8 x float> poison, float %591, i32 0
+  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
+  %594 = mul nsw i64 %589, 1024
+  %595 = getelementptr inbounds float, ptr %h, i64 %594
+  %col93 = mul nsw i64 %p, 8
+  %596 = load <8 x float>, ptr %acc0078, align 4
+  %597 = load <8 x float>, ptr %acc0179, align 4
+  %598 = fneg <8 x float> %596
+  %599 = fcmp olt <8 x float> %598, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %600 = select <8 x i1> %599, <8 x float> %598, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %601 = fcmp ogt <8 x float> %600, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %602 = select <8 x i1> %601, <8 x float> %600, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %604 = call <8 x float> @llvm.floor.v8f32(<8 x float> %603)
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %602)
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %605)
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %606, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %606, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %606, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %606, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %606, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %612 = fmul <8 x float> %606, %606
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %612, <8 x float> %606)
+  %614 = fadd <8 x float> %613, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %615 = fptosi <8 x float> %604 to <8 x i32>
+  %616 = add <8 x i32> %615, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %617 = shl <8 x i32> %616, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %617 to <8 x float>
+  %exp95 = fmul <8 x float> %614, %exp.2n94
+  %618 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %618
+  %silu97 = fmul <8 x float> %596, %sigmoid96
+  %glu98 = fmul <8 x float> %silu97, %597
+  %619 = fmul <8 x float> %glu98, %593
+  %620 = getelementptr inbounds float, ptr %595, i64 %col93
+  store <8 x float> %619, ptr %620, align 4
+  %621 = add nsw i64 %r0, 1
+  %622 = getelementptr inbounds float, ptr %rw, i64 %621
+  %623 = load float, ptr %622, align 4
+  %624 = insertelement <8 x float> poison, float %623, i32 0
+  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
+  %626 = mul nsw i64 %621, 1024
+  %627 = getelementptr inbounds float, ptr %h, i64 %626
+  %col99 = mul nsw i64 %p, 8
+  %628 = load <8 x float>, ptr %acc1080, align 4
+  %629 = load <8 x float>, ptr %acc1181, align 4
+  %630 = fneg <8 x float> %628
+  %631 = fcmp olt <8 x float> %630, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %632 = select <8 x i1> %631, <8 x float> %630, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %633 = fcmp ogt <8 x float> %632, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %634 = select <8 x i1> %633, <8 x float> %632, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %636 = call <8 x float> @llvm.floor.v8f32(<8 x float> %635)
+  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %634)
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %637)
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %638, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> %638, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %638, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> %638, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %638, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %644 = fmul <8 x float> %638, %638
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %644, <8 x float> %638)
+  %646 = fadd <8 x float> %645, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %647 = fptosi <8 x float> %636 to <8 x i32>
+  %648 = add <8 x i32> %647, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %649 = shl <8 x i32> %648, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %649 to <8 x float>
+  %exp101 = fmul <8 x float> %646, %exp.2n100
+  %650 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %650
+  %silu103 = fmul <8 x float> %628, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %629
+  %651 = fmul <8 x float> %glu104, %625
+  %652 = getelementptr inbounds float, ptr %627, i64 %col99
+  store <8 x float> %651, ptr %652, align 4
+  %653 = add nsw i64 %r0, 2
+  %654 = getelementptr inbounds float, ptr %rw, i64 %653
+  %655 = load float, ptr %654, align 4
+  %656 = insertelement <8 x float> poison, float %655, i32 0
+  %657 = shufflevector <8 x float> %656, <8 x float> poison, <8 x i32> zeroinitializer
+  %658 = mul nsw i64 %653, 1024
+  %659 = getelementptr inbounds float, ptr %h, i64 %658
+  %col105 = mul nsw i64 %p, 8
+  %660 = load <8 x float>, ptr %acc2082, align 4
+  %661 = load <8 x float>, ptr %acc2183, align 4
+  %662 = fneg <8 x float> %660
+  %663 = fcmp olt <8 x float> %662, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %664 = select <8 x i1> %663, <8 x float> %662, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %665 = fcmp ogt <8 x float> %664, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %666 = select <8 x i1> %665, <8 x float> %664, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %668 = call <8 x float> @llvm.floor.v8f32(<8 x float> %667)
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %666)
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %669)
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %670, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %670, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %670, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %670, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %670, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %676 = fmul <8 x float> %670, %670
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %676, <8 x float> %670)
+  %678 = fadd <8 x float> %677, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %679 = fptosi <8 x float> %668 to <8 x i32>
+  %680 = add <8 x i32> %679, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %681 = shl <8 x i32> %680, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n106 = bitcast <8 x i32> %681 to <8 x float>
+  %exp107 = fmul <8 x float> %678, %exp.2n106
+  %682 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %682
+  %silu109 = fmul <8 x float> %660, %sigmoid108
+  %glu110 = fmul <8 x float> %silu109, %661
+  %683 = fmul <8 x float> %glu110, %657
+  %684 = getelementptr inbounds float, ptr %659, i64 %col105
+  store <8 x float> %683, ptr %684, align 4
+  %685 = add nsw i64 %r0, 3
+  %686 = getelementptr inbounds float, ptr %rw, i64 %685
+  %687 = load float, ptr %686, align 4
+  %688 = insertelement <8 x float> poison, float %687, i32 0
+  %689 = shufflevector <8 x float> %688, <8 x float> poison, <8 x i32> zeroinitializer
+  %690 = mul nsw i64 %685, 1024
+  %691 = getelementptr inbounds float, ptr %h, i64 %690
+  %col111 = mul nsw i64 %p, 8
+  %692 = load <8 x float>, ptr %acc3084, align 4
+  %693 = load <8 x float>, ptr %acc3185, align 4
+  %694 = fneg <8 x float> %692
+  %695 = fcmp olt <8 x float> %694, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %696 = select <8 x i1> %695, <8 x float> %694, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %697 = fcmp ogt <8 x float> %696, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %700 = call <8 x float> @llvm.floor.v8f32(<8 x float> %699)
+  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %698)
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %701)
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %702, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %702, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %702, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %702, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %702, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %708 = fmul <8 x float> %702, %702
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %708, <8 x float> %702)
+  %710 = fadd <8 x float> %709, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %711 = fptosi <8 x float> %700 to <8 x i32>
+  %712 = add <8 x i32> %711, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %713 = shl <8 x i32> %712, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n112 = bitcast <8 x i32> %713 to <8 x float>
+  %exp113 = fmul <8 x float> %710, %exp.2n112
+  %714 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %714
+  %silu115 = fmul <8 x float> %692, %sigmoid114
+  %glu116 = fmul <8 x float> %silu115, %693
+  %715 = fmul <8 x float> %glu116, %689
+  %716 = getelementptr inbounds float, ptr %691, i64 %col111
+  store <8 x float> %715, ptr %716, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %654 = add nsw i64 %r0, 0
-  %655 = getelementptr inbounds i32, ptr %rows, i64 %654
-  %656 = load i32, ptr %655, align 4
-  %657 = sext i32 %656 to i64
-  %658 = mul nsw i64 %657, 2048
-  %a0170 = getelementptr inbounds float, ptr %x, i64 %658
-  store <8 x float> zeroinitializer, ptr %acc00171, align 4
-  store <8 x float> zeroinitializer, ptr %acc01172, align 4
-  %659 = add nsw i64 %r0, 1
-  %660 = getelementptr inbounds i32, ptr %rows, i64 %659
-  %661 = load i32, ptr %660, align 4
-  %662 = sext i32 %661 to i64
-  %663 = mul nsw i64 %662, 2048
-  %a1173 = getelementptr inbounds float, ptr %x, i64 %663
-  store <8 x float> zeroinitializer, ptr %acc10174, align 4
-  store <8 x float> zeroinitializer, ptr %acc11175, align 4
-  %664 = add nsw i64 %r0, 2
-  %665 = getelementptr inbounds i32, ptr %rows, i64 %664
-  %666 = load i32, ptr %665, align 4
-  %667 = sext i32 %666 to i64
-  %668 = mul nsw i64 %667, 2048
-  %a2176 = getelementptr inbounds float, ptr %x, i64 %668
-  store <8 x float> zeroinitializer, ptr %acc20177, align 4
-  store <8 x float> zeroinitializer, ptr %acc21178, align 4
-  %panel.off179 = mul nsw i64 %p, 32768
-  br label %k.head180
+  %717 = add nsw i64 %r0, 0
+  %718 = getelementptr inbounds i32, ptr %rows, i64 %717
+  %719 = load i32, ptr %718, align 4
+  %720 = sext i32 %719 to i64
+  %721 = mul nsw i64 %720, 2048
+  %722 = getelementptr inbounds float, ptr %x, i64 %721
+  store <8 x float> zeroinitializer, ptr %acc00117, align 4
+  store <8 x float> zeroinitializer, ptr %acc01118, align 4
+  %723 = add nsw i64 %r0, 1
+  %724 = getelementptr inbounds i32, ptr %rows, i64 %723
+  %725 = load i32, ptr %724, align 4
+  %726 = sext i32 %725 to i64
+  %727 = mul nsw i64 %726, 2048
+  %728 = getelementptr inbounds float, ptr %x, i64 %727
+  store <8 x float> zeroinitializer, ptr %acc10119, align 4
+  store <8 x float> zeroinitializer, ptr %acc11120, align 4
+  %729 = add nsw i64 %r0, 2
+  %730 = getelementptr inbounds i32, ptr %rows, i64 %729
+  %731 = load i32, ptr %730, align 4
+  %732 = sext i32 %731 to i64
+  %733 = mul nsw i64 %732, 2048
+  %734 = getelementptr inbounds float, ptr %x, i64 %733
+  store <8 x float> zeroinitializer, ptr %acc20121, align 4
+  store <8 x float> zeroinitializer, ptr %acc21122, align 4
+  %panel.off123 = mul nsw i64 %p, 32768
+  br label %k.head124
 
-k.head180:                                        ; preds = %k.body181, %tile.mr3
-  %k183 = phi i64 [ 0, %tile.mr3 ], [ %699, %k.body181 ]
-  %669 = icmp slt i64 %k183, 2048
-  br i1 %669, label %k.body181, label %k.end182
+k.head124:                                        ; preds = %k.body125, %tile.mr3
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %766, %k.body125 ]
+  %735 = icmp slt i64 %k127, 2048
+  br i1 %735, label %k.body125, label %k.end126
 
-k.body181:                                        ; preds = %k.head180
-  %670 = mul nsw i64 %k183, 16
-  %671 = add nsw i64 %panel.off179, %670
-  %672 = getelementptr inbounds i16, ptr %panels, i64 %671
-  %bw184 = load <8 x i32>, ptr %672, align 4
-  %673 = shl <8 x i32> %bw184, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0185 = bitcast <8 x i32> %673 to <8 x float>
-  %674 = and <8 x i32> %bw184, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1186 = bitcast <8 x i32> %674 to <8 x float>
-  %675 = getelementptr inbounds float, ptr %a0170, i64 %k183
-  %676 = load float, ptr %675, align 4
-  %677 = insertelement <8 x float> poison, float %676, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = load <8 x float>, ptr %acc00171, align 4
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b0185, <8 x float> %679)
-  store <8 x float> %680, ptr %acc00171, align 4
-  %681 = load <8 x float>, ptr %acc01172, align 4
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b1186, <8 x float> %681)
-  store <8 x float> %682, ptr %acc01172, align 4
-  %683 = getelementptr inbounds float, ptr %a1173, i64 %k183
-  %684 = load float, ptr %683, align 4
-  %685 = insertelement <8 x float> poison, float %684, i32 0
-  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
-  %687 = load <8 x float>, ptr %acc10174, align 4
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b0185, <8 x float> %687)
-  store <8 x float> %688, ptr %acc10174, align 4
-  %689 = load <8 x float>, ptr %acc11175, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b1186, <8 x float> %689)
-  store <8 x float> %690, ptr %acc11175, align 4
-  %691 = getelementptr inbounds float, ptr %a2176, i64 %k183
-  %692 = load float, ptr %691, align 4
-  %693 = insertelement <8 x float> poison, float %692, i32 0
-  %694 = shufflevector <8 x float> %693, <8 x float> poison, <8 x i32> zeroinitializer
-  %695 = load <8 x float>, ptr %acc20177, align 4
-  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b0185, <8 x float> %695)
-  store <8 x float> %696, ptr %acc20177, align 4
-  %697 = load <8 x float>, ptr %acc21178, align 4
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b1186, <8 x float> %697)
-  store <8 x float> %698, ptr %acc21178, align 4
-  %699 = add nsw i64 %k183, 1
-  br label %k.head180
-
-k.end182:                                         ; preds = %k.head180
-  %700 = add nsw i64 %r0, 0
-  %701 = getelementptr inbounds float, ptr %rw, i64 %700
-  %w187 = load float, ptr %701, align 4
-  %702 = insertelement <8 x float> poison, float %w187, i32 0
-  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
-  %704 = mul nsw i64 %700, 1024
-  %705 = getelementptr inbounds float, ptr %h, i64 %704
-  %col188 = mul nsw i64 %p, 8
-  %706 = load <8 x float>, ptr %acc00171, align 4
-  %707 = load <8 x float>, ptr %acc01172, align 4
-  %708 = fneg <8 x float> %706
-  %709 = fcmp olt <8 x float> %708, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %710 = select <8 x i1> %709, <8 x float> %708, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %711 = fcmp ogt <8 x float> %710, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %712 = select <8 x i1> %711, <8 x float> %710, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n189 = call <8 x float> @llvm.floor.v8f32(<8 x float> %713)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n189, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %712)
-  %exp.r190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n189, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %714)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r190, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %exp.r190, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %exp.r190, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %exp.r190, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %exp.r190, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %720 = fmul <8 x float> %exp.r190, %exp.r190
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %720, <8 x float> %exp.r190)
-  %722 = fadd <8 x float> %721, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %723 = fptosi <8 x float> %exp.n189 to <8 x i32>
-  %724 = add <8 x i32> %723, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %725 = shl <8 x i32> %724, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n191 = bitcast <8 x i32> %725 to <8 x float>
-  %exp192 = fmul <8 x float> %722, %exp.2n191
-  %726 = fadd <8 x float> %exp192, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid193 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %726
-  %silu194 = fmul <8 x float> %706, %sigmoid193
-  %glu195 = fmul <8 x float> %silu194, %707
-  %727 = fmul <8 x float> %glu195, %703
-  %728 = getelementptr inbounds float, ptr %705, i64 %col188
-  store <8 x float> %727, ptr %728, align 4
-  %729 = add nsw i64 %r0, 1
-  %730 = getelementptr inbounds float, ptr %rw, i64 %729
-  %w196 = load float, ptr %730, align 4
-  %731 = insertelement <8 x float> poison, float %w196, i32 0
-  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
-  %733 = mul nsw i64 %729, 1024
-  %734 = getelementptr inbounds float, ptr %h, i64 %733
-  %col197 = mul nsw i64 %p, 8
-  %735 = load <8 x float>, ptr %acc10174, align 4
-  %736 = load <8 x float>, ptr %acc11175, align 4
-  %737 = fneg <8 x float> %735
-  %738 = fcmp olt <8 x float> %737, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %740 = fcmp ogt <8 x float> %739, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %741 = select <8 x i1> %740, <8 x float> %739, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n198 = call <8 x float> @llvm.floor.v8f32(<8 x float> %742)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n198, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %741)
-  %exp.r199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n198, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %743)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %exp.r199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %exp.r199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %exp.r199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %exp.r199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %749 = fmul <8 x float> %exp.r199, %exp.r199
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %749, <8 x float> %exp.r199)
-  %751 = fadd <8 x float> %750, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %752 = fptosi <8 x float> %exp.n198 to <8 x i32>
-  %753 = add <8 x i32> %752, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %754 = shl <8 x i32> %753, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n200 = bitcast <8 x i32> %754 to <8 x float>
-  %exp201 = fmul <8 x float> %751, %exp.2n200
-  %755 = fadd <8 x float> %exp201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid202 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %755
-  %silu203 = fmul <8 x float> %735, %sigmoid202
-  %glu204 = fmul <8 x float> %silu203, %736
-  %756 = fmul <8 x float> %glu204, %732
-  %757 = getelementptr inbounds float, ptr %734, i64 %col197
-  store <8 x float> %756, ptr %757, align 4
-  %758 = add nsw i64 %r0, 2
-  %759 = getelementptr inbounds float, ptr %rw, i64 %758
-  %w205 = load float, ptr %759, align 4
-  %760 = insertelement <8 x float> poison, float %w205, i32 0
+k.body125:                                        ; preds = %k.head124
+  %736 = mul nsw i64 %k127, 16
+  %737 = add nsw i64 %panel.off123, %736
+  %738 = getelementptr inbounds i16, ptr %panels, i64 %737
+  %739 = load <8 x i32>, ptr %738, align 4
+  %740 = shl <8 x i32> %739, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0128 = bitcast <8 x i32> %740 to <8 x float>
+  %741 = and <8 x i32> %739, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1129 = bitcast <8 x i32> %741 to <8 x float>
+  %742 = getelementptr inbounds float, ptr %722, i64 %k127
+  %743 = load float, ptr %742, align 4
+  %744 = insertelement <8 x float> poison, float %743, i32 0
+  %745 = shufflevector <8 x float> %744, <8 x float> poison, <8 x i32> zeroinitializer
+  %746 = load <8 x float>, ptr %acc00117, align 4
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b0128, <8 x float> %746)
+  store <8 x float> %747, ptr %acc00117, align 4
+  %748 = load <8 x float>, ptr %acc01118, align 4
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b1129, <8 x float> %748)
+  store <8 x float> %749, ptr %acc01118, align 4
+  %750 = getelementptr inbounds float, ptr %728, i64 %k127
+  %751 = load float, ptr %750, align 4
+  %752 = insertelement <8 x float> poison, float %751, i32 0
+  %753 = shufflevector <8 x float> %752, <8 x float> poison, <8 x i32> zeroinitializer
+  %754 = load <8 x float>, ptr %acc10119, align 4
+  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %b0128, <8 x float> %754)
+  store <8 x float> %755, ptr %acc10119, align 4
+  %756 = load <8 x float>, ptr %acc11120, align 4
+  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %b1129, <8 x float> %756)
+  store <8 x float> %757, ptr %acc11120, align 4
+  %758 = getelementptr inbounds float, ptr %734, i64 %k127
+  %759 = load float, ptr %758, align 4
+  %760 = insertelement <8 x float> poison, float %759, i32 0
   %761 = shufflevector <8 x float> %760, <8 x float> poison, <8 x i32> zeroinitializer
-  %762 = mul nsw i64 %758, 1024
-  %763 = getelementptr inbounds float, ptr %h, i64 %762
-  %col206 = mul nsw i64 %p, 8
-  %764 = load <8 x float>, ptr %acc20177, align 4
-  %765 = load <8 x float>, ptr %acc21178, align 4
-  %766 = fneg <8 x float> %764
-  %767 = fcmp olt <8 x float> %766, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %768 = select <8 x i1> %767, <8 x float> %766, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %769 = fcmp ogt <8 x float> %768, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %770 = select <8 x i1> %769, <8 x float> %768, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %770, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %771)
-  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %770)
-  %exp.r208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %772)
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r208, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %exp.r208, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %774, <8 x float> %exp.r208, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %exp.r208, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %exp.r208, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %778 = fmul <8 x float> %exp.r208, %exp.r208
-  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %777, <8 x float> %778, <8 x float> %exp.r208)
-  %780 = fadd <8 x float> %779, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %781 = fptosi <8 x float> %exp.n207 to <8 x i32>
-  %782 = add <8 x i32> %781, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %783 = shl <8 x i32> %782, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n209 = bitcast <8 x i32> %783 to <8 x float>
-  %exp210 = fmul <8 x float> %780, %exp.2n209
-  %784 = fadd <8 x float> %exp210, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid211 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %784
-  %silu212 = fmul <8 x float> %764, %sigmoid211
-  %glu213 = fmul <8 x float> %silu212, %765
-  %785 = fmul <8 x float> %glu213, %761
-  %786 = getelementptr inbounds float, ptr %763, i64 %col206
-  store <8 x float> %785, ptr %786, align 4
+  %762 = load <8 x float>, ptr %acc20121, align 4
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %b0128, <8 x float> %762)
+  store <8 x float> %763, ptr %acc20121, align 4
+  %764 = load <8 x float>, ptr %acc21122, align 4
+  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %b1129, <8 x float> %764)
+  store <8 x float> %765, ptr %acc21122, align 4
+  %766 = add nsw i64 %k127, 1
+  br label %k.head124
+
+k.end126:                                         ; preds = %k.head124
+  %767 = add nsw i64 %r0, 0
+  %768 = getelementptr inbounds float, ptr %rw, i64 %767
+  %769 = load float, ptr %768, align 4
+  %770 = insertelement <8 x float> poison, float %769, i32 0
+  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
+  %772 = mul nsw i64 %767, 1024
+  %773 = getelementptr inbounds float, ptr %h, i64 %772
+  %col130 = mul nsw i64 %p, 8
+  %774 = load <8 x float>, ptr %acc00117, align 4
+  %775 = load <8 x float>, ptr %acc01118, align 4
+  %776 = fneg <8 x float> %774
+  %777 = fcmp olt <8 x float> %776, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %779 = fcmp ogt <8 x float> %778, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %782 = call <8 x float> @llvm.floor.v8f32(<8 x float> %781)
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %780)
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %783)
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %784, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %784, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %784, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %784, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %784, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %790 = fmul <8 x float> %784, %784
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %784)
+  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %793 = fptosi <8 x float> %782 to <8 x i32>
+  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %795 to <8 x float>
+  %exp132 = fmul <8 x float> %792, %exp.2n131
+  %796 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
+  %silu134 = fmul <8 x float> %774, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %775
+  %797 = fmul <8 x float> %glu135, %771
+  %798 = getelementptr inbounds float, ptr %773, i64 %col130
+  store <8 x float> %797, ptr %798, align 4
+  %799 = add nsw i64 %r0, 1
+  %800 = getelementptr inbounds float, ptr %rw, i64 %799
+  %801 = load float, ptr %800, align 4
+  %802 = insertelement <8 x float> poison, float %801, i32 0
+  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
+  %804 = mul nsw i64 %799, 1024
+  %805 = getelementptr inbounds float, ptr %h, i64 %804
+  %col136 = mul nsw i64 %p, 8
+  %806 = load <8 x float>, ptr %acc10119, align 4
+  %807 = load <8 x float>, ptr %acc11120, align 4
+  %808 = fneg <8 x float> %806
+  %809 = fcmp olt <8 x float> %808, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %810 = select <8 x i1> %809, <8 x float> %808, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %811 = fcmp ogt <8 x float> %810, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %812 = select <8 x i1> %811, <8 x float> %810, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %814 = call <8 x float> @llvm.floor.v8f32(<8 x float> %813)
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %812)
+  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %815)
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %816, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> %816, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %816, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %816, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %816, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %822 = fmul <8 x float> %816, %816
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %822, <8 x float> %816)
+  %824 = fadd <8 x float> %823, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %825 = fptosi <8 x float> %814 to <8 x i32>
+  %826 = add <8 x i32> %825, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %827 = shl <8 x i32> %826, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %827 to <8 x float>
+  %exp138 = fmul <8 x float> %824, %exp.2n137
+  %828 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %828
+  %silu140 = fmul <8 x float> %806, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %807
+  %829 = fmul <8 x float> %glu141, %803
+  %830 = getelementptr inbounds float, ptr %805, i64 %col136
+  store <8 x float> %829, ptr %830, align 4
+  %831 = add nsw i64 %r0, 2
+  %832 = getelementptr inbounds float, ptr %rw, i64 %831
+  %833 = load float, ptr %832, align 4
+  %834 = insertelement <8 x float> poison, float %833, i32 0
+  %835 = shufflevector <8 x float> %834, <8 x float> poison, <8 x i32> zeroinitializer
+  %836 = mul nsw i64 %831, 1024
+  %837 = getelementptr inbounds float, ptr %h, i64 %836
+  %col142 = mul nsw i64 %p, 8
+  %838 = load <8 x float>, ptr %acc20121, align 4
+  %839 = load <8 x float>, ptr %acc21122, align 4
+  %840 = fneg <8 x float> %838
+  %841 = fcmp olt <8 x float> %840, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %842 = select <8 x i1> %841, <8 x float> %840, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %843 = fcmp ogt <8 x float> %842, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %846 = call <8 x float> @llvm.floor.v8f32(<8 x float> %845)
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %844)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %847)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %848, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %848, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %848, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %848, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %848, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %854 = fmul <8 x float> %848, %848
+  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %854, <8 x float> %848)
+  %856 = fadd <8 x float> %855, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %857 = fptosi <8 x float> %846 to <8 x i32>
+  %858 = add <8 x i32> %857, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %859 = shl <8 x i32> %858, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %859 to <8 x float>
+  %exp144 = fmul <8 x float> %856, %exp.2n143
+  %860 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %860
+  %silu146 = fmul <8 x float> %838, %sigmoid145
+  %glu147 = fmul <8 x float> %silu146, %839
+  %861 = fmul <8 x float> %glu147, %835
+  %862 = getelementptr inbounds float, ptr %837, i64 %col142
+  store <8 x float> %861, ptr %862, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %787 = add nsw i64 %r0, 0
-  %788 = getelementptr inbounds i32, ptr %rows, i64 %787
-  %789 = load i32, ptr %788, align 4
-  %790 = sext i32 %789 to i64
-  %791 = mul nsw i64 %790, 2048
-  %a0214 = getelementptr inbounds float, ptr %x, i64 %791
-  store <8 x float> zeroinitializer, ptr %acc00215, align 4
-  store <8 x float> zeroinitializer, ptr %acc01216, align 4
-  %792 = add nsw i64 %r0, 1
-  %793 = getelementptr inbounds i32, ptr %rows, i64 %792
-  %794 = load i32, ptr %793, align 4
-  %795 = sext i32 %794 to i64
-  %796 = mul nsw i64 %795, 2048
-  %a1217 = getelementptr inbounds float, ptr %x, i64 %796
-  store <8 x float> zeroinitializer, ptr %acc10218, align 4
-  store <8 x float> zeroinitializer, ptr %acc11219, align 4
-  %panel.off220 = mul nsw i64 %p, 32768
-  br label %k.head221
+  %863 = add nsw i64 %r0, 0
+  %864 = getelementptr inbounds i32, ptr %rows, i64 %863
+  %865 = load i32, ptr %864, align 4
+  %866 = sext i32 %865 to i64
+  %867 = mul nsw i64 %866, 2048
+  %868 = getelementptr inbounds float, ptr %x, i64 %867
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  store <8 x float> zeroinitializer, ptr %acc01149, align 4
+  %869 = add nsw i64 %r0, 1
+  %870 = getelementptr inbounds i32, ptr %rows, i64 %869
+  %871 = load i32, ptr %870, align 4
+  %872 = sext i32 %871 to i64
+  %873 = mul nsw i64 %872, 2048
+  %874 = getelementptr inbounds float, ptr %x, i64 %873
+  store <8 x float> zeroinitializer, ptr %acc10150, align 4
+  store <8 x float> zeroinitializer, ptr %acc11151, align 4
+  %panel.off152 = mul nsw i64 %p, 32768
+  br label %k.head153
 
-k.head221:                                        ; preds = %k.body222, %tile.mr2
-  %k224 = phi i64 [ 0, %tile.mr2 ], [ %819, %k.body222 ]
-  %797 = icmp slt i64 %k224, 2048
-  br i1 %797, label %k.body222, label %k.end223
+k.head153:                                        ; preds = %k.body154, %tile.mr2
+  %k156 = phi i64 [ 0, %tile.mr2 ], [ %898, %k.body154 ]
+  %875 = icmp slt i64 %k156, 2048
+  br i1 %875, label %k.body154, label %k.end155
 
-k.body222:                                        ; preds = %k.head221
-  %798 = mul nsw i64 %k224, 16
-  %799 = add nsw i64 %panel.off220, %798
-  %800 = getelementptr inbounds i16, ptr %panels, i64 %799
-  %bw225 = load <8 x i32>, ptr %800, align 4
-  %801 = shl <8 x i32> %bw225, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0226 = bitcast <8 x i32> %801 to <8 x float>
-  %802 = and <8 x i32> %bw225, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1227 = bitcast <8 x i32> %802 to <8 x float>
-  %803 = getelementptr inbounds float, ptr %a0214, i64 %k224
-  %804 = load float, ptr %803, align 4
-  %805 = insertelement <8 x float> poison, float %804, i32 0
-  %806 = shufflevector <8 x float> %805, <8 x float> poison, <8 x i32> zeroinitializer
-  %807 = load <8 x float>, ptr %acc00215, align 4
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b0226, <8 x float> %807)
-  store <8 x float> %808, ptr %acc00215, align 4
-  %809 = load <8 x float>, ptr %acc01216, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b1227, <8 x float> %809)
-  store <8 x float> %810, ptr %acc01216, align 4
-  %811 = getelementptr inbounds float, ptr %a1217, i64 %k224
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc10218, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b0226, <8 x float> %815)
-  store <8 x float> %816, ptr %acc10218, align 4
-  %817 = load <8 x float>, ptr %acc11219, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b1227, <8 x float> %817)
-  store <8 x float> %818, ptr %acc11219, align 4
-  %819 = add nsw i64 %k224, 1
-  br label %k.head221
+k.body154:                                        ; preds = %k.head153
+  %876 = mul nsw i64 %k156, 16
+  %877 = add nsw i64 %panel.off152, %876
+  %878 = getelementptr inbounds i16, ptr %panels, i64 %877
+  %879 = load <8 x i32>, ptr %878, align 4
+  %880 = shl <8 x i32> %879, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0157 = bitcast <8 x i32> %880 to <8 x float>
+  %881 = and <8 x i32> %879, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1158 = bitcast <8 x i32> %881 to <8 x float>
+  %882 = getelementptr inbounds float, ptr %868, i64 %k156
+  %883 = load float, ptr %882, align 4
+  %884 = insertelement <8 x float> poison, float %883, i32 0
+  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
+  %886 = load <8 x float>, ptr %acc00148, align 4
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %b0157, <8 x float> %886)
+  store <8 x float> %887, ptr %acc00148, align 4
+  %888 = load <8 x float>, ptr %acc01149, align 4
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %b1158, <8 x float> %888)
+  store <8 x float> %889, ptr %acc01149, align 4
+  %890 = getelementptr inbounds float, ptr %874, i64 %k156
+  %891 = load float, ptr %890, align 4
+  %892 = insertelement <8 x float> poison, float %891, i32 0
+  %893 = shufflevector <8 x float> %892, <8 x float> poison, <8 x i32> zeroinitializer
+  %894 = load <8 x float>, ptr %acc10150, align 4
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %b0157, <8 x float> %894)
+  store <8 x float> %895, ptr %acc10150, align 4
+  %896 = load <8 x float>, ptr %acc11151, align 4
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %b1158, <8 x float> %896)
+  store <8 x float> %897, ptr %acc11151, align 4
+  %898 = add nsw i64 %k156, 1
+  br label %k.head153
 
-k.end223:                                         ; preds = %k.head221
-  %820 = add nsw i64 %r0, 0
-  %821 = getelementptr inbounds float, ptr %rw, i64 %820
-  %w228 = load float, ptr %821, align 4
-  %822 = insertelement <8 x float> poison, float %w228, i32 0
-  %823 = shufflevector <8 x float> %822, <8 x float> poison, <8 x i32> zeroinitializer
-  %824 = mul nsw i64 %820, 1024
-  %825 = getelementptr inbounds float, ptr %h, i64 %824
-  %col229 = mul nsw i64 %p, 8
-  %826 = load <8 x float>, ptr %acc00215, align 4
-  %827 = load <8 x float>, ptr %acc01216, align 4
-  %828 = fneg <8 x float> %826
-  %829 = fcmp olt <8 x float> %828, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %831 = fcmp ogt <8 x float> %830, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %832 = select <8 x i1> %831, <8 x float> %830, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n230 = call <8 x float> @llvm.floor.v8f32(<8 x float> %833)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n230, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %832)
-  %exp.r231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n230, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %834)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r231, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %exp.r231, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %exp.r231, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %exp.r231, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %exp.r231, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %840 = fmul <8 x float> %exp.r231, %exp.r231
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %exp.r231)
-  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %843 = fptosi <8 x float> %exp.n230 to <8 x i32>
-  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n232 = bitcast <8 x i32> %845 to <8 x float>
-  %exp233 = fmul <8 x float> %842, %exp.2n232
-  %846 = fadd <8 x float> %exp233, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid234 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu235 = fmul <8 x float> %826, %sigmoid234
-  %glu236 = fmul <8 x float> %silu235, %827
-  %847 = fmul <8 x float> %glu236, %823
-  %848 = getelementptr inbounds float, ptr %825, i64 %col229
-  store <8 x float> %847, ptr %848, align 4
-  %849 = add nsw i64 %r0, 1
-  %850 = getelementptr inbounds float, ptr %rw, i64 %849
-  %w237 = load float, ptr %850, align 4
-  %851 = insertelement <8 x float> poison, float %w237, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = mul nsw i64 %849, 1024
-  %854 = getelementptr inbounds float, ptr %h, i64 %853
-  %col238 = mul nsw i64 %p, 8
-  %855 = load <8 x float>, ptr %acc10218, align 4
-  %856 = load <8 x float>, ptr %acc11219, align 4
-  %857 = fneg <8 x float> %855
-  %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %860 = fcmp ogt <8 x float> %859, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %862)
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %861)
-  %exp.r240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %863)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %exp.r240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %exp.r240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %exp.r240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %exp.r240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %869 = fmul <8 x float> %exp.r240, %exp.r240
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %869, <8 x float> %exp.r240)
-  %871 = fadd <8 x float> %870, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %872 = fptosi <8 x float> %exp.n239 to <8 x i32>
-  %873 = add <8 x i32> %872, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %874 = shl <8 x i32> %873, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n241 = bitcast <8 x i32> %874 to <8 x float>
-  %exp242 = fmul <8 x float> %871, %exp.2n241
-  %875 = fadd <8 x float> %exp242, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid243 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %875
-  %silu244 = fmul <8 x float> %855, %sigmoid243
-  %glu245 = fmul <8 x float> %silu244, %856
-  %876 = fmul <8 x float> %glu245, %852
-  %877 = getelementptr inbounds float, ptr %854, i64 %col238
-  store <8 x float> %876, ptr %877, align 4
+k.end155:                                         ; preds = %k.head153
+  %899 = add nsw i64 %r0, 0
+  %900 = getelementptr inbounds float, ptr %rw, i64 %899
+  %901 = load float, ptr %900, align 4
+  %902 = insertelement <8 x float> poison, float %901, i32 0
+  %903 = shufflevector <8 x float> %902, <8 x float> poison, <8 x i32> zeroinitializer
+  %904 = mul nsw i64 %899, 1024
+  %905 = getelementptr inbounds float, ptr %h, i64 %904
+  %col159 = mul nsw i64 %p, 8
+  %906 = load <8 x float>, ptr %acc00148, align 4
+  %907 = load <8 x float>, ptr %acc01149, align 4
+  %908 = fneg <8 x float> %906
+  %909 = fcmp olt <8 x float> %908, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %910 = select <8 x i1> %909, <8 x float> %908, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %911 = fcmp ogt <8 x float> %910, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %912 = select <8 x i1> %911, <8 x float> %910, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %914 = call <8 x float> @llvm.floor.v8f32(<8 x float> %913)
+  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %912)
+  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %915)
+  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %916, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> %916, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %916, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> %916, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %916, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %922 = fmul <8 x float> %916, %916
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %922, <8 x float> %916)
+  %924 = fadd <8 x float> %923, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %925 = fptosi <8 x float> %914 to <8 x i32>
+  %926 = add <8 x i32> %925, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %927 = shl <8 x i32> %926, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %927 to <8 x float>
+  %exp161 = fmul <8 x float> %924, %exp.2n160
+  %928 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %928
+  %silu163 = fmul <8 x float> %906, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %907
+  %929 = fmul <8 x float> %glu164, %903
+  %930 = getelementptr inbounds float, ptr %905, i64 %col159
+  store <8 x float> %929, ptr %930, align 4
+  %931 = add nsw i64 %r0, 1
+  %932 = getelementptr inbounds float, ptr %rw, i64 %931
+  %933 = load float, ptr %932, align 4
+  %934 = insertelement <8 x float> poison, float %933, i32 0
+  %935 = shufflevector <8 x float> %934, <8 x float> poison, <8 x i32> zeroinitializer
+  %936 = mul nsw i64 %931, 1024
+  %937 = getelementptr inbounds float, ptr %h, i64 %936
+  %col165 = mul nsw i64 %p, 8
+  %938 = load <8 x float>, ptr %acc10150, align 4
+  %939 = load <8 x float>, ptr %acc11151, align 4
+  %940 = fneg <8 x float> %938
+  %941 = fcmp olt <8 x float> %940, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %942 = select <8 x i1> %941, <8 x float> %940, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %943 = fcmp ogt <8 x float> %942, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %944 = select <8 x i1> %943, <8 x float> %942, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %946 = call <8 x float> @llvm.floor.v8f32(<8 x float> %945)
+  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %944)
+  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %947)
+  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %948, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %948, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %948, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %948, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %952, <8 x float> %948, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %954 = fmul <8 x float> %948, %948
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %954, <8 x float> %948)
+  %956 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %957 = fptosi <8 x float> %946 to <8 x i32>
+  %958 = add <8 x i32> %957, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %959 = shl <8 x i32> %958, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %959 to <8 x float>
+  %exp167 = fmul <8 x float> %956, %exp.2n166
+  %960 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %960
+  %silu169 = fmul <8 x float> %938, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %939
+  %961 = fmul <8 x float> %glu170, %935
+  %962 = getelementptr inbounds float, ptr %937, i64 %col165
+  store <8 x float> %961, ptr %962, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %878 = add nsw i64 %r0, 0
-  %879 = getelementptr inbounds i32, ptr %rows, i64 %878
-  %880 = load i32, ptr %879, align 4
-  %881 = sext i32 %880 to i64
-  %882 = mul nsw i64 %881, 2048
-  %a0246 = getelementptr inbounds float, ptr %x, i64 %882
-  store <8 x float> zeroinitializer, ptr %acc00247, align 4
-  store <8 x float> zeroinitializer, ptr %acc01248, align 4
-  %panel.off249 = mul nsw i64 %p, 32768
-  br label %k.head250
+  %963 = add nsw i64 %r0, 0
+  %964 = getelementptr inbounds i32, ptr %rows, i64 %963
+  %965 = load i32, ptr %964, align 4
+  %966 = sext i32 %965 to i64
+  %967 = mul nsw i64 %966, 2048
+  %968 = getelementptr inbounds float, ptr %x, i64 %967
+  store <8 x float> zeroinitializer, ptr %acc00171, align 4
+  store <8 x float> zeroinitializer, ptr %acc01172, align 4
+  %panel.off173 = mul nsw i64 %p, 32768
+  br label %k.head174
 
-k.head250:                                        ; preds = %k.body251, %tile.mr1
-  %k253 = phi i64 [ 0, %tile.mr1 ], [ %897, %k.body251 ]
-  %883 = icmp slt i64 %k253, 2048
-  br i1 %883, label %k.body251, label %k.end252
+k.head174:                                        ; preds = %k.body175, %tile.mr1
+  %k177 = phi i64 [ 0, %tile.mr1 ], [ %984, %k.body175 ]
+  %969 = icmp slt i64 %k177, 2048
+  br i1 %969, label %k.body175, label %k.end176
 
-k.body251:                                        ; preds = %k.head250
-  %884 = mul nsw i64 %k253, 16
-  %885 = add nsw i64 %panel.off249, %884
-  %886 = getelementptr inbounds i16, ptr %panels, i64 %885
-  %bw254 = load <8 x i32>, ptr %886, align 4
-  %887 = shl <8 x i32> %bw254, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0255 = bitcast <8 x i32> %887 to <8 x float>
-  %888 = and <8 x i32> %bw254, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1256 = bitcast <8 x i32> %888 to <8 x float>
-  %889 = getelementptr inbounds float, ptr %a0246, i64 %k253
-  %890 = load float, ptr %889, align 4
-  %891 = insertelement <8 x float> poison, float %890, i32 0
-  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
-  %893 = load <8 x float>, ptr %acc00247, align 4
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b0255, <8 x float> %893)
-  store <8 x float> %894, ptr %acc00247, align 4
-  %895 = load <8 x float>, ptr %acc01248, align 4
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b1256, <8 x float> %895)
-  store <8 x float> %896, ptr %acc01248, align 4
-  %897 = add nsw i64 %k253, 1
-  br label %k.head250
+k.body175:                                        ; preds = %k.head174
+  %970 = mul nsw i64 %k177, 16
+  %971 = add nsw i64 %panel.off173, %970
+  %972 = getelementptr inbounds i16, ptr %panels, i64 %971
+  %973 = load <8 x i32>, ptr %972, align 4
+  %974 = shl <8 x i32> %973, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %974 to <8 x float>
+  %975 = and <8 x i32> %973, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %975 to <8 x float>
+  %976 = getelementptr inbounds float, ptr %968, i64 %k177
+  %977 = load float, ptr %976, align 4
+  %978 = insertelement <8 x float> poison, float %977, i32 0
+  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
+  %980 = load <8 x float>, ptr %acc00171, align 4
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %b0178, <8 x float> %980)
+  store <8 x float> %981, ptr %acc00171, align 4
+  %982 = load <8 x float>, ptr %acc01172, align 4
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %b1179, <8 x float> %982)
+  store <8 x float> %983, ptr %acc01172, align 4
+  %984 = add nsw i64 %k177, 1
+  br label %k.head174
 
-k.end252:                                         ; preds = %k.head250
-  %898 = add nsw i64 %r0, 0
-  %899 = getelementptr inbounds float, ptr %rw, i64 %898
-  %w257 = load float, ptr %899, align 4
-  %900 = insertelement <8 x float> poison, float %w257, i32 0
-  %901 = shufflevector <8 x float> %900, <8 x float> poison, <8 x i32> zeroinitializer
-  %902 = mul nsw i64 %898, 1024
-  %903 = getelementptr inbounds float, ptr %h, i64 %902
-  %col258 = mul nsw i64 %p, 8
-  %904 = load <8 x float>, ptr %acc00247, align 4
-  %905 = load <8 x float>, ptr %acc01248, align 4
-  %906 = fneg <8 x float> %904
-  %907 = fcmp olt <8 x float> %906, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %908 = select <8 x i1> %907, <8 x float> %906, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %909 = fcmp ogt <8 x float> %908, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %910 = select <8 x i1> %909, <8 x float> %908, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %911)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %910)
-  %exp.r260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %912)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %exp.r260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %exp.r260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %exp.r260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> %exp.r260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %918 = fmul <8 x float> %exp.r260, %exp.r260
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> %918, <8 x float> %exp.r260)
-  %920 = fadd <8 x float> %919, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %921 = fptosi <8 x float> %exp.n259 to <8 x i32>
-  %922 = add <8 x i32> %921, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %923 = shl <8 x i32> %922, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n261 = bitcast <8 x i32> %923 to <8 x float>
-  %exp262 = fmul <8 x float> %920, %exp.2n261
-  %924 = fadd <8 x float> %exp262, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid263 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %924
-  %silu264 = fmul <8 x float> %904, %sigmoid263
-  %glu265 = fmul <8 x float> %silu264, %905
-  %925 = fmul <8 x float> %glu265, %901
-  %926 = getelementptr inbounds float, ptr %903, i64 %col258
-  store <8 x float> %925, ptr %926, align 4
+k.end176:                                         ; preds = %k.head174
+  %985 = add nsw i64 %r0, 0
+  %986 = getelementptr inbounds float, ptr %rw, i64 %985
+  %987 = load float, ptr %986, align 4
+  %988 = insertelement <8 x float> poison, float %987, i32 0
+  %989 = shufflevector <8 x float> %988, <8 x float> poison, <8 x i32> zeroinitializer
+  %990 = mul nsw i64 %985, 1024
+  %991 = getelementptr inbounds float, ptr %h, i64 %990
+  %col180 = mul nsw i64 %p, 8
+  %992 = load <8 x float>, ptr %acc00171, align 4
+  %993 = load <8 x float>, ptr %acc01172, align 4
+  %994 = fneg <8 x float> %992
+  %995 = fcmp olt <8 x float> %994, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %996 = select <8 x i1> %995, <8 x float> %994, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %997 = fcmp ogt <8 x float> %996, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %998 = select <8 x i1> %997, <8 x float> %996, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %998, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1000 = call <8 x float> @llvm.floor.v8f32(<8 x float> %999)
+  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %998)
+  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1001)
+  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1002, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1003, <8 x float> %1002, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %1002, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> %1002, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> %1002, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1008 = fmul <8 x float> %1002, %1002
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> %1008, <8 x float> %1002)
+  %1010 = fadd <8 x float> %1009, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1011 = fptosi <8 x float> %1000 to <8 x i32>
+  %1012 = add <8 x i32> %1011, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1013 = shl <8 x i32> %1012, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %1013 to <8 x float>
+  %exp182 = fmul <8 x float> %1010, %exp.2n181
+  %1014 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1014
+  %silu184 = fmul <8 x float> %992, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %993
+  %1015 = fmul <8 x float> %glu185, %989
+  %1016 = getelementptr inbounds float, ptr %991, i64 %col180
+  store <8 x float> %1015, ptr %1016, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end252, %k.end223, %k.end182, %k.end129, %k.end64, %k.end
-  %927 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
+  %1017 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %928 = add nsw i64 %p, 1
+  %1018 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -1827,36 +1849,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1865,7 +1887,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -1873,7 +1895,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -1893,788 +1915,788 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 1024
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 2048
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 1024
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 2048
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 1024
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 2048
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 1024
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 2048
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 1024
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 2048
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 2048
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 1024
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 2048
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 1024
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 2048
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 1024
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 2048
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 1024
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 2048
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 1024
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 2048
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 1024
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 2048
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 1024
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 1024
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %144 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %144, ptr %13, align 4
+  %145 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %145, ptr %16, align 4
+  %146 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %146, ptr %27, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %147, ptr %30, align 4
+  %148 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %148, ptr %41, align 4
+  %149 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %149, ptr %44, align 4
+  %150 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %150, ptr %55, align 4
+  %151 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %151, ptr %58, align 4
+  %152 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %152, ptr %69, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %153, ptr %72, align 4
+  %154 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %154, ptr %83, align 4
+  %155 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %155, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 1024
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 2048
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 1024
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 2048
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 1024
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 2048
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
-  %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
+  %156 = add nsw i64 %r0, 0
+  %157 = mul nsw i64 %156, 1024
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
+  %160 = load i32, ptr %159, align 4
+  %161 = sext i32 %160 to i64
+  %162 = mul nsw i64 %161, 2048
+  %163 = getelementptr inbounds float, ptr %y, i64 %162
+  %164 = add nsw i64 %col1, 0
+  %165 = getelementptr inbounds float, ptr %163, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  store <8 x float> %166, ptr %acc002, align 4
+  %167 = add nsw i64 %col1, 8
+  %168 = getelementptr inbounds float, ptr %163, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  store <8 x float> %169, ptr %acc013, align 4
+  %170 = add nsw i64 %r0, 1
   %171 = mul nsw i64 %170, 1024
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 2048
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 1024
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 2048
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 16384
-  br label %k.head28
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %174 = load i32, ptr %173, align 4
+  %175 = sext i32 %174 to i64
+  %176 = mul nsw i64 %175, 2048
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = add nsw i64 %col1, 0
+  %179 = getelementptr inbounds float, ptr %177, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  store <8 x float> %180, ptr %acc104, align 4
+  %181 = add nsw i64 %col1, 8
+  %182 = getelementptr inbounds float, ptr %177, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  store <8 x float> %183, ptr %acc115, align 4
+  %184 = add nsw i64 %r0, 2
+  %185 = mul nsw i64 %184, 1024
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
+  %188 = load i32, ptr %187, align 4
+  %189 = sext i32 %188 to i64
+  %190 = mul nsw i64 %189, 2048
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = add nsw i64 %col1, 0
+  %193 = getelementptr inbounds float, ptr %191, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  store <8 x float> %194, ptr %acc206, align 4
+  %195 = add nsw i64 %col1, 8
+  %196 = getelementptr inbounds float, ptr %191, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  store <8 x float> %197, ptr %acc217, align 4
+  %198 = add nsw i64 %r0, 3
+  %199 = mul nsw i64 %198, 1024
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
+  %202 = load i32, ptr %201, align 4
+  %203 = sext i32 %202 to i64
+  %204 = mul nsw i64 %203, 2048
+  %205 = getelementptr inbounds float, ptr %y, i64 %204
+  %206 = add nsw i64 %col1, 0
+  %207 = getelementptr inbounds float, ptr %205, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  store <8 x float> %208, ptr %acc308, align 4
+  %209 = add nsw i64 %col1, 8
+  %210 = getelementptr inbounds float, ptr %205, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  store <8 x float> %211, ptr %acc319, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 1024
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 2048
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col1, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  store <8 x float> %222, ptr %acc4010, align 4
+  %223 = add nsw i64 %col1, 8
+  %224 = getelementptr inbounds float, ptr %219, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  store <8 x float> %225, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 16384
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 1024
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
+  %226 = icmp slt i64 %k16, 1024
+  br i1 %226, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
-  %bw32 = load <8 x i32>, ptr %195, align 4
-  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %197 to <8 x float>
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %227 = mul nsw i64 %k16, 16
+  %228 = add nsw i64 %panel.off12, %227
+  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
+  %230 = load <8 x i32>, ptr %229, align 4
+  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %231 to <8 x float>
+  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %232 to <8 x float>
+  %233 = getelementptr inbounds float, ptr %158, i64 %k16
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc002, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
+  store <8 x float> %238, ptr %acc002, align 4
+  %239 = load <8 x float>, ptr %acc013, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
+  store <8 x float> %240, ptr %acc013, align 4
+  %241 = getelementptr inbounds float, ptr %172, i64 %k16
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc104, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
+  store <8 x float> %246, ptr %acc104, align 4
+  %247 = load <8 x float>, ptr %acc115, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
+  store <8 x float> %248, ptr %acc115, align 4
+  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc206, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
+  store <8 x float> %254, ptr %acc206, align 4
+  %255 = load <8 x float>, ptr %acc217, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
+  store <8 x float> %256, ptr %acc217, align 4
+  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc308, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
+  store <8 x float> %262, ptr %acc308, align 4
+  %263 = load <8 x float>, ptr %acc319, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
+  store <8 x float> %264, ptr %acc319, align 4
+  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc4010, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
+  store <8 x float> %270, ptr %acc4010, align 4
+  %271 = load <8 x float>, ptr %acc4111, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4111, align 4
+  %273 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %274 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %274, ptr %165, align 4
+  %275 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %275, ptr %168, align 4
+  %276 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %276, ptr %179, align 4
+  %277 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %277, ptr %182, align 4
+  %278 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %278, ptr %193, align 4
+  %279 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %279, ptr %196, align 4
+  %280 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %280, ptr %207, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %281, ptr %210, align 4
+  %282 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %282, ptr %221, align 4
+  %283 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %283, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 1024
-  %h036 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 2048
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %257, ptr %acc0038, align 4
-  %258 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %259, ptr %acc0140, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 1024
-  %h141 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 2048
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %268, ptr %acc1043, align 4
-  %269 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %270, ptr %acc1145, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 1024
-  %h246 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 2048
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %279, ptr %acc2048, align 4
-  %280 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %281, ptr %acc2150, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 1024
-  %h351 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 2048
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %290, ptr %acc3053, align 4
-  %291 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %292, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 16384
-  br label %k.head57
+  %col19 = mul nsw i64 %p, 16
+  %284 = add nsw i64 %r0, 0
+  %285 = mul nsw i64 %284, 1024
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 2048
+  %291 = getelementptr inbounds float, ptr %y, i64 %290
+  %292 = add nsw i64 %col19, 0
+  %293 = getelementptr inbounds float, ptr %291, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  store <8 x float> %294, ptr %acc0020, align 4
+  %295 = add nsw i64 %col19, 8
+  %296 = getelementptr inbounds float, ptr %291, i64 %295
+  %297 = load <8 x float>, ptr %296, align 4
+  store <8 x float> %297, ptr %acc0121, align 4
+  %298 = add nsw i64 %r0, 1
+  %299 = mul nsw i64 %298, 1024
+  %300 = getelementptr inbounds float, ptr %h, i64 %299
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 2048
+  %305 = getelementptr inbounds float, ptr %y, i64 %304
+  %306 = add nsw i64 %col19, 0
+  %307 = getelementptr inbounds float, ptr %305, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  store <8 x float> %308, ptr %acc1022, align 4
+  %309 = add nsw i64 %col19, 8
+  %310 = getelementptr inbounds float, ptr %305, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  store <8 x float> %311, ptr %acc1123, align 4
+  %312 = add nsw i64 %r0, 2
+  %313 = mul nsw i64 %312, 1024
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 2048
+  %319 = getelementptr inbounds float, ptr %y, i64 %318
+  %320 = add nsw i64 %col19, 0
+  %321 = getelementptr inbounds float, ptr %319, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  store <8 x float> %322, ptr %acc2024, align 4
+  %323 = add nsw i64 %col19, 8
+  %324 = getelementptr inbounds float, ptr %319, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc2125, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = mul nsw i64 %326, 1024
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 2048
+  %333 = getelementptr inbounds float, ptr %y, i64 %332
+  %334 = add nsw i64 %col19, 0
+  %335 = getelementptr inbounds float, ptr %333, i64 %334
+  %336 = load <8 x float>, ptr %335, align 4
+  store <8 x float> %336, ptr %acc3026, align 4
+  %337 = add nsw i64 %col19, 8
+  %338 = getelementptr inbounds float, ptr %333, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 16384
+  br label %k.head29
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
-  %293 = icmp slt i64 %k60, 1024
-  br i1 %293, label %k.body58, label %k.end59
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
+  %340 = icmp slt i64 %k32, 1024
+  br i1 %340, label %k.body30, label %k.end31
 
-k.body58:                                         ; preds = %k.head57
-  %294 = mul nsw i64 %k60, 16
-  %295 = add nsw i64 %panel.off56, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw61 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0038, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0038, align 4
-  %305 = load <8 x float>, ptr %acc0140, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0140, align 4
-  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1043, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1043, align 4
-  %313 = load <8 x float>, ptr %acc1145, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1145, align 4
-  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2048, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2048, align 4
-  %321 = load <8 x float>, ptr %acc2150, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2150, align 4
-  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3053, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3053, align 4
-  %329 = load <8 x float>, ptr %acc3155, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3155, align 4
-  %331 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body30:                                         ; preds = %k.head29
+  %341 = mul nsw i64 %k32, 16
+  %342 = add nsw i64 %panel.off28, %341
+  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
+  %344 = load <8 x i32>, ptr %343, align 4
+  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %346 to <8 x float>
+  %347 = getelementptr inbounds float, ptr %286, i64 %k32
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc0020, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
+  store <8 x float> %352, ptr %acc0020, align 4
+  %353 = load <8 x float>, ptr %acc0121, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
+  store <8 x float> %354, ptr %acc0121, align 4
+  %355 = getelementptr inbounds float, ptr %300, i64 %k32
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc1022, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
+  store <8 x float> %360, ptr %acc1022, align 4
+  %361 = load <8 x float>, ptr %acc1123, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
+  store <8 x float> %362, ptr %acc1123, align 4
+  %363 = getelementptr inbounds float, ptr %314, i64 %k32
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc2024, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
+  store <8 x float> %368, ptr %acc2024, align 4
+  %369 = load <8 x float>, ptr %acc2125, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
+  store <8 x float> %370, ptr %acc2125, align 4
+  %371 = getelementptr inbounds float, ptr %328, i64 %k32
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc3026, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
+  store <8 x float> %376, ptr %acc3026, align 4
+  %377 = load <8 x float>, ptr %acc3127, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
+  store <8 x float> %378, ptr %acc3127, align 4
+  %379 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end59:                                          ; preds = %k.head57
-  %332 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %332, ptr %y0037, align 4
-  %333 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %333, ptr %y0139, align 4
-  %334 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %334, ptr %y1042, align 4
-  %335 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %335, ptr %y1144, align 4
-  %336 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %336, ptr %y2047, align 4
-  %337 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %337, ptr %y2149, align 4
-  %338 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %338, ptr %y3052, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %339, ptr %y3154, align 4
+k.end31:                                          ; preds = %k.head29
+  %380 = load <8 x float>, ptr %acc0020, align 4
+  store <8 x float> %380, ptr %293, align 4
+  %381 = load <8 x float>, ptr %acc0121, align 4
+  store <8 x float> %381, ptr %296, align 4
+  %382 = load <8 x float>, ptr %acc1022, align 4
+  store <8 x float> %382, ptr %307, align 4
+  %383 = load <8 x float>, ptr %acc1123, align 4
+  store <8 x float> %383, ptr %310, align 4
+  %384 = load <8 x float>, ptr %acc2024, align 4
+  store <8 x float> %384, ptr %321, align 4
+  %385 = load <8 x float>, ptr %acc2125, align 4
+  store <8 x float> %385, ptr %324, align 4
+  %386 = load <8 x float>, ptr %acc3026, align 4
+  store <8 x float> %386, ptr %335, align 4
+  %387 = load <8 x float>, ptr %acc3127, align 4
+  store <8 x float> %387, ptr %338, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 1024
-  %h065 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 2048
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %348, ptr %acc0067, align 4
-  %349 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %350, ptr %acc0169, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 1024
-  %h170 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 2048
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %359, ptr %acc1072, align 4
-  %360 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %361, ptr %acc1174, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 1024
-  %h275 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 2048
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %370, ptr %acc2077, align 4
-  %371 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %372, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 16384
-  br label %k.head81
+  %col35 = mul nsw i64 %p, 16
+  %388 = add nsw i64 %r0, 0
+  %389 = mul nsw i64 %388, 1024
+  %390 = getelementptr inbounds float, ptr %h, i64 %389
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 2048
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = add nsw i64 %col35, 0
+  %397 = getelementptr inbounds float, ptr %395, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  store <8 x float> %398, ptr %acc0036, align 4
+  %399 = add nsw i64 %col35, 8
+  %400 = getelementptr inbounds float, ptr %395, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0137, align 4
+  %402 = add nsw i64 %r0, 1
+  %403 = mul nsw i64 %402, 1024
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 2048
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col35, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  store <8 x float> %412, ptr %acc1038, align 4
+  %413 = add nsw i64 %col35, 8
+  %414 = getelementptr inbounds float, ptr %409, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1139, align 4
+  %416 = add nsw i64 %r0, 2
+  %417 = mul nsw i64 %416, 1024
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 2048
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col35, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  store <8 x float> %426, ptr %acc2040, align 4
+  %427 = add nsw i64 %col35, 8
+  %428 = getelementptr inbounds float, ptr %423, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 16384
+  br label %k.head43
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
-  %373 = icmp slt i64 %k84, 1024
-  br i1 %373, label %k.body82, label %k.end83
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
+  %430 = icmp slt i64 %k46, 1024
+  br i1 %430, label %k.body44, label %k.end45
 
-k.body82:                                         ; preds = %k.head81
-  %374 = mul nsw i64 %k84, 16
-  %375 = add nsw i64 %panel.off80, %374
-  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
-  %bw85 = load <8 x i32>, ptr %376, align 4
-  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %377 to <8 x float>
-  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %378 to <8 x float>
-  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0067, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0067, align 4
-  %385 = load <8 x float>, ptr %acc0169, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0169, align 4
-  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1072, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1072, align 4
-  %393 = load <8 x float>, ptr %acc1174, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1174, align 4
-  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2077, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2077, align 4
-  %401 = load <8 x float>, ptr %acc2179, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2179, align 4
-  %403 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body44:                                         ; preds = %k.head43
+  %431 = mul nsw i64 %k46, 16
+  %432 = add nsw i64 %panel.off42, %431
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
+  %434 = load <8 x i32>, ptr %433, align 4
+  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = getelementptr inbounds float, ptr %390, i64 %k46
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc0036, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
+  store <8 x float> %442, ptr %acc0036, align 4
+  %443 = load <8 x float>, ptr %acc0137, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0137, align 4
+  %445 = getelementptr inbounds float, ptr %404, i64 %k46
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc1038, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc1038, align 4
+  %451 = load <8 x float>, ptr %acc1139, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1139, align 4
+  %453 = getelementptr inbounds float, ptr %418, i64 %k46
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc2040, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc2040, align 4
+  %459 = load <8 x float>, ptr %acc2141, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2141, align 4
+  %461 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end83:                                          ; preds = %k.head81
-  %404 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %404, ptr %y0066, align 4
-  %405 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %405, ptr %y0168, align 4
-  %406 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %406, ptr %y1071, align 4
-  %407 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %407, ptr %y1173, align 4
-  %408 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %408, ptr %y2076, align 4
-  %409 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %409, ptr %y2178, align 4
+k.end45:                                          ; preds = %k.head43
+  %462 = load <8 x float>, ptr %acc0036, align 4
+  store <8 x float> %462, ptr %397, align 4
+  %463 = load <8 x float>, ptr %acc0137, align 4
+  store <8 x float> %463, ptr %400, align 4
+  %464 = load <8 x float>, ptr %acc1038, align 4
+  store <8 x float> %464, ptr %411, align 4
+  %465 = load <8 x float>, ptr %acc1139, align 4
+  store <8 x float> %465, ptr %414, align 4
+  %466 = load <8 x float>, ptr %acc2040, align 4
+  store <8 x float> %466, ptr %425, align 4
+  %467 = load <8 x float>, ptr %acc2141, align 4
+  store <8 x float> %467, ptr %428, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 1024
-  %h089 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 2048
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %418, ptr %acc0091, align 4
-  %419 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %420, ptr %acc0193, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 1024
-  %h194 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 2048
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %429, ptr %acc1096, align 4
-  %430 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %431, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 16384
-  br label %k.head100
+  %col49 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 1024
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 2048
+  %475 = getelementptr inbounds float, ptr %y, i64 %474
+  %476 = add nsw i64 %col49, 0
+  %477 = getelementptr inbounds float, ptr %475, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0050, align 4
+  %479 = add nsw i64 %col49, 8
+  %480 = getelementptr inbounds float, ptr %475, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  store <8 x float> %481, ptr %acc0151, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 1024
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 2048
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col49, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1052, align 4
+  %493 = add nsw i64 %col49, 8
+  %494 = getelementptr inbounds float, ptr %489, i64 %493
+  %495 = load <8 x float>, ptr %494, align 4
+  store <8 x float> %495, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 16384
+  br label %k.head55
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
-  %432 = icmp slt i64 %k103, 1024
-  br i1 %432, label %k.body101, label %k.end102
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
+  %496 = icmp slt i64 %k58, 1024
+  br i1 %496, label %k.body56, label %k.end57
 
-k.body101:                                        ; preds = %k.head100
-  %433 = mul nsw i64 %k103, 16
-  %434 = add nsw i64 %panel.off99, %433
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
-  %bw104 = load <8 x i32>, ptr %435, align 4
-  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %437 to <8 x float>
-  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0091, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0091, align 4
-  %444 = load <8 x float>, ptr %acc0193, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0193, align 4
-  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1096, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1096, align 4
-  %452 = load <8 x float>, ptr %acc1198, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1198, align 4
-  %454 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body56:                                         ; preds = %k.head55
+  %497 = mul nsw i64 %k58, 16
+  %498 = add nsw i64 %panel.off54, %497
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = load <8 x i32>, ptr %499, align 4
+  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %501 to <8 x float>
+  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %502 to <8 x float>
+  %503 = getelementptr inbounds float, ptr %470, i64 %k58
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc0050, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0050, align 4
+  %509 = load <8 x float>, ptr %acc0151, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
+  store <8 x float> %510, ptr %acc0151, align 4
+  %511 = getelementptr inbounds float, ptr %484, i64 %k58
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = load <8 x float>, ptr %acc1052, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1052, align 4
+  %517 = load <8 x float>, ptr %acc1153, align 4
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
+  store <8 x float> %518, ptr %acc1153, align 4
+  %519 = add nsw i64 %k58, 1
+  br label %k.head55
 
-k.end102:                                         ; preds = %k.head100
-  %455 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %455, ptr %y0090, align 4
-  %456 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %456, ptr %y0192, align 4
-  %457 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %457, ptr %y1095, align 4
-  %458 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %458, ptr %y1197, align 4
+k.end57:                                          ; preds = %k.head55
+  %520 = load <8 x float>, ptr %acc0050, align 4
+  store <8 x float> %520, ptr %477, align 4
+  %521 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %521, ptr %480, align 4
+  %522 = load <8 x float>, ptr %acc1052, align 4
+  store <8 x float> %522, ptr %491, align 4
+  %523 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %523, ptr %494, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 1024
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 2048
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %467, ptr %acc00110, align 4
-  %468 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %469, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 16384
-  br label %k.head114
+  %col61 = mul nsw i64 %p, 16
+  %524 = add nsw i64 %r0, 0
+  %525 = mul nsw i64 %524, 1024
+  %526 = getelementptr inbounds float, ptr %h, i64 %525
+  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
+  %528 = load i32, ptr %527, align 4
+  %529 = sext i32 %528 to i64
+  %530 = mul nsw i64 %529, 2048
+  %531 = getelementptr inbounds float, ptr %y, i64 %530
+  %532 = add nsw i64 %col61, 0
+  %533 = getelementptr inbounds float, ptr %531, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc0062, align 4
+  %535 = add nsw i64 %col61, 8
+  %536 = getelementptr inbounds float, ptr %531, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 16384
+  br label %k.head65
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
-  %470 = icmp slt i64 %k117, 1024
-  br i1 %470, label %k.body115, label %k.end116
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
+  %538 = icmp slt i64 %k68, 1024
+  br i1 %538, label %k.body66, label %k.end67
 
-k.body115:                                        ; preds = %k.head114
-  %471 = mul nsw i64 %k117, 16
-  %472 = add nsw i64 %panel.off113, %471
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  %bw118 = load <8 x i32>, ptr %473, align 4
-  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %474 to <8 x float>
-  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %475 to <8 x float>
-  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00110, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00110, align 4
-  %482 = load <8 x float>, ptr %acc01112, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01112, align 4
-  %484 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body66:                                         ; preds = %k.head65
+  %539 = mul nsw i64 %k68, 16
+  %540 = add nsw i64 %panel.off64, %539
+  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
+  %542 = load <8 x i32>, ptr %541, align 4
+  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %543 to <8 x float>
+  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %544 to <8 x float>
+  %545 = getelementptr inbounds float, ptr %526, i64 %k68
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0062, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0062, align 4
+  %551 = load <8 x float>, ptr %acc0163, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0163, align 4
+  %553 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end116:                                         ; preds = %k.head114
-  %485 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %485, ptr %y00109, align 4
-  %486 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %486, ptr %y01111, align 4
+k.end67:                                          ; preds = %k.head65
+  %554 = load <8 x float>, ptr %acc0062, align 4
+  store <8 x float> %554, ptr %533, align 4
+  %555 = load <8 x float>, ptr %acc0163, align 4
+  store <8 x float> %555, ptr %536, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %556 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %557 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

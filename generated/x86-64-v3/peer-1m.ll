@@ -22,664 +22,719 @@ entry:
   %ck = alloca [256 x i64], align 32
   %ic = alloca [16 x i64], align 32
   %g = alloca [16 x float], align 32
-  %m = alloca i64, align 32
-  %acc = alloca <8 x float>, align 32
-  %acc1 = alloca <8 x float>, align 32
-  %acc2 = alloca <8 x float>, align 32
-  %acc3 = alloca <8 x float>, align 32
-  %mx = alloca float, align 32
-  %sum = alloca float, align 32
+  %lacc0 = alloca <8 x float>, align 32
+  %lacc1 = alloca <8 x float>, align 32
+  %lacc2 = alloca <8 x float>, align 32
+  %lacc3 = alloca <8 x float>, align 32
+  %lacc01 = alloca <8 x float>, align 32
+  %lacc12 = alloca <8 x float>, align 32
+  %lacc23 = alloca <8 x float>, align 32
+  %lacc34 = alloca <8 x float>, align 32
+  %tk.m = alloca i64, align 32
+  %lacc013 = alloca <8 x float>, align 32
+  %lacc114 = alloca <8 x float>, align 32
+  %lacc215 = alloca <8 x float>, align 32
+  %lacc316 = alloca <8 x float>, align 32
+  %tk.m21 = alloca i64, align 32
+  %tk.m36 = alloca i64, align 32
+  %smax = alloca float, align 32
+  %ssum = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %tb4
+  br label %tb.head
 
-tb:                                               ; preds = %tb4
-  %0 = sub nsw i64 %t1, 1
-  %1 = sub nsw i64 %t1, %tb6
-  %2 = icmp slt i64 %1, 4
-  %n = select i1 %2, i64 %1, i64 4
-  %3 = add nsw i64 %tb6, 0
-  %4 = icmp sle i64 %3, %0
-  %5 = select i1 %4, i64 %3, i64 %0
-  %6 = mul nsw i64 %5, 1024
-  %7 = getelementptr inbounds float, ptr %x, i64 %6
-  %8 = add nsw i64 %tb6, 1
-  %9 = icmp sle i64 %8, %0
-  %10 = select i1 %9, i64 %8, i64 %0
-  %11 = mul nsw i64 %10, 1024
-  %12 = getelementptr inbounds float, ptr %x, i64 %11
-  %13 = add nsw i64 %tb6, 2
-  %14 = icmp sle i64 %13, %0
-  %15 = select i1 %14, i64 %13, i64 %0
-  %16 = mul nsw i64 %15, 1024
-  %17 = getelementptr inbounds float, ptr %x, i64 %16
-  %18 = add nsw i64 %tb6, 3
-  %19 = icmp sle i64 %18, %0
-  %20 = select i1 %19, i64 %18, i64 %0
-  %21 = mul nsw i64 %20, 1024
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
-  br label %qb7
+tb.head:                                          ; preds = %tok.end, %start
+  %tb = phi i64 [ %t0, %start ], [ %358, %tok.end ]
+  %0 = icmp slt i64 %tb, %t1
+  br i1 %0, label %tb.body, label %tb.end
 
-tb4:                                              ; preds = %tok14, %start
-  %tb6 = phi i64 [ %t0, %start ], [ %335, %tok14 ]
-  %23 = icmp slt i64 %tb6, %t1
-  br i1 %23, label %tb, label %tb5
+tb.body:                                          ; preds = %tb.head
+  %1 = sub nsw i64 %t1, 1
+  %2 = sub nsw i64 %t1, %tb
+  %3 = icmp slt i64 %2, 4
+  %n = select i1 %3, i64 %2, i64 4
+  %4 = add nsw i64 %tb, 0
+  %5 = icmp sle i64 %4, %1
+  %6 = select i1 %5, i64 %4, i64 %1
+  %7 = mul nsw i64 %6, 1024
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %9 = add nsw i64 %tb, 1
+  %10 = icmp sle i64 %9, %1
+  %11 = select i1 %10, i64 %9, i64 %1
+  %12 = mul nsw i64 %11, 1024
+  %13 = getelementptr inbounds float, ptr %x, i64 %12
+  %14 = add nsw i64 %tb, 2
+  %15 = icmp sle i64 %14, %1
+  %16 = select i1 %15, i64 %14, i64 %1
+  %17 = mul nsw i64 %16, 1024
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
+  %19 = add nsw i64 %tb, 3
+  %20 = icmp sle i64 %19, %1
+  %21 = select i1 %20, i64 %19, i64 %1
+  %22 = mul nsw i64 %21, 1024
+  %23 = getelementptr inbounds float, ptr %x, i64 %22
+  br label %qb.head
 
-qb:                                               ; preds = %qb7
-  store <8 x float> zeroinitializer, ptr %acc, align 4
-  store <8 x float> zeroinitializer, ptr %acc1, align 4
-  store <8 x float> zeroinitializer, ptr %acc2, align 4
-  store <8 x float> zeroinitializer, ptr %acc3, align 4
-  %24 = mul nsw i64 %qb9, 8192
-  %25 = getelementptr inbounds float, ptr %query, i64 %24
-  br label %h10
+qb.head:                                          ; preds = %hh.end, %tb.body
+  %qb = phi i64 [ 0, %tb.body ], [ %80, %hh.end ]
+  %24 = icmp slt i64 %qb, 256
+  br i1 %24, label %qb.body, label %qb.end
 
-qb7:                                              ; preds = %h11, %tb
-  %qb9 = phi i64 [ 0, %tb ], [ %78, %h11 ]
-  %26 = icmp slt i64 %qb9, 256
-  br i1 %26, label %qb, label %qb8
+qb.body:                                          ; preds = %qb.head
+  store <8 x float> zeroinitializer, ptr %lacc0, align 4
+  store <8 x float> zeroinitializer, ptr %lacc1, align 4
+  store <8 x float> zeroinitializer, ptr %lacc2, align 4
+  store <8 x float> zeroinitializer, ptr %lacc3, align 4
+  br label %hh.head
 
-h:                                                ; preds = %h10
-  %27 = mul nsw i64 %h12, 8
-  %28 = getelementptr inbounds float, ptr %25, i64 %27
-  %29 = load <8 x float>, ptr %28, align 4
-  %30 = getelementptr inbounds float, ptr %7, i64 %h12
-  %31 = load float, ptr %30, align 4
-  %32 = insertelement <8 x float> undef, float %31, i32 0
-  %33 = shufflevector <8 x float> %32, <8 x float> undef, <8 x i32> zeroinitializer
-  %34 = fmul <8 x float> %33, %29
-  %35 = load <8 x float>, ptr %acc, align 4
-  %36 = fadd <8 x float> %35, %34
-  store <8 x float> %36, ptr %acc, align 4
-  %37 = getelementptr inbounds float, ptr %12, i64 %h12
-  %38 = load float, ptr %37, align 4
-  %39 = insertelement <8 x float> undef, float %38, i32 0
-  %40 = shufflevector <8 x float> %39, <8 x float> undef, <8 x i32> zeroinitializer
-  %41 = fmul <8 x float> %40, %29
-  %42 = load <8 x float>, ptr %acc1, align 4
-  %43 = fadd <8 x float> %42, %41
-  store <8 x float> %43, ptr %acc1, align 4
-  %44 = getelementptr inbounds float, ptr %17, i64 %h12
-  %45 = load float, ptr %44, align 4
-  %46 = insertelement <8 x float> undef, float %45, i32 0
-  %47 = shufflevector <8 x float> %46, <8 x float> undef, <8 x i32> zeroinitializer
-  %48 = fmul <8 x float> %47, %29
-  %49 = load <8 x float>, ptr %acc2, align 4
-  %50 = fadd <8 x float> %49, %48
-  store <8 x float> %50, ptr %acc2, align 4
-  %51 = getelementptr inbounds float, ptr %22, i64 %h12
-  %52 = load float, ptr %51, align 4
-  %53 = insertelement <8 x float> undef, float %52, i32 0
-  %54 = shufflevector <8 x float> %53, <8 x float> undef, <8 x i32> zeroinitializer
-  %55 = fmul <8 x float> %54, %29
-  %56 = load <8 x float>, ptr %acc3, align 4
-  %57 = fadd <8 x float> %56, %55
-  store <8 x float> %57, ptr %acc3, align 4
-  %58 = add nsw i64 %h12, 1
-  br label %h10
+hh.head:                                          ; preds = %hh.body, %qb.body
+  %hh = phi i64 [ 0, %qb.body ], [ %60, %hh.body ]
+  %25 = icmp slt i64 %hh, 1024
+  br i1 %25, label %hh.body, label %hh.end
 
-h11:                                              ; preds = %h10
-  %59 = mul nsw i64 %qb9, 8
-  %60 = getelementptr inbounds float, ptr %qbias, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  %62 = add nsw i64 %59, 0
-  %63 = load <8 x float>, ptr %acc, align 4
-  %64 = fadd <8 x float> %63, %61
-  %65 = getelementptr inbounds float, ptr %q, i64 %62
-  store <8 x float> %64, ptr %65, align 4
-  %66 = add nsw i64 %59, 2048
-  %67 = load <8 x float>, ptr %acc1, align 4
-  %68 = fadd <8 x float> %67, %61
-  %69 = getelementptr inbounds float, ptr %q, i64 %66
-  store <8 x float> %68, ptr %69, align 4
-  %70 = add nsw i64 %59, 4096
-  %71 = load <8 x float>, ptr %acc2, align 4
-  %72 = fadd <8 x float> %71, %61
-  %73 = getelementptr inbounds float, ptr %q, i64 %70
-  store <8 x float> %72, ptr %73, align 4
-  %74 = add nsw i64 %59, 6144
-  %75 = load <8 x float>, ptr %acc3, align 4
-  %76 = fadd <8 x float> %75, %61
-  %77 = getelementptr inbounds float, ptr %q, i64 %74
-  store <8 x float> %76, ptr %77, align 4
-  %78 = add nsw i64 %qb9, 1
-  br label %qb7
+hh.body:                                          ; preds = %hh.head
+  %26 = getelementptr inbounds float, ptr %8, i64 %hh
+  %27 = load float, ptr %26, align 4
+  %28 = insertelement <8 x float> poison, float %27, i32 0
+  %29 = shufflevector <8 x float> %28, <8 x float> poison, <8 x i32> zeroinitializer
+  %30 = add nsw i64 %qb, 0
+  %31 = mul nsw i64 %30, 8192
+  %32 = mul nsw i64 %hh, 8
+  %33 = add nsw i64 %31, %32
+  %34 = getelementptr inbounds float, ptr %query, i64 %33
+  %35 = load <8 x float>, ptr %34, align 4
+  %36 = fmul <8 x float> %29, %35
+  %37 = load <8 x float>, ptr %lacc0, align 4
+  %38 = fadd <8 x float> %37, %36
+  store <8 x float> %38, ptr %lacc0, align 4
+  %39 = getelementptr inbounds float, ptr %13, i64 %hh
+  %40 = load float, ptr %39, align 4
+  %41 = insertelement <8 x float> poison, float %40, i32 0
+  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
+  %43 = fmul <8 x float> %42, %35
+  %44 = load <8 x float>, ptr %lacc1, align 4
+  %45 = fadd <8 x float> %44, %43
+  store <8 x float> %45, ptr %lacc1, align 4
+  %46 = getelementptr inbounds float, ptr %18, i64 %hh
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = fmul <8 x float> %49, %35
+  %51 = load <8 x float>, ptr %lacc2, align 4
+  %52 = fadd <8 x float> %51, %50
+  store <8 x float> %52, ptr %lacc2, align 4
+  %53 = getelementptr inbounds float, ptr %23, i64 %hh
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <8 x float> poison, float %54, i32 0
+  %56 = shufflevector <8 x float> %55, <8 x float> poison, <8 x i32> zeroinitializer
+  %57 = fmul <8 x float> %56, %35
+  %58 = load <8 x float>, ptr %lacc3, align 4
+  %59 = fadd <8 x float> %58, %57
+  store <8 x float> %59, ptr %lacc3, align 4
+  %60 = add nsw i64 %hh, 1
+  br label %hh.head
 
-qb8:                                              ; preds = %qb7
-  br label %tok13
+hh.end:                                           ; preds = %hh.head
+  %61 = load <8 x float>, ptr %lacc0, align 4
+  %62 = load <8 x float>, ptr %lacc1, align 4
+  %63 = load <8 x float>, ptr %lacc2, align 4
+  %64 = load <8 x float>, ptr %lacc3, align 4
+  %65 = mul nsw i64 %qb, 8
+  %66 = getelementptr inbounds float, ptr %qbias, i64 %65
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = add nsw i64 %65, 0
+  %69 = getelementptr inbounds float, ptr %q, i64 %68
+  %70 = fadd <8 x float> %61, %67
+  store <8 x float> %70, ptr %69, align 4
+  %71 = add nsw i64 %65, 2048
+  %72 = getelementptr inbounds float, ptr %q, i64 %71
+  %73 = fadd <8 x float> %62, %67
+  store <8 x float> %73, ptr %72, align 4
+  %74 = add nsw i64 %65, 4096
+  %75 = getelementptr inbounds float, ptr %q, i64 %74
+  %76 = fadd <8 x float> %63, %67
+  store <8 x float> %76, ptr %75, align 4
+  %77 = add nsw i64 %65, 6144
+  %78 = getelementptr inbounds float, ptr %q, i64 %77
+  %79 = fadd <8 x float> %64, %67
+  store <8 x float> %79, ptr %78, align 4
+  %80 = add nsw i64 %qb, 1
+  br label %qb.head
 
-h10:                                              ; preds = %h, %qb
-  %h12 = phi i64 [ 0, %qb ], [ %58, %h ]
-  %79 = icmp slt i64 %h12, 1024
-  br i1 %79, label %h, label %h11
+qb.end:                                           ; preds = %qb.head
+  br label %tok.head
 
-tok:                                              ; preds = %tok13
-  %t = add nsw i64 %tb6, %tok15
-  br label %head16
+tok.head:                                         ; preds = %head.end, %qb.end
+  %tok = phi i64 [ 0, %qb.end ], [ %357, %head.end ]
+  %81 = icmp slt i64 %tok, %n
+  br i1 %81, label %tok.body, label %tok.end
 
-tok13:                                            ; preds = %head17, %qb8
-  %tok15 = phi i64 [ 0, %qb8 ], [ %334, %head17 ]
-  %80 = icmp slt i64 %tok15, %n
-  br i1 %80, label %tok, label %tok14
+tok.body:                                         ; preds = %tok.head
+  %t = add nsw i64 %tb, %tok
+  br label %head.head
 
-head:                                             ; preds = %head16
-  %81 = mul nsw i64 %head18, 256
-  %82 = mul nsw i64 %tok15, 2048
-  %83 = add nsw i64 %82, %81
-  %84 = getelementptr inbounds float, ptr %q, i64 %83
-  %85 = getelementptr inbounds float, ptr %keys, i64 0
-  br label %kb19
+head.head:                                        ; preds = %out.end, %tok.body
+  %head = phi i64 [ 0, %tok.body ], [ %356, %out.end ]
+  %82 = icmp slt i64 %head, 8
+  br i1 %82, label %head.body, label %head.end
 
-head16:                                           ; preds = %out83, %tok
-  %head18 = phi i64 [ 0, %tok ], [ %333, %out83 ]
-  %86 = icmp slt i64 %head18, 8
-  br i1 %86, label %head, label %head17
+head.body:                                        ; preds = %head.head
+  %83 = mul nsw i64 %head, 256
+  %84 = mul nsw i64 %tok, 2048
+  %85 = add nsw i64 %84, %83
+  %86 = getelementptr inbounds float, ptr %q, i64 %85
+  %87 = getelementptr inbounds float, ptr %keys, i64 0
+  %88 = getelementptr inbounds float, ptr %86, i64 0
+  br label %kb.head
 
-kb:                                               ; preds = %kb19
-  store <8 x float> zeroinitializer, ptr %acc, align 4
-  store <8 x float> zeroinitializer, ptr %acc1, align 4
-  store <8 x float> zeroinitializer, ptr %acc2, align 4
-  store <8 x float> zeroinitializer, ptr %acc3, align 4
-  %87 = mul nsw i64 %kb21, 1024
-  %88 = getelementptr inbounds float, ptr %85, i64 %87
-  br label %ki22
+kb.head:                                          ; preds = %hh.end7, %head.body
+  %kb = phi i64 [ 0, %head.body ], [ %145, %hh.end7 ]
+  %89 = icmp slt i64 %kb, 128
+  br i1 %89, label %kb.body, label %kb.end
 
-kb19:                                             ; preds = %ki23, %head
-  %kb21 = phi i64 [ 0, %head ], [ %134, %ki23 ]
-  %89 = icmp slt i64 %kb21, 128
-  br i1 %89, label %kb, label %kb20
+kb.body:                                          ; preds = %kb.head
+  store <8 x float> zeroinitializer, ptr %lacc01, align 4
+  store <8 x float> zeroinitializer, ptr %lacc12, align 4
+  store <8 x float> zeroinitializer, ptr %lacc23, align 4
+  store <8 x float> zeroinitializer, ptr %lacc34, align 4
+  br label %hh.head5
 
-ki:                                               ; preds = %ki22
-  %90 = add nsw i64 %ki24, 0
-  %91 = getelementptr inbounds float, ptr %84, i64 %90
+hh.head5:                                         ; preds = %hh.body6, %kb.body
+  %hh8 = phi i64 [ 0, %kb.body ], [ %131, %hh.body6 ]
+  %90 = icmp slt i64 %hh8, 128
+  br i1 %90, label %hh.body6, label %hh.end7
+
+hh.body6:                                         ; preds = %hh.head5
+  %91 = getelementptr inbounds float, ptr %88, i64 %hh8
   %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> undef, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> undef, <8 x i32> zeroinitializer
-  %95 = mul nsw i64 %ki24, 8
-  %96 = add nsw i64 %95, 0
-  %97 = getelementptr inbounds float, ptr %88, i64 %96
-  %98 = load <8 x float>, ptr %97, align 4
-  %99 = fmul <8 x float> %94, %98
-  %100 = load <8 x float>, ptr %acc, align 4
-  %101 = fadd <8 x float> %100, %99
-  store <8 x float> %101, ptr %acc, align 4
-  %102 = add nsw i64 %95, 1024
-  %103 = getelementptr inbounds float, ptr %88, i64 %102
-  %104 = load <8 x float>, ptr %103, align 4
-  %105 = fmul <8 x float> %94, %104
-  %106 = load <8 x float>, ptr %acc1, align 4
-  %107 = fadd <8 x float> %106, %105
-  store <8 x float> %107, ptr %acc1, align 4
-  %108 = add nsw i64 %95, 2048
-  %109 = getelementptr inbounds float, ptr %88, i64 %108
-  %110 = load <8 x float>, ptr %109, align 4
-  %111 = fmul <8 x float> %94, %110
-  %112 = load <8 x float>, ptr %acc2, align 4
-  %113 = fadd <8 x float> %112, %111
-  store <8 x float> %113, ptr %acc2, align 4
-  %114 = add nsw i64 %95, 3072
-  %115 = getelementptr inbounds float, ptr %88, i64 %114
-  %116 = load <8 x float>, ptr %115, align 4
-  %117 = fmul <8 x float> %94, %116
-  %118 = load <8 x float>, ptr %acc3, align 4
-  %119 = fadd <8 x float> %118, %117
-  store <8 x float> %119, ptr %acc3, align 4
-  %120 = add nsw i64 %ki24, 1
-  br label %ki22
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = add nsw i64 %kb, 0
+  %96 = mul nsw i64 %95, 1024
+  %97 = mul nsw i64 %hh8, 8
+  %98 = add nsw i64 %96, %97
+  %99 = getelementptr inbounds float, ptr %87, i64 %98
+  %100 = load <8 x float>, ptr %99, align 4
+  %101 = fmul <8 x float> %94, %100
+  %102 = load <8 x float>, ptr %lacc01, align 4
+  %103 = fadd <8 x float> %102, %101
+  store <8 x float> %103, ptr %lacc01, align 4
+  %104 = add nsw i64 %kb, 1
+  %105 = mul nsw i64 %104, 1024
+  %106 = mul nsw i64 %hh8, 8
+  %107 = add nsw i64 %105, %106
+  %108 = getelementptr inbounds float, ptr %87, i64 %107
+  %109 = load <8 x float>, ptr %108, align 4
+  %110 = fmul <8 x float> %94, %109
+  %111 = load <8 x float>, ptr %lacc12, align 4
+  %112 = fadd <8 x float> %111, %110
+  store <8 x float> %112, ptr %lacc12, align 4
+  %113 = add nsw i64 %kb, 2
+  %114 = mul nsw i64 %113, 1024
+  %115 = mul nsw i64 %hh8, 8
+  %116 = add nsw i64 %114, %115
+  %117 = getelementptr inbounds float, ptr %87, i64 %116
+  %118 = load <8 x float>, ptr %117, align 4
+  %119 = fmul <8 x float> %94, %118
+  %120 = load <8 x float>, ptr %lacc23, align 4
+  %121 = fadd <8 x float> %120, %119
+  store <8 x float> %121, ptr %lacc23, align 4
+  %122 = add nsw i64 %kb, 3
+  %123 = mul nsw i64 %122, 1024
+  %124 = mul nsw i64 %hh8, 8
+  %125 = add nsw i64 %123, %124
+  %126 = getelementptr inbounds float, ptr %87, i64 %125
+  %127 = load <8 x float>, ptr %126, align 4
+  %128 = fmul <8 x float> %94, %127
+  %129 = load <8 x float>, ptr %lacc34, align 4
+  %130 = fadd <8 x float> %129, %128
+  store <8 x float> %130, ptr %lacc34, align 4
+  %131 = add nsw i64 %hh8, 1
+  br label %hh.head5
 
-ki23:                                             ; preds = %ki22
-  %121 = mul nsw i64 %kb21, 8
-  %122 = add nsw i64 %121, 0
-  %123 = load <8 x float>, ptr %acc, align 4
-  %124 = getelementptr inbounds float, ptr %sa, i64 %122
-  store <8 x float> %123, ptr %124, align 4
-  %125 = add nsw i64 %121, 8
-  %126 = load <8 x float>, ptr %acc1, align 4
-  %127 = getelementptr inbounds float, ptr %sa, i64 %125
-  store <8 x float> %126, ptr %127, align 4
-  %128 = add nsw i64 %121, 16
-  %129 = load <8 x float>, ptr %acc2, align 4
-  %130 = getelementptr inbounds float, ptr %sa, i64 %128
-  store <8 x float> %129, ptr %130, align 4
-  %131 = add nsw i64 %121, 24
-  %132 = load <8 x float>, ptr %acc3, align 4
-  %133 = getelementptr inbounds float, ptr %sa, i64 %131
-  store <8 x float> %132, ptr %133, align 4
-  %134 = add nsw i64 %kb21, 4
-  br label %kb19
-
-kb20:                                             ; preds = %kb19
-  store i64 0, ptr %m, align 8
-  br label %tk25
-
-ki22:                                             ; preds = %ki, %kb
-  %ki24 = phi i64 [ 0, %kb ], [ %120, %ki ]
-  %135 = icmp slt i64 %ki24, 128
-  br i1 %135, label %ki, label %ki23
-
-tk:                                               ; preds = %tk25
-  %136 = getelementptr inbounds float, ptr %sa, i64 %tk27
-  %137 = load float, ptr %136, align 4
-  %138 = load i64, ptr %m, align 8
-  br label %ins
-
-tk25:                                             ; preds = %endif32, %kb20
-  %tk27 = phi i64 [ 0, %kb20 ], [ %163, %endif32 ]
-  %139 = icmp slt i64 %tk27, 1024
-  br i1 %139, label %tk, label %tk26
-
-ins:                                              ; preds = %endif, %tk
-  %p = phi i64 [ %138, %tk ], [ %141, %endif ]
-  %140 = icmp sgt i64 %p, 0
-  br i1 %140, label %ins28, label %ins30
-
-ins28:                                            ; preds = %ins
-  %141 = sub nsw i64 %p, 1
-  %142 = getelementptr inbounds i64, ptr %ia, i64 %141
-  %143 = load i64, ptr %142, align 8
+hh.end7:                                          ; preds = %hh.head5
+  %132 = load <8 x float>, ptr %lacc01, align 4
+  %133 = load <8 x float>, ptr %lacc12, align 4
+  %134 = load <8 x float>, ptr %lacc23, align 4
+  %135 = load <8 x float>, ptr %lacc34, align 4
+  %136 = mul nsw i64 %kb, 8
+  %137 = add nsw i64 %136, 0
+  %138 = getelementptr inbounds float, ptr %sa, i64 %137
+  store <8 x float> %132, ptr %138, align 4
+  %139 = add nsw i64 %136, 8
+  %140 = getelementptr inbounds float, ptr %sa, i64 %139
+  store <8 x float> %133, ptr %140, align 4
+  %141 = add nsw i64 %136, 16
+  %142 = getelementptr inbounds float, ptr %sa, i64 %141
+  store <8 x float> %134, ptr %142, align 4
+  %143 = add nsw i64 %136, 24
   %144 = getelementptr inbounds float, ptr %sa, i64 %143
-  %145 = load float, ptr %144, align 4
-  %146 = fcmp uno float %137, %137
-  %147 = fcmp uno float %145, %145
-  %148 = fcmp one float %137, %145
-  %149 = xor i1 %146, true
-  %150 = and i1 %149, %148
-  %151 = icmp ult i64 %tk27, %143
-  %152 = fcmp ogt float %137, %145
-  %153 = select i1 %150, i1 %152, i1 %151
-  %154 = xor i1 %146, %147
-  %155 = select i1 %154, i1 %147, i1 %153
-  br i1 %155, label %ins29, label %ins30
+  store <8 x float> %135, ptr %144, align 4
+  %145 = add nsw i64 %kb, 4
+  br label %kb.head
 
-ins29:                                            ; preds = %ins28
-  %156 = icmp slt i64 %p, 16
-  br i1 %156, label %then, label %endif
+kb.end:                                           ; preds = %kb.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-ins30:                                            ; preds = %ins28, %ins
-  %pf = phi i64 [ %p, %ins ], [ %p, %ins28 ]
-  %157 = icmp slt i64 %pf, 16
-  br i1 %157, label %then31, label %endif32
+tk.head:                                          ; preds = %tk.put.end, %kb.end
+  %tk = phi i64 [ 0, %kb.end ], [ %167, %tk.put.end ]
+  %146 = icmp slt i64 %tk, 1024
+  br i1 %146, label %tk.body, label %tk.end
 
-then:                                             ; preds = %ins29
-  %158 = getelementptr inbounds i64, ptr %ia, i64 %p
-  store i64 %143, ptr %158, align 8
-  br label %endif
+tk.body:                                          ; preds = %tk.head
+  %147 = getelementptr inbounds float, ptr %sa, i64 %tk
+  %148 = load float, ptr %147, align 4
+  %149 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-endif:                                            ; preds = %then, %ins29
-  br label %ins
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %149, %tk.body ], [ %151, %tk.shift.end ]
+  %150 = icmp sgt i64 %p, 0
+  br i1 %150, label %tk.ins.chk, label %tk.ins.end
 
-then31:                                           ; preds = %ins30
-  %159 = getelementptr inbounds i64, ptr %ia, i64 %pf
-  store i64 %tk27, ptr %159, align 8
-  br label %endif32
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %151 = sub nsw i64 %p, 1
+  %152 = getelementptr inbounds i64, ptr %ia, i64 %151
+  %153 = load i64, ptr %152, align 8
+  %154 = getelementptr inbounds float, ptr %sa, i64 %153
+  %155 = load float, ptr %154, align 4
+  %156 = fcmp uno float %148, %148
+  %157 = fcmp ugt float %148, %155
+  %158 = xor i1 %156, true
+  %159 = and i1 %158, %157
+  br i1 %159, label %tk.ins.body, label %tk.ins.end
 
-endif32:                                          ; preds = %then31, %ins30
-  %160 = add nsw i64 %138, 1
-  %161 = icmp slt i64 %160, 16
-  %162 = select i1 %161, i64 %160, i64 16
-  store i64 %162, ptr %m, align 8
-  %163 = add nsw i64 %tk27, 1
-  br label %tk25
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %160 = icmp slt i64 %p, 16
+  br i1 %160, label %tk.shift.then, label %tk.shift.end
 
-tk26:                                             ; preds = %tk25
-  %164 = getelementptr inbounds float, ptr %keys, i64 131072
-  br label %kb34
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %161 = getelementptr inbounds i64, ptr %ia, i64 %p
+  store i64 %153, ptr %161, align 8
+  br label %tk.shift.end
 
-kb33:                                             ; preds = %kb34
-  store <8 x float> zeroinitializer, ptr %acc, align 4
-  store <8 x float> zeroinitializer, ptr %acc1, align 4
-  store <8 x float> zeroinitializer, ptr %acc2, align 4
-  store <8 x float> zeroinitializer, ptr %acc3, align 4
-  %165 = mul nsw i64 %kb36, 1024
-  %166 = getelementptr inbounds float, ptr %164, i64 %165
-  br label %ki38
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-kb34:                                             ; preds = %ki39, %tk26
-  %kb36 = phi i64 [ 0, %tk26 ], [ %212, %ki39 ]
-  %167 = icmp slt i64 %kb36, 128
-  br i1 %167, label %kb33, label %kb35
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %162 = icmp slt i64 %pf, 16
+  br i1 %162, label %tk.put.then, label %tk.put.end
 
-ki37:                                             ; preds = %ki38
-  %168 = add nsw i64 %ki40, 128
-  %169 = getelementptr inbounds float, ptr %84, i64 %168
-  %170 = load float, ptr %169, align 4
-  %171 = insertelement <8 x float> undef, float %170, i32 0
-  %172 = shufflevector <8 x float> %171, <8 x float> undef, <8 x i32> zeroinitializer
-  %173 = mul nsw i64 %ki40, 8
-  %174 = add nsw i64 %173, 0
-  %175 = getelementptr inbounds float, ptr %166, i64 %174
-  %176 = load <8 x float>, ptr %175, align 4
-  %177 = fmul <8 x float> %172, %176
-  %178 = load <8 x float>, ptr %acc, align 4
-  %179 = fadd <8 x float> %178, %177
-  store <8 x float> %179, ptr %acc, align 4
-  %180 = add nsw i64 %173, 1024
-  %181 = getelementptr inbounds float, ptr %166, i64 %180
+tk.put.then:                                      ; preds = %tk.ins.end
+  %163 = getelementptr inbounds i64, ptr %ia, i64 %pf
+  store i64 %tk, ptr %163, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %164 = add nsw i64 %149, 1
+  %165 = icmp slt i64 %164, 16
+  %166 = select i1 %165, i64 %164, i64 16
+  store i64 %166, ptr %tk.m, align 8
+  %167 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %168 = load i64, ptr %tk.m, align 8
+  %169 = getelementptr inbounds float, ptr %keys, i64 131072
+  %170 = getelementptr inbounds float, ptr %86, i64 128
+  br label %kb.head9
+
+kb.head9:                                         ; preds = %hh.end19, %tk.end
+  %kb12 = phi i64 [ 0, %tk.end ], [ %227, %hh.end19 ]
+  %171 = icmp slt i64 %kb12, 128
+  br i1 %171, label %kb.body10, label %kb.end11
+
+kb.body10:                                        ; preds = %kb.head9
+  store <8 x float> zeroinitializer, ptr %lacc013, align 4
+  store <8 x float> zeroinitializer, ptr %lacc114, align 4
+  store <8 x float> zeroinitializer, ptr %lacc215, align 4
+  store <8 x float> zeroinitializer, ptr %lacc316, align 4
+  br label %hh.head17
+
+hh.head17:                                        ; preds = %hh.body18, %kb.body10
+  %hh20 = phi i64 [ 0, %kb.body10 ], [ %213, %hh.body18 ]
+  %172 = icmp slt i64 %hh20, 128
+  br i1 %172, label %hh.body18, label %hh.end19
+
+hh.body18:                                        ; preds = %hh.head17
+  %173 = getelementptr inbounds float, ptr %170, i64 %hh20
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = add nsw i64 %kb12, 0
+  %178 = mul nsw i64 %177, 1024
+  %179 = mul nsw i64 %hh20, 8
+  %180 = add nsw i64 %178, %179
+  %181 = getelementptr inbounds float, ptr %169, i64 %180
   %182 = load <8 x float>, ptr %181, align 4
-  %183 = fmul <8 x float> %172, %182
-  %184 = load <8 x float>, ptr %acc1, align 4
+  %183 = fmul <8 x float> %176, %182
+  %184 = load <8 x float>, ptr %lacc013, align 4
   %185 = fadd <8 x float> %184, %183
-  store <8 x float> %185, ptr %acc1, align 4
-  %186 = add nsw i64 %173, 2048
-  %187 = getelementptr inbounds float, ptr %166, i64 %186
-  %188 = load <8 x float>, ptr %187, align 4
-  %189 = fmul <8 x float> %172, %188
-  %190 = load <8 x float>, ptr %acc2, align 4
-  %191 = fadd <8 x float> %190, %189
-  store <8 x float> %191, ptr %acc2, align 4
-  %192 = add nsw i64 %173, 3072
-  %193 = getelementptr inbounds float, ptr %166, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  %195 = fmul <8 x float> %172, %194
-  %196 = load <8 x float>, ptr %acc3, align 4
-  %197 = fadd <8 x float> %196, %195
-  store <8 x float> %197, ptr %acc3, align 4
-  %198 = add nsw i64 %ki40, 1
-  br label %ki38
+  store <8 x float> %185, ptr %lacc013, align 4
+  %186 = add nsw i64 %kb12, 1
+  %187 = mul nsw i64 %186, 1024
+  %188 = mul nsw i64 %hh20, 8
+  %189 = add nsw i64 %187, %188
+  %190 = getelementptr inbounds float, ptr %169, i64 %189
+  %191 = load <8 x float>, ptr %190, align 4
+  %192 = fmul <8 x float> %176, %191
+  %193 = load <8 x float>, ptr %lacc114, align 4
+  %194 = fadd <8 x float> %193, %192
+  store <8 x float> %194, ptr %lacc114, align 4
+  %195 = add nsw i64 %kb12, 2
+  %196 = mul nsw i64 %195, 1024
+  %197 = mul nsw i64 %hh20, 8
+  %198 = add nsw i64 %196, %197
+  %199 = getelementptr inbounds float, ptr %169, i64 %198
+  %200 = load <8 x float>, ptr %199, align 4
+  %201 = fmul <8 x float> %176, %200
+  %202 = load <8 x float>, ptr %lacc215, align 4
+  %203 = fadd <8 x float> %202, %201
+  store <8 x float> %203, ptr %lacc215, align 4
+  %204 = add nsw i64 %kb12, 3
+  %205 = mul nsw i64 %204, 1024
+  %206 = mul nsw i64 %hh20, 8
+  %207 = add nsw i64 %205, %206
+  %208 = getelementptr inbounds float, ptr %169, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  %210 = fmul <8 x float> %176, %209
+  %211 = load <8 x float>, ptr %lacc316, align 4
+  %212 = fadd <8 x float> %211, %210
+  store <8 x float> %212, ptr %lacc316, align 4
+  %213 = add nsw i64 %hh20, 1
+  br label %hh.head17
 
-ki39:                                             ; preds = %ki38
-  %199 = mul nsw i64 %kb36, 8
-  %200 = add nsw i64 %199, 0
-  %201 = load <8 x float>, ptr %acc, align 4
-  %202 = getelementptr inbounds float, ptr %sb, i64 %200
-  store <8 x float> %201, ptr %202, align 4
-  %203 = add nsw i64 %199, 8
-  %204 = load <8 x float>, ptr %acc1, align 4
-  %205 = getelementptr inbounds float, ptr %sb, i64 %203
-  store <8 x float> %204, ptr %205, align 4
-  %206 = add nsw i64 %199, 16
-  %207 = load <8 x float>, ptr %acc2, align 4
-  %208 = getelementptr inbounds float, ptr %sb, i64 %206
-  store <8 x float> %207, ptr %208, align 4
-  %209 = add nsw i64 %199, 24
-  %210 = load <8 x float>, ptr %acc3, align 4
-  %211 = getelementptr inbounds float, ptr %sb, i64 %209
-  store <8 x float> %210, ptr %211, align 4
-  %212 = add nsw i64 %kb36, 4
-  br label %kb34
-
-kb35:                                             ; preds = %kb34
-  store i64 0, ptr %m, align 8
-  br label %tk42
-
-ki38:                                             ; preds = %ki37, %kb33
-  %ki40 = phi i64 [ 0, %kb33 ], [ %198, %ki37 ]
-  %213 = icmp slt i64 %ki40, 128
-  br i1 %213, label %ki37, label %ki39
-
-tk41:                                             ; preds = %tk42
-  %214 = getelementptr inbounds float, ptr %sb, i64 %tk44
-  %215 = load float, ptr %214, align 4
-  %216 = load i64, ptr %m, align 8
-  br label %ins45
-
-tk42:                                             ; preds = %endif54, %kb35
-  %tk44 = phi i64 [ 0, %kb35 ], [ %241, %endif54 ]
-  %217 = icmp slt i64 %tk44, 1024
-  br i1 %217, label %tk41, label %tk43
-
-ins45:                                            ; preds = %endif51, %tk41
-  %p49 = phi i64 [ %216, %tk41 ], [ %219, %endif51 ]
-  %218 = icmp sgt i64 %p49, 0
-  br i1 %218, label %ins46, label %ins48
-
-ins46:                                            ; preds = %ins45
-  %219 = sub nsw i64 %p49, 1
-  %220 = getelementptr inbounds i64, ptr %ib, i64 %219
-  %221 = load i64, ptr %220, align 8
+hh.end19:                                         ; preds = %hh.head17
+  %214 = load <8 x float>, ptr %lacc013, align 4
+  %215 = load <8 x float>, ptr %lacc114, align 4
+  %216 = load <8 x float>, ptr %lacc215, align 4
+  %217 = load <8 x float>, ptr %lacc316, align 4
+  %218 = mul nsw i64 %kb12, 8
+  %219 = add nsw i64 %218, 0
+  %220 = getelementptr inbounds float, ptr %sb, i64 %219
+  store <8 x float> %214, ptr %220, align 4
+  %221 = add nsw i64 %218, 8
   %222 = getelementptr inbounds float, ptr %sb, i64 %221
-  %223 = load float, ptr %222, align 4
-  %224 = fcmp uno float %215, %215
-  %225 = fcmp uno float %223, %223
-  %226 = fcmp one float %215, %223
-  %227 = xor i1 %224, true
-  %228 = and i1 %227, %226
-  %229 = icmp ult i64 %tk44, %221
-  %230 = fcmp ogt float %215, %223
-  %231 = select i1 %228, i1 %230, i1 %229
-  %232 = xor i1 %224, %225
-  %233 = select i1 %232, i1 %225, i1 %231
-  br i1 %233, label %ins47, label %ins48
+  store <8 x float> %215, ptr %222, align 4
+  %223 = add nsw i64 %218, 16
+  %224 = getelementptr inbounds float, ptr %sb, i64 %223
+  store <8 x float> %216, ptr %224, align 4
+  %225 = add nsw i64 %218, 24
+  %226 = getelementptr inbounds float, ptr %sb, i64 %225
+  store <8 x float> %217, ptr %226, align 4
+  %227 = add nsw i64 %kb12, 4
+  br label %kb.head9
 
-ins47:                                            ; preds = %ins46
-  %234 = icmp slt i64 %p49, 16
-  br i1 %234, label %then50, label %endif51
+kb.end11:                                         ; preds = %kb.head9
+  store i64 0, ptr %tk.m21, align 8
+  br label %tk.head22
 
-ins48:                                            ; preds = %ins46, %ins45
-  %pf52 = phi i64 [ %p49, %ins45 ], [ %p49, %ins46 ]
-  %235 = icmp slt i64 %pf52, 16
-  br i1 %235, label %then53, label %endif54
+tk.head22:                                        ; preds = %tk.put.end35, %kb.end11
+  %tk25 = phi i64 [ 0, %kb.end11 ], [ %249, %tk.put.end35 ]
+  %228 = icmp slt i64 %tk25, 1024
+  br i1 %228, label %tk.body23, label %tk.end24
 
-then50:                                           ; preds = %ins47
-  %236 = getelementptr inbounds i64, ptr %ib, i64 %p49
-  store i64 %221, ptr %236, align 8
-  br label %endif51
+tk.body23:                                        ; preds = %tk.head22
+  %229 = getelementptr inbounds float, ptr %sb, i64 %tk25
+  %230 = load float, ptr %229, align 4
+  %231 = load i64, ptr %tk.m21, align 8
+  br label %tk.ins.head26
 
-endif51:                                          ; preds = %then50, %ins47
-  br label %ins45
+tk.ins.head26:                                    ; preds = %tk.shift.end32, %tk.body23
+  %p30 = phi i64 [ %231, %tk.body23 ], [ %233, %tk.shift.end32 ]
+  %232 = icmp sgt i64 %p30, 0
+  br i1 %232, label %tk.ins.chk27, label %tk.ins.end29
 
-then53:                                           ; preds = %ins48
-  %237 = getelementptr inbounds i64, ptr %ib, i64 %pf52
-  store i64 %tk44, ptr %237, align 8
-  br label %endif54
+tk.ins.chk27:                                     ; preds = %tk.ins.head26
+  %233 = sub nsw i64 %p30, 1
+  %234 = getelementptr inbounds i64, ptr %ib, i64 %233
+  %235 = load i64, ptr %234, align 8
+  %236 = getelementptr inbounds float, ptr %sb, i64 %235
+  %237 = load float, ptr %236, align 4
+  %238 = fcmp uno float %230, %230
+  %239 = fcmp ugt float %230, %237
+  %240 = xor i1 %238, true
+  %241 = and i1 %240, %239
+  br i1 %241, label %tk.ins.body28, label %tk.ins.end29
 
-endif54:                                          ; preds = %then53, %ins48
-  %238 = add nsw i64 %216, 1
-  %239 = icmp slt i64 %238, 16
-  %240 = select i1 %239, i64 %238, i64 16
-  store i64 %240, ptr %m, align 8
-  %241 = add nsw i64 %tk44, 1
-  br label %tk42
+tk.ins.body28:                                    ; preds = %tk.ins.chk27
+  %242 = icmp slt i64 %p30, 16
+  br i1 %242, label %tk.shift.then31, label %tk.shift.end32
 
-tk43:                                             ; preds = %tk42
-  br label %ca55
+tk.shift.then31:                                  ; preds = %tk.ins.body28
+  %243 = getelementptr inbounds i64, ptr %ib, i64 %p30
+  store i64 %235, ptr %243, align 8
+  br label %tk.shift.end32
 
-ca:                                               ; preds = %ca55
-  %242 = getelementptr inbounds i64, ptr %ia, i64 %ca57
-  %243 = load i64, ptr %242, align 8
-  %244 = getelementptr inbounds float, ptr %sa, i64 %243
-  %245 = load float, ptr %244, align 4
-  br label %cb58
+tk.shift.end32:                                   ; preds = %tk.shift.then31, %tk.ins.body28
+  br label %tk.ins.head26
 
-ca55:                                             ; preds = %cb59, %tk43
-  %ca57 = phi i64 [ 0, %tk43 ], [ %259, %cb59 ]
-  %246 = icmp slt i64 %ca57, 16
-  br i1 %246, label %ca, label %ca56
+tk.ins.end29:                                     ; preds = %tk.ins.chk27, %tk.ins.head26
+  %pf33 = phi i64 [ %p30, %tk.ins.head26 ], [ %p30, %tk.ins.chk27 ]
+  %244 = icmp slt i64 %pf33, 16
+  br i1 %244, label %tk.put.then34, label %tk.put.end35
 
-cb:                                               ; preds = %cb58
-  %247 = getelementptr inbounds i64, ptr %ib, i64 %cb60
-  %248 = load i64, ptr %247, align 8
-  %249 = mul nsw i64 %ca57, 16
-  %250 = add nsw i64 %249, %cb60
-  %251 = getelementptr inbounds float, ptr %cv, i64 %250
-  %252 = getelementptr inbounds float, ptr %sb, i64 %248
-  %253 = load float, ptr %252, align 4
-  %254 = fadd float %245, %253
-  store float %254, ptr %251, align 4
-  %255 = getelementptr inbounds i64, ptr %ck, i64 %250
-  %256 = mul nsw i64 %243, 1024
-  %257 = add nsw i64 %256, %248
-  store i64 %257, ptr %255, align 8
-  %258 = add nsw i64 %cb60, 1
-  br label %cb58
+tk.put.then34:                                    ; preds = %tk.ins.end29
+  %245 = getelementptr inbounds i64, ptr %ib, i64 %pf33
+  store i64 %tk25, ptr %245, align 8
+  br label %tk.put.end35
 
-cb59:                                             ; preds = %cb58
-  %259 = add nsw i64 %ca57, 1
-  br label %ca55
+tk.put.end35:                                     ; preds = %tk.put.then34, %tk.ins.end29
+  %246 = add nsw i64 %231, 1
+  %247 = icmp slt i64 %246, 16
+  %248 = select i1 %247, i64 %246, i64 16
+  store i64 %248, ptr %tk.m21, align 8
+  %249 = add nsw i64 %tk25, 1
+  br label %tk.head22
 
-ca56:                                             ; preds = %ca55
-  store i64 0, ptr %m, align 8
-  br label %tk62
+tk.end24:                                         ; preds = %tk.head22
+  %250 = load i64, ptr %tk.m21, align 8
+  br label %ca.head
 
-cb58:                                             ; preds = %cb, %ca
-  %cb60 = phi i64 [ 0, %ca ], [ %258, %cb ]
-  %260 = icmp slt i64 %cb60, 16
-  br i1 %260, label %cb, label %cb59
+ca.head:                                          ; preds = %cb.end, %tk.end24
+  %ca = phi i64 [ 0, %tk.end24 ], [ %269, %cb.end ]
+  %251 = icmp slt i64 %ca, 16
+  br i1 %251, label %ca.body, label %ca.end
 
-tk61:                                             ; preds = %tk62
-  %261 = getelementptr inbounds float, ptr %cv, i64 %tk64
+ca.body:                                          ; preds = %ca.head
+  %252 = getelementptr inbounds i64, ptr %ia, i64 %ca
+  %253 = load i64, ptr %252, align 8
+  %254 = getelementptr inbounds float, ptr %sa, i64 %253
+  %255 = load float, ptr %254, align 4
+  br label %cb.head
+
+cb.head:                                          ; preds = %cb.body, %ca.body
+  %cb = phi i64 [ 0, %ca.body ], [ %268, %cb.body ]
+  %256 = icmp slt i64 %cb, 16
+  br i1 %256, label %cb.body, label %cb.end
+
+cb.body:                                          ; preds = %cb.head
+  %257 = getelementptr inbounds i64, ptr %ib, i64 %cb
+  %258 = load i64, ptr %257, align 8
+  %259 = mul nsw i64 %ca, 16
+  %260 = add nsw i64 %259, %cb
+  %261 = getelementptr inbounds float, ptr %sb, i64 %258
   %262 = load float, ptr %261, align 4
-  %263 = getelementptr inbounds i64, ptr %ck, i64 %tk64
-  %264 = load i64, ptr %263, align 8
-  %265 = load i64, ptr %m, align 8
-  br label %ins65
+  %263 = fadd float %255, %262
+  %264 = getelementptr inbounds float, ptr %cv, i64 %260
+  store float %263, ptr %264, align 4
+  %265 = getelementptr inbounds i64, ptr %ck, i64 %260
+  %266 = mul nsw i64 %253, 1024
+  %267 = add nsw i64 %266, %258
+  store i64 %267, ptr %265, align 8
+  %268 = add nsw i64 %cb, 1
+  br label %cb.head
 
-tk62:                                             ; preds = %endif74, %ca56
-  %tk64 = phi i64 [ 0, %ca56 ], [ %292, %endif74 ]
-  %266 = icmp slt i64 %tk64, 256
-  br i1 %266, label %tk61, label %tk63
+cb.end:                                           ; preds = %cb.head
+  %269 = add nsw i64 %ca, 1
+  br label %ca.head
 
-ins65:                                            ; preds = %endif71, %tk61
-  %p69 = phi i64 [ %265, %tk61 ], [ %268, %endif71 ]
-  %267 = icmp sgt i64 %p69, 0
-  br i1 %267, label %ins66, label %ins68
+ca.end:                                           ; preds = %ca.head
+  store i64 0, ptr %tk.m36, align 8
+  br label %tk.head37
 
-ins66:                                            ; preds = %ins65
-  %268 = sub nsw i64 %p69, 1
-  %269 = getelementptr inbounds i64, ptr %ic, i64 %268
-  %270 = load i64, ptr %269, align 8
-  %271 = getelementptr inbounds i64, ptr %ck, i64 %270
-  %272 = load i64, ptr %271, align 8
-  %273 = getelementptr inbounds float, ptr %cv, i64 %270
-  %274 = load float, ptr %273, align 4
-  %275 = fcmp uno float %262, %262
-  %276 = fcmp uno float %274, %274
-  %277 = fcmp one float %262, %274
-  %278 = xor i1 %275, true
-  %279 = and i1 %278, %277
-  %280 = icmp ult i64 %264, %272
-  %281 = fcmp ogt float %262, %274
-  %282 = select i1 %279, i1 %281, i1 %280
-  %283 = xor i1 %275, %276
-  %284 = select i1 %283, i1 %276, i1 %282
-  br i1 %284, label %ins67, label %ins68
+tk.head37:                                        ; preds = %tk.put.end50, %ca.end
+  %tk40 = phi i64 [ 0, %ca.end ], [ %301, %tk.put.end50 ]
+  %270 = icmp slt i64 %tk40, 256
+  br i1 %270, label %tk.body38, label %tk.end39
 
-ins67:                                            ; preds = %ins66
-  %285 = icmp slt i64 %p69, 16
-  br i1 %285, label %then70, label %endif71
+tk.body38:                                        ; preds = %tk.head37
+  %271 = getelementptr inbounds float, ptr %cv, i64 %tk40
+  %272 = load float, ptr %271, align 4
+  %273 = getelementptr inbounds i64, ptr %ck, i64 %tk40
+  %274 = load i64, ptr %273, align 8
+  %275 = load i64, ptr %tk.m36, align 8
+  br label %tk.ins.head41
 
-ins68:                                            ; preds = %ins66, %ins65
-  %pf72 = phi i64 [ %p69, %ins65 ], [ %p69, %ins66 ]
-  %286 = icmp slt i64 %pf72, 16
-  br i1 %286, label %then73, label %endif74
+tk.ins.head41:                                    ; preds = %tk.shift.end47, %tk.body38
+  %p45 = phi i64 [ %275, %tk.body38 ], [ %277, %tk.shift.end47 ]
+  %276 = icmp sgt i64 %p45, 0
+  br i1 %276, label %tk.ins.chk42, label %tk.ins.end44
 
-then70:                                           ; preds = %ins67
-  %287 = getelementptr inbounds i64, ptr %ic, i64 %p69
-  store i64 %270, ptr %287, align 8
-  br label %endif71
+tk.ins.chk42:                                     ; preds = %tk.ins.head41
+  %277 = sub nsw i64 %p45, 1
+  %278 = getelementptr inbounds i64, ptr %ic, i64 %277
+  %279 = load i64, ptr %278, align 8
+  %280 = getelementptr inbounds float, ptr %cv, i64 %279
+  %281 = load float, ptr %280, align 4
+  %282 = getelementptr inbounds i64, ptr %ck, i64 %279
+  %283 = load i64, ptr %282, align 8
+  %284 = fcmp uno float %272, %272
+  %285 = fcmp uno float %281, %281
+  %286 = fcmp one float %272, %281
+  %287 = xor i1 %284, true
+  %288 = and i1 %287, %286
+  %289 = icmp ult i64 %274, %283
+  %290 = fcmp ogt float %272, %281
+  %291 = select i1 %288, i1 %290, i1 %289
+  %292 = xor i1 %284, %285
+  %293 = select i1 %292, i1 %285, i1 %291
+  br i1 %293, label %tk.ins.body43, label %tk.ins.end44
 
-endif71:                                          ; preds = %then70, %ins67
-  br label %ins65
+tk.ins.body43:                                    ; preds = %tk.ins.chk42
+  %294 = icmp slt i64 %p45, 16
+  br i1 %294, label %tk.shift.then46, label %tk.shift.end47
 
-then73:                                           ; preds = %ins68
-  %288 = getelementptr inbounds i64, ptr %ic, i64 %pf72
-  store i64 %tk64, ptr %288, align 8
-  br label %endif74
+tk.shift.then46:                                  ; preds = %tk.ins.body43
+  %295 = getelementptr inbounds i64, ptr %ic, i64 %p45
+  store i64 %279, ptr %295, align 8
+  br label %tk.shift.end47
 
-endif74:                                          ; preds = %then73, %ins68
-  %289 = add nsw i64 %265, 1
-  %290 = icmp slt i64 %289, 16
-  %291 = select i1 %290, i64 %289, i64 16
-  store i64 %291, ptr %m, align 8
-  %292 = add nsw i64 %tk64, 1
-  br label %tk62
+tk.shift.end47:                                   ; preds = %tk.shift.then46, %tk.ins.body43
+  br label %tk.ins.head41
 
-tk63:                                             ; preds = %tk62
-  store float 0xFFF0000000000000, ptr %mx, align 4
-  br label %mx76
+tk.ins.end44:                                     ; preds = %tk.ins.chk42, %tk.ins.head41
+  %pf48 = phi i64 [ %p45, %tk.ins.head41 ], [ %p45, %tk.ins.chk42 ]
+  %296 = icmp slt i64 %pf48, 16
+  br i1 %296, label %tk.put.then49, label %tk.put.end50
 
-mx75:                                             ; preds = %mx76
-  %293 = getelementptr inbounds i64, ptr %ic, i64 %mx78
-  %294 = load i64, ptr %293, align 8
-  %295 = getelementptr inbounds float, ptr %cv, i64 %294
-  %296 = load float, ptr %295, align 4
-  %297 = load float, ptr %mx, align 4
-  %298 = fcmp ogt float %296, %297
-  %299 = select i1 %298, float %296, float %297
-  store float %299, ptr %mx, align 4
-  %300 = add nsw i64 %mx78, 1
-  br label %mx76
+tk.put.then49:                                    ; preds = %tk.ins.end44
+  %297 = getelementptr inbounds i64, ptr %ic, i64 %pf48
+  store i64 %tk40, ptr %297, align 8
+  br label %tk.put.end50
 
-mx77:                                             ; preds = %mx76
-  %301 = load float, ptr %mx, align 4
-  store float 0.000000e+00, ptr %sum, align 4
-  br label %ex79
+tk.put.end50:                                     ; preds = %tk.put.then49, %tk.ins.end44
+  %298 = add nsw i64 %275, 1
+  %299 = icmp slt i64 %298, 16
+  %300 = select i1 %299, i64 %298, i64 16
+  store i64 %300, ptr %tk.m36, align 8
+  %301 = add nsw i64 %tk40, 1
+  br label %tk.head37
 
-mx76:                                             ; preds = %mx75, %tk63
-  %mx78 = phi i64 [ 0, %tk63 ], [ %300, %mx75 ]
-  %302 = icmp slt i64 %mx78, 16
-  br i1 %302, label %mx75, label %mx77
+tk.end39:                                         ; preds = %tk.head37
+  %302 = load i64, ptr %tk.m36, align 8
+  br label %gather.head
 
-ex:                                               ; preds = %ex79
-  %303 = getelementptr inbounds i64, ptr %ic, i64 %ex81
-  %304 = load i64, ptr %303, align 8
-  %305 = getelementptr inbounds float, ptr %cv, i64 %304
-  %306 = load float, ptr %305, align 4
-  %307 = fsub float %306, %301
-  %308 = fpext float %307 to double
-  %309 = call double @exp(double %308)
-  %310 = fptrunc double %309 to float
-  %311 = getelementptr inbounds float, ptr %g, i64 %ex81
-  store float %310, ptr %311, align 4
-  %312 = load float, ptr %sum, align 4
-  %313 = fadd float %312, %310
-  store float %313, ptr %sum, align 4
-  %314 = add nsw i64 %ex81, 1
-  br label %ex79
+gather.head:                                      ; preds = %gather.body, %tk.end39
+  %gather = phi i64 [ 0, %tk.end39 ], [ %309, %gather.body ]
+  %303 = icmp slt i64 %gather, 16
+  br i1 %303, label %gather.body, label %gather.end
 
-ex80:                                             ; preds = %ex79
-  %315 = load float, ptr %sum, align 4
-  %316 = mul nsw i64 %head18, 16
-  %317 = mul nsw i64 %t, 128
-  %318 = add nsw i64 %317, %316
-  br label %out82
+gather.body:                                      ; preds = %gather.head
+  %304 = getelementptr inbounds i64, ptr %ic, i64 %gather
+  %305 = load i64, ptr %304, align 8
+  %306 = getelementptr inbounds float, ptr %cv, i64 %305
+  %307 = load float, ptr %306, align 4
+  %308 = getelementptr inbounds float, ptr %g, i64 %gather
+  store float %307, ptr %308, align 4
+  %309 = add nsw i64 %gather, 1
+  br label %gather.head
 
-ex79:                                             ; preds = %ex, %mx77
-  %ex81 = phi i64 [ 0, %mx77 ], [ %314, %ex ]
-  %319 = icmp slt i64 %ex81, 16
-  br i1 %319, label %ex, label %ex80
+gather.end:                                       ; preds = %gather.head
+  store float 0xFFF0000000000000, ptr %smax, align 4
+  br label %smax.head
 
-out:                                              ; preds = %out82
-  %320 = getelementptr inbounds i64, ptr %ic, i64 %out84
-  %321 = load i64, ptr %320, align 8
-  %322 = getelementptr inbounds float, ptr %g, i64 %out84
-  %323 = load float, ptr %322, align 4
-  %324 = fdiv float %323, %315
-  %325 = add nsw i64 %318, %out84
-  %326 = getelementptr inbounds i32, ptr %ids, i64 %325
-  %327 = getelementptr inbounds i64, ptr %ck, i64 %321
-  %328 = load i64, ptr %327, align 8
-  %329 = trunc i64 %328 to i32
-  store i32 %329, ptr %326, align 4
-  %330 = getelementptr inbounds float, ptr %weights, i64 %325
-  %331 = fmul float %324, 1.000000e+00
-  store float %331, ptr %330, align 4
-  %332 = add nsw i64 %out84, 1
-  br label %out82
+smax.head:                                        ; preds = %smax.body, %gather.end
+  %smax51 = phi i64 [ 0, %gather.end ], [ %317, %smax.body ]
+  %310 = icmp slt i64 %smax51, 16
+  br i1 %310, label %smax.body, label %smax.end
 
-out83:                                            ; preds = %out82
-  %333 = add nsw i64 %head18, 1
-  br label %head16
+smax.body:                                        ; preds = %smax.head
+  %311 = add nsw i64 0, %smax51
+  %312 = getelementptr inbounds float, ptr %g, i64 %311
+  %313 = load float, ptr %312, align 4
+  %314 = load float, ptr %smax, align 4
+  %315 = fcmp ogt float %313, %314
+  %316 = select i1 %315, float %313, float %314
+  store float %316, ptr %smax, align 4
+  %317 = add nsw i64 %smax51, 1
+  br label %smax.head
 
-head17:                                           ; preds = %head16
-  %334 = add nsw i64 %tok15, 1
-  br label %tok13
+smax.end:                                         ; preds = %smax.head
+  %318 = load float, ptr %smax, align 4
+  store float 0.000000e+00, ptr %ssum, align 4
+  br label %sexp.head
 
-tok14:                                            ; preds = %tok13
-  %335 = add nsw i64 %tb6, 4
-  br label %tb4
+sexp.head:                                        ; preds = %sexp.body, %smax.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %331, %sexp.body ]
+  %319 = icmp slt i64 %sexp, 16
+  br i1 %319, label %sexp.body, label %sexp.end
 
-tb5:                                              ; preds = %tb4
+sexp.body:                                        ; preds = %sexp.head
+  %320 = add nsw i64 0, %sexp
+  %321 = getelementptr inbounds float, ptr %g, i64 %320
+  %322 = load float, ptr %321, align 4
+  %323 = fsub float %322, %318
+  %324 = fpext float %323 to double
+  %325 = call double @exp(double %324)
+  %326 = fptrunc double %325 to float
+  %327 = add nsw i64 0, %sexp
+  %328 = getelementptr inbounds float, ptr %g, i64 %327
+  store float %326, ptr %328, align 4
+  %329 = load float, ptr %ssum, align 4
+  %330 = fadd float %329, %326
+  store float %330, ptr %ssum, align 4
+  %331 = add nsw i64 %sexp, 1
+  br label %sexp.head
+
+sexp.end:                                         ; preds = %sexp.head
+  %332 = load float, ptr %ssum, align 4
+  br label %sdiv.head
+
+sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %339, %sdiv.body ]
+  %333 = icmp slt i64 %sdiv, 16
+  br i1 %333, label %sdiv.body, label %sdiv.end
+
+sdiv.body:                                        ; preds = %sdiv.head
+  %334 = add nsw i64 0, %sdiv
+  %335 = getelementptr inbounds float, ptr %g, i64 %334
+  %336 = load float, ptr %335, align 4
+  %337 = fdiv float %336, %332
+  %338 = getelementptr inbounds float, ptr %g, i64 %334
+  store float %337, ptr %338, align 4
+  %339 = add nsw i64 %sdiv, 1
+  br label %sdiv.head
+
+sdiv.end:                                         ; preds = %sdiv.head
+  %340 = mul nsw i64 %head, 16
+  %341 = mul nsw i64 %t, 128
+  %342 = add nsw i64 %341, %340
+  br label %out.head
+
+out.head:                                         ; preds = %out.body, %sdiv.end
+  %out = phi i64 [ 0, %sdiv.end ], [ %355, %out.body ]
+  %343 = icmp slt i64 %out, 16
+  br i1 %343, label %out.body, label %out.end
+
+out.body:                                         ; preds = %out.head
+  %344 = add nsw i64 %342, %out
+  %345 = getelementptr inbounds i32, ptr %ids, i64 %344
+  %346 = getelementptr inbounds i64, ptr %ic, i64 %out
+  %347 = load i64, ptr %346, align 8
+  %348 = getelementptr inbounds i64, ptr %ck, i64 %347
+  %349 = load i64, ptr %348, align 8
+  %350 = trunc i64 %349 to i32
+  store i32 %350, ptr %345, align 4
+  %351 = getelementptr inbounds float, ptr %g, i64 %out
+  %352 = load float, ptr %351, align 4
+  %353 = fmul float %352, 1.000000e+00
+  %354 = getelementptr inbounds float, ptr %weights, i64 %344
+  store float %353, ptr %354, align 4
+  %355 = add nsw i64 %out, 1
+  br label %out.head
+
+out.end:                                          ; preds = %out.head
+  %356 = add nsw i64 %head, 1
+  br label %head.head
+
+head.end:                                         ; preds = %head.head
+  %357 = add nsw i64 %tok, 1
+  br label %tok.head
+
+tok.end:                                          ; preds = %tok.head
+  %358 = add nsw i64 %tb, 4
+  br label %tb.head
+
+tb.end:                                           ; preds = %tb.head
   ret void
-
-out82:                                            ; preds = %out, %ex80
-  %out84 = phi i64 [ 0, %ex80 ], [ %332, %out ]
-  %336 = icmp slt i64 %out84, 16
-  br i1 %336, label %out, label %out83
 }
 
-declare double @exp(double)
+; Function Attrs: nounwind
+declare double @exp(double) #0
 
 ; Function Attrs: nounwind
 define hidden void @moe_pk_experts(ptr %x, i64 %t0, i64 %t1, ptr %ids, ptr %weights, ptr %u, ptr %v, ptr %y) #0 {
@@ -690,154 +745,154 @@ entry:
   br label %start
 
 start:                                            ; preds = %entry
-  br label %t2
+  br label %t.head
 
-t:                                                ; preds = %t2
-  %0 = mul nsw i64 %t4, 1024
-  %1 = getelementptr inbounds float, ptr %x, i64 %0
-  br label %z5
+t.head:                                           ; preds = %y.end, %start
+  %t = phi i64 [ %t0, %start ], [ %74, %y.end ]
+  %0 = icmp slt i64 %t, %t1
+  br i1 %0, label %t.body, label %t.end
 
-t2:                                               ; preds = %y19, %start
-  %t4 = phi i64 [ %t0, %start ], [ %73, %y19 ]
-  %2 = icmp slt i64 %t4, %t1
-  br i1 %2, label %t, label %t3
+t.body:                                           ; preds = %t.head
+  %1 = mul nsw i64 %t, 1024
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
+  br label %z.head
 
-z:                                                ; preds = %z5
-  %3 = getelementptr inbounds double, ptr %acc, i64 %z7
-  store double 0.000000e+00, ptr %3, align 8
-  %4 = add nsw i64 %z7, 1
-  br label %z5
+z.head:                                           ; preds = %z.body, %t.body
+  %z = phi i64 [ 0, %t.body ], [ %5, %z.body ]
+  %3 = icmp slt i64 %z, 1024
+  br i1 %3, label %z.body, label %z.end
 
-z6:                                               ; preds = %z5
-  br label %slot8
+z.body:                                           ; preds = %z.head
+  %4 = getelementptr inbounds double, ptr %acc, i64 %z
+  store double 0.000000e+00, ptr %4, align 8
+  %5 = add nsw i64 %z, 1
+  br label %z.head
 
-z5:                                               ; preds = %z, %t
-  %z7 = phi i64 [ 0, %t ], [ %4, %z ]
-  %5 = icmp slt i64 %z7, 1024
-  br i1 %5, label %z, label %z6
+z.end:                                            ; preds = %z.head
+  br label %slot.head
 
-slot:                                             ; preds = %slot8
-  %6 = mul nsw i64 %t4, 128
-  %7 = add nsw i64 %6, %slot10
-  %8 = getelementptr inbounds i32, ptr %ids, i64 %7
-  %9 = load i32, ptr %8, align 4
-  %10 = icmp sge i32 %9, 0
-  br i1 %10, label %then, label %endif
+slot.head:                                        ; preds = %slot.end1, %z.end
+  %slot = phi i64 [ 0, %z.end ], [ %65, %slot.end1 ]
+  %6 = icmp slt i64 %slot, 128
+  br i1 %6, label %slot.body, label %slot.end
 
-slot8:                                            ; preds = %endif, %z6
-  %slot10 = phi i64 [ 0, %z6 ], [ %64, %endif ]
-  %11 = icmp slt i64 %slot10, 128
-  br i1 %11, label %slot, label %slot9
+slot.body:                                        ; preds = %slot.head
+  %7 = mul nsw i64 %t, 128
+  %8 = add nsw i64 %7, %slot
+  %9 = getelementptr inbounds i32, ptr %ids, i64 %8
+  %10 = load i32, ptr %9, align 4
+  %11 = icmp sge i32 %10, 0
+  br i1 %11, label %slot.then, label %slot.end1
 
-then:                                             ; preds = %slot
-  %12 = getelementptr inbounds float, ptr %weights, i64 %7
+slot.then:                                        ; preds = %slot.body
+  %12 = getelementptr inbounds float, ptr %weights, i64 %8
   %13 = load float, ptr %12, align 4
-  %14 = zext i32 %9 to i64
+  %14 = zext i32 %10 to i64
   %15 = mul nsw i64 %14, 1024
   %16 = getelementptr inbounds float, ptr %u, i64 %15
   %17 = getelementptr inbounds float, ptr %v, i64 %15
-  store <8 x double> zeroinitializer, ptr %dacc, align 4
-  br label %dot11
+  store <8 x double> zeroinitializer, ptr %dacc, align 8
+  br label %dot.head
 
-dot:                                              ; preds = %dot11
-  %18 = getelementptr inbounds float, ptr %1, i64 %dot13
-  %19 = load <8 x float>, ptr %18, align 4
-  %20 = fpext <8 x float> %19 to <8 x double>
-  %21 = getelementptr inbounds float, ptr %16, i64 %dot13
-  %22 = load <8 x float>, ptr %21, align 4
-  %23 = fpext <8 x float> %22 to <8 x double>
-  %24 = fmul <8 x double> %20, %23
-  %25 = load <8 x double>, ptr %dacc, align 4
-  %26 = fadd <8 x double> %25, %24
-  store <8 x double> %26, ptr %dacc, align 4
-  %27 = add nsw i64 %dot13, 8
-  br label %dot11
+dot.head:                                         ; preds = %dot.body, %slot.then
+  %dot = phi i64 [ 0, %slot.then ], [ %28, %dot.body ]
+  %18 = icmp slt i64 %dot, 1024
+  br i1 %18, label %dot.body, label %dot.end
 
-dot12:                                            ; preds = %dot11
-  %28 = load <8 x double>, ptr %dacc, align 4
-  %29 = extractelement <8 x double> %28, i32 0
-  %30 = fadd double 0.000000e+00, %29
-  %31 = extractelement <8 x double> %28, i32 1
-  %32 = fadd double %30, %31
-  %33 = extractelement <8 x double> %28, i32 2
-  %34 = fadd double %32, %33
-  %35 = extractelement <8 x double> %28, i32 3
-  %36 = fadd double %34, %35
-  %37 = extractelement <8 x double> %28, i32 4
-  %38 = fadd double %36, %37
-  %39 = extractelement <8 x double> %28, i32 5
-  %40 = fadd double %38, %39
-  %41 = extractelement <8 x double> %28, i32 6
-  %42 = fadd double %40, %41
-  %43 = extractelement <8 x double> %28, i32 7
-  %44 = fadd double %42, %43
-  store double %44, ptr %dtail, align 8
-  %45 = load double, ptr %dtail, align 8
-  %46 = fptrunc double %45 to float
-  %47 = fpext float %46 to double
-  %48 = fcmp ogt float %46, 0.000000e+00
-  %49 = select i1 %48, float %46, float 0.000000e+00
-  %50 = insertelement <8 x float> undef, float %49, i32 0
-  %51 = shufflevector <8 x float> %50, <8 x float> undef, <8 x i32> zeroinitializer
-  %52 = insertelement <8 x float> undef, float %13, i32 0
-  %53 = shufflevector <8 x float> %52, <8 x float> undef, <8 x i32> zeroinitializer
-  br label %axpy14
+dot.body:                                         ; preds = %dot.head
+  %19 = getelementptr inbounds float, ptr %2, i64 %dot
+  %20 = load <8 x float>, ptr %19, align 4
+  %21 = fpext <8 x float> %20 to <8 x double>
+  %22 = getelementptr inbounds float, ptr %16, i64 %dot
+  %23 = load <8 x float>, ptr %22, align 4
+  %24 = fpext <8 x float> %23 to <8 x double>
+  %25 = fmul <8 x double> %21, %24
+  %26 = load <8 x double>, ptr %dacc, align 8
+  %27 = fadd <8 x double> %26, %25
+  store <8 x double> %27, ptr %dacc, align 8
+  %28 = add nsw i64 %dot, 8
+  br label %dot.head
 
-dot11:                                            ; preds = %dot, %then
-  %dot13 = phi i64 [ 0, %then ], [ %27, %dot ]
-  %54 = icmp slt i64 %dot13, 1024
-  br i1 %54, label %dot, label %dot12
+dot.end:                                          ; preds = %dot.head
+  %29 = load <8 x double>, ptr %dacc, align 8
+  %30 = extractelement <8 x double> %29, i32 0
+  %31 = fadd double 0.000000e+00, %30
+  %32 = extractelement <8 x double> %29, i32 1
+  %33 = fadd double %31, %32
+  %34 = extractelement <8 x double> %29, i32 2
+  %35 = fadd double %33, %34
+  %36 = extractelement <8 x double> %29, i32 3
+  %37 = fadd double %35, %36
+  %38 = extractelement <8 x double> %29, i32 4
+  %39 = fadd double %37, %38
+  %40 = extractelement <8 x double> %29, i32 5
+  %41 = fadd double %39, %40
+  %42 = extractelement <8 x double> %29, i32 6
+  %43 = fadd double %41, %42
+  %44 = extractelement <8 x double> %29, i32 7
+  %45 = fadd double %43, %44
+  store double %45, ptr %dtail, align 8
+  %46 = load double, ptr %dtail, align 8
+  %47 = fptrunc double %46 to float
+  %48 = fpext float %47 to double
+  %49 = fcmp ogt float %47, 0.000000e+00
+  %50 = select i1 %49, float %47, float 0.000000e+00
+  %51 = insertelement <8 x float> poison, float %50, i32 0
+  %52 = shufflevector <8 x float> %51, <8 x float> poison, <8 x i32> zeroinitializer
+  %53 = insertelement <8 x float> poison, float %13, i32 0
+  %54 = shufflevector <8 x float> %53, <8 x float> poison, <8 x i32> zeroinitializer
+  br label %axpy.head
 
-axpy:                                             ; preds = %axpy14
-  %55 = getelementptr inbounds float, ptr %17, i64 %axpy16
-  %56 = load <8 x float>, ptr %55, align 4
-  %57 = fmul <8 x float> %51, %56
-  %58 = fmul <8 x float> %53, %57
-  %59 = getelementptr inbounds double, ptr %acc, i64 %axpy16
-  %60 = load <8 x double>, ptr %59, align 8
-  %61 = fpext <8 x float> %58 to <8 x double>
-  %62 = fadd <8 x double> %60, %61
-  store <8 x double> %62, ptr %59, align 4
-  %63 = add nsw i64 %axpy16, 8
-  br label %axpy14
+axpy.head:                                        ; preds = %axpy.body, %dot.end
+  %axpy = phi i64 [ 0, %dot.end ], [ %64, %axpy.body ]
+  %55 = icmp slt i64 %axpy, 1024
+  br i1 %55, label %axpy.body, label %axpy.end
 
-axpy15:                                           ; preds = %axpy14
-  br label %endif
+axpy.body:                                        ; preds = %axpy.head
+  %56 = getelementptr inbounds float, ptr %17, i64 %axpy
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = fmul <8 x float> %52, %57
+  %59 = fmul <8 x float> %54, %58
+  %60 = getelementptr inbounds double, ptr %acc, i64 %axpy
+  %61 = load <8 x double>, ptr %60, align 8
+  %62 = fpext <8 x float> %59 to <8 x double>
+  %63 = fadd <8 x double> %61, %62
+  store <8 x double> %63, ptr %60, align 8
+  %64 = add nsw i64 %axpy, 8
+  br label %axpy.head
 
-endif:                                            ; preds = %axpy15, %slot
-  %64 = add nsw i64 %slot10, 1
-  br label %slot8
+axpy.end:                                         ; preds = %axpy.head
+  br label %slot.end1
 
-slot9:                                            ; preds = %slot8
-  %65 = mul nsw i64 %t4, 1024
-  %66 = getelementptr inbounds float, ptr %y, i64 %65
-  br label %y18
+slot.end1:                                        ; preds = %axpy.end, %slot.body
+  %65 = add nsw i64 %slot, 1
+  br label %slot.head
 
-axpy14:                                           ; preds = %axpy, %dot12
-  %axpy16 = phi i64 [ 0, %dot12 ], [ %63, %axpy ]
-  %67 = icmp slt i64 %axpy16, 1024
-  br i1 %67, label %axpy, label %axpy15
+slot.end:                                         ; preds = %slot.head
+  %66 = mul nsw i64 %t, 1024
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  br label %y.head
 
-y17:                                              ; preds = %y18
-  %68 = getelementptr inbounds float, ptr %66, i64 %y20
-  %69 = getelementptr inbounds double, ptr %acc, i64 %y20
-  %70 = load double, ptr %69, align 8
-  %71 = fptrunc double %70 to float
-  store float %71, ptr %68, align 4
-  %72 = add nsw i64 %y20, 1
-  br label %y18
+y.head:                                           ; preds = %y.body, %slot.end
+  %y2 = phi i64 [ 0, %slot.end ], [ %73, %y.body ]
+  %68 = icmp slt i64 %y2, 1024
+  br i1 %68, label %y.body, label %y.end
 
-y19:                                              ; preds = %y18
-  %73 = add nsw i64 %t4, 1
-  br label %t2
+y.body:                                           ; preds = %y.head
+  %69 = getelementptr inbounds float, ptr %67, i64 %y2
+  %70 = getelementptr inbounds double, ptr %acc, i64 %y2
+  %71 = load double, ptr %70, align 8
+  %72 = fptrunc double %71 to float
+  store float %72, ptr %69, align 4
+  %73 = add nsw i64 %y2, 1
+  br label %y.head
 
-t3:                                               ; preds = %t2
+y.end:                                            ; preds = %y.head
+  %74 = add nsw i64 %t, 1
+  br label %t.head
+
+t.end:                                            ; preds = %t.head
   ret void
-
-y18:                                              ; preds = %y17, %slot9
-  %y20 = phi i64 [ 0, %slot9 ], [ %72, %y17 ]
-  %74 = icmp slt i64 %y20, 1024
-  br i1 %74, label %y17, label %y19
 }
 
 attributes #0 = { nounwind }

@@ -16,224 +16,246 @@ entry:
   %l = alloca [8 x float], align 32
   %s = alloca [8 x float], align 32
   %c = alloca [8 x float], align 32
-  %taken = alloca [8 x i8], align 32
+  %idx = alloca i64, align 32
   %lacc0 = alloca <8 x float>, align 32
-  %lmax = alloca float, align 32
-  %sum = alloca float, align 32
-  %best = alloca i64, align 32
-  %bestv = alloca float, align 32
+  %smax = alloca float, align 32
+  %ssum = alloca float, align 32
+  %tk.m = alloca i64, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %t.head
 
-t.head:                                           ; preds = %top.j.end, %start
-  %t = phi i64 [ %t0, %start ], [ %77, %top.j.end ]
+t.head:                                           ; preds = %top.end, %start
+  %t = phi i64 [ %t0, %start ], [ %100, %top.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %1 = mul nsw i64 %t, 768
-  %xrow = getelementptr inbounds float, ptr %x, i64 %1
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
   store <8 x float> zeroinitializer, ptr %lacc0, align 4
   br label %hh.head
 
 hh.head:                                          ; preds = %hh.body, %t.body
-  %hh = phi i64 [ 0, %t.body ], [ %12, %hh.body ]
-  %2 = icmp slt i64 %hh, 768
-  br i1 %2, label %hh.body, label %hh.end
+  %hh = phi i64 [ 0, %t.body ], [ %15, %hh.body ]
+  %3 = icmp slt i64 %hh, 768
+  br i1 %3, label %hh.body, label %hh.end
 
 hh.body:                                          ; preds = %hh.head
-  %3 = getelementptr inbounds float, ptr %xrow, i64 %hh
-  %xh = load float, ptr %3, align 4
-  %4 = insertelement <8 x float> poison, float %xh, i32 0
-  %5 = shufflevector <8 x float> %4, <8 x float> poison, <8 x i32> zeroinitializer
-  %6 = mul nsw i64 %hh, 8
-  %7 = add nsw i64 0, %6
-  %8 = getelementptr inbounds float, ptr %router, i64 %7
-  %wr = load <8 x float>, ptr %8, align 4
-  %9 = fmul <8 x float> %5, %wr
-  %10 = load <8 x float>, ptr %lacc0, align 4
-  %11 = fadd <8 x float> %10, %9
-  store <8 x float> %11, ptr %lacc0, align 4
-  %12 = add nsw i64 %hh, 1
+  %4 = getelementptr inbounds float, ptr %2, i64 %hh
+  %5 = load float, ptr %4, align 4
+  %6 = insertelement <8 x float> poison, float %5, i32 0
+  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
+  %8 = mul nsw i64 %hh, 8
+  %9 = add nsw i64 0, %8
+  %10 = getelementptr inbounds float, ptr %router, i64 %9
+  %11 = load <8 x float>, ptr %10, align 4
+  %12 = fmul <8 x float> %7, %11
+  %13 = load <8 x float>, ptr %lacc0, align 4
+  %14 = fadd <8 x float> %13, %12
+  store <8 x float> %14, ptr %lacc0, align 4
+  %15 = add nsw i64 %hh, 1
   br label %hh.head
 
 hh.end:                                           ; preds = %hh.head
-  %13 = getelementptr inbounds float, ptr %l, i64 0
-  %14 = load <8 x float>, ptr %lacc0, align 4
-  store <8 x float> %14, ptr %13, align 4
-  %15 = mul nsw i64 %t, 8
-  %lrow = getelementptr inbounds float, ptr %logits, i64 %15
+  %16 = load <8 x float>, ptr %lacc0, align 4
+  %17 = getelementptr inbounds float, ptr %l, i64 0
+  store <8 x float> %16, ptr %17, align 4
+  %18 = mul nsw i64 %t, 8
+  %19 = getelementptr inbounds float, ptr %logits, i64 %18
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %hh.end
-  %lb = phi i64 [ 0, %hh.end ], [ %20, %lb.body ]
-  %16 = icmp slt i64 %lb, 8
-  br i1 %16, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %hh.end ], [ %24, %lb.body ]
+  %20 = icmp slt i64 %lb, 8
+  br i1 %20, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %17 = getelementptr inbounds float, ptr %l, i64 %lb
-  %18 = load float, ptr %17, align 4
-  %19 = getelementptr inbounds float, ptr %lrow, i64 %lb
-  store float %18, ptr %19, align 4
-  %20 = add nsw i64 %lb, 1
+  %21 = getelementptr inbounds float, ptr %l, i64 %lb
+  %22 = load float, ptr %21, align 4
+  %23 = getelementptr inbounds float, ptr %19, i64 %lb
+  store float %22, ptr %23, align 4
+  %24 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
-  store float 0xFFF0000000000000, ptr %lmax, align 4
+  store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax = phi i64 [ 0, %lb.end ], [ %27, %smax.body ]
-  %21 = icmp slt i64 %smax, 8
-  br i1 %21, label %smax.body, label %smax.end
+  %smax1 = phi i64 [ 0, %lb.end ], [ %32, %smax.body ]
+  %25 = icmp slt i64 %smax1, 8
+  br i1 %25, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %22 = getelementptr inbounds float, ptr %l, i64 %smax
-  %23 = load float, ptr %22, align 4
-  %24 = load float, ptr %lmax, align 4
-  %25 = fcmp ogt float %23, %24
-  %26 = select i1 %25, float %23, float %24
-  store float %26, ptr %lmax, align 4
-  %27 = add nsw i64 %smax, 1
+  %26 = add nsw i64 0, %smax1
+  %27 = getelementptr inbounds float, ptr %l, i64 %26
+  %28 = load float, ptr %27, align 4
+  %29 = load float, ptr %smax, align 4
+  %30 = fcmp ogt float %28, %29
+  %31 = select i1 %30, float %28, float %29
+  store float %31, ptr %smax, align 4
+  %32 = add nsw i64 %smax1, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %max = load float, ptr %lmax, align 4
-  store float 0.000000e+00, ptr %sum, align 4
+  %33 = load float, ptr %smax, align 4
+  store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %37, %sexp.body ]
-  %28 = icmp slt i64 %sexp, 8
-  br i1 %28, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %46, %sexp.body ]
+  %34 = icmp slt i64 %sexp, 8
+  br i1 %34, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %29 = getelementptr inbounds float, ptr %l, i64 %sexp
-  %30 = load float, ptr %29, align 4
-  %31 = fsub float %30, %max
-  %32 = fpext float %31 to double
-  %33 = call double @exp(double %32)
-  %ex = fptrunc double %33 to float
-  %34 = getelementptr inbounds float, ptr %s, i64 %sexp
-  store float %ex, ptr %34, align 4
-  %35 = load float, ptr %sum, align 4
-  %36 = fadd float %35, %ex
-  store float %36, ptr %sum, align 4
-  %37 = add nsw i64 %sexp, 1
+  %35 = add nsw i64 0, %sexp
+  %36 = getelementptr inbounds float, ptr %l, i64 %35
+  %37 = load float, ptr %36, align 4
+  %38 = fsub float %37, %33
+  %39 = fpext float %38 to double
+  %40 = call double @exp(double %39)
+  %41 = fptrunc double %40 to float
+  %42 = add nsw i64 0, %sexp
+  %43 = getelementptr inbounds float, ptr %s, i64 %42
+  store float %41, ptr %43, align 4
+  %44 = load float, ptr %ssum, align 4
+  %45 = fadd float %44, %41
+  store float %45, ptr %ssum, align 4
+  %46 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %total = load float, ptr %sum, align 4
+  %47 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %42, %sdiv.body ]
-  %38 = icmp slt i64 %sdiv, 8
-  br i1 %38, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %54, %sdiv.body ]
+  %48 = icmp slt i64 %sdiv, 8
+  br i1 %48, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %39 = getelementptr inbounds float, ptr %s, i64 %sdiv
-  %40 = load float, ptr %39, align 4
-  %41 = fdiv float %40, %total
-  store float %41, ptr %39, align 4
-  %42 = add nsw i64 %sdiv, 1
+  %49 = add nsw i64 0, %sdiv
+  %50 = getelementptr inbounds float, ptr %s, i64 %49
+  %51 = load float, ptr %50, align 4
+  %52 = fdiv float %51, %47
+  %53 = getelementptr inbounds float, ptr %s, i64 %49
+  store float %52, ptr %53, align 4
+  %54 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %43 = mul nsw i64 %t, 1
-  %ids_row = getelementptr inbounds i32, ptr %ids, i64 %43
-  %w_row = getelementptr inbounds float, ptr %weights, i64 %43
+  %55 = mul nsw i64 %t, 1
+  %56 = getelementptr inbounds i32, ptr %ids, i64 %55
+  %57 = getelementptr inbounds float, ptr %weights, i64 %55
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %48, %sel.body ]
-  %44 = icmp slt i64 %sel, 8
-  br i1 %44, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %62, %sel.body ]
+  %58 = icmp slt i64 %sel, 8
+  br i1 %58, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %45 = getelementptr inbounds float, ptr %s, i64 %sel
-  %46 = load float, ptr %45, align 4
-  %47 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %46, ptr %47, align 4
-  %48 = add nsw i64 %sel, 1
+  %59 = getelementptr inbounds float, ptr %s, i64 %sel
+  %60 = load float, ptr %59, align 4
+  %61 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %60, ptr %61, align 4
+  %62 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
-  br label %top.clr.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-top.clr.head:                                     ; preds = %top.clr.body, %sel.end
-  %top.clr = phi i64 [ 0, %sel.end ], [ %51, %top.clr.body ]
-  %49 = icmp slt i64 %top.clr, 8
-  br i1 %49, label %top.clr.body, label %top.clr.end
+tk.head:                                          ; preds = %tk.put.end, %sel.end
+  %tk = phi i64 [ 0, %sel.end ], [ %84, %tk.put.end ]
+  %63 = icmp slt i64 %tk, 8
+  br i1 %63, label %tk.body, label %tk.end
 
-top.clr.body:                                     ; preds = %top.clr.head
-  %50 = getelementptr inbounds i8, ptr %taken, i64 %top.clr
-  store i8 0, ptr %50, align 1
-  %51 = add nsw i64 %top.clr, 1
-  br label %top.clr.head
+tk.body:                                          ; preds = %tk.head
+  %64 = getelementptr inbounds float, ptr %c, i64 %tk
+  %65 = load float, ptr %64, align 4
+  %66 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-top.clr.end:                                      ; preds = %top.clr.head
-  br label %top.j.head
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %66, %tk.body ], [ %68, %tk.shift.end ]
+  %67 = icmp sgt i64 %p, 0
+  br i1 %67, label %tk.ins.chk, label %tk.ins.end
 
-top.j.head:                                       ; preds = %top.e.end, %top.clr.end
-  %top.j = phi i64 [ 0, %top.clr.end ], [ %73, %top.e.end ]
-  %52 = icmp slt i64 %top.j, 1
-  br i1 %52, label %top.j.body, label %top.j.end
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %68 = sub nsw i64 %p, 1
+  %69 = getelementptr inbounds i64, ptr %idx, i64 %68
+  %70 = load i64, ptr %69, align 8
+  %71 = getelementptr inbounds float, ptr %c, i64 %70
+  %72 = load float, ptr %71, align 4
+  %73 = fcmp uno float %65, %65
+  %74 = fcmp ugt float %65, %72
+  %75 = xor i1 %73, true
+  %76 = and i1 %75, %74
+  br i1 %76, label %tk.ins.body, label %tk.ins.end
 
-top.j.body:                                       ; preds = %top.j.head
-  store i64 -1, ptr %best, align 4
-  store float 0xFFF0000000000000, ptr %bestv, align 4
-  br label %top.e.head
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %77 = icmp slt i64 %p, 1
+  br i1 %77, label %tk.shift.then, label %tk.shift.end
 
-top.e.head:                                       ; preds = %top.e.body, %top.j.body
-  %top.e = phi i64 [ 0, %top.j.body ], [ %66, %top.e.body ]
-  %53 = icmp slt i64 %top.e, 8
-  br i1 %53, label %top.e.body, label %top.e.end
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %78 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %70, ptr %78, align 8
+  br label %tk.shift.end
 
-top.e.body:                                       ; preds = %top.e.head
-  %54 = getelementptr inbounds float, ptr %c, i64 %top.e
-  %s1 = load float, ptr %54, align 4
-  %55 = getelementptr inbounds i8, ptr %taken, i64 %top.e
-  %56 = load i8, ptr %55, align 1
-  %57 = icmp eq i8 %56, 0
-  %58 = load i64, ptr %best, align 4
-  %59 = icmp slt i64 %58, 0
-  %60 = load float, ptr %bestv, align 4
-  %61 = fcmp ogt float %s1, %60
-  %62 = or i1 %59, %61
-  %take = and i1 %57, %62
-  %63 = select i1 %take, i64 %top.e, i64 %58
-  store i64 %63, ptr %best, align 4
-  %64 = load float, ptr %bestv, align 4
-  %65 = select i1 %take, float %s1, float %64
-  store float %65, ptr %bestv, align 4
-  %66 = add nsw i64 %top.e, 1
-  br label %top.e.head
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-top.e.end:                                        ; preds = %top.e.head
-  %chosen = load i64, ptr %best, align 4
-  %67 = getelementptr inbounds i8, ptr %taken, i64 %chosen
-  store i8 1, ptr %67, align 1
-  %68 = trunc i64 %chosen to i32
-  %69 = getelementptr inbounds i32, ptr %ids_row, i64 %top.j
-  store i32 %68, ptr %69, align 4
-  %70 = getelementptr inbounds float, ptr %s, i64 %chosen
-  %71 = load float, ptr %70, align 4
-  %72 = getelementptr inbounds float, ptr %w_row, i64 %top.j
-  store float %71, ptr %72, align 4
-  %73 = add nsw i64 %top.j, 1
-  br label %top.j.head
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %79 = icmp slt i64 %pf, 1
+  br i1 %79, label %tk.put.then, label %tk.put.end
 
-top.j.end:                                        ; preds = %top.j.head
-  %first = load i32, ptr %ids_row, align 4
-  %74 = sext i32 %first to i64
-  %75 = getelementptr inbounds float, ptr %c, i64 %74
-  %prio2 = load float, ptr %75, align 4
-  %76 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %prio2, ptr %76, align 4
-  %77 = add nsw i64 %t, 1
+tk.put.then:                                      ; preds = %tk.ins.end
+  %80 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %80, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %81 = add nsw i64 %66, 1
+  %82 = icmp slt i64 %81, 1
+  %83 = select i1 %82, i64 %81, i64 1
+  store i64 %83, ptr %tk.m, align 8
+  %84 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %85 = load i64, ptr %tk.m, align 8
+  br label %top.head
+
+top.head:                                         ; preds = %top.body, %tk.end
+  %top = phi i64 [ 0, %tk.end ], [ %94, %top.body ]
+  %86 = icmp slt i64 %top, 1
+  br i1 %86, label %top.body, label %top.end
+
+top.body:                                         ; preds = %top.head
+  %87 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %88 = load i64, ptr %87, align 8
+  %89 = getelementptr inbounds i32, ptr %56, i64 %top
+  %90 = trunc i64 %88 to i32
+  store i32 %90, ptr %89, align 4
+  %91 = getelementptr inbounds float, ptr %s, i64 %88
+  %92 = load float, ptr %91, align 4
+  %93 = getelementptr inbounds float, ptr %57, i64 %top
+  store float %92, ptr %93, align 4
+  %94 = add nsw i64 %top, 1
+  br label %top.head
+
+top.end:                                          ; preds = %top.head
+  %95 = getelementptr inbounds i64, ptr %idx, i64 0
+  %96 = load i64, ptr %95, align 8
+  %97 = getelementptr inbounds float, ptr %c, i64 %96
+  %98 = load float, ptr %97, align 4
+  %99 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %98, ptr %99, align 4
+  %100 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -249,23 +271,23 @@ entry:
   br label %start
 
 start:                                            ; preds = %entry
-  br label %t
+  br label %t.head
 
-t:                                                ; preds = %h6, %start
-  %t4 = phi i64 [ %t0, %start ], [ %54, %h6 ]
-  %0 = icmp slt i64 %t4, %t1
-  br i1 %0, label %t2, label %t3
+t.head:                                           ; preds = %h.end, %start
+  %t = phi i64 [ %t0, %start ], [ %54, %h.end ]
+  %0 = icmp slt i64 %t, %t1
+  br i1 %0, label %t.body, label %t.end
 
-t2:                                               ; preds = %t
-  %1 = mul nsw i64 %t4, 768
-  br label %h
+t.body:                                           ; preds = %t.head
+  %1 = mul nsw i64 %t, 768
+  br label %h.head
 
-h:                                                ; preds = %h5, %t2
-  %h7 = phi i64 [ 0, %t2 ], [ %53, %h5 ]
-  %2 = icmp slt i64 %h7, 768
-  br i1 %2, label %h5, label %h6
+h.head:                                           ; preds = %h.body, %t.body
+  %h = phi i64 [ 0, %t.body ], [ %53, %h.body ]
+  %2 = icmp slt i64 %h, 768
+  br i1 %2, label %h.body, label %h.end
 
-h5:                                               ; preds = %h
+h.body:                                           ; preds = %h.head
   %3 = add i64 %seed, -7046029254386353131
   %4 = lshr i64 %3, 30
   %5 = xor i64 %3, %4
@@ -285,7 +307,7 @@ h5:                                               ; preds = %h
   %19 = mul i64 %18, -7723592293110705685
   %20 = lshr i64 %19, 31
   %21 = xor i64 %19, %20
-  %22 = xor i64 %21, %t4
+  %22 = xor i64 %21, %t
   %23 = add i64 %22, -7046029254386353131
   %24 = lshr i64 %23, 30
   %25 = xor i64 %23, %24
@@ -295,7 +317,7 @@ h5:                                               ; preds = %h
   %29 = mul i64 %28, -7723592293110705685
   %30 = lshr i64 %29, 31
   %31 = xor i64 %29, %30
-  %32 = xor i64 %31, %h7
+  %32 = xor i64 %31, %h
   %33 = add i64 %32, -7046029254386353131
   %34 = lshr i64 %33, 30
   %35 = xor i64 %33, %34
@@ -312,20 +334,20 @@ h5:                                               ; preds = %h
   %45 = fmul double 0x3F947AE140000000, %44
   %46 = fadd double 0x3FEFAE147B000000, %45
   %47 = fptrunc double %46 to float
-  %48 = add nsw i64 %1, %h7
+  %48 = add nsw i64 %1, %h
   %49 = getelementptr inbounds float, ptr %x, i64 %48
   %50 = load float, ptr %49, align 4
   %51 = fmul float %50, %47
   %52 = getelementptr inbounds float, ptr %xj, i64 %48
   store float %51, ptr %52, align 4
-  %53 = add nsw i64 %h7, 1
-  br label %h
+  %53 = add nsw i64 %h, 1
+  br label %h.head
 
-h6:                                               ; preds = %h
-  %54 = add nsw i64 %t4, 1
-  br label %t
+h.end:                                            ; preds = %h.head
+  %54 = add nsw i64 %t, 1
+  br label %t.head
 
-t3:                                               ; preds = %t
+t.end:                                            ; preds = %t.head
   ret void
 }
 
@@ -344,43 +366,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0023 = alloca <8 x float>, align 32
-  %acc0124 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2029 = alloca <8 x float>, align 32
-  %acc2130 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc4035 = alloca <8 x float>, align 32
-  %acc4136 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1069 = alloca <8 x float>, align 32
-  %acc1170 = alloca <8 x float>, align 32
-  %acc2072 = alloca <8 x float>, align 32
-  %acc2173 = alloca <8 x float>, align 32
-  %acc3075 = alloca <8 x float>, align 32
-  %acc3176 = alloca <8 x float>, align 32
-  %acc00102 = alloca <8 x float>, align 32
-  %acc01103 = alloca <8 x float>, align 32
-  %acc10105 = alloca <8 x float>, align 32
-  %acc11106 = alloca <8 x float>, align 32
-  %acc20108 = alloca <8 x float>, align 32
-  %acc21109 = alloca <8 x float>, align 32
-  %acc00131 = alloca <8 x float>, align 32
-  %acc01132 = alloca <8 x float>, align 32
-  %acc10134 = alloca <8 x float>, align 32
-  %acc11135 = alloca <8 x float>, align 32
-  %acc00153 = alloca <8 x float>, align 32
-  %acc01154 = alloca <8 x float>, align 32
+  %acc006 = alloca <8 x float>, align 32
+  %acc017 = alloca <8 x float>, align 32
+  %acc108 = alloca <8 x float>, align 32
+  %acc119 = alloca <8 x float>, align 32
+  %acc2010 = alloca <8 x float>, align 32
+  %acc2111 = alloca <8 x float>, align 32
+  %acc3012 = alloca <8 x float>, align 32
+  %acc3113 = alloca <8 x float>, align 32
+  %acc4014 = alloca <8 x float>, align 32
+  %acc4115 = alloca <8 x float>, align 32
+  %acc0028 = alloca <8 x float>, align 32
+  %acc0129 = alloca <8 x float>, align 32
+  %acc1030 = alloca <8 x float>, align 32
+  %acc1131 = alloca <8 x float>, align 32
+  %acc2032 = alloca <8 x float>, align 32
+  %acc2133 = alloca <8 x float>, align 32
+  %acc3034 = alloca <8 x float>, align 32
+  %acc3135 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc0063 = alloca <8 x float>, align 32
+  %acc0164 = alloca <8 x float>, align 32
+  %acc1065 = alloca <8 x float>, align 32
+  %acc1166 = alloca <8 x float>, align 32
+  %acc0076 = alloca <8 x float>, align 32
+  %acc0177 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %655, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %745, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -388,7 +410,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %654, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %744, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -410,990 +432,990 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 768
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 768
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 768
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 768
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 768
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 768
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 768
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 768
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 768
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 768
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 768
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 768
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
+  %39 = icmp slt i64 %k, 768
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds i16, ptr %panels, i64 %35
-  %bw = load <8 x i32>, ptr %36, align 4
-  %37 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %37 to <8 x float>
-  %38 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %38 to <8 x float>
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
+  %43 = load <8 x i32>, ptr %42, align 4
+  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %44 to <8 x float>
+  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %45 to <8 x float>
+  %46 = getelementptr inbounds float, ptr %8, i64 %k
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <8 x float> poison, float %47, i32 0
+  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
+  %50 = load <8 x float>, ptr %acc00, align 4
+  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
+  store <8 x float> %51, ptr %acc00, align 4
+  %52 = load <8 x float>, ptr %acc01, align 4
+  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
+  store <8 x float> %53, ptr %acc01, align 4
+  %54 = getelementptr inbounds float, ptr %14, i64 %k
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc10, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
+  store <8 x float> %59, ptr %acc10, align 4
+  %60 = load <8 x float>, ptr %acc11, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
+  store <8 x float> %61, ptr %acc11, align 4
+  %62 = getelementptr inbounds float, ptr %20, i64 %k
+  %63 = load float, ptr %62, align 4
+  %64 = insertelement <8 x float> poison, float %63, i32 0
+  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
+  %66 = load <8 x float>, ptr %acc20, align 4
+  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
+  store <8 x float> %67, ptr %acc20, align 4
+  %68 = load <8 x float>, ptr %acc21, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
+  store <8 x float> %69, ptr %acc21, align 4
+  %70 = getelementptr inbounds float, ptr %26, i64 %k
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc30, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
+  store <8 x float> %75, ptr %acc30, align 4
+  %76 = load <8 x float>, ptr %acc31, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
+  store <8 x float> %77, ptr %acc31, align 4
+  %78 = getelementptr inbounds float, ptr %32, i64 %k
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc40, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
+  store <8 x float> %83, ptr %acc40, align 4
+  %84 = load <8 x float>, ptr %acc41, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
+  store <8 x float> %85, ptr %acc41, align 4
+  %86 = getelementptr inbounds float, ptr %38, i64 %k
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc50, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
+  store <8 x float> %91, ptr %acc50, align 4
+  %92 = load <8 x float>, ptr %acc51, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
+  store <8 x float> %93, ptr %acc51, align 4
+  %94 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 3072
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %95 = add nsw i64 %r0, 0
+  %96 = getelementptr inbounds float, ptr %rw, i64 %95
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = mul nsw i64 %95, 3072
+  %101 = getelementptr inbounds float, ptr %h, i64 %100
   %col = mul nsw i64 %p, 16
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = add nsw i64 %col, 0
-  %97 = fcmp ogt <8 x float> %94, zeroinitializer
-  %relu = select <8 x i1> %97, <8 x float> %94, <8 x float> zeroinitializer
-  %98 = fmul <8 x float> %relu, %91
-  %99 = getelementptr inbounds float, ptr %93, i64 %96
-  store <8 x float> %98, ptr %99, align 4
-  %100 = add nsw i64 %col, 8
-  %101 = fcmp ogt <8 x float> %95, zeroinitializer
-  %relu1 = select <8 x i1> %101, <8 x float> %95, <8 x float> zeroinitializer
-  %102 = fmul <8 x float> %relu1, %91
-  %103 = getelementptr inbounds float, ptr %93, i64 %100
-  store <8 x float> %102, ptr %103, align 4
-  %104 = add nsw i64 %r0, 1
-  %105 = getelementptr inbounds float, ptr %rw, i64 %104
-  %w2 = load float, ptr %105, align 4
-  %106 = insertelement <8 x float> poison, float %w2, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = mul nsw i64 %104, 3072
-  %109 = getelementptr inbounds float, ptr %h, i64 %108
-  %col3 = mul nsw i64 %p, 16
-  %110 = load <8 x float>, ptr %acc10, align 4
-  %111 = load <8 x float>, ptr %acc11, align 4
-  %112 = add nsw i64 %col3, 0
-  %113 = fcmp ogt <8 x float> %110, zeroinitializer
-  %relu4 = select <8 x i1> %113, <8 x float> %110, <8 x float> zeroinitializer
-  %114 = fmul <8 x float> %relu4, %107
-  %115 = getelementptr inbounds float, ptr %109, i64 %112
-  store <8 x float> %114, ptr %115, align 4
-  %116 = add nsw i64 %col3, 8
-  %117 = fcmp ogt <8 x float> %111, zeroinitializer
-  %relu5 = select <8 x i1> %117, <8 x float> %111, <8 x float> zeroinitializer
-  %118 = fmul <8 x float> %relu5, %107
-  %119 = getelementptr inbounds float, ptr %109, i64 %116
-  store <8 x float> %118, ptr %119, align 4
-  %120 = add nsw i64 %r0, 2
-  %121 = getelementptr inbounds float, ptr %rw, i64 %120
-  %w6 = load float, ptr %121, align 4
-  %122 = insertelement <8 x float> poison, float %w6, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = mul nsw i64 %120, 3072
-  %125 = getelementptr inbounds float, ptr %h, i64 %124
-  %col7 = mul nsw i64 %p, 16
-  %126 = load <8 x float>, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = add nsw i64 %col7, 0
-  %129 = fcmp ogt <8 x float> %126, zeroinitializer
-  %relu8 = select <8 x i1> %129, <8 x float> %126, <8 x float> zeroinitializer
-  %130 = fmul <8 x float> %relu8, %123
-  %131 = getelementptr inbounds float, ptr %125, i64 %128
-  store <8 x float> %130, ptr %131, align 4
-  %132 = add nsw i64 %col7, 8
-  %133 = fcmp ogt <8 x float> %127, zeroinitializer
-  %relu9 = select <8 x i1> %133, <8 x float> %127, <8 x float> zeroinitializer
-  %134 = fmul <8 x float> %relu9, %123
-  %135 = getelementptr inbounds float, ptr %125, i64 %132
-  store <8 x float> %134, ptr %135, align 4
-  %136 = add nsw i64 %r0, 3
-  %137 = getelementptr inbounds float, ptr %rw, i64 %136
-  %w10 = load float, ptr %137, align 4
-  %138 = insertelement <8 x float> poison, float %w10, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = mul nsw i64 %136, 3072
-  %141 = getelementptr inbounds float, ptr %h, i64 %140
-  %col11 = mul nsw i64 %p, 16
-  %142 = load <8 x float>, ptr %acc30, align 4
-  %143 = load <8 x float>, ptr %acc31, align 4
-  %144 = add nsw i64 %col11, 0
-  %145 = fcmp ogt <8 x float> %142, zeroinitializer
-  %relu12 = select <8 x i1> %145, <8 x float> %142, <8 x float> zeroinitializer
-  %146 = fmul <8 x float> %relu12, %139
-  %147 = getelementptr inbounds float, ptr %141, i64 %144
-  store <8 x float> %146, ptr %147, align 4
-  %148 = add nsw i64 %col11, 8
-  %149 = fcmp ogt <8 x float> %143, zeroinitializer
-  %relu13 = select <8 x i1> %149, <8 x float> %143, <8 x float> zeroinitializer
-  %150 = fmul <8 x float> %relu13, %139
-  %151 = getelementptr inbounds float, ptr %141, i64 %148
+  %102 = load <8 x float>, ptr %acc00, align 4
+  %103 = load <8 x float>, ptr %acc01, align 4
+  %104 = add nsw i64 %col, 0
+  %105 = fcmp ogt <8 x float> %102, zeroinitializer
+  %106 = select <8 x i1> %105, <8 x float> %102, <8 x float> zeroinitializer
+  %107 = fmul <8 x float> %106, %99
+  %108 = getelementptr inbounds float, ptr %101, i64 %104
+  store <8 x float> %107, ptr %108, align 4
+  %109 = add nsw i64 %col, 8
+  %110 = fcmp ogt <8 x float> %103, zeroinitializer
+  %111 = select <8 x i1> %110, <8 x float> %103, <8 x float> zeroinitializer
+  %112 = fmul <8 x float> %111, %99
+  %113 = getelementptr inbounds float, ptr %101, i64 %109
+  store <8 x float> %112, ptr %113, align 4
+  %114 = add nsw i64 %r0, 1
+  %115 = getelementptr inbounds float, ptr %rw, i64 %114
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = mul nsw i64 %114, 3072
+  %120 = getelementptr inbounds float, ptr %h, i64 %119
+  %col1 = mul nsw i64 %p, 16
+  %121 = load <8 x float>, ptr %acc10, align 4
+  %122 = load <8 x float>, ptr %acc11, align 4
+  %123 = add nsw i64 %col1, 0
+  %124 = fcmp ogt <8 x float> %121, zeroinitializer
+  %125 = select <8 x i1> %124, <8 x float> %121, <8 x float> zeroinitializer
+  %126 = fmul <8 x float> %125, %118
+  %127 = getelementptr inbounds float, ptr %120, i64 %123
+  store <8 x float> %126, ptr %127, align 4
+  %128 = add nsw i64 %col1, 8
+  %129 = fcmp ogt <8 x float> %122, zeroinitializer
+  %130 = select <8 x i1> %129, <8 x float> %122, <8 x float> zeroinitializer
+  %131 = fmul <8 x float> %130, %118
+  %132 = getelementptr inbounds float, ptr %120, i64 %128
+  store <8 x float> %131, ptr %132, align 4
+  %133 = add nsw i64 %r0, 2
+  %134 = getelementptr inbounds float, ptr %rw, i64 %133
+  %135 = load float, ptr %134, align 4
+  %136 = insertelement <8 x float> poison, float %135, i32 0
+  %137 = shufflevector <8 x float> %136, <8 x float> poison, <8 x i32> zeroinitializer
+  %138 = mul nsw i64 %133, 3072
+  %139 = getelementptr inbounds float, ptr %h, i64 %138
+  %col2 = mul nsw i64 %p, 16
+  %140 = load <8 x float>, ptr %acc20, align 4
+  %141 = load <8 x float>, ptr %acc21, align 4
+  %142 = add nsw i64 %col2, 0
+  %143 = fcmp ogt <8 x float> %140, zeroinitializer
+  %144 = select <8 x i1> %143, <8 x float> %140, <8 x float> zeroinitializer
+  %145 = fmul <8 x float> %144, %137
+  %146 = getelementptr inbounds float, ptr %139, i64 %142
+  store <8 x float> %145, ptr %146, align 4
+  %147 = add nsw i64 %col2, 8
+  %148 = fcmp ogt <8 x float> %141, zeroinitializer
+  %149 = select <8 x i1> %148, <8 x float> %141, <8 x float> zeroinitializer
+  %150 = fmul <8 x float> %149, %137
+  %151 = getelementptr inbounds float, ptr %139, i64 %147
   store <8 x float> %150, ptr %151, align 4
-  %152 = add nsw i64 %r0, 4
+  %152 = add nsw i64 %r0, 3
   %153 = getelementptr inbounds float, ptr %rw, i64 %152
-  %w14 = load float, ptr %153, align 4
-  %154 = insertelement <8 x float> poison, float %w14, i32 0
-  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
-  %156 = mul nsw i64 %152, 3072
-  %157 = getelementptr inbounds float, ptr %h, i64 %156
-  %col15 = mul nsw i64 %p, 16
-  %158 = load <8 x float>, ptr %acc40, align 4
-  %159 = load <8 x float>, ptr %acc41, align 4
-  %160 = add nsw i64 %col15, 0
-  %161 = fcmp ogt <8 x float> %158, zeroinitializer
-  %relu16 = select <8 x i1> %161, <8 x float> %158, <8 x float> zeroinitializer
-  %162 = fmul <8 x float> %relu16, %155
-  %163 = getelementptr inbounds float, ptr %157, i64 %160
-  store <8 x float> %162, ptr %163, align 4
-  %164 = add nsw i64 %col15, 8
-  %165 = fcmp ogt <8 x float> %159, zeroinitializer
-  %relu17 = select <8 x i1> %165, <8 x float> %159, <8 x float> zeroinitializer
-  %166 = fmul <8 x float> %relu17, %155
-  %167 = getelementptr inbounds float, ptr %157, i64 %164
-  store <8 x float> %166, ptr %167, align 4
-  %168 = add nsw i64 %r0, 5
-  %169 = getelementptr inbounds float, ptr %rw, i64 %168
-  %w18 = load float, ptr %169, align 4
-  %170 = insertelement <8 x float> poison, float %w18, i32 0
-  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
-  %172 = mul nsw i64 %168, 3072
-  %173 = getelementptr inbounds float, ptr %h, i64 %172
-  %col19 = mul nsw i64 %p, 16
-  %174 = load <8 x float>, ptr %acc50, align 4
-  %175 = load <8 x float>, ptr %acc51, align 4
-  %176 = add nsw i64 %col19, 0
-  %177 = fcmp ogt <8 x float> %174, zeroinitializer
-  %relu20 = select <8 x i1> %177, <8 x float> %174, <8 x float> zeroinitializer
-  %178 = fmul <8 x float> %relu20, %171
-  %179 = getelementptr inbounds float, ptr %173, i64 %176
-  store <8 x float> %178, ptr %179, align 4
-  %180 = add nsw i64 %col19, 8
-  %181 = fcmp ogt <8 x float> %175, zeroinitializer
-  %relu21 = select <8 x i1> %181, <8 x float> %175, <8 x float> zeroinitializer
-  %182 = fmul <8 x float> %relu21, %171
-  %183 = getelementptr inbounds float, ptr %173, i64 %180
-  store <8 x float> %182, ptr %183, align 4
+  %154 = load float, ptr %153, align 4
+  %155 = insertelement <8 x float> poison, float %154, i32 0
+  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
+  %157 = mul nsw i64 %152, 3072
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %col3 = mul nsw i64 %p, 16
+  %159 = load <8 x float>, ptr %acc30, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  %161 = add nsw i64 %col3, 0
+  %162 = fcmp ogt <8 x float> %159, zeroinitializer
+  %163 = select <8 x i1> %162, <8 x float> %159, <8 x float> zeroinitializer
+  %164 = fmul <8 x float> %163, %156
+  %165 = getelementptr inbounds float, ptr %158, i64 %161
+  store <8 x float> %164, ptr %165, align 4
+  %166 = add nsw i64 %col3, 8
+  %167 = fcmp ogt <8 x float> %160, zeroinitializer
+  %168 = select <8 x i1> %167, <8 x float> %160, <8 x float> zeroinitializer
+  %169 = fmul <8 x float> %168, %156
+  %170 = getelementptr inbounds float, ptr %158, i64 %166
+  store <8 x float> %169, ptr %170, align 4
+  %171 = add nsw i64 %r0, 4
+  %172 = getelementptr inbounds float, ptr %rw, i64 %171
+  %173 = load float, ptr %172, align 4
+  %174 = insertelement <8 x float> poison, float %173, i32 0
+  %175 = shufflevector <8 x float> %174, <8 x float> poison, <8 x i32> zeroinitializer
+  %176 = mul nsw i64 %171, 3072
+  %177 = getelementptr inbounds float, ptr %h, i64 %176
+  %col4 = mul nsw i64 %p, 16
+  %178 = load <8 x float>, ptr %acc40, align 4
+  %179 = load <8 x float>, ptr %acc41, align 4
+  %180 = add nsw i64 %col4, 0
+  %181 = fcmp ogt <8 x float> %178, zeroinitializer
+  %182 = select <8 x i1> %181, <8 x float> %178, <8 x float> zeroinitializer
+  %183 = fmul <8 x float> %182, %175
+  %184 = getelementptr inbounds float, ptr %177, i64 %180
+  store <8 x float> %183, ptr %184, align 4
+  %185 = add nsw i64 %col4, 8
+  %186 = fcmp ogt <8 x float> %179, zeroinitializer
+  %187 = select <8 x i1> %186, <8 x float> %179, <8 x float> zeroinitializer
+  %188 = fmul <8 x float> %187, %175
+  %189 = getelementptr inbounds float, ptr %177, i64 %185
+  store <8 x float> %188, ptr %189, align 4
+  %190 = add nsw i64 %r0, 5
+  %191 = getelementptr inbounds float, ptr %rw, i64 %190
+  %192 = load float, ptr %191, align 4
+  %193 = insertelement <8 x float> poison, float %192, i32 0
+  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
+  %195 = mul nsw i64 %190, 3072
+  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %col5 = mul nsw i64 %p, 16
+  %197 = load <8 x float>, ptr %acc50, align 4
+  %198 = load <8 x float>, ptr %acc51, align 4
+  %199 = add nsw i64 %col5, 0
+  %200 = fcmp ogt <8 x float> %197, zeroinitializer
+  %201 = select <8 x i1> %200, <8 x float> %197, <8 x float> zeroinitializer
+  %202 = fmul <8 x float> %201, %194
+  %203 = getelementptr inbounds float, ptr %196, i64 %199
+  store <8 x float> %202, ptr %203, align 4
+  %204 = add nsw i64 %col5, 8
+  %205 = fcmp ogt <8 x float> %198, zeroinitializer
+  %206 = select <8 x i1> %205, <8 x float> %198, <8 x float> zeroinitializer
+  %207 = fmul <8 x float> %206, %194
+  %208 = getelementptr inbounds float, ptr %196, i64 %204
+  store <8 x float> %207, ptr %208, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %184 = add nsw i64 %r0, 0
-  %185 = getelementptr inbounds i32, ptr %rows, i64 %184
-  %186 = load i32, ptr %185, align 4
-  %187 = sext i32 %186 to i64
-  %188 = mul nsw i64 %187, 768
-  %a022 = getelementptr inbounds float, ptr %x, i64 %188
-  store <8 x float> zeroinitializer, ptr %acc0023, align 4
-  store <8 x float> zeroinitializer, ptr %acc0124, align 4
-  %189 = add nsw i64 %r0, 1
-  %190 = getelementptr inbounds i32, ptr %rows, i64 %189
-  %191 = load i32, ptr %190, align 4
-  %192 = sext i32 %191 to i64
-  %193 = mul nsw i64 %192, 768
-  %a125 = getelementptr inbounds float, ptr %x, i64 %193
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %194 = add nsw i64 %r0, 2
-  %195 = getelementptr inbounds i32, ptr %rows, i64 %194
-  %196 = load i32, ptr %195, align 4
-  %197 = sext i32 %196 to i64
-  %198 = mul nsw i64 %197, 768
-  %a228 = getelementptr inbounds float, ptr %x, i64 %198
-  store <8 x float> zeroinitializer, ptr %acc2029, align 4
-  store <8 x float> zeroinitializer, ptr %acc2130, align 4
-  %199 = add nsw i64 %r0, 3
-  %200 = getelementptr inbounds i32, ptr %rows, i64 %199
-  %201 = load i32, ptr %200, align 4
-  %202 = sext i32 %201 to i64
-  %203 = mul nsw i64 %202, 768
-  %a331 = getelementptr inbounds float, ptr %x, i64 %203
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
-  %204 = add nsw i64 %r0, 4
-  %205 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %206 = load i32, ptr %205, align 4
-  %207 = sext i32 %206 to i64
-  %208 = mul nsw i64 %207, 768
-  %a434 = getelementptr inbounds float, ptr %x, i64 %208
-  store <8 x float> zeroinitializer, ptr %acc4035, align 4
-  store <8 x float> zeroinitializer, ptr %acc4136, align 4
-  %panel.off37 = mul nsw i64 %p, 12288
-  br label %k.head38
+  %209 = add nsw i64 %r0, 0
+  %210 = getelementptr inbounds i32, ptr %rows, i64 %209
+  %211 = load i32, ptr %210, align 4
+  %212 = sext i32 %211 to i64
+  %213 = mul nsw i64 %212, 768
+  %214 = getelementptr inbounds float, ptr %x, i64 %213
+  store <8 x float> zeroinitializer, ptr %acc006, align 4
+  store <8 x float> zeroinitializer, ptr %acc017, align 4
+  %215 = add nsw i64 %r0, 1
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %215
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 768
+  %220 = getelementptr inbounds float, ptr %x, i64 %219
+  store <8 x float> zeroinitializer, ptr %acc108, align 4
+  store <8 x float> zeroinitializer, ptr %acc119, align 4
+  %221 = add nsw i64 %r0, 2
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 768
+  %226 = getelementptr inbounds float, ptr %x, i64 %225
+  store <8 x float> zeroinitializer, ptr %acc2010, align 4
+  store <8 x float> zeroinitializer, ptr %acc2111, align 4
+  %227 = add nsw i64 %r0, 3
+  %228 = getelementptr inbounds i32, ptr %rows, i64 %227
+  %229 = load i32, ptr %228, align 4
+  %230 = sext i32 %229 to i64
+  %231 = mul nsw i64 %230, 768
+  %232 = getelementptr inbounds float, ptr %x, i64 %231
+  store <8 x float> zeroinitializer, ptr %acc3012, align 4
+  store <8 x float> zeroinitializer, ptr %acc3113, align 4
+  %233 = add nsw i64 %r0, 4
+  %234 = getelementptr inbounds i32, ptr %rows, i64 %233
+  %235 = load i32, ptr %234, align 4
+  %236 = sext i32 %235 to i64
+  %237 = mul nsw i64 %236, 768
+  %238 = getelementptr inbounds float, ptr %x, i64 %237
+  store <8 x float> zeroinitializer, ptr %acc4014, align 4
+  store <8 x float> zeroinitializer, ptr %acc4115, align 4
+  %panel.off16 = mul nsw i64 %p, 12288
+  br label %k.head17
 
-k.head38:                                         ; preds = %k.body39, %tile.mr5
-  %k41 = phi i64 [ 0, %tile.mr5 ], [ %255, %k.body39 ]
-  %209 = icmp slt i64 %k41, 768
-  br i1 %209, label %k.body39, label %k.end40
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %286, %k.body18 ]
+  %239 = icmp slt i64 %k20, 768
+  br i1 %239, label %k.body18, label %k.end19
 
-k.body39:                                         ; preds = %k.head38
-  %210 = mul nsw i64 %k41, 16
-  %211 = add nsw i64 %panel.off37, %210
-  %212 = getelementptr inbounds i16, ptr %panels, i64 %211
-  %bw42 = load <8 x i32>, ptr %212, align 4
-  %213 = shl <8 x i32> %bw42, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b043 = bitcast <8 x i32> %213 to <8 x float>
-  %214 = and <8 x i32> %bw42, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b144 = bitcast <8 x i32> %214 to <8 x float>
-  %215 = getelementptr inbounds float, ptr %a022, i64 %k41
-  %216 = load float, ptr %215, align 4
-  %217 = insertelement <8 x float> poison, float %216, i32 0
-  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
-  %219 = load <8 x float>, ptr %acc0023, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %b043, <8 x float> %219)
-  store <8 x float> %220, ptr %acc0023, align 4
-  %221 = load <8 x float>, ptr %acc0124, align 4
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %b144, <8 x float> %221)
-  store <8 x float> %222, ptr %acc0124, align 4
-  %223 = getelementptr inbounds float, ptr %a125, i64 %k41
-  %224 = load float, ptr %223, align 4
-  %225 = insertelement <8 x float> poison, float %224, i32 0
-  %226 = shufflevector <8 x float> %225, <8 x float> poison, <8 x i32> zeroinitializer
-  %227 = load <8 x float>, ptr %acc1026, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %b043, <8 x float> %227)
-  store <8 x float> %228, ptr %acc1026, align 4
-  %229 = load <8 x float>, ptr %acc1127, align 4
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %b144, <8 x float> %229)
-  store <8 x float> %230, ptr %acc1127, align 4
-  %231 = getelementptr inbounds float, ptr %a228, i64 %k41
-  %232 = load float, ptr %231, align 4
-  %233 = insertelement <8 x float> poison, float %232, i32 0
-  %234 = shufflevector <8 x float> %233, <8 x float> poison, <8 x i32> zeroinitializer
-  %235 = load <8 x float>, ptr %acc2029, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %b043, <8 x float> %235)
-  store <8 x float> %236, ptr %acc2029, align 4
-  %237 = load <8 x float>, ptr %acc2130, align 4
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %b144, <8 x float> %237)
-  store <8 x float> %238, ptr %acc2130, align 4
-  %239 = getelementptr inbounds float, ptr %a331, i64 %k41
-  %240 = load float, ptr %239, align 4
-  %241 = insertelement <8 x float> poison, float %240, i32 0
-  %242 = shufflevector <8 x float> %241, <8 x float> poison, <8 x i32> zeroinitializer
-  %243 = load <8 x float>, ptr %acc3032, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %b043, <8 x float> %243)
-  store <8 x float> %244, ptr %acc3032, align 4
-  %245 = load <8 x float>, ptr %acc3133, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %b144, <8 x float> %245)
-  store <8 x float> %246, ptr %acc3133, align 4
-  %247 = getelementptr inbounds float, ptr %a434, i64 %k41
-  %248 = load float, ptr %247, align 4
-  %249 = insertelement <8 x float> poison, float %248, i32 0
-  %250 = shufflevector <8 x float> %249, <8 x float> poison, <8 x i32> zeroinitializer
-  %251 = load <8 x float>, ptr %acc4035, align 4
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %b043, <8 x float> %251)
-  store <8 x float> %252, ptr %acc4035, align 4
-  %253 = load <8 x float>, ptr %acc4136, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %b144, <8 x float> %253)
-  store <8 x float> %254, ptr %acc4136, align 4
-  %255 = add nsw i64 %k41, 1
-  br label %k.head38
+k.body18:                                         ; preds = %k.head17
+  %240 = mul nsw i64 %k20, 16
+  %241 = add nsw i64 %panel.off16, %240
+  %242 = getelementptr inbounds i16, ptr %panels, i64 %241
+  %243 = load <8 x i32>, ptr %242, align 4
+  %244 = shl <8 x i32> %243, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %244 to <8 x float>
+  %245 = and <8 x i32> %243, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %245 to <8 x float>
+  %246 = getelementptr inbounds float, ptr %214, i64 %k20
+  %247 = load float, ptr %246, align 4
+  %248 = insertelement <8 x float> poison, float %247, i32 0
+  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
+  %250 = load <8 x float>, ptr %acc006, align 4
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b021, <8 x float> %250)
+  store <8 x float> %251, ptr %acc006, align 4
+  %252 = load <8 x float>, ptr %acc017, align 4
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b122, <8 x float> %252)
+  store <8 x float> %253, ptr %acc017, align 4
+  %254 = getelementptr inbounds float, ptr %220, i64 %k20
+  %255 = load float, ptr %254, align 4
+  %256 = insertelement <8 x float> poison, float %255, i32 0
+  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
+  %258 = load <8 x float>, ptr %acc108, align 4
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b021, <8 x float> %258)
+  store <8 x float> %259, ptr %acc108, align 4
+  %260 = load <8 x float>, ptr %acc119, align 4
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b122, <8 x float> %260)
+  store <8 x float> %261, ptr %acc119, align 4
+  %262 = getelementptr inbounds float, ptr %226, i64 %k20
+  %263 = load float, ptr %262, align 4
+  %264 = insertelement <8 x float> poison, float %263, i32 0
+  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
+  %266 = load <8 x float>, ptr %acc2010, align 4
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b021, <8 x float> %266)
+  store <8 x float> %267, ptr %acc2010, align 4
+  %268 = load <8 x float>, ptr %acc2111, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b122, <8 x float> %268)
+  store <8 x float> %269, ptr %acc2111, align 4
+  %270 = getelementptr inbounds float, ptr %232, i64 %k20
+  %271 = load float, ptr %270, align 4
+  %272 = insertelement <8 x float> poison, float %271, i32 0
+  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
+  %274 = load <8 x float>, ptr %acc3012, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b021, <8 x float> %274)
+  store <8 x float> %275, ptr %acc3012, align 4
+  %276 = load <8 x float>, ptr %acc3113, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b122, <8 x float> %276)
+  store <8 x float> %277, ptr %acc3113, align 4
+  %278 = getelementptr inbounds float, ptr %238, i64 %k20
+  %279 = load float, ptr %278, align 4
+  %280 = insertelement <8 x float> poison, float %279, i32 0
+  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
+  %282 = load <8 x float>, ptr %acc4014, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b021, <8 x float> %282)
+  store <8 x float> %283, ptr %acc4014, align 4
+  %284 = load <8 x float>, ptr %acc4115, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b122, <8 x float> %284)
+  store <8 x float> %285, ptr %acc4115, align 4
+  %286 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end40:                                          ; preds = %k.head38
-  %256 = add nsw i64 %r0, 0
-  %257 = getelementptr inbounds float, ptr %rw, i64 %256
-  %w45 = load float, ptr %257, align 4
-  %258 = insertelement <8 x float> poison, float %w45, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = mul nsw i64 %256, 3072
-  %261 = getelementptr inbounds float, ptr %h, i64 %260
-  %col46 = mul nsw i64 %p, 16
-  %262 = load <8 x float>, ptr %acc0023, align 4
-  %263 = load <8 x float>, ptr %acc0124, align 4
-  %264 = add nsw i64 %col46, 0
-  %265 = fcmp ogt <8 x float> %262, zeroinitializer
-  %relu47 = select <8 x i1> %265, <8 x float> %262, <8 x float> zeroinitializer
-  %266 = fmul <8 x float> %relu47, %259
-  %267 = getelementptr inbounds float, ptr %261, i64 %264
-  store <8 x float> %266, ptr %267, align 4
-  %268 = add nsw i64 %col46, 8
-  %269 = fcmp ogt <8 x float> %263, zeroinitializer
-  %relu48 = select <8 x i1> %269, <8 x float> %263, <8 x float> zeroinitializer
-  %270 = fmul <8 x float> %relu48, %259
-  %271 = getelementptr inbounds float, ptr %261, i64 %268
-  store <8 x float> %270, ptr %271, align 4
-  %272 = add nsw i64 %r0, 1
-  %273 = getelementptr inbounds float, ptr %rw, i64 %272
-  %w49 = load float, ptr %273, align 4
-  %274 = insertelement <8 x float> poison, float %w49, i32 0
-  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = mul nsw i64 %272, 3072
-  %277 = getelementptr inbounds float, ptr %h, i64 %276
-  %col50 = mul nsw i64 %p, 16
-  %278 = load <8 x float>, ptr %acc1026, align 4
-  %279 = load <8 x float>, ptr %acc1127, align 4
-  %280 = add nsw i64 %col50, 0
-  %281 = fcmp ogt <8 x float> %278, zeroinitializer
-  %relu51 = select <8 x i1> %281, <8 x float> %278, <8 x float> zeroinitializer
-  %282 = fmul <8 x float> %relu51, %275
-  %283 = getelementptr inbounds float, ptr %277, i64 %280
-  store <8 x float> %282, ptr %283, align 4
-  %284 = add nsw i64 %col50, 8
-  %285 = fcmp ogt <8 x float> %279, zeroinitializer
-  %relu52 = select <8 x i1> %285, <8 x float> %279, <8 x float> zeroinitializer
-  %286 = fmul <8 x float> %relu52, %275
-  %287 = getelementptr inbounds float, ptr %277, i64 %284
-  store <8 x float> %286, ptr %287, align 4
-  %288 = add nsw i64 %r0, 2
-  %289 = getelementptr inbounds float, ptr %rw, i64 %288
-  %w53 = load float, ptr %289, align 4
-  %290 = insertelement <8 x float> poison, float %w53, i32 0
+k.end19:                                          ; preds = %k.head17
+  %287 = add nsw i64 %r0, 0
+  %288 = getelementptr inbounds float, ptr %rw, i64 %287
+  %289 = load float, ptr %288, align 4
+  %290 = insertelement <8 x float> poison, float %289, i32 0
   %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
-  %292 = mul nsw i64 %288, 3072
+  %292 = mul nsw i64 %287, 3072
   %293 = getelementptr inbounds float, ptr %h, i64 %292
-  %col54 = mul nsw i64 %p, 16
-  %294 = load <8 x float>, ptr %acc2029, align 4
-  %295 = load <8 x float>, ptr %acc2130, align 4
-  %296 = add nsw i64 %col54, 0
+  %col23 = mul nsw i64 %p, 16
+  %294 = load <8 x float>, ptr %acc006, align 4
+  %295 = load <8 x float>, ptr %acc017, align 4
+  %296 = add nsw i64 %col23, 0
   %297 = fcmp ogt <8 x float> %294, zeroinitializer
-  %relu55 = select <8 x i1> %297, <8 x float> %294, <8 x float> zeroinitializer
-  %298 = fmul <8 x float> %relu55, %291
-  %299 = getelementptr inbounds float, ptr %293, i64 %296
-  store <8 x float> %298, ptr %299, align 4
-  %300 = add nsw i64 %col54, 8
-  %301 = fcmp ogt <8 x float> %295, zeroinitializer
-  %relu56 = select <8 x i1> %301, <8 x float> %295, <8 x float> zeroinitializer
-  %302 = fmul <8 x float> %relu56, %291
-  %303 = getelementptr inbounds float, ptr %293, i64 %300
-  store <8 x float> %302, ptr %303, align 4
-  %304 = add nsw i64 %r0, 3
-  %305 = getelementptr inbounds float, ptr %rw, i64 %304
-  %w57 = load float, ptr %305, align 4
-  %306 = insertelement <8 x float> poison, float %w57, i32 0
-  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
-  %308 = mul nsw i64 %304, 3072
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
-  %col58 = mul nsw i64 %p, 16
-  %310 = load <8 x float>, ptr %acc3032, align 4
-  %311 = load <8 x float>, ptr %acc3133, align 4
-  %312 = add nsw i64 %col58, 0
-  %313 = fcmp ogt <8 x float> %310, zeroinitializer
-  %relu59 = select <8 x i1> %313, <8 x float> %310, <8 x float> zeroinitializer
-  %314 = fmul <8 x float> %relu59, %307
-  %315 = getelementptr inbounds float, ptr %309, i64 %312
-  store <8 x float> %314, ptr %315, align 4
-  %316 = add nsw i64 %col58, 8
-  %317 = fcmp ogt <8 x float> %311, zeroinitializer
-  %relu60 = select <8 x i1> %317, <8 x float> %311, <8 x float> zeroinitializer
-  %318 = fmul <8 x float> %relu60, %307
-  %319 = getelementptr inbounds float, ptr %309, i64 %316
+  %298 = select <8 x i1> %297, <8 x float> %294, <8 x float> zeroinitializer
+  %299 = fmul <8 x float> %298, %291
+  %300 = getelementptr inbounds float, ptr %293, i64 %296
+  store <8 x float> %299, ptr %300, align 4
+  %301 = add nsw i64 %col23, 8
+  %302 = fcmp ogt <8 x float> %295, zeroinitializer
+  %303 = select <8 x i1> %302, <8 x float> %295, <8 x float> zeroinitializer
+  %304 = fmul <8 x float> %303, %291
+  %305 = getelementptr inbounds float, ptr %293, i64 %301
+  store <8 x float> %304, ptr %305, align 4
+  %306 = add nsw i64 %r0, 1
+  %307 = getelementptr inbounds float, ptr %rw, i64 %306
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = mul nsw i64 %306, 3072
+  %312 = getelementptr inbounds float, ptr %h, i64 %311
+  %col24 = mul nsw i64 %p, 16
+  %313 = load <8 x float>, ptr %acc108, align 4
+  %314 = load <8 x float>, ptr %acc119, align 4
+  %315 = add nsw i64 %col24, 0
+  %316 = fcmp ogt <8 x float> %313, zeroinitializer
+  %317 = select <8 x i1> %316, <8 x float> %313, <8 x float> zeroinitializer
+  %318 = fmul <8 x float> %317, %310
+  %319 = getelementptr inbounds float, ptr %312, i64 %315
   store <8 x float> %318, ptr %319, align 4
-  %320 = add nsw i64 %r0, 4
-  %321 = getelementptr inbounds float, ptr %rw, i64 %320
-  %w61 = load float, ptr %321, align 4
-  %322 = insertelement <8 x float> poison, float %w61, i32 0
-  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
-  %324 = mul nsw i64 %320, 3072
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %col62 = mul nsw i64 %p, 16
-  %326 = load <8 x float>, ptr %acc4035, align 4
-  %327 = load <8 x float>, ptr %acc4136, align 4
-  %328 = add nsw i64 %col62, 0
-  %329 = fcmp ogt <8 x float> %326, zeroinitializer
-  %relu63 = select <8 x i1> %329, <8 x float> %326, <8 x float> zeroinitializer
-  %330 = fmul <8 x float> %relu63, %323
-  %331 = getelementptr inbounds float, ptr %325, i64 %328
-  store <8 x float> %330, ptr %331, align 4
-  %332 = add nsw i64 %col62, 8
-  %333 = fcmp ogt <8 x float> %327, zeroinitializer
-  %relu64 = select <8 x i1> %333, <8 x float> %327, <8 x float> zeroinitializer
-  %334 = fmul <8 x float> %relu64, %323
-  %335 = getelementptr inbounds float, ptr %325, i64 %332
-  store <8 x float> %334, ptr %335, align 4
+  %320 = add nsw i64 %col24, 8
+  %321 = fcmp ogt <8 x float> %314, zeroinitializer
+  %322 = select <8 x i1> %321, <8 x float> %314, <8 x float> zeroinitializer
+  %323 = fmul <8 x float> %322, %310
+  %324 = getelementptr inbounds float, ptr %312, i64 %320
+  store <8 x float> %323, ptr %324, align 4
+  %325 = add nsw i64 %r0, 2
+  %326 = getelementptr inbounds float, ptr %rw, i64 %325
+  %327 = load float, ptr %326, align 4
+  %328 = insertelement <8 x float> poison, float %327, i32 0
+  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
+  %330 = mul nsw i64 %325, 3072
+  %331 = getelementptr inbounds float, ptr %h, i64 %330
+  %col25 = mul nsw i64 %p, 16
+  %332 = load <8 x float>, ptr %acc2010, align 4
+  %333 = load <8 x float>, ptr %acc2111, align 4
+  %334 = add nsw i64 %col25, 0
+  %335 = fcmp ogt <8 x float> %332, zeroinitializer
+  %336 = select <8 x i1> %335, <8 x float> %332, <8 x float> zeroinitializer
+  %337 = fmul <8 x float> %336, %329
+  %338 = getelementptr inbounds float, ptr %331, i64 %334
+  store <8 x float> %337, ptr %338, align 4
+  %339 = add nsw i64 %col25, 8
+  %340 = fcmp ogt <8 x float> %333, zeroinitializer
+  %341 = select <8 x i1> %340, <8 x float> %333, <8 x float> zeroinitializer
+  %342 = fmul <8 x float> %341, %329
+  %343 = getelementptr inbounds float, ptr %331, i64 %339
+  store <8 x float> %342, ptr %343, align 4
+  %344 = add nsw i64 %r0, 3
+  %345 = getelementptr inbounds float, ptr %rw, i64 %344
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = mul nsw i64 %344, 3072
+  %350 = getelementptr inbounds float, ptr %h, i64 %349
+  %col26 = mul nsw i64 %p, 16
+  %351 = load <8 x float>, ptr %acc3012, align 4
+  %352 = load <8 x float>, ptr %acc3113, align 4
+  %353 = add nsw i64 %col26, 0
+  %354 = fcmp ogt <8 x float> %351, zeroinitializer
+  %355 = select <8 x i1> %354, <8 x float> %351, <8 x float> zeroinitializer
+  %356 = fmul <8 x float> %355, %348
+  %357 = getelementptr inbounds float, ptr %350, i64 %353
+  store <8 x float> %356, ptr %357, align 4
+  %358 = add nsw i64 %col26, 8
+  %359 = fcmp ogt <8 x float> %352, zeroinitializer
+  %360 = select <8 x i1> %359, <8 x float> %352, <8 x float> zeroinitializer
+  %361 = fmul <8 x float> %360, %348
+  %362 = getelementptr inbounds float, ptr %350, i64 %358
+  store <8 x float> %361, ptr %362, align 4
+  %363 = add nsw i64 %r0, 4
+  %364 = getelementptr inbounds float, ptr %rw, i64 %363
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
+  %368 = mul nsw i64 %363, 3072
+  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %col27 = mul nsw i64 %p, 16
+  %370 = load <8 x float>, ptr %acc4014, align 4
+  %371 = load <8 x float>, ptr %acc4115, align 4
+  %372 = add nsw i64 %col27, 0
+  %373 = fcmp ogt <8 x float> %370, zeroinitializer
+  %374 = select <8 x i1> %373, <8 x float> %370, <8 x float> zeroinitializer
+  %375 = fmul <8 x float> %374, %367
+  %376 = getelementptr inbounds float, ptr %369, i64 %372
+  store <8 x float> %375, ptr %376, align 4
+  %377 = add nsw i64 %col27, 8
+  %378 = fcmp ogt <8 x float> %371, zeroinitializer
+  %379 = select <8 x i1> %378, <8 x float> %371, <8 x float> zeroinitializer
+  %380 = fmul <8 x float> %379, %367
+  %381 = getelementptr inbounds float, ptr %369, i64 %377
+  store <8 x float> %380, ptr %381, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %336 = add nsw i64 %r0, 0
-  %337 = getelementptr inbounds i32, ptr %rows, i64 %336
-  %338 = load i32, ptr %337, align 4
-  %339 = sext i32 %338 to i64
-  %340 = mul nsw i64 %339, 768
-  %a065 = getelementptr inbounds float, ptr %x, i64 %340
-  store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %341 = add nsw i64 %r0, 1
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %341
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 768
-  %a168 = getelementptr inbounds float, ptr %x, i64 %345
-  store <8 x float> zeroinitializer, ptr %acc1069, align 4
-  store <8 x float> zeroinitializer, ptr %acc1170, align 4
-  %346 = add nsw i64 %r0, 2
-  %347 = getelementptr inbounds i32, ptr %rows, i64 %346
-  %348 = load i32, ptr %347, align 4
-  %349 = sext i32 %348 to i64
-  %350 = mul nsw i64 %349, 768
-  %a271 = getelementptr inbounds float, ptr %x, i64 %350
-  store <8 x float> zeroinitializer, ptr %acc2072, align 4
-  store <8 x float> zeroinitializer, ptr %acc2173, align 4
-  %351 = add nsw i64 %r0, 3
-  %352 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %353 = load i32, ptr %352, align 4
-  %354 = sext i32 %353 to i64
-  %355 = mul nsw i64 %354, 768
-  %a374 = getelementptr inbounds float, ptr %x, i64 %355
-  store <8 x float> zeroinitializer, ptr %acc3075, align 4
-  store <8 x float> zeroinitializer, ptr %acc3176, align 4
-  %panel.off77 = mul nsw i64 %p, 12288
-  br label %k.head78
+  %382 = add nsw i64 %r0, 0
+  %383 = getelementptr inbounds i32, ptr %rows, i64 %382
+  %384 = load i32, ptr %383, align 4
+  %385 = sext i32 %384 to i64
+  %386 = mul nsw i64 %385, 768
+  %387 = getelementptr inbounds float, ptr %x, i64 %386
+  store <8 x float> zeroinitializer, ptr %acc0028, align 4
+  store <8 x float> zeroinitializer, ptr %acc0129, align 4
+  %388 = add nsw i64 %r0, 1
+  %389 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %390 = load i32, ptr %389, align 4
+  %391 = sext i32 %390 to i64
+  %392 = mul nsw i64 %391, 768
+  %393 = getelementptr inbounds float, ptr %x, i64 %392
+  store <8 x float> zeroinitializer, ptr %acc1030, align 4
+  store <8 x float> zeroinitializer, ptr %acc1131, align 4
+  %394 = add nsw i64 %r0, 2
+  %395 = getelementptr inbounds i32, ptr %rows, i64 %394
+  %396 = load i32, ptr %395, align 4
+  %397 = sext i32 %396 to i64
+  %398 = mul nsw i64 %397, 768
+  %399 = getelementptr inbounds float, ptr %x, i64 %398
+  store <8 x float> zeroinitializer, ptr %acc2032, align 4
+  store <8 x float> zeroinitializer, ptr %acc2133, align 4
+  %400 = add nsw i64 %r0, 3
+  %401 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %402 = load i32, ptr %401, align 4
+  %403 = sext i32 %402 to i64
+  %404 = mul nsw i64 %403, 768
+  %405 = getelementptr inbounds float, ptr %x, i64 %404
+  store <8 x float> zeroinitializer, ptr %acc3034, align 4
+  store <8 x float> zeroinitializer, ptr %acc3135, align 4
+  %panel.off36 = mul nsw i64 %p, 12288
+  br label %k.head37
 
-k.head78:                                         ; preds = %k.body79, %tile.mr4
-  %k81 = phi i64 [ 0, %tile.mr4 ], [ %394, %k.body79 ]
-  %356 = icmp slt i64 %k81, 768
-  br i1 %356, label %k.body79, label %k.end80
+k.head37:                                         ; preds = %k.body38, %tile.mr4
+  %k40 = phi i64 [ 0, %tile.mr4 ], [ %445, %k.body38 ]
+  %406 = icmp slt i64 %k40, 768
+  br i1 %406, label %k.body38, label %k.end39
 
-k.body79:                                         ; preds = %k.head78
-  %357 = mul nsw i64 %k81, 16
-  %358 = add nsw i64 %panel.off77, %357
-  %359 = getelementptr inbounds i16, ptr %panels, i64 %358
-  %bw82 = load <8 x i32>, ptr %359, align 4
-  %360 = shl <8 x i32> %bw82, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b083 = bitcast <8 x i32> %360 to <8 x float>
-  %361 = and <8 x i32> %bw82, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b184 = bitcast <8 x i32> %361 to <8 x float>
-  %362 = getelementptr inbounds float, ptr %a065, i64 %k81
-  %363 = load float, ptr %362, align 4
-  %364 = insertelement <8 x float> poison, float %363, i32 0
-  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
-  %366 = load <8 x float>, ptr %acc0066, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b083, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0066, align 4
-  %368 = load <8 x float>, ptr %acc0167, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b184, <8 x float> %368)
-  store <8 x float> %369, ptr %acc0167, align 4
-  %370 = getelementptr inbounds float, ptr %a168, i64 %k81
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc1069, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b083, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1069, align 4
-  %376 = load <8 x float>, ptr %acc1170, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b184, <8 x float> %376)
-  store <8 x float> %377, ptr %acc1170, align 4
-  %378 = getelementptr inbounds float, ptr %a271, i64 %k81
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc2072, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b083, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2072, align 4
-  %384 = load <8 x float>, ptr %acc2173, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b184, <8 x float> %384)
-  store <8 x float> %385, ptr %acc2173, align 4
-  %386 = getelementptr inbounds float, ptr %a374, i64 %k81
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc3075, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b083, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3075, align 4
-  %392 = load <8 x float>, ptr %acc3176, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b184, <8 x float> %392)
-  store <8 x float> %393, ptr %acc3176, align 4
-  %394 = add nsw i64 %k81, 1
-  br label %k.head78
+k.body38:                                         ; preds = %k.head37
+  %407 = mul nsw i64 %k40, 16
+  %408 = add nsw i64 %panel.off36, %407
+  %409 = getelementptr inbounds i16, ptr %panels, i64 %408
+  %410 = load <8 x i32>, ptr %409, align 4
+  %411 = shl <8 x i32> %410, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b041 = bitcast <8 x i32> %411 to <8 x float>
+  %412 = and <8 x i32> %410, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b142 = bitcast <8 x i32> %412 to <8 x float>
+  %413 = getelementptr inbounds float, ptr %387, i64 %k40
+  %414 = load float, ptr %413, align 4
+  %415 = insertelement <8 x float> poison, float %414, i32 0
+  %416 = shufflevector <8 x float> %415, <8 x float> poison, <8 x i32> zeroinitializer
+  %417 = load <8 x float>, ptr %acc0028, align 4
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %b041, <8 x float> %417)
+  store <8 x float> %418, ptr %acc0028, align 4
+  %419 = load <8 x float>, ptr %acc0129, align 4
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %b142, <8 x float> %419)
+  store <8 x float> %420, ptr %acc0129, align 4
+  %421 = getelementptr inbounds float, ptr %393, i64 %k40
+  %422 = load float, ptr %421, align 4
+  %423 = insertelement <8 x float> poison, float %422, i32 0
+  %424 = shufflevector <8 x float> %423, <8 x float> poison, <8 x i32> zeroinitializer
+  %425 = load <8 x float>, ptr %acc1030, align 4
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %b041, <8 x float> %425)
+  store <8 x float> %426, ptr %acc1030, align 4
+  %427 = load <8 x float>, ptr %acc1131, align 4
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %b142, <8 x float> %427)
+  store <8 x float> %428, ptr %acc1131, align 4
+  %429 = getelementptr inbounds float, ptr %399, i64 %k40
+  %430 = load float, ptr %429, align 4
+  %431 = insertelement <8 x float> poison, float %430, i32 0
+  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
+  %433 = load <8 x float>, ptr %acc2032, align 4
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %b041, <8 x float> %433)
+  store <8 x float> %434, ptr %acc2032, align 4
+  %435 = load <8 x float>, ptr %acc2133, align 4
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %b142, <8 x float> %435)
+  store <8 x float> %436, ptr %acc2133, align 4
+  %437 = getelementptr inbounds float, ptr %405, i64 %k40
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc3034, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b041, <8 x float> %441)
+  store <8 x float> %442, ptr %acc3034, align 4
+  %443 = load <8 x float>, ptr %acc3135, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b142, <8 x float> %443)
+  store <8 x float> %444, ptr %acc3135, align 4
+  %445 = add nsw i64 %k40, 1
+  br label %k.head37
 
-k.end80:                                          ; preds = %k.head78
-  %395 = add nsw i64 %r0, 0
-  %396 = getelementptr inbounds float, ptr %rw, i64 %395
-  %w85 = load float, ptr %396, align 4
-  %397 = insertelement <8 x float> poison, float %w85, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = mul nsw i64 %395, 3072
-  %400 = getelementptr inbounds float, ptr %h, i64 %399
-  %col86 = mul nsw i64 %p, 16
-  %401 = load <8 x float>, ptr %acc0066, align 4
-  %402 = load <8 x float>, ptr %acc0167, align 4
-  %403 = add nsw i64 %col86, 0
-  %404 = fcmp ogt <8 x float> %401, zeroinitializer
-  %relu87 = select <8 x i1> %404, <8 x float> %401, <8 x float> zeroinitializer
-  %405 = fmul <8 x float> %relu87, %398
-  %406 = getelementptr inbounds float, ptr %400, i64 %403
-  store <8 x float> %405, ptr %406, align 4
-  %407 = add nsw i64 %col86, 8
-  %408 = fcmp ogt <8 x float> %402, zeroinitializer
-  %relu88 = select <8 x i1> %408, <8 x float> %402, <8 x float> zeroinitializer
-  %409 = fmul <8 x float> %relu88, %398
-  %410 = getelementptr inbounds float, ptr %400, i64 %407
-  store <8 x float> %409, ptr %410, align 4
-  %411 = add nsw i64 %r0, 1
-  %412 = getelementptr inbounds float, ptr %rw, i64 %411
-  %w89 = load float, ptr %412, align 4
-  %413 = insertelement <8 x float> poison, float %w89, i32 0
-  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
-  %415 = mul nsw i64 %411, 3072
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %col90 = mul nsw i64 %p, 16
-  %417 = load <8 x float>, ptr %acc1069, align 4
-  %418 = load <8 x float>, ptr %acc1170, align 4
-  %419 = add nsw i64 %col90, 0
-  %420 = fcmp ogt <8 x float> %417, zeroinitializer
-  %relu91 = select <8 x i1> %420, <8 x float> %417, <8 x float> zeroinitializer
-  %421 = fmul <8 x float> %relu91, %414
-  %422 = getelementptr inbounds float, ptr %416, i64 %419
-  store <8 x float> %421, ptr %422, align 4
-  %423 = add nsw i64 %col90, 8
-  %424 = fcmp ogt <8 x float> %418, zeroinitializer
-  %relu92 = select <8 x i1> %424, <8 x float> %418, <8 x float> zeroinitializer
-  %425 = fmul <8 x float> %relu92, %414
-  %426 = getelementptr inbounds float, ptr %416, i64 %423
-  store <8 x float> %425, ptr %426, align 4
-  %427 = add nsw i64 %r0, 2
-  %428 = getelementptr inbounds float, ptr %rw, i64 %427
-  %w93 = load float, ptr %428, align 4
-  %429 = insertelement <8 x float> poison, float %w93, i32 0
-  %430 = shufflevector <8 x float> %429, <8 x float> poison, <8 x i32> zeroinitializer
-  %431 = mul nsw i64 %427, 3072
-  %432 = getelementptr inbounds float, ptr %h, i64 %431
-  %col94 = mul nsw i64 %p, 16
-  %433 = load <8 x float>, ptr %acc2072, align 4
-  %434 = load <8 x float>, ptr %acc2173, align 4
-  %435 = add nsw i64 %col94, 0
-  %436 = fcmp ogt <8 x float> %433, zeroinitializer
-  %relu95 = select <8 x i1> %436, <8 x float> %433, <8 x float> zeroinitializer
-  %437 = fmul <8 x float> %relu95, %430
-  %438 = getelementptr inbounds float, ptr %432, i64 %435
-  store <8 x float> %437, ptr %438, align 4
-  %439 = add nsw i64 %col94, 8
-  %440 = fcmp ogt <8 x float> %434, zeroinitializer
-  %relu96 = select <8 x i1> %440, <8 x float> %434, <8 x float> zeroinitializer
-  %441 = fmul <8 x float> %relu96, %430
-  %442 = getelementptr inbounds float, ptr %432, i64 %439
-  store <8 x float> %441, ptr %442, align 4
-  %443 = add nsw i64 %r0, 3
-  %444 = getelementptr inbounds float, ptr %rw, i64 %443
-  %w97 = load float, ptr %444, align 4
-  %445 = insertelement <8 x float> poison, float %w97, i32 0
-  %446 = shufflevector <8 x float> %445, <8 x float> poison, <8 x i32> zeroinitializer
-  %447 = mul nsw i64 %443, 3072
-  %448 = getelementptr inbounds float, ptr %h, i64 %447
-  %col98 = mul nsw i64 %p, 16
-  %449 = load <8 x float>, ptr %acc3075, align 4
-  %450 = load <8 x float>, ptr %acc3176, align 4
-  %451 = add nsw i64 %col98, 0
-  %452 = fcmp ogt <8 x float> %449, zeroinitializer
-  %relu99 = select <8 x i1> %452, <8 x float> %449, <8 x float> zeroinitializer
-  %453 = fmul <8 x float> %relu99, %446
-  %454 = getelementptr inbounds float, ptr %448, i64 %451
-  store <8 x float> %453, ptr %454, align 4
-  %455 = add nsw i64 %col98, 8
-  %456 = fcmp ogt <8 x float> %450, zeroinitializer
-  %relu100 = select <8 x i1> %456, <8 x float> %450, <8 x float> zeroinitializer
-  %457 = fmul <8 x float> %relu100, %446
-  %458 = getelementptr inbounds float, ptr %448, i64 %455
-  store <8 x float> %457, ptr %458, align 4
+k.end39:                                          ; preds = %k.head37
+  %446 = add nsw i64 %r0, 0
+  %447 = getelementptr inbounds float, ptr %rw, i64 %446
+  %448 = load float, ptr %447, align 4
+  %449 = insertelement <8 x float> poison, float %448, i32 0
+  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
+  %451 = mul nsw i64 %446, 3072
+  %452 = getelementptr inbounds float, ptr %h, i64 %451
+  %col43 = mul nsw i64 %p, 16
+  %453 = load <8 x float>, ptr %acc0028, align 4
+  %454 = load <8 x float>, ptr %acc0129, align 4
+  %455 = add nsw i64 %col43, 0
+  %456 = fcmp ogt <8 x float> %453, zeroinitializer
+  %457 = select <8 x i1> %456, <8 x float> %453, <8 x float> zeroinitializer
+  %458 = fmul <8 x float> %457, %450
+  %459 = getelementptr inbounds float, ptr %452, i64 %455
+  store <8 x float> %458, ptr %459, align 4
+  %460 = add nsw i64 %col43, 8
+  %461 = fcmp ogt <8 x float> %454, zeroinitializer
+  %462 = select <8 x i1> %461, <8 x float> %454, <8 x float> zeroinitializer
+  %463 = fmul <8 x float> %462, %450
+  %464 = getelementptr inbounds float, ptr %452, i64 %460
+  store <8 x float> %463, ptr %464, align 4
+  %465 = add nsw i64 %r0, 1
+  %466 = getelementptr inbounds float, ptr %rw, i64 %465
+  %467 = load float, ptr %466, align 4
+  %468 = insertelement <8 x float> poison, float %467, i32 0
+  %469 = shufflevector <8 x float> %468, <8 x float> poison, <8 x i32> zeroinitializer
+  %470 = mul nsw i64 %465, 3072
+  %471 = getelementptr inbounds float, ptr %h, i64 %470
+  %col44 = mul nsw i64 %p, 16
+  %472 = load <8 x float>, ptr %acc1030, align 4
+  %473 = load <8 x float>, ptr %acc1131, align 4
+  %474 = add nsw i64 %col44, 0
+  %475 = fcmp ogt <8 x float> %472, zeroinitializer
+  %476 = select <8 x i1> %475, <8 x float> %472, <8 x float> zeroinitializer
+  %477 = fmul <8 x float> %476, %469
+  %478 = getelementptr inbounds float, ptr %471, i64 %474
+  store <8 x float> %477, ptr %478, align 4
+  %479 = add nsw i64 %col44, 8
+  %480 = fcmp ogt <8 x float> %473, zeroinitializer
+  %481 = select <8 x i1> %480, <8 x float> %473, <8 x float> zeroinitializer
+  %482 = fmul <8 x float> %481, %469
+  %483 = getelementptr inbounds float, ptr %471, i64 %479
+  store <8 x float> %482, ptr %483, align 4
+  %484 = add nsw i64 %r0, 2
+  %485 = getelementptr inbounds float, ptr %rw, i64 %484
+  %486 = load float, ptr %485, align 4
+  %487 = insertelement <8 x float> poison, float %486, i32 0
+  %488 = shufflevector <8 x float> %487, <8 x float> poison, <8 x i32> zeroinitializer
+  %489 = mul nsw i64 %484, 3072
+  %490 = getelementptr inbounds float, ptr %h, i64 %489
+  %col45 = mul nsw i64 %p, 16
+  %491 = load <8 x float>, ptr %acc2032, align 4
+  %492 = load <8 x float>, ptr %acc2133, align 4
+  %493 = add nsw i64 %col45, 0
+  %494 = fcmp ogt <8 x float> %491, zeroinitializer
+  %495 = select <8 x i1> %494, <8 x float> %491, <8 x float> zeroinitializer
+  %496 = fmul <8 x float> %495, %488
+  %497 = getelementptr inbounds float, ptr %490, i64 %493
+  store <8 x float> %496, ptr %497, align 4
+  %498 = add nsw i64 %col45, 8
+  %499 = fcmp ogt <8 x float> %492, zeroinitializer
+  %500 = select <8 x i1> %499, <8 x float> %492, <8 x float> zeroinitializer
+  %501 = fmul <8 x float> %500, %488
+  %502 = getelementptr inbounds float, ptr %490, i64 %498
+  store <8 x float> %501, ptr %502, align 4
+  %503 = add nsw i64 %r0, 3
+  %504 = getelementptr inbounds float, ptr %rw, i64 %503
+  %505 = load float, ptr %504, align 4
+  %506 = insertelement <8 x float> poison, float %505, i32 0
+  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
+  %508 = mul nsw i64 %503, 3072
+  %509 = getelementptr inbounds float, ptr %h, i64 %508
+  %col46 = mul nsw i64 %p, 16
+  %510 = load <8 x float>, ptr %acc3034, align 4
+  %511 = load <8 x float>, ptr %acc3135, align 4
+  %512 = add nsw i64 %col46, 0
+  %513 = fcmp ogt <8 x float> %510, zeroinitializer
+  %514 = select <8 x i1> %513, <8 x float> %510, <8 x float> zeroinitializer
+  %515 = fmul <8 x float> %514, %507
+  %516 = getelementptr inbounds float, ptr %509, i64 %512
+  store <8 x float> %515, ptr %516, align 4
+  %517 = add nsw i64 %col46, 8
+  %518 = fcmp ogt <8 x float> %511, zeroinitializer
+  %519 = select <8 x i1> %518, <8 x float> %511, <8 x float> zeroinitializer
+  %520 = fmul <8 x float> %519, %507
+  %521 = getelementptr inbounds float, ptr %509, i64 %517
+  store <8 x float> %520, ptr %521, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %459 = add nsw i64 %r0, 0
-  %460 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %461 = load i32, ptr %460, align 4
-  %462 = sext i32 %461 to i64
-  %463 = mul nsw i64 %462, 768
-  %a0101 = getelementptr inbounds float, ptr %x, i64 %463
-  store <8 x float> zeroinitializer, ptr %acc00102, align 4
-  store <8 x float> zeroinitializer, ptr %acc01103, align 4
-  %464 = add nsw i64 %r0, 1
-  %465 = getelementptr inbounds i32, ptr %rows, i64 %464
-  %466 = load i32, ptr %465, align 4
-  %467 = sext i32 %466 to i64
-  %468 = mul nsw i64 %467, 768
-  %a1104 = getelementptr inbounds float, ptr %x, i64 %468
-  store <8 x float> zeroinitializer, ptr %acc10105, align 4
-  store <8 x float> zeroinitializer, ptr %acc11106, align 4
-  %469 = add nsw i64 %r0, 2
-  %470 = getelementptr inbounds i32, ptr %rows, i64 %469
-  %471 = load i32, ptr %470, align 4
-  %472 = sext i32 %471 to i64
-  %473 = mul nsw i64 %472, 768
-  %a2107 = getelementptr inbounds float, ptr %x, i64 %473
-  store <8 x float> zeroinitializer, ptr %acc20108, align 4
-  store <8 x float> zeroinitializer, ptr %acc21109, align 4
-  %panel.off110 = mul nsw i64 %p, 12288
-  br label %k.head111
+  %522 = add nsw i64 %r0, 0
+  %523 = getelementptr inbounds i32, ptr %rows, i64 %522
+  %524 = load i32, ptr %523, align 4
+  %525 = sext i32 %524 to i64
+  %526 = mul nsw i64 %525, 768
+  %527 = getelementptr inbounds float, ptr %x, i64 %526
+  store <8 x float> zeroinitializer, ptr %acc0047, align 4
+  store <8 x float> zeroinitializer, ptr %acc0148, align 4
+  %528 = add nsw i64 %r0, 1
+  %529 = getelementptr inbounds i32, ptr %rows, i64 %528
+  %530 = load i32, ptr %529, align 4
+  %531 = sext i32 %530 to i64
+  %532 = mul nsw i64 %531, 768
+  %533 = getelementptr inbounds float, ptr %x, i64 %532
+  store <8 x float> zeroinitializer, ptr %acc1049, align 4
+  store <8 x float> zeroinitializer, ptr %acc1150, align 4
+  %534 = add nsw i64 %r0, 2
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %534
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 768
+  %539 = getelementptr inbounds float, ptr %x, i64 %538
+  store <8 x float> zeroinitializer, ptr %acc2051, align 4
+  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %panel.off53 = mul nsw i64 %p, 12288
+  br label %k.head54
 
-k.head111:                                        ; preds = %k.body112, %tile.mr3
-  %k114 = phi i64 [ 0, %tile.mr3 ], [ %504, %k.body112 ]
-  %474 = icmp slt i64 %k114, 768
-  br i1 %474, label %k.body112, label %k.end113
+k.head54:                                         ; preds = %k.body55, %tile.mr3
+  %k57 = phi i64 [ 0, %tile.mr3 ], [ %571, %k.body55 ]
+  %540 = icmp slt i64 %k57, 768
+  br i1 %540, label %k.body55, label %k.end56
 
-k.body112:                                        ; preds = %k.head111
-  %475 = mul nsw i64 %k114, 16
-  %476 = add nsw i64 %panel.off110, %475
-  %477 = getelementptr inbounds i16, ptr %panels, i64 %476
-  %bw115 = load <8 x i32>, ptr %477, align 4
-  %478 = shl <8 x i32> %bw115, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0116 = bitcast <8 x i32> %478 to <8 x float>
-  %479 = and <8 x i32> %bw115, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1117 = bitcast <8 x i32> %479 to <8 x float>
-  %480 = getelementptr inbounds float, ptr %a0101, i64 %k114
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc00102, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %b0116, <8 x float> %484)
-  store <8 x float> %485, ptr %acc00102, align 4
-  %486 = load <8 x float>, ptr %acc01103, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %b1117, <8 x float> %486)
-  store <8 x float> %487, ptr %acc01103, align 4
-  %488 = getelementptr inbounds float, ptr %a1104, i64 %k114
-  %489 = load float, ptr %488, align 4
-  %490 = insertelement <8 x float> poison, float %489, i32 0
-  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
-  %492 = load <8 x float>, ptr %acc10105, align 4
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b0116, <8 x float> %492)
-  store <8 x float> %493, ptr %acc10105, align 4
-  %494 = load <8 x float>, ptr %acc11106, align 4
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b1117, <8 x float> %494)
-  store <8 x float> %495, ptr %acc11106, align 4
-  %496 = getelementptr inbounds float, ptr %a2107, i64 %k114
-  %497 = load float, ptr %496, align 4
-  %498 = insertelement <8 x float> poison, float %497, i32 0
-  %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
-  %500 = load <8 x float>, ptr %acc20108, align 4
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b0116, <8 x float> %500)
-  store <8 x float> %501, ptr %acc20108, align 4
-  %502 = load <8 x float>, ptr %acc21109, align 4
-  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b1117, <8 x float> %502)
-  store <8 x float> %503, ptr %acc21109, align 4
-  %504 = add nsw i64 %k114, 1
-  br label %k.head111
+k.body55:                                         ; preds = %k.head54
+  %541 = mul nsw i64 %k57, 16
+  %542 = add nsw i64 %panel.off53, %541
+  %543 = getelementptr inbounds i16, ptr %panels, i64 %542
+  %544 = load <8 x i32>, ptr %543, align 4
+  %545 = shl <8 x i32> %544, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b058 = bitcast <8 x i32> %545 to <8 x float>
+  %546 = and <8 x i32> %544, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b159 = bitcast <8 x i32> %546 to <8 x float>
+  %547 = getelementptr inbounds float, ptr %527, i64 %k57
+  %548 = load float, ptr %547, align 4
+  %549 = insertelement <8 x float> poison, float %548, i32 0
+  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
+  %551 = load <8 x float>, ptr %acc0047, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b058, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0047, align 4
+  %553 = load <8 x float>, ptr %acc0148, align 4
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b159, <8 x float> %553)
+  store <8 x float> %554, ptr %acc0148, align 4
+  %555 = getelementptr inbounds float, ptr %533, i64 %k57
+  %556 = load float, ptr %555, align 4
+  %557 = insertelement <8 x float> poison, float %556, i32 0
+  %558 = shufflevector <8 x float> %557, <8 x float> poison, <8 x i32> zeroinitializer
+  %559 = load <8 x float>, ptr %acc1049, align 4
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %b058, <8 x float> %559)
+  store <8 x float> %560, ptr %acc1049, align 4
+  %561 = load <8 x float>, ptr %acc1150, align 4
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %b159, <8 x float> %561)
+  store <8 x float> %562, ptr %acc1150, align 4
+  %563 = getelementptr inbounds float, ptr %539, i64 %k57
+  %564 = load float, ptr %563, align 4
+  %565 = insertelement <8 x float> poison, float %564, i32 0
+  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
+  %567 = load <8 x float>, ptr %acc2051, align 4
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b058, <8 x float> %567)
+  store <8 x float> %568, ptr %acc2051, align 4
+  %569 = load <8 x float>, ptr %acc2152, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b159, <8 x float> %569)
+  store <8 x float> %570, ptr %acc2152, align 4
+  %571 = add nsw i64 %k57, 1
+  br label %k.head54
 
-k.end113:                                         ; preds = %k.head111
-  %505 = add nsw i64 %r0, 0
-  %506 = getelementptr inbounds float, ptr %rw, i64 %505
-  %w118 = load float, ptr %506, align 4
-  %507 = insertelement <8 x float> poison, float %w118, i32 0
-  %508 = shufflevector <8 x float> %507, <8 x float> poison, <8 x i32> zeroinitializer
-  %509 = mul nsw i64 %505, 3072
-  %510 = getelementptr inbounds float, ptr %h, i64 %509
-  %col119 = mul nsw i64 %p, 16
-  %511 = load <8 x float>, ptr %acc00102, align 4
-  %512 = load <8 x float>, ptr %acc01103, align 4
-  %513 = add nsw i64 %col119, 0
-  %514 = fcmp ogt <8 x float> %511, zeroinitializer
-  %relu120 = select <8 x i1> %514, <8 x float> %511, <8 x float> zeroinitializer
-  %515 = fmul <8 x float> %relu120, %508
-  %516 = getelementptr inbounds float, ptr %510, i64 %513
-  store <8 x float> %515, ptr %516, align 4
-  %517 = add nsw i64 %col119, 8
-  %518 = fcmp ogt <8 x float> %512, zeroinitializer
-  %relu121 = select <8 x i1> %518, <8 x float> %512, <8 x float> zeroinitializer
-  %519 = fmul <8 x float> %relu121, %508
-  %520 = getelementptr inbounds float, ptr %510, i64 %517
-  store <8 x float> %519, ptr %520, align 4
-  %521 = add nsw i64 %r0, 1
-  %522 = getelementptr inbounds float, ptr %rw, i64 %521
-  %w122 = load float, ptr %522, align 4
-  %523 = insertelement <8 x float> poison, float %w122, i32 0
-  %524 = shufflevector <8 x float> %523, <8 x float> poison, <8 x i32> zeroinitializer
-  %525 = mul nsw i64 %521, 3072
-  %526 = getelementptr inbounds float, ptr %h, i64 %525
-  %col123 = mul nsw i64 %p, 16
-  %527 = load <8 x float>, ptr %acc10105, align 4
-  %528 = load <8 x float>, ptr %acc11106, align 4
-  %529 = add nsw i64 %col123, 0
-  %530 = fcmp ogt <8 x float> %527, zeroinitializer
-  %relu124 = select <8 x i1> %530, <8 x float> %527, <8 x float> zeroinitializer
-  %531 = fmul <8 x float> %relu124, %524
-  %532 = getelementptr inbounds float, ptr %526, i64 %529
-  store <8 x float> %531, ptr %532, align 4
-  %533 = add nsw i64 %col123, 8
-  %534 = fcmp ogt <8 x float> %528, zeroinitializer
-  %relu125 = select <8 x i1> %534, <8 x float> %528, <8 x float> zeroinitializer
-  %535 = fmul <8 x float> %relu125, %524
-  %536 = getelementptr inbounds float, ptr %526, i64 %533
-  store <8 x float> %535, ptr %536, align 4
-  %537 = add nsw i64 %r0, 2
-  %538 = getelementptr inbounds float, ptr %rw, i64 %537
-  %w126 = load float, ptr %538, align 4
-  %539 = insertelement <8 x float> poison, float %w126, i32 0
-  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
-  %541 = mul nsw i64 %537, 3072
-  %542 = getelementptr inbounds float, ptr %h, i64 %541
-  %col127 = mul nsw i64 %p, 16
-  %543 = load <8 x float>, ptr %acc20108, align 4
-  %544 = load <8 x float>, ptr %acc21109, align 4
-  %545 = add nsw i64 %col127, 0
-  %546 = fcmp ogt <8 x float> %543, zeroinitializer
-  %relu128 = select <8 x i1> %546, <8 x float> %543, <8 x float> zeroinitializer
-  %547 = fmul <8 x float> %relu128, %540
-  %548 = getelementptr inbounds float, ptr %542, i64 %545
-  store <8 x float> %547, ptr %548, align 4
-  %549 = add nsw i64 %col127, 8
-  %550 = fcmp ogt <8 x float> %544, zeroinitializer
-  %relu129 = select <8 x i1> %550, <8 x float> %544, <8 x float> zeroinitializer
-  %551 = fmul <8 x float> %relu129, %540
-  %552 = getelementptr inbounds float, ptr %542, i64 %549
-  store <8 x float> %551, ptr %552, align 4
+k.end56:                                          ; preds = %k.head54
+  %572 = add nsw i64 %r0, 0
+  %573 = getelementptr inbounds float, ptr %rw, i64 %572
+  %574 = load float, ptr %573, align 4
+  %575 = insertelement <8 x float> poison, float %574, i32 0
+  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
+  %577 = mul nsw i64 %572, 3072
+  %578 = getelementptr inbounds float, ptr %h, i64 %577
+  %col60 = mul nsw i64 %p, 16
+  %579 = load <8 x float>, ptr %acc0047, align 4
+  %580 = load <8 x float>, ptr %acc0148, align 4
+  %581 = add nsw i64 %col60, 0
+  %582 = fcmp ogt <8 x float> %579, zeroinitializer
+  %583 = select <8 x i1> %582, <8 x float> %579, <8 x float> zeroinitializer
+  %584 = fmul <8 x float> %583, %576
+  %585 = getelementptr inbounds float, ptr %578, i64 %581
+  store <8 x float> %584, ptr %585, align 4
+  %586 = add nsw i64 %col60, 8
+  %587 = fcmp ogt <8 x float> %580, zeroinitializer
+  %588 = select <8 x i1> %587, <8 x float> %580, <8 x float> zeroinitializer
+  %589 = fmul <8 x float> %588, %576
+  %590 = getelementptr inbounds float, ptr %578, i64 %586
+  store <8 x float> %589, ptr %590, align 4
+  %591 = add nsw i64 %r0, 1
+  %592 = getelementptr inbounds float, ptr %rw, i64 %591
+  %593 = load float, ptr %592, align 4
+  %594 = insertelement <8 x float> poison, float %593, i32 0
+  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
+  %596 = mul nsw i64 %591, 3072
+  %597 = getelementptr inbounds float, ptr %h, i64 %596
+  %col61 = mul nsw i64 %p, 16
+  %598 = load <8 x float>, ptr %acc1049, align 4
+  %599 = load <8 x float>, ptr %acc1150, align 4
+  %600 = add nsw i64 %col61, 0
+  %601 = fcmp ogt <8 x float> %598, zeroinitializer
+  %602 = select <8 x i1> %601, <8 x float> %598, <8 x float> zeroinitializer
+  %603 = fmul <8 x float> %602, %595
+  %604 = getelementptr inbounds float, ptr %597, i64 %600
+  store <8 x float> %603, ptr %604, align 4
+  %605 = add nsw i64 %col61, 8
+  %606 = fcmp ogt <8 x float> %599, zeroinitializer
+  %607 = select <8 x i1> %606, <8 x float> %599, <8 x float> zeroinitializer
+  %608 = fmul <8 x float> %607, %595
+  %609 = getelementptr inbounds float, ptr %597, i64 %605
+  store <8 x float> %608, ptr %609, align 4
+  %610 = add nsw i64 %r0, 2
+  %611 = getelementptr inbounds float, ptr %rw, i64 %610
+  %612 = load float, ptr %611, align 4
+  %613 = insertelement <8 x float> poison, float %612, i32 0
+  %614 = shufflevector <8 x float> %613, <8 x float> poison, <8 x i32> zeroinitializer
+  %615 = mul nsw i64 %610, 3072
+  %616 = getelementptr inbounds float, ptr %h, i64 %615
+  %col62 = mul nsw i64 %p, 16
+  %617 = load <8 x float>, ptr %acc2051, align 4
+  %618 = load <8 x float>, ptr %acc2152, align 4
+  %619 = add nsw i64 %col62, 0
+  %620 = fcmp ogt <8 x float> %617, zeroinitializer
+  %621 = select <8 x i1> %620, <8 x float> %617, <8 x float> zeroinitializer
+  %622 = fmul <8 x float> %621, %614
+  %623 = getelementptr inbounds float, ptr %616, i64 %619
+  store <8 x float> %622, ptr %623, align 4
+  %624 = add nsw i64 %col62, 8
+  %625 = fcmp ogt <8 x float> %618, zeroinitializer
+  %626 = select <8 x i1> %625, <8 x float> %618, <8 x float> zeroinitializer
+  %627 = fmul <8 x float> %626, %614
+  %628 = getelementptr inbounds float, ptr %616, i64 %624
+  store <8 x float> %627, ptr %628, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %553 = add nsw i64 %r0, 0
-  %554 = getelementptr inbounds i32, ptr %rows, i64 %553
-  %555 = load i32, ptr %554, align 4
-  %556 = sext i32 %555 to i64
-  %557 = mul nsw i64 %556, 768
-  %a0130 = getelementptr inbounds float, ptr %x, i64 %557
-  store <8 x float> zeroinitializer, ptr %acc00131, align 4
-  store <8 x float> zeroinitializer, ptr %acc01132, align 4
-  %558 = add nsw i64 %r0, 1
-  %559 = getelementptr inbounds i32, ptr %rows, i64 %558
-  %560 = load i32, ptr %559, align 4
-  %561 = sext i32 %560 to i64
-  %562 = mul nsw i64 %561, 768
-  %a1133 = getelementptr inbounds float, ptr %x, i64 %562
-  store <8 x float> zeroinitializer, ptr %acc10134, align 4
-  store <8 x float> zeroinitializer, ptr %acc11135, align 4
-  %panel.off136 = mul nsw i64 %p, 12288
-  br label %k.head137
+  %629 = add nsw i64 %r0, 0
+  %630 = getelementptr inbounds i32, ptr %rows, i64 %629
+  %631 = load i32, ptr %630, align 4
+  %632 = sext i32 %631 to i64
+  %633 = mul nsw i64 %632, 768
+  %634 = getelementptr inbounds float, ptr %x, i64 %633
+  store <8 x float> zeroinitializer, ptr %acc0063, align 4
+  store <8 x float> zeroinitializer, ptr %acc0164, align 4
+  %635 = add nsw i64 %r0, 1
+  %636 = getelementptr inbounds i32, ptr %rows, i64 %635
+  %637 = load i32, ptr %636, align 4
+  %638 = sext i32 %637 to i64
+  %639 = mul nsw i64 %638, 768
+  %640 = getelementptr inbounds float, ptr %x, i64 %639
+  store <8 x float> zeroinitializer, ptr %acc1065, align 4
+  store <8 x float> zeroinitializer, ptr %acc1166, align 4
+  %panel.off67 = mul nsw i64 %p, 12288
+  br label %k.head68
 
-k.head137:                                        ; preds = %k.body138, %tile.mr2
-  %k140 = phi i64 [ 0, %tile.mr2 ], [ %585, %k.body138 ]
-  %563 = icmp slt i64 %k140, 768
-  br i1 %563, label %k.body138, label %k.end139
+k.head68:                                         ; preds = %k.body69, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %664, %k.body69 ]
+  %641 = icmp slt i64 %k71, 768
+  br i1 %641, label %k.body69, label %k.end70
 
-k.body138:                                        ; preds = %k.head137
-  %564 = mul nsw i64 %k140, 16
-  %565 = add nsw i64 %panel.off136, %564
-  %566 = getelementptr inbounds i16, ptr %panels, i64 %565
-  %bw141 = load <8 x i32>, ptr %566, align 4
-  %567 = shl <8 x i32> %bw141, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0142 = bitcast <8 x i32> %567 to <8 x float>
-  %568 = and <8 x i32> %bw141, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1143 = bitcast <8 x i32> %568 to <8 x float>
-  %569 = getelementptr inbounds float, ptr %a0130, i64 %k140
-  %570 = load float, ptr %569, align 4
-  %571 = insertelement <8 x float> poison, float %570, i32 0
-  %572 = shufflevector <8 x float> %571, <8 x float> poison, <8 x i32> zeroinitializer
-  %573 = load <8 x float>, ptr %acc00131, align 4
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %b0142, <8 x float> %573)
-  store <8 x float> %574, ptr %acc00131, align 4
-  %575 = load <8 x float>, ptr %acc01132, align 4
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %b1143, <8 x float> %575)
-  store <8 x float> %576, ptr %acc01132, align 4
-  %577 = getelementptr inbounds float, ptr %a1133, i64 %k140
-  %578 = load float, ptr %577, align 4
-  %579 = insertelement <8 x float> poison, float %578, i32 0
-  %580 = shufflevector <8 x float> %579, <8 x float> poison, <8 x i32> zeroinitializer
-  %581 = load <8 x float>, ptr %acc10134, align 4
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b0142, <8 x float> %581)
-  store <8 x float> %582, ptr %acc10134, align 4
-  %583 = load <8 x float>, ptr %acc11135, align 4
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b1143, <8 x float> %583)
-  store <8 x float> %584, ptr %acc11135, align 4
-  %585 = add nsw i64 %k140, 1
-  br label %k.head137
+k.body69:                                         ; preds = %k.head68
+  %642 = mul nsw i64 %k71, 16
+  %643 = add nsw i64 %panel.off67, %642
+  %644 = getelementptr inbounds i16, ptr %panels, i64 %643
+  %645 = load <8 x i32>, ptr %644, align 4
+  %646 = shl <8 x i32> %645, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %646 to <8 x float>
+  %647 = and <8 x i32> %645, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %647 to <8 x float>
+  %648 = getelementptr inbounds float, ptr %634, i64 %k71
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc0063, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b072, <8 x float> %652)
+  store <8 x float> %653, ptr %acc0063, align 4
+  %654 = load <8 x float>, ptr %acc0164, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b173, <8 x float> %654)
+  store <8 x float> %655, ptr %acc0164, align 4
+  %656 = getelementptr inbounds float, ptr %640, i64 %k71
+  %657 = load float, ptr %656, align 4
+  %658 = insertelement <8 x float> poison, float %657, i32 0
+  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
+  %660 = load <8 x float>, ptr %acc1065, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b072, <8 x float> %660)
+  store <8 x float> %661, ptr %acc1065, align 4
+  %662 = load <8 x float>, ptr %acc1166, align 4
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b173, <8 x float> %662)
+  store <8 x float> %663, ptr %acc1166, align 4
+  %664 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end139:                                         ; preds = %k.head137
-  %586 = add nsw i64 %r0, 0
-  %587 = getelementptr inbounds float, ptr %rw, i64 %586
-  %w144 = load float, ptr %587, align 4
-  %588 = insertelement <8 x float> poison, float %w144, i32 0
-  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
-  %590 = mul nsw i64 %586, 3072
-  %591 = getelementptr inbounds float, ptr %h, i64 %590
-  %col145 = mul nsw i64 %p, 16
-  %592 = load <8 x float>, ptr %acc00131, align 4
-  %593 = load <8 x float>, ptr %acc01132, align 4
-  %594 = add nsw i64 %col145, 0
-  %595 = fcmp ogt <8 x float> %592, zeroinitializer
-  %relu146 = select <8 x i1> %595, <8 x float> %592, <8 x float> zeroinitializer
-  %596 = fmul <8 x float> %relu146, %589
-  %597 = getelementptr inbounds float, ptr %591, i64 %594
-  store <8 x float> %596, ptr %597, align 4
-  %598 = add nsw i64 %col145, 8
-  %599 = fcmp ogt <8 x float> %593, zeroinitializer
-  %relu147 = select <8 x i1> %599, <8 x float> %593, <8 x float> zeroinitializer
-  %600 = fmul <8 x float> %relu147, %589
-  %601 = getelementptr inbounds float, ptr %591, i64 %598
-  store <8 x float> %600, ptr %601, align 4
-  %602 = add nsw i64 %r0, 1
-  %603 = getelementptr inbounds float, ptr %rw, i64 %602
-  %w148 = load float, ptr %603, align 4
-  %604 = insertelement <8 x float> poison, float %w148, i32 0
-  %605 = shufflevector <8 x float> %604, <8 x float> poison, <8 x i32> zeroinitializer
-  %606 = mul nsw i64 %602, 3072
-  %607 = getelementptr inbounds float, ptr %h, i64 %606
-  %col149 = mul nsw i64 %p, 16
-  %608 = load <8 x float>, ptr %acc10134, align 4
-  %609 = load <8 x float>, ptr %acc11135, align 4
-  %610 = add nsw i64 %col149, 0
-  %611 = fcmp ogt <8 x float> %608, zeroinitializer
-  %relu150 = select <8 x i1> %611, <8 x float> %608, <8 x float> zeroinitializer
-  %612 = fmul <8 x float> %relu150, %605
-  %613 = getelementptr inbounds float, ptr %607, i64 %610
-  store <8 x float> %612, ptr %613, align 4
-  %614 = add nsw i64 %col149, 8
-  %615 = fcmp ogt <8 x float> %609, zeroinitializer
-  %relu151 = select <8 x i1> %615, <8 x float> %609, <8 x float> zeroinitializer
-  %616 = fmul <8 x float> %relu151, %605
-  %617 = getelementptr inbounds float, ptr %607, i64 %614
-  store <8 x float> %616, ptr %617, align 4
+k.end70:                                          ; preds = %k.head68
+  %665 = add nsw i64 %r0, 0
+  %666 = getelementptr inbounds float, ptr %rw, i64 %665
+  %667 = load float, ptr %666, align 4
+  %668 = insertelement <8 x float> poison, float %667, i32 0
+  %669 = shufflevector <8 x float> %668, <8 x float> poison, <8 x i32> zeroinitializer
+  %670 = mul nsw i64 %665, 3072
+  %671 = getelementptr inbounds float, ptr %h, i64 %670
+  %col74 = mul nsw i64 %p, 16
+  %672 = load <8 x float>, ptr %acc0063, align 4
+  %673 = load <8 x float>, ptr %acc0164, align 4
+  %674 = add nsw i64 %col74, 0
+  %675 = fcmp ogt <8 x float> %672, zeroinitializer
+  %676 = select <8 x i1> %675, <8 x float> %672, <8 x float> zeroinitializer
+  %677 = fmul <8 x float> %676, %669
+  %678 = getelementptr inbounds float, ptr %671, i64 %674
+  store <8 x float> %677, ptr %678, align 4
+  %679 = add nsw i64 %col74, 8
+  %680 = fcmp ogt <8 x float> %673, zeroinitializer
+  %681 = select <8 x i1> %680, <8 x float> %673, <8 x float> zeroinitializer
+  %682 = fmul <8 x float> %681, %669
+  %683 = getelementptr inbounds float, ptr %671, i64 %679
+  store <8 x float> %682, ptr %683, align 4
+  %684 = add nsw i64 %r0, 1
+  %685 = getelementptr inbounds float, ptr %rw, i64 %684
+  %686 = load float, ptr %685, align 4
+  %687 = insertelement <8 x float> poison, float %686, i32 0
+  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
+  %689 = mul nsw i64 %684, 3072
+  %690 = getelementptr inbounds float, ptr %h, i64 %689
+  %col75 = mul nsw i64 %p, 16
+  %691 = load <8 x float>, ptr %acc1065, align 4
+  %692 = load <8 x float>, ptr %acc1166, align 4
+  %693 = add nsw i64 %col75, 0
+  %694 = fcmp ogt <8 x float> %691, zeroinitializer
+  %695 = select <8 x i1> %694, <8 x float> %691, <8 x float> zeroinitializer
+  %696 = fmul <8 x float> %695, %688
+  %697 = getelementptr inbounds float, ptr %690, i64 %693
+  store <8 x float> %696, ptr %697, align 4
+  %698 = add nsw i64 %col75, 8
+  %699 = fcmp ogt <8 x float> %692, zeroinitializer
+  %700 = select <8 x i1> %699, <8 x float> %692, <8 x float> zeroinitializer
+  %701 = fmul <8 x float> %700, %688
+  %702 = getelementptr inbounds float, ptr %690, i64 %698
+  store <8 x float> %701, ptr %702, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %618 = add nsw i64 %r0, 0
-  %619 = getelementptr inbounds i32, ptr %rows, i64 %618
-  %620 = load i32, ptr %619, align 4
-  %621 = sext i32 %620 to i64
-  %622 = mul nsw i64 %621, 768
-  %a0152 = getelementptr inbounds float, ptr %x, i64 %622
-  store <8 x float> zeroinitializer, ptr %acc00153, align 4
-  store <8 x float> zeroinitializer, ptr %acc01154, align 4
-  %panel.off155 = mul nsw i64 %p, 12288
-  br label %k.head156
+  %703 = add nsw i64 %r0, 0
+  %704 = getelementptr inbounds i32, ptr %rows, i64 %703
+  %705 = load i32, ptr %704, align 4
+  %706 = sext i32 %705 to i64
+  %707 = mul nsw i64 %706, 768
+  %708 = getelementptr inbounds float, ptr %x, i64 %707
+  store <8 x float> zeroinitializer, ptr %acc0076, align 4
+  store <8 x float> zeroinitializer, ptr %acc0177, align 4
+  %panel.off78 = mul nsw i64 %p, 12288
+  br label %k.head79
 
-k.head156:                                        ; preds = %k.body157, %tile.mr1
-  %k159 = phi i64 [ 0, %tile.mr1 ], [ %637, %k.body157 ]
-  %623 = icmp slt i64 %k159, 768
-  br i1 %623, label %k.body157, label %k.end158
+k.head79:                                         ; preds = %k.body80, %tile.mr1
+  %k82 = phi i64 [ 0, %tile.mr1 ], [ %724, %k.body80 ]
+  %709 = icmp slt i64 %k82, 768
+  br i1 %709, label %k.body80, label %k.end81
 
-k.body157:                                        ; preds = %k.head156
-  %624 = mul nsw i64 %k159, 16
-  %625 = add nsw i64 %panel.off155, %624
-  %626 = getelementptr inbounds i16, ptr %panels, i64 %625
-  %bw160 = load <8 x i32>, ptr %626, align 4
-  %627 = shl <8 x i32> %bw160, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %627 to <8 x float>
-  %628 = and <8 x i32> %bw160, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %628 to <8 x float>
-  %629 = getelementptr inbounds float, ptr %a0152, i64 %k159
-  %630 = load float, ptr %629, align 4
-  %631 = insertelement <8 x float> poison, float %630, i32 0
-  %632 = shufflevector <8 x float> %631, <8 x float> poison, <8 x i32> zeroinitializer
-  %633 = load <8 x float>, ptr %acc00153, align 4
-  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %b0161, <8 x float> %633)
-  store <8 x float> %634, ptr %acc00153, align 4
-  %635 = load <8 x float>, ptr %acc01154, align 4
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %b1162, <8 x float> %635)
-  store <8 x float> %636, ptr %acc01154, align 4
-  %637 = add nsw i64 %k159, 1
-  br label %k.head156
+k.body80:                                         ; preds = %k.head79
+  %710 = mul nsw i64 %k82, 16
+  %711 = add nsw i64 %panel.off78, %710
+  %712 = getelementptr inbounds i16, ptr %panels, i64 %711
+  %713 = load <8 x i32>, ptr %712, align 4
+  %714 = shl <8 x i32> %713, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b083 = bitcast <8 x i32> %714 to <8 x float>
+  %715 = and <8 x i32> %713, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b184 = bitcast <8 x i32> %715 to <8 x float>
+  %716 = getelementptr inbounds float, ptr %708, i64 %k82
+  %717 = load float, ptr %716, align 4
+  %718 = insertelement <8 x float> poison, float %717, i32 0
+  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
+  %720 = load <8 x float>, ptr %acc0076, align 4
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b083, <8 x float> %720)
+  store <8 x float> %721, ptr %acc0076, align 4
+  %722 = load <8 x float>, ptr %acc0177, align 4
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b184, <8 x float> %722)
+  store <8 x float> %723, ptr %acc0177, align 4
+  %724 = add nsw i64 %k82, 1
+  br label %k.head79
 
-k.end158:                                         ; preds = %k.head156
-  %638 = add nsw i64 %r0, 0
-  %639 = getelementptr inbounds float, ptr %rw, i64 %638
-  %w163 = load float, ptr %639, align 4
-  %640 = insertelement <8 x float> poison, float %w163, i32 0
-  %641 = shufflevector <8 x float> %640, <8 x float> poison, <8 x i32> zeroinitializer
-  %642 = mul nsw i64 %638, 3072
-  %643 = getelementptr inbounds float, ptr %h, i64 %642
-  %col164 = mul nsw i64 %p, 16
-  %644 = load <8 x float>, ptr %acc00153, align 4
-  %645 = load <8 x float>, ptr %acc01154, align 4
-  %646 = add nsw i64 %col164, 0
-  %647 = fcmp ogt <8 x float> %644, zeroinitializer
-  %relu165 = select <8 x i1> %647, <8 x float> %644, <8 x float> zeroinitializer
-  %648 = fmul <8 x float> %relu165, %641
-  %649 = getelementptr inbounds float, ptr %643, i64 %646
-  store <8 x float> %648, ptr %649, align 4
-  %650 = add nsw i64 %col164, 8
-  %651 = fcmp ogt <8 x float> %645, zeroinitializer
-  %relu166 = select <8 x i1> %651, <8 x float> %645, <8 x float> zeroinitializer
-  %652 = fmul <8 x float> %relu166, %641
-  %653 = getelementptr inbounds float, ptr %643, i64 %650
-  store <8 x float> %652, ptr %653, align 4
+k.end81:                                          ; preds = %k.head79
+  %725 = add nsw i64 %r0, 0
+  %726 = getelementptr inbounds float, ptr %rw, i64 %725
+  %727 = load float, ptr %726, align 4
+  %728 = insertelement <8 x float> poison, float %727, i32 0
+  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
+  %730 = mul nsw i64 %725, 3072
+  %731 = getelementptr inbounds float, ptr %h, i64 %730
+  %col85 = mul nsw i64 %p, 16
+  %732 = load <8 x float>, ptr %acc0076, align 4
+  %733 = load <8 x float>, ptr %acc0177, align 4
+  %734 = add nsw i64 %col85, 0
+  %735 = fcmp ogt <8 x float> %732, zeroinitializer
+  %736 = select <8 x i1> %735, <8 x float> %732, <8 x float> zeroinitializer
+  %737 = fmul <8 x float> %736, %729
+  %738 = getelementptr inbounds float, ptr %731, i64 %734
+  store <8 x float> %737, ptr %738, align 4
+  %739 = add nsw i64 %col85, 8
+  %740 = fcmp ogt <8 x float> %733, zeroinitializer
+  %741 = select <8 x i1> %740, <8 x float> %733, <8 x float> zeroinitializer
+  %742 = fmul <8 x float> %741, %729
+  %743 = getelementptr inbounds float, ptr %731, i64 %739
+  store <8 x float> %742, ptr %743, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end158, %k.end139, %k.end113, %k.end80, %k.end40, %k.end
-  %654 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end81, %k.end70, %k.end56, %k.end39, %k.end19, %k.end
+  %744 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %655 = add nsw i64 %p, 1
+  %745 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -1418,36 +1440,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1043 = alloca <8 x float>, align 32
-  %acc1145 = alloca <8 x float>, align 32
-  %acc2048 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1072 = alloca <8 x float>, align 32
-  %acc1174 = alloca <8 x float>, align 32
-  %acc2077 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0091 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1096 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0020 = alloca <8 x float>, align 32
+  %acc0121 = alloca <8 x float>, align 32
+  %acc1022 = alloca <8 x float>, align 32
+  %acc1123 = alloca <8 x float>, align 32
+  %acc2024 = alloca <8 x float>, align 32
+  %acc2125 = alloca <8 x float>, align 32
+  %acc3026 = alloca <8 x float>, align 32
+  %acc3127 = alloca <8 x float>, align 32
+  %acc0036 = alloca <8 x float>, align 32
+  %acc0137 = alloca <8 x float>, align 32
+  %acc1038 = alloca <8 x float>, align 32
+  %acc1139 = alloca <8 x float>, align 32
+  %acc2040 = alloca <8 x float>, align 32
+  %acc2141 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc0062 = alloca <8 x float>, align 32
+  %acc0163 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1456,7 +1478,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -1464,7 +1486,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -1484,788 +1506,788 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 3072
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 768
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 3072
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 768
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 3072
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 768
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 3072
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 768
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 3072
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 768
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 768
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 3072
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 768
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 3072
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 768
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 3072
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 768
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 3072
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 768
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 3072
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 768
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 3072
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 768
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 3072
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
+  %88 = icmp slt i64 %k, 3072
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds i16, ptr %panels, i64 %72
-  %bw = load <8 x i32>, ptr %73, align 4
-  %74 = shl <8 x i32> %bw, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %74 to <8 x float>
-  %75 = and <8 x i32> %bw, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %75 to <8 x float>
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
+  %92 = load <8 x i32>, ptr %91, align 4
+  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %93 to <8 x float>
+  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %94 to <8 x float>
+  %95 = getelementptr inbounds float, ptr %6, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc00, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc00, align 4
+  %101 = load <8 x float>, ptr %acc01, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc01, align 4
+  %103 = getelementptr inbounds float, ptr %20, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc10, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc10, align 4
+  %109 = load <8 x float>, ptr %acc11, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc20, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc20, align 4
+  %117 = load <8 x float>, ptr %acc21, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc21, align 4
+  %119 = getelementptr inbounds float, ptr %48, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc30, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc30, align 4
+  %125 = load <8 x float>, ptr %acc31, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc31, align 4
+  %127 = getelementptr inbounds float, ptr %62, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc40, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc40, align 4
+  %133 = load <8 x float>, ptr %acc41, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc41, align 4
+  %135 = getelementptr inbounds float, ptr %76, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc50, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc50, align 4
+  %141 = load <8 x float>, ptr %acc51, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc51, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %144 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %144, ptr %13, align 4
+  %145 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %145, ptr %16, align 4
+  %146 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %146, ptr %27, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %147, ptr %30, align 4
+  %148 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %148, ptr %41, align 4
+  %149 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %149, ptr %44, align 4
+  %150 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %150, ptr %55, align 4
+  %151 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %151, ptr %58, align 4
+  %152 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %152, ptr %69, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %153, ptr %72, align 4
+  %154 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %154, ptr %83, align 4
+  %155 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %155, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 3072
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 768
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 3072
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 768
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 3072
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 768
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
-  %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
+  %156 = add nsw i64 %r0, 0
+  %157 = mul nsw i64 %156, 3072
+  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
+  %160 = load i32, ptr %159, align 4
+  %161 = sext i32 %160 to i64
+  %162 = mul nsw i64 %161, 768
+  %163 = getelementptr inbounds float, ptr %y, i64 %162
+  %164 = add nsw i64 %col1, 0
+  %165 = getelementptr inbounds float, ptr %163, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  store <8 x float> %166, ptr %acc002, align 4
+  %167 = add nsw i64 %col1, 8
+  %168 = getelementptr inbounds float, ptr %163, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  store <8 x float> %169, ptr %acc013, align 4
+  %170 = add nsw i64 %r0, 1
   %171 = mul nsw i64 %170, 3072
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 768
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 3072
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 768
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 49152
-  br label %k.head28
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
+  %174 = load i32, ptr %173, align 4
+  %175 = sext i32 %174 to i64
+  %176 = mul nsw i64 %175, 768
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = add nsw i64 %col1, 0
+  %179 = getelementptr inbounds float, ptr %177, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  store <8 x float> %180, ptr %acc104, align 4
+  %181 = add nsw i64 %col1, 8
+  %182 = getelementptr inbounds float, ptr %177, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  store <8 x float> %183, ptr %acc115, align 4
+  %184 = add nsw i64 %r0, 2
+  %185 = mul nsw i64 %184, 3072
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
+  %188 = load i32, ptr %187, align 4
+  %189 = sext i32 %188 to i64
+  %190 = mul nsw i64 %189, 768
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = add nsw i64 %col1, 0
+  %193 = getelementptr inbounds float, ptr %191, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  store <8 x float> %194, ptr %acc206, align 4
+  %195 = add nsw i64 %col1, 8
+  %196 = getelementptr inbounds float, ptr %191, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  store <8 x float> %197, ptr %acc217, align 4
+  %198 = add nsw i64 %r0, 3
+  %199 = mul nsw i64 %198, 3072
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
+  %202 = load i32, ptr %201, align 4
+  %203 = sext i32 %202 to i64
+  %204 = mul nsw i64 %203, 768
+  %205 = getelementptr inbounds float, ptr %y, i64 %204
+  %206 = add nsw i64 %col1, 0
+  %207 = getelementptr inbounds float, ptr %205, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  store <8 x float> %208, ptr %acc308, align 4
+  %209 = add nsw i64 %col1, 8
+  %210 = getelementptr inbounds float, ptr %205, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  store <8 x float> %211, ptr %acc319, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 3072
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 768
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col1, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  store <8 x float> %222, ptr %acc4010, align 4
+  %223 = add nsw i64 %col1, 8
+  %224 = getelementptr inbounds float, ptr %219, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  store <8 x float> %225, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 49152
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 3072
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
+  %226 = icmp slt i64 %k16, 3072
+  br i1 %226, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds i16, ptr %panels, i64 %194
-  %bw32 = load <8 x i32>, ptr %195, align 4
-  %196 = shl <8 x i32> %bw32, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = and <8 x i32> %bw32, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %197 to <8 x float>
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b033, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b134, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b033, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b134, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b033, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b134, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b033, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b134, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b033, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b134, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %227 = mul nsw i64 %k16, 16
+  %228 = add nsw i64 %panel.off12, %227
+  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
+  %230 = load <8 x i32>, ptr %229, align 4
+  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b017 = bitcast <8 x i32> %231 to <8 x float>
+  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b118 = bitcast <8 x i32> %232 to <8 x float>
+  %233 = getelementptr inbounds float, ptr %158, i64 %k16
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc002, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
+  store <8 x float> %238, ptr %acc002, align 4
+  %239 = load <8 x float>, ptr %acc013, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
+  store <8 x float> %240, ptr %acc013, align 4
+  %241 = getelementptr inbounds float, ptr %172, i64 %k16
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc104, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
+  store <8 x float> %246, ptr %acc104, align 4
+  %247 = load <8 x float>, ptr %acc115, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
+  store <8 x float> %248, ptr %acc115, align 4
+  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc206, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
+  store <8 x float> %254, ptr %acc206, align 4
+  %255 = load <8 x float>, ptr %acc217, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
+  store <8 x float> %256, ptr %acc217, align 4
+  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc308, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
+  store <8 x float> %262, ptr %acc308, align 4
+  %263 = load <8 x float>, ptr %acc319, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
+  store <8 x float> %264, ptr %acc319, align 4
+  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc4010, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
+  store <8 x float> %270, ptr %acc4010, align 4
+  %271 = load <8 x float>, ptr %acc4111, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4111, align 4
+  %273 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %274 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %274, ptr %165, align 4
+  %275 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %275, ptr %168, align 4
+  %276 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %276, ptr %179, align 4
+  %277 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %277, ptr %182, align 4
+  %278 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %278, ptr %193, align 4
+  %279 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %279, ptr %196, align 4
+  %280 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %280, ptr %207, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %281, ptr %210, align 4
+  %282 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %282, ptr %221, align 4
+  %283 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %283, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 3072
-  %h036 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 768
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col35, 0
-  %y0037 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0037, align 4
-  store <8 x float> %257, ptr %acc0038, align 4
-  %258 = add nsw i64 %col35, 8
-  %y0139 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0139, align 4
-  store <8 x float> %259, ptr %acc0140, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 3072
-  %h141 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 768
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col35, 0
-  %y1042 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1042, align 4
-  store <8 x float> %268, ptr %acc1043, align 4
-  %269 = add nsw i64 %col35, 8
-  %y1144 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1144, align 4
-  store <8 x float> %270, ptr %acc1145, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 3072
-  %h246 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 768
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col35, 0
-  %y2047 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2047, align 4
-  store <8 x float> %279, ptr %acc2048, align 4
-  %280 = add nsw i64 %col35, 8
-  %y2149 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2149, align 4
-  store <8 x float> %281, ptr %acc2150, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 3072
-  %h351 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 768
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col35, 0
-  %y3052 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3052, align 4
-  store <8 x float> %290, ptr %acc3053, align 4
-  %291 = add nsw i64 %col35, 8
-  %y3154 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3154, align 4
-  store <8 x float> %292, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 49152
-  br label %k.head57
+  %col19 = mul nsw i64 %p, 16
+  %284 = add nsw i64 %r0, 0
+  %285 = mul nsw i64 %284, 3072
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 768
+  %291 = getelementptr inbounds float, ptr %y, i64 %290
+  %292 = add nsw i64 %col19, 0
+  %293 = getelementptr inbounds float, ptr %291, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  store <8 x float> %294, ptr %acc0020, align 4
+  %295 = add nsw i64 %col19, 8
+  %296 = getelementptr inbounds float, ptr %291, i64 %295
+  %297 = load <8 x float>, ptr %296, align 4
+  store <8 x float> %297, ptr %acc0121, align 4
+  %298 = add nsw i64 %r0, 1
+  %299 = mul nsw i64 %298, 3072
+  %300 = getelementptr inbounds float, ptr %h, i64 %299
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 768
+  %305 = getelementptr inbounds float, ptr %y, i64 %304
+  %306 = add nsw i64 %col19, 0
+  %307 = getelementptr inbounds float, ptr %305, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  store <8 x float> %308, ptr %acc1022, align 4
+  %309 = add nsw i64 %col19, 8
+  %310 = getelementptr inbounds float, ptr %305, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  store <8 x float> %311, ptr %acc1123, align 4
+  %312 = add nsw i64 %r0, 2
+  %313 = mul nsw i64 %312, 3072
+  %314 = getelementptr inbounds float, ptr %h, i64 %313
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 768
+  %319 = getelementptr inbounds float, ptr %y, i64 %318
+  %320 = add nsw i64 %col19, 0
+  %321 = getelementptr inbounds float, ptr %319, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  store <8 x float> %322, ptr %acc2024, align 4
+  %323 = add nsw i64 %col19, 8
+  %324 = getelementptr inbounds float, ptr %319, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc2125, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = mul nsw i64 %326, 3072
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 768
+  %333 = getelementptr inbounds float, ptr %y, i64 %332
+  %334 = add nsw i64 %col19, 0
+  %335 = getelementptr inbounds float, ptr %333, i64 %334
+  %336 = load <8 x float>, ptr %335, align 4
+  store <8 x float> %336, ptr %acc3026, align 4
+  %337 = add nsw i64 %col19, 8
+  %338 = getelementptr inbounds float, ptr %333, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc3127, align 4
+  %panel.off28 = mul nsw i64 %p, 49152
+  br label %k.head29
 
-k.head57:                                         ; preds = %k.body58, %tile.mr4
-  %k60 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body58 ]
-  %293 = icmp slt i64 %k60, 3072
-  br i1 %293, label %k.body58, label %k.end59
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
+  %340 = icmp slt i64 %k32, 3072
+  br i1 %340, label %k.body30, label %k.end31
 
-k.body58:                                         ; preds = %k.head57
-  %294 = mul nsw i64 %k60, 16
-  %295 = add nsw i64 %panel.off56, %294
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %295
-  %bw61 = load <8 x i32>, ptr %296, align 4
-  %297 = shl <8 x i32> %bw61, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b062 = bitcast <8 x i32> %297 to <8 x float>
-  %298 = and <8 x i32> %bw61, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b163 = bitcast <8 x i32> %298 to <8 x float>
-  %299 = getelementptr inbounds float, ptr %h036, i64 %k60
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0038, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b062, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0038, align 4
-  %305 = load <8 x float>, ptr %acc0140, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b163, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0140, align 4
-  %307 = getelementptr inbounds float, ptr %h141, i64 %k60
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1043, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b062, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1043, align 4
-  %313 = load <8 x float>, ptr %acc1145, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b163, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1145, align 4
-  %315 = getelementptr inbounds float, ptr %h246, i64 %k60
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2048, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b062, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2048, align 4
-  %321 = load <8 x float>, ptr %acc2150, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b163, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2150, align 4
-  %323 = getelementptr inbounds float, ptr %h351, i64 %k60
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3053, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b062, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3053, align 4
-  %329 = load <8 x float>, ptr %acc3155, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b163, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3155, align 4
-  %331 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body30:                                         ; preds = %k.head29
+  %341 = mul nsw i64 %k32, 16
+  %342 = add nsw i64 %panel.off28, %341
+  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
+  %344 = load <8 x i32>, ptr %343, align 4
+  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b033 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b134 = bitcast <8 x i32> %346 to <8 x float>
+  %347 = getelementptr inbounds float, ptr %286, i64 %k32
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc0020, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
+  store <8 x float> %352, ptr %acc0020, align 4
+  %353 = load <8 x float>, ptr %acc0121, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
+  store <8 x float> %354, ptr %acc0121, align 4
+  %355 = getelementptr inbounds float, ptr %300, i64 %k32
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc1022, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
+  store <8 x float> %360, ptr %acc1022, align 4
+  %361 = load <8 x float>, ptr %acc1123, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
+  store <8 x float> %362, ptr %acc1123, align 4
+  %363 = getelementptr inbounds float, ptr %314, i64 %k32
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc2024, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
+  store <8 x float> %368, ptr %acc2024, align 4
+  %369 = load <8 x float>, ptr %acc2125, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
+  store <8 x float> %370, ptr %acc2125, align 4
+  %371 = getelementptr inbounds float, ptr %328, i64 %k32
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc3026, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
+  store <8 x float> %376, ptr %acc3026, align 4
+  %377 = load <8 x float>, ptr %acc3127, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
+  store <8 x float> %378, ptr %acc3127, align 4
+  %379 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end59:                                          ; preds = %k.head57
-  %332 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %332, ptr %y0037, align 4
-  %333 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %333, ptr %y0139, align 4
-  %334 = load <8 x float>, ptr %acc1043, align 4
-  store <8 x float> %334, ptr %y1042, align 4
-  %335 = load <8 x float>, ptr %acc1145, align 4
-  store <8 x float> %335, ptr %y1144, align 4
-  %336 = load <8 x float>, ptr %acc2048, align 4
-  store <8 x float> %336, ptr %y2047, align 4
-  %337 = load <8 x float>, ptr %acc2150, align 4
-  store <8 x float> %337, ptr %y2149, align 4
-  %338 = load <8 x float>, ptr %acc3053, align 4
-  store <8 x float> %338, ptr %y3052, align 4
-  %339 = load <8 x float>, ptr %acc3155, align 4
-  store <8 x float> %339, ptr %y3154, align 4
+k.end31:                                          ; preds = %k.head29
+  %380 = load <8 x float>, ptr %acc0020, align 4
+  store <8 x float> %380, ptr %293, align 4
+  %381 = load <8 x float>, ptr %acc0121, align 4
+  store <8 x float> %381, ptr %296, align 4
+  %382 = load <8 x float>, ptr %acc1022, align 4
+  store <8 x float> %382, ptr %307, align 4
+  %383 = load <8 x float>, ptr %acc1123, align 4
+  store <8 x float> %383, ptr %310, align 4
+  %384 = load <8 x float>, ptr %acc2024, align 4
+  store <8 x float> %384, ptr %321, align 4
+  %385 = load <8 x float>, ptr %acc2125, align 4
+  store <8 x float> %385, ptr %324, align 4
+  %386 = load <8 x float>, ptr %acc3026, align 4
+  store <8 x float> %386, ptr %335, align 4
+  %387 = load <8 x float>, ptr %acc3127, align 4
+  store <8 x float> %387, ptr %338, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col64 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 3072
-  %h065 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 768
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col64, 0
-  %y0066 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0066, align 4
-  store <8 x float> %348, ptr %acc0067, align 4
-  %349 = add nsw i64 %col64, 8
-  %y0168 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0168, align 4
-  store <8 x float> %350, ptr %acc0169, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 3072
-  %h170 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 768
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col64, 0
-  %y1071 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1071, align 4
-  store <8 x float> %359, ptr %acc1072, align 4
-  %360 = add nsw i64 %col64, 8
-  %y1173 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1173, align 4
-  store <8 x float> %361, ptr %acc1174, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 3072
-  %h275 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 768
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col64, 0
-  %y2076 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2076, align 4
-  store <8 x float> %370, ptr %acc2077, align 4
-  %371 = add nsw i64 %col64, 8
-  %y2178 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2178, align 4
-  store <8 x float> %372, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 49152
-  br label %k.head81
+  %col35 = mul nsw i64 %p, 16
+  %388 = add nsw i64 %r0, 0
+  %389 = mul nsw i64 %388, 3072
+  %390 = getelementptr inbounds float, ptr %h, i64 %389
+  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
+  %392 = load i32, ptr %391, align 4
+  %393 = sext i32 %392 to i64
+  %394 = mul nsw i64 %393, 768
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = add nsw i64 %col35, 0
+  %397 = getelementptr inbounds float, ptr %395, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  store <8 x float> %398, ptr %acc0036, align 4
+  %399 = add nsw i64 %col35, 8
+  %400 = getelementptr inbounds float, ptr %395, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0137, align 4
+  %402 = add nsw i64 %r0, 1
+  %403 = mul nsw i64 %402, 3072
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 768
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col35, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
+  %412 = load <8 x float>, ptr %411, align 4
+  store <8 x float> %412, ptr %acc1038, align 4
+  %413 = add nsw i64 %col35, 8
+  %414 = getelementptr inbounds float, ptr %409, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1139, align 4
+  %416 = add nsw i64 %r0, 2
+  %417 = mul nsw i64 %416, 3072
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 768
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col35, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  store <8 x float> %426, ptr %acc2040, align 4
+  %427 = add nsw i64 %col35, 8
+  %428 = getelementptr inbounds float, ptr %423, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2141, align 4
+  %panel.off42 = mul nsw i64 %p, 49152
+  br label %k.head43
 
-k.head81:                                         ; preds = %k.body82, %tile.mr3
-  %k84 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body82 ]
-  %373 = icmp slt i64 %k84, 3072
-  br i1 %373, label %k.body82, label %k.end83
+k.head43:                                         ; preds = %k.body44, %tile.mr3
+  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
+  %430 = icmp slt i64 %k46, 3072
+  br i1 %430, label %k.body44, label %k.end45
 
-k.body82:                                         ; preds = %k.head81
-  %374 = mul nsw i64 %k84, 16
-  %375 = add nsw i64 %panel.off80, %374
-  %376 = getelementptr inbounds i16, ptr %panels, i64 %375
-  %bw85 = load <8 x i32>, ptr %376, align 4
-  %377 = shl <8 x i32> %bw85, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b086 = bitcast <8 x i32> %377 to <8 x float>
-  %378 = and <8 x i32> %bw85, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b187 = bitcast <8 x i32> %378 to <8 x float>
-  %379 = getelementptr inbounds float, ptr %h065, i64 %k84
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0067, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b086, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0067, align 4
-  %385 = load <8 x float>, ptr %acc0169, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b187, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0169, align 4
-  %387 = getelementptr inbounds float, ptr %h170, i64 %k84
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1072, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b086, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1072, align 4
-  %393 = load <8 x float>, ptr %acc1174, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b187, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1174, align 4
-  %395 = getelementptr inbounds float, ptr %h275, i64 %k84
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2077, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b086, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2077, align 4
-  %401 = load <8 x float>, ptr %acc2179, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b187, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2179, align 4
-  %403 = add nsw i64 %k84, 1
-  br label %k.head81
+k.body44:                                         ; preds = %k.head43
+  %431 = mul nsw i64 %k46, 16
+  %432 = add nsw i64 %panel.off42, %431
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
+  %434 = load <8 x i32>, ptr %433, align 4
+  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %436 to <8 x float>
+  %437 = getelementptr inbounds float, ptr %390, i64 %k46
+  %438 = load float, ptr %437, align 4
+  %439 = insertelement <8 x float> poison, float %438, i32 0
+  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
+  %441 = load <8 x float>, ptr %acc0036, align 4
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
+  store <8 x float> %442, ptr %acc0036, align 4
+  %443 = load <8 x float>, ptr %acc0137, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0137, align 4
+  %445 = getelementptr inbounds float, ptr %404, i64 %k46
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc1038, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc1038, align 4
+  %451 = load <8 x float>, ptr %acc1139, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1139, align 4
+  %453 = getelementptr inbounds float, ptr %418, i64 %k46
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc2040, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc2040, align 4
+  %459 = load <8 x float>, ptr %acc2141, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2141, align 4
+  %461 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end83:                                          ; preds = %k.head81
-  %404 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %404, ptr %y0066, align 4
-  %405 = load <8 x float>, ptr %acc0169, align 4
-  store <8 x float> %405, ptr %y0168, align 4
-  %406 = load <8 x float>, ptr %acc1072, align 4
-  store <8 x float> %406, ptr %y1071, align 4
-  %407 = load <8 x float>, ptr %acc1174, align 4
-  store <8 x float> %407, ptr %y1173, align 4
-  %408 = load <8 x float>, ptr %acc2077, align 4
-  store <8 x float> %408, ptr %y2076, align 4
-  %409 = load <8 x float>, ptr %acc2179, align 4
-  store <8 x float> %409, ptr %y2178, align 4
+k.end45:                                          ; preds = %k.head43
+  %462 = load <8 x float>, ptr %acc0036, align 4
+  store <8 x float> %462, ptr %397, align 4
+  %463 = load <8 x float>, ptr %acc0137, align 4
+  store <8 x float> %463, ptr %400, align 4
+  %464 = load <8 x float>, ptr %acc1038, align 4
+  store <8 x float> %464, ptr %411, align 4
+  %465 = load <8 x float>, ptr %acc1139, align 4
+  store <8 x float> %465, ptr %414, align 4
+  %466 = load <8 x float>, ptr %acc2040, align 4
+  store <8 x float> %466, ptr %425, align 4
+  %467 = load <8 x float>, ptr %acc2141, align 4
+  store <8 x float> %467, ptr %428, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col88 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 3072
-  %h089 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 768
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col88, 0
-  %y0090 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0090, align 4
-  store <8 x float> %418, ptr %acc0091, align 4
-  %419 = add nsw i64 %col88, 8
-  %y0192 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0192, align 4
-  store <8 x float> %420, ptr %acc0193, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 3072
-  %h194 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 768
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col88, 0
-  %y1095 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1095, align 4
-  store <8 x float> %429, ptr %acc1096, align 4
-  %430 = add nsw i64 %col88, 8
-  %y1197 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1197, align 4
-  store <8 x float> %431, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 49152
-  br label %k.head100
+  %col49 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 3072
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 768
+  %475 = getelementptr inbounds float, ptr %y, i64 %474
+  %476 = add nsw i64 %col49, 0
+  %477 = getelementptr inbounds float, ptr %475, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0050, align 4
+  %479 = add nsw i64 %col49, 8
+  %480 = getelementptr inbounds float, ptr %475, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  store <8 x float> %481, ptr %acc0151, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 3072
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 768
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col49, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1052, align 4
+  %493 = add nsw i64 %col49, 8
+  %494 = getelementptr inbounds float, ptr %489, i64 %493
+  %495 = load <8 x float>, ptr %494, align 4
+  store <8 x float> %495, ptr %acc1153, align 4
+  %panel.off54 = mul nsw i64 %p, 49152
+  br label %k.head55
 
-k.head100:                                        ; preds = %k.body101, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body101 ]
-  %432 = icmp slt i64 %k103, 3072
-  br i1 %432, label %k.body101, label %k.end102
+k.head55:                                         ; preds = %k.body56, %tile.mr2
+  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
+  %496 = icmp slt i64 %k58, 3072
+  br i1 %496, label %k.body56, label %k.end57
 
-k.body101:                                        ; preds = %k.head100
-  %433 = mul nsw i64 %k103, 16
-  %434 = add nsw i64 %panel.off99, %433
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %434
-  %bw104 = load <8 x i32>, ptr %435, align 4
-  %436 = shl <8 x i32> %bw104, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0105 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = and <8 x i32> %bw104, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1106 = bitcast <8 x i32> %437 to <8 x float>
-  %438 = getelementptr inbounds float, ptr %h089, i64 %k103
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0091, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0105, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0091, align 4
-  %444 = load <8 x float>, ptr %acc0193, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1106, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0193, align 4
-  %446 = getelementptr inbounds float, ptr %h194, i64 %k103
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1096, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0105, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1096, align 4
-  %452 = load <8 x float>, ptr %acc1198, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1106, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1198, align 4
-  %454 = add nsw i64 %k103, 1
-  br label %k.head100
+k.body56:                                         ; preds = %k.head55
+  %497 = mul nsw i64 %k58, 16
+  %498 = add nsw i64 %panel.off54, %497
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = load <8 x i32>, ptr %499, align 4
+  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %501 to <8 x float>
+  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %502 to <8 x float>
+  %503 = getelementptr inbounds float, ptr %470, i64 %k58
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc0050, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
+  store <8 x float> %508, ptr %acc0050, align 4
+  %509 = load <8 x float>, ptr %acc0151, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
+  store <8 x float> %510, ptr %acc0151, align 4
+  %511 = getelementptr inbounds float, ptr %484, i64 %k58
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = load <8 x float>, ptr %acc1052, align 4
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
+  store <8 x float> %516, ptr %acc1052, align 4
+  %517 = load <8 x float>, ptr %acc1153, align 4
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
+  store <8 x float> %518, ptr %acc1153, align 4
+  %519 = add nsw i64 %k58, 1
+  br label %k.head55
 
-k.end102:                                         ; preds = %k.head100
-  %455 = load <8 x float>, ptr %acc0091, align 4
-  store <8 x float> %455, ptr %y0090, align 4
-  %456 = load <8 x float>, ptr %acc0193, align 4
-  store <8 x float> %456, ptr %y0192, align 4
-  %457 = load <8 x float>, ptr %acc1096, align 4
-  store <8 x float> %457, ptr %y1095, align 4
-  %458 = load <8 x float>, ptr %acc1198, align 4
-  store <8 x float> %458, ptr %y1197, align 4
+k.end57:                                          ; preds = %k.head55
+  %520 = load <8 x float>, ptr %acc0050, align 4
+  store <8 x float> %520, ptr %477, align 4
+  %521 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %521, ptr %480, align 4
+  %522 = load <8 x float>, ptr %acc1052, align 4
+  store <8 x float> %522, ptr %491, align 4
+  %523 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %523, ptr %494, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col107 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 3072
-  %h0108 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 768
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col107, 0
-  %y00109 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00109, align 4
-  store <8 x float> %467, ptr %acc00110, align 4
-  %468 = add nsw i64 %col107, 8
-  %y01111 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01111, align 4
-  store <8 x float> %469, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 49152
-  br label %k.head114
+  %col61 = mul nsw i64 %p, 16
+  %524 = add nsw i64 %r0, 0
+  %525 = mul nsw i64 %524, 3072
+  %526 = getelementptr inbounds float, ptr %h, i64 %525
+  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
+  %528 = load i32, ptr %527, align 4
+  %529 = sext i32 %528 to i64
+  %530 = mul nsw i64 %529, 768
+  %531 = getelementptr inbounds float, ptr %y, i64 %530
+  %532 = add nsw i64 %col61, 0
+  %533 = getelementptr inbounds float, ptr %531, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc0062, align 4
+  %535 = add nsw i64 %col61, 8
+  %536 = getelementptr inbounds float, ptr %531, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc0163, align 4
+  %panel.off64 = mul nsw i64 %p, 49152
+  br label %k.head65
 
-k.head114:                                        ; preds = %k.body115, %tile.mr1
-  %k117 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body115 ]
-  %470 = icmp slt i64 %k117, 3072
-  br i1 %470, label %k.body115, label %k.end116
+k.head65:                                         ; preds = %k.body66, %tile.mr1
+  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
+  %538 = icmp slt i64 %k68, 3072
+  br i1 %538, label %k.body66, label %k.end67
 
-k.body115:                                        ; preds = %k.head114
-  %471 = mul nsw i64 %k117, 16
-  %472 = add nsw i64 %panel.off113, %471
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  %bw118 = load <8 x i32>, ptr %473, align 4
-  %474 = shl <8 x i32> %bw118, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0119 = bitcast <8 x i32> %474 to <8 x float>
-  %475 = and <8 x i32> %bw118, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1120 = bitcast <8 x i32> %475 to <8 x float>
-  %476 = getelementptr inbounds float, ptr %h0108, i64 %k117
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00110, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0119, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00110, align 4
-  %482 = load <8 x float>, ptr %acc01112, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1120, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01112, align 4
-  %484 = add nsw i64 %k117, 1
-  br label %k.head114
+k.body66:                                         ; preds = %k.head65
+  %539 = mul nsw i64 %k68, 16
+  %540 = add nsw i64 %panel.off64, %539
+  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
+  %542 = load <8 x i32>, ptr %541, align 4
+  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b069 = bitcast <8 x i32> %543 to <8 x float>
+  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b170 = bitcast <8 x i32> %544 to <8 x float>
+  %545 = getelementptr inbounds float, ptr %526, i64 %k68
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0062, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0062, align 4
+  %551 = load <8 x float>, ptr %acc0163, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0163, align 4
+  %553 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end116:                                         ; preds = %k.head114
-  %485 = load <8 x float>, ptr %acc00110, align 4
-  store <8 x float> %485, ptr %y00109, align 4
-  %486 = load <8 x float>, ptr %acc01112, align 4
-  store <8 x float> %486, ptr %y01111, align 4
+k.end67:                                          ; preds = %k.head65
+  %554 = load <8 x float>, ptr %acc0062, align 4
+  store <8 x float> %554, ptr %533, align 4
+  %555 = load <8 x float>, ptr %acc0163, align 4
+  store <8 x float> %555, ptr %536, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end116, %k.end102, %k.end83, %k.end59, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
+  %556 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %557 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

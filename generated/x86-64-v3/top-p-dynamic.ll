@@ -16,13 +16,12 @@ entry:
   %l = alloca [16 x float], align 32
   %s = alloca [16 x float], align 32
   %c = alloca [16 x float], align 32
-  %taken = alloca [16 x i8], align 32
+  %idx = alloca [4 x i64], align 32
   %lacc0 = alloca <8 x float>, align 32
   %lacc1 = alloca <8 x float>, align 32
-  %lmax = alloca float, align 32
-  %sum = alloca float, align 32
-  %best = alloca i64, align 32
-  %bestv = alloca float, align 32
+  %smax = alloca float, align 32
+  %ssum = alloca float, align 32
+  %tk.m = alloca i64, align 32
   %cum = alloca float, align 32
   %done = alloca i8, align 32
   br label %start
@@ -31,256 +30,279 @@ start:                                            ; preds = %entry
   br label %t.head
 
 t.head:                                           ; preds = %topp.end, %start
-  %t = phi i64 [ %t0, %start ], [ %98, %topp.end ]
+  %t = phi i64 [ %t0, %start ], [ %122, %topp.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %1 = mul nsw i64 %t, 1024
-  %xrow = getelementptr inbounds float, ptr %x, i64 %1
+  %2 = getelementptr inbounds float, ptr %x, i64 %1
   store <8 x float> zeroinitializer, ptr %lacc0, align 4
   store <8 x float> zeroinitializer, ptr %lacc1, align 4
   br label %hh.head
 
 hh.head:                                          ; preds = %hh.body, %t.body
-  %hh = phi i64 [ 0, %t.body ], [ %18, %hh.body ]
-  %2 = icmp slt i64 %hh, 1024
-  br i1 %2, label %hh.body, label %hh.end
+  %hh = phi i64 [ 0, %t.body ], [ %22, %hh.body ]
+  %3 = icmp slt i64 %hh, 1024
+  br i1 %3, label %hh.body, label %hh.end
 
 hh.body:                                          ; preds = %hh.head
-  %3 = getelementptr inbounds float, ptr %xrow, i64 %hh
-  %xh = load float, ptr %3, align 4
-  %4 = insertelement <8 x float> poison, float %xh, i32 0
-  %5 = shufflevector <8 x float> %4, <8 x float> poison, <8 x i32> zeroinitializer
-  %6 = mul nsw i64 %hh, 8
-  %7 = add nsw i64 0, %6
-  %8 = getelementptr inbounds float, ptr %router, i64 %7
-  %wr = load <8 x float>, ptr %8, align 4
-  %9 = fmul <8 x float> %5, %wr
-  %10 = load <8 x float>, ptr %lacc0, align 4
-  %11 = fadd <8 x float> %10, %9
-  store <8 x float> %11, ptr %lacc0, align 4
-  %12 = mul nsw i64 %hh, 8
-  %13 = add nsw i64 8192, %12
-  %14 = getelementptr inbounds float, ptr %router, i64 %13
-  %wr1 = load <8 x float>, ptr %14, align 4
-  %15 = fmul <8 x float> %5, %wr1
-  %16 = load <8 x float>, ptr %lacc1, align 4
-  %17 = fadd <8 x float> %16, %15
-  store <8 x float> %17, ptr %lacc1, align 4
-  %18 = add nsw i64 %hh, 1
+  %4 = getelementptr inbounds float, ptr %2, i64 %hh
+  %5 = load float, ptr %4, align 4
+  %6 = insertelement <8 x float> poison, float %5, i32 0
+  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
+  %8 = mul nsw i64 %hh, 8
+  %9 = add nsw i64 0, %8
+  %10 = getelementptr inbounds float, ptr %router, i64 %9
+  %11 = load <8 x float>, ptr %10, align 4
+  %12 = fmul <8 x float> %7, %11
+  %13 = load <8 x float>, ptr %lacc0, align 4
+  %14 = fadd <8 x float> %13, %12
+  store <8 x float> %14, ptr %lacc0, align 4
+  %15 = mul nsw i64 %hh, 8
+  %16 = add nsw i64 8192, %15
+  %17 = getelementptr inbounds float, ptr %router, i64 %16
+  %18 = load <8 x float>, ptr %17, align 4
+  %19 = fmul <8 x float> %7, %18
+  %20 = load <8 x float>, ptr %lacc1, align 4
+  %21 = fadd <8 x float> %20, %19
+  store <8 x float> %21, ptr %lacc1, align 4
+  %22 = add nsw i64 %hh, 1
   br label %hh.head
 
 hh.end:                                           ; preds = %hh.head
-  %19 = getelementptr inbounds float, ptr %l, i64 0
-  %20 = load <8 x float>, ptr %lacc0, align 4
-  store <8 x float> %20, ptr %19, align 4
-  %21 = getelementptr inbounds float, ptr %l, i64 8
-  %22 = load <8 x float>, ptr %lacc1, align 4
-  store <8 x float> %22, ptr %21, align 4
-  %23 = mul nsw i64 %t, 16
-  %lrow = getelementptr inbounds float, ptr %logits, i64 %23
+  %23 = load <8 x float>, ptr %lacc0, align 4
+  %24 = load <8 x float>, ptr %lacc1, align 4
+  %25 = getelementptr inbounds float, ptr %l, i64 0
+  store <8 x float> %23, ptr %25, align 4
+  %26 = getelementptr inbounds float, ptr %l, i64 8
+  store <8 x float> %24, ptr %26, align 4
+  %27 = mul nsw i64 %t, 16
+  %28 = getelementptr inbounds float, ptr %logits, i64 %27
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %hh.end
-  %lb = phi i64 [ 0, %hh.end ], [ %28, %lb.body ]
-  %24 = icmp slt i64 %lb, 16
-  br i1 %24, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %hh.end ], [ %33, %lb.body ]
+  %29 = icmp slt i64 %lb, 16
+  br i1 %29, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %25 = getelementptr inbounds float, ptr %l, i64 %lb
-  %26 = load float, ptr %25, align 4
-  %27 = getelementptr inbounds float, ptr %lrow, i64 %lb
-  store float %26, ptr %27, align 4
-  %28 = add nsw i64 %lb, 1
+  %30 = getelementptr inbounds float, ptr %l, i64 %lb
+  %31 = load float, ptr %30, align 4
+  %32 = getelementptr inbounds float, ptr %28, i64 %lb
+  store float %31, ptr %32, align 4
+  %33 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
-  store float 0xFFF0000000000000, ptr %lmax, align 4
+  store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax = phi i64 [ 0, %lb.end ], [ %35, %smax.body ]
-  %29 = icmp slt i64 %smax, 16
-  br i1 %29, label %smax.body, label %smax.end
+  %smax1 = phi i64 [ 0, %lb.end ], [ %41, %smax.body ]
+  %34 = icmp slt i64 %smax1, 16
+  br i1 %34, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %30 = getelementptr inbounds float, ptr %l, i64 %smax
-  %31 = load float, ptr %30, align 4
-  %32 = load float, ptr %lmax, align 4
-  %33 = fcmp ogt float %31, %32
-  %34 = select i1 %33, float %31, float %32
-  store float %34, ptr %lmax, align 4
-  %35 = add nsw i64 %smax, 1
+  %35 = add nsw i64 0, %smax1
+  %36 = getelementptr inbounds float, ptr %l, i64 %35
+  %37 = load float, ptr %36, align 4
+  %38 = load float, ptr %smax, align 4
+  %39 = fcmp ogt float %37, %38
+  %40 = select i1 %39, float %37, float %38
+  store float %40, ptr %smax, align 4
+  %41 = add nsw i64 %smax1, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %max = load float, ptr %lmax, align 4
-  store float 0.000000e+00, ptr %sum, align 4
+  %42 = load float, ptr %smax, align 4
+  store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %45, %sexp.body ]
-  %36 = icmp slt i64 %sexp, 16
-  br i1 %36, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %55, %sexp.body ]
+  %43 = icmp slt i64 %sexp, 16
+  br i1 %43, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %37 = getelementptr inbounds float, ptr %l, i64 %sexp
-  %38 = load float, ptr %37, align 4
-  %39 = fsub float %38, %max
-  %40 = fpext float %39 to double
-  %41 = call double @exp(double %40)
-  %ex = fptrunc double %41 to float
-  %42 = getelementptr inbounds float, ptr %s, i64 %sexp
-  store float %ex, ptr %42, align 4
-  %43 = load float, ptr %sum, align 4
-  %44 = fadd float %43, %ex
-  store float %44, ptr %sum, align 4
-  %45 = add nsw i64 %sexp, 1
+  %44 = add nsw i64 0, %sexp
+  %45 = getelementptr inbounds float, ptr %l, i64 %44
+  %46 = load float, ptr %45, align 4
+  %47 = fsub float %46, %42
+  %48 = fpext float %47 to double
+  %49 = call double @exp(double %48)
+  %50 = fptrunc double %49 to float
+  %51 = add nsw i64 0, %sexp
+  %52 = getelementptr inbounds float, ptr %s, i64 %51
+  store float %50, ptr %52, align 4
+  %53 = load float, ptr %ssum, align 4
+  %54 = fadd float %53, %50
+  store float %54, ptr %ssum, align 4
+  %55 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %total = load float, ptr %sum, align 4
+  %56 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %50, %sdiv.body ]
-  %46 = icmp slt i64 %sdiv, 16
-  br i1 %46, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %63, %sdiv.body ]
+  %57 = icmp slt i64 %sdiv, 16
+  br i1 %57, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %47 = getelementptr inbounds float, ptr %s, i64 %sdiv
-  %48 = load float, ptr %47, align 4
-  %49 = fdiv float %48, %total
-  store float %49, ptr %47, align 4
-  %50 = add nsw i64 %sdiv, 1
+  %58 = add nsw i64 0, %sdiv
+  %59 = getelementptr inbounds float, ptr %s, i64 %58
+  %60 = load float, ptr %59, align 4
+  %61 = fdiv float %60, %56
+  %62 = getelementptr inbounds float, ptr %s, i64 %58
+  store float %61, ptr %62, align 4
+  %63 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %51 = mul nsw i64 %t, 4
-  %ids_row = getelementptr inbounds i32, ptr %ids, i64 %51
-  %w_row = getelementptr inbounds float, ptr %weights, i64 %51
+  %64 = mul nsw i64 %t, 4
+  %65 = getelementptr inbounds i32, ptr %ids, i64 %64
+  %66 = getelementptr inbounds float, ptr %weights, i64 %64
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %56, %sel.body ]
-  %52 = icmp slt i64 %sel, 16
-  br i1 %52, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %71, %sel.body ]
+  %67 = icmp slt i64 %sel, 16
+  br i1 %67, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %53 = getelementptr inbounds float, ptr %s, i64 %sel
-  %54 = load float, ptr %53, align 4
-  %55 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %54, ptr %55, align 4
-  %56 = add nsw i64 %sel, 1
+  %68 = getelementptr inbounds float, ptr %s, i64 %sel
+  %69 = load float, ptr %68, align 4
+  %70 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %69, ptr %70, align 4
+  %71 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
-  br label %top.clr.head
+  store i64 0, ptr %tk.m, align 8
+  br label %tk.head
 
-top.clr.head:                                     ; preds = %top.clr.body, %sel.end
-  %top.clr = phi i64 [ 0, %sel.end ], [ %59, %top.clr.body ]
-  %57 = icmp slt i64 %top.clr, 16
-  br i1 %57, label %top.clr.body, label %top.clr.end
+tk.head:                                          ; preds = %tk.put.end, %sel.end
+  %tk = phi i64 [ 0, %sel.end ], [ %93, %tk.put.end ]
+  %72 = icmp slt i64 %tk, 16
+  br i1 %72, label %tk.body, label %tk.end
 
-top.clr.body:                                     ; preds = %top.clr.head
-  %58 = getelementptr inbounds i8, ptr %taken, i64 %top.clr
-  store i8 0, ptr %58, align 1
-  %59 = add nsw i64 %top.clr, 1
-  br label %top.clr.head
+tk.body:                                          ; preds = %tk.head
+  %73 = getelementptr inbounds float, ptr %c, i64 %tk
+  %74 = load float, ptr %73, align 4
+  %75 = load i64, ptr %tk.m, align 8
+  br label %tk.ins.head
 
-top.clr.end:                                      ; preds = %top.clr.head
-  br label %top.j.head
+tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
+  %p = phi i64 [ %75, %tk.body ], [ %77, %tk.shift.end ]
+  %76 = icmp sgt i64 %p, 0
+  br i1 %76, label %tk.ins.chk, label %tk.ins.end
 
-top.j.head:                                       ; preds = %top.e.end, %top.clr.end
-  %top.j = phi i64 [ 0, %top.clr.end ], [ %81, %top.e.end ]
-  %60 = icmp slt i64 %top.j, 4
-  br i1 %60, label %top.j.body, label %top.j.end
+tk.ins.chk:                                       ; preds = %tk.ins.head
+  %77 = sub nsw i64 %p, 1
+  %78 = getelementptr inbounds i64, ptr %idx, i64 %77
+  %79 = load i64, ptr %78, align 8
+  %80 = getelementptr inbounds float, ptr %c, i64 %79
+  %81 = load float, ptr %80, align 4
+  %82 = fcmp uno float %74, %74
+  %83 = fcmp ugt float %74, %81
+  %84 = xor i1 %82, true
+  %85 = and i1 %84, %83
+  br i1 %85, label %tk.ins.body, label %tk.ins.end
 
-top.j.body:                                       ; preds = %top.j.head
-  store i64 -1, ptr %best, align 4
-  store float 0xFFF0000000000000, ptr %bestv, align 4
-  br label %top.e.head
+tk.ins.body:                                      ; preds = %tk.ins.chk
+  %86 = icmp slt i64 %p, 4
+  br i1 %86, label %tk.shift.then, label %tk.shift.end
 
-top.e.head:                                       ; preds = %top.e.body, %top.j.body
-  %top.e = phi i64 [ 0, %top.j.body ], [ %74, %top.e.body ]
-  %61 = icmp slt i64 %top.e, 16
-  br i1 %61, label %top.e.body, label %top.e.end
+tk.shift.then:                                    ; preds = %tk.ins.body
+  %87 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %79, ptr %87, align 8
+  br label %tk.shift.end
 
-top.e.body:                                       ; preds = %top.e.head
-  %62 = getelementptr inbounds float, ptr %c, i64 %top.e
-  %s2 = load float, ptr %62, align 4
-  %63 = getelementptr inbounds i8, ptr %taken, i64 %top.e
-  %64 = load i8, ptr %63, align 1
-  %65 = icmp eq i8 %64, 0
-  %66 = load i64, ptr %best, align 4
-  %67 = icmp slt i64 %66, 0
-  %68 = load float, ptr %bestv, align 4
-  %69 = fcmp ogt float %s2, %68
-  %70 = or i1 %67, %69
-  %take = and i1 %65, %70
-  %71 = select i1 %take, i64 %top.e, i64 %66
-  store i64 %71, ptr %best, align 4
-  %72 = load float, ptr %bestv, align 4
-  %73 = select i1 %take, float %s2, float %72
-  store float %73, ptr %bestv, align 4
-  %74 = add nsw i64 %top.e, 1
-  br label %top.e.head
+tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
+  br label %tk.ins.head
 
-top.e.end:                                        ; preds = %top.e.head
-  %chosen = load i64, ptr %best, align 4
-  %75 = getelementptr inbounds i8, ptr %taken, i64 %chosen
-  store i8 1, ptr %75, align 1
-  %76 = trunc i64 %chosen to i32
-  %77 = getelementptr inbounds i32, ptr %ids_row, i64 %top.j
-  store i32 %76, ptr %77, align 4
-  %78 = getelementptr inbounds float, ptr %s, i64 %chosen
-  %79 = load float, ptr %78, align 4
-  %80 = getelementptr inbounds float, ptr %w_row, i64 %top.j
-  store float %79, ptr %80, align 4
-  %81 = add nsw i64 %top.j, 1
-  br label %top.j.head
+tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
+  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
+  %88 = icmp slt i64 %pf, 4
+  br i1 %88, label %tk.put.then, label %tk.put.end
 
-top.j.end:                                        ; preds = %top.j.head
+tk.put.then:                                      ; preds = %tk.ins.end
+  %89 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %89, align 8
+  br label %tk.put.end
+
+tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
+  %90 = add nsw i64 %75, 1
+  %91 = icmp slt i64 %90, 4
+  %92 = select i1 %91, i64 %90, i64 4
+  store i64 %92, ptr %tk.m, align 8
+  %93 = add nsw i64 %tk, 1
+  br label %tk.head
+
+tk.end:                                           ; preds = %tk.head
+  %94 = load i64, ptr %tk.m, align 8
+  br label %top.head
+
+top.head:                                         ; preds = %top.body, %tk.end
+  %top = phi i64 [ 0, %tk.end ], [ %103, %top.body ]
+  %95 = icmp slt i64 %top, 4
+  br i1 %95, label %top.body, label %top.end
+
+top.body:                                         ; preds = %top.head
+  %96 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %97 = load i64, ptr %96, align 8
+  %98 = getelementptr inbounds i32, ptr %65, i64 %top
+  %99 = trunc i64 %97 to i32
+  store i32 %99, ptr %98, align 4
+  %100 = getelementptr inbounds float, ptr %s, i64 %97
+  %101 = load float, ptr %100, align 4
+  %102 = getelementptr inbounds float, ptr %66, i64 %top
+  store float %101, ptr %102, align 4
+  %103 = add nsw i64 %top, 1
+  br label %top.head
+
+top.end:                                          ; preds = %top.head
   store float 0.000000e+00, ptr %cum, align 4
   store i8 0, ptr %done, align 1
   br label %topp.head
 
-topp.head:                                        ; preds = %topp.body, %top.j.end
-  %topp = phi i64 [ 0, %top.j.end ], [ %94, %topp.body ]
-  %82 = icmp slt i64 %topp, 4
-  br i1 %82, label %topp.body, label %topp.end
+topp.head:                                        ; preds = %topp.body, %top.end
+  %topp = phi i64 [ 0, %top.end ], [ %116, %topp.body ]
+  %104 = icmp slt i64 %topp, 4
+  br i1 %104, label %topp.body, label %topp.end
 
 topp.body:                                        ; preds = %topp.head
-  %83 = getelementptr inbounds float, ptr %w_row, i64 %topp
-  %84 = getelementptr inbounds i32, ptr %ids_row, i64 %topp
-  %85 = load i8, ptr %done, align 1
-  %dn = icmp ne i8 %85, 0
-  %86 = load float, ptr %83, align 4
-  %87 = load float, ptr %cum, align 4
-  %c3 = fadd float %87, %86
-  %88 = select i1 %dn, float %87, float %c3
-  store float %88, ptr %cum, align 4
-  %89 = load i32, ptr %84, align 4
-  %90 = select i1 %dn, i32 -1, i32 %89
-  store i32 %90, ptr %84, align 4
-  %91 = select i1 %dn, float 0.000000e+00, float %86
-  store float %91, ptr %83, align 4
-  %reach = fcmp oge float %c3, 0x3FD99999A0000000
-  %92 = or i1 %dn, %reach
-  %93 = zext i1 %92 to i8
-  store i8 %93, ptr %done, align 1
-  %94 = add nsw i64 %topp, 1
+  %105 = getelementptr inbounds float, ptr %66, i64 %topp
+  %106 = getelementptr inbounds i32, ptr %65, i64 %topp
+  %107 = load i8, ptr %done, align 1
+  %dn = icmp ne i8 %107, 0
+  %108 = load float, ptr %105, align 4
+  %109 = load float, ptr %cum, align 4
+  %c2 = fadd float %109, %108
+  %110 = select i1 %dn, float %109, float %c2
+  store float %110, ptr %cum, align 4
+  %111 = load i32, ptr %106, align 4
+  %112 = select i1 %dn, i32 -1, i32 %111
+  store i32 %112, ptr %106, align 4
+  %113 = select i1 %dn, float 0.000000e+00, float %108
+  store float %113, ptr %105, align 4
+  %reach = fcmp oge float %c2, 0x3FD99999A0000000
+  %114 = or i1 %dn, %reach
+  %115 = zext i1 %114 to i8
+  store i8 %115, ptr %done, align 1
+  %116 = add nsw i64 %topp, 1
   br label %topp.head
 
 topp.end:                                         ; preds = %topp.head
-  %first = load i32, ptr %ids_row, align 4
-  %95 = sext i32 %first to i64
-  %96 = getelementptr inbounds float, ptr %c, i64 %95
-  %prio4 = load float, ptr %96, align 4
-  %97 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %prio4, ptr %97, align 4
-  %98 = add nsw i64 %t, 1
+  %117 = getelementptr inbounds i64, ptr %idx, i64 0
+  %118 = load i64, ptr %117, align 8
+  %119 = getelementptr inbounds float, ptr %c, i64 %118
+  %120 = load float, ptr %119, align 4
+  %121 = getelementptr inbounds float, ptr %prio, i64 %t
+  store float %120, ptr %121, align 4
+  %122 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -305,43 +327,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1050 = alloca <8 x float>, align 32
-  %acc1151 = alloca <8 x float>, align 32
-  %acc2053 = alloca <8 x float>, align 32
-  %acc2154 = alloca <8 x float>, align 32
-  %acc3056 = alloca <8 x float>, align 32
-  %acc3157 = alloca <8 x float>, align 32
-  %acc4059 = alloca <8 x float>, align 32
-  %acc4160 = alloca <8 x float>, align 32
-  %acc00114 = alloca <8 x float>, align 32
-  %acc01115 = alloca <8 x float>, align 32
-  %acc10117 = alloca <8 x float>, align 32
-  %acc11118 = alloca <8 x float>, align 32
-  %acc20120 = alloca <8 x float>, align 32
-  %acc21121 = alloca <8 x float>, align 32
-  %acc30123 = alloca <8 x float>, align 32
-  %acc31124 = alloca <8 x float>, align 32
-  %acc00169 = alloca <8 x float>, align 32
-  %acc01170 = alloca <8 x float>, align 32
-  %acc10172 = alloca <8 x float>, align 32
-  %acc11173 = alloca <8 x float>, align 32
-  %acc20175 = alloca <8 x float>, align 32
-  %acc21176 = alloca <8 x float>, align 32
-  %acc00212 = alloca <8 x float>, align 32
-  %acc01213 = alloca <8 x float>, align 32
-  %acc10215 = alloca <8 x float>, align 32
-  %acc11216 = alloca <8 x float>, align 32
-  %acc00243 = alloca <8 x float>, align 32
-  %acc01244 = alloca <8 x float>, align 32
+  %acc0031 = alloca <8 x float>, align 32
+  %acc0132 = alloca <8 x float>, align 32
+  %acc1033 = alloca <8 x float>, align 32
+  %acc1134 = alloca <8 x float>, align 32
+  %acc2035 = alloca <8 x float>, align 32
+  %acc2136 = alloca <8 x float>, align 32
+  %acc3037 = alloca <8 x float>, align 32
+  %acc3138 = alloca <8 x float>, align 32
+  %acc4039 = alloca <8 x float>, align 32
+  %acc4140 = alloca <8 x float>, align 32
+  %acc0076 = alloca <8 x float>, align 32
+  %acc0177 = alloca <8 x float>, align 32
+  %acc1078 = alloca <8 x float>, align 32
+  %acc1179 = alloca <8 x float>, align 32
+  %acc2080 = alloca <8 x float>, align 32
+  %acc2181 = alloca <8 x float>, align 32
+  %acc3082 = alloca <8 x float>, align 32
+  %acc3183 = alloca <8 x float>, align 32
+  %acc00113 = alloca <8 x float>, align 32
+  %acc01114 = alloca <8 x float>, align 32
+  %acc10115 = alloca <8 x float>, align 32
+  %acc11116 = alloca <8 x float>, align 32
+  %acc20117 = alloca <8 x float>, align 32
+  %acc21118 = alloca <8 x float>, align 32
+  %acc00142 = alloca <8 x float>, align 32
+  %acc01143 = alloca <8 x float>, align 32
+  %acc10144 = alloca <8 x float>, align 32
+  %acc11145 = alloca <8 x float>, align 32
+  %acc00163 = alloca <8 x float>, align 32
+  %acc01164 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %928, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1024, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -349,7 +371,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %927, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1023, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -371,1341 +393,1341 @@ tile.mr6:                                         ; preds = %r0.body
   %5 = load i32, ptr %4, align 4
   %6 = sext i32 %5 to i64
   %7 = mul nsw i64 %6, 1024
-  %a0 = getelementptr inbounds float, ptr %x, i64 %7
+  %8 = getelementptr inbounds float, ptr %x, i64 %7
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %8 = add nsw i64 %r0, 1
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %8
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 1024
-  %a1 = getelementptr inbounds float, ptr %x, i64 %12
+  %9 = add nsw i64 %r0, 1
+  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
+  %11 = load i32, ptr %10, align 4
+  %12 = sext i32 %11 to i64
+  %13 = mul nsw i64 %12, 1024
+  %14 = getelementptr inbounds float, ptr %x, i64 %13
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %13 = add nsw i64 %r0, 2
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 1024
-  %a2 = getelementptr inbounds float, ptr %x, i64 %17
+  %15 = add nsw i64 %r0, 2
+  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %17 = load i32, ptr %16, align 4
+  %18 = sext i32 %17 to i64
+  %19 = mul nsw i64 %18, 1024
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %18 = add nsw i64 %r0, 3
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 1024
-  %a3 = getelementptr inbounds float, ptr %x, i64 %22
+  %21 = add nsw i64 %r0, 3
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 1024
+  %26 = getelementptr inbounds float, ptr %x, i64 %25
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %23 = add nsw i64 %r0, 4
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 1024
-  %a4 = getelementptr inbounds float, ptr %x, i64 %27
+  %27 = add nsw i64 %r0, 4
+  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %29 = load i32, ptr %28, align 4
+  %30 = sext i32 %29 to i64
+  %31 = mul nsw i64 %30, 1024
+  %32 = getelementptr inbounds float, ptr %x, i64 %31
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %28 = add nsw i64 %r0, 5
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 1024
-  %a5 = getelementptr inbounds float, ptr %x, i64 %32
+  %33 = add nsw i64 %r0, 5
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 1024
+  %38 = getelementptr inbounds float, ptr %x, i64 %37
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %87, %k.body ]
-  %33 = icmp slt i64 %k, 1024
-  br i1 %33, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %95, %k.body ]
+  %39 = icmp slt i64 %k, 1024
+  br i1 %39, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %34 = mul nsw i64 %k, 16
-  %35 = add nsw i64 %panel.off, %34
-  %36 = getelementptr inbounds float, ptr %panels, i64 %35
-  %b0 = load <8 x float>, ptr %36, align 4
-  %37 = add nsw i64 %35, 8
-  %38 = getelementptr inbounds float, ptr %panels, i64 %37
-  %b1 = load <8 x float>, ptr %38, align 4
-  %39 = getelementptr inbounds float, ptr %a0, i64 %k
-  %40 = load float, ptr %39, align 4
-  %41 = insertelement <8 x float> poison, float %40, i32 0
-  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
-  %43 = load <8 x float>, ptr %acc00, align 4
-  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b0, <8 x float> %43)
-  store <8 x float> %44, ptr %acc00, align 4
-  %45 = load <8 x float>, ptr %acc01, align 4
-  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %b1, <8 x float> %45)
-  store <8 x float> %46, ptr %acc01, align 4
-  %47 = getelementptr inbounds float, ptr %a1, i64 %k
+  %40 = mul nsw i64 %k, 16
+  %41 = add nsw i64 %panel.off, %40
+  %42 = getelementptr inbounds float, ptr %panels, i64 %41
+  %43 = load <8 x float>, ptr %42, align 4
+  %44 = add nsw i64 %41, 8
+  %45 = getelementptr inbounds float, ptr %panels, i64 %44
+  %46 = load <8 x float>, ptr %45, align 4
+  %47 = getelementptr inbounds float, ptr %8, i64 %k
   %48 = load float, ptr %47, align 4
   %49 = insertelement <8 x float> poison, float %48, i32 0
   %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc10, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b0, <8 x float> %51)
-  store <8 x float> %52, ptr %acc10, align 4
-  %53 = load <8 x float>, ptr %acc11, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %b1, <8 x float> %53)
-  store <8 x float> %54, ptr %acc11, align 4
-  %55 = getelementptr inbounds float, ptr %a2, i64 %k
+  %51 = load <8 x float>, ptr %acc00, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %43, <8 x float> %51)
+  store <8 x float> %52, ptr %acc00, align 4
+  %53 = load <8 x float>, ptr %acc01, align 4
+  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %46, <8 x float> %53)
+  store <8 x float> %54, ptr %acc01, align 4
+  %55 = getelementptr inbounds float, ptr %14, i64 %k
   %56 = load float, ptr %55, align 4
   %57 = insertelement <8 x float> poison, float %56, i32 0
   %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc20, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc20, align 4
-  %61 = load <8 x float>, ptr %acc21, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc21, align 4
-  %63 = getelementptr inbounds float, ptr %a3, i64 %k
+  %59 = load <8 x float>, ptr %acc10, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %43, <8 x float> %59)
+  store <8 x float> %60, ptr %acc10, align 4
+  %61 = load <8 x float>, ptr %acc11, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %46, <8 x float> %61)
+  store <8 x float> %62, ptr %acc11, align 4
+  %63 = getelementptr inbounds float, ptr %20, i64 %k
   %64 = load float, ptr %63, align 4
   %65 = insertelement <8 x float> poison, float %64, i32 0
   %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc30, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc30, align 4
-  %69 = load <8 x float>, ptr %acc31, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc31, align 4
-  %71 = getelementptr inbounds float, ptr %a4, i64 %k
+  %67 = load <8 x float>, ptr %acc20, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %43, <8 x float> %67)
+  store <8 x float> %68, ptr %acc20, align 4
+  %69 = load <8 x float>, ptr %acc21, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %46, <8 x float> %69)
+  store <8 x float> %70, ptr %acc21, align 4
+  %71 = getelementptr inbounds float, ptr %26, i64 %k
   %72 = load float, ptr %71, align 4
   %73 = insertelement <8 x float> poison, float %72, i32 0
   %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc40, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc40, align 4
-  %77 = load <8 x float>, ptr %acc41, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc41, align 4
-  %79 = getelementptr inbounds float, ptr %a5, i64 %k
+  %75 = load <8 x float>, ptr %acc30, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %43, <8 x float> %75)
+  store <8 x float> %76, ptr %acc30, align 4
+  %77 = load <8 x float>, ptr %acc31, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %46, <8 x float> %77)
+  store <8 x float> %78, ptr %acc31, align 4
+  %79 = getelementptr inbounds float, ptr %32, i64 %k
   %80 = load float, ptr %79, align 4
   %81 = insertelement <8 x float> poison, float %80, i32 0
   %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc50, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = load <8 x float>, ptr %acc51, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc51, align 4
-  %87 = add nsw i64 %k, 1
+  %83 = load <8 x float>, ptr %acc40, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %43, <8 x float> %83)
+  store <8 x float> %84, ptr %acc40, align 4
+  %85 = load <8 x float>, ptr %acc41, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %46, <8 x float> %85)
+  store <8 x float> %86, ptr %acc41, align 4
+  %87 = getelementptr inbounds float, ptr %38, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc50, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %43, <8 x float> %91)
+  store <8 x float> %92, ptr %acc50, align 4
+  %93 = load <8 x float>, ptr %acc51, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %46, <8 x float> %93)
+  store <8 x float> %94, ptr %acc51, align 4
+  %95 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %88 = add nsw i64 %r0, 0
-  %89 = getelementptr inbounds float, ptr %rw, i64 %88
-  %w = load float, ptr %89, align 4
-  %90 = insertelement <8 x float> poison, float %w, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = mul nsw i64 %88, 2816
-  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %96 = add nsw i64 %r0, 0
+  %97 = getelementptr inbounds float, ptr %rw, i64 %96
+  %98 = load float, ptr %97, align 4
+  %99 = insertelement <8 x float> poison, float %98, i32 0
+  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
+  %101 = mul nsw i64 %96, 2816
+  %102 = getelementptr inbounds float, ptr %h, i64 %101
   %col = mul nsw i64 %p, 8
-  %94 = load <8 x float>, ptr %acc00, align 4
-  %95 = load <8 x float>, ptr %acc01, align 4
-  %96 = fneg <8 x float> %94
-  %97 = fcmp olt <8 x float> %96, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %98 = select <8 x i1> %97, <8 x float> %96, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %99 = fcmp ogt <8 x float> %98, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %100 = select <8 x i1> %99, <8 x float> %98, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %100, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n = call <8 x float> @llvm.floor.v8f32(<8 x float> %101)
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %100)
-  %exp.r = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %102)
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %exp.r, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %exp.r, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %exp.r, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %exp.r, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %108 = fmul <8 x float> %exp.r, %exp.r
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %108, <8 x float> %exp.r)
-  %110 = fadd <8 x float> %109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %111 = fptosi <8 x float> %exp.n to <8 x i32>
-  %112 = add <8 x i32> %111, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %113 = shl <8 x i32> %112, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %113 to <8 x float>
-  %exp = fmul <8 x float> %110, %exp.2n
-  %114 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %114
-  %silu = fmul <8 x float> %94, %sigmoid
-  %glu = fmul <8 x float> %silu, %95
-  %115 = fmul <8 x float> %glu, %91
-  %116 = getelementptr inbounds float, ptr %93, i64 %col
-  store <8 x float> %115, ptr %116, align 4
-  %117 = add nsw i64 %r0, 1
-  %118 = getelementptr inbounds float, ptr %rw, i64 %117
-  %w1 = load float, ptr %118, align 4
-  %119 = insertelement <8 x float> poison, float %w1, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %117, 2816
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
-  %col2 = mul nsw i64 %p, 8
-  %123 = load <8 x float>, ptr %acc10, align 4
-  %124 = load <8 x float>, ptr %acc11, align 4
-  %125 = fneg <8 x float> %123
-  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n3 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
-  %exp.r4 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n3, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %131)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r4, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %exp.r4, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %exp.r4, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %exp.r4, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %exp.r4, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %137 = fmul <8 x float> %exp.r4, %exp.r4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %137, <8 x float> %exp.r4)
-  %139 = fadd <8 x float> %138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %140 = fptosi <8 x float> %exp.n3 to <8 x i32>
-  %141 = add <8 x i32> %140, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %142 = shl <8 x i32> %141, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n5 = bitcast <8 x i32> %142 to <8 x float>
-  %exp6 = fmul <8 x float> %139, %exp.2n5
-  %143 = fadd <8 x float> %exp6, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid7 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %143
-  %silu8 = fmul <8 x float> %123, %sigmoid7
-  %glu9 = fmul <8 x float> %silu8, %124
-  %144 = fmul <8 x float> %glu9, %120
-  %145 = getelementptr inbounds float, ptr %122, i64 %col2
-  store <8 x float> %144, ptr %145, align 4
-  %146 = add nsw i64 %r0, 2
-  %147 = getelementptr inbounds float, ptr %rw, i64 %146
-  %w10 = load float, ptr %147, align 4
-  %148 = insertelement <8 x float> poison, float %w10, i32 0
-  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
-  %150 = mul nsw i64 %146, 2816
-  %151 = getelementptr inbounds float, ptr %h, i64 %150
-  %col11 = mul nsw i64 %p, 8
-  %152 = load <8 x float>, ptr %acc20, align 4
-  %153 = load <8 x float>, ptr %acc21, align 4
-  %154 = fneg <8 x float> %152
-  %155 = fcmp olt <8 x float> %154, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %156 = select <8 x i1> %155, <8 x float> %154, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %157 = fcmp ogt <8 x float> %156, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n12 = call <8 x float> @llvm.floor.v8f32(<8 x float> %159)
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %158)
-  %exp.r13 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n12, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %160)
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r13, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %exp.r13, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %exp.r13, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %exp.r13, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> %exp.r13, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %166 = fmul <8 x float> %exp.r13, %exp.r13
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %166, <8 x float> %exp.r13)
-  %168 = fadd <8 x float> %167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %169 = fptosi <8 x float> %exp.n12 to <8 x i32>
-  %170 = add <8 x i32> %169, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %171 = shl <8 x i32> %170, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %171 to <8 x float>
-  %exp15 = fmul <8 x float> %168, %exp.2n14
-  %172 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %172
-  %silu17 = fmul <8 x float> %152, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %153
-  %173 = fmul <8 x float> %glu18, %149
-  %174 = getelementptr inbounds float, ptr %151, i64 %col11
-  store <8 x float> %173, ptr %174, align 4
-  %175 = add nsw i64 %r0, 3
-  %176 = getelementptr inbounds float, ptr %rw, i64 %175
-  %w19 = load float, ptr %176, align 4
-  %177 = insertelement <8 x float> poison, float %w19, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = mul nsw i64 %175, 2816
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
-  %col20 = mul nsw i64 %p, 8
-  %181 = load <8 x float>, ptr %acc30, align 4
-  %182 = load <8 x float>, ptr %acc31, align 4
-  %183 = fneg <8 x float> %181
-  %184 = fcmp olt <8 x float> %183, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %186 = fcmp ogt <8 x float> %185, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n21 = call <8 x float> @llvm.floor.v8f32(<8 x float> %188)
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %187)
-  %exp.r22 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n21, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %189)
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r22, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %exp.r22, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %exp.r22, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %exp.r22, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %exp.r22, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %195 = fmul <8 x float> %exp.r22, %exp.r22
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %exp.r22)
-  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %198 = fptosi <8 x float> %exp.n21 to <8 x i32>
-  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %200 to <8 x float>
-  %exp24 = fmul <8 x float> %197, %exp.2n23
-  %201 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
-  %silu26 = fmul <8 x float> %181, %sigmoid25
-  %glu27 = fmul <8 x float> %silu26, %182
-  %202 = fmul <8 x float> %glu27, %178
-  %203 = getelementptr inbounds float, ptr %180, i64 %col20
-  store <8 x float> %202, ptr %203, align 4
-  %204 = add nsw i64 %r0, 4
-  %205 = getelementptr inbounds float, ptr %rw, i64 %204
-  %w28 = load float, ptr %205, align 4
-  %206 = insertelement <8 x float> poison, float %w28, i32 0
-  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
-  %208 = mul nsw i64 %204, 2816
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %col29 = mul nsw i64 %p, 8
-  %210 = load <8 x float>, ptr %acc40, align 4
-  %211 = load <8 x float>, ptr %acc41, align 4
-  %212 = fneg <8 x float> %210
-  %213 = fcmp olt <8 x float> %212, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %214 = select <8 x i1> %213, <8 x float> %212, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %215 = fcmp ogt <8 x float> %214, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %216 = select <8 x i1> %215, <8 x float> %214, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n30 = call <8 x float> @llvm.floor.v8f32(<8 x float> %217)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %216)
-  %exp.r31 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n30, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %218)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r31, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %exp.r31, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %exp.r31, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %exp.r31, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %exp.r31, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %224 = fmul <8 x float> %exp.r31, %exp.r31
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %224, <8 x float> %exp.r31)
-  %226 = fadd <8 x float> %225, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %227 = fptosi <8 x float> %exp.n30 to <8 x i32>
-  %228 = add <8 x i32> %227, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %229 = shl <8 x i32> %228, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n32 = bitcast <8 x i32> %229 to <8 x float>
-  %exp33 = fmul <8 x float> %226, %exp.2n32
-  %230 = fadd <8 x float> %exp33, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid34 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %230
-  %silu35 = fmul <8 x float> %210, %sigmoid34
-  %glu36 = fmul <8 x float> %silu35, %211
-  %231 = fmul <8 x float> %glu36, %207
-  %232 = getelementptr inbounds float, ptr %209, i64 %col29
-  store <8 x float> %231, ptr %232, align 4
-  %233 = add nsw i64 %r0, 5
-  %234 = getelementptr inbounds float, ptr %rw, i64 %233
-  %w37 = load float, ptr %234, align 4
-  %235 = insertelement <8 x float> poison, float %w37, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = mul nsw i64 %233, 2816
-  %238 = getelementptr inbounds float, ptr %h, i64 %237
-  %col38 = mul nsw i64 %p, 8
-  %239 = load <8 x float>, ptr %acc50, align 4
-  %240 = load <8 x float>, ptr %acc51, align 4
-  %241 = fneg <8 x float> %239
-  %242 = fcmp olt <8 x float> %241, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %243 = select <8 x i1> %242, <8 x float> %241, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %244 = fcmp ogt <8 x float> %243, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n39 = call <8 x float> @llvm.floor.v8f32(<8 x float> %246)
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %245)
-  %exp.r40 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n39, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %247)
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r40, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %exp.r40, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %exp.r40, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %exp.r40, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %exp.r40, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %253 = fmul <8 x float> %exp.r40, %exp.r40
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %253, <8 x float> %exp.r40)
-  %255 = fadd <8 x float> %254, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %256 = fptosi <8 x float> %exp.n39 to <8 x i32>
-  %257 = add <8 x i32> %256, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %258 = shl <8 x i32> %257, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n41 = bitcast <8 x i32> %258 to <8 x float>
-  %exp42 = fmul <8 x float> %255, %exp.2n41
-  %259 = fadd <8 x float> %exp42, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid43 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %259
-  %silu44 = fmul <8 x float> %239, %sigmoid43
-  %glu45 = fmul <8 x float> %silu44, %240
-  %260 = fmul <8 x float> %glu45, %236
-  %261 = getelementptr inbounds float, ptr %238, i64 %col38
-  store <8 x float> %260, ptr %261, align 4
+  %103 = load <8 x float>, ptr %acc00, align 4
+  %104 = load <8 x float>, ptr %acc01, align 4
+  %105 = fneg <8 x float> %103
+  %106 = fcmp olt <8 x float> %105, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %107 = select <8 x i1> %106, <8 x float> %105, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %108 = fcmp ogt <8 x float> %107, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %109 = select <8 x i1> %108, <8 x float> %107, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %111 = call <8 x float> @llvm.floor.v8f32(<8 x float> %110)
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %109)
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %112)
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %113, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %113, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %113, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %113, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %113, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %119 = fmul <8 x float> %113, %113
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %119, <8 x float> %113)
+  %121 = fadd <8 x float> %120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %122 = fptosi <8 x float> %111 to <8 x i32>
+  %123 = add <8 x i32> %122, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %124 = shl <8 x i32> %123, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %124 to <8 x float>
+  %exp = fmul <8 x float> %121, %exp.2n
+  %125 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %125
+  %silu = fmul <8 x float> %103, %sigmoid
+  %glu = fmul <8 x float> %silu, %104
+  %126 = fmul <8 x float> %glu, %100
+  %127 = getelementptr inbounds float, ptr %102, i64 %col
+  store <8 x float> %126, ptr %127, align 4
+  %128 = add nsw i64 %r0, 1
+  %129 = getelementptr inbounds float, ptr %rw, i64 %128
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = mul nsw i64 %128, 2816
+  %134 = getelementptr inbounds float, ptr %h, i64 %133
+  %col1 = mul nsw i64 %p, 8
+  %135 = load <8 x float>, ptr %acc10, align 4
+  %136 = load <8 x float>, ptr %acc11, align 4
+  %137 = fneg <8 x float> %135
+  %138 = fcmp olt <8 x float> %137, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %139 = select <8 x i1> %138, <8 x float> %137, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %140 = fcmp ogt <8 x float> %139, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %141 = select <8 x i1> %140, <8 x float> %139, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %143 = call <8 x float> @llvm.floor.v8f32(<8 x float> %142)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %141)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %144)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %145, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %145, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %145, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %145, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %145, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %151 = fmul <8 x float> %145, %145
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %151, <8 x float> %145)
+  %153 = fadd <8 x float> %152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %154 = fptosi <8 x float> %143 to <8 x i32>
+  %155 = add <8 x i32> %154, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %156 = shl <8 x i32> %155, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %156 to <8 x float>
+  %exp3 = fmul <8 x float> %153, %exp.2n2
+  %157 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %157
+  %silu5 = fmul <8 x float> %135, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %136
+  %158 = fmul <8 x float> %glu6, %132
+  %159 = getelementptr inbounds float, ptr %134, i64 %col1
+  store <8 x float> %158, ptr %159, align 4
+  %160 = add nsw i64 %r0, 2
+  %161 = getelementptr inbounds float, ptr %rw, i64 %160
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = mul nsw i64 %160, 2816
+  %166 = getelementptr inbounds float, ptr %h, i64 %165
+  %col7 = mul nsw i64 %p, 8
+  %167 = load <8 x float>, ptr %acc20, align 4
+  %168 = load <8 x float>, ptr %acc21, align 4
+  %169 = fneg <8 x float> %167
+  %170 = fcmp olt <8 x float> %169, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %171 = select <8 x i1> %170, <8 x float> %169, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %172 = fcmp ogt <8 x float> %171, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %173 = select <8 x i1> %172, <8 x float> %171, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %175 = call <8 x float> @llvm.floor.v8f32(<8 x float> %174)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %173)
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %176)
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %177, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %177, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %177, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %177, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %177, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %183 = fmul <8 x float> %177, %177
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %183, <8 x float> %177)
+  %185 = fadd <8 x float> %184, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %186 = fptosi <8 x float> %175 to <8 x i32>
+  %187 = add <8 x i32> %186, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %188 = shl <8 x i32> %187, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %188 to <8 x float>
+  %exp9 = fmul <8 x float> %185, %exp.2n8
+  %189 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %189
+  %silu11 = fmul <8 x float> %167, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %168
+  %190 = fmul <8 x float> %glu12, %164
+  %191 = getelementptr inbounds float, ptr %166, i64 %col7
+  store <8 x float> %190, ptr %191, align 4
+  %192 = add nsw i64 %r0, 3
+  %193 = getelementptr inbounds float, ptr %rw, i64 %192
+  %194 = load float, ptr %193, align 4
+  %195 = insertelement <8 x float> poison, float %194, i32 0
+  %196 = shufflevector <8 x float> %195, <8 x float> poison, <8 x i32> zeroinitializer
+  %197 = mul nsw i64 %192, 2816
+  %198 = getelementptr inbounds float, ptr %h, i64 %197
+  %col13 = mul nsw i64 %p, 8
+  %199 = load <8 x float>, ptr %acc30, align 4
+  %200 = load <8 x float>, ptr %acc31, align 4
+  %201 = fneg <8 x float> %199
+  %202 = fcmp olt <8 x float> %201, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %203 = select <8 x i1> %202, <8 x float> %201, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %204 = fcmp ogt <8 x float> %203, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %205 = select <8 x i1> %204, <8 x float> %203, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %206)
+  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %205)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %208)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %209, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %209, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %209, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %209, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %209, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %215 = fmul <8 x float> %209, %209
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %215, <8 x float> %209)
+  %217 = fadd <8 x float> %216, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %218 = fptosi <8 x float> %207 to <8 x i32>
+  %219 = add <8 x i32> %218, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %220 = shl <8 x i32> %219, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %220 to <8 x float>
+  %exp15 = fmul <8 x float> %217, %exp.2n14
+  %221 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %221
+  %silu17 = fmul <8 x float> %199, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %200
+  %222 = fmul <8 x float> %glu18, %196
+  %223 = getelementptr inbounds float, ptr %198, i64 %col13
+  store <8 x float> %222, ptr %223, align 4
+  %224 = add nsw i64 %r0, 4
+  %225 = getelementptr inbounds float, ptr %rw, i64 %224
+  %226 = load float, ptr %225, align 4
+  %227 = insertelement <8 x float> poison, float %226, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = mul nsw i64 %224, 2816
+  %230 = getelementptr inbounds float, ptr %h, i64 %229
+  %col19 = mul nsw i64 %p, 8
+  %231 = load <8 x float>, ptr %acc40, align 4
+  %232 = load <8 x float>, ptr %acc41, align 4
+  %233 = fneg <8 x float> %231
+  %234 = fcmp olt <8 x float> %233, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %236 = fcmp ogt <8 x float> %235, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %238)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %237)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %240)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %241, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %241, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %241, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %241, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %241, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %247 = fmul <8 x float> %241, %241
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %247, <8 x float> %241)
+  %249 = fadd <8 x float> %248, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %250 = fptosi <8 x float> %239 to <8 x i32>
+  %251 = add <8 x i32> %250, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %252 = shl <8 x i32> %251, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %252 to <8 x float>
+  %exp21 = fmul <8 x float> %249, %exp.2n20
+  %253 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %253
+  %silu23 = fmul <8 x float> %231, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %232
+  %254 = fmul <8 x float> %glu24, %228
+  %255 = getelementptr inbounds float, ptr %230, i64 %col19
+  store <8 x float> %254, ptr %255, align 4
+  %256 = add nsw i64 %r0, 5
+  %257 = getelementptr inbounds float, ptr %rw, i64 %256
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = mul nsw i64 %256, 2816
+  %262 = getelementptr inbounds float, ptr %h, i64 %261
+  %col25 = mul nsw i64 %p, 8
+  %263 = load <8 x float>, ptr %acc50, align 4
+  %264 = load <8 x float>, ptr %acc51, align 4
+  %265 = fneg <8 x float> %263
+  %266 = fcmp olt <8 x float> %265, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %267 = select <8 x i1> %266, <8 x float> %265, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %268 = fcmp ogt <8 x float> %267, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %269 = select <8 x i1> %268, <8 x float> %267, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %271 = call <8 x float> @llvm.floor.v8f32(<8 x float> %270)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %269)
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %272)
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %273, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %273, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %273, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %273, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %273, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %279 = fmul <8 x float> %273, %273
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %279, <8 x float> %273)
+  %281 = fadd <8 x float> %280, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %282 = fptosi <8 x float> %271 to <8 x i32>
+  %283 = add <8 x i32> %282, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %284 = shl <8 x i32> %283, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %284 to <8 x float>
+  %exp27 = fmul <8 x float> %281, %exp.2n26
+  %285 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %285
+  %silu29 = fmul <8 x float> %263, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %264
+  %286 = fmul <8 x float> %glu30, %260
+  %287 = getelementptr inbounds float, ptr %262, i64 %col25
+  store <8 x float> %286, ptr %287, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %262 = add nsw i64 %r0, 0
-  %263 = getelementptr inbounds i32, ptr %rows, i64 %262
-  %264 = load i32, ptr %263, align 4
-  %265 = sext i32 %264 to i64
-  %266 = mul nsw i64 %265, 1024
-  %a046 = getelementptr inbounds float, ptr %x, i64 %266
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %269 = load i32, ptr %268, align 4
-  %270 = sext i32 %269 to i64
-  %271 = mul nsw i64 %270, 1024
-  %a149 = getelementptr inbounds float, ptr %x, i64 %271
-  store <8 x float> zeroinitializer, ptr %acc1050, align 4
-  store <8 x float> zeroinitializer, ptr %acc1151, align 4
-  %272 = add nsw i64 %r0, 2
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %272
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 1024
-  %a252 = getelementptr inbounds float, ptr %x, i64 %276
-  store <8 x float> zeroinitializer, ptr %acc2053, align 4
-  store <8 x float> zeroinitializer, ptr %acc2154, align 4
-  %277 = add nsw i64 %r0, 3
-  %278 = getelementptr inbounds i32, ptr %rows, i64 %277
-  %279 = load i32, ptr %278, align 4
-  %280 = sext i32 %279 to i64
-  %281 = mul nsw i64 %280, 1024
-  %a355 = getelementptr inbounds float, ptr %x, i64 %281
-  store <8 x float> zeroinitializer, ptr %acc3056, align 4
-  store <8 x float> zeroinitializer, ptr %acc3157, align 4
-  %282 = add nsw i64 %r0, 4
-  %283 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %284 = load i32, ptr %283, align 4
-  %285 = sext i32 %284 to i64
-  %286 = mul nsw i64 %285, 1024
-  %a458 = getelementptr inbounds float, ptr %x, i64 %286
-  store <8 x float> zeroinitializer, ptr %acc4059, align 4
-  store <8 x float> zeroinitializer, ptr %acc4160, align 4
-  %panel.off61 = mul nsw i64 %p, 16384
-  br label %k.head62
+  %288 = add nsw i64 %r0, 0
+  %289 = getelementptr inbounds i32, ptr %rows, i64 %288
+  %290 = load i32, ptr %289, align 4
+  %291 = sext i32 %290 to i64
+  %292 = mul nsw i64 %291, 1024
+  %293 = getelementptr inbounds float, ptr %x, i64 %292
+  store <8 x float> zeroinitializer, ptr %acc0031, align 4
+  store <8 x float> zeroinitializer, ptr %acc0132, align 4
+  %294 = add nsw i64 %r0, 1
+  %295 = getelementptr inbounds i32, ptr %rows, i64 %294
+  %296 = load i32, ptr %295, align 4
+  %297 = sext i32 %296 to i64
+  %298 = mul nsw i64 %297, 1024
+  %299 = getelementptr inbounds float, ptr %x, i64 %298
+  store <8 x float> zeroinitializer, ptr %acc1033, align 4
+  store <8 x float> zeroinitializer, ptr %acc1134, align 4
+  %300 = add nsw i64 %r0, 2
+  %301 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %302 = load i32, ptr %301, align 4
+  %303 = sext i32 %302 to i64
+  %304 = mul nsw i64 %303, 1024
+  %305 = getelementptr inbounds float, ptr %x, i64 %304
+  store <8 x float> zeroinitializer, ptr %acc2035, align 4
+  store <8 x float> zeroinitializer, ptr %acc2136, align 4
+  %306 = add nsw i64 %r0, 3
+  %307 = getelementptr inbounds i32, ptr %rows, i64 %306
+  %308 = load i32, ptr %307, align 4
+  %309 = sext i32 %308 to i64
+  %310 = mul nsw i64 %309, 1024
+  %311 = getelementptr inbounds float, ptr %x, i64 %310
+  store <8 x float> zeroinitializer, ptr %acc3037, align 4
+  store <8 x float> zeroinitializer, ptr %acc3138, align 4
+  %312 = add nsw i64 %r0, 4
+  %313 = getelementptr inbounds i32, ptr %rows, i64 %312
+  %314 = load i32, ptr %313, align 4
+  %315 = sext i32 %314 to i64
+  %316 = mul nsw i64 %315, 1024
+  %317 = getelementptr inbounds float, ptr %x, i64 %316
+  store <8 x float> zeroinitializer, ptr %acc4039, align 4
+  store <8 x float> zeroinitializer, ptr %acc4140, align 4
+  %panel.off41 = mul nsw i64 %p, 16384
+  br label %k.head42
 
-k.head62:                                         ; preds = %k.body63, %tile.mr5
-  %k65 = phi i64 [ 0, %tile.mr5 ], [ %333, %k.body63 ]
-  %287 = icmp slt i64 %k65, 1024
-  br i1 %287, label %k.body63, label %k.end64
+k.head42:                                         ; preds = %k.body43, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %366, %k.body43 ]
+  %318 = icmp slt i64 %k45, 1024
+  br i1 %318, label %k.body43, label %k.end44
 
-k.body63:                                         ; preds = %k.head62
-  %288 = mul nsw i64 %k65, 16
-  %289 = add nsw i64 %panel.off61, %288
-  %290 = getelementptr inbounds float, ptr %panels, i64 %289
-  %b066 = load <8 x float>, ptr %290, align 4
-  %291 = add nsw i64 %289, 8
-  %292 = getelementptr inbounds float, ptr %panels, i64 %291
-  %b167 = load <8 x float>, ptr %292, align 4
-  %293 = getelementptr inbounds float, ptr %a046, i64 %k65
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = load <8 x float>, ptr %acc0047, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b066, <8 x float> %297)
-  store <8 x float> %298, ptr %acc0047, align 4
-  %299 = load <8 x float>, ptr %acc0148, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b167, <8 x float> %299)
-  store <8 x float> %300, ptr %acc0148, align 4
-  %301 = getelementptr inbounds float, ptr %a149, i64 %k65
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <8 x float> poison, float %302, i32 0
-  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
-  %305 = load <8 x float>, ptr %acc1050, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b066, <8 x float> %305)
-  store <8 x float> %306, ptr %acc1050, align 4
-  %307 = load <8 x float>, ptr %acc1151, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b167, <8 x float> %307)
-  store <8 x float> %308, ptr %acc1151, align 4
-  %309 = getelementptr inbounds float, ptr %a252, i64 %k65
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc2053, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b066, <8 x float> %313)
-  store <8 x float> %314, ptr %acc2053, align 4
-  %315 = load <8 x float>, ptr %acc2154, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b167, <8 x float> %315)
-  store <8 x float> %316, ptr %acc2154, align 4
-  %317 = getelementptr inbounds float, ptr %a355, i64 %k65
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc3056, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b066, <8 x float> %321)
-  store <8 x float> %322, ptr %acc3056, align 4
-  %323 = load <8 x float>, ptr %acc3157, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %b167, <8 x float> %323)
-  store <8 x float> %324, ptr %acc3157, align 4
-  %325 = getelementptr inbounds float, ptr %a458, i64 %k65
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc4059, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b066, <8 x float> %329)
-  store <8 x float> %330, ptr %acc4059, align 4
-  %331 = load <8 x float>, ptr %acc4160, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b167, <8 x float> %331)
-  store <8 x float> %332, ptr %acc4160, align 4
-  %333 = add nsw i64 %k65, 1
-  br label %k.head62
-
-k.end64:                                          ; preds = %k.head62
-  %334 = add nsw i64 %r0, 0
-  %335 = getelementptr inbounds float, ptr %rw, i64 %334
-  %w68 = load float, ptr %335, align 4
-  %336 = insertelement <8 x float> poison, float %w68, i32 0
+k.body43:                                         ; preds = %k.head42
+  %319 = mul nsw i64 %k45, 16
+  %320 = add nsw i64 %panel.off41, %319
+  %321 = getelementptr inbounds float, ptr %panels, i64 %320
+  %322 = load <8 x float>, ptr %321, align 4
+  %323 = add nsw i64 %320, 8
+  %324 = getelementptr inbounds float, ptr %panels, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  %326 = getelementptr inbounds float, ptr %293, i64 %k45
+  %327 = load float, ptr %326, align 4
+  %328 = insertelement <8 x float> poison, float %327, i32 0
+  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
+  %330 = load <8 x float>, ptr %acc0031, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %322, <8 x float> %330)
+  store <8 x float> %331, ptr %acc0031, align 4
+  %332 = load <8 x float>, ptr %acc0132, align 4
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %325, <8 x float> %332)
+  store <8 x float> %333, ptr %acc0132, align 4
+  %334 = getelementptr inbounds float, ptr %299, i64 %k45
+  %335 = load float, ptr %334, align 4
+  %336 = insertelement <8 x float> poison, float %335, i32 0
   %337 = shufflevector <8 x float> %336, <8 x float> poison, <8 x i32> zeroinitializer
-  %338 = mul nsw i64 %334, 2816
-  %339 = getelementptr inbounds float, ptr %h, i64 %338
-  %col69 = mul nsw i64 %p, 8
-  %340 = load <8 x float>, ptr %acc0047, align 4
-  %341 = load <8 x float>, ptr %acc0148, align 4
-  %342 = fneg <8 x float> %340
-  %343 = fcmp olt <8 x float> %342, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %344 = select <8 x i1> %343, <8 x float> %342, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %345 = fcmp ogt <8 x float> %344, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %346 = select <8 x i1> %345, <8 x float> %344, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n70 = call <8 x float> @llvm.floor.v8f32(<8 x float> %347)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n70, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %346)
-  %exp.r71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n70, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %348)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r71, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %exp.r71, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %exp.r71, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %exp.r71, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %exp.r71, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %354 = fmul <8 x float> %exp.r71, %exp.r71
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %354, <8 x float> %exp.r71)
-  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %357 = fptosi <8 x float> %exp.n70 to <8 x i32>
-  %358 = add <8 x i32> %357, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %359 = shl <8 x i32> %358, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n72 = bitcast <8 x i32> %359 to <8 x float>
-  %exp73 = fmul <8 x float> %356, %exp.2n72
-  %360 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %360
-  %silu75 = fmul <8 x float> %340, %sigmoid74
-  %glu76 = fmul <8 x float> %silu75, %341
-  %361 = fmul <8 x float> %glu76, %337
-  %362 = getelementptr inbounds float, ptr %339, i64 %col69
-  store <8 x float> %361, ptr %362, align 4
-  %363 = add nsw i64 %r0, 1
-  %364 = getelementptr inbounds float, ptr %rw, i64 %363
-  %w77 = load float, ptr %364, align 4
-  %365 = insertelement <8 x float> poison, float %w77, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = mul nsw i64 %363, 2816
-  %368 = getelementptr inbounds float, ptr %h, i64 %367
-  %col78 = mul nsw i64 %p, 8
-  %369 = load <8 x float>, ptr %acc1050, align 4
-  %370 = load <8 x float>, ptr %acc1151, align 4
-  %371 = fneg <8 x float> %369
-  %372 = fcmp olt <8 x float> %371, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %374 = fcmp ogt <8 x float> %373, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n79 = call <8 x float> @llvm.floor.v8f32(<8 x float> %376)
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n79, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %375)
-  %exp.r80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n79, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %377)
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r80, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %exp.r80, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %exp.r80, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %exp.r80, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %exp.r80, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %383 = fmul <8 x float> %exp.r80, %exp.r80
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %383, <8 x float> %exp.r80)
-  %385 = fadd <8 x float> %384, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %386 = fptosi <8 x float> %exp.n79 to <8 x i32>
-  %387 = add <8 x i32> %386, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %388 = shl <8 x i32> %387, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n81 = bitcast <8 x i32> %388 to <8 x float>
-  %exp82 = fmul <8 x float> %385, %exp.2n81
-  %389 = fadd <8 x float> %exp82, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid83 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %389
-  %silu84 = fmul <8 x float> %369, %sigmoid83
-  %glu85 = fmul <8 x float> %silu84, %370
-  %390 = fmul <8 x float> %glu85, %366
-  %391 = getelementptr inbounds float, ptr %368, i64 %col78
-  store <8 x float> %390, ptr %391, align 4
-  %392 = add nsw i64 %r0, 2
-  %393 = getelementptr inbounds float, ptr %rw, i64 %392
-  %w86 = load float, ptr %393, align 4
-  %394 = insertelement <8 x float> poison, float %w86, i32 0
-  %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
-  %396 = mul nsw i64 %392, 2816
-  %397 = getelementptr inbounds float, ptr %h, i64 %396
-  %col87 = mul nsw i64 %p, 8
-  %398 = load <8 x float>, ptr %acc2053, align 4
-  %399 = load <8 x float>, ptr %acc2154, align 4
-  %400 = fneg <8 x float> %398
-  %401 = fcmp olt <8 x float> %400, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %402 = select <8 x i1> %401, <8 x float> %400, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %403 = fcmp ogt <8 x float> %402, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %404 = select <8 x i1> %403, <8 x float> %402, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n88 = call <8 x float> @llvm.floor.v8f32(<8 x float> %405)
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n88, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %404)
-  %exp.r89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n88, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %406)
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r89, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %exp.r89, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %exp.r89, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %exp.r89, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %exp.r89, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %412 = fmul <8 x float> %exp.r89, %exp.r89
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %412, <8 x float> %exp.r89)
-  %414 = fadd <8 x float> %413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %415 = fptosi <8 x float> %exp.n88 to <8 x i32>
-  %416 = add <8 x i32> %415, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %417 = shl <8 x i32> %416, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n90 = bitcast <8 x i32> %417 to <8 x float>
-  %exp91 = fmul <8 x float> %414, %exp.2n90
-  %418 = fadd <8 x float> %exp91, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid92 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %418
-  %silu93 = fmul <8 x float> %398, %sigmoid92
-  %glu94 = fmul <8 x float> %silu93, %399
-  %419 = fmul <8 x float> %glu94, %395
-  %420 = getelementptr inbounds float, ptr %397, i64 %col87
-  store <8 x float> %419, ptr %420, align 4
-  %421 = add nsw i64 %r0, 3
-  %422 = getelementptr inbounds float, ptr %rw, i64 %421
-  %w95 = load float, ptr %422, align 4
-  %423 = insertelement <8 x float> poison, float %w95, i32 0
-  %424 = shufflevector <8 x float> %423, <8 x float> poison, <8 x i32> zeroinitializer
-  %425 = mul nsw i64 %421, 2816
-  %426 = getelementptr inbounds float, ptr %h, i64 %425
-  %col96 = mul nsw i64 %p, 8
-  %427 = load <8 x float>, ptr %acc3056, align 4
-  %428 = load <8 x float>, ptr %acc3157, align 4
-  %429 = fneg <8 x float> %427
-  %430 = fcmp olt <8 x float> %429, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %431 = select <8 x i1> %430, <8 x float> %429, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %432 = fcmp ogt <8 x float> %431, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %433 = select <8 x i1> %432, <8 x float> %431, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n97 = call <8 x float> @llvm.floor.v8f32(<8 x float> %434)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n97, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %433)
-  %exp.r98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n97, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %435)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r98, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %exp.r98, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %exp.r98, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %exp.r98, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %exp.r98, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %441 = fmul <8 x float> %exp.r98, %exp.r98
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %441, <8 x float> %exp.r98)
-  %443 = fadd <8 x float> %442, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %444 = fptosi <8 x float> %exp.n97 to <8 x i32>
-  %445 = add <8 x i32> %444, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %446 = shl <8 x i32> %445, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n99 = bitcast <8 x i32> %446 to <8 x float>
-  %exp100 = fmul <8 x float> %443, %exp.2n99
-  %447 = fadd <8 x float> %exp100, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid101 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %447
-  %silu102 = fmul <8 x float> %427, %sigmoid101
-  %glu103 = fmul <8 x float> %silu102, %428
-  %448 = fmul <8 x float> %glu103, %424
-  %449 = getelementptr inbounds float, ptr %426, i64 %col96
-  store <8 x float> %448, ptr %449, align 4
-  %450 = add nsw i64 %r0, 4
-  %451 = getelementptr inbounds float, ptr %rw, i64 %450
-  %w104 = load float, ptr %451, align 4
-  %452 = insertelement <8 x float> poison, float %w104, i32 0
-  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
-  %454 = mul nsw i64 %450, 2816
-  %455 = getelementptr inbounds float, ptr %h, i64 %454
-  %col105 = mul nsw i64 %p, 8
-  %456 = load <8 x float>, ptr %acc4059, align 4
-  %457 = load <8 x float>, ptr %acc4160, align 4
-  %458 = fneg <8 x float> %456
-  %459 = fcmp olt <8 x float> %458, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %461 = fcmp ogt <8 x float> %460, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %462 = select <8 x i1> %461, <8 x float> %460, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n106 = call <8 x float> @llvm.floor.v8f32(<8 x float> %463)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n106, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %462)
-  %exp.r107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n106, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %464)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r107, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %exp.r107, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %exp.r107, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %exp.r107, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %exp.r107, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %470 = fmul <8 x float> %exp.r107, %exp.r107
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %exp.r107)
-  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %473 = fptosi <8 x float> %exp.n106 to <8 x i32>
-  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n108 = bitcast <8 x i32> %475 to <8 x float>
-  %exp109 = fmul <8 x float> %472, %exp.2n108
-  %476 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
-  %silu111 = fmul <8 x float> %456, %sigmoid110
-  %glu112 = fmul <8 x float> %silu111, %457
-  %477 = fmul <8 x float> %glu112, %453
-  %478 = getelementptr inbounds float, ptr %455, i64 %col105
-  store <8 x float> %477, ptr %478, align 4
+  %338 = load <8 x float>, ptr %acc1033, align 4
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %322, <8 x float> %338)
+  store <8 x float> %339, ptr %acc1033, align 4
+  %340 = load <8 x float>, ptr %acc1134, align 4
+  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %325, <8 x float> %340)
+  store <8 x float> %341, ptr %acc1134, align 4
+  %342 = getelementptr inbounds float, ptr %305, i64 %k45
+  %343 = load float, ptr %342, align 4
+  %344 = insertelement <8 x float> poison, float %343, i32 0
+  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
+  %346 = load <8 x float>, ptr %acc2035, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %322, <8 x float> %346)
+  store <8 x float> %347, ptr %acc2035, align 4
+  %348 = load <8 x float>, ptr %acc2136, align 4
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %325, <8 x float> %348)
+  store <8 x float> %349, ptr %acc2136, align 4
+  %350 = getelementptr inbounds float, ptr %311, i64 %k45
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = load <8 x float>, ptr %acc3037, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %322, <8 x float> %354)
+  store <8 x float> %355, ptr %acc3037, align 4
+  %356 = load <8 x float>, ptr %acc3138, align 4
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %325, <8 x float> %356)
+  store <8 x float> %357, ptr %acc3138, align 4
+  %358 = getelementptr inbounds float, ptr %317, i64 %k45
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc4039, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %322, <8 x float> %362)
+  store <8 x float> %363, ptr %acc4039, align 4
+  %364 = load <8 x float>, ptr %acc4140, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %325, <8 x float> %364)
+  store <8 x float> %365, ptr %acc4140, align 4
+  %366 = add nsw i64 %k45, 1
+  br label %k.head42
+
+k.end44:                                          ; preds = %k.head42
+  %367 = add nsw i64 %r0, 0
+  %368 = getelementptr inbounds float, ptr %rw, i64 %367
+  %369 = load float, ptr %368, align 4
+  %370 = insertelement <8 x float> poison, float %369, i32 0
+  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
+  %372 = mul nsw i64 %367, 2816
+  %373 = getelementptr inbounds float, ptr %h, i64 %372
+  %col46 = mul nsw i64 %p, 8
+  %374 = load <8 x float>, ptr %acc0031, align 4
+  %375 = load <8 x float>, ptr %acc0132, align 4
+  %376 = fneg <8 x float> %374
+  %377 = fcmp olt <8 x float> %376, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %378 = select <8 x i1> %377, <8 x float> %376, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %379 = fcmp ogt <8 x float> %378, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %380 = select <8 x i1> %379, <8 x float> %378, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %382 = call <8 x float> @llvm.floor.v8f32(<8 x float> %381)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %380)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %383)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %384, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %384, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %384, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %384, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %384, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %390 = fmul <8 x float> %384, %384
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %390, <8 x float> %384)
+  %392 = fadd <8 x float> %391, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %393 = fptosi <8 x float> %382 to <8 x i32>
+  %394 = add <8 x i32> %393, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %395 = shl <8 x i32> %394, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n47 = bitcast <8 x i32> %395 to <8 x float>
+  %exp48 = fmul <8 x float> %392, %exp.2n47
+  %396 = fadd <8 x float> %exp48, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid49 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %396
+  %silu50 = fmul <8 x float> %374, %sigmoid49
+  %glu51 = fmul <8 x float> %silu50, %375
+  %397 = fmul <8 x float> %glu51, %371
+  %398 = getelementptr inbounds float, ptr %373, i64 %col46
+  store <8 x float> %397, ptr %398, align 4
+  %399 = add nsw i64 %r0, 1
+  %400 = getelementptr inbounds float, ptr %rw, i64 %399
+  %401 = load float, ptr %400, align 4
+  %402 = insertelement <8 x float> poison, float %401, i32 0
+  %403 = shufflevector <8 x float> %402, <8 x float> poison, <8 x i32> zeroinitializer
+  %404 = mul nsw i64 %399, 2816
+  %405 = getelementptr inbounds float, ptr %h, i64 %404
+  %col52 = mul nsw i64 %p, 8
+  %406 = load <8 x float>, ptr %acc1033, align 4
+  %407 = load <8 x float>, ptr %acc1134, align 4
+  %408 = fneg <8 x float> %406
+  %409 = fcmp olt <8 x float> %408, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %411 = fcmp ogt <8 x float> %410, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %412 = select <8 x i1> %411, <8 x float> %410, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %414 = call <8 x float> @llvm.floor.v8f32(<8 x float> %413)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %412)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %415)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %416, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %416, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %416, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %416, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %416, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %422 = fmul <8 x float> %416, %416
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %422, <8 x float> %416)
+  %424 = fadd <8 x float> %423, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %425 = fptosi <8 x float> %414 to <8 x i32>
+  %426 = add <8 x i32> %425, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %427 = shl <8 x i32> %426, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %427 to <8 x float>
+  %exp54 = fmul <8 x float> %424, %exp.2n53
+  %428 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %428
+  %silu56 = fmul <8 x float> %406, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %407
+  %429 = fmul <8 x float> %glu57, %403
+  %430 = getelementptr inbounds float, ptr %405, i64 %col52
+  store <8 x float> %429, ptr %430, align 4
+  %431 = add nsw i64 %r0, 2
+  %432 = getelementptr inbounds float, ptr %rw, i64 %431
+  %433 = load float, ptr %432, align 4
+  %434 = insertelement <8 x float> poison, float %433, i32 0
+  %435 = shufflevector <8 x float> %434, <8 x float> poison, <8 x i32> zeroinitializer
+  %436 = mul nsw i64 %431, 2816
+  %437 = getelementptr inbounds float, ptr %h, i64 %436
+  %col58 = mul nsw i64 %p, 8
+  %438 = load <8 x float>, ptr %acc2035, align 4
+  %439 = load <8 x float>, ptr %acc2136, align 4
+  %440 = fneg <8 x float> %438
+  %441 = fcmp olt <8 x float> %440, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %443 = fcmp ogt <8 x float> %442, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %444 = select <8 x i1> %443, <8 x float> %442, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %446 = call <8 x float> @llvm.floor.v8f32(<8 x float> %445)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %444)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %447)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %448, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %448, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %448, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %448, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %448, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %454 = fmul <8 x float> %448, %448
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %454, <8 x float> %448)
+  %456 = fadd <8 x float> %455, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %457 = fptosi <8 x float> %446 to <8 x i32>
+  %458 = add <8 x i32> %457, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %459 = shl <8 x i32> %458, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %459 to <8 x float>
+  %exp60 = fmul <8 x float> %456, %exp.2n59
+  %460 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %460
+  %silu62 = fmul <8 x float> %438, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %439
+  %461 = fmul <8 x float> %glu63, %435
+  %462 = getelementptr inbounds float, ptr %437, i64 %col58
+  store <8 x float> %461, ptr %462, align 4
+  %463 = add nsw i64 %r0, 3
+  %464 = getelementptr inbounds float, ptr %rw, i64 %463
+  %465 = load float, ptr %464, align 4
+  %466 = insertelement <8 x float> poison, float %465, i32 0
+  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
+  %468 = mul nsw i64 %463, 2816
+  %469 = getelementptr inbounds float, ptr %h, i64 %468
+  %col64 = mul nsw i64 %p, 8
+  %470 = load <8 x float>, ptr %acc3037, align 4
+  %471 = load <8 x float>, ptr %acc3138, align 4
+  %472 = fneg <8 x float> %470
+  %473 = fcmp olt <8 x float> %472, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %475 = fcmp ogt <8 x float> %474, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %476 = select <8 x i1> %475, <8 x float> %474, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %478 = call <8 x float> @llvm.floor.v8f32(<8 x float> %477)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %476)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %479)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %480, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %480, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %480, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %480, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %480, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %486 = fmul <8 x float> %480, %480
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %486, <8 x float> %480)
+  %488 = fadd <8 x float> %487, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %489 = fptosi <8 x float> %478 to <8 x i32>
+  %490 = add <8 x i32> %489, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %491 = shl <8 x i32> %490, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %491 to <8 x float>
+  %exp66 = fmul <8 x float> %488, %exp.2n65
+  %492 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %492
+  %silu68 = fmul <8 x float> %470, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %471
+  %493 = fmul <8 x float> %glu69, %467
+  %494 = getelementptr inbounds float, ptr %469, i64 %col64
+  store <8 x float> %493, ptr %494, align 4
+  %495 = add nsw i64 %r0, 4
+  %496 = getelementptr inbounds float, ptr %rw, i64 %495
+  %497 = load float, ptr %496, align 4
+  %498 = insertelement <8 x float> poison, float %497, i32 0
+  %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
+  %500 = mul nsw i64 %495, 2816
+  %501 = getelementptr inbounds float, ptr %h, i64 %500
+  %col70 = mul nsw i64 %p, 8
+  %502 = load <8 x float>, ptr %acc4039, align 4
+  %503 = load <8 x float>, ptr %acc4140, align 4
+  %504 = fneg <8 x float> %502
+  %505 = fcmp olt <8 x float> %504, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %507 = fcmp ogt <8 x float> %506, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %508 = select <8 x i1> %507, <8 x float> %506, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %510 = call <8 x float> @llvm.floor.v8f32(<8 x float> %509)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %508)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %511)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %512, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %512, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %512, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %512, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %512, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %518 = fmul <8 x float> %512, %512
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %518, <8 x float> %512)
+  %520 = fadd <8 x float> %519, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %521 = fptosi <8 x float> %510 to <8 x i32>
+  %522 = add <8 x i32> %521, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %523 = shl <8 x i32> %522, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %523 to <8 x float>
+  %exp72 = fmul <8 x float> %520, %exp.2n71
+  %524 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %524
+  %silu74 = fmul <8 x float> %502, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %503
+  %525 = fmul <8 x float> %glu75, %499
+  %526 = getelementptr inbounds float, ptr %501, i64 %col70
+  store <8 x float> %525, ptr %526, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %479 = add nsw i64 %r0, 0
-  %480 = getelementptr inbounds i32, ptr %rows, i64 %479
-  %481 = load i32, ptr %480, align 4
-  %482 = sext i32 %481 to i64
-  %483 = mul nsw i64 %482, 1024
-  %a0113 = getelementptr inbounds float, ptr %x, i64 %483
-  store <8 x float> zeroinitializer, ptr %acc00114, align 4
-  store <8 x float> zeroinitializer, ptr %acc01115, align 4
-  %484 = add nsw i64 %r0, 1
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %484
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 1024
-  %a1116 = getelementptr inbounds float, ptr %x, i64 %488
-  store <8 x float> zeroinitializer, ptr %acc10117, align 4
-  store <8 x float> zeroinitializer, ptr %acc11118, align 4
-  %489 = add nsw i64 %r0, 2
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %489
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 1024
-  %a2119 = getelementptr inbounds float, ptr %x, i64 %493
-  store <8 x float> zeroinitializer, ptr %acc20120, align 4
-  store <8 x float> zeroinitializer, ptr %acc21121, align 4
-  %494 = add nsw i64 %r0, 3
-  %495 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %496 = load i32, ptr %495, align 4
-  %497 = sext i32 %496 to i64
-  %498 = mul nsw i64 %497, 1024
-  %a3122 = getelementptr inbounds float, ptr %x, i64 %498
-  store <8 x float> zeroinitializer, ptr %acc30123, align 4
-  store <8 x float> zeroinitializer, ptr %acc31124, align 4
-  %panel.off125 = mul nsw i64 %p, 16384
-  br label %k.head126
+  %527 = add nsw i64 %r0, 0
+  %528 = getelementptr inbounds i32, ptr %rows, i64 %527
+  %529 = load i32, ptr %528, align 4
+  %530 = sext i32 %529 to i64
+  %531 = mul nsw i64 %530, 1024
+  %532 = getelementptr inbounds float, ptr %x, i64 %531
+  store <8 x float> zeroinitializer, ptr %acc0076, align 4
+  store <8 x float> zeroinitializer, ptr %acc0177, align 4
+  %533 = add nsw i64 %r0, 1
+  %534 = getelementptr inbounds i32, ptr %rows, i64 %533
+  %535 = load i32, ptr %534, align 4
+  %536 = sext i32 %535 to i64
+  %537 = mul nsw i64 %536, 1024
+  %538 = getelementptr inbounds float, ptr %x, i64 %537
+  store <8 x float> zeroinitializer, ptr %acc1078, align 4
+  store <8 x float> zeroinitializer, ptr %acc1179, align 4
+  %539 = add nsw i64 %r0, 2
+  %540 = getelementptr inbounds i32, ptr %rows, i64 %539
+  %541 = load i32, ptr %540, align 4
+  %542 = sext i32 %541 to i64
+  %543 = mul nsw i64 %542, 1024
+  %544 = getelementptr inbounds float, ptr %x, i64 %543
+  store <8 x float> zeroinitializer, ptr %acc2080, align 4
+  store <8 x float> zeroinitializer, ptr %acc2181, align 4
+  %545 = add nsw i64 %r0, 3
+  %546 = getelementptr inbounds i32, ptr %rows, i64 %545
+  %547 = load i32, ptr %546, align 4
+  %548 = sext i32 %547 to i64
+  %549 = mul nsw i64 %548, 1024
+  %550 = getelementptr inbounds float, ptr %x, i64 %549
+  store <8 x float> zeroinitializer, ptr %acc3082, align 4
+  store <8 x float> zeroinitializer, ptr %acc3183, align 4
+  %panel.off84 = mul nsw i64 %p, 16384
+  br label %k.head85
 
-k.head126:                                        ; preds = %k.body127, %tile.mr4
-  %k129 = phi i64 [ 0, %tile.mr4 ], [ %537, %k.body127 ]
-  %499 = icmp slt i64 %k129, 1024
-  br i1 %499, label %k.body127, label %k.end128
+k.head85:                                         ; preds = %k.body86, %tile.mr4
+  %k88 = phi i64 [ 0, %tile.mr4 ], [ %591, %k.body86 ]
+  %551 = icmp slt i64 %k88, 1024
+  br i1 %551, label %k.body86, label %k.end87
 
-k.body127:                                        ; preds = %k.head126
-  %500 = mul nsw i64 %k129, 16
-  %501 = add nsw i64 %panel.off125, %500
-  %502 = getelementptr inbounds float, ptr %panels, i64 %501
-  %b0130 = load <8 x float>, ptr %502, align 4
-  %503 = add nsw i64 %501, 8
-  %504 = getelementptr inbounds float, ptr %panels, i64 %503
-  %b1131 = load <8 x float>, ptr %504, align 4
-  %505 = getelementptr inbounds float, ptr %a0113, i64 %k129
-  %506 = load float, ptr %505, align 4
-  %507 = insertelement <8 x float> poison, float %506, i32 0
-  %508 = shufflevector <8 x float> %507, <8 x float> poison, <8 x i32> zeroinitializer
-  %509 = load <8 x float>, ptr %acc00114, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %b0130, <8 x float> %509)
-  store <8 x float> %510, ptr %acc00114, align 4
-  %511 = load <8 x float>, ptr %acc01115, align 4
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %b1131, <8 x float> %511)
-  store <8 x float> %512, ptr %acc01115, align 4
-  %513 = getelementptr inbounds float, ptr %a1116, i64 %k129
-  %514 = load float, ptr %513, align 4
-  %515 = insertelement <8 x float> poison, float %514, i32 0
-  %516 = shufflevector <8 x float> %515, <8 x float> poison, <8 x i32> zeroinitializer
-  %517 = load <8 x float>, ptr %acc10117, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %b0130, <8 x float> %517)
-  store <8 x float> %518, ptr %acc10117, align 4
-  %519 = load <8 x float>, ptr %acc11118, align 4
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %b1131, <8 x float> %519)
-  store <8 x float> %520, ptr %acc11118, align 4
-  %521 = getelementptr inbounds float, ptr %a2119, i64 %k129
-  %522 = load float, ptr %521, align 4
-  %523 = insertelement <8 x float> poison, float %522, i32 0
-  %524 = shufflevector <8 x float> %523, <8 x float> poison, <8 x i32> zeroinitializer
-  %525 = load <8 x float>, ptr %acc20120, align 4
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %b0130, <8 x float> %525)
-  store <8 x float> %526, ptr %acc20120, align 4
-  %527 = load <8 x float>, ptr %acc21121, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %b1131, <8 x float> %527)
-  store <8 x float> %528, ptr %acc21121, align 4
-  %529 = getelementptr inbounds float, ptr %a3122, i64 %k129
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = load <8 x float>, ptr %acc30123, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b0130, <8 x float> %533)
-  store <8 x float> %534, ptr %acc30123, align 4
-  %535 = load <8 x float>, ptr %acc31124, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b1131, <8 x float> %535)
-  store <8 x float> %536, ptr %acc31124, align 4
-  %537 = add nsw i64 %k129, 1
-  br label %k.head126
-
-k.end128:                                         ; preds = %k.head126
-  %538 = add nsw i64 %r0, 0
-  %539 = getelementptr inbounds float, ptr %rw, i64 %538
-  %w132 = load float, ptr %539, align 4
-  %540 = insertelement <8 x float> poison, float %w132, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = mul nsw i64 %538, 2816
-  %543 = getelementptr inbounds float, ptr %h, i64 %542
-  %col133 = mul nsw i64 %p, 8
-  %544 = load <8 x float>, ptr %acc00114, align 4
-  %545 = load <8 x float>, ptr %acc01115, align 4
-  %546 = fneg <8 x float> %544
-  %547 = fcmp olt <8 x float> %546, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %548 = select <8 x i1> %547, <8 x float> %546, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %549 = fcmp ogt <8 x float> %548, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %550 = select <8 x i1> %549, <8 x float> %548, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n134 = call <8 x float> @llvm.floor.v8f32(<8 x float> %551)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n134, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %550)
-  %exp.r135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n134, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %552)
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r135, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %exp.r135, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %exp.r135, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %exp.r135, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %exp.r135, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %558 = fmul <8 x float> %exp.r135, %exp.r135
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %558, <8 x float> %exp.r135)
-  %560 = fadd <8 x float> %559, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %561 = fptosi <8 x float> %exp.n134 to <8 x i32>
-  %562 = add <8 x i32> %561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %563 = shl <8 x i32> %562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n136 = bitcast <8 x i32> %563 to <8 x float>
-  %exp137 = fmul <8 x float> %560, %exp.2n136
-  %564 = fadd <8 x float> %exp137, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid138 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %564
-  %silu139 = fmul <8 x float> %544, %sigmoid138
-  %glu140 = fmul <8 x float> %silu139, %545
-  %565 = fmul <8 x float> %glu140, %541
-  %566 = getelementptr inbounds float, ptr %543, i64 %col133
-  store <8 x float> %565, ptr %566, align 4
-  %567 = add nsw i64 %r0, 1
-  %568 = getelementptr inbounds float, ptr %rw, i64 %567
-  %w141 = load float, ptr %568, align 4
-  %569 = insertelement <8 x float> poison, float %w141, i32 0
+k.body86:                                         ; preds = %k.head85
+  %552 = mul nsw i64 %k88, 16
+  %553 = add nsw i64 %panel.off84, %552
+  %554 = getelementptr inbounds float, ptr %panels, i64 %553
+  %555 = load <8 x float>, ptr %554, align 4
+  %556 = add nsw i64 %553, 8
+  %557 = getelementptr inbounds float, ptr %panels, i64 %556
+  %558 = load <8 x float>, ptr %557, align 4
+  %559 = getelementptr inbounds float, ptr %532, i64 %k88
+  %560 = load float, ptr %559, align 4
+  %561 = insertelement <8 x float> poison, float %560, i32 0
+  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
+  %563 = load <8 x float>, ptr %acc0076, align 4
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %555, <8 x float> %563)
+  store <8 x float> %564, ptr %acc0076, align 4
+  %565 = load <8 x float>, ptr %acc0177, align 4
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %558, <8 x float> %565)
+  store <8 x float> %566, ptr %acc0177, align 4
+  %567 = getelementptr inbounds float, ptr %538, i64 %k88
+  %568 = load float, ptr %567, align 4
+  %569 = insertelement <8 x float> poison, float %568, i32 0
   %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = mul nsw i64 %567, 2816
-  %572 = getelementptr inbounds float, ptr %h, i64 %571
-  %col142 = mul nsw i64 %p, 8
-  %573 = load <8 x float>, ptr %acc10117, align 4
-  %574 = load <8 x float>, ptr %acc11118, align 4
-  %575 = fneg <8 x float> %573
-  %576 = fcmp olt <8 x float> %575, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %577 = select <8 x i1> %576, <8 x float> %575, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %578 = fcmp ogt <8 x float> %577, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %579 = select <8 x i1> %578, <8 x float> %577, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n143 = call <8 x float> @llvm.floor.v8f32(<8 x float> %580)
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n143, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %579)
-  %exp.r144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n143, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %581)
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %exp.r144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %exp.r144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %exp.r144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %exp.r144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %587 = fmul <8 x float> %exp.r144, %exp.r144
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %587, <8 x float> %exp.r144)
-  %589 = fadd <8 x float> %588, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %590 = fptosi <8 x float> %exp.n143 to <8 x i32>
-  %591 = add <8 x i32> %590, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %592 = shl <8 x i32> %591, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n145 = bitcast <8 x i32> %592 to <8 x float>
-  %exp146 = fmul <8 x float> %589, %exp.2n145
-  %593 = fadd <8 x float> %exp146, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid147 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %593
-  %silu148 = fmul <8 x float> %573, %sigmoid147
-  %glu149 = fmul <8 x float> %silu148, %574
-  %594 = fmul <8 x float> %glu149, %570
-  %595 = getelementptr inbounds float, ptr %572, i64 %col142
-  store <8 x float> %594, ptr %595, align 4
-  %596 = add nsw i64 %r0, 2
-  %597 = getelementptr inbounds float, ptr %rw, i64 %596
-  %w150 = load float, ptr %597, align 4
-  %598 = insertelement <8 x float> poison, float %w150, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = mul nsw i64 %596, 2816
-  %601 = getelementptr inbounds float, ptr %h, i64 %600
-  %col151 = mul nsw i64 %p, 8
-  %602 = load <8 x float>, ptr %acc20120, align 4
-  %603 = load <8 x float>, ptr %acc21121, align 4
-  %604 = fneg <8 x float> %602
-  %605 = fcmp olt <8 x float> %604, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %607 = fcmp ogt <8 x float> %606, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n152 = call <8 x float> @llvm.floor.v8f32(<8 x float> %609)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n152, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %608)
-  %exp.r153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n152, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %610)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r153, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %exp.r153, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %exp.r153, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %exp.r153, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %exp.r153, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %616 = fmul <8 x float> %exp.r153, %exp.r153
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %exp.r153)
-  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %619 = fptosi <8 x float> %exp.n152 to <8 x i32>
-  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n154 = bitcast <8 x i32> %621 to <8 x float>
-  %exp155 = fmul <8 x float> %618, %exp.2n154
-  %622 = fadd <8 x float> %exp155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid156 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
-  %silu157 = fmul <8 x float> %602, %sigmoid156
-  %glu158 = fmul <8 x float> %silu157, %603
-  %623 = fmul <8 x float> %glu158, %599
-  %624 = getelementptr inbounds float, ptr %601, i64 %col151
-  store <8 x float> %623, ptr %624, align 4
-  %625 = add nsw i64 %r0, 3
-  %626 = getelementptr inbounds float, ptr %rw, i64 %625
-  %w159 = load float, ptr %626, align 4
-  %627 = insertelement <8 x float> poison, float %w159, i32 0
+  %571 = load <8 x float>, ptr %acc1078, align 4
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %555, <8 x float> %571)
+  store <8 x float> %572, ptr %acc1078, align 4
+  %573 = load <8 x float>, ptr %acc1179, align 4
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %558, <8 x float> %573)
+  store <8 x float> %574, ptr %acc1179, align 4
+  %575 = getelementptr inbounds float, ptr %544, i64 %k88
+  %576 = load float, ptr %575, align 4
+  %577 = insertelement <8 x float> poison, float %576, i32 0
+  %578 = shufflevector <8 x float> %577, <8 x float> poison, <8 x i32> zeroinitializer
+  %579 = load <8 x float>, ptr %acc2080, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %555, <8 x float> %579)
+  store <8 x float> %580, ptr %acc2080, align 4
+  %581 = load <8 x float>, ptr %acc2181, align 4
+  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %558, <8 x float> %581)
+  store <8 x float> %582, ptr %acc2181, align 4
+  %583 = getelementptr inbounds float, ptr %550, i64 %k88
+  %584 = load float, ptr %583, align 4
+  %585 = insertelement <8 x float> poison, float %584, i32 0
+  %586 = shufflevector <8 x float> %585, <8 x float> poison, <8 x i32> zeroinitializer
+  %587 = load <8 x float>, ptr %acc3082, align 4
+  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %555, <8 x float> %587)
+  store <8 x float> %588, ptr %acc3082, align 4
+  %589 = load <8 x float>, ptr %acc3183, align 4
+  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %558, <8 x float> %589)
+  store <8 x float> %590, ptr %acc3183, align 4
+  %591 = add nsw i64 %k88, 1
+  br label %k.head85
+
+k.end87:                                          ; preds = %k.head85
+  %592 = add nsw i64 %r0, 0
+  %593 = getelementptr inbounds float, ptr %rw, i64 %592
+  %594 = load float, ptr %593, align 4
+  %595 = insertelement <8 x float> poison, float %594, i32 0
+  %596 = shufflevector <8 x float> %595, <8 x float> poison, <8 x i32> zeroinitializer
+  %597 = mul nsw i64 %592, 2816
+  %598 = getelementptr inbounds float, ptr %h, i64 %597
+  %col89 = mul nsw i64 %p, 8
+  %599 = load <8 x float>, ptr %acc0076, align 4
+  %600 = load <8 x float>, ptr %acc0177, align 4
+  %601 = fneg <8 x float> %599
+  %602 = fcmp olt <8 x float> %601, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %603 = select <8 x i1> %602, <8 x float> %601, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %604 = fcmp ogt <8 x float> %603, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %605 = select <8 x i1> %604, <8 x float> %603, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %607 = call <8 x float> @llvm.floor.v8f32(<8 x float> %606)
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %605)
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %608)
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %609, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %609, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %609, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %609, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %609, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %615 = fmul <8 x float> %609, %609
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %615, <8 x float> %609)
+  %617 = fadd <8 x float> %616, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %618 = fptosi <8 x float> %607 to <8 x i32>
+  %619 = add <8 x i32> %618, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %620 = shl <8 x i32> %619, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n90 = bitcast <8 x i32> %620 to <8 x float>
+  %exp91 = fmul <8 x float> %617, %exp.2n90
+  %621 = fadd <8 x float> %exp91, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid92 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %621
+  %silu93 = fmul <8 x float> %599, %sigmoid92
+  %glu94 = fmul <8 x float> %silu93, %600
+  %622 = fmul <8 x float> %glu94, %596
+  %623 = getelementptr inbounds float, ptr %598, i64 %col89
+  store <8 x float> %622, ptr %623, align 4
+  %624 = add nsw i64 %r0, 1
+  %625 = getelementptr inbounds float, ptr %rw, i64 %624
+  %626 = load float, ptr %625, align 4
+  %627 = insertelement <8 x float> poison, float %626, i32 0
   %628 = shufflevector <8 x float> %627, <8 x float> poison, <8 x i32> zeroinitializer
-  %629 = mul nsw i64 %625, 2816
+  %629 = mul nsw i64 %624, 2816
   %630 = getelementptr inbounds float, ptr %h, i64 %629
-  %col160 = mul nsw i64 %p, 8
-  %631 = load <8 x float>, ptr %acc30123, align 4
-  %632 = load <8 x float>, ptr %acc31124, align 4
+  %col95 = mul nsw i64 %p, 8
+  %631 = load <8 x float>, ptr %acc1078, align 4
+  %632 = load <8 x float>, ptr %acc1179, align 4
   %633 = fneg <8 x float> %631
   %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %636 = fcmp ogt <8 x float> %635, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %637 = select <8 x i1> %636, <8 x float> %635, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
   %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n161 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n161, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
-  %exp.r162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n161, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %639)
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r162, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %exp.r162, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> %exp.r162, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %exp.r162, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %exp.r162, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %645 = fmul <8 x float> %exp.r162, %exp.r162
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %645, <8 x float> %exp.r162)
-  %647 = fadd <8 x float> %646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %648 = fptosi <8 x float> %exp.n161 to <8 x i32>
-  %649 = add <8 x i32> %648, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %650 = shl <8 x i32> %649, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n163 = bitcast <8 x i32> %650 to <8 x float>
-  %exp164 = fmul <8 x float> %647, %exp.2n163
-  %651 = fadd <8 x float> %exp164, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid165 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %651
-  %silu166 = fmul <8 x float> %631, %sigmoid165
-  %glu167 = fmul <8 x float> %silu166, %632
-  %652 = fmul <8 x float> %glu167, %628
-  %653 = getelementptr inbounds float, ptr %630, i64 %col160
-  store <8 x float> %652, ptr %653, align 4
+  %639 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
+  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %640)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %641, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %641, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %641, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %641, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %641, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %647 = fmul <8 x float> %641, %641
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %647, <8 x float> %641)
+  %649 = fadd <8 x float> %648, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %650 = fptosi <8 x float> %639 to <8 x i32>
+  %651 = add <8 x i32> %650, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %652 = shl <8 x i32> %651, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n96 = bitcast <8 x i32> %652 to <8 x float>
+  %exp97 = fmul <8 x float> %649, %exp.2n96
+  %653 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %653
+  %silu99 = fmul <8 x float> %631, %sigmoid98
+  %glu100 = fmul <8 x float> %silu99, %632
+  %654 = fmul <8 x float> %glu100, %628
+  %655 = getelementptr inbounds float, ptr %630, i64 %col95
+  store <8 x float> %654, ptr %655, align 4
+  %656 = add nsw i64 %r0, 2
+  %657 = getelementptr inbounds float, ptr %rw, i64 %656
+  %658 = load float, ptr %657, align 4
+  %659 = insertelement <8 x float> poison, float %658, i32 0
+  %660 = shufflevector <8 x float> %659, <8 x float> poison, <8 x i32> zeroinitializer
+  %661 = mul nsw i64 %656, 2816
+  %662 = getelementptr inbounds float, ptr %h, i64 %661
+  %col101 = mul nsw i64 %p, 8
+  %663 = load <8 x float>, ptr %acc2080, align 4
+  %664 = load <8 x float>, ptr %acc2181, align 4
+  %665 = fneg <8 x float> %663
+  %666 = fcmp olt <8 x float> %665, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %667 = select <8 x i1> %666, <8 x float> %665, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %668 = fcmp ogt <8 x float> %667, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %669 = select <8 x i1> %668, <8 x float> %667, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %671 = call <8 x float> @llvm.floor.v8f32(<8 x float> %670)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %669)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %672)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %673, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %673, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %673, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %673, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %673, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %679 = fmul <8 x float> %673, %673
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %679, <8 x float> %673)
+  %681 = fadd <8 x float> %680, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %682 = fptosi <8 x float> %671 to <8 x i32>
+  %683 = add <8 x i32> %682, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %684 = shl <8 x i32> %683, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n102 = bitcast <8 x i32> %684 to <8 x float>
+  %exp103 = fmul <8 x float> %681, %exp.2n102
+  %685 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %685
+  %silu105 = fmul <8 x float> %663, %sigmoid104
+  %glu106 = fmul <8 x float> %silu105, %664
+  %686 = fmul <8 x float> %glu106, %660
+  %687 = getelementptr inbounds float, ptr %662, i64 %col101
+  store <8 x float> %686, ptr %687, align 4
+  %688 = add nsw i64 %r0, 3
+  %689 = getelementptr inbounds float, ptr %rw, i64 %688
+  %690 = load float, ptr %689, align 4
+  %691 = insertelement <8 x float> poison, float %690, i32 0
+  %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
+  %693 = mul nsw i64 %688, 2816
+  %694 = getelementptr inbounds float, ptr %h, i64 %693
+  %col107 = mul nsw i64 %p, 8
+  %695 = load <8 x float>, ptr %acc3082, align 4
+  %696 = load <8 x float>, ptr %acc3183, align 4
+  %697 = fneg <8 x float> %695
+  %698 = fcmp olt <8 x float> %697, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %700 = fcmp ogt <8 x float> %699, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %701 = select <8 x i1> %700, <8 x float> %699, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %703 = call <8 x float> @llvm.floor.v8f32(<8 x float> %702)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %701)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %704)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %705, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %705, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %705, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %705, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %705, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %711 = fmul <8 x float> %705, %705
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %711, <8 x float> %705)
+  %713 = fadd <8 x float> %712, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %714 = fptosi <8 x float> %703 to <8 x i32>
+  %715 = add <8 x i32> %714, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %716 = shl <8 x i32> %715, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n108 = bitcast <8 x i32> %716 to <8 x float>
+  %exp109 = fmul <8 x float> %713, %exp.2n108
+  %717 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %717
+  %silu111 = fmul <8 x float> %695, %sigmoid110
+  %glu112 = fmul <8 x float> %silu111, %696
+  %718 = fmul <8 x float> %glu112, %692
+  %719 = getelementptr inbounds float, ptr %694, i64 %col107
+  store <8 x float> %718, ptr %719, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %654 = add nsw i64 %r0, 0
-  %655 = getelementptr inbounds i32, ptr %rows, i64 %654
-  %656 = load i32, ptr %655, align 4
-  %657 = sext i32 %656 to i64
-  %658 = mul nsw i64 %657, 1024
-  %a0168 = getelementptr inbounds float, ptr %x, i64 %658
-  store <8 x float> zeroinitializer, ptr %acc00169, align 4
-  store <8 x float> zeroinitializer, ptr %acc01170, align 4
-  %659 = add nsw i64 %r0, 1
-  %660 = getelementptr inbounds i32, ptr %rows, i64 %659
-  %661 = load i32, ptr %660, align 4
-  %662 = sext i32 %661 to i64
-  %663 = mul nsw i64 %662, 1024
-  %a1171 = getelementptr inbounds float, ptr %x, i64 %663
-  store <8 x float> zeroinitializer, ptr %acc10172, align 4
-  store <8 x float> zeroinitializer, ptr %acc11173, align 4
-  %664 = add nsw i64 %r0, 2
-  %665 = getelementptr inbounds i32, ptr %rows, i64 %664
-  %666 = load i32, ptr %665, align 4
-  %667 = sext i32 %666 to i64
-  %668 = mul nsw i64 %667, 1024
-  %a2174 = getelementptr inbounds float, ptr %x, i64 %668
-  store <8 x float> zeroinitializer, ptr %acc20175, align 4
-  store <8 x float> zeroinitializer, ptr %acc21176, align 4
-  %panel.off177 = mul nsw i64 %p, 16384
-  br label %k.head178
+  %720 = add nsw i64 %r0, 0
+  %721 = getelementptr inbounds i32, ptr %rows, i64 %720
+  %722 = load i32, ptr %721, align 4
+  %723 = sext i32 %722 to i64
+  %724 = mul nsw i64 %723, 1024
+  %725 = getelementptr inbounds float, ptr %x, i64 %724
+  store <8 x float> zeroinitializer, ptr %acc00113, align 4
+  store <8 x float> zeroinitializer, ptr %acc01114, align 4
+  %726 = add nsw i64 %r0, 1
+  %727 = getelementptr inbounds i32, ptr %rows, i64 %726
+  %728 = load i32, ptr %727, align 4
+  %729 = sext i32 %728 to i64
+  %730 = mul nsw i64 %729, 1024
+  %731 = getelementptr inbounds float, ptr %x, i64 %730
+  store <8 x float> zeroinitializer, ptr %acc10115, align 4
+  store <8 x float> zeroinitializer, ptr %acc11116, align 4
+  %732 = add nsw i64 %r0, 2
+  %733 = getelementptr inbounds i32, ptr %rows, i64 %732
+  %734 = load i32, ptr %733, align 4
+  %735 = sext i32 %734 to i64
+  %736 = mul nsw i64 %735, 1024
+  %737 = getelementptr inbounds float, ptr %x, i64 %736
+  store <8 x float> zeroinitializer, ptr %acc20117, align 4
+  store <8 x float> zeroinitializer, ptr %acc21118, align 4
+  %panel.off119 = mul nsw i64 %p, 16384
+  br label %k.head120
 
-k.head178:                                        ; preds = %k.body179, %tile.mr3
-  %k181 = phi i64 [ 0, %tile.mr3 ], [ %699, %k.body179 ]
-  %669 = icmp slt i64 %k181, 1024
-  br i1 %669, label %k.body179, label %k.end180
+k.head120:                                        ; preds = %k.body121, %tile.mr3
+  %k123 = phi i64 [ 0, %tile.mr3 ], [ %770, %k.body121 ]
+  %738 = icmp slt i64 %k123, 1024
+  br i1 %738, label %k.body121, label %k.end122
 
-k.body179:                                        ; preds = %k.head178
-  %670 = mul nsw i64 %k181, 16
-  %671 = add nsw i64 %panel.off177, %670
-  %672 = getelementptr inbounds float, ptr %panels, i64 %671
-  %b0182 = load <8 x float>, ptr %672, align 4
-  %673 = add nsw i64 %671, 8
-  %674 = getelementptr inbounds float, ptr %panels, i64 %673
-  %b1183 = load <8 x float>, ptr %674, align 4
-  %675 = getelementptr inbounds float, ptr %a0168, i64 %k181
-  %676 = load float, ptr %675, align 4
-  %677 = insertelement <8 x float> poison, float %676, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = load <8 x float>, ptr %acc00169, align 4
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b0182, <8 x float> %679)
-  store <8 x float> %680, ptr %acc00169, align 4
-  %681 = load <8 x float>, ptr %acc01170, align 4
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b1183, <8 x float> %681)
-  store <8 x float> %682, ptr %acc01170, align 4
-  %683 = getelementptr inbounds float, ptr %a1171, i64 %k181
-  %684 = load float, ptr %683, align 4
-  %685 = insertelement <8 x float> poison, float %684, i32 0
-  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
-  %687 = load <8 x float>, ptr %acc10172, align 4
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b0182, <8 x float> %687)
-  store <8 x float> %688, ptr %acc10172, align 4
-  %689 = load <8 x float>, ptr %acc11173, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b1183, <8 x float> %689)
-  store <8 x float> %690, ptr %acc11173, align 4
-  %691 = getelementptr inbounds float, ptr %a2174, i64 %k181
-  %692 = load float, ptr %691, align 4
-  %693 = insertelement <8 x float> poison, float %692, i32 0
-  %694 = shufflevector <8 x float> %693, <8 x float> poison, <8 x i32> zeroinitializer
-  %695 = load <8 x float>, ptr %acc20175, align 4
-  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b0182, <8 x float> %695)
-  store <8 x float> %696, ptr %acc20175, align 4
-  %697 = load <8 x float>, ptr %acc21176, align 4
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b1183, <8 x float> %697)
-  store <8 x float> %698, ptr %acc21176, align 4
-  %699 = add nsw i64 %k181, 1
-  br label %k.head178
+k.body121:                                        ; preds = %k.head120
+  %739 = mul nsw i64 %k123, 16
+  %740 = add nsw i64 %panel.off119, %739
+  %741 = getelementptr inbounds float, ptr %panels, i64 %740
+  %742 = load <8 x float>, ptr %741, align 4
+  %743 = add nsw i64 %740, 8
+  %744 = getelementptr inbounds float, ptr %panels, i64 %743
+  %745 = load <8 x float>, ptr %744, align 4
+  %746 = getelementptr inbounds float, ptr %725, i64 %k123
+  %747 = load float, ptr %746, align 4
+  %748 = insertelement <8 x float> poison, float %747, i32 0
+  %749 = shufflevector <8 x float> %748, <8 x float> poison, <8 x i32> zeroinitializer
+  %750 = load <8 x float>, ptr %acc00113, align 4
+  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %742, <8 x float> %750)
+  store <8 x float> %751, ptr %acc00113, align 4
+  %752 = load <8 x float>, ptr %acc01114, align 4
+  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %745, <8 x float> %752)
+  store <8 x float> %753, ptr %acc01114, align 4
+  %754 = getelementptr inbounds float, ptr %731, i64 %k123
+  %755 = load float, ptr %754, align 4
+  %756 = insertelement <8 x float> poison, float %755, i32 0
+  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
+  %758 = load <8 x float>, ptr %acc10115, align 4
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %742, <8 x float> %758)
+  store <8 x float> %759, ptr %acc10115, align 4
+  %760 = load <8 x float>, ptr %acc11116, align 4
+  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %745, <8 x float> %760)
+  store <8 x float> %761, ptr %acc11116, align 4
+  %762 = getelementptr inbounds float, ptr %737, i64 %k123
+  %763 = load float, ptr %762, align 4
+  %764 = insertelement <8 x float> poison, float %763, i32 0
+  %765 = shufflevector <8 x float> %764, <8 x float> poison, <8 x i32> zeroinitializer
+  %766 = load <8 x float>, ptr %acc20117, align 4
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %742, <8 x float> %766)
+  store <8 x float> %767, ptr %acc20117, align 4
+  %768 = load <8 x float>, ptr %acc21118, align 4
+  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %745, <8 x float> %768)
+  store <8 x float> %769, ptr %acc21118, align 4
+  %770 = add nsw i64 %k123, 1
+  br label %k.head120
 
-k.end180:                                         ; preds = %k.head178
-  %700 = add nsw i64 %r0, 0
-  %701 = getelementptr inbounds float, ptr %rw, i64 %700
-  %w184 = load float, ptr %701, align 4
-  %702 = insertelement <8 x float> poison, float %w184, i32 0
-  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
-  %704 = mul nsw i64 %700, 2816
-  %705 = getelementptr inbounds float, ptr %h, i64 %704
-  %col185 = mul nsw i64 %p, 8
-  %706 = load <8 x float>, ptr %acc00169, align 4
-  %707 = load <8 x float>, ptr %acc01170, align 4
-  %708 = fneg <8 x float> %706
-  %709 = fcmp olt <8 x float> %708, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %710 = select <8 x i1> %709, <8 x float> %708, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %711 = fcmp ogt <8 x float> %710, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %712 = select <8 x i1> %711, <8 x float> %710, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n186 = call <8 x float> @llvm.floor.v8f32(<8 x float> %713)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n186, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %712)
-  %exp.r187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n186, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %714)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r187, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %exp.r187, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %exp.r187, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %exp.r187, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %exp.r187, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %720 = fmul <8 x float> %exp.r187, %exp.r187
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %720, <8 x float> %exp.r187)
-  %722 = fadd <8 x float> %721, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %723 = fptosi <8 x float> %exp.n186 to <8 x i32>
-  %724 = add <8 x i32> %723, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %725 = shl <8 x i32> %724, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n188 = bitcast <8 x i32> %725 to <8 x float>
-  %exp189 = fmul <8 x float> %722, %exp.2n188
-  %726 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %726
-  %silu191 = fmul <8 x float> %706, %sigmoid190
-  %glu192 = fmul <8 x float> %silu191, %707
-  %727 = fmul <8 x float> %glu192, %703
-  %728 = getelementptr inbounds float, ptr %705, i64 %col185
-  store <8 x float> %727, ptr %728, align 4
-  %729 = add nsw i64 %r0, 1
-  %730 = getelementptr inbounds float, ptr %rw, i64 %729
-  %w193 = load float, ptr %730, align 4
-  %731 = insertelement <8 x float> poison, float %w193, i32 0
-  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
-  %733 = mul nsw i64 %729, 2816
-  %734 = getelementptr inbounds float, ptr %h, i64 %733
-  %col194 = mul nsw i64 %p, 8
-  %735 = load <8 x float>, ptr %acc10172, align 4
-  %736 = load <8 x float>, ptr %acc11173, align 4
-  %737 = fneg <8 x float> %735
-  %738 = fcmp olt <8 x float> %737, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %740 = fcmp ogt <8 x float> %739, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %741 = select <8 x i1> %740, <8 x float> %739, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n195 = call <8 x float> @llvm.floor.v8f32(<8 x float> %742)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n195, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %741)
-  %exp.r196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n195, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %743)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r196, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %exp.r196, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %exp.r196, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %exp.r196, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %exp.r196, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %749 = fmul <8 x float> %exp.r196, %exp.r196
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %749, <8 x float> %exp.r196)
-  %751 = fadd <8 x float> %750, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %752 = fptosi <8 x float> %exp.n195 to <8 x i32>
-  %753 = add <8 x i32> %752, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %754 = shl <8 x i32> %753, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %754 to <8 x float>
-  %exp198 = fmul <8 x float> %751, %exp.2n197
-  %755 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %755
-  %silu200 = fmul <8 x float> %735, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %736
-  %756 = fmul <8 x float> %glu201, %732
-  %757 = getelementptr inbounds float, ptr %734, i64 %col194
-  store <8 x float> %756, ptr %757, align 4
-  %758 = add nsw i64 %r0, 2
-  %759 = getelementptr inbounds float, ptr %rw, i64 %758
-  %w202 = load float, ptr %759, align 4
-  %760 = insertelement <8 x float> poison, float %w202, i32 0
-  %761 = shufflevector <8 x float> %760, <8 x float> poison, <8 x i32> zeroinitializer
-  %762 = mul nsw i64 %758, 2816
-  %763 = getelementptr inbounds float, ptr %h, i64 %762
-  %col203 = mul nsw i64 %p, 8
-  %764 = load <8 x float>, ptr %acc20175, align 4
-  %765 = load <8 x float>, ptr %acc21176, align 4
-  %766 = fneg <8 x float> %764
-  %767 = fcmp olt <8 x float> %766, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %768 = select <8 x i1> %767, <8 x float> %766, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %769 = fcmp ogt <8 x float> %768, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %770 = select <8 x i1> %769, <8 x float> %768, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %770, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n204 = call <8 x float> @llvm.floor.v8f32(<8 x float> %771)
-  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n204, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %770)
-  %exp.r205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n204, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %772)
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r205, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %exp.r205, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %774, <8 x float> %exp.r205, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %exp.r205, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %exp.r205, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %778 = fmul <8 x float> %exp.r205, %exp.r205
-  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %777, <8 x float> %778, <8 x float> %exp.r205)
-  %780 = fadd <8 x float> %779, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %781 = fptosi <8 x float> %exp.n204 to <8 x i32>
-  %782 = add <8 x i32> %781, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %783 = shl <8 x i32> %782, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n206 = bitcast <8 x i32> %783 to <8 x float>
-  %exp207 = fmul <8 x float> %780, %exp.2n206
-  %784 = fadd <8 x float> %exp207, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid208 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %784
-  %silu209 = fmul <8 x float> %764, %sigmoid208
-  %glu210 = fmul <8 x float> %silu209, %765
-  %785 = fmul <8 x float> %glu210, %761
-  %786 = getelementptr inbounds float, ptr %763, i64 %col203
-  store <8 x float> %785, ptr %786, align 4
+k.end122:                                         ; preds = %k.head120
+  %771 = add nsw i64 %r0, 0
+  %772 = getelementptr inbounds float, ptr %rw, i64 %771
+  %773 = load float, ptr %772, align 4
+  %774 = insertelement <8 x float> poison, float %773, i32 0
+  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
+  %776 = mul nsw i64 %771, 2816
+  %777 = getelementptr inbounds float, ptr %h, i64 %776
+  %col124 = mul nsw i64 %p, 8
+  %778 = load <8 x float>, ptr %acc00113, align 4
+  %779 = load <8 x float>, ptr %acc01114, align 4
+  %780 = fneg <8 x float> %778
+  %781 = fcmp olt <8 x float> %780, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %782 = select <8 x i1> %781, <8 x float> %780, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %783 = fcmp ogt <8 x float> %782, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %784 = select <8 x i1> %783, <8 x float> %782, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %786 = call <8 x float> @llvm.floor.v8f32(<8 x float> %785)
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %784)
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %787)
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %788, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %788, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %788, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %788, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %788, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %794 = fmul <8 x float> %788, %788
+  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %794, <8 x float> %788)
+  %796 = fadd <8 x float> %795, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %797 = fptosi <8 x float> %786 to <8 x i32>
+  %798 = add <8 x i32> %797, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %799 = shl <8 x i32> %798, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n125 = bitcast <8 x i32> %799 to <8 x float>
+  %exp126 = fmul <8 x float> %796, %exp.2n125
+  %800 = fadd <8 x float> %exp126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid127 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %800
+  %silu128 = fmul <8 x float> %778, %sigmoid127
+  %glu129 = fmul <8 x float> %silu128, %779
+  %801 = fmul <8 x float> %glu129, %775
+  %802 = getelementptr inbounds float, ptr %777, i64 %col124
+  store <8 x float> %801, ptr %802, align 4
+  %803 = add nsw i64 %r0, 1
+  %804 = getelementptr inbounds float, ptr %rw, i64 %803
+  %805 = load float, ptr %804, align 4
+  %806 = insertelement <8 x float> poison, float %805, i32 0
+  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
+  %808 = mul nsw i64 %803, 2816
+  %809 = getelementptr inbounds float, ptr %h, i64 %808
+  %col130 = mul nsw i64 %p, 8
+  %810 = load <8 x float>, ptr %acc10115, align 4
+  %811 = load <8 x float>, ptr %acc11116, align 4
+  %812 = fneg <8 x float> %810
+  %813 = fcmp olt <8 x float> %812, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %815 = fcmp ogt <8 x float> %814, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %816 = select <8 x i1> %815, <8 x float> %814, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %818 = call <8 x float> @llvm.floor.v8f32(<8 x float> %817)
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %816)
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %819)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %820, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %820, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %820, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %820, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %820, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %826 = fmul <8 x float> %820, %820
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %826, <8 x float> %820)
+  %828 = fadd <8 x float> %827, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %829 = fptosi <8 x float> %818 to <8 x i32>
+  %830 = add <8 x i32> %829, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %831 = shl <8 x i32> %830, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %831 to <8 x float>
+  %exp132 = fmul <8 x float> %828, %exp.2n131
+  %832 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %832
+  %silu134 = fmul <8 x float> %810, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %811
+  %833 = fmul <8 x float> %glu135, %807
+  %834 = getelementptr inbounds float, ptr %809, i64 %col130
+  store <8 x float> %833, ptr %834, align 4
+  %835 = add nsw i64 %r0, 2
+  %836 = getelementptr inbounds float, ptr %rw, i64 %835
+  %837 = load float, ptr %836, align 4
+  %838 = insertelement <8 x float> poison, float %837, i32 0
+  %839 = shufflevector <8 x float> %838, <8 x float> poison, <8 x i32> zeroinitializer
+  %840 = mul nsw i64 %835, 2816
+  %841 = getelementptr inbounds float, ptr %h, i64 %840
+  %col136 = mul nsw i64 %p, 8
+  %842 = load <8 x float>, ptr %acc20117, align 4
+  %843 = load <8 x float>, ptr %acc21118, align 4
+  %844 = fneg <8 x float> %842
+  %845 = fcmp olt <8 x float> %844, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %846 = select <8 x i1> %845, <8 x float> %844, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %847 = fcmp ogt <8 x float> %846, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %848 = select <8 x i1> %847, <8 x float> %846, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %850 = call <8 x float> @llvm.floor.v8f32(<8 x float> %849)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %848)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %851)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %852, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %852, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %852, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %852, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %852, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %858 = fmul <8 x float> %852, %852
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %858, <8 x float> %852)
+  %860 = fadd <8 x float> %859, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %861 = fptosi <8 x float> %850 to <8 x i32>
+  %862 = add <8 x i32> %861, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %863 = shl <8 x i32> %862, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %863 to <8 x float>
+  %exp138 = fmul <8 x float> %860, %exp.2n137
+  %864 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %864
+  %silu140 = fmul <8 x float> %842, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %843
+  %865 = fmul <8 x float> %glu141, %839
+  %866 = getelementptr inbounds float, ptr %841, i64 %col136
+  store <8 x float> %865, ptr %866, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %787 = add nsw i64 %r0, 0
-  %788 = getelementptr inbounds i32, ptr %rows, i64 %787
-  %789 = load i32, ptr %788, align 4
-  %790 = sext i32 %789 to i64
-  %791 = mul nsw i64 %790, 1024
-  %a0211 = getelementptr inbounds float, ptr %x, i64 %791
-  store <8 x float> zeroinitializer, ptr %acc00212, align 4
-  store <8 x float> zeroinitializer, ptr %acc01213, align 4
-  %792 = add nsw i64 %r0, 1
-  %793 = getelementptr inbounds i32, ptr %rows, i64 %792
-  %794 = load i32, ptr %793, align 4
-  %795 = sext i32 %794 to i64
-  %796 = mul nsw i64 %795, 1024
-  %a1214 = getelementptr inbounds float, ptr %x, i64 %796
-  store <8 x float> zeroinitializer, ptr %acc10215, align 4
-  store <8 x float> zeroinitializer, ptr %acc11216, align 4
-  %panel.off217 = mul nsw i64 %p, 16384
-  br label %k.head218
+  %867 = add nsw i64 %r0, 0
+  %868 = getelementptr inbounds i32, ptr %rows, i64 %867
+  %869 = load i32, ptr %868, align 4
+  %870 = sext i32 %869 to i64
+  %871 = mul nsw i64 %870, 1024
+  %872 = getelementptr inbounds float, ptr %x, i64 %871
+  store <8 x float> zeroinitializer, ptr %acc00142, align 4
+  store <8 x float> zeroinitializer, ptr %acc01143, align 4
+  %873 = add nsw i64 %r0, 1
+  %874 = getelementptr inbounds i32, ptr %rows, i64 %873
+  %875 = load i32, ptr %874, align 4
+  %876 = sext i32 %875 to i64
+  %877 = mul nsw i64 %876, 1024
+  %878 = getelementptr inbounds float, ptr %x, i64 %877
+  store <8 x float> zeroinitializer, ptr %acc10144, align 4
+  store <8 x float> zeroinitializer, ptr %acc11145, align 4
+  %panel.off146 = mul nsw i64 %p, 16384
+  br label %k.head147
 
-k.head218:                                        ; preds = %k.body219, %tile.mr2
-  %k221 = phi i64 [ 0, %tile.mr2 ], [ %819, %k.body219 ]
-  %797 = icmp slt i64 %k221, 1024
-  br i1 %797, label %k.body219, label %k.end220
+k.head147:                                        ; preds = %k.body148, %tile.mr2
+  %k150 = phi i64 [ 0, %tile.mr2 ], [ %903, %k.body148 ]
+  %879 = icmp slt i64 %k150, 1024
+  br i1 %879, label %k.body148, label %k.end149
 
-k.body219:                                        ; preds = %k.head218
-  %798 = mul nsw i64 %k221, 16
-  %799 = add nsw i64 %panel.off217, %798
-  %800 = getelementptr inbounds float, ptr %panels, i64 %799
-  %b0222 = load <8 x float>, ptr %800, align 4
-  %801 = add nsw i64 %799, 8
-  %802 = getelementptr inbounds float, ptr %panels, i64 %801
-  %b1223 = load <8 x float>, ptr %802, align 4
-  %803 = getelementptr inbounds float, ptr %a0211, i64 %k221
-  %804 = load float, ptr %803, align 4
-  %805 = insertelement <8 x float> poison, float %804, i32 0
-  %806 = shufflevector <8 x float> %805, <8 x float> poison, <8 x i32> zeroinitializer
-  %807 = load <8 x float>, ptr %acc00212, align 4
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b0222, <8 x float> %807)
-  store <8 x float> %808, ptr %acc00212, align 4
-  %809 = load <8 x float>, ptr %acc01213, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b1223, <8 x float> %809)
-  store <8 x float> %810, ptr %acc01213, align 4
-  %811 = getelementptr inbounds float, ptr %a1214, i64 %k221
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc10215, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b0222, <8 x float> %815)
-  store <8 x float> %816, ptr %acc10215, align 4
-  %817 = load <8 x float>, ptr %acc11216, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %b1223, <8 x float> %817)
-  store <8 x float> %818, ptr %acc11216, align 4
-  %819 = add nsw i64 %k221, 1
-  br label %k.head218
+k.body148:                                        ; preds = %k.head147
+  %880 = mul nsw i64 %k150, 16
+  %881 = add nsw i64 %panel.off146, %880
+  %882 = getelementptr inbounds float, ptr %panels, i64 %881
+  %883 = load <8 x float>, ptr %882, align 4
+  %884 = add nsw i64 %881, 8
+  %885 = getelementptr inbounds float, ptr %panels, i64 %884
+  %886 = load <8 x float>, ptr %885, align 4
+  %887 = getelementptr inbounds float, ptr %872, i64 %k150
+  %888 = load float, ptr %887, align 4
+  %889 = insertelement <8 x float> poison, float %888, i32 0
+  %890 = shufflevector <8 x float> %889, <8 x float> poison, <8 x i32> zeroinitializer
+  %891 = load <8 x float>, ptr %acc00142, align 4
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %890, <8 x float> %883, <8 x float> %891)
+  store <8 x float> %892, ptr %acc00142, align 4
+  %893 = load <8 x float>, ptr %acc01143, align 4
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %890, <8 x float> %886, <8 x float> %893)
+  store <8 x float> %894, ptr %acc01143, align 4
+  %895 = getelementptr inbounds float, ptr %878, i64 %k150
+  %896 = load float, ptr %895, align 4
+  %897 = insertelement <8 x float> poison, float %896, i32 0
+  %898 = shufflevector <8 x float> %897, <8 x float> poison, <8 x i32> zeroinitializer
+  %899 = load <8 x float>, ptr %acc10144, align 4
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %883, <8 x float> %899)
+  store <8 x float> %900, ptr %acc10144, align 4
+  %901 = load <8 x float>, ptr %acc11145, align 4
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %886, <8 x float> %901)
+  store <8 x float> %902, ptr %acc11145, align 4
+  %903 = add nsw i64 %k150, 1
+  br label %k.head147
 
-k.end220:                                         ; preds = %k.head218
-  %820 = add nsw i64 %r0, 0
-  %821 = getelementptr inbounds float, ptr %rw, i64 %820
-  %w224 = load float, ptr %821, align 4
-  %822 = insertelement <8 x float> poison, float %w224, i32 0
-  %823 = shufflevector <8 x float> %822, <8 x float> poison, <8 x i32> zeroinitializer
-  %824 = mul nsw i64 %820, 2816
-  %825 = getelementptr inbounds float, ptr %h, i64 %824
-  %col225 = mul nsw i64 %p, 8
-  %826 = load <8 x float>, ptr %acc00212, align 4
-  %827 = load <8 x float>, ptr %acc01213, align 4
-  %828 = fneg <8 x float> %826
-  %829 = fcmp olt <8 x float> %828, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %831 = fcmp ogt <8 x float> %830, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %832 = select <8 x i1> %831, <8 x float> %830, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %833)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %832)
-  %exp.r227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %834)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r227, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %exp.r227, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %exp.r227, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %exp.r227, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %exp.r227, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %840 = fmul <8 x float> %exp.r227, %exp.r227
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %exp.r227)
-  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %843 = fptosi <8 x float> %exp.n226 to <8 x i32>
-  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n228 = bitcast <8 x i32> %845 to <8 x float>
-  %exp229 = fmul <8 x float> %842, %exp.2n228
-  %846 = fadd <8 x float> %exp229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid230 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu231 = fmul <8 x float> %826, %sigmoid230
-  %glu232 = fmul <8 x float> %silu231, %827
-  %847 = fmul <8 x float> %glu232, %823
-  %848 = getelementptr inbounds float, ptr %825, i64 %col225
-  store <8 x float> %847, ptr %848, align 4
-  %849 = add nsw i64 %r0, 1
-  %850 = getelementptr inbounds float, ptr %rw, i64 %849
-  %w233 = load float, ptr %850, align 4
-  %851 = insertelement <8 x float> poison, float %w233, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = mul nsw i64 %849, 2816
-  %854 = getelementptr inbounds float, ptr %h, i64 %853
-  %col234 = mul nsw i64 %p, 8
-  %855 = load <8 x float>, ptr %acc10215, align 4
-  %856 = load <8 x float>, ptr %acc11216, align 4
-  %857 = fneg <8 x float> %855
-  %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %860 = fcmp ogt <8 x float> %859, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n235 = call <8 x float> @llvm.floor.v8f32(<8 x float> %862)
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n235, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %861)
-  %exp.r236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n235, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %863)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r236, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %exp.r236, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %exp.r236, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %exp.r236, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %exp.r236, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %869 = fmul <8 x float> %exp.r236, %exp.r236
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %869, <8 x float> %exp.r236)
-  %871 = fadd <8 x float> %870, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %872 = fptosi <8 x float> %exp.n235 to <8 x i32>
-  %873 = add <8 x i32> %872, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %874 = shl <8 x i32> %873, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n237 = bitcast <8 x i32> %874 to <8 x float>
-  %exp238 = fmul <8 x float> %871, %exp.2n237
-  %875 = fadd <8 x float> %exp238, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid239 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %875
-  %silu240 = fmul <8 x float> %855, %sigmoid239
-  %glu241 = fmul <8 x float> %silu240, %856
-  %876 = fmul <8 x float> %glu241, %852
-  %877 = getelementptr inbounds float, ptr %854, i64 %col234
-  store <8 x float> %876, ptr %877, align 4
+k.end149:                                         ; preds = %k.head147
+  %904 = add nsw i64 %r0, 0
+  %905 = getelementptr inbounds float, ptr %rw, i64 %904
+  %906 = load float, ptr %905, align 4
+  %907 = insertelement <8 x float> poison, float %906, i32 0
+  %908 = shufflevector <8 x float> %907, <8 x float> poison, <8 x i32> zeroinitializer
+  %909 = mul nsw i64 %904, 2816
+  %910 = getelementptr inbounds float, ptr %h, i64 %909
+  %col151 = mul nsw i64 %p, 8
+  %911 = load <8 x float>, ptr %acc00142, align 4
+  %912 = load <8 x float>, ptr %acc01143, align 4
+  %913 = fneg <8 x float> %911
+  %914 = fcmp olt <8 x float> %913, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %916 = fcmp ogt <8 x float> %915, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %917 = select <8 x i1> %916, <8 x float> %915, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %919 = call <8 x float> @llvm.floor.v8f32(<8 x float> %918)
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %917)
+  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %920)
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %921, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %921, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %921, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %921, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> %921, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %927 = fmul <8 x float> %921, %921
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %927, <8 x float> %921)
+  %929 = fadd <8 x float> %928, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %930 = fptosi <8 x float> %919 to <8 x i32>
+  %931 = add <8 x i32> %930, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %932 = shl <8 x i32> %931, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n152 = bitcast <8 x i32> %932 to <8 x float>
+  %exp153 = fmul <8 x float> %929, %exp.2n152
+  %933 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %933
+  %silu155 = fmul <8 x float> %911, %sigmoid154
+  %glu156 = fmul <8 x float> %silu155, %912
+  %934 = fmul <8 x float> %glu156, %908
+  %935 = getelementptr inbounds float, ptr %910, i64 %col151
+  store <8 x float> %934, ptr %935, align 4
+  %936 = add nsw i64 %r0, 1
+  %937 = getelementptr inbounds float, ptr %rw, i64 %936
+  %938 = load float, ptr %937, align 4
+  %939 = insertelement <8 x float> poison, float %938, i32 0
+  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
+  %941 = mul nsw i64 %936, 2816
+  %942 = getelementptr inbounds float, ptr %h, i64 %941
+  %col157 = mul nsw i64 %p, 8
+  %943 = load <8 x float>, ptr %acc10144, align 4
+  %944 = load <8 x float>, ptr %acc11145, align 4
+  %945 = fneg <8 x float> %943
+  %946 = fcmp olt <8 x float> %945, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %947 = select <8 x i1> %946, <8 x float> %945, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %948 = fcmp ogt <8 x float> %947, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %949 = select <8 x i1> %948, <8 x float> %947, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %951 = call <8 x float> @llvm.floor.v8f32(<8 x float> %950)
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %949)
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %952)
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %953, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %953, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> %953, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %953, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %953, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %959 = fmul <8 x float> %953, %953
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %959, <8 x float> %953)
+  %961 = fadd <8 x float> %960, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %962 = fptosi <8 x float> %951 to <8 x i32>
+  %963 = add <8 x i32> %962, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %964 = shl <8 x i32> %963, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n158 = bitcast <8 x i32> %964 to <8 x float>
+  %exp159 = fmul <8 x float> %961, %exp.2n158
+  %965 = fadd <8 x float> %exp159, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid160 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %965
+  %silu161 = fmul <8 x float> %943, %sigmoid160
+  %glu162 = fmul <8 x float> %silu161, %944
+  %966 = fmul <8 x float> %glu162, %940
+  %967 = getelementptr inbounds float, ptr %942, i64 %col157
+  store <8 x float> %966, ptr %967, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %878 = add nsw i64 %r0, 0
-  %879 = getelementptr inbounds i32, ptr %rows, i64 %878
-  %880 = load i32, ptr %879, align 4
-  %881 = sext i32 %880 to i64
-  %882 = mul nsw i64 %881, 1024
-  %a0242 = getelementptr inbounds float, ptr %x, i64 %882
-  store <8 x float> zeroinitializer, ptr %acc00243, align 4
-  store <8 x float> zeroinitializer, ptr %acc01244, align 4
-  %panel.off245 = mul nsw i64 %p, 16384
-  br label %k.head246
+  %968 = add nsw i64 %r0, 0
+  %969 = getelementptr inbounds i32, ptr %rows, i64 %968
+  %970 = load i32, ptr %969, align 4
+  %971 = sext i32 %970 to i64
+  %972 = mul nsw i64 %971, 1024
+  %973 = getelementptr inbounds float, ptr %x, i64 %972
+  store <8 x float> zeroinitializer, ptr %acc00163, align 4
+  store <8 x float> zeroinitializer, ptr %acc01164, align 4
+  %panel.off165 = mul nsw i64 %p, 16384
+  br label %k.head166
 
-k.head246:                                        ; preds = %k.body247, %tile.mr1
-  %k249 = phi i64 [ 0, %tile.mr1 ], [ %897, %k.body247 ]
-  %883 = icmp slt i64 %k249, 1024
-  br i1 %883, label %k.body247, label %k.end248
+k.head166:                                        ; preds = %k.body167, %tile.mr1
+  %k169 = phi i64 [ 0, %tile.mr1 ], [ %990, %k.body167 ]
+  %974 = icmp slt i64 %k169, 1024
+  br i1 %974, label %k.body167, label %k.end168
 
-k.body247:                                        ; preds = %k.head246
-  %884 = mul nsw i64 %k249, 16
-  %885 = add nsw i64 %panel.off245, %884
-  %886 = getelementptr inbounds float, ptr %panels, i64 %885
-  %b0250 = load <8 x float>, ptr %886, align 4
-  %887 = add nsw i64 %885, 8
-  %888 = getelementptr inbounds float, ptr %panels, i64 %887
-  %b1251 = load <8 x float>, ptr %888, align 4
-  %889 = getelementptr inbounds float, ptr %a0242, i64 %k249
-  %890 = load float, ptr %889, align 4
-  %891 = insertelement <8 x float> poison, float %890, i32 0
-  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
-  %893 = load <8 x float>, ptr %acc00243, align 4
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b0250, <8 x float> %893)
-  store <8 x float> %894, ptr %acc00243, align 4
-  %895 = load <8 x float>, ptr %acc01244, align 4
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b1251, <8 x float> %895)
-  store <8 x float> %896, ptr %acc01244, align 4
-  %897 = add nsw i64 %k249, 1
-  br label %k.head246
+k.body167:                                        ; preds = %k.head166
+  %975 = mul nsw i64 %k169, 16
+  %976 = add nsw i64 %panel.off165, %975
+  %977 = getelementptr inbounds float, ptr %panels, i64 %976
+  %978 = load <8 x float>, ptr %977, align 4
+  %979 = add nsw i64 %976, 8
+  %980 = getelementptr inbounds float, ptr %panels, i64 %979
+  %981 = load <8 x float>, ptr %980, align 4
+  %982 = getelementptr inbounds float, ptr %973, i64 %k169
+  %983 = load float, ptr %982, align 4
+  %984 = insertelement <8 x float> poison, float %983, i32 0
+  %985 = shufflevector <8 x float> %984, <8 x float> poison, <8 x i32> zeroinitializer
+  %986 = load <8 x float>, ptr %acc00163, align 4
+  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %978, <8 x float> %986)
+  store <8 x float> %987, ptr %acc00163, align 4
+  %988 = load <8 x float>, ptr %acc01164, align 4
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %981, <8 x float> %988)
+  store <8 x float> %989, ptr %acc01164, align 4
+  %990 = add nsw i64 %k169, 1
+  br label %k.head166
 
-k.end248:                                         ; preds = %k.head246
-  %898 = add nsw i64 %r0, 0
-  %899 = getelementptr inbounds float, ptr %rw, i64 %898
-  %w252 = load float, ptr %899, align 4
-  %900 = insertelement <8 x float> poison, float %w252, i32 0
-  %901 = shufflevector <8 x float> %900, <8 x float> poison, <8 x i32> zeroinitializer
-  %902 = mul nsw i64 %898, 2816
-  %903 = getelementptr inbounds float, ptr %h, i64 %902
-  %col253 = mul nsw i64 %p, 8
-  %904 = load <8 x float>, ptr %acc00243, align 4
-  %905 = load <8 x float>, ptr %acc01244, align 4
-  %906 = fneg <8 x float> %904
-  %907 = fcmp olt <8 x float> %906, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %908 = select <8 x i1> %907, <8 x float> %906, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %909 = fcmp ogt <8 x float> %908, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %910 = select <8 x i1> %909, <8 x float> %908, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %exp.n254 = call <8 x float> @llvm.floor.v8f32(<8 x float> %911)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n254, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %910)
-  %exp.r255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %exp.n254, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %912)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %exp.r255, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %exp.r255, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %exp.r255, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %exp.r255, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> %exp.r255, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %918 = fmul <8 x float> %exp.r255, %exp.r255
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> %918, <8 x float> %exp.r255)
-  %920 = fadd <8 x float> %919, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %921 = fptosi <8 x float> %exp.n254 to <8 x i32>
-  %922 = add <8 x i32> %921, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %923 = shl <8 x i32> %922, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n256 = bitcast <8 x i32> %923 to <8 x float>
-  %exp257 = fmul <8 x float> %920, %exp.2n256
-  %924 = fadd <8 x float> %exp257, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid258 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %924
-  %silu259 = fmul <8 x float> %904, %sigmoid258
-  %glu260 = fmul <8 x float> %silu259, %905
-  %925 = fmul <8 x float> %glu260, %901
-  %926 = getelementptr inbounds float, ptr %903, i64 %col253
-  store <8 x float> %925, ptr %926, align 4
+k.end168:                                         ; preds = %k.head166
+  %991 = add nsw i64 %r0, 0
+  %992 = getelementptr inbounds float, ptr %rw, i64 %991
+  %993 = load float, ptr %992, align 4
+  %994 = insertelement <8 x float> poison, float %993, i32 0
+  %995 = shufflevector <8 x float> %994, <8 x float> poison, <8 x i32> zeroinitializer
+  %996 = mul nsw i64 %991, 2816
+  %997 = getelementptr inbounds float, ptr %h, i64 %996
+  %col170 = mul nsw i64 %p, 8
+  %998 = load <8 x float>, ptr %acc00163, align 4
+  %999 = load <8 x float>, ptr %acc01164, align 4
+  %1000 = fneg <8 x float> %998
+  %1001 = fcmp olt <8 x float> %1000, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1003 = fcmp ogt <8 x float> %1002, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1004 = select <8 x i1> %1003, <8 x float> %1002, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1006 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1005)
+  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1004)
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1007)
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1008, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1008, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1008, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1008, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1014 = fmul <8 x float> %1008, %1008
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1014, <8 x float> %1008)
+  %1016 = fadd <8 x float> %1015, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1017 = fptosi <8 x float> %1006 to <8 x i32>
+  %1018 = add <8 x i32> %1017, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1019 = shl <8 x i32> %1018, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n171 = bitcast <8 x i32> %1019 to <8 x float>
+  %exp172 = fmul <8 x float> %1016, %exp.2n171
+  %1020 = fadd <8 x float> %exp172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid173 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
+  %silu174 = fmul <8 x float> %998, %sigmoid173
+  %glu175 = fmul <8 x float> %silu174, %999
+  %1021 = fmul <8 x float> %glu175, %995
+  %1022 = getelementptr inbounds float, ptr %997, i64 %col170
+  store <8 x float> %1021, ptr %1022, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end248, %k.end220, %k.end180, %k.end128, %k.end64, %k.end
-  %927 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end168, %k.end149, %k.end122, %k.end87, %k.end44, %k.end
+  %1023 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %928 = add nsw i64 %p, 1
+  %1024 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -1733,36 +1755,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc004 = alloca <8 x float>, align 32
-  %acc016 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1111 = alloca <8 x float>, align 32
-  %acc2014 = alloca <8 x float>, align 32
-  %acc2116 = alloca <8 x float>, align 32
-  %acc3019 = alloca <8 x float>, align 32
-  %acc3121 = alloca <8 x float>, align 32
-  %acc4024 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0037 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1042 = alloca <8 x float>, align 32
-  %acc1144 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2149 = alloca <8 x float>, align 32
-  %acc3052 = alloca <8 x float>, align 32
-  %acc3154 = alloca <8 x float>, align 32
-  %acc0065 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1070 = alloca <8 x float>, align 32
-  %acc1172 = alloca <8 x float>, align 32
-  %acc2075 = alloca <8 x float>, align 32
-  %acc2177 = alloca <8 x float>, align 32
-  %acc0088 = alloca <8 x float>, align 32
-  %acc0190 = alloca <8 x float>, align 32
-  %acc1093 = alloca <8 x float>, align 32
-  %acc1195 = alloca <8 x float>, align 32
-  %acc00106 = alloca <8 x float>, align 32
-  %acc01108 = alloca <8 x float>, align 32
+  %acc002 = alloca <8 x float>, align 32
+  %acc013 = alloca <8 x float>, align 32
+  %acc104 = alloca <8 x float>, align 32
+  %acc115 = alloca <8 x float>, align 32
+  %acc206 = alloca <8 x float>, align 32
+  %acc217 = alloca <8 x float>, align 32
+  %acc308 = alloca <8 x float>, align 32
+  %acc319 = alloca <8 x float>, align 32
+  %acc4010 = alloca <8 x float>, align 32
+  %acc4111 = alloca <8 x float>, align 32
+  %acc0018 = alloca <8 x float>, align 32
+  %acc0119 = alloca <8 x float>, align 32
+  %acc1020 = alloca <8 x float>, align 32
+  %acc1121 = alloca <8 x float>, align 32
+  %acc2022 = alloca <8 x float>, align 32
+  %acc2123 = alloca <8 x float>, align 32
+  %acc3024 = alloca <8 x float>, align 32
+  %acc3125 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc0044 = alloca <8 x float>, align 32
+  %acc0145 = alloca <8 x float>, align 32
+  %acc1046 = alloca <8 x float>, align 32
+  %acc1147 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1771,7 +1793,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %488, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %563, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -1779,7 +1801,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %487, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %562, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -1799,782 +1821,782 @@ tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
   %4 = add nsw i64 %r0, 0
   %5 = mul nsw i64 %4, 2816
-  %h0 = getelementptr inbounds float, ptr %h, i64 %5
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 1024
-  %10 = getelementptr inbounds float, ptr %y, i64 %9
-  %11 = add nsw i64 %col, 0
-  %y00 = getelementptr inbounds float, ptr %10, i64 %11
-  %12 = load <8 x float>, ptr %y00, align 4
-  store <8 x float> %12, ptr %acc00, align 4
-  %13 = add nsw i64 %col, 8
-  %y01 = getelementptr inbounds float, ptr %10, i64 %13
-  %14 = load <8 x float>, ptr %y01, align 4
-  store <8 x float> %14, ptr %acc01, align 4
-  %15 = add nsw i64 %r0, 1
-  %16 = mul nsw i64 %15, 2816
-  %h1 = getelementptr inbounds float, ptr %h, i64 %16
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 1024
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %y10 = getelementptr inbounds float, ptr %21, i64 %22
-  %23 = load <8 x float>, ptr %y10, align 4
-  store <8 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %col, 8
-  %y11 = getelementptr inbounds float, ptr %21, i64 %24
-  %25 = load <8 x float>, ptr %y11, align 4
-  store <8 x float> %25, ptr %acc11, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 2816
-  %h2 = getelementptr inbounds float, ptr %h, i64 %27
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 1024
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = add nsw i64 %col, 0
-  %y20 = getelementptr inbounds float, ptr %32, i64 %33
-  %34 = load <8 x float>, ptr %y20, align 4
-  store <8 x float> %34, ptr %acc20, align 4
-  %35 = add nsw i64 %col, 8
-  %y21 = getelementptr inbounds float, ptr %32, i64 %35
-  %36 = load <8 x float>, ptr %y21, align 4
-  store <8 x float> %36, ptr %acc21, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 2816
-  %h3 = getelementptr inbounds float, ptr %h, i64 %38
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 1024
-  %43 = getelementptr inbounds float, ptr %y, i64 %42
-  %44 = add nsw i64 %col, 0
-  %y30 = getelementptr inbounds float, ptr %43, i64 %44
-  %45 = load <8 x float>, ptr %y30, align 4
-  store <8 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %col, 8
-  %y31 = getelementptr inbounds float, ptr %43, i64 %46
-  %47 = load <8 x float>, ptr %y31, align 4
-  store <8 x float> %47, ptr %acc31, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 2816
-  %h4 = getelementptr inbounds float, ptr %h, i64 %49
-  %50 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %51 = load i32, ptr %50, align 4
-  %52 = sext i32 %51 to i64
-  %53 = mul nsw i64 %52, 1024
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = add nsw i64 %col, 0
-  %y40 = getelementptr inbounds float, ptr %54, i64 %55
-  %56 = load <8 x float>, ptr %y40, align 4
-  store <8 x float> %56, ptr %acc40, align 4
+  %6 = getelementptr inbounds float, ptr %h, i64 %5
+  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
+  %8 = load i32, ptr %7, align 4
+  %9 = sext i32 %8 to i64
+  %10 = mul nsw i64 %9, 1024
+  %11 = getelementptr inbounds float, ptr %y, i64 %10
+  %12 = add nsw i64 %col, 0
+  %13 = getelementptr inbounds float, ptr %11, i64 %12
+  %14 = load <8 x float>, ptr %13, align 4
+  store <8 x float> %14, ptr %acc00, align 4
+  %15 = add nsw i64 %col, 8
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = load <8 x float>, ptr %16, align 4
+  store <8 x float> %17, ptr %acc01, align 4
+  %18 = add nsw i64 %r0, 1
+  %19 = mul nsw i64 %18, 2816
+  %20 = getelementptr inbounds float, ptr %h, i64 %19
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 1024
+  %25 = getelementptr inbounds float, ptr %y, i64 %24
+  %26 = add nsw i64 %col, 0
+  %27 = getelementptr inbounds float, ptr %25, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc10, align 4
+  %29 = add nsw i64 %col, 8
+  %30 = getelementptr inbounds float, ptr %25, i64 %29
+  %31 = load <8 x float>, ptr %30, align 4
+  store <8 x float> %31, ptr %acc11, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 2816
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 1024
+  %39 = getelementptr inbounds float, ptr %y, i64 %38
+  %40 = add nsw i64 %col, 0
+  %41 = getelementptr inbounds float, ptr %39, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc20, align 4
+  %43 = add nsw i64 %col, 8
+  %44 = getelementptr inbounds float, ptr %39, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  store <8 x float> %45, ptr %acc21, align 4
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 2816
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 1024
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc30, align 4
   %57 = add nsw i64 %col, 8
-  %y41 = getelementptr inbounds float, ptr %54, i64 %57
-  %58 = load <8 x float>, ptr %y41, align 4
-  store <8 x float> %58, ptr %acc41, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 2816
-  %h5 = getelementptr inbounds float, ptr %h, i64 %60
-  %61 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %62 = load i32, ptr %61, align 4
-  %63 = sext i32 %62 to i64
-  %64 = mul nsw i64 %63, 1024
-  %65 = getelementptr inbounds float, ptr %y, i64 %64
-  %66 = add nsw i64 %col, 0
-  %y50 = getelementptr inbounds float, ptr %65, i64 %66
-  %67 = load <8 x float>, ptr %y50, align 4
-  store <8 x float> %67, ptr %acc50, align 4
-  %68 = add nsw i64 %col, 8
-  %y51 = getelementptr inbounds float, ptr %65, i64 %68
-  %69 = load <8 x float>, ptr %y51, align 4
-  store <8 x float> %69, ptr %acc51, align 4
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
+  store <8 x float> %59, ptr %acc31, align 4
+  %60 = add nsw i64 %r0, 4
+  %61 = mul nsw i64 %60, 2816
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 1024
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %68 = add nsw i64 %col, 0
+  %69 = getelementptr inbounds float, ptr %67, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc40, align 4
+  %71 = add nsw i64 %col, 8
+  %72 = getelementptr inbounds float, ptr %67, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  store <8 x float> %73, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 2816
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 1024
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc50, align 4
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %81, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  store <8 x float> %87, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 45056
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %k.body ]
-  %70 = icmp slt i64 %k, 2816
-  br i1 %70, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %144, %k.body ]
+  %88 = icmp slt i64 %k, 2816
+  br i1 %88, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %71 = mul nsw i64 %k, 16
-  %72 = add nsw i64 %panel.off, %71
-  %73 = getelementptr inbounds float, ptr %panels, i64 %72
-  %b0 = load <8 x float>, ptr %73, align 4
-  %74 = add nsw i64 %72, 8
-  %75 = getelementptr inbounds float, ptr %panels, i64 %74
-  %b1 = load <8 x float>, ptr %75, align 4
-  %76 = getelementptr inbounds float, ptr %h0, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc00, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b0, <8 x float> %80)
-  store <8 x float> %81, ptr %acc00, align 4
-  %82 = load <8 x float>, ptr %acc01, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %b1, <8 x float> %82)
-  store <8 x float> %83, ptr %acc01, align 4
-  %84 = getelementptr inbounds float, ptr %h1, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc10, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b0, <8 x float> %88)
-  store <8 x float> %89, ptr %acc10, align 4
-  %90 = load <8 x float>, ptr %acc11, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %b1, <8 x float> %90)
-  store <8 x float> %91, ptr %acc11, align 4
-  %92 = getelementptr inbounds float, ptr %h2, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc20, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b0, <8 x float> %96)
-  store <8 x float> %97, ptr %acc20, align 4
-  %98 = load <8 x float>, ptr %acc21, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %b1, <8 x float> %98)
-  store <8 x float> %99, ptr %acc21, align 4
-  %100 = getelementptr inbounds float, ptr %h3, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc30, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b0, <8 x float> %104)
-  store <8 x float> %105, ptr %acc30, align 4
-  %106 = load <8 x float>, ptr %acc31, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %b1, <8 x float> %106)
-  store <8 x float> %107, ptr %acc31, align 4
-  %108 = getelementptr inbounds float, ptr %h4, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc40, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b0, <8 x float> %112)
-  store <8 x float> %113, ptr %acc40, align 4
-  %114 = load <8 x float>, ptr %acc41, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %b1, <8 x float> %114)
-  store <8 x float> %115, ptr %acc41, align 4
-  %116 = getelementptr inbounds float, ptr %h5, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc50, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc50, align 4
-  %122 = load <8 x float>, ptr %acc51, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc51, align 4
-  %124 = add nsw i64 %k, 1
+  %89 = mul nsw i64 %k, 16
+  %90 = add nsw i64 %panel.off, %89
+  %91 = getelementptr inbounds float, ptr %panels, i64 %90
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = add nsw i64 %90, 8
+  %94 = getelementptr inbounds float, ptr %panels, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = getelementptr inbounds float, ptr %6, i64 %k
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = load <8 x float>, ptr %acc00, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %92, <8 x float> %100)
+  store <8 x float> %101, ptr %acc00, align 4
+  %102 = load <8 x float>, ptr %acc01, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %95, <8 x float> %102)
+  store <8 x float> %103, ptr %acc01, align 4
+  %104 = getelementptr inbounds float, ptr %20, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc10, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %92, <8 x float> %108)
+  store <8 x float> %109, ptr %acc10, align 4
+  %110 = load <8 x float>, ptr %acc11, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %95, <8 x float> %110)
+  store <8 x float> %111, ptr %acc11, align 4
+  %112 = getelementptr inbounds float, ptr %34, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc20, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %92, <8 x float> %116)
+  store <8 x float> %117, ptr %acc20, align 4
+  %118 = load <8 x float>, ptr %acc21, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %95, <8 x float> %118)
+  store <8 x float> %119, ptr %acc21, align 4
+  %120 = getelementptr inbounds float, ptr %48, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc30, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %92, <8 x float> %124)
+  store <8 x float> %125, ptr %acc30, align 4
+  %126 = load <8 x float>, ptr %acc31, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %95, <8 x float> %126)
+  store <8 x float> %127, ptr %acc31, align 4
+  %128 = getelementptr inbounds float, ptr %62, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc40, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %92, <8 x float> %132)
+  store <8 x float> %133, ptr %acc40, align 4
+  %134 = load <8 x float>, ptr %acc41, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %95, <8 x float> %134)
+  store <8 x float> %135, ptr %acc41, align 4
+  %136 = getelementptr inbounds float, ptr %76, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc50, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %92, <8 x float> %140)
+  store <8 x float> %141, ptr %acc50, align 4
+  %142 = load <8 x float>, ptr %acc51, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %95, <8 x float> %142)
+  store <8 x float> %143, ptr %acc51, align 4
+  %144 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %125 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %125, ptr %y00, align 4
-  %126 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %126, ptr %y01, align 4
-  %127 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %127, ptr %y10, align 4
-  %128 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %128, ptr %y11, align 4
-  %129 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %129, ptr %y20, align 4
-  %130 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %130, ptr %y21, align 4
-  %131 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %131, ptr %y30, align 4
-  %132 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %132, ptr %y31, align 4
-  %133 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %133, ptr %y40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %134, ptr %y41, align 4
-  %135 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %135, ptr %y50, align 4
-  %136 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %136, ptr %y51, align 4
+  %145 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %145, ptr %13, align 4
+  %146 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %146, ptr %16, align 4
+  %147 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %147, ptr %27, align 4
+  %148 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %148, ptr %30, align 4
+  %149 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %149, ptr %41, align 4
+  %150 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %150, ptr %44, align 4
+  %151 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %151, ptr %55, align 4
+  %152 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %152, ptr %58, align 4
+  %153 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %153, ptr %69, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %154, ptr %72, align 4
+  %155 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %155, ptr %83, align 4
+  %156 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %156, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %137 = add nsw i64 %r0, 0
-  %138 = mul nsw i64 %137, 2816
-  %h02 = getelementptr inbounds float, ptr %h, i64 %138
-  %139 = getelementptr inbounds i32, ptr %rows, i64 %137
-  %140 = load i32, ptr %139, align 4
-  %141 = sext i32 %140 to i64
-  %142 = mul nsw i64 %141, 1024
-  %143 = getelementptr inbounds float, ptr %y, i64 %142
-  %144 = add nsw i64 %col1, 0
-  %y003 = getelementptr inbounds float, ptr %143, i64 %144
-  %145 = load <8 x float>, ptr %y003, align 4
-  store <8 x float> %145, ptr %acc004, align 4
-  %146 = add nsw i64 %col1, 8
-  %y015 = getelementptr inbounds float, ptr %143, i64 %146
-  %147 = load <8 x float>, ptr %y015, align 4
-  store <8 x float> %147, ptr %acc016, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = mul nsw i64 %148, 2816
-  %h17 = getelementptr inbounds float, ptr %h, i64 %149
-  %150 = getelementptr inbounds i32, ptr %rows, i64 %148
-  %151 = load i32, ptr %150, align 4
-  %152 = sext i32 %151 to i64
-  %153 = mul nsw i64 %152, 1024
-  %154 = getelementptr inbounds float, ptr %y, i64 %153
-  %155 = add nsw i64 %col1, 0
-  %y108 = getelementptr inbounds float, ptr %154, i64 %155
-  %156 = load <8 x float>, ptr %y108, align 4
-  store <8 x float> %156, ptr %acc109, align 4
-  %157 = add nsw i64 %col1, 8
-  %y1110 = getelementptr inbounds float, ptr %154, i64 %157
-  %158 = load <8 x float>, ptr %y1110, align 4
-  store <8 x float> %158, ptr %acc1111, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = mul nsw i64 %159, 2816
-  %h212 = getelementptr inbounds float, ptr %h, i64 %160
-  %161 = getelementptr inbounds i32, ptr %rows, i64 %159
-  %162 = load i32, ptr %161, align 4
-  %163 = sext i32 %162 to i64
-  %164 = mul nsw i64 %163, 1024
-  %165 = getelementptr inbounds float, ptr %y, i64 %164
-  %166 = add nsw i64 %col1, 0
-  %y2013 = getelementptr inbounds float, ptr %165, i64 %166
-  %167 = load <8 x float>, ptr %y2013, align 4
-  store <8 x float> %167, ptr %acc2014, align 4
+  %157 = add nsw i64 %r0, 0
+  %158 = mul nsw i64 %157, 2816
+  %159 = getelementptr inbounds float, ptr %h, i64 %158
+  %160 = getelementptr inbounds i32, ptr %rows, i64 %157
+  %161 = load i32, ptr %160, align 4
+  %162 = sext i32 %161 to i64
+  %163 = mul nsw i64 %162, 1024
+  %164 = getelementptr inbounds float, ptr %y, i64 %163
+  %165 = add nsw i64 %col1, 0
+  %166 = getelementptr inbounds float, ptr %164, i64 %165
+  %167 = load <8 x float>, ptr %166, align 4
+  store <8 x float> %167, ptr %acc002, align 4
   %168 = add nsw i64 %col1, 8
-  %y2115 = getelementptr inbounds float, ptr %165, i64 %168
-  %169 = load <8 x float>, ptr %y2115, align 4
-  store <8 x float> %169, ptr %acc2116, align 4
-  %170 = add nsw i64 %r0, 3
-  %171 = mul nsw i64 %170, 2816
-  %h317 = getelementptr inbounds float, ptr %h, i64 %171
-  %172 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %173 = load i32, ptr %172, align 4
-  %174 = sext i32 %173 to i64
-  %175 = mul nsw i64 %174, 1024
-  %176 = getelementptr inbounds float, ptr %y, i64 %175
-  %177 = add nsw i64 %col1, 0
-  %y3018 = getelementptr inbounds float, ptr %176, i64 %177
-  %178 = load <8 x float>, ptr %y3018, align 4
-  store <8 x float> %178, ptr %acc3019, align 4
-  %179 = add nsw i64 %col1, 8
-  %y3120 = getelementptr inbounds float, ptr %176, i64 %179
-  %180 = load <8 x float>, ptr %y3120, align 4
-  store <8 x float> %180, ptr %acc3121, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = mul nsw i64 %181, 2816
-  %h422 = getelementptr inbounds float, ptr %h, i64 %182
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %181
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 1024
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %y4023 = getelementptr inbounds float, ptr %187, i64 %188
-  %189 = load <8 x float>, ptr %y4023, align 4
-  store <8 x float> %189, ptr %acc4024, align 4
-  %190 = add nsw i64 %col1, 8
-  %y4125 = getelementptr inbounds float, ptr %187, i64 %190
-  %191 = load <8 x float>, ptr %y4125, align 4
-  store <8 x float> %191, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 45056
-  br label %k.head28
+  %169 = getelementptr inbounds float, ptr %164, i64 %168
+  %170 = load <8 x float>, ptr %169, align 4
+  store <8 x float> %170, ptr %acc013, align 4
+  %171 = add nsw i64 %r0, 1
+  %172 = mul nsw i64 %171, 2816
+  %173 = getelementptr inbounds float, ptr %h, i64 %172
+  %174 = getelementptr inbounds i32, ptr %rows, i64 %171
+  %175 = load i32, ptr %174, align 4
+  %176 = sext i32 %175 to i64
+  %177 = mul nsw i64 %176, 1024
+  %178 = getelementptr inbounds float, ptr %y, i64 %177
+  %179 = add nsw i64 %col1, 0
+  %180 = getelementptr inbounds float, ptr %178, i64 %179
+  %181 = load <8 x float>, ptr %180, align 4
+  store <8 x float> %181, ptr %acc104, align 4
+  %182 = add nsw i64 %col1, 8
+  %183 = getelementptr inbounds float, ptr %178, i64 %182
+  %184 = load <8 x float>, ptr %183, align 4
+  store <8 x float> %184, ptr %acc115, align 4
+  %185 = add nsw i64 %r0, 2
+  %186 = mul nsw i64 %185, 2816
+  %187 = getelementptr inbounds float, ptr %h, i64 %186
+  %188 = getelementptr inbounds i32, ptr %rows, i64 %185
+  %189 = load i32, ptr %188, align 4
+  %190 = sext i32 %189 to i64
+  %191 = mul nsw i64 %190, 1024
+  %192 = getelementptr inbounds float, ptr %y, i64 %191
+  %193 = add nsw i64 %col1, 0
+  %194 = getelementptr inbounds float, ptr %192, i64 %193
+  %195 = load <8 x float>, ptr %194, align 4
+  store <8 x float> %195, ptr %acc206, align 4
+  %196 = add nsw i64 %col1, 8
+  %197 = getelementptr inbounds float, ptr %192, i64 %196
+  %198 = load <8 x float>, ptr %197, align 4
+  store <8 x float> %198, ptr %acc217, align 4
+  %199 = add nsw i64 %r0, 3
+  %200 = mul nsw i64 %199, 2816
+  %201 = getelementptr inbounds float, ptr %h, i64 %200
+  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
+  %203 = load i32, ptr %202, align 4
+  %204 = sext i32 %203 to i64
+  %205 = mul nsw i64 %204, 1024
+  %206 = getelementptr inbounds float, ptr %y, i64 %205
+  %207 = add nsw i64 %col1, 0
+  %208 = getelementptr inbounds float, ptr %206, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  store <8 x float> %209, ptr %acc308, align 4
+  %210 = add nsw i64 %col1, 8
+  %211 = getelementptr inbounds float, ptr %206, i64 %210
+  %212 = load <8 x float>, ptr %211, align 4
+  store <8 x float> %212, ptr %acc319, align 4
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 2816
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 1024
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col1, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  store <8 x float> %223, ptr %acc4010, align 4
+  %224 = add nsw i64 %col1, 8
+  %225 = getelementptr inbounds float, ptr %220, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  store <8 x float> %226, ptr %acc4111, align 4
+  %panel.off12 = mul nsw i64 %p, 45056
+  br label %k.head13
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %238, %k.body29 ]
-  %192 = icmp slt i64 %k31, 2816
-  br i1 %192, label %k.body29, label %k.end30
+k.head13:                                         ; preds = %k.body14, %tile.mr5
+  %k16 = phi i64 [ 0, %tile.mr5 ], [ %275, %k.body14 ]
+  %227 = icmp slt i64 %k16, 2816
+  br i1 %227, label %k.body14, label %k.end15
 
-k.body29:                                         ; preds = %k.head28
-  %193 = mul nsw i64 %k31, 16
-  %194 = add nsw i64 %panel.off27, %193
-  %195 = getelementptr inbounds float, ptr %panels, i64 %194
-  %b032 = load <8 x float>, ptr %195, align 4
-  %196 = add nsw i64 %194, 8
-  %197 = getelementptr inbounds float, ptr %panels, i64 %196
-  %b133 = load <8 x float>, ptr %197, align 4
-  %198 = getelementptr inbounds float, ptr %h02, i64 %k31
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc004, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b032, <8 x float> %202)
-  store <8 x float> %203, ptr %acc004, align 4
-  %204 = load <8 x float>, ptr %acc016, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %b133, <8 x float> %204)
-  store <8 x float> %205, ptr %acc016, align 4
-  %206 = getelementptr inbounds float, ptr %h17, i64 %k31
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc109, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b032, <8 x float> %210)
-  store <8 x float> %211, ptr %acc109, align 4
-  %212 = load <8 x float>, ptr %acc1111, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %b133, <8 x float> %212)
-  store <8 x float> %213, ptr %acc1111, align 4
-  %214 = getelementptr inbounds float, ptr %h212, i64 %k31
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc2014, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b032, <8 x float> %218)
-  store <8 x float> %219, ptr %acc2014, align 4
-  %220 = load <8 x float>, ptr %acc2116, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %b133, <8 x float> %220)
-  store <8 x float> %221, ptr %acc2116, align 4
-  %222 = getelementptr inbounds float, ptr %h317, i64 %k31
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc3019, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b032, <8 x float> %226)
-  store <8 x float> %227, ptr %acc3019, align 4
-  %228 = load <8 x float>, ptr %acc3121, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %b133, <8 x float> %228)
-  store <8 x float> %229, ptr %acc3121, align 4
-  %230 = getelementptr inbounds float, ptr %h422, i64 %k31
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc4024, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b032, <8 x float> %234)
-  store <8 x float> %235, ptr %acc4024, align 4
-  %236 = load <8 x float>, ptr %acc4126, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %b133, <8 x float> %236)
-  store <8 x float> %237, ptr %acc4126, align 4
-  %238 = add nsw i64 %k31, 1
-  br label %k.head28
+k.body14:                                         ; preds = %k.head13
+  %228 = mul nsw i64 %k16, 16
+  %229 = add nsw i64 %panel.off12, %228
+  %230 = getelementptr inbounds float, ptr %panels, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  %232 = add nsw i64 %229, 8
+  %233 = getelementptr inbounds float, ptr %panels, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  %235 = getelementptr inbounds float, ptr %159, i64 %k16
+  %236 = load float, ptr %235, align 4
+  %237 = insertelement <8 x float> poison, float %236, i32 0
+  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
+  %239 = load <8 x float>, ptr %acc002, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %231, <8 x float> %239)
+  store <8 x float> %240, ptr %acc002, align 4
+  %241 = load <8 x float>, ptr %acc013, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %234, <8 x float> %241)
+  store <8 x float> %242, ptr %acc013, align 4
+  %243 = getelementptr inbounds float, ptr %173, i64 %k16
+  %244 = load float, ptr %243, align 4
+  %245 = insertelement <8 x float> poison, float %244, i32 0
+  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
+  %247 = load <8 x float>, ptr %acc104, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %231, <8 x float> %247)
+  store <8 x float> %248, ptr %acc104, align 4
+  %249 = load <8 x float>, ptr %acc115, align 4
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %234, <8 x float> %249)
+  store <8 x float> %250, ptr %acc115, align 4
+  %251 = getelementptr inbounds float, ptr %187, i64 %k16
+  %252 = load float, ptr %251, align 4
+  %253 = insertelement <8 x float> poison, float %252, i32 0
+  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
+  %255 = load <8 x float>, ptr %acc206, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %231, <8 x float> %255)
+  store <8 x float> %256, ptr %acc206, align 4
+  %257 = load <8 x float>, ptr %acc217, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %234, <8 x float> %257)
+  store <8 x float> %258, ptr %acc217, align 4
+  %259 = getelementptr inbounds float, ptr %201, i64 %k16
+  %260 = load float, ptr %259, align 4
+  %261 = insertelement <8 x float> poison, float %260, i32 0
+  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
+  %263 = load <8 x float>, ptr %acc308, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %231, <8 x float> %263)
+  store <8 x float> %264, ptr %acc308, align 4
+  %265 = load <8 x float>, ptr %acc319, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %234, <8 x float> %265)
+  store <8 x float> %266, ptr %acc319, align 4
+  %267 = getelementptr inbounds float, ptr %215, i64 %k16
+  %268 = load float, ptr %267, align 4
+  %269 = insertelement <8 x float> poison, float %268, i32 0
+  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
+  %271 = load <8 x float>, ptr %acc4010, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %231, <8 x float> %271)
+  store <8 x float> %272, ptr %acc4010, align 4
+  %273 = load <8 x float>, ptr %acc4111, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %234, <8 x float> %273)
+  store <8 x float> %274, ptr %acc4111, align 4
+  %275 = add nsw i64 %k16, 1
+  br label %k.head13
 
-k.end30:                                          ; preds = %k.head28
-  %239 = load <8 x float>, ptr %acc004, align 4
-  store <8 x float> %239, ptr %y003, align 4
-  %240 = load <8 x float>, ptr %acc016, align 4
-  store <8 x float> %240, ptr %y015, align 4
-  %241 = load <8 x float>, ptr %acc109, align 4
-  store <8 x float> %241, ptr %y108, align 4
-  %242 = load <8 x float>, ptr %acc1111, align 4
-  store <8 x float> %242, ptr %y1110, align 4
-  %243 = load <8 x float>, ptr %acc2014, align 4
-  store <8 x float> %243, ptr %y2013, align 4
-  %244 = load <8 x float>, ptr %acc2116, align 4
-  store <8 x float> %244, ptr %y2115, align 4
-  %245 = load <8 x float>, ptr %acc3019, align 4
-  store <8 x float> %245, ptr %y3018, align 4
-  %246 = load <8 x float>, ptr %acc3121, align 4
-  store <8 x float> %246, ptr %y3120, align 4
-  %247 = load <8 x float>, ptr %acc4024, align 4
-  store <8 x float> %247, ptr %y4023, align 4
-  %248 = load <8 x float>, ptr %acc4126, align 4
-  store <8 x float> %248, ptr %y4125, align 4
+k.end15:                                          ; preds = %k.head13
+  %276 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %276, ptr %166, align 4
+  %277 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %277, ptr %169, align 4
+  %278 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %278, ptr %180, align 4
+  %279 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %279, ptr %183, align 4
+  %280 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %280, ptr %194, align 4
+  %281 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %281, ptr %197, align 4
+  %282 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %282, ptr %208, align 4
+  %283 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %283, ptr %211, align 4
+  %284 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %284, ptr %222, align 4
+  %285 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %285, ptr %225, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col34 = mul nsw i64 %p, 16
-  %249 = add nsw i64 %r0, 0
-  %250 = mul nsw i64 %249, 2816
-  %h035 = getelementptr inbounds float, ptr %h, i64 %250
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 1024
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col34, 0
-  %y0036 = getelementptr inbounds float, ptr %255, i64 %256
-  %257 = load <8 x float>, ptr %y0036, align 4
-  store <8 x float> %257, ptr %acc0037, align 4
-  %258 = add nsw i64 %col34, 8
-  %y0138 = getelementptr inbounds float, ptr %255, i64 %258
-  %259 = load <8 x float>, ptr %y0138, align 4
-  store <8 x float> %259, ptr %acc0139, align 4
-  %260 = add nsw i64 %r0, 1
-  %261 = mul nsw i64 %260, 2816
-  %h140 = getelementptr inbounds float, ptr %h, i64 %261
-  %262 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %263 = load i32, ptr %262, align 4
-  %264 = sext i32 %263 to i64
-  %265 = mul nsw i64 %264, 1024
-  %266 = getelementptr inbounds float, ptr %y, i64 %265
-  %267 = add nsw i64 %col34, 0
-  %y1041 = getelementptr inbounds float, ptr %266, i64 %267
-  %268 = load <8 x float>, ptr %y1041, align 4
-  store <8 x float> %268, ptr %acc1042, align 4
-  %269 = add nsw i64 %col34, 8
-  %y1143 = getelementptr inbounds float, ptr %266, i64 %269
-  %270 = load <8 x float>, ptr %y1143, align 4
-  store <8 x float> %270, ptr %acc1144, align 4
-  %271 = add nsw i64 %r0, 2
-  %272 = mul nsw i64 %271, 2816
-  %h245 = getelementptr inbounds float, ptr %h, i64 %272
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %271
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 1024
-  %277 = getelementptr inbounds float, ptr %y, i64 %276
-  %278 = add nsw i64 %col34, 0
-  %y2046 = getelementptr inbounds float, ptr %277, i64 %278
-  %279 = load <8 x float>, ptr %y2046, align 4
-  store <8 x float> %279, ptr %acc2047, align 4
-  %280 = add nsw i64 %col34, 8
-  %y2148 = getelementptr inbounds float, ptr %277, i64 %280
-  %281 = load <8 x float>, ptr %y2148, align 4
-  store <8 x float> %281, ptr %acc2149, align 4
-  %282 = add nsw i64 %r0, 3
-  %283 = mul nsw i64 %282, 2816
-  %h350 = getelementptr inbounds float, ptr %h, i64 %283
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %282
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 1024
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col34, 0
-  %y3051 = getelementptr inbounds float, ptr %288, i64 %289
-  %290 = load <8 x float>, ptr %y3051, align 4
-  store <8 x float> %290, ptr %acc3052, align 4
-  %291 = add nsw i64 %col34, 8
-  %y3153 = getelementptr inbounds float, ptr %288, i64 %291
-  %292 = load <8 x float>, ptr %y3153, align 4
-  store <8 x float> %292, ptr %acc3154, align 4
-  %panel.off55 = mul nsw i64 %p, 45056
-  br label %k.head56
+  %col17 = mul nsw i64 %p, 16
+  %286 = add nsw i64 %r0, 0
+  %287 = mul nsw i64 %286, 2816
+  %288 = getelementptr inbounds float, ptr %h, i64 %287
+  %289 = getelementptr inbounds i32, ptr %rows, i64 %286
+  %290 = load i32, ptr %289, align 4
+  %291 = sext i32 %290 to i64
+  %292 = mul nsw i64 %291, 1024
+  %293 = getelementptr inbounds float, ptr %y, i64 %292
+  %294 = add nsw i64 %col17, 0
+  %295 = getelementptr inbounds float, ptr %293, i64 %294
+  %296 = load <8 x float>, ptr %295, align 4
+  store <8 x float> %296, ptr %acc0018, align 4
+  %297 = add nsw i64 %col17, 8
+  %298 = getelementptr inbounds float, ptr %293, i64 %297
+  %299 = load <8 x float>, ptr %298, align 4
+  store <8 x float> %299, ptr %acc0119, align 4
+  %300 = add nsw i64 %r0, 1
+  %301 = mul nsw i64 %300, 2816
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 1024
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col17, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc1020, align 4
+  %311 = add nsw i64 %col17, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc1121, align 4
+  %314 = add nsw i64 %r0, 2
+  %315 = mul nsw i64 %314, 2816
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 1024
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col17, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc2022, align 4
+  %325 = add nsw i64 %col17, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc2123, align 4
+  %328 = add nsw i64 %r0, 3
+  %329 = mul nsw i64 %328, 2816
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 1024
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col17, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc3024, align 4
+  %339 = add nsw i64 %col17, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc3125, align 4
+  %panel.off26 = mul nsw i64 %p, 45056
+  br label %k.head27
 
-k.head56:                                         ; preds = %k.body57, %tile.mr4
-  %k59 = phi i64 [ 0, %tile.mr4 ], [ %331, %k.body57 ]
-  %293 = icmp slt i64 %k59, 2816
-  br i1 %293, label %k.body57, label %k.end58
+k.head27:                                         ; preds = %k.body28, %tile.mr4
+  %k30 = phi i64 [ 0, %tile.mr4 ], [ %382, %k.body28 ]
+  %342 = icmp slt i64 %k30, 2816
+  br i1 %342, label %k.body28, label %k.end29
 
-k.body57:                                         ; preds = %k.head56
-  %294 = mul nsw i64 %k59, 16
-  %295 = add nsw i64 %panel.off55, %294
-  %296 = getelementptr inbounds float, ptr %panels, i64 %295
-  %b060 = load <8 x float>, ptr %296, align 4
-  %297 = add nsw i64 %295, 8
-  %298 = getelementptr inbounds float, ptr %panels, i64 %297
-  %b161 = load <8 x float>, ptr %298, align 4
-  %299 = getelementptr inbounds float, ptr %h035, i64 %k59
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0037, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b060, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0037, align 4
-  %305 = load <8 x float>, ptr %acc0139, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %b161, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0139, align 4
-  %307 = getelementptr inbounds float, ptr %h140, i64 %k59
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc1042, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b060, <8 x float> %311)
-  store <8 x float> %312, ptr %acc1042, align 4
-  %313 = load <8 x float>, ptr %acc1144, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %b161, <8 x float> %313)
-  store <8 x float> %314, ptr %acc1144, align 4
-  %315 = getelementptr inbounds float, ptr %h245, i64 %k59
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc2047, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b060, <8 x float> %319)
-  store <8 x float> %320, ptr %acc2047, align 4
-  %321 = load <8 x float>, ptr %acc2149, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b161, <8 x float> %321)
-  store <8 x float> %322, ptr %acc2149, align 4
-  %323 = getelementptr inbounds float, ptr %h350, i64 %k59
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc3052, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b060, <8 x float> %327)
-  store <8 x float> %328, ptr %acc3052, align 4
-  %329 = load <8 x float>, ptr %acc3154, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b161, <8 x float> %329)
-  store <8 x float> %330, ptr %acc3154, align 4
-  %331 = add nsw i64 %k59, 1
-  br label %k.head56
+k.body28:                                         ; preds = %k.head27
+  %343 = mul nsw i64 %k30, 16
+  %344 = add nsw i64 %panel.off26, %343
+  %345 = getelementptr inbounds float, ptr %panels, i64 %344
+  %346 = load <8 x float>, ptr %345, align 4
+  %347 = add nsw i64 %344, 8
+  %348 = getelementptr inbounds float, ptr %panels, i64 %347
+  %349 = load <8 x float>, ptr %348, align 4
+  %350 = getelementptr inbounds float, ptr %288, i64 %k30
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = load <8 x float>, ptr %acc0018, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %346, <8 x float> %354)
+  store <8 x float> %355, ptr %acc0018, align 4
+  %356 = load <8 x float>, ptr %acc0119, align 4
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %349, <8 x float> %356)
+  store <8 x float> %357, ptr %acc0119, align 4
+  %358 = getelementptr inbounds float, ptr %302, i64 %k30
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc1020, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %346, <8 x float> %362)
+  store <8 x float> %363, ptr %acc1020, align 4
+  %364 = load <8 x float>, ptr %acc1121, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %349, <8 x float> %364)
+  store <8 x float> %365, ptr %acc1121, align 4
+  %366 = getelementptr inbounds float, ptr %316, i64 %k30
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc2022, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %346, <8 x float> %370)
+  store <8 x float> %371, ptr %acc2022, align 4
+  %372 = load <8 x float>, ptr %acc2123, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %349, <8 x float> %372)
+  store <8 x float> %373, ptr %acc2123, align 4
+  %374 = getelementptr inbounds float, ptr %330, i64 %k30
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc3024, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %346, <8 x float> %378)
+  store <8 x float> %379, ptr %acc3024, align 4
+  %380 = load <8 x float>, ptr %acc3125, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %349, <8 x float> %380)
+  store <8 x float> %381, ptr %acc3125, align 4
+  %382 = add nsw i64 %k30, 1
+  br label %k.head27
 
-k.end58:                                          ; preds = %k.head56
-  %332 = load <8 x float>, ptr %acc0037, align 4
-  store <8 x float> %332, ptr %y0036, align 4
-  %333 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %333, ptr %y0138, align 4
-  %334 = load <8 x float>, ptr %acc1042, align 4
-  store <8 x float> %334, ptr %y1041, align 4
-  %335 = load <8 x float>, ptr %acc1144, align 4
-  store <8 x float> %335, ptr %y1143, align 4
-  %336 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %336, ptr %y2046, align 4
-  %337 = load <8 x float>, ptr %acc2149, align 4
-  store <8 x float> %337, ptr %y2148, align 4
-  %338 = load <8 x float>, ptr %acc3052, align 4
-  store <8 x float> %338, ptr %y3051, align 4
-  %339 = load <8 x float>, ptr %acc3154, align 4
-  store <8 x float> %339, ptr %y3153, align 4
+k.end29:                                          ; preds = %k.head27
+  %383 = load <8 x float>, ptr %acc0018, align 4
+  store <8 x float> %383, ptr %295, align 4
+  %384 = load <8 x float>, ptr %acc0119, align 4
+  store <8 x float> %384, ptr %298, align 4
+  %385 = load <8 x float>, ptr %acc1020, align 4
+  store <8 x float> %385, ptr %309, align 4
+  %386 = load <8 x float>, ptr %acc1121, align 4
+  store <8 x float> %386, ptr %312, align 4
+  %387 = load <8 x float>, ptr %acc2022, align 4
+  store <8 x float> %387, ptr %323, align 4
+  %388 = load <8 x float>, ptr %acc2123, align 4
+  store <8 x float> %388, ptr %326, align 4
+  %389 = load <8 x float>, ptr %acc3024, align 4
+  store <8 x float> %389, ptr %337, align 4
+  %390 = load <8 x float>, ptr %acc3125, align 4
+  store <8 x float> %390, ptr %340, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col62 = mul nsw i64 %p, 16
-  %340 = add nsw i64 %r0, 0
-  %341 = mul nsw i64 %340, 2816
-  %h063 = getelementptr inbounds float, ptr %h, i64 %341
-  %342 = getelementptr inbounds i32, ptr %rows, i64 %340
-  %343 = load i32, ptr %342, align 4
-  %344 = sext i32 %343 to i64
-  %345 = mul nsw i64 %344, 1024
-  %346 = getelementptr inbounds float, ptr %y, i64 %345
-  %347 = add nsw i64 %col62, 0
-  %y0064 = getelementptr inbounds float, ptr %346, i64 %347
-  %348 = load <8 x float>, ptr %y0064, align 4
-  store <8 x float> %348, ptr %acc0065, align 4
-  %349 = add nsw i64 %col62, 8
-  %y0166 = getelementptr inbounds float, ptr %346, i64 %349
-  %350 = load <8 x float>, ptr %y0166, align 4
-  store <8 x float> %350, ptr %acc0167, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 2816
-  %h168 = getelementptr inbounds float, ptr %h, i64 %352
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 1024
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col62, 0
-  %y1069 = getelementptr inbounds float, ptr %357, i64 %358
-  %359 = load <8 x float>, ptr %y1069, align 4
-  store <8 x float> %359, ptr %acc1070, align 4
-  %360 = add nsw i64 %col62, 8
-  %y1171 = getelementptr inbounds float, ptr %357, i64 %360
-  %361 = load <8 x float>, ptr %y1171, align 4
-  store <8 x float> %361, ptr %acc1172, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = mul nsw i64 %362, 2816
-  %h273 = getelementptr inbounds float, ptr %h, i64 %363
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %362
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 1024
-  %368 = getelementptr inbounds float, ptr %y, i64 %367
-  %369 = add nsw i64 %col62, 0
-  %y2074 = getelementptr inbounds float, ptr %368, i64 %369
-  %370 = load <8 x float>, ptr %y2074, align 4
-  store <8 x float> %370, ptr %acc2075, align 4
-  %371 = add nsw i64 %col62, 8
-  %y2176 = getelementptr inbounds float, ptr %368, i64 %371
-  %372 = load <8 x float>, ptr %y2176, align 4
-  store <8 x float> %372, ptr %acc2177, align 4
-  %panel.off78 = mul nsw i64 %p, 45056
-  br label %k.head79
+  %col31 = mul nsw i64 %p, 16
+  %391 = add nsw i64 %r0, 0
+  %392 = mul nsw i64 %391, 2816
+  %393 = getelementptr inbounds float, ptr %h, i64 %392
+  %394 = getelementptr inbounds i32, ptr %rows, i64 %391
+  %395 = load i32, ptr %394, align 4
+  %396 = sext i32 %395 to i64
+  %397 = mul nsw i64 %396, 1024
+  %398 = getelementptr inbounds float, ptr %y, i64 %397
+  %399 = add nsw i64 %col31, 0
+  %400 = getelementptr inbounds float, ptr %398, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  store <8 x float> %401, ptr %acc0032, align 4
+  %402 = add nsw i64 %col31, 8
+  %403 = getelementptr inbounds float, ptr %398, i64 %402
+  %404 = load <8 x float>, ptr %403, align 4
+  store <8 x float> %404, ptr %acc0133, align 4
+  %405 = add nsw i64 %r0, 1
+  %406 = mul nsw i64 %405, 2816
+  %407 = getelementptr inbounds float, ptr %h, i64 %406
+  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
+  %409 = load i32, ptr %408, align 4
+  %410 = sext i32 %409 to i64
+  %411 = mul nsw i64 %410, 1024
+  %412 = getelementptr inbounds float, ptr %y, i64 %411
+  %413 = add nsw i64 %col31, 0
+  %414 = getelementptr inbounds float, ptr %412, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  store <8 x float> %415, ptr %acc1034, align 4
+  %416 = add nsw i64 %col31, 8
+  %417 = getelementptr inbounds float, ptr %412, i64 %416
+  %418 = load <8 x float>, ptr %417, align 4
+  store <8 x float> %418, ptr %acc1135, align 4
+  %419 = add nsw i64 %r0, 2
+  %420 = mul nsw i64 %419, 2816
+  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %422 = getelementptr inbounds i32, ptr %rows, i64 %419
+  %423 = load i32, ptr %422, align 4
+  %424 = sext i32 %423 to i64
+  %425 = mul nsw i64 %424, 1024
+  %426 = getelementptr inbounds float, ptr %y, i64 %425
+  %427 = add nsw i64 %col31, 0
+  %428 = getelementptr inbounds float, ptr %426, i64 %427
+  %429 = load <8 x float>, ptr %428, align 4
+  store <8 x float> %429, ptr %acc2036, align 4
+  %430 = add nsw i64 %col31, 8
+  %431 = getelementptr inbounds float, ptr %426, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  store <8 x float> %432, ptr %acc2137, align 4
+  %panel.off38 = mul nsw i64 %p, 45056
+  br label %k.head39
 
-k.head79:                                         ; preds = %k.body80, %tile.mr3
-  %k82 = phi i64 [ 0, %tile.mr3 ], [ %403, %k.body80 ]
-  %373 = icmp slt i64 %k82, 2816
-  br i1 %373, label %k.body80, label %k.end81
+k.head39:                                         ; preds = %k.body40, %tile.mr3
+  %k42 = phi i64 [ 0, %tile.mr3 ], [ %465, %k.body40 ]
+  %433 = icmp slt i64 %k42, 2816
+  br i1 %433, label %k.body40, label %k.end41
 
-k.body80:                                         ; preds = %k.head79
-  %374 = mul nsw i64 %k82, 16
-  %375 = add nsw i64 %panel.off78, %374
-  %376 = getelementptr inbounds float, ptr %panels, i64 %375
-  %b083 = load <8 x float>, ptr %376, align 4
-  %377 = add nsw i64 %375, 8
-  %378 = getelementptr inbounds float, ptr %panels, i64 %377
-  %b184 = load <8 x float>, ptr %378, align 4
-  %379 = getelementptr inbounds float, ptr %h063, i64 %k82
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc0065, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b083, <8 x float> %383)
-  store <8 x float> %384, ptr %acc0065, align 4
-  %385 = load <8 x float>, ptr %acc0167, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b184, <8 x float> %385)
-  store <8 x float> %386, ptr %acc0167, align 4
-  %387 = getelementptr inbounds float, ptr %h168, i64 %k82
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc1070, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b083, <8 x float> %391)
-  store <8 x float> %392, ptr %acc1070, align 4
-  %393 = load <8 x float>, ptr %acc1172, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b184, <8 x float> %393)
-  store <8 x float> %394, ptr %acc1172, align 4
-  %395 = getelementptr inbounds float, ptr %h273, i64 %k82
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc2075, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b083, <8 x float> %399)
-  store <8 x float> %400, ptr %acc2075, align 4
-  %401 = load <8 x float>, ptr %acc2177, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b184, <8 x float> %401)
-  store <8 x float> %402, ptr %acc2177, align 4
-  %403 = add nsw i64 %k82, 1
-  br label %k.head79
+k.body40:                                         ; preds = %k.head39
+  %434 = mul nsw i64 %k42, 16
+  %435 = add nsw i64 %panel.off38, %434
+  %436 = getelementptr inbounds float, ptr %panels, i64 %435
+  %437 = load <8 x float>, ptr %436, align 4
+  %438 = add nsw i64 %435, 8
+  %439 = getelementptr inbounds float, ptr %panels, i64 %438
+  %440 = load <8 x float>, ptr %439, align 4
+  %441 = getelementptr inbounds float, ptr %393, i64 %k42
+  %442 = load float, ptr %441, align 4
+  %443 = insertelement <8 x float> poison, float %442, i32 0
+  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
+  %445 = load <8 x float>, ptr %acc0032, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %437, <8 x float> %445)
+  store <8 x float> %446, ptr %acc0032, align 4
+  %447 = load <8 x float>, ptr %acc0133, align 4
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %440, <8 x float> %447)
+  store <8 x float> %448, ptr %acc0133, align 4
+  %449 = getelementptr inbounds float, ptr %407, i64 %k42
+  %450 = load float, ptr %449, align 4
+  %451 = insertelement <8 x float> poison, float %450, i32 0
+  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
+  %453 = load <8 x float>, ptr %acc1034, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %437, <8 x float> %453)
+  store <8 x float> %454, ptr %acc1034, align 4
+  %455 = load <8 x float>, ptr %acc1135, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %440, <8 x float> %455)
+  store <8 x float> %456, ptr %acc1135, align 4
+  %457 = getelementptr inbounds float, ptr %421, i64 %k42
+  %458 = load float, ptr %457, align 4
+  %459 = insertelement <8 x float> poison, float %458, i32 0
+  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
+  %461 = load <8 x float>, ptr %acc2036, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %437, <8 x float> %461)
+  store <8 x float> %462, ptr %acc2036, align 4
+  %463 = load <8 x float>, ptr %acc2137, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %440, <8 x float> %463)
+  store <8 x float> %464, ptr %acc2137, align 4
+  %465 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end81:                                          ; preds = %k.head79
-  %404 = load <8 x float>, ptr %acc0065, align 4
-  store <8 x float> %404, ptr %y0064, align 4
-  %405 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %405, ptr %y0166, align 4
-  %406 = load <8 x float>, ptr %acc1070, align 4
-  store <8 x float> %406, ptr %y1069, align 4
-  %407 = load <8 x float>, ptr %acc1172, align 4
-  store <8 x float> %407, ptr %y1171, align 4
-  %408 = load <8 x float>, ptr %acc2075, align 4
-  store <8 x float> %408, ptr %y2074, align 4
-  %409 = load <8 x float>, ptr %acc2177, align 4
-  store <8 x float> %409, ptr %y2176, align 4
+k.end41:                                          ; preds = %k.head39
+  %466 = load <8 x float>, ptr %acc0032, align 4
+  store <8 x float> %466, ptr %400, align 4
+  %467 = load <8 x float>, ptr %acc0133, align 4
+  store <8 x float> %467, ptr %403, align 4
+  %468 = load <8 x float>, ptr %acc1034, align 4
+  store <8 x float> %468, ptr %414, align 4
+  %469 = load <8 x float>, ptr %acc1135, align 4
+  store <8 x float> %469, ptr %417, align 4
+  %470 = load <8 x float>, ptr %acc2036, align 4
+  store <8 x float> %470, ptr %428, align 4
+  %471 = load <8 x float>, ptr %acc2137, align 4
+  store <8 x float> %471, ptr %431, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col85 = mul nsw i64 %p, 16
-  %410 = add nsw i64 %r0, 0
-  %411 = mul nsw i64 %410, 2816
-  %h086 = getelementptr inbounds float, ptr %h, i64 %411
-  %412 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %413 = load i32, ptr %412, align 4
-  %414 = sext i32 %413 to i64
-  %415 = mul nsw i64 %414, 1024
-  %416 = getelementptr inbounds float, ptr %y, i64 %415
-  %417 = add nsw i64 %col85, 0
-  %y0087 = getelementptr inbounds float, ptr %416, i64 %417
-  %418 = load <8 x float>, ptr %y0087, align 4
-  store <8 x float> %418, ptr %acc0088, align 4
-  %419 = add nsw i64 %col85, 8
-  %y0189 = getelementptr inbounds float, ptr %416, i64 %419
-  %420 = load <8 x float>, ptr %y0189, align 4
-  store <8 x float> %420, ptr %acc0190, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = mul nsw i64 %421, 2816
-  %h191 = getelementptr inbounds float, ptr %h, i64 %422
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 1024
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col85, 0
-  %y1092 = getelementptr inbounds float, ptr %427, i64 %428
-  %429 = load <8 x float>, ptr %y1092, align 4
-  store <8 x float> %429, ptr %acc1093, align 4
-  %430 = add nsw i64 %col85, 8
-  %y1194 = getelementptr inbounds float, ptr %427, i64 %430
-  %431 = load <8 x float>, ptr %y1194, align 4
-  store <8 x float> %431, ptr %acc1195, align 4
-  %panel.off96 = mul nsw i64 %p, 45056
-  br label %k.head97
+  %col43 = mul nsw i64 %p, 16
+  %472 = add nsw i64 %r0, 0
+  %473 = mul nsw i64 %472, 2816
+  %474 = getelementptr inbounds float, ptr %h, i64 %473
+  %475 = getelementptr inbounds i32, ptr %rows, i64 %472
+  %476 = load i32, ptr %475, align 4
+  %477 = sext i32 %476 to i64
+  %478 = mul nsw i64 %477, 1024
+  %479 = getelementptr inbounds float, ptr %y, i64 %478
+  %480 = add nsw i64 %col43, 0
+  %481 = getelementptr inbounds float, ptr %479, i64 %480
+  %482 = load <8 x float>, ptr %481, align 4
+  store <8 x float> %482, ptr %acc0044, align 4
+  %483 = add nsw i64 %col43, 8
+  %484 = getelementptr inbounds float, ptr %479, i64 %483
+  %485 = load <8 x float>, ptr %484, align 4
+  store <8 x float> %485, ptr %acc0145, align 4
+  %486 = add nsw i64 %r0, 1
+  %487 = mul nsw i64 %486, 2816
+  %488 = getelementptr inbounds float, ptr %h, i64 %487
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 1024
+  %493 = getelementptr inbounds float, ptr %y, i64 %492
+  %494 = add nsw i64 %col43, 0
+  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  %496 = load <8 x float>, ptr %495, align 4
+  store <8 x float> %496, ptr %acc1046, align 4
+  %497 = add nsw i64 %col43, 8
+  %498 = getelementptr inbounds float, ptr %493, i64 %497
+  %499 = load <8 x float>, ptr %498, align 4
+  store <8 x float> %499, ptr %acc1147, align 4
+  %panel.off48 = mul nsw i64 %p, 45056
+  br label %k.head49
 
-k.head97:                                         ; preds = %k.body98, %tile.mr2
-  %k100 = phi i64 [ 0, %tile.mr2 ], [ %454, %k.body98 ]
-  %432 = icmp slt i64 %k100, 2816
-  br i1 %432, label %k.body98, label %k.end99
+k.head49:                                         ; preds = %k.body50, %tile.mr2
+  %k52 = phi i64 [ 0, %tile.mr2 ], [ %524, %k.body50 ]
+  %500 = icmp slt i64 %k52, 2816
+  br i1 %500, label %k.body50, label %k.end51
 
-k.body98:                                         ; preds = %k.head97
-  %433 = mul nsw i64 %k100, 16
-  %434 = add nsw i64 %panel.off96, %433
-  %435 = getelementptr inbounds float, ptr %panels, i64 %434
-  %b0101 = load <8 x float>, ptr %435, align 4
-  %436 = add nsw i64 %434, 8
-  %437 = getelementptr inbounds float, ptr %panels, i64 %436
-  %b1102 = load <8 x float>, ptr %437, align 4
-  %438 = getelementptr inbounds float, ptr %h086, i64 %k100
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc0088, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b0101, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0088, align 4
-  %444 = load <8 x float>, ptr %acc0190, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b1102, <8 x float> %444)
-  store <8 x float> %445, ptr %acc0190, align 4
-  %446 = getelementptr inbounds float, ptr %h191, i64 %k100
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc1093, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b0101, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1093, align 4
-  %452 = load <8 x float>, ptr %acc1195, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b1102, <8 x float> %452)
-  store <8 x float> %453, ptr %acc1195, align 4
-  %454 = add nsw i64 %k100, 1
-  br label %k.head97
+k.body50:                                         ; preds = %k.head49
+  %501 = mul nsw i64 %k52, 16
+  %502 = add nsw i64 %panel.off48, %501
+  %503 = getelementptr inbounds float, ptr %panels, i64 %502
+  %504 = load <8 x float>, ptr %503, align 4
+  %505 = add nsw i64 %502, 8
+  %506 = getelementptr inbounds float, ptr %panels, i64 %505
+  %507 = load <8 x float>, ptr %506, align 4
+  %508 = getelementptr inbounds float, ptr %474, i64 %k52
+  %509 = load float, ptr %508, align 4
+  %510 = insertelement <8 x float> poison, float %509, i32 0
+  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
+  %512 = load <8 x float>, ptr %acc0044, align 4
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %504, <8 x float> %512)
+  store <8 x float> %513, ptr %acc0044, align 4
+  %514 = load <8 x float>, ptr %acc0145, align 4
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %507, <8 x float> %514)
+  store <8 x float> %515, ptr %acc0145, align 4
+  %516 = getelementptr inbounds float, ptr %488, i64 %k52
+  %517 = load float, ptr %516, align 4
+  %518 = insertelement <8 x float> poison, float %517, i32 0
+  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
+  %520 = load <8 x float>, ptr %acc1046, align 4
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %504, <8 x float> %520)
+  store <8 x float> %521, ptr %acc1046, align 4
+  %522 = load <8 x float>, ptr %acc1147, align 4
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %507, <8 x float> %522)
+  store <8 x float> %523, ptr %acc1147, align 4
+  %524 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end99:                                          ; preds = %k.head97
-  %455 = load <8 x float>, ptr %acc0088, align 4
-  store <8 x float> %455, ptr %y0087, align 4
-  %456 = load <8 x float>, ptr %acc0190, align 4
-  store <8 x float> %456, ptr %y0189, align 4
-  %457 = load <8 x float>, ptr %acc1093, align 4
-  store <8 x float> %457, ptr %y1092, align 4
-  %458 = load <8 x float>, ptr %acc1195, align 4
-  store <8 x float> %458, ptr %y1194, align 4
+k.end51:                                          ; preds = %k.head49
+  %525 = load <8 x float>, ptr %acc0044, align 4
+  store <8 x float> %525, ptr %481, align 4
+  %526 = load <8 x float>, ptr %acc0145, align 4
+  store <8 x float> %526, ptr %484, align 4
+  %527 = load <8 x float>, ptr %acc1046, align 4
+  store <8 x float> %527, ptr %495, align 4
+  %528 = load <8 x float>, ptr %acc1147, align 4
+  store <8 x float> %528, ptr %498, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col103 = mul nsw i64 %p, 16
-  %459 = add nsw i64 %r0, 0
-  %460 = mul nsw i64 %459, 2816
-  %h0104 = getelementptr inbounds float, ptr %h, i64 %460
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 1024
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col103, 0
-  %y00105 = getelementptr inbounds float, ptr %465, i64 %466
-  %467 = load <8 x float>, ptr %y00105, align 4
-  store <8 x float> %467, ptr %acc00106, align 4
-  %468 = add nsw i64 %col103, 8
-  %y01107 = getelementptr inbounds float, ptr %465, i64 %468
-  %469 = load <8 x float>, ptr %y01107, align 4
-  store <8 x float> %469, ptr %acc01108, align 4
-  %panel.off109 = mul nsw i64 %p, 45056
-  br label %k.head110
+  %col53 = mul nsw i64 %p, 16
+  %529 = add nsw i64 %r0, 0
+  %530 = mul nsw i64 %529, 2816
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %529
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 1024
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col53, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  store <8 x float> %539, ptr %acc0054, align 4
+  %540 = add nsw i64 %col53, 8
+  %541 = getelementptr inbounds float, ptr %536, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  store <8 x float> %542, ptr %acc0155, align 4
+  %panel.off56 = mul nsw i64 %p, 45056
+  br label %k.head57
 
-k.head110:                                        ; preds = %k.body111, %tile.mr1
-  %k113 = phi i64 [ 0, %tile.mr1 ], [ %484, %k.body111 ]
-  %470 = icmp slt i64 %k113, 2816
-  br i1 %470, label %k.body111, label %k.end112
+k.head57:                                         ; preds = %k.body58, %tile.mr1
+  %k60 = phi i64 [ 0, %tile.mr1 ], [ %559, %k.body58 ]
+  %543 = icmp slt i64 %k60, 2816
+  br i1 %543, label %k.body58, label %k.end59
 
-k.body111:                                        ; preds = %k.head110
-  %471 = mul nsw i64 %k113, 16
-  %472 = add nsw i64 %panel.off109, %471
-  %473 = getelementptr inbounds float, ptr %panels, i64 %472
-  %b0114 = load <8 x float>, ptr %473, align 4
-  %474 = add nsw i64 %472, 8
-  %475 = getelementptr inbounds float, ptr %panels, i64 %474
-  %b1115 = load <8 x float>, ptr %475, align 4
-  %476 = getelementptr inbounds float, ptr %h0104, i64 %k113
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc00106, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b0114, <8 x float> %480)
-  store <8 x float> %481, ptr %acc00106, align 4
-  %482 = load <8 x float>, ptr %acc01108, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b1115, <8 x float> %482)
-  store <8 x float> %483, ptr %acc01108, align 4
-  %484 = add nsw i64 %k113, 1
-  br label %k.head110
+k.body58:                                         ; preds = %k.head57
+  %544 = mul nsw i64 %k60, 16
+  %545 = add nsw i64 %panel.off56, %544
+  %546 = getelementptr inbounds float, ptr %panels, i64 %545
+  %547 = load <8 x float>, ptr %546, align 4
+  %548 = add nsw i64 %545, 8
+  %549 = getelementptr inbounds float, ptr %panels, i64 %548
+  %550 = load <8 x float>, ptr %549, align 4
+  %551 = getelementptr inbounds float, ptr %531, i64 %k60
+  %552 = load float, ptr %551, align 4
+  %553 = insertelement <8 x float> poison, float %552, i32 0
+  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
+  %555 = load <8 x float>, ptr %acc0054, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
+  store <8 x float> %556, ptr %acc0054, align 4
+  %557 = load <8 x float>, ptr %acc0155, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
+  store <8 x float> %558, ptr %acc0155, align 4
+  %559 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end112:                                         ; preds = %k.head110
-  %485 = load <8 x float>, ptr %acc00106, align 4
-  store <8 x float> %485, ptr %y00105, align 4
-  %486 = load <8 x float>, ptr %acc01108, align 4
-  store <8 x float> %486, ptr %y01107, align 4
+k.end59:                                          ; preds = %k.head57
+  %560 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %560, ptr %538, align 4
+  %561 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %561, ptr %541, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end112, %k.end99, %k.end81, %k.end58, %k.end30, %k.end
-  %487 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end59, %k.end51, %k.end41, %k.end29, %k.end15, %k.end
+  %562 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %488 = add nsw i64 %p, 1
+  %563 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
