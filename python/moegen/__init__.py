@@ -337,16 +337,22 @@ def load(path, weights=None, seed=None, threads=0):
 
 
 def _moegen_exe(exe):
+    """moegen= argument, else $MOEGEN, else the compiler the package carries
+    (pip install ./python builds it into moegen/_bin), else PATH."""
     if exe:
         return exe
     env = os.environ.get("MOEGEN")
     if env:
         return env
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bin", "moegen")
+    if os.access(bundled, os.X_OK):
+        return bundled
     found = shutil.which("moegen")
     if found:
         return found
     raise FileNotFoundError("the moegen command was not found: pass moegen=PATH, set MOEGEN, "
-                            "or put it on PATH")
+                            "install the package with its compiler (pip install ./python), "
+                            "or put moegen on PATH")
 
 
 def _run(args):
