@@ -116,6 +116,14 @@ void moe_desc_hash(const struct moe_desc *d, char hex[33]);
 /* The runtime archive model.so links against, found next to the running
  * moegen or in the build dir; NULL when missing. */
 const char *moe_runtime_archive(void);
+/* The runtime a normalized LLVM triple links with ("x86_64-linux-gnu",
+ * "aarch64-linux-gnu"), or NULL when moegen has none for it (not Linux, soft
+ * float, another libc). */
+const char *moe_runtime_triple(const char *triple);
+/* The runtime archive of runtime rt (NULL: the host's): next to moegen, in
+ * the install (LIBDIR/moegen[/rt]) or the build directory ([rt/]); NULL when
+ * missing. */
+const char *moe_runtime_archive_for(const char *rt);
 /* Compile d for the CPU into `out` as kind (so, obj, ll, asm, header). The
  * file is written under a temporary name and renamed, so a failure never
  * leaves a broken output. Returns 0, or MOE_EXIT_IO / MOE_EXIT_BACKEND with a

@@ -950,10 +950,24 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 	char *msg = NULL;
 	char *triple =
 	    t->triple ? LLVMNormalizeTargetTriple(t->triple) : LLVMGetDefaultTargetTriple();
-	int native = !t->cpu || strcmp(t->cpu, "native") == 0;
+	/* the host's CPU and features only for the host's architecture: another
+	 * triple without --cpu gets LLVM's generic CPU for it */
+	char *host = LLVMGetDefaultTargetTriple();
+	size_t arch = strcspn(triple, "-");
+	int foreign = strncmp(triple, host, arch) != 0 || (host[arch] != '-' && host[arch]);
+	LLVMDisposeMessage(host);
+	if (foreign && t->cpu && strcmp(t->cpu, "native") == 0) {
+		errf(err, cap,
+		     "--cpu native means the CPU of this machine, which cannot run %s: name a "
+		     "CPU of that target, or leave --cpu out for its generic one",
+		     triple);
+		LLVMDisposeMessage(triple);
+		return -1;
+	}
+	int native = !foreign && (!t->cpu || strcmp(t->cpu, "native") == 0);
 	char *cpu = native ? LLVMGetHostCPUName() : NULL;
 	char *feat = native && !t->features ? LLVMGetHostCPUFeatures() : NULL;
-	const char *cpu_name = native ? cpu : t->cpu;
+	const char *cpu_name = native ? cpu : t->cpu ? t->cpu : "generic";
 	const char *features = t->features ? t->features : feat ? feat : "";
 	LLVMTargetRef target;
 	LLVMTargetMachineRef tm = NULL;

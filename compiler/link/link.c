@@ -8,6 +8,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <llvm-c/Core.h>
+#include <llvm-c/TargetMachine.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -15,27 +17,8 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 extern char **environ;
-
-/* The spec hash in moe_info(): XXH3-128 of the model dump (moe_describe's
- * text), as the 32 hex digits of its canonical (big-endian) form. */
-void moe_desc_hash(const struct moe_desc *d, char hex[33])
-{
-	size_t n = moe_desc_dump(d, NULL, 0);
-	char *buf = malloc(n + 1);
-	XXH128_hash_t h = {0, 0};
-	if (buf) {
-		moe_desc_dump(d, buf, n + 1);
-		h = XXH3_128bits(buf, n);
-		free(buf);
-	}
-	XXH128_canonical_t c;
-	XXH128_canonicalFromHash(&c, h);
-	for (size_t i = 0; i < sizeof c.digest; i++)
-		snprintf(hex + 2 * i, 3, "%02x", c.digest[i]);
-}
 
 static void errf(char *err, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void errf(char *err, size_t cap, const char *fmt, ...)
@@ -47,11 +30,43 @@ static void errf(char *err, size_t cap, const char *fmt, ...)
 	va_end(ap);
 }
 
-const char *moe_runtime_archive(void)
+/* The runtime a normalized LLVM triple links with ("x86_64-linux-gnu",
+ * "aarch64-linux-gnu"), or NULL: the runtime needs Linux (pthreads, dlopen,
+ * /proc) and hardware floating point. */
+const char *moe_runtime_triple(const char *triple)
 {
-	static char path[PATH_MAX + 32];
+	static const char *const runtimes[] = {"x86_64-linux-gnu", "aarch64-linux-gnu"};
+	size_t arch = strcspn(triple, "-");
+	const char *os = strstr(triple, "-linux");
+	if (!os || strstr(triple, "android") || strstr(triple, "musl") || strstr(triple, "eabi"))
+		return NULL;
+	for (size_t i = 0; i < sizeof runtimes / sizeof *runtimes; i++)
+		if (strlen(runtimes[i]) > arch && !strncmp(runtimes[i], triple, arch) &&
+		    runtimes[i][arch] == '-')
+			return runtimes[i];
+	return NULL;
+}
+
+/* Whether rt is the runtime of the machine moegen runs on. */
+static int runtime_is_host(const char *rt)
+{
+#if defined(__x86_64__)
+	return !strcmp(rt, "x86_64-linux-gnu");
+#elif defined(__aarch64__)
+	return !strcmp(rt, "aarch64-linux-gnu");
+#else
+	(void)rt;
+	return 0;
+#endif
+}
+
+const char *moe_runtime_archive_for(const char *rt)
+{
+	static char path[PATH_MAX + 64];
+	int host = !rt || runtime_is_host(rt);
+	const char *sub = host ? "" : rt, *sep = host ? "" : "/";
 	const char *env = getenv("MOE_RUNTIME_LIB");
-	if (env && access(env, R_OK) == 0)
+	if (host && env && access(env, R_OK) == 0)
 		return env;
 	char exe[PATH_MAX];
 	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
@@ -60,24 +75,29 @@ const char *moe_runtime_archive(void)
 		char *slash = strrchr(exe, '/');
 		if (slash) {
 			*slash = 0;
-			snprintf(path, sizeof path, "%s/libmoe_runtime.a", exe);
+			snprintf(path, sizeof path, "%s/%s%slibmoe_runtime.a", exe, sub, sep);
 			if (access(path, R_OK) == 0)
 				return path;
 #ifdef MOE_INSTALL_LIBDIR
-			/* installed: PREFIX/bin/moegen, PREFIX/LIBDIR/moegen/ */
-			snprintf(path, sizeof path, "%s/../%s/moegen/libmoe_runtime.a", exe,
-				 MOE_INSTALL_LIBDIR);
+			/* installed: PREFIX/bin/moegen, PREFIX/LIBDIR/moegen/[TRIPLE/] */
+			snprintf(path, sizeof path, "%s/../%s/moegen/%s%slibmoe_runtime.a", exe,
+				 MOE_INSTALL_LIBDIR, sub, sep);
 			if (access(path, R_OK) == 0)
 				return path;
 #endif
 		}
 	}
 #ifdef MOE_BINARY_DIR
-	snprintf(path, sizeof path, "%s/libmoe_runtime.a", MOE_BINARY_DIR);
+	snprintf(path, sizeof path, "%s/%s%slibmoe_runtime.a", MOE_BINARY_DIR, sub, sep);
 	if (access(path, R_OK) == 0)
 		return path;
 #endif
 	return NULL;
+}
+
+const char *moe_runtime_archive(void)
+{
+	return moe_runtime_archive_for(NULL);
 }
 
 /* A file of the work directory, tracked so that a signal removes it. */
@@ -109,19 +129,33 @@ static const char *const api_syms[] = {"moe_info",    "moe_describe",         "m
 /* Run the linker: cc -shared -o out INPUTS... archive ... (objects, or C the
  * driver compiles), the exported names prefixed by prefix (aliases), the
  * SONAME soname. Captures its stderr into err on failure. */
-static int run_linker(const char *const *inputs, int n_inputs, const char *vscript,
+static int run_linker(const char *rt, const char *const *inputs, int n_inputs, const char *vscript,
 		      const char *prefix, const char *soname, const char *out, const char *logp,
 		      char *err, size_t cap)
 {
-	const char *archive = moe_runtime_archive();
-	if (!archive) {
+	int host = runtime_is_host(rt);
+	const char *archive = moe_runtime_archive_for(rt);
+	if (!archive && host) {
 		errf(err, cap,
 		     "cannot find the runtime archive libmoe_runtime.a next to moegen or in "
 		     "the build directory (set MOE_RUNTIME_LIB)");
 		return -1;
 	}
+	if (!archive) {
+		errf(err, cap,
+		     "no runtime archive for %s (%s/libmoe_runtime.a next to moegen, in the "
+		     "build directory or the install): it is built when the cross compiler "
+		     "%s-gcc is installed (scripts/deps.sh)",
+		     rt, rt, rt);
+		return -1;
+	}
+	/* the host's compiler driver, or the cross one of the target's runtime */
+	char cross[64];
+	snprintf(cross, sizeof cross, "%s-gcc", rt);
 	const char *cc = getenv("MOE_CC");
-	if (!cc || !*cc)
+	if (!host)
+		cc = cross;
+	else if (!cc || !*cc)
 		cc = "cc";
 	char vs[PATH_MAX + 64];
 	snprintf(vs, sizeof vs, "-Wl,--version-script=%s", vscript);
@@ -150,8 +184,9 @@ static int run_linker(const char *const *inputs, int n_inputs, const char *vscri
 	argv[a++] = "-Wl,-Bsymbolic";
 	argv[a++] = "-Wl,-z,noexecstack";
 #if defined(__SANITIZE_ADDRESS__)
-	/* the runtime archive is instrumented in a sanitizer build */
-	argv[a++] = "-fsanitize=address,undefined";
+	/* the host's runtime archive is instrumented in a sanitizer build */
+	if (host)
+		argv[a++] = "-fsanitize=address,undefined";
 #endif
 	argv[a++] = "-lcjson";
 	argv[a++] = "-lm";
@@ -333,6 +368,20 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_compile_opts *o
 		errf(err, cap, "--emit %s needs --target cpu", moe_emit_names[kind]);
 		return MOE_EXIT_USAGE;
 	}
+	/* The runtime the output links with: the host's, or a cross target's. */
+	char *triple =
+	    t && t->triple ? LLVMNormalizeTargetTriple(t->triple) : LLVMGetDefaultTargetTriple();
+	const char *rt = moe_runtime_triple(triple);
+	if (!rt) {
+		errf(err, cap,
+		     "target triple '%s' has no moegen runtime: models need Linux (pthreads, "
+		     "dlopen) with hardware floating point; the runtimes are x86_64-linux-gnu "
+		     "and aarch64-linux-gnu",
+		     triple);
+		LLVMDisposeMessage(triple);
+		return MOE_EXIT_USAGE;
+	}
+	LLVMDisposeMessage(triple);
 	/* The targets asked for, in table order; the CPU alone for the
 	 * inspection outputs (obj, ll, asm) and none for the header. */
 	int want[MOE_TARGET_COUNT] = {
@@ -350,7 +399,7 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_compile_opts *o
 
 	/* The output beside its final name (symlinks followed), refused when it
 	 * is the runtime archive the link reads or not a regular file. */
-	const char *inputs[1] = {kind == MOE_EMIT_SO ? moe_runtime_archive() : NULL};
+	const char *inputs[1] = {kind == MOE_EMIT_SO ? moe_runtime_archive_for(rt) : NULL};
 	struct moe_output o;
 	if (moe_output_open(&o, out, inputs, 1, kind == MOE_EMIT_SO ? 0777 : 0666, err, cap) != 0)
 		return MOE_EXIT_IO;
@@ -423,8 +472,8 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_compile_opts *o
 	if (ok) {
 		/* the linker writes the temporary by name */
 		const char *base = strrchr(out, '/');
-		if (run_linker(link_in, n_in, paths[0], pre, base ? base + 1 : out, o.tmp, paths[1],
-			       err, cap) != 0)
+		if (run_linker(rt, link_in, n_in, paths[0], pre, base ? base + 1 : out, o.tmp,
+			       paths[1], err, cap) != 0)
 			rc = MOE_EXIT_BACKEND;
 		else if (moe_output_commit(&o, err, cap) == 0)
 			rc = 0;
