@@ -25,6 +25,10 @@ gen_cpu() {
 			fi
 		fi
 	done
+	# bf16 compute (the bf16 dot instructions): x86-64-v3 plus AVX-512 with bf16
+	"$moegen" specs/qwen3-30b-a3b.yaml --set dtype.weights=bf16 --emit ll --cpu x86-64-v3 \
+		--features +avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512bf16 \
+		--triple x86_64-unknown-linux-gnu -o "$dir/qwen3-30b-a3b.bf16.ll"
 }
 
 gen_cuda() {

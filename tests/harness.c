@@ -21,6 +21,7 @@
 
 char h_tmpdir[64];
 int h_opt_level = 1;
+const char *h_features;
 static int n_models;
 
 /* A small valid token-choice description: callers change fields. */
@@ -59,7 +60,8 @@ int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t 
 {
 	memset(m, 0, sizeof *m);
 	snprintf(m->path, sizeof m->path, "%s/m%d.so", h_tmpdir, n_models++);
-	struct moe_cpu_target t = {.cpu = "native", .opt_level = h_opt_level};
+	struct moe_cpu_target t = {
+	    .cpu = "native", .features = h_features, .opt_level = h_opt_level};
 	int rc = moe_compile_cpu(d, &t, MOE_EMIT_SO, m->path, err, cap);
 	if (rc)
 		return rc;
@@ -148,17 +150,18 @@ void h_compare(const struct moe_desc *d, size_t T, uint32_t threads, uint64_t se
 		emax = fmax(emax, fabs(y[i] - yr[i]));
 	}
 	double rel = rmax > 0 ? emax / rmax : emax;
+	double tol = h_tol(d);
 	size_t bad_ids = 0;
 	for (size_t i = 0; i < T * W; i++)
 		bad_ids += ids[i] != idr[i];
-	if (bad_ids || !(rel <= H_TOL)) {
+	if (bad_ids || !(rel <= tol)) {
 		char dump[8192];
 		moe_desc_dump(d, dump, sizeof dump);
 		fprintf(stderr, "mismatch: rel %g, %zu ids differ, T %zu\n%s", rel, bad_ids, T,
 			dump);
 	}
 	assert_int_equal(bad_ids, 0);
-	assert_true(rel <= H_TOL);
+	assert_true(rel <= tol);
 	for (size_t i = 0; i < T * W; i++)
 		assert_true(fabs(wg[i] - wr[i]) <= 1e-6 * fmax(1.0, fabs(wr[i])));
 	for (size_t i = 0; i < E; i++) {

@@ -13,11 +13,17 @@
 
 /* outputs of h_compare agree with the reference within this relative error */
 #define H_TOL 1e-5
+/* The output bound of d's model against the reference: H_TOL, or
+ * MOE_BF16_COMPUTE_TOL where the FFNs may compute in bf16 (bf16 weights or
+ * dtype.compute bf16, on a CPU with the bf16 dot instructions). */
+#define h_tol(d) (moe_desc_bf16_compute(d) ? MOE_BF16_COMPUTE_TOL : H_TOL)
 
 /* The temporary directory of this test run (h_setup creates it) and the
  * optimization level h_model_open compiles at (default 1). */
 extern char h_tmpdir[64];
 extern int h_opt_level;
+/* The LLVM feature string h_model_open compiles with (NULL: the host's). */
+extern const char *h_features;
 
 /* A model.so opened with dlopen and its exported ABI. */
 struct h_model {

@@ -42,6 +42,7 @@ static void desc_init(struct moe_desc *d, uint32_t I, enum moe_dtype wt, enum mo
 	d->n_layers = 1;
 	d->n_moe_layers = 1;
 	d->weight_dtype = wt;
+	d->compute = MOE_COMPUTE_F32; /* the f32 tiles: 16-bit weights widened */
 	d->act_dtype = MOE_DTYPE_F32;
 	d->mode = MOE_MODE_TOKEN_CHOICE;
 	d->score = MOE_SCORE_SOFTMAX;

@@ -208,7 +208,72 @@ struct ffn {
 	int scale_in;    /* rw scales the input (apply_to input) */
 	int scale_out;   /* rw scales the output */
 	int down_bias_w; /* the down bias is scaled by rw */
+	/* bf16 compute: the rows of the current chunk converted to bf16 (xb,
+	 * row stride xs values) and the chunk's first row */
+	LLVMValueRef xb, c0;
+	uint32_t xs;
 };
+
+/* Store 8 h values at column c of row hrow: f32, or bf16 for the bf16 down
+ * kernel (the row keeps its f32 stride). */
+static void store_h8(struct moe_ll *g, LLVMValueRef o, LLVMValueRef hrow, LLVMValueRef c)
+{
+	if (g->p->compute == MOE_COMPUTE_BF16) {
+		LLVMTypeRef tb = LLVMVectorType(LLVMBFloatTypeInContext(g->ctx), MOE_VW);
+		moe_ll_st(g, LLVMBuildFPTrunc(g->b, o, tb, "hb"), moe_ll_at(g, g->t_i16, hrow, c));
+		return;
+	}
+	moe_ll_st(g, o, moe_ll_at(g, g->t_f32, hrow, c));
+}
+
+/* The up epilogue of row ri at panel p, its 16 sums in acc (one <16 x float>
+ * when wide, else two <8 x float>): input scale, biases, activation, output
+ * scale, store to h. */
+static void up_store(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLVMValueRef p,
+		     const LLVMValueRef acc[2], int wide)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	LLVMValueRef rw = moe_ll_prm(g, 2), bg = moe_ll_prm(g, 5), bu = moe_ll_prm(g, 6),
+		     h = moe_ll_prm(g, 7);
+	LLVMValueRef w = NULL;
+	if (f->scale_in || f->scale_out)
+		w = moe_ll_splat(g, moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, rw, ri)),
+				 g->t_v8f);
+	LLVMValueRef hrow =
+	    moe_ll_at(g, g->t_f32, h, LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
+	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, ge->up_cols), "col");
+	LLVMValueRef v[2];
+	for (int j = 0; j < 2; j++) {
+		v[j] = wide ? half16(g, moe_ll_ld(g, g->t_v16f, acc[0]), j)
+			    : moe_ll_ld(g, g->t_v8f, acc[j]);
+		if (f->scale_in)
+			v[j] = LLVMBuildFMul(b, v[j], w, "");
+	}
+	if (ge->glu) {
+		if (f->bias) {
+			v[0] = LLVMBuildFAdd(
+			    b, v[0], moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bg, c0)), "");
+			v[1] = LLVMBuildFAdd(
+			    b, v[1], moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bu, c0)), "");
+		}
+		LLVMValueRef o = vglu(g, f->act, f->alpha, f->limit, v[0], v[1]);
+		if (f->scale_out)
+			o = LLVMBuildFMul(b, o, w, "");
+		store_h8(g, o, hrow, c0);
+		return;
+	}
+	for (int j = 0; j < 2; j++) {
+		LLVMValueRef c = LLVMBuildNSWAdd(b, c0, moe_ll_i64c(g, j * MOE_VW), "");
+		if (f->bias)
+			v[j] = LLVMBuildFAdd(
+			    b, v[j], moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bu, c)), "");
+		LLVMValueRef o = vact(g, f->act, v[j]);
+		if (f->scale_out)
+			o = LLVMBuildFMul(b, o, w, "");
+		store_h8(g, o, hrow, c);
+	}
+}
 
 /* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
  * mr = 6) accumulators stay in registers across the K loop. */
@@ -216,9 +281,7 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
-	LLVMValueRef x = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2),
-		     panels = moe_ll_prm(g, 4);
-	LLVMValueRef bg = moe_ll_prm(g, 5), bu = moe_ll_prm(g, 6), h = moe_ll_prm(g, 7);
+	LLVMValueRef x = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), panels = moe_ll_prm(g, 4);
 	LLVMValueRef a_row[MOE_MR], acc[MOE_MR][2];
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 	/* one row: two 8-lane chains hide the FMA latency better than one */
@@ -268,51 +331,8 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 	moe_ll_loop_close(g, &k);
 
 	/* Epilogue: scale, bias, activation, store to h. */
-	for (int r = 0; r < mr; r++) {
-		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
-		LLVMValueRef w = NULL;
-		if (f->scale_in || f->scale_out)
-			w = moe_ll_splat(g, moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, rw, ri)),
-					 g->t_v8f);
-		LLVMValueRef hrow =
-		    moe_ll_at(g, g->t_f32, h, LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
-		LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, ge->up_cols), "col");
-		LLVMValueRef v[2];
-		for (int j = 0; j < 2; j++) {
-			v[j] = wide ? half16(g, moe_ll_ld(g, t16, acc[r][0]), j)
-				    : moe_ll_ld(g, g->t_v8f, acc[r][j]);
-			if (f->scale_in)
-				v[j] = LLVMBuildFMul(b, v[j], w, "");
-		}
-		if (ge->glu) {
-			if (f->bias) {
-				v[0] = LLVMBuildFAdd(
-				    b, v[0], moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bg, c0)),
-				    "");
-				v[1] = LLVMBuildFAdd(
-				    b, v[1], moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bu, c0)),
-				    "");
-			}
-			LLVMValueRef o = vglu(g, f->act, f->alpha, f->limit, v[0], v[1]);
-			if (f->scale_out)
-				o = LLVMBuildFMul(b, o, w, "");
-			moe_ll_st(g, o, moe_ll_at(g, g->t_f32, hrow, c0));
-		} else {
-			for (int j = 0; j < 2; j++) {
-				LLVMValueRef c =
-				    LLVMBuildNSWAdd(b, c0, moe_ll_i64c(g, j * MOE_VW), "");
-				if (f->bias)
-					v[j] = LLVMBuildFAdd(
-					    b, v[j],
-					    moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bu, c)),
-					    "");
-				LLVMValueRef o = vact(g, f->act, v[j]);
-				if (f->scale_out)
-					o = LLVMBuildFMul(b, o, w, "");
-				moe_ll_st(g, o, moe_ll_at(g, g->t_f32, hrow, c));
-			}
-		}
-	}
+	for (int r = 0; r < mr; r++)
+		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[r], wide);
 }
 
 /* Constant <8 x i1> mask of lanes [0, n). */
@@ -436,8 +456,9 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	}
 }
 
-/* Loop over row blocks of MOE_MR, dispatching the remainder to a tile
- * specialized for its row count. */
+/* Loop over row blocks of MR (MOE_MR, or BF_MR for bf16 compute),
+ * dispatching the remainder to a tile specialized for its row count. */
+#define MAX_MR 8 /* the most rows of any tile */
 typedef void tile_fn(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
 		     LLVMValueRef p);
 
@@ -448,31 +469,31 @@ static void up_tile_adapter(struct moe_ll *g, const struct ffn *f, int mr, int n
 	up_tile(g, f, mr, r0, p);
 }
 
-static void row_blocks(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int ncols,
-		       LLVMValueRef p, LLVMValueRef n)
+static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int ncols,
+			  LLVMValueRef p, LLVMValueRef n, int MR)
 {
 	LLVMBuilderRef b = g->b;
 	struct moe_ll_loop r;
 	char nm[32];
-	moe_ll_loop_open(g, &r, moe_ll_i64c(g, 0), n, MOE_MR, "r0");
+	moe_ll_loop_open(g, &r, moe_ll_i64c(g, 0), n, MR, "r0");
 	LLVMValueRef left = LLVMBuildNSWSub(b, n, r.iv, "left");
-	LLVMValueRef full = LLVMBuildICmp(b, LLVMIntSGE, left, moe_ll_i64c(g, MOE_MR), "");
-	LLVMValueRef mr = LLVMBuildSelect(b, full, moe_ll_i64c(g, MOE_MR), left, "mr");
+	LLVMValueRef full = LLVMBuildICmp(b, LLVMIntSGE, left, moe_ll_i64c(g, MR), "");
+	LLVMValueRef mr = LLVMBuildSelect(b, full, moe_ll_i64c(g, MR), left, "mr");
 	LLVMBasicBlockRef done = moe_ll_bb(g, "tile.done");
-	LLVMBasicBlockRef cases[MOE_MR + 1];
-	for (int m = 1; m <= MOE_MR; m++) {
+	LLVMBasicBlockRef cases[MAX_MR + 1];
+	for (int m = 1; m <= MR; m++) {
 		snprintf(nm, sizeof nm, "tile.mr%d", m);
 		cases[m] = moe_ll_bb(g, nm);
 	}
-	LLVMValueRef sw = LLVMBuildSwitch(b, mr, cases[MOE_MR], MOE_MR - 1);
-	for (int m = 1; m < MOE_MR; m++)
+	LLVMValueRef sw = LLVMBuildSwitch(b, mr, cases[MR], (unsigned)MR - 1);
+	for (int m = 1; m < MR; m++)
 		LLVMAddCase(sw, moe_ll_i64c(g, m), cases[m]);
-	LLVMBasicBlockRef after = cases[MOE_MR];
-	for (int m = MOE_MR; m >= 1; m--) {
+	LLVMBasicBlockRef after = cases[MR];
+	for (int m = MR; m >= 1; m--) {
 		LLVMPositionBuilderAtEnd(b, cases[m]);
 		tile(g, f, m, ncols, r.iv, p);
 		LLVMBuildBr(b, done);
-		if (m != MOE_MR) {
+		if (m != MR) {
 			LLVMMoveBasicBlockAfter(cases[m], after);
 		}
 		after = LLVMGetInsertBlock(b);
@@ -482,8 +503,276 @@ static void row_blocks(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int
 	moe_ll_loop_close(g, &r);
 }
 
+static void row_blocks(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int ncols,
+		       LLVMValueRef p, LLVMValueRef n)
+{
+	row_blocks_mr(g, f, tile, ncols, p, n, MOE_MR);
+}
+
+/* bf16 compute ------------------------------------------------------------ */
+
+/* Rows per bf16 tile: two chains per row (even and odd k pairs) keep
+ * 2 * BF_MR <16 x float> accumulators in the 32 zmm registers. */
+#define BF_MR 6
+/* The rows of x one up call converts at a time: at most this many bytes of
+ * stack (and at most the runtime's tile of 96 rows). */
+#define BF_CHUNK_BYTES (512 * 1024)
+#define BF_CHUNK_ROWS 96
+
+static LLVMTypeRef t_v32bf(struct moe_ll *g)
+{
+	return LLVMVectorType(LLVMBFloatTypeInContext(g->ctx), 4 * MOE_VW);
+}
+
+/* acc + the pair a (two bf16 in an i32, broadcast to every lane) times the 16
+ * column pairs of w: vdpbf16ps. */
+static LLVMValueRef dpbf16(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef a, LLVMValueRef w)
+{
+	LLVMValueRef av = moe_ll_splat(g, a, LLVMVectorType(g->t_i32, 2 * MOE_VW));
+	LLVMValueRef args[3] = {acc, LLVMBuildBitCast(g->b, av, t_v32bf(g), ""), w};
+	return moe_ll_intr(g, "llvm.x86.avx512bf16.dpbf16ps.512", NULL, 0, args, 3);
+}
+
+/* Constant <16 x i1> mask of lanes [0, n). */
+static LLVMValueRef lane_mask16(struct moe_ll *g, int n)
+{
+	LLVMValueRef e[2 * MOE_VW];
+	for (int i = 0; i < 2 * MOE_VW; i++)
+		e[i] = LLVMConstInt(g->t_i1, i < n, 0);
+	return LLVMConstVector(e, 2 * MOE_VW);
+}
+
+static LLVMValueRef vload16(struct moe_ll *g, LLVMValueRef ptr, int n)
+{
+	if (n >= 2 * MOE_VW)
+		return moe_ll_ld(g, g->t_v16f, ptr);
+	if (n <= 0)
+		return LLVMConstNull(g->t_v16f);
+	LLVMTypeRef tys[2] = {g->t_v16f, g->t_ptr};
+	LLVMValueRef args[4] = {ptr, moe_ll_i32c(g, 4), lane_mask16(g, n),
+				LLVMConstNull(g->t_v16f)};
+	return moe_ll_intr(g, "llvm.masked.load", tys, 2, args, 4);
+}
+
+static void vstore16(struct moe_ll *g, LLVMValueRef v, LLVMValueRef ptr, int n)
+{
+	if (n >= 2 * MOE_VW) {
+		moe_ll_st(g, v, ptr);
+		return;
+	}
+	LLVMTypeRef tys[2] = {g->t_v16f, g->t_ptr};
+	LLVMValueRef args[4] = {v, ptr, moe_ll_i32c(g, 4), lane_mask16(g, n)};
+	moe_ll_intr(g, "llvm.masked.store", tys, 2, args, 4);
+}
+
+/* acc0[r] += the mr rows of bf16 pairs at a_row[r] (kp pairs) times the pair
+ * panel pan: per row one chain over the even pairs (acc0) and one over the
+ * odd pairs (acc1, zeroed here), added at the end, whatever mr is. */
+static void pair_tile(struct moe_ll *g, int mr, const LLVMValueRef *a_row, LLVMValueRef pan,
+		      int64_t kp, const LLVMValueRef *acc0)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef acc1[BF_MR] = {0};
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		snprintf(nm, sizeof nm, "acc%d1", r);
+		acc1[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, LLVMConstNull(g->t_v16f), acc1[r]);
+	}
+	struct moe_ll_loop k;
+	for (int pass = 0; pass < 2; pass++) {
+		/* pass 0: pairs [0, kp & ~1) two at a time; pass 1: the last odd one */
+		int64_t n = pass ? kp & 1 : kp / 2;
+		if (!n)
+			continue;
+		LLVMValueRef k0;
+		if (pass) {
+			k0 = moe_ll_i64c(g, kp - 1);
+		} else {
+			moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, n), 1, "kp");
+			k0 = LLVMBuildNSWMul(b, k.iv, moe_ll_i64c(g, 2), "kk");
+		}
+		for (int c = 0; c < 2 - pass; c++) {
+			LLVMValueRef kk = c ? LLVMBuildNSWAdd(b, k0, moe_ll_i64c(g, 1), "") : k0;
+			LLVMValueRef w = moe_ll_ld(
+			    g, t_v32bf(g),
+			    moe_ll_at(g, g->t_i16, pan,
+				      LLVMBuildNSWMul(b, kk, moe_ll_i64c(g, 2 * MOE_NR), "")));
+			const LLVMValueRef *acc = c ? acc1 : acc0;
+			for (int r = 0; r < mr; r++) {
+				LLVMValueRef a =
+				    moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, a_row[r], kk));
+				moe_ll_st(g, dpbf16(g, moe_ll_ld(g, g->t_v16f, acc[r]), a, w),
+					  acc[r]);
+			}
+		}
+		if (!pass)
+			moe_ll_loop_close(g, &k);
+	}
+	for (int r = 0; r < mr; r++)
+		moe_ll_st(g,
+			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v16f, acc0[r]),
+					moe_ll_ld(g, g->t_v16f, acc1[r]), "sum"),
+			  acc0[r]);
+}
+
+/* One bf16 up tile: mr converted rows from r0 of the chunk times panel p. */
+static void up_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
+			 LLVMValueRef p)
+{
+	(void)ncols;
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	uint32_t K = ge->hidden + (ge->hidden & 1);
+	LLVMValueRef a_row[BF_MR] = {0}, acc[BF_MR] = {0};
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		a_row[r] = moe_ll_at(g, g->t_i16, f->xb,
+				     LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, f->xs), ""));
+		snprintf(nm, sizeof nm, "acc%d0", r);
+		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, LLVMConstNull(g->t_v16f), acc[r]);
+	}
+	LLVMValueRef pan =
+	    moe_ll_at(g, g->t_i16, moe_ll_prm(g, 4),
+		      LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)K * MOE_NR), ""));
+	pair_tile(g, mr, a_row, pan, K / 2, acc);
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef ri =
+		    LLVMBuildNSWAdd(b, f->c0, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), "");
+		LLVMValueRef two[2] = {acc[r], NULL};
+		up_store(g, f, ri, p, two, 1);
+	}
+}
+
+/* Convert row tok of x (hidden f32) to bf16 at dst (xs values, zero past
+ * hidden): 32 values per vcvtne2ps2bf16. */
+static void convert_row(struct moe_ll *g, LLVMValueRef src, LLVMValueRef dst, uint32_t H)
+{
+	LLVMBuilderRef b = g->b;
+	struct moe_ll_loop i;
+	uint32_t full = H / 32, tail = H % 32;
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass ? !tail : !full)
+			continue;
+		int lo_n = pass ? (int)tail : 16, hi_n = pass ? (int)tail - 16 : 16;
+		if (!pass)
+			moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, full), 1, "cvt");
+		LLVMValueRef off = pass ? moe_ll_i64c(g, (int64_t)full * 32)
+					: LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, 32), "");
+		LLVMValueRef lo = vload16(g, moe_ll_at(g, g->t_f32, src, off), lo_n);
+		LLVMValueRef hi = vload16(
+		    g, moe_ll_at(g, g->t_f32, src, LLVMBuildNSWAdd(b, off, moe_ll_i64c(g, 16), "")),
+		    hi_n);
+		LLVMValueRef args[2] = {hi, lo};
+		LLVMValueRef c =
+		    moe_ll_intr(g, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", NULL, 0, args, 2);
+		moe_ll_st(g, c, moe_ll_at(g, g->t_i16, dst, off));
+		if (!pass)
+			moe_ll_loop_close(g, &i);
+	}
+}
+
+/* moe_up for bf16 compute: chunks of rows are converted to bf16 once, then
+ * every panel of [p0, p1) passes over the chunk's row blocks. */
+static void gen_up_pairs(struct moe_ll *g, const char *name, const struct ffn *f0)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
+	LLVMTypeRef params[] = {P, P, P, I, P, P, P, P, I, I};
+	static const char *const pn[] = {"x",  "rows", "rw", "n",  "panels",
+					 "bg", "bu",   "h",  "p0", "p1"};
+	moe_ll_fn_begin(g, name, params, pn, 10);
+	for (unsigned i = 0; i < 8; i++)
+		if (i != 3)
+			moe_ll_noalias(g, i);
+	struct ffn f = *f0;
+	uint32_t H = f.geom->hidden;
+	f.xs = (H + 31) / 32 * 32;
+	int64_t cr = BF_CHUNK_BYTES / (2 * (int64_t)f.xs) / BF_MR * BF_MR;
+	cr = cr < BF_MR ? BF_MR : cr > BF_CHUNK_ROWS ? BF_CHUNK_ROWS : cr;
+	f.xb = moe_ll_alloca(g, g->t_i16, (uint64_t)cr * f.xs, "xb");
+	LLVMSetAlignment(f.xb, 64);
+	LLVMValueRef n = moe_ll_prm(g, 3);
+	struct moe_ll_loop c, r, p;
+	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), n, cr, "chunk");
+	f.c0 = c.iv;
+	LLVMValueRef left = LLVMBuildNSWSub(b, n, c.iv, "");
+	LLVMValueRef cn =
+	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, moe_ll_i64c(g, cr), ""), left,
+			    moe_ll_i64c(g, cr), "cn");
+	moe_ll_loop_open(g, &r, moe_ll_i64c(g, 0), cn, 1, "cvt.r");
+	LLVMValueRef tok =
+	    moe_ll_ld(g, g->t_i32,
+		      moe_ll_at(g, g->t_i32, moe_ll_prm(g, 1), LLVMBuildNSWAdd(b, c.iv, r.iv, "")));
+	tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+	convert_row(
+	    g,
+	    moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0),
+		      LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, H), "")),
+	    moe_ll_at(g, g->t_i16, f.xb, LLVMBuildNSWMul(b, r.iv, moe_ll_i64c(g, f.xs), "")), H);
+	moe_ll_loop_close(g, &r);
+	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
+	row_blocks_mr(g, &f, up_pair_tile, MOE_NR, p.iv, cn, BF_MR);
+	moe_ll_loop_close(g, &p);
+	moe_ll_loop_close(g, &c);
+	moe_ll_fn_end(g);
+}
+
+/* One bf16 down tile: mr rows of bf16 h from r0 times panel p, accumulated
+ * into y (ncols < 16: the last panel, masked). */
+static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols,
+			   LLVMValueRef r0, LLVMValueRef p)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	uint32_t K = ge->width + (ge->width & 1);
+	LLVMValueRef hbuf = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2),
+		     bd = moe_ll_prm(g, 5), y = moe_ll_prm(g, 6);
+	LLVMValueRef a_row[BF_MR] = {0}, y_ptr[BF_MR] = {0}, acc[BF_MR] = {0};
+	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		a_row[r] = moe_ll_at(g, g->t_f32, hbuf,
+				     LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
+		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
+		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+		y_ptr[r] = moe_ll_at(
+		    g, g->t_f32, y,
+		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), c0,
+				    ""));
+		snprintf(nm, sizeof nm, "acc%d0", r);
+		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, vload16(g, y_ptr[r], ncols), acc[r]);
+	}
+	LLVMValueRef pan =
+	    moe_ll_at(g, g->t_i16, moe_ll_prm(g, 4),
+		      LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)K * MOE_NR), ""));
+	pair_tile(g, mr, a_row, pan, K / 2, acc);
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef o = moe_ll_ld(g, g->t_v16f, acc[r]);
+		if (f->bias) {
+			LLVMValueRef bv = moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, bd, c0));
+			if (f->down_bias_w) {
+				LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+				LLVMValueRef w =
+				    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, rw, ri));
+				bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
+			}
+			o = LLVMBuildFAdd(b, o, bv, "");
+		}
+		vstore16(g, o, y_ptr[r], ncols);
+	}
+}
+
 static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 {
+	if (g->p->compute == MOE_COMPUTE_BF16) {
+		gen_up_pairs(g, name, f);
+		return;
+	}
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
 	LLVMTypeRef params[] = {P, P, P, I, P, P, P, P, I, I};
 	static const char *const pn[] = {"x",  "rows", "rw", "n",  "panels",
@@ -516,9 +805,12 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 	LLVMValueRef end =
 	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, p1, moe_ll_i64c(g, n_full), ""), p1,
 			    moe_ll_i64c(g, n_full), "end");
+	int bf = g->p->compute == MOE_COMPUTE_BF16;
+	tile_fn *tile = bf ? down_pair_tile : down_tile;
+	int mr = bf ? BF_MR : MOE_MR;
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, p0, end, 1, "p");
-	row_blocks(g, f, down_tile, MOE_NR, p.iv, moe_ll_prm(g, 3));
+	row_blocks_mr(g, f, tile, MOE_NR, p.iv, moe_ll_prm(g, 3), mr);
 	moe_ll_loop_close(g, &p);
 	if (n_full != ge->down_panels) {
 		/* the partial last panel: masked loads and stores of y */
@@ -526,7 +818,7 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 		    b, LLVMBuildICmp(b, LLVMIntSLE, p0, moe_ll_i64c(g, n_full), ""),
 		    LLVMBuildICmp(b, LLVMIntSGT, p1, moe_ll_i64c(g, n_full), ""), "has_last");
 		LLVMBasicBlockRef e = moe_ll_when(g, in, "last");
-		row_blocks(g, f, down_tile, last, moe_ll_i64c(g, n_full), moe_ll_prm(g, 3));
+		row_blocks_mr(g, f, tile, last, moe_ll_i64c(g, n_full), moe_ll_prm(g, 3), mr);
 		moe_ll_when_end(g, e);
 	}
 	moe_ll_fn_end(g);
@@ -758,6 +1050,7 @@ static void gen_table(struct moe_ll *g, LLVMValueRef k[MOE_KERNEL_COUNT], const 
 	    cstring(g, "moe_gen_hash", hash),
 	    cstring(g, "moe_gen_cpu", cpu_name),
 	    cstring(g, "moe_gen_triple", triple),
+	    moe_ll_i32c(g, (int32_t)p->compute),
 	    moe_ll_i32c(g, (int32_t)p->n_ops),
 	    ogv,
 	    LLVMConstArray2(g->t_ptr, kv, MOE_KERNEL_COUNT),
@@ -913,6 +1206,25 @@ static int cpu_probe(LLVMTargetRef target, const char *triple, const char *cpu,
 	return ok;
 }
 
+/* The sign of feature name in an LLVM feature string ("+avx512f,-avx512bf16"):
+ * 1 enabled, -1 disabled, 0 not mentioned. */
+static int feature(const char *features, const char *name)
+{
+	size_t n = strlen(name);
+	for (const char *f = features; (f = strstr(f, name)) != NULL; f += n)
+		if (f > features && (f[-1] == '+' || f[-1] == '-') && (f[n] == ',' || f[n] == 0))
+			return f[-1] == '+' ? 1 : -1;
+	return 0;
+}
+
+static int cpu_in(const char *cpu, const char *const *cpus, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (cpu && strcmp(cpu, cpus[i]) == 0)
+			return 1;
+	return 0;
+}
+
 /* Whether the target has AVX-512F (32 vector registers, 16-lane FMAs with a
  * folded broadcast): from the feature string, else the CPU's name. */
 static int has_avx512(const char *triple, const char *cpu, const char *features)
@@ -924,13 +1236,23 @@ static int has_avx512(const char *triple, const char *cpu, const char *features)
 	};
 	if (strncmp(triple, "x86_64", 6) != 0)
 		return 0;
-	for (const char *f = features; (f = strstr(f, "avx512f")) != NULL; f += 7)
-		if (f > features && (f[-1] == '+' || f[-1] == '-') && (f[7] == ',' || f[7] == 0))
-			return f[-1] == '+';
-	for (size_t i = 0; i < sizeof cpus / sizeof *cpus; i++)
-		if (cpu && strcmp(cpu, cpus[i]) == 0)
-			return 1;
-	return 0;
+	int f = feature(features, "avx512f");
+	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
+}
+
+/* Whether the target has the AVX-512 bf16 dot product (vdpbf16ps) and
+ * conversions: avx512bf16 in the feature string, else the CPU's name; and
+ * AVX-512F (and VL for the 8-lane conversion of h). */
+static int has_bf16_dot(const char *triple, const char *cpu, const char *features)
+{
+	static const char *const cpus[] = {
+	    "cooperlake",      "sapphirerapids", "emeraldrapids", "graniterapids",
+	    "graniterapids-d", "diamondrapids",  "znver4",        "znver5",
+	};
+	if (!has_avx512(triple, cpu, features) || feature(features, "avx512vl") < 0)
+		return 0;
+	int f = feature(features, "avx512bf16");
+	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
 }
 
 int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, enum moe_emit kind,
@@ -996,9 +1318,12 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 		goto out;
 	}
 
+	/* the plan's compute format for this target machine */
+	struct moe_plan q = *p;
+	moe_plan_set_compute(&q, has_bf16_dot(triple, cpu_name, features));
 	LLVMContextRef ctx = LLVMContextCreate();
 	moe_ll_init(&g, ctx, LLVMModuleCreateWithNameInContext(p->desc->name, ctx),
-		    LLVMCreateBuilderInContext(ctx), p, has_avx512(triple, cpu_name, features));
+		    LLVMCreateBuilderInContext(ctx), &q, has_avx512(triple, cpu_name, features));
 	char src[MOE_NAME_MAX + 8];
 	snprintf(src, sizeof src, "%s.moe", p->desc->name);
 	LLVMSetSourceFileName(g.mod, src, strlen(src));

@@ -56,6 +56,7 @@
 	X(DT_W, "dtype.weights")                                                                   \
 	X(DT_A, "dtype.activations")                                                               \
 	X(DT_R, "dtype.router")                                                                    \
+	X(DT_C, "dtype.compute")                                                                   \
 	X(ROUTER, "router")                                                                        \
 	X(MODE, "router.mode")                                                                     \
 	X(SCORE, "router.score")                                                                   \
@@ -233,6 +234,7 @@ static const struct field dtype_fields[] = {
     ENUM_(DT_W, moe_dtype_names, 0),
     ENUM_(DT_A, act_dtype_names, 0),
     ENUM_(DT_R, router_dtype_names, 0),
+    ENUM_(DT_C, moe_compute_names, 0),
 };
 static const struct field norm_fields[] = {
     ENUM_(NORM_KIND, moe_norm_names, REQ),
@@ -1627,6 +1629,9 @@ static void resolve_model(struct ctx *c, struct moe_desc *o)
 	/* dtype */
 	o->weight_dtype = dtype_of(c, S_DT_W);
 	o->act_dtype = dtype_of(c, S_DT_A);
+	o->compute = c->ok[S_DT_C] ? (enum moe_compute)moe_enum_lookup(
+					 moe_compute_names, MOE_COMPUTE_COUNT, c->str[S_DT_C])
+				   : MOE_COMPUTE_AUTO;
 }
 
 static void resolve_experts(struct ctx *c, struct moe_desc *o)

@@ -16,6 +16,26 @@ const struct moe_backend *const moe_backends[MOE_TARGET_COUNT] = {
     [MOE_TARGET_CUDA] = &moe_backend_cuda,
 };
 
+static void init_geoms(struct moe_plan *p)
+{
+	const struct moe_desc *d = p->desc;
+	int pairs = p->compute == MOE_COMPUTE_BF16;
+	moe_geom_init(&p->routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU,
+		      d->weight_dtype, pairs);
+	uint32_t is = moe_desc_shared_width(d);
+	memset(&p->shared, 0, sizeof p->shared);
+	if (is)
+		moe_geom_init(&p->shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU,
+			      d->weight_dtype, pairs);
+}
+
+void moe_plan_set_compute(struct moe_plan *p, int bf16_dot)
+{
+	p->compute =
+	    moe_desc_bf16_compute(p->desc) && bf16_dot ? MOE_COMPUTE_BF16 : MOE_COMPUTE_F32;
+	init_geoms(p);
+}
+
 int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan *p,
 		   struct moe_diag *diag)
 {
@@ -25,10 +45,9 @@ int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan 
 	if (!moe_backends[t]->supports(d, diag))
 		return -1;
 	p->route_width = moe_desc_route_width(d);
-	moe_geom_init(&p->routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU);
+	p->compute = moe_desc_bf16_compute(d) ? MOE_COMPUTE_AUTO : MOE_COMPUTE_F32;
+	init_geoms(p);
 	uint32_t is = moe_desc_shared_width(d);
-	if (is)
-		moe_geom_init(&p->shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU);
 	moe_mode_ops(d, p);
 
 	/* the CPU keeps the FFN activations in packed panels; CUDA in its kernels */
@@ -52,9 +71,9 @@ static void dump_geom(FILE *out, const char *what, const struct moe_geom *g)
 {
 	fprintf(out,
 		"ffn %s %s hidden %u width %u up_panels %u x %u cols ld_h %u down_panels %u"
-		" (K %u)\n",
+		" (K %u)%s\n",
 		what, g->glu ? "glu" : "mlp", g->hidden, g->width, g->up_panels, g->up_cols,
-		g->ld_h, g->down_panels, g->width);
+		g->ld_h, g->down_panels, g->width, g->pairs ? " k_pairs" : "");
 }
 
 void moe_plan_dump(const struct moe_plan *p, FILE *out)
@@ -62,6 +81,9 @@ void moe_plan_dump(const struct moe_plan *p, FILE *out)
 	const struct moe_desc *d = p->desc;
 	fprintf(out, "plan %s target %s\n", d->name, moe_target_names[p->target]);
 	fprintf(out, "tile mr %d nr %d router_block %d\n", MOE_MR, MOE_NR, MOE_RB);
+	fprintf(out, "compute %s%s\n", moe_compute_names[p->compute],
+		p->compute == MOE_COMPUTE_AUTO ? " (bf16 where the target cpu has avx512bf16)"
+					       : "");
 	dump_geom(out, "routed", &p->routed);
 	if (p->shared.width)
 		dump_geom(out, "shared", &p->shared);

@@ -17,6 +17,7 @@ const char *const moe_mode_names[] = {
 #include "moe_modes.def"
 #undef MOE_MODE
 };
+const char *const moe_compute_names[] = {MOE_COMPUTES(NAME_)};
 const char *const moe_score_names[] = {MOE_SCORES(NAME_)};
 const char *const moe_norm_names[] = {MOE_NORMS(NAME_)};
 const char *const moe_group_score_names[] = {MOE_GROUP_SCORES(NAME_)};
@@ -65,6 +66,12 @@ int moe_enum_lookup(const char *const *names, int n, const char *s)
 		if (strcmp(names[i], s) == 0)
 			return i;
 	return -1;
+}
+
+int moe_desc_bf16_compute(const struct moe_desc *d)
+{
+	return d->compute == MOE_COMPUTE_BF16 ||
+	       (d->compute == MOE_COMPUTE_AUTO && d->weight_dtype == MOE_DTYPE_BF16);
 }
 
 uint32_t moe_desc_route_width(const struct moe_desc *d)
@@ -262,8 +269,9 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		put(&o, " q_lora %u kv_lora %u nope %u rope %u v %u", d->mla_q_lora_rank,
 		    d->mla_kv_lora_rank, d->mla_qk_nope_dim, d->mla_qk_rope_dim, d->mla_v_dim);
 	put(&o, "\n");
-	put(&o, "dtype weights %s activations %s router f32\n", moe_dtype_names[d->weight_dtype],
-	    moe_dtype_names[d->act_dtype]);
+	put(&o, "dtype weights %s activations %s compute %s router f32\n",
+	    moe_dtype_names[d->weight_dtype], moe_dtype_names[d->act_dtype],
+	    moe_compute_names[d->compute]);
 	put(&o, "router %s score %s top_k %u\n", moe_mode_names[d->mode], moe_score_names[d->score],
 	    d->top_k);
 	put(&o, "normalize %s eps %s min %s p %s scale %s\n", moe_norm_names[d->norm],
@@ -539,6 +547,8 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		    (enum moe_dtype)ENUM_("weights", moe_dtype_names, MOE_DTYPE_COUNT);
 		d->act_dtype =
 		    (enum moe_dtype)ENUM_("activations", moe_dtype_names, MOE_DTYPE_COUNT);
+		d->compute =
+		    (enum moe_compute)ENUM_("compute", moe_compute_names, MOE_COMPUTE_COUNT);
 		const char *r = field(l, "router", 0);
 		if (r && strcmp(r, "f32") != 0)
 			line_error(l, "router dtype '%s' is not f32", r);

@@ -126,10 +126,13 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 	}
 	m->gen = g;
 	m->d = g->desc;
-	moe_geom_init(&m->routed, m->d->hidden, m->d->intermediate, m->d->kind == MOE_KIND_GLU);
+	int pairs = g->compute == MOE_COMPUTE_BF16;
+	moe_geom_init(&m->routed, m->d->hidden, m->d->intermediate, m->d->kind == MOE_KIND_GLU,
+		      m->d->weight_dtype, pairs);
 	uint32_t is = moe_desc_shared_width(m->d);
 	if (is)
-		moe_geom_init(&m->shared, m->d->hidden, is, m->d->shared_kind == MOE_KIND_GLU);
+		moe_geom_init(&m->shared, m->d->hidden, is, m->d->shared_kind == MOE_KIND_GLU,
+			      m->d->weight_dtype, pairs);
 	m->layers = calloc(m->d->n_moe_layers ? m->d->n_moe_layers : 1, sizeof *m->layers);
 	m->pool = moe_pool_create(opts ? opts->threads : 0);
 	if (!m->layers || !m->pool) {

@@ -18,6 +18,10 @@
 /* Each enum is an X-macro list: value, spec spelling. enum moe_dtype itself is
  * public (moe.h); desc.c checks that this list matches it. */
 #define MOE_DTYPES(X) X(F32, "f32") X(BF16, "bf16") X(F16, "f16")
+/* The FFNs' arithmetic: auto (bf16 where the weights are bf16 and the target
+ * has the bf16 dot instructions, else f32), f32, bf16 (the target's bf16 dot
+ * when it has one, else f32). The backend resolves it per target. */
+#define MOE_COMPUTES(X) X(AUTO, "auto") X(F32, "f32") X(BF16, "bf16")
 #define MOE_SCORES(X) X(SOFTMAX, "softmax") X(SIGMOID, "sigmoid") X(SQRTSOFTPLUS, "sqrtsoftplus")
 #define MOE_NORMS(X) X(NONE, "none") X(SUM, "sum") X(LP, "lp")
 #define MOE_GROUP_SCORES(X) X(MAX, "max") X(SUM_TOP2, "sum_top2")
@@ -43,6 +47,7 @@
 #define MOE_ENUM_VALUE_(prefix, v, s) prefix##v,
 #define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
 
+#define MOE_ENUM_X_MOE_COMPUTE_(v, s) MOE_COMPUTE_##v,
 #define MOE_ENUM_X_MOE_SCORE_(v, s) MOE_SCORE_##v,
 #define MOE_ENUM_X_MOE_NORM_(v, s) MOE_NORM_##v,
 #define MOE_ENUM_X_MOE_GROUP_SCORE_(v, s) MOE_GROUP_SCORE_##v,
@@ -66,6 +71,7 @@ enum moe_mode {
 #undef MOE_MODE
 	MOE_MODE_COUNT
 };
+MOE_DEFINE_ENUM(moe_compute, MOE_COMPUTE_, MOE_COMPUTES);
 MOE_DEFINE_ENUM(moe_score, MOE_SCORE_, MOE_SCORES);
 MOE_DEFINE_ENUM(moe_norm, MOE_NORM_, MOE_NORMS);
 MOE_DEFINE_ENUM(moe_group_score, MOE_GROUP_SCORE_, MOE_GROUP_SCORES);
@@ -161,6 +167,7 @@ struct moe_desc {
 	/* dtypes */
 	enum moe_dtype weight_dtype;
 	enum moe_dtype act_dtype; /* f32 | bf16 */
+	enum moe_compute compute; /* the FFNs' arithmetic as asked (resolved per target) */
 
 	/* router */
 	enum moe_mode mode;
@@ -235,6 +242,7 @@ struct moe_desc {
 /* Name tables, indexed by enum value; defined in desc.c. */
 extern const char *const moe_dtype_names[MOE_DTYPE_COUNT];
 extern const char *const moe_mode_names[MOE_MODE_COUNT];
+extern const char *const moe_compute_names[MOE_COMPUTE_COUNT];
 extern const char *const moe_score_names[MOE_SCORE_COUNT];
 extern const char *const moe_norm_names[MOE_NORM_COUNT];
 extern const char *const moe_group_score_names[MOE_GROUP_SCORE_COUNT];
@@ -257,6 +265,13 @@ int moe_enum_lookup(const char *const *names, int n, const char *s);
 
 /* Derived sizes. */
 uint32_t moe_desc_route_width(const struct moe_desc *d); /* (id, weight) slots per token */
+/* 1 when the FFNs compute in bf16 on a target with the bf16 dot instructions
+ * (dtype.compute bf16, or auto with bf16 weights). */
+int moe_desc_bf16_compute(const struct moe_desc *d);
+/* The bound on max |y - y_ref| / max |y_ref| of bf16 compute against the f32
+ * reference (x and h rounded to bf16, 2^-9 relative each, before exact
+ * products summed in f32). */
+#define MOE_BF16_COMPUTE_TOL (1.0 / 64.0)
 uint32_t moe_desc_shared_width(const struct moe_desc *d);
 uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
 /* Number of rows and columns of a role's canonical tensor, per expert where the

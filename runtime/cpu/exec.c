@@ -345,7 +345,7 @@ static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 	const struct moe_tile *u = &x->tiles[i];
 	const struct moe_layer_w *lw = x->lw;
 	const struct moe_geom *g = &x->m->routed;
-	size_t es = moe_dtype_size(x->d->weight_dtype);
+	size_t es = g->elem_bytes;
 	int64_t base = x->ffn.offsets[u->e] + u->r0;
 	const char *panels = (const char *)lw->up + (size_t)u->e * g->up_elems * es;
 	MOE_KERNEL(x->m, UP)
@@ -388,7 +388,7 @@ static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned
 	(void)thread;
 	const struct moe_layer_w *lw = x->lw;
 	const struct moe_geom *g = &x->m->routed;
-	size_t es = moe_dtype_size(x->d->weight_dtype), H = x->d->hidden;
+	size_t es = g->elem_bytes, H = x->d->hidden;
 	int64_t c0, c1;
 	cols_of(x, p0, p1, &c0, &c1);
 	for (size_t t = 0; t < x->ffn.out_rows; t++)

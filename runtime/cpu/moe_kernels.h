@@ -10,7 +10,7 @@
 #include "moe_desc.h"
 #include "moe_ops.h"
 
-#define MOE_KERNELS_ABI 5
+#define MOE_KERNELS_ABI 6
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -29,7 +29,14 @@
  *
  * bf16 panels pair the two vectors' lanes in 32-bit words (slot 2i: lane i of
  * the first vector, 2i+1: lane i of the second; moe_panel_slot): one 32-byte
- * load then a shift and a mask give both f32 vectors. */
+ * load then a shift and a mask give both f32 vectors.
+ *
+ * bf16 compute (pairs = 1, the bf16 dot instructions) interleaves K in pairs
+ * instead: for each k pair, the 16 columns' (k even, k odd) bf16 values, 32
+ * values (64 bytes) per pair, K padded to even with zeros (moe_pair_index).
+ * The panels are bf16 whatever the weight dtype. The up kernel then stores h
+ * as bf16 (row r at the start of the f32 row r of the h buffer, ld_h bf16
+ * values) for the down kernel to read in pairs. */
 struct moe_geom {
 	uint32_t hidden;      /* K of the up panels, N of the down panels */
 	uint32_t width;       /* I: K of the down panels */
@@ -41,9 +48,13 @@ struct moe_geom {
 	uint32_t ld_bias;     /* padded length of down-bias vectors */
 	uint64_t up_elems;    /* per expert: up_panels * hidden * 16 */
 	uint64_t down_elems;  /* per expert: down_panels * width * 16 */
+	uint32_t pairs;       /* 1: bf16 compute, K interleaved in pairs */
+	uint32_t elem_bytes;  /* bytes of one panel value */
 };
 
-static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t width, int glu)
+/* The FFN geometry; pairs: bf16 compute (moe_gen.compute). */
+static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t width, int glu,
+				 enum moe_dtype weights, int pairs)
 {
 	g->hidden = hidden;
 	g->width = width;
@@ -53,8 +64,18 @@ static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t w
 	g->ld_h = g->up_panels * g->up_cols;
 	g->down_panels = (hidden + MOE_NR - 1) / MOE_NR;
 	g->ld_bias = g->down_panels * MOE_NR;
-	g->up_elems = (uint64_t)g->up_panels * hidden * MOE_NR;
-	g->down_elems = (uint64_t)g->down_panels * width * MOE_NR;
+	g->pairs = pairs != 0;
+	g->elem_bytes = pairs || weights != MOE_DTYPE_F32 ? 2 : 4;
+	uint32_t ku = pairs ? hidden + (hidden & 1) : hidden,
+		 kd = pairs ? width + (width & 1) : width;
+	g->up_elems = (uint64_t)g->up_panels * ku * MOE_NR;
+	g->down_elems = (uint64_t)g->down_panels * kd * MOE_NR;
+}
+
+/* bf16 compute: the index of (k, column j) in a panel of K (padded to even). */
+static inline uint64_t moe_pair_index(uint32_t k, uint32_t j)
+{
+	return (uint64_t)(k / 2) * 2 * MOE_NR + 2 * j + k % 2;
 }
 
 /* Where value j (0..15: vector j / 8, lane j % 8) of one panel row lives. */
@@ -187,6 +208,7 @@ struct moe_gen {
 	const char *spec_hash; /* hex XXH3-128 of moe_desc_dump */
 	const char *cpu;       /* CPU name the code was generated for */
 	const char *triple;
+	uint32_t compute; /* enum moe_compute as resolved for the target: F32 or BF16 */
 	uint32_t n_ops;
 	const uint8_t *ops;
 	moe_kernel_fn *kernels[MOE_KERNEL_COUNT];

@@ -36,12 +36,24 @@ static void put(void *dst, size_t i, float v, enum moe_dtype t)
 	}
 }
 
+/* Where (k, column j) of panel p lives in a panel of K values per column:
+ * k-major rows of 16 (moe_panel_slot), or k pairs for bf16 compute. */
+static size_t panel_index(const struct moe_geom *g, enum moe_dtype t, uint32_t K, uint32_t p,
+			  uint32_t k, uint32_t j)
+{
+	if (g->pairs)
+		return (size_t)p * (K + (K & 1)) * MOE_NR + moe_pair_index(k, j);
+	return ((size_t)p * K + k) * MOE_NR + moe_panel_slot(t, j);
+}
+
 /* Up panels of one FFN for experts [0, n_e): gate [n_e, width, H] (NULL for
- * mlp) and up [n_e, width, H]. */
+ * mlp) and up [n_e, width, H]. bf16 compute packs bf16 pairs. */
 static void *pack_up(const struct moe_geom *g, uint32_t n_e, const float *gate, const float *up,
 		     enum moe_dtype t)
 {
-	size_t es = moe_dtype_size(t);
+	if (g->pairs)
+		t = MOE_DTYPE_BF16;
+	size_t es = g->elem_bytes;
 	char *out = zalloc((size_t)n_e * g->up_elems * es);
 	if (!out)
 		return NULL;
@@ -62,9 +74,8 @@ static void *pack_up(const struct moe_geom *g, uint32_t n_e, const float *gate, 
 				if (row >= W)
 					continue;
 				const float *s = src + ((size_t)e * W + row) * H;
-				size_t base = (size_t)p * H * MOE_NR + moe_panel_slot(t, j);
 				for (uint32_t k = 0; k < H; k++)
-					put(pe, base + (size_t)k * MOE_NR, s[k], t);
+					put(pe, panel_index(g, t, H, p, k, j), s[k], t);
 			}
 	}
 	return out;
@@ -73,7 +84,9 @@ static void *pack_up(const struct moe_geom *g, uint32_t n_e, const float *gate, 
 /* Down panels: down [n_e, H, width]. */
 static void *pack_down(const struct moe_geom *g, uint32_t n_e, const float *down, enum moe_dtype t)
 {
-	size_t es = moe_dtype_size(t);
+	if (g->pairs)
+		t = MOE_DTYPE_BF16;
+	size_t es = g->elem_bytes;
 	char *out = zalloc((size_t)n_e * g->down_elems * es);
 	if (!out)
 		return NULL;
@@ -86,9 +99,8 @@ static void *pack_down(const struct moe_geom *g, uint32_t n_e, const float *down
 				if (row >= H)
 					continue;
 				const float *s = down + ((size_t)e * H + row) * W;
-				size_t base = (size_t)p * W * MOE_NR + moe_panel_slot(t, j);
 				for (uint32_t k = 0; k < W; k++)
-					put(pe, base + (size_t)k * MOE_NR, s[k], t);
+					put(pe, panel_index(g, t, W, p, k, j), s[k], t);
 			}
 	}
 	return out;
