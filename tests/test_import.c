@@ -92,16 +92,21 @@ static const char *const goldens[] = {
     "dbrx",
     "deepseek_v2",
     "deepseek_v3",
+    "dots1",
     "ernie4_5_moe",
+    "flex_olmo",
     "glm4_moe",
     "gpt_oss",
     "granitemoe",
+    "granitemoeshared",
     "hunyuan_v1_moe",
     "hunyuan_v1_moe-top2",
     "jamba",
     "jetmoe",
     "llama4",
     "llama4_text",
+    "minimax",
+    "minimax_m2",
     "mixtral",
     "nllb_moe",
     "nllb_moe-capacity",
@@ -109,15 +114,17 @@ static const char *const goldens[] = {
     "phimoe",
     "qwen2_moe",
     "qwen3_moe",
+    "qwen3_next",
     "switch_transformers",
 };
 #define N_GOLDENS ((int)(sizeof goldens / sizeof *goldens))
 
 /* Families whose spec carries a fact the language cannot hold: a warning
- * (Granite's residual_multiplier, outside the MoE block). */
+ * (Granite's residual_multiplier, outside the MoE block; MiniMax's
+ * mlp_alpha_factor alone scales the residual and is a comment only). */
 static int expected_warnings(const char *family)
 {
-	return strcmp(family, "granitemoe") == 0;
+	return strcmp(family, "granitemoe") == 0 || strcmp(family, "granitemoeshared") == 0;
 }
 
 static void test_golden(void **state)
@@ -417,9 +424,10 @@ static void test_unknown_type(void **state)
 {
 	(void)state;
 	mutate_fail("mixtral", "model_type", "\"foo\"", "unsupported model_type 'foo'",
-		    "(supported: dbrx, deepseek_v2, deepseek_v3, ernie4_5_moe, glm4_moe, gpt_oss, "
-		    "granitemoe, hunyuan_v1_moe, jamba, jetmoe, llama4, llama4_text, mixtral, "
-		    "nllb_moe, olmoe, phimoe, qwen2_moe, qwen3_moe, switch_transformers)");
+		    "(supported: dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, flex_olmo, "
+		    "glm4_moe, gpt_oss, granitemoe, granitemoeshared, hunyuan_v1_moe, jamba, "
+		    "jetmoe, llama4, llama4_text, minimax, minimax_m2, mixtral, nllb_moe, olmoe, "
+		    "phimoe, qwen2_moe, qwen3_moe, qwen3_next, switch_transformers)");
 	mutate_fail("mixtral", "model_type", "\"mixtrl\"", "unsupported model_type 'mixtrl'",
 		    "did you mean 'mixtral'?");
 }
@@ -996,14 +1004,20 @@ static const struct resolved resolved[] = {
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"deepseek_v3", 58, 256, 8, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 2.5f,
      1, 0, 8, MOE_APPLY_OUTPUT},
+    {"dots1", 61, 128, 6, 2 * 1408, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 2.5f, 1,
+     0, 1, MOE_APPLY_OUTPUT},
     {"ernie4_5_moe", 27, 64, 6, 2 * 1536, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
      1.0f, 1, 0, 1, MOE_APPLY_OUTPUT},
+    {"flex_olmo", 32, 7, 5, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0,
+     1, MOE_APPLY_OUTPUT},
     {"glm4_moe", 45, 128, 8, 1408, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 1.0f, 1,
      0, 1, MOE_APPLY_OUTPUT},
     {"gpt_oss", 24, 32, 4, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 1, 1,
      MOE_APPLY_OUTPUT},
     {"granitemoe", 32, 40, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
      1, MOE_APPLY_OUTPUT},
+    {"granitemoeshared", 24, 40, 8, 1024, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
+     1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"hunyuan_v1_moe", 64, 16, 1, 18304, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"hunyuan_v1_moe-top2", 4, 16, 2, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
@@ -1016,6 +1030,10 @@ static const struct resolved resolved[] = {
      1, MOE_APPLY_INPUT},
     {"llama4_text", 24, 128, 1, 8192, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_NONE, 1.0f,
      0, 0, 1, MOE_APPLY_INPUT},
+    {"minimax", 80, 32, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"minimax_m2", 62, 256, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 1.0f, 1,
+     0, 1, MOE_APPLY_OUTPUT},
     {"mixtral", 32, 8, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0, 1,
      MOE_APPLY_OUTPUT},
     {"nllb_moe", 6, 128, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 0.8f, 0, 0,
@@ -1030,6 +1048,8 @@ static const struct resolved resolved[] = {
      0, 1, MOE_APPLY_OUTPUT},
     {"qwen3_moe", 48, 128, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
      1, MOE_APPLY_OUTPUT},
+    {"qwen3_next", 48, 512, 10, 512, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f,
+     0, 0, 1, MOE_APPLY_OUTPUT},
     {"switch_transformers", 6, 8, 1, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
 };

@@ -641,8 +641,9 @@ static void fam_phimoe(struct imp *m, const cJSON *c)
 		"training-only.");
 }
 
-/* qwen2_moe and qwen3_moe share the router (and HF code). */
-static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
+/* qwen2_moe, qwen3_moe and qwen3_next share the router (and HF code); the
+ * first and the last have the sigmoid-gated shared expert. */
+static void fam_qwen(struct imp *m, const cJSON *c, int shared, int renorm_default)
 {
 	base(m, c, "");
 	attention_mha(m, c, "");
@@ -654,7 +655,7 @@ static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
 	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
 	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
 	glu_act(m, c, "", "hidden_act");
-	int renorm = opt_bool(m, c, "", "norm_topk_prob", 0);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", renorm_default);
 	if (renorm)
 		norm_sum(m, 0, 0);
 	long step = opt_int(m, c, "", "decoder_sparse_step", 1, 1);
@@ -667,7 +668,7 @@ static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
 	dense_ffn(m, c, "", "intermediate_size");
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
-	if (qwen2) {
+	if (shared) {
 		long si = req_int(m, c, "", "shared_expert_intermediate_size", 0);
 		if (si > 0) {
 			m->shared_count = 1;
@@ -702,7 +703,7 @@ static void fam_olmoe(struct imp *m, const cJSON *c)
 	all_layers(m);
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
-	note(m, "olmoe: p = softmax(x W_g^T) over all experts (f32), top-k; %s",
+	note(m, "%s: p = softmax(x W_g^T) over all experts (f32), top-k; %s", m->family,
 	     renorm ? "renormalized to sum 1 (norm_topk_prob true, no eps)."
 		    : "not renormalized (norm_topk_prob false).");
 }
@@ -1234,9 +1235,10 @@ static void fam_granitemoe(struct imp *m, const cJSON *c)
 	name(m, MOE_ROLE_DOWN, "%s.output_linear.weight", p);
 	layout(m, MOE_ROLE_GATE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_CONCAT, 0);
 	note(m,
-	     "granitemoe: top-k on the logits x W^T (f32), softmax over the k chosen (written "
-	     "as softmax over all, top-k, renormalized: the same weights). input_linear is [E, 2I, "
-	     "H] (gate half first), output_linear [E, H, I].");
+	     "%s: top-k on the logits x W^T (f32), softmax over the k chosen (written as softmax "
+	     "over all, top-k, renormalized: the same weights). input_linear is [E, 2I, H] (gate "
+	     "half first), output_linear [E, H, I].",
+	     m->family);
 	double rm = opt_num(m, c, "", "residual_multiplier", 1.0, -1e30, 1e30);
 	if (rm != 1.0) {
 		note(m,
@@ -1364,6 +1366,144 @@ static void fam_hunyuan(struct imp *m, const cJSON *c)
 		"always on and added unweighted.");
 }
 
+/* A string option that has one value transformers implements (a scoring
+ * function, a top-k method): any other spelling is an error naming the key. */
+static void only_value(struct imp *m, const cJSON *c, const char *key, const char *value)
+{
+	const char *s = opt_str(m, c, "", key, value);
+	if (strcmp(s, value) != 0)
+		err(m, "unsupported %s '%s' for %s (supported: %s)", key, s, m->family, value);
+}
+
+/* MiniMax-Text-01: the Mixtral block. The decoder layer weighs the residual
+ * and the block's output (mlp_alpha_factor, mlp_beta_factor) outside it. */
+static void fam_minimax(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	norm_sum(m, 0, 0);
+	jitter(m, opt_num(m, c, "", "router_jitter_noise", 0, 0, 1));
+	all_layers(m);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.block_sparse_moe.gate.weight");
+	glu_names(m, "model.layers.{layer}.block_sparse_moe", "experts", "w1", "w3", "w2");
+	note(m, "minimax: p = softmax(x W_g^T) over all experts (f32); the top-k p are "
+		"renormalized to sum 1 (no eps). Jitter noise, if any, is training-only.");
+	double alpha = opt_num(m, c, "", "mlp_alpha_factor", 1.0, -1e30, 1e30);
+	double beta = opt_num(m, c, "", "mlp_beta_factor", 1.0, -1e30, 1e30);
+	if (alpha != 1.0 || beta != 1.0) {
+		note(m,
+		     "The decoder layer computes residual * mlp_alpha_factor (%g) + block * "
+		     "mlp_beta_factor (%g): outside the MoE block and not in this spec.",
+		     alpha, beta);
+		if (beta != 1.0)
+			warn(m,
+			     "mlp_beta_factor %g scales the block's output in the decoder layer, "
+			     "outside the MoE block; the spec language has no key for it",
+			     beta);
+	}
+}
+
+/* MiniMax-M2: sigmoid scores, chosen with e_score_correction_bias,
+ * renormalized without eps, no scale. */
+static void fam_minimax_m2(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	only_value(m, c, "scoring_func", "sigmoid");
+	m->score = MOE_SCORE_SIGMOID;
+	m->select_bias = opt_bool(m, c, "", "use_routing_bias", 1);
+	norm_sum(m, 0, 0);
+	jitter(m, opt_num(m, c, "", "router_jitter_noise", 0, 0, 1));
+	all_layers(m);
+	const char *p = "model.layers.{layer}.block_sparse_moe";
+	name(m, MOE_ROLE_ROUTER, "%s.gate.weight", p);
+	if (m->select_bias)
+		name(m, MOE_ROLE_SELECT_BIAS, "%s.e_score_correction_bias", p);
+	glu_names(m, p, "experts", "w1", "w3", "w2");
+	note(m,
+	     "minimax_m2: s = sigmoid(x W_g^T) (f32); experts are chosen by s%s; the weights "
+	     "are the unbiased s of the chosen, divided by their sum (no eps), unscaled.",
+	     m->select_bias ? " + e_score_correction_bias (a buffer of the block, beside gate)"
+			    : " (use_routing_bias false: no correction bias)");
+}
+
+/* dots.llm1: the DeepSeek-V3 router (sigmoid, correction bias, group limit
+ * by the sum of the top-2, 1e-20 renormalization, scale) with transformers'
+ * defaults: no group limit, not renormalized, scale 1. */
+static void fam_dots1(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "n_routed_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	/* Dots1Config has no scoring_func or topk_method: the router is always
+	 * this one, whatever a config states for them. */
+	long first = opt_int(m, c, "", "first_k_dense_replace", 0, 0);
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = i >= first;
+	dense_ffn(m, c, "", "intermediate_size");
+	long n_shared = req_int(m, c, "", "n_shared_experts", 0);
+	if (n_shared > 0) {
+		m->shared_count = n_shared;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_experts");
+	}
+	m->scale = opt_num(m, c, "", "routed_scaling_factor", 1.0, 1e-30, 1e30);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", 0);
+	long ng = opt_int(m, c, "", "n_group", 1, 1);
+	long tg = opt_int(m, c, "", "topk_group", 1, 1);
+	groups(m, ng, tg, MOE_GROUP_SCORE_SUM_TOP2);
+	m->score = MOE_SCORE_SIGMOID;
+	m->select_bias = 1;
+	if (renorm)
+		norm_sum(m, 1e-20, 0);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	name(m, MOE_ROLE_SELECT_BIAS, "model.layers.{layer}.mlp.gate.e_score_correction_bias");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m,
+	     "dots1: s = sigmoid(x W_g^T) (f32); experts chosen by s + e_score_correction_bias%s; "
+	     "weights are the unbiased s, %s, times routed_scaling_factor.",
+	     m->n_groups ? " within the best topk_group groups (sum of top-2 biased scores)" : "",
+	     renorm ? "renormalized (sum + 1e-20)" : "not renormalized");
+	if (n_shared > 0)
+		note(m,
+		     "Shared experts: one GLU of width n_shared_experts * moe_intermediate_size, "
+		     "added unweighted.");
+	note(m, "MoE layers: layer >= first_k_dense_replace; the others are dense "
+		"(intermediate_size).");
+}
+
+/* Granite MoE with a shared MLP: the granitemoe block, plus the decoder
+ * layer's shared_mlp added to the block's output (same input, no gate). */
+static void fam_granitemoeshared(struct imp *m, const cJSON *c)
+{
+	fam_granitemoe(m, c);
+	long si = opt_int(m, c, "", "shared_intermediate_size", 0, 0);
+	if (si == 0) {
+		note(m, "shared_intermediate_size is 0: no shared MLP.");
+		return;
+	}
+	m->shared_count = 1;
+	m->shared_inter = si;
+	name(m, MOE_ROLE_SHARED_GATE_UP, "model.layers.{layer}.shared_mlp.input_linear.weight");
+	name(m, MOE_ROLE_SHARED_DOWN, "model.layers.{layer}.shared_mlp.output_linear.weight");
+	layout(m, MOE_ROLE_SHARED_GATE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_CONCAT, 0);
+	note(m, "Shared MLP (shared_intermediate_size): model.layers.{layer}.shared_mlp, "
+		"input_linear [2 * Is, H] (gate half first) and output_linear [H, Is], applied to "
+		"the block's input and added unweighted (in the decoder layer, before "
+		"residual_multiplier).");
+}
+
 struct family {
 	const char *model_type;
 	void (*fn)(struct imp *m, const cJSON *c);
@@ -1379,11 +1519,17 @@ static void fam_deepseek_v3(struct imp *m, const cJSON *c)
 }
 static void fam_qwen2_moe(struct imp *m, const cJSON *c)
 {
-	fam_qwen(m, c, 1);
+	fam_qwen(m, c, 1, 0);
 }
 static void fam_qwen3_moe(struct imp *m, const cJSON *c)
 {
-	fam_qwen(m, c, 0);
+	fam_qwen(m, c, 0, 0);
+}
+/* Qwen3-Next: the qwen2_moe block (norm_topk_prob defaults to true); its
+ * hybrid attention is accounted by attention_qwen3_next. */
+static void fam_qwen3_next(struct imp *m, const cJSON *c)
+{
+	fam_qwen(m, c, 1, 1);
 }
 
 /* Sorted by name: the order of the "supported:" list. */
@@ -1391,21 +1537,27 @@ static const struct family families[] = {
     {"dbrx", fam_dbrx},
     {"deepseek_v2", fam_deepseek_v2},
     {"deepseek_v3", fam_deepseek_v3},
+    {"dots1", fam_dots1},
     {"ernie4_5_moe", fam_ernie},
+    {"flex_olmo", fam_olmoe},
     {"glm4_moe", fam_glm4_moe},
     {"gpt_oss", fam_gpt_oss},
     {"granitemoe", fam_granitemoe},
+    {"granitemoeshared", fam_granitemoeshared},
     {"hunyuan_v1_moe", fam_hunyuan},
     {"jamba", fam_jamba},
     {"jetmoe", fam_jetmoe},
     {"llama4", fam_llama4},
     {"llama4_text", fam_llama4},
+    {"minimax", fam_minimax},
+    {"minimax_m2", fam_minimax_m2},
     {"mixtral", fam_mixtral},
     {"nllb_moe", fam_nllb},
     {"olmoe", fam_olmoe},
     {"phimoe", fam_phimoe},
     {"qwen2_moe", fam_qwen2_moe},
     {"qwen3_moe", fam_qwen3_moe},
+    {"qwen3_next", fam_qwen3_next},
     {"switch_transformers", fam_switch},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof *families))
@@ -1864,7 +2016,7 @@ static const struct {
     {"experts", {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"}},
     {"shared_experts",
      {"shared_expert_intermediate_size", "n_shared_experts", "moe_num_shared_experts",
-      "moe_shared_expert_intermediate_size", "num_shared_expert"}},
+      "moe_shared_expert_intermediate_size", "num_shared_expert", "shared_intermediate_size"}},
     {"weights", {"quantization_config"}},
 };
 
@@ -2072,7 +2224,7 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 	} else {
 		const struct family *fam = find_family(mt->valuestring);
 		if (!fam) {
-			char list[512] = "";
+			char list[1024] = "";
 			const char *cands[N_FAMILIES];
 			for (int i = 0; i < N_FAMILIES; i++) {
 				cands[i] = families[i].model_type;
