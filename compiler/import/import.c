@@ -712,15 +712,11 @@ static void attention_mla(struct imp *m, const cJSON *c)
 {
 	if (!field(c, "num_attention_heads") || !field(c, "kv_lora_rank"))
 		return;
-	if (!field(c, "q_lora_rank")) {
-		note(m, "Attention (MLA without a q_lora_rank) is not described: the spec "
-			"language's mla attention needs q_lora_rank.");
-		return;
-	}
 	m->attn = MOE_ATTN_MLA;
 	m->heads = opt_int(m, c, "", "num_attention_heads", 1, 1);
 	m->kv_heads = m->heads;
-	m->q_lora = opt_int(m, c, "", "q_lora_rank", 1, 1);
+	/* absent (V2-Lite): q is projected directly, q_lora 0 */
+	m->q_lora = opt_int(m, c, "", "q_lora_rank", 0, 1);
 	m->kv_lora = opt_int(m, c, "", "kv_lora_rank", 1, 1);
 	m->qk_nope = req_int(m, c, "", "qk_nope_head_dim", 1);
 	m->qk_rope = req_int(m, c, "", "qk_rope_head_dim", 1);
@@ -1764,11 +1760,16 @@ static void write_spec(const struct imp *m, FILE *f)
 	if (m->attn == MOE_ATTN_MHA)
 		fprintf(f, "  attention: {kind: mha, heads: %ld, kv_heads: %ld, head_dim: %ld}\n",
 			m->heads, m->kv_heads, m->head_dim);
-	else if (m->attn == MOE_ATTN_MLA)
+	else if (m->attn == MOE_ATTN_MLA && m->q_lora)
 		fprintf(f,
 			"  attention: {kind: mla, heads: %ld, q_lora_rank: %ld, kv_lora_rank: %ld, "
 			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
 			m->heads, m->q_lora, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
+	else if (m->attn == MOE_ATTN_MLA)
+		fprintf(f,
+			"  attention: {kind: mla, heads: %ld, kv_lora_rank: %ld, "
+			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
+			m->heads, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
 	fprintf(f, "dtype: {weights: %s, activations: f32, router: f32}\n",
 		moe_dtype_names[m->wdtype]);
 
@@ -2279,16 +2280,119 @@ int moe_import(const char *json_path, FILE *out, struct moe_diag *d)
 	return moe_import_with(json_path, NULL, out, d);
 }
 
+/* The card --------------------------------------------------------------- */
+
+/* The model_type the config names, in the families[] spelling, or NULL. */
+static const char *config_family(const char *json_path, struct moe_diag *d)
+{
+	size_t len = 0;
+	char *text = read_file(json_path, &len, d);
+	if (!text)
+		return NULL;
+	cJSON *root = cJSON_ParseWithLength(text, len);
+	free(text);
+	const cJSON *mt = cJSON_IsObject(root) ? field(root, "model_type") : NULL;
+	const struct family *fam = cJSON_IsString(mt) ? find_family(mt->valuestring) : NULL;
+	cJSON_Delete(root);
+	return fam ? fam->model_type : NULL;
+}
+
+/* The spec's leading comments, one string per note (continuation lines
+ * "#   " joined), without the first ("Imported by ..."). */
+static cJSON *spec_notes(const char *spec)
+{
+	cJSON *a = cJSON_CreateArray();
+	char note_buf[4 * IMP_NOTE_MAX] = "";
+	size_t n = 0;
+	int index = -1;
+	for (const char *p = spec; p[0] == '#'; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : "") {
+		const char *eol = strchr(p, '\n');
+		size_t k = eol ? (size_t)(eol - p) : strlen(p);
+		int cont = k >= 4 && strncmp(p, "#   ", 4) == 0;
+		const char *t = p + (cont ? 4 : 2);
+		size_t tl = k >= (size_t)(t - p) ? k - (size_t)(t - p) : 0;
+		if (!cont) {
+			if (index >= 1)
+				cJSON_AddItemToArray(a, cJSON_CreateString(note_buf));
+			index++;
+			n = 0;
+			note_buf[0] = 0;
+		} else if (n + 1 < sizeof note_buf) {
+			note_buf[n++] = ' ';
+			note_buf[n] = 0;
+		}
+		if (n + tl < sizeof note_buf) {
+			memcpy(note_buf + n, t, tl);
+			n += tl;
+			note_buf[n] = 0;
+		}
+	}
+	if (index >= 1)
+		cJSON_AddItemToArray(a, cJSON_CreateString(note_buf));
+	return a;
+}
+
+int moe_import_card(const char *json_path, const struct moe_import_opts *o, FILE *out,
+		    struct moe_diag *d)
+{
+	char *spec = NULL;
+	size_t len = 0;
+	FILE *mem = open_memstream(&spec, &len);
+	MOE_ASSERT(mem);
+	int rc = moe_import_with(json_path, o, mem, d);
+	MOE_ASSERT(fclose(mem) == 0);
+	if (rc != MOE_EXIT_OK) {
+		free(spec);
+		return rc;
+	}
+	/* the import checked this spec already: it loads and checks */
+	struct moe_spec *s = moe_spec_load_string(json_path, spec, len, d);
+	struct moe_desc *desc = calloc(1, sizeof *desc);
+	MOE_ASSERT(s && desc);
+	MOE_ASSERT(moe_spec_check(s, desc, d) == 0);
+	cJSON *card = cJSON_CreateObject();
+	cJSON_AddStringToObject(card, "config", json_path);
+	const char *family = config_family(json_path, d);
+	cJSON_AddStringToObject(card, "family", family ? family : "");
+	/* the stack matters only for the encoder-decoder families */
+	if (family &&
+	    (strcmp(family, "switch_transformers") == 0 || strcmp(family, "nllb_moe") == 0))
+		cJSON_AddStringToObject(
+		    card, "stack", o && o->stack == MOE_IMPORT_DECODER ? "decoder" : "encoder");
+	cJSON_AddItemToObject(card, "notes", spec_notes(spec));
+	cJSON *info = moe_info_json(desc);
+	cJSON *it;
+	while ((it = info->child)) {
+		cJSON_DetachItemViaPointer(info, it);
+		cJSON_AddItemToObject(card, it->string, it);
+	}
+	cJSON_Delete(info);
+	char *text = cJSON_Print(card);
+	MOE_ASSERT(text);
+	rc = fprintf(out, "%s\n", text) > 0 && fflush(out) == 0 ? MOE_EXIT_OK : MOE_EXIT_IO;
+	if (rc != MOE_EXIT_OK)
+		moe_diag_error(d, "cannot write the card: %s", strerror(errno));
+	cJSON_free(text);
+	cJSON_Delete(card);
+	free(desc);
+	moe_spec_free(s);
+	free(spec);
+	return rc;
+}
+
 /* The command ----------------------------------------------------------- */
 
 static const char import_usage[] =
-    "usage: moegen import CONFIG.json [-o SPEC.yaml] [--encoder | --decoder]\n"
+    "usage: moegen import CONFIG.json [-o FILE] [--encoder | --decoder] [--card]\n"
     "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o).\n"
-    "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n";
+    "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n"
+    "  --card writes the model card instead: JSON with the family, the semantics chosen,\n"
+    "  parameters by part, FLOPs and weight bytes per token (as `moegen info --json`).\n";
 
 int moe_cmd_import(int argc, char **argv)
 {
 	const char *in = NULL, *outp = NULL;
+	int card = 0;
 	struct moe_import_opts o = {MOE_IMPORT_ENCODER};
 	struct moe_diag d = {0};
 	for (int i = 1; i < argc; i++) {
@@ -2308,6 +2412,8 @@ int moe_cmd_import(int argc, char **argv)
 			o.stack = MOE_IMPORT_DECODER;
 		} else if (strcmp(a, "--encoder") == 0) {
 			o.stack = MOE_IMPORT_ENCODER;
+		} else if (strcmp(a, "--card") == 0) {
+			card = 1;
 		} else if (a[0] == '-' && a[1]) {
 			moe_diag_error(&d, "import: unknown option '%s'", a);
 			fputs(import_usage, stderr);
@@ -2326,15 +2432,17 @@ int moe_cmd_import(int argc, char **argv)
 		fputs(import_usage, stderr);
 		return MOE_EXIT_USAGE;
 	}
+	int (*run)(const char *, const struct moe_import_opts *, FILE *, struct moe_diag *) =
+	    card ? moe_import_card : moe_import_with;
 	if (!outp || strcmp(outp, "-") == 0)
-		return moe_import_with(in, &o, stdout, &d);
+		return run(in, &o, stdout, &d);
 
 	/* Import into memory first: a config error leaves no file behind at all. */
 	char *buf = NULL;
 	size_t len = 0;
 	FILE *mem = open_memstream(&buf, &len);
 	MOE_ASSERT(mem);
-	int rc = moe_import_with(in, &o, mem, &d);
+	int rc = run(in, &o, mem, &d);
 	fclose(mem);
 	if (rc != MOE_EXIT_OK) {
 		free(buf);
