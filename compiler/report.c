@@ -72,6 +72,62 @@ cJSON *moe_check_json(const char *spec, const struct moe_desc *d)
 	return o;
 }
 
+/* The routing and FFN semantics the description resolved to: every choice a
+ * reader needs to reproduce the block, by its spec spelling. */
+static void add_semantics(cJSON *o, const struct moe_desc *d)
+{
+	cJSON *s = cJSON_AddObjectToObject(o, "semantics");
+	cJSON_AddStringToObject(s, "mode", moe_mode_names[d->mode]);
+	cJSON_AddStringToObject(s, "score", moe_score_names[d->score]);
+	cJSON_AddNumberToObject(s, "top_k", d->top_k);
+	cJSON *n = cJSON_AddObjectToObject(s, "normalize");
+	cJSON_AddStringToObject(n, "kind", moe_norm_names[d->norm]);
+	if (d->norm != MOE_NORM_NONE) {
+		cJSON_AddNumberToObject(n, "eps", d->norm_eps);
+		cJSON_AddNumberToObject(n, "min", d->norm_min);
+		if (d->norm == MOE_NORM_LP)
+			cJSON_AddNumberToObject(n, "p", d->norm_p);
+	}
+	cJSON_AddNumberToObject(s, "scale", d->scale);
+	cJSON_AddBoolToObject(s, "router_bias", d->router_bias);
+	cJSON_AddBoolToObject(s, "select_bias", d->select_bias);
+	if (d->n_groups > 1) {
+		cJSON *g = cJSON_AddObjectToObject(s, "groups");
+		cJSON_AddNumberToObject(g, "count", d->n_groups);
+		cJSON_AddNumberToObject(g, "top", d->group_top);
+		cJSON_AddStringToObject(g, "score", moe_group_score_names[d->group_score]);
+	}
+	cJSON_AddStringToObject(s, "capacity", moe_capacity_names[d->capacity]);
+	cJSON_AddStringToObject(s, "apply_to", moe_apply_names[d->apply_to]);
+	cJSON_AddStringToObject(s, "activation", moe_act_names[d->act]);
+	cJSON_AddBoolToObject(s, "expert_bias", d->expert_bias);
+	cJSON_AddBoolToObject(s, "output_bias", d->output_bias);
+	if (d->shared_count) {
+		cJSON *sh = cJSON_AddObjectToObject(s, "shared_experts");
+		cJSON_AddNumberToObject(sh, "width", moe_desc_shared_width(d));
+		cJSON_AddStringToObject(sh, "kind", moe_kind_names[d->shared_kind]);
+		cJSON_AddStringToObject(sh, "activation", moe_act_names[d->shared_act]);
+		cJSON_AddStringToObject(sh, "gate", moe_shared_gate_names[d->shared_gate]);
+	}
+	cJSON_AddStringToObject(s, "attention", moe_attn_names[d->attn]);
+}
+
+/* Bytes per weight of the formats a checkpoint ships in: mxfp4 is 4 bits
+ * plus one 8-bit scale per 32 (4.25 bits); fp8 block scales are one f32
+ * per 128x128 tile (negligible, counted). */
+static const struct {
+	const char *name;
+	double bytes;
+} formats[] = {
+    {"f32", 4.0},          {"bf16", 2.0}, {"f16", 2.0}, {"fp8_block", 1.0 + 4.0 / (128.0 * 128.0)},
+    {"mxfp4", 4.25 / 8.0},
+};
+
+static double weight_bytes(enum moe_dtype t)
+{
+	return t == MOE_DTYPE_F32 ? 4.0 : 2.0;
+}
+
 cJSON *moe_info_json(const struct moe_desc *d)
 {
 	struct moe_counts c;
@@ -95,5 +151,11 @@ cJSON *moe_info_json(const struct moe_desc *d)
 	cJSON_AddNumberToObject(t, "model_flops", c.model_flops);
 	cJSON_AddNumberToObject(t, "moe_weight_bytes_layer", c.layer_weight_bytes);
 	cJSON_AddNumberToObject(t, "moe_weight_bytes", c.weight_bytes_per_token);
+	/* the same MoE weights (T = 1, all MoE layers) stored in each format */
+	cJSON *f = cJSON_AddObjectToObject(t, "moe_weight_bytes_by_format");
+	double n_weights = c.weight_bytes_per_token / weight_bytes(d->weight_dtype);
+	for (size_t i = 0; i < sizeof formats / sizeof *formats; i++)
+		cJSON_AddNumberToObject(f, formats[i].name, n_weights * formats[i].bytes);
+	add_semantics(o, d);
 	return o;
 }

@@ -92,16 +92,21 @@ static const char *const goldens[] = {
     "dbrx",
     "deepseek_v2",
     "deepseek_v3",
+    "dots1",
     "ernie4_5_moe",
+    "flex_olmo",
     "glm4_moe",
     "gpt_oss",
     "granitemoe",
+    "granitemoeshared",
     "hunyuan_v1_moe",
     "hunyuan_v1_moe-top2",
     "jamba",
     "jetmoe",
     "llama4",
     "llama4_text",
+    "minimax",
+    "minimax_m2",
     "mixtral",
     "nllb_moe",
     "nllb_moe-capacity",
@@ -109,15 +114,17 @@ static const char *const goldens[] = {
     "phimoe",
     "qwen2_moe",
     "qwen3_moe",
+    "qwen3_next",
     "switch_transformers",
 };
 #define N_GOLDENS ((int)(sizeof goldens / sizeof *goldens))
 
 /* Families whose spec carries a fact the language cannot hold: a warning
- * (Granite's residual_multiplier, outside the MoE block). */
+ * (Granite's residual_multiplier, outside the MoE block; MiniMax's
+ * mlp_alpha_factor alone scales the residual and is a comment only). */
 static int expected_warnings(const char *family)
 {
-	return strcmp(family, "granitemoe") == 0;
+	return strcmp(family, "granitemoe") == 0 || strcmp(family, "granitemoeshared") == 0;
 }
 
 static void test_golden(void **state)
@@ -417,9 +424,10 @@ static void test_unknown_type(void **state)
 {
 	(void)state;
 	mutate_fail("mixtral", "model_type", "\"foo\"", "unsupported model_type 'foo'",
-		    "(supported: dbrx, deepseek_v2, deepseek_v3, ernie4_5_moe, glm4_moe, gpt_oss, "
-		    "granitemoe, hunyuan_v1_moe, jamba, jetmoe, llama4, llama4_text, mixtral, "
-		    "nllb_moe, olmoe, phimoe, qwen2_moe, qwen3_moe, switch_transformers)");
+		    "(supported: dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, flex_olmo, "
+		    "glm4_moe, gpt_oss, granitemoe, granitemoeshared, hunyuan_v1_moe, jamba, "
+		    "jetmoe, llama4, llama4_text, minimax, minimax_m2, mixtral, nllb_moe, olmoe, "
+		    "phimoe, qwen2_moe, qwen3_moe, qwen3_next, switch_transformers)");
 	mutate_fail("mixtral", "model_type", "\"mixtrl\"", "unsupported model_type 'mixtrl'",
 		    "did you mean 'mixtral'?");
 }
@@ -996,14 +1004,20 @@ static const struct resolved resolved[] = {
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"deepseek_v3", 58, 256, 8, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 2.5f,
      1, 0, 8, MOE_APPLY_OUTPUT},
+    {"dots1", 61, 128, 6, 2 * 1408, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 2.5f, 1,
+     0, 1, MOE_APPLY_OUTPUT},
     {"ernie4_5_moe", 27, 64, 6, 2 * 1536, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
      1.0f, 1, 0, 1, MOE_APPLY_OUTPUT},
+    {"flex_olmo", 32, 7, 5, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE, 1.0f, 0, 0,
+     1, MOE_APPLY_OUTPUT},
     {"glm4_moe", 45, 128, 8, 1408, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 1.0f, 1,
      0, 1, MOE_APPLY_OUTPUT},
     {"gpt_oss", 24, 32, 4, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 1, 1,
      MOE_APPLY_OUTPUT},
     {"granitemoe", 32, 40, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
      1, MOE_APPLY_OUTPUT},
+    {"granitemoeshared", 24, 40, 8, 1024, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
+     1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"hunyuan_v1_moe", 64, 16, 1, 18304, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
     {"hunyuan_v1_moe-top2", 4, 16, 2, 2048, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM,
@@ -1016,6 +1030,10 @@ static const struct resolved resolved[] = {
      1, MOE_APPLY_INPUT},
     {"llama4_text", 24, 128, 1, 8192, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_NONE, 1.0f,
      0, 0, 1, MOE_APPLY_INPUT},
+    {"minimax", 80, 32, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0, 1,
+     MOE_APPLY_OUTPUT},
+    {"minimax_m2", 62, 256, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SIGMOID, MOE_NORM_SUM, 1.0f, 1,
+     0, 1, MOE_APPLY_OUTPUT},
     {"mixtral", 32, 8, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0, 1,
      MOE_APPLY_OUTPUT},
     {"nllb_moe", 6, 128, 2, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 0.8f, 0, 0,
@@ -1030,6 +1048,8 @@ static const struct resolved resolved[] = {
      0, 1, MOE_APPLY_OUTPUT},
     {"qwen3_moe", 48, 128, 8, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f, 0, 0,
      1, MOE_APPLY_OUTPUT},
+    {"qwen3_next", 48, 512, 10, 512, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_SUM, 1.0f,
+     0, 0, 1, MOE_APPLY_OUTPUT},
     {"switch_transformers", 6, 8, 1, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_NONE,
      1.0f, 0, 0, 1, MOE_APPLY_OUTPUT},
 };
@@ -1295,9 +1315,190 @@ static void test_property_imports_check(void **state)
 	scratch_close(&s);
 }
 
+/* Bad configs of the six families added last: every error of a config is
+ * reported at once, each naming its key; contradictory sizes are refused;
+ * nothing is written and nothing crashes. */
+static void test_new_family_errors(void **state)
+{
+	(void)state;
+	struct scratch s;
+	scratch_open(&s);
+	char path[128];
+	snprintf(path, sizeof path, "%s/config.json", s.dir);
+	const char *m2 = "{\"model_type\": \"minimax_m2\", \"hidden_size\": 64, "
+			 "\"num_hidden_layers\": 2, \"num_experts_per_tok\": \"two\", "
+			 "\"intermediate_size\": 32, \"hidden_act\": \"tanh\", "
+			 "\"scoring_func\": \"softmax\"}";
+	write_text(path, m2, strlen(m2));
+	expect_fail(path, MOE_EXIT_SPEC, 4, "needs 'num_local_experts'",
+		    "'num_experts_per_tok' must be an integer", "unsupported hidden_act 'tanh'",
+		    "unsupported scoring_func 'softmax' for minimax_m2 (supported: sigmoid)",
+		    (const char *)NULL);
+	const char *dots = "{\"model_type\": \"dots1\", \"hidden_size\": 64, "
+			   "\"num_hidden_layers\": 3, \"n_routed_experts\": 8, "
+			   "\"num_experts_per_tok\": 2, \"first_k_dense_replace\": 1, "
+			   "\"norm_topk_prob\": \"yes\"}";
+	write_text(path, dots, strlen(dots));
+	expect_fail(path, MOE_EXIT_SPEC, 4, "needs 'moe_intermediate_size'",
+		    "needs 'intermediate_size'", "needs 'n_shared_experts'",
+		    "'norm_topk_prob' must be a boolean", (const char *)NULL);
+	const char *gms = "{\"model_type\": \"granitemoeshared\", \"hidden_size\": 64, "
+			  "\"num_hidden_layers\": 2, \"num_local_experts\": 8, "
+			  "\"num_experts_per_tok\": 2, \"intermediate_size\": 32, "
+			  "\"shared_intermediate_size\": -4, \"hidden_act\": \"gelu_fast\"}";
+	write_text(path, gms, strlen(gms));
+	expect_fail(path, MOE_EXIT_SPEC, 2, "'shared_intermediate_size' must be an integer >= 0",
+		    "unsupported hidden_act 'gelu_fast'", (const char *)NULL);
+	const char *qn =
+	    "{\"model_type\": \"qwen3_next\", \"hidden_size\": 64, "
+	    "\"num_hidden_layers\": 2, \"num_experts\": 8, \"num_experts_per_tok\": 2, "
+	    "\"mlp_only_layers\": [5], \"hidden_act\": \"silu\"}";
+	write_text(path, qn, strlen(qn));
+	expect_fail(path, MOE_EXIT_SPEC, 3, "needs 'moe_intermediate_size'",
+		    "needs 'shared_expert_intermediate_size'",
+		    "'mlp_only_layers' names layer 5, but the model has 2 layers",
+		    (const char *)NULL);
+	scratch_close(&s);
+	/* contradictory sizes */
+	mutate_fail("minimax_m2", "num_experts_per_tok", "300",
+		    "top-k (300) exceeds the number of experts (256)", NULL);
+	mutate_fail("dots1", "n_group", "3",
+		    "'n_group' (3) must divide the number of experts (128)", NULL);
+	mutate_fail("flex_olmo", "num_experts_per_tok", "8",
+		    "top-k (8) exceeds the number of experts (7)", NULL);
+	expect_refused("qwen3_next", "num_key_value_heads", "3",
+		       "config.json: num_key_value_heads: model.attention.kv_heads (3) must divide",
+		       NULL);
+	expect_refused("minimax", "head_dim", "100000",
+		       "config.json: head_dim: model.attention.head_dim", NULL);
+}
+
+/* Published sizes, reproduced by `moegen info` on the imported fixtures
+ * (docs/models.md: the table and each source) within 1%, or within the
+ * rounding of a figure quoted to whole billions (DeepSeek-V3's "37B" is any
+ * of 36.5B..37.5B). The convention of "active" is the vendor's: with both
+ * embedding tables or without the input one. */
+static const struct {
+	const char *family;
+	double total, active; /* active 0: not checked (see docs/models.md) */
+	int no_embed_in;
+} published[] = {
+    {"mixtral", 46.7e9, 12.9e9, 0},  {"qwen2_moe", 14.3e9, 0, 0},   {"qwen3_moe", 30.5e9, 0, 0},
+    {"olmoe", 6.9e9, 0, 0},          {"deepseek_v2", 15.7e9, 0, 1}, {"deepseek_v3", 671e9, 37e9, 1},
+    {"dbrx", 132e9, 36e9, 0},        {"gpt_oss", 20.9e9, 3.6e9, 1}, {"phimoe", 41.9e9, 6.6e9, 0},
+    {"llama4_text", 400e9, 17e9, 0}, {"glm4_moe", 106e9, 0, 0},     {"granitemoe", 3.3e9, 0, 0},
+    {"dots1", 142e9, 14e9, 0},       {"minimax_m2", 230e9, 0, 0},
+};
+
+static void test_published_sizes(void **state)
+{
+	(void)state;
+	for (size_t i = 0; i < sizeof published / sizeof *published; i++) {
+		char cfg[256];
+		fixture_path(cfg, sizeof cfg, published[i].family, "config.json");
+		struct run r;
+		run_import(&r, cfg, MOE_IMPORT_ENCODER);
+		assert_int_equal(r.rc, MOE_EXIT_OK);
+		struct moe_diag d = {0};
+		struct moe_spec *sp = moe_spec_load_string(cfg, r.out, r.len, &d);
+		struct moe_desc *desc = calloc(1, sizeof *desc);
+		assert_non_null(sp);
+		assert_non_null(desc);
+		assert_int_equal(moe_spec_check(sp, desc, &d), 0);
+		struct moe_counts c;
+		moe_info_count(desc, &c);
+		double dt = c.total / published[i].total - 1;
+		double act = published[i].no_embed_in ? c.active_no_embed_in : c.active;
+		double da = published[i].active ? act / published[i].active - 1 : 0;
+		double ta =
+		    published[i].active >= 10e9 ? fmax(0.01, 0.5e9 / published[i].active) : 0.01;
+		if (fabs(dt) > 0.01 || fabs(da) > ta)
+			fail_msg("%s: total %.0f (%+.2f%%), active %.0f (%+.2f%%)",
+				 published[i].family, c.total, 100 * dt, act, 100 * da);
+		free(desc);
+		moe_spec_free(sp);
+		run_free(&r);
+	}
+}
+
+/* import --card: the family, the semantics chosen (the spec's notes and the
+ * resolved router), the same counts as `moegen info`, bytes by format. */
+static void test_card(void **state)
+{
+	(void)state;
+	const char *cfg = "tests/import/dots1/config.json";
+	char *text = NULL;
+	size_t len = 0;
+	FILE *mem = open_memstream(&text, &len);
+	assert_non_null(mem);
+	struct moe_diag d = {0};
+	struct moe_import_opts o = {MOE_IMPORT_ENCODER};
+	assert_int_equal(moe_import_card(cfg, &o, mem, &d), MOE_EXIT_OK);
+	fclose(mem);
+	cJSON *card = cJSON_Parse(text);
+	assert_non_null(card);
+	assert_string_equal(cJSON_GetObjectItem(card, "family")->valuestring, "dots1");
+	assert_null(cJSON_GetObjectItem(card, "stack"));
+	const cJSON *notes = cJSON_GetObjectItem(card, "notes");
+	assert_true(cJSON_GetArraySize(notes) >= 2);
+	assert_non_null(strstr(cJSON_GetArrayItem(notes, 0)->valuestring, "sigmoid"));
+	const cJSON *sem = cJSON_GetObjectItem(card, "semantics");
+	assert_string_equal(cJSON_GetObjectItem(sem, "score")->valuestring, "sigmoid");
+	assert_true(cJSON_IsTrue(cJSON_GetObjectItem(sem, "select_bias")));
+	assert_true(cJSON_GetObjectItem(sem, "scale")->valuedouble == 2.5);
+	assert_string_equal(
+	    cJSON_GetObjectItem(cJSON_GetObjectItem(sem, "normalize"), "kind")->valuestring, "sum");
+
+	/* the counts are moe_info_count's on the imported spec */
+	struct run r;
+	run_import(&r, cfg, MOE_IMPORT_ENCODER);
+	struct moe_spec *sp = moe_spec_load_string(cfg, r.out, r.len, &d);
+	struct moe_desc *desc = calloc(1, sizeof *desc);
+	assert_non_null(desc);
+	assert_int_equal(moe_spec_check(sp, desc, &d), 0);
+	struct moe_counts c;
+	moe_info_count(desc, &c);
+	const cJSON *p = cJSON_GetObjectItem(card, "parameters");
+	const cJSON *all = cJSON_GetObjectItem(p, "all");
+	assert_true(cJSON_GetObjectItem(all, "total")->valuedouble == c.total);
+	assert_true(cJSON_GetObjectItem(all, "active")->valuedouble == c.active);
+	const cJSON *t = cJSON_GetObjectItem(card, "per_token");
+	const cJSON *f = cJSON_GetObjectItem(t, "moe_weight_bytes_by_format");
+	double bf16 = cJSON_GetObjectItem(f, "bf16")->valuedouble;
+	assert_true(bf16 == c.weight_bytes_per_token); /* the fixture's weights are bf16 */
+	assert_true(cJSON_GetObjectItem(f, "f32")->valuedouble == 2 * bf16);
+	double fp8 = cJSON_GetObjectItem(f, "fp8_block")->valuedouble;
+	assert_true(fp8 > bf16 / 2 && fp8 < bf16 / 2 * 1.001);
+	assert_true(cJSON_GetObjectItem(f, "mxfp4")->valuedouble < fp8);
+	free(desc);
+	moe_spec_free(sp);
+	run_free(&r);
+	cJSON_Delete(card);
+	free(text);
+
+	/* an encoder-decoder card says which stack; a bad config gives no card */
+	mem = open_memstream(&text, &len);
+	o.stack = MOE_IMPORT_DECODER;
+	assert_int_equal(
+	    moe_import_card("tests/import/switch_transformers/config.json", &o, mem, &d),
+	    MOE_EXIT_OK);
+	fclose(mem);
+	card = cJSON_Parse(text);
+	assert_string_equal(cJSON_GetObjectItem(card, "stack")->valuestring, "decoder");
+	cJSON_Delete(card);
+	free(text);
+	struct capture cap = {{0}, 0};
+	struct moe_diag bad = {.sink = sink, .ctx = &cap};
+	mem = open_memstream(&text, &len);
+	assert_int_equal(moe_import_card("tests/import", &o, mem, &bad), MOE_EXIT_IO);
+	fclose(mem);
+	assert_int_equal(len, 0);
+	free(text);
+}
+
 int main(void)
 {
-	struct CMUnitTest tests[N_GOLDENS + 18];
+	struct CMUnitTest tests[N_GOLDENS + 21];
 	int n = 0;
 	for (int i = 0; i < N_GOLDENS; i++)
 		tests[n++] =
@@ -1320,6 +1521,9 @@ int main(void)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_self_check);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_quoting);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_property_imports_check);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_new_family_errors);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_published_sizes);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_card);
 	if (n != (int)(sizeof tests / sizeof *tests))
 		return 1;
 	return cmocka_run_group_tests_name("import", tests, NULL, NULL);

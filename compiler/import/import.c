@@ -641,8 +641,9 @@ static void fam_phimoe(struct imp *m, const cJSON *c)
 		"training-only.");
 }
 
-/* qwen2_moe and qwen3_moe share the router (and HF code). */
-static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
+/* qwen2_moe, qwen3_moe and qwen3_next share the router (and HF code); the
+ * first and the last have the sigmoid-gated shared expert. */
+static void fam_qwen(struct imp *m, const cJSON *c, int shared, int renorm_default)
 {
 	base(m, c, "");
 	attention_mha(m, c, "");
@@ -654,7 +655,7 @@ static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
 	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
 	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
 	glu_act(m, c, "", "hidden_act");
-	int renorm = opt_bool(m, c, "", "norm_topk_prob", 0);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", renorm_default);
 	if (renorm)
 		norm_sum(m, 0, 0);
 	long step = opt_int(m, c, "", "decoder_sparse_step", 1, 1);
@@ -667,7 +668,7 @@ static void fam_qwen(struct imp *m, const cJSON *c, int qwen2)
 	dense_ffn(m, c, "", "intermediate_size");
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
-	if (qwen2) {
+	if (shared) {
 		long si = req_int(m, c, "", "shared_expert_intermediate_size", 0);
 		if (si > 0) {
 			m->shared_count = 1;
@@ -702,7 +703,7 @@ static void fam_olmoe(struct imp *m, const cJSON *c)
 	all_layers(m);
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
-	note(m, "olmoe: p = softmax(x W_g^T) over all experts (f32), top-k; %s",
+	note(m, "%s: p = softmax(x W_g^T) over all experts (f32), top-k; %s", m->family,
 	     renorm ? "renormalized to sum 1 (norm_topk_prob true, no eps)."
 		    : "not renormalized (norm_topk_prob false).");
 }
@@ -711,15 +712,11 @@ static void attention_mla(struct imp *m, const cJSON *c)
 {
 	if (!field(c, "num_attention_heads") || !field(c, "kv_lora_rank"))
 		return;
-	if (!field(c, "q_lora_rank")) {
-		note(m, "Attention (MLA without a q_lora_rank) is not described: the spec "
-			"language's mla attention needs q_lora_rank.");
-		return;
-	}
 	m->attn = MOE_ATTN_MLA;
 	m->heads = opt_int(m, c, "", "num_attention_heads", 1, 1);
 	m->kv_heads = m->heads;
-	m->q_lora = opt_int(m, c, "", "q_lora_rank", 1, 1);
+	/* absent (V2-Lite): q is projected directly, q_lora 0 */
+	m->q_lora = opt_int(m, c, "", "q_lora_rank", 0, 1);
 	m->kv_lora = opt_int(m, c, "", "kv_lora_rank", 1, 1);
 	m->qk_nope = req_int(m, c, "", "qk_nope_head_dim", 1);
 	m->qk_rope = req_int(m, c, "", "qk_rope_head_dim", 1);
@@ -1234,9 +1231,10 @@ static void fam_granitemoe(struct imp *m, const cJSON *c)
 	name(m, MOE_ROLE_DOWN, "%s.output_linear.weight", p);
 	layout(m, MOE_ROLE_GATE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_CONCAT, 0);
 	note(m,
-	     "granitemoe: top-k on the logits x W^T (f32), softmax over the k chosen (written "
-	     "as softmax over all, top-k, renormalized: the same weights). input_linear is [E, 2I, "
-	     "H] (gate half first), output_linear [E, H, I].");
+	     "%s: top-k on the logits x W^T (f32), softmax over the k chosen (written as softmax "
+	     "over all, top-k, renormalized: the same weights). input_linear is [E, 2I, H] (gate "
+	     "half first), output_linear [E, H, I].",
+	     m->family);
 	double rm = opt_num(m, c, "", "residual_multiplier", 1.0, -1e30, 1e30);
 	if (rm != 1.0) {
 		note(m,
@@ -1364,6 +1362,144 @@ static void fam_hunyuan(struct imp *m, const cJSON *c)
 		"always on and added unweighted.");
 }
 
+/* A string option that has one value transformers implements (a scoring
+ * function, a top-k method): any other spelling is an error naming the key. */
+static void only_value(struct imp *m, const cJSON *c, const char *key, const char *value)
+{
+	const char *s = opt_str(m, c, "", key, value);
+	if (strcmp(s, value) != 0)
+		err(m, "unsupported %s '%s' for %s (supported: %s)", key, s, m->family, value);
+}
+
+/* MiniMax-Text-01: the Mixtral block. The decoder layer weighs the residual
+ * and the block's output (mlp_alpha_factor, mlp_beta_factor) outside it. */
+static void fam_minimax(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	norm_sum(m, 0, 0);
+	jitter(m, opt_num(m, c, "", "router_jitter_noise", 0, 0, 1));
+	all_layers(m);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.block_sparse_moe.gate.weight");
+	glu_names(m, "model.layers.{layer}.block_sparse_moe", "experts", "w1", "w3", "w2");
+	note(m, "minimax: p = softmax(x W_g^T) over all experts (f32); the top-k p are "
+		"renormalized to sum 1 (no eps). Jitter noise, if any, is training-only.");
+	double alpha = opt_num(m, c, "", "mlp_alpha_factor", 1.0, -1e30, 1e30);
+	double beta = opt_num(m, c, "", "mlp_beta_factor", 1.0, -1e30, 1e30);
+	if (alpha != 1.0 || beta != 1.0) {
+		note(m,
+		     "The decoder layer computes residual * mlp_alpha_factor (%g) + block * "
+		     "mlp_beta_factor (%g): outside the MoE block and not in this spec.",
+		     alpha, beta);
+		if (beta != 1.0)
+			warn(m,
+			     "mlp_beta_factor %g scales the block's output in the decoder layer, "
+			     "outside the MoE block; the spec language has no key for it",
+			     beta);
+	}
+}
+
+/* MiniMax-M2: sigmoid scores, chosen with e_score_correction_bias,
+ * renormalized without eps, no scale. */
+static void fam_minimax_m2(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "num_local_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	only_value(m, c, "scoring_func", "sigmoid");
+	m->score = MOE_SCORE_SIGMOID;
+	m->select_bias = opt_bool(m, c, "", "use_routing_bias", 1);
+	norm_sum(m, 0, 0);
+	jitter(m, opt_num(m, c, "", "router_jitter_noise", 0, 0, 1));
+	all_layers(m);
+	const char *p = "model.layers.{layer}.block_sparse_moe";
+	name(m, MOE_ROLE_ROUTER, "%s.gate.weight", p);
+	if (m->select_bias)
+		name(m, MOE_ROLE_SELECT_BIAS, "%s.e_score_correction_bias", p);
+	glu_names(m, p, "experts", "w1", "w3", "w2");
+	note(m,
+	     "minimax_m2: s = sigmoid(x W_g^T) (f32); experts are chosen by s%s; the weights "
+	     "are the unbiased s of the chosen, divided by their sum (no eps), unscaled.",
+	     m->select_bias ? " + e_score_correction_bias (a buffer of the block, beside gate)"
+			    : " (use_routing_bias false: no correction bias)");
+}
+
+/* dots.llm1: the DeepSeek-V3 router (sigmoid, correction bias, group limit
+ * by the sum of the top-2, 1e-20 renormalization, scale) with transformers'
+ * defaults: no group limit, not renormalized, scale 1. */
+static void fam_dots1(struct imp *m, const cJSON *c)
+{
+	base(m, c, "");
+	attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", "n_routed_experts", 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	/* Dots1Config has no scoring_func or topk_method: the router is always
+	 * this one, whatever a config states for them. */
+	long first = opt_int(m, c, "", "first_k_dense_replace", 0, 0);
+	for (long i = 0; i < m->layers; i++)
+		m->moe[i] = i >= first;
+	dense_ffn(m, c, "", "intermediate_size");
+	long n_shared = req_int(m, c, "", "n_shared_experts", 0);
+	if (n_shared > 0) {
+		m->shared_count = n_shared;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_experts");
+	}
+	m->scale = opt_num(m, c, "", "routed_scaling_factor", 1.0, 1e-30, 1e30);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", 0);
+	long ng = opt_int(m, c, "", "n_group", 1, 1);
+	long tg = opt_int(m, c, "", "topk_group", 1, 1);
+	groups(m, ng, tg, MOE_GROUP_SCORE_SUM_TOP2);
+	m->score = MOE_SCORE_SIGMOID;
+	m->select_bias = 1;
+	if (renorm)
+		norm_sum(m, 1e-20, 0);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	name(m, MOE_ROLE_SELECT_BIAS, "model.layers.{layer}.mlp.gate.e_score_correction_bias");
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m,
+	     "dots1: s = sigmoid(x W_g^T) (f32); experts chosen by s + e_score_correction_bias%s; "
+	     "weights are the unbiased s, %s, times routed_scaling_factor.",
+	     m->n_groups ? " within the best topk_group groups (sum of top-2 biased scores)" : "",
+	     renorm ? "renormalized (sum + 1e-20)" : "not renormalized");
+	if (n_shared > 0)
+		note(m,
+		     "Shared experts: one GLU of width n_shared_experts * moe_intermediate_size, "
+		     "added unweighted.");
+	note(m, "MoE layers: layer >= first_k_dense_replace; the others are dense "
+		"(intermediate_size).");
+}
+
+/* Granite MoE with a shared MLP: the granitemoe block, plus the decoder
+ * layer's shared_mlp added to the block's output (same input, no gate). */
+static void fam_granitemoeshared(struct imp *m, const cJSON *c)
+{
+	fam_granitemoe(m, c);
+	long si = opt_int(m, c, "", "shared_intermediate_size", 0, 0);
+	if (si == 0) {
+		note(m, "shared_intermediate_size is 0: no shared MLP.");
+		return;
+	}
+	m->shared_count = 1;
+	m->shared_inter = si;
+	name(m, MOE_ROLE_SHARED_GATE_UP, "model.layers.{layer}.shared_mlp.input_linear.weight");
+	name(m, MOE_ROLE_SHARED_DOWN, "model.layers.{layer}.shared_mlp.output_linear.weight");
+	layout(m, MOE_ROLE_SHARED_GATE_UP, MOE_ORIENT_OUT_IN, MOE_FUSE_CONCAT, 0);
+	note(m, "Shared MLP (shared_intermediate_size): model.layers.{layer}.shared_mlp, "
+		"input_linear [2 * Is, H] (gate half first) and output_linear [H, Is], applied to "
+		"the block's input and added unweighted (in the decoder layer, before "
+		"residual_multiplier).");
+}
+
 struct family {
 	const char *model_type;
 	void (*fn)(struct imp *m, const cJSON *c);
@@ -1379,11 +1515,17 @@ static void fam_deepseek_v3(struct imp *m, const cJSON *c)
 }
 static void fam_qwen2_moe(struct imp *m, const cJSON *c)
 {
-	fam_qwen(m, c, 1);
+	fam_qwen(m, c, 1, 0);
 }
 static void fam_qwen3_moe(struct imp *m, const cJSON *c)
 {
-	fam_qwen(m, c, 0);
+	fam_qwen(m, c, 0, 0);
+}
+/* Qwen3-Next: the qwen2_moe block (norm_topk_prob defaults to true); its
+ * hybrid attention is accounted by attention_qwen3_next. */
+static void fam_qwen3_next(struct imp *m, const cJSON *c)
+{
+	fam_qwen(m, c, 1, 1);
 }
 
 /* Sorted by name: the order of the "supported:" list. */
@@ -1391,21 +1533,27 @@ static const struct family families[] = {
     {"dbrx", fam_dbrx},
     {"deepseek_v2", fam_deepseek_v2},
     {"deepseek_v3", fam_deepseek_v3},
+    {"dots1", fam_dots1},
     {"ernie4_5_moe", fam_ernie},
+    {"flex_olmo", fam_olmoe},
     {"glm4_moe", fam_glm4_moe},
     {"gpt_oss", fam_gpt_oss},
     {"granitemoe", fam_granitemoe},
+    {"granitemoeshared", fam_granitemoeshared},
     {"hunyuan_v1_moe", fam_hunyuan},
     {"jamba", fam_jamba},
     {"jetmoe", fam_jetmoe},
     {"llama4", fam_llama4},
     {"llama4_text", fam_llama4},
+    {"minimax", fam_minimax},
+    {"minimax_m2", fam_minimax_m2},
     {"mixtral", fam_mixtral},
     {"nllb_moe", fam_nllb},
     {"olmoe", fam_olmoe},
     {"phimoe", fam_phimoe},
     {"qwen2_moe", fam_qwen2_moe},
     {"qwen3_moe", fam_qwen3_moe},
+    {"qwen3_next", fam_qwen3_next},
     {"switch_transformers", fam_switch},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof *families))
@@ -1612,11 +1760,16 @@ static void write_spec(const struct imp *m, FILE *f)
 	if (m->attn == MOE_ATTN_MHA)
 		fprintf(f, "  attention: {kind: mha, heads: %ld, kv_heads: %ld, head_dim: %ld}\n",
 			m->heads, m->kv_heads, m->head_dim);
-	else if (m->attn == MOE_ATTN_MLA)
+	else if (m->attn == MOE_ATTN_MLA && m->q_lora)
 		fprintf(f,
 			"  attention: {kind: mla, heads: %ld, q_lora_rank: %ld, kv_lora_rank: %ld, "
 			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
 			m->heads, m->q_lora, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
+	else if (m->attn == MOE_ATTN_MLA)
+		fprintf(f,
+			"  attention: {kind: mla, heads: %ld, kv_lora_rank: %ld, "
+			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
+			m->heads, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
 	fprintf(f, "dtype: {weights: %s, activations: f32, router: f32}\n",
 		moe_dtype_names[m->wdtype]);
 
@@ -1864,7 +2017,7 @@ static const struct {
     {"experts", {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"}},
     {"shared_experts",
      {"shared_expert_intermediate_size", "n_shared_experts", "moe_num_shared_experts",
-      "moe_shared_expert_intermediate_size", "num_shared_expert"}},
+      "moe_shared_expert_intermediate_size", "num_shared_expert", "shared_intermediate_size"}},
     {"weights", {"quantization_config"}},
 };
 
@@ -2072,7 +2225,7 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 	} else {
 		const struct family *fam = find_family(mt->valuestring);
 		if (!fam) {
-			char list[512] = "";
+			char list[1024] = "";
 			const char *cands[N_FAMILIES];
 			for (int i = 0; i < N_FAMILIES; i++) {
 				cands[i] = families[i].model_type;
@@ -2127,16 +2280,119 @@ int moe_import(const char *json_path, FILE *out, struct moe_diag *d)
 	return moe_import_with(json_path, NULL, out, d);
 }
 
+/* The card --------------------------------------------------------------- */
+
+/* The model_type the config names, in the families[] spelling, or NULL. */
+static const char *config_family(const char *json_path, struct moe_diag *d)
+{
+	size_t len = 0;
+	char *text = read_file(json_path, &len, d);
+	if (!text)
+		return NULL;
+	cJSON *root = cJSON_ParseWithLength(text, len);
+	free(text);
+	const cJSON *mt = cJSON_IsObject(root) ? field(root, "model_type") : NULL;
+	const struct family *fam = cJSON_IsString(mt) ? find_family(mt->valuestring) : NULL;
+	cJSON_Delete(root);
+	return fam ? fam->model_type : NULL;
+}
+
+/* The spec's leading comments, one string per note (continuation lines
+ * "#   " joined), without the first ("Imported by ..."). */
+static cJSON *spec_notes(const char *spec)
+{
+	cJSON *a = cJSON_CreateArray();
+	char note_buf[4 * IMP_NOTE_MAX] = "";
+	size_t n = 0;
+	int index = -1;
+	for (const char *p = spec; p[0] == '#'; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : "") {
+		const char *eol = strchr(p, '\n');
+		size_t k = eol ? (size_t)(eol - p) : strlen(p);
+		int cont = k >= 4 && strncmp(p, "#   ", 4) == 0;
+		const char *t = p + (cont ? 4 : 2);
+		size_t tl = k >= (size_t)(t - p) ? k - (size_t)(t - p) : 0;
+		if (!cont) {
+			if (index >= 1)
+				cJSON_AddItemToArray(a, cJSON_CreateString(note_buf));
+			index++;
+			n = 0;
+			note_buf[0] = 0;
+		} else if (n + 1 < sizeof note_buf) {
+			note_buf[n++] = ' ';
+			note_buf[n] = 0;
+		}
+		if (n + tl < sizeof note_buf) {
+			memcpy(note_buf + n, t, tl);
+			n += tl;
+			note_buf[n] = 0;
+		}
+	}
+	if (index >= 1)
+		cJSON_AddItemToArray(a, cJSON_CreateString(note_buf));
+	return a;
+}
+
+int moe_import_card(const char *json_path, const struct moe_import_opts *o, FILE *out,
+		    struct moe_diag *d)
+{
+	char *spec = NULL;
+	size_t len = 0;
+	FILE *mem = open_memstream(&spec, &len);
+	MOE_ASSERT(mem);
+	int rc = moe_import_with(json_path, o, mem, d);
+	MOE_ASSERT(fclose(mem) == 0);
+	if (rc != MOE_EXIT_OK) {
+		free(spec);
+		return rc;
+	}
+	/* the import checked this spec already: it loads and checks */
+	struct moe_spec *s = moe_spec_load_string(json_path, spec, len, d);
+	struct moe_desc *desc = calloc(1, sizeof *desc);
+	MOE_ASSERT(s && desc);
+	MOE_ASSERT(moe_spec_check(s, desc, d) == 0);
+	cJSON *card = cJSON_CreateObject();
+	cJSON_AddStringToObject(card, "config", json_path);
+	const char *family = config_family(json_path, d);
+	cJSON_AddStringToObject(card, "family", family ? family : "");
+	/* the stack matters only for the encoder-decoder families */
+	if (family &&
+	    (strcmp(family, "switch_transformers") == 0 || strcmp(family, "nllb_moe") == 0))
+		cJSON_AddStringToObject(
+		    card, "stack", o && o->stack == MOE_IMPORT_DECODER ? "decoder" : "encoder");
+	cJSON_AddItemToObject(card, "notes", spec_notes(spec));
+	cJSON *info = moe_info_json(desc);
+	cJSON *it;
+	while ((it = info->child)) {
+		cJSON_DetachItemViaPointer(info, it);
+		cJSON_AddItemToObject(card, it->string, it);
+	}
+	cJSON_Delete(info);
+	char *text = cJSON_Print(card);
+	MOE_ASSERT(text);
+	rc = fprintf(out, "%s\n", text) > 0 && fflush(out) == 0 ? MOE_EXIT_OK : MOE_EXIT_IO;
+	if (rc != MOE_EXIT_OK)
+		moe_diag_error(d, "cannot write the card: %s", strerror(errno));
+	cJSON_free(text);
+	cJSON_Delete(card);
+	free(desc);
+	moe_spec_free(s);
+	free(spec);
+	return rc;
+}
+
 /* The command ----------------------------------------------------------- */
 
 static const char import_usage[] =
-    "usage: moegen import CONFIG.json [-o SPEC.yaml] [--encoder | --decoder]\n"
+    "usage: moegen import CONFIG.json [-o FILE] [--encoder | --decoder] [--card]\n"
     "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o).\n"
-    "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n";
+    "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n"
+    "  --card writes the model card instead: JSON with the family, the semantics chosen,\n"
+    "  parameters by part, FLOPs and weight bytes per token (as `moegen info --json`).\n";
 
 int moe_cmd_import(int argc, char **argv)
 {
 	const char *in = NULL, *outp = NULL;
+	int card = 0;
 	struct moe_import_opts o = {MOE_IMPORT_ENCODER};
 	struct moe_diag d = {0};
 	for (int i = 1; i < argc; i++) {
@@ -2156,6 +2412,8 @@ int moe_cmd_import(int argc, char **argv)
 			o.stack = MOE_IMPORT_DECODER;
 		} else if (strcmp(a, "--encoder") == 0) {
 			o.stack = MOE_IMPORT_ENCODER;
+		} else if (strcmp(a, "--card") == 0) {
+			card = 1;
 		} else if (a[0] == '-' && a[1]) {
 			moe_diag_error(&d, "import: unknown option '%s'", a);
 			fputs(import_usage, stderr);
@@ -2174,15 +2432,17 @@ int moe_cmd_import(int argc, char **argv)
 		fputs(import_usage, stderr);
 		return MOE_EXIT_USAGE;
 	}
+	int (*run)(const char *, const struct moe_import_opts *, FILE *, struct moe_diag *) =
+	    card ? moe_import_card : moe_import_with;
 	if (!outp || strcmp(outp, "-") == 0)
-		return moe_import_with(in, &o, stdout, &d);
+		return run(in, &o, stdout, &d);
 
 	/* Import into memory first: a config error leaves no file behind at all. */
 	char *buf = NULL;
 	size_t len = 0;
 	FILE *mem = open_memstream(&buf, &len);
 	MOE_ASSERT(mem);
-	int rc = moe_import_with(in, &o, mem, &d);
+	int rc = run(in, &o, mem, &d);
 	fclose(mem);
 	if (rc != MOE_EXIT_OK) {
 		free(buf);

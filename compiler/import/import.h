@@ -30,6 +30,14 @@ int moe_import(const char *json_path, FILE *out, struct moe_diag *d);
 int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE *out,
 		    struct moe_diag *d);
 
+/* The model card of the imported spec, as JSON on out: "config", "family"
+ * (the model_type), "stack", "notes" (the spec's comments: the semantics
+ * chosen and what the spec cannot record), then every field of
+ * moe_info_json (the model, "parameters" by part, "per_token" FLOPs and
+ * weight bytes by format, "semantics"). Same errors as moe_import_with. */
+int moe_import_card(const char *json_path, const struct moe_import_opts *o, FILE *out,
+		    struct moe_diag *d);
+
 /* The `moegen import CONFIG [-o SPEC] [--decoder]` command; argv[0] is
  * "import". -o writes to a temporary file beside SPEC and renames it, so a
  * failed import never leaves a partial spec. Returns an enum moe_exit code. */

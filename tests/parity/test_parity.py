@@ -42,9 +42,12 @@ class Family:
 
     def __init__(self, model_type, config, kwargs, layers="model.layers",
                  block=("mlp", "block_sparse_moe", "feed_forward"), routing="experts_arg",
-                 auto="AutoModelForCausalLM", k=2, name=None, reference=None):
+                 auto="AutoModelForCausalLM", k=2, name=None, reference=None, beside=()):
         self.name = name or model_type
         self.reference = reference
+        # modules of the decoder layer that take the block's input and whose
+        # output the layer adds to the block's (Granite's shared_mlp)
+        self.beside = beside
         self.model_type = model_type
         self.config = config
         self.kwargs = kwargs
@@ -171,19 +174,24 @@ FAMILIES = [
                 num_experts_per_tok=2)),
     Family("qwen3_next", "Qwen3NextConfig",
            dict(ATTN, intermediate_size=56, moe_intermediate_size=24,
-                shared_expert_intermediate_size=40, num_hidden_layers=2, num_experts=8,
-                num_experts_per_tok=2, layer_types=["full_attention", "full_attention"])),
+                shared_expert_intermediate_size=40, num_hidden_layers=3, num_experts=8,
+                num_experts_per_tok=2, mlp_only_layers=[1],
+                layer_types=["linear_attention", "linear_attention", "full_attention"],
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                linear_value_head_dim=8)),
     Family("flex_olmo", "FlexOlmoConfig",
            dict(ATTN, intermediate_size=24, num_hidden_layers=2, num_experts=8,
                 num_experts_per_tok=2, pad_token_id=None, eos_token_id=None,
                 bos_token_id=None)),
     Family("granitemoeshared", "GraniteMoeSharedConfig",
            dict(ATTN, intermediate_size=24, shared_intermediate_size=40, num_hidden_layers=2,
-                num_local_experts=8, num_experts_per_tok=2)),
+                num_local_experts=8, num_experts_per_tok=2),
+           beside=("shared_mlp",)),
     Family("dots1", "Dots1Config",
-           dict(ATTN, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=2,
-                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                first_k_dense_replace=1, n_group=1, topk_group=1)),
+           dict(ATTN, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=3,
+                n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                routed_scaling_factor=2.5)),
     Family("switch_transformers", "SwitchTransformersConfig",
            dict(d_model=H, d_kv=8, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
                 num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=8,
@@ -339,7 +347,11 @@ def test_parity(fam, tmp_path, moegen_cmd):
                 for h in handles:
                     h.remove()
             hf = _hf_choices(fam, hooks, TOKENS)
-        ref = (out[0] if isinstance(out, tuple) else out).reshape(TOKENS, H).double().numpy()
+        out = (out[0] if isinstance(out, tuple) else out).reshape(TOKENS, H)
+        for path in fam.beside:
+            with torch.no_grad():
+                out = out + _get(layers[L], path)(torch.from_numpy(x))
+        ref = out.double().numpy()
         y, rt = m.forward(x, layer=L, routing=True)
         err = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
         ours = [sorted(e for e in row if e >= 0) for row in rt.expert_ids.tolist()]
