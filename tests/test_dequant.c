@@ -56,7 +56,7 @@ static void test_e4m3(void **state)
 static void test_e2m1(void **state)
 {
 	(void)state;
-	/* the table of the OCP MX spec (and SEMANTICS.md, gpt-oss) */
+	/* the table of the OCP MX spec (and docs/semantics.md, gpt-oss) */
 	static const float lut[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
 				      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 	for (unsigned c = 0; c < 16; c++) {
@@ -93,7 +93,7 @@ static unsigned next(unsigned n)
 static void test_fp8_block(void **state)
 {
 	(void)state;
-	/* DeepSeek-V3 expert shapes (SEMANTICS.md): gate [2048, 7168] has
+	/* DeepSeek-V3 expert shapes (docs/semantics.md): gate [2048, 7168] has
 	 * weight_scale_inv [16, 56], down [7168, 2048] has [56, 16] */
 	uint64_t sr, sc;
 	moe_fp8_block_scale_shape(2048, 7168, (uint32_t[]){128, 128}, &sr, &sc);

@@ -584,7 +584,7 @@ static void expect_spec(const char *family, const char *const *kv, int n, ...)
 	scratch_close(&s);
 }
 
-/* NLLB's eval capacity (SEMANTICS.md): ceil(fraction * T) when the fraction
+/* NLLB's eval capacity (docs/semantics.md): ceil(fraction * T) when the fraction
  * is in (0, 1); expert_capacity when it is <= 0; batch_prioritized_routing
  * orders by the top-1 probability; the weights are normalized after the drop
  * unless normalize_router_prob_before_dropping. fp8 tiles from
@@ -648,7 +648,7 @@ static void test_capacity_and_quant_variants(void **state)
 }
 
 /* The imported specs resolve to the capacities, output bias and
- * quantizations of SEMANTICS.md. */
+ * quantizations of docs/semantics.md. */
 static struct moe_desc *resolve_fixture(const char *family)
 {
 	char cfg[256];
@@ -996,7 +996,7 @@ struct resolved {
 	enum moe_apply apply_to;
 };
 
-/* From SEMANTICS.md and the fixtures, independently of the importer. */
+/* From docs/semantics.md and the fixtures, independently of the importer. */
 static const struct resolved resolved[] = {
     {"dbrx", 40, 16, 4, 0, MOE_MODE_TOKEN_CHOICE, MOE_SCORE_SOFTMAX, MOE_NORM_LP, 1.0f, 0, 0, 1,
      MOE_APPLY_OUTPUT},

@@ -1,6 +1,6 @@
 """The binding end to end: tiny specs compiled with moegen, weights written as
 safetensors by the test, outputs and routing compared with a numpy forward
-written here from the formulas (SEMANTICS.md, Mixtral / Qwen2-MoE)."""
+written here from the formulas (docs/semantics.md, Mixtral / Qwen2-MoE)."""
 
 import os
 import subprocess
