@@ -1,7 +1,7 @@
 /* moe_ref.h: the reference forward pass, plain C, clarity over speed. It is the
  * oracle of every numeric test. It works on canonical f32 weights (shapes in
- * moe_desc.h, MOE_ROLES) and implements docs/semantics.md exactly; docs/semantics.md
- * states each rule it follows. */
+ * moe_desc.h, MOE_ROLES) and implements docs/semantics.md exactly, which states
+ * each rule it follows. */
 #ifndef MOE_REF_H
 #define MOE_REF_H
 
