@@ -89,10 +89,11 @@ static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 	SYM(forward, "moe_forward");
 	SYM(last_error, "moe_last_error");
 	SYM(describe, "moe_describe");
-	SYM(route, "moe_route");
-	SYM(experts, "moe_experts");
-	SYM(combine, "moe_combine");
 #undef SYM
+	/* the staged calls: only --ep needs them */
+	*(void **)&a->route = dlsym(a->dl, "moe_route");
+	*(void **)&a->experts = dlsym(a->dl, "moe_experts");
+	*(void **)&a->combine = dlsym(a->dl, "moe_combine");
 	const struct moe_info *in = a->info();
 	if (in->abi_version != MOE_ABI_VERSION) {
 		snprintf(err, cap, "'%s' has ABI version %u, this moegen speaks %u", path,
@@ -134,6 +135,7 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: moegen run MODEL.so [--weights FILE... | --random SEED] [--tokens N]\n"
 		   "                  [--threads N] [--layer L] [--seed S] [--reps N] [--check]\n"
+		   "                  [--ep [--chunks N]]\n"
 		   "Run one MoE layer of a built model on seeded random tokens and time it.\n"
 		   "  --weights FILE...  safetensors files (or a .index.json) to load\n"
 		   "  --random SEED      deterministic random weights (default 1)\n"
@@ -366,6 +368,14 @@ static int do_run_ep(const struct run_opts *o)
 	char err[4096] = "";
 	if (api_open(o->model, &a, err, sizeof err) != 0) {
 		fprintf(stderr, "moegen: error: %s\n", err);
+		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_IO);
+		return MOE_EXIT_IO;
+	}
+	if (!a.route || !a.experts || !a.combine) {
+		fprintf(stderr,
+			"moegen: error: '%s' lacks the staged calls (moe_route, moe_experts, "
+			"moe_combine) that --ep needs\n",
+			o->model);
 		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_IO);
 		return MOE_EXIT_IO;
 	}
