@@ -13,6 +13,9 @@
 #include <unistd.h>
 
 #include "moe.h"
+#ifdef MOE_HAVE_MPI
+#include "moe_ep.h"
+#endif
 
 /* The entry points of a model.so. */
 struct moe_api {
@@ -26,6 +29,12 @@ struct moe_api {
 				   struct moe_routing *, const struct moe_fwd_opts *);
 	const char *(*last_error)(void);
 	size_t (*describe)(char *, size_t);
+	enum moe_status (*route)(moe_model *, uint32_t, const void *, size_t, int32_t *, float *,
+				 const struct moe_fwd_opts *);
+	enum moe_status (*experts)(moe_model *, uint32_t, const float *, size_t, const int64_t *,
+				   const float *, float *);
+	enum moe_status (*combine)(moe_model *, uint32_t, const void *, size_t, const int32_t *,
+				   const float *, const float *, const int64_t *, void *);
 };
 
 struct msg {
@@ -81,6 +90,10 @@ static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 	SYM(last_error, "moe_last_error");
 	SYM(describe, "moe_describe");
 #undef SYM
+	/* the staged calls: only --ep needs them */
+	*(void **)&a->route = dlsym(a->dl, "moe_route");
+	*(void **)&a->experts = dlsym(a->dl, "moe_experts");
+	*(void **)&a->combine = dlsym(a->dl, "moe_combine");
 	const struct moe_info *in = a->info();
 	if (in->abi_version != MOE_ABI_VERSION) {
 		snprintf(err, cap, "'%s' has ABI version %u, this moegen speaks %u", path,
@@ -122,6 +135,7 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: moegen run MODEL.so [--weights FILE... | --random SEED] [--tokens N]\n"
 		   "                  [--threads N] [--layer L] [--seed S] [--reps N] [--check]\n"
+		   "                  [--ep [--chunks N]]\n"
 		   "Run one MoE layer of a built model on seeded random tokens and time it.\n"
 		   "  --weights FILE...  safetensors files (or a .index.json) to load\n"
 		   "  --random SEED      deterministic random weights (default 1)\n"
@@ -131,7 +145,12 @@ static void usage(FILE *f)
 		   "  --seed S           input seed (default 1)\n"
 		   "  --reps N           forward passes to time (default 3)\n"
 		   "  --check            compare with the reference forward pass (random\n"
-		   "                     weights only); exit 5 on mismatch\n");
+		   "                     weights only); exit 5 on mismatch\n"
+		   "  --ep               expert parallelism: run under mpirun -np P; each rank\n"
+		   "                     holds E/P experts and N/P of the tokens; with --check,\n"
+		   "                     rank 0 compares the output with one process's forward\n"
+		   "                     bit for bit and the bytes exchanged with the routing\n"
+		   "  --chunks N         --ep: token chunks in flight (default 4)\n");
 }
 
 static int parse_u64(const char *s, uint64_t *out)
@@ -175,9 +194,21 @@ struct run_opts {
 	const char *model;
 	const char **weights;
 	size_t n_weights;
-	uint64_t seed_w, seed_x, tokens, threads, layer, reps;
-	int have_layer, check;
+	uint64_t seed_w, seed_x, tokens, threads, layer, reps, chunks;
+	int have_layer, check, ep;
 };
+
+/* The seeded input of do_run: uniform in [-1, 1), bf16 models get it rounded. */
+static void fill_input(uint64_t seed, size_t T, size_t H, int bf16, float *x, uint16_t *xb)
+{
+	for (size_t i = 0; i < T * H; i++) {
+		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(seed, 0x78, i / H, i % H)) - 1.0f;
+		if (bf16) {
+			xb[i] = moe_f32_to_bf16(x[i]);
+			x[i] = moe_bf16_to_f32(xb[i]);
+		}
+	}
+}
 
 static int do_run(const struct run_opts *o)
 {
@@ -231,13 +262,7 @@ static int do_run(const struct run_opts *o)
 		goto out;
 	}
 	/* inputs uniform in [-1, 1), seeded; bf16 models get them rounded */
-	for (size_t i = 0; i < T * H; i++) {
-		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(o->seed_x, 0x78, i / H, i % H)) - 1.0f;
-		if (bf16) {
-			xb[i] = moe_f32_to_bf16(x[i]);
-			x[i] = moe_bf16_to_f32(xb[i]);
-		}
-	}
+	fill_input(o->seed_x, T, H, bf16, x, xb);
 	struct moe_routing rt = {.expert_ids = ids, .counts = counts};
 	double best = INFINITY;
 	for (uint64_t r = 0; r < (o->reps ? o->reps : 1); r++) {
@@ -334,6 +359,171 @@ out:
 	return rc;
 }
 
+#ifdef MOE_HAVE_MPI
+/* --ep under mpirun: this rank's experts and tokens; rank 0 reports (and with
+ * --check compares with one process). Every rank returns rank 0's code. */
+static int do_run_ep(const struct run_opts *o)
+{
+	int P, me, rc = MOE_EXIT_BACKEND;
+	MPI_Init(NULL, NULL);
+	MPI_Comm_size(MPI_COMM_WORLD, &P);
+	MPI_Comm_rank(MPI_COMM_WORLD, &me);
+	struct moe_api a;
+	char err[4096] = "";
+	if (api_open(o->model, &a, err, sizeof err) != 0) {
+		fprintf(stderr, "moegen: error: %s\n", err);
+		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_IO);
+		return MOE_EXIT_IO;
+	}
+	if (!a.route || !a.experts || !a.combine) {
+		fprintf(stderr,
+			"moegen: error: '%s' lacks the staged calls (moe_route, moe_experts, "
+			"moe_combine) that --ep needs\n",
+			o->model);
+		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_IO);
+		return MOE_EXIT_IO;
+	}
+	const struct moe_info *in = a.info();
+	uint32_t layer =
+	    o->have_layer ? (uint32_t)o->layer : (in->n_moe_layers ? in->moe_layers[0] : 0);
+	size_t N = o->tokens, H = in->hidden, W = in->route_width;
+	int bf16 = in->act_dtype == MOE_DTYPE_BF16, w_in = 0;
+	size_t dn = a.describe(NULL, 0);
+	char *desc = malloc(dn + 1);
+	if (desc) {
+		a.describe(desc, dn + 1);
+		w_in = strstr(desc, " apply_to input") != NULL; /* the weight travels with a row */
+		free(desc);
+	}
+	size_t es = bf16 ? 2 : 4, t0 = N * (size_t)me / (size_t)P,
+	       t1 = N * (size_t)(me + 1) / (size_t)P, T = t1 - t0;
+	uint32_t e0, e1;
+	moe_ep_range(in->n_experts, P, me, &e0, &e1);
+	moe_model *m = NULL, *full = NULL;
+	float *x = malloc((N ? N : 1) * H * sizeof *x);
+	uint16_t *xb = malloc((N ? N : 1) * H * sizeof *xb);
+	char *y = malloc((T ? T : 1) * H * es), *y_ep = NULL, *y_ref = NULL;
+	int32_t *ids = NULL;
+	int *rcounts = NULL, *rdispl = NULL;
+	struct moe_create_opts co = {.threads = (uint32_t)o->threads,
+				     .device = MOE_DEVICE_CPU,
+				     .expert_begin = e0,
+				     .expert_end = e1};
+	enum moe_status st = MOE_ERR_NOMEM;
+	if (x && xb && y && (st = a.create(&m, &co)) == MOE_OK)
+		st = o->n_weights ? a.load(m, o->weights, o->n_weights)
+				  : a.init_random(m, o->seed_w);
+	if (st != MOE_OK)
+		fprintf(stderr, "moegen: error: rank %d: %s\n", me, a.last_error());
+	int bad = st != MOE_OK, any = 0;
+	MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+	if (any)
+		goto out;
+	fill_input(o->seed_x, N, H, bf16, x, xb);
+	const char *xs = bf16 ? (const char *)xb : (const char *)x;
+	struct moe_ep_fns fns = {a.info, a.describe, a.route, a.experts, a.combine, a.last_error};
+	struct moe_ep_stats s = {0}, best = {0};
+	uint64_t chunks = o->chunks ? o->chunks : 4;
+	for (uint64_t r = 0; r < (o->reps ? o->reps : 1); r++) {
+		st = moe_ep_forward(MPI_COMM_WORLD, &fns, m, layer, xs + t0 * H * es, y, T,
+				    (uint32_t)chunks, &s, err, sizeof err);
+		if (st != MOE_OK)
+			break;
+		if (r == 0 || s.t_total < best.t_total)
+			best = s;
+	}
+	if (st != MOE_OK) {
+		if (me == 0)
+			fprintf(stderr, "moegen: error: --ep: %s\n", err);
+		goto out;
+	}
+	/* the totals: bytes summed over the ranks, times the slowest rank's */
+	uint64_t bytes = 0;
+	double t[5] = {best.t_route, best.t_compute, best.t_wait, best.t_combine, best.t_total},
+	       tmax[5];
+	MPI_Reduce(&best.bytes_sent, &bytes, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+	MPI_Reduce(t, tmax, 5, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+	rcounts = malloc((size_t)P * sizeof *rcounts);
+	rdispl = malloc((size_t)P * sizeof *rdispl);
+	if (me == 0)
+		y_ep = malloc((N ? N : 1) * H * es);
+	if (!rcounts || !rdispl || (me == 0 && !y_ep)) {
+		fprintf(stderr, "moegen: error: out of memory\n");
+		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_BACKEND);
+	}
+	for (int q = 0; q < P; q++) {
+		size_t a0 = N * (size_t)q / (size_t)P, a1 = N * (size_t)(q + 1) / (size_t)P;
+		rcounts[q] = (int)((a1 - a0) * H * es);
+		rdispl[q] = (int)(a0 * H * es);
+	}
+	MPI_Gatherv(y, (int)(T * H * es), MPI_BYTE, y_ep, rcounts, rdispl, MPI_BYTE, 0,
+		    MPI_COMM_WORLD);
+	rc = MOE_EXIT_OK;
+	if (me == 0) {
+		printf("model %s, layer %u, %zu tokens on %d ranks (%u experts, %llu chunks)\n",
+		       in->name, layer, N, P, in->n_experts, (unsigned long long)chunks);
+		printf("ep: forward %.3f ms (slowest rank): route %.3f, experts %.3f, exchange "
+		       "wait %.3f, combine %.3f\n",
+		       tmax[4] * 1e3, tmax[0] * 1e3, tmax[1] * 1e3, tmax[2] * 1e3, tmax[3] * 1e3);
+		printf("ep: bytes exchanged %llu (%.1f per token)\n", (unsigned long long)bytes,
+		       N ? (double)bytes / (double)N : 0.0);
+	}
+	if (o->check && me == 0) {
+		/* one process, every expert: the same bits, and the bytes the routing
+		 * implies (rows out and back to another rank, plus the counts) */
+		y_ref = malloc((N ? N : 1) * H * es);
+		ids = malloc((N ? N : 1) * (W ? W : 1) * sizeof *ids);
+		co.expert_begin = co.expert_end = 0;
+		struct moe_routing rt = {.expert_ids = ids};
+		st = !y_ref || !ids ? MOE_ERR_NOMEM : a.create(&full, &co);
+		if (st == MOE_OK)
+			st = o->n_weights ? a.load(full, o->weights, o->n_weights)
+					  : a.init_random(full, o->seed_w);
+		if (st == MOE_OK)
+			st = a.forward(full, layer, xs, y_ref, N, &rt, NULL);
+		if (st != MOE_OK) {
+			fprintf(stderr, "moegen: error: %s\n", a.last_error());
+			rc = MOE_EXIT_BACKEND;
+		} else {
+			size_t row = H * 4 + (w_in ? 4 : 0);
+			uint64_t want = (uint64_t)P * (uint64_t)(P - 1) * chunks *
+					((in->n_experts + (uint32_t)P - 1) / (uint32_t)P) * 8;
+			for (size_t tk = 0, r = 0; tk < N; tk++) {
+				while (tk >= N * (r + 1) / (size_t)P)
+					r++;
+				for (size_t k = 0; k < W; k++) {
+					int32_t e = ids[tk * W + k];
+					uint32_t q0, q1;
+					moe_ep_range(in->n_experts, P, (int)r, &q0, &q1);
+					if (e >= 0 && ((uint32_t)e < q0 || (uint32_t)e >= q1))
+						want += row + H * 4;
+				}
+			}
+			int same = memcmp(y_ep, y_ref, N * H * es) == 0;
+			printf("ep: output %s the single-process forward\n",
+			       same ? "bit-identical to" : "DIFFERS from");
+			printf("ep: bytes exchanged %llu, from the routing %llu: %s\n",
+			       (unsigned long long)bytes, (unsigned long long)want,
+			       bytes == want ? "equal" : "DIFFERENT");
+			printf("check: %s\n", same && bytes == want ? "ok" : "MISMATCH");
+			rc = same && bytes == want ? MOE_EXIT_OK : MOE_EXIT_CHECK;
+		}
+	}
+out:
+	MPI_Bcast(&rc, 1, MPI_INT, 0, MPI_COMM_WORLD);
+	if (any && rc == MOE_EXIT_OK)
+		rc = MOE_EXIT_BACKEND;
+	if (full)
+		a.destroy(full);
+	if (m)
+		a.destroy(m);
+	free(x), free(xb), free(y), free(y_ep), free(y_ref), free(ids), free(rcounts), free(rdispl);
+	dlclose(a.dl);
+	MPI_Finalize();
+	return rc;
+}
+#endif
+
 int moe_cmd_run(int argc, char **argv)
 {
 	struct run_opts o = {.seed_w = 1, .seed_x = 1, .tokens = 16, .reps = 3};
@@ -352,6 +542,11 @@ int moe_cmd_run(int argc, char **argv)
 		} else if (!strcmp(a, "--check")) {
 			o.check = 1;
 			continue;
+		} else if (!strcmp(a, "--ep")) {
+			o.ep = 1;
+			continue;
+		} else if (!strcmp(a, "--chunks")) {
+			num = &o.chunks;
 		} else if (!strcmp(a, "--weights")) {
 			while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0)
 				wts[o.n_weights++] = argv[++i];
@@ -399,6 +594,21 @@ int moe_cmd_run(int argc, char **argv)
 	}
 	if (o.tokens > (1u << 24) || o.threads > 1024 || o.layer > UINT32_MAX) {
 		fprintf(stderr, "moegen: error: --tokens, --threads or --layer out of range\n");
+		goto done;
+	}
+	if (o.ep) {
+#ifdef MOE_HAVE_MPI
+		if (o.chunks > 4096) {
+			fprintf(stderr, "moegen: error: --chunks out of range\n");
+			goto done;
+		}
+		rc = do_run_ep(&o);
+#else
+		fprintf(stderr, "moegen: error: --ep needs MPI, and this moegen was built without "
+				"it (install openmpi-bin and libopenmpi-dev: scripts/deps.sh, then "
+				"reconfigure)\n");
+		rc = MOE_EXIT_BACKEND;
+#endif
 		goto done;
 	}
 	if (o.check && o.n_weights) { /* refused before anything runs */

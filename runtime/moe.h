@@ -12,8 +12,10 @@
 extern "C" {
 #endif
 
-/* 2: moe_info became a small versioned struct; moe_describe() added. */
-#define MOE_ABI_VERSION 2
+/* 2: moe_info became a small versioned struct; moe_describe() added.
+ * 3: the staged calls moe_route, moe_experts, moe_combine (moe_forward is
+ *    their composition); moe_create_opts gained an expert range. */
+#define MOE_ABI_VERSION 3
 
 /* Every call returns one of these; the message is in moe_last_error(). */
 enum moe_status {
@@ -64,6 +66,11 @@ struct moe_create_opts {
 	uint32_t threads; /* 0: all cores */
 	enum moe_device device;
 	void *stream; /* CUDA stream for device forward (CUstream) */
+	/* The routed experts this model holds, [expert_begin, expert_end) (expert
+	 * parallelism: each rank holds a range); expert_end 0: all of them. A
+	 * model that holds a part computes only moe_experts for its range;
+	 * moe_forward needs every expert. */
+	uint32_t expert_begin, expert_end;
 };
 
 /* Forward options. */
@@ -124,6 +131,37 @@ enum moe_status moe_init_random(moe_model *m, uint64_t seed);
  * routing and opts may be NULL. n_tokens may be 0. */
 enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x, void *y, size_t n_tokens,
 			    struct moe_routing *routing, const struct moe_fwd_opts *opts);
+
+/* The stages of moe_forward, for an engine that moves rows between them (expert
+ * parallelism). moe_forward is exactly route -> group -> experts -> combine, so
+ * the staged calls give the same bits. Rows are f32 (the compute type) whatever
+ * the activation dtype; x and y are in the activation dtype. Token choice,
+ * dense, top-p, hierarchical and sparsemixer routers without capacity only
+ * (others: MOE_ERR_ARG); a model whose routing weight scales the expert input
+ * (apply_to input) needs rows_w in moe_experts and sums unweighted in
+ * moe_combine.
+ *
+ * moe_route: ids and weights [n_tokens, route_width] of x [n_tokens, H] (ranked;
+ * dense: all experts in order). */
+enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+			  int32_t *ids, float *weights, const struct moe_fwd_opts *opts);
+
+/* moe_experts: rows_y[r] = expert(rows_x[r]) for n_rows f32 rows [n_rows, H]
+ * grouped by expert: counts[j] rows of expert expert_begin + j, for j over the
+ * model's range, in order. Each row's output is written, not accumulated, and
+ * depends only on the row and its expert. rows_w: the routing weight of each
+ * row when the model applies it to the input (else NULL; ignored). */
+enum moe_status moe_experts(moe_model *m, uint32_t layer, const float *rows_x, size_t n_rows,
+			    const int64_t *counts, const float *rows_w, float *rows_y);
+
+/* moe_combine: y[t] = sum over slots k = 0..W-1, in that order, of
+ * weights[t, k] * rows_y[slot_rows[t * W + k]] (slots with id < 0 or row < 0
+ * add nothing; slot_rows NULL: rows_y is [n_tokens * W, H] in slot order),
+ * then the shared experts of x[t] and the output bias. x may be NULL when the
+ * model has no shared experts. */
+enum moe_status moe_combine(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+			    const int32_t *ids, const float *weights, const float *rows_y,
+			    const int64_t *slot_rows, void *y);
 
 /* The message of this thread's last failure ("" when none). */
 const char *moe_last_error(void);

@@ -5,7 +5,8 @@ pkgs=(build-essential cmake pkg-config llvm-19-dev libyaml-dev libcmocka-dev
       libcjson-dev libxxhash-dev libopenblas-dev clang-format python3 python3-venv
       clang libclang-rt-14-dev # clang + libclang-rt: libFuzzer for tests/fuzz/run.sh
       # the aarch64 runtime archive and its tests under emulation
-      gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libcjson-dev:arm64)
+      gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libcjson-dev:arm64
+      openmpi-bin libopenmpi-dev) # expert parallelism over MPI (ep/, tests/ep)
 missing=()
 for p in "${pkgs[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

@@ -446,7 +446,7 @@ static void test_deterministic(void **state)
 		assert_int_equal(la, lb);
 		assert_memory_equal(a, b, la);
 		if (kinds[i] == MOE_EMIT_LL) {
-			assert_non_null(strstr(a, "define hidden void @moe_route("));
+			assert_non_null(strstr(a, "define hidden void @moe_router("));
 			assert_non_null(strstr(a, "define hidden void @moe_up("));
 			assert_non_null(strstr(a, "define hidden void @moe_shared_down("));
 			assert_non_null(strstr(a, "@llvm.fma.v8f32"));

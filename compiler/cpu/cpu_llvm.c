@@ -903,7 +903,7 @@ static void gen_top_p_cut(struct moe_ll *g, LLVMValueRef ids, LLVMValueRef w, ui
 	moe_ll_loop_close(g, &j);
 }
 
-/* moe_route: token choice, dense, top-p (route_topk, route_top_p). */
+/* moe_router: token choice, dense, top-p (route_topk, route_top_p). */
 static void gen_route(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
@@ -914,7 +914,7 @@ static void gen_route(struct moe_ll *g)
 	static const char *const pn[] = {
 	    "x",      "t0",  "t1",      "router", "router_bias", "select_bias", "shared_gate_w",
 	    "logits", "ids", "weights", "sgate",  "prio"};
-	moe_ll_fn_begin(g, "moe_route", params, pn, 12);
+	moe_ll_fn_begin(g, "moe_router", params, pn, 12);
 	LLVMValueRef x = moe_ll_prm(g, 0), wr = moe_ll_prm(g, 3), br = moe_ll_prm(g, 4);
 	LLVMValueRef bs = moe_ll_prm(g, 5), wsg = moe_ll_prm(g, 6), logits = moe_ll_prm(g, 7);
 	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, (uint64_t)moe_router_blocks(E) * MOE_RB, "l");

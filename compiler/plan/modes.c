@@ -212,14 +212,21 @@ static void add(struct moe_plan *p, enum moe_op op, uint32_t in, uint32_t out)
 
 #define IO MOE_BUF_COUNT
 
-/* The grouped FFN after a router, the shared FFN, then the additions to the
+/* The grouped FFN after a router (one output row per grouped row), the
+ * combine (each token's rows summed in slot order, so a result never depends
+ * on where a row was computed), the shared FFN, then the additions to the
  * output in a fixed order. */
 static void ops_ffn(const struct moe_desc *d, struct moe_plan *p)
 {
 	add(p, MOE_OP_EXPERT_UP, MOE_BUF_ROWS, MOE_BUF_H);
 	if (has_shared(d))
 		add(p, MOE_OP_SHARED_UP, IO, MOE_BUF_H_SHARED);
-	add(p, MOE_OP_EXPERT_DOWN, MOE_BUF_H, IO);
+	if (p->target == MOE_TARGET_CUDA) { /* its combine kernel follows the op list */
+		add(p, MOE_OP_EXPERT_DOWN, MOE_BUF_H, IO);
+	} else {
+		add(p, MOE_OP_EXPERT_DOWN, MOE_BUF_H, MOE_BUF_ROWS_Y);
+		add(p, MOE_OP_COMBINE, MOE_BUF_ROWS_Y, IO);
+	}
 	if (has_shared(d))
 		add(p, MOE_OP_SHARED_DOWN, MOE_BUF_H_SHARED, IO);
 }

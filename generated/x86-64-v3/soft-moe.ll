@@ -8,7 +8,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [33 x i8] c"0f681e5bbc6bdec4165c0b8386be5797\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [16 x ptr] } { i32 6, i32 16532, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 9, ptr @moe_gen_ops, [16 x ptr] [ptr null, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr @moe_soft_norm, ptr @moe_soft_logits, ptr @moe_soft_combine, ptr @moe_soft_dispatch, ptr @moe_soft_slot_in, ptr @moe_soft_out] }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [16 x ptr] } { i32 7, i32 16532, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 9, ptr @moe_gen_ops, [16 x ptr] [ptr null, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr @moe_soft_norm, ptr @moe_soft_logits, ptr @moe_soft_combine, ptr @moe_soft_dispatch, ptr @moe_soft_slot_in, ptr @moe_soft_out] }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_soft_norm(ptr %src, ptr %dst, i64 %r0, i64 %r1) #0 {

@@ -1,4 +1,4 @@
-"""ctypes mirror of runtime/moe.h, the public ABI (ABI version 2), and nothing else.
+"""ctypes mirror of runtime/moe.h, the public ABI (ABI version 3), and nothing else.
 
 Every structure and enumeration here must match moe.h byte for byte;
 python/tests/test_abi.py compiles a probe against a copy of moe.h alone and
@@ -8,7 +8,7 @@ The full model description is text (moe_describe), not a mirrored struct.
 
 import ctypes as C
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # enum moe_dtype, names as the spec spells them (value = index).
 DTYPES = ("f32", "bf16", "f16")
@@ -55,6 +55,8 @@ class CreateOpts(C.Structure):
         ("threads", C.c_uint32),
         ("device", c_enum),
         ("stream", C.c_void_p),
+        ("expert_begin", C.c_uint32),
+        ("expert_end", C.c_uint32),
     ]
 
 
@@ -116,6 +118,17 @@ def bind(lib):
     lib.moe_forward.restype = c_enum
     lib.moe_forward.argtypes = [P, C.c_uint32, P, P, C.c_size_t, C.POINTER(Routing),
                                 C.POINTER(FwdOpts)]
+    lib.moe_route.restype = c_enum
+    lib.moe_route.argtypes = [P, C.c_uint32, P, C.c_size_t, C.POINTER(C.c_int32),
+                              C.POINTER(C.c_float), C.POINTER(FwdOpts)]
+    lib.moe_experts.restype = c_enum
+    lib.moe_experts.argtypes = [P, C.c_uint32, C.POINTER(C.c_float), C.c_size_t,
+                                C.POINTER(C.c_int64), C.POINTER(C.c_float),
+                                C.POINTER(C.c_float)]
+    lib.moe_combine.restype = c_enum
+    lib.moe_combine.argtypes = [P, C.c_uint32, P, C.c_size_t, C.POINTER(C.c_int32),
+                                C.POINTER(C.c_float), C.POINTER(C.c_float),
+                                C.POINTER(C.c_int64), P]
     lib.moe_last_error.restype = C.c_char_p
     lib.moe_last_error.argtypes = []
     return lib

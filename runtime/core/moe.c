@@ -82,6 +82,21 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 		return MOE_ERR_ARG;
 	}
 	*out = NULL;
+	pthread_once(&info_once, info_init);
+	uint32_t E = info_desc->n_experts;
+	uint32_t e0 = opts ? opts->expert_begin : 0,
+		 e1 = opts && opts->expert_end ? opts->expert_end : E;
+	if (e0 >= e1 || e1 > E) {
+		moe_set_error("moe_create: expert range [%u, %u) is not a non-empty part of the %u "
+			      "experts",
+			      e0, e1, E);
+		return MOE_ERR_ARG;
+	}
+	if (opts && opts->device == MOE_DEVICE_CUDA && (e0 || e1 != E)) {
+		moe_set_error(
+		    "moe_create: an expert range is not supported on the cuda device yet");
+		return MOE_ERR_UNSUPPORTED;
+	}
 	if (opts && opts->device == MOE_DEVICE_CUDA) {
 		pthread_once(&info_once, info_init);
 		struct moe_model *m = calloc(1, sizeof *m);
@@ -92,6 +107,8 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 		}
 		m->d = info_desc;
 		m->layers = NULL;
+		m->e0 = 0;
+		m->e1 = E;
 		enum moe_status st =
 		    moe_cuda_create(moe_cuda_gen(), m->d, opts->stream, &m->cuda, err, sizeof err);
 		if (st != MOE_OK) {
@@ -126,6 +143,8 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 	}
 	m->gen = g;
 	m->d = g->desc;
+	m->e0 = e0;
+	m->e1 = e1;
 	int pairs = g->compute == MOE_COMPUTE_BF16;
 	moe_geom_init(&m->routed, m->d->hidden, m->d->intermediate, m->d->kind == MOE_KIND_GLU,
 		      m->d->weight_dtype, pairs);
@@ -237,6 +256,7 @@ struct st_ctx {
 	const struct moe_desc *d;
 	struct moe_st_set *set;
 	uint32_t layer;
+	uint32_t e0, e1; /* the experts the model holds: others are not read */
 	int unsupported;
 	char err[1024];
 };
@@ -515,7 +535,7 @@ static int load_role(struct st_ctx *c, enum moe_role role, float *dst)
 		const struct moe_st_tensor *t = find(c, role, -1, name, sizeof name);
 		return t ? read_blocks(c, t, name, role, -1, n_e, R, C, pe, dst) : -1;
 	}
-	for (uint64_t e = 0; e < n_e; e++) {
+	for (uint64_t e = pe ? c->e0 : 0; e < (pe ? c->e1 : n_e); e++) {
 		const struct moe_st_tensor *t = find(c, role, (long)e, name, sizeof name);
 		if (!t || read_blocks(c, t, name, role, (long)e, 1, R, C, 0, dst + e * R * C) != 0)
 			return -1;
@@ -533,7 +553,7 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 	if (!moe_desc_role_shape(c->d, up_r, &R, &C, &pe))
 		return 0;
 	uint64_t n_e = pe ? c->d->n_experts : 1;
-	float *tmp = malloc(n_e * 2 * R * C * sizeof *tmp);
+	float *tmp = calloc(n_e * 2 * R * C, sizeof *tmp);
 	if (!tmp) {
 		snprintf(c->err, sizeof c->err, "out of memory");
 		return -1;
@@ -544,7 +564,7 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 		const struct moe_st_tensor *t = find(c, fused, -1, name, sizeof name);
 		rc = t ? read_blocks(c, t, name, fused, -1, n_e, 2 * R, C, pe, tmp) : -1;
 	} else {
-		for (uint64_t e = 0; e < n_e && rc == 0; e++) {
+		for (uint64_t e = pe ? c->e0 : 0; e < (pe ? c->e1 : n_e) && rc == 0; e++) {
 			const struct moe_st_tensor *t = find(c, fused, (long)e, name, sizeof name);
 			rc = t ? read_blocks(c, t, name, fused, (long)e, 1, 2 * R, C, 0,
 					     tmp + e * 2 * R * C)
@@ -640,7 +660,7 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 	if (!acquire(m, "moe_load_safetensors"))
 		return MOE_ERR_BUSY;
 	free_layers(m);
-	struct st_ctx c = {.d = m->d};
+	struct st_ctx c = {.d = m->d, .e0 = m->e0, .e1 = m->e1};
 	enum moe_status st = moe_st_set_open(files, n_files, &c.set, c.err, sizeof c.err);
 	if (st != MOE_OK) {
 		moe_set_error("moe_load_safetensors: %s", c.err);
@@ -720,6 +740,13 @@ MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x,
 	}
 	if (n_tokens && (!x || !y)) {
 		moe_set_error("moe_forward: %s is NULL with %zu tokens", x ? "y" : "x", n_tokens);
+		return MOE_ERR_ARG;
+	}
+	if (m->e0 != 0 || m->e1 != d->n_experts) {
+		moe_set_error(
+		    "moe_forward: the model holds experts [%u, %u) of %u only; a part runs "
+		    "the staged calls (moe_route, moe_experts, moe_combine)",
+		    m->e0, m->e1, d->n_experts);
 		return MOE_ERR_ARG;
 	}
 	if (m->cuda) { /* x and y are device pointers, on the model's stream */
@@ -814,6 +841,235 @@ conv_out:
 	if (bf16)
 		free((void *)xf);
 out:
+	release(m);
+	return st;
+}
+
+/* The staged calls ---------------------------------------------------------- */
+
+/* The checks every stage shares: the model, the layer, the weights, a mode
+ * whose forward is route -> group -> experts -> combine. Takes the model. */
+static enum moe_status stage_begin(moe_model *m, uint32_t layer, const char *what, int *li)
+{
+	if (!m) {
+		moe_set_error("%s: model is NULL", what);
+		return MOE_ERR_ARG;
+	}
+	const struct moe_desc *d = m->d;
+	if ((*li = layer_index(d, layer)) < 0) {
+		moe_set_error("%s: layer %u is not an MoE layer of '%s'", what, layer, d->name);
+		return MOE_ERR_ARG;
+	}
+	if (m->cuda) {
+		moe_set_error("%s: the staged calls run on the cpu device only", what);
+		return MOE_ERR_UNSUPPORTED;
+	}
+	if (!moe_gen_has_op(m->gen, MOE_OP_COMBINE) || d->mode == MOE_MODE_EXPERT_CHOICE ||
+	    d->capacity != MOE_CAPACITY_NONE) {
+		moe_set_error("%s: router mode %s%s is not staged (its routing needs every token "
+			      "of the batch or it has no slots): use moe_forward",
+			      what, moe_mode_names[d->mode],
+			      d->capacity != MOE_CAPACITY_NONE ? " with capacity" : "");
+		return MOE_ERR_ARG;
+	}
+	if (!acquire(m, what))
+		return MOE_ERR_BUSY;
+	if (!m->loaded) {
+		moe_set_error("%s: no weights loaded (call moe_init_random or "
+			      "moe_load_safetensors first)",
+			      what);
+		release(m);
+		return MOE_ERR_WEIGHTS;
+	}
+	return MOE_OK;
+}
+
+/* x in the activation dtype as f32 (*buf: allocated, or NULL when x is
+ * f32), every value finite. */
+static enum moe_status input_f32(const struct moe_desc *d, const void *x, size_t T,
+				 const char *what, const float **xf, float **buf)
+{
+	size_t H = d->hidden;
+	*buf = NULL;
+	*xf = x;
+	if (d->act_dtype == MOE_DTYPE_BF16) {
+		if (!(*buf = malloc(T * H * sizeof **buf))) {
+			moe_set_error("%s: out of memory", what);
+			return MOE_ERR_NOMEM;
+		}
+		const uint16_t *xb = x;
+		for (size_t i = 0; i < T * H; i++)
+			(*buf)[i] = moe_bf16_to_f32(xb[i]);
+		*xf = *buf;
+	}
+	for (size_t i = 0; i < T * H; i++)
+		if (!isfinite((*xf)[i])) {
+			moe_set_error("%s: non-finite input at token %zu, column %zu", what, i / H,
+				      i % H);
+			free(*buf);
+			*buf = NULL;
+			return MOE_ERR_INPUT;
+		}
+	return MOE_OK;
+}
+
+MOE_API enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+				  int32_t *ids, float *weights, const struct moe_fwd_opts *opts)
+{
+	int li;
+	if (m && n_tokens && (!x || !ids || !weights)) {
+		moe_set_error("moe_route: x, ids or weights is NULL with %zu tokens", n_tokens);
+		return MOE_ERR_ARG;
+	}
+	if (m && n_tokens > (size_t)INT32_MAX / (moe_desc_route_width(m->d) + 1)) {
+		moe_set_error("moe_route: too many tokens (%zu)", n_tokens);
+		return MOE_ERR_ARG;
+	}
+	if (m && opts && opts->training && m->d->noise == MOE_NOISE_JITTER) {
+		moe_set_error("moe_route: training with input jitter is not staged (the experts "
+			      "see the jittered input): use moe_forward");
+		return MOE_ERR_UNSUPPORTED;
+	}
+	if (m && opts && opts->training && m->d->noise != MOE_NOISE_NONE && !m->cuda &&
+	    !moe_gen_has_op(m->gen, MOE_OP_ROUTE_X)) {
+		moe_set_error("moe_route: training-mode noise (%s) is not generated for target cpu "
+			      "yet",
+			      moe_noise_names[m->d->noise]);
+		return MOE_ERR_UNSUPPORTED;
+	}
+	enum moe_status st = stage_begin(m, layer, "moe_route", &li);
+	if (st != MOE_OK || !n_tokens) {
+		if (st == MOE_OK)
+			release(m);
+		return st;
+	}
+	const float *xf;
+	float *buf;
+	st = input_f32(m->d, x, n_tokens, "moe_route", &xf, &buf);
+	if (st == MOE_OK) {
+		struct moe_fwd_opts o = opts ? *opts : (struct moe_fwd_opts){0};
+		o.layer = layer;
+		st = moe_exec_route(m, &m->layers[li], xf, n_tokens, ids, weights, &o);
+	}
+	free(buf);
+	release(m);
+	return st;
+}
+
+MOE_API enum moe_status moe_experts(moe_model *m, uint32_t layer, const float *rows_x,
+				    size_t n_rows, const int64_t *counts, const float *rows_w,
+				    float *rows_y)
+{
+	int li;
+	if (m && (!counts || (n_rows && (!rows_x || !rows_y)))) {
+		moe_set_error("moe_experts: counts, rows_x or rows_y is NULL");
+		return MOE_ERR_ARG;
+	}
+	if (m && m->d->apply_to == MOE_APPLY_INPUT && n_rows && !rows_w) {
+		moe_set_error("moe_experts: '%s' applies the routing weight to the expert input: "
+			      "rows_w is needed",
+			      m->d->name);
+		return MOE_ERR_ARG;
+	}
+	if (m && n_rows > (size_t)INT32_MAX / 2) {
+		moe_set_error("moe_experts: too many rows (%zu)", n_rows);
+		return MOE_ERR_ARG;
+	}
+	enum moe_status st = stage_begin(m, layer, "moe_experts", &li);
+	if (st != MOE_OK)
+		return st;
+	const struct moe_desc *d = m->d;
+	int64_t *all = calloc(d->n_experts, sizeof *all);
+	uint64_t sum = 0;
+	if (!all) {
+		moe_set_error("moe_experts: out of memory");
+		st = MOE_ERR_NOMEM;
+		goto out;
+	}
+	for (uint32_t j = 0; j < m->e1 - m->e0; j++) {
+		if (counts[j] < 0 || (uint64_t)counts[j] > n_rows) {
+			moe_set_error("moe_experts: counts[%u] = %lld is out of range", j,
+				      (long long)counts[j]);
+			st = MOE_ERR_ARG;
+			goto out;
+		}
+		all[m->e0 + j] = counts[j];
+		sum += (uint64_t)counts[j];
+	}
+	if (sum != n_rows) {
+		moe_set_error("moe_experts: the counts of the %u local experts sum to %llu, not "
+			      "n_rows %zu",
+			      m->e1 - m->e0, (unsigned long long)sum, n_rows);
+		st = MOE_ERR_ARG;
+		goto out;
+	}
+	for (size_t i = 0; i < n_rows * d->hidden; i++)
+		if (!isfinite(rows_x[i])) {
+			moe_set_error("moe_experts: non-finite input at row %zu, column %zu",
+				      i / d->hidden, i % d->hidden);
+			st = MOE_ERR_INPUT;
+			goto out;
+		}
+	if (n_rows)
+		st = moe_exec_experts(m, &m->layers[li], rows_x, n_rows, all,
+				      d->apply_to == MOE_APPLY_INPUT ? rows_w : NULL, rows_y);
+out:
+	free(all);
+	release(m);
+	return st;
+}
+
+MOE_API enum moe_status moe_combine(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+				    const int32_t *ids, const float *weights, const float *rows_y,
+				    const int64_t *slot_rows, void *y)
+{
+	int li;
+	if (m && n_tokens && (!ids || !weights || !rows_y || !y || (!x && m->shared.width))) {
+		moe_set_error("moe_combine: ids, weights, rows_y, y or (with shared experts) x is "
+			      "NULL with %zu tokens",
+			      n_tokens);
+		return MOE_ERR_ARG;
+	}
+	if (m && n_tokens > (size_t)INT32_MAX / (moe_desc_route_width(m->d) + 1)) {
+		moe_set_error("moe_combine: too many tokens (%zu)", n_tokens);
+		return MOE_ERR_ARG;
+	}
+	enum moe_status st = stage_begin(m, layer, "moe_combine", &li);
+	if (st != MOE_OK || !n_tokens) {
+		if (st == MOE_OK)
+			release(m);
+		return st;
+	}
+	const struct moe_desc *d = m->d;
+	size_t H = d->hidden, n = n_tokens * H;
+	const float *xf = NULL;
+	float *xbuf = NULL, *yf = d->act_dtype == MOE_DTYPE_BF16 ? malloc(n * sizeof *yf) : y;
+	if (!yf) {
+		moe_set_error("moe_combine: out of memory");
+		st = MOE_ERR_NOMEM;
+		goto out;
+	}
+	if (m->shared.width)
+		st = input_f32(d, x, n_tokens, "moe_combine", &xf, &xbuf);
+	if (st == MOE_OK)
+		st = moe_exec_combine(m, &m->layers[li], xf, n_tokens, ids, weights, rows_y,
+				      slot_rows, yf);
+	if (st == MOE_OK && d->act_dtype == MOE_DTYPE_BF16) {
+		uint16_t *yb = y;
+		for (size_t i = 0; i < n; i++)
+			yb[i] = moe_f32_to_bf16(yf[i]);
+		for (size_t i = 0; i < n && st == MOE_OK; i++)
+			if ((yb[i] & 0x7f80u) == 0x7f80u)
+				st = overflow(i, H);
+	} else if (st == MOE_OK) {
+		for (size_t i = 0; i < n && st == MOE_OK; i++)
+			if (!isfinite(yf[i]))
+				st = overflow(i, H);
+	}
+out:
+	if (yf != y)
+		free(yf);
+	free(xbuf);
 	release(m);
 	return st;
 }

@@ -36,7 +36,7 @@ MOE_DEFINE_ENUM(moe_shape, MOE_SHAPE_, MOE_SHAPES);
 	X(GROUP, "group", SERIAL)              /* counts, offsets, rows grouped by expert */       \
 	X(EXPERT_UP, "expert_up", TILES)       /* gathered rows x [gate|up], activation */         \
 	X(SHARED_UP, "shared_up", TILES)       /* every token x the shared [gate|up] */            \
-	X(EXPERT_DOWN, "expert_down", COLUMNS) /* x down, scaled, summed in expert order */        \
+	X(EXPERT_DOWN, "expert_down", COLUMNS) /* x down: one output row per grouped row */        \
 	X(SHARED_DOWN, "shared_down", COLUMNS) /* + the shared FFN */                              \
 	X(PASSTHROUGH, "passthrough", COLUMNS) /* + w x for slots over capacity */                 \
 	X(OUTPUT_BIAS, "output_bias", COLUMNS) /* + the layer's output bias */                     \
@@ -50,7 +50,8 @@ MOE_DEFINE_ENUM(moe_shape, MOE_SHAPE_, MOE_SHAPES);
 	X(SOFT_SLOT_IN, "soft_slot_in", SLOTS)   /* slot inputs */                                 \
 	X(SOFT_SLOTS, "soft_slots", SERIAL)      /* the slots become the experts' rows */          \
 	X(SOFT_OUT, "soft_out", TOKENS)          /* y = combine x slot outputs */                  \
-	X(SOFT_STATS, "soft_stats", SERIAL)
+	X(SOFT_STATS, "soft_stats", SERIAL)                                                        \
+	X(COMBINE, "combine", COLUMNS) /* y = each token's weighted rows, in slot order */
 
 #define MOE_ENUM_X_MOE_OP_(v, s, shape) MOE_OP_##v,
 MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
@@ -82,7 +83,10 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
 	X(SOFT_C, "soft_c")     /* [T, S] f32 combine weights */                                   \
 	X(SOFT_D, "soft_d")     /* [S, T] f32 dispatch weights */                                  \
 	X(SOFT_XS, "soft_xs")   /* [S, H] f32 slot inputs */                                       \
-	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */
+	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */                                      \
+	X(SLOT_ROW, "slot_row") /* [T, W] i64 grouped row of each slot (-1: none) */               \
+	X(DROWS, "drows")       /* [T * W] i32 identity: the down op's output row of each row */   \
+	X(ROWS_Y, "rows_y")     /* [T * W, H] f32 each grouped row's expert output */
 
 #define MOE_ENUM_X_MOE_BUF_(v, s) MOE_BUF_##v,
 MOE_DEFINE_ENUM(moe_buf, MOE_BUF_, MOE_BUFS);

@@ -37,6 +37,11 @@ void moe_workspace(const struct moe_desc *d, uint64_t ops, uint32_t ld_h, uint32
 		b[MOE_BUF_ROW_W].per_token = 4 * W;
 		b[MOE_BUF_H].per_token = 4 * W * ld_h;
 	}
+	if (HAS(COMBINE)) {
+		b[MOE_BUF_SLOT_ROW].per_token = 8 * W;
+		b[MOE_BUF_DROWS].per_token = 4 * W;
+		b[MOE_BUF_ROWS_Y].per_token = 4 * W * H;
+	}
 	if (HAS(SHARED_UP)) {
 		b[MOE_BUF_SROWS].per_token = 4;
 		b[MOE_BUF_H_SHARED].per_token = 4ull * ld_h_shared;

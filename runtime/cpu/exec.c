@@ -74,7 +74,8 @@ static int ws_reserve(struct moe_model *m, size_t T)
 	B_(sgate, SGATE), B_(prio, PRIO), B_(kept, KEPT), B_(counts, COUNTS);
 	B_(offsets, OFFSETS), B_(rows, ROWS), B_(row_w, ROW_W), B_(srows, SROWS), B_(h, H);
 	B_(hs, H_SHARED), B_(soft_xn, SOFT_XN), B_(soft_c, SOFT_C), B_(soft_d, SOFT_D);
-	B_(soft_xs, SOFT_XS), B_(soft_y, SOFT_Y);
+	B_(soft_xs, SOFT_XS), B_(soft_y, SOFT_Y), B_(slot_row, SLOT_ROW), B_(drows, DROWS);
+	B_(rows_y, ROWS_Y);
 #undef B_
 	ws->cap_tokens = cap;
 	return 0;
@@ -243,9 +244,12 @@ static enum moe_status begin_capacity(struct moe_exec *x)
 	return MOE_OK;
 }
 
-/* Counts, offsets and the rows of each expert sorted by token. A slot is
- * kept unless the capacity dropped it or the router left it empty (id -1:
- * expert choice). Dropped slots feed the passthrough. */
+/* Counts, offsets and the rows of each expert sorted by token, and the row
+ * of each slot for the combine. A slot is kept unless the capacity dropped it
+ * or the router left it empty (id -1: expert choice). Dropped slots feed the
+ * passthrough. The rows' weights scale the up projection only where the
+ * routing weight scales the input; otherwise they are 1 and the combine
+ * weights each row's output, as the staged calls do. */
 static enum moe_status begin_group(struct moe_exec *x)
 {
 	const struct moe_desc *d = x->d;
@@ -266,17 +270,22 @@ static enum moe_status begin_group(struct moe_exec *x)
 	if (!fill)
 		return MOE_ERR_NOMEM;
 	size_t n_pass = 0;
+	int w_in = d->apply_to == MOE_APPLY_INPUT;
 	for (size_t t = 0; t < T; t++)
 		for (size_t j = 0; j < W; j++) {
 			size_t s = t * W + j;
 			if (!ws->kept[s]) {
 				n_pass++;
+				if (ws->slot_row)
+					ws->slot_row[s] = -1;
 				continue;
 			}
 			int32_t e = ws->ids[s];
 			int64_t row = ws->offsets[e] + fill[e]++;
 			ws->rows[row] = (int32_t)t;
-			ws->row_w[row] = ws->wts[s];
+			ws->row_w[row] = !ws->slot_row || w_in ? ws->wts[s] : 1.0f;
+			if (ws->slot_row)
+				ws->slot_row[s] = row;
 		}
 	free(fill);
 	if (d->overflow == MOE_OVERFLOW_PASSTHROUGH && n_pass && x->kept_set) {
@@ -298,6 +307,19 @@ static enum moe_status begin_group(struct moe_exec *x)
 				       .counts = ws->counts,
 				       .offsets = ws->offsets,
 				       .h = ws->h};
+	if (ws->slot_row) { /* the down op writes one row per row; the combine sums them */
+		int64_t n = ws->offsets[E];
+		for (int64_t r = 0; r < n; r++)
+			ws->drows[r] = (int32_t)r;
+		x->ffn.out = ws->rows_y;
+		x->ffn.out_rows = (size_t)n;
+		x->ffn.out_map = ws->drows;
+		x->c_ry = ws->rows_y;
+		x->c_slot_row = ws->slot_row;
+		x->c_ids = ws->ids;
+		x->c_w = ws->wts;
+		x->c_unit_w = w_in;
+	}
 	return MOE_OK;
 }
 
@@ -399,9 +421,36 @@ static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned
 			continue;
 		int64_t base = x->ffn.offsets[e];
 		const char *panels = (const char *)lw->down + (size_t)e * g->down_elems * es;
+		const int32_t *map = x->ffn.out_map ? x->ffn.out_map : x->ffn.rows;
 		MOE_KERNEL(x->m, DOWN)
-		(x->ffn.h + (size_t)base * g->ld_h, x->ffn.rows + base, x->ffn.row_w + base, n,
-		 panels, lw->bd ? lw->bd + (size_t)e * g->ld_bias : NULL, x->ffn.out, p0, p1);
+		(x->ffn.h + (size_t)base * g->ld_h, map + base, x->ffn.row_w + base, n, panels,
+		 lw->bd ? lw->bd + (size_t)e * g->ld_bias : NULL, x->ffn.out, p0, p1);
+	}
+}
+
+/* y = each token's slot outputs, weighted, summed in slot order k = 0..W-1
+ * whatever expert, rank or thread computed them: the staged calls and the
+ * forward share this op, so their results are the same bits. */
+static void run_combine(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread)
+{
+	(void)thread;
+	size_t H = x->d->hidden, W = moe_desc_route_width(x->d);
+	int64_t c0, c1;
+	cols_of(x, p0, p1, &c0, &c1);
+	for (size_t t = 0; t < x->T; t++) {
+		float *yr = x->y + t * H;
+		for (int64_t c = c0; c < c1; c++)
+			yr[c] = 0.0f;
+		for (size_t k = 0; k < W; k++) {
+			size_t s = t * W + k;
+			int64_t row = x->c_slot_row ? x->c_slot_row[s] : (int64_t)s;
+			if (x->c_ids[s] < 0 || row < 0)
+				continue;
+			float w = x->c_unit_w ? 1.0f : x->c_w[s];
+			const float *r = x->c_ry + (size_t)row * H;
+			for (int64_t c = c0; c < c1; c++)
+				yr[c] += w * r[c];
+		}
 	}
 }
 
@@ -572,6 +621,7 @@ const struct moe_op_exec moe_op_execs[MOE_OP_COUNT] = {
     [MOE_OP_SOFT_SLOTS] = {0, moe_begin_soft_slots, NULL},
     [MOE_OP_SOFT_OUT] = {MOE_SOFT_TOKENS_PER_TASK, NULL, moe_run_soft_out},
     [MOE_OP_SOFT_STATS] = {0, moe_begin_soft_stats, NULL},
+    [MOE_OP_COMBINE] = {0, NULL, run_combine},
 };
 
 /* The walker ---------------------------------------------------------------------- */
@@ -598,20 +648,26 @@ static void dispatch_task(void *ctx, size_t task, unsigned thread)
 		moe_op_execs[r->ops[i]].run(r->x, a, b, thread);
 }
 
-static enum moe_status run_ops(struct moe_exec *x)
+/* Run the plan's ops that are in the set `only` (bit per op), in plan order:
+ * a maximal run of consecutive ops of one shape is one dispatch. */
+static enum moe_status run_ops(struct moe_exec *x, uint64_t only)
 {
 	const struct moe_gen *g = x->m->gen;
 	unsigned nth = moe_pool_size(x->m->pool);
-	for (uint32_t i = 0; i < g->n_ops;) {
-		enum moe_shape shape = moe_op_shapes[g->ops[i]];
+	uint8_t ops[MOE_MAX_OPS];
+	uint32_t n_ops = 0;
+	for (uint32_t i = 0; i < g->n_ops && n_ops < MOE_MAX_OPS; i++)
+		if (only & MOE_OP_BIT(g->ops[i]))
+			ops[n_ops++] = g->ops[i];
+	for (uint32_t i = 0; i < n_ops;) {
+		enum moe_shape shape = moe_op_shapes[ops[i]];
 		uint32_t j = i + 1;
-		while (shape != MOE_SHAPE_SERIAL && j < g->n_ops &&
-		       moe_op_shapes[g->ops[j]] == shape)
+		while (shape != MOE_SHAPE_SERIAL && j < n_ops && moe_op_shapes[ops[j]] == shape)
 			j++;
-		struct dispatch r = {.x = x, .ops = g->ops + i, .n_ops = j - i, .shape = shape};
+		struct dispatch r = {.x = x, .ops = ops + i, .n_ops = j - i, .shape = shape};
 		x->n_tiles = 0;
 		for (uint32_t k = i; k < j; k++) {
-			const struct moe_op_exec *e = &moe_op_execs[g->ops[k]];
+			const struct moe_op_exec *e = &moe_op_execs[ops[k]];
 			enum moe_status st = e->begin ? e->begin(x) : MOE_OK;
 			if (st != MOE_OK)
 				return st;
@@ -665,11 +721,102 @@ enum moe_status moe_exec_forward(struct moe_model *m, const struct moe_layer_w *
 	    .m = m, .lw = lw, .d = m->d, .x = x, .x_in = x, .y = y, .T = T, .rt = rt};
 	if (opts)
 		ex.fwd = *opts;
-	enum moe_status st = run_ops(&ex);
+	enum moe_status st = run_ops(&ex, ~0ull);
 	if (st == MOE_ERR_NOMEM)
 		moe_set_error("moe_forward: out of memory");
 	for (size_t i = 0; i < ex.n_scratch; i++)
 		free(ex.scratch[i]);
 	free(ex.tiles);
 	return st;
+}
+
+/* The stages ------------------------------------------------------------------- */
+
+static enum moe_status stage_end(struct moe_exec *ex, enum moe_status st, const char *what)
+{
+	if (st == MOE_ERR_NOMEM)
+		moe_set_error("%s: out of memory", what);
+	for (size_t i = 0; i < ex->n_scratch; i++)
+		free(ex->scratch[i]);
+	free(ex->tiles);
+	return st;
+}
+
+#define ROUTE_OPS (MOE_OP_BIT(MOE_OP_ROUTE) | MOE_OP_BIT(MOE_OP_ROUTE_X))
+
+enum moe_status moe_exec_route(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+			       size_t T, int32_t *ids, float *w, const struct moe_fwd_opts *opts)
+{
+	if (ws_reserve(m, T) != 0) {
+		moe_set_error("moe_route: out of memory for the workspace of %zu tokens", T);
+		return MOE_ERR_NOMEM;
+	}
+	struct moe_exec ex = {.m = m, .lw = lw, .d = m->d, .x = x, .x_in = x, .T = T};
+	if (opts)
+		ex.fwd = *opts;
+	enum moe_status st = run_ops(&ex, ROUTE_OPS);
+	if (st == MOE_OK) {
+		size_t n = T * moe_desc_route_width(m->d);
+		memcpy(ids, m->ws.ids, n * sizeof *ids);
+		memcpy(w, m->ws.wts, n * sizeof *w);
+	}
+	return stage_end(&ex, st, "moe_route");
+}
+
+enum moe_status moe_exec_experts(struct moe_model *m, const struct moe_layer_w *lw,
+				 const float *rows_x, size_t n_rows, const int64_t *counts,
+				 const float *rows_w, float *rows_y)
+{
+	/* the workspace of T tokens holds T * W grouped rows */
+	size_t W = moe_desc_route_width(m->d), T = (n_rows + W - 1) / W;
+	uint32_t E = m->d->n_experts;
+	if (ws_reserve(m, T) != 0) {
+		moe_set_error("moe_experts: out of memory for the workspace of %zu rows", n_rows);
+		return MOE_ERR_NOMEM;
+	}
+	struct moe_ws *ws = &m->ws;
+	ws->offsets[0] = 0;
+	for (uint32_t e = 0; e < E; e++) {
+		ws->counts[e] = counts[e];
+		ws->offsets[e + 1] = ws->offsets[e] + counts[e];
+	}
+	for (size_t r = 0; r < n_rows; r++) {
+		ws->drows[r] = (int32_t)r;
+		ws->row_w[r] = rows_w ? rows_w[r] : 1.0f;
+	}
+	struct moe_exec ex = {.m = m, .lw = lw, .d = m->d, .T = T};
+	ex.ffn = (struct moe_ffn_rows){.in = rows_x,
+				       .out = rows_y,
+				       .out_rows = n_rows,
+				       .rows = ws->drows,
+				       .row_w = ws->row_w,
+				       .counts = ws->counts,
+				       .offsets = ws->offsets,
+				       .h = ws->h};
+	enum moe_status st =
+	    run_ops(&ex, MOE_OP_BIT(MOE_OP_EXPERT_UP) | MOE_OP_BIT(MOE_OP_EXPERT_DOWN));
+	return stage_end(&ex, st, "moe_experts");
+}
+
+enum moe_status moe_exec_combine(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+				 size_t T, const int32_t *ids, const float *w, const float *rows_y,
+				 const int64_t *slot_row, float *y)
+{
+	if (ws_reserve(m, T) != 0) {
+		moe_set_error("moe_combine: out of memory for the workspace of %zu tokens", T);
+		return MOE_ERR_NOMEM;
+	}
+	struct moe_exec ex = {.m = m, .lw = lw, .d = m->d, .x = x, .x_in = x, .y = y, .T = T};
+	ex.c_ry = rows_y;
+	ex.c_slot_row = slot_row;
+	ex.c_ids = ids;
+	ex.c_w = w;
+	ex.c_unit_w = m->d->apply_to == MOE_APPLY_INPUT;
+	uint64_t only = MOE_OP_BIT(MOE_OP_SHARED_UP) | MOE_OP_BIT(MOE_OP_COMBINE) |
+			MOE_OP_BIT(MOE_OP_SHARED_DOWN) | MOE_OP_BIT(MOE_OP_OUTPUT_BIAS);
+	/* a sigmoid-gated shared FFN takes its gate from the router kernel */
+	if (m->shared.width && m->d->shared_gate == MOE_SHARED_GATE_SIGMOID)
+		only |= ROUTE_OPS;
+	enum moe_status st = run_ops(&ex, only);
+	return stage_end(&ex, st, "moe_combine");
 }

@@ -10,7 +10,7 @@
 #include "moe_desc.h"
 #include "moe_ops.h"
 
-#define MOE_KERNELS_ABI 6
+#define MOE_KERNELS_ABI 7
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -274,6 +274,9 @@ struct moe_ws {
 	int64_t *counts, *offsets;
 	uint8_t *kept;
 	float *soft_xn, *soft_c, *soft_d, *soft_xs, *soft_y;
+	int64_t *slot_row;
+	int32_t *drows;
+	float *rows_y;
 };
 
 struct moe_pool;
@@ -287,6 +290,7 @@ struct moe_model {
 	int loaded;
 	atomic_int busy;
 	struct moe_cuda *cuda; /* device state when created for MOE_DEVICE_CUDA */
+	uint32_t e0, e1;       /* the routed experts it holds: [e0, e1) */
 	struct moe_ws ws;
 };
 
@@ -315,6 +319,7 @@ struct moe_ffn_rows {
 	float *out;      /* [out_rows, H] the down tiles' output, zeroed first */
 	size_t out_rows;
 	const int32_t *rows;
+	const int32_t *out_map; /* the down tiles' output row of each row (NULL: rows) */
 	const float *row_w;
 	const int64_t *counts, *offsets; /* per expert */
 	float *h;                        /* [rows, ld_h] */
@@ -331,6 +336,14 @@ struct moe_exec {
 	struct moe_routing *rt;
 	struct moe_fwd_opts fwd;
 	struct moe_ffn_rows ffn;
+	/* the combine: y[t] = sum over slots k in order of w[t, k] * ry[slot_row[t, k]]
+	 * (slot_row NULL: row t * W + k; a slot with id < 0 or row < 0 adds nothing;
+	 * unit_w: every weight is 1, the routing weight scaled the input) */
+	const float *c_ry;
+	const int64_t *c_slot_row;
+	const int32_t *c_ids;
+	const float *c_w;
+	int c_unit_w;
 	int32_t *srows; /* the shared FFN's rows: 0..T-1 */
 	int kept_set;   /* the capacity op marked ws.kept */
 	int64_t n_dropped;
@@ -358,6 +371,20 @@ extern const struct moe_op_exec moe_op_execs[MOE_OP_COUNT];
 enum moe_status moe_exec_forward(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
 				 float *y, size_t T, struct moe_routing *rt,
 				 const struct moe_fwd_opts *opts);
+/* The stages of the forward, each the ops of the plan that belong to it (the
+ * forward runs them all, in plan order, with the same arithmetic): the
+ * router into ids and weights [T, W]; the experts over rows grouped by expert
+ * (counts[E], rows_w: the routing weight of each row where it scales the
+ * input, else NULL) into rows_y; the combine of slot outputs (slot_row NULL:
+ * rows_y is [T, W, H] in slot order), the shared FFN and the output bias. */
+enum moe_status moe_exec_route(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+			       size_t T, int32_t *ids, float *w, const struct moe_fwd_opts *opts);
+enum moe_status moe_exec_experts(struct moe_model *m, const struct moe_layer_w *lw,
+				 const float *rows_x, size_t n_rows, const int64_t *counts,
+				 const float *rows_w, float *rows_y);
+enum moe_status moe_exec_combine(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
+				 size_t T, const int32_t *ids, const float *w, const float *rows_y,
+				 const int64_t *slot_row, float *y);
 void moe_ws_free(struct moe_ws *ws);
 int moe_gen_has_op(const struct moe_gen *g, enum moe_op op);
 /* 64-byte aligned scratch freed after the forward; NULL when out of memory. */
