@@ -126,7 +126,8 @@ static int contains(const char *hay, const char *fmt, ...)
  * is refused with a message naming it. */
 static int cuda_mode(enum moe_mode m)
 {
-	return m == MOE_MODE_TOKEN_CHOICE || m == MOE_MODE_DENSE || m == MOE_MODE_TOP_P;
+	return m == MOE_MODE_TOKEN_CHOICE || m == MOE_MODE_DENSE || m == MOE_MODE_TOP_P ||
+	       m == MOE_MODE_SPARSEMIXER;
 }
 
 static void test_refusals(void **state)

@@ -442,6 +442,33 @@ static void test_top_p_norm(void **state)
 	check_case(&c, "top-p-norm");
 }
 
+/* Phi-3.5's sparsemixer: two masked softmaxes, bf16 tensor cores; the tiled
+ * router */
+static void test_sparsemixer(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/phi-3.5-moe.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", NULL},
+			  40,
+			  0,
+			  0};
+	check_case(&c, "phi-3.5-moe");
+}
+
+/* sparsemixer with a wide eps (more experts in each masked softmax), f32
+ * weights; the small-T router */
+static void test_sparsemixer_eps(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/phi-3.5-moe.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", "sparsemixer.eps=0.5",
+			   "dtype.weights=f32", NULL},
+			  13,
+			  0,
+			  0};
+	check_case(&c, "phi-3.5-moe-eps");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -452,6 +479,7 @@ int main(void)
 	    cmocka_unit_test(test_dense),           cmocka_unit_test(test_output_bias),
 	    cmocka_unit_test(test_norm_after_drop), cmocka_unit_test(test_capacity_floor_min),
 	    cmocka_unit_test(test_top_p),           cmocka_unit_test(test_top_p_norm),
+	    cmocka_unit_test(test_sparsemixer),     cmocka_unit_test(test_sparsemixer_eps),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
