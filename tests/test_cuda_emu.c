@@ -469,6 +469,36 @@ static void test_sparsemixer_eps(void **state)
 	check_case(&c, "phi-3.5-moe-eps");
 }
 
+/* Shazeer's hierarchical gates: a softmax over groups, then inside each
+ * chosen group; f32 relu experts; the tiled router */
+static void test_hierarchical(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/shazeer-hierarchical.yaml",
+			  {"model.hidden=64", "experts.count=32", "experts.intermediate=64",
+			   "hierarchical.levels=[{groups: 4, top_k: 2}, {top_k: 3}]", NULL},
+			  40,
+			  0,
+			  0};
+	check_case(&c, "shazeer-hierarchical");
+}
+
+/* hierarchical with sigmoid gates normalized to sum 1, a routed scale and
+ * bf16 weights; the small-T router */
+static void test_hierarchical_sigmoid(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/shazeer-hierarchical.yaml",
+			  {"model.hidden=64", "experts.count=24", "experts.intermediate=64",
+			   "hierarchical.levels=[{groups: 3, top_k: 2}, {top_k: 2}]",
+			   "router.score=sigmoid", "router.normalize=sum", "router.scale=2.5",
+			   "dtype.weights=bf16", NULL},
+			  11,
+			  0,
+			  0};
+	check_case(&c, "hierarchical-sigmoid");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -480,6 +510,7 @@ int main(void)
 	    cmocka_unit_test(test_norm_after_drop), cmocka_unit_test(test_capacity_floor_min),
 	    cmocka_unit_test(test_top_p),           cmocka_unit_test(test_top_p_norm),
 	    cmocka_unit_test(test_sparsemixer),     cmocka_unit_test(test_sparsemixer_eps),
+	    cmocka_unit_test(test_hierarchical),    cmocka_unit_test(test_hierarchical_sigmoid),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
