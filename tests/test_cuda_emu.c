@@ -173,6 +173,16 @@ static void check_case(const struct ecase *ec, const char *tag)
 	struct moe_routing rr = {ids_ref, wt_ref, cnt_ref, imp_ref, 0, 0, 0, 0};
 	struct moe_fwd_opts fo = {ec->training, 1234, d->moe_layers[0]};
 	assert_int_equal(moe_ref_forward(d, &w, x, yref, T, &fo, &rr, err, sizeof err), MOE_OK);
+	if (ec->training) { /* the noise changes the routing: the case tests it */
+		struct moe_routing r0 = {ids, wt, cnt, imp, 0, 0, 0, 0};
+		assert_int_equal(moe_ref_forward(d, &w, x, y, T, NULL, &r0, err, sizeof err),
+				 MOE_OK);
+		size_t changed = 0;
+		for (size_t i = 0; i < T * W; i++)
+			changed += ids[i] != ids_ref[i] || wt[i] != wt_ref[i];
+		fprintf(stderr, "%s: the noise changes %zu of %zu slots\n", tag, changed, T * W);
+		assert_true(changed > 0);
+	}
 
 	struct moe_cuda_image im = {"sm_90", (const unsigned char *)so, strlen(so) + 1};
 	struct moe_cuda_gen g = {MOE_CUDA_ABI, sizeof *d, d, "", tag, 1, &im};
@@ -239,8 +249,10 @@ static void check_case(const struct ecase *ec, const char *tag)
 	assert_true(fabs((double)rt.z_loss - rr.z_loss) <= 1e-4 * (fabs((double)rr.z_loss) + 1));
 
 	/* batch invariance: every token alone gives the same row, bit for bit
-	 * (no capacity or expert choice: tokens do not interact) */
-	if (d->capacity == MOE_CAPACITY_NONE && d->mode != MOE_MODE_EXPERT_CHOICE) {
+	 * (no capacity or expert choice: tokens do not interact; not in training,
+	 * where the noise draw depends on the token's index in the call) */
+	if (d->capacity == MOE_CAPACITY_NONE && d->mode != MOE_MODE_EXPERT_CHOICE &&
+	    !ec->training) {
 		size_t t = T - 1;
 		float *y1 = malloc(H * sizeof *y1);
 		uint16_t *y1b = malloc(H * 2);
@@ -499,18 +511,71 @@ static void test_hierarchical_sigmoid(void **state)
 	check_case(&c, "hierarchical-sigmoid");
 }
 
+/* training: noisy top-k, logit + N(0, 1) softplus(x . noise row), the
+ * reference's draw for (seed, layer, token, expert); capacity by position */
+static void test_train_learned_noise(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/noisy-top-k.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", NULL},
+			  40,
+			  0,
+			  1};
+	check_case(&c, "noisy-top-k-train");
+}
+
+/* training: the learned noise on the hierarchical router's level 2; the
+ * small-T router */
+static void test_train_hierarchical(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/shazeer-hierarchical.yaml",
+			  {"model.hidden=64", "experts.count=32", "experts.intermediate=64",
+			   "hierarchical.levels=[{groups: 4, top_k: 2}, {top_k: 2}]", NULL},
+			  20,
+			  0,
+			  1};
+	check_case(&c, "hierarchical-train");
+}
+
+/* training: the input jitter x * U(1 - eps, 1 + eps) that router and experts
+ * see (sparsemixer, f32 weights, a wide eps) */
+static void test_train_jitter(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/phi-3.5-moe.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", "dtype.weights=f32",
+			   "router.noise={kind: jitter, eps: 0.2}", NULL},
+			  37,
+			  0,
+			  1};
+	check_case(&c, "phi-3.5-moe-jitter");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_mixtral_mini),    cmocka_unit_test(test_deepseek_v3_small),
-	    cmocka_unit_test(test_gpt_oss),         cmocka_unit_test(test_llama4),
-	    cmocka_unit_test(test_switch_capacity), cmocka_unit_test(test_capacity_score),
-	    cmocka_unit_test(test_qwen15_bf16_act), cmocka_unit_test(test_dbrx_f16),
-	    cmocka_unit_test(test_dense),           cmocka_unit_test(test_output_bias),
-	    cmocka_unit_test(test_norm_after_drop), cmocka_unit_test(test_capacity_floor_min),
-	    cmocka_unit_test(test_top_p),           cmocka_unit_test(test_top_p_norm),
-	    cmocka_unit_test(test_sparsemixer),     cmocka_unit_test(test_sparsemixer_eps),
-	    cmocka_unit_test(test_hierarchical),    cmocka_unit_test(test_hierarchical_sigmoid),
+	    cmocka_unit_test(test_mixtral_mini),
+	    cmocka_unit_test(test_deepseek_v3_small),
+	    cmocka_unit_test(test_gpt_oss),
+	    cmocka_unit_test(test_llama4),
+	    cmocka_unit_test(test_switch_capacity),
+	    cmocka_unit_test(test_capacity_score),
+	    cmocka_unit_test(test_qwen15_bf16_act),
+	    cmocka_unit_test(test_dbrx_f16),
+	    cmocka_unit_test(test_dense),
+	    cmocka_unit_test(test_output_bias),
+	    cmocka_unit_test(test_norm_after_drop),
+	    cmocka_unit_test(test_capacity_floor_min),
+	    cmocka_unit_test(test_top_p),
+	    cmocka_unit_test(test_top_p_norm),
+	    cmocka_unit_test(test_sparsemixer),
+	    cmocka_unit_test(test_sparsemixer_eps),
+	    cmocka_unit_test(test_hierarchical),
+	    cmocka_unit_test(test_hierarchical_sigmoid),
+	    cmocka_unit_test(test_train_learned_noise),
+	    cmocka_unit_test(test_train_hierarchical),
+	    cmocka_unit_test(test_train_jitter),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
