@@ -127,7 +127,8 @@ static int contains(const char *hay, const char *fmt, ...)
 static int cuda_mode(enum moe_mode m)
 {
 	return m == MOE_MODE_TOKEN_CHOICE || m == MOE_MODE_DENSE || m == MOE_MODE_TOP_P ||
-	       m == MOE_MODE_SPARSEMIXER || m == MOE_MODE_HIERARCHICAL;
+	       m == MOE_MODE_SPARSEMIXER || m == MOE_MODE_HIERARCHICAL ||
+	       m == MOE_MODE_EXPERT_CHOICE;
 }
 
 static void test_refusals(void **state)

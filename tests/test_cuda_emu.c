@@ -552,6 +552,34 @@ static void test_train_jitter(void **state)
 	check_case(&c, "phi-3.5-moe-jitter");
 }
 
+/* expert choice: each expert its top C = ceil(2 T / E) tokens by softmax
+ * score, f32 gelu experts; the tiled router */
+static void test_expert_choice(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/expert-choice.yaml",
+			  {"model.hidden=64", "experts.count=16", "experts.intermediate=64", NULL},
+			  50,
+			  0,
+			  0};
+	check_case(&c, "expert-choice");
+}
+
+/* expert choice with sigmoid scores, a routed scale, bf16 weights; a
+ * capacity of one token per expert at small T */
+static void test_expert_choice_small(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/expert-choice.yaml",
+			  {"model.hidden=64", "experts.count=8", "experts.intermediate=64",
+			   "router.score=sigmoid", "router.scale=1.5", "dtype.weights=bf16",
+			   "expert_choice.capacity_factor=0.5", NULL},
+			  9,
+			  0,
+			  0};
+	check_case(&c, "expert-choice-small");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -576,6 +604,8 @@ int main(void)
 	    cmocka_unit_test(test_train_learned_noise),
 	    cmocka_unit_test(test_train_hierarchical),
 	    cmocka_unit_test(test_train_jitter),
+	    cmocka_unit_test(test_expert_choice),
+	    cmocka_unit_test(test_expert_choice_small),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
