@@ -122,23 +122,29 @@ static int contains(const char *hay, const char *fmt, ...)
 	return strstr(hay, needle) != NULL;
 }
 
-/* The modes the backend generates are exactly token_choice and dense with
- * ordinary experts; everything else is refused with a message naming it. */
+/* The modes the backend generates, with ordinary experts; everything else
+ * is refused with a message naming it. */
+static int cuda_mode(enum moe_mode m)
+{
+	return m == MOE_MODE_TOKEN_CHOICE || m == MOE_MODE_DENSE || m == MOE_MODE_TOP_P ||
+	       m == MOE_MODE_SPARSEMIXER || m == MOE_MODE_HIERARCHICAL ||
+	       m == MOE_MODE_EXPERT_CHOICE;
+}
+
 static void test_refusals(void **state)
 {
 	(void)state;
 	int refused = 0, accepted = 0;
 	for (size_t i = 0; i < n_specs; i++) {
 		const struct moe_desc *d = specs[i].d;
-		int want = (d->mode == MOE_MODE_TOKEN_CHOICE || d->mode == MOE_MODE_DENSE) &&
-			   d->kind != MOE_KIND_SINGLE_NEURON;
+		int want = cuda_mode(d->mode) && d->kind != MOE_KIND_SINGLE_NEURON;
 		if (want != specs[i].plannable)
 			fail_msg("%s: plannable %d, expected %d (%s)", specs[i].path,
 				 specs[i].plannable, want, specs[i].refusal);
 		if (!want) {
 			refused++;
 			assert_non_null(strstr(specs[i].refusal, "not generated for target cuda"));
-			if (d->mode != MOE_MODE_TOKEN_CHOICE && d->mode != MOE_MODE_DENSE)
+			if (!cuda_mode(d->mode))
 				assert_true(contains(specs[i].refusal, "router.mode %s",
 						     moe_mode_names[d->mode]));
 		} else {

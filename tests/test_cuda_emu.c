@@ -94,7 +94,8 @@ struct ecase {
 	const char *spec;
 	const char *sets[10];
 	size_t T;
-	int dense; /* turn the router into mode dense */
+	int dense;    /* turn the router into mode dense */
+	int training; /* forward in training mode (the noise drawn) */
 };
 
 /* Compile d's kernels for the emulation into dir/NAME.so. */
@@ -170,7 +171,18 @@ static void check_case(const struct ecase *ec, const char *tag)
 	}
 	char err[4096] = "";
 	struct moe_routing rr = {ids_ref, wt_ref, cnt_ref, imp_ref, 0, 0, 0, 0};
-	assert_int_equal(moe_ref_forward(d, &w, x, yref, T, NULL, &rr, err, sizeof err), MOE_OK);
+	struct moe_fwd_opts fo = {ec->training, 1234, d->moe_layers[0]};
+	assert_int_equal(moe_ref_forward(d, &w, x, yref, T, &fo, &rr, err, sizeof err), MOE_OK);
+	if (ec->training) { /* the noise changes the routing: the case tests it */
+		struct moe_routing r0 = {ids, wt, cnt, imp, 0, 0, 0, 0};
+		assert_int_equal(moe_ref_forward(d, &w, x, y, T, NULL, &r0, err, sizeof err),
+				 MOE_OK);
+		size_t changed = 0;
+		for (size_t i = 0; i < T * W; i++)
+			changed += ids[i] != ids_ref[i] || wt[i] != wt_ref[i];
+		fprintf(stderr, "%s: the noise changes %zu of %zu slots\n", tag, changed, T * W);
+		assert_true(changed > 0);
+	}
 
 	struct moe_cuda_image im = {"sm_90", (const unsigned char *)so, strlen(so) + 1};
 	struct moe_cuda_gen g = {MOE_CUDA_ABI, sizeof *d, d, "", tag, 1, &im};
@@ -188,7 +200,7 @@ static void check_case(const struct ecase *ec, const char *tag)
 	    moe_cuda_memcpy(c, dx, bf16 ? (void *)xb : (void *)x, T * H * es, 1, err, sizeof err),
 	    MOE_OK);
 	struct moe_routing rt = {ids, wt, cnt, imp, 0, 0, 0, 0};
-	if (moe_cuda_forward(c, 0, dx, dy, T, &rt, NULL, err, sizeof err) != MOE_OK)
+	if (moe_cuda_forward(c, 0, dx, dy, T, &rt, &fo, err, sizeof err) != MOE_OK)
 		fail_msg("forward: %s", err);
 	assert_int_equal(
 	    moe_cuda_memcpy(c, bf16 ? (void *)yb : (void *)y, dy, T * H * es, 0, err, sizeof err),
@@ -198,10 +210,11 @@ static void check_case(const struct ecase *ec, const char *tag)
 			y[i] = moe_bf16_to_f32(yb[i]);
 
 	/* routing: the same experts in the same order, the same weights */
-	size_t diff_ids = 0;
+	size_t diff_ids = 0, unused = 0;
 	double werr = 0.0;
 	for (size_t i = 0; i < T * W; i++) {
 		diff_ids += ids[i] != ids_ref[i];
+		unused += ids_ref[i] < 0;
 		double e = fabs((double)wt[i] - wt_ref[i]) / (fabs((double)wt_ref[i]) + 1e-30);
 		werr = e > werr ? e : werr;
 	}
@@ -219,11 +232,16 @@ static void check_case(const struct ecase *ec, const char *tag)
 	if (bf16)
 		tol = 2e-2;
 	fprintf(stderr,
-		"%-28s T %4zu: ids differ %zu, weight rel err %.2e, output err %.2e of %.3g "
-		"(tol %.0e), dropped %lld, lb %.4f/%.4f\n",
-		tag, T, diff_ids, werr, emax / ymax, ymax, tol, (long long)rt.n_dropped,
+		"%-28s T %4zu: ids differ %zu (%zu unused), weight rel err %.2e, output err %.2e "
+		"of %.3g (tol %.0e), dropped %lld, lb %.4f/%.4f\n",
+		tag, T, diff_ids, unused, werr, emax / ymax, ymax, tol, (long long)rt.n_dropped,
 		(double)rt.lb_loss, (double)rr.lb_loss);
 	assert_int_equal(diff_ids, 0);
+	/* top-p and expert choice leave slots unused, the others none */
+	if (d->mode == MOE_MODE_TOP_P || d->mode == MOE_MODE_EXPERT_CHOICE)
+		assert_true(unused > 0 && unused < T * W);
+	else
+		assert_int_equal(unused, (size_t)rt.n_dropped);
 	assert_true(werr < 1e-5);
 	assert_true(ymax > 0.0);
 	assert_true(emax <= tol * ymax);
@@ -231,14 +249,16 @@ static void check_case(const struct ecase *ec, const char *tag)
 	assert_true(fabs((double)rt.z_loss - rr.z_loss) <= 1e-4 * (fabs((double)rr.z_loss) + 1));
 
 	/* batch invariance: every token alone gives the same row, bit for bit
-	 * (no capacity: tokens do not interact) */
-	if (d->capacity == MOE_CAPACITY_NONE) {
+	 * (no capacity or expert choice: tokens do not interact; not in training,
+	 * where the noise draw depends on the token's index in the call) */
+	if (d->capacity == MOE_CAPACITY_NONE && d->mode != MOE_MODE_EXPERT_CHOICE &&
+	    !ec->training) {
 		size_t t = T - 1;
 		float *y1 = malloc(H * sizeof *y1);
 		uint16_t *y1b = malloc(H * 2);
 		assert_true(y1 && y1b);
 		assert_int_equal(
-		    moe_cuda_forward(c, 0, dx + t * H * es, dy, 1, NULL, NULL, err, sizeof err),
+		    moe_cuda_forward(c, 0, dx + t * H * es, dy, 1, NULL, &fo, err, sizeof err),
 		    MOE_OK);
 		assert_int_equal(moe_cuda_memcpy(c, bf16 ? (void *)y1b : (void *)y1, dy, H * es, 0,
 						 err, sizeof err),
@@ -263,7 +283,7 @@ static void check_case(const struct ecase *ec, const char *tag)
 static void test_mixtral_mini(void **state)
 {
 	(void)state;
-	struct ecase c = {"specs/mixtral-mini.yaml", {NULL}, 70, 0};
+	struct ecase c = {"specs/mixtral-mini.yaml", {NULL}, 70, 0, 0};
 	check_case(&c, "mixtral-mini");
 }
 
@@ -277,6 +297,7 @@ static void test_deepseek_v3_small(void **state)
 			   "router.top_k=4", "router.groups={count: 4, top: 2, score: sum_top2}",
 			   "shared_experts.intermediate=96", NULL},
 			  19,
+			  0,
 			  0};
 	check_case(&c, "deepseek-v3");
 }
@@ -290,6 +311,7 @@ static void test_gpt_oss(void **state)
 			  {"model.hidden=96", "experts.count=8", "experts.intermediate=80",
 			   "router.top_k=3", NULL},
 			  150,
+			  0,
 			  0};
 	check_case(&c, "gpt-oss-20b");
 }
@@ -302,6 +324,7 @@ static void test_llama4(void **state)
 			  {"model.hidden=64", "experts.count=4", "experts.intermediate=64",
 			   "shared_experts.intermediate=64", NULL},
 			  33,
+			  0,
 			  0};
 	check_case(&c, "llama4-scout");
 }
@@ -315,6 +338,7 @@ static void test_switch_capacity(void **state)
 	    {"model.hidden=64", "experts.intermediate=128",
 	     "router.capacity={per_expert: 5, priority: position, overflow: passthrough}", NULL},
 	    48,
+	    0,
 	    0};
 	check_case(&c, "switch-base-8");
 }
@@ -327,6 +351,7 @@ static void test_capacity_score(void **state)
 			  {"model.hidden=64", "experts.intermediate=64",
 			   "router.capacity={factor: 0.5, priority: score, overflow: drop}", NULL},
 			  40,
+			  0,
 			  0};
 	check_case(&c, "noisy-top-k");
 }
@@ -339,6 +364,7 @@ static void test_qwen15_bf16_act(void **state)
 			  {"model.hidden=64", "experts.count=12", "experts.intermediate=32",
 			   "shared_experts.intermediate=64", "dtype.activations=bf16", NULL},
 			  21,
+			  0,
 			  0};
 	check_case(&c, "qwen1.5-moe-a2.7b");
 }
@@ -350,6 +376,7 @@ static void test_dbrx_f16(void **state)
 	struct ecase c = {"specs/dbrx.yaml",
 			  {"model.hidden=64", "experts.intermediate=64", "dtype.weights=f16", NULL},
 			  9,
+			  0,
 			  0};
 	check_case(&c, "dbrx");
 }
@@ -358,7 +385,7 @@ static void test_dbrx_f16(void **state)
 static void test_dense(void **state)
 {
 	(void)state;
-	struct ecase c = {"specs/mixtral-mini.yaml", {NULL}, 12, 1};
+	struct ecase c = {"specs/mixtral-mini.yaml", {NULL}, 12, 1, 0};
 	check_case(&c, "mixtral-mini-dense");
 }
 
@@ -369,6 +396,7 @@ static void test_output_bias(void **state)
 	struct ecase c = {"tests/cases/good/jetmoe.yaml",
 			  {"model.hidden=64", "experts.intermediate=64", NULL},
 			  10,
+			  0,
 			  0};
 	check_case(&c, "jetmoe");
 }
@@ -381,6 +409,7 @@ static void test_norm_after_drop(void **state)
 	struct ecase c = {"tests/cases/good/nllb-capacity.yaml",
 			  {"model.hidden=64", "experts.count=8", "experts.intermediate=64", NULL},
 			  40,
+			  0,
 			  0};
 	check_case(&c, "nllb-capacity");
 }
@@ -393,19 +422,190 @@ static void test_capacity_floor_min(void **state)
 	    "tests/cases/good/hunyuan.yaml",
 	    {"model.hidden=64", "experts.intermediate=64", "shared_experts.intermediate=64", NULL},
 	    23,
+	    0,
 	    0};
 	check_case(&c, "hunyuan");
+}
+
+/* top-p: a variable number of experts per token, unused slots -1; the
+ * tiled router (T > 32) */
+static void test_top_p(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/top-p-dynamic.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", "router.top_p=0.2", NULL},
+			  45,
+			  0,
+			  0};
+	check_case(&c, "top-p-dynamic");
+}
+
+/* top-p with a threshold most tokens reach with one expert, normalized
+ * weights, bf16 weights; the small-T router */
+static void test_top_p_norm(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/top-p-dynamic.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", "router.top_p=0.15",
+			   "router.normalize=sum", "dtype.weights=bf16", NULL},
+			  17,
+			  0,
+			  0};
+	check_case(&c, "top-p-norm");
+}
+
+/* Phi-3.5's sparsemixer: two masked softmaxes, bf16 tensor cores; the tiled
+ * router */
+static void test_sparsemixer(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/phi-3.5-moe.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", NULL},
+			  40,
+			  0,
+			  0};
+	check_case(&c, "phi-3.5-moe");
+}
+
+/* sparsemixer with a wide eps (more experts in each masked softmax), f32
+ * weights; the small-T router */
+static void test_sparsemixer_eps(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/phi-3.5-moe.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", "sparsemixer.eps=0.5",
+			   "dtype.weights=f32", NULL},
+			  13,
+			  0,
+			  0};
+	check_case(&c, "phi-3.5-moe-eps");
+}
+
+/* Shazeer's hierarchical gates: a softmax over groups, then inside each
+ * chosen group; f32 relu experts; the tiled router */
+static void test_hierarchical(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/shazeer-hierarchical.yaml",
+			  {"model.hidden=64", "experts.count=32", "experts.intermediate=64",
+			   "hierarchical.levels=[{groups: 4, top_k: 2}, {top_k: 3}]", NULL},
+			  40,
+			  0,
+			  0};
+	check_case(&c, "shazeer-hierarchical");
+}
+
+/* hierarchical with sigmoid gates normalized to sum 1, a routed scale and
+ * bf16 weights; the small-T router */
+static void test_hierarchical_sigmoid(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/shazeer-hierarchical.yaml",
+			  {"model.hidden=64", "experts.count=24", "experts.intermediate=64",
+			   "hierarchical.levels=[{groups: 3, top_k: 2}, {top_k: 2}]",
+			   "router.score=sigmoid", "router.normalize=sum", "router.scale=2.5",
+			   "dtype.weights=bf16", NULL},
+			  11,
+			  0,
+			  0};
+	check_case(&c, "hierarchical-sigmoid");
+}
+
+/* training: noisy top-k, logit + N(0, 1) softplus(x . noise row), the
+ * reference's draw for (seed, layer, token, expert); capacity by position */
+static void test_train_learned_noise(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/noisy-top-k.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", NULL},
+			  40,
+			  0,
+			  1};
+	check_case(&c, "noisy-top-k-train");
+}
+
+/* training: the learned noise on the hierarchical router's level 2; the
+ * small-T router */
+static void test_train_hierarchical(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/shazeer-hierarchical.yaml",
+			  {"model.hidden=64", "experts.count=32", "experts.intermediate=64",
+			   "hierarchical.levels=[{groups: 4, top_k: 2}, {top_k: 2}]", NULL},
+			  20,
+			  0,
+			  1};
+	check_case(&c, "hierarchical-train");
+}
+
+/* training: the input jitter x * U(1 - eps, 1 + eps) that router and experts
+ * see (sparsemixer, f32 weights, a wide eps) */
+static void test_train_jitter(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/phi-3.5-moe.yaml",
+			  {"model.hidden=64", "experts.intermediate=64", "dtype.weights=f32",
+			   "router.noise={kind: jitter, eps: 0.2}", NULL},
+			  37,
+			  0,
+			  1};
+	check_case(&c, "phi-3.5-moe-jitter");
+}
+
+/* expert choice: each expert its top C = ceil(2 T / E) tokens by softmax
+ * score, f32 gelu experts; the tiled router */
+static void test_expert_choice(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/expert-choice.yaml",
+			  {"model.hidden=64", "experts.count=16", "experts.intermediate=64", NULL},
+			  50,
+			  0,
+			  0};
+	check_case(&c, "expert-choice");
+}
+
+/* expert choice with sigmoid scores, a routed scale, bf16 weights; a
+ * capacity of one token per expert at small T */
+static void test_expert_choice_small(void **state)
+{
+	(void)state;
+	struct ecase c = {"specs/expert-choice.yaml",
+			  {"model.hidden=64", "experts.count=8", "experts.intermediate=64",
+			   "router.score=sigmoid", "router.scale=1.5", "dtype.weights=bf16",
+			   "expert_choice.capacity_factor=0.5", NULL},
+			  9,
+			  0,
+			  0};
+	check_case(&c, "expert-choice-small");
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_mixtral_mini),    cmocka_unit_test(test_deepseek_v3_small),
-	    cmocka_unit_test(test_gpt_oss),         cmocka_unit_test(test_llama4),
-	    cmocka_unit_test(test_switch_capacity), cmocka_unit_test(test_capacity_score),
-	    cmocka_unit_test(test_qwen15_bf16_act), cmocka_unit_test(test_dbrx_f16),
-	    cmocka_unit_test(test_dense),           cmocka_unit_test(test_output_bias),
-	    cmocka_unit_test(test_norm_after_drop), cmocka_unit_test(test_capacity_floor_min),
+	    cmocka_unit_test(test_mixtral_mini),
+	    cmocka_unit_test(test_deepseek_v3_small),
+	    cmocka_unit_test(test_gpt_oss),
+	    cmocka_unit_test(test_llama4),
+	    cmocka_unit_test(test_switch_capacity),
+	    cmocka_unit_test(test_capacity_score),
+	    cmocka_unit_test(test_qwen15_bf16_act),
+	    cmocka_unit_test(test_dbrx_f16),
+	    cmocka_unit_test(test_dense),
+	    cmocka_unit_test(test_output_bias),
+	    cmocka_unit_test(test_norm_after_drop),
+	    cmocka_unit_test(test_capacity_floor_min),
+	    cmocka_unit_test(test_top_p),
+	    cmocka_unit_test(test_top_p_norm),
+	    cmocka_unit_test(test_sparsemixer),
+	    cmocka_unit_test(test_sparsemixer_eps),
+	    cmocka_unit_test(test_hierarchical),
+	    cmocka_unit_test(test_hierarchical_sigmoid),
+	    cmocka_unit_test(test_train_learned_noise),
+	    cmocka_unit_test(test_train_hierarchical),
+	    cmocka_unit_test(test_train_jitter),
+	    cmocka_unit_test(test_expert_choice),
+	    cmocka_unit_test(test_expert_choice_small),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }

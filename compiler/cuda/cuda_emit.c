@@ -151,6 +151,23 @@ static const char *bool_lit(int v)
 	return v ? "true" : "false";
 }
 
+/* The router family of route_mode (moe_router.cuh) that runs mode m. */
+static const char *mode_family(enum moe_mode m)
+{
+	switch (m) {
+	case MOE_MODE_TOP_P:
+		return "top_p";
+	case MOE_MODE_SPARSEMIXER:
+		return "sparsemixer";
+	case MOE_MODE_HIERARCHICAL:
+		return "hierarchical";
+	case MOE_MODE_EXPERT_CHOICE:
+		return "expert_choice";
+	default:
+		return "topk";
+	}
+}
+
 /* The model's constants: shapes, formulas and features, everything the
  * fixed code of compiler/cuda/kernels specializes on. Every constant is
  * defined for every model (an unused one keeps a neutral value), since
@@ -172,6 +189,26 @@ static void emit_constants(struct gen *g)
 	      groups > 1 ? d->group_top : 1);
 	konst(b, "a group's score", "constexpr group_score kGroupScore = group_score::%s;",
 	      moe_group_score_names[d->group_score]);
+	konst(b, "the router family", "constexpr route_mode kMode = route_mode::%s;",
+	      mode_family(d->mode));
+	konst(b, "router rows: experts, group gate, noise", "constexpr int kRouterRows = %u;",
+	      moe_cuda_router_rows(d));
+	konst(b, "first group-gate row", "constexpr int kGroupRow = %u;", moe_cuda_group_row(d));
+	konst(b, "first noise row: rows at inference", "constexpr int kNoiseRow = %u;",
+	      moe_cuda_noise_row(d));
+	int hier = d->mode == MOE_MODE_HIERARCHICAL;
+	konst(b, "hierarchical: groups, top-k", "constexpr int kLevelGroups = %u;",
+	      hier ? d->levels[0].groups : 1);
+	konst(b, "", "constexpr int kLevelTop1 = %u, kLevelTop2 = %u;",
+	      hier ? d->levels[0].top_k : 1, hier ? d->levels[1].top_k : 1);
+	konst(b, "top-p threshold", "constexpr float kTopP = %s;",
+	      flit(d->mode == MOE_MODE_TOP_P ? d->top_p : 1.0f, f));
+	konst(b, "sparsemixer: 2 eps", "constexpr float kSparseEps2 = %s;",
+	      flit(2.0f * d->sparsemixer_eps, f));
+	konst(b, "training: learned gaussian noise", "constexpr bool kLearnedNoise = %s;",
+	      bool_lit(moe_cuda_learned_noise(d)));
+	konst(b, "training: jitter eps", "constexpr double kJitterEps = %s;",
+	      flit(d->noise == MOE_NOISE_JITTER ? d->jitter_eps : 0.0f, f));
 	konst(b, "router K chunk", "constexpr int kRChunk = %d;", MOE_CUDA_RCHUNK);
 	konst(b, "router K chunks", "constexpr int kChunks = %u;",
 	      (d->hidden + MOE_CUDA_RCHUNK - 1) / MOE_CUDA_RCHUNK);
@@ -282,9 +319,15 @@ static int emit_op(struct gen *g, enum moe_op op)
 	const struct moe_desc *d = g->d;
 	switch (op) {
 	case MOE_OP_JITTER:
-		return 0; /* training only: the CUDA runtime refuses training mode */
+		kernel(g, &(struct kernel){"moe_jitter", 256, "jitter",
+					   "jitter (training): x * U(1 - eps, 1 + eps)"});
+		return 0;
+	case MOE_OP_EC_SELECT:
+		kernel(g, &(struct kernel){"moe_ec_select", 256, "ec_select",
+					   "expert choice: each expert's top tokens"});
+		return 0;
 	case MOE_OP_ROUTE:
-	case MOE_OP_ROUTE_X: { /* its noise is for training only: the same router */
+	case MOE_OP_ROUTE_X: { /* noise: in route_token, at training only */
 		static const struct kernel ks[] = {
 		    {"moe_route_small", 256, "route_small",
 		     "route, T <= 32: the whole router in one launch"},

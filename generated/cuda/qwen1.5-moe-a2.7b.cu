@@ -27,6 +27,8 @@ enum class score_fn { softmax, sigmoid, sqrtsoftplus };
 enum class norm_fn { none, sum, lp };
 enum class group_score { max, sum_top2 };
 enum class act_fn { silu, gelu, gelu_tanh, relu, swiglu_oai };
+/* the router families of runtime/core/moe_modes.def this code generates */
+enum class route_mode { topk, top_p, sparsemixer, hierarchical, expert_choice };
 
 __device__ __forceinline__ float bf16_to_f32(bits16 h)
 {
@@ -85,7 +87,9 @@ struct moe_args {
 	int *slot_row;
 	void *h, *hs;
 	float *o, *os;
+	float *xj;
 	i64 T, small, capacity;
+	i64 training, seed, layer;
 };
 
 /* The argument of moe_pack: canonical f32 [rows, cols] -> packed
@@ -95,6 +99,37 @@ struct moe_pack_args {
 	void *dst;
 	i64 rows, cols, dst_rows, dst_cols, glu;
 };
+
+/* ---- the counter-based random numbers of the reference (runtime/ref) ---- */
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z)
+{
+	z += 0x9e3779b97f4a7c15ull;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ unsigned long long
+rng_hash(unsigned long long seed, unsigned long long a, unsigned long long b, unsigned long long c)
+{
+	return mix64(mix64(mix64(mix64(seed) ^ a) ^ b) ^ c);
+}
+
+/* [0, 1) from the 24 high bits */
+__device__ __forceinline__ float rng_uniform(unsigned long long h)
+{
+	return __fmul_rn((float)(h >> 40), 0x1p-24f);
+}
+
+/* a standard normal draw (Box-Muller in double) for (seed, a, b, c) */
+__device__ __forceinline__ float rng_normal(unsigned long long seed, unsigned long long a,
+					    unsigned long long b, unsigned long long c)
+{
+	const double u1 = rng_uniform(rng_hash(seed, a, b, c));
+	const double u2 = rng_uniform(rng_hash(seed, a, b, c ^ (1ull << 63)));
+	const double r = sqrt(__dmul_rn(-2.0, log(1.0 - u1)));
+	return (float)__dmul_rn(r, cos(__dmul_rn(2.0 * 3.14159265358979323846, u2)));
+}
 
 /* ---- block reductions (256 threads), in a fixed order: deterministic ---- */
 __device__ __forceinline__ float block_sum(float v)
@@ -183,6 +218,16 @@ constexpr int kGroups = 1;             /* expert groups (1: none) */
 constexpr int kGroupSize = 60;         /* experts per group */
 constexpr int kGroupTop = 1;           /* groups kept per token */
 constexpr group_score kGroupScore = group_score::max; /* a group's score */
+constexpr route_mode kMode = route_mode::topk; /* the router family */
+constexpr int kRouterRows = 60;        /* router rows: experts, group gate, noise */
+constexpr int kGroupRow = 60;          /* first group-gate row */
+constexpr int kNoiseRow = 60;          /* first noise row: rows at inference */
+constexpr int kLevelGroups = 1;        /* hierarchical: groups, top-k */
+constexpr int kLevelTop1 = 1, kLevelTop2 = 1;
+constexpr float kTopP = 1.0f;          /* top-p threshold */
+constexpr float kSparseEps2 = 0.0f;    /* sparsemixer: 2 eps */
+constexpr bool kLearnedNoise = false;  /* training: learned gaussian noise */
+constexpr double kJitterEps = 0.0f;    /* training: jitter eps */
 constexpr int kRChunk = 32;            /* router K chunk */
 constexpr int kChunks = 64;            /* router K chunks */
 constexpr score_fn kScore = score_fn::softmax; /* router scores */
@@ -384,19 +429,17 @@ __device__ __forceinline__ void pack(const moe_pack_args &p)
 }
 
 /* moe_router.cuh: the router, on the device: logits (tiled, or by chunk
- * partials for small T), scores, selection bias, group limits, top-k,
+ * partials for small T), the training noise, scores, selection bias, group
+ * limits, top-k, top-p, sparsemixer, the hierarchical gates, expert choice,
  * normalized and scaled weights, the shared experts' gate. Needs the
- * generated constants (shapes, kScore, kNorm, kDense, the feature flags). */
+ * generated constants (shapes, kMode, kScore, kNorm, kDense, kRouterRows,
+ * the feature flags). */
 
-/* routing weights: normalize (kNorm) over the kept slots in rank order, then
- * scale; keep null: every slot */
-__device__ void normalize_scale(float *w, const unsigned char *keep, int n)
+/* routing weights: normalize (kNorm) over the kept slots in rank order;
+ * keep null: every slot */
+__device__ void normalize_w(float *w, const unsigned char *keep, int n)
 {
-	if constexpr (kNorm == norm_fn::none) {
-		for (int j = 0; j < n; j++)
-			if (!keep || keep[j])
-				w[j] = w[j] * kScale;
-	} else {
+	if constexpr (kNorm != norm_fn::none) {
 		float S;
 		if constexpr (kNorm == norm_fn::lp) { /* the p-norm */
 			double acc = 0.0;
@@ -413,20 +456,81 @@ __device__ void normalize_scale(float *w, const unsigned char *keep, int n)
 		float den = S + kNormEps;
 		if (den < kNormMin)
 			den = kNormMin;
-		for (int j = 0; j < n; j++) {
-			if (keep && !keep[j])
-				continue;
-			if (den > 0.0f)
-				w[j] = w[j] / den;
+		if (den > 0.0f)
+			for (int j = 0; j < n; j++)
+				if (!keep || keep[j])
+					w[j] = w[j] / den;
+	}
+}
+
+/* normalized, then scaled by kScale */
+__device__ void normalize_scale(float *w, const unsigned char *keep, int n)
+{
+	normalize_w(w, keep, n);
+	for (int j = 0; j < n; j++)
+		if (!keep || keep[j])
 			w[j] = w[j] * kScale;
+}
+
+/* scores of n logits by one thread, in index order: the reference's formulas
+ * and summation order exactly (the small gates of the hierarchical router) */
+__device__ void seq_score(const float *l, float *s, int n)
+{
+	if constexpr (kScore == score_fn::softmax) {
+		float m = neg_inf();
+		for (int i = 0; i < n; i++)
+			m = l[i] > m ? l[i] : m;
+		float z = 0.0f;
+		for (int i = 0; i < n; i++) {
+			s[i] = (float)exp((double)(l[i] - m));
+			z += s[i];
+		}
+		for (int i = 0; i < n; i++)
+			s[i] = s[i] / z;
+	} else if constexpr (kScore == score_fn::sigmoid) {
+		for (int i = 0; i < n; i++)
+			s[i] = (float)(1.0 / (1.0 + exp(-(double)l[i])));
+	} else {
+		for (int i = 0; i < n; i++) {
+			const double v = l[i];
+			const float sp = (float)(v > 20.0 ? v : log1p(exp(v)));
+			s[i] = (float)sqrt((double)sp);
 		}
 	}
+}
+
+/* softmax of n logits by the block: exp in double, block sums */
+__device__ void block_softmax(const float *l, float *s, int n)
+{
+	float m = neg_inf();
+	for (int e = threadIdx.x; e < n; e += blockDim.x)
+		m = l[e] > m ? l[e] : m;
+	m = block_max(m);
+	float z = 0.0f;
+	for (int e = threadIdx.x; e < n; e += blockDim.x) {
+		const float v = (float)exp((double)(l[e] - m));
+		s[e] = v;
+		z += v;
+	}
+	z = block_sum(z);
+	for (int e = threadIdx.x; e < n; e += blockDim.x)
+		s[e] = s[e] / z;
+	__syncthreads();
 }
 
 /* ---- router ----
  * A logit is the sum, in chunk order, of fma chains over K chunks of kRChunk
  * columns in column order. Both router kernels compute exactly that, so a
- * token's routing never depends on the batch size. */
+ * token's routing never depends on the batch size. The router matrix has
+ * kRouterRows rows: the kExperts router rows, the group gate (hierarchical,
+ * from kGroupRow), then the noise rows (learned noise, from kNoiseRow),
+ * which only training computes. */
+
+/* the router rows a call computes */
+__device__ __forceinline__ int router_rows(const moe_args &a)
+{
+	return kLearnedNoise && a.training ? kRouterRows : kNoiseRow;
+}
 
 /* moe_route_logits: logits of 64 tokens x 64 experts per block, 4 x 4 per
  * thread; grid (T/64, E/64), 256 threads */
@@ -435,6 +539,7 @@ __device__ __forceinline__ void route_logits(const moe_args &a)
 	__shared__ float xs[64][kRChunk + 1], rs[64][kRChunk + 1];
 	const i64 t0 = blockIdx.x * 64LL;
 	const int e0 = blockIdx.y * 64, tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+	const int rows = router_rows(a);
 	const act_t *x = (const act_t *)a.x;
 	float tot[4][4], acc[4][4];
 	for (int i = 0; i < 4; i++)
@@ -447,8 +552,7 @@ __device__ __forceinline__ void route_logits(const moe_args &a)
 			const i64 t = t0 + r;
 			const int e = e0 + r;
 			xs[r][k] = t < a.T && k < n ? ld_act(x + t * kHidden + h0 + k) : 0.0f;
-			rs[r][k] =
-			    e < kExperts && k < n ? a.router[(i64)e * kHidden + h0 + k] : 0.0f;
+			rs[r][k] = e < rows && k < n ? a.router[(i64)e * kHidden + h0 + k] : 0.0f;
 		}
 		__syncthreads();
 		for (int i = 0; i < 4; i++)
@@ -468,25 +572,115 @@ __device__ __forceinline__ void route_logits(const moe_args &a)
 		for (int j = 0; j < 4; j++) {
 			const i64 t = t0 + ty * 4 + i;
 			const int e = e0 + tx * 4 + j;
-			if (t < a.T && e < kExperts)
-				a.logits[t * kExperts + e] = tot[i][j];
+			if (t < a.T && e < rows)
+				a.logits[t * kRouterRows + e] = tot[i][j];
 		}
 }
 
-/* One block (256 threads) per token: logits -> scores -> selection ->
- * weights. */
+/* Top-k of v[0, n) in rank order into ids[0, k) (thread 0 writes), plus
+ * base: value descending, ties to the lower index. */
+__device__ void block_topk(const float *v, int n, int k, int *ids, int base)
+{
+	int pk = -1;
+	float pv = 0.0f;
+	for (int j = 0; j < k; j++) {
+		pk = block_next(v, n, pv, pk);
+		pv = v[pk];
+		if (threadIdx.x == 0)
+			ids[j] = base + pk;
+	}
+	__syncthreads();
+}
+
+/* sparsemixer (inference): the first expert by logit, its weight the softmax
+ * of the logits within 2 eps (relative) of it; then the same for the best of
+ * the others with the first masked out. c is scratch of kExperts. */
+__device__ void route_sparsemixer(const float *l, float *s, float *c, int *ids, float *wts)
+{
+	const int e1 = block_next(l, kExperts, 0.0f, -1);
+	const float m1 = l[e1];
+	for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+		const float den = fabsf(l[e]) > m1 ? fabsf(l[e]) : m1;
+		c[e] = (m1 - l[e]) / den > kSparseEps2 ? neg_inf() : l[e];
+	}
+	__syncthreads();
+	block_softmax(c, s, kExperts);
+	const float w1 = s[e1];
+	const int e2 = block_next(l, kExperts, m1, e1);
+	const float m2 = l[e2];
+	for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+		const float den = fabsf(l[e]) > m2 ? fabsf(l[e]) : m2;
+		c[e] = e == e1 || (m2 - l[e]) / den > kSparseEps2 ? neg_inf() : l[e];
+	}
+	__syncthreads();
+	block_softmax(c, s, kExperts);
+	if (threadIdx.x == 0) {
+		ids[0] = e1, ids[1] = e2;
+		wts[0] = w1 * kScale, wts[1] = s[e2] * kScale;
+	}
+	__syncthreads();
+}
+
+/* hierarchical (two levels): a gate over kLevelGroups groups (the router rows
+ * from kGroupRow), its top kLevelTop1 normalized; inside each chosen group a
+ * gate over its experts, its top kLevelTop2 normalized; weight = product
+ * times kScale. gw holds 3 kLevelGroups floats of scratch: the group
+ * scores, the chosen groups, their weights. */
+__device__ void route_hierarchical(const moe_args &a, const float *l, float *s, float *c, int *ids,
+				   float *wts, float *gw)
+{
+	constexpr int n = kExperts / kLevelGroups;
+	float *gs = gw, *gpick = gw + kLevelGroups, *g1 = gw + 2 * kLevelGroups;
+	if (threadIdx.x == 0)
+		seq_score(l + kGroupRow, gs, kLevelGroups);
+	for (int g = threadIdx.x; g < kLevelGroups; g += blockDim.x)
+		seq_score(l + g * n, s + g * n, n);
+	__syncthreads();
+	int pg = -1;
+	float pv = 0.0f;
+	for (int j = 0; j < kLevelTop1; j++) {
+		pg = block_next(gs, kLevelGroups, pv, pg);
+		pv = gs[pg];
+		if (threadIdx.x == 0)
+			gpick[j] = (float)pg, g1[j] = gs[pg];
+	}
+	if (threadIdx.x == 0)
+		normalize_w(g1, nullptr, kLevelTop1);
+	__syncthreads();
+	for (int j = 0; j < kLevelTop1; j++) {
+		const int g = (int)gpick[j];
+		for (int i = threadIdx.x; i < n; i += blockDim.x)
+			c[g * n + i] = kSelectBias
+					   ? __fadd_rn(s[g * n + i], a.select_bias[g * n + i])
+					   : s[g * n + i];
+		__syncthreads();
+		block_topk(c + g * n, n, kLevelTop2, ids + j * kLevelTop2, g * n);
+		if (threadIdx.x == 0) {
+			float *w = wts + j * kLevelTop2;
+			for (int i = 0; i < kLevelTop2; i++)
+				w[i] = s[ids[j * kLevelTop2 + i]];
+			normalize_w(w, nullptr, kLevelTop2);
+			for (int i = 0; i < kLevelTop2; i++)
+				w[i] = g1[j] * w[i] * kScale;
+		}
+		__syncthreads();
+	}
+}
+
+/* One block (256 threads) per token: logits -> noise -> scores ->
+ * selection -> weights. */
 __device__ void route_token(const moe_args &a, const i64 t)
 {
-	float *l = a.logits + t * kExperts, *s = a.scores + t * kExperts;
+	float *l = a.logits + t * kRouterRows, *s = a.scores + t * kExperts;
 	float *c = a.sel + t * kExperts;
 	int *ids = a.ids + t * kRoute;
 	float *wts = a.wts + t * kRoute;
 
-	for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+	for (int e = threadIdx.x; e < router_rows(a); e += blockDim.x) {
 		float v;
 		if (a.small) { /* the chunk partials, in chunk order */
 			/* written by other blocks: volatile reads skip the L1 */
-			const volatile float *p = a.partials + (t * kExperts + e) * kChunks;
+			const volatile float *p = a.partials + (t * kRouterRows + e) * kChunks;
 			v = 0.0f;
 			for (int k = 0; k < kChunks; k++)
 				v = __fadd_rn(v, p[k]);
@@ -494,107 +688,132 @@ __device__ void route_token(const moe_args &a, const i64 t)
 			v = l[e];
 		}
 		if constexpr (kRouterBias)
-			v = __fadd_rn(v, a.router_bias[e]);
+			if (e < kExperts)
+				v = __fadd_rn(v, a.router_bias[e]);
 		l[e] = v;
 	}
 	__syncthreads();
 
-	if constexpr (kScore == score_fn::softmax) {
-		/* softmax over every expert: exp in double, like the reference */
-		float m = neg_inf();
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-			m = l[e] > m ? l[e] : m;
-		m = block_max(m);
-		float z = 0.0f;
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-			const float v = (float)exp((double)(l[e] - m));
-			s[e] = v;
-			z += v;
-		}
-		z = block_sum(z);
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-			s[e] = s[e] / z;
-	} else if constexpr (kScore == score_fn::sigmoid) {
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-			s[e] = (float)(1.0 / (1.0 + exp(-(double)l[e])));
-	} else { /* sqrt softplus */
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-			const double v = l[e];
-			const float sp = (float)(v > 20.0 ? v : log1p(exp(v)));
-			s[e] = (float)sqrt((double)sp);
-		}
-	}
-
-	if constexpr (kDense) {
-		/* dense: every expert, in order */
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-			c[e] = s[e];
-			ids[e] = e;
-		}
-		__syncthreads();
-	} else {
-		/* selection scores: the selection bias is for selection only */
-		for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
-			c[e] = kSelectBias ? __fadd_rn(s[e], a.select_bias[e]) : s[e];
-		__syncthreads();
-
-		if constexpr (kGroups > 1) {
-			/* group-limited: keep the kGroupTop best groups (kGroupScore),
-			 * mask the rest */
-			float *gs = a.gscore + t * kGroups;
-			for (int gi = threadIdx.x; gi < kGroups; gi += blockDim.x) {
-				const float *cg = c + gi * kGroupSize;
-				float b1 = neg_inf(), b2 = neg_inf();
-				for (int i = 0; i < kGroupSize; i++) {
-					if (cg[i] > b1)
-						b2 = b1, b1 = cg[i];
-					else if (cg[i] > b2)
-						b2 = cg[i];
-				}
-				if constexpr (kGroupScore == group_score::sum_top2 &&
-					      kGroupSize >= 2)
-					gs[gi] = b1 + b2;
-				else
-					gs[gi] = b1;
-			}
-			__syncthreads();
-			int pg = -1;
-			float pgv = 0.0f;
-			for (int j = 0; j < kGroupTop; j++) {
-				pg = block_next(gs, kGroups, pgv, pg);
-				pgv = gs[pg];
-			}
-			/* kept: the groups ranked up to the last one picked */
+	if constexpr (kLearnedNoise) {
+		/* training: logit + N(0, 1) * softplus(x . noise row), the draw the
+		 * reference's for (seed, layer, token, expert) */
+		if (a.training) {
 			for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-				const int gi = e / kGroupSize;
-				if (gi != pg && !ranks_before(gs[gi], gi, pgv, pg))
-					c[e] = neg_inf();
+				const double v = l[kNoiseRow + e];
+				const float sp = (float)(v > 20.0 ? v : log1p(exp(v)));
+				const float z = rng_normal(a.seed, a.layer, t, e);
+				l[e] = __fadd_rn(l[e], __fmul_rn(z, sp));
+			}
+			__syncthreads();
+		}
+	}
+
+	if constexpr (kMode == route_mode::sparsemixer) {
+		route_sparsemixer(l, s, c, ids, wts);
+	} else if constexpr (kMode == route_mode::hierarchical) {
+		route_hierarchical(a, l, s, c, ids, wts, a.gscore + t * 3 * kLevelGroups);
+	} else {
+		if constexpr (kScore == score_fn::softmax) {
+			/* softmax over every expert: exp in double, like the reference */
+			block_softmax(l, s, kExperts);
+		} else if constexpr (kScore == score_fn::sigmoid) {
+			for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
+				s[e] = (float)(1.0 / (1.0 + exp(-(double)l[e])));
+			__syncthreads();
+		} else { /* sqrt softplus */
+			for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+				const double v = l[e];
+				const float sp = (float)(v > 20.0 ? v : log1p(exp(v)));
+				s[e] = (float)sqrt((double)sp);
 			}
 			__syncthreads();
 		}
 
-		/* top-k in rank order: value descending, ties to the lower index */
-		int pk = -1;
-		float pv = 0.0f;
-		for (int j = 0; j < kRoute; j++) {
-			pk = block_next(c, kExperts, pv, pk);
-			pv = c[pk];
-			if (threadIdx.x == 0)
-				ids[j] = pk;
-		}
-		__syncthreads();
-	}
+		if constexpr (kMode == route_mode::expert_choice) {
+			/* the experts choose their tokens: moe_ec_select */
+		} else if constexpr (kDense) {
+			/* dense: every expert, in order */
+			for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+				c[e] = s[e];
+				ids[e] = e;
+			}
+			__syncthreads();
+		} else {
+			/* selection scores: the selection bias is for selection only */
+			for (int e = threadIdx.x; e < kExperts; e += blockDim.x)
+				c[e] = kSelectBias ? __fadd_rn(s[e], a.select_bias[e]) : s[e];
+			__syncthreads();
 
-	/* weights from the unbiased scores, normalized in rank order; with
-	 * kNormAfterDrop normalized and scaled after the capacity, over the slots
-	 * it keeps (moe_cap_normalize) */
-	if (threadIdx.x == 0) {
-		for (int j = 0; j < kRoute; j++)
-			wts[j] = s[ids[j]];
-		if constexpr (!kNormAfterDrop)
-			normalize_scale(wts, nullptr, kRoute);
-		if constexpr (kCapacity)
-			a.prio[t] = c[ids[0]]; /* capacity priority */
+			if constexpr (kGroups > 1) {
+				/* group-limited: keep the kGroupTop best groups
+				 * (kGroupScore), mask the rest */
+				float *gs = a.gscore + t * kGroups;
+				for (int gi = threadIdx.x; gi < kGroups; gi += blockDim.x) {
+					const float *cg = c + gi * kGroupSize;
+					float b1 = neg_inf(), b2 = neg_inf();
+					for (int i = 0; i < kGroupSize; i++) {
+						if (cg[i] > b1)
+							b2 = b1, b1 = cg[i];
+						else if (cg[i] > b2)
+							b2 = cg[i];
+					}
+					if constexpr (kGroupScore == group_score::sum_top2 &&
+						      kGroupSize >= 2)
+						gs[gi] = b1 + b2;
+					else
+						gs[gi] = b1;
+				}
+				__syncthreads();
+				int pg = -1;
+				float pgv = 0.0f;
+				for (int j = 0; j < kGroupTop; j++) {
+					pg = block_next(gs, kGroups, pgv, pg);
+					pgv = gs[pg];
+				}
+				/* kept: the groups ranked up to the last one picked */
+				for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+					const int gi = e / kGroupSize;
+					if (gi != pg && !ranks_before(gs[gi], gi, pgv, pg))
+						c[e] = neg_inf();
+				}
+				__syncthreads();
+			}
+
+			/* top-k in rank order: value descending, ties to the lower
+			 * index */
+			block_topk(c, kExperts, kRoute, ids, 0);
+		}
+
+		/* weights from the unbiased scores, normalized in rank order; with
+		 * kNormAfterDrop normalized and scaled after the capacity, over the
+		 * slots it keeps (moe_cap_normalize) */
+		if constexpr (kMode == route_mode::top_p) {
+			/* top-p: the fewest ranked experts whose scores, summed in
+			 * rank order, reach kTopP; the other slots hold id -1 */
+			if (threadIdx.x == 0) {
+				int m = 0;
+				float cum = 0.0f;
+				while (m < kRoute) {
+					cum += s[ids[m++]];
+					if (cum >= kTopP)
+						break;
+				}
+				for (int j = 0; j < m; j++)
+					wts[j] = s[ids[j]];
+				normalize_scale(wts, nullptr, m);
+				for (int j = m; j < kRoute; j++)
+					ids[j] = -1, wts[j] = 0.0f;
+			}
+		} else if constexpr (kMode != route_mode::expert_choice) {
+			if (threadIdx.x == 0) {
+				for (int j = 0; j < kRoute; j++)
+					wts[j] = s[ids[j]];
+				if constexpr (!kNormAfterDrop)
+					normalize_scale(wts, nullptr, kRoute);
+				if constexpr (kCapacity)
+					a.prio[t] = c[ids[0]]; /* capacity priority */
+			}
+		}
 	}
 
 	if constexpr (kSharedGate) {
@@ -607,6 +826,39 @@ __device__ void route_token(const moe_args &a, const i64 t)
 		if (threadIdx.x == 0)
 			a.sgate[t] = (float)(1.0 / (1.0 + exp(-(double)dot)));
 	}
+}
+
+/* moe_ec_select (expert choice, after the router): each expert keeps the
+ * a.capacity tokens of highest score (ties to the earlier token); a token
+ * counts the tokens ranked before it in the expert's column. Slot (t, e)
+ * holds e and its scaled score when kept, else -1. Grid (T/256, E), 256
+ * threads. */
+__device__ __forceinline__ void ec_select(const moe_args &a)
+{
+	const i64 t = blockIdx.x * 256LL + threadIdx.x;
+	const int e = blockIdx.y;
+	if (t >= a.T)
+		return;
+	const float v = a.scores[t * kExperts + e];
+	i64 r = 0;
+	for (i64 u = 0; u < a.T && r < a.capacity; u++)
+		r += ranks_before(a.scores[u * kExperts + e], u, v, t);
+	const bool keep = r < a.capacity;
+	a.ids[t * kRoute + e] = keep ? e : -1;
+	a.wts[t * kRoute + e] = keep ? v * kScale : 0.0f;
+}
+
+/* moe_jitter (training): x * U(1 - eps, 1 + eps) into the f32 a.xj, the
+ * reference's draw for (seed, layer, token, column). Grid T*H/256. */
+__device__ __forceinline__ void jitter(const moe_args &a)
+{
+	const i64 i = blockIdx.x * 256LL + threadIdx.x;
+	if (i >= a.T * kHidden)
+		return;
+	const i64 t = i / kHidden, h = i % kHidden;
+	const float u = rng_uniform(rng_hash(a.seed, a.layer, t, h));
+	const float m = (float)__dadd_rn(1.0 - kJitterEps, __dmul_rn(2.0 * kJitterEps, (double)u));
+	a.xj[i] = ld_act((const act_t *)a.x + i) * m;
 }
 
 /* moe_route_select: T > 32, after moe_route_logits; grid T, 256 threads */
@@ -623,7 +875,7 @@ __device__ __forceinline__ void route_small(const moe_args &a)
 	__shared__ bool last;
 	const i64 t = blockIdx.y;
 	const int i = blockIdx.x * 256 + threadIdx.x;
-	if (i < kExperts * kChunks) {
+	if (i < router_rows(a) * kChunks) {
 		const int c = i % kChunks, e = i / kChunks;
 		const act_t *x = (const act_t *)a.x + t * kHidden;
 		const float *r = a.router + (i64)e * kHidden;
@@ -631,7 +883,7 @@ __device__ __forceinline__ void route_small(const moe_args &a)
 		float acc = 0.0f;
 		for (int h = c * kRChunk; h < h1; h++)
 			acc = __fmaf_rn(ld_act(x + h), r[h], acc);
-		a.partials[t * kExperts * kChunks + i] = acc;
+		a.partials[t * kRouterRows * kChunks + i] = acc;
 	}
 	__threadfence();
 	__syncthreads();
@@ -696,8 +948,8 @@ __device__ __forceinline__ void cap_normalize(const moe_args &a)
 }
 
 /* moe_group.cuh: the slots grouped by expert, on the device, and the GEMM
- * row tile of a block. Needs the generated constants kExperts, kRoute, kBM
- * and kCapacity. */
+ * row tile of a block. A slot with id -1 has no row. Needs the generated constants kExperts,
+ * kRoute, kBM and kCapacity. */
 
 /* ---- grouping by expert, on the device ----
  * mask[blk][e] has bit i set when token 32*blk + i chose expert e. A row's
@@ -713,6 +965,8 @@ __device__ __forceinline__ void group_mask(const moe_args &a)
 	if constexpr (kCapacity)
 		if (!a.kept[s])
 			return;
+	if (a.ids[s] < 0) /* no expert: top-p's unused slots, expert choice */
+		return;
 	const i64 t = s / kRoute;
 	atomicOr(&a.mask[(t >> 5) * kExperts + a.ids[s]], 1u << (t & 31));
 }
@@ -789,6 +1043,10 @@ __device__ __forceinline__ void group_scatter(const moe_args &a)
 			a.slot_row[s] = -1;
 			return;
 		}
+	}
+	if (a.ids[s] < 0) {
+		a.slot_row[s] = -1;
+		return;
 	}
 	const i64 t = s / kRoute;
 	const i64 m = (t >> 5) * kExperts + a.ids[s];

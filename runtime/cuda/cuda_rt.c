@@ -71,9 +71,11 @@ static char cu_open_err[768];
 
 /* The kernels of the generated source (cuda_emit.c names them). */
 #define MOE_CUDA_KERNELS(X)                                                                        \
+	X(JITTER, "moe_jitter")                                                                    \
 	X(ROUTE_SMALL, "moe_route_small")                                                          \
 	X(ROUTE_LOGITS, "moe_route_logits")                                                        \
 	X(ROUTE_SELECT, "moe_route_select")                                                        \
+	X(EC_SELECT, "moe_ec_select")                                                              \
 	X(CAP_ORDER, "moe_cap_order")                                                              \
 	X(CAPACITY, "moe_capacity")                                                                \
 	X(CAP_NORMALIZE, "moe_cap_normalize")                                                      \
@@ -98,9 +100,9 @@ struct dev_layer {
 
 struct moe_cuda {
 	struct moe_desc d;
-	struct moe_cuda_geom rg, sg; /* sg.width 0: no shared experts */
-	uint32_t W, chunks, groups;
-	size_t es; /* bytes per packed weight */
+	struct moe_cuda_geom rg, sg;      /* sg.width 0: no shared experts */
+	uint32_t W, chunks, groups, rows; /* rows: of the router matrix */
+	size_t es;                        /* bytes per packed weight */
 	CUdevice dev;
 	CUcontext ctx;
 	int own_primary;
@@ -295,7 +297,11 @@ static enum moe_status load_module(struct moe_cuda *c, const struct moe_cuda_gen
 	const struct moe_desc *d = &c->d;
 	for (int k = 0; k < K_COUNT; k++) {
 		int want = 1;
-		if (k == K_CAP_ORDER)
+		if (k == K_JITTER)
+			want = d->noise == MOE_NOISE_JITTER;
+		else if (k == K_EC_SELECT)
+			want = d->mode == MOE_MODE_EXPERT_CHOICE;
+		else if (k == K_CAP_ORDER)
 			want = moe_cuda_has_capacity(d) && d->priority == MOE_PRIORITY_SCORE;
 		else if (k == K_CAPACITY)
 			want = moe_cuda_has_capacity(d);
@@ -336,7 +342,7 @@ enum moe_status moe_cuda_create(const struct moe_cuda_gen *g, const struct moe_d
 		       g->abi, g->desc_bytes, MOE_CUDA_ABI, sizeof(struct moe_desc));
 		return MOE_ERR_INTERNAL;
 	}
-	if (d->mode != MOE_MODE_TOKEN_CHOICE && d->mode != MOE_MODE_DENSE) {
+	if (d->mode >= MOE_MODE_COUNT || !moe_cuda_mode_ok(d->mode)) {
 		seterr(err, cap, "router.mode %s is not generated for target cuda",
 		       moe_mode_names[d->mode < MOE_MODE_COUNT ? d->mode : 0]);
 		return MOE_ERR_UNSUPPORTED;
@@ -354,6 +360,9 @@ enum moe_status moe_cuda_create(const struct moe_cuda_gen *g, const struct moe_d
 	c->W = moe_desc_route_width(d);
 	c->chunks = (d->hidden + MOE_CUDA_RCHUNK - 1) / MOE_CUDA_RCHUNK;
 	c->groups = d->n_groups > 1 ? d->n_groups : 1;
+	if (d->mode == MOE_MODE_HIERARCHICAL) /* scores, picks, weights of the groups */
+		c->groups = 3 * d->levels[0].groups;
+	c->rows = moe_cuda_router_rows(d);
 	c->es = d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
 	c->stream = stream;
 	moe_cuda_geom_init(&c->rg, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU);
@@ -361,7 +370,9 @@ enum moe_status moe_cuda_create(const struct moe_cuda_gen *g, const struct moe_d
 		moe_cuda_geom_init(&c->sg, d->hidden, moe_desc_shared_width(d),
 				   d->shared_kind == MOE_KIND_GLU);
 	if (c->rg.up_rows / MOE_CUDA_BN > 65535 || c->rg.down_rows / MOE_CUDA_BN > 65535 ||
-	    c->sg.up_rows / MOE_CUDA_BN > 65535 || (d->hidden + 255) / 256 > 65535) {
+	    c->sg.up_rows / MOE_CUDA_BN > 65535 || (d->hidden + 255) / 256 > 65535 ||
+	    (c->rows + 63) / 64 > 65535 ||
+	    (d->mode == MOE_MODE_EXPERT_CHOICE && d->n_experts > 65535)) {
 		seterr(err, cap, "the model's widths exceed the CUDA grid limits");
 		free(c);
 		return MOE_ERR_UNSUPPORTED;
@@ -478,6 +489,29 @@ static enum moe_status upload(struct moe_cuda *c, CUdeviceptr *p, const void *sr
 	return r ? cu_fail(err, cap, "cuMemcpyHtoDAsync", r) : MOE_OK;
 }
 
+/* The router matrix: the router rows, the noise rows, the group gate
+ * (moe_cuda_router_rows). */
+static enum moe_status upload_router(struct moe_cuda *c, CUdeviceptr *p, float *const *W, char *err,
+				     size_t cap)
+{
+	const struct moe_desc *d = &c->d;
+	size_t H = d->hidden, E = d->n_experts;
+	float *tmp = malloc((size_t)c->rows * H * sizeof *tmp);
+	if (!tmp) {
+		seterr(err, cap, "out of memory");
+		return MOE_ERR_NOMEM;
+	}
+	memcpy(tmp, W[MOE_ROLE_ROUTER], E * H * sizeof *tmp);
+	if (d->mode == MOE_MODE_HIERARCHICAL)
+		memcpy(tmp + moe_cuda_group_row(d) * H, W[MOE_ROLE_GROUP_ROUTER],
+		       (size_t)d->levels[0].groups * H * sizeof *tmp);
+	if (moe_cuda_learned_noise(d))
+		memcpy(tmp + moe_cuda_noise_row(d) * H, W[MOE_ROLE_NOISE], E * H * sizeof *tmp);
+	enum moe_status st = upload(c, p, tmp, (size_t)c->rows * H * sizeof *tmp, err, cap);
+	free(tmp);
+	return st;
+}
+
 /* rows [n, src_cols] f32 -> [n, dst_cols] with zero padding */
 static enum moe_status upload_padded(struct moe_cuda *c, CUdeviceptr *p, const float *src, size_t n,
 				     size_t src_cols, size_t dst_cols, char *err, size_t cap)
@@ -583,7 +617,9 @@ enum moe_status moe_cuda_load_layer(struct moe_cuda *c, uint32_t li,
 			     (c->sg.glu && !W[MOE_ROLE_SHARED_GATE]))) ||
 	    (c->sg.width && d->shared_gate == MOE_SHARED_GATE_SIGMOID &&
 	     !W[MOE_ROLE_SHARED_EXPERT_GATE]) ||
-	    (d->output_bias && !W[MOE_ROLE_OUTPUT_BIAS])) {
+	    (d->output_bias && !W[MOE_ROLE_OUTPUT_BIAS]) ||
+	    (moe_cuda_learned_noise(d) && !W[MOE_ROLE_NOISE]) ||
+	    (d->mode == MOE_MODE_HIERARCHICAL && !W[MOE_ROLE_GROUP_ROUTER])) {
 		seterr(err, cap,
 		       "moe_cuda_load_layer: a weight role of the description is missing");
 		return MOE_ERR_WEIGHTS;
@@ -598,7 +634,7 @@ enum moe_status moe_cuda_load_layer(struct moe_cuda *c, uint32_t li,
 	if (c->sg.width && 2 * (size_t)c->sg.width * H * sizeof(float) > stage_bytes)
 		stage_bytes = 2 * (size_t)c->sg.width * H * sizeof(float);
 	CUdeviceptr stage = 0;
-	if ((st = upload(c, &l->router, W[MOE_ROLE_ROUTER], E * H * 4, err, cap)) != MOE_OK)
+	if ((st = upload_router(c, &l->router, W, err, cap)) != MOE_OK)
 		goto fail;
 	if (d->router_bias &&
 	    (st = upload(c, &l->rbias, W[MOE_ROLE_ROUTER_BIAS], E * 4, err, cap)) != MOE_OK)
@@ -666,9 +702,9 @@ static size_t carve(struct moe_cuda *c, size_t T, CUdeviceptr base, struct moe_c
 			a->field = (void *)(uintptr_t)(base + off);                                \
 		off += ovf ? 0 : b_;                                                               \
 	} while (0)
-	SLOT(partials, small * E, c->chunks * 4);
+	SLOT(partials, small * c->rows, c->chunks * 4);
 	SLOT(done, small, 4);
-	SLOT(logits, T * E, 4);
+	SLOT(logits, T * c->rows, 4);
 	SLOT(scores, T * E, 4);
 	SLOT(sel, T * E, 4);
 	SLOT(gscore, T * c->groups, 4);
@@ -690,6 +726,7 @@ static size_t carve(struct moe_cuda *c, size_t T, CUdeviceptr base, struct moe_c
 	SLOT(hs, c->sg.width ? T : 0, (size_t)c->sg.ld_h * c->es);
 	SLOT(o, T * W, H * 4);
 	SLOT(os, c->sg.width ? T : 0, H * 4);
+	SLOT(xj, d->noise == MOE_NOISE_JITTER ? T : 0, H * 4);
 #undef SLOT
 	return ovf ? 0 : off;
 }
@@ -776,38 +813,60 @@ static int64_t capacity_of(const struct moe_desc *d, size_t T)
 	return v >= 9.2e18 ? INT64_MAX : (int64_t)v;
 }
 
-/* The router statistics on the host, the formulas of the CPU executor. */
-static void host_stats(const struct moe_desc *d, const float *logits, size_t T,
+/* The router probability of n logits for the statistics (the reference's
+ * prob_vec): the softmax, or the positive scores normalized to sum 1. */
+static void host_prob(enum moe_score sc, const float *l, float *s, uint32_t n)
+{
+	if (sc == MOE_SCORE_SOFTMAX) {
+		float m = -INFINITY, sum = 0.0f;
+		for (uint32_t i = 0; i < n; i++)
+			if (l[i] > m)
+				m = l[i];
+		for (uint32_t i = 0; i < n; i++) {
+			s[i] = (float)exp((double)(l[i] - m));
+			sum += s[i];
+		}
+		for (uint32_t i = 0; i < n; i++)
+			s[i] /= sum;
+		return;
+	}
+	float sum = 0.0f;
+	for (uint32_t i = 0; i < n; i++) {
+		double v = l[i];
+		if (sc == MOE_SCORE_SIGMOID)
+			s[i] = (float)(1.0 / (1.0 + exp(-v)));
+		else
+			s[i] = (float)sqrt((double)(float)(v > 20.0 ? v : log1p(exp(v))));
+		sum += s[i];
+	}
+	for (uint32_t i = 0; i < n; i++)
+		s[i] = sum > 0.0f ? s[i] / sum : 0.0f;
+}
+
+/* The router statistics on the host, the formulas of the CPU executor:
+ * logits [T, rows] (the router rows first, the group gate at group_row);
+ * s holds E + G floats of scratch. */
+static void host_stats(const struct moe_desc *d, const float *logits, size_t rows, size_t T,
 		       const int32_t *counts, struct moe_routing *rt, double *imp, float *s)
 {
 	uint32_t E = d->n_experts;
 	double zsum = 0.0;
 	for (size_t t = 0; t < T; t++) {
-		const float *l = logits + t * E;
-		if (d->score == MOE_SCORE_SOFTMAX) {
-			float m = -INFINITY, sum = 0.0f;
-			for (uint32_t i = 0; i < E; i++)
-				if (l[i] > m)
-					m = l[i];
-			for (uint32_t i = 0; i < E; i++) {
-				s[i] = (float)exp((double)(l[i] - m));
-				sum += s[i];
+		const float *l = logits + t * rows;
+		if (d->mode == MOE_MODE_SPARSEMIXER) {
+			host_prob(MOE_SCORE_SOFTMAX, l, s, E);
+		} else if (d->mode == MOE_MODE_HIERARCHICAL) {
+			/* p(group) x p(expert | group) */
+			uint32_t G = d->levels[0].groups, n = E / G;
+			float *pg = s + E;
+			host_prob(d->score, l + moe_cuda_group_row(d), pg, G);
+			for (uint32_t g = 0; g < G; g++) {
+				host_prob(d->score, l + (size_t)g * n, s + (size_t)g * n, n);
+				for (uint32_t i = 0; i < n; i++)
+					s[g * n + i] *= pg[g];
 			}
-			for (uint32_t i = 0; i < E; i++)
-				s[i] /= sum;
 		} else {
-			float sum = 0.0f;
-			for (uint32_t i = 0; i < E; i++) {
-				double v = l[i];
-				if (d->score == MOE_SCORE_SIGMOID)
-					s[i] = (float)(1.0 / (1.0 + exp(-v)));
-				else
-					s[i] = (float)sqrt(
-					    (double)(float)(v > 20.0 ? v : log1p(exp(v))));
-				sum += s[i];
-			}
-			for (uint32_t i = 0; i < E; i++)
-				s[i] = sum > 0.0f ? s[i] / sum : 0.0f;
+			host_prob(d->score, l, s, E);
 		}
 		for (uint32_t i = 0; i < E; i++)
 			imp[i] += s[i];
@@ -846,15 +905,15 @@ static enum moe_status read_routing(struct moe_cuda *c, size_t T, struct moe_rou
 				    size_t cap)
 {
 	const struct moe_desc *d = &c->d;
-	size_t E = d->n_experts, W = c->W;
+	size_t E = d->n_experts, W = c->W, R = c->rows;
 	CUresult r = cu.cuStreamSynchronize(c->stream);
 	if (r != 0)
 		return cu_fail(err, cap, "the forward pass", r);
 	int32_t *ids = malloc(T * W * sizeof *ids), *counts = malloc(E * sizeof *counts);
-	float *wts = malloc(T * W * sizeof *wts), *logits = malloc(T * E * sizeof *logits);
+	float *wts = malloc(T * W * sizeof *wts), *logits = malloc(T * R * sizeof *logits);
 	uint8_t *kept = malloc(T * W);
 	double *imp = calloc(E, sizeof *imp);
-	float *s = malloc(E * sizeof *s);
+	float *s = malloc((E + c->groups) * sizeof *s);
 	enum moe_status st = MOE_OK;
 	if (!ids || !counts || !wts || !logits || !kept || !imp || !s) {
 		seterr(err, cap, "out of memory");
@@ -864,7 +923,7 @@ static enum moe_status read_routing(struct moe_cuda *c, size_t T, struct moe_rou
 	if ((r = cu.cuMemcpyDtoH(ids, (CUdeviceptr)(uintptr_t)c->a.ids, T * W * 4)) ||
 	    (r = cu.cuMemcpyDtoH(wts, (CUdeviceptr)(uintptr_t)c->a.wts, T * W * 4)) ||
 	    (r = cu.cuMemcpyDtoH(counts, (CUdeviceptr)(uintptr_t)c->a.counts, E * 4)) ||
-	    (r = cu.cuMemcpyDtoH(logits, (CUdeviceptr)(uintptr_t)c->a.logits, T * E * 4))) {
+	    (r = cu.cuMemcpyDtoH(logits, (CUdeviceptr)(uintptr_t)c->a.logits, T * R * 4))) {
 		st = cu_fail(err, cap, "reading the routing back", r);
 		goto out;
 	}
@@ -879,16 +938,17 @@ static enum moe_status read_routing(struct moe_cuda *c, size_t T, struct moe_rou
 	int64_t dropped = 0;
 	for (size_t i = 0; i < T * W; i++) {
 		dropped += !kept[i];
+		int on = kept[i] && ids[i] >= 0; /* -1: no expert (top-p, expert choice) */
 		if (rt->expert_ids)
-			rt->expert_ids[i] = kept[i] ? ids[i] : -1;
+			rt->expert_ids[i] = on ? ids[i] : -1;
 		if (rt->weights)
-			rt->weights[i] = kept[i] ? wts[i] : 0.0f;
+			rt->weights[i] = on ? wts[i] : 0.0f;
 	}
 	if (rt->counts)
 		for (size_t e = 0; e < E; e++)
 			rt->counts[e] = counts[e];
 	rt->n_dropped = dropped;
-	host_stats(d, logits, T, counts, rt, imp, s);
+	host_stats(d, logits, R, T, counts, rt, imp, s);
 out:
 	free(ids), free(counts), free(wts), free(logits), free(kept), free(imp), free(s);
 	return st;
@@ -903,9 +963,12 @@ enum moe_status moe_cuda_forward(struct moe_cuda *c, uint32_t li, const void *x,
 		return MOE_ERR_ARG;
 	}
 	const struct moe_desc *d = &c->d;
-	if (opts && opts->training && d->noise != MOE_NOISE_NONE) {
-		seterr(err, cap, "training-mode noise (%s) is not generated for target cuda",
-		       moe_noise_names[d->noise < MOE_NOISE_COUNT ? d->noise : 0]);
+	int training = opts && opts->training && d->noise != MOE_NOISE_NONE;
+	if (training && d->noise == MOE_NOISE_JITTER && d->act_dtype != MOE_DTYPE_F32) {
+		/* the jittered input is f32, which the kernels read as activations */
+		seterr(err, cap,
+		       "training-mode jitter with %s activations is not generated for target cuda",
+		       moe_dtype_names[d->act_dtype < MOE_DTYPE_COUNT ? d->act_dtype : 0]);
 		return MOE_ERR_UNSUPPORTED;
 	}
 	if (!c->layers[li].loaded) {
@@ -957,6 +1020,16 @@ enum moe_status moe_cuda_forward(struct moe_cuda *c, uint32_t li, const void *x,
 	a.small = T <= MOE_CUDA_ROUTE_SMALL_T;
 	if (moe_cuda_has_capacity(d))
 		a.capacity = capacity_of(d, T);
+	if (d->mode == MOE_MODE_EXPERT_CHOICE) {
+		/* each expert's tokens: the reference's ceil(T cf / E), at most T */
+		double cv = ceil((double)T * (double)d->ec_capacity_factor / (double)E);
+		a.capacity = cv >= (double)T ? (int64_t)T : (int64_t)cv;
+	}
+	a.training = training;
+	if (training) {
+		a.seed = (int64_t)opts->seed;
+		a.layer = (int64_t)opts->layer;
+	}
 	size_t nb = (T + 31) / 32, slots = T * W;
 	/* row tiles: each expert's rows round up to at most one extra tile */
 	size_t tiles = (slots + MOE_CUDA_BM - 1) / MOE_CUDA_BM + (E < slots ? E : slots);
@@ -966,11 +1039,20 @@ enum moe_status moe_cuda_forward(struct moe_cuda *c, uint32_t li, const void *x,
 		if (st == MOE_OK)                                                                  \
 			st = launch(c, k, (unsigned)(gx), (unsigned)(gy), th, &a, err, cap);       \
 	} while (0)
+	if (training && d->noise == MOE_NOISE_JITTER) {
+		/* the router and the experts see the jittered input */
+		RUN(K_JITTER, (T * d->hidden + 255) / 256, 1, 256);
+		a.x = a.xj;
+	}
+	/* the noise rows of the router only in training */
+	size_t rows = training ? c->rows : moe_cuda_noise_row(d);
 	if (a.small)
-		RUN(K_ROUTE_SMALL, (E * c->chunks + 255) / 256, T, 256);
+		RUN(K_ROUTE_SMALL, (rows * c->chunks + 255) / 256, T, 256);
 	else
-		RUN(K_ROUTE_LOGITS, (T + 63) / 64, (E + 63) / 64, 256);
+		RUN(K_ROUTE_LOGITS, (T + 63) / 64, (rows + 63) / 64, 256);
 	RUN(K_ROUTE_SELECT, T, 1, MOE_CUDA_SELECT_THREADS);
+	if (d->mode == MOE_MODE_EXPERT_CHOICE)
+		RUN(K_EC_SELECT, (T + 255) / 256, E, 256);
 	if (moe_cuda_has_capacity(d)) {
 		if (d->priority == MOE_PRIORITY_SCORE)
 			RUN(K_CAP_ORDER, (T + 255) / 256, 1, 256);

@@ -78,6 +78,38 @@ static inline int moe_cuda_has_shared(const struct moe_desc *d)
 	return d->shared_count && d->shared_intermediate;
 }
 
+/* The router modes the CUDA runtime runs (the targets column of
+ * runtime/core/moe_modes.def). */
+static inline int moe_cuda_mode_ok(enum moe_mode m)
+{
+	return m == MOE_MODE_TOKEN_CHOICE || m == MOE_MODE_DENSE || m == MOE_MODE_TOP_P ||
+	       m == MOE_MODE_SPARSEMIXER || m == MOE_MODE_HIERARCHICAL ||
+	       m == MOE_MODE_EXPERT_CHOICE;
+}
+
+/* The router matrix on the device: the E router rows, then the G group-gate
+ * rows (hierarchical), then the E noise rows (learned gaussian noise, used
+ * in training mode only: inference computes the rows before them). */
+static inline int moe_cuda_learned_noise(const struct moe_desc *d)
+{
+	return d->noise == MOE_NOISE_LEARNED_GAUSSIAN;
+}
+
+static inline uint32_t moe_cuda_group_row(const struct moe_desc *d)
+{
+	return d->n_experts;
+}
+
+static inline uint32_t moe_cuda_noise_row(const struct moe_desc *d)
+{
+	return d->n_experts + (d->mode == MOE_MODE_HIERARCHICAL ? d->levels[0].groups : 0);
+}
+
+static inline uint32_t moe_cuda_router_rows(const struct moe_desc *d)
+{
+	return moe_cuda_noise_row(d) + (moe_cuda_learned_noise(d) ? d->n_experts : 0);
+}
+
 /* The one argument of every forward kernel (passed by value). Pointers
  * first, then 64-bit integers, so host C and device C++ lay it out alike.
  * Workspace buffers are sized for T tokens, W = route width. */
@@ -119,9 +151,12 @@ struct moe_cuda_args {
 	void *hs;          /* [T, ld_h shared] */
 	float *o;          /* [T * W, H] weighted expert outputs */
 	float *os;         /* [T, H] shared-expert output */
+	float *xj;         /* [T, H] f32 the jittered input (training) */
 	int64_t T;
-	int64_t small;    /* 1: the router took the chunk-parallel path */
-	int64_t capacity; /* tokens per expert (capacity routing) */
+	int64_t small;       /* 1: the router took the chunk-parallel path */
+	int64_t capacity;    /* tokens per expert (capacity, expert choice) */
+	int64_t training;    /* 1: training mode, the noise is drawn */
+	int64_t seed, layer; /* the noise's counter (struct moe_fwd_opts) */
 };
 
 /* The argument of the pack kernel: canonical f32 rows x cols (a; with glu,

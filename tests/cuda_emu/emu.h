@@ -215,6 +215,24 @@ static inline float __fadd_rn(float a, float b)
 	return r;
 }
 
+static inline float __fmul_rn(float a, float b)
+{
+	volatile float r = a * b;
+	return r;
+}
+
+static inline double __dadd_rn(double a, double b)
+{
+	volatile double r = a + b;
+	return r;
+}
+
+static inline double __dmul_rn(double a, double b)
+{
+	volatile double r = a * b;
+	return r;
+}
+
 static inline int min(int a, int b)
 {
 	return a < b ? a : b;

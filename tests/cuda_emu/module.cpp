@@ -7,6 +7,8 @@
 #include MOE_EMU_SOURCE
 
 /* kernels that only some models have */
+extern "C" void moe_jitter(const moe_args a) __attribute__((weak));
+extern "C" void moe_ec_select(const moe_args a) __attribute__((weak));
 extern "C" void moe_cap_order(const moe_args a) __attribute__((weak));
 extern "C" void moe_capacity(const moe_args a) __attribute__((weak));
 extern "C" void moe_cap_normalize(const moe_args a) __attribute__((weak));
@@ -30,9 +32,11 @@ struct entry {
 #k, body < moe_args, k>, k != nullptr, sizeof(moe_args)                            \
 	}
 static const entry table[] = {
+    FWD(moe_jitter),
     FWD(moe_route_small),
     FWD(moe_route_logits),
     FWD(moe_route_select),
+    FWD(moe_ec_select),
     FWD(moe_cap_order),
     FWD(moe_capacity),
     FWD(moe_cap_normalize),

@@ -14,6 +14,8 @@ enum class score_fn { softmax, sigmoid, sqrtsoftplus };
 enum class norm_fn { none, sum, lp };
 enum class group_score { max, sum_top2 };
 enum class act_fn { silu, gelu, gelu_tanh, relu, swiglu_oai };
+/* the router families of runtime/core/moe_modes.def this code generates */
+enum class route_mode { topk, top_p, sparsemixer, hierarchical, expert_choice };
 
 __device__ __forceinline__ float bf16_to_f32(bits16 h)
 {
@@ -72,7 +74,9 @@ struct moe_args {
 	int *slot_row;
 	void *h, *hs;
 	float *o, *os;
+	float *xj;
 	i64 T, small, capacity;
+	i64 training, seed, layer;
 };
 
 /* The argument of moe_pack: canonical f32 [rows, cols] -> packed
@@ -82,6 +86,37 @@ struct moe_pack_args {
 	void *dst;
 	i64 rows, cols, dst_rows, dst_cols, glu;
 };
+
+/* ---- the counter-based random numbers of the reference (runtime/ref) ---- */
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z)
+{
+	z += 0x9e3779b97f4a7c15ull;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ unsigned long long
+rng_hash(unsigned long long seed, unsigned long long a, unsigned long long b, unsigned long long c)
+{
+	return mix64(mix64(mix64(mix64(seed) ^ a) ^ b) ^ c);
+}
+
+/* [0, 1) from the 24 high bits */
+__device__ __forceinline__ float rng_uniform(unsigned long long h)
+{
+	return __fmul_rn((float)(h >> 40), 0x1p-24f);
+}
+
+/* a standard normal draw (Box-Muller in double) for (seed, a, b, c) */
+__device__ __forceinline__ float rng_normal(unsigned long long seed, unsigned long long a,
+					    unsigned long long b, unsigned long long c)
+{
+	const double u1 = rng_uniform(rng_hash(seed, a, b, c));
+	const double u2 = rng_uniform(rng_hash(seed, a, b, c ^ (1ull << 63)));
+	const double r = sqrt(__dmul_rn(-2.0, log(1.0 - u1)));
+	return (float)__dmul_rn(r, cos(__dmul_rn(2.0 * 3.14159265358979323846, u2)));
+}
 
 /* ---- block reductions (256 threads), in a fixed order: deterministic ---- */
 __device__ __forceinline__ float block_sum(float v)

@@ -1,6 +1,6 @@
 /* moe_group.cuh: the slots grouped by expert, on the device, and the GEMM
- * row tile of a block. Needs the generated constants kExperts, kRoute, kBM
- * and kCapacity. */
+ * row tile of a block. A slot with id -1 has no row. Needs the generated constants kExperts,
+ * kRoute, kBM and kCapacity. */
 #pragma once
 
 /* ---- grouping by expert, on the device ----
@@ -17,6 +17,8 @@ __device__ __forceinline__ void group_mask(const moe_args &a)
 	if constexpr (kCapacity)
 		if (!a.kept[s])
 			return;
+	if (a.ids[s] < 0) /* no expert: top-p's unused slots, expert choice */
+		return;
 	const i64 t = s / kRoute;
 	atomicOr(&a.mask[(t >> 5) * kExperts + a.ids[s]], 1u << (t & 31));
 }
@@ -93,6 +95,10 @@ __device__ __forceinline__ void group_scatter(const moe_args &a)
 			a.slot_row[s] = -1;
 			return;
 		}
+	}
+	if (a.ids[s] < 0) {
+		a.slot_row[s] = -1;
+		return;
 	}
 	const i64 t = s / kRoute;
 	const i64 m = (t >> 5) * kExperts + a.ids[s];
