@@ -31,7 +31,8 @@ build() {
 	local t=$1 src=()
 	case $t in
 	spec) src=(tests/fuzz/fuzz_spec.c "${front[@]}") ;;
-	import) src=(tests/fuzz/fuzz_import.c compiler/import/import.c "${front[@]}") ;;
+	import) src=(tests/fuzz/fuzz_import.c compiler/import/import.c compiler/report.c
+	        compiler/front/info.c "${front[@]}") ;;
 	safetensors) src=(tests/fuzz/fuzz_safetensors.c runtime/io/safetensors.c) ;;
 	index) src=(tests/fuzz/fuzz_index.c runtime/io/safetensors.c) ;;
 	*) echo "run.sh: unknown target '$t' (spec, import, safetensors, index)" >&2; exit 2 ;;
