@@ -1052,7 +1052,7 @@ static void rand_task(void *ctx, size_t task, unsigned thread)
 {
 	(void)thread;
 	struct rand_job *j = ctx;
-	struct moe_ref_weights one = {{0}};
+	struct moe_ref_weights one = {0};
 	one.w[j->roles[task]] = j->w->w[j->roles[task]];
 	moe_ref_weights_random(j->d, SEED, 0, &one);
 }
@@ -1094,7 +1094,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 	struct input in[MAX_TOKENS_LIST * ROUTE_COUNT];
 	int n_in = 0;
 	struct result base[MAX_TOKENS_LIST * ROUTE_COUNT];
-	struct moe_ref_weights w = {{0}};
+	struct moe_ref_weights w = {0};
 	double *L = NULL;
 	float *y = NULL;
 	struct base b;

@@ -767,6 +767,172 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 	}
 }
 
+/* Kept-quantized experts ------------------------------------------------- */
+
+/* acc[r] += the mr rows a_row[r] (K f32 inputs) times a quantized panel pan
+ * (moe_kernels.h): per group, two chains per row sum code * x over the even
+ * and the odd inputs, then acc += (sum0 + sum1) * scale and, for int4,
+ * + (the group's sum of x) * offset: W = code * s + o summed by parts. */
+static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
+		    const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc)
+{
+	LLVMBuilderRef b = g->b;
+	int i4 = f->kind == MOE_QFORMAT_INT4, two = f->group % 2 == 0;
+	LLVMTypeRef t16 = g->t_v16f, vi8 = LLVMVectorType(g->t_i8, 2 * MOE_VW),
+		    vi32 = LLVMVectorType(g->t_i32, 2 * MOE_VW);
+	LLVMValueRef accg[MAX_MR][2], xs[MAX_MR];
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		for (int c = 0; c < 2; c++) {
+			snprintf(nm, sizeof nm, "qacc%d%d", r, c);
+			accg[r][c] = moe_ll_alloca(g, t16, 1, nm);
+		}
+		snprintf(nm, sizeof nm, "xs%d", r);
+		xs[r] = moe_ll_alloca(g, g->t_f32, 1, nm);
+	}
+	int64_t bb = (int64_t)moe_qblock_bytes(f), step = two ? 2 : 1;
+	struct moe_ll_loop gl, kl;
+	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
+	LLVMValueRef blk =
+	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off"));
+	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
+	for (int r = 0; r < mr; r++) {
+		moe_ll_st(g, LLVMConstNull(t16), accg[r][0]);
+		moe_ll_st(g, LLVMConstNull(t16), accg[r][1]);
+		moe_ll_st(g, moe_ll_f32c(g, 0.0), xs[r]);
+	}
+	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
+	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group), step, "kq");
+	LLVMValueRef w[2];
+	if (i4) {
+		/* 16 bytes: input kk in the low nibbles, kk + 1 in the high ones */
+		LLVMValueRef cb = moe_ll_ld(
+		    g, vi8,
+		    moe_ll_at(g, g->t_i8, codes, LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, 8), "")));
+		LLVMValueRef ci = LLVMBuildZExt(b, cb, vi32, "");
+		w[0] = LLVMBuildUIToFP(
+		    b, LLVMBuildAnd(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 15), vi32), ""), t16,
+		    "q0");
+		w[1] = LLVMBuildUIToFP(
+		    b, LLVMBuildLShr(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 4), vi32), ""), t16,
+		    "q1");
+	} else {
+		for (int c = 0; c < step; c++) {
+			LLVMValueRef at =
+			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), ""),
+					    moe_ll_i64c(g, MOE_NR), "");
+			LLVMValueRef cb = moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at));
+			w[c] = LLVMBuildSIToFP(b, LLVMBuildSExt(b, cb, vi32, ""), t16, "q");
+		}
+	}
+	LLVMValueRef k = LLVMBuildNSWAdd(b, k0, kl.iv, "k");
+	for (int r = 0; r < mr; r++)
+		for (int c = 0; c < step; c++) {
+			LLVMValueRef a = moe_ll_ld(
+			    g, g->t_f32,
+			    moe_ll_at(g, g->t_f32, a_row[r],
+				      c ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 1), "") : k));
+			moe_ll_st(g,
+				  moe_ll_fma(g, moe_ll_splat(g, a, t16), w[c],
+					     moe_ll_ld(g, t16, accg[r][c])),
+				  accg[r][c]);
+			if (i4)
+				moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, xs[r]), a, ""),
+					  xs[r]);
+		}
+	moe_ll_loop_close(g, &kl);
+	LLVMValueRef sc = moe_ll_ld(g, t16, blk), of = NULL;
+	if (i4)
+		of = moe_ll_ld(g, t16, moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, 64)));
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef sum = LLVMBuildFAdd(b, moe_ll_ld(g, t16, accg[r][0]),
+						 moe_ll_ld(g, t16, accg[r][1]), "");
+		LLVMValueRef o = moe_ll_fma(g, sum, sc, moe_ll_ld(g, t16, acc[r]));
+		if (i4)
+			o = moe_ll_fma(g, moe_ll_splat(g, moe_ll_ld(g, g->t_f32, xs[r]), t16), of,
+				       o);
+		moe_ll_st(g, o, acc[r]);
+	}
+	moe_ll_loop_close(g, &gl);
+}
+
+/* One quantized up tile of mr rows at row r0 and panel p. */
+static void up_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
+		      LLVMValueRef p)
+{
+	(void)ncols;
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	LLVMValueRef x = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1);
+	LLVMValueRef a_row[MAX_MR] = {0}, acc[MAX_MR][2] = {{0}};
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
+		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+		a_row[r] = moe_ll_at(g, g->t_f32, x,
+				     LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""));
+		snprintf(nm, sizeof nm, "acc%d", r);
+		acc[r][0] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, LLVMConstNull(g->t_v16f), acc[r][0]);
+	}
+	LLVMValueRef accs[MAX_MR] = {0};
+	for (int r = 0; r < mr; r++)
+		accs[r] = acc[r][0];
+	int64_t pb = (int64_t)(ge->up_bytes / ge->up_panels);
+	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
+				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
+	q_kloop(g, &ge->q_up, ge->hidden, mr, a_row, pan, accs);
+	for (int r = 0; r < mr; r++)
+		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[r], 1);
+}
+
+/* One quantized down tile: mr rows of h from r0 times panel p, accumulated
+ * into y (ncols < 16: the last panel, masked). */
+static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
+			LLVMValueRef p)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	LLVMValueRef hbuf = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2),
+		     bd = moe_ll_prm(g, 5), y = moe_ll_prm(g, 6);
+	LLVMValueRef a_row[MAX_MR] = {0}, y_ptr[MAX_MR] = {0}, acc[MAX_MR] = {0};
+	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		a_row[r] = moe_ll_at(g, g->t_f32, hbuf,
+				     LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
+		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
+		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+		y_ptr[r] = moe_ll_at(
+		    g, g->t_f32, y,
+		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), c0,
+				    ""));
+		snprintf(nm, sizeof nm, "acc%d", r);
+		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, vload16(g, y_ptr[r], ncols), acc[r]);
+	}
+	int64_t pb = (int64_t)(ge->down_bytes / ge->down_panels);
+	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
+				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
+	q_kloop(g, &ge->q_down, ge->width, mr, a_row, pan, acc);
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef o = moe_ll_ld(g, g->t_v16f, acc[r]);
+		if (f->bias) {
+			LLVMValueRef bv = moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, bd, c0));
+			if (f->down_bias_w) {
+				LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+				LLVMValueRef w =
+				    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, rw, ri));
+				bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
+			}
+			o = LLVMBuildFAdd(b, o, bv, "");
+		}
+		vstore16(g, o, y_ptr[r], ncols);
+	}
+}
+
 static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 {
 	if (g->p->compute == MOE_COMPUTE_BF16) {
@@ -783,7 +949,8 @@ static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 			moe_ll_noalias(g, i);
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
-	row_blocks(g, f, up_tile_adapter, MOE_NR, p.iv, moe_ll_prm(g, 3));
+	row_blocks(g, f, f->geom->q_up.kind != MOE_QFORMAT_NONE ? up_tile_q : up_tile_adapter,
+		   MOE_NR, p.iv, moe_ll_prm(g, 3));
 	moe_ll_loop_close(g, &p);
 	moe_ll_fn_end(g);
 }
@@ -806,7 +973,9 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, p1, moe_ll_i64c(g, n_full), ""), p1,
 			    moe_ll_i64c(g, n_full), "end");
 	int bf = g->p->compute == MOE_COMPUTE_BF16;
-	tile_fn *tile = bf ? down_pair_tile : down_tile;
+	tile_fn *tile = bf                                    ? down_pair_tile
+			: ge->q_down.kind != MOE_QFORMAT_NONE ? down_tile_q
+							      : down_tile;
 	int mr = bf ? BF_MR : MOE_MR;
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, p0, end, 1, "p");

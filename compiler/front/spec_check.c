@@ -124,7 +124,8 @@
 	X(WEIGHTS, "weights")                                                                      \
 	X(W_FORMAT, "weights.format")                                                              \
 	X(W_NAMES, "weights.names")                                                                \
-	X(W_LAYOUT, "weights.layout")
+	X(W_LAYOUT, "weights.layout")                                                              \
+	X(QUANT, "quant")
 
 #define SLOT_ENUM_(s, p) S_##s,
 enum slot { SLOTS(SLOT_ENUM_) S_COUNT };
@@ -316,7 +317,7 @@ static const struct field root_fields[] = {
     MAP_(SHARED, shared_fields, 0),   MAP_(HIER, hier_fields, 0),
     MAP_(EC, ec_fields, 0),           MAP_(SOFT, soft_fields, 0),
     MAP_(PK, pk_fields, 0),           MAP_(SM, sm_fields, 0),
-    MAP_(WEIGHTS, weight_fields, 0),
+    MAP_(WEIGHTS, weight_fields, 0),  ANY_(QUANT, 0),
 };
 
 /* An activation: a name, or (experts only) {swiglu_oai: {alpha, limit}}. */
@@ -1933,6 +1934,185 @@ static void resolve_weights(struct ctx *c, struct moe_desc *o)
 }
 
 /* In this order: each part reads what the previous ones resolved. */
+/* quant: how the FFN matrices are kept in the kernels' panels. A mapping
+ * from a matrix role (gate, up, down, shared_gate, shared_up, shared_down, or
+ * experts / shared for all of that FFN's) to none, a kind name (int8: per
+ * output channel; int4: groups of 128, symmetric) or {kind, group, zero}. The
+ * gate and up matrices are read together and must agree. */
+static const char *const quant_keys[] = {"gate",      "up",          "down",    "shared_gate",
+					 "shared_up", "shared_down", "experts", "shared"};
+#define N_QUANT_KEYS (sizeof quant_keys / sizeof *quant_keys)
+
+static int parse_qfmt(struct ctx *c, const yaml_node_t *k, const yaml_node_t *v, const char *path,
+		      struct moe_qfmt *f)
+{
+	static const char *const keys[] = {"kind", "group", "zero"};
+	const yaml_node_t *n[3] = {NULL, NULL, NULL}, *nk[3] = {NULL, NULL, NULL};
+	char sub[192];
+	int before = c->n_err;
+	memset(f, 0, sizeof *f);
+	if (v->type == YAML_SCALAR_NODE && !is_null(v)) {
+		n[0] = v, nk[0] = k;
+	} else if (v->type == YAML_MAPPING_NODE) {
+		for (yaml_node_pair_t *p = v->data.mapping.pairs.start;
+		     p < v->data.mapping.pairs.top; p++) {
+			const yaml_node_t *kk = moe_spec_node(c->s, p->key);
+			const char *key = scalar(kk) ? scalar(kk) : "";
+			int i = 0;
+			while (i < 3 && strcmp(key, keys[i]))
+				i++;
+			if (i < 3) {
+				n[i] = moe_spec_node(c->s, p->value), nk[i] = kk;
+				continue;
+			}
+			const char *dym = moe_closest(key, keys, 3);
+			err(c, kk, "unknown key %s in %s%s%s%s", show(kk), path,
+			    dym ? " (did you mean '" : "", dym ? dym : "", dym ? "'?)" : "");
+		}
+		if (!n[0])
+			err(c, k, "%s.kind is required (none, int8 or int4)", path);
+	} else {
+		err(c, v, "%s must be none, int8, int4 or a mapping {kind, group, zero}, got %s",
+		    path, show(v));
+	}
+	if (c->n_err != before)
+		return -1;
+	const char *kn;
+	snprintf(sub, sizeof sub, "%s.kind", path);
+	if (get_enum(c, n[0], sub, moe_qformat_names, MOE_QFORMAT_COUNT, &kn) != 0)
+		return -1;
+	f->kind = (enum moe_qformat)moe_enum_lookup(moe_qformat_names, MOE_QFORMAT_COUNT, kn);
+	uint64_t g = f->kind == MOE_QFORMAT_INT4 ? 128 : 0, z = 0;
+	if (f->kind == MOE_QFORMAT_NONE) {
+		for (int i = 1; i < 3; i++)
+			if (nk[i])
+				err(c, nk[i], "%s.%s does not apply to kind none", path, keys[i]);
+		return c->n_err != before ? -1 : 0;
+	}
+	if (n[1]) {
+		snprintf(sub, sizeof sub, "%s.group", path);
+		get_uint(c, n[1], sub, 0, MAX_DIM, &g);
+		if (c->n_err == before && g && g % 2)
+			err(c, n[1], "%s must be even (0: one group per output channel), got %llu",
+			    sub, (unsigned long long)g);
+	}
+	if (n[2]) {
+		snprintf(sub, sizeof sub, "%s.zero", path);
+		get_bool(c, n[2], sub, &z);
+		if (c->n_err == before && z && f->kind == MOE_QFORMAT_INT8)
+			err(c, n[2],
+			    "%s: int8 is symmetric (signed codes, no zero point); use int4 for "
+			    "zero points",
+			    sub);
+	}
+	f->group = (uint32_t)g;
+	f->zero = (uint8_t)z;
+	return c->n_err != before ? -1 : 0;
+}
+
+static void resolve_quant(struct ctx *c, struct moe_desc *o)
+{
+	const yaml_node_t *q = c->n[S_QUANT];
+	if (!q || is_null(q))
+		return;
+	if (q->type != YAML_MAPPING_NODE) {
+		err(c, q, "quant must be a mapping from a matrix role to its format, got %s",
+		    show(q));
+		return;
+	}
+	struct moe_qfmt set[N_QUANT_KEYS];
+	const yaml_node_t *at[N_QUANT_KEYS] = {0};
+	for (yaml_node_pair_t *p = q->data.mapping.pairs.start; p < q->data.mapping.pairs.top;
+	     p++) {
+		const yaml_node_t *kk = moe_spec_node(c->s, p->key);
+		const char *key = scalar(kk) ? scalar(kk) : "";
+		size_t i = 0;
+		while (i < N_QUANT_KEYS && strcmp(key, quant_keys[i]))
+			i++;
+		if (i == N_QUANT_KEYS) {
+			const char *dym = moe_closest(key, quant_keys, N_QUANT_KEYS);
+			err(c, kk,
+			    "unknown key %s in quant: the expert matrices are gate, up, down, "
+			    "shared_gate, shared_up, shared_down, experts, shared%s%s%s",
+			    show(kk), dym ? " (did you mean '" : "", dym ? dym : "",
+			    dym ? "'?)" : "");
+			continue;
+		}
+		char path[64];
+		snprintf(path, sizeof path, "quant.%s", key);
+		if (parse_qfmt(c, kk, moe_spec_node(c->s, p->value), path, &set[i]) == 0)
+			at[i] = kk;
+	}
+	/* roles -> the up and down panels of each FFN; experts/shared first,
+	 * the single roles override them */
+	static const struct {
+		int key, mat;
+	} map[] = {{6, MOE_QMAT_UP},          {6, MOE_QMAT_DOWN},      {7, MOE_QMAT_SHARED_UP},
+		   {7, MOE_QMAT_SHARED_DOWN}, {0, MOE_QMAT_UP},        {1, MOE_QMAT_UP},
+		   {2, MOE_QMAT_DOWN},        {3, MOE_QMAT_SHARED_UP}, {4, MOE_QMAT_SHARED_UP},
+		   {5, MOE_QMAT_SHARED_DOWN}};
+	const yaml_node_t *by[MOE_QMAT_COUNT] = {0};
+	for (size_t i = 0; i < sizeof map / sizeof *map; i++) {
+		int k = map[i].key, m = map[i].mat;
+		if (!at[k])
+			continue;
+		if (by[m] && k < 6 && by[m] != at[6] && by[m] != at[7] &&
+		    memcmp(&o->qfmt[m], &set[k], sizeof set[k]) != 0) {
+			err(c, at[k],
+			    "quant.%s differs from the format of the matrix read with it: gate "
+			    "and up are one panel and must share kind, group and zero",
+			    quant_keys[k]);
+			note(c, by[m], "the other one is here");
+			continue;
+		}
+		o->qfmt[m] = set[k];
+		by[m] = at[k];
+	}
+	int shared = o->shared_count != 0 && o->kind != MOE_KIND_SINGLE_NEURON;
+	for (int m = 0; m < MOE_QMAT_COUNT; m++) {
+		struct moe_qfmt *f = &o->qfmt[m];
+		if (f->kind == MOE_QFORMAT_NONE)
+			continue;
+		int sh = m == MOE_QMAT_SHARED_UP || m == MOE_QMAT_SHARED_DOWN;
+		if (sh && !shared) {
+			if (m != MOE_QMAT_SHARED_DOWN || by[m] != by[MOE_QMAT_SHARED_UP])
+				err(c, by[m], "quant: the model has no shared experts to quantize");
+			continue;
+		}
+		if (o->kind == MOE_KIND_SINGLE_NEURON) {
+			err(c, by[m],
+			    "quant: single-neuron experts (product_key) keep their tables in "
+			    "dtype.weights; only FFN experts can be kept quantized");
+			continue;
+		}
+		int up = m == MOE_QMAT_UP || m == MOE_QMAT_SHARED_UP;
+		uint32_t K = up ? o->hidden : sh ? moe_desc_shared_width(o) : o->intermediate;
+		const char *kname = up   ? "model.hidden"
+				    : sh ? "the shared width"
+					 : "the expert width";
+		if (!f->group)
+			f->group = K;
+		if (K % f->group) {
+			err(c, by[m],
+			    "quant: %s's group of %u inputs does not divide %s (%u): every "
+			    "scale must cover a whole group",
+			    moe_qmat_names[m], f->group, kname, K);
+			continue;
+		}
+		if (f->kind == MOE_QFORMAT_INT4 && f->group % 2) {
+			err(c, by[m],
+			    "quant: int4 packs two inputs per byte, so %s's group (%u) must be "
+			    "even",
+			    moe_qmat_names[m], f->group);
+			continue;
+		}
+	}
+	if (moe_desc_quantized(o) && o->compute == MOE_COMPUTE_BF16)
+		err(c, c->k[S_DT_C],
+		    "dtype.compute bf16 with quantized experts is not generated yet: quantized "
+		    "experts compute in f32 (leave dtype.compute auto or f32)");
+}
+
 static void resolve(struct ctx *c, struct moe_desc *o)
 {
 	resolve_model(c, o);
@@ -1940,6 +2120,7 @@ static void resolve(struct ctx *c, struct moe_desc *o)
 	resolve_router(c, o);
 	resolve_shared(c, o);
 	resolve_weights(c, o);
+	resolve_quant(c, o);
 }
 
 int moe_spec_check(const struct moe_spec *s, struct moe_desc *out, struct moe_diag *d)

@@ -40,6 +40,11 @@ static int check_common(const struct moe_desc *d, enum moe_target t, struct moe_
 	if (d->hidden == 0 || d->n_experts == 0 || d->intermediate == 0)
 		REFUSE("invalid model description (hidden %u, experts %u, intermediate %u)",
 		       d->hidden, d->n_experts, d->intermediate);
+	for (int m = 0; m < MOE_QMAT_COUNT; m++)
+		if (t == MOE_TARGET_CUDA && d->qfmt[m].kind != MOE_QFORMAT_NONE)
+			REFUSE("quant.%s %s (experts kept quantized) is not generated for target "
+			       "cuda yet; the cpu target generates it",
+			       moe_qmat_names[m], moe_qformat_names[d->qfmt[m].kind]);
 	if (t == MOE_TARGET_CUDA) {
 		if (d->act_dtype != MOE_DTYPE_F32 && d->act_dtype != MOE_DTYPE_BF16)
 			REFUSE("dtype.activations %s is not generated for target cuda (f32, bf16)",

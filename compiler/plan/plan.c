@@ -18,15 +18,7 @@ const struct moe_backend *const moe_backends[MOE_TARGET_COUNT] = {
 
 static void init_geoms(struct moe_plan *p)
 {
-	const struct moe_desc *d = p->desc;
-	int pairs = p->compute == MOE_COMPUTE_BF16;
-	moe_geom_init(&p->routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU,
-		      d->weight_dtype, pairs);
-	uint32_t is = moe_desc_shared_width(d);
-	memset(&p->shared, 0, sizeof p->shared);
-	if (is)
-		moe_geom_init(&p->shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU,
-			      d->weight_dtype, pairs);
+	moe_geoms_init(p->desc, p->compute == MOE_COMPUTE_BF16, &p->routed, &p->shared);
 }
 
 void moe_plan_set_compute(struct moe_plan *p, int bf16_dot)

@@ -33,6 +33,8 @@ const char *const moe_attn_names[] = {MOE_ATTNS(NAME_)};
 const char *const moe_fuse_names[] = {MOE_FUSES(NAME_)};
 const char *const moe_orient_names[] = {MOE_ORIENTS(NAME_)};
 const char *const moe_quant_names[] = {MOE_QUANTS(NAME_)};
+const char *const moe_qformat_names[] = {MOE_QFORMATS(NAME_)};
+const char *const moe_qmat_names[] = {MOE_QMATS(NAME_)};
 const char *const moe_role_names[] = {MOE_ROLES(NAME_)};
 /* moe_ops.h */
 #define OP_NAME_(v, s, shape) s,
@@ -68,8 +70,39 @@ int moe_enum_lookup(const char *const *names, int n, const char *s)
 	return -1;
 }
 
+int moe_desc_quantized(const struct moe_desc *d)
+{
+	for (int i = 0; i < MOE_QMAT_COUNT; i++)
+		if (d->qfmt[i].kind != MOE_QFORMAT_NONE)
+			return 1;
+	return 0;
+}
+
+int moe_role_qmat(enum moe_role r)
+{
+	switch (r) {
+	case MOE_ROLE_GATE:
+	case MOE_ROLE_UP:
+	case MOE_ROLE_GATE_UP:
+		return MOE_QMAT_UP;
+	case MOE_ROLE_DOWN:
+		return MOE_QMAT_DOWN;
+	case MOE_ROLE_SHARED_GATE:
+	case MOE_ROLE_SHARED_UP:
+	case MOE_ROLE_SHARED_GATE_UP:
+		return MOE_QMAT_SHARED_UP;
+	case MOE_ROLE_SHARED_DOWN:
+		return MOE_QMAT_SHARED_DOWN;
+	default:
+		return -1;
+	}
+}
+
+/* Quantized experts compute in f32 (the bf16 dot kernels read bf16 panels). */
 int moe_desc_bf16_compute(const struct moe_desc *d)
 {
+	if (moe_desc_quantized(d))
+		return 0;
 	return d->compute == MOE_COMPUTE_BF16 ||
 	       (d->compute == MOE_COMPUTE_AUTO && d->weight_dtype == MOE_DTYPE_BF16);
 }
@@ -317,6 +350,10 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		put(&o, "shared %s count %u intermediate %u activation %s gate %s\n",
 		    moe_kind_names[d->shared_kind], d->shared_count, d->shared_intermediate,
 		    moe_act_names[d->shared_act], moe_shared_gate_names[d->shared_gate]);
+	for (int i = 0; i < MOE_QMAT_COUNT; i++)
+		if (d->qfmt[i].kind != MOE_QFORMAT_NONE)
+			put(&o, "quant %s kind %s group %u zero %u\n", moe_qmat_names[i],
+			    moe_qformat_names[d->qfmt[i].kind], d->qfmt[i].group, d->qfmt[i].zero);
 	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
 		if (!d->names[r][0])
 			continue;
@@ -634,6 +671,12 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		d->shared_act = (enum moe_act)ENUM_("activation", moe_act_names, MOE_ACT_COUNT);
 		d->shared_gate = (enum moe_shared_gate)ENUM_("gate", moe_shared_gate_names,
 							     MOE_SHARED_GATE_COUNT);
+	} else if (!strcmp(h, "quant")) {
+		int q = ENUM_(NULL, moe_qmat_names, MOE_QMAT_COUNT);
+		struct moe_qfmt *f = &d->qfmt[q < 0 ? 0 : q];
+		f->kind = (enum moe_qformat)ENUM_("kind", moe_qformat_names, MOE_QFORMAT_COUNT);
+		take_u32(l, "group", 0, &f->group);
+		take_u8(l, "zero", &f->zero);
 	} else {
 		line_error(l, "unknown line '%s'", h);
 		return;

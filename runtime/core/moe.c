@@ -145,13 +145,7 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 	m->d = g->desc;
 	m->e0 = e0;
 	m->e1 = e1;
-	int pairs = g->compute == MOE_COMPUTE_BF16;
-	moe_geom_init(&m->routed, m->d->hidden, m->d->intermediate, m->d->kind == MOE_KIND_GLU,
-		      m->d->weight_dtype, pairs);
-	uint32_t is = moe_desc_shared_width(m->d);
-	if (is)
-		moe_geom_init(&m->shared, m->d->hidden, is, m->d->shared_kind == MOE_KIND_GLU,
-			      m->d->weight_dtype, pairs);
+	moe_geoms_init(m->d, g->compute == MOE_COMPUTE_BF16, &m->routed, &m->shared);
 	m->layers = calloc(m->d->n_moe_layers ? m->d->n_moe_layers : 1, sizeof *m->layers);
 	m->pool = moe_pool_create(opts ? opts->threads : 0);
 	if (!m->layers || !m->pool) {
@@ -657,6 +651,14 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 		moe_set_error("moe_load_safetensors: no files given");
 		return MOE_ERR_ARG;
 	}
+	for (int q = 0; q < MOE_QMAT_COUNT; q++)
+		if (m->d->qfmt[q].kind != MOE_QFORMAT_NONE) {
+			moe_set_error("moe_load_safetensors: quant.%s %s: loading experts kept "
+				      "quantized from a checkpoint is not generated yet (random "
+				      "weights only: moe_init_random)",
+				      moe_qmat_names[q], moe_qformat_names[m->d->qfmt[q].kind]);
+			return MOE_ERR_UNSUPPORTED;
+		}
 	if (!acquire(m, "moe_load_safetensors"))
 		return MOE_ERR_BUSY;
 	free_layers(m);

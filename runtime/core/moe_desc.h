@@ -43,6 +43,14 @@
 #define MOE_ORIENTS(X) X(OUT_IN, "out_in") X(IN_OUT, "in_out")
 /* On-disk quantization of a weight role, dequantized to f32 at load. */
 #define MOE_QUANTS(X) X(NONE, "none") X(FP8_BLOCK, "fp8_block") X(MXFP4, "mxfp4")
+/* How the FFN matrices are kept in the packed panels and read by the kernels
+ * (struct moe_qfmt): f32/bf16/f16 per dtype.weights, or integer codes with
+ * one scale (and an offset) per group of inputs of one output. */
+#define MOE_QFORMATS(X) X(NONE, "none") X(INT8, "int8") X(INT4, "int4")
+/* The FFN matrix sets a storage format applies to: one up panel (gate and up
+ * read together) and one down panel per FFN. */
+#define MOE_QMATS(X)                                                                               \
+	X(UP, "up") X(DOWN, "down") X(SHARED_UP, "shared_up") X(SHARED_DOWN, "shared_down")
 
 #define MOE_ENUM_VALUE_(prefix, v, s) prefix##v,
 #define MOE_DEFINE_ENUM(tag, prefix, list) enum tag { list(MOE_ENUM_X_##prefix) prefix##COUNT }
@@ -63,6 +71,8 @@
 #define MOE_ENUM_X_MOE_FUSE_(v, s) MOE_FUSE_##v,
 #define MOE_ENUM_X_MOE_ORIENT_(v, s) MOE_ORIENT_##v,
 #define MOE_ENUM_X_MOE_QUANT_(v, s) MOE_QUANT_##v,
+#define MOE_ENUM_X_MOE_QFORMAT_(v, s) MOE_QFORMAT_##v,
+#define MOE_ENUM_X_MOE_QMAT_(v, s) MOE_QMAT_##v,
 
 /* The router modes are the rows of moe_modes.def. */
 enum moe_mode {
@@ -87,6 +97,22 @@ MOE_DEFINE_ENUM(moe_attn, MOE_ATTN_, MOE_ATTNS);
 MOE_DEFINE_ENUM(moe_fuse, MOE_FUSE_, MOE_FUSES);
 MOE_DEFINE_ENUM(moe_orient, MOE_ORIENT_, MOE_ORIENTS);
 MOE_DEFINE_ENUM(moe_quant, MOE_QUANT_, MOE_QUANTS);
+MOE_DEFINE_ENUM(moe_qformat, MOE_QFORMAT_, MOE_QFORMATS);
+MOE_DEFINE_ENUM(moe_qmat, MOE_QMAT_, MOE_QMATS);
+
+/* A kept-quantized storage format. Over a [rows, K] matrix, input k of
+ * output row n is code[n, k] and group g = k / group has scale s[n, g] and
+ * offset o[n, g]: W[n, k] = fl(code * s) + o, computed in f32 (every product
+ * of a code and an f16-precision scale is exact).
+ *   int8: signed codes -128..127, o = 0 (symmetric; per channel when
+ *         group == K);
+ *   int4: unsigned codes 0..15, o = -z * s with a zero point z per group
+ *         (zero = 1) or z = 8 (zero = 0, symmetric). */
+struct moe_qfmt {
+	enum moe_qformat kind;
+	uint32_t group; /* inputs per scale; resolved: divides K, never 0 */
+	uint8_t zero;   /* int4: a zero point per group */
+};
 
 /* Weight roles. Canonical (reference) shapes, f32, row-major, nn.Linear
  * [out, in] orientation; E = routed experts after split, I = expert width after
@@ -237,6 +263,8 @@ struct moe_desc {
 	/* capacity: the normalization (norm, eps, min) and the scale apply to the
 	 * weights that survive the capacity, after dropping (NLLB) */
 	uint8_t capacity_norm_after_drop;
+	/* the FFN matrices kept quantized (kind none: dtype.weights) */
+	struct moe_qfmt qfmt[MOE_QMAT_COUNT];
 };
 
 /* Name tables, indexed by enum value; defined in desc.c. */
@@ -258,6 +286,8 @@ extern const char *const moe_attn_names[MOE_ATTN_COUNT];
 extern const char *const moe_fuse_names[MOE_FUSE_COUNT];
 extern const char *const moe_orient_names[MOE_ORIENT_COUNT];
 extern const char *const moe_quant_names[MOE_QUANT_COUNT];
+extern const char *const moe_qformat_names[MOE_QFORMAT_COUNT];
+extern const char *const moe_qmat_names[MOE_QMAT_COUNT];
 extern const char *const moe_role_names[MOE_ROLE_COUNT];
 
 /* Index of `s` in a name table of n entries, or -1. */
@@ -273,6 +303,10 @@ int moe_desc_bf16_compute(const struct moe_desc *d);
  * products summed in f32). */
 #define MOE_BF16_COMPUTE_TOL (1.0 / 64.0)
 uint32_t moe_desc_shared_width(const struct moe_desc *d);
+/* 1 when any FFN matrix is kept quantized (d->qfmt). */
+int moe_desc_quantized(const struct moe_desc *d);
+/* The matrix set a role belongs to (gate, up, down, shared_*), or -1. */
+int moe_role_qmat(enum moe_role r);
 uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
 /* Number of rows and columns of a role's canonical tensor, per expert where the
  * role is per expert (*per_expert set), else for the whole tensor. Returns 0

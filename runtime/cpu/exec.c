@@ -367,9 +367,8 @@ static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 	const struct moe_tile *u = &x->tiles[i];
 	const struct moe_layer_w *lw = x->lw;
 	const struct moe_geom *g = &x->m->routed;
-	size_t es = g->elem_bytes;
 	int64_t base = x->ffn.offsets[u->e] + u->r0;
-	const char *panels = (const char *)lw->up + (size_t)u->e * g->up_elems * es;
+	const char *panels = (const char *)lw->up + (size_t)u->e * g->up_bytes;
 	MOE_KERNEL(x->m, UP)
 	(x->ffn.in, x->ffn.rows + base, x->ffn.row_w + base, u->r1 - u->r0, panels,
 	 lw->bg ? lw->bg + (size_t)u->e * g->ld_h : NULL,
@@ -410,7 +409,7 @@ static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned
 	(void)thread;
 	const struct moe_layer_w *lw = x->lw;
 	const struct moe_geom *g = &x->m->routed;
-	size_t es = g->elem_bytes, H = x->d->hidden;
+	size_t H = x->d->hidden;
 	int64_t c0, c1;
 	cols_of(x, p0, p1, &c0, &c1);
 	for (size_t t = 0; t < x->ffn.out_rows; t++)
@@ -420,7 +419,7 @@ static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned
 		if (!n)
 			continue;
 		int64_t base = x->ffn.offsets[e];
-		const char *panels = (const char *)lw->down + (size_t)e * g->down_elems * es;
+		const char *panels = (const char *)lw->down + (size_t)e * g->down_bytes;
 		const int32_t *map = x->ffn.out_map ? x->ffn.out_map : x->ffn.rows;
 		MOE_KERNEL(x->m, DOWN)
 		(x->ffn.h + (size_t)base * g->ld_h, map + base, x->ffn.row_w + base, n, panels,

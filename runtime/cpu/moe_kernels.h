@@ -49,8 +49,24 @@ struct moe_geom {
 	uint64_t up_elems;    /* per expert: up_panels * hidden * 16 */
 	uint64_t down_elems;  /* per expert: down_panels * width * 16 */
 	uint32_t pairs;       /* 1: bf16 compute, K interleaved in pairs */
-	uint32_t elem_bytes;  /* bytes of one panel value */
+	uint32_t elem_bytes;  /* bytes of one panel value (unquantized panels) */
+	/* Kept-quantized panels (moe_geom_quant; kind none: elements as above).
+	 * A panel of K inputs is K / group blocks, each: 16 f32 scales (one per
+	 * column), for int4 16 f32 offsets, then the codes of its group inputs:
+	 * int8 k-major rows of 16 signed bytes (byte j: column j); int4 16 bytes
+	 * per pair of inputs (byte j: column j, input 2i in the low nibble, 2i + 1
+	 * in the high one). */
+	struct moe_qfmt q_up, q_down;
+	uint64_t up_bytes;   /* per expert */
+	uint64_t down_bytes; /* per expert */
 };
+
+/* Bytes of one group block of a quantized panel. */
+static inline uint64_t moe_qblock_bytes(const struct moe_qfmt *q)
+{
+	return q->kind == MOE_QFORMAT_INT4 ? 2 * 64 + (uint64_t)q->group * 8
+					   : 64 + (uint64_t)q->group * MOE_NR;
+}
 
 /* The FFN geometry; pairs: bf16 compute (moe_gen.compute). */
 static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t width, int glu,
@@ -70,6 +86,42 @@ static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t w
 		 kd = pairs ? width + (width & 1) : width;
 	g->up_elems = (uint64_t)g->up_panels * ku * MOE_NR;
 	g->down_elems = (uint64_t)g->down_panels * kd * MOE_NR;
+	g->q_up = g->q_down = (struct moe_qfmt){MOE_QFORMAT_NONE, 0, 0};
+	g->up_bytes = g->up_elems * g->elem_bytes;
+	g->down_bytes = g->down_elems * g->elem_bytes;
+}
+
+/* Kept-quantized up and down panels (kind none leaves a side as it is). */
+static inline void moe_geom_quant(struct moe_geom *g, const struct moe_qfmt *up,
+				  const struct moe_qfmt *down)
+{
+	if (up->kind != MOE_QFORMAT_NONE) {
+		g->q_up = *up;
+		g->up_bytes =
+		    (uint64_t)g->up_panels * (g->hidden / up->group) * moe_qblock_bytes(up);
+	}
+	if (down->kind != MOE_QFORMAT_NONE) {
+		g->q_down = *down;
+		g->down_bytes =
+		    (uint64_t)g->down_panels * (g->width / down->group) * moe_qblock_bytes(down);
+	}
+}
+
+/* The routed and (when there are shared experts, else zeroed) the shared FFN
+ * geometry of a description; pairs: bf16 compute. */
+static inline void moe_geoms_init(const struct moe_desc *d, int pairs, struct moe_geom *routed,
+				  struct moe_geom *shared)
+{
+	moe_geom_init(routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU, d->weight_dtype,
+		      pairs);
+	moe_geom_quant(routed, &d->qfmt[MOE_QMAT_UP], &d->qfmt[MOE_QMAT_DOWN]);
+	uint32_t is = moe_desc_shared_width(d);
+	*shared = (struct moe_geom){0};
+	if (!is)
+		return;
+	moe_geom_init(shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU, d->weight_dtype,
+		      pairs);
+	moe_geom_quant(shared, &d->qfmt[MOE_QMAT_SHARED_UP], &d->qfmt[MOE_QMAT_SHARED_DOWN]);
 }
 
 /* bf16 compute: the index of (k, column j) in a panel of K (padded to even). */
@@ -250,7 +302,7 @@ struct moe_layer_w {
 	float *router_bias;   /* [E] */
 	float *select_bias;   /* [E] */
 	float *shared_gate_w; /* [H] */
-	void *up, *down;      /* E * up_elems, E * down_elems, weight dtype */
+	void *up, *down;      /* E * up_bytes, E * down_bytes */
 	float *bg, *bu;       /* [E, ld_h] */
 	float *bd;            /* [E, ld_bias] */
 	void *s_up, *s_down;  /* shared FFN panels */

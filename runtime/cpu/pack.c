@@ -106,6 +106,104 @@ static void *pack_down(const struct moe_geom *g, uint32_t n_e, const float *down
 	return out;
 }
 
+/* Kept-quantized panels (layout in moe_kernels.h). src(j) gives the tensor
+ * and row of panel column j (NULL: padding), over matrices of K inputs. */
+struct qsrc {
+	const struct moe_ref_qtensor *t;
+	uint64_t row; /* global row of the stacked [rows, K] matrices */
+};
+
+static void pack_qpanel(const struct moe_qfmt *f, uint32_t K, const struct qsrc src[MOE_NR],
+			unsigned char *out)
+{
+	uint64_t ng = K / f->group, bb = moe_qblock_bytes(f);
+	int i4 = f->kind == MOE_QFORMAT_INT4;
+	for (uint64_t gi = 0; gi < ng; gi++) {
+		unsigned char *blk = out + gi * bb;
+		float *sc = (float *)blk, *of = (float *)(blk + 64);
+		unsigned char *codes = blk + (i4 ? 128 : 64);
+		for (uint32_t j = 0; j < MOE_NR; j++) {
+			if (!src[j].t)
+				continue; /* zero scale, offset and codes */
+			const struct moe_ref_qtensor *t = src[j].t;
+			uint64_t g = src[j].row * ng + gi;
+			sc[j] = t->scale[g];
+			if (i4)
+				of[j] = t->offset[g];
+			const uint8_t *c = t->codes + src[j].row * K + gi * f->group;
+			for (uint32_t k = 0; k < f->group; k++) {
+				if (!i4)
+					codes[(size_t)k * MOE_NR + j] = c[k];
+				else
+					codes[(size_t)(k / 2) * MOE_NR + j] |=
+					    (unsigned char)((c[k] & 15) << (4 * (k & 1)));
+			}
+		}
+	}
+}
+
+/* Up panels from quantized gate (NULL for mlp) and up tensors. */
+static void *pack_up_q(const struct moe_geom *g, uint32_t n_e, const struct moe_ref_qtensor *gate,
+		       const struct moe_ref_qtensor *up)
+{
+	uint64_t pb = g->up_bytes / g->up_panels;
+	unsigned char *out = zalloc((size_t)n_e * g->up_bytes);
+	if (!out)
+		return NULL;
+	for (uint32_t e = 0; e < n_e; e++)
+		for (uint32_t p = 0; p < g->up_panels; p++) {
+			struct qsrc src[MOE_NR] = {{0}};
+			for (uint32_t j = 0; j < MOE_NR; j++) {
+				uint32_t row =
+				    g->glu ? p * (MOE_NR / 2) + j % (MOE_NR / 2) : p * MOE_NR + j;
+				if (row >= g->width)
+					continue;
+				src[j].t = g->glu && j < MOE_NR / 2 ? gate : up;
+				src[j].row = (uint64_t)e * g->width + row;
+			}
+			pack_qpanel(&g->q_up, g->hidden, src,
+				    out + (size_t)e * g->up_bytes + (size_t)p * pb);
+		}
+	return out;
+}
+
+static void *pack_down_q(const struct moe_geom *g, uint32_t n_e, const struct moe_ref_qtensor *down)
+{
+	uint64_t pb = g->down_bytes / g->down_panels;
+	unsigned char *out = zalloc((size_t)n_e * g->down_bytes);
+	if (!out)
+		return NULL;
+	for (uint32_t e = 0; e < n_e; e++)
+		for (uint32_t p = 0; p < g->down_panels; p++) {
+			struct qsrc src[MOE_NR] = {{0}};
+			for (uint32_t j = 0; j < MOE_NR; j++) {
+				uint32_t row = p * MOE_NR + j;
+				if (row >= g->hidden)
+					continue;
+				src[j].t = down;
+				src[j].row = (uint64_t)e * g->hidden + row;
+			}
+			pack_qpanel(&g->q_down, g->width, src,
+				    out + (size_t)e * g->down_bytes + (size_t)p * pb);
+		}
+	return out;
+}
+
+/* One FFN's up and down panels, kept quantized where its geometry says. */
+static int pack_ffn_panels(const struct moe_geom *g, uint32_t n_e, const struct moe_ref_weights *w,
+			   enum moe_role gate, enum moe_role up, enum moe_role down,
+			   enum moe_dtype t, void **pu, void **pd)
+{
+	const struct moe_ref_qtensor *q = w->q;
+	int glu = g->glu;
+	*pu = g->q_up.kind != MOE_QFORMAT_NONE
+		  ? pack_up_q(g, n_e, glu ? &q[gate] : NULL, &q[up])
+		  : pack_up(g, n_e, glu ? w->w[gate] : NULL, w->w[up], t);
+	*pd = g->q_down.kind != MOE_QFORMAT_NONE ? pack_down_q(g, n_e, &q[down])
+						 : pack_down(g, n_e, w->w[down], t);
+	return *pu && *pd;
+}
+
 /* Per-expert bias vectors [n_e, n] padded to [n_e, ld]. */
 static float *pack_bias(const float *b, uint32_t n_e, uint32_t n, uint32_t ld)
 {
@@ -179,9 +277,8 @@ static enum moe_status pack_ffn(const struct moe_model *m, struct moe_ref_weight
 		goto nomem;
 
 	int glu = d->kind == MOE_KIND_GLU;
-	out->up = pack_up(rg, E, glu ? W[MOE_ROLE_GATE] : NULL, W[MOE_ROLE_UP], t);
-	out->down = pack_down(rg, E, W[MOE_ROLE_DOWN], t);
-	if (!out->up || !out->down)
+	if (!pack_ffn_panels(rg, E, w, MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN, t, &out->up,
+			     &out->down))
 		goto nomem;
 	if (d->expert_bias) {
 		if (glu && !(out->bg = pack_bias(W[MOE_ROLE_GATE_BIAS], E, I, rg->ld_h)))
@@ -202,11 +299,8 @@ static enum moe_status pack_ffn(const struct moe_model *m, struct moe_ref_weight
 	if (d->output_bias && !(out->output_bias = copy_f32(W[MOE_ROLE_OUTPUT_BIAS], H)))
 		goto nomem;
 	if (sg->width) {
-		int sglu = d->shared_kind == MOE_KIND_GLU;
-		out->s_up =
-		    pack_up(sg, 1, sglu ? W[MOE_ROLE_SHARED_GATE] : NULL, W[MOE_ROLE_SHARED_UP], t);
-		out->s_down = pack_down(sg, 1, W[MOE_ROLE_SHARED_DOWN], t);
-		if (!out->s_up || !out->s_down)
+		if (!pack_ffn_panels(sg, 1, w, MOE_ROLE_SHARED_GATE, MOE_ROLE_SHARED_UP,
+				     MOE_ROLE_SHARED_DOWN, t, &out->s_up, &out->s_down))
 			goto nomem;
 		if (d->shared_gate == MOE_SHARED_GATE_SIGMOID &&
 		    !(out->shared_gate_w = copy_f32(W[MOE_ROLE_SHARED_EXPERT_GATE], H)))

@@ -10,11 +10,30 @@
 /* A short name of a status code ("bad argument"; enum moe_status is in moe.h). */
 const char *moe_status_name(enum moe_status s);
 
+/* A role kept quantized (moe_desc.qfmt of its matrix set) over its canonical
+ * [rows, K] matrices, per-expert roles stacked: codes [rows * K] (int8: the
+ * byte is a signed code; int4: 0..15, one per byte), scale and offset
+ * [rows * K / group] (offset NULL for int8). */
+struct moe_ref_qtensor {
+	uint8_t *codes;
+	float *scale, *offset;
+};
+
 /* Canonical weights of one layer: one f32 array per role, NULL when unused.
- * Per-expert roles are E contiguous [rows, cols] blocks. */
+ * Per-expert roles are E contiguous [rows, cols] blocks. A role kept
+ * quantized also has q[role]; w[role] then holds the values it stands for
+ * (moe_qdequant), which the reference uses. */
 struct moe_ref_weights {
 	float *w[MOE_ROLE_COUNT];
+	struct moe_ref_qtensor q[MOE_ROLE_COUNT];
 };
+
+/* The format a role is kept in (kind none when it is not). */
+struct moe_qfmt moe_ref_role_qfmt(const struct moe_desc *d, enum moe_role r);
+/* out[n, k] = fl(code[n, k] * s[n, k / group]) + o[n, k / group] over rows
+ * [rows, K], codes as in struct moe_ref_qtensor (offset NULL: 0). */
+void moe_qdequant(const struct moe_qfmt *f, const uint8_t *codes, const float *scale,
+		  const float *offset, uint64_t rows, uint64_t K, float *out);
 
 /* Allocate (zeroed) every role the description uses / free them. */
 enum moe_status moe_ref_weights_alloc(const struct moe_desc *d, struct moe_ref_weights *w);

@@ -3,6 +3,7 @@
  * counter-based generator, bf16/f16 rounding and the expert activations.
  * The forward pass that uses them is ref.c. */
 #include "moe_ref.h"
+#include "ref_quant.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -70,6 +71,10 @@ enum moe_status moe_ref_weights_alloc(const struct moe_desc *d, struct moe_ref_w
 			return MOE_ERR_NOMEM;
 		}
 	}
+	if (moe_ref_quant_alloc(d, w) != MOE_OK) {
+		moe_ref_weights_free(w);
+		return MOE_ERR_NOMEM;
+	}
 	return MOE_OK;
 }
 
@@ -81,6 +86,7 @@ void moe_ref_weights_free(struct moe_ref_weights *w)
 		free(w->w[r]);
 		w->w[r] = NULL;
 	}
+	moe_ref_quant_free(w);
 }
 
 static int is_bias_role(enum moe_role r)
@@ -132,6 +138,7 @@ void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t la
 			p[i] = round_to_dtype(d->weight_dtype, v);
 		}
 	}
+	moe_ref_quant_random(d, seed, layer, w);
 }
 
 /* SplitMix64 finalizer; each key word is folded in and re-mixed so that

@@ -1,0 +1,17 @@
+/* ref_quant.h: the quantized roles' buffers of struct moe_ref_weights (for
+ * ref_util.c, which allocates, frees and fills the weights). */
+#ifndef MOE_REF_QUANT_H
+#define MOE_REF_QUANT_H
+
+#include "moe_ref.h"
+
+/* Allocate the code, scale and offset buffers of every quantized role whose
+ * f32 buffer exists; MOE_ERR_NOMEM leaves the caller to free. */
+enum moe_status moe_ref_quant_alloc(const struct moe_desc *d, struct moe_ref_weights *w);
+void moe_ref_quant_free(struct moe_ref_weights *w);
+/* Random codes for every quantized role (after the f32 draw, which they
+ * replace with the values they stand for). */
+void moe_ref_quant_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+			  struct moe_ref_weights *w);
+
+#endif

@@ -1,0 +1,262 @@
+/* test_quant.c: experts kept quantized (the quant: key, moe_desc.qfmt).
+ * The dequantized values against the formats' definitions computed here;
+ * the description's dump and hash; the panel bytes; the generated kernels
+ * (int8 and int4, per channel and grouped, with and without zero points,
+ * mixed formats, MLP, biases, apply_to input, shared experts) against the
+ * f32 reference on the dequantized weights, at T = 1 and 77, 1 or 2
+ * threads, on AVX-512 and on an AVX2-only target; batch and thread
+ * invariance bit for bit; the CUDA target refuses. */
+#include "harness.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "moe_kernels.h"
+#include "moe_ref.h"
+
+static void set_q(struct moe_desc *d, int m, enum moe_qformat k, uint32_t group, int zero)
+{
+	d->qfmt[m] = (struct moe_qfmt){k, group, (uint8_t)zero};
+}
+
+/* The definitions: int8 W = q * s; int4 W = (q - z) * s with o = -z * s,
+ * evaluated in double (exact here), must equal the f32 values. */
+static void test_dequant_definition(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 64, 4, 2, 32);
+	for (int zero = 0; zero < 2; zero++)
+		for (int kind = MOE_QFORMAT_INT8; kind <= MOE_QFORMAT_INT4; kind++) {
+			if (kind == MOE_QFORMAT_INT8 && zero)
+				continue;
+			uint32_t grp = kind == MOE_QFORMAT_INT4 ? 16 : 64;
+			set_q(&d, MOE_QMAT_UP, (enum moe_qformat)kind, grp, zero);
+			struct moe_ref_weights w;
+			assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+			moe_ref_weights_random(&d, 3, d.moe_layers[0], &w);
+			const struct moe_ref_qtensor *q = &w.q[MOE_ROLE_UP];
+			assert_non_null(q->codes);
+			assert_null(w.q[MOE_ROLE_DOWN].codes);
+			size_t n = (size_t)d.n_experts * d.intermediate * d.hidden;
+			int zeros_seen = 0, distinct = 0;
+			unsigned char seen[256] = {0};
+			for (size_t i = 0; i < n; i++) {
+				size_t gi = i / grp;
+				double s = q->scale[gi], want;
+				assert_true(s > 0 && (float)s == moe_f16_round((float)s));
+				if (kind == MOE_QFORMAT_INT8) {
+					want = (int8_t)q->codes[i] * s;
+				} else {
+					double z = -(double)q->offset[gi] / s;
+					assert_true(q->codes[i] < 16);
+					assert_true(z == floor(z) && z >= 0 && z < 16);
+					assert_true(zero || z == 8);
+					zeros_seen |= z != 8;
+					want = (q->codes[i] - z) * s;
+				}
+				assert_true((double)w.w[MOE_ROLE_UP][i] == want);
+				distinct += !seen[q->codes[i]];
+				seen[q->codes[i]] = 1;
+			}
+			assert_int_equal(distinct, kind == MOE_QFORMAT_INT4 ? 16 : 256);
+			assert_int_equal(zeros_seen, zero);
+			moe_ref_weights_free(&w);
+		}
+}
+
+/* The dump reads back; the hash sees the format; bytes per expert. */
+static void test_desc_and_bytes(void **state)
+{
+	(void)state;
+	struct moe_desc d, back;
+	h_base_desc(&d, 256, 8, 2, 128);
+	char h0[64], h1[64], text[8192], err[256];
+	moe_desc_hash(&d, h0);
+	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_INT4, 128, 1);
+	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_INT8, 128, 0);
+	moe_desc_hash(&d, h1);
+	assert_string_not_equal(h0, h1);
+	assert_true(moe_desc_dump(&d, text, sizeof text) < sizeof text);
+	assert_int_equal(moe_desc_parse(text, &back, err, sizeof err), 0);
+	assert_memory_equal(&back.qfmt, &d.qfmt, sizeof d.qfmt);
+	assert_false(moe_desc_bf16_compute(&d));
+	struct moe_geom r, s, rf, sf;
+	moe_geoms_init(&d, 0, &r, &s);
+	struct moe_desc plain = d;
+	memset(plain.qfmt, 0, sizeof plain.qfmt);
+	moe_geoms_init(&plain, 0, &rf, &sf);
+	/* int4 g128: 0.5 byte per value + 8 bytes of scale and offset per 128 */
+	double per_up = (double)r.up_bytes / ((double)r.up_panels * MOE_NR * d.hidden);
+	assert_true(fabs(per_up - (0.5 + 8.0 / 128)) < 1e-12);
+	double per_down = (double)r.down_bytes / ((double)r.down_panels * MOE_NR * d.intermediate);
+	assert_true(fabs(per_down - (1.0 + 4.0 / 128)) < 1e-12);
+	assert_true(rf.up_bytes == 4 * (uint64_t)rf.up_panels * MOE_NR * d.hidden);
+}
+
+static char diag_text[2048];
+
+static void capture_line(void *ctx, const char *line)
+{
+	(void)ctx;
+	size_t n = strlen(diag_text);
+	snprintf(diag_text + n, sizeof diag_text - n, "%s\n", line);
+}
+
+/* The CUDA target refuses kept-quantized experts, naming the key. */
+static void test_cuda_refuses(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 64, 4, 2, 32);
+	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_INT8, 32, 0);
+	static struct moe_plan p;
+	struct moe_diag dg = {.sink = capture_line};
+	diag_text[0] = 0;
+	assert_int_not_equal(moe_plan_build(&d, MOE_TARGET_CUDA, &p, &dg), 0);
+	assert_non_null(strstr(diag_text, "quant.down int8"));
+	diag_text[0] = 0;
+	assert_int_equal(moe_plan_build(&d, MOE_TARGET_CPU, &p, &dg), 0);
+	assert_string_equal(diag_text, "");
+}
+
+struct qcase {
+	uint32_t H, I;
+	int mlp, bias, apply_in, shared;
+	enum moe_qformat up, down;
+	uint32_t gu, gd;
+	int zero;
+};
+
+static const struct qcase cases[] = {
+    {64, 64, 0, 0, 0, 0, MOE_QFORMAT_INT8, MOE_QFORMAT_INT8, 0, 0, 0},
+    {65, 37, 0, 0, 0, 0, MOE_QFORMAT_INT8, MOE_QFORMAT_INT8, 0, 0, 0}, /* odd K */
+    {64, 48, 0, 0, 0, 0, MOE_QFORMAT_INT4, MOE_QFORMAT_INT4, 32, 16, 1},
+    {96, 40, 1, 1, 0, 0, MOE_QFORMAT_INT4, MOE_QFORMAT_INT8, 32, 8, 0},
+    {48, 40, 0, 1, 1, 0, MOE_QFORMAT_INT8, MOE_QFORMAT_INT4, 16, 20, 1},
+    {100, 24, 0, 0, 0, 1, MOE_QFORMAT_INT4, MOE_QFORMAT_INT4, 50, 24, 1},
+    {256, 96, 0, 0, 0, 0, MOE_QFORMAT_NONE, MOE_QFORMAT_INT4, 0, 32, 0},
+};
+
+static void qdesc(struct moe_desc *d, const struct qcase *c)
+{
+	h_base_desc(d, c->H, 8, 2, c->I);
+	if (c->mlp) {
+		d->kind = MOE_KIND_MLP;
+		d->act = MOE_ACT_GELU_TANH;
+	}
+	d->expert_bias = (uint8_t)c->bias;
+	d->apply_to = c->apply_in ? MOE_APPLY_INPUT : MOE_APPLY_OUTPUT;
+	set_q(d, MOE_QMAT_UP, c->up, c->gu ? c->gu : c->H, c->zero);
+	set_q(d, MOE_QMAT_DOWN, c->down, c->gd ? c->gd : c->I, c->zero);
+	if (c->up == MOE_QFORMAT_NONE)
+		d->qfmt[MOE_QMAT_UP] = (struct moe_qfmt){0};
+	if (c->shared) {
+		d->shared_count = 1;
+		d->shared_intermediate = 24;
+		set_q(d, MOE_QMAT_SHARED_UP, MOE_QFORMAT_INT4, 20, 1);
+		set_q(d, MOE_QMAT_SHARED_DOWN, MOE_QFORMAT_INT8, 0, 0);
+		d->qfmt[MOE_QMAT_SHARED_DOWN].group = 24;
+	}
+}
+
+static void test_vs_reference(void **state)
+{
+	(void)state;
+	static const size_t Ts[] = {1, 77};
+	for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+		struct moe_desc d;
+		qdesc(&d, &cases[i]);
+		for (size_t j = 0; j < sizeof Ts / sizeof *Ts; j++)
+			h_compare(&d, Ts[j], j % 2 ? 2 : 1, 70 + 10 * i + j, NULL, NULL);
+	}
+}
+
+/* An AVX2-only target gets the same kernels as 8-lane vectors. */
+static void test_avx2_target(void **state)
+{
+	(void)state;
+	h_features = "-avx512f";
+	for (size_t i = 2; i < 4; i++) {
+		struct moe_desc d;
+		qdesc(&d, &cases[i]);
+		h_compare(&d, 33, 2, 5 + i, NULL, NULL);
+	}
+	h_features = NULL;
+}
+
+static void forward(const struct moe_desc *d, size_t T, uint32_t threads, float *y)
+{
+	struct h_model m;
+	char err[512];
+	assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	struct moe_create_opts co = {.threads = threads};
+	assert_int_equal(m.create(&mm, &co), MOE_OK);
+	assert_int_equal(m.init_random(mm, 7), MOE_OK);
+	float *x = malloc(T * d->hidden * sizeof *x);
+	assert_non_null(x);
+	h_fill_input(x, T * d->hidden, 4);
+	assert_int_equal(m.forward(mm, d->moe_layers[0], x, y, T, NULL, NULL), MOE_OK);
+	free(x);
+	m.destroy(mm);
+	h_model_close(&m);
+}
+
+static void test_invariant(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	qdesc(&d, &cases[2]);
+	size_t T = 97, H = d.hidden;
+	float *ya = malloc(T * H * 4), *yb = malloc(T * H * 4);
+	assert_true(ya && yb);
+	forward(&d, T, 2, ya);
+	forward(&d, T, 1, yb);
+	assert_memory_equal(ya, yb, T * H * 4);
+	forward(&d, 1, 1, yb);
+	assert_memory_equal(ya, yb, H * 4);
+	free(ya), free(yb);
+}
+
+/* Loading a checkpoint into kept-quantized experts is refused up front (not
+ * filled with zero codes). */
+static void test_load_refused(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	qdesc(&d, &cases[0]);
+	struct h_model m;
+	char err[512];
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	assert_int_equal(m.create(&mm, NULL), MOE_OK);
+	const char *files[] = {"/nonexistent.safetensors"};
+	assert_int_equal(m.load(mm, files, 1), MOE_ERR_UNSUPPORTED);
+	assert_non_null(strstr(m.last_error(), "quant.up int8"));
+	m.destroy(mm);
+	h_model_close(&m);
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	return h_setup("test_quant");
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_dequant_definition), cmocka_unit_test(test_desc_and_bytes),
+	    cmocka_unit_test(test_cuda_refuses),       cmocka_unit_test(test_vs_reference),
+	    cmocka_unit_test(test_avx2_target),        cmocka_unit_test(test_invariant),
+	    cmocka_unit_test(test_load_refused),
+	};
+	return cmocka_run_group_tests(tests, setup, h_teardown);
+}
