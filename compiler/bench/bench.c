@@ -37,7 +37,8 @@ static const char *const usage_bench =
     "generates and a per-expert cblas_sgemm baseline on the same routing.\n"
     "  --shapes   qwen3,olmoe,mixtral,deepseek (default: all)\n"
     "  --tokens   token counts (default: 1,16,256,4096)\n"
-    "  --weights  f32,bf16 (default: both)\n"
+    "  --weights  f32,bf16,int8,int4 (default: f32,bf16); int8 per output channel,\n"
+    "             int4 in groups of 128 with zero points, both f32 compute\n"
     "  --routing  uniform,zipf (default: both)\n"
     "  --threads  threads for every side (default: all online cores)\n"
     "  --reps     timed repetitions; the median is reported (default: adaptive)\n"
@@ -50,7 +51,8 @@ static const char *const usage_bench =
     "  --modes    research routers, generated layer only: hier, sparsemixer,\n"
     "             noisy, ec, soft, peer, peer-1m (full size, 8 GiB; only when\n"
     "             named). Default: all but peer-1m in a full run, none with\n"
-    "             --quick; alone, without --shapes, it runs no shapes\n";
+    "             --quick; alone, without --shapes, it runs no shapes; none: no\n"
+    "             research routers\n";
 
 struct shape {
 	const char *name;  /* --shapes and the csv */
@@ -77,12 +79,26 @@ static const char *const routing_names[ROUTE_COUNT] = {"uniform", "zipf"};
 
 #define N_MODE_NAMES 7 /* entries of modes[] below */
 
+/* The weight formats of the FFN matrices a run can time: dtypes, and the
+ * kept-quantized formats (router f32). */
+static const struct wfmt {
+	const char *name;
+	enum moe_dtype dt;
+	struct moe_qfmt q;
+} wfmts[] = {
+    {"f32", MOE_DTYPE_F32, {MOE_QFORMAT_NONE, 0, 0}},
+    {"bf16", MOE_DTYPE_BF16, {MOE_QFORMAT_NONE, 0, 0}},
+    {"int8", MOE_DTYPE_F32, {MOE_QFORMAT_INT8, 0, 0}},   /* per output channel */
+    {"int4", MOE_DTYPE_F32, {MOE_QFORMAT_INT4, 128, 1}}, /* GPTQ-style g128 with zeros */
+};
+#define N_WFMT ((int)(sizeof wfmts / sizeof *wfmts))
+
 struct opts {
 	int shape_on[N_SHAPES];
 	int mode_on[N_MODE_NAMES];
 	uint32_t tokens[MAX_TOKENS_LIST];
 	int n_tokens;
-	int dtype_on[MOE_DTYPE_COUNT];
+	int fmt_on[N_WFMT];
 	int routing_on[ROUTE_COUNT];
 	unsigned threads;
 	int reps;   /* 0: adaptive */
@@ -145,6 +161,8 @@ static const char *const mode_names[N_MODE_NAMES] = {"hier", "sparsemixer", "noi
 
 static int item_mode(struct opts *o, const char *s)
 {
+	if (!strcmp(s, "none"))
+		return 0;
 	for (int i = 0; i < N_MODE_NAMES; i++)
 		if (!strcmp(s, mode_names[i])) {
 			o->mode_on[i] = 1;
@@ -166,10 +184,12 @@ static int item_tokens(struct opts *o, const char *s)
 
 static int item_weights(struct opts *o, const char *s)
 {
-	if (strcmp(s, "f32") && strcmp(s, "bf16"))
-		return -1;
-	o->dtype_on[moe_enum_lookup(moe_dtype_names, MOE_DTYPE_COUNT, s)] = 1;
-	return 0;
+	for (int i = 0; i < N_WFMT; i++)
+		if (!strcmp(s, wfmts[i].name)) {
+			o->fmt_on[i] = 1;
+			return 0;
+		}
+	return -1;
 }
 
 static int item_routing(struct opts *o, const char *s)
@@ -247,13 +267,13 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		*val = argv[++i];
 	}
 	if (modes_arg && each_item(modes_arg, item_mode, o))
-		return bad_usage("--modes: expected a list of hier, sparsemixer, noisy, ec, soft, "
-				 "peer, peer-1m, got '%s'",
+		return bad_usage("--modes: expected none or a list of hier, sparsemixer, noisy, "
+				 "ec, soft, peer, peer-1m, got '%s'",
 				 modes_arg);
 	if (!modes_arg && !o->quick)
 		for (int i = 0; i < N_MODE_NAMES - 1; i++)
 			o->mode_on[i] = 1; /* all but peer-1m */
-	if (!shapes_arg && modes_arg)
+	if (!shapes_arg && modes_arg && strcmp(modes_arg, "none"))
 		shapes_arg = "";
 	if (!shapes_arg)
 		shapes_arg = o->quick ? "qwen3,deepseek" : "qwen3,olmoe,mixtral,deepseek";
@@ -313,11 +333,12 @@ static void errf(char *err, size_t cap, const char *fmt, ...)
 
 /* The model ------------------------------------------------------------- */
 
-static void shape_desc(const struct shape *s, enum moe_dtype wt, struct moe_desc *d)
+static void shape_desc(const struct shape *s, const struct wfmt *f, struct moe_desc *d)
 {
+	enum moe_dtype wt = f->dt;
 	memset(d, 0, sizeof *d);
 	d->version = MOE_DESC_VERSION;
-	snprintf(d->name, sizeof d->name, "bench-%s-%s", s->name, moe_dtype_names[wt]);
+	snprintf(d->name, sizeof d->name, "bench-%s-%s", s->name, f->name);
 	d->hidden = s->H;
 	d->n_layers = 1;
 	d->n_moe_layers = 1;
@@ -360,6 +381,20 @@ static void shape_desc(const struct shape *s, enum moe_dtype wt, struct moe_desc
 		d->shared_count = 1;
 		d->shared_intermediate = 256;
 	}
+	if (f->q.kind != MOE_QFORMAT_NONE)
+		for (int m = 0; m < MOE_QMAT_COUNT; m++) {
+			d->qfmt[m] = f->q;
+			int up = m == MOE_QMAT_UP || m == MOE_QMAT_SHARED_UP;
+			uint32_t K = up                   ? d->hidden
+				     : m == MOE_QMAT_DOWN ? d->intermediate
+							  : moe_desc_shared_width(d);
+			if (!K) {
+				d->qfmt[m] = (struct moe_qfmt){0};
+				continue;
+			}
+			if (!d->qfmt[m].group || K % d->qfmt[m].group)
+				d->qfmt[m].group = K;
+		}
 }
 
 /* FLOPs and weight bytes of one forward of T tokens, with `touched` distinct
@@ -374,7 +409,7 @@ static double layer_flops(const struct moe_desc *d, double T)
 	return T * (2 * H * E + d->top_k * 6 * H * I + 6 * H * Is);
 }
 
-static double layer_bytes(const struct moe_desc *d, double T, double touched, int wbytes)
+static double layer_bytes(const struct moe_desc *d, double T, double touched, double wbytes)
 {
 	double H = d->hidden, E = d->n_experts, I = d->intermediate;
 	double Is = (double)moe_desc_shared_width(d);
@@ -384,6 +419,17 @@ static double layer_bytes(const struct moe_desc *d, double T, double touched, in
 static int dtype_bytes(enum moe_dtype t)
 {
 	return t == MOE_DTYPE_F32 ? 4 : 2;
+}
+
+/* Bytes per FFN weight as the kernels read them: the dtype's, or the routed
+ * panels' bytes (codes, scales, offsets) per weight. */
+static double ffn_wbytes(const struct moe_desc *d)
+{
+	if (!moe_desc_quantized(d))
+		return dtype_bytes(d->weight_dtype);
+	struct moe_geom r, s;
+	moe_geoms_init(d, 0, &r, &s);
+	return (double)(r.up_bytes + r.down_bytes) / (3.0 * d->hidden * d->intermediate);
 }
 
 static double mem_available(void)
@@ -953,13 +999,13 @@ static void fmt_num(char *buf, size_t cap, double v, const char *fmt)
 struct row {
 	const char *shape;
 	uint32_t T;
-	enum moe_dtype wt;
+	const char *wname; /* the weight format */
 	enum routing routing;
 	double flops, bytes; /* of one forward */
 	struct result gen, base;
 };
 
-#define MAX_ROWS ((int)(N_SHAPES * MAX_TOKENS_LIST * ROUTE_COUNT * MOE_DTYPE_COUNT))
+#define MAX_ROWS ((int)(N_SHAPES * MAX_TOKENS_LIST * ROUTE_COUNT * N_WFMT))
 
 struct table {
 	struct row r[MAX_ROWS];
@@ -989,8 +1035,8 @@ static void emit_row(const struct row *r, const struct machine *mc, FILE *out, F
 	fmt_num(c[9], 32, r->gen.check, "%.1e");
 	if (out) {
 		fprintf(out, "%-9s %5u %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n",
-			r->shape, r->T, moe_dtype_names[r->wt], routing_names[r->routing], c[0],
-			c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]);
+			r->shape, r->T, r->wname, routing_names[r->routing], c[0], c[1], c[2], c[3],
+			c[4], c[5], c[6], c[7], c[8], c[9]);
 		fflush(out);
 	}
 	if (csv) {
@@ -998,9 +1044,8 @@ static void emit_row(const struct row *r, const struct machine *mc, FILE *out, F
 		for (int i = 0; i < 8; i++)
 			if (!strcmp(c[i], "-"))
 				c[i][0] = 0;
-		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r->shape, r->T,
-			moe_dtype_names[r->wt], routing_names[r->routing], c[0], c[1], c[2], c[3],
-			c[4], c[5], c[7]);
+		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r->shape, r->T, r->wname,
+			routing_names[r->routing], c[0], c[1], c[2], c[3], c[4], c[5], c[7]);
 	}
 }
 
@@ -1078,7 +1123,7 @@ static void random_weights(const struct moe_desc *d, struct moe_ref_weights *w,
  * should exceed four times the cache. Twice would do for a true LRU cache;
  * the margin covers victim caches with other replacement policies, which can
  * keep part of a cyclic stream. */
-static int copies_for(const struct moe_desc *d, int wbytes, size_t llc, int forced)
+static int copies_for(const struct moe_desc *d, double wbytes, size_t llc, int forced)
 {
 	if (forced)
 		return forced;
@@ -1102,7 +1147,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 	char err[2048];
 	if (!d || !dg)
 		goto out;
-	shape_desc(s, MOE_DTYPE_F32, d);
+	shape_desc(s, &wfmts[0], d);
 	uint32_t T_max = 0;
 	for (int i = 0; i < o->n_tokens; i++)
 		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
@@ -1171,34 +1216,34 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 	}
 	moe_ref_weights_free(&w);
 
-	for (int wt = 0; wt < MOE_DTYPE_COUNT; wt++) {
-		if (!o->dtype_on[wt])
+	for (int wt = 0; wt < N_WFMT; wt++) {
+		if (!o->fmt_on[wt])
 			continue;
-		shape_desc(s, (enum moe_dtype)wt, dg);
+		const char *wname = wfmts[wt].name;
+		shape_desc(s, &wfmts[wt], dg);
 		struct gen g = {0};
 		int have_gen = 0;
 		struct result res[MAX_TOKENS_LIST * ROUTE_COUNT];
 		for (int i = 0; i < n_in; i++)
 			res[i] = (struct result){-1, -1, -1};
 		if (o->generated) {
-			int copies =
-			    copies_for(dg, dtype_bytes(dg->weight_dtype), mc->llc, o->copies);
-			double gneed =
-			    total_params(dg) * (dtype_bytes(dg->weight_dtype) * copies + 4);
+			int copies = copies_for(dg, ffn_wbytes(dg), mc->llc, o->copies);
+			/* the packed copies, and one f32 draw (quantized: its codes too) */
+			double gneed = total_params(dg) * (ffn_wbytes(dg) * copies + 4 +
+							   (moe_desc_quantized(dg) ? 2 : 0));
 			avail = mem_available();
 			t0 = moe_now();
 			if (avail > 0 && gneed > 0.9 * avail)
 				printf("  generated %s: skipped, needs about %.1f GB, %.1f GB "
 				       "available\n",
-				       moe_dtype_names[wt], gneed * 1e-9, avail * 1e-9);
+				       wname, gneed * 1e-9, avail * 1e-9);
 			else if (gen_open(dg, tmpdir, o->threads, copies, &g, err, sizeof err))
-				printf("  generated %s: unavailable: %s\n", moe_dtype_names[wt],
-				       err);
+				printf("  generated %s: unavailable: %s\n", wname, err);
 			else {
 				have_gen = 1;
 				printf("  generated %s: compiled and initialized in %.1f s, %d "
 				       "weight cop%s\n",
-				       moe_dtype_names[wt], moe_now() - t0, g.n_copies,
+				       wname, moe_now() - t0, g.n_copies,
 				       g.n_copies == 1 ? "y" : "ies");
 			}
 		}
@@ -1210,14 +1255,16 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			enum moe_status st =
 			    ids ? g.forward(g.m[0], 0, p->x, y, p->T, &rt, NULL) : MOE_ERR_NOMEM;
 			if (st != MOE_OK) {
-				printf("  generated %s T=%u: %s: %s\n", moe_dtype_names[wt], p->T,
+				printf("  generated %s T=%u: %s: %s\n", wname, p->T,
 				       moe_status_name(st), g.last_error());
 				free(ids);
 				continue;
 			}
 			res[i].match = match_rate(p, ids, d->top_k);
 			free(ids);
-			if (p->y_base) {
+			/* the baseline runs the unquantized f32 draw: no output check
+			 * for kept-quantized weights (test_quant checks them) */
+			if (p->y_base && !moe_desc_quantized(dg)) {
 				double mx = 0, md = 0;
 				for (size_t j = 0; j < (size_t)p->T * d->hidden; j++) {
 					mx = fmax(mx, fabs(p->y_base[j]));
@@ -1229,7 +1276,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			struct timed tm = {gen_run, &c, g.n_copies};
 			res[i].ms = time_median(&tm, o->reps) * 1e3;
 			if (res[i].ms < 0)
-				printf("  generated %s T=%u: %s\n", moe_dtype_names[wt], p->T, err);
+				printf("  generated %s T=%u: %s\n", wname, p->T, err);
 		}
 		if (have_gen)
 			gen_close(&g);
@@ -1239,11 +1286,10 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			struct row *r = &tab->r[tab->n++];
 			r->shape = s->name;
 			r->T = in[i].T;
-			r->wt = (enum moe_dtype)wt;
+			r->wname = wname;
 			r->routing = in[i].routing;
 			r->flops = layer_flops(dg, in[i].T);
-			r->bytes =
-			    layer_bytes(dg, in[i].T, in[i].touched, dtype_bytes(dg->weight_dtype));
+			r->bytes = layer_bytes(dg, in[i].T, in[i].touched, ffn_wbytes(dg));
 			r->gen = res[i];
 			r->base = base[i];
 			emit_row(r, mc, stdout, NULL);
