@@ -134,14 +134,16 @@ static struct moe_desc *api_desc(const struct moe_api *a, const char *path, char
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: moegen run MODEL.so [--weights FILE... | --random SEED] [--tokens N]\n"
-		   "                  [--threads N] [--layer L] [--seed S] [--reps N] [--check]\n"
-		   "                  [--ep [--chunks N]]\n"
+		   "                  [--threads N] [--layer L] [--layers A:B] [--seed S]\n"
+		   "                  [--reps N] [--check] [--ep [--chunks N]]\n"
 		   "Run one MoE layer of a built model on seeded random tokens and time it.\n"
 		   "  --weights FILE...  safetensors files (or a .index.json) to load\n"
 		   "  --random SEED      deterministic random weights (default 1)\n"
 		   "  --tokens N         tokens per forward (default 16)\n"
 		   "  --threads N        worker threads (default: all cores)\n"
-		   "  --layer L          model layer (default: the first MoE layer)\n"
+		   "  --layer L          model layer (default: the first MoE layer held)\n"
+		   "  --layers A:B       hold (load) only model layers [A, B) (a pipeline\n"
+		   "                     stage); the checkpoint needs no other layer\n"
 		   "  --seed S           input seed (default 1)\n"
 		   "  --reps N           forward passes to time (default 3)\n"
 		   "  --check            compare with the reference forward pass (random\n"
@@ -195,8 +197,38 @@ struct run_opts {
 	const char **weights;
 	size_t n_weights;
 	uint64_t seed_w, seed_x, tokens, threads, layer, reps, chunks;
+	uint32_t layer_begin, layer_end; /* --layers: [begin, end); end 0: all */
 	int have_layer, check, ep;
 };
+
+/* --layer, or the first MoE layer the model holds (of --layers). */
+static uint32_t first_layer(const struct run_opts *o, const struct moe_info *in)
+{
+	if (o->have_layer)
+		return (uint32_t)o->layer;
+	for (uint32_t i = 0; i < in->n_moe_layers; i++)
+		if (in->moe_layers[i] >= o->layer_begin &&
+		    (!o->layer_end || in->moe_layers[i] < o->layer_end))
+			return in->moe_layers[i];
+	return in->n_moe_layers ? in->moe_layers[0] : 0;
+}
+
+/* "A:B" -> [A, B), both below 2^32, A < B. */
+static int parse_range(const char *s, uint32_t *a, uint32_t *b)
+{
+	char buf[64];
+	uint64_t x, y;
+	const char *colon = s ? strchr(s, ':') : NULL;
+	if (!colon || (size_t)(colon - s) >= sizeof buf)
+		return -1;
+	memcpy(buf, s, (size_t)(colon - s));
+	buf[colon - s] = 0;
+	if (parse_u64(buf, &x) || parse_u64(colon + 1, &y) || x >= y || y > UINT32_MAX)
+		return -1;
+	*a = (uint32_t)x;
+	*b = (uint32_t)y;
+	return 0;
+}
 
 /* The seeded input of do_run: uniform in [-1, 1), bf16 models get it rounded. */
 static void fill_input(uint64_t seed, size_t T, size_t H, int bf16, float *x, uint16_t *xb)
@@ -232,12 +264,14 @@ static int do_run(const struct run_opts *o)
 	int32_t *ids = NULL, *ids_ref = NULL;
 	int64_t *counts = NULL;
 	struct moe_ref_weights w = {0};
-	uint32_t layer =
-	    o->have_layer ? (uint32_t)o->layer : (d->n_moe_layers ? d->moe_layers[0] : 0);
+	uint32_t layer = first_layer(o, in);
 	size_t T = o->tokens, H = in->hidden, W = in->route_width;
 	int bf16 = in->act_dtype == MOE_DTYPE_BF16;
 
-	struct moe_create_opts co = {.threads = (uint32_t)o->threads, .device = MOE_DEVICE_CPU};
+	struct moe_create_opts co = {.threads = (uint32_t)o->threads,
+				     .device = MOE_DEVICE_CPU,
+				     .layer_begin = o->layer_begin,
+				     .layer_end = o->layer_end};
 	if (a.create(&m, &co) != MOE_OK) {
 		fprintf(stderr, "moegen: error: %s\n", a.last_error());
 		goto out;
@@ -384,8 +418,7 @@ static int do_run_ep(const struct run_opts *o)
 		return MOE_EXIT_IO;
 	}
 	const struct moe_info *in = a.info();
-	uint32_t layer =
-	    o->have_layer ? (uint32_t)o->layer : (in->n_moe_layers ? in->moe_layers[0] : 0);
+	uint32_t layer = first_layer(o, in);
 	size_t N = o->tokens, H = in->hidden, W = in->route_width;
 	int bf16 = in->act_dtype == MOE_DTYPE_BF16, w_in = 0;
 	size_t dn = a.describe(NULL, 0);
@@ -408,7 +441,9 @@ static int do_run_ep(const struct run_opts *o)
 	struct moe_create_opts co = {.threads = (uint32_t)o->threads,
 				     .device = MOE_DEVICE_CPU,
 				     .expert_begin = e0,
-				     .expert_end = e1};
+				     .expert_end = e1,
+				     .layer_begin = o->layer_begin,
+				     .layer_end = o->layer_end};
 	enum moe_status st = MOE_ERR_NOMEM;
 	if (x && xb && y && (st = a.create(&m, &co)) == MOE_OK)
 		st = o->n_weights ? a.load(m, o->weights, o->n_weights)
@@ -565,6 +600,15 @@ int moe_cmd_run(int argc, char **argv)
 		} else if (!strcmp(a, "--layer")) {
 			num = &o.layer;
 			o.have_layer = 1;
+		} else if (!strcmp(a, "--layers")) {
+			if (i + 1 >= argc ||
+			    parse_range(argv[i + 1], &o.layer_begin, &o.layer_end) != 0) {
+				fprintf(stderr, "moegen: error: --layers needs A:B, model layers "
+						"[A, B) with A < B\n");
+				goto done;
+			}
+			i++;
+			continue;
 		} else if (!strcmp(a, "--seed")) {
 			num = &o.seed_x;
 		} else if (!strcmp(a, "--reps")) {

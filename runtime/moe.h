@@ -14,8 +14,9 @@ extern "C" {
 
 /* 2: moe_info became a small versioned struct; moe_describe() added.
  * 3: the staged calls moe_route, moe_experts, moe_combine (moe_forward is
- *    their composition); moe_create_opts gained an expert range. */
-#define MOE_ABI_VERSION 3
+ *    their composition); moe_create_opts gained an expert range.
+ * 4: moe_create_opts gained a layer range. */
+#define MOE_ABI_VERSION 4
 
 /* Every call returns one of these; the message is in moe_last_error(). */
 enum moe_status {
@@ -71,6 +72,13 @@ struct moe_create_opts {
 	 * model that holds a part computes only moe_experts for its range;
 	 * moe_forward needs every expert. */
 	uint32_t expert_begin, expert_end;
+	/* The model layers this model holds, [layer_begin, layer_end) (pipeline
+	 * parallelism: each stage holds its layers); layer_end 0: all of them.
+	 * The range must hold at least one MoE layer. moe_load_safetensors and
+	 * moe_init_random fill only the MoE layers in the range (a checkpoint
+	 * needs no other layer's tensors); the forward and the staged calls on
+	 * an MoE layer outside it are MOE_ERR_ARG. */
+	uint32_t layer_begin, layer_end;
 };
 
 /* Forward options. */
@@ -119,11 +127,13 @@ size_t moe_describe(char *buf, size_t cap);
 enum moe_status moe_create(moe_model **m, const struct moe_create_opts *opts);
 void moe_destroy(moe_model *m); /* NULL is a no-op */
 
-/* Load every MoE layer's weights from safetensors files (mmapped), by the
- * spec's name templates; a model.safetensors.index.json path loads its shards.
- * Weights are converted and packed once. */
+/* Load every MoE layer's weights (those of the layer range, when the model was
+ * created with one) from safetensors files (mmapped), by the spec's name
+ * templates; a model.safetensors.index.json path loads its shards. Weights are
+ * converted and packed once. */
 enum moe_status moe_load_safetensors(moe_model *m, const char *const *files, size_t n_files);
-/* Deterministic random weights (the reference's) for every MoE layer. */
+/* Deterministic random weights (the reference's) for every MoE layer (of the
+ * layer range); the values do not depend on the thread count. */
 enum moe_status moe_init_random(moe_model *m, uint64_t seed);
 
 /* y[n_tokens, H] = MoE layer `layer` (a model layer index that is an MoE layer)

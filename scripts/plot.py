@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Pictures of moegen's measurements (matplotlib from PyPI).
 
-  plot.py roofline BENCH.csv [-o roofline.svg]
-      every point of `moegen bench --csv` (the generated layer, and the BLAS
+  plot.py roofline BENCH.csv|BENCH.json [-o roofline.svg]
+      every point of `moegen bench --csv` or `--json` (the generated layer, and the BLAS
       baseline at the same arithmetic intensity) against the peaks the bench
       measured in the same run: the f32 FMA roof and the DRAM slope.
   plot.py load MODEL.so [--weights F.safetensors | --seed S] [--tokens N]
@@ -14,6 +14,8 @@ The output format follows the file name (.svg, .png, .pdf)."""
 
 import argparse
 import csv
+import io
+import json
 import math
 import os
 import pathlib
@@ -26,22 +28,52 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_bench(path):
-    rows = []
+    """The measured rows of `moegen bench --csv` or `--json`, each with the run's
+    peaks (peak_f GFLOP/s, peak_b GB/s)."""
     with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            try:
-                ms, gf, gb = float(r["ms"]), float(r["gflops"]), float(r["gbps"])
-                pf, pb = float(r["pct_peak_flops"]), float(r["pct_peak_bw"])
-            except (KeyError, ValueError):
-                continue  # probes-only or baseline-only rows
-            if gf <= 0 or gb <= 0 or pf <= 0 or pb <= 0:
-                continue
-            rows.append(dict(r, ms=ms, gflops=gf, gbps=gb,
-                             peak_f=gf / (pf / 100.0), peak_b=gb / (pb / 100.0),
-                             base_ms=float(r.get("baseline_ms") or "nan")))
+        text = f.read()
+    if text.lstrip().startswith("{"):
+        return read_bench_json(path, text)
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        try:
+            ms, gf, gb = float(r["ms"]), float(r["gflops"]), float(r["gbps"])
+            pf, pb = float(r["pct_peak_flops"]), float(r["pct_peak_bw"])
+        except (KeyError, ValueError):
+            continue  # probes-only or baseline-only rows
+        if gf <= 0 or gb <= 0 or pf <= 0 or pb <= 0:
+            continue
+        rows.append(dict(r, ms=ms, gflops=gf, gbps=gb,
+                         peak_f=gf / (pf / 100.0), peak_b=gb / (pb / 100.0),
+                         base_ms=float(r.get("baseline_ms") or "nan")))
     if not rows:
         raise SystemExit("plot.py: %s has no measured rows (shape,tokens,...,gflops,gbps,...)"
                          % path)
+    return rows
+
+
+def read_bench_json(path, text):
+    """`moegen bench --json`: the peaks are the machine's, the rows carry null
+    where a side was not measured."""
+    try:
+        doc = json.loads(text)
+        peak_f = float(doc["machine"]["peak_gflops"])
+        peak_b = float(doc["machine"]["dram_gbps"])
+        raw = doc["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit("plot.py: %s is not a moegen bench JSON document (%s)" % (path, e))
+    rows = []
+    for r in raw:
+        ms, gf, gb = r.get("ms"), r.get("gflops"), r.get("gbps")
+        if not all(isinstance(v, (int, float)) and v > 0 for v in (ms, gf, gb)):
+            continue
+        base = r.get("baseline_ms")
+        rows.append(dict(shape=r["shape"], tokens=str(r["tokens"]), weights=r["weights"],
+                         routing=r["routing"], ms=ms, gflops=gf, gbps=gb,
+                         peak_f=peak_f, peak_b=peak_b,
+                         base_ms=float(base) if isinstance(base, (int, float)) else math.nan))
+    if not rows:
+        raise SystemExit("plot.py: %s has no measured rows" % path)
     return rows
 
 
@@ -122,7 +154,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("roofline", help="bench CSV -> roofline")
+    a = sub.add_parser("roofline", help="bench CSV or JSON -> roofline")
     a.add_argument("csv")
     a.add_argument("-o", "--out", default="roofline.svg")
     a.set_defaults(fn=roofline)

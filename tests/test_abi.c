@@ -86,7 +86,7 @@ static const char probe_src[] =
     "\tif (!text || moe_describe(text, n + 1) != n)\n"
     "\t\treturn 1;\n"
     "\tmoe_model *m;\n"
-    "\tstruct moe_create_opts co = {1, MOE_DEVICE_CPU, NULL, 0, 0};\n"
+    "\tstruct moe_create_opts co = {1, MOE_DEVICE_CPU, NULL, 0, 0, 0, 0};\n"
     "\tfloat x[3 * 16] = {0.5f}, y[3 * 16];\n"
     "\tint32_t ids[3 * 2];\n"
     "\tstruct moe_routing r = {ids, NULL, NULL, NULL, 0, 0, 0, 0};\n"

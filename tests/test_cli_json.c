@@ -181,6 +181,60 @@ static void options_of(const char *text, char *out, size_t cap)
 		snprintf(out + strlen(out), cap - strlen(out), "%s ", opts[i]);
 }
 
+/* bench --json on the test-sized shape: one document with the machine, both
+ * probe runs and one row per token count, each row's percentages those of
+ * its rates against the machine's peaks. */
+static void test_bench_json(void **state)
+{
+	(void)state;
+	char path[] = "/tmp/moe_bench_json.XXXXXX";
+	int fd = mkstemp(path);
+	assert_true(fd >= 0);
+	close(fd);
+	int rc = run(buf, sizeof buf,
+		     "bench --shapes tiny --tokens 1,3 --weights f32 --routing uniform --quick "
+		     "--threads 1 --reps 3 --json %s",
+		     path);
+	if (rc == 2 && !strstr(buf, "probes")) { /* a moegen without OpenBLAS has no bench */
+		unlink(path);
+		skip();
+	}
+	assert_int_equal(rc, 0);
+	FILE *f = fopen(path, "r");
+	assert_non_null(f);
+	static char text[1 << 16];
+	size_t n = fread(text, 1, sizeof text - 1, f);
+	text[n] = 0;
+	fclose(f);
+	unlink(path);
+	cJSON *o = cJSON_Parse(text);
+	assert_non_null(o);
+	const cJSON *m = get(o, "machine");
+	assert_int_equal((int)num(m, "threads"), 1);
+	double peak_f = num(m, "peak_gflops"), peak_b = num(m, "dram_gbps");
+	assert_true(peak_f > 0 && peak_b > 0);
+	const cJSON *probes = get(o, "probes");
+	assert_int_equal(cJSON_GetArraySize(probes), 2);
+	assert_string_equal(get(cJSON_GetArrayItem(probes, 1), "when")->valuestring, "at the end");
+	const cJSON *rows = get(o, "rows");
+	assert_int_equal(cJSON_GetArraySize(rows), 2);
+	for (int i = 0; i < 2; i++) {
+		const cJSON *r = cJSON_GetArrayItem(rows, i);
+		assert_string_equal(get(r, "shape")->valuestring, "tiny");
+		assert_string_equal(get(r, "weights")->valuestring, "f32");
+		assert_string_equal(get(r, "routing")->valuestring, "uniform");
+		assert_int_equal((int)num(r, "tokens"), i ? 3 : 1);
+		double ms = num(r, "ms"), gf = num(r, "gflops");
+		assert_true(ms > 0 && num(r, "baseline_ms") > 0);
+		/* the rate is the row's flops over its time, the percentage of the peak */
+		assert_float_equal(gf, num(r, "flops") / (ms * 1e-3) * 1e-9, gf * 1e-9);
+		assert_float_equal(num(r, "pct_peak_flops"), 100 * gf / peak_f, 1e-6 * gf);
+		assert_float_equal(num(r, "pct_peak_bw"), 100 * num(r, "gbps") / peak_b, 1e-6 * gf);
+		assert_true(num(r, "check") < 1e-4); /* the generated layer vs the baseline */
+	}
+	cJSON_Delete(o);
+}
+
 /* docs/cli.md's synopsis lists, per command, the options of its --help. */
 static void test_synopsis_matches_help(void **state)
 {
@@ -248,6 +302,7 @@ int main(void)
 	    cmocka_unit_test(test_info_json),
 	    cmocka_unit_test(test_check_text),
 	    cmocka_unit_test(test_synopsis_matches_help),
+	    cmocka_unit_test(test_bench_json),
 	    cmocka_unit_test(test_run_check_needs_random),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -15,11 +15,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "backend.h"
 #include "moe.h"
 #include "moe_kernels.h" /* the product-key phases, timed alone */
 #include "moegen.h"
 #include "pool.h"
+#include "progress.h"
 
 #ifdef MOE_HAVE_OPENBLAS
 #include <cblas.h>
@@ -31,11 +34,13 @@
 static const char *const usage_bench =
     "usage: moegen bench [--shapes LIST] [--tokens LIST] [--weights LIST]\n"
     "                    [--routing LIST] [--threads N] [--reps N] [--quick]\n"
-    "                    [--copies N] [--csv FILE] [--no-generated] [--modes LIST]\n"
+    "                    [--copies N] [--csv FILE] [--json FILE] [--no-generated]\n"
+    "                    [--modes LIST]\n"
     "Measure this machine's FMA peak and DRAM read bandwidth, then time one MoE\n"
     "layer per shape, token count, weight dtype and routing: the layer moegen\n"
     "generates and a per-expert cblas_sgemm baseline on the same routing.\n"
-    "  --shapes   qwen3,olmoe,mixtral,deepseek (default: all)\n"
+    "  --shapes   qwen3,olmoe,mixtral,deepseek (default: all); tiny (E=8 H=64,\n"
+    "             a test-sized layer, only when named)\n"
     "  --tokens   token counts (default: 1,16,256,4096)\n"
     "  --weights  f32,bf16,int8,int4 (default: f32,bf16); int8 per output channel,\n"
     "             int4 in groups of 128 with zero points, both f32 compute\n"
@@ -47,6 +52,7 @@ static const char *const usage_bench =
     "  --quick    qwen3 and deepseek at 1,16,256 tokens, short probes\n"
     "  --csv FILE also write shape,tokens,weights,routing,ms,gflops,gbps,\n"
     "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup\n"
+    "  --json FILE  also write the rows, the probes and the machine as JSON\n"
     "  --no-generated  probes and baseline only\n"
     "  --modes    research routers, generated layer only: hier, sparsemixer,\n"
     "             noisy, ec, soft, peer, peer-1m (full size, 8 GiB; only when\n"
@@ -66,6 +72,7 @@ static const struct shape shapes[] = {
     {"olmoe", "OLMoE-1B-7B", 64, 8, 2048, 1024, 0},
     {"mixtral", "Mixtral-8x7B", 8, 2, 4096, 14336, 0},
     {"deepseek", "DeepSeek-V3 TP8 shard", 256, 8, 7168, 256, 1},
+    {"tiny", "a test-sized layer", 8, 2, 64, 64, 0},
 };
 #define N_SHAPES (sizeof shapes / sizeof *shapes)
 
@@ -105,7 +112,12 @@ struct opts {
 	int copies; /* weight copies; 0: from the cache size */
 	int quick;
 	int generated;
-	const char *csv;
+	const char *csv, *json;
+};
+
+struct probe_run {
+	const char *when;
+	double fma8, fma16, dram_gbps;
 };
 
 struct machine {
@@ -113,7 +125,29 @@ struct machine {
 	double dram_gbps;
 	size_t llc;
 	char cpu[128];
+	unsigned threads;
+	int runs; /* per probe */
+	size_t dram_bytes;
+	struct probe_run probes[2]; /* at the start, at the end */
+	int n_probes;
 };
+
+/* The progress line (stderr, on a terminal, after a second): one step per
+ * timed measurement. Everything bench prints to stdout goes through say(),
+ * which first wipes the line so that the two never share a row. */
+static struct moe_progress progress;
+static size_t progress_done, progress_total;
+static char progress_item[96];
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+	moe_progress_clear(&progress);
+	va_list ap;
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+}
 
 /* Results of one (shape, tokens, routing): the baseline runs once in f32 and
  * serves both weight dtypes (docs/benchmarks.md). */
@@ -245,6 +279,8 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 			val = &routing_arg;
 		} else if (!strcmp(a, "--csv")) {
 			val = &o->csv;
+		} else if (!strcmp(a, "--json")) {
+			val = &o->json;
 		} else if (!strcmp(a, "--threads") || !strcmp(a, "--reps") ||
 			   !strcmp(a, "--copies")) {
 			unsigned v;
@@ -281,7 +317,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		tokens_arg = o->quick ? "1,16,256" : "1,16,256,4096";
 	if (*shapes_arg && each_item(shapes_arg, item_shape, o))
 		return bad_usage(
-		    "--shapes: expected a list of qwen3, olmoe, mixtral, deepseek, got "
+		    "--shapes: expected a list of qwen3, olmoe, mixtral, deepseek, tiny, got "
 		    "'%s'",
 		    shapes_arg);
 	if (each_item(tokens_arg, item_tokens, o))
@@ -953,6 +989,7 @@ static double time_median(const struct timed *tm, int reps)
 {
 	double samples[64];
 	int n = 0, copy = 0;
+	moe_progress_step(&progress, progress_done++, progress_total, progress_item);
 	double t0 = moe_now();
 	if (tm->fn(tm->ctx, copy))
 		return -1;
@@ -983,6 +1020,7 @@ static double time_median(const struct timed *tm, int reps)
 
 static void print_header(FILE *out)
 {
+	moe_progress_clear(&progress);
 	fprintf(out, "%-9s %5s %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n", "shape", "T",
 		"wt", "routing", "ms", "GFLOP/s", "GB/s", "%peakF", "%peakB", "base_ms", "base_GF",
 		"speedup", "match", "check");
@@ -1012,15 +1050,30 @@ struct table {
 	int n;
 };
 
+/* The derived columns of a row; < 0 where a side was not measured. */
+struct row_metrics {
+	double gms, gf, gb, pf, pb, bms, bgf, sp;
+};
+
+static struct row_metrics row_metrics(const struct row *r, const struct machine *mc)
+{
+	struct row_metrics k;
+	k.gms = r->gen.ms;
+	k.bms = r->base.ms;
+	k.gf = k.gms > 0 ? r->flops / (k.gms * 1e-3) * 1e-9 : -1;
+	k.gb = k.gms > 0 ? r->bytes / (k.gms * 1e-3) * 1e-9 : -1;
+	k.pf = k.gf > 0 && mc->peak_gflops > 0 ? 100 * k.gf / mc->peak_gflops : -1;
+	k.pb = k.gb > 0 && mc->dram_gbps > 0 ? 100 * k.gb / mc->dram_gbps : -1;
+	k.bgf = k.bms > 0 ? r->flops / (k.bms * 1e-3) * 1e-9 : -1;
+	k.sp = k.gms > 0 && k.bms > 0 ? k.bms / k.gms : -1;
+	return k;
+}
+
 static void emit_row(const struct row *r, const struct machine *mc, FILE *out, FILE *csv)
 {
-	double gms = r->gen.ms, bms = r->base.ms;
-	double gf = gms > 0 ? r->flops / (gms * 1e-3) * 1e-9 : -1;
-	double gb = gms > 0 ? r->bytes / (gms * 1e-3) * 1e-9 : -1;
-	double pf = gf > 0 && mc->peak_gflops > 0 ? 100 * gf / mc->peak_gflops : -1;
-	double pb = gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1;
-	double bgf = bms > 0 ? r->flops / (bms * 1e-3) * 1e-9 : -1;
-	double sp = gms > 0 && bms > 0 ? bms / gms : -1;
+	struct row_metrics k = row_metrics(r, mc);
+	double gms = k.gms, bms = k.bms, gf = k.gf, gb = k.gb, pf = k.pf, pb = k.pb, bgf = k.bgf,
+	       sp = k.sp;
 	char c[10][32];
 	fmt_num(c[0], 32, gms, "%.3f");
 	fmt_num(c[1], 32, gf, "%.1f");
@@ -1034,6 +1087,7 @@ static void emit_row(const struct row *r, const struct machine *mc, FILE *out, F
 	fmt_num(c[8], 32, match * 100, "%.1f%%");
 	fmt_num(c[9], 32, r->gen.check, "%.1e");
 	if (out) {
+		moe_progress_clear(&progress);
 		fprintf(out, "%-9s %5u %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n",
 			r->shape, r->T, r->wname, routing_names[r->routing], c[0], c[1], c[2], c[3],
 			c[4], c[5], c[6], c[7], c[8], c[9]);
@@ -1154,23 +1208,23 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 
 	double need = total_params(d) * 4 + 4.0 * T_max * d->hidden * 6;
 	double avail = mem_available();
-	printf("\n%s: E=%u k=%u H=%u I=%u%s; f32 weights %.2f GB\n", s->label, s->E, s->k, s->H,
-	       s->I, s->deepseek ? ", sigmoid, groups 8/4 sum_top2, select bias, 1 shared" : "",
-	       total_params(d) * 4e-9);
+	say("\n%s: E=%u k=%u H=%u I=%u%s; f32 weights %.2f GB\n", s->label, s->E, s->k, s->H, s->I,
+	    s->deepseek ? ", sigmoid, groups 8/4 sum_top2, select bias, 1 shared" : "",
+	    total_params(d) * 4e-9);
 	if (avail > 0 && need > 0.9 * avail) {
-		printf("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
-		       avail * 1e-9);
+		say("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
+		    avail * 1e-9);
 		goto out;
 	}
 	double t0 = moe_now();
 	if (moe_ref_weights_alloc(d, &w) != MOE_OK) {
-		printf("  skipped: out of memory for the weights\n");
+		say("  skipped: out of memory for the weights\n");
 		goto out;
 	}
 	random_weights(d, &w, pool);
 	L = malloc((size_t)d->n_experts * d->n_experts * sizeof *L);
 	if (!L || gram_cholesky(w.w[MOE_ROLE_ROUTER], d->n_experts, d->hidden, L)) {
-		printf("  skipped: cannot prepare the routed inputs\n");
+		say("  skipped: cannot prepare the routed inputs\n");
 		goto out;
 	}
 	for (int r = 0; r < ROUTE_COUNT; r++) {
@@ -1184,7 +1238,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			base[n_in] = (struct result){-1, -1, -1};
 			n_in++;
 			if (make_input(d, w.w[MOE_ROLE_ROUTER], L, p)) {
-				printf("  skipped: out of memory for the inputs\n");
+				say("  skipped: out of memory for the inputs\n");
 				goto out;
 			}
 		}
@@ -1192,7 +1246,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 	y = malloc((size_t)T_max * d->hidden * sizeof *y);
 	if (!y)
 		goto out;
-	printf("  setup (random weights, routed inputs) %.1f s\n", moe_now() - t0);
+	say("  setup (random weights, routed inputs) %.1f s\n", moe_now() - t0);
 
 	/* Baseline, f32. */
 	int bc = copies_for(d, 4, mc->llc, o->copies);
@@ -1200,6 +1254,8 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 		for (int i = 0; i < n_in; i++) {
 			struct base_ctx c = {&b, &in[i], y};
 			struct timed tm = {base_run, &c, b.n_copies};
+			snprintf(progress_item, sizeof progress_item, "(%s T=%u %s, baseline)",
+				 s->name, in[i].T, routing_names[in[i].routing]);
 			base[i].ms = time_median(&tm, o->reps) * 1e3;
 			base[i].match = match_rate(&in[i], b.ids, d->top_k);
 			/* Keep the output to compare the generated layer with. */
@@ -1208,11 +1264,11 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			if (in[i].y_base)
 				memcpy(in[i].y_base, y, ny * sizeof(float));
 		}
-		printf("  baseline: %d weight cop%s, OpenBLAS %u threads\n", b.n_copies,
-		       b.n_copies == 1 ? "y" : "ies", o->threads);
+		say("  baseline: %d weight cop%s, OpenBLAS %u threads\n", b.n_copies,
+		    b.n_copies == 1 ? "y" : "ies", o->threads);
 		base_free(&b);
 	} else {
-		printf("  baseline: out of memory\n");
+		say("  baseline: out of memory\n");
 	}
 	moe_ref_weights_free(&w);
 
@@ -1234,17 +1290,17 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			avail = mem_available();
 			t0 = moe_now();
 			if (avail > 0 && gneed > 0.9 * avail)
-				printf("  generated %s: skipped, needs about %.1f GB, %.1f GB "
-				       "available\n",
-				       wname, gneed * 1e-9, avail * 1e-9);
+				say("  generated %s: skipped, needs about %.1f GB, %.1f GB "
+				    "available\n",
+				    wname, gneed * 1e-9, avail * 1e-9);
 			else if (gen_open(dg, tmpdir, o->threads, copies, &g, err, sizeof err))
-				printf("  generated %s: unavailable: %s\n", wname, err);
+				say("  generated %s: unavailable: %s\n", wname, err);
 			else {
 				have_gen = 1;
-				printf("  generated %s: compiled and initialized in %.1f s, %d "
-				       "weight cop%s\n",
-				       wname, moe_now() - t0, g.n_copies,
-				       g.n_copies == 1 ? "y" : "ies");
+				say("  generated %s: compiled and initialized in %.1f s, %d "
+				    "weight cop%s\n",
+				    wname, moe_now() - t0, g.n_copies,
+				    g.n_copies == 1 ? "y" : "ies");
 			}
 		}
 		for (int i = 0; have_gen && i < n_in; i++) {
@@ -1255,8 +1311,8 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			enum moe_status st =
 			    ids ? g.forward(g.m[0], 0, p->x, y, p->T, &rt, NULL) : MOE_ERR_NOMEM;
 			if (st != MOE_OK) {
-				printf("  generated %s T=%u: %s: %s\n", wname, p->T,
-				       moe_status_name(st), g.last_error());
+				say("  generated %s T=%u: %s: %s\n", wname, p->T,
+				    moe_status_name(st), g.last_error());
 				free(ids);
 				continue;
 			}
@@ -1274,9 +1330,11 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			}
 			struct gen_ctx c = {&g, p, y, err, sizeof err};
 			struct timed tm = {gen_run, &c, g.n_copies};
+			snprintf(progress_item, sizeof progress_item, "(%s T=%u %s %s)", s->name,
+				 p->T, routing_names[p->routing], wname);
 			res[i].ms = time_median(&tm, o->reps) * 1e3;
 			if (res[i].ms < 0)
-				printf("  generated %s T=%u: %s\n", wname, p->T, err);
+				say("  generated %s T=%u: %s\n", wname, p->T, err);
 		}
 		if (have_gen)
 			gen_close(&g);
@@ -1512,6 +1570,7 @@ struct mode_row {
 
 static void print_mode_header(FILE *out)
 {
+	moe_progress_clear(&progress);
 	fprintf(out, "%-11s %5s %4s %10s %8s %7s %6s %6s %10s %9s\n", "mode", "T", "wt", "ms",
 		"GFLOP/s", "GB/s", "%peakF", "%peakB", "tokens/s", "experts");
 }
@@ -1531,6 +1590,7 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 	fmt_num(c[4], 32, pb, "%.1f");
 	fmt_num(c[5], 32, tps, "%.0f");
 	if (out) {
+		moe_progress_clear(&progress);
 		fprintf(out, "%-11s %5u %4s %10s %8s %7s %6s %6s %10s %9.0f\n", r->mode, r->T,
 			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[5], r->touched);
 		if (r->route_ms >= 0) {
@@ -1674,14 +1734,14 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		    (int)ceil(4.0 * (double)mc->llc / mode_bytes(d, md->training, 1, t1_touched));
 		copies = copies < 1 ? 1 : copies > MAX_COPIES ? MAX_COPIES : copies;
 	}
-	printf("\n%s (%s): %s, H=%u, ", md->name, md->label, moe_mode_names[d->mode], d->hidden);
+	say("\n%s (%s): %s, H=%u, ", md->name, md->label, moe_mode_names[d->mode], d->hidden);
 	if (d->mode == MOE_MODE_PRODUCT_KEY)
-		printf("N=%u^2, %u heads, top-%u, d=%u", md->R, PK_HEADS, PK_TOP_K, PK_QUERY_DIM);
+		say("N=%u^2, %u heads, top-%u, d=%u", md->R, PK_HEADS, PK_TOP_K, PK_QUERY_DIM);
 	else
-		printf("E=%u k=%u I=%u %s/%s", d->n_experts, d->top_k, d->intermediate,
-		       moe_kind_names[d->kind], moe_act_names[d->act]);
-	printf(", %s weights %.2f GB%s\n", moe_dtype_names[d->weight_dtype], params * wb * 1e-9,
-	       md->training ? ", training forward" : "");
+		say("E=%u k=%u I=%u %s/%s", d->n_experts, d->top_k, d->intermediate,
+		    moe_kind_names[d->kind], moe_act_names[d->act]);
+	say(", %s weights %.2f GB%s\n", moe_dtype_names[d->weight_dtype], params * wb * 1e-9,
+	    md->training ? ", training forward" : "");
 	/* moe_init_random draws f32 canonical weights before packing. */
 	double avail = mem_available();
 	double need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
@@ -1692,18 +1752,18 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
 	}
 	if (avail > 0 && need > 0.9 * avail) {
-		printf("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
-		       avail * 1e-9);
+		say("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
+		    avail * 1e-9);
 		goto out;
 	}
 	double t0 = moe_now();
 	if (gen_open(d, tmpdir, o->threads, copies, &g, err, sizeof err)) {
-		printf("  generated: unavailable: %s\n", err);
+		say("  generated: unavailable: %s\n", err);
 		goto out;
 	}
 	have_gen = 1;
-	printf("  compiled and initialized in %.1f s, %d weight cop%s\n", moe_now() - t0,
-	       g.n_copies, g.n_copies == 1 ? "y" : "ies");
+	say("  compiled and initialized in %.1f s, %d weight cop%s\n", moe_now() - t0, g.n_copies,
+	    g.n_copies == 1 ? "y" : "ies");
 	size_t W = moe_desc_route_width(d), E = d->n_experts;
 	x = malloc((size_t)T_max * d->hidden * sizeof *x);
 	y = malloc((size_t)T_max * d->hidden * sizeof *y);
@@ -1711,7 +1771,7 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 	ids = malloc((size_t)T_max * (W ? W : 1) * sizeof *ids);
 	wts = malloc((size_t)T_max * (W ? W : 1) * sizeof *wts);
 	if (!x || !y || !counts || !ids || !wts) {
-		printf("  skipped: out of memory for the inputs\n");
+		say("  skipped: out of memory for the inputs\n");
 		goto out;
 	}
 	/* Random tokens, uniform in [-1, 1): every router spreads them. */
@@ -1725,7 +1785,7 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		struct moe_routing rt = {.counts = counts};
 		enum moe_status st = g.forward(g.m[0], 0, x, y, T, &rt, &fo);
 		if (st != MOE_OK) {
-			printf("  T=%u: %s: %s\n", T, moe_status_name(st), g.last_error());
+			say("  T=%u: %s: %s\n", T, moe_status_name(st), g.last_error());
 			continue;
 		}
 		double touched = 0, assigned = 0;
@@ -1735,6 +1795,7 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		}
 		struct mode_ctx c = {&g, x, y, T, &fo, err, sizeof err};
 		struct timed tm = {mode_run, &c, g.n_copies};
+		snprintf(progress_item, sizeof progress_item, "(%s T=%u)", md->name, T);
 		struct mode_row *r = tab->n < MAX_MODE_ROWS ? &tab->r[tab->n++] : NULL;
 		if (!r)
 			break;
@@ -1742,7 +1803,7 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		    md->name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1, -1, -1};
 		r->ms = time_median(&tm, o->reps) * 1e3;
 		if (r->ms < 0)
-			printf("  T=%u: %s\n", T, err);
+			say("  T=%u: %s\n", T, err);
 		r->flops = mode_flops(d, md->training, T, assigned);
 		r->bytes = mode_bytes(d, md->training, T, touched);
 		if (d->mode == MOE_MODE_PRODUCT_KEY)
@@ -1756,10 +1817,10 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		 * bytes; the query projection and the sub-keys are read once per
 		 * forward (or per block of tokens, from cache). */
 		double per_tok = 2.0 * PK_HEADS * PK_TOP_K * d->hidden * wb;
-		printf("  gathers %.0f KiB per token: at %.1f GB/s at most %.0f tokens/s from "
-		       "the gathers alone; query + keys %.1f MiB per forward\n",
-		       per_tok / 1024, mc->dram_gbps, mc->dram_gbps * 1e9 / per_tok,
-		       mode_router_bytes(d, 0) / (1 << 20));
+		say("  gathers %.0f KiB per token: at %.1f GB/s at most %.0f tokens/s from "
+		    "the gathers alone; query + keys %.1f MiB per forward\n",
+		    per_tok / 1024, mc->dram_gbps, mc->dram_gbps * 1e9 / per_tok,
+		    mode_router_bytes(d, 0) / (1 << 20));
 	}
 out:
 	if (have_gen)
@@ -1774,15 +1835,117 @@ static void probe(struct machine *mc, struct moe_pool *pool, int runs, size_t bw
 {
 	double f8 = moe_probe_fma(pool, 8, runs), f16 = moe_probe_fma(pool, 16, runs);
 	double bw = moe_probe_dram(pool, bw_bytes, runs);
-	printf("  probes %s: FMA peak f32 %.1f GFLOP/s (AVX2)", when, f8);
+	say("  probes %s: FMA peak f32 %.1f GFLOP/s (AVX2)", when, f8);
 	if (f16 > 0)
-		printf(", %.1f GFLOP/s (AVX-512)", f16);
-	printf("; DRAM read %.1f GB/s (%zu MiB, best of %d)\n", bw, bw_bytes >> 20, runs);
+		say(", %.1f GFLOP/s (AVX-512)", f16);
+	say("; DRAM read %.1f GB/s (%zu MiB, best of %d)\n", bw, bw_bytes >> 20, runs);
+	if (mc->n_probes < 2)
+		mc->probes[mc->n_probes++] = (struct probe_run){when, f8, f16, bw};
+	mc->runs = runs;
+	mc->dram_bytes = bw_bytes;
 	mc->fma8 = fmax(mc->fma8, f8);
 	mc->fma16 = fmax(mc->fma16, f16);
 	mc->peak_gflops = fmax(mc->fma8, mc->fma16);
 	mc->dram_gbps = fmax(mc->dram_gbps, bw);
 	fflush(stdout);
+}
+
+/* A measured value, or null (not measured: < 0 or not finite). */
+static void json_num(cJSON *o, const char *key, double v)
+{
+	if (v < 0 || !isfinite(v))
+		cJSON_AddNullToObject(o, key);
+	else
+		cJSON_AddNumberToObject(o, key, v);
+}
+
+/* The whole run as one JSON document (docs/benchmarks.md): the machine and
+ * its best probes, each probe run, and every row with the columns of the
+ * csv and the summary table. NULL when out of memory. */
+static char *bench_json(const struct table *tab, const struct mode_table *mtab,
+			const struct machine *mc)
+{
+	cJSON *doc = cJSON_CreateObject(), *m = cJSON_AddObjectToObject(doc, "machine");
+	cJSON *probes = cJSON_AddArrayToObject(doc, "probes"),
+	      *rows = cJSON_AddArrayToObject(doc, "rows");
+	if (!doc || !m || !probes || !rows) {
+		cJSON_Delete(doc);
+		return NULL;
+	}
+	cJSON_AddStringToObject(doc, "moegen_version", MOE_VERSION);
+	cJSON_AddStringToObject(m, "cpu", mc->cpu);
+	cJSON_AddNumberToObject(m, "threads", mc->threads);
+	cJSON_AddNumberToObject(m, "llc_bytes", (double)mc->llc);
+	json_num(m, "fma_avx2_gflops", mc->fma8);
+	json_num(m, "fma_avx512_gflops", mc->fma16 > 0 ? mc->fma16 : -1);
+	json_num(m, "peak_gflops", mc->peak_gflops);
+	json_num(m, "dram_gbps", mc->dram_gbps);
+	for (int i = 0; i < mc->n_probes; i++) {
+		const struct probe_run *p = &mc->probes[i];
+		cJSON *o = cJSON_CreateObject();
+		if (!o)
+			break;
+		cJSON_AddItemToArray(probes, o);
+		cJSON_AddStringToObject(o, "when", p->when);
+		json_num(o, "fma_avx2_gflops", p->fma8);
+		json_num(o, "fma_avx512_gflops", p->fma16 > 0 ? p->fma16 : -1);
+		json_num(o, "dram_gbps", p->dram_gbps);
+		cJSON_AddNumberToObject(o, "dram_bytes", (double)mc->dram_bytes);
+		cJSON_AddNumberToObject(o, "runs", mc->runs);
+	}
+	for (int i = 0; i < tab->n; i++) {
+		const struct row *r = &tab->r[i];
+		struct row_metrics k = row_metrics(r, mc);
+		cJSON *o = cJSON_CreateObject();
+		if (!o)
+			break;
+		cJSON_AddItemToArray(rows, o);
+		cJSON_AddStringToObject(o, "shape", r->shape);
+		cJSON_AddNumberToObject(o, "tokens", r->T);
+		cJSON_AddStringToObject(o, "weights", r->wname);
+		cJSON_AddStringToObject(o, "routing", routing_names[r->routing]);
+		cJSON_AddNumberToObject(o, "flops", r->flops);
+		cJSON_AddNumberToObject(o, "bytes", r->bytes);
+		json_num(o, "ms", k.gms);
+		json_num(o, "gflops", k.gf);
+		json_num(o, "gbps", k.gb);
+		json_num(o, "pct_peak_flops", k.pf);
+		json_num(o, "pct_peak_bw", k.pb);
+		json_num(o, "baseline_ms", k.bms);
+		json_num(o, "baseline_gflops", k.bgf);
+		json_num(o, "speedup", k.sp);
+		json_num(o, "match", r->gen.ms >= 0 ? r->gen.match : r->base.match);
+		json_num(o, "check", r->gen.check);
+	}
+	for (int i = 0; i < mtab->n; i++) {
+		const struct mode_row *r = &mtab->r[i];
+		double sec = r->ms * 1e-3;
+		double gf = r->ms > 0 ? r->flops / sec * 1e-9 : -1,
+		       gb = r->ms > 0 ? r->bytes / sec * 1e-9 : -1;
+		cJSON *o = cJSON_CreateObject();
+		if (!o)
+			break;
+		cJSON_AddItemToArray(rows, o);
+		/* as in the csv: the mode in the shape column, routing "mode" */
+		cJSON_AddStringToObject(o, "shape", r->mode);
+		cJSON_AddNumberToObject(o, "tokens", r->T);
+		cJSON_AddStringToObject(o, "weights", moe_dtype_names[r->wt]);
+		cJSON_AddStringToObject(o, "routing", "mode");
+		cJSON_AddNumberToObject(o, "flops", r->flops);
+		cJSON_AddNumberToObject(o, "bytes", r->bytes);
+		json_num(o, "ms", r->ms);
+		json_num(o, "gflops", gf);
+		json_num(o, "gbps", gb);
+		json_num(o, "pct_peak_flops",
+			 gf > 0 && mc->peak_gflops > 0 ? 100 * gf / mc->peak_gflops : -1);
+		json_num(o, "pct_peak_bw",
+			 gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1);
+		json_num(o, "tokens_per_s", r->ms > 0 ? r->T / sec : -1);
+		cJSON_AddNumberToObject(o, "experts_touched", r->touched);
+	}
+	char *text = cJSON_Print(doc);
+	cJSON_Delete(doc);
+	return text;
 }
 
 #endif /* MOE_HAVE_OPENBLAS */
@@ -1802,9 +1965,15 @@ int moe_cmd_bench(int argc, char **argv)
 	/* Fail on an unwritable --csv before the long run, not after it: the
 	 * temporary beside it is created now and renamed over it at the end. */
 	char csv_err[PATH_MAX + 256];
-	struct moe_output csv_out;
+	struct moe_output csv_out, json_out;
 	if (o.csv && moe_output_open(&csv_out, o.csv, NULL, 0, 0666, csv_err, sizeof csv_err)) {
 		fprintf(stderr, "moegen: error: %s\n", csv_err);
+		return MOE_EXIT_IO;
+	}
+	if (o.json && moe_output_open(&json_out, o.json, NULL, 0, 0666, csv_err, sizeof csv_err)) {
+		fprintf(stderr, "moegen: error: %s\n", csv_err);
+		if (o.csv)
+			moe_output_abort(&csv_out);
 		return MOE_EXIT_IO;
 	}
 	struct moe_pool *pool = moe_pool_create(o.threads);
@@ -1812,19 +1981,32 @@ int moe_cmd_bench(int argc, char **argv)
 		fprintf(stderr, "moegen: error: cannot start %u threads\n", o.threads);
 		if (o.csv)
 			moe_output_abort(&csv_out);
+		if (o.json)
+			moe_output_abort(&json_out);
 		return MOE_EXIT_BACKEND;
 	}
 	openblas_set_num_threads((int)o.threads);
 
 	struct machine mc = {0};
+	mc.threads = o.threads;
 	cpu_model(mc.cpu, sizeof mc.cpu);
+	/* the progress total: one step per timed measurement */
+	size_t n_rt = (size_t)o.n_tokens * (size_t)(o.routing_on[0] + o.routing_on[1]);
+	size_t n_dt = 0;
+	for (int i = 0; i < N_WFMT; i++)
+		n_dt += (size_t)o.fmt_on[i];
+	for (size_t i = 0; i < N_SHAPES; i++)
+		progress_total += o.shape_on[i] ? n_rt * (1 + (o.generated ? n_dt : 0)) : 0;
+	for (size_t i = 0; i < N_MODES && o.generated; i++)
+		progress_total += o.mode_on[i] ? (size_t)o.n_tokens : 0;
+	moe_progress_begin(&progress, "bench");
 	mc.llc = moe_probe_llc_bytes();
 	int runs = o.quick ? 3 : 7;
 	size_t bw_bytes = o.quick ? (size_t)256 << 20 : (size_t)1 << 30;
-	printf("moegen bench: %s, %u threads, last-level cache %zu MiB\n", mc.cpu, o.threads,
-	       mc.llc >> 20);
+	say("moegen bench: %s, %u threads, last-level cache %zu MiB\n", mc.cpu, o.threads,
+	    mc.llc >> 20);
 	probe(&mc, pool, runs, bw_bytes, "at the start");
-	printf("  baseline: per-expert cblas_sgemm (sgemv for one row), f32 weights\n");
+	say("  baseline: per-expert cblas_sgemm (sgemv for one row), f32 weights\n");
 
 	struct table *tab = calloc(1, sizeof *tab);
 	struct mode_table *mtab = calloc(1, sizeof *mtab);
@@ -1832,6 +2014,8 @@ int moe_cmd_bench(int argc, char **argv)
 	if (!tab || !mtab) {
 		if (o.csv)
 			moe_output_abort(&csv_out);
+		if (o.json)
+			moe_output_abort(&json_out);
 		free(tab), free(mtab);
 		moe_pool_destroy(pool);
 		fprintf(stderr, "moegen: error: out of memory\n");
@@ -1855,15 +2039,16 @@ int moe_cmd_bench(int argc, char **argv)
 	 * closer estimate of the hardware's limits. */
 	probe(&mc, pool, runs, bw_bytes, "at the end");
 	moe_pool_destroy(pool);
-	printf("\nSummary (%%peakF = GFLOP/s / %.1f, %%peakB = GB/s / %.1f, the better probes):\n",
-	       mc.peak_gflops, mc.dram_gbps);
+	moe_progress_end(&progress);
+	say("\nSummary (%%peakF = GFLOP/s / %.1f, %%peakB = GB/s / %.1f, the better probes):\n",
+	    mc.peak_gflops, mc.dram_gbps);
 	if (tab->n) {
 		print_header(stdout);
 		for (int i = 0; i < tab->n; i++)
 			emit_row(&tab->r[i], &mc, stdout, NULL);
 	}
 	if (mtab->n) {
-		printf("\nResearch modes (generated layer only):\n");
+		say("\nResearch modes (generated layer only):\n");
 		print_mode_header(stdout);
 		for (int i = 0; i < mtab->n; i++)
 			emit_mode_row(&mtab->r[i], &mc, stdout, NULL);
@@ -1884,6 +2069,19 @@ int moe_cmd_bench(int argc, char **argv)
 			fprintf(stderr, "moegen: error: %s\n",
 				csv ? csv_err : "cannot write the --csv file");
 			moe_output_abort(&csv_out);
+			rc = MOE_EXIT_IO;
+		}
+	}
+	if (o.json) {
+		char *text = bench_json(tab, mtab, &mc);
+		FILE *js = text ? moe_output_stream(&json_out) : NULL;
+		if (js)
+			fprintf(js, "%s\n", text);
+		free(text);
+		if (!js || moe_output_commit(&json_out, csv_err, sizeof csv_err) != 0) {
+			fprintf(stderr, "moegen: error: %s\n",
+				js ? csv_err : "cannot write the --json file");
+			moe_output_abort(&json_out);
 			rc = MOE_EXIT_IO;
 		}
 	}

@@ -9,7 +9,7 @@
 struct moe_pool;
 
 /* moegen bench [--shapes LIST] [--tokens LIST] [--weights LIST] [--routing
- * LIST] [--threads N] [--reps N] [--copies N] [--quick] [--csv FILE]
+ * LIST] [--threads N] [--reps N] [--copies N] [--quick] [--csv FILE] [--json FILE]
  * [--no-generated] [--modes LIST].
  * argv[0] is "bench". Returns a MOE_EXIT_* code. */
 int moe_cmd_bench(int argc, char **argv);

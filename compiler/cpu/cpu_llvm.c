@@ -1524,6 +1524,11 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 		goto out;
 	}
 	LLVMPassBuilderOptionsRef po = LLVMCreatePassBuilderOptions();
+	/* AArch64: no partial unrolling. Unrolled twice (a64fx), the 6-row up
+	 * tile's K loop needs more than the 32 NEON registers and spills its
+	 * accumulators; once, it holds them (docs/cpu.md). */
+	if (!strncmp(triple, "aarch64", 7))
+		LLVMPassBuilderOptionsSetLoopUnrolling(po, 0);
 	char pipeline[32];
 	snprintf(pipeline, sizeof pipeline, "default<O%d>", level < 0 ? 0 : level > 3 ? 3 : level);
 	LLVMErrorRef e = LLVMRunPasses(g.mod, pipeline, tm, po);

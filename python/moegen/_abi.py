@@ -1,4 +1,4 @@
-"""ctypes mirror of runtime/moe.h, the public ABI (ABI version 3), and nothing else.
+"""ctypes mirror of runtime/moe.h, the public ABI (ABI version 4), and nothing else.
 
 Every structure and enumeration here must match moe.h byte for byte;
 python/tests/test_abi.py compiles a probe against a copy of moe.h alone and
@@ -8,7 +8,7 @@ The full model description is text (moe_describe), not a mirrored struct.
 
 import ctypes as C
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # enum moe_dtype, names as the spec spells them (value = index).
 DTYPES = ("f32", "bf16", "f16")
@@ -57,6 +57,8 @@ class CreateOpts(C.Structure):
         ("stream", C.c_void_p),
         ("expert_begin", C.c_uint32),
         ("expert_end", C.c_uint32),
+        ("layer_begin", C.c_uint32),
+        ("layer_end", C.c_uint32),
     ]
 
 

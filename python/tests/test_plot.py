@@ -51,6 +51,26 @@ def test_roofline(repo, tmp_path):
     assert r.returncode != 0 and "no measured rows" in r.stderr
 
 
+def test_roofline_json(repo, tmp_path):
+    # the document of `moegen bench --json`: the peaks are the machine's; a
+    # row measured on one side only (null rates) is not a point
+    import json
+    doc = {"machine": {"cpu": "x", "threads": 1, "peak_gflops": 300.0, "dram_gbps": 40.0},
+           "probes": [],
+           "rows": [{"shape": "qwen3", "tokens": 16, "weights": "f32", "routing": "uniform",
+                     "ms": 2.0, "gflops": 30.0, "gbps": 20.0, "baseline_ms": 3.0},
+                    {"shape": "ec", "tokens": 256, "weights": "bf16", "routing": "mode",
+                     "ms": 1.0, "gflops": 90.0, "gbps": 10.0, "baseline_ms": None},
+                    {"shape": "qwen3", "tokens": 1, "weights": "f32", "routing": "zipf",
+                     "ms": None, "gflops": None, "gbps": None, "baseline_ms": 1.0}]}
+    js = tmp_path / "b.json"
+    js.write_text(json.dumps(doc))
+    out = tmp_path / "roof.svg"
+    msg = run_plot(repo, "roofline", str(js), "-o", str(out))
+    assert "(2 points)" in msg
+    assert "FMA 300 GFLOP/s, DRAM 40.0 GB/s" in svg_text(out)
+
+
 def test_expert_load(repo, tmp_path, moegen_cmd):
     so = tmp_path / "m.so"
     subprocess.run([moegen_cmd, str(repo / "specs" / "mixtral-mini.yaml"), "-o", str(so)],

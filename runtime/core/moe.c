@@ -7,6 +7,8 @@
 #include "dequant.h"
 #include "moe_kernels.h"
 #include "pool.h"
+#include "progress.h"
+#include "ref_quant.h"
 #include "safetensors.h"
 
 #include <math.h>
@@ -92,9 +94,25 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 			      e0, e1, E);
 		return MOE_ERR_ARG;
 	}
+	const struct moe_desc *dd = info_desc;
+	uint32_t l0 = opts ? opts->layer_begin : 0,
+		 l1 = opts && opts->layer_end ? opts->layer_end : dd->n_layers;
+	uint32_t held = 0;
+	for (uint32_t i = 0; i < dd->n_moe_layers; i++)
+		held += dd->moe_layers[i] >= l0 && dd->moe_layers[i] < l1;
+	if (l0 >= l1 || l1 > dd->n_layers || !held) {
+		moe_set_error("moe_create: layer range [%u, %u) is not a part of the %u layers "
+			      "that holds an MoE layer",
+			      l0, l1, dd->n_layers);
+		return MOE_ERR_ARG;
+	}
 	if (opts && opts->device == MOE_DEVICE_CUDA && (e0 || e1 != E)) {
 		moe_set_error(
 		    "moe_create: an expert range is not supported on the cuda device yet");
+		return MOE_ERR_UNSUPPORTED;
+	}
+	if (opts && opts->device == MOE_DEVICE_CUDA && (l0 || l1 != dd->n_layers)) {
+		moe_set_error("moe_create: a layer range is not supported on the cuda device yet");
 		return MOE_ERR_UNSUPPORTED;
 	}
 	if (opts && opts->device == MOE_DEVICE_CUDA) {
@@ -109,6 +127,8 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 		m->layers = NULL;
 		m->e0 = 0;
 		m->e1 = E;
+		m->l0 = 0;
+		m->l1 = m->d->n_layers;
 		enum moe_status st =
 		    moe_cuda_create(moe_cuda_gen(), m->d, opts->stream, &m->cuda, err, sizeof err);
 		if (st != MOE_OK) {
@@ -145,6 +165,8 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 	m->d = g->desc;
 	m->e0 = e0;
 	m->e1 = e1;
+	m->l0 = l0;
+	m->l1 = l1;
 	moe_geoms_init(m->d, g->compute == MOE_COMPUTE_BF16, &m->routed, &m->shared);
 	m->layers = calloc(m->d->n_moe_layers ? m->d->n_moe_layers : 1, sizeof *m->layers);
 	m->pool = moe_pool_create(opts ? opts->threads : 0);
@@ -191,6 +213,12 @@ static void release(moe_model *m)
 	atomic_store(&m->busy, 0);
 }
 
+/* Whether the model holds MoE layer i (an index into moe_layers). */
+static int holds(const moe_model *m, uint32_t i)
+{
+	return m->d->moe_layers[i] >= m->l0 && m->d->moe_layers[i] < m->l1;
+}
+
 static void free_layers(moe_model *m)
 {
 	for (uint32_t i = 0; m->layers && i < m->d->n_moe_layers; i++)
@@ -211,6 +239,36 @@ static enum moe_status put_layer(moe_model *m, uint32_t i, const struct moe_ref_
 	return st;
 }
 
+/* The MoE layers the model holds: the total of a progress line. */
+static size_t n_held(const moe_model *m)
+{
+	size_t n = 0;
+	for (uint32_t i = 0; i < m->d->n_moe_layers; i++)
+		n += (size_t)holds(m, i);
+	return n;
+}
+
+static void progress_layer(struct moe_progress *p, const moe_model *m, size_t done, uint32_t i)
+{
+	char item[48];
+	snprintf(item, sizeof item, "(layer %u)", m->d->moe_layers[i]);
+	moe_progress_step(p, done, n_held(m), item);
+}
+
+struct random_fill {
+	const struct moe_desc *d;
+	uint64_t seed;
+	uint32_t layer;
+	struct moe_ref_weights *w;
+};
+
+static void random_block(void *ctx, size_t task, unsigned thread)
+{
+	(void)thread;
+	struct random_fill *f = ctx;
+	moe_ref_weights_random_block(f->d, f->seed, f->layer, f->w, task);
+}
+
 MOE_API enum moe_status moe_init_random(moe_model *m, uint64_t seed)
 {
 	if (!m) {
@@ -221,7 +279,13 @@ MOE_API enum moe_status moe_init_random(moe_model *m, uint64_t seed)
 		return MOE_ERR_BUSY;
 	free_layers(m);
 	enum moe_status st = MOE_OK;
+	struct moe_progress pr;
+	size_t done = 0;
+	moe_progress_begin(&pr, "random weights");
 	for (uint32_t i = 0; i < m->d->n_moe_layers && st == MOE_OK; i++) {
+		if (!holds(m, i))
+			continue;
+		progress_layer(&pr, m, done, i);
 		struct moe_ref_weights w;
 		st = moe_ref_weights_alloc(m->d, &w);
 		if (st != MOE_OK) {
@@ -229,14 +293,27 @@ MOE_API enum moe_status moe_init_random(moe_model *m, uint64_t seed)
 				      m->d->moe_layers[i]);
 			break;
 		}
-		moe_ref_weights_random(m->d, seed, m->d->moe_layers[i], &w);
+		/* each element is a function of (seed, layer, role, index) alone, so
+		 * the blocks fill the same values on any number of threads */
+		struct random_fill f = {m->d, seed, m->d->moe_layers[i], &w};
+		size_t nb = moe_ref_weights_random_blocks(m->d);
+		if (m->pool)
+			moe_pool_run(m->pool, nb, random_block, &f);
+		else
+			for (size_t b = 0; b < nb; b++)
+				random_block(&f, b, 0);
+		moe_ref_quant_random(m->d, seed, m->d->moe_layers[i], &w);
 		st = put_layer(m, i, &w);
 		moe_ref_weights_free(&w);
+		done++;
 	}
-	if (st == MOE_OK)
+	if (st == MOE_OK) {
 		m->loaded = 1;
-	else
+		moe_progress_step(&pr, done, done, NULL);
+	} else {
 		free_layers(m);
+	}
+	moe_progress_end(&pr);
 	release(m);
 	return st;
 }
@@ -669,7 +746,13 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 		release(m);
 		return st;
 	}
+	struct moe_progress pr;
+	size_t done = 0;
+	moe_progress_begin(&pr, "loading weights");
 	for (uint32_t i = 0; i < m->d->n_moe_layers && st == MOE_OK; i++) {
+		if (!holds(m, i))
+			continue;
+		progress_layer(&pr, m, done++, i);
 		struct moe_ref_weights w;
 		c.layer = m->d->moe_layers[i];
 		if (moe_ref_weights_alloc(m->d, &w) != MOE_OK) {
@@ -686,10 +769,13 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 		moe_ref_weights_free(&w);
 	}
 	moe_st_set_close(c.set);
-	if (st == MOE_OK)
+	if (st == MOE_OK) {
 		m->loaded = 1;
-	else
+		moe_progress_step(&pr, done, done, NULL);
+	} else {
 		free_layers(m);
+	}
+	moe_progress_end(&pr);
 	release(m);
 	return st;
 }
@@ -713,6 +799,10 @@ static void zero_routing(const struct moe_desc *d, struct moe_routing *rt)
 	rt->importance_cv2 = rt->lb_loss = rt->z_loss = 0.0f;
 	rt->n_dropped = 0;
 }
+
+static const char not_held_fmt[] =
+    "%s: layer %u is outside the layers [%u, %u) this model was created with (its weights "
+    "are not loaded)";
 
 /* Finite input, non-finite output: the values overflowed (docs/abi.md). */
 static enum moe_status overflow(size_t i, size_t H)
@@ -738,6 +828,10 @@ MOE_API enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x,
 			      "first %u)",
 			      layer, d->name, d->n_moe_layers,
 			      d->n_moe_layers ? d->moe_layers[0] : 0);
+		return MOE_ERR_ARG;
+	}
+	if (!holds(m, (uint32_t)li)) {
+		moe_set_error(not_held_fmt, "moe_forward", layer, m->l0, m->l1);
 		return MOE_ERR_ARG;
 	}
 	if (n_tokens && (!x || !y)) {
@@ -860,6 +954,10 @@ static enum moe_status stage_begin(moe_model *m, uint32_t layer, const char *wha
 	const struct moe_desc *d = m->d;
 	if ((*li = layer_index(d, layer)) < 0) {
 		moe_set_error("%s: layer %u is not an MoE layer of '%s'", what, layer, d->name);
+		return MOE_ERR_ARG;
+	}
+	if (!holds(m, (uint32_t)*li)) {
+		moe_set_error(not_held_fmt, what, layer, m->l0, m->l1);
 		return MOE_ERR_ARG;
 	}
 	if (m->cuda) {

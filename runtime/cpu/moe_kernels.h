@@ -343,6 +343,7 @@ struct moe_model {
 	atomic_int busy;
 	struct moe_cuda *cuda; /* device state when created for MOE_DEVICE_CUDA */
 	uint32_t e0, e1;       /* the routed experts it holds: [e0, e1) */
+	uint32_t l0, l1;       /* the model layers it holds: [l0, l1) */
 	struct moe_ws ws;
 };
 

@@ -45,6 +45,12 @@ void moe_ref_weights_free(struct moe_ref_weights *w);
  * numbers. */
 void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
 			    struct moe_ref_weights *w);
+/* The same fill in independent blocks (of at most 65536 elements of one role),
+ * for threads: filling blocks 0 .. moe_ref_weights_random_blocks(d) - 1 in any
+ * order, on any threads, gives exactly moe_ref_weights_random's values. */
+size_t moe_ref_weights_random_blocks(const struct moe_desc *d);
+void moe_ref_weights_random_block(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+				  struct moe_ref_weights *w, size_t block);
 
 /* struct moe_fwd_opts and struct moe_routing (the public ABI, moe.h) are the
  * reference's options and routing output too. */

@@ -114,30 +114,58 @@ static float round_to_dtype(enum moe_dtype t, float v)
 	return v;
 }
 
-void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
-			    struct moe_ref_weights *w)
+/* Elements per block of moe_ref_weights_random_block. */
+#define RANDOM_BLOCK ((size_t)1 << 16)
+
+size_t moe_ref_weights_random_blocks(const struct moe_desc *d)
+{
+	size_t n = 0;
+	for (int r = 0; d && r < MOE_ROLE_COUNT; r++)
+		n += (role_elems(d, (enum moe_role)r) + RANDOM_BLOCK - 1) / RANDOM_BLOCK;
+	return n;
+}
+
+void moe_ref_weights_random_block(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+				  struct moe_ref_weights *w, size_t block)
 {
 	if (!d || !w)
 		return;
-	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
-		uint64_t rows, cols;
-		if (!w->w[r] || !moe_desc_role_shape(d, (enum moe_role)r, &rows, &cols, NULL))
-			continue;
-		size_t n = role_elems(d, (enum moe_role)r);
-		float *p = w->w[r];
-		if (r == MOE_ROLE_SOFT_SCALE) {
-			for (size_t i = 0; i < n; i++)
-				p[i] = 1.0f;
-			continue;
-		}
-		/* fan-in bound for matrices keeps every layer's output O(|x|) */
-		double a = is_bias_role((enum moe_role)r) ? 0.1 : 1.0 / sqrt((double)cols);
-		for (size_t i = 0; i < n; i++) {
-			float u = moe_rng_uniform(moe_rng_hash(seed, layer, (uint64_t)r, i));
-			float v = (float)((2.0 * u - 1.0) * a);
-			p[i] = round_to_dtype(d->weight_dtype, v);
-		}
+	int r = 0;
+	size_t n = 0;
+	for (; r < MOE_ROLE_COUNT; r++) { /* the role holding the block */
+		n = role_elems(d, (enum moe_role)r);
+		size_t nb = (n + RANDOM_BLOCK - 1) / RANDOM_BLOCK;
+		if (block < nb)
+			break;
+		block -= nb;
 	}
+	if (r == MOE_ROLE_COUNT || !w->w[r])
+		return;
+	uint64_t rows, cols;
+	if (!moe_desc_role_shape(d, (enum moe_role)r, &rows, &cols, NULL))
+		return;
+	float *p = w->w[r];
+	size_t i0 = block * RANDOM_BLOCK, i1 = n - i0 < RANDOM_BLOCK ? n : i0 + RANDOM_BLOCK;
+	if (r == MOE_ROLE_SOFT_SCALE) {
+		for (size_t i = i0; i < i1; i++)
+			p[i] = 1.0f;
+		return;
+	}
+	/* fan-in bound for matrices keeps every layer's output O(|x|) */
+	double a = is_bias_role((enum moe_role)r) ? 0.1 : 1.0 / sqrt((double)cols);
+	for (size_t i = i0; i < i1; i++) {
+		float u = moe_rng_uniform(moe_rng_hash(seed, layer, (uint64_t)r, i));
+		float v = (float)((2.0 * u - 1.0) * a);
+		p[i] = round_to_dtype(d->weight_dtype, v);
+	}
+}
+
+void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+			    struct moe_ref_weights *w)
+{
+	size_t nb = moe_ref_weights_random_blocks(d);
+	for (size_t b = 0; b < nb; b++)
+		moe_ref_weights_random_block(d, seed, layer, w, b);
 	moe_ref_quant_random(d, seed, layer, w);
 }
 
