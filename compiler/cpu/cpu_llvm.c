@@ -769,55 +769,87 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 
 /* Kept-quantized experts ------------------------------------------------- */
 
+/* Rows per quantized tile: 4 rows x 4 chains of 16-lane accumulators (plus
+ * the rows' sums and the codes) fit the 32 zmm registers. */
+#define Q_MR 4
+
+/* Chains per row of a quantized K loop: inputs k = c mod chains go to chain
+ * c. The same for every tile height, so a row's arithmetic never depends on
+ * the tile it falls in. */
+static int q_chains(const struct moe_qfmt *f)
+{
+	return f->group % 4 == 0 ? 4 : f->group % 2 == 0 ? 2 : 1;
+}
+
+/* Sum of the n floats at p (n <= 16 per load, the rest masked), in a fixed
+ * order: 16-lane partial sums, then halves added down to one lane. */
+static LLVMValueRef q_rowsum(struct moe_ll *g, LLVMValueRef p, uint32_t n)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef v = LLVMConstNull(g->t_v16f);
+	for (uint32_t i = 0; i < n; i += 2 * MOE_VW)
+		v = LLVMBuildFAdd(b, v,
+				  vload16(g, moe_ll_at(g, g->t_f32, p, moe_ll_i64c(g, i)),
+					  (int)(n - i < 2 * MOE_VW ? n - i : 2 * MOE_VW)),
+				  "");
+	for (int w = MOE_VW; w >= 1; w /= 2) {
+		LLVMValueRef lo[MOE_VW], hi[MOE_VW];
+		for (int i = 0; i < w; i++)
+			lo[i] = moe_ll_i32c(g, i), hi[i] = moe_ll_i32c(g, w + i);
+		LLVMValueRef pz = LLVMGetPoison(LLVMTypeOf(v));
+		v = LLVMBuildFAdd(b, LLVMBuildShuffleVector(b, v, pz, LLVMConstVector(lo, w), ""),
+				  LLVMBuildShuffleVector(b, v, pz, LLVMConstVector(hi, w), ""), "");
+	}
+	return LLVMBuildExtractElement(b, v, moe_ll_i32c(g, 0), "xsum");
+}
+
 /* acc[r] += the mr rows a_row[r] (K f32 inputs) times a quantized panel pan
- * (moe_kernels.h): per group, two chains per row sum code * x over the even
- * and the odd inputs, then acc += (sum0 + sum1) * scale and, for int4,
- * + (the group's sum of x) * offset: W = code * s + o summed by parts. */
+ * (moe_kernels.h): per group, q_chains chains per row sum code * x, then acc
+ * += (the chains' sum) * scale and, for int4, + (the group's sum of x) *
+ * offset: W = code * s + o summed by parts. */
 static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
 		    const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc)
 {
 	LLVMBuilderRef b = g->b;
-	int i4 = f->kind == MOE_QFORMAT_INT4, two = f->group % 2 == 0;
+	int i4 = f->kind == MOE_QFORMAT_INT4, nch = q_chains(f);
 	LLVMTypeRef t16 = g->t_v16f, vi8 = LLVMVectorType(g->t_i8, 2 * MOE_VW),
 		    vi32 = LLVMVectorType(g->t_i32, 2 * MOE_VW);
-	LLVMValueRef accg[MAX_MR][2], xs[MAX_MR];
+	LLVMValueRef accg[MAX_MR][4];
 	char nm[32];
-	for (int r = 0; r < mr; r++) {
-		for (int c = 0; c < 2; c++) {
+	for (int r = 0; r < mr; r++)
+		for (int c = 0; c < nch; c++) {
 			snprintf(nm, sizeof nm, "qacc%d%d", r, c);
 			accg[r][c] = moe_ll_alloca(g, t16, 1, nm);
 		}
-		snprintf(nm, sizeof nm, "xs%d", r);
-		xs[r] = moe_ll_alloca(g, g->t_f32, 1, nm);
-	}
-	int64_t bb = (int64_t)moe_qblock_bytes(f), step = two ? 2 : 1;
+	int64_t bb = (int64_t)moe_qblock_bytes(f);
 	struct moe_ll_loop gl, kl;
 	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
 	LLVMValueRef blk =
 	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off"));
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
-	for (int r = 0; r < mr; r++) {
-		moe_ll_st(g, LLVMConstNull(t16), accg[r][0]);
-		moe_ll_st(g, LLVMConstNull(t16), accg[r][1]);
-		moe_ll_st(g, moe_ll_f32c(g, 0.0), xs[r]);
-	}
+	for (int r = 0; r < mr; r++)
+		for (int c = 0; c < nch; c++)
+			moe_ll_st(g, LLVMConstNull(t16), accg[r][c]);
 	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
-	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group), step, "kq");
-	LLVMValueRef w[2];
+	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group), nch, "kq");
+	LLVMValueRef w[4];
 	if (i4) {
-		/* 16 bytes: input kk in the low nibbles, kk + 1 in the high ones */
-		LLVMValueRef cb = moe_ll_ld(
-		    g, vi8,
-		    moe_ll_at(g, g->t_i8, codes, LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, 8), "")));
-		LLVMValueRef ci = LLVMBuildZExt(b, cb, vi32, "");
-		w[0] = LLVMBuildUIToFP(
-		    b, LLVMBuildAnd(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 15), vi32), ""), t16,
-		    "q0");
-		w[1] = LLVMBuildUIToFP(
-		    b, LLVMBuildLShr(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 4), vi32), ""), t16,
-		    "q1");
+		/* 16 bytes per input pair: the even input in the low nibbles */
+		for (int c = 0; c < nch; c += 2) {
+			LLVMValueRef at =
+			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), ""),
+					    moe_ll_i64c(g, 8), "");
+			LLVMValueRef ci = LLVMBuildZExt(
+			    b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
+			w[c] = LLVMBuildUIToFP(
+			    b, LLVMBuildAnd(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 15), vi32), ""),
+			    t16, "q0");
+			w[c + 1] = LLVMBuildUIToFP(
+			    b, LLVMBuildLShr(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 4), vi32), ""),
+			    t16, "q1");
+		}
 	} else {
-		for (int c = 0; c < step; c++) {
+		for (int c = 0; c < nch; c++) {
 			LLVMValueRef at =
 			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), ""),
 					    moe_ll_i64c(g, MOE_NR), "");
@@ -827,30 +859,36 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 	}
 	LLVMValueRef k = LLVMBuildNSWAdd(b, k0, kl.iv, "k");
 	for (int r = 0; r < mr; r++)
-		for (int c = 0; c < step; c++) {
+		for (int c = 0; c < nch; c++) {
 			LLVMValueRef a = moe_ll_ld(
 			    g, g->t_f32,
 			    moe_ll_at(g, g->t_f32, a_row[r],
-				      c ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 1), "") : k));
+				      c ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, c), "") : k));
 			moe_ll_st(g,
 				  moe_ll_fma(g, moe_ll_splat(g, a, t16), w[c],
 					     moe_ll_ld(g, t16, accg[r][c])),
 				  accg[r][c]);
-			if (i4)
-				moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_f32, xs[r]), a, ""),
-					  xs[r]);
 		}
 	moe_ll_loop_close(g, &kl);
 	LLVMValueRef sc = moe_ll_ld(g, t16, blk), of = NULL;
 	if (i4)
 		of = moe_ll_ld(g, t16, moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, 64)));
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef sum = LLVMBuildFAdd(b, moe_ll_ld(g, t16, accg[r][0]),
-						 moe_ll_ld(g, t16, accg[r][1]), "");
+		LLVMValueRef sum = moe_ll_ld(g, t16, accg[r][0]);
+		if (nch == 4)
+			sum = LLVMBuildFAdd(
+			    b, LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[r][1]), ""),
+			    LLVMBuildFAdd(b, moe_ll_ld(g, t16, accg[r][2]),
+					  moe_ll_ld(g, t16, accg[r][3]), ""),
+			    "");
+		else if (nch == 2)
+			sum = LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[r][1]), "");
 		LLVMValueRef o = moe_ll_fma(g, sum, sc, moe_ll_ld(g, t16, acc[r]));
-		if (i4)
-			o = moe_ll_fma(g, moe_ll_splat(g, moe_ll_ld(g, g->t_f32, xs[r]), t16), of,
-				       o);
+		if (i4) {
+			LLVMValueRef xs =
+			    q_rowsum(g, moe_ll_at(g, g->t_f32, a_row[r], k0), f->group);
+			o = moe_ll_fma(g, moe_ll_splat(g, xs, t16), of, o);
+		}
 		moe_ll_st(g, o, acc[r]);
 	}
 	moe_ll_loop_close(g, &gl);
@@ -949,8 +987,10 @@ static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 			moe_ll_noalias(g, i);
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
-	row_blocks(g, f, f->geom->q_up.kind != MOE_QFORMAT_NONE ? up_tile_q : up_tile_adapter,
-		   MOE_NR, p.iv, moe_ll_prm(g, 3));
+	if (f->geom->q_up.kind != MOE_QFORMAT_NONE)
+		row_blocks_mr(g, f, up_tile_q, MOE_NR, p.iv, moe_ll_prm(g, 3), Q_MR);
+	else
+		row_blocks(g, f, up_tile_adapter, MOE_NR, p.iv, moe_ll_prm(g, 3));
 	moe_ll_loop_close(g, &p);
 	moe_ll_fn_end(g);
 }
@@ -976,7 +1016,7 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 	tile_fn *tile = bf                                    ? down_pair_tile
 			: ge->q_down.kind != MOE_QFORMAT_NONE ? down_tile_q
 							      : down_tile;
-	int mr = bf ? BF_MR : MOE_MR;
+	int mr = bf ? BF_MR : ge->q_down.kind != MOE_QFORMAT_NONE ? Q_MR : MOE_MR;
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, p0, end, 1, "p");
 	row_blocks_mr(g, f, tile, MOE_NR, p.iv, moe_ll_prm(g, 3), mr);
