@@ -249,6 +249,55 @@ static struct fstr fl(float v)
 	return f;
 }
 
+/* The decimal a description float was written as, m * 10^e with m an integer
+ * (0.3f -> 3 * 10^-1): the shortest digits of fl() read back exactly. */
+static void decimal_parts(float v, uint64_t *m, int *e)
+{
+	char buf[48], *dot, *exp;
+	snprintf(buf, sizeof buf, "%.8e", (double)v);
+	for (int p = 0; p <= 8; p++) {
+		snprintf(buf, sizeof buf, "%.*e", p, (double)v);
+		if (strtof(buf, NULL) == v)
+			break;
+	}
+	/* buf is "d[.ddd]e[+-]xx" */
+	exp = strchr(buf, 'e');
+	*e = (int)strtol(exp + 1, NULL, 10);
+	*exp = 0;
+	uint64_t r = (uint64_t)(buf[0] - '0');
+	dot = strchr(buf, '.');
+	for (char *c = dot ? dot + 1 : exp; dot && *c; c++, (*e)--)
+		r = r * 10 + (uint64_t)(*c - '0');
+	while (r && r % 10 == 0)
+		r /= 10, (*e)++;
+	*m = r;
+}
+
+__extension__ typedef unsigned __int128 moe_u128;
+
+uint64_t moe_desc_scaled_count(float v, uint64_t num, uint64_t den, int round_down)
+{
+	if (!(v > 0.0f) || !isfinite(v) || !num || !den)
+		return 0;
+	uint64_t m;
+	int e;
+	decimal_parts(v, &m, &e);
+	/* num * m / den * 10^e kept as a quotient a and a remainder r over q; m < 10^9 */
+	moe_u128 n = (moe_u128)num * m, q = den, a = n / q, r = n % q;
+	for (; e > 0; e--) { /* times 10 */
+		a = a * 10 + r * 10 / q, r = r * 10 % q;
+		if (a > UINT64_MAX)
+			return UINT64_MAX;
+	}
+	for (; e < 0; e++) { /* over 10 */
+		if (!a)
+			return round_down ? 0 : 1; /* 0 < value < 1, and it only shrinks */
+		r = a % 10 * q + r, a /= 10, q *= 10;
+	}
+	a += !round_down && r != 0;
+	return a > UINT64_MAX ? UINT64_MAX : (uint64_t)a;
+}
+
 size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 {
 	struct out o = {buf, cap, 0};

@@ -273,6 +273,13 @@ int moe_desc_bf16_compute(const struct moe_desc *d);
  * products summed in f32). */
 #define MOE_BF16_COMPUTE_TOL (1.0 / 64.0)
 uint32_t moe_desc_shared_width(const struct moe_desc *d);
+/* ceil(num * v / den), or the floor with round_down, where v is the decimal a
+ * description float was written as (a capacity factor 0.3 is 3/10, not the
+ * f32 0.300000012): exact rational arithmetic, so a product that lands on an
+ * integer is that integer. 0 unless v, num and den are positive; UINT64_MAX
+ * past 2^64. Every capacity (token choice's factor and fraction, expert
+ * choice) is computed with it, in the reference and the runtimes alike. */
+uint64_t moe_desc_scaled_count(float v, uint64_t num, uint64_t den, int round_down);
 uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
 /* Number of rows and columns of a role's canonical tensor, per expert where the
  * role is per expert (*per_expert set), else for the whole tensor. Returns 0

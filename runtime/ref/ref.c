@@ -554,40 +554,17 @@ static int cmp_prio_desc(const void *pa, const void *pb)
 	return cmp_ranked(a, b);
 }
 
-/* A float of the description as the decimal it was written as: the shortest
- * decimal that reads back as the same f32 (0.3f -> 0.3), in double. The
- * frameworks compute capacities in double from the decimal of their config;
- * the f32's exact value (0.300000012) could round T * 0.3 up past an integer
- * that the decimal lands on. */
-static double decimal_of(float v)
-{
-	char buf[32];
-	for (int prec = 1; prec <= 9; prec++) {
-		snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
-		double x = strtod(buf, NULL);
-		if ((float)x == v)
-			return x;
-	}
-	return (double)v;
-}
-
 /* The capacity C of each expert for a call of T tokens. */
 static uint64_t capacity_of(const struct moe_desc *d, size_t T, uint32_t E)
 {
 	uint64_t C;
-	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
+	if (d->capacity == MOE_CAPACITY_PER_EXPERT)
 		C = d->capacity_per_expert;
-	} else {
-		double v;
-		if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION) {
-			v = ceil((double)T * decimal_of(d->capacity_token_fraction));
-		} else {
-			v = (double)d->top_k * (double)T * decimal_of(d->capacity_factor) /
-			    (double)E;
-			v = d->capacity_floor ? floor(v) : ceil(v);
-		}
-		C = v >= 1.8e19 ? UINT64_MAX : (uint64_t)v;
-	}
+	else if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION)
+		C = moe_desc_scaled_count(d->capacity_token_fraction, T, 1, 0);
+	else
+		C = moe_desc_scaled_count(d->capacity_factor, (uint64_t)d->top_k * T, E,
+					  d->capacity_floor);
 	return C < d->capacity_min ? d->capacity_min : C;
 }
 
@@ -762,8 +739,8 @@ static int route_expert_choice(struct fwd *f)
 	const struct moe_desc *d = f->d;
 	uint32_t E = f->E;
 	size_t T = f->T;
-	double cv = ceil((double)T * (double)d->ec_capacity_factor / (double)E);
-	uint32_t C = cv >= (double)T ? (uint32_t)T : (uint32_t)cv;
+	uint64_t cv = moe_desc_scaled_count(d->ec_capacity_factor, T, E, 0);
+	uint32_t C = cv >= T ? (uint32_t)T : (uint32_t)cv;
 	float *S = xcalloc(T * E, sizeof *S), *col = xcalloc(T, sizeof *col);
 	uint32_t *pick = xcalloc(C, sizeof *pick);
 	struct tokbuf b;
