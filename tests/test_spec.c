@@ -415,6 +415,9 @@ static void good_peer(const struct moe_desc *d)
 	assert_int_equal(d->pk_query_dim, 256);
 	assert_int_equal(d->pk_score, MOE_SCORE_SIGMOID);
 	assert_int_equal(d->pk_query_bn, 1);
+	assert_true(d->pk_bn_eps == 0.001f);
+	assert_string_equal(d->names[MOE_ROLE_PK_BN_VAR],
+			    "layers.{layer}.peer.query_bn.running_var");
 	assert_int_equal(d->top_k, 8 * 16);
 	assert_int_equal(d->act, MOE_ACT_GELU);
 	assert_int_equal(d->n_moe_layers, 1);

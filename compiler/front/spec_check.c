@@ -119,6 +119,7 @@
 	X(PK_D, "product_key.query_dim")                                                           \
 	X(PK_SCORE, "product_key.score")                                                           \
 	X(PK_BN, "product_key.query_bn")                                                           \
+	X(PK_BN_EPS, "product_key.query_bn_eps")                                                   \
 	X(SM, "sparsemixer")                                                                       \
 	X(SM_EPS, "sparsemixer.eps")                                                               \
 	X(WEIGHTS, "weights")                                                                      \
@@ -302,6 +303,7 @@ static const struct field pk_fields[] = {
     UINT_(PK_R, 1, MAX_SUB_KEYS, REQ),    UINT_(PK_HEADS, 1, 1024, 0),
     UINT_(PK_TOPK, 1, MAX_SUB_KEYS, REQ), UINT_(PK_D, 2, MAX_DIM, REQ),
     ENUM_(PK_SCORE, pk_score_names, 0),   BOOL_(PK_BN),
+    FLOAT_(PK_BN_EPS, 0, 1, 0),
 };
 static const struct field sm_fields[] = {FLOAT_(SM_EPS, 0, 1, 0)};
 static const struct field weight_fields[] = {
@@ -1861,6 +1863,13 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 				  ? MOE_SCORE_SIGMOID
 				  : MOE_SCORE_SOFTMAX;
 		o->pk_query_bn = c->ok[S_PK_BN] ? (uint8_t)c->u[S_PK_BN] : 0;
+		if (c->n[S_PK_BN_EPS] && !o->pk_query_bn)
+			err(c, c->k[S_PK_BN_EPS],
+			    "product_key.query_bn_eps needs product_key.query_bn: true");
+		/* PyTorch's BatchNorm1d default */
+		o->pk_bn_eps = !o->pk_query_bn      ? 0.0f
+			       : c->ok[S_PK_BN_EPS] ? (float)c->f[S_PK_BN_EPS]
+						    : 1e-5f;
 		o->top_k = o->pk_heads * o->pk_top_k;
 	}
 }

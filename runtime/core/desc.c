@@ -203,6 +203,13 @@ int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *row
 		if (d->output_bias)
 			R = 1, C = H;
 		break;
+	case MOE_ROLE_PK_BN_WEIGHT:
+	case MOE_ROLE_PK_BN_BIAS:
+	case MOE_ROLE_PK_BN_MEAN:
+	case MOE_ROLE_PK_BN_VAR:
+		if (d->mode == MOE_MODE_PRODUCT_KEY && d->pk_query_bn)
+			R = 1, C = (uint64_t)d->pk_heads * d->pk_query_dim;
+		break;
 	default: /* fused on-disk roles have no canonical tensor */
 		break;
 	}
@@ -357,6 +364,8 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		    "product_key sub_keys %u heads %u top_k %u query_dim %u score %s query_bn %u\n",
 		    d->pk_sub_keys, d->pk_heads, d->pk_top_k, d->pk_query_dim,
 		    moe_score_names[d->pk_score], d->pk_query_bn);
+	if (d->mode == MOE_MODE_PRODUCT_KEY && d->pk_query_bn)
+		put(&o, "product_key_bn eps %s\n", fl(d->pk_bn_eps).s);
 	put(&o, "experts %s count %u intermediate %u activation %s", moe_kind_names[d->kind],
 	    d->n_experts, d->intermediate, moe_act_names[d->act]);
 	if (d->act == MOE_ACT_SWIGLU_OAI)
@@ -665,6 +674,8 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		take_u32(l, "query_dim", 0, &d->pk_query_dim);
 		d->pk_score = (enum moe_score)ENUM_("score", moe_score_names, MOE_SCORE_COUNT);
 		take_u8(l, "query_bn", &d->pk_query_bn);
+	} else if (!strcmp(h, "product_key_bn")) {
+		take_f32(l, "eps", &d->pk_bn_eps);
 	} else if (!strcmp(h, "experts")) {
 		d->kind = (enum moe_kind)ENUM_(NULL, moe_kind_names, MOE_KIND_COUNT);
 		take_u32(l, "count", 0, &d->n_experts);

@@ -114,12 +114,16 @@ MOE_DEFINE_ENUM(moe_quant, MOE_QUANT_, MOE_QUANTS);
 	X(SHARED_EXPERT_GATE, "shared_expert_gate") /* [1, H] */                                   \
 	X(SOFT_SLOTS, "soft_slots")                 /* [S, H] slot parameters, one row per slot */ \
 	X(SOFT_SCALE, "soft_scale")                 /* [1] learned scale */                        \
-	X(PK_QUERY, "pk_query")                     /* [Q, H] BatchNorm folded in at load */       \
+	X(PK_QUERY, "pk_query")                     /* [Q, H] the query projection */              \
 	X(PK_QUERY_BIAS, "pk_query_bias")           /* [Q] */                                      \
 	X(PK_KEYS, "pk_keys")                       /* [2, R, query_dim/2] the two sub-key sets */ \
 	X(NEURON_U, "neuron_u")                     /* [N, H] single-neuron input vectors */       \
 	X(NEURON_V, "neuron_v")                     /* [N, H] single-neuron output vectors */      \
-	X(OUTPUT_BIAS, "output_bias")               /* [H] added once after combining (JetMoE) */
+	X(OUTPUT_BIAS, "output_bias")               /* [H] added once after combining (JetMoE) */  \
+	X(PK_BN_WEIGHT, "pk_bn_weight")             /* [Q] query BatchNorm (eval): gamma */        \
+	X(PK_BN_BIAS, "pk_bn_bias")                 /* [Q] beta */                                 \
+	X(PK_BN_MEAN, "pk_bn_mean")                 /* [Q] running mean */                         \
+	X(PK_BN_VAR, "pk_bn_var")                   /* [Q] running variance */
 
 #define MOE_ENUM_X_MOE_ROLE_(v, s) MOE_ROLE_##v,
 MOE_DEFINE_ENUM(moe_role, MOE_ROLE_, MOE_ROLES);
@@ -233,10 +237,13 @@ struct moe_desc {
 	char scale_names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* quantized roles' scale tensors */
 
 	/* appended fields */
-	uint8_t pk_query_bn; /* product_key: the query has a BatchNorm, folded in at load */
+	/* product_key: an eval-mode BatchNorm on the query (roles PK_BN_*), folded
+	 * into the query projection at load (moe_pk_fold_bn) */
+	uint8_t pk_query_bn;
 	/* capacity: the normalization (norm, eps, min) and the scale apply to the
 	 * weights that survive the capacity, after dropping (NLLB) */
 	uint8_t capacity_norm_after_drop;
+	float pk_bn_eps; /* product_key query BatchNorm: (q - mean) / sqrt(var + eps) */
 };
 
 /* Name tables, indexed by enum value; defined in desc.c. */

@@ -25,12 +25,31 @@ enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights 
 	uint32_t Q = d->pk_heads * d->pk_query_dim, KB = moe_pk_key_blocks(R);
 	size_t N = (size_t)R * R;
 	memset(out, 0, sizeof *out);
-	out->pk_query = moe_pack_router_panels(w->w[MOE_ROLE_PK_QUERY], Q, H);
+	const float *Wq = w->w[MOE_ROLE_PK_QUERY], *bq = w->w[MOE_ROLE_PK_QUERY_BIAS];
+	float *Wbn = NULL, *bbn = NULL;
+	if (d->pk_query_bn) { /* the query BatchNorm folded into the projection */
+		Wbn = malloc((size_t)Q * H * sizeof *Wbn), bbn = malloc(Q * sizeof *bbn);
+		if (!Wbn || !bbn) {
+			free(Wbn), free(bbn);
+			goto nomem;
+		}
+		int64_t bad = moe_pk_fold_bn(d, w, Wbn, bbn);
+		if (bad >= 0) {
+			free(Wbn), free(bbn);
+			moe_set_error("pk_bn_var[%lld] + eps is not positive (or gamma not finite)",
+				      (long long)bad);
+			return MOE_ERR_WEIGHTS;
+		}
+		Wq = Wbn, bq = bbn;
+	}
+	out->pk_query = moe_pack_router_panels(Wq, Q, H);
 	out->pk_qbias = zalloc((size_t)moe_router_blocks(Q) * MOE_RB * sizeof(float));
 	out->pk_keys = zalloc(2 * (size_t)KB * h2 * MOE_VW * sizeof(float));
+	if (out->pk_query && out->pk_qbias)
+		memcpy(out->pk_qbias, bq, Q * sizeof(float));
+	free(Wbn), free(bbn);
 	if (!out->pk_query || !out->pk_qbias || !out->pk_keys)
 		goto nomem;
-	memcpy(out->pk_qbias, w->w[MOE_ROLE_PK_QUERY_BIAS], Q * sizeof(float));
 	for (uint32_t s = 0; s < 2; s++)
 		for (uint32_t r = 0; r < R; r++)
 			for (uint32_t i = 0; i < h2; i++)

@@ -31,7 +31,8 @@ struct fwd {
 	int32_t *ids;
 	float *wts;
 	uint8_t *dropped;
-	float *prio; /* [T] priority score for capacity */
+	float *prio;          /* [T] priority score for capacity */
+	enum moe_status fail; /* why a route failed, when not for memory (message set) */
 	char *err;
 	size_t err_cap;
 };
@@ -864,6 +865,24 @@ static int route_product_key(struct fwd *f)
 	uint32_t H = f->H, R = d->pk_sub_keys, k = d->pk_top_k, dq = d->pk_query_dim, h2 = dq / 2;
 	const float *Q = f->w->w[MOE_ROLE_PK_QUERY], *qb = f->w->w[MOE_ROLE_PK_QUERY_BIAS];
 	const float *K1 = f->w->w[MOE_ROLE_PK_KEYS], *K2 = K1 + (size_t)R * h2;
+	float *Qbn = NULL, *qbbn = NULL;
+	if (d->pk_query_bn) { /* the query BatchNorm, folded as the CPU packing folds it */
+		size_t nq = (size_t)d->pk_heads * dq;
+		Qbn = xcalloc(nq * H, sizeof *Qbn), qbbn = xcalloc(nq, sizeof *qbbn);
+		if (!Qbn || !qbbn) {
+			free(Qbn), free(qbbn);
+			return 0;
+		}
+		int64_t bad = moe_pk_fold_bn(d, f->w, Qbn, qbbn);
+		if (bad >= 0) {
+			seterr(f, "pk_bn_var[%lld] + eps is not positive (or gamma not finite)",
+			       (long long)bad);
+			f->fail = MOE_ERR_WEIGHTS;
+			free(Qbn), free(qbbn);
+			return 0;
+		}
+		Q = Qbn, qb = qbbn;
+	}
 	float *q = xcalloc(dq, sizeof *q), *sa = xcalloc(R, sizeof *sa),
 	      *sb = xcalloc(R, sizeof *sb);
 	float *cv = xcalloc((size_t)k * k, sizeof *cv), *g = xcalloc(k, sizeof *g);
@@ -905,6 +924,7 @@ static int route_product_key(struct fwd *f)
 		}
 	}
 	free(q), free(sa), free(sb), free(cv), free(g), free(ck), free(ia), free(ib), free(ic);
+	free(Qbn), free(qbbn);
 	return ok;
 }
 
@@ -944,6 +964,8 @@ static int check_desc(struct fwd *f)
 	int pk = d->mode == MOE_MODE_PRODUCT_KEY;
 	if (pk != (d->kind == MOE_KIND_SINGLE_NEURON))
 		BAD("single_neuron experts go with product_key routing and only with it");
+	if (pk && d->pk_query_bn && !(isfinite(d->pk_bn_eps) && d->pk_bn_eps >= 0.0f))
+		BAD("product_key query BatchNorm eps must be finite and >= 0");
 	if (!pk && d->intermediate == 0)
 		BAD("intermediate must be positive");
 	if (d->act == MOE_ACT_SWIGLU_OAI && d->kind != MOE_KIND_GLU)
@@ -1207,8 +1229,11 @@ enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_w
 		ok = apply_capacity(f);
 	if (ok && d->mode != MOE_MODE_SOFT)
 		ok = combine(f);
-	if (!ok)
+	if (!ok) {
+		if (f->fail)
+			st = f->fail;
 		goto out;
+	}
 	if (routing)
 		finish_stats(f, routing);
 	st = MOE_OK;
