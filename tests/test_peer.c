@@ -60,6 +60,16 @@ static void test_peer_vs_ref(void **state)
 		d.weight_dtype = cs[i].wt;
 		d.scale = cs[i].scale;
 		h_compare(&d, 37, 1 + i % 3, 300 + i, NULL, NULL);
+		/* PEER-pytorch's variants: keys per head, ReLU scores, a
+		 * product-key top-k above and below the final one */
+		d.pk_keys_per_head = 1;
+		h_compare(&d, 37, 1 + i % 3, 310 + i, NULL, NULL);
+		d.pk_score_relu = 1;
+		d.pk_sub_top_k = cs[i].k + 3 < cs[i].R ? cs[i].k + 3 : cs[i].R;
+		h_compare(&d, 29, 2, 320 + i, NULL, NULL);
+		d.pk_keys_per_head = 0;
+		d.pk_sub_top_k = cs[i].k > 4 ? cs[i].k - 2 : cs[i].k;
+		h_compare(&d, 29, 1, 330 + i, NULL, NULL);
 	}
 }
 
@@ -74,12 +84,15 @@ static float dot_asc(const float *a, const float *b, uint32_t n)
 /* Product keys are exact: the generated selection equals the top-k of all
  * N = R^2 key scores q1.c_i + q2.c'_j, found here by exhaustive search (ties
  * to the lower index), and the weights are the softmax of those k scores. */
-static void test_peer_exhaustive(void **state)
+static void peer_exhaustive(int variant)
 {
-	(void)state;
 	enum { H = 32, R = 16, HEADS = 3, K = 5, DQ = 12, T = 23, N = R * R };
 	struct moe_desc d;
 	peer_desc(&d, H, R, HEADS, K, DQ);
+	/* PEER-pytorch's layout and scores: keys [heads, R, 2, d/2], relu of
+	 * the sums; sub_top_k R keeps every candidate, so still exhaustive */
+	d.pk_keys_per_head = d.pk_score_relu = (uint8_t)variant;
+	d.pk_sub_top_k = variant ? R : 0;
 	struct h_model m;
 	char err[1024];
 	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -95,7 +108,7 @@ static void test_peer_exhaustive(void **state)
 	struct moe_routing rt = {.expert_ids = ids, .weights = wt};
 	assert_int_equal(m.forward(mm, 1, x, y, T, &rt, NULL), MOE_OK);
 	const float *Q = w.w[MOE_ROLE_PK_QUERY], *qb = w.w[MOE_ROLE_PK_QUERY_BIAS];
-	const float *K1 = w.w[MOE_ROLE_PK_KEYS], *K2 = K1 + R * DQ / 2;
+	const float *keys = w.w[MOE_ROLE_PK_KEYS];
 	const float *bw = w.w[MOE_ROLE_PK_BN_WEIGHT], *bb = w.w[MOE_ROLE_PK_BN_BIAS];
 	const float *bm = w.w[MOE_ROLE_PK_BN_MEAN], *bv = w.w[MOE_ROLE_PK_BN_VAR];
 	size_t checked = 0;
@@ -111,9 +124,17 @@ static void test_peer_exhaustive(void **state)
 				    bb[c];
 				q[i] = (float)v;
 			}
-			for (int e = 0; e < N; e++)
-				s[e] = dot_asc(q, K1 + (e / R) * DQ / 2, DQ / 2) +
-				       dot_asc(q + DQ / 2, K2 + (e % R) * DQ / 2, DQ / 2);
+			const float *k1, *k2;
+			for (int e = 0; e < N; e++) {
+				if (variant) {
+					k1 = keys + ((size_t)(hd * R + e / R) * 2) * DQ / 2;
+					k2 = keys + ((size_t)(hd * R + e % R) * 2 + 1) * DQ / 2;
+				} else {
+					k1 = keys + (size_t)(e / R) * DQ / 2;
+					k2 = keys + (size_t)(R + e % R) * DQ / 2;
+				}
+				s[e] = dot_asc(q, k1, DQ / 2) + dot_asc(q + DQ / 2, k2, DQ / 2);
+			}
 			int best[K];
 			for (int j = 0; j < K; j++) {
 				int b = -1;
@@ -132,7 +153,8 @@ static void test_peer_exhaustive(void **state)
 			for (int j = 0; j < K; j++) {
 				size_t slot = (size_t)t * HEADS * K + (size_t)hd * K + (size_t)j;
 				assert_int_equal(ids[slot], best[j]);
-				double want = exp((double)s[best[j]] - mx) / sum;
+				double want = variant ? fmax((double)s[best[j]], 0.0)
+						      : exp((double)s[best[j]] - mx) / sum;
 				assert_true(fabs(wt[slot] - want) <= 1e-6);
 				checked++;
 			}
@@ -141,6 +163,13 @@ static void test_peer_exhaustive(void **state)
 	moe_ref_weights_free(&w);
 	m.destroy(mm);
 	h_model_close(&m);
+}
+
+static void test_peer_exhaustive(void **state)
+{
+	(void)state;
+	peer_exhaustive(0);
+	peer_exhaustive(1);
 }
 
 /* The query BatchNorm read from a checkpoint as four roles loads to what
@@ -228,7 +257,7 @@ static void test_peer_refusals(void **state)
 	peer_desc(&d, 16, 80, 1, 65, 4);
 	err[0] = 0;
 	assert_int_not_equal(h_model_open(&d, &m, err, sizeof err), 0);
-	assert_non_null(strstr(err, "top_k > 64"));
+	assert_non_null(strstr(err, "sub_top_k > 64"));
 	peer_desc(&d, 16, 8, 1, 2, 4);
 	d.weight_dtype = MOE_DTYPE_F16;
 	err[0] = 0;

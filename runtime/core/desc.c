@@ -99,6 +99,11 @@ uint64_t moe_desc_pk_experts(const struct moe_desc *d)
 	return (uint64_t)d->pk_sub_keys * d->pk_sub_keys;
 }
 
+uint32_t moe_desc_pk_sub_top_k(const struct moe_desc *d)
+{
+	return d->pk_sub_top_k ? d->pk_sub_top_k : d->pk_top_k;
+}
+
 static int is_gated(enum moe_kind k)
 {
 	return k == MOE_KIND_GLU;
@@ -192,7 +197,8 @@ int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *row
 		break;
 	case MOE_ROLE_PK_KEYS:
 		if (d->mode == MOE_MODE_PRODUCT_KEY)
-			R = 2ull * d->pk_sub_keys, C = d->pk_query_dim / 2;
+			R = 2ull * d->pk_sub_keys * (d->pk_keys_per_head ? d->pk_heads : 1),
+			C = d->pk_query_dim / 2;
 		break;
 	case MOE_ROLE_NEURON_U:
 	case MOE_ROLE_NEURON_V:
@@ -366,6 +372,10 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		    moe_score_names[d->pk_score], d->pk_query_bn);
 	if (d->mode == MOE_MODE_PRODUCT_KEY && d->pk_query_bn)
 		put(&o, "product_key_bn eps %s\n", fl(d->pk_bn_eps).s);
+	if (d->mode == MOE_MODE_PRODUCT_KEY &&
+	    (d->pk_keys_per_head || d->pk_score_relu || d->pk_sub_top_k))
+		put(&o, "product_key_variant keys_per_head %u relu %u sub_top_k %u\n",
+		    d->pk_keys_per_head, d->pk_score_relu, d->pk_sub_top_k);
 	put(&o, "experts %s count %u intermediate %u activation %s", moe_kind_names[d->kind],
 	    d->n_experts, d->intermediate, moe_act_names[d->act]);
 	if (d->act == MOE_ACT_SWIGLU_OAI)
@@ -674,6 +684,10 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		take_u32(l, "query_dim", 0, &d->pk_query_dim);
 		d->pk_score = (enum moe_score)ENUM_("score", moe_score_names, MOE_SCORE_COUNT);
 		take_u8(l, "query_bn", &d->pk_query_bn);
+	} else if (!strcmp(h, "product_key_variant")) {
+		take_u8(l, "keys_per_head", &d->pk_keys_per_head);
+		take_u8(l, "relu", &d->pk_score_relu);
+		take_u32(l, "sub_top_k", 0, &d->pk_sub_top_k);
 	} else if (!strcmp(h, "product_key_bn")) {
 		take_f32(l, "eps", &d->pk_bn_eps);
 	} else if (!strcmp(h, "experts")) {

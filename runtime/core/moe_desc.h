@@ -244,6 +244,12 @@ struct moe_desc {
 	 * weights that survive the capacity, after dropping (NLLB) */
 	uint8_t capacity_norm_after_drop;
 	float pk_bn_eps; /* product_key query BatchNorm: (q - mean) / sqrt(var + eps) */
+	/* product_key as PEER-pytorch: a sub-key set per head (PK_KEYS [heads,
+	 * R, 2, d/2]), ReLU scores of the k retrieved sums (non-competing, in
+	 * place of pk_score), and the top-k of each sub-key half (0: pk_top_k) */
+	uint8_t pk_keys_per_head;
+	uint8_t pk_score_relu;
+	uint32_t pk_sub_top_k;
 };
 
 /* Name tables, indexed by enum value; defined in desc.c. */
@@ -288,6 +294,8 @@ uint32_t moe_desc_shared_width(const struct moe_desc *d);
  * choice) is computed with it, in the reference and the runtimes alike. */
 uint64_t moe_desc_scaled_count(float v, uint64_t num, uint64_t den, int round_down);
 uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
+/* product_key: the top-k taken of each sub-key half (pk_sub_top_k, or pk_top_k) */
+uint32_t moe_desc_pk_sub_top_k(const struct moe_desc *d);
 /* Number of rows and columns of a role's canonical tensor, per expert where the
  * role is per expert (*per_expert set), else for the whole tensor. Returns 0
  * when the role is not used by this description. */

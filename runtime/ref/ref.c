@@ -864,7 +864,11 @@ static int route_product_key(struct fwd *f)
 	const struct moe_desc *d = f->d;
 	uint32_t H = f->H, R = d->pk_sub_keys, k = d->pk_top_k, dq = d->pk_query_dim, h2 = dq / 2;
 	const float *Q = f->w->w[MOE_ROLE_PK_QUERY], *qb = f->w->w[MOE_ROLE_PK_QUERY_BIAS];
-	const float *K1 = f->w->w[MOE_ROLE_PK_KEYS], *K2 = K1 + (size_t)R * h2;
+	const float *keys = f->w->w[MOE_ROLE_PK_KEYS];
+	/* shared keys [2, R, d/2]; per head [heads, R, 2, d/2] (PEER-pytorch) */
+	uint32_t ks = moe_desc_pk_sub_top_k(d), kph = d->pk_keys_per_head;
+	size_t kstride = kph ? 2 * (size_t)h2 : (size_t)h2,
+	       khalf = kph ? (size_t)h2 : (size_t)R * h2;
 	float *Qbn = NULL, *qbbn = NULL;
 	if (d->pk_query_bn) { /* the query BatchNorm, folded as the CPU packing folds it */
 		size_t nq = (size_t)d->pk_heads * dq;
@@ -885,9 +889,9 @@ static int route_product_key(struct fwd *f)
 	}
 	float *q = xcalloc(dq, sizeof *q), *sa = xcalloc(R, sizeof *sa),
 	      *sb = xcalloc(R, sizeof *sb);
-	float *cv = xcalloc((size_t)k * k, sizeof *cv), *g = xcalloc(k, sizeof *g);
-	uint64_t *ck = xcalloc((size_t)k * k, sizeof *ck);
-	uint32_t *ia = xcalloc(k, sizeof *ia), *ib = xcalloc(k, sizeof *ib);
+	float *cv = xcalloc((size_t)ks * ks, sizeof *cv), *g = xcalloc(k, sizeof *g);
+	uint64_t *ck = xcalloc((size_t)ks * ks, sizeof *ck);
+	uint32_t *ia = xcalloc(ks, sizeof *ia), *ib = xcalloc(ks, sizeof *ib);
 	uint32_t *ic = xcalloc(k, sizeof *ic);
 	int ok = q && sa && sb && cv && g && ck && ia && ib && ic;
 	for (size_t t = 0; ok && t < f->T; t++) {
@@ -897,22 +901,26 @@ static int route_product_key(struct fwd *f)
 				size_t row = (size_t)hd * dq + i;
 				q[i] = dot_f32(Q + row * H, x, H) + qb[row];
 			}
+			const float *K1 = keys + (kph ? (size_t)hd * R * 2 * h2 : 0);
 			for (uint32_t i = 0; i < R; i++) {
-				sa[i] = dot_f32(q, K1 + (size_t)i * h2, h2);
-				sb[i] = dot_f32(q + h2, K2 + (size_t)i * h2, h2);
+				sa[i] = dot_f32(q, K1 + (size_t)i * kstride, h2);
+				sb[i] = dot_f32(q + h2, K1 + khalf + (size_t)i * kstride, h2);
 			}
-			ok = topk(sa, NULL, R, k, ia) && topk(sb, NULL, R, k, ib);
-			for (uint32_t i = 0; ok && i < k; i++)
-				for (uint32_t j = 0; j < k; j++) {
-					cv[i * k + j] = sa[ia[i]] + sb[ib[j]];
-					ck[i * k + j] = (uint64_t)ia[i] * R + ib[j];
+			ok = topk(sa, NULL, R, ks, ia) && topk(sb, NULL, R, ks, ib);
+			for (uint32_t i = 0; ok && i < ks; i++)
+				for (uint32_t j = 0; j < ks; j++) {
+					cv[i * ks + j] = sa[ia[i]] + sb[ib[j]];
+					ck[i * ks + j] = (uint64_t)ia[i] * R + ib[j];
 				}
-			ok = ok && topk(cv, ck, k * k, k, ic);
+			ok = ok && topk(cv, ck, ks * ks, k, ic);
 			if (!ok)
 				break;
 			for (uint32_t j = 0; j < k; j++)
 				g[j] = cv[ic[j]];
-			if (d->pk_score == MOE_SCORE_SIGMOID)
+			if (d->pk_score_relu) /* non-competing (PEER-pytorch) */
+				for (uint32_t j = 0; j < k; j++)
+					g[j] = g[j] > 0.0f ? g[j] : 0.0f;
+			else if (d->pk_score == MOE_SCORE_SIGMOID)
 				score_vec(MOE_SCORE_SIGMOID, g, g, k);
 			else
 				score_vec(MOE_SCORE_SOFTMAX, g, g, k);
@@ -1034,8 +1042,11 @@ static int check_desc(struct fwd *f)
 		uint32_t R = d->pk_sub_keys;
 		if (R == 0 || d->pk_heads == 0 || d->pk_query_dim < 2 || d->pk_query_dim % 2)
 			BAD("product_key sub_keys, heads and an even query_dim are required");
-		if (d->pk_top_k == 0 || d->pk_top_k > R)
-			BAD("product_key top_k (%u) must be in 1..sub_keys (%u)", d->pk_top_k, R);
+		uint32_t ks = moe_desc_pk_sub_top_k(d);
+		if (d->pk_top_k == 0 || ks > R || (uint64_t)d->pk_top_k > (uint64_t)ks * ks)
+			BAD("product_key top_k (%u) must be in 1..sub_top_k^2 (sub_top_k %u, at "
+			    "most sub_keys %u)",
+			    d->pk_top_k, ks, R);
 		if ((uint64_t)R * R != E)
 			BAD("product_key sub_keys^2 (%llu) must equal n_experts (%u)",
 			    (unsigned long long)R * R, E);
