@@ -91,16 +91,19 @@ static int cmp_scored(const void *pa, const void *pb)
 static void test_ec_hand(void **state)
 {
 	(void)state;
+	/* factor fn / fd; the last three land on an integer that the f32 factor
+	 * (0.300000012, 1.10000002, 0.100000001) would round past */
 	static const struct {
 		size_t T;
 		uint32_t E;
-		float f;
-	} cases[] = {{5, 3, 1.0f}, {6, 4, 0.5f}, {3, 2, 4.0f}, {9, 4, 2.0f}};
+		uint32_t fn, fd;
+	} cases[] = {{5, 3, 1, 1},   {6, 4, 1, 2},    {3, 2, 4, 1},  {9, 4, 2, 1},
+		     {20, 2, 3, 10}, {30, 3, 11, 10}, {10, 1, 1, 10}};
 	for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
 		size_t T = cases[c].T, H = 16;
 		uint32_t E = cases[c].E;
 		struct moe_desc d;
-		ec_desc(&d, (uint32_t)H, E, 8, cases[c].f);
+		ec_desc(&d, (uint32_t)H, E, 8, (float)cases[c].fn / (float)cases[c].fd);
 		d.scale = 2.0f;
 		struct h_model m;
 		char err[2048];
@@ -113,16 +116,18 @@ static void test_ec_hand(void **state)
 		struct moe_ref_weights w;
 		assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
 		moe_ref_weights_random(&d, 11 + c, layer, &w);
-		float x[9 * 16], y[9 * 16], wt[9 * 4], imp[4];
-		int32_t ids[9 * 4];
+		float x[30 * 16], y[30 * 16], wt[30 * 4], imp[4];
+		int32_t ids[30 * 4];
 		int64_t cnt[4];
 		h_fill_input(x, T * H, 50 + c);
 		struct moe_routing rt = {ids, wt, cnt, imp, 0, 0, 0, 0};
 		assert_int_equal(m.forward(mm, layer, x, y, T, &rt, NULL), MOE_OK);
-		size_t C = (size_t)ceil((double)T * cases[c].f / E);
+		/* C = ceil(T * fn / (fd * E)) in integers */
+		size_t C =
+		    (T * cases[c].fn + (size_t)cases[c].fd * E - 1) / ((size_t)cases[c].fd * E);
 		if (C > T)
 			C = T;
-		double S[9][4];
+		double S[30][4];
 		for (size_t t = 0; t < T; t++) {
 			double l[4], mx = -INFINITY, sum = 0;
 			for (uint32_t e = 0; e < E; e++) {
@@ -139,11 +144,11 @@ static void test_ec_hand(void **state)
 		}
 		double imp_sum = 0;
 		for (uint32_t e = 0; e < E; e++) {
-			struct scored col[9];
+			struct scored col[30];
 			for (size_t t = 0; t < T; t++)
 				col[t] = (struct scored){S[t][e], t};
 			qsort(col, T, sizeof *col, cmp_scored);
-			int chosen[9] = {0};
+			int chosen[30] = {0};
 			for (size_t i = 0; i < C; i++)
 				chosen[col[i].t] = 1;
 			for (size_t t = 0; t < T; t++) {

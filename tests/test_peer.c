@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "harness.h"
 #include "safetensors.h"
@@ -32,6 +33,7 @@ static void peer_desc(struct moe_desc *d, uint32_t H, uint32_t R, uint32_t heads
 	d->pk_query_dim = dq;
 	d->pk_score = MOE_SCORE_SOFTMAX;
 	d->pk_query_bn = 1;
+	d->pk_bn_eps = 1e-5f;
 }
 
 static void test_peer_vs_ref(void **state)
@@ -58,6 +60,16 @@ static void test_peer_vs_ref(void **state)
 		d.weight_dtype = cs[i].wt;
 		d.scale = cs[i].scale;
 		h_compare(&d, 37, 1 + i % 3, 300 + i, NULL, NULL);
+		/* PEER-pytorch's variants: keys per head, ReLU scores, a
+		 * product-key top-k above and below the final one */
+		d.pk_keys_per_head = 1;
+		h_compare(&d, 37, 1 + i % 3, 310 + i, NULL, NULL);
+		d.pk_score_relu = 1;
+		d.pk_sub_top_k = cs[i].k + 3 < cs[i].R ? cs[i].k + 3 : cs[i].R;
+		h_compare(&d, 29, 2, 320 + i, NULL, NULL);
+		d.pk_keys_per_head = 0;
+		d.pk_sub_top_k = cs[i].k > 4 ? cs[i].k - 2 : cs[i].k;
+		h_compare(&d, 29, 1, 330 + i, NULL, NULL);
 	}
 }
 
@@ -72,12 +84,15 @@ static float dot_asc(const float *a, const float *b, uint32_t n)
 /* Product keys are exact: the generated selection equals the top-k of all
  * N = R^2 key scores q1.c_i + q2.c'_j, found here by exhaustive search (ties
  * to the lower index), and the weights are the softmax of those k scores. */
-static void test_peer_exhaustive(void **state)
+static void peer_exhaustive(int variant)
 {
-	(void)state;
 	enum { H = 32, R = 16, HEADS = 3, K = 5, DQ = 12, T = 23, N = R * R };
 	struct moe_desc d;
 	peer_desc(&d, H, R, HEADS, K, DQ);
+	/* PEER-pytorch's layout and scores: keys [heads, R, 2, d/2], relu of
+	 * the sums; sub_top_k R keeps every candidate, so still exhaustive */
+	d.pk_keys_per_head = d.pk_score_relu = (uint8_t)variant;
+	d.pk_sub_top_k = variant ? R : 0;
 	struct h_model m;
 	char err[1024];
 	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -93,17 +108,33 @@ static void test_peer_exhaustive(void **state)
 	struct moe_routing rt = {.expert_ids = ids, .weights = wt};
 	assert_int_equal(m.forward(mm, 1, x, y, T, &rt, NULL), MOE_OK);
 	const float *Q = w.w[MOE_ROLE_PK_QUERY], *qb = w.w[MOE_ROLE_PK_QUERY_BIAS];
-	const float *K1 = w.w[MOE_ROLE_PK_KEYS], *K2 = K1 + R * DQ / 2;
+	const float *keys = w.w[MOE_ROLE_PK_KEYS];
+	const float *bw = w.w[MOE_ROLE_PK_BN_WEIGHT], *bb = w.w[MOE_ROLE_PK_BN_BIAS];
+	const float *bm = w.w[MOE_ROLE_PK_BN_MEAN], *bv = w.w[MOE_ROLE_PK_BN_VAR];
 	size_t checked = 0;
 	for (int t = 0; t < T; t++)
 		for (int hd = 0; hd < HEADS; hd++) {
 			float q[DQ], s[N];
-			for (int i = 0; i < DQ; i++)
-				q[i] = dot_asc(Q + (size_t)(hd * DQ + i) * H, x + t * H, H) +
-				       qb[hd * DQ + i];
-			for (int e = 0; e < N; e++)
-				s[e] = dot_asc(q, K1 + (e / R) * DQ / 2, DQ / 2) +
-				       dot_asc(q + DQ / 2, K2 + (e % R) * DQ / 2, DQ / 2);
+			/* the query, then its BatchNorm applied as written (not folded) */
+			for (int i = 0; i < DQ; i++) {
+				int c = hd * DQ + i;
+				double v = (double)dot_asc(Q + (size_t)c * H, x + t * H, H) + qb[c];
+				v = (v - bm[c]) / sqrt((double)bv[c] + (double)d.pk_bn_eps) *
+					bw[c] +
+				    bb[c];
+				q[i] = (float)v;
+			}
+			const float *k1, *k2;
+			for (int e = 0; e < N; e++) {
+				if (variant) {
+					k1 = keys + ((size_t)(hd * R + e / R) * 2) * DQ / 2;
+					k2 = keys + ((size_t)(hd * R + e % R) * 2 + 1) * DQ / 2;
+				} else {
+					k1 = keys + (size_t)(e / R) * DQ / 2;
+					k2 = keys + (size_t)(R + e % R) * DQ / 2;
+				}
+				s[e] = dot_asc(q, k1, DQ / 2) + dot_asc(q + DQ / 2, k2, DQ / 2);
+			}
 			int best[K];
 			for (int j = 0; j < K; j++) {
 				int b = -1;
@@ -122,7 +153,8 @@ static void test_peer_exhaustive(void **state)
 			for (int j = 0; j < K; j++) {
 				size_t slot = (size_t)t * HEADS * K + (size_t)hd * K + (size_t)j;
 				assert_int_equal(ids[slot], best[j]);
-				double want = exp((double)s[best[j]] - mx) / sum;
+				double want = variant ? fmax((double)s[best[j]], 0.0)
+						      : exp((double)s[best[j]] - mx) / sum;
 				assert_true(fabs(wt[slot] - want) <= 1e-6);
 				checked++;
 			}
@@ -131,6 +163,88 @@ static void test_peer_exhaustive(void **state)
 	moe_ref_weights_free(&w);
 	m.destroy(mm);
 	h_model_close(&m);
+}
+
+static void test_peer_exhaustive(void **state)
+{
+	(void)state;
+	peer_exhaustive(0);
+	peer_exhaustive(1);
+}
+
+/* The query BatchNorm read from a checkpoint as four roles loads to what
+ * moe_init_random gives; a variance with var + eps <= 0 is refused at load
+ * by name, by the generated model and by the reference alike. */
+static void test_peer_bn_load(void **state)
+{
+	(void)state;
+	enum { H = 24, R = 6, HEADS = 2, K = 3, DQ = 8, Q = HEADS * DQ, T = 11 };
+	struct moe_desc d;
+	peer_desc(&d, H, R, HEADS, K, DQ);
+	d.n_layers = 1;
+	d.n_moe_layers = 1;
+	d.pk_bn_eps = 1e-3f;
+	static const enum moe_role roles[] = {
+	    MOE_ROLE_PK_QUERY,   MOE_ROLE_PK_QUERY_BIAS, MOE_ROLE_PK_KEYS,
+	    MOE_ROLE_NEURON_U,   MOE_ROLE_NEURON_V,      MOE_ROLE_PK_BN_WEIGHT,
+	    MOE_ROLE_PK_BN_BIAS, MOE_ROLE_PK_BN_MEAN,    MOE_ROLE_PK_BN_VAR,
+	};
+	enum { NR = sizeof roles / sizeof *roles };
+	for (int i = 0; i < NR; i++)
+		snprintf(d.names[roles[i]], MOE_NAME_MAX, "p.{layer}.%s", moe_role_names[roles[i]]);
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+	moe_ref_weights_random(&d, 5, 0, &w);
+	struct moe_st_tensor ts[NR];
+	char names[NR][64];
+	for (int i = 0; i < NR; i++) {
+		uint64_t rows, cols;
+		assert_true(moe_desc_role_shape(&d, roles[i], &rows, &cols, NULL));
+		snprintf(names[i], sizeof names[i], "p.0.%s", moe_role_names[roles[i]]);
+		int vec = rows == 1 && roles[i] != MOE_ROLE_PK_KEYS;
+		ts[i] = (struct moe_st_tensor){.name = names[i],
+					       .dtype = MOE_ST_F32,
+					       .ndim = vec ? 1 : 2,
+					       .shape = {vec ? cols : rows, cols},
+					       .data = w.w[roles[i]]};
+	}
+	char path[300], err[1024];
+	snprintf(path, sizeof path, "%s/peer.safetensors", h_tmpdir);
+	assert_int_equal(moe_st_write(path, ts, NR, err, sizeof err), MOE_OK);
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *a, *b;
+	assert_int_equal(m.create(&a, NULL), MOE_OK);
+	assert_int_equal(m.create(&b, NULL), MOE_OK);
+	assert_int_equal(m.init_random(a, 5), MOE_OK);
+	const char *files[] = {path};
+	enum moe_status st = m.load(b, files, 1);
+	if (st)
+		fprintf(stderr, "load: %s\n", m.last_error());
+	assert_int_equal(st, MOE_OK);
+	float x[T * H], ya[T * H], yb[T * H], yr[T * H];
+	h_fill_input(x, T * H, 8);
+	assert_int_equal(m.forward(a, 0, x, ya, T, NULL, NULL), MOE_OK);
+	assert_int_equal(m.forward(b, 0, x, yb, T, NULL, NULL), MOE_OK);
+	assert_memory_equal(ya, yb, sizeof ya);
+	assert_int_equal(moe_ref_forward(&d, &w, x, yr, T, NULL, NULL, err, sizeof err), MOE_OK);
+	double md = 0, my = 0;
+	for (int i = 0; i < T * H; i++)
+		md = fmax(md, fabs((double)ya[i] - yr[i])), my = fmax(my, fabs((double)yr[i]));
+	assert_true(my > 0 && md <= H_TOL * my);
+	/* a variance of -eps: no BatchNorm can divide by sqrt(0) */
+	w.w[MOE_ROLE_PK_BN_VAR][Q - 3] = -1e-3f;
+	assert_int_equal(moe_st_write(path, ts, NR, err, sizeof err), MOE_OK);
+	assert_int_not_equal(m.load(b, files, 1), MOE_OK);
+	assert_non_null(strstr(m.last_error(), "pk_bn_var[13]"));
+	err[0] = 0;
+	assert_int_not_equal(moe_ref_forward(&d, &w, x, yr, T, NULL, NULL, err, sizeof err),
+			     MOE_OK);
+	assert_non_null(strstr(err, "pk_bn_var[13]"));
+	m.destroy(a), m.destroy(b);
+	h_model_close(&m);
+	unlink(path);
+	moe_ref_weights_free(&w);
 }
 
 /* What is not generated is refused with a message naming it. */
@@ -143,7 +257,7 @@ static void test_peer_refusals(void **state)
 	peer_desc(&d, 16, 80, 1, 65, 4);
 	err[0] = 0;
 	assert_int_not_equal(h_model_open(&d, &m, err, sizeof err), 0);
-	assert_non_null(strstr(err, "top_k > 64"));
+	assert_non_null(strstr(err, "sub_top_k > 64"));
 	peer_desc(&d, 16, 8, 1, 2, 4);
 	d.weight_dtype = MOE_DTYPE_F16;
 	err[0] = 0;
@@ -168,6 +282,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_peer_vs_ref),
 	    cmocka_unit_test(test_peer_exhaustive),
+	    cmocka_unit_test(test_peer_bn_load),
 	    cmocka_unit_test(test_peer_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);

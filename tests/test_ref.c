@@ -928,6 +928,50 @@ static void test_capacity(void **state)
 	moe_ref_weights_free(&w);
 }
 
+/* moe_desc_scaled_count against exact rational arithmetic: factors written as
+ * decimals fn / 10^fe, counts ceil (and floor) of num * fn / (den * 10^fe) in
+ * integers, over a grid where the f32 value of the factor rounds the ceiling
+ * up or the floor down (T = 20, E = 2, f = 0.3: 3, where the f32 gives 4). */
+static void test_capacity_exact(void **state)
+{
+	(void)state;
+	static const struct {
+		const char *s;
+		uint64_t fn, fd;
+	} fs[] = {{"0.1", 1, 10},        {"0.3", 3, 10},
+		  {"1.1", 11, 10},       {"0.7", 7, 10},
+		  {"1.3", 13, 10},       {"2.2", 22, 10},
+		  {"0.15", 15, 100},     {"1.25", 125, 100},
+		  {"0.001", 1, 1000},    {"3", 3, 1},
+		  {"12.5", 125, 10},     {"1e-7", 1, 10000000},
+		  {"250000", 250000, 1}, {"0.333333", 333333, 1000000}};
+	int up = 0, down = 0;
+	for (size_t i = 0; i < sizeof fs / sizeof *fs; i++) {
+		float f = strtof(fs[i].s, NULL);
+		for (uint64_t num = 1; num <= 300; num++)
+			for (uint64_t den = 1; den <= 64; den++) {
+				uint64_t q = den * fs[i].fd, n = num * fs[i].fn;
+				uint64_t c = (n + q - 1) / q, fl = n / q;
+				assert_true(moe_desc_scaled_count(f, num, den, 0) == c);
+				assert_true(moe_desc_scaled_count(f, num, den, 1) == fl);
+				double v = (double)num * (double)f / (double)den;
+				up += ceil(v) != (double)c;
+				down += floor(v) != (double)fl;
+			}
+	}
+	/* the grid holds cases that the f32 arithmetic gets wrong */
+	assert_true(up > 0 && down > 0);
+	assert_true(moe_desc_scaled_count(strtof("0.3", NULL), 20, 2, 0) == 3);
+	/* past 2^64, non-positive and tiny factors */
+	assert_true(moe_desc_scaled_count(1e6f, UINT64_MAX, 1, 0) == UINT64_MAX);
+	assert_true(moe_desc_scaled_count(3e38f, 2, 1, 1) == UINT64_MAX);
+	assert_true(moe_desc_scaled_count(0.0f, 5, 1, 0) == 0);
+	assert_true(moe_desc_scaled_count(-1.0f, 5, 1, 0) == 0);
+	assert_true(moe_desc_scaled_count(1e-30f, UINT64_MAX, 1, 0) == 1);
+	assert_true(moe_desc_scaled_count(1e-30f, UINT64_MAX, 1, 1) == 0);
+	assert_true(moe_desc_scaled_count(1e-9f, 3000000000u, 1, 1) == 3);
+}
+
 /* k = 2: rank 0 of every token is placed before rank 1 of any token. */
 static void test_capacity_rank_order(void **state)
 {
@@ -2220,6 +2264,7 @@ int main(void)
 	    cmocka_unit_test(test_sqrtsoftplus),
 	    cmocka_unit_test(test_expert_kinds),
 	    cmocka_unit_test(test_capacity),
+	    cmocka_unit_test(test_capacity_exact),
 	    cmocka_unit_test(test_capacity_rank_order),
 	    cmocka_unit_test(test_expert_choice),
 	    cmocka_unit_test(test_soft),

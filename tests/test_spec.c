@@ -404,6 +404,20 @@ static void good_hierarchical(const struct moe_desc *d)
 	assert_int_equal(d->noise, MOE_NOISE_LEARNED_GAUSSIAN);
 }
 
+static void good_peer_pytorch(const struct moe_desc *d)
+{
+	uint64_t rows, cols;
+	assert_int_equal(d->pk_keys_per_head, 1);
+	assert_int_equal(d->pk_score_relu, 1);
+	assert_int_equal(d->pk_sub_top_k, 8);
+	assert_int_equal(moe_desc_pk_sub_top_k(d), 8);
+	assert_int_equal(d->top_k, 4 * 16);
+	assert_int_equal(d->pk_query_bn, 0);
+	assert_true(moe_desc_role_shape(d, MOE_ROLE_PK_KEYS, &rows, &cols, NULL));
+	assert_int_equal(rows, 4 * 64 * 2);
+	assert_int_equal(cols, 128);
+}
+
 static void good_peer(const struct moe_desc *d)
 {
 	assert_int_equal(d->mode, MOE_MODE_PRODUCT_KEY);
@@ -415,6 +429,12 @@ static void good_peer(const struct moe_desc *d)
 	assert_int_equal(d->pk_query_dim, 256);
 	assert_int_equal(d->pk_score, MOE_SCORE_SIGMOID);
 	assert_int_equal(d->pk_query_bn, 1);
+	assert_true(d->pk_bn_eps == 0.001f);
+	assert_int_equal(d->pk_keys_per_head, 0);
+	assert_int_equal(d->pk_score_relu, 0);
+	assert_int_equal(moe_desc_pk_sub_top_k(d), 16);
+	assert_string_equal(d->names[MOE_ROLE_PK_BN_VAR],
+			    "layers.{layer}.peer.query_bn.running_var");
 	assert_int_equal(d->top_k, 8 * 16);
 	assert_int_equal(d->act, MOE_ACT_GELU);
 	assert_int_equal(d->n_moe_layers, 1);
@@ -597,6 +617,7 @@ static const struct {
     {"minimal.yaml", good_minimal},
     {"mixtral.yaml", good_mixtral},
     {"nllb-capacity.yaml", good_nllb_capacity},
+    {"peer-pytorch.yaml", good_peer_pytorch},
     {"peer.yaml", good_peer},
     {"phimoe.yaml", good_phimoe},
     {"qwen2-moe.yaml", good_qwen2},

@@ -32,7 +32,9 @@ static void gen_pk_route(struct moe_ll *g)
 	int64_t H = d->hidden, R = d->pk_sub_keys, k = d->pk_top_k, heads = d->pk_heads;
 	int64_t dq = d->pk_query_dim, h2 = dq / 2, W = heads * k;
 	int64_t QB = moe_router_blocks((uint32_t)(heads * dq)), U = key_unroll((uint32_t)R);
-	int64_t KB = moe_pk_key_blocks((uint32_t)R);
+	int64_t KB = moe_pk_key_blocks((uint32_t)R), ks = moe_desc_pk_sub_top_k(d);
+	/* one key set of [2][KB][d/2][8] panels, or one per head */
+	int64_t kset = d->pk_keys_per_head ? 2 * KB * h2 * 8 : 0;
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
 	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P, P, P};
 	static const char *const pn[R_COUNT] = {"x",     "t0",   "t1",  "query",
@@ -41,13 +43,13 @@ static void gen_pk_route(struct moe_ll *g)
 	LLVMValueRef qs = moe_ll_alloca(g, g->t_f32, (uint64_t)(PK_TB * QB * 8), "q");
 	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sa"),
 			       moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sb")};
-	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ia"),
-			       moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ib")};
-	LLVMValueRef cv = moe_ll_alloca(g, g->t_f32, (uint64_t)(k * k), "cv");
-	LLVMValueRef ck = moe_ll_alloca(g, g->t_i64, (uint64_t)(k * k), "ck");
+	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ia"),
+			       moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ib")};
+	LLVMValueRef cv = moe_ll_alloca(g, g->t_f32, (uint64_t)(ks * ks), "cv");
+	LLVMValueRef ck = moe_ll_alloca(g, g->t_i64, (uint64_t)(ks * ks), "ck");
 	LLVMValueRef ic = moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ic");
 	LLVMValueRef gs = moe_ll_alloca(g, g->t_f32, (uint64_t)k, "g");
-	LLVMValueRef kk = moe_ll_i64c(g, k), acc[MOE_LL_TILE_MAX];
+	LLVMValueRef kk = moe_ll_i64c(g, k), kks = moe_ll_i64c(g, ks), acc[MOE_LL_TILE_MAX];
 
 	struct moe_ll_loop tb, qb, j, hd, kb, i, c;
 	moe_ll_loop_open(g, &tb, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), PK_TB, "tb");
@@ -83,8 +85,11 @@ static void gen_pk_route(struct moe_ll *g)
 				      LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, dq), ""), ""));
 	for (int half = 0; half < 2; half++) {
 		/* sub-key scores: the half query against U key blocks per pass */
-		LLVMValueRef kbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS),
-					       moe_ll_i64c(g, half * KB * h2 * 8));
+		LLVMValueRef koff = moe_ll_i64c(g, half * KB * h2 * 8);
+		if (kset) /* the head's own key set */
+			koff = LLVMBuildNSWAdd(
+			    b, LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, kset), ""), koff, "");
+		LLVMValueRef kbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS), koff);
 		LLVMValueRef qx = moe_ll_at(g, g->t_f32, qh, moe_ll_i64c(g, half * h2));
 		moe_ll_loop_open(g, &kb, moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), U, "kb");
 		moe_ll_panel_tile(g, &qx, 1, kbase, kb.iv, (int)U, h2, acc);
@@ -94,26 +99,35 @@ static void gen_pk_route(struct moe_ll *g)
 				  moe_ll_at(g, g->t_f32, sab[half],
 					    LLVMBuildNSWAdd(b, k8, moe_ll_i64c(g, u * 8), "")));
 		moe_ll_loop_close(g, &kb);
-		moe_ll_topk(g, sab[half], NULL, 1, NULL, moe_ll_i64c(g, R), kk, iab[half]);
+		moe_ll_topk(g, sab[half], NULL, 1, NULL, moe_ll_i64c(g, R), kks, iab[half]);
 	}
-	/* the k * k candidates: score sums and expert indices i * R + j */
-	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), kk, 1, "ca");
+	/* the ks * ks candidates: score sums and expert indices i * R + j */
+	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), kks, 1, "ca");
 	LLVMValueRef ia = moe_ll_ldi(g, iab[0], i.iv), sa = moe_ll_ldf(g, sab[0], ia);
-	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "cb");
+	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kks, 1, "cb");
 	LLVMValueRef ib = moe_ll_ldi(g, iab[1], c.iv);
-	LLVMValueRef ci = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, kk, ""), c.iv, "");
+	LLVMValueRef ci = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, kks, ""), c.iv, "");
 	moe_ll_stf(g, LLVMBuildFAdd(b, sa, moe_ll_ldf(g, sab[1], ib), ""), cv, ci);
 	moe_ll_st(g, LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, ia, moe_ll_i64c(g, R), ""), ib, ""),
 		  moe_ll_at(g, g->t_i64, ck, ci));
 	moe_ll_loop_close(g, &c);
 	moe_ll_loop_close(g, &i);
-	moe_ll_topk(g, cv, NULL, 1, ck, moe_ll_i64c(g, k * k), kk, ic);
+	moe_ll_topk(g, cv, NULL, 1, ck, moe_ll_i64c(g, ks * ks), kk, ic);
 	/* scores of the k retrieved sums */
 	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "gather");
 	moe_ll_stf(g, moe_ll_ldf(g, cv, moe_ll_ldi(g, ic, c.iv)), gs, c.iv);
 	moe_ll_loop_close(g, &c);
-	moe_ll_scores(g, d->pk_score == MOE_SCORE_SIGMOID ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX,
-		      gs, gs, moe_ll_i64c(g, 0), (uint32_t)k);
+	if (d->pk_score_relu) { /* non-competing scores (PEER-pytorch): max(s, 0) */
+		moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "relu");
+		LLVMValueRef s = moe_ll_ldf(g, gs, c.iv);
+		LLVMValueRef pos = LLVMBuildFCmp(b, LLVMRealOGT, s, moe_ll_f32c(g, 0.0f), "");
+		moe_ll_stf(g, LLVMBuildSelect(b, pos, s, moe_ll_f32c(g, 0.0f), ""), gs, c.iv);
+		moe_ll_loop_close(g, &c);
+	} else {
+		moe_ll_scores(
+		    g, d->pk_score == MOE_SCORE_SIGMOID ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX, gs,
+		    gs, moe_ll_i64c(g, 0), (uint32_t)k);
+	}
 	LLVMValueRef wrow = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t, moe_ll_i64c(g, W), ""),
 					    LLVMBuildNSWMul(b, hd.iv, kk, ""), "");
 	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "out");

@@ -119,6 +119,9 @@
 	X(PK_D, "product_key.query_dim")                                                           \
 	X(PK_SCORE, "product_key.score")                                                           \
 	X(PK_BN, "product_key.query_bn")                                                           \
+	X(PK_BN_EPS, "product_key.query_bn_eps")                                                   \
+	X(PK_KPH, "product_key.keys_per_head")                                                     \
+	X(PK_SUBK, "product_key.sub_top_k")                                                        \
 	X(SM, "sparsemixer")                                                                       \
 	X(SM_EPS, "sparsemixer.eps")                                                               \
 	X(WEIGHTS, "weights")                                                                      \
@@ -202,7 +205,7 @@ static const char *const kind2_names[] = {"glu", "mlp"};
 static const char *const attn_kind_names[] = {"mha", "mla"};
 static const char *const act_dtype_names[] = {"f32", "bf16"};
 static const char *const router_dtype_names[] = {"f32"};
-static const char *const pk_score_names[] = {"softmax", "sigmoid"};
+static const char *const pk_score_names[] = {"softmax", "sigmoid", "relu"};
 static const char *const format_names[] = {"safetensors"};
 static const char *const fuse_names[] = {"concat", "interleave"};
 static const char *const rounding_names[] = {"ceil", "floor"};
@@ -303,6 +306,8 @@ static const struct field pk_fields[] = {
     UINT_(PK_R, 1, MAX_SUB_KEYS, REQ),    UINT_(PK_HEADS, 1, 1024, 0),
     UINT_(PK_TOPK, 1, MAX_SUB_KEYS, REQ), UINT_(PK_D, 2, MAX_DIM, REQ),
     ENUM_(PK_SCORE, pk_score_names, 0),   BOOL_(PK_BN),
+    FLOAT_(PK_BN_EPS, 0, 1, 0),           BOOL_(PK_KPH),
+    UINT_(PK_SUBK, 1, MAX_SUB_KEYS, 0),
 };
 static const struct field sm_fields[] = {FLOAT_(SM_EPS, 0, 1, 0)};
 static const struct field weight_fields[] = {
@@ -1843,7 +1848,20 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 			    (unsigned long long)E);
 			note_at(c, S_E_COUNT);
 		}
-		if (c->ok[S_PK_TOPK] && c->u[S_PK_TOPK] > R) {
+		uint64_t sk = c->ok[S_PK_SUBK] ? c->u[S_PK_SUBK] : 0;
+		if (sk && sk > R) {
+			err(c, c->n[S_PK_SUBK],
+			    "product_key.sub_top_k (%llu) exceeds product_key.sub_keys (%llu)",
+			    (unsigned long long)sk, (unsigned long long)R);
+			note_at(c, S_PK_R);
+		} else if (sk && c->ok[S_PK_TOPK] && c->u[S_PK_TOPK] > sk * sk) {
+			err(c, c->n[S_PK_TOPK],
+			    "product_key.top_k (%llu) exceeds the %llu candidates of sub_top_k "
+			    "(%llu) squared",
+			    (unsigned long long)c->u[S_PK_TOPK], (unsigned long long)(sk * sk),
+			    (unsigned long long)sk);
+			note_at(c, S_PK_SUBK);
+		} else if (!sk && c->ok[S_PK_TOPK] && c->u[S_PK_TOPK] > R) {
 			err(c, c->n[S_PK_TOPK],
 			    "product_key.top_k (%llu) exceeds product_key.sub_keys (%llu)",
 			    (unsigned long long)c->u[S_PK_TOPK], (unsigned long long)R);
@@ -1862,6 +1880,16 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 				  ? MOE_SCORE_SIGMOID
 				  : MOE_SCORE_SOFTMAX;
 		o->pk_query_bn = c->ok[S_PK_BN] ? (uint8_t)c->u[S_PK_BN] : 0;
+		o->pk_score_relu = c->ok[S_PK_SCORE] && !strcmp(c->str[S_PK_SCORE], "relu");
+		o->pk_keys_per_head = c->ok[S_PK_KPH] ? (uint8_t)c->u[S_PK_KPH] : 0;
+		o->pk_sub_top_k = (uint32_t)sk;
+		if (c->n[S_PK_BN_EPS] && !o->pk_query_bn)
+			err(c, c->k[S_PK_BN_EPS],
+			    "product_key.query_bn_eps needs product_key.query_bn: true");
+		/* PyTorch's BatchNorm1d default */
+		o->pk_bn_eps = !o->pk_query_bn      ? 0.0f
+			       : c->ok[S_PK_BN_EPS] ? (float)c->f[S_PK_BN_EPS]
+						    : 1e-5f;
 		o->top_k = o->pk_heads * o->pk_top_k;
 	}
 }

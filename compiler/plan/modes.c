@@ -177,18 +177,21 @@ static int check_product_key(const struct moe_desc *d, enum moe_target t, struct
 	int bad = 0;
 	const char *tn = moe_target_names[t];
 	uint32_t R = d->pk_sub_keys, k = d->pk_top_k, dq = d->pk_query_dim;
+	uint32_t ks = moe_desc_pk_sub_top_k(d);
 	uint64_t Q = (uint64_t)d->pk_heads * dq;
 	if (d->kind != MOE_KIND_SINGLE_NEURON || R == 0 || d->pk_heads == 0 || dq < 2 || dq % 2 ||
-	    k == 0 || k > R || (uint64_t)R * R != d->n_experts ||
+	    k == 0 || ks > R || (uint64_t)k > (uint64_t)ks * ks ||
+	    (uint64_t)R * R != d->n_experts ||
 	    (d->pk_score != MOE_SCORE_SOFTMAX && d->pk_score != MOE_SCORE_SIGMOID)) {
 		REFUSE("invalid product_key (kind %s, sub_keys %u, heads %u, top_k %u, query_dim "
 		       "%u, %u experts)",
 		       moe_kind_names[d->kind], R, d->pk_heads, k, dq, d->n_experts);
 		return bad;
 	}
-	if (k > MOE_PK_MAX_TOP_K || R > MOE_PK_MAX_SUB_KEYS || Q > MOE_PK_MAX_QUERY ||
-	    d->hidden > MOE_PK_MAX_HIDDEN)
-		REFUSE("product_key with top_k > %d, sub_keys > %d, heads * query_dim > %d or "
+	if (k > MOE_PK_MAX_TOP_K || ks > MOE_PK_MAX_TOP_K || R > MOE_PK_MAX_SUB_KEYS ||
+	    Q > MOE_PK_MAX_QUERY || d->hidden > MOE_PK_MAX_HIDDEN)
+		REFUSE("product_key with top_k or sub_top_k > %d, sub_keys > %d, heads * query_dim "
+		       "> %d or "
 		       "hidden > %d is not generated for target %s yet",
 		       MOE_PK_MAX_TOP_K, MOE_PK_MAX_SUB_KEYS, MOE_PK_MAX_QUERY, MOE_PK_MAX_HIDDEN,
 		       tn);

@@ -132,6 +132,11 @@ uint64_t moe_desc_pk_experts(const struct moe_desc *d)
 	return (uint64_t)d->pk_sub_keys * d->pk_sub_keys;
 }
 
+uint32_t moe_desc_pk_sub_top_k(const struct moe_desc *d)
+{
+	return d->pk_sub_top_k ? d->pk_sub_top_k : d->pk_top_k;
+}
+
 static int is_gated(enum moe_kind k)
 {
 	return k == MOE_KIND_GLU;
@@ -225,7 +230,8 @@ int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *row
 		break;
 	case MOE_ROLE_PK_KEYS:
 		if (d->mode == MOE_MODE_PRODUCT_KEY)
-			R = 2ull * d->pk_sub_keys, C = d->pk_query_dim / 2;
+			R = 2ull * d->pk_sub_keys * (d->pk_keys_per_head ? d->pk_heads : 1),
+			C = d->pk_query_dim / 2;
 		break;
 	case MOE_ROLE_NEURON_U:
 	case MOE_ROLE_NEURON_V:
@@ -235,6 +241,13 @@ int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *row
 	case MOE_ROLE_OUTPUT_BIAS:
 		if (d->output_bias)
 			R = 1, C = H;
+		break;
+	case MOE_ROLE_PK_BN_WEIGHT:
+	case MOE_ROLE_PK_BN_BIAS:
+	case MOE_ROLE_PK_BN_MEAN:
+	case MOE_ROLE_PK_BN_VAR:
+		if (d->mode == MOE_MODE_PRODUCT_KEY && d->pk_query_bn)
+			R = 1, C = (uint64_t)d->pk_heads * d->pk_query_dim;
 		break;
 	default: /* fused on-disk roles have no canonical tensor */
 		break;
@@ -280,6 +293,55 @@ static struct fstr fl(float v)
 			break;
 	}
 	return f;
+}
+
+/* The decimal a description float was written as, m * 10^e with m an integer
+ * (0.3f -> 3 * 10^-1): the shortest digits of fl() read back exactly. */
+static void decimal_parts(float v, uint64_t *m, int *e)
+{
+	char buf[48], *dot, *exp;
+	snprintf(buf, sizeof buf, "%.8e", (double)v);
+	for (int p = 0; p <= 8; p++) {
+		snprintf(buf, sizeof buf, "%.*e", p, (double)v);
+		if (strtof(buf, NULL) == v)
+			break;
+	}
+	/* buf is "d[.ddd]e[+-]xx" */
+	exp = strchr(buf, 'e');
+	*e = (int)strtol(exp + 1, NULL, 10);
+	*exp = 0;
+	uint64_t r = (uint64_t)(buf[0] - '0');
+	dot = strchr(buf, '.');
+	for (char *c = dot ? dot + 1 : exp; dot && *c; c++, (*e)--)
+		r = r * 10 + (uint64_t)(*c - '0');
+	while (r && r % 10 == 0)
+		r /= 10, (*e)++;
+	*m = r;
+}
+
+__extension__ typedef unsigned __int128 moe_u128;
+
+uint64_t moe_desc_scaled_count(float v, uint64_t num, uint64_t den, int round_down)
+{
+	if (!(v > 0.0f) || !isfinite(v) || !num || !den)
+		return 0;
+	uint64_t m;
+	int e;
+	decimal_parts(v, &m, &e);
+	/* num * m / den * 10^e kept as a quotient a and a remainder r over q; m < 10^9 */
+	moe_u128 n = (moe_u128)num * m, q = den, a = n / q, r = n % q;
+	for (; e > 0; e--) { /* times 10 */
+		a = a * 10 + r * 10 / q, r = r * 10 % q;
+		if (a > UINT64_MAX)
+			return UINT64_MAX;
+	}
+	for (; e < 0; e++) { /* over 10 */
+		if (!a)
+			return round_down ? 0 : 1; /* 0 < value < 1, and it only shrinks */
+		r = a % 10 * q + r, a /= 10, q *= 10;
+	}
+	a += !round_down && r != 0;
+	return a > UINT64_MAX ? UINT64_MAX : (uint64_t)a;
 }
 
 size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
@@ -341,6 +403,12 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		    "product_key sub_keys %u heads %u top_k %u query_dim %u score %s query_bn %u\n",
 		    d->pk_sub_keys, d->pk_heads, d->pk_top_k, d->pk_query_dim,
 		    moe_score_names[d->pk_score], d->pk_query_bn);
+	if (d->mode == MOE_MODE_PRODUCT_KEY && d->pk_query_bn)
+		put(&o, "product_key_bn eps %s\n", fl(d->pk_bn_eps).s);
+	if (d->mode == MOE_MODE_PRODUCT_KEY &&
+	    (d->pk_keys_per_head || d->pk_score_relu || d->pk_sub_top_k))
+		put(&o, "product_key_variant keys_per_head %u relu %u sub_top_k %u\n",
+		    d->pk_keys_per_head, d->pk_score_relu, d->pk_sub_top_k);
 	put(&o, "experts %s count %u intermediate %u activation %s", moe_kind_names[d->kind],
 	    d->n_experts, d->intermediate, moe_act_names[d->act]);
 	if (d->act == MOE_ACT_SWIGLU_OAI)
@@ -653,6 +721,12 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		take_u32(l, "query_dim", 0, &d->pk_query_dim);
 		d->pk_score = (enum moe_score)ENUM_("score", moe_score_names, MOE_SCORE_COUNT);
 		take_u8(l, "query_bn", &d->pk_query_bn);
+	} else if (!strcmp(h, "product_key_variant")) {
+		take_u8(l, "keys_per_head", &d->pk_keys_per_head);
+		take_u8(l, "relu", &d->pk_score_relu);
+		take_u32(l, "sub_top_k", 0, &d->pk_sub_top_k);
+	} else if (!strcmp(h, "product_key_bn")) {
+		take_f32(l, "eps", &d->pk_bn_eps);
 	} else if (!strcmp(h, "experts")) {
 		d->kind = (enum moe_kind)ENUM_(NULL, moe_kind_names, MOE_KIND_COUNT);
 		take_u32(l, "count", 0, &d->n_experts);

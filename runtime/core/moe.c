@@ -373,6 +373,10 @@ static int is_vector(enum moe_role r)
 	case MOE_ROLE_PK_QUERY_BIAS:
 	case MOE_ROLE_OUTPUT_BIAS:
 	case MOE_ROLE_SOFT_SCALE:
+	case MOE_ROLE_PK_BN_WEIGHT:
+	case MOE_ROLE_PK_BN_BIAS:
+	case MOE_ROLE_PK_BN_MEAN:
+	case MOE_ROLE_PK_BN_VAR:
 		return 1;
 	default:
 		return 0;

@@ -140,12 +140,16 @@ struct moe_qfmt {
 	X(SHARED_EXPERT_GATE, "shared_expert_gate") /* [1, H] */                                   \
 	X(SOFT_SLOTS, "soft_slots")                 /* [S, H] slot parameters, one row per slot */ \
 	X(SOFT_SCALE, "soft_scale")                 /* [1] learned scale */                        \
-	X(PK_QUERY, "pk_query")                     /* [Q, H] BatchNorm folded in at load */       \
+	X(PK_QUERY, "pk_query")                     /* [Q, H] the query projection */              \
 	X(PK_QUERY_BIAS, "pk_query_bias")           /* [Q] */                                      \
 	X(PK_KEYS, "pk_keys")                       /* [2, R, query_dim/2] the two sub-key sets */ \
 	X(NEURON_U, "neuron_u")                     /* [N, H] single-neuron input vectors */       \
 	X(NEURON_V, "neuron_v")                     /* [N, H] single-neuron output vectors */      \
-	X(OUTPUT_BIAS, "output_bias")               /* [H] added once after combining (JetMoE) */
+	X(OUTPUT_BIAS, "output_bias")               /* [H] added once after combining (JetMoE) */  \
+	X(PK_BN_WEIGHT, "pk_bn_weight")             /* [Q] query BatchNorm (eval): gamma */        \
+	X(PK_BN_BIAS, "pk_bn_bias")                 /* [Q] beta */                                 \
+	X(PK_BN_MEAN, "pk_bn_mean")                 /* [Q] running mean */                         \
+	X(PK_BN_VAR, "pk_bn_var")                   /* [Q] running variance */
 
 #define MOE_ENUM_X_MOE_ROLE_(v, s) MOE_ROLE_##v,
 MOE_DEFINE_ENUM(moe_role, MOE_ROLE_, MOE_ROLES);
@@ -259,10 +263,19 @@ struct moe_desc {
 	char scale_names[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* quantized roles' scale tensors */
 
 	/* appended fields */
-	uint8_t pk_query_bn; /* product_key: the query has a BatchNorm, folded in at load */
+	/* product_key: an eval-mode BatchNorm on the query (roles PK_BN_*), folded
+	 * into the query projection at load (moe_pk_fold_bn) */
+	uint8_t pk_query_bn;
 	/* capacity: the normalization (norm, eps, min) and the scale apply to the
 	 * weights that survive the capacity, after dropping (NLLB) */
 	uint8_t capacity_norm_after_drop;
+	float pk_bn_eps; /* product_key query BatchNorm: (q - mean) / sqrt(var + eps) */
+	/* product_key as PEER-pytorch: a sub-key set per head (PK_KEYS [heads,
+	 * R, 2, d/2]), ReLU scores of the k retrieved sums (non-competing, in
+	 * place of pk_score), and the top-k of each sub-key half (0: pk_top_k) */
+	uint8_t pk_keys_per_head;
+	uint8_t pk_score_relu;
+	uint32_t pk_sub_top_k;
 	/* the FFN matrices kept quantized (kind none: dtype.weights) */
 	struct moe_qfmt qfmt[MOE_QMAT_COUNT];
 };
@@ -303,11 +316,20 @@ int moe_desc_bf16_compute(const struct moe_desc *d);
  * products summed in f32). */
 #define MOE_BF16_COMPUTE_TOL (1.0 / 64.0)
 uint32_t moe_desc_shared_width(const struct moe_desc *d);
+/* ceil(num * v / den), or the floor with round_down, where v is the decimal a
+ * description float was written as (a capacity factor 0.3 is 3/10, not the
+ * f32 0.300000012): exact rational arithmetic, so a product that lands on an
+ * integer is that integer. 0 unless v, num and den are positive; UINT64_MAX
+ * past 2^64. Every capacity (token choice's factor and fraction, expert
+ * choice) is computed with it, in the reference and the runtimes alike. */
+uint64_t moe_desc_scaled_count(float v, uint64_t num, uint64_t den, int round_down);
 /* 1 when any FFN matrix is kept quantized (d->qfmt). */
 int moe_desc_quantized(const struct moe_desc *d);
 /* The matrix set a role belongs to (gate, up, down, shared_*), or -1. */
 int moe_role_qmat(enum moe_role r);
 uint64_t moe_desc_pk_experts(const struct moe_desc *d); /* R * R */
+/* product_key: the top-k taken of each sub-key half (pk_sub_top_k, or pk_top_k) */
+uint32_t moe_desc_pk_sub_top_k(const struct moe_desc *d);
 /* Number of rows and columns of a role's canonical tensor, per expert where the
  * role is per expert (*per_expert set), else for the whole tensor. Returns 0
  * when the role is not used by this description. */

@@ -147,12 +147,12 @@ static void run_route_x(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thr
 	 x->fwd.seed, x->fwd.layer, training, ws->logits, ws->ids, ws->wts, ws->prob, ws->prio);
 }
 
-/* Expert choice: C = ceil(T * factor / E), at most T (the reference's formula);
- * scratch of C per thread. */
+/* Expert choice: C = ceil(T * factor / E) exactly, at most T (the reference's
+ * formula); scratch of C per thread. */
 static enum moe_status begin_ec_select(struct moe_exec *x)
 {
-	double cv = ceil((double)x->T * (double)x->d->ec_capacity_factor / (double)x->d->n_experts);
-	x->ec_C = cv >= (double)x->T ? (int64_t)x->T : (int64_t)cv;
+	uint64_t cv = moe_desc_scaled_count(x->d->ec_capacity_factor, x->T, x->d->n_experts, 0);
+	x->ec_C = cv >= x->T ? (int64_t)x->T : (int64_t)cv;
 	if (x->ec_C < 1)
 		x->ec_C = 1;
 	x->ec_pick =
@@ -182,20 +182,6 @@ static int cmp_prio(const void *pa, const void *pb)
 	return a->t < b->t ? -1 : a->t > b->t;
 }
 
-/* A description float as the decimal it was written as (0.3f -> 0.3), as
- * the reference reads capacity factors and fractions. */
-static double decimal_of(float v)
-{
-	char buf[32];
-	for (int prec = 1; prec <= 9; prec++) {
-		snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
-		double r = strtod(buf, NULL);
-		if ((float)r == v)
-			return r;
-	}
-	return (double)v;
-}
-
 /* Mark the kept slots: those within each expert's capacity C in the
  * priority order (rank outer, tokens inner), like the reference. */
 static enum moe_status begin_capacity(struct moe_exec *x)
@@ -208,14 +194,11 @@ static enum moe_status begin_capacity(struct moe_exec *x)
 	uint64_t C;
 	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
 		C = d->capacity_per_expert;
+	} else if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION) {
+		C = moe_desc_scaled_count(d->capacity_token_fraction, T, 1, 0);
 	} else {
-		double v = d->capacity == MOE_CAPACITY_TOKEN_FRACTION
-			       ? ceil((double)T * decimal_of(d->capacity_token_fraction))
-			       : (double)d->top_k * (double)T * decimal_of(d->capacity_factor) /
-				     (double)d->n_experts;
-		if (d->capacity == MOE_CAPACITY_FACTOR)
-			v = d->capacity_floor ? floor(v) : ceil(v);
-		C = v >= 1.8e19 ? UINT64_MAX : (uint64_t)v;
+		C = moe_desc_scaled_count(d->capacity_factor, (uint64_t)d->top_k * T, d->n_experts,
+					  d->capacity_floor);
 	}
 	if (C < d->capacity_min)
 		C = d->capacity_min;

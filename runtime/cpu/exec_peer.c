@@ -25,18 +25,47 @@ enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights 
 	uint32_t Q = d->pk_heads * d->pk_query_dim, KB = moe_pk_key_blocks(R);
 	size_t N = (size_t)R * R;
 	memset(out, 0, sizeof *out);
-	out->pk_query = moe_pack_router_panels(w->w[MOE_ROLE_PK_QUERY], Q, H);
+	const float *Wq = w->w[MOE_ROLE_PK_QUERY], *bq = w->w[MOE_ROLE_PK_QUERY_BIAS];
+	float *Wbn = NULL, *bbn = NULL;
+	if (d->pk_query_bn) { /* the query BatchNorm folded into the projection */
+		Wbn = malloc((size_t)Q * H * sizeof *Wbn), bbn = malloc(Q * sizeof *bbn);
+		if (!Wbn || !bbn) {
+			free(Wbn), free(bbn);
+			goto nomem;
+		}
+		int64_t bad = moe_pk_fold_bn(d, w, Wbn, bbn);
+		if (bad >= 0) {
+			free(Wbn), free(bbn);
+			moe_set_error("pk_bn_var[%lld] + eps is not positive (or gamma not finite)",
+				      (long long)bad);
+			return MOE_ERR_WEIGHTS;
+		}
+		Wq = Wbn, bq = bbn;
+	}
+	out->pk_query = moe_pack_router_panels(Wq, Q, H);
 	out->pk_qbias = zalloc((size_t)moe_router_blocks(Q) * MOE_RB * sizeof(float));
-	out->pk_keys = zalloc(2 * (size_t)KB * h2 * MOE_VW * sizeof(float));
+	/* per key set (one, or one per head) [2][KB][d/2][8] panels */
+	uint32_t sets = d->pk_keys_per_head ? d->pk_heads : 1;
+	size_t set_elems = 2 * (size_t)KB * h2 * MOE_VW;
+	out->pk_keys = zalloc(sets * set_elems * sizeof(float));
+	if (out->pk_query && out->pk_qbias)
+		memcpy(out->pk_qbias, bq, Q * sizeof(float));
+	free(Wbn), free(bbn);
 	if (!out->pk_query || !out->pk_qbias || !out->pk_keys)
 		goto nomem;
-	memcpy(out->pk_qbias, w->w[MOE_ROLE_PK_QUERY_BIAS], Q * sizeof(float));
-	for (uint32_t s = 0; s < 2; s++)
-		for (uint32_t r = 0; r < R; r++)
-			for (uint32_t i = 0; i < h2; i++)
-				out->pk_keys[(((size_t)s * KB + r / MOE_VW) * h2 + i) * MOE_VW +
-					     r % MOE_VW] =
-				    w->w[MOE_ROLE_PK_KEYS][((size_t)s * R + r) * h2 + i];
+	/* canonical: shared [2, R, d/2]; per head [heads, R, 2, d/2] */
+	for (uint32_t hs = 0; hs < sets; hs++)
+		for (uint32_t s = 0; s < 2; s++)
+			for (uint32_t r = 0; r < R; r++)
+				for (uint32_t i = 0; i < h2; i++) {
+					size_t src = d->pk_keys_per_head
+							 ? (((size_t)hs * R + r) * 2 + s) * h2 + i
+							 : ((size_t)s * R + r) * h2 + i;
+					out->pk_keys[hs * set_elems +
+						     (((size_t)s * KB + r / MOE_VW) * h2 + i) *
+							 MOE_VW +
+						     r % MOE_VW] = w->w[MOE_ROLE_PK_KEYS][src];
+				}
 	if (d->weight_dtype == MOE_DTYPE_F32) {
 		/* 2 N H f32 is the bulk of the model (8 GiB at N = 1024^2, H = 1024) */
 		out->pk_u = w->w[MOE_ROLE_NEURON_U], w->w[MOE_ROLE_NEURON_U] = NULL;

@@ -781,36 +781,20 @@ enum moe_status moe_cuda_reserve(struct moe_cuda *c, size_t T, char *err, size_t
 
 /* Forward ------------------------------------------------------------------- */
 
-/* A float of the description as the decimal it was written as (0.3f -> 0.3),
- * the way the reference computes capacities. */
-static double decimal_of(float v)
-{
-	char buf[32];
-	for (int prec = 1; prec <= 9; prec++) {
-		snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
-		double x = strtod(buf, NULL);
-		if ((float)x == v)
-			return x;
-	}
-	return (double)v;
-}
-
 /* Tokens each expert keeps in a call of T tokens (the reference's formula). */
 static int64_t capacity_of(const struct moe_desc *d, size_t T)
 {
-	double v;
-	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
-		v = d->capacity_per_expert;
-	} else if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION) {
-		v = ceil((double)T * decimal_of(d->capacity_token_fraction));
-	} else {
-		v = (double)d->top_k * (double)T * decimal_of(d->capacity_factor) /
-		    (double)d->n_experts;
-		v = d->capacity_floor ? floor(v) : ceil(v);
-	}
-	if (v < (double)d->capacity_min)
-		v = d->capacity_min;
-	return v >= 9.2e18 ? INT64_MAX : (int64_t)v;
+	uint64_t C;
+	if (d->capacity == MOE_CAPACITY_PER_EXPERT)
+		C = d->capacity_per_expert;
+	else if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION)
+		C = moe_desc_scaled_count(d->capacity_token_fraction, T, 1, 0);
+	else
+		C = moe_desc_scaled_count(d->capacity_factor, (uint64_t)d->top_k * T, d->n_experts,
+					  d->capacity_floor);
+	if (C < d->capacity_min)
+		C = d->capacity_min;
+	return C > INT64_MAX ? INT64_MAX : (int64_t)C;
 }
 
 /* The router probability of n logits for the statistics (the reference's
@@ -1022,8 +1006,8 @@ enum moe_status moe_cuda_forward(struct moe_cuda *c, uint32_t li, const void *x,
 		a.capacity = capacity_of(d, T);
 	if (d->mode == MOE_MODE_EXPERT_CHOICE) {
 		/* each expert's tokens: the reference's ceil(T cf / E), at most T */
-		double cv = ceil((double)T * (double)d->ec_capacity_factor / (double)E);
-		a.capacity = cv >= (double)T ? (int64_t)T : (int64_t)cv;
+		uint64_t cv = moe_desc_scaled_count(d->ec_capacity_factor, T, E, 0);
+		a.capacity = cv >= T ? (int64_t)T : (int64_t)cv;
 	}
 	a.training = training;
 	if (training) {

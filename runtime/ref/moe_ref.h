@@ -52,6 +52,16 @@ size_t moe_ref_weights_random_blocks(const struct moe_desc *d);
 void moe_ref_weights_random_block(const struct moe_desc *d, uint64_t seed, uint32_t layer,
 				  struct moe_ref_weights *w, size_t block);
 
+/* PEER's query BatchNorm (eval mode, after the query projection) folded into
+ * the projection: with s = gamma / sqrt(var + eps) per query channel i,
+ * W'[i, :] = s_i W[i, :] and b'[i] = (b[i] - mean_i) s_i + beta_i (s in double,
+ * rounded once). Writes W' [Q, H] and b' [Q] (caller-owned) from w's PK_QUERY,
+ * PK_QUERY_BIAS and PK_BN_* roles. Returns -1, or the first channel whose
+ * var + eps is not positive (or whose s is not finite): the weights are bad.
+ * The reference and the CPU packing both fold with it. */
+int64_t moe_pk_fold_bn(const struct moe_desc *d, const struct moe_ref_weights *w, float *W,
+		       float *b);
+
 /* struct moe_fwd_opts and struct moe_routing (the public ABI, moe.h) are the
  * reference's options and routing output too. */
 

@@ -31,7 +31,8 @@ struct fwd {
 	int32_t *ids;
 	float *wts;
 	uint8_t *dropped;
-	float *prio; /* [T] priority score for capacity */
+	float *prio;          /* [T] priority score for capacity */
+	enum moe_status fail; /* why a route failed, when not for memory (message set) */
 	char *err;
 	size_t err_cap;
 };
@@ -554,40 +555,17 @@ static int cmp_prio_desc(const void *pa, const void *pb)
 	return cmp_ranked(a, b);
 }
 
-/* A float of the description as the decimal it was written as: the shortest
- * decimal that reads back as the same f32 (0.3f -> 0.3), in double. The
- * frameworks compute capacities in double from the decimal of their config;
- * the f32's exact value (0.300000012) could round T * 0.3 up past an integer
- * that the decimal lands on. */
-static double decimal_of(float v)
-{
-	char buf[32];
-	for (int prec = 1; prec <= 9; prec++) {
-		snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
-		double x = strtod(buf, NULL);
-		if ((float)x == v)
-			return x;
-	}
-	return (double)v;
-}
-
 /* The capacity C of each expert for a call of T tokens. */
 static uint64_t capacity_of(const struct moe_desc *d, size_t T, uint32_t E)
 {
 	uint64_t C;
-	if (d->capacity == MOE_CAPACITY_PER_EXPERT) {
+	if (d->capacity == MOE_CAPACITY_PER_EXPERT)
 		C = d->capacity_per_expert;
-	} else {
-		double v;
-		if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION) {
-			v = ceil((double)T * decimal_of(d->capacity_token_fraction));
-		} else {
-			v = (double)d->top_k * (double)T * decimal_of(d->capacity_factor) /
-			    (double)E;
-			v = d->capacity_floor ? floor(v) : ceil(v);
-		}
-		C = v >= 1.8e19 ? UINT64_MAX : (uint64_t)v;
-	}
+	else if (d->capacity == MOE_CAPACITY_TOKEN_FRACTION)
+		C = moe_desc_scaled_count(d->capacity_token_fraction, T, 1, 0);
+	else
+		C = moe_desc_scaled_count(d->capacity_factor, (uint64_t)d->top_k * T, E,
+					  d->capacity_floor);
 	return C < d->capacity_min ? d->capacity_min : C;
 }
 
@@ -762,8 +740,8 @@ static int route_expert_choice(struct fwd *f)
 	const struct moe_desc *d = f->d;
 	uint32_t E = f->E;
 	size_t T = f->T;
-	double cv = ceil((double)T * (double)d->ec_capacity_factor / (double)E);
-	uint32_t C = cv >= (double)T ? (uint32_t)T : (uint32_t)cv;
+	uint64_t cv = moe_desc_scaled_count(d->ec_capacity_factor, T, E, 0);
+	uint32_t C = cv >= T ? (uint32_t)T : (uint32_t)cv;
 	float *S = xcalloc(T * E, sizeof *S), *col = xcalloc(T, sizeof *col);
 	uint32_t *pick = xcalloc(C, sizeof *pick);
 	struct tokbuf b;
@@ -886,12 +864,34 @@ static int route_product_key(struct fwd *f)
 	const struct moe_desc *d = f->d;
 	uint32_t H = f->H, R = d->pk_sub_keys, k = d->pk_top_k, dq = d->pk_query_dim, h2 = dq / 2;
 	const float *Q = f->w->w[MOE_ROLE_PK_QUERY], *qb = f->w->w[MOE_ROLE_PK_QUERY_BIAS];
-	const float *K1 = f->w->w[MOE_ROLE_PK_KEYS], *K2 = K1 + (size_t)R * h2;
+	const float *keys = f->w->w[MOE_ROLE_PK_KEYS];
+	/* shared keys [2, R, d/2]; per head [heads, R, 2, d/2] (PEER-pytorch) */
+	uint32_t ks = moe_desc_pk_sub_top_k(d), kph = d->pk_keys_per_head;
+	size_t kstride = kph ? 2 * (size_t)h2 : (size_t)h2,
+	       khalf = kph ? (size_t)h2 : (size_t)R * h2;
+	float *Qbn = NULL, *qbbn = NULL;
+	if (d->pk_query_bn) { /* the query BatchNorm, folded as the CPU packing folds it */
+		size_t nq = (size_t)d->pk_heads * dq;
+		Qbn = xcalloc(nq * H, sizeof *Qbn), qbbn = xcalloc(nq, sizeof *qbbn);
+		if (!Qbn || !qbbn) {
+			free(Qbn), free(qbbn);
+			return 0;
+		}
+		int64_t bad = moe_pk_fold_bn(d, f->w, Qbn, qbbn);
+		if (bad >= 0) {
+			seterr(f, "pk_bn_var[%lld] + eps is not positive (or gamma not finite)",
+			       (long long)bad);
+			f->fail = MOE_ERR_WEIGHTS;
+			free(Qbn), free(qbbn);
+			return 0;
+		}
+		Q = Qbn, qb = qbbn;
+	}
 	float *q = xcalloc(dq, sizeof *q), *sa = xcalloc(R, sizeof *sa),
 	      *sb = xcalloc(R, sizeof *sb);
-	float *cv = xcalloc((size_t)k * k, sizeof *cv), *g = xcalloc(k, sizeof *g);
-	uint64_t *ck = xcalloc((size_t)k * k, sizeof *ck);
-	uint32_t *ia = xcalloc(k, sizeof *ia), *ib = xcalloc(k, sizeof *ib);
+	float *cv = xcalloc((size_t)ks * ks, sizeof *cv), *g = xcalloc(k, sizeof *g);
+	uint64_t *ck = xcalloc((size_t)ks * ks, sizeof *ck);
+	uint32_t *ia = xcalloc(ks, sizeof *ia), *ib = xcalloc(ks, sizeof *ib);
 	uint32_t *ic = xcalloc(k, sizeof *ic);
 	int ok = q && sa && sb && cv && g && ck && ia && ib && ic;
 	for (size_t t = 0; ok && t < f->T; t++) {
@@ -901,22 +901,26 @@ static int route_product_key(struct fwd *f)
 				size_t row = (size_t)hd * dq + i;
 				q[i] = dot_f32(Q + row * H, x, H) + qb[row];
 			}
+			const float *K1 = keys + (kph ? (size_t)hd * R * 2 * h2 : 0);
 			for (uint32_t i = 0; i < R; i++) {
-				sa[i] = dot_f32(q, K1 + (size_t)i * h2, h2);
-				sb[i] = dot_f32(q + h2, K2 + (size_t)i * h2, h2);
+				sa[i] = dot_f32(q, K1 + (size_t)i * kstride, h2);
+				sb[i] = dot_f32(q + h2, K1 + khalf + (size_t)i * kstride, h2);
 			}
-			ok = topk(sa, NULL, R, k, ia) && topk(sb, NULL, R, k, ib);
-			for (uint32_t i = 0; ok && i < k; i++)
-				for (uint32_t j = 0; j < k; j++) {
-					cv[i * k + j] = sa[ia[i]] + sb[ib[j]];
-					ck[i * k + j] = (uint64_t)ia[i] * R + ib[j];
+			ok = topk(sa, NULL, R, ks, ia) && topk(sb, NULL, R, ks, ib);
+			for (uint32_t i = 0; ok && i < ks; i++)
+				for (uint32_t j = 0; j < ks; j++) {
+					cv[i * ks + j] = sa[ia[i]] + sb[ib[j]];
+					ck[i * ks + j] = (uint64_t)ia[i] * R + ib[j];
 				}
-			ok = ok && topk(cv, ck, k * k, k, ic);
+			ok = ok && topk(cv, ck, ks * ks, k, ic);
 			if (!ok)
 				break;
 			for (uint32_t j = 0; j < k; j++)
 				g[j] = cv[ic[j]];
-			if (d->pk_score == MOE_SCORE_SIGMOID)
+			if (d->pk_score_relu) /* non-competing (PEER-pytorch) */
+				for (uint32_t j = 0; j < k; j++)
+					g[j] = g[j] > 0.0f ? g[j] : 0.0f;
+			else if (d->pk_score == MOE_SCORE_SIGMOID)
 				score_vec(MOE_SCORE_SIGMOID, g, g, k);
 			else
 				score_vec(MOE_SCORE_SOFTMAX, g, g, k);
@@ -928,6 +932,7 @@ static int route_product_key(struct fwd *f)
 		}
 	}
 	free(q), free(sa), free(sb), free(cv), free(g), free(ck), free(ia), free(ib), free(ic);
+	free(Qbn), free(qbbn);
 	return ok;
 }
 
@@ -967,6 +972,8 @@ static int check_desc(struct fwd *f)
 	int pk = d->mode == MOE_MODE_PRODUCT_KEY;
 	if (pk != (d->kind == MOE_KIND_SINGLE_NEURON))
 		BAD("single_neuron experts go with product_key routing and only with it");
+	if (pk && d->pk_query_bn && !(isfinite(d->pk_bn_eps) && d->pk_bn_eps >= 0.0f))
+		BAD("product_key query BatchNorm eps must be finite and >= 0");
 	if (!pk && d->intermediate == 0)
 		BAD("intermediate must be positive");
 	if (d->act == MOE_ACT_SWIGLU_OAI && d->kind != MOE_KIND_GLU)
@@ -1035,8 +1042,11 @@ static int check_desc(struct fwd *f)
 		uint32_t R = d->pk_sub_keys;
 		if (R == 0 || d->pk_heads == 0 || d->pk_query_dim < 2 || d->pk_query_dim % 2)
 			BAD("product_key sub_keys, heads and an even query_dim are required");
-		if (d->pk_top_k == 0 || d->pk_top_k > R)
-			BAD("product_key top_k (%u) must be in 1..sub_keys (%u)", d->pk_top_k, R);
+		uint32_t ks = moe_desc_pk_sub_top_k(d);
+		if (d->pk_top_k == 0 || ks > R || (uint64_t)d->pk_top_k > (uint64_t)ks * ks)
+			BAD("product_key top_k (%u) must be in 1..sub_top_k^2 (sub_top_k %u, at "
+			    "most sub_keys %u)",
+			    d->pk_top_k, ks, R);
 		if ((uint64_t)R * R != E)
 			BAD("product_key sub_keys^2 (%llu) must equal n_experts (%u)",
 			    (unsigned long long)R * R, E);
@@ -1230,8 +1240,11 @@ enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_w
 		ok = apply_capacity(f);
 	if (ok && d->mode != MOE_MODE_SOFT)
 		ok = combine(f);
-	if (!ok)
+	if (!ok) {
+		if (f->fail)
+			st = f->fail;
 		goto out;
+	}
 	if (routing)
 		finish_stats(f, routing);
 	st = MOE_OK;

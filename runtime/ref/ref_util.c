@@ -99,6 +99,8 @@ static int is_bias_role(enum moe_role r)
 	case MOE_ROLE_DOWN_BIAS:
 	case MOE_ROLE_PK_QUERY_BIAS:
 	case MOE_ROLE_OUTPUT_BIAS:
+	case MOE_ROLE_PK_BN_BIAS:
+	case MOE_ROLE_PK_BN_MEAN:
 		return 1;
 	default:
 		return 0;
@@ -151,11 +153,15 @@ void moe_ref_weights_random_block(const struct moe_desc *d, uint64_t seed, uint3
 			p[i] = 1.0f;
 		return;
 	}
-	/* fan-in bound for matrices keeps every layer's output O(|x|) */
-	double a = is_bias_role((enum moe_role)r) ? 0.1 : 1.0 / sqrt((double)cols);
+	/* fan-in bound for matrices keeps every layer's output O(|x|); a
+	 * BatchNorm's gamma and variance in [0.5, 1.5) */
+	int around_one = r == MOE_ROLE_PK_BN_WEIGHT || r == MOE_ROLE_PK_BN_VAR;
+	double a = is_bias_role((enum moe_role)r) ? 0.1
+		   : around_one                   ? 0.5
+						  : 1.0 / sqrt((double)cols);
 	for (size_t i = i0; i < i1; i++) {
 		float u = moe_rng_uniform(moe_rng_hash(seed, layer, (uint64_t)r, i));
-		float v = (float)((2.0 * u - 1.0) * a);
+		float v = (float)((2.0 * u - 1.0) * a + around_one);
 		p[i] = round_to_dtype(d->weight_dtype, v);
 	}
 }
@@ -167,6 +173,25 @@ void moe_ref_weights_random(const struct moe_desc *d, uint64_t seed, uint32_t la
 	for (size_t b = 0; b < nb; b++)
 		moe_ref_weights_random_block(d, seed, layer, w, b);
 	moe_ref_quant_random(d, seed, layer, w);
+}
+
+int64_t moe_pk_fold_bn(const struct moe_desc *d, const struct moe_ref_weights *w, float *W,
+		       float *b)
+{
+	uint64_t Q = (uint64_t)d->pk_heads * d->pk_query_dim, H = d->hidden;
+	const float *W0 = w->w[MOE_ROLE_PK_QUERY], *b0 = w->w[MOE_ROLE_PK_QUERY_BIAS];
+	const float *g = w->w[MOE_ROLE_PK_BN_WEIGHT], *be = w->w[MOE_ROLE_PK_BN_BIAS];
+	const float *mu = w->w[MOE_ROLE_PK_BN_MEAN], *var = w->w[MOE_ROLE_PK_BN_VAR];
+	for (uint64_t i = 0; i < Q; i++) {
+		double v = (double)var[i] + (double)d->pk_bn_eps;
+		double s = v > 0.0 ? (double)g[i] / sqrt(v) : NAN;
+		if (!isfinite(s))
+			return (int64_t)i;
+		for (uint64_t h = 0; h < H; h++)
+			W[i * H + h] = (float)(s * (double)W0[i * H + h]);
+		b[i] = (float)(((double)b0[i] - (double)mu[i]) * s + (double)be[i]);
+	}
+	return -1;
 }
 
 /* SplitMix64 finalizer; each key word is folded in and re-mixed so that
