@@ -168,6 +168,33 @@ static int parse_u64(const char *s, uint64_t *out)
 	return 0;
 }
 
+/* The process's resident set in bytes (VmRSS), or -1 where it cannot be read. */
+static double rss_bytes(void)
+{
+	FILE *f = fopen("/proc/self/status", "r");
+	char line[256];
+	double kb = -1;
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "VmRSS: %lf kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb < 0 ? -1 : kb * 1024;
+}
+
+/* Parameters of the MoE layers a run holds (router, routed and shared
+ * experts) in model layers [begin, end) (end 0: all). */
+static double moe_params(const struct moe_info *in, uint32_t begin, uint32_t end)
+{
+	double H = in->hidden, E = in->n_experts, I = in->intermediate;
+	double Is = (double)in->n_shared_experts * in->shared_intermediate;
+	double n = 0;
+	for (uint32_t i = 0; i < in->n_moe_layers; i++)
+		n += in->moe_layers[i] >= begin && (!end || in->moe_layers[i] < end);
+	return n * (E * H + E * 3 * H * I + 3 * H * Is);
+}
+
 static double now_s(void)
 {
 	struct timespec ts;
@@ -276,7 +303,7 @@ static int do_run(const struct run_opts *o)
 		fprintf(stderr, "moegen: error: %s\n", a.last_error());
 		goto out;
 	}
-	double t0 = now_s();
+	double rss0 = rss_bytes(), t0 = now_s();
 	enum moe_status st =
 	    o->n_weights ? a.load(m, o->weights, o->n_weights) : a.init_random(m, o->seed_w);
 	if (st != MOE_OK) {
@@ -284,7 +311,7 @@ static int do_run(const struct run_opts *o)
 		rc = st == MOE_ERR_IO ? MOE_EXIT_IO : MOE_EXIT_BACKEND;
 		goto out;
 	}
-	double t_load = now_s() - t0;
+	double t_load = now_s() - t0, rss1 = rss_bytes();
 	x = malloc((T ? T : 1) * H * sizeof *x);
 	y = malloc((T ? T : 1) * H * sizeof *y);
 	ids = malloc((T ? T : 1) * (W ? W : 1) * sizeof *ids);
@@ -331,6 +358,12 @@ static int do_run(const struct run_opts *o)
 	printf("model %s (cpu %s), layer %u, %zu tokens, threads %s\n", in->name, in->cpu, layer, T,
 	       thr);
 	printf("weights %s in %.3f s\n", o->n_weights ? "loaded" : "random", t_load);
+	if (rss0 > 0 && rss1 > 0) {
+		double p = moe_params(in, o->layer_begin, o->layer_end);
+		printf("weights resident %.1f MiB (growth of VmRSS), %.3f bytes per MoE "
+		       "parameter\n",
+		       (rss1 - rss0) / 1048576.0, p > 0 ? (rss1 - rss0) / p : 0.0);
+	}
 	printf("forward %.3f ms (best of %llu), %.1f GFLOP/s\n", best * 1e3,
 	       (unsigned long long)(o->reps ? o->reps : 1), T ? flops / best * 1e-9 : 0.0);
 	printf("output mean %.6g, max |y| %.6g\n", T ? sum / (double)(T * H) : 0.0, amax);

@@ -269,6 +269,13 @@ static void random_block(void *ctx, size_t task, unsigned thread)
 	moe_ref_weights_random_block(f->d, f->seed, f->layer, f->w, task);
 }
 
+static void random_qblock(void *ctx, size_t task, unsigned thread)
+{
+	(void)thread;
+	const struct random_fill *f = ctx;
+	moe_ref_quant_random_block(f->d, f->seed, f->layer, f->w, task);
+}
+
 MOE_API enum moe_status moe_init_random(moe_model *m, uint64_t seed)
 {
 	if (!m) {
@@ -302,7 +309,12 @@ MOE_API enum moe_status moe_init_random(moe_model *m, uint64_t seed)
 		else
 			for (size_t b = 0; b < nb; b++)
 				random_block(&f, b, 0);
-		moe_ref_quant_random(m->d, seed, m->d->moe_layers[i], &w);
+		size_t nq = moe_ref_quant_random_blocks(m->d);
+		if (m->pool)
+			moe_pool_run(m->pool, nq, random_qblock, &f);
+		else
+			for (size_t b = 0; b < nq; b++)
+				random_qblock(&f, b, 0);
 		st = put_layer(m, i, &w);
 		moe_ref_weights_free(&w);
 		done++;

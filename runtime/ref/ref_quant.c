@@ -72,24 +72,43 @@ void moe_ref_quant_free(struct moe_ref_weights *w)
  * an f16 value (as GPTQ and GGUF store them) with a spread of 2x, chosen so
  * that the values keep the fan-in bound of the unquantized draw; int4 zero
  * points uniform in 0..15 (zero) or 8. The stream of a role is keyed apart
- * from the unquantized one (role + 0x100). */
-void moe_ref_quant_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
-			  struct moe_ref_weights *w)
+ * from the unquantized one (role + 0x100), and every value depends on its
+ * index alone, so the matrices can be drawn in any order, on any thread. */
+size_t moe_ref_quant_random_blocks(const struct moe_desc *d)
+{
+	size_t n = 0;
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		uint64_t rows, K, mats;
+		if (qshape(d, (enum moe_role)r, &rows, &K, &mats))
+			n += mats;
+	}
+	return n;
+}
+
+void moe_ref_quant_random_block(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+				struct moe_ref_weights *w, size_t block)
 {
 	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
 		uint64_t rows, K, mats;
-		if (!w->q[r].codes || !qshape(d, (enum moe_role)r, &rows, &K, &mats))
+		if (!qshape(d, (enum moe_role)r, &rows, &K, &mats))
 			continue;
-		struct moe_qfmt f = moe_ref_role_qfmt(d, (enum moe_role)r);
+		if (block >= mats) {
+			block -= mats;
+			continue;
+		}
 		struct moe_ref_qtensor *q = &w->q[r];
+		if (!q->codes)
+			return;
+		struct moe_qfmt f = moe_ref_role_qfmt(d, (enum moe_role)r);
 		int i4 = f.kind == MOE_QFORMAT_INT4;
-		uint64_t n = mats * rows * K, ng = n / f.group, key = (uint64_t)r + 0x100;
+		uint64_t n = mats * rows * K, m = rows * K, key = (uint64_t)r + 0x100;
+		uint64_t i0 = block * m, g0 = i0 / f.group, ng = m / f.group;
 		double a = 1.0 / sqrt((double)K) / (i4 ? 7.5 : 127.0);
-		for (uint64_t i = 0; i < n; i++) {
+		for (uint64_t i = i0; i < i0 + m; i++) {
 			uint64_t h = moe_rng_hash(seed, layer, key, i);
 			q->codes[i] = i4 ? (uint8_t)(h >> 60) : (uint8_t)(h >> 56);
 		}
-		for (uint64_t gi = 0; gi < ng; gi++) {
+		for (uint64_t gi = g0; gi < g0 + ng; gi++) {
 			uint64_t h = moe_rng_hash(seed, layer, key, n + gi);
 			float s = moe_f16_round((float)(a * (0.5 + moe_rng_uniform(h))));
 			q->scale[gi] = s;
@@ -98,6 +117,16 @@ void moe_ref_quant_random(const struct moe_desc *d, uint64_t seed, uint32_t laye
 				q->offset[gi] = -(float)z * s; /* exact: z < 16, s has 11 bits */
 			}
 		}
-		moe_qdequant(&f, q->codes, q->scale, q->offset, mats * rows, K, w->w[r]);
+		moe_qdequant(&f, q->codes + i0, q->scale + g0, q->offset ? q->offset + g0 : NULL,
+			     rows, K, w->w[r] + i0);
+		return;
 	}
+}
+
+void moe_ref_quant_random(const struct moe_desc *d, uint64_t seed, uint32_t layer,
+			  struct moe_ref_weights *w)
+{
+	size_t nb = moe_ref_quant_random_blocks(d);
+	for (size_t b = 0; b < nb; b++)
+		moe_ref_quant_random_block(d, seed, layer, w, b);
 }

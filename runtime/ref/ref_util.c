@@ -141,8 +141,8 @@ void moe_ref_weights_random_block(const struct moe_desc *d, uint64_t seed, uint3
 			break;
 		block -= nb;
 	}
-	if (r == MOE_ROLE_COUNT || !w->w[r])
-		return;
+	if (r == MOE_ROLE_COUNT || !w->w[r] || w->q[r].codes)
+		return; /* quantized roles: moe_ref_quant_random draws them */
 	uint64_t rows, cols;
 	if (!moe_desc_role_shape(d, (enum moe_role)r, &rows, &cols, NULL))
 		return;
