@@ -49,6 +49,12 @@ struct imp {
 	enum moe_attn attn;
 	long heads, kv_heads, head_dim;
 	long q_lora, kv_lora, qk_nope, qk_rope, v_dim;
+	int qkv_bias, out_bias, sinks, out_gate;
+	enum moe_qk_norm qk_norm;
+	int layer_norm; /* the model's norms are LayerNorms with bias */
+	enum moe_linear_attn linear;
+	unsigned char lin[MOE_MAX_LAYERS]; /* layers with linear attention */
+	long lin_heads, lin_hd, lin_kh, lin_kd, lin_conv;
 	enum moe_dtype wdtype;
 
 	enum moe_mode mode;
@@ -1500,6 +1506,113 @@ static void fam_granitemoeshared(struct imp *m, const cJSON *c)
 		"residual_multiplier).");
 }
 
+static int is_family(const struct imp *m, const char *const *list)
+{
+	for (; *list; list++)
+		if (!strcmp(m->family, *list))
+			return 1;
+	return 0;
+}
+
+/* Which layers use linear attention: layer_types ("linear_attention"), or
+ * MiniMax's attn_type_list (0 linear, 1 softmax), or the family's default
+ * pattern: linear unless (i + 1) % interval == 0 (Qwen3-Next, interval
+ * full_attention_interval, 4) or unless i is even (MiniMax). */
+static void linear_layers(struct imp *m, const cJSON *c, long interval, int even_full)
+{
+	const cJSON *lt = field(c, "layer_types"), *al = field(c, "attn_type_list");
+	const cJSON *e;
+	long i = 0;
+	if (lt || al) {
+		const char *key = lt ? "layer_types" : "attn_type_list";
+		const cJSON *v = lt ? lt : al;
+		if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != m->layers) {
+			err(m, "'%s' must be a list of %ld entries, one per layer", key, m->layers);
+			return;
+		}
+		cJSON_ArrayForEach(e, v)
+		{
+			if (lt && cJSON_IsString(e) && !strcmp(e->valuestring, "linear_attention"))
+				m->lin[i] = 1;
+			else if (lt && cJSON_IsString(e) &&
+				 !strcmp(e->valuestring, "full_attention"))
+				m->lin[i] = 0;
+			else if (al && cJSON_IsNumber(e) &&
+				 (e->valuedouble == 0 || e->valuedouble == 1))
+				m->lin[i] = e->valuedouble == 0;
+			else {
+				err(m, "'%s[%ld]' must be %s", key, i,
+				    lt ? "\"linear_attention\" or \"full_attention\"" : "0 or 1");
+				return;
+			}
+			i++;
+		}
+		return;
+	}
+	for (i = 0; i < m->layers; i++)
+		m->lin[i] = even_full ? i % 2 == 1 : (i + 1) % interval != 0;
+}
+
+/* The attention details beside the projection sizes, per family as the
+ * installed transformers builds the modules: biases, q/k norms, sinks, the
+ * output gate, LayerNorm, the linear-attention layers. Accounting only. */
+static void attention_extras(struct imp *m, const cJSON *c)
+{
+	static const char *const bias_all[] = {
+	    "qwen3_moe",      "olmoe",      "flex_olmo",  "gpt_oss", "llama4",
+	    "llama4_text",    "phimoe",     "granitemoe", "dots1",   "granitemoeshared",
+	    "hunyuan_v1_moe", "qwen3_next", NULL};
+	static const char *const qk_head[] = {"qwen3_moe", "hunyuan_v1_moe", "dots1", "qwen3_next",
+					      NULL};
+	static const char *const qk_full[] = {"olmoe", "flex_olmo", "minimax_m2", NULL};
+	if (m->attn == MOE_ATTN_NONE || m->n_err)
+		return;
+	if (m->attn == MOE_ATTN_MLA) {
+		if (opt_bool(m, c, "", "attention_bias", 0))
+			note(m, "attention_bias: the q_a and kv_a projection biases and the output "
+				"bias are not counted.");
+		return;
+	}
+	int fam_gpt = !strcmp(m->family, "gpt_oss");
+	if (is_family(m, bias_all))
+		m->qkv_bias = m->out_bias = opt_bool(m, c, "", "attention_bias", fam_gpt);
+	else if (!strcmp(m->family, "ernie4_5_moe"))
+		m->qkv_bias = m->out_bias = opt_bool(m, c, "", "use_bias", 0);
+	else if (!strcmp(m->family, "qwen2_moe"))
+		m->qkv_bias = opt_bool(m, c, "", "qkv_bias", 1);
+	else if (!strcmp(m->family, "glm4_moe"))
+		m->qkv_bias = opt_bool(m, c, "", "attention_bias", 0);
+	if (is_family(m, qk_head) ||
+	    (!strcmp(m->family, "glm4_moe") && opt_bool(m, c, "", "use_qk_norm", 0)))
+		m->qk_norm = MOE_QK_NORM_HEAD;
+	else if (is_family(m, qk_full))
+		m->qk_norm = MOE_QK_NORM_FULL;
+	m->sinks = fam_gpt;
+	m->layer_norm = !strcmp(m->family, "phimoe");
+	if (!strcmp(m->family, "qwen3_next")) {
+		m->out_gate = 1;
+		m->linear = MOE_LINEAR_ATTN_GATED_DELTANET;
+		linear_layers(m, c, opt_int(m, c, "", "full_attention_interval", 4, 1), 0);
+		m->lin_heads = req_int(m, c, "", "linear_num_value_heads", 1);
+		m->lin_hd = req_int(m, c, "", "linear_value_head_dim", 1);
+		m->lin_kh = req_int(m, c, "", "linear_num_key_heads", 1);
+		m->lin_kd = req_int(m, c, "", "linear_key_head_dim", 1);
+		m->lin_conv = opt_int(m, c, "", "linear_conv_kernel_dim", 4, 1);
+	} else if (!strcmp(m->family, "minimax")) {
+		m->linear = MOE_LINEAR_ATTN_LIGHTNING;
+		linear_layers(m, c, 2, 1);
+		m->lin_heads = m->heads;
+		m->lin_hd = m->head_dim;
+	}
+	if (m->linear != MOE_LINEAR_ATTN_NONE) {
+		long n = 0;
+		for (long i = 0; i < m->layers; i++)
+			n += m->lin[i];
+		if (!n)
+			m->linear = MOE_LINEAR_ATTN_NONE;
+	}
+}
+
 struct family {
 	const char *model_type;
 	void (*fn)(struct imp *m, const cJSON *c);
@@ -1716,6 +1829,69 @@ static int is_matrix_role(enum moe_role r)
 	}
 }
 
+/* "prefix[i, j, ...]" for the flagged layers, wrapped at 96 columns. */
+static void write_layers(FILE *f, const char *prefix, int indent, const unsigned char *on, long n)
+{
+	fputs(prefix, f);
+	int col = (int)strlen(prefix), first = 1;
+	for (long i = 0; i < n; i++) {
+		if (!on[i])
+			continue;
+		char num[24];
+		int w = snprintf(num, sizeof num, "%ld", i);
+		if (!first && col + w + 2 > 96) {
+			fprintf(f, ",\n%*s", indent, "");
+			col = indent;
+		} else if (!first) {
+			fprintf(f, ", ");
+			col += 2;
+		}
+		fputs(num, f);
+		col += w;
+		first = 0;
+	}
+	fprintf(f, "]\n");
+}
+
+static void write_attention(const struct imp *m, FILE *f)
+{
+	if (m->attn == MOE_ATTN_MHA)
+		fprintf(f,
+			"  attention:\n    kind: mha\n    heads: %ld\n    kv_heads: %ld\n"
+			"    head_dim: %ld\n",
+			m->heads, m->kv_heads, m->head_dim);
+	else if (m->attn == MOE_ATTN_MLA) {
+		fprintf(f, "  attention:\n    kind: mla\n    heads: %ld\n", m->heads);
+		if (m->q_lora)
+			fprintf(f, "    q_lora_rank: %ld\n", m->q_lora);
+		fprintf(
+		    f,
+		    "    kv_lora_rank: %ld\n    qk_nope_head_dim: %ld\n    qk_rope_head_dim: %ld\n"
+		    "    v_head_dim: %ld\n",
+		    m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
+	} else
+		return;
+	if (m->qkv_bias)
+		fprintf(f, "    qkv_bias: true\n");
+	if (m->out_bias)
+		fprintf(f, "    out_bias: true\n");
+	if (m->qk_norm != MOE_QK_NORM_NONE)
+		fprintf(f, "    qk_norm: %s\n", moe_qk_norm_names[m->qk_norm]);
+	if (m->sinks)
+		fprintf(f, "    sinks: true\n");
+	if (m->out_gate)
+		fprintf(f, "    output_gate: true\n");
+	if (m->linear == MOE_LINEAR_ATTN_NONE)
+		return;
+	fprintf(f, "    linear:\n      kind: %s\n", moe_linear_attn_names[m->linear]);
+	write_layers(f, "      layers: [", 8, m->lin, m->layers);
+	fprintf(f, "      heads: %ld\n      head_dim: %ld\n", m->lin_heads, m->lin_hd);
+	if (m->linear == MOE_LINEAR_ATTN_GATED_DELTANET)
+		fprintf(f,
+			"      key_heads: %ld\n      key_head_dim: %ld\n      conv_kernel: %ld\n",
+			m->lin_kh, m->lin_kd, m->lin_conv);
+}
+
 static void write_spec(const struct imp *m, FILE *f)
 {
 	char a[48], b[48], c[48];
@@ -1730,25 +1906,7 @@ static void write_spec(const struct imp *m, FILE *f)
 	fputc('\n', f);
 
 	fprintf(f, "model:\n  hidden: %ld\n  layers: %ld\n", m->hidden, m->layers);
-	fprintf(f, "  moe_layers: [");
-	int col = 15, first = 1;
-	for (long i = 0; i < m->layers; i++) {
-		if (!m->moe[i])
-			continue;
-		char num[24];
-		int n = snprintf(num, sizeof num, "%ld", i);
-		if (!first && col + n + 2 > 96) {
-			fprintf(f, ",\n    ");
-			col = 4;
-		} else if (!first) {
-			fprintf(f, ", ");
-			col += 2;
-		}
-		fputs(num, f);
-		col += n;
-		first = 0;
-	}
-	fprintf(f, "]\n");
+	write_layers(f, "  moe_layers: [", 4, m->moe, m->layers);
 	if (m->dense_inter)
 		fprintf(f, "  dense_ffn: {intermediate: %ld, activation: %s, kind: %s}\n",
 			m->dense_inter, act_spelling(m->dense_kind, m->dense_act),
@@ -1757,19 +1915,9 @@ static void write_spec(const struct imp *m, FILE *f)
 		fprintf(f, "  vocab: %ld\n", m->vocab);
 	if (m->tied >= 0)
 		fprintf(f, "  tied_embeddings: %s\n", m->tied ? "true" : "false");
-	if (m->attn == MOE_ATTN_MHA)
-		fprintf(f, "  attention: {kind: mha, heads: %ld, kv_heads: %ld, head_dim: %ld}\n",
-			m->heads, m->kv_heads, m->head_dim);
-	else if (m->attn == MOE_ATTN_MLA && m->q_lora)
-		fprintf(f,
-			"  attention: {kind: mla, heads: %ld, q_lora_rank: %ld, kv_lora_rank: %ld, "
-			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
-			m->heads, m->q_lora, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
-	else if (m->attn == MOE_ATTN_MLA)
-		fprintf(f,
-			"  attention: {kind: mla, heads: %ld, kv_lora_rank: %ld, "
-			"qk_nope_head_dim: %ld, qk_rope_head_dim: %ld, v_head_dim: %ld}\n",
-			m->heads, m->kv_lora, m->qk_nope, m->qk_rope, m->v_dim);
+	write_attention(m, f);
+	if (m->layer_norm)
+		fprintf(f, "  norm: layer\n");
 	fprintf(f, "dtype: {weights: %s, activations: f32, router: f32}\n",
 		moe_dtype_names[m->wdtype]);
 
@@ -2242,6 +2390,7 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 			m->family = fam->model_type;
 			spec_name(m, root);
 			fam->fn(m, root);
+			attention_extras(m, root);
 			int any = 0;
 			for (long i = 0; i < m->layers; i++)
 				any |= m->moe[i];

@@ -387,3 +387,70 @@ def test_tolerance_catches_a_wrong_model(tmp_path, moegen_cmd):
     y = m.forward(x, layer=0)
     err = float(np.abs(y - ref).max() / np.abs(ref).max())
     assert err > 10 * TOL
+
+
+# Attention the spec language does not describe: these families' totals are
+# not compared (docs/models.md).
+UNCOUNTED = {
+    "jetmoe": "mixture of attention heads (MoA)",
+    "jamba": "Mamba mixers",
+    "switch_transformers": "encoder-decoder with relative position bias",
+    "nllb_moe": "encoder-decoder with cross-attention",
+}
+
+# A hybrid MiniMax-Text-01 (lightning attention in the layers layer_types
+# names) and the same through attn_type_list, beside the parity families.
+COUNT_ONLY = [
+    Family("minimax", "MiniMaxConfig",
+           dict(ATTN, intermediate_size=48, num_hidden_layers=4, num_local_experts=8,
+                num_experts_per_tok=2,
+                layer_types=["linear_attention", "full_attention", "linear_attention",
+                             "linear_attention"]),
+           name="minimax_lightning"),
+    Family("qwen3_next", "Qwen3NextConfig",
+           dict(ATTN, intermediate_size=56, moe_intermediate_size=24,
+                shared_expert_intermediate_size=40, num_hidden_layers=4, num_experts=8,
+                num_experts_per_tok=2, full_attention_interval=2, attention_bias=True,
+                linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=4,
+                linear_value_head_dim=8, linear_conv_kernel_dim=3),
+           name="qwen3_next_interval"),
+]
+
+
+def _checkpoint_params(model):
+    """Parameters as a checkpoint holds them: model.num_parameters() plus the
+    router's score-correction bias, a weight of the release that transformers
+    keeps as a buffer (DeepSeek-V3, GLM-4.5, dots.llm1, MiniMax-M2)."""
+    n = model.num_parameters()
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            n += b.numel()
+    return n
+
+
+@pytest.mark.parametrize("fam", FAMILIES + COUNT_ONLY,
+                         ids=["count-" + f.name for f in FAMILIES + COUNT_ONLY])
+def test_parameter_count(fam, tmp_path, moegen_cmd):
+    """`moegen info --json` on the imported config counts exactly the
+    parameters transformers builds for it: attention (biases, q/k norms,
+    sinks, output gate, linear-attention layers), norms, embeddings and every
+    FFN."""
+    if fam.model_type in UNCOUNTED:
+        pytest.skip("%s: %s not described" % (fam.model_type, UNCOUNTED[fam.model_type]))
+    cfg_cls = getattr(transformers, fam.config, None)
+    if cfg_cls is None:
+        pytest.skip("transformers %s has no %s" % (transformers.__version__, fam.config))
+    cfg = cfg_cls(**fam.kwargs)
+    model = getattr(transformers, fam.auto).from_config(cfg, dtype=torch.float32)
+    cfg.save_pretrained(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    r = _moegen(moegen_cmd, "import", str(tmp_path / "config.json"), "-o", str(spec))
+    assert r.returncode == 0, r.stderr
+    r = _moegen(moegen_cmd, "info", "--json", str(spec))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["parameters"]["all"]["total"] == _checkpoint_params(model)
+    tables = {id(m.weight): m.weight.numel()
+              for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    emb = sum(tables.values())
+    assert info["parameters"]["embedding"]["total"] == emb
