@@ -1366,6 +1366,39 @@ static void test_new_family_errors(void **state)
 		    "'n_group' (3) must divide the number of experts (128)", NULL);
 	mutate_fail("flex_olmo", "num_experts_per_tok", "8",
 		    "top-k (8) exceeds the number of experts (7)", NULL);
+	/* The cross-key checks are reported beside the other errors, each
+	 * naming its keys (not only when nothing else is wrong). */
+	char *text = slurp("tests/import/dots1/config.json", NULL);
+	assert_non_null(text);
+	cJSON *root = cJSON_Parse(text);
+	free(text);
+	assert_non_null(root);
+	cJSON_ReplaceItemInObject(root, "n_group", cJSON_CreateNumber(3));
+	cJSON_ReplaceItemInObject(root, "num_experts_per_tok", cJSON_CreateNumber(500));
+	cJSON_ReplaceItemInObject(root, "hidden_act", cJSON_CreateString("tanh"));
+	cJSON_ReplaceItemInObject(root, "num_attention_heads", cJSON_CreateString("32"));
+	char *out = cJSON_Print(root);
+	struct scratch s2;
+	scratch_open(&s2);
+	char p2[128];
+	snprintf(p2, sizeof p2, "%s/config.json", s2.dir);
+	write_text(p2, out, strlen(out));
+	expect_fail(p2, MOE_EXIT_SPEC, 4, "unsupported hidden_act 'tanh'",
+		    "'num_attention_heads' must be an integer, not a string",
+		    "'n_group' (3) must divide the number of experts (128)",
+		    "top-k (500) exceeds the number of experts (128): 'num_experts_per_tok' "
+		    "against 'n_routed_experts'",
+		    (const char *)NULL);
+	/* a placeholder expert count is not compared */
+	cJSON_ReplaceItemInObject(root, "n_routed_experts", cJSON_CreateString("128"));
+	free(out);
+	out = cJSON_Print(root);
+	write_text(p2, out, strlen(out));
+	expect_fail(p2, MOE_EXIT_SPEC, 3, "'n_routed_experts' must be an integer",
+		    (const char *)NULL);
+	free(out);
+	cJSON_Delete(root);
+	scratch_close(&s2);
 	expect_refused("qwen3_next", "num_key_value_heads", "3",
 		       "config.json: num_key_value_heads: model.attention.kv_heads (3) must divide",
 		       NULL);

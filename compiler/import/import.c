@@ -37,6 +37,10 @@ struct imp {
 	struct moe_diag *d;
 	int n_err;
 	enum moe_import_stack stack;
+	/* integer keys that were missing or invalid (their value is a
+	 * placeholder): cross-key checks skip what depends on them */
+	int n_bad;
+	char bad[16][64];
 
 	char name[MOE_NAME_MAX];
 	long hidden, layers;
@@ -156,9 +160,53 @@ static const char *json_type(const cJSON *v)
 	return "null";
 }
 
+static void mark_bad(struct imp *m, const char *key)
+{
+	if (m->n_bad < (int)(sizeof m->bad / sizeof *m->bad))
+		snprintf(m->bad[m->n_bad++], sizeof *m->bad, "%s", key);
+}
+
+/* Whether one of the keys (the last component of a dotted name) was bad. */
+static int any_bad(const struct imp *m, const char *const *keys)
+{
+	for (int i = 0; i < m->n_bad; i++)
+		for (const char *const *k = keys; *k; k++)
+			if (!strcmp(m->bad[i], *k))
+				return 1;
+	return 0;
+}
+
+/* The spellings of the routed expert count and of top-k across families. */
+static const char *const expert_keys[] = {"num_local_experts", "num_experts", "n_routed_experts",
+					  "moe_num_experts", NULL};
+static const char *const top_k_keys[] = {"num_experts_per_tok", "experts_per_token", "moe_k",
+					 "moe_top_k",           "moe_topk",          NULL};
+
+/* The dotted name of the first of keys the config has, at its top level or
+ * in one of its objects (dbrx's ffn_config, llama4's text_config). */
+static const char *key_in(const cJSON *root, const char *const *keys, char *buf, size_t cap)
+{
+	for (const char *const *k = keys; *k; k++)
+		if (cJSON_GetObjectItemCaseSensitive(root, *k))
+			return *k;
+	const cJSON *o;
+	cJSON_ArrayForEach(o, root)
+	{
+		if (!cJSON_IsObject(o))
+			continue;
+		for (const char *const *k = keys; *k; k++)
+			if (cJSON_GetObjectItemCaseSensitive(o, *k)) {
+				snprintf(buf, cap, "%s.%s", o->string, *k);
+				return buf;
+			}
+	}
+	return keys[0];
+}
+
 static void missing(struct imp *m, const char *pre, const char *key)
 {
 	err(m, "%s needs '%s%s'", m->family, pre, key);
+	mark_bad(m, key);
 }
 
 static int as_int(struct imp *m, const cJSON *v, const char *pre, const char *key, long min,
@@ -166,11 +214,13 @@ static int as_int(struct imp *m, const cJSON *v, const char *pre, const char *ke
 {
 	if (!cJSON_IsNumber(v)) {
 		err(m, "'%s%s' must be an integer, not %s", pre, key, json_type(v));
+		mark_bad(m, key);
 		return 0;
 	}
 	double x = v->valuedouble;
 	if (!(x == floor(x)) || x < (double)min || x > (double)IMP_INT_MAX) {
 		err(m, "'%s%s' must be an integer >= %ld (got %.17g)", pre, key, min, x);
+		mark_bad(m, key);
 		return 0;
 	}
 	*out = (long)x;
@@ -732,7 +782,7 @@ static void attention_mla(struct imp *m, const cJSON *c)
 /* Group-limited routing; n_group 1 is no limit. */
 static void groups(struct imp *m, long n_group, long topk_group, enum moe_group_score gs)
 {
-	if (n_group <= 1 || m->n_err) /* after an error E may be a placeholder */
+	if (n_group <= 1 || any_bad(m, expert_keys)) /* E would be a placeholder */
 		return;
 	if (m->n_experts % n_group != 0) {
 		err(m, "'n_group' (%ld) must divide the number of experts (%ld)", n_group,
@@ -1565,7 +1615,8 @@ static void attention_extras(struct imp *m, const cJSON *c)
 	static const char *const qk_head[] = {"qwen3_moe", "hunyuan_v1_moe", "dots1", "qwen3_next",
 					      NULL};
 	static const char *const qk_full[] = {"olmoe", "flex_olmo", "minimax_m2", NULL};
-	if (m->attn == MOE_ATTN_NONE || m->n_err)
+	static const char *const layer_keys[] = {"num_hidden_layers", NULL};
+	if (m->attn == MOE_ATTN_NONE || any_bad(m, layer_keys))
 		return;
 	if (m->attn == MOE_ATTN_MLA) {
 		if (opt_bool(m, c, "", "attention_bias", 0))
@@ -1593,10 +1644,11 @@ static void attention_extras(struct imp *m, const cJSON *c)
 		m->out_gate = 1;
 		m->linear = MOE_LINEAR_ATTN_GATED_DELTANET;
 		linear_layers(m, c, opt_int(m, c, "", "full_attention_interval", 4, 1), 0);
-		m->lin_heads = req_int(m, c, "", "linear_num_value_heads", 1);
-		m->lin_hd = req_int(m, c, "", "linear_value_head_dim", 1);
-		m->lin_kh = req_int(m, c, "", "linear_num_key_heads", 1);
-		m->lin_kd = req_int(m, c, "", "linear_key_head_dim", 1);
+		/* transformers' defaults are the 80B release's */
+		m->lin_heads = opt_int(m, c, "", "linear_num_value_heads", 32, 1);
+		m->lin_hd = opt_int(m, c, "", "linear_value_head_dim", 128, 1);
+		m->lin_kh = opt_int(m, c, "", "linear_num_key_heads", 16, 1);
+		m->lin_kd = opt_int(m, c, "", "linear_key_head_dim", 128, 1);
 		m->lin_conv = opt_int(m, c, "", "linear_conv_kernel_dim", 4, 1);
 	} else if (!strcmp(m->family, "minimax")) {
 		m->linear = MOE_LINEAR_ATTN_LIGHTNING;
@@ -2396,9 +2448,15 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 				any |= m->moe[i];
 			if (!m->n_err && !any)
 				err(m, "%s: the configuration has no MoE layer", m->family);
-			if (!m->n_err && m->top_k > m->n_experts)
-				err(m, "top-k (%ld) exceeds the number of experts (%ld)", m->top_k,
-				    m->n_experts);
+			if (!any_bad(m, expert_keys) && !any_bad(m, top_k_keys) &&
+			    m->top_k > m->n_experts) {
+				char kk[96], ke[96];
+				err(m,
+				    "top-k (%ld) exceeds the number of experts (%ld): '%s' against "
+				    "'%s'",
+				    m->top_k, m->n_experts, key_in(root, top_k_keys, kk, sizeof kk),
+				    key_in(root, expert_keys, ke, sizeof ke));
+			}
 			char *spec = NULL;
 			size_t slen = 0;
 			FILE *mem = m->n_err ? NULL : open_memstream(&spec, &slen);
