@@ -423,11 +423,21 @@ static void test_bad_json(void **state)
 static void test_unknown_type(void **state)
 {
 	(void)state;
-	mutate_fail("mixtral", "model_type", "\"foo\"", "unsupported model_type 'foo'",
-		    "(supported: dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, flex_olmo, "
-		    "glm4_moe, gpt_oss, granitemoe, granitemoeshared, hunyuan_v1_moe, jamba, "
-		    "jetmoe, llama4, llama4_text, minimax, minimax_m2, mixtral, nllb_moe, olmoe, "
-		    "phimoe, qwen2_moe, qwen3_moe, qwen3_next, switch_transformers)");
+	mutate_fail(
+	    "mixtral", "model_type", "\"foo\"", "unsupported model_type 'foo'",
+	    "(supported: dbrx, deepseek_v2, deepseek_v3, deepseek_v32, dots1, ernie4_5_moe, "
+	    "exaone_moe, flex_olmo, glm4_moe, glm4_moe_lite, gpt_oss, granitemoe, "
+	    "granitemoeshared, hunyuan_v1_moe, jamba, jetmoe, llama4, llama4_text, minimax, "
+	    "minimax_m2, mixtral, nllb_moe, olmoe, phimoe, qwen2_moe, qwen3_moe, qwen3_next, "
+	    "solar_open, switch_transformers)");
+	/* MoE types of transformers that are refused name what is missing */
+	mutate_fail("mixtral", "model_type", "\"longcat_flash\"",
+		    "model_type 'longcat_flash' is not imported: longcat_flash: zero-computation "
+		    "(identity) experts are not described",
+		    NULL);
+	mutate_fail("mixtral", "model_type", "\"deepseek_v4\"",
+		    "deepseek_v4: hash routing (experts chosen from the token id) is not described",
+		    NULL);
 	mutate_fail("mixtral", "model_type", "\"mixtrl\"", "unsupported model_type 'mixtrl'",
 		    "did you mean 'mixtral'?");
 }
@@ -1417,12 +1427,15 @@ static const struct {
 	double total, active; /* active 0: not checked (see docs/models.md) */
 	int no_embed;
 } published[] = {
-    {"mixtral", 46.7e9, 12.9e9, 0},  {"qwen2_moe", 14.3e9, 0, 0},   {"qwen3_moe", 30.5e9, 0, 0},
-    {"olmoe", 6.9e9, 0, 0},          {"deepseek_v2", 15.7e9, 0, 1}, {"deepseek_v3", 671e9, 37e9, 1},
-    {"dbrx", 132e9, 36e9, 0},        {"gpt_oss", 20.9e9, 3.6e9, 1}, {"phimoe", 41.9e9, 6.6e9, 0},
-    {"llama4_text", 400e9, 17e9, 0}, {"glm4_moe", 106e9, 0, 0},     {"granitemoe", 3.3e9, 0, 0},
-    {"dots1", 142e9, 14e9, 0},       {"minimax_m2", 230e9, 0, 0},   {"qwen3_next", 80e9, 0, 0},
-    {"minimax", 456e9, 45.9e9, 2},
+    {"mixtral", 46.7e9, 12.9e9, 0},   {"qwen2_moe", 14.3e9, 0, 0},
+    {"qwen3_moe", 30.5e9, 0, 0},      {"olmoe", 6.9e9, 0, 0},
+    {"deepseek_v2", 15.7e9, 0, 1},    {"deepseek_v3", 671e9, 37e9, 1},
+    {"dbrx", 132e9, 36e9, 0},         {"gpt_oss", 20.9e9, 3.6e9, 1},
+    {"phimoe", 41.9e9, 6.6e9, 0},     {"llama4_text", 400e9, 17e9, 0},
+    {"glm4_moe", 106e9, 0, 0},        {"granitemoe", 3.3e9, 0, 0},
+    {"dots1", 142e9, 14e9, 0},        {"minimax_m2", 230e9, 0, 0},
+    {"qwen3_next", 80e9, 0, 0},       {"minimax", 456e9, 45.9e9, 2},
+    {"deepseek_v32", 671e9, 37e9, 1},
 };
 
 static void test_published_sizes(void **state)

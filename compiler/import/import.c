@@ -1535,6 +1535,113 @@ static void fam_dots1(struct imp *m, const cJSON *c)
 		"(intermediate_size).");
 }
 
+/* Model types whose MoE block is DeepSeek-V3's (the same router code in
+ * transformers: sigmoid scores, selection by score + e_score_correction_bias
+ * within the best groups, the unbiased scores renormalized with 1e-20 and
+ * scaled, shared experts of n_shared * moe_intermediate_size added), with
+ * their own key spellings and defaults (transformers' config defaults). */
+struct v3like {
+	const char *type;
+	const char *experts_key, *shared_key;
+	long first_dense; /* first_k_dense_replace default; -1: every layer is MoE */
+	long n_group, topk_group;
+	double scale;
+	const char *select_bias; /* the checkpoint name of e_score_correction_bias */
+};
+
+static const struct v3like v3likes[] = {
+    {"deepseek_v32", "n_routed_experts", "n_shared_experts", 3, 8, 4, 2.5,
+     "model.layers.{layer}.mlp.gate.e_score_correction_bias"},
+    {"exaone_moe", "num_experts", "num_shared_experts", 1, 1, 1, 2.5,
+     "model.layers.{layer}.mlp.e_score_correction_bias"},
+    {"glm4_moe_lite", "n_routed_experts", "n_shared_experts", 1, 1, 1, 1.8,
+     "model.layers.{layer}.mlp.gate.e_score_correction_bias"},
+    {"solar_open", "n_routed_experts", "n_shared_experts", -1, 1, 1, 1.0,
+     "model.layers.{layer}.mlp.gate.e_score_correction_bias"},
+};
+
+static void fam_v3like(struct imp *m, const cJSON *c)
+{
+	const struct v3like *f = NULL;
+	for (size_t i = 0; i < sizeof v3likes / sizeof *v3likes; i++)
+		if (!strcmp(v3likes[i].type, m->family))
+			f = &v3likes[i];
+	MOE_ASSERT(f);
+	base(m, c, "");
+	if (field(c, "kv_lora_rank"))
+		attention_mla(m, c);
+	else
+		attention_mha(m, c, "");
+	m->n_experts = req_int(m, c, "", f->experts_key, 1);
+	m->top_k = req_int(m, c, "", "num_experts_per_tok", 1);
+	m->inter = req_int(m, c, "", "moe_intermediate_size", 1);
+	glu_act(m, c, "", "hidden_act");
+	/* mlp_layer_types ("dense"/"sparse") wins over first_k_dense_replace */
+	const cJSON *types = field(c, "mlp_layer_types");
+	if (types && !cJSON_IsNull(types)) {
+		const cJSON *e;
+		long i = 0;
+		if (!cJSON_IsArray(types) || cJSON_GetArraySize(types) != m->layers)
+			err(m, "'mlp_layer_types' must be a list of %ld entries, one per layer",
+			    m->layers);
+		else
+			cJSON_ArrayForEach(e, types)
+			{
+				if (!cJSON_IsString(e) || (strcmp(e->valuestring, "sparse") != 0 &&
+							   strcmp(e->valuestring, "dense") != 0)) {
+					err(m,
+					    "'mlp_layer_types[%ld]' must be \"dense\" or "
+					    "\"sparse\"",
+					    i);
+					break;
+				}
+				m->moe[i++] = !strcmp(e->valuestring, "sparse");
+			}
+	} else {
+		long first = f->first_dense < 0
+				 ? 0
+				 : opt_int(m, c, "", "first_k_dense_replace", f->first_dense, 0);
+		for (long i = 0; i < m->layers; i++)
+			m->moe[i] = i >= first;
+	}
+	dense_ffn(m, c, "", "intermediate_size");
+	long n_shared = opt_int(m, c, "", f->shared_key, 1, 0);
+	if (n_shared > 0) {
+		m->shared_count = n_shared;
+		m->shared_inter = m->inter;
+		shared_names(m, "model.layers.{layer}.mlp.shared_experts");
+	}
+	m->scale = opt_num(m, c, "", "routed_scaling_factor", f->scale, 1e-30, 1e30);
+	int renorm = opt_bool(m, c, "", "norm_topk_prob", 1);
+	long ng = opt_int(m, c, "", "n_group", f->n_group, 1);
+	long tg = opt_int(m, c, "", "topk_group", f->topk_group, 1);
+	groups(m, ng, tg, MOE_GROUP_SCORE_SUM_TOP2);
+	m->score = MOE_SCORE_SIGMOID;
+	m->select_bias = 1;
+	if (renorm)
+		norm_sum(m, 1e-20, 0);
+	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
+	name(m, MOE_ROLE_SELECT_BIAS, f->select_bias);
+	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
+	note(m,
+	     "%s: the deepseek_v3 router. s = sigmoid(x W_g^T) (f32); experts chosen by s + "
+	     "e_score_correction_bias%s; weights are the unbiased s, %s, times "
+	     "routed_scaling_factor.",
+	     m->family,
+	     m->n_groups ? " within the best topk_group groups (sum of top-2 biased scores)" : "",
+	     renorm ? "renormalized (sum + 1e-20)" : "not renormalized");
+	if (n_shared > 0)
+		note(m,
+		     "Shared experts: one GLU of width %s * moe_intermediate_size, added "
+		     "unweighted.",
+		     f->shared_key);
+	if (!strcmp(m->family, "deepseek_v32")) {
+		note(m, "The lightning indexer of DeepSeek sparse attention (index_n_heads, "
+			"index_head_dim) is not counted by moegen info.");
+		mtp_note(m, c);
+	}
+}
+
 /* Granite MoE with a shared MLP: the granitemoe block, plus the decoder
  * layer's shared_mlp added to the block's output (same input, no gate). */
 static void fam_granitemoeshared(struct imp *m, const cJSON *c)
@@ -1612,8 +1719,8 @@ static void attention_extras(struct imp *m, const cJSON *c)
 	    "qwen3_moe",      "olmoe",      "flex_olmo",  "gpt_oss", "llama4",
 	    "llama4_text",    "phimoe",     "granitemoe", "dots1",   "granitemoeshared",
 	    "hunyuan_v1_moe", "qwen3_next", NULL};
-	static const char *const qk_head[] = {"qwen3_moe", "hunyuan_v1_moe", "dots1", "qwen3_next",
-					      NULL};
+	static const char *const qk_head[] = {"qwen3_moe",  "hunyuan_v1_moe", "dots1",
+					      "qwen3_next", "exaone_moe",     NULL};
 	static const char *const qk_full[] = {"olmoe", "flex_olmo", "minimax_m2", NULL};
 	static const char *const layer_keys[] = {"num_hidden_layers", NULL};
 	if (m->attn == MOE_ATTN_NONE || any_bad(m, layer_keys))
@@ -1698,10 +1805,13 @@ static const struct family families[] = {
     {"dbrx", fam_dbrx},
     {"deepseek_v2", fam_deepseek_v2},
     {"deepseek_v3", fam_deepseek_v3},
+    {"deepseek_v32", fam_v3like},
     {"dots1", fam_dots1},
     {"ernie4_5_moe", fam_ernie},
+    {"exaone_moe", fam_v3like},
     {"flex_olmo", fam_olmoe},
     {"glm4_moe", fam_glm4_moe},
+    {"glm4_moe_lite", fam_v3like},
     {"gpt_oss", fam_gpt_oss},
     {"granitemoe", fam_granitemoe},
     {"granitemoeshared", fam_granitemoeshared},
@@ -1719,6 +1829,7 @@ static const struct family families[] = {
     {"qwen2_moe", fam_qwen2_moe},
     {"qwen3_moe", fam_qwen3_moe},
     {"qwen3_next", fam_qwen3_next},
+    {"solar_open", fam_v3like},
     {"switch_transformers", fam_switch},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof *families))
@@ -1729,6 +1840,117 @@ static const struct {
 } family_aliases[] = {
     {"nllb-moe", "nllb_moe"},
 };
+
+/* MoE model types of transformers 5.25 that moegen import does not import,
+ * each with what is missing (docs/import.md). "Not mapped" means the block
+ * reads like one the spec describes but its config keys, weight names and
+ * semantics have not been checked against transformers' code. */
+static const struct {
+	const char *type, *why;
+} refused[] = {
+    {"afmoe", "not mapped yet (sigmoid router with a selection bias, route_scale and shared "
+	      "experts, like deepseek_v3 without groups)"},
+    {"aria", "not mapped yet (softmax over the top-k logits plus shared experts)"},
+    {"aria_text", "not mapped yet (softmax over the top-k logits plus shared experts)"},
+    {"axk1", "not mapped yet (the deepseek_v3 router)"},
+    {"axk2", "not mapped yet (sigmoid router with a selection bias, no groups)"},
+    {"bailing_hybrid", "not mapped yet (the deepseek_v3 router; its linear-attention layers "
+		       "are not described)"},
+    {"beam", "not mapped yet (the deepseek_v3 router without the scaling factor)"},
+    {"cohere2_moe", "not mapped yet; shared_expert_combination_strategy 'average' (the mean of "
+		    "the routed and shared outputs) is not described"},
+    {"deepseek_ocr2", "a vision-language model: not mapped yet (the deepseek_v2 block)"},
+    {"deepseek_ocr2_text", "not mapped yet (the deepseek_v2 block)"},
+    {"deepseek_v4", "hash routing (experts chosen from the token id) is not described"},
+    {"diffusion_gemma", "the router's learned input scale and the per-expert output scale are "
+			"not described"},
+    {"diffusion_gemma_text", "the router's learned input scale and the per-expert output scale "
+			     "are not described"},
+    {"doge", "cross-domain MoE (product-key retrieval added to a dense MLP) is not mapped"},
+    {"dots3_note", "a multimodal model: not mapped yet (the deepseek_v3 router)"},
+    {"dots3_note_text", "not mapped yet (the deepseek_v3 router)"},
+    {"ergo", "not mapped yet (sigmoid router with a selection bias); its residual gate is "
+	     "outside the block"},
+    {"ernie4_5_vl_moe", "separate text and vision experts chosen by token type are not "
+			"described"},
+    {"ernie4_5_vl_moe_text", "separate text and vision experts chosen by token type are not "
+			     "described"},
+    {"flint", "not mapped yet (sigmoid top-k plus a shared expert)"},
+    {"gemma4", "the router's learned input scale and the per-expert output scale are not "
+	       "described"},
+    {"gemma4_text", "the router's learned input scale and the per-expert output scale are not "
+		    "described"},
+    {"glm4v_moe", "a vision-language model: not mapped yet (the deepseek_v3 router)"},
+    {"glm4v_moe_text", "not mapped yet (the deepseek_v3 router)"},
+    {"glm5_next", "a multimodal model: not mapped yet (the deepseek_v3 router)"},
+    {"glm5_next_text", "not mapped yet (the deepseek_v3 router)"},
+    {"glm_moe_dsa", "not mapped yet (the deepseek_v3 router; DSA indexer attention)"},
+    {"granitemoe_swa", "not mapped yet (the granitemoe router)"},
+    {"granitemoehybrid", "not mapped yet (the granitemoe router; Mamba layers are not "
+			 "described)"},
+    {"hy_v3", "not mapped yet (sigmoid router with a selection bias, shared experts)"},
+    {"hy_v4", "not mapped yet (the deepseek_v3 router)"},
+    {"hy_v4_vl", "a vision-language model: not mapped yet (the deepseek_v3 router)"},
+    {"hy_v4_vl_text", "not mapped yet (the deepseek_v3 router)"},
+    {"inkling_text", "shared experts weighted by the router (their own sigmoid logits), "
+		     "log-sigmoid weights and a global scale are not described"},
+    {"inkling_mm_model", "shared experts weighted by the router, log-sigmoid weights and a "
+			 "global scale are not described"},
+    {"inkling2", "not mapped yet"},
+    {"inkling2_text", "not mapped yet"},
+    {"inkling2_loop", "not mapped yet; the looped message gate is outside the spec"},
+    {"inkling2_loop_text", "not mapped yet; the looped message gate is outside the spec"},
+    {"kimi_linear", "not mapped yet (the deepseek_v3 router; Kimi delta attention layers are "
+		    "not described)"},
+    {"kolibri1", "not mapped yet (selection by logits + bias)"},
+    {"kolibri1_1", "not mapped yet (selection by logits + bias)"},
+    {"laguna", "not mapped yet (sigmoid router with a selection bias, shared experts)"},
+    {"lara_mini", "not mapped yet (the qwen2_moe router; Gated DeltaNet layers)"},
+    {"lfm2_moe", "not mapped yet (sigmoid router with an optional selection bias); its "
+		 "short-convolution layers are not described"},
+    {"longcat_flash", "zero-computation (identity) experts are not described"},
+    {"mellum", "not mapped yet (the qwen2_moe router)"},
+    {"mimo_v2_flash", "not mapped yet (the deepseek_v3 router)"},
+    {"minicpm5_moe", "not mapped yet (the deepseek_v3 router)"},
+    {"minimax_m3_vl", "a vision-language model: not mapped yet (sigmoid router with a "
+		      "selection bias, shared experts)"},
+    {"minimax_m3_vl_text", "not mapped yet (sigmoid router with a selection bias, shared "
+			   "experts)"},
+    {"mistral4", "not mapped yet (softmax scores with group-limited selection, shared "
+		 "experts)"},
+    {"mistral_large4", "a multimodal model: not mapped yet (softmax scores with "
+		       "group-limited selection)"},
+    {"mistral_large4_text", "not mapped yet (softmax scores with group-limited selection)"},
+    {"muse_spark", "a multimodal model: the norm inside the MoE block is not described"},
+    {"muse_spark_text", "the norm inside the MoE block (pre_expert_norm) is not described"},
+    {"nemotron_h", "not mapped yet (the deepseek_v3 router; Mamba layers are not described)"},
+    {"openai_privacy_filter", "not mapped yet (the gpt_oss router)"},
+    {"qwen3_5_moe", "a vision-language model: not mapped yet (the qwen3_next block)"},
+    {"qwen3_5_moe_text", "not mapped yet (the qwen3_next block)"},
+    {"qwen3_omni_moe", "an omni-modal model: not mapped yet (the qwen3_moe block)"},
+    {"qwen3_omni_moe_thinker", "not mapped yet (the qwen3_moe block)"},
+    {"qwen3_omni_moe_text", "not mapped yet (the qwen3_moe block)"},
+    {"qwen3_vl_moe", "a vision-language model: not mapped yet (the qwen3_moe block)"},
+    {"qwen3_vl_moe_text", "not mapped yet (the qwen3_moe block)"},
+    {"qwen4_exp", "a multimodal model: not mapped yet (the qwen3_next block)"},
+    {"qwen4_exp_text", "not mapped yet (the qwen3_next block)"},
+    {"step3p5", "not mapped yet (sigmoid router with a selection bias, shared experts)"},
+    {"step3p7", "not mapped yet (sigmoid router with a selection bias, shared experts)"},
+    {"unlimited_ocr", "a vision-language model: not mapped yet (the deepseek_v2 block)"},
+    {"unlimited_ocr_text", "not mapped yet (the deepseek_v2 block)"},
+    {"vitpose_backbone", "not token routing: a dataset index picks one expert for part of the "
+			 "features"},
+    {"zaya", "the router (an MLP over the hidden state and the previous layer's router state, "
+	     "balancing biases on the probabilities) is not described"},
+};
+
+static const char *refused_why(const char *model_type)
+{
+	for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+		if (!strcmp(refused[i].type, model_type))
+			return refused[i].why;
+	return NULL;
+}
 
 static const struct family *find_family(const char *model_type)
 {
@@ -2424,7 +2646,11 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 			       json_type(mt));
 	} else {
 		const struct family *fam = find_family(mt->valuestring);
-		if (!fam) {
+		const char *why = fam ? NULL : refused_why(mt->valuestring);
+		if (why) {
+			moe_diag_error(d, "%s: model_type '%s' is not imported: %s: %s", json_path,
+				       mt->valuestring, mt->valuestring, why);
+		} else if (!fam) {
 			char list[1024] = "";
 			const char *cands[N_FAMILIES];
 			for (int i = 0; i < N_FAMILIES; i++) {

@@ -192,6 +192,28 @@ FAMILIES = [
                 n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
                 first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
                 routed_scaling_factor=2.5)),
+    Family("deepseek_v32", "DeepseekV32Config",
+           dict(ATTN, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=3,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=16,
+                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_n_heads=2,
+                index_head_dim=8, index_topk=16)),
+    Family("glm4_moe_lite", "Glm4MoeLiteConfig",
+           dict(ATTN, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=3,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+                topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
+                kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8)),
+    Family("solar_open", "SolarOpenConfig",
+           dict(ATTN, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=2,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5)),
+    Family("exaone_moe", "ExaoneMoeConfig",
+           dict(ATTN, intermediate_size=56, moe_intermediate_size=24, num_hidden_layers=3,
+                num_experts=8, num_shared_experts=1, num_experts_per_tok=2,
+                mlp_layer_types=["sparse", "dense", "sparse"], n_group=4, topk_group=2,
+                norm_topk_prob=True, routed_scaling_factor=2.5)),
     Family("switch_transformers", "SwitchTransformersConfig",
            dict(d_model=H, d_kv=8, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
                 num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=8,
@@ -396,6 +418,7 @@ UNCOUNTED = {
     "jamba": "Mamba mixers",
     "switch_transformers": "encoder-decoder with relative position bias",
     "nllb_moe": "encoder-decoder with cross-attention",
+    "deepseek_v32": "the lightning indexer of DeepSeek sparse attention",
 }
 
 # A hybrid MiniMax-Text-01 (lightning attention in the layers layer_types
@@ -454,3 +477,41 @@ def test_parameter_count(fam, tmp_path, moegen_cmd):
               for m in (model.get_input_embeddings(), model.get_output_embeddings())}
     emb = sum(tables.values())
     assert info["parameters"]["embedding"]["total"] == emb
+
+
+def _moe_model_types():
+    """Every model type of the installed transformers whose modeling code has
+    a sparse MoE block (an experts module, a top-k router or an MoE block
+    class), without the vision, audio and encoder sub-configs."""
+    import re
+    root = os.path.join(os.path.dirname(transformers.__file__), "models")
+    block = re.compile(r"class \w*(Experts|TopKRouter|TopkRouter|SparseMoe|MoE|Moe)\w*\(")
+    types = set()
+    for d in sorted(os.listdir(root)):
+        modeling = os.path.join(root, d, "modeling_%s.py" % d)
+        config = os.path.join(root, d, "configuration_%s.py" % d)
+        if not (os.path.exists(modeling) and os.path.exists(config)):
+            continue
+        with open(modeling) as f:
+            if not block.search(f.read()):
+                continue
+        with open(config) as f:
+            for t in re.findall(r'model_type = "([a-z0-9_]+)"', f.read()):
+                if not re.search(r"vision|audio|encoder|sam_|talker|code2wav|predictor", t):
+                    types.add(t)
+    return sorted(types)
+
+
+def test_every_moe_type_imported_or_refused(tmp_path, moegen_cmd):
+    """Each MoE model type transformers has is either imported (a config with
+    only model_type fails on a missing key) or refused with what is missing."""
+    silent = []
+    for t in _moe_model_types():
+        cfg = tmp_path / ("%s.json" % t)
+        cfg.write_text(json.dumps({"model_type": t}))
+        r = _moegen(moegen_cmd, "import", str(cfg), "-o", str(tmp_path / "s.yaml"))
+        assert r.returncode != 0
+        if "is not imported: %s: " % t in r.stderr or " needs '" in r.stderr:
+            continue
+        silent.append("%s: %s" % (t, r.stderr.strip().splitlines()[0]))
+    assert not silent, "MoE model types neither imported nor refused:\n" + "\n".join(silent)
