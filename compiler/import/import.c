@@ -695,6 +695,10 @@ static void fam_phimoe(struct imp *m, const cJSON *c)
 		"the two weights is a softmax over logits masked by relative distance to that "
 		"round's maximum; the two are not renormalized. input_jitter_noise is "
 		"training-only.");
+	if (opt_bool(m, c, "", "lm_head_bias", 0))
+		note(m,
+		     "lm_head_bias: the output head's bias (vocab_size parameters) is not counted "
+		     "by moegen info.");
 }
 
 /* qwen2_moe, qwen3_moe and qwen3_next share the router (and HF code); the
@@ -1925,6 +1929,8 @@ static const struct {
     {"muse_spark_text", "the norm inside the MoE block (pre_expert_norm) is not described"},
     {"nemotron_h", "not mapped yet (the deepseek_v3 router; Mamba layers are not described)"},
     {"openai_privacy_filter", "not mapped yet (the gpt_oss router)"},
+    {"param2moe", "not mapped yet (transformers runs the glm4_moe model; the release's weight "
+		  "names are renamed by transformers' conversion mapping)"},
     {"qwen3_5_moe", "a vision-language model: not mapped yet (the qwen3_next block)"},
     {"qwen3_5_moe_text", "not mapped yet (the qwen3_next block)"},
     {"qwen3_omni_moe", "an omni-modal model: not mapped yet (the qwen3_moe block)"},
@@ -1934,6 +1940,10 @@ static const struct {
     {"qwen3_vl_moe_text", "not mapped yet (the qwen3_moe block)"},
     {"qwen4_exp", "a multimodal model: not mapped yet (the qwen3_next block)"},
     {"qwen4_exp_text", "not mapped yet (the qwen3_next block)"},
+    {"sarvam_mla", "not mapped yet (transformers runs the deepseek_v3 model with its own config "
+		   "keys and defaults)"},
+    {"sarvam_moe", "not mapped yet (transformers runs the glm4_moe model; the release's weight "
+		   "names are renamed by transformers' conversion mapping)"},
     {"step3p5", "not mapped yet (sigmoid router with a selection bias, shared experts)"},
     {"step3p7", "not mapped yet (sigmoid router with a selection bias, shared experts)"},
     {"unlimited_ocr", "a vision-language model: not mapped yet (the deepseek_v2 block)"},

@@ -482,23 +482,38 @@ def test_parameter_count(fam, tmp_path, moegen_cmd):
 def _moe_model_types():
     """Every model type of the installed transformers whose modeling code has
     a sparse MoE block (an experts module, a top-k router or an MoE block
-    class), without the vision, audio and encoder sub-configs."""
+    class), without the vision, audio and encoder sub-configs; and the config-only
+    types (no modeling file) whose config class derives from such a type's
+    (sarvam_moe runs transformers' glm4_moe model)."""
     import re
     root = os.path.join(os.path.dirname(transformers.__file__), "models")
     block = re.compile(r"class \w*(Experts|TopKRouter|TopkRouter|SparseMoe|MoE|Moe)\w*\(")
-    types = set()
+    types, moe_dirs, config_only = set(), set(), {}
+
+    def read(path):
+        with open(path) as f:
+            return f.read()
+
+    def add(config):
+        for t in re.findall(r'model_type = "([a-z0-9_]+)"', read(config)):
+            if not re.search(r"vision|audio|encoder|sam_|talker|code2wav|predictor", t):
+                types.add(t)
+
     for d in sorted(os.listdir(root)):
         modeling = os.path.join(root, d, "modeling_%s.py" % d)
+        modular = os.path.join(root, d, "modular_%s.py" % d)
         config = os.path.join(root, d, "configuration_%s.py" % d)
-        if not (os.path.exists(modeling) and os.path.exists(config)):
+        if not os.path.exists(config):
             continue
-        with open(modeling) as f:
-            if not block.search(f.read()):
-                continue
-        with open(config) as f:
-            for t in re.findall(r'model_type = "([a-z0-9_]+)"', f.read()):
-                if not re.search(r"vision|audio|encoder|sam_|talker|code2wav|predictor", t):
-                    types.add(t)
+        if os.path.exists(modeling):
+            if block.search(read(modeling)):
+                moe_dirs.add(d)
+                add(config)
+        elif os.path.exists(modular):
+            config_only[d] = re.findall(r"from \.\.(\w+)\.configuration_", read(modular))
+    for d, bases in config_only.items():
+        if any(b in moe_dirs for b in bases):
+            add(os.path.join(root, d, "configuration_%s.py" % d))
     return sorted(types)
 
 
