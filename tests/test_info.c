@@ -155,15 +155,26 @@ static void test_mla(void **state)
 	free(d);
 }
 
+/* Counts of a spec given as text; the description also reads back from its
+ * dump (moe_desc_parse) to the same counts. */
 static void count_text(const char *text, struct moe_counts *c)
 {
 	struct moe_diag d = {0};
 	struct moe_spec *sp = moe_spec_load_string("t.yaml", text, strlen(text), &d);
 	assert_non_null(sp);
-	struct moe_desc *desc = calloc(1, sizeof *desc);
-	assert_non_null(desc);
+	struct moe_desc *desc = calloc(1, sizeof *desc), *back = calloc(1, sizeof *back);
+	assert_true(desc && back);
 	assert_int_equal(moe_spec_check(sp, desc, &d), 0);
 	moe_info_count(desc, c);
+	char dump[8192], err[256];
+	assert_true(moe_desc_dump(desc, dump, sizeof dump) < sizeof dump);
+	if (moe_desc_parse(dump, back, err, sizeof err) != 0)
+		fail_msg("%s", err);
+	struct moe_counts c2;
+	moe_info_count(back, &c2);
+	assert_exact(c2.attention, c->attention);
+	assert_exact(c2.norms, c->norms);
+	free(back);
 	free(desc);
 	moe_spec_free(sp);
 }
