@@ -78,6 +78,11 @@ static void add_semantics(cJSON *o, const struct moe_desc *d)
 		cJSON_AddStringToObject(sh, "gate", moe_shared_gate_names[d->shared_gate]);
 	}
 	cJSON_AddStringToObject(s, "attention", moe_attn_names[d->attn]);
+	if (d->linear_attn != MOE_LINEAR_ATTN_NONE) {
+		cJSON_AddStringToObject(s, "linear_attention",
+					moe_linear_attn_names[d->linear_attn]);
+		cJSON_AddNumberToObject(s, "linear_attention_layers", d->n_linear_layers);
+	}
 }
 
 /* Bytes per weight of the formats a checkpoint ships in: mxfp4 is 4 bits

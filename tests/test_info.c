@@ -155,6 +155,78 @@ static void test_mla(void **state)
 	free(d);
 }
 
+/* Counts of a spec given as text; the description also reads back from its
+ * dump (moe_desc_parse) to the same counts. */
+static void count_text(const char *text, struct moe_counts *c)
+{
+	struct moe_diag d = {0};
+	struct moe_spec *sp = moe_spec_load_string("t.yaml", text, strlen(text), &d);
+	assert_non_null(sp);
+	struct moe_desc *desc = calloc(1, sizeof *desc), *back = calloc(1, sizeof *back);
+	assert_true(desc && back);
+	assert_int_equal(moe_spec_check(sp, desc, &d), 0);
+	moe_info_count(desc, c);
+	char dump[8192], err[256];
+	assert_true(moe_desc_dump(desc, dump, sizeof dump) < sizeof dump);
+	if (moe_desc_parse(dump, back, err, sizeof err) != 0)
+		fail_msg("%s", err);
+	struct moe_counts c2;
+	moe_info_count(back, &c2);
+	assert_exact(c2.attention, c->attention);
+	assert_exact(c2.norms, c->norms);
+	free(back);
+	free(desc);
+	moe_spec_free(sp);
+}
+
+/* The attention keys beside the projections, from a spec through the
+ * checker: biases, q/k norms, sinks, the output gate, LayerNorm, and the
+ * linear-attention layers of a hybrid model. */
+static void test_attention_variants(void **state)
+{
+	(void)state;
+	static const char head[] = "moegen: 1\nname: t\nmodel:\n  hidden: 32\n  layers: 4\n"
+				   "  vocab: 10\n  tied_embeddings: true\n";
+	static const char tail[] = "router: {top_k: 1}\nexperts: {count: 2, intermediate: 4}\n";
+	double H = 32, h = 4, kv = 2, hd = 8, L = 4;
+	double plain = H * h * hd + 2 * H * kv * hd + h * hd * H;
+	char text[1024];
+	struct moe_counts c;
+
+	snprintf(text, sizeof text,
+		 "%s  attention: {heads: 4, kv_heads: 2, head_dim: 8, qkv_bias: true, "
+		 "out_bias: true, sinks: true, qk_norm: full}\n  norm: layer\n%s",
+		 head, tail);
+	count_text(text, &c);
+	assert_exact(c.attention,
+		     L * (plain + (h * hd + 2 * kv * hd) + H + h + (h * hd + kv * hd)));
+	assert_exact(c.norms, (2 * L + 1) * 2 * H);
+
+	/* Qwen3-Next: gated full attention in layers 1 and 3, Gated DeltaNet in
+	 * 0 and 2 (value heads 4 of dim 6, key heads 2 of dim 5, conv 3). */
+	snprintf(text, sizeof text,
+		 "%s  attention: {heads: 4, kv_heads: 2, head_dim: 8, qk_norm: head, "
+		 "output_gate: true, linear: {kind: gated_deltanet, layers: [0, 2], heads: 4, "
+		 "head_dim: 6, key_heads: 2, key_head_dim: 5, conv_kernel: 3}}\n%s",
+		 head, tail);
+	count_text(text, &c);
+	double full = plain + H * h * hd + 2 * hd;
+	double K = 2 * 5, V = 4 * 6;
+	double deltanet = H * (2 * K + 2 * V) + H * 2 * 4 + (2 * K + V) * 3 + 2 * 4 + 6 + V * H;
+	assert_exact(c.attention, 2 * full + 2 * deltanet);
+	assert_exact(c.norms, (2 * L + 1) * H);
+
+	/* MiniMax-01: lightning attention (heads and head_dim default to the
+	 * attention's) in three of the four layers. */
+	snprintf(text, sizeof text,
+		 "%s  attention: {heads: 4, kv_heads: 2, head_dim: 8, linear: {kind: lightning, "
+		 "layers: [0, 1, 3]}}\n%s",
+		 head, tail);
+	count_text(text, &c);
+	double lightning = 3 * H * h * hd + H * h * hd + h * hd * H + h * hd;
+	assert_exact(c.attention, plain + 3 * lightning);
+}
+
 static void test_hierarchical(void **state)
 {
 	(void)state;
@@ -407,6 +479,7 @@ int main(void)
 	    cmocka_unit_test(test_glu_token_choice),
 	    cmocka_unit_test(test_everything),
 	    cmocka_unit_test(test_mla),
+	    cmocka_unit_test(test_attention_variants),
 	    cmocka_unit_test(test_hierarchical),
 	    cmocka_unit_test(test_expert_choice),
 	    cmocka_unit_test(test_soft),

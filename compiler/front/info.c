@@ -151,13 +151,27 @@ static double ffn_macs(enum moe_kind kind, double I, double H)
 	return (kind == MOE_KIND_GLU ? 3 : 2) * I * H;
 }
 
+/* One full-attention layer, as the Hugging Face modules build it; *norms is
+ * the part that is norm weights (no multiply-adds). */
 static double attention_params(const struct moe_desc *d, double *norms)
 {
 	double H = d->hidden, h = d->attn_heads;
 	*norms = 0;
 	if (d->attn == MOE_ATTN_MHA) {
 		double kv = d->attn_kv_heads ? d->attn_kv_heads : h, hd = d->attn_head_dim;
-		return H * h * hd + 2 * H * kv * hd + h * hd * H;
+		double q = h * hd * (d->attn_output_gate ? 2 : 1);
+		double p = H * q + 2 * H * kv * hd + h * hd * H;
+		if (d->attn_qkv_bias)
+			p += q + 2 * kv * hd;
+		if (d->attn_out_bias)
+			p += H;
+		if (d->attn_sinks)
+			p += h;
+		if (d->attn_qk_norm == MOE_QK_NORM_HEAD)
+			*norms = 2 * hd;
+		else if (d->attn_qk_norm == MOE_QK_NORM_FULL)
+			*norms = h * hd + kv * hd;
+		return p + *norms;
 	}
 	if (d->attn != MOE_ATTN_MLA)
 		return 0;
@@ -173,8 +187,33 @@ static double attention_params(const struct moe_desc *d, double *norms)
 	/* kv: joint compression plus the shared rope key, normed, expanded. */
 	p += H * (kvr + rope) + kvr * h * (nope + v);
 	p += h * v * H;
+	if (d->attn_out_bias)
+		p += H;
 	*norms = qr + kvr;
 	return p + *norms;
+}
+
+/* One linear-attention layer. Gated DeltaNet (Qwen3-Next): q, k, v, z and
+ * the b, a gates from one input projection each, a depthwise causal conv over
+ * q, k and v, per-value-head dt bias and A, a gated norm over the value head
+ * dim, the output projection. Lightning attention (MiniMax-01): q, k, v in one
+ * projection, an output gate, a norm over all heads, the output projection. */
+static double linear_params(const struct moe_desc *d, double *norms)
+{
+	double H = d->hidden, vh = d->lin_value_heads, vd = d->lin_value_dim;
+	double V = vh * vd;
+	*norms = 0;
+	if (d->linear_attn == MOE_LINEAR_ATTN_GATED_DELTANET) {
+		double K = (double)d->lin_key_heads * d->lin_key_dim;
+		*norms = vd;
+		return H * (2 * K + 2 * V) + H * 2 * vh + (2 * K + V) * d->lin_conv + 2 * vh +
+		       *norms + V * H;
+	}
+	if (d->linear_attn == MOE_LINEAR_ATTN_LIGHTNING) {
+		*norms = V;
+		return 3 * H * V + H * V + V * H + *norms;
+	}
+	return 0;
 }
 
 void moe_info_count(const struct moe_desc *d, struct moe_counts *c)
@@ -215,13 +254,16 @@ void moe_info_count(const struct moe_desc *d, struct moe_counts *c)
 	double dense_layer =
 	    d->dense_intermediate ? ffn_macs(d->dense_kind, d->dense_intermediate, H) : 0;
 	c->dense_ffn = n_dense * dense_layer;
-	double attn_norms;
+	double attn_norms, lin_norms;
 	double attn_layer = attention_params(d, &attn_norms);
-	c->attention = d->n_layers * attn_layer;
+	double lin_layer = linear_params(d, &lin_norms);
+	double n_lin = d->linear_attn != MOE_LINEAR_ATTN_NONE ? d->n_linear_layers : 0;
+	double n_full = d->n_layers - n_lin;
+	c->attention = n_full * attn_layer + n_lin * lin_layer;
 	double table = (double)d->vocab * H;
 	c->embedding = d->tied_embeddings ? table : 2 * table;
 	if (d->attn != MOE_ATTN_NONE)
-		c->norms = (2.0 * d->n_layers + 1) * H;
+		c->norms = (2.0 * d->n_layers + 1) * H * (d->norm_bias ? 2 : 1);
 
 	c->total = c->routed_total + c->shared + c->router + c->dense_ffn + c->attention +
 		   c->embedding + c->norms;
@@ -232,7 +274,8 @@ void moe_info_count(const struct moe_desc *d, struct moe_counts *c)
 
 	if (d->attn != MOE_ATTN_NONE) {
 		double macs = c->flops_per_token / 2 + n_dense * dense_layer +
-			      d->n_layers * (attn_layer - attn_norms) + table;
+			      n_full * (attn_layer - attn_norms) + n_lin * (lin_layer - lin_norms) +
+			      table;
 		c->model_flops = 2 * macs;
 	}
 }
@@ -319,7 +362,11 @@ void moe_info_print(const struct moe_desc *d, FILE *out)
 	fprintf(out, "  layers %u (%u MoE), hidden %u", d->n_layers, d->n_moe_layers, d->hidden);
 	if (d->vocab)
 		fprintf(out, ", vocab %u%s", d->vocab, d->tied_embeddings ? " (tied)" : "");
-	fprintf(out, ", attention %s\n", moe_attn_names[d->attn]);
+	fprintf(out, ", attention %s", moe_attn_names[d->attn]);
+	if (d->linear_attn != MOE_LINEAR_ATTN_NONE)
+		fprintf(out, " (%s in %u layers)", moe_linear_attn_names[d->linear_attn],
+			d->n_linear_layers);
+	fprintf(out, "\n");
 	char router[256];
 	moe_info_router(d, router, sizeof router);
 	fprintf(out, "  router %s %s", moe_mode_names[d->mode], router);

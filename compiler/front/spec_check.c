@@ -52,6 +52,20 @@
 	X(MLA_NOPE, "model.attention.qk_nope_head_dim")                                            \
 	X(MLA_ROPE, "model.attention.qk_rope_head_dim")                                            \
 	X(MLA_V, "model.attention.v_head_dim")                                                     \
+	X(ATTN_QKV_BIAS, "model.attention.qkv_bias")                                               \
+	X(ATTN_OUT_BIAS, "model.attention.out_bias")                                               \
+	X(ATTN_SINKS, "model.attention.sinks")                                                     \
+	X(ATTN_GATE, "model.attention.output_gate")                                                \
+	X(ATTN_QKN, "model.attention.qk_norm")                                                     \
+	X(LIN, "model.attention.linear")                                                           \
+	X(LIN_KIND, "model.attention.linear.kind")                                                 \
+	X(LIN_LAYERS, "model.attention.linear.layers")                                             \
+	X(LIN_HEADS, "model.attention.linear.heads")                                               \
+	X(LIN_HD, "model.attention.linear.head_dim")                                               \
+	X(LIN_KH, "model.attention.linear.key_heads")                                              \
+	X(LIN_KD, "model.attention.linear.key_head_dim")                                           \
+	X(LIN_CONV, "model.attention.linear.conv_kernel")                                          \
+	X(MNORM, "model.norm")                                                                     \
 	X(DTYPE, "dtype")                                                                          \
 	X(DT_W, "dtype.weights")                                                                   \
 	X(DT_A, "dtype.activations")                                                               \
@@ -203,6 +217,8 @@ struct field {
 /* Value spellings accepted where a desc enum allows more than the spec. */
 static const char *const kind2_names[] = {"glu", "mlp"};
 static const char *const attn_kind_names[] = {"mha", "mla"};
+static const char *const lin_kind_names[] = {"gated_deltanet", "lightning"};
+static const char *const model_norm_names[] = {"rms", "layer"};
 static const char *const act_dtype_names[] = {"f32", "bf16"};
 static const char *const router_dtype_names[] = {"f32"};
 static const char *const pk_score_names[] = {"softmax", "sigmoid", "relu"};
@@ -222,17 +238,33 @@ static const struct field dense_fields[] = {
     ANY_(DENSE_ACT, 0),
     ENUM_(DENSE_KIND, kind2_names, 0),
 };
+static const struct field lin_fields[] = {
+    ENUM_(LIN_KIND, lin_kind_names, REQ), ANY_(LIN_LAYERS, REQ),
+    UINT_(LIN_HEADS, 1, MAX_DIM, 0),      UINT_(LIN_HD, 1, MAX_DIM, 0),
+    UINT_(LIN_KH, 1, MAX_DIM, 0),         UINT_(LIN_KD, 1, MAX_DIM, 0),
+    UINT_(LIN_CONV, 1, MAX_DIM, 0),
+};
 static const struct field attn_fields[] = {
-    ENUM_(ATTN_KIND, attn_kind_names, 0), UINT_(ATTN_HEADS, 1, MAX_DIM, REQ),
-    UINT_(ATTN_KV, 1, MAX_DIM, 0),        UINT_(ATTN_HD, 1, MAX_DIM, 0),
-    UINT_(MLA_Q, 0, MAX_DIM, 0),          UINT_(MLA_KV, 1, MAX_DIM, 0),
-    UINT_(MLA_NOPE, 1, MAX_DIM, 0),       UINT_(MLA_ROPE, 1, MAX_DIM, 0),
+    ENUM_(ATTN_KIND, attn_kind_names, 0),
+    UINT_(ATTN_HEADS, 1, MAX_DIM, REQ),
+    UINT_(ATTN_KV, 1, MAX_DIM, 0),
+    UINT_(ATTN_HD, 1, MAX_DIM, 0),
+    UINT_(MLA_Q, 0, MAX_DIM, 0),
+    UINT_(MLA_KV, 1, MAX_DIM, 0),
+    UINT_(MLA_NOPE, 1, MAX_DIM, 0),
+    UINT_(MLA_ROPE, 1, MAX_DIM, 0),
     UINT_(MLA_V, 1, MAX_DIM, 0),
+    BOOL_(ATTN_QKV_BIAS),
+    BOOL_(ATTN_OUT_BIAS),
+    BOOL_(ATTN_SINKS),
+    BOOL_(ATTN_GATE),
+    ENUM_(ATTN_QKN, moe_qk_norm_names, 0),
+    MAP_(LIN, lin_fields, 0),
 };
 static const struct field model_fields[] = {
     UINT_(HIDDEN, 1, MAX_HIDDEN, REQ), UINT_(LAYERS, 1, MOE_MAX_LAYERS, REQ), ANY_(MOE_LAYERS, 0),
     MAP_(DENSE, dense_fields, 0),      UINT_(VOCAB, 0, MAX_VOCAB, 0),         BOOL_(TIED),
-    MAP_(ATTN, attn_fields, 0),
+    MAP_(ATTN, attn_fields, 0),        ENUM_(MNORM, model_norm_names, 0),
 };
 static const struct field dtype_fields[] = {
     ENUM_(DT_W, moe_dtype_names, 0),
@@ -847,6 +879,109 @@ static void parse_moe_layers(struct ctx *c, struct moe_desc *o)
 		prev = x, prev_n = v;
 	}
 	c->ok[S_MOE_LAYERS] = !bad;
+}
+
+/* model.attention.linear.layers: a non-empty ascending list of layer indices;
+ * returns how many. */
+static uint32_t parse_linear_layers(struct ctx *c, uint32_t L)
+{
+	const yaml_node_t *n = c->n[S_LIN_LAYERS];
+	if (n->type != YAML_SEQUENCE_NODE ||
+	    n->data.sequence.items.start == n->data.sequence.items.top) {
+		err(c, n,
+		    "model.attention.linear.layers must be a non-empty list of layer indices, "
+		    "got %s",
+		    show(n));
+		return 0;
+	}
+	uint32_t count = 0;
+	int bad = 0, i = 0;
+	uint64_t prev = 0;
+	for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
+	     it++, i++) {
+		const yaml_node_t *v = moe_spec_node(c->s, *it);
+		char path[64];
+		uint64_t x;
+		snprintf(path, sizeof path, "model.attention.linear.layers[%d]", i);
+		if (get_uint(c, v, path, 0, UINT32_MAX, &x) != 0) {
+			bad = 1;
+			continue;
+		}
+		if (L && x >= L) {
+			err(c, v, "%s (%llu) is not a layer: the model has %u layers (0..%u)", path,
+			    (unsigned long long)x, L, L - 1);
+			note_at(c, S_LAYERS);
+			bad = 1;
+		} else if (i && x <= prev) {
+			err(c, v, "%s (%llu) must be above the entry before it (%llu)", path,
+			    (unsigned long long)x, (unsigned long long)prev);
+			bad = 1;
+		}
+		prev = x;
+		count++;
+	}
+	return bad ? 0 : count;
+}
+
+/* The attention variants beside the projections: biases, q/k norms, sinks,
+ * the output gate and the linear-attention layers of a hybrid model. */
+static void resolve_attention_extras(struct ctx *c, struct moe_desc *o, int mla)
+{
+	o->attn_qkv_bias = c->ok[S_ATTN_QKV_BIAS] ? (uint8_t)c->u[S_ATTN_QKV_BIAS] : 0;
+	o->attn_out_bias = c->ok[S_ATTN_OUT_BIAS] ? (uint8_t)c->u[S_ATTN_OUT_BIAS] : 0;
+	o->attn_sinks = c->ok[S_ATTN_SINKS] ? (uint8_t)c->u[S_ATTN_SINKS] : 0;
+	o->attn_output_gate = c->ok[S_ATTN_GATE] ? (uint8_t)c->u[S_ATTN_GATE] : 0;
+	o->attn_qk_norm = c->ok[S_ATTN_QKN] ? (enum moe_qk_norm)moe_enum_lookup(moe_qk_norm_names,
+										MOE_QK_NORM_COUNT,
+										c->str[S_ATTN_QKN])
+					    : MOE_QK_NORM_NONE;
+	static const int mha_keys[] = {S_ATTN_QKV_BIAS, S_ATTN_GATE, S_ATTN_QKN, S_ATTN_SINKS};
+	for (int i = 0; mla && i < N_(mha_keys); i++)
+		if (c->n[mha_keys[i]]) {
+			err(c, c->k[mha_keys[i]], "%s does not apply to attention kind mla",
+			    slot_path[mha_keys[i]]);
+			note_at(c, S_ATTN_KIND);
+		}
+	if (!c->n[S_LIN] || !c->ok[S_LIN_KIND])
+		return;
+	int deltanet = !strcmp(c->str[S_LIN_KIND], "gated_deltanet");
+	o->linear_attn = deltanet ? MOE_LINEAR_ATTN_GATED_DELTANET : MOE_LINEAR_ATTN_LIGHTNING;
+	if (c->n[S_LIN_LAYERS])
+		o->n_linear_layers = parse_linear_layers(c, o->n_layers);
+	/* lightning: heads and head_dim default to the attention's */
+	o->lin_value_heads =
+	    c->ok[S_LIN_HEADS] ? (uint32_t)c->u[S_LIN_HEADS] : (deltanet ? 0 : o->attn_heads);
+	o->lin_value_dim =
+	    c->ok[S_LIN_HD] ? (uint32_t)c->u[S_LIN_HD] : (deltanet ? 0 : o->attn_head_dim);
+	static const int dn_only[] = {S_LIN_KH, S_LIN_KD, S_LIN_CONV};
+	static const int dn_req[] = {S_LIN_HEADS, S_LIN_HD, S_LIN_KH, S_LIN_KD, S_LIN_CONV};
+	if (deltanet) {
+		for (int i = 0; i < N_(dn_req); i++)
+			if (!c->n[dn_req[i]])
+				err(c, c->k[S_LIN_KIND],
+				    "%s is required for linear attention kind "
+				    "gated_deltanet",
+				    slot_path[dn_req[i]]);
+	} else {
+		for (int i = 0; i < N_(dn_only); i++)
+			if (c->n[dn_only[i]]) {
+				err(c, c->k[dn_only[i]],
+				    "%s does not apply to linear attention kind lightning",
+				    slot_path[dn_only[i]]);
+				note_at(c, S_LIN_KIND);
+			}
+	}
+	o->lin_key_heads = c->ok[S_LIN_KH] ? (uint32_t)c->u[S_LIN_KH] : 0;
+	o->lin_key_dim = c->ok[S_LIN_KD] ? (uint32_t)c->u[S_LIN_KD] : 0;
+	o->lin_conv = c->ok[S_LIN_CONV] ? (uint32_t)c->u[S_LIN_CONV] : 0;
+	if (deltanet && o->lin_key_heads && o->lin_value_heads &&
+	    o->lin_value_heads % o->lin_key_heads) {
+		err(c, c->n[S_LIN_KH],
+		    "model.attention.linear.key_heads (%u) must divide "
+		    "model.attention.linear.heads (%u)",
+		    o->lin_key_heads, o->lin_value_heads);
+		note_at(c, S_LIN_HEADS);
+	}
 }
 
 /* Weight names and layouts ---------------------------------------------------- */
@@ -1630,7 +1765,9 @@ static void resolve_model(struct ctx *c, struct moe_desc *o)
 					o->attn_head_dim = o->hidden / h;
 			}
 		}
+		resolve_attention_extras(c, o, mla);
 	}
+	o->norm_bias = c->ok[S_MNORM] && !strcmp(c->str[S_MNORM], "layer");
 
 	/* dtype */
 	o->weight_dtype = dtype_of(c, S_DT_W);

@@ -30,6 +30,8 @@ const char *const moe_kind_names[] = {MOE_KINDS(NAME_)};
 const char *const moe_act_names[] = {MOE_ACTS(NAME_)};
 const char *const moe_shared_gate_names[] = {MOE_SHARED_GATES(NAME_)};
 const char *const moe_attn_names[] = {MOE_ATTNS(NAME_)};
+const char *const moe_qk_norm_names[] = {MOE_QK_NORMS(NAME_)};
+const char *const moe_linear_attn_names[] = {MOE_LINEAR_ATTNS(NAME_)};
 const char *const moe_fuse_names[] = {MOE_FUSES(NAME_)};
 const char *const moe_orient_names[] = {MOE_ORIENTS(NAME_)};
 const char *const moe_quant_names[] = {MOE_QUANTS(NAME_)};
@@ -363,7 +365,15 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	if (d->attn == MOE_ATTN_MLA)
 		put(&o, " q_lora %u kv_lora %u nope %u rope %u v %u", d->mla_q_lora_rank,
 		    d->mla_kv_lora_rank, d->mla_qk_nope_dim, d->mla_qk_rope_dim, d->mla_v_dim);
-	put(&o, "\n");
+	put(&o, " qkv_bias %u out_bias %u sinks %u output_gate %u qk_norm %s norm_bias %u\n",
+	    d->attn_qkv_bias, d->attn_out_bias, d->attn_sinks, d->attn_output_gate,
+	    moe_qk_norm_names[d->attn_qk_norm], d->norm_bias);
+	if (d->linear_attn != MOE_LINEAR_ATTN_NONE)
+		put(&o,
+		    "linear_attention %s layers %u key_heads %u key_dim %u value_heads %u "
+		    "value_dim %u conv %u\n",
+		    moe_linear_attn_names[d->linear_attn], d->n_linear_layers, d->lin_key_heads,
+		    d->lin_key_dim, d->lin_value_heads, d->lin_value_dim, d->lin_conv);
 	put(&o, "dtype weights %s activations %s compute %s router f32\n",
 	    moe_dtype_names[d->weight_dtype], moe_dtype_names[d->act_dtype],
 	    moe_compute_names[d->compute]);
@@ -647,6 +657,22 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		take_u32(l, "nope", !mla, &d->mla_qk_nope_dim);
 		take_u32(l, "rope", !mla, &d->mla_qk_rope_dim);
 		take_u32(l, "v", !mla, &d->mla_v_dim);
+		take_u8(l, "qkv_bias", &d->attn_qkv_bias);
+		take_u8(l, "out_bias", &d->attn_out_bias);
+		take_u8(l, "sinks", &d->attn_sinks);
+		take_u8(l, "output_gate", &d->attn_output_gate);
+		d->attn_qk_norm =
+		    (enum moe_qk_norm)ENUM_("qk_norm", moe_qk_norm_names, MOE_QK_NORM_COUNT);
+		take_u8(l, "norm_bias", &d->norm_bias);
+	} else if (!strcmp(h, "linear_attention")) {
+		d->linear_attn =
+		    (enum moe_linear_attn)ENUM_(NULL, moe_linear_attn_names, MOE_LINEAR_ATTN_COUNT);
+		take_u32(l, "layers", 0, &d->n_linear_layers);
+		take_u32(l, "key_heads", 0, &d->lin_key_heads);
+		take_u32(l, "key_dim", 0, &d->lin_key_dim);
+		take_u32(l, "value_heads", 0, &d->lin_value_heads);
+		take_u32(l, "value_dim", 0, &d->lin_value_dim);
+		take_u32(l, "conv", 0, &d->lin_conv);
 	} else if (!strcmp(h, "dtype")) {
 		d->weight_dtype =
 		    (enum moe_dtype)ENUM_("weights", moe_dtype_names, MOE_DTYPE_COUNT);

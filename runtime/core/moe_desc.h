@@ -10,7 +10,7 @@
 
 #include "moe.h" /* enum moe_dtype, enum moe_status: the public ABI */
 
-#define MOE_DESC_VERSION 3
+#define MOE_DESC_VERSION 4
 #define MOE_MAX_LAYERS 512
 #define MOE_MAX_LEVELS 2
 #define MOE_NAME_MAX 256
@@ -39,6 +39,11 @@
 	X(GELU, "gelu") X(GELU_TANH, "gelu_tanh") X(RELU, "relu") X(SWIGLU_OAI, "swiglu_oai")
 #define MOE_SHARED_GATES(X) X(NONE, "none") X(SIGMOID, "sigmoid")
 #define MOE_ATTNS(X) X(NONE, "none") X(MHA, "mha") X(MLA, "mla")
+/* Per-head (head_dim) or whole-projection RMS norms of q and k. */
+#define MOE_QK_NORMS(X) X(NONE, "none") X(HEAD, "head") X(FULL, "full")
+/* Linear-attention layers of a hybrid model (accounting only). */
+#define MOE_LINEAR_ATTNS(X)                                                                        \
+	X(NONE, "none") X(GATED_DELTANET, "gated_deltanet") X(LIGHTNING, "lightning")
 #define MOE_FUSES(X) X(NONE, "none") X(CONCAT, "concat") X(INTERLEAVE, "interleave")
 #define MOE_ORIENTS(X) X(OUT_IN, "out_in") X(IN_OUT, "in_out")
 /* On-disk quantization of a weight role, dequantized to f32 at load. */
@@ -68,6 +73,8 @@
 #define MOE_ENUM_X_MOE_ACT_(v, s) MOE_ACT_##v,
 #define MOE_ENUM_X_MOE_SHARED_GATE_(v, s) MOE_SHARED_GATE_##v,
 #define MOE_ENUM_X_MOE_ATTN_(v, s) MOE_ATTN_##v,
+#define MOE_ENUM_X_MOE_QK_NORM_(v, s) MOE_QK_NORM_##v,
+#define MOE_ENUM_X_MOE_LINEAR_ATTN_(v, s) MOE_LINEAR_ATTN_##v,
 #define MOE_ENUM_X_MOE_FUSE_(v, s) MOE_FUSE_##v,
 #define MOE_ENUM_X_MOE_ORIENT_(v, s) MOE_ORIENT_##v,
 #define MOE_ENUM_X_MOE_QUANT_(v, s) MOE_QUANT_##v,
@@ -94,6 +101,8 @@ MOE_DEFINE_ENUM(moe_kind, MOE_KIND_, MOE_KINDS);
 MOE_DEFINE_ENUM(moe_act, MOE_ACT_, MOE_ACTS);
 MOE_DEFINE_ENUM(moe_shared_gate, MOE_SHARED_GATE_, MOE_SHARED_GATES);
 MOE_DEFINE_ENUM(moe_attn, MOE_ATTN_, MOE_ATTNS);
+MOE_DEFINE_ENUM(moe_qk_norm, MOE_QK_NORM_, MOE_QK_NORMS);
+MOE_DEFINE_ENUM(moe_linear_attn, MOE_LINEAR_ATTN_, MOE_LINEAR_ATTNS);
 MOE_DEFINE_ENUM(moe_fuse, MOE_FUSE_, MOE_FUSES);
 MOE_DEFINE_ENUM(moe_orient, MOE_ORIENT_, MOE_ORIENTS);
 MOE_DEFINE_ENUM(moe_quant, MOE_QUANT_, MOE_QUANTS);
@@ -193,6 +202,17 @@ struct moe_desc {
 	enum moe_attn attn;
 	uint32_t attn_heads, attn_kv_heads, attn_head_dim;
 	uint32_t mla_q_lora_rank, mla_kv_lora_rank, mla_qk_nope_dim, mla_qk_rope_dim, mla_v_dim;
+	uint8_t attn_qkv_bias, attn_out_bias; /* q, k, v / output projection biases */
+	uint8_t attn_sinks;                   /* one learned sink logit per head */
+	uint8_t attn_output_gate;             /* q projection also yields a gate per channel */
+	enum moe_qk_norm attn_qk_norm;
+	uint8_t norm_bias; /* the model's norms are LayerNorms (weight and bias) */
+	/* linear attention in n_linear_layers of the layers (the rest use the
+	 * attention above); gated_deltanet: key/value heads and head dims and the
+	 * depthwise conv kernel; lightning: heads and head_dim in the value fields */
+	enum moe_linear_attn linear_attn;
+	uint32_t n_linear_layers;
+	uint32_t lin_key_heads, lin_key_dim, lin_value_heads, lin_value_dim, lin_conv;
 
 	/* dtypes */
 	enum moe_dtype weight_dtype;
@@ -296,6 +316,8 @@ extern const char *const moe_kind_names[MOE_KIND_COUNT];
 extern const char *const moe_act_names[MOE_ACT_COUNT];
 extern const char *const moe_shared_gate_names[MOE_SHARED_GATE_COUNT];
 extern const char *const moe_attn_names[MOE_ATTN_COUNT];
+extern const char *const moe_qk_norm_names[MOE_QK_NORM_COUNT];
+extern const char *const moe_linear_attn_names[MOE_LINEAR_ATTN_COUNT];
 extern const char *const moe_fuse_names[MOE_FUSE_COUNT];
 extern const char *const moe_orient_names[MOE_ORIENT_COUNT];
 extern const char *const moe_quant_names[MOE_QUANT_COUNT];
