@@ -109,6 +109,7 @@ struct moe_counts {
 	double total, active;
 	double flops_per_token; /* 2 * active multiply-adds of the MoE layers' FFN + router */
 	double weight_bytes_per_token; /* bytes of MoE-layer weights read per token at T = 1 */
+	double weights_per_token;      /* those weights, counted (bytes in any format / size) */
 	/* Conventions and breakdowns (docs/models.md). */
 	double active_no_embed_in; /* active less the input embedding table (not when tied) */
 	double experts_per_token;  /* routed expert applications per token, per mode */

@@ -87,19 +87,21 @@ static void add_semantics(cJSON *o, const struct moe_desc *d)
 
 /* Bytes per weight of the formats a checkpoint ships in: mxfp4 is 4 bits
  * plus one 8-bit scale per 32 (4.25 bits); fp8 block scales are one f32
- * per 128x128 tile (negligible, counted). */
+ * per 128x128 tile (negligible, counted); and as moegen keeps experts
+ * quantized (quant:), int8 and int4 in groups of 128 with their f32 scales
+ * (int4: and offsets). */
 static const struct {
 	const char *name;
 	double bytes;
 } formats[] = {
-    {"f32", 4.0},          {"bf16", 2.0}, {"f16", 2.0}, {"fp8_block", 1.0 + 4.0 / (128.0 * 128.0)},
+    {"f32", 4.0},
+    {"bf16", 2.0},
+    {"f16", 2.0},
+    {"fp8_block", 1.0 + 4.0 / (128.0 * 128.0)},
     {"mxfp4", 4.25 / 8.0},
+    {"int8_g128", 1.0 + 4.0 / 128},
+    {"int4_g128", 0.5 + 8.0 / 128},
 };
-
-static double weight_bytes(enum moe_dtype t)
-{
-	return t == MOE_DTYPE_F32 ? 4.0 : 2.0;
-}
 
 cJSON *moe_info_json(const struct moe_desc *d)
 {
@@ -126,7 +128,7 @@ cJSON *moe_info_json(const struct moe_desc *d)
 	cJSON_AddNumberToObject(t, "moe_weight_bytes", c.weight_bytes_per_token);
 	/* the same MoE weights (T = 1, all MoE layers) stored in each format */
 	cJSON *f = cJSON_AddObjectToObject(t, "moe_weight_bytes_by_format");
-	double n_weights = c.weight_bytes_per_token / weight_bytes(d->weight_dtype);
+	double n_weights = c.weights_per_token;
 	for (size_t i = 0; i < sizeof formats / sizeof *formats; i++)
 		cJSON_AddNumberToObject(f, formats[i].name, n_weights * formats[i].bytes);
 	add_semantics(o, d);

@@ -19,6 +19,7 @@
 
 #include "moe_kernels.h"
 #include "moe_ref.h"
+#include "moegen.h"
 
 static void set_q(struct moe_desc *d, int m, enum moe_qformat k, uint32_t group, int zero)
 {
@@ -98,6 +99,16 @@ static void test_desc_and_bytes(void **state)
 	double per_down = (double)r.down_bytes / ((double)r.down_panels * MOE_NR * d.intermediate);
 	assert_true(fabs(per_down - (1.0 + 4.0 / 128)) < 1e-12);
 	assert_true(rf.up_bytes == 4 * (uint64_t)rf.up_panels * MOE_NR * d.hidden);
+	/* moegen info counts the same bytes per weight for the experts a token
+	 * reads: the f32 layer less its expert matrices, plus them quantized */
+	struct moe_counts cq, cf;
+	moe_info_count(&d, &cq);
+	moe_info_count(&plain, &cf);
+	double H = d.hidden, I = d.intermediate, k = d.top_k;
+	double want = cf.layer_weight_bytes - k * 3 * H * I * 4 +
+		      k * (2 * H * I * (0.5 + 8.0 / 128) + H * I * (1.0 + 4.0 / 128));
+	assert_true(fabs(cq.layer_weight_bytes - want) <= 1e-9 * want);
+	assert_true(cq.weights_per_token == cf.weights_per_token);
 }
 
 static char diag_text[2048];

@@ -11,6 +11,32 @@ static double dtype_bytes(enum moe_dtype t)
 	return t == MOE_DTYPE_F32 ? 4.0 : 2.0;
 }
 
+/* Bytes per weight of a kept-quantized format as the panels hold it (an f32
+ * scale per group, and for int4 an f32 offset), or the dtype's. */
+static double qfmt_bytes(const struct moe_qfmt *f, enum moe_dtype t)
+{
+	switch (f->kind) {
+	case MOE_QFORMAT_INT8:
+		return 1.0 + 4.0 / f->group;
+	case MOE_QFORMAT_INT4:
+		return 0.5 + 8.0 / f->group;
+	default:
+		return dtype_bytes(t);
+	}
+}
+
+/* Bytes of one FFN's matrices (gate and up in the up format, down in the
+ * down format) less what dtype_bytes would count for them: the correction a
+ * kept-quantized FFN makes to a byte count. */
+static double ffn_bytes_delta(const struct moe_desc *d, enum moe_kind k, double width,
+			      const struct moe_qfmt *up, const struct moe_qfmt *down)
+{
+	double H = d->hidden, b = dtype_bytes(d->weight_dtype);
+	double nup = (k == MOE_KIND_GLU ? 2.0 : 1.0) * width * H, ndown = width * H;
+	return nup * (qfmt_bytes(up, d->weight_dtype) - b) +
+	       ndown * (qfmt_bytes(down, d->weight_dtype) - b);
+}
+
 /* Parameters of one role's canonical tensor over all experts, 0 when unused. */
 static double role_params(const struct moe_desc *d, enum moe_role r)
 {
@@ -248,7 +274,17 @@ void moe_info_count(const struct moe_desc *d, struct moe_counts *c)
 	c->layer_flops = 2 * layer_macs;
 	c->flops_per_token = n_moe * c->layer_flops;
 	c->layer_weight_bytes = layer_read * dtype_bytes(d->weight_dtype);
+	if (d->kind != MOE_KIND_SINGLE_NEURON)
+		c->layer_weight_bytes +=
+		    experts_read_alone(d) * ffn_bytes_delta(d, d->kind, d->intermediate,
+							    &d->qfmt[MOE_QMAT_UP],
+							    &d->qfmt[MOE_QMAT_DOWN]);
+	if (Is)
+		c->layer_weight_bytes +=
+		    ffn_bytes_delta(d, d->shared_kind, Is, &d->qfmt[MOE_QMAT_SHARED_UP],
+				    &d->qfmt[MOE_QMAT_SHARED_DOWN]);
 	c->weight_bytes_per_token = n_moe * c->layer_weight_bytes;
+	c->weights_per_token = n_moe * layer_read;
 
 	/* The rest of the model, as far as the spec describes it. */
 	double dense_layer =
@@ -375,7 +411,13 @@ void moe_info_print(const struct moe_desc *d, FILE *out)
 		fprintf(out, " of width %u", d->intermediate);
 	if (d->shared_count)
 		fprintf(out, ", shared width %u", moe_desc_shared_width(d));
-	fprintf(out, ", weights %s\n\n", moe_dtype_names[d->weight_dtype]);
+	fprintf(out, ", weights %s", moe_dtype_names[d->weight_dtype]);
+	for (int m = 0; m < MOE_QMAT_COUNT; m++)
+		if (d->qfmt[m].kind != MOE_QFORMAT_NONE)
+			fprintf(out, ", %s kept %s g%u%s", moe_qmat_names[m],
+				moe_qformat_names[d->qfmt[m].kind], d->qfmt[m].group,
+				d->qfmt[m].zero ? " with zero points" : "");
+	fprintf(out, "\n\n");
 
 	fprintf(out, "  %-27s %26s  %26s\n", "parameters", "total", "active");
 	row(out, "routed experts", c.routed_total, c.routed_active);
