@@ -15,6 +15,7 @@
 #include "moe.h"
 #ifdef MOE_HAVE_MPI
 #include "moe_ep.h"
+#include "slowlink.h"
 #endif
 
 /* The entry points of a model.so. */
@@ -491,8 +492,14 @@ static int do_run_ep(const struct run_opts *o)
 	const char *xs = bf16 ? (const char *)xb : (const char *)x;
 	struct moe_ep_fns fns = {a.info, a.describe, a.route, a.experts, a.combine, a.last_error};
 	struct moe_ep_stats s = {0}, best = {0};
-	uint64_t chunks = o->chunks ? o->chunks : 4;
-	for (uint64_t r = 0; r < (o->reps ? o->reps : 1); r++) {
+	uint64_t chunks = o->chunks ? o->chunks : 4, reps = o->reps ? o->reps : 1;
+	/* the simulated slow link, when libmoe_ep_slowlink.so is preloaded */
+	void (*link_stats)(struct moe_ep_slowlink_stats *) =
+	    (void (*)(struct moe_ep_slowlink_stats *))dlsym(RTLD_DEFAULT, "moe_ep_slowlink_stats");
+	void (*link_reset)(void) = (void (*)(void))dlsym(RTLD_DEFAULT, "moe_ep_slowlink_reset");
+	if (link_reset)
+		link_reset();
+	for (uint64_t r = 0; r < reps; r++) {
 		st = moe_ep_forward(MPI_COMM_WORLD, &fns, m, layer, xs + t0 * H * es, y, T,
 				    (uint32_t)chunks, &s, err, sizeof err);
 		if (st != MOE_OK)
@@ -511,6 +518,14 @@ static int do_run_ep(const struct run_opts *o)
 	       tmax[5];
 	MPI_Reduce(&best.bytes_sent, &bytes, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
 	MPI_Reduce(t, tmax, 5, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+	struct moe_ep_slowlink_stats ls = {0};
+	if (link_stats)
+		link_stats(&ls);
+	/* per forward: the busiest link, and the most exposed rank */
+	double lt[2] = {ls.t_link / (double)reps, ls.t_exposed / (double)reps}, ltmax[2] = {0, 0};
+	MPI_Reduce(lt, ltmax, 2, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+	double ov = lt[0] > 0 ? 1 - lt[1] / lt[0] : 1.0, ovmin = 1;
+	MPI_Reduce(&ov, &ovmin, 1, MPI_DOUBLE, MPI_MIN, 0, MPI_COMM_WORLD);
 	rcounts = malloc((size_t)P * sizeof *rcounts);
 	rdispl = malloc((size_t)P * sizeof *rdispl);
 	if (me == 0)
@@ -535,6 +550,11 @@ static int do_run_ep(const struct run_opts *o)
 		       tmax[4] * 1e3, tmax[0] * 1e3, tmax[1] * 1e3, tmax[2] * 1e3, tmax[3] * 1e3);
 		printf("ep: bytes exchanged %llu (%.1f per token)\n", (unsigned long long)bytes,
 		       N ? (double)bytes / (double)N : 0.0);
+		if (ls.on)
+			printf("ep: simulated link %g Gb/s, %g us: busy %.3f ms per forward, "
+			       "exposed %.3f ms (most of any rank), overlap %.2f (least of any "
+			       "rank)\n",
+			       ls.gbps, ls.latency_us, ltmax[0] * 1e3, ltmax[1] * 1e3, ovmin);
 	}
 	if (o->check && me == 0) {
 		/* one process, every expert: the same bits, and the bytes the routing

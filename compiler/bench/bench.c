@@ -35,7 +35,7 @@ static const char *const usage_bench =
     "usage: moegen bench [--shapes LIST] [--tokens LIST] [--weights LIST]\n"
     "                    [--routing LIST] [--threads N] [--reps N] [--quick]\n"
     "                    [--copies N] [--csv FILE] [--json FILE] [--no-generated]\n"
-    "                    [--modes LIST]\n"
+    "                    [--modes LIST] [--ep P [--chunks N] [--link GBPS[,US]]]\n"
     "Measure this machine's FMA peak and DRAM read bandwidth, then time one MoE\n"
     "layer per shape, token count, weight dtype and routing: the layer moegen\n"
     "generates and a per-expert cblas_sgemm baseline on the same routing.\n"
@@ -58,7 +58,14 @@ static const char *const usage_bench =
     "             noisy, ec, soft, peer, peer-1m (full size, 8 GiB; only when\n"
     "             named). Default: all but peer-1m in a full run, none with\n"
     "             --quick; alone, without --shapes, it runs no shapes; none: no\n"
-    "             research routers\n";
+    "             research routers\n"
+    "  --ep P     expert parallelism instead: each shape and token count as one\n"
+    "             layer on P MPI ranks (moegen run --ep under mpirun, the cores\n"
+    "             shared among them); the slowest rank's times and the bytes\n"
+    "  --chunks N  --ep: token chunks in flight (default 4)\n"
+    "  --link GBPS[,US]  --ep: simulate a link of GBPS Gb/s and US microseconds\n"
+    "             per transfer around the MPI calls (libmoe_ep_slowlink.so);\n"
+    "             reports the link time and how much of it the computation hid\n";
 
 struct shape {
 	const char *name;  /* --shapes and the csv */
@@ -113,6 +120,8 @@ struct opts {
 	int quick;
 	int generated;
 	const char *csv, *json;
+	unsigned ep, chunks; /* --ep P: expert parallelism on P ranks, in chunks */
+	const char *link;    /* --link GBPS[,US]: the simulated slow link */
 };
 
 struct probe_run {
@@ -281,6 +290,15 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 			val = &o->csv;
 		} else if (!strcmp(a, "--json")) {
 			val = &o->json;
+		} else if (!strcmp(a, "--link")) {
+			val = &o->link;
+		} else if (!strcmp(a, "--ep") || !strcmp(a, "--chunks")) {
+			unsigned v;
+			if (i + 1 >= argc || parse_uint(argv[i + 1], 1024, &v) || v == 0)
+				return bad_usage("%s needs a positive integer", a);
+			*(!strcmp(a, "--ep") ? &o->ep : &o->chunks) = v;
+			i++;
+			continue;
 		} else if (!strcmp(a, "--threads") || !strcmp(a, "--reps") ||
 			   !strcmp(a, "--copies")) {
 			unsigned v;
@@ -324,12 +342,15 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		return bad_usage("--tokens: expected up to 16 counts in 1..65536, got '%s'",
 				 tokens_arg);
 	if (each_item(weights_arg ? weights_arg : "f32,bf16", item_weights, o))
-		return bad_usage("--weights: expected a list of f32, bf16, got '%s'", weights_arg);
+		return bad_usage("--weights: expected a list of f32, bf16, int8, int4, got '%s'",
+				 weights_arg);
 	if (each_item(routing_arg ? routing_arg : "uniform,zipf", item_routing, o))
 		return bad_usage("--routing: expected a list of uniform, zipf, got '%s'",
 				 routing_arg);
 	if (o->quick && !o->reps)
 		o->reps = 3;
+	if (!o->ep && (o->link || o->chunks))
+		return bad_usage("%s", "--link and --chunks go with --ep P");
 	if (!o->threads) {
 		long c = sysconf(_SC_NPROCESSORS_ONLN);
 		o->threads = c > 0 ? (unsigned)c : 1;
@@ -1948,6 +1969,144 @@ static char *bench_json(const struct table *tab, const struct mode_table *mtab,
 	return text;
 }
 
+/* Expert parallelism ------------------------------------------------------ */
+
+/* A file next to moegen (the build tree) or in the installed LIBDIR/moegen. */
+static int beside_moegen(const char *file, char *out, size_t cap)
+{
+	char exe[PATH_MAX / 2];
+	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+	if (n <= 0)
+		return -1;
+	exe[n] = 0;
+	char *slash = strrchr(exe, '/');
+	if (!slash)
+		return -1;
+	*slash = 0;
+	snprintf(out, cap, "%s/%s", exe, file);
+	if (access(out, R_OK) == 0)
+		return 0;
+#ifdef MOE_INSTALL_LIBDIR
+	snprintf(out, cap, "%s/../%s/moegen/%s", exe, MOE_INSTALL_LIBDIR, file);
+	if (access(out, R_OK) == 0)
+		return 0;
+#endif
+	return -1;
+}
+
+/* The number after `key` in line, or -1. */
+static double after(const char *line, const char *key)
+{
+	const char *p = strstr(line, key);
+	return p ? strtod(p + strlen(key), NULL) : -1;
+}
+
+/* `moegen bench --ep P`: each shape and token count as one layer over P MPI
+ * ranks (`moegen run --ep` under mpirun, each rank with its share of the
+ * cores), optionally through the simulated slow link; the slowest rank's
+ * times, and how much of the link time the computation hid. */
+static int bench_ep(const struct opts *o)
+{
+	char self[PATH_MAX], link_lib[PATH_MAX + 64], err[1024];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+	if (n <= 0) {
+		fprintf(stderr, "moegen: error: --ep: cannot find the moegen executable\n");
+		return MOE_EXIT_IO;
+	}
+	self[n] = 0;
+	if (o->link && beside_moegen("libmoe_ep_slowlink.so", link_lib, sizeof link_lib)) {
+		fprintf(stderr,
+			"moegen: error: --link: libmoe_ep_slowlink.so is not next to moegen "
+			"(it is built where MPI is found)\n");
+		return MOE_EXIT_IO;
+	}
+	char tmpdir[] = "/tmp/moegen-bench-ep.XXXXXX";
+	if (!mkdtemp(tmpdir)) {
+		fprintf(stderr, "moegen: error: cannot create a temporary directory\n");
+		return MOE_EXIT_IO;
+	}
+	long cores = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned per = cores > 0 && (unsigned)cores > o->ep ? (unsigned)cores / o->ep : 1;
+	unsigned chunks = o->chunks ? o->chunks : 4;
+	printf("expert parallelism: %u ranks (mpirun), %u thread%s each, %u chunks, link %s\n",
+	       o->ep, per, per == 1 ? "" : "s", chunks,
+	       o->link ? o->link : "as MPI gives it (shared memory here)");
+	printf("%-9s %5s %4s %10s %9s %9s %9s %10s %10s %7s\n", "shape", "T", "wt", "ms", "experts",
+	       "wait", "MB/rank", "link_ms", "exposed", "overlap");
+	int rc = MOE_EXIT_OK;
+	for (size_t si = 0; si < N_SHAPES && rc == MOE_EXIT_OK; si++) {
+		if (!o->shape_on[si])
+			continue;
+		for (int wf = 0; wf < N_WFMT && rc == MOE_EXIT_OK; wf++) {
+			if (!o->fmt_on[wf])
+				continue;
+			struct moe_desc d;
+			shape_desc(&shapes[si], &wfmts[wf], &d);
+			char path[PATH_MAX + 128];
+			snprintf(path, sizeof path, "%s/%s.so", tmpdir, d.name);
+			struct moe_cpu_target t = {.cpu = "native", .opt_level = 3};
+			if (moe_compile_cpu(&d, &t, MOE_EMIT_SO, path, err, sizeof err) != 0) {
+				fprintf(stderr, "moegen: error: %s\n", err);
+				rc = MOE_EXIT_BACKEND;
+				break;
+			}
+			for (int ti = 0; ti < o->n_tokens; ti++) {
+				char cmd[3 * PATH_MAX + 512];
+				snprintf(
+				    cmd, sizeof cmd,
+				    "mpirun %s--oversubscribe -np %u %s%s%s%s %s run '%s' --ep "
+				    "--tokens %u --chunks %u --threads %u --reps %d 2>&1",
+				    geteuid() == 0 ? "--allow-run-as-root " : "", o->ep,
+				    o->link ? "-x MOE_EP_LINK=" : "", o->link ? o->link : "",
+				    o->link ? " -x LD_PRELOAD=" : "", o->link ? link_lib : "", self,
+				    path, o->tokens[ti], chunks, per, o->reps ? o->reps : 5);
+				FILE *f = popen(cmd, "r");
+				if (!f) {
+					fprintf(stderr, "moegen: error: cannot run mpirun\n");
+					rc = MOE_EXIT_IO;
+					break;
+				}
+				char line[1024];
+				double fwd = -1, ex = -1, wait = -1, bytes = -1, busy = -1,
+				       expo = -1, ov = -1;
+				while (fgets(line, sizeof line, f)) {
+					if (strstr(line, "ep: forward")) {
+						fwd = after(line, "ep: forward ");
+						ex = after(line, "experts ");
+						wait = after(line, "exchange wait ");
+					} else if (strstr(line, "ep: bytes exchanged")) {
+						bytes = after(line, "ep: bytes exchanged ");
+					} else if (strstr(line, "ep: simulated link")) {
+						busy = after(line, "busy ");
+						expo = after(line, "exposed ");
+						ov = after(line, "overlap ");
+					} else if (strstr(line, "error")) {
+						fputs(line, stderr);
+					}
+				}
+				int st = pclose(f);
+				if (fwd < 0 || st != 0) {
+					fprintf(stderr, "moegen: error: --ep: '%s' failed\n", cmd);
+					rc = MOE_EXIT_BACKEND;
+					break;
+				}
+				char c[4][32];
+				fmt_num(c[0], 32, busy, "%.3f");
+				fmt_num(c[1], 32, expo, "%.3f");
+				fmt_num(c[2], 32, ov, "%.2f");
+				fmt_num(c[3], 32, bytes >= 0 ? bytes / o->ep / 1e6 : -1, "%.2f");
+				printf("%-9s %5u %4s %10.3f %9.3f %9.3f %9s %10s %10s %7s\n",
+				       shapes[si].name, o->tokens[ti], wfmts[wf].name, fwd, ex,
+				       wait, c[3], c[0], c[1], c[2]);
+				fflush(stdout);
+			}
+			unlink(path);
+		}
+	}
+	rmdir(tmpdir);
+	return rc;
+}
+
 #endif /* MOE_HAVE_OPENBLAS */
 
 int moe_cmd_bench(int argc, char **argv)
@@ -1962,6 +2121,8 @@ int moe_cmd_bench(int argc, char **argv)
 	fprintf(stderr, "moegen: error: bench needs OpenBLAS (libopenblas-dev) for its baseline\n");
 	return MOE_EXIT_USAGE;
 #else
+	if (o.ep)
+		return bench_ep(&o);
 	/* Fail on an unwritable --csv before the long run, not after it: the
 	 * temporary beside it is created now and renamed over it at the end. */
 	char csv_err[PATH_MAX + 256];
