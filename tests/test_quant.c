@@ -72,6 +72,43 @@ static void test_dequant_definition(void **state)
 		}
 }
 
+/* e4m3 and E2M1 from their definitions: (-1)^s 2^(e - bias) (1 + m / 2^mb),
+ * subnormals 2^(1 - bias) m / 2^mb. */
+static double minifloat(unsigned c, int eb, int mb, int bias)
+{
+	unsigned s = c >> (eb + mb) & 1, e = c >> mb & ((1u << eb) - 1), m = c & ((1u << mb) - 1);
+	double v = e ? ldexp(1.0 + m / (double)(1u << mb), (int)e - bias)
+		     : ldexp(m / (double)(1u << mb), 1 - bias);
+	return s ? -v : v;
+}
+
+/* fp8 and mxfp4: W = value(code) * s, s a power of two for mxfp4; no NaN
+ * codes drawn. */
+static void test_float_codes(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 128, 4, 2, 64);
+	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_FP8, 128, 0);
+	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_MXFP4, 32, 0);
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+	moe_ref_weights_random(&d, 5, d.moe_layers[0], &w);
+	const struct moe_ref_qtensor *u = &w.q[MOE_ROLE_UP], *dn = &w.q[MOE_ROLE_DOWN];
+	size_t n = (size_t)d.n_experts * d.intermediate * d.hidden;
+	for (size_t i = 0; i < n; i++) {
+		assert_true((u->codes[i] & 0x7f) != 0x7f);
+		double want = minifloat(u->codes[i], 4, 3, 7) * u->scale[i / 128];
+		assert_true((double)w.w[MOE_ROLE_UP][i] == want);
+		double s = dn->scale[i / 32];
+		assert_true(s == ldexp(1.0, ilogb(s)));
+		assert_true(dn->codes[i] < 16);
+		assert_true((double)w.w[MOE_ROLE_DOWN][i] == minifloat(dn->codes[i], 2, 1, 1) * s);
+	}
+	assert_null(u->offset);
+	moe_ref_weights_free(&w);
+}
+
 /* The dump reads back; the hash sees the format; bytes per expert. */
 static void test_desc_and_bytes(void **state)
 {
@@ -146,6 +183,9 @@ struct qcase {
 };
 
 static const struct qcase cases[] = {
+    {128, 64, 0, 0, 0, 0, MOE_QFORMAT_FP8, MOE_QFORMAT_FP8, 128, 64, 0},
+    {96, 64, 0, 1, 1, 0, MOE_QFORMAT_MXFP4, MOE_QFORMAT_FP8, 32, 32, 0},
+    {64, 96, 1, 0, 0, 1, MOE_QFORMAT_FP8, MOE_QFORMAT_MXFP4, 32, 32, 0},
     {64, 64, 0, 0, 0, 0, MOE_QFORMAT_INT8, MOE_QFORMAT_INT8, 0, 0, 0},
     {65, 37, 0, 0, 0, 0, MOE_QFORMAT_INT8, MOE_QFORMAT_INT8, 0, 0, 0}, /* odd K */
     {64, 48, 0, 0, 0, 0, MOE_QFORMAT_INT4, MOE_QFORMAT_INT4, 32, 16, 1},
@@ -170,10 +210,12 @@ static void qdesc(struct moe_desc *d, const struct qcase *c)
 		d->qfmt[MOE_QMAT_UP] = (struct moe_qfmt){0};
 	if (c->shared) {
 		d->shared_count = 1;
-		d->shared_intermediate = 24;
-		set_q(d, MOE_QMAT_SHARED_UP, MOE_QFORMAT_INT4, 20, 1);
+		d->shared_intermediate = c->up == MOE_QFORMAT_FP8 ? 32 : 24;
+		set_q(d, MOE_QMAT_SHARED_UP,
+		      c->up == MOE_QFORMAT_FP8 ? MOE_QFORMAT_MXFP4 : MOE_QFORMAT_INT4,
+		      c->up == MOE_QFORMAT_FP8 ? 32 : 20, c->up != MOE_QFORMAT_FP8);
 		set_q(d, MOE_QMAT_SHARED_DOWN, MOE_QFORMAT_INT8, 0, 0);
-		d->qfmt[MOE_QMAT_SHARED_DOWN].group = 24;
+		d->qfmt[MOE_QMAT_SHARED_DOWN].group = d->shared_intermediate;
 	}
 }
 
@@ -194,7 +236,9 @@ static void test_avx2_target(void **state)
 {
 	(void)state;
 	h_features = "-avx512f";
-	for (size_t i = 2; i < 4; i++) {
+	for (size_t i = 0; i < 7; i += 1) {
+		if (i != 1 && i != 5 && i != 6)
+			continue; /* mxfp4 + fp8, int4, int4 + int8 */
 		struct moe_desc d;
 		qdesc(&d, &cases[i]);
 		h_compare(&d, 33, 2, 5 + i, NULL, NULL);
@@ -224,7 +268,7 @@ static void test_invariant(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	qdesc(&d, &cases[2]);
+	qdesc(&d, &cases[5]);
 	size_t T = 97, H = d.hidden;
 	float *ya = malloc(T * H * 4), *yb = malloc(T * H * 4);
 	assert_true(ya && yb);
@@ -242,7 +286,7 @@ static void test_load_refused(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	qdesc(&d, &cases[0]);
+	qdesc(&d, &cases[3]);
 	struct h_model m;
 	char err[512];
 	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -264,10 +308,10 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_dequant_definition), cmocka_unit_test(test_desc_and_bytes),
-	    cmocka_unit_test(test_cuda_refuses),       cmocka_unit_test(test_vs_reference),
-	    cmocka_unit_test(test_avx2_target),        cmocka_unit_test(test_invariant),
-	    cmocka_unit_test(test_load_refused),
+	    cmocka_unit_test(test_dequant_definition), cmocka_unit_test(test_float_codes),
+	    cmocka_unit_test(test_desc_and_bytes),     cmocka_unit_test(test_cuda_refuses),
+	    cmocka_unit_test(test_vs_reference),       cmocka_unit_test(test_avx2_target),
+	    cmocka_unit_test(test_invariant),          cmocka_unit_test(test_load_refused),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -803,6 +803,50 @@ static LLVMValueRef q_rowsum(struct moe_ll *g, LLVMValueRef p, uint32_t n)
 	return LLVMBuildExtractElement(b, v, moe_ll_i32c(g, 0), "xsum");
 }
 
+/* A splat <16 x float> constant. */
+static LLVMValueRef moe_ll_vf16c(struct moe_ll *g, double v)
+{
+	return moe_ll_splat(g, moe_ll_f32c(g, v), g->t_v16f);
+}
+
+static LLVMValueRef vi16c(struct moe_ll *g, uint32_t v)
+{
+	return moe_ll_splat(g, moe_ll_i32c(g, (int32_t)v), LLVMVectorType(g->t_i32, 2 * MOE_VW));
+}
+
+/* int4: the low (h = 0) or high nibble of each zero-extended byte, as f32. */
+static LLVMValueRef q_int4(struct moe_ll *g, LLVMValueRef ci, int h)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef v =
+	    h ? LLVMBuildLShr(b, ci, vi16c(g, 4), "") : LLVMBuildAnd(b, ci, vi16c(g, 15), "");
+	return LLVMBuildUIToFP(b, v, g->t_v16f, "q");
+}
+
+/* E2M1 (s e1 e0 m) to f32 times 2^-126, exactly: the sign to bit 31, e and m
+ * to the exponent's two low bits and the mantissa's top bit — a normal f32
+ * 2^(e - 127)(1 + m/2) for e > 0, the subnormal m 2^-127 for e = 0, each
+ * 2^-126 of the E2M1 value. h: the byte's low or high nibble. */
+static LLVMValueRef q_e2m1(struct moe_ll *g, LLVMValueRef ci, int h)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef v = LLVMBuildShl(b, ci, vi16c(g, h ? 24 : 28), "");
+	v = LLVMBuildAShr(b, v, vi16c(g, 6), "");
+	v = LLVMBuildAnd(b, v, vi16c(g, 0x81C00000u), "");
+	return LLVMBuildBitCast(b, v, g->t_v16f, "e2m1");
+}
+
+/* e4m3 (sign-extended bytes) to f32 times 2^-120, exactly, the same way: the
+ * exponent's four low bits and the mantissa's three top bits, the sign from
+ * the extension. */
+static LLVMValueRef q_e4m3(struct moe_ll *g, LLVMValueRef ci)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef v = LLVMBuildShl(b, ci, vi16c(g, 20), "");
+	v = LLVMBuildAnd(b, v, vi16c(g, 0x87F00000u), "");
+	return LLVMBuildBitCast(b, v, g->t_v16f, "e4m3");
+}
+
 /* acc[r] += the mr rows a_row[r] (K f32 inputs) times a quantized panel pan
  * (moe_kernels.h): per group, q_chains chains per row sum code * x, then acc
  * += (the chains' sum) * scale and, for int4, + (the group's sum of x) *
@@ -811,7 +855,7 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 		    const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc)
 {
 	LLVMBuilderRef b = g->b;
-	int i4 = f->kind == MOE_QFORMAT_INT4, nch = q_chains(f);
+	int i4 = f->kind == MOE_QFORMAT_INT4, nib = moe_qnibbles(f), nch = q_chains(f);
 	LLVMTypeRef t16 = g->t_v16f, vi8 = LLVMVectorType(g->t_i8, 2 * MOE_VW),
 		    vi32 = LLVMVectorType(g->t_i32, 2 * MOE_VW);
 	LLVMValueRef accg[MAX_MR][4];
@@ -833,7 +877,7 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
 	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group), nch, "kq");
 	LLVMValueRef w[4];
-	if (i4) {
+	if (nib) {
 		/* 16 bytes per input pair: the even input in the low nibbles */
 		for (int c = 0; c < nch; c += 2) {
 			LLVMValueRef at =
@@ -841,20 +885,18 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 					    moe_ll_i64c(g, 8), "");
 			LLVMValueRef ci = LLVMBuildZExt(
 			    b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
-			w[c] = LLVMBuildUIToFP(
-			    b, LLVMBuildAnd(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 15), vi32), ""),
-			    t16, "q0");
-			w[c + 1] = LLVMBuildUIToFP(
-			    b, LLVMBuildLShr(b, ci, moe_ll_splat(g, moe_ll_i32c(g, 4), vi32), ""),
-			    t16, "q1");
+			for (int h = 0; h < 2; h++)
+				w[c + h] = i4 ? q_int4(g, ci, h) : q_e2m1(g, ci, h);
 		}
 	} else {
 		for (int c = 0; c < nch; c++) {
 			LLVMValueRef at =
 			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), ""),
 					    moe_ll_i64c(g, MOE_NR), "");
-			LLVMValueRef cb = moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at));
-			w[c] = LLVMBuildSIToFP(b, LLVMBuildSExt(b, cb, vi32, ""), t16, "q");
+			LLVMValueRef ci = LLVMBuildSExt(
+			    b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
+			w[c] = f->kind == MOE_QFORMAT_FP8 ? q_e4m3(g, ci)
+							  : LLVMBuildSIToFP(b, ci, t16, "q");
 		}
 	}
 	LLVMValueRef k = LLVMBuildNSWAdd(b, k0, kl.iv, "k");
@@ -883,6 +925,12 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 			    "");
 		else if (nch == 2)
 			sum = LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[r][1]), "");
+		if (f->kind == MOE_QFORMAT_FP8 || f->kind == MOE_QFORMAT_MXFP4)
+			sum = LLVMBuildFMul(/* the codes' values were 2^-120 / 2^-126 of theirs */
+					    b, sum,
+					    moe_ll_vf16c(g, f->kind == MOE_QFORMAT_FP8 ? 0x1p120
+										       : 0x1p126),
+					    "");
 		LLVMValueRef o = moe_ll_fma(g, sum, sc, moe_ll_ld(g, t16, acc[r]));
 		if (i4) {
 			LLVMValueRef xs =

@@ -2135,9 +2135,11 @@ static int parse_qfmt(struct ctx *c, const yaml_node_t *k, const yaml_node_t *v,
 			    dym ? " (did you mean '" : "", dym ? dym : "", dym ? "'?)" : "");
 		}
 		if (!n[0])
-			err(c, k, "%s.kind is required (none, int8 or int4)", path);
+			err(c, k, "%s.kind is required (none, int8, int4, fp8 or mxfp4)", path);
 	} else {
-		err(c, v, "%s must be none, int8, int4 or a mapping {kind, group, zero}, got %s",
+		err(c, v,
+		    "%s must be none, int8, int4, fp8, mxfp4 or a mapping {kind, group, zero}, "
+		    "got %s",
 		    path, show(v));
 	}
 	if (c->n_err != before)
@@ -2147,7 +2149,10 @@ static int parse_qfmt(struct ctx *c, const yaml_node_t *k, const yaml_node_t *v,
 	if (get_enum(c, n[0], sub, moe_qformat_names, MOE_QFORMAT_COUNT, &kn) != 0)
 		return -1;
 	f->kind = (enum moe_qformat)moe_enum_lookup(moe_qformat_names, MOE_QFORMAT_COUNT, kn);
-	uint64_t g = f->kind == MOE_QFORMAT_INT4 ? 128 : 0, z = 0;
+	uint64_t g = f->kind == MOE_QFORMAT_INT4 || f->kind == MOE_QFORMAT_FP8 ? 128
+		     : f->kind == MOE_QFORMAT_MXFP4                            ? 32
+									       : 0,
+		 z = 0;
 	if (f->kind == MOE_QFORMAT_NONE) {
 		for (int i = 1; i < 3; i++)
 			if (nk[i])
@@ -2160,15 +2165,17 @@ static int parse_qfmt(struct ctx *c, const yaml_node_t *k, const yaml_node_t *v,
 		if (c->n_err == before && g && g % 2)
 			err(c, n[1], "%s must be even (0: one group per output channel), got %llu",
 			    sub, (unsigned long long)g);
+		else if (c->n_err == before && f->kind == MOE_QFORMAT_MXFP4 && g != 32)
+			err(c, n[1], "%s: mxfp4 has one E8M0 scale per 32 inputs, got %llu", sub,
+			    (unsigned long long)g);
 	}
 	if (n[2]) {
 		snprintf(sub, sizeof sub, "%s.zero", path);
 		get_bool(c, n[2], sub, &z);
-		if (c->n_err == before && z && f->kind == MOE_QFORMAT_INT8)
+		if (c->n_err == before && z && f->kind != MOE_QFORMAT_INT4)
 			err(c, n[2],
-			    "%s: int8 is symmetric (signed codes, no zero point); use int4 for "
-			    "zero points",
-			    sub);
+			    "%s: %s codes are signed (no zero point); use int4 for zero points",
+			    sub, moe_qformat_names[f->kind]);
 	}
 	f->group = (uint32_t)g;
 	f->zero = (uint8_t)z;
@@ -2264,7 +2271,7 @@ static void resolve_quant(struct ctx *c, struct moe_desc *o)
 			    moe_qmat_names[m], f->group, kname, K);
 			continue;
 		}
-		if (f->kind == MOE_QFORMAT_INT4 && f->group % 2) {
+		if ((f->kind == MOE_QFORMAT_INT4 || f->kind == MOE_QFORMAT_MXFP4) && f->group % 2) {
 			err(c, by[m],
 			    "quant: int4 packs two inputs per byte, so %s's group (%u) must be "
 			    "even",

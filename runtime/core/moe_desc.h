@@ -51,7 +51,8 @@
 /* How the FFN matrices are kept in the packed panels and read by the kernels
  * (struct moe_qfmt): f32/bf16/f16 per dtype.weights, or integer codes with
  * one scale (and an offset) per group of inputs of one output. */
-#define MOE_QFORMATS(X) X(NONE, "none") X(INT8, "int8") X(INT4, "int4")
+#define MOE_QFORMATS(X)                                                                            \
+	X(NONE, "none") X(INT8, "int8") X(INT4, "int4") X(FP8, "fp8") X(MXFP4, "mxfp4")
 /* The FFN matrix sets a storage format applies to: one up panel (gate and up
  * read together) and one down panel per FFN. */
 #define MOE_QMATS(X)                                                                               \
@@ -116,7 +117,10 @@ MOE_DEFINE_ENUM(moe_qmat, MOE_QMAT_, MOE_QMATS);
  *   int8: signed codes -128..127, o = 0 (symmetric; per channel when
  *         group == K);
  *   int4: unsigned codes 0..15, o = -z * s with a zero point z per group
- *         (zero = 1) or z = 8 (zero = 0, symmetric). */
+ *         (zero = 1) or z = 8 (zero = 0, symmetric);
+ *   fp8: e4m3 codes (OCP "fn", as DeepSeek-V3 stores them), W = e4m3 * s;
+ *   mxfp4: E2M1 codes (two per byte, as gpt-oss stores them) in groups of 32,
+ *         W = e2m1 * s with s the group's power of two (E8M0). */
 struct moe_qfmt {
 	enum moe_qformat kind;
 	uint32_t group; /* inputs per scale; resolved: divides K, never 0 */

@@ -64,8 +64,20 @@ struct moe_geom {
 /* Bytes of one group block of a quantized panel. */
 static inline uint64_t moe_qblock_bytes(const struct moe_qfmt *q)
 {
-	return q->kind == MOE_QFORMAT_INT4 ? 2 * 64 + (uint64_t)q->group * 8
-					   : 64 + (uint64_t)q->group * MOE_NR;
+	switch (q->kind) {
+	case MOE_QFORMAT_INT4:
+		return 2 * 64 + (uint64_t)q->group * 8;
+	case MOE_QFORMAT_MXFP4:
+		return 64 + (uint64_t)q->group * 8;
+	default: /* one byte per code: int8, fp8 */
+		return 64 + (uint64_t)q->group * MOE_NR;
+	}
+}
+
+/* 1 when a format packs two codes per byte (int4, mxfp4). */
+static inline int moe_qnibbles(const struct moe_qfmt *q)
+{
+	return q->kind == MOE_QFORMAT_INT4 || q->kind == MOE_QFORMAT_MXFP4;
 }
 
 /* The FFN geometry; pairs: bf16 compute (moe_gen.compute). */

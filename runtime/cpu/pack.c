@@ -117,18 +117,18 @@ static void pack_qpanel(const struct moe_qfmt *f, uint32_t K, const struct qsrc 
 			unsigned char *out)
 {
 	uint64_t ng = K / f->group, bb = moe_qblock_bytes(f);
-	int i4 = f->kind == MOE_QFORMAT_INT4;
+	int i4 = moe_qnibbles(f), off = f->kind == MOE_QFORMAT_INT4;
 	for (uint64_t gi = 0; gi < ng; gi++) {
 		unsigned char *blk = out + gi * bb;
 		float *sc = (float *)blk, *of = (float *)(blk + 64);
-		unsigned char *codes = blk + (i4 ? 128 : 64);
+		unsigned char *codes = blk + (off ? 128 : 64);
 		for (uint32_t j = 0; j < MOE_NR; j++) {
 			if (!src[j].t)
 				continue; /* zero scale, offset and codes */
 			const struct moe_ref_qtensor *t = src[j].t;
 			uint64_t g = src[j].row * ng + gi;
 			sc[j] = t->scale[g];
-			if (i4)
+			if (off)
 				of[j] = t->offset[g];
 			const uint8_t *c = t->codes + src[j].row * K + gi * f->group;
 			for (uint32_t k = 0; k < f->group; k++) {

@@ -2,6 +2,8 @@
  * side: their code, scale and offset buffers, what they stand for in f32, and
  * the deterministic random codes that moe_ref_weights_random draws for them. */
 #include "ref_quant.h"
+
+#include "dequant.h"
 #include "moe_ref.h"
 
 #include <math.h>
@@ -23,7 +25,10 @@ void moe_qdequant(const struct moe_qfmt *f, const uint8_t *codes, const float *s
 		for (uint64_t k = 0; k < K; k++) {
 			uint64_t gi = n * ng + k / f->group;
 			uint8_t c = codes[n * K + k];
-			float v = f->kind == MOE_QFORMAT_INT8 ? (float)(int8_t)c : (float)c;
+			float v = f->kind == MOE_QFORMAT_INT8    ? (float)(int8_t)c
+				  : f->kind == MOE_QFORMAT_FP8   ? moe_e4m3_to_f32(c)
+				  : f->kind == MOE_QFORMAT_MXFP4 ? moe_e2m1_to_f32(c)
+								 : (float)c;
 			float o = offset ? offset[gi] : 0.0f;
 			out[n * K + k] = v * scale[gi] + o;
 		}
@@ -100,17 +105,25 @@ void moe_ref_quant_random_block(const struct moe_desc *d, uint64_t seed, uint32_
 		if (!q->codes)
 			return;
 		struct moe_qfmt f = moe_ref_role_qfmt(d, (enum moe_role)r);
-		int i4 = f.kind == MOE_QFORMAT_INT4;
+		int i4 = f.kind == MOE_QFORMAT_INT4, nib = i4 || f.kind == MOE_QFORMAT_MXFP4;
 		uint64_t n = mats * rows * K, m = rows * K, key = (uint64_t)r + 0x100;
 		uint64_t i0 = block * m, g0 = i0 / f.group, ng = m / f.group;
-		double a = 1.0 / sqrt((double)K) / (i4 ? 7.5 : 127.0);
+		/* the codes' largest magnitude: int4 7.5 around the zero point,
+		 * int8 127, e4m3 448 (drawn codes average far less), e2m1 6 */
+		double top = i4 ? 7.5 : f.kind == MOE_QFORMAT_INT8 ? 127.0 : nib ? 6.0 : 16.0;
+		double a = 1.0 / sqrt((double)K) / top;
 		for (uint64_t i = i0; i < i0 + m; i++) {
 			uint64_t h = moe_rng_hash(seed, layer, key, i);
-			q->codes[i] = i4 ? (uint8_t)(h >> 60) : (uint8_t)(h >> 56);
+			uint8_t c = nib ? (uint8_t)(h >> 60) : (uint8_t)(h >> 56);
+			if (f.kind == MOE_QFORMAT_FP8 && (c & 0x7f) == 0x7f)
+				c ^= 1; /* not NaN: 0x7f and 0xff are */
+			q->codes[i] = c;
 		}
 		for (uint64_t gi = g0; gi < g0 + ng; gi++) {
 			uint64_t h = moe_rng_hash(seed, layer, key, n + gi);
 			float s = moe_f16_round((float)(a * (0.5 + moe_rng_uniform(h))));
+			if (f.kind == MOE_QFORMAT_MXFP4) /* E8M0: a power of two */
+				s = ldexpf(1.0f, ilogbf(s));
 			q->scale[gi] = s;
 			if (i4) {
 				unsigned z = f.zero ? (unsigned)(h & 15) : 8;
