@@ -20,6 +20,7 @@
 #include "moe_kernels.h"
 #include "moe_ref.h"
 #include "moegen.h"
+#include "safetensors.h"
 
 static void set_q(struct moe_desc *d, int m, enum moe_qformat k, uint32_t group, int zero)
 {
@@ -280,13 +281,17 @@ static void test_invariant(void **state)
 	free(ya), free(yb);
 }
 
-/* Loading a checkpoint into kept-quantized experts is refused up front (not
- * filled with zero codes). */
+/* Loading an unquantized checkpoint into kept-quantized experts is refused
+ * up front (not quantized, not filled with zero codes). */
 static void test_load_refused(void **state)
 {
 	(void)state;
 	struct moe_desc d;
 	qdesc(&d, &cases[3]);
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "r.{layer}");
+	snprintf(d.names[MOE_ROLE_GATE], MOE_NAME_MAX, "g.{layer}.{expert}");
+	snprintf(d.names[MOE_ROLE_UP], MOE_NAME_MAX, "u.{layer}.{expert}");
+	snprintf(d.names[MOE_ROLE_DOWN], MOE_NAME_MAX, "d.{layer}.{expert}");
 	struct h_model m;
 	char err[512];
 	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -294,9 +299,217 @@ static void test_load_refused(void **state)
 	assert_int_equal(m.create(&mm, NULL), MOE_OK);
 	const char *files[] = {"/nonexistent.safetensors"};
 	assert_int_equal(m.load(mm, files, 1), MOE_ERR_UNSUPPORTED);
-	assert_non_null(strstr(m.last_error(), "quant.up int8"));
+	assert_non_null(strstr(m.last_error(), "gate is kept int8"));
+	assert_non_null(strstr(m.last_error(), "stores it unquantized"));
 	m.destroy(mm);
 	h_model_close(&m);
+}
+
+/* A checkpoint of fp8 block-scaled experts (DeepSeek-V3's layout: one
+ * tensor per expert, a [rows/b0, cols/b1] f32 scale tensor) or of mxfp4 ones
+ * (gpt-oss's: gate_up stacked and interleaved, [E, rows, cols/32, 16] blocks
+ * and [E, rows, cols/32] E8M0 scales) loads into experts kept in that format:
+ * the same output as the model that dequantizes at load (within f32 sum
+ * order) and the same expert choices. */
+static const char *tmp_file(const char *name)
+{
+	static char p[256];
+	snprintf(p, sizeof p, "%s/%s", h_tmpdir, name);
+	return p;
+}
+
+static void kept_vs_dequant(struct moe_desc *d, const char *file)
+{
+	size_t T = 29, H = d->hidden;
+	float *x = malloc(T * H * 4), *y[2] = {malloc(T * H * 4), malloc(T * H * 4)};
+	int32_t *ids[2] = {malloc(T * d->top_k * 4), malloc(T * d->top_k * 4)};
+	assert_true(x && y[0] && y[1] && ids[0] && ids[1]);
+	h_fill_input(x, T * H, 12);
+	struct moe_qfmt kept[MOE_QMAT_COUNT];
+	memcpy(kept, d->qfmt, sizeof kept);
+	for (int v = 0; v < 2; v++) {
+		if (v)
+			memset(d->qfmt, 0, sizeof d->qfmt);
+		struct h_model m;
+		char err[512];
+		assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
+		moe_model *mm;
+		assert_int_equal(m.create(&mm, NULL), MOE_OK);
+		if (m.load(mm, &file, 1) != MOE_OK)
+			fail_msg("%s", m.last_error());
+		struct moe_routing rt = {.expert_ids = ids[v]};
+		assert_int_equal(m.forward(mm, d->moe_layers[1], x, y[v], T, &rt, NULL), MOE_OK);
+		m.destroy(mm);
+		h_model_close(&m);
+	}
+	memcpy(d->qfmt, kept, sizeof kept);
+	assert_memory_equal(ids[0], ids[1], T * d->top_k * 4);
+	double emax = 0, rmax = 0;
+	for (size_t i = 0; i < T * H; i++) {
+		emax = fmax(emax, fabs((double)y[0][i] - y[1][i]));
+		rmax = fmax(rmax, fabs((double)y[1][i]));
+	}
+	assert_true(rmax > 0);
+	assert_true(emax <= H_TOL * rmax);
+	free(x), free(y[0]), free(y[1]), free(ids[0]), free(ids[1]);
+}
+
+static uint8_t code_byte(uint64_t i, int fp8)
+{
+	uint8_t c = (uint8_t)(moe_rng_hash(77, i, 1, 2) >> 56);
+	return fp8 && (c & 0x7f) == 0x7f ? c ^ 1 : c;
+}
+
+static void test_load_fp8_kept(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 128, 4, 2, 64);
+	uint32_t H = d.hidden, I = d.intermediate, E = d.n_experts;
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "r.{layer}");
+	static const enum moe_role roles[3] = {MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN};
+	static const char *const nm[3] = {"g", "u", "d"};
+	for (int i = 0; i < 3; i++) {
+		enum moe_role r = roles[i];
+		snprintf(d.names[r], MOE_NAME_MAX, "%s.{layer}.{expert}", nm[i]);
+		snprintf(d.scale_names[r], MOE_NAME_MAX, "%s.{layer}.{expert}.s", nm[i]);
+		d.layouts[r].quant = MOE_QUANT_FP8_BLOCK;
+		d.layouts[r].quant_block[0] = i < 2 ? 32 : 16;
+		d.layouts[r].quant_block[1] = i < 2 ? 64 : 32;
+	}
+	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_FP8, 64, 0);
+	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_FP8, 32, 0);
+	/* two layers: the router, and per expert three matrices and their scales */
+	enum { NT = 2 * (1 + 4 * 3 * 2) };
+	struct moe_st_tensor t[NT];
+	char names[NT][48];
+	void *bufs[NT];
+	size_t n = 0;
+	for (uint32_t L = 0; L < 2; L++) {
+		float *r = malloc((size_t)E * H * 4);
+		assert_non_null(r);
+		h_fill_input(r, (size_t)E * H, 40 + L);
+		snprintf(names[n], 48, "r.%u", L);
+		bufs[n] = r;
+		t[n] = (struct moe_st_tensor){
+		    .name = names[n], .dtype = MOE_ST_F32, .ndim = 2, .shape = {E, H}, .data = r};
+		n++;
+		for (uint32_t e = 0; e < E; e++)
+			for (int i = 0; i < 3; i++) {
+				uint64_t R = i < 2 ? I : H, C = i < 2 ? H : I;
+				uint64_t b0 = d.layouts[roles[i]].quant_block[0],
+					 b1 = d.layouts[roles[i]].quant_block[1];
+				uint8_t *q = malloc(R * C);
+				float *sc = malloc(R / b0 * (C / b1) * 4);
+				assert_true(q && sc);
+				for (uint64_t j = 0; j < R * C; j++)
+					q[j] = code_byte(
+					    ((L * 8 + e) * 4 + (uint64_t)i) * 100000 + j, 1);
+				for (uint64_t j = 0; j < R / b0 * (C / b1); j++)
+					sc[j] =
+					    (float)(0.002 * (1 + (double)((j * 7 + e + L) % 5)));
+				snprintf(names[n], 48, "%s.%u.%u", nm[i], L, e);
+				bufs[n] = q;
+				t[n] = (struct moe_st_tensor){.name = names[n],
+							      .dtype = MOE_ST_F8_E4M3,
+							      .ndim = 2,
+							      .shape = {R, C},
+							      .data = q};
+				n++;
+				snprintf(names[n], 48, "%s.%u.%u.s", nm[i], L, e);
+				bufs[n] = sc;
+				t[n] = (struct moe_st_tensor){.name = names[n],
+							      .dtype = MOE_ST_F32,
+							      .ndim = 2,
+							      .shape = {R / b0, C / b1},
+							      .data = sc};
+				n++;
+			}
+	}
+	assert_int_equal(n, NT);
+	const char *file = tmp_file("fp8.safetensors");
+	char err[256];
+	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
+	for (size_t i = 0; i < n; i++)
+		free(bufs[i]);
+	kept_vs_dequant(&d, file);
+	/* a tile narrower than the group cannot be kept as it is */
+	d.qfmt[MOE_QMAT_UP].group = 128;
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	assert_int_equal(m.create(&mm, NULL), MOE_OK);
+	assert_int_equal(m.load(mm, &file, 1), MOE_ERR_UNSUPPORTED);
+	assert_non_null(strstr(m.last_error(), "tile 32x64"));
+	m.destroy(mm);
+	h_model_close(&m);
+}
+
+static void test_load_mxfp4_kept(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 96, 4, 2, 64);
+	uint32_t H = d.hidden, I = d.intermediate, E = d.n_experts;
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "r.{layer}");
+	snprintf(d.names[MOE_ROLE_GATE_UP], MOE_NAME_MAX, "gu.{layer}");
+	snprintf(d.scale_names[MOE_ROLE_GATE_UP], MOE_NAME_MAX, "gu.{layer}.s");
+	snprintf(d.names[MOE_ROLE_DOWN], MOE_NAME_MAX, "dn.{layer}");
+	snprintf(d.scale_names[MOE_ROLE_DOWN], MOE_NAME_MAX, "dn.{layer}.s");
+	d.layouts[MOE_ROLE_GATE_UP].fuse = MOE_FUSE_INTERLEAVE;
+	static const enum moe_role qr[2] = {MOE_ROLE_GATE_UP, MOE_ROLE_DOWN};
+	for (int i = 0; i < 2; i++) {
+		d.layouts[qr[i]].quant = MOE_QUANT_MXFP4;
+		d.layouts[qr[i]].quant_block[0] = 1;
+		d.layouts[qr[i]].quant_block[1] = 32;
+	}
+	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_MXFP4, 32, 0);
+	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_MXFP4, 32, 0);
+	struct moe_st_tensor t[2 * 5];
+	char names[2 * 5][48];
+	void *bufs[2 * 5];
+	size_t n = 0;
+	for (uint32_t L = 0; L < 2; L++) {
+		float *r = malloc((size_t)E * H * 4);
+		assert_non_null(r);
+		h_fill_input(r, (size_t)E * H, 50 + L);
+		snprintf(names[n], 48, "r.%u", L);
+		bufs[n] = r;
+		t[n] = (struct moe_st_tensor){
+		    .name = names[n], .dtype = MOE_ST_F32, .ndim = 2, .shape = {E, H}, .data = r};
+		n++;
+		for (int i = 0; i < 2; i++) {
+			uint64_t R = i ? H : 2 * I, C = i ? I : H, nb = (uint64_t)E * R * (C / 32);
+			uint8_t *q = malloc(nb * 16), *sc = malloc(nb);
+			assert_true(q && sc);
+			for (uint64_t j = 0; j < nb * 16; j++)
+				q[j] = code_byte((L * 2 + (uint64_t)i) * 1000000 + j, 0);
+			for (uint64_t j = 0; j < nb; j++)
+				sc[j] = (uint8_t)(118 + (j * 5 + L) % 6);
+			snprintf(names[n], 48, "%s.%u", i ? "dn" : "gu", L);
+			bufs[n] = q;
+			t[n] = (struct moe_st_tensor){.name = names[n],
+						      .dtype = MOE_ST_U8,
+						      .ndim = 4,
+						      .shape = {E, R, C / 32, 16},
+						      .data = q};
+			n++;
+			snprintf(names[n], 48, "%s.%u.s", i ? "dn" : "gu", L);
+			bufs[n] = sc;
+			t[n] = (struct moe_st_tensor){.name = names[n],
+						      .dtype = MOE_ST_U8,
+						      .ndim = 3,
+						      .shape = {E, R, C / 32},
+						      .data = sc};
+			n++;
+		}
+	}
+	const char *file = tmp_file("mxfp4.safetensors");
+	char err[256];
+	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
+	for (size_t i = 0; i < n; i++)
+		free(bufs[i]);
+	kept_vs_dequant(&d, file);
 }
 
 static int setup(void **state)
@@ -312,6 +525,7 @@ int main(void)
 	    cmocka_unit_test(test_desc_and_bytes),     cmocka_unit_test(test_cuda_refuses),
 	    cmocka_unit_test(test_vs_reference),       cmocka_unit_test(test_avx2_target),
 	    cmocka_unit_test(test_invariant),          cmocka_unit_test(test_load_refused),
+	    cmocka_unit_test(test_load_fp8_kept),      cmocka_unit_test(test_load_mxfp4_kept),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

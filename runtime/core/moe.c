@@ -341,6 +341,10 @@ struct st_ctx {
 	uint32_t layer;
 	uint32_t e0, e1; /* the experts the model holds: others are not read */
 	int unsupported;
+	/* a role kept quantized (moe_desc.qfmt): read_quant also puts its codes
+	 * and scales in qt, from row qrow0 on (NULL: only the f32 values) */
+	struct moe_ref_qtensor *qt;
+	uint64_t qrow0;
 	char err[1024];
 };
 
@@ -451,6 +455,38 @@ static int check_shape(struct st_ctx *c, const struct moe_st_tensor *t, const ch
  * stored, e4m3 (fp8_block) or packed E2M1 (mxfp4), with the scale tensor
  * named by scale_names[role] for the same layer and expert. Dequantized to
  * f32 in the stored order into out (n_e * SR * SC floats). */
+/* The codes and scales of n_e [SR, SC] fp8_block or mxfp4 matrices as read
+ * (q; fp8: sf [gr, gc] per matrix, mxfp4: su [SR, SC / 32]) into the kept
+ * tensor c->qt from row c->qrow0: e4m3 bytes as they are, E2M1 one code per
+ * byte, one f32 scale per (row, group) — the fp8 tile's scale repeated over
+ * its rows, 2^(E8M0 - 127) for mxfp4. The group is the tile's width for fp8
+ * (checked before loading) and 32 for mxfp4. */
+static void keep_codes(struct st_ctx *c, int fp8, const uint8_t *q, const float *sf,
+		       const uint8_t *su, uint64_t n_e, uint64_t SR, uint64_t SC, uint64_t gr,
+		       uint64_t gc, uint64_t b0)
+{
+	struct moe_ref_qtensor *qt = c->qt;
+	uint64_t G = fp8 ? SC / gc : 32, ng = SC / G;
+	for (uint64_t e = 0; e < n_e; e++)
+		for (uint64_t r = 0; r < SR; r++) {
+			uint64_t row = c->qrow0 + e * SR + r;
+			uint8_t *dst = qt->codes + row * SC;
+			if (fp8) {
+				memcpy(dst, q + (e * SR + r) * SC, SC);
+			} else {
+				const uint8_t *src = q + (e * SR + r) * SC / 2;
+				for (uint64_t k = 0; k < SC; k += 2) {
+					dst[k] = src[k / 2] & 15;
+					dst[k + 1] = src[k / 2] >> 4;
+				}
+			}
+			for (uint64_t g = 0; g < ng; g++)
+				qt->scale[row * ng + g] =
+				    fp8 ? sf[e * gr * gc + (r / b0) * gc + g]
+					: ldexpf(1.0f, (int)su[(e * SR + r) * ng + g] - 127);
+		}
+}
+
 static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
 		      enum moe_role role, long expert, uint64_t n_e, uint64_t SR, uint64_t SC,
 		      int stacked, float *out)
@@ -521,6 +557,8 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
 			return -1;
 		}
 	}
+	if (c->qt)
+		keep_codes(c, fp8, q, sf, su, n_e, SR, SC, gr, gc, l->quant_block[0]);
 	int64_t bad = 0;
 	for (uint64_t e = 0; e < n_e && bad >= 0; e++) {
 		int64_t b = fp8 ? moe_dequant_fp8_block(q + e * SR * SC, sf + e * gr * gc, SR, SC,
@@ -618,12 +656,14 @@ static int load_role(struct st_ctx *c, enum moe_role role, float *dst)
 		return 0;
 	char name[MOE_NAME_MAX * 2];
 	uint64_t n_e = pe ? c->d->n_experts : 1;
+	c->qrow0 = 0;
 	if (!strstr(c->d->names[role], "{expert}")) {
 		const struct moe_st_tensor *t = find(c, role, -1, name, sizeof name);
 		return t ? read_blocks(c, t, name, role, -1, n_e, R, C, pe, dst) : -1;
 	}
 	for (uint64_t e = pe ? c->e0 : 0; e < (pe ? c->e1 : n_e); e++) {
 		const struct moe_st_tensor *t = find(c, role, (long)e, name, sizeof name);
+		c->qrow0 = e * R;
 		if (!t || read_blocks(c, t, name, role, (long)e, 1, R, C, 0, dst + e * R * C) != 0)
 			return -1;
 	}
@@ -647,18 +687,53 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 	}
 	char name[MOE_NAME_MAX * 2];
 	int rc = 0;
+	/* kept quantized: the fused rows' codes and scales, split like the rows */
+	struct moe_ref_qtensor *qg = c->qt ? c->qt - up_r +
+						 (up_r == MOE_ROLE_UP ? MOE_ROLE_GATE
+								      : MOE_ROLE_SHARED_GATE)
+					   : NULL,
+			       *qu = c->qt, fq = {0};
+	uint64_t G = c->qt ? moe_ref_role_qfmt(c->d, up_r).group : 1;
+	if (c->qt) {
+		fq.codes = calloc(n_e * 2 * R * C, 1);
+		fq.scale = calloc(n_e * 2 * R * (C / G), sizeof *fq.scale);
+		if (!fq.codes || !fq.scale) {
+			free(fq.codes), free(fq.scale), free(tmp);
+			snprintf(c->err, sizeof c->err, "out of memory");
+			return -1;
+		}
+		c->qt = &fq;
+	}
+	c->qrow0 = 0;
 	if (!strstr(c->d->names[fused], "{expert}")) {
 		const struct moe_st_tensor *t = find(c, fused, -1, name, sizeof name);
 		rc = t ? read_blocks(c, t, name, fused, -1, n_e, 2 * R, C, pe, tmp) : -1;
 	} else {
 		for (uint64_t e = pe ? c->e0 : 0; e < (pe ? c->e1 : n_e) && rc == 0; e++) {
 			const struct moe_st_tensor *t = find(c, fused, (long)e, name, sizeof name);
+			c->qrow0 = e * 2 * R;
 			rc = t ? read_blocks(c, t, name, fused, (long)e, 1, 2 * R, C, 0,
 					     tmp + e * 2 * R * C)
 			       : -1;
 		}
 	}
 	int inter = c->d->layouts[fused].fuse == MOE_FUSE_INTERLEAVE;
+	if (qu) {
+		for (uint64_t e = 0; rc == 0 && e < n_e; e++)
+			for (uint64_t r = 0; r < R; r++) {
+				uint64_t gs = e * 2 * R + (inter ? 2 * r : r),
+					 us = e * 2 * R + (inter ? 2 * r + 1 : R + r),
+					 dr = e * R + r;
+				memcpy(qg->codes + dr * C, fq.codes + gs * C, C);
+				memcpy(qu->codes + dr * C, fq.codes + us * C, C);
+				memcpy(qg->scale + dr * (C / G), fq.scale + gs * (C / G),
+				       C / G * sizeof *fq.scale);
+				memcpy(qu->scale + dr * (C / G), fq.scale + us * (C / G),
+				       C / G * sizeof *fq.scale);
+			}
+		free(fq.codes), free(fq.scale);
+		c->qt = qu;
+	}
 	/* a fused bias is one [2I] vector per expert: interleaving alternates
 	 * its elements, not rows */
 	if (rc == 0 && R == 1) {
@@ -702,17 +777,23 @@ static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
 				 moe_role_names[r], moe_role_names[r]);
 			return -1;
 		}
-		if (load_role(c, (enum moe_role)r, w->w[r]) != 0)
+		c->qt = w->q[r].codes ? &w->q[r] : NULL;
+		int rc = load_role(c, (enum moe_role)r, w->w[r]);
+		c->qt = NULL;
+		if (rc != 0)
 			return -1;
 	}
+	c->qt = w->q[MOE_ROLE_UP].codes ? &w->q[MOE_ROLE_UP] : NULL;
 	if (d->names[MOE_ROLE_GATE_UP][0] &&
 	    load_fused(c, MOE_ROLE_GATE_UP, MOE_ROLE_UP, w->w[MOE_ROLE_GATE], w->w[MOE_ROLE_UP]) !=
 		0)
 		return -1;
+	c->qt = w->q[MOE_ROLE_SHARED_UP].codes ? &w->q[MOE_ROLE_SHARED_UP] : NULL;
 	if (d->names[MOE_ROLE_SHARED_GATE_UP][0] &&
 	    load_fused(c, MOE_ROLE_SHARED_GATE_UP, MOE_ROLE_SHARED_UP, w->w[MOE_ROLE_SHARED_GATE],
 		       w->w[MOE_ROLE_SHARED_UP]) != 0)
 		return -1;
+	c->qt = NULL;
 	if (d->names[MOE_ROLE_GATE_UP_BIAS][0] && w->w[MOE_ROLE_UP_BIAS] &&
 	    load_fused(c, MOE_ROLE_GATE_UP_BIAS, MOE_ROLE_UP_BIAS, w->w[MOE_ROLE_GATE_BIAS],
 		       w->w[MOE_ROLE_UP_BIAS]) != 0)
@@ -734,6 +815,43 @@ static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
 	return 0;
 }
 
+/* Experts kept quantized load from a checkpoint that stores them in that
+ * format: fp8 from fp8_block tensors whose tile is as wide as the group,
+ * mxfp4 from mxfp4 ones, as stored (out_in); anything else (quantizing f32
+ * or bf16 tensors at load, int8/int4 from safetensors) is refused up front.
+ * Returns 0, or 1 with the reason in err. */
+static int kept_unsupported(const struct moe_desc *d, char *err, size_t cap)
+{
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		struct moe_qfmt f = moe_ref_role_qfmt(d, (enum moe_role)r);
+		if (f.kind == MOE_QFORMAT_NONE || !d->names[r][0])
+			continue;
+		const struct moe_layout *l = &d->layouts[r];
+		const char *kn = moe_qformat_names[f.kind], *rn = moe_role_names[r];
+		if (f.kind == MOE_QFORMAT_FP8 && l->quant == MOE_QUANT_FP8_BLOCK &&
+		    l->quant_block[1] == f.group && l->orient == MOE_ORIENT_OUT_IN)
+			continue;
+		if (f.kind == MOE_QFORMAT_MXFP4 && l->quant == MOE_QUANT_MXFP4)
+			continue;
+		if (l->quant == MOE_QUANT_NONE)
+			snprintf(err, cap,
+				 "%s is kept %s (quant:) but the checkpoint stores it unquantized: "
+				 "quantizing at load is not generated; load it without quant: or "
+				 "from a %s checkpoint",
+				 rn, kn, kn);
+		else
+			snprintf(err, cap,
+				 "%s is kept %s (quant:, group %u) but the checkpoint stores it as "
+				 "%s (weights.layout.%s.quant, tile %ux%u, %s): loading it kept is "
+				 "generated for fp8 from fp8_block tiles as wide as the group "
+				 "(out_in) and mxfp4 from mxfp4",
+				 rn, kn, f.group, moe_quant_names[l->quant], rn, l->quant_block[0],
+				 l->quant_block[1], moe_orient_names[l->orient]);
+		return 1;
+	}
+	return 0;
+}
+
 MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *files, size_t n_files)
 {
 	if (!m || (!files && n_files)) {
@@ -744,14 +862,11 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 		moe_set_error("moe_load_safetensors: no files given");
 		return MOE_ERR_ARG;
 	}
-	for (int q = 0; q < MOE_QMAT_COUNT; q++)
-		if (m->d->qfmt[q].kind != MOE_QFORMAT_NONE) {
-			moe_set_error("moe_load_safetensors: quant.%s %s: loading experts kept "
-				      "quantized from a checkpoint is not generated yet (random "
-				      "weights only: moe_init_random)",
-				      moe_qmat_names[q], moe_qformat_names[m->d->qfmt[q].kind]);
-			return MOE_ERR_UNSUPPORTED;
-		}
+	char kerr[512];
+	if (kept_unsupported(m->d, kerr, sizeof kerr)) {
+		moe_set_error("moe_load_safetensors: %s", kerr);
+		return MOE_ERR_UNSUPPORTED;
+	}
 	if (!acquire(m, "moe_load_safetensors"))
 		return MOE_ERR_BUSY;
 	free_layers(m);
