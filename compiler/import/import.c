@@ -530,7 +530,8 @@ static void quant_fp8(struct imp *m, const cJSON *q, const char *qpre)
 	note(m,
 	     "Checkpoint quantization: the expert and shared-expert matrices are fp8 e4m3 with "
 	     "one f32 scale per [%ld, %ld] tile (*.weight_scale_inv, multiplied: W = q * s); the "
-	     "router and the other tensors are %s. Dequantized at load; activations stay f32 "
+	     "router and the other tensors are %s. Kept in fp8 by the kernels (quant:) when the "
+	     "tile's width divides the inputs, else dequantized at load; activations stay f32 "
 	     "(activation_scheme %s quantizes them per 1x128 block in fp8 inference).",
 	     blk[0], blk[1], moe_dtype_names[m->wdtype], acts);
 }
@@ -555,9 +556,10 @@ static void quant_mxfp4(struct imp *m, const char *qpre)
 		m->layout[r].orient = MOE_ORIENT_OUT_IN;
 		m->layout[r].quant = MOE_QUANT_MXFP4;
 	}
-	note(m, "Checkpoint quantization: mxfp4 expert matrices, *_blocks [E, out, in/32, 16] u8 "
-		"(two E2M1 codes per byte, low nibble first) with *_scales [E, out, in/32] E8M0: "
-		"out-major, unlike the in-major bf16 export. Dequantized at load.");
+	note(m,
+	     "Checkpoint quantization: mxfp4 expert matrices, *_blocks [E, out, in/32, 16] u8 "
+	     "(two E2M1 codes per byte, low nibble first) with *_scales [E, out, in/32] E8M0: "
+	     "out-major, unlike the in-major bf16 export. Kept in mxfp4 by the kernels (quant:).");
 }
 
 static void quantization(struct imp *m, const cJSON *o, const char *pre)
@@ -2176,6 +2178,28 @@ static void write_attention(const struct imp *m, FILE *f)
 			m->lin_kh, m->lin_kd, m->lin_conv);
 }
 
+/* A quantized checkpoint's experts stay quantized in the kernels (quant:):
+ * fp8 tiles as wide as a group that divides the inputs, mxfp4 as it is. The
+ * spec says how to dequantize at load instead (delete the key). */
+static void put_kept(const struct imp *m, FILE *f)
+{
+	const struct imp_layout *dn = &m->layout[MOE_ROLE_DOWN];
+	if (dn->quant == MOE_QUANT_NONE || !m->names[MOE_ROLE_DOWN][0])
+		return;
+	long g = dn->block[1];
+	int fp8 = dn->quant == MOE_QUANT_FP8_BLOCK;
+	if (fp8 && (g <= 0 || m->hidden % g || m->inter % g ||
+		    (m->shared_count && (m->shared_count * m->shared_inter) % g)))
+		return; /* a tile that does not divide the inputs: dequantized at load */
+	fprintf(f, "quant:  # kept in the kernels as the checkpoint stores them; delete this "
+		   "key to dequantize at load\n");
+	if (fp8)
+		fprintf(f, "  experts: {kind: fp8, group: %ld}\n", g);
+	else
+		fprintf(f, "  experts: mxfp4\n");
+	if (fp8 && m->shared_count && m->names[MOE_ROLE_SHARED_DOWN][0])
+		fprintf(f, "  shared: {kind: fp8, group: %ld}\n", g);
+}
 static void write_spec(const struct imp *m, FILE *f)
 {
 	char a[48], b[48], c[48];
@@ -2311,6 +2335,7 @@ static void write_spec(const struct imp *m, FILE *f)
 			fprintf(f, ", row_blocked: true");
 		fprintf(f, "}\n");
 	}
+	put_kept(m, f);
 }
 
 /* Import ---------------------------------------------------------------- */
