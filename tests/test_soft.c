@@ -1,5 +1,6 @@
 /* test_soft.c: Soft MoE generated for the CPU against the reference on token
- * groups of several sizes (outputs within 1e-5, the same statistics), bit
+ * groups of several sizes (outputs within 1e-5, the same statistics), with the
+ * scalar scale and the per-channel one (soft.scale channel), bit
  * identity across thread counts, a tiny case recomputed in double, and the
  * refused combinations. */
 #include <setjmp.h>
@@ -54,6 +55,29 @@ static void test_soft_vs_ref(void **state)
 	}
 }
 
+/* soft.scale channel: a [H] gamma of the normalized tokens in place of the
+ * scalar scale; GLU and MLP experts, a shared expert, bf16 weights. */
+static void test_soft_gamma_vs_ref(void **state)
+{
+	(void)state;
+	static const size_t Ts[] = {1, 7, 33};
+	for (uint32_t i = 0; i < 3; i++) {
+		struct moe_desc d;
+		soft_desc(&d, 24 + 16 * i, 3 + i, 2, 16);
+		d.soft_gamma = 1;
+		if (i == 1) {
+			d.kind = MOE_KIND_MLP;
+			d.act = MOE_ACT_GELU;
+			d.shared_count = 1;
+			d.shared_intermediate = 16;
+		}
+		if (i == 2)
+			d.weight_dtype = MOE_DTYPE_BF16;
+		for (size_t j = 0; j < sizeof Ts / sizeof *Ts; j++)
+			h_compare(&d, Ts[j], j % 2 ? 3 : 1, 900 + 10 * i + j, NULL, NULL);
+	}
+}
+
 /* The same group with 1 and 3 threads gives the same bits. */
 static void test_soft_threads(void **state)
 {
@@ -94,16 +118,19 @@ static void expert_dbl(const struct moe_ref_weights *w, size_t e, const double *
  * tokens and slots, L = s * cosine, D softmax over tokens, C over slots,
  * slot inputs D^T x, y = C f(x~). The statistics in closed form: counts = P,
  * importance sums to T (combine rows sum to 1), lb_loss = sum imp / T = 1.
- * With T = 1 every dispatch weight is 1, so each slot sees the token itself. */
+ * With T = 1 every dispatch weight is 1, so each slot sees the token itself.
+ * With soft.scale channel, L = sum_h x^_h gamma_h phi^_h instead. */
 static void test_soft_hand(void **state)
 {
 	(void)state;
 	static const size_t Ts[] = {1, 3, 5};
 	enum { H = 8, E = 2, P = 2, I = 4, S = E * P };
-	for (size_t c = 0; c < sizeof Ts / sizeof *Ts; c++) {
-		size_t T = Ts[c];
+	for (size_t c = 0; c < 2 * sizeof Ts / sizeof *Ts; c++) {
+		size_t T = Ts[c % 3];
+		int channel = c >= 3;
 		struct moe_desc d;
 		soft_desc(&d, H, E, P, I);
+		d.soft_gamma = (uint8_t)channel;
 		struct h_model m;
 		char err[2048];
 		assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -120,15 +147,19 @@ static void test_soft_hand(void **state)
 		h_fill_input(x, T * H, 60 + c);
 		struct moe_routing rt = {NULL, NULL, cnt, imp, 0, 0, 0, 0};
 		assert_int_equal(m.forward(mm, layer, x, y, T, &rt, NULL), MOE_OK);
-		double sc = w.w[MOE_ROLE_SOFT_SCALE][0], L[5][S], D[5][S], C[5][S];
-		const float *phi = w.w[MOE_ROLE_SOFT_SLOTS];
+		/* one of the two: the scalar scale or the channel scale */
+		assert_true((w.w[MOE_ROLE_SOFT_SCALE] == NULL) == channel);
+		assert_true((w.w[MOE_ROLE_SOFT_GAMMA] != NULL) == channel);
+		double sc = channel ? 1.0 : w.w[MOE_ROLE_SOFT_SCALE][0], L[5][S], D[5][S], C[5][S];
+		const float *phi = w.w[MOE_ROLE_SOFT_SLOTS], *gam = w.w[MOE_ROLE_SOFT_GAMMA];
 		for (size_t t = 0; t < T; t++)
 			for (size_t j = 0; j < S; j++) {
 				double xx = 0, pp = 0, xp = 0;
 				for (size_t h = 0; h < H; h++) {
 					xx += (double)x[t * H + h] * x[t * H + h];
 					pp += (double)phi[j * H + h] * phi[j * H + h];
-					xp += (double)x[t * H + h] * phi[j * H + h];
+					xp += (double)x[t * H + h] * phi[j * H + h] *
+					      (channel ? (double)gam[h] : 1.0);
 				}
 				L[t][j] = sc * xp / sqrt(xx + 1e-6) / sqrt(pp + 1e-6);
 			}
@@ -235,9 +266,8 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_soft_vs_ref),
-	    cmocka_unit_test(test_soft_threads),
-	    cmocka_unit_test(test_soft_hand),
+	    cmocka_unit_test(test_soft_vs_ref),  cmocka_unit_test(test_soft_gamma_vs_ref),
+	    cmocka_unit_test(test_soft_threads), cmocka_unit_test(test_soft_hand),
 	    cmocka_unit_test(test_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
