@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "harness.h"
+#include "safetensors.h"
 
 static void soft_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t P, uint32_t I)
 {
@@ -225,6 +226,74 @@ static void test_soft_hand(void **state)
 	}
 }
 
+/* soft.scale channel read from a checkpoint: soft_gamma as a role loads to
+ * what moe_init_random gives, and the forward matches the reference. */
+static void test_soft_gamma_load(void **state)
+{
+	(void)state;
+	enum { H = 16, E = 3, P = 2, I = 8, T = 9 };
+	struct moe_desc d;
+	soft_desc(&d, H, E, P, I);
+	d.kind = MOE_KIND_MLP;
+	d.act = MOE_ACT_GELU;
+	d.soft_gamma = 1;
+	d.n_layers = 1;
+	d.n_moe_layers = 1;
+	static const enum moe_role roles[] = {MOE_ROLE_SOFT_SLOTS, MOE_ROLE_SOFT_GAMMA, MOE_ROLE_UP,
+					      MOE_ROLE_DOWN};
+	enum { NR = sizeof roles / sizeof *roles };
+	for (int i = 0; i < NR; i++)
+		snprintf(d.names[roles[i]], MOE_NAME_MAX, "s.{layer}.%s", moe_role_names[roles[i]]);
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+	moe_ref_weights_random(&d, 4, 0, &w);
+	struct moe_st_tensor ts[NR];
+	char names[NR][64];
+	for (int i = 0; i < NR; i++) {
+		uint64_t rows, cols;
+		int pe = 0;
+		assert_true(moe_desc_role_shape(&d, roles[i], &rows, &cols, &pe));
+		snprintf(names[i], sizeof names[i], "s.0.%s", moe_role_names[roles[i]]);
+		ts[i] = (struct moe_st_tensor){.name = names[i], .dtype = MOE_ST_F32};
+		if (pe)
+			ts[i].ndim = 3, ts[i].shape[0] = E, ts[i].shape[1] = rows,
+			ts[i].shape[2] = cols;
+		else if (rows == 1)
+			ts[i].ndim = 1, ts[i].shape[0] = cols;
+		else
+			ts[i].ndim = 2, ts[i].shape[0] = rows, ts[i].shape[1] = cols;
+		ts[i].data = w.w[roles[i]];
+	}
+	char path[300], err[1024];
+	snprintf(path, sizeof path, "%s/soft.safetensors", h_tmpdir);
+	assert_int_equal(moe_st_write(path, ts, NR, err, sizeof err), MOE_OK);
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *a, *b;
+	assert_int_equal(m.create(&a, NULL), MOE_OK);
+	assert_int_equal(m.create(&b, NULL), MOE_OK);
+	assert_int_equal(m.init_random(a, 4), MOE_OK);
+	const char *files[] = {path};
+	enum moe_status st = m.load(b, files, 1);
+	if (st)
+		fprintf(stderr, "load: %s\n", m.last_error());
+	assert_int_equal(st, MOE_OK);
+	float x[T * H], ya[T * H], yb[T * H], yr[T * H];
+	h_fill_input(x, T * H, 12);
+	assert_int_equal(m.forward(a, 0, x, ya, T, NULL, NULL), MOE_OK);
+	assert_int_equal(m.forward(b, 0, x, yb, T, NULL, NULL), MOE_OK);
+	assert_memory_equal(ya, yb, sizeof ya);
+	assert_int_equal(moe_ref_forward(&d, &w, x, yr, T, NULL, NULL, err, sizeof err), MOE_OK);
+	double md = 0, my = 0;
+	for (int i = 0; i < T * H; i++)
+		md = fmax(md, fabs((double)ya[i] - yr[i])), my = fmax(my, fabs((double)yr[i]));
+	assert_true(my > 0 && md <= H_TOL * my);
+	m.destroy(a), m.destroy(b);
+	h_model_close(&m);
+	unlink(path);
+	moe_ref_weights_free(&w);
+}
+
 /* What is not generated is refused with a message naming it. */
 static void test_refusals(void **state)
 {
@@ -266,9 +335,9 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_soft_vs_ref),  cmocka_unit_test(test_soft_gamma_vs_ref),
-	    cmocka_unit_test(test_soft_threads), cmocka_unit_test(test_soft_hand),
-	    cmocka_unit_test(test_refusals),
+	    cmocka_unit_test(test_soft_vs_ref),     cmocka_unit_test(test_soft_gamma_vs_ref),
+	    cmocka_unit_test(test_soft_threads),    cmocka_unit_test(test_soft_hand),
+	    cmocka_unit_test(test_soft_gamma_load), cmocka_unit_test(test_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }
