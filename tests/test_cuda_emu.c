@@ -511,8 +511,9 @@ static void test_hierarchical_sigmoid(void **state)
 	check_case(&c, "hierarchical-sigmoid");
 }
 
-/* training: noisy top-k, logit + N(0, 1) softplus(x . noise row), the
- * reference's draw for (seed, layer, token, expert); capacity by position */
+/* training: noisy top-k, logit + N(0, 1) (softplus(x . noise row) + eps),
+ * the reference's draw for (seed, layer, token, expert); capacity by
+ * position; the default eps (0.01) and a large one */
 static void test_train_learned_noise(void **state)
 {
 	(void)state;
@@ -522,6 +523,13 @@ static void test_train_learned_noise(void **state)
 			  0,
 			  1};
 	check_case(&c, "noisy-top-k-train");
+	struct ecase c2 = {"specs/noisy-top-k.yaml",
+			   {"model.hidden=64", "experts.intermediate=64",
+			    "router.noise={kind: learned_gaussian, noise_epsilon: 1.5}", NULL},
+			   40,
+			   0,
+			   1};
+	check_case(&c2, "noisy-top-k-train-eps");
 }
 
 /* training: the learned noise on the hierarchical router's level 2; the

@@ -1,5 +1,6 @@
 /* test_soft.c: Soft MoE generated for the CPU against the reference on token
- * groups of several sizes (outputs within 1e-5, the same statistics), bit
+ * groups of several sizes (outputs within 1e-5, the same statistics), with the
+ * scalar scale and the per-channel one (soft.scale channel), bit
  * identity across thread counts, a tiny case recomputed in double, and the
  * refused combinations. */
 #include <setjmp.h>
@@ -15,6 +16,7 @@
 #include <string.h>
 
 #include "harness.h"
+#include "safetensors.h"
 
 static void soft_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t P, uint32_t I)
 {
@@ -51,6 +53,29 @@ static void test_soft_vs_ref(void **state)
 			d.weight_dtype = MOE_DTYPE_BF16;
 		for (size_t j = 0; j < sizeof Ts / sizeof *Ts; j++)
 			h_compare(&d, Ts[j], j % 2 ? 3 : 1, 100 + 10 * i + j, NULL, NULL);
+	}
+}
+
+/* soft.scale channel: a [H] gamma of the normalized tokens in place of the
+ * scalar scale; GLU and MLP experts, a shared expert, bf16 weights. */
+static void test_soft_gamma_vs_ref(void **state)
+{
+	(void)state;
+	static const size_t Ts[] = {1, 7, 33};
+	for (uint32_t i = 0; i < 3; i++) {
+		struct moe_desc d;
+		soft_desc(&d, 24 + 16 * i, 3 + i, 2, 16);
+		d.soft_gamma = 1;
+		if (i == 1) {
+			d.kind = MOE_KIND_MLP;
+			d.act = MOE_ACT_GELU;
+			d.shared_count = 1;
+			d.shared_intermediate = 16;
+		}
+		if (i == 2)
+			d.weight_dtype = MOE_DTYPE_BF16;
+		for (size_t j = 0; j < sizeof Ts / sizeof *Ts; j++)
+			h_compare(&d, Ts[j], j % 2 ? 3 : 1, 900 + 10 * i + j, NULL, NULL);
 	}
 }
 
@@ -94,16 +119,19 @@ static void expert_dbl(const struct moe_ref_weights *w, size_t e, const double *
  * tokens and slots, L = s * cosine, D softmax over tokens, C over slots,
  * slot inputs D^T x, y = C f(x~). The statistics in closed form: counts = P,
  * importance sums to T (combine rows sum to 1), lb_loss = sum imp / T = 1.
- * With T = 1 every dispatch weight is 1, so each slot sees the token itself. */
+ * With T = 1 every dispatch weight is 1, so each slot sees the token itself.
+ * With soft.scale channel, L = sum_h x^_h gamma_h phi^_h instead. */
 static void test_soft_hand(void **state)
 {
 	(void)state;
 	static const size_t Ts[] = {1, 3, 5};
 	enum { H = 8, E = 2, P = 2, I = 4, S = E * P };
-	for (size_t c = 0; c < sizeof Ts / sizeof *Ts; c++) {
-		size_t T = Ts[c];
+	for (size_t c = 0; c < 2 * sizeof Ts / sizeof *Ts; c++) {
+		size_t T = Ts[c % 3];
+		int channel = c >= 3;
 		struct moe_desc d;
 		soft_desc(&d, H, E, P, I);
+		d.soft_gamma = (uint8_t)channel;
 		struct h_model m;
 		char err[2048];
 		assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -120,15 +148,19 @@ static void test_soft_hand(void **state)
 		h_fill_input(x, T * H, 60 + c);
 		struct moe_routing rt = {NULL, NULL, cnt, imp, 0, 0, 0, 0};
 		assert_int_equal(m.forward(mm, layer, x, y, T, &rt, NULL), MOE_OK);
-		double sc = w.w[MOE_ROLE_SOFT_SCALE][0], L[5][S], D[5][S], C[5][S];
-		const float *phi = w.w[MOE_ROLE_SOFT_SLOTS];
+		/* one of the two: the scalar scale or the channel scale */
+		assert_true((w.w[MOE_ROLE_SOFT_SCALE] == NULL) == channel);
+		assert_true((w.w[MOE_ROLE_SOFT_GAMMA] != NULL) == channel);
+		double sc = channel ? 1.0 : w.w[MOE_ROLE_SOFT_SCALE][0], L[5][S], D[5][S], C[5][S];
+		const float *phi = w.w[MOE_ROLE_SOFT_SLOTS], *gam = w.w[MOE_ROLE_SOFT_GAMMA];
 		for (size_t t = 0; t < T; t++)
 			for (size_t j = 0; j < S; j++) {
 				double xx = 0, pp = 0, xp = 0;
 				for (size_t h = 0; h < H; h++) {
 					xx += (double)x[t * H + h] * x[t * H + h];
 					pp += (double)phi[j * H + h] * phi[j * H + h];
-					xp += (double)x[t * H + h] * phi[j * H + h];
+					xp += (double)x[t * H + h] * phi[j * H + h] *
+					      (channel ? (double)gam[h] : 1.0);
 				}
 				L[t][j] = sc * xp / sqrt(xx + 1e-6) / sqrt(pp + 1e-6);
 			}
@@ -194,6 +226,74 @@ static void test_soft_hand(void **state)
 	}
 }
 
+/* soft.scale channel read from a checkpoint: soft_gamma as a role loads to
+ * what moe_init_random gives, and the forward matches the reference. */
+static void test_soft_gamma_load(void **state)
+{
+	(void)state;
+	enum { H = 16, E = 3, P = 2, I = 8, T = 9 };
+	struct moe_desc d;
+	soft_desc(&d, H, E, P, I);
+	d.kind = MOE_KIND_MLP;
+	d.act = MOE_ACT_GELU;
+	d.soft_gamma = 1;
+	d.n_layers = 1;
+	d.n_moe_layers = 1;
+	static const enum moe_role roles[] = {MOE_ROLE_SOFT_SLOTS, MOE_ROLE_SOFT_GAMMA, MOE_ROLE_UP,
+					      MOE_ROLE_DOWN};
+	enum { NR = sizeof roles / sizeof *roles };
+	for (int i = 0; i < NR; i++)
+		snprintf(d.names[roles[i]], MOE_NAME_MAX, "s.{layer}.%s", moe_role_names[roles[i]]);
+	struct moe_ref_weights w;
+	assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+	moe_ref_weights_random(&d, 4, 0, &w);
+	struct moe_st_tensor ts[NR];
+	char names[NR][64];
+	for (int i = 0; i < NR; i++) {
+		uint64_t rows, cols;
+		int pe = 0;
+		assert_true(moe_desc_role_shape(&d, roles[i], &rows, &cols, &pe));
+		snprintf(names[i], sizeof names[i], "s.0.%s", moe_role_names[roles[i]]);
+		ts[i] = (struct moe_st_tensor){.name = names[i], .dtype = MOE_ST_F32};
+		if (pe)
+			ts[i].ndim = 3, ts[i].shape[0] = E, ts[i].shape[1] = rows,
+			ts[i].shape[2] = cols;
+		else if (rows == 1)
+			ts[i].ndim = 1, ts[i].shape[0] = cols;
+		else
+			ts[i].ndim = 2, ts[i].shape[0] = rows, ts[i].shape[1] = cols;
+		ts[i].data = w.w[roles[i]];
+	}
+	char path[300], err[1024];
+	snprintf(path, sizeof path, "%s/soft.safetensors", h_tmpdir);
+	assert_int_equal(moe_st_write(path, ts, NR, err, sizeof err), MOE_OK);
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *a, *b;
+	assert_int_equal(m.create(&a, NULL), MOE_OK);
+	assert_int_equal(m.create(&b, NULL), MOE_OK);
+	assert_int_equal(m.init_random(a, 4), MOE_OK);
+	const char *files[] = {path};
+	enum moe_status st = m.load(b, files, 1);
+	if (st)
+		fprintf(stderr, "load: %s\n", m.last_error());
+	assert_int_equal(st, MOE_OK);
+	float x[T * H], ya[T * H], yb[T * H], yr[T * H];
+	h_fill_input(x, T * H, 12);
+	assert_int_equal(m.forward(a, 0, x, ya, T, NULL, NULL), MOE_OK);
+	assert_int_equal(m.forward(b, 0, x, yb, T, NULL, NULL), MOE_OK);
+	assert_memory_equal(ya, yb, sizeof ya);
+	assert_int_equal(moe_ref_forward(&d, &w, x, yr, T, NULL, NULL, err, sizeof err), MOE_OK);
+	double md = 0, my = 0;
+	for (int i = 0; i < T * H; i++)
+		md = fmax(md, fabs((double)ya[i] - yr[i])), my = fmax(my, fabs((double)yr[i]));
+	assert_true(my > 0 && md <= H_TOL * my);
+	m.destroy(a), m.destroy(b);
+	h_model_close(&m);
+	unlink(path);
+	moe_ref_weights_free(&w);
+}
+
 /* What is not generated is refused with a message naming it. */
 static void test_refusals(void **state)
 {
@@ -235,10 +335,9 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_soft_vs_ref),
-	    cmocka_unit_test(test_soft_threads),
-	    cmocka_unit_test(test_soft_hand),
-	    cmocka_unit_test(test_refusals),
+	    cmocka_unit_test(test_soft_vs_ref),     cmocka_unit_test(test_soft_gamma_vs_ref),
+	    cmocka_unit_test(test_soft_threads),    cmocka_unit_test(test_soft_hand),
+	    cmocka_unit_test(test_soft_gamma_load), cmocka_unit_test(test_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

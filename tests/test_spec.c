@@ -166,6 +166,8 @@ static int role(const char *name)
 static void good_mixtral(const struct moe_desc *d)
 {
 	assert_string_equal(d->name, "mixtral-8x7b");
+	assert_true(d->noise_eps == 0.0f);
+	assert_int_equal(d->importance_sparse, 0);
 	assert_int_equal(d->hidden, 4096);
 	assert_int_equal(d->n_layers, 32);
 	assert_int_equal(d->n_moe_layers, 32);
@@ -389,6 +391,22 @@ static void good_soft(const struct moe_desc *d)
 	assert_int_equal(d->top_k, 0);
 	assert_int_equal(d->soft_slots_per_expert, 2);
 	assert_int_equal(d->kind, MOE_KIND_MLP);
+	/* scale: channel: a [H] gamma in place of the scalar scale */
+	uint64_t rows, cols;
+	assert_int_equal(d->soft_gamma, 1);
+	assert_true(moe_desc_role_shape(d, MOE_ROLE_SOFT_GAMMA, &rows, &cols, NULL));
+	assert_int_equal(rows, 1);
+	assert_int_equal(cols, d->hidden);
+	assert_false(moe_desc_role_shape(d, MOE_ROLE_SOFT_SCALE, NULL, NULL, NULL));
+}
+
+static void good_noisy(const struct moe_desc *d)
+{
+	assert_int_equal(d->mode, MOE_MODE_TOKEN_CHOICE);
+	assert_int_equal(d->noise, MOE_NOISE_LEARNED_GAUSSIAN);
+	assert_true(d->noise_eps == 0.05f);
+	assert_int_equal(d->importance_sparse, 1);
+	assert_int_equal(d->top_k, 4);
 }
 
 static void good_hierarchical(const struct moe_desc *d)
@@ -402,6 +420,8 @@ static void good_hierarchical(const struct moe_desc *d)
 	assert_int_equal(d->intermediate, 256 / 2);
 	assert_int_equal(d->top_k, 2 * 2 * 2);
 	assert_int_equal(d->noise, MOE_NOISE_LEARNED_GAUSSIAN);
+	assert_true(d->noise_eps == 0.01f); /* tensor2tensor's default */
+	assert_int_equal(d->importance_sparse, 0);
 }
 
 static void good_peer_pytorch(const struct moe_desc *d)
@@ -617,6 +637,7 @@ static const struct {
     {"minimal.yaml", good_minimal},
     {"mixtral.yaml", good_mixtral},
     {"nllb-capacity.yaml", good_nllb_capacity},
+    {"noisy-top-k.yaml", good_noisy},
     {"peer-pytorch.yaml", good_peer_pytorch},
     {"peer.yaml", good_peer},
     {"phimoe.yaml", good_phimoe},

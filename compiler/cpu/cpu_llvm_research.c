@@ -87,7 +87,7 @@ enum {
 };
 
 /* Logits of one token: router panels . x (+ bias), plus the learned gaussian
- * noise z * softplus(noise . x) when training. */
+ * noise z * (softplus(noise . x) + noise_eps) when training. */
 static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValueRef l,
 		   LLVMValueRef nl)
 {
@@ -115,6 +115,8 @@ static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValu
 	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, nl, e.iv), g->t_f64, "");
 	LLVMValueRef sp = moe_ll_libm(g, "log1p", moe_ll_libm(g, "exp", vd));
 	sp = moe_ll_to_f32(g, moe_ll_sel_gt(g, vd, moe_ll_f64c(g, 20.0), vd, sp));
+	if (d->noise_eps != 0.0f) /* the standard deviation's floor, an f32 add */
+		sp = LLVMBuildFAdd(b, sp, moe_ll_f32c(g, d->noise_eps), "sd");
 	moe_ll_stf(g, LLVMBuildFAdd(b, moe_ll_ldf(g, l, e.iv), LLVMBuildFMul(b, z, sp, ""), ""), l,
 		   e.iv);
 	moe_ll_loop_close(g, &e);

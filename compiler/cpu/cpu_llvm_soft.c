@@ -67,7 +67,9 @@ static void gen_norm(struct moe_ll *g)
 }
 
 /* moe_soft_logits(xn, slots, scale, t0, t1, L): L[t, s] = scale * (xn_t .
- * slot_s), the slots as router panels of the S slots (moe_ll_panel_dots). */
+ * slot_s), the slots as router panels of the S slots (moe_ll_panel_dots).
+ * With soft.scale channel the packed slots already hold gamma and the scale
+ * is not applied (the reference's is exactly 1). */
 static void gen_logits(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
@@ -82,7 +84,10 @@ static void gen_logits(struct moe_ll *g)
 	LLVMValueRef lrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5), mul(g, t.iv, S));
 	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, 1), S, l);
 	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, S), 1, "s");
-	moe_ll_stf(g, LLVMBuildFMul(b, moe_ll_prm(g, 2), moe_ll_ldf(g, l, s.iv), ""), lrow, s.iv);
+	LLVMValueRef v = moe_ll_ldf(g, l, s.iv);
+	if (!g->d->soft_gamma)
+		v = LLVMBuildFMul(b, moe_ll_prm(g, 2), v, "");
+	moe_ll_stf(g, v, lrow, s.iv);
 	moe_ll_loop_close(g, &s);
 	moe_ll_loop_close(g, &t);
 	moe_ll_fn_end(g);

@@ -207,6 +207,8 @@ static void emit_constants(struct gen *g)
 	      flit(2.0f * d->sparsemixer_eps, f));
 	konst(b, "training: learned gaussian noise", "constexpr bool kLearnedNoise = %s;",
 	      bool_lit(moe_cuda_learned_noise(d)));
+	konst(b, "training: learned noise std floor", "constexpr float kNoiseEps = %s;",
+	      flit(moe_cuda_learned_noise(d) ? d->noise_eps : 0.0f, f));
 	konst(b, "training: jitter eps", "constexpr double kJitterEps = %s;",
 	      flit(d->noise == MOE_NOISE_JITTER ? d->jitter_eps : 0.0f, f));
 	konst(b, "router K chunk", "constexpr int kRChunk = %d;", MOE_CUDA_RCHUNK);

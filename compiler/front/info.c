@@ -55,7 +55,7 @@ static const enum moe_role expert_roles[] = {
 static const enum moe_role router_roles[] = {
     MOE_ROLE_ROUTER,        MOE_ROLE_ROUTER_BIAS, MOE_ROLE_SELECT_BIAS, MOE_ROLE_NOISE,
     MOE_ROLE_GROUP_ROUTER,  MOE_ROLE_SOFT_SLOTS,  MOE_ROLE_SOFT_SCALE,  MOE_ROLE_PK_QUERY,
-    MOE_ROLE_PK_QUERY_BIAS, MOE_ROLE_PK_KEYS,     MOE_ROLE_OUTPUT_BIAS,
+    MOE_ROLE_PK_QUERY_BIAS, MOE_ROLE_PK_KEYS,     MOE_ROLE_OUTPUT_BIAS, MOE_ROLE_SOFT_GAMMA,
 };
 static const enum moe_role shared_roles[] = {
     MOE_ROLE_SHARED_GATE,

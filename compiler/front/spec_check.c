@@ -100,6 +100,8 @@
 	X(NOISE, "router.noise")                                                                   \
 	X(NOISE_KIND, "router.noise.kind")                                                         \
 	X(NOISE_EPS, "router.noise.eps")                                                           \
+	X(NOISE_NEPS, "router.noise.noise_epsilon")                                                \
+	X(IMPORTANCE, "router.importance")                                                         \
 	X(APPLY, "router.apply_to")                                                                \
 	X(EXPERTS, "experts")                                                                      \
 	X(E_KIND, "experts.kind")                                                                  \
@@ -126,6 +128,7 @@
 	X(EC_CF, "expert_choice.capacity_factor")                                                  \
 	X(SOFT, "soft")                                                                            \
 	X(SOFT_P, "soft.slots_per_expert")                                                         \
+	X(SOFT_SCALE, "soft.scale")                                                                \
 	X(PK, "product_key")                                                                       \
 	X(PK_R, "product_key.sub_keys")                                                            \
 	X(PK_HEADS, "product_key.heads")                                                           \
@@ -225,6 +228,8 @@ static const char *const pk_score_names[] = {"softmax", "sigmoid", "relu"};
 static const char *const format_names[] = {"safetensors"};
 static const char *const fuse_names[] = {"concat", "interleave"};
 static const char *const rounding_names[] = {"ceil", "floor"};
+static const char *const importance_names[] = {"dense", "sparse"};
+static const char *const soft_scale_names[] = {"scalar", "channel"};
 /* Activation spellings; glu-only ones first. */
 static const char *const act_names[] = {"swiglu",    "geglu", "swiglu_oai", "gelu",
 					"gelu_tanh", "relu",  "silu"};
@@ -292,6 +297,7 @@ static const struct field cap_fields[] = {
 static const struct field noise_fields[] = {
     ENUM_(NOISE_KIND, moe_noise_names, REQ),
     FLOAT_(NOISE_EPS, 0, 1, OPEN_LO),
+    FLOAT_(NOISE_NEPS, 0, 1e3, 0),
 };
 static const struct field router_fields[] = {
     ENUM_(MODE, moe_mode_names, 0),
@@ -306,6 +312,7 @@ static const struct field router_fields[] = {
     MAP_(CAP, cap_fields, 0),
     KINDMAP_(NOISE, noise_fields),
     ENUM_(APPLY, moe_apply_names, 0),
+    ENUM_(IMPORTANCE, importance_names, 0),
 };
 static const struct field oai_fields[] = {
     FLOAT_(OAI_ALPHA, 0, 1e6, OPEN_LO),
@@ -333,7 +340,10 @@ static const struct field level1_fields[] = {
 };
 static const struct field hier_fields[] = {ANY_(H_LEVELS, REQ)};
 static const struct field ec_fields[] = {FLOAT_(EC_CF, 0, MAX_FACTOR, OPEN_LO | REQ)};
-static const struct field soft_fields[] = {UINT_(SOFT_P, 1, MAX_DIM, 0)};
+static const struct field soft_fields[] = {
+    UINT_(SOFT_P, 1, MAX_DIM, 0),
+    ENUM_(SOFT_SCALE, soft_scale_names, 0),
+};
 static const struct field pk_fields[] = {
     UINT_(PK_R, 1, MAX_SUB_KEYS, REQ),    UINT_(PK_HEADS, 1, 1024, 0),
     UINT_(PK_TOPK, 1, MAX_SUB_KEYS, REQ), UINT_(PK_D, 2, MAX_DIM, REQ),
@@ -1556,6 +1566,17 @@ static void check_router(struct ctx *c, struct moe_desc *o, uint64_t E)
 		    nz);
 		note_at(c, S_NOISE_KIND);
 	}
+	if (c->n[S_NOISE_NEPS] && !(nz && !strcmp(nz, "learned_gaussian"))) {
+		err(c, c->k[S_NOISE_NEPS],
+		    "router.noise.noise_epsilon applies only to kind learned_gaussian, not %s",
+		    nz ? nz : "none");
+		note_at(c, S_NOISE_KIND);
+	}
+
+	/* the sparse importance sums the routing weights: a router with top-k slots */
+	if (c->ok[S_IMPORTANCE] && !strcmp(c->str[S_IMPORTANCE], "sparse") &&
+	    (m & (M_(SOFT) | M_(PRODUCT_KEY))))
+		not_for_mode(c, S_IMPORTANCE, mode, "it sums the routing weights of top-k slots");
 
 	if (c->ok[S_APPLY] && !strcmp(c->str[S_APPLY], "input") &&
 	    (m & (M_(SOFT) | M_(PRODUCT_KEY))))
@@ -1932,6 +1953,10 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 							   c->str[S_NOISE_KIND]);
 	if (o->noise == MOE_NOISE_JITTER && c->ok[S_NOISE_EPS])
 		o->jitter_eps = (float)c->f[S_NOISE_EPS];
+	/* tensor2tensor's noisy_top_k_gating: std = softplus(x . W_noise) + 1e-2 */
+	if (o->noise == MOE_NOISE_LEARNED_GAUSSIAN)
+		o->noise_eps = c->ok[S_NOISE_NEPS] ? (float)c->f[S_NOISE_NEPS] : 1e-2f;
+	o->importance_sparse = c->ok[S_IMPORTANCE] && !strcmp(c->str[S_IMPORTANCE], "sparse");
 	o->apply_to =
 	    c->ok[S_APPLY]
 		? (enum moe_apply)moe_enum_lookup(moe_apply_names, MOE_APPLY_COUNT, c->str[S_APPLY])
@@ -1971,8 +1996,10 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 	}
 	if (mode == MOE_MODE_EXPERT_CHOICE && c->ok[S_EC_CF])
 		o->ec_capacity_factor = (float)c->f[S_EC_CF];
-	if (mode == MOE_MODE_SOFT)
+	if (mode == MOE_MODE_SOFT) {
 		o->soft_slots_per_expert = c->ok[S_SOFT_P] ? (uint32_t)c->u[S_SOFT_P] : 1;
+		o->soft_gamma = c->ok[S_SOFT_SCALE] && !strcmp(c->str[S_SOFT_SCALE], "channel");
+	}
 	if (mode == MOE_MODE_SPARSEMIXER)
 		o->sparsemixer_eps = c->ok[S_SM_EPS] ? (float)c->f[S_SM_EPS] : 0.01f;
 	if (mode == MOE_MODE_PRODUCT_KEY && c->ok[S_PK_R]) {

@@ -227,6 +227,7 @@ constexpr int kLevelTop1 = 1, kLevelTop2 = 1;
 constexpr float kTopP = 1.0f;          /* top-p threshold */
 constexpr float kSparseEps2 = 0.0f;    /* sparsemixer: 2 eps */
 constexpr bool kLearnedNoise = false;  /* training: learned gaussian noise */
+constexpr float kNoiseEps = 0.0f;      /* training: learned noise std floor */
 constexpr double kJitterEps = 0.0f;    /* training: jitter eps */
 constexpr int kRChunk = 32;            /* router K chunk */
 constexpr int kChunks = 64;            /* router K chunks */
@@ -695,12 +696,13 @@ __device__ void route_token(const moe_args &a, const i64 t)
 	__syncthreads();
 
 	if constexpr (kLearnedNoise) {
-		/* training: logit + N(0, 1) * softplus(x . noise row), the draw the
-		 * reference's for (seed, layer, token, expert) */
+		/* training: logit + N(0, 1) * (softplus(x . noise row) + eps), the
+		 * draw the reference's for (seed, layer, token, expert) */
 		if (a.training) {
 			for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
 				const double v = l[kNoiseRow + e];
-				const float sp = (float)(v > 20.0 ? v : log1p(exp(v)));
+				const float sp =
+				    __fadd_rn((float)(v > 20.0 ? v : log1p(exp(v))), kNoiseEps);
 				const float z = rng_normal(a.seed, a.layer, t, e);
 				l[e] = __fadd_rn(l[e], __fmul_rn(z, sp));
 			}

@@ -219,8 +219,12 @@ int moe_desc_role_shape(const struct moe_desc *d, enum moe_role r, uint64_t *row
 			R = E * d->soft_slots_per_expert, C = H;
 		break;
 	case MOE_ROLE_SOFT_SCALE:
-		if (d->mode == MOE_MODE_SOFT)
+		if (d->mode == MOE_MODE_SOFT && !d->soft_gamma)
 			R = 1, C = 1;
+		break;
+	case MOE_ROLE_SOFT_GAMMA:
+		if (d->mode == MOE_MODE_SOFT && d->soft_gamma)
+			R = 1, C = H;
 		break;
 	case MOE_ROLE_PK_QUERY:
 		if (d->mode == MOE_MODE_PRODUCT_KEY)
@@ -396,6 +400,10 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 	if (d->output_bias)
 		put(&o, "output_bias 1\n");
 	put(&o, "noise %s jitter_eps %s\n", moe_noise_names[d->noise], fl(d->jitter_eps).s);
+	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN)
+		put(&o, "noise_std eps %s\n", fl(d->noise_eps).s);
+	if (d->importance_sparse)
+		put(&o, "importance sparse\n");
 	if (d->mode == MOE_MODE_HIERARCHICAL)
 		for (uint32_t i = 0; i < d->n_levels; i++)
 			put(&o, "level %u groups %u top_k %u\n", i, d->levels[i].groups,
@@ -404,6 +412,8 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		put(&o, "expert_choice capacity_factor %s\n", fl(d->ec_capacity_factor).s);
 	if (d->mode == MOE_MODE_SOFT)
 		put(&o, "soft slots_per_expert %u\n", d->soft_slots_per_expert);
+	if (d->mode == MOE_MODE_SOFT && d->soft_gamma)
+		put(&o, "soft_scale channel\n");
 	if (d->mode == MOE_MODE_SPARSEMIXER)
 		put(&o, "sparsemixer eps %s\n", fl(d->sparsemixer_eps).s);
 	if (d->mode == MOE_MODE_TOP_P)
@@ -722,6 +732,14 @@ static void parse_line(struct line *l, struct moe_desc *d)
 	} else if (!strcmp(h, "noise")) {
 		d->noise = (enum moe_noise)ENUM_(NULL, moe_noise_names, MOE_NOISE_COUNT);
 		take_f32(l, "jitter_eps", &d->jitter_eps);
+	} else if (!strcmp(h, "noise_std")) {
+		take_f32(l, "eps", &d->noise_eps);
+	} else if (!strcmp(h, "importance")) {
+		static const char *const imp[] = {"dense", "sparse"};
+		d->importance_sparse = (uint8_t)ENUM_(NULL, imp, 2);
+	} else if (!strcmp(h, "soft_scale")) {
+		static const char *const sc[] = {"scalar", "channel"};
+		d->soft_gamma = (uint8_t)ENUM_(NULL, sc, 2);
 	} else if (!strcmp(h, "level")) {
 		uint32_t i = MOE_MAX_LEVELS;
 		take_u32(l, NULL, 0, &i);

@@ -393,6 +393,7 @@ static int is_vector(enum moe_role r)
 	case MOE_ROLE_PK_BN_BIAS:
 	case MOE_ROLE_PK_BN_MEAN:
 	case MOE_ROLE_PK_BN_VAR:
+	case MOE_ROLE_SOFT_GAMMA:
 		return 1;
 	default:
 		return 0;

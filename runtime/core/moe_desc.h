@@ -162,7 +162,8 @@ struct moe_qfmt {
 	X(PK_BN_WEIGHT, "pk_bn_weight")             /* [Q] query BatchNorm (eval): gamma */        \
 	X(PK_BN_BIAS, "pk_bn_bias")                 /* [Q] beta */                                 \
 	X(PK_BN_MEAN, "pk_bn_mean")                 /* [Q] running mean */                         \
-	X(PK_BN_VAR, "pk_bn_var")                   /* [Q] running variance */
+	X(PK_BN_VAR, "pk_bn_var")                   /* [Q] running variance */                     \
+	X(SOFT_GAMMA, "soft_gamma")                 /* [H] soft: per-channel scale of x-hat */
 
 #define MOE_ENUM_X_MOE_ROLE_(v, s) MOE_ROLE_##v,
 MOE_DEFINE_ENUM(moe_role, MOE_ROLE_, MOE_ROLES);
@@ -302,6 +303,15 @@ struct moe_desc {
 	uint32_t pk_sub_top_k;
 	/* the FFN matrices kept quantized (kind none: dtype.weights) */
 	struct moe_qfmt qfmt[MOE_QMAT_COUNT];
+	/* learned gaussian noise: the standard deviation is softplus(x . NOISE_e)
+	 * + noise_eps (tensor2tensor's noise_epsilon) */
+	float noise_eps;
+	/* statistics: importance[e] sums the routing weights of e's kept slots
+	 * (Shazeer 2017's sparse gates) instead of the router probability */
+	uint8_t importance_sparse;
+	/* soft: a per-channel scale SOFT_GAMMA [H] of the normalized tokens in
+	 * place of the scalar SOFT_SCALE */
+	uint8_t soft_gamma;
 };
 
 /* Name tables, indexed by enum value; defined in desc.c. */

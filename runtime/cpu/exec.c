@@ -570,6 +570,14 @@ static enum moe_status begin_stats(struct moe_exec *x)
 	for (size_t t = 0; t < T; t++)
 		token_stats(d, ws->logits + t * E, ws->prob ? ws->prob + t * E : NULL, imp, &zsum,
 			    s);
+	if (d->importance_sparse) {
+		/* Shazeer 2017: the sum of the sparse gates, the weights of the kept
+		 * slots in slot order, as the reference */
+		memset(imp, 0, E * sizeof *imp);
+		for (size_t s2 = 0; s2 < T * W; s2++)
+			if (ws->kept[s2] && ws->ids[s2] >= 0)
+				imp[ws->ids[s2]] += (double)ws->wts[s2];
+	}
 	for (uint32_t e = 0; e < E; e++)
 		load[e] = (double)ws->counts[e];
 	moe_routing_losses(d, imp, load, T, zsum, rt);

@@ -161,16 +161,25 @@ enum moe_status moe_pack_soft(const struct moe_model *m, const struct moe_ref_we
 {
 	const struct moe_desc *d = m->d;
 	uint32_t H = d->hidden, S = d->n_experts * d->soft_slots_per_expert;
-	const float *phi = w->w[MOE_ROLE_SOFT_SLOTS], *sc = w->w[MOE_ROLE_SOFT_SCALE];
+	const float *phi = w->w[MOE_ROLE_SOFT_SLOTS];
+	/* soft.scale scalar: SOFT_SCALE[0] multiplies each logit; channel:
+	 * SOFT_GAMMA [H] multiplies the normalized slots once, here, as the
+	 * reference does, and the logits take a scale of 1 (exact) */
+	const float *sc = d->soft_gamma ? NULL : w->w[MOE_ROLE_SOFT_SCALE];
+	const float *gamma = d->soft_gamma ? w->w[MOE_ROLE_SOFT_GAMMA] : NULL;
 	moe_soft_norm_fn *norm = MOE_KERNEL(m, SOFT_NORM);
-	if (!phi || !sc || !norm)
+	if (!phi || !(sc || gamma) || !norm)
 		return MOE_ERR_WEIGHTS;
 	float *pn = malloc((size_t)S * H * sizeof *pn);
 	if (!pn)
 		return MOE_ERR_NOMEM;
 	norm(phi, pn, 0, S);
+	if (gamma)
+		for (size_t s = 0; s < S; s++)
+			for (size_t h = 0; h < H; h++)
+				pn[s * H + h] *= gamma[h];
 	out->soft_slots = moe_pack_router_panels(pn, S, H);
-	out->soft_scale = sc[0];
+	out->soft_scale = gamma ? 1.0f : sc[0];
 	free(pn);
 	return out->soft_slots ? MOE_OK : MOE_ERR_NOMEM;
 }

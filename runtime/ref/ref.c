@@ -354,7 +354,8 @@ static int combine(struct fwd *f)
 /* ---- router pieces ---- */
 
 /* Logits of token t for router rows [r0, r0 + n): x.W^T (+ bias), plus the
- * learned gaussian noise in training mode. */
+ * learned gaussian noise in training mode: z times the standard deviation
+ * softplus(x . NOISE_e) + noise_eps, all f32. */
 static void router_logits(const struct fwd *f, size_t t, uint32_t r0, uint32_t n, float *l)
 {
 	const struct moe_desc *d = f->d;
@@ -368,7 +369,9 @@ static void router_logits(const struct fwd *f, size_t t, uint32_t r0, uint32_t n
 			v += rb[e];
 		if (f->o->training && d->noise == MOE_NOISE_LEARNED_GAUSSIAN) {
 			float z = moe_rng_normal(f->o->seed, f->o->layer, t, e);
-			v += z * softplusf_(dot_f32(N + (size_t)e * f->H, x, f->H));
+			float sd =
+			    softplusf_(dot_f32(N + (size_t)e * f->H, x, f->H)) + d->noise_eps;
+			v += z * sd;
 		}
 		l[i] = v;
 	}
@@ -781,7 +784,10 @@ static int route_soft(struct fwd *f)
 	const float *seg = f->w->w[MOE_ROLE_SHARED_EXPERT_GATE];
 	uint32_t H = f->H, P = d->soft_slots_per_expert, S = f->E * P;
 	size_t T = f->T;
-	float scale = f->w->w[MOE_ROLE_SOFT_SCALE][0];
+	/* soft.scale channel: gamma multiplies the normalized slots (the logit
+	 * is the same bilinear form as x-hat * gamma . phi-hat), rounded once */
+	const float *gamma = d->soft_gamma ? f->w->w[MOE_ROLE_SOFT_GAMMA] : NULL;
+	float scale = gamma ? 1.0f : f->w->w[MOE_ROLE_SOFT_SCALE][0];
 	uint32_t wmax = f->I > f->Is ? f->I : f->Is;
 	float *xn = xcalloc(T * H, sizeof *xn), *pn = xcalloc((size_t)S * H, sizeof *pn);
 	float *L = xcalloc(T * S, sizeof *L), *D = xcalloc(T * S, sizeof *D);
@@ -800,6 +806,9 @@ static int route_soft(struct fwd *f)
 			float inv = (float)(1.0 / sqrt((double)ss + 1e-6));
 			for (uint32_t h = 0; h < H; h++)
 				dst[h] = src[h] * inv;
+			if (gamma && r >= T)
+				for (uint32_t h = 0; h < H; h++)
+					dst[h] *= gamma[h];
 		}
 		for (size_t t = 0; t < T; t++)
 			for (uint32_t s = 0; s < S; s++)
@@ -974,6 +983,11 @@ static int check_desc(struct fwd *f)
 		BAD("single_neuron experts go with product_key routing and only with it");
 	if (pk && d->pk_query_bn && !(isfinite(d->pk_bn_eps) && d->pk_bn_eps >= 0.0f))
 		BAD("product_key query BatchNorm eps must be finite and >= 0");
+	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN &&
+	    !(isfinite(d->noise_eps) && d->noise_eps >= 0.0f))
+		BAD("learned_gaussian noise_epsilon must be finite and >= 0");
+	if (d->importance_sparse && (d->mode == MOE_MODE_SOFT || pk))
+		BAD("sparse importance needs a router with top-k slots");
 	if (!pk && d->intermediate == 0)
 		BAD("intermediate must be positive");
 	if (d->act == MOE_ACT_SWIGLU_OAI && d->kind != MOE_KIND_GLU)
@@ -1133,6 +1147,14 @@ static void finish_stats(struct fwd *f, struct moe_routing *rt)
 		if (rt->importance)
 			memset(rt->importance, 0, E * sizeof *rt->importance);
 		return;
+	}
+	if (d->importance_sparse) {
+		/* Shazeer 2017: the sum of the sparse gates, the routing weights of the
+		 * kept slots, in slot order */
+		memset(f->imp, 0, E * sizeof *f->imp);
+		for (size_t s = 0; s < f->T * W; s++)
+			if (f->ids[s] >= 0)
+				f->imp[f->ids[s]] += (double)f->wts[s];
 	}
 	double T = (double)f->T, mean = 0.0, var = 0.0, total = 0.0, lb = 0.0;
 	for (uint32_t e = 0; e < E; e++) {

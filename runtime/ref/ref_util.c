@@ -154,8 +154,9 @@ void moe_ref_weights_random_block(const struct moe_desc *d, uint64_t seed, uint3
 		return;
 	}
 	/* fan-in bound for matrices keeps every layer's output O(|x|); a
-	 * BatchNorm's gamma and variance in [0.5, 1.5) */
-	int around_one = r == MOE_ROLE_PK_BN_WEIGHT || r == MOE_ROLE_PK_BN_VAR;
+	 * BatchNorm's gamma and variance, Soft MoE's channel scale in [0.5, 1.5) */
+	int around_one =
+	    r == MOE_ROLE_PK_BN_WEIGHT || r == MOE_ROLE_PK_BN_VAR || r == MOE_ROLE_SOFT_GAMMA;
 	double a = is_bias_role((enum moe_role)r) ? 0.1
 		   : around_one                   ? 0.5
 						  : 1.0 / sqrt((double)cols);
