@@ -1597,6 +1597,13 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 	LLVMDisposeTargetData(td);
 
 	build_module(&g, cpu_name, triple);
+	if (sve) {
+		/* the length the code relies on, checked by moe_create */
+		LLVMValueRef sv = LLVMAddGlobal(g.mod, g.t_i32, "moe_gen_sve_bits");
+		LLVMSetInitializer(sv, moe_ll_i32c(&g, sve));
+		LLVMSetGlobalConstant(sv, 1);
+		LLVMSetVisibility(sv, LLVMHiddenVisibility);
+	}
 
 	if (LLVMVerifyModule(g.mod, LLVMReturnStatusAction, &msg)) {
 		errf(err, cap, "internal error: generated module does not verify: %s", msg);
