@@ -1498,8 +1498,8 @@ static int sve_bits(const char *triple, const char *cpu, const char *features, i
 		if (!strcmp(cpu, cpus[i].cpu))
 			known = cpus[i].bits;
 	int f = feature(features, "sve");
-	if (f < 0 || (f == 0 && feature(features, "sve2") > 0))
-		f = f < 0 ? -1 : 1;
+	if (f == 0 && feature(features, "sve2") > 0)
+		f = 1;
 	if (f < 0 || (f == 0 && known < 0)) {
 		if (want)
 			errf(err, cap,

@@ -13,13 +13,13 @@
 
 #include <math.h>
 #include <pthread.h>
-#if defined(__aarch64__) && defined(__linux__)
-#include <sys/prctl.h>
-#endif
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/prctl.h>
+#endif
 
 #define MOE_API __attribute__((visibility("default")))
 
