@@ -77,6 +77,11 @@ struct moe_cpu_target {
 	const char *cpu;      /* NULL or "native": the host CPU; else an LLVM CPU name */
 	const char *features; /* NULL: the CPU's defaults (host features for native) */
 	int opt_level;        /* 0..3; the pipeline is default<O3> unless lower */
+	/* AArch64 SVE vector length in bits that the code is generated for:
+	 * 0: the CPU's known length (sve_bits in cpu_llvm.c), none if it has no SVE or
+	 * the length is unknown; -1: none (NEON only); else 128..2048, a
+	 * power of two, for a target with SVE */
+	int sve_bits;
 };
 
 /* Generate the CPU module of plan p and write it as LL (pre-optimization

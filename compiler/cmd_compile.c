@@ -13,7 +13,8 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: moegen SPEC [-o OUT] [--set KEY=VALUE]... [--target cpu|cuda|cpu,cuda]\n"
 		"              [--cpu native|x86-64-v3|znver3|...] [--triple TRIPLE]\n"
-		"              [--features +f,-g] [--emit so|obj|ll|asm|header|cu|ptx] [-O0..3]\n"
+		"              [--features +f,-g] [--sve-bits N]\n"
+		"              [--emit so|obj|ll|asm|header|cu|ptx] [-O0..3]\n"
 		"              [--arch sm_80,sm_90] [--prefix NAME]\n"
 		"Compile an MoE spec into model.so (default OUT: NAME.so, NAME from the "
 		"spec).\n"
@@ -22,6 +23,10 @@ static void usage(FILE *f)
 		"  --target cuda  CUDA kernels (NVRTC: a cubin per --arch plus PTX) in model.so;\n"
 		"                 cpu,cuda carries both, the device is chosen at moe_create\n"
 		"  --emit cu|ptx  the generated CUDA C / the PTX of the first --arch\n"
+		"  --sve-bits N   AArch64: SVE code for vector length N (128, 256, 512,\n"
+		"                 1024, 2048 bits; default: the --cpu's known length, a64fx\n"
+		"                 512, neoverse-v1 256; 0: NEON only); the model then needs\n"
+		"                 a CPU of exactly that length\n"
 		"  --prefix NAME  export the functions as NAMEmoe_forward, ... (and name the\n"
 		"                 header's constants NAME in upper case + MOE_MODEL_...), so\n"
 		"                 several models link into one program\n"
@@ -125,6 +130,20 @@ int moe_cmd_compile(int argc, char **argv)
 			if (!need(argc, argv, i))
 				goto done;
 			tgt.features = argv[++i];
+		} else if (!strcmp(a, "--sve-bits")) {
+			if (!need(argc, argv, i))
+				goto done;
+			char *end;
+			long n = strtol(argv[++i], &end, 10);
+			if (*end || end == argv[i] ||
+			    (n != 0 && (n < 128 || n > 2048 || (n & (n - 1))))) {
+				fprintf(stderr,
+					"moegen: error: --sve-bits '%s' is not 0, 128, 256, 512, "
+					"1024 or 2048\n",
+					argv[i]);
+				goto done;
+			}
+			tgt.sve_bits = n ? (int)n : -1;
 		} else if (!strcmp(a, "--emit")) {
 			if (!need(argc, argv, i))
 				goto done;

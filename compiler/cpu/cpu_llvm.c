@@ -1512,6 +1512,53 @@ static int has_bf16_dot(const char *triple, const char *cpu, const char *feature
 	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
 }
 
+/* The SVE vector length in bits that AArch64 code is generated for (0:
+ * none, NEON only), or -1 with a message in err. want is the target's
+ * sve_bits: 0 takes the CPU's length from the table below, when the CPU
+ * (or "+sve" in the features) has SVE. LLVM knows these lengths only as a
+ * tuning hint, not as a fact the code may rely on, hence the table;
+ * neoverse-512tvb and "+sve" on another CPU have SVE of no fixed length,
+ * which --sve-bits gives. */
+static int sve_bits(const char *triple, const char *cpu, const char *features, int want, char *err,
+		    size_t cap)
+{
+	static const struct {
+		const char *cpu;
+		int bits;
+	} cpus[] = {
+	    {"a64fx", 512},       {"neoverse-v1", 256},   {"neoverse-512tvb", 0},
+	    {"neoverse-n2", 128}, {"neoverse-v2", 128},   {"neoverse-n3", 128},
+	    {"neoverse-v3", 128}, {"neoverse-v3ae", 128}, {"cortex-a510", 128},
+	    {"cortex-a520", 128}, {"cortex-a520ae", 128}, {"cortex-a710", 128},
+	    {"cortex-a715", 128}, {"cortex-a720", 128},   {"cortex-a720ae", 128},
+	    {"cortex-a725", 128}, {"cortex-x2", 128},     {"cortex-x3", 128},
+	    {"cortex-x4", 128},   {"cortex-x925", 128},
+	};
+	if (want < 0)
+		return 0;
+	if (strncmp(triple, "aarch64", 7) != 0) {
+		if (want)
+			errf(err, cap, "--sve-bits is for AArch64 targets, not %s", triple);
+		return want ? -1 : 0;
+	}
+	int known = -1; /* -1: the CPU has no SVE */
+	for (size_t i = 0; i < sizeof cpus / sizeof *cpus; i++)
+		if (!strcmp(cpu, cpus[i].cpu))
+			known = cpus[i].bits;
+	int f = feature(features, "sve");
+	if (f == 0 && feature(features, "sve2") > 0)
+		f = 1;
+	if (f < 0 || (f == 0 && known < 0)) {
+		if (want)
+			errf(err, cap,
+			     "--sve-bits %d: cpu '%s'%s%s has no SVE (name an SVE CPU, or add "
+			     "--features +sve)",
+			     want, cpu, *features ? " with features " : "", features);
+		return want ? -1 : 0;
+	}
+	return want ? want : known > 0 ? known : 0;
+}
+
 int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, enum moe_emit kind,
 		     char **out, size_t *len, char *err, size_t cap)
 {
@@ -1575,12 +1622,20 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 		goto out;
 	}
 
+	int sve = sve_bits(triple, cpu_name, features, t->sve_bits, err, cap);
+	if (sve < 0)
+		goto out;
+
 	/* the plan's compute format for this target machine */
 	struct moe_plan q = *p;
 	moe_plan_set_compute(&q, has_bf16_dot(triple, cpu_name, features));
 	LLVMContextRef ctx = LLVMContextCreate();
+	/* 16-lane tile rows where one register holds them: AVX-512, SVE of
+	 * 512 bits or more (docs/cpu.md) */
 	moe_ll_init(&g, ctx, LLVMModuleCreateWithNameInContext(p->desc->name, ctx),
-		    LLVMCreateBuilderInContext(ctx), &q, has_avx512(triple, cpu_name, features));
+		    LLVMCreateBuilderInContext(ctx), &q,
+		    has_avx512(triple, cpu_name, features) || sve >= 512);
+	g.vscale = (unsigned)sve / 128;
 	char src[MOE_NAME_MAX + 8];
 	snprintf(src, sizeof src, "%s.moe", p->desc->name);
 	LLVMSetSourceFileName(g.mod, src, strlen(src));
@@ -1590,6 +1645,13 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 	LLVMDisposeTargetData(td);
 
 	build_module(&g, cpu_name, triple);
+	if (sve) {
+		/* the length the code relies on, checked by moe_create */
+		LLVMValueRef sv = LLVMAddGlobal(g.mod, g.t_i32, "moe_gen_sve_bits");
+		LLVMSetInitializer(sv, moe_ll_i32c(&g, sve));
+		LLVMSetGlobalConstant(sv, 1);
+		LLVMSetVisibility(sv, LLVMHiddenVisibility);
+	}
 
 	if (LLVMVerifyModule(g.mod, LLVMReturnStatusAction, &msg)) {
 		errf(err, cap, "internal error: generated module does not verify: %s", msg);

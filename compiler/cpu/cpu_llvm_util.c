@@ -195,8 +195,9 @@ static void attr(struct moe_ll *g, LLVMValueRef f, unsigned idx, const char *nam
 	LLVMAddAttributeAtIndex(f, idx, LLVMCreateEnumAttribute(g->ctx, k, 0));
 }
 
-/* A hidden nounwind void function; the builder is left in its first block
- * after "entry", which moe_ll_fn_end links to. */
+/* A hidden nounwind void function (with the SVE length when known); the
+ * builder is left in its first block after "entry", which moe_ll_fn_end
+ * links to. */
 void moe_ll_fn_begin(struct moe_ll *g, const char *name, LLVMTypeRef *params,
 		     const char *const *pnames, unsigned n)
 {
@@ -204,6 +205,13 @@ void moe_ll_fn_begin(struct moe_ll *g, const char *name, LLVMTypeRef *params,
 	g->fn = LLVMAddFunction(g->mod, name, ft);
 	LLVMSetVisibility(g->fn, LLVMHiddenVisibility);
 	attr(g, g->fn, LLVMAttributeFunctionIndex, "nounwind");
+	if (g->vscale) {
+		/* the attribute's value packs (min << 32) | max */
+		unsigned k = LLVMGetEnumAttributeKindForName("vscale_range", 12);
+		uint64_t v = (uint64_t)g->vscale << 32 | g->vscale;
+		LLVMAddAttributeAtIndex(g->fn, LLVMAttributeFunctionIndex,
+					LLVMCreateEnumAttribute(g->ctx, k, v));
+	}
 	for (unsigned i = 0; i < n; i++)
 		LLVMSetValueName2(LLVMGetParam(g->fn, i), pnames[i], strlen(pnames[i]));
 	g->entry = moe_ll_bb(g, "entry");

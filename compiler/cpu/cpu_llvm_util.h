@@ -24,6 +24,9 @@ struct moe_ll {
 	const struct moe_plan *p;
 	const struct moe_desc *d;
 	int wide; /* AVX-512: expert tiles keep one 16-lane accumulator per row */
+	/* AArch64 SVE of a known length: vscale = bits / 128, given to every
+	 * function as vscale_range(vscale, vscale); 0: none */
+	unsigned vscale;
 };
 
 /* for (iv = from; iv < to; iv += step): blocks NAME.head, NAME.body, NAME.end

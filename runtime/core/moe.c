@@ -17,6 +17,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/prctl.h>
+#endif
 
 #define MOE_API __attribute__((visibility("default")))
 
@@ -151,6 +154,24 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 			      "not match this runtime (abi %u, %zu bytes)",
 			      g->abi, g->desc_bytes, MOE_KERNELS_ABI, sizeof(struct moe_desc));
 		return MOE_ERR_INTERNAL;
+	}
+	const uint32_t *sve = &moe_gen_sve_bits; /* NULL: no fixed SVE length */
+	if (sve && *sve) {
+		unsigned bits = 0;
+#if defined(__aarch64__) && defined(__linux__)
+		int vl = prctl(PR_SVE_GET_VL);
+		bits = vl < 0 ? 0 : (unsigned)(vl & PR_SVE_VL_LEN_MASK) * 8;
+#endif
+		if (bits != *sve) {
+			char has[32] = "no SVE";
+			if (bits)
+				snprintf(has, sizeof has, "%u-bit SVE vectors", bits);
+			moe_set_error("moe_create: the kernels were generated for %u-bit SVE "
+				      "vectors and this process has %s (compile for its length "
+				      "with --sve-bits, or --sve-bits 0 for NEON)",
+				      *sve, has);
+			return MOE_ERR_UNSUPPORTED;
+		}
 	}
 	if (opts && opts->device != MOE_DEVICE_CPU) {
 		moe_set_error("moe_create: unknown device %d", (int)opts->device);

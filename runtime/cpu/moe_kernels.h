@@ -300,6 +300,9 @@ struct moe_gen {
 
 /* weak: a model.so built for cuda only has no CPU kernels */
 extern const struct moe_gen moe_gen_model __attribute__((weak));
+/* weak: the SVE vector length in bits the kernels were generated for, present
+ * only in AArch64 code generated for a known length (moe_create checks it) */
+extern const uint32_t moe_gen_sve_bits __attribute__((weak));
 
 /* The runtime's side (moe.c, pack.c, exec_cpu.c) ---------------------------- */
 
