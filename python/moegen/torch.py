@@ -184,6 +184,10 @@ def experts(rows_x: torch.Tensor, counts: torch.Tensor, model: int, layer: int,
     if counts.dtype != torch.int64 or counts.dim() != 1:
         raise TypeError("moegen::experts: counts must be a 1-D int64 tensor, got %s %s" %
                         (counts.dtype, tuple(counts.shape)))
+    eb, ee = m.experts
+    if counts.numel() != ee - eb:
+        raise ValueError("moegen::experts: counts must have one entry per expert of the model's "
+                         "range [%d, %d), got %d" % (eb, ee, counts.numel()))
     c = counts.detach().contiguous()
     wr = None
     if rows_w is not None:

@@ -28,7 +28,7 @@ def tiny(tmp_path_factory, moegen_cmd):
     moegen.save_safetensors(st, t)
     m = moegen.load(so, weights=[st])
     h = mt.register(m)
-    yield m, h, t
+    yield m, h, t, so, st
     mt.unregister(h)
     m.close()
 
@@ -50,7 +50,7 @@ def x_of(T, seed=0, dtype=torch.float32):
 
 
 def test_moe_op_matches_the_formulas(tiny):
-    m, h, t = tiny
+    m, h, t = tiny[:3]
     for L in (0, 2):
         x = x_of(24, seed=L)
         y = torch.ops.moegen.moe(x, h, L)
@@ -61,7 +61,7 @@ def test_moe_op_matches_the_formulas(tiny):
 
 
 def test_moe_op_keeps_leading_axes_and_dtype(tiny):
-    m, h, _ = tiny
+    m, h, _ = tiny[:3]
     x = x_of(12, seed=3).reshape(3, 4, H)
     y = torch.ops.moegen.moe(x, h, 0)
     assert y.shape == (3, 4, H)
@@ -92,7 +92,7 @@ class Recorder:
 
 
 def test_f32_tensors_are_not_copied(tiny):
-    m, h, _ = tiny
+    m, h, _ = tiny[:3]
     x = x_of(8)
     with Recorder(m, "moe_forward") as r:
         y = torch.ops.moegen.moe(x, h, 0)
@@ -129,7 +129,7 @@ def test_bf16_model_takes_bf16_tensors_in_place(tiny_bf16):
 
 
 def test_stages_compose_to_the_layer(tiny):
-    m, h, _ = tiny
+    m, h, _ = tiny[:3]
     for L in (0, 2):
         x = x_of(20, seed=10 + L)
         ids, w = torch.ops.moegen.route(x, h, L)
@@ -150,7 +150,7 @@ def test_stages_compose_to_the_layer(tiny):
 
 def test_experts_stage_is_each_expert(tiny):
     # one row through each expert is that expert's GLU (test_binding's formula)
-    m, h, t = tiny
+    m, h, t = tiny[:3]
     rows = x_of(E, seed=4)
     ry = torch.ops.moegen.experts(rows, torch.ones(E, dtype=torch.int64), h, 2, None)
     for e in range(E):
@@ -164,7 +164,7 @@ def test_experts_stage_is_each_expert(tiny):
 
 
 def test_errors(tiny):
-    m, h, _ = tiny
+    m, h, _ = tiny[:3]
     with pytest.raises(ValueError, match="not an MoE layer"):
         torch.ops.moegen.moe(x_of(2), h, 1)
     with pytest.raises(ValueError, match="hidden"):
@@ -180,7 +180,7 @@ def test_errors(tiny):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(tiny, dtype):
-    m, h, _ = tiny
+    m, h, _ = tiny[:3]
     x = x_of(6, seed=2, dtype=dtype)
     torch.library.opcheck(torch.ops.moegen.moe.default, (x, h, 0))
     torch.library.opcheck(torch.ops.moegen.moe.default, (x.reshape(2, 3, H), h, 2))
@@ -194,8 +194,35 @@ def test_opcheck(tiny, dtype):
 
 def test_compiles(tiny):
     # torch.compile traces the ops through their fake implementations
-    m, h, _ = tiny
+    m, h, _ = tiny[:3]
     x = x_of(10, seed=6)
     f = torch.compile(lambda v: torch.ops.moegen.moe(v * 2, h, 0) + 1, backend="eager",
                       fullgraph=True)
     assert torch.equal(f(x), torch.ops.moegen.moe(x * 2, h, 0) + 1)
+
+
+def test_experts_split_over_two_ranges(tiny):
+    # expert parallelism in one process: two instances holding experts [0, 2)
+    # and [2, 4) compute their rows; together they give the full model's bits
+    m, h, _, so, st = tiny
+    parts = [moegen.load(so, weights=[st], experts=r) for r in ((0, 2), (2, 4))]
+    hs = [mt.register(p) for p in parts]
+    try:
+        x = x_of(16, seed=21)
+        ids, w = torch.ops.moegen.route(x, h, 2)
+        rows_x, counts, slot_rows = mt.group_rows(x, ids, E)
+        n0 = int(counts[:2].sum())
+        y0 = torch.ops.moegen.experts(rows_x[:n0], counts[:2], hs[0], 2, None)
+        y1 = torch.ops.moegen.experts(rows_x[n0:], counts[2:], hs[1], 2, None)
+        rows_y = torch.cat([y0, y1])
+        assert torch.equal(rows_y, torch.ops.moegen.experts(rows_x, counts, h, 2, None))
+        y = torch.ops.moegen.combine(x, ids, w, rows_y, slot_rows, h, 2)
+        assert torch.equal(y, torch.ops.moegen.moe(x, h, 2))
+        with pytest.raises(ValueError, match="one entry per expert"):
+            torch.ops.moegen.experts(rows_x, counts, hs[0], 2, None)
+        with pytest.raises(moegen.MoeError, match="ERR_ARG"):
+            torch.ops.moegen.moe(x, hs[0], 2)  # a part of the experts: the stages only
+    finally:
+        for p, hp in zip(parts, hs):
+            mt.unregister(hp)
+            p.close()
