@@ -298,6 +298,12 @@ class MoegenBlock(torch.nn.Module):
         self.handle = register(model)
         weakref.finalize(self, unregister, self.handle)
 
+    def __deepcopy__(self, memo):
+        # a copy shares the loaded library and its (read-only) weights
+        new = MoegenBlock(self.moegen_model, self.layer, self.hidden, self.original)
+        new.train(self.training)
+        return new
+
     def forward(self, hidden_states, *args, **kwargs):
         return torch.ops.moegen.moe(hidden_states, self.handle, self.layer)
 
@@ -343,6 +349,29 @@ def _set_module(model, path, new):
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _check_returns_tensor(model, blocks):
+    """A MoegenBlock returns the hidden states alone: refuse a block that
+    returns more (a tuple with router logits), which its decoder layer would
+    unpack. One call of each block class on two random tokens tells."""
+    cfg = getattr(model, "config", None)
+    H = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+    if not H:
+        raise ValueError("swap_moe: the model's config has no hidden_size")
+    dtype = next(itertools.chain(model.parameters(), [torch.empty(0)])).dtype
+    seen = set()
+    for L, name, mod in blocks:
+        if type(mod) in seen:
+            continue
+        seen.add(type(mod))
+        x = torch.randn((1, 2, H), generator=torch.Generator().manual_seed(0)).to(dtype)
+        with torch.no_grad():
+            out = mod(x)
+        if not torch.is_tensor(out):
+            raise NotImplementedError(
+                "swap_moe: %s (%s) returns %s, not the hidden states alone; only blocks that "
+                "return a tensor are swapped" % (type(mod).__name__, name, type(out).__name__))
+
+
 def swap_moe(model, workdir=None, sets=(), moegen=None, threads=0):
     """Replace every MoE block of a transformers model by a MoegenBlock, in
     place; returns the model.
@@ -352,8 +381,9 @@ def swap_moe(model, workdir=None, sets=(), moegen=None, threads=0):
     tensors of the model's own state dict are written under their
     checkpoint names to one safetensors file, and the model.so loads them.
     workdir: where config.json, spec.yaml, model.so and moe.safetensors go
-    (default: a temporary directory removed with the model). The MoE layers
-    the spec declares must be the ones the model has. CPU models only."""
+    (default: a temporary directory removed with the blocks' moegen.Model). The MoE layers
+    the spec declares must be the ones the model has; each block must return
+    the hidden states alone (not a tuple). CPU models only."""
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError("swap_moe: %s has no MoE block (no module with `experts`)" %
@@ -362,6 +392,7 @@ def swap_moe(model, workdir=None, sets=(), moegen=None, threads=0):
         if p.device.type != "cpu":
             raise ValueError("swap_moe: the model is on %s; moegen runs MoE layers on the CPU"
                              % p.device)
+    _check_returns_tensor(model, blocks)
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="moegen-")
         workdir = tmp.name
@@ -395,8 +426,6 @@ def swap_moe(model, workdir=None, sets=(), moegen=None, threads=0):
                          "declares %s" % (have, m.info.moe_layers))
     for L, name, mod in blocks:
         _set_module(model, name, MoegenBlock(m, L, m.info.hidden, type(mod).__name__))
-    if tmp is not None:
-        # the library and the weights are mapped: the files may go with the model
-        model._moegen_workdir = tmp
-    model._moegen_model = m
+    # the temporary directory (if any) lives as long as the moegen.Model
+    m._workdir = tmp
     return model

@@ -226,3 +226,30 @@ def test_experts_split_over_two_ranges(tiny):
         for p, hp in zip(parts, hs):
             mt.unregister(hp)
             p.close()
+
+
+class _TupleBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.Linear(H, H)
+
+    def forward(self, x):
+        return self.experts(x), torch.zeros(x.shape[:-1] + (E,))
+
+
+class _TupleModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"hidden_size": H})()
+        self.layers = torch.nn.ModuleList([_TupleBlock()])
+
+
+def test_swap_refuses_blocks_that_return_a_tuple():
+    # the decoder layer would unpack the swapped block's tensor: refused
+    # before anything is imported or compiled
+    model = _TupleModel()
+    with pytest.raises(NotImplementedError, match="_TupleBlock .*returns tuple"):
+        mt.swap_moe(model, moegen="/nonexistent/moegen")
+    assert isinstance(model.layers[0], _TupleBlock)
+    with pytest.raises(ValueError, match="no MoE block"):
+        mt.swap_moe(torch.nn.Linear(2, 2))

@@ -54,7 +54,7 @@ def _err(logits, ref):
 
 
 @pytest.mark.parametrize("name", sorted(SWAP))
-def test_swap_generate(name, moegen_cmd, tmp_path):
+def test_swap_generate(name, moegen_cmd):
     model = _model(SWAP[name])
     ids = torch.randint(0, model.config.vocab_size, (2, 6),
                         generator=torch.Generator().manual_seed(3))
@@ -62,10 +62,10 @@ def test_swap_generate(name, moegen_cmd, tmp_path):
     n_blocks = len(mt.find_moe_blocks(model))
     assert n_blocks >= 1
 
-    mt.swap_moe(model, workdir=tmp_path, moegen=moegen_cmd)
+    mt.swap_moe(model, moegen=moegen_cmd)  # in a temporary directory
     swapped = [m for m in model.modules() if isinstance(m, mt.MoegenBlock)]
     assert len(swapped) == n_blocks and not mt.find_moe_blocks(model)
-    assert sorted(b.layer for b in swapped) == model._moegen_model.info.moe_layers
+    assert sorted(b.layer for b in swapped) == swapped[0].moegen_model.info.moe_layers
 
     calls = []
     hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in swapped]
@@ -76,6 +76,9 @@ def test_swap_generate(name, moegen_cmd, tmp_path):
     assert torch.equal(tokens, ref_tokens)
     err = _err(logits, ref_logits)
     assert err <= TOL, "%s: logits differ by %.3g of the largest" % (name, err)
+    # a copy of the swapped model shares the library and gives the same logits
+    twin = copy.deepcopy(model)
+    assert torch.equal(_generate(twin, ids)[1], logits)
 
 
 def test_swap_takes_the_models_weights(moegen_cmd, tmp_path):
