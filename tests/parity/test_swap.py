@@ -99,3 +99,35 @@ def test_swap_takes_the_models_weights(moegen_cmd, tmp_path):
     _, logits = _generate(changed, ids)
     assert _err(logits, changed_logits) <= TOL
     assert _err(logits, ref_logits) > 10 * TOL
+
+
+def test_swap_bf16_model(moegen_cmd, tmp_path):
+    # A bf16 Mixtral: the imported spec keeps the weights in bf16 (the state
+    # dict's bits), compiled here with compute f32 (the bf16 dot kernels of an
+    # avx512bf16 CPU would round the FFN activations to bf16 too). Each swapped
+    # block's output is then the original block run in f32 on the same bf16
+    # weights, to within the final rounding to bf16 (2^-8 of max |y|) and the
+    # f32 summation order.
+    fam = SWAP["mixtral"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, fam.config)(**fam.kwargs), dtype=torch.bfloat16).eval()
+    _reinit(model, 1234)
+    originals = {L: copy.deepcopy(b).float() for L, _, b in mt.find_moe_blocks(model)}
+    mt.swap_moe(model, workdir=tmp_path, moegen=moegen_cmd, sets={"dtype.compute": "f32"})
+    swapped = {b.layer: b for b in model.modules() if isinstance(b, mt.MoegenBlock)}
+    assert sorted(swapped) == sorted(originals)
+    info = swapped[0].moegen_model.info
+    assert info.weight_dtype == "bf16" and " compute f32 " in info.description
+    x = torch.randn((1, 16, fam.kwargs["hidden_size"]),
+                    generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    for L, block in swapped.items():
+        with torch.no_grad():
+            ref = originals[L](x.float())
+            y = block(x)
+        assert y.dtype == torch.bfloat16
+        assert _err(y.float(), ref) <= 2 ** -8 + 1e-5, "layer %d" % L
+    ids = torch.randint(0, model.config.vocab_size, (1, 6),
+                        generator=torch.Generator().manual_seed(5))
+    tokens, _ = _generate(model, ids)
+    assert tokens.shape == (1, 6 + NEW)
