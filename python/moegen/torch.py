@@ -34,7 +34,8 @@ from . import compile as _compile
 from . import import_config as _import_config
 from . import save_safetensors as _save_safetensors
 
-__all__ = ["register", "unregister", "model_of", "MoegenBlock", "swap_moe", "find_moe_blocks"]
+__all__ = ["register", "unregister", "model_of", "group_rows", "MoegenBlock", "swap_moe",
+           "find_moe_blocks"]
 
 # Handles: the custom ops take a model as an int (the op schema has no place
 # for a Python object); register() hands one out.
@@ -262,14 +263,18 @@ def _combine_fake(x, ids, weights, rows_y, slot_rows, model, layer):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def group_rows(x, ids, n_experts):
+def group_rows(x, ids, model):
     """The layout moe_experts takes, from route's ids: (rows_x [R, H] f32 grouped
-    by expert, counts [E] int64, slot_rows [T, W] int64: the row of each slot,
-    -1 for unused slots). Rows of one expert keep token order (a stable sort
-    of the slots by expert), so route -> group_rows -> experts -> combine is
-    the same computation as moe."""
-    H = x.shape[-1]
-    xf = x.detach().reshape(-1, H).to(torch.float32)
+    by expert, counts [E] int64 over all E routed experts, slot_rows [T, W]
+    int64: the row of each slot, -1 for unused slots). model: the handle (or
+    the moegen.Model) x is routed by; rows are x as that model reads it (a
+    bf16-activation model rounds x to bf16). Rows of one expert keep token
+    order (a stable sort of the slots by expert), so route -> group_rows ->
+    experts -> combine is the same computation as moe."""
+    m = model if isinstance(model, Model) else model_of(model)
+    H = m.info.hidden
+    n_experts = m.info.n_experts
+    xf = x.detach().reshape(-1, H).to(_act_dtype(m)).to(torch.float32)
     T, W = ids.shape
     flat = ids.reshape(-1).to(torch.int64)
     used = torch.nonzero(flat >= 0).flatten()

@@ -136,7 +136,7 @@ def test_stages_compose_to_the_layer(tiny):
         assert ids.shape == (20, K) and ids.dtype == torch.int32
         _, rt = m.forward(x, layer=L, routing=True)
         assert torch.equal(ids, rt.expert_ids) and torch.equal(w, rt.weights)
-        rows_x, counts, slot_rows = mt.group_rows(x, ids, E)
+        rows_x, counts, slot_rows = mt.group_rows(x, ids, h)
         assert int(counts.sum()) == rows_x.shape[0] == 20 * K
         rows_y = torch.ops.moegen.experts(rows_x, counts, h, L, None)
         y = torch.ops.moegen.combine(x, ids, w, rows_y, slot_rows, h, L)
@@ -186,7 +186,7 @@ def test_opcheck(tiny, dtype):
     torch.library.opcheck(torch.ops.moegen.moe.default, (x.reshape(2, 3, H), h, 2))
     torch.library.opcheck(torch.ops.moegen.route.default, (x, h, 0))
     ids, w = torch.ops.moegen.route(x, h, 0)
-    rows_x, counts, slot_rows = mt.group_rows(x, ids, E)
+    rows_x, counts, slot_rows = mt.group_rows(x, ids, h)
     torch.library.opcheck(torch.ops.moegen.experts.default, (rows_x, counts, h, 0, None))
     rows_y = torch.ops.moegen.experts(rows_x, counts, h, 0, None)
     torch.library.opcheck(torch.ops.moegen.combine.default, (x, ids, w, rows_y, slot_rows, h, 0))
@@ -210,7 +210,7 @@ def test_experts_split_over_two_ranges(tiny):
     try:
         x = x_of(16, seed=21)
         ids, w = torch.ops.moegen.route(x, h, 2)
-        rows_x, counts, slot_rows = mt.group_rows(x, ids, E)
+        rows_x, counts, slot_rows = mt.group_rows(x, ids, h)
         n0 = int(counts[:2].sum())
         y0 = torch.ops.moegen.experts(rows_x[:n0], counts[:2], hs[0], 2, None)
         y1 = torch.ops.moegen.experts(rows_x[n0:], counts[2:], hs[1], 2, None)
@@ -253,3 +253,17 @@ def test_swap_refuses_blocks_that_return_a_tuple():
     assert isinstance(model.layers[0], _TupleBlock)
     with pytest.raises(ValueError, match="no MoE block"):
         mt.swap_moe(torch.nn.Linear(2, 2))
+
+
+def test_opcheck_bf16_model(tiny_bf16):
+    m, h = tiny_bf16
+    for dtype in (torch.bfloat16, torch.float32):
+        x = x_of(5, seed=8, dtype=dtype)
+        torch.library.opcheck(torch.ops.moegen.moe.default, (x, h, 2))
+        ids, w = torch.ops.moegen.route(x, h, 2)
+        rows_x, counts, slot_rows = mt.group_rows(x, ids, h)
+        rows_y = torch.ops.moegen.experts(rows_x, counts, h, 2, None)
+        torch.library.opcheck(torch.ops.moegen.combine.default,
+                              (x, ids, w, rows_y, slot_rows, h, 2))
+        y = torch.ops.moegen.combine(x, ids, w, rows_y, slot_rows, h, 2)
+        assert y.dtype == dtype and torch.equal(y, torch.ops.moegen.moe(x, h, 2))
