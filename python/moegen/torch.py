@@ -21,6 +21,7 @@ have no autograd formula. docs/python.md describes them.
 
 import ctypes
 import itertools
+import math
 import os
 import tempfile
 import threading
@@ -156,7 +157,7 @@ def route(x: torch.Tensor, model: int, layer: int) -> Tuple[torch.Tensor, torch.
 @route.register_fake
 def _route_fake(x, model, layer):
     W = model_of(model).info.route_width
-    T = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else x.shape[0]
+    T = math.prod(x.shape[:-1])
     return x.new_empty((T, W), dtype=torch.int32), x.new_empty((T, W), dtype=torch.float32)
 
 
