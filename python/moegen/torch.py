@@ -113,7 +113,7 @@ def _check(m, status):
 # The whole layer ------------------------------------------------------------
 
 
-@torch.library.custom_op("moegen::moe", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("moegen::moe", mutates_args=())
 def moe(x: torch.Tensor, model: int, layer: int) -> torch.Tensor:
     """y = MoE layer `layer` of the registered model applied to x [..., H];
     y has x's shape and dtype."""
@@ -136,7 +136,7 @@ def _moe_fake(x, model, layer):
 # The stages -----------------------------------------------------------------
 
 
-@torch.library.custom_op("moegen::route", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("moegen::route", mutates_args=())
 def route(x: torch.Tensor, model: int, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The router of layer `layer`: ids int32 and weights float32, both
     [T, W] for x [T, H] (W = info.route_width; unused slots: id -1, weight 0)."""
@@ -169,7 +169,7 @@ def _rows(t, what, name):
     return t.detach().contiguous()
 
 
-@torch.library.custom_op("moegen::experts", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("moegen::experts", mutates_args=())
 def experts(rows_x: torch.Tensor, counts: torch.Tensor, model: int, layer: int,
             rows_w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """rows_y [R, H] float32: each row of rows_x [R, H] float32 through its
@@ -212,7 +212,7 @@ def _experts_fake(rows_x, counts, model, layer, rows_w=None):
     return torch.empty_like(rows_x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("moegen::combine", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("moegen::combine", mutates_args=())
 def combine(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows_y: torch.Tensor,
             slot_rows: Optional[torch.Tensor], model: int, layer: int) -> torch.Tensor:
     """y [..., H] in x's dtype: for each token, the slots k = 0..W-1 in order,
