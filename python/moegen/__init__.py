@@ -133,7 +133,7 @@ class Model:
     Forward calls on distinct Model objects may run in parallel threads (the
     GIL is released during the C call). One Model serializes its own calls."""
 
-    def __init__(self, path, weights=None, seed=None, threads=0):
+    def __init__(self, path, weights=None, seed=None, threads=0, experts=None):
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.exists(self.path):
             raise FileNotFoundError("model library not found: %s" % self.path)
@@ -152,7 +152,13 @@ class Model:
         self._h = ctypes.c_void_p()
         if threads < 0 or threads >= 1 << 32:
             raise ValueError("threads must be in [0, 2^32) (0: all cores), got %r" % threads)
-        opts = _abi.CreateOpts(threads=threads, device=0, stream=None)
+        eb, ee = (0, 0) if experts is None else (int(experts[0]), int(experts[1]))
+        if experts is not None and not 0 <= eb < ee <= self.info.n_experts:
+            raise ValueError("experts must be a range (begin, end) within [0, %d], got %r" %
+                             (self.info.n_experts, experts))
+        self.experts = (eb, ee if ee else self.info.n_experts)
+        opts = _abi.CreateOpts(threads=threads, device=0, stream=None, expert_begin=eb,
+                               expert_end=ee)
         self._check(self._lib.moe_create(ctypes.byref(self._h), ctypes.byref(opts)))
         try:
             if weights is not None:
@@ -326,11 +332,13 @@ class Model:
         return "moegen.Model(%r, %s)" % (self.path, self.info.name)
 
 
-def load(path, weights=None, seed=None, threads=0):
+def load(path, weights=None, seed=None, threads=0, experts=None):
     """Open model.so and create a model instance. weights: safetensors file(s)
     to load; else seed: deterministic random weights; else no weights yet
-    (call load_weights or init_random before forward). threads: 0 = all cores."""
-    return Model(path, weights=weights, seed=seed, threads=threads)
+    (call load_weights or init_random before forward). threads: 0 = all cores.
+    experts: (begin, end), the routed experts this instance holds (expert
+    parallelism: it then runs only the experts stage); None: all."""
+    return Model(path, weights=weights, seed=seed, threads=threads, experts=experts)
 
 
 # The moegen command -------------------------------------------------------
