@@ -206,7 +206,7 @@ static const char *const attn_kind_names[] = {"mha", "mla"};
 static const char *const act_dtype_names[] = {"f32", "bf16"};
 static const char *const router_dtype_names[] = {"f32"};
 static const char *const pk_score_names[] = {"softmax", "sigmoid", "relu"};
-static const char *const format_names[] = {"safetensors"};
+static const char *const format_names[] = {"safetensors", "gguf"};
 static const char *const fuse_names[] = {"concat", "interleave"};
 static const char *const rounding_names[] = {"ceil", "floor"};
 /* Activation spellings; glu-only ones first. */
