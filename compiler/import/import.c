@@ -2479,6 +2479,19 @@ int moe_import(const char *json_path, FILE *out, struct moe_diag *d)
 /* The model_type the config names, in the families[] spelling, or NULL. */
 static const char *config_family(const char *json_path, struct moe_diag *d)
 {
+	if (moe_gguf_is_gguf(json_path) == 1) {
+		struct moe_gguf_file *gg;
+		const char *fam = NULL;
+		char e[512];
+		if (moe_gguf_open(json_path, &gg, e, sizeof e) != MOE_OK)
+			return NULL;
+		const char *arch = moe_gguf_kv_str(gg, "general.architecture");
+		for (size_t i = 0; arch && i < sizeof gguf_archs / sizeof *gguf_archs; i++)
+			if (!strcmp(arch, gguf_archs[i].arch))
+				fam = find_family(gguf_archs[i].model_type)->model_type;
+		moe_gguf_close(gg);
+		return fam;
+	}
 	size_t len = 0;
 	char *text = read_file(json_path, &len, d);
 	if (!text)
@@ -2577,8 +2590,9 @@ int moe_import_card(const char *json_path, const struct moe_import_opts *o, FILE
 /* The command ----------------------------------------------------------- */
 
 static const char import_usage[] =
-    "usage: moegen import CONFIG.json [-o FILE] [--encoder | --decoder] [--card]\n"
-    "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o).\n"
+    "usage: moegen import CONFIG.json|FILE.gguf [-o FILE] [--encoder | --decoder] [--card]\n"
+    "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o),\n"
+    "  or for a GGUF file's metadata (experts kept quantized in the file's format).\n"
     "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n"
     "  --card writes the model card instead: JSON with the family, the semantics chosen,\n"
     "  parameters by part, FLOPs and weight bytes per token (as `moegen info --json`).\n";
