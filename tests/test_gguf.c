@@ -20,6 +20,7 @@
 
 #include "gguf.h"
 #include "harness.h"
+#include "import.h"
 #include "moe_ref.h"
 
 /* A growing byte buffer: the file being written. */
@@ -476,7 +477,21 @@ static void loader_file(const char *p, int what)
 	struct buf kv = {0};
 	kv_head(&kv, "general.architecture", MOE_GGUF_STRING);
 	put_str(&kv, "qwen3moe");
-	write_file(p, &kv, 1, t, n, 32);
+	static const struct {
+		const char *key;
+		uint32_t v;
+	} meta[] = {{"qwen3moe.block_count", 2},
+		    {"qwen3moe.embedding_length", LH},
+		    {"qwen3moe.expert_count", LE},
+		    {"qwen3moe.expert_used_count", LK},
+		    {"qwen3moe.expert_feed_forward_length", LI}};
+	for (size_t i = 0; i < sizeof meta / sizeof *meta; i++) {
+		kv_head(&kv, meta[i].key, MOE_GGUF_U32);
+		put_le(&kv, meta[i].v, 4);
+	}
+	if (what == 5) /* layer 1's down in a type with no kept format */
+		t[n - 1].type = MOE_GGML_Q5_0, t[n - 1].bytes = LE * LH * LI / 32 * 22;
+	write_file(p, &kv, 6, t, n, 32);
 	free(kv.p);
 }
 
@@ -546,6 +561,51 @@ static void test_load(void **state)
 	h_model_close(&m);
 }
 
+static void keep_line(void *ctx, const char *line)
+{
+	snprintf(ctx, 1024, "%s", line);
+}
+
+/* moegen import of a GGUF file: the family from the metadata, llama.cpp's
+ * names, weights.format gguf and quant: from the expert types; a type with
+ * no kept format is an error naming the tensor. */
+static void test_import(void **state)
+{
+	(void)state;
+	char p[128], last[1024] = "", *text = NULL;
+	size_t len = 0;
+	path_of(p, sizeof p, "import.gguf");
+	loader_file(p, 0);
+	struct moe_diag d = {.sink = keep_line, .ctx = last};
+	FILE *out = open_memstream(&text, &len);
+	assert_int_equal(moe_import(p, out, &d), MOE_EXIT_OK);
+	fclose(out);
+	static const char *const want[] = {
+	    "hidden: 64",
+	    "moe_layers: [0, 1]",
+	    "count: 4",
+	    "intermediate: 32",
+	    "top_k: 2",
+	    "format: gguf",
+	    "up: \"blk.{layer}.ffn_up_exps.weight\"",
+	    "router: \"blk.{layer}.ffn_gate_inp.weight\"",
+	    "quant:\n  gate: {kind: int8, group: 32}\n  up: {kind: int8, group: 32}\n  down: "
+	    "{kind: int8, group: 32}\n"};
+	for (size_t i = 0; i < sizeof want / sizeof *want; i++)
+		if (!strstr(text, want[i]))
+			fail_msg("'%s' not in:\n%s", want[i], text);
+	free(text);
+	text = NULL;
+	loader_file(p, 5);
+	out = open_memstream(&text, &len);
+	assert_int_equal(moe_import(p, out, &d), MOE_EXIT_SPEC);
+	fclose(out);
+	assert_int_equal(len, 0); /* nothing written */
+	free(text);
+	if (!strstr(last, "blk.1.ffn_down_exps.weight' is Q5_0"))
+		fail_msg("%s", last);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -560,6 +620,7 @@ int main(void)
 	    cmocka_unit_test(test_bad_files),
 	    cmocka_unit_test(test_decoders_by_hand),
 	    cmocka_unit_test(test_load),
+	    cmocka_unit_test(test_import),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -2332,6 +2332,11 @@ static const struct {
 static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 {
 	m->gguf = 1;
+	/* the family's note on config.json's layer keys does not apply */
+	for (int i = 0; i < m->n_notes; i++)
+		if (strstr(m->notes[i], "decoder_sparse_step"))
+			snprintf(m->notes[i], IMP_NOTE_MAX,
+				 "GGUF: every one of the block_count layers is an MoE layer.");
 	name(m, MOE_ROLE_ROUTER, "blk.{layer}.ffn_gate_inp.weight");
 	name(m, MOE_ROLE_GATE, "blk.{layer}.ffn_gate_exps.weight");
 	name(m, MOE_ROLE_UP, "blk.{layer}.ffn_up_exps.weight");
