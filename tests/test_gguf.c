@@ -63,7 +63,7 @@ static void kv_head(struct buf *b, const char *key, uint32_t type)
 struct tinfo {
 	const char *name;
 	uint32_t type, ndim;
-	uint64_t ne[4];
+	uint64_t ne[5]; /* one more than GGUF allows: the 5-D case */
 	const void *data;
 	size_t bytes;
 };
