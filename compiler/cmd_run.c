@@ -3,6 +3,7 @@
  * with --check, compare it with the reference forward pass on the same
  * weights. */
 #include "backend.h"
+#include "gguf.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -25,6 +26,7 @@ struct moe_api {
 	enum moe_status (*create)(moe_model **, const struct moe_create_opts *);
 	void (*destroy)(moe_model *);
 	enum moe_status (*load)(moe_model *, const char *const *, size_t);
+	enum moe_status (*load_gguf)(moe_model *, const char *);
 	enum moe_status (*init_random)(moe_model *, uint64_t);
 	enum moe_status (*forward)(moe_model *, uint32_t, const void *, void *, size_t,
 				   struct moe_routing *, const struct moe_fwd_opts *);
@@ -91,6 +93,8 @@ static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 	SYM(last_error, "moe_last_error");
 	SYM(describe, "moe_describe");
 #undef SYM
+	/* only --weights FILE.gguf needs it */
+	*(void **)&a->load_gguf = dlsym(a->dl, "moe_load_gguf");
 	/* the staged calls: only --ep needs them */
 	*(void **)&a->route = dlsym(a->dl, "moe_route");
 	*(void **)&a->experts = dlsym(a->dl, "moe_experts");
@@ -138,7 +142,8 @@ static void usage(FILE *f)
 		   "                  [--threads N] [--layer L] [--layers A:B] [--seed S]\n"
 		   "                  [--reps N] [--check] [--ep [--chunks N]]\n"
 		   "Run one MoE layer of a built model on seeded random tokens and time it.\n"
-		   "  --weights FILE...  safetensors files (or a .index.json) to load\n"
+		   "  --weights FILE...  safetensors files (or a .index.json), or one GGUF\n"
+		   "                     file, to load\n"
 		   "  --random SEED      deterministic random weights (default 1)\n"
 		   "  --tokens N         tokens per forward (default 16)\n"
 		   "  --threads N        worker threads (default: all cores)\n"
@@ -230,6 +235,20 @@ struct run_opts {
 };
 
 /* --layer, or the first MoE layer the model holds (of --layers). */
+/* The weights of --weights: one GGUF file (told by its magic), or
+ * safetensors files. */
+static enum moe_status api_load(const struct moe_api *a, moe_model *m, const struct run_opts *o)
+{
+	if (o->n_weights == 1 && moe_gguf_is_gguf(o->weights[0]) == 1) {
+		if (!a->load_gguf) {
+			fprintf(stderr, "moegen: error: the model has no moe_load_gguf\n");
+			return MOE_ERR_UNSUPPORTED;
+		}
+		return a->load_gguf(m, o->weights[0]);
+	}
+	return a->load(m, o->weights, o->n_weights);
+}
+
 static uint32_t first_layer(const struct run_opts *o, const struct moe_info *in)
 {
 	if (o->have_layer)
@@ -305,8 +324,7 @@ static int do_run(const struct run_opts *o)
 		goto out;
 	}
 	double rss0 = rss_bytes(), t0 = now_s();
-	enum moe_status st =
-	    o->n_weights ? a.load(m, o->weights, o->n_weights) : a.init_random(m, o->seed_w);
+	enum moe_status st = o->n_weights ? api_load(&a, m, o) : a.init_random(m, o->seed_w);
 	if (st != MOE_OK) {
 		fprintf(stderr, "moegen: error: %s\n", a.last_error());
 		rc = st == MOE_ERR_IO ? MOE_EXIT_IO : MOE_EXIT_BACKEND;
@@ -480,8 +498,7 @@ static int do_run_ep(const struct run_opts *o)
 				     .layer_end = o->layer_end};
 	enum moe_status st = MOE_ERR_NOMEM;
 	if (x && xb && y && (st = a.create(&m, &co)) == MOE_OK)
-		st = o->n_weights ? a.load(m, o->weights, o->n_weights)
-				  : a.init_random(m, o->seed_w);
+		st = o->n_weights ? api_load(&a, m, o) : a.init_random(m, o->seed_w);
 	if (st != MOE_OK)
 		fprintf(stderr, "moegen: error: rank %d: %s\n", me, a.last_error());
 	int bad = st != MOE_OK, any = 0;
@@ -565,8 +582,7 @@ static int do_run_ep(const struct run_opts *o)
 		struct moe_routing rt = {.expert_ids = ids};
 		st = !y_ref || !ids ? MOE_ERR_NOMEM : a.create(&full, &co);
 		if (st == MOE_OK)
-			st = o->n_weights ? a.load(full, o->weights, o->n_weights)
-					  : a.init_random(full, o->seed_w);
+			st = o->n_weights ? api_load(&a, full, o) : a.init_random(full, o->seed_w);
 		if (st == MOE_OK)
 			st = a.forward(full, layer, xs, y_ref, N, &rt, NULL);
 		if (st != MOE_OK) {

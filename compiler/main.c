@@ -34,7 +34,8 @@ static void usage_main(FILE *out)
 	      "  info SPEC           parameters (total/active), FLOPs and weight bytes per token\n"
 	      "  -d spec|model|plan SPEC  print a pipeline stage\n"
 	      "  ref SPEC            reference forward pass on random weights\n"
-	      "  import CONFIG.json  write a spec from a Hugging Face config.json\n"
+	      "  import CONFIG.json  write a spec from a Hugging Face config.json (or a GGUF)\n"
+	      "  gguf FILE.gguf      list a GGUF file, or write one tensor's values\n"
 	      "  SPEC -o model.so    compile SPEC (also: compile SPEC ...)\n"
 	      "  run MODEL.so        run a compiled model, optionally against the reference\n"
 	      "  bench               benchmark the generated layer against peak and BLAS\n"
@@ -424,7 +425,7 @@ struct command {
 static const struct command commands[] = {
     {"check", cmd_check},       {"info", cmd_info},           {"ref", cmd_ref},
     {"import", moe_cmd_import}, {"compile", moe_cmd_compile}, {"run", moe_cmd_run},
-    {"bench", moe_cmd_bench},
+    {"bench", moe_cmd_bench},   {"gguf", moe_cmd_gguf},
 };
 
 int main(int argc, char **argv)

@@ -15,8 +15,9 @@ extern "C" {
 /* 2: moe_info became a small versioned struct; moe_describe() added.
  * 3: the staged calls moe_route, moe_experts, moe_combine (moe_forward is
  *    their composition); moe_create_opts gained an expert range.
- * 4: moe_create_opts gained a layer range. */
-#define MOE_ABI_VERSION 4
+ * 4: moe_create_opts gained a layer range.
+ * 5: moe_load_gguf. */
+#define MOE_ABI_VERSION 5
 
 /* Every call returns one of these; the message is in moe_last_error(). */
 enum moe_status {
@@ -132,6 +133,14 @@ void moe_destroy(moe_model *m); /* NULL is a no-op */
  * templates; a model.safetensors.index.json path loads its shards. Weights are
  * converted and packed once. */
 enum moe_status moe_load_safetensors(moe_model *m, const char *const *files, size_t n_files);
+/* Load every MoE layer's weights (of the layer range) from one GGUF file
+ * (llama.cpp's format, versions 2 and 3) by the spec's name templates
+ * (weights.format: gguf; experts stacked, e.g. blk.{layer}.ffn_up_exps.weight).
+ * A role the spec keeps quantized (quant:) must be stored in the ggml type
+ * that holds its format exactly: Q8_0 as {int8, group 32}, Q4_0 as {int4,
+ * group 32, zero: false}, Q4_K as {int4, group 32, zero: true}; its codes and
+ * scales are kept as they are. Every other role is F32, F16 or BF16. */
+enum moe_status moe_load_gguf(moe_model *m, const char *path);
 /* Deterministic random weights (the reference's) for every MoE layer (of the
  * layer range); the values do not depend on the thread count. */
 enum moe_status moe_init_random(moe_model *m, uint64_t seed);

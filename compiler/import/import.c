@@ -3,6 +3,8 @@
  * spec to be; one writer prints it as explicit YAML (layers listed, names and
  * layouts filled in, every router choice spelled out). docs/import.md. */
 #include "import.h"
+#include "gguf.h"
+#include "safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -98,6 +100,8 @@ struct imp {
 	char scales[MOE_ROLE_COUNT][MOE_NAME_MAX]; /* quantized roles' scale tensors */
 	struct imp_layout layout[MOE_ROLE_COUNT];
 	int output_bias;
+	int gguf;                             /* weights.format gguf */
+	struct moe_qfmt qfmt[MOE_QMAT_COUNT]; /* quant: (experts kept quantized) */
 
 	int n_notes;
 	char notes[IMP_MAX_NOTES][IMP_NOTE_MAX];
@@ -2299,7 +2303,7 @@ static void write_spec(const struct imp *m, FILE *f)
 			act_spelling(m->shared_kind, m->shared_act), moe_kind_names[m->shared_kind],
 			moe_shared_gate_names[m->shared_gate]);
 
-	fprintf(f, "weights:\n  format: safetensors\n  names:\n");
+	fprintf(f, "weights:\n  format: %s\n  names:\n", m->gguf ? "gguf" : "safetensors");
 	for (int r = 0; r < MOE_ROLE_COUNT; r++)
 		if (m->names[r][0]) {
 			fprintf(f, "    %s: ", moe_role_names[r]);
@@ -2335,7 +2339,33 @@ static void write_spec(const struct imp *m, FILE *f)
 			fprintf(f, ", row_blocked: true");
 		fprintf(f, "}\n");
 	}
-	put_kept(m, f);
+	int any_q = 0;
+	for (int q = 0; q < MOE_QMAT_COUNT; q++)
+		any_q |= m->qfmt[q].kind != MOE_QFORMAT_NONE;
+	if (!any_q) {
+		put_kept(m, f);
+		return;
+	}
+	/* one key per role: gate and up are one panel (quant key "up") */
+	static const struct {
+		const char *key;
+		enum moe_qmat q;
+	} qkeys[] = {{"gate", MOE_QMAT_UP},
+		     {"up", MOE_QMAT_UP},
+		     {"down", MOE_QMAT_DOWN},
+		     {"shared_gate", MOE_QMAT_SHARED_UP},
+		     {"shared_up", MOE_QMAT_SHARED_UP},
+		     {"shared_down", MOE_QMAT_SHARED_DOWN}};
+	fprintf(f, "quant:\n");
+	for (size_t i = 0; i < sizeof qkeys / sizeof *qkeys; i++) {
+		const struct moe_qfmt *q = &m->qfmt[qkeys[i].q];
+		if (q->kind != MOE_QFORMAT_NONE)
+			fprintf(f, "  %s: {kind: %s, group: %u%s}\n", qkeys[i].key,
+				moe_qformat_names[q->kind], q->group,
+				q->kind == MOE_QFORMAT_INT4
+				    ? (q->zero ? ", zero: true" : ", zero: false")
+				    : "");
+	}
 }
 
 /* Import ---------------------------------------------------------------- */
@@ -2623,9 +2653,17 @@ static int self_check(struct imp *m, const cJSON *root, const char *text, size_t
 	return bad ? -1 : 0;
 }
 
+static int import_root(const char *json_path, cJSON *root, const struct moe_import_opts *o,
+		       FILE *out, struct moe_diag *d, const struct moe_gguf_file *gg);
+static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg);
+static int import_gguf(const char *path, const struct moe_import_opts *o, FILE *out,
+		       struct moe_diag *d);
+
 int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE *out,
 		    struct moe_diag *d)
 {
+	if (moe_gguf_is_gguf(json_path) == 1)
+		return import_gguf(json_path, o, out, d);
 	size_t len = 0;
 	char *text = read_file(json_path, &len, d);
 	if (!text)
@@ -2647,7 +2685,12 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 		return MOE_EXIT_SPEC;
 	}
 	free(text);
+	return import_root(json_path, root, o, out, d, NULL);
+}
 
+static int import_root(const char *json_path, cJSON *root, const struct moe_import_opts *o,
+		       FILE *out, struct moe_diag *d, const struct moe_gguf_file *gg)
+{
 	struct imp *m = calloc(1, sizeof *m);
 	MOE_ASSERT(m);
 	m->path = json_path;
@@ -2704,6 +2747,8 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 			spec_name(m, root);
 			fam->fn(m, root);
 			attention_extras(m, root);
+			if (gg && !m->n_err)
+				gguf_fill(m, gg);
 			int any = 0;
 			for (long i = 0; i < m->layers; i++)
 				any |= m->moe[i];
@@ -2743,6 +2788,161 @@ int moe_import_with(const char *json_path, const struct moe_import_opts *o, FILE
 	return rc;
 }
 
+/* GGUF ------------------------------------------------------------------- */
+
+/* llama.cpp's architectures whose metadata imports, as the config.json a
+ * family reads, and the tensor names of their MoE blocks. */
+static const struct {
+	const char *arch, *model_type;
+} gguf_archs[] = {{"qwen3moe", "qwen3_moe"}};
+
+/* The expert tensors' ggml types fill quant: (one format per matrix set,
+ * the same in every MoE layer; F32/F16/BF16 experts are not quantized). */
+static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
+{
+	m->gguf = 1;
+	/* the family's note on config.json's layer keys does not apply */
+	for (int i = 0; i < m->n_notes; i++)
+		if (strstr(m->notes[i], "decoder_sparse_step"))
+			snprintf(m->notes[i], IMP_NOTE_MAX,
+				 "GGUF: every one of the block_count layers is an MoE layer.");
+	name(m, MOE_ROLE_ROUTER, "blk.{layer}.ffn_gate_inp.weight");
+	name(m, MOE_ROLE_GATE, "blk.{layer}.ffn_gate_exps.weight");
+	name(m, MOE_ROLE_UP, "blk.{layer}.ffn_up_exps.weight");
+	name(m, MOE_ROLE_DOWN, "blk.{layer}.ffn_down_exps.weight");
+	static const struct {
+		enum moe_role r;
+		enum moe_qmat q;
+	} roles[] = {{MOE_ROLE_GATE, MOE_QMAT_UP},
+		     {MOE_ROLE_UP, MOE_QMAT_UP},
+		     {MOE_ROLE_DOWN, MOE_QMAT_DOWN}};
+	int seen[MOE_QMAT_COUNT] = {0};
+	uint32_t type_of[MOE_QMAT_COUNT] = {0};
+	for (size_t i = 0; i < sizeof roles / sizeof *roles; i++)
+		for (long l = 0; l < m->layers; l++) {
+			if (!m->moe[l])
+				continue;
+			char nm[MOE_NAME_MAX * 2], e[256];
+			if (moe_st_expand(m->names[roles[i].r], l, -1, nm, sizeof nm, e,
+					  sizeof e) != MOE_OK) {
+				err(m, "%s", e);
+				return;
+			}
+			const struct moe_gguf_tensor *t = moe_gguf_find(gg, nm);
+			if (!t) {
+				err(m, "tensor '%s' (%s, layer %ld) not found", nm,
+				    moe_role_names[roles[i].r], l);
+				return;
+			}
+			enum moe_qmat q = roles[i].q;
+			const char *tn = moe_gguf_type_name(t->type);
+			struct moe_qfmt f = {MOE_QFORMAT_NONE, 0, 0};
+			if (t->type != MOE_GGML_F32 && t->type != MOE_GGML_F16 &&
+			    t->type != MOE_GGML_BF16 && moe_gguf_qfmt(t->type, &f) != 0) {
+				err(m,
+				    "tensor '%s' is %s: experts are read as F32, F16, BF16, Q8_0, "
+				    "Q4_0 or Q4_K",
+				    nm, tn ? tn : "?");
+				return;
+			}
+			if (seen[q] && (f.kind != m->qfmt[q].kind || f.zero != m->qfmt[q].zero)) {
+				const char *pn = moe_gguf_type_name(type_of[q]);
+				err(m,
+				    "tensor '%s' is %s but an earlier %s tensor is %s: the spec "
+				    "keeps "
+				    "one format per matrix set (gate and up are read together)",
+				    nm, tn ? tn : "?", moe_qmat_names[q], pn ? pn : "?");
+				return;
+			}
+			seen[q] = 1, type_of[q] = t->type, m->qfmt[q] = f;
+		}
+	for (int q = 0; q < MOE_QMAT_COUNT; q++)
+		if (m->qfmt[q].kind != MOE_QFORMAT_NONE)
+			note(m,
+			     "GGUF: the %s experts are %s, kept quantized as %s groups of 32%s; "
+			     "f32 scales (%s).",
+			     moe_qmat_names[q], moe_gguf_type_name(type_of[q]),
+			     moe_qformat_names[m->qfmt[q].kind],
+			     m->qfmt[q].kind == MOE_QFORMAT_INT4
+				 ? (m->qfmt[q].zero ? " with a zero point" : ", symmetric")
+				 : "",
+			     type_of[q] == MOE_GGML_Q4_K   ? "s = d sc, o = -dmin m per sub-block"
+			     : type_of[q] == MOE_GGML_Q4_0 ? "s = d, o = -8 d"
+							   : "s = d");
+}
+
+/* Copy a numeric key into the config, when the file has it. */
+static void gguf_num(cJSON *c, const struct moe_gguf_file *gg, const char *arch, const char *key,
+		     const char *hf)
+{
+	char k[160];
+	snprintf(k, sizeof k, "%s.%s", arch, key);
+	double v;
+	if (moe_gguf_kv_num(gg, k, &v) == 0)
+		cJSON_AddNumberToObject(c, hf, v);
+}
+
+/* A GGUF file: its metadata as the config.json of the family it maps to. */
+static int import_gguf(const char *path, const struct moe_import_opts *o, FILE *out,
+		       struct moe_diag *d)
+{
+	char e[1024];
+	struct moe_gguf_file *gg;
+	enum moe_status st = moe_gguf_open(path, &gg, e, sizeof e);
+	if (st != MOE_OK) {
+		moe_diag_error(d, "%s", e);
+		return st == MOE_ERR_IO ? MOE_EXIT_IO : MOE_EXIT_SPEC;
+	}
+	const char *arch = moe_gguf_kv_str(gg, "general.architecture");
+	const char *mt = NULL;
+	for (size_t i = 0; arch && i < sizeof gguf_archs / sizeof *gguf_archs; i++)
+		if (!strcmp(arch, gguf_archs[i].arch))
+			mt = gguf_archs[i].model_type;
+	if (!mt) {
+		moe_diag_error(d, "%s: %s general.architecture%s%.64s%s (supported: qwen3moe)",
+			       path, arch ? "unsupported" : "no", arch ? " '" : "",
+			       arch ? arch : "", arch ? "'" : "");
+		moe_gguf_close(gg);
+		return MOE_EXIT_SPEC;
+	}
+	cJSON *c = cJSON_CreateObject();
+	MOE_ASSERT(c);
+	cJSON_AddStringToObject(c, "model_type", mt);
+	const char *gn = moe_gguf_kv_str(gg, "general.name");
+	if (gn)
+		cJSON_AddStringToObject(c, "_name_or_path", gn);
+	gguf_num(c, gg, arch, "embedding_length", "hidden_size");
+	gguf_num(c, gg, arch, "block_count", "num_hidden_layers");
+	gguf_num(c, gg, arch, "expert_count", "num_experts");
+	gguf_num(c, gg, arch, "expert_used_count", "num_experts_per_tok");
+	gguf_num(c, gg, arch, "expert_feed_forward_length", "moe_intermediate_size");
+	gguf_num(c, gg, arch, "feed_forward_length", "intermediate_size");
+	gguf_num(c, gg, arch, "attention.head_count", "num_attention_heads");
+	gguf_num(c, gg, arch, "attention.head_count_kv", "num_key_value_heads");
+	gguf_num(c, gg, arch, "attention.key_length", "head_dim");
+	gguf_num(c, gg, arch, "vocab_size", "vocab_size");
+	const struct moe_gguf_kv *tok = moe_gguf_kv_find(gg, "tokenizer.ggml.tokens");
+	if (!cJSON_GetObjectItem(c, "vocab_size") && tok && tok->type == MOE_GGUF_ARRAY)
+		cJSON_AddNumberToObject(c, "vocab_size", (double)tok->arr_n);
+	cJSON_AddStringToObject(c, "hidden_act", "silu");
+	/* llama.cpp's qwen3moe graph renormalizes the top-k weights (as
+	 * norm_topk_prob true); expert_weights_norm, when written, says so */
+	char k[160];
+	snprintf(k, sizeof k, "%s.expert_weights_norm", arch);
+	const struct moe_gguf_kv *nw = moe_gguf_kv_find(gg, k);
+	cJSON_AddBoolToObject(c, "norm_topk_prob",
+			      nw && nw->type == MOE_GGUF_BOOL ? (int)nw->u : 1);
+	/* the router's type is the spec's weight dtype (F32 in llama.cpp's files) */
+	const struct moe_gguf_tensor *rt = moe_gguf_find(gg, "blk.0.ffn_gate_inp.weight");
+	cJSON_AddStringToObject(c, "torch_dtype",
+				rt && rt->type == MOE_GGML_BF16  ? "bfloat16"
+				: rt && rt->type == MOE_GGML_F16 ? "float16"
+								 : "float32");
+	int rc = import_root(path, c, o, out, d, gg);
+	moe_gguf_close(gg);
+	return rc;
+}
+
 int moe_import(const char *json_path, FILE *out, struct moe_diag *d)
 {
 	return moe_import_with(json_path, NULL, out, d);
@@ -2753,6 +2953,19 @@ int moe_import(const char *json_path, FILE *out, struct moe_diag *d)
 /* The model_type the config names, in the families[] spelling, or NULL. */
 static const char *config_family(const char *json_path, struct moe_diag *d)
 {
+	if (moe_gguf_is_gguf(json_path) == 1) {
+		struct moe_gguf_file *gg;
+		const char *fam = NULL;
+		char e[512];
+		if (moe_gguf_open(json_path, &gg, e, sizeof e) != MOE_OK)
+			return NULL;
+		const char *arch = moe_gguf_kv_str(gg, "general.architecture");
+		for (size_t i = 0; arch && i < sizeof gguf_archs / sizeof *gguf_archs; i++)
+			if (!strcmp(arch, gguf_archs[i].arch))
+				fam = find_family(gguf_archs[i].model_type)->model_type;
+		moe_gguf_close(gg);
+		return fam;
+	}
 	size_t len = 0;
 	char *text = read_file(json_path, &len, d);
 	if (!text)
@@ -2851,8 +3064,9 @@ int moe_import_card(const char *json_path, const struct moe_import_opts *o, FILE
 /* The command ----------------------------------------------------------- */
 
 static const char import_usage[] =
-    "usage: moegen import CONFIG.json [-o FILE] [--encoder | --decoder] [--card]\n"
-    "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o).\n"
+    "usage: moegen import CONFIG.json|FILE.gguf [-o FILE] [--encoder | --decoder] [--card]\n"
+    "  Write an explicit moegen spec for a Hugging Face config.json (stdout without -o),\n"
+    "  or for a GGUF file's metadata (experts kept quantized in the file's format).\n"
     "  --decoder imports the decoder stack of an encoder-decoder model (default: encoder).\n"
     "  --card writes the model card instead: JSON with the family, the semantics chosen,\n"
     "  parameters by part, FLOPs and weight bytes per token (as `moegen info --json`).\n";

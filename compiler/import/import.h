@@ -43,4 +43,8 @@ int moe_import_card(const char *json_path, const struct moe_import_opts *o, FILE
  * failed import never leaves a partial spec. Returns an enum moe_exit code. */
 int moe_cmd_import(int argc, char **argv);
 
+/* `moegen gguf FILE.gguf [--tensor NAME -o OUT.f32]`: list a GGUF file, or
+ * write one tensor's values as moegen reads them (cmd_gguf.c). */
+int moe_cmd_gguf(int argc, char **argv);
+
 #endif

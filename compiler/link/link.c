@@ -121,10 +121,10 @@ static int write_all(const char *path, const void *data, size_t n, char *err, si
 }
 
 /* The symbols of runtime/moe.h that model.so exports (and only those). */
-static const char *const api_syms[] = {
-    "moe_info",        "moe_describe", "moe_create", "moe_destroy", "moe_load_safetensors",
-    "moe_init_random", "moe_forward",  "moe_route",  "moe_experts", "moe_combine",
-    "moe_last_error"};
+static const char *const api_syms[] = {"moe_info",        "moe_describe",         "moe_create",
+				       "moe_destroy",     "moe_load_safetensors", "moe_load_gguf",
+				       "moe_init_random", "moe_forward",          "moe_route",
+				       "moe_experts",     "moe_combine",          "moe_last_error"};
 #define N_API (sizeof api_syms / sizeof *api_syms)
 
 /* Run the linker: cc -shared -o out INPUTS... archive ... (objects, or C the

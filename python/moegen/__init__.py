@@ -108,6 +108,14 @@ def _torch():
     return torch
 
 
+def _is_gguf(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def _is_torch(x):
     t = type(x)
     return t.__module__.startswith("torch") and t.__name__ in ("Tensor", "Parameter")
@@ -198,12 +206,17 @@ class Model:
     # weights
     def load_weights(self, files):
         """Load every MoE layer's weights from safetensors files (a path, or a
-        list of paths; a model.safetensors.index.json loads its shards)."""
+        list of paths; a model.safetensors.index.json loads its shards), or
+        from one GGUF file (told apart by its magic bytes)."""
         if isinstance(files, (str, bytes, os.PathLike)):
             files = [files]
         paths = [os.fsencode(os.path.abspath(os.fspath(f))) for f in files]
         if not paths:
             raise ValueError("load_weights: no files given")
+        if len(paths) == 1 and _is_gguf(paths[0]):
+            with self._lock:
+                self._check(self._lib.moe_load_gguf(self._handle(), paths[0]))
+            return
         arr = (ctypes.c_char_p * len(paths))(*paths)
         with self._lock:
             self._check(self._lib.moe_load_safetensors(self._handle(), arr, len(paths)))

@@ -8,7 +8,7 @@ The full model description is text (moe_describe), not a mirrored struct.
 
 import ctypes as C
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # enum moe_dtype, names as the spec spells them (value = index).
 DTYPES = ("f32", "bf16", "f16")
@@ -115,6 +115,8 @@ def bind(lib):
     lib.moe_destroy.argtypes = [P]
     lib.moe_load_safetensors.restype = c_enum
     lib.moe_load_safetensors.argtypes = [P, C.POINTER(C.c_char_p), C.c_size_t]
+    lib.moe_load_gguf.restype = c_enum
+    lib.moe_load_gguf.argtypes = [P, C.c_char_p]
     lib.moe_init_random.restype = c_enum
     lib.moe_init_random.argtypes = [P, C.c_uint64]
     lib.moe_forward.restype = c_enum

@@ -5,6 +5,7 @@
 #include "moe.h"
 #include "cuda_rt.h"
 #include "dequant.h"
+#include "gguf.h"
 #include "moe_kernels.h"
 #include "pool.h"
 #include "progress.h"
@@ -922,6 +923,180 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 		moe_ref_weights_free(&w);
 	}
 	moe_st_set_close(c.set);
+	if (st == MOE_OK) {
+		m->loaded = 1;
+		moe_progress_step(&pr, done, done, NULL);
+	} else {
+		free_layers(m);
+	}
+	moe_progress_end(&pr);
+	release(m);
+	return st;
+}
+
+/* GGUF ---------------------------------------------------------------------- */
+
+/* One role of one layer from a GGUF file: llama.cpp stores every weight
+ * [out, in] (ne0 = in, fastest) and the experts stacked ([E][out][in]); a
+ * role the spec keeps quantized must be of the type that keeps its format
+ * (Q8_0, Q4_0, Q4_K) and fills w->q, every other role is F32, F16 or BF16. */
+static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t layer,
+		     enum moe_role role, struct moe_ref_weights *w, char *err, size_t cap)
+{
+	uint64_t R, C;
+	int pe;
+	if (!moe_desc_role_shape(d, role, &R, &C, &pe))
+		return 0;
+	const struct moe_layout *l = &d->layouts[role];
+	if (strstr(d->names[role], "{expert}") || l->orient != MOE_ORIENT_OUT_IN ||
+	    l->row_blocked || l->quant != MOE_QUANT_NONE) {
+		snprintf(err, cap,
+			 "weights.names.%s: a GGUF file holds experts stacked, [out, in], "
+			 "unquantized or in a ggml type: no {expert}, orient, row_blocked or "
+			 "layout quant",
+			 moe_role_names[role]);
+		return -1;
+	}
+	char name[MOE_NAME_MAX * 2];
+	if (moe_st_expand(d->names[role], layer, -1, name, sizeof name, err, cap) != MOE_OK)
+		return -1;
+	const struct moe_gguf_tensor *t = moe_gguf_find(f, name);
+	if (!t) {
+		snprintf(err, cap, "%s: tensor '%s' (%s, layer %u) not found", moe_gguf_path(f),
+			 name, moe_role_names[role], layer);
+		return -1;
+	}
+	uint64_t n_e = pe ? d->n_experts : 1, want[3];
+	uint32_t nd = 0;
+	if (pe)
+		want[nd++] = n_e;
+	if (!is_vector(role))
+		want[nd++] = R;
+	want[nd++] = is_vector(role) ? R * C : C;
+	if (t->ndim != nd || memcmp(t->shape, want, nd * sizeof *want) != 0) {
+		char a[160], b[160];
+		dims_str(want, nd, a, sizeof a);
+		dims_str(t->shape, t->ndim, b, sizeof b);
+		snprintf(err, cap,
+			 "%s: tensor '%s' (%s, layer %u): expected shape %s (slowest axis first), "
+			 "found %s",
+			 t->file, name, moe_role_names[role], layer, a, b);
+		return -1;
+	}
+	uint64_t n = n_e * R * C;
+	struct moe_qfmt q = moe_ref_role_qfmt(d, role), tq;
+	const char *tn = moe_gguf_type_name(t->type);
+	if (q.kind == MOE_QFORMAT_NONE) {
+		if (moe_gguf_read_f32(t, w->w[role], n, err, cap) != MOE_OK)
+			return -1;
+		for (uint64_t i = 0; i < n; i++)
+			if (!isfinite(w->w[role][i])) {
+				snprintf(err, cap,
+					 "%s: tensor '%s' (%s, layer %u): non-finite value (%s) at "
+					 "index %llu",
+					 t->file, name, moe_role_names[role], layer,
+					 isnan(w->w[role][i]) ? "NaN" : "infinity",
+					 (unsigned long long)i);
+				return -1;
+			}
+		if (d->weight_dtype != MOE_DTYPE_F32)
+			for (uint64_t i = 0; i < n; i++)
+				w->w[role][i] = d->weight_dtype == MOE_DTYPE_BF16
+						    ? moe_bf16_round(w->w[role][i])
+						    : moe_f16_round(w->w[role][i]);
+		return 0;
+	}
+	if (moe_gguf_qfmt(t->type, &tq) != 0 || tq.kind != q.kind || tq.group != q.group ||
+	    tq.zero != q.zero) {
+		snprintf(err, cap,
+			 "%s: tensor '%s' (%s, layer %u) is %s, but the spec keeps %s as {kind: "
+			 "%s, group: %u%s} (Q8_0 is {int8, 32}, Q4_0 {int4, 32, zero: false}, "
+			 "Q4_K {int4, 32, zero: true})",
+			 t->file, name, moe_role_names[role], layer, tn ? tn : "?",
+			 moe_role_names[role], moe_qformat_names[q.kind], q.group,
+			 q.kind != MOE_QFORMAT_INT4 ? ""
+			 : q.zero                   ? ", zero: true"
+						    : ", zero: false");
+		return -1;
+	}
+	unsigned char *raw = malloc(t->bytes ? (size_t)t->bytes : 1);
+	if (!raw) {
+		snprintf(err, cap, "%s: tensor '%s': out of memory", t->file, name);
+		return -1;
+	}
+	struct moe_ref_qtensor *qt = &w->q[role];
+	int64_t bad = -1;
+	if (moe_gguf_read(t, raw, err, cap) != MOE_OK) {
+		free(raw);
+		return -1;
+	}
+	bad = moe_gguf_decode(t->type, raw, n_e * R, C, qt->codes, qt->scale, qt->offset);
+	free(raw);
+	if (bad >= 0) {
+		uint64_t ng = C / q.group;
+		snprintf(err, cap,
+			 "%s: tensor '%s' (%s, layer %u): non-finite %s in group %lld (row %llu, "
+			 "inputs %llu..%llu)",
+			 t->file, name, moe_role_names[role], layer,
+			 isfinite(qt->scale[bad]) ? "offset (min)" : "scale", (long long)bad,
+			 (unsigned long long)((uint64_t)bad / ng),
+			 (unsigned long long)((uint64_t)bad % ng * q.group),
+			 (unsigned long long)((uint64_t)bad % ng * q.group + q.group - 1));
+		return -1;
+	}
+	moe_qdequant(&q, qt->codes, qt->scale, qt->offset, n_e * R, C, w->w[role]);
+	return 0;
+}
+
+MOE_API enum moe_status moe_load_gguf(moe_model *m, const char *path)
+{
+	if (!m || !path) {
+		moe_set_error("moe_load_gguf: %s is NULL", m ? "path" : "model");
+		return MOE_ERR_ARG;
+	}
+	if (!acquire(m, "moe_load_gguf"))
+		return MOE_ERR_BUSY;
+	free_layers(m);
+	char err[1024];
+	struct moe_gguf_file *f;
+	enum moe_status st = moe_gguf_open(path, &f, err, sizeof err);
+	if (st != MOE_OK) {
+		moe_set_error("moe_load_gguf: %s", err);
+		release(m);
+		return st;
+	}
+	struct moe_progress pr;
+	size_t done = 0;
+	moe_progress_begin(&pr, "loading weights");
+	for (uint32_t i = 0; i < m->d->n_moe_layers && st == MOE_OK; i++) {
+		if (!holds(m, i))
+			continue;
+		progress_layer(&pr, m, done++, i);
+		struct moe_ref_weights w;
+		if (moe_ref_weights_alloc(m->d, &w) != MOE_OK) {
+			moe_set_error("moe_load_gguf: out of memory");
+			st = MOE_ERR_NOMEM;
+			break;
+		}
+		for (int r = 0; r < MOE_ROLE_COUNT && st == MOE_OK; r++) {
+			if (!w.w[r])
+				continue;
+			if (!m->d->names[r][0]) {
+				moe_set_error("moe_load_gguf: the spec names no tensor for role "
+					      "'%s' (weights.names.%s)",
+					      moe_role_names[r], moe_role_names[r]);
+				st = MOE_ERR_WEIGHTS;
+			} else if (gguf_role(m->d, f, m->d->moe_layers[i], (enum moe_role)r, &w,
+					     err, sizeof err) != 0) {
+				moe_set_error("moe_load_gguf: %s", err);
+				st = MOE_ERR_WEIGHTS;
+			}
+		}
+		if (st == MOE_OK)
+			st = put_layer(m, i, &w);
+		moe_ref_weights_free(&w);
+	}
+	moe_gguf_close(f);
 	if (st == MOE_OK) {
 		m->loaded = 1;
 		moe_progress_step(&pr, done, done, NULL);

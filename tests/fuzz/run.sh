@@ -4,7 +4,7 @@
 # under tests/fuzz/regress/TARGET/, then fuzz each target for SECONDS (default
 # 30) in one process, from seed corpora (specs/, tests/cases, tests/import,
 # and small checkpoints tests/fuzz/seeds.py generates). Targets: spec, import,
-# safetensors, index (default: all). Work files go to $MOE_FUZZ_DIR (default
+# safetensors, index, gguf (default: all). Work files go to $MOE_FUZZ_DIR (default
 # build-fuzz/): binaries, the growing corpora, crash artifacts, logs. Exits
 # non-zero on a failed regression input or a new crash; prints per target the
 # executions, the time and the coverage libFuzzer reports.
@@ -14,7 +14,7 @@ cd "$root"
 secs=${1:-30}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(spec import safetensors index)
+[ ${#targets[@]} -gt 0 ] || targets=(spec import safetensors index gguf)
 out=${MOE_FUZZ_DIR:-$root/build-fuzz}
 cc=${MOE_FUZZ_CC:-clang}
 mkdir -p "$out/bin" "$out/corpus" "$out/artifacts" "$out/logs"
@@ -35,7 +35,9 @@ build() {
 	        compiler/front/info.c "${front[@]}") ;;
 	safetensors) src=(tests/fuzz/fuzz_safetensors.c runtime/io/safetensors.c) ;;
 	index) src=(tests/fuzz/fuzz_index.c runtime/io/safetensors.c) ;;
-	*) echo "run.sh: unknown target '$t' (spec, import, safetensors, index)" >&2; exit 2 ;;
+	gguf) src=(tests/fuzz/fuzz_gguf.c runtime/io/gguf.c runtime/ref/ref_util.c runtime/ref/ref_quant.c
+	      runtime/core/desc.c) ;;
+	*) echo "run.sh: unknown target '$t' (spec, import, safetensors, index, gguf)" >&2; exit 2 ;;
 	esac
 	"$cc" "${flags[@]}" "${src[@]}" "${libs[@]}" -o "$out/bin/fuzz_$t"
 }
@@ -49,6 +51,7 @@ seed() {
 	import) for d in tests/import/*/; do cp "$d/config.json" "$c/$(basename "$d").json"; done ;;
 	safetensors) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/safetensors/* "$c/" ;;
 	index) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/index/* "$c/" ;;
+	gguf) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/gguf/* "$c/" ;;
 	esac
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Seed inputs for the safetensors and index fuzz targets, written to
-OUT/safetensors and OUT/index: small valid checkpoints of every element type,
-and index files naming the shards that fuzz_index.c creates (plain, "./",
-through links, escaping, absolute). Small and generated, so nothing binary is
+"""Seed inputs for the safetensors, index and gguf fuzz targets, written to
+OUT/safetensors, OUT/index and OUT/gguf: small valid checkpoints of every
+element type, index files naming the shards that fuzz_index.c creates (plain,
+"./", through links, escaping, absolute), and GGUF files with every metadata
+type and the decoded block types. Small and generated, so nothing binary is
 committed."""
 import json
 import os
@@ -27,10 +28,60 @@ def st(tensors, pad=True, meta=True):
     return struct.pack("<Q", len(h)) + h + data
 
 
+def gguf_str(s):
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf(kvs, tensors, align=32, version=3):
+    """A GGUF file: kvs is [(key, type, packed value)], tensors is
+    [(name, ggml type, ne (fastest first), bytes)]."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kvs))
+    for key, vt, raw in kvs:
+        out += gguf_str(key) + struct.pack("<I", vt) + raw
+    off, data = 0, b""
+    for name, ty, ne, raw in tensors:
+        out += gguf_str(name) + struct.pack("<I", len(ne)) + struct.pack("<%dQ" % len(ne), *ne)
+        out += struct.pack("<IQ", ty, off)
+        data += raw + b"\0" * (-len(raw) % align)
+        off = len(data)
+    out += b"\0" * (-len(out) % align)
+    return out + data
+
+
+def gguf_seeds(gd):
+    kvs = [("general.architecture", 8, gguf_str("qwen3moe")),
+           ("general.alignment", 4, struct.pack("<I", 64)),
+           ("a.u8", 0, b"\x07"), ("a.i8", 1, b"\xfe"), ("a.u16", 2, b"\1\2"),
+           ("a.i16", 3, b"\xff\xff"), ("a.u32", 4, struct.pack("<I", 9)),
+           ("a.i32", 5, struct.pack("<i", -9)), ("a.f32", 6, struct.pack("<f", 0.5)),
+           ("a.bool", 7, b"\1"), ("a.u64", 10, struct.pack("<Q", 1 << 40)),
+           ("a.i64", 11, struct.pack("<q", -1)), ("a.f64", 12, struct.pack("<d", 2.5)),
+           ("a.strs", 9, struct.pack("<IQ", 8, 2) + gguf_str("ab") + gguf_str("c")),
+           ("a.nest", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 0, 2) + b"\1\2")]
+    q8 = b"\x00\x38" + bytes(range(32))
+    q4 = b"\x00\x40" + bytes(range(16))
+    qk = b"\x00\x3c\x00\x38" + bytes(range(12)) + bytes(range(128))
+    seeds = {
+        "meta": gguf(kvs, [("w.f32", 0, [2], struct.pack("<2f", 1, -2))], align=64),
+        "blocks": gguf([("general.architecture", 8, gguf_str("qwen3moe"))],
+                       [("q8", 8, [32, 2], q8 * 2), ("q4", 2, [32, 1], q4),
+                        ("qk", 12, [256], qk), ("f16", 1, [2, 2], b"\x00\x3c" * 4),
+                        ("bf16", 30, [3], b"\x80\x3f" * 3)]),
+        "v2": gguf([], [("w", 0, [1, 1, 1, 1], struct.pack("<f", 3))], version=2),
+    }
+    for name, raw in seeds.items():
+        with open(os.path.join(gd, name + ".gguf"), "wb") as f:
+            f.write(raw)
+
+
 def main(out):
     sd, idx = os.path.join(out, "safetensors"), os.path.join(out, "index")
     os.makedirs(sd, exist_ok=True)
     os.makedirs(idx, exist_ok=True)
+    gd = os.path.join(out, "gguf")
+    os.makedirs(gd, exist_ok=True)
+    gguf_seeds(gd)
     f32 = struct.pack("<6f", 1, -2, 0.5, 3e38, float("nan"), 0)
     seeds = {
         "f32": st([("w", "F32", [2, 3], f32)]),
