@@ -221,6 +221,12 @@ class MoegenExperts(mk.FusedMoEExpertsModular):
                     " the layer needs %d, %d, %d, %d, 0" %
                     (library, info.hidden, info.n_experts, info.intermediate, info.top_k,
                      info.n_shared_experts, H, E, I, cfg.experts_per_token))
+            want = "silu" if cfg.activation == MoEActivation.SILU else "gelu"
+            got = [w for w in (ln.split() for ln in info.description.splitlines())
+                   if w[:2] == ["experts", "glu"] and "activation" in w]
+            if not got or got[0][got[0].index("activation") + 1] != want:
+                raise ValueError("moegen.vllm: %s does not have gated %s experts (the layer's %s)"
+                                 % (library, want, cfg.activation.name))
             names = info.weight_names
             L = info.moe_layers[0]
 

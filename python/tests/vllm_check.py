@@ -25,7 +25,7 @@ from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedE
 from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import (
     MoEPrepareAndFinalizeNoDPEPModular)
 
-from moegen.vllm import MoegenExperts
+from moegen.vllm import MoegenExperts, _compile, experts_spec
 
 CACHE = tempfile.mkdtemp(prefix="moegen-vllm-")  # fresh libraries, compiled by $MOEGEN
 
@@ -150,6 +150,20 @@ def main():
     ok &= case("f32 silu E8 k1 H64 I64", 8, 1, 64, 64, 5, MoEActivation.SILU, torch.float32, 3)
     ok &= case("bf16 silu E8 k2 H64 I32", 8, 2, 64, 32, 16, MoEActivation.SILU, torch.bfloat16,
                4)
+    # a given library is checked against the layer: silu experts for a gelu layer
+    cfg = config(8, 2, 64, 32, MoEActivation.SILU, torch.float32)
+    so = _compile(experts_spec(cfg), CACHE)
+    w13, w2 = torch.randn(8, 64, 64) / 8, torch.randn(8, 64, 32) / 8
+    MoegenExperts(cfg, FUSED_MOE_UNQUANTIZED_CONFIG, library=so).process_weights_after_loading(
+        Layer(w13, w2))
+    try:
+        MoegenExperts(config(8, 2, 64, 32, MoEActivation.GELU, torch.float32),
+                      FUSED_MOE_UNQUANTIZED_CONFIG,
+                      library=so).process_weights_after_loading(Layer(w13, w2))
+        print("silu experts were accepted for a gelu layer")
+        ok = False
+    except ValueError as e:
+        assert "gated gelu" in str(e), e
     shutil.rmtree(CACHE)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
