@@ -25,12 +25,17 @@ import shutil
 import tempfile
 
 import numpy as np
-import torch
-import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
-    TopKWeightAndReduceNoOP)
-from vllm.platforms import current_platform
+
+try:
+    import torch
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+        TopKWeightAndReduceNoOP)
+    from vllm.platforms import current_platform
+except ImportError as e:
+    raise ImportError("moegen.vllm needs vllm (and torch) installed; docs/python.md, 'vLLM', "
+                      "says how: %s" % e) from e
 
 import moegen
 from moegen import _abi
