@@ -1,0 +1,37 @@
+"""moegen.vllm against vLLM's own CPU experts (vllm_check.py does the work).
+
+vLLM is far too big for the test virtual environment: the check runs with the
+Python of a separate environment that has it — this Python when it imports
+vllm, else $MOE_VLLM_VENV (default ~/.cache/moegen/vllm-venv, see
+docs/python.md, "vLLM"), else the test is skipped with a message."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def vllm_python():
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    venv = os.environ.get("MOE_VLLM_VENV") or os.path.expanduser("~/.cache/moegen/vllm-venv")
+    py = os.path.join(venv, "bin", "python")
+    return py if os.path.exists(py) else None
+
+
+def test_vllm_experts_match_vllm_cpu_experts(moegen_cmd, repo):
+    py = vllm_python()
+    if py is None:
+        pytest.skip("vllm is not installed here and no vLLM environment at $MOE_VLLM_VENV or "
+                    "~/.cache/moegen/vllm-venv (docs/python.md, 'vLLM', says how to make one)")
+    env = dict(os.environ, MOEGEN=moegen_cmd, PYTHONPATH=str(repo / "python"),
+               VLLM_TARGET_DEVICE="cpu")
+    r = subprocess.run([py, str(HERE / "vllm_check.py")], env=env, capture_output=True,
+                       text=True, timeout=900)
+    print(r.stdout)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout + r.stderr[-4000:]
