@@ -1631,7 +1631,7 @@ static void fam_v3like(struct imp *m, const cJSON *c)
 	if (renorm)
 		norm_sum(m, 1e-20, 0);
 	name(m, MOE_ROLE_ROUTER, "model.layers.{layer}.mlp.gate.weight");
-	name(m, MOE_ROLE_SELECT_BIAS, f->select_bias);
+	name(m, MOE_ROLE_SELECT_BIAS, "%s", f->select_bias);
 	glu_names(m, "model.layers.{layer}.mlp", "experts", "gate_proj", "up_proj", "down_proj");
 	note(m,
 	     "%s: the deepseek_v3 router. s = sigmoid(x W_g^T) (f32); experts chosen by s + "
