@@ -2289,6 +2289,8 @@ static void resolve_quant(struct ctx *c, struct moe_desc *o)
 		const char *kname = up   ? "model.hidden"
 				    : sh ? "the shared width"
 					 : "the expert width";
+		if (!K)
+			continue; /* the size itself is missing or bad: reported where it is */
 		if (!f->group)
 			f->group = K;
 		if (K % f->group) {

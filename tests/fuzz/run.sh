@@ -32,11 +32,12 @@ build() {
 	case $t in
 	spec) src=(tests/fuzz/fuzz_spec.c "${front[@]}") ;;
 	import) src=(tests/fuzz/fuzz_import.c compiler/import/import.c compiler/report.c
-	        compiler/front/info.c "${front[@]}") ;;
+	        compiler/front/info.c runtime/io/gguf.c runtime/io/dequant.c runtime/io/safetensors.c runtime/ref/ref_util.c
+	        runtime/ref/ref_quant.c "${front[@]}") ;;
 	safetensors) src=(tests/fuzz/fuzz_safetensors.c runtime/io/safetensors.c) ;;
 	index) src=(tests/fuzz/fuzz_index.c runtime/io/safetensors.c) ;;
-	gguf) src=(tests/fuzz/fuzz_gguf.c runtime/io/gguf.c runtime/ref/ref_util.c runtime/ref/ref_quant.c
-	      runtime/core/desc.c) ;;
+	gguf) src=(tests/fuzz/fuzz_gguf.c runtime/io/gguf.c runtime/io/dequant.c runtime/ref/ref_util.c
+	      runtime/ref/ref_quant.c runtime/core/desc.c) ;;
 	*) echo "run.sh: unknown target '$t' (spec, import, safetensors, index, gguf)" >&2; exit 2 ;;
 	esac
 	"$cc" "${flags[@]}" "${src[@]}" "${libs[@]}" -o "$out/bin/fuzz_$t"
