@@ -694,9 +694,10 @@ static int load_role(struct st_ctx *c, enum moe_role role, float *dst)
 }
 
 /* gate and up from one fused tensor per expert (or stacked): [2I, H] with
- * gate rows first (concat) or alternating (interleave). */
+ * gate rows first (concat) or alternating (interleave); qg and qu: their kept
+ * tensors when the experts are kept quantized (else NULL). */
 static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r, float *gate,
-		      float *up)
+		      float *up, struct moe_ref_qtensor *qg, struct moe_ref_qtensor *qu)
 {
 	uint64_t R, C;
 	int pe;
@@ -711,13 +712,9 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 	char name[MOE_NAME_MAX * 2];
 	int rc = 0;
 	/* kept quantized: the fused rows' codes and scales, split like the rows */
-	struct moe_ref_qtensor *qg = c->qt ? c->qt - up_r +
-						 (up_r == MOE_ROLE_UP ? MOE_ROLE_GATE
-								      : MOE_ROLE_SHARED_GATE)
-					   : NULL,
-			       *qu = c->qt, fq = {0};
-	uint64_t G = c->qt ? moe_ref_role_qfmt(c->d, up_r).group : 1;
-	if (c->qt) {
+	struct moe_ref_qtensor fq = {0};
+	uint64_t G = qu ? moe_ref_role_qfmt(c->d, up_r).group : 1;
+	if (qu) {
 		fq.codes = calloc(n_e * 2 * R * C, 1);
 		fq.scale = calloc(n_e * 2 * R * (C / G), sizeof *fq.scale);
 		if (!fq.codes || !fq.scale) {
@@ -755,7 +752,7 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 				       C / G * sizeof *fq.scale);
 			}
 		free(fq.codes), free(fq.scale);
-		c->qt = qu;
+		c->qt = NULL;
 	}
 	/* a fused bias is one [2I] vector per expert: interleaving alternates
 	 * its elements, not rows */
@@ -806,20 +803,20 @@ static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
 		if (rc != 0)
 			return -1;
 	}
-	c->qt = w->q[MOE_ROLE_UP].codes ? &w->q[MOE_ROLE_UP] : NULL;
+	struct moe_ref_qtensor *q = w->q;
+	int ku = q[MOE_ROLE_UP].codes != NULL, ks = q[MOE_ROLE_SHARED_UP].codes != NULL;
 	if (d->names[MOE_ROLE_GATE_UP][0] &&
-	    load_fused(c, MOE_ROLE_GATE_UP, MOE_ROLE_UP, w->w[MOE_ROLE_GATE], w->w[MOE_ROLE_UP]) !=
-		0)
+	    load_fused(c, MOE_ROLE_GATE_UP, MOE_ROLE_UP, w->w[MOE_ROLE_GATE], w->w[MOE_ROLE_UP],
+		       ku ? &q[MOE_ROLE_GATE] : NULL, ku ? &q[MOE_ROLE_UP] : NULL) != 0)
 		return -1;
-	c->qt = w->q[MOE_ROLE_SHARED_UP].codes ? &w->q[MOE_ROLE_SHARED_UP] : NULL;
 	if (d->names[MOE_ROLE_SHARED_GATE_UP][0] &&
 	    load_fused(c, MOE_ROLE_SHARED_GATE_UP, MOE_ROLE_SHARED_UP, w->w[MOE_ROLE_SHARED_GATE],
-		       w->w[MOE_ROLE_SHARED_UP]) != 0)
+		       w->w[MOE_ROLE_SHARED_UP], ks ? &q[MOE_ROLE_SHARED_GATE] : NULL,
+		       ks ? &q[MOE_ROLE_SHARED_UP] : NULL) != 0)
 		return -1;
-	c->qt = NULL;
 	if (d->names[MOE_ROLE_GATE_UP_BIAS][0] && w->w[MOE_ROLE_UP_BIAS] &&
 	    load_fused(c, MOE_ROLE_GATE_UP_BIAS, MOE_ROLE_UP_BIAS, w->w[MOE_ROLE_GATE_BIAS],
-		       w->w[MOE_ROLE_UP_BIAS]) != 0)
+		       w->w[MOE_ROLE_UP_BIAS], NULL, NULL) != 0)
 		return -1;
 	/* the kernels see what a bf16/f16 checkpoint holds: round like the
 	 * reference does for random weights */
