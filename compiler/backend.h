@@ -137,6 +137,10 @@ const char *moe_runtime_triple(const char *triple);
  * the install (LIBDIR/moegen[/rt]) or the build directory ([rt/]); NULL when
  * missing. */
 const char *moe_runtime_archive_for(const char *rt);
+/* A file moegen ships beside itself: REL next to the moegen executable, in
+ * the installed LIBDIR/moegen/, or in the build tree. 0 with its path in out,
+ * or -1. */
+int moe_find_beside(const char *rel, char *out, size_t cap);
 /* Compile d for the CPU into `out` as kind (so, obj, ll, asm, header). The
  * file is written under a temporary name and renamed, so a failure never
  * leaves a broken output. Returns 0, or MOE_EXIT_IO / MOE_EXIT_BACKEND with a

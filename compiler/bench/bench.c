@@ -1971,29 +1971,6 @@ static char *bench_json(const struct table *tab, const struct mode_table *mtab,
 
 /* Expert parallelism ------------------------------------------------------ */
 
-/* A file next to moegen (the build tree) or in the installed LIBDIR/moegen. */
-static int beside_moegen(const char *file, char *out, size_t cap)
-{
-	char exe[PATH_MAX / 2];
-	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-	if (n <= 0)
-		return -1;
-	exe[n] = 0;
-	char *slash = strrchr(exe, '/');
-	if (!slash)
-		return -1;
-	*slash = 0;
-	snprintf(out, cap, "%s/%s", exe, file);
-	if (access(out, R_OK) == 0)
-		return 0;
-#ifdef MOE_INSTALL_LIBDIR
-	snprintf(out, cap, "%s/../%s/moegen/%s", exe, MOE_INSTALL_LIBDIR, file);
-	if (access(out, R_OK) == 0)
-		return 0;
-#endif
-	return -1;
-}
-
 /* The number after `key` in line, or -1. */
 static double after(const char *line, const char *key)
 {
@@ -2014,7 +1991,7 @@ static int bench_ep(const struct opts *o)
 		return MOE_EXIT_IO;
 	}
 	self[n] = 0;
-	if (o->link && beside_moegen("libmoe_ep_slowlink.so", link_lib, sizeof link_lib)) {
+	if (o->link && moe_find_beside("libmoe_ep_slowlink.so", link_lib, sizeof link_lib)) {
 		fprintf(stderr,
 			"moegen: error: --link: libmoe_ep_slowlink.so is not next to moegen "
 			"(it is built where MPI is found)\n");

@@ -60,14 +60,8 @@ static int runtime_is_host(const char *rt)
 #endif
 }
 
-const char *moe_runtime_archive_for(const char *rt)
+int moe_find_beside(const char *rel, char *out, size_t cap)
 {
-	static char path[PATH_MAX + 64];
-	int host = !rt || runtime_is_host(rt);
-	const char *sub = host ? "" : rt, *sep = host ? "" : "/";
-	const char *env = getenv("MOE_RUNTIME_LIB");
-	if (host && env && access(env, R_OK) == 0)
-		return env;
 	char exe[PATH_MAX];
 	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
 	if (n > 0) {
@@ -75,24 +69,35 @@ const char *moe_runtime_archive_for(const char *rt)
 		char *slash = strrchr(exe, '/');
 		if (slash) {
 			*slash = 0;
-			snprintf(path, sizeof path, "%s/%s%slibmoe_runtime.a", exe, sub, sep);
-			if (access(path, R_OK) == 0)
-				return path;
+			snprintf(out, cap, "%s/%s", exe, rel);
+			if (access(out, R_OK) == 0)
+				return 0;
 #ifdef MOE_INSTALL_LIBDIR
-			/* installed: PREFIX/bin/moegen, PREFIX/LIBDIR/moegen/[TRIPLE/] */
-			snprintf(path, sizeof path, "%s/../%s/moegen/%s%slibmoe_runtime.a", exe,
-				 MOE_INSTALL_LIBDIR, sub, sep);
-			if (access(path, R_OK) == 0)
-				return path;
+			/* installed: PREFIX/bin/moegen, PREFIX/LIBDIR/moegen/ */
+			snprintf(out, cap, "%s/../%s/moegen/%s", exe, MOE_INSTALL_LIBDIR, rel);
+			if (access(out, R_OK) == 0)
+				return 0;
 #endif
 		}
 	}
 #ifdef MOE_BINARY_DIR
-	snprintf(path, sizeof path, "%s/%s%slibmoe_runtime.a", MOE_BINARY_DIR, sub, sep);
-	if (access(path, R_OK) == 0)
-		return path;
+	snprintf(out, cap, "%s/%s", MOE_BINARY_DIR, rel);
+	if (access(out, R_OK) == 0)
+		return 0;
 #endif
-	return NULL;
+	return -1;
+}
+
+const char *moe_runtime_archive_for(const char *rt)
+{
+	static char path[PATH_MAX + 64];
+	int host = !rt || runtime_is_host(rt);
+	const char *env = getenv("MOE_RUNTIME_LIB");
+	if (host && env && access(env, R_OK) == 0)
+		return env;
+	char rel[256];
+	snprintf(rel, sizeof rel, "%s%slibmoe_runtime.a", host ? "" : rt, host ? "" : "/");
+	return moe_find_beside(rel, path, sizeof path) == 0 ? path : NULL;
 }
 
 const char *moe_runtime_archive(void)
