@@ -33,9 +33,10 @@ struct moe_plan {
 	uint32_t n_ops;
 	struct moe_plan_op ops[MOE_MAX_OPS];
 	uint32_t route_width;
-	/* The FFNs' arithmetic: F32 or BF16 once the backend resolved the spec's
-	 * dtype.compute for its target machine (moe_plan_set_compute), AUTO
-	 * before. The geometries follow it (bf16: K in pairs). */
+	/* The FFNs' arithmetic: F32, BF16 or INT8 once the backend resolved the
+	 * spec's dtype.compute for its target machine (moe_plan_set_compute),
+	 * AUTO before. The geometries follow it (bf16: K in pairs; int8: the
+	 * codes in runs of 4 inputs). */
 	enum moe_compute compute;
 	struct moe_geom routed, shared;          /* shared.width == 0: none */
 	struct moe_buf_size bufs[MOE_BUF_COUNT]; /* the workspace (moe_workspace) */
@@ -47,10 +48,12 @@ struct moe_plan {
 int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan *p,
 		   struct moe_diag *diag);
 void moe_plan_dump(const struct moe_plan *p, FILE *out);
-/* Resolve the compute format for a target that has (bf16_dot = 1) or lacks
- * the bf16 dot-product instructions: bf16 when the spec asks for it, or
- * leaves it to auto with bf16 weights, and the target has them; else f32. */
-void moe_plan_set_compute(struct moe_plan *p, int bf16_dot);
+/* Resolve the compute format for a target that has (1) or lacks (0) the
+ * bf16 and the int8 dot-product instructions: int8 when the spec asks for it
+ * and the target has them; bf16 when the spec asks for it, or leaves it to
+ * auto with bf16 weights, and the target has them; else f32 (kept
+ * quantized weights expanded to f32 in registers). */
+void moe_plan_set_compute(struct moe_plan *p, int bf16_dot, int int8_dot);
 /* 1 when the plan has op. */
 int moe_plan_has(const struct moe_plan *p, enum moe_op op);
 

@@ -420,11 +420,9 @@ static int do_run(const struct run_opts *o)
 		double nmse = sr > 0.0 ? se / sr : se;
 		size_t bad = W ? routing_mismatches(ids, ids_ref, T, W) : 0;
 		/* bf16 activations: the output itself is rounded to 8 bits; bf16
-		 * compute (where the CPU has the bf16 dot): x and h are rounded to
-		 * bf16 before the products */
-		double tol = moe_desc_bf16_compute(d) ? MOE_BF16_COMPUTE_TOL
-			     : bf16                   ? 1.0 / 128.0
-						      : 1e-5;
+		 * or int8 compute (where the CPU has their dot instructions): x
+		 * and h are rounded to bf16 or int8 before the products */
+		double tol = moe_desc_compute_tol(d, bf16 ? 1.0 / 128.0 : 1e-5);
 		printf("check: max rel err %.3g (tol %.0e), nmse %.3g, routing agreement "
 		       "%zu/%zu tokens\n",
 		       rel, tol, nmse, T - bad, T);

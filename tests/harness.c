@@ -22,6 +22,7 @@
 char h_tmpdir[64];
 int h_opt_level = 1;
 const char *h_features;
+double h_last_rel;
 static int n_models;
 
 /* A small valid token-choice description: callers change fields. */
@@ -151,6 +152,7 @@ void h_compare(const struct moe_desc *d, size_t T, uint32_t threads, uint64_t se
 	}
 	double rel = rmax > 0 ? emax / rmax : emax;
 	double tol = h_tol(d);
+	h_last_rel = rel;
 	size_t bad_ids = 0;
 	for (size_t i = 0; i < T * W; i++)
 		bad_ids += ids[i] != idr[i];

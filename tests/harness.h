@@ -13,10 +13,12 @@
 
 /* outputs of h_compare agree with the reference within this relative error */
 #define H_TOL 1e-5
-/* The output bound of d's model against the reference: H_TOL, or
- * MOE_BF16_COMPUTE_TOL where the FFNs may compute in bf16 (bf16 weights or
- * dtype.compute bf16, on a CPU with the bf16 dot instructions). */
-#define h_tol(d) (moe_desc_bf16_compute(d) ? MOE_BF16_COMPUTE_TOL : H_TOL)
+/* The output bound of d's model against the reference: H_TOL, or the bf16
+ * or int8 compute bound where the FFNs may compute in those (bf16 weights or
+ * dtype.compute bf16 or int8, on a CPU with their dot instructions). */
+#define h_tol(d) moe_desc_compute_tol(d, H_TOL)
+/* the max relative error of the last h_compare */
+extern double h_last_rel;
 
 /* The temporary directory of this test run (h_setup creates it) and the
  * optimization level h_model_open compiles at (default 1). */

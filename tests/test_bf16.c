@@ -51,7 +51,7 @@ static void test_plan_resolution(void **state)
 		d.compute = cases[i].c;
 		d.weight_dtype = cases[i].w;
 		assert_int_equal(moe_plan_build(&d, MOE_TARGET_CPU, &p, &dg), 0);
-		moe_plan_set_compute(&p, cases[i].dot);
+		moe_plan_set_compute(&p, cases[i].dot, 1);
 		assert_int_equal(p.compute, cases[i].want);
 		int pairs = cases[i].want == MOE_COMPUTE_BF16;
 		assert_int_equal(p.routed.pairs, pairs);

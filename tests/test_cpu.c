@@ -102,8 +102,7 @@ static struct cmp_result compare(const struct moe_desc *d, size_t T, uint32_t th
 		sr += r * r;
 	}
 	res.rel = rmax > 0 ? emax / rmax : emax;
-	if (moe_desc_bf16_compute(d) && tol < MOE_BF16_COMPUTE_TOL)
-		tol = MOE_BF16_COMPUTE_TOL; /* bf16 compute where the CPU has it */
+	tol = moe_desc_compute_tol(d, tol); /* bf16 or int8 compute where the CPU has it */
 	res.nmse = sr > 0 ? se / sr : se;
 	size_t bad = 0;
 	res.routing_ok = same_sets(ids, idr, T, W, &bad);

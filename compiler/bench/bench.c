@@ -485,7 +485,7 @@ static double ffn_wbytes(const struct moe_desc *d)
 	if (!moe_desc_quantized(d))
 		return dtype_bytes(d->weight_dtype);
 	struct moe_geom r, s;
-	moe_geoms_init(d, 0, &r, &s);
+	moe_geoms_init(d, MOE_COMPUTE_F32, &r, &s);
 	return (double)(r.up_bytes + r.down_bytes) / (3.0 * d->hidden * d->intermediate);
 }
 

@@ -208,10 +208,12 @@ struct ffn {
 	int scale_in;    /* rw scales the input (apply_to input) */
 	int scale_out;   /* rw scales the output */
 	int down_bias_w; /* the down bias is scaled by rw */
-	/* bf16 compute: the rows of the current chunk converted to bf16 (xb,
-	 * row stride xs values) and the chunk's first row */
-	LLVMValueRef xb, c0;
-	uint32_t xs;
+	/* bf16 and int8 compute: the rows of the current chunk converted to
+	 * bf16 or quantized to int8 (xb, row stride xs values) and the chunk's
+	 * first row; int8: the rows' scales (sx) and sums of codes per group
+	 * (qs, ng per row) */
+	LLVMValueRef xb, c0, sx, qs;
+	uint32_t xs, ng;
 };
 
 /* Store 8 h values at column c of row hrow: f32, or bf16 for the bf16 down
@@ -1019,8 +1021,312 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 	}
 }
 
+/* int8 compute ------------------------------------------------------------ */
+
+/* Rows per int8 tile: one int32 chain per row over the runs of a group,
+ * and its f32 sum over the groups. */
+#define I8_MR 8
+/* The quantized rows one call keeps at a time (as for bf16 compute). */
+#define I8_CHUNK_BYTES (512 * 1024)
+#define I8_CHUNK_ROWS 96
+
+static LLVMTypeRef t_v16i(struct moe_ll *g)
+{
+	return LLVMVectorType(g->t_i32, 2 * MOE_VW);
+}
+
+/* Quantize the K f32 values at src (K a multiple of the group, the group of
+ * 16): s = max |x| / 127 to *sx, the codes q = x * (127 / max |x|) rounded
+ * to nearest even (all 0 when max |x| is 0) to dst, and each group's sum of
+ * codes to qsum. The row alone decides them: the result of a row never
+ * depends on the rows beside it. */
+static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t group,
+		      LLVMValueRef dst, LLVMValueRef sx, LLVMValueRef qsum)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMTypeRef t16 = g->t_v16f, ti = t_v16i(g);
+	LLVMValueRef m = moe_ll_alloca(g, t16, 1, "amax");
+	moe_ll_st(g, LLVMConstNull(t16), m);
+	struct moe_ll_loop i, gl, j;
+	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / 16), 1, "qa");
+	LLVMValueRef v = moe_ll_ld(
+	    g, t16, moe_ll_at(g, g->t_f32, src, LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, 16), "")));
+	LLVMValueRef mx[2] = {moe_ll_ld(g, t16, m), moe_ll_intr1(g, "llvm.fabs", v)};
+	moe_ll_st(g, moe_ll_intr(g, "llvm.maxnum", &t16, 1, mx, 2), m);
+	moe_ll_loop_close(g, &i);
+	LLVMValueRef amax = moe_ll_ld(g, t16, m);
+	amax = moe_ll_intr(g, "llvm.vector.reduce.fmax", &t16, 1, &amax, 1);
+	LLVMValueRef pos = LLVMBuildFCmp(b, LLVMRealOGT, amax, moe_ll_f32c(g, 0.0), "");
+	LLVMValueRef inv = LLVMBuildSelect(
+	    b, pos, LLVMBuildFDiv(b, moe_ll_f32c(g, 127.0), amax, ""), moe_ll_f32c(g, 0.0), "inv");
+	moe_ll_st(g, LLVMBuildFDiv(b, amax, moe_ll_f32c(g, 127.0), "sx"), sx);
+	LLVMValueRef vinv = moe_ll_splat(g, inv, t16);
+	LLVMValueRef vs = moe_ll_alloca(g, ti, 1, "qs");
+	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / group), 1, "qg");
+	moe_ll_st(g, LLVMConstNull(ti), vs);
+	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), moe_ll_i64c(g, group / 16), 1, "qj");
+	LLVMValueRef off = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, group), ""),
+					   LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, 16), ""), "");
+	LLVMValueRef x = moe_ll_ld(g, t16, moe_ll_at(g, g->t_f32, src, off));
+	LLVMValueRef q = moe_ll_intr1(g, "llvm.rint", LLVMBuildFMul(b, x, vinv, ""));
+	q = LLVMBuildFPToSI(b, q, ti, "q");
+	moe_ll_st(g, LLVMBuildTrunc(b, q, LLVMVectorType(g->t_i8, 16), ""),
+		  moe_ll_at(g, g->t_i8, dst, off));
+	moe_ll_st(g, LLVMBuildAdd(b, moe_ll_ld(g, ti, vs), q, ""), vs);
+	moe_ll_loop_close(g, &j);
+	LLVMValueRef sum = moe_ll_ld(g, ti, vs);
+	sum = moe_ll_intr(g, "llvm.vector.reduce.add", &ti, 1, &sum, 1);
+	moe_ll_st(g, sum, moe_ll_at(g, g->t_i32, qsum, gl.iv));
+	moe_ll_loop_close(g, &gl);
+}
+
+/* acc + the 16 columns of 4 unsigned codes in w times the 4 signed codes in
+ * a (broadcast), summed per column in int32: vpdpbusd. */
+static LLVMValueRef dpbusd(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef w, LLVMValueRef a)
+{
+	LLVMValueRef args[3] = {acc, w, moe_ll_splat(g, a, t_v16i(g))};
+	return moe_ll_intr(g, "llvm.x86.avx512.vpdpbusd.512", NULL, 0, args, 3);
+}
+
+/* acc[r] += the mr quantized rows (xq[r]: K int8 codes, qs[r]: their sums
+ * per group) times the dot4 panel pan (moe_kernels.h), in units of each
+ * row's scale: per group the exact int32 sums P of code * q over its runs,
+ * then acc += s * (P - 128 Q) for int8 (its codes are stored plus 128) and
+ * acc += o * Q + s * P for int4 (W = code * s + o). */
+static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
+		       const LLVMValueRef *xq, const LLVMValueRef *qs, LLVMValueRef pan,
+		       const LLVMValueRef *acc)
+{
+	LLVMBuilderRef b = g->b;
+	int i4 = f->kind == MOE_QFORMAT_INT4, run = i4 ? 8 : 4;
+	LLVMTypeRef t16 = g->t_v16f, ti = t_v16i(g);
+	LLVMValueRef accg[I8_MR];
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		snprintf(nm, sizeof nm, "iacc%d", r);
+		accg[r] = moe_ll_alloca(g, ti, 1, nm);
+	}
+	int64_t bb = (int64_t)moe_qblock_bytes(f);
+	struct moe_ll_loop gl, kl;
+	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
+	LLVMValueRef blk =
+	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off"));
+	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
+	for (int r = 0; r < mr; r++)
+		moe_ll_st(g, LLVMConstNull(ti), accg[r]);
+	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
+	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group / run), 1, "kr");
+	LLVMValueRef w = moe_ll_ld(
+	    g, ti, moe_ll_at(g, g->t_i8, codes, LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, 64), "")));
+	LLVMValueRef ws[2] = {w, NULL};
+	if (i4) {
+		LLVMValueRef lo = moe_ll_splat(g, moe_ll_i32c(g, 0x0f0f0f0f), ti);
+		ws[0] = LLVMBuildAnd(b, w, lo, "lo");
+		ws[1] = LLVMBuildAnd(b, LLVMBuildLShr(b, w, vi16c(g, 4), ""), lo, "hi");
+	}
+	LLVMValueRef k =
+	    LLVMBuildNSWAdd(b, k0, LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, run), ""), "k");
+	for (int h = 0; h < 1 + i4; h++)
+		for (int r = 0; r < mr; r++) {
+			LLVMValueRef kk = h ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 4), "") : k;
+			LLVMValueRef a = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i8, xq[r], kk));
+			moe_ll_st(g, dpbusd(g, moe_ll_ld(g, ti, accg[r]), ws[h], a), accg[r]);
+		}
+	moe_ll_loop_close(g, &kl);
+	LLVMValueRef sc = moe_ll_ld(g, t16, blk), of = NULL;
+	if (i4)
+		of = moe_ll_ld(g, t16, moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, 64)));
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef P = moe_ll_ld(g, ti, accg[r]);
+		LLVMValueRef Q = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, qs[r], gl.iv));
+		LLVMValueRef o = moe_ll_ld(g, t16, acc[r]);
+		if (i4) {
+			o = moe_ll_fma(g, moe_ll_splat(g, LLVMBuildSIToFP(b, Q, g->t_f32, ""), t16),
+				       of, o);
+		} else {
+			LLVMValueRef c = LLVMBuildShl(b, Q, moe_ll_i32c(g, 7), "");
+			P = LLVMBuildSub(b, P, moe_ll_splat(g, c, ti), "");
+		}
+		o = moe_ll_fma(g, LLVMBuildSIToFP(b, P, t16, ""), sc, o);
+		moe_ll_st(g, o, acc[r]);
+	}
+	moe_ll_loop_close(g, &gl);
+}
+
+/* The quantized rows of chunk row ri: codes, group sums, scale. */
+static void i8_row(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLVMValueRef *xq,
+		   LLVMValueRef *qs)
+{
+	LLVMBuilderRef b = g->b;
+	*xq = moe_ll_at(g, g->t_i8, f->xb, LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, f->xs), ""));
+	*qs = moe_ll_at(g, g->t_i32, f->qs, LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, f->ng), ""));
+}
+
+static LLVMValueRef i8_scale(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri)
+{
+	return moe_ll_splat(g, moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, f->sx, ri)),
+			    g->t_v16f);
+}
+
+/* One int8 up tile: mr quantized rows from r0 of the chunk times panel p. */
+static void up_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
+		       LLVMValueRef p)
+{
+	(void)ncols;
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	LLVMValueRef xq[I8_MR] = {0}, qs[I8_MR] = {0}, acc[I8_MR] = {0};
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		i8_row(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), &xq[r], &qs[r]);
+		snprintf(nm, sizeof nm, "acc%d", r);
+		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, LLVMConstNull(g->t_v16f), acc[r]);
+	}
+	int64_t pb = (int64_t)(ge->up_bytes / ge->up_panels);
+	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
+				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
+	dot4_kloop(g, &ge->q_up, ge->hidden, mr, xq, qs, pan, acc);
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		moe_ll_st(g,
+			  LLVMBuildFMul(b, moe_ll_ld(g, g->t_v16f, acc[r]), i8_scale(g, f, ri), ""),
+			  acc[r]);
+		LLVMValueRef two[2] = {acc[r], NULL};
+		up_store(g, f, LLVMBuildNSWAdd(b, f->c0, ri, ""), p, two, 1);
+	}
+}
+
+/* One int8 down tile: mr quantized rows of h from r0 of the chunk times
+ * panel p, added to y (ncols < 16: the last panel, masked). */
+static void down_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
+			 LLVMValueRef p)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_geom *ge = f->geom;
+	LLVMValueRef rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2), bd = moe_ll_prm(g, 5),
+		     y = moe_ll_prm(g, 6);
+	LLVMValueRef xq[I8_MR] = {0}, qs[I8_MR] = {0}, y_ptr[I8_MR] = {0}, acc[I8_MR] = {0};
+	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
+	char nm[32];
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef rl = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		i8_row(g, f, rl, &xq[r], &qs[r]);
+		LLVMValueRef ri = LLVMBuildNSWAdd(b, f->c0, rl, "");
+		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
+		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+		y_ptr[r] = moe_ll_at(
+		    g, g->t_f32, y,
+		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), c0,
+				    ""));
+		snprintf(nm, sizeof nm, "acc%d", r);
+		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
+		moe_ll_st(g, LLVMConstNull(g->t_v16f), acc[r]);
+	}
+	int64_t pb = (int64_t)(ge->down_bytes / ge->down_panels);
+	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
+				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
+	dot4_kloop(g, &ge->q_down, ge->width, mr, xq, qs, pan, acc);
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef rl = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+		LLVMValueRef o = moe_ll_fma(g, moe_ll_ld(g, g->t_v16f, acc[r]), i8_scale(g, f, rl),
+					    vload16(g, y_ptr[r], ncols));
+		if (f->bias) {
+			LLVMValueRef bv = moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, bd, c0));
+			if (f->down_bias_w) {
+				LLVMValueRef w = moe_ll_ld(
+				    g, g->t_f32,
+				    moe_ll_at(g, g->t_f32, rw, LLVMBuildNSWAdd(b, f->c0, rl, "")));
+				bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
+			}
+			o = LLVMBuildFAdd(b, o, bv, "");
+		}
+		vstore16(g, o, y_ptr[r], ncols);
+	}
+}
+
+/* The chunk buffers of an int8 call over inputs of K: codes (xb, row stride
+ * xs), group sums (qs, ng per row) and scales (sx) of cr rows. */
+static int64_t i8_chunk(struct moe_ll *g, struct ffn *f, uint32_t K, const struct moe_qfmt *q)
+{
+	f->xs = (K + 63) / 64 * 64;
+	f->ng = K / q->group;
+	int64_t cr = I8_CHUNK_BYTES / (int64_t)f->xs / I8_MR * I8_MR;
+	cr = cr < I8_MR ? I8_MR : cr > I8_CHUNK_ROWS ? I8_CHUNK_ROWS : cr;
+	f->xb = moe_ll_alloca(g, g->t_i8, (uint64_t)cr * f->xs, "xq");
+	LLVMSetAlignment(f->xb, 64);
+	f->qs = moe_ll_alloca(g, g->t_i32, (uint64_t)cr * f->ng, "xqs");
+	f->sx = moe_ll_alloca(g, g->t_f32, (uint64_t)cr, "xsc");
+	return cr;
+}
+
+/* Open the loop over chunks of cr of the n rows and quantize each chunk's
+ * rows (row(ri) gives the f32 row of global row ri); returns the chunk's
+ * row count, with the loop in c and f->c0 its first row. */
+static LLVMValueRef i8_chunk_open(struct moe_ll *g, struct ffn *f, struct moe_ll_loop *c,
+				  int64_t cr, uint32_t K, uint32_t group, int gathered)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef n = moe_ll_prm(g, 3);
+	moe_ll_loop_open(g, c, moe_ll_i64c(g, 0), n, cr, "chunk");
+	f->c0 = c->iv;
+	LLVMValueRef left = LLVMBuildNSWSub(b, n, c->iv, "");
+	LLVMValueRef cn =
+	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, moe_ll_i64c(g, cr), ""), left,
+			    moe_ll_i64c(g, cr), "cn");
+	struct moe_ll_loop r;
+	moe_ll_loop_open(g, &r, moe_ll_i64c(g, 0), cn, 1, "q.r");
+	LLVMValueRef ri = LLVMBuildNSWAdd(b, c->iv, r.iv, "");
+	LLVMValueRef src;
+	if (gathered) {
+		/* up: x's row of the token at rows[ri] */
+		LLVMValueRef tok =
+		    moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, 1), ri));
+		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+		src = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0),
+				LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, K), ""));
+	} else {
+		/* down: h's row ri */
+		src = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0),
+				LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, f->geom->ld_h), ""));
+	}
+	LLVMValueRef xq, qs;
+	i8_row(g, f, r.iv, &xq, &qs);
+	quant_row(g, src, K, group, xq, moe_ll_at(g, g->t_f32, f->sx, r.iv), qs);
+	moe_ll_loop_close(g, &r);
+	return cn;
+}
+
+/* moe_up for int8 compute: chunks of rows are quantized once, then every
+ * panel of [p0, p1) passes over the chunk's row blocks. */
+static void gen_up_i8(struct moe_ll *g, const char *name, const struct ffn *f0)
+{
+	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
+	LLVMTypeRef params[] = {P, P, P, I, P, P, P, P, I, I};
+	static const char *const pn[] = {"x",  "rows", "rw", "n",  "panels",
+					 "bg", "bu",   "h",  "p0", "p1"};
+	moe_ll_fn_begin(g, name, params, pn, 10);
+	for (unsigned i = 0; i < 8; i++)
+		if (i != 3)
+			moe_ll_noalias(g, i);
+	struct ffn f = *f0;
+	const struct moe_qfmt *q = &f.geom->q_up;
+	int64_t cr = i8_chunk(g, &f, f.geom->hidden, q);
+	struct moe_ll_loop c, p;
+	LLVMValueRef cn = i8_chunk_open(g, &f, &c, cr, f.geom->hidden, q->group, 1);
+	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
+	row_blocks_mr(g, &f, up_tile_i8, MOE_NR, p.iv, cn, I8_MR);
+	moe_ll_loop_close(g, &p);
+	moe_ll_loop_close(g, &c);
+	moe_ll_fn_end(g);
+}
+
 static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 {
+	if (g->p->compute == MOE_COMPUTE_INT8) {
+		gen_up_i8(g, name, f);
+		return;
+	}
 	if (g->p->compute == MOE_COMPUTE_BF16) {
 		gen_up_pairs(g, name, f);
 		return;
@@ -1060,14 +1366,20 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 	LLVMValueRef end =
 	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, p1, moe_ll_i64c(g, n_full), ""), p1,
 			    moe_ll_i64c(g, n_full), "end");
-	int bf = g->p->compute == MOE_COMPUTE_BF16;
+	int bf = g->p->compute == MOE_COMPUTE_BF16, i8 = g->p->compute == MOE_COMPUTE_INT8;
 	tile_fn *tile = bf                                    ? down_pair_tile
+			: i8                                  ? down_tile_i8
 			: ge->q_down.kind != MOE_QFORMAT_NONE ? down_tile_q
 							      : down_tile;
-	int mr = bf ? BF_MR : ge->q_down.kind != MOE_QFORMAT_NONE ? Q_MR : MOE_MR;
-	struct moe_ll_loop p;
+	int mr = bf ? BF_MR : i8 ? I8_MR : ge->q_down.kind != MOE_QFORMAT_NONE ? Q_MR : MOE_MR;
+	struct ffn fc = *f;
+	struct moe_ll_loop c, p;
+	LLVMValueRef n = moe_ll_prm(g, 3);
+	if (i8) /* chunks of h's rows quantized, then the panels over each */
+		n = i8_chunk_open(g, &fc, &c, i8_chunk(g, &fc, ge->width, &ge->q_down), ge->width,
+				  ge->q_down.group, 0);
 	moe_ll_loop_open(g, &p, p0, end, 1, "p");
-	row_blocks_mr(g, f, tile, MOE_NR, p.iv, moe_ll_prm(g, 3), mr);
+	row_blocks_mr(g, &fc, tile, MOE_NR, p.iv, n, mr);
 	moe_ll_loop_close(g, &p);
 	if (n_full != ge->down_panels) {
 		/* the partial last panel: masked loads and stores of y */
@@ -1075,9 +1387,11 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 		    b, LLVMBuildICmp(b, LLVMIntSLE, p0, moe_ll_i64c(g, n_full), ""),
 		    LLVMBuildICmp(b, LLVMIntSGT, p1, moe_ll_i64c(g, n_full), ""), "has_last");
 		LLVMBasicBlockRef e = moe_ll_when(g, in, "last");
-		row_blocks_mr(g, f, tile, last, moe_ll_i64c(g, n_full), moe_ll_prm(g, 3), mr);
+		row_blocks_mr(g, &fc, tile, last, moe_ll_i64c(g, n_full), n, mr);
 		moe_ll_when_end(g, e);
 	}
+	if (i8)
+		moe_ll_loop_close(g, &c);
 	moe_ll_fn_end(g);
 }
 
@@ -1497,6 +1811,22 @@ static int has_avx512(const char *triple, const char *cpu, const char *features)
 	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
 }
 
+/* Whether the target has the AVX-512 int8 dot product (vpdpbusd):
+ * avx512vnni in the feature string, else the CPU's name. */
+static int has_int8_dot(const char *triple, const char *cpu, const char *features)
+{
+	static const char *const cpus[] = {
+	    "cascadelake",   "cooperlake",      "icelake-client", "icelake-server",
+	    "tigerlake",     "rocketlake",      "sapphirerapids", "emeraldrapids",
+	    "graniterapids", "graniterapids-d", "diamondrapids",  "znver4",
+	    "znver5",
+	};
+	if (!has_avx512(triple, cpu, features))
+		return 0;
+	int f = feature(features, "avx512vnni");
+	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
+}
+
 /* Whether the target has the AVX-512 bf16 dot product (vdpbf16ps) and
  * conversions: avx512bf16 in the feature string, else the CPU's name; and
  * AVX-512F (and VL for the 8-lane conversion of h). */
@@ -1628,7 +1958,8 @@ int moe_cpu_generate(const struct moe_plan *p, const struct moe_cpu_target *t, e
 
 	/* the plan's compute format for this target machine */
 	struct moe_plan q = *p;
-	moe_plan_set_compute(&q, has_bf16_dot(triple, cpu_name, features));
+	moe_plan_set_compute(&q, has_bf16_dot(triple, cpu_name, features),
+			     has_int8_dot(triple, cpu_name, features));
 	LLVMContextRef ctx = LLVMContextCreate();
 	/* 16-lane tile rows where one register holds them: AVX-512, SVE of
 	 * 512 bits or more (docs/cpu.md) */

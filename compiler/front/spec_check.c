@@ -2209,11 +2209,16 @@ static int parse_qfmt(struct ctx *c, const yaml_node_t *k, const yaml_node_t *v,
 	return c->n_err != before ? -1 : 0;
 }
 
+static void check_int8_compute(struct ctx *c, const struct moe_desc *o);
+
 static void resolve_quant(struct ctx *c, struct moe_desc *o)
 {
 	const yaml_node_t *q = c->n[S_QUANT];
-	if (!q || is_null(q))
+	if (!q || is_null(q)) {
+		if (o->compute == MOE_COMPUTE_INT8)
+			check_int8_compute(c, o);
 		return;
+	}
 	if (q->type != YAML_MAPPING_NODE) {
 		err(c, q, "quant must be a mapping from a matrix role to its format, got %s",
 		    show(q));
@@ -2312,6 +2317,38 @@ static void resolve_quant(struct ctx *c, struct moe_desc *o)
 		err(c, c->k[S_DT_C],
 		    "dtype.compute bf16 with quantized experts is not generated yet: quantized "
 		    "experts compute in f32 (leave dtype.compute auto or f32)");
+	if (o->compute == MOE_COMPUTE_INT8)
+		check_int8_compute(c, o);
+}
+
+/* dtype.compute int8 multiplies int8 activations by the kept int8 or int4
+ * codes: every expert matrix must be kept in one of those, with groups of a
+ * multiple of 16 inputs (the activation sums per group are taken 16 at a
+ * time) and at most 65536 (the int32 sums of a group cannot overflow). */
+static void check_int8_compute(struct ctx *c, const struct moe_desc *o)
+{
+	int shared = moe_desc_shared_width(o) != 0;
+	for (int m = 0; m < MOE_QMAT_COUNT; m++) {
+		if (!shared && (m == MOE_QMAT_SHARED_UP || m == MOE_QMAT_SHARED_DOWN))
+			continue;
+		const struct moe_qfmt *f = &o->qfmt[m];
+		if (f->kind != MOE_QFORMAT_INT8 && f->kind != MOE_QFORMAT_INT4) {
+			err(c, c->k[S_DT_C],
+			    "dtype.compute int8 needs every expert matrix kept int8 or int4 "
+			    "(quant:), but %s is %s",
+			    moe_qmat_names[m],
+			    f->kind == MOE_QFORMAT_NONE ? "not quantized"
+							: moe_qformat_names[f->kind]);
+			return; /* one message names the first */
+		}
+		if (f->group % 16 || f->group > 65536) {
+			err(c, c->k[S_DT_C],
+			    "dtype.compute int8 needs quantization groups of a multiple of 16 "
+			    "inputs, at most 65536; %s's group is %u",
+			    moe_qmat_names[m], f->group);
+			return;
+		}
+	}
 }
 
 static void resolve(struct ctx *c, struct moe_desc *o)

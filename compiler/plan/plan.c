@@ -18,13 +18,14 @@ const struct moe_backend *const moe_backends[MOE_TARGET_COUNT] = {
 
 static void init_geoms(struct moe_plan *p)
 {
-	moe_geoms_init(p->desc, p->compute == MOE_COMPUTE_BF16, &p->routed, &p->shared);
+	moe_geoms_init(p->desc, p->compute, &p->routed, &p->shared);
 }
 
-void moe_plan_set_compute(struct moe_plan *p, int bf16_dot)
+void moe_plan_set_compute(struct moe_plan *p, int bf16_dot, int int8_dot)
 {
-	p->compute =
-	    moe_desc_bf16_compute(p->desc) && bf16_dot ? MOE_COMPUTE_BF16 : MOE_COMPUTE_F32;
+	p->compute = moe_desc_int8_compute(p->desc) && int8_dot   ? MOE_COMPUTE_INT8
+		     : moe_desc_bf16_compute(p->desc) && bf16_dot ? MOE_COMPUTE_BF16
+								  : MOE_COMPUTE_F32;
 	init_geoms(p);
 }
 
@@ -37,7 +38,8 @@ int moe_plan_build(const struct moe_desc *d, enum moe_target t, struct moe_plan 
 	if (!moe_backends[t]->supports(d, diag))
 		return -1;
 	p->route_width = moe_desc_route_width(d);
-	p->compute = moe_desc_bf16_compute(d) ? MOE_COMPUTE_AUTO : MOE_COMPUTE_F32;
+	p->compute = moe_desc_bf16_compute(d) || moe_desc_int8_compute(d) ? MOE_COMPUTE_AUTO
+									  : MOE_COMPUTE_F32;
 	init_geoms(p);
 	uint32_t is = moe_desc_shared_width(d);
 	moe_mode_ops(d, p);
@@ -74,8 +76,9 @@ void moe_plan_dump(const struct moe_plan *p, FILE *out)
 	fprintf(out, "plan %s target %s\n", d->name, moe_target_names[p->target]);
 	fprintf(out, "tile mr %d nr %d router_block %d\n", MOE_MR, MOE_NR, MOE_RB);
 	fprintf(out, "compute %s%s\n", moe_compute_names[p->compute],
-		p->compute == MOE_COMPUTE_AUTO ? " (bf16 where the target cpu has avx512bf16)"
-					       : "");
+		p->compute != MOE_COMPUTE_AUTO ? ""
+		: moe_desc_int8_compute(d) ? " (int8 where the target cpu has avx512vnni, else f32)"
+					   : " (bf16 where the target cpu has avx512bf16)");
 	dump_geom(out, "routed", &p->routed);
 	if (p->shared.width)
 		dump_geom(out, "shared", &p->shared);

@@ -101,6 +101,19 @@ int moe_role_qmat(enum moe_role r)
 }
 
 /* Quantized experts compute in f32 (the bf16 dot kernels read bf16 panels). */
+int moe_desc_int8_compute(const struct moe_desc *d)
+{
+	return d->compute == MOE_COMPUTE_INT8;
+}
+
+double moe_desc_compute_tol(const struct moe_desc *d, double f32_tol)
+{
+	double t = moe_desc_int8_compute(d)   ? MOE_INT8_COMPUTE_TOL
+		   : moe_desc_bf16_compute(d) ? MOE_BF16_COMPUTE_TOL
+					      : 0.0;
+	return t > f32_tol ? t : f32_tol;
+}
+
 int moe_desc_bf16_compute(const struct moe_desc *d)
 {
 	if (moe_desc_quantized(d))

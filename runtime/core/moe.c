@@ -189,7 +189,7 @@ MOE_API enum moe_status moe_create(moe_model **out, const struct moe_create_opts
 	m->e1 = e1;
 	m->l0 = l0;
 	m->l1 = l1;
-	moe_geoms_init(m->d, g->compute == MOE_COMPUTE_BF16, &m->routed, &m->shared);
+	moe_geoms_init(m->d, (enum moe_compute)g->compute, &m->routed, &m->shared);
 	m->layers = calloc(m->d->n_moe_layers ? m->d->n_moe_layers : 1, sizeof *m->layers);
 	m->pool = moe_pool_create(opts ? opts->threads : 0);
 	if (!m->layers || !m->pool) {

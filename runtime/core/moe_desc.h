@@ -21,7 +21,7 @@
 /* The FFNs' arithmetic: auto (bf16 where the weights are bf16 and the target
  * has the bf16 dot instructions, else f32), f32, bf16 (the target's bf16 dot
  * when it has one, else f32). The backend resolves it per target. */
-#define MOE_COMPUTES(X) X(AUTO, "auto") X(F32, "f32") X(BF16, "bf16")
+#define MOE_COMPUTES(X) X(AUTO, "auto") X(F32, "f32") X(BF16, "bf16") X(INT8, "int8")
 #define MOE_SCORES(X) X(SOFTMAX, "softmax") X(SIGMOID, "sigmoid") X(SQRTSOFTPLUS, "sqrtsoftplus")
 #define MOE_NORMS(X) X(NONE, "none") X(SUM, "sum") X(LP, "lp")
 #define MOE_GROUP_SCORES(X) X(MAX, "max") X(SUM_TOP2, "sum_top2")
@@ -351,6 +351,17 @@ int moe_desc_bf16_compute(const struct moe_desc *d);
  * reference (x and h rounded to bf16, 2^-9 relative each, before exact
  * products summed in f32). */
 #define MOE_BF16_COMPUTE_TOL (1.0 / 64.0)
+/* 1 when the FFNs compute in int8 on a target with the int8 dot instructions
+ * (dtype.compute int8: activations quantized per row, symmetric, to int8;
+ * the kept int8/int4 codes multiplied and summed exactly in int32 per group). */
+int moe_desc_int8_compute(const struct moe_desc *d);
+/* The bound on max |y - y_ref| / max |y_ref| of int8 compute against the f32
+ * reference on the dequantized weights: x and h each rounded to 1/254 of
+ * their row's largest magnitude, the products then exact. */
+#define MOE_INT8_COMPUTE_TOL (1.0 / 16.0)
+/* The output bound of d's FFN arithmetic where the target has its dot
+ * instructions: the int8 or bf16 bound, or f32_tol (compute f32). */
+double moe_desc_compute_tol(const struct moe_desc *d, double f32_tol);
 uint32_t moe_desc_shared_width(const struct moe_desc *d);
 /* ceil(num * v / den), or the floor with round_down, where v is the decimal a
  * description float was written as (a capacity factor 0.3 is 3/10, not the

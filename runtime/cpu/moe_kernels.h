@@ -49,13 +49,17 @@ struct moe_geom {
 	uint64_t up_elems;    /* per expert: up_panels * hidden * 16 */
 	uint64_t down_elems;  /* per expert: down_panels * width * 16 */
 	uint32_t pairs;       /* 1: bf16 compute, K interleaved in pairs */
+	uint32_t dot4;        /* 1: int8 compute, quantized codes in runs of 4 inputs */
 	uint32_t elem_bytes;  /* bytes of one panel value (unquantized panels) */
 	/* Kept-quantized panels (moe_geom_quant; kind none: elements as above).
 	 * A panel of K inputs is K / group blocks, each: 16 f32 scales (one per
 	 * column), for int4 16 f32 offsets, then the codes of its group inputs:
 	 * int8 k-major rows of 16 signed bytes (byte j: column j); int4 16 bytes
 	 * per pair of inputs (byte j: column j, input 2i in the low nibble, 2i + 1
-	 * in the high one). */
+	 * in the high one). With dot4 (int8 compute), 64 bytes per run: int8 per
+	 * 4 inputs, byte 4j + i = code of input 4r + i, column j, plus 128 (an
+	 * unsigned byte); int4 per 8 inputs, byte 4j + i holds input 8r + i in
+	 * its low nibble and 8r + 4 + i in its high one. */
 	struct moe_qfmt q_up, q_down;
 	uint64_t up_bytes;   /* per expert */
 	uint64_t down_bytes; /* per expert */
@@ -93,6 +97,7 @@ static inline void moe_geom_init(struct moe_geom *g, uint32_t hidden, uint32_t w
 	g->down_panels = (hidden + MOE_NR - 1) / MOE_NR;
 	g->ld_bias = g->down_panels * MOE_NR;
 	g->pairs = pairs != 0;
+	g->dot4 = 0;
 	g->elem_bytes = pairs || weights != MOE_DTYPE_F32 ? 2 : 4;
 	uint32_t ku = pairs ? hidden + (hidden & 1) : hidden,
 		 kd = pairs ? width + (width & 1) : width;
@@ -120,13 +125,16 @@ static inline void moe_geom_quant(struct moe_geom *g, const struct moe_qfmt *up,
 }
 
 /* The routed and (when there are shared experts, else zeroed) the shared FFN
- * geometry of a description; pairs: bf16 compute. */
-static inline void moe_geoms_init(const struct moe_desc *d, int pairs, struct moe_geom *routed,
-				  struct moe_geom *shared)
+ * geometry of a description for the FFNs' arithmetic c as resolved for the
+ * target (auto: f32 panels). */
+static inline void moe_geoms_init(const struct moe_desc *d, enum moe_compute c,
+				  struct moe_geom *routed, struct moe_geom *shared)
 {
+	int pairs = c == MOE_COMPUTE_BF16;
 	moe_geom_init(routed, d->hidden, d->intermediate, d->kind == MOE_KIND_GLU, d->weight_dtype,
 		      pairs);
 	moe_geom_quant(routed, &d->qfmt[MOE_QMAT_UP], &d->qfmt[MOE_QMAT_DOWN]);
+	routed->dot4 = c == MOE_COMPUTE_INT8;
 	uint32_t is = moe_desc_shared_width(d);
 	*shared = (struct moe_geom){0};
 	if (!is)
@@ -134,6 +142,7 @@ static inline void moe_geoms_init(const struct moe_desc *d, int pairs, struct mo
 	moe_geom_init(shared, d->hidden, is, d->shared_kind == MOE_KIND_GLU, d->weight_dtype,
 		      pairs);
 	moe_geom_quant(shared, &d->qfmt[MOE_QMAT_SHARED_UP], &d->qfmt[MOE_QMAT_SHARED_DOWN]);
+	shared->dot4 = c == MOE_COMPUTE_INT8;
 }
 
 /* bf16 compute: the index of (k, column j) in a panel of K (padded to even). */
@@ -272,7 +281,7 @@ struct moe_gen {
 	const char *spec_hash; /* hex XXH3-128 of moe_desc_dump */
 	const char *cpu;       /* CPU name the code was generated for */
 	const char *triple;
-	uint32_t compute; /* enum moe_compute as resolved for the target: F32 or BF16 */
+	uint32_t compute; /* enum moe_compute as resolved for the target: F32, BF16 or INT8 */
 	uint32_t n_ops;
 	const uint8_t *ops;
 	moe_kernel_fn *kernels[MOE_KERNEL_COUNT];

@@ -113,8 +113,8 @@ struct qsrc {
 	uint64_t row; /* global row of the stacked [rows, K] matrices */
 };
 
-static void pack_qpanel(const struct moe_qfmt *f, uint32_t K, const struct qsrc src[MOE_NR],
-			unsigned char *out)
+static void pack_qpanel(const struct moe_qfmt *f, uint32_t K, int dot4,
+			const struct qsrc src[MOE_NR], unsigned char *out)
 {
 	uint64_t ng = K / f->group, bb = moe_qblock_bytes(f);
 	int i4 = moe_qnibbles(f), off = f->kind == MOE_QFORMAT_INT4;
@@ -132,7 +132,13 @@ static void pack_qpanel(const struct moe_qfmt *f, uint32_t K, const struct qsrc 
 				of[j] = t->offset[g];
 			const uint8_t *c = t->codes + src[j].row * K + gi * f->group;
 			for (uint32_t k = 0; k < f->group; k++) {
-				if (!i4)
+				if (dot4 && !i4)
+					codes[(size_t)(k / 4) * 64 + 4 * j + k % 4] =
+					    (unsigned char)(c[k] ^ 0x80);
+				else if (dot4)
+					codes[(size_t)(k / 8) * 64 + 4 * j + k % 4] |=
+					    (unsigned char)((c[k] & 15) << (4 * (k % 8 / 4)));
+				else if (!i4)
 					codes[(size_t)k * MOE_NR + j] = c[k];
 				else
 					codes[(size_t)(k / 2) * MOE_NR + j] |=
@@ -161,7 +167,7 @@ static void *pack_up_q(const struct moe_geom *g, uint32_t n_e, const struct moe_
 				src[j].t = g->glu && j < MOE_NR / 2 ? gate : up;
 				src[j].row = (uint64_t)e * g->width + row;
 			}
-			pack_qpanel(&g->q_up, g->hidden, src,
+			pack_qpanel(&g->q_up, g->hidden, (int)g->dot4, src,
 				    out + (size_t)e * g->up_bytes + (size_t)p * pb);
 		}
 	return out;
@@ -183,7 +189,7 @@ static void *pack_down_q(const struct moe_geom *g, uint32_t n_e, const struct mo
 				src[j].t = down;
 				src[j].row = (uint64_t)e * g->hidden + row;
 			}
-			pack_qpanel(&g->q_down, g->width, src,
+			pack_qpanel(&g->q_down, g->width, (int)g->dot4, src,
 				    out + (size_t)e * g->down_bytes + (size_t)p * pb);
 		}
 	return out;
