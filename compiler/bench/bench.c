@@ -42,8 +42,9 @@ static const char *const usage_bench =
     "  --shapes   qwen3,olmoe,mixtral,deepseek (default: all); tiny (E=8 H=64,\n"
     "             a test-sized layer, only when named)\n"
     "  --tokens   token counts (default: 1,16,256,4096)\n"
-    "  --weights  f32,bf16,int8,int4 (default: f32,bf16); int8 per output channel,\n"
-    "             int4 in groups of 128 with zero points, both f32 compute\n"
+    "  --weights  f32,bf16,int8,int4,w8a8,w4a8 (default: f32,bf16); int8 per\n"
+    "             output channel, int4 in groups of 128 with zero points, both\n"
+    "             f32 compute; w8a8, w4a8: the same weights, int8 compute\n"
     "  --routing  uniform,zipf (default: both)\n"
     "  --threads  threads for every side (default: all online cores)\n"
     "  --reps     timed repetitions; the median is reported (default: adaptive)\n"
@@ -99,11 +100,15 @@ static const struct wfmt {
 	const char *name;
 	enum moe_dtype dt;
 	struct moe_qfmt q;
+	enum moe_compute compute;
 } wfmts[] = {
-    {"f32", MOE_DTYPE_F32, {MOE_QFORMAT_NONE, 0, 0}},
-    {"bf16", MOE_DTYPE_BF16, {MOE_QFORMAT_NONE, 0, 0}},
-    {"int8", MOE_DTYPE_F32, {MOE_QFORMAT_INT8, 0, 0}},   /* per output channel */
-    {"int4", MOE_DTYPE_F32, {MOE_QFORMAT_INT4, 128, 1}}, /* GPTQ-style g128 with zeros */
+    {"f32", MOE_DTYPE_F32, {MOE_QFORMAT_NONE, 0, 0}, MOE_COMPUTE_AUTO},
+    {"bf16", MOE_DTYPE_BF16, {MOE_QFORMAT_NONE, 0, 0}, MOE_COMPUTE_AUTO},
+    {"int8", MOE_DTYPE_F32, {MOE_QFORMAT_INT8, 0, 0}, MOE_COMPUTE_AUTO},   /* per channel */
+    {"int4", MOE_DTYPE_F32, {MOE_QFORMAT_INT4, 128, 1}, MOE_COMPUTE_AUTO}, /* g128, zeros */
+    /* the same weights times int8 activations (dtype.compute int8) */
+    {"w8a8", MOE_DTYPE_F32, {MOE_QFORMAT_INT8, 0, 0}, MOE_COMPUTE_INT8},
+    {"w4a8", MOE_DTYPE_F32, {MOE_QFORMAT_INT4, 128, 1}, MOE_COMPUTE_INT8},
 };
 #define N_WFMT ((int)(sizeof wfmts / sizeof *wfmts))
 
@@ -342,7 +347,8 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		return bad_usage("--tokens: expected up to 16 counts in 1..65536, got '%s'",
 				 tokens_arg);
 	if (each_item(weights_arg ? weights_arg : "f32,bf16", item_weights, o))
-		return bad_usage("--weights: expected a list of f32, bf16, int8, int4, got '%s'",
+		return bad_usage("--weights: expected a list of f32, bf16, int8, int4, w8a8, w4a8, "
+				 "got '%s'",
 				 weights_arg);
 	if (each_item(routing_arg ? routing_arg : "uniform,zipf", item_routing, o))
 		return bad_usage("--routing: expected a list of uniform, zipf, got '%s'",
@@ -452,6 +458,7 @@ static void shape_desc(const struct shape *s, const struct wfmt *f, struct moe_d
 			if (!d->qfmt[m].group || K % d->qfmt[m].group)
 				d->qfmt[m].group = K;
 		}
+	d->compute = f->compute;
 }
 
 /* FLOPs and weight bytes of one forward of T tokens, with `touched` distinct

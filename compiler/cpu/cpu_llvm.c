@@ -1098,14 +1098,22 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 		       const LLVMValueRef *acc)
 {
 	LLVMBuilderRef b = g->b;
-	int i4 = f->kind == MOE_QFORMAT_INT4, run = i4 ? 8 : 4;
+	int i4 = f->kind == MOE_QFORMAT_INT4, run = i4 ? 8 : 4, halves = 1 + i4;
 	LLVMTypeRef t16 = g->t_v16f, ti = t_v16i(g);
-	LLVMValueRef accg[I8_MR];
+	/* Runs per step, each (and each int4 half) on its own chain, so a short
+	 * tile still keeps about 8 sums in flight; the int32 sums are exact,
+	 * so how they are split changes no bit. */
+	uint32_t runs = f->group / (uint32_t)run, ru = 1;
+	while (ru < 8 && (int)(2 * ru) * mr * halves <= 8 && runs % (2 * ru) == 0)
+		ru *= 2;
+	int nch = (int)ru * halves;
+	LLVMValueRef accg[I8_MR][16];
 	char nm[32];
-	for (int r = 0; r < mr; r++) {
-		snprintf(nm, sizeof nm, "iacc%d", r);
-		accg[r] = moe_ll_alloca(g, ti, 1, nm);
-	}
+	for (int r = 0; r < mr; r++)
+		for (int c = 0; c < nch; c++) {
+			snprintf(nm, sizeof nm, "iacc%d%d", r, c);
+			accg[r][c] = moe_ll_alloca(g, ti, 1, nm);
+		}
 	int64_t bb = (int64_t)moe_qblock_bytes(f);
 	struct moe_ll_loop gl, kl;
 	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
@@ -1113,31 +1121,41 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off"));
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
 	for (int r = 0; r < mr; r++)
-		moe_ll_st(g, LLVMConstNull(ti), accg[r]);
+		for (int c = 0; c < nch; c++)
+			moe_ll_st(g, LLVMConstNull(ti), accg[r][c]);
 	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
-	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group / run), 1, "kr");
-	LLVMValueRef w = moe_ll_ld(
-	    g, ti, moe_ll_at(g, g->t_i8, codes, LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, 64), "")));
-	LLVMValueRef ws[2] = {w, NULL};
-	if (i4) {
-		LLVMValueRef lo = moe_ll_splat(g, moe_ll_i32c(g, 0x0f0f0f0f), ti);
-		ws[0] = LLVMBuildAnd(b, w, lo, "lo");
-		ws[1] = LLVMBuildAnd(b, LLVMBuildLShr(b, w, vi16c(g, 4), ""), lo, "hi");
-	}
-	LLVMValueRef k =
-	    LLVMBuildNSWAdd(b, k0, LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, run), ""), "k");
-	for (int h = 0; h < 1 + i4; h++)
-		for (int r = 0; r < mr; r++) {
-			LLVMValueRef kk = h ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 4), "") : k;
-			LLVMValueRef a = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i8, xq[r], kk));
-			moe_ll_st(g, dpbusd(g, moe_ll_ld(g, ti, accg[r]), ws[h], a), accg[r]);
+	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, runs), ru, "kr");
+	LLVMValueRef lo = moe_ll_splat(g, moe_ll_i32c(g, 0x0f0f0f0f), ti);
+	for (uint32_t u = 0; u < ru; u++) {
+		LLVMValueRef kr = LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, u), "");
+		LLVMValueRef w = moe_ll_ld(
+		    g, ti,
+		    moe_ll_at(g, g->t_i8, codes, LLVMBuildNSWMul(b, kr, moe_ll_i64c(g, 64), "")));
+		LLVMValueRef ws[2] = {w, NULL};
+		if (i4) {
+			ws[0] = LLVMBuildAnd(b, w, lo, "lo");
+			ws[1] = LLVMBuildAnd(b, LLVMBuildLShr(b, w, vi16c(g, 4), ""), lo, "hi");
 		}
+		LLVMValueRef k =
+		    LLVMBuildNSWAdd(b, k0, LLVMBuildNSWMul(b, kr, moe_ll_i64c(g, run), ""), "k");
+		for (int h = 0; h < halves; h++)
+			for (int r = 0; r < mr; r++) {
+				LLVMValueRef kk =
+				    h ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 4), "") : k;
+				LLVMValueRef a =
+				    moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i8, xq[r], kk));
+				LLVMValueRef *c = &accg[r][(int)u * halves + h];
+				moe_ll_st(g, dpbusd(g, moe_ll_ld(g, ti, *c), ws[h], a), *c);
+			}
+	}
 	moe_ll_loop_close(g, &kl);
 	LLVMValueRef sc = moe_ll_ld(g, t16, blk), of = NULL;
 	if (i4)
 		of = moe_ll_ld(g, t16, moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, 64)));
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef P = moe_ll_ld(g, ti, accg[r]);
+		LLVMValueRef P = moe_ll_ld(g, ti, accg[r][0]);
+		for (int c = 1; c < nch; c++)
+			P = LLVMBuildAdd(b, P, moe_ll_ld(g, ti, accg[r][c]), "");
 		LLVMValueRef Q = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, qs[r], gl.iv));
 		LLVMValueRef o = moe_ll_ld(g, t16, acc[r]);
 		if (i4) {
