@@ -527,11 +527,14 @@ static LLVMTypeRef t_v32bf(struct moe_ll *g)
 }
 
 /* acc + the pair a (two bf16 in an i32, broadcast to every lane) times the 16
- * column pairs of w: vdpbf16ps. */
+ * column pairs of w: vdpbf16ps. The broadcast is the last operand, the one
+ * the instruction can read from memory itself (m32bcst): no separate
+ * broadcast per row. Its products are exact and symmetric in the two
+ * sources, so the order of w and a changes no bit. */
 static LLVMValueRef dpbf16(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef a, LLVMValueRef w)
 {
 	LLVMValueRef av = moe_ll_splat(g, a, LLVMVectorType(g->t_i32, 2 * MOE_VW));
-	LLVMValueRef args[3] = {acc, LLVMBuildBitCast(g->b, av, t_v32bf(g), ""), w};
+	LLVMValueRef args[3] = {acc, w, LLVMBuildBitCast(g->b, av, t_v32bf(g), "")};
 	return moe_ll_intr(g, "llvm.x86.avx512bf16.dpbf16ps.512", NULL, 0, args, 3);
 }
 

@@ -621,7 +621,7 @@ kp.body:                                          ; preds = %kp.head
   %53 = insertelement <16 x i32> poison, i32 %51, i32 0
   %54 = shufflevector <16 x i32> %53, <16 x i32> poison, <16 x i32> zeroinitializer
   %55 = bitcast <16 x i32> %54 to <32 x bfloat>
-  %56 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %52, <32 x bfloat> %55, <32 x bfloat> %49)
+  %56 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %52, <32 x bfloat> %49, <32 x bfloat> %55)
   store <16 x float> %56, ptr %acc00, align 4
   %57 = getelementptr inbounds i32, ptr %31, i64 %kk
   %58 = load i32, ptr %57, align 4
@@ -629,7 +629,7 @@ kp.body:                                          ; preds = %kp.head
   %60 = insertelement <16 x i32> poison, i32 %58, i32 0
   %61 = shufflevector <16 x i32> %60, <16 x i32> poison, <16 x i32> zeroinitializer
   %62 = bitcast <16 x i32> %61 to <32 x bfloat>
-  %63 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %59, <32 x bfloat> %62, <32 x bfloat> %49)
+  %63 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %59, <32 x bfloat> %49, <32 x bfloat> %62)
   store <16 x float> %63, ptr %acc10, align 4
   %64 = getelementptr inbounds i32, ptr %34, i64 %kk
   %65 = load i32, ptr %64, align 4
@@ -637,7 +637,7 @@ kp.body:                                          ; preds = %kp.head
   %67 = insertelement <16 x i32> poison, i32 %65, i32 0
   %68 = shufflevector <16 x i32> %67, <16 x i32> poison, <16 x i32> zeroinitializer
   %69 = bitcast <16 x i32> %68 to <32 x bfloat>
-  %70 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %66, <32 x bfloat> %69, <32 x bfloat> %49)
+  %70 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %66, <32 x bfloat> %49, <32 x bfloat> %69)
   store <16 x float> %70, ptr %acc20, align 4
   %71 = getelementptr inbounds i32, ptr %37, i64 %kk
   %72 = load i32, ptr %71, align 4
@@ -645,7 +645,7 @@ kp.body:                                          ; preds = %kp.head
   %74 = insertelement <16 x i32> poison, i32 %72, i32 0
   %75 = shufflevector <16 x i32> %74, <16 x i32> poison, <16 x i32> zeroinitializer
   %76 = bitcast <16 x i32> %75 to <32 x bfloat>
-  %77 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %73, <32 x bfloat> %76, <32 x bfloat> %49)
+  %77 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %73, <32 x bfloat> %49, <32 x bfloat> %76)
   store <16 x float> %77, ptr %acc30, align 4
   %78 = getelementptr inbounds i32, ptr %40, i64 %kk
   %79 = load i32, ptr %78, align 4
@@ -653,7 +653,7 @@ kp.body:                                          ; preds = %kp.head
   %81 = insertelement <16 x i32> poison, i32 %79, i32 0
   %82 = shufflevector <16 x i32> %81, <16 x i32> poison, <16 x i32> zeroinitializer
   %83 = bitcast <16 x i32> %82 to <32 x bfloat>
-  %84 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %80, <32 x bfloat> %83, <32 x bfloat> %49)
+  %84 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %80, <32 x bfloat> %49, <32 x bfloat> %83)
   store <16 x float> %84, ptr %acc40, align 4
   %85 = getelementptr inbounds i32, ptr %43, i64 %kk
   %86 = load i32, ptr %85, align 4
@@ -661,7 +661,7 @@ kp.body:                                          ; preds = %kp.head
   %88 = insertelement <16 x i32> poison, i32 %86, i32 0
   %89 = shufflevector <16 x i32> %88, <16 x i32> poison, <16 x i32> zeroinitializer
   %90 = bitcast <16 x i32> %89 to <32 x bfloat>
-  %91 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %87, <32 x bfloat> %90, <32 x bfloat> %49)
+  %91 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %87, <32 x bfloat> %49, <32 x bfloat> %90)
   store <16 x float> %91, ptr %acc50, align 4
   %92 = add nsw i64 %kk, 1
   %93 = mul nsw i64 %92, 32
@@ -673,7 +673,7 @@ kp.body:                                          ; preds = %kp.head
   %99 = insertelement <16 x i32> poison, i32 %97, i32 0
   %100 = shufflevector <16 x i32> %99, <16 x i32> poison, <16 x i32> zeroinitializer
   %101 = bitcast <16 x i32> %100 to <32 x bfloat>
-  %102 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %98, <32 x bfloat> %101, <32 x bfloat> %95)
+  %102 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %98, <32 x bfloat> %95, <32 x bfloat> %101)
   store <16 x float> %102, ptr %acc01, align 4
   %103 = getelementptr inbounds i32, ptr %31, i64 %92
   %104 = load i32, ptr %103, align 4
@@ -681,7 +681,7 @@ kp.body:                                          ; preds = %kp.head
   %106 = insertelement <16 x i32> poison, i32 %104, i32 0
   %107 = shufflevector <16 x i32> %106, <16 x i32> poison, <16 x i32> zeroinitializer
   %108 = bitcast <16 x i32> %107 to <32 x bfloat>
-  %109 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %105, <32 x bfloat> %108, <32 x bfloat> %95)
+  %109 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %105, <32 x bfloat> %95, <32 x bfloat> %108)
   store <16 x float> %109, ptr %acc11, align 4
   %110 = getelementptr inbounds i32, ptr %34, i64 %92
   %111 = load i32, ptr %110, align 4
@@ -689,7 +689,7 @@ kp.body:                                          ; preds = %kp.head
   %113 = insertelement <16 x i32> poison, i32 %111, i32 0
   %114 = shufflevector <16 x i32> %113, <16 x i32> poison, <16 x i32> zeroinitializer
   %115 = bitcast <16 x i32> %114 to <32 x bfloat>
-  %116 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %112, <32 x bfloat> %115, <32 x bfloat> %95)
+  %116 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %112, <32 x bfloat> %95, <32 x bfloat> %115)
   store <16 x float> %116, ptr %acc21, align 4
   %117 = getelementptr inbounds i32, ptr %37, i64 %92
   %118 = load i32, ptr %117, align 4
@@ -697,7 +697,7 @@ kp.body:                                          ; preds = %kp.head
   %120 = insertelement <16 x i32> poison, i32 %118, i32 0
   %121 = shufflevector <16 x i32> %120, <16 x i32> poison, <16 x i32> zeroinitializer
   %122 = bitcast <16 x i32> %121 to <32 x bfloat>
-  %123 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %119, <32 x bfloat> %122, <32 x bfloat> %95)
+  %123 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %119, <32 x bfloat> %95, <32 x bfloat> %122)
   store <16 x float> %123, ptr %acc31, align 4
   %124 = getelementptr inbounds i32, ptr %40, i64 %92
   %125 = load i32, ptr %124, align 4
@@ -705,7 +705,7 @@ kp.body:                                          ; preds = %kp.head
   %127 = insertelement <16 x i32> poison, i32 %125, i32 0
   %128 = shufflevector <16 x i32> %127, <16 x i32> poison, <16 x i32> zeroinitializer
   %129 = bitcast <16 x i32> %128 to <32 x bfloat>
-  %130 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %126, <32 x bfloat> %129, <32 x bfloat> %95)
+  %130 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %126, <32 x bfloat> %95, <32 x bfloat> %129)
   store <16 x float> %130, ptr %acc41, align 4
   %131 = getelementptr inbounds i32, ptr %43, i64 %92
   %132 = load i32, ptr %131, align 4
@@ -713,7 +713,7 @@ kp.body:                                          ; preds = %kp.head
   %134 = insertelement <16 x i32> poison, i32 %132, i32 0
   %135 = shufflevector <16 x i32> %134, <16 x i32> poison, <16 x i32> zeroinitializer
   %136 = bitcast <16 x i32> %135 to <32 x bfloat>
-  %137 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %133, <32 x bfloat> %136, <32 x bfloat> %95)
+  %137 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %133, <32 x bfloat> %95, <32 x bfloat> %136)
   store <16 x float> %137, ptr %acc51, align 4
   %138 = add nsw i64 %kp, 1
   br label %kp.head
@@ -1049,7 +1049,7 @@ kp.body52:                                        ; preds = %kp.head51
   %385 = insertelement <16 x i32> poison, i32 %383, i32 0
   %386 = shufflevector <16 x i32> %385, <16 x i32> poison, <16 x i32> zeroinitializer
   %387 = bitcast <16 x i32> %386 to <32 x bfloat>
-  %388 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %384, <32 x bfloat> %387, <32 x bfloat> %381)
+  %388 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %384, <32 x bfloat> %381, <32 x bfloat> %387)
   store <16 x float> %388, ptr %acc0041, align 4
   %389 = getelementptr inbounds i32, ptr %366, i64 %kk55
   %390 = load i32, ptr %389, align 4
@@ -1057,7 +1057,7 @@ kp.body52:                                        ; preds = %kp.head51
   %392 = insertelement <16 x i32> poison, i32 %390, i32 0
   %393 = shufflevector <16 x i32> %392, <16 x i32> poison, <16 x i32> zeroinitializer
   %394 = bitcast <16 x i32> %393 to <32 x bfloat>
-  %395 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %391, <32 x bfloat> %394, <32 x bfloat> %381)
+  %395 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %391, <32 x bfloat> %381, <32 x bfloat> %394)
   store <16 x float> %395, ptr %acc1042, align 4
   %396 = getelementptr inbounds i32, ptr %369, i64 %kk55
   %397 = load i32, ptr %396, align 4
@@ -1065,7 +1065,7 @@ kp.body52:                                        ; preds = %kp.head51
   %399 = insertelement <16 x i32> poison, i32 %397, i32 0
   %400 = shufflevector <16 x i32> %399, <16 x i32> poison, <16 x i32> zeroinitializer
   %401 = bitcast <16 x i32> %400 to <32 x bfloat>
-  %402 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %398, <32 x bfloat> %401, <32 x bfloat> %381)
+  %402 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %398, <32 x bfloat> %381, <32 x bfloat> %401)
   store <16 x float> %402, ptr %acc2043, align 4
   %403 = getelementptr inbounds i32, ptr %372, i64 %kk55
   %404 = load i32, ptr %403, align 4
@@ -1073,7 +1073,7 @@ kp.body52:                                        ; preds = %kp.head51
   %406 = insertelement <16 x i32> poison, i32 %404, i32 0
   %407 = shufflevector <16 x i32> %406, <16 x i32> poison, <16 x i32> zeroinitializer
   %408 = bitcast <16 x i32> %407 to <32 x bfloat>
-  %409 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %405, <32 x bfloat> %408, <32 x bfloat> %381)
+  %409 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %405, <32 x bfloat> %381, <32 x bfloat> %408)
   store <16 x float> %409, ptr %acc3044, align 4
   %410 = getelementptr inbounds i32, ptr %375, i64 %kk55
   %411 = load i32, ptr %410, align 4
@@ -1081,7 +1081,7 @@ kp.body52:                                        ; preds = %kp.head51
   %413 = insertelement <16 x i32> poison, i32 %411, i32 0
   %414 = shufflevector <16 x i32> %413, <16 x i32> poison, <16 x i32> zeroinitializer
   %415 = bitcast <16 x i32> %414 to <32 x bfloat>
-  %416 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %412, <32 x bfloat> %415, <32 x bfloat> %381)
+  %416 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %412, <32 x bfloat> %381, <32 x bfloat> %415)
   store <16 x float> %416, ptr %acc4045, align 4
   %417 = add nsw i64 %kk55, 1
   %418 = mul nsw i64 %417, 32
@@ -1093,7 +1093,7 @@ kp.body52:                                        ; preds = %kp.head51
   %424 = insertelement <16 x i32> poison, i32 %422, i32 0
   %425 = shufflevector <16 x i32> %424, <16 x i32> poison, <16 x i32> zeroinitializer
   %426 = bitcast <16 x i32> %425 to <32 x bfloat>
-  %427 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %423, <32 x bfloat> %426, <32 x bfloat> %420)
+  %427 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %423, <32 x bfloat> %420, <32 x bfloat> %426)
   store <16 x float> %427, ptr %acc0146, align 4
   %428 = getelementptr inbounds i32, ptr %366, i64 %417
   %429 = load i32, ptr %428, align 4
@@ -1101,7 +1101,7 @@ kp.body52:                                        ; preds = %kp.head51
   %431 = insertelement <16 x i32> poison, i32 %429, i32 0
   %432 = shufflevector <16 x i32> %431, <16 x i32> poison, <16 x i32> zeroinitializer
   %433 = bitcast <16 x i32> %432 to <32 x bfloat>
-  %434 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %430, <32 x bfloat> %433, <32 x bfloat> %420)
+  %434 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %430, <32 x bfloat> %420, <32 x bfloat> %433)
   store <16 x float> %434, ptr %acc1147, align 4
   %435 = getelementptr inbounds i32, ptr %369, i64 %417
   %436 = load i32, ptr %435, align 4
@@ -1109,7 +1109,7 @@ kp.body52:                                        ; preds = %kp.head51
   %438 = insertelement <16 x i32> poison, i32 %436, i32 0
   %439 = shufflevector <16 x i32> %438, <16 x i32> poison, <16 x i32> zeroinitializer
   %440 = bitcast <16 x i32> %439 to <32 x bfloat>
-  %441 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %437, <32 x bfloat> %440, <32 x bfloat> %420)
+  %441 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %437, <32 x bfloat> %420, <32 x bfloat> %440)
   store <16 x float> %441, ptr %acc2148, align 4
   %442 = getelementptr inbounds i32, ptr %372, i64 %417
   %443 = load i32, ptr %442, align 4
@@ -1117,7 +1117,7 @@ kp.body52:                                        ; preds = %kp.head51
   %445 = insertelement <16 x i32> poison, i32 %443, i32 0
   %446 = shufflevector <16 x i32> %445, <16 x i32> poison, <16 x i32> zeroinitializer
   %447 = bitcast <16 x i32> %446 to <32 x bfloat>
-  %448 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %444, <32 x bfloat> %447, <32 x bfloat> %420)
+  %448 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %444, <32 x bfloat> %420, <32 x bfloat> %447)
   store <16 x float> %448, ptr %acc3149, align 4
   %449 = getelementptr inbounds i32, ptr %375, i64 %417
   %450 = load i32, ptr %449, align 4
@@ -1125,7 +1125,7 @@ kp.body52:                                        ; preds = %kp.head51
   %452 = insertelement <16 x i32> poison, i32 %450, i32 0
   %453 = shufflevector <16 x i32> %452, <16 x i32> poison, <16 x i32> zeroinitializer
   %454 = bitcast <16 x i32> %453 to <32 x bfloat>
-  %455 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %451, <32 x bfloat> %454, <32 x bfloat> %420)
+  %455 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %451, <32 x bfloat> %420, <32 x bfloat> %454)
   store <16 x float> %455, ptr %acc4150, align 4
   %456 = add nsw i64 %kp54, 1
   br label %kp.head51
@@ -1409,7 +1409,7 @@ kp.body105:                                       ; preds = %kp.head104
   %663 = insertelement <16 x i32> poison, i32 %661, i32 0
   %664 = shufflevector <16 x i32> %663, <16 x i32> poison, <16 x i32> zeroinitializer
   %665 = bitcast <16 x i32> %664 to <32 x bfloat>
-  %666 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %662, <32 x bfloat> %665, <32 x bfloat> %659)
+  %666 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %662, <32 x bfloat> %659, <32 x bfloat> %665)
   store <16 x float> %666, ptr %acc0096, align 4
   %667 = getelementptr inbounds i32, ptr %647, i64 %kk108
   %668 = load i32, ptr %667, align 4
@@ -1417,7 +1417,7 @@ kp.body105:                                       ; preds = %kp.head104
   %670 = insertelement <16 x i32> poison, i32 %668, i32 0
   %671 = shufflevector <16 x i32> %670, <16 x i32> poison, <16 x i32> zeroinitializer
   %672 = bitcast <16 x i32> %671 to <32 x bfloat>
-  %673 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %669, <32 x bfloat> %672, <32 x bfloat> %659)
+  %673 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %669, <32 x bfloat> %659, <32 x bfloat> %672)
   store <16 x float> %673, ptr %acc1097, align 4
   %674 = getelementptr inbounds i32, ptr %650, i64 %kk108
   %675 = load i32, ptr %674, align 4
@@ -1425,7 +1425,7 @@ kp.body105:                                       ; preds = %kp.head104
   %677 = insertelement <16 x i32> poison, i32 %675, i32 0
   %678 = shufflevector <16 x i32> %677, <16 x i32> poison, <16 x i32> zeroinitializer
   %679 = bitcast <16 x i32> %678 to <32 x bfloat>
-  %680 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %676, <32 x bfloat> %679, <32 x bfloat> %659)
+  %680 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %676, <32 x bfloat> %659, <32 x bfloat> %679)
   store <16 x float> %680, ptr %acc2098, align 4
   %681 = getelementptr inbounds i32, ptr %653, i64 %kk108
   %682 = load i32, ptr %681, align 4
@@ -1433,7 +1433,7 @@ kp.body105:                                       ; preds = %kp.head104
   %684 = insertelement <16 x i32> poison, i32 %682, i32 0
   %685 = shufflevector <16 x i32> %684, <16 x i32> poison, <16 x i32> zeroinitializer
   %686 = bitcast <16 x i32> %685 to <32 x bfloat>
-  %687 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %683, <32 x bfloat> %686, <32 x bfloat> %659)
+  %687 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %683, <32 x bfloat> %659, <32 x bfloat> %686)
   store <16 x float> %687, ptr %acc3099, align 4
   %688 = add nsw i64 %kk108, 1
   %689 = mul nsw i64 %688, 32
@@ -1445,7 +1445,7 @@ kp.body105:                                       ; preds = %kp.head104
   %695 = insertelement <16 x i32> poison, i32 %693, i32 0
   %696 = shufflevector <16 x i32> %695, <16 x i32> poison, <16 x i32> zeroinitializer
   %697 = bitcast <16 x i32> %696 to <32 x bfloat>
-  %698 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %694, <32 x bfloat> %697, <32 x bfloat> %691)
+  %698 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %694, <32 x bfloat> %691, <32 x bfloat> %697)
   store <16 x float> %698, ptr %acc01100, align 4
   %699 = getelementptr inbounds i32, ptr %647, i64 %688
   %700 = load i32, ptr %699, align 4
@@ -1453,7 +1453,7 @@ kp.body105:                                       ; preds = %kp.head104
   %702 = insertelement <16 x i32> poison, i32 %700, i32 0
   %703 = shufflevector <16 x i32> %702, <16 x i32> poison, <16 x i32> zeroinitializer
   %704 = bitcast <16 x i32> %703 to <32 x bfloat>
-  %705 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %701, <32 x bfloat> %704, <32 x bfloat> %691)
+  %705 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %701, <32 x bfloat> %691, <32 x bfloat> %704)
   store <16 x float> %705, ptr %acc11101, align 4
   %706 = getelementptr inbounds i32, ptr %650, i64 %688
   %707 = load i32, ptr %706, align 4
@@ -1461,7 +1461,7 @@ kp.body105:                                       ; preds = %kp.head104
   %709 = insertelement <16 x i32> poison, i32 %707, i32 0
   %710 = shufflevector <16 x i32> %709, <16 x i32> poison, <16 x i32> zeroinitializer
   %711 = bitcast <16 x i32> %710 to <32 x bfloat>
-  %712 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %708, <32 x bfloat> %711, <32 x bfloat> %691)
+  %712 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %708, <32 x bfloat> %691, <32 x bfloat> %711)
   store <16 x float> %712, ptr %acc21102, align 4
   %713 = getelementptr inbounds i32, ptr %653, i64 %688
   %714 = load i32, ptr %713, align 4
@@ -1469,7 +1469,7 @@ kp.body105:                                       ; preds = %kp.head104
   %716 = insertelement <16 x i32> poison, i32 %714, i32 0
   %717 = shufflevector <16 x i32> %716, <16 x i32> poison, <16 x i32> zeroinitializer
   %718 = bitcast <16 x i32> %717 to <32 x bfloat>
-  %719 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %715, <32 x bfloat> %718, <32 x bfloat> %691)
+  %719 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %715, <32 x bfloat> %691, <32 x bfloat> %718)
   store <16 x float> %719, ptr %acc31103, align 4
   %720 = add nsw i64 %kp107, 1
   br label %kp.head104
@@ -1701,7 +1701,7 @@ kp.body148:                                       ; preds = %kp.head147
   %887 = insertelement <16 x i32> poison, i32 %885, i32 0
   %888 = shufflevector <16 x i32> %887, <16 x i32> poison, <16 x i32> zeroinitializer
   %889 = bitcast <16 x i32> %888 to <32 x bfloat>
-  %890 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %886, <32 x bfloat> %889, <32 x bfloat> %883)
+  %890 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %886, <32 x bfloat> %883, <32 x bfloat> %889)
   store <16 x float> %890, ptr %acc00141, align 4
   %891 = getelementptr inbounds i32, ptr %874, i64 %kk151
   %892 = load i32, ptr %891, align 4
@@ -1709,7 +1709,7 @@ kp.body148:                                       ; preds = %kp.head147
   %894 = insertelement <16 x i32> poison, i32 %892, i32 0
   %895 = shufflevector <16 x i32> %894, <16 x i32> poison, <16 x i32> zeroinitializer
   %896 = bitcast <16 x i32> %895 to <32 x bfloat>
-  %897 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %893, <32 x bfloat> %896, <32 x bfloat> %883)
+  %897 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %893, <32 x bfloat> %883, <32 x bfloat> %896)
   store <16 x float> %897, ptr %acc10142, align 4
   %898 = getelementptr inbounds i32, ptr %877, i64 %kk151
   %899 = load i32, ptr %898, align 4
@@ -1717,7 +1717,7 @@ kp.body148:                                       ; preds = %kp.head147
   %901 = insertelement <16 x i32> poison, i32 %899, i32 0
   %902 = shufflevector <16 x i32> %901, <16 x i32> poison, <16 x i32> zeroinitializer
   %903 = bitcast <16 x i32> %902 to <32 x bfloat>
-  %904 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %900, <32 x bfloat> %903, <32 x bfloat> %883)
+  %904 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %900, <32 x bfloat> %883, <32 x bfloat> %903)
   store <16 x float> %904, ptr %acc20143, align 4
   %905 = add nsw i64 %kk151, 1
   %906 = mul nsw i64 %905, 32
@@ -1729,7 +1729,7 @@ kp.body148:                                       ; preds = %kp.head147
   %912 = insertelement <16 x i32> poison, i32 %910, i32 0
   %913 = shufflevector <16 x i32> %912, <16 x i32> poison, <16 x i32> zeroinitializer
   %914 = bitcast <16 x i32> %913 to <32 x bfloat>
-  %915 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %911, <32 x bfloat> %914, <32 x bfloat> %908)
+  %915 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %911, <32 x bfloat> %908, <32 x bfloat> %914)
   store <16 x float> %915, ptr %acc01144, align 4
   %916 = getelementptr inbounds i32, ptr %874, i64 %905
   %917 = load i32, ptr %916, align 4
@@ -1737,7 +1737,7 @@ kp.body148:                                       ; preds = %kp.head147
   %919 = insertelement <16 x i32> poison, i32 %917, i32 0
   %920 = shufflevector <16 x i32> %919, <16 x i32> poison, <16 x i32> zeroinitializer
   %921 = bitcast <16 x i32> %920 to <32 x bfloat>
-  %922 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %918, <32 x bfloat> %921, <32 x bfloat> %908)
+  %922 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %918, <32 x bfloat> %908, <32 x bfloat> %921)
   store <16 x float> %922, ptr %acc11145, align 4
   %923 = getelementptr inbounds i32, ptr %877, i64 %905
   %924 = load i32, ptr %923, align 4
@@ -1745,7 +1745,7 @@ kp.body148:                                       ; preds = %kp.head147
   %926 = insertelement <16 x i32> poison, i32 %924, i32 0
   %927 = shufflevector <16 x i32> %926, <16 x i32> poison, <16 x i32> zeroinitializer
   %928 = bitcast <16 x i32> %927 to <32 x bfloat>
-  %929 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %925, <32 x bfloat> %928, <32 x bfloat> %908)
+  %929 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %925, <32 x bfloat> %908, <32 x bfloat> %928)
   store <16 x float> %929, ptr %acc21146, align 4
   %930 = add nsw i64 %kp150, 1
   br label %kp.head147
@@ -1925,7 +1925,7 @@ kp.body181:                                       ; preds = %kp.head180
   %1057 = insertelement <16 x i32> poison, i32 %1055, i32 0
   %1058 = shufflevector <16 x i32> %1057, <16 x i32> poison, <16 x i32> zeroinitializer
   %1059 = bitcast <16 x i32> %1058 to <32 x bfloat>
-  %1060 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1056, <32 x bfloat> %1059, <32 x bfloat> %1053)
+  %1060 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1056, <32 x bfloat> %1053, <32 x bfloat> %1059)
   store <16 x float> %1060, ptr %acc00176, align 4
   %1061 = getelementptr inbounds i32, ptr %1047, i64 %kk184
   %1062 = load i32, ptr %1061, align 4
@@ -1933,7 +1933,7 @@ kp.body181:                                       ; preds = %kp.head180
   %1064 = insertelement <16 x i32> poison, i32 %1062, i32 0
   %1065 = shufflevector <16 x i32> %1064, <16 x i32> poison, <16 x i32> zeroinitializer
   %1066 = bitcast <16 x i32> %1065 to <32 x bfloat>
-  %1067 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1063, <32 x bfloat> %1066, <32 x bfloat> %1053)
+  %1067 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1063, <32 x bfloat> %1053, <32 x bfloat> %1066)
   store <16 x float> %1067, ptr %acc10177, align 4
   %1068 = add nsw i64 %kk184, 1
   %1069 = mul nsw i64 %1068, 32
@@ -1945,7 +1945,7 @@ kp.body181:                                       ; preds = %kp.head180
   %1075 = insertelement <16 x i32> poison, i32 %1073, i32 0
   %1076 = shufflevector <16 x i32> %1075, <16 x i32> poison, <16 x i32> zeroinitializer
   %1077 = bitcast <16 x i32> %1076 to <32 x bfloat>
-  %1078 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1074, <32 x bfloat> %1077, <32 x bfloat> %1071)
+  %1078 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1074, <32 x bfloat> %1071, <32 x bfloat> %1077)
   store <16 x float> %1078, ptr %acc01178, align 4
   %1079 = getelementptr inbounds i32, ptr %1047, i64 %1068
   %1080 = load i32, ptr %1079, align 4
@@ -1953,7 +1953,7 @@ kp.body181:                                       ; preds = %kp.head180
   %1082 = insertelement <16 x i32> poison, i32 %1080, i32 0
   %1083 = shufflevector <16 x i32> %1082, <16 x i32> poison, <16 x i32> zeroinitializer
   %1084 = bitcast <16 x i32> %1083 to <32 x bfloat>
-  %1085 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1081, <32 x bfloat> %1084, <32 x bfloat> %1071)
+  %1085 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1081, <32 x bfloat> %1071, <32 x bfloat> %1084)
   store <16 x float> %1085, ptr %acc11179, align 4
   %1086 = add nsw i64 %kp183, 1
   br label %kp.head180
@@ -2081,7 +2081,7 @@ kp.body204:                                       ; preds = %kp.head203
   %1173 = insertelement <16 x i32> poison, i32 %1171, i32 0
   %1174 = shufflevector <16 x i32> %1173, <16 x i32> poison, <16 x i32> zeroinitializer
   %1175 = bitcast <16 x i32> %1174 to <32 x bfloat>
-  %1176 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1172, <32 x bfloat> %1175, <32 x bfloat> %1169)
+  %1176 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1172, <32 x bfloat> %1169, <32 x bfloat> %1175)
   store <16 x float> %1176, ptr %acc00201, align 4
   %1177 = add nsw i64 %kk207, 1
   %1178 = mul nsw i64 %1177, 32
@@ -2093,7 +2093,7 @@ kp.body204:                                       ; preds = %kp.head203
   %1184 = insertelement <16 x i32> poison, i32 %1182, i32 0
   %1185 = shufflevector <16 x i32> %1184, <16 x i32> poison, <16 x i32> zeroinitializer
   %1186 = bitcast <16 x i32> %1185 to <32 x bfloat>
-  %1187 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1183, <32 x bfloat> %1186, <32 x bfloat> %1180)
+  %1187 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1183, <32 x bfloat> %1180, <32 x bfloat> %1186)
   store <16 x float> %1187, ptr %acc01202, align 4
   %1188 = add nsw i64 %kp206, 1
   br label %kp.head203
@@ -2347,7 +2347,7 @@ kp.body:                                          ; preds = %kp.head
   %73 = insertelement <16 x i32> poison, i32 %71, i32 0
   %74 = shufflevector <16 x i32> %73, <16 x i32> poison, <16 x i32> zeroinitializer
   %75 = bitcast <16 x i32> %74 to <32 x bfloat>
-  %76 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %72, <32 x bfloat> %75, <32 x bfloat> %69)
+  %76 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %72, <32 x bfloat> %69, <32 x bfloat> %75)
   store <16 x float> %76, ptr %acc00, align 4
   %77 = getelementptr inbounds i32, ptr %16, i64 %kk
   %78 = load i32, ptr %77, align 4
@@ -2355,7 +2355,7 @@ kp.body:                                          ; preds = %kp.head
   %80 = insertelement <16 x i32> poison, i32 %78, i32 0
   %81 = shufflevector <16 x i32> %80, <16 x i32> poison, <16 x i32> zeroinitializer
   %82 = bitcast <16 x i32> %81 to <32 x bfloat>
-  %83 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %79, <32 x bfloat> %82, <32 x bfloat> %69)
+  %83 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %79, <32 x bfloat> %69, <32 x bfloat> %82)
   store <16 x float> %83, ptr %acc10, align 4
   %84 = getelementptr inbounds i32, ptr %26, i64 %kk
   %85 = load i32, ptr %84, align 4
@@ -2363,7 +2363,7 @@ kp.body:                                          ; preds = %kp.head
   %87 = insertelement <16 x i32> poison, i32 %85, i32 0
   %88 = shufflevector <16 x i32> %87, <16 x i32> poison, <16 x i32> zeroinitializer
   %89 = bitcast <16 x i32> %88 to <32 x bfloat>
-  %90 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %86, <32 x bfloat> %89, <32 x bfloat> %69)
+  %90 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %86, <32 x bfloat> %69, <32 x bfloat> %89)
   store <16 x float> %90, ptr %acc20, align 4
   %91 = getelementptr inbounds i32, ptr %36, i64 %kk
   %92 = load i32, ptr %91, align 4
@@ -2371,7 +2371,7 @@ kp.body:                                          ; preds = %kp.head
   %94 = insertelement <16 x i32> poison, i32 %92, i32 0
   %95 = shufflevector <16 x i32> %94, <16 x i32> poison, <16 x i32> zeroinitializer
   %96 = bitcast <16 x i32> %95 to <32 x bfloat>
-  %97 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %93, <32 x bfloat> %96, <32 x bfloat> %69)
+  %97 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %93, <32 x bfloat> %69, <32 x bfloat> %96)
   store <16 x float> %97, ptr %acc30, align 4
   %98 = getelementptr inbounds i32, ptr %46, i64 %kk
   %99 = load i32, ptr %98, align 4
@@ -2379,7 +2379,7 @@ kp.body:                                          ; preds = %kp.head
   %101 = insertelement <16 x i32> poison, i32 %99, i32 0
   %102 = shufflevector <16 x i32> %101, <16 x i32> poison, <16 x i32> zeroinitializer
   %103 = bitcast <16 x i32> %102 to <32 x bfloat>
-  %104 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %100, <32 x bfloat> %103, <32 x bfloat> %69)
+  %104 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %100, <32 x bfloat> %69, <32 x bfloat> %103)
   store <16 x float> %104, ptr %acc40, align 4
   %105 = getelementptr inbounds i32, ptr %56, i64 %kk
   %106 = load i32, ptr %105, align 4
@@ -2387,7 +2387,7 @@ kp.body:                                          ; preds = %kp.head
   %108 = insertelement <16 x i32> poison, i32 %106, i32 0
   %109 = shufflevector <16 x i32> %108, <16 x i32> poison, <16 x i32> zeroinitializer
   %110 = bitcast <16 x i32> %109 to <32 x bfloat>
-  %111 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %107, <32 x bfloat> %110, <32 x bfloat> %69)
+  %111 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %107, <32 x bfloat> %69, <32 x bfloat> %110)
   store <16 x float> %111, ptr %acc50, align 4
   %112 = add nsw i64 %kk, 1
   %113 = mul nsw i64 %112, 32
@@ -2399,7 +2399,7 @@ kp.body:                                          ; preds = %kp.head
   %119 = insertelement <16 x i32> poison, i32 %117, i32 0
   %120 = shufflevector <16 x i32> %119, <16 x i32> poison, <16 x i32> zeroinitializer
   %121 = bitcast <16 x i32> %120 to <32 x bfloat>
-  %122 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %118, <32 x bfloat> %121, <32 x bfloat> %115)
+  %122 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %118, <32 x bfloat> %115, <32 x bfloat> %121)
   store <16 x float> %122, ptr %acc01, align 4
   %123 = getelementptr inbounds i32, ptr %16, i64 %112
   %124 = load i32, ptr %123, align 4
@@ -2407,7 +2407,7 @@ kp.body:                                          ; preds = %kp.head
   %126 = insertelement <16 x i32> poison, i32 %124, i32 0
   %127 = shufflevector <16 x i32> %126, <16 x i32> poison, <16 x i32> zeroinitializer
   %128 = bitcast <16 x i32> %127 to <32 x bfloat>
-  %129 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %125, <32 x bfloat> %128, <32 x bfloat> %115)
+  %129 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %125, <32 x bfloat> %115, <32 x bfloat> %128)
   store <16 x float> %129, ptr %acc11, align 4
   %130 = getelementptr inbounds i32, ptr %26, i64 %112
   %131 = load i32, ptr %130, align 4
@@ -2415,7 +2415,7 @@ kp.body:                                          ; preds = %kp.head
   %133 = insertelement <16 x i32> poison, i32 %131, i32 0
   %134 = shufflevector <16 x i32> %133, <16 x i32> poison, <16 x i32> zeroinitializer
   %135 = bitcast <16 x i32> %134 to <32 x bfloat>
-  %136 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %132, <32 x bfloat> %135, <32 x bfloat> %115)
+  %136 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %132, <32 x bfloat> %115, <32 x bfloat> %135)
   store <16 x float> %136, ptr %acc21, align 4
   %137 = getelementptr inbounds i32, ptr %36, i64 %112
   %138 = load i32, ptr %137, align 4
@@ -2423,7 +2423,7 @@ kp.body:                                          ; preds = %kp.head
   %140 = insertelement <16 x i32> poison, i32 %138, i32 0
   %141 = shufflevector <16 x i32> %140, <16 x i32> poison, <16 x i32> zeroinitializer
   %142 = bitcast <16 x i32> %141 to <32 x bfloat>
-  %143 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %139, <32 x bfloat> %142, <32 x bfloat> %115)
+  %143 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %139, <32 x bfloat> %115, <32 x bfloat> %142)
   store <16 x float> %143, ptr %acc31, align 4
   %144 = getelementptr inbounds i32, ptr %46, i64 %112
   %145 = load i32, ptr %144, align 4
@@ -2431,7 +2431,7 @@ kp.body:                                          ; preds = %kp.head
   %147 = insertelement <16 x i32> poison, i32 %145, i32 0
   %148 = shufflevector <16 x i32> %147, <16 x i32> poison, <16 x i32> zeroinitializer
   %149 = bitcast <16 x i32> %148 to <32 x bfloat>
-  %150 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %146, <32 x bfloat> %149, <32 x bfloat> %115)
+  %150 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %146, <32 x bfloat> %115, <32 x bfloat> %149)
   store <16 x float> %150, ptr %acc41, align 4
   %151 = getelementptr inbounds i32, ptr %56, i64 %112
   %152 = load i32, ptr %151, align 4
@@ -2439,7 +2439,7 @@ kp.body:                                          ; preds = %kp.head
   %154 = insertelement <16 x i32> poison, i32 %152, i32 0
   %155 = shufflevector <16 x i32> %154, <16 x i32> poison, <16 x i32> zeroinitializer
   %156 = bitcast <16 x i32> %155 to <32 x bfloat>
-  %157 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %153, <32 x bfloat> %156, <32 x bfloat> %115)
+  %157 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %153, <32 x bfloat> %115, <32 x bfloat> %156)
   store <16 x float> %157, ptr %acc51, align 4
   %158 = add nsw i64 %kp, 1
   br label %kp.head
@@ -2565,7 +2565,7 @@ kp.body18:                                        ; preds = %kp.head17
   %236 = insertelement <16 x i32> poison, i32 %234, i32 0
   %237 = shufflevector <16 x i32> %236, <16 x i32> poison, <16 x i32> zeroinitializer
   %238 = bitcast <16 x i32> %237 to <32 x bfloat>
-  %239 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %235, <32 x bfloat> %238, <32 x bfloat> %232)
+  %239 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %235, <32 x bfloat> %232, <32 x bfloat> %238)
   store <16 x float> %239, ptr %acc007, align 4
   %240 = getelementptr inbounds i32, ptr %189, i64 %kk21
   %241 = load i32, ptr %240, align 4
@@ -2573,7 +2573,7 @@ kp.body18:                                        ; preds = %kp.head17
   %243 = insertelement <16 x i32> poison, i32 %241, i32 0
   %244 = shufflevector <16 x i32> %243, <16 x i32> poison, <16 x i32> zeroinitializer
   %245 = bitcast <16 x i32> %244 to <32 x bfloat>
-  %246 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %242, <32 x bfloat> %245, <32 x bfloat> %232)
+  %246 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %242, <32 x bfloat> %232, <32 x bfloat> %245)
   store <16 x float> %246, ptr %acc108, align 4
   %247 = getelementptr inbounds i32, ptr %199, i64 %kk21
   %248 = load i32, ptr %247, align 4
@@ -2581,7 +2581,7 @@ kp.body18:                                        ; preds = %kp.head17
   %250 = insertelement <16 x i32> poison, i32 %248, i32 0
   %251 = shufflevector <16 x i32> %250, <16 x i32> poison, <16 x i32> zeroinitializer
   %252 = bitcast <16 x i32> %251 to <32 x bfloat>
-  %253 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %249, <32 x bfloat> %252, <32 x bfloat> %232)
+  %253 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %249, <32 x bfloat> %232, <32 x bfloat> %252)
   store <16 x float> %253, ptr %acc209, align 4
   %254 = getelementptr inbounds i32, ptr %209, i64 %kk21
   %255 = load i32, ptr %254, align 4
@@ -2589,7 +2589,7 @@ kp.body18:                                        ; preds = %kp.head17
   %257 = insertelement <16 x i32> poison, i32 %255, i32 0
   %258 = shufflevector <16 x i32> %257, <16 x i32> poison, <16 x i32> zeroinitializer
   %259 = bitcast <16 x i32> %258 to <32 x bfloat>
-  %260 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %256, <32 x bfloat> %259, <32 x bfloat> %232)
+  %260 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %256, <32 x bfloat> %232, <32 x bfloat> %259)
   store <16 x float> %260, ptr %acc3010, align 4
   %261 = getelementptr inbounds i32, ptr %219, i64 %kk21
   %262 = load i32, ptr %261, align 4
@@ -2597,7 +2597,7 @@ kp.body18:                                        ; preds = %kp.head17
   %264 = insertelement <16 x i32> poison, i32 %262, i32 0
   %265 = shufflevector <16 x i32> %264, <16 x i32> poison, <16 x i32> zeroinitializer
   %266 = bitcast <16 x i32> %265 to <32 x bfloat>
-  %267 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %263, <32 x bfloat> %266, <32 x bfloat> %232)
+  %267 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %263, <32 x bfloat> %232, <32 x bfloat> %266)
   store <16 x float> %267, ptr %acc4011, align 4
   %268 = add nsw i64 %kk21, 1
   %269 = mul nsw i64 %268, 32
@@ -2609,7 +2609,7 @@ kp.body18:                                        ; preds = %kp.head17
   %275 = insertelement <16 x i32> poison, i32 %273, i32 0
   %276 = shufflevector <16 x i32> %275, <16 x i32> poison, <16 x i32> zeroinitializer
   %277 = bitcast <16 x i32> %276 to <32 x bfloat>
-  %278 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %274, <32 x bfloat> %277, <32 x bfloat> %271)
+  %278 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %274, <32 x bfloat> %271, <32 x bfloat> %277)
   store <16 x float> %278, ptr %acc0112, align 4
   %279 = getelementptr inbounds i32, ptr %189, i64 %268
   %280 = load i32, ptr %279, align 4
@@ -2617,7 +2617,7 @@ kp.body18:                                        ; preds = %kp.head17
   %282 = insertelement <16 x i32> poison, i32 %280, i32 0
   %283 = shufflevector <16 x i32> %282, <16 x i32> poison, <16 x i32> zeroinitializer
   %284 = bitcast <16 x i32> %283 to <32 x bfloat>
-  %285 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %281, <32 x bfloat> %284, <32 x bfloat> %271)
+  %285 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %281, <32 x bfloat> %271, <32 x bfloat> %284)
   store <16 x float> %285, ptr %acc1113, align 4
   %286 = getelementptr inbounds i32, ptr %199, i64 %268
   %287 = load i32, ptr %286, align 4
@@ -2625,7 +2625,7 @@ kp.body18:                                        ; preds = %kp.head17
   %289 = insertelement <16 x i32> poison, i32 %287, i32 0
   %290 = shufflevector <16 x i32> %289, <16 x i32> poison, <16 x i32> zeroinitializer
   %291 = bitcast <16 x i32> %290 to <32 x bfloat>
-  %292 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %288, <32 x bfloat> %291, <32 x bfloat> %271)
+  %292 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %288, <32 x bfloat> %271, <32 x bfloat> %291)
   store <16 x float> %292, ptr %acc2114, align 4
   %293 = getelementptr inbounds i32, ptr %209, i64 %268
   %294 = load i32, ptr %293, align 4
@@ -2633,7 +2633,7 @@ kp.body18:                                        ; preds = %kp.head17
   %296 = insertelement <16 x i32> poison, i32 %294, i32 0
   %297 = shufflevector <16 x i32> %296, <16 x i32> poison, <16 x i32> zeroinitializer
   %298 = bitcast <16 x i32> %297 to <32 x bfloat>
-  %299 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %295, <32 x bfloat> %298, <32 x bfloat> %271)
+  %299 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %295, <32 x bfloat> %271, <32 x bfloat> %298)
   store <16 x float> %299, ptr %acc3115, align 4
   %300 = getelementptr inbounds i32, ptr %219, i64 %268
   %301 = load i32, ptr %300, align 4
@@ -2641,7 +2641,7 @@ kp.body18:                                        ; preds = %kp.head17
   %303 = insertelement <16 x i32> poison, i32 %301, i32 0
   %304 = shufflevector <16 x i32> %303, <16 x i32> poison, <16 x i32> zeroinitializer
   %305 = bitcast <16 x i32> %304 to <32 x bfloat>
-  %306 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %302, <32 x bfloat> %305, <32 x bfloat> %271)
+  %306 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %302, <32 x bfloat> %271, <32 x bfloat> %305)
   store <16 x float> %306, ptr %acc4116, align 4
   %307 = add nsw i64 %kp20, 1
   br label %kp.head17
@@ -2749,7 +2749,7 @@ kp.body37:                                        ; preds = %kp.head36
   %372 = insertelement <16 x i32> poison, i32 %370, i32 0
   %373 = shufflevector <16 x i32> %372, <16 x i32> poison, <16 x i32> zeroinitializer
   %374 = bitcast <16 x i32> %373 to <32 x bfloat>
-  %375 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %371, <32 x bfloat> %374, <32 x bfloat> %368)
+  %375 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %371, <32 x bfloat> %368, <32 x bfloat> %374)
   store <16 x float> %375, ptr %acc0028, align 4
   %376 = getelementptr inbounds i32, ptr %335, i64 %kk40
   %377 = load i32, ptr %376, align 4
@@ -2757,7 +2757,7 @@ kp.body37:                                        ; preds = %kp.head36
   %379 = insertelement <16 x i32> poison, i32 %377, i32 0
   %380 = shufflevector <16 x i32> %379, <16 x i32> poison, <16 x i32> zeroinitializer
   %381 = bitcast <16 x i32> %380 to <32 x bfloat>
-  %382 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %378, <32 x bfloat> %381, <32 x bfloat> %368)
+  %382 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %378, <32 x bfloat> %368, <32 x bfloat> %381)
   store <16 x float> %382, ptr %acc1029, align 4
   %383 = getelementptr inbounds i32, ptr %345, i64 %kk40
   %384 = load i32, ptr %383, align 4
@@ -2765,7 +2765,7 @@ kp.body37:                                        ; preds = %kp.head36
   %386 = insertelement <16 x i32> poison, i32 %384, i32 0
   %387 = shufflevector <16 x i32> %386, <16 x i32> poison, <16 x i32> zeroinitializer
   %388 = bitcast <16 x i32> %387 to <32 x bfloat>
-  %389 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %385, <32 x bfloat> %388, <32 x bfloat> %368)
+  %389 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %385, <32 x bfloat> %368, <32 x bfloat> %388)
   store <16 x float> %389, ptr %acc2030, align 4
   %390 = getelementptr inbounds i32, ptr %355, i64 %kk40
   %391 = load i32, ptr %390, align 4
@@ -2773,7 +2773,7 @@ kp.body37:                                        ; preds = %kp.head36
   %393 = insertelement <16 x i32> poison, i32 %391, i32 0
   %394 = shufflevector <16 x i32> %393, <16 x i32> poison, <16 x i32> zeroinitializer
   %395 = bitcast <16 x i32> %394 to <32 x bfloat>
-  %396 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %392, <32 x bfloat> %395, <32 x bfloat> %368)
+  %396 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %392, <32 x bfloat> %368, <32 x bfloat> %395)
   store <16 x float> %396, ptr %acc3031, align 4
   %397 = add nsw i64 %kk40, 1
   %398 = mul nsw i64 %397, 32
@@ -2785,7 +2785,7 @@ kp.body37:                                        ; preds = %kp.head36
   %404 = insertelement <16 x i32> poison, i32 %402, i32 0
   %405 = shufflevector <16 x i32> %404, <16 x i32> poison, <16 x i32> zeroinitializer
   %406 = bitcast <16 x i32> %405 to <32 x bfloat>
-  %407 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %403, <32 x bfloat> %406, <32 x bfloat> %400)
+  %407 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %403, <32 x bfloat> %400, <32 x bfloat> %406)
   store <16 x float> %407, ptr %acc0132, align 4
   %408 = getelementptr inbounds i32, ptr %335, i64 %397
   %409 = load i32, ptr %408, align 4
@@ -2793,7 +2793,7 @@ kp.body37:                                        ; preds = %kp.head36
   %411 = insertelement <16 x i32> poison, i32 %409, i32 0
   %412 = shufflevector <16 x i32> %411, <16 x i32> poison, <16 x i32> zeroinitializer
   %413 = bitcast <16 x i32> %412 to <32 x bfloat>
-  %414 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %410, <32 x bfloat> %413, <32 x bfloat> %400)
+  %414 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %410, <32 x bfloat> %400, <32 x bfloat> %413)
   store <16 x float> %414, ptr %acc1133, align 4
   %415 = getelementptr inbounds i32, ptr %345, i64 %397
   %416 = load i32, ptr %415, align 4
@@ -2801,7 +2801,7 @@ kp.body37:                                        ; preds = %kp.head36
   %418 = insertelement <16 x i32> poison, i32 %416, i32 0
   %419 = shufflevector <16 x i32> %418, <16 x i32> poison, <16 x i32> zeroinitializer
   %420 = bitcast <16 x i32> %419 to <32 x bfloat>
-  %421 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %417, <32 x bfloat> %420, <32 x bfloat> %400)
+  %421 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %417, <32 x bfloat> %400, <32 x bfloat> %420)
   store <16 x float> %421, ptr %acc2134, align 4
   %422 = getelementptr inbounds i32, ptr %355, i64 %397
   %423 = load i32, ptr %422, align 4
@@ -2809,7 +2809,7 @@ kp.body37:                                        ; preds = %kp.head36
   %425 = insertelement <16 x i32> poison, i32 %423, i32 0
   %426 = shufflevector <16 x i32> %425, <16 x i32> poison, <16 x i32> zeroinitializer
   %427 = bitcast <16 x i32> %426 to <32 x bfloat>
-  %428 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %424, <32 x bfloat> %427, <32 x bfloat> %400)
+  %428 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %424, <32 x bfloat> %400, <32 x bfloat> %427)
   store <16 x float> %428, ptr %acc3135, align 4
   %429 = add nsw i64 %kp39, 1
   br label %kp.head36
@@ -2899,7 +2899,7 @@ kp.body53:                                        ; preds = %kp.head52
   %481 = insertelement <16 x i32> poison, i32 %479, i32 0
   %482 = shufflevector <16 x i32> %481, <16 x i32> poison, <16 x i32> zeroinitializer
   %483 = bitcast <16 x i32> %482 to <32 x bfloat>
-  %484 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %480, <32 x bfloat> %483, <32 x bfloat> %477)
+  %484 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %480, <32 x bfloat> %477, <32 x bfloat> %483)
   store <16 x float> %484, ptr %acc0046, align 4
   %485 = getelementptr inbounds i32, ptr %454, i64 %kk56
   %486 = load i32, ptr %485, align 4
@@ -2907,7 +2907,7 @@ kp.body53:                                        ; preds = %kp.head52
   %488 = insertelement <16 x i32> poison, i32 %486, i32 0
   %489 = shufflevector <16 x i32> %488, <16 x i32> poison, <16 x i32> zeroinitializer
   %490 = bitcast <16 x i32> %489 to <32 x bfloat>
-  %491 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %487, <32 x bfloat> %490, <32 x bfloat> %477)
+  %491 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %487, <32 x bfloat> %477, <32 x bfloat> %490)
   store <16 x float> %491, ptr %acc1047, align 4
   %492 = getelementptr inbounds i32, ptr %464, i64 %kk56
   %493 = load i32, ptr %492, align 4
@@ -2915,7 +2915,7 @@ kp.body53:                                        ; preds = %kp.head52
   %495 = insertelement <16 x i32> poison, i32 %493, i32 0
   %496 = shufflevector <16 x i32> %495, <16 x i32> poison, <16 x i32> zeroinitializer
   %497 = bitcast <16 x i32> %496 to <32 x bfloat>
-  %498 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %494, <32 x bfloat> %497, <32 x bfloat> %477)
+  %498 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %494, <32 x bfloat> %477, <32 x bfloat> %497)
   store <16 x float> %498, ptr %acc2048, align 4
   %499 = add nsw i64 %kk56, 1
   %500 = mul nsw i64 %499, 32
@@ -2927,7 +2927,7 @@ kp.body53:                                        ; preds = %kp.head52
   %506 = insertelement <16 x i32> poison, i32 %504, i32 0
   %507 = shufflevector <16 x i32> %506, <16 x i32> poison, <16 x i32> zeroinitializer
   %508 = bitcast <16 x i32> %507 to <32 x bfloat>
-  %509 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %505, <32 x bfloat> %508, <32 x bfloat> %502)
+  %509 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %505, <32 x bfloat> %502, <32 x bfloat> %508)
   store <16 x float> %509, ptr %acc0149, align 4
   %510 = getelementptr inbounds i32, ptr %454, i64 %499
   %511 = load i32, ptr %510, align 4
@@ -2935,7 +2935,7 @@ kp.body53:                                        ; preds = %kp.head52
   %513 = insertelement <16 x i32> poison, i32 %511, i32 0
   %514 = shufflevector <16 x i32> %513, <16 x i32> poison, <16 x i32> zeroinitializer
   %515 = bitcast <16 x i32> %514 to <32 x bfloat>
-  %516 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %512, <32 x bfloat> %515, <32 x bfloat> %502)
+  %516 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %512, <32 x bfloat> %502, <32 x bfloat> %515)
   store <16 x float> %516, ptr %acc1150, align 4
   %517 = getelementptr inbounds i32, ptr %464, i64 %499
   %518 = load i32, ptr %517, align 4
@@ -2943,7 +2943,7 @@ kp.body53:                                        ; preds = %kp.head52
   %520 = insertelement <16 x i32> poison, i32 %518, i32 0
   %521 = shufflevector <16 x i32> %520, <16 x i32> poison, <16 x i32> zeroinitializer
   %522 = bitcast <16 x i32> %521 to <32 x bfloat>
-  %523 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %519, <32 x bfloat> %522, <32 x bfloat> %502)
+  %523 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %519, <32 x bfloat> %502, <32 x bfloat> %522)
   store <16 x float> %523, ptr %acc2151, align 4
   %524 = add nsw i64 %kp55, 1
   br label %kp.head52
@@ -3015,7 +3015,7 @@ kp.body66:                                        ; preds = %kp.head65
   %563 = insertelement <16 x i32> poison, i32 %561, i32 0
   %564 = shufflevector <16 x i32> %563, <16 x i32> poison, <16 x i32> zeroinitializer
   %565 = bitcast <16 x i32> %564 to <32 x bfloat>
-  %566 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %562, <32 x bfloat> %565, <32 x bfloat> %559)
+  %566 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %562, <32 x bfloat> %559, <32 x bfloat> %565)
   store <16 x float> %566, ptr %acc0061, align 4
   %567 = getelementptr inbounds i32, ptr %546, i64 %kk69
   %568 = load i32, ptr %567, align 4
@@ -3023,7 +3023,7 @@ kp.body66:                                        ; preds = %kp.head65
   %570 = insertelement <16 x i32> poison, i32 %568, i32 0
   %571 = shufflevector <16 x i32> %570, <16 x i32> poison, <16 x i32> zeroinitializer
   %572 = bitcast <16 x i32> %571 to <32 x bfloat>
-  %573 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %569, <32 x bfloat> %572, <32 x bfloat> %559)
+  %573 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %569, <32 x bfloat> %559, <32 x bfloat> %572)
   store <16 x float> %573, ptr %acc1062, align 4
   %574 = add nsw i64 %kk69, 1
   %575 = mul nsw i64 %574, 32
@@ -3035,7 +3035,7 @@ kp.body66:                                        ; preds = %kp.head65
   %581 = insertelement <16 x i32> poison, i32 %579, i32 0
   %582 = shufflevector <16 x i32> %581, <16 x i32> poison, <16 x i32> zeroinitializer
   %583 = bitcast <16 x i32> %582 to <32 x bfloat>
-  %584 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %580, <32 x bfloat> %583, <32 x bfloat> %577)
+  %584 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %580, <32 x bfloat> %577, <32 x bfloat> %583)
   store <16 x float> %584, ptr %acc0163, align 4
   %585 = getelementptr inbounds i32, ptr %546, i64 %574
   %586 = load i32, ptr %585, align 4
@@ -3043,7 +3043,7 @@ kp.body66:                                        ; preds = %kp.head65
   %588 = insertelement <16 x i32> poison, i32 %586, i32 0
   %589 = shufflevector <16 x i32> %588, <16 x i32> poison, <16 x i32> zeroinitializer
   %590 = bitcast <16 x i32> %589 to <32 x bfloat>
-  %591 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %587, <32 x bfloat> %590, <32 x bfloat> %577)
+  %591 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %587, <32 x bfloat> %577, <32 x bfloat> %590)
   store <16 x float> %591, ptr %acc1164, align 4
   %592 = add nsw i64 %kp68, 1
   br label %kp.head65
@@ -3097,7 +3097,7 @@ kp.body76:                                        ; preds = %kp.head75
   %618 = insertelement <16 x i32> poison, i32 %616, i32 0
   %619 = shufflevector <16 x i32> %618, <16 x i32> poison, <16 x i32> zeroinitializer
   %620 = bitcast <16 x i32> %619 to <32 x bfloat>
-  %621 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %617, <32 x bfloat> %620, <32 x bfloat> %614)
+  %621 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %617, <32 x bfloat> %614, <32 x bfloat> %620)
   store <16 x float> %621, ptr %acc0073, align 4
   %622 = add nsw i64 %kk79, 1
   %623 = mul nsw i64 %622, 32
@@ -3109,7 +3109,7 @@ kp.body76:                                        ; preds = %kp.head75
   %629 = insertelement <16 x i32> poison, i32 %627, i32 0
   %630 = shufflevector <16 x i32> %629, <16 x i32> poison, <16 x i32> zeroinitializer
   %631 = bitcast <16 x i32> %630 to <32 x bfloat>
-  %632 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %628, <32 x bfloat> %631, <32 x bfloat> %625)
+  %632 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %628, <32 x bfloat> %625, <32 x bfloat> %631)
   store <16 x float> %632, ptr %acc0174, align 4
   %633 = add nsw i64 %kp78, 1
   br label %kp.head75
