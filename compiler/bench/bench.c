@@ -1648,7 +1648,7 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 struct pk_phase {
 	const struct moe_model *m;
 	const float *x;
-	float *y;
+	float *y, *q; /* q: the queries, the model's workspace */
 	int32_t *ids;
 	float *wts;
 	size_t T;
@@ -1666,11 +1666,16 @@ static void pk_task(void *ctx, size_t task, unsigned thread)
 	if (t1 > (int64_t)p->T)
 		t1 = (int64_t)p->T;
 	moe_pk_experts_fn *experts = MOE_KERNEL(p->m, PK_EXPERTS);
+	moe_pk_query_fn *query = MOE_KERNEL(p->m, PK_QUERY);
 	moe_pk_route_fn *route = MOE_KERNEL(p->m, PK_ROUTE);
-	if (p->experts)
+	if (p->experts) {
 		experts(p->x, t0, t1, p->ids, p->wts, lw->pk_u, lw->pk_v, p->y);
-	else
-		route(p->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, p->ids, p->wts);
+	} else {
+		const struct moe_desc *d = p->m->d;
+		query(p->x, t0, t1, 0, moe_router_blocks(d->pk_heads * d->pk_query_dim),
+		      lw->pk_query, lw->pk_qbias, p->q);
+		route(p->q, t0, t1, lw->pk_keys, p->ids, p->wts);
+	}
 }
 
 /* The forward and its two phases alone, interleaved in every repetition on
@@ -1682,7 +1687,7 @@ static void pk_split(struct gen *g, const float *x, float *y, int32_t *ids, floa
 {
 	double f[25], a[25], b[25];
 	const struct moe_model *m = (const struct moe_model *)g->m[0];
-	struct pk_phase ph = {m, x, y, ids, wts, T, 0};
+	struct pk_phase ph = {m, x, y, m->ws.logits, ids, wts, T, 0};
 	size_t tasks = (T + PK_TASK_TOKENS - 1) / PK_TASK_TOKENS;
 	int n = reps > 0 ? reps : r->ms > 1000 ? 3 : r->ms > 100 ? 5 : 15;
 	n = n > 25 ? 25 : n;

@@ -9,7 +9,8 @@
 #include <math.h>
 #include <string.h>
 
-#define PK_TB 4 /* tokens per query-projection pass: one panel load feeds four */
+#define PK_TB 8    /* tokens per query-projection pass: one panel load feeds eight */
+#define PK_AHEAD 2 /* slots the neuron gathers prefetch ahead */
 
 static LLVMValueRef ldv(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i)
 {
@@ -23,24 +24,71 @@ static uint32_t key_unroll(uint32_t R)
 	return blocks < 4 ? blocks : 4;
 }
 
-enum { R_X, R_T0, R_T1, R_QUERY, R_QBIAS, R_KEYS, R_IDS, R_WEIGHTS, R_COUNT };
+enum { Q_X, Q_T0, Q_T1, Q_B0, Q_B1, Q_QUERY, Q_QBIAS, Q_OUT, Q_COUNT };
+
+/* q[t] = Q x_t + b for tokens [t0, t1) and query-row blocks [b0, b1): per
+ * block, the tokens in tiles of PK_TB (then one at a time), so the block's
+ * panel is read once for all of them. Each value is the reference's sum in
+ * ascending h, whatever tile computes it. */
+static void gen_pk_query(struct moe_ll *g)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_desc *d = g->d;
+	int64_t H = d->hidden, QB = moe_router_blocks((uint32_t)(d->pk_heads * d->pk_query_dim));
+	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
+	LLVMTypeRef params[Q_COUNT] = {P, I, I, I, I, P, P, P};
+	static const char *const pn[Q_COUNT] = {"x", "t0", "t1", "b0", "b1", "query", "qbias", "q"};
+	moe_ll_fn_begin(g, "moe_pk_query", params, pn, Q_COUNT);
+	LLVMValueRef t0 = moe_ll_prm(g, Q_T0), t1 = moe_ll_prm(g, Q_T1), acc[MOE_LL_TILE_MAX];
+	LLVMValueRef n = LLVMBuildNSWSub(b, t1, t0, "n");
+	LLVMValueRef full = LLVMBuildMul(b, LLVMBuildSDiv(b, n, moe_ll_i64c(g, PK_TB), ""),
+					 moe_ll_i64c(g, PK_TB), "full");
+	struct moe_ll_loop qb, tb;
+	moe_ll_loop_open(g, &qb, moe_ll_prm(g, Q_B0), moe_ll_prm(g, Q_B1), 1, "qb");
+	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
+	LLVMValueRef bias =
+	    moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_QBIAS), q8));
+	for (int pass = 0; pass < 2; pass++) {
+		/* pass 0: tiles of PK_TB tokens; pass 1: the rest one by one */
+		int nr = pass ? 1 : PK_TB;
+		moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full, nr,
+				 pass ? "t1" : "tb");
+		LLVMValueRef xr[PK_TB], qo[PK_TB];
+		for (int t = 0; t < nr; t++) {
+			LLVMValueRef tt = LLVMBuildNSWAdd(
+			    b, t0, LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), ""), "");
+			xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_X),
+					  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
+			qo[t] = moe_ll_at(
+			    g, g->t_f32, moe_ll_prm(g, Q_OUT),
+			    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, QB * 8), ""),
+					    q8, ""));
+		}
+		moe_ll_panel_tile(g, xr, nr, moe_ll_prm(g, Q_QUERY), qb.iv, 1, H, acc);
+		for (int t = 0; t < nr; t++)
+			moe_ll_st(g, LLVMBuildFAdd(b, acc[t], bias, ""), qo[t]);
+		moe_ll_loop_close(g, &tb);
+	}
+	moe_ll_loop_close(g, &qb);
+	moe_ll_fn_end(g);
+}
+
+enum { R_Q, R_T0, R_T1, R_KEYS, R_IDS, R_WEIGHTS, R_COUNT };
 
 static void gen_pk_route(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
-	int64_t H = d->hidden, R = d->pk_sub_keys, k = d->pk_top_k, heads = d->pk_heads;
+	int64_t R = d->pk_sub_keys, k = d->pk_top_k, heads = d->pk_heads;
 	int64_t dq = d->pk_query_dim, h2 = dq / 2, W = heads * k;
 	int64_t QB = moe_router_blocks((uint32_t)(heads * dq)), U = key_unroll((uint32_t)R);
 	int64_t KB = moe_pk_key_blocks((uint32_t)R), ks = moe_desc_pk_sub_top_k(d);
 	/* one key set of [2][KB][d/2][8] panels, or one per head */
 	int64_t kset = d->pk_keys_per_head ? 2 * KB * h2 * 8 : 0;
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
-	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P, P, P};
-	static const char *const pn[R_COUNT] = {"x",     "t0",   "t1",  "query",
-						"qbias", "keys", "ids", "weights"};
+	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P};
+	static const char *const pn[R_COUNT] = {"q", "t0", "t1", "keys", "ids", "weights"};
 	moe_ll_fn_begin(g, "moe_pk_route", params, pn, R_COUNT);
-	LLVMValueRef qs = moe_ll_alloca(g, g->t_f32, (uint64_t)(PK_TB * QB * 8), "q");
 	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sa"),
 			       moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sb")};
 	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ia"),
@@ -51,38 +99,14 @@ static void gen_pk_route(struct moe_ll *g)
 	LLVMValueRef gs = moe_ll_alloca(g, g->t_f32, (uint64_t)k, "g");
 	LLVMValueRef kk = moe_ll_i64c(g, k), kks = moe_ll_i64c(g, ks), acc[MOE_LL_TILE_MAX];
 
-	struct moe_ll_loop tb, qb, j, hd, kb, i, c;
-	moe_ll_loop_open(g, &tb, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), PK_TB, "tb");
-	LLVMValueRef last = LLVMBuildNSWSub(b, moe_ll_prm(g, R_T1), moe_ll_i64c(g, 1), "");
-	LLVMValueRef n = LLVMBuildNSWSub(b, moe_ll_prm(g, R_T1), tb.iv, "");
-	n = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, n, moe_ll_i64c(g, PK_TB), ""), n,
-			    moe_ll_i64c(g, PK_TB), "n");
-	LLVMValueRef xr[PK_TB];
-	for (int t = 0; t < PK_TB; t++) {
-		LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
-		tt = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLE, tt, last, ""), tt, last, "");
-		xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_X),
-				  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
-	}
-	/* q = Q x + bias: one panel block feeds the PK_TB tokens */
-	moe_ll_loop_open(g, &qb, moe_ll_i64c(g, 0), moe_ll_i64c(g, QB), 1, "qb");
-	moe_ll_panel_tile(g, xr, PK_TB, moe_ll_prm(g, R_QUERY), qb.iv, 1, H, acc);
-	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
-	LLVMValueRef bias =
-	    moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_QBIAS), q8));
-	for (int t = 0; t < PK_TB; t++)
-		moe_ll_st(g, LLVMBuildFAdd(b, acc[t], bias, ""),
-			  moe_ll_at(g, g->t_f32, qs,
-				    LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, t * QB * 8), "")));
-	moe_ll_loop_close(g, &qb);
-
-	moe_ll_loop_open(g, &j, moe_ll_i64c(g, 0), n, 1, "tok");
-	LLVMValueRef t = LLVMBuildNSWAdd(b, tb.iv, j.iv, "t");
+	struct moe_ll_loop j, hd, kb, i, c;
+	moe_ll_loop_open(g, &j, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), 1, "tok");
+	LLVMValueRef t = j.iv;
+	LLVMValueRef qs = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_Q),
+				    LLVMBuildNSWMul(b, t, moe_ll_i64c(g, QB * 8), ""));
 	moe_ll_loop_open(g, &hd, moe_ll_i64c(g, 0), moe_ll_i64c(g, heads), 1, "head");
 	LLVMValueRef qh =
-	    moe_ll_at(g, g->t_f32, qs,
-		      LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, QB * 8), ""),
-				      LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, dq), ""), ""));
+	    moe_ll_at(g, g->t_f32, qs, LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, dq), ""));
 	for (int half = 0; half < 2; half++) {
 		/* sub-key scores: the half query against U key blocks per pass */
 		LLVMValueRef koff = moe_ll_i64c(g, half * KB * h2 * 8);
@@ -139,7 +163,6 @@ static void gen_pk_route(struct moe_ll *g)
 	moe_ll_loop_close(g, &c);
 	moe_ll_loop_close(g, &hd);
 	moe_ll_loop_close(g, &j);
-	moe_ll_loop_close(g, &tb);
 	moe_ll_fn_end(g);
 }
 
@@ -220,7 +243,11 @@ static void gen_pk_experts(struct moe_ll *g)
 	static const char *const pn[E_COUNT] = {"x", "t0", "t1", "ids", "weights", "u", "v", "y"};
 	moe_ll_fn_begin(g, "moe_pk_experts", params, pn, E_COUNT);
 	LLVMValueRef acc = moe_ll_alloca(g, g->t_f64, (uint64_t)H, "acc");
-	LLVMValueRef dacc = moe_ll_alloca(g, g->t_v8d, 1, "dacc");
+	/* four chains of 8 doubles over h (one when H is not a multiple of 32) */
+	int nch = H8 % 32 == 0 && H8 ? 4 : 1;
+	LLVMValueRef dacc[4];
+	for (int c = 0; c < nch; c++)
+		dacc[c] = moe_ll_alloca(g, g->t_v8d, 1, "dacc");
 	LLVMValueRef dtail = moe_ll_alloca(g, g->t_f64, 1, "dtail");
 	struct moe_ll_loop t, s, h;
 	moe_ll_loop_open(g, &t, moe_ll_prm(g, E_T0), moe_ll_prm(g, E_T1), 1, "t");
@@ -232,6 +259,31 @@ static void gen_pk_experts(struct moe_ll *g)
 	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, W), 1, "slot");
 	LLVMValueRef si =
 	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), ""), s.iv, "");
+	/* the rows of the slot PK_AHEAD on (this call's tokens only) toward the
+	 * cache while this one computes: each is a scattered 4 KiB row that the
+	 * hardware prefetchers do not see coming */
+	LLVMValueRef sn = LLVMBuildNSWAdd(b, si, moe_ll_i64c(g, PK_AHEAD), "");
+	LLVMBasicBlockRef pf = moe_ll_when(
+	    g,
+	    LLVMBuildICmp(b, LLVMIntSLT, sn,
+			  LLVMBuildNSWMul(b, moe_ll_prm(g, E_T1), moe_ll_i64c(g, W), ""), ""),
+	    "pf");
+	LLVMValueRef en = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, E_IDS), sn));
+	LLVMBasicBlockRef pfe = moe_ll_when(
+	    g, LLVMBuildICmp(b, LLVMIntSGE, en, LLVMConstInt(g->t_i32, 0, 0), ""), "pfe");
+	LLVMValueRef noff =
+	    LLVMBuildNSWMul(b, LLVMBuildZExt(b, en, g->t_i64, ""), moe_ll_i64c(g, H), "");
+	int64_t per_line = 64 / (bf16 ? 2 : 4);
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), per_line, "pfl");
+	LLVMValueRef at = LLVMBuildNSWAdd(b, noff, h.iv, "");
+	for (int uv = 0; uv < 2; uv++) {
+		LLVMValueRef args[4] = {moe_ll_at(g, et, moe_ll_prm(g, uv ? E_V : E_U), at),
+					moe_ll_i32c(g, 0), moe_ll_i32c(g, 3), moe_ll_i32c(g, 1)};
+		moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+	}
+	moe_ll_loop_close(g, &h);
+	moe_ll_when_end(g, pfe);
+	moe_ll_when_end(g, pf);
 	LLVMValueRef e = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, E_IDS), si));
 	LLVMBasicBlockRef skip = moe_ll_when(
 	    g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""), "slot");
@@ -241,15 +293,25 @@ static void gen_pk_experts(struct moe_ll *g)
 	LLVMValueRef ur = moe_ll_at(g, et, moe_ll_prm(g, E_U), off),
 		     vr = moe_ll_at(g, et, moe_ll_prm(g, E_V), off);
 	/* u . x: exact products summed in double, rounded once */
-	moe_ll_st(g, LLVMConstNull(g->t_v8d), dacc);
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8, "dot");
-	LLVMValueRef xv = LLVMBuildFPExt(b, ldv(g, xr, h.iv), g->t_v8d, "");
-	LLVMValueRef uv = LLVMBuildFPExt(b, ld_row8(g, ur, h.iv, bf16), g->t_v8d, "");
-	moe_ll_st(g,
-		  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8d, dacc), LLVMBuildFMul(b, xv, uv, ""), ""),
-		  dacc);
+	for (int c = 0; c < nch; c++)
+		moe_ll_st(g, LLVMConstNull(g->t_v8d), dacc[c]);
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8 * nch, "dot");
+	for (int c = 0; c < nch; c++) {
+		LLVMValueRef hc = LLVMBuildNSWAdd(b, h.iv, moe_ll_i64c(g, 8 * c), "");
+		LLVMValueRef xv = LLVMBuildFPExt(b, ldv(g, xr, hc), g->t_v8d, "");
+		LLVMValueRef uv = LLVMBuildFPExt(b, ld_row8(g, ur, hc, bf16), g->t_v8d, "");
+		moe_ll_st(g,
+			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8d, dacc[c]),
+					LLVMBuildFMul(b, xv, uv, ""), ""),
+			  dacc[c]);
+	}
 	moe_ll_loop_close(g, &h);
-	LLVMValueRef dv = moe_ll_ld(g, g->t_v8d, dacc), dsum = moe_ll_f64c(g, 0.0);
+	LLVMValueRef dv = moe_ll_ld(g, g->t_v8d, dacc[0]), dsum = moe_ll_f64c(g, 0.0);
+	if (nch == 4)
+		dv = LLVMBuildFAdd(b, LLVMBuildFAdd(b, dv, moe_ll_ld(g, g->t_v8d, dacc[1]), ""),
+				   LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8d, dacc[2]),
+						 moe_ll_ld(g, g->t_v8d, dacc[3]), ""),
+				   "");
 	for (int l = 0; l < 8; l++)
 		dsum = LLVMBuildFAdd(
 		    b, dsum, LLVMBuildExtractElement(b, dv, LLVMConstInt(g->t_i32, l, 0), ""), "");
@@ -300,6 +362,8 @@ static void gen_pk_experts(struct moe_ll *g)
 
 void moe_cpu_peer_build(struct moe_ll *g, LLVMValueRef k[MOE_KERNEL_COUNT])
 {
+	gen_pk_query(g);
+	k[MOE_KERNEL_PK_QUERY] = g->fn;
 	gen_pk_route(g);
 	k[MOE_KERNEL_PK_ROUTE] = g->fn;
 	gen_pk_experts(g);

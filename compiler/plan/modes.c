@@ -282,7 +282,8 @@ static void ops_research(const struct moe_desc *d, struct moe_plan *p)
 static void ops_product_key(const struct moe_desc *d, struct moe_plan *p)
 {
 	(void)d;
-	add(p, MOE_OP_PK_ROUTE, IO, MOE_BUF_WEIGHTS);
+	add(p, MOE_OP_PK_QUERY, IO, MOE_BUF_LOGITS);
+	add(p, MOE_OP_PK_ROUTE, MOE_BUF_LOGITS, MOE_BUF_WEIGHTS);
 	add(p, MOE_OP_PK_EXPERTS, MOE_BUF_WEIGHTS, IO);
 	add(p, MOE_OP_PK_STATS, MOE_BUF_WEIGHTS, IO);
 }

@@ -41,7 +41,8 @@ MOE_DEFINE_ENUM(moe_shape, MOE_SHAPE_, MOE_SHAPES);
 	X(PASSTHROUGH, "passthrough", COLUMNS) /* + w x for slots over capacity */                 \
 	X(OUTPUT_BIAS, "output_bias", COLUMNS) /* + the layer's output bias */                     \
 	X(STATS, "stats", SERIAL)              /* routing outputs and auxiliary statistics */      \
-	X(PK_ROUTE, "pk_route", TOKENS)        /* PEER: query, sub-key top-k, product top-k */     \
+	X(PK_QUERY, "pk_query", TILES)         /* PEER: the queries, query-row blocks x tokens */  \
+	X(PK_ROUTE, "pk_route", TOKENS)        /* PEER: sub-key top-k, product top-k */            \
 	X(PK_EXPERTS, "pk_experts", TOKENS)    /* PEER: single-neuron experts, into y */           \
 	X(PK_STATS, "pk_stats", SERIAL)                                                            \
 	X(SOFT_LOGITS, "soft_logits", TOKENS)    /* Soft MoE: normalized tokens x slots */         \
@@ -65,7 +66,7 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
  * T: tokens, E: experts, W: route width, H: hidden, S: Soft MoE slots. */
 #define MOE_BUFS(X)                                                                                \
 	X(XJ, "x_jitter")       /* [T, H] f32 the jittered input (training) */                     \
-	X(LOGITS, "logits")     /* [T, E] f32 (Soft MoE: [T, S]) */                                \
+	X(LOGITS, "logits")     /* [T, E] f32 (Soft MoE: [T, S]; PEER: the queries) */             \
 	X(PROB, "prob")         /* [T, E] f32 router probability (route_x) */                      \
 	X(IDS, "ids")           /* [T, W] i32 */                                                   \
 	X(WEIGHTS, "weights")   /* [T, W] f32 */                                                   \

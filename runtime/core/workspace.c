@@ -25,6 +25,8 @@ void moe_workspace(const struct moe_desc *d, uint64_t ops, uint32_t ld_h, uint32
 	}
 	if (HAS(ROUTE_X))
 		b[MOE_BUF_PROB].per_token = 4 * E;
+	if (HAS(PK_QUERY)) /* [T, heads * d] padded to the router's blocks of 8 */
+		b[MOE_BUF_LOGITS].per_token = 4ull * ((d->pk_heads * d->pk_query_dim + 7) / 8 * 8);
 	if (routed || HAS(PK_ROUTE)) {
 		b[MOE_BUF_IDS].per_token = 4 * W;
 		b[MOE_BUF_WEIGHTS].per_token = 4 * W;

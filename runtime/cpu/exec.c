@@ -308,19 +308,25 @@ static enum moe_status begin_group(struct moe_exec *x)
 
 /* The FFN tiles ---------------------------------------------------------------- */
 
+enum moe_status moe_exec_add_tile(struct moe_exec *x, const struct moe_tile *t)
+{
+	if (x->n_tiles == x->cap_tiles) {
+		size_t cap = x->cap_tiles ? 2 * x->cap_tiles : 64;
+		struct moe_tile *nt = realloc(x->tiles, cap * sizeof *nt);
+		if (!nt)
+			return MOE_ERR_NOMEM;
+		x->tiles = nt, x->cap_tiles = cap;
+	}
+	x->tiles[x->n_tiles++] = *t;
+	return MOE_OK;
+}
+
 static enum moe_status add_tiles(struct moe_exec *x, enum moe_op op, int32_t e, int64_t n,
 				 uint32_t panels)
 {
 	for (int64_t r0 = 0; r0 < n; r0 += UP_ROWS_PER_TASK)
 		for (uint32_t p0 = 0; p0 < panels; p0 += UP_PANELS_PER_TASK) {
-			if (x->n_tiles == x->cap_tiles) {
-				size_t cap = x->cap_tiles ? 2 * x->cap_tiles : 64;
-				struct moe_tile *t = realloc(x->tiles, cap * sizeof *t);
-				if (!t)
-					return MOE_ERR_NOMEM;
-				x->tiles = t, x->cap_tiles = cap;
-			}
-			x->tiles[x->n_tiles++] = (struct moe_tile){
+			struct moe_tile t = {
 			    .op = (uint8_t)op,
 			    .e = e,
 			    .r0 = r0,
@@ -329,6 +335,8 @@ static enum moe_status add_tiles(struct moe_exec *x, enum moe_op op, int32_t e, 
 			    .p1 =
 				p0 + UP_PANELS_PER_TASK < panels ? p0 + UP_PANELS_PER_TASK : panels,
 			};
+			if (moe_exec_add_tile(x, &t) != MOE_OK)
+				return MOE_ERR_NOMEM;
 		}
 	return MOE_OK;
 }
@@ -601,6 +609,7 @@ const struct moe_op_exec moe_op_execs[MOE_OP_COUNT] = {
     [MOE_OP_PASSTHROUGH] = {0, NULL, run_passthrough},
     [MOE_OP_OUTPUT_BIAS] = {0, NULL, run_output_bias},
     [MOE_OP_STATS] = {0, begin_stats, NULL},
+    [MOE_OP_PK_QUERY] = {0, moe_begin_pk_query, moe_run_pk_query},
     [MOE_OP_PK_ROUTE] = {MOE_PEER_TOKENS_PER_TASK, NULL, moe_run_pk_route},
     [MOE_OP_PK_EXPERTS] = {MOE_PEER_TOKENS_PER_TASK, NULL, moe_run_pk_experts},
     [MOE_OP_PK_STATS] = {0, moe_begin_pk_stats, NULL},

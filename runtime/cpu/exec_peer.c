@@ -87,14 +87,50 @@ nomem:
 	return MOE_ERR_NOMEM;
 }
 
+/* The queries of every token, as tiles of (token block, query-row blocks):
+ * each query panel is read once per token block of the call, not once per
+ * token, and both threads share the work whatever T is. */
+#define PK_QUERY_TOKENS 64
+
+enum moe_status moe_begin_pk_query(struct moe_exec *x)
+{
+	const struct moe_desc *d = x->d;
+	int64_t QB = moe_router_blocks(d->pk_heads * d->pk_query_dim), T = (int64_t)x->T;
+	int64_t tiles_t = (T + PK_QUERY_TOKENS - 1) / PK_QUERY_TOKENS;
+	int64_t want = 4 * (int64_t)moe_pool_size(x->m->pool);
+	int64_t per = tiles_t >= want ? QB : (QB * tiles_t + want - 1) / want;
+	per = per < 4 ? 4 : per;
+	for (int64_t t0 = 0; t0 < T; t0 += PK_QUERY_TOKENS)
+		for (int64_t b0 = 0; b0 < QB; b0 += per) {
+			struct moe_tile t = {
+			    .op = MOE_OP_PK_QUERY,
+			    .r0 = t0,
+			    .r1 = t0 + PK_QUERY_TOKENS < T ? t0 + PK_QUERY_TOKENS : T,
+			    .p0 = (uint32_t)b0,
+			    .p1 = (uint32_t)(b0 + per < QB ? b0 + per : QB),
+			};
+			if (moe_exec_add_tile(x, &t) != MOE_OK)
+				return MOE_ERR_NOMEM;
+		}
+	return MOE_OK;
+}
+
+void moe_run_pk_query(struct moe_exec *x, int64_t i, int64_t i1, unsigned thread)
+{
+	(void)i1, (void)thread;
+	const struct moe_tile *t = &x->tiles[i];
+	const struct moe_layer_w *lw = x->lw;
+	MOE_KERNEL(x->m, PK_QUERY)
+	(x->x, t->r0, t->r1, t->p0, t->p1, lw->pk_query, lw->pk_qbias, x->m->ws.logits);
+}
+
 /* Retrieval then the neuron gathers of a token block: consecutive TOKENS
  * ops, so one task runs both while the block's routing is still in cache. */
 void moe_run_pk_route(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
 {
 	(void)thread;
-	const struct moe_layer_w *lw = x->lw;
 	MOE_KERNEL(x->m, PK_ROUTE)
-	(x->x, t0, t1, lw->pk_query, lw->pk_qbias, lw->pk_keys, x->m->ws.ids, x->m->ws.wts);
+	(x->m->ws.logits, t0, t1, x->lw->pk_keys, x->m->ws.ids, x->m->ws.wts);
 }
 
 void moe_run_pk_experts(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)

@@ -10,7 +10,7 @@
 #include "moe_desc.h"
 #include "moe_ops.h"
 
-#define MOE_KERNELS_ABI 7
+#define MOE_KERNELS_ABI 8
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -210,15 +210,20 @@ typedef void moe_jitter_fn(const float *x, float *xj, int64_t t0, int64_t t1, ui
  * the rest. pick: C int64 of scratch. */
 typedef void moe_ec_select_fn(int64_t T, int64_t C, int64_t e0, int64_t e1, int32_t *ids,
 			      float *weights, int64_t *pick);
-/* PEER (compiler/cpu_llvm_peer.c). moe_pk_route: for tokens [t0, t1), per
- * head the query (query: router-style panels of the heads * d rows, qbias
- * padded to them), the top_k of each half's sub-key scores, the top_k of the
- * k * k sums, scored: ids and weights [T, heads * top_k]. keys: the two
- * sub-key sets as [2][moe_pk_key_blocks(R)][d / 2][8] f32 panels, zero past R.
+/* PEER (compiler/cpu_llvm_peer.c). moe_pk_query: for tokens [t0, t1) and
+ * query-row blocks [b0, b1), q[t, 8b .. 8b + 7] = the query rows of block b
+ * (query: router-style panels of the heads * d rows, qbias padded to them)
+ * times x_t plus the bias; q rows are moe_router_blocks(heads * d) * 8 long.
+ * moe_pk_route: for tokens [t0, t1), per head the top_k of each half's
+ * sub-key scores of q's query, the top_k of the k * k sums, scored: ids and
+ * weights [T, heads * top_k]. keys: the sub-key sets as
+ * [2][moe_pk_key_blocks(R)][d / 2][8] f32 panels, zero past R.
  * moe_pk_experts: y[t] = sum of w * act(u_e . x_t) * v_e over those slots, u
  * and v the [N, H] tables in the weight dtype (f32 or bf16). */
-typedef void moe_pk_route_fn(const float *x, int64_t t0, int64_t t1, const float *query,
-			     const float *qbias, const float *keys, int32_t *ids, float *weights);
+typedef void moe_pk_query_fn(const float *x, int64_t t0, int64_t t1, int64_t b0, int64_t b1,
+			     const float *query, const float *qbias, float *q);
+typedef void moe_pk_route_fn(const float *q, int64_t t0, int64_t t1, const float *keys,
+			     int32_t *ids, float *weights);
 typedef void moe_pk_experts_fn(const float *x, int64_t t0, int64_t t1, const int32_t *ids,
 			       const float *weights, const void *u, const void *v, float *y);
 
@@ -257,6 +262,7 @@ static inline uint32_t moe_pk_key_blocks(uint32_t R)
 	X(SHARED_UP, moe_up_fn)                                                                    \
 	X(SHARED_DOWN, moe_down_fn)                                                                \
 	X(EC_SELECT, moe_ec_select_fn)                                                             \
+	X(PK_QUERY, moe_pk_query_fn)                                                               \
 	X(PK_ROUTE, moe_pk_route_fn)                                                               \
 	X(PK_EXPERTS, moe_pk_experts_fn)                                                           \
 	X(SOFT_NORM, moe_soft_norm_fn)                                                             \
@@ -298,6 +304,7 @@ struct moe_gen {
 #define MOE_KERNEL_TYPE_SHARED_UP moe_up_fn
 #define MOE_KERNEL_TYPE_SHARED_DOWN moe_down_fn
 #define MOE_KERNEL_TYPE_EC_SELECT moe_ec_select_fn
+#define MOE_KERNEL_TYPE_PK_QUERY moe_pk_query_fn
 #define MOE_KERNEL_TYPE_PK_ROUTE moe_pk_route_fn
 #define MOE_KERNEL_TYPE_PK_EXPERTS moe_pk_experts_fn
 #define MOE_KERNEL_TYPE_SOFT_NORM moe_soft_norm_fn
@@ -473,6 +480,10 @@ void moe_routing_losses(const struct moe_desc *d, const double *imp, const doubl
 /* exec_peer.c: PEER's ops, and its packing (f32 neuron tables are moved out
  * of w, not copied). */
 #define MOE_PEER_TOKENS_PER_TASK 8
+/* Append one tile to the task list of the current TILES dispatch. */
+enum moe_status moe_exec_add_tile(struct moe_exec *x, const struct moe_tile *t);
+enum moe_status moe_begin_pk_query(struct moe_exec *x);
+void moe_run_pk_query(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 void moe_run_pk_route(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 void moe_run_pk_experts(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 enum moe_status moe_begin_pk_stats(struct moe_exec *x);
