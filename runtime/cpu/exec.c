@@ -324,16 +324,23 @@ enum moe_status moe_exec_add_tile(struct moe_exec *x, const struct moe_tile *t)
 static enum moe_status add_tiles(struct moe_exec *x, enum moe_op op, int32_t e, int64_t n,
 				 uint32_t panels)
 {
+	/* int8 compute quantizes a call's rows once per call: fewer, wider
+	 * panel ranges (at least two per thread) repeat it less */
+	uint32_t pp = UP_PANELS_PER_TASK;
+	if (x->m->gen->compute == MOE_COMPUTE_INT8) {
+		uint32_t w =
+		    (panels + 2 * moe_pool_size(x->m->pool) - 1) / (2 * moe_pool_size(x->m->pool));
+		pp = w > pp ? w : pp;
+	}
 	for (int64_t r0 = 0; r0 < n; r0 += UP_ROWS_PER_TASK)
-		for (uint32_t p0 = 0; p0 < panels; p0 += UP_PANELS_PER_TASK) {
+		for (uint32_t p0 = 0; p0 < panels; p0 += pp) {
 			struct moe_tile t = {
 			    .op = (uint8_t)op,
 			    .e = e,
 			    .r0 = r0,
 			    .r1 = r0 + UP_ROWS_PER_TASK < n ? r0 + UP_ROWS_PER_TASK : n,
 			    .p0 = p0,
-			    .p1 =
-				p0 + UP_PANELS_PER_TASK < panels ? p0 + UP_PANELS_PER_TASK : panels,
+			    .p1 = p0 + pp < panels ? p0 + pp : panels,
 			};
 			if (moe_exec_add_tile(x, &t) != MOE_OK)
 				return MOE_ERR_NOMEM;
@@ -690,8 +697,11 @@ static enum moe_status run_ops(struct moe_exec *x, uint64_t only)
 			r.n = (int64_t)x->n_tiles;
 			break;
 		case MOE_SHAPE_COLUMNS: {
-			/* threads own column blocks: four per thread */
-			int64_t panels = x->m->routed.down_panels, want = 4 * (int64_t)nth;
+			/* threads own column blocks: four per thread (int8 compute: one,
+			 * since each task quantizes every row) */
+			int64_t panels = x->m->routed.down_panels,
+				want =
+				    (x->m->gen->compute == MOE_COMPUTE_INT8 ? 1 : 4) * (int64_t)nth;
 			r.per = (panels + want - 1) / want;
 			r.n = panels;
 			break;
