@@ -365,7 +365,7 @@ static void test_decoders_by_hand(void **state)
 {
 	(void)state;
 	uint8_t codes[256];
-	float s[8], o[8], w[256];
+	float s[16], o[16], w[256];
 	/* Q8_0: d = 0.5 (f16 0x3800), codes -128, 3, ... */
 	unsigned char q8[34] = {0x00, 0x38, 0x80, 0x03};
 	assert_int_equal(moe_gguf_decode(MOE_GGML_Q8_0, q8, 1, 32, codes, s, o), -1);
@@ -403,11 +403,60 @@ static void test_decoders_by_hand(void **state)
 	unsigned char q4n[36] = {0};
 	q4n[18] = 0x00, q4n[19] = 0x7E;
 	assert_int_equal(moe_gguf_decode(MOE_GGML_Q4_0, q4n, 1, 64, codes, s, o), 1);
-	assert_int_equal(moe_gguf_decode(MOE_GGML_Q6_K, qk, 1, 256, codes, s, o), -2);
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q5_K, qk, 1, 256, codes, s, o), -2);
 	struct moe_qfmt g;
 	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q4_K, &g), 0);
 	assert_true(g.kind == MOE_QFORMAT_INT4 && g.group == 32 && g.zero == 1);
-	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q6_K, &g), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q5_K, &g), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q5_1, &g), -1);
+	assert_non_null(strstr(moe_gguf_not_kept(MOE_GGML_Q5_K), "offset"));
+	assert_null(moe_gguf_not_kept(MOE_GGML_Q6_K));
+	assert_null(moe_gguf_not_kept(99));
+
+	/* Q5_0: d = 1; qh bits 0 and 17; qs[0] = 0x3A, qs[1] = 0x50:
+	 * element 0 = 10 | 16 -> 26 - 16 = 10, element 16 = 3 - 16 = -13,
+	 * element 1 = 0 - 16, element 17 = 5 | 16 -> 5 */
+	unsigned char q5[22] = {0x00, 0x3C, 0x01, 0x00, 0x02, 0x00, 0x3A, 0x50};
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q5_0, q5, 1, 32, codes, s, o), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q5_0, &g), 0);
+	assert_true(g.kind == MOE_QFORMAT_INT8 && g.group == 32);
+	moe_qdequant(&g, codes, s, NULL, 1, 32, w);
+	assert_true(w[0] == 10.0f && w[16] == -13.0f && w[1] == -16.0f && w[17] == 5.0f);
+
+	/* Q4_1: d = 0.5, m = -2; byte 0 = 0x7F: element 0 code 15, 16 code 7 */
+	unsigned char q41[20] = {0x00, 0x38, 0x00, 0xC0, 0x7F};
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q4_1, q41, 1, 32, codes, s, o), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q4_1, &g), 0);
+	assert_true(g.kind == MOE_QFORMAT_INT4 && g.group == 32 && g.zero == 1);
+	moe_qdequant(&g, codes, s, o, 1, 32, w);
+	assert_true(w[0] == 5.5f && w[16] == 1.5f && w[1] == -2.0f);
+	/* a NaN minimum is reported like a NaN scale */
+	q41[2] = 0x00, q41[3] = 0x7E;
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q4_1, q41, 1, 32, codes, s, o), 0);
+
+	/* Q6_K: ql[128], qh[64], int8 scales[16], d = 0.25 at byte 208.
+	 * element 0: ql[0] low 15, qh[0] bits 0-1 = 2 -> 47 - 32 = 15, scale
+	 * -3 d; element 64: ql[0] high 0, qh[0] bits 4-5 = 0 -> -32, scale 4
+	 * (zero: valid); element 80: ql[16] high 9, qh[16] bits 4-5 = 3 ->
+	 * 57 - 32 = 25, scale 5 = 7 d; element 160 (second half, k = 1):
+	 * ql[64 + 32] low 1, qh[32] bits 2-3 = 1 -> 17 - 32 = -15, scale 10 = -d */
+	unsigned char q6[210] = {0};
+	q6[0] = 0x0F, q6[128] = 0x02;
+	q6[16] = 0x90, q6[128 + 16] = 0x30;
+	q6[96] = 0x01, q6[128 + 32] = 0x04;
+	q6[192 + 0] = (unsigned char)-3, q6[192 + 5] = 7, q6[192 + 10] = 0xFF;
+	q6[208] = 0x00, q6[209] = 0x34;
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q6_K, q6, 1, 256, codes, s, o), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q6_K, &g), 0);
+	assert_true(g.kind == MOE_QFORMAT_INT8 && g.group == 16);
+	assert_int_equal((int8_t)codes[0], 15), assert_int_equal((int8_t)codes[64], -32);
+	assert_int_equal((int8_t)codes[80], 25), assert_int_equal((int8_t)codes[160], -15);
+	assert_true(s[0] == -0.75f && s[4] == 0.0f && s[5] == 1.75f && s[10] == -0.25f);
+	moe_qdequant(&g, codes, s, NULL, 1, 256, w);
+	assert_true(w[0] == -11.25f && w[64] == 0.0f && w[80] == 43.75f && w[160] == 3.75f);
+	/* a NaN d makes every group of the block non-finite: the first is named */
+	q6[209] = 0x7E;
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q6_K, q6, 1, 256, codes, s, o), 0);
 }
 
 /* The loader ------------------------------------------------------------ */
@@ -490,7 +539,7 @@ static void loader_file(const char *p, int what)
 		put_le(&kv, meta[i].v, 4);
 	}
 	if (what == 5) /* layer 1's down in a type with no kept format */
-		t[n - 1].type = MOE_GGML_Q5_0, t[n - 1].bytes = LE * LH * LI / 32 * 22;
+		t[n - 1].type = MOE_GGML_Q5_1, t[n - 1].bytes = LE * LH * LI / 32 * 24;
 	write_file(p, &kv, 6, t, n, 32);
 	free(kv.p);
 }
@@ -602,7 +651,8 @@ static void test_import(void **state)
 	fclose(out);
 	assert_int_equal(len, 0); /* nothing written */
 	free(text);
-	if (!strstr(last, "blk.1.ffn_down_exps.weight' is Q5_0"))
+	if (!strstr(last, "blk.1.ffn_down_exps.weight' is Q5_1") ||
+	    !strstr(last, "per-group minimum"))
 		fail_msg("%s", last);
 }
 

@@ -936,7 +936,7 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 /* One role of one layer from a GGUF file: llama.cpp stores every weight
  * [out, in] (ne0 = in, fastest) and the experts stacked ([E][out][in]); a
  * role the spec keeps quantized must be of the type that keeps its format
- * (Q8_0, Q4_0, Q4_K) and fills w->q, every other role is F32, F16 or BF16. */
+ * (Q8_0, Q6_K, Q5_0, Q4_0, Q4_1, Q4_K) and fills w->q, every other role is F32, F16 or BF16. */
 static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t layer,
 		     enum moe_role role, struct moe_ref_weights *w, char *err, size_t cap)
 {
@@ -970,9 +970,13 @@ static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t
 	if (!is_vector(role))
 		want[nd++] = R;
 	want[nd++] = is_vector(role) ? R * C : C;
-	if (t->ndim != nd || memcmp(t->shape, want, nd * sizeof *want) != 0) {
+	/* a single row (qwen2moe's shared-expert gate, [1, H]) is stored 1-D */
+	const uint64_t *have = want;
+	if (nd == 2 && !pe && want[0] == 1 && t->ndim == 1)
+		have = want + 1, nd = 1;
+	if (t->ndim != nd || memcmp(t->shape, have, nd * sizeof *have) != 0) {
 		char a[160], b[160];
-		dims_str(want, nd, a, sizeof a);
+		dims_str(have, nd, a, sizeof a);
 		dims_str(t->shape, t->ndim, b, sizeof b);
 		snprintf(err, cap,
 			 "%s: tensor '%s' (%s, layer %u): expected shape %s (slowest axis first), "
@@ -1007,8 +1011,8 @@ static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t
 	    tq.zero != q.zero) {
 		snprintf(err, cap,
 			 "%s: tensor '%s' (%s, layer %u) is %s, but the spec keeps %s as {kind: "
-			 "%s, group: %u%s} (Q8_0 is {int8, 32}, Q4_0 {int4, 32, zero: false}, "
-			 "Q4_K {int4, 32, zero: true})",
+			 "%s, group: %u%s} (Q8_0 and Q5_0 are {int8, 32}, Q6_K {int8, 16}, Q4_0 "
+			 "{int4, 32, zero: false}, Q4_1 and Q4_K {int4, 32, zero: true})",
 			 t->file, name, moe_role_names[role], layer, tn ? tn : "?",
 			 moe_role_names[role], moe_qformat_names[q.kind], q.group,
 			 q.kind != MOE_QFORMAT_INT4 ? ""
