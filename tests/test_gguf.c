@@ -242,11 +242,15 @@ static void test_truncated_everywhere(void **state)
 	put_le(&kv, 2, 8);
 	put_str(&kv, "ab"), put_str(&kv, "c");
 	unsigned char q[34 * 16] = {0}; /* a multiple of 32: no padding after it */
-	struct tinfo t[] = {{"q", MOE_GGML_Q8_0, 2, {32, 16}, q, sizeof q}};
+	unsigned char q6[210] = {0}, q5[22] = {0}, q41[20] = {0};
+	struct tinfo t[] = {{"q6", MOE_GGML_Q6_K, 1, {256}, q6, sizeof q6},
+			    {"q5", MOE_GGML_Q5_0, 1, {32}, q5, sizeof q5},
+			    {"q41", MOE_GGML_Q4_1, 1, {32}, q41, sizeof q41},
+			    {"q", MOE_GGML_Q8_0, 2, {32, 16}, q, sizeof q}};
 	char p[128], cut[128];
 	path_of(p, sizeof p, "full.gguf");
 	path_of(cut, sizeof cut, "cut.gguf");
-	write_file(p, &kv, 2, t, 1, 32);
+	write_file(p, &kv, 2, t, 4, 32);
 	free(kv.p);
 	FILE *f = fopen(p, "rb");
 	assert_non_null(f);
@@ -476,15 +480,32 @@ static void q8_blocks(unsigned char *dst, size_t n_groups, uint64_t seed, int na
 	}
 }
 
+/* Q5_0 blocks: d (0 when zero, NaN in nan_group), random fifth bits and
+ * nibbles */
+static void q5_blocks(unsigned char *dst, size_t n_groups, uint64_t seed, int nan_group, int zero)
+{
+	for (size_t g = 0; g < n_groups; g++) {
+		unsigned char *b = dst + g * 22;
+		uint16_t d = zero ? 0 : moe_f32_to_f16(0.004f * (1 + (float)(g % 3)));
+		if ((int)g == nan_group)
+			d = 0x7E00;
+		b[0] = (unsigned char)d, b[1] = (unsigned char)(d >> 8);
+		for (int i = 0; i < 20; i++)
+			b[2 + i] = (unsigned char)(moe_rng_hash(seed, g, (uint64_t)i, 2) >> 56);
+	}
+}
+
 struct lfile {
 	float router[2][LE * LH];
 	unsigned char up[2][LE * LI * LH / 32 * 34], gate[2][LE * LI * LH / 32 * 34],
-	    down[2][LE * LH * LI / 32 * 34];
+	    down[2][LE * LH * LI / 32 * 34], down5[LE * LH * LI / 32 * 22];
 };
 
 /* Write a GGUF for the loader's model; what: 0 good, 1 wrong router shape,
  * 2 NaN scale in blk.1.ffn_down_exps, 3 gate stored as Q4_0, 4 missing
- * blk.1.ffn_up_exps. */
+ * blk.1.ffn_up_exps, 5 blk.1.ffn_down_exps Q5_1, 6 it is Q5_0 (int8, 32)
+ * with a NaN d in group 9, 7 Q5_0 with every d zero (valid), 8, 9, 10
+ * general.architecture grok, llama (no expert_count), foo. */
 static void add(struct tinfo *t, size_t *n, char (*names)[64], const char *fmt, int l,
 		uint32_t type, uint64_t ne0, uint64_t ne1, uint64_t ne2, const void *data,
 		size_t bytes)
@@ -525,7 +546,7 @@ static void loader_file(const char *p, int what)
 	}
 	struct buf kv = {0};
 	kv_head(&kv, "general.architecture", MOE_GGUF_STRING);
-	put_str(&kv, "qwen3moe");
+	put_str(&kv, what == 8 ? "grok" : what == 9 ? "llama" : what == 10 ? "foo" : "qwen3moe");
 	static const struct {
 		const char *key;
 		uint32_t v;
@@ -540,6 +561,11 @@ static void loader_file(const char *p, int what)
 	}
 	if (what == 5) /* layer 1's down in a type with no kept format */
 		t[n - 1].type = MOE_GGML_Q5_1, t[n - 1].bytes = LE * LH * LI / 32 * 24;
+	if (what == 6 || what == 7) { /* layer 1's down Q5_0 */
+		q5_blocks(L.down5, ng, 31, what == 6 ? 9 : -1, what == 7);
+		t[n - 1].type = MOE_GGML_Q5_0, t[n - 1].data = L.down5;
+		t[n - 1].bytes = sizeof L.down5;
+	}
 	write_file(p, &kv, 6, t, n, 32);
 	free(kv.p);
 }
@@ -586,6 +612,7 @@ static void test_load(void **state)
 	    {2, "blk.1.ffn_down_exps.weight", "non-finite scale in group 77"},
 	    {3, "blk.0.ffn_gate_exps.weight", "is Q4_0, but the spec keeps gate as {kind: int8"},
 	    {4, "blk.1.ffn_up_exps.weight", "not found"},
+	    {6, "blk.1.ffn_down_exps.weight", "non-finite scale in group 9"},
 	};
 	for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
 		loader_file(p, bad[i].what);
@@ -596,6 +623,13 @@ static void test_load(void **state)
 		/* nothing half-loaded: the earlier weights are gone too */
 		assert_int_equal(m.forward(mm, 0, x, y, 3, NULL, NULL), MOE_ERR_WEIGHTS);
 	}
+	/* Q5_0 is kept as int8 groups of 32, like Q8_0; a zero d is valid
+	 * (ggml writes it for a block of zeros): layer 1's down is zero */
+	loader_file(p, 7);
+	assert_int_equal(load_gguf(mm, p), MOE_OK);
+	assert_int_equal(m.forward(mm, 1, x, y, 3, NULL, NULL), MOE_OK);
+	for (int i = 0; i < 3 * LH; i++)
+		assert_true(y[i] == 0.0f);
 	/* a file truncated after it was written is refused the same way */
 	loader_file(p, 0);
 	FILE *f = fopen(p, "r+b");
@@ -650,10 +684,29 @@ static void test_import(void **state)
 	assert_int_equal(moe_import(p, out, &d), MOE_EXIT_SPEC);
 	fclose(out);
 	assert_int_equal(len, 0); /* nothing written */
-	free(text);
 	if (!strstr(last, "blk.1.ffn_down_exps.weight' is Q5_1") ||
 	    !strstr(last, "per-group minimum"))
 		fail_msg("%s", last);
+	/* architectures: refused by name with the reason, a dense llama, and
+	 * an unknown one with the list */
+	static const struct {
+		int what;
+		const char *a, *b;
+	} archs[] = {{8, "'grok' is not imported", "no family"},
+		     {9, "'llama' is not imported", "dense model"},
+		     {10, "unsupported general.architecture 'foo'", "deepseek2"}};
+	for (size_t i = 0; i < sizeof archs / sizeof *archs; i++) {
+		free(text);
+		text = NULL;
+		loader_file(p, archs[i].what);
+		out = open_memstream(&text, &len);
+		assert_int_equal(moe_import(p, out, &d), MOE_EXIT_SPEC);
+		fclose(out);
+		assert_int_equal(len, 0);
+		if (!strstr(last, archs[i].a) || !strstr(last, archs[i].b))
+			fail_msg("%s", last);
+	}
+	free(text);
 }
 
 static int setup(void **state)
