@@ -2909,8 +2909,9 @@ static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 		     {MOE_ROLE_SHARED_GATE, MOE_QMAT_SHARED_UP},
 		     {MOE_ROLE_SHARED_UP, MOE_QMAT_SHARED_UP},
 		     {MOE_ROLE_SHARED_DOWN, MOE_QMAT_SHARED_DOWN}};
-	int seen[MOE_QMAT_COUNT] = {0};
+	int seen[MOE_QMAT_COUNT] = {0}, mixed[MOE_QMAT_COUNT] = {0};
 	uint32_t type_of[MOE_QMAT_COUNT] = {0};
+	char first_nm[MOE_QMAT_COUNT][MOE_NAME_MAX * 2];
 	for (size_t i = 0; i < sizeof roles / sizeof *roles; i++)
 		for (long l = 0; l < m->layers; l++) {
 			if (!m->moe[l] || !m->names[roles[i].r][0])
@@ -2932,21 +2933,31 @@ static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 			struct moe_qfmt f;
 			if (gguf_role_fmt(m, nm, t, &f) != 0)
 				return;
-			if (seen[q] && (f.kind != m->qfmt[q].kind || f.zero != m->qfmt[q].zero ||
-					f.group != m->qfmt[q].group)) {
+			if (!seen[q]) {
+				seen[q] = 1, type_of[q] = t->type, m->qfmt[q] = f;
+				snprintf(first_nm[q], sizeof first_nm[q], "%s", nm);
+			} else if (t->type != type_of[q] && !mixed[q]) {
+				/* one format per matrix set in every layer: a set whose
+				 * type changes (llama.cpp's Q4_K_M gives ffn_down Q6_K
+				 * in some layers) is dequantized at load */
 				const char *pn = moe_gguf_type_name(type_of[q]);
-				err(m,
-				    "tensor '%s' is %s but an earlier %s tensor is %s: the spec "
-				    "keeps one format per matrix set in every layer (gate and up "
-				    "are "
-				    "read together; a Q4_K_M file that mixes Q4_K and Q6_K per "
-				    "layer "
-				    "has no single kept format)",
-				    nm, tn ? tn : "?", moe_qmat_names[q], pn ? pn : "?");
-				return;
+				mixed[q] = 1;
+				warn(m,
+				     "tensor '%s' is %s but '%s' is %s: the spec keeps one format "
+				     "per matrix set (gate and up are read together), so the %s "
+				     "experts are not kept quantized; they are dequantized to "
+				     "dtype.weights at load",
+				     nm, tn ? tn : "?", first_nm[q], pn ? pn : "?",
+				     moe_qmat_names[q]);
+				note(m,
+				     "GGUF: the %s experts change type between tensors (%s, %s): "
+				     "dequantized to dtype.weights at load, not kept quantized.",
+				     moe_qmat_names[q], pn ? pn : "?", tn ? tn : "?");
 			}
-			seen[q] = 1, type_of[q] = t->type, m->qfmt[q] = f;
 		}
+	for (int q = 0; q < MOE_QMAT_COUNT; q++)
+		if (mixed[q])
+			m->qfmt[q] = (struct moe_qfmt){MOE_QFORMAT_NONE, 0, 0};
 	for (int q = 0; q < MOE_QMAT_COUNT; q++) {
 		if (m->qfmt[q].kind == MOE_QFORMAT_NONE)
 			continue;

@@ -91,7 +91,9 @@ def write_gguf(path, qtype, seed, down_qtype=None):
         ref["blk.%d.ffn_gate_inp.weight" % L] = router
         for role in EXPERTS:
             rows, K = (I, H) if role != "down" else (H, I)
-            qt = down_qtype if role == "down" and down_qtype is not None else qtype
+            qt = qtype
+            if role == "down" and down_qtype is not None:
+                qt = down_qtype[L] if isinstance(down_qtype, tuple) else down_qtype
             add_quant(w, ref, rng, "blk.%d.ffn_%s_exps.weight" % (L, role), qt, E, rows, K)
     finish(w)
     return ref
@@ -183,6 +185,27 @@ def test_gguf_experts_kept_quantized(tmp_path, moegen_cmd, qtype, down):
 
     so = moegen.compile(spec, tmp_path / "q.so", moegen=moegen_cmd)
     # (b) the same model in f32 from gguf's dequantized weights
+    so32, st = f32_twin(tmp_path, moegen_cmd, text, ref)
+    compare_layers(so, path, so32, st, range(LAYERS))
+
+
+def test_gguf_type_per_layer_dequantized(tmp_path, moegen_cmd):
+    """A Q4_K_M-style file whose down experts are Q4_K in layer 0 and Q6_K in
+    layer 1 has no one kept format for down: the import says so (a warning
+    and a comment), keeps gate/up quantized and leaves down unquantized; the
+    loader dequantizes it exactly, so the layer equals the f32 model."""
+    path = tmp_path / "mixed.gguf"
+    ref = write_gguf(path, Q.Q4_K, seed=5, down_qtype=(Q.Q4_K, Q.Q6_K))
+    spec = tmp_path / "mixed.yaml"
+    r = subprocess.run([moegen_cmd, "import", str(path), "-o", str(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "blk.1.ffn_down_exps.weight' is Q6_K" in r.stderr and "warning" in r.stderr
+    text = spec.read_text()
+    assert "  up: {kind: int4, group: 32, zero: true}" in text
+    assert "  down: {kind" not in text
+    assert "dequantized to dtype.weights at load" in " ".join(text.replace("#", " ").split())
+    so = moegen.compile(spec, tmp_path / "q.so", moegen=moegen_cmd)
     so32, st = f32_twin(tmp_path, moegen_cmd, text, ref)
     compare_layers(so, path, so32, st, range(LAYERS))
 
