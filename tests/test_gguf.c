@@ -677,6 +677,16 @@ static void test_import(void **state)
 	for (size_t i = 0; i < sizeof want / sizeof *want; i++)
 		if (!strstr(text, want[i]))
 			fail_msg("'%s' not in:\n%s", want[i], text);
+	/* Q8_0 in layer 0 and Q5_0 in layer 1: one kept format, int8 groups of
+	 * 32 */
+	free(text);
+	text = NULL;
+	loader_file(p, 7);
+	out = open_memstream(&text, &len);
+	assert_int_equal(moe_import(p, out, &d), MOE_EXIT_OK);
+	fclose(out);
+	if (!strstr(text, "  down: {kind: int8, group: 32}\n"))
+		fail_msg("%s", text);
 	free(text);
 	text = NULL;
 	loader_file(p, 5);

@@ -2936,10 +2936,13 @@ static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 			if (!seen[q]) {
 				seen[q] = 1, type_of[q] = t->type, m->qfmt[q] = f;
 				snprintf(first_nm[q], sizeof first_nm[q], "%s", nm);
-			} else if (t->type != type_of[q] && !mixed[q]) {
-				/* one format per matrix set in every layer: a set whose
-				 * type changes (llama.cpp's Q4_K_M gives ffn_down Q6_K
-				 * in some layers) is dequantized at load */
+			} else if ((f.kind != m->qfmt[q].kind || f.group != m->qfmt[q].group ||
+				    f.zero != m->qfmt[q].zero) &&
+				   !mixed[q]) {
+				/* one format per matrix set in every layer (Q8_0 and
+				 * Q5_0 share one): a set whose format changes
+				 * (llama.cpp's Q4_K_M gives ffn_down Q6_K in some
+				 * layers) is dequantized at load */
 				const char *pn = moe_gguf_type_name(type_of[q]);
 				mixed[q] = 1;
 				warn(m,
