@@ -242,11 +242,15 @@ static void test_truncated_everywhere(void **state)
 	put_le(&kv, 2, 8);
 	put_str(&kv, "ab"), put_str(&kv, "c");
 	unsigned char q[34 * 16] = {0}; /* a multiple of 32: no padding after it */
-	struct tinfo t[] = {{"q", MOE_GGML_Q8_0, 2, {32, 16}, q, sizeof q}};
+	unsigned char q6[210] = {0}, q5[22] = {0}, q41[20] = {0};
+	struct tinfo t[] = {{"q6", MOE_GGML_Q6_K, 1, {256}, q6, sizeof q6},
+			    {"q5", MOE_GGML_Q5_0, 1, {32}, q5, sizeof q5},
+			    {"q41", MOE_GGML_Q4_1, 1, {32}, q41, sizeof q41},
+			    {"q", MOE_GGML_Q8_0, 2, {32, 16}, q, sizeof q}};
 	char p[128], cut[128];
 	path_of(p, sizeof p, "full.gguf");
 	path_of(cut, sizeof cut, "cut.gguf");
-	write_file(p, &kv, 2, t, 1, 32);
+	write_file(p, &kv, 2, t, 4, 32);
 	free(kv.p);
 	FILE *f = fopen(p, "rb");
 	assert_non_null(f);
@@ -365,7 +369,7 @@ static void test_decoders_by_hand(void **state)
 {
 	(void)state;
 	uint8_t codes[256];
-	float s[8], o[8], w[256];
+	float s[16], o[16], w[256];
 	/* Q8_0: d = 0.5 (f16 0x3800), codes -128, 3, ... */
 	unsigned char q8[34] = {0x00, 0x38, 0x80, 0x03};
 	assert_int_equal(moe_gguf_decode(MOE_GGML_Q8_0, q8, 1, 32, codes, s, o), -1);
@@ -403,11 +407,60 @@ static void test_decoders_by_hand(void **state)
 	unsigned char q4n[36] = {0};
 	q4n[18] = 0x00, q4n[19] = 0x7E;
 	assert_int_equal(moe_gguf_decode(MOE_GGML_Q4_0, q4n, 1, 64, codes, s, o), 1);
-	assert_int_equal(moe_gguf_decode(MOE_GGML_Q6_K, qk, 1, 256, codes, s, o), -2);
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q5_K, qk, 1, 256, codes, s, o), -2);
 	struct moe_qfmt g;
 	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q4_K, &g), 0);
 	assert_true(g.kind == MOE_QFORMAT_INT4 && g.group == 32 && g.zero == 1);
-	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q6_K, &g), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q5_K, &g), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q5_1, &g), -1);
+	assert_non_null(strstr(moe_gguf_not_kept(MOE_GGML_Q5_K), "offset"));
+	assert_null(moe_gguf_not_kept(MOE_GGML_Q6_K));
+	assert_null(moe_gguf_not_kept(99));
+
+	/* Q5_0: d = 1; qh bits 0 and 17; qs[0] = 0x3A, qs[1] = 0x50:
+	 * element 0 = 10 | 16 -> 26 - 16 = 10, element 16 = 3 - 16 = -13,
+	 * element 1 = 0 - 16, element 17 = 5 | 16 -> 5 */
+	unsigned char q5[22] = {0x00, 0x3C, 0x01, 0x00, 0x02, 0x00, 0x3A, 0x50};
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q5_0, q5, 1, 32, codes, s, o), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q5_0, &g), 0);
+	assert_true(g.kind == MOE_QFORMAT_INT8 && g.group == 32);
+	moe_qdequant(&g, codes, s, NULL, 1, 32, w);
+	assert_true(w[0] == 10.0f && w[16] == -13.0f && w[1] == -16.0f && w[17] == 5.0f);
+
+	/* Q4_1: d = 0.5, m = -2; byte 0 = 0x7F: element 0 code 15, 16 code 7 */
+	unsigned char q41[20] = {0x00, 0x38, 0x00, 0xC0, 0x7F};
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q4_1, q41, 1, 32, codes, s, o), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q4_1, &g), 0);
+	assert_true(g.kind == MOE_QFORMAT_INT4 && g.group == 32 && g.zero == 1);
+	moe_qdequant(&g, codes, s, o, 1, 32, w);
+	assert_true(w[0] == 5.5f && w[16] == 1.5f && w[1] == -2.0f);
+	/* a NaN minimum is reported like a NaN scale */
+	q41[2] = 0x00, q41[3] = 0x7E;
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q4_1, q41, 1, 32, codes, s, o), 0);
+
+	/* Q6_K: ql[128], qh[64], int8 scales[16], d = 0.25 at byte 208.
+	 * element 0: ql[0] low 15, qh[0] bits 0-1 = 2 -> 47 - 32 = 15, scale
+	 * -3 d; element 64: ql[0] high 0, qh[0] bits 4-5 = 0 -> -32, scale 4
+	 * (zero: valid); element 80: ql[16] high 9, qh[16] bits 4-5 = 3 ->
+	 * 57 - 32 = 25, scale 5 = 7 d; element 160 (second half, k = 1):
+	 * ql[64 + 32] low 1, qh[32] bits 2-3 = 1 -> 17 - 32 = -15, scale 10 = -d */
+	unsigned char q6[210] = {0};
+	q6[0] = 0x0F, q6[128] = 0x02;
+	q6[16] = 0x90, q6[128 + 16] = 0x30;
+	q6[96] = 0x01, q6[128 + 32] = 0x04;
+	q6[192 + 0] = (unsigned char)-3, q6[192 + 5] = 7, q6[192 + 10] = 0xFF;
+	q6[208] = 0x00, q6[209] = 0x34;
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q6_K, q6, 1, 256, codes, s, o), -1);
+	assert_int_equal(moe_gguf_qfmt(MOE_GGML_Q6_K, &g), 0);
+	assert_true(g.kind == MOE_QFORMAT_INT8 && g.group == 16);
+	assert_int_equal((int8_t)codes[0], 15), assert_int_equal((int8_t)codes[64], -32);
+	assert_int_equal((int8_t)codes[80], 25), assert_int_equal((int8_t)codes[160], -15);
+	assert_true(s[0] == -0.75f && s[4] == 0.0f && s[5] == 1.75f && s[10] == -0.25f);
+	moe_qdequant(&g, codes, s, NULL, 1, 256, w);
+	assert_true(w[0] == -11.25f && w[64] == 0.0f && w[80] == 43.75f && w[160] == 3.75f);
+	/* a NaN d makes every group of the block non-finite: the first is named */
+	q6[209] = 0x7E;
+	assert_int_equal(moe_gguf_decode(MOE_GGML_Q6_K, q6, 1, 256, codes, s, o), 0);
 }
 
 /* The loader ------------------------------------------------------------ */
@@ -427,15 +480,32 @@ static void q8_blocks(unsigned char *dst, size_t n_groups, uint64_t seed, int na
 	}
 }
 
+/* Q5_0 blocks: d (0 when zero, NaN in nan_group), random fifth bits and
+ * nibbles */
+static void q5_blocks(unsigned char *dst, size_t n_groups, uint64_t seed, int nan_group, int zero)
+{
+	for (size_t g = 0; g < n_groups; g++) {
+		unsigned char *b = dst + g * 22;
+		uint16_t d = zero ? 0 : moe_f32_to_f16(0.004f * (1 + (float)(g % 3)));
+		if ((int)g == nan_group)
+			d = 0x7E00;
+		b[0] = (unsigned char)d, b[1] = (unsigned char)(d >> 8);
+		for (int i = 0; i < 20; i++)
+			b[2 + i] = (unsigned char)(moe_rng_hash(seed, g, (uint64_t)i, 2) >> 56);
+	}
+}
+
 struct lfile {
 	float router[2][LE * LH];
 	unsigned char up[2][LE * LI * LH / 32 * 34], gate[2][LE * LI * LH / 32 * 34],
-	    down[2][LE * LH * LI / 32 * 34];
+	    down[2][LE * LH * LI / 32 * 34], down5[LE * LH * LI / 32 * 22];
 };
 
 /* Write a GGUF for the loader's model; what: 0 good, 1 wrong router shape,
  * 2 NaN scale in blk.1.ffn_down_exps, 3 gate stored as Q4_0, 4 missing
- * blk.1.ffn_up_exps. */
+ * blk.1.ffn_up_exps, 5 blk.1.ffn_down_exps Q5_1, 6 it is Q5_0 (int8, 32)
+ * with a NaN d in group 9, 7 Q5_0 with every d zero (valid), 8, 9, 10
+ * general.architecture grok, llama (no expert_count), foo. */
 static void add(struct tinfo *t, size_t *n, char (*names)[64], const char *fmt, int l,
 		uint32_t type, uint64_t ne0, uint64_t ne1, uint64_t ne2, const void *data,
 		size_t bytes)
@@ -476,7 +546,7 @@ static void loader_file(const char *p, int what)
 	}
 	struct buf kv = {0};
 	kv_head(&kv, "general.architecture", MOE_GGUF_STRING);
-	put_str(&kv, "qwen3moe");
+	put_str(&kv, what == 8 ? "grok" : what == 9 ? "llama" : what == 10 ? "foo" : "qwen3moe");
 	static const struct {
 		const char *key;
 		uint32_t v;
@@ -490,7 +560,12 @@ static void loader_file(const char *p, int what)
 		put_le(&kv, meta[i].v, 4);
 	}
 	if (what == 5) /* layer 1's down in a type with no kept format */
-		t[n - 1].type = MOE_GGML_Q5_0, t[n - 1].bytes = LE * LH * LI / 32 * 22;
+		t[n - 1].type = MOE_GGML_Q5_1, t[n - 1].bytes = LE * LH * LI / 32 * 24;
+	if (what == 6 || what == 7) { /* layer 1's down Q5_0 */
+		q5_blocks(L.down5, ng, 31, what == 6 ? 9 : -1, what == 7);
+		t[n - 1].type = MOE_GGML_Q5_0, t[n - 1].data = L.down5;
+		t[n - 1].bytes = sizeof L.down5;
+	}
 	write_file(p, &kv, 6, t, n, 32);
 	free(kv.p);
 }
@@ -537,6 +612,7 @@ static void test_load(void **state)
 	    {2, "blk.1.ffn_down_exps.weight", "non-finite scale in group 77"},
 	    {3, "blk.0.ffn_gate_exps.weight", "is Q4_0, but the spec keeps gate as {kind: int8"},
 	    {4, "blk.1.ffn_up_exps.weight", "not found"},
+	    {6, "blk.1.ffn_down_exps.weight", "non-finite scale in group 9"},
 	};
 	for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
 		loader_file(p, bad[i].what);
@@ -547,6 +623,13 @@ static void test_load(void **state)
 		/* nothing half-loaded: the earlier weights are gone too */
 		assert_int_equal(m.forward(mm, 0, x, y, 3, NULL, NULL), MOE_ERR_WEIGHTS);
 	}
+	/* Q5_0 is kept as int8 groups of 32, like Q8_0; a zero d is valid
+	 * (ggml writes it for a block of zeros): layer 1's down is zero */
+	loader_file(p, 7);
+	assert_int_equal(load_gguf(mm, p), MOE_OK);
+	assert_int_equal(m.forward(mm, 1, x, y, 3, NULL, NULL), MOE_OK);
+	for (int i = 0; i < 3 * LH; i++)
+		assert_true(y[i] == 0.0f);
 	/* a file truncated after it was written is refused the same way */
 	loader_file(p, 0);
 	FILE *f = fopen(p, "r+b");
@@ -594,6 +677,16 @@ static void test_import(void **state)
 	for (size_t i = 0; i < sizeof want / sizeof *want; i++)
 		if (!strstr(text, want[i]))
 			fail_msg("'%s' not in:\n%s", want[i], text);
+	/* Q8_0 in layer 0 and Q5_0 in layer 1: one kept format, int8 groups of
+	 * 32 */
+	free(text);
+	text = NULL;
+	loader_file(p, 7);
+	out = open_memstream(&text, &len);
+	assert_int_equal(moe_import(p, out, &d), MOE_EXIT_OK);
+	fclose(out);
+	if (!strstr(text, "  down: {kind: int8, group: 32}\n"))
+		fail_msg("%s", text);
 	free(text);
 	text = NULL;
 	loader_file(p, 5);
@@ -601,9 +694,29 @@ static void test_import(void **state)
 	assert_int_equal(moe_import(p, out, &d), MOE_EXIT_SPEC);
 	fclose(out);
 	assert_int_equal(len, 0); /* nothing written */
-	free(text);
-	if (!strstr(last, "blk.1.ffn_down_exps.weight' is Q5_0"))
+	if (!strstr(last, "blk.1.ffn_down_exps.weight' is Q5_1") ||
+	    !strstr(last, "per-group minimum"))
 		fail_msg("%s", last);
+	/* architectures: refused by name with the reason, a dense llama, and
+	 * an unknown one with the list */
+	static const struct {
+		int what;
+		const char *a, *b;
+	} archs[] = {{8, "'grok' is not imported", "no family"},
+		     {9, "'llama' is not imported", "dense model"},
+		     {10, "unsupported general.architecture 'foo'", "deepseek2"}};
+	for (size_t i = 0; i < sizeof archs / sizeof *archs; i++) {
+		free(text);
+		text = NULL;
+		loader_file(p, archs[i].what);
+		out = open_memstream(&text, &len);
+		assert_int_equal(moe_import(p, out, &d), MOE_EXIT_SPEC);
+		fclose(out);
+		assert_int_equal(len, 0);
+		if (!strstr(last, archs[i].a) || !strstr(last, archs[i].b))
+			fail_msg("%s", last);
+	}
+	free(text);
 }
 
 static int setup(void **state)

@@ -12,8 +12,9 @@ static const char usage[] =
     "usage: moegen gguf FILE.gguf [--tensor NAME -o OUT.f32]\n"
     "List a GGUF file's metadata keys and tensors (name, type, shape slowest axis\n"
     "first). With --tensor and -o, write the tensor's values as raw f32: F32, F16\n"
-    "and BF16 converted, Q8_0, Q4_0 and Q4_K decoded to the codes, scales and\n"
-    "offsets that experts are kept in and expanded (W = code * scale + offset).\n";
+    "and BF16 converted, Q8_0, Q6_K, Q5_0, Q4_0, Q4_1 and Q4_K decoded to the\n"
+    "codes, scales and offsets that experts are kept in and expanded\n"
+    "(W = code * scale + offset).\n";
 
 static int dump_values(const struct moe_gguf_tensor *t, const char *out)
 {
@@ -29,8 +30,8 @@ static int dump_values(const struct moe_gguf_tensor *t, const char *out)
 		uint64_t K = t->ne[0], rows = t->numel / K;
 		unsigned char *raw = malloc(t->bytes);
 		uint8_t *codes = malloc(t->numel);
-		float *s = malloc(t->numel / 32 * sizeof *s),
-		      *o = malloc(t->numel / 32 * sizeof *o);
+		float *s = malloc(t->numel / f.group * sizeof *s),
+		      *o = malloc(t->numel / f.group * sizeof *o);
 		if (!raw || !codes || !s || !o) {
 			fprintf(stderr, "moegen: error: out of memory\n");
 		} else if (moe_gguf_read(t, raw, err, sizeof err) != MOE_OK) {

@@ -2790,14 +2790,65 @@ static int import_root(const char *json_path, cJSON *root, const struct moe_impo
 
 /* GGUF ------------------------------------------------------------------- */
 
-/* llama.cpp's architectures whose metadata imports, as the config.json a
- * family reads, and the tensor names of their MoE blocks. */
+/* llama.cpp's MoE architectures whose metadata imports, as the config.json
+ * of the family it maps to (deepseek2: deepseek_v2 or, with sigmoid gating,
+ * deepseek_v3; llama: mixtral when it has experts). */
 static const struct {
 	const char *arch, *model_type;
-} gguf_archs[] = {{"qwen3moe", "qwen3_moe"}};
+} gguf_archs[] = {{"qwen3moe", "qwen3_moe"},
+		  {"qwen2moe", "qwen2_moe"},
+		  {"olmoe", "olmoe"},
+		  {"deepseek2", "deepseek_v2"},
+		  {"llama", "mixtral"}};
+#define GGUF_ARCH_LIST "qwen3moe, qwen2moe, olmoe, deepseek2, llama (with experts)"
+
+/* llama.cpp's other MoE architectures, refused by name: those whose
+ * transformers checkpoint imports (from its config.json) and those with no
+ * family at all. */
+#define GGUF_VIA_CONFIG "its GGUF metadata is not mapped yet; import its config.json"
+static const struct {
+	const char *arch, *why;
+} gguf_refused[] = {
+    {"qwen3next", GGUF_VIA_CONFIG},
+    {"llama4", GGUF_VIA_CONFIG},
+    {"dbrx", GGUF_VIA_CONFIG},
+    {"phimoe", GGUF_VIA_CONFIG},
+    {"gpt-oss", GGUF_VIA_CONFIG},
+    {"granitemoe", GGUF_VIA_CONFIG},
+    {"glm4moe", GGUF_VIA_CONFIG},
+    {"ernie4_5-moe", GGUF_VIA_CONFIG},
+    {"hunyuan-moe", GGUF_VIA_CONFIG},
+    {"dots1", GGUF_VIA_CONFIG},
+    {"minimax-m2", GGUF_VIA_CONFIG},
+    {"jamba", GGUF_VIA_CONFIG},
+    {"deepseek", "DeepSeek-MoE (V1) has no family in moegen"},
+    {"grok", "Grok-1 has no family in moegen"},
+    {"arctic", "Snowflake Arctic (a dense MLP beside the experts) has no family in moegen"},
+    {"bailingmoe", "Ling (bailingmoe) has no family in moegen"},
+    {"bailingmoe2", "Ling 2 (bailingmoe2) has no family in moegen"},
+};
+
+/* One expert tensor's kept format (kind NONE for F32/F16/BF16), or -1 with
+ * an error naming the tensor and why its type is not kept. */
+static int gguf_role_fmt(struct imp *m, const char *nm, const struct moe_gguf_tensor *t,
+			 struct moe_qfmt *f)
+{
+	const char *tn = moe_gguf_type_name(t->type);
+	*f = (struct moe_qfmt){MOE_QFORMAT_NONE, 0, 0};
+	if (t->type == MOE_GGML_F32 || t->type == MOE_GGML_F16 || t->type == MOE_GGML_BF16 ||
+	    moe_gguf_qfmt(t->type, f) == 0)
+		return 0;
+	const char *why = moe_gguf_not_kept(t->type);
+	err(m,
+	    "tensor '%s' is %s: experts are read as F32, F16, BF16, Q8_0, Q6_K, Q5_0, Q4_0, Q4_1 "
+	    "or Q4_K%s%s",
+	    nm, tn ? tn : "?", why ? "; " : "", why ? why : "");
+	return -1;
+}
 
 /* The expert tensors' ggml types fill quant: (one format per matrix set,
- * the same in every MoE layer; F32/F16/BF16 experts are not quantized). */
+ * the same in every MoE layer; F32/F16/BF16 experts are not quantized), and
+ * the names are llama.cpp's. */
 static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 {
 	m->gguf = 1;
@@ -2806,21 +2857,64 @@ static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 		if (strstr(m->notes[i], "decoder_sparse_step"))
 			snprintf(m->notes[i], IMP_NOTE_MAX,
 				 "GGUF: every one of the block_count layers is an MoE layer.");
+	for (int r = 0; r < MOE_ROLE_COUNT; r++)
+		m->names[r][0] = 0;
 	name(m, MOE_ROLE_ROUTER, "blk.{layer}.ffn_gate_inp.weight");
 	name(m, MOE_ROLE_GATE, "blk.{layer}.ffn_gate_exps.weight");
 	name(m, MOE_ROLE_UP, "blk.{layer}.ffn_up_exps.weight");
 	name(m, MOE_ROLE_DOWN, "blk.{layer}.ffn_down_exps.weight");
+	if (m->shared_count) {
+		name(m, MOE_ROLE_SHARED_GATE, "blk.{layer}.ffn_gate_shexp.weight");
+		name(m, MOE_ROLE_SHARED_UP, "blk.{layer}.ffn_up_shexp.weight");
+		name(m, MOE_ROLE_SHARED_DOWN, "blk.{layer}.ffn_down_shexp.weight");
+		if (m->shared_gate != MOE_SHARED_GATE_NONE)
+			name(m, MOE_ROLE_SHARED_EXPERT_GATE,
+			     "blk.{layer}.ffn_gate_inp_shexp.weight");
+	}
+	if (m->select_bias)
+		name(m, MOE_ROLE_SELECT_BIAS, "blk.{layer}.exp_probs_b.bias");
+	const char *arch = moe_gguf_kv_str(gg, "general.architecture");
+	if (arch && !strcmp(arch, "deepseek2")) {
+		/* llama.cpp: renormalized when expert_weights_norm (softmax
+		 * too), group scores the sum of the two best (softmax too) */
+		const struct moe_gguf_kv *nw =
+		    moe_gguf_kv_find(gg, "deepseek2.expert_weights_norm");
+		int renorm = nw && nw->type == MOE_GGUF_BOOL && nw->u;
+		m->norm = renorm ? MOE_NORM_SUM : MOE_NORM_NONE;
+		if (m->n_groups)
+			m->group_score = MOE_GROUP_SCORE_SUM_TOP2;
+		for (int i = 0; i < m->n_notes; i++)
+			if (!strncmp(m->notes[i], "deepseek_v", 10))
+				snprintf(m->notes[i], IMP_NOTE_MAX,
+					 "deepseek2 (llama.cpp's graph): s = %s(x W_g^T) (f32)%s; "
+					 "top-k%s; the weights are the unbiased s, %s, times "
+					 "expert_weights_scale.",
+					 m->score == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax",
+					 m->select_bias ? ", chosen by s + exp_probs_b" : "",
+					 m->n_groups ? " within the expert_group_used_count groups "
+						       "whose two best scores sum highest"
+						     : "",
+					 renorm ? "divided by max(sum, 2^-14)"
+						: "not renormalized (expert_weights_norm false)");
+	}
+	/* llama.cpp divides by the sum clamped below at 2^-14 (ggml_clamp) */
+	if (m->norm == MOE_NORM_SUM)
+		m->norm_eps = 0, m->norm_min = 6.103515625e-5;
 	static const struct {
 		enum moe_role r;
 		enum moe_qmat q;
 	} roles[] = {{MOE_ROLE_GATE, MOE_QMAT_UP},
 		     {MOE_ROLE_UP, MOE_QMAT_UP},
-		     {MOE_ROLE_DOWN, MOE_QMAT_DOWN}};
-	int seen[MOE_QMAT_COUNT] = {0};
+		     {MOE_ROLE_DOWN, MOE_QMAT_DOWN},
+		     {MOE_ROLE_SHARED_GATE, MOE_QMAT_SHARED_UP},
+		     {MOE_ROLE_SHARED_UP, MOE_QMAT_SHARED_UP},
+		     {MOE_ROLE_SHARED_DOWN, MOE_QMAT_SHARED_DOWN}};
+	int seen[MOE_QMAT_COUNT] = {0}, mixed[MOE_QMAT_COUNT] = {0};
 	uint32_t type_of[MOE_QMAT_COUNT] = {0};
+	char first_nm[MOE_QMAT_COUNT][MOE_NAME_MAX * 2];
 	for (size_t i = 0; i < sizeof roles / sizeof *roles; i++)
 		for (long l = 0; l < m->layers; l++) {
-			if (!m->moe[l])
+			if (!m->moe[l] || !m->names[roles[i].r][0])
 				continue;
 			char nm[MOE_NAME_MAX * 2], e[256];
 			if (moe_st_expand(m->names[roles[i].r], l, -1, nm, sizeof nm, e,
@@ -2836,39 +2930,56 @@ static void gguf_fill(struct imp *m, const struct moe_gguf_file *gg)
 			}
 			enum moe_qmat q = roles[i].q;
 			const char *tn = moe_gguf_type_name(t->type);
-			struct moe_qfmt f = {MOE_QFORMAT_NONE, 0, 0};
-			if (t->type != MOE_GGML_F32 && t->type != MOE_GGML_F16 &&
-			    t->type != MOE_GGML_BF16 && moe_gguf_qfmt(t->type, &f) != 0) {
-				err(m,
-				    "tensor '%s' is %s: experts are read as F32, F16, BF16, Q8_0, "
-				    "Q4_0 or Q4_K",
-				    nm, tn ? tn : "?");
+			struct moe_qfmt f;
+			if (gguf_role_fmt(m, nm, t, &f) != 0)
 				return;
-			}
-			if (seen[q] && (f.kind != m->qfmt[q].kind || f.zero != m->qfmt[q].zero)) {
+			if (!seen[q]) {
+				seen[q] = 1, type_of[q] = t->type, m->qfmt[q] = f;
+				snprintf(first_nm[q], sizeof first_nm[q], "%s", nm);
+			} else if ((f.kind != m->qfmt[q].kind || f.group != m->qfmt[q].group ||
+				    f.zero != m->qfmt[q].zero) &&
+				   !mixed[q]) {
+				/* one format per matrix set in every layer (Q8_0 and
+				 * Q5_0 share one): a set whose format changes
+				 * (llama.cpp's Q4_K_M gives ffn_down Q6_K in some
+				 * layers) is dequantized at load */
 				const char *pn = moe_gguf_type_name(type_of[q]);
-				err(m,
-				    "tensor '%s' is %s but an earlier %s tensor is %s: the spec "
-				    "keeps "
-				    "one format per matrix set (gate and up are read together)",
-				    nm, tn ? tn : "?", moe_qmat_names[q], pn ? pn : "?");
-				return;
+				mixed[q] = 1;
+				warn(m,
+				     "tensor '%s' is %s but '%s' is %s: the spec keeps one format "
+				     "per matrix set (gate and up are read together), so the %s "
+				     "experts are not kept quantized; they are dequantized to "
+				     "dtype.weights at load",
+				     nm, tn ? tn : "?", first_nm[q], pn ? pn : "?",
+				     moe_qmat_names[q]);
+				note(m,
+				     "GGUF: the %s experts change type between tensors (%s, %s): "
+				     "dequantized to dtype.weights at load, not kept quantized.",
+				     moe_qmat_names[q], pn ? pn : "?", tn ? tn : "?");
 			}
-			seen[q] = 1, type_of[q] = t->type, m->qfmt[q] = f;
 		}
 	for (int q = 0; q < MOE_QMAT_COUNT; q++)
-		if (m->qfmt[q].kind != MOE_QFORMAT_NONE)
-			note(m,
-			     "GGUF: the %s experts are %s, kept quantized as %s groups of 32%s; "
-			     "f32 scales (%s).",
-			     moe_qmat_names[q], moe_gguf_type_name(type_of[q]),
-			     moe_qformat_names[m->qfmt[q].kind],
-			     m->qfmt[q].kind == MOE_QFORMAT_INT4
-				 ? (m->qfmt[q].zero ? " with a zero point" : ", symmetric")
-				 : "",
-			     type_of[q] == MOE_GGML_Q4_K   ? "s = d sc, o = -dmin m per sub-block"
-			     : type_of[q] == MOE_GGML_Q4_0 ? "s = d, o = -8 d"
-							   : "s = d");
+		if (mixed[q])
+			m->qfmt[q] = (struct moe_qfmt){MOE_QFORMAT_NONE, 0, 0};
+	for (int q = 0; q < MOE_QMAT_COUNT; q++) {
+		if (m->qfmt[q].kind == MOE_QFORMAT_NONE)
+			continue;
+		uint32_t ty = type_of[q];
+		note(m,
+		     "GGUF: the %s experts are %s, kept quantized as %s groups of %u%s; f32 "
+		     "scales (%s).",
+		     moe_qmat_names[q], moe_gguf_type_name(ty), moe_qformat_names[m->qfmt[q].kind],
+		     m->qfmt[q].group,
+		     m->qfmt[q].kind == MOE_QFORMAT_INT4
+			 ? (m->qfmt[q].zero ? " with an offset" : ", symmetric")
+			 : "",
+		     ty == MOE_GGML_Q4_K   ? "s = d sc, o = -dmin m per sub-block"
+		     : ty == MOE_GGML_Q4_0 ? "s = d, o = -8 d"
+		     : ty == MOE_GGML_Q4_1 ? "s = d, o = m"
+		     : ty == MOE_GGML_Q6_K ? "codes q - 32, s = d sc per 16"
+		     : ty == MOE_GGML_Q5_0 ? "codes q - 16, s = d"
+					   : "s = d");
+	}
 }
 
 /* Copy a numeric key into the config, when the file has it. */
@@ -2882,6 +2993,79 @@ static void gguf_num(cJSON *c, const struct moe_gguf_file *gg, const char *arch,
 		cJSON_AddNumberToObject(c, hf, v);
 }
 
+/* A numeric key of the architecture, or dflt when absent. */
+static double gguf_get(const struct moe_gguf_file *gg, const char *arch, const char *key,
+		       double dflt)
+{
+	char k[160];
+	snprintf(k, sizeof k, "%s.%s", arch, key);
+	double v;
+	return moe_gguf_kv_num(gg, k, &v) == 0 ? v : dflt;
+}
+
+/* The family a GGUF file's general.architecture maps to, or NULL with *why
+ * (a refusal's reason) when refused. */
+static const char *gguf_model_type(const struct moe_gguf_file *gg, const char *arch,
+				   const char **why)
+{
+	*why = NULL;
+	if (!arch)
+		return NULL;
+	for (size_t i = 0; i < sizeof gguf_refused / sizeof *gguf_refused; i++)
+		if (!strcmp(arch, gguf_refused[i].arch))
+			*why = gguf_refused[i].why;
+	if (!strcmp(arch, "llama") && gguf_get(gg, arch, "expert_count", 0) < 1) {
+		*why = "a llama file without expert_count is a dense model";
+		return NULL;
+	}
+	if (!strcmp(arch, "deepseek2"))
+		return gguf_get(gg, arch, "expert_gating_func", 1) == 2 ? "deepseek_v3"
+									: "deepseek_v2";
+	for (size_t i = 0; i < sizeof gguf_archs / sizeof *gguf_archs; i++)
+		if (!strcmp(arch, gguf_archs[i].arch))
+			return gguf_archs[i].model_type;
+	return NULL;
+}
+
+/* The deepseek2 keys: the routing as llama.cpp's graph computes it. */
+static void gguf_deepseek2(cJSON *c, const struct moe_gguf_file *gg, const char *arch, int v3)
+{
+	gguf_num(c, gg, arch, "expert_count", "n_routed_experts");
+	cJSON_AddNumberToObject(c, "first_k_dense_replace",
+				gguf_get(gg, arch, "leading_dense_block_count", 0));
+	cJSON_AddNumberToObject(c, "moe_layer_freq", 1);
+	cJSON_AddNumberToObject(c, "n_shared_experts",
+				gguf_get(gg, arch, "expert_shared_count", 0));
+	cJSON_AddNumberToObject(c, "routed_scaling_factor",
+				gguf_get(gg, arch, "expert_weights_scale", 1));
+	double ng = gguf_get(gg, arch, "expert_group_count", 1);
+	double tg = gguf_get(gg, arch, "expert_group_used_count", ng);
+	cJSON_AddNumberToObject(c, "n_group", ng < 1 ? 1 : ng);
+	cJSON_AddNumberToObject(c, "topk_group", ng < 1 ? 1 : tg);
+	/* the renormalization is set from expert_weights_norm in gguf_fill */
+	cJSON_AddBoolToObject(c, "norm_topk_prob", 0);
+	cJSON_AddStringToObject(c, "scoring_func", v3 ? "sigmoid" : "softmax");
+	cJSON_AddStringToObject(c, "topk_method",
+				v3       ? "noaux_tc"
+				: ng > 1 ? "group_limited_greedy"
+					 : "greedy");
+	double kv_lora = gguf_get(gg, arch, "attention.kv_lora_rank", 0);
+	if (kv_lora > 0) {
+		double rope = gguf_get(gg, arch, "rope.dimension_count", 0);
+		double kl = gguf_get(gg, arch, "attention.key_length_mla",
+				     gguf_get(gg, arch, "attention.key_length", 0));
+		double vl = gguf_get(gg, arch, "attention.value_length_mla",
+				     gguf_get(gg, arch, "attention.value_length", 0));
+		cJSON_AddNumberToObject(c, "kv_lora_rank", kv_lora);
+		double ql = gguf_get(gg, arch, "attention.q_lora_rank", 0);
+		if (ql > 0)
+			cJSON_AddNumberToObject(c, "q_lora_rank", ql);
+		cJSON_AddNumberToObject(c, "qk_rope_head_dim", rope);
+		cJSON_AddNumberToObject(c, "qk_nope_head_dim", kl - rope);
+		cJSON_AddNumberToObject(c, "v_head_dim", vl);
+	}
+}
+
 /* A GGUF file: its metadata as the config.json of the family it maps to. */
 static int import_gguf(const char *path, const struct moe_import_opts *o, FILE *out,
 		       struct moe_diag *d)
@@ -2893,15 +3077,16 @@ static int import_gguf(const char *path, const struct moe_import_opts *o, FILE *
 		moe_diag_error(d, "%s", e);
 		return st == MOE_ERR_IO ? MOE_EXIT_IO : MOE_EXIT_SPEC;
 	}
-	const char *arch = moe_gguf_kv_str(gg, "general.architecture");
-	const char *mt = NULL;
-	for (size_t i = 0; arch && i < sizeof gguf_archs / sizeof *gguf_archs; i++)
-		if (!strcmp(arch, gguf_archs[i].arch))
-			mt = gguf_archs[i].model_type;
+	const char *arch = moe_gguf_kv_str(gg, "general.architecture"), *why;
+	const char *mt = gguf_model_type(gg, arch, &why);
 	if (!mt) {
-		moe_diag_error(d, "%s: %s general.architecture%s%.64s%s (supported: qwen3moe)",
-			       path, arch ? "unsupported" : "no", arch ? " '" : "",
-			       arch ? arch : "", arch ? "'" : "");
+		if (why)
+			moe_diag_error(d, "%s: general.architecture '%.64s' is not imported: %s",
+				       path, arch, why);
+		else
+			moe_diag_error(d, "%s: %s general.architecture%s%.64s%s (supported: %s)",
+				       path, arch ? "unsupported" : "no", arch ? " '" : "",
+				       arch ? arch : "", arch ? "'" : "", GGUF_ARCH_LIST);
 		moe_gguf_close(gg);
 		return MOE_EXIT_SPEC;
 	}
@@ -2911,29 +3096,50 @@ static int import_gguf(const char *path, const struct moe_import_opts *o, FILE *
 	const char *gn = moe_gguf_kv_str(gg, "general.name");
 	if (gn)
 		cJSON_AddStringToObject(c, "_name_or_path", gn);
+	int ds = !strncmp(mt, "deepseek", 8);
 	gguf_num(c, gg, arch, "embedding_length", "hidden_size");
 	gguf_num(c, gg, arch, "block_count", "num_hidden_layers");
-	gguf_num(c, gg, arch, "expert_count", "num_experts");
+	gguf_num(c, gg, arch, "expert_count",
+		 !strcmp(mt, "mixtral") ? "num_local_experts" : "num_experts");
 	gguf_num(c, gg, arch, "expert_used_count", "num_experts_per_tok");
-	gguf_num(c, gg, arch, "expert_feed_forward_length", "moe_intermediate_size");
 	gguf_num(c, gg, arch, "feed_forward_length", "intermediate_size");
+	/* the experts' width: expert_feed_forward_length, or (llama, olmoe
+	 * files without it) feed_forward_length */
+	double fe = gguf_get(gg, arch, "expert_feed_forward_length",
+			     gguf_get(gg, arch, "feed_forward_length", -1));
+	int plain = !strcmp(mt, "mixtral") || !strcmp(mt, "olmoe"); /* no dense FFN */
+	if (plain)
+		cJSON_DeleteItemFromObject(c, "intermediate_size");
+	if (fe >= 0)
+		cJSON_AddNumberToObject(c, plain ? "intermediate_size" : "moe_intermediate_size",
+					fe);
 	gguf_num(c, gg, arch, "attention.head_count", "num_attention_heads");
 	gguf_num(c, gg, arch, "attention.head_count_kv", "num_key_value_heads");
-	gguf_num(c, gg, arch, "attention.key_length", "head_dim");
+	if (!ds)
+		gguf_num(c, gg, arch, "attention.key_length", "head_dim");
 	gguf_num(c, gg, arch, "vocab_size", "vocab_size");
 	const struct moe_gguf_kv *tok = moe_gguf_kv_find(gg, "tokenizer.ggml.tokens");
 	if (!cJSON_GetObjectItem(c, "vocab_size") && tok && tok->type == MOE_GGUF_ARRAY)
 		cJSON_AddNumberToObject(c, "vocab_size", (double)tok->arr_n);
 	cJSON_AddStringToObject(c, "hidden_act", "silu");
-	/* llama.cpp's qwen3moe graph renormalizes the top-k weights (as
-	 * norm_topk_prob true); expert_weights_norm, when written, says so */
-	char k[160];
-	snprintf(k, sizeof k, "%s.expert_weights_norm", arch);
-	const struct moe_gguf_kv *nw = moe_gguf_kv_find(gg, k);
-	cJSON_AddBoolToObject(c, "norm_topk_prob",
-			      nw && nw->type == MOE_GGUF_BOOL ? (int)nw->u : 1);
+	if (!strcmp(mt, "qwen2_moe"))
+		gguf_num(c, gg, arch, "expert_shared_feed_forward_length",
+			 "shared_expert_intermediate_size");
+	if (ds)
+		gguf_deepseek2(c, gg, arch, !strcmp(mt, "deepseek_v3"));
+	/* llama.cpp renormalizes the top-k weights for qwen3moe and llama
+	 * (mixtral), not for qwen2moe and olmoe; deepseek2 per
+	 * expert_weights_norm (set in gguf_fill) */
+	if (!ds)
+		cJSON_AddBoolToObject(c, "norm_topk_prob",
+				      !strcmp(mt, "qwen3_moe") || !strcmp(mt, "mixtral"));
 	/* the router's type is the spec's weight dtype (F32 in llama.cpp's files) */
-	const struct moe_gguf_tensor *rt = moe_gguf_find(gg, "blk.0.ffn_gate_inp.weight");
+	const struct moe_gguf_tensor *rt = NULL;
+	for (long l = 0; !rt && l < (long)gguf_get(gg, arch, "block_count", 0) && l < 4096; l++) {
+		char nm[64];
+		snprintf(nm, sizeof nm, "blk.%ld.ffn_gate_inp.weight", l);
+		rt = moe_gguf_find(gg, nm);
+	}
 	cJSON_AddStringToObject(c, "torch_dtype",
 				rt && rt->type == MOE_GGML_BF16  ? "bfloat16"
 				: rt && rt->type == MOE_GGML_F16 ? "float16"
@@ -2959,10 +3165,10 @@ static const char *config_family(const char *json_path, struct moe_diag *d)
 		char e[512];
 		if (moe_gguf_open(json_path, &gg, e, sizeof e) != MOE_OK)
 			return NULL;
-		const char *arch = moe_gguf_kv_str(gg, "general.architecture");
-		for (size_t i = 0; arch && i < sizeof gguf_archs / sizeof *gguf_archs; i++)
-			if (!strcmp(arch, gguf_archs[i].arch))
-				fam = find_family(gguf_archs[i].model_type)->model_type;
+		const char *why,
+		    *mt = gguf_model_type(gg, moe_gguf_kv_str(gg, "general.architecture"), &why);
+		if (mt)
+			fam = find_family(mt)->model_type;
 		moe_gguf_close(gg);
 		return fam;
 	}

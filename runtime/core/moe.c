@@ -933,10 +933,42 @@ MOE_API enum moe_status moe_load_safetensors(moe_model *m, const char *const *fi
 
 /* GGUF ---------------------------------------------------------------------- */
 
+/* A quantized tensor of a kept type, decoded and expanded to f32 (exactly
+ * ggml's dequantization); a non-finite scale or offset is an error naming
+ * the group. */
+static int gguf_dequant(const struct moe_gguf_tensor *t, const char *name, enum moe_role role,
+			uint32_t layer, const struct moe_qfmt *f, uint64_t rows, uint64_t K,
+			float *out, char *err, size_t cap)
+{
+	uint64_t ng = rows * (K / f->group);
+	unsigned char *raw = malloc(t->bytes ? (size_t)t->bytes : 1);
+	uint8_t *codes = malloc((size_t)(rows * K) + 1);
+	float *s = malloc((size_t)ng * sizeof *s + 1), *o = malloc((size_t)ng * sizeof *o + 1);
+	int rc = -1;
+	if (!raw || !codes || !s || !o) {
+		snprintf(err, cap, "%s: tensor '%s': out of memory", t->file, name);
+	} else if (moe_gguf_read(t, raw, err, cap) == MOE_OK) {
+		int64_t bad = moe_gguf_decode(t->type, raw, rows, K, codes, s, o);
+		if (bad >= 0) {
+			snprintf(err, cap,
+				 "%s: tensor '%s' (%s, layer %u): non-finite scale or offset in "
+				 "group %lld",
+				 t->file, name, moe_role_names[role], layer, (long long)bad);
+		} else {
+			moe_qdequant(f, codes, s, f->kind == MOE_QFORMAT_INT4 ? o : NULL, rows, K,
+				     out);
+			rc = 0;
+		}
+	}
+	free(raw), free(codes), free(s), free(o);
+	return rc;
+}
+
 /* One role of one layer from a GGUF file: llama.cpp stores every weight
  * [out, in] (ne0 = in, fastest) and the experts stacked ([E][out][in]); a
  * role the spec keeps quantized must be of the type that keeps its format
- * (Q8_0, Q4_0, Q4_K) and fills w->q, every other role is F32, F16 or BF16. */
+ * (Q8_0, Q6_K, Q5_0, Q4_0, Q4_1, Q4_K) and fills w->q; a role it does not
+ * keep quantized is F32, F16 or BF16, or one of those types dequantized. */
 static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t layer,
 		     enum moe_role role, struct moe_ref_weights *w, char *err, size_t cap)
 {
@@ -970,9 +1002,13 @@ static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t
 	if (!is_vector(role))
 		want[nd++] = R;
 	want[nd++] = is_vector(role) ? R * C : C;
-	if (t->ndim != nd || memcmp(t->shape, want, nd * sizeof *want) != 0) {
+	/* a single row (qwen2moe's shared-expert gate, [1, H]) is stored 1-D */
+	const uint64_t *have = want;
+	if (nd == 2 && !pe && want[0] == 1 && t->ndim == 1)
+		have = want + 1, nd = 1;
+	if (t->ndim != nd || memcmp(t->shape, have, nd * sizeof *have) != 0) {
 		char a[160], b[160];
-		dims_str(want, nd, a, sizeof a);
+		dims_str(have, nd, a, sizeof a);
 		dims_str(t->shape, t->ndim, b, sizeof b);
 		snprintf(err, cap,
 			 "%s: tensor '%s' (%s, layer %u): expected shape %s (slowest axis first), "
@@ -984,8 +1020,15 @@ static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t
 	struct moe_qfmt q = moe_ref_role_qfmt(d, role), tq;
 	const char *tn = moe_gguf_type_name(t->type);
 	if (q.kind == MOE_QFORMAT_NONE) {
-		if (moe_gguf_read_f32(t, w->w[role], n, err, cap) != MOE_OK)
+		if (moe_gguf_qfmt(t->type, &tq) == 0) {
+			/* a kept type the spec does not keep (a matrix set whose
+			 * type changes between layers): dequantized exactly */
+			if (gguf_dequant(t, name, role, layer, &tq, n_e * R, C, w->w[role], err,
+					 cap) != 0)
+				return -1;
+		} else if (moe_gguf_read_f32(t, w->w[role], n, err, cap) != MOE_OK) {
 			return -1;
+		}
 		for (uint64_t i = 0; i < n; i++)
 			if (!isfinite(w->w[role][i])) {
 				snprintf(err, cap,
@@ -1007,8 +1050,8 @@ static int gguf_role(const struct moe_desc *d, struct moe_gguf_file *f, uint32_t
 	    tq.zero != q.zero) {
 		snprintf(err, cap,
 			 "%s: tensor '%s' (%s, layer %u) is %s, but the spec keeps %s as {kind: "
-			 "%s, group: %u%s} (Q8_0 is {int8, 32}, Q4_0 {int4, 32, zero: false}, "
-			 "Q4_K {int4, 32, zero: true})",
+			 "%s, group: %u%s} (Q8_0 and Q5_0 are {int8, 32}, Q6_K {int8, 16}, Q4_0 "
+			 "{int4, 32, zero: false}, Q4_1 and Q4_K {int4, 32, zero: true})",
 			 t->file, name, moe_role_names[role], layer, tn ? tn : "?",
 			 moe_role_names[role], moe_qformat_names[q.kind], q.group,
 			 q.kind != MOE_QFORMAT_INT4 ? ""

@@ -55,16 +55,44 @@ const char *moe_gguf_type_name(uint32_t type)
 int moe_gguf_qfmt(uint32_t type, struct moe_qfmt *out)
 {
 	struct moe_qfmt f = {MOE_QFORMAT_NONE, 32, 0};
-	if (type == MOE_GGML_Q8_0)
+	if (type == MOE_GGML_Q8_0 || type == MOE_GGML_Q5_0)
 		f.kind = MOE_QFORMAT_INT8;
+	else if (type == MOE_GGML_Q6_K)
+		f.kind = MOE_QFORMAT_INT8, f.group = 16;
 	else if (type == MOE_GGML_Q4_0)
 		f.kind = MOE_QFORMAT_INT4;
-	else if (type == MOE_GGML_Q4_K)
+	else if (type == MOE_GGML_Q4_K || type == MOE_GGML_Q4_1)
 		f.kind = MOE_QFORMAT_INT4, f.zero = 1;
 	else
 		return -1;
 	*out = f;
 	return 0;
+}
+
+const char *moe_gguf_not_kept(uint32_t type)
+{
+	switch (type) {
+	case MOE_GGML_Q5_1:
+	case MOE_GGML_Q5_K:
+		return "5-bit codes with a per-group minimum: int4 holds 4 bits and int8 is "
+		       "symmetric (no offset), and moving the minimum into the codes is not "
+		       "exact";
+	case MOE_GGML_Q2_K:
+	case MOE_GGML_Q3_K:
+		return "not decoded (its 2- and 3-bit codes would fit int4 groups of 16; not "
+		       "done)";
+	case MOE_GGML_Q8_1:
+	case MOE_GGML_Q8_K:
+		return "an activation type of llama.cpp, not a weight type";
+	case MOE_GGML_I8:
+	case MOE_GGML_I16:
+	case MOE_GGML_I32:
+	case MOE_GGML_I64:
+	case MOE_GGML_F64:
+		return "not a weight type";
+	default:
+		return NULL;
+	}
 }
 
 __attribute__((format(printf, 4, 5))) static enum moe_status
@@ -724,27 +752,52 @@ static float f16_at(const unsigned char *p)
 	return moe_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
 }
 
+/* Bits b..b+1 of byte v. */
+static unsigned two_bits(unsigned v, int b)
+{
+	return v >> b & 3u;
+}
+
 int64_t moe_gguf_decode(uint32_t type, const void *src, uint64_t rows, uint64_t K, uint8_t *codes,
 			float *scale, float *offset)
 {
 	const unsigned char *p = src;
-	uint64_t ng = rows * (K / 32);
+	struct moe_qfmt f;
+	if (moe_gguf_qfmt(type, &f) != 0)
+		return -2;
+	uint64_t ng = rows * (K / f.group);
 	if (type == MOE_GGML_Q8_0) {
 		/* 34 bytes per 32: f16 d, 32 int8 */
 		for (uint64_t g = 0; g < ng; g++, p += 34) {
 			scale[g] = f16_at(p);
 			memcpy(codes + g * 32, p + 2, 32);
 		}
-	} else if (type == MOE_GGML_Q4_0) {
-		/* 18 bytes per 32: f16 d, 16 bytes: low nibbles are elements
-		 * 0..15, high nibbles 16..31 */
-		for (uint64_t g = 0; g < ng; g++, p += 18) {
+	} else if (type == MOE_GGML_Q5_0) {
+		/* 22 bytes per 32: f16 d, u32 qh (bit l: the fifth bit of
+		 * element l), 16 bytes of nibbles as Q4_0's; W = (q - 16) d */
+		for (uint64_t g = 0; g < ng; g++, p += 22) {
+			scale[g] = f16_at(p);
+			uint32_t qh = (uint32_t)le(p + 2, 4);
+			for (int l = 0; l < 16; l++) {
+				unsigned lo = p[6 + l] & 15u, hi = p[6 + l] >> 4;
+				lo |= (qh >> l & 1u) << 4;
+				hi |= (qh >> (l + 16) & 1u) << 4;
+				codes[g * 32 + (uint64_t)l] = (uint8_t)(int8_t)((int)lo - 16);
+				codes[g * 32 + 16 + (uint64_t)l] = (uint8_t)(int8_t)((int)hi - 16);
+			}
+		}
+	} else if (type == MOE_GGML_Q4_0 || type == MOE_GGML_Q4_1) {
+		/* Q4_0: 18 bytes per 32: f16 d, 16 bytes: low nibbles are
+		 * elements 0..15, high nibbles 16..31; Q4_1: 20 bytes, f16 d
+		 * and f16 m before the same nibbles, W = q d + m */
+		int q1 = type == MOE_GGML_Q4_1, hdr = q1 ? 4 : 2;
+		for (uint64_t g = 0; g < ng; g++, p += hdr + 16) {
 			float d = f16_at(p);
 			scale[g] = d;
-			offset[g] = -8.0f * d;
+			offset[g] = q1 ? f16_at(p + 2) : -8.0f * d;
 			for (int l = 0; l < 16; l++) {
-				codes[g * 32 + l] = p[2 + l] & 15u;
-				codes[g * 32 + 16 + l] = p[2 + l] >> 4;
+				codes[g * 32 + (uint64_t)l] = p[hdr + l] & 15u;
+				codes[g * 32 + 16 + (uint64_t)l] = p[hdr + l] >> 4;
 			}
 		}
 	} else if (type == MOE_GGML_Q4_K) {
@@ -767,11 +820,32 @@ int64_t moe_gguf_decode(uint32_t type, const void *src, uint64_t rows, uint64_t 
 			}
 		}
 	} else {
-		return -2;
+		/* Q6_K: 210 bytes per 256: ql[128] (low 4 bits), qh[64] (high
+		 * 2 bits), 16 int8 scales, f16 d. Each half of 128 elements
+		 * reads 64 bytes of ql and 32 of qh: element e = 32 k + l
+		 * (k 0..3, l 0..31) has low bits ql[l + 32 (k & 1)] (low nibble
+		 * for k < 2, high for k >= 2) and high bits (qh[l] >> 2k) & 3;
+		 * its scale is scales[e / 16]; W = (q - 32) fl(d sc). */
+		for (uint64_t b = 0; b < ng / 16; b++, p += 210) {
+			const unsigned char *ql = p, *qh = p + 128;
+			const signed char *sc = (const signed char *)(p + 192);
+			float d = f16_at(p + 208);
+			for (int j = 0; j < 16; j++)
+				scale[b * 16 + (uint64_t)j] = d * (float)sc[j];
+			uint8_t *c = codes + b * 256;
+			for (int h = 0; h < 2; h++, ql += 64, qh += 32, c += 128)
+				for (int k = 0; k < 4; k++)
+					for (int l = 0; l < 32; l++) {
+						unsigned lo = ql[l + 32 * (k & 1)];
+						lo = k < 2 ? lo & 15u : lo >> 4;
+						unsigned q = lo | two_bits(qh[l], 2 * k) << 4;
+						c[32 * k + l] = (uint8_t)(int8_t)((int)q - 32);
+					}
+		}
 	}
+	int has_o = f.kind == MOE_QFORMAT_INT4;
 	for (uint64_t g = 0; g < ng; g++)
-		if (!isfinite(scale[g]) ||
-		    (offset && type != MOE_GGML_Q8_0 && !isfinite(offset[g])))
+		if (!isfinite(scale[g]) || (offset && has_o && !isfinite(offset[g])))
 			return (int64_t)g;
 	return -1;
 }

@@ -2,9 +2,9 @@
  * writes them): the header, every metadata key/value (all value types,
  * arrays), the tensor infos and the data offsets, each size and offset
  * bounds-checked before anything is read; and the decoders of the ggml block
- * types that experts are kept in (Q8_0, Q4_0, Q4_K) into integer codes with a
- * scale and an offset per group of 32 inputs. Errors name the file and the
- * tensor. */
+ * types that experts are kept in (Q8_0, Q6_K, Q5_0, Q4_0, Q4_1, Q4_K) into
+ * integer codes with a scale and an offset per group of 16 or 32 inputs. Errors name the file and
+ * the tensor. */
 #ifndef MOE_GGUF_H
 #define MOE_GGUF_H
 
@@ -15,7 +15,8 @@
 
 /* The ggml tensor types whose layout is known: value, name, elements per
  * block, bytes per block. A tensor of another type is an error naming its
- * number. Only F32, F16, BF16, Q8_0, Q4_0 and Q4_K are decoded. */
+ * number. Only F32, F16, BF16, Q8_0, Q6_K, Q5_0, Q4_0, Q4_1 and Q4_K are
+ * decoded. */
 #define MOE_GGUF_TYPES(X)                                                                          \
 	X(F32, "F32", 0, 1, 4)                                                                     \
 	X(F16, "F16", 1, 1, 2)                                                                     \
@@ -124,9 +125,12 @@ const char *moe_gguf_kv_str(const struct moe_gguf_file *f, const char *key);
 /* The type's name ("Q4_K"), or NULL when unknown. */
 const char *moe_gguf_type_name(uint32_t type);
 /* The format a quantized type is kept in without loss: Q8_0 -> {int8, 32},
- * Q4_0 -> {int4, 32, zero 0}, Q4_K -> {int4, 32, zero 1}; 0, or -1 for any
- * other type. */
+ * Q6_K -> {int8, 16}, Q5_0 -> {int8, 32}, Q4_0 -> {int4, 32, zero 0}, Q4_1
+ * and Q4_K -> {int4, 32, zero 1}; 0, or -1 for any other type. */
 int moe_gguf_qfmt(uint32_t type, struct moe_qfmt *out);
+/* Why a known quantized type has no kept format (a sentence for an error
+ * message), or NULL for the types that have one and for unknown types. */
+const char *moe_gguf_not_kept(uint32_t type);
 
 /* The tensor's bytes as stored (t->bytes) into dst; a file that ends before
  * the tensor is MOE_ERR_WEIGHTS, a read error MOE_ERR_IO. */
@@ -135,16 +139,20 @@ enum moe_status moe_gguf_read(const struct moe_gguf_tensor *t, void *dst, char *
  * MOE_ERR_WEIGHTS naming the type. Values are not checked for finiteness. */
 enum moe_status moe_gguf_read_f32(const struct moe_gguf_tensor *t, float *dst, size_t n, char *err,
 				  size_t cap);
-/* Decode rows x K elements (K a multiple of the type's block) of a Q8_0,
- * Q4_0 or Q4_K tensor's bytes into codes [rows * K] (one per byte: Q8_0 the
- * signed code, the 4-bit ones 0..15) and scale, offset [rows * K / 32]
- * (offset is not written for Q8_0), exactly as ggml's dequantization: with
- * W = fl(code * scale) + offset (moe_qdequant),
+/* Decode rows x K elements (K a multiple of the type's block) of a tensor
+ * of a type that moe_gguf_qfmt keeps into codes [rows * K] (one per byte:
+ * the int8 codes signed, the int4 ones 0..15) and scale, offset [rows * K /
+ * group] (offset is written for the int4 formats only), exactly as ggml's
+ * dequantization: with W = fl(code * scale) + offset (moe_qdequant),
  *   Q8_0: scale d, W = q * d;
+ *   Q6_K: code q - 32, scale fl(d * sc) per 16 (exact: an f16 times an int8);
+ *   Q5_0: code q - 16, scale d;
  *   Q4_0: scale d, offset -8 d, W = (q - 8) * d;
+ *   Q4_1: scale d, offset m, W = q * d + m;
  *   Q4_K: scale fl(d * sc), offset -fl(dmin * m) per sub-block of 32.
  * Returns -1, or the index of the first group whose scale or offset is not
- * finite (-2 for a type that is not decoded). */
+ * finite (-2 for a type that is not decoded). A zero scale is valid (ggml
+ * writes d = 0 for a block of zeros). */
 int64_t moe_gguf_decode(uint32_t type, const void *src, uint64_t rows, uint64_t K, uint8_t *codes,
 			float *scale, float *offset);
 

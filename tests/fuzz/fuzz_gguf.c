@@ -12,8 +12,8 @@ static void read_all(const struct moe_gguf_tensor *t)
 	unsigned char *b = malloc((size_t)t->bytes + 1);
 	float *f = malloc((size_t)t->numel * sizeof *f + 1);
 	uint8_t *codes = malloc((size_t)t->numel + 1);
-	float *s = malloc((size_t)t->numel / 32 * sizeof *s + 1);
-	float *o = malloc((size_t)t->numel / 32 * sizeof *o + 1);
+	float *s = malloc((size_t)t->numel / 16 * sizeof *s + 1); /* Q6_K: groups of 16 */
+	float *o = malloc((size_t)t->numel / 16 * sizeof *o + 1);
 	if (!b || !f || !codes || !s || !o)
 		abort();
 	moe_gguf_read_f32(t, f, (size_t)t->numel, err, sizeof err);

@@ -62,7 +62,17 @@ def gguf_seeds(gd):
     q8 = b"\x00\x38" + bytes(range(32))
     q4 = b"\x00\x40" + bytes(range(16))
     qk = b"\x00\x3c\x00\x38" + bytes(range(12)) + bytes(range(128))
+    q6 = bytes(range(128)) + bytes(range(64)) + bytes([0xFD] * 16) + b"\x00\x34"
+    q5 = b"\x00\x3c" + b"\x01\x00\x02\x00" + bytes(range(16))
+    q41 = b"\x00\x38\x00\xc0" + bytes(range(16))
     seeds = {
+        # the types kept since Q4_K, then a NaN d (Q6_K), a zero d (Q5_0)
+        # and a NaN minimum (Q4_1)
+        "blocks2": gguf([], [("q6", 14, [256], q6), ("q5", 6, [32], q5),
+                             ("q41", 3, [32], q41)]),
+        "badscales": gguf([], [("q6", 14, [256], q6[:208] + b"\x00\x7e"),
+                               ("q5", 6, [32], b"\x00\x00" + q5[2:]),
+                               ("q41", 3, [32], q41[:2] + b"\x00\x7e" + q41[4:])]),
         "meta": gguf(kvs, [("w.f32", 0, [2], struct.pack("<2f", 1, -2))], align=64),
         "blocks": gguf([("general.architecture", 8, gguf_str("qwen3moe"))],
                        [("q8", 8, [32, 2], q8 * 2), ("q4", 2, [32, 1], q4),
