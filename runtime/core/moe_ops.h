@@ -47,7 +47,7 @@ MOE_DEFINE_ENUM(moe_shape, MOE_SHAPE_, MOE_SHAPES);
 	X(SOFT_LOGITS, "soft_logits", TOKENS)    /* Soft MoE: normalized tokens x slots */         \
 	X(SOFT_COMBINE, "soft_combine", TOKENS)  /* per-token softmax over slots */                \
 	X(SOFT_DISPATCH, "soft_dispatch", SLOTS) /* per-slot softmax over tokens */                \
-	X(SOFT_SLOT_IN, "soft_slot_in", SLOTS)   /* slot inputs */                                 \
+	X(SOFT_SLOT_IN, "soft_slot_in", COLUMNS) /* slot inputs, in column blocks */               \
 	X(SOFT_SLOTS, "soft_slots", SERIAL)      /* the slots become the experts' rows */          \
 	X(SOFT_OUT, "soft_out", TOKENS)          /* y = combine x slot outputs */                  \
 	X(SOFT_STATS, "soft_stats", SERIAL)                                                        \
@@ -81,7 +81,7 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
 	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */                                         \
 	X(SOFT_XN, "soft_xn")   /* [T, H] f32 normalized tokens */                                 \
 	X(SOFT_C, "soft_c")     /* [T, S] f32 combine weights */                                   \
-	X(SOFT_D, "soft_d")     /* [S, T] f32 dispatch weights */                                  \
+	X(SOFT_D, "soft_d")     /* [T, S] f32 dispatch weights */                                  \
 	X(SOFT_XS, "soft_xs")   /* [S, H] f32 slot inputs */                                       \
 	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */                                      \
 	X(SLOT_ROW, "slot_row") /* [T, W] i64 grouped row of each slot (-1: none) */               \
