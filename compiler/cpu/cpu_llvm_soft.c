@@ -324,25 +324,25 @@ static void gen_combine(struct moe_ll *g)
 	moe_ll_fn_end(g);
 }
 
-/* moe_soft_dispatch(L, T, s0, s1, D): per slot s in [s0, s1), the softmax
- * over the T tokens of column s of L[T, S], into column s of D[T, S]: the
- * slot inputs' tile then reads its slots' weights of token t as one run. */
+/* moe_soft_dispatch(L, T, s0, s1, Dt): per slot s in [s0, s1), the softmax
+ * over the T tokens of column s of L[T, S], stored transposed: Dt[s, t] (a
+ * slot block's rows are its own, no cache line shared with another task). */
 static void gen_dispatch(struct moe_ll *g)
 {
 	LLVMTypeRef params[] = {g->t_ptr, g->t_i64, g->t_i64, g->t_i64, g->t_ptr};
-	static const char *const pn[] = {"L", "T", "s0", "s1", "D"};
+	static const char *const pn[] = {"L", "T", "s0", "s1", "Dt"};
 	moe_ll_fn_begin(g, "moe_soft_dispatch", params, pn, 5);
 	LLVMValueRef T = moe_ll_prm(g, 1);
 	struct moe_ll_loop s;
 	moe_ll_loop_open(g, &s, moe_ll_prm(g, 2), moe_ll_prm(g, 3), 1, "s");
-	moe_ll_softmax(g, moe_ll_prm(g, 0), s.iv, n_slots(g), moe_ll_prm(g, 4), s.iv, n_slots(g),
-		       T);
+	moe_ll_softmax(g, moe_ll_prm(g, 0), s.iv, n_slots(g), moe_ll_prm(g, 4),
+		       LLVMBuildNSWMul(g->b, s.iv, T, ""), 1, T);
 	moe_ll_loop_close(g, &s);
 	moe_ll_fn_end(g);
 }
 
-/* moe_soft_slot_in(D, x, T, p0, p1, xs): the columns of panels [p0, p1) of
- * the slot inputs, xs[s, h] = the sum over t ascending of D[t, s] * x[t, h]
+/* moe_soft_slot_in(Dt, x, T, p0, p1, xs): the columns of panels [p0, p1) of
+ * the slot inputs, xs[s, h] = the sum over t ascending of Dt[s, t] * x[t, h]
  * (f32 fused), for every slot: per panel, the slots in tiles, so a panel of
  * x is read once per tile of slots (once when S <= the tile's rows). */
 static void slot_in_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p)
@@ -350,9 +350,11 @@ static void slot_in_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, L
 	LLVMBuilderRef b = g->b;
 	uint32_t H = g->d->hidden;
 	LLVMValueRef acc[2 * SOFT_MR_WIDE], col = mul(g, p, MOE_NR);
-	gemm_tile(g, mr, ncols, moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), r0), moe_ll_i64c(g, 1),
-		  moe_ll_i64c(g, n_slots(g)), moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), col),
-		  moe_ll_i64c(g, H), moe_ll_prm(g, 2), acc);
+	LLVMValueRef T = moe_ll_prm(g, 2);
+	gemm_tile(g, mr, ncols,
+		  moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), LLVMBuildNSWMul(b, r0, T, "")), T,
+		  moe_ll_i64c(g, 1), moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), col),
+		  moe_ll_i64c(g, H), T, acc);
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef s = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		tile_store(g, ncols, acc + 2 * r, NULL, NULL,
@@ -367,7 +369,7 @@ static void gen_slot_in(struct moe_ll *g)
 	uint32_t H = g->d->hidden, full = H / MOE_NR, tail = H % MOE_NR;
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
 	LLVMTypeRef params[] = {P, P, I, I, I, P};
-	static const char *const pn[] = {"D", "x", "T", "p0", "p1", "xs"};
+	static const char *const pn[] = {"Dt", "x", "T", "p0", "p1", "xs"};
 	moe_ll_fn_begin(g, "moe_soft_slot_in", params, pn, 6);
 	LLVMValueRef p0 = moe_ll_prm(g, 3), p1 = moe_ll_prm(g, 4), S = moe_ll_i64c(g, n_slots(g));
 	/* the full panels in [p0, min(p1, full)), then the last one if in range */

@@ -799,7 +799,7 @@ t.end:                                            ; preds = %t.head
 declare double @exp(double) #0
 
 ; Function Attrs: nounwind
-define hidden void @moe_soft_dispatch(ptr %L, i64 %T, i64 %s0, i64 %s1, ptr %D) #0 {
+define hidden void @moe_soft_dispatch(ptr %L, i64 %T, i64 %s0, i64 %s1, ptr %Dt) #0 {
 entry:
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
@@ -809,56 +809,56 @@ start:                                            ; preds = %entry
   br label %s.head
 
 s.head:                                           ; preds = %sdiv.end, %start
-  %s = phi i64 [ %s0, %start ], [ %35, %sdiv.end ]
+  %s = phi i64 [ %s0, %start ], [ %34, %sdiv.end ]
   %0 = icmp slt i64 %s, %s1
   br i1 %0, label %s.body, label %s.end
 
 s.body:                                           ; preds = %s.head
+  %1 = mul nsw i64 %s, %T
   store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %s.body
-  %smax1 = phi i64 [ 0, %s.body ], [ %9, %smax.body ]
-  %1 = icmp slt i64 %smax1, %T
-  br i1 %1, label %smax.body, label %smax.end
+  %smax1 = phi i64 [ 0, %s.body ], [ %10, %smax.body ]
+  %2 = icmp slt i64 %smax1, %T
+  br i1 %2, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %2 = mul nsw i64 %smax1, 128
-  %3 = add nsw i64 %s, %2
-  %4 = getelementptr inbounds float, ptr %L, i64 %3
-  %5 = load float, ptr %4, align 4
-  %6 = load float, ptr %smax, align 4
-  %7 = fcmp ogt float %5, %6
-  %8 = select i1 %7, float %5, float %6
-  store float %8, ptr %smax, align 4
-  %9 = add nsw i64 %smax1, 1
+  %3 = mul nsw i64 %smax1, 128
+  %4 = add nsw i64 %s, %3
+  %5 = getelementptr inbounds float, ptr %L, i64 %4
+  %6 = load float, ptr %5, align 4
+  %7 = load float, ptr %smax, align 4
+  %8 = fcmp ogt float %6, %7
+  %9 = select i1 %8, float %6, float %7
+  store float %9, ptr %smax, align 4
+  %10 = add nsw i64 %smax1, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %10 = load float, ptr %smax, align 4
+  %11 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
   %sexp = phi i64 [ 0, %smax.end ], [ %25, %sexp.body ]
-  %11 = icmp slt i64 %sexp, %T
-  br i1 %11, label %sexp.body, label %sexp.end
+  %12 = icmp slt i64 %sexp, %T
+  br i1 %12, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %12 = mul nsw i64 %sexp, 128
-  %13 = add nsw i64 %s, %12
-  %14 = getelementptr inbounds float, ptr %L, i64 %13
-  %15 = load float, ptr %14, align 4
-  %16 = fsub float %15, %10
-  %17 = fpext float %16 to double
-  %18 = call double @exp(double %17)
-  %19 = fptrunc double %18 to float
-  %20 = mul nsw i64 %sexp, 128
-  %21 = add nsw i64 %s, %20
-  %22 = getelementptr inbounds float, ptr %D, i64 %21
-  store float %19, ptr %22, align 4
+  %13 = mul nsw i64 %sexp, 128
+  %14 = add nsw i64 %s, %13
+  %15 = getelementptr inbounds float, ptr %L, i64 %14
+  %16 = load float, ptr %15, align 4
+  %17 = fsub float %16, %11
+  %18 = fpext float %17 to double
+  %19 = call double @exp(double %18)
+  %20 = fptrunc double %19 to float
+  %21 = add nsw i64 %1, %sexp
+  %22 = getelementptr inbounds float, ptr %Dt, i64 %21
+  store float %20, ptr %22, align 4
   %23 = load float, ptr %ssum, align 4
-  %24 = fadd float %23, %19
+  %24 = fadd float %23, %20
   store float %24, ptr %ssum, align 4
   %25 = add nsw i64 %sexp, 1
   br label %sexp.head
@@ -868,23 +868,22 @@ sexp.end:                                         ; preds = %sexp.head
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %34, %sdiv.body ]
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %33, %sdiv.body ]
   %27 = icmp slt i64 %sdiv, %T
   br i1 %27, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %28 = mul nsw i64 %sdiv, 128
-  %29 = add nsw i64 %s, %28
-  %30 = getelementptr inbounds float, ptr %D, i64 %29
-  %31 = load float, ptr %30, align 4
-  %32 = fdiv float %31, %26
-  %33 = getelementptr inbounds float, ptr %D, i64 %29
-  store float %32, ptr %33, align 4
-  %34 = add nsw i64 %sdiv, 1
+  %28 = add nsw i64 %1, %sdiv
+  %29 = getelementptr inbounds float, ptr %Dt, i64 %28
+  %30 = load float, ptr %29, align 4
+  %31 = fdiv float %30, %26
+  %32 = getelementptr inbounds float, ptr %Dt, i64 %28
+  store float %31, ptr %32, align 4
+  %33 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %35 = add nsw i64 %s, 1
+  %34 = add nsw i64 %s, 1
   br label %s.head
 
 s.end:                                            ; preds = %s.head
@@ -892,7 +891,7 @@ s.end:                                            ; preds = %s.head
 }
 
 ; Function Attrs: nounwind
-define hidden void @moe_soft_slot_in(ptr %D, ptr %x, i64 %T, i64 %p0, i64 %p1, ptr %xs) #0 {
+define hidden void @moe_soft_slot_in(ptr %Dt, ptr %x, i64 %T, i64 %p0, i64 %p1, ptr %xs) #0 {
 entry:
   %acc = alloca <8 x float>, align 32
   %acc1 = alloca <8 x float>, align 32
@@ -928,7 +927,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %part.end35, %start
-  %p = phi i64 [ %p0, %start ], [ %251, %part.end35 ]
+  %p = phi i64 [ %p0, %start ], [ %268, %part.end35 ]
   %2 = icmp slt i64 %p, %1
   br i1 %2, label %p.body, label %p.end
 
@@ -936,14 +935,15 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %k.end, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %113, %k.end ]
+  %r0 = phi i64 [ 0, %p.body ], [ %120, %k.end ]
   %3 = icmp slt i64 %r0, 126
   br i1 %3, label %r0.body, label %r0.end
 
 r0.body:                                          ; preds = %r0.head
   %4 = mul nsw i64 %p, 16
   %5 = getelementptr inbounds float, ptr %x, i64 %4
-  %6 = getelementptr inbounds float, ptr %D, i64 %r0
+  %6 = mul nsw i64 %r0, %T
+  %7 = getelementptr inbounds float, ptr %Dt, i64 %6
   store <8 x float> zeroinitializer, ptr %acc, align 4
   store <8 x float> zeroinitializer, ptr %acc1, align 4
   store <8 x float> zeroinitializer, ptr %acc2, align 4
@@ -959,153 +959,160 @@ r0.body:                                          ; preds = %r0.head
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %r0.body
-  %k = phi i64 [ 0, %r0.body ], [ %64, %k.body ]
-  %7 = icmp slt i64 %k, %T
-  br i1 %7, label %k.body, label %k.end
+  %k = phi i64 [ 0, %r0.body ], [ %71, %k.body ]
+  %8 = icmp slt i64 %k, %T
+  br i1 %8, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %8 = mul nsw i64 %k, 768
-  %9 = getelementptr inbounds float, ptr %5, i64 %8
-  %10 = mul nsw i64 %k, 128
-  %11 = getelementptr inbounds float, ptr %6, i64 %10
-  %12 = getelementptr inbounds float, ptr %9, i64 0
-  %13 = load <8 x float>, ptr %12, align 4
-  %14 = getelementptr inbounds float, ptr %9, i64 8
-  %15 = load <8 x float>, ptr %14, align 4
-  %16 = getelementptr inbounds float, ptr %11, i64 0
-  %17 = load float, ptr %16, align 4
-  %18 = insertelement <8 x float> poison, float %17, i32 0
-  %19 = shufflevector <8 x float> %18, <8 x float> poison, <8 x i32> zeroinitializer
-  %20 = load <8 x float>, ptr %acc, align 4
-  %21 = call <8 x float> @llvm.fma.v8f32(<8 x float> %19, <8 x float> %13, <8 x float> %20)
-  store <8 x float> %21, ptr %acc, align 4
-  %22 = load <8 x float>, ptr %acc1, align 4
-  %23 = call <8 x float> @llvm.fma.v8f32(<8 x float> %19, <8 x float> %15, <8 x float> %22)
-  store <8 x float> %23, ptr %acc1, align 4
-  %24 = getelementptr inbounds float, ptr %11, i64 1
-  %25 = load float, ptr %24, align 4
-  %26 = insertelement <8 x float> poison, float %25, i32 0
-  %27 = shufflevector <8 x float> %26, <8 x float> poison, <8 x i32> zeroinitializer
-  %28 = load <8 x float>, ptr %acc2, align 4
-  %29 = call <8 x float> @llvm.fma.v8f32(<8 x float> %27, <8 x float> %13, <8 x float> %28)
-  store <8 x float> %29, ptr %acc2, align 4
-  %30 = load <8 x float>, ptr %acc3, align 4
-  %31 = call <8 x float> @llvm.fma.v8f32(<8 x float> %27, <8 x float> %15, <8 x float> %30)
-  store <8 x float> %31, ptr %acc3, align 4
-  %32 = getelementptr inbounds float, ptr %11, i64 2
-  %33 = load float, ptr %32, align 4
-  %34 = insertelement <8 x float> poison, float %33, i32 0
-  %35 = shufflevector <8 x float> %34, <8 x float> poison, <8 x i32> zeroinitializer
-  %36 = load <8 x float>, ptr %acc4, align 4
-  %37 = call <8 x float> @llvm.fma.v8f32(<8 x float> %35, <8 x float> %13, <8 x float> %36)
-  store <8 x float> %37, ptr %acc4, align 4
-  %38 = load <8 x float>, ptr %acc5, align 4
-  %39 = call <8 x float> @llvm.fma.v8f32(<8 x float> %35, <8 x float> %15, <8 x float> %38)
-  store <8 x float> %39, ptr %acc5, align 4
-  %40 = getelementptr inbounds float, ptr %11, i64 3
-  %41 = load float, ptr %40, align 4
-  %42 = insertelement <8 x float> poison, float %41, i32 0
-  %43 = shufflevector <8 x float> %42, <8 x float> poison, <8 x i32> zeroinitializer
-  %44 = load <8 x float>, ptr %acc6, align 4
-  %45 = call <8 x float> @llvm.fma.v8f32(<8 x float> %43, <8 x float> %13, <8 x float> %44)
-  store <8 x float> %45, ptr %acc6, align 4
-  %46 = load <8 x float>, ptr %acc7, align 4
-  %47 = call <8 x float> @llvm.fma.v8f32(<8 x float> %43, <8 x float> %15, <8 x float> %46)
-  store <8 x float> %47, ptr %acc7, align 4
-  %48 = getelementptr inbounds float, ptr %11, i64 4
-  %49 = load float, ptr %48, align 4
-  %50 = insertelement <8 x float> poison, float %49, i32 0
-  %51 = shufflevector <8 x float> %50, <8 x float> poison, <8 x i32> zeroinitializer
-  %52 = load <8 x float>, ptr %acc8, align 4
-  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %51, <8 x float> %13, <8 x float> %52)
-  store <8 x float> %53, ptr %acc8, align 4
-  %54 = load <8 x float>, ptr %acc9, align 4
-  %55 = call <8 x float> @llvm.fma.v8f32(<8 x float> %51, <8 x float> %15, <8 x float> %54)
-  store <8 x float> %55, ptr %acc9, align 4
-  %56 = getelementptr inbounds float, ptr %11, i64 5
-  %57 = load float, ptr %56, align 4
-  %58 = insertelement <8 x float> poison, float %57, i32 0
-  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
-  %60 = load <8 x float>, ptr %acc10, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %13, <8 x float> %60)
-  store <8 x float> %61, ptr %acc10, align 4
-  %62 = load <8 x float>, ptr %acc11, align 4
-  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %15, <8 x float> %62)
-  store <8 x float> %63, ptr %acc11, align 4
-  %64 = add nsw i64 %k, 1
+  %9 = mul nsw i64 %k, 768
+  %10 = getelementptr inbounds float, ptr %5, i64 %9
+  %11 = mul nsw i64 %k, 1
+  %12 = getelementptr inbounds float, ptr %7, i64 %11
+  %13 = getelementptr inbounds float, ptr %10, i64 0
+  %14 = load <8 x float>, ptr %13, align 4
+  %15 = getelementptr inbounds float, ptr %10, i64 8
+  %16 = load <8 x float>, ptr %15, align 4
+  %17 = mul nsw i64 0, %T
+  %18 = getelementptr inbounds float, ptr %12, i64 %17
+  %19 = load float, ptr %18, align 4
+  %20 = insertelement <8 x float> poison, float %19, i32 0
+  %21 = shufflevector <8 x float> %20, <8 x float> poison, <8 x i32> zeroinitializer
+  %22 = load <8 x float>, ptr %acc, align 4
+  %23 = call <8 x float> @llvm.fma.v8f32(<8 x float> %21, <8 x float> %14, <8 x float> %22)
+  store <8 x float> %23, ptr %acc, align 4
+  %24 = load <8 x float>, ptr %acc1, align 4
+  %25 = call <8 x float> @llvm.fma.v8f32(<8 x float> %21, <8 x float> %16, <8 x float> %24)
+  store <8 x float> %25, ptr %acc1, align 4
+  %26 = mul nsw i64 1, %T
+  %27 = getelementptr inbounds float, ptr %12, i64 %26
+  %28 = load float, ptr %27, align 4
+  %29 = insertelement <8 x float> poison, float %28, i32 0
+  %30 = shufflevector <8 x float> %29, <8 x float> poison, <8 x i32> zeroinitializer
+  %31 = load <8 x float>, ptr %acc2, align 4
+  %32 = call <8 x float> @llvm.fma.v8f32(<8 x float> %30, <8 x float> %14, <8 x float> %31)
+  store <8 x float> %32, ptr %acc2, align 4
+  %33 = load <8 x float>, ptr %acc3, align 4
+  %34 = call <8 x float> @llvm.fma.v8f32(<8 x float> %30, <8 x float> %16, <8 x float> %33)
+  store <8 x float> %34, ptr %acc3, align 4
+  %35 = mul nsw i64 2, %T
+  %36 = getelementptr inbounds float, ptr %12, i64 %35
+  %37 = load float, ptr %36, align 4
+  %38 = insertelement <8 x float> poison, float %37, i32 0
+  %39 = shufflevector <8 x float> %38, <8 x float> poison, <8 x i32> zeroinitializer
+  %40 = load <8 x float>, ptr %acc4, align 4
+  %41 = call <8 x float> @llvm.fma.v8f32(<8 x float> %39, <8 x float> %14, <8 x float> %40)
+  store <8 x float> %41, ptr %acc4, align 4
+  %42 = load <8 x float>, ptr %acc5, align 4
+  %43 = call <8 x float> @llvm.fma.v8f32(<8 x float> %39, <8 x float> %16, <8 x float> %42)
+  store <8 x float> %43, ptr %acc5, align 4
+  %44 = mul nsw i64 3, %T
+  %45 = getelementptr inbounds float, ptr %12, i64 %44
+  %46 = load float, ptr %45, align 4
+  %47 = insertelement <8 x float> poison, float %46, i32 0
+  %48 = shufflevector <8 x float> %47, <8 x float> poison, <8 x i32> zeroinitializer
+  %49 = load <8 x float>, ptr %acc6, align 4
+  %50 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %14, <8 x float> %49)
+  store <8 x float> %50, ptr %acc6, align 4
+  %51 = load <8 x float>, ptr %acc7, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %16, <8 x float> %51)
+  store <8 x float> %52, ptr %acc7, align 4
+  %53 = mul nsw i64 4, %T
+  %54 = getelementptr inbounds float, ptr %12, i64 %53
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc8, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %14, <8 x float> %58)
+  store <8 x float> %59, ptr %acc8, align 4
+  %60 = load <8 x float>, ptr %acc9, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %16, <8 x float> %60)
+  store <8 x float> %61, ptr %acc9, align 4
+  %62 = mul nsw i64 5, %T
+  %63 = getelementptr inbounds float, ptr %12, i64 %62
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %14, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %16, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %65 = add nsw i64 %r0, 0
-  %66 = mul nsw i64 %65, 768
-  %67 = add nsw i64 %66, %4
-  %68 = getelementptr inbounds float, ptr %xs, i64 %67
-  %69 = load <8 x float>, ptr %acc, align 4
-  %70 = getelementptr inbounds float, ptr %68, i64 0
-  store <8 x float> %69, ptr %70, align 4
-  %71 = load <8 x float>, ptr %acc1, align 4
-  %72 = getelementptr inbounds float, ptr %68, i64 8
-  store <8 x float> %71, ptr %72, align 4
-  %73 = add nsw i64 %r0, 1
-  %74 = mul nsw i64 %73, 768
-  %75 = add nsw i64 %74, %4
-  %76 = getelementptr inbounds float, ptr %xs, i64 %75
-  %77 = load <8 x float>, ptr %acc2, align 4
-  %78 = getelementptr inbounds float, ptr %76, i64 0
-  store <8 x float> %77, ptr %78, align 4
-  %79 = load <8 x float>, ptr %acc3, align 4
-  %80 = getelementptr inbounds float, ptr %76, i64 8
-  store <8 x float> %79, ptr %80, align 4
-  %81 = add nsw i64 %r0, 2
-  %82 = mul nsw i64 %81, 768
-  %83 = add nsw i64 %82, %4
-  %84 = getelementptr inbounds float, ptr %xs, i64 %83
-  %85 = load <8 x float>, ptr %acc4, align 4
-  %86 = getelementptr inbounds float, ptr %84, i64 0
-  store <8 x float> %85, ptr %86, align 4
-  %87 = load <8 x float>, ptr %acc5, align 4
-  %88 = getelementptr inbounds float, ptr %84, i64 8
-  store <8 x float> %87, ptr %88, align 4
-  %89 = add nsw i64 %r0, 3
-  %90 = mul nsw i64 %89, 768
-  %91 = add nsw i64 %90, %4
-  %92 = getelementptr inbounds float, ptr %xs, i64 %91
-  %93 = load <8 x float>, ptr %acc6, align 4
-  %94 = getelementptr inbounds float, ptr %92, i64 0
-  store <8 x float> %93, ptr %94, align 4
-  %95 = load <8 x float>, ptr %acc7, align 4
-  %96 = getelementptr inbounds float, ptr %92, i64 8
-  store <8 x float> %95, ptr %96, align 4
-  %97 = add nsw i64 %r0, 4
-  %98 = mul nsw i64 %97, 768
-  %99 = add nsw i64 %98, %4
-  %100 = getelementptr inbounds float, ptr %xs, i64 %99
-  %101 = load <8 x float>, ptr %acc8, align 4
-  %102 = getelementptr inbounds float, ptr %100, i64 0
-  store <8 x float> %101, ptr %102, align 4
-  %103 = load <8 x float>, ptr %acc9, align 4
-  %104 = getelementptr inbounds float, ptr %100, i64 8
-  store <8 x float> %103, ptr %104, align 4
-  %105 = add nsw i64 %r0, 5
-  %106 = mul nsw i64 %105, 768
-  %107 = add nsw i64 %106, %4
-  %108 = getelementptr inbounds float, ptr %xs, i64 %107
-  %109 = load <8 x float>, ptr %acc10, align 4
-  %110 = getelementptr inbounds float, ptr %108, i64 0
-  store <8 x float> %109, ptr %110, align 4
-  %111 = load <8 x float>, ptr %acc11, align 4
-  %112 = getelementptr inbounds float, ptr %108, i64 8
-  store <8 x float> %111, ptr %112, align 4
-  %113 = add nsw i64 %r0, 6
+  %72 = add nsw i64 %r0, 0
+  %73 = mul nsw i64 %72, 768
+  %74 = add nsw i64 %73, %4
+  %75 = getelementptr inbounds float, ptr %xs, i64 %74
+  %76 = load <8 x float>, ptr %acc, align 4
+  %77 = getelementptr inbounds float, ptr %75, i64 0
+  store <8 x float> %76, ptr %77, align 4
+  %78 = load <8 x float>, ptr %acc1, align 4
+  %79 = getelementptr inbounds float, ptr %75, i64 8
+  store <8 x float> %78, ptr %79, align 4
+  %80 = add nsw i64 %r0, 1
+  %81 = mul nsw i64 %80, 768
+  %82 = add nsw i64 %81, %4
+  %83 = getelementptr inbounds float, ptr %xs, i64 %82
+  %84 = load <8 x float>, ptr %acc2, align 4
+  %85 = getelementptr inbounds float, ptr %83, i64 0
+  store <8 x float> %84, ptr %85, align 4
+  %86 = load <8 x float>, ptr %acc3, align 4
+  %87 = getelementptr inbounds float, ptr %83, i64 8
+  store <8 x float> %86, ptr %87, align 4
+  %88 = add nsw i64 %r0, 2
+  %89 = mul nsw i64 %88, 768
+  %90 = add nsw i64 %89, %4
+  %91 = getelementptr inbounds float, ptr %xs, i64 %90
+  %92 = load <8 x float>, ptr %acc4, align 4
+  %93 = getelementptr inbounds float, ptr %91, i64 0
+  store <8 x float> %92, ptr %93, align 4
+  %94 = load <8 x float>, ptr %acc5, align 4
+  %95 = getelementptr inbounds float, ptr %91, i64 8
+  store <8 x float> %94, ptr %95, align 4
+  %96 = add nsw i64 %r0, 3
+  %97 = mul nsw i64 %96, 768
+  %98 = add nsw i64 %97, %4
+  %99 = getelementptr inbounds float, ptr %xs, i64 %98
+  %100 = load <8 x float>, ptr %acc6, align 4
+  %101 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %100, ptr %101, align 4
+  %102 = load <8 x float>, ptr %acc7, align 4
+  %103 = getelementptr inbounds float, ptr %99, i64 8
+  store <8 x float> %102, ptr %103, align 4
+  %104 = add nsw i64 %r0, 4
+  %105 = mul nsw i64 %104, 768
+  %106 = add nsw i64 %105, %4
+  %107 = getelementptr inbounds float, ptr %xs, i64 %106
+  %108 = load <8 x float>, ptr %acc8, align 4
+  %109 = getelementptr inbounds float, ptr %107, i64 0
+  store <8 x float> %108, ptr %109, align 4
+  %110 = load <8 x float>, ptr %acc9, align 4
+  %111 = getelementptr inbounds float, ptr %107, i64 8
+  store <8 x float> %110, ptr %111, align 4
+  %112 = add nsw i64 %r0, 5
+  %113 = mul nsw i64 %112, 768
+  %114 = add nsw i64 %113, %4
+  %115 = getelementptr inbounds float, ptr %xs, i64 %114
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = getelementptr inbounds float, ptr %115, i64 0
+  store <8 x float> %116, ptr %117, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = getelementptr inbounds float, ptr %115, i64 8
+  store <8 x float> %118, ptr %119, align 4
+  %120 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
   br i1 false, label %part.then, label %part.end
 
 part.then:                                        ; preds = %r0.end
-  %114 = mul nsw i64 %p, 16
-  %115 = getelementptr inbounds float, ptr %x, i64 %114
-  %116 = getelementptr inbounds float, ptr %D, i64 126
+  %121 = mul nsw i64 %p, 16
+  %122 = getelementptr inbounds float, ptr %x, i64 %121
+  %123 = mul nsw i64 126, %T
+  %124 = getelementptr inbounds float, ptr %Dt, i64 %123
   store <8 x float> zeroinitializer, ptr %acc12, align 4
   store <8 x float> zeroinitializer, ptr %acc13, align 4
   store <8 x float> zeroinitializer, ptr %acc14, align 4
@@ -1117,104 +1124,109 @@ part.then:                                        ; preds = %r0.end
   br label %k.head20
 
 k.head20:                                         ; preds = %k.body21, %part.then
-  %k23 = phi i64 [ 0, %part.then ], [ %158, %k.body21 ]
-  %117 = icmp slt i64 %k23, %T
-  br i1 %117, label %k.body21, label %k.end22
+  %k23 = phi i64 [ 0, %part.then ], [ %170, %k.body21 ]
+  %125 = icmp slt i64 %k23, %T
+  br i1 %125, label %k.body21, label %k.end22
 
 k.body21:                                         ; preds = %k.head20
-  %118 = mul nsw i64 %k23, 768
-  %119 = getelementptr inbounds float, ptr %115, i64 %118
-  %120 = mul nsw i64 %k23, 128
-  %121 = getelementptr inbounds float, ptr %116, i64 %120
-  %122 = getelementptr inbounds float, ptr %119, i64 0
-  %123 = load <8 x float>, ptr %122, align 4
-  %124 = getelementptr inbounds float, ptr %119, i64 8
-  %125 = load <8 x float>, ptr %124, align 4
-  %126 = getelementptr inbounds float, ptr %121, i64 0
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %acc12, align 4
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %123, <8 x float> %130)
-  store <8 x float> %131, ptr %acc12, align 4
-  %132 = load <8 x float>, ptr %acc13, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %125, <8 x float> %132)
-  store <8 x float> %133, ptr %acc13, align 4
-  %134 = getelementptr inbounds float, ptr %121, i64 1
-  %135 = load float, ptr %134, align 4
-  %136 = insertelement <8 x float> poison, float %135, i32 0
-  %137 = shufflevector <8 x float> %136, <8 x float> poison, <8 x i32> zeroinitializer
-  %138 = load <8 x float>, ptr %acc14, align 4
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %123, <8 x float> %138)
-  store <8 x float> %139, ptr %acc14, align 4
-  %140 = load <8 x float>, ptr %acc15, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %125, <8 x float> %140)
-  store <8 x float> %141, ptr %acc15, align 4
-  %142 = getelementptr inbounds float, ptr %121, i64 2
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <8 x float> poison, float %143, i32 0
-  %145 = shufflevector <8 x float> %144, <8 x float> poison, <8 x i32> zeroinitializer
-  %146 = load <8 x float>, ptr %acc16, align 4
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %123, <8 x float> %146)
-  store <8 x float> %147, ptr %acc16, align 4
-  %148 = load <8 x float>, ptr %acc17, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %125, <8 x float> %148)
-  store <8 x float> %149, ptr %acc17, align 4
-  %150 = getelementptr inbounds float, ptr %121, i64 3
-  %151 = load float, ptr %150, align 4
-  %152 = insertelement <8 x float> poison, float %151, i32 0
-  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
-  %154 = load <8 x float>, ptr %acc18, align 4
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %123, <8 x float> %154)
-  store <8 x float> %155, ptr %acc18, align 4
-  %156 = load <8 x float>, ptr %acc19, align 4
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %125, <8 x float> %156)
-  store <8 x float> %157, ptr %acc19, align 4
-  %158 = add nsw i64 %k23, 1
+  %126 = mul nsw i64 %k23, 768
+  %127 = getelementptr inbounds float, ptr %122, i64 %126
+  %128 = mul nsw i64 %k23, 1
+  %129 = getelementptr inbounds float, ptr %124, i64 %128
+  %130 = getelementptr inbounds float, ptr %127, i64 0
+  %131 = load <8 x float>, ptr %130, align 4
+  %132 = getelementptr inbounds float, ptr %127, i64 8
+  %133 = load <8 x float>, ptr %132, align 4
+  %134 = mul nsw i64 0, %T
+  %135 = getelementptr inbounds float, ptr %129, i64 %134
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc12, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %131, <8 x float> %139)
+  store <8 x float> %140, ptr %acc12, align 4
+  %141 = load <8 x float>, ptr %acc13, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %133, <8 x float> %141)
+  store <8 x float> %142, ptr %acc13, align 4
+  %143 = mul nsw i64 1, %T
+  %144 = getelementptr inbounds float, ptr %129, i64 %143
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc14, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %131, <8 x float> %148)
+  store <8 x float> %149, ptr %acc14, align 4
+  %150 = load <8 x float>, ptr %acc15, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %133, <8 x float> %150)
+  store <8 x float> %151, ptr %acc15, align 4
+  %152 = mul nsw i64 2, %T
+  %153 = getelementptr inbounds float, ptr %129, i64 %152
+  %154 = load float, ptr %153, align 4
+  %155 = insertelement <8 x float> poison, float %154, i32 0
+  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
+  %157 = load <8 x float>, ptr %acc16, align 4
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %131, <8 x float> %157)
+  store <8 x float> %158, ptr %acc16, align 4
+  %159 = load <8 x float>, ptr %acc17, align 4
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %133, <8 x float> %159)
+  store <8 x float> %160, ptr %acc17, align 4
+  %161 = mul nsw i64 3, %T
+  %162 = getelementptr inbounds float, ptr %129, i64 %161
+  %163 = load float, ptr %162, align 4
+  %164 = insertelement <8 x float> poison, float %163, i32 0
+  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
+  %166 = load <8 x float>, ptr %acc18, align 4
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %131, <8 x float> %166)
+  store <8 x float> %167, ptr %acc18, align 4
+  %168 = load <8 x float>, ptr %acc19, align 4
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %133, <8 x float> %168)
+  store <8 x float> %169, ptr %acc19, align 4
+  %170 = add nsw i64 %k23, 1
   br label %k.head20
 
 k.end22:                                          ; preds = %k.head20
-  %159 = add nsw i64 96768, %114
-  %160 = getelementptr inbounds float, ptr %xs, i64 %159
-  %161 = load <8 x float>, ptr %acc12, align 4
-  %162 = getelementptr inbounds float, ptr %160, i64 0
-  store <8 x float> %161, ptr %162, align 4
-  %163 = load <8 x float>, ptr %acc13, align 4
-  %164 = getelementptr inbounds float, ptr %160, i64 8
-  store <8 x float> %163, ptr %164, align 4
-  %165 = add nsw i64 97536, %114
-  %166 = getelementptr inbounds float, ptr %xs, i64 %165
-  %167 = load <8 x float>, ptr %acc14, align 4
-  %168 = getelementptr inbounds float, ptr %166, i64 0
-  store <8 x float> %167, ptr %168, align 4
-  %169 = load <8 x float>, ptr %acc15, align 4
-  %170 = getelementptr inbounds float, ptr %166, i64 8
-  store <8 x float> %169, ptr %170, align 4
-  %171 = add nsw i64 98304, %114
+  %171 = add nsw i64 96768, %121
   %172 = getelementptr inbounds float, ptr %xs, i64 %171
-  %173 = load <8 x float>, ptr %acc16, align 4
+  %173 = load <8 x float>, ptr %acc12, align 4
   %174 = getelementptr inbounds float, ptr %172, i64 0
   store <8 x float> %173, ptr %174, align 4
-  %175 = load <8 x float>, ptr %acc17, align 4
+  %175 = load <8 x float>, ptr %acc13, align 4
   %176 = getelementptr inbounds float, ptr %172, i64 8
   store <8 x float> %175, ptr %176, align 4
-  %177 = add nsw i64 99072, %114
+  %177 = add nsw i64 97536, %121
   %178 = getelementptr inbounds float, ptr %xs, i64 %177
-  %179 = load <8 x float>, ptr %acc18, align 4
+  %179 = load <8 x float>, ptr %acc14, align 4
   %180 = getelementptr inbounds float, ptr %178, i64 0
   store <8 x float> %179, ptr %180, align 4
-  %181 = load <8 x float>, ptr %acc19, align 4
+  %181 = load <8 x float>, ptr %acc15, align 4
   %182 = getelementptr inbounds float, ptr %178, i64 8
   store <8 x float> %181, ptr %182, align 4
+  %183 = add nsw i64 98304, %121
+  %184 = getelementptr inbounds float, ptr %xs, i64 %183
+  %185 = load <8 x float>, ptr %acc16, align 4
+  %186 = getelementptr inbounds float, ptr %184, i64 0
+  store <8 x float> %185, ptr %186, align 4
+  %187 = load <8 x float>, ptr %acc17, align 4
+  %188 = getelementptr inbounds float, ptr %184, i64 8
+  store <8 x float> %187, ptr %188, align 4
+  %189 = add nsw i64 99072, %121
+  %190 = getelementptr inbounds float, ptr %xs, i64 %189
+  %191 = load <8 x float>, ptr %acc18, align 4
+  %192 = getelementptr inbounds float, ptr %190, i64 0
+  store <8 x float> %191, ptr %192, align 4
+  %193 = load <8 x float>, ptr %acc19, align 4
+  %194 = getelementptr inbounds float, ptr %190, i64 8
+  store <8 x float> %193, ptr %194, align 4
   br label %part.end
 
 part.end:                                         ; preds = %k.end22, %r0.end
   br i1 true, label %part.then24, label %part.end25
 
 part.then24:                                      ; preds = %part.end
-  %183 = mul nsw i64 %p, 16
-  %184 = getelementptr inbounds float, ptr %x, i64 %183
-  %185 = getelementptr inbounds float, ptr %D, i64 126
+  %195 = mul nsw i64 %p, 16
+  %196 = getelementptr inbounds float, ptr %x, i64 %195
+  %197 = mul nsw i64 126, %T
+  %198 = getelementptr inbounds float, ptr %Dt, i64 %197
   store <8 x float> zeroinitializer, ptr %acc26, align 4
   store <8 x float> zeroinitializer, ptr %acc27, align 4
   store <8 x float> zeroinitializer, ptr %acc28, align 4
@@ -1222,112 +1234,116 @@ part.then24:                                      ; preds = %part.end
   br label %k.head30
 
 k.head30:                                         ; preds = %k.body31, %part.then24
-  %k33 = phi i64 [ 0, %part.then24 ], [ %211, %k.body31 ]
-  %186 = icmp slt i64 %k33, %T
-  br i1 %186, label %k.body31, label %k.end32
+  %k33 = phi i64 [ 0, %part.then24 ], [ %226, %k.body31 ]
+  %199 = icmp slt i64 %k33, %T
+  br i1 %199, label %k.body31, label %k.end32
 
 k.body31:                                         ; preds = %k.head30
-  %187 = mul nsw i64 %k33, 768
-  %188 = getelementptr inbounds float, ptr %184, i64 %187
-  %189 = mul nsw i64 %k33, 128
-  %190 = getelementptr inbounds float, ptr %185, i64 %189
-  %191 = getelementptr inbounds float, ptr %188, i64 0
-  %192 = load <8 x float>, ptr %191, align 4
-  %193 = getelementptr inbounds float, ptr %188, i64 8
-  %194 = load <8 x float>, ptr %193, align 4
-  %195 = getelementptr inbounds float, ptr %190, i64 0
-  %196 = load float, ptr %195, align 4
-  %197 = insertelement <8 x float> poison, float %196, i32 0
-  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
-  %199 = load <8 x float>, ptr %acc26, align 4
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %192, <8 x float> %199)
-  store <8 x float> %200, ptr %acc26, align 4
-  %201 = load <8 x float>, ptr %acc27, align 4
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %194, <8 x float> %201)
-  store <8 x float> %202, ptr %acc27, align 4
-  %203 = getelementptr inbounds float, ptr %190, i64 1
-  %204 = load float, ptr %203, align 4
-  %205 = insertelement <8 x float> poison, float %204, i32 0
-  %206 = shufflevector <8 x float> %205, <8 x float> poison, <8 x i32> zeroinitializer
-  %207 = load <8 x float>, ptr %acc28, align 4
-  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> %192, <8 x float> %207)
-  store <8 x float> %208, ptr %acc28, align 4
-  %209 = load <8 x float>, ptr %acc29, align 4
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> %194, <8 x float> %209)
-  store <8 x float> %210, ptr %acc29, align 4
-  %211 = add nsw i64 %k33, 1
+  %200 = mul nsw i64 %k33, 768
+  %201 = getelementptr inbounds float, ptr %196, i64 %200
+  %202 = mul nsw i64 %k33, 1
+  %203 = getelementptr inbounds float, ptr %198, i64 %202
+  %204 = getelementptr inbounds float, ptr %201, i64 0
+  %205 = load <8 x float>, ptr %204, align 4
+  %206 = getelementptr inbounds float, ptr %201, i64 8
+  %207 = load <8 x float>, ptr %206, align 4
+  %208 = mul nsw i64 0, %T
+  %209 = getelementptr inbounds float, ptr %203, i64 %208
+  %210 = load float, ptr %209, align 4
+  %211 = insertelement <8 x float> poison, float %210, i32 0
+  %212 = shufflevector <8 x float> %211, <8 x float> poison, <8 x i32> zeroinitializer
+  %213 = load <8 x float>, ptr %acc26, align 4
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %205, <8 x float> %213)
+  store <8 x float> %214, ptr %acc26, align 4
+  %215 = load <8 x float>, ptr %acc27, align 4
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %207, <8 x float> %215)
+  store <8 x float> %216, ptr %acc27, align 4
+  %217 = mul nsw i64 1, %T
+  %218 = getelementptr inbounds float, ptr %203, i64 %217
+  %219 = load float, ptr %218, align 4
+  %220 = insertelement <8 x float> poison, float %219, i32 0
+  %221 = shufflevector <8 x float> %220, <8 x float> poison, <8 x i32> zeroinitializer
+  %222 = load <8 x float>, ptr %acc28, align 4
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %205, <8 x float> %222)
+  store <8 x float> %223, ptr %acc28, align 4
+  %224 = load <8 x float>, ptr %acc29, align 4
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %207, <8 x float> %224)
+  store <8 x float> %225, ptr %acc29, align 4
+  %226 = add nsw i64 %k33, 1
   br label %k.head30
 
 k.end32:                                          ; preds = %k.head30
-  %212 = add nsw i64 96768, %183
-  %213 = getelementptr inbounds float, ptr %xs, i64 %212
-  %214 = load <8 x float>, ptr %acc26, align 4
-  %215 = getelementptr inbounds float, ptr %213, i64 0
-  store <8 x float> %214, ptr %215, align 4
-  %216 = load <8 x float>, ptr %acc27, align 4
-  %217 = getelementptr inbounds float, ptr %213, i64 8
-  store <8 x float> %216, ptr %217, align 4
-  %218 = add nsw i64 97536, %183
-  %219 = getelementptr inbounds float, ptr %xs, i64 %218
-  %220 = load <8 x float>, ptr %acc28, align 4
-  %221 = getelementptr inbounds float, ptr %219, i64 0
-  store <8 x float> %220, ptr %221, align 4
-  %222 = load <8 x float>, ptr %acc29, align 4
-  %223 = getelementptr inbounds float, ptr %219, i64 8
-  store <8 x float> %222, ptr %223, align 4
+  %227 = add nsw i64 96768, %195
+  %228 = getelementptr inbounds float, ptr %xs, i64 %227
+  %229 = load <8 x float>, ptr %acc26, align 4
+  %230 = getelementptr inbounds float, ptr %228, i64 0
+  store <8 x float> %229, ptr %230, align 4
+  %231 = load <8 x float>, ptr %acc27, align 4
+  %232 = getelementptr inbounds float, ptr %228, i64 8
+  store <8 x float> %231, ptr %232, align 4
+  %233 = add nsw i64 97536, %195
+  %234 = getelementptr inbounds float, ptr %xs, i64 %233
+  %235 = load <8 x float>, ptr %acc28, align 4
+  %236 = getelementptr inbounds float, ptr %234, i64 0
+  store <8 x float> %235, ptr %236, align 4
+  %237 = load <8 x float>, ptr %acc29, align 4
+  %238 = getelementptr inbounds float, ptr %234, i64 8
+  store <8 x float> %237, ptr %238, align 4
   br label %part.end25
 
 part.end25:                                       ; preds = %k.end32, %part.end
   br i1 false, label %part.then34, label %part.end35
 
 part.then34:                                      ; preds = %part.end25
-  %224 = mul nsw i64 %p, 16
-  %225 = getelementptr inbounds float, ptr %x, i64 %224
-  %226 = getelementptr inbounds float, ptr %D, i64 128
+  %239 = mul nsw i64 %p, 16
+  %240 = getelementptr inbounds float, ptr %x, i64 %239
+  %241 = mul nsw i64 128, %T
+  %242 = getelementptr inbounds float, ptr %Dt, i64 %241
   store <8 x float> zeroinitializer, ptr %acc36, align 4
   store <8 x float> zeroinitializer, ptr %acc37, align 4
   br label %k.head38
 
 k.head38:                                         ; preds = %k.body39, %part.then34
-  %k41 = phi i64 [ 0, %part.then34 ], [ %244, %k.body39 ]
-  %227 = icmp slt i64 %k41, %T
-  br i1 %227, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %part.then34 ], [ %261, %k.body39 ]
+  %243 = icmp slt i64 %k41, %T
+  br i1 %243, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %228 = mul nsw i64 %k41, 768
-  %229 = getelementptr inbounds float, ptr %225, i64 %228
-  %230 = mul nsw i64 %k41, 128
-  %231 = getelementptr inbounds float, ptr %226, i64 %230
-  %232 = getelementptr inbounds float, ptr %229, i64 0
-  %233 = load <8 x float>, ptr %232, align 4
-  %234 = getelementptr inbounds float, ptr %229, i64 8
-  %235 = load <8 x float>, ptr %234, align 4
-  %236 = getelementptr inbounds float, ptr %231, i64 0
-  %237 = load float, ptr %236, align 4
-  %238 = insertelement <8 x float> poison, float %237, i32 0
-  %239 = shufflevector <8 x float> %238, <8 x float> poison, <8 x i32> zeroinitializer
-  %240 = load <8 x float>, ptr %acc36, align 4
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %233, <8 x float> %240)
-  store <8 x float> %241, ptr %acc36, align 4
-  %242 = load <8 x float>, ptr %acc37, align 4
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %235, <8 x float> %242)
-  store <8 x float> %243, ptr %acc37, align 4
-  %244 = add nsw i64 %k41, 1
+  %244 = mul nsw i64 %k41, 768
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = mul nsw i64 %k41, 1
+  %247 = getelementptr inbounds float, ptr %242, i64 %246
+  %248 = getelementptr inbounds float, ptr %245, i64 0
+  %249 = load <8 x float>, ptr %248, align 4
+  %250 = getelementptr inbounds float, ptr %245, i64 8
+  %251 = load <8 x float>, ptr %250, align 4
+  %252 = mul nsw i64 0, %T
+  %253 = getelementptr inbounds float, ptr %247, i64 %252
+  %254 = load float, ptr %253, align 4
+  %255 = insertelement <8 x float> poison, float %254, i32 0
+  %256 = shufflevector <8 x float> %255, <8 x float> poison, <8 x i32> zeroinitializer
+  %257 = load <8 x float>, ptr %acc36, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %249, <8 x float> %257)
+  store <8 x float> %258, ptr %acc36, align 4
+  %259 = load <8 x float>, ptr %acc37, align 4
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %251, <8 x float> %259)
+  store <8 x float> %260, ptr %acc37, align 4
+  %261 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %245 = add nsw i64 98304, %224
-  %246 = getelementptr inbounds float, ptr %xs, i64 %245
-  %247 = load <8 x float>, ptr %acc36, align 4
-  %248 = getelementptr inbounds float, ptr %246, i64 0
-  store <8 x float> %247, ptr %248, align 4
-  %249 = load <8 x float>, ptr %acc37, align 4
-  %250 = getelementptr inbounds float, ptr %246, i64 8
-  store <8 x float> %249, ptr %250, align 4
+  %262 = add nsw i64 98304, %239
+  %263 = getelementptr inbounds float, ptr %xs, i64 %262
+  %264 = load <8 x float>, ptr %acc36, align 4
+  %265 = getelementptr inbounds float, ptr %263, i64 0
+  store <8 x float> %264, ptr %265, align 4
+  %266 = load <8 x float>, ptr %acc37, align 4
+  %267 = getelementptr inbounds float, ptr %263, i64 8
+  store <8 x float> %266, ptr %267, align 4
   br label %part.end35
 
 part.end35:                                       ; preds = %k.end40, %part.end25
-  %251 = add nsw i64 %p, 1
+  %268 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

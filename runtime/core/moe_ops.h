@@ -81,7 +81,7 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
 	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */                                         \
 	X(SOFT_XN, "soft_xn")   /* [T, H] f32 normalized tokens */                                 \
 	X(SOFT_C, "soft_c")     /* [T, S] f32 combine weights */                                   \
-	X(SOFT_D, "soft_d")     /* [T, S] f32 dispatch weights */                                  \
+	X(SOFT_D, "soft_d")     /* [S, T] f32 dispatch weights */                                  \
 	X(SOFT_XS, "soft_xs")   /* [S, H] f32 slot inputs */                                       \
 	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */                                      \
 	X(SLOT_ROW, "slot_row") /* [T, W] i64 grouped row of each slot (-1: none) */               \

@@ -13,7 +13,7 @@
 /* The Soft MoE buffers of one forward (S = E * slots per expert slots). */
 struct moe_soft {
 	uint32_t S, P;
-	float *xn, *L, *C, *D, *xs, *Y, *ones, *h;
+	float *xn, *L, *C, *Dt, *xs, *Y, *ones, *h;
 	int32_t *rows;    /* 0 .. S - 1 */
 	int64_t *counts;  /* P per expert */
 	int64_t *offsets; /* e * P */
@@ -35,7 +35,7 @@ enum moe_status moe_begin_soft_logits(struct moe_exec *x)
 	}
 	/* the workspace's buffers (moe_workspace) */
 	const struct moe_ws *ws = &x->m->ws;
-	s->xn = ws->soft_xn, s->L = ws->logits, s->C = ws->soft_c, s->D = ws->soft_d;
+	s->xn = ws->soft_xn, s->L = ws->logits, s->C = ws->soft_c, s->Dt = ws->soft_d;
 	s->xs = ws->soft_xs, s->Y = ws->soft_y, s->ones = ws->row_w, s->rows = ws->rows;
 	s->counts = ws->counts, s->offsets = ws->offsets, s->h = ws->h;
 	x->soft = s;
@@ -60,7 +60,7 @@ void moe_run_soft_combine(struct moe_exec *x, int64_t t0, int64_t t1, unsigned t
 void moe_run_soft_dispatch(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread)
 {
 	(void)thread;
-	MOE_KERNEL(x->m, SOFT_DISPATCH)(x->soft->L, (int64_t)x->T, s0, s1, x->soft->D);
+	MOE_KERNEL(x->m, SOFT_DISPATCH)(x->soft->L, (int64_t)x->T, s0, s1, x->soft->Dt);
 }
 
 /* Column panels [p0, p1) of the slot inputs, every slot: each value is one
@@ -69,7 +69,7 @@ void moe_run_soft_slot_in(struct moe_exec *x, int64_t p0, int64_t p1, unsigned t
 {
 	(void)thread;
 	struct moe_soft *s = x->soft;
-	MOE_KERNEL(x->m, SOFT_SLOT_IN)(s->D, x->x, (int64_t)x->T, p0, p1, s->xs);
+	MOE_KERNEL(x->m, SOFT_SLOT_IN)(s->Dt, x->x, (int64_t)x->T, p0, p1, s->xs);
 }
 
 /* The slots become the rows of the routed FFN: expert e's P slots, weight 1,

@@ -217,16 +217,16 @@ typedef void moe_pk_experts_fn(const float *x, int64_t t0, int64_t t1, const int
  * norm: l2-normalized rows [r0, r1) of [*, H]; logits: L[t, s] = scale *
  * xn_t . slot_s (slots: normalized, as panels [ceil(S / 16)][H][16],
  * moe_pack_soft); combine: per token softmax over slots; dispatch: per
- * slot softmax over the T tokens, stored D[T, S]; slot_in: the columns of
- * panels [p0, p1) (16 columns each) of xs[s] = sum_t D[t, s] x_t; out: y_t =
+ * slot softmax over the T tokens, stored Dt[S, T]; slot_in: the columns of
+ * panels [p0, p1) (16 columns each) of xs[s] = sum_t Dt[s, t] x_t; out: y_t =
  * sum_s C[t, s] Y[s] (+ output bias). The three products are f32 fused
  * chains over their sum index ascending. */
 typedef void moe_soft_norm_fn(const float *src, float *dst, int64_t r0, int64_t r1);
 typedef void moe_soft_logits_fn(const float *xn, const float *slots, float scale, int64_t t0,
 				int64_t t1, float *L);
 typedef void moe_soft_combine_fn(const float *L, int64_t t0, int64_t t1, float *C);
-typedef void moe_soft_dispatch_fn(const float *L, int64_t T, int64_t s0, int64_t s1, float *D);
-typedef void moe_soft_slot_in_fn(const float *D, const float *x, int64_t T, int64_t p0, int64_t p1,
+typedef void moe_soft_dispatch_fn(const float *L, int64_t T, int64_t s0, int64_t s1, float *Dt);
+typedef void moe_soft_slot_in_fn(const float *Dt, const float *x, int64_t T, int64_t p0, int64_t p1,
 				 float *xs);
 typedef void moe_soft_out_fn(const float *C, const float *Y, const float *bias, int64_t t0,
 			     int64_t t1, float *y);
@@ -475,7 +475,7 @@ enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights 
 /* exec_soft.c: Soft MoE's ops, and the packing of its slot parameters
  * (normalized by the generated moe_soft_norm). */
 #define MOE_SOFT_TOKENS_PER_TASK 32
-#define MOE_SOFT_SLOTS_PER_TASK 16
+#define MOE_SOFT_SLOTS_PER_TASK 4
 enum moe_status moe_begin_soft_logits(struct moe_exec *x);
 void moe_run_soft_logits(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 void moe_run_soft_combine(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
