@@ -121,8 +121,8 @@ static void gemm_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef a, LLVMV
 	moe_ll_loop_close(g, &k);
 }
 
-/* Store row r of a tile (its sums in acc[2 r ..], plus add[j] when given)
- * at out + column, ncols columns. */
+/* Store one tile row, its sums in acc[0 ..], at out: ncols columns, each
+ * times scale and plus bias[column] when those are given. */
 static void tile_store(struct moe_ll *g, int ncols, const LLVMValueRef *acc, LLVMValueRef scale,
 		       LLVMValueRef bias, LLVMValueRef out)
 {
