@@ -95,6 +95,39 @@ static void test_soft_threads(void **state)
 	free(y1), free(y3);
 }
 
+/* The GEMM tiles of the three products (logits, D^T x, C Y) at their edges:
+ * S = 27 slots (one full panel of 16 and one of 11) and S = 16, H = 40 (two
+ * full column panels and one of 8) and 48, T = 301 (row tiles of 16 or 6
+ * and a remainder, several token tasks), with 1, 2 and 3 threads and with
+ * the 8-lane tiles (AVX-512 off): each against the reference, and the same
+ * bits whatever the thread count. */
+static void test_soft_tiles(void **state)
+{
+	(void)state;
+	static const uint32_t Hs[] = {40, 48}, Es[] = {9, 16}, Ps[] = {3, 1};
+	const size_t T = 301;
+	for (int narrow = 0; narrow < 2; narrow++) {
+		h_features = narrow ? "-avx512f" : NULL;
+		for (size_t i = 0; i < 2; i++) {
+			struct moe_desc d;
+			soft_desc(&d, Hs[i], Es[i], Ps[i], 16);
+			d.output_bias = i == 0;
+			size_t n = T * Hs[i];
+			float *y[3];
+			for (unsigned th = 1; th <= 3; th++) {
+				y[th - 1] = malloc(n * sizeof(float));
+				assert_non_null(y[th - 1]);
+				h_compare(&d, T, th, 300 + i, NULL, y[th - 1]);
+			}
+			assert_memory_equal(y[0], y[1], n * sizeof(float));
+			assert_memory_equal(y[0], y[2], n * sizeof(float));
+			for (int k = 0; k < 3; k++)
+				free(y[k]);
+		}
+	}
+	h_features = NULL;
+}
+
 /* GLU SiLU expert e on xin, in double from the canonical weights. */
 static void expert_dbl(const struct moe_ref_weights *w, size_t e, const double *xin, size_t H,
 		       size_t I, double *out)
@@ -335,9 +368,10 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_soft_vs_ref),     cmocka_unit_test(test_soft_gamma_vs_ref),
-	    cmocka_unit_test(test_soft_threads),    cmocka_unit_test(test_soft_hand),
-	    cmocka_unit_test(test_soft_gamma_load), cmocka_unit_test(test_refusals),
+	    cmocka_unit_test(test_soft_vs_ref),  cmocka_unit_test(test_soft_gamma_vs_ref),
+	    cmocka_unit_test(test_soft_threads), cmocka_unit_test(test_soft_tiles),
+	    cmocka_unit_test(test_soft_hand),    cmocka_unit_test(test_soft_gamma_load),
+	    cmocka_unit_test(test_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -13,14 +13,15 @@ target triple = "x86_64-unknown-linux-gnu"
 ; Function Attrs: nounwind
 define hidden void @moe_soft_norm(ptr %src, ptr %dst, i64 %r0, i64 %r1) #0 {
 entry:
-  %ss = alloca float, align 32
+  %ss0 = alloca <8 x float>, align 32
+  %ss1 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %r.head
 
 r.head:                                           ; preds = %sc.end, %start
-  %r = phi i64 [ %r0, %start ], [ %24, %sc.end ]
+  %r = phi i64 [ %r0, %start ], [ %41, %sc.end ]
   %0 = icmp slt i64 %r, %r1
   br i1 %0, label %r.body, label %r.end
 
@@ -29,49 +30,68 @@ r.body:                                           ; preds = %r.head
   %2 = getelementptr inbounds float, ptr %src, i64 %1
   %3 = mul nsw i64 %r, 768
   %4 = getelementptr inbounds float, ptr %dst, i64 %3
-  store float 0.000000e+00, ptr %ss, align 4
+  store <8 x float> zeroinitializer, ptr %ss0, align 4
+  store <8 x float> zeroinitializer, ptr %ss1, align 4
   br label %ss.head
 
 ss.head:                                          ; preds = %ss.body, %r.body
-  %ss1 = phi i64 [ 0, %r.body ], [ %11, %ss.body ]
-  %5 = icmp slt i64 %ss1, 768
+  %ss = phi i64 [ 0, %r.body ], [ %16, %ss.body ]
+  %5 = icmp slt i64 %ss, 768
   br i1 %5, label %ss.body, label %ss.end
 
 ss.body:                                          ; preds = %ss.head
-  %6 = getelementptr inbounds float, ptr %2, i64 %ss1
-  %7 = load float, ptr %6, align 4
-  %8 = fmul float %7, %7
-  %9 = load float, ptr %ss, align 4
-  %10 = fadd float %9, %8
-  store float %10, ptr %ss, align 4
-  %11 = add nsw i64 %ss1, 1
+  %6 = add nsw i64 %ss, 0
+  %7 = getelementptr inbounds float, ptr %2, i64 %6
+  %8 = load <8 x float>, ptr %7, align 4
+  %9 = load <8 x float>, ptr %ss0, align 4
+  %10 = call <8 x float> @llvm.fma.v8f32(<8 x float> %8, <8 x float> %8, <8 x float> %9)
+  store <8 x float> %10, ptr %ss0, align 4
+  %11 = add nsw i64 %ss, 8
+  %12 = getelementptr inbounds float, ptr %2, i64 %11
+  %13 = load <8 x float>, ptr %12, align 4
+  %14 = load <8 x float>, ptr %ss1, align 4
+  %15 = call <8 x float> @llvm.fma.v8f32(<8 x float> %13, <8 x float> %13, <8 x float> %14)
+  store <8 x float> %15, ptr %ss1, align 4
+  %16 = add nsw i64 %ss, 16
   br label %ss.head
 
 ss.end:                                           ; preds = %ss.head
-  %12 = load float, ptr %ss, align 4
-  %13 = fpext float %12 to double
-  %14 = fadd double %13, 0x3EB0C6F7A0B5ED8D
-  %15 = call double @llvm.sqrt.f64(double %14)
-  %16 = fdiv double 1.000000e+00, %15
-  %17 = fptrunc double %16 to float
+  %17 = load <8 x float>, ptr %ss1, align 4
+  %18 = load <8 x float>, ptr %ss0, align 4
+  %19 = fadd <8 x float> %18, %17
+  %20 = shufflevector <8 x float> %19, <8 x float> poison, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %21 = shufflevector <8 x float> %19, <8 x float> poison, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %22 = fadd <4 x float> %21, %20
+  %23 = shufflevector <4 x float> %22, <4 x float> poison, <2 x i32> <i32 2, i32 3>
+  %24 = shufflevector <4 x float> %22, <4 x float> poison, <2 x i32> <i32 0, i32 1>
+  %25 = fadd <2 x float> %24, %23
+  %26 = shufflevector <2 x float> %25, <2 x float> poison, <1 x i32> <i32 1>
+  %27 = shufflevector <2 x float> %25, <2 x float> poison, <1 x i32> zeroinitializer
+  %28 = fadd <1 x float> %27, %26
+  %29 = extractelement <1 x float> %28, i32 0
+  %30 = fpext float %29 to double
+  %31 = fadd double %30, 0x3EB0C6F7A0B5ED8D
+  %32 = call double @llvm.sqrt.f64(double %31)
+  %33 = fdiv double 1.000000e+00, %32
+  %34 = fptrunc double %33 to float
   br label %sc.head
 
 sc.head:                                          ; preds = %sc.body, %ss.end
-  %sc = phi i64 [ 0, %ss.end ], [ %23, %sc.body ]
-  %18 = icmp slt i64 %sc, 768
-  br i1 %18, label %sc.body, label %sc.end
+  %sc = phi i64 [ 0, %ss.end ], [ %40, %sc.body ]
+  %35 = icmp slt i64 %sc, 768
+  br i1 %35, label %sc.body, label %sc.end
 
 sc.body:                                          ; preds = %sc.head
-  %19 = getelementptr inbounds float, ptr %2, i64 %sc
-  %20 = load float, ptr %19, align 4
-  %21 = fmul float %20, %17
-  %22 = getelementptr inbounds float, ptr %4, i64 %sc
-  store float %21, ptr %22, align 4
-  %23 = add nsw i64 %sc, 1
+  %36 = getelementptr inbounds float, ptr %2, i64 %sc
+  %37 = load float, ptr %36, align 4
+  %38 = fmul float %37, %34
+  %39 = getelementptr inbounds float, ptr %4, i64 %sc
+  store float %38, ptr %39, align 4
+  %40 = add nsw i64 %sc, 1
   br label %sc.head
 
 sc.end:                                           ; preds = %sc.head
-  %24 = add nsw i64 %r, 1
+  %41 = add nsw i64 %r, 1
   br label %r.head
 
 r.end:                                            ; preds = %r.head
@@ -79,212 +99,609 @@ r.end:                                            ; preds = %r.head
 }
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare double @llvm.sqrt.f64(double) #1
 
 ; Function Attrs: nounwind
 define hidden void @moe_soft_logits(ptr %xn, ptr %slots, float %scale, i64 %t0, i64 %t1, ptr %L) #0 {
 entry:
-  %l = alloca [128 x float], align 32
-  %lacc0 = alloca <8 x float>, align 32
-  %lacc1 = alloca <8 x float>, align 32
-  %lacc2 = alloca <8 x float>, align 32
-  %lacc3 = alloca <8 x float>, align 32
-  %lacc4 = alloca <8 x float>, align 32
-  %lacc5 = alloca <8 x float>, align 32
-  %lacc6 = alloca <8 x float>, align 32
-  %lacc7 = alloca <8 x float>, align 32
+  %acc = alloca <8 x float>, align 32
+  %acc1 = alloca <8 x float>, align 32
+  %acc2 = alloca <8 x float>, align 32
+  %acc3 = alloca <8 x float>, align 32
+  %acc4 = alloca <8 x float>, align 32
+  %acc5 = alloca <8 x float>, align 32
+  %acc6 = alloca <8 x float>, align 32
+  %acc7 = alloca <8 x float>, align 32
+  %acc8 = alloca <8 x float>, align 32
+  %acc9 = alloca <8 x float>, align 32
+  %acc10 = alloca <8 x float>, align 32
+  %acc11 = alloca <8 x float>, align 32
+  %acc17 = alloca <8 x float>, align 32
+  %acc18 = alloca <8 x float>, align 32
+  %acc19 = alloca <8 x float>, align 32
+  %acc20 = alloca <8 x float>, align 32
+  %acc21 = alloca <8 x float>, align 32
+  %acc22 = alloca <8 x float>, align 32
+  %acc23 = alloca <8 x float>, align 32
+  %acc24 = alloca <8 x float>, align 32
+  %acc36 = alloca <8 x float>, align 32
+  %acc37 = alloca <8 x float>, align 32
+  %acc38 = alloca <8 x float>, align 32
+  %acc39 = alloca <8 x float>, align 32
+  %acc51 = alloca <8 x float>, align 32
+  %acc52 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %t.head
+  %rows = sub nsw i64 %t1, %t0
+  %left = srem i64 %rows, 6
+  %full.end = sub nsw i64 %t1, %left
+  br label %r0.head
 
-t.head:                                           ; preds = %s.end, %start
-  %t = phi i64 [ %t0, %start ], [ %123, %s.end ]
-  %0 = icmp slt i64 %t, %t1
-  br i1 %0, label %t.body, label %t.end
+r0.head:                                          ; preds = %p.end, %start
+  %r0 = phi i64 [ %t0, %start ], [ %155, %p.end ]
+  %0 = icmp slt i64 %r0, %full.end
+  br i1 %0, label %r0.body, label %r0.end
 
-t.body:                                           ; preds = %t.head
-  %1 = mul nsw i64 %t, 768
-  %2 = getelementptr inbounds float, ptr %xn, i64 %1
-  %3 = mul nsw i64 %t, 128
-  %4 = getelementptr inbounds float, ptr %L, i64 %3
-  br label %pb.head
+r0.body:                                          ; preds = %r0.head
+  br label %p.head
 
-pb.head:                                          ; preds = %hh.end, %t.body
-  %pb = phi i64 [ 0, %t.body ], [ %116, %hh.end ]
-  %5 = icmp slt i64 %pb, 16
-  br i1 %5, label %pb.body, label %pb.end
+p.head:                                           ; preds = %k.end, %r0.body
+  %p = phi i64 [ 0, %r0.body ], [ %154, %k.end ]
+  %1 = icmp slt i64 %p, 8
+  br i1 %1, label %p.body, label %p.end
 
-pb.body:                                          ; preds = %pb.head
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  store <8 x float> zeroinitializer, ptr %lacc1, align 4
-  store <8 x float> zeroinitializer, ptr %lacc2, align 4
-  store <8 x float> zeroinitializer, ptr %lacc3, align 4
-  store <8 x float> zeroinitializer, ptr %lacc4, align 4
-  store <8 x float> zeroinitializer, ptr %lacc5, align 4
-  store <8 x float> zeroinitializer, ptr %lacc6, align 4
-  store <8 x float> zeroinitializer, ptr %lacc7, align 4
-  br label %hh.head
+p.body:                                           ; preds = %p.head
+  %2 = mul nsw i64 %r0, 768
+  %3 = getelementptr inbounds float, ptr %xn, i64 %2
+  %4 = mul nsw i64 %p, 12288
+  %5 = getelementptr inbounds float, ptr %slots, i64 %4
+  store <8 x float> zeroinitializer, ptr %acc, align 4
+  store <8 x float> zeroinitializer, ptr %acc1, align 4
+  store <8 x float> zeroinitializer, ptr %acc2, align 4
+  store <8 x float> zeroinitializer, ptr %acc3, align 4
+  store <8 x float> zeroinitializer, ptr %acc4, align 4
+  store <8 x float> zeroinitializer, ptr %acc5, align 4
+  store <8 x float> zeroinitializer, ptr %acc6, align 4
+  store <8 x float> zeroinitializer, ptr %acc7, align 4
+  store <8 x float> zeroinitializer, ptr %acc8, align 4
+  store <8 x float> zeroinitializer, ptr %acc9, align 4
+  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  br label %k.head
 
-hh.head:                                          ; preds = %hh.body, %pb.body
-  %hh = phi i64 [ 0, %pb.body ], [ %83, %hh.body ]
-  %6 = icmp slt i64 %hh, 768
-  br i1 %6, label %hh.body, label %hh.end
+k.head:                                           ; preds = %k.body, %p.body
+  %k = phi i64 [ 0, %p.body ], [ %63, %k.body ]
+  %6 = icmp slt i64 %k, 768
+  br i1 %6, label %k.body, label %k.end
 
-hh.body:                                          ; preds = %hh.head
-  %7 = getelementptr inbounds float, ptr %2, i64 %hh
-  %8 = load float, ptr %7, align 4
-  %9 = insertelement <8 x float> poison, float %8, i32 0
-  %10 = shufflevector <8 x float> %9, <8 x float> poison, <8 x i32> zeroinitializer
-  %11 = add nsw i64 %pb, 0
-  %12 = mul nsw i64 %11, 6144
-  %13 = mul nsw i64 %hh, 8
-  %14 = add nsw i64 %12, %13
-  %15 = getelementptr inbounds float, ptr %slots, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  %17 = fmul <8 x float> %10, %16
-  %18 = load <8 x float>, ptr %lacc0, align 4
-  %19 = fadd <8 x float> %18, %17
-  store <8 x float> %19, ptr %lacc0, align 4
-  %20 = add nsw i64 %pb, 1
-  %21 = mul nsw i64 %20, 6144
-  %22 = mul nsw i64 %hh, 8
-  %23 = add nsw i64 %21, %22
-  %24 = getelementptr inbounds float, ptr %slots, i64 %23
-  %25 = load <8 x float>, ptr %24, align 4
-  %26 = fmul <8 x float> %10, %25
-  %27 = load <8 x float>, ptr %lacc1, align 4
-  %28 = fadd <8 x float> %27, %26
-  store <8 x float> %28, ptr %lacc1, align 4
-  %29 = add nsw i64 %pb, 2
-  %30 = mul nsw i64 %29, 6144
-  %31 = mul nsw i64 %hh, 8
-  %32 = add nsw i64 %30, %31
-  %33 = getelementptr inbounds float, ptr %slots, i64 %32
-  %34 = load <8 x float>, ptr %33, align 4
-  %35 = fmul <8 x float> %10, %34
-  %36 = load <8 x float>, ptr %lacc2, align 4
-  %37 = fadd <8 x float> %36, %35
-  store <8 x float> %37, ptr %lacc2, align 4
-  %38 = add nsw i64 %pb, 3
-  %39 = mul nsw i64 %38, 6144
-  %40 = mul nsw i64 %hh, 8
-  %41 = add nsw i64 %39, %40
-  %42 = getelementptr inbounds float, ptr %slots, i64 %41
-  %43 = load <8 x float>, ptr %42, align 4
-  %44 = fmul <8 x float> %10, %43
-  %45 = load <8 x float>, ptr %lacc3, align 4
-  %46 = fadd <8 x float> %45, %44
-  store <8 x float> %46, ptr %lacc3, align 4
-  %47 = add nsw i64 %pb, 4
-  %48 = mul nsw i64 %47, 6144
-  %49 = mul nsw i64 %hh, 8
-  %50 = add nsw i64 %48, %49
-  %51 = getelementptr inbounds float, ptr %slots, i64 %50
-  %52 = load <8 x float>, ptr %51, align 4
-  %53 = fmul <8 x float> %10, %52
-  %54 = load <8 x float>, ptr %lacc4, align 4
-  %55 = fadd <8 x float> %54, %53
-  store <8 x float> %55, ptr %lacc4, align 4
-  %56 = add nsw i64 %pb, 5
-  %57 = mul nsw i64 %56, 6144
-  %58 = mul nsw i64 %hh, 8
-  %59 = add nsw i64 %57, %58
-  %60 = getelementptr inbounds float, ptr %slots, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  %62 = fmul <8 x float> %10, %61
-  %63 = load <8 x float>, ptr %lacc5, align 4
-  %64 = fadd <8 x float> %63, %62
-  store <8 x float> %64, ptr %lacc5, align 4
-  %65 = add nsw i64 %pb, 6
-  %66 = mul nsw i64 %65, 6144
-  %67 = mul nsw i64 %hh, 8
-  %68 = add nsw i64 %66, %67
-  %69 = getelementptr inbounds float, ptr %slots, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  %71 = fmul <8 x float> %10, %70
-  %72 = load <8 x float>, ptr %lacc6, align 4
-  %73 = fadd <8 x float> %72, %71
-  store <8 x float> %73, ptr %lacc6, align 4
-  %74 = add nsw i64 %pb, 7
-  %75 = mul nsw i64 %74, 6144
-  %76 = mul nsw i64 %hh, 8
-  %77 = add nsw i64 %75, %76
-  %78 = getelementptr inbounds float, ptr %slots, i64 %77
-  %79 = load <8 x float>, ptr %78, align 4
-  %80 = fmul <8 x float> %10, %79
-  %81 = load <8 x float>, ptr %lacc7, align 4
-  %82 = fadd <8 x float> %81, %80
-  store <8 x float> %82, ptr %lacc7, align 4
-  %83 = add nsw i64 %hh, 1
-  br label %hh.head
+k.body:                                           ; preds = %k.head
+  %7 = mul nsw i64 %k, 16
+  %8 = getelementptr inbounds float, ptr %5, i64 %7
+  %9 = mul nsw i64 %k, 1
+  %10 = getelementptr inbounds float, ptr %3, i64 %9
+  %11 = getelementptr inbounds float, ptr %8, i64 0
+  %12 = load <8 x float>, ptr %11, align 4
+  %13 = getelementptr inbounds float, ptr %8, i64 8
+  %14 = load <8 x float>, ptr %13, align 4
+  %15 = getelementptr inbounds float, ptr %10, i64 0
+  %16 = load float, ptr %15, align 4
+  %17 = insertelement <8 x float> poison, float %16, i32 0
+  %18 = shufflevector <8 x float> %17, <8 x float> poison, <8 x i32> zeroinitializer
+  %19 = load <8 x float>, ptr %acc, align 4
+  %20 = call <8 x float> @llvm.fma.v8f32(<8 x float> %18, <8 x float> %12, <8 x float> %19)
+  store <8 x float> %20, ptr %acc, align 4
+  %21 = load <8 x float>, ptr %acc1, align 4
+  %22 = call <8 x float> @llvm.fma.v8f32(<8 x float> %18, <8 x float> %14, <8 x float> %21)
+  store <8 x float> %22, ptr %acc1, align 4
+  %23 = getelementptr inbounds float, ptr %10, i64 768
+  %24 = load float, ptr %23, align 4
+  %25 = insertelement <8 x float> poison, float %24, i32 0
+  %26 = shufflevector <8 x float> %25, <8 x float> poison, <8 x i32> zeroinitializer
+  %27 = load <8 x float>, ptr %acc2, align 4
+  %28 = call <8 x float> @llvm.fma.v8f32(<8 x float> %26, <8 x float> %12, <8 x float> %27)
+  store <8 x float> %28, ptr %acc2, align 4
+  %29 = load <8 x float>, ptr %acc3, align 4
+  %30 = call <8 x float> @llvm.fma.v8f32(<8 x float> %26, <8 x float> %14, <8 x float> %29)
+  store <8 x float> %30, ptr %acc3, align 4
+  %31 = getelementptr inbounds float, ptr %10, i64 1536
+  %32 = load float, ptr %31, align 4
+  %33 = insertelement <8 x float> poison, float %32, i32 0
+  %34 = shufflevector <8 x float> %33, <8 x float> poison, <8 x i32> zeroinitializer
+  %35 = load <8 x float>, ptr %acc4, align 4
+  %36 = call <8 x float> @llvm.fma.v8f32(<8 x float> %34, <8 x float> %12, <8 x float> %35)
+  store <8 x float> %36, ptr %acc4, align 4
+  %37 = load <8 x float>, ptr %acc5, align 4
+  %38 = call <8 x float> @llvm.fma.v8f32(<8 x float> %34, <8 x float> %14, <8 x float> %37)
+  store <8 x float> %38, ptr %acc5, align 4
+  %39 = getelementptr inbounds float, ptr %10, i64 2304
+  %40 = load float, ptr %39, align 4
+  %41 = insertelement <8 x float> poison, float %40, i32 0
+  %42 = shufflevector <8 x float> %41, <8 x float> poison, <8 x i32> zeroinitializer
+  %43 = load <8 x float>, ptr %acc6, align 4
+  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %12, <8 x float> %43)
+  store <8 x float> %44, ptr %acc6, align 4
+  %45 = load <8 x float>, ptr %acc7, align 4
+  %46 = call <8 x float> @llvm.fma.v8f32(<8 x float> %42, <8 x float> %14, <8 x float> %45)
+  store <8 x float> %46, ptr %acc7, align 4
+  %47 = getelementptr inbounds float, ptr %10, i64 3072
+  %48 = load float, ptr %47, align 4
+  %49 = insertelement <8 x float> poison, float %48, i32 0
+  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
+  %51 = load <8 x float>, ptr %acc8, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %12, <8 x float> %51)
+  store <8 x float> %52, ptr %acc8, align 4
+  %53 = load <8 x float>, ptr %acc9, align 4
+  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %14, <8 x float> %53)
+  store <8 x float> %54, ptr %acc9, align 4
+  %55 = getelementptr inbounds float, ptr %10, i64 3840
+  %56 = load float, ptr %55, align 4
+  %57 = insertelement <8 x float> poison, float %56, i32 0
+  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
+  %59 = load <8 x float>, ptr %acc10, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %12, <8 x float> %59)
+  store <8 x float> %60, ptr %acc10, align 4
+  %61 = load <8 x float>, ptr %acc11, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %14, <8 x float> %61)
+  store <8 x float> %62, ptr %acc11, align 4
+  %63 = add nsw i64 %k, 1
+  br label %k.head
 
-hh.end:                                           ; preds = %hh.head
-  %84 = load <8 x float>, ptr %lacc0, align 4
-  %85 = load <8 x float>, ptr %lacc1, align 4
-  %86 = load <8 x float>, ptr %lacc2, align 4
-  %87 = load <8 x float>, ptr %lacc3, align 4
-  %88 = load <8 x float>, ptr %lacc4, align 4
-  %89 = load <8 x float>, ptr %lacc5, align 4
-  %90 = load <8 x float>, ptr %lacc6, align 4
-  %91 = load <8 x float>, ptr %lacc7, align 4
-  %92 = add nsw i64 %pb, 0
-  %93 = mul nsw i64 %92, 8
-  %94 = getelementptr inbounds float, ptr %l, i64 %93
-  store <8 x float> %84, ptr %94, align 4
-  %95 = add nsw i64 %pb, 1
-  %96 = mul nsw i64 %95, 8
-  %97 = getelementptr inbounds float, ptr %l, i64 %96
-  store <8 x float> %85, ptr %97, align 4
-  %98 = add nsw i64 %pb, 2
-  %99 = mul nsw i64 %98, 8
-  %100 = getelementptr inbounds float, ptr %l, i64 %99
-  store <8 x float> %86, ptr %100, align 4
-  %101 = add nsw i64 %pb, 3
-  %102 = mul nsw i64 %101, 8
-  %103 = getelementptr inbounds float, ptr %l, i64 %102
-  store <8 x float> %87, ptr %103, align 4
-  %104 = add nsw i64 %pb, 4
-  %105 = mul nsw i64 %104, 8
-  %106 = getelementptr inbounds float, ptr %l, i64 %105
-  store <8 x float> %88, ptr %106, align 4
-  %107 = add nsw i64 %pb, 5
-  %108 = mul nsw i64 %107, 8
-  %109 = getelementptr inbounds float, ptr %l, i64 %108
-  store <8 x float> %89, ptr %109, align 4
-  %110 = add nsw i64 %pb, 6
-  %111 = mul nsw i64 %110, 8
-  %112 = getelementptr inbounds float, ptr %l, i64 %111
-  store <8 x float> %90, ptr %112, align 4
-  %113 = add nsw i64 %pb, 7
-  %114 = mul nsw i64 %113, 8
-  %115 = getelementptr inbounds float, ptr %l, i64 %114
-  store <8 x float> %91, ptr %115, align 4
-  %116 = add nsw i64 %pb, 8
-  br label %pb.head
+k.end:                                            ; preds = %k.head
+  %64 = add nsw i64 %r0, 0
+  %65 = mul nsw i64 %p, 16
+  %66 = mul nsw i64 %64, 128
+  %67 = add nsw i64 %66, %65
+  %68 = getelementptr inbounds float, ptr %L, i64 %67
+  %69 = load <8 x float>, ptr %acc, align 4
+  %70 = insertelement <8 x float> poison, float %scale, i32 0
+  %71 = shufflevector <8 x float> %70, <8 x float> poison, <8 x i32> zeroinitializer
+  %72 = fmul <8 x float> %71, %69
+  %73 = getelementptr inbounds float, ptr %68, i64 0
+  store <8 x float> %72, ptr %73, align 4
+  %74 = load <8 x float>, ptr %acc1, align 4
+  %75 = insertelement <8 x float> poison, float %scale, i32 0
+  %76 = shufflevector <8 x float> %75, <8 x float> poison, <8 x i32> zeroinitializer
+  %77 = fmul <8 x float> %76, %74
+  %78 = getelementptr inbounds float, ptr %68, i64 8
+  store <8 x float> %77, ptr %78, align 4
+  %79 = add nsw i64 %r0, 1
+  %80 = mul nsw i64 %p, 16
+  %81 = mul nsw i64 %79, 128
+  %82 = add nsw i64 %81, %80
+  %83 = getelementptr inbounds float, ptr %L, i64 %82
+  %84 = load <8 x float>, ptr %acc2, align 4
+  %85 = insertelement <8 x float> poison, float %scale, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = fmul <8 x float> %86, %84
+  %88 = getelementptr inbounds float, ptr %83, i64 0
+  store <8 x float> %87, ptr %88, align 4
+  %89 = load <8 x float>, ptr %acc3, align 4
+  %90 = insertelement <8 x float> poison, float %scale, i32 0
+  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
+  %92 = fmul <8 x float> %91, %89
+  %93 = getelementptr inbounds float, ptr %83, i64 8
+  store <8 x float> %92, ptr %93, align 4
+  %94 = add nsw i64 %r0, 2
+  %95 = mul nsw i64 %p, 16
+  %96 = mul nsw i64 %94, 128
+  %97 = add nsw i64 %96, %95
+  %98 = getelementptr inbounds float, ptr %L, i64 %97
+  %99 = load <8 x float>, ptr %acc4, align 4
+  %100 = insertelement <8 x float> poison, float %scale, i32 0
+  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
+  %102 = fmul <8 x float> %101, %99
+  %103 = getelementptr inbounds float, ptr %98, i64 0
+  store <8 x float> %102, ptr %103, align 4
+  %104 = load <8 x float>, ptr %acc5, align 4
+  %105 = insertelement <8 x float> poison, float %scale, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = fmul <8 x float> %106, %104
+  %108 = getelementptr inbounds float, ptr %98, i64 8
+  store <8 x float> %107, ptr %108, align 4
+  %109 = add nsw i64 %r0, 3
+  %110 = mul nsw i64 %p, 16
+  %111 = mul nsw i64 %109, 128
+  %112 = add nsw i64 %111, %110
+  %113 = getelementptr inbounds float, ptr %L, i64 %112
+  %114 = load <8 x float>, ptr %acc6, align 4
+  %115 = insertelement <8 x float> poison, float %scale, i32 0
+  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
+  %117 = fmul <8 x float> %116, %114
+  %118 = getelementptr inbounds float, ptr %113, i64 0
+  store <8 x float> %117, ptr %118, align 4
+  %119 = load <8 x float>, ptr %acc7, align 4
+  %120 = insertelement <8 x float> poison, float %scale, i32 0
+  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
+  %122 = fmul <8 x float> %121, %119
+  %123 = getelementptr inbounds float, ptr %113, i64 8
+  store <8 x float> %122, ptr %123, align 4
+  %124 = add nsw i64 %r0, 4
+  %125 = mul nsw i64 %p, 16
+  %126 = mul nsw i64 %124, 128
+  %127 = add nsw i64 %126, %125
+  %128 = getelementptr inbounds float, ptr %L, i64 %127
+  %129 = load <8 x float>, ptr %acc8, align 4
+  %130 = insertelement <8 x float> poison, float %scale, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = fmul <8 x float> %131, %129
+  %133 = getelementptr inbounds float, ptr %128, i64 0
+  store <8 x float> %132, ptr %133, align 4
+  %134 = load <8 x float>, ptr %acc9, align 4
+  %135 = insertelement <8 x float> poison, float %scale, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = fmul <8 x float> %136, %134
+  %138 = getelementptr inbounds float, ptr %128, i64 8
+  store <8 x float> %137, ptr %138, align 4
+  %139 = add nsw i64 %r0, 5
+  %140 = mul nsw i64 %p, 16
+  %141 = mul nsw i64 %139, 128
+  %142 = add nsw i64 %141, %140
+  %143 = getelementptr inbounds float, ptr %L, i64 %142
+  %144 = load <8 x float>, ptr %acc10, align 4
+  %145 = insertelement <8 x float> poison, float %scale, i32 0
+  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
+  %147 = fmul <8 x float> %146, %144
+  %148 = getelementptr inbounds float, ptr %143, i64 0
+  store <8 x float> %147, ptr %148, align 4
+  %149 = load <8 x float>, ptr %acc11, align 4
+  %150 = insertelement <8 x float> poison, float %scale, i32 0
+  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
+  %152 = fmul <8 x float> %151, %149
+  %153 = getelementptr inbounds float, ptr %143, i64 8
+  store <8 x float> %152, ptr %153, align 4
+  %154 = add nsw i64 %p, 1
+  br label %p.head
 
-pb.end:                                           ; preds = %pb.head
-  br label %s.head
+p.end:                                            ; preds = %p.head
+  %155 = add nsw i64 %r0, 6
+  br label %r0.head
 
-s.head:                                           ; preds = %s.body, %pb.end
-  %s = phi i64 [ 0, %pb.end ], [ %122, %s.body ]
-  %117 = icmp slt i64 %s, 128
-  br i1 %117, label %s.body, label %s.end
+r0.end:                                           ; preds = %r0.head
+  %156 = and i64 %left, 4
+  %157 = icmp ne i64 %156, 0
+  br i1 %157, label %part.then, label %part.end
 
-s.body:                                           ; preds = %s.head
-  %118 = getelementptr inbounds float, ptr %l, i64 %s
-  %119 = load float, ptr %118, align 4
-  %120 = fmul float %scale, %119
-  %121 = getelementptr inbounds float, ptr %4, i64 %s
-  store float %120, ptr %121, align 4
-  %122 = add nsw i64 %s, 1
-  br label %s.head
+part.then:                                        ; preds = %r0.end
+  %158 = and i64 %left, -8
+  %r012 = add nsw i64 %full.end, %158
+  br label %p.head13
 
-s.end:                                            ; preds = %s.head
-  %123 = add nsw i64 %t, 1
-  br label %t.head
+p.head13:                                         ; preds = %k.end27, %part.then
+  %p16 = phi i64 [ 0, %part.then ], [ %266, %k.end27 ]
+  %159 = icmp slt i64 %p16, 8
+  br i1 %159, label %p.body14, label %p.end15
 
-t.end:                                            ; preds = %t.head
+p.body14:                                         ; preds = %p.head13
+  %160 = mul nsw i64 %r012, 768
+  %161 = getelementptr inbounds float, ptr %xn, i64 %160
+  %162 = mul nsw i64 %p16, 12288
+  %163 = getelementptr inbounds float, ptr %slots, i64 %162
+  store <8 x float> zeroinitializer, ptr %acc17, align 4
+  store <8 x float> zeroinitializer, ptr %acc18, align 4
+  store <8 x float> zeroinitializer, ptr %acc19, align 4
+  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc22, align 4
+  store <8 x float> zeroinitializer, ptr %acc23, align 4
+  store <8 x float> zeroinitializer, ptr %acc24, align 4
+  br label %k.head25
+
+k.head25:                                         ; preds = %k.body26, %p.body14
+  %k28 = phi i64 [ 0, %p.body14 ], [ %205, %k.body26 ]
+  %164 = icmp slt i64 %k28, 768
+  br i1 %164, label %k.body26, label %k.end27
+
+k.body26:                                         ; preds = %k.head25
+  %165 = mul nsw i64 %k28, 16
+  %166 = getelementptr inbounds float, ptr %163, i64 %165
+  %167 = mul nsw i64 %k28, 1
+  %168 = getelementptr inbounds float, ptr %161, i64 %167
+  %169 = getelementptr inbounds float, ptr %166, i64 0
+  %170 = load <8 x float>, ptr %169, align 4
+  %171 = getelementptr inbounds float, ptr %166, i64 8
+  %172 = load <8 x float>, ptr %171, align 4
+  %173 = getelementptr inbounds float, ptr %168, i64 0
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = load <8 x float>, ptr %acc17, align 4
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %170, <8 x float> %177)
+  store <8 x float> %178, ptr %acc17, align 4
+  %179 = load <8 x float>, ptr %acc18, align 4
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %172, <8 x float> %179)
+  store <8 x float> %180, ptr %acc18, align 4
+  %181 = getelementptr inbounds float, ptr %168, i64 768
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = load <8 x float>, ptr %acc19, align 4
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %170, <8 x float> %185)
+  store <8 x float> %186, ptr %acc19, align 4
+  %187 = load <8 x float>, ptr %acc20, align 4
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %172, <8 x float> %187)
+  store <8 x float> %188, ptr %acc20, align 4
+  %189 = getelementptr inbounds float, ptr %168, i64 1536
+  %190 = load float, ptr %189, align 4
+  %191 = insertelement <8 x float> poison, float %190, i32 0
+  %192 = shufflevector <8 x float> %191, <8 x float> poison, <8 x i32> zeroinitializer
+  %193 = load <8 x float>, ptr %acc21, align 4
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %170, <8 x float> %193)
+  store <8 x float> %194, ptr %acc21, align 4
+  %195 = load <8 x float>, ptr %acc22, align 4
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %172, <8 x float> %195)
+  store <8 x float> %196, ptr %acc22, align 4
+  %197 = getelementptr inbounds float, ptr %168, i64 2304
+  %198 = load float, ptr %197, align 4
+  %199 = insertelement <8 x float> poison, float %198, i32 0
+  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
+  %201 = load <8 x float>, ptr %acc23, align 4
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %170, <8 x float> %201)
+  store <8 x float> %202, ptr %acc23, align 4
+  %203 = load <8 x float>, ptr %acc24, align 4
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %172, <8 x float> %203)
+  store <8 x float> %204, ptr %acc24, align 4
+  %205 = add nsw i64 %k28, 1
+  br label %k.head25
+
+k.end27:                                          ; preds = %k.head25
+  %206 = add nsw i64 %r012, 0
+  %207 = mul nsw i64 %p16, 16
+  %208 = mul nsw i64 %206, 128
+  %209 = add nsw i64 %208, %207
+  %210 = getelementptr inbounds float, ptr %L, i64 %209
+  %211 = load <8 x float>, ptr %acc17, align 4
+  %212 = insertelement <8 x float> poison, float %scale, i32 0
+  %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
+  %214 = fmul <8 x float> %213, %211
+  %215 = getelementptr inbounds float, ptr %210, i64 0
+  store <8 x float> %214, ptr %215, align 4
+  %216 = load <8 x float>, ptr %acc18, align 4
+  %217 = insertelement <8 x float> poison, float %scale, i32 0
+  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
+  %219 = fmul <8 x float> %218, %216
+  %220 = getelementptr inbounds float, ptr %210, i64 8
+  store <8 x float> %219, ptr %220, align 4
+  %221 = add nsw i64 %r012, 1
+  %222 = mul nsw i64 %p16, 16
+  %223 = mul nsw i64 %221, 128
+  %224 = add nsw i64 %223, %222
+  %225 = getelementptr inbounds float, ptr %L, i64 %224
+  %226 = load <8 x float>, ptr %acc19, align 4
+  %227 = insertelement <8 x float> poison, float %scale, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = fmul <8 x float> %228, %226
+  %230 = getelementptr inbounds float, ptr %225, i64 0
+  store <8 x float> %229, ptr %230, align 4
+  %231 = load <8 x float>, ptr %acc20, align 4
+  %232 = insertelement <8 x float> poison, float %scale, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = fmul <8 x float> %233, %231
+  %235 = getelementptr inbounds float, ptr %225, i64 8
+  store <8 x float> %234, ptr %235, align 4
+  %236 = add nsw i64 %r012, 2
+  %237 = mul nsw i64 %p16, 16
+  %238 = mul nsw i64 %236, 128
+  %239 = add nsw i64 %238, %237
+  %240 = getelementptr inbounds float, ptr %L, i64 %239
+  %241 = load <8 x float>, ptr %acc21, align 4
+  %242 = insertelement <8 x float> poison, float %scale, i32 0
+  %243 = shufflevector <8 x float> %242, <8 x float> poison, <8 x i32> zeroinitializer
+  %244 = fmul <8 x float> %243, %241
+  %245 = getelementptr inbounds float, ptr %240, i64 0
+  store <8 x float> %244, ptr %245, align 4
+  %246 = load <8 x float>, ptr %acc22, align 4
+  %247 = insertelement <8 x float> poison, float %scale, i32 0
+  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
+  %249 = fmul <8 x float> %248, %246
+  %250 = getelementptr inbounds float, ptr %240, i64 8
+  store <8 x float> %249, ptr %250, align 4
+  %251 = add nsw i64 %r012, 3
+  %252 = mul nsw i64 %p16, 16
+  %253 = mul nsw i64 %251, 128
+  %254 = add nsw i64 %253, %252
+  %255 = getelementptr inbounds float, ptr %L, i64 %254
+  %256 = load <8 x float>, ptr %acc23, align 4
+  %257 = insertelement <8 x float> poison, float %scale, i32 0
+  %258 = shufflevector <8 x float> %257, <8 x float> poison, <8 x i32> zeroinitializer
+  %259 = fmul <8 x float> %258, %256
+  %260 = getelementptr inbounds float, ptr %255, i64 0
+  store <8 x float> %259, ptr %260, align 4
+  %261 = load <8 x float>, ptr %acc24, align 4
+  %262 = insertelement <8 x float> poison, float %scale, i32 0
+  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
+  %264 = fmul <8 x float> %263, %261
+  %265 = getelementptr inbounds float, ptr %255, i64 8
+  store <8 x float> %264, ptr %265, align 4
+  %266 = add nsw i64 %p16, 1
+  br label %p.head13
+
+p.end15:                                          ; preds = %p.head13
+  br label %part.end
+
+part.end:                                         ; preds = %p.end15, %r0.end
+  %267 = and i64 %left, 2
+  %268 = icmp ne i64 %267, 0
+  br i1 %268, label %part.then29, label %part.end30
+
+part.then29:                                      ; preds = %part.end
+  %269 = and i64 %left, -4
+  %r031 = add nsw i64 %full.end, %269
+  br label %p.head32
+
+p.head32:                                         ; preds = %k.end42, %part.then29
+  %p35 = phi i64 [ 0, %part.then29 ], [ %331, %k.end42 ]
+  %270 = icmp slt i64 %p35, 8
+  br i1 %270, label %p.body33, label %p.end34
+
+p.body33:                                         ; preds = %p.head32
+  %271 = mul nsw i64 %r031, 768
+  %272 = getelementptr inbounds float, ptr %xn, i64 %271
+  %273 = mul nsw i64 %p35, 12288
+  %274 = getelementptr inbounds float, ptr %slots, i64 %273
+  store <8 x float> zeroinitializer, ptr %acc36, align 4
+  store <8 x float> zeroinitializer, ptr %acc37, align 4
+  store <8 x float> zeroinitializer, ptr %acc38, align 4
+  store <8 x float> zeroinitializer, ptr %acc39, align 4
+  br label %k.head40
+
+k.head40:                                         ; preds = %k.body41, %p.body33
+  %k43 = phi i64 [ 0, %p.body33 ], [ %300, %k.body41 ]
+  %275 = icmp slt i64 %k43, 768
+  br i1 %275, label %k.body41, label %k.end42
+
+k.body41:                                         ; preds = %k.head40
+  %276 = mul nsw i64 %k43, 16
+  %277 = getelementptr inbounds float, ptr %274, i64 %276
+  %278 = mul nsw i64 %k43, 1
+  %279 = getelementptr inbounds float, ptr %272, i64 %278
+  %280 = getelementptr inbounds float, ptr %277, i64 0
+  %281 = load <8 x float>, ptr %280, align 4
+  %282 = getelementptr inbounds float, ptr %277, i64 8
+  %283 = load <8 x float>, ptr %282, align 4
+  %284 = getelementptr inbounds float, ptr %279, i64 0
+  %285 = load float, ptr %284, align 4
+  %286 = insertelement <8 x float> poison, float %285, i32 0
+  %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
+  %288 = load <8 x float>, ptr %acc36, align 4
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %281, <8 x float> %288)
+  store <8 x float> %289, ptr %acc36, align 4
+  %290 = load <8 x float>, ptr %acc37, align 4
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %283, <8 x float> %290)
+  store <8 x float> %291, ptr %acc37, align 4
+  %292 = getelementptr inbounds float, ptr %279, i64 768
+  %293 = load float, ptr %292, align 4
+  %294 = insertelement <8 x float> poison, float %293, i32 0
+  %295 = shufflevector <8 x float> %294, <8 x float> poison, <8 x i32> zeroinitializer
+  %296 = load <8 x float>, ptr %acc38, align 4
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %281, <8 x float> %296)
+  store <8 x float> %297, ptr %acc38, align 4
+  %298 = load <8 x float>, ptr %acc39, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %283, <8 x float> %298)
+  store <8 x float> %299, ptr %acc39, align 4
+  %300 = add nsw i64 %k43, 1
+  br label %k.head40
+
+k.end42:                                          ; preds = %k.head40
+  %301 = add nsw i64 %r031, 0
+  %302 = mul nsw i64 %p35, 16
+  %303 = mul nsw i64 %301, 128
+  %304 = add nsw i64 %303, %302
+  %305 = getelementptr inbounds float, ptr %L, i64 %304
+  %306 = load <8 x float>, ptr %acc36, align 4
+  %307 = insertelement <8 x float> poison, float %scale, i32 0
+  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
+  %309 = fmul <8 x float> %308, %306
+  %310 = getelementptr inbounds float, ptr %305, i64 0
+  store <8 x float> %309, ptr %310, align 4
+  %311 = load <8 x float>, ptr %acc37, align 4
+  %312 = insertelement <8 x float> poison, float %scale, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = fmul <8 x float> %313, %311
+  %315 = getelementptr inbounds float, ptr %305, i64 8
+  store <8 x float> %314, ptr %315, align 4
+  %316 = add nsw i64 %r031, 1
+  %317 = mul nsw i64 %p35, 16
+  %318 = mul nsw i64 %316, 128
+  %319 = add nsw i64 %318, %317
+  %320 = getelementptr inbounds float, ptr %L, i64 %319
+  %321 = load <8 x float>, ptr %acc38, align 4
+  %322 = insertelement <8 x float> poison, float %scale, i32 0
+  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
+  %324 = fmul <8 x float> %323, %321
+  %325 = getelementptr inbounds float, ptr %320, i64 0
+  store <8 x float> %324, ptr %325, align 4
+  %326 = load <8 x float>, ptr %acc39, align 4
+  %327 = insertelement <8 x float> poison, float %scale, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = fmul <8 x float> %328, %326
+  %330 = getelementptr inbounds float, ptr %320, i64 8
+  store <8 x float> %329, ptr %330, align 4
+  %331 = add nsw i64 %p35, 1
+  br label %p.head32
+
+p.end34:                                          ; preds = %p.head32
+  br label %part.end30
+
+part.end30:                                       ; preds = %p.end34, %part.end
+  %332 = and i64 %left, 1
+  %333 = icmp ne i64 %332, 0
+  br i1 %333, label %part.then44, label %part.end45
+
+part.then44:                                      ; preds = %part.end30
+  %334 = and i64 %left, -2
+  %r046 = add nsw i64 %full.end, %334
+  br label %p.head47
+
+p.head47:                                         ; preds = %k.end55, %part.then44
+  %p50 = phi i64 [ 0, %part.then44 ], [ %373, %k.end55 ]
+  %335 = icmp slt i64 %p50, 8
+  br i1 %335, label %p.body48, label %p.end49
+
+p.body48:                                         ; preds = %p.head47
+  %336 = mul nsw i64 %r046, 768
+  %337 = getelementptr inbounds float, ptr %xn, i64 %336
+  %338 = mul nsw i64 %p50, 12288
+  %339 = getelementptr inbounds float, ptr %slots, i64 %338
+  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc52, align 4
+  br label %k.head53
+
+k.head53:                                         ; preds = %k.body54, %p.body48
+  %k56 = phi i64 [ 0, %p.body48 ], [ %357, %k.body54 ]
+  %340 = icmp slt i64 %k56, 768
+  br i1 %340, label %k.body54, label %k.end55
+
+k.body54:                                         ; preds = %k.head53
+  %341 = mul nsw i64 %k56, 16
+  %342 = getelementptr inbounds float, ptr %339, i64 %341
+  %343 = mul nsw i64 %k56, 1
+  %344 = getelementptr inbounds float, ptr %337, i64 %343
+  %345 = getelementptr inbounds float, ptr %342, i64 0
+  %346 = load <8 x float>, ptr %345, align 4
+  %347 = getelementptr inbounds float, ptr %342, i64 8
+  %348 = load <8 x float>, ptr %347, align 4
+  %349 = getelementptr inbounds float, ptr %344, i64 0
+  %350 = load float, ptr %349, align 4
+  %351 = insertelement <8 x float> poison, float %350, i32 0
+  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
+  %353 = load <8 x float>, ptr %acc51, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %346, <8 x float> %353)
+  store <8 x float> %354, ptr %acc51, align 4
+  %355 = load <8 x float>, ptr %acc52, align 4
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %348, <8 x float> %355)
+  store <8 x float> %356, ptr %acc52, align 4
+  %357 = add nsw i64 %k56, 1
+  br label %k.head53
+
+k.end55:                                          ; preds = %k.head53
+  %358 = add nsw i64 %r046, 0
+  %359 = mul nsw i64 %p50, 16
+  %360 = mul nsw i64 %358, 128
+  %361 = add nsw i64 %360, %359
+  %362 = getelementptr inbounds float, ptr %L, i64 %361
+  %363 = load <8 x float>, ptr %acc51, align 4
+  %364 = insertelement <8 x float> poison, float %scale, i32 0
+  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
+  %366 = fmul <8 x float> %365, %363
+  %367 = getelementptr inbounds float, ptr %362, i64 0
+  store <8 x float> %366, ptr %367, align 4
+  %368 = load <8 x float>, ptr %acc52, align 4
+  %369 = insertelement <8 x float> poison, float %scale, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = fmul <8 x float> %370, %368
+  %372 = getelementptr inbounds float, ptr %362, i64 8
+  store <8 x float> %371, ptr %372, align 4
+  %373 = add nsw i64 %p50, 1
+  br label %p.head47
+
+p.end49:                                          ; preds = %p.head47
+  br label %part.end45
+
+part.end45:                                       ; preds = %p.end49, %part.end30
   ret void
 }
 
@@ -474,189 +891,972 @@ s.end:                                            ; preds = %s.head
 }
 
 ; Function Attrs: nounwind
-define hidden void @moe_soft_slot_in(ptr %Dt, ptr %x, i64 %T, i64 %s0, i64 %s1, ptr %xs, ptr %acc) #0 {
+define hidden void @moe_soft_slot_in(ptr %Dt, ptr %x, i64 %T, i64 %p0, i64 %p1, ptr %xs) #0 {
 entry:
+  %acc = alloca <8 x float>, align 32
+  %acc1 = alloca <8 x float>, align 32
+  %acc2 = alloca <8 x float>, align 32
+  %acc3 = alloca <8 x float>, align 32
+  %acc4 = alloca <8 x float>, align 32
+  %acc5 = alloca <8 x float>, align 32
+  %acc6 = alloca <8 x float>, align 32
+  %acc7 = alloca <8 x float>, align 32
+  %acc8 = alloca <8 x float>, align 32
+  %acc9 = alloca <8 x float>, align 32
+  %acc10 = alloca <8 x float>, align 32
+  %acc11 = alloca <8 x float>, align 32
+  %acc12 = alloca <8 x float>, align 32
+  %acc13 = alloca <8 x float>, align 32
+  %acc14 = alloca <8 x float>, align 32
+  %acc15 = alloca <8 x float>, align 32
+  %acc16 = alloca <8 x float>, align 32
+  %acc17 = alloca <8 x float>, align 32
+  %acc18 = alloca <8 x float>, align 32
+  %acc19 = alloca <8 x float>, align 32
+  %acc26 = alloca <8 x float>, align 32
+  %acc27 = alloca <8 x float>, align 32
+  %acc28 = alloca <8 x float>, align 32
+  %acc29 = alloca <8 x float>, align 32
+  %acc36 = alloca <8 x float>, align 32
+  %acc37 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %s.head
+  %0 = icmp slt i64 %p1, 48
+  %1 = select i1 %0, i64 %p1, i64 48
+  br label %p.head
 
-s.head:                                           ; preds = %o.end, %start
-  %s = phi i64 [ %s0, %start ], [ %31, %o.end ]
-  %0 = icmp slt i64 %s, %s1
-  br i1 %0, label %s.body, label %s.end
+p.head:                                           ; preds = %part.end35, %start
+  %p = phi i64 [ %p0, %start ], [ %268, %part.end35 ]
+  %2 = icmp slt i64 %p, %1
+  br i1 %2, label %p.body, label %p.end
 
-s.body:                                           ; preds = %s.head
-  br label %z.head
+p.body:                                           ; preds = %p.head
+  br label %r0.head
 
-z.head:                                           ; preds = %z.body, %s.body
-  %z = phi i64 [ 0, %s.body ], [ %3, %z.body ]
-  %1 = icmp slt i64 %z, 768
-  br i1 %1, label %z.body, label %z.end
+r0.head:                                          ; preds = %k.end, %p.body
+  %r0 = phi i64 [ 0, %p.body ], [ %120, %k.end ]
+  %3 = icmp slt i64 %r0, 126
+  br i1 %3, label %r0.body, label %r0.end
 
-z.body:                                           ; preds = %z.head
-  %2 = getelementptr inbounds double, ptr %acc, i64 %z
-  store double 0.000000e+00, ptr %2, align 8
-  %3 = add nsw i64 %z, 1
-  br label %z.head
+r0.body:                                          ; preds = %r0.head
+  %4 = mul nsw i64 %p, 16
+  %5 = getelementptr inbounds float, ptr %x, i64 %4
+  %6 = mul nsw i64 %r0, %T
+  %7 = getelementptr inbounds float, ptr %Dt, i64 %6
+  store <8 x float> zeroinitializer, ptr %acc, align 4
+  store <8 x float> zeroinitializer, ptr %acc1, align 4
+  store <8 x float> zeroinitializer, ptr %acc2, align 4
+  store <8 x float> zeroinitializer, ptr %acc3, align 4
+  store <8 x float> zeroinitializer, ptr %acc4, align 4
+  store <8 x float> zeroinitializer, ptr %acc5, align 4
+  store <8 x float> zeroinitializer, ptr %acc6, align 4
+  store <8 x float> zeroinitializer, ptr %acc7, align 4
+  store <8 x float> zeroinitializer, ptr %acc8, align 4
+  store <8 x float> zeroinitializer, ptr %acc9, align 4
+  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  br label %k.head
 
-z.end:                                            ; preds = %z.head
-  %4 = mul nsw i64 %s, %T
-  %5 = getelementptr inbounds float, ptr %Dt, i64 %4
-  br label %t.head
+k.head:                                           ; preds = %k.body, %r0.body
+  %k = phi i64 [ 0, %r0.body ], [ %71, %k.body ]
+  %8 = icmp slt i64 %k, %T
+  br i1 %8, label %k.body, label %k.end
 
-t.head:                                           ; preds = %h.end, %z.end
-  %t = phi i64 [ 0, %z.end ], [ %22, %h.end ]
-  %6 = icmp slt i64 %t, %T
-  br i1 %6, label %t.body, label %t.end
+k.body:                                           ; preds = %k.head
+  %9 = mul nsw i64 %k, 768
+  %10 = getelementptr inbounds float, ptr %5, i64 %9
+  %11 = mul nsw i64 %k, 1
+  %12 = getelementptr inbounds float, ptr %7, i64 %11
+  %13 = getelementptr inbounds float, ptr %10, i64 0
+  %14 = load <8 x float>, ptr %13, align 4
+  %15 = getelementptr inbounds float, ptr %10, i64 8
+  %16 = load <8 x float>, ptr %15, align 4
+  %17 = mul nsw i64 0, %T
+  %18 = getelementptr inbounds float, ptr %12, i64 %17
+  %19 = load float, ptr %18, align 4
+  %20 = insertelement <8 x float> poison, float %19, i32 0
+  %21 = shufflevector <8 x float> %20, <8 x float> poison, <8 x i32> zeroinitializer
+  %22 = load <8 x float>, ptr %acc, align 4
+  %23 = call <8 x float> @llvm.fma.v8f32(<8 x float> %21, <8 x float> %14, <8 x float> %22)
+  store <8 x float> %23, ptr %acc, align 4
+  %24 = load <8 x float>, ptr %acc1, align 4
+  %25 = call <8 x float> @llvm.fma.v8f32(<8 x float> %21, <8 x float> %16, <8 x float> %24)
+  store <8 x float> %25, ptr %acc1, align 4
+  %26 = mul nsw i64 1, %T
+  %27 = getelementptr inbounds float, ptr %12, i64 %26
+  %28 = load float, ptr %27, align 4
+  %29 = insertelement <8 x float> poison, float %28, i32 0
+  %30 = shufflevector <8 x float> %29, <8 x float> poison, <8 x i32> zeroinitializer
+  %31 = load <8 x float>, ptr %acc2, align 4
+  %32 = call <8 x float> @llvm.fma.v8f32(<8 x float> %30, <8 x float> %14, <8 x float> %31)
+  store <8 x float> %32, ptr %acc2, align 4
+  %33 = load <8 x float>, ptr %acc3, align 4
+  %34 = call <8 x float> @llvm.fma.v8f32(<8 x float> %30, <8 x float> %16, <8 x float> %33)
+  store <8 x float> %34, ptr %acc3, align 4
+  %35 = mul nsw i64 2, %T
+  %36 = getelementptr inbounds float, ptr %12, i64 %35
+  %37 = load float, ptr %36, align 4
+  %38 = insertelement <8 x float> poison, float %37, i32 0
+  %39 = shufflevector <8 x float> %38, <8 x float> poison, <8 x i32> zeroinitializer
+  %40 = load <8 x float>, ptr %acc4, align 4
+  %41 = call <8 x float> @llvm.fma.v8f32(<8 x float> %39, <8 x float> %14, <8 x float> %40)
+  store <8 x float> %41, ptr %acc4, align 4
+  %42 = load <8 x float>, ptr %acc5, align 4
+  %43 = call <8 x float> @llvm.fma.v8f32(<8 x float> %39, <8 x float> %16, <8 x float> %42)
+  store <8 x float> %43, ptr %acc5, align 4
+  %44 = mul nsw i64 3, %T
+  %45 = getelementptr inbounds float, ptr %12, i64 %44
+  %46 = load float, ptr %45, align 4
+  %47 = insertelement <8 x float> poison, float %46, i32 0
+  %48 = shufflevector <8 x float> %47, <8 x float> poison, <8 x i32> zeroinitializer
+  %49 = load <8 x float>, ptr %acc6, align 4
+  %50 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %14, <8 x float> %49)
+  store <8 x float> %50, ptr %acc6, align 4
+  %51 = load <8 x float>, ptr %acc7, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %16, <8 x float> %51)
+  store <8 x float> %52, ptr %acc7, align 4
+  %53 = mul nsw i64 4, %T
+  %54 = getelementptr inbounds float, ptr %12, i64 %53
+  %55 = load float, ptr %54, align 4
+  %56 = insertelement <8 x float> poison, float %55, i32 0
+  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
+  %58 = load <8 x float>, ptr %acc8, align 4
+  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %14, <8 x float> %58)
+  store <8 x float> %59, ptr %acc8, align 4
+  %60 = load <8 x float>, ptr %acc9, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %16, <8 x float> %60)
+  store <8 x float> %61, ptr %acc9, align 4
+  %62 = mul nsw i64 5, %T
+  %63 = getelementptr inbounds float, ptr %12, i64 %62
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %14, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %16, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = add nsw i64 %k, 1
+  br label %k.head
 
-t.body:                                           ; preds = %t.head
-  %7 = getelementptr inbounds float, ptr %5, i64 %t
-  %8 = load float, ptr %7, align 4
-  %9 = fpext float %8 to double
-  %10 = mul nsw i64 %t, 768
-  %11 = getelementptr inbounds float, ptr %x, i64 %10
-  br label %h.head
+k.end:                                            ; preds = %k.head
+  %72 = add nsw i64 %r0, 0
+  %73 = mul nsw i64 %72, 768
+  %74 = add nsw i64 %73, %4
+  %75 = getelementptr inbounds float, ptr %xs, i64 %74
+  %76 = load <8 x float>, ptr %acc, align 4
+  %77 = getelementptr inbounds float, ptr %75, i64 0
+  store <8 x float> %76, ptr %77, align 4
+  %78 = load <8 x float>, ptr %acc1, align 4
+  %79 = getelementptr inbounds float, ptr %75, i64 8
+  store <8 x float> %78, ptr %79, align 4
+  %80 = add nsw i64 %r0, 1
+  %81 = mul nsw i64 %80, 768
+  %82 = add nsw i64 %81, %4
+  %83 = getelementptr inbounds float, ptr %xs, i64 %82
+  %84 = load <8 x float>, ptr %acc2, align 4
+  %85 = getelementptr inbounds float, ptr %83, i64 0
+  store <8 x float> %84, ptr %85, align 4
+  %86 = load <8 x float>, ptr %acc3, align 4
+  %87 = getelementptr inbounds float, ptr %83, i64 8
+  store <8 x float> %86, ptr %87, align 4
+  %88 = add nsw i64 %r0, 2
+  %89 = mul nsw i64 %88, 768
+  %90 = add nsw i64 %89, %4
+  %91 = getelementptr inbounds float, ptr %xs, i64 %90
+  %92 = load <8 x float>, ptr %acc4, align 4
+  %93 = getelementptr inbounds float, ptr %91, i64 0
+  store <8 x float> %92, ptr %93, align 4
+  %94 = load <8 x float>, ptr %acc5, align 4
+  %95 = getelementptr inbounds float, ptr %91, i64 8
+  store <8 x float> %94, ptr %95, align 4
+  %96 = add nsw i64 %r0, 3
+  %97 = mul nsw i64 %96, 768
+  %98 = add nsw i64 %97, %4
+  %99 = getelementptr inbounds float, ptr %xs, i64 %98
+  %100 = load <8 x float>, ptr %acc6, align 4
+  %101 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %100, ptr %101, align 4
+  %102 = load <8 x float>, ptr %acc7, align 4
+  %103 = getelementptr inbounds float, ptr %99, i64 8
+  store <8 x float> %102, ptr %103, align 4
+  %104 = add nsw i64 %r0, 4
+  %105 = mul nsw i64 %104, 768
+  %106 = add nsw i64 %105, %4
+  %107 = getelementptr inbounds float, ptr %xs, i64 %106
+  %108 = load <8 x float>, ptr %acc8, align 4
+  %109 = getelementptr inbounds float, ptr %107, i64 0
+  store <8 x float> %108, ptr %109, align 4
+  %110 = load <8 x float>, ptr %acc9, align 4
+  %111 = getelementptr inbounds float, ptr %107, i64 8
+  store <8 x float> %110, ptr %111, align 4
+  %112 = add nsw i64 %r0, 5
+  %113 = mul nsw i64 %112, 768
+  %114 = add nsw i64 %113, %4
+  %115 = getelementptr inbounds float, ptr %xs, i64 %114
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = getelementptr inbounds float, ptr %115, i64 0
+  store <8 x float> %116, ptr %117, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = getelementptr inbounds float, ptr %115, i64 8
+  store <8 x float> %118, ptr %119, align 4
+  %120 = add nsw i64 %r0, 6
+  br label %r0.head
 
-h.head:                                           ; preds = %h.body, %t.body
-  %h = phi i64 [ 0, %t.body ], [ %21, %h.body ]
-  %12 = icmp slt i64 %h, 768
-  br i1 %12, label %h.body, label %h.end
+r0.end:                                           ; preds = %r0.head
+  br i1 false, label %part.then, label %part.end
 
-h.body:                                           ; preds = %h.head
-  %13 = getelementptr inbounds float, ptr %11, i64 %h
-  %14 = load float, ptr %13, align 4
-  %15 = fpext float %14 to double
-  %16 = fmul double %9, %15
-  %17 = getelementptr inbounds double, ptr %acc, i64 %h
-  %18 = load double, ptr %17, align 8
-  %19 = fadd double %18, %16
-  %20 = getelementptr inbounds double, ptr %acc, i64 %h
-  store double %19, ptr %20, align 8
-  %21 = add nsw i64 %h, 1
-  br label %h.head
+part.then:                                        ; preds = %r0.end
+  %121 = mul nsw i64 %p, 16
+  %122 = getelementptr inbounds float, ptr %x, i64 %121
+  %123 = mul nsw i64 126, %T
+  %124 = getelementptr inbounds float, ptr %Dt, i64 %123
+  store <8 x float> zeroinitializer, ptr %acc12, align 4
+  store <8 x float> zeroinitializer, ptr %acc13, align 4
+  store <8 x float> zeroinitializer, ptr %acc14, align 4
+  store <8 x float> zeroinitializer, ptr %acc15, align 4
+  store <8 x float> zeroinitializer, ptr %acc16, align 4
+  store <8 x float> zeroinitializer, ptr %acc17, align 4
+  store <8 x float> zeroinitializer, ptr %acc18, align 4
+  store <8 x float> zeroinitializer, ptr %acc19, align 4
+  br label %k.head20
 
-h.end:                                            ; preds = %h.head
-  %22 = add nsw i64 %t, 1
-  br label %t.head
+k.head20:                                         ; preds = %k.body21, %part.then
+  %k23 = phi i64 [ 0, %part.then ], [ %170, %k.body21 ]
+  %125 = icmp slt i64 %k23, %T
+  br i1 %125, label %k.body21, label %k.end22
 
-t.end:                                            ; preds = %t.head
-  %23 = mul nsw i64 %s, 768
-  %24 = getelementptr inbounds float, ptr %xs, i64 %23
-  br label %o.head
+k.body21:                                         ; preds = %k.head20
+  %126 = mul nsw i64 %k23, 768
+  %127 = getelementptr inbounds float, ptr %122, i64 %126
+  %128 = mul nsw i64 %k23, 1
+  %129 = getelementptr inbounds float, ptr %124, i64 %128
+  %130 = getelementptr inbounds float, ptr %127, i64 0
+  %131 = load <8 x float>, ptr %130, align 4
+  %132 = getelementptr inbounds float, ptr %127, i64 8
+  %133 = load <8 x float>, ptr %132, align 4
+  %134 = mul nsw i64 0, %T
+  %135 = getelementptr inbounds float, ptr %129, i64 %134
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc12, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %131, <8 x float> %139)
+  store <8 x float> %140, ptr %acc12, align 4
+  %141 = load <8 x float>, ptr %acc13, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %133, <8 x float> %141)
+  store <8 x float> %142, ptr %acc13, align 4
+  %143 = mul nsw i64 1, %T
+  %144 = getelementptr inbounds float, ptr %129, i64 %143
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc14, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %131, <8 x float> %148)
+  store <8 x float> %149, ptr %acc14, align 4
+  %150 = load <8 x float>, ptr %acc15, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %133, <8 x float> %150)
+  store <8 x float> %151, ptr %acc15, align 4
+  %152 = mul nsw i64 2, %T
+  %153 = getelementptr inbounds float, ptr %129, i64 %152
+  %154 = load float, ptr %153, align 4
+  %155 = insertelement <8 x float> poison, float %154, i32 0
+  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
+  %157 = load <8 x float>, ptr %acc16, align 4
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %131, <8 x float> %157)
+  store <8 x float> %158, ptr %acc16, align 4
+  %159 = load <8 x float>, ptr %acc17, align 4
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %133, <8 x float> %159)
+  store <8 x float> %160, ptr %acc17, align 4
+  %161 = mul nsw i64 3, %T
+  %162 = getelementptr inbounds float, ptr %129, i64 %161
+  %163 = load float, ptr %162, align 4
+  %164 = insertelement <8 x float> poison, float %163, i32 0
+  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
+  %166 = load <8 x float>, ptr %acc18, align 4
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %131, <8 x float> %166)
+  store <8 x float> %167, ptr %acc18, align 4
+  %168 = load <8 x float>, ptr %acc19, align 4
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %133, <8 x float> %168)
+  store <8 x float> %169, ptr %acc19, align 4
+  %170 = add nsw i64 %k23, 1
+  br label %k.head20
 
-o.head:                                           ; preds = %o.body, %t.end
-  %o = phi i64 [ 0, %t.end ], [ %30, %o.body ]
-  %25 = icmp slt i64 %o, 768
-  br i1 %25, label %o.body, label %o.end
+k.end22:                                          ; preds = %k.head20
+  %171 = add nsw i64 96768, %121
+  %172 = getelementptr inbounds float, ptr %xs, i64 %171
+  %173 = load <8 x float>, ptr %acc12, align 4
+  %174 = getelementptr inbounds float, ptr %172, i64 0
+  store <8 x float> %173, ptr %174, align 4
+  %175 = load <8 x float>, ptr %acc13, align 4
+  %176 = getelementptr inbounds float, ptr %172, i64 8
+  store <8 x float> %175, ptr %176, align 4
+  %177 = add nsw i64 97536, %121
+  %178 = getelementptr inbounds float, ptr %xs, i64 %177
+  %179 = load <8 x float>, ptr %acc14, align 4
+  %180 = getelementptr inbounds float, ptr %178, i64 0
+  store <8 x float> %179, ptr %180, align 4
+  %181 = load <8 x float>, ptr %acc15, align 4
+  %182 = getelementptr inbounds float, ptr %178, i64 8
+  store <8 x float> %181, ptr %182, align 4
+  %183 = add nsw i64 98304, %121
+  %184 = getelementptr inbounds float, ptr %xs, i64 %183
+  %185 = load <8 x float>, ptr %acc16, align 4
+  %186 = getelementptr inbounds float, ptr %184, i64 0
+  store <8 x float> %185, ptr %186, align 4
+  %187 = load <8 x float>, ptr %acc17, align 4
+  %188 = getelementptr inbounds float, ptr %184, i64 8
+  store <8 x float> %187, ptr %188, align 4
+  %189 = add nsw i64 99072, %121
+  %190 = getelementptr inbounds float, ptr %xs, i64 %189
+  %191 = load <8 x float>, ptr %acc18, align 4
+  %192 = getelementptr inbounds float, ptr %190, i64 0
+  store <8 x float> %191, ptr %192, align 4
+  %193 = load <8 x float>, ptr %acc19, align 4
+  %194 = getelementptr inbounds float, ptr %190, i64 8
+  store <8 x float> %193, ptr %194, align 4
+  br label %part.end
 
-o.body:                                           ; preds = %o.head
-  %26 = getelementptr inbounds double, ptr %acc, i64 %o
-  %27 = load double, ptr %26, align 8
-  %28 = fptrunc double %27 to float
-  %29 = getelementptr inbounds float, ptr %24, i64 %o
-  store float %28, ptr %29, align 4
-  %30 = add nsw i64 %o, 1
-  br label %o.head
+part.end:                                         ; preds = %k.end22, %r0.end
+  br i1 true, label %part.then24, label %part.end25
 
-o.end:                                            ; preds = %o.head
-  %31 = add nsw i64 %s, 1
-  br label %s.head
+part.then24:                                      ; preds = %part.end
+  %195 = mul nsw i64 %p, 16
+  %196 = getelementptr inbounds float, ptr %x, i64 %195
+  %197 = mul nsw i64 126, %T
+  %198 = getelementptr inbounds float, ptr %Dt, i64 %197
+  store <8 x float> zeroinitializer, ptr %acc26, align 4
+  store <8 x float> zeroinitializer, ptr %acc27, align 4
+  store <8 x float> zeroinitializer, ptr %acc28, align 4
+  store <8 x float> zeroinitializer, ptr %acc29, align 4
+  br label %k.head30
 
-s.end:                                            ; preds = %s.head
+k.head30:                                         ; preds = %k.body31, %part.then24
+  %k33 = phi i64 [ 0, %part.then24 ], [ %226, %k.body31 ]
+  %199 = icmp slt i64 %k33, %T
+  br i1 %199, label %k.body31, label %k.end32
+
+k.body31:                                         ; preds = %k.head30
+  %200 = mul nsw i64 %k33, 768
+  %201 = getelementptr inbounds float, ptr %196, i64 %200
+  %202 = mul nsw i64 %k33, 1
+  %203 = getelementptr inbounds float, ptr %198, i64 %202
+  %204 = getelementptr inbounds float, ptr %201, i64 0
+  %205 = load <8 x float>, ptr %204, align 4
+  %206 = getelementptr inbounds float, ptr %201, i64 8
+  %207 = load <8 x float>, ptr %206, align 4
+  %208 = mul nsw i64 0, %T
+  %209 = getelementptr inbounds float, ptr %203, i64 %208
+  %210 = load float, ptr %209, align 4
+  %211 = insertelement <8 x float> poison, float %210, i32 0
+  %212 = shufflevector <8 x float> %211, <8 x float> poison, <8 x i32> zeroinitializer
+  %213 = load <8 x float>, ptr %acc26, align 4
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %205, <8 x float> %213)
+  store <8 x float> %214, ptr %acc26, align 4
+  %215 = load <8 x float>, ptr %acc27, align 4
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %207, <8 x float> %215)
+  store <8 x float> %216, ptr %acc27, align 4
+  %217 = mul nsw i64 1, %T
+  %218 = getelementptr inbounds float, ptr %203, i64 %217
+  %219 = load float, ptr %218, align 4
+  %220 = insertelement <8 x float> poison, float %219, i32 0
+  %221 = shufflevector <8 x float> %220, <8 x float> poison, <8 x i32> zeroinitializer
+  %222 = load <8 x float>, ptr %acc28, align 4
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %205, <8 x float> %222)
+  store <8 x float> %223, ptr %acc28, align 4
+  %224 = load <8 x float>, ptr %acc29, align 4
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %207, <8 x float> %224)
+  store <8 x float> %225, ptr %acc29, align 4
+  %226 = add nsw i64 %k33, 1
+  br label %k.head30
+
+k.end32:                                          ; preds = %k.head30
+  %227 = add nsw i64 96768, %195
+  %228 = getelementptr inbounds float, ptr %xs, i64 %227
+  %229 = load <8 x float>, ptr %acc26, align 4
+  %230 = getelementptr inbounds float, ptr %228, i64 0
+  store <8 x float> %229, ptr %230, align 4
+  %231 = load <8 x float>, ptr %acc27, align 4
+  %232 = getelementptr inbounds float, ptr %228, i64 8
+  store <8 x float> %231, ptr %232, align 4
+  %233 = add nsw i64 97536, %195
+  %234 = getelementptr inbounds float, ptr %xs, i64 %233
+  %235 = load <8 x float>, ptr %acc28, align 4
+  %236 = getelementptr inbounds float, ptr %234, i64 0
+  store <8 x float> %235, ptr %236, align 4
+  %237 = load <8 x float>, ptr %acc29, align 4
+  %238 = getelementptr inbounds float, ptr %234, i64 8
+  store <8 x float> %237, ptr %238, align 4
+  br label %part.end25
+
+part.end25:                                       ; preds = %k.end32, %part.end
+  br i1 false, label %part.then34, label %part.end35
+
+part.then34:                                      ; preds = %part.end25
+  %239 = mul nsw i64 %p, 16
+  %240 = getelementptr inbounds float, ptr %x, i64 %239
+  %241 = mul nsw i64 128, %T
+  %242 = getelementptr inbounds float, ptr %Dt, i64 %241
+  store <8 x float> zeroinitializer, ptr %acc36, align 4
+  store <8 x float> zeroinitializer, ptr %acc37, align 4
+  br label %k.head38
+
+k.head38:                                         ; preds = %k.body39, %part.then34
+  %k41 = phi i64 [ 0, %part.then34 ], [ %261, %k.body39 ]
+  %243 = icmp slt i64 %k41, %T
+  br i1 %243, label %k.body39, label %k.end40
+
+k.body39:                                         ; preds = %k.head38
+  %244 = mul nsw i64 %k41, 768
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = mul nsw i64 %k41, 1
+  %247 = getelementptr inbounds float, ptr %242, i64 %246
+  %248 = getelementptr inbounds float, ptr %245, i64 0
+  %249 = load <8 x float>, ptr %248, align 4
+  %250 = getelementptr inbounds float, ptr %245, i64 8
+  %251 = load <8 x float>, ptr %250, align 4
+  %252 = mul nsw i64 0, %T
+  %253 = getelementptr inbounds float, ptr %247, i64 %252
+  %254 = load float, ptr %253, align 4
+  %255 = insertelement <8 x float> poison, float %254, i32 0
+  %256 = shufflevector <8 x float> %255, <8 x float> poison, <8 x i32> zeroinitializer
+  %257 = load <8 x float>, ptr %acc36, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %249, <8 x float> %257)
+  store <8 x float> %258, ptr %acc36, align 4
+  %259 = load <8 x float>, ptr %acc37, align 4
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %251, <8 x float> %259)
+  store <8 x float> %260, ptr %acc37, align 4
+  %261 = add nsw i64 %k41, 1
+  br label %k.head38
+
+k.end40:                                          ; preds = %k.head38
+  %262 = add nsw i64 98304, %239
+  %263 = getelementptr inbounds float, ptr %xs, i64 %262
+  %264 = load <8 x float>, ptr %acc36, align 4
+  %265 = getelementptr inbounds float, ptr %263, i64 0
+  store <8 x float> %264, ptr %265, align 4
+  %266 = load <8 x float>, ptr %acc37, align 4
+  %267 = getelementptr inbounds float, ptr %263, i64 8
+  store <8 x float> %266, ptr %267, align 4
+  br label %part.end35
+
+part.end35:                                       ; preds = %k.end40, %part.end25
+  %268 = add nsw i64 %p, 1
+  br label %p.head
+
+p.end:                                            ; preds = %p.head
   ret void
 }
 
 ; Function Attrs: nounwind
-define hidden void @moe_soft_out(ptr %C, ptr %Y, ptr %bias, i64 %t0, i64 %t1, ptr %y, ptr %acc) #0 {
+define hidden void @moe_soft_out(ptr %C, ptr %Y, ptr %bias, i64 %t0, i64 %t1, ptr %y) #0 {
 entry:
+  %acc = alloca <8 x float>, align 32
+  %acc1 = alloca <8 x float>, align 32
+  %acc2 = alloca <8 x float>, align 32
+  %acc3 = alloca <8 x float>, align 32
+  %acc4 = alloca <8 x float>, align 32
+  %acc5 = alloca <8 x float>, align 32
+  %acc6 = alloca <8 x float>, align 32
+  %acc7 = alloca <8 x float>, align 32
+  %acc8 = alloca <8 x float>, align 32
+  %acc9 = alloca <8 x float>, align 32
+  %acc10 = alloca <8 x float>, align 32
+  %acc11 = alloca <8 x float>, align 32
+  %acc17 = alloca <8 x float>, align 32
+  %acc18 = alloca <8 x float>, align 32
+  %acc19 = alloca <8 x float>, align 32
+  %acc20 = alloca <8 x float>, align 32
+  %acc21 = alloca <8 x float>, align 32
+  %acc22 = alloca <8 x float>, align 32
+  %acc23 = alloca <8 x float>, align 32
+  %acc24 = alloca <8 x float>, align 32
+  %acc36 = alloca <8 x float>, align 32
+  %acc37 = alloca <8 x float>, align 32
+  %acc38 = alloca <8 x float>, align 32
+  %acc39 = alloca <8 x float>, align 32
+  %acc51 = alloca <8 x float>, align 32
+  %acc52 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %t.head
+  %rows = sub nsw i64 %t1, %t0
+  %left = srem i64 %rows, 6
+  %full.end = sub nsw i64 %t1, %left
+  br label %r0.head
 
-t.head:                                           ; preds = %o.end, %start
-  %t = phi i64 [ %t0, %start ], [ %30, %o.end ]
-  %0 = icmp slt i64 %t, %t1
-  br i1 %0, label %t.body, label %t.end
+r0.head:                                          ; preds = %p.end, %start
+  %r0 = phi i64 [ %t0, %start ], [ %113, %p.end ]
+  %0 = icmp slt i64 %r0, %full.end
+  br i1 %0, label %r0.body, label %r0.end
 
-t.body:                                           ; preds = %t.head
-  br label %z.head
+r0.body:                                          ; preds = %r0.head
+  br label %p.head
 
-z.head:                                           ; preds = %z.body, %t.body
-  %z = phi i64 [ 0, %t.body ], [ %3, %z.body ]
-  %1 = icmp slt i64 %z, 768
-  br i1 %1, label %z.body, label %z.end
+p.head:                                           ; preds = %k.end, %r0.body
+  %p = phi i64 [ 0, %r0.body ], [ %112, %k.end ]
+  %1 = icmp slt i64 %p, 48
+  br i1 %1, label %p.body, label %p.end
 
-z.body:                                           ; preds = %z.head
-  %2 = getelementptr inbounds double, ptr %acc, i64 %z
-  store double 0.000000e+00, ptr %2, align 8
-  %3 = add nsw i64 %z, 1
-  br label %z.head
+p.body:                                           ; preds = %p.head
+  %2 = mul nsw i64 %p, 16
+  %3 = add nsw i64 %r0, 0
+  %4 = add nsw i64 %r0, 1
+  %5 = add nsw i64 %r0, 2
+  %6 = add nsw i64 %r0, 3
+  %7 = add nsw i64 %r0, 4
+  %8 = add nsw i64 %r0, 5
+  %9 = getelementptr inbounds float, ptr %Y, i64 %2
+  %10 = mul nsw i64 %r0, 128
+  %11 = getelementptr inbounds float, ptr %C, i64 %10
+  store <8 x float> zeroinitializer, ptr %acc, align 4
+  store <8 x float> zeroinitializer, ptr %acc1, align 4
+  store <8 x float> zeroinitializer, ptr %acc2, align 4
+  store <8 x float> zeroinitializer, ptr %acc3, align 4
+  store <8 x float> zeroinitializer, ptr %acc4, align 4
+  store <8 x float> zeroinitializer, ptr %acc5, align 4
+  store <8 x float> zeroinitializer, ptr %acc6, align 4
+  store <8 x float> zeroinitializer, ptr %acc7, align 4
+  store <8 x float> zeroinitializer, ptr %acc8, align 4
+  store <8 x float> zeroinitializer, ptr %acc9, align 4
+  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  br label %k.head
 
-z.end:                                            ; preds = %z.head
-  %4 = mul nsw i64 %t, 128
-  %5 = getelementptr inbounds float, ptr %C, i64 %4
-  br label %s.head
+k.head:                                           ; preds = %k.body, %p.body
+  %k = phi i64 [ 0, %p.body ], [ %69, %k.body ]
+  %12 = icmp slt i64 %k, 128
+  br i1 %12, label %k.body, label %k.end
 
-s.head:                                           ; preds = %h.end, %z.end
-  %s = phi i64 [ 0, %z.end ], [ %21, %h.end ]
-  %6 = icmp slt i64 %s, 128
-  br i1 %6, label %s.body, label %s.end
+k.body:                                           ; preds = %k.head
+  %13 = mul nsw i64 %k, 768
+  %14 = getelementptr inbounds float, ptr %9, i64 %13
+  %15 = mul nsw i64 %k, 1
+  %16 = getelementptr inbounds float, ptr %11, i64 %15
+  %17 = getelementptr inbounds float, ptr %14, i64 0
+  %18 = load <8 x float>, ptr %17, align 4
+  %19 = getelementptr inbounds float, ptr %14, i64 8
+  %20 = load <8 x float>, ptr %19, align 4
+  %21 = getelementptr inbounds float, ptr %16, i64 0
+  %22 = load float, ptr %21, align 4
+  %23 = insertelement <8 x float> poison, float %22, i32 0
+  %24 = shufflevector <8 x float> %23, <8 x float> poison, <8 x i32> zeroinitializer
+  %25 = load <8 x float>, ptr %acc, align 4
+  %26 = call <8 x float> @llvm.fma.v8f32(<8 x float> %24, <8 x float> %18, <8 x float> %25)
+  store <8 x float> %26, ptr %acc, align 4
+  %27 = load <8 x float>, ptr %acc1, align 4
+  %28 = call <8 x float> @llvm.fma.v8f32(<8 x float> %24, <8 x float> %20, <8 x float> %27)
+  store <8 x float> %28, ptr %acc1, align 4
+  %29 = getelementptr inbounds float, ptr %16, i64 128
+  %30 = load float, ptr %29, align 4
+  %31 = insertelement <8 x float> poison, float %30, i32 0
+  %32 = shufflevector <8 x float> %31, <8 x float> poison, <8 x i32> zeroinitializer
+  %33 = load <8 x float>, ptr %acc2, align 4
+  %34 = call <8 x float> @llvm.fma.v8f32(<8 x float> %32, <8 x float> %18, <8 x float> %33)
+  store <8 x float> %34, ptr %acc2, align 4
+  %35 = load <8 x float>, ptr %acc3, align 4
+  %36 = call <8 x float> @llvm.fma.v8f32(<8 x float> %32, <8 x float> %20, <8 x float> %35)
+  store <8 x float> %36, ptr %acc3, align 4
+  %37 = getelementptr inbounds float, ptr %16, i64 256
+  %38 = load float, ptr %37, align 4
+  %39 = insertelement <8 x float> poison, float %38, i32 0
+  %40 = shufflevector <8 x float> %39, <8 x float> poison, <8 x i32> zeroinitializer
+  %41 = load <8 x float>, ptr %acc4, align 4
+  %42 = call <8 x float> @llvm.fma.v8f32(<8 x float> %40, <8 x float> %18, <8 x float> %41)
+  store <8 x float> %42, ptr %acc4, align 4
+  %43 = load <8 x float>, ptr %acc5, align 4
+  %44 = call <8 x float> @llvm.fma.v8f32(<8 x float> %40, <8 x float> %20, <8 x float> %43)
+  store <8 x float> %44, ptr %acc5, align 4
+  %45 = getelementptr inbounds float, ptr %16, i64 384
+  %46 = load float, ptr %45, align 4
+  %47 = insertelement <8 x float> poison, float %46, i32 0
+  %48 = shufflevector <8 x float> %47, <8 x float> poison, <8 x i32> zeroinitializer
+  %49 = load <8 x float>, ptr %acc6, align 4
+  %50 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %18, <8 x float> %49)
+  store <8 x float> %50, ptr %acc6, align 4
+  %51 = load <8 x float>, ptr %acc7, align 4
+  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %20, <8 x float> %51)
+  store <8 x float> %52, ptr %acc7, align 4
+  %53 = getelementptr inbounds float, ptr %16, i64 512
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <8 x float> poison, float %54, i32 0
+  %56 = shufflevector <8 x float> %55, <8 x float> poison, <8 x i32> zeroinitializer
+  %57 = load <8 x float>, ptr %acc8, align 4
+  %58 = call <8 x float> @llvm.fma.v8f32(<8 x float> %56, <8 x float> %18, <8 x float> %57)
+  store <8 x float> %58, ptr %acc8, align 4
+  %59 = load <8 x float>, ptr %acc9, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %56, <8 x float> %20, <8 x float> %59)
+  store <8 x float> %60, ptr %acc9, align 4
+  %61 = getelementptr inbounds float, ptr %16, i64 640
+  %62 = load float, ptr %61, align 4
+  %63 = insertelement <8 x float> poison, float %62, i32 0
+  %64 = shufflevector <8 x float> %63, <8 x float> poison, <8 x i32> zeroinitializer
+  %65 = load <8 x float>, ptr %acc10, align 4
+  %66 = call <8 x float> @llvm.fma.v8f32(<8 x float> %64, <8 x float> %18, <8 x float> %65)
+  store <8 x float> %66, ptr %acc10, align 4
+  %67 = load <8 x float>, ptr %acc11, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %64, <8 x float> %20, <8 x float> %67)
+  store <8 x float> %68, ptr %acc11, align 4
+  %69 = add nsw i64 %k, 1
+  br label %k.head
 
-s.body:                                           ; preds = %s.head
-  %7 = getelementptr inbounds float, ptr %5, i64 %s
-  %8 = load float, ptr %7, align 4
-  %9 = mul nsw i64 %s, 768
-  %10 = getelementptr inbounds float, ptr %Y, i64 %9
-  br label %h.head
+k.end:                                            ; preds = %k.head
+  %70 = mul nsw i64 %3, 768
+  %71 = add nsw i64 %70, %2
+  %72 = getelementptr inbounds float, ptr %y, i64 %71
+  %73 = load <8 x float>, ptr %acc, align 4
+  %74 = getelementptr inbounds float, ptr %72, i64 0
+  store <8 x float> %73, ptr %74, align 4
+  %75 = load <8 x float>, ptr %acc1, align 4
+  %76 = getelementptr inbounds float, ptr %72, i64 8
+  store <8 x float> %75, ptr %76, align 4
+  %77 = mul nsw i64 %4, 768
+  %78 = add nsw i64 %77, %2
+  %79 = getelementptr inbounds float, ptr %y, i64 %78
+  %80 = load <8 x float>, ptr %acc2, align 4
+  %81 = getelementptr inbounds float, ptr %79, i64 0
+  store <8 x float> %80, ptr %81, align 4
+  %82 = load <8 x float>, ptr %acc3, align 4
+  %83 = getelementptr inbounds float, ptr %79, i64 8
+  store <8 x float> %82, ptr %83, align 4
+  %84 = mul nsw i64 %5, 768
+  %85 = add nsw i64 %84, %2
+  %86 = getelementptr inbounds float, ptr %y, i64 %85
+  %87 = load <8 x float>, ptr %acc4, align 4
+  %88 = getelementptr inbounds float, ptr %86, i64 0
+  store <8 x float> %87, ptr %88, align 4
+  %89 = load <8 x float>, ptr %acc5, align 4
+  %90 = getelementptr inbounds float, ptr %86, i64 8
+  store <8 x float> %89, ptr %90, align 4
+  %91 = mul nsw i64 %6, 768
+  %92 = add nsw i64 %91, %2
+  %93 = getelementptr inbounds float, ptr %y, i64 %92
+  %94 = load <8 x float>, ptr %acc6, align 4
+  %95 = getelementptr inbounds float, ptr %93, i64 0
+  store <8 x float> %94, ptr %95, align 4
+  %96 = load <8 x float>, ptr %acc7, align 4
+  %97 = getelementptr inbounds float, ptr %93, i64 8
+  store <8 x float> %96, ptr %97, align 4
+  %98 = mul nsw i64 %7, 768
+  %99 = add nsw i64 %98, %2
+  %100 = getelementptr inbounds float, ptr %y, i64 %99
+  %101 = load <8 x float>, ptr %acc8, align 4
+  %102 = getelementptr inbounds float, ptr %100, i64 0
+  store <8 x float> %101, ptr %102, align 4
+  %103 = load <8 x float>, ptr %acc9, align 4
+  %104 = getelementptr inbounds float, ptr %100, i64 8
+  store <8 x float> %103, ptr %104, align 4
+  %105 = mul nsw i64 %8, 768
+  %106 = add nsw i64 %105, %2
+  %107 = getelementptr inbounds float, ptr %y, i64 %106
+  %108 = load <8 x float>, ptr %acc10, align 4
+  %109 = getelementptr inbounds float, ptr %107, i64 0
+  store <8 x float> %108, ptr %109, align 4
+  %110 = load <8 x float>, ptr %acc11, align 4
+  %111 = getelementptr inbounds float, ptr %107, i64 8
+  store <8 x float> %110, ptr %111, align 4
+  %112 = add nsw i64 %p, 1
+  br label %p.head
 
-h.head:                                           ; preds = %h.body, %s.body
-  %h = phi i64 [ 0, %s.body ], [ %20, %h.body ]
-  %11 = icmp slt i64 %h, 768
-  br i1 %11, label %h.body, label %h.end
+p.end:                                            ; preds = %p.head
+  %113 = add nsw i64 %r0, 6
+  br label %r0.head
 
-h.body:                                           ; preds = %h.head
-  %12 = getelementptr inbounds float, ptr %10, i64 %h
-  %13 = load float, ptr %12, align 4
-  %14 = fmul float %8, %13
-  %15 = fpext float %14 to double
-  %16 = getelementptr inbounds double, ptr %acc, i64 %h
-  %17 = load double, ptr %16, align 8
-  %18 = fadd double %17, %15
-  %19 = getelementptr inbounds double, ptr %acc, i64 %h
-  store double %18, ptr %19, align 8
-  %20 = add nsw i64 %h, 1
-  br label %h.head
+r0.end:                                           ; preds = %r0.head
+  %114 = and i64 %left, 4
+  %115 = icmp ne i64 %114, 0
+  br i1 %115, label %part.then, label %part.end
 
-h.end:                                            ; preds = %h.head
-  %21 = add nsw i64 %s, 1
-  br label %s.head
+part.then:                                        ; preds = %r0.end
+  %116 = and i64 %left, -8
+  %r012 = add nsw i64 %full.end, %116
+  br label %p.head13
 
-s.end:                                            ; preds = %s.head
-  %22 = mul nsw i64 %t, 768
-  %23 = getelementptr inbounds float, ptr %y, i64 %22
-  br label %o.head
+p.head13:                                         ; preds = %k.end27, %part.then
+  %p16 = phi i64 [ 0, %part.then ], [ %196, %k.end27 ]
+  %117 = icmp slt i64 %p16, 48
+  br i1 %117, label %p.body14, label %p.end15
 
-o.head:                                           ; preds = %o.body, %s.end
-  %o = phi i64 [ 0, %s.end ], [ %29, %o.body ]
-  %24 = icmp slt i64 %o, 768
-  br i1 %24, label %o.body, label %o.end
+p.body14:                                         ; preds = %p.head13
+  %118 = mul nsw i64 %p16, 16
+  %119 = add nsw i64 %r012, 0
+  %120 = add nsw i64 %r012, 1
+  %121 = add nsw i64 %r012, 2
+  %122 = add nsw i64 %r012, 3
+  %123 = getelementptr inbounds float, ptr %Y, i64 %118
+  %124 = mul nsw i64 %r012, 128
+  %125 = getelementptr inbounds float, ptr %C, i64 %124
+  store <8 x float> zeroinitializer, ptr %acc17, align 4
+  store <8 x float> zeroinitializer, ptr %acc18, align 4
+  store <8 x float> zeroinitializer, ptr %acc19, align 4
+  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc22, align 4
+  store <8 x float> zeroinitializer, ptr %acc23, align 4
+  store <8 x float> zeroinitializer, ptr %acc24, align 4
+  br label %k.head25
 
-o.body:                                           ; preds = %o.head
-  %25 = getelementptr inbounds double, ptr %acc, i64 %o
-  %26 = load double, ptr %25, align 8
-  %27 = fptrunc double %26 to float
-  %28 = getelementptr inbounds float, ptr %23, i64 %o
-  store float %27, ptr %28, align 4
-  %29 = add nsw i64 %o, 1
-  br label %o.head
+k.head25:                                         ; preds = %k.body26, %p.body14
+  %k28 = phi i64 [ 0, %p.body14 ], [ %167, %k.body26 ]
+  %126 = icmp slt i64 %k28, 128
+  br i1 %126, label %k.body26, label %k.end27
 
-o.end:                                            ; preds = %o.head
-  %30 = add nsw i64 %t, 1
-  br label %t.head
+k.body26:                                         ; preds = %k.head25
+  %127 = mul nsw i64 %k28, 768
+  %128 = getelementptr inbounds float, ptr %123, i64 %127
+  %129 = mul nsw i64 %k28, 1
+  %130 = getelementptr inbounds float, ptr %125, i64 %129
+  %131 = getelementptr inbounds float, ptr %128, i64 0
+  %132 = load <8 x float>, ptr %131, align 4
+  %133 = getelementptr inbounds float, ptr %128, i64 8
+  %134 = load <8 x float>, ptr %133, align 4
+  %135 = getelementptr inbounds float, ptr %130, i64 0
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc17, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %132, <8 x float> %139)
+  store <8 x float> %140, ptr %acc17, align 4
+  %141 = load <8 x float>, ptr %acc18, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %134, <8 x float> %141)
+  store <8 x float> %142, ptr %acc18, align 4
+  %143 = getelementptr inbounds float, ptr %130, i64 128
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <8 x float> poison, float %144, i32 0
+  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
+  %147 = load <8 x float>, ptr %acc19, align 4
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %132, <8 x float> %147)
+  store <8 x float> %148, ptr %acc19, align 4
+  %149 = load <8 x float>, ptr %acc20, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %134, <8 x float> %149)
+  store <8 x float> %150, ptr %acc20, align 4
+  %151 = getelementptr inbounds float, ptr %130, i64 256
+  %152 = load float, ptr %151, align 4
+  %153 = insertelement <8 x float> poison, float %152, i32 0
+  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
+  %155 = load <8 x float>, ptr %acc21, align 4
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %132, <8 x float> %155)
+  store <8 x float> %156, ptr %acc21, align 4
+  %157 = load <8 x float>, ptr %acc22, align 4
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %134, <8 x float> %157)
+  store <8 x float> %158, ptr %acc22, align 4
+  %159 = getelementptr inbounds float, ptr %130, i64 384
+  %160 = load float, ptr %159, align 4
+  %161 = insertelement <8 x float> poison, float %160, i32 0
+  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
+  %163 = load <8 x float>, ptr %acc23, align 4
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %132, <8 x float> %163)
+  store <8 x float> %164, ptr %acc23, align 4
+  %165 = load <8 x float>, ptr %acc24, align 4
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %134, <8 x float> %165)
+  store <8 x float> %166, ptr %acc24, align 4
+  %167 = add nsw i64 %k28, 1
+  br label %k.head25
 
-t.end:                                            ; preds = %t.head
+k.end27:                                          ; preds = %k.head25
+  %168 = mul nsw i64 %119, 768
+  %169 = add nsw i64 %168, %118
+  %170 = getelementptr inbounds float, ptr %y, i64 %169
+  %171 = load <8 x float>, ptr %acc17, align 4
+  %172 = getelementptr inbounds float, ptr %170, i64 0
+  store <8 x float> %171, ptr %172, align 4
+  %173 = load <8 x float>, ptr %acc18, align 4
+  %174 = getelementptr inbounds float, ptr %170, i64 8
+  store <8 x float> %173, ptr %174, align 4
+  %175 = mul nsw i64 %120, 768
+  %176 = add nsw i64 %175, %118
+  %177 = getelementptr inbounds float, ptr %y, i64 %176
+  %178 = load <8 x float>, ptr %acc19, align 4
+  %179 = getelementptr inbounds float, ptr %177, i64 0
+  store <8 x float> %178, ptr %179, align 4
+  %180 = load <8 x float>, ptr %acc20, align 4
+  %181 = getelementptr inbounds float, ptr %177, i64 8
+  store <8 x float> %180, ptr %181, align 4
+  %182 = mul nsw i64 %121, 768
+  %183 = add nsw i64 %182, %118
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = load <8 x float>, ptr %acc21, align 4
+  %186 = getelementptr inbounds float, ptr %184, i64 0
+  store <8 x float> %185, ptr %186, align 4
+  %187 = load <8 x float>, ptr %acc22, align 4
+  %188 = getelementptr inbounds float, ptr %184, i64 8
+  store <8 x float> %187, ptr %188, align 4
+  %189 = mul nsw i64 %122, 768
+  %190 = add nsw i64 %189, %118
+  %191 = getelementptr inbounds float, ptr %y, i64 %190
+  %192 = load <8 x float>, ptr %acc23, align 4
+  %193 = getelementptr inbounds float, ptr %191, i64 0
+  store <8 x float> %192, ptr %193, align 4
+  %194 = load <8 x float>, ptr %acc24, align 4
+  %195 = getelementptr inbounds float, ptr %191, i64 8
+  store <8 x float> %194, ptr %195, align 4
+  %196 = add nsw i64 %p16, 1
+  br label %p.head13
+
+p.end15:                                          ; preds = %p.head13
+  br label %part.end
+
+part.end:                                         ; preds = %p.end15, %r0.end
+  %197 = and i64 %left, 2
+  %198 = icmp ne i64 %197, 0
+  br i1 %198, label %part.then29, label %part.end30
+
+part.then29:                                      ; preds = %part.end
+  %199 = and i64 %left, -4
+  %r031 = add nsw i64 %full.end, %199
+  br label %p.head32
+
+p.head32:                                         ; preds = %k.end42, %part.then29
+  %p35 = phi i64 [ 0, %part.then29 ], [ %247, %k.end42 ]
+  %200 = icmp slt i64 %p35, 48
+  br i1 %200, label %p.body33, label %p.end34
+
+p.body33:                                         ; preds = %p.head32
+  %201 = mul nsw i64 %p35, 16
+  %202 = add nsw i64 %r031, 0
+  %203 = add nsw i64 %r031, 1
+  %204 = getelementptr inbounds float, ptr %Y, i64 %201
+  %205 = mul nsw i64 %r031, 128
+  %206 = getelementptr inbounds float, ptr %C, i64 %205
+  store <8 x float> zeroinitializer, ptr %acc36, align 4
+  store <8 x float> zeroinitializer, ptr %acc37, align 4
+  store <8 x float> zeroinitializer, ptr %acc38, align 4
+  store <8 x float> zeroinitializer, ptr %acc39, align 4
+  br label %k.head40
+
+k.head40:                                         ; preds = %k.body41, %p.body33
+  %k43 = phi i64 [ 0, %p.body33 ], [ %232, %k.body41 ]
+  %207 = icmp slt i64 %k43, 128
+  br i1 %207, label %k.body41, label %k.end42
+
+k.body41:                                         ; preds = %k.head40
+  %208 = mul nsw i64 %k43, 768
+  %209 = getelementptr inbounds float, ptr %204, i64 %208
+  %210 = mul nsw i64 %k43, 1
+  %211 = getelementptr inbounds float, ptr %206, i64 %210
+  %212 = getelementptr inbounds float, ptr %209, i64 0
+  %213 = load <8 x float>, ptr %212, align 4
+  %214 = getelementptr inbounds float, ptr %209, i64 8
+  %215 = load <8 x float>, ptr %214, align 4
+  %216 = getelementptr inbounds float, ptr %211, i64 0
+  %217 = load float, ptr %216, align 4
+  %218 = insertelement <8 x float> poison, float %217, i32 0
+  %219 = shufflevector <8 x float> %218, <8 x float> poison, <8 x i32> zeroinitializer
+  %220 = load <8 x float>, ptr %acc36, align 4
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %213, <8 x float> %220)
+  store <8 x float> %221, ptr %acc36, align 4
+  %222 = load <8 x float>, ptr %acc37, align 4
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %215, <8 x float> %222)
+  store <8 x float> %223, ptr %acc37, align 4
+  %224 = getelementptr inbounds float, ptr %211, i64 128
+  %225 = load float, ptr %224, align 4
+  %226 = insertelement <8 x float> poison, float %225, i32 0
+  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
+  %228 = load <8 x float>, ptr %acc38, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %213, <8 x float> %228)
+  store <8 x float> %229, ptr %acc38, align 4
+  %230 = load <8 x float>, ptr %acc39, align 4
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %215, <8 x float> %230)
+  store <8 x float> %231, ptr %acc39, align 4
+  %232 = add nsw i64 %k43, 1
+  br label %k.head40
+
+k.end42:                                          ; preds = %k.head40
+  %233 = mul nsw i64 %202, 768
+  %234 = add nsw i64 %233, %201
+  %235 = getelementptr inbounds float, ptr %y, i64 %234
+  %236 = load <8 x float>, ptr %acc36, align 4
+  %237 = getelementptr inbounds float, ptr %235, i64 0
+  store <8 x float> %236, ptr %237, align 4
+  %238 = load <8 x float>, ptr %acc37, align 4
+  %239 = getelementptr inbounds float, ptr %235, i64 8
+  store <8 x float> %238, ptr %239, align 4
+  %240 = mul nsw i64 %203, 768
+  %241 = add nsw i64 %240, %201
+  %242 = getelementptr inbounds float, ptr %y, i64 %241
+  %243 = load <8 x float>, ptr %acc38, align 4
+  %244 = getelementptr inbounds float, ptr %242, i64 0
+  store <8 x float> %243, ptr %244, align 4
+  %245 = load <8 x float>, ptr %acc39, align 4
+  %246 = getelementptr inbounds float, ptr %242, i64 8
+  store <8 x float> %245, ptr %246, align 4
+  %247 = add nsw i64 %p35, 1
+  br label %p.head32
+
+p.end34:                                          ; preds = %p.head32
+  br label %part.end30
+
+part.end30:                                       ; preds = %p.end34, %part.end
+  %248 = and i64 %left, 1
+  %249 = icmp ne i64 %248, 0
+  br i1 %249, label %part.then44, label %part.end45
+
+part.then44:                                      ; preds = %part.end30
+  %250 = and i64 %left, -2
+  %r046 = add nsw i64 %full.end, %250
+  br label %p.head47
+
+p.head47:                                         ; preds = %k.end55, %part.then44
+  %p50 = phi i64 [ 0, %part.then44 ], [ %282, %k.end55 ]
+  %251 = icmp slt i64 %p50, 48
+  br i1 %251, label %p.body48, label %p.end49
+
+p.body48:                                         ; preds = %p.head47
+  %252 = mul nsw i64 %p50, 16
+  %253 = add nsw i64 %r046, 0
+  %254 = getelementptr inbounds float, ptr %Y, i64 %252
+  %255 = mul nsw i64 %r046, 128
+  %256 = getelementptr inbounds float, ptr %C, i64 %255
+  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc52, align 4
+  br label %k.head53
+
+k.head53:                                         ; preds = %k.body54, %p.body48
+  %k56 = phi i64 [ 0, %p.body48 ], [ %274, %k.body54 ]
+  %257 = icmp slt i64 %k56, 128
+  br i1 %257, label %k.body54, label %k.end55
+
+k.body54:                                         ; preds = %k.head53
+  %258 = mul nsw i64 %k56, 768
+  %259 = getelementptr inbounds float, ptr %254, i64 %258
+  %260 = mul nsw i64 %k56, 1
+  %261 = getelementptr inbounds float, ptr %256, i64 %260
+  %262 = getelementptr inbounds float, ptr %259, i64 0
+  %263 = load <8 x float>, ptr %262, align 4
+  %264 = getelementptr inbounds float, ptr %259, i64 8
+  %265 = load <8 x float>, ptr %264, align 4
+  %266 = getelementptr inbounds float, ptr %261, i64 0
+  %267 = load float, ptr %266, align 4
+  %268 = insertelement <8 x float> poison, float %267, i32 0
+  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
+  %270 = load <8 x float>, ptr %acc51, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %263, <8 x float> %270)
+  store <8 x float> %271, ptr %acc51, align 4
+  %272 = load <8 x float>, ptr %acc52, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %265, <8 x float> %272)
+  store <8 x float> %273, ptr %acc52, align 4
+  %274 = add nsw i64 %k56, 1
+  br label %k.head53
+
+k.end55:                                          ; preds = %k.head53
+  %275 = mul nsw i64 %253, 768
+  %276 = add nsw i64 %275, %252
+  %277 = getelementptr inbounds float, ptr %y, i64 %276
+  %278 = load <8 x float>, ptr %acc51, align 4
+  %279 = getelementptr inbounds float, ptr %277, i64 0
+  store <8 x float> %278, ptr %279, align 4
+  %280 = load <8 x float>, ptr %acc52, align 4
+  %281 = getelementptr inbounds float, ptr %277, i64 8
+  store <8 x float> %280, ptr %281, align 4
+  %282 = add nsw i64 %p50, 1
+  br label %p.head47
+
+p.end49:                                          ; preds = %p.head47
+  br label %part.end45
+
+part.end45:                                       ; preds = %p.end49, %part.end30
   ret void
 }
 
@@ -2816,9 +4016,6 @@ r0.end:                                           ; preds = %r0.head
 p.end:                                            ; preds = %p.head
   ret void
 }
-
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
 
 ; Function Attrs: nounwind
 declare float @erff(float) #0

@@ -48,7 +48,7 @@ MOE_DEFINE_ENUM(moe_shape, MOE_SHAPE_, MOE_SHAPES);
 	X(SOFT_LOGITS, "soft_logits", TOKENS)    /* Soft MoE: normalized tokens x slots */         \
 	X(SOFT_COMBINE, "soft_combine", TOKENS)  /* per-token softmax over slots */                \
 	X(SOFT_DISPATCH, "soft_dispatch", SLOTS) /* per-slot softmax over tokens */                \
-	X(SOFT_SLOT_IN, "soft_slot_in", SLOTS)   /* slot inputs */                                 \
+	X(SOFT_SLOT_IN, "soft_slot_in", COLUMNS) /* slot inputs, in column blocks */               \
 	X(SOFT_SLOTS, "soft_slots", SERIAL)      /* the slots become the experts' rows */          \
 	X(SOFT_OUT, "soft_out", TOKENS)          /* y = combine x slot outputs */                  \
 	X(SOFT_STATS, "soft_stats", SERIAL)                                                        \

@@ -17,13 +17,12 @@ struct moe_soft {
 	int32_t *rows;    /* 0 .. S - 1 */
 	int64_t *counts;  /* P per expert */
 	int64_t *offsets; /* e * P */
-	double *acc;      /* H per thread */
 };
 
 enum moe_status moe_begin_soft_logits(struct moe_exec *x)
 {
 	const struct moe_desc *d = x->d;
-	size_t T = x->T, H = d->hidden, E = d->n_experts, nth = moe_pool_size(x->m->pool);
+	size_t T = x->T, H = d->hidden, E = d->n_experts;
 	struct moe_soft *s = moe_exec_alloc(x, sizeof *s);
 	if (!s)
 		return MOE_ERR_NOMEM;
@@ -34,14 +33,11 @@ enum moe_status moe_begin_soft_logits(struct moe_exec *x)
 		moe_set_error("moe_forward: too many tokens (%zu) for %zu soft slots", T, S);
 		return MOE_ERR_ARG;
 	}
-	/* the workspace's buffers (moe_workspace); the accumulators are per thread */
+	/* the workspace's buffers (moe_workspace) */
 	const struct moe_ws *ws = &x->m->ws;
 	s->xn = ws->soft_xn, s->L = ws->logits, s->C = ws->soft_c, s->Dt = ws->soft_d;
 	s->xs = ws->soft_xs, s->Y = ws->soft_y, s->ones = ws->row_w, s->rows = ws->rows;
 	s->counts = ws->counts, s->offsets = ws->offsets, s->h = ws->h;
-	s->acc = moe_exec_alloc(x, nth * H * sizeof(double));
-	if (!s->acc)
-		return MOE_ERR_NOMEM;
 	x->soft = s;
 	x->n_slots = S;
 	return MOE_OK;
@@ -67,11 +63,13 @@ void moe_run_soft_dispatch(struct moe_exec *x, int64_t s0, int64_t s1, unsigned 
 	MOE_KERNEL(x->m, SOFT_DISPATCH)(x->soft->L, (int64_t)x->T, s0, s1, x->soft->Dt);
 }
 
-void moe_run_soft_slot_in(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread)
+/* Column panels [p0, p1) of the slot inputs, every slot: each value is one
+ * task's, whatever the thread count. */
+void moe_run_soft_slot_in(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread)
 {
+	(void)thread;
 	struct moe_soft *s = x->soft;
-	MOE_KERNEL(x->m, SOFT_SLOT_IN)
-	(s->Dt, x->x, (int64_t)x->T, s0, s1, s->xs, s->acc + (size_t)thread * x->d->hidden);
+	MOE_KERNEL(x->m, SOFT_SLOT_IN)(s->Dt, x->x, (int64_t)x->T, p0, p1, s->xs);
 }
 
 /* The slots become the rows of the routed FFN: expert e's P slots, weight 1,
@@ -102,9 +100,9 @@ enum moe_status moe_begin_soft_slots(struct moe_exec *x)
 
 void moe_run_soft_out(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread)
 {
+	(void)thread;
 	struct moe_soft *s = x->soft;
-	MOE_KERNEL(x->m, SOFT_OUT)
-	(s->C, s->Y, x->lw->output_bias, t0, t1, x->y, s->acc + (size_t)thread * x->d->hidden);
+	MOE_KERNEL(x->m, SOFT_OUT)(s->C, s->Y, x->lw->output_bias, t0, t1, x->y);
 }
 
 /* The reference's statistics for soft mode: counts = P, the probability of
@@ -178,7 +176,15 @@ enum moe_status moe_pack_soft(const struct moe_model *m, const struct moe_ref_we
 		for (size_t s = 0; s < S; s++)
 			for (size_t h = 0; h < H; h++)
 				pn[s * H + h] *= gamma[h];
-	out->soft_slots = moe_pack_router_panels(pn, S, H);
+	/* panels of 16 slots, [ceil(S / 16)][H][16], the last one padded with 0:
+	 * row h of panel p is the B row the logits tile reads at k = h */
+	size_t np = ((size_t)S + MOE_NR - 1) / MOE_NR;
+	float *pk = calloc(np * H * MOE_NR, sizeof *pk);
+	if (pk)
+		for (size_t s = 0; s < S; s++)
+			for (size_t h = 0; h < H; h++)
+				pk[(s / MOE_NR * H + h) * MOE_NR + s % MOE_NR] = pn[s * H + h];
+	out->soft_slots = pk;
 	out->soft_scale = gamma ? 1.0f : sc[0];
 	free(pn);
 	return out->soft_slots ? MOE_OK : MOE_ERR_NOMEM;

@@ -229,19 +229,21 @@ typedef void moe_pk_experts_fn(const float *x, int64_t t0, int64_t t1, const int
 
 /* Soft MoE (compiler/cpu_llvm_soft.c), S = E * slots_per_expert slots:
  * norm: l2-normalized rows [r0, r1) of [*, H]; logits: L[t, s] = scale *
- * xn_t . slot_s (slots: normalized, as router panels of S rows); combine: per
- * token softmax over slots; dispatch: per slot softmax over the T tokens,
- * stored Dt[S, T]; slot_in: xs[s] = sum_t Dt[s, t] x_t; out: y_t = sum_s
- * C[t, s] Y[s] (+ output bias). acc: H doubles of scratch per call. */
+ * xn_t . slot_s (slots: normalized, as panels [ceil(S / 16)][H][16],
+ * moe_pack_soft); combine: per token softmax over slots; dispatch: per
+ * slot softmax over the T tokens, stored Dt[S, T]; slot_in: the columns of
+ * panels [p0, p1) (16 columns each) of xs[s] = sum_t Dt[s, t] x_t; out: y_t =
+ * sum_s C[t, s] Y[s] (+ output bias). The three products are f32 fused
+ * chains over their sum index ascending. */
 typedef void moe_soft_norm_fn(const float *src, float *dst, int64_t r0, int64_t r1);
 typedef void moe_soft_logits_fn(const float *xn, const float *slots, float scale, int64_t t0,
 				int64_t t1, float *L);
 typedef void moe_soft_combine_fn(const float *L, int64_t t0, int64_t t1, float *C);
 typedef void moe_soft_dispatch_fn(const float *L, int64_t T, int64_t s0, int64_t s1, float *Dt);
-typedef void moe_soft_slot_in_fn(const float *Dt, const float *x, int64_t T, int64_t s0, int64_t s1,
-				 float *xs, double *acc);
+typedef void moe_soft_slot_in_fn(const float *Dt, const float *x, int64_t T, int64_t p0, int64_t p1,
+				 float *xs);
 typedef void moe_soft_out_fn(const float *C, const float *Y, const float *bias, int64_t t0,
-			     int64_t t1, float *y, double *acc);
+			     int64_t t1, float *y);
 
 /* Sub-key panel blocks of R keys: ceil(R / 8) rounded up to the 4 (or fewer)
  * blocks the generated loop takes per pass. */
@@ -342,7 +344,7 @@ struct moe_layer_w {
 	float *noise;         /* learned noise projection, router panels of E rows */
 	float *pk_query, *pk_qbias, *pk_keys; /* PEER: see moe_pk_route_fn */
 	void *pk_u, *pk_v;                    /* PEER: [N, H] neuron tables, weight dtype */
-	float *soft_slots; /* Soft MoE: normalized slot parameters, router panels of S rows */
+	float *soft_slots; /* Soft MoE: normalized slot parameters, panels [ceil(S/16)][H][16] */
 	float soft_scale;
 };
 
@@ -492,13 +494,13 @@ enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights 
 
 /* exec_soft.c: Soft MoE's ops, and the packing of its slot parameters
  * (normalized by the generated moe_soft_norm). */
-#define MOE_SOFT_TOKENS_PER_TASK 16
+#define MOE_SOFT_TOKENS_PER_TASK 32
 #define MOE_SOFT_SLOTS_PER_TASK 4
 enum moe_status moe_begin_soft_logits(struct moe_exec *x);
 void moe_run_soft_logits(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 void moe_run_soft_combine(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 void moe_run_soft_dispatch(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread);
-void moe_run_soft_slot_in(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread);
+void moe_run_soft_slot_in(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thread);
 enum moe_status moe_begin_soft_slots(struct moe_exec *x);
 void moe_run_soft_out(struct moe_exec *x, int64_t t0, int64_t t1, unsigned thread);
 enum moe_status moe_begin_soft_stats(struct moe_exec *x);

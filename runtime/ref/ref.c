@@ -64,6 +64,30 @@ static float dot_f32(const float *a, const float *b, uint32_t n)
 	return s;
 }
 
+/* Soft MoE's products: one f32 fused multiply-add per term, in ascending
+ * index (the order of the generated GEMM tiles, each value one chain). */
+static float dot_fma(const float *a, const float *b, uint32_t n)
+{
+	float s = 0.0f;
+	for (uint32_t i = 0; i < n; i++)
+		s = fmaf(a[i], b[i], s);
+	return s;
+}
+
+/* Soft MoE's sum of squares of x[0..n): 16 f32 fused chains, lane j over
+ * i = j, j + 16, ... ascending, then the lanes added pairwise as a fixed
+ * tree (j and j + 8, then j + 4, j + 2, j + 1): the generated norm's order. */
+static float sumsq16(const float *x, uint32_t n)
+{
+	float a[16] = {0};
+	for (uint32_t i = 0; i < n; i++)
+		a[i % 16] = fmaf(x[i], x[i], a[i % 16]);
+	for (int w = 8; w >= 1; w /= 2)
+		for (int j = 0; j < w; j++)
+			a[j] += a[j + w];
+	return a[0];
+}
+
 /* Expert dot product: exact products summed in double, rounded once. */
 static float dot_f64(const float *a, const float *b, uint32_t n)
 {
@@ -802,7 +826,7 @@ static int route_soft(struct fwd *f)
 		for (size_t r = 0; r < T + S; r++) {
 			const float *src = r < T ? f->x + r * H : PHI + (r - T) * H;
 			float *dst = r < T ? xn + r * H : pn + (r - T) * H;
-			float ss = dot_f32(src, src, H);
+			float ss = sumsq16(src, H);
 			float inv = (float)(1.0 / sqrt((double)ss + 1e-6));
 			for (uint32_t h = 0; h < H; h++)
 				dst[h] = src[h] * inv;
@@ -812,7 +836,7 @@ static int route_soft(struct fwd *f)
 		}
 		for (size_t t = 0; t < T; t++)
 			for (uint32_t s = 0; s < S; s++)
-				L[t * S + s] = scale * dot_f32(xn + t * H, pn + (size_t)s * H, H);
+				L[t * S + s] = scale * dot_fma(xn + t * H, pn + (size_t)s * H, H);
 		for (uint32_t s = 0; s < S; s++) {
 			for (size_t t = 0; t < T; t++)
 				col[t] = L[t * S + s];
@@ -832,21 +856,25 @@ static int route_soft(struct fwd *f)
 				stats_token(f, p, L + t * S, S);
 			}
 		}
+		/* the slot inputs x~_s = D^T x and the output C Y: f32 fused
+		 * chains over t, then s, ascending (dot_fma's order) */
 		for (uint32_t s = 0; s < S; s++) {
 			for (uint32_t h = 0; h < H; h++) {
-				double v = 0.0;
+				float v = 0.0f;
 				for (size_t t = 0; t < T; t++)
-					v += (double)D[t * S + s] * f->x[t * H + h];
-				xs[h] = (float)v;
+					v = fmaf(D[t * S + s], f->x[t * H + h], v);
+				xs[h] = v;
 			}
 			expert_fwd(f, s / P, xs, Y + (size_t)s * H, a);
 		}
 		for (size_t t = 0; t < T; t++) {
 			const float *xt = f->x + t * H;
-			memset(acc, 0, H * sizeof *acc);
-			for (uint32_t s = 0; s < S; s++)
-				for (uint32_t h = 0; h < H; h++)
-					acc[h] += (double)(Cm[t * S + s] * Y[(size_t)s * H + h]);
+			for (uint32_t h = 0; h < H; h++) {
+				float v = 0.0f;
+				for (uint32_t s = 0; s < S; s++)
+					v = fmaf(Cm[t * S + s], Y[(size_t)s * H + h], v);
+				acc[h] = v;
+			}
 			if (f->Is) {
 				expert_fwd(f, -1, xt, out, a);
 				float g = 1.0f;
