@@ -201,12 +201,126 @@ static void test_mxfp4(void **state)
 		assert_int_equal(((uint8_t *)o2)[i], 0x5a);
 }
 
+static void put32(uint8_t *p, uint32_t w)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(w >> (8 * i));
+}
+
+/* The int4 checkpoint layouts on hand-packed words: an 8 x 16 matrix (N = 8
+ * outputs, K = 16 inputs, groups of 8) whose code at (n, k) is (n + k) % 16,
+ * zero point (n + g) % 16 and scale (n + 1) / 4 (negated in group 1). */
+static void test_int4(void **state)
+{
+	(void)state;
+	enum { N = 8, K = 16, GS = 8, G = K / GS };
+	static const unsigned awq_order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+	uint8_t code[N][K], zero[N][G];
+	for (int n = 0; n < N; n++) {
+		for (int k = 0; k < K; k++)
+			code[n][k] = (uint8_t)((n + k) % 16);
+		for (int g = 0; g < G; g++)
+			zero[n][g] = (uint8_t)((n + g + 3) % 16);
+	}
+	float sc_gn[G * N], sc_ng[N * G];
+	for (int n = 0; n < N; n++)
+		for (int g = 0; g < G; g++)
+			sc_gn[g * N + n] = sc_ng[n * G + g] =
+			    (g ? -1.0f : 1.0f) * (float)(n + 1) / 4;
+	/* GPTQ: qweight [K/8, N] (word (r, n): inputs 8r..8r+7 of output n),
+	 * qzeros [G, N/8] (word (g, 0): outputs 0..7) */
+	uint8_t gq[K / 8 * N * 4], gz[G * 4], aq[K * 4], az[G * 4], cq[N * K / 8 * 4], cz[G * 4];
+	for (int r = 0; r < K / 8; r++)
+		for (int n = 0; n < N; n++) {
+			uint32_t w = 0;
+			for (int i = 0; i < 8; i++)
+				w |= (uint32_t)code[n][8 * r + i] << (4 * i);
+			put32(gq + 4 * (r * N + n), w);
+		}
+	for (int g = 0; g < G; g++) {
+		uint32_t w = 0, a = 0, c = 0;
+		for (int i = 0; i < 8; i++) {
+			w |= (uint32_t)((zero[i][g] + 15) % 16) << (4 * i); /* v1: z - 1 */
+			a |= (uint32_t)zero[awq_order[i]][g] << (4 * i);
+			c |= (uint32_t)zero[i][g] << (4 * i); /* packed along N */
+		}
+		put32(gz + 4 * g, w), put32(az + 4 * g, a), put32(cz + 4 * g, c);
+	}
+	/* AWQ: qweight [K, N/8], the word of input k holding outputs in the
+	 * order 0 2 4 6 1 3 5 7 */
+	for (int k = 0; k < K; k++) {
+		uint32_t w = 0;
+		for (int i = 0; i < 8; i++)
+			w |= (uint32_t)code[awq_order[i]][k] << (4 * i);
+		put32(aq + 4 * k, w);
+	}
+	/* compressed-tensors: weight_packed [N, K/8] */
+	for (int n = 0; n < N; n++)
+		for (int r = 0; r < K / 8; r++) {
+			uint32_t w = 0;
+			for (int i = 0; i < 8; i++)
+				w |= (uint32_t)code[n][8 * r + i] << (4 * i);
+			put32(cq + 4 * (n * (K / 8) + r), w);
+		}
+	int8_t z8[N * G];
+	for (int n = 0; n < N; n++)
+		for (int g = 0; g < G; g++)
+			z8[n * G + g] = (int8_t)(zero[n][g] - 8);
+	const struct moe_int4_src src[] = {
+	    {MOE_QUANT_GPTQ, N, K, GS, gq, sc_gn, gz, NULL},
+	    {MOE_QUANT_GPTQ_V2, N, K, GS, gq, sc_gn, az /* unused below */, NULL},
+	    {MOE_QUANT_AWQ, N, K, GS, aq, sc_gn, az, NULL},
+	    {MOE_QUANT_PACK_QUANTIZED, N, K, GS, cq, sc_ng, cz, NULL},
+	    {MOE_QUANT_PACK_QUANTIZED, N, K, GS, cq, sc_ng, NULL, z8},
+	    {MOE_QUANT_PACK_QUANTIZED, N, K, GS, cq, sc_ng, NULL, NULL},
+	};
+	/* gptq_v2 stores the zero point itself: packed like GPTQ's qzeros */
+	uint8_t v2z[G * 4];
+	for (int g = 0; g < G; g++) {
+		uint32_t w = 0;
+		for (int i = 0; i < 8; i++)
+			w |= (uint32_t)zero[i][g] << (4 * i);
+		put32(v2z + 4 * g, w);
+	}
+	for (size_t t = 0; t < sizeof src / sizeof *src; t++) {
+		struct moe_int4_src s = src[t];
+		if (s.kind == MOE_QUANT_GPTQ_V2)
+			s.zeros = v2z;
+		uint8_t codes[N * K];
+		float scale[N * G], offset[N * G];
+		assert_int_equal(moe_unpack_int4(&s, codes, scale, offset), -1);
+		int sym = t == 5;
+		for (int n = 0; n < N; n++) {
+			for (int k = 0; k < K; k++)
+				assert_int_equal(codes[n * K + k], code[n][k]);
+			for (int g = 0; g < G; g++) {
+				double sv = (g ? -1.0 : 1.0) * (n + 1) / 4.0;
+				double z = sym ? 8 : zero[n][g];
+				if (s.kind == MOE_QUANT_GPTQ && zero[n][g] == 0)
+					z = 16; /* v1: stored 15 reads back as 16 */
+				assert_true(scale[n * G + g] == (float)sv);
+				assert_true(offset[n * G + g] == (float)(-z * sv));
+			}
+		}
+	}
+	/* a zero or NaN scale is reported by its group, n * G + g */
+	float bad[G * N];
+	memcpy(bad, sc_gn, sizeof bad);
+	bad[1 * N + 5] = 0.0f;
+	struct moe_int4_src s = {MOE_QUANT_AWQ, N, K, GS, aq, bad, az, NULL};
+	uint8_t codes[N * K];
+	float scale[N * G], offset[N * G];
+	assert_int_equal(moe_unpack_int4(&s, codes, scale, offset), 5 * G + 1);
+	bad[1 * N + 5] = NAN;
+	assert_int_equal(moe_unpack_int4(&s, codes, scale, offset), 5 * G + 1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_e4m3),  cmocka_unit_test(test_e2m1),
 	    cmocka_unit_test(test_e8m0),  cmocka_unit_test(test_fp8_block),
-	    cmocka_unit_test(test_mxfp4),
+	    cmocka_unit_test(test_mxfp4), cmocka_unit_test(test_int4),
 	};
 	return cmocka_run_group_tests_name("dequant", tests, NULL, NULL);
 }

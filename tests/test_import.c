@@ -498,8 +498,30 @@ static void test_unsupported_values(void **state)
 	mutate_fail("dbrx", "ffn_config.ffn_act_fn", "{\"name\": \"tanh\"}",
 		    "unsupported ffn_config.ffn_act_fn.name 'tanh'", NULL);
 	mutate_fail("mixtral", "torch_dtype", "\"int8\"", "unsupported torch_dtype 'int8'", NULL);
-	mutate_fail("deepseek_v3", "quantization_config", "{\"quant_method\": \"gptq\"}",
-		    "unsupported quantization_config.quant_method 'gptq'", "fp8, mxfp4");
+	mutate_fail("deepseek_v3", "quantization_config", "{\"quant_method\": \"bitsandbytes\"}",
+		    "unsupported quantization_config.quant_method 'bitsandbytes'",
+		    "fp8, mxfp4, gptq, awq, compressed-tensors");
+	/* int4 checkpoints: what is not 4-bit GPTQ / AWQ gemm / pack-quantized
+	 * is refused naming the key and its value */
+	mutate_fail("qwen3_moe", "quantization_config",
+		    "{\"quant_method\": \"gptq\", \"bits\": 8, \"group_size\": 128}",
+		    "unsupported quantization_config.bits 8 for quant_method gptq",
+		    "(supported: 4)");
+	mutate_fail("qwen3_moe", "quantization_config",
+		    "{\"quant_method\": \"gptq\", \"bits\": 4, \"desc_act\": true}",
+		    "unsupported quantization_config.desc_act true", "act-order");
+	mutate_fail("mixtral", "quantization_config",
+		    "{\"quant_method\": \"awq\", \"bits\": 4, \"version\": \"gemv\"}",
+		    "unsupported quantization_config.version 'gemv'", "(supported: gemm)");
+	mutate_fail("qwen3_moe", "quantization_config",
+		    "{\"quant_method\": \"compressed-tensors\", \"format\": \"int-quantized\"}",
+		    "unsupported quantization_config.format 'int-quantized'", "pack-quantized");
+	mutate_fail("qwen3_moe", "quantization_config",
+		    "{\"quant_method\": \"compressed-tensors\", \"format\": \"pack-quantized\", "
+		    "\"config_groups\": {\"g\": {\"targets\": [\"Linear\"], \"weights\": "
+		    "{\"num_bits\": 4, \"type\": \"int\", \"strategy\": \"group\", "
+		    "\"group_size\": 128}}}, \"ignore\": [\"lm_head\"]}",
+		    "'model.layers.0.mlp.gate' (router) is not listed", NULL);
 	mutate_fail("deepseek_v3", "n_group", "7", "'n_group' (7) must divide", "(256)");
 	mutate_fail("phimoe", "num_experts_per_tok", "3", "sparsemixer",
 		    "'num_experts_per_tok' is 3");

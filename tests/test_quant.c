@@ -512,6 +512,148 @@ static void test_load_mxfp4_kept(void **state)
 	kept_vs_dequant(&d, file);
 }
 
+/* A GPTQ (v1) checkpoint: per expert X.qweight [K/8, N] int32, X.qzeros
+ * [G, N/8], X.scales [G, N] f16 and X.g_idx, packed here from random codes
+ * by the layout's definition. Kept int4 and dequantized at load agree; then
+ * the file cut at many lengths and scales made NaN or zero are refused with
+ * the file and tensor named, and the model holds no layer afterwards. */
+static void pack_le32(uint8_t *p, uint32_t w)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(w >> (8 * i));
+}
+
+static void test_load_gptq_kept(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 64, 4, 2, 32);
+	uint32_t H = d.hidden, I = d.intermediate, E = d.n_experts, GS = 16;
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "r.{layer}");
+	static const enum moe_role roles[3] = {MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN};
+	static const char *const nm[3] = {"g", "u", "d"};
+	for (int i = 0; i < 3; i++) {
+		enum moe_role r = roles[i];
+		snprintf(d.names[r], MOE_NAME_MAX, "%s.{layer}.{expert}.qweight", nm[i]);
+		snprintf(d.scale_names[r], MOE_NAME_MAX, "%s.{layer}.{expert}.scales", nm[i]);
+		d.layouts[r].quant = MOE_QUANT_GPTQ;
+		d.layouts[r].quant_block[0] = 1;
+		d.layouts[r].quant_block[1] = GS;
+	}
+	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_INT4, GS, 1);
+	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_INT4, GS, 1);
+	enum { NT = 2 * (1 + 4 * 3 * 4) };
+	struct moe_st_tensor t[NT];
+	char names[NT][48];
+	void *bufs[NT];
+	size_t n = 0;
+	for (uint32_t L = 0; L < 2; L++) {
+		float *r = malloc((size_t)E * H * 4);
+		assert_non_null(r);
+		h_fill_input(r, (size_t)E * H, 60 + L);
+		snprintf(names[n], 48, "r.%u", L);
+		bufs[n] = r;
+		t[n] = (struct moe_st_tensor){
+		    .name = names[n], .dtype = MOE_ST_F32, .ndim = 2, .shape = {E, H}, .data = r};
+		n++;
+		for (uint32_t e = 0; e < E; e++)
+			for (int i = 0; i < 3; i++) {
+				uint64_t N = i < 2 ? I : H, K = i < 2 ? H : I, G = K / GS;
+				uint8_t *qw = malloc(K / 8 * N * 4), *qz = malloc(G * N / 8 * 4);
+				uint16_t *sc = malloc(G * N * 2);
+				int32_t *gi = malloc(K * 4);
+				assert_true(qw && qz && sc && gi);
+				uint64_t key = ((L * 8 + e) * 4 + (uint64_t)i) * 100000;
+				for (uint64_t w = 0; w < K / 8 * N; w++)
+					pack_le32(
+					    qw + 4 * w,
+					    (uint32_t)(moe_rng_hash(78, key + w, 1, 2) >> 32));
+				for (uint64_t w = 0; w < G * N / 8; w++)
+					pack_le32(
+					    qz + 4 * w,
+					    (uint32_t)(moe_rng_hash(79, key + w, 1, 2) >> 32));
+				/* f16 scales 2^-6 * (1 + j/1024), some negative */
+				for (uint64_t j = 0; j < G * N; j++)
+					sc[j] = (uint16_t)((j % 3 ? 0 : 0x8000) | (9u << 10) |
+							   (uint16_t)((j * 37 + e) % 1024));
+				for (uint64_t k = 0; k < K; k++)
+					gi[k] = (int32_t)(k / GS);
+				const char *sfx[4] = {"qweight", "qzeros", "scales", "g_idx"};
+				void *data[4] = {qw, qz, sc, gi};
+				enum moe_st_dtype dt[4] = {MOE_ST_I32, MOE_ST_I32, MOE_ST_F16,
+							   MOE_ST_I32};
+				uint64_t shp[4][2] = {{K / 8, N}, {G, N / 8}, {G, N}, {K, 0}};
+				for (int k = 0; k < 4; k++) {
+					snprintf(names[n], 48, "%s.%u.%u.%s", nm[i], L, e, sfx[k]);
+					bufs[n] = data[k];
+					t[n] =
+					    (struct moe_st_tensor){.name = names[n],
+								   .dtype = dt[k],
+								   .ndim = k == 3 ? 1 : 2,
+								   .shape = {shp[k][0], shp[k][1]},
+								   .data = data[k]};
+					n++;
+				}
+			}
+	}
+	assert_int_equal(n, NT);
+	const char *file = tmp_file("gptq.safetensors");
+	char err[256];
+	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
+	kept_vs_dequant(&d, file);
+
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	assert_int_equal(m.create(&mm, NULL), MOE_OK);
+	float x[64], y[64];
+	h_fill_input(x, H, 3);
+	/* bad scales, located by file, tensor, output and group */
+	uint16_t *s = NULL;
+	for (size_t i = 0; i < n; i++)
+		if (!strcmp(names[i], "d.1.2.scales"))
+			s = bufs[i];
+	assert_non_null(s);
+	const uint16_t badv[2] = {0x7e00 /* NaN */, 0x0000};
+	const char *word[2] = {"NaN scale for output 5, group 1", "zero scale for output 5"};
+	const char *bad = tmp_file("gptq-bad.safetensors");
+	for (int v = 0; v < 2; v++) {
+		uint16_t keep = s[1 * H + 5];
+		s[1 * H + 5] = badv[v];
+		assert_int_equal(moe_st_write(bad, t, n, err, sizeof err), MOE_OK);
+		s[1 * H + 5] = keep;
+		assert_int_equal(m.load(mm, &bad, 1), MOE_ERR_WEIGHTS);
+		assert_non_null(strstr(m.last_error(), word[v]));
+		assert_non_null(strstr(m.last_error(), "'d.1.2.scales'"));
+		assert_non_null(strstr(m.last_error(), "gptq-bad.safetensors"));
+		assert_int_not_equal(m.forward(mm, 0, x, y, 1, NULL, NULL), MOE_OK);
+	}
+	/* cut anywhere: an error, never a crash, and nothing loaded */
+	FILE *fp = fopen(file, "rb");
+	assert_non_null(fp);
+	fseek(fp, 0, SEEK_END);
+	long size = ftell(fp);
+	fseek(fp, 0, SEEK_SET);
+	uint8_t *whole = malloc((size_t)size);
+	assert_non_null(whole);
+	assert_int_equal(fread(whole, 1, (size_t)size, fp), (size_t)size);
+	fclose(fp);
+	for (long len = 0; len < size; len += 1 + len / 7) {
+		fp = fopen(bad, "wb");
+		assert_non_null(fp);
+		assert_int_equal(fwrite(whole, 1, (size_t)len, fp), (size_t)len);
+		fclose(fp);
+		assert_int_not_equal(m.load(mm, &bad, 1), MOE_OK);
+		assert_non_null(strstr(m.last_error(), "gptq-bad.safetensors"));
+		assert_int_not_equal(m.forward(mm, 0, x, y, 1, NULL, NULL), MOE_OK);
+	}
+	free(whole);
+	for (size_t i = 0; i < n; i++)
+		free(bufs[i]);
+	m.destroy(mm);
+	h_model_close(&m);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -526,6 +668,7 @@ int main(void)
 	    cmocka_unit_test(test_vs_reference),       cmocka_unit_test(test_avx2_target),
 	    cmocka_unit_test(test_invariant),          cmocka_unit_test(test_load_refused),
 	    cmocka_unit_test(test_load_fp8_kept),      cmocka_unit_test(test_load_mxfp4_kept),
+	    cmocka_unit_test(test_load_gptq_kept),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -1153,7 +1153,7 @@ static unsigned placeholders(const char *t)
 static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_node_t *v,
 			const char *where)
 {
-	static const char *const keys[] = {"kind", "block", "scales"};
+	static const char *const keys[] = {"kind", "block", "scales", "group"};
 	char path[160], sub[192];
 	snprintf(path, sizeof path, "%s.quant", where);
 	if (!role_quantizable(r)) {
@@ -1163,7 +1163,7 @@ static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_n
 		    path);
 		return;
 	}
-	const yaml_node_t *n[3] = {NULL, NULL, NULL}, *nk[3] = {NULL, NULL, NULL};
+	const yaml_node_t *n[4] = {NULL, NULL, NULL, NULL}, *nk[4] = {NULL, NULL, NULL, NULL};
 	if (v->type == YAML_SCALAR_NODE && !is_null(v)) {
 		n[0] = v, nk[0] = k;
 	} else if (v->type == YAML_MAPPING_NODE) {
@@ -1172,13 +1172,13 @@ static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_n
 			const yaml_node_t *kk = moe_spec_node(c->s, p->key);
 			const char *key = scalar(kk) ? scalar(kk) : "";
 			int i = 0;
-			while (i < 3 && strcmp(key, keys[i]))
+			while (i < 4 && strcmp(key, keys[i]))
 				i++;
-			if (i < 3) {
+			if (i < 4) {
 				n[i] = moe_spec_node(c->s, p->value), nk[i] = kk;
 				continue;
 			}
-			const char *dym = moe_closest(key, keys, 3);
+			const char *dym = moe_closest(key, keys, 4);
 			if (dym)
 				err(c, kk, "unknown key %s in %s (did you mean '%s'?)", show(kk),
 				    path, dym);
@@ -1186,12 +1186,14 @@ static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_n
 				err(c, kk, "unknown key %s in %s", show(kk), path);
 		}
 	} else {
-		err(c, v, "%s must be none or a mapping {kind, block, scales}, got %s", path,
+		err(c, v, "%s must be none or a mapping {kind, block, scales, group}, got %s", path,
 		    show(v));
 		return;
 	}
 	if (!n[0]) {
-		err(c, k, "%s.kind is required (fp8_block or mxfp4)", path);
+		err(c, k,
+		    "%s.kind is required (fp8_block, mxfp4, gptq, gptq_v2, awq or pack_quantized)",
+		    path);
 		return;
 	}
 	const char *kn;
@@ -1201,7 +1203,7 @@ static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_n
 	enum moe_quant q = (enum moe_quant)moe_enum_lookup(moe_quant_names, MOE_QUANT_COUNT, kn);
 	int before = c->n_err;
 	if (q == MOE_QUANT_NONE) {
-		for (int i = 1; i < 3; i++)
+		for (int i = 1; i < 4; i++)
 			if (nk[i])
 				err(c, nk[i], "%s.%s does not apply to quant kind none", path,
 				    keys[i]);
@@ -1229,8 +1231,41 @@ static void parse_quant(struct ctx *c, int r, const yaml_node_t *k, const yaml_n
 			}
 		}
 	} else if (nk[1]) {
-		err(c, nk[1],
-		    "%s.block does not apply to mxfp4: one scale covers 32 inputs of a row", path);
+		err(c, nk[1], "%s.block does not apply to %s: %s", path, kn,
+		    q == MOE_QUANT_MXFP4 ? "one scale covers 32 inputs of a row"
+					 : "give group: the inputs one scale covers");
+	}
+	if (moe_quant_int4(q)) {
+		snprintf(sub, sizeof sub, "%s.group", path);
+		if (!n[3])
+			err(c, n[0],
+			    "%s: %s needs group: the inputs one scale covers (0: one group per "
+			    "output channel, GPTQ's group_size -1)",
+			    path, kn);
+		else if (get_uint(c, n[3], sub, 0, MAX_DIM, &blk[1]) == 0 && blk[1] % 8)
+			err(c, n[3],
+			    "%s must be a multiple of 8 (eight int4 codes per int32), got %llu",
+			    sub, (unsigned long long)blk[1]);
+		blk[0] = 1;
+		const char *nm = scalar(c->wname[r]);
+		const char *suf = q == MOE_QUANT_PACK_QUANTIZED ? ".weight_packed" : ".qweight";
+		size_t ln = nm ? strlen(nm) : 0, ls = strlen(suf);
+		if (role_fused(r))
+			err(c, k,
+			    "%s: %s tensors are per nn.Linear: gate and up are named apart, not "
+			    "fused",
+			    path, kn);
+		else if (nm && (ln <= ls || strcmp(nm + ln - ls, suf) != 0))
+			err(c, k,
+			    "%s: a %s tensor's name ends in '%s' (its zero points and scales are "
+			    "named beside it), but weights.names.%s is '%s'",
+			    path, kn, suf, moe_role_names[r], nm);
+		else if (nm && role_per_expert(r) && !strstr(nm, "{expert}"))
+			err(c, k,
+			    "%s: %s tensors are one per expert: weights.names.%s needs {expert}",
+			    path, kn, moe_role_names[r]);
+	} else if (nk[3]) {
+		err(c, nk[3], "%s.group applies to the int4 kinds only", path);
 	}
 	const char *t = NULL;
 	snprintf(sub, sizeof sub, "%s.scales", path);
@@ -1347,6 +1382,13 @@ static void parse_layouts(struct ctx *c)
 			    "%s.quant: mxfp4 blocks are stored out-major (32 inputs of one output "
 			    "row per block): orient must be out_in",
 			    where);
+			note(c, orient_k, "%s.orient declared here", where);
+		}
+		if (c->quant_key[r] && moe_quant_int4(l->quant) && l->orient == MOE_ORIENT_IN_OUT) {
+			err(c, c->quant_key[r],
+			    "%s.quant: %s fixes its own layout (docs/import.md): orient must be "
+			    "out_in (the default)",
+			    where, moe_quant_names[l->quant]);
 			note(c, orient_k, "%s.orient declared here", where);
 		}
 		if (c->quant_key[r] && rb_k) {
@@ -2114,7 +2156,20 @@ static void resolve_weights(struct ctx *c, struct moe_desc *o)
 			continue;
 		}
 		uint64_t cols = 0;
-		if (!c->wname[r] || o->layouts[r].quant != MOE_QUANT_MXFP4 ||
+		const struct moe_layout *ql = &o->layouts[r];
+		if (c->wname[r] && moe_quant_int4(ql->quant) &&
+		    moe_desc_role_shape(o, (enum moe_role)role_part(r), NULL, &cols, NULL)) {
+			uint32_t g = ql->quant_block[1];
+			if (cols % 8 || (g && cols % g))
+				err(c, c->quant_key[r],
+				    "weights.layout.%s.quant: the input width of %s is %llu: it "
+				    "must "
+				    "be a multiple of 8 and of the group (%u)",
+				    moe_role_names[r], moe_role_names[r], (unsigned long long)cols,
+				    g);
+			continue;
+		}
+		if (!c->wname[r] || ql->quant != MOE_QUANT_MXFP4 ||
 		    !moe_desc_role_shape(o, (enum moe_role)role_part(r), NULL, &cols, NULL))
 			continue;
 		if (cols % 32)

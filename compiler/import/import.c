@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <float.h>
 #include <math.h>
+#include <regex.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +30,7 @@ struct imp_layout {
 	enum moe_fuse fuse;
 	int row_blocked;
 	enum moe_quant quant;
-	long block[2]; /* fp8_block tile */
+	long block[2]; /* fp8_block tile; int4 kinds: [1, group], 0 per channel */
 };
 
 /* The spec being built. Fields mirror docs/spec.md; defaults are the language's. */
@@ -102,6 +103,7 @@ struct imp {
 	int output_bias;
 	int gguf;                             /* weights.format gguf */
 	struct moe_qfmt qfmt[MOE_QMAT_COUNT]; /* quant: (experts kept quantized) */
+	int int4_zero; /* an int4 checkpoint stores zero points (kept zero: true) */
 
 	int n_notes;
 	char notes[IMP_MAX_NOTES][IMP_NOTE_MAX];
@@ -566,6 +568,313 @@ static void quant_mxfp4(struct imp *m, const char *qpre)
 	     "out-major, unlike the in-major bf16 export. Kept in mxfp4 by the kernels (quant:).");
 }
 
+/* The int4 checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized): every
+ * routed and shared expert matrix X.weight is stored as X.CODES with its
+ * scales X.SCALES (zero points and the rest beside it, docs/import.md). */
+static void int4_names(struct imp *m, enum moe_quant kind, long group, int zero, const char *qpre,
+		       const char *method)
+{
+	const char *codes = kind == MOE_QUANT_PACK_QUANTIZED ? ".weight_packed" : ".qweight";
+	const char *scales = kind == MOE_QUANT_PACK_QUANTIZED ? ".weight_scale" : ".scales";
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		if (!m->names[r][0] || !quantizable((enum moe_role)r))
+			continue;
+		if (m->layout[r].fuse != MOE_FUSE_NONE || m->layout[r].row_blocked ||
+		    m->layout[r].orient != MOE_ORIENT_OUT_IN ||
+		    !ends_with(m->names[r], ".weight") ||
+		    (moe_role_qmat((enum moe_role)r) <= MOE_QMAT_DOWN &&
+		     !strstr(m->names[r], "{expert}"))) {
+			err(m,
+			    "unsupported %squant_method %s for %s: its %s tensor '%s' is not one "
+			    "nn.Linear weight per expert",
+			    qpre, method, m->family, moe_role_names[r], m->names[r]);
+			return;
+		}
+		char base[MOE_NAME_MAX];
+		size_t n = strlen(m->names[r]) - strlen(".weight");
+		snprintf(base, sizeof base, "%.*s", (int)n, m->names[r]);
+		name(m, (enum moe_role)r, "%s%s", base, codes);
+		scale_name(m, (enum moe_role)r, base, scales);
+		m->layout[r].quant = kind;
+		m->layout[r].block[0] = 1;
+		m->layout[r].block[1] = group;
+	}
+	m->int4_zero = zero;
+}
+
+/* bits (or AutoAWQ's w_bit) must be 4; group_size (q_group_size) is -1 (one
+ * group per output channel, written 0) or a positive multiple of 8. */
+static int int4_bits_group(struct imp *m, const cJSON *q, const char *qpre, const char *method,
+			   long *group)
+{
+	const char *bk = field(q, "bits") || !field(q, "w_bit") ? "bits" : "w_bit";
+	const char *gk =
+	    field(q, "group_size") || !field(q, "q_group_size") ? "group_size" : "q_group_size";
+	long bits = opt_int(m, q, qpre, bk, 4, 0);
+	long g = opt_int(m, q, qpre, gk, 128, -1);
+	if (bits != 4) {
+		err(m, "unsupported %s%s %ld for quant_method %s (supported: 4)", qpre, bk, bits,
+		    method);
+		return 0;
+	}
+	if (g == 0 || (g > 0 && g % 8)) {
+		err(m, "unsupported %s%s %ld (supported: -1 or a multiple of 8)", qpre, gk, g);
+		return 0;
+	}
+	*group = g < 0 ? 0 : g;
+	return 1;
+}
+
+/* The module of role r in layer L: its name without ".weight" / the codes'
+ * suffix, {layer} replaced (routers are named per layer only). */
+static void module_name(const struct imp *m, enum moe_role r, long L, char *out, size_t cap)
+{
+	char t[MOE_NAME_MAX];
+	snprintf(t, sizeof t, "%s", m->names[r]);
+	char *dot = strrchr(t, '.');
+	if (dot)
+		*dot = 0;
+	char *p = strstr(t, "{layer}");
+	if (p)
+		snprintf(out, cap, "%.*s%ld%s", (int)(p - t), t, L, p + strlen("{layer}"));
+	else
+		snprintf(out, cap, "%s", t);
+	p = strstr(out, "{expert}");
+	if (p)
+		memmove(p + 1, p + strlen("{expert}"), strlen(p + strlen("{expert}")) + 1),
+		    *p = '0';
+}
+
+/* compressed-tensors' ignore entry e covers module mod: equal, or "re:P"
+ * with P matching from the start (Python's re.match; POSIX ERE here). -1:
+ * the pattern does not compile. */
+static int ignore_match(const char *e, const char *mod)
+{
+	if (strncmp(e, "re:", 3) != 0)
+		return strcmp(e, mod) == 0;
+	char pat[600];
+	snprintf(pat, sizeof pat, "^(%s)", e + 3);
+	regex_t re;
+	if (regcomp(&re, pat, REG_EXTENDED | REG_NOSUB) != 0)
+		return -1;
+	int hit = regexec(&re, mod, 0, NULL, 0) == 0;
+	regfree(&re);
+	return hit;
+}
+
+/* GPTQ (auto-gptq / optimum / GPTQModel): qweight, qzeros, scales, g_idx. */
+static void quant_gptq(struct imp *m, const cJSON *q, const char *qpre)
+{
+	long g;
+	if (!int4_bits_group(m, q, qpre, "gptq", &g))
+		return;
+	if (opt_bool(m, q, qpre, "desc_act", 0)) {
+		err(m,
+		    "unsupported %sdesc_act true: act-order checkpoints (a permuted g_idx) are not "
+		    "read",
+		    qpre);
+		return;
+	}
+	if (opt_bool(m, q, qpre, "is_marlin_format", 0)) {
+		err(m, "unsupported %sis_marlin_format true (supported: the gptq layout)", qpre);
+		return;
+	}
+	const char *fmt = opt_str(m, q, qpre, "checkpoint_format", "gptq");
+	if (strcmp(fmt, "gptq") != 0 && strcmp(fmt, "gptq_v2") != 0) {
+		err(m, "unsupported %scheckpoint_format '%s' (supported: gptq, gptq_v2)", qpre,
+		    fmt);
+		return;
+	}
+	const cJSON *dyn = field(q, "dynamic");
+	if (dyn && !(cJSON_IsObject(dyn) && !dyn->child)) {
+		err(m,
+		    "unsupported %sdynamic: per-module overrides of the quantization are not read",
+		    qpre);
+		return;
+	}
+	int v2 = strcmp(fmt, "gptq_v2") == 0;
+	int sym = opt_bool(m, q, qpre, "sym", 1);
+	int4_names(m, v2 ? MOE_QUANT_GPTQ_V2 : MOE_QUANT_GPTQ, g, 1, qpre, "gptq");
+	char gs[32] = "output channel";
+	if (g)
+		snprintf(gs, sizeof gs, "%ld inputs", g);
+	note(m,
+	     "Checkpoint quantization: GPTQ int4 (checkpoint_format %s, sym %s) expert matrices "
+	     "X.qweight [K/8, N] int32 (8 codes along K, low nibble first), X.qzeros [G, N/8], "
+	     "X.scales [G, N] f16, X.g_idx (must be k / group: no act-order); one group per %s. "
+	     "%s. The router is read unquantized. Kept in int4 by the kernels (quant:).",
+	     fmt, sym ? "true" : "false", gs,
+	     v2 ? "W = s * (q - z), z the stored zero point"
+		: "W = s * (q - (z + 1)), z the stored zero point (the v1 format stores the zero "
+		  "point minus one)");
+}
+
+/* AutoAWQ gemm: qweight [K, N/8], qzeros [G, N/8], scales [G, N]. */
+static void quant_awq(struct imp *m, const cJSON *q, const char *qpre)
+{
+	long g;
+	if (!int4_bits_group(m, q, qpre, "awq", &g))
+		return;
+	const char *ver = opt_str(m, q, qpre, "version", "gemm");
+	if (strcasecmp(ver, "gemm") != 0) {
+		err(m, "unsupported %sversion '%s' (supported: gemm)", qpre, ver);
+		return;
+	}
+	if (!opt_bool(m, q, qpre, "zero_point", 1)) {
+		err(m, "unsupported %szero_point false (supported: true, AWQ gemm's layout)", qpre);
+		return;
+	}
+	if (!g) {
+		err(m, "unsupported %sgroup_size -1 for awq (supported: a multiple of 8)", qpre);
+		return;
+	}
+	int4_names(m, MOE_QUANT_AWQ, g, 1, qpre, "awq");
+	note(m,
+	     "Checkpoint quantization: AWQ gemm int4 expert matrices X.qweight [K, N/8] int32 "
+	     "(8 outputs per int32 in the order 0 2 4 6 1 3 5 7, low nibble first), X.qzeros "
+	     "[G, N/8] (the same order), X.scales [G, N] f16; groups of %ld inputs. W = s * (q - "
+	     "z). The router is read unquantized. Kept in int4 by the kernels (quant:).",
+	     g);
+}
+
+/* compressed-tensors pack-quantized: X.weight_packed [N, K/8], X.weight_scale
+ * [N, G], X.weight_zero_point [N/8, G] (asymmetric), X.weight_shape. */
+static void quant_ct(struct imp *m, const cJSON *q, const char *qpre)
+{
+	const char *fmt = opt_str(m, q, qpre, "format", NULL);
+	if (!fmt || strcmp(fmt, "pack-quantized") != 0) {
+		err(m, "unsupported %sformat '%s' (supported: pack-quantized)", qpre,
+		    fmt ? fmt : "(none)");
+		return;
+	}
+	const cJSON *sp = field(q, "sparsity_config");
+	if (sp && !(cJSON_IsObject(sp) && !sp->child)) {
+		err(m, "unsupported %ssparsity_config: sparse checkpoints are not read", qpre);
+		return;
+	}
+	const cJSON *groups = opt_obj(m, q, qpre, "config_groups");
+	if (!groups || !groups->child || groups->child->next) {
+		err(m, "unsupported %sconfig_groups: exactly one group is read", qpre);
+		return;
+	}
+	const cJSON *cg = groups->child;
+	char gp[256], wp[300];
+	snprintf(gp, sizeof gp, "%sconfig_groups.%s.", qpre, cg->string ? cg->string : "?");
+	snprintf(wp, sizeof wp, "%sweights.", gp);
+	const char *gfmt = opt_str(m, cg, gp, "format", NULL);
+	if (gfmt && strcmp(gfmt, "pack-quantized") != 0) {
+		err(m, "unsupported %sformat '%s' (supported: pack-quantized)", gp, gfmt);
+		return;
+	}
+	if (field(cg, "input_activations") || field(cg, "output_activations")) {
+		err(m, "unsupported %s%s: quantized activations are not read", gp,
+		    field(cg, "input_activations") ? "input_activations" : "output_activations");
+		return;
+	}
+	const cJSON *tg = field(cg, "targets");
+	if (!cJSON_IsArray(tg) || cJSON_GetArraySize(tg) != 1 ||
+	    !cJSON_IsString(cJSON_GetArrayItem(tg, 0)) ||
+	    strcmp(cJSON_GetArrayItem(tg, 0)->valuestring, "Linear") != 0) {
+		err(m, "unsupported %stargets (supported: [\"Linear\"] with an ignore list)", gp);
+		return;
+	}
+	const cJSON *w = opt_obj(m, cg, gp, "weights");
+	if (!w) {
+		err(m, "unsupported %s: no 'weights' quantization", gp);
+		return;
+	}
+	long bits = opt_int(m, w, wp, "num_bits", 0, 0);
+	const char *type = opt_str(m, w, wp, "type", "int");
+	const char *strat = opt_str(m, w, wp, "strategy", "(none)");
+	int sym = opt_bool(m, w, wp, "symmetric", 1);
+	long g = opt_int(m, w, wp, "group_size", 0, 0);
+	const cJSON *ao = field(w, "actorder");
+	if (bits != 4) {
+		err(m, "unsupported %snum_bits %ld (supported: 4)", wp, bits);
+		return;
+	}
+	if (strcmp(type, "int") != 0) {
+		err(m, "unsupported %stype '%s' (supported: int)", wp, type);
+		return;
+	}
+	if (strcmp(strat, "group") != 0 && strcmp(strat, "channel") != 0) {
+		err(m, "unsupported %sstrategy '%s' (supported: group, channel)", wp, strat);
+		return;
+	}
+	if (opt_bool(m, w, wp, "dynamic", 0)) {
+		err(m, "unsupported %sdynamic true (supported: static weights)", wp);
+		return;
+	}
+	if (ao && !(cJSON_IsBool(ao) && !cJSON_IsTrue(ao))) {
+		err(m, "unsupported %sactorder: act-order checkpoints are not read", wp);
+		return;
+	}
+	if (!strcmp(strat, "group") && (g <= 0 || g % 8)) {
+		err(m, "unsupported %sgroup_size %ld (supported: a positive multiple of 8)", wp, g);
+		return;
+	}
+	if (!strcmp(strat, "channel"))
+		g = 0;
+	/* only the expert matrices may be quantized: every other Linear module
+	 * moegen reads must be in ignore; an expert matrix must not be */
+	const cJSON *ig = field(q, "ignore");
+	if (ig && !cJSON_IsArray(ig)) {
+		err(m, "'%signore' must be a list, not %s", qpre, json_type(ig));
+		return;
+	}
+	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
+		int rq = quantizable((enum moe_role)r);
+		if (!m->names[r][0] ||
+		    !(rq || r == MOE_ROLE_ROUTER || r == MOE_ROLE_SHARED_EXPERT_GATE ||
+		      r == MOE_ROLE_GROUP_ROUTER || r == MOE_ROLE_NOISE))
+			continue;
+		for (long L = 0; L < m->layers; L++) {
+			if (!m->moe[L])
+				continue;
+			char mod[MOE_NAME_MAX + 32];
+			module_name(m, (enum moe_role)r, L, mod, sizeof mod);
+			int hit = 0;
+			const cJSON *e;
+			cJSON_ArrayForEach(e, ig)
+			{
+				int h = cJSON_IsString(e) ? ignore_match(e->valuestring, mod) : 0;
+				if (h < 0) {
+					err(m, "%signore entry '%s' is not a pattern moegen reads",
+					    qpre, e->valuestring);
+					return;
+				}
+				hit |= h;
+			}
+			if (rq && hit) {
+				err(m,
+				    "unsupported %signore: it lists the expert matrix '%s' (%s); "
+				    "the "
+				    "expert matrices are read all quantized",
+				    qpre, mod, moe_role_names[r]);
+				return;
+			}
+			if (!rq && !hit) {
+				err(m,
+				    "unsupported %signore: '%s' (%s) is not listed, so it is "
+				    "quantized; moegen reads only the expert matrices quantized",
+				    qpre, mod, moe_role_names[r]);
+				return;
+			}
+			if (rq)
+				break; /* one layer is enough for the expert names */
+		}
+	}
+	int4_names(m, MOE_QUANT_PACK_QUANTIZED, g, !sym, qpre, "compressed-tensors");
+	note(m,
+	     "Checkpoint quantization: compressed-tensors pack-quantized int4 expert matrices "
+	     "X.weight_packed [N, K/8] int32 (8 codes along K, low nibble first, each the signed "
+	     "value + 8), X.weight_scale [N, G]%s, X.weight_shape; %s. W = s * (q - z). Layers "
+	     "in ignore (the routers) are read unquantized. Kept in int4 by the kernels (quant:).",
+	     sym ? " (symmetric: z = 8)"
+		 : ", X.weight_zero_point [N/8, G] int32 (packed along N, + 8)",
+	     g ? "one scale per group of inputs" : "one scale per output channel");
+}
+
 static void quantization(struct imp *m, const cJSON *o, const char *pre)
 {
 	const cJSON *q = opt_obj(m, o, pre, "quantization_config");
@@ -580,8 +889,17 @@ static void quantization(struct imp *m, const cJSON *o, const char *pre)
 		quant_fp8(m, q, qpre);
 	else if (strcmp(method, "mxfp4") == 0)
 		quant_mxfp4(m, qpre);
+	else if (strcmp(method, "gptq") == 0)
+		quant_gptq(m, q, qpre);
+	else if (strcmp(method, "awq") == 0)
+		quant_awq(m, q, qpre);
+	else if (strcmp(method, "compressed-tensors") == 0)
+		quant_ct(m, q, qpre);
 	else
-		err(m, "unsupported %squant_method '%s' (supported: fp8, mxfp4)", qpre, method);
+		err(m,
+		    "unsupported %squant_method '%s' (supported: fp8, mxfp4, gptq, awq, "
+		    "compressed-tensors)",
+		    qpre, method);
 }
 
 /* Common parts ---------------------------------------------------------- */
@@ -676,6 +994,7 @@ static void fam_mixtral(struct imp *m, const cJSON *c)
 	glu_names(m, "model.layers.{layer}.block_sparse_moe", "experts", "w1", "w3", "w2");
 	note(m, "mixtral: p = softmax(x W_g^T) over all experts (f32); the top-k p are "
 		"renormalized to sum 1 (no eps). Jitter noise, if any, is training-only.");
+	quantization(m, c, "");
 }
 
 static void fam_phimoe(struct imp *m, const cJSON *c)
@@ -753,6 +1072,7 @@ static void fam_qwen(struct imp *m, const cJSON *c, int shared, int renorm_defau
 			"and added.");
 	note(m, "MoE layers: (layer + 1) %% decoder_sparse_step == 0 and not in "
 		"mlp_only_layers; the others are dense (intermediate_size).");
+	quantization(m, c, "");
 }
 
 static void fam_olmoe(struct imp *m, const cJSON *c)
@@ -2192,6 +2512,17 @@ static void put_kept(const struct imp *m, FILE *f)
 		return;
 	long g = dn->block[1];
 	int fp8 = dn->quant == MOE_QUANT_FP8_BLOCK;
+	if (moe_quant_int4(dn->quant)) {
+		/* the group must divide the inputs: moegen check says so otherwise */
+		fprintf(f, "quant:  # kept in the kernels as the checkpoint stores them; delete "
+			   "this key to dequantize at load\n");
+		fprintf(f, "  experts: {kind: int4, group: %ld, zero: %s}\n", g,
+			m->int4_zero ? "true" : "false");
+		if (m->shared_count && m->names[MOE_ROLE_SHARED_DOWN][0])
+			fprintf(f, "  shared: {kind: int4, group: %ld, zero: %s}\n", g,
+				m->int4_zero ? "true" : "false");
+		return;
+	}
 	if (fp8 && (g <= 0 || m->hidden % g || m->inter % g ||
 		    (m->shared_count && (m->shared_count * m->shared_inter) % g)))
 		return; /* a tile that does not divide the inputs: dequantized at load */
@@ -2324,6 +2655,8 @@ static void write_spec(const struct imp *m, FILE *f)
 				moe_orient_names[l->orient], moe_quant_names[l->quant]);
 			if (l->quant == MOE_QUANT_FP8_BLOCK)
 				fprintf(f, "        block: [%ld, %ld]\n", l->block[0], l->block[1]);
+			if (moe_quant_int4(l->quant))
+				fprintf(f, "        group: %ld\n", l->block[1]);
 			fprintf(f, "        scales: ");
 			put_quoted(f, m->scales[r]);
 			fputc('\n', f);

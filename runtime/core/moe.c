@@ -605,6 +605,199 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
 	return 0;
 }
 
+/* An int4 checkpoint tensor (layouts[role].quant gptq, gptq_v2, awq or
+ * pack_quantized; moe_unpack_int4 has the layouts): the codes `name`
+ * (PREFIX.qweight or PREFIX.weight_packed) of one [N, K] matrix, the scales
+ * named by scale_names[role], and beside the codes PREFIX.qzeros (gptq, awq),
+ * PREFIX.g_idx (gptq, optional: only the trivial k / group is read; act-order
+ * is refused), PREFIX.weight_zero_point (optional) and PREFIX.weight_shape
+ * (pack_quantized, optional). Shapes, dtypes and scales (finite, nonzero) are
+ * checked before anything is kept; the codes go to c->qt from row c->qrow0
+ * when the role is kept, and out gets W = code * s + offset. */
+struct int4_buf {
+	const struct moe_st_tensor *t;
+	void *data;
+};
+
+static const struct moe_st_tensor *beside(struct st_ctx *c, const char *name, const char *suffix,
+					  const char *with, char *out, size_t cap)
+{
+	size_t n = strlen(name), k = strlen(suffix);
+	snprintf(out, cap, "%.*s%s", (int)(n - k), name, with);
+	return moe_st_set_find(c->set, out);
+}
+
+static int int4_check(struct st_ctx *c, const struct moe_st_tensor *t, enum moe_role role,
+		      const char *what, int f32, enum moe_st_dtype dt, const uint64_t *dims,
+		      uint32_t nd)
+{
+	const char *file = t->file ? t->file : "(memory)";
+	int ok = f32 ? (t->dtype == MOE_ST_F16 || t->dtype == MOE_ST_BF16 || t->dtype == MOE_ST_F32)
+		     : t->dtype == dt;
+	if (!ok) {
+		snprintf(c->err, sizeof c->err,
+			 "%s: %s '%s' (%s, layer %u, %s) must be %s, found %s", file, what, t->name,
+			 moe_role_names[role], c->layer, moe_quant_names[c->d->layouts[role].quant],
+			 f32 ? "F16, BF16 or F32" : moe_st_dtype_names[dt],
+			 moe_st_dtype_names[t->dtype]);
+		return -1;
+	}
+	if (t->ndim == nd && memcmp(t->shape, dims, nd * sizeof *dims) == 0)
+		return 0;
+	char w[160], f[160];
+	dims_str(dims, nd, w, sizeof w);
+	dims_str(t->shape, t->ndim, f, sizeof f);
+	snprintf(c->err, sizeof c->err,
+		 "%s: %s '%s' (%s, layer %u, %s): expected shape %s, found %s", file, what, t->name,
+		 moe_role_names[role], c->layer, moe_quant_names[c->d->layouts[role].quant], w, f);
+	return -1;
+}
+
+static int read_int4(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
+		     enum moe_role role, long expert, uint64_t N, uint64_t K, float *out)
+{
+	const struct moe_layout *l = &c->d->layouts[role];
+	enum moe_quant kind = l->quant;
+	int ct = kind == MOE_QUANT_PACK_QUANTIZED;
+	uint64_t gs = l->quant_block[1] ? l->quant_block[1] : K, G = K / gs;
+	const char *file = t->file ? t->file : "(memory)";
+	if (K % 8 || K % gs || (!ct && N % 8)) {
+		snprintf(c->err, sizeof c->err,
+			 "%s: tensor '%s' (%s, layer %u, %s): the matrix is [%llu, %llu]: its "
+			 "inputs must be a multiple of 8 and of the group (%llu)%s",
+			 file, name, moe_role_names[role], c->layer, moe_quant_names[kind],
+			 (unsigned long long)N, (unsigned long long)K, (unsigned long long)gs,
+			 ct ? "" : ", its outputs a multiple of 8");
+		return -1;
+	}
+	char sname[MOE_NAME_MAX * 2], zname[MOE_NAME_MAX * 2], xname[MOE_NAME_MAX * 2];
+	if (moe_st_expand(c->d->scale_names[role], c->layer, expert, sname, sizeof sname, c->err,
+			  sizeof c->err) != MOE_OK)
+		return -1;
+	const char *suf = ct ? ".weight_packed" : ".qweight";
+	const struct moe_st_tensor *s = moe_st_set_find(c->set, sname);
+	const struct moe_st_tensor *z =
+	    beside(c, name, suf, ct ? ".weight_zero_point" : ".qzeros", zname, sizeof zname);
+	const struct moe_st_tensor *x =
+	    beside(c, name, suf, ct ? ".weight_shape" : ".g_idx", xname, sizeof xname);
+	if (!s || (!z && !ct)) {
+		snprintf(c->err, sizeof c->err,
+			 "%s tensor '%s' of '%s' (%s, layer %u, %s) not found",
+			 s ? "zero-point" : "scale", s ? zname : sname, name, moe_role_names[role],
+			 c->layer, moe_quant_names[kind]);
+		return -1;
+	}
+	uint64_t qd[2] = {ct ? N : (kind == MOE_QUANT_AWQ ? K : K / 8),
+			  ct ? K / 8 : (kind == MOE_QUANT_AWQ ? N / 8 : N)};
+	uint64_t sd[2] = {ct ? N : G, ct ? G : N}, zd[2] = {ct ? N / 8 : G, ct ? G : N / 8};
+	int z8 = 0;
+	if (ct && z && z->dtype == MOE_ST_I8) { /* one signed zero point per group */
+		z8 = 1, zd[0] = N, zd[1] = G;
+	} else if (ct && z && N % 8) {
+		snprintf(c->err, sizeof c->err,
+			 "%s: tensor '%s' (%s, layer %u): packed zero points need outputs a "
+			 "multiple of 8, the matrix has %llu",
+			 file, zname, moe_role_names[role], c->layer, (unsigned long long)N);
+		return -1;
+	}
+	if (z && c->qt && !moe_ref_role_qfmt(c->d, role).zero) {
+		snprintf(c->err, sizeof c->err,
+			 "%s: tensor '%s' (%s, layer %u): the checkpoint has zero points but "
+			 "quant: keeps %s with zero: false (symmetric)",
+			 file, zname, moe_role_names[role], c->layer, moe_role_names[role]);
+		return -1;
+	}
+	uint64_t xd[1] = {ct ? 2 : K};
+	if (int4_check(c, t, role, "tensor", 0, MOE_ST_I32, qd, 2) ||
+	    int4_check(c, s, role, "scale tensor", 1, MOE_ST_F32, sd, 2) ||
+	    (z &&
+	     int4_check(c, z, role, "zero-point tensor", 0, z8 ? MOE_ST_I8 : MOE_ST_I32, zd, 2)) ||
+	    (x && int4_check(c, x, role, ct ? "shape tensor" : "g_idx tensor", 0,
+			     ct && x->dtype == MOE_ST_I64 ? MOE_ST_I64 : MOE_ST_I32, xd, 1)))
+		return -1;
+	uint8_t *q = malloc(t->bytes + 1), *zb = z ? malloc(z->bytes + 1) : NULL,
+		*xb = x ? malloc(x->bytes + 1) : NULL, *codes = malloc(N * K);
+	float *sc = malloc(N * G * sizeof *sc), *ks = malloc(N * G * sizeof *ks),
+	      *ko = malloc(N * G * sizeof *ko);
+	int rc = -1;
+	if (!q || (z && !zb) || (x && !xb) || !codes || !sc || !ks || !ko) {
+		snprintf(c->err, sizeof c->err, "out of memory");
+		goto done;
+	}
+	if (moe_st_read_bytes(t, q, c->err, sizeof c->err) != MOE_OK ||
+	    moe_st_read_f32(s, sc, N * G, c->err, sizeof c->err) != MOE_OK ||
+	    (z && moe_st_read_bytes(z, zb, c->err, sizeof c->err) != MOE_OK) ||
+	    (x && moe_st_read_bytes(x, xb, c->err, sizeof c->err) != MOE_OK))
+		goto done;
+	for (uint64_t k = 0; x && k < xd[0]; k++) {
+		/* g_idx: group k / gs for input k (act-order permutes it: refused);
+		 * weight_shape: [N, K] */
+		uint64_t w = 0, nb = x->dtype == MOE_ST_I64 ? 8 : 4;
+		for (uint64_t b = 0; b < nb; b++)
+			w |= (uint64_t)xb[nb * k + b] << (8 * b);
+		int64_t v = nb == 8 ? (int64_t)w : (int64_t)(int32_t)(uint32_t)w;
+		int64_t want = ct ? (int64_t)(k ? K : N) : (int64_t)(k / gs);
+		if (v != want) {
+			if (ct)
+				snprintf(
+				    c->err, sizeof c->err,
+				    "%s: tensor '%s' (%s, layer %u): weight_shape says [%s], the "
+				    "matrix is [%llu, %llu]",
+				    file, xname, moe_role_names[role], c->layer,
+				    k ? "?, K" : "N, ?", (unsigned long long)N,
+				    (unsigned long long)K);
+			else
+				snprintf(c->err, sizeof c->err,
+					 "%s: tensor '%s' (%s, layer %u): g_idx[%llu] is %lld, not "
+					 "%llu: act-order (desc_act) checkpoints are not read",
+					 file, xname, moe_role_names[role], c->layer,
+					 (unsigned long long)k, (long long)v,
+					 (unsigned long long)(k / gs));
+			goto done;
+		}
+	}
+	for (uint64_t i = 0; z8 && i < N * G; i++)
+		if ((int8_t)zb[i] < -8 || (int8_t)zb[i] > 7) {
+			snprintf(
+			    c->err, sizeof c->err,
+			    "%s: tensor '%s' (%s, layer %u): zero point %d at index %llu is out "
+			    "of the int4 range -8..7",
+			    file, zname, moe_role_names[role], c->layer, (int8_t)zb[i],
+			    (unsigned long long)i);
+			goto done;
+		}
+	struct moe_int4_src src = {
+	    kind, N, K, gs, q, sc, z8 ? NULL : zb, z8 ? (const int8_t *)zb : NULL};
+	int64_t bad = moe_unpack_int4(&src, codes, ks, ko);
+	if (bad >= 0) {
+		uint64_t b = (uint64_t)bad;
+		float v = sc[ct ? b : (b % G) * N + b / G];
+		snprintf(c->err, sizeof c->err,
+			 "%s: scale tensor '%s' (%s, layer %u): %s scale for output %llu, group "
+			 "%llu (inputs %llu..%llu)",
+			 s->file ? s->file : "(memory)", sname, moe_role_names[role], c->layer,
+			 isnan(v)    ? "NaN"
+			 : v == 0.0f ? "zero"
+				     : "infinite",
+			 (unsigned long long)(b / G), (unsigned long long)(b % G),
+			 (unsigned long long)(b % G * gs),
+			 (unsigned long long)(b % G * gs + gs - 1));
+		goto done;
+	}
+	struct moe_qfmt f = {MOE_QFORMAT_INT4, (uint32_t)gs, 1};
+	moe_qdequant(&f, codes, ks, ko, N, K, out);
+	if (c->qt) {
+		struct moe_ref_qtensor *qt = c->qt;
+		memcpy(qt->codes + c->qrow0 * K, codes, N * K);
+		memcpy(qt->scale + c->qrow0 * G, ks, N * G * sizeof *ks);
+		memcpy(qt->offset + c->qrow0 * G, ko, N * G * sizeof *ko);
+	}
+	rc = 0;
+done:
+	free(q), free(zb), free(xb), free(codes), free(sc), free(ks), free(ko);
+	return rc;
+}
+
 /* Read a tensor expected to hold n_e blocks of R x C canonical values. */
 /* Read a tensor expected to hold n_e blocks of R x C canonical values (one
  * axis more, n_e first, when stacked). Its full shape is checked against the
@@ -618,6 +811,8 @@ static int read_blocks(struct st_ctx *c, const struct moe_st_tensor *t, const ch
 	const struct moe_layout *l = &c->d->layouts[role];
 	int quant = l->quant != MOE_QUANT_NONE;
 	int in_out = l->orient == MOE_ORIENT_IN_OUT;
+	if (moe_quant_int4(l->quant)) /* one [R, C] matrix per tensor (spec check) */
+		return read_int4(c, t, name, role, expert, R, C, dst);
 	if (!quant) {
 		uint64_t ws[MOE_ST_MAX_DIMS], alt[MOE_ST_MAX_DIMS];
 		uint32_t nd, alt_nd = 0;
@@ -853,6 +1048,24 @@ static int kept_unsupported(const struct moe_desc *d, char *err, size_t cap)
 			continue;
 		if (f.kind == MOE_QFORMAT_MXFP4 && l->quant == MOE_QUANT_MXFP4)
 			continue;
+		uint64_t R = 0, K = 0;
+		moe_desc_role_shape(d, (enum moe_role)r, &R, &K, NULL);
+		if (f.kind == MOE_QFORMAT_INT4 && moe_quant_int4(l->quant) &&
+		    f.group == (l->quant_block[1] ? l->quant_block[1] : K) &&
+		    (f.zero || l->quant == MOE_QUANT_PACK_QUANTIZED))
+			continue;
+		if (moe_quant_int4(l->quant)) {
+			snprintf(
+			    err, cap,
+			    "%s is kept %s (quant:, group %u%s) but the checkpoint stores it as "
+			    "%s int4 with group %u (weights.layout.%s.quant, 0: per channel): "
+			    "keep it as {kind: int4, group: %llu, zero: true}",
+			    rn, kn, f.group,
+			    f.kind == MOE_QFORMAT_INT4 && !f.zero ? ", zero: false" : "",
+			    moe_quant_names[l->quant], l->quant_block[1], rn,
+			    (unsigned long long)(l->quant_block[1] ? l->quant_block[1] : K));
+			return 1;
+		}
 		if (l->quant == MOE_QUANT_NONE)
 			snprintf(err, cap,
 				 "%s is kept %s (quant:) but the checkpoint stores it unquantized: "

@@ -46,8 +46,15 @@
 	X(NONE, "none") X(GATED_DELTANET, "gated_deltanet") X(LIGHTNING, "lightning")
 #define MOE_FUSES(X) X(NONE, "none") X(CONCAT, "concat") X(INTERLEAVE, "interleave")
 #define MOE_ORIENTS(X) X(OUT_IN, "out_in") X(IN_OUT, "in_out")
-/* On-disk quantization of a weight role, dequantized to f32 at load. */
-#define MOE_QUANTS(X) X(NONE, "none") X(FP8_BLOCK, "fp8_block") X(MXFP4, "mxfp4")
+/* On-disk quantization of a weight role (dequantized at load, or kept as
+ * codes when quant: says so). gptq (auto-gptq's v1 zero points, stored minus
+ * one), gptq_v2, awq (gemm) and pack_quantized (compressed-tensors) are int4
+ * codes packed eight to an int32 with f16/bf16 scales per group of inputs. */
+#define MOE_QUANTS(X)                                                                              \
+	X(NONE, "none")                                                                            \
+	X(FP8_BLOCK, "fp8_block")                                                                  \
+	X(MXFP4, "mxfp4")                                                                          \
+	X(GPTQ, "gptq") X(GPTQ_V2, "gptq_v2") X(AWQ, "awq") X(PACK_QUANTIZED, "pack_quantized")
 /* How the FFN matrices are kept in the packed panels and read by the kernels
  * (struct moe_qfmt): f32/bf16/f16 per dtype.weights, or integer codes with
  * one scale (and an offset) per group of inputs of one output. */
@@ -179,7 +186,9 @@ struct moe_layout {
 	 * ceil(cols/b1)] multiplied in (DeepSeek-V3 weight_scale_inv); mxfp4:
 	 * u8 blocks [.., rows, cols/32, 16] (low nibble first) with u8 E8M0 scales
 	 * [.., rows, cols/32] (gpt-oss). The scale tensor's name is in
-	 * moe_desc.scale_names. */
+	 * moe_desc.scale_names. The int4 kinds (moe_quant_int4) hold [1, group]
+	 * in quant_block, group 0 meaning one group per output channel; their
+	 * zero-point (and g_idx) tensors are named beside the codes. */
 	enum moe_quant quant;
 	uint32_t quant_block[2];
 };
@@ -313,6 +322,13 @@ struct moe_desc {
 	 * place of the scalar SOFT_SCALE */
 	uint8_t soft_gamma;
 };
+
+/* 1 for the int4 checkpoint layouts (gptq, gptq_v2, awq, pack_quantized). */
+static inline int moe_quant_int4(enum moe_quant q)
+{
+	return q == MOE_QUANT_GPTQ || q == MOE_QUANT_GPTQ_V2 || q == MOE_QUANT_AWQ ||
+	       q == MOE_QUANT_PACK_QUANTIZED;
+}
 
 /* Name tables, indexed by enum value; defined in desc.c. */
 extern const char *const moe_dtype_names[MOE_DTYPE_COUNT];

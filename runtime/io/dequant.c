@@ -85,3 +85,48 @@ int64_t moe_dequant_mxfp4(const uint8_t *blocks, const uint8_t *scales, uint64_t
 		}
 	return bad;
 }
+
+static uint32_t le32(const uint8_t *p, uint64_t i)
+{
+	p += 4 * i;
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static unsigned nibble(uint32_t w, unsigned i)
+{
+	return (w >> (4 * i)) & 15u;
+}
+
+int64_t moe_unpack_int4(const struct moe_int4_src *s, uint8_t *codes, float *scale, float *offset)
+{
+	/* AWQ: the nibble holding output 8c + j (the inverse of its order) */
+	static const unsigned awq_nib[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+	uint64_t N = s->N, K = s->K, G = K / s->group;
+	int ct = s->kind == MOE_QUANT_PACK_QUANTIZED, awq = s->kind == MOE_QUANT_AWQ;
+	for (uint64_t n = 0; n < N; n++) {
+		for (uint64_t g = 0; g < G; g++) {
+			uint64_t gi = n * G + g;
+			float sc = s->scale[ct ? gi : g * N + n];
+			if (!isfinite(sc) || sc == 0.0f)
+				return (int64_t)gi;
+			unsigned z;
+			if (ct)
+				z = s->zero8   ? (unsigned)(s->zero8[gi] + 8) & 15u
+				    : s->zeros ? nibble(le32(s->zeros, n / 8 * G + g), n % 8)
+					       : 8u;
+			else
+				z = nibble(le32(s->zeros, g * (N / 8) + n / 8),
+					   awq ? awq_nib[n % 8] : (unsigned)(n % 8)) +
+				    (s->kind == MOE_QUANT_GPTQ);
+			scale[gi] = sc;
+			offset[gi] = -(float)z * sc;
+		}
+		for (uint64_t k = 0; k < K; k++) {
+			unsigned c = ct    ? nibble(le32(s->q, n * (K / 8) + k / 8), k % 8)
+				     : awq ? nibble(le32(s->q, k * (N / 8) + n / 8), awq_nib[n % 8])
+					   : nibble(le32(s->q, k / 8 * N + n), k % 8);
+			codes[n * K + k] = (uint8_t)c;
+		}
+	}
+	return -1;
+}
