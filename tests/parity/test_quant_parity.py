@@ -146,12 +146,14 @@ def _moegen_model(cmd, out_dir, tmp_path, kept):
     return so
 
 
-def _compare(model, layers, so, weights, hidden):
+def _compare(model, layers, so, weights, hidden, kind):
     """Each MoE layer of the transformers model against moegen's on the same
     random hidden states: (max relative error, tokens routed differently)."""
     m = moegen.load(so, weights=[str(weights)])
     try:
         assert m.info.moe_layers == layers
+        for role in ("up", "down"):  # the model.so keeps the codes (moegen -d)
+            assert "quant %s kind %s " % (role, kind) in m.info.description
         rng = np.random.default_rng(42)
         results = []
         for L in layers:
@@ -224,7 +226,7 @@ def test_gpt_oss_mxfp4(tmp_path, moegen_cmd):
 
     so = _moegen_model(moegen_cmd, tmp_path, tmp_path, "experts: mxfp4")
     layers = list(range(GPT_OSS["num_hidden_layers"]))
-    _check(_compare(model, layers, so, ckpt, H), "gpt_oss mxfp4")
+    _check(_compare(model, layers, so, ckpt, H, "mxfp4"), "gpt_oss mxfp4")
 
     # The same comparison fails on the checkpoint with the two codes of each
     # byte swapped (the nibble order): it sees the layout.
@@ -232,7 +234,7 @@ def test_gpt_oss_mxfp4(tmp_path, moegen_cmd):
         sd[k + "_blocks"] = torch.from_numpy(((blocks << 4) | (blocks >> 4)).astype(np.uint8))
     swapped = tmp_path / "swapped.safetensors"
     safetensors_torch.save_file(sd, str(swapped), metadata={"format": "pt"})
-    for L, err, _ in _compare(model, layers, so, swapped, H):
+    for L, err, _ in _compare(model, layers, so, swapped, H, "mxfp4"):
         assert err > 10 * TOL, "layer %d: swapped nibbles went unnoticed (%.3g)" % (L, err)
 
 
@@ -288,7 +290,7 @@ def test_deepseek_v3_fp8(tmp_path, moegen_cmd):
             assert torch.equal(lin.weight.detach(), want), "shared %s decoded otherwise" % p
 
     so = _moegen_model(moegen_cmd, tmp_path, tmp_path, "experts: {kind: fp8, group: 128}")
-    _check(_compare(model, layers, so, ckpt, H), "deepseek_v3 fp8")
+    _check(_compare(model, layers, so, ckpt, H, "fp8"), "deepseek_v3 fp8")
 
     # The same comparison fails when the two row tiles' scales of every
     # routed gate_proj are exchanged: it sees which tile a scale covers.
@@ -298,5 +300,5 @@ def test_deepseek_v3_fp8(tmp_path, moegen_cmd):
             sd[k] = sd[k].flip(0).contiguous()
     swapped = tmp_path / "swapped.safetensors"
     safetensors_torch.save_file(sd, str(swapped), metadata={"format": "pt"})
-    for L, err, _ in _compare(model, layers, so, swapped, H):
+    for L, err, _ in _compare(model, layers, so, swapped, H, "fp8"):
         assert err > 10 * TOL, "layer %d: exchanged scales went unnoticed (%.3g)" % (L, err)
