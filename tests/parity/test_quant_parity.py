@@ -134,13 +134,15 @@ def _hf_load(out_dir, qconfig):
     return model
 
 
-def _moegen_model(cmd, out_dir, tmp_path, kept):
-    spec = tmp_path / "spec.yaml"
+def _moegen_model(cmd, out_dir, kept):
+    """moegen import + compile of out_dir/config.json; the spec must keep the
+    experts quantized (`quant:` with KEPT)."""
+    spec = out_dir / "spec.yaml"
     r = _moegen(cmd, "import", str(out_dir / "config.json"), "-o", str(spec))
     assert r.returncode == 0, r.stderr
     text = spec.read_text()
     assert "\nquant:" in text and kept in text, "the import did not keep the experts quantized"
-    so = tmp_path / "model.so"
+    so = out_dir / "model.so"
     r = _moegen(cmd, str(spec), "-o", str(so))
     assert r.returncode == 0, r.stderr
     return so
@@ -222,9 +224,9 @@ def test_gpt_oss_mxfp4(tmp_path, moegen_cmd):
         p = model.get_parameter(k)
         assert p.dtype == torch.float32
         want = unpack_mxfp4(blocks, scales).transpose(0, 2, 1)
-        assert np.array_equal(p.detach().numpy(), want), "%s: transformers decoded other values" % k
+        assert np.array_equal(p.detach().numpy(), want), "%s: transformers decoded otherwise" % k
 
-    so = _moegen_model(moegen_cmd, tmp_path, tmp_path, "experts: mxfp4")
+    so = _moegen_model(moegen_cmd, tmp_path, "experts: mxfp4")
     layers = list(range(GPT_OSS["num_hidden_layers"]))
     _check(_compare(model, layers, so, ckpt, H, "mxfp4"), "gpt_oss mxfp4")
 
@@ -289,7 +291,7 @@ def test_deepseek_v3_fp8(tmp_path, moegen_cmd):
             want = unpack_fp8(*packed[pre + "shared_experts.%s.weight" % p])
             assert torch.equal(lin.weight.detach(), want), "shared %s decoded otherwise" % p
 
-    so = _moegen_model(moegen_cmd, tmp_path, tmp_path, "experts: {kind: fp8, group: 128}")
+    so = _moegen_model(moegen_cmd, tmp_path, "experts: {kind: fp8, group: 128}")
     _check(_compare(model, layers, so, ckpt, H, "fp8"), "deepseek_v3 fp8")
 
     # The same comparison fails when the two row tiles' scales of every
