@@ -14,7 +14,7 @@ t0=$(date +%s)
 if [ ! -x "$venv/bin/python" ]; then
 	"$python" -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import torch, transformers, safetensors, numpy, pytest, matplotlib, gguf' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import torch, transformers, safetensors, numpy, pytest, matplotlib, gguf, accelerate' 2>/dev/null; then
 	echo "parity: installing tests/parity/requirements.txt into $venv (torch is about 3 GB)"
 	if ! "$venv/bin/python" -m pip install -q -r tests/parity/requirements.txt; then
 		if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
