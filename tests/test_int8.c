@@ -164,6 +164,32 @@ static void test_invariant(void **state)
 	}
 }
 
+/* Rows whose activations overflow f32 give a non-finite output, which the
+ * runtime reports, as it does for f32 compute: never finite garbage. */
+static void test_overflow(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	idesc(&d, &cases[0]);
+	struct h_model m;
+	char err[512];
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	struct moe_create_opts co = {.threads = 2};
+	assert_int_equal(m.create(&mm, &co), MOE_OK);
+	assert_int_equal(m.init_random(mm, 7), MOE_OK);
+	size_t T = 5, H = d.hidden;
+	float *x = malloc(T * H * sizeof *x), *y = malloc(T * H * sizeof *y);
+	assert_true(x && y);
+	h_fill_input(x, T * H, 4);
+	for (size_t i = 0; i < H; i++)
+		x[2 * H + i] *= 1e30f; /* token 2 overflows in h */
+	assert_int_equal(m.forward(mm, d.moe_layers[0], x, y, T, NULL, NULL), MOE_ERR_INPUT);
+	free(x), free(y);
+	m.destroy(mm);
+	h_model_close(&m);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -173,10 +199,9 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_resolved),
-	    cmocka_unit_test(test_vs_reference),
-	    cmocka_unit_test(test_fallback),
-	    cmocka_unit_test(test_invariant),
+	    cmocka_unit_test(test_resolved), cmocka_unit_test(test_vs_reference),
+	    cmocka_unit_test(test_fallback), cmocka_unit_test(test_invariant),
+	    cmocka_unit_test(test_overflow),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

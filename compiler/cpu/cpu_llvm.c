@@ -1072,7 +1072,11 @@ static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t g
 					   LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, 16), ""), "");
 	LLVMValueRef x = moe_ll_ld(g, t16, moe_ll_at(g, g->t_f32, src, off));
 	LLVMValueRef q = moe_ll_intr1(g, "llvm.rint", LLVMBuildFMul(b, x, vinv, ""));
-	q = LLVMBuildFPToSI(b, q, ti, "q");
+	/* saturating: a row that overflowed to inf or NaN gives codes 0 (not
+	 * poison) and a non-finite scale, so the output is non-finite and the
+	 * runtime reports the overflow */
+	LLVMTypeRef cv[2] = {ti, t16};
+	q = moe_ll_intr(g, "llvm.fptosi.sat", cv, 2, &q, 1);
 	moe_ll_st(g, LLVMBuildTrunc(b, q, LLVMVectorType(g->t_i8, 16), ""),
 		  moe_ll_at(g, g->t_i8, dst, off));
 	moe_ll_st(g, LLVMBuildAdd(b, moe_ll_ld(g, ti, vs), q, ""), vs);
