@@ -1054,8 +1054,9 @@ static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t g
 	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / 16), 1, "qa");
 	LLVMValueRef v = moe_ll_ld(
 	    g, t16, moe_ll_at(g, g->t_f32, src, LLVMBuildNSWMul(b, i.iv, moe_ll_i64c(g, 16), "")));
-	LLVMValueRef mx[2] = {moe_ll_ld(g, t16, m), moe_ll_intr1(g, "llvm.fabs", v)};
-	moe_ll_st(g, moe_ll_intr(g, "llvm.maxnum", &t16, 1, mx, 2), m);
+	/* a compare and select (vmaxps), not maxnum's NaN-aware sequence: the
+	 * inputs are finite, or the row's output is non-finite anyway */
+	moe_ll_st(g, moe_ll_fmax(g, moe_ll_ld(g, t16, m), moe_ll_intr1(g, "llvm.fabs", v)), m);
 	moe_ll_loop_close(g, &i);
 	LLVMValueRef amax = moe_ll_ld(g, t16, m);
 	amax = moe_ll_intr(g, "llvm.vector.reduce.fmax", &t16, 1, &amax, 1);
@@ -1071,12 +1072,14 @@ static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t g
 	LLVMValueRef off = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, group), ""),
 					   LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, 16), ""), "");
 	LLVMValueRef x = moe_ll_ld(g, t16, moe_ll_at(g, g->t_f32, src, off));
-	LLVMValueRef q = moe_ll_intr1(g, "llvm.rint", LLVMBuildFMul(b, x, vinv, ""));
-	/* saturating: a row that overflowed to inf or NaN gives codes 0 (not
-	 * poison) and a non-finite scale, so the output is non-finite and the
-	 * runtime reports the overflow */
-	LLVMTypeRef cv[2] = {ti, t16};
-	q = moe_ll_intr(g, "llvm.fptosi.sat", cv, 2, &q, 1);
+	/* vcvtps2dq with its rounding in the instruction (to nearest even,
+	 * whatever MXCSR says): defined for every input — a row that overflowed
+	 * to inf or NaN gives the byte 0 and a non-finite scale, so its output
+	 * is non-finite and the runtime reports the overflow (int8 compute is
+	 * generated for AVX-512 targets only) */
+	LLVMValueRef cargs[4] = {LLVMBuildFMul(b, x, vinv, ""), LLVMConstNull(ti),
+				 LLVMConstInt(g->t_i16, 0xffff, 0), moe_ll_i32c(g, 8)};
+	LLVMValueRef q = moe_ll_intr(g, "llvm.x86.avx512.mask.cvtps2dq.512", NULL, 0, cargs, 4);
 	moe_ll_st(g, LLVMBuildTrunc(b, q, LLVMVectorType(g->t_i8, 16), ""),
 		  moe_ll_at(g, g->t_i8, dst, off));
 	moe_ll_st(g, LLVMBuildAdd(b, moe_ll_ld(g, ti, vs), q, ""), vs);
