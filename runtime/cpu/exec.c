@@ -324,10 +324,11 @@ enum moe_status moe_exec_add_tile(struct moe_exec *x, const struct moe_tile *t)
 static enum moe_status add_tiles(struct moe_exec *x, enum moe_op op, int32_t e, int64_t n,
 				 uint32_t panels)
 {
-	/* int8 compute quantizes a call's rows once per call: fewer, wider
-	 * panel ranges (at least two per thread) repeat it less */
+	/* int8 and bf16 compute quantize or convert a call's rows once per
+	 * call: fewer, wider panel ranges (at least two per thread) repeat it
+	 * less */
 	uint32_t pp = UP_PANELS_PER_TASK;
-	if (x->m->gen->compute == MOE_COMPUTE_INT8) {
+	if (x->m->gen->compute == MOE_COMPUTE_INT8 || x->m->gen->compute == MOE_COMPUTE_BF16) {
 		uint32_t w =
 		    (panels + 2 * moe_pool_size(x->m->pool) - 1) / (2 * moe_pool_size(x->m->pool));
 		pp = w > pp ? w : pp;
