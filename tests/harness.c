@@ -104,6 +104,30 @@ void h_fill_input(float *x, size_t n, uint64_t seed)
 		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(seed, 99, i, 0)) - 1.0f;
 }
 
+enum moe_status h_forward(const struct moe_desc *d, const float *x, size_t T, uint32_t threads,
+			  uint64_t seed, float *y)
+{
+	struct h_model m;
+	char err[512];
+	assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	struct moe_create_opts co = {.threads = threads};
+	assert_int_equal(m.create(&mm, &co), MOE_OK);
+	assert_int_equal(m.init_random(mm, 7), MOE_OK);
+	float *xf = NULL;
+	if (!x) {
+		xf = malloc(T * d->hidden * sizeof *xf);
+		assert_non_null(xf);
+		h_fill_input(xf, T * d->hidden, seed);
+		x = xf;
+	}
+	enum moe_status st = m.forward(mm, d->moe_layers[0], x, y, T, NULL, NULL);
+	free(xf);
+	m.destroy(mm);
+	h_model_close(&m);
+	return st;
+}
+
 /* Forward T tokens through the generated model and the reference (same
  * weights, same options): identical expert ids in rank order, weights and
  * statistics within f32 rounding, outputs within H_TOL. y_out (optional)

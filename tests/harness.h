@@ -50,6 +50,10 @@ int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t 
 void h_model_close(struct h_model *m);
 /* x[i] uniform in [-1, 1), a function of (seed, i) only. */
 void h_fill_input(float *x, size_t n, uint64_t seed);
+/* Compile d, create it with threads, moe_init_random(7), and forward T tokens
+ * of x (NULL: h_fill_input with seed) into y; the forward's status. */
+enum moe_status h_forward(const struct moe_desc *d, const float *x, size_t T, uint32_t threads,
+			  uint64_t seed, float *y);
 /* Forward T tokens through the generated model and the reference (same
  * weights, same options): identical expert ids in rank order, weights and
  * statistics within f32 rounding, outputs within H_TOL. y_out (optional)

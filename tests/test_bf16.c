@@ -89,20 +89,7 @@ static void test_desc_dump(void **state)
 
 static void forward(const struct moe_desc *d, size_t T, uint32_t threads, uint64_t seed, float *y)
 {
-	struct h_model m;
-	char err[512];
-	assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
-	moe_model *mm;
-	struct moe_create_opts co = {.threads = threads};
-	assert_int_equal(m.create(&mm, &co), MOE_OK);
-	assert_int_equal(m.init_random(mm, 7), MOE_OK);
-	float *x = malloc(T * d->hidden * sizeof *x);
-	assert_non_null(x);
-	h_fill_input(x, T * d->hidden, seed);
-	assert_int_equal(m.forward(mm, d->moe_layers[0], x, y, T, NULL, NULL), MOE_OK);
-	free(x);
-	m.destroy(mm);
-	h_model_close(&m);
+	assert_int_equal(h_forward(d, NULL, T, threads, seed, y), MOE_OK);
 }
 
 /* Shapes and features of the FFN tiles, each against the reference. */

@@ -127,20 +127,7 @@ static void test_fallback(void **state)
 
 static void forward(const struct moe_desc *d, size_t T, uint32_t threads, float *y)
 {
-	struct h_model m;
-	char err[512];
-	assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
-	moe_model *mm;
-	struct moe_create_opts co = {.threads = threads};
-	assert_int_equal(m.create(&mm, &co), MOE_OK);
-	assert_int_equal(m.init_random(mm, 7), MOE_OK);
-	float *x = malloc(T * d->hidden * sizeof *x);
-	assert_non_null(x);
-	h_fill_input(x, T * d->hidden, 4);
-	assert_int_equal(m.forward(mm, d->moe_layers[0], x, y, T, NULL, NULL), MOE_OK);
-	free(x);
-	m.destroy(mm);
-	h_model_close(&m);
+	assert_int_equal(h_forward(d, NULL, T, threads, 4, y), MOE_OK);
 }
 
 /* A row's output depends on that row alone: the same bits for 1 and 2
@@ -171,23 +158,14 @@ static void test_overflow(void **state)
 	(void)state;
 	struct moe_desc d;
 	idesc(&d, &cases[0]);
-	struct h_model m;
-	char err[512];
-	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
-	moe_model *mm;
-	struct moe_create_opts co = {.threads = 2};
-	assert_int_equal(m.create(&mm, &co), MOE_OK);
-	assert_int_equal(m.init_random(mm, 7), MOE_OK);
 	size_t T = 5, H = d.hidden;
 	float *x = malloc(T * H * sizeof *x), *y = malloc(T * H * sizeof *y);
 	assert_true(x && y);
 	h_fill_input(x, T * H, 4);
 	for (size_t i = 0; i < H; i++)
 		x[2 * H + i] *= 1e30f; /* token 2 overflows in h */
-	assert_int_equal(m.forward(mm, d.moe_layers[0], x, y, T, NULL, NULL), MOE_ERR_INPUT);
+	assert_int_equal(h_forward(&d, x, T, 2, 0, y), MOE_ERR_INPUT);
 	free(x), free(y);
-	m.destroy(mm);
-	h_model_close(&m);
 }
 
 static int setup(void **state)

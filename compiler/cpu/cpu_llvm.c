@@ -725,6 +725,40 @@ static void gen_up_pairs(struct moe_ll *g, const char *name, const struct ffn *f
 	moe_ll_fn_end(g);
 }
 
+/* The 16 columns at c0 of y's row for grouped row ri: its token's row. */
+static LLVMValueRef down_y_cols(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri,
+				LLVMValueRef c0)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, 1), ri));
+	tok = LLVMBuildSExt(b, tok, g->t_i64, "");
+	return moe_ll_at(
+	    g, g->t_f32, moe_ll_prm(g, 6),
+	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, f->geom->hidden), ""), c0,
+			    ""));
+}
+
+/* Store the 16-lane tile row o of grouped row base + r to the ncols columns
+ * at yp, plus the down bias at column c0 (times the row's routing weight
+ * when the bias is scaled). */
+static void down_store16(struct moe_ll *g, const struct ffn *f, LLVMValueRef base, int r,
+			 LLVMValueRef c0, LLVMValueRef o, LLVMValueRef yp, int ncols)
+{
+	LLVMBuilderRef b = g->b;
+	if (f->bias) {
+		LLVMValueRef bv =
+		    moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5), c0));
+		if (f->down_bias_w) {
+			LLVMValueRef ri = LLVMBuildNSWAdd(b, base, moe_ll_i64c(g, r), "");
+			LLVMValueRef w =
+			    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, moe_ll_prm(g, 2), ri));
+			bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
+		}
+		o = LLVMBuildFAdd(b, o, bv, "");
+	}
+	vstore16(g, o, yp, ncols);
+}
+
 /* One bf16 down tile: mr rows of bf16 h from r0 times panel p, accumulated
  * into y (ncols < 16: the last panel, masked). */
 static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols,
@@ -733,8 +767,7 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
 	uint32_t K = ge->width + (ge->width & 1);
-	LLVMValueRef hbuf = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2),
-		     bd = moe_ll_prm(g, 5), y = moe_ll_prm(g, 6);
+	LLVMValueRef hbuf = moe_ll_prm(g, 0);
 	LLVMValueRef a_row[BF_MR] = {0}, y_ptr[BF_MR] = {0}, acc[BF_MR] = {0};
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
 	char nm[32];
@@ -742,12 +775,7 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		a_row[r] = moe_ll_at(g, g->t_f32, hbuf,
 				     LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
-		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
-		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
-		y_ptr[r] = moe_ll_at(
-		    g, g->t_f32, y,
-		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), c0,
-				    ""));
+		y_ptr[r] = down_y_cols(g, f, ri, c0);
 		snprintf(nm, sizeof nm, "acc%d0", r);
 		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
 		moe_ll_st(g, vload16(g, y_ptr[r], ncols), acc[r]);
@@ -757,18 +785,7 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 		      LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)K * MOE_NR), ""));
 	pair_tile(g, mr, a_row, pan, K / 2, acc);
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef o = moe_ll_ld(g, g->t_v16f, acc[r]);
-		if (f->bias) {
-			LLVMValueRef bv = moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, bd, c0));
-			if (f->down_bias_w) {
-				LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
-				LLVMValueRef w =
-				    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, rw, ri));
-				bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
-			}
-			o = LLVMBuildFAdd(b, o, bv, "");
-		}
-		vstore16(g, o, y_ptr[r], ncols);
+		down_store16(g, f, r0, r, c0, moe_ll_ld(g, g->t_v16f, acc[r]), y_ptr[r], ncols);
 	}
 }
 
@@ -985,8 +1002,7 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
-	LLVMValueRef hbuf = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2),
-		     bd = moe_ll_prm(g, 5), y = moe_ll_prm(g, 6);
+	LLVMValueRef hbuf = moe_ll_prm(g, 0);
 	LLVMValueRef a_row[MAX_MR] = {0}, y_ptr[MAX_MR] = {0}, acc[MAX_MR] = {0};
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
 	char nm[32];
@@ -994,12 +1010,7 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		a_row[r] = moe_ll_at(g, g->t_f32, hbuf,
 				     LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
-		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
-		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
-		y_ptr[r] = moe_ll_at(
-		    g, g->t_f32, y,
-		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), c0,
-				    ""));
+		y_ptr[r] = down_y_cols(g, f, ri, c0);
 		snprintf(nm, sizeof nm, "acc%d", r);
 		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
 		moe_ll_st(g, vload16(g, y_ptr[r], ncols), acc[r]);
@@ -1009,18 +1020,7 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
 	q_kloop(g, &ge->q_down, ge->width, mr, a_row, pan, acc);
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef o = moe_ll_ld(g, g->t_v16f, acc[r]);
-		if (f->bias) {
-			LLVMValueRef bv = moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, bd, c0));
-			if (f->down_bias_w) {
-				LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
-				LLVMValueRef w =
-				    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, rw, ri));
-				bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
-			}
-			o = LLVMBuildFAdd(b, o, bv, "");
-		}
-		vstore16(g, o, y_ptr[r], ncols);
+		down_store16(g, f, r0, r, c0, moe_ll_ld(g, g->t_v16f, acc[r]), y_ptr[r], ncols);
 	}
 }
 
@@ -1232,8 +1232,6 @@ static void down_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncol
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
-	LLVMValueRef rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2), bd = moe_ll_prm(g, 5),
-		     y = moe_ll_prm(g, 6);
 	LLVMValueRef xq[I8_MR] = {0}, qs[I8_MR] = {0}, y_ptr[I8_MR] = {0}, acc[I8_MR] = {0};
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
 	char nm[32];
@@ -1241,12 +1239,7 @@ static void down_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncol
 		LLVMValueRef rl = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		i8_row(g, f, rl, &xq[r], &qs[r]);
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, f->c0, rl, "");
-		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
-		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
-		y_ptr[r] = moe_ll_at(
-		    g, g->t_f32, y,
-		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), c0,
-				    ""));
+		y_ptr[r] = down_y_cols(g, f, ri, c0);
 		snprintf(nm, sizeof nm, "acc%d", r);
 		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
 		moe_ll_st(g, LLVMConstNull(g->t_v16f), acc[r]);
@@ -1259,17 +1252,7 @@ static void down_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncol
 		LLVMValueRef rl = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		LLVMValueRef o = moe_ll_fma(g, moe_ll_ld(g, g->t_v16f, acc[r]), i8_scale(g, f, rl),
 					    vload16(g, y_ptr[r], ncols));
-		if (f->bias) {
-			LLVMValueRef bv = moe_ll_ld(g, g->t_v16f, moe_ll_at(g, g->t_f32, bd, c0));
-			if (f->down_bias_w) {
-				LLVMValueRef w = moe_ll_ld(
-				    g, g->t_f32,
-				    moe_ll_at(g, g->t_f32, rw, LLVMBuildNSWAdd(b, f->c0, rl, "")));
-				bv = LLVMBuildFMul(b, bv, moe_ll_splat(g, w, g->t_v16f), "");
-			}
-			o = LLVMBuildFAdd(b, o, bv, "");
-		}
-		vstore16(g, o, y_ptr[r], ncols);
+		down_store16(g, f, LLVMBuildNSWAdd(b, f->c0, r0, ""), r, c0, o, y_ptr[r], ncols);
 	}
 }
 
