@@ -363,16 +363,17 @@ uint32_t moe_desc_route_width(const struct moe_desc *d); /* (id, weight) slots p
 /* 1 when the FFNs compute in bf16 on a target with the bf16 dot instructions
  * (dtype.compute bf16, or auto with bf16 weights). */
 int moe_desc_bf16_compute(const struct moe_desc *d);
-/* The bound on max |y - y_ref| / max |y_ref| of bf16 compute against the f32
- * reference (x and h rounded to bf16, 2^-9 relative each, before exact
+/* The bound on max |y - y_ref| / (the output's scale: the largest |y_ref| or
+ * magnitude of a term it sums, moe_ref_out_err) of bf16 compute against the
+ * f32 reference (x and h rounded to bf16, 2^-9 relative each, before exact
  * products summed in f32). */
 #define MOE_BF16_COMPUTE_TOL (1.0 / 64.0)
 /* 1 when the FFNs compute in int8 on a target with the int8 dot instructions
  * (dtype.compute int8: activations quantized per row, symmetric, to int8;
  * the kept int8/int4 codes multiplied and summed exactly in int32 per group). */
 int moe_desc_int8_compute(const struct moe_desc *d);
-/* The bound on max |y - y_ref| / max |y_ref| of int8 compute against the f32
- * reference on the dequantized weights: x and h each rounded to 1/254 of
+/* The bound on max |y - y_ref| / (the output's scale, as above) of int8
+ * compute against the f32 reference on the dequantized weights: x and h each rounded to 1/254 of
  * their row's largest magnitude, the products then exact. */
 #define MOE_INT8_COMPUTE_TOL (1.0 / 16.0)
 /* The output bound of d's FFN arithmetic where the target has its dot

@@ -73,6 +73,21 @@ enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_w
 				const float *x, float *y, size_t n_tokens,
 				const struct moe_fwd_opts *opts, struct moe_routing *routing,
 				char *err, size_t err_cap);
+/* moe_ref_forward plus mag[n_tokens, H] (mag may be NULL): the sum of the
+ * magnitudes of the terms each output element adds up (weighted slots, shared
+ * expert, output bias; |y| for Soft MoE). An arithmetic that rounds each term
+ * to relative u errs by about u * mag, however much the terms cancel in y. */
+enum moe_status moe_ref_forward_mag(const struct moe_desc *d, const struct moe_ref_weights *w,
+				    const float *x, float *y, float *mag, size_t n_tokens,
+				    const struct moe_fwd_opts *opts, struct moe_routing *routing,
+				    char *err, size_t err_cap);
+
+/* max |y - y_ref| over the output's scale, max |y_ref|, or with mag (from
+ * moe_ref_forward_mag) the larger of that and max mag: the measure of an
+ * arithmetic that rounds each term (bf16 or int8 compute), whose error
+ * follows the terms' magnitudes however much they cancel. bf16_out compares
+ * with y_ref rounded to bf16 (bf16 activations). */
+double moe_ref_out_err(const float *y, const float *yr, const float *mag, size_t n, int bf16_out);
 
 /* Scalar helpers every backend must agree with (exposed for tests). */
 float moe_ref_act(enum moe_act a, float alpha, float limit, float x);

@@ -21,6 +21,7 @@ struct fwd {
 	uint32_t H, E, I, Is, W; /* W: route width */
 	const float *x;          /* the (possibly jittered) input [T, H] */
 	float *y;
+	float *mag; /* optional [T, H]: the sum of |term| of each output's combine */
 	/* statistics, accumulated per token */
 	double *imp; /* [E] */
 	double z_sum;
@@ -325,7 +326,7 @@ static int combine(struct fwd *f)
 {
 	const struct moe_desc *d = f->d;
 	uint32_t H = f->H, wmax = f->I > f->Is ? f->I : f->Is;
-	double *acc = xcalloc(H, sizeof *acc);
+	double *acc = xcalloc(2 * (size_t)H, sizeof *acc), *mg = acc + H;
 	float *xin = xcalloc(H, sizeof *xin), *out = xcalloc(H, sizeof *out);
 	float *a = xcalloc(wmax, sizeof *a);
 	if (!acc || !xin || !out || !a) {
@@ -335,7 +336,7 @@ static int combine(struct fwd *f)
 	const float *seg = f->w->w[MOE_ROLE_SHARED_EXPERT_GATE];
 	for (size_t t = 0; t < f->T; t++) {
 		const float *xt = f->x + t * H;
-		memset(acc, 0, H * sizeof *acc);
+		memset(acc, 0, 2 * H * sizeof *acc);
 		for (uint32_t j = 0; j < f->W; j++) {
 			size_t s = t * f->W + j;
 			int32_t e = f->ids[s];
@@ -343,20 +344,26 @@ static int combine(struct fwd *f)
 			if (e < 0) {
 				if (f->dropped && f->dropped[s] &&
 				    d->overflow == MOE_OVERFLOW_PASSTHROUGH)
-					for (uint32_t h = 0; h < H; h++)
+					for (uint32_t h = 0; h < H; h++) {
 						acc[h] += (double)(wt * xt[h]);
+						mg[h] += fabs((double)(wt * xt[h]));
+					}
 				continue;
 			}
 			if (d->apply_to == MOE_APPLY_INPUT && d->mode != MOE_MODE_PRODUCT_KEY) {
 				for (uint32_t h = 0; h < H; h++)
 					xin[h] = wt * xt[h];
 				expert_fwd(f, e, xin, out, a);
-				for (uint32_t h = 0; h < H; h++)
+				for (uint32_t h = 0; h < H; h++) {
 					acc[h] += out[h];
+					mg[h] += fabs((double)out[h]);
+				}
 			} else {
 				expert_fwd(f, e, xt, out, a);
-				for (uint32_t h = 0; h < H; h++)
+				for (uint32_t h = 0; h < H; h++) {
 					acc[h] += (double)(wt * out[h]);
+					mg[h] += fabs((double)(wt * out[h]));
+				}
 			}
 		}
 		if (f->Is) {
@@ -364,12 +371,21 @@ static int combine(struct fwd *f)
 			float g = 1.0f;
 			if (d->shared_gate == MOE_SHARED_GATE_SIGMOID)
 				g = sigmoidf_(dot_f64(seg, xt, H));
-			for (uint32_t h = 0; h < H; h++)
+			for (uint32_t h = 0; h < H; h++) {
 				acc[h] += (double)(g * out[h]);
+				mg[h] += fabs((double)(g * out[h]));
+			}
 		}
 		add_output_bias(f, acc);
 		for (uint32_t h = 0; h < H; h++)
 			f->y[t * H + h] = (float)acc[h];
+		if (f->mag) {
+			const float *ob = f->w->w[MOE_ROLE_OUTPUT_BIAS];
+			for (uint32_t h = 0; h < H; h++)
+				f->mag[t * H + h] =
+				    (float)(mg[h] +
+					    (f->d->output_bias ? fabs((double)ob[h]) : 0.0));
+		}
 	}
 	free(acc), free(xin), free(out), free(a);
 	return 1;
@@ -1211,10 +1227,10 @@ static int (*const route_fns[MOE_MODE_COUNT])(struct fwd *f) = {
 #undef MOE_MODE
 };
 
-enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_weights *w,
-				const float *x, float *y, size_t n_tokens,
-				const struct moe_fwd_opts *opts, struct moe_routing *routing,
-				char *err, size_t err_cap)
+static enum moe_status forward(const struct moe_desc *d, const struct moe_ref_weights *w,
+			       const float *x, float *y, float *mag, size_t n_tokens,
+			       const struct moe_fwd_opts *opts, struct moe_routing *routing,
+			       char *err, size_t err_cap)
 {
 	struct fwd F, *f = &F;
 	memset(f, 0, sizeof *f);
@@ -1258,7 +1274,7 @@ enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_w
 
 	enum moe_status st = MOE_ERR_NOMEM;
 	float *xj = NULL;
-	f->x = x, f->y = y;
+	f->x = x, f->y = y, f->mag = mag;
 	if (f->o->training && d->noise == MOE_NOISE_JITTER) {
 		/* jitter scales the hidden state itself: router and experts see it */
 		xj = malloc(n_tokens * H * sizeof *xj);
@@ -1297,6 +1313,8 @@ enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_w
 	}
 	if (routing)
 		finish_stats(f, routing);
+	for (size_t i = 0; mag && d->mode == MOE_MODE_SOFT && i < n_tokens * H; i++)
+		mag[i] = fabsf(y[i]);
 	st = MOE_OK;
 out:
 	if (st == MOE_ERR_NOMEM)
@@ -1304,4 +1322,20 @@ out:
 	free(xj), free(f->imp), free(f->counts), free(f->ids), free(f->wts);
 	free(f->dropped), free(f->prio);
 	return st;
+}
+
+enum moe_status moe_ref_forward(const struct moe_desc *d, const struct moe_ref_weights *w,
+				const float *x, float *y, size_t n_tokens,
+				const struct moe_fwd_opts *opts, struct moe_routing *routing,
+				char *err, size_t err_cap)
+{
+	return forward(d, w, x, y, NULL, n_tokens, opts, routing, err, err_cap);
+}
+
+enum moe_status moe_ref_forward_mag(const struct moe_desc *d, const struct moe_ref_weights *w,
+				    const float *x, float *y, float *mag, size_t n_tokens,
+				    const struct moe_fwd_opts *opts, struct moe_routing *routing,
+				    char *err, size_t err_cap)
+{
+	return forward(d, w, x, y, mag, n_tokens, opts, routing, err, err_cap);
 }

@@ -339,3 +339,15 @@ float moe_ref_act(enum moe_act a, float alpha, float limit, float x)
 		return x;
 	}
 }
+
+double moe_ref_out_err(const float *y, const float *yr, const float *mag, size_t n, int bf16_out)
+{
+	double scale = 0.0, emax = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		double r = bf16_out ? moe_bf16_round(yr[i]) : yr[i];
+		double s = mag && mag[i] > fabs(r) ? mag[i] : fabs(r), e = fabs(y[i] - r);
+		scale = s > scale ? s : scale;
+		emax = e > emax || e != e ? e : emax; /* a NaN output stays NaN */
+	}
+	return scale > 0.0 ? emax / scale : emax;
+}
