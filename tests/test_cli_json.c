@@ -235,6 +235,48 @@ static void test_bench_json(void **state)
 	cJSON_Delete(o);
 }
 
+/* bench --modes: a research mode is followed by its token-choice twin (the
+ * same experts behind softmax top-k), each a row with routing "mode". */
+static void test_bench_twin(void **state)
+{
+	(void)state;
+	char path[] = "/tmp/moe_bench_twin.XXXXXX";
+	int fd = mkstemp(path);
+	assert_true(fd >= 0);
+	close(fd);
+	int rc = run(buf, sizeof buf,
+		     "bench --modes ec --tokens 8 --quick --threads 1 --reps 1 --copies 1 "
+		     "--json %s",
+		     path);
+	if (rc == 2 && !strstr(buf, "probes")) { /* a moegen without OpenBLAS has no bench */
+		unlink(path);
+		skip();
+	}
+	assert_int_equal(rc, 0);
+	assert_non_null(strstr(buf, "ec-tc (expert-choice, E 64 -> 16, token-choice twin): "
+				    "token_choice"));
+	FILE *f = fopen(path, "r");
+	assert_non_null(f);
+	static char text[1 << 16];
+	size_t n = fread(text, 1, sizeof text - 1, f);
+	text[n] = 0;
+	fclose(f);
+	unlink(path);
+	cJSON *o = cJSON_Parse(text);
+	assert_non_null(o);
+	const cJSON *rows = get(o, "rows");
+	assert_int_equal(cJSON_GetArraySize(rows), 2);
+	static const char *const names[2] = {"ec", "ec-tc"};
+	for (int i = 0; i < 2; i++) {
+		const cJSON *r = cJSON_GetArrayItem(rows, i);
+		assert_string_equal(get(r, "shape")->valuestring, names[i]);
+		assert_string_equal(get(r, "routing")->valuestring, "mode");
+		assert_int_equal((int)num(r, "tokens"), 8);
+		assert_true(num(r, "ms") > 0 && num(r, "flops") > 0);
+	}
+	cJSON_Delete(o);
+}
+
 /* docs/cli.md's synopsis lists, per command, the options of its --help. */
 static void test_synopsis_matches_help(void **state)
 {
@@ -303,6 +345,7 @@ int main(void)
 	    cmocka_unit_test(test_check_text),
 	    cmocka_unit_test(test_synopsis_matches_help),
 	    cmocka_unit_test(test_bench_json),
+	    cmocka_unit_test(test_bench_twin),
 	    cmocka_unit_test(test_run_check_needs_random),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -59,7 +59,9 @@ static const char *const usage_bench =
     "             noisy, ec, soft, peer, peer-1m (full size, 8 GiB; only when\n"
     "             named). Default: all but peer-1m in a full run, none with\n"
     "             --quick; alone, without --shapes, it runs no shapes; none: no\n"
-    "             research routers\n"
+    "             research routers. hier, sparsemixer, noisy and ec are each\n"
+    "             followed by their token-choice twin (NAME-tc: the same experts\n"
+    "             behind softmax top-k)\n"
     "  --ep P     expert parallelism instead: each shape and token count as one\n"
     "             layer on P MPI ranks (moegen run --ep under mpirun, the cores\n"
     "             shared among them); the slowest rank's times and the bytes\n"
@@ -1408,23 +1410,28 @@ struct mode {
 	enum moe_act act;
 	int training; /* forward with opts.training = 1 (noise drawn) */
 	uint32_t R;   /* product key: sub_keys */
+	/* The token-choice twin timed after the mode: the same experts behind
+	 * a plain softmax top-twin_k router (the mode's assignments per token),
+	 * inference, no capacity; NULL: none (soft, product key). */
+	const char *twin;
+	uint32_t twin_k;
 };
 
 static const struct mode modes[] = {
     {"hier", "shazeer-hierarchical", MOE_MODE_HIERARCHICAL, MOE_DTYPE_F32, 512, 256, 1024, 4,
-     MOE_KIND_MLP, MOE_ACT_RELU, 0, 0},
+     MOE_KIND_MLP, MOE_ACT_RELU, 0, 0, "hier-tc", 4},
     {"sparsemixer", "phi-3.5-moe / 4", MOE_MODE_SPARSEMIXER, MOE_DTYPE_BF16, 1024, 16, 1600, 2,
-     MOE_KIND_GLU, MOE_ACT_SILU, 0, 0},
+     MOE_KIND_GLU, MOE_ACT_SILU, 0, 0, "sparsemixer-tc", 2},
     {"noisy", "noisy-top-k, training", MOE_MODE_TOKEN_CHOICE, MOE_DTYPE_F32, 512, 32, 1024, 4,
-     MOE_KIND_MLP, MOE_ACT_RELU, 1, 0},
+     MOE_KIND_MLP, MOE_ACT_RELU, 1, 0, "noisy-tc", 4},
     {"ec", "expert-choice, E 64 -> 16", MOE_MODE_EXPERT_CHOICE, MOE_DTYPE_F32, 768, 16, 3072, 0,
-     MOE_KIND_MLP, MOE_ACT_GELU, 0, 0},
+     MOE_KIND_MLP, MOE_ACT_GELU, 0, 0, "ec-tc", 2},
     {"soft", "soft-moe, E 128 -> 16", MOE_MODE_SOFT, MOE_DTYPE_F32, 768, 16, 3072, 0, MOE_KIND_MLP,
-     MOE_ACT_GELU, 0, 0},
+     MOE_ACT_GELU, 0, 0, NULL, 0},
     {"peer", "peer-1m, R 1024 -> 128", MOE_MODE_PRODUCT_KEY, MOE_DTYPE_F32, 1024, 0, 1, 128,
-     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 128},
+     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 128, NULL, 0},
     {"peer-1m", "peer-1m, full size", MOE_MODE_PRODUCT_KEY, MOE_DTYPE_F32, 1024, 0, 1, 128,
-     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 1024},
+     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 1024, NULL, 0},
 };
 #define N_MODES (sizeof modes / sizeof *modes)
 _Static_assert(N_MODES == N_MODE_NAMES, "modes[] and mode_names[] list the same modes");
@@ -1507,6 +1514,24 @@ static void mode_desc(const struct mode *md, struct moe_desc *d)
 	default:
 		break;
 	}
+}
+
+/* md's token-choice twin: its experts behind softmax top-twin_k, inference,
+ * no noise, no capacity. */
+static void twin_desc(const struct mode *md, struct moe_desc *d)
+{
+	mode_desc(md, d);
+	snprintf(d->name, sizeof d->name, "bench_%s_tc", md->name);
+	d->mode = MOE_MODE_TOKEN_CHOICE;
+	d->score = MOE_SCORE_SOFTMAX;
+	d->top_k = md->twin_k;
+	d->norm = MOE_NORM_NONE;
+	d->noise = MOE_NOISE_NONE;
+	d->capacity = MOE_CAPACITY_NONE;
+	d->n_levels = 0;
+	memset(d->levels, 0, sizeof d->levels);
+	d->sparsemixer_eps = 0;
+	d->ec_capacity_factor = 0;
 }
 
 /* Weight matrices per expert (GLU: gate, up, down; MLP: up, down). */
@@ -1739,8 +1764,10 @@ struct mode_table {
 	int n;
 };
 
-static void bench_mode(const struct mode *md, const struct opts *o, const struct machine *mc,
-		       struct moe_pool *pool, const char *tmpdir, struct mode_table *tab)
+/* Time md's generated layer (twin: its token-choice twin instead) at each T. */
+static void bench_mode(const struct mode *md, int twin, const struct opts *o,
+		       const struct machine *mc, struct moe_pool *pool, const char *tmpdir,
+		       struct mode_table *tab)
 {
 	struct moe_desc *d = malloc(sizeof *d);
 	float *x = NULL, *y = NULL, *wts = NULL;
@@ -1751,30 +1778,35 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 	char err[2048];
 	if (!d)
 		return;
-	mode_desc(md, d);
+	if (twin)
+		twin_desc(md, d);
+	else
+		mode_desc(md, d);
+	const char *name = twin ? md->twin : md->name;
+	int training = twin ? 0 : training;
 	uint32_t T_max = 0;
 	for (int i = 0; i < o->n_tokens; i++)
 		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
 	int wb = dtype_bytes(d->weight_dtype);
-	double params = mode_params(d, md->training);
+	double params = mode_params(d, training);
 	/* Enough copies that the bytes one T = 1 forward nominally reads, times
 	 * the copies, exceed four times the cache (as for the shapes). */
 	double t1_touched =
 	    d->mode == MOE_MODE_SOFT || d->mode == MOE_MODE_EXPERT_CHOICE ? d->n_experts : d->top_k;
 	int copies = o->copies;
 	if (!copies) {
-		copies =
-		    (int)ceil(4.0 * (double)mc->llc / mode_bytes(d, md->training, 1, t1_touched));
+		copies = (int)ceil(4.0 * (double)mc->llc / mode_bytes(d, training, 1, t1_touched));
 		copies = copies < 1 ? 1 : copies > MAX_COPIES ? MAX_COPIES : copies;
 	}
-	say("\n%s (%s): %s, H=%u, ", md->name, md->label, moe_mode_names[d->mode], d->hidden);
+	say("\n%s (%s%s): %s, H=%u, ", name, md->label, twin ? ", token-choice twin" : "",
+	    moe_mode_names[d->mode], d->hidden);
 	if (d->mode == MOE_MODE_PRODUCT_KEY)
 		say("N=%u^2, %u heads, top-%u, d=%u", md->R, PK_HEADS, PK_TOP_K, PK_QUERY_DIM);
 	else
 		say("E=%u k=%u I=%u %s/%s", d->n_experts, d->top_k, d->intermediate,
 		    moe_kind_names[d->kind], moe_act_names[d->act]);
 	say(", %s weights %.2f GB%s\n", moe_dtype_names[d->weight_dtype], params * wb * 1e-9,
-	    md->training ? ", training forward" : "");
+	    training ? ", training forward" : "");
 	/* moe_init_random draws f32 canonical weights before packing. */
 	double avail = mem_available();
 	double need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
@@ -1810,7 +1842,7 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 	/* Random tokens, uniform in [-1, 1): every router spreads them. */
 	for (size_t i = 0; i < (size_t)T_max * d->hidden; i++)
 		x[i] = 2 * urand(77, i / d->hidden, i % d->hidden) - 1;
-	struct moe_fwd_opts fo = {.training = md->training, .seed = SEED};
+	struct moe_fwd_opts fo = {.training = training, .seed = SEED};
 	int printed_header = 0;
 	for (int i = 0; i < o->n_tokens; i++) {
 		uint32_t T = o->tokens[i];
@@ -1828,17 +1860,17 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		}
 		struct mode_ctx c = {&g, x, y, T, &fo, err, sizeof err};
 		struct timed tm = {mode_run, &c, g.n_copies};
-		snprintf(progress_item, sizeof progress_item, "(%s T=%u)", md->name, T);
+		snprintf(progress_item, sizeof progress_item, "(%s T=%u)", name, T);
 		struct mode_row *r = tab->n < MAX_MODE_ROWS ? &tab->r[tab->n++] : NULL;
 		if (!r)
 			break;
-		*r = (struct mode_row){
-		    md->name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1, -1, -1};
+		*r = (struct mode_row){name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1,
+				       -1,   -1};
 		r->ms = time_median(&tm, o->reps) * 1e3;
 		if (r->ms < 0)
 			say("  T=%u: %s\n", T, err);
-		r->flops = mode_flops(d, md->training, T, assigned);
-		r->bytes = mode_bytes(d, md->training, T, touched);
+		r->flops = mode_flops(d, training, T, assigned);
+		r->bytes = mode_bytes(d, training, T, touched);
 		if (d->mode == MOE_MODE_PRODUCT_KEY)
 			pk_split(&g, x, y, ids, wts, T, &fo, pool, o->reps, r);
 		if (!printed_header++)
@@ -2180,8 +2212,11 @@ int moe_cmd_bench(int argc, char **argv)
 		if (o.shape_on[i])
 			bench_shape(&shapes[i], &o, &mc, pool, tmpdir, tab);
 	for (size_t i = 0; i < N_MODES && o.generated; i++)
-		if (o.mode_on[i])
-			bench_mode(&modes[i], &o, &mc, pool, tmpdir, mtab);
+		if (o.mode_on[i]) {
+			bench_mode(&modes[i], 0, &o, &mc, pool, tmpdir, mtab);
+			if (modes[i].twin)
+				bench_mode(&modes[i], 1, &o, &mc, pool, tmpdir, mtab);
+		}
 	if (o.generated)
 		rmdir(tmpdir);
 
