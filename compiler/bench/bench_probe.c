@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "moe_mem.h"
 #include "pool.h"
 
 double moe_now(void)
@@ -178,7 +179,8 @@ double moe_probe_dram(struct moe_pool *p, size_t bytes, int runs)
 	if (!j)
 		return 0;
 	j->n = bytes / sizeof(float) / 32 * 32;
-	j->buf = aligned_alloc(64, j->n * sizeof(float));
+	/* huge pages like the weights the kernels stream (moe_big_alloc) */
+	j->buf = moe_big_alloc(j->n * sizeof(float), 0);
 	if (!j->buf) {
 		free(j);
 		return 0;

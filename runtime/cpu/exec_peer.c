@@ -3,6 +3,7 @@
  * running the generated retrieval then the generated neuron gathers while
  * the block's routing is still in cache. */
 #include "moe_kernels.h"
+#include "moe_mem.h"
 #include "pool.h"
 
 #include <stdlib.h>
@@ -72,7 +73,7 @@ enum moe_status moe_pack_peer(const struct moe_model *m, struct moe_ref_weights 
 		out->pk_v = w->w[MOE_ROLE_NEURON_V], w->w[MOE_ROLE_NEURON_V] = NULL;
 		return MOE_OK;
 	}
-	uint16_t *u = malloc(N * H * sizeof *u), *v = malloc(N * H * sizeof *v);
+	uint16_t *u = moe_big_alloc(N * H * sizeof *u, 0), *v = moe_big_alloc(N * H * sizeof *v, 0);
 	out->pk_u = u, out->pk_v = v;
 	if (!u || !v)
 		goto nomem;

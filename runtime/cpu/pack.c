@@ -2,6 +2,7 @@
  * (moe_desc.h roles) into the panels the generated micro-kernels stream
  * (layout in moe_kernels.h); bf16/f16 weights stay 16-bit. */
 #include "moe_kernels.h"
+#include "moe_mem.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -11,14 +12,11 @@ size_t moe_dtype_size(enum moe_dtype t)
 	return t == MOE_DTYPE_F32 ? 4 : 2;
 }
 
-/* 64-byte aligned, zeroed (padding rows and columns must be zero). */
+/* 64-byte aligned, zeroed (padding rows and columns must be zero); huge
+ * pages for the panels the kernels stream. */
 static void *zalloc(size_t bytes)
 {
-	size_t n = (bytes + 63) / 64 * 64;
-	void *p = aligned_alloc(64, n ? n : 64);
-	if (p)
-		memset(p, 0, n ? n : 64);
-	return p;
+	return moe_big_alloc(bytes, 1);
 }
 
 static void put(void *dst, size_t i, float v, enum moe_dtype t)

@@ -2,6 +2,7 @@
  * canonical weight buffers and their deterministic random fill, the
  * counter-based generator, bf16/f16 rounding and the expert activations.
  * The forward pass that uses them is ref.c. */
+#include "moe_mem.h"
 #include "moe_ref.h"
 #include "ref_quant.h"
 
@@ -65,7 +66,7 @@ enum moe_status moe_ref_weights_alloc(const struct moe_desc *d, struct moe_ref_w
 			moe_ref_weights_free(w);
 			return MOE_ERR_ARG; /* used role of zero or unrepresentable size */
 		}
-		w->w[r] = calloc(n, sizeof(float));
+		w->w[r] = n > SIZE_MAX / sizeof(float) ? NULL : moe_big_alloc(n * sizeof(float), 1);
 		if (!w->w[r]) {
 			moe_ref_weights_free(w);
 			return MOE_ERR_NOMEM;

@@ -32,11 +32,11 @@ build() {
 	case $t in
 	spec) src=(tests/fuzz/fuzz_spec.c "${front[@]}") ;;
 	import) src=(tests/fuzz/fuzz_import.c compiler/import/import.c compiler/report.c
-	        compiler/front/info.c runtime/io/gguf.c runtime/io/dequant.c runtime/io/safetensors.c runtime/ref/ref_util.c
+	        compiler/front/info.c runtime/io/gguf.c runtime/io/dequant.c runtime/io/safetensors.c runtime/ref/ref_util.c runtime/core/mem.c
 	        runtime/ref/ref_quant.c "${front[@]}") ;;
 	safetensors) src=(tests/fuzz/fuzz_safetensors.c runtime/io/safetensors.c) ;;
 	index) src=(tests/fuzz/fuzz_index.c runtime/io/safetensors.c) ;;
-	gguf) src=(tests/fuzz/fuzz_gguf.c runtime/io/gguf.c runtime/io/dequant.c runtime/ref/ref_util.c
+	gguf) src=(tests/fuzz/fuzz_gguf.c runtime/io/gguf.c runtime/io/dequant.c runtime/ref/ref_util.c runtime/core/mem.c
 	      runtime/ref/ref_quant.c runtime/core/desc.c) ;;
 	*) echo "run.sh: unknown target '$t' (spec, import, safetensors, index, gguf)" >&2; exit 2 ;;
 	esac
