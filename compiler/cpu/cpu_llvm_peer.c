@@ -26,10 +26,60 @@ static uint32_t key_unroll(uint32_t R)
 
 enum { Q_X, Q_T0, Q_T1, Q_B0, Q_B1, Q_QUERY, Q_QBIAS, Q_OUT, Q_COUNT };
 
+/* Query-row blocks of 8 (MOE_RB) taken per pass: PK_QW blocks as PK_QW / 2
+ * vectors of 16 lanes, then one block alone. */
+#define PK_QW 4
+
+/* acc[t * nv + v] = sum over h ascending of x_t[h] * w[h] (fused, one
+ * rounding each, like the reference's query) for the nr token rows x[] and
+ * nb blocks of 8 from block qb of the packed [blocks][K][8] matrix w: the
+ * blocks as nb / 2 vectors of 16 lanes (two blocks' rows joined), or one of 8
+ * when nb is 1. */
+static void query_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
+		       LLVMValueRef qb, int nb, int64_t K, LLVMValueRef *acc)
+{
+	LLVMBuilderRef b = g->b;
+	int nv = nb > 1 ? nb / 2 : 1;
+	LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
+	LLVMValueRef cell[PK_TB * PK_QW], wv[PK_QW], m[2 * MOE_VW];
+	for (int i = 0; i < 2 * MOE_VW; i++)
+		m[i] = LLVMConstInt(g->t_i32, (unsigned)i, 0);
+	for (int i = 0; i < nr * nv; i++) {
+		cell[i] = moe_ll_alloca(g, vt, 1, "qacc");
+		moe_ll_st(g, LLVMConstNull(vt), cell[i]);
+	}
+	struct moe_ll_loop h;
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, K), 1, "qh");
+	for (int v = 0; v < nv; v++) {
+		LLVMValueRef half[2];
+		for (int e = 0; e < (nb > 1 ? 2 : 1); e++) {
+			LLVMValueRef blk = LLVMBuildNSWAdd(b, qb, moe_ll_i64c(g, 2 * v + e), "");
+			LLVMValueRef off = LLVMBuildNSWAdd(
+			    b, LLVMBuildNSWMul(b, blk, moe_ll_i64c(g, K * MOE_RB), ""),
+			    LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, MOE_RB), ""), "");
+			half[e] = moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, w, off));
+		}
+		wv[v] = nb > 1 ? LLVMBuildShuffleVector(b, half[0], half[1],
+							LLVMConstVector(m, 2 * MOE_VW), "w16")
+			       : half[0];
+	}
+	for (int r = 0; r < nr; r++) {
+		LLVMValueRef a = moe_ll_splat(g, moe_ll_ldf(g, x[r], h.iv), vt);
+		for (int v = 0; v < nv; v++) {
+			LLVMValueRef c = cell[r * nv + v];
+			moe_ll_st(g, moe_ll_fma(g, a, wv[v], moe_ll_ld(g, vt, c)), c);
+		}
+	}
+	moe_ll_loop_close(g, &h);
+	for (int i = 0; i < nr * nv; i++)
+		acc[i] = moe_ll_ld(g, vt, cell[i]);
+}
+
 /* q[t] = Q x_t + b for tokens [t0, t1) and query-row blocks [b0, b1): per
- * block, the tokens in tiles of PK_TB (then one at a time), so the block's
- * panel is read once for all of them. Each value is the reference's sum in
- * ascending h, whatever tile computes it. */
+ * PK_QW blocks (then one block at a time), the tokens in tiles of PK_TB (then
+ * one at a time), so the blocks' panel is read once for all of them. Each
+ * value is the reference's fused sum in ascending h, whatever tile computes
+ * it. */
 static void gen_pk_query(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
@@ -39,37 +89,58 @@ static void gen_pk_query(struct moe_ll *g)
 	LLVMTypeRef params[Q_COUNT] = {P, I, I, I, I, P, P, P};
 	static const char *const pn[Q_COUNT] = {"x", "t0", "t1", "b0", "b1", "query", "qbias", "q"};
 	moe_ll_fn_begin(g, "moe_pk_query", params, pn, Q_COUNT);
-	LLVMValueRef t0 = moe_ll_prm(g, Q_T0), t1 = moe_ll_prm(g, Q_T1), acc[MOE_LL_TILE_MAX];
+	LLVMValueRef t0 = moe_ll_prm(g, Q_T0), t1 = moe_ll_prm(g, Q_T1), acc[PK_TB * PK_QW];
+	LLVMValueRef b0 = moe_ll_prm(g, Q_B0), b1 = moe_ll_prm(g, Q_B1);
 	LLVMValueRef n = LLVMBuildNSWSub(b, t1, t0, "n");
 	LLVMValueRef full = LLVMBuildMul(b, LLVMBuildSDiv(b, n, moe_ll_i64c(g, PK_TB), ""),
 					 moe_ll_i64c(g, PK_TB), "full");
+	LLVMValueRef nbk = LLVMBuildNSWSub(b, b1, b0, "");
+	LLVMValueRef bw =
+	    LLVMBuildNSWAdd(b, b0,
+			    LLVMBuildMul(b, LLVMBuildSDiv(b, nbk, moe_ll_i64c(g, PK_QW), ""),
+					 moe_ll_i64c(g, PK_QW), ""),
+			    "bw");
 	struct moe_ll_loop qb, tb;
-	moe_ll_loop_open(g, &qb, moe_ll_prm(g, Q_B0), moe_ll_prm(g, Q_B1), 1, "qb");
-	LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
-	LLVMValueRef bias =
-	    moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_QBIAS), q8));
-	for (int pass = 0; pass < 2; pass++) {
-		/* pass 0: tiles of PK_TB tokens; pass 1: the rest one by one */
-		int nr = pass ? 1 : PK_TB;
-		moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full, nr,
-				 pass ? "t1" : "tb");
-		LLVMValueRef xr[PK_TB], qo[PK_TB];
-		for (int t = 0; t < nr; t++) {
-			LLVMValueRef tt = LLVMBuildNSWAdd(
-			    b, t0, LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), ""), "");
-			xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_X),
-					  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
-			qo[t] = moe_ll_at(
-			    g, g->t_f32, moe_ll_prm(g, Q_OUT),
-			    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, QB * 8), ""),
-					    q8, ""));
+	for (int bpass = 0; bpass < 2; bpass++) {
+		/* bpass 0: PK_QW blocks per pass; 1: the rest one by one */
+		int nb = bpass ? 1 : (int)PK_QW, nv = nb > 1 ? nb / 2 : 1;
+		moe_ll_loop_open(g, &qb, bpass ? bw : b0, bpass ? b1 : bw, nb,
+				 bpass ? "qb1" : "qb");
+		LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
+		LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
+		LLVMValueRef bias[PK_QW];
+		for (int v = 0; v < nv; v++)
+			bias[v] = moe_ll_ld(
+			    g, vt,
+			    moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_QBIAS),
+				      LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, 16 * v), "")));
+		for (int pass = 0; pass < 2; pass++) {
+			/* pass 0: tiles of PK_TB tokens; pass 1: the rest one by one */
+			int nr = pass ? 1 : PK_TB;
+			moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full,
+					 nr, pass ? "t1" : "tb");
+			LLVMValueRef xr[PK_TB], qo[PK_TB];
+			for (int t = 0; t < nr; t++) {
+				LLVMValueRef tt = LLVMBuildNSWAdd(
+				    b, t0, LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), ""), "");
+				xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_X),
+						  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
+				qo[t] = moe_ll_at(
+				    g, g->t_f32, moe_ll_prm(g, Q_OUT),
+				    LLVMBuildNSWAdd(
+					b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, QB * 8), ""), q8,
+					""));
+			}
+			query_tile(g, xr, nr, moe_ll_prm(g, Q_QUERY), qb.iv, nb, H, acc);
+			for (int t = 0; t < nr; t++)
+				for (int v = 0; v < nv; v++)
+					moe_ll_st(
+					    g, LLVMBuildFAdd(b, acc[t * nv + v], bias[v], ""),
+					    moe_ll_at(g, g->t_f32, qo[t], moe_ll_i64c(g, 16 * v)));
+			moe_ll_loop_close(g, &tb);
 		}
-		moe_ll_panel_tile(g, xr, nr, moe_ll_prm(g, Q_QUERY), qb.iv, 1, H, acc);
-		for (int t = 0; t < nr; t++)
-			moe_ll_st(g, LLVMBuildFAdd(b, acc[t], bias, ""), qo[t]);
-		moe_ll_loop_close(g, &tb);
+		moe_ll_loop_close(g, &qb);
 	}
-	moe_ll_loop_close(g, &qb);
 	moe_ll_fn_end(g);
 }
 

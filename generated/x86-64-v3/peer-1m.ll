@@ -13,269 +13,660 @@ target triple = "x86_64-unknown-linux-gnu"
 ; Function Attrs: nounwind
 define hidden void @moe_pk_query(ptr %x, i64 %t0, i64 %t1, i64 %b0, i64 %b1, ptr %query, ptr %qbias, ptr %q) #0 {
 entry:
-  %lacc0 = alloca <8 x float>, align 32
-  %lacc1 = alloca <8 x float>, align 32
-  %lacc2 = alloca <8 x float>, align 32
-  %lacc3 = alloca <8 x float>, align 32
-  %lacc4 = alloca <8 x float>, align 32
-  %lacc5 = alloca <8 x float>, align 32
-  %lacc6 = alloca <8 x float>, align 32
-  %lacc7 = alloca <8 x float>, align 32
-  %lacc02 = alloca <8 x float>, align 32
+  %qacc = alloca <16 x float>, align 32
+  %qacc1 = alloca <16 x float>, align 32
+  %qacc2 = alloca <16 x float>, align 32
+  %qacc3 = alloca <16 x float>, align 32
+  %qacc4 = alloca <16 x float>, align 32
+  %qacc5 = alloca <16 x float>, align 32
+  %qacc6 = alloca <16 x float>, align 32
+  %qacc7 = alloca <16 x float>, align 32
+  %qacc8 = alloca <16 x float>, align 32
+  %qacc9 = alloca <16 x float>, align 32
+  %qacc10 = alloca <16 x float>, align 32
+  %qacc11 = alloca <16 x float>, align 32
+  %qacc12 = alloca <16 x float>, align 32
+  %qacc13 = alloca <16 x float>, align 32
+  %qacc14 = alloca <16 x float>, align 32
+  %qacc15 = alloca <16 x float>, align 32
+  %qacc18 = alloca <16 x float>, align 32
+  %qacc19 = alloca <16 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc33 = alloca <8 x float>, align 32
+  %qacc34 = alloca <8 x float>, align 32
+  %qacc35 = alloca <8 x float>, align 32
+  %qacc36 = alloca <8 x float>, align 32
+  %qacc37 = alloca <8 x float>, align 32
+  %qacc46 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %n = sub nsw i64 %t1, %t0
   %0 = sdiv i64 %n, 8
   %full = mul i64 %0, 8
+  %1 = sub nsw i64 %b1, %b0
+  %2 = sdiv i64 %1, 4
+  %3 = mul i64 %2, 4
+  %bw = add nsw i64 %b0, %3
   br label %qb.head
 
 qb.head:                                          ; preds = %t1.end, %start
-  %qb = phi i64 [ %b0, %start ], [ %169, %t1.end ]
-  %1 = icmp slt i64 %qb, %b1
-  br i1 %1, label %qb.body, label %qb.end
+  %qb = phi i64 [ %b0, %start ], [ %257, %t1.end ]
+  %4 = icmp slt i64 %qb, %bw
+  br i1 %4, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
-  %2 = mul nsw i64 %qb, 8
-  %3 = getelementptr inbounds float, ptr %qbias, i64 %2
-  %4 = load <8 x float>, ptr %3, align 4
+  %5 = mul nsw i64 %qb, 8
+  %6 = add nsw i64 %5, 0
+  %7 = getelementptr inbounds float, ptr %qbias, i64 %6
+  %8 = load <16 x float>, ptr %7, align 4
+  %9 = add nsw i64 %5, 16
+  %10 = getelementptr inbounds float, ptr %qbias, i64 %9
+  %11 = load <16 x float>, ptr %10, align 4
   br label %tb.head
 
-tb.head:                                          ; preds = %hh.end, %qb.body
-  %tb = phi i64 [ 0, %qb.body ], [ %142, %hh.end ]
-  %5 = icmp slt i64 %tb, %full
-  br i1 %5, label %tb.body, label %tb.end
+tb.head:                                          ; preds = %qh.end, %qb.body
+  %tb = phi i64 [ 0, %qb.body ], [ %207, %qh.end ]
+  %12 = icmp slt i64 %tb, %full
+  br i1 %12, label %tb.body, label %tb.end
 
 tb.body:                                          ; preds = %tb.head
-  %6 = add nsw i64 %tb, 0
-  %7 = add nsw i64 %t0, %6
-  %8 = mul nsw i64 %7, 1024
-  %9 = getelementptr inbounds float, ptr %x, i64 %8
-  %10 = mul nsw i64 %7, 2048
-  %11 = add nsw i64 %10, %2
-  %12 = getelementptr inbounds float, ptr %q, i64 %11
-  %13 = add nsw i64 %tb, 1
+  %13 = add nsw i64 %tb, 0
   %14 = add nsw i64 %t0, %13
   %15 = mul nsw i64 %14, 1024
   %16 = getelementptr inbounds float, ptr %x, i64 %15
   %17 = mul nsw i64 %14, 2048
-  %18 = add nsw i64 %17, %2
+  %18 = add nsw i64 %17, %5
   %19 = getelementptr inbounds float, ptr %q, i64 %18
-  %20 = add nsw i64 %tb, 2
+  %20 = add nsw i64 %tb, 1
   %21 = add nsw i64 %t0, %20
   %22 = mul nsw i64 %21, 1024
   %23 = getelementptr inbounds float, ptr %x, i64 %22
   %24 = mul nsw i64 %21, 2048
-  %25 = add nsw i64 %24, %2
+  %25 = add nsw i64 %24, %5
   %26 = getelementptr inbounds float, ptr %q, i64 %25
-  %27 = add nsw i64 %tb, 3
+  %27 = add nsw i64 %tb, 2
   %28 = add nsw i64 %t0, %27
   %29 = mul nsw i64 %28, 1024
   %30 = getelementptr inbounds float, ptr %x, i64 %29
   %31 = mul nsw i64 %28, 2048
-  %32 = add nsw i64 %31, %2
+  %32 = add nsw i64 %31, %5
   %33 = getelementptr inbounds float, ptr %q, i64 %32
-  %34 = add nsw i64 %tb, 4
+  %34 = add nsw i64 %tb, 3
   %35 = add nsw i64 %t0, %34
   %36 = mul nsw i64 %35, 1024
   %37 = getelementptr inbounds float, ptr %x, i64 %36
   %38 = mul nsw i64 %35, 2048
-  %39 = add nsw i64 %38, %2
+  %39 = add nsw i64 %38, %5
   %40 = getelementptr inbounds float, ptr %q, i64 %39
-  %41 = add nsw i64 %tb, 5
+  %41 = add nsw i64 %tb, 4
   %42 = add nsw i64 %t0, %41
   %43 = mul nsw i64 %42, 1024
   %44 = getelementptr inbounds float, ptr %x, i64 %43
   %45 = mul nsw i64 %42, 2048
-  %46 = add nsw i64 %45, %2
+  %46 = add nsw i64 %45, %5
   %47 = getelementptr inbounds float, ptr %q, i64 %46
-  %48 = add nsw i64 %tb, 6
+  %48 = add nsw i64 %tb, 5
   %49 = add nsw i64 %t0, %48
   %50 = mul nsw i64 %49, 1024
   %51 = getelementptr inbounds float, ptr %x, i64 %50
   %52 = mul nsw i64 %49, 2048
-  %53 = add nsw i64 %52, %2
+  %53 = add nsw i64 %52, %5
   %54 = getelementptr inbounds float, ptr %q, i64 %53
-  %55 = add nsw i64 %tb, 7
+  %55 = add nsw i64 %tb, 6
   %56 = add nsw i64 %t0, %55
   %57 = mul nsw i64 %56, 1024
   %58 = getelementptr inbounds float, ptr %x, i64 %57
   %59 = mul nsw i64 %56, 2048
-  %60 = add nsw i64 %59, %2
+  %60 = add nsw i64 %59, %5
   %61 = getelementptr inbounds float, ptr %q, i64 %60
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  store <8 x float> zeroinitializer, ptr %lacc1, align 4
-  store <8 x float> zeroinitializer, ptr %lacc2, align 4
-  store <8 x float> zeroinitializer, ptr %lacc3, align 4
-  store <8 x float> zeroinitializer, ptr %lacc4, align 4
-  store <8 x float> zeroinitializer, ptr %lacc5, align 4
-  store <8 x float> zeroinitializer, ptr %lacc6, align 4
-  store <8 x float> zeroinitializer, ptr %lacc7, align 4
-  br label %hh.head
+  %62 = add nsw i64 %tb, 7
+  %63 = add nsw i64 %t0, %62
+  %64 = mul nsw i64 %63, 1024
+  %65 = getelementptr inbounds float, ptr %x, i64 %64
+  %66 = mul nsw i64 %63, 2048
+  %67 = add nsw i64 %66, %5
+  %68 = getelementptr inbounds float, ptr %q, i64 %67
+  store <16 x float> zeroinitializer, ptr %qacc, align 4
+  store <16 x float> zeroinitializer, ptr %qacc1, align 4
+  store <16 x float> zeroinitializer, ptr %qacc2, align 4
+  store <16 x float> zeroinitializer, ptr %qacc3, align 4
+  store <16 x float> zeroinitializer, ptr %qacc4, align 4
+  store <16 x float> zeroinitializer, ptr %qacc5, align 4
+  store <16 x float> zeroinitializer, ptr %qacc6, align 4
+  store <16 x float> zeroinitializer, ptr %qacc7, align 4
+  store <16 x float> zeroinitializer, ptr %qacc8, align 4
+  store <16 x float> zeroinitializer, ptr %qacc9, align 4
+  store <16 x float> zeroinitializer, ptr %qacc10, align 4
+  store <16 x float> zeroinitializer, ptr %qacc11, align 4
+  store <16 x float> zeroinitializer, ptr %qacc12, align 4
+  store <16 x float> zeroinitializer, ptr %qacc13, align 4
+  store <16 x float> zeroinitializer, ptr %qacc14, align 4
+  store <16 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head
 
-hh.head:                                          ; preds = %hh.body, %tb.body
-  %hh = phi i64 [ 0, %tb.body ], [ %125, %hh.body ]
-  %62 = icmp slt i64 %hh, 1024
-  br i1 %62, label %hh.body, label %hh.end
+qh.head:                                          ; preds = %qh.body, %tb.body
+  %qh = phi i64 [ 0, %tb.body ], [ %158, %qh.body ]
+  %69 = icmp slt i64 %qh, 1024
+  br i1 %69, label %qh.body, label %qh.end
 
-hh.body:                                          ; preds = %hh.head
-  %63 = getelementptr inbounds float, ptr %9, i64 %hh
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = add nsw i64 %qb, 0
-  %68 = mul nsw i64 %67, 8192
-  %69 = mul nsw i64 %hh, 8
-  %70 = add nsw i64 %68, %69
-  %71 = getelementptr inbounds float, ptr %query, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  %73 = fmul <8 x float> %66, %72
-  %74 = load <8 x float>, ptr %lacc0, align 4
-  %75 = fadd <8 x float> %74, %73
-  store <8 x float> %75, ptr %lacc0, align 4
-  %76 = getelementptr inbounds float, ptr %16, i64 %hh
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = fmul <8 x float> %79, %72
-  %81 = load <8 x float>, ptr %lacc1, align 4
-  %82 = fadd <8 x float> %81, %80
-  store <8 x float> %82, ptr %lacc1, align 4
-  %83 = getelementptr inbounds float, ptr %23, i64 %hh
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = fmul <8 x float> %86, %72
-  %88 = load <8 x float>, ptr %lacc2, align 4
-  %89 = fadd <8 x float> %88, %87
-  store <8 x float> %89, ptr %lacc2, align 4
-  %90 = getelementptr inbounds float, ptr %30, i64 %hh
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <8 x float> poison, float %91, i32 0
-  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
-  %94 = fmul <8 x float> %93, %72
-  %95 = load <8 x float>, ptr %lacc3, align 4
-  %96 = fadd <8 x float> %95, %94
-  store <8 x float> %96, ptr %lacc3, align 4
-  %97 = getelementptr inbounds float, ptr %37, i64 %hh
-  %98 = load float, ptr %97, align 4
-  %99 = insertelement <8 x float> poison, float %98, i32 0
-  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
-  %101 = fmul <8 x float> %100, %72
-  %102 = load <8 x float>, ptr %lacc4, align 4
-  %103 = fadd <8 x float> %102, %101
-  store <8 x float> %103, ptr %lacc4, align 4
-  %104 = getelementptr inbounds float, ptr %44, i64 %hh
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = fmul <8 x float> %107, %72
-  %109 = load <8 x float>, ptr %lacc5, align 4
-  %110 = fadd <8 x float> %109, %108
-  store <8 x float> %110, ptr %lacc5, align 4
-  %111 = getelementptr inbounds float, ptr %51, i64 %hh
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = fmul <8 x float> %114, %72
-  %116 = load <8 x float>, ptr %lacc6, align 4
-  %117 = fadd <8 x float> %116, %115
-  store <8 x float> %117, ptr %lacc6, align 4
-  %118 = getelementptr inbounds float, ptr %58, i64 %hh
+qh.body:                                          ; preds = %qh.head
+  %70 = add nsw i64 %qb, 0
+  %71 = mul nsw i64 %qh, 8
+  %72 = mul nsw i64 %70, 8192
+  %73 = add nsw i64 %72, %71
+  %74 = getelementptr inbounds float, ptr %query, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  %76 = add nsw i64 %qb, 1
+  %77 = mul nsw i64 %qh, 8
+  %78 = mul nsw i64 %76, 8192
+  %79 = add nsw i64 %78, %77
+  %80 = getelementptr inbounds float, ptr %query, i64 %79
+  %81 = load <8 x float>, ptr %80, align 4
+  %w16 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %82 = add nsw i64 %qb, 2
+  %83 = mul nsw i64 %qh, 8
+  %84 = mul nsw i64 %82, 8192
+  %85 = add nsw i64 %84, %83
+  %86 = getelementptr inbounds float, ptr %query, i64 %85
+  %87 = load <8 x float>, ptr %86, align 4
+  %88 = add nsw i64 %qb, 3
+  %89 = mul nsw i64 %qh, 8
+  %90 = mul nsw i64 %88, 8192
+  %91 = add nsw i64 %90, %89
+  %92 = getelementptr inbounds float, ptr %query, i64 %91
+  %93 = load <8 x float>, ptr %92, align 4
+  %w1616 = shufflevector <8 x float> %87, <8 x float> %93, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %94 = getelementptr inbounds float, ptr %16, i64 %qh
+  %95 = load float, ptr %94, align 4
+  %96 = insertelement <16 x float> poison, float %95, i32 0
+  %97 = shufflevector <16 x float> %96, <16 x float> poison, <16 x i32> zeroinitializer
+  %98 = load <16 x float>, ptr %qacc, align 4
+  %99 = call <16 x float> @llvm.fma.v16f32(<16 x float> %97, <16 x float> %w16, <16 x float> %98)
+  store <16 x float> %99, ptr %qacc, align 4
+  %100 = load <16 x float>, ptr %qacc1, align 4
+  %101 = call <16 x float> @llvm.fma.v16f32(<16 x float> %97, <16 x float> %w1616, <16 x float> %100)
+  store <16 x float> %101, ptr %qacc1, align 4
+  %102 = getelementptr inbounds float, ptr %23, i64 %qh
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <16 x float> poison, float %103, i32 0
+  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
+  %106 = load <16 x float>, ptr %qacc2, align 4
+  %107 = call <16 x float> @llvm.fma.v16f32(<16 x float> %105, <16 x float> %w16, <16 x float> %106)
+  store <16 x float> %107, ptr %qacc2, align 4
+  %108 = load <16 x float>, ptr %qacc3, align 4
+  %109 = call <16 x float> @llvm.fma.v16f32(<16 x float> %105, <16 x float> %w1616, <16 x float> %108)
+  store <16 x float> %109, ptr %qacc3, align 4
+  %110 = getelementptr inbounds float, ptr %30, i64 %qh
+  %111 = load float, ptr %110, align 4
+  %112 = insertelement <16 x float> poison, float %111, i32 0
+  %113 = shufflevector <16 x float> %112, <16 x float> poison, <16 x i32> zeroinitializer
+  %114 = load <16 x float>, ptr %qacc4, align 4
+  %115 = call <16 x float> @llvm.fma.v16f32(<16 x float> %113, <16 x float> %w16, <16 x float> %114)
+  store <16 x float> %115, ptr %qacc4, align 4
+  %116 = load <16 x float>, ptr %qacc5, align 4
+  %117 = call <16 x float> @llvm.fma.v16f32(<16 x float> %113, <16 x float> %w1616, <16 x float> %116)
+  store <16 x float> %117, ptr %qacc5, align 4
+  %118 = getelementptr inbounds float, ptr %37, i64 %qh
   %119 = load float, ptr %118, align 4
-  %120 = insertelement <8 x float> poison, float %119, i32 0
-  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
-  %122 = fmul <8 x float> %121, %72
-  %123 = load <8 x float>, ptr %lacc7, align 4
-  %124 = fadd <8 x float> %123, %122
-  store <8 x float> %124, ptr %lacc7, align 4
-  %125 = add nsw i64 %hh, 1
-  br label %hh.head
+  %120 = insertelement <16 x float> poison, float %119, i32 0
+  %121 = shufflevector <16 x float> %120, <16 x float> poison, <16 x i32> zeroinitializer
+  %122 = load <16 x float>, ptr %qacc6, align 4
+  %123 = call <16 x float> @llvm.fma.v16f32(<16 x float> %121, <16 x float> %w16, <16 x float> %122)
+  store <16 x float> %123, ptr %qacc6, align 4
+  %124 = load <16 x float>, ptr %qacc7, align 4
+  %125 = call <16 x float> @llvm.fma.v16f32(<16 x float> %121, <16 x float> %w1616, <16 x float> %124)
+  store <16 x float> %125, ptr %qacc7, align 4
+  %126 = getelementptr inbounds float, ptr %44, i64 %qh
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <16 x float> poison, float %127, i32 0
+  %129 = shufflevector <16 x float> %128, <16 x float> poison, <16 x i32> zeroinitializer
+  %130 = load <16 x float>, ptr %qacc8, align 4
+  %131 = call <16 x float> @llvm.fma.v16f32(<16 x float> %129, <16 x float> %w16, <16 x float> %130)
+  store <16 x float> %131, ptr %qacc8, align 4
+  %132 = load <16 x float>, ptr %qacc9, align 4
+  %133 = call <16 x float> @llvm.fma.v16f32(<16 x float> %129, <16 x float> %w1616, <16 x float> %132)
+  store <16 x float> %133, ptr %qacc9, align 4
+  %134 = getelementptr inbounds float, ptr %51, i64 %qh
+  %135 = load float, ptr %134, align 4
+  %136 = insertelement <16 x float> poison, float %135, i32 0
+  %137 = shufflevector <16 x float> %136, <16 x float> poison, <16 x i32> zeroinitializer
+  %138 = load <16 x float>, ptr %qacc10, align 4
+  %139 = call <16 x float> @llvm.fma.v16f32(<16 x float> %137, <16 x float> %w16, <16 x float> %138)
+  store <16 x float> %139, ptr %qacc10, align 4
+  %140 = load <16 x float>, ptr %qacc11, align 4
+  %141 = call <16 x float> @llvm.fma.v16f32(<16 x float> %137, <16 x float> %w1616, <16 x float> %140)
+  store <16 x float> %141, ptr %qacc11, align 4
+  %142 = getelementptr inbounds float, ptr %58, i64 %qh
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <16 x float> poison, float %143, i32 0
+  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
+  %146 = load <16 x float>, ptr %qacc12, align 4
+  %147 = call <16 x float> @llvm.fma.v16f32(<16 x float> %145, <16 x float> %w16, <16 x float> %146)
+  store <16 x float> %147, ptr %qacc12, align 4
+  %148 = load <16 x float>, ptr %qacc13, align 4
+  %149 = call <16 x float> @llvm.fma.v16f32(<16 x float> %145, <16 x float> %w1616, <16 x float> %148)
+  store <16 x float> %149, ptr %qacc13, align 4
+  %150 = getelementptr inbounds float, ptr %65, i64 %qh
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <16 x float> poison, float %151, i32 0
+  %153 = shufflevector <16 x float> %152, <16 x float> poison, <16 x i32> zeroinitializer
+  %154 = load <16 x float>, ptr %qacc14, align 4
+  %155 = call <16 x float> @llvm.fma.v16f32(<16 x float> %153, <16 x float> %w16, <16 x float> %154)
+  store <16 x float> %155, ptr %qacc14, align 4
+  %156 = load <16 x float>, ptr %qacc15, align 4
+  %157 = call <16 x float> @llvm.fma.v16f32(<16 x float> %153, <16 x float> %w1616, <16 x float> %156)
+  store <16 x float> %157, ptr %qacc15, align 4
+  %158 = add nsw i64 %qh, 1
+  br label %qh.head
 
-hh.end:                                           ; preds = %hh.head
-  %126 = load <8 x float>, ptr %lacc0, align 4
-  %127 = load <8 x float>, ptr %lacc1, align 4
-  %128 = load <8 x float>, ptr %lacc2, align 4
-  %129 = load <8 x float>, ptr %lacc3, align 4
-  %130 = load <8 x float>, ptr %lacc4, align 4
-  %131 = load <8 x float>, ptr %lacc5, align 4
-  %132 = load <8 x float>, ptr %lacc6, align 4
-  %133 = load <8 x float>, ptr %lacc7, align 4
-  %134 = fadd <8 x float> %126, %4
-  store <8 x float> %134, ptr %12, align 4
-  %135 = fadd <8 x float> %127, %4
-  store <8 x float> %135, ptr %19, align 4
-  %136 = fadd <8 x float> %128, %4
-  store <8 x float> %136, ptr %26, align 4
-  %137 = fadd <8 x float> %129, %4
-  store <8 x float> %137, ptr %33, align 4
-  %138 = fadd <8 x float> %130, %4
-  store <8 x float> %138, ptr %40, align 4
-  %139 = fadd <8 x float> %131, %4
-  store <8 x float> %139, ptr %47, align 4
-  %140 = fadd <8 x float> %132, %4
-  store <8 x float> %140, ptr %54, align 4
-  %141 = fadd <8 x float> %133, %4
-  store <8 x float> %141, ptr %61, align 4
-  %142 = add nsw i64 %tb, 8
+qh.end:                                           ; preds = %qh.head
+  %159 = load <16 x float>, ptr %qacc, align 4
+  %160 = load <16 x float>, ptr %qacc1, align 4
+  %161 = load <16 x float>, ptr %qacc2, align 4
+  %162 = load <16 x float>, ptr %qacc3, align 4
+  %163 = load <16 x float>, ptr %qacc4, align 4
+  %164 = load <16 x float>, ptr %qacc5, align 4
+  %165 = load <16 x float>, ptr %qacc6, align 4
+  %166 = load <16 x float>, ptr %qacc7, align 4
+  %167 = load <16 x float>, ptr %qacc8, align 4
+  %168 = load <16 x float>, ptr %qacc9, align 4
+  %169 = load <16 x float>, ptr %qacc10, align 4
+  %170 = load <16 x float>, ptr %qacc11, align 4
+  %171 = load <16 x float>, ptr %qacc12, align 4
+  %172 = load <16 x float>, ptr %qacc13, align 4
+  %173 = load <16 x float>, ptr %qacc14, align 4
+  %174 = load <16 x float>, ptr %qacc15, align 4
+  %175 = getelementptr inbounds float, ptr %19, i64 0
+  %176 = fadd <16 x float> %159, %8
+  store <16 x float> %176, ptr %175, align 4
+  %177 = getelementptr inbounds float, ptr %19, i64 16
+  %178 = fadd <16 x float> %160, %11
+  store <16 x float> %178, ptr %177, align 4
+  %179 = getelementptr inbounds float, ptr %26, i64 0
+  %180 = fadd <16 x float> %161, %8
+  store <16 x float> %180, ptr %179, align 4
+  %181 = getelementptr inbounds float, ptr %26, i64 16
+  %182 = fadd <16 x float> %162, %11
+  store <16 x float> %182, ptr %181, align 4
+  %183 = getelementptr inbounds float, ptr %33, i64 0
+  %184 = fadd <16 x float> %163, %8
+  store <16 x float> %184, ptr %183, align 4
+  %185 = getelementptr inbounds float, ptr %33, i64 16
+  %186 = fadd <16 x float> %164, %11
+  store <16 x float> %186, ptr %185, align 4
+  %187 = getelementptr inbounds float, ptr %40, i64 0
+  %188 = fadd <16 x float> %165, %8
+  store <16 x float> %188, ptr %187, align 4
+  %189 = getelementptr inbounds float, ptr %40, i64 16
+  %190 = fadd <16 x float> %166, %11
+  store <16 x float> %190, ptr %189, align 4
+  %191 = getelementptr inbounds float, ptr %47, i64 0
+  %192 = fadd <16 x float> %167, %8
+  store <16 x float> %192, ptr %191, align 4
+  %193 = getelementptr inbounds float, ptr %47, i64 16
+  %194 = fadd <16 x float> %168, %11
+  store <16 x float> %194, ptr %193, align 4
+  %195 = getelementptr inbounds float, ptr %54, i64 0
+  %196 = fadd <16 x float> %169, %8
+  store <16 x float> %196, ptr %195, align 4
+  %197 = getelementptr inbounds float, ptr %54, i64 16
+  %198 = fadd <16 x float> %170, %11
+  store <16 x float> %198, ptr %197, align 4
+  %199 = getelementptr inbounds float, ptr %61, i64 0
+  %200 = fadd <16 x float> %171, %8
+  store <16 x float> %200, ptr %199, align 4
+  %201 = getelementptr inbounds float, ptr %61, i64 16
+  %202 = fadd <16 x float> %172, %11
+  store <16 x float> %202, ptr %201, align 4
+  %203 = getelementptr inbounds float, ptr %68, i64 0
+  %204 = fadd <16 x float> %173, %8
+  store <16 x float> %204, ptr %203, align 4
+  %205 = getelementptr inbounds float, ptr %68, i64 16
+  %206 = fadd <16 x float> %174, %11
+  store <16 x float> %206, ptr %205, align 4
+  %207 = add nsw i64 %tb, 8
   br label %tb.head
 
 tb.end:                                           ; preds = %tb.head
   br label %t1.head
 
-t1.head:                                          ; preds = %hh.end5, %tb.end
-  %t11 = phi i64 [ %full, %tb.end ], [ %168, %hh.end5 ]
-  %143 = icmp slt i64 %t11, %n
-  br i1 %143, label %t1.body, label %t1.end
+t1.head:                                          ; preds = %qh.end22, %tb.end
+  %t117 = phi i64 [ %full, %tb.end ], [ %256, %qh.end22 ]
+  %208 = icmp slt i64 %t117, %n
+  br i1 %208, label %t1.body, label %t1.end
 
 t1.body:                                          ; preds = %t1.head
-  %144 = add nsw i64 %t11, 0
-  %145 = add nsw i64 %t0, %144
-  %146 = mul nsw i64 %145, 1024
-  %147 = getelementptr inbounds float, ptr %x, i64 %146
-  %148 = mul nsw i64 %145, 2048
-  %149 = add nsw i64 %148, %2
-  %150 = getelementptr inbounds float, ptr %q, i64 %149
-  store <8 x float> zeroinitializer, ptr %lacc02, align 4
-  br label %hh.head3
+  %209 = add nsw i64 %t117, 0
+  %210 = add nsw i64 %t0, %209
+  %211 = mul nsw i64 %210, 1024
+  %212 = getelementptr inbounds float, ptr %x, i64 %211
+  %213 = mul nsw i64 %210, 2048
+  %214 = add nsw i64 %213, %5
+  %215 = getelementptr inbounds float, ptr %q, i64 %214
+  store <16 x float> zeroinitializer, ptr %qacc18, align 4
+  store <16 x float> zeroinitializer, ptr %qacc19, align 4
+  br label %qh.head20
 
-hh.head3:                                         ; preds = %hh.body4, %t1.body
-  %hh6 = phi i64 [ 0, %t1.body ], [ %165, %hh.body4 ]
-  %151 = icmp slt i64 %hh6, 1024
-  br i1 %151, label %hh.body4, label %hh.end5
+qh.head20:                                        ; preds = %qh.body21, %t1.body
+  %qh23 = phi i64 [ 0, %t1.body ], [ %249, %qh.body21 ]
+  %216 = icmp slt i64 %qh23, 1024
+  br i1 %216, label %qh.body21, label %qh.end22
 
-hh.body4:                                         ; preds = %hh.head3
-  %152 = getelementptr inbounds float, ptr %147, i64 %hh6
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <8 x float> poison, float %153, i32 0
-  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
-  %156 = add nsw i64 %qb, 0
-  %157 = mul nsw i64 %156, 8192
-  %158 = mul nsw i64 %hh6, 8
-  %159 = add nsw i64 %157, %158
-  %160 = getelementptr inbounds float, ptr %query, i64 %159
-  %161 = load <8 x float>, ptr %160, align 4
-  %162 = fmul <8 x float> %155, %161
-  %163 = load <8 x float>, ptr %lacc02, align 4
-  %164 = fadd <8 x float> %163, %162
-  store <8 x float> %164, ptr %lacc02, align 4
-  %165 = add nsw i64 %hh6, 1
-  br label %hh.head3
+qh.body21:                                        ; preds = %qh.head20
+  %217 = add nsw i64 %qb, 0
+  %218 = mul nsw i64 %qh23, 8
+  %219 = mul nsw i64 %217, 8192
+  %220 = add nsw i64 %219, %218
+  %221 = getelementptr inbounds float, ptr %query, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = add nsw i64 %qb, 1
+  %224 = mul nsw i64 %qh23, 8
+  %225 = mul nsw i64 %223, 8192
+  %226 = add nsw i64 %225, %224
+  %227 = getelementptr inbounds float, ptr %query, i64 %226
+  %228 = load <8 x float>, ptr %227, align 4
+  %w1624 = shufflevector <8 x float> %222, <8 x float> %228, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %229 = add nsw i64 %qb, 2
+  %230 = mul nsw i64 %qh23, 8
+  %231 = mul nsw i64 %229, 8192
+  %232 = add nsw i64 %231, %230
+  %233 = getelementptr inbounds float, ptr %query, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  %235 = add nsw i64 %qb, 3
+  %236 = mul nsw i64 %qh23, 8
+  %237 = mul nsw i64 %235, 8192
+  %238 = add nsw i64 %237, %236
+  %239 = getelementptr inbounds float, ptr %query, i64 %238
+  %240 = load <8 x float>, ptr %239, align 4
+  %w1625 = shufflevector <8 x float> %234, <8 x float> %240, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %241 = getelementptr inbounds float, ptr %212, i64 %qh23
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <16 x float> poison, float %242, i32 0
+  %244 = shufflevector <16 x float> %243, <16 x float> poison, <16 x i32> zeroinitializer
+  %245 = load <16 x float>, ptr %qacc18, align 4
+  %246 = call <16 x float> @llvm.fma.v16f32(<16 x float> %244, <16 x float> %w1624, <16 x float> %245)
+  store <16 x float> %246, ptr %qacc18, align 4
+  %247 = load <16 x float>, ptr %qacc19, align 4
+  %248 = call <16 x float> @llvm.fma.v16f32(<16 x float> %244, <16 x float> %w1625, <16 x float> %247)
+  store <16 x float> %248, ptr %qacc19, align 4
+  %249 = add nsw i64 %qh23, 1
+  br label %qh.head20
 
-hh.end5:                                          ; preds = %hh.head3
-  %166 = load <8 x float>, ptr %lacc02, align 4
-  %167 = fadd <8 x float> %166, %4
-  store <8 x float> %167, ptr %150, align 4
-  %168 = add nsw i64 %t11, 1
+qh.end22:                                         ; preds = %qh.head20
+  %250 = load <16 x float>, ptr %qacc18, align 4
+  %251 = load <16 x float>, ptr %qacc19, align 4
+  %252 = getelementptr inbounds float, ptr %215, i64 0
+  %253 = fadd <16 x float> %250, %8
+  store <16 x float> %253, ptr %252, align 4
+  %254 = getelementptr inbounds float, ptr %215, i64 16
+  %255 = fadd <16 x float> %251, %11
+  store <16 x float> %255, ptr %254, align 4
+  %256 = add nsw i64 %t117, 1
   br label %t1.head
 
 t1.end:                                           ; preds = %t1.head
-  %169 = add nsw i64 %qb, 1
+  %257 = add nsw i64 %qb, 4
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
+  br label %qb1.head
+
+qb1.head:                                         ; preds = %t1.end44, %qb.end
+  %qb1 = phi i64 [ %bw, %qb.end ], [ %427, %t1.end44 ]
+  %258 = icmp slt i64 %qb1, %b1
+  br i1 %258, label %qb1.body, label %qb1.end
+
+qb1.body:                                         ; preds = %qb1.head
+  %259 = mul nsw i64 %qb1, 8
+  %260 = add nsw i64 %259, 0
+  %261 = getelementptr inbounds float, ptr %qbias, i64 %260
+  %262 = load <8 x float>, ptr %261, align 4
+  br label %tb.head26
+
+tb.head26:                                        ; preds = %qh.end40, %qb1.body
+  %tb29 = phi i64 [ 0, %qb1.body ], [ %400, %qh.end40 ]
+  %263 = icmp slt i64 %tb29, %full
+  br i1 %263, label %tb.body27, label %tb.end28
+
+tb.body27:                                        ; preds = %tb.head26
+  %264 = add nsw i64 %tb29, 0
+  %265 = add nsw i64 %t0, %264
+  %266 = mul nsw i64 %265, 1024
+  %267 = getelementptr inbounds float, ptr %x, i64 %266
+  %268 = mul nsw i64 %265, 2048
+  %269 = add nsw i64 %268, %259
+  %270 = getelementptr inbounds float, ptr %q, i64 %269
+  %271 = add nsw i64 %tb29, 1
+  %272 = add nsw i64 %t0, %271
+  %273 = mul nsw i64 %272, 1024
+  %274 = getelementptr inbounds float, ptr %x, i64 %273
+  %275 = mul nsw i64 %272, 2048
+  %276 = add nsw i64 %275, %259
+  %277 = getelementptr inbounds float, ptr %q, i64 %276
+  %278 = add nsw i64 %tb29, 2
+  %279 = add nsw i64 %t0, %278
+  %280 = mul nsw i64 %279, 1024
+  %281 = getelementptr inbounds float, ptr %x, i64 %280
+  %282 = mul nsw i64 %279, 2048
+  %283 = add nsw i64 %282, %259
+  %284 = getelementptr inbounds float, ptr %q, i64 %283
+  %285 = add nsw i64 %tb29, 3
+  %286 = add nsw i64 %t0, %285
+  %287 = mul nsw i64 %286, 1024
+  %288 = getelementptr inbounds float, ptr %x, i64 %287
+  %289 = mul nsw i64 %286, 2048
+  %290 = add nsw i64 %289, %259
+  %291 = getelementptr inbounds float, ptr %q, i64 %290
+  %292 = add nsw i64 %tb29, 4
+  %293 = add nsw i64 %t0, %292
+  %294 = mul nsw i64 %293, 1024
+  %295 = getelementptr inbounds float, ptr %x, i64 %294
+  %296 = mul nsw i64 %293, 2048
+  %297 = add nsw i64 %296, %259
+  %298 = getelementptr inbounds float, ptr %q, i64 %297
+  %299 = add nsw i64 %tb29, 5
+  %300 = add nsw i64 %t0, %299
+  %301 = mul nsw i64 %300, 1024
+  %302 = getelementptr inbounds float, ptr %x, i64 %301
+  %303 = mul nsw i64 %300, 2048
+  %304 = add nsw i64 %303, %259
+  %305 = getelementptr inbounds float, ptr %q, i64 %304
+  %306 = add nsw i64 %tb29, 6
+  %307 = add nsw i64 %t0, %306
+  %308 = mul nsw i64 %307, 1024
+  %309 = getelementptr inbounds float, ptr %x, i64 %308
+  %310 = mul nsw i64 %307, 2048
+  %311 = add nsw i64 %310, %259
+  %312 = getelementptr inbounds float, ptr %q, i64 %311
+  %313 = add nsw i64 %tb29, 7
+  %314 = add nsw i64 %t0, %313
+  %315 = mul nsw i64 %314, 1024
+  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  %317 = mul nsw i64 %314, 2048
+  %318 = add nsw i64 %317, %259
+  %319 = getelementptr inbounds float, ptr %q, i64 %318
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  store <8 x float> zeroinitializer, ptr %qacc33, align 4
+  store <8 x float> zeroinitializer, ptr %qacc34, align 4
+  store <8 x float> zeroinitializer, ptr %qacc35, align 4
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  store <8 x float> zeroinitializer, ptr %qacc37, align 4
+  br label %qh.head38
+
+qh.head38:                                        ; preds = %qh.body39, %tb.body27
+  %qh41 = phi i64 [ 0, %tb.body27 ], [ %375, %qh.body39 ]
+  %320 = icmp slt i64 %qh41, 1024
+  br i1 %320, label %qh.body39, label %qh.end40
+
+qh.body39:                                        ; preds = %qh.head38
+  %321 = add nsw i64 %qb1, 0
+  %322 = mul nsw i64 %qh41, 8
+  %323 = mul nsw i64 %321, 8192
+  %324 = add nsw i64 %323, %322
+  %325 = getelementptr inbounds float, ptr %query, i64 %324
+  %326 = load <8 x float>, ptr %325, align 4
+  %327 = getelementptr inbounds float, ptr %267, i64 %qh41
+  %328 = load float, ptr %327, align 4
+  %329 = insertelement <8 x float> poison, float %328, i32 0
+  %330 = shufflevector <8 x float> %329, <8 x float> poison, <8 x i32> zeroinitializer
+  %331 = load <8 x float>, ptr %qacc30, align 4
+  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %330, <8 x float> %326, <8 x float> %331)
+  store <8 x float> %332, ptr %qacc30, align 4
+  %333 = getelementptr inbounds float, ptr %274, i64 %qh41
+  %334 = load float, ptr %333, align 4
+  %335 = insertelement <8 x float> poison, float %334, i32 0
+  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
+  %337 = load <8 x float>, ptr %qacc31, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %326, <8 x float> %337)
+  store <8 x float> %338, ptr %qacc31, align 4
+  %339 = getelementptr inbounds float, ptr %281, i64 %qh41
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %qacc32, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %326, <8 x float> %343)
+  store <8 x float> %344, ptr %qacc32, align 4
+  %345 = getelementptr inbounds float, ptr %288, i64 %qh41
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %qacc33, align 4
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %326, <8 x float> %349)
+  store <8 x float> %350, ptr %qacc33, align 4
+  %351 = getelementptr inbounds float, ptr %295, i64 %qh41
+  %352 = load float, ptr %351, align 4
+  %353 = insertelement <8 x float> poison, float %352, i32 0
+  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
+  %355 = load <8 x float>, ptr %qacc34, align 4
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> %326, <8 x float> %355)
+  store <8 x float> %356, ptr %qacc34, align 4
+  %357 = getelementptr inbounds float, ptr %302, i64 %qh41
+  %358 = load float, ptr %357, align 4
+  %359 = insertelement <8 x float> poison, float %358, i32 0
+  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
+  %361 = load <8 x float>, ptr %qacc35, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %326, <8 x float> %361)
+  store <8 x float> %362, ptr %qacc35, align 4
+  %363 = getelementptr inbounds float, ptr %309, i64 %qh41
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %qacc36, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %326, <8 x float> %367)
+  store <8 x float> %368, ptr %qacc36, align 4
+  %369 = getelementptr inbounds float, ptr %316, i64 %qh41
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = load <8 x float>, ptr %qacc37, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %326, <8 x float> %373)
+  store <8 x float> %374, ptr %qacc37, align 4
+  %375 = add nsw i64 %qh41, 1
+  br label %qh.head38
+
+qh.end40:                                         ; preds = %qh.head38
+  %376 = load <8 x float>, ptr %qacc30, align 4
+  %377 = load <8 x float>, ptr %qacc31, align 4
+  %378 = load <8 x float>, ptr %qacc32, align 4
+  %379 = load <8 x float>, ptr %qacc33, align 4
+  %380 = load <8 x float>, ptr %qacc34, align 4
+  %381 = load <8 x float>, ptr %qacc35, align 4
+  %382 = load <8 x float>, ptr %qacc36, align 4
+  %383 = load <8 x float>, ptr %qacc37, align 4
+  %384 = getelementptr inbounds float, ptr %270, i64 0
+  %385 = fadd <8 x float> %376, %262
+  store <8 x float> %385, ptr %384, align 4
+  %386 = getelementptr inbounds float, ptr %277, i64 0
+  %387 = fadd <8 x float> %377, %262
+  store <8 x float> %387, ptr %386, align 4
+  %388 = getelementptr inbounds float, ptr %284, i64 0
+  %389 = fadd <8 x float> %378, %262
+  store <8 x float> %389, ptr %388, align 4
+  %390 = getelementptr inbounds float, ptr %291, i64 0
+  %391 = fadd <8 x float> %379, %262
+  store <8 x float> %391, ptr %390, align 4
+  %392 = getelementptr inbounds float, ptr %298, i64 0
+  %393 = fadd <8 x float> %380, %262
+  store <8 x float> %393, ptr %392, align 4
+  %394 = getelementptr inbounds float, ptr %305, i64 0
+  %395 = fadd <8 x float> %381, %262
+  store <8 x float> %395, ptr %394, align 4
+  %396 = getelementptr inbounds float, ptr %312, i64 0
+  %397 = fadd <8 x float> %382, %262
+  store <8 x float> %397, ptr %396, align 4
+  %398 = getelementptr inbounds float, ptr %319, i64 0
+  %399 = fadd <8 x float> %383, %262
+  store <8 x float> %399, ptr %398, align 4
+  %400 = add nsw i64 %tb29, 8
+  br label %tb.head26
+
+tb.end28:                                         ; preds = %tb.head26
+  br label %t1.head42
+
+t1.head42:                                        ; preds = %qh.end49, %tb.end28
+  %t145 = phi i64 [ %full, %tb.end28 ], [ %426, %qh.end49 ]
+  %401 = icmp slt i64 %t145, %n
+  br i1 %401, label %t1.body43, label %t1.end44
+
+t1.body43:                                        ; preds = %t1.head42
+  %402 = add nsw i64 %t145, 0
+  %403 = add nsw i64 %t0, %402
+  %404 = mul nsw i64 %403, 1024
+  %405 = getelementptr inbounds float, ptr %x, i64 %404
+  %406 = mul nsw i64 %403, 2048
+  %407 = add nsw i64 %406, %259
+  %408 = getelementptr inbounds float, ptr %q, i64 %407
+  store <8 x float> zeroinitializer, ptr %qacc46, align 4
+  br label %qh.head47
+
+qh.head47:                                        ; preds = %qh.body48, %t1.body43
+  %qh50 = phi i64 [ 0, %t1.body43 ], [ %422, %qh.body48 ]
+  %409 = icmp slt i64 %qh50, 1024
+  br i1 %409, label %qh.body48, label %qh.end49
+
+qh.body48:                                        ; preds = %qh.head47
+  %410 = add nsw i64 %qb1, 0
+  %411 = mul nsw i64 %qh50, 8
+  %412 = mul nsw i64 %410, 8192
+  %413 = add nsw i64 %412, %411
+  %414 = getelementptr inbounds float, ptr %query, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = getelementptr inbounds float, ptr %405, i64 %qh50
+  %417 = load float, ptr %416, align 4
+  %418 = insertelement <8 x float> poison, float %417, i32 0
+  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
+  %420 = load <8 x float>, ptr %qacc46, align 4
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %415, <8 x float> %420)
+  store <8 x float> %421, ptr %qacc46, align 4
+  %422 = add nsw i64 %qh50, 1
+  br label %qh.head47
+
+qh.end49:                                         ; preds = %qh.head47
+  %423 = load <8 x float>, ptr %qacc46, align 4
+  %424 = getelementptr inbounds float, ptr %408, i64 0
+  %425 = fadd <8 x float> %423, %262
+  store <8 x float> %425, ptr %424, align 4
+  %426 = add nsw i64 %t145, 1
+  br label %t1.head42
+
+t1.end44:                                         ; preds = %t1.head42
+  %427 = add nsw i64 %qb1, 1
+  br label %qb1.head
+
+qb1.end:                                          ; preds = %qb1.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>) #1
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
 
 ; Function Attrs: nounwind
 define hidden void @moe_pk_route(ptr %q, i64 %t0, i64 %t1, ptr %keys, ptr %ids, ptr %weights) #0 {
@@ -1115,7 +1506,8 @@ t.end:                                            ; preds = %t.head
 }
 
 ; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }

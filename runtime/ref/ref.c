@@ -952,7 +952,7 @@ static int route_product_key(struct fwd *f)
 		for (uint32_t hd = 0; hd < d->pk_heads && ok; hd++) {
 			for (uint32_t i = 0; i < dq; i++) {
 				size_t row = (size_t)hd * dq + i;
-				q[i] = dot_f32(Q + row * H, x, H) + qb[row];
+				q[i] = dot_fma(Q + row * H, x, H) + qb[row];
 			}
 			const float *K1 = keys + (kph ? (size_t)hd * R * 2 * h2 : 0);
 			for (uint32_t i = 0; i < R; i++) {
