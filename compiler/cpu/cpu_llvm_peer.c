@@ -17,13 +17,6 @@ static LLVMValueRef ldv(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i)
 	return moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, base, i));
 }
 
-/* Sub-key blocks of 8 taken per pass (independent accumulators). */
-static uint32_t key_unroll(uint32_t R)
-{
-	uint32_t blocks = (R + MOE_VW - 1) / MOE_VW;
-	return blocks < 4 ? blocks : 4;
-}
-
 enum { Q_X, Q_T0, Q_T1, Q_B0, Q_B1, Q_QUERY, Q_QBIAS, Q_OUT, Q_COUNT };
 
 /* Query-row blocks of 8 (MOE_RB) taken per pass: PK_QW blocks as PK_QW / 2
@@ -75,23 +68,18 @@ static void query_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValu
 		acc[i] = moe_ll_ld(g, vt, cell[i]);
 }
 
-/* q[t] = Q x_t + b for tokens [t0, t1) and query-row blocks [b0, b1): per
- * PK_QW blocks (then one block at a time), the tokens in tiles of PK_TB (then
- * one at a time), so the blocks' panel is read once for all of them. Each
- * value is the reference's fused sum in ascending h, whatever tile computes
- * it. */
-static void gen_pk_query(struct moe_ll *g)
+/* out[r][8 blk + lane] = sum over h ascending of x_r[h] * w[blk][h][lane],
+ * fused (the reference's fmaf chain), plus bias[8 blk + lane] when bias is
+ * not NULL, for the n rows x_r = x0 + r xs (out rows out + r os) and the
+ * blocks [b0, b1) of the packed [blocks][K][8] matrix w: PK_QW blocks per
+ * pass (then one at a time), the rows in tiles of PK_TB (then one at a time),
+ * so each pass's panels are read once for all the rows of a tile. */
+static void fused_rows(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
+		       LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
+		       LLVMValueRef bias, LLVMValueRef out, int64_t os)
 {
 	LLVMBuilderRef b = g->b;
-	const struct moe_desc *d = g->d;
-	int64_t H = d->hidden, QB = moe_router_blocks((uint32_t)(d->pk_heads * d->pk_query_dim));
-	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
-	LLVMTypeRef params[Q_COUNT] = {P, I, I, I, I, P, P, P};
-	static const char *const pn[Q_COUNT] = {"x", "t0", "t1", "b0", "b1", "query", "qbias", "q"};
-	moe_ll_fn_begin(g, "moe_pk_query", params, pn, Q_COUNT);
-	LLVMValueRef t0 = moe_ll_prm(g, Q_T0), t1 = moe_ll_prm(g, Q_T1), acc[PK_TB * PK_QW];
-	LLVMValueRef b0 = moe_ll_prm(g, Q_B0), b1 = moe_ll_prm(g, Q_B1);
-	LLVMValueRef n = LLVMBuildNSWSub(b, t1, t0, "n");
+	LLVMValueRef acc[PK_TB * PK_QW];
 	LLVMValueRef full = LLVMBuildMul(b, LLVMBuildSDiv(b, n, moe_ll_i64c(g, PK_TB), ""),
 					 moe_ll_i64c(g, PK_TB), "full");
 	LLVMValueRef nbk = LLVMBuildNSWSub(b, b1, b0, "");
@@ -108,39 +96,63 @@ static void gen_pk_query(struct moe_ll *g)
 				 bpass ? "qb1" : "qb");
 		LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
 		LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
-		LLVMValueRef bias[PK_QW];
-		for (int v = 0; v < nv; v++)
-			bias[v] = moe_ll_ld(
+		LLVMValueRef bv[PK_QW];
+		for (int v = 0; bias && v < nv; v++)
+			bv[v] = moe_ll_ld(
 			    g, vt,
-			    moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_QBIAS),
+			    moe_ll_at(g, g->t_f32, bias,
 				      LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, 16 * v), "")));
 		for (int pass = 0; pass < 2; pass++) {
-			/* pass 0: tiles of PK_TB tokens; pass 1: the rest one by one */
+			/* pass 0: tiles of PK_TB rows; pass 1: the rest one by one */
 			int nr = pass ? 1 : PK_TB;
 			moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full,
-					 nr, pass ? "t1" : "tb");
+					 nr, pass ? "r1" : "rb");
 			LLVMValueRef xr[PK_TB], qo[PK_TB];
 			for (int t = 0; t < nr; t++) {
-				LLVMValueRef tt = LLVMBuildNSWAdd(
-				    b, t0, LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), ""), "");
-				xr[t] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_X),
-						  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, H), ""));
+				LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
+				xr[t] = moe_ll_at(g, g->t_f32, x0,
+						  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, xs), ""));
 				qo[t] = moe_ll_at(
-				    g, g->t_f32, moe_ll_prm(g, Q_OUT),
+				    g, g->t_f32, out,
 				    LLVMBuildNSWAdd(
-					b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, QB * 8), ""), q8,
-					""));
+					b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, os), ""), q8, ""));
 			}
-			query_tile(g, xr, nr, moe_ll_prm(g, Q_QUERY), qb.iv, nb, H, acc);
+			query_tile(g, xr, nr, w, qb.iv, nb, K, acc);
 			for (int t = 0; t < nr; t++)
-				for (int v = 0; v < nv; v++)
+				for (int v = 0; v < nv; v++) {
+					LLVMValueRef o = acc[t * nv + v];
+					if (bias)
+						o = LLVMBuildFAdd(b, o, bv[v], "");
 					moe_ll_st(
-					    g, LLVMBuildFAdd(b, acc[t * nv + v], bias[v], ""),
+					    g, o,
 					    moe_ll_at(g, g->t_f32, qo[t], moe_ll_i64c(g, 16 * v)));
+				}
 			moe_ll_loop_close(g, &tb);
 		}
 		moe_ll_loop_close(g, &qb);
 	}
+}
+
+/* q[t] = Q x_t + b for tokens [t0, t1) and query-row blocks [b0, b1). Each
+ * value is the reference's fused sum in ascending h, whatever tile computes
+ * it. */
+static void gen_pk_query(struct moe_ll *g)
+{
+	LLVMBuilderRef b = g->b;
+	const struct moe_desc *d = g->d;
+	int64_t H = d->hidden, QB = moe_router_blocks((uint32_t)(d->pk_heads * d->pk_query_dim));
+	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
+	LLVMTypeRef params[Q_COUNT] = {P, I, I, I, I, P, P, P};
+	static const char *const pn[Q_COUNT] = {"x", "t0", "t1", "b0", "b1", "query", "qbias", "q"};
+	moe_ll_fn_begin(g, "moe_pk_query", params, pn, Q_COUNT);
+	LLVMValueRef t0 = moe_ll_prm(g, Q_T0);
+	LLVMValueRef x0 = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_X),
+				    LLVMBuildNSWMul(b, t0, moe_ll_i64c(g, H), ""));
+	LLVMValueRef q0 = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_OUT),
+				    LLVMBuildNSWMul(b, t0, moe_ll_i64c(g, QB * 8), ""));
+	fused_rows(g, x0, H, LLVMBuildNSWSub(b, moe_ll_prm(g, Q_T1), t0, "n"),
+		   moe_ll_prm(g, Q_QUERY), moe_ll_prm(g, Q_B0), moe_ll_prm(g, Q_B1), H,
+		   moe_ll_prm(g, Q_QBIAS), q0, QB * 8);
 	moe_ll_fn_end(g);
 }
 
@@ -152,7 +164,7 @@ static void gen_pk_route(struct moe_ll *g)
 	const struct moe_desc *d = g->d;
 	int64_t R = d->pk_sub_keys, k = d->pk_top_k, heads = d->pk_heads;
 	int64_t dq = d->pk_query_dim, h2 = dq / 2, W = heads * k;
-	int64_t QB = moe_router_blocks((uint32_t)(heads * dq)), U = key_unroll((uint32_t)R);
+	int64_t QB = moe_router_blocks((uint32_t)(heads * dq));
 	int64_t KB = moe_pk_key_blocks((uint32_t)R), ks = moe_desc_pk_sub_top_k(d);
 	/* one key set of [2][KB][d/2][8] panels, or one per head */
 	int64_t kset = d->pk_keys_per_head ? 2 * KB * h2 * 8 : 0;
@@ -160,49 +172,58 @@ static void gen_pk_route(struct moe_ll *g)
 	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P};
 	static const char *const pn[R_COUNT] = {"q", "t0", "t1", "keys", "ids", "weights"};
 	moe_ll_fn_begin(g, "moe_pk_route", params, pn, R_COUNT);
-	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sa"),
-			       moe_ll_alloca(g, g->t_f32, (uint64_t)KB * 8, "sb")};
+	/* the sub-key scores of a group of up to PK_TB heads (shared keys) or
+	 * of one head (its own key set): [head of the group][KB * 8] per half */
+	int64_t G =
+	    d->pk_keys_per_head || heads < PK_TB ? (d->pk_keys_per_head ? 1 : heads) : PK_TB;
+	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)(G * KB * 8), "sa"),
+			       moe_ll_alloca(g, g->t_f32, (uint64_t)(G * KB * 8), "sb")};
 	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ia"),
 			       moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ib")};
 	LLVMValueRef cv = moe_ll_alloca(g, g->t_f32, (uint64_t)(ks * ks), "cv");
 	LLVMValueRef ck = moe_ll_alloca(g, g->t_i64, (uint64_t)(ks * ks), "ck");
 	LLVMValueRef ic = moe_ll_alloca(g, g->t_i64, (uint64_t)k, "ic");
 	LLVMValueRef gs = moe_ll_alloca(g, g->t_f32, (uint64_t)k, "g");
-	LLVMValueRef kk = moe_ll_i64c(g, k), kks = moe_ll_i64c(g, ks), acc[MOE_LL_TILE_MAX];
+	LLVMValueRef kk = moe_ll_i64c(g, k), kks = moe_ll_i64c(g, ks);
 
-	struct moe_ll_loop j, hd, kb, i, c;
+	struct moe_ll_loop j, hg, hh, i, c;
 	moe_ll_loop_open(g, &j, moe_ll_prm(g, R_T0), moe_ll_prm(g, R_T1), 1, "tok");
 	LLVMValueRef t = j.iv;
 	LLVMValueRef qs = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_Q),
 				    LLVMBuildNSWMul(b, t, moe_ll_i64c(g, QB * 8), ""));
-	moe_ll_loop_open(g, &hd, moe_ll_i64c(g, 0), moe_ll_i64c(g, heads), 1, "head");
-	LLVMValueRef qh =
-	    moe_ll_at(g, g->t_f32, qs, LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, dq), ""));
+	moe_ll_loop_open(g, &hg, moe_ll_i64c(g, 0), moe_ll_i64c(g, heads), G, "hgroup");
+	LLVMValueRef left = LLVMBuildNSWSub(b, moe_ll_i64c(g, heads), hg.iv, "");
+	LLVMValueRef gn =
+	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, moe_ll_i64c(g, G), ""), left,
+			    moe_ll_i64c(g, G), "gn");
 	for (int half = 0; half < 2; half++) {
-		/* sub-key scores: the half query against U key blocks per pass */
+		/* sub-key scores: the group's half queries against every key block */
 		LLVMValueRef koff = moe_ll_i64c(g, half * KB * h2 * 8);
 		if (kset) /* the head's own key set */
 			koff = LLVMBuildNSWAdd(
-			    b, LLVMBuildNSWMul(b, hd.iv, moe_ll_i64c(g, kset), ""), koff, "");
-		LLVMValueRef kbase = moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS), koff);
-		LLVMValueRef qx = moe_ll_at(g, g->t_f32, qh, moe_ll_i64c(g, half * h2));
-		moe_ll_loop_open(g, &kb, moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), U, "kb");
-		moe_ll_panel_tile(g, &qx, 1, kbase, kb.iv, (int)U, h2, acc);
-		LLVMValueRef k8 = LLVMBuildNSWMul(b, kb.iv, moe_ll_i64c(g, 8), "");
-		for (int u = 0; u < U; u++)
-			moe_ll_st(g, acc[u],
-				  moe_ll_at(g, g->t_f32, sab[half],
-					    LLVMBuildNSWAdd(b, k8, moe_ll_i64c(g, u * 8), "")));
-		moe_ll_loop_close(g, &kb);
-		moe_ll_topk(g, sab[half], NULL, 1, NULL, moe_ll_i64c(g, R), kks, iab[half]);
+			    b, LLVMBuildNSWMul(b, hg.iv, moe_ll_i64c(g, kset), ""), koff, "");
+		LLVMValueRef qx =
+		    moe_ll_at(g, g->t_f32, qs,
+			      LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, hg.iv, moe_ll_i64c(g, dq), ""),
+					      moe_ll_i64c(g, half * h2), ""));
+		fused_rows(g, qx, dq, gn, moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS), koff),
+			   moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), h2, NULL, sab[half], KB * 8);
+	}
+	moe_ll_loop_open(g, &hh, moe_ll_i64c(g, 0), gn, 1, "head");
+	LLVMValueRef hd = LLVMBuildNSWAdd(b, hg.iv, hh.iv, "hd");
+	LLVMValueRef sh[2];
+	for (int half = 0; half < 2; half++) {
+		sh[half] = moe_ll_at(g, g->t_f32, sab[half],
+				     LLVMBuildNSWMul(b, hh.iv, moe_ll_i64c(g, KB * 8), ""));
+		moe_ll_topk(g, sh[half], NULL, 1, NULL, moe_ll_i64c(g, R), kks, iab[half]);
 	}
 	/* the ks * ks candidates: score sums and expert indices i * R + j */
 	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), kks, 1, "ca");
-	LLVMValueRef ia = moe_ll_ldi(g, iab[0], i.iv), sa = moe_ll_ldf(g, sab[0], ia);
+	LLVMValueRef ia = moe_ll_ldi(g, iab[0], i.iv), sa = moe_ll_ldf(g, sh[0], ia);
 	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kks, 1, "cb");
 	LLVMValueRef ib = moe_ll_ldi(g, iab[1], c.iv);
 	LLVMValueRef ci = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, i.iv, kks, ""), c.iv, "");
-	moe_ll_stf(g, LLVMBuildFAdd(b, sa, moe_ll_ldf(g, sab[1], ib), ""), cv, ci);
+	moe_ll_stf(g, LLVMBuildFAdd(b, sa, moe_ll_ldf(g, sh[1], ib), ""), cv, ci);
 	moe_ll_st(g, LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, ia, moe_ll_i64c(g, R), ""), ib, ""),
 		  moe_ll_at(g, g->t_i64, ck, ci));
 	moe_ll_loop_close(g, &c);
@@ -224,7 +245,7 @@ static void gen_pk_route(struct moe_ll *g)
 		    gs, moe_ll_i64c(g, 0), (uint32_t)k);
 	}
 	LLVMValueRef wrow = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t, moe_ll_i64c(g, W), ""),
-					    LLVMBuildNSWMul(b, hd.iv, kk, ""), "");
+					    LLVMBuildNSWMul(b, hd, kk, ""), "");
 	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "out");
 	LLVMValueRef slot = LLVMBuildNSWAdd(b, wrow, c.iv, "");
 	moe_ll_st(g, LLVMBuildTrunc(b, moe_ll_ldi(g, ck, moe_ll_ldi(g, ic, c.iv)), g->t_i32, ""),
@@ -232,7 +253,8 @@ static void gen_pk_route(struct moe_ll *g)
 	moe_ll_stf(g, LLVMBuildFMul(b, moe_ll_ldf(g, gs, c.iv), moe_ll_f32c(g, d->scale), ""),
 		   moe_ll_prm(g, R_WEIGHTS), slot);
 	moe_ll_loop_close(g, &c);
-	moe_ll_loop_close(g, &hd);
+	moe_ll_loop_close(g, &hh);
+	moe_ll_loop_close(g, &hg);
 	moe_ll_loop_close(g, &j);
 	moe_ll_fn_end(g);
 }

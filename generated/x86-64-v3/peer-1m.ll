@@ -29,8 +29,9 @@ entry:
   %qacc13 = alloca <16 x float>, align 32
   %qacc14 = alloca <16 x float>, align 32
   %qacc15 = alloca <16 x float>, align 32
+  %qacc17 = alloca <16 x float>, align 32
   %qacc18 = alloca <16 x float>, align 32
-  %qacc19 = alloca <16 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
   %qacc30 = alloca <8 x float>, align 32
   %qacc31 = alloca <8 x float>, align 32
   %qacc32 = alloca <8 x float>, align 32
@@ -38,97 +39,92 @@ entry:
   %qacc34 = alloca <8 x float>, align 32
   %qacc35 = alloca <8 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc37 = alloca <8 x float>, align 32
-  %qacc46 = alloca <8 x float>, align 32
+  %qacc45 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
+  %0 = mul nsw i64 %t0, 1024
+  %1 = getelementptr inbounds float, ptr %x, i64 %0
+  %2 = mul nsw i64 %t0, 2048
+  %3 = getelementptr inbounds float, ptr %q, i64 %2
   %n = sub nsw i64 %t1, %t0
-  %0 = sdiv i64 %n, 8
-  %full = mul i64 %0, 8
-  %1 = sub nsw i64 %b1, %b0
-  %2 = sdiv i64 %1, 4
-  %3 = mul i64 %2, 4
-  %bw = add nsw i64 %b0, %3
+  %4 = sdiv i64 %n, 8
+  %full = mul i64 %4, 8
+  %5 = sub nsw i64 %b1, %b0
+  %6 = sdiv i64 %5, 4
+  %7 = mul i64 %6, 4
+  %bw = add nsw i64 %b0, %7
   br label %qb.head
 
-qb.head:                                          ; preds = %t1.end, %start
-  %qb = phi i64 [ %b0, %start ], [ %257, %t1.end ]
-  %4 = icmp slt i64 %qb, %bw
-  br i1 %4, label %qb.body, label %qb.end
+qb.head:                                          ; preds = %r1.end, %start
+  %qb = phi i64 [ %b0, %start ], [ %252, %r1.end ]
+  %8 = icmp slt i64 %qb, %bw
+  br i1 %8, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
-  %5 = mul nsw i64 %qb, 8
-  %6 = add nsw i64 %5, 0
-  %7 = getelementptr inbounds float, ptr %qbias, i64 %6
-  %8 = load <16 x float>, ptr %7, align 4
-  %9 = add nsw i64 %5, 16
-  %10 = getelementptr inbounds float, ptr %qbias, i64 %9
-  %11 = load <16 x float>, ptr %10, align 4
-  br label %tb.head
+  %9 = mul nsw i64 %qb, 8
+  %10 = add nsw i64 %9, 0
+  %11 = getelementptr inbounds float, ptr %qbias, i64 %10
+  %12 = load <16 x float>, ptr %11, align 4
+  %13 = add nsw i64 %9, 16
+  %14 = getelementptr inbounds float, ptr %qbias, i64 %13
+  %15 = load <16 x float>, ptr %14, align 4
+  br label %rb.head
 
-tb.head:                                          ; preds = %qh.end, %qb.body
-  %tb = phi i64 [ 0, %qb.body ], [ %207, %qh.end ]
-  %12 = icmp slt i64 %tb, %full
-  br i1 %12, label %tb.body, label %tb.end
+rb.head:                                          ; preds = %qh.end, %qb.body
+  %rb = phi i64 [ 0, %qb.body ], [ %203, %qh.end ]
+  %16 = icmp slt i64 %rb, %full
+  br i1 %16, label %rb.body, label %rb.end
 
-tb.body:                                          ; preds = %tb.head
-  %13 = add nsw i64 %tb, 0
-  %14 = add nsw i64 %t0, %13
-  %15 = mul nsw i64 %14, 1024
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
-  %17 = mul nsw i64 %14, 2048
-  %18 = add nsw i64 %17, %5
-  %19 = getelementptr inbounds float, ptr %q, i64 %18
-  %20 = add nsw i64 %tb, 1
-  %21 = add nsw i64 %t0, %20
-  %22 = mul nsw i64 %21, 1024
-  %23 = getelementptr inbounds float, ptr %x, i64 %22
-  %24 = mul nsw i64 %21, 2048
-  %25 = add nsw i64 %24, %5
-  %26 = getelementptr inbounds float, ptr %q, i64 %25
-  %27 = add nsw i64 %tb, 2
-  %28 = add nsw i64 %t0, %27
-  %29 = mul nsw i64 %28, 1024
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
-  %31 = mul nsw i64 %28, 2048
-  %32 = add nsw i64 %31, %5
-  %33 = getelementptr inbounds float, ptr %q, i64 %32
-  %34 = add nsw i64 %tb, 3
-  %35 = add nsw i64 %t0, %34
+rb.body:                                          ; preds = %rb.head
+  %17 = add nsw i64 %rb, 0
+  %18 = mul nsw i64 %17, 1024
+  %19 = getelementptr inbounds float, ptr %1, i64 %18
+  %20 = mul nsw i64 %17, 2048
+  %21 = add nsw i64 %20, %9
+  %22 = getelementptr inbounds float, ptr %3, i64 %21
+  %23 = add nsw i64 %rb, 1
+  %24 = mul nsw i64 %23, 1024
+  %25 = getelementptr inbounds float, ptr %1, i64 %24
+  %26 = mul nsw i64 %23, 2048
+  %27 = add nsw i64 %26, %9
+  %28 = getelementptr inbounds float, ptr %3, i64 %27
+  %29 = add nsw i64 %rb, 2
+  %30 = mul nsw i64 %29, 1024
+  %31 = getelementptr inbounds float, ptr %1, i64 %30
+  %32 = mul nsw i64 %29, 2048
+  %33 = add nsw i64 %32, %9
+  %34 = getelementptr inbounds float, ptr %3, i64 %33
+  %35 = add nsw i64 %rb, 3
   %36 = mul nsw i64 %35, 1024
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
+  %37 = getelementptr inbounds float, ptr %1, i64 %36
   %38 = mul nsw i64 %35, 2048
-  %39 = add nsw i64 %38, %5
-  %40 = getelementptr inbounds float, ptr %q, i64 %39
-  %41 = add nsw i64 %tb, 4
-  %42 = add nsw i64 %t0, %41
-  %43 = mul nsw i64 %42, 1024
-  %44 = getelementptr inbounds float, ptr %x, i64 %43
-  %45 = mul nsw i64 %42, 2048
-  %46 = add nsw i64 %45, %5
-  %47 = getelementptr inbounds float, ptr %q, i64 %46
-  %48 = add nsw i64 %tb, 5
-  %49 = add nsw i64 %t0, %48
-  %50 = mul nsw i64 %49, 1024
-  %51 = getelementptr inbounds float, ptr %x, i64 %50
-  %52 = mul nsw i64 %49, 2048
-  %53 = add nsw i64 %52, %5
-  %54 = getelementptr inbounds float, ptr %q, i64 %53
-  %55 = add nsw i64 %tb, 6
-  %56 = add nsw i64 %t0, %55
-  %57 = mul nsw i64 %56, 1024
-  %58 = getelementptr inbounds float, ptr %x, i64 %57
-  %59 = mul nsw i64 %56, 2048
-  %60 = add nsw i64 %59, %5
-  %61 = getelementptr inbounds float, ptr %q, i64 %60
-  %62 = add nsw i64 %tb, 7
-  %63 = add nsw i64 %t0, %62
-  %64 = mul nsw i64 %63, 1024
-  %65 = getelementptr inbounds float, ptr %x, i64 %64
-  %66 = mul nsw i64 %63, 2048
-  %67 = add nsw i64 %66, %5
-  %68 = getelementptr inbounds float, ptr %q, i64 %67
+  %39 = add nsw i64 %38, %9
+  %40 = getelementptr inbounds float, ptr %3, i64 %39
+  %41 = add nsw i64 %rb, 4
+  %42 = mul nsw i64 %41, 1024
+  %43 = getelementptr inbounds float, ptr %1, i64 %42
+  %44 = mul nsw i64 %41, 2048
+  %45 = add nsw i64 %44, %9
+  %46 = getelementptr inbounds float, ptr %3, i64 %45
+  %47 = add nsw i64 %rb, 5
+  %48 = mul nsw i64 %47, 1024
+  %49 = getelementptr inbounds float, ptr %1, i64 %48
+  %50 = mul nsw i64 %47, 2048
+  %51 = add nsw i64 %50, %9
+  %52 = getelementptr inbounds float, ptr %3, i64 %51
+  %53 = add nsw i64 %rb, 6
+  %54 = mul nsw i64 %53, 1024
+  %55 = getelementptr inbounds float, ptr %1, i64 %54
+  %56 = mul nsw i64 %53, 2048
+  %57 = add nsw i64 %56, %9
+  %58 = getelementptr inbounds float, ptr %3, i64 %57
+  %59 = add nsw i64 %rb, 7
+  %60 = mul nsw i64 %59, 1024
+  %61 = getelementptr inbounds float, ptr %1, i64 %60
+  %62 = mul nsw i64 %59, 2048
+  %63 = add nsw i64 %62, %9
+  %64 = getelementptr inbounds float, ptr %3, i64 %63
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
@@ -147,347 +143,339 @@ tb.body:                                          ; preds = %tb.head
   store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %tb.body
-  %qh = phi i64 [ 0, %tb.body ], [ %158, %qh.body ]
-  %69 = icmp slt i64 %qh, 1024
-  br i1 %69, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %qh.body, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %154, %qh.body ]
+  %65 = icmp slt i64 %qh, 1024
+  br i1 %65, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %70 = add nsw i64 %qb, 0
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 8192
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %query, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 1
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 8192
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %query, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w16 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = add nsw i64 %qb, 2
-  %83 = mul nsw i64 %qh, 8
-  %84 = mul nsw i64 %82, 8192
-  %85 = add nsw i64 %84, %83
-  %86 = getelementptr inbounds float, ptr %query, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  %88 = add nsw i64 %qb, 3
-  %89 = mul nsw i64 %qh, 8
-  %90 = mul nsw i64 %88, 8192
-  %91 = add nsw i64 %90, %89
-  %92 = getelementptr inbounds float, ptr %query, i64 %91
-  %93 = load <8 x float>, ptr %92, align 4
-  %w1616 = shufflevector <8 x float> %87, <8 x float> %93, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %94 = getelementptr inbounds float, ptr %16, i64 %qh
-  %95 = load float, ptr %94, align 4
-  %96 = insertelement <16 x float> poison, float %95, i32 0
-  %97 = shufflevector <16 x float> %96, <16 x float> poison, <16 x i32> zeroinitializer
-  %98 = load <16 x float>, ptr %qacc, align 4
-  %99 = call <16 x float> @llvm.fma.v16f32(<16 x float> %97, <16 x float> %w16, <16 x float> %98)
-  store <16 x float> %99, ptr %qacc, align 4
-  %100 = load <16 x float>, ptr %qacc1, align 4
-  %101 = call <16 x float> @llvm.fma.v16f32(<16 x float> %97, <16 x float> %w1616, <16 x float> %100)
-  store <16 x float> %101, ptr %qacc1, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc2, align 4
-  %107 = call <16 x float> @llvm.fma.v16f32(<16 x float> %105, <16 x float> %w16, <16 x float> %106)
-  store <16 x float> %107, ptr %qacc2, align 4
-  %108 = load <16 x float>, ptr %qacc3, align 4
-  %109 = call <16 x float> @llvm.fma.v16f32(<16 x float> %105, <16 x float> %w1616, <16 x float> %108)
-  store <16 x float> %109, ptr %qacc3, align 4
-  %110 = getelementptr inbounds float, ptr %30, i64 %qh
-  %111 = load float, ptr %110, align 4
-  %112 = insertelement <16 x float> poison, float %111, i32 0
-  %113 = shufflevector <16 x float> %112, <16 x float> poison, <16 x i32> zeroinitializer
-  %114 = load <16 x float>, ptr %qacc4, align 4
-  %115 = call <16 x float> @llvm.fma.v16f32(<16 x float> %113, <16 x float> %w16, <16 x float> %114)
-  store <16 x float> %115, ptr %qacc4, align 4
-  %116 = load <16 x float>, ptr %qacc5, align 4
-  %117 = call <16 x float> @llvm.fma.v16f32(<16 x float> %113, <16 x float> %w1616, <16 x float> %116)
-  store <16 x float> %117, ptr %qacc5, align 4
-  %118 = getelementptr inbounds float, ptr %37, i64 %qh
-  %119 = load float, ptr %118, align 4
-  %120 = insertelement <16 x float> poison, float %119, i32 0
-  %121 = shufflevector <16 x float> %120, <16 x float> poison, <16 x i32> zeroinitializer
-  %122 = load <16 x float>, ptr %qacc6, align 4
-  %123 = call <16 x float> @llvm.fma.v16f32(<16 x float> %121, <16 x float> %w16, <16 x float> %122)
-  store <16 x float> %123, ptr %qacc6, align 4
-  %124 = load <16 x float>, ptr %qacc7, align 4
-  %125 = call <16 x float> @llvm.fma.v16f32(<16 x float> %121, <16 x float> %w1616, <16 x float> %124)
-  store <16 x float> %125, ptr %qacc7, align 4
-  %126 = getelementptr inbounds float, ptr %44, i64 %qh
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <16 x float> poison, float %127, i32 0
-  %129 = shufflevector <16 x float> %128, <16 x float> poison, <16 x i32> zeroinitializer
-  %130 = load <16 x float>, ptr %qacc8, align 4
-  %131 = call <16 x float> @llvm.fma.v16f32(<16 x float> %129, <16 x float> %w16, <16 x float> %130)
-  store <16 x float> %131, ptr %qacc8, align 4
-  %132 = load <16 x float>, ptr %qacc9, align 4
-  %133 = call <16 x float> @llvm.fma.v16f32(<16 x float> %129, <16 x float> %w1616, <16 x float> %132)
-  store <16 x float> %133, ptr %qacc9, align 4
-  %134 = getelementptr inbounds float, ptr %51, i64 %qh
-  %135 = load float, ptr %134, align 4
-  %136 = insertelement <16 x float> poison, float %135, i32 0
-  %137 = shufflevector <16 x float> %136, <16 x float> poison, <16 x i32> zeroinitializer
-  %138 = load <16 x float>, ptr %qacc10, align 4
-  %139 = call <16 x float> @llvm.fma.v16f32(<16 x float> %137, <16 x float> %w16, <16 x float> %138)
-  store <16 x float> %139, ptr %qacc10, align 4
-  %140 = load <16 x float>, ptr %qacc11, align 4
-  %141 = call <16 x float> @llvm.fma.v16f32(<16 x float> %137, <16 x float> %w1616, <16 x float> %140)
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %58, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = call <16 x float> @llvm.fma.v16f32(<16 x float> %145, <16 x float> %w16, <16 x float> %146)
-  store <16 x float> %147, ptr %qacc12, align 4
-  %148 = load <16 x float>, ptr %qacc13, align 4
-  %149 = call <16 x float> @llvm.fma.v16f32(<16 x float> %145, <16 x float> %w1616, <16 x float> %148)
-  store <16 x float> %149, ptr %qacc13, align 4
-  %150 = getelementptr inbounds float, ptr %65, i64 %qh
-  %151 = load float, ptr %150, align 4
-  %152 = insertelement <16 x float> poison, float %151, i32 0
-  %153 = shufflevector <16 x float> %152, <16 x float> poison, <16 x i32> zeroinitializer
-  %154 = load <16 x float>, ptr %qacc14, align 4
-  %155 = call <16 x float> @llvm.fma.v16f32(<16 x float> %153, <16 x float> %w16, <16 x float> %154)
-  store <16 x float> %155, ptr %qacc14, align 4
-  %156 = load <16 x float>, ptr %qacc15, align 4
-  %157 = call <16 x float> @llvm.fma.v16f32(<16 x float> %153, <16 x float> %w1616, <16 x float> %156)
-  store <16 x float> %157, ptr %qacc15, align 4
-  %158 = add nsw i64 %qh, 1
+  %66 = add nsw i64 %qb, 0
+  %67 = mul nsw i64 %qh, 8
+  %68 = mul nsw i64 %66, 8192
+  %69 = add nsw i64 %68, %67
+  %70 = getelementptr inbounds float, ptr %query, i64 %69
+  %71 = load <8 x float>, ptr %70, align 4
+  %72 = add nsw i64 %qb, 1
+  %73 = mul nsw i64 %qh, 8
+  %74 = mul nsw i64 %72, 8192
+  %75 = add nsw i64 %74, %73
+  %76 = getelementptr inbounds float, ptr %query, i64 %75
+  %77 = load <8 x float>, ptr %76, align 4
+  %w16 = shufflevector <8 x float> %71, <8 x float> %77, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %78 = add nsw i64 %qb, 2
+  %79 = mul nsw i64 %qh, 8
+  %80 = mul nsw i64 %78, 8192
+  %81 = add nsw i64 %80, %79
+  %82 = getelementptr inbounds float, ptr %query, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  %84 = add nsw i64 %qb, 3
+  %85 = mul nsw i64 %qh, 8
+  %86 = mul nsw i64 %84, 8192
+  %87 = add nsw i64 %86, %85
+  %88 = getelementptr inbounds float, ptr %query, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  %w1616 = shufflevector <8 x float> %83, <8 x float> %89, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %90 = getelementptr inbounds float, ptr %19, i64 %qh
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <16 x float> poison, float %91, i32 0
+  %93 = shufflevector <16 x float> %92, <16 x float> poison, <16 x i32> zeroinitializer
+  %94 = load <16 x float>, ptr %qacc, align 4
+  %95 = call <16 x float> @llvm.fma.v16f32(<16 x float> %93, <16 x float> %w16, <16 x float> %94)
+  store <16 x float> %95, ptr %qacc, align 4
+  %96 = load <16 x float>, ptr %qacc1, align 4
+  %97 = call <16 x float> @llvm.fma.v16f32(<16 x float> %93, <16 x float> %w1616, <16 x float> %96)
+  store <16 x float> %97, ptr %qacc1, align 4
+  %98 = getelementptr inbounds float, ptr %25, i64 %qh
+  %99 = load float, ptr %98, align 4
+  %100 = insertelement <16 x float> poison, float %99, i32 0
+  %101 = shufflevector <16 x float> %100, <16 x float> poison, <16 x i32> zeroinitializer
+  %102 = load <16 x float>, ptr %qacc2, align 4
+  %103 = call <16 x float> @llvm.fma.v16f32(<16 x float> %101, <16 x float> %w16, <16 x float> %102)
+  store <16 x float> %103, ptr %qacc2, align 4
+  %104 = load <16 x float>, ptr %qacc3, align 4
+  %105 = call <16 x float> @llvm.fma.v16f32(<16 x float> %101, <16 x float> %w1616, <16 x float> %104)
+  store <16 x float> %105, ptr %qacc3, align 4
+  %106 = getelementptr inbounds float, ptr %31, i64 %qh
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <16 x float> poison, float %107, i32 0
+  %109 = shufflevector <16 x float> %108, <16 x float> poison, <16 x i32> zeroinitializer
+  %110 = load <16 x float>, ptr %qacc4, align 4
+  %111 = call <16 x float> @llvm.fma.v16f32(<16 x float> %109, <16 x float> %w16, <16 x float> %110)
+  store <16 x float> %111, ptr %qacc4, align 4
+  %112 = load <16 x float>, ptr %qacc5, align 4
+  %113 = call <16 x float> @llvm.fma.v16f32(<16 x float> %109, <16 x float> %w1616, <16 x float> %112)
+  store <16 x float> %113, ptr %qacc5, align 4
+  %114 = getelementptr inbounds float, ptr %37, i64 %qh
+  %115 = load float, ptr %114, align 4
+  %116 = insertelement <16 x float> poison, float %115, i32 0
+  %117 = shufflevector <16 x float> %116, <16 x float> poison, <16 x i32> zeroinitializer
+  %118 = load <16 x float>, ptr %qacc6, align 4
+  %119 = call <16 x float> @llvm.fma.v16f32(<16 x float> %117, <16 x float> %w16, <16 x float> %118)
+  store <16 x float> %119, ptr %qacc6, align 4
+  %120 = load <16 x float>, ptr %qacc7, align 4
+  %121 = call <16 x float> @llvm.fma.v16f32(<16 x float> %117, <16 x float> %w1616, <16 x float> %120)
+  store <16 x float> %121, ptr %qacc7, align 4
+  %122 = getelementptr inbounds float, ptr %43, i64 %qh
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <16 x float> poison, float %123, i32 0
+  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
+  %126 = load <16 x float>, ptr %qacc8, align 4
+  %127 = call <16 x float> @llvm.fma.v16f32(<16 x float> %125, <16 x float> %w16, <16 x float> %126)
+  store <16 x float> %127, ptr %qacc8, align 4
+  %128 = load <16 x float>, ptr %qacc9, align 4
+  %129 = call <16 x float> @llvm.fma.v16f32(<16 x float> %125, <16 x float> %w1616, <16 x float> %128)
+  store <16 x float> %129, ptr %qacc9, align 4
+  %130 = getelementptr inbounds float, ptr %49, i64 %qh
+  %131 = load float, ptr %130, align 4
+  %132 = insertelement <16 x float> poison, float %131, i32 0
+  %133 = shufflevector <16 x float> %132, <16 x float> poison, <16 x i32> zeroinitializer
+  %134 = load <16 x float>, ptr %qacc10, align 4
+  %135 = call <16 x float> @llvm.fma.v16f32(<16 x float> %133, <16 x float> %w16, <16 x float> %134)
+  store <16 x float> %135, ptr %qacc10, align 4
+  %136 = load <16 x float>, ptr %qacc11, align 4
+  %137 = call <16 x float> @llvm.fma.v16f32(<16 x float> %133, <16 x float> %w1616, <16 x float> %136)
+  store <16 x float> %137, ptr %qacc11, align 4
+  %138 = getelementptr inbounds float, ptr %55, i64 %qh
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <16 x float> poison, float %139, i32 0
+  %141 = shufflevector <16 x float> %140, <16 x float> poison, <16 x i32> zeroinitializer
+  %142 = load <16 x float>, ptr %qacc12, align 4
+  %143 = call <16 x float> @llvm.fma.v16f32(<16 x float> %141, <16 x float> %w16, <16 x float> %142)
+  store <16 x float> %143, ptr %qacc12, align 4
+  %144 = load <16 x float>, ptr %qacc13, align 4
+  %145 = call <16 x float> @llvm.fma.v16f32(<16 x float> %141, <16 x float> %w1616, <16 x float> %144)
+  store <16 x float> %145, ptr %qacc13, align 4
+  %146 = getelementptr inbounds float, ptr %61, i64 %qh
+  %147 = load float, ptr %146, align 4
+  %148 = insertelement <16 x float> poison, float %147, i32 0
+  %149 = shufflevector <16 x float> %148, <16 x float> poison, <16 x i32> zeroinitializer
+  %150 = load <16 x float>, ptr %qacc14, align 4
+  %151 = call <16 x float> @llvm.fma.v16f32(<16 x float> %149, <16 x float> %w16, <16 x float> %150)
+  store <16 x float> %151, ptr %qacc14, align 4
+  %152 = load <16 x float>, ptr %qacc15, align 4
+  %153 = call <16 x float> @llvm.fma.v16f32(<16 x float> %149, <16 x float> %w1616, <16 x float> %152)
+  store <16 x float> %153, ptr %qacc15, align 4
+  %154 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %159 = load <16 x float>, ptr %qacc, align 4
-  %160 = load <16 x float>, ptr %qacc1, align 4
-  %161 = load <16 x float>, ptr %qacc2, align 4
-  %162 = load <16 x float>, ptr %qacc3, align 4
-  %163 = load <16 x float>, ptr %qacc4, align 4
-  %164 = load <16 x float>, ptr %qacc5, align 4
-  %165 = load <16 x float>, ptr %qacc6, align 4
-  %166 = load <16 x float>, ptr %qacc7, align 4
-  %167 = load <16 x float>, ptr %qacc8, align 4
-  %168 = load <16 x float>, ptr %qacc9, align 4
-  %169 = load <16 x float>, ptr %qacc10, align 4
-  %170 = load <16 x float>, ptr %qacc11, align 4
-  %171 = load <16 x float>, ptr %qacc12, align 4
-  %172 = load <16 x float>, ptr %qacc13, align 4
-  %173 = load <16 x float>, ptr %qacc14, align 4
-  %174 = load <16 x float>, ptr %qacc15, align 4
-  %175 = getelementptr inbounds float, ptr %19, i64 0
-  %176 = fadd <16 x float> %159, %8
-  store <16 x float> %176, ptr %175, align 4
-  %177 = getelementptr inbounds float, ptr %19, i64 16
-  %178 = fadd <16 x float> %160, %11
-  store <16 x float> %178, ptr %177, align 4
-  %179 = getelementptr inbounds float, ptr %26, i64 0
-  %180 = fadd <16 x float> %161, %8
-  store <16 x float> %180, ptr %179, align 4
-  %181 = getelementptr inbounds float, ptr %26, i64 16
-  %182 = fadd <16 x float> %162, %11
-  store <16 x float> %182, ptr %181, align 4
-  %183 = getelementptr inbounds float, ptr %33, i64 0
-  %184 = fadd <16 x float> %163, %8
-  store <16 x float> %184, ptr %183, align 4
-  %185 = getelementptr inbounds float, ptr %33, i64 16
-  %186 = fadd <16 x float> %164, %11
-  store <16 x float> %186, ptr %185, align 4
-  %187 = getelementptr inbounds float, ptr %40, i64 0
-  %188 = fadd <16 x float> %165, %8
-  store <16 x float> %188, ptr %187, align 4
-  %189 = getelementptr inbounds float, ptr %40, i64 16
-  %190 = fadd <16 x float> %166, %11
-  store <16 x float> %190, ptr %189, align 4
-  %191 = getelementptr inbounds float, ptr %47, i64 0
-  %192 = fadd <16 x float> %167, %8
-  store <16 x float> %192, ptr %191, align 4
-  %193 = getelementptr inbounds float, ptr %47, i64 16
-  %194 = fadd <16 x float> %168, %11
-  store <16 x float> %194, ptr %193, align 4
-  %195 = getelementptr inbounds float, ptr %54, i64 0
-  %196 = fadd <16 x float> %169, %8
-  store <16 x float> %196, ptr %195, align 4
-  %197 = getelementptr inbounds float, ptr %54, i64 16
-  %198 = fadd <16 x float> %170, %11
-  store <16 x float> %198, ptr %197, align 4
-  %199 = getelementptr inbounds float, ptr %61, i64 0
-  %200 = fadd <16 x float> %171, %8
-  store <16 x float> %200, ptr %199, align 4
-  %201 = getelementptr inbounds float, ptr %61, i64 16
-  %202 = fadd <16 x float> %172, %11
-  store <16 x float> %202, ptr %201, align 4
-  %203 = getelementptr inbounds float, ptr %68, i64 0
-  %204 = fadd <16 x float> %173, %8
-  store <16 x float> %204, ptr %203, align 4
-  %205 = getelementptr inbounds float, ptr %68, i64 16
-  %206 = fadd <16 x float> %174, %11
-  store <16 x float> %206, ptr %205, align 4
-  %207 = add nsw i64 %tb, 8
-  br label %tb.head
+  %155 = load <16 x float>, ptr %qacc, align 4
+  %156 = load <16 x float>, ptr %qacc1, align 4
+  %157 = load <16 x float>, ptr %qacc2, align 4
+  %158 = load <16 x float>, ptr %qacc3, align 4
+  %159 = load <16 x float>, ptr %qacc4, align 4
+  %160 = load <16 x float>, ptr %qacc5, align 4
+  %161 = load <16 x float>, ptr %qacc6, align 4
+  %162 = load <16 x float>, ptr %qacc7, align 4
+  %163 = load <16 x float>, ptr %qacc8, align 4
+  %164 = load <16 x float>, ptr %qacc9, align 4
+  %165 = load <16 x float>, ptr %qacc10, align 4
+  %166 = load <16 x float>, ptr %qacc11, align 4
+  %167 = load <16 x float>, ptr %qacc12, align 4
+  %168 = load <16 x float>, ptr %qacc13, align 4
+  %169 = load <16 x float>, ptr %qacc14, align 4
+  %170 = load <16 x float>, ptr %qacc15, align 4
+  %171 = fadd <16 x float> %155, %12
+  %172 = getelementptr inbounds float, ptr %22, i64 0
+  store <16 x float> %171, ptr %172, align 4
+  %173 = fadd <16 x float> %156, %15
+  %174 = getelementptr inbounds float, ptr %22, i64 16
+  store <16 x float> %173, ptr %174, align 4
+  %175 = fadd <16 x float> %157, %12
+  %176 = getelementptr inbounds float, ptr %28, i64 0
+  store <16 x float> %175, ptr %176, align 4
+  %177 = fadd <16 x float> %158, %15
+  %178 = getelementptr inbounds float, ptr %28, i64 16
+  store <16 x float> %177, ptr %178, align 4
+  %179 = fadd <16 x float> %159, %12
+  %180 = getelementptr inbounds float, ptr %34, i64 0
+  store <16 x float> %179, ptr %180, align 4
+  %181 = fadd <16 x float> %160, %15
+  %182 = getelementptr inbounds float, ptr %34, i64 16
+  store <16 x float> %181, ptr %182, align 4
+  %183 = fadd <16 x float> %161, %12
+  %184 = getelementptr inbounds float, ptr %40, i64 0
+  store <16 x float> %183, ptr %184, align 4
+  %185 = fadd <16 x float> %162, %15
+  %186 = getelementptr inbounds float, ptr %40, i64 16
+  store <16 x float> %185, ptr %186, align 4
+  %187 = fadd <16 x float> %163, %12
+  %188 = getelementptr inbounds float, ptr %46, i64 0
+  store <16 x float> %187, ptr %188, align 4
+  %189 = fadd <16 x float> %164, %15
+  %190 = getelementptr inbounds float, ptr %46, i64 16
+  store <16 x float> %189, ptr %190, align 4
+  %191 = fadd <16 x float> %165, %12
+  %192 = getelementptr inbounds float, ptr %52, i64 0
+  store <16 x float> %191, ptr %192, align 4
+  %193 = fadd <16 x float> %166, %15
+  %194 = getelementptr inbounds float, ptr %52, i64 16
+  store <16 x float> %193, ptr %194, align 4
+  %195 = fadd <16 x float> %167, %12
+  %196 = getelementptr inbounds float, ptr %58, i64 0
+  store <16 x float> %195, ptr %196, align 4
+  %197 = fadd <16 x float> %168, %15
+  %198 = getelementptr inbounds float, ptr %58, i64 16
+  store <16 x float> %197, ptr %198, align 4
+  %199 = fadd <16 x float> %169, %12
+  %200 = getelementptr inbounds float, ptr %64, i64 0
+  store <16 x float> %199, ptr %200, align 4
+  %201 = fadd <16 x float> %170, %15
+  %202 = getelementptr inbounds float, ptr %64, i64 16
+  store <16 x float> %201, ptr %202, align 4
+  %203 = add nsw i64 %rb, 8
+  br label %rb.head
 
-tb.end:                                           ; preds = %tb.head
-  br label %t1.head
+rb.end:                                           ; preds = %rb.head
+  br label %r1.head
 
-t1.head:                                          ; preds = %qh.end22, %tb.end
-  %t117 = phi i64 [ %full, %tb.end ], [ %256, %qh.end22 ]
-  %208 = icmp slt i64 %t117, %n
-  br i1 %208, label %t1.body, label %t1.end
+r1.head:                                          ; preds = %qh.end21, %rb.end
+  %r1 = phi i64 [ %full, %rb.end ], [ %251, %qh.end21 ]
+  %204 = icmp slt i64 %r1, %n
+  br i1 %204, label %r1.body, label %r1.end
 
-t1.body:                                          ; preds = %t1.head
-  %209 = add nsw i64 %t117, 0
-  %210 = add nsw i64 %t0, %209
-  %211 = mul nsw i64 %210, 1024
-  %212 = getelementptr inbounds float, ptr %x, i64 %211
-  %213 = mul nsw i64 %210, 2048
-  %214 = add nsw i64 %213, %5
-  %215 = getelementptr inbounds float, ptr %q, i64 %214
+r1.body:                                          ; preds = %r1.head
+  %205 = add nsw i64 %r1, 0
+  %206 = mul nsw i64 %205, 1024
+  %207 = getelementptr inbounds float, ptr %1, i64 %206
+  %208 = mul nsw i64 %205, 2048
+  %209 = add nsw i64 %208, %9
+  %210 = getelementptr inbounds float, ptr %3, i64 %209
+  store <16 x float> zeroinitializer, ptr %qacc17, align 4
   store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  store <16 x float> zeroinitializer, ptr %qacc19, align 4
-  br label %qh.head20
+  br label %qh.head19
 
-qh.head20:                                        ; preds = %qh.body21, %t1.body
-  %qh23 = phi i64 [ 0, %t1.body ], [ %249, %qh.body21 ]
-  %216 = icmp slt i64 %qh23, 1024
-  br i1 %216, label %qh.body21, label %qh.end22
+qh.head19:                                        ; preds = %qh.body20, %r1.body
+  %qh22 = phi i64 [ 0, %r1.body ], [ %244, %qh.body20 ]
+  %211 = icmp slt i64 %qh22, 1024
+  br i1 %211, label %qh.body20, label %qh.end21
 
-qh.body21:                                        ; preds = %qh.head20
-  %217 = add nsw i64 %qb, 0
-  %218 = mul nsw i64 %qh23, 8
-  %219 = mul nsw i64 %217, 8192
-  %220 = add nsw i64 %219, %218
-  %221 = getelementptr inbounds float, ptr %query, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  %223 = add nsw i64 %qb, 1
-  %224 = mul nsw i64 %qh23, 8
-  %225 = mul nsw i64 %223, 8192
-  %226 = add nsw i64 %225, %224
-  %227 = getelementptr inbounds float, ptr %query, i64 %226
-  %228 = load <8 x float>, ptr %227, align 4
-  %w1624 = shufflevector <8 x float> %222, <8 x float> %228, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %229 = add nsw i64 %qb, 2
-  %230 = mul nsw i64 %qh23, 8
-  %231 = mul nsw i64 %229, 8192
-  %232 = add nsw i64 %231, %230
-  %233 = getelementptr inbounds float, ptr %query, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  %235 = add nsw i64 %qb, 3
-  %236 = mul nsw i64 %qh23, 8
-  %237 = mul nsw i64 %235, 8192
-  %238 = add nsw i64 %237, %236
-  %239 = getelementptr inbounds float, ptr %query, i64 %238
-  %240 = load <8 x float>, ptr %239, align 4
-  %w1625 = shufflevector <8 x float> %234, <8 x float> %240, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %241 = getelementptr inbounds float, ptr %212, i64 %qh23
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <16 x float> poison, float %242, i32 0
-  %244 = shufflevector <16 x float> %243, <16 x float> poison, <16 x i32> zeroinitializer
-  %245 = load <16 x float>, ptr %qacc18, align 4
-  %246 = call <16 x float> @llvm.fma.v16f32(<16 x float> %244, <16 x float> %w1624, <16 x float> %245)
-  store <16 x float> %246, ptr %qacc18, align 4
-  %247 = load <16 x float>, ptr %qacc19, align 4
-  %248 = call <16 x float> @llvm.fma.v16f32(<16 x float> %244, <16 x float> %w1625, <16 x float> %247)
-  store <16 x float> %248, ptr %qacc19, align 4
-  %249 = add nsw i64 %qh23, 1
-  br label %qh.head20
+qh.body20:                                        ; preds = %qh.head19
+  %212 = add nsw i64 %qb, 0
+  %213 = mul nsw i64 %qh22, 8
+  %214 = mul nsw i64 %212, 8192
+  %215 = add nsw i64 %214, %213
+  %216 = getelementptr inbounds float, ptr %query, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  %218 = add nsw i64 %qb, 1
+  %219 = mul nsw i64 %qh22, 8
+  %220 = mul nsw i64 %218, 8192
+  %221 = add nsw i64 %220, %219
+  %222 = getelementptr inbounds float, ptr %query, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  %w1623 = shufflevector <8 x float> %217, <8 x float> %223, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %224 = add nsw i64 %qb, 2
+  %225 = mul nsw i64 %qh22, 8
+  %226 = mul nsw i64 %224, 8192
+  %227 = add nsw i64 %226, %225
+  %228 = getelementptr inbounds float, ptr %query, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  %230 = add nsw i64 %qb, 3
+  %231 = mul nsw i64 %qh22, 8
+  %232 = mul nsw i64 %230, 8192
+  %233 = add nsw i64 %232, %231
+  %234 = getelementptr inbounds float, ptr %query, i64 %233
+  %235 = load <8 x float>, ptr %234, align 4
+  %w1624 = shufflevector <8 x float> %229, <8 x float> %235, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %236 = getelementptr inbounds float, ptr %207, i64 %qh22
+  %237 = load float, ptr %236, align 4
+  %238 = insertelement <16 x float> poison, float %237, i32 0
+  %239 = shufflevector <16 x float> %238, <16 x float> poison, <16 x i32> zeroinitializer
+  %240 = load <16 x float>, ptr %qacc17, align 4
+  %241 = call <16 x float> @llvm.fma.v16f32(<16 x float> %239, <16 x float> %w1623, <16 x float> %240)
+  store <16 x float> %241, ptr %qacc17, align 4
+  %242 = load <16 x float>, ptr %qacc18, align 4
+  %243 = call <16 x float> @llvm.fma.v16f32(<16 x float> %239, <16 x float> %w1624, <16 x float> %242)
+  store <16 x float> %243, ptr %qacc18, align 4
+  %244 = add nsw i64 %qh22, 1
+  br label %qh.head19
 
-qh.end22:                                         ; preds = %qh.head20
-  %250 = load <16 x float>, ptr %qacc18, align 4
-  %251 = load <16 x float>, ptr %qacc19, align 4
-  %252 = getelementptr inbounds float, ptr %215, i64 0
-  %253 = fadd <16 x float> %250, %8
-  store <16 x float> %253, ptr %252, align 4
-  %254 = getelementptr inbounds float, ptr %215, i64 16
-  %255 = fadd <16 x float> %251, %11
-  store <16 x float> %255, ptr %254, align 4
-  %256 = add nsw i64 %t117, 1
-  br label %t1.head
+qh.end21:                                         ; preds = %qh.head19
+  %245 = load <16 x float>, ptr %qacc17, align 4
+  %246 = load <16 x float>, ptr %qacc18, align 4
+  %247 = fadd <16 x float> %245, %12
+  %248 = getelementptr inbounds float, ptr %210, i64 0
+  store <16 x float> %247, ptr %248, align 4
+  %249 = fadd <16 x float> %246, %15
+  %250 = getelementptr inbounds float, ptr %210, i64 16
+  store <16 x float> %249, ptr %250, align 4
+  %251 = add nsw i64 %r1, 1
+  br label %r1.head
 
-t1.end:                                           ; preds = %t1.head
-  %257 = add nsw i64 %qb, 4
+r1.end:                                           ; preds = %r1.head
+  %252 = add nsw i64 %qb, 4
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %t1.end44, %qb.end
-  %qb1 = phi i64 [ %bw, %qb.end ], [ %427, %t1.end44 ]
-  %258 = icmp slt i64 %qb1, %b1
-  br i1 %258, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %r1.end43, %qb.end
+  %qb1 = phi i64 [ %bw, %qb.end ], [ %413, %r1.end43 ]
+  %253 = icmp slt i64 %qb1, %b1
+  br i1 %253, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %259 = mul nsw i64 %qb1, 8
-  %260 = add nsw i64 %259, 0
-  %261 = getelementptr inbounds float, ptr %qbias, i64 %260
-  %262 = load <8 x float>, ptr %261, align 4
-  br label %tb.head26
+  %254 = mul nsw i64 %qb1, 8
+  %255 = add nsw i64 %254, 0
+  %256 = getelementptr inbounds float, ptr %qbias, i64 %255
+  %257 = load <8 x float>, ptr %256, align 4
+  br label %rb.head25
 
-tb.head26:                                        ; preds = %qh.end40, %qb1.body
-  %tb29 = phi i64 [ 0, %qb1.body ], [ %400, %qh.end40 ]
-  %263 = icmp slt i64 %tb29, %full
-  br i1 %263, label %tb.body27, label %tb.end28
+rb.head25:                                        ; preds = %qh.end39, %qb1.body
+  %rb28 = phi i64 [ 0, %qb1.body ], [ %387, %qh.end39 ]
+  %258 = icmp slt i64 %rb28, %full
+  br i1 %258, label %rb.body26, label %rb.end27
 
-tb.body27:                                        ; preds = %tb.head26
-  %264 = add nsw i64 %tb29, 0
-  %265 = add nsw i64 %t0, %264
+rb.body26:                                        ; preds = %rb.head25
+  %259 = add nsw i64 %rb28, 0
+  %260 = mul nsw i64 %259, 1024
+  %261 = getelementptr inbounds float, ptr %1, i64 %260
+  %262 = mul nsw i64 %259, 2048
+  %263 = add nsw i64 %262, %254
+  %264 = getelementptr inbounds float, ptr %3, i64 %263
+  %265 = add nsw i64 %rb28, 1
   %266 = mul nsw i64 %265, 1024
-  %267 = getelementptr inbounds float, ptr %x, i64 %266
+  %267 = getelementptr inbounds float, ptr %1, i64 %266
   %268 = mul nsw i64 %265, 2048
-  %269 = add nsw i64 %268, %259
-  %270 = getelementptr inbounds float, ptr %q, i64 %269
-  %271 = add nsw i64 %tb29, 1
-  %272 = add nsw i64 %t0, %271
-  %273 = mul nsw i64 %272, 1024
-  %274 = getelementptr inbounds float, ptr %x, i64 %273
-  %275 = mul nsw i64 %272, 2048
-  %276 = add nsw i64 %275, %259
-  %277 = getelementptr inbounds float, ptr %q, i64 %276
-  %278 = add nsw i64 %tb29, 2
-  %279 = add nsw i64 %t0, %278
-  %280 = mul nsw i64 %279, 1024
-  %281 = getelementptr inbounds float, ptr %x, i64 %280
-  %282 = mul nsw i64 %279, 2048
-  %283 = add nsw i64 %282, %259
-  %284 = getelementptr inbounds float, ptr %q, i64 %283
-  %285 = add nsw i64 %tb29, 3
-  %286 = add nsw i64 %t0, %285
-  %287 = mul nsw i64 %286, 1024
-  %288 = getelementptr inbounds float, ptr %x, i64 %287
-  %289 = mul nsw i64 %286, 2048
-  %290 = add nsw i64 %289, %259
-  %291 = getelementptr inbounds float, ptr %q, i64 %290
-  %292 = add nsw i64 %tb29, 4
-  %293 = add nsw i64 %t0, %292
-  %294 = mul nsw i64 %293, 1024
-  %295 = getelementptr inbounds float, ptr %x, i64 %294
-  %296 = mul nsw i64 %293, 2048
-  %297 = add nsw i64 %296, %259
-  %298 = getelementptr inbounds float, ptr %q, i64 %297
-  %299 = add nsw i64 %tb29, 5
-  %300 = add nsw i64 %t0, %299
-  %301 = mul nsw i64 %300, 1024
-  %302 = getelementptr inbounds float, ptr %x, i64 %301
-  %303 = mul nsw i64 %300, 2048
-  %304 = add nsw i64 %303, %259
-  %305 = getelementptr inbounds float, ptr %q, i64 %304
-  %306 = add nsw i64 %tb29, 6
-  %307 = add nsw i64 %t0, %306
-  %308 = mul nsw i64 %307, 1024
-  %309 = getelementptr inbounds float, ptr %x, i64 %308
-  %310 = mul nsw i64 %307, 2048
-  %311 = add nsw i64 %310, %259
-  %312 = getelementptr inbounds float, ptr %q, i64 %311
-  %313 = add nsw i64 %tb29, 7
-  %314 = add nsw i64 %t0, %313
-  %315 = mul nsw i64 %314, 1024
-  %316 = getelementptr inbounds float, ptr %x, i64 %315
-  %317 = mul nsw i64 %314, 2048
-  %318 = add nsw i64 %317, %259
-  %319 = getelementptr inbounds float, ptr %q, i64 %318
+  %269 = add nsw i64 %268, %254
+  %270 = getelementptr inbounds float, ptr %3, i64 %269
+  %271 = add nsw i64 %rb28, 2
+  %272 = mul nsw i64 %271, 1024
+  %273 = getelementptr inbounds float, ptr %1, i64 %272
+  %274 = mul nsw i64 %271, 2048
+  %275 = add nsw i64 %274, %254
+  %276 = getelementptr inbounds float, ptr %3, i64 %275
+  %277 = add nsw i64 %rb28, 3
+  %278 = mul nsw i64 %277, 1024
+  %279 = getelementptr inbounds float, ptr %1, i64 %278
+  %280 = mul nsw i64 %277, 2048
+  %281 = add nsw i64 %280, %254
+  %282 = getelementptr inbounds float, ptr %3, i64 %281
+  %283 = add nsw i64 %rb28, 4
+  %284 = mul nsw i64 %283, 1024
+  %285 = getelementptr inbounds float, ptr %1, i64 %284
+  %286 = mul nsw i64 %283, 2048
+  %287 = add nsw i64 %286, %254
+  %288 = getelementptr inbounds float, ptr %3, i64 %287
+  %289 = add nsw i64 %rb28, 5
+  %290 = mul nsw i64 %289, 1024
+  %291 = getelementptr inbounds float, ptr %1, i64 %290
+  %292 = mul nsw i64 %289, 2048
+  %293 = add nsw i64 %292, %254
+  %294 = getelementptr inbounds float, ptr %3, i64 %293
+  %295 = add nsw i64 %rb28, 6
+  %296 = mul nsw i64 %295, 1024
+  %297 = getelementptr inbounds float, ptr %1, i64 %296
+  %298 = mul nsw i64 %295, 2048
+  %299 = add nsw i64 %298, %254
+  %300 = getelementptr inbounds float, ptr %3, i64 %299
+  %301 = add nsw i64 %rb28, 7
+  %302 = mul nsw i64 %301, 1024
+  %303 = getelementptr inbounds float, ptr %1, i64 %302
+  %304 = mul nsw i64 %301, 2048
+  %305 = add nsw i64 %304, %254
+  %306 = getelementptr inbounds float, ptr %3, i64 %305
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
   store <8 x float> zeroinitializer, ptr %qacc30, align 4
   store <8 x float> zeroinitializer, ptr %qacc31, align 4
   store <8 x float> zeroinitializer, ptr %qacc32, align 4
@@ -495,167 +483,165 @@ tb.body27:                                        ; preds = %tb.head26
   store <8 x float> zeroinitializer, ptr %qacc34, align 4
   store <8 x float> zeroinitializer, ptr %qacc35, align 4
   store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  store <8 x float> zeroinitializer, ptr %qacc37, align 4
-  br label %qh.head38
+  br label %qh.head37
 
-qh.head38:                                        ; preds = %qh.body39, %tb.body27
-  %qh41 = phi i64 [ 0, %tb.body27 ], [ %375, %qh.body39 ]
-  %320 = icmp slt i64 %qh41, 1024
-  br i1 %320, label %qh.body39, label %qh.end40
+qh.head37:                                        ; preds = %qh.body38, %rb.body26
+  %qh40 = phi i64 [ 0, %rb.body26 ], [ %362, %qh.body38 ]
+  %307 = icmp slt i64 %qh40, 1024
+  br i1 %307, label %qh.body38, label %qh.end39
 
-qh.body39:                                        ; preds = %qh.head38
-  %321 = add nsw i64 %qb1, 0
-  %322 = mul nsw i64 %qh41, 8
-  %323 = mul nsw i64 %321, 8192
-  %324 = add nsw i64 %323, %322
-  %325 = getelementptr inbounds float, ptr %query, i64 %324
-  %326 = load <8 x float>, ptr %325, align 4
-  %327 = getelementptr inbounds float, ptr %267, i64 %qh41
-  %328 = load float, ptr %327, align 4
-  %329 = insertelement <8 x float> poison, float %328, i32 0
-  %330 = shufflevector <8 x float> %329, <8 x float> poison, <8 x i32> zeroinitializer
-  %331 = load <8 x float>, ptr %qacc30, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %330, <8 x float> %326, <8 x float> %331)
-  store <8 x float> %332, ptr %qacc30, align 4
-  %333 = getelementptr inbounds float, ptr %274, i64 %qh41
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %qacc31, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %326, <8 x float> %337)
-  store <8 x float> %338, ptr %qacc31, align 4
-  %339 = getelementptr inbounds float, ptr %281, i64 %qh41
-  %340 = load float, ptr %339, align 4
-  %341 = insertelement <8 x float> poison, float %340, i32 0
-  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %qacc32, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %326, <8 x float> %343)
-  store <8 x float> %344, ptr %qacc32, align 4
-  %345 = getelementptr inbounds float, ptr %288, i64 %qh41
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc33, align 4
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %326, <8 x float> %349)
-  store <8 x float> %350, ptr %qacc33, align 4
-  %351 = getelementptr inbounds float, ptr %295, i64 %qh41
-  %352 = load float, ptr %351, align 4
-  %353 = insertelement <8 x float> poison, float %352, i32 0
-  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
-  %355 = load <8 x float>, ptr %qacc34, align 4
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> %326, <8 x float> %355)
-  store <8 x float> %356, ptr %qacc34, align 4
-  %357 = getelementptr inbounds float, ptr %302, i64 %qh41
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %qacc35, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %326, <8 x float> %361)
-  store <8 x float> %362, ptr %qacc35, align 4
-  %363 = getelementptr inbounds float, ptr %309, i64 %qh41
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %326, <8 x float> %367)
-  store <8 x float> %368, ptr %qacc36, align 4
-  %369 = getelementptr inbounds float, ptr %316, i64 %qh41
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = load <8 x float>, ptr %qacc37, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %326, <8 x float> %373)
-  store <8 x float> %374, ptr %qacc37, align 4
-  %375 = add nsw i64 %qh41, 1
-  br label %qh.head38
+qh.body38:                                        ; preds = %qh.head37
+  %308 = add nsw i64 %qb1, 0
+  %309 = mul nsw i64 %qh40, 8
+  %310 = mul nsw i64 %308, 8192
+  %311 = add nsw i64 %310, %309
+  %312 = getelementptr inbounds float, ptr %query, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  %314 = getelementptr inbounds float, ptr %261, i64 %qh40
+  %315 = load float, ptr %314, align 4
+  %316 = insertelement <8 x float> poison, float %315, i32 0
+  %317 = shufflevector <8 x float> %316, <8 x float> poison, <8 x i32> zeroinitializer
+  %318 = load <8 x float>, ptr %qacc29, align 4
+  %319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> %313, <8 x float> %318)
+  store <8 x float> %319, ptr %qacc29, align 4
+  %320 = getelementptr inbounds float, ptr %267, i64 %qh40
+  %321 = load float, ptr %320, align 4
+  %322 = insertelement <8 x float> poison, float %321, i32 0
+  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
+  %324 = load <8 x float>, ptr %qacc30, align 4
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %313, <8 x float> %324)
+  store <8 x float> %325, ptr %qacc30, align 4
+  %326 = getelementptr inbounds float, ptr %273, i64 %qh40
+  %327 = load float, ptr %326, align 4
+  %328 = insertelement <8 x float> poison, float %327, i32 0
+  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
+  %330 = load <8 x float>, ptr %qacc31, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %313, <8 x float> %330)
+  store <8 x float> %331, ptr %qacc31, align 4
+  %332 = getelementptr inbounds float, ptr %279, i64 %qh40
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %qacc32, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %313, <8 x float> %336)
+  store <8 x float> %337, ptr %qacc32, align 4
+  %338 = getelementptr inbounds float, ptr %285, i64 %qh40
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = load <8 x float>, ptr %qacc33, align 4
+  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %313, <8 x float> %342)
+  store <8 x float> %343, ptr %qacc33, align 4
+  %344 = getelementptr inbounds float, ptr %291, i64 %qh40
+  %345 = load float, ptr %344, align 4
+  %346 = insertelement <8 x float> poison, float %345, i32 0
+  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
+  %348 = load <8 x float>, ptr %qacc34, align 4
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %313, <8 x float> %348)
+  store <8 x float> %349, ptr %qacc34, align 4
+  %350 = getelementptr inbounds float, ptr %297, i64 %qh40
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = load <8 x float>, ptr %qacc35, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %313, <8 x float> %354)
+  store <8 x float> %355, ptr %qacc35, align 4
+  %356 = getelementptr inbounds float, ptr %303, i64 %qh40
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = load <8 x float>, ptr %qacc36, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %313, <8 x float> %360)
+  store <8 x float> %361, ptr %qacc36, align 4
+  %362 = add nsw i64 %qh40, 1
+  br label %qh.head37
 
-qh.end40:                                         ; preds = %qh.head38
-  %376 = load <8 x float>, ptr %qacc30, align 4
-  %377 = load <8 x float>, ptr %qacc31, align 4
-  %378 = load <8 x float>, ptr %qacc32, align 4
-  %379 = load <8 x float>, ptr %qacc33, align 4
-  %380 = load <8 x float>, ptr %qacc34, align 4
-  %381 = load <8 x float>, ptr %qacc35, align 4
-  %382 = load <8 x float>, ptr %qacc36, align 4
-  %383 = load <8 x float>, ptr %qacc37, align 4
-  %384 = getelementptr inbounds float, ptr %270, i64 0
-  %385 = fadd <8 x float> %376, %262
-  store <8 x float> %385, ptr %384, align 4
-  %386 = getelementptr inbounds float, ptr %277, i64 0
-  %387 = fadd <8 x float> %377, %262
-  store <8 x float> %387, ptr %386, align 4
-  %388 = getelementptr inbounds float, ptr %284, i64 0
-  %389 = fadd <8 x float> %378, %262
-  store <8 x float> %389, ptr %388, align 4
-  %390 = getelementptr inbounds float, ptr %291, i64 0
-  %391 = fadd <8 x float> %379, %262
-  store <8 x float> %391, ptr %390, align 4
-  %392 = getelementptr inbounds float, ptr %298, i64 0
-  %393 = fadd <8 x float> %380, %262
-  store <8 x float> %393, ptr %392, align 4
-  %394 = getelementptr inbounds float, ptr %305, i64 0
-  %395 = fadd <8 x float> %381, %262
-  store <8 x float> %395, ptr %394, align 4
-  %396 = getelementptr inbounds float, ptr %312, i64 0
-  %397 = fadd <8 x float> %382, %262
-  store <8 x float> %397, ptr %396, align 4
-  %398 = getelementptr inbounds float, ptr %319, i64 0
-  %399 = fadd <8 x float> %383, %262
-  store <8 x float> %399, ptr %398, align 4
-  %400 = add nsw i64 %tb29, 8
-  br label %tb.head26
+qh.end39:                                         ; preds = %qh.head37
+  %363 = load <8 x float>, ptr %qacc29, align 4
+  %364 = load <8 x float>, ptr %qacc30, align 4
+  %365 = load <8 x float>, ptr %qacc31, align 4
+  %366 = load <8 x float>, ptr %qacc32, align 4
+  %367 = load <8 x float>, ptr %qacc33, align 4
+  %368 = load <8 x float>, ptr %qacc34, align 4
+  %369 = load <8 x float>, ptr %qacc35, align 4
+  %370 = load <8 x float>, ptr %qacc36, align 4
+  %371 = fadd <8 x float> %363, %257
+  %372 = getelementptr inbounds float, ptr %264, i64 0
+  store <8 x float> %371, ptr %372, align 4
+  %373 = fadd <8 x float> %364, %257
+  %374 = getelementptr inbounds float, ptr %270, i64 0
+  store <8 x float> %373, ptr %374, align 4
+  %375 = fadd <8 x float> %365, %257
+  %376 = getelementptr inbounds float, ptr %276, i64 0
+  store <8 x float> %375, ptr %376, align 4
+  %377 = fadd <8 x float> %366, %257
+  %378 = getelementptr inbounds float, ptr %282, i64 0
+  store <8 x float> %377, ptr %378, align 4
+  %379 = fadd <8 x float> %367, %257
+  %380 = getelementptr inbounds float, ptr %288, i64 0
+  store <8 x float> %379, ptr %380, align 4
+  %381 = fadd <8 x float> %368, %257
+  %382 = getelementptr inbounds float, ptr %294, i64 0
+  store <8 x float> %381, ptr %382, align 4
+  %383 = fadd <8 x float> %369, %257
+  %384 = getelementptr inbounds float, ptr %300, i64 0
+  store <8 x float> %383, ptr %384, align 4
+  %385 = fadd <8 x float> %370, %257
+  %386 = getelementptr inbounds float, ptr %306, i64 0
+  store <8 x float> %385, ptr %386, align 4
+  %387 = add nsw i64 %rb28, 8
+  br label %rb.head25
 
-tb.end28:                                         ; preds = %tb.head26
-  br label %t1.head42
+rb.end27:                                         ; preds = %rb.head25
+  br label %r1.head41
 
-t1.head42:                                        ; preds = %qh.end49, %tb.end28
-  %t145 = phi i64 [ %full, %tb.end28 ], [ %426, %qh.end49 ]
-  %401 = icmp slt i64 %t145, %n
-  br i1 %401, label %t1.body43, label %t1.end44
+r1.head41:                                        ; preds = %qh.end48, %rb.end27
+  %r144 = phi i64 [ %full, %rb.end27 ], [ %412, %qh.end48 ]
+  %388 = icmp slt i64 %r144, %n
+  br i1 %388, label %r1.body42, label %r1.end43
 
-t1.body43:                                        ; preds = %t1.head42
-  %402 = add nsw i64 %t145, 0
-  %403 = add nsw i64 %t0, %402
-  %404 = mul nsw i64 %403, 1024
-  %405 = getelementptr inbounds float, ptr %x, i64 %404
-  %406 = mul nsw i64 %403, 2048
-  %407 = add nsw i64 %406, %259
-  %408 = getelementptr inbounds float, ptr %q, i64 %407
-  store <8 x float> zeroinitializer, ptr %qacc46, align 4
-  br label %qh.head47
+r1.body42:                                        ; preds = %r1.head41
+  %389 = add nsw i64 %r144, 0
+  %390 = mul nsw i64 %389, 1024
+  %391 = getelementptr inbounds float, ptr %1, i64 %390
+  %392 = mul nsw i64 %389, 2048
+  %393 = add nsw i64 %392, %254
+  %394 = getelementptr inbounds float, ptr %3, i64 %393
+  store <8 x float> zeroinitializer, ptr %qacc45, align 4
+  br label %qh.head46
 
-qh.head47:                                        ; preds = %qh.body48, %t1.body43
-  %qh50 = phi i64 [ 0, %t1.body43 ], [ %422, %qh.body48 ]
-  %409 = icmp slt i64 %qh50, 1024
-  br i1 %409, label %qh.body48, label %qh.end49
+qh.head46:                                        ; preds = %qh.body47, %r1.body42
+  %qh49 = phi i64 [ 0, %r1.body42 ], [ %408, %qh.body47 ]
+  %395 = icmp slt i64 %qh49, 1024
+  br i1 %395, label %qh.body47, label %qh.end48
 
-qh.body48:                                        ; preds = %qh.head47
-  %410 = add nsw i64 %qb1, 0
-  %411 = mul nsw i64 %qh50, 8
-  %412 = mul nsw i64 %410, 8192
-  %413 = add nsw i64 %412, %411
-  %414 = getelementptr inbounds float, ptr %query, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  %416 = getelementptr inbounds float, ptr %405, i64 %qh50
-  %417 = load float, ptr %416, align 4
-  %418 = insertelement <8 x float> poison, float %417, i32 0
-  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
-  %420 = load <8 x float>, ptr %qacc46, align 4
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %415, <8 x float> %420)
-  store <8 x float> %421, ptr %qacc46, align 4
-  %422 = add nsw i64 %qh50, 1
-  br label %qh.head47
+qh.body47:                                        ; preds = %qh.head46
+  %396 = add nsw i64 %qb1, 0
+  %397 = mul nsw i64 %qh49, 8
+  %398 = mul nsw i64 %396, 8192
+  %399 = add nsw i64 %398, %397
+  %400 = getelementptr inbounds float, ptr %query, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  %402 = getelementptr inbounds float, ptr %391, i64 %qh49
+  %403 = load float, ptr %402, align 4
+  %404 = insertelement <8 x float> poison, float %403, i32 0
+  %405 = shufflevector <8 x float> %404, <8 x float> poison, <8 x i32> zeroinitializer
+  %406 = load <8 x float>, ptr %qacc45, align 4
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %401, <8 x float> %406)
+  store <8 x float> %407, ptr %qacc45, align 4
+  %408 = add nsw i64 %qh49, 1
+  br label %qh.head46
 
-qh.end49:                                         ; preds = %qh.head47
-  %423 = load <8 x float>, ptr %qacc46, align 4
-  %424 = getelementptr inbounds float, ptr %408, i64 0
-  %425 = fadd <8 x float> %423, %262
-  store <8 x float> %425, ptr %424, align 4
-  %426 = add nsw i64 %t145, 1
-  br label %t1.head42
+qh.end48:                                         ; preds = %qh.head46
+  %409 = load <8 x float>, ptr %qacc45, align 4
+  %410 = fadd <8 x float> %409, %257
+  %411 = getelementptr inbounds float, ptr %394, i64 0
+  store <8 x float> %410, ptr %411, align 4
+  %412 = add nsw i64 %r144, 1
+  br label %r1.head41
 
-t1.end44:                                         ; preds = %t1.head42
-  %427 = add nsw i64 %qb1, 1
+r1.end43:                                         ; preds = %r1.head41
+  %413 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
@@ -671,25 +657,71 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
 ; Function Attrs: nounwind
 define hidden void @moe_pk_route(ptr %q, i64 %t0, i64 %t1, ptr %keys, ptr %ids, ptr %weights) #0 {
 entry:
-  %sa = alloca [1024 x float], align 32
-  %sb = alloca [1024 x float], align 32
+  %sa = alloca [8192 x float], align 32
+  %sb = alloca [8192 x float], align 32
   %ia = alloca [16 x i64], align 32
   %ib = alloca [16 x i64], align 32
   %cv = alloca [256 x float], align 32
   %ck = alloca [256 x i64], align 32
   %ic = alloca [16 x i64], align 32
   %g = alloca [16 x float], align 32
-  %lacc0 = alloca <8 x float>, align 32
-  %lacc1 = alloca <8 x float>, align 32
-  %lacc2 = alloca <8 x float>, align 32
-  %lacc3 = alloca <8 x float>, align 32
+  %qacc = alloca <16 x float>, align 32
+  %qacc1 = alloca <16 x float>, align 32
+  %qacc2 = alloca <16 x float>, align 32
+  %qacc3 = alloca <16 x float>, align 32
+  %qacc4 = alloca <16 x float>, align 32
+  %qacc5 = alloca <16 x float>, align 32
+  %qacc6 = alloca <16 x float>, align 32
+  %qacc7 = alloca <16 x float>, align 32
+  %qacc8 = alloca <16 x float>, align 32
+  %qacc9 = alloca <16 x float>, align 32
+  %qacc10 = alloca <16 x float>, align 32
+  %qacc11 = alloca <16 x float>, align 32
+  %qacc12 = alloca <16 x float>, align 32
+  %qacc13 = alloca <16 x float>, align 32
+  %qacc14 = alloca <16 x float>, align 32
+  %qacc15 = alloca <16 x float>, align 32
+  %qacc17 = alloca <16 x float>, align 32
+  %qacc18 = alloca <16 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc33 = alloca <8 x float>, align 32
+  %qacc34 = alloca <8 x float>, align 32
+  %qacc35 = alloca <8 x float>, align 32
+  %qacc36 = alloca <8 x float>, align 32
+  %qacc45 = alloca <8 x float>, align 32
+  %qacc59 = alloca <16 x float>, align 32
+  %qacc60 = alloca <16 x float>, align 32
+  %qacc61 = alloca <16 x float>, align 32
+  %qacc62 = alloca <16 x float>, align 32
+  %qacc63 = alloca <16 x float>, align 32
+  %qacc64 = alloca <16 x float>, align 32
+  %qacc65 = alloca <16 x float>, align 32
+  %qacc66 = alloca <16 x float>, align 32
+  %qacc67 = alloca <16 x float>, align 32
+  %qacc68 = alloca <16 x float>, align 32
+  %qacc69 = alloca <16 x float>, align 32
+  %qacc70 = alloca <16 x float>, align 32
+  %qacc71 = alloca <16 x float>, align 32
+  %qacc72 = alloca <16 x float>, align 32
+  %qacc73 = alloca <16 x float>, align 32
+  %qacc74 = alloca <16 x float>, align 32
+  %qacc85 = alloca <16 x float>, align 32
+  %qacc86 = alloca <16 x float>, align 32
+  %qacc101 = alloca <8 x float>, align 32
+  %qacc102 = alloca <8 x float>, align 32
+  %qacc103 = alloca <8 x float>, align 32
+  %qacc104 = alloca <8 x float>, align 32
+  %qacc105 = alloca <8 x float>, align 32
+  %qacc106 = alloca <8 x float>, align 32
+  %qacc107 = alloca <8 x float>, align 32
+  %qacc108 = alloca <8 x float>, align 32
+  %qacc117 = alloca <8 x float>, align 32
   %tk.m = alloca i64, align 32
-  %lacc05 = alloca <8 x float>, align 32
-  %lacc16 = alloca <8 x float>, align 32
-  %lacc27 = alloca <8 x float>, align 32
-  %lacc38 = alloca <8 x float>, align 32
-  %tk.m13 = alloca i64, align 32
-  %tk.m28 = alloca i64, align 32
+  %tk.m122 = alloca i64, align 32
+  %tk.m137 = alloca i64, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   br label %start
@@ -697,153 +729,1196 @@ entry:
 start:                                            ; preds = %entry
   br label %tok.head
 
-tok.head:                                         ; preds = %head.end, %start
-  %tok = phi i64 [ %t0, %start ], [ %276, %head.end ]
+tok.head:                                         ; preds = %hgroup.end, %start
+  %tok = phi i64 [ %t0, %start ], [ %914, %hgroup.end ]
   %0 = icmp slt i64 %tok, %t1
   br i1 %0, label %tok.body, label %tok.end
 
 tok.body:                                         ; preds = %tok.head
   %1 = mul nsw i64 %tok, 2048
   %2 = getelementptr inbounds float, ptr %q, i64 %1
+  br label %hgroup.head
+
+hgroup.head:                                      ; preds = %head.end, %tok.body
+  %hgroup = phi i64 [ 0, %tok.body ], [ %913, %head.end ]
+  %3 = icmp slt i64 %hgroup, 8
+  br i1 %3, label %hgroup.body, label %hgroup.end
+
+hgroup.body:                                      ; preds = %hgroup.head
+  %4 = sub nsw i64 8, %hgroup
+  %5 = icmp slt i64 %4, 8
+  %gn = select i1 %5, i64 %4, i64 8
+  %6 = mul nsw i64 %hgroup, 256
+  %7 = add nsw i64 %6, 0
+  %8 = getelementptr inbounds float, ptr %2, i64 %7
+  %9 = getelementptr inbounds float, ptr %keys, i64 0
+  %10 = sdiv i64 %gn, 8
+  %full = mul i64 %10, 8
+  br label %qb.head
+
+qb.head:                                          ; preds = %r1.end, %hgroup.body
+  %qb = phi i64 [ 0, %hgroup.body ], [ %231, %r1.end ]
+  %11 = icmp slt i64 %qb, 128
+  br i1 %11, label %qb.body, label %qb.end
+
+qb.body:                                          ; preds = %qb.head
+  %12 = mul nsw i64 %qb, 8
+  br label %rb.head
+
+rb.head:                                          ; preds = %qh.end, %qb.body
+  %rb = phi i64 [ 0, %qb.body ], [ %184, %qh.end ]
+  %13 = icmp slt i64 %rb, %full
+  br i1 %13, label %rb.body, label %rb.end
+
+rb.body:                                          ; preds = %rb.head
+  %14 = add nsw i64 %rb, 0
+  %15 = mul nsw i64 %14, 256
+  %16 = getelementptr inbounds float, ptr %8, i64 %15
+  %17 = mul nsw i64 %14, 1024
+  %18 = add nsw i64 %17, %12
+  %19 = getelementptr inbounds float, ptr %sa, i64 %18
+  %20 = add nsw i64 %rb, 1
+  %21 = mul nsw i64 %20, 256
+  %22 = getelementptr inbounds float, ptr %8, i64 %21
+  %23 = mul nsw i64 %20, 1024
+  %24 = add nsw i64 %23, %12
+  %25 = getelementptr inbounds float, ptr %sa, i64 %24
+  %26 = add nsw i64 %rb, 2
+  %27 = mul nsw i64 %26, 256
+  %28 = getelementptr inbounds float, ptr %8, i64 %27
+  %29 = mul nsw i64 %26, 1024
+  %30 = add nsw i64 %29, %12
+  %31 = getelementptr inbounds float, ptr %sa, i64 %30
+  %32 = add nsw i64 %rb, 3
+  %33 = mul nsw i64 %32, 256
+  %34 = getelementptr inbounds float, ptr %8, i64 %33
+  %35 = mul nsw i64 %32, 1024
+  %36 = add nsw i64 %35, %12
+  %37 = getelementptr inbounds float, ptr %sa, i64 %36
+  %38 = add nsw i64 %rb, 4
+  %39 = mul nsw i64 %38, 256
+  %40 = getelementptr inbounds float, ptr %8, i64 %39
+  %41 = mul nsw i64 %38, 1024
+  %42 = add nsw i64 %41, %12
+  %43 = getelementptr inbounds float, ptr %sa, i64 %42
+  %44 = add nsw i64 %rb, 5
+  %45 = mul nsw i64 %44, 256
+  %46 = getelementptr inbounds float, ptr %8, i64 %45
+  %47 = mul nsw i64 %44, 1024
+  %48 = add nsw i64 %47, %12
+  %49 = getelementptr inbounds float, ptr %sa, i64 %48
+  %50 = add nsw i64 %rb, 6
+  %51 = mul nsw i64 %50, 256
+  %52 = getelementptr inbounds float, ptr %8, i64 %51
+  %53 = mul nsw i64 %50, 1024
+  %54 = add nsw i64 %53, %12
+  %55 = getelementptr inbounds float, ptr %sa, i64 %54
+  %56 = add nsw i64 %rb, 7
+  %57 = mul nsw i64 %56, 256
+  %58 = getelementptr inbounds float, ptr %8, i64 %57
+  %59 = mul nsw i64 %56, 1024
+  %60 = add nsw i64 %59, %12
+  %61 = getelementptr inbounds float, ptr %sa, i64 %60
+  store <16 x float> zeroinitializer, ptr %qacc, align 4
+  store <16 x float> zeroinitializer, ptr %qacc1, align 4
+  store <16 x float> zeroinitializer, ptr %qacc2, align 4
+  store <16 x float> zeroinitializer, ptr %qacc3, align 4
+  store <16 x float> zeroinitializer, ptr %qacc4, align 4
+  store <16 x float> zeroinitializer, ptr %qacc5, align 4
+  store <16 x float> zeroinitializer, ptr %qacc6, align 4
+  store <16 x float> zeroinitializer, ptr %qacc7, align 4
+  store <16 x float> zeroinitializer, ptr %qacc8, align 4
+  store <16 x float> zeroinitializer, ptr %qacc9, align 4
+  store <16 x float> zeroinitializer, ptr %qacc10, align 4
+  store <16 x float> zeroinitializer, ptr %qacc11, align 4
+  store <16 x float> zeroinitializer, ptr %qacc12, align 4
+  store <16 x float> zeroinitializer, ptr %qacc13, align 4
+  store <16 x float> zeroinitializer, ptr %qacc14, align 4
+  store <16 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head
+
+qh.head:                                          ; preds = %qh.body, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %151, %qh.body ]
+  %62 = icmp slt i64 %qh, 128
+  br i1 %62, label %qh.body, label %qh.end
+
+qh.body:                                          ; preds = %qh.head
+  %63 = add nsw i64 %qb, 0
+  %64 = mul nsw i64 %qh, 8
+  %65 = mul nsw i64 %63, 1024
+  %66 = add nsw i64 %65, %64
+  %67 = getelementptr inbounds float, ptr %9, i64 %66
+  %68 = load <8 x float>, ptr %67, align 4
+  %69 = add nsw i64 %qb, 1
+  %70 = mul nsw i64 %qh, 8
+  %71 = mul nsw i64 %69, 1024
+  %72 = add nsw i64 %71, %70
+  %73 = getelementptr inbounds float, ptr %9, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %w16 = shufflevector <8 x float> %68, <8 x float> %74, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %75 = add nsw i64 %qb, 2
+  %76 = mul nsw i64 %qh, 8
+  %77 = mul nsw i64 %75, 1024
+  %78 = add nsw i64 %77, %76
+  %79 = getelementptr inbounds float, ptr %9, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  %81 = add nsw i64 %qb, 3
+  %82 = mul nsw i64 %qh, 8
+  %83 = mul nsw i64 %81, 1024
+  %84 = add nsw i64 %83, %82
+  %85 = getelementptr inbounds float, ptr %9, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  %w1616 = shufflevector <8 x float> %80, <8 x float> %86, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %87 = getelementptr inbounds float, ptr %16, i64 %qh
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <16 x float> poison, float %88, i32 0
+  %90 = shufflevector <16 x float> %89, <16 x float> poison, <16 x i32> zeroinitializer
+  %91 = load <16 x float>, ptr %qacc, align 4
+  %92 = call <16 x float> @llvm.fma.v16f32(<16 x float> %90, <16 x float> %w16, <16 x float> %91)
+  store <16 x float> %92, ptr %qacc, align 4
+  %93 = load <16 x float>, ptr %qacc1, align 4
+  %94 = call <16 x float> @llvm.fma.v16f32(<16 x float> %90, <16 x float> %w1616, <16 x float> %93)
+  store <16 x float> %94, ptr %qacc1, align 4
+  %95 = getelementptr inbounds float, ptr %22, i64 %qh
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <16 x float> poison, float %96, i32 0
+  %98 = shufflevector <16 x float> %97, <16 x float> poison, <16 x i32> zeroinitializer
+  %99 = load <16 x float>, ptr %qacc2, align 4
+  %100 = call <16 x float> @llvm.fma.v16f32(<16 x float> %98, <16 x float> %w16, <16 x float> %99)
+  store <16 x float> %100, ptr %qacc2, align 4
+  %101 = load <16 x float>, ptr %qacc3, align 4
+  %102 = call <16 x float> @llvm.fma.v16f32(<16 x float> %98, <16 x float> %w1616, <16 x float> %101)
+  store <16 x float> %102, ptr %qacc3, align 4
+  %103 = getelementptr inbounds float, ptr %28, i64 %qh
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <16 x float> poison, float %104, i32 0
+  %106 = shufflevector <16 x float> %105, <16 x float> poison, <16 x i32> zeroinitializer
+  %107 = load <16 x float>, ptr %qacc4, align 4
+  %108 = call <16 x float> @llvm.fma.v16f32(<16 x float> %106, <16 x float> %w16, <16 x float> %107)
+  store <16 x float> %108, ptr %qacc4, align 4
+  %109 = load <16 x float>, ptr %qacc5, align 4
+  %110 = call <16 x float> @llvm.fma.v16f32(<16 x float> %106, <16 x float> %w1616, <16 x float> %109)
+  store <16 x float> %110, ptr %qacc5, align 4
+  %111 = getelementptr inbounds float, ptr %34, i64 %qh
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <16 x float> poison, float %112, i32 0
+  %114 = shufflevector <16 x float> %113, <16 x float> poison, <16 x i32> zeroinitializer
+  %115 = load <16 x float>, ptr %qacc6, align 4
+  %116 = call <16 x float> @llvm.fma.v16f32(<16 x float> %114, <16 x float> %w16, <16 x float> %115)
+  store <16 x float> %116, ptr %qacc6, align 4
+  %117 = load <16 x float>, ptr %qacc7, align 4
+  %118 = call <16 x float> @llvm.fma.v16f32(<16 x float> %114, <16 x float> %w1616, <16 x float> %117)
+  store <16 x float> %118, ptr %qacc7, align 4
+  %119 = getelementptr inbounds float, ptr %40, i64 %qh
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <16 x float> poison, float %120, i32 0
+  %122 = shufflevector <16 x float> %121, <16 x float> poison, <16 x i32> zeroinitializer
+  %123 = load <16 x float>, ptr %qacc8, align 4
+  %124 = call <16 x float> @llvm.fma.v16f32(<16 x float> %122, <16 x float> %w16, <16 x float> %123)
+  store <16 x float> %124, ptr %qacc8, align 4
+  %125 = load <16 x float>, ptr %qacc9, align 4
+  %126 = call <16 x float> @llvm.fma.v16f32(<16 x float> %122, <16 x float> %w1616, <16 x float> %125)
+  store <16 x float> %126, ptr %qacc9, align 4
+  %127 = getelementptr inbounds float, ptr %46, i64 %qh
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <16 x float> poison, float %128, i32 0
+  %130 = shufflevector <16 x float> %129, <16 x float> poison, <16 x i32> zeroinitializer
+  %131 = load <16 x float>, ptr %qacc10, align 4
+  %132 = call <16 x float> @llvm.fma.v16f32(<16 x float> %130, <16 x float> %w16, <16 x float> %131)
+  store <16 x float> %132, ptr %qacc10, align 4
+  %133 = load <16 x float>, ptr %qacc11, align 4
+  %134 = call <16 x float> @llvm.fma.v16f32(<16 x float> %130, <16 x float> %w1616, <16 x float> %133)
+  store <16 x float> %134, ptr %qacc11, align 4
+  %135 = getelementptr inbounds float, ptr %52, i64 %qh
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <16 x float> poison, float %136, i32 0
+  %138 = shufflevector <16 x float> %137, <16 x float> poison, <16 x i32> zeroinitializer
+  %139 = load <16 x float>, ptr %qacc12, align 4
+  %140 = call <16 x float> @llvm.fma.v16f32(<16 x float> %138, <16 x float> %w16, <16 x float> %139)
+  store <16 x float> %140, ptr %qacc12, align 4
+  %141 = load <16 x float>, ptr %qacc13, align 4
+  %142 = call <16 x float> @llvm.fma.v16f32(<16 x float> %138, <16 x float> %w1616, <16 x float> %141)
+  store <16 x float> %142, ptr %qacc13, align 4
+  %143 = getelementptr inbounds float, ptr %58, i64 %qh
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <16 x float> poison, float %144, i32 0
+  %146 = shufflevector <16 x float> %145, <16 x float> poison, <16 x i32> zeroinitializer
+  %147 = load <16 x float>, ptr %qacc14, align 4
+  %148 = call <16 x float> @llvm.fma.v16f32(<16 x float> %146, <16 x float> %w16, <16 x float> %147)
+  store <16 x float> %148, ptr %qacc14, align 4
+  %149 = load <16 x float>, ptr %qacc15, align 4
+  %150 = call <16 x float> @llvm.fma.v16f32(<16 x float> %146, <16 x float> %w1616, <16 x float> %149)
+  store <16 x float> %150, ptr %qacc15, align 4
+  %151 = add nsw i64 %qh, 1
+  br label %qh.head
+
+qh.end:                                           ; preds = %qh.head
+  %152 = load <16 x float>, ptr %qacc, align 4
+  %153 = load <16 x float>, ptr %qacc1, align 4
+  %154 = load <16 x float>, ptr %qacc2, align 4
+  %155 = load <16 x float>, ptr %qacc3, align 4
+  %156 = load <16 x float>, ptr %qacc4, align 4
+  %157 = load <16 x float>, ptr %qacc5, align 4
+  %158 = load <16 x float>, ptr %qacc6, align 4
+  %159 = load <16 x float>, ptr %qacc7, align 4
+  %160 = load <16 x float>, ptr %qacc8, align 4
+  %161 = load <16 x float>, ptr %qacc9, align 4
+  %162 = load <16 x float>, ptr %qacc10, align 4
+  %163 = load <16 x float>, ptr %qacc11, align 4
+  %164 = load <16 x float>, ptr %qacc12, align 4
+  %165 = load <16 x float>, ptr %qacc13, align 4
+  %166 = load <16 x float>, ptr %qacc14, align 4
+  %167 = load <16 x float>, ptr %qacc15, align 4
+  %168 = getelementptr inbounds float, ptr %19, i64 0
+  store <16 x float> %152, ptr %168, align 4
+  %169 = getelementptr inbounds float, ptr %19, i64 16
+  store <16 x float> %153, ptr %169, align 4
+  %170 = getelementptr inbounds float, ptr %25, i64 0
+  store <16 x float> %154, ptr %170, align 4
+  %171 = getelementptr inbounds float, ptr %25, i64 16
+  store <16 x float> %155, ptr %171, align 4
+  %172 = getelementptr inbounds float, ptr %31, i64 0
+  store <16 x float> %156, ptr %172, align 4
+  %173 = getelementptr inbounds float, ptr %31, i64 16
+  store <16 x float> %157, ptr %173, align 4
+  %174 = getelementptr inbounds float, ptr %37, i64 0
+  store <16 x float> %158, ptr %174, align 4
+  %175 = getelementptr inbounds float, ptr %37, i64 16
+  store <16 x float> %159, ptr %175, align 4
+  %176 = getelementptr inbounds float, ptr %43, i64 0
+  store <16 x float> %160, ptr %176, align 4
+  %177 = getelementptr inbounds float, ptr %43, i64 16
+  store <16 x float> %161, ptr %177, align 4
+  %178 = getelementptr inbounds float, ptr %49, i64 0
+  store <16 x float> %162, ptr %178, align 4
+  %179 = getelementptr inbounds float, ptr %49, i64 16
+  store <16 x float> %163, ptr %179, align 4
+  %180 = getelementptr inbounds float, ptr %55, i64 0
+  store <16 x float> %164, ptr %180, align 4
+  %181 = getelementptr inbounds float, ptr %55, i64 16
+  store <16 x float> %165, ptr %181, align 4
+  %182 = getelementptr inbounds float, ptr %61, i64 0
+  store <16 x float> %166, ptr %182, align 4
+  %183 = getelementptr inbounds float, ptr %61, i64 16
+  store <16 x float> %167, ptr %183, align 4
+  %184 = add nsw i64 %rb, 8
+  br label %rb.head
+
+rb.end:                                           ; preds = %rb.head
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end21, %rb.end
+  %r1 = phi i64 [ %full, %rb.end ], [ %230, %qh.end21 ]
+  %185 = icmp slt i64 %r1, %gn
+  br i1 %185, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %186 = add nsw i64 %r1, 0
+  %187 = mul nsw i64 %186, 256
+  %188 = getelementptr inbounds float, ptr %8, i64 %187
+  %189 = mul nsw i64 %186, 1024
+  %190 = add nsw i64 %189, %12
+  %191 = getelementptr inbounds float, ptr %sa, i64 %190
+  store <16 x float> zeroinitializer, ptr %qacc17, align 4
+  store <16 x float> zeroinitializer, ptr %qacc18, align 4
+  br label %qh.head19
+
+qh.head19:                                        ; preds = %qh.body20, %r1.body
+  %qh22 = phi i64 [ 0, %r1.body ], [ %225, %qh.body20 ]
+  %192 = icmp slt i64 %qh22, 128
+  br i1 %192, label %qh.body20, label %qh.end21
+
+qh.body20:                                        ; preds = %qh.head19
+  %193 = add nsw i64 %qb, 0
+  %194 = mul nsw i64 %qh22, 8
+  %195 = mul nsw i64 %193, 1024
+  %196 = add nsw i64 %195, %194
+  %197 = getelementptr inbounds float, ptr %9, i64 %196
+  %198 = load <8 x float>, ptr %197, align 4
+  %199 = add nsw i64 %qb, 1
+  %200 = mul nsw i64 %qh22, 8
+  %201 = mul nsw i64 %199, 1024
+  %202 = add nsw i64 %201, %200
+  %203 = getelementptr inbounds float, ptr %9, i64 %202
+  %204 = load <8 x float>, ptr %203, align 4
+  %w1623 = shufflevector <8 x float> %198, <8 x float> %204, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %205 = add nsw i64 %qb, 2
+  %206 = mul nsw i64 %qh22, 8
+  %207 = mul nsw i64 %205, 1024
+  %208 = add nsw i64 %207, %206
+  %209 = getelementptr inbounds float, ptr %9, i64 %208
+  %210 = load <8 x float>, ptr %209, align 4
+  %211 = add nsw i64 %qb, 3
+  %212 = mul nsw i64 %qh22, 8
+  %213 = mul nsw i64 %211, 1024
+  %214 = add nsw i64 %213, %212
+  %215 = getelementptr inbounds float, ptr %9, i64 %214
+  %216 = load <8 x float>, ptr %215, align 4
+  %w1624 = shufflevector <8 x float> %210, <8 x float> %216, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %217 = getelementptr inbounds float, ptr %188, i64 %qh22
+  %218 = load float, ptr %217, align 4
+  %219 = insertelement <16 x float> poison, float %218, i32 0
+  %220 = shufflevector <16 x float> %219, <16 x float> poison, <16 x i32> zeroinitializer
+  %221 = load <16 x float>, ptr %qacc17, align 4
+  %222 = call <16 x float> @llvm.fma.v16f32(<16 x float> %220, <16 x float> %w1623, <16 x float> %221)
+  store <16 x float> %222, ptr %qacc17, align 4
+  %223 = load <16 x float>, ptr %qacc18, align 4
+  %224 = call <16 x float> @llvm.fma.v16f32(<16 x float> %220, <16 x float> %w1624, <16 x float> %223)
+  store <16 x float> %224, ptr %qacc18, align 4
+  %225 = add nsw i64 %qh22, 1
+  br label %qh.head19
+
+qh.end21:                                         ; preds = %qh.head19
+  %226 = load <16 x float>, ptr %qacc17, align 4
+  %227 = load <16 x float>, ptr %qacc18, align 4
+  %228 = getelementptr inbounds float, ptr %191, i64 0
+  store <16 x float> %226, ptr %228, align 4
+  %229 = getelementptr inbounds float, ptr %191, i64 16
+  store <16 x float> %227, ptr %229, align 4
+  %230 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %231 = add nsw i64 %qb, 4
+  br label %qb.head
+
+qb.end:                                           ; preds = %qb.head
+  br label %qb1.head
+
+qb1.head:                                         ; preds = %r1.end43, %qb.end
+  %qb1 = phi i64 [ 128, %qb.end ], [ %380, %r1.end43 ]
+  %232 = icmp slt i64 %qb1, 128
+  br i1 %232, label %qb1.body, label %qb1.end
+
+qb1.body:                                         ; preds = %qb1.head
+  %233 = mul nsw i64 %qb1, 8
+  br label %rb.head25
+
+rb.head25:                                        ; preds = %qh.end39, %qb1.body
+  %rb28 = phi i64 [ 0, %qb1.body ], [ %355, %qh.end39 ]
+  %234 = icmp slt i64 %rb28, %full
+  br i1 %234, label %rb.body26, label %rb.end27
+
+rb.body26:                                        ; preds = %rb.head25
+  %235 = add nsw i64 %rb28, 0
+  %236 = mul nsw i64 %235, 256
+  %237 = getelementptr inbounds float, ptr %8, i64 %236
+  %238 = mul nsw i64 %235, 1024
+  %239 = add nsw i64 %238, %233
+  %240 = getelementptr inbounds float, ptr %sa, i64 %239
+  %241 = add nsw i64 %rb28, 1
+  %242 = mul nsw i64 %241, 256
+  %243 = getelementptr inbounds float, ptr %8, i64 %242
+  %244 = mul nsw i64 %241, 1024
+  %245 = add nsw i64 %244, %233
+  %246 = getelementptr inbounds float, ptr %sa, i64 %245
+  %247 = add nsw i64 %rb28, 2
+  %248 = mul nsw i64 %247, 256
+  %249 = getelementptr inbounds float, ptr %8, i64 %248
+  %250 = mul nsw i64 %247, 1024
+  %251 = add nsw i64 %250, %233
+  %252 = getelementptr inbounds float, ptr %sa, i64 %251
+  %253 = add nsw i64 %rb28, 3
+  %254 = mul nsw i64 %253, 256
+  %255 = getelementptr inbounds float, ptr %8, i64 %254
+  %256 = mul nsw i64 %253, 1024
+  %257 = add nsw i64 %256, %233
+  %258 = getelementptr inbounds float, ptr %sa, i64 %257
+  %259 = add nsw i64 %rb28, 4
+  %260 = mul nsw i64 %259, 256
+  %261 = getelementptr inbounds float, ptr %8, i64 %260
+  %262 = mul nsw i64 %259, 1024
+  %263 = add nsw i64 %262, %233
+  %264 = getelementptr inbounds float, ptr %sa, i64 %263
+  %265 = add nsw i64 %rb28, 5
+  %266 = mul nsw i64 %265, 256
+  %267 = getelementptr inbounds float, ptr %8, i64 %266
+  %268 = mul nsw i64 %265, 1024
+  %269 = add nsw i64 %268, %233
+  %270 = getelementptr inbounds float, ptr %sa, i64 %269
+  %271 = add nsw i64 %rb28, 6
+  %272 = mul nsw i64 %271, 256
+  %273 = getelementptr inbounds float, ptr %8, i64 %272
+  %274 = mul nsw i64 %271, 1024
+  %275 = add nsw i64 %274, %233
+  %276 = getelementptr inbounds float, ptr %sa, i64 %275
+  %277 = add nsw i64 %rb28, 7
+  %278 = mul nsw i64 %277, 256
+  %279 = getelementptr inbounds float, ptr %8, i64 %278
+  %280 = mul nsw i64 %277, 1024
+  %281 = add nsw i64 %280, %233
+  %282 = getelementptr inbounds float, ptr %sa, i64 %281
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  store <8 x float> zeroinitializer, ptr %qacc33, align 4
+  store <8 x float> zeroinitializer, ptr %qacc34, align 4
+  store <8 x float> zeroinitializer, ptr %qacc35, align 4
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %rb.body26
+  %qh40 = phi i64 [ 0, %rb.body26 ], [ %338, %qh.body38 ]
+  %283 = icmp slt i64 %qh40, 128
+  br i1 %283, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %284 = add nsw i64 %qb1, 0
+  %285 = mul nsw i64 %qh40, 8
+  %286 = mul nsw i64 %284, 1024
+  %287 = add nsw i64 %286, %285
+  %288 = getelementptr inbounds float, ptr %9, i64 %287
+  %289 = load <8 x float>, ptr %288, align 4
+  %290 = getelementptr inbounds float, ptr %237, i64 %qh40
+  %291 = load float, ptr %290, align 4
+  %292 = insertelement <8 x float> poison, float %291, i32 0
+  %293 = shufflevector <8 x float> %292, <8 x float> poison, <8 x i32> zeroinitializer
+  %294 = load <8 x float>, ptr %qacc29, align 4
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %289, <8 x float> %294)
+  store <8 x float> %295, ptr %qacc29, align 4
+  %296 = getelementptr inbounds float, ptr %243, i64 %qh40
+  %297 = load float, ptr %296, align 4
+  %298 = insertelement <8 x float> poison, float %297, i32 0
+  %299 = shufflevector <8 x float> %298, <8 x float> poison, <8 x i32> zeroinitializer
+  %300 = load <8 x float>, ptr %qacc30, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %289, <8 x float> %300)
+  store <8 x float> %301, ptr %qacc30, align 4
+  %302 = getelementptr inbounds float, ptr %249, i64 %qh40
+  %303 = load float, ptr %302, align 4
+  %304 = insertelement <8 x float> poison, float %303, i32 0
+  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
+  %306 = load <8 x float>, ptr %qacc31, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %289, <8 x float> %306)
+  store <8 x float> %307, ptr %qacc31, align 4
+  %308 = getelementptr inbounds float, ptr %255, i64 %qh40
+  %309 = load float, ptr %308, align 4
+  %310 = insertelement <8 x float> poison, float %309, i32 0
+  %311 = shufflevector <8 x float> %310, <8 x float> poison, <8 x i32> zeroinitializer
+  %312 = load <8 x float>, ptr %qacc32, align 4
+  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %289, <8 x float> %312)
+  store <8 x float> %313, ptr %qacc32, align 4
+  %314 = getelementptr inbounds float, ptr %261, i64 %qh40
+  %315 = load float, ptr %314, align 4
+  %316 = insertelement <8 x float> poison, float %315, i32 0
+  %317 = shufflevector <8 x float> %316, <8 x float> poison, <8 x i32> zeroinitializer
+  %318 = load <8 x float>, ptr %qacc33, align 4
+  %319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> %289, <8 x float> %318)
+  store <8 x float> %319, ptr %qacc33, align 4
+  %320 = getelementptr inbounds float, ptr %267, i64 %qh40
+  %321 = load float, ptr %320, align 4
+  %322 = insertelement <8 x float> poison, float %321, i32 0
+  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
+  %324 = load <8 x float>, ptr %qacc34, align 4
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %289, <8 x float> %324)
+  store <8 x float> %325, ptr %qacc34, align 4
+  %326 = getelementptr inbounds float, ptr %273, i64 %qh40
+  %327 = load float, ptr %326, align 4
+  %328 = insertelement <8 x float> poison, float %327, i32 0
+  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
+  %330 = load <8 x float>, ptr %qacc35, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %289, <8 x float> %330)
+  store <8 x float> %331, ptr %qacc35, align 4
+  %332 = getelementptr inbounds float, ptr %279, i64 %qh40
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %qacc36, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %289, <8 x float> %336)
+  store <8 x float> %337, ptr %qacc36, align 4
+  %338 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %339 = load <8 x float>, ptr %qacc29, align 4
+  %340 = load <8 x float>, ptr %qacc30, align 4
+  %341 = load <8 x float>, ptr %qacc31, align 4
+  %342 = load <8 x float>, ptr %qacc32, align 4
+  %343 = load <8 x float>, ptr %qacc33, align 4
+  %344 = load <8 x float>, ptr %qacc34, align 4
+  %345 = load <8 x float>, ptr %qacc35, align 4
+  %346 = load <8 x float>, ptr %qacc36, align 4
+  %347 = getelementptr inbounds float, ptr %240, i64 0
+  store <8 x float> %339, ptr %347, align 4
+  %348 = getelementptr inbounds float, ptr %246, i64 0
+  store <8 x float> %340, ptr %348, align 4
+  %349 = getelementptr inbounds float, ptr %252, i64 0
+  store <8 x float> %341, ptr %349, align 4
+  %350 = getelementptr inbounds float, ptr %258, i64 0
+  store <8 x float> %342, ptr %350, align 4
+  %351 = getelementptr inbounds float, ptr %264, i64 0
+  store <8 x float> %343, ptr %351, align 4
+  %352 = getelementptr inbounds float, ptr %270, i64 0
+  store <8 x float> %344, ptr %352, align 4
+  %353 = getelementptr inbounds float, ptr %276, i64 0
+  store <8 x float> %345, ptr %353, align 4
+  %354 = getelementptr inbounds float, ptr %282, i64 0
+  store <8 x float> %346, ptr %354, align 4
+  %355 = add nsw i64 %rb28, 8
+  br label %rb.head25
+
+rb.end27:                                         ; preds = %rb.head25
+  br label %r1.head41
+
+r1.head41:                                        ; preds = %qh.end48, %rb.end27
+  %r144 = phi i64 [ %full, %rb.end27 ], [ %379, %qh.end48 ]
+  %356 = icmp slt i64 %r144, %gn
+  br i1 %356, label %r1.body42, label %r1.end43
+
+r1.body42:                                        ; preds = %r1.head41
+  %357 = add nsw i64 %r144, 0
+  %358 = mul nsw i64 %357, 256
+  %359 = getelementptr inbounds float, ptr %8, i64 %358
+  %360 = mul nsw i64 %357, 1024
+  %361 = add nsw i64 %360, %233
+  %362 = getelementptr inbounds float, ptr %sa, i64 %361
+  store <8 x float> zeroinitializer, ptr %qacc45, align 4
+  br label %qh.head46
+
+qh.head46:                                        ; preds = %qh.body47, %r1.body42
+  %qh49 = phi i64 [ 0, %r1.body42 ], [ %376, %qh.body47 ]
+  %363 = icmp slt i64 %qh49, 128
+  br i1 %363, label %qh.body47, label %qh.end48
+
+qh.body47:                                        ; preds = %qh.head46
+  %364 = add nsw i64 %qb1, 0
+  %365 = mul nsw i64 %qh49, 8
+  %366 = mul nsw i64 %364, 1024
+  %367 = add nsw i64 %366, %365
+  %368 = getelementptr inbounds float, ptr %9, i64 %367
+  %369 = load <8 x float>, ptr %368, align 4
+  %370 = getelementptr inbounds float, ptr %359, i64 %qh49
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %qacc45, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %369, <8 x float> %374)
+  store <8 x float> %375, ptr %qacc45, align 4
+  %376 = add nsw i64 %qh49, 1
+  br label %qh.head46
+
+qh.end48:                                         ; preds = %qh.head46
+  %377 = load <8 x float>, ptr %qacc45, align 4
+  %378 = getelementptr inbounds float, ptr %362, i64 0
+  store <8 x float> %377, ptr %378, align 4
+  %379 = add nsw i64 %r144, 1
+  br label %r1.head41
+
+r1.end43:                                         ; preds = %r1.head41
+  %380 = add nsw i64 %qb1, 1
+  br label %qb1.head
+
+qb1.end:                                          ; preds = %qb1.head
+  %381 = mul nsw i64 %hgroup, 256
+  %382 = add nsw i64 %381, 128
+  %383 = getelementptr inbounds float, ptr %2, i64 %382
+  %384 = getelementptr inbounds float, ptr %keys, i64 131072
+  %385 = sdiv i64 %gn, 8
+  %full50 = mul i64 %385, 8
+  br label %qb.head51
+
+qb.head51:                                        ; preds = %r1.end83, %qb1.end
+  %qb54 = phi i64 [ 0, %qb1.end ], [ %606, %r1.end83 ]
+  %386 = icmp slt i64 %qb54, 128
+  br i1 %386, label %qb.body52, label %qb.end53
+
+qb.body52:                                        ; preds = %qb.head51
+  %387 = mul nsw i64 %qb54, 8
+  br label %rb.head55
+
+rb.head55:                                        ; preds = %qh.end77, %qb.body52
+  %rb58 = phi i64 [ 0, %qb.body52 ], [ %559, %qh.end77 ]
+  %388 = icmp slt i64 %rb58, %full50
+  br i1 %388, label %rb.body56, label %rb.end57
+
+rb.body56:                                        ; preds = %rb.head55
+  %389 = add nsw i64 %rb58, 0
+  %390 = mul nsw i64 %389, 256
+  %391 = getelementptr inbounds float, ptr %383, i64 %390
+  %392 = mul nsw i64 %389, 1024
+  %393 = add nsw i64 %392, %387
+  %394 = getelementptr inbounds float, ptr %sb, i64 %393
+  %395 = add nsw i64 %rb58, 1
+  %396 = mul nsw i64 %395, 256
+  %397 = getelementptr inbounds float, ptr %383, i64 %396
+  %398 = mul nsw i64 %395, 1024
+  %399 = add nsw i64 %398, %387
+  %400 = getelementptr inbounds float, ptr %sb, i64 %399
+  %401 = add nsw i64 %rb58, 2
+  %402 = mul nsw i64 %401, 256
+  %403 = getelementptr inbounds float, ptr %383, i64 %402
+  %404 = mul nsw i64 %401, 1024
+  %405 = add nsw i64 %404, %387
+  %406 = getelementptr inbounds float, ptr %sb, i64 %405
+  %407 = add nsw i64 %rb58, 3
+  %408 = mul nsw i64 %407, 256
+  %409 = getelementptr inbounds float, ptr %383, i64 %408
+  %410 = mul nsw i64 %407, 1024
+  %411 = add nsw i64 %410, %387
+  %412 = getelementptr inbounds float, ptr %sb, i64 %411
+  %413 = add nsw i64 %rb58, 4
+  %414 = mul nsw i64 %413, 256
+  %415 = getelementptr inbounds float, ptr %383, i64 %414
+  %416 = mul nsw i64 %413, 1024
+  %417 = add nsw i64 %416, %387
+  %418 = getelementptr inbounds float, ptr %sb, i64 %417
+  %419 = add nsw i64 %rb58, 5
+  %420 = mul nsw i64 %419, 256
+  %421 = getelementptr inbounds float, ptr %383, i64 %420
+  %422 = mul nsw i64 %419, 1024
+  %423 = add nsw i64 %422, %387
+  %424 = getelementptr inbounds float, ptr %sb, i64 %423
+  %425 = add nsw i64 %rb58, 6
+  %426 = mul nsw i64 %425, 256
+  %427 = getelementptr inbounds float, ptr %383, i64 %426
+  %428 = mul nsw i64 %425, 1024
+  %429 = add nsw i64 %428, %387
+  %430 = getelementptr inbounds float, ptr %sb, i64 %429
+  %431 = add nsw i64 %rb58, 7
+  %432 = mul nsw i64 %431, 256
+  %433 = getelementptr inbounds float, ptr %383, i64 %432
+  %434 = mul nsw i64 %431, 1024
+  %435 = add nsw i64 %434, %387
+  %436 = getelementptr inbounds float, ptr %sb, i64 %435
+  store <16 x float> zeroinitializer, ptr %qacc59, align 4
+  store <16 x float> zeroinitializer, ptr %qacc60, align 4
+  store <16 x float> zeroinitializer, ptr %qacc61, align 4
+  store <16 x float> zeroinitializer, ptr %qacc62, align 4
+  store <16 x float> zeroinitializer, ptr %qacc63, align 4
+  store <16 x float> zeroinitializer, ptr %qacc64, align 4
+  store <16 x float> zeroinitializer, ptr %qacc65, align 4
+  store <16 x float> zeroinitializer, ptr %qacc66, align 4
+  store <16 x float> zeroinitializer, ptr %qacc67, align 4
+  store <16 x float> zeroinitializer, ptr %qacc68, align 4
+  store <16 x float> zeroinitializer, ptr %qacc69, align 4
+  store <16 x float> zeroinitializer, ptr %qacc70, align 4
+  store <16 x float> zeroinitializer, ptr %qacc71, align 4
+  store <16 x float> zeroinitializer, ptr %qacc72, align 4
+  store <16 x float> zeroinitializer, ptr %qacc73, align 4
+  store <16 x float> zeroinitializer, ptr %qacc74, align 4
+  br label %qh.head75
+
+qh.head75:                                        ; preds = %qh.body76, %rb.body56
+  %qh78 = phi i64 [ 0, %rb.body56 ], [ %526, %qh.body76 ]
+  %437 = icmp slt i64 %qh78, 128
+  br i1 %437, label %qh.body76, label %qh.end77
+
+qh.body76:                                        ; preds = %qh.head75
+  %438 = add nsw i64 %qb54, 0
+  %439 = mul nsw i64 %qh78, 8
+  %440 = mul nsw i64 %438, 1024
+  %441 = add nsw i64 %440, %439
+  %442 = getelementptr inbounds float, ptr %384, i64 %441
+  %443 = load <8 x float>, ptr %442, align 4
+  %444 = add nsw i64 %qb54, 1
+  %445 = mul nsw i64 %qh78, 8
+  %446 = mul nsw i64 %444, 1024
+  %447 = add nsw i64 %446, %445
+  %448 = getelementptr inbounds float, ptr %384, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  %w1679 = shufflevector <8 x float> %443, <8 x float> %449, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %450 = add nsw i64 %qb54, 2
+  %451 = mul nsw i64 %qh78, 8
+  %452 = mul nsw i64 %450, 1024
+  %453 = add nsw i64 %452, %451
+  %454 = getelementptr inbounds float, ptr %384, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = add nsw i64 %qb54, 3
+  %457 = mul nsw i64 %qh78, 8
+  %458 = mul nsw i64 %456, 1024
+  %459 = add nsw i64 %458, %457
+  %460 = getelementptr inbounds float, ptr %384, i64 %459
+  %461 = load <8 x float>, ptr %460, align 4
+  %w1680 = shufflevector <8 x float> %455, <8 x float> %461, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %462 = getelementptr inbounds float, ptr %391, i64 %qh78
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <16 x float> poison, float %463, i32 0
+  %465 = shufflevector <16 x float> %464, <16 x float> poison, <16 x i32> zeroinitializer
+  %466 = load <16 x float>, ptr %qacc59, align 4
+  %467 = call <16 x float> @llvm.fma.v16f32(<16 x float> %465, <16 x float> %w1679, <16 x float> %466)
+  store <16 x float> %467, ptr %qacc59, align 4
+  %468 = load <16 x float>, ptr %qacc60, align 4
+  %469 = call <16 x float> @llvm.fma.v16f32(<16 x float> %465, <16 x float> %w1680, <16 x float> %468)
+  store <16 x float> %469, ptr %qacc60, align 4
+  %470 = getelementptr inbounds float, ptr %397, i64 %qh78
+  %471 = load float, ptr %470, align 4
+  %472 = insertelement <16 x float> poison, float %471, i32 0
+  %473 = shufflevector <16 x float> %472, <16 x float> poison, <16 x i32> zeroinitializer
+  %474 = load <16 x float>, ptr %qacc61, align 4
+  %475 = call <16 x float> @llvm.fma.v16f32(<16 x float> %473, <16 x float> %w1679, <16 x float> %474)
+  store <16 x float> %475, ptr %qacc61, align 4
+  %476 = load <16 x float>, ptr %qacc62, align 4
+  %477 = call <16 x float> @llvm.fma.v16f32(<16 x float> %473, <16 x float> %w1680, <16 x float> %476)
+  store <16 x float> %477, ptr %qacc62, align 4
+  %478 = getelementptr inbounds float, ptr %403, i64 %qh78
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <16 x float> poison, float %479, i32 0
+  %481 = shufflevector <16 x float> %480, <16 x float> poison, <16 x i32> zeroinitializer
+  %482 = load <16 x float>, ptr %qacc63, align 4
+  %483 = call <16 x float> @llvm.fma.v16f32(<16 x float> %481, <16 x float> %w1679, <16 x float> %482)
+  store <16 x float> %483, ptr %qacc63, align 4
+  %484 = load <16 x float>, ptr %qacc64, align 4
+  %485 = call <16 x float> @llvm.fma.v16f32(<16 x float> %481, <16 x float> %w1680, <16 x float> %484)
+  store <16 x float> %485, ptr %qacc64, align 4
+  %486 = getelementptr inbounds float, ptr %409, i64 %qh78
+  %487 = load float, ptr %486, align 4
+  %488 = insertelement <16 x float> poison, float %487, i32 0
+  %489 = shufflevector <16 x float> %488, <16 x float> poison, <16 x i32> zeroinitializer
+  %490 = load <16 x float>, ptr %qacc65, align 4
+  %491 = call <16 x float> @llvm.fma.v16f32(<16 x float> %489, <16 x float> %w1679, <16 x float> %490)
+  store <16 x float> %491, ptr %qacc65, align 4
+  %492 = load <16 x float>, ptr %qacc66, align 4
+  %493 = call <16 x float> @llvm.fma.v16f32(<16 x float> %489, <16 x float> %w1680, <16 x float> %492)
+  store <16 x float> %493, ptr %qacc66, align 4
+  %494 = getelementptr inbounds float, ptr %415, i64 %qh78
+  %495 = load float, ptr %494, align 4
+  %496 = insertelement <16 x float> poison, float %495, i32 0
+  %497 = shufflevector <16 x float> %496, <16 x float> poison, <16 x i32> zeroinitializer
+  %498 = load <16 x float>, ptr %qacc67, align 4
+  %499 = call <16 x float> @llvm.fma.v16f32(<16 x float> %497, <16 x float> %w1679, <16 x float> %498)
+  store <16 x float> %499, ptr %qacc67, align 4
+  %500 = load <16 x float>, ptr %qacc68, align 4
+  %501 = call <16 x float> @llvm.fma.v16f32(<16 x float> %497, <16 x float> %w1680, <16 x float> %500)
+  store <16 x float> %501, ptr %qacc68, align 4
+  %502 = getelementptr inbounds float, ptr %421, i64 %qh78
+  %503 = load float, ptr %502, align 4
+  %504 = insertelement <16 x float> poison, float %503, i32 0
+  %505 = shufflevector <16 x float> %504, <16 x float> poison, <16 x i32> zeroinitializer
+  %506 = load <16 x float>, ptr %qacc69, align 4
+  %507 = call <16 x float> @llvm.fma.v16f32(<16 x float> %505, <16 x float> %w1679, <16 x float> %506)
+  store <16 x float> %507, ptr %qacc69, align 4
+  %508 = load <16 x float>, ptr %qacc70, align 4
+  %509 = call <16 x float> @llvm.fma.v16f32(<16 x float> %505, <16 x float> %w1680, <16 x float> %508)
+  store <16 x float> %509, ptr %qacc70, align 4
+  %510 = getelementptr inbounds float, ptr %427, i64 %qh78
+  %511 = load float, ptr %510, align 4
+  %512 = insertelement <16 x float> poison, float %511, i32 0
+  %513 = shufflevector <16 x float> %512, <16 x float> poison, <16 x i32> zeroinitializer
+  %514 = load <16 x float>, ptr %qacc71, align 4
+  %515 = call <16 x float> @llvm.fma.v16f32(<16 x float> %513, <16 x float> %w1679, <16 x float> %514)
+  store <16 x float> %515, ptr %qacc71, align 4
+  %516 = load <16 x float>, ptr %qacc72, align 4
+  %517 = call <16 x float> @llvm.fma.v16f32(<16 x float> %513, <16 x float> %w1680, <16 x float> %516)
+  store <16 x float> %517, ptr %qacc72, align 4
+  %518 = getelementptr inbounds float, ptr %433, i64 %qh78
+  %519 = load float, ptr %518, align 4
+  %520 = insertelement <16 x float> poison, float %519, i32 0
+  %521 = shufflevector <16 x float> %520, <16 x float> poison, <16 x i32> zeroinitializer
+  %522 = load <16 x float>, ptr %qacc73, align 4
+  %523 = call <16 x float> @llvm.fma.v16f32(<16 x float> %521, <16 x float> %w1679, <16 x float> %522)
+  store <16 x float> %523, ptr %qacc73, align 4
+  %524 = load <16 x float>, ptr %qacc74, align 4
+  %525 = call <16 x float> @llvm.fma.v16f32(<16 x float> %521, <16 x float> %w1680, <16 x float> %524)
+  store <16 x float> %525, ptr %qacc74, align 4
+  %526 = add nsw i64 %qh78, 1
+  br label %qh.head75
+
+qh.end77:                                         ; preds = %qh.head75
+  %527 = load <16 x float>, ptr %qacc59, align 4
+  %528 = load <16 x float>, ptr %qacc60, align 4
+  %529 = load <16 x float>, ptr %qacc61, align 4
+  %530 = load <16 x float>, ptr %qacc62, align 4
+  %531 = load <16 x float>, ptr %qacc63, align 4
+  %532 = load <16 x float>, ptr %qacc64, align 4
+  %533 = load <16 x float>, ptr %qacc65, align 4
+  %534 = load <16 x float>, ptr %qacc66, align 4
+  %535 = load <16 x float>, ptr %qacc67, align 4
+  %536 = load <16 x float>, ptr %qacc68, align 4
+  %537 = load <16 x float>, ptr %qacc69, align 4
+  %538 = load <16 x float>, ptr %qacc70, align 4
+  %539 = load <16 x float>, ptr %qacc71, align 4
+  %540 = load <16 x float>, ptr %qacc72, align 4
+  %541 = load <16 x float>, ptr %qacc73, align 4
+  %542 = load <16 x float>, ptr %qacc74, align 4
+  %543 = getelementptr inbounds float, ptr %394, i64 0
+  store <16 x float> %527, ptr %543, align 4
+  %544 = getelementptr inbounds float, ptr %394, i64 16
+  store <16 x float> %528, ptr %544, align 4
+  %545 = getelementptr inbounds float, ptr %400, i64 0
+  store <16 x float> %529, ptr %545, align 4
+  %546 = getelementptr inbounds float, ptr %400, i64 16
+  store <16 x float> %530, ptr %546, align 4
+  %547 = getelementptr inbounds float, ptr %406, i64 0
+  store <16 x float> %531, ptr %547, align 4
+  %548 = getelementptr inbounds float, ptr %406, i64 16
+  store <16 x float> %532, ptr %548, align 4
+  %549 = getelementptr inbounds float, ptr %412, i64 0
+  store <16 x float> %533, ptr %549, align 4
+  %550 = getelementptr inbounds float, ptr %412, i64 16
+  store <16 x float> %534, ptr %550, align 4
+  %551 = getelementptr inbounds float, ptr %418, i64 0
+  store <16 x float> %535, ptr %551, align 4
+  %552 = getelementptr inbounds float, ptr %418, i64 16
+  store <16 x float> %536, ptr %552, align 4
+  %553 = getelementptr inbounds float, ptr %424, i64 0
+  store <16 x float> %537, ptr %553, align 4
+  %554 = getelementptr inbounds float, ptr %424, i64 16
+  store <16 x float> %538, ptr %554, align 4
+  %555 = getelementptr inbounds float, ptr %430, i64 0
+  store <16 x float> %539, ptr %555, align 4
+  %556 = getelementptr inbounds float, ptr %430, i64 16
+  store <16 x float> %540, ptr %556, align 4
+  %557 = getelementptr inbounds float, ptr %436, i64 0
+  store <16 x float> %541, ptr %557, align 4
+  %558 = getelementptr inbounds float, ptr %436, i64 16
+  store <16 x float> %542, ptr %558, align 4
+  %559 = add nsw i64 %rb58, 8
+  br label %rb.head55
+
+rb.end57:                                         ; preds = %rb.head55
+  br label %r1.head81
+
+r1.head81:                                        ; preds = %qh.end89, %rb.end57
+  %r184 = phi i64 [ %full50, %rb.end57 ], [ %605, %qh.end89 ]
+  %560 = icmp slt i64 %r184, %gn
+  br i1 %560, label %r1.body82, label %r1.end83
+
+r1.body82:                                        ; preds = %r1.head81
+  %561 = add nsw i64 %r184, 0
+  %562 = mul nsw i64 %561, 256
+  %563 = getelementptr inbounds float, ptr %383, i64 %562
+  %564 = mul nsw i64 %561, 1024
+  %565 = add nsw i64 %564, %387
+  %566 = getelementptr inbounds float, ptr %sb, i64 %565
+  store <16 x float> zeroinitializer, ptr %qacc85, align 4
+  store <16 x float> zeroinitializer, ptr %qacc86, align 4
+  br label %qh.head87
+
+qh.head87:                                        ; preds = %qh.body88, %r1.body82
+  %qh90 = phi i64 [ 0, %r1.body82 ], [ %600, %qh.body88 ]
+  %567 = icmp slt i64 %qh90, 128
+  br i1 %567, label %qh.body88, label %qh.end89
+
+qh.body88:                                        ; preds = %qh.head87
+  %568 = add nsw i64 %qb54, 0
+  %569 = mul nsw i64 %qh90, 8
+  %570 = mul nsw i64 %568, 1024
+  %571 = add nsw i64 %570, %569
+  %572 = getelementptr inbounds float, ptr %384, i64 %571
+  %573 = load <8 x float>, ptr %572, align 4
+  %574 = add nsw i64 %qb54, 1
+  %575 = mul nsw i64 %qh90, 8
+  %576 = mul nsw i64 %574, 1024
+  %577 = add nsw i64 %576, %575
+  %578 = getelementptr inbounds float, ptr %384, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
+  %w1691 = shufflevector <8 x float> %573, <8 x float> %579, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %580 = add nsw i64 %qb54, 2
+  %581 = mul nsw i64 %qh90, 8
+  %582 = mul nsw i64 %580, 1024
+  %583 = add nsw i64 %582, %581
+  %584 = getelementptr inbounds float, ptr %384, i64 %583
+  %585 = load <8 x float>, ptr %584, align 4
+  %586 = add nsw i64 %qb54, 3
+  %587 = mul nsw i64 %qh90, 8
+  %588 = mul nsw i64 %586, 1024
+  %589 = add nsw i64 %588, %587
+  %590 = getelementptr inbounds float, ptr %384, i64 %589
+  %591 = load <8 x float>, ptr %590, align 4
+  %w1692 = shufflevector <8 x float> %585, <8 x float> %591, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %592 = getelementptr inbounds float, ptr %563, i64 %qh90
+  %593 = load float, ptr %592, align 4
+  %594 = insertelement <16 x float> poison, float %593, i32 0
+  %595 = shufflevector <16 x float> %594, <16 x float> poison, <16 x i32> zeroinitializer
+  %596 = load <16 x float>, ptr %qacc85, align 4
+  %597 = call <16 x float> @llvm.fma.v16f32(<16 x float> %595, <16 x float> %w1691, <16 x float> %596)
+  store <16 x float> %597, ptr %qacc85, align 4
+  %598 = load <16 x float>, ptr %qacc86, align 4
+  %599 = call <16 x float> @llvm.fma.v16f32(<16 x float> %595, <16 x float> %w1692, <16 x float> %598)
+  store <16 x float> %599, ptr %qacc86, align 4
+  %600 = add nsw i64 %qh90, 1
+  br label %qh.head87
+
+qh.end89:                                         ; preds = %qh.head87
+  %601 = load <16 x float>, ptr %qacc85, align 4
+  %602 = load <16 x float>, ptr %qacc86, align 4
+  %603 = getelementptr inbounds float, ptr %566, i64 0
+  store <16 x float> %601, ptr %603, align 4
+  %604 = getelementptr inbounds float, ptr %566, i64 16
+  store <16 x float> %602, ptr %604, align 4
+  %605 = add nsw i64 %r184, 1
+  br label %r1.head81
+
+r1.end83:                                         ; preds = %r1.head81
+  %606 = add nsw i64 %qb54, 4
+  br label %qb.head51
+
+qb.end53:                                         ; preds = %qb.head51
+  br label %qb1.head93
+
+qb1.head93:                                       ; preds = %r1.end115, %qb.end53
+  %qb196 = phi i64 [ 128, %qb.end53 ], [ %755, %r1.end115 ]
+  %607 = icmp slt i64 %qb196, 128
+  br i1 %607, label %qb1.body94, label %qb1.end95
+
+qb1.body94:                                       ; preds = %qb1.head93
+  %608 = mul nsw i64 %qb196, 8
+  br label %rb.head97
+
+rb.head97:                                        ; preds = %qh.end111, %qb1.body94
+  %rb100 = phi i64 [ 0, %qb1.body94 ], [ %730, %qh.end111 ]
+  %609 = icmp slt i64 %rb100, %full50
+  br i1 %609, label %rb.body98, label %rb.end99
+
+rb.body98:                                        ; preds = %rb.head97
+  %610 = add nsw i64 %rb100, 0
+  %611 = mul nsw i64 %610, 256
+  %612 = getelementptr inbounds float, ptr %383, i64 %611
+  %613 = mul nsw i64 %610, 1024
+  %614 = add nsw i64 %613, %608
+  %615 = getelementptr inbounds float, ptr %sb, i64 %614
+  %616 = add nsw i64 %rb100, 1
+  %617 = mul nsw i64 %616, 256
+  %618 = getelementptr inbounds float, ptr %383, i64 %617
+  %619 = mul nsw i64 %616, 1024
+  %620 = add nsw i64 %619, %608
+  %621 = getelementptr inbounds float, ptr %sb, i64 %620
+  %622 = add nsw i64 %rb100, 2
+  %623 = mul nsw i64 %622, 256
+  %624 = getelementptr inbounds float, ptr %383, i64 %623
+  %625 = mul nsw i64 %622, 1024
+  %626 = add nsw i64 %625, %608
+  %627 = getelementptr inbounds float, ptr %sb, i64 %626
+  %628 = add nsw i64 %rb100, 3
+  %629 = mul nsw i64 %628, 256
+  %630 = getelementptr inbounds float, ptr %383, i64 %629
+  %631 = mul nsw i64 %628, 1024
+  %632 = add nsw i64 %631, %608
+  %633 = getelementptr inbounds float, ptr %sb, i64 %632
+  %634 = add nsw i64 %rb100, 4
+  %635 = mul nsw i64 %634, 256
+  %636 = getelementptr inbounds float, ptr %383, i64 %635
+  %637 = mul nsw i64 %634, 1024
+  %638 = add nsw i64 %637, %608
+  %639 = getelementptr inbounds float, ptr %sb, i64 %638
+  %640 = add nsw i64 %rb100, 5
+  %641 = mul nsw i64 %640, 256
+  %642 = getelementptr inbounds float, ptr %383, i64 %641
+  %643 = mul nsw i64 %640, 1024
+  %644 = add nsw i64 %643, %608
+  %645 = getelementptr inbounds float, ptr %sb, i64 %644
+  %646 = add nsw i64 %rb100, 6
+  %647 = mul nsw i64 %646, 256
+  %648 = getelementptr inbounds float, ptr %383, i64 %647
+  %649 = mul nsw i64 %646, 1024
+  %650 = add nsw i64 %649, %608
+  %651 = getelementptr inbounds float, ptr %sb, i64 %650
+  %652 = add nsw i64 %rb100, 7
+  %653 = mul nsw i64 %652, 256
+  %654 = getelementptr inbounds float, ptr %383, i64 %653
+  %655 = mul nsw i64 %652, 1024
+  %656 = add nsw i64 %655, %608
+  %657 = getelementptr inbounds float, ptr %sb, i64 %656
+  store <8 x float> zeroinitializer, ptr %qacc101, align 4
+  store <8 x float> zeroinitializer, ptr %qacc102, align 4
+  store <8 x float> zeroinitializer, ptr %qacc103, align 4
+  store <8 x float> zeroinitializer, ptr %qacc104, align 4
+  store <8 x float> zeroinitializer, ptr %qacc105, align 4
+  store <8 x float> zeroinitializer, ptr %qacc106, align 4
+  store <8 x float> zeroinitializer, ptr %qacc107, align 4
+  store <8 x float> zeroinitializer, ptr %qacc108, align 4
+  br label %qh.head109
+
+qh.head109:                                       ; preds = %qh.body110, %rb.body98
+  %qh112 = phi i64 [ 0, %rb.body98 ], [ %713, %qh.body110 ]
+  %658 = icmp slt i64 %qh112, 128
+  br i1 %658, label %qh.body110, label %qh.end111
+
+qh.body110:                                       ; preds = %qh.head109
+  %659 = add nsw i64 %qb196, 0
+  %660 = mul nsw i64 %qh112, 8
+  %661 = mul nsw i64 %659, 1024
+  %662 = add nsw i64 %661, %660
+  %663 = getelementptr inbounds float, ptr %384, i64 %662
+  %664 = load <8 x float>, ptr %663, align 4
+  %665 = getelementptr inbounds float, ptr %612, i64 %qh112
+  %666 = load float, ptr %665, align 4
+  %667 = insertelement <8 x float> poison, float %666, i32 0
+  %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
+  %669 = load <8 x float>, ptr %qacc101, align 4
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> %664, <8 x float> %669)
+  store <8 x float> %670, ptr %qacc101, align 4
+  %671 = getelementptr inbounds float, ptr %618, i64 %qh112
+  %672 = load float, ptr %671, align 4
+  %673 = insertelement <8 x float> poison, float %672, i32 0
+  %674 = shufflevector <8 x float> %673, <8 x float> poison, <8 x i32> zeroinitializer
+  %675 = load <8 x float>, ptr %qacc102, align 4
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %664, <8 x float> %675)
+  store <8 x float> %676, ptr %qacc102, align 4
+  %677 = getelementptr inbounds float, ptr %624, i64 %qh112
+  %678 = load float, ptr %677, align 4
+  %679 = insertelement <8 x float> poison, float %678, i32 0
+  %680 = shufflevector <8 x float> %679, <8 x float> poison, <8 x i32> zeroinitializer
+  %681 = load <8 x float>, ptr %qacc103, align 4
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %664, <8 x float> %681)
+  store <8 x float> %682, ptr %qacc103, align 4
+  %683 = getelementptr inbounds float, ptr %630, i64 %qh112
+  %684 = load float, ptr %683, align 4
+  %685 = insertelement <8 x float> poison, float %684, i32 0
+  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
+  %687 = load <8 x float>, ptr %qacc104, align 4
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %664, <8 x float> %687)
+  store <8 x float> %688, ptr %qacc104, align 4
+  %689 = getelementptr inbounds float, ptr %636, i64 %qh112
+  %690 = load float, ptr %689, align 4
+  %691 = insertelement <8 x float> poison, float %690, i32 0
+  %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
+  %693 = load <8 x float>, ptr %qacc105, align 4
+  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %664, <8 x float> %693)
+  store <8 x float> %694, ptr %qacc105, align 4
+  %695 = getelementptr inbounds float, ptr %642, i64 %qh112
+  %696 = load float, ptr %695, align 4
+  %697 = insertelement <8 x float> poison, float %696, i32 0
+  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
+  %699 = load <8 x float>, ptr %qacc106, align 4
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %664, <8 x float> %699)
+  store <8 x float> %700, ptr %qacc106, align 4
+  %701 = getelementptr inbounds float, ptr %648, i64 %qh112
+  %702 = load float, ptr %701, align 4
+  %703 = insertelement <8 x float> poison, float %702, i32 0
+  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
+  %705 = load <8 x float>, ptr %qacc107, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %664, <8 x float> %705)
+  store <8 x float> %706, ptr %qacc107, align 4
+  %707 = getelementptr inbounds float, ptr %654, i64 %qh112
+  %708 = load float, ptr %707, align 4
+  %709 = insertelement <8 x float> poison, float %708, i32 0
+  %710 = shufflevector <8 x float> %709, <8 x float> poison, <8 x i32> zeroinitializer
+  %711 = load <8 x float>, ptr %qacc108, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %664, <8 x float> %711)
+  store <8 x float> %712, ptr %qacc108, align 4
+  %713 = add nsw i64 %qh112, 1
+  br label %qh.head109
+
+qh.end111:                                        ; preds = %qh.head109
+  %714 = load <8 x float>, ptr %qacc101, align 4
+  %715 = load <8 x float>, ptr %qacc102, align 4
+  %716 = load <8 x float>, ptr %qacc103, align 4
+  %717 = load <8 x float>, ptr %qacc104, align 4
+  %718 = load <8 x float>, ptr %qacc105, align 4
+  %719 = load <8 x float>, ptr %qacc106, align 4
+  %720 = load <8 x float>, ptr %qacc107, align 4
+  %721 = load <8 x float>, ptr %qacc108, align 4
+  %722 = getelementptr inbounds float, ptr %615, i64 0
+  store <8 x float> %714, ptr %722, align 4
+  %723 = getelementptr inbounds float, ptr %621, i64 0
+  store <8 x float> %715, ptr %723, align 4
+  %724 = getelementptr inbounds float, ptr %627, i64 0
+  store <8 x float> %716, ptr %724, align 4
+  %725 = getelementptr inbounds float, ptr %633, i64 0
+  store <8 x float> %717, ptr %725, align 4
+  %726 = getelementptr inbounds float, ptr %639, i64 0
+  store <8 x float> %718, ptr %726, align 4
+  %727 = getelementptr inbounds float, ptr %645, i64 0
+  store <8 x float> %719, ptr %727, align 4
+  %728 = getelementptr inbounds float, ptr %651, i64 0
+  store <8 x float> %720, ptr %728, align 4
+  %729 = getelementptr inbounds float, ptr %657, i64 0
+  store <8 x float> %721, ptr %729, align 4
+  %730 = add nsw i64 %rb100, 8
+  br label %rb.head97
+
+rb.end99:                                         ; preds = %rb.head97
+  br label %r1.head113
+
+r1.head113:                                       ; preds = %qh.end120, %rb.end99
+  %r1116 = phi i64 [ %full50, %rb.end99 ], [ %754, %qh.end120 ]
+  %731 = icmp slt i64 %r1116, %gn
+  br i1 %731, label %r1.body114, label %r1.end115
+
+r1.body114:                                       ; preds = %r1.head113
+  %732 = add nsw i64 %r1116, 0
+  %733 = mul nsw i64 %732, 256
+  %734 = getelementptr inbounds float, ptr %383, i64 %733
+  %735 = mul nsw i64 %732, 1024
+  %736 = add nsw i64 %735, %608
+  %737 = getelementptr inbounds float, ptr %sb, i64 %736
+  store <8 x float> zeroinitializer, ptr %qacc117, align 4
+  br label %qh.head118
+
+qh.head118:                                       ; preds = %qh.body119, %r1.body114
+  %qh121 = phi i64 [ 0, %r1.body114 ], [ %751, %qh.body119 ]
+  %738 = icmp slt i64 %qh121, 128
+  br i1 %738, label %qh.body119, label %qh.end120
+
+qh.body119:                                       ; preds = %qh.head118
+  %739 = add nsw i64 %qb196, 0
+  %740 = mul nsw i64 %qh121, 8
+  %741 = mul nsw i64 %739, 1024
+  %742 = add nsw i64 %741, %740
+  %743 = getelementptr inbounds float, ptr %384, i64 %742
+  %744 = load <8 x float>, ptr %743, align 4
+  %745 = getelementptr inbounds float, ptr %734, i64 %qh121
+  %746 = load float, ptr %745, align 4
+  %747 = insertelement <8 x float> poison, float %746, i32 0
+  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
+  %749 = load <8 x float>, ptr %qacc117, align 4
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %744, <8 x float> %749)
+  store <8 x float> %750, ptr %qacc117, align 4
+  %751 = add nsw i64 %qh121, 1
+  br label %qh.head118
+
+qh.end120:                                        ; preds = %qh.head118
+  %752 = load <8 x float>, ptr %qacc117, align 4
+  %753 = getelementptr inbounds float, ptr %737, i64 0
+  store <8 x float> %752, ptr %753, align 4
+  %754 = add nsw i64 %r1116, 1
+  br label %r1.head113
+
+r1.end115:                                        ; preds = %r1.head113
+  %755 = add nsw i64 %qb196, 1
+  br label %qb1.head93
+
+qb1.end95:                                        ; preds = %qb1.head93
   br label %head.head
 
-head.head:                                        ; preds = %out.end, %tok.body
-  %head = phi i64 [ 0, %tok.body ], [ %275, %out.end ]
-  %3 = icmp slt i64 %head, 8
-  br i1 %3, label %head.body, label %head.end
+head.head:                                        ; preds = %out.end, %qb1.end95
+  %head = phi i64 [ 0, %qb1.end95 ], [ %912, %out.end ]
+  %756 = icmp slt i64 %head, %gn
+  br i1 %756, label %head.body, label %head.end
 
 head.body:                                        ; preds = %head.head
-  %4 = mul nsw i64 %head, 256
-  %5 = getelementptr inbounds float, ptr %2, i64 %4
-  %6 = getelementptr inbounds float, ptr %keys, i64 0
-  %7 = getelementptr inbounds float, ptr %5, i64 0
-  br label %kb.head
-
-kb.head:                                          ; preds = %hh.end, %head.body
-  %kb = phi i64 [ 0, %head.body ], [ %64, %hh.end ]
-  %8 = icmp slt i64 %kb, 128
-  br i1 %8, label %kb.body, label %kb.end
-
-kb.body:                                          ; preds = %kb.head
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  store <8 x float> zeroinitializer, ptr %lacc1, align 4
-  store <8 x float> zeroinitializer, ptr %lacc2, align 4
-  store <8 x float> zeroinitializer, ptr %lacc3, align 4
-  br label %hh.head
-
-hh.head:                                          ; preds = %hh.body, %kb.body
-  %hh = phi i64 [ 0, %kb.body ], [ %50, %hh.body ]
-  %9 = icmp slt i64 %hh, 128
-  br i1 %9, label %hh.body, label %hh.end
-
-hh.body:                                          ; preds = %hh.head
-  %10 = getelementptr inbounds float, ptr %7, i64 %hh
-  %11 = load float, ptr %10, align 4
-  %12 = insertelement <8 x float> poison, float %11, i32 0
-  %13 = shufflevector <8 x float> %12, <8 x float> poison, <8 x i32> zeroinitializer
-  %14 = add nsw i64 %kb, 0
-  %15 = mul nsw i64 %14, 1024
-  %16 = mul nsw i64 %hh, 8
-  %17 = add nsw i64 %15, %16
-  %18 = getelementptr inbounds float, ptr %6, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  %20 = fmul <8 x float> %13, %19
-  %21 = load <8 x float>, ptr %lacc0, align 4
-  %22 = fadd <8 x float> %21, %20
-  store <8 x float> %22, ptr %lacc0, align 4
-  %23 = add nsw i64 %kb, 1
-  %24 = mul nsw i64 %23, 1024
-  %25 = mul nsw i64 %hh, 8
-  %26 = add nsw i64 %24, %25
-  %27 = getelementptr inbounds float, ptr %6, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  %29 = fmul <8 x float> %13, %28
-  %30 = load <8 x float>, ptr %lacc1, align 4
-  %31 = fadd <8 x float> %30, %29
-  store <8 x float> %31, ptr %lacc1, align 4
-  %32 = add nsw i64 %kb, 2
-  %33 = mul nsw i64 %32, 1024
-  %34 = mul nsw i64 %hh, 8
-  %35 = add nsw i64 %33, %34
-  %36 = getelementptr inbounds float, ptr %6, i64 %35
-  %37 = load <8 x float>, ptr %36, align 4
-  %38 = fmul <8 x float> %13, %37
-  %39 = load <8 x float>, ptr %lacc2, align 4
-  %40 = fadd <8 x float> %39, %38
-  store <8 x float> %40, ptr %lacc2, align 4
-  %41 = add nsw i64 %kb, 3
-  %42 = mul nsw i64 %41, 1024
-  %43 = mul nsw i64 %hh, 8
-  %44 = add nsw i64 %42, %43
-  %45 = getelementptr inbounds float, ptr %6, i64 %44
-  %46 = load <8 x float>, ptr %45, align 4
-  %47 = fmul <8 x float> %13, %46
-  %48 = load <8 x float>, ptr %lacc3, align 4
-  %49 = fadd <8 x float> %48, %47
-  store <8 x float> %49, ptr %lacc3, align 4
-  %50 = add nsw i64 %hh, 1
-  br label %hh.head
-
-hh.end:                                           ; preds = %hh.head
-  %51 = load <8 x float>, ptr %lacc0, align 4
-  %52 = load <8 x float>, ptr %lacc1, align 4
-  %53 = load <8 x float>, ptr %lacc2, align 4
-  %54 = load <8 x float>, ptr %lacc3, align 4
-  %55 = mul nsw i64 %kb, 8
-  %56 = add nsw i64 %55, 0
-  %57 = getelementptr inbounds float, ptr %sa, i64 %56
-  store <8 x float> %51, ptr %57, align 4
-  %58 = add nsw i64 %55, 8
-  %59 = getelementptr inbounds float, ptr %sa, i64 %58
-  store <8 x float> %52, ptr %59, align 4
-  %60 = add nsw i64 %55, 16
-  %61 = getelementptr inbounds float, ptr %sa, i64 %60
-  store <8 x float> %53, ptr %61, align 4
-  %62 = add nsw i64 %55, 24
-  %63 = getelementptr inbounds float, ptr %sa, i64 %62
-  store <8 x float> %54, ptr %63, align 4
-  %64 = add nsw i64 %kb, 4
-  br label %kb.head
-
-kb.end:                                           ; preds = %kb.head
+  %hd = add nsw i64 %hgroup, %head
+  %757 = mul nsw i64 %head, 1024
+  %758 = getelementptr inbounds float, ptr %sa, i64 %757
   store i64 0, ptr %tk.m, align 8
   br label %tk.head
 
-tk.head:                                          ; preds = %tk.put.end, %kb.end
-  %tk = phi i64 [ 0, %kb.end ], [ %86, %tk.put.end ]
-  %65 = icmp slt i64 %tk, 1024
-  br i1 %65, label %tk.body, label %tk.end
+tk.head:                                          ; preds = %tk.put.end, %head.body
+  %tk = phi i64 [ 0, %head.body ], [ %780, %tk.put.end ]
+  %759 = icmp slt i64 %tk, 1024
+  br i1 %759, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %66 = getelementptr inbounds float, ptr %sa, i64 %tk
-  %67 = load float, ptr %66, align 4
-  %68 = load i64, ptr %tk.m, align 8
+  %760 = getelementptr inbounds float, ptr %758, i64 %tk
+  %761 = load float, ptr %760, align 4
+  %762 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %68, %tk.body ], [ %70, %tk.shift.end ]
-  %69 = icmp sgt i64 %p, 0
-  br i1 %69, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %762, %tk.body ], [ %764, %tk.shift.end ]
+  %763 = icmp sgt i64 %p, 0
+  br i1 %763, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %70 = sub nsw i64 %p, 1
-  %71 = getelementptr inbounds i64, ptr %ia, i64 %70
-  %72 = load i64, ptr %71, align 8
-  %73 = getelementptr inbounds float, ptr %sa, i64 %72
-  %74 = load float, ptr %73, align 4
-  %75 = fcmp uno float %67, %67
-  %76 = fcmp ugt float %67, %74
-  %77 = xor i1 %75, true
-  %78 = and i1 %77, %76
-  br i1 %78, label %tk.ins.body, label %tk.ins.end
+  %764 = sub nsw i64 %p, 1
+  %765 = getelementptr inbounds i64, ptr %ia, i64 %764
+  %766 = load i64, ptr %765, align 8
+  %767 = getelementptr inbounds float, ptr %758, i64 %766
+  %768 = load float, ptr %767, align 4
+  %769 = fcmp uno float %761, %761
+  %770 = fcmp ugt float %761, %768
+  %771 = xor i1 %769, true
+  %772 = and i1 %771, %770
+  br i1 %772, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %79 = icmp slt i64 %p, 16
-  br i1 %79, label %tk.shift.then, label %tk.shift.end
+  %773 = icmp slt i64 %p, 16
+  br i1 %773, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %80 = getelementptr inbounds i64, ptr %ia, i64 %p
-  store i64 %72, ptr %80, align 8
+  %774 = getelementptr inbounds i64, ptr %ia, i64 %p
+  store i64 %766, ptr %774, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -851,307 +1926,218 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %81 = icmp slt i64 %pf, 16
-  br i1 %81, label %tk.put.then, label %tk.put.end
+  %775 = icmp slt i64 %pf, 16
+  br i1 %775, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %82 = getelementptr inbounds i64, ptr %ia, i64 %pf
-  store i64 %tk, ptr %82, align 8
+  %776 = getelementptr inbounds i64, ptr %ia, i64 %pf
+  store i64 %tk, ptr %776, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %83 = add nsw i64 %68, 1
-  %84 = icmp slt i64 %83, 16
-  %85 = select i1 %84, i64 %83, i64 16
-  store i64 %85, ptr %tk.m, align 8
-  %86 = add nsw i64 %tk, 1
+  %777 = add nsw i64 %762, 1
+  %778 = icmp slt i64 %777, 16
+  %779 = select i1 %778, i64 %777, i64 16
+  store i64 %779, ptr %tk.m, align 8
+  %780 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %87 = load i64, ptr %tk.m, align 8
-  %88 = getelementptr inbounds float, ptr %keys, i64 131072
-  %89 = getelementptr inbounds float, ptr %5, i64 128
-  br label %kb.head1
+  %781 = load i64, ptr %tk.m, align 8
+  %782 = mul nsw i64 %head, 1024
+  %783 = getelementptr inbounds float, ptr %sb, i64 %782
+  store i64 0, ptr %tk.m122, align 8
+  br label %tk.head123
 
-kb.head1:                                         ; preds = %hh.end11, %tk.end
-  %kb4 = phi i64 [ 0, %tk.end ], [ %146, %hh.end11 ]
-  %90 = icmp slt i64 %kb4, 128
-  br i1 %90, label %kb.body2, label %kb.end3
+tk.head123:                                       ; preds = %tk.put.end136, %tk.end
+  %tk126 = phi i64 [ 0, %tk.end ], [ %805, %tk.put.end136 ]
+  %784 = icmp slt i64 %tk126, 1024
+  br i1 %784, label %tk.body124, label %tk.end125
 
-kb.body2:                                         ; preds = %kb.head1
-  store <8 x float> zeroinitializer, ptr %lacc05, align 4
-  store <8 x float> zeroinitializer, ptr %lacc16, align 4
-  store <8 x float> zeroinitializer, ptr %lacc27, align 4
-  store <8 x float> zeroinitializer, ptr %lacc38, align 4
-  br label %hh.head9
+tk.body124:                                       ; preds = %tk.head123
+  %785 = getelementptr inbounds float, ptr %783, i64 %tk126
+  %786 = load float, ptr %785, align 4
+  %787 = load i64, ptr %tk.m122, align 8
+  br label %tk.ins.head127
 
-hh.head9:                                         ; preds = %hh.body10, %kb.body2
-  %hh12 = phi i64 [ 0, %kb.body2 ], [ %132, %hh.body10 ]
-  %91 = icmp slt i64 %hh12, 128
-  br i1 %91, label %hh.body10, label %hh.end11
+tk.ins.head127:                                   ; preds = %tk.shift.end133, %tk.body124
+  %p131 = phi i64 [ %787, %tk.body124 ], [ %789, %tk.shift.end133 ]
+  %788 = icmp sgt i64 %p131, 0
+  br i1 %788, label %tk.ins.chk128, label %tk.ins.end130
 
-hh.body10:                                        ; preds = %hh.head9
-  %92 = getelementptr inbounds float, ptr %89, i64 %hh12
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = add nsw i64 %kb4, 0
-  %97 = mul nsw i64 %96, 1024
-  %98 = mul nsw i64 %hh12, 8
-  %99 = add nsw i64 %97, %98
-  %100 = getelementptr inbounds float, ptr %88, i64 %99
-  %101 = load <8 x float>, ptr %100, align 4
-  %102 = fmul <8 x float> %95, %101
-  %103 = load <8 x float>, ptr %lacc05, align 4
-  %104 = fadd <8 x float> %103, %102
-  store <8 x float> %104, ptr %lacc05, align 4
-  %105 = add nsw i64 %kb4, 1
-  %106 = mul nsw i64 %105, 1024
-  %107 = mul nsw i64 %hh12, 8
-  %108 = add nsw i64 %106, %107
-  %109 = getelementptr inbounds float, ptr %88, i64 %108
-  %110 = load <8 x float>, ptr %109, align 4
-  %111 = fmul <8 x float> %95, %110
-  %112 = load <8 x float>, ptr %lacc16, align 4
-  %113 = fadd <8 x float> %112, %111
-  store <8 x float> %113, ptr %lacc16, align 4
-  %114 = add nsw i64 %kb4, 2
-  %115 = mul nsw i64 %114, 1024
-  %116 = mul nsw i64 %hh12, 8
-  %117 = add nsw i64 %115, %116
-  %118 = getelementptr inbounds float, ptr %88, i64 %117
-  %119 = load <8 x float>, ptr %118, align 4
-  %120 = fmul <8 x float> %95, %119
-  %121 = load <8 x float>, ptr %lacc27, align 4
-  %122 = fadd <8 x float> %121, %120
-  store <8 x float> %122, ptr %lacc27, align 4
-  %123 = add nsw i64 %kb4, 3
-  %124 = mul nsw i64 %123, 1024
-  %125 = mul nsw i64 %hh12, 8
-  %126 = add nsw i64 %124, %125
-  %127 = getelementptr inbounds float, ptr %88, i64 %126
-  %128 = load <8 x float>, ptr %127, align 4
-  %129 = fmul <8 x float> %95, %128
-  %130 = load <8 x float>, ptr %lacc38, align 4
-  %131 = fadd <8 x float> %130, %129
-  store <8 x float> %131, ptr %lacc38, align 4
-  %132 = add nsw i64 %hh12, 1
-  br label %hh.head9
+tk.ins.chk128:                                    ; preds = %tk.ins.head127
+  %789 = sub nsw i64 %p131, 1
+  %790 = getelementptr inbounds i64, ptr %ib, i64 %789
+  %791 = load i64, ptr %790, align 8
+  %792 = getelementptr inbounds float, ptr %783, i64 %791
+  %793 = load float, ptr %792, align 4
+  %794 = fcmp uno float %786, %786
+  %795 = fcmp ugt float %786, %793
+  %796 = xor i1 %794, true
+  %797 = and i1 %796, %795
+  br i1 %797, label %tk.ins.body129, label %tk.ins.end130
 
-hh.end11:                                         ; preds = %hh.head9
-  %133 = load <8 x float>, ptr %lacc05, align 4
-  %134 = load <8 x float>, ptr %lacc16, align 4
-  %135 = load <8 x float>, ptr %lacc27, align 4
-  %136 = load <8 x float>, ptr %lacc38, align 4
-  %137 = mul nsw i64 %kb4, 8
-  %138 = add nsw i64 %137, 0
-  %139 = getelementptr inbounds float, ptr %sb, i64 %138
-  store <8 x float> %133, ptr %139, align 4
-  %140 = add nsw i64 %137, 8
-  %141 = getelementptr inbounds float, ptr %sb, i64 %140
-  store <8 x float> %134, ptr %141, align 4
-  %142 = add nsw i64 %137, 16
-  %143 = getelementptr inbounds float, ptr %sb, i64 %142
-  store <8 x float> %135, ptr %143, align 4
-  %144 = add nsw i64 %137, 24
-  %145 = getelementptr inbounds float, ptr %sb, i64 %144
-  store <8 x float> %136, ptr %145, align 4
-  %146 = add nsw i64 %kb4, 4
-  br label %kb.head1
+tk.ins.body129:                                   ; preds = %tk.ins.chk128
+  %798 = icmp slt i64 %p131, 16
+  br i1 %798, label %tk.shift.then132, label %tk.shift.end133
 
-kb.end3:                                          ; preds = %kb.head1
-  store i64 0, ptr %tk.m13, align 8
-  br label %tk.head14
+tk.shift.then132:                                 ; preds = %tk.ins.body129
+  %799 = getelementptr inbounds i64, ptr %ib, i64 %p131
+  store i64 %791, ptr %799, align 8
+  br label %tk.shift.end133
 
-tk.head14:                                        ; preds = %tk.put.end27, %kb.end3
-  %tk17 = phi i64 [ 0, %kb.end3 ], [ %168, %tk.put.end27 ]
-  %147 = icmp slt i64 %tk17, 1024
-  br i1 %147, label %tk.body15, label %tk.end16
+tk.shift.end133:                                  ; preds = %tk.shift.then132, %tk.ins.body129
+  br label %tk.ins.head127
 
-tk.body15:                                        ; preds = %tk.head14
-  %148 = getelementptr inbounds float, ptr %sb, i64 %tk17
-  %149 = load float, ptr %148, align 4
-  %150 = load i64, ptr %tk.m13, align 8
-  br label %tk.ins.head18
+tk.ins.end130:                                    ; preds = %tk.ins.chk128, %tk.ins.head127
+  %pf134 = phi i64 [ %p131, %tk.ins.head127 ], [ %p131, %tk.ins.chk128 ]
+  %800 = icmp slt i64 %pf134, 16
+  br i1 %800, label %tk.put.then135, label %tk.put.end136
 
-tk.ins.head18:                                    ; preds = %tk.shift.end24, %tk.body15
-  %p22 = phi i64 [ %150, %tk.body15 ], [ %152, %tk.shift.end24 ]
-  %151 = icmp sgt i64 %p22, 0
-  br i1 %151, label %tk.ins.chk19, label %tk.ins.end21
+tk.put.then135:                                   ; preds = %tk.ins.end130
+  %801 = getelementptr inbounds i64, ptr %ib, i64 %pf134
+  store i64 %tk126, ptr %801, align 8
+  br label %tk.put.end136
 
-tk.ins.chk19:                                     ; preds = %tk.ins.head18
-  %152 = sub nsw i64 %p22, 1
-  %153 = getelementptr inbounds i64, ptr %ib, i64 %152
-  %154 = load i64, ptr %153, align 8
-  %155 = getelementptr inbounds float, ptr %sb, i64 %154
-  %156 = load float, ptr %155, align 4
-  %157 = fcmp uno float %149, %149
-  %158 = fcmp ugt float %149, %156
-  %159 = xor i1 %157, true
-  %160 = and i1 %159, %158
-  br i1 %160, label %tk.ins.body20, label %tk.ins.end21
+tk.put.end136:                                    ; preds = %tk.put.then135, %tk.ins.end130
+  %802 = add nsw i64 %787, 1
+  %803 = icmp slt i64 %802, 16
+  %804 = select i1 %803, i64 %802, i64 16
+  store i64 %804, ptr %tk.m122, align 8
+  %805 = add nsw i64 %tk126, 1
+  br label %tk.head123
 
-tk.ins.body20:                                    ; preds = %tk.ins.chk19
-  %161 = icmp slt i64 %p22, 16
-  br i1 %161, label %tk.shift.then23, label %tk.shift.end24
-
-tk.shift.then23:                                  ; preds = %tk.ins.body20
-  %162 = getelementptr inbounds i64, ptr %ib, i64 %p22
-  store i64 %154, ptr %162, align 8
-  br label %tk.shift.end24
-
-tk.shift.end24:                                   ; preds = %tk.shift.then23, %tk.ins.body20
-  br label %tk.ins.head18
-
-tk.ins.end21:                                     ; preds = %tk.ins.chk19, %tk.ins.head18
-  %pf25 = phi i64 [ %p22, %tk.ins.head18 ], [ %p22, %tk.ins.chk19 ]
-  %163 = icmp slt i64 %pf25, 16
-  br i1 %163, label %tk.put.then26, label %tk.put.end27
-
-tk.put.then26:                                    ; preds = %tk.ins.end21
-  %164 = getelementptr inbounds i64, ptr %ib, i64 %pf25
-  store i64 %tk17, ptr %164, align 8
-  br label %tk.put.end27
-
-tk.put.end27:                                     ; preds = %tk.put.then26, %tk.ins.end21
-  %165 = add nsw i64 %150, 1
-  %166 = icmp slt i64 %165, 16
-  %167 = select i1 %166, i64 %165, i64 16
-  store i64 %167, ptr %tk.m13, align 8
-  %168 = add nsw i64 %tk17, 1
-  br label %tk.head14
-
-tk.end16:                                         ; preds = %tk.head14
-  %169 = load i64, ptr %tk.m13, align 8
+tk.end125:                                        ; preds = %tk.head123
+  %806 = load i64, ptr %tk.m122, align 8
   br label %ca.head
 
-ca.head:                                          ; preds = %cb.end, %tk.end16
-  %ca = phi i64 [ 0, %tk.end16 ], [ %188, %cb.end ]
-  %170 = icmp slt i64 %ca, 16
-  br i1 %170, label %ca.body, label %ca.end
+ca.head:                                          ; preds = %cb.end, %tk.end125
+  %ca = phi i64 [ 0, %tk.end125 ], [ %825, %cb.end ]
+  %807 = icmp slt i64 %ca, 16
+  br i1 %807, label %ca.body, label %ca.end
 
 ca.body:                                          ; preds = %ca.head
-  %171 = getelementptr inbounds i64, ptr %ia, i64 %ca
-  %172 = load i64, ptr %171, align 8
-  %173 = getelementptr inbounds float, ptr %sa, i64 %172
-  %174 = load float, ptr %173, align 4
+  %808 = getelementptr inbounds i64, ptr %ia, i64 %ca
+  %809 = load i64, ptr %808, align 8
+  %810 = getelementptr inbounds float, ptr %758, i64 %809
+  %811 = load float, ptr %810, align 4
   br label %cb.head
 
 cb.head:                                          ; preds = %cb.body, %ca.body
-  %cb = phi i64 [ 0, %ca.body ], [ %187, %cb.body ]
-  %175 = icmp slt i64 %cb, 16
-  br i1 %175, label %cb.body, label %cb.end
+  %cb = phi i64 [ 0, %ca.body ], [ %824, %cb.body ]
+  %812 = icmp slt i64 %cb, 16
+  br i1 %812, label %cb.body, label %cb.end
 
 cb.body:                                          ; preds = %cb.head
-  %176 = getelementptr inbounds i64, ptr %ib, i64 %cb
-  %177 = load i64, ptr %176, align 8
-  %178 = mul nsw i64 %ca, 16
-  %179 = add nsw i64 %178, %cb
-  %180 = getelementptr inbounds float, ptr %sb, i64 %177
-  %181 = load float, ptr %180, align 4
-  %182 = fadd float %174, %181
-  %183 = getelementptr inbounds float, ptr %cv, i64 %179
-  store float %182, ptr %183, align 4
-  %184 = getelementptr inbounds i64, ptr %ck, i64 %179
-  %185 = mul nsw i64 %172, 1024
-  %186 = add nsw i64 %185, %177
-  store i64 %186, ptr %184, align 8
-  %187 = add nsw i64 %cb, 1
+  %813 = getelementptr inbounds i64, ptr %ib, i64 %cb
+  %814 = load i64, ptr %813, align 8
+  %815 = mul nsw i64 %ca, 16
+  %816 = add nsw i64 %815, %cb
+  %817 = getelementptr inbounds float, ptr %783, i64 %814
+  %818 = load float, ptr %817, align 4
+  %819 = fadd float %811, %818
+  %820 = getelementptr inbounds float, ptr %cv, i64 %816
+  store float %819, ptr %820, align 4
+  %821 = getelementptr inbounds i64, ptr %ck, i64 %816
+  %822 = mul nsw i64 %809, 1024
+  %823 = add nsw i64 %822, %814
+  store i64 %823, ptr %821, align 8
+  %824 = add nsw i64 %cb, 1
   br label %cb.head
 
 cb.end:                                           ; preds = %cb.head
-  %188 = add nsw i64 %ca, 1
+  %825 = add nsw i64 %ca, 1
   br label %ca.head
 
 ca.end:                                           ; preds = %ca.head
-  store i64 0, ptr %tk.m28, align 8
-  br label %tk.head29
+  store i64 0, ptr %tk.m137, align 8
+  br label %tk.head138
 
-tk.head29:                                        ; preds = %tk.put.end42, %ca.end
-  %tk32 = phi i64 [ 0, %ca.end ], [ %220, %tk.put.end42 ]
-  %189 = icmp slt i64 %tk32, 256
-  br i1 %189, label %tk.body30, label %tk.end31
+tk.head138:                                       ; preds = %tk.put.end151, %ca.end
+  %tk141 = phi i64 [ 0, %ca.end ], [ %857, %tk.put.end151 ]
+  %826 = icmp slt i64 %tk141, 256
+  br i1 %826, label %tk.body139, label %tk.end140
 
-tk.body30:                                        ; preds = %tk.head29
-  %190 = getelementptr inbounds float, ptr %cv, i64 %tk32
-  %191 = load float, ptr %190, align 4
-  %192 = getelementptr inbounds i64, ptr %ck, i64 %tk32
-  %193 = load i64, ptr %192, align 8
-  %194 = load i64, ptr %tk.m28, align 8
-  br label %tk.ins.head33
+tk.body139:                                       ; preds = %tk.head138
+  %827 = getelementptr inbounds float, ptr %cv, i64 %tk141
+  %828 = load float, ptr %827, align 4
+  %829 = getelementptr inbounds i64, ptr %ck, i64 %tk141
+  %830 = load i64, ptr %829, align 8
+  %831 = load i64, ptr %tk.m137, align 8
+  br label %tk.ins.head142
 
-tk.ins.head33:                                    ; preds = %tk.shift.end39, %tk.body30
-  %p37 = phi i64 [ %194, %tk.body30 ], [ %196, %tk.shift.end39 ]
-  %195 = icmp sgt i64 %p37, 0
-  br i1 %195, label %tk.ins.chk34, label %tk.ins.end36
+tk.ins.head142:                                   ; preds = %tk.shift.end148, %tk.body139
+  %p146 = phi i64 [ %831, %tk.body139 ], [ %833, %tk.shift.end148 ]
+  %832 = icmp sgt i64 %p146, 0
+  br i1 %832, label %tk.ins.chk143, label %tk.ins.end145
 
-tk.ins.chk34:                                     ; preds = %tk.ins.head33
-  %196 = sub nsw i64 %p37, 1
-  %197 = getelementptr inbounds i64, ptr %ic, i64 %196
-  %198 = load i64, ptr %197, align 8
-  %199 = getelementptr inbounds float, ptr %cv, i64 %198
-  %200 = load float, ptr %199, align 4
-  %201 = getelementptr inbounds i64, ptr %ck, i64 %198
-  %202 = load i64, ptr %201, align 8
-  %203 = fcmp uno float %191, %191
-  %204 = fcmp uno float %200, %200
-  %205 = fcmp one float %191, %200
-  %206 = xor i1 %203, true
-  %207 = and i1 %206, %205
-  %208 = icmp ult i64 %193, %202
-  %209 = fcmp ogt float %191, %200
-  %210 = select i1 %207, i1 %209, i1 %208
-  %211 = xor i1 %203, %204
-  %212 = select i1 %211, i1 %204, i1 %210
-  br i1 %212, label %tk.ins.body35, label %tk.ins.end36
+tk.ins.chk143:                                    ; preds = %tk.ins.head142
+  %833 = sub nsw i64 %p146, 1
+  %834 = getelementptr inbounds i64, ptr %ic, i64 %833
+  %835 = load i64, ptr %834, align 8
+  %836 = getelementptr inbounds float, ptr %cv, i64 %835
+  %837 = load float, ptr %836, align 4
+  %838 = getelementptr inbounds i64, ptr %ck, i64 %835
+  %839 = load i64, ptr %838, align 8
+  %840 = fcmp uno float %828, %828
+  %841 = fcmp uno float %837, %837
+  %842 = fcmp one float %828, %837
+  %843 = xor i1 %840, true
+  %844 = and i1 %843, %842
+  %845 = icmp ult i64 %830, %839
+  %846 = fcmp ogt float %828, %837
+  %847 = select i1 %844, i1 %846, i1 %845
+  %848 = xor i1 %840, %841
+  %849 = select i1 %848, i1 %841, i1 %847
+  br i1 %849, label %tk.ins.body144, label %tk.ins.end145
 
-tk.ins.body35:                                    ; preds = %tk.ins.chk34
-  %213 = icmp slt i64 %p37, 16
-  br i1 %213, label %tk.shift.then38, label %tk.shift.end39
+tk.ins.body144:                                   ; preds = %tk.ins.chk143
+  %850 = icmp slt i64 %p146, 16
+  br i1 %850, label %tk.shift.then147, label %tk.shift.end148
 
-tk.shift.then38:                                  ; preds = %tk.ins.body35
-  %214 = getelementptr inbounds i64, ptr %ic, i64 %p37
-  store i64 %198, ptr %214, align 8
-  br label %tk.shift.end39
+tk.shift.then147:                                 ; preds = %tk.ins.body144
+  %851 = getelementptr inbounds i64, ptr %ic, i64 %p146
+  store i64 %835, ptr %851, align 8
+  br label %tk.shift.end148
 
-tk.shift.end39:                                   ; preds = %tk.shift.then38, %tk.ins.body35
-  br label %tk.ins.head33
+tk.shift.end148:                                  ; preds = %tk.shift.then147, %tk.ins.body144
+  br label %tk.ins.head142
 
-tk.ins.end36:                                     ; preds = %tk.ins.chk34, %tk.ins.head33
-  %pf40 = phi i64 [ %p37, %tk.ins.head33 ], [ %p37, %tk.ins.chk34 ]
-  %215 = icmp slt i64 %pf40, 16
-  br i1 %215, label %tk.put.then41, label %tk.put.end42
+tk.ins.end145:                                    ; preds = %tk.ins.chk143, %tk.ins.head142
+  %pf149 = phi i64 [ %p146, %tk.ins.head142 ], [ %p146, %tk.ins.chk143 ]
+  %852 = icmp slt i64 %pf149, 16
+  br i1 %852, label %tk.put.then150, label %tk.put.end151
 
-tk.put.then41:                                    ; preds = %tk.ins.end36
-  %216 = getelementptr inbounds i64, ptr %ic, i64 %pf40
-  store i64 %tk32, ptr %216, align 8
-  br label %tk.put.end42
+tk.put.then150:                                   ; preds = %tk.ins.end145
+  %853 = getelementptr inbounds i64, ptr %ic, i64 %pf149
+  store i64 %tk141, ptr %853, align 8
+  br label %tk.put.end151
 
-tk.put.end42:                                     ; preds = %tk.put.then41, %tk.ins.end36
-  %217 = add nsw i64 %194, 1
-  %218 = icmp slt i64 %217, 16
-  %219 = select i1 %218, i64 %217, i64 16
-  store i64 %219, ptr %tk.m28, align 8
-  %220 = add nsw i64 %tk32, 1
-  br label %tk.head29
+tk.put.end151:                                    ; preds = %tk.put.then150, %tk.ins.end145
+  %854 = add nsw i64 %831, 1
+  %855 = icmp slt i64 %854, 16
+  %856 = select i1 %855, i64 %854, i64 16
+  store i64 %856, ptr %tk.m137, align 8
+  %857 = add nsw i64 %tk141, 1
+  br label %tk.head138
 
-tk.end31:                                         ; preds = %tk.head29
-  %221 = load i64, ptr %tk.m28, align 8
+tk.end140:                                        ; preds = %tk.head138
+  %858 = load i64, ptr %tk.m137, align 8
   br label %gather.head
 
-gather.head:                                      ; preds = %gather.body, %tk.end31
-  %gather = phi i64 [ 0, %tk.end31 ], [ %228, %gather.body ]
-  %222 = icmp slt i64 %gather, 16
-  br i1 %222, label %gather.body, label %gather.end
+gather.head:                                      ; preds = %gather.body, %tk.end140
+  %gather = phi i64 [ 0, %tk.end140 ], [ %865, %gather.body ]
+  %859 = icmp slt i64 %gather, 16
+  br i1 %859, label %gather.body, label %gather.end
 
 gather.body:                                      ; preds = %gather.head
-  %223 = getelementptr inbounds i64, ptr %ic, i64 %gather
-  %224 = load i64, ptr %223, align 8
-  %225 = getelementptr inbounds float, ptr %cv, i64 %224
-  %226 = load float, ptr %225, align 4
-  %227 = getelementptr inbounds float, ptr %g, i64 %gather
-  store float %226, ptr %227, align 4
-  %228 = add nsw i64 %gather, 1
+  %860 = getelementptr inbounds i64, ptr %ic, i64 %gather
+  %861 = load i64, ptr %860, align 8
+  %862 = getelementptr inbounds float, ptr %cv, i64 %861
+  %863 = load float, ptr %862, align 4
+  %864 = getelementptr inbounds float, ptr %g, i64 %gather
+  store float %863, ptr %864, align 4
+  %865 = add nsw i64 %gather, 1
   br label %gather.head
 
 gather.end:                                       ; preds = %gather.head
@@ -1159,101 +2145,105 @@ gather.end:                                       ; preds = %gather.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %gather.end
-  %smax43 = phi i64 [ 0, %gather.end ], [ %236, %smax.body ]
-  %229 = icmp slt i64 %smax43, 16
-  br i1 %229, label %smax.body, label %smax.end
+  %smax152 = phi i64 [ 0, %gather.end ], [ %873, %smax.body ]
+  %866 = icmp slt i64 %smax152, 16
+  br i1 %866, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %230 = add nsw i64 0, %smax43
-  %231 = getelementptr inbounds float, ptr %g, i64 %230
-  %232 = load float, ptr %231, align 4
-  %233 = load float, ptr %smax, align 4
-  %234 = fcmp ogt float %232, %233
-  %235 = select i1 %234, float %232, float %233
-  store float %235, ptr %smax, align 4
-  %236 = add nsw i64 %smax43, 1
+  %867 = add nsw i64 0, %smax152
+  %868 = getelementptr inbounds float, ptr %g, i64 %867
+  %869 = load float, ptr %868, align 4
+  %870 = load float, ptr %smax, align 4
+  %871 = fcmp ogt float %869, %870
+  %872 = select i1 %871, float %869, float %870
+  store float %872, ptr %smax, align 4
+  %873 = add nsw i64 %smax152, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %237 = load float, ptr %smax, align 4
+  %874 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %250, %sexp.body ]
-  %238 = icmp slt i64 %sexp, 16
-  br i1 %238, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %887, %sexp.body ]
+  %875 = icmp slt i64 %sexp, 16
+  br i1 %875, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %239 = add nsw i64 0, %sexp
-  %240 = getelementptr inbounds float, ptr %g, i64 %239
-  %241 = load float, ptr %240, align 4
-  %242 = fsub float %241, %237
-  %243 = fpext float %242 to double
-  %244 = call double @exp(double %243)
-  %245 = fptrunc double %244 to float
-  %246 = add nsw i64 0, %sexp
-  %247 = getelementptr inbounds float, ptr %g, i64 %246
-  store float %245, ptr %247, align 4
-  %248 = load float, ptr %ssum, align 4
-  %249 = fadd float %248, %245
-  store float %249, ptr %ssum, align 4
-  %250 = add nsw i64 %sexp, 1
+  %876 = add nsw i64 0, %sexp
+  %877 = getelementptr inbounds float, ptr %g, i64 %876
+  %878 = load float, ptr %877, align 4
+  %879 = fsub float %878, %874
+  %880 = fpext float %879 to double
+  %881 = call double @exp(double %880)
+  %882 = fptrunc double %881 to float
+  %883 = add nsw i64 0, %sexp
+  %884 = getelementptr inbounds float, ptr %g, i64 %883
+  store float %882, ptr %884, align 4
+  %885 = load float, ptr %ssum, align 4
+  %886 = fadd float %885, %882
+  store float %886, ptr %ssum, align 4
+  %887 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %251 = load float, ptr %ssum, align 4
+  %888 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %258, %sdiv.body ]
-  %252 = icmp slt i64 %sdiv, 16
-  br i1 %252, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %895, %sdiv.body ]
+  %889 = icmp slt i64 %sdiv, 16
+  br i1 %889, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %253 = add nsw i64 0, %sdiv
-  %254 = getelementptr inbounds float, ptr %g, i64 %253
-  %255 = load float, ptr %254, align 4
-  %256 = fdiv float %255, %251
-  %257 = getelementptr inbounds float, ptr %g, i64 %253
-  store float %256, ptr %257, align 4
-  %258 = add nsw i64 %sdiv, 1
+  %890 = add nsw i64 0, %sdiv
+  %891 = getelementptr inbounds float, ptr %g, i64 %890
+  %892 = load float, ptr %891, align 4
+  %893 = fdiv float %892, %888
+  %894 = getelementptr inbounds float, ptr %g, i64 %890
+  store float %893, ptr %894, align 4
+  %895 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %259 = mul nsw i64 %head, 16
-  %260 = mul nsw i64 %tok, 128
-  %261 = add nsw i64 %260, %259
+  %896 = mul nsw i64 %hd, 16
+  %897 = mul nsw i64 %tok, 128
+  %898 = add nsw i64 %897, %896
   br label %out.head
 
 out.head:                                         ; preds = %out.body, %sdiv.end
-  %out = phi i64 [ 0, %sdiv.end ], [ %274, %out.body ]
-  %262 = icmp slt i64 %out, 16
-  br i1 %262, label %out.body, label %out.end
+  %out = phi i64 [ 0, %sdiv.end ], [ %911, %out.body ]
+  %899 = icmp slt i64 %out, 16
+  br i1 %899, label %out.body, label %out.end
 
 out.body:                                         ; preds = %out.head
-  %263 = add nsw i64 %261, %out
-  %264 = getelementptr inbounds i32, ptr %ids, i64 %263
-  %265 = getelementptr inbounds i64, ptr %ic, i64 %out
-  %266 = load i64, ptr %265, align 8
-  %267 = getelementptr inbounds i64, ptr %ck, i64 %266
-  %268 = load i64, ptr %267, align 8
-  %269 = trunc i64 %268 to i32
-  store i32 %269, ptr %264, align 4
-  %270 = getelementptr inbounds float, ptr %g, i64 %out
-  %271 = load float, ptr %270, align 4
-  %272 = fmul float %271, 1.000000e+00
-  %273 = getelementptr inbounds float, ptr %weights, i64 %263
-  store float %272, ptr %273, align 4
-  %274 = add nsw i64 %out, 1
+  %900 = add nsw i64 %898, %out
+  %901 = getelementptr inbounds i32, ptr %ids, i64 %900
+  %902 = getelementptr inbounds i64, ptr %ic, i64 %out
+  %903 = load i64, ptr %902, align 8
+  %904 = getelementptr inbounds i64, ptr %ck, i64 %903
+  %905 = load i64, ptr %904, align 8
+  %906 = trunc i64 %905 to i32
+  store i32 %906, ptr %901, align 4
+  %907 = getelementptr inbounds float, ptr %g, i64 %out
+  %908 = load float, ptr %907, align 4
+  %909 = fmul float %908, 1.000000e+00
+  %910 = getelementptr inbounds float, ptr %weights, i64 %900
+  store float %909, ptr %910, align 4
+  %911 = add nsw i64 %out, 1
   br label %out.head
 
 out.end:                                          ; preds = %out.head
-  %275 = add nsw i64 %head, 1
+  %912 = add nsw i64 %head, 1
   br label %head.head
 
 head.end:                                         ; preds = %head.head
-  %276 = add nsw i64 %tok, 1
+  %913 = add nsw i64 %hgroup, 8
+  br label %hgroup.head
+
+hgroup.end:                                       ; preds = %hgroup.head
+  %914 = add nsw i64 %tok, 1
   br label %tok.head
 
 tok.end:                                          ; preds = %tok.head

@@ -956,8 +956,8 @@ static int route_product_key(struct fwd *f)
 			}
 			const float *K1 = keys + (kph ? (size_t)hd * R * 2 * h2 : 0);
 			for (uint32_t i = 0; i < R; i++) {
-				sa[i] = dot_f32(q, K1 + (size_t)i * kstride, h2);
-				sb[i] = dot_f32(q + h2, K1 + khalf + (size_t)i * kstride, h2);
+				sa[i] = dot_fma(q, K1 + (size_t)i * kstride, h2);
+				sb[i] = dot_fma(q + h2, K1 + khalf + (size_t)i * kstride, h2);
 			}
 			ok = topk(sa, NULL, R, ks, ia) && topk(sb, NULL, R, ks, ib);
 			for (uint32_t i = 0; ok && i < ks; i++)
