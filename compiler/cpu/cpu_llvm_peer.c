@@ -336,6 +336,7 @@ static void gen_pk_experts(struct moe_ll *g)
 	static const char *const pn[E_COUNT] = {"x", "t0", "t1", "ids", "weights", "u", "v", "y"};
 	moe_ll_fn_begin(g, "moe_pk_experts", params, pn, E_COUNT);
 	LLVMValueRef acc = moe_ll_alloca(g, g->t_f64, (uint64_t)H, "acc");
+	LLVMValueRef xd = moe_ll_alloca(g, g->t_f64, (uint64_t)H, "xd"); /* x_t in double */
 	/* four chains of 8 doubles over h (one when H is not a multiple of 32) */
 	int nch = H8 % 32 == 0 && H8 ? 4 : 1;
 	LLVMValueRef dacc[4];
@@ -348,6 +349,8 @@ static void gen_pk_experts(struct moe_ll *g)
 				    LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
 	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), 1, "z");
 	moe_ll_st(g, moe_ll_f64c(g, 0.0), moe_ll_at(g, g->t_f64, acc, h.iv));
+	moe_ll_st(g, LLVMBuildFPExt(b, moe_ll_ldf(g, xr, h.iv), g->t_f64, ""),
+		  moe_ll_at(g, g->t_f64, xd, h.iv));
 	moe_ll_loop_close(g, &h);
 	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, W), 1, "slot");
 	LLVMValueRef si =
@@ -385,18 +388,16 @@ static void gen_pk_experts(struct moe_ll *g)
 	    LLVMBuildNSWMul(b, LLVMBuildZExt(b, e, g->t_i64, ""), moe_ll_i64c(g, H), "");
 	LLVMValueRef ur = moe_ll_at(g, et, moe_ll_prm(g, E_U), off),
 		     vr = moe_ll_at(g, et, moe_ll_prm(g, E_V), off);
-	/* u . x: exact products summed in double, rounded once */
+	/* u . x: exact products summed in double, rounded once (a product of
+	 * two f32 is exact in double, so the fused add rounds as the plain one) */
 	for (int c = 0; c < nch; c++)
 		moe_ll_st(g, LLVMConstNull(g->t_v8d), dacc[c]);
 	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8 * nch, "dot");
 	for (int c = 0; c < nch; c++) {
 		LLVMValueRef hc = LLVMBuildNSWAdd(b, h.iv, moe_ll_i64c(g, 8 * c), "");
-		LLVMValueRef xv = LLVMBuildFPExt(b, ldv(g, xr, hc), g->t_v8d, "");
+		LLVMValueRef xv = moe_ll_ld(g, g->t_v8d, moe_ll_at(g, g->t_f64, xd, hc));
 		LLVMValueRef uv = LLVMBuildFPExt(b, ld_row8(g, ur, hc, bf16), g->t_v8d, "");
-		moe_ll_st(g,
-			  LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8d, dacc[c]),
-					LLVMBuildFMul(b, xv, uv, ""), ""),
-			  dacc[c]);
+		moe_ll_st(g, moe_ll_fma(g, xv, uv, moe_ll_ld(g, g->t_v8d, dacc[c])), dacc[c]);
 	}
 	moe_ll_loop_close(g, &h);
 	LLVMValueRef dv = moe_ll_ld(g, g->t_v8d, dacc[0]), dsum = moe_ll_f64c(g, 0.0);

@@ -2257,6 +2257,7 @@ declare double @exp(double) #0
 define hidden void @moe_pk_experts(ptr %x, i64 %t0, i64 %t1, ptr %ids, ptr %weights, ptr %u, ptr %v, ptr %y) #0 {
 entry:
   %acc = alloca [1024 x double], align 32
+  %xd = alloca [1024 x double], align 32
   %dacc = alloca <8 x double>, align 32
   %dacc1 = alloca <8 x double>, align 32
   %dacc2 = alloca <8 x double>, align 32
@@ -2268,7 +2269,7 @@ start:                                            ; preds = %entry
   br label %t.head
 
 t.head:                                           ; preds = %y.end, %start
-  %t = phi i64 [ %t0, %start ], [ %124, %y.end ]
+  %t = phi i64 [ %t0, %start ], [ %120, %y.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
@@ -2278,55 +2279,60 @@ t.body:                                           ; preds = %t.head
   br label %z.head
 
 z.head:                                           ; preds = %z.body, %t.body
-  %z = phi i64 [ 0, %t.body ], [ %5, %z.body ]
+  %z = phi i64 [ 0, %t.body ], [ %9, %z.body ]
   %3 = icmp slt i64 %z, 1024
   br i1 %3, label %z.body, label %z.end
 
 z.body:                                           ; preds = %z.head
   %4 = getelementptr inbounds double, ptr %acc, i64 %z
   store double 0.000000e+00, ptr %4, align 8
-  %5 = add nsw i64 %z, 1
+  %5 = getelementptr inbounds double, ptr %xd, i64 %z
+  %6 = getelementptr inbounds float, ptr %2, i64 %z
+  %7 = load float, ptr %6, align 4
+  %8 = fpext float %7 to double
+  store double %8, ptr %5, align 8
+  %9 = add nsw i64 %z, 1
   br label %z.head
 
 z.end:                                            ; preds = %z.head
   br label %slot.head
 
 slot.head:                                        ; preds = %slot.end4, %z.end
-  %slot = phi i64 [ 0, %z.end ], [ %115, %slot.end4 ]
-  %6 = icmp slt i64 %slot, 128
-  br i1 %6, label %slot.body, label %slot.end
+  %slot = phi i64 [ 0, %z.end ], [ %111, %slot.end4 ]
+  %10 = icmp slt i64 %slot, 128
+  br i1 %10, label %slot.body, label %slot.end
 
 slot.body:                                        ; preds = %slot.head
-  %7 = mul nsw i64 %t, 128
-  %8 = add nsw i64 %7, %slot
-  %9 = add nsw i64 %8, 2
-  %10 = mul nsw i64 %t1, 128
-  %11 = icmp slt i64 %9, %10
-  br i1 %11, label %pf.then, label %pf.end
+  %11 = mul nsw i64 %t, 128
+  %12 = add nsw i64 %11, %slot
+  %13 = add nsw i64 %12, 2
+  %14 = mul nsw i64 %t1, 128
+  %15 = icmp slt i64 %13, %14
+  br i1 %15, label %pf.then, label %pf.end
 
 pf.then:                                          ; preds = %slot.body
-  %12 = getelementptr inbounds i32, ptr %ids, i64 %9
-  %13 = load i32, ptr %12, align 4
-  %14 = icmp sge i32 %13, 0
-  br i1 %14, label %pfe.then, label %pfe.end
+  %16 = getelementptr inbounds i32, ptr %ids, i64 %13
+  %17 = load i32, ptr %16, align 4
+  %18 = icmp sge i32 %17, 0
+  br i1 %18, label %pfe.then, label %pfe.end
 
 pfe.then:                                         ; preds = %pf.then
-  %15 = zext i32 %13 to i64
-  %16 = mul nsw i64 %15, 1024
+  %19 = zext i32 %17 to i64
+  %20 = mul nsw i64 %19, 1024
   br label %pfl.head
 
 pfl.head:                                         ; preds = %pfl.body, %pfe.then
-  %pfl = phi i64 [ 0, %pfe.then ], [ %21, %pfl.body ]
-  %17 = icmp slt i64 %pfl, 1024
-  br i1 %17, label %pfl.body, label %pfl.end
+  %pfl = phi i64 [ 0, %pfe.then ], [ %25, %pfl.body ]
+  %21 = icmp slt i64 %pfl, 1024
+  br i1 %21, label %pfl.body, label %pfl.end
 
 pfl.body:                                         ; preds = %pfl.head
-  %18 = add nsw i64 %16, %pfl
-  %19 = getelementptr inbounds float, ptr %u, i64 %18
-  call void @llvm.prefetch.p0(ptr %19, i32 0, i32 3, i32 1)
-  %20 = getelementptr inbounds float, ptr %v, i64 %18
-  call void @llvm.prefetch.p0(ptr %20, i32 0, i32 3, i32 1)
-  %21 = add nsw i64 %pfl, 16
+  %22 = add nsw i64 %20, %pfl
+  %23 = getelementptr inbounds float, ptr %u, i64 %22
+  call void @llvm.prefetch.p0(ptr %23, i32 0, i32 3, i32 1)
+  %24 = getelementptr inbounds float, ptr %v, i64 %22
+  call void @llvm.prefetch.p0(ptr %24, i32 0, i32 3, i32 1)
+  %25 = add nsw i64 %pfl, 16
   br label %pfl.head
 
 pfl.end:                                          ; preds = %pfl.head
@@ -2336,18 +2342,18 @@ pfe.end:                                          ; preds = %pfl.end, %pf.then
   br label %pf.end
 
 pf.end:                                           ; preds = %pfe.end, %slot.body
-  %22 = getelementptr inbounds i32, ptr %ids, i64 %8
-  %23 = load i32, ptr %22, align 4
-  %24 = icmp sge i32 %23, 0
-  br i1 %24, label %slot.then, label %slot.end4
+  %26 = getelementptr inbounds i32, ptr %ids, i64 %12
+  %27 = load i32, ptr %26, align 4
+  %28 = icmp sge i32 %27, 0
+  br i1 %28, label %slot.then, label %slot.end4
 
 slot.then:                                        ; preds = %pf.end
-  %25 = getelementptr inbounds float, ptr %weights, i64 %8
-  %26 = load float, ptr %25, align 4
-  %27 = zext i32 %23 to i64
-  %28 = mul nsw i64 %27, 1024
-  %29 = getelementptr inbounds float, ptr %u, i64 %28
-  %30 = getelementptr inbounds float, ptr %v, i64 %28
+  %29 = getelementptr inbounds float, ptr %weights, i64 %12
+  %30 = load float, ptr %29, align 4
+  %31 = zext i32 %27 to i64
+  %32 = mul nsw i64 %31, 1024
+  %33 = getelementptr inbounds float, ptr %u, i64 %32
+  %34 = getelementptr inbounds float, ptr %v, i64 %32
   store <8 x double> zeroinitializer, ptr %dacc, align 8
   store <8 x double> zeroinitializer, ptr %dacc1, align 8
   store <8 x double> zeroinitializer, ptr %dacc2, align 8
@@ -2355,140 +2361,132 @@ slot.then:                                        ; preds = %pf.end
   br label %dot.head
 
 dot.head:                                         ; preds = %dot.body, %slot.then
-  %dot = phi i64 [ 0, %slot.then ], [ %72, %dot.body ]
-  %31 = icmp slt i64 %dot, 1024
-  br i1 %31, label %dot.body, label %dot.end
+  %dot = phi i64 [ 0, %slot.then ], [ %68, %dot.body ]
+  %35 = icmp slt i64 %dot, 1024
+  br i1 %35, label %dot.body, label %dot.end
 
 dot.body:                                         ; preds = %dot.head
-  %32 = add nsw i64 %dot, 0
-  %33 = getelementptr inbounds float, ptr %2, i64 %32
-  %34 = load <8 x float>, ptr %33, align 4
-  %35 = fpext <8 x float> %34 to <8 x double>
-  %36 = getelementptr inbounds float, ptr %29, i64 %32
-  %37 = load <8 x float>, ptr %36, align 4
-  %38 = fpext <8 x float> %37 to <8 x double>
-  %39 = fmul <8 x double> %35, %38
-  %40 = load <8 x double>, ptr %dacc, align 8
-  %41 = fadd <8 x double> %40, %39
-  store <8 x double> %41, ptr %dacc, align 8
-  %42 = add nsw i64 %dot, 8
-  %43 = getelementptr inbounds float, ptr %2, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  %45 = fpext <8 x float> %44 to <8 x double>
-  %46 = getelementptr inbounds float, ptr %29, i64 %42
-  %47 = load <8 x float>, ptr %46, align 4
-  %48 = fpext <8 x float> %47 to <8 x double>
-  %49 = fmul <8 x double> %45, %48
+  %36 = add nsw i64 %dot, 0
+  %37 = getelementptr inbounds double, ptr %xd, i64 %36
+  %38 = load <8 x double>, ptr %37, align 8
+  %39 = getelementptr inbounds float, ptr %33, i64 %36
+  %40 = load <8 x float>, ptr %39, align 4
+  %41 = fpext <8 x float> %40 to <8 x double>
+  %42 = load <8 x double>, ptr %dacc, align 8
+  %43 = call <8 x double> @llvm.fma.v8f64(<8 x double> %38, <8 x double> %41, <8 x double> %42)
+  store <8 x double> %43, ptr %dacc, align 8
+  %44 = add nsw i64 %dot, 8
+  %45 = getelementptr inbounds double, ptr %xd, i64 %44
+  %46 = load <8 x double>, ptr %45, align 8
+  %47 = getelementptr inbounds float, ptr %33, i64 %44
+  %48 = load <8 x float>, ptr %47, align 4
+  %49 = fpext <8 x float> %48 to <8 x double>
   %50 = load <8 x double>, ptr %dacc1, align 8
-  %51 = fadd <8 x double> %50, %49
+  %51 = call <8 x double> @llvm.fma.v8f64(<8 x double> %46, <8 x double> %49, <8 x double> %50)
   store <8 x double> %51, ptr %dacc1, align 8
   %52 = add nsw i64 %dot, 16
-  %53 = getelementptr inbounds float, ptr %2, i64 %52
-  %54 = load <8 x float>, ptr %53, align 4
-  %55 = fpext <8 x float> %54 to <8 x double>
-  %56 = getelementptr inbounds float, ptr %29, i64 %52
-  %57 = load <8 x float>, ptr %56, align 4
-  %58 = fpext <8 x float> %57 to <8 x double>
-  %59 = fmul <8 x double> %55, %58
-  %60 = load <8 x double>, ptr %dacc2, align 8
-  %61 = fadd <8 x double> %60, %59
-  store <8 x double> %61, ptr %dacc2, align 8
-  %62 = add nsw i64 %dot, 24
-  %63 = getelementptr inbounds float, ptr %2, i64 %62
+  %53 = getelementptr inbounds double, ptr %xd, i64 %52
+  %54 = load <8 x double>, ptr %53, align 8
+  %55 = getelementptr inbounds float, ptr %33, i64 %52
+  %56 = load <8 x float>, ptr %55, align 4
+  %57 = fpext <8 x float> %56 to <8 x double>
+  %58 = load <8 x double>, ptr %dacc2, align 8
+  %59 = call <8 x double> @llvm.fma.v8f64(<8 x double> %54, <8 x double> %57, <8 x double> %58)
+  store <8 x double> %59, ptr %dacc2, align 8
+  %60 = add nsw i64 %dot, 24
+  %61 = getelementptr inbounds double, ptr %xd, i64 %60
+  %62 = load <8 x double>, ptr %61, align 8
+  %63 = getelementptr inbounds float, ptr %33, i64 %60
   %64 = load <8 x float>, ptr %63, align 4
   %65 = fpext <8 x float> %64 to <8 x double>
-  %66 = getelementptr inbounds float, ptr %29, i64 %62
-  %67 = load <8 x float>, ptr %66, align 4
-  %68 = fpext <8 x float> %67 to <8 x double>
-  %69 = fmul <8 x double> %65, %68
-  %70 = load <8 x double>, ptr %dacc3, align 8
-  %71 = fadd <8 x double> %70, %69
-  store <8 x double> %71, ptr %dacc3, align 8
-  %72 = add nsw i64 %dot, 32
+  %66 = load <8 x double>, ptr %dacc3, align 8
+  %67 = call <8 x double> @llvm.fma.v8f64(<8 x double> %62, <8 x double> %65, <8 x double> %66)
+  store <8 x double> %67, ptr %dacc3, align 8
+  %68 = add nsw i64 %dot, 32
   br label %dot.head
 
 dot.end:                                          ; preds = %dot.head
-  %73 = load <8 x double>, ptr %dacc, align 8
-  %74 = load <8 x double>, ptr %dacc3, align 8
-  %75 = load <8 x double>, ptr %dacc2, align 8
-  %76 = fadd <8 x double> %75, %74
-  %77 = load <8 x double>, ptr %dacc1, align 8
-  %78 = fadd <8 x double> %73, %77
-  %79 = fadd <8 x double> %78, %76
-  %80 = extractelement <8 x double> %79, i32 0
-  %81 = fadd double 0.000000e+00, %80
-  %82 = extractelement <8 x double> %79, i32 1
+  %69 = load <8 x double>, ptr %dacc, align 8
+  %70 = load <8 x double>, ptr %dacc3, align 8
+  %71 = load <8 x double>, ptr %dacc2, align 8
+  %72 = fadd <8 x double> %71, %70
+  %73 = load <8 x double>, ptr %dacc1, align 8
+  %74 = fadd <8 x double> %69, %73
+  %75 = fadd <8 x double> %74, %72
+  %76 = extractelement <8 x double> %75, i32 0
+  %77 = fadd double 0.000000e+00, %76
+  %78 = extractelement <8 x double> %75, i32 1
+  %79 = fadd double %77, %78
+  %80 = extractelement <8 x double> %75, i32 2
+  %81 = fadd double %79, %80
+  %82 = extractelement <8 x double> %75, i32 3
   %83 = fadd double %81, %82
-  %84 = extractelement <8 x double> %79, i32 2
+  %84 = extractelement <8 x double> %75, i32 4
   %85 = fadd double %83, %84
-  %86 = extractelement <8 x double> %79, i32 3
+  %86 = extractelement <8 x double> %75, i32 5
   %87 = fadd double %85, %86
-  %88 = extractelement <8 x double> %79, i32 4
+  %88 = extractelement <8 x double> %75, i32 6
   %89 = fadd double %87, %88
-  %90 = extractelement <8 x double> %79, i32 5
+  %90 = extractelement <8 x double> %75, i32 7
   %91 = fadd double %89, %90
-  %92 = extractelement <8 x double> %79, i32 6
-  %93 = fadd double %91, %92
-  %94 = extractelement <8 x double> %79, i32 7
-  %95 = fadd double %93, %94
-  store double %95, ptr %dtail, align 8
-  %96 = load double, ptr %dtail, align 8
-  %97 = fptrunc double %96 to float
-  %98 = fpext float %97 to double
-  %99 = fcmp ogt float %97, 0.000000e+00
-  %100 = select i1 %99, float %97, float 0.000000e+00
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = insertelement <8 x float> poison, float %26, i32 0
-  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  store double %91, ptr %dtail, align 8
+  %92 = load double, ptr %dtail, align 8
+  %93 = fptrunc double %92 to float
+  %94 = fpext float %93 to double
+  %95 = fcmp ogt float %93, 0.000000e+00
+  %96 = select i1 %95, float %93, float 0.000000e+00
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = insertelement <8 x float> poison, float %30, i32 0
+  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
   br label %axpy.head
 
 axpy.head:                                        ; preds = %axpy.body, %dot.end
-  %axpy = phi i64 [ 0, %dot.end ], [ %114, %axpy.body ]
-  %105 = icmp slt i64 %axpy, 1024
-  br i1 %105, label %axpy.body, label %axpy.end
+  %axpy = phi i64 [ 0, %dot.end ], [ %110, %axpy.body ]
+  %101 = icmp slt i64 %axpy, 1024
+  br i1 %101, label %axpy.body, label %axpy.end
 
 axpy.body:                                        ; preds = %axpy.head
-  %106 = getelementptr inbounds float, ptr %30, i64 %axpy
-  %107 = load <8 x float>, ptr %106, align 4
-  %108 = fmul <8 x float> %102, %107
-  %109 = fmul <8 x float> %104, %108
-  %110 = getelementptr inbounds double, ptr %acc, i64 %axpy
-  %111 = load <8 x double>, ptr %110, align 8
-  %112 = fpext <8 x float> %109 to <8 x double>
-  %113 = fadd <8 x double> %111, %112
-  store <8 x double> %113, ptr %110, align 8
-  %114 = add nsw i64 %axpy, 8
+  %102 = getelementptr inbounds float, ptr %34, i64 %axpy
+  %103 = load <8 x float>, ptr %102, align 4
+  %104 = fmul <8 x float> %98, %103
+  %105 = fmul <8 x float> %100, %104
+  %106 = getelementptr inbounds double, ptr %acc, i64 %axpy
+  %107 = load <8 x double>, ptr %106, align 8
+  %108 = fpext <8 x float> %105 to <8 x double>
+  %109 = fadd <8 x double> %107, %108
+  store <8 x double> %109, ptr %106, align 8
+  %110 = add nsw i64 %axpy, 8
   br label %axpy.head
 
 axpy.end:                                         ; preds = %axpy.head
   br label %slot.end4
 
 slot.end4:                                        ; preds = %axpy.end, %pf.end
-  %115 = add nsw i64 %slot, 1
+  %111 = add nsw i64 %slot, 1
   br label %slot.head
 
 slot.end:                                         ; preds = %slot.head
-  %116 = mul nsw i64 %t, 1024
-  %117 = getelementptr inbounds float, ptr %y, i64 %116
+  %112 = mul nsw i64 %t, 1024
+  %113 = getelementptr inbounds float, ptr %y, i64 %112
   br label %y.head
 
 y.head:                                           ; preds = %y.body, %slot.end
-  %y5 = phi i64 [ 0, %slot.end ], [ %123, %y.body ]
-  %118 = icmp slt i64 %y5, 1024
-  br i1 %118, label %y.body, label %y.end
+  %y5 = phi i64 [ 0, %slot.end ], [ %119, %y.body ]
+  %114 = icmp slt i64 %y5, 1024
+  br i1 %114, label %y.body, label %y.end
 
 y.body:                                           ; preds = %y.head
-  %119 = getelementptr inbounds float, ptr %117, i64 %y5
-  %120 = getelementptr inbounds double, ptr %acc, i64 %y5
-  %121 = load double, ptr %120, align 8
-  %122 = fptrunc double %121 to float
-  store float %122, ptr %119, align 4
-  %123 = add nsw i64 %y5, 1
+  %115 = getelementptr inbounds float, ptr %113, i64 %y5
+  %116 = getelementptr inbounds double, ptr %acc, i64 %y5
+  %117 = load double, ptr %116, align 8
+  %118 = fptrunc double %117 to float
+  store float %118, ptr %115, align 4
+  %119 = add nsw i64 %y5, 1
   br label %y.head
 
 y.end:                                            ; preds = %y.head
-  %124 = add nsw i64 %t, 1
+  %120 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
@@ -2497,6 +2495,9 @@ t.end:                                            ; preds = %t.head
 
 ; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
 declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x double> @llvm.fma.v8f64(<8 x double>, <8 x double>, <8 x double>) #1
 
 attributes #0 = { nounwind }
 attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
