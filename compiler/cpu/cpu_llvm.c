@@ -1499,19 +1499,35 @@ static void gen_route(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_router", params, pn, 12);
 	LLVMValueRef x = moe_ll_prm(g, 0), wr = moe_ll_prm(g, 3), br = moe_ll_prm(g, 4);
 	LLVMValueRef bs = moe_ll_prm(g, 5), wsg = moe_ll_prm(g, 6), logits = moe_ll_prm(g, 7);
-	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, (uint64_t)moe_router_blocks(E) * MOE_RB, "l");
+	/* the logits of up to G tokens at a time: one tile of rows per panel pass
+	 * (each router panel vector loaded once for the G tokens) */
+	int64_t LB = (int64_t)moe_router_blocks(E) * MOE_RB;
+	int64_t G = (64 << 10) / (LB * 4);
+	G = G < 1 ? 1 : G > MOE_LL_ROWS ? MOE_LL_ROWS : G;
+	LLVMValueRef lt = moe_ll_alloca(g, g->t_f32, (uint64_t)(G * LB), "lt");
 	LLVMValueRef s = moe_ll_alloca(g, g->t_f32, E, "s");
 	LLVMValueRef c = moe_ll_alloca(g, g->t_f32, E, "c");
 	LLVMValueRef idx = moe_ll_alloca(g, g->t_i64, d->top_k ? d->top_k : 1, "idx");
 
-	struct moe_ll_loop t, e;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, 1), moe_ll_prm(g, 2), 1, "t");
+	struct moe_ll_loop tg, tr, e;
+	LLVMValueRef t1 = moe_ll_prm(g, 2);
+	moe_ll_loop_open(g, &tg, moe_ll_prm(g, 1), t1, G, "tg");
+	LLVMValueRef left = LLVMBuildNSWSub(b, t1, tg.iv, "");
+	LLVMValueRef gn =
+	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, moe_ll_i64c(g, G), ""), left,
+			    moe_ll_i64c(g, G), "gn");
+	moe_ll_rows_panels(
+	    g, moe_ll_at(g, g->t_f32, x, LLVMBuildNSWMul(b, tg.iv, moe_ll_i64c(g, H), "")), H, gn,
+	    wr, moe_ll_i64c(g, 0), moe_ll_i64c(g, LB / MOE_RB), H, NULL, lt, LB, 0);
+	moe_ll_loop_open(g, &tr, moe_ll_i64c(g, 0), gn, 1, "t");
+	LLVMValueRef tv = LLVMBuildNSWAdd(b, tg.iv, tr.iv, "tok");
+	LLVMValueRef l =
+	    moe_ll_at(g, g->t_f32, lt, LLVMBuildNSWMul(b, tr.iv, moe_ll_i64c(g, LB), ""));
 	LLVMValueRef xrow =
-	    moe_ll_at(g, g->t_f32, x, LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
-	moe_ll_panel_dots(g, xrow, wr, E, l);
+	    moe_ll_at(g, g->t_f32, x, LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, H), ""));
 
 	LLVMValueRef lrow =
-	    moe_ll_at(g, g->t_f32, logits, LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, E), ""));
+	    moe_ll_at(g, g->t_f32, logits, LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, E), ""));
 	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "lb");
 	LLVMValueRef pl = moe_ll_at(g, g->t_f32, l, e.iv);
 	LLVMValueRef v = moe_ll_ld(g, g->t_f32, pl);
@@ -1524,7 +1540,7 @@ static void gen_route(struct moe_ll *g)
 
 	moe_ll_scores(g, d->score, l, s, moe_ll_i64c(g, 0), E);
 
-	LLVMValueRef woff = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), "");
+	LLVMValueRef woff = LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, W), "");
 	LLVMValueRef ids_row = moe_ll_at(g, g->t_i32, moe_ll_prm(g, 8), woff);
 	LLVMValueRef w_row = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 9), woff);
 	if (d->mode == MOE_MODE_DENSE) {
@@ -1553,7 +1569,7 @@ static void gen_route(struct moe_ll *g)
 		if (d->mode == MOE_MODE_TOP_P)
 			gen_top_p_cut(g, ids_row, w_row, W);
 		LLVMValueRef pv = moe_ll_ldf(g, c, moe_ll_ldi(g, idx, moe_ll_i64c(g, 0)));
-		moe_ll_stf(g, pv, moe_ll_prm(g, 11), t.iv);
+		moe_ll_stf(g, pv, moe_ll_prm(g, 11), tv);
 	}
 	moe_ll_normalize(g, w_row, W);
 	if (d->scale != 1.0f) {
@@ -1577,9 +1593,10 @@ static void gen_route(struct moe_ll *g)
 		    moe_ll_libmf(g, "expf", LLVMBuildFNeg(b, moe_ll_ld(g, g->t_f32, z), ""));
 		LLVMValueRef o = LLVMBuildFDiv(b, moe_ll_f32c(g, 1.0),
 					       LLVMBuildFAdd(b, moe_ll_f32c(g, 1.0), ex, ""), "");
-		moe_ll_stf(g, o, moe_ll_prm(g, 10), t.iv);
+		moe_ll_stf(g, o, moe_ll_prm(g, 10), tv);
 	}
-	moe_ll_loop_close(g, &t);
+	moe_ll_loop_close(g, &tr);
+	moe_ll_loop_close(g, &tg);
 	moe_ll_fn_end(g);
 }
 

@@ -9,7 +9,6 @@
 #include <math.h>
 #include <string.h>
 
-#define PK_TB 8    /* tokens per query-projection pass: one panel load feeds eight */
 #define PK_AHEAD 2 /* slots the neuron gathers prefetch ahead */
 
 static LLVMValueRef ldv(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i)
@@ -18,120 +17,6 @@ static LLVMValueRef ldv(struct moe_ll *g, LLVMValueRef base, LLVMValueRef i)
 }
 
 enum { Q_X, Q_T0, Q_T1, Q_B0, Q_B1, Q_QUERY, Q_QBIAS, Q_OUT, Q_COUNT };
-
-/* Query-row blocks of 8 (MOE_RB) taken per pass: PK_QW blocks as PK_QW / 2
- * vectors of 16 lanes, then one block alone. */
-#define PK_QW 4
-
-/* acc[t * nv + v] = sum over h ascending of x_t[h] * w[h] (fused, one
- * rounding each, like the reference's query) for the nr token rows x[] and
- * nb blocks of 8 from block qb of the packed [blocks][K][8] matrix w: the
- * blocks as nb / 2 vectors of 16 lanes (two blocks' rows joined), or one of 8
- * when nb is 1. */
-static void query_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
-		       LLVMValueRef qb, int nb, int64_t K, LLVMValueRef *acc)
-{
-	LLVMBuilderRef b = g->b;
-	int nv = nb > 1 ? nb / 2 : 1;
-	LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
-	LLVMValueRef cell[PK_TB * PK_QW], wv[PK_QW], m[2 * MOE_VW];
-	for (int i = 0; i < 2 * MOE_VW; i++)
-		m[i] = LLVMConstInt(g->t_i32, (unsigned)i, 0);
-	for (int i = 0; i < nr * nv; i++) {
-		cell[i] = moe_ll_alloca(g, vt, 1, "qacc");
-		moe_ll_st(g, LLVMConstNull(vt), cell[i]);
-	}
-	struct moe_ll_loop h;
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, K), 1, "qh");
-	for (int v = 0; v < nv; v++) {
-		LLVMValueRef half[2];
-		for (int e = 0; e < (nb > 1 ? 2 : 1); e++) {
-			LLVMValueRef blk = LLVMBuildNSWAdd(b, qb, moe_ll_i64c(g, 2 * v + e), "");
-			LLVMValueRef off = LLVMBuildNSWAdd(
-			    b, LLVMBuildNSWMul(b, blk, moe_ll_i64c(g, K * MOE_RB), ""),
-			    LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, MOE_RB), ""), "");
-			half[e] = moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, w, off));
-		}
-		wv[v] = nb > 1 ? LLVMBuildShuffleVector(b, half[0], half[1],
-							LLVMConstVector(m, 2 * MOE_VW), "w16")
-			       : half[0];
-	}
-	for (int r = 0; r < nr; r++) {
-		LLVMValueRef a = moe_ll_splat(g, moe_ll_ldf(g, x[r], h.iv), vt);
-		for (int v = 0; v < nv; v++) {
-			LLVMValueRef c = cell[r * nv + v];
-			moe_ll_st(g, moe_ll_fma(g, a, wv[v], moe_ll_ld(g, vt, c)), c);
-		}
-	}
-	moe_ll_loop_close(g, &h);
-	for (int i = 0; i < nr * nv; i++)
-		acc[i] = moe_ll_ld(g, vt, cell[i]);
-}
-
-/* out[r][8 blk + lane] = sum over h ascending of x_r[h] * w[blk][h][lane],
- * fused (the reference's fmaf chain), plus bias[8 blk + lane] when bias is
- * not NULL, for the n rows x_r = x0 + r xs (out rows out + r os) and the
- * blocks [b0, b1) of the packed [blocks][K][8] matrix w: PK_QW blocks per
- * pass (then one at a time), the rows in tiles of PK_TB (then one at a time),
- * so each pass's panels are read once for all the rows of a tile. */
-static void fused_rows(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
-		       LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
-		       LLVMValueRef bias, LLVMValueRef out, int64_t os)
-{
-	LLVMBuilderRef b = g->b;
-	LLVMValueRef acc[PK_TB * PK_QW];
-	LLVMValueRef full = LLVMBuildMul(b, LLVMBuildSDiv(b, n, moe_ll_i64c(g, PK_TB), ""),
-					 moe_ll_i64c(g, PK_TB), "full");
-	LLVMValueRef nbk = LLVMBuildNSWSub(b, b1, b0, "");
-	LLVMValueRef bw =
-	    LLVMBuildNSWAdd(b, b0,
-			    LLVMBuildMul(b, LLVMBuildSDiv(b, nbk, moe_ll_i64c(g, PK_QW), ""),
-					 moe_ll_i64c(g, PK_QW), ""),
-			    "bw");
-	struct moe_ll_loop qb, tb;
-	for (int bpass = 0; bpass < 2; bpass++) {
-		/* bpass 0: PK_QW blocks per pass; 1: the rest one by one */
-		int nb = bpass ? 1 : (int)PK_QW, nv = nb > 1 ? nb / 2 : 1;
-		moe_ll_loop_open(g, &qb, bpass ? bw : b0, bpass ? b1 : bw, nb,
-				 bpass ? "qb1" : "qb");
-		LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
-		LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
-		LLVMValueRef bv[PK_QW];
-		for (int v = 0; bias && v < nv; v++)
-			bv[v] = moe_ll_ld(
-			    g, vt,
-			    moe_ll_at(g, g->t_f32, bias,
-				      LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, 16 * v), "")));
-		for (int pass = 0; pass < 2; pass++) {
-			/* pass 0: tiles of PK_TB rows; pass 1: the rest one by one */
-			int nr = pass ? 1 : PK_TB;
-			moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full,
-					 nr, pass ? "r1" : "rb");
-			LLVMValueRef xr[PK_TB], qo[PK_TB];
-			for (int t = 0; t < nr; t++) {
-				LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
-				xr[t] = moe_ll_at(g, g->t_f32, x0,
-						  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, xs), ""));
-				qo[t] = moe_ll_at(
-				    g, g->t_f32, out,
-				    LLVMBuildNSWAdd(
-					b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, os), ""), q8, ""));
-			}
-			query_tile(g, xr, nr, w, qb.iv, nb, K, acc);
-			for (int t = 0; t < nr; t++)
-				for (int v = 0; v < nv; v++) {
-					LLVMValueRef o = acc[t * nv + v];
-					if (bias)
-						o = LLVMBuildFAdd(b, o, bv[v], "");
-					moe_ll_st(
-					    g, o,
-					    moe_ll_at(g, g->t_f32, qo[t], moe_ll_i64c(g, 16 * v)));
-				}
-			moe_ll_loop_close(g, &tb);
-		}
-		moe_ll_loop_close(g, &qb);
-	}
-}
 
 /* q[t] = Q x_t + b for tokens [t0, t1) and query-row blocks [b0, b1). Each
  * value is the reference's fused sum in ascending h, whatever tile computes
@@ -150,9 +35,9 @@ static void gen_pk_query(struct moe_ll *g)
 				    LLVMBuildNSWMul(b, t0, moe_ll_i64c(g, H), ""));
 	LLVMValueRef q0 = moe_ll_at(g, g->t_f32, moe_ll_prm(g, Q_OUT),
 				    LLVMBuildNSWMul(b, t0, moe_ll_i64c(g, QB * 8), ""));
-	fused_rows(g, x0, H, LLVMBuildNSWSub(b, moe_ll_prm(g, Q_T1), t0, "n"),
-		   moe_ll_prm(g, Q_QUERY), moe_ll_prm(g, Q_B0), moe_ll_prm(g, Q_B1), H,
-		   moe_ll_prm(g, Q_QBIAS), q0, QB * 8);
+	moe_ll_rows_panels(g, x0, H, LLVMBuildNSWSub(b, moe_ll_prm(g, Q_T1), t0, "n"),
+			   moe_ll_prm(g, Q_QUERY), moe_ll_prm(g, Q_B0), moe_ll_prm(g, Q_B1), H,
+			   moe_ll_prm(g, Q_QBIAS), q0, QB * 8, 1);
 	moe_ll_fn_end(g);
 }
 
@@ -172,10 +57,10 @@ static void gen_pk_route(struct moe_ll *g)
 	LLVMTypeRef params[R_COUNT] = {P, I, I, P, P, P};
 	static const char *const pn[R_COUNT] = {"q", "t0", "t1", "keys", "ids", "weights"};
 	moe_ll_fn_begin(g, "moe_pk_route", params, pn, R_COUNT);
-	/* the sub-key scores of a group of up to PK_TB heads (shared keys) or
+	/* the sub-key scores of a group of up to MOE_LL_ROWS heads (shared keys) or
 	 * of one head (its own key set): [head of the group][KB * 8] per half */
-	int64_t G =
-	    d->pk_keys_per_head || heads < PK_TB ? (d->pk_keys_per_head ? 1 : heads) : PK_TB;
+	int64_t G = d->pk_keys_per_head || heads < MOE_LL_ROWS ? (d->pk_keys_per_head ? 1 : heads)
+							       : MOE_LL_ROWS;
 	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)(G * KB * 8), "sa"),
 			       moe_ll_alloca(g, g->t_f32, (uint64_t)(G * KB * 8), "sb")};
 	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ia"),
@@ -206,8 +91,9 @@ static void gen_pk_route(struct moe_ll *g)
 		    moe_ll_at(g, g->t_f32, qs,
 			      LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, hg.iv, moe_ll_i64c(g, dq), ""),
 					      moe_ll_i64c(g, half * h2), ""));
-		fused_rows(g, qx, dq, gn, moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS), koff),
-			   moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), h2, NULL, sab[half], KB * 8);
+		moe_ll_rows_panels(
+		    g, qx, dq, gn, moe_ll_at(g, g->t_f32, moe_ll_prm(g, R_KEYS), koff),
+		    moe_ll_i64c(g, 0), moe_ll_i64c(g, KB), h2, NULL, sab[half], KB * 8, 1);
 	}
 	moe_ll_loop_open(g, &hh, moe_ll_i64c(g, 0), gn, 1, "head");
 	LLVMValueRef hd = LLVMBuildNSWAdd(b, hg.iv, hh.iv, "hd");

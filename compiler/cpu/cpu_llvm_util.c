@@ -376,6 +376,115 @@ void moe_ll_panel_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValu
 		acc[i] = moe_ll_ld(g, g->t_v8f, cell[i]);
 }
 
+/* acc[t * nv + v] = sum over h ascending of x_t[h] * w[h] (fused: one
+ * rounding per term; else the product rounded, then the sum) for the nr rows x[] and
+ * nb blocks of 8 from block qb of the packed [blocks][K][8] matrix w: the
+ * blocks as nb / 2 vectors of 16 lanes (two blocks' rows joined), or one of 8
+ * when nb is 1. */
+static void rows_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
+		      LLVMValueRef qb, int nb, int64_t K, int fused, LLVMValueRef *acc)
+{
+	LLVMBuilderRef b = g->b;
+	int nv = nb > 1 ? nb / 2 : 1;
+	LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
+	LLVMValueRef cell[MOE_LL_ROWS * MOE_LL_BLOCKS], wv[MOE_LL_BLOCKS], m[2 * MOE_VW];
+	for (int i = 0; i < 2 * MOE_VW; i++)
+		m[i] = LLVMConstInt(g->t_i32, (unsigned)i, 0);
+	for (int i = 0; i < nr * nv; i++) {
+		cell[i] = moe_ll_alloca(g, vt, 1, "qacc");
+		moe_ll_st(g, LLVMConstNull(vt), cell[i]);
+	}
+	struct moe_ll_loop h;
+	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, K), 1, "qh");
+	for (int v = 0; v < nv; v++) {
+		LLVMValueRef half[2];
+		for (int e = 0; e < (nb > 1 ? 2 : 1); e++) {
+			LLVMValueRef blk = LLVMBuildNSWAdd(b, qb, moe_ll_i64c(g, 2 * v + e), "");
+			LLVMValueRef off = LLVMBuildNSWAdd(
+			    b, LLVMBuildNSWMul(b, blk, moe_ll_i64c(g, K * MOE_RB), ""),
+			    LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, MOE_RB), ""), "");
+			half[e] = moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, w, off));
+		}
+		wv[v] = nb > 1 ? LLVMBuildShuffleVector(b, half[0], half[1],
+							LLVMConstVector(m, 2 * MOE_VW), "w16")
+			       : half[0];
+	}
+	for (int r = 0; r < nr; r++) {
+		LLVMValueRef a = moe_ll_splat(g, moe_ll_ldf(g, x[r], h.iv), vt);
+		for (int v = 0; v < nv; v++) {
+			LLVMValueRef c = cell[r * nv + v];
+			LLVMValueRef cur = moe_ll_ld(g, vt, c);
+			moe_ll_st(g,
+				  fused ? moe_ll_fma(g, a, wv[v], cur)
+					: LLVMBuildFAdd(b, cur, LLVMBuildFMul(b, a, wv[v], ""), ""),
+				  c);
+		}
+	}
+	moe_ll_loop_close(g, &h);
+	for (int i = 0; i < nr * nv; i++)
+		acc[i] = moe_ll_ld(g, vt, cell[i]);
+}
+
+/* moe_ll_rows_panels: see cpu_llvm_util.h. */
+void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
+			LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
+			LLVMValueRef bias, LLVMValueRef out, int64_t os, int fused)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef acc[MOE_LL_ROWS * MOE_LL_BLOCKS];
+	LLVMValueRef full = LLVMBuildMul(b, LLVMBuildSDiv(b, n, moe_ll_i64c(g, MOE_LL_ROWS), ""),
+					 moe_ll_i64c(g, MOE_LL_ROWS), "full");
+	LLVMValueRef nbk = LLVMBuildNSWSub(b, b1, b0, "");
+	LLVMValueRef bw = LLVMBuildNSWAdd(
+	    b, b0,
+	    LLVMBuildMul(b, LLVMBuildSDiv(b, nbk, moe_ll_i64c(g, MOE_LL_BLOCKS), ""),
+			 moe_ll_i64c(g, MOE_LL_BLOCKS), ""),
+	    "bw");
+	struct moe_ll_loop qb, tb;
+	for (int bpass = 0; bpass < 2; bpass++) {
+		/* bpass 0: MOE_LL_BLOCKS blocks per pass; 1: the rest one by one */
+		int nb = bpass ? 1 : (int)MOE_LL_BLOCKS, nv = nb > 1 ? nb / 2 : 1;
+		moe_ll_loop_open(g, &qb, bpass ? bw : b0, bpass ? b1 : bw, nb,
+				 bpass ? "qb1" : "qb");
+		LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
+		LLVMTypeRef vt = nb > 1 ? g->t_v16f : g->t_v8f;
+		LLVMValueRef bv[MOE_LL_BLOCKS];
+		for (int v = 0; bias && v < nv; v++)
+			bv[v] = moe_ll_ld(
+			    g, vt,
+			    moe_ll_at(g, g->t_f32, bias,
+				      LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, 16 * v), "")));
+		for (int pass = 0; pass < 2; pass++) {
+			/* pass 0: tiles of MOE_LL_ROWS rows; pass 1: the rest one by one */
+			int nr = pass ? 1 : MOE_LL_ROWS;
+			moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full,
+					 nr, pass ? "r1" : "rb");
+			LLVMValueRef xr[MOE_LL_ROWS], qo[MOE_LL_ROWS];
+			for (int t = 0; t < nr; t++) {
+				LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
+				xr[t] = moe_ll_at(g, g->t_f32, x0,
+						  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, xs), ""));
+				qo[t] = moe_ll_at(
+				    g, g->t_f32, out,
+				    LLVMBuildNSWAdd(
+					b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, os), ""), q8, ""));
+			}
+			rows_tile(g, xr, nr, w, qb.iv, nb, K, fused, acc);
+			for (int t = 0; t < nr; t++)
+				for (int v = 0; v < nv; v++) {
+					LLVMValueRef o = acc[t * nv + v];
+					if (bias)
+						o = LLVMBuildFAdd(b, o, bv[v], "");
+					moe_ll_st(
+					    g, o,
+					    moe_ll_at(g, g->t_f32, qo[t], moe_ll_i64c(g, 16 * v)));
+				}
+			moe_ll_loop_close(g, &tb);
+		}
+		moe_ll_loop_close(g, &qb);
+	}
+}
+
 /* blocks [pb0, pb0 + nb) of one row into out */
 static void panel_blocks(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, LLVMValueRef out,
 			 LLVMValueRef pb0, int nb)

@@ -77,6 +77,21 @@ LLVMValueRef moe_ll_intr(struct moe_ll *g, const char *name, LLVMTypeRef *tys, s
 			 LLVMValueRef *args, unsigned n_args);
 LLVMValueRef moe_ll_intr1(struct moe_ll *g, const char *name, LLVMValueRef a);
 LLVMValueRef moe_ll_fma(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMValueRef c);
+/* Rows per tile and 8-lane blocks per pass of moe_ll_rows_panels. */
+#define MOE_LL_ROWS 8
+#define MOE_LL_BLOCKS 4
+/* out[r][8 blk + lane] = sum over h ascending of x_r[h] * w[blk][h][lane]
+ * (fused: an FMA per term, the reference's fmaf chain; else each product
+ * rounded, then added, the router's order), plus bias[8 blk + lane] when
+ * bias is not NULL, for the n rows x_r = x0 + r xs (out rows out + r os) and
+ * the blocks [b0, b1) of the packed [blocks][K][8] matrix w: MOE_LL_BLOCKS
+ * blocks per pass as 16-lane vectors (then one at a time), the rows in tiles
+ * of MOE_LL_ROWS (then one at a time), so each pass's panel vectors are
+ * loaded once for all the rows of a tile. Whatever tile computes a value,
+ * its arithmetic is the same. */
+void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
+			LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
+			LLVMValueRef bias, LLVMValueRef out, int64_t os, int fused);
 LLVMValueRef moe_ll_libm(struct moe_ll *g, const char *fname, LLVMValueRef a);  /* double */
 LLVMValueRef moe_ll_libmf(struct moe_ll *g, const char *fname, LLVMValueRef a); /* float */
 LLVMValueRef moe_ll_pow(struct moe_ll *g, LLVMValueRef a, double e);

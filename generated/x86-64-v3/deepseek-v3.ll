@@ -13,264 +13,727 @@ target triple = "x86_64-unknown-linux-gnu"
 ; Function Attrs: nounwind
 define hidden void @moe_router(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
 entry:
-  %l = alloca [256 x float], align 32
+  %lt = alloca [2048 x float], align 32
   %s = alloca [256 x float], align 32
   %c = alloca [256 x float], align 32
   %idx = alloca [8 x i64], align 32
-  %lacc0 = alloca <8 x float>, align 32
-  %lacc1 = alloca <8 x float>, align 32
-  %lacc2 = alloca <8 x float>, align 32
-  %lacc3 = alloca <8 x float>, align 32
-  %lacc4 = alloca <8 x float>, align 32
-  %lacc5 = alloca <8 x float>, align 32
-  %lacc6 = alloca <8 x float>, align 32
-  %lacc7 = alloca <8 x float>, align 32
+  %qacc = alloca <16 x float>, align 32
+  %qacc1 = alloca <16 x float>, align 32
+  %qacc2 = alloca <16 x float>, align 32
+  %qacc3 = alloca <16 x float>, align 32
+  %qacc4 = alloca <16 x float>, align 32
+  %qacc5 = alloca <16 x float>, align 32
+  %qacc6 = alloca <16 x float>, align 32
+  %qacc7 = alloca <16 x float>, align 32
+  %qacc8 = alloca <16 x float>, align 32
+  %qacc9 = alloca <16 x float>, align 32
+  %qacc10 = alloca <16 x float>, align 32
+  %qacc11 = alloca <16 x float>, align 32
+  %qacc12 = alloca <16 x float>, align 32
+  %qacc13 = alloca <16 x float>, align 32
+  %qacc14 = alloca <16 x float>, align 32
+  %qacc15 = alloca <16 x float>, align 32
+  %qacc17 = alloca <16 x float>, align 32
+  %qacc18 = alloca <16 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc33 = alloca <8 x float>, align 32
+  %qacc34 = alloca <8 x float>, align 32
+  %qacc35 = alloca <8 x float>, align 32
+  %qacc36 = alloca <8 x float>, align 32
+  %qacc45 = alloca <8 x float>, align 32
   %gscore = alloca [8 x float], align 32
   %gsel = alloca [8 x i8], align 32
   %gkeep = alloca [4 x i64], align 32
   %m1 = alloca float, align 32
   %m2 = alloca float, align 32
   %tk.m = alloca i64, align 32
-  %tk.m2 = alloca i64, align 32
+  %tk.m51 = alloca i64, align 32
   %wsum = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
+  br label %tg.head
+
+tg.head:                                          ; preds = %t.end, %start
+  %tg = phi i64 [ %t0, %start ], [ %558, %t.end ]
+  %0 = icmp slt i64 %tg, %t1
+  br i1 %0, label %tg.body, label %tg.end
+
+tg.body:                                          ; preds = %tg.head
+  %1 = sub nsw i64 %t1, %tg
+  %2 = icmp slt i64 %1, 8
+  %gn = select i1 %2, i64 %1, i64 8
+  %3 = mul nsw i64 %tg, 7168
+  %4 = getelementptr inbounds float, ptr %x, i64 %3
+  %5 = sdiv i64 %gn, 8
+  %full = mul i64 %5, 8
+  br label %qb.head
+
+qb.head:                                          ; preds = %r1.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+  %6 = icmp slt i64 %qb, 32
+  br i1 %6, label %qb.body, label %qb.end
+
+qb.body:                                          ; preds = %qb.head
+  %7 = mul nsw i64 %qb, 8
+  br label %rb.head
+
+rb.head:                                          ; preds = %qh.end, %qb.body
+  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %8 = icmp slt i64 %rb, %full
+  br i1 %8, label %rb.body, label %rb.end
+
+rb.body:                                          ; preds = %rb.head
+  %9 = add nsw i64 %rb, 0
+  %10 = mul nsw i64 %9, 7168
+  %11 = getelementptr inbounds float, ptr %4, i64 %10
+  %12 = mul nsw i64 %9, 256
+  %13 = add nsw i64 %12, %7
+  %14 = getelementptr inbounds float, ptr %lt, i64 %13
+  %15 = add nsw i64 %rb, 1
+  %16 = mul nsw i64 %15, 7168
+  %17 = getelementptr inbounds float, ptr %4, i64 %16
+  %18 = mul nsw i64 %15, 256
+  %19 = add nsw i64 %18, %7
+  %20 = getelementptr inbounds float, ptr %lt, i64 %19
+  %21 = add nsw i64 %rb, 2
+  %22 = mul nsw i64 %21, 7168
+  %23 = getelementptr inbounds float, ptr %4, i64 %22
+  %24 = mul nsw i64 %21, 256
+  %25 = add nsw i64 %24, %7
+  %26 = getelementptr inbounds float, ptr %lt, i64 %25
+  %27 = add nsw i64 %rb, 3
+  %28 = mul nsw i64 %27, 7168
+  %29 = getelementptr inbounds float, ptr %4, i64 %28
+  %30 = mul nsw i64 %27, 256
+  %31 = add nsw i64 %30, %7
+  %32 = getelementptr inbounds float, ptr %lt, i64 %31
+  %33 = add nsw i64 %rb, 4
+  %34 = mul nsw i64 %33, 7168
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 256
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lt, i64 %37
+  %39 = add nsw i64 %rb, 5
+  %40 = mul nsw i64 %39, 7168
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 256
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lt, i64 %43
+  %45 = add nsw i64 %rb, 6
+  %46 = mul nsw i64 %45, 7168
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 256
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lt, i64 %49
+  %51 = add nsw i64 %rb, 7
+  %52 = mul nsw i64 %51, 7168
+  %53 = getelementptr inbounds float, ptr %4, i64 %52
+  %54 = mul nsw i64 %51, 256
+  %55 = add nsw i64 %54, %7
+  %56 = getelementptr inbounds float, ptr %lt, i64 %55
+  store <16 x float> zeroinitializer, ptr %qacc, align 4
+  store <16 x float> zeroinitializer, ptr %qacc1, align 4
+  store <16 x float> zeroinitializer, ptr %qacc2, align 4
+  store <16 x float> zeroinitializer, ptr %qacc3, align 4
+  store <16 x float> zeroinitializer, ptr %qacc4, align 4
+  store <16 x float> zeroinitializer, ptr %qacc5, align 4
+  store <16 x float> zeroinitializer, ptr %qacc6, align 4
+  store <16 x float> zeroinitializer, ptr %qacc7, align 4
+  store <16 x float> zeroinitializer, ptr %qacc8, align 4
+  store <16 x float> zeroinitializer, ptr %qacc9, align 4
+  store <16 x float> zeroinitializer, ptr %qacc10, align 4
+  store <16 x float> zeroinitializer, ptr %qacc11, align 4
+  store <16 x float> zeroinitializer, ptr %qacc12, align 4
+  store <16 x float> zeroinitializer, ptr %qacc13, align 4
+  store <16 x float> zeroinitializer, ptr %qacc14, align 4
+  store <16 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head
+
+qh.head:                                          ; preds = %qh.body, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
+  %57 = icmp slt i64 %qh, 7168
+  br i1 %57, label %qh.body, label %qh.end
+
+qh.body:                                          ; preds = %qh.head
+  %58 = add nsw i64 %qb, 0
+  %59 = mul nsw i64 %qh, 8
+  %60 = mul nsw i64 %58, 57344
+  %61 = add nsw i64 %60, %59
+  %62 = getelementptr inbounds float, ptr %router, i64 %61
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %qb, 1
+  %65 = mul nsw i64 %qh, 8
+  %66 = mul nsw i64 %64, 57344
+  %67 = add nsw i64 %66, %65
+  %68 = getelementptr inbounds float, ptr %router, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %70 = add nsw i64 %qb, 2
+  %71 = mul nsw i64 %qh, 8
+  %72 = mul nsw i64 %70, 57344
+  %73 = add nsw i64 %72, %71
+  %74 = getelementptr inbounds float, ptr %router, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  %76 = add nsw i64 %qb, 3
+  %77 = mul nsw i64 %qh, 8
+  %78 = mul nsw i64 %76, 57344
+  %79 = add nsw i64 %78, %77
+  %80 = getelementptr inbounds float, ptr %router, i64 %79
+  %81 = load <8 x float>, ptr %80, align 4
+  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %82 = getelementptr inbounds float, ptr %11, i64 %qh
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <16 x float> poison, float %83, i32 0
+  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
+  %86 = load <16 x float>, ptr %qacc, align 4
+  %87 = fmul <16 x float> %85, %w16
+  %88 = fadd <16 x float> %86, %87
+  store <16 x float> %88, ptr %qacc, align 4
+  %89 = load <16 x float>, ptr %qacc1, align 4
+  %90 = fmul <16 x float> %85, %w1616
+  %91 = fadd <16 x float> %89, %90
+  store <16 x float> %91, ptr %qacc1, align 4
+  %92 = getelementptr inbounds float, ptr %17, i64 %qh
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <16 x float> poison, float %93, i32 0
+  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
+  %96 = load <16 x float>, ptr %qacc2, align 4
+  %97 = fmul <16 x float> %95, %w16
+  %98 = fadd <16 x float> %96, %97
+  store <16 x float> %98, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = fmul <16 x float> %95, %w1616
+  %101 = fadd <16 x float> %99, %100
+  store <16 x float> %101, ptr %qacc3, align 4
+  %102 = getelementptr inbounds float, ptr %23, i64 %qh
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <16 x float> poison, float %103, i32 0
+  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
+  %106 = load <16 x float>, ptr %qacc4, align 4
+  %107 = fmul <16 x float> %105, %w16
+  %108 = fadd <16 x float> %106, %107
+  store <16 x float> %108, ptr %qacc4, align 4
+  %109 = load <16 x float>, ptr %qacc5, align 4
+  %110 = fmul <16 x float> %105, %w1616
+  %111 = fadd <16 x float> %109, %110
+  store <16 x float> %111, ptr %qacc5, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %qh
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <16 x float> poison, float %113, i32 0
+  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
+  %116 = load <16 x float>, ptr %qacc6, align 4
+  %117 = fmul <16 x float> %115, %w16
+  %118 = fadd <16 x float> %116, %117
+  store <16 x float> %118, ptr %qacc6, align 4
+  %119 = load <16 x float>, ptr %qacc7, align 4
+  %120 = fmul <16 x float> %115, %w1616
+  %121 = fadd <16 x float> %119, %120
+  store <16 x float> %121, ptr %qacc7, align 4
+  %122 = getelementptr inbounds float, ptr %35, i64 %qh
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <16 x float> poison, float %123, i32 0
+  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
+  %126 = load <16 x float>, ptr %qacc8, align 4
+  %127 = fmul <16 x float> %125, %w16
+  %128 = fadd <16 x float> %126, %127
+  store <16 x float> %128, ptr %qacc8, align 4
+  %129 = load <16 x float>, ptr %qacc9, align 4
+  %130 = fmul <16 x float> %125, %w1616
+  %131 = fadd <16 x float> %129, %130
+  store <16 x float> %131, ptr %qacc9, align 4
+  %132 = getelementptr inbounds float, ptr %41, i64 %qh
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <16 x float> poison, float %133, i32 0
+  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
+  %136 = load <16 x float>, ptr %qacc10, align 4
+  %137 = fmul <16 x float> %135, %w16
+  %138 = fadd <16 x float> %136, %137
+  store <16 x float> %138, ptr %qacc10, align 4
+  %139 = load <16 x float>, ptr %qacc11, align 4
+  %140 = fmul <16 x float> %135, %w1616
+  %141 = fadd <16 x float> %139, %140
+  store <16 x float> %141, ptr %qacc11, align 4
+  %142 = getelementptr inbounds float, ptr %47, i64 %qh
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <16 x float> poison, float %143, i32 0
+  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
+  %146 = load <16 x float>, ptr %qacc12, align 4
+  %147 = fmul <16 x float> %145, %w16
+  %148 = fadd <16 x float> %146, %147
+  store <16 x float> %148, ptr %qacc12, align 4
+  %149 = load <16 x float>, ptr %qacc13, align 4
+  %150 = fmul <16 x float> %145, %w1616
+  %151 = fadd <16 x float> %149, %150
+  store <16 x float> %151, ptr %qacc13, align 4
+  %152 = getelementptr inbounds float, ptr %53, i64 %qh
+  %153 = load float, ptr %152, align 4
+  %154 = insertelement <16 x float> poison, float %153, i32 0
+  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
+  %156 = load <16 x float>, ptr %qacc14, align 4
+  %157 = fmul <16 x float> %155, %w16
+  %158 = fadd <16 x float> %156, %157
+  store <16 x float> %158, ptr %qacc14, align 4
+  %159 = load <16 x float>, ptr %qacc15, align 4
+  %160 = fmul <16 x float> %155, %w1616
+  %161 = fadd <16 x float> %159, %160
+  store <16 x float> %161, ptr %qacc15, align 4
+  %162 = add nsw i64 %qh, 1
+  br label %qh.head
+
+qh.end:                                           ; preds = %qh.head
+  %163 = load <16 x float>, ptr %qacc, align 4
+  %164 = load <16 x float>, ptr %qacc1, align 4
+  %165 = load <16 x float>, ptr %qacc2, align 4
+  %166 = load <16 x float>, ptr %qacc3, align 4
+  %167 = load <16 x float>, ptr %qacc4, align 4
+  %168 = load <16 x float>, ptr %qacc5, align 4
+  %169 = load <16 x float>, ptr %qacc6, align 4
+  %170 = load <16 x float>, ptr %qacc7, align 4
+  %171 = load <16 x float>, ptr %qacc8, align 4
+  %172 = load <16 x float>, ptr %qacc9, align 4
+  %173 = load <16 x float>, ptr %qacc10, align 4
+  %174 = load <16 x float>, ptr %qacc11, align 4
+  %175 = load <16 x float>, ptr %qacc12, align 4
+  %176 = load <16 x float>, ptr %qacc13, align 4
+  %177 = load <16 x float>, ptr %qacc14, align 4
+  %178 = load <16 x float>, ptr %qacc15, align 4
+  %179 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %163, ptr %179, align 4
+  %180 = getelementptr inbounds float, ptr %14, i64 16
+  store <16 x float> %164, ptr %180, align 4
+  %181 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %165, ptr %181, align 4
+  %182 = getelementptr inbounds float, ptr %20, i64 16
+  store <16 x float> %166, ptr %182, align 4
+  %183 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %167, ptr %183, align 4
+  %184 = getelementptr inbounds float, ptr %26, i64 16
+  store <16 x float> %168, ptr %184, align 4
+  %185 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %169, ptr %185, align 4
+  %186 = getelementptr inbounds float, ptr %32, i64 16
+  store <16 x float> %170, ptr %186, align 4
+  %187 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %171, ptr %187, align 4
+  %188 = getelementptr inbounds float, ptr %38, i64 16
+  store <16 x float> %172, ptr %188, align 4
+  %189 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %173, ptr %189, align 4
+  %190 = getelementptr inbounds float, ptr %44, i64 16
+  store <16 x float> %174, ptr %190, align 4
+  %191 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %175, ptr %191, align 4
+  %192 = getelementptr inbounds float, ptr %50, i64 16
+  store <16 x float> %176, ptr %192, align 4
+  %193 = getelementptr inbounds float, ptr %56, i64 0
+  store <16 x float> %177, ptr %193, align 4
+  %194 = getelementptr inbounds float, ptr %56, i64 16
+  store <16 x float> %178, ptr %194, align 4
+  %195 = add nsw i64 %rb, 8
+  br label %rb.head
+
+rb.end:                                           ; preds = %rb.head
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end21, %rb.end
+  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
+  %196 = icmp slt i64 %r1, %gn
+  br i1 %196, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %197 = add nsw i64 %r1, 0
+  %198 = mul nsw i64 %197, 7168
+  %199 = getelementptr inbounds float, ptr %4, i64 %198
+  %200 = mul nsw i64 %197, 256
+  %201 = add nsw i64 %200, %7
+  %202 = getelementptr inbounds float, ptr %lt, i64 %201
+  store <16 x float> zeroinitializer, ptr %qacc17, align 4
+  store <16 x float> zeroinitializer, ptr %qacc18, align 4
+  br label %qh.head19
+
+qh.head19:                                        ; preds = %qh.body20, %r1.body
+  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
+  %203 = icmp slt i64 %qh22, 7168
+  br i1 %203, label %qh.body20, label %qh.end21
+
+qh.body20:                                        ; preds = %qh.head19
+  %204 = add nsw i64 %qb, 0
+  %205 = mul nsw i64 %qh22, 8
+  %206 = mul nsw i64 %204, 57344
+  %207 = add nsw i64 %206, %205
+  %208 = getelementptr inbounds float, ptr %router, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  %210 = add nsw i64 %qb, 1
+  %211 = mul nsw i64 %qh22, 8
+  %212 = mul nsw i64 %210, 57344
+  %213 = add nsw i64 %212, %211
+  %214 = getelementptr inbounds float, ptr %router, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %216 = add nsw i64 %qb, 2
+  %217 = mul nsw i64 %qh22, 8
+  %218 = mul nsw i64 %216, 57344
+  %219 = add nsw i64 %218, %217
+  %220 = getelementptr inbounds float, ptr %router, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  %222 = add nsw i64 %qb, 3
+  %223 = mul nsw i64 %qh22, 8
+  %224 = mul nsw i64 %222, 57344
+  %225 = add nsw i64 %224, %223
+  %226 = getelementptr inbounds float, ptr %router, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
+  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <16 x float> poison, float %229, i32 0
+  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
+  %232 = load <16 x float>, ptr %qacc17, align 4
+  %233 = fmul <16 x float> %231, %w1623
+  %234 = fadd <16 x float> %232, %233
+  store <16 x float> %234, ptr %qacc17, align 4
+  %235 = load <16 x float>, ptr %qacc18, align 4
+  %236 = fmul <16 x float> %231, %w1624
+  %237 = fadd <16 x float> %235, %236
+  store <16 x float> %237, ptr %qacc18, align 4
+  %238 = add nsw i64 %qh22, 1
+  br label %qh.head19
+
+qh.end21:                                         ; preds = %qh.head19
+  %239 = load <16 x float>, ptr %qacc17, align 4
+  %240 = load <16 x float>, ptr %qacc18, align 4
+  %241 = getelementptr inbounds float, ptr %202, i64 0
+  store <16 x float> %239, ptr %241, align 4
+  %242 = getelementptr inbounds float, ptr %202, i64 16
+  store <16 x float> %240, ptr %242, align 4
+  %243 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %244 = add nsw i64 %qb, 4
+  br label %qb.head
+
+qb.end:                                           ; preds = %qb.head
+  br label %qb1.head
+
+qb1.head:                                         ; preds = %r1.end43, %qb.end
+  %qb1 = phi i64 [ 32, %qb.end ], [ %402, %r1.end43 ]
+  %245 = icmp slt i64 %qb1, 32
+  br i1 %245, label %qb1.body, label %qb1.end
+
+qb1.body:                                         ; preds = %qb1.head
+  %246 = mul nsw i64 %qb1, 8
+  br label %rb.head25
+
+rb.head25:                                        ; preds = %qh.end39, %qb1.body
+  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
+  %247 = icmp slt i64 %rb28, %full
+  br i1 %247, label %rb.body26, label %rb.end27
+
+rb.body26:                                        ; preds = %rb.head25
+  %248 = add nsw i64 %rb28, 0
+  %249 = mul nsw i64 %248, 7168
+  %250 = getelementptr inbounds float, ptr %4, i64 %249
+  %251 = mul nsw i64 %248, 256
+  %252 = add nsw i64 %251, %246
+  %253 = getelementptr inbounds float, ptr %lt, i64 %252
+  %254 = add nsw i64 %rb28, 1
+  %255 = mul nsw i64 %254, 7168
+  %256 = getelementptr inbounds float, ptr %4, i64 %255
+  %257 = mul nsw i64 %254, 256
+  %258 = add nsw i64 %257, %246
+  %259 = getelementptr inbounds float, ptr %lt, i64 %258
+  %260 = add nsw i64 %rb28, 2
+  %261 = mul nsw i64 %260, 7168
+  %262 = getelementptr inbounds float, ptr %4, i64 %261
+  %263 = mul nsw i64 %260, 256
+  %264 = add nsw i64 %263, %246
+  %265 = getelementptr inbounds float, ptr %lt, i64 %264
+  %266 = add nsw i64 %rb28, 3
+  %267 = mul nsw i64 %266, 7168
+  %268 = getelementptr inbounds float, ptr %4, i64 %267
+  %269 = mul nsw i64 %266, 256
+  %270 = add nsw i64 %269, %246
+  %271 = getelementptr inbounds float, ptr %lt, i64 %270
+  %272 = add nsw i64 %rb28, 4
+  %273 = mul nsw i64 %272, 7168
+  %274 = getelementptr inbounds float, ptr %4, i64 %273
+  %275 = mul nsw i64 %272, 256
+  %276 = add nsw i64 %275, %246
+  %277 = getelementptr inbounds float, ptr %lt, i64 %276
+  %278 = add nsw i64 %rb28, 5
+  %279 = mul nsw i64 %278, 7168
+  %280 = getelementptr inbounds float, ptr %4, i64 %279
+  %281 = mul nsw i64 %278, 256
+  %282 = add nsw i64 %281, %246
+  %283 = getelementptr inbounds float, ptr %lt, i64 %282
+  %284 = add nsw i64 %rb28, 6
+  %285 = mul nsw i64 %284, 7168
+  %286 = getelementptr inbounds float, ptr %4, i64 %285
+  %287 = mul nsw i64 %284, 256
+  %288 = add nsw i64 %287, %246
+  %289 = getelementptr inbounds float, ptr %lt, i64 %288
+  %290 = add nsw i64 %rb28, 7
+  %291 = mul nsw i64 %290, 7168
+  %292 = getelementptr inbounds float, ptr %4, i64 %291
+  %293 = mul nsw i64 %290, 256
+  %294 = add nsw i64 %293, %246
+  %295 = getelementptr inbounds float, ptr %lt, i64 %294
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  store <8 x float> zeroinitializer, ptr %qacc33, align 4
+  store <8 x float> zeroinitializer, ptr %qacc34, align 4
+  store <8 x float> zeroinitializer, ptr %qacc35, align 4
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %rb.body26
+  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
+  %296 = icmp slt i64 %qh40, 7168
+  br i1 %296, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %297 = add nsw i64 %qb1, 0
+  %298 = mul nsw i64 %qh40, 8
+  %299 = mul nsw i64 %297, 57344
+  %300 = add nsw i64 %299, %298
+  %301 = getelementptr inbounds float, ptr %router, i64 %300
+  %302 = load <8 x float>, ptr %301, align 4
+  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
+  %304 = load float, ptr %303, align 4
+  %305 = insertelement <8 x float> poison, float %304, i32 0
+  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
+  %307 = load <8 x float>, ptr %qacc29, align 4
+  %308 = fmul <8 x float> %306, %302
+  %309 = fadd <8 x float> %307, %308
+  store <8 x float> %309, ptr %qacc29, align 4
+  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %qacc30, align 4
+  %315 = fmul <8 x float> %313, %302
+  %316 = fadd <8 x float> %314, %315
+  store <8 x float> %316, ptr %qacc30, align 4
+  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
+  %318 = load float, ptr %317, align 4
+  %319 = insertelement <8 x float> poison, float %318, i32 0
+  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
+  %321 = load <8 x float>, ptr %qacc31, align 4
+  %322 = fmul <8 x float> %320, %302
+  %323 = fadd <8 x float> %321, %322
+  store <8 x float> %323, ptr %qacc31, align 4
+  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %qacc32, align 4
+  %329 = fmul <8 x float> %327, %302
+  %330 = fadd <8 x float> %328, %329
+  store <8 x float> %330, ptr %qacc32, align 4
+  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %qacc33, align 4
+  %336 = fmul <8 x float> %334, %302
+  %337 = fadd <8 x float> %335, %336
+  store <8 x float> %337, ptr %qacc33, align 4
+  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = load <8 x float>, ptr %qacc34, align 4
+  %343 = fmul <8 x float> %341, %302
+  %344 = fadd <8 x float> %342, %343
+  store <8 x float> %344, ptr %qacc34, align 4
+  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %qacc35, align 4
+  %350 = fmul <8 x float> %348, %302
+  %351 = fadd <8 x float> %349, %350
+  store <8 x float> %351, ptr %qacc35, align 4
+  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
+  %353 = load float, ptr %352, align 4
+  %354 = insertelement <8 x float> poison, float %353, i32 0
+  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
+  %356 = load <8 x float>, ptr %qacc36, align 4
+  %357 = fmul <8 x float> %355, %302
+  %358 = fadd <8 x float> %356, %357
+  store <8 x float> %358, ptr %qacc36, align 4
+  %359 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %360 = load <8 x float>, ptr %qacc29, align 4
+  %361 = load <8 x float>, ptr %qacc30, align 4
+  %362 = load <8 x float>, ptr %qacc31, align 4
+  %363 = load <8 x float>, ptr %qacc32, align 4
+  %364 = load <8 x float>, ptr %qacc33, align 4
+  %365 = load <8 x float>, ptr %qacc34, align 4
+  %366 = load <8 x float>, ptr %qacc35, align 4
+  %367 = load <8 x float>, ptr %qacc36, align 4
+  %368 = getelementptr inbounds float, ptr %253, i64 0
+  store <8 x float> %360, ptr %368, align 4
+  %369 = getelementptr inbounds float, ptr %259, i64 0
+  store <8 x float> %361, ptr %369, align 4
+  %370 = getelementptr inbounds float, ptr %265, i64 0
+  store <8 x float> %362, ptr %370, align 4
+  %371 = getelementptr inbounds float, ptr %271, i64 0
+  store <8 x float> %363, ptr %371, align 4
+  %372 = getelementptr inbounds float, ptr %277, i64 0
+  store <8 x float> %364, ptr %372, align 4
+  %373 = getelementptr inbounds float, ptr %283, i64 0
+  store <8 x float> %365, ptr %373, align 4
+  %374 = getelementptr inbounds float, ptr %289, i64 0
+  store <8 x float> %366, ptr %374, align 4
+  %375 = getelementptr inbounds float, ptr %295, i64 0
+  store <8 x float> %367, ptr %375, align 4
+  %376 = add nsw i64 %rb28, 8
+  br label %rb.head25
+
+rb.end27:                                         ; preds = %rb.head25
+  br label %r1.head41
+
+r1.head41:                                        ; preds = %qh.end48, %rb.end27
+  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
+  %377 = icmp slt i64 %r144, %gn
+  br i1 %377, label %r1.body42, label %r1.end43
+
+r1.body42:                                        ; preds = %r1.head41
+  %378 = add nsw i64 %r144, 0
+  %379 = mul nsw i64 %378, 7168
+  %380 = getelementptr inbounds float, ptr %4, i64 %379
+  %381 = mul nsw i64 %378, 256
+  %382 = add nsw i64 %381, %246
+  %383 = getelementptr inbounds float, ptr %lt, i64 %382
+  store <8 x float> zeroinitializer, ptr %qacc45, align 4
+  br label %qh.head46
+
+qh.head46:                                        ; preds = %qh.body47, %r1.body42
+  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
+  %384 = icmp slt i64 %qh49, 7168
+  br i1 %384, label %qh.body47, label %qh.end48
+
+qh.body47:                                        ; preds = %qh.head46
+  %385 = add nsw i64 %qb1, 0
+  %386 = mul nsw i64 %qh49, 8
+  %387 = mul nsw i64 %385, 57344
+  %388 = add nsw i64 %387, %386
+  %389 = getelementptr inbounds float, ptr %router, i64 %388
+  %390 = load <8 x float>, ptr %389, align 4
+  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %qacc45, align 4
+  %396 = fmul <8 x float> %394, %390
+  %397 = fadd <8 x float> %395, %396
+  store <8 x float> %397, ptr %qacc45, align 4
+  %398 = add nsw i64 %qh49, 1
+  br label %qh.head46
+
+qh.end48:                                         ; preds = %qh.head46
+  %399 = load <8 x float>, ptr %qacc45, align 4
+  %400 = getelementptr inbounds float, ptr %383, i64 0
+  store <8 x float> %399, ptr %400, align 4
+  %401 = add nsw i64 %r144, 1
+  br label %r1.head41
+
+r1.end43:                                         ; preds = %r1.head41
+  %402 = add nsw i64 %qb1, 1
+  br label %qb1.head
+
+qb1.end:                                          ; preds = %qb1.head
   br label %t.head
 
-t.head:                                           ; preds = %nscale.end, %start
-  %t = phi i64 [ %t0, %start ], [ %264, %nscale.end ]
-  %0 = icmp slt i64 %t, %t1
-  br i1 %0, label %t.body, label %t.end
+t.head:                                           ; preds = %nscale.end, %qb1.end
+  %t = phi i64 [ 0, %qb1.end ], [ %557, %nscale.end ]
+  %403 = icmp slt i64 %t, %gn
+  br i1 %403, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
-  %1 = mul nsw i64 %t, 7168
-  %2 = getelementptr inbounds float, ptr %x, i64 %1
-  br label %pb.head
-
-pb.head:                                          ; preds = %hh.end, %t.body
-  %pb = phi i64 [ 0, %t.body ], [ %114, %hh.end ]
-  %3 = icmp slt i64 %pb, 32
-  br i1 %3, label %pb.body, label %pb.end
-
-pb.body:                                          ; preds = %pb.head
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  store <8 x float> zeroinitializer, ptr %lacc1, align 4
-  store <8 x float> zeroinitializer, ptr %lacc2, align 4
-  store <8 x float> zeroinitializer, ptr %lacc3, align 4
-  store <8 x float> zeroinitializer, ptr %lacc4, align 4
-  store <8 x float> zeroinitializer, ptr %lacc5, align 4
-  store <8 x float> zeroinitializer, ptr %lacc6, align 4
-  store <8 x float> zeroinitializer, ptr %lacc7, align 4
-  br label %hh.head
-
-hh.head:                                          ; preds = %hh.body, %pb.body
-  %hh = phi i64 [ 0, %pb.body ], [ %81, %hh.body ]
-  %4 = icmp slt i64 %hh, 7168
-  br i1 %4, label %hh.body, label %hh.end
-
-hh.body:                                          ; preds = %hh.head
-  %5 = getelementptr inbounds float, ptr %2, i64 %hh
-  %6 = load float, ptr %5, align 4
-  %7 = insertelement <8 x float> poison, float %6, i32 0
-  %8 = shufflevector <8 x float> %7, <8 x float> poison, <8 x i32> zeroinitializer
-  %9 = add nsw i64 %pb, 0
-  %10 = mul nsw i64 %9, 57344
-  %11 = mul nsw i64 %hh, 8
-  %12 = add nsw i64 %10, %11
-  %13 = getelementptr inbounds float, ptr %router, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  %15 = fmul <8 x float> %8, %14
-  %16 = load <8 x float>, ptr %lacc0, align 4
-  %17 = fadd <8 x float> %16, %15
-  store <8 x float> %17, ptr %lacc0, align 4
-  %18 = add nsw i64 %pb, 1
-  %19 = mul nsw i64 %18, 57344
-  %20 = mul nsw i64 %hh, 8
-  %21 = add nsw i64 %19, %20
-  %22 = getelementptr inbounds float, ptr %router, i64 %21
-  %23 = load <8 x float>, ptr %22, align 4
-  %24 = fmul <8 x float> %8, %23
-  %25 = load <8 x float>, ptr %lacc1, align 4
-  %26 = fadd <8 x float> %25, %24
-  store <8 x float> %26, ptr %lacc1, align 4
-  %27 = add nsw i64 %pb, 2
-  %28 = mul nsw i64 %27, 57344
-  %29 = mul nsw i64 %hh, 8
-  %30 = add nsw i64 %28, %29
-  %31 = getelementptr inbounds float, ptr %router, i64 %30
-  %32 = load <8 x float>, ptr %31, align 4
-  %33 = fmul <8 x float> %8, %32
-  %34 = load <8 x float>, ptr %lacc2, align 4
-  %35 = fadd <8 x float> %34, %33
-  store <8 x float> %35, ptr %lacc2, align 4
-  %36 = add nsw i64 %pb, 3
-  %37 = mul nsw i64 %36, 57344
-  %38 = mul nsw i64 %hh, 8
-  %39 = add nsw i64 %37, %38
-  %40 = getelementptr inbounds float, ptr %router, i64 %39
-  %41 = load <8 x float>, ptr %40, align 4
-  %42 = fmul <8 x float> %8, %41
-  %43 = load <8 x float>, ptr %lacc3, align 4
-  %44 = fadd <8 x float> %43, %42
-  store <8 x float> %44, ptr %lacc3, align 4
-  %45 = add nsw i64 %pb, 4
-  %46 = mul nsw i64 %45, 57344
-  %47 = mul nsw i64 %hh, 8
-  %48 = add nsw i64 %46, %47
-  %49 = getelementptr inbounds float, ptr %router, i64 %48
-  %50 = load <8 x float>, ptr %49, align 4
-  %51 = fmul <8 x float> %8, %50
-  %52 = load <8 x float>, ptr %lacc4, align 4
-  %53 = fadd <8 x float> %52, %51
-  store <8 x float> %53, ptr %lacc4, align 4
-  %54 = add nsw i64 %pb, 5
-  %55 = mul nsw i64 %54, 57344
-  %56 = mul nsw i64 %hh, 8
-  %57 = add nsw i64 %55, %56
-  %58 = getelementptr inbounds float, ptr %router, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  %60 = fmul <8 x float> %8, %59
-  %61 = load <8 x float>, ptr %lacc5, align 4
-  %62 = fadd <8 x float> %61, %60
-  store <8 x float> %62, ptr %lacc5, align 4
-  %63 = add nsw i64 %pb, 6
-  %64 = mul nsw i64 %63, 57344
-  %65 = mul nsw i64 %hh, 8
-  %66 = add nsw i64 %64, %65
-  %67 = getelementptr inbounds float, ptr %router, i64 %66
-  %68 = load <8 x float>, ptr %67, align 4
-  %69 = fmul <8 x float> %8, %68
-  %70 = load <8 x float>, ptr %lacc6, align 4
-  %71 = fadd <8 x float> %70, %69
-  store <8 x float> %71, ptr %lacc6, align 4
-  %72 = add nsw i64 %pb, 7
-  %73 = mul nsw i64 %72, 57344
-  %74 = mul nsw i64 %hh, 8
-  %75 = add nsw i64 %73, %74
-  %76 = getelementptr inbounds float, ptr %router, i64 %75
-  %77 = load <8 x float>, ptr %76, align 4
-  %78 = fmul <8 x float> %8, %77
-  %79 = load <8 x float>, ptr %lacc7, align 4
-  %80 = fadd <8 x float> %79, %78
-  store <8 x float> %80, ptr %lacc7, align 4
-  %81 = add nsw i64 %hh, 1
-  br label %hh.head
-
-hh.end:                                           ; preds = %hh.head
-  %82 = load <8 x float>, ptr %lacc0, align 4
-  %83 = load <8 x float>, ptr %lacc1, align 4
-  %84 = load <8 x float>, ptr %lacc2, align 4
-  %85 = load <8 x float>, ptr %lacc3, align 4
-  %86 = load <8 x float>, ptr %lacc4, align 4
-  %87 = load <8 x float>, ptr %lacc5, align 4
-  %88 = load <8 x float>, ptr %lacc6, align 4
-  %89 = load <8 x float>, ptr %lacc7, align 4
-  %90 = add nsw i64 %pb, 0
-  %91 = mul nsw i64 %90, 8
-  %92 = getelementptr inbounds float, ptr %l, i64 %91
-  store <8 x float> %82, ptr %92, align 4
-  %93 = add nsw i64 %pb, 1
-  %94 = mul nsw i64 %93, 8
-  %95 = getelementptr inbounds float, ptr %l, i64 %94
-  store <8 x float> %83, ptr %95, align 4
-  %96 = add nsw i64 %pb, 2
-  %97 = mul nsw i64 %96, 8
-  %98 = getelementptr inbounds float, ptr %l, i64 %97
-  store <8 x float> %84, ptr %98, align 4
-  %99 = add nsw i64 %pb, 3
-  %100 = mul nsw i64 %99, 8
-  %101 = getelementptr inbounds float, ptr %l, i64 %100
-  store <8 x float> %85, ptr %101, align 4
-  %102 = add nsw i64 %pb, 4
-  %103 = mul nsw i64 %102, 8
-  %104 = getelementptr inbounds float, ptr %l, i64 %103
-  store <8 x float> %86, ptr %104, align 4
-  %105 = add nsw i64 %pb, 5
-  %106 = mul nsw i64 %105, 8
-  %107 = getelementptr inbounds float, ptr %l, i64 %106
-  store <8 x float> %87, ptr %107, align 4
-  %108 = add nsw i64 %pb, 6
-  %109 = mul nsw i64 %108, 8
-  %110 = getelementptr inbounds float, ptr %l, i64 %109
-  store <8 x float> %88, ptr %110, align 4
-  %111 = add nsw i64 %pb, 7
-  %112 = mul nsw i64 %111, 8
-  %113 = getelementptr inbounds float, ptr %l, i64 %112
-  store <8 x float> %89, ptr %113, align 4
-  %114 = add nsw i64 %pb, 8
-  br label %pb.head
-
-pb.end:                                           ; preds = %pb.head
-  %115 = mul nsw i64 %t, 256
-  %116 = getelementptr inbounds float, ptr %logits, i64 %115
+  %tok = add nsw i64 %tg, %t
+  %404 = mul nsw i64 %t, 256
+  %405 = getelementptr inbounds float, ptr %lt, i64 %404
+  %406 = mul nsw i64 %tok, 7168
+  %407 = getelementptr inbounds float, ptr %x, i64 %406
+  %408 = mul nsw i64 %tok, 256
+  %409 = getelementptr inbounds float, ptr %logits, i64 %408
   br label %lb.head
 
-lb.head:                                          ; preds = %lb.body, %pb.end
-  %lb = phi i64 [ 0, %pb.end ], [ %121, %lb.body ]
-  %117 = icmp slt i64 %lb, 256
-  br i1 %117, label %lb.body, label %lb.end
+lb.head:                                          ; preds = %lb.body, %t.body
+  %lb = phi i64 [ 0, %t.body ], [ %414, %lb.body ]
+  %410 = icmp slt i64 %lb, 256
+  br i1 %410, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %118 = getelementptr inbounds float, ptr %l, i64 %lb
-  %119 = load float, ptr %118, align 4
-  %120 = getelementptr inbounds float, ptr %116, i64 %lb
-  store float %119, ptr %120, align 4
-  %121 = add nsw i64 %lb, 1
+  %411 = getelementptr inbounds float, ptr %405, i64 %lb
+  %412 = load float, ptr %411, align 4
+  %413 = getelementptr inbounds float, ptr %409, i64 %lb
+  store float %412, ptr %413, align 4
+  %414 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
   br label %score.head
 
 score.head:                                       ; preds = %score.body, %lb.end
-  %score = phi i64 [ 0, %lb.end ], [ %133, %score.body ]
-  %122 = icmp slt i64 %score, 256
-  br i1 %122, label %score.body, label %score.end
+  %score = phi i64 [ 0, %lb.end ], [ %426, %score.body ]
+  %415 = icmp slt i64 %score, 256
+  br i1 %415, label %score.body, label %score.end
 
 score.body:                                       ; preds = %score.head
-  %123 = add nsw i64 0, %score
-  %124 = getelementptr inbounds float, ptr %l, i64 %123
-  %125 = load float, ptr %124, align 4
-  %126 = fpext float %125 to double
-  %127 = fneg double %126
-  %128 = call double @exp(double %127)
-  %129 = fadd double 1.000000e+00, %128
-  %130 = fdiv double 1.000000e+00, %129
-  %131 = fptrunc double %130 to float
-  %132 = getelementptr inbounds float, ptr %s, i64 %123
-  store float %131, ptr %132, align 4
-  %133 = add nsw i64 %score, 1
+  %416 = add nsw i64 0, %score
+  %417 = getelementptr inbounds float, ptr %405, i64 %416
+  %418 = load float, ptr %417, align 4
+  %419 = fpext float %418 to double
+  %420 = fneg double %419
+  %421 = call double @exp(double %420)
+  %422 = fadd double 1.000000e+00, %421
+  %423 = fdiv double 1.000000e+00, %422
+  %424 = fptrunc double %423 to float
+  %425 = getelementptr inbounds float, ptr %s, i64 %416
+  store float %424, ptr %425, align 4
+  %426 = add nsw i64 %score, 1
   br label %score.head
 
 score.end:                                        ; preds = %score.head
-  %134 = mul nsw i64 %t, 8
-  %135 = getelementptr inbounds i32, ptr %ids, i64 %134
-  %136 = getelementptr inbounds float, ptr %weights, i64 %134
+  %427 = mul nsw i64 %tok, 8
+  %428 = getelementptr inbounds i32, ptr %ids, i64 %427
+  %429 = getelementptr inbounds float, ptr %weights, i64 %427
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %score.end
-  %sel = phi i64 [ 0, %score.end ], [ %144, %sel.body ]
-  %137 = icmp slt i64 %sel, 256
-  br i1 %137, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %score.end ], [ %437, %sel.body ]
+  %430 = icmp slt i64 %sel, 256
+  br i1 %430, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %138 = getelementptr inbounds float, ptr %s, i64 %sel
-  %139 = load float, ptr %138, align 4
-  %140 = getelementptr inbounds float, ptr %select_bias, i64 %sel
-  %141 = load float, ptr %140, align 4
-  %142 = fadd float %139, %141
-  %143 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %142, ptr %143, align 4
-  %144 = add nsw i64 %sel, 1
+  %431 = getelementptr inbounds float, ptr %s, i64 %sel
+  %432 = load float, ptr %431, align 4
+  %433 = getelementptr inbounds float, ptr %select_bias, i64 %sel
+  %434 = load float, ptr %433, align 4
+  %435 = fadd float %432, %434
+  %436 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %435, ptr %436, align 4
+  %437 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
   br label %grp.head
 
 grp.head:                                         ; preds = %gi.end, %sel.end
-  %grp = phi i64 [ 0, %sel.end ], [ %162, %gi.end ]
-  %145 = icmp slt i64 %grp, 8
-  br i1 %145, label %grp.body, label %grp.end
+  %grp = phi i64 [ 0, %sel.end ], [ %455, %gi.end ]
+  %438 = icmp slt i64 %grp, 8
+  br i1 %438, label %grp.body, label %grp.end
 
 grp.body:                                         ; preds = %grp.head
   %gbase = mul nsw i64 %grp, 32
@@ -279,35 +742,35 @@ grp.body:                                         ; preds = %grp.head
   br label %gi.head
 
 gi.head:                                          ; preds = %gi.body, %grp.body
-  %gi = phi i64 [ 0, %grp.body ], [ %157, %gi.body ]
-  %146 = icmp slt i64 %gi, 32
-  br i1 %146, label %gi.body, label %gi.end
+  %gi = phi i64 [ 0, %grp.body ], [ %450, %gi.body ]
+  %439 = icmp slt i64 %gi, 32
+  br i1 %439, label %gi.body, label %gi.end
 
 gi.body:                                          ; preds = %gi.head
-  %147 = add nsw i64 %gbase, %gi
-  %148 = getelementptr inbounds float, ptr %c, i64 %147
-  %149 = load float, ptr %148, align 4
-  %150 = load float, ptr %m1, align 4
-  %151 = load float, ptr %m2, align 4
-  %152 = fcmp ogt float %149, %150
-  %153 = fcmp ogt float %149, %151
-  %154 = select i1 %153, float %149, float %151
-  %155 = select i1 %152, float %150, float %154
-  %156 = select i1 %152, float %149, float %150
-  store float %156, ptr %m1, align 4
-  store float %155, ptr %m2, align 4
-  %157 = add nsw i64 %gi, 1
+  %440 = add nsw i64 %gbase, %gi
+  %441 = getelementptr inbounds float, ptr %c, i64 %440
+  %442 = load float, ptr %441, align 4
+  %443 = load float, ptr %m1, align 4
+  %444 = load float, ptr %m2, align 4
+  %445 = fcmp ogt float %442, %443
+  %446 = fcmp ogt float %442, %444
+  %447 = select i1 %446, float %442, float %444
+  %448 = select i1 %445, float %443, float %447
+  %449 = select i1 %445, float %442, float %443
+  store float %449, ptr %m1, align 4
+  store float %448, ptr %m2, align 4
+  %450 = add nsw i64 %gi, 1
   br label %gi.head
 
 gi.end:                                           ; preds = %gi.head
-  %158 = load float, ptr %m1, align 4
-  %159 = load float, ptr %m2, align 4
-  %top2 = fadd float %158, %159
-  %160 = getelementptr inbounds float, ptr %gscore, i64 %grp
-  store float %top2, ptr %160, align 4
-  %161 = getelementptr inbounds i8, ptr %gsel, i64 %grp
-  store i8 0, ptr %161, align 1
-  %162 = add nsw i64 %grp, 1
+  %451 = load float, ptr %m1, align 4
+  %452 = load float, ptr %m2, align 4
+  %top2 = fadd float %451, %452
+  %453 = getelementptr inbounds float, ptr %gscore, i64 %grp
+  store float %top2, ptr %453, align 4
+  %454 = getelementptr inbounds i8, ptr %gsel, i64 %grp
+  store i8 0, ptr %454, align 1
+  %455 = add nsw i64 %grp, 1
   br label %grp.head
 
 grp.end:                                          ; preds = %grp.head
@@ -315,40 +778,40 @@ grp.end:                                          ; preds = %grp.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %grp.end
-  %tk = phi i64 [ 0, %grp.end ], [ %184, %tk.put.end ]
-  %163 = icmp slt i64 %tk, 8
-  br i1 %163, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %grp.end ], [ %477, %tk.put.end ]
+  %456 = icmp slt i64 %tk, 8
+  br i1 %456, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %164 = getelementptr inbounds float, ptr %gscore, i64 %tk
-  %165 = load float, ptr %164, align 4
-  %166 = load i64, ptr %tk.m, align 8
+  %457 = getelementptr inbounds float, ptr %gscore, i64 %tk
+  %458 = load float, ptr %457, align 4
+  %459 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %166, %tk.body ], [ %168, %tk.shift.end ]
-  %167 = icmp sgt i64 %p, 0
-  br i1 %167, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %459, %tk.body ], [ %461, %tk.shift.end ]
+  %460 = icmp sgt i64 %p, 0
+  br i1 %460, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %168 = sub nsw i64 %p, 1
-  %169 = getelementptr inbounds i64, ptr %gkeep, i64 %168
-  %170 = load i64, ptr %169, align 8
-  %171 = getelementptr inbounds float, ptr %gscore, i64 %170
-  %172 = load float, ptr %171, align 4
-  %173 = fcmp uno float %165, %165
-  %174 = fcmp ugt float %165, %172
-  %175 = xor i1 %173, true
-  %176 = and i1 %175, %174
-  br i1 %176, label %tk.ins.body, label %tk.ins.end
+  %461 = sub nsw i64 %p, 1
+  %462 = getelementptr inbounds i64, ptr %gkeep, i64 %461
+  %463 = load i64, ptr %462, align 8
+  %464 = getelementptr inbounds float, ptr %gscore, i64 %463
+  %465 = load float, ptr %464, align 4
+  %466 = fcmp uno float %458, %458
+  %467 = fcmp ugt float %458, %465
+  %468 = xor i1 %466, true
+  %469 = and i1 %468, %467
+  br i1 %469, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %177 = icmp slt i64 %p, 4
-  br i1 %177, label %tk.shift.then, label %tk.shift.end
+  %470 = icmp slt i64 %p, 4
+  br i1 %470, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %178 = getelementptr inbounds i64, ptr %gkeep, i64 %p
-  store i64 %170, ptr %178, align 8
+  %471 = getelementptr inbounds i64, ptr %gkeep, i64 %p
+  store i64 %463, ptr %471, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -356,225 +819,229 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %179 = icmp slt i64 %pf, 4
-  br i1 %179, label %tk.put.then, label %tk.put.end
+  %472 = icmp slt i64 %pf, 4
+  br i1 %472, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %180 = getelementptr inbounds i64, ptr %gkeep, i64 %pf
-  store i64 %tk, ptr %180, align 8
+  %473 = getelementptr inbounds i64, ptr %gkeep, i64 %pf
+  store i64 %tk, ptr %473, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %181 = add nsw i64 %166, 1
-  %182 = icmp slt i64 %181, 4
-  %183 = select i1 %182, i64 %181, i64 4
-  store i64 %183, ptr %tk.m, align 8
-  %184 = add nsw i64 %tk, 1
+  %474 = add nsw i64 %459, 1
+  %475 = icmp slt i64 %474, 4
+  %476 = select i1 %475, i64 %474, i64 4
+  store i64 %476, ptr %tk.m, align 8
+  %477 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %185 = load i64, ptr %tk.m, align 8
+  %478 = load i64, ptr %tk.m, align 8
   br label %gkeep.head
 
 gkeep.head:                                       ; preds = %gkeep.body, %tk.end
-  %gkeep1 = phi i64 [ 0, %tk.end ], [ %190, %gkeep.body ]
-  %186 = icmp slt i64 %gkeep1, 4
-  br i1 %186, label %gkeep.body, label %gkeep.end
+  %gkeep50 = phi i64 [ 0, %tk.end ], [ %483, %gkeep.body ]
+  %479 = icmp slt i64 %gkeep50, 4
+  br i1 %479, label %gkeep.body, label %gkeep.end
 
 gkeep.body:                                       ; preds = %gkeep.head
-  %187 = getelementptr inbounds i64, ptr %gkeep, i64 %gkeep1
-  %188 = load i64, ptr %187, align 8
-  %189 = getelementptr inbounds i8, ptr %gsel, i64 %188
-  store i8 1, ptr %189, align 1
-  %190 = add nsw i64 %gkeep1, 1
+  %480 = getelementptr inbounds i64, ptr %gkeep, i64 %gkeep50
+  %481 = load i64, ptr %480, align 8
+  %482 = getelementptr inbounds i8, ptr %gsel, i64 %481
+  store i8 1, ptr %482, align 1
+  %483 = add nsw i64 %gkeep50, 1
   br label %gkeep.head
 
 gkeep.end:                                        ; preds = %gkeep.head
   br label %gmask.head
 
 gmask.head:                                       ; preds = %gm.end, %gkeep.end
-  %gmask = phi i64 [ 0, %gkeep.end ], [ %202, %gm.end ]
-  %191 = icmp slt i64 %gmask, 8
-  br i1 %191, label %gmask.body, label %gmask.end
+  %gmask = phi i64 [ 0, %gkeep.end ], [ %495, %gm.end ]
+  %484 = icmp slt i64 %gmask, 8
+  br i1 %484, label %gmask.body, label %gmask.end
 
 gmask.body:                                       ; preds = %gmask.head
-  %192 = getelementptr inbounds i8, ptr %gsel, i64 %gmask
-  %193 = load i8, ptr %192, align 1
-  %194 = icmp eq i8 %193, 0
-  %195 = mul nsw i64 %gmask, 32
+  %485 = getelementptr inbounds i8, ptr %gsel, i64 %gmask
+  %486 = load i8, ptr %485, align 1
+  %487 = icmp eq i8 %486, 0
+  %488 = mul nsw i64 %gmask, 32
   br label %gm.head
 
 gm.head:                                          ; preds = %gm.body, %gmask.body
-  %gm = phi i64 [ 0, %gmask.body ], [ %201, %gm.body ]
-  %196 = icmp slt i64 %gm, 32
-  br i1 %196, label %gm.body, label %gm.end
+  %gm = phi i64 [ 0, %gmask.body ], [ %494, %gm.body ]
+  %489 = icmp slt i64 %gm, 32
+  br i1 %489, label %gm.body, label %gm.end
 
 gm.body:                                          ; preds = %gm.head
-  %197 = add nsw i64 %195, %gm
-  %198 = getelementptr inbounds float, ptr %c, i64 %197
-  %199 = load float, ptr %198, align 4
-  %200 = select i1 %194, float 0xFFF0000000000000, float %199
-  store float %200, ptr %198, align 4
-  %201 = add nsw i64 %gm, 1
+  %490 = add nsw i64 %488, %gm
+  %491 = getelementptr inbounds float, ptr %c, i64 %490
+  %492 = load float, ptr %491, align 4
+  %493 = select i1 %487, float 0xFFF0000000000000, float %492
+  store float %493, ptr %491, align 4
+  %494 = add nsw i64 %gm, 1
   br label %gm.head
 
 gm.end:                                           ; preds = %gm.head
-  %202 = add nsw i64 %gmask, 1
+  %495 = add nsw i64 %gmask, 1
   br label %gmask.head
 
 gmask.end:                                        ; preds = %gmask.head
-  store i64 0, ptr %tk.m2, align 8
-  br label %tk.head3
+  store i64 0, ptr %tk.m51, align 8
+  br label %tk.head52
 
-tk.head3:                                         ; preds = %tk.put.end16, %gmask.end
-  %tk6 = phi i64 [ 0, %gmask.end ], [ %224, %tk.put.end16 ]
-  %203 = icmp slt i64 %tk6, 256
-  br i1 %203, label %tk.body4, label %tk.end5
+tk.head52:                                        ; preds = %tk.put.end65, %gmask.end
+  %tk55 = phi i64 [ 0, %gmask.end ], [ %517, %tk.put.end65 ]
+  %496 = icmp slt i64 %tk55, 256
+  br i1 %496, label %tk.body53, label %tk.end54
 
-tk.body4:                                         ; preds = %tk.head3
-  %204 = getelementptr inbounds float, ptr %c, i64 %tk6
-  %205 = load float, ptr %204, align 4
-  %206 = load i64, ptr %tk.m2, align 8
-  br label %tk.ins.head7
+tk.body53:                                        ; preds = %tk.head52
+  %497 = getelementptr inbounds float, ptr %c, i64 %tk55
+  %498 = load float, ptr %497, align 4
+  %499 = load i64, ptr %tk.m51, align 8
+  br label %tk.ins.head56
 
-tk.ins.head7:                                     ; preds = %tk.shift.end13, %tk.body4
-  %p11 = phi i64 [ %206, %tk.body4 ], [ %208, %tk.shift.end13 ]
-  %207 = icmp sgt i64 %p11, 0
-  br i1 %207, label %tk.ins.chk8, label %tk.ins.end10
+tk.ins.head56:                                    ; preds = %tk.shift.end62, %tk.body53
+  %p60 = phi i64 [ %499, %tk.body53 ], [ %501, %tk.shift.end62 ]
+  %500 = icmp sgt i64 %p60, 0
+  br i1 %500, label %tk.ins.chk57, label %tk.ins.end59
 
-tk.ins.chk8:                                      ; preds = %tk.ins.head7
-  %208 = sub nsw i64 %p11, 1
-  %209 = getelementptr inbounds i64, ptr %idx, i64 %208
-  %210 = load i64, ptr %209, align 8
-  %211 = getelementptr inbounds float, ptr %c, i64 %210
-  %212 = load float, ptr %211, align 4
-  %213 = fcmp uno float %205, %205
-  %214 = fcmp ugt float %205, %212
-  %215 = xor i1 %213, true
-  %216 = and i1 %215, %214
-  br i1 %216, label %tk.ins.body9, label %tk.ins.end10
+tk.ins.chk57:                                     ; preds = %tk.ins.head56
+  %501 = sub nsw i64 %p60, 1
+  %502 = getelementptr inbounds i64, ptr %idx, i64 %501
+  %503 = load i64, ptr %502, align 8
+  %504 = getelementptr inbounds float, ptr %c, i64 %503
+  %505 = load float, ptr %504, align 4
+  %506 = fcmp uno float %498, %498
+  %507 = fcmp ugt float %498, %505
+  %508 = xor i1 %506, true
+  %509 = and i1 %508, %507
+  br i1 %509, label %tk.ins.body58, label %tk.ins.end59
 
-tk.ins.body9:                                     ; preds = %tk.ins.chk8
-  %217 = icmp slt i64 %p11, 8
-  br i1 %217, label %tk.shift.then12, label %tk.shift.end13
+tk.ins.body58:                                    ; preds = %tk.ins.chk57
+  %510 = icmp slt i64 %p60, 8
+  br i1 %510, label %tk.shift.then61, label %tk.shift.end62
 
-tk.shift.then12:                                  ; preds = %tk.ins.body9
-  %218 = getelementptr inbounds i64, ptr %idx, i64 %p11
-  store i64 %210, ptr %218, align 8
-  br label %tk.shift.end13
+tk.shift.then61:                                  ; preds = %tk.ins.body58
+  %511 = getelementptr inbounds i64, ptr %idx, i64 %p60
+  store i64 %503, ptr %511, align 8
+  br label %tk.shift.end62
 
-tk.shift.end13:                                   ; preds = %tk.shift.then12, %tk.ins.body9
-  br label %tk.ins.head7
+tk.shift.end62:                                   ; preds = %tk.shift.then61, %tk.ins.body58
+  br label %tk.ins.head56
 
-tk.ins.end10:                                     ; preds = %tk.ins.chk8, %tk.ins.head7
-  %pf14 = phi i64 [ %p11, %tk.ins.head7 ], [ %p11, %tk.ins.chk8 ]
-  %219 = icmp slt i64 %pf14, 8
-  br i1 %219, label %tk.put.then15, label %tk.put.end16
+tk.ins.end59:                                     ; preds = %tk.ins.chk57, %tk.ins.head56
+  %pf63 = phi i64 [ %p60, %tk.ins.head56 ], [ %p60, %tk.ins.chk57 ]
+  %512 = icmp slt i64 %pf63, 8
+  br i1 %512, label %tk.put.then64, label %tk.put.end65
 
-tk.put.then15:                                    ; preds = %tk.ins.end10
-  %220 = getelementptr inbounds i64, ptr %idx, i64 %pf14
-  store i64 %tk6, ptr %220, align 8
-  br label %tk.put.end16
+tk.put.then64:                                    ; preds = %tk.ins.end59
+  %513 = getelementptr inbounds i64, ptr %idx, i64 %pf63
+  store i64 %tk55, ptr %513, align 8
+  br label %tk.put.end65
 
-tk.put.end16:                                     ; preds = %tk.put.then15, %tk.ins.end10
-  %221 = add nsw i64 %206, 1
-  %222 = icmp slt i64 %221, 8
-  %223 = select i1 %222, i64 %221, i64 8
-  store i64 %223, ptr %tk.m2, align 8
-  %224 = add nsw i64 %tk6, 1
-  br label %tk.head3
+tk.put.end65:                                     ; preds = %tk.put.then64, %tk.ins.end59
+  %514 = add nsw i64 %499, 1
+  %515 = icmp slt i64 %514, 8
+  %516 = select i1 %515, i64 %514, i64 8
+  store i64 %516, ptr %tk.m51, align 8
+  %517 = add nsw i64 %tk55, 1
+  br label %tk.head52
 
-tk.end5:                                          ; preds = %tk.head3
-  %225 = load i64, ptr %tk.m2, align 8
+tk.end54:                                         ; preds = %tk.head52
+  %518 = load i64, ptr %tk.m51, align 8
   br label %top.head
 
-top.head:                                         ; preds = %top.body, %tk.end5
-  %top = phi i64 [ 0, %tk.end5 ], [ %234, %top.body ]
-  %226 = icmp slt i64 %top, 8
-  br i1 %226, label %top.body, label %top.end
+top.head:                                         ; preds = %top.body, %tk.end54
+  %top = phi i64 [ 0, %tk.end54 ], [ %527, %top.body ]
+  %519 = icmp slt i64 %top, 8
+  br i1 %519, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %227 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %228 = load i64, ptr %227, align 8
-  %229 = getelementptr inbounds i32, ptr %135, i64 %top
-  %230 = trunc i64 %228 to i32
-  store i32 %230, ptr %229, align 4
-  %231 = getelementptr inbounds float, ptr %s, i64 %228
-  %232 = load float, ptr %231, align 4
-  %233 = getelementptr inbounds float, ptr %136, i64 %top
-  store float %232, ptr %233, align 4
-  %234 = add nsw i64 %top, 1
+  %520 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %521 = load i64, ptr %520, align 8
+  %522 = getelementptr inbounds i32, ptr %428, i64 %top
+  %523 = trunc i64 %521 to i32
+  store i32 %523, ptr %522, align 4
+  %524 = getelementptr inbounds float, ptr %s, i64 %521
+  %525 = load float, ptr %524, align 4
+  %526 = getelementptr inbounds float, ptr %429, i64 %top
+  store float %525, ptr %526, align 4
+  %527 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %235 = getelementptr inbounds i64, ptr %idx, i64 0
-  %236 = load i64, ptr %235, align 8
-  %237 = getelementptr inbounds float, ptr %c, i64 %236
-  %238 = load float, ptr %237, align 4
-  %239 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %238, ptr %239, align 4
+  %528 = getelementptr inbounds i64, ptr %idx, i64 0
+  %529 = load i64, ptr %528, align 8
+  %530 = getelementptr inbounds float, ptr %c, i64 %529
+  %531 = load float, ptr %530, align 4
+  %532 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %531, ptr %532, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %top.end
-  %nsum = phi i64 [ 0, %top.end ], [ %245, %nsum.body ]
-  %240 = icmp slt i64 %nsum, 8
-  br i1 %240, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %top.end ], [ %538, %nsum.body ]
+  %533 = icmp slt i64 %nsum, 8
+  br i1 %533, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %241 = getelementptr inbounds float, ptr %136, i64 %nsum
-  %242 = load float, ptr %241, align 4
-  %243 = load float, ptr %wsum, align 4
-  %244 = fadd float %243, %242
-  store float %244, ptr %wsum, align 4
-  %245 = add nsw i64 %nsum, 1
+  %534 = getelementptr inbounds float, ptr %429, i64 %nsum
+  %535 = load float, ptr %534, align 4
+  %536 = load float, ptr %wsum, align 4
+  %537 = fadd float %536, %535
+  store float %537, ptr %wsum, align 4
+  %538 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %246 = load float, ptr %wsum, align 4
-  %247 = fadd float %246, 0x3BC79CA100000000
-  %248 = fcmp olt float %247, 0.000000e+00
-  %249 = select i1 %248, float 0.000000e+00, float %247
-  %250 = fcmp ogt float %249, 0.000000e+00
-  %251 = select i1 %250, float %249, float 1.000000e+00
+  %539 = load float, ptr %wsum, align 4
+  %540 = fadd float %539, 0x3BC79CA100000000
+  %541 = fcmp olt float %540, 0.000000e+00
+  %542 = select i1 %541, float 0.000000e+00, float %540
+  %543 = fcmp ogt float %542, 0.000000e+00
+  %544 = select i1 %543, float %542, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %257, %ndiv.body ]
-  %252 = icmp slt i64 %ndiv, 8
-  br i1 %252, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %550, %ndiv.body ]
+  %545 = icmp slt i64 %ndiv, 8
+  br i1 %545, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %253 = getelementptr inbounds float, ptr %136, i64 %ndiv
-  %254 = load float, ptr %253, align 4
-  %255 = fdiv float %254, %251
-  %256 = getelementptr inbounds float, ptr %136, i64 %ndiv
-  store float %255, ptr %256, align 4
-  %257 = add nsw i64 %ndiv, 1
+  %546 = getelementptr inbounds float, ptr %429, i64 %ndiv
+  %547 = load float, ptr %546, align 4
+  %548 = fdiv float %547, %544
+  %549 = getelementptr inbounds float, ptr %429, i64 %ndiv
+  store float %548, ptr %549, align 4
+  %550 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
   br label %nscale.head
 
 nscale.head:                                      ; preds = %nscale.body, %ndiv.end
-  %nscale = phi i64 [ 0, %ndiv.end ], [ %263, %nscale.body ]
-  %258 = icmp slt i64 %nscale, 8
-  br i1 %258, label %nscale.body, label %nscale.end
+  %nscale = phi i64 [ 0, %ndiv.end ], [ %556, %nscale.body ]
+  %551 = icmp slt i64 %nscale, 8
+  br i1 %551, label %nscale.body, label %nscale.end
 
 nscale.body:                                      ; preds = %nscale.head
-  %259 = getelementptr inbounds float, ptr %136, i64 %nscale
-  %260 = load float, ptr %259, align 4
-  %261 = fmul float %260, 2.500000e+00
-  %262 = getelementptr inbounds float, ptr %136, i64 %nscale
-  store float %261, ptr %262, align 4
-  %263 = add nsw i64 %nscale, 1
+  %552 = getelementptr inbounds float, ptr %429, i64 %nscale
+  %553 = load float, ptr %552, align 4
+  %554 = fmul float %553, 2.500000e+00
+  %555 = getelementptr inbounds float, ptr %429, i64 %nscale
+  store float %554, ptr %555, align 4
+  %556 = add nsw i64 %nscale, 1
   br label %nscale.head
 
 nscale.end:                                       ; preds = %nscale.head
-  %264 = add nsw i64 %t, 1
+  %557 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
+  %558 = add nsw i64 %tg, 8
+  br label %tg.head
+
+tg.end:                                           ; preds = %tg.head
   ret void
 }
 

@@ -13,11 +13,37 @@ target triple = "x86_64-unknown-linux-gnu"
 ; Function Attrs: nounwind
 define hidden void @moe_router(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
 entry:
-  %l = alloca [8 x float], align 32
+  %lt = alloca [64 x float], align 32
   %s = alloca [8 x float], align 32
   %c = alloca [8 x float], align 32
   %idx = alloca [2 x i64], align 32
-  %lacc0 = alloca <8 x float>, align 32
+  %qacc = alloca <16 x float>, align 32
+  %qacc1 = alloca <16 x float>, align 32
+  %qacc2 = alloca <16 x float>, align 32
+  %qacc3 = alloca <16 x float>, align 32
+  %qacc4 = alloca <16 x float>, align 32
+  %qacc5 = alloca <16 x float>, align 32
+  %qacc6 = alloca <16 x float>, align 32
+  %qacc7 = alloca <16 x float>, align 32
+  %qacc8 = alloca <16 x float>, align 32
+  %qacc9 = alloca <16 x float>, align 32
+  %qacc10 = alloca <16 x float>, align 32
+  %qacc11 = alloca <16 x float>, align 32
+  %qacc12 = alloca <16 x float>, align 32
+  %qacc13 = alloca <16 x float>, align 32
+  %qacc14 = alloca <16 x float>, align 32
+  %qacc15 = alloca <16 x float>, align 32
+  %qacc17 = alloca <16 x float>, align 32
+  %qacc18 = alloca <16 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc33 = alloca <8 x float>, align 32
+  %qacc34 = alloca <8 x float>, align 32
+  %qacc35 = alloca <8 x float>, align 32
+  %qacc36 = alloca <8 x float>, align 32
+  %qacc45 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -25,59 +51,631 @@ entry:
   br label %start
 
 start:                                            ; preds = %entry
+  br label %tg.head
+
+tg.head:                                          ; preds = %t.end, %start
+  %tg = phi i64 [ %t0, %start ], [ %509, %t.end ]
+  %0 = icmp slt i64 %tg, %t1
+  br i1 %0, label %tg.body, label %tg.end
+
+tg.body:                                          ; preds = %tg.head
+  %1 = sub nsw i64 %t1, %tg
+  %2 = icmp slt i64 %1, 8
+  %gn = select i1 %2, i64 %1, i64 8
+  %3 = mul nsw i64 %tg, 64
+  %4 = getelementptr inbounds float, ptr %x, i64 %3
+  %5 = sdiv i64 %gn, 8
+  %full = mul i64 %5, 8
+  br label %qb.head
+
+qb.head:                                          ; preds = %r1.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+  %6 = icmp slt i64 %qb, 0
+  br i1 %6, label %qb.body, label %qb.end
+
+qb.body:                                          ; preds = %qb.head
+  %7 = mul nsw i64 %qb, 8
+  br label %rb.head
+
+rb.head:                                          ; preds = %qh.end, %qb.body
+  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %8 = icmp slt i64 %rb, %full
+  br i1 %8, label %rb.body, label %rb.end
+
+rb.body:                                          ; preds = %rb.head
+  %9 = add nsw i64 %rb, 0
+  %10 = mul nsw i64 %9, 64
+  %11 = getelementptr inbounds float, ptr %4, i64 %10
+  %12 = mul nsw i64 %9, 8
+  %13 = add nsw i64 %12, %7
+  %14 = getelementptr inbounds float, ptr %lt, i64 %13
+  %15 = add nsw i64 %rb, 1
+  %16 = mul nsw i64 %15, 64
+  %17 = getelementptr inbounds float, ptr %4, i64 %16
+  %18 = mul nsw i64 %15, 8
+  %19 = add nsw i64 %18, %7
+  %20 = getelementptr inbounds float, ptr %lt, i64 %19
+  %21 = add nsw i64 %rb, 2
+  %22 = mul nsw i64 %21, 64
+  %23 = getelementptr inbounds float, ptr %4, i64 %22
+  %24 = mul nsw i64 %21, 8
+  %25 = add nsw i64 %24, %7
+  %26 = getelementptr inbounds float, ptr %lt, i64 %25
+  %27 = add nsw i64 %rb, 3
+  %28 = mul nsw i64 %27, 64
+  %29 = getelementptr inbounds float, ptr %4, i64 %28
+  %30 = mul nsw i64 %27, 8
+  %31 = add nsw i64 %30, %7
+  %32 = getelementptr inbounds float, ptr %lt, i64 %31
+  %33 = add nsw i64 %rb, 4
+  %34 = mul nsw i64 %33, 64
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 8
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lt, i64 %37
+  %39 = add nsw i64 %rb, 5
+  %40 = mul nsw i64 %39, 64
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 8
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lt, i64 %43
+  %45 = add nsw i64 %rb, 6
+  %46 = mul nsw i64 %45, 64
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 8
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lt, i64 %49
+  %51 = add nsw i64 %rb, 7
+  %52 = mul nsw i64 %51, 64
+  %53 = getelementptr inbounds float, ptr %4, i64 %52
+  %54 = mul nsw i64 %51, 8
+  %55 = add nsw i64 %54, %7
+  %56 = getelementptr inbounds float, ptr %lt, i64 %55
+  store <16 x float> zeroinitializer, ptr %qacc, align 4
+  store <16 x float> zeroinitializer, ptr %qacc1, align 4
+  store <16 x float> zeroinitializer, ptr %qacc2, align 4
+  store <16 x float> zeroinitializer, ptr %qacc3, align 4
+  store <16 x float> zeroinitializer, ptr %qacc4, align 4
+  store <16 x float> zeroinitializer, ptr %qacc5, align 4
+  store <16 x float> zeroinitializer, ptr %qacc6, align 4
+  store <16 x float> zeroinitializer, ptr %qacc7, align 4
+  store <16 x float> zeroinitializer, ptr %qacc8, align 4
+  store <16 x float> zeroinitializer, ptr %qacc9, align 4
+  store <16 x float> zeroinitializer, ptr %qacc10, align 4
+  store <16 x float> zeroinitializer, ptr %qacc11, align 4
+  store <16 x float> zeroinitializer, ptr %qacc12, align 4
+  store <16 x float> zeroinitializer, ptr %qacc13, align 4
+  store <16 x float> zeroinitializer, ptr %qacc14, align 4
+  store <16 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head
+
+qh.head:                                          ; preds = %qh.body, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
+  %57 = icmp slt i64 %qh, 64
+  br i1 %57, label %qh.body, label %qh.end
+
+qh.body:                                          ; preds = %qh.head
+  %58 = add nsw i64 %qb, 0
+  %59 = mul nsw i64 %qh, 8
+  %60 = mul nsw i64 %58, 512
+  %61 = add nsw i64 %60, %59
+  %62 = getelementptr inbounds float, ptr %router, i64 %61
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %qb, 1
+  %65 = mul nsw i64 %qh, 8
+  %66 = mul nsw i64 %64, 512
+  %67 = add nsw i64 %66, %65
+  %68 = getelementptr inbounds float, ptr %router, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %70 = add nsw i64 %qb, 2
+  %71 = mul nsw i64 %qh, 8
+  %72 = mul nsw i64 %70, 512
+  %73 = add nsw i64 %72, %71
+  %74 = getelementptr inbounds float, ptr %router, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  %76 = add nsw i64 %qb, 3
+  %77 = mul nsw i64 %qh, 8
+  %78 = mul nsw i64 %76, 512
+  %79 = add nsw i64 %78, %77
+  %80 = getelementptr inbounds float, ptr %router, i64 %79
+  %81 = load <8 x float>, ptr %80, align 4
+  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %82 = getelementptr inbounds float, ptr %11, i64 %qh
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <16 x float> poison, float %83, i32 0
+  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
+  %86 = load <16 x float>, ptr %qacc, align 4
+  %87 = fmul <16 x float> %85, %w16
+  %88 = fadd <16 x float> %86, %87
+  store <16 x float> %88, ptr %qacc, align 4
+  %89 = load <16 x float>, ptr %qacc1, align 4
+  %90 = fmul <16 x float> %85, %w1616
+  %91 = fadd <16 x float> %89, %90
+  store <16 x float> %91, ptr %qacc1, align 4
+  %92 = getelementptr inbounds float, ptr %17, i64 %qh
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <16 x float> poison, float %93, i32 0
+  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
+  %96 = load <16 x float>, ptr %qacc2, align 4
+  %97 = fmul <16 x float> %95, %w16
+  %98 = fadd <16 x float> %96, %97
+  store <16 x float> %98, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = fmul <16 x float> %95, %w1616
+  %101 = fadd <16 x float> %99, %100
+  store <16 x float> %101, ptr %qacc3, align 4
+  %102 = getelementptr inbounds float, ptr %23, i64 %qh
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <16 x float> poison, float %103, i32 0
+  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
+  %106 = load <16 x float>, ptr %qacc4, align 4
+  %107 = fmul <16 x float> %105, %w16
+  %108 = fadd <16 x float> %106, %107
+  store <16 x float> %108, ptr %qacc4, align 4
+  %109 = load <16 x float>, ptr %qacc5, align 4
+  %110 = fmul <16 x float> %105, %w1616
+  %111 = fadd <16 x float> %109, %110
+  store <16 x float> %111, ptr %qacc5, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %qh
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <16 x float> poison, float %113, i32 0
+  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
+  %116 = load <16 x float>, ptr %qacc6, align 4
+  %117 = fmul <16 x float> %115, %w16
+  %118 = fadd <16 x float> %116, %117
+  store <16 x float> %118, ptr %qacc6, align 4
+  %119 = load <16 x float>, ptr %qacc7, align 4
+  %120 = fmul <16 x float> %115, %w1616
+  %121 = fadd <16 x float> %119, %120
+  store <16 x float> %121, ptr %qacc7, align 4
+  %122 = getelementptr inbounds float, ptr %35, i64 %qh
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <16 x float> poison, float %123, i32 0
+  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
+  %126 = load <16 x float>, ptr %qacc8, align 4
+  %127 = fmul <16 x float> %125, %w16
+  %128 = fadd <16 x float> %126, %127
+  store <16 x float> %128, ptr %qacc8, align 4
+  %129 = load <16 x float>, ptr %qacc9, align 4
+  %130 = fmul <16 x float> %125, %w1616
+  %131 = fadd <16 x float> %129, %130
+  store <16 x float> %131, ptr %qacc9, align 4
+  %132 = getelementptr inbounds float, ptr %41, i64 %qh
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <16 x float> poison, float %133, i32 0
+  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
+  %136 = load <16 x float>, ptr %qacc10, align 4
+  %137 = fmul <16 x float> %135, %w16
+  %138 = fadd <16 x float> %136, %137
+  store <16 x float> %138, ptr %qacc10, align 4
+  %139 = load <16 x float>, ptr %qacc11, align 4
+  %140 = fmul <16 x float> %135, %w1616
+  %141 = fadd <16 x float> %139, %140
+  store <16 x float> %141, ptr %qacc11, align 4
+  %142 = getelementptr inbounds float, ptr %47, i64 %qh
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <16 x float> poison, float %143, i32 0
+  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
+  %146 = load <16 x float>, ptr %qacc12, align 4
+  %147 = fmul <16 x float> %145, %w16
+  %148 = fadd <16 x float> %146, %147
+  store <16 x float> %148, ptr %qacc12, align 4
+  %149 = load <16 x float>, ptr %qacc13, align 4
+  %150 = fmul <16 x float> %145, %w1616
+  %151 = fadd <16 x float> %149, %150
+  store <16 x float> %151, ptr %qacc13, align 4
+  %152 = getelementptr inbounds float, ptr %53, i64 %qh
+  %153 = load float, ptr %152, align 4
+  %154 = insertelement <16 x float> poison, float %153, i32 0
+  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
+  %156 = load <16 x float>, ptr %qacc14, align 4
+  %157 = fmul <16 x float> %155, %w16
+  %158 = fadd <16 x float> %156, %157
+  store <16 x float> %158, ptr %qacc14, align 4
+  %159 = load <16 x float>, ptr %qacc15, align 4
+  %160 = fmul <16 x float> %155, %w1616
+  %161 = fadd <16 x float> %159, %160
+  store <16 x float> %161, ptr %qacc15, align 4
+  %162 = add nsw i64 %qh, 1
+  br label %qh.head
+
+qh.end:                                           ; preds = %qh.head
+  %163 = load <16 x float>, ptr %qacc, align 4
+  %164 = load <16 x float>, ptr %qacc1, align 4
+  %165 = load <16 x float>, ptr %qacc2, align 4
+  %166 = load <16 x float>, ptr %qacc3, align 4
+  %167 = load <16 x float>, ptr %qacc4, align 4
+  %168 = load <16 x float>, ptr %qacc5, align 4
+  %169 = load <16 x float>, ptr %qacc6, align 4
+  %170 = load <16 x float>, ptr %qacc7, align 4
+  %171 = load <16 x float>, ptr %qacc8, align 4
+  %172 = load <16 x float>, ptr %qacc9, align 4
+  %173 = load <16 x float>, ptr %qacc10, align 4
+  %174 = load <16 x float>, ptr %qacc11, align 4
+  %175 = load <16 x float>, ptr %qacc12, align 4
+  %176 = load <16 x float>, ptr %qacc13, align 4
+  %177 = load <16 x float>, ptr %qacc14, align 4
+  %178 = load <16 x float>, ptr %qacc15, align 4
+  %179 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %163, ptr %179, align 4
+  %180 = getelementptr inbounds float, ptr %14, i64 16
+  store <16 x float> %164, ptr %180, align 4
+  %181 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %165, ptr %181, align 4
+  %182 = getelementptr inbounds float, ptr %20, i64 16
+  store <16 x float> %166, ptr %182, align 4
+  %183 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %167, ptr %183, align 4
+  %184 = getelementptr inbounds float, ptr %26, i64 16
+  store <16 x float> %168, ptr %184, align 4
+  %185 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %169, ptr %185, align 4
+  %186 = getelementptr inbounds float, ptr %32, i64 16
+  store <16 x float> %170, ptr %186, align 4
+  %187 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %171, ptr %187, align 4
+  %188 = getelementptr inbounds float, ptr %38, i64 16
+  store <16 x float> %172, ptr %188, align 4
+  %189 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %173, ptr %189, align 4
+  %190 = getelementptr inbounds float, ptr %44, i64 16
+  store <16 x float> %174, ptr %190, align 4
+  %191 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %175, ptr %191, align 4
+  %192 = getelementptr inbounds float, ptr %50, i64 16
+  store <16 x float> %176, ptr %192, align 4
+  %193 = getelementptr inbounds float, ptr %56, i64 0
+  store <16 x float> %177, ptr %193, align 4
+  %194 = getelementptr inbounds float, ptr %56, i64 16
+  store <16 x float> %178, ptr %194, align 4
+  %195 = add nsw i64 %rb, 8
+  br label %rb.head
+
+rb.end:                                           ; preds = %rb.head
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end21, %rb.end
+  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
+  %196 = icmp slt i64 %r1, %gn
+  br i1 %196, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %197 = add nsw i64 %r1, 0
+  %198 = mul nsw i64 %197, 64
+  %199 = getelementptr inbounds float, ptr %4, i64 %198
+  %200 = mul nsw i64 %197, 8
+  %201 = add nsw i64 %200, %7
+  %202 = getelementptr inbounds float, ptr %lt, i64 %201
+  store <16 x float> zeroinitializer, ptr %qacc17, align 4
+  store <16 x float> zeroinitializer, ptr %qacc18, align 4
+  br label %qh.head19
+
+qh.head19:                                        ; preds = %qh.body20, %r1.body
+  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
+  %203 = icmp slt i64 %qh22, 64
+  br i1 %203, label %qh.body20, label %qh.end21
+
+qh.body20:                                        ; preds = %qh.head19
+  %204 = add nsw i64 %qb, 0
+  %205 = mul nsw i64 %qh22, 8
+  %206 = mul nsw i64 %204, 512
+  %207 = add nsw i64 %206, %205
+  %208 = getelementptr inbounds float, ptr %router, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  %210 = add nsw i64 %qb, 1
+  %211 = mul nsw i64 %qh22, 8
+  %212 = mul nsw i64 %210, 512
+  %213 = add nsw i64 %212, %211
+  %214 = getelementptr inbounds float, ptr %router, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %216 = add nsw i64 %qb, 2
+  %217 = mul nsw i64 %qh22, 8
+  %218 = mul nsw i64 %216, 512
+  %219 = add nsw i64 %218, %217
+  %220 = getelementptr inbounds float, ptr %router, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  %222 = add nsw i64 %qb, 3
+  %223 = mul nsw i64 %qh22, 8
+  %224 = mul nsw i64 %222, 512
+  %225 = add nsw i64 %224, %223
+  %226 = getelementptr inbounds float, ptr %router, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
+  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <16 x float> poison, float %229, i32 0
+  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
+  %232 = load <16 x float>, ptr %qacc17, align 4
+  %233 = fmul <16 x float> %231, %w1623
+  %234 = fadd <16 x float> %232, %233
+  store <16 x float> %234, ptr %qacc17, align 4
+  %235 = load <16 x float>, ptr %qacc18, align 4
+  %236 = fmul <16 x float> %231, %w1624
+  %237 = fadd <16 x float> %235, %236
+  store <16 x float> %237, ptr %qacc18, align 4
+  %238 = add nsw i64 %qh22, 1
+  br label %qh.head19
+
+qh.end21:                                         ; preds = %qh.head19
+  %239 = load <16 x float>, ptr %qacc17, align 4
+  %240 = load <16 x float>, ptr %qacc18, align 4
+  %241 = getelementptr inbounds float, ptr %202, i64 0
+  store <16 x float> %239, ptr %241, align 4
+  %242 = getelementptr inbounds float, ptr %202, i64 16
+  store <16 x float> %240, ptr %242, align 4
+  %243 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %244 = add nsw i64 %qb, 4
+  br label %qb.head
+
+qb.end:                                           ; preds = %qb.head
+  br label %qb1.head
+
+qb1.head:                                         ; preds = %r1.end43, %qb.end
+  %qb1 = phi i64 [ 0, %qb.end ], [ %402, %r1.end43 ]
+  %245 = icmp slt i64 %qb1, 1
+  br i1 %245, label %qb1.body, label %qb1.end
+
+qb1.body:                                         ; preds = %qb1.head
+  %246 = mul nsw i64 %qb1, 8
+  br label %rb.head25
+
+rb.head25:                                        ; preds = %qh.end39, %qb1.body
+  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
+  %247 = icmp slt i64 %rb28, %full
+  br i1 %247, label %rb.body26, label %rb.end27
+
+rb.body26:                                        ; preds = %rb.head25
+  %248 = add nsw i64 %rb28, 0
+  %249 = mul nsw i64 %248, 64
+  %250 = getelementptr inbounds float, ptr %4, i64 %249
+  %251 = mul nsw i64 %248, 8
+  %252 = add nsw i64 %251, %246
+  %253 = getelementptr inbounds float, ptr %lt, i64 %252
+  %254 = add nsw i64 %rb28, 1
+  %255 = mul nsw i64 %254, 64
+  %256 = getelementptr inbounds float, ptr %4, i64 %255
+  %257 = mul nsw i64 %254, 8
+  %258 = add nsw i64 %257, %246
+  %259 = getelementptr inbounds float, ptr %lt, i64 %258
+  %260 = add nsw i64 %rb28, 2
+  %261 = mul nsw i64 %260, 64
+  %262 = getelementptr inbounds float, ptr %4, i64 %261
+  %263 = mul nsw i64 %260, 8
+  %264 = add nsw i64 %263, %246
+  %265 = getelementptr inbounds float, ptr %lt, i64 %264
+  %266 = add nsw i64 %rb28, 3
+  %267 = mul nsw i64 %266, 64
+  %268 = getelementptr inbounds float, ptr %4, i64 %267
+  %269 = mul nsw i64 %266, 8
+  %270 = add nsw i64 %269, %246
+  %271 = getelementptr inbounds float, ptr %lt, i64 %270
+  %272 = add nsw i64 %rb28, 4
+  %273 = mul nsw i64 %272, 64
+  %274 = getelementptr inbounds float, ptr %4, i64 %273
+  %275 = mul nsw i64 %272, 8
+  %276 = add nsw i64 %275, %246
+  %277 = getelementptr inbounds float, ptr %lt, i64 %276
+  %278 = add nsw i64 %rb28, 5
+  %279 = mul nsw i64 %278, 64
+  %280 = getelementptr inbounds float, ptr %4, i64 %279
+  %281 = mul nsw i64 %278, 8
+  %282 = add nsw i64 %281, %246
+  %283 = getelementptr inbounds float, ptr %lt, i64 %282
+  %284 = add nsw i64 %rb28, 6
+  %285 = mul nsw i64 %284, 64
+  %286 = getelementptr inbounds float, ptr %4, i64 %285
+  %287 = mul nsw i64 %284, 8
+  %288 = add nsw i64 %287, %246
+  %289 = getelementptr inbounds float, ptr %lt, i64 %288
+  %290 = add nsw i64 %rb28, 7
+  %291 = mul nsw i64 %290, 64
+  %292 = getelementptr inbounds float, ptr %4, i64 %291
+  %293 = mul nsw i64 %290, 8
+  %294 = add nsw i64 %293, %246
+  %295 = getelementptr inbounds float, ptr %lt, i64 %294
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  store <8 x float> zeroinitializer, ptr %qacc33, align 4
+  store <8 x float> zeroinitializer, ptr %qacc34, align 4
+  store <8 x float> zeroinitializer, ptr %qacc35, align 4
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %rb.body26
+  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
+  %296 = icmp slt i64 %qh40, 64
+  br i1 %296, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %297 = add nsw i64 %qb1, 0
+  %298 = mul nsw i64 %qh40, 8
+  %299 = mul nsw i64 %297, 512
+  %300 = add nsw i64 %299, %298
+  %301 = getelementptr inbounds float, ptr %router, i64 %300
+  %302 = load <8 x float>, ptr %301, align 4
+  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
+  %304 = load float, ptr %303, align 4
+  %305 = insertelement <8 x float> poison, float %304, i32 0
+  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
+  %307 = load <8 x float>, ptr %qacc29, align 4
+  %308 = fmul <8 x float> %306, %302
+  %309 = fadd <8 x float> %307, %308
+  store <8 x float> %309, ptr %qacc29, align 4
+  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %qacc30, align 4
+  %315 = fmul <8 x float> %313, %302
+  %316 = fadd <8 x float> %314, %315
+  store <8 x float> %316, ptr %qacc30, align 4
+  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
+  %318 = load float, ptr %317, align 4
+  %319 = insertelement <8 x float> poison, float %318, i32 0
+  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
+  %321 = load <8 x float>, ptr %qacc31, align 4
+  %322 = fmul <8 x float> %320, %302
+  %323 = fadd <8 x float> %321, %322
+  store <8 x float> %323, ptr %qacc31, align 4
+  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %qacc32, align 4
+  %329 = fmul <8 x float> %327, %302
+  %330 = fadd <8 x float> %328, %329
+  store <8 x float> %330, ptr %qacc32, align 4
+  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %qacc33, align 4
+  %336 = fmul <8 x float> %334, %302
+  %337 = fadd <8 x float> %335, %336
+  store <8 x float> %337, ptr %qacc33, align 4
+  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = load <8 x float>, ptr %qacc34, align 4
+  %343 = fmul <8 x float> %341, %302
+  %344 = fadd <8 x float> %342, %343
+  store <8 x float> %344, ptr %qacc34, align 4
+  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %qacc35, align 4
+  %350 = fmul <8 x float> %348, %302
+  %351 = fadd <8 x float> %349, %350
+  store <8 x float> %351, ptr %qacc35, align 4
+  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
+  %353 = load float, ptr %352, align 4
+  %354 = insertelement <8 x float> poison, float %353, i32 0
+  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
+  %356 = load <8 x float>, ptr %qacc36, align 4
+  %357 = fmul <8 x float> %355, %302
+  %358 = fadd <8 x float> %356, %357
+  store <8 x float> %358, ptr %qacc36, align 4
+  %359 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %360 = load <8 x float>, ptr %qacc29, align 4
+  %361 = load <8 x float>, ptr %qacc30, align 4
+  %362 = load <8 x float>, ptr %qacc31, align 4
+  %363 = load <8 x float>, ptr %qacc32, align 4
+  %364 = load <8 x float>, ptr %qacc33, align 4
+  %365 = load <8 x float>, ptr %qacc34, align 4
+  %366 = load <8 x float>, ptr %qacc35, align 4
+  %367 = load <8 x float>, ptr %qacc36, align 4
+  %368 = getelementptr inbounds float, ptr %253, i64 0
+  store <8 x float> %360, ptr %368, align 4
+  %369 = getelementptr inbounds float, ptr %259, i64 0
+  store <8 x float> %361, ptr %369, align 4
+  %370 = getelementptr inbounds float, ptr %265, i64 0
+  store <8 x float> %362, ptr %370, align 4
+  %371 = getelementptr inbounds float, ptr %271, i64 0
+  store <8 x float> %363, ptr %371, align 4
+  %372 = getelementptr inbounds float, ptr %277, i64 0
+  store <8 x float> %364, ptr %372, align 4
+  %373 = getelementptr inbounds float, ptr %283, i64 0
+  store <8 x float> %365, ptr %373, align 4
+  %374 = getelementptr inbounds float, ptr %289, i64 0
+  store <8 x float> %366, ptr %374, align 4
+  %375 = getelementptr inbounds float, ptr %295, i64 0
+  store <8 x float> %367, ptr %375, align 4
+  %376 = add nsw i64 %rb28, 8
+  br label %rb.head25
+
+rb.end27:                                         ; preds = %rb.head25
+  br label %r1.head41
+
+r1.head41:                                        ; preds = %qh.end48, %rb.end27
+  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
+  %377 = icmp slt i64 %r144, %gn
+  br i1 %377, label %r1.body42, label %r1.end43
+
+r1.body42:                                        ; preds = %r1.head41
+  %378 = add nsw i64 %r144, 0
+  %379 = mul nsw i64 %378, 64
+  %380 = getelementptr inbounds float, ptr %4, i64 %379
+  %381 = mul nsw i64 %378, 8
+  %382 = add nsw i64 %381, %246
+  %383 = getelementptr inbounds float, ptr %lt, i64 %382
+  store <8 x float> zeroinitializer, ptr %qacc45, align 4
+  br label %qh.head46
+
+qh.head46:                                        ; preds = %qh.body47, %r1.body42
+  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
+  %384 = icmp slt i64 %qh49, 64
+  br i1 %384, label %qh.body47, label %qh.end48
+
+qh.body47:                                        ; preds = %qh.head46
+  %385 = add nsw i64 %qb1, 0
+  %386 = mul nsw i64 %qh49, 8
+  %387 = mul nsw i64 %385, 512
+  %388 = add nsw i64 %387, %386
+  %389 = getelementptr inbounds float, ptr %router, i64 %388
+  %390 = load <8 x float>, ptr %389, align 4
+  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %qacc45, align 4
+  %396 = fmul <8 x float> %394, %390
+  %397 = fadd <8 x float> %395, %396
+  store <8 x float> %397, ptr %qacc45, align 4
+  %398 = add nsw i64 %qh49, 1
+  br label %qh.head46
+
+qh.end48:                                         ; preds = %qh.head46
+  %399 = load <8 x float>, ptr %qacc45, align 4
+  %400 = getelementptr inbounds float, ptr %383, i64 0
+  store <8 x float> %399, ptr %400, align 4
+  %401 = add nsw i64 %r144, 1
+  br label %r1.head41
+
+r1.end43:                                         ; preds = %r1.head41
+  %402 = add nsw i64 %qb1, 1
+  br label %qb1.head
+
+qb1.end:                                          ; preds = %qb1.head
   br label %t.head
 
-t.head:                                           ; preds = %ndiv.end, %start
-  %t = phi i64 [ %t0, %start ], [ %118, %ndiv.end ]
-  %0 = icmp slt i64 %t, %t1
-  br i1 %0, label %t.body, label %t.end
+t.head:                                           ; preds = %ndiv.end, %qb1.end
+  %t = phi i64 [ 0, %qb1.end ], [ %508, %ndiv.end ]
+  %403 = icmp slt i64 %t, %gn
+  br i1 %403, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
-  %1 = mul nsw i64 %t, 64
-  %2 = getelementptr inbounds float, ptr %x, i64 %1
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  br label %hh.head
-
-hh.head:                                          ; preds = %hh.body, %t.body
-  %hh = phi i64 [ 0, %t.body ], [ %15, %hh.body ]
-  %3 = icmp slt i64 %hh, 64
-  br i1 %3, label %hh.body, label %hh.end
-
-hh.body:                                          ; preds = %hh.head
-  %4 = getelementptr inbounds float, ptr %2, i64 %hh
-  %5 = load float, ptr %4, align 4
-  %6 = insertelement <8 x float> poison, float %5, i32 0
-  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
-  %8 = mul nsw i64 %hh, 8
-  %9 = add nsw i64 0, %8
-  %10 = getelementptr inbounds float, ptr %router, i64 %9
-  %11 = load <8 x float>, ptr %10, align 4
-  %12 = fmul <8 x float> %7, %11
-  %13 = load <8 x float>, ptr %lacc0, align 4
-  %14 = fadd <8 x float> %13, %12
-  store <8 x float> %14, ptr %lacc0, align 4
-  %15 = add nsw i64 %hh, 1
-  br label %hh.head
-
-hh.end:                                           ; preds = %hh.head
-  %16 = load <8 x float>, ptr %lacc0, align 4
-  %17 = getelementptr inbounds float, ptr %l, i64 0
-  store <8 x float> %16, ptr %17, align 4
-  %18 = mul nsw i64 %t, 8
-  %19 = getelementptr inbounds float, ptr %logits, i64 %18
+  %tok = add nsw i64 %tg, %t
+  %404 = mul nsw i64 %t, 8
+  %405 = getelementptr inbounds float, ptr %lt, i64 %404
+  %406 = mul nsw i64 %tok, 64
+  %407 = getelementptr inbounds float, ptr %x, i64 %406
+  %408 = mul nsw i64 %tok, 8
+  %409 = getelementptr inbounds float, ptr %logits, i64 %408
   br label %lb.head
 
-lb.head:                                          ; preds = %lb.body, %hh.end
-  %lb = phi i64 [ 0, %hh.end ], [ %24, %lb.body ]
-  %20 = icmp slt i64 %lb, 8
-  br i1 %20, label %lb.body, label %lb.end
+lb.head:                                          ; preds = %lb.body, %t.body
+  %lb = phi i64 [ 0, %t.body ], [ %414, %lb.body ]
+  %410 = icmp slt i64 %lb, 8
+  br i1 %410, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %21 = getelementptr inbounds float, ptr %l, i64 %lb
-  %22 = load float, ptr %21, align 4
-  %23 = getelementptr inbounds float, ptr %19, i64 %lb
-  store float %22, ptr %23, align 4
-  %24 = add nsw i64 %lb, 1
+  %411 = getelementptr inbounds float, ptr %405, i64 %lb
+  %412 = load float, ptr %411, align 4
+  %413 = getelementptr inbounds float, ptr %409, i64 %lb
+  store float %412, ptr %413, align 4
+  %414 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -85,84 +683,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax1 = phi i64 [ 0, %lb.end ], [ %32, %smax.body ]
-  %25 = icmp slt i64 %smax1, 8
-  br i1 %25, label %smax.body, label %smax.end
+  %smax50 = phi i64 [ 0, %lb.end ], [ %422, %smax.body ]
+  %415 = icmp slt i64 %smax50, 8
+  br i1 %415, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %26 = add nsw i64 0, %smax1
-  %27 = getelementptr inbounds float, ptr %l, i64 %26
-  %28 = load float, ptr %27, align 4
-  %29 = load float, ptr %smax, align 4
-  %30 = fcmp ogt float %28, %29
-  %31 = select i1 %30, float %28, float %29
-  store float %31, ptr %smax, align 4
-  %32 = add nsw i64 %smax1, 1
+  %416 = add nsw i64 0, %smax50
+  %417 = getelementptr inbounds float, ptr %405, i64 %416
+  %418 = load float, ptr %417, align 4
+  %419 = load float, ptr %smax, align 4
+  %420 = fcmp ogt float %418, %419
+  %421 = select i1 %420, float %418, float %419
+  store float %421, ptr %smax, align 4
+  %422 = add nsw i64 %smax50, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %33 = load float, ptr %smax, align 4
+  %423 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %46, %sexp.body ]
-  %34 = icmp slt i64 %sexp, 8
-  br i1 %34, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %436, %sexp.body ]
+  %424 = icmp slt i64 %sexp, 8
+  br i1 %424, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %35 = add nsw i64 0, %sexp
-  %36 = getelementptr inbounds float, ptr %l, i64 %35
-  %37 = load float, ptr %36, align 4
-  %38 = fsub float %37, %33
-  %39 = fpext float %38 to double
-  %40 = call double @exp(double %39)
-  %41 = fptrunc double %40 to float
-  %42 = add nsw i64 0, %sexp
-  %43 = getelementptr inbounds float, ptr %s, i64 %42
-  store float %41, ptr %43, align 4
-  %44 = load float, ptr %ssum, align 4
-  %45 = fadd float %44, %41
-  store float %45, ptr %ssum, align 4
-  %46 = add nsw i64 %sexp, 1
+  %425 = add nsw i64 0, %sexp
+  %426 = getelementptr inbounds float, ptr %405, i64 %425
+  %427 = load float, ptr %426, align 4
+  %428 = fsub float %427, %423
+  %429 = fpext float %428 to double
+  %430 = call double @exp(double %429)
+  %431 = fptrunc double %430 to float
+  %432 = add nsw i64 0, %sexp
+  %433 = getelementptr inbounds float, ptr %s, i64 %432
+  store float %431, ptr %433, align 4
+  %434 = load float, ptr %ssum, align 4
+  %435 = fadd float %434, %431
+  store float %435, ptr %ssum, align 4
+  %436 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %47 = load float, ptr %ssum, align 4
+  %437 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %54, %sdiv.body ]
-  %48 = icmp slt i64 %sdiv, 8
-  br i1 %48, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %444, %sdiv.body ]
+  %438 = icmp slt i64 %sdiv, 8
+  br i1 %438, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %49 = add nsw i64 0, %sdiv
-  %50 = getelementptr inbounds float, ptr %s, i64 %49
-  %51 = load float, ptr %50, align 4
-  %52 = fdiv float %51, %47
-  %53 = getelementptr inbounds float, ptr %s, i64 %49
-  store float %52, ptr %53, align 4
-  %54 = add nsw i64 %sdiv, 1
+  %439 = add nsw i64 0, %sdiv
+  %440 = getelementptr inbounds float, ptr %s, i64 %439
+  %441 = load float, ptr %440, align 4
+  %442 = fdiv float %441, %437
+  %443 = getelementptr inbounds float, ptr %s, i64 %439
+  store float %442, ptr %443, align 4
+  %444 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %55 = mul nsw i64 %t, 2
-  %56 = getelementptr inbounds i32, ptr %ids, i64 %55
-  %57 = getelementptr inbounds float, ptr %weights, i64 %55
+  %445 = mul nsw i64 %tok, 2
+  %446 = getelementptr inbounds i32, ptr %ids, i64 %445
+  %447 = getelementptr inbounds float, ptr %weights, i64 %445
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %62, %sel.body ]
-  %58 = icmp slt i64 %sel, 8
-  br i1 %58, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %452, %sel.body ]
+  %448 = icmp slt i64 %sel, 8
+  br i1 %448, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %59 = getelementptr inbounds float, ptr %s, i64 %sel
-  %60 = load float, ptr %59, align 4
-  %61 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %60, ptr %61, align 4
-  %62 = add nsw i64 %sel, 1
+  %449 = getelementptr inbounds float, ptr %s, i64 %sel
+  %450 = load float, ptr %449, align 4
+  %451 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %450, ptr %451, align 4
+  %452 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -170,40 +768,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %84, %tk.put.end ]
-  %63 = icmp slt i64 %tk, 8
-  br i1 %63, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %474, %tk.put.end ]
+  %453 = icmp slt i64 %tk, 8
+  br i1 %453, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %64 = getelementptr inbounds float, ptr %c, i64 %tk
-  %65 = load float, ptr %64, align 4
-  %66 = load i64, ptr %tk.m, align 8
+  %454 = getelementptr inbounds float, ptr %c, i64 %tk
+  %455 = load float, ptr %454, align 4
+  %456 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %66, %tk.body ], [ %68, %tk.shift.end ]
-  %67 = icmp sgt i64 %p, 0
-  br i1 %67, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %456, %tk.body ], [ %458, %tk.shift.end ]
+  %457 = icmp sgt i64 %p, 0
+  br i1 %457, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %68 = sub nsw i64 %p, 1
-  %69 = getelementptr inbounds i64, ptr %idx, i64 %68
-  %70 = load i64, ptr %69, align 8
-  %71 = getelementptr inbounds float, ptr %c, i64 %70
-  %72 = load float, ptr %71, align 4
-  %73 = fcmp uno float %65, %65
-  %74 = fcmp ugt float %65, %72
-  %75 = xor i1 %73, true
-  %76 = and i1 %75, %74
-  br i1 %76, label %tk.ins.body, label %tk.ins.end
+  %458 = sub nsw i64 %p, 1
+  %459 = getelementptr inbounds i64, ptr %idx, i64 %458
+  %460 = load i64, ptr %459, align 8
+  %461 = getelementptr inbounds float, ptr %c, i64 %460
+  %462 = load float, ptr %461, align 4
+  %463 = fcmp uno float %455, %455
+  %464 = fcmp ugt float %455, %462
+  %465 = xor i1 %463, true
+  %466 = and i1 %465, %464
+  br i1 %466, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %77 = icmp slt i64 %p, 2
-  br i1 %77, label %tk.shift.then, label %tk.shift.end
+  %467 = icmp slt i64 %p, 2
+  br i1 %467, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %78 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %70, ptr %78, align 8
+  %468 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %460, ptr %468, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -211,96 +809,100 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %79 = icmp slt i64 %pf, 2
-  br i1 %79, label %tk.put.then, label %tk.put.end
+  %469 = icmp slt i64 %pf, 2
+  br i1 %469, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %80 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %80, align 8
+  %470 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %470, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %81 = add nsw i64 %66, 1
-  %82 = icmp slt i64 %81, 2
-  %83 = select i1 %82, i64 %81, i64 2
-  store i64 %83, ptr %tk.m, align 8
-  %84 = add nsw i64 %tk, 1
+  %471 = add nsw i64 %456, 1
+  %472 = icmp slt i64 %471, 2
+  %473 = select i1 %472, i64 %471, i64 2
+  store i64 %473, ptr %tk.m, align 8
+  %474 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %85 = load i64, ptr %tk.m, align 8
+  %475 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %94, %top.body ]
-  %86 = icmp slt i64 %top, 2
-  br i1 %86, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %484, %top.body ]
+  %476 = icmp slt i64 %top, 2
+  br i1 %476, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %87 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %88 = load i64, ptr %87, align 8
-  %89 = getelementptr inbounds i32, ptr %56, i64 %top
-  %90 = trunc i64 %88 to i32
-  store i32 %90, ptr %89, align 4
-  %91 = getelementptr inbounds float, ptr %s, i64 %88
-  %92 = load float, ptr %91, align 4
-  %93 = getelementptr inbounds float, ptr %57, i64 %top
-  store float %92, ptr %93, align 4
-  %94 = add nsw i64 %top, 1
+  %477 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %478 = load i64, ptr %477, align 8
+  %479 = getelementptr inbounds i32, ptr %446, i64 %top
+  %480 = trunc i64 %478 to i32
+  store i32 %480, ptr %479, align 4
+  %481 = getelementptr inbounds float, ptr %s, i64 %478
+  %482 = load float, ptr %481, align 4
+  %483 = getelementptr inbounds float, ptr %447, i64 %top
+  store float %482, ptr %483, align 4
+  %484 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %95 = getelementptr inbounds i64, ptr %idx, i64 0
-  %96 = load i64, ptr %95, align 8
-  %97 = getelementptr inbounds float, ptr %c, i64 %96
-  %98 = load float, ptr %97, align 4
-  %99 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %98, ptr %99, align 4
+  %485 = getelementptr inbounds i64, ptr %idx, i64 0
+  %486 = load i64, ptr %485, align 8
+  %487 = getelementptr inbounds float, ptr %c, i64 %486
+  %488 = load float, ptr %487, align 4
+  %489 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %488, ptr %489, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %top.end
-  %nsum = phi i64 [ 0, %top.end ], [ %105, %nsum.body ]
-  %100 = icmp slt i64 %nsum, 2
-  br i1 %100, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %top.end ], [ %495, %nsum.body ]
+  %490 = icmp slt i64 %nsum, 2
+  br i1 %490, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %101 = getelementptr inbounds float, ptr %57, i64 %nsum
-  %102 = load float, ptr %101, align 4
-  %103 = load float, ptr %wsum, align 4
-  %104 = fadd float %103, %102
-  store float %104, ptr %wsum, align 4
-  %105 = add nsw i64 %nsum, 1
+  %491 = getelementptr inbounds float, ptr %447, i64 %nsum
+  %492 = load float, ptr %491, align 4
+  %493 = load float, ptr %wsum, align 4
+  %494 = fadd float %493, %492
+  store float %494, ptr %wsum, align 4
+  %495 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %106 = load float, ptr %wsum, align 4
-  %107 = fadd float %106, 0.000000e+00
-  %108 = fcmp olt float %107, 0.000000e+00
-  %109 = select i1 %108, float 0.000000e+00, float %107
-  %110 = fcmp ogt float %109, 0.000000e+00
-  %111 = select i1 %110, float %109, float 1.000000e+00
+  %496 = load float, ptr %wsum, align 4
+  %497 = fadd float %496, 0.000000e+00
+  %498 = fcmp olt float %497, 0.000000e+00
+  %499 = select i1 %498, float 0.000000e+00, float %497
+  %500 = fcmp ogt float %499, 0.000000e+00
+  %501 = select i1 %500, float %499, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %117, %ndiv.body ]
-  %112 = icmp slt i64 %ndiv, 2
-  br i1 %112, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %507, %ndiv.body ]
+  %502 = icmp slt i64 %ndiv, 2
+  br i1 %502, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %113 = getelementptr inbounds float, ptr %57, i64 %ndiv
-  %114 = load float, ptr %113, align 4
-  %115 = fdiv float %114, %111
-  %116 = getelementptr inbounds float, ptr %57, i64 %ndiv
-  store float %115, ptr %116, align 4
-  %117 = add nsw i64 %ndiv, 1
+  %503 = getelementptr inbounds float, ptr %447, i64 %ndiv
+  %504 = load float, ptr %503, align 4
+  %505 = fdiv float %504, %501
+  %506 = getelementptr inbounds float, ptr %447, i64 %ndiv
+  store float %505, ptr %506, align 4
+  %507 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
-  %118 = add nsw i64 %t, 1
+  %508 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
+  %509 = add nsw i64 %tg, 8
+  br label %tg.head
+
+tg.end:                                           ; preds = %tg.head
   ret void
 }
 
