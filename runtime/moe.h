@@ -172,14 +172,16 @@ enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, size_t n_
  * expert parallelism, added in any order) give the statistics of the whole
  * batch. Caller-owned; zero it before the first call. */
 struct moe_route_sums {
-	double *importance; /* [E] sum over tokens of the router probability */
+	double *importance; /* [E] sum over tokens of the router probability
+			       (importance sparse: of the chosen slots' weights) */
 	double *load;       /* [E] assignments per expert */
 	double z_sum;       /* sum over tokens of logsumexp(logits)^2 */
 	uint64_t n_tokens;
 };
 
 /* moe_route_stats: moe_route (the same ids and weights), and ADDS the sums of
- * these tokens into acc (acc->importance and acc->load [E] are required). */
+ * these tokens into acc (acc->importance and acc->load [E] are required; a
+ * failed call adds nothing). */
 enum moe_status moe_route_stats(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
 				int32_t *ids, float *weights, const struct moe_fwd_opts *opts,
 				struct moe_route_sums *acc);
