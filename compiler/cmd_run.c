@@ -38,6 +38,11 @@ struct moe_api {
 				   const float *, float *);
 	enum moe_status (*combine)(moe_model *, uint32_t, const void *, size_t, const int32_t *,
 				   const float *, const float *, const int64_t *, void *);
+	enum moe_status (*route_stats)(moe_model *, uint32_t, const void *, size_t, int32_t *,
+				       float *, const struct moe_fwd_opts *,
+				       struct moe_route_sums *);
+	enum moe_status (*from_sums)(moe_model *, uint32_t, const struct moe_route_sums *,
+				     struct moe_routing *);
 };
 
 struct msg {
@@ -99,6 +104,8 @@ static int api_open(const char *path, struct moe_api *a, char *err, size_t cap)
 	*(void **)&a->route = dlsym(a->dl, "moe_route");
 	*(void **)&a->experts = dlsym(a->dl, "moe_experts");
 	*(void **)&a->combine = dlsym(a->dl, "moe_combine");
+	*(void **)&a->route_stats = dlsym(a->dl, "moe_route_stats");
+	*(void **)&a->from_sums = dlsym(a->dl, "moe_routing_from_sums");
 	const struct moe_info *in = a->info();
 	if (in->abi_version != MOE_ABI_VERSION) {
 		snprintf(err, cap, "'%s' has ABI version %u, this moegen speaks %u", path,
@@ -447,6 +454,13 @@ out:
 }
 
 #ifdef MOE_HAVE_MPI
+/* a and b within rel relative to the larger (both 0 included) */
+static int close_rel(float a, float b, double rel)
+{
+	double m = fabs((double)a) > fabs((double)b) ? fabs((double)a) : fabs((double)b);
+	return fabs((double)a - (double)b) <= rel * m;
+}
+
 /* --ep under mpirun: this rank's experts and tokens; rank 0 reports (and with
  * --check compares with one process). Every rank returns rank 0's code. */
 static int do_run_ep(const struct run_opts *o)
@@ -462,10 +476,10 @@ static int do_run_ep(const struct run_opts *o)
 		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_IO);
 		return MOE_EXIT_IO;
 	}
-	if (!a.route || !a.experts || !a.combine) {
+	if (!a.route || !a.experts || !a.combine || !a.route_stats || !a.from_sums) {
 		fprintf(stderr,
 			"moegen: error: '%s' lacks the staged calls (moe_route, moe_experts, "
-			"moe_combine) that --ep needs\n",
+			"moe_combine, moe_route_stats, moe_routing_from_sums) that --ep needs\n",
 			o->model);
 		MPI_Abort(MPI_COMM_WORLD, MOE_EXIT_IO);
 		return MOE_EXIT_IO;
@@ -490,6 +504,7 @@ static int do_run_ep(const struct run_opts *o)
 	uint16_t *xb = malloc((N ? N : 1) * H * sizeof *xb);
 	char *y = malloc((T ? T : 1) * H * es), *y_ep = NULL, *y_ref = NULL;
 	int32_t *ids = NULL;
+	int64_t *cnt = calloc(in->n_experts, sizeof *cnt), *cnt_ref = NULL;
 	int *rcounts = NULL, *rdispl = NULL;
 	struct moe_create_opts co = {.threads = (uint32_t)o->threads,
 				     .device = MOE_DEVICE_CPU,
@@ -498,7 +513,7 @@ static int do_run_ep(const struct run_opts *o)
 				     .layer_begin = o->layer_begin,
 				     .layer_end = o->layer_end};
 	enum moe_status st = MOE_ERR_NOMEM;
-	if (x && xb && y && (st = a.create(&m, &co)) == MOE_OK)
+	if (x && xb && y && cnt && (st = a.create(&m, &co)) == MOE_OK)
 		st = o->n_weights ? api_load(&a, m, o) : a.init_random(m, o->seed_w);
 	if (st != MOE_OK)
 		fprintf(stderr, "moegen: error: rank %d: %s\n", me, a.last_error());
@@ -508,7 +523,16 @@ static int do_run_ep(const struct run_opts *o)
 		goto out;
 	fill_input(o->seed_x, N, H, bf16, x, xb);
 	const char *xs = bf16 ? (const char *)xb : (const char *)x;
-	struct moe_ep_fns fns = {a.info, a.describe, a.route, a.experts, a.combine, a.last_error};
+	struct moe_ep_fns fns = {.info = a.info,
+				 .describe = a.describe,
+				 .route = a.route,
+				 .experts = a.experts,
+				 .combine = a.combine,
+				 .last_error = a.last_error,
+				 .route_stats = a.route_stats,
+				 .routing_from_sums = a.from_sums};
+	/* the routing statistics of all the ranks' tokens (every rank has them) */
+	struct moe_routing rt_ep = {.counts = cnt};
 	struct moe_ep_stats s = {0}, best = {0};
 	uint64_t chunks = o->chunks ? o->chunks : 4, reps = o->reps ? o->reps : 1;
 	/* the simulated slow link, when libmoe_ep_slowlink.so is preloaded */
@@ -519,7 +543,7 @@ static int do_run_ep(const struct run_opts *o)
 		link_reset();
 	for (uint64_t r = 0; r < reps; r++) {
 		st = moe_ep_forward(MPI_COMM_WORLD, &fns, m, layer, xs + t0 * H * es, y, T,
-				    (uint32_t)chunks, &s, err, sizeof err);
+				    (uint32_t)chunks, &rt_ep, &s, err, sizeof err);
 		if (st != MOE_OK)
 			break;
 		if (r == 0 || s.t_total < best.t_total)
@@ -568,6 +592,9 @@ static int do_run_ep(const struct run_opts *o)
 		       tmax[4] * 1e3, tmax[0] * 1e3, tmax[1] * 1e3, tmax[2] * 1e3, tmax[3] * 1e3);
 		printf("ep: bytes exchanged %llu (%.1f per token)\n", (unsigned long long)bytes,
 		       N ? (double)bytes / (double)N : 0.0);
+		printf("aux: lb_loss %.6g z_loss %.6g importance_cv2 %.6g dropped %lld\n",
+		       (double)rt_ep.lb_loss, (double)rt_ep.z_loss, (double)rt_ep.importance_cv2,
+		       (long long)rt_ep.n_dropped);
 		if (ls.on)
 			printf("ep: simulated link %g Gb/s, %g us: busy %.3f ms per forward, "
 			       "exposed %.3f ms (most of any rank), overlap %.2f (least of any "
@@ -579,9 +606,10 @@ static int do_run_ep(const struct run_opts *o)
 		 * implies (rows out and back to another rank, plus the counts) */
 		y_ref = malloc((N ? N : 1) * H * es);
 		ids = malloc((N ? N : 1) * (W ? W : 1) * sizeof *ids);
+		cnt_ref = calloc(in->n_experts, sizeof *cnt_ref);
 		co.expert_begin = co.expert_end = 0;
-		struct moe_routing rt = {.expert_ids = ids};
-		st = !y_ref || !ids ? MOE_ERR_NOMEM : a.create(&full, &co);
+		struct moe_routing rt = {.expert_ids = ids, .counts = cnt_ref};
+		st = !y_ref || !ids || !cnt_ref ? MOE_ERR_NOMEM : a.create(&full, &co);
 		if (st == MOE_OK)
 			st = o->n_weights ? api_load(&a, full, o) : a.init_random(full, o->seed_w);
 		if (st == MOE_OK)
@@ -605,13 +633,26 @@ static int do_run_ep(const struct run_opts *o)
 				}
 			}
 			int same = memcmp(y_ep, y_ref, N * H * es) == 0;
+			/* the statistics: counts exactly; the losses were summed in
+			 * another order, so within rounding (f32 results) */
+			int stats = memcmp(cnt, cnt_ref, in->n_experts * sizeof *cnt) == 0 &&
+				    rt_ep.n_dropped == rt.n_dropped &&
+				    close_rel(rt_ep.lb_loss, rt.lb_loss, 1e-6) &&
+				    close_rel(rt_ep.z_loss, rt.z_loss, 1e-6) &&
+				    close_rel(rt_ep.importance_cv2, rt.importance_cv2, 1e-6);
 			printf("ep: output %s the single-process forward\n",
 			       same ? "bit-identical to" : "DIFFERS from");
 			printf("ep: bytes exchanged %llu, from the routing %llu: %s\n",
 			       (unsigned long long)bytes, (unsigned long long)want,
 			       bytes == want ? "equal" : "DIFFERENT");
-			printf("check: %s\n", same && bytes == want ? "ok" : "MISMATCH");
-			rc = same && bytes == want ? MOE_EXIT_OK : MOE_EXIT_CHECK;
+			printf("ep: routing statistics %s the single-process forward's (counts "
+			       "exactly; lb_loss %.9g, z_loss %.9g, importance_cv2 %.9g within "
+			       "1e-6 relative)\n",
+			       stats ? "equal to" : "DIFFER from", (double)rt.lb_loss,
+			       (double)rt.z_loss, (double)rt.importance_cv2);
+			int ok = same && bytes == want && stats;
+			printf("check: %s\n", ok ? "ok" : "MISMATCH");
+			rc = ok ? MOE_EXIT_OK : MOE_EXIT_CHECK;
 		}
 	}
 out:
@@ -623,6 +664,7 @@ out:
 	if (m)
 		a.destroy(m);
 	free(x), free(xb), free(y), free(y_ep), free(y_ref), free(ids), free(rcounts), free(rdispl);
+	free(cnt), free(cnt_ref);
 	dlclose(a.dl);
 	MPI_Finalize();
 	return rc;

@@ -212,7 +212,8 @@ static enum moe_status agree(const struct ep *p, enum moe_status st)
 
 enum moe_status moe_ep_forward(MPI_Comm comm, const struct moe_ep_fns *f, moe_model *m,
 			       uint32_t layer, const void *x, void *y, size_t T, uint32_t chunks,
-			       struct moe_ep_stats *stats, char *err, size_t cap)
+			       struct moe_routing *rt, struct moe_ep_stats *stats, char *err,
+			       size_t cap)
 {
 	struct ep p = {.comm = comm};
 	struct moe_ep_stats s = {0};
@@ -242,9 +243,11 @@ enum moe_status moe_ep_forward(MPI_Comm comm, const struct moe_ep_fns *f, moe_mo
 	int32_t *ids = malloc((T ? T : 1) * W * sizeof *ids);
 	float *w = malloc((T ? T : 1) * W * sizeof *w), *xf = malloc((T ? T : 1) * H * sizeof *xf);
 	struct chunk *c = calloc(chunks, sizeof *c);
+	/* the statistics' sums: importance[E], load[E], z_sum, n_tokens */
+	double *sums = rt ? calloc(2 * (size_t)p.E + 2, sizeof *sums) : NULL;
 	int64_t *cs = NULL, *cr = NULL;
 	enum moe_status st = MOE_ERR_NOMEM;
-	if (!p.e0 || !ids || !w || !xf || !c) {
+	if (!p.e0 || !ids || !w || !xf || !c || (rt && !sums)) {
 		fail(err, cap, "out of memory");
 		goto out;
 	}
@@ -255,14 +258,44 @@ enum moe_status moe_ep_forward(MPI_Comm comm, const struct moe_ep_fns *f, moe_mo
 	}
 	/* route the local tokens */
 	double t0 = now();
-	st = f->route(m, layer, x, T, ids, w, NULL);
-	if (st != MOE_OK)
+	struct moe_route_sums acc = {.importance = sums, .load = sums + (rt ? p.E : 0)};
+	if (!rt) {
+		st = f->route(m, layer, x, T, ids, w, NULL);
+	} else if (!f->route_stats || !f->routing_from_sums) {
+		st = MOE_ERR_ARG;
+		fail(err, cap,
+		     "the routing statistics need moe_route_stats and "
+		     "moe_routing_from_sums (ABI 6)");
+	} else {
+		st = f->route_stats(m, layer, x, T, ids, w, NULL, &acc);
+	}
+	if (st != MOE_OK && !err[0])
 		fail(err, cap, "%s", f->last_error());
 	s.t_route = now() - t0;
 	if ((st = agree(&p, st)) != MOE_OK) {
 		if (!err[0])
 			fail(err, cap, "another rank failed to route its tokens");
 		goto out;
+	}
+	if (rt) {
+		/* every rank's sums added, then the statistics of all the tokens */
+		sums[2 * p.E] = acc.z_sum, sums[2 * p.E + 1] = (double)acc.n_tokens;
+		t0 = now();
+		MPI_Allreduce(MPI_IN_PLACE, sums, (int)(2 * p.E + 2), MPI_DOUBLE, MPI_SUM, comm);
+		s.t_wait += now() - t0;
+		acc.z_sum = sums[2 * p.E], acc.n_tokens = (uint64_t)sums[2 * p.E + 1];
+		st = f->routing_from_sums(m, layer, &acc, rt);
+		if (st != MOE_OK)
+			fail(err, cap, "%s", f->last_error());
+		if ((st = agree(&p, st)) != MOE_OK) {
+			if (!err[0])
+				fail(err, cap, "another rank failed to reduce the statistics");
+			goto out;
+		}
+		if (rt->expert_ids)
+			memcpy(rt->expert_ids, ids, T * W * sizeof *ids);
+		if (rt->weights)
+			memcpy(rt->weights, w, T * W * sizeof *w);
 	}
 	for (size_t i = 0; i < T * H; i++) {
 		if (es == 2) {
@@ -355,7 +388,7 @@ enum moe_status moe_ep_forward(MPI_Comm comm, const struct moe_ep_fns *f, moe_mo
 out:
 	for (uint32_t i = 0; c && i < chunks; i++)
 		chunk_free(&c[i]);
-	free(c), free(cs), free(cr), free(p.e0), free(ids), free(w), free(xf);
+	free(c), free(cs), free(cr), free(p.e0), free(ids), free(w), free(xf), free(sums);
 	s.t_total = now() - t_start;
 	if (stats)
 		*stats = s;

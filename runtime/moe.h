@@ -16,8 +16,10 @@ extern "C" {
  * 3: the staged calls moe_route, moe_experts, moe_combine (moe_forward is
  *    their composition); moe_create_opts gained an expert range.
  * 4: moe_create_opts gained a layer range.
- * 5: moe_load_gguf. */
-#define MOE_ABI_VERSION 5
+ * 5: moe_load_gguf.
+ * 6: moe_route_stats and moe_routing_from_sums (struct moe_route_sums): the
+ *    routing statistics of tokens routed in several calls (ranks, chunks). */
+#define MOE_ABI_VERSION 6
 
 /* Every call returns one of these; the message is in moe_last_error(). */
 enum moe_status {
@@ -164,6 +166,34 @@ enum moe_status moe_forward(moe_model *m, uint32_t layer, const void *x, void *y
  * dense: all experts in order). */
 enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
 			  int32_t *ids, float *weights, const struct moe_fwd_opts *opts);
+
+/* The raw sums behind the routing statistics, which add up over calls: the
+ * sums of several moe_route_stats calls (chunks of a batch, the ranks of
+ * expert parallelism, added in any order) give the statistics of the whole
+ * batch. Caller-owned; zero it before the first call. */
+struct moe_route_sums {
+	double *importance; /* [E] sum over tokens of the router probability
+			       (importance sparse: of the chosen slots' weights) */
+	double *load;       /* [E] assignments per expert */
+	double z_sum;       /* sum over tokens of logsumexp(logits)^2 */
+	uint64_t n_tokens;
+};
+
+/* moe_route_stats: moe_route (the same ids and weights), and ADDS the sums of
+ * these tokens into acc (acc->importance and acc->load [E] are required; a
+ * failed call adds nothing). */
+enum moe_status moe_route_stats(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+				int32_t *ids, float *weights, const struct moe_fwd_opts *opts,
+				struct moe_route_sums *acc);
+
+/* moe_routing_from_sums: counts, importance, importance_cv2, lb_loss and
+ * z_loss of routing (each pointer optional; n_dropped 0; expert_ids and
+ * weights are not written) from the sums, by the formulas of moe_forward:
+ * counts exactly moe_forward's on the same tokens, the rest within rounding
+ * (the sums' order differs). acc->n_tokens 0: all zero. */
+enum moe_status moe_routing_from_sums(moe_model *m, uint32_t layer,
+				      const struct moe_route_sums *acc,
+				      struct moe_routing *routing);
 
 /* moe_experts: rows_y[r] = expert(rows_x[r]) for n_rows f32 rows [n_rows, H]
  * grouped by expert: counts[j] rows of expert expert_begin + j, for j over the

@@ -2,13 +2,16 @@
  * moe_combine). Composed by hand, with the experts split over two models that
  * each hold a part of the range and the rows of each expert in reverse order,
  * they give moe_forward's output bit for bit; the modes that are not staged
- * and bad arguments are refused with a message. */
+ * and bad arguments are refused with a message. moe_route_stats over a batch
+ * cut in two calls, then moe_routing_from_sums, give moe_forward's routing
+ * statistics of the whole batch. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 
 #include <cmocka.h>
 #include <dlfcn.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,6 +21,11 @@ typedef enum moe_status route_fn(moe_model *, uint32_t, const void *, size_t, in
 				 const struct moe_fwd_opts *);
 typedef enum moe_status experts_fn(moe_model *, uint32_t, const float *, size_t, const int64_t *,
 				   const float *, float *);
+typedef enum moe_status route_stats_fn(moe_model *, uint32_t, const void *, size_t, int32_t *,
+				       float *, const struct moe_fwd_opts *,
+				       struct moe_route_sums *);
+typedef enum moe_status from_sums_fn(moe_model *, uint32_t, const struct moe_route_sums *,
+				     struct moe_routing *);
 typedef enum moe_status combine_fn(moe_model *, uint32_t, const void *, size_t, const int32_t *,
 				   const float *, const float *, const int64_t *, void *);
 
@@ -25,6 +33,8 @@ struct staged {
 	route_fn *route;
 	experts_fn *experts;
 	combine_fn *combine;
+	route_stats_fn *route_stats;
+	from_sums_fn *from_sums;
 };
 
 static void bind(struct h_model *m, struct staged *s)
@@ -32,6 +42,10 @@ static void bind(struct h_model *m, struct staged *s)
 	*(void **)&s->route = dlsym(m->dl, "moe_route");
 	*(void **)&s->experts = dlsym(m->dl, "moe_experts");
 	*(void **)&s->combine = dlsym(m->dl, "moe_combine");
+	*(void **)&s->route_stats = dlsym(m->dl, "moe_route_stats");
+	*(void **)&s->from_sums = dlsym(m->dl, "moe_routing_from_sums");
+	assert_non_null(s->route_stats);
+	assert_non_null(s->from_sums);
 	assert_non_null(s->route);
 	assert_non_null(s->experts);
 	assert_non_null(s->combine);
@@ -188,6 +202,126 @@ static void test_staged_equals_forward(void **state)
 	staged_vs_forward(&d, 25, 7);
 }
 
+/* a and b agree within rel relative to the larger */
+static void assert_close(double a, double b, double rel)
+{
+	double m = fabs(a) > fabs(b) ? fabs(a) : fabs(b);
+	if (!(fabs(a - b) <= rel * m)) {
+		print_error("%.9g and %.9g differ by more than %g relative\n", a, b, rel);
+		fail();
+	}
+}
+
+/* moe_route_stats over tokens [0, cut) then [cut, T) (the sums of the
+ * second call added to the first's, as ranks or chunks add theirs), then
+ * moe_routing_from_sums: the counts of moe_forward on the whole batch
+ * exactly, importance and the losses within 1e-6 relative; the ids and
+ * weights those of moe_route. */
+static void stats_vs_forward(const struct moe_desc *d, size_t T, size_t cut, uint64_t seed)
+{
+	struct h_model m;
+	char err[1024];
+	assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
+	struct staged s;
+	bind(&m, &s);
+	uint32_t E = d->n_experts, H = d->hidden, W = moe_desc_route_width(d);
+	size_t es = d->act_dtype == MOE_DTYPE_BF16 ? 2 : 4;
+	moe_model *full, *part;
+	assert_int_equal(m.create(&full, &(struct moe_create_opts){.threads = 2}), MOE_OK);
+	/* the statistics need no expert: a model holding a part routes */
+	assert_int_equal(m.create(&part, &(struct moe_create_opts){.threads = 3, .expert_end = 1}),
+			 MOE_OK);
+	assert_int_equal(m.init_random(full, 7), MOE_OK);
+	assert_int_equal(m.init_random(part, 7), MOE_OK);
+	uint32_t layer = d->moe_layers[1];
+	void *x = make_input(d, T, seed), *y = malloc(T * H * es);
+	int32_t *ids_f = malloc(T * W * sizeof *ids_f), *ids = malloc(T * W * sizeof *ids);
+	float *w_f = malloc(T * W * sizeof *w_f), *w = malloc(T * W * sizeof *w);
+	int64_t *cnt_f = malloc(E * sizeof *cnt_f), *cnt = malloc(E * sizeof *cnt);
+	float *imp_f = malloc(E * sizeof *imp_f), *imp = malloc(E * sizeof *imp);
+	double *s_imp = calloc(E, sizeof *s_imp), *s_load = calloc(E, sizeof *s_load);
+	assert_true(x && y && ids_f && ids && w_f && w && cnt_f && cnt && imp_f && imp && s_imp &&
+		    s_load);
+	struct moe_routing rf = {
+	    .expert_ids = ids_f, .weights = w_f, .counts = cnt_f, .importance = imp_f};
+	assert_int_equal(m.forward(full, layer, x, y, T, &rf, NULL), MOE_OK);
+
+	struct moe_route_sums acc = {.importance = s_imp, .load = s_load};
+	assert_int_equal(s.route_stats(part, layer, x, cut, ids, w, NULL, &acc), MOE_OK);
+	assert_int_equal(acc.n_tokens, cut);
+	assert_int_equal(s.route_stats(part, layer, (const char *)x + cut * H * es, T - cut,
+				       ids + cut * W, w + cut * W, NULL, &acc),
+			 MOE_OK);
+	assert_int_equal(acc.n_tokens, T);
+	assert_memory_equal(ids, ids_f, T * W * sizeof *ids);
+	assert_memory_equal(w, w_f, T * W * sizeof *w);
+	struct moe_routing rs = {.counts = cnt, .importance = imp, .n_dropped = 5};
+	assert_int_equal(s.from_sums(part, layer, &acc, &rs), MOE_OK);
+	assert_memory_equal(cnt, cnt_f, E * sizeof *cnt);
+	double total = 0.0;
+	for (uint32_t e = 0; e < E; e++) {
+		assert_close(imp[e], imp_f[e], 1e-6);
+		total += (double)cnt[e];
+	}
+	assert_true(total > 0.0);
+	assert_true(rf.lb_loss > 0.0f && rf.z_loss > 0.0f);
+	assert_close(rs.lb_loss, rf.lb_loss, 1e-6);
+	assert_close(rs.z_loss, rf.z_loss, 1e-6);
+	assert_close(rs.importance_cv2, rf.importance_cv2, 1e-6);
+	assert_int_equal(rs.n_dropped, 0);
+
+	/* no tokens: all zero, as moe_forward of none */
+	struct moe_route_sums none = {.importance = s_imp, .load = s_load};
+	rs.lb_loss = 1.0f;
+	assert_int_equal(s.route_stats(part, layer, NULL, 0, NULL, NULL, NULL, &none), MOE_OK);
+	assert_int_equal(s.from_sums(part, layer, &none, &rs), MOE_OK);
+	assert_true(rs.lb_loss == 0.0f && rs.z_loss == 0.0f && cnt[0] == 0 && imp[0] == 0.0f);
+	/* the sums are required */
+	none.load = NULL;
+	assert_int_equal(s.route_stats(part, layer, x, 1, ids, w, NULL, &none), MOE_ERR_ARG);
+	assert_non_null(strstr(m.last_error(), "moe_route_stats"));
+	assert_int_equal(s.route_stats(part, layer, x, 1, ids, w, NULL, NULL), MOE_ERR_ARG);
+	assert_int_equal(s.from_sums(part, layer, &none, &rs), MOE_ERR_ARG);
+	none.load = s_load;
+	assert_int_equal(s.from_sums(part, layer + 1000, &none, &rs), MOE_ERR_ARG);
+	assert_non_null(strstr(m.last_error(), "not an MoE layer"));
+	free(x), free(y), free(ids_f), free(ids), free(w_f), free(w), free(cnt_f), free(cnt);
+	free(imp_f), free(imp), free(s_imp), free(s_load);
+	m.destroy(full), m.destroy(part);
+	h_model_close(&m);
+}
+
+static void test_stats_equal_forward(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	/* softmax */
+	h_base_desc(&d, 48, 8, 2, 24);
+	stats_vs_forward(&d, 53, 20, 11);
+	/* sigmoid scores with groups and a selection bias; bf16 activations */
+	h_base_desc(&d, 48, 16, 4, 24);
+	d.score = MOE_SCORE_SIGMOID;
+	d.select_bias = 1;
+	d.n_groups = 4;
+	d.group_top = 2;
+	d.group_score = MOE_GROUP_SCORE_SUM_TOP2;
+	stats_vs_forward(&d, 41, 17, 12);
+	d.act_dtype = MOE_DTYPE_BF16;
+	stats_vs_forward(&d, 41, 1, 13);
+	/* sqrtsoftplus scores; the importance of the sparse gates */
+	h_base_desc(&d, 40, 12, 3, 20);
+	d.score = MOE_SCORE_SQRTSOFTPLUS;
+	stats_vs_forward(&d, 37, 30, 14);
+	d.importance_sparse = 1;
+	stats_vs_forward(&d, 37, 12, 15);
+	/* top-p: slots cut by the threshold have no expert and no load */
+	h_base_desc(&d, 40, 10, 4, 24);
+	d.mode = MOE_MODE_TOP_P;
+	d.norm = MOE_NORM_NONE;
+	d.top_p = 0.5f;
+	stats_vs_forward(&d, 33, 16, 16);
+}
+
 static void test_refusals(void **state)
 {
 	(void)state;
@@ -240,6 +374,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_staged_equals_forward),
+	    cmocka_unit_test(test_stats_equal_forward),
 	    cmocka_unit_test(test_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);

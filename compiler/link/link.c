@@ -126,10 +126,11 @@ static int write_all(const char *path, const void *data, size_t n, char *err, si
 }
 
 /* The symbols of runtime/moe.h that model.so exports (and only those). */
-static const char *const api_syms[] = {"moe_info",        "moe_describe",         "moe_create",
-				       "moe_destroy",     "moe_load_safetensors", "moe_load_gguf",
-				       "moe_init_random", "moe_forward",          "moe_route",
-				       "moe_experts",     "moe_combine",          "moe_last_error"};
+static const char *const api_syms[] = {"moe_info",        "moe_describe",          "moe_create",
+				       "moe_destroy",     "moe_load_safetensors",  "moe_load_gguf",
+				       "moe_init_random", "moe_forward",           "moe_route",
+				       "moe_route_stats", "moe_routing_from_sums", "moe_experts",
+				       "moe_combine",     "moe_last_error"};
 #define N_API (sizeof api_syms / sizeof *api_syms)
 
 /* Run the linker: cc -shared -o out INPUTS... archive ... (objects, or C the
@@ -447,7 +448,7 @@ int moe_compile_model(const struct moe_desc *d, const struct moe_compile_opts *o
 	snprintf(paths[0], sizeof paths[0], "%s/%s", dir, names[0]);
 	snprintf(paths[1], sizeof paths[1], "%s/%s", dir, names[1]);
 	moe_temp_track(paths[1]);
-	char script[1024];
+	char script[2048];
 	/* the ABI's functions (prefixed when asked) in the version node of the
 	 * ABI, everything else local */
 	const char *pre = o_->prefix ? o_->prefix : "";

@@ -1,4 +1,4 @@
-"""ctypes mirror of runtime/moe.h, the public ABI (ABI version 4), and nothing else.
+"""ctypes mirror of runtime/moe.h, the public ABI (ABI version 6), and nothing else.
 
 Every structure and enumeration here must match moe.h byte for byte;
 python/tests/test_abi.py compiles a probe against a copy of moe.h alone and
@@ -8,7 +8,7 @@ The full model description is text (moe_describe), not a mirrored struct.
 
 import ctypes as C
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 # enum moe_dtype, names as the spec spells them (value = index).
 DTYPES = ("f32", "bf16", "f16")
@@ -85,12 +85,23 @@ class Routing(C.Structure):
     ]
 
 
+class RouteSums(C.Structure):
+    """struct moe_route_sums (moe.h): the sums moe_route_stats adds into."""
+    _fields_ = [
+        ("importance", C.POINTER(C.c_double)),
+        ("load", C.POINTER(C.c_double)),
+        ("z_sum", C.c_double),
+        ("n_tokens", C.c_uint64),
+    ]
+
+
 # The structures test_abi.py checks: Python class -> C struct tag.
 STRUCTS = {
     Info: "moe_info",
     CreateOpts: "moe_create_opts",
     FwdOpts: "moe_fwd_opts",
     Routing: "moe_routing",
+    RouteSums: "moe_route_sums",
 }
 
 # The enumerations test_abi.py checks: (C value prefix, Python names in value
@@ -125,6 +136,13 @@ def bind(lib):
     lib.moe_route.restype = c_enum
     lib.moe_route.argtypes = [P, C.c_uint32, P, C.c_size_t, C.POINTER(C.c_int32),
                               C.POINTER(C.c_float), C.POINTER(FwdOpts)]
+    lib.moe_route_stats.restype = c_enum
+    lib.moe_route_stats.argtypes = [P, C.c_uint32, P, C.c_size_t, C.POINTER(C.c_int32),
+                                    C.POINTER(C.c_float), C.POINTER(FwdOpts),
+                                    C.POINTER(RouteSums)]
+    lib.moe_routing_from_sums.restype = c_enum
+    lib.moe_routing_from_sums.argtypes = [P, C.c_uint32, C.POINTER(RouteSums),
+                                          C.POINTER(Routing)]
     lib.moe_experts.restype = c_enum
     lib.moe_experts.argtypes = [P, C.c_uint32, C.POINTER(C.c_float), C.c_size_t,
                                 C.POINTER(C.c_int64), C.POINTER(C.c_float),

@@ -1594,31 +1594,34 @@ static enum moe_status input_f32(const struct moe_desc *d, const void *x, size_t
 	return MOE_OK;
 }
 
-MOE_API enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
-				  int32_t *ids, float *weights, const struct moe_fwd_opts *opts)
+/* moe_route, and moe_route_stats when acc is not NULL. */
+static enum moe_status route(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+			     int32_t *ids, float *weights, const struct moe_fwd_opts *opts,
+			     struct moe_route_sums *acc, const char *what)
 {
 	int li;
 	if (m && n_tokens && (!x || !ids || !weights)) {
-		moe_set_error("moe_route: x, ids or weights is NULL with %zu tokens", n_tokens);
+		moe_set_error("%s: x, ids or weights is NULL with %zu tokens", what, n_tokens);
 		return MOE_ERR_ARG;
 	}
 	if (m && n_tokens > (size_t)INT32_MAX / (moe_desc_route_width(m->d) + 1)) {
-		moe_set_error("moe_route: too many tokens (%zu)", n_tokens);
+		moe_set_error("%s: too many tokens (%zu)", what, n_tokens);
 		return MOE_ERR_ARG;
 	}
 	if (m && opts && opts->training && m->d->noise == MOE_NOISE_JITTER) {
-		moe_set_error("moe_route: training with input jitter is not staged (the experts "
-			      "see the jittered input): use moe_forward");
+		moe_set_error("%s: training with input jitter is not staged (the experts "
+			      "see the jittered input): use moe_forward",
+			      what);
 		return MOE_ERR_UNSUPPORTED;
 	}
 	if (m && opts && opts->training && m->d->noise != MOE_NOISE_NONE && !m->cuda &&
 	    !moe_gen_has_op(m->gen, MOE_OP_ROUTE_X)) {
-		moe_set_error("moe_route: training-mode noise (%s) is not generated for target cpu "
+		moe_set_error("%s: training-mode noise (%s) is not generated for target cpu "
 			      "yet",
-			      moe_noise_names[m->d->noise]);
+			      what, moe_noise_names[m->d->noise]);
 		return MOE_ERR_UNSUPPORTED;
 	}
-	enum moe_status st = stage_begin(m, layer, "moe_route", &li);
+	enum moe_status st = stage_begin(m, layer, what, &li);
 	if (st != MOE_OK || !n_tokens) {
 		if (st == MOE_OK)
 			release(m);
@@ -1626,15 +1629,64 @@ MOE_API enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, s
 	}
 	const float *xf;
 	float *buf;
-	st = input_f32(m->d, x, n_tokens, "moe_route", &xf, &buf);
+	st = input_f32(m->d, x, n_tokens, what, &xf, &buf);
 	if (st == MOE_OK) {
 		struct moe_fwd_opts o = opts ? *opts : (struct moe_fwd_opts){0};
 		o.layer = layer;
-		st = moe_exec_route(m, &m->layers[li], xf, n_tokens, ids, weights, &o);
+		st = moe_exec_route(m, &m->layers[li], xf, n_tokens, ids, weights, &o, acc);
 	}
 	free(buf);
 	release(m);
 	return st;
+}
+
+MOE_API enum moe_status moe_route(moe_model *m, uint32_t layer, const void *x, size_t n_tokens,
+				  int32_t *ids, float *weights, const struct moe_fwd_opts *opts)
+{
+	return route(m, layer, x, n_tokens, ids, weights, opts, NULL, "moe_route");
+}
+
+MOE_API enum moe_status moe_route_stats(moe_model *m, uint32_t layer, const void *x,
+					size_t n_tokens, int32_t *ids, float *weights,
+					const struct moe_fwd_opts *opts, struct moe_route_sums *acc)
+{
+	if (m && (!acc || !acc->importance || !acc->load)) {
+		moe_set_error("moe_route_stats: acc, acc->importance or acc->load is NULL");
+		return MOE_ERR_ARG;
+	}
+	return route(m, layer, x, n_tokens, ids, weights, opts, acc, "moe_route_stats");
+}
+
+MOE_API enum moe_status moe_routing_from_sums(moe_model *m, uint32_t layer,
+					      const struct moe_route_sums *acc,
+					      struct moe_routing *routing)
+{
+	if (!m || !acc || !routing || !acc->importance || !acc->load) {
+		moe_set_error("moe_routing_from_sums: model, acc, acc->importance, acc->load or "
+			      "routing is NULL");
+		return MOE_ERR_ARG;
+	}
+	const struct moe_desc *d = m->d;
+	if (layer_index(d, layer) < 0) {
+		moe_set_error("moe_routing_from_sums: layer %u is not an MoE layer of '%s'", layer,
+			      d->name);
+		return MOE_ERR_ARG;
+	}
+	zero_routing(d, routing);
+	if (!acc->n_tokens)
+		return MOE_OK;
+	for (uint32_t e = 0; e < d->n_experts; e++)
+		if (!(acc->load[e] >= 0.0 && acc->load[e] <= 9007199254740992.0)) {
+			moe_set_error("moe_routing_from_sums: load[%u] = %g is not a count", e,
+				      acc->load[e]);
+			return MOE_ERR_ARG;
+		}
+	if (routing->counts)
+		for (uint32_t e = 0; e < d->n_experts; e++)
+			routing->counts[e] = (int64_t)acc->load[e];
+	moe_routing_losses(d, acc->importance, acc->load, (size_t)acc->n_tokens, acc->z_sum,
+			   routing);
+	return MOE_OK;
 }
 
 MOE_API enum moe_status moe_experts(moe_model *m, uint32_t layer, const float *rows_x,

@@ -557,6 +557,37 @@ void moe_routing_losses(const struct moe_desc *d, const double *imp, const doubl
 	rt->z_loss = (float)(zsum / (double)T);
 }
 
+/* The importance and z sums of T routed tokens (the router's logits and
+ * probabilities in the workspace), added into imp[E] and *zsum. kept NULL:
+ * every slot with an id is kept. */
+static enum moe_status route_sums(const struct moe_desc *d, const struct moe_ws *ws, size_t T,
+				  const uint8_t *kept, double *imp, double *zsum)
+{
+	uint32_t E = d->n_experts;
+	size_t W = moe_desc_route_width(d);
+	double *ti = calloc(E, sizeof *ti), z = 0.0;
+	float *s = malloc(E * sizeof *s);
+	if (!ti || !s) {
+		free(ti), free(s);
+		return MOE_ERR_NOMEM;
+	}
+	for (size_t t = 0; t < T; t++)
+		token_stats(d, ws->logits + t * E, ws->prob ? ws->prob + t * E : NULL, ti, &z, s);
+	if (d->importance_sparse) {
+		/* Shazeer 2017: the sum of the sparse gates, the weights of the kept
+		 * slots in slot order, as the reference */
+		memset(ti, 0, E * sizeof *ti);
+		for (size_t s2 = 0; s2 < T * W; s2++)
+			if ((!kept || kept[s2]) && ws->ids[s2] >= 0)
+				ti[ws->ids[s2]] += (double)ws->wts[s2];
+	}
+	for (uint32_t e = 0; e < E; e++)
+		imp[e] += ti[e];
+	*zsum += z;
+	free(ti), free(s);
+	return MOE_OK;
+}
+
 static enum moe_status begin_stats(struct moe_exec *x)
 {
 	struct moe_routing *rt = x->rt;
@@ -576,29 +607,15 @@ static enum moe_status begin_stats(struct moe_exec *x)
 		for (uint32_t e = 0; e < E; e++)
 			rt->counts[e] = ws->counts[e];
 	rt->n_dropped = x->n_dropped;
-	double *imp = calloc(E, sizeof *imp), *load = malloc(E * sizeof *load);
-	float *s = malloc(E * sizeof *s);
-	if (!imp || !load || !s) {
-		free(imp), free(load), free(s);
-		return MOE_ERR_NOMEM;
+	double *imp = calloc(E, sizeof *imp), *load = malloc(E * sizeof *load), zsum = 0.0;
+	enum moe_status st = MOE_ERR_NOMEM;
+	if (imp && load && (st = route_sums(d, ws, T, ws->kept, imp, &zsum)) == MOE_OK) {
+		for (uint32_t e = 0; e < E; e++)
+			load[e] = (double)ws->counts[e];
+		moe_routing_losses(d, imp, load, T, zsum, rt);
 	}
-	double zsum = 0.0;
-	for (size_t t = 0; t < T; t++)
-		token_stats(d, ws->logits + t * E, ws->prob ? ws->prob + t * E : NULL, imp, &zsum,
-			    s);
-	if (d->importance_sparse) {
-		/* Shazeer 2017: the sum of the sparse gates, the weights of the kept
-		 * slots in slot order, as the reference */
-		memset(imp, 0, E * sizeof *imp);
-		for (size_t s2 = 0; s2 < T * W; s2++)
-			if (ws->kept[s2] && ws->ids[s2] >= 0)
-				imp[ws->ids[s2]] += (double)ws->wts[s2];
-	}
-	for (uint32_t e = 0; e < E; e++)
-		load[e] = (double)ws->counts[e];
-	moe_routing_losses(d, imp, load, T, zsum, rt);
-	free(imp), free(load), free(s);
-	return MOE_OK;
+	free(imp), free(load);
+	return st;
 }
 
 /* The op table ------------------------------------------------------------------ */
@@ -755,10 +772,12 @@ static enum moe_status stage_end(struct moe_exec *ex, enum moe_status st, const 
 #define ROUTE_OPS (MOE_OP_BIT(MOE_OP_ROUTE) | MOE_OP_BIT(MOE_OP_ROUTE_X))
 
 enum moe_status moe_exec_route(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-			       size_t T, int32_t *ids, float *w, const struct moe_fwd_opts *opts)
+			       size_t T, int32_t *ids, float *w, const struct moe_fwd_opts *opts,
+			       struct moe_route_sums *acc)
 {
 	if (ws_reserve(m, T) != 0) {
-		moe_set_error("moe_route: out of memory for the workspace of %zu tokens", T);
+		moe_set_error("%s: out of memory for the workspace of %zu tokens",
+			      acc ? "moe_route_stats" : "moe_route", T);
 		return MOE_ERR_NOMEM;
 	}
 	struct moe_exec ex = {.m = m, .lw = lw, .d = m->d, .x = x, .x_in = x, .T = T};
@@ -770,7 +789,16 @@ enum moe_status moe_exec_route(struct moe_model *m, const struct moe_layer_w *lw
 		memcpy(ids, m->ws.ids, n * sizeof *ids);
 		memcpy(w, m->ws.wts, n * sizeof *w);
 	}
-	return stage_end(&ex, st, "moe_route");
+	/* the sums of the statistics: a staged mode keeps every slot with an id */
+	if (st == MOE_OK && acc)
+		st = route_sums(m->d, &m->ws, T, NULL, acc->importance, &acc->z_sum);
+	if (st == MOE_OK && acc) {
+		for (size_t s = 0; s < T * moe_desc_route_width(m->d); s++)
+			if (ids[s] >= 0)
+				acc->load[ids[s]] += 1.0;
+		acc->n_tokens += T;
+	}
+	return stage_end(&ex, st, acc ? "moe_route_stats" : "moe_route");
 }
 
 enum moe_status moe_exec_experts(struct moe_model *m, const struct moe_layer_w *lw,

@@ -462,9 +462,11 @@ enum moe_status moe_exec_forward(struct moe_model *m, const struct moe_layer_w *
  * router into ids and weights [T, W]; the experts over rows grouped by expert
  * (counts[E], rows_w: the routing weight of each row where it scales the
  * input, else NULL) into rows_y; the combine of slot outputs (slot_row NULL:
- * rows_y is [T, W, H] in slot order), the shared FFN and the output bias. */
+ * rows_y is [T, W, H] in slot order), the shared FFN and the output bias.
+ * The route adds the sums of the statistics into acc when it is not NULL. */
 enum moe_status moe_exec_route(struct moe_model *m, const struct moe_layer_w *lw, const float *x,
-			       size_t T, int32_t *ids, float *w, const struct moe_fwd_opts *opts);
+			       size_t T, int32_t *ids, float *w, const struct moe_fwd_opts *opts,
+			       struct moe_route_sums *acc);
 enum moe_status moe_exec_experts(struct moe_model *m, const struct moe_layer_w *lw,
 				 const float *rows_x, size_t n_rows, const int64_t *counts,
 				 const float *rows_w, float *rows_y);

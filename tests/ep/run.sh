@@ -4,6 +4,11 @@
 # the single-process forward, and the bytes exchanged equal those the observed
 # routing implies (`moegen run --ep --check` asserts both on rank 0), for
 # Mixtral- and DeepSeek-V3-shaped specs shrunk with --set, f32 and bf16 weights.
+# The routing statistics reduced over the ranks equal the single-process
+# forward's: `--check` compares the counts exactly and the losses within 1e-6
+# relative, and the aux line `--ep` prints must agree with the one a plain
+# `moegen run` prints for the same tokens (same dropped count, each loss within
+# one unit of its sixth printed digit).
 # A mode that needs every token (expert choice) is refused under EP. Skipped
 # (77) without mpirun or without MPI in moegen.
 set -euo pipefail
@@ -37,10 +42,34 @@ build deepseek-f32 deepseek-v3 --set experts.count=64 --set shared_experts.inter
 	--set dtype.weights=f32
 build deepseek-bf16 deepseek-v3 --set experts.count=64 --set shared_experts.intermediate=32
 
+# the aux line of the single-process run of a model on the first N tokens
+declare -A single=()
+for m in mixtral-f32:41 mixtral-bf16:41 deepseek-f32:41 deepseek-bf16:41 mixtral-f32:23 \
+	mixtral-f32:11; do
+	single[$m]=$("$moegen" run "$tmp/${m%:*}.so" --tokens "${m#*:}" --threads 1 --reps 1 |
+		grep '^aux:')
+done
+# two aux lines agree: "aux: lb_loss A z_loss B importance_cv2 C dropped D",
+# D equal, A, B and C within one unit of the sixth significant digit printed
+aux_agree() {
+	awk -v a="$1" -v b="$2" 'function abs(v) { return v < 0 ? -v : v }
+		BEGIN { if (split(a, x) != 9 || split(b, y) != 9 || x[1] != "aux:" ||
+				y[1] != "aux:" || x[9] != y[9])
+				exit 1
+			for (i = 3; i <= 7; i += 2) {
+				if (x[i - 1] != y[i - 1])
+					exit 1
+				m = abs(x[i]) > abs(y[i]) ? abs(x[i]) : abs(y[i])
+				if (abs(x[i] - y[i]) > 1.5e-5 * m)
+					exit 1
+			}
+		}'
+}
+
 fail=0 ran=0
-run() { # what np mca... -- args...
-	local what=$1 np=$2
-	shift 2
+run() { # what np model:tokens mca... -- args...
+	local what=$1 np=$2 ref=${single[$3]}
+	shift 3
 	local mca=()
 	while [ "$1" != -- ]; do mca+=("$1"); shift; done
 	shift
@@ -48,15 +77,28 @@ run() { # what np mca... -- args...
 	out=$(mpirun "${root[@]}" --oversubscribe -np "$np" "${mca[@]}" \
 		"$moegen" run "$@" --threads 1 --reps 1 2>&1) || rc=$?
 	ran=$((ran + 1))
+	local aux
+	aux=$(grep '^aux:' <<<"$out" || true)
 	if [ $rc -ne 0 ] || ! grep -q 'output bit-identical' <<<"$out" ||
-		! grep -q 'from the routing .*: equal' <<<"$out"; then
-		echo "FAIL $what (exit $rc):"
+		! grep -q 'from the routing .*: equal' <<<"$out" ||
+		! grep -q 'routing statistics equal to' <<<"$out" || ! aux_agree "$aux" "$ref"; then
+		echo "FAIL $what (exit $rc), the single process: $ref"
 		echo "$out"
 		fail=$((fail + 1))
 	else
-		echo "ok   $what: $(grep 'bytes exchanged [0-9]* (' <<<"$out")"
+		echo "ok   $what: $(grep 'bytes exchanged [0-9]* (' <<<"$out"); $aux"
 	fi
 }
+# the comparison itself: a loss off by 3e-5 relative, or another dropped count, fails
+if ! aux_agree "aux: lb_loss 1.00672 z_loss 4.64424 importance_cv2 0.000886022 dropped 0" \
+	"aux: lb_loss 1.00672 z_loss 4.64425 importance_cv2 0.000886022 dropped 0" ||
+	aux_agree "aux: lb_loss 1.00672 z_loss 4.64424 importance_cv2 0.000886022 dropped 0" \
+		"aux: lb_loss 1.00675 z_loss 4.64424 importance_cv2 0.000886022 dropped 0" ||
+	aux_agree "aux: lb_loss 1.00672 z_loss 4.64424 importance_cv2 0.000886022 dropped 0" \
+		"aux: lb_loss 1.00672 z_loss 4.64424 importance_cv2 0.000886022 dropped 1"; then
+	echo "FAIL aux_agree does not tell the lines apart"
+	exit 1
+fi
 shm=(--mca pml ob1 --mca btl self,vader)
 tcp=(--mca pml ob1 --mca btl self,tcp --mca btl_tcp_if_include lo)
 # MOE_EP_QUICK=1 (the sanitizer build, where MPI runs slowly): every spec at
@@ -64,14 +106,14 @@ tcp=(--mca pml ob1 --mca btl self,tcp --mca btl_tcp_if_include lo)
 for m in mixtral-f32 mixtral-bf16 deepseek-f32 deepseek-bf16; do
 	for np in 1 2 4; do
 		[ -n "${MOE_EP_QUICK:-}" ] && [ "$np" = 1 ] && continue
-		run "$m np=$np shm" "$np" "${shm[@]}" -- "$tmp/$m.so" --ep --check --tokens 41 --chunks 3
+		run "$m np=$np shm" "$np" "$m:41" "${shm[@]}" -- "$tmp/$m.so" --ep --check --tokens 41 --chunks 3
 		[ -n "${MOE_EP_QUICK:-}" ] && { [ "$m" != mixtral-f32 ] || [ "$np" != 2 ]; } && continue
-		run "$m np=$np tcp" "$np" "${tcp[@]}" -- "$tmp/$m.so" --ep --check --tokens 41 --chunks 3
+		run "$m np=$np tcp" "$np" "$m:41" "${tcp[@]}" -- "$tmp/$m.so" --ep --check --tokens 41 --chunks 3
 	done
 done
 # one chunk, and more chunks than a rank has tokens
-run "mixtral-f32 np=2 chunks=1" 2 "${shm[@]}" -- "$tmp/mixtral-f32.so" --ep --check --tokens 23 --chunks 1
-run "mixtral-f32 np=4 chunks=9" 4 "${shm[@]}" -- "$tmp/mixtral-f32.so" --ep --check --tokens 11 --chunks 9
+run "mixtral-f32 np=2 chunks=1" 2 mixtral-f32:23 "${shm[@]}" -- "$tmp/mixtral-f32.so" --ep --check --tokens 23 --chunks 1
+run "mixtral-f32 np=4 chunks=9" 4 mixtral-f32:11 "${shm[@]}" -- "$tmp/mixtral-f32.so" --ep --check --tokens 11 --chunks 9
 
 # the simulated slow link (libmoe_ep_slowlink.so, LD_PRELOAD): results unchanged;
 # a 50 Mb/s link cannot hide behind this tiny layer's compute, so the ranks wait
