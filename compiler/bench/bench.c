@@ -1790,7 +1790,7 @@ static void bench_mode(const struct mode *md, int twin, const struct opts *o,
 	else
 		mode_desc(md, d);
 	const char *name = twin ? md->twin : md->name;
-	int training = twin ? 0 : training;
+	int training = twin ? 0 : md->training;
 	uint32_t T_max = 0;
 	for (int i = 0; i < o->n_tokens; i++)
 		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
