@@ -1499,30 +1499,19 @@ static void gen_route(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_router", params, pn, 12);
 	LLVMValueRef x = moe_ll_prm(g, 0), wr = moe_ll_prm(g, 3), br = moe_ll_prm(g, 4);
 	LLVMValueRef bs = moe_ll_prm(g, 5), wsg = moe_ll_prm(g, 6), logits = moe_ll_prm(g, 7);
-	/* the logits of up to G tokens at a time: one tile of rows per panel pass
-	 * (each router panel vector loaded once for the G tokens) */
-	int64_t LB = (int64_t)moe_router_blocks(E) * MOE_RB;
-	int64_t G = (64 << 10) / (LB * 4);
-	G = G < 1 ? 1 : G > MOE_LL_ROWS ? MOE_LL_ROWS : G;
+	/* the logits of a group of tokens per panel pass (moe_ll_tgroup) */
+	int64_t LB = (int64_t)moe_router_blocks(E) * MOE_RB, G = moe_ll_tgroup_size(LB);
 	LLVMValueRef lt = moe_ll_alloca(g, g->t_f32, (uint64_t)(G * LB), "lt");
 	LLVMValueRef s = moe_ll_alloca(g, g->t_f32, E, "s");
 	LLVMValueRef c = moe_ll_alloca(g, g->t_f32, E, "c");
 	LLVMValueRef idx = moe_ll_alloca(g, g->t_i64, d->top_k ? d->top_k : 1, "idx");
 
-	struct moe_ll_loop tg, tr, e;
-	LLVMValueRef t1 = moe_ll_prm(g, 2);
-	moe_ll_loop_open(g, &tg, moe_ll_prm(g, 1), t1, G, "tg");
-	LLVMValueRef left = LLVMBuildNSWSub(b, t1, tg.iv, "");
-	LLVMValueRef gn =
-	    LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, moe_ll_i64c(g, G), ""), left,
-			    moe_ll_i64c(g, G), "gn");
-	moe_ll_rows_panels(
-	    g, moe_ll_at(g, g->t_f32, x, LLVMBuildNSWMul(b, tg.iv, moe_ll_i64c(g, H), "")), H, gn,
-	    wr, moe_ll_i64c(g, 0), moe_ll_i64c(g, LB / MOE_RB), H, NULL, lt, LB, 0);
-	moe_ll_loop_open(g, &tr, moe_ll_i64c(g, 0), gn, 1, "t");
-	LLVMValueRef tv = LLVMBuildNSWAdd(b, tg.iv, tr.iv, "tok");
-	LLVMValueRef l =
-	    moe_ll_at(g, g->t_f32, lt, LLVMBuildNSWMul(b, tr.iv, moe_ll_i64c(g, LB), ""));
+	struct moe_ll_tgroup tg;
+	struct moe_ll_loop e;
+	moe_ll_tgroup_open(g, &tg, moe_ll_prm(g, 1), moe_ll_prm(g, 2), G);
+	moe_ll_tgroup_logits(g, &tg, x, wr, E, lt);
+	moe_ll_tgroup_rows(g, &tg);
+	LLVMValueRef tv = tg.t, l = moe_ll_tgroup_row(g, &tg, lt, E);
 	LLVMValueRef xrow =
 	    moe_ll_at(g, g->t_f32, x, LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, H), ""));
 
@@ -1595,8 +1584,7 @@ static void gen_route(struct moe_ll *g)
 					       LLVMBuildFAdd(b, moe_ll_f32c(g, 1.0), ex, ""), "");
 		moe_ll_stf(g, o, moe_ll_prm(g, 10), tv);
 	}
-	moe_ll_loop_close(g, &tr);
-	moe_ll_loop_close(g, &tg);
+	moe_ll_tgroup_close(g, &tg);
 	moe_ll_fn_end(g);
 }
 

@@ -38,20 +38,23 @@ static void gen_ec_route(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
-	uint32_t E = d->n_experts, H = d->hidden;
+	uint32_t E = d->n_experts;
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
 	LLVMTypeRef params[A_COUNT] = {P, I, I, P, P, P, P, P, I, I, g->t_i32, P, P, P, P, P};
 	static const char *const pn[A_COUNT] = {
 	    "x",    "t0",    "t1",       "router", "router_bias", "select_bias", "group", "noise",
 	    "seed", "layer", "training", "logits", "ids",         "weights",     "prob",  "prio"};
 	moe_ll_fn_begin(g, "moe_route_x", params, pn, A_COUNT);
-	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, (uint64_t)moe_router_blocks(E) * MOE_RB, "l");
-	struct moe_ll_loop t, e;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, A_T0), moe_ll_prm(g, A_T1), 1, "t");
-	LLVMValueRef xrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_X),
-				      LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
-	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_ROUTER), E, l);
-	LLVMValueRef rowE = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, E), "");
+	/* the router dots of a group of tokens per panel pass (moe_ll_tgroup) */
+	int64_t LE = (int64_t)moe_router_blocks(E) * MOE_RB, G = moe_ll_tgroup_size(LE);
+	LLVMValueRef lb = moe_ll_alloca(g, g->t_f32, (uint64_t)(G * LE), "lb");
+	struct moe_ll_tgroup tg;
+	struct moe_ll_loop e;
+	moe_ll_tgroup_open(g, &tg, moe_ll_prm(g, A_T0), moe_ll_prm(g, A_T1), G);
+	moe_ll_tgroup_logits(g, &tg, moe_ll_prm(g, A_X), moe_ll_prm(g, A_ROUTER), E, lb);
+	moe_ll_tgroup_rows(g, &tg);
+	LLVMValueRef tv = tg.t, l = moe_ll_tgroup_row(g, &tg, lb, E);
+	LLVMValueRef rowE = LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, E), "");
 	LLVMValueRef lrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_LOGITS), rowE);
 	LLVMValueRef srow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_WTS), rowE);
 	LLVMValueRef prow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_PROB), rowE);
@@ -63,8 +66,8 @@ static void gen_ec_route(struct moe_ll *g)
 	moe_ll_loop_close(g, &e);
 	moe_ll_scores(g, d->score, lrow, srow, moe_ll_i64c(g, 0), E);
 	moe_ll_probs(g, d->score, srow, prow, moe_ll_i64c(g, 0), E, NULL);
-	moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), t.iv);
-	moe_ll_loop_close(g, &t);
+	moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), tv);
+	moe_ll_tgroup_close(g, &tg);
 	moe_ll_fn_end(g);
 }
 

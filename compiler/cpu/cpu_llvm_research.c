@@ -86,15 +86,14 @@ enum {
 	A_COUNT
 };
 
-/* Logits of one token: router panels . x (+ bias), plus the learned gaussian
- * noise z * (softplus(noise . x) + noise_eps) when training. */
-static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValueRef l,
-		   LLVMValueRef nl)
+/* Logits of one token from its router dots l (router panels . x, the
+ * group's pass): + bias, plus the learned gaussian noise z * (softplus(nl) +
+ * noise_eps) when training, nl its noise dots (noise panels . x). */
+static void logits(struct moe_ll *g, LLVMValueRef t, LLVMValueRef l, LLVMValueRef nl)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
 	uint32_t E = d->n_experts;
-	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_ROUTER), E, l);
 	struct moe_ll_loop e;
 	if (d->router_bias) {
 		moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "bias");
@@ -109,7 +108,6 @@ static void logits(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef t, LLVMValu
 	LLVMValueRef tr = LLVMBuildICmp(b, LLVMIntNE, moe_ll_prm(g, A_TRAIN),
 					LLVMConstInt(g->t_i32, 0, 0), "training");
 	LLVMBasicBlockRef end = moe_ll_when(g, tr, "training");
-	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_NOISE), E, nl);
 	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "noise");
 	LLVMValueRef z = rng_normal(g, moe_ll_prm(g, A_SEED), moe_ll_prm(g, A_LAYER), t, e.iv);
 	LLVMValueRef vd = LLVMBuildFPExt(b, moe_ll_ldf(g, nl, e.iv), g->t_f64, "");
@@ -188,22 +186,20 @@ static void sparsemixer(struct moe_ll *g, LLVMValueRef l, LLVMValueRef m, LLVMVa
 /* Hierarchical (Shazeer 2017): gate over groups (level-1 router, no noise),
  * a gate inside each chosen group over the level-2 logits; weight = product
  * of the normalized gates, times scale. */
-static void hierarchical(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef l, LLVMValueRef s,
+static void hierarchical(struct moe_ll *g, LLVMValueRef gl, LLVMValueRef l, LLVMValueRef s,
 			 LLVMValueRef c, LLVMValueRef prow, LLVMValueRef wbase)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
 	uint32_t E = d->n_experts, G = d->levels[0].groups, n = E / G;
 	uint32_t k1 = d->levels[0].top_k, k2 = d->levels[1].top_k;
-	LLVMValueRef gl = moe_ll_alloca(g, g->t_f32, (uint64_t)moe_router_blocks(G) * MOE_RB, "gl"),
-		     gs = moe_ll_alloca(g, g->t_f32, G, "gs");
+	LLVMValueRef gs = moe_ll_alloca(g, g->t_f32, G, "gs");
 	LLVMValueRef gp = moe_ll_alloca(g, g->t_f32, G, "gp");
 	LLVMValueRef gw = moe_ll_alloca(g, g->t_f32, k1, "gw"),
 		     w2 = moe_ll_alloca(g, g->t_f32, k2, "w2");
 	LLVMValueRef gidx = moe_ll_alloca(g, g->t_i64, k1, "gidx"),
 		     idx = moe_ll_alloca(g, g->t_i64, k2, "idx");
 	LLVMValueRef zero = moe_ll_i64c(g, 0);
-	moe_ll_panel_dots(g, xrow, moe_ll_prm(g, A_GROUP), G, gl);
 	moe_ll_scores(g, d->score, gl, gs, zero, G);
 	moe_ll_topk(g, gs, NULL, 1, NULL, moe_ll_i64c(g, G), moe_ll_i64c(g, k1), gidx);
 	struct moe_ll_loop j, i, gr;
@@ -298,40 +294,60 @@ static void gen_route_x(struct moe_ll *g)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_desc *d = g->d;
-	uint32_t E = d->n_experts, H = d->hidden, W = moe_desc_route_width(d);
+	uint32_t E = d->n_experts, W = moe_desc_route_width(d);
 	LLVMTypeRef P = g->t_ptr, I = g->t_i64;
 	LLVMTypeRef params[A_COUNT] = {P, I, I, P, P, P, P, P, I, I, g->t_i32, P, P, P, P, P};
 	static const char *const pn[A_COUNT] = {
 	    "x",    "t0",    "t1",       "router", "router_bias", "select_bias", "group", "noise",
 	    "seed", "layer", "training", "logits", "ids",         "weights",     "prob",  "prio"};
 	moe_ll_fn_begin(g, "moe_route_x", params, pn, A_COUNT);
-	uint64_t padded = (uint64_t)moe_router_blocks(E) * MOE_RB;
-	LLVMValueRef l = moe_ll_alloca(g, g->t_f32, padded, "l"),
-		     nl = moe_ll_alloca(g, g->t_f32, padded, "nl");
+	/* the router, noise (training) and group dots of a group of tokens per
+	 * panel pass (moe_ll_tgroup), then each token on its rows */
+	int hier = d->mode == MOE_MODE_HIERARCHICAL, noise = d->noise == MOE_NOISE_LEARNED_GAUSSIAN;
+	uint32_t NG = hier ? d->levels[0].groups : 0;
+	int64_t LE = (int64_t)moe_router_blocks(E) * MOE_RB,
+		LG = hier ? (int64_t)moe_router_blocks(NG) * MOE_RB : 0;
+	int64_t G = moe_ll_tgroup_size(LE * (noise ? 2 : 1) + LG);
+	LLVMValueRef lb = moe_ll_alloca(g, g->t_f32, (uint64_t)(G * LE), "lb");
+	LLVMValueRef nlb = noise ? moe_ll_alloca(g, g->t_f32, (uint64_t)(G * LE), "nlb") : NULL;
+	LLVMValueRef glb = hier ? moe_ll_alloca(g, g->t_f32, (uint64_t)(G * LG), "glb") : NULL;
 	LLVMValueRef s = moe_ll_alloca(g, g->t_f32, E, "s"), c = moe_ll_alloca(g, g->t_f32, E, "c");
-	struct moe_ll_loop t, e;
-	moe_ll_loop_open(g, &t, moe_ll_prm(g, A_T0), moe_ll_prm(g, A_T1), 1, "t");
-	LLVMValueRef xrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_X),
-				      LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, H), ""));
-	logits(g, xrow, t.iv, l, nl);
-	LLVMValueRef rowE = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, E), "");
+	struct moe_ll_tgroup tg;
+	struct moe_ll_loop e;
+	moe_ll_tgroup_open(g, &tg, moe_ll_prm(g, A_T0), moe_ll_prm(g, A_T1), G);
+	moe_ll_tgroup_logits(g, &tg, moe_ll_prm(g, A_X), moe_ll_prm(g, A_ROUTER), E, lb);
+	if (noise) { /* the noise dots only when training */
+		LLVMBasicBlockRef end =
+		    moe_ll_when(g,
+				LLVMBuildICmp(b, LLVMIntNE, moe_ll_prm(g, A_TRAIN),
+					      LLVMConstInt(g->t_i32, 0, 0), "training"),
+				"gtraining");
+		moe_ll_tgroup_logits(g, &tg, moe_ll_prm(g, A_X), moe_ll_prm(g, A_NOISE), E, nlb);
+		moe_ll_when_end(g, end);
+	}
+	if (hier)
+		moe_ll_tgroup_logits(g, &tg, moe_ll_prm(g, A_X), moe_ll_prm(g, A_GROUP), NG, glb);
+	moe_ll_tgroup_rows(g, &tg);
+	LLVMValueRef tv = tg.t, l = moe_ll_tgroup_row(g, &tg, lb, E);
+	logits(g, tv, l, noise ? moe_ll_tgroup_row(g, &tg, nlb, E) : NULL);
+	LLVMValueRef rowE = LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, E), "");
 	LLVMValueRef lrow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_LOGITS), rowE);
 	LLVMValueRef prow = moe_ll_at(g, g->t_f32, moe_ll_prm(g, A_PROB), rowE);
 	moe_ll_loop_open(g, &e, moe_ll_i64c(g, 0), moe_ll_i64c(g, E), 1, "lcopy");
 	moe_ll_stf(g, moe_ll_ldf(g, l, e.iv), lrow, e.iv);
 	moe_ll_loop_close(g, &e);
-	LLVMValueRef wbase = LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), "wbase");
+	LLVMValueRef wbase = LLVMBuildNSWMul(b, tv, moe_ll_i64c(g, W), "wbase");
 	if (d->mode == MOE_MODE_SPARSEMIXER) {
 		sparsemixer(g, l, c, s, wbase);
 		moe_ll_scores(g, MOE_SCORE_SOFTMAX, l, prow, moe_ll_i64c(g, 0), E);
-		moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), t.iv);
-	} else if (d->mode == MOE_MODE_HIERARCHICAL) {
-		hierarchical(g, xrow, l, s, c, prow, wbase);
-		moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), t.iv);
+		moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), tv);
+	} else if (hier) {
+		hierarchical(g, moe_ll_tgroup_row(g, &tg, glb, NG), l, s, c, prow, wbase);
+		moe_ll_stf(g, moe_ll_f32c(g, 0.0), moe_ll_prm(g, A_PRIO), tv);
 	} else {
-		noisy_topk(g, l, s, c, prow, t.iv, wbase);
+		noisy_topk(g, l, s, c, prow, tv, wbase);
 	}
-	moe_ll_loop_close(g, &t);
+	moe_ll_tgroup_close(g, &tg);
 	moe_ll_fn_end(g);
 }
 

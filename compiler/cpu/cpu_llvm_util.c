@@ -485,6 +485,53 @@ void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValue
 	}
 }
 
+int64_t moe_ll_tgroup_size(int64_t row_floats)
+{
+	int64_t r = row_floats > 0 ? (64 << 10) / (row_floats * 4) : MOE_LL_ROWS;
+	return r < 1 ? 1 : r > MOE_LL_ROWS ? MOE_LL_ROWS : r;
+}
+
+void moe_ll_tgroup_open(struct moe_ll *g, struct moe_ll_tgroup *tg, LLVMValueRef t0,
+			LLVMValueRef t1, int64_t rows)
+{
+	LLVMBuilderRef b = g->b;
+	tg->rows = rows;
+	moe_ll_loop_open(g, &tg->grp, t0, t1, rows, "tg");
+	LLVMValueRef left = LLVMBuildNSWSub(b, t1, tg->grp.iv, "");
+	tg->n = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, moe_ll_i64c(g, rows), ""),
+				left, moe_ll_i64c(g, rows), "gn");
+}
+
+void moe_ll_tgroup_logits(struct moe_ll *g, const struct moe_ll_tgroup *tg, LLVMValueRef x,
+			  LLVMValueRef w, uint32_t n, LLVMValueRef buf)
+{
+	int64_t H = g->d->hidden, nb = moe_router_blocks(n);
+	LLVMValueRef x0 =
+	    moe_ll_at(g, g->t_f32, x, LLVMBuildNSWMul(g->b, tg->grp.iv, moe_ll_i64c(g, H), ""));
+	moe_ll_rows_panels(g, x0, H, tg->n, w, moe_ll_i64c(g, 0), moe_ll_i64c(g, nb), H, NULL, buf,
+			   nb * MOE_RB, 0);
+}
+
+void moe_ll_tgroup_rows(struct moe_ll *g, struct moe_ll_tgroup *tg)
+{
+	moe_ll_loop_open(g, &tg->row, moe_ll_i64c(g, 0), tg->n, 1, "t");
+	tg->t = LLVMBuildNSWAdd(g->b, tg->grp.iv, tg->row.iv, "tok");
+}
+
+LLVMValueRef moe_ll_tgroup_row(struct moe_ll *g, const struct moe_ll_tgroup *tg, LLVMValueRef buf,
+			       uint32_t n)
+{
+	int64_t ld = (int64_t)moe_router_blocks(n) * MOE_RB;
+	return moe_ll_at(g, g->t_f32, buf,
+			 LLVMBuildNSWMul(g->b, tg->row.iv, moe_ll_i64c(g, ld), ""));
+}
+
+void moe_ll_tgroup_close(struct moe_ll *g, struct moe_ll_tgroup *tg)
+{
+	moe_ll_loop_close(g, &tg->row);
+	moe_ll_loop_close(g, &tg->grp);
+}
+
 /* blocks [pb0, pb0 + nb) of one row into out */
 static void panel_blocks(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, LLVMValueRef out,
 			 LLVMValueRef pb0, int nb)

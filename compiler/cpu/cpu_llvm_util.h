@@ -92,6 +92,33 @@ LLVMValueRef moe_ll_fma(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMVa
 void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
 			LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
 			LLVMValueRef bias, LLVMValueRef out, int64_t os, int fused);
+
+/* The routers' token loop in groups: the logits of a group's tokens come
+ * from one moe_ll_rows_panels pass (each router panel vector loaded once per
+ * group), then each token of the group routes on its own row:
+ *   moe_ll_tgroup_open(g, &tg, t0, t1, rows);
+ *   moe_ll_tgroup_logits(g, &tg, x, router, E, buf);   (any number of matrices)
+ *   moe_ll_tgroup_rows(g, &tg);   ... tg.t, moe_ll_tgroup_row(g, &tg, buf, E) ...
+ *   moe_ll_tgroup_close(g, &tg);
+ * Buffers hold rows x moe_router_blocks(n) * MOE_RB floats. */
+struct moe_ll_tgroup {
+	struct moe_ll_loop grp, row;
+	LLVMValueRef n; /* tokens in the group */
+	LLVMValueRef t; /* the token, inside the rows loop */
+	int64_t rows;
+};
+/* Tokens per group for logit rows of row_floats floats in all (at most
+ * MOE_LL_ROWS, and 64 KiB of rows). */
+int64_t moe_ll_tgroup_size(int64_t row_floats);
+void moe_ll_tgroup_open(struct moe_ll *g, struct moe_ll_tgroup *tg, LLVMValueRef t0,
+			LLVMValueRef t1, int64_t rows);
+/* buf[r][j] = w_j . x_(group start + r), j < n (router order: unfused, ascending h). */
+void moe_ll_tgroup_logits(struct moe_ll *g, const struct moe_ll_tgroup *tg, LLVMValueRef x,
+			  LLVMValueRef w, uint32_t n, LLVMValueRef buf);
+void moe_ll_tgroup_rows(struct moe_ll *g, struct moe_ll_tgroup *tg);
+LLVMValueRef moe_ll_tgroup_row(struct moe_ll *g, const struct moe_ll_tgroup *tg, LLVMValueRef buf,
+			       uint32_t n);
+void moe_ll_tgroup_close(struct moe_ll *g, struct moe_ll_tgroup *tg);
 LLVMValueRef moe_ll_libm(struct moe_ll *g, const char *fname, LLVMValueRef a);  /* double */
 LLVMValueRef moe_ll_libmf(struct moe_ll *g, const char *fname, LLVMValueRef a); /* float */
 LLVMValueRef moe_ll_pow(struct moe_ll *g, LLVMValueRef a, double e);

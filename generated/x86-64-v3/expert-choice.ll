@@ -13,203 +13,664 @@ target triple = "x86_64-unknown-linux-gnu"
 ; Function Attrs: nounwind
 define hidden void @moe_route_x(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %group, ptr %noise, i64 %seed, i64 %layer, i32 %training, ptr %logits, ptr %ids, ptr %weights, ptr %prob, ptr %prio) #0 {
 entry:
-  %l = alloca [64 x float], align 32
-  %lacc0 = alloca <8 x float>, align 32
-  %lacc1 = alloca <8 x float>, align 32
-  %lacc2 = alloca <8 x float>, align 32
-  %lacc3 = alloca <8 x float>, align 32
-  %lacc4 = alloca <8 x float>, align 32
-  %lacc5 = alloca <8 x float>, align 32
-  %lacc6 = alloca <8 x float>, align 32
-  %lacc7 = alloca <8 x float>, align 32
+  %lb = alloca [512 x float], align 32
+  %qacc = alloca <16 x float>, align 32
+  %qacc1 = alloca <16 x float>, align 32
+  %qacc2 = alloca <16 x float>, align 32
+  %qacc3 = alloca <16 x float>, align 32
+  %qacc4 = alloca <16 x float>, align 32
+  %qacc5 = alloca <16 x float>, align 32
+  %qacc6 = alloca <16 x float>, align 32
+  %qacc7 = alloca <16 x float>, align 32
+  %qacc8 = alloca <16 x float>, align 32
+  %qacc9 = alloca <16 x float>, align 32
+  %qacc10 = alloca <16 x float>, align 32
+  %qacc11 = alloca <16 x float>, align 32
+  %qacc12 = alloca <16 x float>, align 32
+  %qacc13 = alloca <16 x float>, align 32
+  %qacc14 = alloca <16 x float>, align 32
+  %qacc15 = alloca <16 x float>, align 32
+  %qacc17 = alloca <16 x float>, align 32
+  %qacc18 = alloca <16 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc33 = alloca <8 x float>, align 32
+  %qacc34 = alloca <8 x float>, align 32
+  %qacc35 = alloca <8 x float>, align 32
+  %qacc36 = alloca <8 x float>, align 32
+  %qacc45 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
+  br label %tg.head
+
+tg.head:                                          ; preds = %t.end, %start
+  %tg = phi i64 [ %t0, %start ], [ %453, %t.end ]
+  %0 = icmp slt i64 %tg, %t1
+  br i1 %0, label %tg.body, label %tg.end
+
+tg.body:                                          ; preds = %tg.head
+  %1 = sub nsw i64 %t1, %tg
+  %2 = icmp slt i64 %1, 8
+  %gn = select i1 %2, i64 %1, i64 8
+  %3 = mul nsw i64 %tg, 768
+  %4 = getelementptr inbounds float, ptr %x, i64 %3
+  %5 = sdiv i64 %gn, 8
+  %full = mul i64 %5, 8
+  br label %qb.head
+
+qb.head:                                          ; preds = %r1.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+  %6 = icmp slt i64 %qb, 8
+  br i1 %6, label %qb.body, label %qb.end
+
+qb.body:                                          ; preds = %qb.head
+  %7 = mul nsw i64 %qb, 8
+  br label %rb.head
+
+rb.head:                                          ; preds = %qh.end, %qb.body
+  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %8 = icmp slt i64 %rb, %full
+  br i1 %8, label %rb.body, label %rb.end
+
+rb.body:                                          ; preds = %rb.head
+  %9 = add nsw i64 %rb, 0
+  %10 = mul nsw i64 %9, 768
+  %11 = getelementptr inbounds float, ptr %4, i64 %10
+  %12 = mul nsw i64 %9, 64
+  %13 = add nsw i64 %12, %7
+  %14 = getelementptr inbounds float, ptr %lb, i64 %13
+  %15 = add nsw i64 %rb, 1
+  %16 = mul nsw i64 %15, 768
+  %17 = getelementptr inbounds float, ptr %4, i64 %16
+  %18 = mul nsw i64 %15, 64
+  %19 = add nsw i64 %18, %7
+  %20 = getelementptr inbounds float, ptr %lb, i64 %19
+  %21 = add nsw i64 %rb, 2
+  %22 = mul nsw i64 %21, 768
+  %23 = getelementptr inbounds float, ptr %4, i64 %22
+  %24 = mul nsw i64 %21, 64
+  %25 = add nsw i64 %24, %7
+  %26 = getelementptr inbounds float, ptr %lb, i64 %25
+  %27 = add nsw i64 %rb, 3
+  %28 = mul nsw i64 %27, 768
+  %29 = getelementptr inbounds float, ptr %4, i64 %28
+  %30 = mul nsw i64 %27, 64
+  %31 = add nsw i64 %30, %7
+  %32 = getelementptr inbounds float, ptr %lb, i64 %31
+  %33 = add nsw i64 %rb, 4
+  %34 = mul nsw i64 %33, 768
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 64
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lb, i64 %37
+  %39 = add nsw i64 %rb, 5
+  %40 = mul nsw i64 %39, 768
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 64
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lb, i64 %43
+  %45 = add nsw i64 %rb, 6
+  %46 = mul nsw i64 %45, 768
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 64
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lb, i64 %49
+  %51 = add nsw i64 %rb, 7
+  %52 = mul nsw i64 %51, 768
+  %53 = getelementptr inbounds float, ptr %4, i64 %52
+  %54 = mul nsw i64 %51, 64
+  %55 = add nsw i64 %54, %7
+  %56 = getelementptr inbounds float, ptr %lb, i64 %55
+  store <16 x float> zeroinitializer, ptr %qacc, align 4
+  store <16 x float> zeroinitializer, ptr %qacc1, align 4
+  store <16 x float> zeroinitializer, ptr %qacc2, align 4
+  store <16 x float> zeroinitializer, ptr %qacc3, align 4
+  store <16 x float> zeroinitializer, ptr %qacc4, align 4
+  store <16 x float> zeroinitializer, ptr %qacc5, align 4
+  store <16 x float> zeroinitializer, ptr %qacc6, align 4
+  store <16 x float> zeroinitializer, ptr %qacc7, align 4
+  store <16 x float> zeroinitializer, ptr %qacc8, align 4
+  store <16 x float> zeroinitializer, ptr %qacc9, align 4
+  store <16 x float> zeroinitializer, ptr %qacc10, align 4
+  store <16 x float> zeroinitializer, ptr %qacc11, align 4
+  store <16 x float> zeroinitializer, ptr %qacc12, align 4
+  store <16 x float> zeroinitializer, ptr %qacc13, align 4
+  store <16 x float> zeroinitializer, ptr %qacc14, align 4
+  store <16 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head
+
+qh.head:                                          ; preds = %qh.body, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
+  %57 = icmp slt i64 %qh, 768
+  br i1 %57, label %qh.body, label %qh.end
+
+qh.body:                                          ; preds = %qh.head
+  %58 = add nsw i64 %qb, 0
+  %59 = mul nsw i64 %qh, 8
+  %60 = mul nsw i64 %58, 6144
+  %61 = add nsw i64 %60, %59
+  %62 = getelementptr inbounds float, ptr %router, i64 %61
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %qb, 1
+  %65 = mul nsw i64 %qh, 8
+  %66 = mul nsw i64 %64, 6144
+  %67 = add nsw i64 %66, %65
+  %68 = getelementptr inbounds float, ptr %router, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %70 = add nsw i64 %qb, 2
+  %71 = mul nsw i64 %qh, 8
+  %72 = mul nsw i64 %70, 6144
+  %73 = add nsw i64 %72, %71
+  %74 = getelementptr inbounds float, ptr %router, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  %76 = add nsw i64 %qb, 3
+  %77 = mul nsw i64 %qh, 8
+  %78 = mul nsw i64 %76, 6144
+  %79 = add nsw i64 %78, %77
+  %80 = getelementptr inbounds float, ptr %router, i64 %79
+  %81 = load <8 x float>, ptr %80, align 4
+  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %82 = getelementptr inbounds float, ptr %11, i64 %qh
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <16 x float> poison, float %83, i32 0
+  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
+  %86 = load <16 x float>, ptr %qacc, align 4
+  %87 = fmul <16 x float> %85, %w16
+  %88 = fadd <16 x float> %86, %87
+  store <16 x float> %88, ptr %qacc, align 4
+  %89 = load <16 x float>, ptr %qacc1, align 4
+  %90 = fmul <16 x float> %85, %w1616
+  %91 = fadd <16 x float> %89, %90
+  store <16 x float> %91, ptr %qacc1, align 4
+  %92 = getelementptr inbounds float, ptr %17, i64 %qh
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <16 x float> poison, float %93, i32 0
+  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
+  %96 = load <16 x float>, ptr %qacc2, align 4
+  %97 = fmul <16 x float> %95, %w16
+  %98 = fadd <16 x float> %96, %97
+  store <16 x float> %98, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = fmul <16 x float> %95, %w1616
+  %101 = fadd <16 x float> %99, %100
+  store <16 x float> %101, ptr %qacc3, align 4
+  %102 = getelementptr inbounds float, ptr %23, i64 %qh
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <16 x float> poison, float %103, i32 0
+  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
+  %106 = load <16 x float>, ptr %qacc4, align 4
+  %107 = fmul <16 x float> %105, %w16
+  %108 = fadd <16 x float> %106, %107
+  store <16 x float> %108, ptr %qacc4, align 4
+  %109 = load <16 x float>, ptr %qacc5, align 4
+  %110 = fmul <16 x float> %105, %w1616
+  %111 = fadd <16 x float> %109, %110
+  store <16 x float> %111, ptr %qacc5, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %qh
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <16 x float> poison, float %113, i32 0
+  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
+  %116 = load <16 x float>, ptr %qacc6, align 4
+  %117 = fmul <16 x float> %115, %w16
+  %118 = fadd <16 x float> %116, %117
+  store <16 x float> %118, ptr %qacc6, align 4
+  %119 = load <16 x float>, ptr %qacc7, align 4
+  %120 = fmul <16 x float> %115, %w1616
+  %121 = fadd <16 x float> %119, %120
+  store <16 x float> %121, ptr %qacc7, align 4
+  %122 = getelementptr inbounds float, ptr %35, i64 %qh
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <16 x float> poison, float %123, i32 0
+  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
+  %126 = load <16 x float>, ptr %qacc8, align 4
+  %127 = fmul <16 x float> %125, %w16
+  %128 = fadd <16 x float> %126, %127
+  store <16 x float> %128, ptr %qacc8, align 4
+  %129 = load <16 x float>, ptr %qacc9, align 4
+  %130 = fmul <16 x float> %125, %w1616
+  %131 = fadd <16 x float> %129, %130
+  store <16 x float> %131, ptr %qacc9, align 4
+  %132 = getelementptr inbounds float, ptr %41, i64 %qh
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <16 x float> poison, float %133, i32 0
+  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
+  %136 = load <16 x float>, ptr %qacc10, align 4
+  %137 = fmul <16 x float> %135, %w16
+  %138 = fadd <16 x float> %136, %137
+  store <16 x float> %138, ptr %qacc10, align 4
+  %139 = load <16 x float>, ptr %qacc11, align 4
+  %140 = fmul <16 x float> %135, %w1616
+  %141 = fadd <16 x float> %139, %140
+  store <16 x float> %141, ptr %qacc11, align 4
+  %142 = getelementptr inbounds float, ptr %47, i64 %qh
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <16 x float> poison, float %143, i32 0
+  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
+  %146 = load <16 x float>, ptr %qacc12, align 4
+  %147 = fmul <16 x float> %145, %w16
+  %148 = fadd <16 x float> %146, %147
+  store <16 x float> %148, ptr %qacc12, align 4
+  %149 = load <16 x float>, ptr %qacc13, align 4
+  %150 = fmul <16 x float> %145, %w1616
+  %151 = fadd <16 x float> %149, %150
+  store <16 x float> %151, ptr %qacc13, align 4
+  %152 = getelementptr inbounds float, ptr %53, i64 %qh
+  %153 = load float, ptr %152, align 4
+  %154 = insertelement <16 x float> poison, float %153, i32 0
+  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
+  %156 = load <16 x float>, ptr %qacc14, align 4
+  %157 = fmul <16 x float> %155, %w16
+  %158 = fadd <16 x float> %156, %157
+  store <16 x float> %158, ptr %qacc14, align 4
+  %159 = load <16 x float>, ptr %qacc15, align 4
+  %160 = fmul <16 x float> %155, %w1616
+  %161 = fadd <16 x float> %159, %160
+  store <16 x float> %161, ptr %qacc15, align 4
+  %162 = add nsw i64 %qh, 1
+  br label %qh.head
+
+qh.end:                                           ; preds = %qh.head
+  %163 = load <16 x float>, ptr %qacc, align 4
+  %164 = load <16 x float>, ptr %qacc1, align 4
+  %165 = load <16 x float>, ptr %qacc2, align 4
+  %166 = load <16 x float>, ptr %qacc3, align 4
+  %167 = load <16 x float>, ptr %qacc4, align 4
+  %168 = load <16 x float>, ptr %qacc5, align 4
+  %169 = load <16 x float>, ptr %qacc6, align 4
+  %170 = load <16 x float>, ptr %qacc7, align 4
+  %171 = load <16 x float>, ptr %qacc8, align 4
+  %172 = load <16 x float>, ptr %qacc9, align 4
+  %173 = load <16 x float>, ptr %qacc10, align 4
+  %174 = load <16 x float>, ptr %qacc11, align 4
+  %175 = load <16 x float>, ptr %qacc12, align 4
+  %176 = load <16 x float>, ptr %qacc13, align 4
+  %177 = load <16 x float>, ptr %qacc14, align 4
+  %178 = load <16 x float>, ptr %qacc15, align 4
+  %179 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %163, ptr %179, align 4
+  %180 = getelementptr inbounds float, ptr %14, i64 16
+  store <16 x float> %164, ptr %180, align 4
+  %181 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %165, ptr %181, align 4
+  %182 = getelementptr inbounds float, ptr %20, i64 16
+  store <16 x float> %166, ptr %182, align 4
+  %183 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %167, ptr %183, align 4
+  %184 = getelementptr inbounds float, ptr %26, i64 16
+  store <16 x float> %168, ptr %184, align 4
+  %185 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %169, ptr %185, align 4
+  %186 = getelementptr inbounds float, ptr %32, i64 16
+  store <16 x float> %170, ptr %186, align 4
+  %187 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %171, ptr %187, align 4
+  %188 = getelementptr inbounds float, ptr %38, i64 16
+  store <16 x float> %172, ptr %188, align 4
+  %189 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %173, ptr %189, align 4
+  %190 = getelementptr inbounds float, ptr %44, i64 16
+  store <16 x float> %174, ptr %190, align 4
+  %191 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %175, ptr %191, align 4
+  %192 = getelementptr inbounds float, ptr %50, i64 16
+  store <16 x float> %176, ptr %192, align 4
+  %193 = getelementptr inbounds float, ptr %56, i64 0
+  store <16 x float> %177, ptr %193, align 4
+  %194 = getelementptr inbounds float, ptr %56, i64 16
+  store <16 x float> %178, ptr %194, align 4
+  %195 = add nsw i64 %rb, 8
+  br label %rb.head
+
+rb.end:                                           ; preds = %rb.head
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end21, %rb.end
+  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
+  %196 = icmp slt i64 %r1, %gn
+  br i1 %196, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %197 = add nsw i64 %r1, 0
+  %198 = mul nsw i64 %197, 768
+  %199 = getelementptr inbounds float, ptr %4, i64 %198
+  %200 = mul nsw i64 %197, 64
+  %201 = add nsw i64 %200, %7
+  %202 = getelementptr inbounds float, ptr %lb, i64 %201
+  store <16 x float> zeroinitializer, ptr %qacc17, align 4
+  store <16 x float> zeroinitializer, ptr %qacc18, align 4
+  br label %qh.head19
+
+qh.head19:                                        ; preds = %qh.body20, %r1.body
+  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
+  %203 = icmp slt i64 %qh22, 768
+  br i1 %203, label %qh.body20, label %qh.end21
+
+qh.body20:                                        ; preds = %qh.head19
+  %204 = add nsw i64 %qb, 0
+  %205 = mul nsw i64 %qh22, 8
+  %206 = mul nsw i64 %204, 6144
+  %207 = add nsw i64 %206, %205
+  %208 = getelementptr inbounds float, ptr %router, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  %210 = add nsw i64 %qb, 1
+  %211 = mul nsw i64 %qh22, 8
+  %212 = mul nsw i64 %210, 6144
+  %213 = add nsw i64 %212, %211
+  %214 = getelementptr inbounds float, ptr %router, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %216 = add nsw i64 %qb, 2
+  %217 = mul nsw i64 %qh22, 8
+  %218 = mul nsw i64 %216, 6144
+  %219 = add nsw i64 %218, %217
+  %220 = getelementptr inbounds float, ptr %router, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  %222 = add nsw i64 %qb, 3
+  %223 = mul nsw i64 %qh22, 8
+  %224 = mul nsw i64 %222, 6144
+  %225 = add nsw i64 %224, %223
+  %226 = getelementptr inbounds float, ptr %router, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
+  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <16 x float> poison, float %229, i32 0
+  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
+  %232 = load <16 x float>, ptr %qacc17, align 4
+  %233 = fmul <16 x float> %231, %w1623
+  %234 = fadd <16 x float> %232, %233
+  store <16 x float> %234, ptr %qacc17, align 4
+  %235 = load <16 x float>, ptr %qacc18, align 4
+  %236 = fmul <16 x float> %231, %w1624
+  %237 = fadd <16 x float> %235, %236
+  store <16 x float> %237, ptr %qacc18, align 4
+  %238 = add nsw i64 %qh22, 1
+  br label %qh.head19
+
+qh.end21:                                         ; preds = %qh.head19
+  %239 = load <16 x float>, ptr %qacc17, align 4
+  %240 = load <16 x float>, ptr %qacc18, align 4
+  %241 = getelementptr inbounds float, ptr %202, i64 0
+  store <16 x float> %239, ptr %241, align 4
+  %242 = getelementptr inbounds float, ptr %202, i64 16
+  store <16 x float> %240, ptr %242, align 4
+  %243 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %244 = add nsw i64 %qb, 4
+  br label %qb.head
+
+qb.end:                                           ; preds = %qb.head
+  br label %qb1.head
+
+qb1.head:                                         ; preds = %r1.end43, %qb.end
+  %qb1 = phi i64 [ 8, %qb.end ], [ %402, %r1.end43 ]
+  %245 = icmp slt i64 %qb1, 8
+  br i1 %245, label %qb1.body, label %qb1.end
+
+qb1.body:                                         ; preds = %qb1.head
+  %246 = mul nsw i64 %qb1, 8
+  br label %rb.head25
+
+rb.head25:                                        ; preds = %qh.end39, %qb1.body
+  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
+  %247 = icmp slt i64 %rb28, %full
+  br i1 %247, label %rb.body26, label %rb.end27
+
+rb.body26:                                        ; preds = %rb.head25
+  %248 = add nsw i64 %rb28, 0
+  %249 = mul nsw i64 %248, 768
+  %250 = getelementptr inbounds float, ptr %4, i64 %249
+  %251 = mul nsw i64 %248, 64
+  %252 = add nsw i64 %251, %246
+  %253 = getelementptr inbounds float, ptr %lb, i64 %252
+  %254 = add nsw i64 %rb28, 1
+  %255 = mul nsw i64 %254, 768
+  %256 = getelementptr inbounds float, ptr %4, i64 %255
+  %257 = mul nsw i64 %254, 64
+  %258 = add nsw i64 %257, %246
+  %259 = getelementptr inbounds float, ptr %lb, i64 %258
+  %260 = add nsw i64 %rb28, 2
+  %261 = mul nsw i64 %260, 768
+  %262 = getelementptr inbounds float, ptr %4, i64 %261
+  %263 = mul nsw i64 %260, 64
+  %264 = add nsw i64 %263, %246
+  %265 = getelementptr inbounds float, ptr %lb, i64 %264
+  %266 = add nsw i64 %rb28, 3
+  %267 = mul nsw i64 %266, 768
+  %268 = getelementptr inbounds float, ptr %4, i64 %267
+  %269 = mul nsw i64 %266, 64
+  %270 = add nsw i64 %269, %246
+  %271 = getelementptr inbounds float, ptr %lb, i64 %270
+  %272 = add nsw i64 %rb28, 4
+  %273 = mul nsw i64 %272, 768
+  %274 = getelementptr inbounds float, ptr %4, i64 %273
+  %275 = mul nsw i64 %272, 64
+  %276 = add nsw i64 %275, %246
+  %277 = getelementptr inbounds float, ptr %lb, i64 %276
+  %278 = add nsw i64 %rb28, 5
+  %279 = mul nsw i64 %278, 768
+  %280 = getelementptr inbounds float, ptr %4, i64 %279
+  %281 = mul nsw i64 %278, 64
+  %282 = add nsw i64 %281, %246
+  %283 = getelementptr inbounds float, ptr %lb, i64 %282
+  %284 = add nsw i64 %rb28, 6
+  %285 = mul nsw i64 %284, 768
+  %286 = getelementptr inbounds float, ptr %4, i64 %285
+  %287 = mul nsw i64 %284, 64
+  %288 = add nsw i64 %287, %246
+  %289 = getelementptr inbounds float, ptr %lb, i64 %288
+  %290 = add nsw i64 %rb28, 7
+  %291 = mul nsw i64 %290, 768
+  %292 = getelementptr inbounds float, ptr %4, i64 %291
+  %293 = mul nsw i64 %290, 64
+  %294 = add nsw i64 %293, %246
+  %295 = getelementptr inbounds float, ptr %lb, i64 %294
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  store <8 x float> zeroinitializer, ptr %qacc33, align 4
+  store <8 x float> zeroinitializer, ptr %qacc34, align 4
+  store <8 x float> zeroinitializer, ptr %qacc35, align 4
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %rb.body26
+  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
+  %296 = icmp slt i64 %qh40, 768
+  br i1 %296, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %297 = add nsw i64 %qb1, 0
+  %298 = mul nsw i64 %qh40, 8
+  %299 = mul nsw i64 %297, 6144
+  %300 = add nsw i64 %299, %298
+  %301 = getelementptr inbounds float, ptr %router, i64 %300
+  %302 = load <8 x float>, ptr %301, align 4
+  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
+  %304 = load float, ptr %303, align 4
+  %305 = insertelement <8 x float> poison, float %304, i32 0
+  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
+  %307 = load <8 x float>, ptr %qacc29, align 4
+  %308 = fmul <8 x float> %306, %302
+  %309 = fadd <8 x float> %307, %308
+  store <8 x float> %309, ptr %qacc29, align 4
+  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %qacc30, align 4
+  %315 = fmul <8 x float> %313, %302
+  %316 = fadd <8 x float> %314, %315
+  store <8 x float> %316, ptr %qacc30, align 4
+  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
+  %318 = load float, ptr %317, align 4
+  %319 = insertelement <8 x float> poison, float %318, i32 0
+  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
+  %321 = load <8 x float>, ptr %qacc31, align 4
+  %322 = fmul <8 x float> %320, %302
+  %323 = fadd <8 x float> %321, %322
+  store <8 x float> %323, ptr %qacc31, align 4
+  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %qacc32, align 4
+  %329 = fmul <8 x float> %327, %302
+  %330 = fadd <8 x float> %328, %329
+  store <8 x float> %330, ptr %qacc32, align 4
+  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %qacc33, align 4
+  %336 = fmul <8 x float> %334, %302
+  %337 = fadd <8 x float> %335, %336
+  store <8 x float> %337, ptr %qacc33, align 4
+  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = load <8 x float>, ptr %qacc34, align 4
+  %343 = fmul <8 x float> %341, %302
+  %344 = fadd <8 x float> %342, %343
+  store <8 x float> %344, ptr %qacc34, align 4
+  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %qacc35, align 4
+  %350 = fmul <8 x float> %348, %302
+  %351 = fadd <8 x float> %349, %350
+  store <8 x float> %351, ptr %qacc35, align 4
+  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
+  %353 = load float, ptr %352, align 4
+  %354 = insertelement <8 x float> poison, float %353, i32 0
+  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
+  %356 = load <8 x float>, ptr %qacc36, align 4
+  %357 = fmul <8 x float> %355, %302
+  %358 = fadd <8 x float> %356, %357
+  store <8 x float> %358, ptr %qacc36, align 4
+  %359 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %360 = load <8 x float>, ptr %qacc29, align 4
+  %361 = load <8 x float>, ptr %qacc30, align 4
+  %362 = load <8 x float>, ptr %qacc31, align 4
+  %363 = load <8 x float>, ptr %qacc32, align 4
+  %364 = load <8 x float>, ptr %qacc33, align 4
+  %365 = load <8 x float>, ptr %qacc34, align 4
+  %366 = load <8 x float>, ptr %qacc35, align 4
+  %367 = load <8 x float>, ptr %qacc36, align 4
+  %368 = getelementptr inbounds float, ptr %253, i64 0
+  store <8 x float> %360, ptr %368, align 4
+  %369 = getelementptr inbounds float, ptr %259, i64 0
+  store <8 x float> %361, ptr %369, align 4
+  %370 = getelementptr inbounds float, ptr %265, i64 0
+  store <8 x float> %362, ptr %370, align 4
+  %371 = getelementptr inbounds float, ptr %271, i64 0
+  store <8 x float> %363, ptr %371, align 4
+  %372 = getelementptr inbounds float, ptr %277, i64 0
+  store <8 x float> %364, ptr %372, align 4
+  %373 = getelementptr inbounds float, ptr %283, i64 0
+  store <8 x float> %365, ptr %373, align 4
+  %374 = getelementptr inbounds float, ptr %289, i64 0
+  store <8 x float> %366, ptr %374, align 4
+  %375 = getelementptr inbounds float, ptr %295, i64 0
+  store <8 x float> %367, ptr %375, align 4
+  %376 = add nsw i64 %rb28, 8
+  br label %rb.head25
+
+rb.end27:                                         ; preds = %rb.head25
+  br label %r1.head41
+
+r1.head41:                                        ; preds = %qh.end48, %rb.end27
+  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
+  %377 = icmp slt i64 %r144, %gn
+  br i1 %377, label %r1.body42, label %r1.end43
+
+r1.body42:                                        ; preds = %r1.head41
+  %378 = add nsw i64 %r144, 0
+  %379 = mul nsw i64 %378, 768
+  %380 = getelementptr inbounds float, ptr %4, i64 %379
+  %381 = mul nsw i64 %378, 64
+  %382 = add nsw i64 %381, %246
+  %383 = getelementptr inbounds float, ptr %lb, i64 %382
+  store <8 x float> zeroinitializer, ptr %qacc45, align 4
+  br label %qh.head46
+
+qh.head46:                                        ; preds = %qh.body47, %r1.body42
+  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
+  %384 = icmp slt i64 %qh49, 768
+  br i1 %384, label %qh.body47, label %qh.end48
+
+qh.body47:                                        ; preds = %qh.head46
+  %385 = add nsw i64 %qb1, 0
+  %386 = mul nsw i64 %qh49, 8
+  %387 = mul nsw i64 %385, 6144
+  %388 = add nsw i64 %387, %386
+  %389 = getelementptr inbounds float, ptr %router, i64 %388
+  %390 = load <8 x float>, ptr %389, align 4
+  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %qacc45, align 4
+  %396 = fmul <8 x float> %394, %390
+  %397 = fadd <8 x float> %395, %396
+  store <8 x float> %397, ptr %qacc45, align 4
+  %398 = add nsw i64 %qh49, 1
+  br label %qh.head46
+
+qh.end48:                                         ; preds = %qh.head46
+  %399 = load <8 x float>, ptr %qacc45, align 4
+  %400 = getelementptr inbounds float, ptr %383, i64 0
+  store <8 x float> %399, ptr %400, align 4
+  %401 = add nsw i64 %r144, 1
+  br label %r1.head41
+
+r1.end43:                                         ; preds = %r1.head41
+  %402 = add nsw i64 %qb1, 1
+  br label %qb1.head
+
+qb1.end:                                          ; preds = %qb1.head
   br label %t.head
 
-t.head:                                           ; preds = %pset.end, %start
-  %t = phi i64 [ %t0, %start ], [ %161, %pset.end ]
-  %0 = icmp slt i64 %t, %t1
-  br i1 %0, label %t.body, label %t.end
+t.head:                                           ; preds = %pset.end, %qb1.end
+  %t = phi i64 [ 0, %qb1.end ], [ %452, %pset.end ]
+  %403 = icmp slt i64 %t, %gn
+  br i1 %403, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
-  %1 = mul nsw i64 %t, 768
-  %2 = getelementptr inbounds float, ptr %x, i64 %1
-  br label %pb.head
-
-pb.head:                                          ; preds = %hh.end, %t.body
-  %pb = phi i64 [ 0, %t.body ], [ %114, %hh.end ]
-  %3 = icmp slt i64 %pb, 8
-  br i1 %3, label %pb.body, label %pb.end
-
-pb.body:                                          ; preds = %pb.head
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  store <8 x float> zeroinitializer, ptr %lacc1, align 4
-  store <8 x float> zeroinitializer, ptr %lacc2, align 4
-  store <8 x float> zeroinitializer, ptr %lacc3, align 4
-  store <8 x float> zeroinitializer, ptr %lacc4, align 4
-  store <8 x float> zeroinitializer, ptr %lacc5, align 4
-  store <8 x float> zeroinitializer, ptr %lacc6, align 4
-  store <8 x float> zeroinitializer, ptr %lacc7, align 4
-  br label %hh.head
-
-hh.head:                                          ; preds = %hh.body, %pb.body
-  %hh = phi i64 [ 0, %pb.body ], [ %81, %hh.body ]
-  %4 = icmp slt i64 %hh, 768
-  br i1 %4, label %hh.body, label %hh.end
-
-hh.body:                                          ; preds = %hh.head
-  %5 = getelementptr inbounds float, ptr %2, i64 %hh
-  %6 = load float, ptr %5, align 4
-  %7 = insertelement <8 x float> poison, float %6, i32 0
-  %8 = shufflevector <8 x float> %7, <8 x float> poison, <8 x i32> zeroinitializer
-  %9 = add nsw i64 %pb, 0
-  %10 = mul nsw i64 %9, 6144
-  %11 = mul nsw i64 %hh, 8
-  %12 = add nsw i64 %10, %11
-  %13 = getelementptr inbounds float, ptr %router, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  %15 = fmul <8 x float> %8, %14
-  %16 = load <8 x float>, ptr %lacc0, align 4
-  %17 = fadd <8 x float> %16, %15
-  store <8 x float> %17, ptr %lacc0, align 4
-  %18 = add nsw i64 %pb, 1
-  %19 = mul nsw i64 %18, 6144
-  %20 = mul nsw i64 %hh, 8
-  %21 = add nsw i64 %19, %20
-  %22 = getelementptr inbounds float, ptr %router, i64 %21
-  %23 = load <8 x float>, ptr %22, align 4
-  %24 = fmul <8 x float> %8, %23
-  %25 = load <8 x float>, ptr %lacc1, align 4
-  %26 = fadd <8 x float> %25, %24
-  store <8 x float> %26, ptr %lacc1, align 4
-  %27 = add nsw i64 %pb, 2
-  %28 = mul nsw i64 %27, 6144
-  %29 = mul nsw i64 %hh, 8
-  %30 = add nsw i64 %28, %29
-  %31 = getelementptr inbounds float, ptr %router, i64 %30
-  %32 = load <8 x float>, ptr %31, align 4
-  %33 = fmul <8 x float> %8, %32
-  %34 = load <8 x float>, ptr %lacc2, align 4
-  %35 = fadd <8 x float> %34, %33
-  store <8 x float> %35, ptr %lacc2, align 4
-  %36 = add nsw i64 %pb, 3
-  %37 = mul nsw i64 %36, 6144
-  %38 = mul nsw i64 %hh, 8
-  %39 = add nsw i64 %37, %38
-  %40 = getelementptr inbounds float, ptr %router, i64 %39
-  %41 = load <8 x float>, ptr %40, align 4
-  %42 = fmul <8 x float> %8, %41
-  %43 = load <8 x float>, ptr %lacc3, align 4
-  %44 = fadd <8 x float> %43, %42
-  store <8 x float> %44, ptr %lacc3, align 4
-  %45 = add nsw i64 %pb, 4
-  %46 = mul nsw i64 %45, 6144
-  %47 = mul nsw i64 %hh, 8
-  %48 = add nsw i64 %46, %47
-  %49 = getelementptr inbounds float, ptr %router, i64 %48
-  %50 = load <8 x float>, ptr %49, align 4
-  %51 = fmul <8 x float> %8, %50
-  %52 = load <8 x float>, ptr %lacc4, align 4
-  %53 = fadd <8 x float> %52, %51
-  store <8 x float> %53, ptr %lacc4, align 4
-  %54 = add nsw i64 %pb, 5
-  %55 = mul nsw i64 %54, 6144
-  %56 = mul nsw i64 %hh, 8
-  %57 = add nsw i64 %55, %56
-  %58 = getelementptr inbounds float, ptr %router, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  %60 = fmul <8 x float> %8, %59
-  %61 = load <8 x float>, ptr %lacc5, align 4
-  %62 = fadd <8 x float> %61, %60
-  store <8 x float> %62, ptr %lacc5, align 4
-  %63 = add nsw i64 %pb, 6
-  %64 = mul nsw i64 %63, 6144
-  %65 = mul nsw i64 %hh, 8
-  %66 = add nsw i64 %64, %65
-  %67 = getelementptr inbounds float, ptr %router, i64 %66
-  %68 = load <8 x float>, ptr %67, align 4
-  %69 = fmul <8 x float> %8, %68
-  %70 = load <8 x float>, ptr %lacc6, align 4
-  %71 = fadd <8 x float> %70, %69
-  store <8 x float> %71, ptr %lacc6, align 4
-  %72 = add nsw i64 %pb, 7
-  %73 = mul nsw i64 %72, 6144
-  %74 = mul nsw i64 %hh, 8
-  %75 = add nsw i64 %73, %74
-  %76 = getelementptr inbounds float, ptr %router, i64 %75
-  %77 = load <8 x float>, ptr %76, align 4
-  %78 = fmul <8 x float> %8, %77
-  %79 = load <8 x float>, ptr %lacc7, align 4
-  %80 = fadd <8 x float> %79, %78
-  store <8 x float> %80, ptr %lacc7, align 4
-  %81 = add nsw i64 %hh, 1
-  br label %hh.head
-
-hh.end:                                           ; preds = %hh.head
-  %82 = load <8 x float>, ptr %lacc0, align 4
-  %83 = load <8 x float>, ptr %lacc1, align 4
-  %84 = load <8 x float>, ptr %lacc2, align 4
-  %85 = load <8 x float>, ptr %lacc3, align 4
-  %86 = load <8 x float>, ptr %lacc4, align 4
-  %87 = load <8 x float>, ptr %lacc5, align 4
-  %88 = load <8 x float>, ptr %lacc6, align 4
-  %89 = load <8 x float>, ptr %lacc7, align 4
-  %90 = add nsw i64 %pb, 0
-  %91 = mul nsw i64 %90, 8
-  %92 = getelementptr inbounds float, ptr %l, i64 %91
-  store <8 x float> %82, ptr %92, align 4
-  %93 = add nsw i64 %pb, 1
-  %94 = mul nsw i64 %93, 8
-  %95 = getelementptr inbounds float, ptr %l, i64 %94
-  store <8 x float> %83, ptr %95, align 4
-  %96 = add nsw i64 %pb, 2
-  %97 = mul nsw i64 %96, 8
-  %98 = getelementptr inbounds float, ptr %l, i64 %97
-  store <8 x float> %84, ptr %98, align 4
-  %99 = add nsw i64 %pb, 3
-  %100 = mul nsw i64 %99, 8
-  %101 = getelementptr inbounds float, ptr %l, i64 %100
-  store <8 x float> %85, ptr %101, align 4
-  %102 = add nsw i64 %pb, 4
-  %103 = mul nsw i64 %102, 8
-  %104 = getelementptr inbounds float, ptr %l, i64 %103
-  store <8 x float> %86, ptr %104, align 4
-  %105 = add nsw i64 %pb, 5
-  %106 = mul nsw i64 %105, 8
-  %107 = getelementptr inbounds float, ptr %l, i64 %106
-  store <8 x float> %87, ptr %107, align 4
-  %108 = add nsw i64 %pb, 6
-  %109 = mul nsw i64 %108, 8
-  %110 = getelementptr inbounds float, ptr %l, i64 %109
-  store <8 x float> %88, ptr %110, align 4
-  %111 = add nsw i64 %pb, 7
-  %112 = mul nsw i64 %111, 8
-  %113 = getelementptr inbounds float, ptr %l, i64 %112
-  store <8 x float> %89, ptr %113, align 4
-  %114 = add nsw i64 %pb, 8
-  br label %pb.head
-
-pb.end:                                           ; preds = %pb.head
-  %115 = mul nsw i64 %t, 64
-  %116 = getelementptr inbounds float, ptr %logits, i64 %115
-  %117 = getelementptr inbounds float, ptr %weights, i64 %115
-  %118 = getelementptr inbounds float, ptr %prob, i64 %115
+  %tok = add nsw i64 %tg, %t
+  %404 = mul nsw i64 %t, 64
+  %405 = getelementptr inbounds float, ptr %lb, i64 %404
+  %406 = mul nsw i64 %tok, 64
+  %407 = getelementptr inbounds float, ptr %logits, i64 %406
+  %408 = getelementptr inbounds float, ptr %weights, i64 %406
+  %409 = getelementptr inbounds float, ptr %prob, i64 %406
   br label %lcopy.head
 
-lcopy.head:                                       ; preds = %lcopy.body, %pb.end
-  %lcopy = phi i64 [ 0, %pb.end ], [ %123, %lcopy.body ]
-  %119 = icmp slt i64 %lcopy, 64
-  br i1 %119, label %lcopy.body, label %lcopy.end
+lcopy.head:                                       ; preds = %lcopy.body, %t.body
+  %lcopy = phi i64 [ 0, %t.body ], [ %414, %lcopy.body ]
+  %410 = icmp slt i64 %lcopy, 64
+  br i1 %410, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %120 = getelementptr inbounds float, ptr %l, i64 %lcopy
-  %121 = load float, ptr %120, align 4
-  %122 = getelementptr inbounds float, ptr %116, i64 %lcopy
-  store float %121, ptr %122, align 4
-  %123 = add nsw i64 %lcopy, 1
+  %411 = getelementptr inbounds float, ptr %405, i64 %lcopy
+  %412 = load float, ptr %411, align 4
+  %413 = getelementptr inbounds float, ptr %407, i64 %lcopy
+  store float %412, ptr %413, align 4
+  %414 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
@@ -217,91 +678,95 @@ lcopy.end:                                        ; preds = %lcopy.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lcopy.end
-  %smax1 = phi i64 [ 0, %lcopy.end ], [ %131, %smax.body ]
-  %124 = icmp slt i64 %smax1, 64
-  br i1 %124, label %smax.body, label %smax.end
+  %smax50 = phi i64 [ 0, %lcopy.end ], [ %422, %smax.body ]
+  %415 = icmp slt i64 %smax50, 64
+  br i1 %415, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %125 = add nsw i64 0, %smax1
-  %126 = getelementptr inbounds float, ptr %116, i64 %125
-  %127 = load float, ptr %126, align 4
-  %128 = load float, ptr %smax, align 4
-  %129 = fcmp ogt float %127, %128
-  %130 = select i1 %129, float %127, float %128
-  store float %130, ptr %smax, align 4
-  %131 = add nsw i64 %smax1, 1
+  %416 = add nsw i64 0, %smax50
+  %417 = getelementptr inbounds float, ptr %407, i64 %416
+  %418 = load float, ptr %417, align 4
+  %419 = load float, ptr %smax, align 4
+  %420 = fcmp ogt float %418, %419
+  %421 = select i1 %420, float %418, float %419
+  store float %421, ptr %smax, align 4
+  %422 = add nsw i64 %smax50, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %132 = load float, ptr %smax, align 4
+  %423 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %145, %sexp.body ]
-  %133 = icmp slt i64 %sexp, 64
-  br i1 %133, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %436, %sexp.body ]
+  %424 = icmp slt i64 %sexp, 64
+  br i1 %424, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %134 = add nsw i64 0, %sexp
-  %135 = getelementptr inbounds float, ptr %116, i64 %134
-  %136 = load float, ptr %135, align 4
-  %137 = fsub float %136, %132
-  %138 = fpext float %137 to double
-  %139 = call double @exp(double %138)
-  %140 = fptrunc double %139 to float
-  %141 = add nsw i64 0, %sexp
-  %142 = getelementptr inbounds float, ptr %117, i64 %141
-  store float %140, ptr %142, align 4
-  %143 = load float, ptr %ssum, align 4
-  %144 = fadd float %143, %140
-  store float %144, ptr %ssum, align 4
-  %145 = add nsw i64 %sexp, 1
+  %425 = add nsw i64 0, %sexp
+  %426 = getelementptr inbounds float, ptr %407, i64 %425
+  %427 = load float, ptr %426, align 4
+  %428 = fsub float %427, %423
+  %429 = fpext float %428 to double
+  %430 = call double @exp(double %429)
+  %431 = fptrunc double %430 to float
+  %432 = add nsw i64 0, %sexp
+  %433 = getelementptr inbounds float, ptr %408, i64 %432
+  store float %431, ptr %433, align 4
+  %434 = load float, ptr %ssum, align 4
+  %435 = fadd float %434, %431
+  store float %435, ptr %ssum, align 4
+  %436 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %146 = load float, ptr %ssum, align 4
+  %437 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %153, %sdiv.body ]
-  %147 = icmp slt i64 %sdiv, 64
-  br i1 %147, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %444, %sdiv.body ]
+  %438 = icmp slt i64 %sdiv, 64
+  br i1 %438, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %148 = add nsw i64 0, %sdiv
-  %149 = getelementptr inbounds float, ptr %117, i64 %148
-  %150 = load float, ptr %149, align 4
-  %151 = fdiv float %150, %146
-  %152 = getelementptr inbounds float, ptr %117, i64 %148
-  store float %151, ptr %152, align 4
-  %153 = add nsw i64 %sdiv, 1
+  %439 = add nsw i64 0, %sdiv
+  %440 = getelementptr inbounds float, ptr %408, i64 %439
+  %441 = load float, ptr %440, align 4
+  %442 = fdiv float %441, %437
+  %443 = getelementptr inbounds float, ptr %408, i64 %439
+  store float %442, ptr %443, align 4
+  %444 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
   br label %pset.head
 
 pset.head:                                        ; preds = %pset.body, %sdiv.end
-  %pset = phi i64 [ 0, %sdiv.end ], [ %159, %pset.body ]
-  %154 = icmp slt i64 %pset, 64
-  br i1 %154, label %pset.body, label %pset.end
+  %pset = phi i64 [ 0, %sdiv.end ], [ %450, %pset.body ]
+  %445 = icmp slt i64 %pset, 64
+  br i1 %445, label %pset.body, label %pset.end
 
 pset.body:                                        ; preds = %pset.head
-  %155 = add nsw i64 0, %pset
-  %156 = getelementptr inbounds float, ptr %117, i64 %155
-  %157 = load float, ptr %156, align 4
-  %158 = getelementptr inbounds float, ptr %118, i64 %155
-  store float %157, ptr %158, align 4
-  %159 = add nsw i64 %pset, 1
+  %446 = add nsw i64 0, %pset
+  %447 = getelementptr inbounds float, ptr %408, i64 %446
+  %448 = load float, ptr %447, align 4
+  %449 = getelementptr inbounds float, ptr %409, i64 %446
+  store float %448, ptr %449, align 4
+  %450 = add nsw i64 %pset, 1
   br label %pset.head
 
 pset.end:                                         ; preds = %pset.head
-  %160 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float 0.000000e+00, ptr %160, align 4
-  %161 = add nsw i64 %t, 1
+  %451 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float 0.000000e+00, ptr %451, align 4
+  %452 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
+  %453 = add nsw i64 %tg, 8
+  br label %tg.head
+
+tg.end:                                           ; preds = %tg.head
   ret void
 }
 

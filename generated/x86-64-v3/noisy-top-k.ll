@@ -13,18 +13,64 @@ target triple = "x86_64-unknown-linux-gnu"
 ; Function Attrs: nounwind
 define hidden void @moe_route_x(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %group, ptr %noise, i64 %seed, i64 %layer, i32 %training, ptr %logits, ptr %ids, ptr %weights, ptr %prob, ptr %prio) #0 {
 entry:
-  %l = alloca [32 x float], align 32
-  %nl = alloca [32 x float], align 32
+  %lb = alloca [256 x float], align 32
+  %nlb = alloca [256 x float], align 32
   %s = alloca [32 x float], align 32
   %c = alloca [32 x float], align 32
-  %lacc0 = alloca <8 x float>, align 32
-  %lacc1 = alloca <8 x float>, align 32
-  %lacc2 = alloca <8 x float>, align 32
-  %lacc3 = alloca <8 x float>, align 32
-  %lacc02 = alloca <8 x float>, align 32
-  %lacc13 = alloca <8 x float>, align 32
-  %lacc24 = alloca <8 x float>, align 32
-  %lacc35 = alloca <8 x float>, align 32
+  %qacc = alloca <16 x float>, align 32
+  %qacc1 = alloca <16 x float>, align 32
+  %qacc2 = alloca <16 x float>, align 32
+  %qacc3 = alloca <16 x float>, align 32
+  %qacc4 = alloca <16 x float>, align 32
+  %qacc5 = alloca <16 x float>, align 32
+  %qacc6 = alloca <16 x float>, align 32
+  %qacc7 = alloca <16 x float>, align 32
+  %qacc8 = alloca <16 x float>, align 32
+  %qacc9 = alloca <16 x float>, align 32
+  %qacc10 = alloca <16 x float>, align 32
+  %qacc11 = alloca <16 x float>, align 32
+  %qacc12 = alloca <16 x float>, align 32
+  %qacc13 = alloca <16 x float>, align 32
+  %qacc14 = alloca <16 x float>, align 32
+  %qacc15 = alloca <16 x float>, align 32
+  %qacc17 = alloca <16 x float>, align 32
+  %qacc18 = alloca <16 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc33 = alloca <8 x float>, align 32
+  %qacc34 = alloca <8 x float>, align 32
+  %qacc35 = alloca <8 x float>, align 32
+  %qacc36 = alloca <8 x float>, align 32
+  %qacc45 = alloca <8 x float>, align 32
+  %qacc60 = alloca <16 x float>, align 32
+  %qacc61 = alloca <16 x float>, align 32
+  %qacc62 = alloca <16 x float>, align 32
+  %qacc63 = alloca <16 x float>, align 32
+  %qacc64 = alloca <16 x float>, align 32
+  %qacc65 = alloca <16 x float>, align 32
+  %qacc66 = alloca <16 x float>, align 32
+  %qacc67 = alloca <16 x float>, align 32
+  %qacc68 = alloca <16 x float>, align 32
+  %qacc69 = alloca <16 x float>, align 32
+  %qacc70 = alloca <16 x float>, align 32
+  %qacc71 = alloca <16 x float>, align 32
+  %qacc72 = alloca <16 x float>, align 32
+  %qacc73 = alloca <16 x float>, align 32
+  %qacc74 = alloca <16 x float>, align 32
+  %qacc75 = alloca <16 x float>, align 32
+  %qacc86 = alloca <16 x float>, align 32
+  %qacc87 = alloca <16 x float>, align 32
+  %qacc102 = alloca <8 x float>, align 32
+  %qacc103 = alloca <8 x float>, align 32
+  %qacc104 = alloca <8 x float>, align 32
+  %qacc105 = alloca <8 x float>, align 32
+  %qacc106 = alloca <8 x float>, align 32
+  %qacc107 = alloca <8 x float>, align 32
+  %qacc108 = alloca <8 x float>, align 32
+  %qacc109 = alloca <8 x float>, align 32
+  %qacc118 = alloca <8 x float>, align 32
   %idx = alloca [4 x i64], align 32
   %w = alloca [4 x float], align 32
   %smax = alloca float, align 32
@@ -34,372 +80,1437 @@ entry:
   br label %start
 
 start:                                            ; preds = %entry
+  br label %tg.head
+
+tg.head:                                          ; preds = %t.end, %start
+  %tg = phi i64 [ %t0, %start ], [ %1028, %t.end ]
+  %0 = icmp slt i64 %tg, %t1
+  br i1 %0, label %tg.body, label %tg.end
+
+tg.body:                                          ; preds = %tg.head
+  %1 = sub nsw i64 %t1, %tg
+  %2 = icmp slt i64 %1, 8
+  %gn = select i1 %2, i64 %1, i64 8
+  %3 = mul nsw i64 %tg, 512
+  %4 = getelementptr inbounds float, ptr %x, i64 %3
+  %5 = sdiv i64 %gn, 8
+  %full = mul i64 %5, 8
+  br label %qb.head
+
+qb.head:                                          ; preds = %r1.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+  %6 = icmp slt i64 %qb, 4
+  br i1 %6, label %qb.body, label %qb.end
+
+qb.body:                                          ; preds = %qb.head
+  %7 = mul nsw i64 %qb, 8
+  br label %rb.head
+
+rb.head:                                          ; preds = %qh.end, %qb.body
+  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %8 = icmp slt i64 %rb, %full
+  br i1 %8, label %rb.body, label %rb.end
+
+rb.body:                                          ; preds = %rb.head
+  %9 = add nsw i64 %rb, 0
+  %10 = mul nsw i64 %9, 512
+  %11 = getelementptr inbounds float, ptr %4, i64 %10
+  %12 = mul nsw i64 %9, 32
+  %13 = add nsw i64 %12, %7
+  %14 = getelementptr inbounds float, ptr %lb, i64 %13
+  %15 = add nsw i64 %rb, 1
+  %16 = mul nsw i64 %15, 512
+  %17 = getelementptr inbounds float, ptr %4, i64 %16
+  %18 = mul nsw i64 %15, 32
+  %19 = add nsw i64 %18, %7
+  %20 = getelementptr inbounds float, ptr %lb, i64 %19
+  %21 = add nsw i64 %rb, 2
+  %22 = mul nsw i64 %21, 512
+  %23 = getelementptr inbounds float, ptr %4, i64 %22
+  %24 = mul nsw i64 %21, 32
+  %25 = add nsw i64 %24, %7
+  %26 = getelementptr inbounds float, ptr %lb, i64 %25
+  %27 = add nsw i64 %rb, 3
+  %28 = mul nsw i64 %27, 512
+  %29 = getelementptr inbounds float, ptr %4, i64 %28
+  %30 = mul nsw i64 %27, 32
+  %31 = add nsw i64 %30, %7
+  %32 = getelementptr inbounds float, ptr %lb, i64 %31
+  %33 = add nsw i64 %rb, 4
+  %34 = mul nsw i64 %33, 512
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 32
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lb, i64 %37
+  %39 = add nsw i64 %rb, 5
+  %40 = mul nsw i64 %39, 512
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 32
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lb, i64 %43
+  %45 = add nsw i64 %rb, 6
+  %46 = mul nsw i64 %45, 512
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 32
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lb, i64 %49
+  %51 = add nsw i64 %rb, 7
+  %52 = mul nsw i64 %51, 512
+  %53 = getelementptr inbounds float, ptr %4, i64 %52
+  %54 = mul nsw i64 %51, 32
+  %55 = add nsw i64 %54, %7
+  %56 = getelementptr inbounds float, ptr %lb, i64 %55
+  store <16 x float> zeroinitializer, ptr %qacc, align 4
+  store <16 x float> zeroinitializer, ptr %qacc1, align 4
+  store <16 x float> zeroinitializer, ptr %qacc2, align 4
+  store <16 x float> zeroinitializer, ptr %qacc3, align 4
+  store <16 x float> zeroinitializer, ptr %qacc4, align 4
+  store <16 x float> zeroinitializer, ptr %qacc5, align 4
+  store <16 x float> zeroinitializer, ptr %qacc6, align 4
+  store <16 x float> zeroinitializer, ptr %qacc7, align 4
+  store <16 x float> zeroinitializer, ptr %qacc8, align 4
+  store <16 x float> zeroinitializer, ptr %qacc9, align 4
+  store <16 x float> zeroinitializer, ptr %qacc10, align 4
+  store <16 x float> zeroinitializer, ptr %qacc11, align 4
+  store <16 x float> zeroinitializer, ptr %qacc12, align 4
+  store <16 x float> zeroinitializer, ptr %qacc13, align 4
+  store <16 x float> zeroinitializer, ptr %qacc14, align 4
+  store <16 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head
+
+qh.head:                                          ; preds = %qh.body, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
+  %57 = icmp slt i64 %qh, 512
+  br i1 %57, label %qh.body, label %qh.end
+
+qh.body:                                          ; preds = %qh.head
+  %58 = add nsw i64 %qb, 0
+  %59 = mul nsw i64 %qh, 8
+  %60 = mul nsw i64 %58, 4096
+  %61 = add nsw i64 %60, %59
+  %62 = getelementptr inbounds float, ptr %router, i64 %61
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %qb, 1
+  %65 = mul nsw i64 %qh, 8
+  %66 = mul nsw i64 %64, 4096
+  %67 = add nsw i64 %66, %65
+  %68 = getelementptr inbounds float, ptr %router, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %70 = add nsw i64 %qb, 2
+  %71 = mul nsw i64 %qh, 8
+  %72 = mul nsw i64 %70, 4096
+  %73 = add nsw i64 %72, %71
+  %74 = getelementptr inbounds float, ptr %router, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  %76 = add nsw i64 %qb, 3
+  %77 = mul nsw i64 %qh, 8
+  %78 = mul nsw i64 %76, 4096
+  %79 = add nsw i64 %78, %77
+  %80 = getelementptr inbounds float, ptr %router, i64 %79
+  %81 = load <8 x float>, ptr %80, align 4
+  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %82 = getelementptr inbounds float, ptr %11, i64 %qh
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <16 x float> poison, float %83, i32 0
+  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
+  %86 = load <16 x float>, ptr %qacc, align 4
+  %87 = fmul <16 x float> %85, %w16
+  %88 = fadd <16 x float> %86, %87
+  store <16 x float> %88, ptr %qacc, align 4
+  %89 = load <16 x float>, ptr %qacc1, align 4
+  %90 = fmul <16 x float> %85, %w1616
+  %91 = fadd <16 x float> %89, %90
+  store <16 x float> %91, ptr %qacc1, align 4
+  %92 = getelementptr inbounds float, ptr %17, i64 %qh
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <16 x float> poison, float %93, i32 0
+  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
+  %96 = load <16 x float>, ptr %qacc2, align 4
+  %97 = fmul <16 x float> %95, %w16
+  %98 = fadd <16 x float> %96, %97
+  store <16 x float> %98, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = fmul <16 x float> %95, %w1616
+  %101 = fadd <16 x float> %99, %100
+  store <16 x float> %101, ptr %qacc3, align 4
+  %102 = getelementptr inbounds float, ptr %23, i64 %qh
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <16 x float> poison, float %103, i32 0
+  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
+  %106 = load <16 x float>, ptr %qacc4, align 4
+  %107 = fmul <16 x float> %105, %w16
+  %108 = fadd <16 x float> %106, %107
+  store <16 x float> %108, ptr %qacc4, align 4
+  %109 = load <16 x float>, ptr %qacc5, align 4
+  %110 = fmul <16 x float> %105, %w1616
+  %111 = fadd <16 x float> %109, %110
+  store <16 x float> %111, ptr %qacc5, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %qh
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <16 x float> poison, float %113, i32 0
+  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
+  %116 = load <16 x float>, ptr %qacc6, align 4
+  %117 = fmul <16 x float> %115, %w16
+  %118 = fadd <16 x float> %116, %117
+  store <16 x float> %118, ptr %qacc6, align 4
+  %119 = load <16 x float>, ptr %qacc7, align 4
+  %120 = fmul <16 x float> %115, %w1616
+  %121 = fadd <16 x float> %119, %120
+  store <16 x float> %121, ptr %qacc7, align 4
+  %122 = getelementptr inbounds float, ptr %35, i64 %qh
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <16 x float> poison, float %123, i32 0
+  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
+  %126 = load <16 x float>, ptr %qacc8, align 4
+  %127 = fmul <16 x float> %125, %w16
+  %128 = fadd <16 x float> %126, %127
+  store <16 x float> %128, ptr %qacc8, align 4
+  %129 = load <16 x float>, ptr %qacc9, align 4
+  %130 = fmul <16 x float> %125, %w1616
+  %131 = fadd <16 x float> %129, %130
+  store <16 x float> %131, ptr %qacc9, align 4
+  %132 = getelementptr inbounds float, ptr %41, i64 %qh
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <16 x float> poison, float %133, i32 0
+  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
+  %136 = load <16 x float>, ptr %qacc10, align 4
+  %137 = fmul <16 x float> %135, %w16
+  %138 = fadd <16 x float> %136, %137
+  store <16 x float> %138, ptr %qacc10, align 4
+  %139 = load <16 x float>, ptr %qacc11, align 4
+  %140 = fmul <16 x float> %135, %w1616
+  %141 = fadd <16 x float> %139, %140
+  store <16 x float> %141, ptr %qacc11, align 4
+  %142 = getelementptr inbounds float, ptr %47, i64 %qh
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <16 x float> poison, float %143, i32 0
+  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
+  %146 = load <16 x float>, ptr %qacc12, align 4
+  %147 = fmul <16 x float> %145, %w16
+  %148 = fadd <16 x float> %146, %147
+  store <16 x float> %148, ptr %qacc12, align 4
+  %149 = load <16 x float>, ptr %qacc13, align 4
+  %150 = fmul <16 x float> %145, %w1616
+  %151 = fadd <16 x float> %149, %150
+  store <16 x float> %151, ptr %qacc13, align 4
+  %152 = getelementptr inbounds float, ptr %53, i64 %qh
+  %153 = load float, ptr %152, align 4
+  %154 = insertelement <16 x float> poison, float %153, i32 0
+  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
+  %156 = load <16 x float>, ptr %qacc14, align 4
+  %157 = fmul <16 x float> %155, %w16
+  %158 = fadd <16 x float> %156, %157
+  store <16 x float> %158, ptr %qacc14, align 4
+  %159 = load <16 x float>, ptr %qacc15, align 4
+  %160 = fmul <16 x float> %155, %w1616
+  %161 = fadd <16 x float> %159, %160
+  store <16 x float> %161, ptr %qacc15, align 4
+  %162 = add nsw i64 %qh, 1
+  br label %qh.head
+
+qh.end:                                           ; preds = %qh.head
+  %163 = load <16 x float>, ptr %qacc, align 4
+  %164 = load <16 x float>, ptr %qacc1, align 4
+  %165 = load <16 x float>, ptr %qacc2, align 4
+  %166 = load <16 x float>, ptr %qacc3, align 4
+  %167 = load <16 x float>, ptr %qacc4, align 4
+  %168 = load <16 x float>, ptr %qacc5, align 4
+  %169 = load <16 x float>, ptr %qacc6, align 4
+  %170 = load <16 x float>, ptr %qacc7, align 4
+  %171 = load <16 x float>, ptr %qacc8, align 4
+  %172 = load <16 x float>, ptr %qacc9, align 4
+  %173 = load <16 x float>, ptr %qacc10, align 4
+  %174 = load <16 x float>, ptr %qacc11, align 4
+  %175 = load <16 x float>, ptr %qacc12, align 4
+  %176 = load <16 x float>, ptr %qacc13, align 4
+  %177 = load <16 x float>, ptr %qacc14, align 4
+  %178 = load <16 x float>, ptr %qacc15, align 4
+  %179 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %163, ptr %179, align 4
+  %180 = getelementptr inbounds float, ptr %14, i64 16
+  store <16 x float> %164, ptr %180, align 4
+  %181 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %165, ptr %181, align 4
+  %182 = getelementptr inbounds float, ptr %20, i64 16
+  store <16 x float> %166, ptr %182, align 4
+  %183 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %167, ptr %183, align 4
+  %184 = getelementptr inbounds float, ptr %26, i64 16
+  store <16 x float> %168, ptr %184, align 4
+  %185 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %169, ptr %185, align 4
+  %186 = getelementptr inbounds float, ptr %32, i64 16
+  store <16 x float> %170, ptr %186, align 4
+  %187 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %171, ptr %187, align 4
+  %188 = getelementptr inbounds float, ptr %38, i64 16
+  store <16 x float> %172, ptr %188, align 4
+  %189 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %173, ptr %189, align 4
+  %190 = getelementptr inbounds float, ptr %44, i64 16
+  store <16 x float> %174, ptr %190, align 4
+  %191 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %175, ptr %191, align 4
+  %192 = getelementptr inbounds float, ptr %50, i64 16
+  store <16 x float> %176, ptr %192, align 4
+  %193 = getelementptr inbounds float, ptr %56, i64 0
+  store <16 x float> %177, ptr %193, align 4
+  %194 = getelementptr inbounds float, ptr %56, i64 16
+  store <16 x float> %178, ptr %194, align 4
+  %195 = add nsw i64 %rb, 8
+  br label %rb.head
+
+rb.end:                                           ; preds = %rb.head
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end21, %rb.end
+  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
+  %196 = icmp slt i64 %r1, %gn
+  br i1 %196, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %197 = add nsw i64 %r1, 0
+  %198 = mul nsw i64 %197, 512
+  %199 = getelementptr inbounds float, ptr %4, i64 %198
+  %200 = mul nsw i64 %197, 32
+  %201 = add nsw i64 %200, %7
+  %202 = getelementptr inbounds float, ptr %lb, i64 %201
+  store <16 x float> zeroinitializer, ptr %qacc17, align 4
+  store <16 x float> zeroinitializer, ptr %qacc18, align 4
+  br label %qh.head19
+
+qh.head19:                                        ; preds = %qh.body20, %r1.body
+  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
+  %203 = icmp slt i64 %qh22, 512
+  br i1 %203, label %qh.body20, label %qh.end21
+
+qh.body20:                                        ; preds = %qh.head19
+  %204 = add nsw i64 %qb, 0
+  %205 = mul nsw i64 %qh22, 8
+  %206 = mul nsw i64 %204, 4096
+  %207 = add nsw i64 %206, %205
+  %208 = getelementptr inbounds float, ptr %router, i64 %207
+  %209 = load <8 x float>, ptr %208, align 4
+  %210 = add nsw i64 %qb, 1
+  %211 = mul nsw i64 %qh22, 8
+  %212 = mul nsw i64 %210, 4096
+  %213 = add nsw i64 %212, %211
+  %214 = getelementptr inbounds float, ptr %router, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %216 = add nsw i64 %qb, 2
+  %217 = mul nsw i64 %qh22, 8
+  %218 = mul nsw i64 %216, 4096
+  %219 = add nsw i64 %218, %217
+  %220 = getelementptr inbounds float, ptr %router, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  %222 = add nsw i64 %qb, 3
+  %223 = mul nsw i64 %qh22, 8
+  %224 = mul nsw i64 %222, 4096
+  %225 = add nsw i64 %224, %223
+  %226 = getelementptr inbounds float, ptr %router, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
+  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <16 x float> poison, float %229, i32 0
+  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
+  %232 = load <16 x float>, ptr %qacc17, align 4
+  %233 = fmul <16 x float> %231, %w1623
+  %234 = fadd <16 x float> %232, %233
+  store <16 x float> %234, ptr %qacc17, align 4
+  %235 = load <16 x float>, ptr %qacc18, align 4
+  %236 = fmul <16 x float> %231, %w1624
+  %237 = fadd <16 x float> %235, %236
+  store <16 x float> %237, ptr %qacc18, align 4
+  %238 = add nsw i64 %qh22, 1
+  br label %qh.head19
+
+qh.end21:                                         ; preds = %qh.head19
+  %239 = load <16 x float>, ptr %qacc17, align 4
+  %240 = load <16 x float>, ptr %qacc18, align 4
+  %241 = getelementptr inbounds float, ptr %202, i64 0
+  store <16 x float> %239, ptr %241, align 4
+  %242 = getelementptr inbounds float, ptr %202, i64 16
+  store <16 x float> %240, ptr %242, align 4
+  %243 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %244 = add nsw i64 %qb, 4
+  br label %qb.head
+
+qb.end:                                           ; preds = %qb.head
+  br label %qb1.head
+
+qb1.head:                                         ; preds = %r1.end43, %qb.end
+  %qb1 = phi i64 [ 4, %qb.end ], [ %402, %r1.end43 ]
+  %245 = icmp slt i64 %qb1, 4
+  br i1 %245, label %qb1.body, label %qb1.end
+
+qb1.body:                                         ; preds = %qb1.head
+  %246 = mul nsw i64 %qb1, 8
+  br label %rb.head25
+
+rb.head25:                                        ; preds = %qh.end39, %qb1.body
+  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
+  %247 = icmp slt i64 %rb28, %full
+  br i1 %247, label %rb.body26, label %rb.end27
+
+rb.body26:                                        ; preds = %rb.head25
+  %248 = add nsw i64 %rb28, 0
+  %249 = mul nsw i64 %248, 512
+  %250 = getelementptr inbounds float, ptr %4, i64 %249
+  %251 = mul nsw i64 %248, 32
+  %252 = add nsw i64 %251, %246
+  %253 = getelementptr inbounds float, ptr %lb, i64 %252
+  %254 = add nsw i64 %rb28, 1
+  %255 = mul nsw i64 %254, 512
+  %256 = getelementptr inbounds float, ptr %4, i64 %255
+  %257 = mul nsw i64 %254, 32
+  %258 = add nsw i64 %257, %246
+  %259 = getelementptr inbounds float, ptr %lb, i64 %258
+  %260 = add nsw i64 %rb28, 2
+  %261 = mul nsw i64 %260, 512
+  %262 = getelementptr inbounds float, ptr %4, i64 %261
+  %263 = mul nsw i64 %260, 32
+  %264 = add nsw i64 %263, %246
+  %265 = getelementptr inbounds float, ptr %lb, i64 %264
+  %266 = add nsw i64 %rb28, 3
+  %267 = mul nsw i64 %266, 512
+  %268 = getelementptr inbounds float, ptr %4, i64 %267
+  %269 = mul nsw i64 %266, 32
+  %270 = add nsw i64 %269, %246
+  %271 = getelementptr inbounds float, ptr %lb, i64 %270
+  %272 = add nsw i64 %rb28, 4
+  %273 = mul nsw i64 %272, 512
+  %274 = getelementptr inbounds float, ptr %4, i64 %273
+  %275 = mul nsw i64 %272, 32
+  %276 = add nsw i64 %275, %246
+  %277 = getelementptr inbounds float, ptr %lb, i64 %276
+  %278 = add nsw i64 %rb28, 5
+  %279 = mul nsw i64 %278, 512
+  %280 = getelementptr inbounds float, ptr %4, i64 %279
+  %281 = mul nsw i64 %278, 32
+  %282 = add nsw i64 %281, %246
+  %283 = getelementptr inbounds float, ptr %lb, i64 %282
+  %284 = add nsw i64 %rb28, 6
+  %285 = mul nsw i64 %284, 512
+  %286 = getelementptr inbounds float, ptr %4, i64 %285
+  %287 = mul nsw i64 %284, 32
+  %288 = add nsw i64 %287, %246
+  %289 = getelementptr inbounds float, ptr %lb, i64 %288
+  %290 = add nsw i64 %rb28, 7
+  %291 = mul nsw i64 %290, 512
+  %292 = getelementptr inbounds float, ptr %4, i64 %291
+  %293 = mul nsw i64 %290, 32
+  %294 = add nsw i64 %293, %246
+  %295 = getelementptr inbounds float, ptr %lb, i64 %294
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  store <8 x float> zeroinitializer, ptr %qacc33, align 4
+  store <8 x float> zeroinitializer, ptr %qacc34, align 4
+  store <8 x float> zeroinitializer, ptr %qacc35, align 4
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %rb.body26
+  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
+  %296 = icmp slt i64 %qh40, 512
+  br i1 %296, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %297 = add nsw i64 %qb1, 0
+  %298 = mul nsw i64 %qh40, 8
+  %299 = mul nsw i64 %297, 4096
+  %300 = add nsw i64 %299, %298
+  %301 = getelementptr inbounds float, ptr %router, i64 %300
+  %302 = load <8 x float>, ptr %301, align 4
+  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
+  %304 = load float, ptr %303, align 4
+  %305 = insertelement <8 x float> poison, float %304, i32 0
+  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
+  %307 = load <8 x float>, ptr %qacc29, align 4
+  %308 = fmul <8 x float> %306, %302
+  %309 = fadd <8 x float> %307, %308
+  store <8 x float> %309, ptr %qacc29, align 4
+  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %qacc30, align 4
+  %315 = fmul <8 x float> %313, %302
+  %316 = fadd <8 x float> %314, %315
+  store <8 x float> %316, ptr %qacc30, align 4
+  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
+  %318 = load float, ptr %317, align 4
+  %319 = insertelement <8 x float> poison, float %318, i32 0
+  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
+  %321 = load <8 x float>, ptr %qacc31, align 4
+  %322 = fmul <8 x float> %320, %302
+  %323 = fadd <8 x float> %321, %322
+  store <8 x float> %323, ptr %qacc31, align 4
+  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %qacc32, align 4
+  %329 = fmul <8 x float> %327, %302
+  %330 = fadd <8 x float> %328, %329
+  store <8 x float> %330, ptr %qacc32, align 4
+  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %qacc33, align 4
+  %336 = fmul <8 x float> %334, %302
+  %337 = fadd <8 x float> %335, %336
+  store <8 x float> %337, ptr %qacc33, align 4
+  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = load <8 x float>, ptr %qacc34, align 4
+  %343 = fmul <8 x float> %341, %302
+  %344 = fadd <8 x float> %342, %343
+  store <8 x float> %344, ptr %qacc34, align 4
+  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %qacc35, align 4
+  %350 = fmul <8 x float> %348, %302
+  %351 = fadd <8 x float> %349, %350
+  store <8 x float> %351, ptr %qacc35, align 4
+  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
+  %353 = load float, ptr %352, align 4
+  %354 = insertelement <8 x float> poison, float %353, i32 0
+  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
+  %356 = load <8 x float>, ptr %qacc36, align 4
+  %357 = fmul <8 x float> %355, %302
+  %358 = fadd <8 x float> %356, %357
+  store <8 x float> %358, ptr %qacc36, align 4
+  %359 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %360 = load <8 x float>, ptr %qacc29, align 4
+  %361 = load <8 x float>, ptr %qacc30, align 4
+  %362 = load <8 x float>, ptr %qacc31, align 4
+  %363 = load <8 x float>, ptr %qacc32, align 4
+  %364 = load <8 x float>, ptr %qacc33, align 4
+  %365 = load <8 x float>, ptr %qacc34, align 4
+  %366 = load <8 x float>, ptr %qacc35, align 4
+  %367 = load <8 x float>, ptr %qacc36, align 4
+  %368 = getelementptr inbounds float, ptr %253, i64 0
+  store <8 x float> %360, ptr %368, align 4
+  %369 = getelementptr inbounds float, ptr %259, i64 0
+  store <8 x float> %361, ptr %369, align 4
+  %370 = getelementptr inbounds float, ptr %265, i64 0
+  store <8 x float> %362, ptr %370, align 4
+  %371 = getelementptr inbounds float, ptr %271, i64 0
+  store <8 x float> %363, ptr %371, align 4
+  %372 = getelementptr inbounds float, ptr %277, i64 0
+  store <8 x float> %364, ptr %372, align 4
+  %373 = getelementptr inbounds float, ptr %283, i64 0
+  store <8 x float> %365, ptr %373, align 4
+  %374 = getelementptr inbounds float, ptr %289, i64 0
+  store <8 x float> %366, ptr %374, align 4
+  %375 = getelementptr inbounds float, ptr %295, i64 0
+  store <8 x float> %367, ptr %375, align 4
+  %376 = add nsw i64 %rb28, 8
+  br label %rb.head25
+
+rb.end27:                                         ; preds = %rb.head25
+  br label %r1.head41
+
+r1.head41:                                        ; preds = %qh.end48, %rb.end27
+  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
+  %377 = icmp slt i64 %r144, %gn
+  br i1 %377, label %r1.body42, label %r1.end43
+
+r1.body42:                                        ; preds = %r1.head41
+  %378 = add nsw i64 %r144, 0
+  %379 = mul nsw i64 %378, 512
+  %380 = getelementptr inbounds float, ptr %4, i64 %379
+  %381 = mul nsw i64 %378, 32
+  %382 = add nsw i64 %381, %246
+  %383 = getelementptr inbounds float, ptr %lb, i64 %382
+  store <8 x float> zeroinitializer, ptr %qacc45, align 4
+  br label %qh.head46
+
+qh.head46:                                        ; preds = %qh.body47, %r1.body42
+  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
+  %384 = icmp slt i64 %qh49, 512
+  br i1 %384, label %qh.body47, label %qh.end48
+
+qh.body47:                                        ; preds = %qh.head46
+  %385 = add nsw i64 %qb1, 0
+  %386 = mul nsw i64 %qh49, 8
+  %387 = mul nsw i64 %385, 4096
+  %388 = add nsw i64 %387, %386
+  %389 = getelementptr inbounds float, ptr %router, i64 %388
+  %390 = load <8 x float>, ptr %389, align 4
+  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %qacc45, align 4
+  %396 = fmul <8 x float> %394, %390
+  %397 = fadd <8 x float> %395, %396
+  store <8 x float> %397, ptr %qacc45, align 4
+  %398 = add nsw i64 %qh49, 1
+  br label %qh.head46
+
+qh.end48:                                         ; preds = %qh.head46
+  %399 = load <8 x float>, ptr %qacc45, align 4
+  %400 = getelementptr inbounds float, ptr %383, i64 0
+  store <8 x float> %399, ptr %400, align 4
+  %401 = add nsw i64 %r144, 1
+  br label %r1.head41
+
+r1.end43:                                         ; preds = %r1.head41
+  %402 = add nsw i64 %qb1, 1
+  br label %qb1.head
+
+qb1.end:                                          ; preds = %qb1.head
+  %training50 = icmp ne i32 %training, 0
+  br i1 %training50, label %gtraining.then, label %gtraining.end
+
+gtraining.then:                                   ; preds = %qb1.end
+  %403 = mul nsw i64 %tg, 512
+  %404 = getelementptr inbounds float, ptr %x, i64 %403
+  %405 = sdiv i64 %gn, 8
+  %full51 = mul i64 %405, 8
+  br label %qb.head52
+
+qb.head52:                                        ; preds = %r1.end84, %gtraining.then
+  %qb55 = phi i64 [ 0, %gtraining.then ], [ %644, %r1.end84 ]
+  %406 = icmp slt i64 %qb55, 4
+  br i1 %406, label %qb.body53, label %qb.end54
+
+qb.body53:                                        ; preds = %qb.head52
+  %407 = mul nsw i64 %qb55, 8
+  br label %rb.head56
+
+rb.head56:                                        ; preds = %qh.end78, %qb.body53
+  %rb59 = phi i64 [ 0, %qb.body53 ], [ %595, %qh.end78 ]
+  %408 = icmp slt i64 %rb59, %full51
+  br i1 %408, label %rb.body57, label %rb.end58
+
+rb.body57:                                        ; preds = %rb.head56
+  %409 = add nsw i64 %rb59, 0
+  %410 = mul nsw i64 %409, 512
+  %411 = getelementptr inbounds float, ptr %404, i64 %410
+  %412 = mul nsw i64 %409, 32
+  %413 = add nsw i64 %412, %407
+  %414 = getelementptr inbounds float, ptr %nlb, i64 %413
+  %415 = add nsw i64 %rb59, 1
+  %416 = mul nsw i64 %415, 512
+  %417 = getelementptr inbounds float, ptr %404, i64 %416
+  %418 = mul nsw i64 %415, 32
+  %419 = add nsw i64 %418, %407
+  %420 = getelementptr inbounds float, ptr %nlb, i64 %419
+  %421 = add nsw i64 %rb59, 2
+  %422 = mul nsw i64 %421, 512
+  %423 = getelementptr inbounds float, ptr %404, i64 %422
+  %424 = mul nsw i64 %421, 32
+  %425 = add nsw i64 %424, %407
+  %426 = getelementptr inbounds float, ptr %nlb, i64 %425
+  %427 = add nsw i64 %rb59, 3
+  %428 = mul nsw i64 %427, 512
+  %429 = getelementptr inbounds float, ptr %404, i64 %428
+  %430 = mul nsw i64 %427, 32
+  %431 = add nsw i64 %430, %407
+  %432 = getelementptr inbounds float, ptr %nlb, i64 %431
+  %433 = add nsw i64 %rb59, 4
+  %434 = mul nsw i64 %433, 512
+  %435 = getelementptr inbounds float, ptr %404, i64 %434
+  %436 = mul nsw i64 %433, 32
+  %437 = add nsw i64 %436, %407
+  %438 = getelementptr inbounds float, ptr %nlb, i64 %437
+  %439 = add nsw i64 %rb59, 5
+  %440 = mul nsw i64 %439, 512
+  %441 = getelementptr inbounds float, ptr %404, i64 %440
+  %442 = mul nsw i64 %439, 32
+  %443 = add nsw i64 %442, %407
+  %444 = getelementptr inbounds float, ptr %nlb, i64 %443
+  %445 = add nsw i64 %rb59, 6
+  %446 = mul nsw i64 %445, 512
+  %447 = getelementptr inbounds float, ptr %404, i64 %446
+  %448 = mul nsw i64 %445, 32
+  %449 = add nsw i64 %448, %407
+  %450 = getelementptr inbounds float, ptr %nlb, i64 %449
+  %451 = add nsw i64 %rb59, 7
+  %452 = mul nsw i64 %451, 512
+  %453 = getelementptr inbounds float, ptr %404, i64 %452
+  %454 = mul nsw i64 %451, 32
+  %455 = add nsw i64 %454, %407
+  %456 = getelementptr inbounds float, ptr %nlb, i64 %455
+  store <16 x float> zeroinitializer, ptr %qacc60, align 4
+  store <16 x float> zeroinitializer, ptr %qacc61, align 4
+  store <16 x float> zeroinitializer, ptr %qacc62, align 4
+  store <16 x float> zeroinitializer, ptr %qacc63, align 4
+  store <16 x float> zeroinitializer, ptr %qacc64, align 4
+  store <16 x float> zeroinitializer, ptr %qacc65, align 4
+  store <16 x float> zeroinitializer, ptr %qacc66, align 4
+  store <16 x float> zeroinitializer, ptr %qacc67, align 4
+  store <16 x float> zeroinitializer, ptr %qacc68, align 4
+  store <16 x float> zeroinitializer, ptr %qacc69, align 4
+  store <16 x float> zeroinitializer, ptr %qacc70, align 4
+  store <16 x float> zeroinitializer, ptr %qacc71, align 4
+  store <16 x float> zeroinitializer, ptr %qacc72, align 4
+  store <16 x float> zeroinitializer, ptr %qacc73, align 4
+  store <16 x float> zeroinitializer, ptr %qacc74, align 4
+  store <16 x float> zeroinitializer, ptr %qacc75, align 4
+  br label %qh.head76
+
+qh.head76:                                        ; preds = %qh.body77, %rb.body57
+  %qh79 = phi i64 [ 0, %rb.body57 ], [ %562, %qh.body77 ]
+  %457 = icmp slt i64 %qh79, 512
+  br i1 %457, label %qh.body77, label %qh.end78
+
+qh.body77:                                        ; preds = %qh.head76
+  %458 = add nsw i64 %qb55, 0
+  %459 = mul nsw i64 %qh79, 8
+  %460 = mul nsw i64 %458, 4096
+  %461 = add nsw i64 %460, %459
+  %462 = getelementptr inbounds float, ptr %noise, i64 %461
+  %463 = load <8 x float>, ptr %462, align 4
+  %464 = add nsw i64 %qb55, 1
+  %465 = mul nsw i64 %qh79, 8
+  %466 = mul nsw i64 %464, 4096
+  %467 = add nsw i64 %466, %465
+  %468 = getelementptr inbounds float, ptr %noise, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  %w1680 = shufflevector <8 x float> %463, <8 x float> %469, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %470 = add nsw i64 %qb55, 2
+  %471 = mul nsw i64 %qh79, 8
+  %472 = mul nsw i64 %470, 4096
+  %473 = add nsw i64 %472, %471
+  %474 = getelementptr inbounds float, ptr %noise, i64 %473
+  %475 = load <8 x float>, ptr %474, align 4
+  %476 = add nsw i64 %qb55, 3
+  %477 = mul nsw i64 %qh79, 8
+  %478 = mul nsw i64 %476, 4096
+  %479 = add nsw i64 %478, %477
+  %480 = getelementptr inbounds float, ptr %noise, i64 %479
+  %481 = load <8 x float>, ptr %480, align 4
+  %w1681 = shufflevector <8 x float> %475, <8 x float> %481, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %482 = getelementptr inbounds float, ptr %411, i64 %qh79
+  %483 = load float, ptr %482, align 4
+  %484 = insertelement <16 x float> poison, float %483, i32 0
+  %485 = shufflevector <16 x float> %484, <16 x float> poison, <16 x i32> zeroinitializer
+  %486 = load <16 x float>, ptr %qacc60, align 4
+  %487 = fmul <16 x float> %485, %w1680
+  %488 = fadd <16 x float> %486, %487
+  store <16 x float> %488, ptr %qacc60, align 4
+  %489 = load <16 x float>, ptr %qacc61, align 4
+  %490 = fmul <16 x float> %485, %w1681
+  %491 = fadd <16 x float> %489, %490
+  store <16 x float> %491, ptr %qacc61, align 4
+  %492 = getelementptr inbounds float, ptr %417, i64 %qh79
+  %493 = load float, ptr %492, align 4
+  %494 = insertelement <16 x float> poison, float %493, i32 0
+  %495 = shufflevector <16 x float> %494, <16 x float> poison, <16 x i32> zeroinitializer
+  %496 = load <16 x float>, ptr %qacc62, align 4
+  %497 = fmul <16 x float> %495, %w1680
+  %498 = fadd <16 x float> %496, %497
+  store <16 x float> %498, ptr %qacc62, align 4
+  %499 = load <16 x float>, ptr %qacc63, align 4
+  %500 = fmul <16 x float> %495, %w1681
+  %501 = fadd <16 x float> %499, %500
+  store <16 x float> %501, ptr %qacc63, align 4
+  %502 = getelementptr inbounds float, ptr %423, i64 %qh79
+  %503 = load float, ptr %502, align 4
+  %504 = insertelement <16 x float> poison, float %503, i32 0
+  %505 = shufflevector <16 x float> %504, <16 x float> poison, <16 x i32> zeroinitializer
+  %506 = load <16 x float>, ptr %qacc64, align 4
+  %507 = fmul <16 x float> %505, %w1680
+  %508 = fadd <16 x float> %506, %507
+  store <16 x float> %508, ptr %qacc64, align 4
+  %509 = load <16 x float>, ptr %qacc65, align 4
+  %510 = fmul <16 x float> %505, %w1681
+  %511 = fadd <16 x float> %509, %510
+  store <16 x float> %511, ptr %qacc65, align 4
+  %512 = getelementptr inbounds float, ptr %429, i64 %qh79
+  %513 = load float, ptr %512, align 4
+  %514 = insertelement <16 x float> poison, float %513, i32 0
+  %515 = shufflevector <16 x float> %514, <16 x float> poison, <16 x i32> zeroinitializer
+  %516 = load <16 x float>, ptr %qacc66, align 4
+  %517 = fmul <16 x float> %515, %w1680
+  %518 = fadd <16 x float> %516, %517
+  store <16 x float> %518, ptr %qacc66, align 4
+  %519 = load <16 x float>, ptr %qacc67, align 4
+  %520 = fmul <16 x float> %515, %w1681
+  %521 = fadd <16 x float> %519, %520
+  store <16 x float> %521, ptr %qacc67, align 4
+  %522 = getelementptr inbounds float, ptr %435, i64 %qh79
+  %523 = load float, ptr %522, align 4
+  %524 = insertelement <16 x float> poison, float %523, i32 0
+  %525 = shufflevector <16 x float> %524, <16 x float> poison, <16 x i32> zeroinitializer
+  %526 = load <16 x float>, ptr %qacc68, align 4
+  %527 = fmul <16 x float> %525, %w1680
+  %528 = fadd <16 x float> %526, %527
+  store <16 x float> %528, ptr %qacc68, align 4
+  %529 = load <16 x float>, ptr %qacc69, align 4
+  %530 = fmul <16 x float> %525, %w1681
+  %531 = fadd <16 x float> %529, %530
+  store <16 x float> %531, ptr %qacc69, align 4
+  %532 = getelementptr inbounds float, ptr %441, i64 %qh79
+  %533 = load float, ptr %532, align 4
+  %534 = insertelement <16 x float> poison, float %533, i32 0
+  %535 = shufflevector <16 x float> %534, <16 x float> poison, <16 x i32> zeroinitializer
+  %536 = load <16 x float>, ptr %qacc70, align 4
+  %537 = fmul <16 x float> %535, %w1680
+  %538 = fadd <16 x float> %536, %537
+  store <16 x float> %538, ptr %qacc70, align 4
+  %539 = load <16 x float>, ptr %qacc71, align 4
+  %540 = fmul <16 x float> %535, %w1681
+  %541 = fadd <16 x float> %539, %540
+  store <16 x float> %541, ptr %qacc71, align 4
+  %542 = getelementptr inbounds float, ptr %447, i64 %qh79
+  %543 = load float, ptr %542, align 4
+  %544 = insertelement <16 x float> poison, float %543, i32 0
+  %545 = shufflevector <16 x float> %544, <16 x float> poison, <16 x i32> zeroinitializer
+  %546 = load <16 x float>, ptr %qacc72, align 4
+  %547 = fmul <16 x float> %545, %w1680
+  %548 = fadd <16 x float> %546, %547
+  store <16 x float> %548, ptr %qacc72, align 4
+  %549 = load <16 x float>, ptr %qacc73, align 4
+  %550 = fmul <16 x float> %545, %w1681
+  %551 = fadd <16 x float> %549, %550
+  store <16 x float> %551, ptr %qacc73, align 4
+  %552 = getelementptr inbounds float, ptr %453, i64 %qh79
+  %553 = load float, ptr %552, align 4
+  %554 = insertelement <16 x float> poison, float %553, i32 0
+  %555 = shufflevector <16 x float> %554, <16 x float> poison, <16 x i32> zeroinitializer
+  %556 = load <16 x float>, ptr %qacc74, align 4
+  %557 = fmul <16 x float> %555, %w1680
+  %558 = fadd <16 x float> %556, %557
+  store <16 x float> %558, ptr %qacc74, align 4
+  %559 = load <16 x float>, ptr %qacc75, align 4
+  %560 = fmul <16 x float> %555, %w1681
+  %561 = fadd <16 x float> %559, %560
+  store <16 x float> %561, ptr %qacc75, align 4
+  %562 = add nsw i64 %qh79, 1
+  br label %qh.head76
+
+qh.end78:                                         ; preds = %qh.head76
+  %563 = load <16 x float>, ptr %qacc60, align 4
+  %564 = load <16 x float>, ptr %qacc61, align 4
+  %565 = load <16 x float>, ptr %qacc62, align 4
+  %566 = load <16 x float>, ptr %qacc63, align 4
+  %567 = load <16 x float>, ptr %qacc64, align 4
+  %568 = load <16 x float>, ptr %qacc65, align 4
+  %569 = load <16 x float>, ptr %qacc66, align 4
+  %570 = load <16 x float>, ptr %qacc67, align 4
+  %571 = load <16 x float>, ptr %qacc68, align 4
+  %572 = load <16 x float>, ptr %qacc69, align 4
+  %573 = load <16 x float>, ptr %qacc70, align 4
+  %574 = load <16 x float>, ptr %qacc71, align 4
+  %575 = load <16 x float>, ptr %qacc72, align 4
+  %576 = load <16 x float>, ptr %qacc73, align 4
+  %577 = load <16 x float>, ptr %qacc74, align 4
+  %578 = load <16 x float>, ptr %qacc75, align 4
+  %579 = getelementptr inbounds float, ptr %414, i64 0
+  store <16 x float> %563, ptr %579, align 4
+  %580 = getelementptr inbounds float, ptr %414, i64 16
+  store <16 x float> %564, ptr %580, align 4
+  %581 = getelementptr inbounds float, ptr %420, i64 0
+  store <16 x float> %565, ptr %581, align 4
+  %582 = getelementptr inbounds float, ptr %420, i64 16
+  store <16 x float> %566, ptr %582, align 4
+  %583 = getelementptr inbounds float, ptr %426, i64 0
+  store <16 x float> %567, ptr %583, align 4
+  %584 = getelementptr inbounds float, ptr %426, i64 16
+  store <16 x float> %568, ptr %584, align 4
+  %585 = getelementptr inbounds float, ptr %432, i64 0
+  store <16 x float> %569, ptr %585, align 4
+  %586 = getelementptr inbounds float, ptr %432, i64 16
+  store <16 x float> %570, ptr %586, align 4
+  %587 = getelementptr inbounds float, ptr %438, i64 0
+  store <16 x float> %571, ptr %587, align 4
+  %588 = getelementptr inbounds float, ptr %438, i64 16
+  store <16 x float> %572, ptr %588, align 4
+  %589 = getelementptr inbounds float, ptr %444, i64 0
+  store <16 x float> %573, ptr %589, align 4
+  %590 = getelementptr inbounds float, ptr %444, i64 16
+  store <16 x float> %574, ptr %590, align 4
+  %591 = getelementptr inbounds float, ptr %450, i64 0
+  store <16 x float> %575, ptr %591, align 4
+  %592 = getelementptr inbounds float, ptr %450, i64 16
+  store <16 x float> %576, ptr %592, align 4
+  %593 = getelementptr inbounds float, ptr %456, i64 0
+  store <16 x float> %577, ptr %593, align 4
+  %594 = getelementptr inbounds float, ptr %456, i64 16
+  store <16 x float> %578, ptr %594, align 4
+  %595 = add nsw i64 %rb59, 8
+  br label %rb.head56
+
+rb.end58:                                         ; preds = %rb.head56
+  br label %r1.head82
+
+r1.head82:                                        ; preds = %qh.end90, %rb.end58
+  %r185 = phi i64 [ %full51, %rb.end58 ], [ %643, %qh.end90 ]
+  %596 = icmp slt i64 %r185, %gn
+  br i1 %596, label %r1.body83, label %r1.end84
+
+r1.body83:                                        ; preds = %r1.head82
+  %597 = add nsw i64 %r185, 0
+  %598 = mul nsw i64 %597, 512
+  %599 = getelementptr inbounds float, ptr %404, i64 %598
+  %600 = mul nsw i64 %597, 32
+  %601 = add nsw i64 %600, %407
+  %602 = getelementptr inbounds float, ptr %nlb, i64 %601
+  store <16 x float> zeroinitializer, ptr %qacc86, align 4
+  store <16 x float> zeroinitializer, ptr %qacc87, align 4
+  br label %qh.head88
+
+qh.head88:                                        ; preds = %qh.body89, %r1.body83
+  %qh91 = phi i64 [ 0, %r1.body83 ], [ %638, %qh.body89 ]
+  %603 = icmp slt i64 %qh91, 512
+  br i1 %603, label %qh.body89, label %qh.end90
+
+qh.body89:                                        ; preds = %qh.head88
+  %604 = add nsw i64 %qb55, 0
+  %605 = mul nsw i64 %qh91, 8
+  %606 = mul nsw i64 %604, 4096
+  %607 = add nsw i64 %606, %605
+  %608 = getelementptr inbounds float, ptr %noise, i64 %607
+  %609 = load <8 x float>, ptr %608, align 4
+  %610 = add nsw i64 %qb55, 1
+  %611 = mul nsw i64 %qh91, 8
+  %612 = mul nsw i64 %610, 4096
+  %613 = add nsw i64 %612, %611
+  %614 = getelementptr inbounds float, ptr %noise, i64 %613
+  %615 = load <8 x float>, ptr %614, align 4
+  %w1692 = shufflevector <8 x float> %609, <8 x float> %615, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %616 = add nsw i64 %qb55, 2
+  %617 = mul nsw i64 %qh91, 8
+  %618 = mul nsw i64 %616, 4096
+  %619 = add nsw i64 %618, %617
+  %620 = getelementptr inbounds float, ptr %noise, i64 %619
+  %621 = load <8 x float>, ptr %620, align 4
+  %622 = add nsw i64 %qb55, 3
+  %623 = mul nsw i64 %qh91, 8
+  %624 = mul nsw i64 %622, 4096
+  %625 = add nsw i64 %624, %623
+  %626 = getelementptr inbounds float, ptr %noise, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %w1693 = shufflevector <8 x float> %621, <8 x float> %627, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %628 = getelementptr inbounds float, ptr %599, i64 %qh91
+  %629 = load float, ptr %628, align 4
+  %630 = insertelement <16 x float> poison, float %629, i32 0
+  %631 = shufflevector <16 x float> %630, <16 x float> poison, <16 x i32> zeroinitializer
+  %632 = load <16 x float>, ptr %qacc86, align 4
+  %633 = fmul <16 x float> %631, %w1692
+  %634 = fadd <16 x float> %632, %633
+  store <16 x float> %634, ptr %qacc86, align 4
+  %635 = load <16 x float>, ptr %qacc87, align 4
+  %636 = fmul <16 x float> %631, %w1693
+  %637 = fadd <16 x float> %635, %636
+  store <16 x float> %637, ptr %qacc87, align 4
+  %638 = add nsw i64 %qh91, 1
+  br label %qh.head88
+
+qh.end90:                                         ; preds = %qh.head88
+  %639 = load <16 x float>, ptr %qacc86, align 4
+  %640 = load <16 x float>, ptr %qacc87, align 4
+  %641 = getelementptr inbounds float, ptr %602, i64 0
+  store <16 x float> %639, ptr %641, align 4
+  %642 = getelementptr inbounds float, ptr %602, i64 16
+  store <16 x float> %640, ptr %642, align 4
+  %643 = add nsw i64 %r185, 1
+  br label %r1.head82
+
+r1.end84:                                         ; preds = %r1.head82
+  %644 = add nsw i64 %qb55, 4
+  br label %qb.head52
+
+qb.end54:                                         ; preds = %qb.head52
+  br label %qb1.head94
+
+qb1.head94:                                       ; preds = %r1.end116, %qb.end54
+  %qb197 = phi i64 [ 4, %qb.end54 ], [ %802, %r1.end116 ]
+  %645 = icmp slt i64 %qb197, 4
+  br i1 %645, label %qb1.body95, label %qb1.end96
+
+qb1.body95:                                       ; preds = %qb1.head94
+  %646 = mul nsw i64 %qb197, 8
+  br label %rb.head98
+
+rb.head98:                                        ; preds = %qh.end112, %qb1.body95
+  %rb101 = phi i64 [ 0, %qb1.body95 ], [ %776, %qh.end112 ]
+  %647 = icmp slt i64 %rb101, %full51
+  br i1 %647, label %rb.body99, label %rb.end100
+
+rb.body99:                                        ; preds = %rb.head98
+  %648 = add nsw i64 %rb101, 0
+  %649 = mul nsw i64 %648, 512
+  %650 = getelementptr inbounds float, ptr %404, i64 %649
+  %651 = mul nsw i64 %648, 32
+  %652 = add nsw i64 %651, %646
+  %653 = getelementptr inbounds float, ptr %nlb, i64 %652
+  %654 = add nsw i64 %rb101, 1
+  %655 = mul nsw i64 %654, 512
+  %656 = getelementptr inbounds float, ptr %404, i64 %655
+  %657 = mul nsw i64 %654, 32
+  %658 = add nsw i64 %657, %646
+  %659 = getelementptr inbounds float, ptr %nlb, i64 %658
+  %660 = add nsw i64 %rb101, 2
+  %661 = mul nsw i64 %660, 512
+  %662 = getelementptr inbounds float, ptr %404, i64 %661
+  %663 = mul nsw i64 %660, 32
+  %664 = add nsw i64 %663, %646
+  %665 = getelementptr inbounds float, ptr %nlb, i64 %664
+  %666 = add nsw i64 %rb101, 3
+  %667 = mul nsw i64 %666, 512
+  %668 = getelementptr inbounds float, ptr %404, i64 %667
+  %669 = mul nsw i64 %666, 32
+  %670 = add nsw i64 %669, %646
+  %671 = getelementptr inbounds float, ptr %nlb, i64 %670
+  %672 = add nsw i64 %rb101, 4
+  %673 = mul nsw i64 %672, 512
+  %674 = getelementptr inbounds float, ptr %404, i64 %673
+  %675 = mul nsw i64 %672, 32
+  %676 = add nsw i64 %675, %646
+  %677 = getelementptr inbounds float, ptr %nlb, i64 %676
+  %678 = add nsw i64 %rb101, 5
+  %679 = mul nsw i64 %678, 512
+  %680 = getelementptr inbounds float, ptr %404, i64 %679
+  %681 = mul nsw i64 %678, 32
+  %682 = add nsw i64 %681, %646
+  %683 = getelementptr inbounds float, ptr %nlb, i64 %682
+  %684 = add nsw i64 %rb101, 6
+  %685 = mul nsw i64 %684, 512
+  %686 = getelementptr inbounds float, ptr %404, i64 %685
+  %687 = mul nsw i64 %684, 32
+  %688 = add nsw i64 %687, %646
+  %689 = getelementptr inbounds float, ptr %nlb, i64 %688
+  %690 = add nsw i64 %rb101, 7
+  %691 = mul nsw i64 %690, 512
+  %692 = getelementptr inbounds float, ptr %404, i64 %691
+  %693 = mul nsw i64 %690, 32
+  %694 = add nsw i64 %693, %646
+  %695 = getelementptr inbounds float, ptr %nlb, i64 %694
+  store <8 x float> zeroinitializer, ptr %qacc102, align 4
+  store <8 x float> zeroinitializer, ptr %qacc103, align 4
+  store <8 x float> zeroinitializer, ptr %qacc104, align 4
+  store <8 x float> zeroinitializer, ptr %qacc105, align 4
+  store <8 x float> zeroinitializer, ptr %qacc106, align 4
+  store <8 x float> zeroinitializer, ptr %qacc107, align 4
+  store <8 x float> zeroinitializer, ptr %qacc108, align 4
+  store <8 x float> zeroinitializer, ptr %qacc109, align 4
+  br label %qh.head110
+
+qh.head110:                                       ; preds = %qh.body111, %rb.body99
+  %qh113 = phi i64 [ 0, %rb.body99 ], [ %759, %qh.body111 ]
+  %696 = icmp slt i64 %qh113, 512
+  br i1 %696, label %qh.body111, label %qh.end112
+
+qh.body111:                                       ; preds = %qh.head110
+  %697 = add nsw i64 %qb197, 0
+  %698 = mul nsw i64 %qh113, 8
+  %699 = mul nsw i64 %697, 4096
+  %700 = add nsw i64 %699, %698
+  %701 = getelementptr inbounds float, ptr %noise, i64 %700
+  %702 = load <8 x float>, ptr %701, align 4
+  %703 = getelementptr inbounds float, ptr %650, i64 %qh113
+  %704 = load float, ptr %703, align 4
+  %705 = insertelement <8 x float> poison, float %704, i32 0
+  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
+  %707 = load <8 x float>, ptr %qacc102, align 4
+  %708 = fmul <8 x float> %706, %702
+  %709 = fadd <8 x float> %707, %708
+  store <8 x float> %709, ptr %qacc102, align 4
+  %710 = getelementptr inbounds float, ptr %656, i64 %qh113
+  %711 = load float, ptr %710, align 4
+  %712 = insertelement <8 x float> poison, float %711, i32 0
+  %713 = shufflevector <8 x float> %712, <8 x float> poison, <8 x i32> zeroinitializer
+  %714 = load <8 x float>, ptr %qacc103, align 4
+  %715 = fmul <8 x float> %713, %702
+  %716 = fadd <8 x float> %714, %715
+  store <8 x float> %716, ptr %qacc103, align 4
+  %717 = getelementptr inbounds float, ptr %662, i64 %qh113
+  %718 = load float, ptr %717, align 4
+  %719 = insertelement <8 x float> poison, float %718, i32 0
+  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
+  %721 = load <8 x float>, ptr %qacc104, align 4
+  %722 = fmul <8 x float> %720, %702
+  %723 = fadd <8 x float> %721, %722
+  store <8 x float> %723, ptr %qacc104, align 4
+  %724 = getelementptr inbounds float, ptr %668, i64 %qh113
+  %725 = load float, ptr %724, align 4
+  %726 = insertelement <8 x float> poison, float %725, i32 0
+  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
+  %728 = load <8 x float>, ptr %qacc105, align 4
+  %729 = fmul <8 x float> %727, %702
+  %730 = fadd <8 x float> %728, %729
+  store <8 x float> %730, ptr %qacc105, align 4
+  %731 = getelementptr inbounds float, ptr %674, i64 %qh113
+  %732 = load float, ptr %731, align 4
+  %733 = insertelement <8 x float> poison, float %732, i32 0
+  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
+  %735 = load <8 x float>, ptr %qacc106, align 4
+  %736 = fmul <8 x float> %734, %702
+  %737 = fadd <8 x float> %735, %736
+  store <8 x float> %737, ptr %qacc106, align 4
+  %738 = getelementptr inbounds float, ptr %680, i64 %qh113
+  %739 = load float, ptr %738, align 4
+  %740 = insertelement <8 x float> poison, float %739, i32 0
+  %741 = shufflevector <8 x float> %740, <8 x float> poison, <8 x i32> zeroinitializer
+  %742 = load <8 x float>, ptr %qacc107, align 4
+  %743 = fmul <8 x float> %741, %702
+  %744 = fadd <8 x float> %742, %743
+  store <8 x float> %744, ptr %qacc107, align 4
+  %745 = getelementptr inbounds float, ptr %686, i64 %qh113
+  %746 = load float, ptr %745, align 4
+  %747 = insertelement <8 x float> poison, float %746, i32 0
+  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
+  %749 = load <8 x float>, ptr %qacc108, align 4
+  %750 = fmul <8 x float> %748, %702
+  %751 = fadd <8 x float> %749, %750
+  store <8 x float> %751, ptr %qacc108, align 4
+  %752 = getelementptr inbounds float, ptr %692, i64 %qh113
+  %753 = load float, ptr %752, align 4
+  %754 = insertelement <8 x float> poison, float %753, i32 0
+  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
+  %756 = load <8 x float>, ptr %qacc109, align 4
+  %757 = fmul <8 x float> %755, %702
+  %758 = fadd <8 x float> %756, %757
+  store <8 x float> %758, ptr %qacc109, align 4
+  %759 = add nsw i64 %qh113, 1
+  br label %qh.head110
+
+qh.end112:                                        ; preds = %qh.head110
+  %760 = load <8 x float>, ptr %qacc102, align 4
+  %761 = load <8 x float>, ptr %qacc103, align 4
+  %762 = load <8 x float>, ptr %qacc104, align 4
+  %763 = load <8 x float>, ptr %qacc105, align 4
+  %764 = load <8 x float>, ptr %qacc106, align 4
+  %765 = load <8 x float>, ptr %qacc107, align 4
+  %766 = load <8 x float>, ptr %qacc108, align 4
+  %767 = load <8 x float>, ptr %qacc109, align 4
+  %768 = getelementptr inbounds float, ptr %653, i64 0
+  store <8 x float> %760, ptr %768, align 4
+  %769 = getelementptr inbounds float, ptr %659, i64 0
+  store <8 x float> %761, ptr %769, align 4
+  %770 = getelementptr inbounds float, ptr %665, i64 0
+  store <8 x float> %762, ptr %770, align 4
+  %771 = getelementptr inbounds float, ptr %671, i64 0
+  store <8 x float> %763, ptr %771, align 4
+  %772 = getelementptr inbounds float, ptr %677, i64 0
+  store <8 x float> %764, ptr %772, align 4
+  %773 = getelementptr inbounds float, ptr %683, i64 0
+  store <8 x float> %765, ptr %773, align 4
+  %774 = getelementptr inbounds float, ptr %689, i64 0
+  store <8 x float> %766, ptr %774, align 4
+  %775 = getelementptr inbounds float, ptr %695, i64 0
+  store <8 x float> %767, ptr %775, align 4
+  %776 = add nsw i64 %rb101, 8
+  br label %rb.head98
+
+rb.end100:                                        ; preds = %rb.head98
+  br label %r1.head114
+
+r1.head114:                                       ; preds = %qh.end121, %rb.end100
+  %r1117 = phi i64 [ %full51, %rb.end100 ], [ %801, %qh.end121 ]
+  %777 = icmp slt i64 %r1117, %gn
+  br i1 %777, label %r1.body115, label %r1.end116
+
+r1.body115:                                       ; preds = %r1.head114
+  %778 = add nsw i64 %r1117, 0
+  %779 = mul nsw i64 %778, 512
+  %780 = getelementptr inbounds float, ptr %404, i64 %779
+  %781 = mul nsw i64 %778, 32
+  %782 = add nsw i64 %781, %646
+  %783 = getelementptr inbounds float, ptr %nlb, i64 %782
+  store <8 x float> zeroinitializer, ptr %qacc118, align 4
+  br label %qh.head119
+
+qh.head119:                                       ; preds = %qh.body120, %r1.body115
+  %qh122 = phi i64 [ 0, %r1.body115 ], [ %798, %qh.body120 ]
+  %784 = icmp slt i64 %qh122, 512
+  br i1 %784, label %qh.body120, label %qh.end121
+
+qh.body120:                                       ; preds = %qh.head119
+  %785 = add nsw i64 %qb197, 0
+  %786 = mul nsw i64 %qh122, 8
+  %787 = mul nsw i64 %785, 4096
+  %788 = add nsw i64 %787, %786
+  %789 = getelementptr inbounds float, ptr %noise, i64 %788
+  %790 = load <8 x float>, ptr %789, align 4
+  %791 = getelementptr inbounds float, ptr %780, i64 %qh122
+  %792 = load float, ptr %791, align 4
+  %793 = insertelement <8 x float> poison, float %792, i32 0
+  %794 = shufflevector <8 x float> %793, <8 x float> poison, <8 x i32> zeroinitializer
+  %795 = load <8 x float>, ptr %qacc118, align 4
+  %796 = fmul <8 x float> %794, %790
+  %797 = fadd <8 x float> %795, %796
+  store <8 x float> %797, ptr %qacc118, align 4
+  %798 = add nsw i64 %qh122, 1
+  br label %qh.head119
+
+qh.end121:                                        ; preds = %qh.head119
+  %799 = load <8 x float>, ptr %qacc118, align 4
+  %800 = getelementptr inbounds float, ptr %783, i64 0
+  store <8 x float> %799, ptr %800, align 4
+  %801 = add nsw i64 %r1117, 1
+  br label %r1.head114
+
+r1.end116:                                        ; preds = %r1.head114
+  %802 = add nsw i64 %qb197, 1
+  br label %qb1.head94
+
+qb1.end96:                                        ; preds = %qb1.head94
+  br label %gtraining.end
+
+gtraining.end:                                    ; preds = %qb1.end96, %qb1.end
   br label %t.head
 
-t.head:                                           ; preds = %pset.end, %start
-  %t = phi i64 [ %t0, %start ], [ %306, %pset.end ]
-  %0 = icmp slt i64 %t, %t1
-  br i1 %0, label %t.body, label %t.end
+t.head:                                           ; preds = %pset.end, %gtraining.end
+  %t = phi i64 [ 0, %gtraining.end ], [ %1027, %pset.end ]
+  %803 = icmp slt i64 %t, %gn
+  br i1 %803, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
-  %1 = mul nsw i64 %t, 512
-  %2 = getelementptr inbounds float, ptr %x, i64 %1
-  store <8 x float> zeroinitializer, ptr %lacc0, align 4
-  store <8 x float> zeroinitializer, ptr %lacc1, align 4
-  store <8 x float> zeroinitializer, ptr %lacc2, align 4
-  store <8 x float> zeroinitializer, ptr %lacc3, align 4
-  br label %hh.head
+  %tok = add nsw i64 %tg, %t
+  %804 = mul nsw i64 %t, 32
+  %805 = getelementptr inbounds float, ptr %lb, i64 %804
+  %806 = mul nsw i64 %t, 32
+  %807 = getelementptr inbounds float, ptr %nlb, i64 %806
+  %training123 = icmp ne i32 %training, 0
+  br i1 %training123, label %training.then, label %training.end
 
-hh.head:                                          ; preds = %hh.body, %t.body
-  %hh = phi i64 [ 0, %t.body ], [ %36, %hh.body ]
-  %3 = icmp slt i64 %hh, 512
-  br i1 %3, label %hh.body, label %hh.end
-
-hh.body:                                          ; preds = %hh.head
-  %4 = getelementptr inbounds float, ptr %2, i64 %hh
-  %5 = load float, ptr %4, align 4
-  %6 = insertelement <8 x float> poison, float %5, i32 0
-  %7 = shufflevector <8 x float> %6, <8 x float> poison, <8 x i32> zeroinitializer
-  %8 = mul nsw i64 %hh, 8
-  %9 = add nsw i64 0, %8
-  %10 = getelementptr inbounds float, ptr %router, i64 %9
-  %11 = load <8 x float>, ptr %10, align 4
-  %12 = fmul <8 x float> %7, %11
-  %13 = load <8 x float>, ptr %lacc0, align 4
-  %14 = fadd <8 x float> %13, %12
-  store <8 x float> %14, ptr %lacc0, align 4
-  %15 = mul nsw i64 %hh, 8
-  %16 = add nsw i64 4096, %15
-  %17 = getelementptr inbounds float, ptr %router, i64 %16
-  %18 = load <8 x float>, ptr %17, align 4
-  %19 = fmul <8 x float> %7, %18
-  %20 = load <8 x float>, ptr %lacc1, align 4
-  %21 = fadd <8 x float> %20, %19
-  store <8 x float> %21, ptr %lacc1, align 4
-  %22 = mul nsw i64 %hh, 8
-  %23 = add nsw i64 8192, %22
-  %24 = getelementptr inbounds float, ptr %router, i64 %23
-  %25 = load <8 x float>, ptr %24, align 4
-  %26 = fmul <8 x float> %7, %25
-  %27 = load <8 x float>, ptr %lacc2, align 4
-  %28 = fadd <8 x float> %27, %26
-  store <8 x float> %28, ptr %lacc2, align 4
-  %29 = mul nsw i64 %hh, 8
-  %30 = add nsw i64 12288, %29
-  %31 = getelementptr inbounds float, ptr %router, i64 %30
-  %32 = load <8 x float>, ptr %31, align 4
-  %33 = fmul <8 x float> %7, %32
-  %34 = load <8 x float>, ptr %lacc3, align 4
-  %35 = fadd <8 x float> %34, %33
-  store <8 x float> %35, ptr %lacc3, align 4
-  %36 = add nsw i64 %hh, 1
-  br label %hh.head
-
-hh.end:                                           ; preds = %hh.head
-  %37 = load <8 x float>, ptr %lacc0, align 4
-  %38 = load <8 x float>, ptr %lacc1, align 4
-  %39 = load <8 x float>, ptr %lacc2, align 4
-  %40 = load <8 x float>, ptr %lacc3, align 4
-  %41 = getelementptr inbounds float, ptr %l, i64 0
-  store <8 x float> %37, ptr %41, align 4
-  %42 = getelementptr inbounds float, ptr %l, i64 8
-  store <8 x float> %38, ptr %42, align 4
-  %43 = getelementptr inbounds float, ptr %l, i64 16
-  store <8 x float> %39, ptr %43, align 4
-  %44 = getelementptr inbounds float, ptr %l, i64 24
-  store <8 x float> %40, ptr %44, align 4
-  %training1 = icmp ne i32 %training, 0
-  br i1 %training1, label %training.then, label %training.end
-
-training.then:                                    ; preds = %hh.end
-  store <8 x float> zeroinitializer, ptr %lacc02, align 4
-  store <8 x float> zeroinitializer, ptr %lacc13, align 4
-  store <8 x float> zeroinitializer, ptr %lacc24, align 4
-  store <8 x float> zeroinitializer, ptr %lacc35, align 4
-  br label %hh.head6
-
-hh.head6:                                         ; preds = %hh.body7, %training.then
-  %hh9 = phi i64 [ 0, %training.then ], [ %78, %hh.body7 ]
-  %45 = icmp slt i64 %hh9, 512
-  br i1 %45, label %hh.body7, label %hh.end8
-
-hh.body7:                                         ; preds = %hh.head6
-  %46 = getelementptr inbounds float, ptr %2, i64 %hh9
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <8 x float> poison, float %47, i32 0
-  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
-  %50 = mul nsw i64 %hh9, 8
-  %51 = add nsw i64 0, %50
-  %52 = getelementptr inbounds float, ptr %noise, i64 %51
-  %53 = load <8 x float>, ptr %52, align 4
-  %54 = fmul <8 x float> %49, %53
-  %55 = load <8 x float>, ptr %lacc02, align 4
-  %56 = fadd <8 x float> %55, %54
-  store <8 x float> %56, ptr %lacc02, align 4
-  %57 = mul nsw i64 %hh9, 8
-  %58 = add nsw i64 4096, %57
-  %59 = getelementptr inbounds float, ptr %noise, i64 %58
-  %60 = load <8 x float>, ptr %59, align 4
-  %61 = fmul <8 x float> %49, %60
-  %62 = load <8 x float>, ptr %lacc13, align 4
-  %63 = fadd <8 x float> %62, %61
-  store <8 x float> %63, ptr %lacc13, align 4
-  %64 = mul nsw i64 %hh9, 8
-  %65 = add nsw i64 8192, %64
-  %66 = getelementptr inbounds float, ptr %noise, i64 %65
-  %67 = load <8 x float>, ptr %66, align 4
-  %68 = fmul <8 x float> %49, %67
-  %69 = load <8 x float>, ptr %lacc24, align 4
-  %70 = fadd <8 x float> %69, %68
-  store <8 x float> %70, ptr %lacc24, align 4
-  %71 = mul nsw i64 %hh9, 8
-  %72 = add nsw i64 12288, %71
-  %73 = getelementptr inbounds float, ptr %noise, i64 %72
-  %74 = load <8 x float>, ptr %73, align 4
-  %75 = fmul <8 x float> %49, %74
-  %76 = load <8 x float>, ptr %lacc35, align 4
-  %77 = fadd <8 x float> %76, %75
-  store <8 x float> %77, ptr %lacc35, align 4
-  %78 = add nsw i64 %hh9, 1
-  br label %hh.head6
-
-hh.end8:                                          ; preds = %hh.head6
-  %79 = load <8 x float>, ptr %lacc02, align 4
-  %80 = load <8 x float>, ptr %lacc13, align 4
-  %81 = load <8 x float>, ptr %lacc24, align 4
-  %82 = load <8 x float>, ptr %lacc35, align 4
-  %83 = getelementptr inbounds float, ptr %nl, i64 0
-  store <8 x float> %79, ptr %83, align 4
-  %84 = getelementptr inbounds float, ptr %nl, i64 8
-  store <8 x float> %80, ptr %84, align 4
-  %85 = getelementptr inbounds float, ptr %nl, i64 16
-  store <8 x float> %81, ptr %85, align 4
-  %86 = getelementptr inbounds float, ptr %nl, i64 24
-  store <8 x float> %82, ptr %86, align 4
+training.then:                                    ; preds = %t.body
   br label %noise.head
 
-noise.head:                                       ; preds = %noise.body, %hh.end8
-  %noise10 = phi i64 [ 0, %hh.end8 ], [ %194, %noise.body ]
-  %87 = icmp slt i64 %noise10, 32
-  br i1 %87, label %noise.body, label %noise.end
+noise.head:                                       ; preds = %noise.body, %training.then
+  %noise124 = phi i64 [ 0, %training.then ], [ %915, %noise.body ]
+  %808 = icmp slt i64 %noise124, 32
+  br i1 %808, label %noise.body, label %noise.end
 
 noise.body:                                       ; preds = %noise.head
-  %88 = add i64 %seed, -7046029254386353131
-  %89 = lshr i64 %88, 30
-  %90 = xor i64 %88, %89
-  %91 = mul i64 %90, -4658895280553007687
-  %92 = lshr i64 %91, 27
-  %93 = xor i64 %91, %92
-  %94 = mul i64 %93, -7723592293110705685
-  %95 = lshr i64 %94, 31
-  %96 = xor i64 %94, %95
-  %97 = xor i64 %96, %layer
-  %98 = add i64 %97, -7046029254386353131
-  %99 = lshr i64 %98, 30
-  %100 = xor i64 %98, %99
-  %101 = mul i64 %100, -4658895280553007687
-  %102 = lshr i64 %101, 27
-  %103 = xor i64 %101, %102
-  %104 = mul i64 %103, -7723592293110705685
-  %105 = lshr i64 %104, 31
-  %106 = xor i64 %104, %105
-  %107 = xor i64 %106, %t
-  %108 = add i64 %107, -7046029254386353131
-  %109 = lshr i64 %108, 30
-  %110 = xor i64 %108, %109
-  %111 = mul i64 %110, -4658895280553007687
-  %112 = lshr i64 %111, 27
-  %113 = xor i64 %111, %112
-  %114 = mul i64 %113, -7723592293110705685
-  %115 = lshr i64 %114, 31
-  %116 = xor i64 %114, %115
-  %117 = xor i64 %116, %noise10
-  %118 = add i64 %117, -7046029254386353131
-  %119 = lshr i64 %118, 30
-  %120 = xor i64 %118, %119
-  %121 = mul i64 %120, -4658895280553007687
-  %122 = lshr i64 %121, 27
-  %123 = xor i64 %121, %122
-  %124 = mul i64 %123, -7723592293110705685
-  %125 = lshr i64 %124, 31
-  %126 = xor i64 %124, %125
-  %127 = lshr i64 %126, 40
-  %128 = uitofp i64 %127 to float
-  %u = fmul float %128, 0x3E70000000000000
-  %129 = xor i64 %noise10, -9223372036854775808
-  %130 = add i64 %seed, -7046029254386353131
-  %131 = lshr i64 %130, 30
-  %132 = xor i64 %130, %131
-  %133 = mul i64 %132, -4658895280553007687
-  %134 = lshr i64 %133, 27
-  %135 = xor i64 %133, %134
-  %136 = mul i64 %135, -7723592293110705685
-  %137 = lshr i64 %136, 31
-  %138 = xor i64 %136, %137
-  %139 = xor i64 %138, %layer
-  %140 = add i64 %139, -7046029254386353131
-  %141 = lshr i64 %140, 30
-  %142 = xor i64 %140, %141
-  %143 = mul i64 %142, -4658895280553007687
-  %144 = lshr i64 %143, 27
-  %145 = xor i64 %143, %144
-  %146 = mul i64 %145, -7723592293110705685
-  %147 = lshr i64 %146, 31
-  %148 = xor i64 %146, %147
-  %149 = xor i64 %148, %t
-  %150 = add i64 %149, -7046029254386353131
-  %151 = lshr i64 %150, 30
-  %152 = xor i64 %150, %151
-  %153 = mul i64 %152, -4658895280553007687
-  %154 = lshr i64 %153, 27
-  %155 = xor i64 %153, %154
-  %156 = mul i64 %155, -7723592293110705685
-  %157 = lshr i64 %156, 31
-  %158 = xor i64 %156, %157
-  %159 = xor i64 %158, %129
-  %160 = add i64 %159, -7046029254386353131
-  %161 = lshr i64 %160, 30
-  %162 = xor i64 %160, %161
-  %163 = mul i64 %162, -4658895280553007687
-  %164 = lshr i64 %163, 27
-  %165 = xor i64 %163, %164
-  %166 = mul i64 %165, -7723592293110705685
-  %167 = lshr i64 %166, 31
-  %168 = xor i64 %166, %167
-  %169 = lshr i64 %168, 40
-  %170 = uitofp i64 %169 to float
-  %u11 = fmul float %170, 0x3E70000000000000
-  %171 = fpext float %u to double
-  %172 = fpext float %u11 to double
-  %173 = fsub double 1.000000e+00, %171
-  %174 = call double @log(double %173)
-  %175 = fmul double -2.000000e+00, %174
-  %176 = call double @llvm.sqrt.f64(double %175)
-  %177 = fmul double 0x401921FB54442D18, %172
-  %178 = call double @cos(double %177)
-  %179 = fmul double %176, %178
-  %180 = fptrunc double %179 to float
-  %181 = getelementptr inbounds float, ptr %nl, i64 %noise10
-  %182 = load float, ptr %181, align 4
-  %183 = fpext float %182 to double
-  %184 = call double @exp(double %183)
-  %185 = call double @log1p(double %184)
-  %186 = fcmp ogt double %183, 2.000000e+01
-  %187 = select i1 %186, double %183, double %185
-  %188 = fptrunc double %187 to float
-  %sd = fadd float %188, 0x3F847AE140000000
-  %189 = fmul float %180, %sd
-  %190 = getelementptr inbounds float, ptr %l, i64 %noise10
-  %191 = load float, ptr %190, align 4
-  %192 = fadd float %191, %189
-  %193 = getelementptr inbounds float, ptr %l, i64 %noise10
-  store float %192, ptr %193, align 4
-  %194 = add nsw i64 %noise10, 1
+  %809 = add i64 %seed, -7046029254386353131
+  %810 = lshr i64 %809, 30
+  %811 = xor i64 %809, %810
+  %812 = mul i64 %811, -4658895280553007687
+  %813 = lshr i64 %812, 27
+  %814 = xor i64 %812, %813
+  %815 = mul i64 %814, -7723592293110705685
+  %816 = lshr i64 %815, 31
+  %817 = xor i64 %815, %816
+  %818 = xor i64 %817, %layer
+  %819 = add i64 %818, -7046029254386353131
+  %820 = lshr i64 %819, 30
+  %821 = xor i64 %819, %820
+  %822 = mul i64 %821, -4658895280553007687
+  %823 = lshr i64 %822, 27
+  %824 = xor i64 %822, %823
+  %825 = mul i64 %824, -7723592293110705685
+  %826 = lshr i64 %825, 31
+  %827 = xor i64 %825, %826
+  %828 = xor i64 %827, %tok
+  %829 = add i64 %828, -7046029254386353131
+  %830 = lshr i64 %829, 30
+  %831 = xor i64 %829, %830
+  %832 = mul i64 %831, -4658895280553007687
+  %833 = lshr i64 %832, 27
+  %834 = xor i64 %832, %833
+  %835 = mul i64 %834, -7723592293110705685
+  %836 = lshr i64 %835, 31
+  %837 = xor i64 %835, %836
+  %838 = xor i64 %837, %noise124
+  %839 = add i64 %838, -7046029254386353131
+  %840 = lshr i64 %839, 30
+  %841 = xor i64 %839, %840
+  %842 = mul i64 %841, -4658895280553007687
+  %843 = lshr i64 %842, 27
+  %844 = xor i64 %842, %843
+  %845 = mul i64 %844, -7723592293110705685
+  %846 = lshr i64 %845, 31
+  %847 = xor i64 %845, %846
+  %848 = lshr i64 %847, 40
+  %849 = uitofp i64 %848 to float
+  %u = fmul float %849, 0x3E70000000000000
+  %850 = xor i64 %noise124, -9223372036854775808
+  %851 = add i64 %seed, -7046029254386353131
+  %852 = lshr i64 %851, 30
+  %853 = xor i64 %851, %852
+  %854 = mul i64 %853, -4658895280553007687
+  %855 = lshr i64 %854, 27
+  %856 = xor i64 %854, %855
+  %857 = mul i64 %856, -7723592293110705685
+  %858 = lshr i64 %857, 31
+  %859 = xor i64 %857, %858
+  %860 = xor i64 %859, %layer
+  %861 = add i64 %860, -7046029254386353131
+  %862 = lshr i64 %861, 30
+  %863 = xor i64 %861, %862
+  %864 = mul i64 %863, -4658895280553007687
+  %865 = lshr i64 %864, 27
+  %866 = xor i64 %864, %865
+  %867 = mul i64 %866, -7723592293110705685
+  %868 = lshr i64 %867, 31
+  %869 = xor i64 %867, %868
+  %870 = xor i64 %869, %tok
+  %871 = add i64 %870, -7046029254386353131
+  %872 = lshr i64 %871, 30
+  %873 = xor i64 %871, %872
+  %874 = mul i64 %873, -4658895280553007687
+  %875 = lshr i64 %874, 27
+  %876 = xor i64 %874, %875
+  %877 = mul i64 %876, -7723592293110705685
+  %878 = lshr i64 %877, 31
+  %879 = xor i64 %877, %878
+  %880 = xor i64 %879, %850
+  %881 = add i64 %880, -7046029254386353131
+  %882 = lshr i64 %881, 30
+  %883 = xor i64 %881, %882
+  %884 = mul i64 %883, -4658895280553007687
+  %885 = lshr i64 %884, 27
+  %886 = xor i64 %884, %885
+  %887 = mul i64 %886, -7723592293110705685
+  %888 = lshr i64 %887, 31
+  %889 = xor i64 %887, %888
+  %890 = lshr i64 %889, 40
+  %891 = uitofp i64 %890 to float
+  %u125 = fmul float %891, 0x3E70000000000000
+  %892 = fpext float %u to double
+  %893 = fpext float %u125 to double
+  %894 = fsub double 1.000000e+00, %892
+  %895 = call double @log(double %894)
+  %896 = fmul double -2.000000e+00, %895
+  %897 = call double @llvm.sqrt.f64(double %896)
+  %898 = fmul double 0x401921FB54442D18, %893
+  %899 = call double @cos(double %898)
+  %900 = fmul double %897, %899
+  %901 = fptrunc double %900 to float
+  %902 = getelementptr inbounds float, ptr %807, i64 %noise124
+  %903 = load float, ptr %902, align 4
+  %904 = fpext float %903 to double
+  %905 = call double @exp(double %904)
+  %906 = call double @log1p(double %905)
+  %907 = fcmp ogt double %904, 2.000000e+01
+  %908 = select i1 %907, double %904, double %906
+  %909 = fptrunc double %908 to float
+  %sd = fadd float %909, 0x3F847AE140000000
+  %910 = fmul float %901, %sd
+  %911 = getelementptr inbounds float, ptr %805, i64 %noise124
+  %912 = load float, ptr %911, align 4
+  %913 = fadd float %912, %910
+  %914 = getelementptr inbounds float, ptr %805, i64 %noise124
+  store float %913, ptr %914, align 4
+  %915 = add nsw i64 %noise124, 1
   br label %noise.head
 
 noise.end:                                        ; preds = %noise.head
   br label %training.end
 
-training.end:                                     ; preds = %noise.end, %hh.end
-  %195 = mul nsw i64 %t, 32
-  %196 = getelementptr inbounds float, ptr %logits, i64 %195
-  %197 = getelementptr inbounds float, ptr %prob, i64 %195
+training.end:                                     ; preds = %noise.end, %t.body
+  %916 = mul nsw i64 %tok, 32
+  %917 = getelementptr inbounds float, ptr %logits, i64 %916
+  %918 = getelementptr inbounds float, ptr %prob, i64 %916
   br label %lcopy.head
 
 lcopy.head:                                       ; preds = %lcopy.body, %training.end
-  %lcopy = phi i64 [ 0, %training.end ], [ %202, %lcopy.body ]
-  %198 = icmp slt i64 %lcopy, 32
-  br i1 %198, label %lcopy.body, label %lcopy.end
+  %lcopy = phi i64 [ 0, %training.end ], [ %923, %lcopy.body ]
+  %919 = icmp slt i64 %lcopy, 32
+  br i1 %919, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %199 = getelementptr inbounds float, ptr %l, i64 %lcopy
-  %200 = load float, ptr %199, align 4
-  %201 = getelementptr inbounds float, ptr %196, i64 %lcopy
-  store float %200, ptr %201, align 4
-  %202 = add nsw i64 %lcopy, 1
+  %920 = getelementptr inbounds float, ptr %805, i64 %lcopy
+  %921 = load float, ptr %920, align 4
+  %922 = getelementptr inbounds float, ptr %917, i64 %lcopy
+  store float %921, ptr %922, align 4
+  %923 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
-  %wbase = mul nsw i64 %t, 4
+  %wbase = mul nsw i64 %tok, 4
   store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lcopy.end
-  %smax12 = phi i64 [ 0, %lcopy.end ], [ %210, %smax.body ]
-  %203 = icmp slt i64 %smax12, 32
-  br i1 %203, label %smax.body, label %smax.end
+  %smax126 = phi i64 [ 0, %lcopy.end ], [ %931, %smax.body ]
+  %924 = icmp slt i64 %smax126, 32
+  br i1 %924, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %204 = add nsw i64 0, %smax12
-  %205 = getelementptr inbounds float, ptr %l, i64 %204
-  %206 = load float, ptr %205, align 4
-  %207 = load float, ptr %smax, align 4
-  %208 = fcmp ogt float %206, %207
-  %209 = select i1 %208, float %206, float %207
-  store float %209, ptr %smax, align 4
-  %210 = add nsw i64 %smax12, 1
+  %925 = add nsw i64 0, %smax126
+  %926 = getelementptr inbounds float, ptr %805, i64 %925
+  %927 = load float, ptr %926, align 4
+  %928 = load float, ptr %smax, align 4
+  %929 = fcmp ogt float %927, %928
+  %930 = select i1 %929, float %927, float %928
+  store float %930, ptr %smax, align 4
+  %931 = add nsw i64 %smax126, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %211 = load float, ptr %smax, align 4
+  %932 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %224, %sexp.body ]
-  %212 = icmp slt i64 %sexp, 32
-  br i1 %212, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %945, %sexp.body ]
+  %933 = icmp slt i64 %sexp, 32
+  br i1 %933, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %213 = add nsw i64 0, %sexp
-  %214 = getelementptr inbounds float, ptr %l, i64 %213
-  %215 = load float, ptr %214, align 4
-  %216 = fsub float %215, %211
-  %217 = fpext float %216 to double
-  %218 = call double @exp(double %217)
-  %219 = fptrunc double %218 to float
-  %220 = add nsw i64 0, %sexp
-  %221 = getelementptr inbounds float, ptr %s, i64 %220
-  store float %219, ptr %221, align 4
-  %222 = load float, ptr %ssum, align 4
-  %223 = fadd float %222, %219
-  store float %223, ptr %ssum, align 4
-  %224 = add nsw i64 %sexp, 1
+  %934 = add nsw i64 0, %sexp
+  %935 = getelementptr inbounds float, ptr %805, i64 %934
+  %936 = load float, ptr %935, align 4
+  %937 = fsub float %936, %932
+  %938 = fpext float %937 to double
+  %939 = call double @exp(double %938)
+  %940 = fptrunc double %939 to float
+  %941 = add nsw i64 0, %sexp
+  %942 = getelementptr inbounds float, ptr %s, i64 %941
+  store float %940, ptr %942, align 4
+  %943 = load float, ptr %ssum, align 4
+  %944 = fadd float %943, %940
+  store float %944, ptr %ssum, align 4
+  %945 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %225 = load float, ptr %ssum, align 4
+  %946 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %232, %sdiv.body ]
-  %226 = icmp slt i64 %sdiv, 32
-  br i1 %226, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %953, %sdiv.body ]
+  %947 = icmp slt i64 %sdiv, 32
+  br i1 %947, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %227 = add nsw i64 0, %sdiv
-  %228 = getelementptr inbounds float, ptr %s, i64 %227
-  %229 = load float, ptr %228, align 4
-  %230 = fdiv float %229, %225
-  %231 = getelementptr inbounds float, ptr %s, i64 %227
-  store float %230, ptr %231, align 4
-  %232 = add nsw i64 %sdiv, 1
+  %948 = add nsw i64 0, %sdiv
+  %949 = getelementptr inbounds float, ptr %s, i64 %948
+  %950 = load float, ptr %949, align 4
+  %951 = fdiv float %950, %946
+  %952 = getelementptr inbounds float, ptr %s, i64 %948
+  store float %951, ptr %952, align 4
+  %953 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
   br label %n.c.head
 
 n.c.head:                                         ; preds = %n.c.body, %sdiv.end
-  %n.c = phi i64 [ 0, %sdiv.end ], [ %237, %n.c.body ]
-  %233 = icmp slt i64 %n.c, 32
-  br i1 %233, label %n.c.body, label %n.c.end
+  %n.c = phi i64 [ 0, %sdiv.end ], [ %958, %n.c.body ]
+  %954 = icmp slt i64 %n.c, 32
+  br i1 %954, label %n.c.body, label %n.c.end
 
 n.c.body:                                         ; preds = %n.c.head
-  %234 = getelementptr inbounds float, ptr %s, i64 %n.c
-  %235 = load float, ptr %234, align 4
-  %236 = getelementptr inbounds float, ptr %c, i64 %n.c
-  store float %235, ptr %236, align 4
-  %237 = add nsw i64 %n.c, 1
+  %955 = getelementptr inbounds float, ptr %s, i64 %n.c
+  %956 = load float, ptr %955, align 4
+  %957 = getelementptr inbounds float, ptr %c, i64 %n.c
+  store float %956, ptr %957, align 4
+  %958 = add nsw i64 %n.c, 1
   br label %n.c.head
 
 n.c.end:                                          ; preds = %n.c.head
@@ -407,40 +1518,40 @@ n.c.end:                                          ; preds = %n.c.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %n.c.end
-  %tk = phi i64 [ 0, %n.c.end ], [ %259, %tk.put.end ]
-  %238 = icmp slt i64 %tk, 32
-  br i1 %238, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %n.c.end ], [ %980, %tk.put.end ]
+  %959 = icmp slt i64 %tk, 32
+  br i1 %959, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %239 = getelementptr inbounds float, ptr %c, i64 %tk
-  %240 = load float, ptr %239, align 4
-  %241 = load i64, ptr %tk.m, align 8
+  %960 = getelementptr inbounds float, ptr %c, i64 %tk
+  %961 = load float, ptr %960, align 4
+  %962 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %241, %tk.body ], [ %243, %tk.shift.end ]
-  %242 = icmp sgt i64 %p, 0
-  br i1 %242, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %962, %tk.body ], [ %964, %tk.shift.end ]
+  %963 = icmp sgt i64 %p, 0
+  br i1 %963, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %243 = sub nsw i64 %p, 1
-  %244 = getelementptr inbounds i64, ptr %idx, i64 %243
-  %245 = load i64, ptr %244, align 8
-  %246 = getelementptr inbounds float, ptr %c, i64 %245
-  %247 = load float, ptr %246, align 4
-  %248 = fcmp uno float %240, %240
-  %249 = fcmp ugt float %240, %247
-  %250 = xor i1 %248, true
-  %251 = and i1 %250, %249
-  br i1 %251, label %tk.ins.body, label %tk.ins.end
+  %964 = sub nsw i64 %p, 1
+  %965 = getelementptr inbounds i64, ptr %idx, i64 %964
+  %966 = load i64, ptr %965, align 8
+  %967 = getelementptr inbounds float, ptr %c, i64 %966
+  %968 = load float, ptr %967, align 4
+  %969 = fcmp uno float %961, %961
+  %970 = fcmp ugt float %961, %968
+  %971 = xor i1 %969, true
+  %972 = and i1 %971, %970
+  br i1 %972, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %252 = icmp slt i64 %p, 4
-  br i1 %252, label %tk.shift.then, label %tk.shift.end
+  %973 = icmp slt i64 %p, 4
+  br i1 %973, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %253 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %245, ptr %253, align 8
+  %974 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %966, ptr %974, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -448,39 +1559,39 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %254 = icmp slt i64 %pf, 4
-  br i1 %254, label %tk.put.then, label %tk.put.end
+  %975 = icmp slt i64 %pf, 4
+  br i1 %975, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %255 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %255, align 8
+  %976 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %976, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %256 = add nsw i64 %241, 1
-  %257 = icmp slt i64 %256, 4
-  %258 = select i1 %257, i64 %256, i64 4
-  store i64 %258, ptr %tk.m, align 8
-  %259 = add nsw i64 %tk, 1
+  %977 = add nsw i64 %962, 1
+  %978 = icmp slt i64 %977, 4
+  %979 = select i1 %978, i64 %977, i64 4
+  store i64 %979, ptr %tk.m, align 8
+  %980 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %260 = load i64, ptr %tk.m, align 8
+  %981 = load i64, ptr %tk.m, align 8
   br label %n.w.head
 
 n.w.head:                                         ; preds = %n.w.body, %tk.end
-  %n.w = phi i64 [ 0, %tk.end ], [ %267, %n.w.body ]
-  %261 = icmp slt i64 %n.w, 4
-  br i1 %261, label %n.w.body, label %n.w.end
+  %n.w = phi i64 [ 0, %tk.end ], [ %988, %n.w.body ]
+  %982 = icmp slt i64 %n.w, 4
+  br i1 %982, label %n.w.body, label %n.w.end
 
 n.w.body:                                         ; preds = %n.w.head
-  %262 = getelementptr inbounds i64, ptr %idx, i64 %n.w
-  %263 = load i64, ptr %262, align 8
-  %264 = getelementptr inbounds float, ptr %s, i64 %263
-  %265 = load float, ptr %264, align 4
-  %266 = getelementptr inbounds float, ptr %w, i64 %n.w
-  store float %265, ptr %266, align 4
-  %267 = add nsw i64 %n.w, 1
+  %983 = getelementptr inbounds i64, ptr %idx, i64 %n.w
+  %984 = load i64, ptr %983, align 8
+  %985 = getelementptr inbounds float, ptr %s, i64 %984
+  %986 = load float, ptr %985, align 4
+  %987 = getelementptr inbounds float, ptr %w, i64 %n.w
+  store float %986, ptr %987, align 4
+  %988 = add nsw i64 %n.w, 1
   br label %n.w.head
 
 n.w.end:                                          ; preds = %n.w.head
@@ -488,91 +1599,95 @@ n.w.end:                                          ; preds = %n.w.head
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %n.w.end
-  %nsum = phi i64 [ 0, %n.w.end ], [ %273, %nsum.body ]
-  %268 = icmp slt i64 %nsum, 4
-  br i1 %268, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %n.w.end ], [ %994, %nsum.body ]
+  %989 = icmp slt i64 %nsum, 4
+  br i1 %989, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %269 = getelementptr inbounds float, ptr %w, i64 %nsum
-  %270 = load float, ptr %269, align 4
-  %271 = load float, ptr %wsum, align 4
-  %272 = fadd float %271, %270
-  store float %272, ptr %wsum, align 4
-  %273 = add nsw i64 %nsum, 1
+  %990 = getelementptr inbounds float, ptr %w, i64 %nsum
+  %991 = load float, ptr %990, align 4
+  %992 = load float, ptr %wsum, align 4
+  %993 = fadd float %992, %991
+  store float %993, ptr %wsum, align 4
+  %994 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %274 = load float, ptr %wsum, align 4
-  %275 = fadd float %274, 0.000000e+00
-  %276 = fcmp olt float %275, 0.000000e+00
-  %277 = select i1 %276, float 0.000000e+00, float %275
-  %278 = fcmp ogt float %277, 0.000000e+00
-  %279 = select i1 %278, float %277, float 1.000000e+00
+  %995 = load float, ptr %wsum, align 4
+  %996 = fadd float %995, 0.000000e+00
+  %997 = fcmp olt float %996, 0.000000e+00
+  %998 = select i1 %997, float 0.000000e+00, float %996
+  %999 = fcmp ogt float %998, 0.000000e+00
+  %1000 = select i1 %999, float %998, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %285, %ndiv.body ]
-  %280 = icmp slt i64 %ndiv, 4
-  br i1 %280, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %1006, %ndiv.body ]
+  %1001 = icmp slt i64 %ndiv, 4
+  br i1 %1001, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %281 = getelementptr inbounds float, ptr %w, i64 %ndiv
-  %282 = load float, ptr %281, align 4
-  %283 = fdiv float %282, %279
-  %284 = getelementptr inbounds float, ptr %w, i64 %ndiv
-  store float %283, ptr %284, align 4
-  %285 = add nsw i64 %ndiv, 1
+  %1002 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  %1003 = load float, ptr %1002, align 4
+  %1004 = fdiv float %1003, %1000
+  %1005 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  store float %1004, ptr %1005, align 4
+  %1006 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
   br label %n.out.head
 
 n.out.head:                                       ; preds = %n.out.body, %ndiv.end
-  %n.out = phi i64 [ 0, %ndiv.end ], [ %295, %n.out.body ]
-  %286 = icmp slt i64 %n.out, 4
-  br i1 %286, label %n.out.body, label %n.out.end
+  %n.out = phi i64 [ 0, %ndiv.end ], [ %1016, %n.out.body ]
+  %1007 = icmp slt i64 %n.out, 4
+  br i1 %1007, label %n.out.body, label %n.out.end
 
 n.out.body:                                       ; preds = %n.out.head
-  %287 = add nsw i64 %wbase, %n.out
-  %288 = getelementptr inbounds i32, ptr %ids, i64 %287
-  %289 = getelementptr inbounds i64, ptr %idx, i64 %n.out
-  %290 = load i64, ptr %289, align 8
-  %291 = trunc i64 %290 to i32
-  store i32 %291, ptr %288, align 4
-  %292 = getelementptr inbounds float, ptr %w, i64 %n.out
-  %293 = load float, ptr %292, align 4
-  %294 = getelementptr inbounds float, ptr %weights, i64 %287
-  store float %293, ptr %294, align 4
-  %295 = add nsw i64 %n.out, 1
+  %1008 = add nsw i64 %wbase, %n.out
+  %1009 = getelementptr inbounds i32, ptr %ids, i64 %1008
+  %1010 = getelementptr inbounds i64, ptr %idx, i64 %n.out
+  %1011 = load i64, ptr %1010, align 8
+  %1012 = trunc i64 %1011 to i32
+  store i32 %1012, ptr %1009, align 4
+  %1013 = getelementptr inbounds float, ptr %w, i64 %n.out
+  %1014 = load float, ptr %1013, align 4
+  %1015 = getelementptr inbounds float, ptr %weights, i64 %1008
+  store float %1014, ptr %1015, align 4
+  %1016 = add nsw i64 %n.out, 1
   br label %n.out.head
 
 n.out.end:                                        ; preds = %n.out.head
-  %296 = load i64, ptr %idx, align 8
-  %297 = getelementptr inbounds float, ptr %c, i64 %296
-  %298 = load float, ptr %297, align 4
-  %299 = getelementptr inbounds float, ptr %prio, i64 %t
-  store float %298, ptr %299, align 4
+  %1017 = load i64, ptr %idx, align 8
+  %1018 = getelementptr inbounds float, ptr %c, i64 %1017
+  %1019 = load float, ptr %1018, align 4
+  %1020 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %1019, ptr %1020, align 4
   br label %pset.head
 
 pset.head:                                        ; preds = %pset.body, %n.out.end
-  %pset = phi i64 [ 0, %n.out.end ], [ %305, %pset.body ]
-  %300 = icmp slt i64 %pset, 32
-  br i1 %300, label %pset.body, label %pset.end
+  %pset = phi i64 [ 0, %n.out.end ], [ %1026, %pset.body ]
+  %1021 = icmp slt i64 %pset, 32
+  br i1 %1021, label %pset.body, label %pset.end
 
 pset.body:                                        ; preds = %pset.head
-  %301 = add nsw i64 0, %pset
-  %302 = getelementptr inbounds float, ptr %s, i64 %301
-  %303 = load float, ptr %302, align 4
-  %304 = getelementptr inbounds float, ptr %197, i64 %301
-  store float %303, ptr %304, align 4
-  %305 = add nsw i64 %pset, 1
+  %1022 = add nsw i64 0, %pset
+  %1023 = getelementptr inbounds float, ptr %s, i64 %1022
+  %1024 = load float, ptr %1023, align 4
+  %1025 = getelementptr inbounds float, ptr %918, i64 %1022
+  store float %1024, ptr %1025, align 4
+  %1026 = add nsw i64 %pset, 1
   br label %pset.head
 
 pset.end:                                         ; preds = %pset.head
-  %306 = add nsw i64 %t, 1
+  %1027 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
+  %1028 = add nsw i64 %tg, 8
+  br label %tg.head
+
+tg.end:                                           ; preds = %tg.head
   ret void
 }
 
