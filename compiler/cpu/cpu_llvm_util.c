@@ -340,42 +340,6 @@ LLVMValueRef moe_ll_splat(struct moe_ll *g, LLVMValueRef s, LLVMTypeRef vt)
 
 /* Router pieces ------------------------------------------------------------ */
 
-void moe_ll_panel_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
-		       LLVMValueRef pb0, int nb, int64_t K, LLVMValueRef *acc)
-{
-	LLVMBuilderRef b = g->b;
-	LLVMValueRef cell[MOE_LL_TILE_MAX * MOE_LL_TILE_MAX], wv[MOE_LL_TILE_MAX];
-	char nm[32];
-	MOE_ASSERT(nr >= 1 && nr <= MOE_LL_TILE_MAX && nb >= 1 && nb <= MOE_LL_TILE_MAX);
-	for (int i = 0; i < nr * nb; i++) {
-		snprintf(nm, sizeof nm, "lacc%d", i);
-		cell[i] = moe_ll_alloca(g, g->t_v8f, 1, nm);
-		moe_ll_st(g, moe_ll_vf32c(g, 0.0), cell[i]);
-	}
-	struct moe_ll_loop h;
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, K), 1, "hh");
-	for (int r = 0; r < nr; r++) {
-		LLVMValueRef a = moe_ll_splat(g, moe_ll_ldf(g, x[r], h.iv), g->t_v8f);
-		for (int j = 0; j < nb; j++) {
-			if (r == 0) {
-				LLVMValueRef pb = LLVMBuildNSWAdd(b, pb0, moe_ll_i64c(g, j), "");
-				LLVMValueRef off =
-				    LLVMBuildNSWMul(b, pb, moe_ll_i64c(g, K * MOE_RB), "");
-				off = LLVMBuildNSWAdd(
-				    b, off, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, MOE_RB), ""),
-				    "");
-				wv[j] = moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, w, off));
-			}
-			LLVMValueRef m = LLVMBuildFMul(b, a, wv[j], "");
-			LLVMValueRef c = cell[r * nb + j];
-			moe_ll_st(g, LLVMBuildFAdd(b, moe_ll_ld(g, g->t_v8f, c), m, ""), c);
-		}
-	}
-	moe_ll_loop_close(g, &h);
-	for (int i = 0; i < nr * nb; i++)
-		acc[i] = moe_ll_ld(g, g->t_v8f, cell[i]);
-}
-
 /* acc[t * nv + v] = sum over h ascending of x_t[h] * w[h] (fused: one
  * rounding per term; else the product rounded, then the sum) for the nr rows x[] and
  * nb blocks of 8 from block qb of the packed [blocks][K][8] matrix w: the
@@ -530,37 +494,6 @@ void moe_ll_tgroup_close(struct moe_ll *g, struct moe_ll_tgroup *tg)
 {
 	moe_ll_loop_close(g, &tg->row);
 	moe_ll_loop_close(g, &tg->grp);
-}
-
-/* blocks [pb0, pb0 + nb) of one row into out */
-static void panel_blocks(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, LLVMValueRef out,
-			 LLVMValueRef pb0, int nb)
-{
-	LLVMValueRef acc[MOE_LL_TILE_MAX];
-	moe_ll_panel_tile(g, &xrow, 1, w, pb0, nb, g->d->hidden, acc);
-	for (int j = 0; j < nb; j++) {
-		LLVMValueRef pb = LLVMBuildNSWAdd(g->b, pb0, moe_ll_i64c(g, j), "");
-		LLVMValueRef e = LLVMBuildNSWMul(g->b, pb, moe_ll_i64c(g, MOE_RB), "");
-		moe_ll_st(g, acc[j], moe_ll_at(g, g->t_f32, out, e));
-	}
-}
-
-void moe_ll_panel_dots(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, uint32_t n,
-		       LLVMValueRef out)
-{
-	uint32_t nblk = moe_router_blocks(n), nfull = nblk / MOE_LL_TILE_MAX,
-		 rem = nblk % MOE_LL_TILE_MAX;
-	if (nfull) {
-		struct moe_ll_loop pb;
-		moe_ll_loop_open(g, &pb, moe_ll_i64c(g, 0),
-				 moe_ll_i64c(g, (int64_t)nfull * MOE_LL_TILE_MAX), MOE_LL_TILE_MAX,
-				 "pb");
-		panel_blocks(g, xrow, w, out, pb.iv, MOE_LL_TILE_MAX);
-		moe_ll_loop_close(g, &pb);
-	}
-	if (rem)
-		panel_blocks(g, xrow, w, out, moe_ll_i64c(g, (int64_t)nfull * MOE_LL_TILE_MAX),
-			     (int)rem);
 }
 
 /* base + i * stride */

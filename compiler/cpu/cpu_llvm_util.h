@@ -132,17 +132,6 @@ LLVMValueRef moe_ll_splat(struct moe_ll *g, LLVMValueRef s, LLVMTypeRef vt);
 
 /* Router pieces ------------------------------------------------------------ */
 
-/* Router panels [blocks][K][8] f32 (moe_router_blocks): the tile of nr rows
- * x[r][0..K) by nb panel blocks from block pb0, acc[r * nb + j] = 8 lanes of
- * sum over h ascending of x[r][h] * panel[pb0 + j][h][lane] (multiply then
- * add, no contraction: dot_f32's arithmetic), nr * nb independent chains. */
-#define MOE_LL_TILE_MAX 8
-void moe_ll_panel_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
-		       LLVMValueRef pb0, int nb, int64_t K, LLVMValueRef *acc);
-/* out[0..8 * moe_router_blocks(n)) = the n panel rows of w . xrow (K =
- * hidden), the padding lanes included: eight blocks per pass. */
-void moe_ll_panel_dots(struct moe_ll *g, LLVMValueRef xrow, LLVMValueRef w, uint32_t n,
-		       LLVMValueRef out);
 /* score_vec's softmax of the n values l[loff + i * lstride] into
  * s[soff + i * sstride]: the maximum, exp in double of the f32 difference
  * rounded to f32, the f32 sum in index order, the division. */
