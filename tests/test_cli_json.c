@@ -181,20 +181,15 @@ static void options_of(const char *text, char *out, size_t cap)
 		snprintf(out + strlen(out), cap - strlen(out), "%s ", opts[i]);
 }
 
-/* bench --json on the test-sized shape: one document with the machine, both
- * probe runs and one row per token count, each row's percentages those of
- * its rates against the machine's peaks. */
-static void test_bench_json(void **state)
+/* Run `moegen bench ARGS --json FILE` (its stdout in buf) and parse FILE;
+ * skips the test where this moegen has no bench (built without OpenBLAS). */
+static cJSON *bench_doc(const char *args)
 {
-	(void)state;
 	char path[] = "/tmp/moe_bench_json.XXXXXX";
 	int fd = mkstemp(path);
 	assert_true(fd >= 0);
 	close(fd);
-	int rc = run(buf, sizeof buf,
-		     "bench --shapes tiny --tokens 1,3 --weights f32 --routing uniform --quick "
-		     "--threads 1 --reps 3 --json %s",
-		     path);
+	int rc = run(buf, sizeof buf, "bench %s --json %s", args, path);
 	if (rc == 2 && !strstr(buf, "probes")) { /* a moegen without OpenBLAS has no bench */
 		unlink(path);
 		skip();
@@ -209,6 +204,17 @@ static void test_bench_json(void **state)
 	unlink(path);
 	cJSON *o = cJSON_Parse(text);
 	assert_non_null(o);
+	return o;
+}
+
+/* bench --json on the test-sized shape: one document with the machine, both
+ * probe runs and one row per token count, each row's percentages those of
+ * its rates against the machine's peaks. */
+static void test_bench_json(void **state)
+{
+	(void)state;
+	cJSON *o = bench_doc("--shapes tiny --tokens 1,3 --weights f32 --routing uniform --quick "
+			     "--threads 1 --reps 3");
 	const cJSON *m = get(o, "machine");
 	assert_int_equal((int)num(m, "threads"), 1);
 	double peak_f = num(m, "peak_gflops"), peak_b = num(m, "dram_gbps");
@@ -240,30 +246,9 @@ static void test_bench_json(void **state)
 static void test_bench_twin(void **state)
 {
 	(void)state;
-	char path[] = "/tmp/moe_bench_twin.XXXXXX";
-	int fd = mkstemp(path);
-	assert_true(fd >= 0);
-	close(fd);
-	int rc = run(buf, sizeof buf,
-		     "bench --modes ec --tokens 8 --quick --threads 1 --reps 1 --copies 1 "
-		     "--json %s",
-		     path);
-	if (rc == 2 && !strstr(buf, "probes")) { /* a moegen without OpenBLAS has no bench */
-		unlink(path);
-		skip();
-	}
-	assert_int_equal(rc, 0);
+	cJSON *o = bench_doc("--modes ec --tokens 8 --quick --threads 1 --reps 1 --copies 1");
 	assert_non_null(strstr(buf, "ec-tc (expert-choice, E 64 -> 16, token-choice twin): "
 				    "token_choice"));
-	FILE *f = fopen(path, "r");
-	assert_non_null(f);
-	static char text[1 << 16];
-	size_t n = fread(text, 1, sizeof text - 1, f);
-	text[n] = 0;
-	fclose(f);
-	unlink(path);
-	cJSON *o = cJSON_Parse(text);
-	assert_non_null(o);
 	const cJSON *rows = get(o, "rows");
 	assert_int_equal(cJSON_GetArraySize(rows), 2);
 	static const char *const names[2] = {"ec", "ec-tc"};
