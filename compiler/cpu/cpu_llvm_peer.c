@@ -59,8 +59,7 @@ static void gen_pk_route(struct moe_ll *g)
 	moe_ll_fn_begin(g, "moe_pk_route", params, pn, R_COUNT);
 	/* the sub-key scores of a group of up to MOE_LL_ROWS heads (shared keys) or
 	 * of one head (its own key set): [head of the group][KB * 8] per half */
-	int64_t G = d->pk_keys_per_head || heads < MOE_LL_ROWS ? (d->pk_keys_per_head ? 1 : heads)
-							       : MOE_LL_ROWS;
+	int64_t G = d->pk_keys_per_head ? 1 : heads < MOE_LL_ROWS ? heads : MOE_LL_ROWS;
 	LLVMValueRef sab[2] = {moe_ll_alloca(g, g->t_f32, (uint64_t)(G * KB * 8), "sa"),
 			       moe_ll_alloca(g, g->t_f32, (uint64_t)(G * KB * 8), "sb")};
 	LLVMValueRef iab[2] = {moe_ll_alloca(g, g->t_i64, (uint64_t)ks, "ia"),
