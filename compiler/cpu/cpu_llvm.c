@@ -214,6 +214,9 @@ struct ffn {
 	 * (qs, ng per row) */
 	LLVMValueRef xb, c0, sx, qs;
 	uint32_t xs, ng;
+	/* set by the row-block loop for its tiles: this is the first of
+	 * several row blocks over the panel (panel_prefetch) */
+	LLVMValueRef first_of_many;
 };
 
 /* Store 8 h values at column c of row hrow: f32, or bf16 for the bf16 down
@@ -279,6 +282,51 @@ static void up_store(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLV
 
 /* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
  * mr = 6) accumulators stay in registers across the K loop. */
+/* Where a tile's K loop prefetches: in the first of several row blocks over
+ * panel p, the next panel of the call (pan + bytes, when p + 1 < p1), which
+ * the later row blocks then find in L2 instead of waiting on memory at their
+ * first pass; otherwise (a single row block: decode, where the hardware's
+ * stream prefetch is enough, or a later row block) the tile's own panel,
+ * already on its way. */
+static LLVMValueRef panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
+				   LLVMValueRef p1, LLVMValueRef pan, int64_t bytes)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef more =
+	    LLVMBuildICmp(b, LLVMIntSLT, LLVMBuildNSWAdd(b, p, moe_ll_i64c(g, 1), ""), p1, "");
+	return LLVMBuildSelect(b, LLVMBuildAnd(b, f->first_of_many, more, ""),
+			       moe_ll_at(g, g->t_i8, pan, moe_ll_i64c(g, bytes)), pan, "pf");
+}
+
+/* Prefetch toward L2 the line at byte off of pf (when pf is not NULL). */
+static void prefetch_at(struct moe_ll *g, LLVMValueRef pf, LLVMValueRef off)
+{
+	if (!pf)
+		return;
+	LLVMValueRef args[4] = {moe_ll_at(g, g->t_i8, pf, off), moe_ll_i32c(g, 0),
+				moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
+	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+}
+
+/* panel_prefetch for the f32-compute tiles: panels holds f32, f16 or bf16
+ * weights, the panel of K rows of 16 at element pbase. */
+static LLVMValueRef panel_prefetch_w(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
+				     LLVMValueRef p1, LLVMValueRef panels, LLVMValueRef pbase,
+				     uint32_t K)
+{
+	int es = g->d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
+	return panel_prefetch(g, f, p, p1,
+			      moe_ll_at(g, es == 4 ? g->t_f32 : g->t_i16, panels, pbase),
+			      (int64_t)K * MOE_NR * es);
+}
+
+/* The prefetch of k's panel row in an f32-compute K loop. */
+static void prefetch_k(struct moe_ll *g, LLVMValueRef pf, LLVMValueRef k)
+{
+	int es = g->d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
+	prefetch_at(g, pf, LLVMBuildNSWMul(g->b, k, moe_ll_i64c(g, (int64_t)es * MOE_NR), ""));
+}
+
 static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef r0, LLVMValueRef p)
 {
 	LLVMBuilderRef b = g->b;
@@ -304,10 +352,12 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 	}
 	LLVMValueRef pbase =
 	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->hidden * MOE_NR), "panel.off");
+	LLVMValueRef pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
 	struct moe_ll_loop k;
 	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, ge->hidden), 1, "k");
 	LLVMValueRef off =
 	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, moe_ll_i64c(g, MOE_NR), ""), "");
+	prefetch_k(g, pf, k.iv);
 	if (wide) {
 		LLVMValueRef w = load_row16w(g, panels, off);
 		for (int r = 0; r < mr; r++) {
@@ -409,10 +459,12 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	}
 	LLVMValueRef pbase =
 	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->width * MOE_NR), "panel.off");
+	LLVMValueRef pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
 	struct moe_ll_loop k;
 	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, ge->width), 1, "k");
 	LLVMValueRef off =
 	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, moe_ll_i64c(g, MOE_NR), ""), "");
+	prefetch_k(g, pf, k.iv);
 	LLVMValueRef wv[2];
 	if (wide)
 		wv[0] = load_row16w(g, panels, off);
@@ -487,13 +539,17 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 		snprintf(nm, sizeof nm, "tile.mr%d", m);
 		cases[m] = moe_ll_bb(g, nm);
 	}
+	struct ffn fr = *f;
+	fr.first_of_many =
+	    LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntEQ, r.iv, moe_ll_i64c(g, 0), ""),
+			 LLVMBuildICmp(b, LLVMIntSGT, n, moe_ll_i64c(g, MR), ""), "pf.on");
 	LLVMValueRef sw = LLVMBuildSwitch(b, mr, cases[MR], (unsigned)MR - 1);
 	for (int m = 1; m < MR; m++)
 		LLVMAddCase(sw, moe_ll_i64c(g, m), cases[m]);
 	LLVMBasicBlockRef after = cases[MR];
 	for (int m = MR; m >= 1; m--) {
 		LLVMPositionBuilderAtEnd(b, cases[m]);
-		tile(g, f, m, ncols, r.iv, p);
+		tile(g, &fr, m, ncols, r.iv, p);
 		LLVMBuildBr(b, done);
 		if (m != MR) {
 			LLVMMoveBasicBlockAfter(cases[m], after);
@@ -574,7 +630,7 @@ static void vstore16(struct moe_ll *g, LLVMValueRef v, LLVMValueRef ptr, int n)
  * panel pan: per row one chain over the even pairs (acc0) and one over the
  * odd pairs (acc1, zeroed here), added at the end, whatever mr is. */
 static void pair_tile(struct moe_ll *g, int mr, const LLVMValueRef *a_row, LLVMValueRef pan,
-		      int64_t kp, const LLVMValueRef *acc0)
+		      int64_t kp, const LLVMValueRef *acc0, LLVMValueRef pf)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef acc1[BF_MR] = {0};
@@ -604,6 +660,7 @@ static void pair_tile(struct moe_ll *g, int mr, const LLVMValueRef *a_row, LLVMV
 			    moe_ll_at(g, g->t_i16, pan,
 				      LLVMBuildNSWMul(b, kk, moe_ll_i64c(g, 2 * MOE_NR), "")));
 			const LLVMValueRef *acc = c ? acc1 : acc0;
+			prefetch_at(g, pf, LLVMBuildNSWMul(b, kk, moe_ll_i64c(g, 4 * MOE_NR), ""));
 			for (int r = 0; r < mr; r++) {
 				LLVMValueRef a =
 				    moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, a_row[r], kk));
@@ -642,7 +699,8 @@ static void up_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncol
 	LLVMValueRef pan =
 	    moe_ll_at(g, g->t_i16, moe_ll_prm(g, 4),
 		      LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)K * MOE_NR), ""));
-	pair_tile(g, mr, a_row, pan, K / 2, acc);
+	pair_tile(g, mr, a_row, pan, K / 2, acc,
+		  panel_prefetch(g, f, p, moe_ll_prm(g, 9), pan, (int64_t)K * MOE_NR * 2));
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef ri =
 		    LLVMBuildNSWAdd(b, f->c0, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), "");
@@ -783,7 +841,8 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 	LLVMValueRef pan =
 	    moe_ll_at(g, g->t_i16, moe_ll_prm(g, 4),
 		      LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)K * MOE_NR), ""));
-	pair_tile(g, mr, a_row, pan, K / 2, acc);
+	pair_tile(g, mr, a_row, pan, K / 2, acc,
+		  panel_prefetch(g, f, p, moe_ll_prm(g, 8), pan, (int64_t)K * MOE_NR * 2));
 	for (int r = 0; r < mr; r++) {
 		down_store16(g, f, r0, r, c0, moe_ll_ld(g, g->t_v16f, acc[r]), y_ptr[r], ncols);
 	}
@@ -874,7 +933,8 @@ static LLVMValueRef q_e4m3(struct moe_ll *g, LLVMValueRef ci)
  * += (the chains' sum) * scale and, for int4, + (the group's sum of x) *
  * offset: W = code * s + o summed by parts. */
 static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
-		    const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc)
+		    const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc,
+		    LLVMValueRef pf)
 {
 	LLVMBuilderRef b = g->b;
 	int i4 = f->kind == MOE_QFORMAT_INT4, nib = moe_qnibbles(f), nch = q_chains(f);
@@ -890,14 +950,23 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 	int64_t bb = (int64_t)moe_qblock_bytes(f);
 	struct moe_ll_loop gl, kl;
 	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
-	LLVMValueRef blk =
-	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off"));
+	LLVMValueRef boff = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off");
+	LLVMValueRef blk = moe_ll_at(g, g->t_i8, pan, boff);
+	for (int64_t o = 0; o < (i4 ? 128 : 64); o += 64)
+		prefetch_at(g, pf, LLVMBuildNSWAdd(b, boff, moe_ll_i64c(g, o), ""));
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
 	for (int r = 0; r < mr; r++)
 		for (int c = 0; c < nch; c++)
 			moe_ll_st(g, LLVMConstNull(t16), accg[r][c]);
 	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
 	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group), nch, "kq");
+	prefetch_at(
+	    g, pf,
+	    LLVMBuildNSWAdd(
+		b, boff,
+		LLVMBuildNSWAdd(b, moe_ll_i64c(g, i4 ? 128 : 64),
+				LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, nib ? 8 : 16), ""), ""),
+		""));
 	LLVMValueRef w[4];
 	if (nib) {
 		/* 16 bytes per input pair: the even input in the low nibbles */
@@ -990,7 +1059,8 @@ static void up_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	int64_t pb = (int64_t)(ge->up_bytes / ge->up_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
-	q_kloop(g, &ge->q_up, ge->hidden, mr, a_row, pan, accs);
+	q_kloop(g, &ge->q_up, ge->hidden, mr, a_row, pan, accs,
+		panel_prefetch(g, f, p, moe_ll_prm(g, 9), pan, pb));
 	for (int r = 0; r < mr; r++)
 		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[r], 1);
 }
@@ -1018,7 +1088,8 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 	int64_t pb = (int64_t)(ge->down_bytes / ge->down_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
-	q_kloop(g, &ge->q_down, ge->width, mr, a_row, pan, acc);
+	q_kloop(g, &ge->q_down, ge->width, mr, a_row, pan, acc,
+		panel_prefetch(g, f, p, moe_ll_prm(g, 8), pan, pb));
 	for (int r = 0; r < mr; r++) {
 		down_store16(g, f, r0, r, c0, moe_ll_ld(g, g->t_v16f, acc[r]), y_ptr[r], ncols);
 	}
@@ -1105,7 +1176,7 @@ static LLVMValueRef dpbusd(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef w, L
  * acc += o * Q + s * P for int4 (W = code * s + o). */
 static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
 		       const LLVMValueRef *xq, const LLVMValueRef *qs, LLVMValueRef pan,
-		       const LLVMValueRef *acc)
+		       const LLVMValueRef *acc, LLVMValueRef pf)
 {
 	LLVMBuilderRef b = g->b;
 	int i4 = f->kind == MOE_QFORMAT_INT4, run = i4 ? 8 : 4, halves = 1 + i4;
@@ -1127,8 +1198,10 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 	int64_t bb = (int64_t)moe_qblock_bytes(f);
 	struct moe_ll_loop gl, kl;
 	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
-	LLVMValueRef blk =
-	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off"));
+	LLVMValueRef boff = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off");
+	LLVMValueRef blk = moe_ll_at(g, g->t_i8, pan, boff);
+	for (int64_t o = 0; o < (i4 ? 128 : 64); o += 64)
+		prefetch_at(g, pf, LLVMBuildNSWAdd(b, boff, moe_ll_i64c(g, o), ""));
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
 	for (int r = 0; r < mr; r++)
 		for (int c = 0; c < nch; c++)
@@ -1138,9 +1211,12 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 	LLVMValueRef lo = moe_ll_splat(g, moe_ll_i32c(g, 0x0f0f0f0f), ti);
 	for (uint32_t u = 0; u < ru; u++) {
 		LLVMValueRef kr = LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, u), "");
-		LLVMValueRef w = moe_ll_ld(
-		    g, ti,
-		    moe_ll_at(g, g->t_i8, codes, LLVMBuildNSWMul(b, kr, moe_ll_i64c(g, 64), "")));
+		LLVMValueRef coff = LLVMBuildNSWMul(b, kr, moe_ll_i64c(g, 64), "");
+		LLVMValueRef w = moe_ll_ld(g, ti, moe_ll_at(g, g->t_i8, codes, coff));
+		prefetch_at(
+		    g, pf,
+		    LLVMBuildNSWAdd(
+			b, boff, LLVMBuildNSWAdd(b, coff, moe_ll_i64c(g, i4 ? 128 : 64), ""), ""));
 		LLVMValueRef ws[2] = {w, NULL};
 		if (i4) {
 			ws[0] = LLVMBuildAnd(b, w, lo, "lo");
@@ -1214,7 +1290,8 @@ static void up_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncols,
 	int64_t pb = (int64_t)(ge->up_bytes / ge->up_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
-	dot4_kloop(g, &ge->q_up, ge->hidden, mr, xq, qs, pan, acc);
+	dot4_kloop(g, &ge->q_up, ge->hidden, mr, xq, qs, pan, acc,
+		   panel_prefetch(g, f, p, moe_ll_prm(g, 9), pan, pb));
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		moe_ll_st(g,
@@ -1247,7 +1324,8 @@ static void down_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncol
 	int64_t pb = (int64_t)(ge->down_bytes / ge->down_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
-	dot4_kloop(g, &ge->q_down, ge->width, mr, xq, qs, pan, acc);
+	dot4_kloop(g, &ge->q_down, ge->width, mr, xq, qs, pan, acc,
+		   panel_prefetch(g, f, p, moe_ll_prm(g, 8), pan, pb));
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef rl = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		LLVMValueRef o = moe_ll_fma(g, moe_ll_ld(g, g->t_v16f, acc[r]), i8_scale(g, f, rl),

@@ -927,33 +927,33 @@ entry:
   %acc3124 = alloca <8 x float>, align 32
   %acc4025 = alloca <8 x float>, align 32
   %acc4126 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc2051 = alloca <8 x float>, align 32
-  %acc2152 = alloca <8 x float>, align 32
-  %acc3053 = alloca <8 x float>, align 32
-  %acc3154 = alloca <8 x float>, align 32
-  %acc0072 = alloca <8 x float>, align 32
-  %acc0173 = alloca <8 x float>, align 32
-  %acc1074 = alloca <8 x float>, align 32
-  %acc1175 = alloca <8 x float>, align 32
-  %acc2076 = alloca <8 x float>, align 32
-  %acc2177 = alloca <8 x float>, align 32
-  %acc0092 = alloca <8 x float>, align 32
-  %acc0193 = alloca <8 x float>, align 32
-  %acc1094 = alloca <8 x float>, align 32
-  %acc1195 = alloca <8 x float>, align 32
-  %acc00107 = alloca <8 x float>, align 32
-  %acc01108 = alloca <8 x float>, align 32
+  %acc0048 = alloca <8 x float>, align 32
+  %acc0149 = alloca <8 x float>, align 32
+  %acc1050 = alloca <8 x float>, align 32
+  %acc1151 = alloca <8 x float>, align 32
+  %acc2052 = alloca <8 x float>, align 32
+  %acc2153 = alloca <8 x float>, align 32
+  %acc3054 = alloca <8 x float>, align 32
+  %acc3155 = alloca <8 x float>, align 32
+  %acc0074 = alloca <8 x float>, align 32
+  %acc0175 = alloca <8 x float>, align 32
+  %acc1076 = alloca <8 x float>, align 32
+  %acc1177 = alloca <8 x float>, align 32
+  %acc2078 = alloca <8 x float>, align 32
+  %acc2179 = alloca <8 x float>, align 32
+  %acc0095 = alloca <8 x float>, align 32
+  %acc0196 = alloca <8 x float>, align 32
+  %acc1097 = alloca <8 x float>, align 32
+  %acc1198 = alloca <8 x float>, align 32
+  %acc00111 = alloca <8 x float>, align 32
+  %acc01112 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1801, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1845, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -961,7 +961,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1800, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1844, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -969,6 +969,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -978,1573 +981,1577 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 768
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 768
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 768
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 768
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 768
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 768
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 768
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 768
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 768
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 768
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 768
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 768
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
+  %41 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 49152
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %95, %k.body ]
-  %39 = icmp slt i64 %k, 768
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %104, %k.body ]
+  %46 = icmp slt i64 %k, 768
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds float, ptr %panels, i64 %41
-  %43 = load <8 x float>, ptr %42, align 4
-  %44 = add nsw i64 %41, 8
-  %45 = getelementptr inbounds float, ptr %panels, i64 %44
-  %46 = load <8 x float>, ptr %45, align 4
-  %47 = getelementptr inbounds float, ptr %8, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc00, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %43, <8 x float> %51)
-  store <8 x float> %52, ptr %acc00, align 4
-  %53 = load <8 x float>, ptr %acc01, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %46, <8 x float> %53)
-  store <8 x float> %54, ptr %acc01, align 4
-  %55 = getelementptr inbounds float, ptr %14, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc10, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %43, <8 x float> %59)
-  store <8 x float> %60, ptr %acc10, align 4
-  %61 = load <8 x float>, ptr %acc11, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %46, <8 x float> %61)
-  store <8 x float> %62, ptr %acc11, align 4
-  %63 = getelementptr inbounds float, ptr %20, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc20, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %43, <8 x float> %67)
-  store <8 x float> %68, ptr %acc20, align 4
-  %69 = load <8 x float>, ptr %acc21, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %46, <8 x float> %69)
-  store <8 x float> %70, ptr %acc21, align 4
-  %71 = getelementptr inbounds float, ptr %26, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc30, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %43, <8 x float> %75)
-  store <8 x float> %76, ptr %acc30, align 4
-  %77 = load <8 x float>, ptr %acc31, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %46, <8 x float> %77)
-  store <8 x float> %78, ptr %acc31, align 4
-  %79 = getelementptr inbounds float, ptr %32, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc40, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %43, <8 x float> %83)
-  store <8 x float> %84, ptr %acc40, align 4
-  %85 = load <8 x float>, ptr %acc41, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %46, <8 x float> %85)
-  store <8 x float> %86, ptr %acc41, align 4
-  %87 = getelementptr inbounds float, ptr %38, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc50, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %43, <8 x float> %91)
-  store <8 x float> %92, ptr %acc50, align 4
-  %93 = load <8 x float>, ptr %acc51, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %46, <8 x float> %93)
-  store <8 x float> %94, ptr %acc51, align 4
-  %95 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 64
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds float, ptr %panels, i64 %48
+  %52 = load <8 x float>, ptr %51, align 4
+  %53 = add nsw i64 %48, 8
+  %54 = getelementptr inbounds float, ptr %panels, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  %56 = getelementptr inbounds float, ptr %10, i64 %k
+  %57 = load float, ptr %56, align 4
+  %58 = insertelement <8 x float> poison, float %57, i32 0
+  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
+  %60 = load <8 x float>, ptr %acc00, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %52, <8 x float> %60)
+  store <8 x float> %61, ptr %acc00, align 4
+  %62 = load <8 x float>, ptr %acc01, align 4
+  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %55, <8 x float> %62)
+  store <8 x float> %63, ptr %acc01, align 4
+  %64 = getelementptr inbounds float, ptr %16, i64 %k
+  %65 = load float, ptr %64, align 4
+  %66 = insertelement <8 x float> poison, float %65, i32 0
+  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
+  %68 = load <8 x float>, ptr %acc10, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %52, <8 x float> %68)
+  store <8 x float> %69, ptr %acc10, align 4
+  %70 = load <8 x float>, ptr %acc11, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %55, <8 x float> %70)
+  store <8 x float> %71, ptr %acc11, align 4
+  %72 = getelementptr inbounds float, ptr %22, i64 %k
+  %73 = load float, ptr %72, align 4
+  %74 = insertelement <8 x float> poison, float %73, i32 0
+  %75 = shufflevector <8 x float> %74, <8 x float> poison, <8 x i32> zeroinitializer
+  %76 = load <8 x float>, ptr %acc20, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %52, <8 x float> %76)
+  store <8 x float> %77, ptr %acc20, align 4
+  %78 = load <8 x float>, ptr %acc21, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %55, <8 x float> %78)
+  store <8 x float> %79, ptr %acc21, align 4
+  %80 = getelementptr inbounds float, ptr %28, i64 %k
+  %81 = load float, ptr %80, align 4
+  %82 = insertelement <8 x float> poison, float %81, i32 0
+  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
+  %84 = load <8 x float>, ptr %acc30, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %52, <8 x float> %84)
+  store <8 x float> %85, ptr %acc30, align 4
+  %86 = load <8 x float>, ptr %acc31, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %55, <8 x float> %86)
+  store <8 x float> %87, ptr %acc31, align 4
+  %88 = getelementptr inbounds float, ptr %34, i64 %k
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <8 x float> poison, float %89, i32 0
+  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
+  %92 = load <8 x float>, ptr %acc40, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %52, <8 x float> %92)
+  store <8 x float> %93, ptr %acc40, align 4
+  %94 = load <8 x float>, ptr %acc41, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %55, <8 x float> %94)
+  store <8 x float> %95, ptr %acc41, align 4
+  %96 = getelementptr inbounds float, ptr %40, i64 %k
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = load <8 x float>, ptr %acc50, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %52, <8 x float> %100)
+  store <8 x float> %101, ptr %acc50, align 4
+  %102 = load <8 x float>, ptr %acc51, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %55, <8 x float> %102)
+  store <8 x float> %103, ptr %acc51, align 4
+  %104 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %96 = add nsw i64 %r0, 0
-  %97 = getelementptr inbounds float, ptr %rw, i64 %96
-  %98 = load float, ptr %97, align 4
-  %99 = insertelement <8 x float> poison, float %98, i32 0
-  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
-  %101 = mul nsw i64 %96, 3072
-  %102 = getelementptr inbounds float, ptr %h, i64 %101
+  %105 = add nsw i64 %r0, 0
+  %106 = getelementptr inbounds float, ptr %rw, i64 %105
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = mul nsw i64 %105, 3072
+  %111 = getelementptr inbounds float, ptr %h, i64 %110
   %col = mul nsw i64 %p, 16
-  %103 = load <8 x float>, ptr %acc00, align 4
-  %104 = load <8 x float>, ptr %acc01, align 4
-  %105 = add nsw i64 %col, 0
-  %106 = fmul <8 x float> %103, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %107 = extractelement <8 x float> %106, i32 0
-  %108 = call float @erff(float %107)
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = extractelement <8 x float> %106, i32 1
-  %111 = call float @erff(float %110)
-  %112 = insertelement <8 x float> %109, float %111, i32 1
-  %113 = extractelement <8 x float> %106, i32 2
-  %114 = call float @erff(float %113)
-  %115 = insertelement <8 x float> %112, float %114, i32 2
-  %116 = extractelement <8 x float> %106, i32 3
+  %112 = load <8 x float>, ptr %acc00, align 4
+  %113 = load <8 x float>, ptr %acc01, align 4
+  %114 = add nsw i64 %col, 0
+  %115 = fmul <8 x float> %112, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %116 = extractelement <8 x float> %115, i32 0
   %117 = call float @erff(float %116)
-  %118 = insertelement <8 x float> %115, float %117, i32 3
-  %119 = extractelement <8 x float> %106, i32 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = extractelement <8 x float> %115, i32 1
   %120 = call float @erff(float %119)
-  %121 = insertelement <8 x float> %118, float %120, i32 4
-  %122 = extractelement <8 x float> %106, i32 5
+  %121 = insertelement <8 x float> %118, float %120, i32 1
+  %122 = extractelement <8 x float> %115, i32 2
   %123 = call float @erff(float %122)
-  %124 = insertelement <8 x float> %121, float %123, i32 5
-  %125 = extractelement <8 x float> %106, i32 6
+  %124 = insertelement <8 x float> %121, float %123, i32 2
+  %125 = extractelement <8 x float> %115, i32 3
   %126 = call float @erff(float %125)
-  %127 = insertelement <8 x float> %124, float %126, i32 6
-  %128 = extractelement <8 x float> %106, i32 7
+  %127 = insertelement <8 x float> %124, float %126, i32 3
+  %128 = extractelement <8 x float> %115, i32 4
   %129 = call float @erff(float %128)
-  %130 = insertelement <8 x float> %127, float %129, i32 7
-  %131 = fadd <8 x float> %130, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %132 = fmul <8 x float> %103, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu = fmul <8 x float> %132, %131
-  %133 = fmul <8 x float> %gelu, %100
-  %134 = getelementptr inbounds float, ptr %102, i64 %105
-  store <8 x float> %133, ptr %134, align 4
-  %135 = add nsw i64 %col, 8
-  %136 = fmul <8 x float> %104, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %137 = extractelement <8 x float> %136, i32 0
+  %130 = insertelement <8 x float> %127, float %129, i32 4
+  %131 = extractelement <8 x float> %115, i32 5
+  %132 = call float @erff(float %131)
+  %133 = insertelement <8 x float> %130, float %132, i32 5
+  %134 = extractelement <8 x float> %115, i32 6
+  %135 = call float @erff(float %134)
+  %136 = insertelement <8 x float> %133, float %135, i32 6
+  %137 = extractelement <8 x float> %115, i32 7
   %138 = call float @erff(float %137)
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = extractelement <8 x float> %136, i32 1
-  %141 = call float @erff(float %140)
-  %142 = insertelement <8 x float> %139, float %141, i32 1
-  %143 = extractelement <8 x float> %136, i32 2
-  %144 = call float @erff(float %143)
-  %145 = insertelement <8 x float> %142, float %144, i32 2
-  %146 = extractelement <8 x float> %136, i32 3
+  %139 = insertelement <8 x float> %136, float %138, i32 7
+  %140 = fadd <8 x float> %139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %141 = fmul <8 x float> %112, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu = fmul <8 x float> %141, %140
+  %142 = fmul <8 x float> %gelu, %109
+  %143 = getelementptr inbounds float, ptr %111, i64 %114
+  store <8 x float> %142, ptr %143, align 4
+  %144 = add nsw i64 %col, 8
+  %145 = fmul <8 x float> %113, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %146 = extractelement <8 x float> %145, i32 0
   %147 = call float @erff(float %146)
-  %148 = insertelement <8 x float> %145, float %147, i32 3
-  %149 = extractelement <8 x float> %136, i32 4
+  %148 = insertelement <8 x float> poison, float %147, i32 0
+  %149 = extractelement <8 x float> %145, i32 1
   %150 = call float @erff(float %149)
-  %151 = insertelement <8 x float> %148, float %150, i32 4
-  %152 = extractelement <8 x float> %136, i32 5
+  %151 = insertelement <8 x float> %148, float %150, i32 1
+  %152 = extractelement <8 x float> %145, i32 2
   %153 = call float @erff(float %152)
-  %154 = insertelement <8 x float> %151, float %153, i32 5
-  %155 = extractelement <8 x float> %136, i32 6
+  %154 = insertelement <8 x float> %151, float %153, i32 2
+  %155 = extractelement <8 x float> %145, i32 3
   %156 = call float @erff(float %155)
-  %157 = insertelement <8 x float> %154, float %156, i32 6
-  %158 = extractelement <8 x float> %136, i32 7
+  %157 = insertelement <8 x float> %154, float %156, i32 3
+  %158 = extractelement <8 x float> %145, i32 4
   %159 = call float @erff(float %158)
-  %160 = insertelement <8 x float> %157, float %159, i32 7
-  %161 = fadd <8 x float> %160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %162 = fmul <8 x float> %104, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu1 = fmul <8 x float> %162, %161
-  %163 = fmul <8 x float> %gelu1, %100
-  %164 = getelementptr inbounds float, ptr %102, i64 %135
-  store <8 x float> %163, ptr %164, align 4
-  %165 = add nsw i64 %r0, 1
-  %166 = getelementptr inbounds float, ptr %rw, i64 %165
-  %167 = load float, ptr %166, align 4
-  %168 = insertelement <8 x float> poison, float %167, i32 0
-  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
-  %170 = mul nsw i64 %165, 3072
-  %171 = getelementptr inbounds float, ptr %h, i64 %170
+  %160 = insertelement <8 x float> %157, float %159, i32 4
+  %161 = extractelement <8 x float> %145, i32 5
+  %162 = call float @erff(float %161)
+  %163 = insertelement <8 x float> %160, float %162, i32 5
+  %164 = extractelement <8 x float> %145, i32 6
+  %165 = call float @erff(float %164)
+  %166 = insertelement <8 x float> %163, float %165, i32 6
+  %167 = extractelement <8 x float> %145, i32 7
+  %168 = call float @erff(float %167)
+  %169 = insertelement <8 x float> %166, float %168, i32 7
+  %170 = fadd <8 x float> %169, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %171 = fmul <8 x float> %113, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu1 = fmul <8 x float> %171, %170
+  %172 = fmul <8 x float> %gelu1, %109
+  %173 = getelementptr inbounds float, ptr %111, i64 %144
+  store <8 x float> %172, ptr %173, align 4
+  %174 = add nsw i64 %r0, 1
+  %175 = getelementptr inbounds float, ptr %rw, i64 %174
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = mul nsw i64 %174, 3072
+  %180 = getelementptr inbounds float, ptr %h, i64 %179
   %col2 = mul nsw i64 %p, 16
-  %172 = load <8 x float>, ptr %acc10, align 4
-  %173 = load <8 x float>, ptr %acc11, align 4
-  %174 = add nsw i64 %col2, 0
-  %175 = fmul <8 x float> %172, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %176 = extractelement <8 x float> %175, i32 0
-  %177 = call float @erff(float %176)
-  %178 = insertelement <8 x float> poison, float %177, i32 0
-  %179 = extractelement <8 x float> %175, i32 1
-  %180 = call float @erff(float %179)
-  %181 = insertelement <8 x float> %178, float %180, i32 1
-  %182 = extractelement <8 x float> %175, i32 2
-  %183 = call float @erff(float %182)
-  %184 = insertelement <8 x float> %181, float %183, i32 2
-  %185 = extractelement <8 x float> %175, i32 3
+  %181 = load <8 x float>, ptr %acc10, align 4
+  %182 = load <8 x float>, ptr %acc11, align 4
+  %183 = add nsw i64 %col2, 0
+  %184 = fmul <8 x float> %181, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %185 = extractelement <8 x float> %184, i32 0
   %186 = call float @erff(float %185)
-  %187 = insertelement <8 x float> %184, float %186, i32 3
-  %188 = extractelement <8 x float> %175, i32 4
+  %187 = insertelement <8 x float> poison, float %186, i32 0
+  %188 = extractelement <8 x float> %184, i32 1
   %189 = call float @erff(float %188)
-  %190 = insertelement <8 x float> %187, float %189, i32 4
-  %191 = extractelement <8 x float> %175, i32 5
+  %190 = insertelement <8 x float> %187, float %189, i32 1
+  %191 = extractelement <8 x float> %184, i32 2
   %192 = call float @erff(float %191)
-  %193 = insertelement <8 x float> %190, float %192, i32 5
-  %194 = extractelement <8 x float> %175, i32 6
+  %193 = insertelement <8 x float> %190, float %192, i32 2
+  %194 = extractelement <8 x float> %184, i32 3
   %195 = call float @erff(float %194)
-  %196 = insertelement <8 x float> %193, float %195, i32 6
-  %197 = extractelement <8 x float> %175, i32 7
+  %196 = insertelement <8 x float> %193, float %195, i32 3
+  %197 = extractelement <8 x float> %184, i32 4
   %198 = call float @erff(float %197)
-  %199 = insertelement <8 x float> %196, float %198, i32 7
-  %200 = fadd <8 x float> %199, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %201 = fmul <8 x float> %172, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu3 = fmul <8 x float> %201, %200
-  %202 = fmul <8 x float> %gelu3, %169
-  %203 = getelementptr inbounds float, ptr %171, i64 %174
-  store <8 x float> %202, ptr %203, align 4
-  %204 = add nsw i64 %col2, 8
-  %205 = fmul <8 x float> %173, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %206 = extractelement <8 x float> %205, i32 0
+  %199 = insertelement <8 x float> %196, float %198, i32 4
+  %200 = extractelement <8 x float> %184, i32 5
+  %201 = call float @erff(float %200)
+  %202 = insertelement <8 x float> %199, float %201, i32 5
+  %203 = extractelement <8 x float> %184, i32 6
+  %204 = call float @erff(float %203)
+  %205 = insertelement <8 x float> %202, float %204, i32 6
+  %206 = extractelement <8 x float> %184, i32 7
   %207 = call float @erff(float %206)
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = extractelement <8 x float> %205, i32 1
-  %210 = call float @erff(float %209)
-  %211 = insertelement <8 x float> %208, float %210, i32 1
-  %212 = extractelement <8 x float> %205, i32 2
-  %213 = call float @erff(float %212)
-  %214 = insertelement <8 x float> %211, float %213, i32 2
-  %215 = extractelement <8 x float> %205, i32 3
+  %208 = insertelement <8 x float> %205, float %207, i32 7
+  %209 = fadd <8 x float> %208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %210 = fmul <8 x float> %181, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu3 = fmul <8 x float> %210, %209
+  %211 = fmul <8 x float> %gelu3, %178
+  %212 = getelementptr inbounds float, ptr %180, i64 %183
+  store <8 x float> %211, ptr %212, align 4
+  %213 = add nsw i64 %col2, 8
+  %214 = fmul <8 x float> %182, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %215 = extractelement <8 x float> %214, i32 0
   %216 = call float @erff(float %215)
-  %217 = insertelement <8 x float> %214, float %216, i32 3
-  %218 = extractelement <8 x float> %205, i32 4
+  %217 = insertelement <8 x float> poison, float %216, i32 0
+  %218 = extractelement <8 x float> %214, i32 1
   %219 = call float @erff(float %218)
-  %220 = insertelement <8 x float> %217, float %219, i32 4
-  %221 = extractelement <8 x float> %205, i32 5
+  %220 = insertelement <8 x float> %217, float %219, i32 1
+  %221 = extractelement <8 x float> %214, i32 2
   %222 = call float @erff(float %221)
-  %223 = insertelement <8 x float> %220, float %222, i32 5
-  %224 = extractelement <8 x float> %205, i32 6
+  %223 = insertelement <8 x float> %220, float %222, i32 2
+  %224 = extractelement <8 x float> %214, i32 3
   %225 = call float @erff(float %224)
-  %226 = insertelement <8 x float> %223, float %225, i32 6
-  %227 = extractelement <8 x float> %205, i32 7
+  %226 = insertelement <8 x float> %223, float %225, i32 3
+  %227 = extractelement <8 x float> %214, i32 4
   %228 = call float @erff(float %227)
-  %229 = insertelement <8 x float> %226, float %228, i32 7
-  %230 = fadd <8 x float> %229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %231 = fmul <8 x float> %173, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu4 = fmul <8 x float> %231, %230
-  %232 = fmul <8 x float> %gelu4, %169
-  %233 = getelementptr inbounds float, ptr %171, i64 %204
-  store <8 x float> %232, ptr %233, align 4
-  %234 = add nsw i64 %r0, 2
-  %235 = getelementptr inbounds float, ptr %rw, i64 %234
-  %236 = load float, ptr %235, align 4
-  %237 = insertelement <8 x float> poison, float %236, i32 0
-  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
-  %239 = mul nsw i64 %234, 3072
-  %240 = getelementptr inbounds float, ptr %h, i64 %239
+  %229 = insertelement <8 x float> %226, float %228, i32 4
+  %230 = extractelement <8 x float> %214, i32 5
+  %231 = call float @erff(float %230)
+  %232 = insertelement <8 x float> %229, float %231, i32 5
+  %233 = extractelement <8 x float> %214, i32 6
+  %234 = call float @erff(float %233)
+  %235 = insertelement <8 x float> %232, float %234, i32 6
+  %236 = extractelement <8 x float> %214, i32 7
+  %237 = call float @erff(float %236)
+  %238 = insertelement <8 x float> %235, float %237, i32 7
+  %239 = fadd <8 x float> %238, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %240 = fmul <8 x float> %182, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu4 = fmul <8 x float> %240, %239
+  %241 = fmul <8 x float> %gelu4, %178
+  %242 = getelementptr inbounds float, ptr %180, i64 %213
+  store <8 x float> %241, ptr %242, align 4
+  %243 = add nsw i64 %r0, 2
+  %244 = getelementptr inbounds float, ptr %rw, i64 %243
+  %245 = load float, ptr %244, align 4
+  %246 = insertelement <8 x float> poison, float %245, i32 0
+  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
+  %248 = mul nsw i64 %243, 3072
+  %249 = getelementptr inbounds float, ptr %h, i64 %248
   %col5 = mul nsw i64 %p, 16
-  %241 = load <8 x float>, ptr %acc20, align 4
-  %242 = load <8 x float>, ptr %acc21, align 4
-  %243 = add nsw i64 %col5, 0
-  %244 = fmul <8 x float> %241, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %245 = extractelement <8 x float> %244, i32 0
-  %246 = call float @erff(float %245)
-  %247 = insertelement <8 x float> poison, float %246, i32 0
-  %248 = extractelement <8 x float> %244, i32 1
-  %249 = call float @erff(float %248)
-  %250 = insertelement <8 x float> %247, float %249, i32 1
-  %251 = extractelement <8 x float> %244, i32 2
-  %252 = call float @erff(float %251)
-  %253 = insertelement <8 x float> %250, float %252, i32 2
-  %254 = extractelement <8 x float> %244, i32 3
+  %250 = load <8 x float>, ptr %acc20, align 4
+  %251 = load <8 x float>, ptr %acc21, align 4
+  %252 = add nsw i64 %col5, 0
+  %253 = fmul <8 x float> %250, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %254 = extractelement <8 x float> %253, i32 0
   %255 = call float @erff(float %254)
-  %256 = insertelement <8 x float> %253, float %255, i32 3
-  %257 = extractelement <8 x float> %244, i32 4
+  %256 = insertelement <8 x float> poison, float %255, i32 0
+  %257 = extractelement <8 x float> %253, i32 1
   %258 = call float @erff(float %257)
-  %259 = insertelement <8 x float> %256, float %258, i32 4
-  %260 = extractelement <8 x float> %244, i32 5
+  %259 = insertelement <8 x float> %256, float %258, i32 1
+  %260 = extractelement <8 x float> %253, i32 2
   %261 = call float @erff(float %260)
-  %262 = insertelement <8 x float> %259, float %261, i32 5
-  %263 = extractelement <8 x float> %244, i32 6
+  %262 = insertelement <8 x float> %259, float %261, i32 2
+  %263 = extractelement <8 x float> %253, i32 3
   %264 = call float @erff(float %263)
-  %265 = insertelement <8 x float> %262, float %264, i32 6
-  %266 = extractelement <8 x float> %244, i32 7
+  %265 = insertelement <8 x float> %262, float %264, i32 3
+  %266 = extractelement <8 x float> %253, i32 4
   %267 = call float @erff(float %266)
-  %268 = insertelement <8 x float> %265, float %267, i32 7
-  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %270 = fmul <8 x float> %241, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu6 = fmul <8 x float> %270, %269
-  %271 = fmul <8 x float> %gelu6, %238
-  %272 = getelementptr inbounds float, ptr %240, i64 %243
-  store <8 x float> %271, ptr %272, align 4
-  %273 = add nsw i64 %col5, 8
-  %274 = fmul <8 x float> %242, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %275 = extractelement <8 x float> %274, i32 0
+  %268 = insertelement <8 x float> %265, float %267, i32 4
+  %269 = extractelement <8 x float> %253, i32 5
+  %270 = call float @erff(float %269)
+  %271 = insertelement <8 x float> %268, float %270, i32 5
+  %272 = extractelement <8 x float> %253, i32 6
+  %273 = call float @erff(float %272)
+  %274 = insertelement <8 x float> %271, float %273, i32 6
+  %275 = extractelement <8 x float> %253, i32 7
   %276 = call float @erff(float %275)
-  %277 = insertelement <8 x float> poison, float %276, i32 0
-  %278 = extractelement <8 x float> %274, i32 1
-  %279 = call float @erff(float %278)
-  %280 = insertelement <8 x float> %277, float %279, i32 1
-  %281 = extractelement <8 x float> %274, i32 2
-  %282 = call float @erff(float %281)
-  %283 = insertelement <8 x float> %280, float %282, i32 2
-  %284 = extractelement <8 x float> %274, i32 3
+  %277 = insertelement <8 x float> %274, float %276, i32 7
+  %278 = fadd <8 x float> %277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %279 = fmul <8 x float> %250, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu6 = fmul <8 x float> %279, %278
+  %280 = fmul <8 x float> %gelu6, %247
+  %281 = getelementptr inbounds float, ptr %249, i64 %252
+  store <8 x float> %280, ptr %281, align 4
+  %282 = add nsw i64 %col5, 8
+  %283 = fmul <8 x float> %251, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %284 = extractelement <8 x float> %283, i32 0
   %285 = call float @erff(float %284)
-  %286 = insertelement <8 x float> %283, float %285, i32 3
-  %287 = extractelement <8 x float> %274, i32 4
+  %286 = insertelement <8 x float> poison, float %285, i32 0
+  %287 = extractelement <8 x float> %283, i32 1
   %288 = call float @erff(float %287)
-  %289 = insertelement <8 x float> %286, float %288, i32 4
-  %290 = extractelement <8 x float> %274, i32 5
+  %289 = insertelement <8 x float> %286, float %288, i32 1
+  %290 = extractelement <8 x float> %283, i32 2
   %291 = call float @erff(float %290)
-  %292 = insertelement <8 x float> %289, float %291, i32 5
-  %293 = extractelement <8 x float> %274, i32 6
+  %292 = insertelement <8 x float> %289, float %291, i32 2
+  %293 = extractelement <8 x float> %283, i32 3
   %294 = call float @erff(float %293)
-  %295 = insertelement <8 x float> %292, float %294, i32 6
-  %296 = extractelement <8 x float> %274, i32 7
+  %295 = insertelement <8 x float> %292, float %294, i32 3
+  %296 = extractelement <8 x float> %283, i32 4
   %297 = call float @erff(float %296)
-  %298 = insertelement <8 x float> %295, float %297, i32 7
-  %299 = fadd <8 x float> %298, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %300 = fmul <8 x float> %242, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu7 = fmul <8 x float> %300, %299
-  %301 = fmul <8 x float> %gelu7, %238
-  %302 = getelementptr inbounds float, ptr %240, i64 %273
-  store <8 x float> %301, ptr %302, align 4
-  %303 = add nsw i64 %r0, 3
-  %304 = getelementptr inbounds float, ptr %rw, i64 %303
-  %305 = load float, ptr %304, align 4
-  %306 = insertelement <8 x float> poison, float %305, i32 0
-  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
-  %308 = mul nsw i64 %303, 3072
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
+  %298 = insertelement <8 x float> %295, float %297, i32 4
+  %299 = extractelement <8 x float> %283, i32 5
+  %300 = call float @erff(float %299)
+  %301 = insertelement <8 x float> %298, float %300, i32 5
+  %302 = extractelement <8 x float> %283, i32 6
+  %303 = call float @erff(float %302)
+  %304 = insertelement <8 x float> %301, float %303, i32 6
+  %305 = extractelement <8 x float> %283, i32 7
+  %306 = call float @erff(float %305)
+  %307 = insertelement <8 x float> %304, float %306, i32 7
+  %308 = fadd <8 x float> %307, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %309 = fmul <8 x float> %251, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu7 = fmul <8 x float> %309, %308
+  %310 = fmul <8 x float> %gelu7, %247
+  %311 = getelementptr inbounds float, ptr %249, i64 %282
+  store <8 x float> %310, ptr %311, align 4
+  %312 = add nsw i64 %r0, 3
+  %313 = getelementptr inbounds float, ptr %rw, i64 %312
+  %314 = load float, ptr %313, align 4
+  %315 = insertelement <8 x float> poison, float %314, i32 0
+  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
+  %317 = mul nsw i64 %312, 3072
+  %318 = getelementptr inbounds float, ptr %h, i64 %317
   %col8 = mul nsw i64 %p, 16
-  %310 = load <8 x float>, ptr %acc30, align 4
-  %311 = load <8 x float>, ptr %acc31, align 4
-  %312 = add nsw i64 %col8, 0
-  %313 = fmul <8 x float> %310, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %314 = extractelement <8 x float> %313, i32 0
-  %315 = call float @erff(float %314)
-  %316 = insertelement <8 x float> poison, float %315, i32 0
-  %317 = extractelement <8 x float> %313, i32 1
-  %318 = call float @erff(float %317)
-  %319 = insertelement <8 x float> %316, float %318, i32 1
-  %320 = extractelement <8 x float> %313, i32 2
-  %321 = call float @erff(float %320)
-  %322 = insertelement <8 x float> %319, float %321, i32 2
-  %323 = extractelement <8 x float> %313, i32 3
+  %319 = load <8 x float>, ptr %acc30, align 4
+  %320 = load <8 x float>, ptr %acc31, align 4
+  %321 = add nsw i64 %col8, 0
+  %322 = fmul <8 x float> %319, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %323 = extractelement <8 x float> %322, i32 0
   %324 = call float @erff(float %323)
-  %325 = insertelement <8 x float> %322, float %324, i32 3
-  %326 = extractelement <8 x float> %313, i32 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = extractelement <8 x float> %322, i32 1
   %327 = call float @erff(float %326)
-  %328 = insertelement <8 x float> %325, float %327, i32 4
-  %329 = extractelement <8 x float> %313, i32 5
+  %328 = insertelement <8 x float> %325, float %327, i32 1
+  %329 = extractelement <8 x float> %322, i32 2
   %330 = call float @erff(float %329)
-  %331 = insertelement <8 x float> %328, float %330, i32 5
-  %332 = extractelement <8 x float> %313, i32 6
+  %331 = insertelement <8 x float> %328, float %330, i32 2
+  %332 = extractelement <8 x float> %322, i32 3
   %333 = call float @erff(float %332)
-  %334 = insertelement <8 x float> %331, float %333, i32 6
-  %335 = extractelement <8 x float> %313, i32 7
+  %334 = insertelement <8 x float> %331, float %333, i32 3
+  %335 = extractelement <8 x float> %322, i32 4
   %336 = call float @erff(float %335)
-  %337 = insertelement <8 x float> %334, float %336, i32 7
-  %338 = fadd <8 x float> %337, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %339 = fmul <8 x float> %310, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu9 = fmul <8 x float> %339, %338
-  %340 = fmul <8 x float> %gelu9, %307
-  %341 = getelementptr inbounds float, ptr %309, i64 %312
-  store <8 x float> %340, ptr %341, align 4
-  %342 = add nsw i64 %col8, 8
-  %343 = fmul <8 x float> %311, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %344 = extractelement <8 x float> %343, i32 0
+  %337 = insertelement <8 x float> %334, float %336, i32 4
+  %338 = extractelement <8 x float> %322, i32 5
+  %339 = call float @erff(float %338)
+  %340 = insertelement <8 x float> %337, float %339, i32 5
+  %341 = extractelement <8 x float> %322, i32 6
+  %342 = call float @erff(float %341)
+  %343 = insertelement <8 x float> %340, float %342, i32 6
+  %344 = extractelement <8 x float> %322, i32 7
   %345 = call float @erff(float %344)
-  %346 = insertelement <8 x float> poison, float %345, i32 0
-  %347 = extractelement <8 x float> %343, i32 1
-  %348 = call float @erff(float %347)
-  %349 = insertelement <8 x float> %346, float %348, i32 1
-  %350 = extractelement <8 x float> %343, i32 2
-  %351 = call float @erff(float %350)
-  %352 = insertelement <8 x float> %349, float %351, i32 2
-  %353 = extractelement <8 x float> %343, i32 3
+  %346 = insertelement <8 x float> %343, float %345, i32 7
+  %347 = fadd <8 x float> %346, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %348 = fmul <8 x float> %319, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu9 = fmul <8 x float> %348, %347
+  %349 = fmul <8 x float> %gelu9, %316
+  %350 = getelementptr inbounds float, ptr %318, i64 %321
+  store <8 x float> %349, ptr %350, align 4
+  %351 = add nsw i64 %col8, 8
+  %352 = fmul <8 x float> %320, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %353 = extractelement <8 x float> %352, i32 0
   %354 = call float @erff(float %353)
-  %355 = insertelement <8 x float> %352, float %354, i32 3
-  %356 = extractelement <8 x float> %343, i32 4
+  %355 = insertelement <8 x float> poison, float %354, i32 0
+  %356 = extractelement <8 x float> %352, i32 1
   %357 = call float @erff(float %356)
-  %358 = insertelement <8 x float> %355, float %357, i32 4
-  %359 = extractelement <8 x float> %343, i32 5
+  %358 = insertelement <8 x float> %355, float %357, i32 1
+  %359 = extractelement <8 x float> %352, i32 2
   %360 = call float @erff(float %359)
-  %361 = insertelement <8 x float> %358, float %360, i32 5
-  %362 = extractelement <8 x float> %343, i32 6
+  %361 = insertelement <8 x float> %358, float %360, i32 2
+  %362 = extractelement <8 x float> %352, i32 3
   %363 = call float @erff(float %362)
-  %364 = insertelement <8 x float> %361, float %363, i32 6
-  %365 = extractelement <8 x float> %343, i32 7
+  %364 = insertelement <8 x float> %361, float %363, i32 3
+  %365 = extractelement <8 x float> %352, i32 4
   %366 = call float @erff(float %365)
-  %367 = insertelement <8 x float> %364, float %366, i32 7
-  %368 = fadd <8 x float> %367, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %369 = fmul <8 x float> %311, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu10 = fmul <8 x float> %369, %368
-  %370 = fmul <8 x float> %gelu10, %307
-  %371 = getelementptr inbounds float, ptr %309, i64 %342
-  store <8 x float> %370, ptr %371, align 4
-  %372 = add nsw i64 %r0, 4
-  %373 = getelementptr inbounds float, ptr %rw, i64 %372
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = mul nsw i64 %372, 3072
-  %378 = getelementptr inbounds float, ptr %h, i64 %377
+  %367 = insertelement <8 x float> %364, float %366, i32 4
+  %368 = extractelement <8 x float> %352, i32 5
+  %369 = call float @erff(float %368)
+  %370 = insertelement <8 x float> %367, float %369, i32 5
+  %371 = extractelement <8 x float> %352, i32 6
+  %372 = call float @erff(float %371)
+  %373 = insertelement <8 x float> %370, float %372, i32 6
+  %374 = extractelement <8 x float> %352, i32 7
+  %375 = call float @erff(float %374)
+  %376 = insertelement <8 x float> %373, float %375, i32 7
+  %377 = fadd <8 x float> %376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %378 = fmul <8 x float> %320, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu10 = fmul <8 x float> %378, %377
+  %379 = fmul <8 x float> %gelu10, %316
+  %380 = getelementptr inbounds float, ptr %318, i64 %351
+  store <8 x float> %379, ptr %380, align 4
+  %381 = add nsw i64 %r0, 4
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = mul nsw i64 %381, 3072
+  %387 = getelementptr inbounds float, ptr %h, i64 %386
   %col11 = mul nsw i64 %p, 16
-  %379 = load <8 x float>, ptr %acc40, align 4
-  %380 = load <8 x float>, ptr %acc41, align 4
-  %381 = add nsw i64 %col11, 0
-  %382 = fmul <8 x float> %379, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %383 = extractelement <8 x float> %382, i32 0
-  %384 = call float @erff(float %383)
-  %385 = insertelement <8 x float> poison, float %384, i32 0
-  %386 = extractelement <8 x float> %382, i32 1
-  %387 = call float @erff(float %386)
-  %388 = insertelement <8 x float> %385, float %387, i32 1
-  %389 = extractelement <8 x float> %382, i32 2
-  %390 = call float @erff(float %389)
-  %391 = insertelement <8 x float> %388, float %390, i32 2
-  %392 = extractelement <8 x float> %382, i32 3
+  %388 = load <8 x float>, ptr %acc40, align 4
+  %389 = load <8 x float>, ptr %acc41, align 4
+  %390 = add nsw i64 %col11, 0
+  %391 = fmul <8 x float> %388, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %392 = extractelement <8 x float> %391, i32 0
   %393 = call float @erff(float %392)
-  %394 = insertelement <8 x float> %391, float %393, i32 3
-  %395 = extractelement <8 x float> %382, i32 4
+  %394 = insertelement <8 x float> poison, float %393, i32 0
+  %395 = extractelement <8 x float> %391, i32 1
   %396 = call float @erff(float %395)
-  %397 = insertelement <8 x float> %394, float %396, i32 4
-  %398 = extractelement <8 x float> %382, i32 5
+  %397 = insertelement <8 x float> %394, float %396, i32 1
+  %398 = extractelement <8 x float> %391, i32 2
   %399 = call float @erff(float %398)
-  %400 = insertelement <8 x float> %397, float %399, i32 5
-  %401 = extractelement <8 x float> %382, i32 6
+  %400 = insertelement <8 x float> %397, float %399, i32 2
+  %401 = extractelement <8 x float> %391, i32 3
   %402 = call float @erff(float %401)
-  %403 = insertelement <8 x float> %400, float %402, i32 6
-  %404 = extractelement <8 x float> %382, i32 7
+  %403 = insertelement <8 x float> %400, float %402, i32 3
+  %404 = extractelement <8 x float> %391, i32 4
   %405 = call float @erff(float %404)
-  %406 = insertelement <8 x float> %403, float %405, i32 7
-  %407 = fadd <8 x float> %406, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %408 = fmul <8 x float> %379, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu12 = fmul <8 x float> %408, %407
-  %409 = fmul <8 x float> %gelu12, %376
-  %410 = getelementptr inbounds float, ptr %378, i64 %381
-  store <8 x float> %409, ptr %410, align 4
-  %411 = add nsw i64 %col11, 8
-  %412 = fmul <8 x float> %380, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %413 = extractelement <8 x float> %412, i32 0
+  %406 = insertelement <8 x float> %403, float %405, i32 4
+  %407 = extractelement <8 x float> %391, i32 5
+  %408 = call float @erff(float %407)
+  %409 = insertelement <8 x float> %406, float %408, i32 5
+  %410 = extractelement <8 x float> %391, i32 6
+  %411 = call float @erff(float %410)
+  %412 = insertelement <8 x float> %409, float %411, i32 6
+  %413 = extractelement <8 x float> %391, i32 7
   %414 = call float @erff(float %413)
-  %415 = insertelement <8 x float> poison, float %414, i32 0
-  %416 = extractelement <8 x float> %412, i32 1
-  %417 = call float @erff(float %416)
-  %418 = insertelement <8 x float> %415, float %417, i32 1
-  %419 = extractelement <8 x float> %412, i32 2
-  %420 = call float @erff(float %419)
-  %421 = insertelement <8 x float> %418, float %420, i32 2
-  %422 = extractelement <8 x float> %412, i32 3
+  %415 = insertelement <8 x float> %412, float %414, i32 7
+  %416 = fadd <8 x float> %415, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %417 = fmul <8 x float> %388, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu12 = fmul <8 x float> %417, %416
+  %418 = fmul <8 x float> %gelu12, %385
+  %419 = getelementptr inbounds float, ptr %387, i64 %390
+  store <8 x float> %418, ptr %419, align 4
+  %420 = add nsw i64 %col11, 8
+  %421 = fmul <8 x float> %389, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %422 = extractelement <8 x float> %421, i32 0
   %423 = call float @erff(float %422)
-  %424 = insertelement <8 x float> %421, float %423, i32 3
-  %425 = extractelement <8 x float> %412, i32 4
+  %424 = insertelement <8 x float> poison, float %423, i32 0
+  %425 = extractelement <8 x float> %421, i32 1
   %426 = call float @erff(float %425)
-  %427 = insertelement <8 x float> %424, float %426, i32 4
-  %428 = extractelement <8 x float> %412, i32 5
+  %427 = insertelement <8 x float> %424, float %426, i32 1
+  %428 = extractelement <8 x float> %421, i32 2
   %429 = call float @erff(float %428)
-  %430 = insertelement <8 x float> %427, float %429, i32 5
-  %431 = extractelement <8 x float> %412, i32 6
+  %430 = insertelement <8 x float> %427, float %429, i32 2
+  %431 = extractelement <8 x float> %421, i32 3
   %432 = call float @erff(float %431)
-  %433 = insertelement <8 x float> %430, float %432, i32 6
-  %434 = extractelement <8 x float> %412, i32 7
+  %433 = insertelement <8 x float> %430, float %432, i32 3
+  %434 = extractelement <8 x float> %421, i32 4
   %435 = call float @erff(float %434)
-  %436 = insertelement <8 x float> %433, float %435, i32 7
-  %437 = fadd <8 x float> %436, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %438 = fmul <8 x float> %380, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu13 = fmul <8 x float> %438, %437
-  %439 = fmul <8 x float> %gelu13, %376
-  %440 = getelementptr inbounds float, ptr %378, i64 %411
-  store <8 x float> %439, ptr %440, align 4
-  %441 = add nsw i64 %r0, 5
-  %442 = getelementptr inbounds float, ptr %rw, i64 %441
-  %443 = load float, ptr %442, align 4
-  %444 = insertelement <8 x float> poison, float %443, i32 0
-  %445 = shufflevector <8 x float> %444, <8 x float> poison, <8 x i32> zeroinitializer
-  %446 = mul nsw i64 %441, 3072
-  %447 = getelementptr inbounds float, ptr %h, i64 %446
+  %436 = insertelement <8 x float> %433, float %435, i32 4
+  %437 = extractelement <8 x float> %421, i32 5
+  %438 = call float @erff(float %437)
+  %439 = insertelement <8 x float> %436, float %438, i32 5
+  %440 = extractelement <8 x float> %421, i32 6
+  %441 = call float @erff(float %440)
+  %442 = insertelement <8 x float> %439, float %441, i32 6
+  %443 = extractelement <8 x float> %421, i32 7
+  %444 = call float @erff(float %443)
+  %445 = insertelement <8 x float> %442, float %444, i32 7
+  %446 = fadd <8 x float> %445, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %447 = fmul <8 x float> %389, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu13 = fmul <8 x float> %447, %446
+  %448 = fmul <8 x float> %gelu13, %385
+  %449 = getelementptr inbounds float, ptr %387, i64 %420
+  store <8 x float> %448, ptr %449, align 4
+  %450 = add nsw i64 %r0, 5
+  %451 = getelementptr inbounds float, ptr %rw, i64 %450
+  %452 = load float, ptr %451, align 4
+  %453 = insertelement <8 x float> poison, float %452, i32 0
+  %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
+  %455 = mul nsw i64 %450, 3072
+  %456 = getelementptr inbounds float, ptr %h, i64 %455
   %col14 = mul nsw i64 %p, 16
-  %448 = load <8 x float>, ptr %acc50, align 4
-  %449 = load <8 x float>, ptr %acc51, align 4
-  %450 = add nsw i64 %col14, 0
-  %451 = fmul <8 x float> %448, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %452 = extractelement <8 x float> %451, i32 0
-  %453 = call float @erff(float %452)
-  %454 = insertelement <8 x float> poison, float %453, i32 0
-  %455 = extractelement <8 x float> %451, i32 1
-  %456 = call float @erff(float %455)
-  %457 = insertelement <8 x float> %454, float %456, i32 1
-  %458 = extractelement <8 x float> %451, i32 2
-  %459 = call float @erff(float %458)
-  %460 = insertelement <8 x float> %457, float %459, i32 2
-  %461 = extractelement <8 x float> %451, i32 3
+  %457 = load <8 x float>, ptr %acc50, align 4
+  %458 = load <8 x float>, ptr %acc51, align 4
+  %459 = add nsw i64 %col14, 0
+  %460 = fmul <8 x float> %457, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %461 = extractelement <8 x float> %460, i32 0
   %462 = call float @erff(float %461)
-  %463 = insertelement <8 x float> %460, float %462, i32 3
-  %464 = extractelement <8 x float> %451, i32 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = extractelement <8 x float> %460, i32 1
   %465 = call float @erff(float %464)
-  %466 = insertelement <8 x float> %463, float %465, i32 4
-  %467 = extractelement <8 x float> %451, i32 5
+  %466 = insertelement <8 x float> %463, float %465, i32 1
+  %467 = extractelement <8 x float> %460, i32 2
   %468 = call float @erff(float %467)
-  %469 = insertelement <8 x float> %466, float %468, i32 5
-  %470 = extractelement <8 x float> %451, i32 6
+  %469 = insertelement <8 x float> %466, float %468, i32 2
+  %470 = extractelement <8 x float> %460, i32 3
   %471 = call float @erff(float %470)
-  %472 = insertelement <8 x float> %469, float %471, i32 6
-  %473 = extractelement <8 x float> %451, i32 7
+  %472 = insertelement <8 x float> %469, float %471, i32 3
+  %473 = extractelement <8 x float> %460, i32 4
   %474 = call float @erff(float %473)
-  %475 = insertelement <8 x float> %472, float %474, i32 7
-  %476 = fadd <8 x float> %475, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %477 = fmul <8 x float> %448, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu15 = fmul <8 x float> %477, %476
-  %478 = fmul <8 x float> %gelu15, %445
-  %479 = getelementptr inbounds float, ptr %447, i64 %450
-  store <8 x float> %478, ptr %479, align 4
-  %480 = add nsw i64 %col14, 8
-  %481 = fmul <8 x float> %449, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %482 = extractelement <8 x float> %481, i32 0
+  %475 = insertelement <8 x float> %472, float %474, i32 4
+  %476 = extractelement <8 x float> %460, i32 5
+  %477 = call float @erff(float %476)
+  %478 = insertelement <8 x float> %475, float %477, i32 5
+  %479 = extractelement <8 x float> %460, i32 6
+  %480 = call float @erff(float %479)
+  %481 = insertelement <8 x float> %478, float %480, i32 6
+  %482 = extractelement <8 x float> %460, i32 7
   %483 = call float @erff(float %482)
-  %484 = insertelement <8 x float> poison, float %483, i32 0
-  %485 = extractelement <8 x float> %481, i32 1
-  %486 = call float @erff(float %485)
-  %487 = insertelement <8 x float> %484, float %486, i32 1
-  %488 = extractelement <8 x float> %481, i32 2
-  %489 = call float @erff(float %488)
-  %490 = insertelement <8 x float> %487, float %489, i32 2
-  %491 = extractelement <8 x float> %481, i32 3
+  %484 = insertelement <8 x float> %481, float %483, i32 7
+  %485 = fadd <8 x float> %484, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %486 = fmul <8 x float> %457, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu15 = fmul <8 x float> %486, %485
+  %487 = fmul <8 x float> %gelu15, %454
+  %488 = getelementptr inbounds float, ptr %456, i64 %459
+  store <8 x float> %487, ptr %488, align 4
+  %489 = add nsw i64 %col14, 8
+  %490 = fmul <8 x float> %458, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %491 = extractelement <8 x float> %490, i32 0
   %492 = call float @erff(float %491)
-  %493 = insertelement <8 x float> %490, float %492, i32 3
-  %494 = extractelement <8 x float> %481, i32 4
+  %493 = insertelement <8 x float> poison, float %492, i32 0
+  %494 = extractelement <8 x float> %490, i32 1
   %495 = call float @erff(float %494)
-  %496 = insertelement <8 x float> %493, float %495, i32 4
-  %497 = extractelement <8 x float> %481, i32 5
+  %496 = insertelement <8 x float> %493, float %495, i32 1
+  %497 = extractelement <8 x float> %490, i32 2
   %498 = call float @erff(float %497)
-  %499 = insertelement <8 x float> %496, float %498, i32 5
-  %500 = extractelement <8 x float> %481, i32 6
+  %499 = insertelement <8 x float> %496, float %498, i32 2
+  %500 = extractelement <8 x float> %490, i32 3
   %501 = call float @erff(float %500)
-  %502 = insertelement <8 x float> %499, float %501, i32 6
-  %503 = extractelement <8 x float> %481, i32 7
+  %502 = insertelement <8 x float> %499, float %501, i32 3
+  %503 = extractelement <8 x float> %490, i32 4
   %504 = call float @erff(float %503)
-  %505 = insertelement <8 x float> %502, float %504, i32 7
-  %506 = fadd <8 x float> %505, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %507 = fmul <8 x float> %449, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu16 = fmul <8 x float> %507, %506
-  %508 = fmul <8 x float> %gelu16, %445
-  %509 = getelementptr inbounds float, ptr %447, i64 %480
-  store <8 x float> %508, ptr %509, align 4
+  %505 = insertelement <8 x float> %502, float %504, i32 4
+  %506 = extractelement <8 x float> %490, i32 5
+  %507 = call float @erff(float %506)
+  %508 = insertelement <8 x float> %505, float %507, i32 5
+  %509 = extractelement <8 x float> %490, i32 6
+  %510 = call float @erff(float %509)
+  %511 = insertelement <8 x float> %508, float %510, i32 6
+  %512 = extractelement <8 x float> %490, i32 7
+  %513 = call float @erff(float %512)
+  %514 = insertelement <8 x float> %511, float %513, i32 7
+  %515 = fadd <8 x float> %514, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %516 = fmul <8 x float> %458, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu16 = fmul <8 x float> %516, %515
+  %517 = fmul <8 x float> %gelu16, %454
+  %518 = getelementptr inbounds float, ptr %456, i64 %489
+  store <8 x float> %517, ptr %518, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %510 = add nsw i64 %r0, 0
-  %511 = getelementptr inbounds i32, ptr %rows, i64 %510
-  %512 = load i32, ptr %511, align 4
-  %513 = sext i32 %512 to i64
-  %514 = mul nsw i64 %513, 768
-  %515 = getelementptr inbounds float, ptr %x, i64 %514
+  %519 = add nsw i64 %r0, 0
+  %520 = getelementptr inbounds i32, ptr %rows, i64 %519
+  %521 = load i32, ptr %520, align 4
+  %522 = sext i32 %521 to i64
+  %523 = mul nsw i64 %522, 768
+  %524 = getelementptr inbounds float, ptr %x, i64 %523
   store <8 x float> zeroinitializer, ptr %acc0017, align 4
   store <8 x float> zeroinitializer, ptr %acc0118, align 4
-  %516 = add nsw i64 %r0, 1
-  %517 = getelementptr inbounds i32, ptr %rows, i64 %516
-  %518 = load i32, ptr %517, align 4
-  %519 = sext i32 %518 to i64
-  %520 = mul nsw i64 %519, 768
-  %521 = getelementptr inbounds float, ptr %x, i64 %520
+  %525 = add nsw i64 %r0, 1
+  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
+  %527 = load i32, ptr %526, align 4
+  %528 = sext i32 %527 to i64
+  %529 = mul nsw i64 %528, 768
+  %530 = getelementptr inbounds float, ptr %x, i64 %529
   store <8 x float> zeroinitializer, ptr %acc1019, align 4
   store <8 x float> zeroinitializer, ptr %acc1120, align 4
-  %522 = add nsw i64 %r0, 2
-  %523 = getelementptr inbounds i32, ptr %rows, i64 %522
-  %524 = load i32, ptr %523, align 4
-  %525 = sext i32 %524 to i64
-  %526 = mul nsw i64 %525, 768
-  %527 = getelementptr inbounds float, ptr %x, i64 %526
+  %531 = add nsw i64 %r0, 2
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 768
+  %536 = getelementptr inbounds float, ptr %x, i64 %535
   store <8 x float> zeroinitializer, ptr %acc2021, align 4
   store <8 x float> zeroinitializer, ptr %acc2122, align 4
-  %528 = add nsw i64 %r0, 3
-  %529 = getelementptr inbounds i32, ptr %rows, i64 %528
-  %530 = load i32, ptr %529, align 4
-  %531 = sext i32 %530 to i64
-  %532 = mul nsw i64 %531, 768
-  %533 = getelementptr inbounds float, ptr %x, i64 %532
+  %537 = add nsw i64 %r0, 3
+  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
+  %539 = load i32, ptr %538, align 4
+  %540 = sext i32 %539 to i64
+  %541 = mul nsw i64 %540, 768
+  %542 = getelementptr inbounds float, ptr %x, i64 %541
   store <8 x float> zeroinitializer, ptr %acc3023, align 4
   store <8 x float> zeroinitializer, ptr %acc3124, align 4
-  %534 = add nsw i64 %r0, 4
-  %535 = getelementptr inbounds i32, ptr %rows, i64 %534
-  %536 = load i32, ptr %535, align 4
-  %537 = sext i32 %536 to i64
-  %538 = mul nsw i64 %537, 768
-  %539 = getelementptr inbounds float, ptr %x, i64 %538
+  %543 = add nsw i64 %r0, 4
+  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
+  %545 = load i32, ptr %544, align 4
+  %546 = sext i32 %545 to i64
+  %547 = mul nsw i64 %546, 768
+  %548 = getelementptr inbounds float, ptr %x, i64 %547
   store <8 x float> zeroinitializer, ptr %acc4025, align 4
   store <8 x float> zeroinitializer, ptr %acc4126, align 4
   %panel.off27 = mul nsw i64 %p, 12288
-  br label %k.head28
+  %549 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
+  %550 = add nsw i64 %p, 1
+  %551 = icmp slt i64 %550, %p1
+  %552 = getelementptr inbounds i8, ptr %549, i64 49152
+  %553 = and i1 %pf.on, %551
+  %pf28 = select i1 %553, ptr %552, ptr %549
+  br label %k.head29
 
-k.head28:                                         ; preds = %k.body29, %tile.mr5
-  %k31 = phi i64 [ 0, %tile.mr5 ], [ %588, %k.body29 ]
-  %540 = icmp slt i64 %k31, 768
-  br i1 %540, label %k.body29, label %k.end30
+k.head29:                                         ; preds = %k.body30, %tile.mr5
+  %k32 = phi i64 [ 0, %tile.mr5 ], [ %604, %k.body30 ]
+  %554 = icmp slt i64 %k32, 768
+  br i1 %554, label %k.body30, label %k.end31
 
-k.body29:                                         ; preds = %k.head28
-  %541 = mul nsw i64 %k31, 16
-  %542 = add nsw i64 %panel.off27, %541
-  %543 = getelementptr inbounds float, ptr %panels, i64 %542
-  %544 = load <8 x float>, ptr %543, align 4
-  %545 = add nsw i64 %542, 8
-  %546 = getelementptr inbounds float, ptr %panels, i64 %545
-  %547 = load <8 x float>, ptr %546, align 4
-  %548 = getelementptr inbounds float, ptr %515, i64 %k31
-  %549 = load float, ptr %548, align 4
-  %550 = insertelement <8 x float> poison, float %549, i32 0
-  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
-  %552 = load <8 x float>, ptr %acc0017, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %544, <8 x float> %552)
-  store <8 x float> %553, ptr %acc0017, align 4
-  %554 = load <8 x float>, ptr %acc0118, align 4
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> %554)
-  store <8 x float> %555, ptr %acc0118, align 4
-  %556 = getelementptr inbounds float, ptr %521, i64 %k31
-  %557 = load float, ptr %556, align 4
-  %558 = insertelement <8 x float> poison, float %557, i32 0
-  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
-  %560 = load <8 x float>, ptr %acc1019, align 4
-  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %544, <8 x float> %560)
-  store <8 x float> %561, ptr %acc1019, align 4
-  %562 = load <8 x float>, ptr %acc1120, align 4
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %547, <8 x float> %562)
-  store <8 x float> %563, ptr %acc1120, align 4
-  %564 = getelementptr inbounds float, ptr %527, i64 %k31
+k.body30:                                         ; preds = %k.head29
+  %555 = mul nsw i64 %k32, 16
+  %556 = add nsw i64 %panel.off27, %555
+  %557 = mul nsw i64 %k32, 64
+  %558 = getelementptr inbounds i8, ptr %pf28, i64 %557
+  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
+  %559 = getelementptr inbounds float, ptr %panels, i64 %556
+  %560 = load <8 x float>, ptr %559, align 4
+  %561 = add nsw i64 %556, 8
+  %562 = getelementptr inbounds float, ptr %panels, i64 %561
+  %563 = load <8 x float>, ptr %562, align 4
+  %564 = getelementptr inbounds float, ptr %524, i64 %k32
   %565 = load float, ptr %564, align 4
   %566 = insertelement <8 x float> poison, float %565, i32 0
   %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
-  %568 = load <8 x float>, ptr %acc2021, align 4
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %544, <8 x float> %568)
-  store <8 x float> %569, ptr %acc2021, align 4
-  %570 = load <8 x float>, ptr %acc2122, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %547, <8 x float> %570)
-  store <8 x float> %571, ptr %acc2122, align 4
-  %572 = getelementptr inbounds float, ptr %533, i64 %k31
+  %568 = load <8 x float>, ptr %acc0017, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %560, <8 x float> %568)
+  store <8 x float> %569, ptr %acc0017, align 4
+  %570 = load <8 x float>, ptr %acc0118, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %563, <8 x float> %570)
+  store <8 x float> %571, ptr %acc0118, align 4
+  %572 = getelementptr inbounds float, ptr %530, i64 %k32
   %573 = load float, ptr %572, align 4
   %574 = insertelement <8 x float> poison, float %573, i32 0
   %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
-  %576 = load <8 x float>, ptr %acc3023, align 4
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %544, <8 x float> %576)
-  store <8 x float> %577, ptr %acc3023, align 4
-  %578 = load <8 x float>, ptr %acc3124, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %547, <8 x float> %578)
-  store <8 x float> %579, ptr %acc3124, align 4
-  %580 = getelementptr inbounds float, ptr %539, i64 %k31
+  %576 = load <8 x float>, ptr %acc1019, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %560, <8 x float> %576)
+  store <8 x float> %577, ptr %acc1019, align 4
+  %578 = load <8 x float>, ptr %acc1120, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %563, <8 x float> %578)
+  store <8 x float> %579, ptr %acc1120, align 4
+  %580 = getelementptr inbounds float, ptr %536, i64 %k32
   %581 = load float, ptr %580, align 4
   %582 = insertelement <8 x float> poison, float %581, i32 0
   %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc4025, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %544, <8 x float> %584)
-  store <8 x float> %585, ptr %acc4025, align 4
-  %586 = load <8 x float>, ptr %acc4126, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %547, <8 x float> %586)
-  store <8 x float> %587, ptr %acc4126, align 4
-  %588 = add nsw i64 %k31, 1
-  br label %k.head28
+  %584 = load <8 x float>, ptr %acc2021, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %560, <8 x float> %584)
+  store <8 x float> %585, ptr %acc2021, align 4
+  %586 = load <8 x float>, ptr %acc2122, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %563, <8 x float> %586)
+  store <8 x float> %587, ptr %acc2122, align 4
+  %588 = getelementptr inbounds float, ptr %542, i64 %k32
+  %589 = load float, ptr %588, align 4
+  %590 = insertelement <8 x float> poison, float %589, i32 0
+  %591 = shufflevector <8 x float> %590, <8 x float> poison, <8 x i32> zeroinitializer
+  %592 = load <8 x float>, ptr %acc3023, align 4
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %560, <8 x float> %592)
+  store <8 x float> %593, ptr %acc3023, align 4
+  %594 = load <8 x float>, ptr %acc3124, align 4
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %563, <8 x float> %594)
+  store <8 x float> %595, ptr %acc3124, align 4
+  %596 = getelementptr inbounds float, ptr %548, i64 %k32
+  %597 = load float, ptr %596, align 4
+  %598 = insertelement <8 x float> poison, float %597, i32 0
+  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
+  %600 = load <8 x float>, ptr %acc4025, align 4
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %560, <8 x float> %600)
+  store <8 x float> %601, ptr %acc4025, align 4
+  %602 = load <8 x float>, ptr %acc4126, align 4
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %563, <8 x float> %602)
+  store <8 x float> %603, ptr %acc4126, align 4
+  %604 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end30:                                          ; preds = %k.head28
-  %589 = add nsw i64 %r0, 0
-  %590 = getelementptr inbounds float, ptr %rw, i64 %589
-  %591 = load float, ptr %590, align 4
-  %592 = insertelement <8 x float> poison, float %591, i32 0
-  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
-  %594 = mul nsw i64 %589, 3072
-  %595 = getelementptr inbounds float, ptr %h, i64 %594
-  %col32 = mul nsw i64 %p, 16
-  %596 = load <8 x float>, ptr %acc0017, align 4
-  %597 = load <8 x float>, ptr %acc0118, align 4
-  %598 = add nsw i64 %col32, 0
-  %599 = fmul <8 x float> %596, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %600 = extractelement <8 x float> %599, i32 0
-  %601 = call float @erff(float %600)
-  %602 = insertelement <8 x float> poison, float %601, i32 0
-  %603 = extractelement <8 x float> %599, i32 1
-  %604 = call float @erff(float %603)
-  %605 = insertelement <8 x float> %602, float %604, i32 1
-  %606 = extractelement <8 x float> %599, i32 2
-  %607 = call float @erff(float %606)
-  %608 = insertelement <8 x float> %605, float %607, i32 2
-  %609 = extractelement <8 x float> %599, i32 3
-  %610 = call float @erff(float %609)
-  %611 = insertelement <8 x float> %608, float %610, i32 3
-  %612 = extractelement <8 x float> %599, i32 4
-  %613 = call float @erff(float %612)
-  %614 = insertelement <8 x float> %611, float %613, i32 4
-  %615 = extractelement <8 x float> %599, i32 5
-  %616 = call float @erff(float %615)
-  %617 = insertelement <8 x float> %614, float %616, i32 5
-  %618 = extractelement <8 x float> %599, i32 6
-  %619 = call float @erff(float %618)
-  %620 = insertelement <8 x float> %617, float %619, i32 6
-  %621 = extractelement <8 x float> %599, i32 7
-  %622 = call float @erff(float %621)
-  %623 = insertelement <8 x float> %620, float %622, i32 7
-  %624 = fadd <8 x float> %623, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %625 = fmul <8 x float> %596, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu33 = fmul <8 x float> %625, %624
-  %626 = fmul <8 x float> %gelu33, %593
-  %627 = getelementptr inbounds float, ptr %595, i64 %598
-  store <8 x float> %626, ptr %627, align 4
-  %628 = add nsw i64 %col32, 8
-  %629 = fmul <8 x float> %597, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %630 = extractelement <8 x float> %629, i32 0
-  %631 = call float @erff(float %630)
-  %632 = insertelement <8 x float> poison, float %631, i32 0
-  %633 = extractelement <8 x float> %629, i32 1
-  %634 = call float @erff(float %633)
-  %635 = insertelement <8 x float> %632, float %634, i32 1
-  %636 = extractelement <8 x float> %629, i32 2
-  %637 = call float @erff(float %636)
-  %638 = insertelement <8 x float> %635, float %637, i32 2
-  %639 = extractelement <8 x float> %629, i32 3
-  %640 = call float @erff(float %639)
-  %641 = insertelement <8 x float> %638, float %640, i32 3
-  %642 = extractelement <8 x float> %629, i32 4
-  %643 = call float @erff(float %642)
-  %644 = insertelement <8 x float> %641, float %643, i32 4
-  %645 = extractelement <8 x float> %629, i32 5
-  %646 = call float @erff(float %645)
-  %647 = insertelement <8 x float> %644, float %646, i32 5
-  %648 = extractelement <8 x float> %629, i32 6
-  %649 = call float @erff(float %648)
-  %650 = insertelement <8 x float> %647, float %649, i32 6
-  %651 = extractelement <8 x float> %629, i32 7
-  %652 = call float @erff(float %651)
-  %653 = insertelement <8 x float> %650, float %652, i32 7
-  %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %655 = fmul <8 x float> %597, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu34 = fmul <8 x float> %655, %654
-  %656 = fmul <8 x float> %gelu34, %593
-  %657 = getelementptr inbounds float, ptr %595, i64 %628
-  store <8 x float> %656, ptr %657, align 4
-  %658 = add nsw i64 %r0, 1
-  %659 = getelementptr inbounds float, ptr %rw, i64 %658
-  %660 = load float, ptr %659, align 4
-  %661 = insertelement <8 x float> poison, float %660, i32 0
-  %662 = shufflevector <8 x float> %661, <8 x float> poison, <8 x i32> zeroinitializer
-  %663 = mul nsw i64 %658, 3072
-  %664 = getelementptr inbounds float, ptr %h, i64 %663
-  %col35 = mul nsw i64 %p, 16
-  %665 = load <8 x float>, ptr %acc1019, align 4
-  %666 = load <8 x float>, ptr %acc1120, align 4
-  %667 = add nsw i64 %col35, 0
-  %668 = fmul <8 x float> %665, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %669 = extractelement <8 x float> %668, i32 0
-  %670 = call float @erff(float %669)
-  %671 = insertelement <8 x float> poison, float %670, i32 0
-  %672 = extractelement <8 x float> %668, i32 1
-  %673 = call float @erff(float %672)
-  %674 = insertelement <8 x float> %671, float %673, i32 1
-  %675 = extractelement <8 x float> %668, i32 2
-  %676 = call float @erff(float %675)
-  %677 = insertelement <8 x float> %674, float %676, i32 2
-  %678 = extractelement <8 x float> %668, i32 3
-  %679 = call float @erff(float %678)
-  %680 = insertelement <8 x float> %677, float %679, i32 3
-  %681 = extractelement <8 x float> %668, i32 4
-  %682 = call float @erff(float %681)
-  %683 = insertelement <8 x float> %680, float %682, i32 4
-  %684 = extractelement <8 x float> %668, i32 5
-  %685 = call float @erff(float %684)
-  %686 = insertelement <8 x float> %683, float %685, i32 5
-  %687 = extractelement <8 x float> %668, i32 6
-  %688 = call float @erff(float %687)
-  %689 = insertelement <8 x float> %686, float %688, i32 6
-  %690 = extractelement <8 x float> %668, i32 7
-  %691 = call float @erff(float %690)
-  %692 = insertelement <8 x float> %689, float %691, i32 7
-  %693 = fadd <8 x float> %692, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %694 = fmul <8 x float> %665, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu36 = fmul <8 x float> %694, %693
-  %695 = fmul <8 x float> %gelu36, %662
-  %696 = getelementptr inbounds float, ptr %664, i64 %667
-  store <8 x float> %695, ptr %696, align 4
-  %697 = add nsw i64 %col35, 8
-  %698 = fmul <8 x float> %666, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %699 = extractelement <8 x float> %698, i32 0
-  %700 = call float @erff(float %699)
-  %701 = insertelement <8 x float> poison, float %700, i32 0
-  %702 = extractelement <8 x float> %698, i32 1
-  %703 = call float @erff(float %702)
-  %704 = insertelement <8 x float> %701, float %703, i32 1
-  %705 = extractelement <8 x float> %698, i32 2
-  %706 = call float @erff(float %705)
-  %707 = insertelement <8 x float> %704, float %706, i32 2
-  %708 = extractelement <8 x float> %698, i32 3
-  %709 = call float @erff(float %708)
-  %710 = insertelement <8 x float> %707, float %709, i32 3
-  %711 = extractelement <8 x float> %698, i32 4
-  %712 = call float @erff(float %711)
-  %713 = insertelement <8 x float> %710, float %712, i32 4
-  %714 = extractelement <8 x float> %698, i32 5
-  %715 = call float @erff(float %714)
-  %716 = insertelement <8 x float> %713, float %715, i32 5
-  %717 = extractelement <8 x float> %698, i32 6
-  %718 = call float @erff(float %717)
-  %719 = insertelement <8 x float> %716, float %718, i32 6
-  %720 = extractelement <8 x float> %698, i32 7
-  %721 = call float @erff(float %720)
-  %722 = insertelement <8 x float> %719, float %721, i32 7
-  %723 = fadd <8 x float> %722, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %724 = fmul <8 x float> %666, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu37 = fmul <8 x float> %724, %723
-  %725 = fmul <8 x float> %gelu37, %662
-  %726 = getelementptr inbounds float, ptr %664, i64 %697
-  store <8 x float> %725, ptr %726, align 4
-  %727 = add nsw i64 %r0, 2
-  %728 = getelementptr inbounds float, ptr %rw, i64 %727
-  %729 = load float, ptr %728, align 4
-  %730 = insertelement <8 x float> poison, float %729, i32 0
-  %731 = shufflevector <8 x float> %730, <8 x float> poison, <8 x i32> zeroinitializer
-  %732 = mul nsw i64 %727, 3072
-  %733 = getelementptr inbounds float, ptr %h, i64 %732
-  %col38 = mul nsw i64 %p, 16
-  %734 = load <8 x float>, ptr %acc2021, align 4
-  %735 = load <8 x float>, ptr %acc2122, align 4
-  %736 = add nsw i64 %col38, 0
-  %737 = fmul <8 x float> %734, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %738 = extractelement <8 x float> %737, i32 0
-  %739 = call float @erff(float %738)
-  %740 = insertelement <8 x float> poison, float %739, i32 0
-  %741 = extractelement <8 x float> %737, i32 1
-  %742 = call float @erff(float %741)
-  %743 = insertelement <8 x float> %740, float %742, i32 1
-  %744 = extractelement <8 x float> %737, i32 2
-  %745 = call float @erff(float %744)
-  %746 = insertelement <8 x float> %743, float %745, i32 2
-  %747 = extractelement <8 x float> %737, i32 3
-  %748 = call float @erff(float %747)
-  %749 = insertelement <8 x float> %746, float %748, i32 3
-  %750 = extractelement <8 x float> %737, i32 4
-  %751 = call float @erff(float %750)
-  %752 = insertelement <8 x float> %749, float %751, i32 4
-  %753 = extractelement <8 x float> %737, i32 5
-  %754 = call float @erff(float %753)
-  %755 = insertelement <8 x float> %752, float %754, i32 5
-  %756 = extractelement <8 x float> %737, i32 6
-  %757 = call float @erff(float %756)
-  %758 = insertelement <8 x float> %755, float %757, i32 6
-  %759 = extractelement <8 x float> %737, i32 7
-  %760 = call float @erff(float %759)
-  %761 = insertelement <8 x float> %758, float %760, i32 7
-  %762 = fadd <8 x float> %761, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %763 = fmul <8 x float> %734, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu39 = fmul <8 x float> %763, %762
-  %764 = fmul <8 x float> %gelu39, %731
-  %765 = getelementptr inbounds float, ptr %733, i64 %736
-  store <8 x float> %764, ptr %765, align 4
-  %766 = add nsw i64 %col38, 8
-  %767 = fmul <8 x float> %735, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %768 = extractelement <8 x float> %767, i32 0
-  %769 = call float @erff(float %768)
-  %770 = insertelement <8 x float> poison, float %769, i32 0
-  %771 = extractelement <8 x float> %767, i32 1
-  %772 = call float @erff(float %771)
-  %773 = insertelement <8 x float> %770, float %772, i32 1
-  %774 = extractelement <8 x float> %767, i32 2
-  %775 = call float @erff(float %774)
-  %776 = insertelement <8 x float> %773, float %775, i32 2
-  %777 = extractelement <8 x float> %767, i32 3
-  %778 = call float @erff(float %777)
-  %779 = insertelement <8 x float> %776, float %778, i32 3
-  %780 = extractelement <8 x float> %767, i32 4
-  %781 = call float @erff(float %780)
-  %782 = insertelement <8 x float> %779, float %781, i32 4
-  %783 = extractelement <8 x float> %767, i32 5
-  %784 = call float @erff(float %783)
-  %785 = insertelement <8 x float> %782, float %784, i32 5
-  %786 = extractelement <8 x float> %767, i32 6
-  %787 = call float @erff(float %786)
-  %788 = insertelement <8 x float> %785, float %787, i32 6
-  %789 = extractelement <8 x float> %767, i32 7
-  %790 = call float @erff(float %789)
-  %791 = insertelement <8 x float> %788, float %790, i32 7
-  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %793 = fmul <8 x float> %735, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu40 = fmul <8 x float> %793, %792
-  %794 = fmul <8 x float> %gelu40, %731
-  %795 = getelementptr inbounds float, ptr %733, i64 %766
-  store <8 x float> %794, ptr %795, align 4
-  %796 = add nsw i64 %r0, 3
-  %797 = getelementptr inbounds float, ptr %rw, i64 %796
-  %798 = load float, ptr %797, align 4
-  %799 = insertelement <8 x float> poison, float %798, i32 0
-  %800 = shufflevector <8 x float> %799, <8 x float> poison, <8 x i32> zeroinitializer
-  %801 = mul nsw i64 %796, 3072
-  %802 = getelementptr inbounds float, ptr %h, i64 %801
-  %col41 = mul nsw i64 %p, 16
-  %803 = load <8 x float>, ptr %acc3023, align 4
-  %804 = load <8 x float>, ptr %acc3124, align 4
-  %805 = add nsw i64 %col41, 0
-  %806 = fmul <8 x float> %803, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %807 = extractelement <8 x float> %806, i32 0
-  %808 = call float @erff(float %807)
-  %809 = insertelement <8 x float> poison, float %808, i32 0
-  %810 = extractelement <8 x float> %806, i32 1
-  %811 = call float @erff(float %810)
-  %812 = insertelement <8 x float> %809, float %811, i32 1
-  %813 = extractelement <8 x float> %806, i32 2
-  %814 = call float @erff(float %813)
-  %815 = insertelement <8 x float> %812, float %814, i32 2
-  %816 = extractelement <8 x float> %806, i32 3
-  %817 = call float @erff(float %816)
-  %818 = insertelement <8 x float> %815, float %817, i32 3
-  %819 = extractelement <8 x float> %806, i32 4
-  %820 = call float @erff(float %819)
-  %821 = insertelement <8 x float> %818, float %820, i32 4
-  %822 = extractelement <8 x float> %806, i32 5
-  %823 = call float @erff(float %822)
-  %824 = insertelement <8 x float> %821, float %823, i32 5
-  %825 = extractelement <8 x float> %806, i32 6
-  %826 = call float @erff(float %825)
-  %827 = insertelement <8 x float> %824, float %826, i32 6
-  %828 = extractelement <8 x float> %806, i32 7
-  %829 = call float @erff(float %828)
-  %830 = insertelement <8 x float> %827, float %829, i32 7
-  %831 = fadd <8 x float> %830, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %832 = fmul <8 x float> %803, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu42 = fmul <8 x float> %832, %831
-  %833 = fmul <8 x float> %gelu42, %800
-  %834 = getelementptr inbounds float, ptr %802, i64 %805
-  store <8 x float> %833, ptr %834, align 4
-  %835 = add nsw i64 %col41, 8
-  %836 = fmul <8 x float> %804, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %837 = extractelement <8 x float> %836, i32 0
-  %838 = call float @erff(float %837)
-  %839 = insertelement <8 x float> poison, float %838, i32 0
-  %840 = extractelement <8 x float> %836, i32 1
-  %841 = call float @erff(float %840)
-  %842 = insertelement <8 x float> %839, float %841, i32 1
-  %843 = extractelement <8 x float> %836, i32 2
-  %844 = call float @erff(float %843)
-  %845 = insertelement <8 x float> %842, float %844, i32 2
-  %846 = extractelement <8 x float> %836, i32 3
-  %847 = call float @erff(float %846)
-  %848 = insertelement <8 x float> %845, float %847, i32 3
-  %849 = extractelement <8 x float> %836, i32 4
-  %850 = call float @erff(float %849)
-  %851 = insertelement <8 x float> %848, float %850, i32 4
-  %852 = extractelement <8 x float> %836, i32 5
-  %853 = call float @erff(float %852)
-  %854 = insertelement <8 x float> %851, float %853, i32 5
-  %855 = extractelement <8 x float> %836, i32 6
-  %856 = call float @erff(float %855)
-  %857 = insertelement <8 x float> %854, float %856, i32 6
-  %858 = extractelement <8 x float> %836, i32 7
-  %859 = call float @erff(float %858)
-  %860 = insertelement <8 x float> %857, float %859, i32 7
-  %861 = fadd <8 x float> %860, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %862 = fmul <8 x float> %804, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu43 = fmul <8 x float> %862, %861
-  %863 = fmul <8 x float> %gelu43, %800
-  %864 = getelementptr inbounds float, ptr %802, i64 %835
-  store <8 x float> %863, ptr %864, align 4
-  %865 = add nsw i64 %r0, 4
-  %866 = getelementptr inbounds float, ptr %rw, i64 %865
-  %867 = load float, ptr %866, align 4
-  %868 = insertelement <8 x float> poison, float %867, i32 0
-  %869 = shufflevector <8 x float> %868, <8 x float> poison, <8 x i32> zeroinitializer
-  %870 = mul nsw i64 %865, 3072
-  %871 = getelementptr inbounds float, ptr %h, i64 %870
-  %col44 = mul nsw i64 %p, 16
-  %872 = load <8 x float>, ptr %acc4025, align 4
-  %873 = load <8 x float>, ptr %acc4126, align 4
-  %874 = add nsw i64 %col44, 0
-  %875 = fmul <8 x float> %872, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %876 = extractelement <8 x float> %875, i32 0
-  %877 = call float @erff(float %876)
-  %878 = insertelement <8 x float> poison, float %877, i32 0
-  %879 = extractelement <8 x float> %875, i32 1
-  %880 = call float @erff(float %879)
-  %881 = insertelement <8 x float> %878, float %880, i32 1
-  %882 = extractelement <8 x float> %875, i32 2
-  %883 = call float @erff(float %882)
-  %884 = insertelement <8 x float> %881, float %883, i32 2
-  %885 = extractelement <8 x float> %875, i32 3
-  %886 = call float @erff(float %885)
-  %887 = insertelement <8 x float> %884, float %886, i32 3
-  %888 = extractelement <8 x float> %875, i32 4
-  %889 = call float @erff(float %888)
-  %890 = insertelement <8 x float> %887, float %889, i32 4
-  %891 = extractelement <8 x float> %875, i32 5
-  %892 = call float @erff(float %891)
-  %893 = insertelement <8 x float> %890, float %892, i32 5
-  %894 = extractelement <8 x float> %875, i32 6
-  %895 = call float @erff(float %894)
-  %896 = insertelement <8 x float> %893, float %895, i32 6
-  %897 = extractelement <8 x float> %875, i32 7
-  %898 = call float @erff(float %897)
-  %899 = insertelement <8 x float> %896, float %898, i32 7
-  %900 = fadd <8 x float> %899, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %901 = fmul <8 x float> %872, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu45 = fmul <8 x float> %901, %900
-  %902 = fmul <8 x float> %gelu45, %869
-  %903 = getelementptr inbounds float, ptr %871, i64 %874
-  store <8 x float> %902, ptr %903, align 4
-  %904 = add nsw i64 %col44, 8
-  %905 = fmul <8 x float> %873, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %906 = extractelement <8 x float> %905, i32 0
-  %907 = call float @erff(float %906)
-  %908 = insertelement <8 x float> poison, float %907, i32 0
-  %909 = extractelement <8 x float> %905, i32 1
-  %910 = call float @erff(float %909)
-  %911 = insertelement <8 x float> %908, float %910, i32 1
-  %912 = extractelement <8 x float> %905, i32 2
-  %913 = call float @erff(float %912)
-  %914 = insertelement <8 x float> %911, float %913, i32 2
-  %915 = extractelement <8 x float> %905, i32 3
-  %916 = call float @erff(float %915)
-  %917 = insertelement <8 x float> %914, float %916, i32 3
-  %918 = extractelement <8 x float> %905, i32 4
-  %919 = call float @erff(float %918)
-  %920 = insertelement <8 x float> %917, float %919, i32 4
-  %921 = extractelement <8 x float> %905, i32 5
-  %922 = call float @erff(float %921)
-  %923 = insertelement <8 x float> %920, float %922, i32 5
-  %924 = extractelement <8 x float> %905, i32 6
-  %925 = call float @erff(float %924)
-  %926 = insertelement <8 x float> %923, float %925, i32 6
-  %927 = extractelement <8 x float> %905, i32 7
-  %928 = call float @erff(float %927)
-  %929 = insertelement <8 x float> %926, float %928, i32 7
-  %930 = fadd <8 x float> %929, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %931 = fmul <8 x float> %873, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu46 = fmul <8 x float> %931, %930
-  %932 = fmul <8 x float> %gelu46, %869
-  %933 = getelementptr inbounds float, ptr %871, i64 %904
-  store <8 x float> %932, ptr %933, align 4
+k.end31:                                          ; preds = %k.head29
+  %605 = add nsw i64 %r0, 0
+  %606 = getelementptr inbounds float, ptr %rw, i64 %605
+  %607 = load float, ptr %606, align 4
+  %608 = insertelement <8 x float> poison, float %607, i32 0
+  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
+  %610 = mul nsw i64 %605, 3072
+  %611 = getelementptr inbounds float, ptr %h, i64 %610
+  %col33 = mul nsw i64 %p, 16
+  %612 = load <8 x float>, ptr %acc0017, align 4
+  %613 = load <8 x float>, ptr %acc0118, align 4
+  %614 = add nsw i64 %col33, 0
+  %615 = fmul <8 x float> %612, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %616 = extractelement <8 x float> %615, i32 0
+  %617 = call float @erff(float %616)
+  %618 = insertelement <8 x float> poison, float %617, i32 0
+  %619 = extractelement <8 x float> %615, i32 1
+  %620 = call float @erff(float %619)
+  %621 = insertelement <8 x float> %618, float %620, i32 1
+  %622 = extractelement <8 x float> %615, i32 2
+  %623 = call float @erff(float %622)
+  %624 = insertelement <8 x float> %621, float %623, i32 2
+  %625 = extractelement <8 x float> %615, i32 3
+  %626 = call float @erff(float %625)
+  %627 = insertelement <8 x float> %624, float %626, i32 3
+  %628 = extractelement <8 x float> %615, i32 4
+  %629 = call float @erff(float %628)
+  %630 = insertelement <8 x float> %627, float %629, i32 4
+  %631 = extractelement <8 x float> %615, i32 5
+  %632 = call float @erff(float %631)
+  %633 = insertelement <8 x float> %630, float %632, i32 5
+  %634 = extractelement <8 x float> %615, i32 6
+  %635 = call float @erff(float %634)
+  %636 = insertelement <8 x float> %633, float %635, i32 6
+  %637 = extractelement <8 x float> %615, i32 7
+  %638 = call float @erff(float %637)
+  %639 = insertelement <8 x float> %636, float %638, i32 7
+  %640 = fadd <8 x float> %639, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %641 = fmul <8 x float> %612, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu34 = fmul <8 x float> %641, %640
+  %642 = fmul <8 x float> %gelu34, %609
+  %643 = getelementptr inbounds float, ptr %611, i64 %614
+  store <8 x float> %642, ptr %643, align 4
+  %644 = add nsw i64 %col33, 8
+  %645 = fmul <8 x float> %613, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %646 = extractelement <8 x float> %645, i32 0
+  %647 = call float @erff(float %646)
+  %648 = insertelement <8 x float> poison, float %647, i32 0
+  %649 = extractelement <8 x float> %645, i32 1
+  %650 = call float @erff(float %649)
+  %651 = insertelement <8 x float> %648, float %650, i32 1
+  %652 = extractelement <8 x float> %645, i32 2
+  %653 = call float @erff(float %652)
+  %654 = insertelement <8 x float> %651, float %653, i32 2
+  %655 = extractelement <8 x float> %645, i32 3
+  %656 = call float @erff(float %655)
+  %657 = insertelement <8 x float> %654, float %656, i32 3
+  %658 = extractelement <8 x float> %645, i32 4
+  %659 = call float @erff(float %658)
+  %660 = insertelement <8 x float> %657, float %659, i32 4
+  %661 = extractelement <8 x float> %645, i32 5
+  %662 = call float @erff(float %661)
+  %663 = insertelement <8 x float> %660, float %662, i32 5
+  %664 = extractelement <8 x float> %645, i32 6
+  %665 = call float @erff(float %664)
+  %666 = insertelement <8 x float> %663, float %665, i32 6
+  %667 = extractelement <8 x float> %645, i32 7
+  %668 = call float @erff(float %667)
+  %669 = insertelement <8 x float> %666, float %668, i32 7
+  %670 = fadd <8 x float> %669, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %671 = fmul <8 x float> %613, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu35 = fmul <8 x float> %671, %670
+  %672 = fmul <8 x float> %gelu35, %609
+  %673 = getelementptr inbounds float, ptr %611, i64 %644
+  store <8 x float> %672, ptr %673, align 4
+  %674 = add nsw i64 %r0, 1
+  %675 = getelementptr inbounds float, ptr %rw, i64 %674
+  %676 = load float, ptr %675, align 4
+  %677 = insertelement <8 x float> poison, float %676, i32 0
+  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
+  %679 = mul nsw i64 %674, 3072
+  %680 = getelementptr inbounds float, ptr %h, i64 %679
+  %col36 = mul nsw i64 %p, 16
+  %681 = load <8 x float>, ptr %acc1019, align 4
+  %682 = load <8 x float>, ptr %acc1120, align 4
+  %683 = add nsw i64 %col36, 0
+  %684 = fmul <8 x float> %681, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %685 = extractelement <8 x float> %684, i32 0
+  %686 = call float @erff(float %685)
+  %687 = insertelement <8 x float> poison, float %686, i32 0
+  %688 = extractelement <8 x float> %684, i32 1
+  %689 = call float @erff(float %688)
+  %690 = insertelement <8 x float> %687, float %689, i32 1
+  %691 = extractelement <8 x float> %684, i32 2
+  %692 = call float @erff(float %691)
+  %693 = insertelement <8 x float> %690, float %692, i32 2
+  %694 = extractelement <8 x float> %684, i32 3
+  %695 = call float @erff(float %694)
+  %696 = insertelement <8 x float> %693, float %695, i32 3
+  %697 = extractelement <8 x float> %684, i32 4
+  %698 = call float @erff(float %697)
+  %699 = insertelement <8 x float> %696, float %698, i32 4
+  %700 = extractelement <8 x float> %684, i32 5
+  %701 = call float @erff(float %700)
+  %702 = insertelement <8 x float> %699, float %701, i32 5
+  %703 = extractelement <8 x float> %684, i32 6
+  %704 = call float @erff(float %703)
+  %705 = insertelement <8 x float> %702, float %704, i32 6
+  %706 = extractelement <8 x float> %684, i32 7
+  %707 = call float @erff(float %706)
+  %708 = insertelement <8 x float> %705, float %707, i32 7
+  %709 = fadd <8 x float> %708, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %710 = fmul <8 x float> %681, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu37 = fmul <8 x float> %710, %709
+  %711 = fmul <8 x float> %gelu37, %678
+  %712 = getelementptr inbounds float, ptr %680, i64 %683
+  store <8 x float> %711, ptr %712, align 4
+  %713 = add nsw i64 %col36, 8
+  %714 = fmul <8 x float> %682, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %715 = extractelement <8 x float> %714, i32 0
+  %716 = call float @erff(float %715)
+  %717 = insertelement <8 x float> poison, float %716, i32 0
+  %718 = extractelement <8 x float> %714, i32 1
+  %719 = call float @erff(float %718)
+  %720 = insertelement <8 x float> %717, float %719, i32 1
+  %721 = extractelement <8 x float> %714, i32 2
+  %722 = call float @erff(float %721)
+  %723 = insertelement <8 x float> %720, float %722, i32 2
+  %724 = extractelement <8 x float> %714, i32 3
+  %725 = call float @erff(float %724)
+  %726 = insertelement <8 x float> %723, float %725, i32 3
+  %727 = extractelement <8 x float> %714, i32 4
+  %728 = call float @erff(float %727)
+  %729 = insertelement <8 x float> %726, float %728, i32 4
+  %730 = extractelement <8 x float> %714, i32 5
+  %731 = call float @erff(float %730)
+  %732 = insertelement <8 x float> %729, float %731, i32 5
+  %733 = extractelement <8 x float> %714, i32 6
+  %734 = call float @erff(float %733)
+  %735 = insertelement <8 x float> %732, float %734, i32 6
+  %736 = extractelement <8 x float> %714, i32 7
+  %737 = call float @erff(float %736)
+  %738 = insertelement <8 x float> %735, float %737, i32 7
+  %739 = fadd <8 x float> %738, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %740 = fmul <8 x float> %682, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu38 = fmul <8 x float> %740, %739
+  %741 = fmul <8 x float> %gelu38, %678
+  %742 = getelementptr inbounds float, ptr %680, i64 %713
+  store <8 x float> %741, ptr %742, align 4
+  %743 = add nsw i64 %r0, 2
+  %744 = getelementptr inbounds float, ptr %rw, i64 %743
+  %745 = load float, ptr %744, align 4
+  %746 = insertelement <8 x float> poison, float %745, i32 0
+  %747 = shufflevector <8 x float> %746, <8 x float> poison, <8 x i32> zeroinitializer
+  %748 = mul nsw i64 %743, 3072
+  %749 = getelementptr inbounds float, ptr %h, i64 %748
+  %col39 = mul nsw i64 %p, 16
+  %750 = load <8 x float>, ptr %acc2021, align 4
+  %751 = load <8 x float>, ptr %acc2122, align 4
+  %752 = add nsw i64 %col39, 0
+  %753 = fmul <8 x float> %750, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %754 = extractelement <8 x float> %753, i32 0
+  %755 = call float @erff(float %754)
+  %756 = insertelement <8 x float> poison, float %755, i32 0
+  %757 = extractelement <8 x float> %753, i32 1
+  %758 = call float @erff(float %757)
+  %759 = insertelement <8 x float> %756, float %758, i32 1
+  %760 = extractelement <8 x float> %753, i32 2
+  %761 = call float @erff(float %760)
+  %762 = insertelement <8 x float> %759, float %761, i32 2
+  %763 = extractelement <8 x float> %753, i32 3
+  %764 = call float @erff(float %763)
+  %765 = insertelement <8 x float> %762, float %764, i32 3
+  %766 = extractelement <8 x float> %753, i32 4
+  %767 = call float @erff(float %766)
+  %768 = insertelement <8 x float> %765, float %767, i32 4
+  %769 = extractelement <8 x float> %753, i32 5
+  %770 = call float @erff(float %769)
+  %771 = insertelement <8 x float> %768, float %770, i32 5
+  %772 = extractelement <8 x float> %753, i32 6
+  %773 = call float @erff(float %772)
+  %774 = insertelement <8 x float> %771, float %773, i32 6
+  %775 = extractelement <8 x float> %753, i32 7
+  %776 = call float @erff(float %775)
+  %777 = insertelement <8 x float> %774, float %776, i32 7
+  %778 = fadd <8 x float> %777, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %779 = fmul <8 x float> %750, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu40 = fmul <8 x float> %779, %778
+  %780 = fmul <8 x float> %gelu40, %747
+  %781 = getelementptr inbounds float, ptr %749, i64 %752
+  store <8 x float> %780, ptr %781, align 4
+  %782 = add nsw i64 %col39, 8
+  %783 = fmul <8 x float> %751, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %784 = extractelement <8 x float> %783, i32 0
+  %785 = call float @erff(float %784)
+  %786 = insertelement <8 x float> poison, float %785, i32 0
+  %787 = extractelement <8 x float> %783, i32 1
+  %788 = call float @erff(float %787)
+  %789 = insertelement <8 x float> %786, float %788, i32 1
+  %790 = extractelement <8 x float> %783, i32 2
+  %791 = call float @erff(float %790)
+  %792 = insertelement <8 x float> %789, float %791, i32 2
+  %793 = extractelement <8 x float> %783, i32 3
+  %794 = call float @erff(float %793)
+  %795 = insertelement <8 x float> %792, float %794, i32 3
+  %796 = extractelement <8 x float> %783, i32 4
+  %797 = call float @erff(float %796)
+  %798 = insertelement <8 x float> %795, float %797, i32 4
+  %799 = extractelement <8 x float> %783, i32 5
+  %800 = call float @erff(float %799)
+  %801 = insertelement <8 x float> %798, float %800, i32 5
+  %802 = extractelement <8 x float> %783, i32 6
+  %803 = call float @erff(float %802)
+  %804 = insertelement <8 x float> %801, float %803, i32 6
+  %805 = extractelement <8 x float> %783, i32 7
+  %806 = call float @erff(float %805)
+  %807 = insertelement <8 x float> %804, float %806, i32 7
+  %808 = fadd <8 x float> %807, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %809 = fmul <8 x float> %751, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu41 = fmul <8 x float> %809, %808
+  %810 = fmul <8 x float> %gelu41, %747
+  %811 = getelementptr inbounds float, ptr %749, i64 %782
+  store <8 x float> %810, ptr %811, align 4
+  %812 = add nsw i64 %r0, 3
+  %813 = getelementptr inbounds float, ptr %rw, i64 %812
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = mul nsw i64 %812, 3072
+  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %col42 = mul nsw i64 %p, 16
+  %819 = load <8 x float>, ptr %acc3023, align 4
+  %820 = load <8 x float>, ptr %acc3124, align 4
+  %821 = add nsw i64 %col42, 0
+  %822 = fmul <8 x float> %819, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %823 = extractelement <8 x float> %822, i32 0
+  %824 = call float @erff(float %823)
+  %825 = insertelement <8 x float> poison, float %824, i32 0
+  %826 = extractelement <8 x float> %822, i32 1
+  %827 = call float @erff(float %826)
+  %828 = insertelement <8 x float> %825, float %827, i32 1
+  %829 = extractelement <8 x float> %822, i32 2
+  %830 = call float @erff(float %829)
+  %831 = insertelement <8 x float> %828, float %830, i32 2
+  %832 = extractelement <8 x float> %822, i32 3
+  %833 = call float @erff(float %832)
+  %834 = insertelement <8 x float> %831, float %833, i32 3
+  %835 = extractelement <8 x float> %822, i32 4
+  %836 = call float @erff(float %835)
+  %837 = insertelement <8 x float> %834, float %836, i32 4
+  %838 = extractelement <8 x float> %822, i32 5
+  %839 = call float @erff(float %838)
+  %840 = insertelement <8 x float> %837, float %839, i32 5
+  %841 = extractelement <8 x float> %822, i32 6
+  %842 = call float @erff(float %841)
+  %843 = insertelement <8 x float> %840, float %842, i32 6
+  %844 = extractelement <8 x float> %822, i32 7
+  %845 = call float @erff(float %844)
+  %846 = insertelement <8 x float> %843, float %845, i32 7
+  %847 = fadd <8 x float> %846, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %848 = fmul <8 x float> %819, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu43 = fmul <8 x float> %848, %847
+  %849 = fmul <8 x float> %gelu43, %816
+  %850 = getelementptr inbounds float, ptr %818, i64 %821
+  store <8 x float> %849, ptr %850, align 4
+  %851 = add nsw i64 %col42, 8
+  %852 = fmul <8 x float> %820, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %853 = extractelement <8 x float> %852, i32 0
+  %854 = call float @erff(float %853)
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = extractelement <8 x float> %852, i32 1
+  %857 = call float @erff(float %856)
+  %858 = insertelement <8 x float> %855, float %857, i32 1
+  %859 = extractelement <8 x float> %852, i32 2
+  %860 = call float @erff(float %859)
+  %861 = insertelement <8 x float> %858, float %860, i32 2
+  %862 = extractelement <8 x float> %852, i32 3
+  %863 = call float @erff(float %862)
+  %864 = insertelement <8 x float> %861, float %863, i32 3
+  %865 = extractelement <8 x float> %852, i32 4
+  %866 = call float @erff(float %865)
+  %867 = insertelement <8 x float> %864, float %866, i32 4
+  %868 = extractelement <8 x float> %852, i32 5
+  %869 = call float @erff(float %868)
+  %870 = insertelement <8 x float> %867, float %869, i32 5
+  %871 = extractelement <8 x float> %852, i32 6
+  %872 = call float @erff(float %871)
+  %873 = insertelement <8 x float> %870, float %872, i32 6
+  %874 = extractelement <8 x float> %852, i32 7
+  %875 = call float @erff(float %874)
+  %876 = insertelement <8 x float> %873, float %875, i32 7
+  %877 = fadd <8 x float> %876, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %878 = fmul <8 x float> %820, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu44 = fmul <8 x float> %878, %877
+  %879 = fmul <8 x float> %gelu44, %816
+  %880 = getelementptr inbounds float, ptr %818, i64 %851
+  store <8 x float> %879, ptr %880, align 4
+  %881 = add nsw i64 %r0, 4
+  %882 = getelementptr inbounds float, ptr %rw, i64 %881
+  %883 = load float, ptr %882, align 4
+  %884 = insertelement <8 x float> poison, float %883, i32 0
+  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
+  %886 = mul nsw i64 %881, 3072
+  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %col45 = mul nsw i64 %p, 16
+  %888 = load <8 x float>, ptr %acc4025, align 4
+  %889 = load <8 x float>, ptr %acc4126, align 4
+  %890 = add nsw i64 %col45, 0
+  %891 = fmul <8 x float> %888, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %892 = extractelement <8 x float> %891, i32 0
+  %893 = call float @erff(float %892)
+  %894 = insertelement <8 x float> poison, float %893, i32 0
+  %895 = extractelement <8 x float> %891, i32 1
+  %896 = call float @erff(float %895)
+  %897 = insertelement <8 x float> %894, float %896, i32 1
+  %898 = extractelement <8 x float> %891, i32 2
+  %899 = call float @erff(float %898)
+  %900 = insertelement <8 x float> %897, float %899, i32 2
+  %901 = extractelement <8 x float> %891, i32 3
+  %902 = call float @erff(float %901)
+  %903 = insertelement <8 x float> %900, float %902, i32 3
+  %904 = extractelement <8 x float> %891, i32 4
+  %905 = call float @erff(float %904)
+  %906 = insertelement <8 x float> %903, float %905, i32 4
+  %907 = extractelement <8 x float> %891, i32 5
+  %908 = call float @erff(float %907)
+  %909 = insertelement <8 x float> %906, float %908, i32 5
+  %910 = extractelement <8 x float> %891, i32 6
+  %911 = call float @erff(float %910)
+  %912 = insertelement <8 x float> %909, float %911, i32 6
+  %913 = extractelement <8 x float> %891, i32 7
+  %914 = call float @erff(float %913)
+  %915 = insertelement <8 x float> %912, float %914, i32 7
+  %916 = fadd <8 x float> %915, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %917 = fmul <8 x float> %888, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu46 = fmul <8 x float> %917, %916
+  %918 = fmul <8 x float> %gelu46, %885
+  %919 = getelementptr inbounds float, ptr %887, i64 %890
+  store <8 x float> %918, ptr %919, align 4
+  %920 = add nsw i64 %col45, 8
+  %921 = fmul <8 x float> %889, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %922 = extractelement <8 x float> %921, i32 0
+  %923 = call float @erff(float %922)
+  %924 = insertelement <8 x float> poison, float %923, i32 0
+  %925 = extractelement <8 x float> %921, i32 1
+  %926 = call float @erff(float %925)
+  %927 = insertelement <8 x float> %924, float %926, i32 1
+  %928 = extractelement <8 x float> %921, i32 2
+  %929 = call float @erff(float %928)
+  %930 = insertelement <8 x float> %927, float %929, i32 2
+  %931 = extractelement <8 x float> %921, i32 3
+  %932 = call float @erff(float %931)
+  %933 = insertelement <8 x float> %930, float %932, i32 3
+  %934 = extractelement <8 x float> %921, i32 4
+  %935 = call float @erff(float %934)
+  %936 = insertelement <8 x float> %933, float %935, i32 4
+  %937 = extractelement <8 x float> %921, i32 5
+  %938 = call float @erff(float %937)
+  %939 = insertelement <8 x float> %936, float %938, i32 5
+  %940 = extractelement <8 x float> %921, i32 6
+  %941 = call float @erff(float %940)
+  %942 = insertelement <8 x float> %939, float %941, i32 6
+  %943 = extractelement <8 x float> %921, i32 7
+  %944 = call float @erff(float %943)
+  %945 = insertelement <8 x float> %942, float %944, i32 7
+  %946 = fadd <8 x float> %945, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %947 = fmul <8 x float> %889, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu47 = fmul <8 x float> %947, %946
+  %948 = fmul <8 x float> %gelu47, %885
+  %949 = getelementptr inbounds float, ptr %887, i64 %920
+  store <8 x float> %948, ptr %949, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %934 = add nsw i64 %r0, 0
-  %935 = getelementptr inbounds i32, ptr %rows, i64 %934
-  %936 = load i32, ptr %935, align 4
-  %937 = sext i32 %936 to i64
-  %938 = mul nsw i64 %937, 768
-  %939 = getelementptr inbounds float, ptr %x, i64 %938
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %940 = add nsw i64 %r0, 1
-  %941 = getelementptr inbounds i32, ptr %rows, i64 %940
-  %942 = load i32, ptr %941, align 4
-  %943 = sext i32 %942 to i64
-  %944 = mul nsw i64 %943, 768
-  %945 = getelementptr inbounds float, ptr %x, i64 %944
-  store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %946 = add nsw i64 %r0, 2
-  %947 = getelementptr inbounds i32, ptr %rows, i64 %946
-  %948 = load i32, ptr %947, align 4
-  %949 = sext i32 %948 to i64
-  %950 = mul nsw i64 %949, 768
-  %951 = getelementptr inbounds float, ptr %x, i64 %950
-  store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  store <8 x float> zeroinitializer, ptr %acc2152, align 4
-  %952 = add nsw i64 %r0, 3
-  %953 = getelementptr inbounds i32, ptr %rows, i64 %952
-  %954 = load i32, ptr %953, align 4
-  %955 = sext i32 %954 to i64
-  %956 = mul nsw i64 %955, 768
-  %957 = getelementptr inbounds float, ptr %x, i64 %956
-  store <8 x float> zeroinitializer, ptr %acc3053, align 4
-  store <8 x float> zeroinitializer, ptr %acc3154, align 4
-  %panel.off55 = mul nsw i64 %p, 12288
-  br label %k.head56
+  %950 = add nsw i64 %r0, 0
+  %951 = getelementptr inbounds i32, ptr %rows, i64 %950
+  %952 = load i32, ptr %951, align 4
+  %953 = sext i32 %952 to i64
+  %954 = mul nsw i64 %953, 768
+  %955 = getelementptr inbounds float, ptr %x, i64 %954
+  store <8 x float> zeroinitializer, ptr %acc0048, align 4
+  store <8 x float> zeroinitializer, ptr %acc0149, align 4
+  %956 = add nsw i64 %r0, 1
+  %957 = getelementptr inbounds i32, ptr %rows, i64 %956
+  %958 = load i32, ptr %957, align 4
+  %959 = sext i32 %958 to i64
+  %960 = mul nsw i64 %959, 768
+  %961 = getelementptr inbounds float, ptr %x, i64 %960
+  store <8 x float> zeroinitializer, ptr %acc1050, align 4
+  store <8 x float> zeroinitializer, ptr %acc1151, align 4
+  %962 = add nsw i64 %r0, 2
+  %963 = getelementptr inbounds i32, ptr %rows, i64 %962
+  %964 = load i32, ptr %963, align 4
+  %965 = sext i32 %964 to i64
+  %966 = mul nsw i64 %965, 768
+  %967 = getelementptr inbounds float, ptr %x, i64 %966
+  store <8 x float> zeroinitializer, ptr %acc2052, align 4
+  store <8 x float> zeroinitializer, ptr %acc2153, align 4
+  %968 = add nsw i64 %r0, 3
+  %969 = getelementptr inbounds i32, ptr %rows, i64 %968
+  %970 = load i32, ptr %969, align 4
+  %971 = sext i32 %970 to i64
+  %972 = mul nsw i64 %971, 768
+  %973 = getelementptr inbounds float, ptr %x, i64 %972
+  store <8 x float> zeroinitializer, ptr %acc3054, align 4
+  store <8 x float> zeroinitializer, ptr %acc3155, align 4
+  %panel.off56 = mul nsw i64 %p, 12288
+  %974 = getelementptr inbounds float, ptr %panels, i64 %panel.off56
+  %975 = add nsw i64 %p, 1
+  %976 = icmp slt i64 %975, %p1
+  %977 = getelementptr inbounds i8, ptr %974, i64 49152
+  %978 = and i1 %pf.on, %976
+  %pf57 = select i1 %978, ptr %977, ptr %974
+  br label %k.head58
 
-k.head56:                                         ; preds = %k.body57, %tile.mr4
-  %k59 = phi i64 [ 0, %tile.mr4 ], [ %998, %k.body57 ]
-  %958 = icmp slt i64 %k59, 768
-  br i1 %958, label %k.body57, label %k.end58
+k.head58:                                         ; preds = %k.body59, %tile.mr4
+  %k61 = phi i64 [ 0, %tile.mr4 ], [ %1021, %k.body59 ]
+  %979 = icmp slt i64 %k61, 768
+  br i1 %979, label %k.body59, label %k.end60
 
-k.body57:                                         ; preds = %k.head56
-  %959 = mul nsw i64 %k59, 16
-  %960 = add nsw i64 %panel.off55, %959
-  %961 = getelementptr inbounds float, ptr %panels, i64 %960
-  %962 = load <8 x float>, ptr %961, align 4
-  %963 = add nsw i64 %960, 8
-  %964 = getelementptr inbounds float, ptr %panels, i64 %963
-  %965 = load <8 x float>, ptr %964, align 4
-  %966 = getelementptr inbounds float, ptr %939, i64 %k59
-  %967 = load float, ptr %966, align 4
-  %968 = insertelement <8 x float> poison, float %967, i32 0
-  %969 = shufflevector <8 x float> %968, <8 x float> poison, <8 x i32> zeroinitializer
-  %970 = load <8 x float>, ptr %acc0047, align 4
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %962, <8 x float> %970)
-  store <8 x float> %971, ptr %acc0047, align 4
-  %972 = load <8 x float>, ptr %acc0148, align 4
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %965, <8 x float> %972)
-  store <8 x float> %973, ptr %acc0148, align 4
-  %974 = getelementptr inbounds float, ptr %945, i64 %k59
-  %975 = load float, ptr %974, align 4
-  %976 = insertelement <8 x float> poison, float %975, i32 0
-  %977 = shufflevector <8 x float> %976, <8 x float> poison, <8 x i32> zeroinitializer
-  %978 = load <8 x float>, ptr %acc1049, align 4
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %962, <8 x float> %978)
-  store <8 x float> %979, ptr %acc1049, align 4
-  %980 = load <8 x float>, ptr %acc1150, align 4
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %965, <8 x float> %980)
-  store <8 x float> %981, ptr %acc1150, align 4
-  %982 = getelementptr inbounds float, ptr %951, i64 %k59
-  %983 = load float, ptr %982, align 4
-  %984 = insertelement <8 x float> poison, float %983, i32 0
-  %985 = shufflevector <8 x float> %984, <8 x float> poison, <8 x i32> zeroinitializer
-  %986 = load <8 x float>, ptr %acc2051, align 4
-  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %962, <8 x float> %986)
-  store <8 x float> %987, ptr %acc2051, align 4
-  %988 = load <8 x float>, ptr %acc2152, align 4
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %965, <8 x float> %988)
-  store <8 x float> %989, ptr %acc2152, align 4
-  %990 = getelementptr inbounds float, ptr %957, i64 %k59
-  %991 = load float, ptr %990, align 4
-  %992 = insertelement <8 x float> poison, float %991, i32 0
-  %993 = shufflevector <8 x float> %992, <8 x float> poison, <8 x i32> zeroinitializer
-  %994 = load <8 x float>, ptr %acc3053, align 4
-  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %962, <8 x float> %994)
-  store <8 x float> %995, ptr %acc3053, align 4
-  %996 = load <8 x float>, ptr %acc3154, align 4
-  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %965, <8 x float> %996)
-  store <8 x float> %997, ptr %acc3154, align 4
-  %998 = add nsw i64 %k59, 1
-  br label %k.head56
+k.body59:                                         ; preds = %k.head58
+  %980 = mul nsw i64 %k61, 16
+  %981 = add nsw i64 %panel.off56, %980
+  %982 = mul nsw i64 %k61, 64
+  %983 = getelementptr inbounds i8, ptr %pf57, i64 %982
+  call void @llvm.prefetch.p0(ptr %983, i32 0, i32 2, i32 1)
+  %984 = getelementptr inbounds float, ptr %panels, i64 %981
+  %985 = load <8 x float>, ptr %984, align 4
+  %986 = add nsw i64 %981, 8
+  %987 = getelementptr inbounds float, ptr %panels, i64 %986
+  %988 = load <8 x float>, ptr %987, align 4
+  %989 = getelementptr inbounds float, ptr %955, i64 %k61
+  %990 = load float, ptr %989, align 4
+  %991 = insertelement <8 x float> poison, float %990, i32 0
+  %992 = shufflevector <8 x float> %991, <8 x float> poison, <8 x i32> zeroinitializer
+  %993 = load <8 x float>, ptr %acc0048, align 4
+  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %985, <8 x float> %993)
+  store <8 x float> %994, ptr %acc0048, align 4
+  %995 = load <8 x float>, ptr %acc0149, align 4
+  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %988, <8 x float> %995)
+  store <8 x float> %996, ptr %acc0149, align 4
+  %997 = getelementptr inbounds float, ptr %961, i64 %k61
+  %998 = load float, ptr %997, align 4
+  %999 = insertelement <8 x float> poison, float %998, i32 0
+  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
+  %1001 = load <8 x float>, ptr %acc1050, align 4
+  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %985, <8 x float> %1001)
+  store <8 x float> %1002, ptr %acc1050, align 4
+  %1003 = load <8 x float>, ptr %acc1151, align 4
+  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %988, <8 x float> %1003)
+  store <8 x float> %1004, ptr %acc1151, align 4
+  %1005 = getelementptr inbounds float, ptr %967, i64 %k61
+  %1006 = load float, ptr %1005, align 4
+  %1007 = insertelement <8 x float> poison, float %1006, i32 0
+  %1008 = shufflevector <8 x float> %1007, <8 x float> poison, <8 x i32> zeroinitializer
+  %1009 = load <8 x float>, ptr %acc2052, align 4
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %985, <8 x float> %1009)
+  store <8 x float> %1010, ptr %acc2052, align 4
+  %1011 = load <8 x float>, ptr %acc2153, align 4
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %988, <8 x float> %1011)
+  store <8 x float> %1012, ptr %acc2153, align 4
+  %1013 = getelementptr inbounds float, ptr %973, i64 %k61
+  %1014 = load float, ptr %1013, align 4
+  %1015 = insertelement <8 x float> poison, float %1014, i32 0
+  %1016 = shufflevector <8 x float> %1015, <8 x float> poison, <8 x i32> zeroinitializer
+  %1017 = load <8 x float>, ptr %acc3054, align 4
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %985, <8 x float> %1017)
+  store <8 x float> %1018, ptr %acc3054, align 4
+  %1019 = load <8 x float>, ptr %acc3155, align 4
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %988, <8 x float> %1019)
+  store <8 x float> %1020, ptr %acc3155, align 4
+  %1021 = add nsw i64 %k61, 1
+  br label %k.head58
 
-k.end58:                                          ; preds = %k.head56
-  %999 = add nsw i64 %r0, 0
-  %1000 = getelementptr inbounds float, ptr %rw, i64 %999
-  %1001 = load float, ptr %1000, align 4
-  %1002 = insertelement <8 x float> poison, float %1001, i32 0
-  %1003 = shufflevector <8 x float> %1002, <8 x float> poison, <8 x i32> zeroinitializer
-  %1004 = mul nsw i64 %999, 3072
-  %1005 = getelementptr inbounds float, ptr %h, i64 %1004
-  %col60 = mul nsw i64 %p, 16
-  %1006 = load <8 x float>, ptr %acc0047, align 4
-  %1007 = load <8 x float>, ptr %acc0148, align 4
-  %1008 = add nsw i64 %col60, 0
-  %1009 = fmul <8 x float> %1006, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1010 = extractelement <8 x float> %1009, i32 0
-  %1011 = call float @erff(float %1010)
-  %1012 = insertelement <8 x float> poison, float %1011, i32 0
-  %1013 = extractelement <8 x float> %1009, i32 1
-  %1014 = call float @erff(float %1013)
-  %1015 = insertelement <8 x float> %1012, float %1014, i32 1
-  %1016 = extractelement <8 x float> %1009, i32 2
-  %1017 = call float @erff(float %1016)
-  %1018 = insertelement <8 x float> %1015, float %1017, i32 2
-  %1019 = extractelement <8 x float> %1009, i32 3
-  %1020 = call float @erff(float %1019)
-  %1021 = insertelement <8 x float> %1018, float %1020, i32 3
-  %1022 = extractelement <8 x float> %1009, i32 4
-  %1023 = call float @erff(float %1022)
-  %1024 = insertelement <8 x float> %1021, float %1023, i32 4
-  %1025 = extractelement <8 x float> %1009, i32 5
-  %1026 = call float @erff(float %1025)
-  %1027 = insertelement <8 x float> %1024, float %1026, i32 5
-  %1028 = extractelement <8 x float> %1009, i32 6
-  %1029 = call float @erff(float %1028)
-  %1030 = insertelement <8 x float> %1027, float %1029, i32 6
-  %1031 = extractelement <8 x float> %1009, i32 7
-  %1032 = call float @erff(float %1031)
-  %1033 = insertelement <8 x float> %1030, float %1032, i32 7
-  %1034 = fadd <8 x float> %1033, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1035 = fmul <8 x float> %1006, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu61 = fmul <8 x float> %1035, %1034
-  %1036 = fmul <8 x float> %gelu61, %1003
-  %1037 = getelementptr inbounds float, ptr %1005, i64 %1008
-  store <8 x float> %1036, ptr %1037, align 4
-  %1038 = add nsw i64 %col60, 8
-  %1039 = fmul <8 x float> %1007, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1040 = extractelement <8 x float> %1039, i32 0
-  %1041 = call float @erff(float %1040)
-  %1042 = insertelement <8 x float> poison, float %1041, i32 0
-  %1043 = extractelement <8 x float> %1039, i32 1
-  %1044 = call float @erff(float %1043)
-  %1045 = insertelement <8 x float> %1042, float %1044, i32 1
-  %1046 = extractelement <8 x float> %1039, i32 2
-  %1047 = call float @erff(float %1046)
-  %1048 = insertelement <8 x float> %1045, float %1047, i32 2
-  %1049 = extractelement <8 x float> %1039, i32 3
-  %1050 = call float @erff(float %1049)
-  %1051 = insertelement <8 x float> %1048, float %1050, i32 3
-  %1052 = extractelement <8 x float> %1039, i32 4
-  %1053 = call float @erff(float %1052)
-  %1054 = insertelement <8 x float> %1051, float %1053, i32 4
-  %1055 = extractelement <8 x float> %1039, i32 5
-  %1056 = call float @erff(float %1055)
-  %1057 = insertelement <8 x float> %1054, float %1056, i32 5
-  %1058 = extractelement <8 x float> %1039, i32 6
-  %1059 = call float @erff(float %1058)
-  %1060 = insertelement <8 x float> %1057, float %1059, i32 6
-  %1061 = extractelement <8 x float> %1039, i32 7
-  %1062 = call float @erff(float %1061)
-  %1063 = insertelement <8 x float> %1060, float %1062, i32 7
-  %1064 = fadd <8 x float> %1063, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1065 = fmul <8 x float> %1007, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu62 = fmul <8 x float> %1065, %1064
-  %1066 = fmul <8 x float> %gelu62, %1003
-  %1067 = getelementptr inbounds float, ptr %1005, i64 %1038
-  store <8 x float> %1066, ptr %1067, align 4
-  %1068 = add nsw i64 %r0, 1
-  %1069 = getelementptr inbounds float, ptr %rw, i64 %1068
-  %1070 = load float, ptr %1069, align 4
-  %1071 = insertelement <8 x float> poison, float %1070, i32 0
-  %1072 = shufflevector <8 x float> %1071, <8 x float> poison, <8 x i32> zeroinitializer
-  %1073 = mul nsw i64 %1068, 3072
-  %1074 = getelementptr inbounds float, ptr %h, i64 %1073
-  %col63 = mul nsw i64 %p, 16
-  %1075 = load <8 x float>, ptr %acc1049, align 4
-  %1076 = load <8 x float>, ptr %acc1150, align 4
-  %1077 = add nsw i64 %col63, 0
-  %1078 = fmul <8 x float> %1075, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1079 = extractelement <8 x float> %1078, i32 0
-  %1080 = call float @erff(float %1079)
-  %1081 = insertelement <8 x float> poison, float %1080, i32 0
-  %1082 = extractelement <8 x float> %1078, i32 1
-  %1083 = call float @erff(float %1082)
-  %1084 = insertelement <8 x float> %1081, float %1083, i32 1
-  %1085 = extractelement <8 x float> %1078, i32 2
-  %1086 = call float @erff(float %1085)
-  %1087 = insertelement <8 x float> %1084, float %1086, i32 2
-  %1088 = extractelement <8 x float> %1078, i32 3
-  %1089 = call float @erff(float %1088)
-  %1090 = insertelement <8 x float> %1087, float %1089, i32 3
-  %1091 = extractelement <8 x float> %1078, i32 4
-  %1092 = call float @erff(float %1091)
-  %1093 = insertelement <8 x float> %1090, float %1092, i32 4
-  %1094 = extractelement <8 x float> %1078, i32 5
-  %1095 = call float @erff(float %1094)
-  %1096 = insertelement <8 x float> %1093, float %1095, i32 5
-  %1097 = extractelement <8 x float> %1078, i32 6
-  %1098 = call float @erff(float %1097)
-  %1099 = insertelement <8 x float> %1096, float %1098, i32 6
-  %1100 = extractelement <8 x float> %1078, i32 7
-  %1101 = call float @erff(float %1100)
-  %1102 = insertelement <8 x float> %1099, float %1101, i32 7
-  %1103 = fadd <8 x float> %1102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1104 = fmul <8 x float> %1075, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu64 = fmul <8 x float> %1104, %1103
-  %1105 = fmul <8 x float> %gelu64, %1072
-  %1106 = getelementptr inbounds float, ptr %1074, i64 %1077
-  store <8 x float> %1105, ptr %1106, align 4
-  %1107 = add nsw i64 %col63, 8
-  %1108 = fmul <8 x float> %1076, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1109 = extractelement <8 x float> %1108, i32 0
-  %1110 = call float @erff(float %1109)
-  %1111 = insertelement <8 x float> poison, float %1110, i32 0
-  %1112 = extractelement <8 x float> %1108, i32 1
-  %1113 = call float @erff(float %1112)
-  %1114 = insertelement <8 x float> %1111, float %1113, i32 1
-  %1115 = extractelement <8 x float> %1108, i32 2
-  %1116 = call float @erff(float %1115)
-  %1117 = insertelement <8 x float> %1114, float %1116, i32 2
-  %1118 = extractelement <8 x float> %1108, i32 3
-  %1119 = call float @erff(float %1118)
-  %1120 = insertelement <8 x float> %1117, float %1119, i32 3
-  %1121 = extractelement <8 x float> %1108, i32 4
-  %1122 = call float @erff(float %1121)
-  %1123 = insertelement <8 x float> %1120, float %1122, i32 4
-  %1124 = extractelement <8 x float> %1108, i32 5
-  %1125 = call float @erff(float %1124)
-  %1126 = insertelement <8 x float> %1123, float %1125, i32 5
-  %1127 = extractelement <8 x float> %1108, i32 6
-  %1128 = call float @erff(float %1127)
-  %1129 = insertelement <8 x float> %1126, float %1128, i32 6
-  %1130 = extractelement <8 x float> %1108, i32 7
-  %1131 = call float @erff(float %1130)
-  %1132 = insertelement <8 x float> %1129, float %1131, i32 7
-  %1133 = fadd <8 x float> %1132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1134 = fmul <8 x float> %1076, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu65 = fmul <8 x float> %1134, %1133
-  %1135 = fmul <8 x float> %gelu65, %1072
-  %1136 = getelementptr inbounds float, ptr %1074, i64 %1107
-  store <8 x float> %1135, ptr %1136, align 4
-  %1137 = add nsw i64 %r0, 2
-  %1138 = getelementptr inbounds float, ptr %rw, i64 %1137
-  %1139 = load float, ptr %1138, align 4
-  %1140 = insertelement <8 x float> poison, float %1139, i32 0
-  %1141 = shufflevector <8 x float> %1140, <8 x float> poison, <8 x i32> zeroinitializer
-  %1142 = mul nsw i64 %1137, 3072
-  %1143 = getelementptr inbounds float, ptr %h, i64 %1142
-  %col66 = mul nsw i64 %p, 16
-  %1144 = load <8 x float>, ptr %acc2051, align 4
-  %1145 = load <8 x float>, ptr %acc2152, align 4
-  %1146 = add nsw i64 %col66, 0
-  %1147 = fmul <8 x float> %1144, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1148 = extractelement <8 x float> %1147, i32 0
-  %1149 = call float @erff(float %1148)
-  %1150 = insertelement <8 x float> poison, float %1149, i32 0
-  %1151 = extractelement <8 x float> %1147, i32 1
-  %1152 = call float @erff(float %1151)
-  %1153 = insertelement <8 x float> %1150, float %1152, i32 1
-  %1154 = extractelement <8 x float> %1147, i32 2
-  %1155 = call float @erff(float %1154)
-  %1156 = insertelement <8 x float> %1153, float %1155, i32 2
-  %1157 = extractelement <8 x float> %1147, i32 3
-  %1158 = call float @erff(float %1157)
-  %1159 = insertelement <8 x float> %1156, float %1158, i32 3
-  %1160 = extractelement <8 x float> %1147, i32 4
-  %1161 = call float @erff(float %1160)
-  %1162 = insertelement <8 x float> %1159, float %1161, i32 4
-  %1163 = extractelement <8 x float> %1147, i32 5
-  %1164 = call float @erff(float %1163)
-  %1165 = insertelement <8 x float> %1162, float %1164, i32 5
-  %1166 = extractelement <8 x float> %1147, i32 6
-  %1167 = call float @erff(float %1166)
-  %1168 = insertelement <8 x float> %1165, float %1167, i32 6
-  %1169 = extractelement <8 x float> %1147, i32 7
-  %1170 = call float @erff(float %1169)
-  %1171 = insertelement <8 x float> %1168, float %1170, i32 7
-  %1172 = fadd <8 x float> %1171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1173 = fmul <8 x float> %1144, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu67 = fmul <8 x float> %1173, %1172
-  %1174 = fmul <8 x float> %gelu67, %1141
-  %1175 = getelementptr inbounds float, ptr %1143, i64 %1146
-  store <8 x float> %1174, ptr %1175, align 4
-  %1176 = add nsw i64 %col66, 8
-  %1177 = fmul <8 x float> %1145, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1178 = extractelement <8 x float> %1177, i32 0
-  %1179 = call float @erff(float %1178)
-  %1180 = insertelement <8 x float> poison, float %1179, i32 0
-  %1181 = extractelement <8 x float> %1177, i32 1
-  %1182 = call float @erff(float %1181)
-  %1183 = insertelement <8 x float> %1180, float %1182, i32 1
-  %1184 = extractelement <8 x float> %1177, i32 2
-  %1185 = call float @erff(float %1184)
-  %1186 = insertelement <8 x float> %1183, float %1185, i32 2
-  %1187 = extractelement <8 x float> %1177, i32 3
-  %1188 = call float @erff(float %1187)
-  %1189 = insertelement <8 x float> %1186, float %1188, i32 3
-  %1190 = extractelement <8 x float> %1177, i32 4
-  %1191 = call float @erff(float %1190)
-  %1192 = insertelement <8 x float> %1189, float %1191, i32 4
-  %1193 = extractelement <8 x float> %1177, i32 5
-  %1194 = call float @erff(float %1193)
-  %1195 = insertelement <8 x float> %1192, float %1194, i32 5
-  %1196 = extractelement <8 x float> %1177, i32 6
-  %1197 = call float @erff(float %1196)
-  %1198 = insertelement <8 x float> %1195, float %1197, i32 6
-  %1199 = extractelement <8 x float> %1177, i32 7
-  %1200 = call float @erff(float %1199)
-  %1201 = insertelement <8 x float> %1198, float %1200, i32 7
-  %1202 = fadd <8 x float> %1201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1203 = fmul <8 x float> %1145, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu68 = fmul <8 x float> %1203, %1202
-  %1204 = fmul <8 x float> %gelu68, %1141
-  %1205 = getelementptr inbounds float, ptr %1143, i64 %1176
-  store <8 x float> %1204, ptr %1205, align 4
-  %1206 = add nsw i64 %r0, 3
-  %1207 = getelementptr inbounds float, ptr %rw, i64 %1206
-  %1208 = load float, ptr %1207, align 4
-  %1209 = insertelement <8 x float> poison, float %1208, i32 0
-  %1210 = shufflevector <8 x float> %1209, <8 x float> poison, <8 x i32> zeroinitializer
-  %1211 = mul nsw i64 %1206, 3072
-  %1212 = getelementptr inbounds float, ptr %h, i64 %1211
-  %col69 = mul nsw i64 %p, 16
-  %1213 = load <8 x float>, ptr %acc3053, align 4
-  %1214 = load <8 x float>, ptr %acc3154, align 4
-  %1215 = add nsw i64 %col69, 0
-  %1216 = fmul <8 x float> %1213, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1217 = extractelement <8 x float> %1216, i32 0
-  %1218 = call float @erff(float %1217)
-  %1219 = insertelement <8 x float> poison, float %1218, i32 0
-  %1220 = extractelement <8 x float> %1216, i32 1
-  %1221 = call float @erff(float %1220)
-  %1222 = insertelement <8 x float> %1219, float %1221, i32 1
-  %1223 = extractelement <8 x float> %1216, i32 2
-  %1224 = call float @erff(float %1223)
-  %1225 = insertelement <8 x float> %1222, float %1224, i32 2
-  %1226 = extractelement <8 x float> %1216, i32 3
-  %1227 = call float @erff(float %1226)
-  %1228 = insertelement <8 x float> %1225, float %1227, i32 3
-  %1229 = extractelement <8 x float> %1216, i32 4
-  %1230 = call float @erff(float %1229)
-  %1231 = insertelement <8 x float> %1228, float %1230, i32 4
-  %1232 = extractelement <8 x float> %1216, i32 5
-  %1233 = call float @erff(float %1232)
-  %1234 = insertelement <8 x float> %1231, float %1233, i32 5
-  %1235 = extractelement <8 x float> %1216, i32 6
-  %1236 = call float @erff(float %1235)
-  %1237 = insertelement <8 x float> %1234, float %1236, i32 6
-  %1238 = extractelement <8 x float> %1216, i32 7
-  %1239 = call float @erff(float %1238)
-  %1240 = insertelement <8 x float> %1237, float %1239, i32 7
-  %1241 = fadd <8 x float> %1240, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1242 = fmul <8 x float> %1213, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu70 = fmul <8 x float> %1242, %1241
-  %1243 = fmul <8 x float> %gelu70, %1210
-  %1244 = getelementptr inbounds float, ptr %1212, i64 %1215
-  store <8 x float> %1243, ptr %1244, align 4
-  %1245 = add nsw i64 %col69, 8
-  %1246 = fmul <8 x float> %1214, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1247 = extractelement <8 x float> %1246, i32 0
-  %1248 = call float @erff(float %1247)
-  %1249 = insertelement <8 x float> poison, float %1248, i32 0
-  %1250 = extractelement <8 x float> %1246, i32 1
-  %1251 = call float @erff(float %1250)
-  %1252 = insertelement <8 x float> %1249, float %1251, i32 1
-  %1253 = extractelement <8 x float> %1246, i32 2
-  %1254 = call float @erff(float %1253)
-  %1255 = insertelement <8 x float> %1252, float %1254, i32 2
-  %1256 = extractelement <8 x float> %1246, i32 3
-  %1257 = call float @erff(float %1256)
-  %1258 = insertelement <8 x float> %1255, float %1257, i32 3
-  %1259 = extractelement <8 x float> %1246, i32 4
-  %1260 = call float @erff(float %1259)
-  %1261 = insertelement <8 x float> %1258, float %1260, i32 4
-  %1262 = extractelement <8 x float> %1246, i32 5
-  %1263 = call float @erff(float %1262)
-  %1264 = insertelement <8 x float> %1261, float %1263, i32 5
-  %1265 = extractelement <8 x float> %1246, i32 6
-  %1266 = call float @erff(float %1265)
-  %1267 = insertelement <8 x float> %1264, float %1266, i32 6
-  %1268 = extractelement <8 x float> %1246, i32 7
-  %1269 = call float @erff(float %1268)
-  %1270 = insertelement <8 x float> %1267, float %1269, i32 7
-  %1271 = fadd <8 x float> %1270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1272 = fmul <8 x float> %1214, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu71 = fmul <8 x float> %1272, %1271
-  %1273 = fmul <8 x float> %gelu71, %1210
-  %1274 = getelementptr inbounds float, ptr %1212, i64 %1245
-  store <8 x float> %1273, ptr %1274, align 4
+k.end60:                                          ; preds = %k.head58
+  %1022 = add nsw i64 %r0, 0
+  %1023 = getelementptr inbounds float, ptr %rw, i64 %1022
+  %1024 = load float, ptr %1023, align 4
+  %1025 = insertelement <8 x float> poison, float %1024, i32 0
+  %1026 = shufflevector <8 x float> %1025, <8 x float> poison, <8 x i32> zeroinitializer
+  %1027 = mul nsw i64 %1022, 3072
+  %1028 = getelementptr inbounds float, ptr %h, i64 %1027
+  %col62 = mul nsw i64 %p, 16
+  %1029 = load <8 x float>, ptr %acc0048, align 4
+  %1030 = load <8 x float>, ptr %acc0149, align 4
+  %1031 = add nsw i64 %col62, 0
+  %1032 = fmul <8 x float> %1029, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1033 = extractelement <8 x float> %1032, i32 0
+  %1034 = call float @erff(float %1033)
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = extractelement <8 x float> %1032, i32 1
+  %1037 = call float @erff(float %1036)
+  %1038 = insertelement <8 x float> %1035, float %1037, i32 1
+  %1039 = extractelement <8 x float> %1032, i32 2
+  %1040 = call float @erff(float %1039)
+  %1041 = insertelement <8 x float> %1038, float %1040, i32 2
+  %1042 = extractelement <8 x float> %1032, i32 3
+  %1043 = call float @erff(float %1042)
+  %1044 = insertelement <8 x float> %1041, float %1043, i32 3
+  %1045 = extractelement <8 x float> %1032, i32 4
+  %1046 = call float @erff(float %1045)
+  %1047 = insertelement <8 x float> %1044, float %1046, i32 4
+  %1048 = extractelement <8 x float> %1032, i32 5
+  %1049 = call float @erff(float %1048)
+  %1050 = insertelement <8 x float> %1047, float %1049, i32 5
+  %1051 = extractelement <8 x float> %1032, i32 6
+  %1052 = call float @erff(float %1051)
+  %1053 = insertelement <8 x float> %1050, float %1052, i32 6
+  %1054 = extractelement <8 x float> %1032, i32 7
+  %1055 = call float @erff(float %1054)
+  %1056 = insertelement <8 x float> %1053, float %1055, i32 7
+  %1057 = fadd <8 x float> %1056, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1058 = fmul <8 x float> %1029, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu63 = fmul <8 x float> %1058, %1057
+  %1059 = fmul <8 x float> %gelu63, %1026
+  %1060 = getelementptr inbounds float, ptr %1028, i64 %1031
+  store <8 x float> %1059, ptr %1060, align 4
+  %1061 = add nsw i64 %col62, 8
+  %1062 = fmul <8 x float> %1030, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1063 = extractelement <8 x float> %1062, i32 0
+  %1064 = call float @erff(float %1063)
+  %1065 = insertelement <8 x float> poison, float %1064, i32 0
+  %1066 = extractelement <8 x float> %1062, i32 1
+  %1067 = call float @erff(float %1066)
+  %1068 = insertelement <8 x float> %1065, float %1067, i32 1
+  %1069 = extractelement <8 x float> %1062, i32 2
+  %1070 = call float @erff(float %1069)
+  %1071 = insertelement <8 x float> %1068, float %1070, i32 2
+  %1072 = extractelement <8 x float> %1062, i32 3
+  %1073 = call float @erff(float %1072)
+  %1074 = insertelement <8 x float> %1071, float %1073, i32 3
+  %1075 = extractelement <8 x float> %1062, i32 4
+  %1076 = call float @erff(float %1075)
+  %1077 = insertelement <8 x float> %1074, float %1076, i32 4
+  %1078 = extractelement <8 x float> %1062, i32 5
+  %1079 = call float @erff(float %1078)
+  %1080 = insertelement <8 x float> %1077, float %1079, i32 5
+  %1081 = extractelement <8 x float> %1062, i32 6
+  %1082 = call float @erff(float %1081)
+  %1083 = insertelement <8 x float> %1080, float %1082, i32 6
+  %1084 = extractelement <8 x float> %1062, i32 7
+  %1085 = call float @erff(float %1084)
+  %1086 = insertelement <8 x float> %1083, float %1085, i32 7
+  %1087 = fadd <8 x float> %1086, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1088 = fmul <8 x float> %1030, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu64 = fmul <8 x float> %1088, %1087
+  %1089 = fmul <8 x float> %gelu64, %1026
+  %1090 = getelementptr inbounds float, ptr %1028, i64 %1061
+  store <8 x float> %1089, ptr %1090, align 4
+  %1091 = add nsw i64 %r0, 1
+  %1092 = getelementptr inbounds float, ptr %rw, i64 %1091
+  %1093 = load float, ptr %1092, align 4
+  %1094 = insertelement <8 x float> poison, float %1093, i32 0
+  %1095 = shufflevector <8 x float> %1094, <8 x float> poison, <8 x i32> zeroinitializer
+  %1096 = mul nsw i64 %1091, 3072
+  %1097 = getelementptr inbounds float, ptr %h, i64 %1096
+  %col65 = mul nsw i64 %p, 16
+  %1098 = load <8 x float>, ptr %acc1050, align 4
+  %1099 = load <8 x float>, ptr %acc1151, align 4
+  %1100 = add nsw i64 %col65, 0
+  %1101 = fmul <8 x float> %1098, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1102 = extractelement <8 x float> %1101, i32 0
+  %1103 = call float @erff(float %1102)
+  %1104 = insertelement <8 x float> poison, float %1103, i32 0
+  %1105 = extractelement <8 x float> %1101, i32 1
+  %1106 = call float @erff(float %1105)
+  %1107 = insertelement <8 x float> %1104, float %1106, i32 1
+  %1108 = extractelement <8 x float> %1101, i32 2
+  %1109 = call float @erff(float %1108)
+  %1110 = insertelement <8 x float> %1107, float %1109, i32 2
+  %1111 = extractelement <8 x float> %1101, i32 3
+  %1112 = call float @erff(float %1111)
+  %1113 = insertelement <8 x float> %1110, float %1112, i32 3
+  %1114 = extractelement <8 x float> %1101, i32 4
+  %1115 = call float @erff(float %1114)
+  %1116 = insertelement <8 x float> %1113, float %1115, i32 4
+  %1117 = extractelement <8 x float> %1101, i32 5
+  %1118 = call float @erff(float %1117)
+  %1119 = insertelement <8 x float> %1116, float %1118, i32 5
+  %1120 = extractelement <8 x float> %1101, i32 6
+  %1121 = call float @erff(float %1120)
+  %1122 = insertelement <8 x float> %1119, float %1121, i32 6
+  %1123 = extractelement <8 x float> %1101, i32 7
+  %1124 = call float @erff(float %1123)
+  %1125 = insertelement <8 x float> %1122, float %1124, i32 7
+  %1126 = fadd <8 x float> %1125, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1127 = fmul <8 x float> %1098, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu66 = fmul <8 x float> %1127, %1126
+  %1128 = fmul <8 x float> %gelu66, %1095
+  %1129 = getelementptr inbounds float, ptr %1097, i64 %1100
+  store <8 x float> %1128, ptr %1129, align 4
+  %1130 = add nsw i64 %col65, 8
+  %1131 = fmul <8 x float> %1099, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1132 = extractelement <8 x float> %1131, i32 0
+  %1133 = call float @erff(float %1132)
+  %1134 = insertelement <8 x float> poison, float %1133, i32 0
+  %1135 = extractelement <8 x float> %1131, i32 1
+  %1136 = call float @erff(float %1135)
+  %1137 = insertelement <8 x float> %1134, float %1136, i32 1
+  %1138 = extractelement <8 x float> %1131, i32 2
+  %1139 = call float @erff(float %1138)
+  %1140 = insertelement <8 x float> %1137, float %1139, i32 2
+  %1141 = extractelement <8 x float> %1131, i32 3
+  %1142 = call float @erff(float %1141)
+  %1143 = insertelement <8 x float> %1140, float %1142, i32 3
+  %1144 = extractelement <8 x float> %1131, i32 4
+  %1145 = call float @erff(float %1144)
+  %1146 = insertelement <8 x float> %1143, float %1145, i32 4
+  %1147 = extractelement <8 x float> %1131, i32 5
+  %1148 = call float @erff(float %1147)
+  %1149 = insertelement <8 x float> %1146, float %1148, i32 5
+  %1150 = extractelement <8 x float> %1131, i32 6
+  %1151 = call float @erff(float %1150)
+  %1152 = insertelement <8 x float> %1149, float %1151, i32 6
+  %1153 = extractelement <8 x float> %1131, i32 7
+  %1154 = call float @erff(float %1153)
+  %1155 = insertelement <8 x float> %1152, float %1154, i32 7
+  %1156 = fadd <8 x float> %1155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1157 = fmul <8 x float> %1099, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu67 = fmul <8 x float> %1157, %1156
+  %1158 = fmul <8 x float> %gelu67, %1095
+  %1159 = getelementptr inbounds float, ptr %1097, i64 %1130
+  store <8 x float> %1158, ptr %1159, align 4
+  %1160 = add nsw i64 %r0, 2
+  %1161 = getelementptr inbounds float, ptr %rw, i64 %1160
+  %1162 = load float, ptr %1161, align 4
+  %1163 = insertelement <8 x float> poison, float %1162, i32 0
+  %1164 = shufflevector <8 x float> %1163, <8 x float> poison, <8 x i32> zeroinitializer
+  %1165 = mul nsw i64 %1160, 3072
+  %1166 = getelementptr inbounds float, ptr %h, i64 %1165
+  %col68 = mul nsw i64 %p, 16
+  %1167 = load <8 x float>, ptr %acc2052, align 4
+  %1168 = load <8 x float>, ptr %acc2153, align 4
+  %1169 = add nsw i64 %col68, 0
+  %1170 = fmul <8 x float> %1167, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1171 = extractelement <8 x float> %1170, i32 0
+  %1172 = call float @erff(float %1171)
+  %1173 = insertelement <8 x float> poison, float %1172, i32 0
+  %1174 = extractelement <8 x float> %1170, i32 1
+  %1175 = call float @erff(float %1174)
+  %1176 = insertelement <8 x float> %1173, float %1175, i32 1
+  %1177 = extractelement <8 x float> %1170, i32 2
+  %1178 = call float @erff(float %1177)
+  %1179 = insertelement <8 x float> %1176, float %1178, i32 2
+  %1180 = extractelement <8 x float> %1170, i32 3
+  %1181 = call float @erff(float %1180)
+  %1182 = insertelement <8 x float> %1179, float %1181, i32 3
+  %1183 = extractelement <8 x float> %1170, i32 4
+  %1184 = call float @erff(float %1183)
+  %1185 = insertelement <8 x float> %1182, float %1184, i32 4
+  %1186 = extractelement <8 x float> %1170, i32 5
+  %1187 = call float @erff(float %1186)
+  %1188 = insertelement <8 x float> %1185, float %1187, i32 5
+  %1189 = extractelement <8 x float> %1170, i32 6
+  %1190 = call float @erff(float %1189)
+  %1191 = insertelement <8 x float> %1188, float %1190, i32 6
+  %1192 = extractelement <8 x float> %1170, i32 7
+  %1193 = call float @erff(float %1192)
+  %1194 = insertelement <8 x float> %1191, float %1193, i32 7
+  %1195 = fadd <8 x float> %1194, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1196 = fmul <8 x float> %1167, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu69 = fmul <8 x float> %1196, %1195
+  %1197 = fmul <8 x float> %gelu69, %1164
+  %1198 = getelementptr inbounds float, ptr %1166, i64 %1169
+  store <8 x float> %1197, ptr %1198, align 4
+  %1199 = add nsw i64 %col68, 8
+  %1200 = fmul <8 x float> %1168, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1201 = extractelement <8 x float> %1200, i32 0
+  %1202 = call float @erff(float %1201)
+  %1203 = insertelement <8 x float> poison, float %1202, i32 0
+  %1204 = extractelement <8 x float> %1200, i32 1
+  %1205 = call float @erff(float %1204)
+  %1206 = insertelement <8 x float> %1203, float %1205, i32 1
+  %1207 = extractelement <8 x float> %1200, i32 2
+  %1208 = call float @erff(float %1207)
+  %1209 = insertelement <8 x float> %1206, float %1208, i32 2
+  %1210 = extractelement <8 x float> %1200, i32 3
+  %1211 = call float @erff(float %1210)
+  %1212 = insertelement <8 x float> %1209, float %1211, i32 3
+  %1213 = extractelement <8 x float> %1200, i32 4
+  %1214 = call float @erff(float %1213)
+  %1215 = insertelement <8 x float> %1212, float %1214, i32 4
+  %1216 = extractelement <8 x float> %1200, i32 5
+  %1217 = call float @erff(float %1216)
+  %1218 = insertelement <8 x float> %1215, float %1217, i32 5
+  %1219 = extractelement <8 x float> %1200, i32 6
+  %1220 = call float @erff(float %1219)
+  %1221 = insertelement <8 x float> %1218, float %1220, i32 6
+  %1222 = extractelement <8 x float> %1200, i32 7
+  %1223 = call float @erff(float %1222)
+  %1224 = insertelement <8 x float> %1221, float %1223, i32 7
+  %1225 = fadd <8 x float> %1224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1226 = fmul <8 x float> %1168, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu70 = fmul <8 x float> %1226, %1225
+  %1227 = fmul <8 x float> %gelu70, %1164
+  %1228 = getelementptr inbounds float, ptr %1166, i64 %1199
+  store <8 x float> %1227, ptr %1228, align 4
+  %1229 = add nsw i64 %r0, 3
+  %1230 = getelementptr inbounds float, ptr %rw, i64 %1229
+  %1231 = load float, ptr %1230, align 4
+  %1232 = insertelement <8 x float> poison, float %1231, i32 0
+  %1233 = shufflevector <8 x float> %1232, <8 x float> poison, <8 x i32> zeroinitializer
+  %1234 = mul nsw i64 %1229, 3072
+  %1235 = getelementptr inbounds float, ptr %h, i64 %1234
+  %col71 = mul nsw i64 %p, 16
+  %1236 = load <8 x float>, ptr %acc3054, align 4
+  %1237 = load <8 x float>, ptr %acc3155, align 4
+  %1238 = add nsw i64 %col71, 0
+  %1239 = fmul <8 x float> %1236, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1240 = extractelement <8 x float> %1239, i32 0
+  %1241 = call float @erff(float %1240)
+  %1242 = insertelement <8 x float> poison, float %1241, i32 0
+  %1243 = extractelement <8 x float> %1239, i32 1
+  %1244 = call float @erff(float %1243)
+  %1245 = insertelement <8 x float> %1242, float %1244, i32 1
+  %1246 = extractelement <8 x float> %1239, i32 2
+  %1247 = call float @erff(float %1246)
+  %1248 = insertelement <8 x float> %1245, float %1247, i32 2
+  %1249 = extractelement <8 x float> %1239, i32 3
+  %1250 = call float @erff(float %1249)
+  %1251 = insertelement <8 x float> %1248, float %1250, i32 3
+  %1252 = extractelement <8 x float> %1239, i32 4
+  %1253 = call float @erff(float %1252)
+  %1254 = insertelement <8 x float> %1251, float %1253, i32 4
+  %1255 = extractelement <8 x float> %1239, i32 5
+  %1256 = call float @erff(float %1255)
+  %1257 = insertelement <8 x float> %1254, float %1256, i32 5
+  %1258 = extractelement <8 x float> %1239, i32 6
+  %1259 = call float @erff(float %1258)
+  %1260 = insertelement <8 x float> %1257, float %1259, i32 6
+  %1261 = extractelement <8 x float> %1239, i32 7
+  %1262 = call float @erff(float %1261)
+  %1263 = insertelement <8 x float> %1260, float %1262, i32 7
+  %1264 = fadd <8 x float> %1263, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1265 = fmul <8 x float> %1236, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu72 = fmul <8 x float> %1265, %1264
+  %1266 = fmul <8 x float> %gelu72, %1233
+  %1267 = getelementptr inbounds float, ptr %1235, i64 %1238
+  store <8 x float> %1266, ptr %1267, align 4
+  %1268 = add nsw i64 %col71, 8
+  %1269 = fmul <8 x float> %1237, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1270 = extractelement <8 x float> %1269, i32 0
+  %1271 = call float @erff(float %1270)
+  %1272 = insertelement <8 x float> poison, float %1271, i32 0
+  %1273 = extractelement <8 x float> %1269, i32 1
+  %1274 = call float @erff(float %1273)
+  %1275 = insertelement <8 x float> %1272, float %1274, i32 1
+  %1276 = extractelement <8 x float> %1269, i32 2
+  %1277 = call float @erff(float %1276)
+  %1278 = insertelement <8 x float> %1275, float %1277, i32 2
+  %1279 = extractelement <8 x float> %1269, i32 3
+  %1280 = call float @erff(float %1279)
+  %1281 = insertelement <8 x float> %1278, float %1280, i32 3
+  %1282 = extractelement <8 x float> %1269, i32 4
+  %1283 = call float @erff(float %1282)
+  %1284 = insertelement <8 x float> %1281, float %1283, i32 4
+  %1285 = extractelement <8 x float> %1269, i32 5
+  %1286 = call float @erff(float %1285)
+  %1287 = insertelement <8 x float> %1284, float %1286, i32 5
+  %1288 = extractelement <8 x float> %1269, i32 6
+  %1289 = call float @erff(float %1288)
+  %1290 = insertelement <8 x float> %1287, float %1289, i32 6
+  %1291 = extractelement <8 x float> %1269, i32 7
+  %1292 = call float @erff(float %1291)
+  %1293 = insertelement <8 x float> %1290, float %1292, i32 7
+  %1294 = fadd <8 x float> %1293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1295 = fmul <8 x float> %1237, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu73 = fmul <8 x float> %1295, %1294
+  %1296 = fmul <8 x float> %gelu73, %1233
+  %1297 = getelementptr inbounds float, ptr %1235, i64 %1268
+  store <8 x float> %1296, ptr %1297, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %1275 = add nsw i64 %r0, 0
-  %1276 = getelementptr inbounds i32, ptr %rows, i64 %1275
-  %1277 = load i32, ptr %1276, align 4
-  %1278 = sext i32 %1277 to i64
-  %1279 = mul nsw i64 %1278, 768
-  %1280 = getelementptr inbounds float, ptr %x, i64 %1279
-  store <8 x float> zeroinitializer, ptr %acc0072, align 4
-  store <8 x float> zeroinitializer, ptr %acc0173, align 4
-  %1281 = add nsw i64 %r0, 1
-  %1282 = getelementptr inbounds i32, ptr %rows, i64 %1281
-  %1283 = load i32, ptr %1282, align 4
-  %1284 = sext i32 %1283 to i64
-  %1285 = mul nsw i64 %1284, 768
-  %1286 = getelementptr inbounds float, ptr %x, i64 %1285
-  store <8 x float> zeroinitializer, ptr %acc1074, align 4
-  store <8 x float> zeroinitializer, ptr %acc1175, align 4
-  %1287 = add nsw i64 %r0, 2
-  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1287
-  %1289 = load i32, ptr %1288, align 4
-  %1290 = sext i32 %1289 to i64
-  %1291 = mul nsw i64 %1290, 768
-  %1292 = getelementptr inbounds float, ptr %x, i64 %1291
-  store <8 x float> zeroinitializer, ptr %acc2076, align 4
-  store <8 x float> zeroinitializer, ptr %acc2177, align 4
-  %panel.off78 = mul nsw i64 %p, 12288
-  br label %k.head79
+  %1298 = add nsw i64 %r0, 0
+  %1299 = getelementptr inbounds i32, ptr %rows, i64 %1298
+  %1300 = load i32, ptr %1299, align 4
+  %1301 = sext i32 %1300 to i64
+  %1302 = mul nsw i64 %1301, 768
+  %1303 = getelementptr inbounds float, ptr %x, i64 %1302
+  store <8 x float> zeroinitializer, ptr %acc0074, align 4
+  store <8 x float> zeroinitializer, ptr %acc0175, align 4
+  %1304 = add nsw i64 %r0, 1
+  %1305 = getelementptr inbounds i32, ptr %rows, i64 %1304
+  %1306 = load i32, ptr %1305, align 4
+  %1307 = sext i32 %1306 to i64
+  %1308 = mul nsw i64 %1307, 768
+  %1309 = getelementptr inbounds float, ptr %x, i64 %1308
+  store <8 x float> zeroinitializer, ptr %acc1076, align 4
+  store <8 x float> zeroinitializer, ptr %acc1177, align 4
+  %1310 = add nsw i64 %r0, 2
+  %1311 = getelementptr inbounds i32, ptr %rows, i64 %1310
+  %1312 = load i32, ptr %1311, align 4
+  %1313 = sext i32 %1312 to i64
+  %1314 = mul nsw i64 %1313, 768
+  %1315 = getelementptr inbounds float, ptr %x, i64 %1314
+  store <8 x float> zeroinitializer, ptr %acc2078, align 4
+  store <8 x float> zeroinitializer, ptr %acc2179, align 4
+  %panel.off80 = mul nsw i64 %p, 12288
+  %1316 = getelementptr inbounds float, ptr %panels, i64 %panel.off80
+  %1317 = add nsw i64 %p, 1
+  %1318 = icmp slt i64 %1317, %p1
+  %1319 = getelementptr inbounds i8, ptr %1316, i64 49152
+  %1320 = and i1 %pf.on, %1318
+  %pf81 = select i1 %1320, ptr %1319, ptr %1316
+  br label %k.head82
 
-k.head79:                                         ; preds = %k.body80, %tile.mr3
-  %k82 = phi i64 [ 0, %tile.mr3 ], [ %1325, %k.body80 ]
-  %1293 = icmp slt i64 %k82, 768
-  br i1 %1293, label %k.body80, label %k.end81
+k.head82:                                         ; preds = %k.body83, %tile.mr3
+  %k85 = phi i64 [ 0, %tile.mr3 ], [ %1355, %k.body83 ]
+  %1321 = icmp slt i64 %k85, 768
+  br i1 %1321, label %k.body83, label %k.end84
 
-k.body80:                                         ; preds = %k.head79
-  %1294 = mul nsw i64 %k82, 16
-  %1295 = add nsw i64 %panel.off78, %1294
-  %1296 = getelementptr inbounds float, ptr %panels, i64 %1295
-  %1297 = load <8 x float>, ptr %1296, align 4
-  %1298 = add nsw i64 %1295, 8
-  %1299 = getelementptr inbounds float, ptr %panels, i64 %1298
-  %1300 = load <8 x float>, ptr %1299, align 4
-  %1301 = getelementptr inbounds float, ptr %1280, i64 %k82
-  %1302 = load float, ptr %1301, align 4
-  %1303 = insertelement <8 x float> poison, float %1302, i32 0
-  %1304 = shufflevector <8 x float> %1303, <8 x float> poison, <8 x i32> zeroinitializer
-  %1305 = load <8 x float>, ptr %acc0072, align 4
-  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> %1297, <8 x float> %1305)
-  store <8 x float> %1306, ptr %acc0072, align 4
-  %1307 = load <8 x float>, ptr %acc0173, align 4
-  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> %1300, <8 x float> %1307)
-  store <8 x float> %1308, ptr %acc0173, align 4
-  %1309 = getelementptr inbounds float, ptr %1286, i64 %k82
-  %1310 = load float, ptr %1309, align 4
-  %1311 = insertelement <8 x float> poison, float %1310, i32 0
-  %1312 = shufflevector <8 x float> %1311, <8 x float> poison, <8 x i32> zeroinitializer
-  %1313 = load <8 x float>, ptr %acc1074, align 4
-  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1297, <8 x float> %1313)
-  store <8 x float> %1314, ptr %acc1074, align 4
-  %1315 = load <8 x float>, ptr %acc1175, align 4
-  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1300, <8 x float> %1315)
-  store <8 x float> %1316, ptr %acc1175, align 4
-  %1317 = getelementptr inbounds float, ptr %1292, i64 %k82
-  %1318 = load float, ptr %1317, align 4
-  %1319 = insertelement <8 x float> poison, float %1318, i32 0
-  %1320 = shufflevector <8 x float> %1319, <8 x float> poison, <8 x i32> zeroinitializer
-  %1321 = load <8 x float>, ptr %acc2076, align 4
-  %1322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1297, <8 x float> %1321)
-  store <8 x float> %1322, ptr %acc2076, align 4
-  %1323 = load <8 x float>, ptr %acc2177, align 4
-  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1300, <8 x float> %1323)
-  store <8 x float> %1324, ptr %acc2177, align 4
-  %1325 = add nsw i64 %k82, 1
-  br label %k.head79
+k.body83:                                         ; preds = %k.head82
+  %1322 = mul nsw i64 %k85, 16
+  %1323 = add nsw i64 %panel.off80, %1322
+  %1324 = mul nsw i64 %k85, 64
+  %1325 = getelementptr inbounds i8, ptr %pf81, i64 %1324
+  call void @llvm.prefetch.p0(ptr %1325, i32 0, i32 2, i32 1)
+  %1326 = getelementptr inbounds float, ptr %panels, i64 %1323
+  %1327 = load <8 x float>, ptr %1326, align 4
+  %1328 = add nsw i64 %1323, 8
+  %1329 = getelementptr inbounds float, ptr %panels, i64 %1328
+  %1330 = load <8 x float>, ptr %1329, align 4
+  %1331 = getelementptr inbounds float, ptr %1303, i64 %k85
+  %1332 = load float, ptr %1331, align 4
+  %1333 = insertelement <8 x float> poison, float %1332, i32 0
+  %1334 = shufflevector <8 x float> %1333, <8 x float> poison, <8 x i32> zeroinitializer
+  %1335 = load <8 x float>, ptr %acc0074, align 4
+  %1336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1334, <8 x float> %1327, <8 x float> %1335)
+  store <8 x float> %1336, ptr %acc0074, align 4
+  %1337 = load <8 x float>, ptr %acc0175, align 4
+  %1338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1334, <8 x float> %1330, <8 x float> %1337)
+  store <8 x float> %1338, ptr %acc0175, align 4
+  %1339 = getelementptr inbounds float, ptr %1309, i64 %k85
+  %1340 = load float, ptr %1339, align 4
+  %1341 = insertelement <8 x float> poison, float %1340, i32 0
+  %1342 = shufflevector <8 x float> %1341, <8 x float> poison, <8 x i32> zeroinitializer
+  %1343 = load <8 x float>, ptr %acc1076, align 4
+  %1344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1342, <8 x float> %1327, <8 x float> %1343)
+  store <8 x float> %1344, ptr %acc1076, align 4
+  %1345 = load <8 x float>, ptr %acc1177, align 4
+  %1346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1342, <8 x float> %1330, <8 x float> %1345)
+  store <8 x float> %1346, ptr %acc1177, align 4
+  %1347 = getelementptr inbounds float, ptr %1315, i64 %k85
+  %1348 = load float, ptr %1347, align 4
+  %1349 = insertelement <8 x float> poison, float %1348, i32 0
+  %1350 = shufflevector <8 x float> %1349, <8 x float> poison, <8 x i32> zeroinitializer
+  %1351 = load <8 x float>, ptr %acc2078, align 4
+  %1352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %1327, <8 x float> %1351)
+  store <8 x float> %1352, ptr %acc2078, align 4
+  %1353 = load <8 x float>, ptr %acc2179, align 4
+  %1354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %1330, <8 x float> %1353)
+  store <8 x float> %1354, ptr %acc2179, align 4
+  %1355 = add nsw i64 %k85, 1
+  br label %k.head82
 
-k.end81:                                          ; preds = %k.head79
-  %1326 = add nsw i64 %r0, 0
-  %1327 = getelementptr inbounds float, ptr %rw, i64 %1326
-  %1328 = load float, ptr %1327, align 4
-  %1329 = insertelement <8 x float> poison, float %1328, i32 0
-  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
-  %1331 = mul nsw i64 %1326, 3072
-  %1332 = getelementptr inbounds float, ptr %h, i64 %1331
-  %col83 = mul nsw i64 %p, 16
-  %1333 = load <8 x float>, ptr %acc0072, align 4
-  %1334 = load <8 x float>, ptr %acc0173, align 4
-  %1335 = add nsw i64 %col83, 0
-  %1336 = fmul <8 x float> %1333, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1337 = extractelement <8 x float> %1336, i32 0
-  %1338 = call float @erff(float %1337)
-  %1339 = insertelement <8 x float> poison, float %1338, i32 0
-  %1340 = extractelement <8 x float> %1336, i32 1
-  %1341 = call float @erff(float %1340)
-  %1342 = insertelement <8 x float> %1339, float %1341, i32 1
-  %1343 = extractelement <8 x float> %1336, i32 2
-  %1344 = call float @erff(float %1343)
-  %1345 = insertelement <8 x float> %1342, float %1344, i32 2
-  %1346 = extractelement <8 x float> %1336, i32 3
-  %1347 = call float @erff(float %1346)
-  %1348 = insertelement <8 x float> %1345, float %1347, i32 3
-  %1349 = extractelement <8 x float> %1336, i32 4
-  %1350 = call float @erff(float %1349)
-  %1351 = insertelement <8 x float> %1348, float %1350, i32 4
-  %1352 = extractelement <8 x float> %1336, i32 5
-  %1353 = call float @erff(float %1352)
-  %1354 = insertelement <8 x float> %1351, float %1353, i32 5
-  %1355 = extractelement <8 x float> %1336, i32 6
-  %1356 = call float @erff(float %1355)
-  %1357 = insertelement <8 x float> %1354, float %1356, i32 6
-  %1358 = extractelement <8 x float> %1336, i32 7
-  %1359 = call float @erff(float %1358)
-  %1360 = insertelement <8 x float> %1357, float %1359, i32 7
-  %1361 = fadd <8 x float> %1360, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1362 = fmul <8 x float> %1333, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu84 = fmul <8 x float> %1362, %1361
-  %1363 = fmul <8 x float> %gelu84, %1330
-  %1364 = getelementptr inbounds float, ptr %1332, i64 %1335
-  store <8 x float> %1363, ptr %1364, align 4
-  %1365 = add nsw i64 %col83, 8
-  %1366 = fmul <8 x float> %1334, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+k.end84:                                          ; preds = %k.head82
+  %1356 = add nsw i64 %r0, 0
+  %1357 = getelementptr inbounds float, ptr %rw, i64 %1356
+  %1358 = load float, ptr %1357, align 4
+  %1359 = insertelement <8 x float> poison, float %1358, i32 0
+  %1360 = shufflevector <8 x float> %1359, <8 x float> poison, <8 x i32> zeroinitializer
+  %1361 = mul nsw i64 %1356, 3072
+  %1362 = getelementptr inbounds float, ptr %h, i64 %1361
+  %col86 = mul nsw i64 %p, 16
+  %1363 = load <8 x float>, ptr %acc0074, align 4
+  %1364 = load <8 x float>, ptr %acc0175, align 4
+  %1365 = add nsw i64 %col86, 0
+  %1366 = fmul <8 x float> %1363, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1367 = extractelement <8 x float> %1366, i32 0
   %1368 = call float @erff(float %1367)
   %1369 = insertelement <8 x float> poison, float %1368, i32 0
@@ -2570,55 +2577,55 @@ k.end81:                                          ; preds = %k.head79
   %1389 = call float @erff(float %1388)
   %1390 = insertelement <8 x float> %1387, float %1389, i32 7
   %1391 = fadd <8 x float> %1390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1392 = fmul <8 x float> %1334, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu85 = fmul <8 x float> %1392, %1391
-  %1393 = fmul <8 x float> %gelu85, %1330
-  %1394 = getelementptr inbounds float, ptr %1332, i64 %1365
+  %1392 = fmul <8 x float> %1363, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu87 = fmul <8 x float> %1392, %1391
+  %1393 = fmul <8 x float> %gelu87, %1360
+  %1394 = getelementptr inbounds float, ptr %1362, i64 %1365
   store <8 x float> %1393, ptr %1394, align 4
-  %1395 = add nsw i64 %r0, 1
-  %1396 = getelementptr inbounds float, ptr %rw, i64 %1395
-  %1397 = load float, ptr %1396, align 4
-  %1398 = insertelement <8 x float> poison, float %1397, i32 0
-  %1399 = shufflevector <8 x float> %1398, <8 x float> poison, <8 x i32> zeroinitializer
-  %1400 = mul nsw i64 %1395, 3072
-  %1401 = getelementptr inbounds float, ptr %h, i64 %1400
-  %col86 = mul nsw i64 %p, 16
-  %1402 = load <8 x float>, ptr %acc1074, align 4
-  %1403 = load <8 x float>, ptr %acc1175, align 4
-  %1404 = add nsw i64 %col86, 0
-  %1405 = fmul <8 x float> %1402, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1406 = extractelement <8 x float> %1405, i32 0
+  %1395 = add nsw i64 %col86, 8
+  %1396 = fmul <8 x float> %1364, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1397 = extractelement <8 x float> %1396, i32 0
+  %1398 = call float @erff(float %1397)
+  %1399 = insertelement <8 x float> poison, float %1398, i32 0
+  %1400 = extractelement <8 x float> %1396, i32 1
+  %1401 = call float @erff(float %1400)
+  %1402 = insertelement <8 x float> %1399, float %1401, i32 1
+  %1403 = extractelement <8 x float> %1396, i32 2
+  %1404 = call float @erff(float %1403)
+  %1405 = insertelement <8 x float> %1402, float %1404, i32 2
+  %1406 = extractelement <8 x float> %1396, i32 3
   %1407 = call float @erff(float %1406)
-  %1408 = insertelement <8 x float> poison, float %1407, i32 0
-  %1409 = extractelement <8 x float> %1405, i32 1
+  %1408 = insertelement <8 x float> %1405, float %1407, i32 3
+  %1409 = extractelement <8 x float> %1396, i32 4
   %1410 = call float @erff(float %1409)
-  %1411 = insertelement <8 x float> %1408, float %1410, i32 1
-  %1412 = extractelement <8 x float> %1405, i32 2
+  %1411 = insertelement <8 x float> %1408, float %1410, i32 4
+  %1412 = extractelement <8 x float> %1396, i32 5
   %1413 = call float @erff(float %1412)
-  %1414 = insertelement <8 x float> %1411, float %1413, i32 2
-  %1415 = extractelement <8 x float> %1405, i32 3
+  %1414 = insertelement <8 x float> %1411, float %1413, i32 5
+  %1415 = extractelement <8 x float> %1396, i32 6
   %1416 = call float @erff(float %1415)
-  %1417 = insertelement <8 x float> %1414, float %1416, i32 3
-  %1418 = extractelement <8 x float> %1405, i32 4
+  %1417 = insertelement <8 x float> %1414, float %1416, i32 6
+  %1418 = extractelement <8 x float> %1396, i32 7
   %1419 = call float @erff(float %1418)
-  %1420 = insertelement <8 x float> %1417, float %1419, i32 4
-  %1421 = extractelement <8 x float> %1405, i32 5
-  %1422 = call float @erff(float %1421)
-  %1423 = insertelement <8 x float> %1420, float %1422, i32 5
-  %1424 = extractelement <8 x float> %1405, i32 6
-  %1425 = call float @erff(float %1424)
-  %1426 = insertelement <8 x float> %1423, float %1425, i32 6
-  %1427 = extractelement <8 x float> %1405, i32 7
-  %1428 = call float @erff(float %1427)
-  %1429 = insertelement <8 x float> %1426, float %1428, i32 7
-  %1430 = fadd <8 x float> %1429, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1431 = fmul <8 x float> %1402, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu87 = fmul <8 x float> %1431, %1430
-  %1432 = fmul <8 x float> %gelu87, %1399
-  %1433 = getelementptr inbounds float, ptr %1401, i64 %1404
-  store <8 x float> %1432, ptr %1433, align 4
-  %1434 = add nsw i64 %col86, 8
-  %1435 = fmul <8 x float> %1403, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1420 = insertelement <8 x float> %1417, float %1419, i32 7
+  %1421 = fadd <8 x float> %1420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1422 = fmul <8 x float> %1364, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu88 = fmul <8 x float> %1422, %1421
+  %1423 = fmul <8 x float> %gelu88, %1360
+  %1424 = getelementptr inbounds float, ptr %1362, i64 %1395
+  store <8 x float> %1423, ptr %1424, align 4
+  %1425 = add nsw i64 %r0, 1
+  %1426 = getelementptr inbounds float, ptr %rw, i64 %1425
+  %1427 = load float, ptr %1426, align 4
+  %1428 = insertelement <8 x float> poison, float %1427, i32 0
+  %1429 = shufflevector <8 x float> %1428, <8 x float> poison, <8 x i32> zeroinitializer
+  %1430 = mul nsw i64 %1425, 3072
+  %1431 = getelementptr inbounds float, ptr %h, i64 %1430
+  %col89 = mul nsw i64 %p, 16
+  %1432 = load <8 x float>, ptr %acc1076, align 4
+  %1433 = load <8 x float>, ptr %acc1177, align 4
+  %1434 = add nsw i64 %col89, 0
+  %1435 = fmul <8 x float> %1432, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1436 = extractelement <8 x float> %1435, i32 0
   %1437 = call float @erff(float %1436)
   %1438 = insertelement <8 x float> poison, float %1437, i32 0
@@ -2644,55 +2651,55 @@ k.end81:                                          ; preds = %k.head79
   %1458 = call float @erff(float %1457)
   %1459 = insertelement <8 x float> %1456, float %1458, i32 7
   %1460 = fadd <8 x float> %1459, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1461 = fmul <8 x float> %1403, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu88 = fmul <8 x float> %1461, %1460
-  %1462 = fmul <8 x float> %gelu88, %1399
-  %1463 = getelementptr inbounds float, ptr %1401, i64 %1434
+  %1461 = fmul <8 x float> %1432, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu90 = fmul <8 x float> %1461, %1460
+  %1462 = fmul <8 x float> %gelu90, %1429
+  %1463 = getelementptr inbounds float, ptr %1431, i64 %1434
   store <8 x float> %1462, ptr %1463, align 4
-  %1464 = add nsw i64 %r0, 2
-  %1465 = getelementptr inbounds float, ptr %rw, i64 %1464
-  %1466 = load float, ptr %1465, align 4
-  %1467 = insertelement <8 x float> poison, float %1466, i32 0
-  %1468 = shufflevector <8 x float> %1467, <8 x float> poison, <8 x i32> zeroinitializer
-  %1469 = mul nsw i64 %1464, 3072
-  %1470 = getelementptr inbounds float, ptr %h, i64 %1469
-  %col89 = mul nsw i64 %p, 16
-  %1471 = load <8 x float>, ptr %acc2076, align 4
-  %1472 = load <8 x float>, ptr %acc2177, align 4
-  %1473 = add nsw i64 %col89, 0
-  %1474 = fmul <8 x float> %1471, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1475 = extractelement <8 x float> %1474, i32 0
+  %1464 = add nsw i64 %col89, 8
+  %1465 = fmul <8 x float> %1433, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1466 = extractelement <8 x float> %1465, i32 0
+  %1467 = call float @erff(float %1466)
+  %1468 = insertelement <8 x float> poison, float %1467, i32 0
+  %1469 = extractelement <8 x float> %1465, i32 1
+  %1470 = call float @erff(float %1469)
+  %1471 = insertelement <8 x float> %1468, float %1470, i32 1
+  %1472 = extractelement <8 x float> %1465, i32 2
+  %1473 = call float @erff(float %1472)
+  %1474 = insertelement <8 x float> %1471, float %1473, i32 2
+  %1475 = extractelement <8 x float> %1465, i32 3
   %1476 = call float @erff(float %1475)
-  %1477 = insertelement <8 x float> poison, float %1476, i32 0
-  %1478 = extractelement <8 x float> %1474, i32 1
+  %1477 = insertelement <8 x float> %1474, float %1476, i32 3
+  %1478 = extractelement <8 x float> %1465, i32 4
   %1479 = call float @erff(float %1478)
-  %1480 = insertelement <8 x float> %1477, float %1479, i32 1
-  %1481 = extractelement <8 x float> %1474, i32 2
+  %1480 = insertelement <8 x float> %1477, float %1479, i32 4
+  %1481 = extractelement <8 x float> %1465, i32 5
   %1482 = call float @erff(float %1481)
-  %1483 = insertelement <8 x float> %1480, float %1482, i32 2
-  %1484 = extractelement <8 x float> %1474, i32 3
+  %1483 = insertelement <8 x float> %1480, float %1482, i32 5
+  %1484 = extractelement <8 x float> %1465, i32 6
   %1485 = call float @erff(float %1484)
-  %1486 = insertelement <8 x float> %1483, float %1485, i32 3
-  %1487 = extractelement <8 x float> %1474, i32 4
+  %1486 = insertelement <8 x float> %1483, float %1485, i32 6
+  %1487 = extractelement <8 x float> %1465, i32 7
   %1488 = call float @erff(float %1487)
-  %1489 = insertelement <8 x float> %1486, float %1488, i32 4
-  %1490 = extractelement <8 x float> %1474, i32 5
-  %1491 = call float @erff(float %1490)
-  %1492 = insertelement <8 x float> %1489, float %1491, i32 5
-  %1493 = extractelement <8 x float> %1474, i32 6
-  %1494 = call float @erff(float %1493)
-  %1495 = insertelement <8 x float> %1492, float %1494, i32 6
-  %1496 = extractelement <8 x float> %1474, i32 7
-  %1497 = call float @erff(float %1496)
-  %1498 = insertelement <8 x float> %1495, float %1497, i32 7
-  %1499 = fadd <8 x float> %1498, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1500 = fmul <8 x float> %1471, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu90 = fmul <8 x float> %1500, %1499
-  %1501 = fmul <8 x float> %gelu90, %1468
-  %1502 = getelementptr inbounds float, ptr %1470, i64 %1473
-  store <8 x float> %1501, ptr %1502, align 4
-  %1503 = add nsw i64 %col89, 8
-  %1504 = fmul <8 x float> %1472, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1489 = insertelement <8 x float> %1486, float %1488, i32 7
+  %1490 = fadd <8 x float> %1489, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1491 = fmul <8 x float> %1433, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu91 = fmul <8 x float> %1491, %1490
+  %1492 = fmul <8 x float> %gelu91, %1429
+  %1493 = getelementptr inbounds float, ptr %1431, i64 %1464
+  store <8 x float> %1492, ptr %1493, align 4
+  %1494 = add nsw i64 %r0, 2
+  %1495 = getelementptr inbounds float, ptr %rw, i64 %1494
+  %1496 = load float, ptr %1495, align 4
+  %1497 = insertelement <8 x float> poison, float %1496, i32 0
+  %1498 = shufflevector <8 x float> %1497, <8 x float> poison, <8 x i32> zeroinitializer
+  %1499 = mul nsw i64 %1494, 3072
+  %1500 = getelementptr inbounds float, ptr %h, i64 %1499
+  %col92 = mul nsw i64 %p, 16
+  %1501 = load <8 x float>, ptr %acc2078, align 4
+  %1502 = load <8 x float>, ptr %acc2179, align 4
+  %1503 = add nsw i64 %col92, 0
+  %1504 = fmul <8 x float> %1501, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1505 = extractelement <8 x float> %1504, i32 0
   %1506 = call float @erff(float %1505)
   %1507 = insertelement <8 x float> poison, float %1506, i32 0
@@ -2718,349 +2725,402 @@ k.end81:                                          ; preds = %k.head79
   %1527 = call float @erff(float %1526)
   %1528 = insertelement <8 x float> %1525, float %1527, i32 7
   %1529 = fadd <8 x float> %1528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1530 = fmul <8 x float> %1472, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu91 = fmul <8 x float> %1530, %1529
-  %1531 = fmul <8 x float> %gelu91, %1468
-  %1532 = getelementptr inbounds float, ptr %1470, i64 %1503
+  %1530 = fmul <8 x float> %1501, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu93 = fmul <8 x float> %1530, %1529
+  %1531 = fmul <8 x float> %gelu93, %1498
+  %1532 = getelementptr inbounds float, ptr %1500, i64 %1503
   store <8 x float> %1531, ptr %1532, align 4
+  %1533 = add nsw i64 %col92, 8
+  %1534 = fmul <8 x float> %1502, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1535 = extractelement <8 x float> %1534, i32 0
+  %1536 = call float @erff(float %1535)
+  %1537 = insertelement <8 x float> poison, float %1536, i32 0
+  %1538 = extractelement <8 x float> %1534, i32 1
+  %1539 = call float @erff(float %1538)
+  %1540 = insertelement <8 x float> %1537, float %1539, i32 1
+  %1541 = extractelement <8 x float> %1534, i32 2
+  %1542 = call float @erff(float %1541)
+  %1543 = insertelement <8 x float> %1540, float %1542, i32 2
+  %1544 = extractelement <8 x float> %1534, i32 3
+  %1545 = call float @erff(float %1544)
+  %1546 = insertelement <8 x float> %1543, float %1545, i32 3
+  %1547 = extractelement <8 x float> %1534, i32 4
+  %1548 = call float @erff(float %1547)
+  %1549 = insertelement <8 x float> %1546, float %1548, i32 4
+  %1550 = extractelement <8 x float> %1534, i32 5
+  %1551 = call float @erff(float %1550)
+  %1552 = insertelement <8 x float> %1549, float %1551, i32 5
+  %1553 = extractelement <8 x float> %1534, i32 6
+  %1554 = call float @erff(float %1553)
+  %1555 = insertelement <8 x float> %1552, float %1554, i32 6
+  %1556 = extractelement <8 x float> %1534, i32 7
+  %1557 = call float @erff(float %1556)
+  %1558 = insertelement <8 x float> %1555, float %1557, i32 7
+  %1559 = fadd <8 x float> %1558, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1560 = fmul <8 x float> %1502, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu94 = fmul <8 x float> %1560, %1559
+  %1561 = fmul <8 x float> %gelu94, %1498
+  %1562 = getelementptr inbounds float, ptr %1500, i64 %1533
+  store <8 x float> %1561, ptr %1562, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1533 = add nsw i64 %r0, 0
-  %1534 = getelementptr inbounds i32, ptr %rows, i64 %1533
-  %1535 = load i32, ptr %1534, align 4
-  %1536 = sext i32 %1535 to i64
-  %1537 = mul nsw i64 %1536, 768
-  %1538 = getelementptr inbounds float, ptr %x, i64 %1537
-  store <8 x float> zeroinitializer, ptr %acc0092, align 4
-  store <8 x float> zeroinitializer, ptr %acc0193, align 4
-  %1539 = add nsw i64 %r0, 1
-  %1540 = getelementptr inbounds i32, ptr %rows, i64 %1539
-  %1541 = load i32, ptr %1540, align 4
-  %1542 = sext i32 %1541 to i64
-  %1543 = mul nsw i64 %1542, 768
-  %1544 = getelementptr inbounds float, ptr %x, i64 %1543
-  store <8 x float> zeroinitializer, ptr %acc1094, align 4
-  store <8 x float> zeroinitializer, ptr %acc1195, align 4
-  %panel.off96 = mul nsw i64 %p, 12288
-  br label %k.head97
+  %1563 = add nsw i64 %r0, 0
+  %1564 = getelementptr inbounds i32, ptr %rows, i64 %1563
+  %1565 = load i32, ptr %1564, align 4
+  %1566 = sext i32 %1565 to i64
+  %1567 = mul nsw i64 %1566, 768
+  %1568 = getelementptr inbounds float, ptr %x, i64 %1567
+  store <8 x float> zeroinitializer, ptr %acc0095, align 4
+  store <8 x float> zeroinitializer, ptr %acc0196, align 4
+  %1569 = add nsw i64 %r0, 1
+  %1570 = getelementptr inbounds i32, ptr %rows, i64 %1569
+  %1571 = load i32, ptr %1570, align 4
+  %1572 = sext i32 %1571 to i64
+  %1573 = mul nsw i64 %1572, 768
+  %1574 = getelementptr inbounds float, ptr %x, i64 %1573
+  store <8 x float> zeroinitializer, ptr %acc1097, align 4
+  store <8 x float> zeroinitializer, ptr %acc1198, align 4
+  %panel.off99 = mul nsw i64 %p, 12288
+  %1575 = getelementptr inbounds float, ptr %panels, i64 %panel.off99
+  %1576 = add nsw i64 %p, 1
+  %1577 = icmp slt i64 %1576, %p1
+  %1578 = getelementptr inbounds i8, ptr %1575, i64 49152
+  %1579 = and i1 %pf.on, %1577
+  %pf100 = select i1 %1579, ptr %1578, ptr %1575
+  br label %k.head101
 
-k.head97:                                         ; preds = %k.body98, %tile.mr2
-  %k100 = phi i64 [ 0, %tile.mr2 ], [ %1569, %k.body98 ]
-  %1545 = icmp slt i64 %k100, 768
-  br i1 %1545, label %k.body98, label %k.end99
+k.head101:                                        ; preds = %k.body102, %tile.mr2
+  %k104 = phi i64 [ 0, %tile.mr2 ], [ %1606, %k.body102 ]
+  %1580 = icmp slt i64 %k104, 768
+  br i1 %1580, label %k.body102, label %k.end103
 
-k.body98:                                         ; preds = %k.head97
-  %1546 = mul nsw i64 %k100, 16
-  %1547 = add nsw i64 %panel.off96, %1546
-  %1548 = getelementptr inbounds float, ptr %panels, i64 %1547
-  %1549 = load <8 x float>, ptr %1548, align 4
-  %1550 = add nsw i64 %1547, 8
-  %1551 = getelementptr inbounds float, ptr %panels, i64 %1550
-  %1552 = load <8 x float>, ptr %1551, align 4
-  %1553 = getelementptr inbounds float, ptr %1538, i64 %k100
-  %1554 = load float, ptr %1553, align 4
-  %1555 = insertelement <8 x float> poison, float %1554, i32 0
-  %1556 = shufflevector <8 x float> %1555, <8 x float> poison, <8 x i32> zeroinitializer
-  %1557 = load <8 x float>, ptr %acc0092, align 4
-  %1558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1556, <8 x float> %1549, <8 x float> %1557)
-  store <8 x float> %1558, ptr %acc0092, align 4
-  %1559 = load <8 x float>, ptr %acc0193, align 4
-  %1560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1556, <8 x float> %1552, <8 x float> %1559)
-  store <8 x float> %1560, ptr %acc0193, align 4
-  %1561 = getelementptr inbounds float, ptr %1544, i64 %k100
-  %1562 = load float, ptr %1561, align 4
-  %1563 = insertelement <8 x float> poison, float %1562, i32 0
-  %1564 = shufflevector <8 x float> %1563, <8 x float> poison, <8 x i32> zeroinitializer
-  %1565 = load <8 x float>, ptr %acc1094, align 4
-  %1566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1564, <8 x float> %1549, <8 x float> %1565)
-  store <8 x float> %1566, ptr %acc1094, align 4
-  %1567 = load <8 x float>, ptr %acc1195, align 4
-  %1568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1564, <8 x float> %1552, <8 x float> %1567)
-  store <8 x float> %1568, ptr %acc1195, align 4
-  %1569 = add nsw i64 %k100, 1
-  br label %k.head97
+k.body102:                                        ; preds = %k.head101
+  %1581 = mul nsw i64 %k104, 16
+  %1582 = add nsw i64 %panel.off99, %1581
+  %1583 = mul nsw i64 %k104, 64
+  %1584 = getelementptr inbounds i8, ptr %pf100, i64 %1583
+  call void @llvm.prefetch.p0(ptr %1584, i32 0, i32 2, i32 1)
+  %1585 = getelementptr inbounds float, ptr %panels, i64 %1582
+  %1586 = load <8 x float>, ptr %1585, align 4
+  %1587 = add nsw i64 %1582, 8
+  %1588 = getelementptr inbounds float, ptr %panels, i64 %1587
+  %1589 = load <8 x float>, ptr %1588, align 4
+  %1590 = getelementptr inbounds float, ptr %1568, i64 %k104
+  %1591 = load float, ptr %1590, align 4
+  %1592 = insertelement <8 x float> poison, float %1591, i32 0
+  %1593 = shufflevector <8 x float> %1592, <8 x float> poison, <8 x i32> zeroinitializer
+  %1594 = load <8 x float>, ptr %acc0095, align 4
+  %1595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1593, <8 x float> %1586, <8 x float> %1594)
+  store <8 x float> %1595, ptr %acc0095, align 4
+  %1596 = load <8 x float>, ptr %acc0196, align 4
+  %1597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1593, <8 x float> %1589, <8 x float> %1596)
+  store <8 x float> %1597, ptr %acc0196, align 4
+  %1598 = getelementptr inbounds float, ptr %1574, i64 %k104
+  %1599 = load float, ptr %1598, align 4
+  %1600 = insertelement <8 x float> poison, float %1599, i32 0
+  %1601 = shufflevector <8 x float> %1600, <8 x float> poison, <8 x i32> zeroinitializer
+  %1602 = load <8 x float>, ptr %acc1097, align 4
+  %1603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1601, <8 x float> %1586, <8 x float> %1602)
+  store <8 x float> %1603, ptr %acc1097, align 4
+  %1604 = load <8 x float>, ptr %acc1198, align 4
+  %1605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1601, <8 x float> %1589, <8 x float> %1604)
+  store <8 x float> %1605, ptr %acc1198, align 4
+  %1606 = add nsw i64 %k104, 1
+  br label %k.head101
 
-k.end99:                                          ; preds = %k.head97
-  %1570 = add nsw i64 %r0, 0
-  %1571 = getelementptr inbounds float, ptr %rw, i64 %1570
-  %1572 = load float, ptr %1571, align 4
-  %1573 = insertelement <8 x float> poison, float %1572, i32 0
-  %1574 = shufflevector <8 x float> %1573, <8 x float> poison, <8 x i32> zeroinitializer
-  %1575 = mul nsw i64 %1570, 3072
-  %1576 = getelementptr inbounds float, ptr %h, i64 %1575
-  %col101 = mul nsw i64 %p, 16
-  %1577 = load <8 x float>, ptr %acc0092, align 4
-  %1578 = load <8 x float>, ptr %acc0193, align 4
-  %1579 = add nsw i64 %col101, 0
-  %1580 = fmul <8 x float> %1577, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1581 = extractelement <8 x float> %1580, i32 0
-  %1582 = call float @erff(float %1581)
-  %1583 = insertelement <8 x float> poison, float %1582, i32 0
-  %1584 = extractelement <8 x float> %1580, i32 1
-  %1585 = call float @erff(float %1584)
-  %1586 = insertelement <8 x float> %1583, float %1585, i32 1
-  %1587 = extractelement <8 x float> %1580, i32 2
-  %1588 = call float @erff(float %1587)
-  %1589 = insertelement <8 x float> %1586, float %1588, i32 2
-  %1590 = extractelement <8 x float> %1580, i32 3
-  %1591 = call float @erff(float %1590)
-  %1592 = insertelement <8 x float> %1589, float %1591, i32 3
-  %1593 = extractelement <8 x float> %1580, i32 4
-  %1594 = call float @erff(float %1593)
-  %1595 = insertelement <8 x float> %1592, float %1594, i32 4
-  %1596 = extractelement <8 x float> %1580, i32 5
-  %1597 = call float @erff(float %1596)
-  %1598 = insertelement <8 x float> %1595, float %1597, i32 5
-  %1599 = extractelement <8 x float> %1580, i32 6
-  %1600 = call float @erff(float %1599)
-  %1601 = insertelement <8 x float> %1598, float %1600, i32 6
-  %1602 = extractelement <8 x float> %1580, i32 7
-  %1603 = call float @erff(float %1602)
-  %1604 = insertelement <8 x float> %1601, float %1603, i32 7
-  %1605 = fadd <8 x float> %1604, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1606 = fmul <8 x float> %1577, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu102 = fmul <8 x float> %1606, %1605
-  %1607 = fmul <8 x float> %gelu102, %1574
-  %1608 = getelementptr inbounds float, ptr %1576, i64 %1579
-  store <8 x float> %1607, ptr %1608, align 4
-  %1609 = add nsw i64 %col101, 8
-  %1610 = fmul <8 x float> %1578, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1611 = extractelement <8 x float> %1610, i32 0
-  %1612 = call float @erff(float %1611)
-  %1613 = insertelement <8 x float> poison, float %1612, i32 0
-  %1614 = extractelement <8 x float> %1610, i32 1
-  %1615 = call float @erff(float %1614)
-  %1616 = insertelement <8 x float> %1613, float %1615, i32 1
-  %1617 = extractelement <8 x float> %1610, i32 2
-  %1618 = call float @erff(float %1617)
-  %1619 = insertelement <8 x float> %1616, float %1618, i32 2
-  %1620 = extractelement <8 x float> %1610, i32 3
-  %1621 = call float @erff(float %1620)
-  %1622 = insertelement <8 x float> %1619, float %1621, i32 3
-  %1623 = extractelement <8 x float> %1610, i32 4
-  %1624 = call float @erff(float %1623)
-  %1625 = insertelement <8 x float> %1622, float %1624, i32 4
-  %1626 = extractelement <8 x float> %1610, i32 5
-  %1627 = call float @erff(float %1626)
-  %1628 = insertelement <8 x float> %1625, float %1627, i32 5
-  %1629 = extractelement <8 x float> %1610, i32 6
-  %1630 = call float @erff(float %1629)
-  %1631 = insertelement <8 x float> %1628, float %1630, i32 6
-  %1632 = extractelement <8 x float> %1610, i32 7
-  %1633 = call float @erff(float %1632)
-  %1634 = insertelement <8 x float> %1631, float %1633, i32 7
-  %1635 = fadd <8 x float> %1634, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1636 = fmul <8 x float> %1578, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu103 = fmul <8 x float> %1636, %1635
-  %1637 = fmul <8 x float> %gelu103, %1574
-  %1638 = getelementptr inbounds float, ptr %1576, i64 %1609
-  store <8 x float> %1637, ptr %1638, align 4
-  %1639 = add nsw i64 %r0, 1
-  %1640 = getelementptr inbounds float, ptr %rw, i64 %1639
-  %1641 = load float, ptr %1640, align 4
-  %1642 = insertelement <8 x float> poison, float %1641, i32 0
-  %1643 = shufflevector <8 x float> %1642, <8 x float> poison, <8 x i32> zeroinitializer
-  %1644 = mul nsw i64 %1639, 3072
-  %1645 = getelementptr inbounds float, ptr %h, i64 %1644
-  %col104 = mul nsw i64 %p, 16
-  %1646 = load <8 x float>, ptr %acc1094, align 4
-  %1647 = load <8 x float>, ptr %acc1195, align 4
-  %1648 = add nsw i64 %col104, 0
-  %1649 = fmul <8 x float> %1646, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1650 = extractelement <8 x float> %1649, i32 0
-  %1651 = call float @erff(float %1650)
-  %1652 = insertelement <8 x float> poison, float %1651, i32 0
-  %1653 = extractelement <8 x float> %1649, i32 1
-  %1654 = call float @erff(float %1653)
-  %1655 = insertelement <8 x float> %1652, float %1654, i32 1
-  %1656 = extractelement <8 x float> %1649, i32 2
-  %1657 = call float @erff(float %1656)
-  %1658 = insertelement <8 x float> %1655, float %1657, i32 2
-  %1659 = extractelement <8 x float> %1649, i32 3
-  %1660 = call float @erff(float %1659)
-  %1661 = insertelement <8 x float> %1658, float %1660, i32 3
-  %1662 = extractelement <8 x float> %1649, i32 4
-  %1663 = call float @erff(float %1662)
-  %1664 = insertelement <8 x float> %1661, float %1663, i32 4
-  %1665 = extractelement <8 x float> %1649, i32 5
-  %1666 = call float @erff(float %1665)
-  %1667 = insertelement <8 x float> %1664, float %1666, i32 5
-  %1668 = extractelement <8 x float> %1649, i32 6
-  %1669 = call float @erff(float %1668)
-  %1670 = insertelement <8 x float> %1667, float %1669, i32 6
-  %1671 = extractelement <8 x float> %1649, i32 7
-  %1672 = call float @erff(float %1671)
-  %1673 = insertelement <8 x float> %1670, float %1672, i32 7
-  %1674 = fadd <8 x float> %1673, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1675 = fmul <8 x float> %1646, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu105 = fmul <8 x float> %1675, %1674
-  %1676 = fmul <8 x float> %gelu105, %1643
-  %1677 = getelementptr inbounds float, ptr %1645, i64 %1648
-  store <8 x float> %1676, ptr %1677, align 4
-  %1678 = add nsw i64 %col104, 8
-  %1679 = fmul <8 x float> %1647, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1680 = extractelement <8 x float> %1679, i32 0
-  %1681 = call float @erff(float %1680)
-  %1682 = insertelement <8 x float> poison, float %1681, i32 0
-  %1683 = extractelement <8 x float> %1679, i32 1
-  %1684 = call float @erff(float %1683)
-  %1685 = insertelement <8 x float> %1682, float %1684, i32 1
-  %1686 = extractelement <8 x float> %1679, i32 2
-  %1687 = call float @erff(float %1686)
-  %1688 = insertelement <8 x float> %1685, float %1687, i32 2
-  %1689 = extractelement <8 x float> %1679, i32 3
-  %1690 = call float @erff(float %1689)
-  %1691 = insertelement <8 x float> %1688, float %1690, i32 3
-  %1692 = extractelement <8 x float> %1679, i32 4
-  %1693 = call float @erff(float %1692)
-  %1694 = insertelement <8 x float> %1691, float %1693, i32 4
-  %1695 = extractelement <8 x float> %1679, i32 5
-  %1696 = call float @erff(float %1695)
-  %1697 = insertelement <8 x float> %1694, float %1696, i32 5
-  %1698 = extractelement <8 x float> %1679, i32 6
-  %1699 = call float @erff(float %1698)
-  %1700 = insertelement <8 x float> %1697, float %1699, i32 6
-  %1701 = extractelement <8 x float> %1679, i32 7
-  %1702 = call float @erff(float %1701)
-  %1703 = insertelement <8 x float> %1700, float %1702, i32 7
-  %1704 = fadd <8 x float> %1703, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1705 = fmul <8 x float> %1647, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu106 = fmul <8 x float> %1705, %1704
-  %1706 = fmul <8 x float> %gelu106, %1643
-  %1707 = getelementptr inbounds float, ptr %1645, i64 %1678
-  store <8 x float> %1706, ptr %1707, align 4
+k.end103:                                         ; preds = %k.head101
+  %1607 = add nsw i64 %r0, 0
+  %1608 = getelementptr inbounds float, ptr %rw, i64 %1607
+  %1609 = load float, ptr %1608, align 4
+  %1610 = insertelement <8 x float> poison, float %1609, i32 0
+  %1611 = shufflevector <8 x float> %1610, <8 x float> poison, <8 x i32> zeroinitializer
+  %1612 = mul nsw i64 %1607, 3072
+  %1613 = getelementptr inbounds float, ptr %h, i64 %1612
+  %col105 = mul nsw i64 %p, 16
+  %1614 = load <8 x float>, ptr %acc0095, align 4
+  %1615 = load <8 x float>, ptr %acc0196, align 4
+  %1616 = add nsw i64 %col105, 0
+  %1617 = fmul <8 x float> %1614, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1618 = extractelement <8 x float> %1617, i32 0
+  %1619 = call float @erff(float %1618)
+  %1620 = insertelement <8 x float> poison, float %1619, i32 0
+  %1621 = extractelement <8 x float> %1617, i32 1
+  %1622 = call float @erff(float %1621)
+  %1623 = insertelement <8 x float> %1620, float %1622, i32 1
+  %1624 = extractelement <8 x float> %1617, i32 2
+  %1625 = call float @erff(float %1624)
+  %1626 = insertelement <8 x float> %1623, float %1625, i32 2
+  %1627 = extractelement <8 x float> %1617, i32 3
+  %1628 = call float @erff(float %1627)
+  %1629 = insertelement <8 x float> %1626, float %1628, i32 3
+  %1630 = extractelement <8 x float> %1617, i32 4
+  %1631 = call float @erff(float %1630)
+  %1632 = insertelement <8 x float> %1629, float %1631, i32 4
+  %1633 = extractelement <8 x float> %1617, i32 5
+  %1634 = call float @erff(float %1633)
+  %1635 = insertelement <8 x float> %1632, float %1634, i32 5
+  %1636 = extractelement <8 x float> %1617, i32 6
+  %1637 = call float @erff(float %1636)
+  %1638 = insertelement <8 x float> %1635, float %1637, i32 6
+  %1639 = extractelement <8 x float> %1617, i32 7
+  %1640 = call float @erff(float %1639)
+  %1641 = insertelement <8 x float> %1638, float %1640, i32 7
+  %1642 = fadd <8 x float> %1641, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1643 = fmul <8 x float> %1614, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu106 = fmul <8 x float> %1643, %1642
+  %1644 = fmul <8 x float> %gelu106, %1611
+  %1645 = getelementptr inbounds float, ptr %1613, i64 %1616
+  store <8 x float> %1644, ptr %1645, align 4
+  %1646 = add nsw i64 %col105, 8
+  %1647 = fmul <8 x float> %1615, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1648 = extractelement <8 x float> %1647, i32 0
+  %1649 = call float @erff(float %1648)
+  %1650 = insertelement <8 x float> poison, float %1649, i32 0
+  %1651 = extractelement <8 x float> %1647, i32 1
+  %1652 = call float @erff(float %1651)
+  %1653 = insertelement <8 x float> %1650, float %1652, i32 1
+  %1654 = extractelement <8 x float> %1647, i32 2
+  %1655 = call float @erff(float %1654)
+  %1656 = insertelement <8 x float> %1653, float %1655, i32 2
+  %1657 = extractelement <8 x float> %1647, i32 3
+  %1658 = call float @erff(float %1657)
+  %1659 = insertelement <8 x float> %1656, float %1658, i32 3
+  %1660 = extractelement <8 x float> %1647, i32 4
+  %1661 = call float @erff(float %1660)
+  %1662 = insertelement <8 x float> %1659, float %1661, i32 4
+  %1663 = extractelement <8 x float> %1647, i32 5
+  %1664 = call float @erff(float %1663)
+  %1665 = insertelement <8 x float> %1662, float %1664, i32 5
+  %1666 = extractelement <8 x float> %1647, i32 6
+  %1667 = call float @erff(float %1666)
+  %1668 = insertelement <8 x float> %1665, float %1667, i32 6
+  %1669 = extractelement <8 x float> %1647, i32 7
+  %1670 = call float @erff(float %1669)
+  %1671 = insertelement <8 x float> %1668, float %1670, i32 7
+  %1672 = fadd <8 x float> %1671, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1673 = fmul <8 x float> %1615, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu107 = fmul <8 x float> %1673, %1672
+  %1674 = fmul <8 x float> %gelu107, %1611
+  %1675 = getelementptr inbounds float, ptr %1613, i64 %1646
+  store <8 x float> %1674, ptr %1675, align 4
+  %1676 = add nsw i64 %r0, 1
+  %1677 = getelementptr inbounds float, ptr %rw, i64 %1676
+  %1678 = load float, ptr %1677, align 4
+  %1679 = insertelement <8 x float> poison, float %1678, i32 0
+  %1680 = shufflevector <8 x float> %1679, <8 x float> poison, <8 x i32> zeroinitializer
+  %1681 = mul nsw i64 %1676, 3072
+  %1682 = getelementptr inbounds float, ptr %h, i64 %1681
+  %col108 = mul nsw i64 %p, 16
+  %1683 = load <8 x float>, ptr %acc1097, align 4
+  %1684 = load <8 x float>, ptr %acc1198, align 4
+  %1685 = add nsw i64 %col108, 0
+  %1686 = fmul <8 x float> %1683, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1687 = extractelement <8 x float> %1686, i32 0
+  %1688 = call float @erff(float %1687)
+  %1689 = insertelement <8 x float> poison, float %1688, i32 0
+  %1690 = extractelement <8 x float> %1686, i32 1
+  %1691 = call float @erff(float %1690)
+  %1692 = insertelement <8 x float> %1689, float %1691, i32 1
+  %1693 = extractelement <8 x float> %1686, i32 2
+  %1694 = call float @erff(float %1693)
+  %1695 = insertelement <8 x float> %1692, float %1694, i32 2
+  %1696 = extractelement <8 x float> %1686, i32 3
+  %1697 = call float @erff(float %1696)
+  %1698 = insertelement <8 x float> %1695, float %1697, i32 3
+  %1699 = extractelement <8 x float> %1686, i32 4
+  %1700 = call float @erff(float %1699)
+  %1701 = insertelement <8 x float> %1698, float %1700, i32 4
+  %1702 = extractelement <8 x float> %1686, i32 5
+  %1703 = call float @erff(float %1702)
+  %1704 = insertelement <8 x float> %1701, float %1703, i32 5
+  %1705 = extractelement <8 x float> %1686, i32 6
+  %1706 = call float @erff(float %1705)
+  %1707 = insertelement <8 x float> %1704, float %1706, i32 6
+  %1708 = extractelement <8 x float> %1686, i32 7
+  %1709 = call float @erff(float %1708)
+  %1710 = insertelement <8 x float> %1707, float %1709, i32 7
+  %1711 = fadd <8 x float> %1710, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1712 = fmul <8 x float> %1683, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu109 = fmul <8 x float> %1712, %1711
+  %1713 = fmul <8 x float> %gelu109, %1680
+  %1714 = getelementptr inbounds float, ptr %1682, i64 %1685
+  store <8 x float> %1713, ptr %1714, align 4
+  %1715 = add nsw i64 %col108, 8
+  %1716 = fmul <8 x float> %1684, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1717 = extractelement <8 x float> %1716, i32 0
+  %1718 = call float @erff(float %1717)
+  %1719 = insertelement <8 x float> poison, float %1718, i32 0
+  %1720 = extractelement <8 x float> %1716, i32 1
+  %1721 = call float @erff(float %1720)
+  %1722 = insertelement <8 x float> %1719, float %1721, i32 1
+  %1723 = extractelement <8 x float> %1716, i32 2
+  %1724 = call float @erff(float %1723)
+  %1725 = insertelement <8 x float> %1722, float %1724, i32 2
+  %1726 = extractelement <8 x float> %1716, i32 3
+  %1727 = call float @erff(float %1726)
+  %1728 = insertelement <8 x float> %1725, float %1727, i32 3
+  %1729 = extractelement <8 x float> %1716, i32 4
+  %1730 = call float @erff(float %1729)
+  %1731 = insertelement <8 x float> %1728, float %1730, i32 4
+  %1732 = extractelement <8 x float> %1716, i32 5
+  %1733 = call float @erff(float %1732)
+  %1734 = insertelement <8 x float> %1731, float %1733, i32 5
+  %1735 = extractelement <8 x float> %1716, i32 6
+  %1736 = call float @erff(float %1735)
+  %1737 = insertelement <8 x float> %1734, float %1736, i32 6
+  %1738 = extractelement <8 x float> %1716, i32 7
+  %1739 = call float @erff(float %1738)
+  %1740 = insertelement <8 x float> %1737, float %1739, i32 7
+  %1741 = fadd <8 x float> %1740, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1742 = fmul <8 x float> %1684, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu110 = fmul <8 x float> %1742, %1741
+  %1743 = fmul <8 x float> %gelu110, %1680
+  %1744 = getelementptr inbounds float, ptr %1682, i64 %1715
+  store <8 x float> %1743, ptr %1744, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1708 = add nsw i64 %r0, 0
-  %1709 = getelementptr inbounds i32, ptr %rows, i64 %1708
-  %1710 = load i32, ptr %1709, align 4
-  %1711 = sext i32 %1710 to i64
-  %1712 = mul nsw i64 %1711, 768
-  %1713 = getelementptr inbounds float, ptr %x, i64 %1712
-  store <8 x float> zeroinitializer, ptr %acc00107, align 4
-  store <8 x float> zeroinitializer, ptr %acc01108, align 4
-  %panel.off109 = mul nsw i64 %p, 12288
-  br label %k.head110
+  %1745 = add nsw i64 %r0, 0
+  %1746 = getelementptr inbounds i32, ptr %rows, i64 %1745
+  %1747 = load i32, ptr %1746, align 4
+  %1748 = sext i32 %1747 to i64
+  %1749 = mul nsw i64 %1748, 768
+  %1750 = getelementptr inbounds float, ptr %x, i64 %1749
+  store <8 x float> zeroinitializer, ptr %acc00111, align 4
+  store <8 x float> zeroinitializer, ptr %acc01112, align 4
+  %panel.off113 = mul nsw i64 %p, 12288
+  %1751 = getelementptr inbounds float, ptr %panels, i64 %panel.off113
+  %1752 = add nsw i64 %p, 1
+  %1753 = icmp slt i64 %1752, %p1
+  %1754 = getelementptr inbounds i8, ptr %1751, i64 49152
+  %1755 = and i1 %pf.on, %1753
+  %pf114 = select i1 %1755, ptr %1754, ptr %1751
+  br label %k.head115
 
-k.head110:                                        ; preds = %k.body111, %tile.mr1
-  %k113 = phi i64 [ 0, %tile.mr1 ], [ %1730, %k.body111 ]
-  %1714 = icmp slt i64 %k113, 768
-  br i1 %1714, label %k.body111, label %k.end112
+k.head115:                                        ; preds = %k.body116, %tile.mr1
+  %k118 = phi i64 [ 0, %tile.mr1 ], [ %1774, %k.body116 ]
+  %1756 = icmp slt i64 %k118, 768
+  br i1 %1756, label %k.body116, label %k.end117
 
-k.body111:                                        ; preds = %k.head110
-  %1715 = mul nsw i64 %k113, 16
-  %1716 = add nsw i64 %panel.off109, %1715
-  %1717 = getelementptr inbounds float, ptr %panels, i64 %1716
-  %1718 = load <8 x float>, ptr %1717, align 4
-  %1719 = add nsw i64 %1716, 8
-  %1720 = getelementptr inbounds float, ptr %panels, i64 %1719
-  %1721 = load <8 x float>, ptr %1720, align 4
-  %1722 = getelementptr inbounds float, ptr %1713, i64 %k113
-  %1723 = load float, ptr %1722, align 4
-  %1724 = insertelement <8 x float> poison, float %1723, i32 0
-  %1725 = shufflevector <8 x float> %1724, <8 x float> poison, <8 x i32> zeroinitializer
-  %1726 = load <8 x float>, ptr %acc00107, align 4
-  %1727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1725, <8 x float> %1718, <8 x float> %1726)
-  store <8 x float> %1727, ptr %acc00107, align 4
-  %1728 = load <8 x float>, ptr %acc01108, align 4
-  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1725, <8 x float> %1721, <8 x float> %1728)
-  store <8 x float> %1729, ptr %acc01108, align 4
-  %1730 = add nsw i64 %k113, 1
-  br label %k.head110
+k.body116:                                        ; preds = %k.head115
+  %1757 = mul nsw i64 %k118, 16
+  %1758 = add nsw i64 %panel.off113, %1757
+  %1759 = mul nsw i64 %k118, 64
+  %1760 = getelementptr inbounds i8, ptr %pf114, i64 %1759
+  call void @llvm.prefetch.p0(ptr %1760, i32 0, i32 2, i32 1)
+  %1761 = getelementptr inbounds float, ptr %panels, i64 %1758
+  %1762 = load <8 x float>, ptr %1761, align 4
+  %1763 = add nsw i64 %1758, 8
+  %1764 = getelementptr inbounds float, ptr %panels, i64 %1763
+  %1765 = load <8 x float>, ptr %1764, align 4
+  %1766 = getelementptr inbounds float, ptr %1750, i64 %k118
+  %1767 = load float, ptr %1766, align 4
+  %1768 = insertelement <8 x float> poison, float %1767, i32 0
+  %1769 = shufflevector <8 x float> %1768, <8 x float> poison, <8 x i32> zeroinitializer
+  %1770 = load <8 x float>, ptr %acc00111, align 4
+  %1771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1769, <8 x float> %1762, <8 x float> %1770)
+  store <8 x float> %1771, ptr %acc00111, align 4
+  %1772 = load <8 x float>, ptr %acc01112, align 4
+  %1773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1769, <8 x float> %1765, <8 x float> %1772)
+  store <8 x float> %1773, ptr %acc01112, align 4
+  %1774 = add nsw i64 %k118, 1
+  br label %k.head115
 
-k.end112:                                         ; preds = %k.head110
-  %1731 = add nsw i64 %r0, 0
-  %1732 = getelementptr inbounds float, ptr %rw, i64 %1731
-  %1733 = load float, ptr %1732, align 4
-  %1734 = insertelement <8 x float> poison, float %1733, i32 0
-  %1735 = shufflevector <8 x float> %1734, <8 x float> poison, <8 x i32> zeroinitializer
-  %1736 = mul nsw i64 %1731, 3072
-  %1737 = getelementptr inbounds float, ptr %h, i64 %1736
-  %col114 = mul nsw i64 %p, 16
-  %1738 = load <8 x float>, ptr %acc00107, align 4
-  %1739 = load <8 x float>, ptr %acc01108, align 4
-  %1740 = add nsw i64 %col114, 0
-  %1741 = fmul <8 x float> %1738, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1742 = extractelement <8 x float> %1741, i32 0
-  %1743 = call float @erff(float %1742)
-  %1744 = insertelement <8 x float> poison, float %1743, i32 0
-  %1745 = extractelement <8 x float> %1741, i32 1
-  %1746 = call float @erff(float %1745)
-  %1747 = insertelement <8 x float> %1744, float %1746, i32 1
-  %1748 = extractelement <8 x float> %1741, i32 2
-  %1749 = call float @erff(float %1748)
-  %1750 = insertelement <8 x float> %1747, float %1749, i32 2
-  %1751 = extractelement <8 x float> %1741, i32 3
-  %1752 = call float @erff(float %1751)
-  %1753 = insertelement <8 x float> %1750, float %1752, i32 3
-  %1754 = extractelement <8 x float> %1741, i32 4
-  %1755 = call float @erff(float %1754)
-  %1756 = insertelement <8 x float> %1753, float %1755, i32 4
-  %1757 = extractelement <8 x float> %1741, i32 5
-  %1758 = call float @erff(float %1757)
-  %1759 = insertelement <8 x float> %1756, float %1758, i32 5
-  %1760 = extractelement <8 x float> %1741, i32 6
-  %1761 = call float @erff(float %1760)
-  %1762 = insertelement <8 x float> %1759, float %1761, i32 6
-  %1763 = extractelement <8 x float> %1741, i32 7
-  %1764 = call float @erff(float %1763)
-  %1765 = insertelement <8 x float> %1762, float %1764, i32 7
-  %1766 = fadd <8 x float> %1765, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1767 = fmul <8 x float> %1738, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu115 = fmul <8 x float> %1767, %1766
-  %1768 = fmul <8 x float> %gelu115, %1735
-  %1769 = getelementptr inbounds float, ptr %1737, i64 %1740
-  store <8 x float> %1768, ptr %1769, align 4
-  %1770 = add nsw i64 %col114, 8
-  %1771 = fmul <8 x float> %1739, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1772 = extractelement <8 x float> %1771, i32 0
-  %1773 = call float @erff(float %1772)
-  %1774 = insertelement <8 x float> poison, float %1773, i32 0
-  %1775 = extractelement <8 x float> %1771, i32 1
-  %1776 = call float @erff(float %1775)
-  %1777 = insertelement <8 x float> %1774, float %1776, i32 1
-  %1778 = extractelement <8 x float> %1771, i32 2
-  %1779 = call float @erff(float %1778)
-  %1780 = insertelement <8 x float> %1777, float %1779, i32 2
-  %1781 = extractelement <8 x float> %1771, i32 3
-  %1782 = call float @erff(float %1781)
-  %1783 = insertelement <8 x float> %1780, float %1782, i32 3
-  %1784 = extractelement <8 x float> %1771, i32 4
-  %1785 = call float @erff(float %1784)
-  %1786 = insertelement <8 x float> %1783, float %1785, i32 4
-  %1787 = extractelement <8 x float> %1771, i32 5
-  %1788 = call float @erff(float %1787)
-  %1789 = insertelement <8 x float> %1786, float %1788, i32 5
-  %1790 = extractelement <8 x float> %1771, i32 6
-  %1791 = call float @erff(float %1790)
-  %1792 = insertelement <8 x float> %1789, float %1791, i32 6
-  %1793 = extractelement <8 x float> %1771, i32 7
-  %1794 = call float @erff(float %1793)
-  %1795 = insertelement <8 x float> %1792, float %1794, i32 7
-  %1796 = fadd <8 x float> %1795, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1797 = fmul <8 x float> %1739, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu116 = fmul <8 x float> %1797, %1796
-  %1798 = fmul <8 x float> %gelu116, %1735
-  %1799 = getelementptr inbounds float, ptr %1737, i64 %1770
-  store <8 x float> %1798, ptr %1799, align 4
+k.end117:                                         ; preds = %k.head115
+  %1775 = add nsw i64 %r0, 0
+  %1776 = getelementptr inbounds float, ptr %rw, i64 %1775
+  %1777 = load float, ptr %1776, align 4
+  %1778 = insertelement <8 x float> poison, float %1777, i32 0
+  %1779 = shufflevector <8 x float> %1778, <8 x float> poison, <8 x i32> zeroinitializer
+  %1780 = mul nsw i64 %1775, 3072
+  %1781 = getelementptr inbounds float, ptr %h, i64 %1780
+  %col119 = mul nsw i64 %p, 16
+  %1782 = load <8 x float>, ptr %acc00111, align 4
+  %1783 = load <8 x float>, ptr %acc01112, align 4
+  %1784 = add nsw i64 %col119, 0
+  %1785 = fmul <8 x float> %1782, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1786 = extractelement <8 x float> %1785, i32 0
+  %1787 = call float @erff(float %1786)
+  %1788 = insertelement <8 x float> poison, float %1787, i32 0
+  %1789 = extractelement <8 x float> %1785, i32 1
+  %1790 = call float @erff(float %1789)
+  %1791 = insertelement <8 x float> %1788, float %1790, i32 1
+  %1792 = extractelement <8 x float> %1785, i32 2
+  %1793 = call float @erff(float %1792)
+  %1794 = insertelement <8 x float> %1791, float %1793, i32 2
+  %1795 = extractelement <8 x float> %1785, i32 3
+  %1796 = call float @erff(float %1795)
+  %1797 = insertelement <8 x float> %1794, float %1796, i32 3
+  %1798 = extractelement <8 x float> %1785, i32 4
+  %1799 = call float @erff(float %1798)
+  %1800 = insertelement <8 x float> %1797, float %1799, i32 4
+  %1801 = extractelement <8 x float> %1785, i32 5
+  %1802 = call float @erff(float %1801)
+  %1803 = insertelement <8 x float> %1800, float %1802, i32 5
+  %1804 = extractelement <8 x float> %1785, i32 6
+  %1805 = call float @erff(float %1804)
+  %1806 = insertelement <8 x float> %1803, float %1805, i32 6
+  %1807 = extractelement <8 x float> %1785, i32 7
+  %1808 = call float @erff(float %1807)
+  %1809 = insertelement <8 x float> %1806, float %1808, i32 7
+  %1810 = fadd <8 x float> %1809, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1811 = fmul <8 x float> %1782, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu120 = fmul <8 x float> %1811, %1810
+  %1812 = fmul <8 x float> %gelu120, %1779
+  %1813 = getelementptr inbounds float, ptr %1781, i64 %1784
+  store <8 x float> %1812, ptr %1813, align 4
+  %1814 = add nsw i64 %col119, 8
+  %1815 = fmul <8 x float> %1783, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1816 = extractelement <8 x float> %1815, i32 0
+  %1817 = call float @erff(float %1816)
+  %1818 = insertelement <8 x float> poison, float %1817, i32 0
+  %1819 = extractelement <8 x float> %1815, i32 1
+  %1820 = call float @erff(float %1819)
+  %1821 = insertelement <8 x float> %1818, float %1820, i32 1
+  %1822 = extractelement <8 x float> %1815, i32 2
+  %1823 = call float @erff(float %1822)
+  %1824 = insertelement <8 x float> %1821, float %1823, i32 2
+  %1825 = extractelement <8 x float> %1815, i32 3
+  %1826 = call float @erff(float %1825)
+  %1827 = insertelement <8 x float> %1824, float %1826, i32 3
+  %1828 = extractelement <8 x float> %1815, i32 4
+  %1829 = call float @erff(float %1828)
+  %1830 = insertelement <8 x float> %1827, float %1829, i32 4
+  %1831 = extractelement <8 x float> %1815, i32 5
+  %1832 = call float @erff(float %1831)
+  %1833 = insertelement <8 x float> %1830, float %1832, i32 5
+  %1834 = extractelement <8 x float> %1815, i32 6
+  %1835 = call float @erff(float %1834)
+  %1836 = insertelement <8 x float> %1833, float %1835, i32 6
+  %1837 = extractelement <8 x float> %1815, i32 7
+  %1838 = call float @erff(float %1837)
+  %1839 = insertelement <8 x float> %1836, float %1838, i32 7
+  %1840 = fadd <8 x float> %1839, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1841 = fmul <8 x float> %1783, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu121 = fmul <8 x float> %1841, %1840
+  %1842 = fmul <8 x float> %gelu121, %1779
+  %1843 = getelementptr inbounds float, ptr %1781, i64 %1814
+  store <8 x float> %1842, ptr %1843, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end112, %k.end99, %k.end81, %k.end58, %k.end30, %k.end
-  %1800 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end117, %k.end103, %k.end84, %k.end60, %k.end31, %k.end
+  %1844 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1801 = add nsw i64 %p, 1
+  %1845 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
 
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
+
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 
 ; Function Attrs: nounwind
 declare float @erff(float) #0
@@ -3090,26 +3150,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0018 = alloca <8 x float>, align 32
-  %acc0119 = alloca <8 x float>, align 32
-  %acc1020 = alloca <8 x float>, align 32
-  %acc1121 = alloca <8 x float>, align 32
-  %acc2022 = alloca <8 x float>, align 32
-  %acc2123 = alloca <8 x float>, align 32
-  %acc3024 = alloca <8 x float>, align 32
-  %acc3125 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc0044 = alloca <8 x float>, align 32
-  %acc0145 = alloca <8 x float>, align 32
-  %acc1046 = alloca <8 x float>, align 32
-  %acc1147 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
+  %acc0019 = alloca <8 x float>, align 32
+  %acc0120 = alloca <8 x float>, align 32
+  %acc1021 = alloca <8 x float>, align 32
+  %acc1122 = alloca <8 x float>, align 32
+  %acc2023 = alloca <8 x float>, align 32
+  %acc2124 = alloca <8 x float>, align 32
+  %acc3025 = alloca <8 x float>, align 32
+  %acc3126 = alloca <8 x float>, align 32
+  %acc0034 = alloca <8 x float>, align 32
+  %acc0135 = alloca <8 x float>, align 32
+  %acc1036 = alloca <8 x float>, align 32
+  %acc1137 = alloca <8 x float>, align 32
+  %acc2038 = alloca <8 x float>, align 32
+  %acc2139 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc0058 = alloca <8 x float>, align 32
+  %acc0159 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3118,7 +3178,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %563, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %607, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3126,7 +3186,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %562, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %606, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -3134,6 +3194,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3144,784 +3207,838 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 3072
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 768
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 3072
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 768
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 3072
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 768
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 3072
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 768
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 3072
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 768
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 3072
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 768
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 3072
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 768
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 3072
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 768
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 3072
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 768
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 3072
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 768
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 3072
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 768
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 3072
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 768
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
+  %90 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 196608
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %144, %k.body ]
-  %88 = icmp slt i64 %k, 3072
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %k.body ]
+  %95 = icmp slt i64 %k, 3072
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds float, ptr %panels, i64 %90
-  %92 = load <8 x float>, ptr %91, align 4
-  %93 = add nsw i64 %90, 8
-  %94 = getelementptr inbounds float, ptr %panels, i64 %93
-  %95 = load <8 x float>, ptr %94, align 4
-  %96 = getelementptr inbounds float, ptr %6, i64 %k
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc00, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %92, <8 x float> %100)
-  store <8 x float> %101, ptr %acc00, align 4
-  %102 = load <8 x float>, ptr %acc01, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %95, <8 x float> %102)
-  store <8 x float> %103, ptr %acc01, align 4
-  %104 = getelementptr inbounds float, ptr %20, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc10, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %92, <8 x float> %108)
-  store <8 x float> %109, ptr %acc10, align 4
-  %110 = load <8 x float>, ptr %acc11, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %95, <8 x float> %110)
-  store <8 x float> %111, ptr %acc11, align 4
-  %112 = getelementptr inbounds float, ptr %34, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc20, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %92, <8 x float> %116)
-  store <8 x float> %117, ptr %acc20, align 4
-  %118 = load <8 x float>, ptr %acc21, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %95, <8 x float> %118)
-  store <8 x float> %119, ptr %acc21, align 4
-  %120 = getelementptr inbounds float, ptr %48, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc30, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %92, <8 x float> %124)
-  store <8 x float> %125, ptr %acc30, align 4
-  %126 = load <8 x float>, ptr %acc31, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %95, <8 x float> %126)
-  store <8 x float> %127, ptr %acc31, align 4
-  %128 = getelementptr inbounds float, ptr %62, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc40, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %92, <8 x float> %132)
-  store <8 x float> %133, ptr %acc40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %95, <8 x float> %134)
-  store <8 x float> %135, ptr %acc41, align 4
-  %136 = getelementptr inbounds float, ptr %76, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc50, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %92, <8 x float> %140)
-  store <8 x float> %141, ptr %acc50, align 4
-  %142 = load <8 x float>, ptr %acc51, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %95, <8 x float> %142)
-  store <8 x float> %143, ptr %acc51, align 4
-  %144 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 64
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds float, ptr %panels, i64 %97
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = add nsw i64 %97, 8
+  %103 = getelementptr inbounds float, ptr %panels, i64 %102
+  %104 = load <8 x float>, ptr %103, align 4
+  %105 = getelementptr inbounds float, ptr %8, i64 %k
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = load <8 x float>, ptr %acc00, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
+  store <8 x float> %110, ptr %acc00, align 4
+  %111 = load <8 x float>, ptr %acc01, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
+  store <8 x float> %112, ptr %acc01, align 4
+  %113 = getelementptr inbounds float, ptr %22, i64 %k
+  %114 = load float, ptr %113, align 4
+  %115 = insertelement <8 x float> poison, float %114, i32 0
+  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
+  %117 = load <8 x float>, ptr %acc10, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
+  store <8 x float> %118, ptr %acc10, align 4
+  %119 = load <8 x float>, ptr %acc11, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
+  store <8 x float> %120, ptr %acc11, align 4
+  %121 = getelementptr inbounds float, ptr %36, i64 %k
+  %122 = load float, ptr %121, align 4
+  %123 = insertelement <8 x float> poison, float %122, i32 0
+  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
+  %125 = load <8 x float>, ptr %acc20, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
+  store <8 x float> %126, ptr %acc20, align 4
+  %127 = load <8 x float>, ptr %acc21, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
+  store <8 x float> %128, ptr %acc21, align 4
+  %129 = getelementptr inbounds float, ptr %50, i64 %k
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = load <8 x float>, ptr %acc30, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
+  store <8 x float> %134, ptr %acc30, align 4
+  %135 = load <8 x float>, ptr %acc31, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
+  store <8 x float> %136, ptr %acc31, align 4
+  %137 = getelementptr inbounds float, ptr %64, i64 %k
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = load <8 x float>, ptr %acc40, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
+  store <8 x float> %142, ptr %acc40, align 4
+  %143 = load <8 x float>, ptr %acc41, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
+  store <8 x float> %144, ptr %acc41, align 4
+  %145 = getelementptr inbounds float, ptr %78, i64 %k
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %acc50, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
+  store <8 x float> %150, ptr %acc50, align 4
+  %151 = load <8 x float>, ptr %acc51, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
+  store <8 x float> %152, ptr %acc51, align 4
+  %153 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %145 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %145, ptr %13, align 4
-  %146 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %146, ptr %16, align 4
-  %147 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %147, ptr %27, align 4
-  %148 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %148, ptr %30, align 4
-  %149 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %149, ptr %41, align 4
-  %150 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %150, ptr %44, align 4
-  %151 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %151, ptr %55, align 4
-  %152 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %152, ptr %58, align 4
-  %153 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %153, ptr %69, align 4
-  %154 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %154, ptr %72, align 4
-  %155 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %155, ptr %83, align 4
-  %156 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %156, ptr %86, align 4
+  %154 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %154, ptr %15, align 4
+  %155 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %155, ptr %18, align 4
+  %156 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %156, ptr %29, align 4
+  %157 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %157, ptr %32, align 4
+  %158 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %158, ptr %43, align 4
+  %159 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %159, ptr %46, align 4
+  %160 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %160, ptr %57, align 4
+  %161 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %161, ptr %60, align 4
+  %162 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %162, ptr %71, align 4
+  %163 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %163, ptr %74, align 4
+  %164 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %164, ptr %85, align 4
+  %165 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %165, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %157 = add nsw i64 %r0, 0
-  %158 = mul nsw i64 %157, 3072
-  %159 = getelementptr inbounds float, ptr %h, i64 %158
-  %160 = getelementptr inbounds i32, ptr %rows, i64 %157
-  %161 = load i32, ptr %160, align 4
-  %162 = sext i32 %161 to i64
-  %163 = mul nsw i64 %162, 768
-  %164 = getelementptr inbounds float, ptr %y, i64 %163
-  %165 = add nsw i64 %col1, 0
-  %166 = getelementptr inbounds float, ptr %164, i64 %165
-  %167 = load <8 x float>, ptr %166, align 4
-  store <8 x float> %167, ptr %acc002, align 4
-  %168 = add nsw i64 %col1, 8
-  %169 = getelementptr inbounds float, ptr %164, i64 %168
-  %170 = load <8 x float>, ptr %169, align 4
-  store <8 x float> %170, ptr %acc013, align 4
-  %171 = add nsw i64 %r0, 1
-  %172 = mul nsw i64 %171, 3072
-  %173 = getelementptr inbounds float, ptr %h, i64 %172
-  %174 = getelementptr inbounds i32, ptr %rows, i64 %171
-  %175 = load i32, ptr %174, align 4
-  %176 = sext i32 %175 to i64
-  %177 = mul nsw i64 %176, 768
-  %178 = getelementptr inbounds float, ptr %y, i64 %177
-  %179 = add nsw i64 %col1, 0
-  %180 = getelementptr inbounds float, ptr %178, i64 %179
-  %181 = load <8 x float>, ptr %180, align 4
-  store <8 x float> %181, ptr %acc104, align 4
-  %182 = add nsw i64 %col1, 8
-  %183 = getelementptr inbounds float, ptr %178, i64 %182
-  %184 = load <8 x float>, ptr %183, align 4
-  store <8 x float> %184, ptr %acc115, align 4
-  %185 = add nsw i64 %r0, 2
-  %186 = mul nsw i64 %185, 3072
-  %187 = getelementptr inbounds float, ptr %h, i64 %186
-  %188 = getelementptr inbounds i32, ptr %rows, i64 %185
-  %189 = load i32, ptr %188, align 4
-  %190 = sext i32 %189 to i64
-  %191 = mul nsw i64 %190, 768
-  %192 = getelementptr inbounds float, ptr %y, i64 %191
-  %193 = add nsw i64 %col1, 0
-  %194 = getelementptr inbounds float, ptr %192, i64 %193
-  %195 = load <8 x float>, ptr %194, align 4
-  store <8 x float> %195, ptr %acc206, align 4
-  %196 = add nsw i64 %col1, 8
-  %197 = getelementptr inbounds float, ptr %192, i64 %196
-  %198 = load <8 x float>, ptr %197, align 4
-  store <8 x float> %198, ptr %acc217, align 4
-  %199 = add nsw i64 %r0, 3
-  %200 = mul nsw i64 %199, 3072
-  %201 = getelementptr inbounds float, ptr %h, i64 %200
-  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
-  %203 = load i32, ptr %202, align 4
-  %204 = sext i32 %203 to i64
-  %205 = mul nsw i64 %204, 768
-  %206 = getelementptr inbounds float, ptr %y, i64 %205
-  %207 = add nsw i64 %col1, 0
-  %208 = getelementptr inbounds float, ptr %206, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  store <8 x float> %209, ptr %acc308, align 4
-  %210 = add nsw i64 %col1, 8
-  %211 = getelementptr inbounds float, ptr %206, i64 %210
-  %212 = load <8 x float>, ptr %211, align 4
-  store <8 x float> %212, ptr %acc319, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 3072
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 768
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col1, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  store <8 x float> %223, ptr %acc4010, align 4
-  %224 = add nsw i64 %col1, 8
-  %225 = getelementptr inbounds float, ptr %220, i64 %224
-  %226 = load <8 x float>, ptr %225, align 4
-  store <8 x float> %226, ptr %acc4111, align 4
+  %166 = add nsw i64 %r0, 0
+  %167 = mul nsw i64 %166, 3072
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
+  %170 = load i32, ptr %169, align 4
+  %171 = sext i32 %170 to i64
+  %172 = mul nsw i64 %171, 768
+  %173 = getelementptr inbounds float, ptr %y, i64 %172
+  %174 = add nsw i64 %col1, 0
+  %175 = getelementptr inbounds float, ptr %173, i64 %174
+  %176 = load <8 x float>, ptr %175, align 4
+  store <8 x float> %176, ptr %acc002, align 4
+  %177 = add nsw i64 %col1, 8
+  %178 = getelementptr inbounds float, ptr %173, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  store <8 x float> %179, ptr %acc013, align 4
+  %180 = add nsw i64 %r0, 1
+  %181 = mul nsw i64 %180, 3072
+  %182 = getelementptr inbounds float, ptr %h, i64 %181
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 768
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col1, 0
+  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %190 = load <8 x float>, ptr %189, align 4
+  store <8 x float> %190, ptr %acc104, align 4
+  %191 = add nsw i64 %col1, 8
+  %192 = getelementptr inbounds float, ptr %187, i64 %191
+  %193 = load <8 x float>, ptr %192, align 4
+  store <8 x float> %193, ptr %acc115, align 4
+  %194 = add nsw i64 %r0, 2
+  %195 = mul nsw i64 %194, 3072
+  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
+  %198 = load i32, ptr %197, align 4
+  %199 = sext i32 %198 to i64
+  %200 = mul nsw i64 %199, 768
+  %201 = getelementptr inbounds float, ptr %y, i64 %200
+  %202 = add nsw i64 %col1, 0
+  %203 = getelementptr inbounds float, ptr %201, i64 %202
+  %204 = load <8 x float>, ptr %203, align 4
+  store <8 x float> %204, ptr %acc206, align 4
+  %205 = add nsw i64 %col1, 8
+  %206 = getelementptr inbounds float, ptr %201, i64 %205
+  %207 = load <8 x float>, ptr %206, align 4
+  store <8 x float> %207, ptr %acc217, align 4
+  %208 = add nsw i64 %r0, 3
+  %209 = mul nsw i64 %208, 3072
+  %210 = getelementptr inbounds float, ptr %h, i64 %209
+  %211 = getelementptr inbounds i32, ptr %rows, i64 %208
+  %212 = load i32, ptr %211, align 4
+  %213 = sext i32 %212 to i64
+  %214 = mul nsw i64 %213, 768
+  %215 = getelementptr inbounds float, ptr %y, i64 %214
+  %216 = add nsw i64 %col1, 0
+  %217 = getelementptr inbounds float, ptr %215, i64 %216
+  %218 = load <8 x float>, ptr %217, align 4
+  store <8 x float> %218, ptr %acc308, align 4
+  %219 = add nsw i64 %col1, 8
+  %220 = getelementptr inbounds float, ptr %215, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  store <8 x float> %221, ptr %acc319, align 4
+  %222 = add nsw i64 %r0, 4
+  %223 = mul nsw i64 %222, 3072
+  %224 = getelementptr inbounds float, ptr %h, i64 %223
+  %225 = getelementptr inbounds i32, ptr %rows, i64 %222
+  %226 = load i32, ptr %225, align 4
+  %227 = sext i32 %226 to i64
+  %228 = mul nsw i64 %227, 768
+  %229 = getelementptr inbounds float, ptr %y, i64 %228
+  %230 = add nsw i64 %col1, 0
+  %231 = getelementptr inbounds float, ptr %229, i64 %230
+  %232 = load <8 x float>, ptr %231, align 4
+  store <8 x float> %232, ptr %acc4010, align 4
+  %233 = add nsw i64 %col1, 8
+  %234 = getelementptr inbounds float, ptr %229, i64 %233
+  %235 = load <8 x float>, ptr %234, align 4
+  store <8 x float> %235, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 49152
-  br label %k.head13
+  %236 = getelementptr inbounds float, ptr %panels, i64 %panel.off12
+  %237 = add nsw i64 %p, 1
+  %238 = icmp slt i64 %237, %p1
+  %239 = getelementptr inbounds i8, ptr %236, i64 196608
+  %240 = and i1 %pf.on, %238
+  %pf13 = select i1 %240, ptr %239, ptr %236
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %275, %k.body14 ]
-  %227 = icmp slt i64 %k16, 3072
-  br i1 %227, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %291, %k.body15 ]
+  %241 = icmp slt i64 %k17, 3072
+  br i1 %241, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %228 = mul nsw i64 %k16, 16
-  %229 = add nsw i64 %panel.off12, %228
-  %230 = getelementptr inbounds float, ptr %panels, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
-  %232 = add nsw i64 %229, 8
-  %233 = getelementptr inbounds float, ptr %panels, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  %235 = getelementptr inbounds float, ptr %159, i64 %k16
-  %236 = load float, ptr %235, align 4
-  %237 = insertelement <8 x float> poison, float %236, i32 0
-  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
-  %239 = load <8 x float>, ptr %acc002, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %231, <8 x float> %239)
-  store <8 x float> %240, ptr %acc002, align 4
-  %241 = load <8 x float>, ptr %acc013, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %234, <8 x float> %241)
-  store <8 x float> %242, ptr %acc013, align 4
-  %243 = getelementptr inbounds float, ptr %173, i64 %k16
-  %244 = load float, ptr %243, align 4
-  %245 = insertelement <8 x float> poison, float %244, i32 0
-  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
-  %247 = load <8 x float>, ptr %acc104, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %231, <8 x float> %247)
-  store <8 x float> %248, ptr %acc104, align 4
-  %249 = load <8 x float>, ptr %acc115, align 4
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %234, <8 x float> %249)
-  store <8 x float> %250, ptr %acc115, align 4
-  %251 = getelementptr inbounds float, ptr %187, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %242 = mul nsw i64 %k17, 16
+  %243 = add nsw i64 %panel.off12, %242
+  %244 = mul nsw i64 %k17, 64
+  %245 = getelementptr inbounds i8, ptr %pf13, i64 %244
+  call void @llvm.prefetch.p0(ptr %245, i32 0, i32 2, i32 1)
+  %246 = getelementptr inbounds float, ptr %panels, i64 %243
+  %247 = load <8 x float>, ptr %246, align 4
+  %248 = add nsw i64 %243, 8
+  %249 = getelementptr inbounds float, ptr %panels, i64 %248
+  %250 = load <8 x float>, ptr %249, align 4
+  %251 = getelementptr inbounds float, ptr %168, i64 %k17
   %252 = load float, ptr %251, align 4
   %253 = insertelement <8 x float> poison, float %252, i32 0
   %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc206, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %231, <8 x float> %255)
-  store <8 x float> %256, ptr %acc206, align 4
-  %257 = load <8 x float>, ptr %acc217, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %234, <8 x float> %257)
-  store <8 x float> %258, ptr %acc217, align 4
-  %259 = getelementptr inbounds float, ptr %201, i64 %k16
+  %255 = load <8 x float>, ptr %acc002, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %247, <8 x float> %255)
+  store <8 x float> %256, ptr %acc002, align 4
+  %257 = load <8 x float>, ptr %acc013, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> %257)
+  store <8 x float> %258, ptr %acc013, align 4
+  %259 = getelementptr inbounds float, ptr %182, i64 %k17
   %260 = load float, ptr %259, align 4
   %261 = insertelement <8 x float> poison, float %260, i32 0
   %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc308, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %231, <8 x float> %263)
-  store <8 x float> %264, ptr %acc308, align 4
-  %265 = load <8 x float>, ptr %acc319, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %234, <8 x float> %265)
-  store <8 x float> %266, ptr %acc319, align 4
-  %267 = getelementptr inbounds float, ptr %215, i64 %k16
+  %263 = load <8 x float>, ptr %acc104, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %247, <8 x float> %263)
+  store <8 x float> %264, ptr %acc104, align 4
+  %265 = load <8 x float>, ptr %acc115, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %250, <8 x float> %265)
+  store <8 x float> %266, ptr %acc115, align 4
+  %267 = getelementptr inbounds float, ptr %196, i64 %k17
   %268 = load float, ptr %267, align 4
   %269 = insertelement <8 x float> poison, float %268, i32 0
   %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc4010, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %231, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4010, align 4
-  %273 = load <8 x float>, ptr %acc4111, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %234, <8 x float> %273)
-  store <8 x float> %274, ptr %acc4111, align 4
-  %275 = add nsw i64 %k16, 1
-  br label %k.head13
+  %271 = load <8 x float>, ptr %acc206, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %247, <8 x float> %271)
+  store <8 x float> %272, ptr %acc206, align 4
+  %273 = load <8 x float>, ptr %acc217, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %250, <8 x float> %273)
+  store <8 x float> %274, ptr %acc217, align 4
+  %275 = getelementptr inbounds float, ptr %210, i64 %k17
+  %276 = load float, ptr %275, align 4
+  %277 = insertelement <8 x float> poison, float %276, i32 0
+  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
+  %279 = load <8 x float>, ptr %acc308, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %247, <8 x float> %279)
+  store <8 x float> %280, ptr %acc308, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %250, <8 x float> %281)
+  store <8 x float> %282, ptr %acc319, align 4
+  %283 = getelementptr inbounds float, ptr %224, i64 %k17
+  %284 = load float, ptr %283, align 4
+  %285 = insertelement <8 x float> poison, float %284, i32 0
+  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
+  %287 = load <8 x float>, ptr %acc4010, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %247, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4010, align 4
+  %289 = load <8 x float>, ptr %acc4111, align 4
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %250, <8 x float> %289)
+  store <8 x float> %290, ptr %acc4111, align 4
+  %291 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %276 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %276, ptr %166, align 4
-  %277 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %277, ptr %169, align 4
-  %278 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %278, ptr %180, align 4
-  %279 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %279, ptr %183, align 4
-  %280 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %280, ptr %194, align 4
-  %281 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %281, ptr %197, align 4
-  %282 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %282, ptr %208, align 4
-  %283 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %283, ptr %211, align 4
-  %284 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %284, ptr %222, align 4
-  %285 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %285, ptr %225, align 4
+k.end16:                                          ; preds = %k.head14
+  %292 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %292, ptr %175, align 4
+  %293 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %293, ptr %178, align 4
+  %294 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %294, ptr %189, align 4
+  %295 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %295, ptr %192, align 4
+  %296 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %296, ptr %203, align 4
+  %297 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %297, ptr %206, align 4
+  %298 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %298, ptr %217, align 4
+  %299 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %299, ptr %220, align 4
+  %300 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %300, ptr %231, align 4
+  %301 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %301, ptr %234, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col17 = mul nsw i64 %p, 16
-  %286 = add nsw i64 %r0, 0
-  %287 = mul nsw i64 %286, 3072
-  %288 = getelementptr inbounds float, ptr %h, i64 %287
-  %289 = getelementptr inbounds i32, ptr %rows, i64 %286
-  %290 = load i32, ptr %289, align 4
-  %291 = sext i32 %290 to i64
-  %292 = mul nsw i64 %291, 768
-  %293 = getelementptr inbounds float, ptr %y, i64 %292
-  %294 = add nsw i64 %col17, 0
-  %295 = getelementptr inbounds float, ptr %293, i64 %294
-  %296 = load <8 x float>, ptr %295, align 4
-  store <8 x float> %296, ptr %acc0018, align 4
-  %297 = add nsw i64 %col17, 8
-  %298 = getelementptr inbounds float, ptr %293, i64 %297
-  %299 = load <8 x float>, ptr %298, align 4
-  store <8 x float> %299, ptr %acc0119, align 4
-  %300 = add nsw i64 %r0, 1
-  %301 = mul nsw i64 %300, 3072
-  %302 = getelementptr inbounds float, ptr %h, i64 %301
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 768
-  %307 = getelementptr inbounds float, ptr %y, i64 %306
-  %308 = add nsw i64 %col17, 0
-  %309 = getelementptr inbounds float, ptr %307, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc1020, align 4
-  %311 = add nsw i64 %col17, 8
-  %312 = getelementptr inbounds float, ptr %307, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  store <8 x float> %313, ptr %acc1121, align 4
-  %314 = add nsw i64 %r0, 2
-  %315 = mul nsw i64 %314, 3072
-  %316 = getelementptr inbounds float, ptr %h, i64 %315
-  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %318 = load i32, ptr %317, align 4
-  %319 = sext i32 %318 to i64
-  %320 = mul nsw i64 %319, 768
-  %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col17, 0
-  %323 = getelementptr inbounds float, ptr %321, i64 %322
-  %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc2022, align 4
-  %325 = add nsw i64 %col17, 8
-  %326 = getelementptr inbounds float, ptr %321, i64 %325
-  %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc2123, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = mul nsw i64 %328, 3072
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 768
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col17, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
-  %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc3024, align 4
-  %339 = add nsw i64 %col17, 8
-  %340 = getelementptr inbounds float, ptr %335, i64 %339
-  %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc3125, align 4
-  %panel.off26 = mul nsw i64 %p, 49152
-  br label %k.head27
+  %col18 = mul nsw i64 %p, 16
+  %302 = add nsw i64 %r0, 0
+  %303 = mul nsw i64 %302, 3072
+  %304 = getelementptr inbounds float, ptr %h, i64 %303
+  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %306 = load i32, ptr %305, align 4
+  %307 = sext i32 %306 to i64
+  %308 = mul nsw i64 %307, 768
+  %309 = getelementptr inbounds float, ptr %y, i64 %308
+  %310 = add nsw i64 %col18, 0
+  %311 = getelementptr inbounds float, ptr %309, i64 %310
+  %312 = load <8 x float>, ptr %311, align 4
+  store <8 x float> %312, ptr %acc0019, align 4
+  %313 = add nsw i64 %col18, 8
+  %314 = getelementptr inbounds float, ptr %309, i64 %313
+  %315 = load <8 x float>, ptr %314, align 4
+  store <8 x float> %315, ptr %acc0120, align 4
+  %316 = add nsw i64 %r0, 1
+  %317 = mul nsw i64 %316, 3072
+  %318 = getelementptr inbounds float, ptr %h, i64 %317
+  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
+  %320 = load i32, ptr %319, align 4
+  %321 = sext i32 %320 to i64
+  %322 = mul nsw i64 %321, 768
+  %323 = getelementptr inbounds float, ptr %y, i64 %322
+  %324 = add nsw i64 %col18, 0
+  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  %326 = load <8 x float>, ptr %325, align 4
+  store <8 x float> %326, ptr %acc1021, align 4
+  %327 = add nsw i64 %col18, 8
+  %328 = getelementptr inbounds float, ptr %323, i64 %327
+  %329 = load <8 x float>, ptr %328, align 4
+  store <8 x float> %329, ptr %acc1122, align 4
+  %330 = add nsw i64 %r0, 2
+  %331 = mul nsw i64 %330, 3072
+  %332 = getelementptr inbounds float, ptr %h, i64 %331
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %330
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 768
+  %337 = getelementptr inbounds float, ptr %y, i64 %336
+  %338 = add nsw i64 %col18, 0
+  %339 = getelementptr inbounds float, ptr %337, i64 %338
+  %340 = load <8 x float>, ptr %339, align 4
+  store <8 x float> %340, ptr %acc2023, align 4
+  %341 = add nsw i64 %col18, 8
+  %342 = getelementptr inbounds float, ptr %337, i64 %341
+  %343 = load <8 x float>, ptr %342, align 4
+  store <8 x float> %343, ptr %acc2124, align 4
+  %344 = add nsw i64 %r0, 3
+  %345 = mul nsw i64 %344, 3072
+  %346 = getelementptr inbounds float, ptr %h, i64 %345
+  %347 = getelementptr inbounds i32, ptr %rows, i64 %344
+  %348 = load i32, ptr %347, align 4
+  %349 = sext i32 %348 to i64
+  %350 = mul nsw i64 %349, 768
+  %351 = getelementptr inbounds float, ptr %y, i64 %350
+  %352 = add nsw i64 %col18, 0
+  %353 = getelementptr inbounds float, ptr %351, i64 %352
+  %354 = load <8 x float>, ptr %353, align 4
+  store <8 x float> %354, ptr %acc3025, align 4
+  %355 = add nsw i64 %col18, 8
+  %356 = getelementptr inbounds float, ptr %351, i64 %355
+  %357 = load <8 x float>, ptr %356, align 4
+  store <8 x float> %357, ptr %acc3126, align 4
+  %panel.off27 = mul nsw i64 %p, 49152
+  %358 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
+  %359 = add nsw i64 %p, 1
+  %360 = icmp slt i64 %359, %p1
+  %361 = getelementptr inbounds i8, ptr %358, i64 196608
+  %362 = and i1 %pf.on, %360
+  %pf28 = select i1 %362, ptr %361, ptr %358
+  br label %k.head29
 
-k.head27:                                         ; preds = %k.body28, %tile.mr4
-  %k30 = phi i64 [ 0, %tile.mr4 ], [ %382, %k.body28 ]
-  %342 = icmp slt i64 %k30, 3072
-  br i1 %342, label %k.body28, label %k.end29
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %405, %k.body30 ]
+  %363 = icmp slt i64 %k32, 3072
+  br i1 %363, label %k.body30, label %k.end31
 
-k.body28:                                         ; preds = %k.head27
-  %343 = mul nsw i64 %k30, 16
-  %344 = add nsw i64 %panel.off26, %343
-  %345 = getelementptr inbounds float, ptr %panels, i64 %344
-  %346 = load <8 x float>, ptr %345, align 4
-  %347 = add nsw i64 %344, 8
-  %348 = getelementptr inbounds float, ptr %panels, i64 %347
-  %349 = load <8 x float>, ptr %348, align 4
-  %350 = getelementptr inbounds float, ptr %288, i64 %k30
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = load <8 x float>, ptr %acc0018, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %346, <8 x float> %354)
-  store <8 x float> %355, ptr %acc0018, align 4
-  %356 = load <8 x float>, ptr %acc0119, align 4
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %349, <8 x float> %356)
-  store <8 x float> %357, ptr %acc0119, align 4
-  %358 = getelementptr inbounds float, ptr %302, i64 %k30
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc1020, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %346, <8 x float> %362)
-  store <8 x float> %363, ptr %acc1020, align 4
-  %364 = load <8 x float>, ptr %acc1121, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %349, <8 x float> %364)
-  store <8 x float> %365, ptr %acc1121, align 4
-  %366 = getelementptr inbounds float, ptr %316, i64 %k30
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = load <8 x float>, ptr %acc2022, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %346, <8 x float> %370)
-  store <8 x float> %371, ptr %acc2022, align 4
-  %372 = load <8 x float>, ptr %acc2123, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %349, <8 x float> %372)
-  store <8 x float> %373, ptr %acc2123, align 4
-  %374 = getelementptr inbounds float, ptr %330, i64 %k30
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc3024, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %346, <8 x float> %378)
-  store <8 x float> %379, ptr %acc3024, align 4
-  %380 = load <8 x float>, ptr %acc3125, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %349, <8 x float> %380)
-  store <8 x float> %381, ptr %acc3125, align 4
-  %382 = add nsw i64 %k30, 1
-  br label %k.head27
+k.body30:                                         ; preds = %k.head29
+  %364 = mul nsw i64 %k32, 16
+  %365 = add nsw i64 %panel.off27, %364
+  %366 = mul nsw i64 %k32, 64
+  %367 = getelementptr inbounds i8, ptr %pf28, i64 %366
+  call void @llvm.prefetch.p0(ptr %367, i32 0, i32 2, i32 1)
+  %368 = getelementptr inbounds float, ptr %panels, i64 %365
+  %369 = load <8 x float>, ptr %368, align 4
+  %370 = add nsw i64 %365, 8
+  %371 = getelementptr inbounds float, ptr %panels, i64 %370
+  %372 = load <8 x float>, ptr %371, align 4
+  %373 = getelementptr inbounds float, ptr %304, i64 %k32
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = load <8 x float>, ptr %acc0019, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %369, <8 x float> %377)
+  store <8 x float> %378, ptr %acc0019, align 4
+  %379 = load <8 x float>, ptr %acc0120, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %372, <8 x float> %379)
+  store <8 x float> %380, ptr %acc0120, align 4
+  %381 = getelementptr inbounds float, ptr %318, i64 %k32
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = load <8 x float>, ptr %acc1021, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %369, <8 x float> %385)
+  store <8 x float> %386, ptr %acc1021, align 4
+  %387 = load <8 x float>, ptr %acc1122, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %372, <8 x float> %387)
+  store <8 x float> %388, ptr %acc1122, align 4
+  %389 = getelementptr inbounds float, ptr %332, i64 %k32
+  %390 = load float, ptr %389, align 4
+  %391 = insertelement <8 x float> poison, float %390, i32 0
+  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
+  %393 = load <8 x float>, ptr %acc2023, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %369, <8 x float> %393)
+  store <8 x float> %394, ptr %acc2023, align 4
+  %395 = load <8 x float>, ptr %acc2124, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %372, <8 x float> %395)
+  store <8 x float> %396, ptr %acc2124, align 4
+  %397 = getelementptr inbounds float, ptr %346, i64 %k32
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = load <8 x float>, ptr %acc3025, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %369, <8 x float> %401)
+  store <8 x float> %402, ptr %acc3025, align 4
+  %403 = load <8 x float>, ptr %acc3126, align 4
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %372, <8 x float> %403)
+  store <8 x float> %404, ptr %acc3126, align 4
+  %405 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end29:                                          ; preds = %k.head27
-  %383 = load <8 x float>, ptr %acc0018, align 4
-  store <8 x float> %383, ptr %295, align 4
-  %384 = load <8 x float>, ptr %acc0119, align 4
-  store <8 x float> %384, ptr %298, align 4
-  %385 = load <8 x float>, ptr %acc1020, align 4
-  store <8 x float> %385, ptr %309, align 4
-  %386 = load <8 x float>, ptr %acc1121, align 4
-  store <8 x float> %386, ptr %312, align 4
-  %387 = load <8 x float>, ptr %acc2022, align 4
-  store <8 x float> %387, ptr %323, align 4
-  %388 = load <8 x float>, ptr %acc2123, align 4
-  store <8 x float> %388, ptr %326, align 4
-  %389 = load <8 x float>, ptr %acc3024, align 4
-  store <8 x float> %389, ptr %337, align 4
-  %390 = load <8 x float>, ptr %acc3125, align 4
-  store <8 x float> %390, ptr %340, align 4
+k.end31:                                          ; preds = %k.head29
+  %406 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %406, ptr %311, align 4
+  %407 = load <8 x float>, ptr %acc0120, align 4
+  store <8 x float> %407, ptr %314, align 4
+  %408 = load <8 x float>, ptr %acc1021, align 4
+  store <8 x float> %408, ptr %325, align 4
+  %409 = load <8 x float>, ptr %acc1122, align 4
+  store <8 x float> %409, ptr %328, align 4
+  %410 = load <8 x float>, ptr %acc2023, align 4
+  store <8 x float> %410, ptr %339, align 4
+  %411 = load <8 x float>, ptr %acc2124, align 4
+  store <8 x float> %411, ptr %342, align 4
+  %412 = load <8 x float>, ptr %acc3025, align 4
+  store <8 x float> %412, ptr %353, align 4
+  %413 = load <8 x float>, ptr %acc3126, align 4
+  store <8 x float> %413, ptr %356, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col31 = mul nsw i64 %p, 16
-  %391 = add nsw i64 %r0, 0
-  %392 = mul nsw i64 %391, 3072
-  %393 = getelementptr inbounds float, ptr %h, i64 %392
-  %394 = getelementptr inbounds i32, ptr %rows, i64 %391
-  %395 = load i32, ptr %394, align 4
-  %396 = sext i32 %395 to i64
-  %397 = mul nsw i64 %396, 768
-  %398 = getelementptr inbounds float, ptr %y, i64 %397
-  %399 = add nsw i64 %col31, 0
-  %400 = getelementptr inbounds float, ptr %398, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0032, align 4
-  %402 = add nsw i64 %col31, 8
-  %403 = getelementptr inbounds float, ptr %398, i64 %402
-  %404 = load <8 x float>, ptr %403, align 4
-  store <8 x float> %404, ptr %acc0133, align 4
-  %405 = add nsw i64 %r0, 1
-  %406 = mul nsw i64 %405, 3072
-  %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
-  %409 = load i32, ptr %408, align 4
-  %410 = sext i32 %409 to i64
-  %411 = mul nsw i64 %410, 768
-  %412 = getelementptr inbounds float, ptr %y, i64 %411
-  %413 = add nsw i64 %col31, 0
-  %414 = getelementptr inbounds float, ptr %412, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1034, align 4
-  %416 = add nsw i64 %col31, 8
-  %417 = getelementptr inbounds float, ptr %412, i64 %416
-  %418 = load <8 x float>, ptr %417, align 4
-  store <8 x float> %418, ptr %acc1135, align 4
-  %419 = add nsw i64 %r0, 2
-  %420 = mul nsw i64 %419, 3072
-  %421 = getelementptr inbounds float, ptr %h, i64 %420
-  %422 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %423 = load i32, ptr %422, align 4
-  %424 = sext i32 %423 to i64
-  %425 = mul nsw i64 %424, 768
-  %426 = getelementptr inbounds float, ptr %y, i64 %425
-  %427 = add nsw i64 %col31, 0
-  %428 = getelementptr inbounds float, ptr %426, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2036, align 4
-  %430 = add nsw i64 %col31, 8
-  %431 = getelementptr inbounds float, ptr %426, i64 %430
-  %432 = load <8 x float>, ptr %431, align 4
-  store <8 x float> %432, ptr %acc2137, align 4
-  %panel.off38 = mul nsw i64 %p, 49152
-  br label %k.head39
+  %col33 = mul nsw i64 %p, 16
+  %414 = add nsw i64 %r0, 0
+  %415 = mul nsw i64 %414, 3072
+  %416 = getelementptr inbounds float, ptr %h, i64 %415
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 768
+  %421 = getelementptr inbounds float, ptr %y, i64 %420
+  %422 = add nsw i64 %col33, 0
+  %423 = getelementptr inbounds float, ptr %421, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0034, align 4
+  %425 = add nsw i64 %col33, 8
+  %426 = getelementptr inbounds float, ptr %421, i64 %425
+  %427 = load <8 x float>, ptr %426, align 4
+  store <8 x float> %427, ptr %acc0135, align 4
+  %428 = add nsw i64 %r0, 1
+  %429 = mul nsw i64 %428, 3072
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 768
+  %435 = getelementptr inbounds float, ptr %y, i64 %434
+  %436 = add nsw i64 %col33, 0
+  %437 = getelementptr inbounds float, ptr %435, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1036, align 4
+  %439 = add nsw i64 %col33, 8
+  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %441 = load <8 x float>, ptr %440, align 4
+  store <8 x float> %441, ptr %acc1137, align 4
+  %442 = add nsw i64 %r0, 2
+  %443 = mul nsw i64 %442, 3072
+  %444 = getelementptr inbounds float, ptr %h, i64 %443
+  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
+  %446 = load i32, ptr %445, align 4
+  %447 = sext i32 %446 to i64
+  %448 = mul nsw i64 %447, 768
+  %449 = getelementptr inbounds float, ptr %y, i64 %448
+  %450 = add nsw i64 %col33, 0
+  %451 = getelementptr inbounds float, ptr %449, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2038, align 4
+  %453 = add nsw i64 %col33, 8
+  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  store <8 x float> %455, ptr %acc2139, align 4
+  %panel.off40 = mul nsw i64 %p, 49152
+  %456 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
+  %457 = add nsw i64 %p, 1
+  %458 = icmp slt i64 %457, %p1
+  %459 = getelementptr inbounds i8, ptr %456, i64 196608
+  %460 = and i1 %pf.on, %458
+  %pf41 = select i1 %460, ptr %459, ptr %456
+  br label %k.head42
 
-k.head39:                                         ; preds = %k.body40, %tile.mr3
-  %k42 = phi i64 [ 0, %tile.mr3 ], [ %465, %k.body40 ]
-  %433 = icmp slt i64 %k42, 3072
-  br i1 %433, label %k.body40, label %k.end41
+k.head42:                                         ; preds = %k.body43, %tile.mr3
+  %k45 = phi i64 [ 0, %tile.mr3 ], [ %495, %k.body43 ]
+  %461 = icmp slt i64 %k45, 3072
+  br i1 %461, label %k.body43, label %k.end44
 
-k.body40:                                         ; preds = %k.head39
-  %434 = mul nsw i64 %k42, 16
-  %435 = add nsw i64 %panel.off38, %434
-  %436 = getelementptr inbounds float, ptr %panels, i64 %435
-  %437 = load <8 x float>, ptr %436, align 4
-  %438 = add nsw i64 %435, 8
-  %439 = getelementptr inbounds float, ptr %panels, i64 %438
-  %440 = load <8 x float>, ptr %439, align 4
-  %441 = getelementptr inbounds float, ptr %393, i64 %k42
-  %442 = load float, ptr %441, align 4
-  %443 = insertelement <8 x float> poison, float %442, i32 0
-  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
-  %445 = load <8 x float>, ptr %acc0032, align 4
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %437, <8 x float> %445)
-  store <8 x float> %446, ptr %acc0032, align 4
-  %447 = load <8 x float>, ptr %acc0133, align 4
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %440, <8 x float> %447)
-  store <8 x float> %448, ptr %acc0133, align 4
-  %449 = getelementptr inbounds float, ptr %407, i64 %k42
-  %450 = load float, ptr %449, align 4
-  %451 = insertelement <8 x float> poison, float %450, i32 0
-  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
-  %453 = load <8 x float>, ptr %acc1034, align 4
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %437, <8 x float> %453)
-  store <8 x float> %454, ptr %acc1034, align 4
-  %455 = load <8 x float>, ptr %acc1135, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %440, <8 x float> %455)
-  store <8 x float> %456, ptr %acc1135, align 4
-  %457 = getelementptr inbounds float, ptr %421, i64 %k42
-  %458 = load float, ptr %457, align 4
-  %459 = insertelement <8 x float> poison, float %458, i32 0
-  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
-  %461 = load <8 x float>, ptr %acc2036, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %437, <8 x float> %461)
-  store <8 x float> %462, ptr %acc2036, align 4
-  %463 = load <8 x float>, ptr %acc2137, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %440, <8 x float> %463)
-  store <8 x float> %464, ptr %acc2137, align 4
-  %465 = add nsw i64 %k42, 1
-  br label %k.head39
+k.body43:                                         ; preds = %k.head42
+  %462 = mul nsw i64 %k45, 16
+  %463 = add nsw i64 %panel.off40, %462
+  %464 = mul nsw i64 %k45, 64
+  %465 = getelementptr inbounds i8, ptr %pf41, i64 %464
+  call void @llvm.prefetch.p0(ptr %465, i32 0, i32 2, i32 1)
+  %466 = getelementptr inbounds float, ptr %panels, i64 %463
+  %467 = load <8 x float>, ptr %466, align 4
+  %468 = add nsw i64 %463, 8
+  %469 = getelementptr inbounds float, ptr %panels, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
+  %471 = getelementptr inbounds float, ptr %416, i64 %k45
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = load <8 x float>, ptr %acc0034, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %467, <8 x float> %475)
+  store <8 x float> %476, ptr %acc0034, align 4
+  %477 = load <8 x float>, ptr %acc0135, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %477)
+  store <8 x float> %478, ptr %acc0135, align 4
+  %479 = getelementptr inbounds float, ptr %430, i64 %k45
+  %480 = load float, ptr %479, align 4
+  %481 = insertelement <8 x float> poison, float %480, i32 0
+  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
+  %483 = load <8 x float>, ptr %acc1036, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %467, <8 x float> %483)
+  store <8 x float> %484, ptr %acc1036, align 4
+  %485 = load <8 x float>, ptr %acc1137, align 4
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %470, <8 x float> %485)
+  store <8 x float> %486, ptr %acc1137, align 4
+  %487 = getelementptr inbounds float, ptr %444, i64 %k45
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc2038, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %467, <8 x float> %491)
+  store <8 x float> %492, ptr %acc2038, align 4
+  %493 = load <8 x float>, ptr %acc2139, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %470, <8 x float> %493)
+  store <8 x float> %494, ptr %acc2139, align 4
+  %495 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end41:                                          ; preds = %k.head39
-  %466 = load <8 x float>, ptr %acc0032, align 4
-  store <8 x float> %466, ptr %400, align 4
-  %467 = load <8 x float>, ptr %acc0133, align 4
-  store <8 x float> %467, ptr %403, align 4
-  %468 = load <8 x float>, ptr %acc1034, align 4
-  store <8 x float> %468, ptr %414, align 4
-  %469 = load <8 x float>, ptr %acc1135, align 4
-  store <8 x float> %469, ptr %417, align 4
-  %470 = load <8 x float>, ptr %acc2036, align 4
-  store <8 x float> %470, ptr %428, align 4
-  %471 = load <8 x float>, ptr %acc2137, align 4
-  store <8 x float> %471, ptr %431, align 4
+k.end44:                                          ; preds = %k.head42
+  %496 = load <8 x float>, ptr %acc0034, align 4
+  store <8 x float> %496, ptr %423, align 4
+  %497 = load <8 x float>, ptr %acc0135, align 4
+  store <8 x float> %497, ptr %426, align 4
+  %498 = load <8 x float>, ptr %acc1036, align 4
+  store <8 x float> %498, ptr %437, align 4
+  %499 = load <8 x float>, ptr %acc1137, align 4
+  store <8 x float> %499, ptr %440, align 4
+  %500 = load <8 x float>, ptr %acc2038, align 4
+  store <8 x float> %500, ptr %451, align 4
+  %501 = load <8 x float>, ptr %acc2139, align 4
+  store <8 x float> %501, ptr %454, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col43 = mul nsw i64 %p, 16
-  %472 = add nsw i64 %r0, 0
-  %473 = mul nsw i64 %472, 3072
-  %474 = getelementptr inbounds float, ptr %h, i64 %473
-  %475 = getelementptr inbounds i32, ptr %rows, i64 %472
-  %476 = load i32, ptr %475, align 4
-  %477 = sext i32 %476 to i64
-  %478 = mul nsw i64 %477, 768
-  %479 = getelementptr inbounds float, ptr %y, i64 %478
-  %480 = add nsw i64 %col43, 0
-  %481 = getelementptr inbounds float, ptr %479, i64 %480
-  %482 = load <8 x float>, ptr %481, align 4
-  store <8 x float> %482, ptr %acc0044, align 4
-  %483 = add nsw i64 %col43, 8
-  %484 = getelementptr inbounds float, ptr %479, i64 %483
-  %485 = load <8 x float>, ptr %484, align 4
-  store <8 x float> %485, ptr %acc0145, align 4
-  %486 = add nsw i64 %r0, 1
-  %487 = mul nsw i64 %486, 3072
-  %488 = getelementptr inbounds float, ptr %h, i64 %487
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 768
-  %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col43, 0
-  %495 = getelementptr inbounds float, ptr %493, i64 %494
-  %496 = load <8 x float>, ptr %495, align 4
-  store <8 x float> %496, ptr %acc1046, align 4
-  %497 = add nsw i64 %col43, 8
-  %498 = getelementptr inbounds float, ptr %493, i64 %497
-  %499 = load <8 x float>, ptr %498, align 4
-  store <8 x float> %499, ptr %acc1147, align 4
-  %panel.off48 = mul nsw i64 %p, 49152
-  br label %k.head49
+  %col46 = mul nsw i64 %p, 16
+  %502 = add nsw i64 %r0, 0
+  %503 = mul nsw i64 %502, 3072
+  %504 = getelementptr inbounds float, ptr %h, i64 %503
+  %505 = getelementptr inbounds i32, ptr %rows, i64 %502
+  %506 = load i32, ptr %505, align 4
+  %507 = sext i32 %506 to i64
+  %508 = mul nsw i64 %507, 768
+  %509 = getelementptr inbounds float, ptr %y, i64 %508
+  %510 = add nsw i64 %col46, 0
+  %511 = getelementptr inbounds float, ptr %509, i64 %510
+  %512 = load <8 x float>, ptr %511, align 4
+  store <8 x float> %512, ptr %acc0047, align 4
+  %513 = add nsw i64 %col46, 8
+  %514 = getelementptr inbounds float, ptr %509, i64 %513
+  %515 = load <8 x float>, ptr %514, align 4
+  store <8 x float> %515, ptr %acc0148, align 4
+  %516 = add nsw i64 %r0, 1
+  %517 = mul nsw i64 %516, 3072
+  %518 = getelementptr inbounds float, ptr %h, i64 %517
+  %519 = getelementptr inbounds i32, ptr %rows, i64 %516
+  %520 = load i32, ptr %519, align 4
+  %521 = sext i32 %520 to i64
+  %522 = mul nsw i64 %521, 768
+  %523 = getelementptr inbounds float, ptr %y, i64 %522
+  %524 = add nsw i64 %col46, 0
+  %525 = getelementptr inbounds float, ptr %523, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  store <8 x float> %526, ptr %acc1049, align 4
+  %527 = add nsw i64 %col46, 8
+  %528 = getelementptr inbounds float, ptr %523, i64 %527
+  %529 = load <8 x float>, ptr %528, align 4
+  store <8 x float> %529, ptr %acc1150, align 4
+  %panel.off51 = mul nsw i64 %p, 49152
+  %530 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
+  %531 = add nsw i64 %p, 1
+  %532 = icmp slt i64 %531, %p1
+  %533 = getelementptr inbounds i8, ptr %530, i64 196608
+  %534 = and i1 %pf.on, %532
+  %pf52 = select i1 %534, ptr %533, ptr %530
+  br label %k.head53
 
-k.head49:                                         ; preds = %k.body50, %tile.mr2
-  %k52 = phi i64 [ 0, %tile.mr2 ], [ %524, %k.body50 ]
-  %500 = icmp slt i64 %k52, 3072
-  br i1 %500, label %k.body50, label %k.end51
+k.head53:                                         ; preds = %k.body54, %tile.mr2
+  %k56 = phi i64 [ 0, %tile.mr2 ], [ %561, %k.body54 ]
+  %535 = icmp slt i64 %k56, 3072
+  br i1 %535, label %k.body54, label %k.end55
 
-k.body50:                                         ; preds = %k.head49
-  %501 = mul nsw i64 %k52, 16
-  %502 = add nsw i64 %panel.off48, %501
-  %503 = getelementptr inbounds float, ptr %panels, i64 %502
-  %504 = load <8 x float>, ptr %503, align 4
-  %505 = add nsw i64 %502, 8
-  %506 = getelementptr inbounds float, ptr %panels, i64 %505
-  %507 = load <8 x float>, ptr %506, align 4
-  %508 = getelementptr inbounds float, ptr %474, i64 %k52
-  %509 = load float, ptr %508, align 4
-  %510 = insertelement <8 x float> poison, float %509, i32 0
-  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
-  %512 = load <8 x float>, ptr %acc0044, align 4
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %504, <8 x float> %512)
-  store <8 x float> %513, ptr %acc0044, align 4
-  %514 = load <8 x float>, ptr %acc0145, align 4
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %507, <8 x float> %514)
-  store <8 x float> %515, ptr %acc0145, align 4
-  %516 = getelementptr inbounds float, ptr %488, i64 %k52
-  %517 = load float, ptr %516, align 4
-  %518 = insertelement <8 x float> poison, float %517, i32 0
-  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
-  %520 = load <8 x float>, ptr %acc1046, align 4
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %504, <8 x float> %520)
-  store <8 x float> %521, ptr %acc1046, align 4
-  %522 = load <8 x float>, ptr %acc1147, align 4
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %507, <8 x float> %522)
-  store <8 x float> %523, ptr %acc1147, align 4
-  %524 = add nsw i64 %k52, 1
-  br label %k.head49
+k.body54:                                         ; preds = %k.head53
+  %536 = mul nsw i64 %k56, 16
+  %537 = add nsw i64 %panel.off51, %536
+  %538 = mul nsw i64 %k56, 64
+  %539 = getelementptr inbounds i8, ptr %pf52, i64 %538
+  call void @llvm.prefetch.p0(ptr %539, i32 0, i32 2, i32 1)
+  %540 = getelementptr inbounds float, ptr %panels, i64 %537
+  %541 = load <8 x float>, ptr %540, align 4
+  %542 = add nsw i64 %537, 8
+  %543 = getelementptr inbounds float, ptr %panels, i64 %542
+  %544 = load <8 x float>, ptr %543, align 4
+  %545 = getelementptr inbounds float, ptr %504, i64 %k56
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0047, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %541, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0047, align 4
+  %551 = load <8 x float>, ptr %acc0148, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %544, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0148, align 4
+  %553 = getelementptr inbounds float, ptr %518, i64 %k56
+  %554 = load float, ptr %553, align 4
+  %555 = insertelement <8 x float> poison, float %554, i32 0
+  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
+  %557 = load <8 x float>, ptr %acc1049, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %541, <8 x float> %557)
+  store <8 x float> %558, ptr %acc1049, align 4
+  %559 = load <8 x float>, ptr %acc1150, align 4
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %544, <8 x float> %559)
+  store <8 x float> %560, ptr %acc1150, align 4
+  %561 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end51:                                          ; preds = %k.head49
-  %525 = load <8 x float>, ptr %acc0044, align 4
-  store <8 x float> %525, ptr %481, align 4
-  %526 = load <8 x float>, ptr %acc0145, align 4
-  store <8 x float> %526, ptr %484, align 4
-  %527 = load <8 x float>, ptr %acc1046, align 4
-  store <8 x float> %527, ptr %495, align 4
-  %528 = load <8 x float>, ptr %acc1147, align 4
-  store <8 x float> %528, ptr %498, align 4
+k.end55:                                          ; preds = %k.head53
+  %562 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %562, ptr %511, align 4
+  %563 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %563, ptr %514, align 4
+  %564 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %564, ptr %525, align 4
+  %565 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %565, ptr %528, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col53 = mul nsw i64 %p, 16
-  %529 = add nsw i64 %r0, 0
-  %530 = mul nsw i64 %529, 3072
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %529
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 768
-  %536 = getelementptr inbounds float, ptr %y, i64 %535
-  %537 = add nsw i64 %col53, 0
-  %538 = getelementptr inbounds float, ptr %536, i64 %537
-  %539 = load <8 x float>, ptr %538, align 4
-  store <8 x float> %539, ptr %acc0054, align 4
-  %540 = add nsw i64 %col53, 8
-  %541 = getelementptr inbounds float, ptr %536, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  store <8 x float> %542, ptr %acc0155, align 4
-  %panel.off56 = mul nsw i64 %p, 49152
-  br label %k.head57
+  %col57 = mul nsw i64 %p, 16
+  %566 = add nsw i64 %r0, 0
+  %567 = mul nsw i64 %566, 3072
+  %568 = getelementptr inbounds float, ptr %h, i64 %567
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %566
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 768
+  %573 = getelementptr inbounds float, ptr %y, i64 %572
+  %574 = add nsw i64 %col57, 0
+  %575 = getelementptr inbounds float, ptr %573, i64 %574
+  %576 = load <8 x float>, ptr %575, align 4
+  store <8 x float> %576, ptr %acc0058, align 4
+  %577 = add nsw i64 %col57, 8
+  %578 = getelementptr inbounds float, ptr %573, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
+  store <8 x float> %579, ptr %acc0159, align 4
+  %panel.off60 = mul nsw i64 %p, 49152
+  %580 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
+  %581 = add nsw i64 %p, 1
+  %582 = icmp slt i64 %581, %p1
+  %583 = getelementptr inbounds i8, ptr %580, i64 196608
+  %584 = and i1 %pf.on, %582
+  %pf61 = select i1 %584, ptr %583, ptr %580
+  br label %k.head62
 
-k.head57:                                         ; preds = %k.body58, %tile.mr1
-  %k60 = phi i64 [ 0, %tile.mr1 ], [ %559, %k.body58 ]
-  %543 = icmp slt i64 %k60, 3072
-  br i1 %543, label %k.body58, label %k.end59
+k.head62:                                         ; preds = %k.body63, %tile.mr1
+  %k65 = phi i64 [ 0, %tile.mr1 ], [ %603, %k.body63 ]
+  %585 = icmp slt i64 %k65, 3072
+  br i1 %585, label %k.body63, label %k.end64
 
-k.body58:                                         ; preds = %k.head57
-  %544 = mul nsw i64 %k60, 16
-  %545 = add nsw i64 %panel.off56, %544
-  %546 = getelementptr inbounds float, ptr %panels, i64 %545
-  %547 = load <8 x float>, ptr %546, align 4
-  %548 = add nsw i64 %545, 8
-  %549 = getelementptr inbounds float, ptr %panels, i64 %548
-  %550 = load <8 x float>, ptr %549, align 4
-  %551 = getelementptr inbounds float, ptr %531, i64 %k60
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = load <8 x float>, ptr %acc0054, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
-  store <8 x float> %556, ptr %acc0054, align 4
-  %557 = load <8 x float>, ptr %acc0155, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
-  store <8 x float> %558, ptr %acc0155, align 4
-  %559 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body63:                                         ; preds = %k.head62
+  %586 = mul nsw i64 %k65, 16
+  %587 = add nsw i64 %panel.off60, %586
+  %588 = mul nsw i64 %k65, 64
+  %589 = getelementptr inbounds i8, ptr %pf61, i64 %588
+  call void @llvm.prefetch.p0(ptr %589, i32 0, i32 2, i32 1)
+  %590 = getelementptr inbounds float, ptr %panels, i64 %587
+  %591 = load <8 x float>, ptr %590, align 4
+  %592 = add nsw i64 %587, 8
+  %593 = getelementptr inbounds float, ptr %panels, i64 %592
+  %594 = load <8 x float>, ptr %593, align 4
+  %595 = getelementptr inbounds float, ptr %568, i64 %k65
+  %596 = load float, ptr %595, align 4
+  %597 = insertelement <8 x float> poison, float %596, i32 0
+  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
+  %599 = load <8 x float>, ptr %acc0058, align 4
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %591, <8 x float> %599)
+  store <8 x float> %600, ptr %acc0058, align 4
+  %601 = load <8 x float>, ptr %acc0159, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0159, align 4
+  %603 = add nsw i64 %k65, 1
+  br label %k.head62
 
-k.end59:                                          ; preds = %k.head57
-  %560 = load <8 x float>, ptr %acc0054, align 4
-  store <8 x float> %560, ptr %538, align 4
-  %561 = load <8 x float>, ptr %acc0155, align 4
-  store <8 x float> %561, ptr %541, align 4
+k.end64:                                          ; preds = %k.head62
+  %604 = load <8 x float>, ptr %acc0058, align 4
+  store <8 x float> %604, ptr %575, align 4
+  %605 = load <8 x float>, ptr %acc0159, align 4
+  store <8 x float> %605, ptr %578, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end59, %k.end51, %k.end41, %k.end29, %k.end15, %k.end
-  %562 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end64, %k.end55, %k.end44, %k.end31, %k.end16, %k.end
+  %606 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %563 = add nsw i64 %p, 1
+  %607 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3929,4 +4046,5 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

@@ -938,33 +938,33 @@ entry:
   %acc3133 = alloca <8 x float>, align 32
   %acc4034 = alloca <8 x float>, align 32
   %acc4135 = alloca <8 x float>, align 32
-  %acc0068 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
-  %acc1070 = alloca <8 x float>, align 32
-  %acc1171 = alloca <8 x float>, align 32
-  %acc2072 = alloca <8 x float>, align 32
-  %acc2173 = alloca <8 x float>, align 32
-  %acc3074 = alloca <8 x float>, align 32
-  %acc3175 = alloca <8 x float>, align 32
-  %acc00103 = alloca <8 x float>, align 32
-  %acc01104 = alloca <8 x float>, align 32
-  %acc10105 = alloca <8 x float>, align 32
-  %acc11106 = alloca <8 x float>, align 32
-  %acc20107 = alloca <8 x float>, align 32
-  %acc21108 = alloca <8 x float>, align 32
-  %acc00131 = alloca <8 x float>, align 32
-  %acc01132 = alloca <8 x float>, align 32
-  %acc10133 = alloca <8 x float>, align 32
-  %acc11134 = alloca <8 x float>, align 32
-  %acc00152 = alloca <8 x float>, align 32
-  %acc01153 = alloca <8 x float>, align 32
+  %acc0069 = alloca <8 x float>, align 32
+  %acc0170 = alloca <8 x float>, align 32
+  %acc1071 = alloca <8 x float>, align 32
+  %acc1172 = alloca <8 x float>, align 32
+  %acc2073 = alloca <8 x float>, align 32
+  %acc2174 = alloca <8 x float>, align 32
+  %acc3075 = alloca <8 x float>, align 32
+  %acc3176 = alloca <8 x float>, align 32
+  %acc00105 = alloca <8 x float>, align 32
+  %acc01106 = alloca <8 x float>, align 32
+  %acc10107 = alloca <8 x float>, align 32
+  %acc11108 = alloca <8 x float>, align 32
+  %acc20109 = alloca <8 x float>, align 32
+  %acc21110 = alloca <8 x float>, align 32
+  %acc00134 = alloca <8 x float>, align 32
+  %acc01135 = alloca <8 x float>, align 32
+  %acc10136 = alloca <8 x float>, align 32
+  %acc11137 = alloca <8 x float>, align 32
+  %acc00156 = alloca <8 x float>, align 32
+  %acc01157 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1333, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1377, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -972,7 +972,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1332, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1376, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -980,6 +980,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -989,1657 +992,1714 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 2880
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 2880
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 2880
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 2880
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 2880
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 2880
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 2880
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 2880
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 2880
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 2880
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 2880
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 2880
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
+  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 92160
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
-  %39 = icmp slt i64 %k, 2880
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
+  %46 = icmp slt i64 %k, 2880
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
-  %43 = load <8 x i32>, ptr %42, align 4
-  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %44 to <8 x float>
-  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %45 to <8 x float>
-  %46 = getelementptr inbounds float, ptr %8, i64 %k
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <8 x float> poison, float %47, i32 0
-  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
-  %50 = load <8 x float>, ptr %acc00, align 4
-  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
-  store <8 x float> %51, ptr %acc00, align 4
-  %52 = load <8 x float>, ptr %acc01, align 4
-  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
-  store <8 x float> %53, ptr %acc01, align 4
-  %54 = getelementptr inbounds float, ptr %14, i64 %k
-  %55 = load float, ptr %54, align 4
-  %56 = insertelement <8 x float> poison, float %55, i32 0
-  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
-  %58 = load <8 x float>, ptr %acc10, align 4
-  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
-  store <8 x float> %59, ptr %acc10, align 4
-  %60 = load <8 x float>, ptr %acc11, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
-  store <8 x float> %61, ptr %acc11, align 4
-  %62 = getelementptr inbounds float, ptr %20, i64 %k
-  %63 = load float, ptr %62, align 4
-  %64 = insertelement <8 x float> poison, float %63, i32 0
-  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
-  %66 = load <8 x float>, ptr %acc20, align 4
-  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
-  store <8 x float> %67, ptr %acc20, align 4
-  %68 = load <8 x float>, ptr %acc21, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
-  store <8 x float> %69, ptr %acc21, align 4
-  %70 = getelementptr inbounds float, ptr %26, i64 %k
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc30, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
-  store <8 x float> %75, ptr %acc30, align 4
-  %76 = load <8 x float>, ptr %acc31, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
-  store <8 x float> %77, ptr %acc31, align 4
-  %78 = getelementptr inbounds float, ptr %32, i64 %k
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc40, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
-  store <8 x float> %83, ptr %acc40, align 4
-  %84 = load <8 x float>, ptr %acc41, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
-  store <8 x float> %85, ptr %acc41, align 4
-  %86 = getelementptr inbounds float, ptr %38, i64 %k
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc50, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
-  store <8 x float> %91, ptr %acc50, align 4
-  %92 = load <8 x float>, ptr %acc51, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
-  store <8 x float> %93, ptr %acc51, align 4
-  %94 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 32
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
+  %52 = load <8 x i32>, ptr %51, align 4
+  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %53 to <8 x float>
+  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %54 to <8 x float>
+  %55 = getelementptr inbounds float, ptr %10, i64 %k
+  %56 = load float, ptr %55, align 4
+  %57 = insertelement <8 x float> poison, float %56, i32 0
+  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
+  %59 = load <8 x float>, ptr %acc00, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
+  store <8 x float> %60, ptr %acc00, align 4
+  %61 = load <8 x float>, ptr %acc01, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
+  store <8 x float> %62, ptr %acc01, align 4
+  %63 = getelementptr inbounds float, ptr %16, i64 %k
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = getelementptr inbounds float, ptr %22, i64 %k
+  %72 = load float, ptr %71, align 4
+  %73 = insertelement <8 x float> poison, float %72, i32 0
+  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
+  %75 = load <8 x float>, ptr %acc20, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
+  store <8 x float> %76, ptr %acc20, align 4
+  %77 = load <8 x float>, ptr %acc21, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
+  store <8 x float> %78, ptr %acc21, align 4
+  %79 = getelementptr inbounds float, ptr %28, i64 %k
+  %80 = load float, ptr %79, align 4
+  %81 = insertelement <8 x float> poison, float %80, i32 0
+  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
+  %83 = load <8 x float>, ptr %acc30, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
+  store <8 x float> %84, ptr %acc30, align 4
+  %85 = load <8 x float>, ptr %acc31, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
+  store <8 x float> %86, ptr %acc31, align 4
+  %87 = getelementptr inbounds float, ptr %34, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc40, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
+  store <8 x float> %92, ptr %acc40, align 4
+  %93 = load <8 x float>, ptr %acc41, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
+  store <8 x float> %94, ptr %acc41, align 4
+  %95 = getelementptr inbounds float, ptr %40, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc50, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc50, align 4
+  %101 = load <8 x float>, ptr %acc51, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc51, align 4
+  %103 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %95 = add nsw i64 %r0, 0
-  %96 = getelementptr inbounds float, ptr %rw, i64 %95
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = mul nsw i64 %95, 2880
-  %101 = getelementptr inbounds float, ptr %h, i64 %100
+  %104 = add nsw i64 %r0, 0
+  %105 = getelementptr inbounds float, ptr %rw, i64 %104
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = mul nsw i64 %104, 2880
+  %110 = getelementptr inbounds float, ptr %h, i64 %109
   %col = mul nsw i64 %p, 8
-  %102 = load <8 x float>, ptr %acc00, align 4
-  %103 = load <8 x float>, ptr %acc01, align 4
-  %104 = getelementptr inbounds float, ptr %bg, i64 %col
-  %105 = load <8 x float>, ptr %104, align 4
-  %106 = fadd <8 x float> %102, %105
-  %107 = getelementptr inbounds float, ptr %bu, i64 %col
-  %108 = load <8 x float>, ptr %107, align 4
-  %109 = fadd <8 x float> %103, %108
-  %110 = fcmp olt <8 x float> %106, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %111 = select <8 x i1> %110, <8 x float> %106, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %112 = fcmp olt <8 x float> %109, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %113 = select <8 x i1> %112, <8 x float> %109, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %114 = fcmp ogt <8 x float> %113, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %115 = select <8 x i1> %114, <8 x float> %113, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %116 = fmul <8 x float> %111, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %117 = fneg <8 x float> %116
-  %118 = fcmp olt <8 x float> %117, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %119 = select <8 x i1> %118, <8 x float> %117, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %120 = fcmp ogt <8 x float> %119, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %121 = select <8 x i1> %120, <8 x float> %119, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %123 = call <8 x float> @llvm.floor.v8f32(<8 x float> %122)
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %121)
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %124)
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %125, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %125, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %125, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %125, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %125, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %131 = fmul <8 x float> %125, %125
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %131, <8 x float> %125)
-  %133 = fadd <8 x float> %132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %134 = fptosi <8 x float> %123 to <8 x i32>
-  %135 = add <8 x i32> %134, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %136 = shl <8 x i32> %135, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %136 to <8 x float>
-  %exp = fmul <8 x float> %133, %exp.2n
-  %137 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %137
-  %138 = fmul <8 x float> %111, %sigmoid
-  %139 = fadd <8 x float> %115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai = fmul <8 x float> %138, %139
-  %140 = fmul <8 x float> %oai, %99
-  %141 = getelementptr inbounds float, ptr %101, i64 %col
-  store <8 x float> %140, ptr %141, align 4
-  %142 = add nsw i64 %r0, 1
-  %143 = getelementptr inbounds float, ptr %rw, i64 %142
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <8 x float> poison, float %144, i32 0
-  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
-  %147 = mul nsw i64 %142, 2880
-  %148 = getelementptr inbounds float, ptr %h, i64 %147
+  %111 = load <8 x float>, ptr %acc00, align 4
+  %112 = load <8 x float>, ptr %acc01, align 4
+  %113 = getelementptr inbounds float, ptr %bg, i64 %col
+  %114 = load <8 x float>, ptr %113, align 4
+  %115 = fadd <8 x float> %111, %114
+  %116 = getelementptr inbounds float, ptr %bu, i64 %col
+  %117 = load <8 x float>, ptr %116, align 4
+  %118 = fadd <8 x float> %112, %117
+  %119 = fcmp olt <8 x float> %115, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %120 = select <8 x i1> %119, <8 x float> %115, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %121 = fcmp olt <8 x float> %118, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %122 = select <8 x i1> %121, <8 x float> %118, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %123 = fcmp ogt <8 x float> %122, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %124 = select <8 x i1> %123, <8 x float> %122, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %125 = fmul <8 x float> %120, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %126 = fneg <8 x float> %125
+  %127 = fcmp olt <8 x float> %126, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %129 = fcmp ogt <8 x float> %128, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %132 = call <8 x float> @llvm.floor.v8f32(<8 x float> %131)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %130)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %133)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %134, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %134, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %134, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %134, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %134, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %140 = fmul <8 x float> %134, %134
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %140, <8 x float> %134)
+  %142 = fadd <8 x float> %141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %143 = fptosi <8 x float> %132 to <8 x i32>
+  %144 = add <8 x i32> %143, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %145 = shl <8 x i32> %144, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %145 to <8 x float>
+  %exp = fmul <8 x float> %142, %exp.2n
+  %146 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %146
+  %147 = fmul <8 x float> %120, %sigmoid
+  %148 = fadd <8 x float> %124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai = fmul <8 x float> %147, %148
+  %149 = fmul <8 x float> %oai, %108
+  %150 = getelementptr inbounds float, ptr %110, i64 %col
+  store <8 x float> %149, ptr %150, align 4
+  %151 = add nsw i64 %r0, 1
+  %152 = getelementptr inbounds float, ptr %rw, i64 %151
+  %153 = load float, ptr %152, align 4
+  %154 = insertelement <8 x float> poison, float %153, i32 0
+  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
+  %156 = mul nsw i64 %151, 2880
+  %157 = getelementptr inbounds float, ptr %h, i64 %156
   %col1 = mul nsw i64 %p, 8
-  %149 = load <8 x float>, ptr %acc10, align 4
-  %150 = load <8 x float>, ptr %acc11, align 4
-  %151 = getelementptr inbounds float, ptr %bg, i64 %col1
-  %152 = load <8 x float>, ptr %151, align 4
-  %153 = fadd <8 x float> %149, %152
-  %154 = getelementptr inbounds float, ptr %bu, i64 %col1
-  %155 = load <8 x float>, ptr %154, align 4
-  %156 = fadd <8 x float> %150, %155
-  %157 = fcmp olt <8 x float> %153, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %158 = select <8 x i1> %157, <8 x float> %153, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %159 = fcmp olt <8 x float> %156, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %160 = select <8 x i1> %159, <8 x float> %156, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %161 = fcmp ogt <8 x float> %160, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %163 = fmul <8 x float> %158, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %164 = fneg <8 x float> %163
-  %165 = fcmp olt <8 x float> %164, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %166 = select <8 x i1> %165, <8 x float> %164, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %167 = fcmp ogt <8 x float> %166, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %168 = select <8 x i1> %167, <8 x float> %166, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %170 = call <8 x float> @llvm.floor.v8f32(<8 x float> %169)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %168)
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %171)
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %172, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %172, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> %172, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %172, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %172, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %178 = fmul <8 x float> %172, %172
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %178, <8 x float> %172)
-  %180 = fadd <8 x float> %179, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %181 = fptosi <8 x float> %170 to <8 x i32>
-  %182 = add <8 x i32> %181, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %183 = shl <8 x i32> %182, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %183 to <8 x float>
-  %exp3 = fmul <8 x float> %180, %exp.2n2
-  %184 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %184
-  %185 = fmul <8 x float> %158, %sigmoid4
-  %186 = fadd <8 x float> %162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai5 = fmul <8 x float> %185, %186
-  %187 = fmul <8 x float> %oai5, %146
-  %188 = getelementptr inbounds float, ptr %148, i64 %col1
-  store <8 x float> %187, ptr %188, align 4
-  %189 = add nsw i64 %r0, 2
-  %190 = getelementptr inbounds float, ptr %rw, i64 %189
-  %191 = load float, ptr %190, align 4
-  %192 = insertelement <8 x float> poison, float %191, i32 0
-  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
-  %194 = mul nsw i64 %189, 2880
-  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %158 = load <8 x float>, ptr %acc10, align 4
+  %159 = load <8 x float>, ptr %acc11, align 4
+  %160 = getelementptr inbounds float, ptr %bg, i64 %col1
+  %161 = load <8 x float>, ptr %160, align 4
+  %162 = fadd <8 x float> %158, %161
+  %163 = getelementptr inbounds float, ptr %bu, i64 %col1
+  %164 = load <8 x float>, ptr %163, align 4
+  %165 = fadd <8 x float> %159, %164
+  %166 = fcmp olt <8 x float> %162, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %167 = select <8 x i1> %166, <8 x float> %162, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %168 = fcmp olt <8 x float> %165, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %169 = select <8 x i1> %168, <8 x float> %165, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %170 = fcmp ogt <8 x float> %169, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %171 = select <8 x i1> %170, <8 x float> %169, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %172 = fmul <8 x float> %167, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %173 = fneg <8 x float> %172
+  %174 = fcmp olt <8 x float> %173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %175 = select <8 x i1> %174, <8 x float> %173, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %176 = fcmp ogt <8 x float> %175, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %177 = select <8 x i1> %176, <8 x float> %175, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %179 = call <8 x float> @llvm.floor.v8f32(<8 x float> %178)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %177)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %180)
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %181, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %181, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %181, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %181, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %181, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %187 = fmul <8 x float> %181, %181
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %187, <8 x float> %181)
+  %189 = fadd <8 x float> %188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %190 = fptosi <8 x float> %179 to <8 x i32>
+  %191 = add <8 x i32> %190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %192 = shl <8 x i32> %191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %192 to <8 x float>
+  %exp3 = fmul <8 x float> %189, %exp.2n2
+  %193 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %193
+  %194 = fmul <8 x float> %167, %sigmoid4
+  %195 = fadd <8 x float> %171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai5 = fmul <8 x float> %194, %195
+  %196 = fmul <8 x float> %oai5, %155
+  %197 = getelementptr inbounds float, ptr %157, i64 %col1
+  store <8 x float> %196, ptr %197, align 4
+  %198 = add nsw i64 %r0, 2
+  %199 = getelementptr inbounds float, ptr %rw, i64 %198
+  %200 = load float, ptr %199, align 4
+  %201 = insertelement <8 x float> poison, float %200, i32 0
+  %202 = shufflevector <8 x float> %201, <8 x float> poison, <8 x i32> zeroinitializer
+  %203 = mul nsw i64 %198, 2880
+  %204 = getelementptr inbounds float, ptr %h, i64 %203
   %col6 = mul nsw i64 %p, 8
-  %196 = load <8 x float>, ptr %acc20, align 4
-  %197 = load <8 x float>, ptr %acc21, align 4
-  %198 = getelementptr inbounds float, ptr %bg, i64 %col6
-  %199 = load <8 x float>, ptr %198, align 4
-  %200 = fadd <8 x float> %196, %199
-  %201 = getelementptr inbounds float, ptr %bu, i64 %col6
-  %202 = load <8 x float>, ptr %201, align 4
-  %203 = fadd <8 x float> %197, %202
-  %204 = fcmp olt <8 x float> %200, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %205 = select <8 x i1> %204, <8 x float> %200, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %206 = fcmp olt <8 x float> %203, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %207 = select <8 x i1> %206, <8 x float> %203, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %208 = fcmp ogt <8 x float> %207, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %209 = select <8 x i1> %208, <8 x float> %207, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %210 = fmul <8 x float> %205, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %211 = fneg <8 x float> %210
-  %212 = fcmp olt <8 x float> %211, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %213 = select <8 x i1> %212, <8 x float> %211, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %214 = fcmp ogt <8 x float> %213, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %215 = select <8 x i1> %214, <8 x float> %213, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %217 = call <8 x float> @llvm.floor.v8f32(<8 x float> %216)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %215)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %218)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %219, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %219, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %219, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %219, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %219, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %225 = fmul <8 x float> %219, %219
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %225, <8 x float> %219)
-  %227 = fadd <8 x float> %226, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %228 = fptosi <8 x float> %217 to <8 x i32>
-  %229 = add <8 x i32> %228, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %230 = shl <8 x i32> %229, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n7 = bitcast <8 x i32> %230 to <8 x float>
-  %exp8 = fmul <8 x float> %227, %exp.2n7
-  %231 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %231
-  %232 = fmul <8 x float> %205, %sigmoid9
-  %233 = fadd <8 x float> %209, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai10 = fmul <8 x float> %232, %233
-  %234 = fmul <8 x float> %oai10, %193
-  %235 = getelementptr inbounds float, ptr %195, i64 %col6
-  store <8 x float> %234, ptr %235, align 4
-  %236 = add nsw i64 %r0, 3
-  %237 = getelementptr inbounds float, ptr %rw, i64 %236
-  %238 = load float, ptr %237, align 4
-  %239 = insertelement <8 x float> poison, float %238, i32 0
-  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
-  %241 = mul nsw i64 %236, 2880
-  %242 = getelementptr inbounds float, ptr %h, i64 %241
+  %205 = load <8 x float>, ptr %acc20, align 4
+  %206 = load <8 x float>, ptr %acc21, align 4
+  %207 = getelementptr inbounds float, ptr %bg, i64 %col6
+  %208 = load <8 x float>, ptr %207, align 4
+  %209 = fadd <8 x float> %205, %208
+  %210 = getelementptr inbounds float, ptr %bu, i64 %col6
+  %211 = load <8 x float>, ptr %210, align 4
+  %212 = fadd <8 x float> %206, %211
+  %213 = fcmp olt <8 x float> %209, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %214 = select <8 x i1> %213, <8 x float> %209, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %215 = fcmp olt <8 x float> %212, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %216 = select <8 x i1> %215, <8 x float> %212, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %217 = fcmp ogt <8 x float> %216, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %218 = select <8 x i1> %217, <8 x float> %216, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %219 = fmul <8 x float> %214, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %220 = fneg <8 x float> %219
+  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %234 = fmul <8 x float> %228, %228
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
+  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %237 = fptosi <8 x float> %226 to <8 x i32>
+  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n7 = bitcast <8 x i32> %239 to <8 x float>
+  %exp8 = fmul <8 x float> %236, %exp.2n7
+  %240 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
+  %241 = fmul <8 x float> %214, %sigmoid9
+  %242 = fadd <8 x float> %218, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai10 = fmul <8 x float> %241, %242
+  %243 = fmul <8 x float> %oai10, %202
+  %244 = getelementptr inbounds float, ptr %204, i64 %col6
+  store <8 x float> %243, ptr %244, align 4
+  %245 = add nsw i64 %r0, 3
+  %246 = getelementptr inbounds float, ptr %rw, i64 %245
+  %247 = load float, ptr %246, align 4
+  %248 = insertelement <8 x float> poison, float %247, i32 0
+  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
+  %250 = mul nsw i64 %245, 2880
+  %251 = getelementptr inbounds float, ptr %h, i64 %250
   %col11 = mul nsw i64 %p, 8
-  %243 = load <8 x float>, ptr %acc30, align 4
-  %244 = load <8 x float>, ptr %acc31, align 4
-  %245 = getelementptr inbounds float, ptr %bg, i64 %col11
-  %246 = load <8 x float>, ptr %245, align 4
-  %247 = fadd <8 x float> %243, %246
-  %248 = getelementptr inbounds float, ptr %bu, i64 %col11
-  %249 = load <8 x float>, ptr %248, align 4
-  %250 = fadd <8 x float> %244, %249
-  %251 = fcmp olt <8 x float> %247, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %252 = select <8 x i1> %251, <8 x float> %247, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %253 = fcmp olt <8 x float> %250, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %254 = select <8 x i1> %253, <8 x float> %250, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %255 = fcmp ogt <8 x float> %254, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %257 = fmul <8 x float> %252, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %258 = fneg <8 x float> %257
-  %259 = fcmp olt <8 x float> %258, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %261 = fcmp ogt <8 x float> %260, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %262 = select <8 x i1> %261, <8 x float> %260, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %264 = call <8 x float> @llvm.floor.v8f32(<8 x float> %263)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %262)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %265)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %266, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %266, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %266, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %266, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %266, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %272 = fmul <8 x float> %266, %266
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %272, <8 x float> %266)
-  %274 = fadd <8 x float> %273, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %275 = fptosi <8 x float> %264 to <8 x i32>
-  %276 = add <8 x i32> %275, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %277 = shl <8 x i32> %276, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n12 = bitcast <8 x i32> %277 to <8 x float>
-  %exp13 = fmul <8 x float> %274, %exp.2n12
-  %278 = fadd <8 x float> %exp13, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid14 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %278
-  %279 = fmul <8 x float> %252, %sigmoid14
-  %280 = fadd <8 x float> %256, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai15 = fmul <8 x float> %279, %280
-  %281 = fmul <8 x float> %oai15, %240
-  %282 = getelementptr inbounds float, ptr %242, i64 %col11
-  store <8 x float> %281, ptr %282, align 4
-  %283 = add nsw i64 %r0, 4
-  %284 = getelementptr inbounds float, ptr %rw, i64 %283
-  %285 = load float, ptr %284, align 4
-  %286 = insertelement <8 x float> poison, float %285, i32 0
-  %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
-  %288 = mul nsw i64 %283, 2880
-  %289 = getelementptr inbounds float, ptr %h, i64 %288
+  %252 = load <8 x float>, ptr %acc30, align 4
+  %253 = load <8 x float>, ptr %acc31, align 4
+  %254 = getelementptr inbounds float, ptr %bg, i64 %col11
+  %255 = load <8 x float>, ptr %254, align 4
+  %256 = fadd <8 x float> %252, %255
+  %257 = getelementptr inbounds float, ptr %bu, i64 %col11
+  %258 = load <8 x float>, ptr %257, align 4
+  %259 = fadd <8 x float> %253, %258
+  %260 = fcmp olt <8 x float> %256, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %261 = select <8 x i1> %260, <8 x float> %256, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %262 = fcmp olt <8 x float> %259, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %263 = select <8 x i1> %262, <8 x float> %259, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %264 = fcmp ogt <8 x float> %263, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %265 = select <8 x i1> %264, <8 x float> %263, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %266 = fmul <8 x float> %261, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %267 = fneg <8 x float> %266
+  %268 = fcmp olt <8 x float> %267, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %269 = select <8 x i1> %268, <8 x float> %267, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %270 = fcmp ogt <8 x float> %269, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %271 = select <8 x i1> %270, <8 x float> %269, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %273 = call <8 x float> @llvm.floor.v8f32(<8 x float> %272)
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %271)
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %274)
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %275, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %275, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %275, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %275, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %275, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %281 = fmul <8 x float> %275, %275
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %281, <8 x float> %275)
+  %283 = fadd <8 x float> %282, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %284 = fptosi <8 x float> %273 to <8 x i32>
+  %285 = add <8 x i32> %284, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %286 = shl <8 x i32> %285, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n12 = bitcast <8 x i32> %286 to <8 x float>
+  %exp13 = fmul <8 x float> %283, %exp.2n12
+  %287 = fadd <8 x float> %exp13, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid14 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %287
+  %288 = fmul <8 x float> %261, %sigmoid14
+  %289 = fadd <8 x float> %265, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai15 = fmul <8 x float> %288, %289
+  %290 = fmul <8 x float> %oai15, %249
+  %291 = getelementptr inbounds float, ptr %251, i64 %col11
+  store <8 x float> %290, ptr %291, align 4
+  %292 = add nsw i64 %r0, 4
+  %293 = getelementptr inbounds float, ptr %rw, i64 %292
+  %294 = load float, ptr %293, align 4
+  %295 = insertelement <8 x float> poison, float %294, i32 0
+  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
+  %297 = mul nsw i64 %292, 2880
+  %298 = getelementptr inbounds float, ptr %h, i64 %297
   %col16 = mul nsw i64 %p, 8
-  %290 = load <8 x float>, ptr %acc40, align 4
-  %291 = load <8 x float>, ptr %acc41, align 4
-  %292 = getelementptr inbounds float, ptr %bg, i64 %col16
-  %293 = load <8 x float>, ptr %292, align 4
-  %294 = fadd <8 x float> %290, %293
-  %295 = getelementptr inbounds float, ptr %bu, i64 %col16
-  %296 = load <8 x float>, ptr %295, align 4
-  %297 = fadd <8 x float> %291, %296
-  %298 = fcmp olt <8 x float> %294, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %299 = select <8 x i1> %298, <8 x float> %294, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %300 = fcmp olt <8 x float> %297, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %301 = select <8 x i1> %300, <8 x float> %297, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %302 = fcmp ogt <8 x float> %301, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %303 = select <8 x i1> %302, <8 x float> %301, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %304 = fmul <8 x float> %299, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %305 = fneg <8 x float> %304
-  %306 = fcmp olt <8 x float> %305, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %307 = select <8 x i1> %306, <8 x float> %305, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %308 = fcmp ogt <8 x float> %307, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %309 = select <8 x i1> %308, <8 x float> %307, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %309, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %311 = call <8 x float> @llvm.floor.v8f32(<8 x float> %310)
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %309)
-  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %312)
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %313, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %313, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %315, <8 x float> %313, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %313, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> %313, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %319 = fmul <8 x float> %313, %313
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %319, <8 x float> %313)
-  %321 = fadd <8 x float> %320, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %322 = fptosi <8 x float> %311 to <8 x i32>
-  %323 = add <8 x i32> %322, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %324 = shl <8 x i32> %323, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n17 = bitcast <8 x i32> %324 to <8 x float>
-  %exp18 = fmul <8 x float> %321, %exp.2n17
-  %325 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %325
-  %326 = fmul <8 x float> %299, %sigmoid19
-  %327 = fadd <8 x float> %303, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai20 = fmul <8 x float> %326, %327
-  %328 = fmul <8 x float> %oai20, %287
-  %329 = getelementptr inbounds float, ptr %289, i64 %col16
-  store <8 x float> %328, ptr %329, align 4
-  %330 = add nsw i64 %r0, 5
-  %331 = getelementptr inbounds float, ptr %rw, i64 %330
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = mul nsw i64 %330, 2880
-  %336 = getelementptr inbounds float, ptr %h, i64 %335
+  %299 = load <8 x float>, ptr %acc40, align 4
+  %300 = load <8 x float>, ptr %acc41, align 4
+  %301 = getelementptr inbounds float, ptr %bg, i64 %col16
+  %302 = load <8 x float>, ptr %301, align 4
+  %303 = fadd <8 x float> %299, %302
+  %304 = getelementptr inbounds float, ptr %bu, i64 %col16
+  %305 = load <8 x float>, ptr %304, align 4
+  %306 = fadd <8 x float> %300, %305
+  %307 = fcmp olt <8 x float> %303, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %308 = select <8 x i1> %307, <8 x float> %303, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %309 = fcmp olt <8 x float> %306, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %310 = select <8 x i1> %309, <8 x float> %306, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %311 = fcmp ogt <8 x float> %310, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %312 = select <8 x i1> %311, <8 x float> %310, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %313 = fmul <8 x float> %308, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %314 = fneg <8 x float> %313
+  %315 = fcmp olt <8 x float> %314, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %316 = select <8 x i1> %315, <8 x float> %314, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %317 = fcmp ogt <8 x float> %316, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %318 = select <8 x i1> %317, <8 x float> %316, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %320 = call <8 x float> @llvm.floor.v8f32(<8 x float> %319)
+  %321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %318)
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %321)
+  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %322, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %322, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %322, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %322, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %327 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %322, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %328 = fmul <8 x float> %322, %322
+  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %328, <8 x float> %322)
+  %330 = fadd <8 x float> %329, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %331 = fptosi <8 x float> %320 to <8 x i32>
+  %332 = add <8 x i32> %331, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %333 = shl <8 x i32> %332, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n17 = bitcast <8 x i32> %333 to <8 x float>
+  %exp18 = fmul <8 x float> %330, %exp.2n17
+  %334 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %334
+  %335 = fmul <8 x float> %308, %sigmoid19
+  %336 = fadd <8 x float> %312, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai20 = fmul <8 x float> %335, %336
+  %337 = fmul <8 x float> %oai20, %296
+  %338 = getelementptr inbounds float, ptr %298, i64 %col16
+  store <8 x float> %337, ptr %338, align 4
+  %339 = add nsw i64 %r0, 5
+  %340 = getelementptr inbounds float, ptr %rw, i64 %339
+  %341 = load float, ptr %340, align 4
+  %342 = insertelement <8 x float> poison, float %341, i32 0
+  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
+  %344 = mul nsw i64 %339, 2880
+  %345 = getelementptr inbounds float, ptr %h, i64 %344
   %col21 = mul nsw i64 %p, 8
-  %337 = load <8 x float>, ptr %acc50, align 4
-  %338 = load <8 x float>, ptr %acc51, align 4
-  %339 = getelementptr inbounds float, ptr %bg, i64 %col21
-  %340 = load <8 x float>, ptr %339, align 4
-  %341 = fadd <8 x float> %337, %340
-  %342 = getelementptr inbounds float, ptr %bu, i64 %col21
-  %343 = load <8 x float>, ptr %342, align 4
-  %344 = fadd <8 x float> %338, %343
-  %345 = fcmp olt <8 x float> %341, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %346 = select <8 x i1> %345, <8 x float> %341, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %347 = fcmp olt <8 x float> %344, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %348 = select <8 x i1> %347, <8 x float> %344, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %349 = fcmp ogt <8 x float> %348, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %350 = select <8 x i1> %349, <8 x float> %348, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %351 = fmul <8 x float> %346, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %352 = fneg <8 x float> %351
-  %353 = fcmp olt <8 x float> %352, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %354 = select <8 x i1> %353, <8 x float> %352, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %355 = fcmp ogt <8 x float> %354, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %356 = select <8 x i1> %355, <8 x float> %354, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %358 = call <8 x float> @llvm.floor.v8f32(<8 x float> %357)
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %356)
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %359)
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %360, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %360, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> %360, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %360, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %366 = fmul <8 x float> %360, %360
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %366, <8 x float> %360)
-  %368 = fadd <8 x float> %367, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %369 = fptosi <8 x float> %358 to <8 x i32>
-  %370 = add <8 x i32> %369, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %371 = shl <8 x i32> %370, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n22 = bitcast <8 x i32> %371 to <8 x float>
-  %exp23 = fmul <8 x float> %368, %exp.2n22
-  %372 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %372
-  %373 = fmul <8 x float> %346, %sigmoid24
-  %374 = fadd <8 x float> %350, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai25 = fmul <8 x float> %373, %374
-  %375 = fmul <8 x float> %oai25, %334
-  %376 = getelementptr inbounds float, ptr %336, i64 %col21
-  store <8 x float> %375, ptr %376, align 4
+  %346 = load <8 x float>, ptr %acc50, align 4
+  %347 = load <8 x float>, ptr %acc51, align 4
+  %348 = getelementptr inbounds float, ptr %bg, i64 %col21
+  %349 = load <8 x float>, ptr %348, align 4
+  %350 = fadd <8 x float> %346, %349
+  %351 = getelementptr inbounds float, ptr %bu, i64 %col21
+  %352 = load <8 x float>, ptr %351, align 4
+  %353 = fadd <8 x float> %347, %352
+  %354 = fcmp olt <8 x float> %350, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %355 = select <8 x i1> %354, <8 x float> %350, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %356 = fcmp olt <8 x float> %353, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %357 = select <8 x i1> %356, <8 x float> %353, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %358 = fcmp ogt <8 x float> %357, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %359 = select <8 x i1> %358, <8 x float> %357, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %360 = fmul <8 x float> %355, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %361 = fneg <8 x float> %360
+  %362 = fcmp olt <8 x float> %361, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %363 = select <8 x i1> %362, <8 x float> %361, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %364 = fcmp ogt <8 x float> %363, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %365 = select <8 x i1> %364, <8 x float> %363, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %367 = call <8 x float> @llvm.floor.v8f32(<8 x float> %366)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %365)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %368)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %369, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %369, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %369, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %369, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %369, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %375 = fmul <8 x float> %369, %369
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %375, <8 x float> %369)
+  %377 = fadd <8 x float> %376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %378 = fptosi <8 x float> %367 to <8 x i32>
+  %379 = add <8 x i32> %378, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %380 = shl <8 x i32> %379, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %380 to <8 x float>
+  %exp23 = fmul <8 x float> %377, %exp.2n22
+  %381 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %381
+  %382 = fmul <8 x float> %355, %sigmoid24
+  %383 = fadd <8 x float> %359, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai25 = fmul <8 x float> %382, %383
+  %384 = fmul <8 x float> %oai25, %343
+  %385 = getelementptr inbounds float, ptr %345, i64 %col21
+  store <8 x float> %384, ptr %385, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %377 = add nsw i64 %r0, 0
-  %378 = getelementptr inbounds i32, ptr %rows, i64 %377
-  %379 = load i32, ptr %378, align 4
-  %380 = sext i32 %379 to i64
-  %381 = mul nsw i64 %380, 2880
-  %382 = getelementptr inbounds float, ptr %x, i64 %381
+  %386 = add nsw i64 %r0, 0
+  %387 = getelementptr inbounds i32, ptr %rows, i64 %386
+  %388 = load i32, ptr %387, align 4
+  %389 = sext i32 %388 to i64
+  %390 = mul nsw i64 %389, 2880
+  %391 = getelementptr inbounds float, ptr %x, i64 %390
   store <8 x float> zeroinitializer, ptr %acc0026, align 4
   store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %383 = add nsw i64 %r0, 1
-  %384 = getelementptr inbounds i32, ptr %rows, i64 %383
-  %385 = load i32, ptr %384, align 4
-  %386 = sext i32 %385 to i64
-  %387 = mul nsw i64 %386, 2880
-  %388 = getelementptr inbounds float, ptr %x, i64 %387
+  %392 = add nsw i64 %r0, 1
+  %393 = getelementptr inbounds i32, ptr %rows, i64 %392
+  %394 = load i32, ptr %393, align 4
+  %395 = sext i32 %394 to i64
+  %396 = mul nsw i64 %395, 2880
+  %397 = getelementptr inbounds float, ptr %x, i64 %396
   store <8 x float> zeroinitializer, ptr %acc1028, align 4
   store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %389 = add nsw i64 %r0, 2
-  %390 = getelementptr inbounds i32, ptr %rows, i64 %389
-  %391 = load i32, ptr %390, align 4
-  %392 = sext i32 %391 to i64
-  %393 = mul nsw i64 %392, 2880
-  %394 = getelementptr inbounds float, ptr %x, i64 %393
+  %398 = add nsw i64 %r0, 2
+  %399 = getelementptr inbounds i32, ptr %rows, i64 %398
+  %400 = load i32, ptr %399, align 4
+  %401 = sext i32 %400 to i64
+  %402 = mul nsw i64 %401, 2880
+  %403 = getelementptr inbounds float, ptr %x, i64 %402
   store <8 x float> zeroinitializer, ptr %acc2030, align 4
   store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %395 = add nsw i64 %r0, 3
-  %396 = getelementptr inbounds i32, ptr %rows, i64 %395
-  %397 = load i32, ptr %396, align 4
-  %398 = sext i32 %397 to i64
-  %399 = mul nsw i64 %398, 2880
-  %400 = getelementptr inbounds float, ptr %x, i64 %399
+  %404 = add nsw i64 %r0, 3
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %404
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 2880
+  %409 = getelementptr inbounds float, ptr %x, i64 %408
   store <8 x float> zeroinitializer, ptr %acc3032, align 4
   store <8 x float> zeroinitializer, ptr %acc3133, align 4
-  %401 = add nsw i64 %r0, 4
-  %402 = getelementptr inbounds i32, ptr %rows, i64 %401
-  %403 = load i32, ptr %402, align 4
-  %404 = sext i32 %403 to i64
-  %405 = mul nsw i64 %404, 2880
-  %406 = getelementptr inbounds float, ptr %x, i64 %405
+  %410 = add nsw i64 %r0, 4
+  %411 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %412 = load i32, ptr %411, align 4
+  %413 = sext i32 %412 to i64
+  %414 = mul nsw i64 %413, 2880
+  %415 = getelementptr inbounds float, ptr %x, i64 %414
   store <8 x float> zeroinitializer, ptr %acc4034, align 4
   store <8 x float> zeroinitializer, ptr %acc4135, align 4
   %panel.off36 = mul nsw i64 %p, 46080
-  br label %k.head37
+  %416 = getelementptr inbounds i16, ptr %panels, i64 %panel.off36
+  %417 = add nsw i64 %p, 1
+  %418 = icmp slt i64 %417, %p1
+  %419 = getelementptr inbounds i8, ptr %416, i64 92160
+  %420 = and i1 %pf.on, %418
+  %pf37 = select i1 %420, ptr %419, ptr %416
+  br label %k.head38
 
-k.head37:                                         ; preds = %k.body38, %tile.mr5
-  %k40 = phi i64 [ 0, %tile.mr5 ], [ %454, %k.body38 ]
-  %407 = icmp slt i64 %k40, 2880
-  br i1 %407, label %k.body38, label %k.end39
+k.head38:                                         ; preds = %k.body39, %tile.mr5
+  %k41 = phi i64 [ 0, %tile.mr5 ], [ %470, %k.body39 ]
+  %421 = icmp slt i64 %k41, 2880
+  br i1 %421, label %k.body39, label %k.end40
 
-k.body38:                                         ; preds = %k.head37
-  %408 = mul nsw i64 %k40, 16
-  %409 = add nsw i64 %panel.off36, %408
-  %410 = getelementptr inbounds i16, ptr %panels, i64 %409
-  %411 = load <8 x i32>, ptr %410, align 4
-  %412 = shl <8 x i32> %411, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b041 = bitcast <8 x i32> %412 to <8 x float>
-  %413 = and <8 x i32> %411, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b142 = bitcast <8 x i32> %413 to <8 x float>
-  %414 = getelementptr inbounds float, ptr %382, i64 %k40
-  %415 = load float, ptr %414, align 4
-  %416 = insertelement <8 x float> poison, float %415, i32 0
-  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
-  %418 = load <8 x float>, ptr %acc0026, align 4
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %b041, <8 x float> %418)
-  store <8 x float> %419, ptr %acc0026, align 4
-  %420 = load <8 x float>, ptr %acc0127, align 4
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %b142, <8 x float> %420)
-  store <8 x float> %421, ptr %acc0127, align 4
-  %422 = getelementptr inbounds float, ptr %388, i64 %k40
-  %423 = load float, ptr %422, align 4
-  %424 = insertelement <8 x float> poison, float %423, i32 0
-  %425 = shufflevector <8 x float> %424, <8 x float> poison, <8 x i32> zeroinitializer
-  %426 = load <8 x float>, ptr %acc1028, align 4
-  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %b041, <8 x float> %426)
-  store <8 x float> %427, ptr %acc1028, align 4
-  %428 = load <8 x float>, ptr %acc1129, align 4
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %b142, <8 x float> %428)
-  store <8 x float> %429, ptr %acc1129, align 4
-  %430 = getelementptr inbounds float, ptr %394, i64 %k40
+k.body39:                                         ; preds = %k.head38
+  %422 = mul nsw i64 %k41, 16
+  %423 = add nsw i64 %panel.off36, %422
+  %424 = mul nsw i64 %k41, 32
+  %425 = getelementptr inbounds i8, ptr %pf37, i64 %424
+  call void @llvm.prefetch.p0(ptr %425, i32 0, i32 2, i32 1)
+  %426 = getelementptr inbounds i16, ptr %panels, i64 %423
+  %427 = load <8 x i32>, ptr %426, align 4
+  %428 = shl <8 x i32> %427, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b042 = bitcast <8 x i32> %428 to <8 x float>
+  %429 = and <8 x i32> %427, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b143 = bitcast <8 x i32> %429 to <8 x float>
+  %430 = getelementptr inbounds float, ptr %391, i64 %k41
   %431 = load float, ptr %430, align 4
   %432 = insertelement <8 x float> poison, float %431, i32 0
   %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
-  %434 = load <8 x float>, ptr %acc2030, align 4
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b041, <8 x float> %434)
-  store <8 x float> %435, ptr %acc2030, align 4
-  %436 = load <8 x float>, ptr %acc2131, align 4
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b142, <8 x float> %436)
-  store <8 x float> %437, ptr %acc2131, align 4
-  %438 = getelementptr inbounds float, ptr %400, i64 %k40
+  %434 = load <8 x float>, ptr %acc0026, align 4
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b042, <8 x float> %434)
+  store <8 x float> %435, ptr %acc0026, align 4
+  %436 = load <8 x float>, ptr %acc0127, align 4
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b143, <8 x float> %436)
+  store <8 x float> %437, ptr %acc0127, align 4
+  %438 = getelementptr inbounds float, ptr %397, i64 %k41
   %439 = load float, ptr %438, align 4
   %440 = insertelement <8 x float> poison, float %439, i32 0
   %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc3032, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b041, <8 x float> %442)
-  store <8 x float> %443, ptr %acc3032, align 4
-  %444 = load <8 x float>, ptr %acc3133, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b142, <8 x float> %444)
-  store <8 x float> %445, ptr %acc3133, align 4
-  %446 = getelementptr inbounds float, ptr %406, i64 %k40
+  %442 = load <8 x float>, ptr %acc1028, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b042, <8 x float> %442)
+  store <8 x float> %443, ptr %acc1028, align 4
+  %444 = load <8 x float>, ptr %acc1129, align 4
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b143, <8 x float> %444)
+  store <8 x float> %445, ptr %acc1129, align 4
+  %446 = getelementptr inbounds float, ptr %403, i64 %k41
   %447 = load float, ptr %446, align 4
   %448 = insertelement <8 x float> poison, float %447, i32 0
   %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc4034, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b041, <8 x float> %450)
-  store <8 x float> %451, ptr %acc4034, align 4
-  %452 = load <8 x float>, ptr %acc4135, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b142, <8 x float> %452)
-  store <8 x float> %453, ptr %acc4135, align 4
-  %454 = add nsw i64 %k40, 1
-  br label %k.head37
+  %450 = load <8 x float>, ptr %acc2030, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b042, <8 x float> %450)
+  store <8 x float> %451, ptr %acc2030, align 4
+  %452 = load <8 x float>, ptr %acc2131, align 4
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b143, <8 x float> %452)
+  store <8 x float> %453, ptr %acc2131, align 4
+  %454 = getelementptr inbounds float, ptr %409, i64 %k41
+  %455 = load float, ptr %454, align 4
+  %456 = insertelement <8 x float> poison, float %455, i32 0
+  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
+  %458 = load <8 x float>, ptr %acc3032, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b042, <8 x float> %458)
+  store <8 x float> %459, ptr %acc3032, align 4
+  %460 = load <8 x float>, ptr %acc3133, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b143, <8 x float> %460)
+  store <8 x float> %461, ptr %acc3133, align 4
+  %462 = getelementptr inbounds float, ptr %415, i64 %k41
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <8 x float> poison, float %463, i32 0
+  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
+  %466 = load <8 x float>, ptr %acc4034, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b042, <8 x float> %466)
+  store <8 x float> %467, ptr %acc4034, align 4
+  %468 = load <8 x float>, ptr %acc4135, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b143, <8 x float> %468)
+  store <8 x float> %469, ptr %acc4135, align 4
+  %470 = add nsw i64 %k41, 1
+  br label %k.head38
 
-k.end39:                                          ; preds = %k.head37
-  %455 = add nsw i64 %r0, 0
-  %456 = getelementptr inbounds float, ptr %rw, i64 %455
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = mul nsw i64 %455, 2880
-  %461 = getelementptr inbounds float, ptr %h, i64 %460
-  %col43 = mul nsw i64 %p, 8
-  %462 = load <8 x float>, ptr %acc0026, align 4
-  %463 = load <8 x float>, ptr %acc0127, align 4
-  %464 = getelementptr inbounds float, ptr %bg, i64 %col43
-  %465 = load <8 x float>, ptr %464, align 4
-  %466 = fadd <8 x float> %462, %465
-  %467 = getelementptr inbounds float, ptr %bu, i64 %col43
-  %468 = load <8 x float>, ptr %467, align 4
-  %469 = fadd <8 x float> %463, %468
-  %470 = fcmp olt <8 x float> %466, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %471 = select <8 x i1> %470, <8 x float> %466, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %472 = fcmp olt <8 x float> %469, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %473 = select <8 x i1> %472, <8 x float> %469, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %474 = fcmp ogt <8 x float> %473, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %476 = fmul <8 x float> %471, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %477 = fneg <8 x float> %476
-  %478 = fcmp olt <8 x float> %477, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %479 = select <8 x i1> %478, <8 x float> %477, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %480 = fcmp ogt <8 x float> %479, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %481 = select <8 x i1> %480, <8 x float> %479, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %483 = call <8 x float> @llvm.floor.v8f32(<8 x float> %482)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %481)
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %484)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %485, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %485, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %485, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %485, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %485, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %491 = fmul <8 x float> %485, %485
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %491, <8 x float> %485)
-  %493 = fadd <8 x float> %492, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %494 = fptosi <8 x float> %483 to <8 x i32>
-  %495 = add <8 x i32> %494, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %496 = shl <8 x i32> %495, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n44 = bitcast <8 x i32> %496 to <8 x float>
-  %exp45 = fmul <8 x float> %493, %exp.2n44
-  %497 = fadd <8 x float> %exp45, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid46 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %497
-  %498 = fmul <8 x float> %471, %sigmoid46
-  %499 = fadd <8 x float> %475, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai47 = fmul <8 x float> %498, %499
-  %500 = fmul <8 x float> %oai47, %459
-  %501 = getelementptr inbounds float, ptr %461, i64 %col43
-  store <8 x float> %500, ptr %501, align 4
-  %502 = add nsw i64 %r0, 1
-  %503 = getelementptr inbounds float, ptr %rw, i64 %502
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = mul nsw i64 %502, 2880
-  %508 = getelementptr inbounds float, ptr %h, i64 %507
-  %col48 = mul nsw i64 %p, 8
-  %509 = load <8 x float>, ptr %acc1028, align 4
-  %510 = load <8 x float>, ptr %acc1129, align 4
-  %511 = getelementptr inbounds float, ptr %bg, i64 %col48
-  %512 = load <8 x float>, ptr %511, align 4
-  %513 = fadd <8 x float> %509, %512
-  %514 = getelementptr inbounds float, ptr %bu, i64 %col48
-  %515 = load <8 x float>, ptr %514, align 4
-  %516 = fadd <8 x float> %510, %515
-  %517 = fcmp olt <8 x float> %513, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %518 = select <8 x i1> %517, <8 x float> %513, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %519 = fcmp olt <8 x float> %516, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %520 = select <8 x i1> %519, <8 x float> %516, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %521 = fcmp ogt <8 x float> %520, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %523 = fmul <8 x float> %518, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %524 = fneg <8 x float> %523
-  %525 = fcmp olt <8 x float> %524, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %526 = select <8 x i1> %525, <8 x float> %524, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %527 = fcmp ogt <8 x float> %526, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %528 = select <8 x i1> %527, <8 x float> %526, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %530 = call <8 x float> @llvm.floor.v8f32(<8 x float> %529)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %528)
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %531)
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %532, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %532, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %532, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %532, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> %532, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %538 = fmul <8 x float> %532, %532
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %538, <8 x float> %532)
-  %540 = fadd <8 x float> %539, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %541 = fptosi <8 x float> %530 to <8 x i32>
-  %542 = add <8 x i32> %541, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %543 = shl <8 x i32> %542, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n49 = bitcast <8 x i32> %543 to <8 x float>
-  %exp50 = fmul <8 x float> %540, %exp.2n49
-  %544 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %544
-  %545 = fmul <8 x float> %518, %sigmoid51
-  %546 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai52 = fmul <8 x float> %545, %546
-  %547 = fmul <8 x float> %oai52, %506
-  %548 = getelementptr inbounds float, ptr %508, i64 %col48
-  store <8 x float> %547, ptr %548, align 4
-  %549 = add nsw i64 %r0, 2
-  %550 = getelementptr inbounds float, ptr %rw, i64 %549
-  %551 = load float, ptr %550, align 4
-  %552 = insertelement <8 x float> poison, float %551, i32 0
-  %553 = shufflevector <8 x float> %552, <8 x float> poison, <8 x i32> zeroinitializer
-  %554 = mul nsw i64 %549, 2880
-  %555 = getelementptr inbounds float, ptr %h, i64 %554
-  %col53 = mul nsw i64 %p, 8
-  %556 = load <8 x float>, ptr %acc2030, align 4
-  %557 = load <8 x float>, ptr %acc2131, align 4
-  %558 = getelementptr inbounds float, ptr %bg, i64 %col53
-  %559 = load <8 x float>, ptr %558, align 4
-  %560 = fadd <8 x float> %556, %559
-  %561 = getelementptr inbounds float, ptr %bu, i64 %col53
-  %562 = load <8 x float>, ptr %561, align 4
-  %563 = fadd <8 x float> %557, %562
-  %564 = fcmp olt <8 x float> %560, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %565 = select <8 x i1> %564, <8 x float> %560, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %566 = fcmp olt <8 x float> %563, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %567 = select <8 x i1> %566, <8 x float> %563, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %568 = fcmp ogt <8 x float> %567, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %569 = select <8 x i1> %568, <8 x float> %567, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %570 = fmul <8 x float> %565, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %571 = fneg <8 x float> %570
-  %572 = fcmp olt <8 x float> %571, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %573 = select <8 x i1> %572, <8 x float> %571, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %574 = fcmp ogt <8 x float> %573, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %575 = select <8 x i1> %574, <8 x float> %573, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %577 = call <8 x float> @llvm.floor.v8f32(<8 x float> %576)
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %575)
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %578)
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %579, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %579, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %581, <8 x float> %579, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %579, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %579, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %585 = fmul <8 x float> %579, %579
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %585, <8 x float> %579)
-  %587 = fadd <8 x float> %586, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %588 = fptosi <8 x float> %577 to <8 x i32>
-  %589 = add <8 x i32> %588, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %590 = shl <8 x i32> %589, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n54 = bitcast <8 x i32> %590 to <8 x float>
-  %exp55 = fmul <8 x float> %587, %exp.2n54
-  %591 = fadd <8 x float> %exp55, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid56 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %591
-  %592 = fmul <8 x float> %565, %sigmoid56
-  %593 = fadd <8 x float> %569, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai57 = fmul <8 x float> %592, %593
-  %594 = fmul <8 x float> %oai57, %553
-  %595 = getelementptr inbounds float, ptr %555, i64 %col53
-  store <8 x float> %594, ptr %595, align 4
-  %596 = add nsw i64 %r0, 3
-  %597 = getelementptr inbounds float, ptr %rw, i64 %596
-  %598 = load float, ptr %597, align 4
-  %599 = insertelement <8 x float> poison, float %598, i32 0
-  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = mul nsw i64 %596, 2880
-  %602 = getelementptr inbounds float, ptr %h, i64 %601
-  %col58 = mul nsw i64 %p, 8
-  %603 = load <8 x float>, ptr %acc3032, align 4
-  %604 = load <8 x float>, ptr %acc3133, align 4
-  %605 = getelementptr inbounds float, ptr %bg, i64 %col58
-  %606 = load <8 x float>, ptr %605, align 4
-  %607 = fadd <8 x float> %603, %606
-  %608 = getelementptr inbounds float, ptr %bu, i64 %col58
-  %609 = load <8 x float>, ptr %608, align 4
-  %610 = fadd <8 x float> %604, %609
-  %611 = fcmp olt <8 x float> %607, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %612 = select <8 x i1> %611, <8 x float> %607, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %613 = fcmp olt <8 x float> %610, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %614 = select <8 x i1> %613, <8 x float> %610, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %615 = fcmp ogt <8 x float> %614, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %616 = select <8 x i1> %615, <8 x float> %614, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %617 = fmul <8 x float> %612, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %618 = fneg <8 x float> %617
-  %619 = fcmp olt <8 x float> %618, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %620 = select <8 x i1> %619, <8 x float> %618, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %621 = fcmp ogt <8 x float> %620, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %624 = call <8 x float> @llvm.floor.v8f32(<8 x float> %623)
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %622)
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %625)
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %626, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %626, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %626, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %626, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %626, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %632 = fmul <8 x float> %626, %626
-  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %632, <8 x float> %626)
-  %634 = fadd <8 x float> %633, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %635 = fptosi <8 x float> %624 to <8 x i32>
-  %636 = add <8 x i32> %635, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %637 = shl <8 x i32> %636, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %637 to <8 x float>
-  %exp60 = fmul <8 x float> %634, %exp.2n59
-  %638 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %638
-  %639 = fmul <8 x float> %612, %sigmoid61
-  %640 = fadd <8 x float> %616, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai62 = fmul <8 x float> %639, %640
-  %641 = fmul <8 x float> %oai62, %600
-  %642 = getelementptr inbounds float, ptr %602, i64 %col58
-  store <8 x float> %641, ptr %642, align 4
-  %643 = add nsw i64 %r0, 4
-  %644 = getelementptr inbounds float, ptr %rw, i64 %643
-  %645 = load float, ptr %644, align 4
-  %646 = insertelement <8 x float> poison, float %645, i32 0
-  %647 = shufflevector <8 x float> %646, <8 x float> poison, <8 x i32> zeroinitializer
-  %648 = mul nsw i64 %643, 2880
-  %649 = getelementptr inbounds float, ptr %h, i64 %648
-  %col63 = mul nsw i64 %p, 8
-  %650 = load <8 x float>, ptr %acc4034, align 4
-  %651 = load <8 x float>, ptr %acc4135, align 4
-  %652 = getelementptr inbounds float, ptr %bg, i64 %col63
-  %653 = load <8 x float>, ptr %652, align 4
-  %654 = fadd <8 x float> %650, %653
-  %655 = getelementptr inbounds float, ptr %bu, i64 %col63
-  %656 = load <8 x float>, ptr %655, align 4
-  %657 = fadd <8 x float> %651, %656
-  %658 = fcmp olt <8 x float> %654, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %659 = select <8 x i1> %658, <8 x float> %654, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %660 = fcmp olt <8 x float> %657, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %661 = select <8 x i1> %660, <8 x float> %657, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %662 = fcmp ogt <8 x float> %661, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %663 = select <8 x i1> %662, <8 x float> %661, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %664 = fmul <8 x float> %659, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %665 = fneg <8 x float> %664
-  %666 = fcmp olt <8 x float> %665, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %667 = select <8 x i1> %666, <8 x float> %665, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %668 = fcmp ogt <8 x float> %667, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %669 = select <8 x i1> %668, <8 x float> %667, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %671 = call <8 x float> @llvm.floor.v8f32(<8 x float> %670)
-  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %669)
-  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %672)
-  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %673, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %673, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %673, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %673, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %673, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %679 = fmul <8 x float> %673, %673
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %679, <8 x float> %673)
-  %681 = fadd <8 x float> %680, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %682 = fptosi <8 x float> %671 to <8 x i32>
-  %683 = add <8 x i32> %682, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %684 = shl <8 x i32> %683, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n64 = bitcast <8 x i32> %684 to <8 x float>
-  %exp65 = fmul <8 x float> %681, %exp.2n64
-  %685 = fadd <8 x float> %exp65, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid66 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %685
-  %686 = fmul <8 x float> %659, %sigmoid66
-  %687 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai67 = fmul <8 x float> %686, %687
-  %688 = fmul <8 x float> %oai67, %647
-  %689 = getelementptr inbounds float, ptr %649, i64 %col63
-  store <8 x float> %688, ptr %689, align 4
+k.end40:                                          ; preds = %k.head38
+  %471 = add nsw i64 %r0, 0
+  %472 = getelementptr inbounds float, ptr %rw, i64 %471
+  %473 = load float, ptr %472, align 4
+  %474 = insertelement <8 x float> poison, float %473, i32 0
+  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
+  %476 = mul nsw i64 %471, 2880
+  %477 = getelementptr inbounds float, ptr %h, i64 %476
+  %col44 = mul nsw i64 %p, 8
+  %478 = load <8 x float>, ptr %acc0026, align 4
+  %479 = load <8 x float>, ptr %acc0127, align 4
+  %480 = getelementptr inbounds float, ptr %bg, i64 %col44
+  %481 = load <8 x float>, ptr %480, align 4
+  %482 = fadd <8 x float> %478, %481
+  %483 = getelementptr inbounds float, ptr %bu, i64 %col44
+  %484 = load <8 x float>, ptr %483, align 4
+  %485 = fadd <8 x float> %479, %484
+  %486 = fcmp olt <8 x float> %482, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %487 = select <8 x i1> %486, <8 x float> %482, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %488 = fcmp olt <8 x float> %485, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %489 = select <8 x i1> %488, <8 x float> %485, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %490 = fcmp ogt <8 x float> %489, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %491 = select <8 x i1> %490, <8 x float> %489, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %492 = fmul <8 x float> %487, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %493 = fneg <8 x float> %492
+  %494 = fcmp olt <8 x float> %493, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %495 = select <8 x i1> %494, <8 x float> %493, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %496 = fcmp ogt <8 x float> %495, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %497 = select <8 x i1> %496, <8 x float> %495, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %499 = call <8 x float> @llvm.floor.v8f32(<8 x float> %498)
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %497)
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %500)
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %501, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %501, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> %501, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %501, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %505, <8 x float> %501, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %507 = fmul <8 x float> %501, %501
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %507, <8 x float> %501)
+  %509 = fadd <8 x float> %508, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %510 = fptosi <8 x float> %499 to <8 x i32>
+  %511 = add <8 x i32> %510, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %512 = shl <8 x i32> %511, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n45 = bitcast <8 x i32> %512 to <8 x float>
+  %exp46 = fmul <8 x float> %509, %exp.2n45
+  %513 = fadd <8 x float> %exp46, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid47 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %513
+  %514 = fmul <8 x float> %487, %sigmoid47
+  %515 = fadd <8 x float> %491, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai48 = fmul <8 x float> %514, %515
+  %516 = fmul <8 x float> %oai48, %475
+  %517 = getelementptr inbounds float, ptr %477, i64 %col44
+  store <8 x float> %516, ptr %517, align 4
+  %518 = add nsw i64 %r0, 1
+  %519 = getelementptr inbounds float, ptr %rw, i64 %518
+  %520 = load float, ptr %519, align 4
+  %521 = insertelement <8 x float> poison, float %520, i32 0
+  %522 = shufflevector <8 x float> %521, <8 x float> poison, <8 x i32> zeroinitializer
+  %523 = mul nsw i64 %518, 2880
+  %524 = getelementptr inbounds float, ptr %h, i64 %523
+  %col49 = mul nsw i64 %p, 8
+  %525 = load <8 x float>, ptr %acc1028, align 4
+  %526 = load <8 x float>, ptr %acc1129, align 4
+  %527 = getelementptr inbounds float, ptr %bg, i64 %col49
+  %528 = load <8 x float>, ptr %527, align 4
+  %529 = fadd <8 x float> %525, %528
+  %530 = getelementptr inbounds float, ptr %bu, i64 %col49
+  %531 = load <8 x float>, ptr %530, align 4
+  %532 = fadd <8 x float> %526, %531
+  %533 = fcmp olt <8 x float> %529, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %534 = select <8 x i1> %533, <8 x float> %529, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %535 = fcmp olt <8 x float> %532, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %536 = select <8 x i1> %535, <8 x float> %532, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %537 = fcmp ogt <8 x float> %536, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %538 = select <8 x i1> %537, <8 x float> %536, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %539 = fmul <8 x float> %534, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %540 = fneg <8 x float> %539
+  %541 = fcmp olt <8 x float> %540, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %542 = select <8 x i1> %541, <8 x float> %540, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %543 = fcmp ogt <8 x float> %542, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %544 = select <8 x i1> %543, <8 x float> %542, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %546 = call <8 x float> @llvm.floor.v8f32(<8 x float> %545)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %544)
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %547)
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %548, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %548, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %548, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %548, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %548, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %554 = fmul <8 x float> %548, %548
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %554, <8 x float> %548)
+  %556 = fadd <8 x float> %555, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %557 = fptosi <8 x float> %546 to <8 x i32>
+  %558 = add <8 x i32> %557, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %559 = shl <8 x i32> %558, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n50 = bitcast <8 x i32> %559 to <8 x float>
+  %exp51 = fmul <8 x float> %556, %exp.2n50
+  %560 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %560
+  %561 = fmul <8 x float> %534, %sigmoid52
+  %562 = fadd <8 x float> %538, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai53 = fmul <8 x float> %561, %562
+  %563 = fmul <8 x float> %oai53, %522
+  %564 = getelementptr inbounds float, ptr %524, i64 %col49
+  store <8 x float> %563, ptr %564, align 4
+  %565 = add nsw i64 %r0, 2
+  %566 = getelementptr inbounds float, ptr %rw, i64 %565
+  %567 = load float, ptr %566, align 4
+  %568 = insertelement <8 x float> poison, float %567, i32 0
+  %569 = shufflevector <8 x float> %568, <8 x float> poison, <8 x i32> zeroinitializer
+  %570 = mul nsw i64 %565, 2880
+  %571 = getelementptr inbounds float, ptr %h, i64 %570
+  %col54 = mul nsw i64 %p, 8
+  %572 = load <8 x float>, ptr %acc2030, align 4
+  %573 = load <8 x float>, ptr %acc2131, align 4
+  %574 = getelementptr inbounds float, ptr %bg, i64 %col54
+  %575 = load <8 x float>, ptr %574, align 4
+  %576 = fadd <8 x float> %572, %575
+  %577 = getelementptr inbounds float, ptr %bu, i64 %col54
+  %578 = load <8 x float>, ptr %577, align 4
+  %579 = fadd <8 x float> %573, %578
+  %580 = fcmp olt <8 x float> %576, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %581 = select <8 x i1> %580, <8 x float> %576, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %582 = fcmp olt <8 x float> %579, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %583 = select <8 x i1> %582, <8 x float> %579, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %584 = fcmp ogt <8 x float> %583, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %585 = select <8 x i1> %584, <8 x float> %583, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %586 = fmul <8 x float> %581, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %587 = fneg <8 x float> %586
+  %588 = fcmp olt <8 x float> %587, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %589 = select <8 x i1> %588, <8 x float> %587, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %590 = fcmp ogt <8 x float> %589, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %591 = select <8 x i1> %590, <8 x float> %589, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %593 = call <8 x float> @llvm.floor.v8f32(<8 x float> %592)
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %591)
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %594)
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %595, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %595, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %595, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %595, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %595, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %601 = fmul <8 x float> %595, %595
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %601, <8 x float> %595)
+  %603 = fadd <8 x float> %602, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %604 = fptosi <8 x float> %593 to <8 x i32>
+  %605 = add <8 x i32> %604, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %606 = shl <8 x i32> %605, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %606 to <8 x float>
+  %exp56 = fmul <8 x float> %603, %exp.2n55
+  %607 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %607
+  %608 = fmul <8 x float> %581, %sigmoid57
+  %609 = fadd <8 x float> %585, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai58 = fmul <8 x float> %608, %609
+  %610 = fmul <8 x float> %oai58, %569
+  %611 = getelementptr inbounds float, ptr %571, i64 %col54
+  store <8 x float> %610, ptr %611, align 4
+  %612 = add nsw i64 %r0, 3
+  %613 = getelementptr inbounds float, ptr %rw, i64 %612
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = mul nsw i64 %612, 2880
+  %618 = getelementptr inbounds float, ptr %h, i64 %617
+  %col59 = mul nsw i64 %p, 8
+  %619 = load <8 x float>, ptr %acc3032, align 4
+  %620 = load <8 x float>, ptr %acc3133, align 4
+  %621 = getelementptr inbounds float, ptr %bg, i64 %col59
+  %622 = load <8 x float>, ptr %621, align 4
+  %623 = fadd <8 x float> %619, %622
+  %624 = getelementptr inbounds float, ptr %bu, i64 %col59
+  %625 = load <8 x float>, ptr %624, align 4
+  %626 = fadd <8 x float> %620, %625
+  %627 = fcmp olt <8 x float> %623, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %628 = select <8 x i1> %627, <8 x float> %623, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %629 = fcmp olt <8 x float> %626, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %630 = select <8 x i1> %629, <8 x float> %626, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %631 = fcmp ogt <8 x float> %630, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %632 = select <8 x i1> %631, <8 x float> %630, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %633 = fmul <8 x float> %628, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %634 = fneg <8 x float> %633
+  %635 = fcmp olt <8 x float> %634, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %636 = select <8 x i1> %635, <8 x float> %634, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %637 = fcmp ogt <8 x float> %636, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %638 = select <8 x i1> %637, <8 x float> %636, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %638, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %640 = call <8 x float> @llvm.floor.v8f32(<8 x float> %639)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %638)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %641)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %642, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %642, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %642, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %642, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %642, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %648 = fmul <8 x float> %642, %642
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %648, <8 x float> %642)
+  %650 = fadd <8 x float> %649, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %651 = fptosi <8 x float> %640 to <8 x i32>
+  %652 = add <8 x i32> %651, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %653 = shl <8 x i32> %652, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n60 = bitcast <8 x i32> %653 to <8 x float>
+  %exp61 = fmul <8 x float> %650, %exp.2n60
+  %654 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %654
+  %655 = fmul <8 x float> %628, %sigmoid62
+  %656 = fadd <8 x float> %632, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai63 = fmul <8 x float> %655, %656
+  %657 = fmul <8 x float> %oai63, %616
+  %658 = getelementptr inbounds float, ptr %618, i64 %col59
+  store <8 x float> %657, ptr %658, align 4
+  %659 = add nsw i64 %r0, 4
+  %660 = getelementptr inbounds float, ptr %rw, i64 %659
+  %661 = load float, ptr %660, align 4
+  %662 = insertelement <8 x float> poison, float %661, i32 0
+  %663 = shufflevector <8 x float> %662, <8 x float> poison, <8 x i32> zeroinitializer
+  %664 = mul nsw i64 %659, 2880
+  %665 = getelementptr inbounds float, ptr %h, i64 %664
+  %col64 = mul nsw i64 %p, 8
+  %666 = load <8 x float>, ptr %acc4034, align 4
+  %667 = load <8 x float>, ptr %acc4135, align 4
+  %668 = getelementptr inbounds float, ptr %bg, i64 %col64
+  %669 = load <8 x float>, ptr %668, align 4
+  %670 = fadd <8 x float> %666, %669
+  %671 = getelementptr inbounds float, ptr %bu, i64 %col64
+  %672 = load <8 x float>, ptr %671, align 4
+  %673 = fadd <8 x float> %667, %672
+  %674 = fcmp olt <8 x float> %670, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %675 = select <8 x i1> %674, <8 x float> %670, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %676 = fcmp olt <8 x float> %673, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %677 = select <8 x i1> %676, <8 x float> %673, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %678 = fcmp ogt <8 x float> %677, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %679 = select <8 x i1> %678, <8 x float> %677, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %680 = fmul <8 x float> %675, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %681 = fneg <8 x float> %680
+  %682 = fcmp olt <8 x float> %681, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %683 = select <8 x i1> %682, <8 x float> %681, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %684 = fcmp ogt <8 x float> %683, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %685 = select <8 x i1> %684, <8 x float> %683, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %685, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %687 = call <8 x float> @llvm.floor.v8f32(<8 x float> %686)
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %685)
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %688)
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %689, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %689, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> %689, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %689, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %689, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %695 = fmul <8 x float> %689, %689
+  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %695, <8 x float> %689)
+  %697 = fadd <8 x float> %696, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %698 = fptosi <8 x float> %687 to <8 x i32>
+  %699 = add <8 x i32> %698, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %700 = shl <8 x i32> %699, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %700 to <8 x float>
+  %exp66 = fmul <8 x float> %697, %exp.2n65
+  %701 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %701
+  %702 = fmul <8 x float> %675, %sigmoid67
+  %703 = fadd <8 x float> %679, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai68 = fmul <8 x float> %702, %703
+  %704 = fmul <8 x float> %oai68, %663
+  %705 = getelementptr inbounds float, ptr %665, i64 %col64
+  store <8 x float> %704, ptr %705, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %690 = add nsw i64 %r0, 0
-  %691 = getelementptr inbounds i32, ptr %rows, i64 %690
-  %692 = load i32, ptr %691, align 4
-  %693 = sext i32 %692 to i64
-  %694 = mul nsw i64 %693, 2880
-  %695 = getelementptr inbounds float, ptr %x, i64 %694
-  store <8 x float> zeroinitializer, ptr %acc0068, align 4
-  store <8 x float> zeroinitializer, ptr %acc0169, align 4
-  %696 = add nsw i64 %r0, 1
-  %697 = getelementptr inbounds i32, ptr %rows, i64 %696
-  %698 = load i32, ptr %697, align 4
-  %699 = sext i32 %698 to i64
-  %700 = mul nsw i64 %699, 2880
-  %701 = getelementptr inbounds float, ptr %x, i64 %700
-  store <8 x float> zeroinitializer, ptr %acc1070, align 4
-  store <8 x float> zeroinitializer, ptr %acc1171, align 4
-  %702 = add nsw i64 %r0, 2
-  %703 = getelementptr inbounds i32, ptr %rows, i64 %702
-  %704 = load i32, ptr %703, align 4
-  %705 = sext i32 %704 to i64
-  %706 = mul nsw i64 %705, 2880
-  %707 = getelementptr inbounds float, ptr %x, i64 %706
-  store <8 x float> zeroinitializer, ptr %acc2072, align 4
-  store <8 x float> zeroinitializer, ptr %acc2173, align 4
-  %708 = add nsw i64 %r0, 3
-  %709 = getelementptr inbounds i32, ptr %rows, i64 %708
-  %710 = load i32, ptr %709, align 4
-  %711 = sext i32 %710 to i64
-  %712 = mul nsw i64 %711, 2880
-  %713 = getelementptr inbounds float, ptr %x, i64 %712
-  store <8 x float> zeroinitializer, ptr %acc3074, align 4
-  store <8 x float> zeroinitializer, ptr %acc3175, align 4
-  %panel.off76 = mul nsw i64 %p, 46080
-  br label %k.head77
+  %706 = add nsw i64 %r0, 0
+  %707 = getelementptr inbounds i32, ptr %rows, i64 %706
+  %708 = load i32, ptr %707, align 4
+  %709 = sext i32 %708 to i64
+  %710 = mul nsw i64 %709, 2880
+  %711 = getelementptr inbounds float, ptr %x, i64 %710
+  store <8 x float> zeroinitializer, ptr %acc0069, align 4
+  store <8 x float> zeroinitializer, ptr %acc0170, align 4
+  %712 = add nsw i64 %r0, 1
+  %713 = getelementptr inbounds i32, ptr %rows, i64 %712
+  %714 = load i32, ptr %713, align 4
+  %715 = sext i32 %714 to i64
+  %716 = mul nsw i64 %715, 2880
+  %717 = getelementptr inbounds float, ptr %x, i64 %716
+  store <8 x float> zeroinitializer, ptr %acc1071, align 4
+  store <8 x float> zeroinitializer, ptr %acc1172, align 4
+  %718 = add nsw i64 %r0, 2
+  %719 = getelementptr inbounds i32, ptr %rows, i64 %718
+  %720 = load i32, ptr %719, align 4
+  %721 = sext i32 %720 to i64
+  %722 = mul nsw i64 %721, 2880
+  %723 = getelementptr inbounds float, ptr %x, i64 %722
+  store <8 x float> zeroinitializer, ptr %acc2073, align 4
+  store <8 x float> zeroinitializer, ptr %acc2174, align 4
+  %724 = add nsw i64 %r0, 3
+  %725 = getelementptr inbounds i32, ptr %rows, i64 %724
+  %726 = load i32, ptr %725, align 4
+  %727 = sext i32 %726 to i64
+  %728 = mul nsw i64 %727, 2880
+  %729 = getelementptr inbounds float, ptr %x, i64 %728
+  store <8 x float> zeroinitializer, ptr %acc3075, align 4
+  store <8 x float> zeroinitializer, ptr %acc3176, align 4
+  %panel.off77 = mul nsw i64 %p, 46080
+  %730 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %731 = add nsw i64 %p, 1
+  %732 = icmp slt i64 %731, %p1
+  %733 = getelementptr inbounds i8, ptr %730, i64 92160
+  %734 = and i1 %pf.on, %732
+  %pf78 = select i1 %734, ptr %733, ptr %730
+  br label %k.head79
 
-k.head77:                                         ; preds = %k.body78, %tile.mr4
-  %k80 = phi i64 [ 0, %tile.mr4 ], [ %753, %k.body78 ]
-  %714 = icmp slt i64 %k80, 2880
-  br i1 %714, label %k.body78, label %k.end79
+k.head79:                                         ; preds = %k.body80, %tile.mr4
+  %k82 = phi i64 [ 0, %tile.mr4 ], [ %776, %k.body80 ]
+  %735 = icmp slt i64 %k82, 2880
+  br i1 %735, label %k.body80, label %k.end81
 
-k.body78:                                         ; preds = %k.head77
-  %715 = mul nsw i64 %k80, 16
-  %716 = add nsw i64 %panel.off76, %715
-  %717 = getelementptr inbounds i16, ptr %panels, i64 %716
-  %718 = load <8 x i32>, ptr %717, align 4
-  %719 = shl <8 x i32> %718, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b081 = bitcast <8 x i32> %719 to <8 x float>
-  %720 = and <8 x i32> %718, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b182 = bitcast <8 x i32> %720 to <8 x float>
-  %721 = getelementptr inbounds float, ptr %695, i64 %k80
-  %722 = load float, ptr %721, align 4
-  %723 = insertelement <8 x float> poison, float %722, i32 0
-  %724 = shufflevector <8 x float> %723, <8 x float> poison, <8 x i32> zeroinitializer
-  %725 = load <8 x float>, ptr %acc0068, align 4
-  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %b081, <8 x float> %725)
-  store <8 x float> %726, ptr %acc0068, align 4
-  %727 = load <8 x float>, ptr %acc0169, align 4
-  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %b182, <8 x float> %727)
-  store <8 x float> %728, ptr %acc0169, align 4
-  %729 = getelementptr inbounds float, ptr %701, i64 %k80
-  %730 = load float, ptr %729, align 4
-  %731 = insertelement <8 x float> poison, float %730, i32 0
-  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
-  %733 = load <8 x float>, ptr %acc1070, align 4
-  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %b081, <8 x float> %733)
-  store <8 x float> %734, ptr %acc1070, align 4
-  %735 = load <8 x float>, ptr %acc1171, align 4
-  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %b182, <8 x float> %735)
-  store <8 x float> %736, ptr %acc1171, align 4
-  %737 = getelementptr inbounds float, ptr %707, i64 %k80
-  %738 = load float, ptr %737, align 4
-  %739 = insertelement <8 x float> poison, float %738, i32 0
-  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
-  %741 = load <8 x float>, ptr %acc2072, align 4
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %b081, <8 x float> %741)
-  store <8 x float> %742, ptr %acc2072, align 4
-  %743 = load <8 x float>, ptr %acc2173, align 4
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %b182, <8 x float> %743)
-  store <8 x float> %744, ptr %acc2173, align 4
-  %745 = getelementptr inbounds float, ptr %713, i64 %k80
-  %746 = load float, ptr %745, align 4
-  %747 = insertelement <8 x float> poison, float %746, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = load <8 x float>, ptr %acc3074, align 4
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %b081, <8 x float> %749)
-  store <8 x float> %750, ptr %acc3074, align 4
-  %751 = load <8 x float>, ptr %acc3175, align 4
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %b182, <8 x float> %751)
-  store <8 x float> %752, ptr %acc3175, align 4
-  %753 = add nsw i64 %k80, 1
-  br label %k.head77
+k.body80:                                         ; preds = %k.head79
+  %736 = mul nsw i64 %k82, 16
+  %737 = add nsw i64 %panel.off77, %736
+  %738 = mul nsw i64 %k82, 32
+  %739 = getelementptr inbounds i8, ptr %pf78, i64 %738
+  call void @llvm.prefetch.p0(ptr %739, i32 0, i32 2, i32 1)
+  %740 = getelementptr inbounds i16, ptr %panels, i64 %737
+  %741 = load <8 x i32>, ptr %740, align 4
+  %742 = shl <8 x i32> %741, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b083 = bitcast <8 x i32> %742 to <8 x float>
+  %743 = and <8 x i32> %741, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b184 = bitcast <8 x i32> %743 to <8 x float>
+  %744 = getelementptr inbounds float, ptr %711, i64 %k82
+  %745 = load float, ptr %744, align 4
+  %746 = insertelement <8 x float> poison, float %745, i32 0
+  %747 = shufflevector <8 x float> %746, <8 x float> poison, <8 x i32> zeroinitializer
+  %748 = load <8 x float>, ptr %acc0069, align 4
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %b083, <8 x float> %748)
+  store <8 x float> %749, ptr %acc0069, align 4
+  %750 = load <8 x float>, ptr %acc0170, align 4
+  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %b184, <8 x float> %750)
+  store <8 x float> %751, ptr %acc0170, align 4
+  %752 = getelementptr inbounds float, ptr %717, i64 %k82
+  %753 = load float, ptr %752, align 4
+  %754 = insertelement <8 x float> poison, float %753, i32 0
+  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
+  %756 = load <8 x float>, ptr %acc1071, align 4
+  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %b083, <8 x float> %756)
+  store <8 x float> %757, ptr %acc1071, align 4
+  %758 = load <8 x float>, ptr %acc1172, align 4
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %b184, <8 x float> %758)
+  store <8 x float> %759, ptr %acc1172, align 4
+  %760 = getelementptr inbounds float, ptr %723, i64 %k82
+  %761 = load float, ptr %760, align 4
+  %762 = insertelement <8 x float> poison, float %761, i32 0
+  %763 = shufflevector <8 x float> %762, <8 x float> poison, <8 x i32> zeroinitializer
+  %764 = load <8 x float>, ptr %acc2073, align 4
+  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b083, <8 x float> %764)
+  store <8 x float> %765, ptr %acc2073, align 4
+  %766 = load <8 x float>, ptr %acc2174, align 4
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b184, <8 x float> %766)
+  store <8 x float> %767, ptr %acc2174, align 4
+  %768 = getelementptr inbounds float, ptr %729, i64 %k82
+  %769 = load float, ptr %768, align 4
+  %770 = insertelement <8 x float> poison, float %769, i32 0
+  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
+  %772 = load <8 x float>, ptr %acc3075, align 4
+  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b083, <8 x float> %772)
+  store <8 x float> %773, ptr %acc3075, align 4
+  %774 = load <8 x float>, ptr %acc3176, align 4
+  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b184, <8 x float> %774)
+  store <8 x float> %775, ptr %acc3176, align 4
+  %776 = add nsw i64 %k82, 1
+  br label %k.head79
 
-k.end79:                                          ; preds = %k.head77
-  %754 = add nsw i64 %r0, 0
-  %755 = getelementptr inbounds float, ptr %rw, i64 %754
-  %756 = load float, ptr %755, align 4
-  %757 = insertelement <8 x float> poison, float %756, i32 0
-  %758 = shufflevector <8 x float> %757, <8 x float> poison, <8 x i32> zeroinitializer
-  %759 = mul nsw i64 %754, 2880
-  %760 = getelementptr inbounds float, ptr %h, i64 %759
-  %col83 = mul nsw i64 %p, 8
-  %761 = load <8 x float>, ptr %acc0068, align 4
-  %762 = load <8 x float>, ptr %acc0169, align 4
-  %763 = getelementptr inbounds float, ptr %bg, i64 %col83
-  %764 = load <8 x float>, ptr %763, align 4
-  %765 = fadd <8 x float> %761, %764
-  %766 = getelementptr inbounds float, ptr %bu, i64 %col83
-  %767 = load <8 x float>, ptr %766, align 4
-  %768 = fadd <8 x float> %762, %767
-  %769 = fcmp olt <8 x float> %765, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %770 = select <8 x i1> %769, <8 x float> %765, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %771 = fcmp olt <8 x float> %768, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %772 = select <8 x i1> %771, <8 x float> %768, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %773 = fcmp ogt <8 x float> %772, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %774 = select <8 x i1> %773, <8 x float> %772, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %775 = fmul <8 x float> %770, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %776 = fneg <8 x float> %775
-  %777 = fcmp olt <8 x float> %776, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %779 = fcmp ogt <8 x float> %778, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %782 = call <8 x float> @llvm.floor.v8f32(<8 x float> %781)
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %780)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %783)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %784, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %784, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %784, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %784, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %784, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %790 = fmul <8 x float> %784, %784
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %784)
-  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %793 = fptosi <8 x float> %782 to <8 x i32>
-  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n84 = bitcast <8 x i32> %795 to <8 x float>
-  %exp85 = fmul <8 x float> %792, %exp.2n84
-  %796 = fadd <8 x float> %exp85, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid86 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
-  %797 = fmul <8 x float> %770, %sigmoid86
-  %798 = fadd <8 x float> %774, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai87 = fmul <8 x float> %797, %798
-  %799 = fmul <8 x float> %oai87, %758
-  %800 = getelementptr inbounds float, ptr %760, i64 %col83
-  store <8 x float> %799, ptr %800, align 4
-  %801 = add nsw i64 %r0, 1
-  %802 = getelementptr inbounds float, ptr %rw, i64 %801
-  %803 = load float, ptr %802, align 4
-  %804 = insertelement <8 x float> poison, float %803, i32 0
-  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
-  %806 = mul nsw i64 %801, 2880
-  %807 = getelementptr inbounds float, ptr %h, i64 %806
-  %col88 = mul nsw i64 %p, 8
-  %808 = load <8 x float>, ptr %acc1070, align 4
-  %809 = load <8 x float>, ptr %acc1171, align 4
-  %810 = getelementptr inbounds float, ptr %bg, i64 %col88
-  %811 = load <8 x float>, ptr %810, align 4
-  %812 = fadd <8 x float> %808, %811
-  %813 = getelementptr inbounds float, ptr %bu, i64 %col88
-  %814 = load <8 x float>, ptr %813, align 4
-  %815 = fadd <8 x float> %809, %814
-  %816 = fcmp olt <8 x float> %812, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %817 = select <8 x i1> %816, <8 x float> %812, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %818 = fcmp olt <8 x float> %815, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %820 = fcmp ogt <8 x float> %819, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %822 = fmul <8 x float> %817, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %823 = fneg <8 x float> %822
-  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %837 = fmul <8 x float> %831, %831
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
-  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %840 = fptosi <8 x float> %829 to <8 x i32>
-  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n89 = bitcast <8 x i32> %842 to <8 x float>
-  %exp90 = fmul <8 x float> %839, %exp.2n89
-  %843 = fadd <8 x float> %exp90, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid91 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
-  %844 = fmul <8 x float> %817, %sigmoid91
-  %845 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai92 = fmul <8 x float> %844, %845
-  %846 = fmul <8 x float> %oai92, %805
-  %847 = getelementptr inbounds float, ptr %807, i64 %col88
-  store <8 x float> %846, ptr %847, align 4
-  %848 = add nsw i64 %r0, 2
-  %849 = getelementptr inbounds float, ptr %rw, i64 %848
-  %850 = load float, ptr %849, align 4
-  %851 = insertelement <8 x float> poison, float %850, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = mul nsw i64 %848, 2880
-  %854 = getelementptr inbounds float, ptr %h, i64 %853
-  %col93 = mul nsw i64 %p, 8
-  %855 = load <8 x float>, ptr %acc2072, align 4
-  %856 = load <8 x float>, ptr %acc2173, align 4
-  %857 = getelementptr inbounds float, ptr %bg, i64 %col93
-  %858 = load <8 x float>, ptr %857, align 4
-  %859 = fadd <8 x float> %855, %858
-  %860 = getelementptr inbounds float, ptr %bu, i64 %col93
-  %861 = load <8 x float>, ptr %860, align 4
-  %862 = fadd <8 x float> %856, %861
-  %863 = fcmp olt <8 x float> %859, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %864 = select <8 x i1> %863, <8 x float> %859, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %865 = fcmp olt <8 x float> %862, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %866 = select <8 x i1> %865, <8 x float> %862, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %867 = fcmp ogt <8 x float> %866, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %868 = select <8 x i1> %867, <8 x float> %866, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %869 = fmul <8 x float> %864, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %870 = fneg <8 x float> %869
-  %871 = fcmp olt <8 x float> %870, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %872 = select <8 x i1> %871, <8 x float> %870, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %873 = fcmp ogt <8 x float> %872, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %876 = call <8 x float> @llvm.floor.v8f32(<8 x float> %875)
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %874)
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %877)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %878, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %878, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %878, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %878, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %878, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %884 = fmul <8 x float> %878, %878
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %884, <8 x float> %878)
-  %886 = fadd <8 x float> %885, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %887 = fptosi <8 x float> %876 to <8 x i32>
-  %888 = add <8 x i32> %887, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %889 = shl <8 x i32> %888, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n94 = bitcast <8 x i32> %889 to <8 x float>
-  %exp95 = fmul <8 x float> %886, %exp.2n94
-  %890 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %890
-  %891 = fmul <8 x float> %864, %sigmoid96
-  %892 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai97 = fmul <8 x float> %891, %892
-  %893 = fmul <8 x float> %oai97, %852
-  %894 = getelementptr inbounds float, ptr %854, i64 %col93
-  store <8 x float> %893, ptr %894, align 4
-  %895 = add nsw i64 %r0, 3
-  %896 = getelementptr inbounds float, ptr %rw, i64 %895
-  %897 = load float, ptr %896, align 4
-  %898 = insertelement <8 x float> poison, float %897, i32 0
-  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
-  %900 = mul nsw i64 %895, 2880
-  %901 = getelementptr inbounds float, ptr %h, i64 %900
-  %col98 = mul nsw i64 %p, 8
-  %902 = load <8 x float>, ptr %acc3074, align 4
-  %903 = load <8 x float>, ptr %acc3175, align 4
-  %904 = getelementptr inbounds float, ptr %bg, i64 %col98
-  %905 = load <8 x float>, ptr %904, align 4
-  %906 = fadd <8 x float> %902, %905
-  %907 = getelementptr inbounds float, ptr %bu, i64 %col98
-  %908 = load <8 x float>, ptr %907, align 4
-  %909 = fadd <8 x float> %903, %908
-  %910 = fcmp olt <8 x float> %906, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %911 = select <8 x i1> %910, <8 x float> %906, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %912 = fcmp olt <8 x float> %909, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %913 = select <8 x i1> %912, <8 x float> %909, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %914 = fcmp ogt <8 x float> %913, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %916 = fmul <8 x float> %911, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %917 = fneg <8 x float> %916
-  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %931 = fmul <8 x float> %925, %925
-  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
-  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %934 = fptosi <8 x float> %923 to <8 x i32>
-  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n99 = bitcast <8 x i32> %936 to <8 x float>
-  %exp100 = fmul <8 x float> %933, %exp.2n99
-  %937 = fadd <8 x float> %exp100, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid101 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
-  %938 = fmul <8 x float> %911, %sigmoid101
-  %939 = fadd <8 x float> %915, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai102 = fmul <8 x float> %938, %939
-  %940 = fmul <8 x float> %oai102, %899
-  %941 = getelementptr inbounds float, ptr %901, i64 %col98
-  store <8 x float> %940, ptr %941, align 4
+k.end81:                                          ; preds = %k.head79
+  %777 = add nsw i64 %r0, 0
+  %778 = getelementptr inbounds float, ptr %rw, i64 %777
+  %779 = load float, ptr %778, align 4
+  %780 = insertelement <8 x float> poison, float %779, i32 0
+  %781 = shufflevector <8 x float> %780, <8 x float> poison, <8 x i32> zeroinitializer
+  %782 = mul nsw i64 %777, 2880
+  %783 = getelementptr inbounds float, ptr %h, i64 %782
+  %col85 = mul nsw i64 %p, 8
+  %784 = load <8 x float>, ptr %acc0069, align 4
+  %785 = load <8 x float>, ptr %acc0170, align 4
+  %786 = getelementptr inbounds float, ptr %bg, i64 %col85
+  %787 = load <8 x float>, ptr %786, align 4
+  %788 = fadd <8 x float> %784, %787
+  %789 = getelementptr inbounds float, ptr %bu, i64 %col85
+  %790 = load <8 x float>, ptr %789, align 4
+  %791 = fadd <8 x float> %785, %790
+  %792 = fcmp olt <8 x float> %788, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %793 = select <8 x i1> %792, <8 x float> %788, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %794 = fcmp olt <8 x float> %791, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %795 = select <8 x i1> %794, <8 x float> %791, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %796 = fcmp ogt <8 x float> %795, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %797 = select <8 x i1> %796, <8 x float> %795, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %798 = fmul <8 x float> %793, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %799 = fneg <8 x float> %798
+  %800 = fcmp olt <8 x float> %799, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %801 = select <8 x i1> %800, <8 x float> %799, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %802 = fcmp ogt <8 x float> %801, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %803 = select <8 x i1> %802, <8 x float> %801, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %805 = call <8 x float> @llvm.floor.v8f32(<8 x float> %804)
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %803)
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %806)
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %807, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %807, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %809, <8 x float> %807, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %807, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %807, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %813 = fmul <8 x float> %807, %807
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %813, <8 x float> %807)
+  %815 = fadd <8 x float> %814, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %816 = fptosi <8 x float> %805 to <8 x i32>
+  %817 = add <8 x i32> %816, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %818 = shl <8 x i32> %817, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n86 = bitcast <8 x i32> %818 to <8 x float>
+  %exp87 = fmul <8 x float> %815, %exp.2n86
+  %819 = fadd <8 x float> %exp87, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid88 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %819
+  %820 = fmul <8 x float> %793, %sigmoid88
+  %821 = fadd <8 x float> %797, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai89 = fmul <8 x float> %820, %821
+  %822 = fmul <8 x float> %oai89, %781
+  %823 = getelementptr inbounds float, ptr %783, i64 %col85
+  store <8 x float> %822, ptr %823, align 4
+  %824 = add nsw i64 %r0, 1
+  %825 = getelementptr inbounds float, ptr %rw, i64 %824
+  %826 = load float, ptr %825, align 4
+  %827 = insertelement <8 x float> poison, float %826, i32 0
+  %828 = shufflevector <8 x float> %827, <8 x float> poison, <8 x i32> zeroinitializer
+  %829 = mul nsw i64 %824, 2880
+  %830 = getelementptr inbounds float, ptr %h, i64 %829
+  %col90 = mul nsw i64 %p, 8
+  %831 = load <8 x float>, ptr %acc1071, align 4
+  %832 = load <8 x float>, ptr %acc1172, align 4
+  %833 = getelementptr inbounds float, ptr %bg, i64 %col90
+  %834 = load <8 x float>, ptr %833, align 4
+  %835 = fadd <8 x float> %831, %834
+  %836 = getelementptr inbounds float, ptr %bu, i64 %col90
+  %837 = load <8 x float>, ptr %836, align 4
+  %838 = fadd <8 x float> %832, %837
+  %839 = fcmp olt <8 x float> %835, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %840 = select <8 x i1> %839, <8 x float> %835, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %841 = fcmp olt <8 x float> %838, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %842 = select <8 x i1> %841, <8 x float> %838, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %843 = fcmp ogt <8 x float> %842, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %845 = fmul <8 x float> %840, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %846 = fneg <8 x float> %845
+  %847 = fcmp olt <8 x float> %846, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %848 = select <8 x i1> %847, <8 x float> %846, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %849 = fcmp ogt <8 x float> %848, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %850 = select <8 x i1> %849, <8 x float> %848, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %852 = call <8 x float> @llvm.floor.v8f32(<8 x float> %851)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %850)
+  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %853)
+  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %854, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %854, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %854, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %854, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %858, <8 x float> %854, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %860 = fmul <8 x float> %854, %854
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> %860, <8 x float> %854)
+  %862 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %863 = fptosi <8 x float> %852 to <8 x i32>
+  %864 = add <8 x i32> %863, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %865 = shl <8 x i32> %864, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n91 = bitcast <8 x i32> %865 to <8 x float>
+  %exp92 = fmul <8 x float> %862, %exp.2n91
+  %866 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %866
+  %867 = fmul <8 x float> %840, %sigmoid93
+  %868 = fadd <8 x float> %844, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai94 = fmul <8 x float> %867, %868
+  %869 = fmul <8 x float> %oai94, %828
+  %870 = getelementptr inbounds float, ptr %830, i64 %col90
+  store <8 x float> %869, ptr %870, align 4
+  %871 = add nsw i64 %r0, 2
+  %872 = getelementptr inbounds float, ptr %rw, i64 %871
+  %873 = load float, ptr %872, align 4
+  %874 = insertelement <8 x float> poison, float %873, i32 0
+  %875 = shufflevector <8 x float> %874, <8 x float> poison, <8 x i32> zeroinitializer
+  %876 = mul nsw i64 %871, 2880
+  %877 = getelementptr inbounds float, ptr %h, i64 %876
+  %col95 = mul nsw i64 %p, 8
+  %878 = load <8 x float>, ptr %acc2073, align 4
+  %879 = load <8 x float>, ptr %acc2174, align 4
+  %880 = getelementptr inbounds float, ptr %bg, i64 %col95
+  %881 = load <8 x float>, ptr %880, align 4
+  %882 = fadd <8 x float> %878, %881
+  %883 = getelementptr inbounds float, ptr %bu, i64 %col95
+  %884 = load <8 x float>, ptr %883, align 4
+  %885 = fadd <8 x float> %879, %884
+  %886 = fcmp olt <8 x float> %882, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %887 = select <8 x i1> %886, <8 x float> %882, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %888 = fcmp olt <8 x float> %885, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %889 = select <8 x i1> %888, <8 x float> %885, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %890 = fcmp ogt <8 x float> %889, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %891 = select <8 x i1> %890, <8 x float> %889, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %892 = fmul <8 x float> %887, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %893 = fneg <8 x float> %892
+  %894 = fcmp olt <8 x float> %893, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %896 = fcmp ogt <8 x float> %895, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %899 = call <8 x float> @llvm.floor.v8f32(<8 x float> %898)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %897)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %900)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %901, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %901, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %901, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %901, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %901, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %907 = fmul <8 x float> %901, %901
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %907, <8 x float> %901)
+  %909 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %910 = fptosi <8 x float> %899 to <8 x i32>
+  %911 = add <8 x i32> %910, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %912 = shl <8 x i32> %911, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n96 = bitcast <8 x i32> %912 to <8 x float>
+  %exp97 = fmul <8 x float> %909, %exp.2n96
+  %913 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %913
+  %914 = fmul <8 x float> %887, %sigmoid98
+  %915 = fadd <8 x float> %891, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai99 = fmul <8 x float> %914, %915
+  %916 = fmul <8 x float> %oai99, %875
+  %917 = getelementptr inbounds float, ptr %877, i64 %col95
+  store <8 x float> %916, ptr %917, align 4
+  %918 = add nsw i64 %r0, 3
+  %919 = getelementptr inbounds float, ptr %rw, i64 %918
+  %920 = load float, ptr %919, align 4
+  %921 = insertelement <8 x float> poison, float %920, i32 0
+  %922 = shufflevector <8 x float> %921, <8 x float> poison, <8 x i32> zeroinitializer
+  %923 = mul nsw i64 %918, 2880
+  %924 = getelementptr inbounds float, ptr %h, i64 %923
+  %col100 = mul nsw i64 %p, 8
+  %925 = load <8 x float>, ptr %acc3075, align 4
+  %926 = load <8 x float>, ptr %acc3176, align 4
+  %927 = getelementptr inbounds float, ptr %bg, i64 %col100
+  %928 = load <8 x float>, ptr %927, align 4
+  %929 = fadd <8 x float> %925, %928
+  %930 = getelementptr inbounds float, ptr %bu, i64 %col100
+  %931 = load <8 x float>, ptr %930, align 4
+  %932 = fadd <8 x float> %926, %931
+  %933 = fcmp olt <8 x float> %929, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %934 = select <8 x i1> %933, <8 x float> %929, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %935 = fcmp olt <8 x float> %932, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %936 = select <8 x i1> %935, <8 x float> %932, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %937 = fcmp ogt <8 x float> %936, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %938 = select <8 x i1> %937, <8 x float> %936, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %939 = fmul <8 x float> %934, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %940 = fneg <8 x float> %939
+  %941 = fcmp olt <8 x float> %940, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %942 = select <8 x i1> %941, <8 x float> %940, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %943 = fcmp ogt <8 x float> %942, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %944 = select <8 x i1> %943, <8 x float> %942, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %946 = call <8 x float> @llvm.floor.v8f32(<8 x float> %945)
+  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %944)
+  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %947)
+  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %948, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %948, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %948, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %948, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %952, <8 x float> %948, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %954 = fmul <8 x float> %948, %948
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %954, <8 x float> %948)
+  %956 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %957 = fptosi <8 x float> %946 to <8 x i32>
+  %958 = add <8 x i32> %957, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %959 = shl <8 x i32> %958, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %959 to <8 x float>
+  %exp102 = fmul <8 x float> %956, %exp.2n101
+  %960 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %960
+  %961 = fmul <8 x float> %934, %sigmoid103
+  %962 = fadd <8 x float> %938, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai104 = fmul <8 x float> %961, %962
+  %963 = fmul <8 x float> %oai104, %922
+  %964 = getelementptr inbounds float, ptr %924, i64 %col100
+  store <8 x float> %963, ptr %964, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %942 = add nsw i64 %r0, 0
-  %943 = getelementptr inbounds i32, ptr %rows, i64 %942
-  %944 = load i32, ptr %943, align 4
-  %945 = sext i32 %944 to i64
-  %946 = mul nsw i64 %945, 2880
-  %947 = getelementptr inbounds float, ptr %x, i64 %946
-  store <8 x float> zeroinitializer, ptr %acc00103, align 4
-  store <8 x float> zeroinitializer, ptr %acc01104, align 4
-  %948 = add nsw i64 %r0, 1
-  %949 = getelementptr inbounds i32, ptr %rows, i64 %948
-  %950 = load i32, ptr %949, align 4
-  %951 = sext i32 %950 to i64
-  %952 = mul nsw i64 %951, 2880
-  %953 = getelementptr inbounds float, ptr %x, i64 %952
-  store <8 x float> zeroinitializer, ptr %acc10105, align 4
-  store <8 x float> zeroinitializer, ptr %acc11106, align 4
-  %954 = add nsw i64 %r0, 2
-  %955 = getelementptr inbounds i32, ptr %rows, i64 %954
-  %956 = load i32, ptr %955, align 4
-  %957 = sext i32 %956 to i64
-  %958 = mul nsw i64 %957, 2880
-  %959 = getelementptr inbounds float, ptr %x, i64 %958
-  store <8 x float> zeroinitializer, ptr %acc20107, align 4
-  store <8 x float> zeroinitializer, ptr %acc21108, align 4
-  %panel.off109 = mul nsw i64 %p, 46080
-  br label %k.head110
+  %965 = add nsw i64 %r0, 0
+  %966 = getelementptr inbounds i32, ptr %rows, i64 %965
+  %967 = load i32, ptr %966, align 4
+  %968 = sext i32 %967 to i64
+  %969 = mul nsw i64 %968, 2880
+  %970 = getelementptr inbounds float, ptr %x, i64 %969
+  store <8 x float> zeroinitializer, ptr %acc00105, align 4
+  store <8 x float> zeroinitializer, ptr %acc01106, align 4
+  %971 = add nsw i64 %r0, 1
+  %972 = getelementptr inbounds i32, ptr %rows, i64 %971
+  %973 = load i32, ptr %972, align 4
+  %974 = sext i32 %973 to i64
+  %975 = mul nsw i64 %974, 2880
+  %976 = getelementptr inbounds float, ptr %x, i64 %975
+  store <8 x float> zeroinitializer, ptr %acc10107, align 4
+  store <8 x float> zeroinitializer, ptr %acc11108, align 4
+  %977 = add nsw i64 %r0, 2
+  %978 = getelementptr inbounds i32, ptr %rows, i64 %977
+  %979 = load i32, ptr %978, align 4
+  %980 = sext i32 %979 to i64
+  %981 = mul nsw i64 %980, 2880
+  %982 = getelementptr inbounds float, ptr %x, i64 %981
+  store <8 x float> zeroinitializer, ptr %acc20109, align 4
+  store <8 x float> zeroinitializer, ptr %acc21110, align 4
+  %panel.off111 = mul nsw i64 %p, 46080
+  %983 = getelementptr inbounds i16, ptr %panels, i64 %panel.off111
+  %984 = add nsw i64 %p, 1
+  %985 = icmp slt i64 %984, %p1
+  %986 = getelementptr inbounds i8, ptr %983, i64 92160
+  %987 = and i1 %pf.on, %985
+  %pf112 = select i1 %987, ptr %986, ptr %983
+  br label %k.head113
 
-k.head110:                                        ; preds = %k.body111, %tile.mr3
-  %k113 = phi i64 [ 0, %tile.mr3 ], [ %991, %k.body111 ]
-  %960 = icmp slt i64 %k113, 2880
-  br i1 %960, label %k.body111, label %k.end112
+k.head113:                                        ; preds = %k.body114, %tile.mr3
+  %k116 = phi i64 [ 0, %tile.mr3 ], [ %1021, %k.body114 ]
+  %988 = icmp slt i64 %k116, 2880
+  br i1 %988, label %k.body114, label %k.end115
 
-k.body111:                                        ; preds = %k.head110
-  %961 = mul nsw i64 %k113, 16
-  %962 = add nsw i64 %panel.off109, %961
-  %963 = getelementptr inbounds i16, ptr %panels, i64 %962
-  %964 = load <8 x i32>, ptr %963, align 4
-  %965 = shl <8 x i32> %964, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0114 = bitcast <8 x i32> %965 to <8 x float>
-  %966 = and <8 x i32> %964, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1115 = bitcast <8 x i32> %966 to <8 x float>
-  %967 = getelementptr inbounds float, ptr %947, i64 %k113
-  %968 = load float, ptr %967, align 4
-  %969 = insertelement <8 x float> poison, float %968, i32 0
-  %970 = shufflevector <8 x float> %969, <8 x float> poison, <8 x i32> zeroinitializer
-  %971 = load <8 x float>, ptr %acc00103, align 4
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %b0114, <8 x float> %971)
-  store <8 x float> %972, ptr %acc00103, align 4
-  %973 = load <8 x float>, ptr %acc01104, align 4
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %b1115, <8 x float> %973)
-  store <8 x float> %974, ptr %acc01104, align 4
-  %975 = getelementptr inbounds float, ptr %953, i64 %k113
-  %976 = load float, ptr %975, align 4
-  %977 = insertelement <8 x float> poison, float %976, i32 0
-  %978 = shufflevector <8 x float> %977, <8 x float> poison, <8 x i32> zeroinitializer
-  %979 = load <8 x float>, ptr %acc10105, align 4
-  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %b0114, <8 x float> %979)
-  store <8 x float> %980, ptr %acc10105, align 4
-  %981 = load <8 x float>, ptr %acc11106, align 4
-  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %b1115, <8 x float> %981)
-  store <8 x float> %982, ptr %acc11106, align 4
-  %983 = getelementptr inbounds float, ptr %959, i64 %k113
-  %984 = load float, ptr %983, align 4
-  %985 = insertelement <8 x float> poison, float %984, i32 0
-  %986 = shufflevector <8 x float> %985, <8 x float> poison, <8 x i32> zeroinitializer
-  %987 = load <8 x float>, ptr %acc20107, align 4
-  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %b0114, <8 x float> %987)
-  store <8 x float> %988, ptr %acc20107, align 4
-  %989 = load <8 x float>, ptr %acc21108, align 4
-  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %b1115, <8 x float> %989)
-  store <8 x float> %990, ptr %acc21108, align 4
-  %991 = add nsw i64 %k113, 1
-  br label %k.head110
+k.body114:                                        ; preds = %k.head113
+  %989 = mul nsw i64 %k116, 16
+  %990 = add nsw i64 %panel.off111, %989
+  %991 = mul nsw i64 %k116, 32
+  %992 = getelementptr inbounds i8, ptr %pf112, i64 %991
+  call void @llvm.prefetch.p0(ptr %992, i32 0, i32 2, i32 1)
+  %993 = getelementptr inbounds i16, ptr %panels, i64 %990
+  %994 = load <8 x i32>, ptr %993, align 4
+  %995 = shl <8 x i32> %994, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0117 = bitcast <8 x i32> %995 to <8 x float>
+  %996 = and <8 x i32> %994, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1118 = bitcast <8 x i32> %996 to <8 x float>
+  %997 = getelementptr inbounds float, ptr %970, i64 %k116
+  %998 = load float, ptr %997, align 4
+  %999 = insertelement <8 x float> poison, float %998, i32 0
+  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
+  %1001 = load <8 x float>, ptr %acc00105, align 4
+  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %b0117, <8 x float> %1001)
+  store <8 x float> %1002, ptr %acc00105, align 4
+  %1003 = load <8 x float>, ptr %acc01106, align 4
+  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %b1118, <8 x float> %1003)
+  store <8 x float> %1004, ptr %acc01106, align 4
+  %1005 = getelementptr inbounds float, ptr %976, i64 %k116
+  %1006 = load float, ptr %1005, align 4
+  %1007 = insertelement <8 x float> poison, float %1006, i32 0
+  %1008 = shufflevector <8 x float> %1007, <8 x float> poison, <8 x i32> zeroinitializer
+  %1009 = load <8 x float>, ptr %acc10107, align 4
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %b0117, <8 x float> %1009)
+  store <8 x float> %1010, ptr %acc10107, align 4
+  %1011 = load <8 x float>, ptr %acc11108, align 4
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %b1118, <8 x float> %1011)
+  store <8 x float> %1012, ptr %acc11108, align 4
+  %1013 = getelementptr inbounds float, ptr %982, i64 %k116
+  %1014 = load float, ptr %1013, align 4
+  %1015 = insertelement <8 x float> poison, float %1014, i32 0
+  %1016 = shufflevector <8 x float> %1015, <8 x float> poison, <8 x i32> zeroinitializer
+  %1017 = load <8 x float>, ptr %acc20109, align 4
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %b0117, <8 x float> %1017)
+  store <8 x float> %1018, ptr %acc20109, align 4
+  %1019 = load <8 x float>, ptr %acc21110, align 4
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %b1118, <8 x float> %1019)
+  store <8 x float> %1020, ptr %acc21110, align 4
+  %1021 = add nsw i64 %k116, 1
+  br label %k.head113
 
-k.end112:                                         ; preds = %k.head110
-  %992 = add nsw i64 %r0, 0
-  %993 = getelementptr inbounds float, ptr %rw, i64 %992
-  %994 = load float, ptr %993, align 4
-  %995 = insertelement <8 x float> poison, float %994, i32 0
-  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
-  %997 = mul nsw i64 %992, 2880
-  %998 = getelementptr inbounds float, ptr %h, i64 %997
-  %col116 = mul nsw i64 %p, 8
-  %999 = load <8 x float>, ptr %acc00103, align 4
-  %1000 = load <8 x float>, ptr %acc01104, align 4
-  %1001 = getelementptr inbounds float, ptr %bg, i64 %col116
-  %1002 = load <8 x float>, ptr %1001, align 4
-  %1003 = fadd <8 x float> %999, %1002
-  %1004 = getelementptr inbounds float, ptr %bu, i64 %col116
-  %1005 = load <8 x float>, ptr %1004, align 4
-  %1006 = fadd <8 x float> %1000, %1005
-  %1007 = fcmp olt <8 x float> %1003, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1008 = select <8 x i1> %1007, <8 x float> %1003, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1009 = fcmp olt <8 x float> %1006, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1010 = select <8 x i1> %1009, <8 x float> %1006, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1011 = fcmp ogt <8 x float> %1010, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1012 = select <8 x i1> %1011, <8 x float> %1010, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1013 = fmul <8 x float> %1008, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1014 = fneg <8 x float> %1013
-  %1015 = fcmp olt <8 x float> %1014, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1016 = select <8 x i1> %1015, <8 x float> %1014, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1017 = fcmp ogt <8 x float> %1016, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1020 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1019)
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1018)
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1021)
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1022, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %1022, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> %1022, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1022, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1022, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1028 = fmul <8 x float> %1022, %1022
-  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1028, <8 x float> %1022)
-  %1030 = fadd <8 x float> %1029, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1031 = fptosi <8 x float> %1020 to <8 x i32>
-  %1032 = add <8 x i32> %1031, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1033 = shl <8 x i32> %1032, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %1033 to <8 x float>
-  %exp118 = fmul <8 x float> %1030, %exp.2n117
-  %1034 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1034
-  %1035 = fmul <8 x float> %1008, %sigmoid119
-  %1036 = fadd <8 x float> %1012, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai120 = fmul <8 x float> %1035, %1036
-  %1037 = fmul <8 x float> %oai120, %996
-  %1038 = getelementptr inbounds float, ptr %998, i64 %col116
-  store <8 x float> %1037, ptr %1038, align 4
-  %1039 = add nsw i64 %r0, 1
-  %1040 = getelementptr inbounds float, ptr %rw, i64 %1039
-  %1041 = load float, ptr %1040, align 4
-  %1042 = insertelement <8 x float> poison, float %1041, i32 0
-  %1043 = shufflevector <8 x float> %1042, <8 x float> poison, <8 x i32> zeroinitializer
-  %1044 = mul nsw i64 %1039, 2880
-  %1045 = getelementptr inbounds float, ptr %h, i64 %1044
-  %col121 = mul nsw i64 %p, 8
-  %1046 = load <8 x float>, ptr %acc10105, align 4
-  %1047 = load <8 x float>, ptr %acc11106, align 4
-  %1048 = getelementptr inbounds float, ptr %bg, i64 %col121
-  %1049 = load <8 x float>, ptr %1048, align 4
-  %1050 = fadd <8 x float> %1046, %1049
-  %1051 = getelementptr inbounds float, ptr %bu, i64 %col121
-  %1052 = load <8 x float>, ptr %1051, align 4
-  %1053 = fadd <8 x float> %1047, %1052
-  %1054 = fcmp olt <8 x float> %1050, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1055 = select <8 x i1> %1054, <8 x float> %1050, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1056 = fcmp olt <8 x float> %1053, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1057 = select <8 x i1> %1056, <8 x float> %1053, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1058 = fcmp ogt <8 x float> %1057, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1059 = select <8 x i1> %1058, <8 x float> %1057, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1060 = fmul <8 x float> %1055, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1061 = fneg <8 x float> %1060
-  %1062 = fcmp olt <8 x float> %1061, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1063 = select <8 x i1> %1062, <8 x float> %1061, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1064 = fcmp ogt <8 x float> %1063, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1065 = select <8 x i1> %1064, <8 x float> %1063, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1065, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1067 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1066)
-  %1068 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1067, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1065)
-  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1067, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1068)
-  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1069, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> %1069, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> %1069, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1072, <8 x float> %1069, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1069, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1075 = fmul <8 x float> %1069, %1069
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1075, <8 x float> %1069)
-  %1077 = fadd <8 x float> %1076, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1078 = fptosi <8 x float> %1067 to <8 x i32>
-  %1079 = add <8 x i32> %1078, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1080 = shl <8 x i32> %1079, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n122 = bitcast <8 x i32> %1080 to <8 x float>
-  %exp123 = fmul <8 x float> %1077, %exp.2n122
-  %1081 = fadd <8 x float> %exp123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid124 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1081
-  %1082 = fmul <8 x float> %1055, %sigmoid124
-  %1083 = fadd <8 x float> %1059, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai125 = fmul <8 x float> %1082, %1083
-  %1084 = fmul <8 x float> %oai125, %1043
-  %1085 = getelementptr inbounds float, ptr %1045, i64 %col121
-  store <8 x float> %1084, ptr %1085, align 4
-  %1086 = add nsw i64 %r0, 2
-  %1087 = getelementptr inbounds float, ptr %rw, i64 %1086
-  %1088 = load float, ptr %1087, align 4
-  %1089 = insertelement <8 x float> poison, float %1088, i32 0
-  %1090 = shufflevector <8 x float> %1089, <8 x float> poison, <8 x i32> zeroinitializer
-  %1091 = mul nsw i64 %1086, 2880
-  %1092 = getelementptr inbounds float, ptr %h, i64 %1091
-  %col126 = mul nsw i64 %p, 8
-  %1093 = load <8 x float>, ptr %acc20107, align 4
-  %1094 = load <8 x float>, ptr %acc21108, align 4
-  %1095 = getelementptr inbounds float, ptr %bg, i64 %col126
-  %1096 = load <8 x float>, ptr %1095, align 4
-  %1097 = fadd <8 x float> %1093, %1096
-  %1098 = getelementptr inbounds float, ptr %bu, i64 %col126
-  %1099 = load <8 x float>, ptr %1098, align 4
-  %1100 = fadd <8 x float> %1094, %1099
-  %1101 = fcmp olt <8 x float> %1097, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1102 = select <8 x i1> %1101, <8 x float> %1097, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1103 = fcmp olt <8 x float> %1100, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1104 = select <8 x i1> %1103, <8 x float> %1100, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1105 = fcmp ogt <8 x float> %1104, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1106 = select <8 x i1> %1105, <8 x float> %1104, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1107 = fmul <8 x float> %1102, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1108 = fneg <8 x float> %1107
-  %1109 = fcmp olt <8 x float> %1108, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1110 = select <8 x i1> %1109, <8 x float> %1108, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1111 = fcmp ogt <8 x float> %1110, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1112 = select <8 x i1> %1111, <8 x float> %1110, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1112, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1114 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1113)
-  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1112)
-  %1116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1115)
-  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1116, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> %1116, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %1116, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1119, <8 x float> %1116, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1120, <8 x float> %1116, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1122 = fmul <8 x float> %1116, %1116
-  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1122, <8 x float> %1116)
-  %1124 = fadd <8 x float> %1123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1125 = fptosi <8 x float> %1114 to <8 x i32>
-  %1126 = add <8 x i32> %1125, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1127 = shl <8 x i32> %1126, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n127 = bitcast <8 x i32> %1127 to <8 x float>
-  %exp128 = fmul <8 x float> %1124, %exp.2n127
-  %1128 = fadd <8 x float> %exp128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid129 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1128
-  %1129 = fmul <8 x float> %1102, %sigmoid129
-  %1130 = fadd <8 x float> %1106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai130 = fmul <8 x float> %1129, %1130
-  %1131 = fmul <8 x float> %oai130, %1090
-  %1132 = getelementptr inbounds float, ptr %1092, i64 %col126
-  store <8 x float> %1131, ptr %1132, align 4
+k.end115:                                         ; preds = %k.head113
+  %1022 = add nsw i64 %r0, 0
+  %1023 = getelementptr inbounds float, ptr %rw, i64 %1022
+  %1024 = load float, ptr %1023, align 4
+  %1025 = insertelement <8 x float> poison, float %1024, i32 0
+  %1026 = shufflevector <8 x float> %1025, <8 x float> poison, <8 x i32> zeroinitializer
+  %1027 = mul nsw i64 %1022, 2880
+  %1028 = getelementptr inbounds float, ptr %h, i64 %1027
+  %col119 = mul nsw i64 %p, 8
+  %1029 = load <8 x float>, ptr %acc00105, align 4
+  %1030 = load <8 x float>, ptr %acc01106, align 4
+  %1031 = getelementptr inbounds float, ptr %bg, i64 %col119
+  %1032 = load <8 x float>, ptr %1031, align 4
+  %1033 = fadd <8 x float> %1029, %1032
+  %1034 = getelementptr inbounds float, ptr %bu, i64 %col119
+  %1035 = load <8 x float>, ptr %1034, align 4
+  %1036 = fadd <8 x float> %1030, %1035
+  %1037 = fcmp olt <8 x float> %1033, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1038 = select <8 x i1> %1037, <8 x float> %1033, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1039 = fcmp olt <8 x float> %1036, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1040 = select <8 x i1> %1039, <8 x float> %1036, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1041 = fcmp ogt <8 x float> %1040, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1042 = select <8 x i1> %1041, <8 x float> %1040, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1043 = fmul <8 x float> %1038, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1044 = fneg <8 x float> %1043
+  %1045 = fcmp olt <8 x float> %1044, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1046 = select <8 x i1> %1045, <8 x float> %1044, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1047 = fcmp ogt <8 x float> %1046, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1048 = select <8 x i1> %1047, <8 x float> %1046, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1050 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1049)
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1048)
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1051)
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1052, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1052, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1052, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1052, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1052, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1058 = fmul <8 x float> %1052, %1052
+  %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1057, <8 x float> %1058, <8 x float> %1052)
+  %1060 = fadd <8 x float> %1059, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1061 = fptosi <8 x float> %1050 to <8 x i32>
+  %1062 = add <8 x i32> %1061, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1063 = shl <8 x i32> %1062, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n120 = bitcast <8 x i32> %1063 to <8 x float>
+  %exp121 = fmul <8 x float> %1060, %exp.2n120
+  %1064 = fadd <8 x float> %exp121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid122 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1064
+  %1065 = fmul <8 x float> %1038, %sigmoid122
+  %1066 = fadd <8 x float> %1042, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai123 = fmul <8 x float> %1065, %1066
+  %1067 = fmul <8 x float> %oai123, %1026
+  %1068 = getelementptr inbounds float, ptr %1028, i64 %col119
+  store <8 x float> %1067, ptr %1068, align 4
+  %1069 = add nsw i64 %r0, 1
+  %1070 = getelementptr inbounds float, ptr %rw, i64 %1069
+  %1071 = load float, ptr %1070, align 4
+  %1072 = insertelement <8 x float> poison, float %1071, i32 0
+  %1073 = shufflevector <8 x float> %1072, <8 x float> poison, <8 x i32> zeroinitializer
+  %1074 = mul nsw i64 %1069, 2880
+  %1075 = getelementptr inbounds float, ptr %h, i64 %1074
+  %col124 = mul nsw i64 %p, 8
+  %1076 = load <8 x float>, ptr %acc10107, align 4
+  %1077 = load <8 x float>, ptr %acc11108, align 4
+  %1078 = getelementptr inbounds float, ptr %bg, i64 %col124
+  %1079 = load <8 x float>, ptr %1078, align 4
+  %1080 = fadd <8 x float> %1076, %1079
+  %1081 = getelementptr inbounds float, ptr %bu, i64 %col124
+  %1082 = load <8 x float>, ptr %1081, align 4
+  %1083 = fadd <8 x float> %1077, %1082
+  %1084 = fcmp olt <8 x float> %1080, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1085 = select <8 x i1> %1084, <8 x float> %1080, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1086 = fcmp olt <8 x float> %1083, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1087 = select <8 x i1> %1086, <8 x float> %1083, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1088 = fcmp ogt <8 x float> %1087, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1089 = select <8 x i1> %1088, <8 x float> %1087, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1090 = fmul <8 x float> %1085, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1091 = fneg <8 x float> %1090
+  %1092 = fcmp olt <8 x float> %1091, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1093 = select <8 x i1> %1092, <8 x float> %1091, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1094 = fcmp ogt <8 x float> %1093, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1095 = select <8 x i1> %1094, <8 x float> %1093, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1097 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1096)
+  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1095)
+  %1099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1098)
+  %1100 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1099, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1100, <8 x float> %1099, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1101, <8 x float> %1099, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %1099, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1103, <8 x float> %1099, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1105 = fmul <8 x float> %1099, %1099
+  %1106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1104, <8 x float> %1105, <8 x float> %1099)
+  %1107 = fadd <8 x float> %1106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1108 = fptosi <8 x float> %1097 to <8 x i32>
+  %1109 = add <8 x i32> %1108, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1110 = shl <8 x i32> %1109, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n125 = bitcast <8 x i32> %1110 to <8 x float>
+  %exp126 = fmul <8 x float> %1107, %exp.2n125
+  %1111 = fadd <8 x float> %exp126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid127 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1111
+  %1112 = fmul <8 x float> %1085, %sigmoid127
+  %1113 = fadd <8 x float> %1089, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai128 = fmul <8 x float> %1112, %1113
+  %1114 = fmul <8 x float> %oai128, %1073
+  %1115 = getelementptr inbounds float, ptr %1075, i64 %col124
+  store <8 x float> %1114, ptr %1115, align 4
+  %1116 = add nsw i64 %r0, 2
+  %1117 = getelementptr inbounds float, ptr %rw, i64 %1116
+  %1118 = load float, ptr %1117, align 4
+  %1119 = insertelement <8 x float> poison, float %1118, i32 0
+  %1120 = shufflevector <8 x float> %1119, <8 x float> poison, <8 x i32> zeroinitializer
+  %1121 = mul nsw i64 %1116, 2880
+  %1122 = getelementptr inbounds float, ptr %h, i64 %1121
+  %col129 = mul nsw i64 %p, 8
+  %1123 = load <8 x float>, ptr %acc20109, align 4
+  %1124 = load <8 x float>, ptr %acc21110, align 4
+  %1125 = getelementptr inbounds float, ptr %bg, i64 %col129
+  %1126 = load <8 x float>, ptr %1125, align 4
+  %1127 = fadd <8 x float> %1123, %1126
+  %1128 = getelementptr inbounds float, ptr %bu, i64 %col129
+  %1129 = load <8 x float>, ptr %1128, align 4
+  %1130 = fadd <8 x float> %1124, %1129
+  %1131 = fcmp olt <8 x float> %1127, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1132 = select <8 x i1> %1131, <8 x float> %1127, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1133 = fcmp olt <8 x float> %1130, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1134 = select <8 x i1> %1133, <8 x float> %1130, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1135 = fcmp ogt <8 x float> %1134, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1136 = select <8 x i1> %1135, <8 x float> %1134, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1137 = fmul <8 x float> %1132, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1138 = fneg <8 x float> %1137
+  %1139 = fcmp olt <8 x float> %1138, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1140 = select <8 x i1> %1139, <8 x float> %1138, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1141 = fcmp ogt <8 x float> %1140, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1142 = select <8 x i1> %1141, <8 x float> %1140, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1144 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1143)
+  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1142)
+  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1145)
+  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1147, <8 x float> %1146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1148, <8 x float> %1146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1149, <8 x float> %1146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %1146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1152 = fmul <8 x float> %1146, %1146
+  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1152, <8 x float> %1146)
+  %1154 = fadd <8 x float> %1153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1155 = fptosi <8 x float> %1144 to <8 x i32>
+  %1156 = add <8 x i32> %1155, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1157 = shl <8 x i32> %1156, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n130 = bitcast <8 x i32> %1157 to <8 x float>
+  %exp131 = fmul <8 x float> %1154, %exp.2n130
+  %1158 = fadd <8 x float> %exp131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid132 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1158
+  %1159 = fmul <8 x float> %1132, %sigmoid132
+  %1160 = fadd <8 x float> %1136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai133 = fmul <8 x float> %1159, %1160
+  %1161 = fmul <8 x float> %oai133, %1120
+  %1162 = getelementptr inbounds float, ptr %1122, i64 %col129
+  store <8 x float> %1161, ptr %1162, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1133 = add nsw i64 %r0, 0
-  %1134 = getelementptr inbounds i32, ptr %rows, i64 %1133
-  %1135 = load i32, ptr %1134, align 4
-  %1136 = sext i32 %1135 to i64
-  %1137 = mul nsw i64 %1136, 2880
-  %1138 = getelementptr inbounds float, ptr %x, i64 %1137
-  store <8 x float> zeroinitializer, ptr %acc00131, align 4
-  store <8 x float> zeroinitializer, ptr %acc01132, align 4
-  %1139 = add nsw i64 %r0, 1
-  %1140 = getelementptr inbounds i32, ptr %rows, i64 %1139
-  %1141 = load i32, ptr %1140, align 4
-  %1142 = sext i32 %1141 to i64
-  %1143 = mul nsw i64 %1142, 2880
-  %1144 = getelementptr inbounds float, ptr %x, i64 %1143
-  store <8 x float> zeroinitializer, ptr %acc10133, align 4
-  store <8 x float> zeroinitializer, ptr %acc11134, align 4
-  %panel.off135 = mul nsw i64 %p, 46080
-  br label %k.head136
+  %1163 = add nsw i64 %r0, 0
+  %1164 = getelementptr inbounds i32, ptr %rows, i64 %1163
+  %1165 = load i32, ptr %1164, align 4
+  %1166 = sext i32 %1165 to i64
+  %1167 = mul nsw i64 %1166, 2880
+  %1168 = getelementptr inbounds float, ptr %x, i64 %1167
+  store <8 x float> zeroinitializer, ptr %acc00134, align 4
+  store <8 x float> zeroinitializer, ptr %acc01135, align 4
+  %1169 = add nsw i64 %r0, 1
+  %1170 = getelementptr inbounds i32, ptr %rows, i64 %1169
+  %1171 = load i32, ptr %1170, align 4
+  %1172 = sext i32 %1171 to i64
+  %1173 = mul nsw i64 %1172, 2880
+  %1174 = getelementptr inbounds float, ptr %x, i64 %1173
+  store <8 x float> zeroinitializer, ptr %acc10136, align 4
+  store <8 x float> zeroinitializer, ptr %acc11137, align 4
+  %panel.off138 = mul nsw i64 %p, 46080
+  %1175 = getelementptr inbounds i16, ptr %panels, i64 %panel.off138
+  %1176 = add nsw i64 %p, 1
+  %1177 = icmp slt i64 %1176, %p1
+  %1178 = getelementptr inbounds i8, ptr %1175, i64 92160
+  %1179 = and i1 %pf.on, %1177
+  %pf139 = select i1 %1179, ptr %1178, ptr %1175
+  br label %k.head140
 
-k.head136:                                        ; preds = %k.body137, %tile.mr2
-  %k139 = phi i64 [ 0, %tile.mr2 ], [ %1168, %k.body137 ]
-  %1145 = icmp slt i64 %k139, 2880
-  br i1 %1145, label %k.body137, label %k.end138
+k.head140:                                        ; preds = %k.body141, %tile.mr2
+  %k143 = phi i64 [ 0, %tile.mr2 ], [ %1205, %k.body141 ]
+  %1180 = icmp slt i64 %k143, 2880
+  br i1 %1180, label %k.body141, label %k.end142
 
-k.body137:                                        ; preds = %k.head136
-  %1146 = mul nsw i64 %k139, 16
-  %1147 = add nsw i64 %panel.off135, %1146
-  %1148 = getelementptr inbounds i16, ptr %panels, i64 %1147
-  %1149 = load <8 x i32>, ptr %1148, align 4
-  %1150 = shl <8 x i32> %1149, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0140 = bitcast <8 x i32> %1150 to <8 x float>
-  %1151 = and <8 x i32> %1149, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1141 = bitcast <8 x i32> %1151 to <8 x float>
-  %1152 = getelementptr inbounds float, ptr %1138, i64 %k139
-  %1153 = load float, ptr %1152, align 4
-  %1154 = insertelement <8 x float> poison, float %1153, i32 0
-  %1155 = shufflevector <8 x float> %1154, <8 x float> poison, <8 x i32> zeroinitializer
-  %1156 = load <8 x float>, ptr %acc00131, align 4
-  %1157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1155, <8 x float> %b0140, <8 x float> %1156)
-  store <8 x float> %1157, ptr %acc00131, align 4
-  %1158 = load <8 x float>, ptr %acc01132, align 4
-  %1159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1155, <8 x float> %b1141, <8 x float> %1158)
-  store <8 x float> %1159, ptr %acc01132, align 4
-  %1160 = getelementptr inbounds float, ptr %1144, i64 %k139
-  %1161 = load float, ptr %1160, align 4
-  %1162 = insertelement <8 x float> poison, float %1161, i32 0
-  %1163 = shufflevector <8 x float> %1162, <8 x float> poison, <8 x i32> zeroinitializer
-  %1164 = load <8 x float>, ptr %acc10133, align 4
-  %1165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1163, <8 x float> %b0140, <8 x float> %1164)
-  store <8 x float> %1165, ptr %acc10133, align 4
-  %1166 = load <8 x float>, ptr %acc11134, align 4
-  %1167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1163, <8 x float> %b1141, <8 x float> %1166)
-  store <8 x float> %1167, ptr %acc11134, align 4
-  %1168 = add nsw i64 %k139, 1
-  br label %k.head136
+k.body141:                                        ; preds = %k.head140
+  %1181 = mul nsw i64 %k143, 16
+  %1182 = add nsw i64 %panel.off138, %1181
+  %1183 = mul nsw i64 %k143, 32
+  %1184 = getelementptr inbounds i8, ptr %pf139, i64 %1183
+  call void @llvm.prefetch.p0(ptr %1184, i32 0, i32 2, i32 1)
+  %1185 = getelementptr inbounds i16, ptr %panels, i64 %1182
+  %1186 = load <8 x i32>, ptr %1185, align 4
+  %1187 = shl <8 x i32> %1186, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0144 = bitcast <8 x i32> %1187 to <8 x float>
+  %1188 = and <8 x i32> %1186, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1145 = bitcast <8 x i32> %1188 to <8 x float>
+  %1189 = getelementptr inbounds float, ptr %1168, i64 %k143
+  %1190 = load float, ptr %1189, align 4
+  %1191 = insertelement <8 x float> poison, float %1190, i32 0
+  %1192 = shufflevector <8 x float> %1191, <8 x float> poison, <8 x i32> zeroinitializer
+  %1193 = load <8 x float>, ptr %acc00134, align 4
+  %1194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1192, <8 x float> %b0144, <8 x float> %1193)
+  store <8 x float> %1194, ptr %acc00134, align 4
+  %1195 = load <8 x float>, ptr %acc01135, align 4
+  %1196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1192, <8 x float> %b1145, <8 x float> %1195)
+  store <8 x float> %1196, ptr %acc01135, align 4
+  %1197 = getelementptr inbounds float, ptr %1174, i64 %k143
+  %1198 = load float, ptr %1197, align 4
+  %1199 = insertelement <8 x float> poison, float %1198, i32 0
+  %1200 = shufflevector <8 x float> %1199, <8 x float> poison, <8 x i32> zeroinitializer
+  %1201 = load <8 x float>, ptr %acc10136, align 4
+  %1202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1200, <8 x float> %b0144, <8 x float> %1201)
+  store <8 x float> %1202, ptr %acc10136, align 4
+  %1203 = load <8 x float>, ptr %acc11137, align 4
+  %1204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1200, <8 x float> %b1145, <8 x float> %1203)
+  store <8 x float> %1204, ptr %acc11137, align 4
+  %1205 = add nsw i64 %k143, 1
+  br label %k.head140
 
-k.end138:                                         ; preds = %k.head136
-  %1169 = add nsw i64 %r0, 0
-  %1170 = getelementptr inbounds float, ptr %rw, i64 %1169
-  %1171 = load float, ptr %1170, align 4
-  %1172 = insertelement <8 x float> poison, float %1171, i32 0
-  %1173 = shufflevector <8 x float> %1172, <8 x float> poison, <8 x i32> zeroinitializer
-  %1174 = mul nsw i64 %1169, 2880
-  %1175 = getelementptr inbounds float, ptr %h, i64 %1174
-  %col142 = mul nsw i64 %p, 8
-  %1176 = load <8 x float>, ptr %acc00131, align 4
-  %1177 = load <8 x float>, ptr %acc01132, align 4
-  %1178 = getelementptr inbounds float, ptr %bg, i64 %col142
-  %1179 = load <8 x float>, ptr %1178, align 4
-  %1180 = fadd <8 x float> %1176, %1179
-  %1181 = getelementptr inbounds float, ptr %bu, i64 %col142
-  %1182 = load <8 x float>, ptr %1181, align 4
-  %1183 = fadd <8 x float> %1177, %1182
-  %1184 = fcmp olt <8 x float> %1180, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1185 = select <8 x i1> %1184, <8 x float> %1180, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1186 = fcmp olt <8 x float> %1183, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1187 = select <8 x i1> %1186, <8 x float> %1183, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1188 = fcmp ogt <8 x float> %1187, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1189 = select <8 x i1> %1188, <8 x float> %1187, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1190 = fmul <8 x float> %1185, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1191 = fneg <8 x float> %1190
-  %1192 = fcmp olt <8 x float> %1191, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1193 = select <8 x i1> %1192, <8 x float> %1191, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1194 = fcmp ogt <8 x float> %1193, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1195 = select <8 x i1> %1194, <8 x float> %1193, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1195, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1197 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1196)
-  %1198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1197, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1195)
-  %1199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1197, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1198)
-  %1200 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1200, <8 x float> %1199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1201, <8 x float> %1199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1202, <8 x float> %1199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1203, <8 x float> %1199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1205 = fmul <8 x float> %1199, %1199
-  %1206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1204, <8 x float> %1205, <8 x float> %1199)
-  %1207 = fadd <8 x float> %1206, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1208 = fptosi <8 x float> %1197 to <8 x i32>
-  %1209 = add <8 x i32> %1208, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1210 = shl <8 x i32> %1209, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %1210 to <8 x float>
-  %exp144 = fmul <8 x float> %1207, %exp.2n143
-  %1211 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1211
-  %1212 = fmul <8 x float> %1185, %sigmoid145
-  %1213 = fadd <8 x float> %1189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai146 = fmul <8 x float> %1212, %1213
-  %1214 = fmul <8 x float> %oai146, %1173
-  %1215 = getelementptr inbounds float, ptr %1175, i64 %col142
-  store <8 x float> %1214, ptr %1215, align 4
-  %1216 = add nsw i64 %r0, 1
-  %1217 = getelementptr inbounds float, ptr %rw, i64 %1216
-  %1218 = load float, ptr %1217, align 4
-  %1219 = insertelement <8 x float> poison, float %1218, i32 0
-  %1220 = shufflevector <8 x float> %1219, <8 x float> poison, <8 x i32> zeroinitializer
-  %1221 = mul nsw i64 %1216, 2880
-  %1222 = getelementptr inbounds float, ptr %h, i64 %1221
-  %col147 = mul nsw i64 %p, 8
-  %1223 = load <8 x float>, ptr %acc10133, align 4
-  %1224 = load <8 x float>, ptr %acc11134, align 4
-  %1225 = getelementptr inbounds float, ptr %bg, i64 %col147
-  %1226 = load <8 x float>, ptr %1225, align 4
-  %1227 = fadd <8 x float> %1223, %1226
-  %1228 = getelementptr inbounds float, ptr %bu, i64 %col147
-  %1229 = load <8 x float>, ptr %1228, align 4
-  %1230 = fadd <8 x float> %1224, %1229
-  %1231 = fcmp olt <8 x float> %1227, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1232 = select <8 x i1> %1231, <8 x float> %1227, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1233 = fcmp olt <8 x float> %1230, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1234 = select <8 x i1> %1233, <8 x float> %1230, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1235 = fcmp ogt <8 x float> %1234, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1236 = select <8 x i1> %1235, <8 x float> %1234, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1237 = fmul <8 x float> %1232, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1238 = fneg <8 x float> %1237
-  %1239 = fcmp olt <8 x float> %1238, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1240 = select <8 x i1> %1239, <8 x float> %1238, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1241 = fcmp ogt <8 x float> %1240, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1242 = select <8 x i1> %1241, <8 x float> %1240, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1242, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1244 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1243)
-  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1242)
-  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1245)
-  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1246, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1246, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1248, <8 x float> %1246, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1246, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1250, <8 x float> %1246, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1252 = fmul <8 x float> %1246, %1246
-  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1252, <8 x float> %1246)
-  %1254 = fadd <8 x float> %1253, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1255 = fptosi <8 x float> %1244 to <8 x i32>
-  %1256 = add <8 x i32> %1255, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1257 = shl <8 x i32> %1256, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n148 = bitcast <8 x i32> %1257 to <8 x float>
-  %exp149 = fmul <8 x float> %1254, %exp.2n148
-  %1258 = fadd <8 x float> %exp149, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid150 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1258
-  %1259 = fmul <8 x float> %1232, %sigmoid150
-  %1260 = fadd <8 x float> %1236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai151 = fmul <8 x float> %1259, %1260
-  %1261 = fmul <8 x float> %oai151, %1220
-  %1262 = getelementptr inbounds float, ptr %1222, i64 %col147
-  store <8 x float> %1261, ptr %1262, align 4
+k.end142:                                         ; preds = %k.head140
+  %1206 = add nsw i64 %r0, 0
+  %1207 = getelementptr inbounds float, ptr %rw, i64 %1206
+  %1208 = load float, ptr %1207, align 4
+  %1209 = insertelement <8 x float> poison, float %1208, i32 0
+  %1210 = shufflevector <8 x float> %1209, <8 x float> poison, <8 x i32> zeroinitializer
+  %1211 = mul nsw i64 %1206, 2880
+  %1212 = getelementptr inbounds float, ptr %h, i64 %1211
+  %col146 = mul nsw i64 %p, 8
+  %1213 = load <8 x float>, ptr %acc00134, align 4
+  %1214 = load <8 x float>, ptr %acc01135, align 4
+  %1215 = getelementptr inbounds float, ptr %bg, i64 %col146
+  %1216 = load <8 x float>, ptr %1215, align 4
+  %1217 = fadd <8 x float> %1213, %1216
+  %1218 = getelementptr inbounds float, ptr %bu, i64 %col146
+  %1219 = load <8 x float>, ptr %1218, align 4
+  %1220 = fadd <8 x float> %1214, %1219
+  %1221 = fcmp olt <8 x float> %1217, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1222 = select <8 x i1> %1221, <8 x float> %1217, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1223 = fcmp olt <8 x float> %1220, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1224 = select <8 x i1> %1223, <8 x float> %1220, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1225 = fcmp ogt <8 x float> %1224, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1226 = select <8 x i1> %1225, <8 x float> %1224, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1227 = fmul <8 x float> %1222, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1228 = fneg <8 x float> %1227
+  %1229 = fcmp olt <8 x float> %1228, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1230 = select <8 x i1> %1229, <8 x float> %1228, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1231 = fcmp ogt <8 x float> %1230, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1232 = select <8 x i1> %1231, <8 x float> %1230, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1232, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1234 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1233)
+  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1232)
+  %1236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1235)
+  %1237 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1236, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> %1236, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1238, <8 x float> %1236, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %1236, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> %1236, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1242 = fmul <8 x float> %1236, %1236
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1242, <8 x float> %1236)
+  %1244 = fadd <8 x float> %1243, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1245 = fptosi <8 x float> %1234 to <8 x i32>
+  %1246 = add <8 x i32> %1245, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1247 = shl <8 x i32> %1246, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %1247 to <8 x float>
+  %exp148 = fmul <8 x float> %1244, %exp.2n147
+  %1248 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1248
+  %1249 = fmul <8 x float> %1222, %sigmoid149
+  %1250 = fadd <8 x float> %1226, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai150 = fmul <8 x float> %1249, %1250
+  %1251 = fmul <8 x float> %oai150, %1210
+  %1252 = getelementptr inbounds float, ptr %1212, i64 %col146
+  store <8 x float> %1251, ptr %1252, align 4
+  %1253 = add nsw i64 %r0, 1
+  %1254 = getelementptr inbounds float, ptr %rw, i64 %1253
+  %1255 = load float, ptr %1254, align 4
+  %1256 = insertelement <8 x float> poison, float %1255, i32 0
+  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
+  %1258 = mul nsw i64 %1253, 2880
+  %1259 = getelementptr inbounds float, ptr %h, i64 %1258
+  %col151 = mul nsw i64 %p, 8
+  %1260 = load <8 x float>, ptr %acc10136, align 4
+  %1261 = load <8 x float>, ptr %acc11137, align 4
+  %1262 = getelementptr inbounds float, ptr %bg, i64 %col151
+  %1263 = load <8 x float>, ptr %1262, align 4
+  %1264 = fadd <8 x float> %1260, %1263
+  %1265 = getelementptr inbounds float, ptr %bu, i64 %col151
+  %1266 = load <8 x float>, ptr %1265, align 4
+  %1267 = fadd <8 x float> %1261, %1266
+  %1268 = fcmp olt <8 x float> %1264, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1269 = select <8 x i1> %1268, <8 x float> %1264, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1270 = fcmp olt <8 x float> %1267, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1271 = select <8 x i1> %1270, <8 x float> %1267, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1272 = fcmp ogt <8 x float> %1271, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1273 = select <8 x i1> %1272, <8 x float> %1271, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1274 = fmul <8 x float> %1269, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1275 = fneg <8 x float> %1274
+  %1276 = fcmp olt <8 x float> %1275, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1277 = select <8 x i1> %1276, <8 x float> %1275, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1278 = fcmp ogt <8 x float> %1277, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1279 = select <8 x i1> %1278, <8 x float> %1277, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1281 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1280)
+  %1282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1281, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1279)
+  %1283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1281, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1282)
+  %1284 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1283, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1284, <8 x float> %1283, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1285, <8 x float> %1283, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1286, <8 x float> %1283, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1287, <8 x float> %1283, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1289 = fmul <8 x float> %1283, %1283
+  %1290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1288, <8 x float> %1289, <8 x float> %1283)
+  %1291 = fadd <8 x float> %1290, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1292 = fptosi <8 x float> %1281 to <8 x i32>
+  %1293 = add <8 x i32> %1292, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1294 = shl <8 x i32> %1293, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n152 = bitcast <8 x i32> %1294 to <8 x float>
+  %exp153 = fmul <8 x float> %1291, %exp.2n152
+  %1295 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1295
+  %1296 = fmul <8 x float> %1269, %sigmoid154
+  %1297 = fadd <8 x float> %1273, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai155 = fmul <8 x float> %1296, %1297
+  %1298 = fmul <8 x float> %oai155, %1257
+  %1299 = getelementptr inbounds float, ptr %1259, i64 %col151
+  store <8 x float> %1298, ptr %1299, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1263 = add nsw i64 %r0, 0
-  %1264 = getelementptr inbounds i32, ptr %rows, i64 %1263
-  %1265 = load i32, ptr %1264, align 4
-  %1266 = sext i32 %1265 to i64
-  %1267 = mul nsw i64 %1266, 2880
-  %1268 = getelementptr inbounds float, ptr %x, i64 %1267
-  store <8 x float> zeroinitializer, ptr %acc00152, align 4
-  store <8 x float> zeroinitializer, ptr %acc01153, align 4
-  %panel.off154 = mul nsw i64 %p, 46080
-  br label %k.head155
+  %1300 = add nsw i64 %r0, 0
+  %1301 = getelementptr inbounds i32, ptr %rows, i64 %1300
+  %1302 = load i32, ptr %1301, align 4
+  %1303 = sext i32 %1302 to i64
+  %1304 = mul nsw i64 %1303, 2880
+  %1305 = getelementptr inbounds float, ptr %x, i64 %1304
+  store <8 x float> zeroinitializer, ptr %acc00156, align 4
+  store <8 x float> zeroinitializer, ptr %acc01157, align 4
+  %panel.off158 = mul nsw i64 %p, 46080
+  %1306 = getelementptr inbounds i16, ptr %panels, i64 %panel.off158
+  %1307 = add nsw i64 %p, 1
+  %1308 = icmp slt i64 %1307, %p1
+  %1309 = getelementptr inbounds i8, ptr %1306, i64 92160
+  %1310 = and i1 %pf.on, %1308
+  %pf159 = select i1 %1310, ptr %1309, ptr %1306
+  br label %k.head160
 
-k.head155:                                        ; preds = %k.body156, %tile.mr1
-  %k158 = phi i64 [ 0, %tile.mr1 ], [ %1284, %k.body156 ]
-  %1269 = icmp slt i64 %k158, 2880
-  br i1 %1269, label %k.body156, label %k.end157
+k.head160:                                        ; preds = %k.body161, %tile.mr1
+  %k163 = phi i64 [ 0, %tile.mr1 ], [ %1328, %k.body161 ]
+  %1311 = icmp slt i64 %k163, 2880
+  br i1 %1311, label %k.body161, label %k.end162
 
-k.body156:                                        ; preds = %k.head155
-  %1270 = mul nsw i64 %k158, 16
-  %1271 = add nsw i64 %panel.off154, %1270
-  %1272 = getelementptr inbounds i16, ptr %panels, i64 %1271
-  %1273 = load <8 x i32>, ptr %1272, align 4
-  %1274 = shl <8 x i32> %1273, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0159 = bitcast <8 x i32> %1274 to <8 x float>
-  %1275 = and <8 x i32> %1273, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1160 = bitcast <8 x i32> %1275 to <8 x float>
-  %1276 = getelementptr inbounds float, ptr %1268, i64 %k158
-  %1277 = load float, ptr %1276, align 4
-  %1278 = insertelement <8 x float> poison, float %1277, i32 0
-  %1279 = shufflevector <8 x float> %1278, <8 x float> poison, <8 x i32> zeroinitializer
-  %1280 = load <8 x float>, ptr %acc00152, align 4
-  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %b0159, <8 x float> %1280)
-  store <8 x float> %1281, ptr %acc00152, align 4
-  %1282 = load <8 x float>, ptr %acc01153, align 4
-  %1283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %b1160, <8 x float> %1282)
-  store <8 x float> %1283, ptr %acc01153, align 4
-  %1284 = add nsw i64 %k158, 1
-  br label %k.head155
+k.body161:                                        ; preds = %k.head160
+  %1312 = mul nsw i64 %k163, 16
+  %1313 = add nsw i64 %panel.off158, %1312
+  %1314 = mul nsw i64 %k163, 32
+  %1315 = getelementptr inbounds i8, ptr %pf159, i64 %1314
+  call void @llvm.prefetch.p0(ptr %1315, i32 0, i32 2, i32 1)
+  %1316 = getelementptr inbounds i16, ptr %panels, i64 %1313
+  %1317 = load <8 x i32>, ptr %1316, align 4
+  %1318 = shl <8 x i32> %1317, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0164 = bitcast <8 x i32> %1318 to <8 x float>
+  %1319 = and <8 x i32> %1317, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1165 = bitcast <8 x i32> %1319 to <8 x float>
+  %1320 = getelementptr inbounds float, ptr %1305, i64 %k163
+  %1321 = load float, ptr %1320, align 4
+  %1322 = insertelement <8 x float> poison, float %1321, i32 0
+  %1323 = shufflevector <8 x float> %1322, <8 x float> poison, <8 x i32> zeroinitializer
+  %1324 = load <8 x float>, ptr %acc00156, align 4
+  %1325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1323, <8 x float> %b0164, <8 x float> %1324)
+  store <8 x float> %1325, ptr %acc00156, align 4
+  %1326 = load <8 x float>, ptr %acc01157, align 4
+  %1327 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1323, <8 x float> %b1165, <8 x float> %1326)
+  store <8 x float> %1327, ptr %acc01157, align 4
+  %1328 = add nsw i64 %k163, 1
+  br label %k.head160
 
-k.end157:                                         ; preds = %k.head155
-  %1285 = add nsw i64 %r0, 0
-  %1286 = getelementptr inbounds float, ptr %rw, i64 %1285
-  %1287 = load float, ptr %1286, align 4
-  %1288 = insertelement <8 x float> poison, float %1287, i32 0
-  %1289 = shufflevector <8 x float> %1288, <8 x float> poison, <8 x i32> zeroinitializer
-  %1290 = mul nsw i64 %1285, 2880
-  %1291 = getelementptr inbounds float, ptr %h, i64 %1290
-  %col161 = mul nsw i64 %p, 8
-  %1292 = load <8 x float>, ptr %acc00152, align 4
-  %1293 = load <8 x float>, ptr %acc01153, align 4
-  %1294 = getelementptr inbounds float, ptr %bg, i64 %col161
-  %1295 = load <8 x float>, ptr %1294, align 4
-  %1296 = fadd <8 x float> %1292, %1295
-  %1297 = getelementptr inbounds float, ptr %bu, i64 %col161
-  %1298 = load <8 x float>, ptr %1297, align 4
-  %1299 = fadd <8 x float> %1293, %1298
-  %1300 = fcmp olt <8 x float> %1296, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1301 = select <8 x i1> %1300, <8 x float> %1296, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1302 = fcmp olt <8 x float> %1299, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1303 = select <8 x i1> %1302, <8 x float> %1299, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1304 = fcmp ogt <8 x float> %1303, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1305 = select <8 x i1> %1304, <8 x float> %1303, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1306 = fmul <8 x float> %1301, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1307 = fneg <8 x float> %1306
-  %1308 = fcmp olt <8 x float> %1307, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1309 = select <8 x i1> %1308, <8 x float> %1307, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1310 = fcmp ogt <8 x float> %1309, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1311 = select <8 x i1> %1310, <8 x float> %1309, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1313 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1312)
-  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1311)
-  %1315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1314)
-  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1315, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1316, <8 x float> %1315, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1317, <8 x float> %1315, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1318, <8 x float> %1315, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %1315, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1321 = fmul <8 x float> %1315, %1315
-  %1322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1321, <8 x float> %1315)
-  %1323 = fadd <8 x float> %1322, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1324 = fptosi <8 x float> %1313 to <8 x i32>
-  %1325 = add <8 x i32> %1324, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1326 = shl <8 x i32> %1325, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n162 = bitcast <8 x i32> %1326 to <8 x float>
-  %exp163 = fmul <8 x float> %1323, %exp.2n162
-  %1327 = fadd <8 x float> %exp163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid164 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1327
-  %1328 = fmul <8 x float> %1301, %sigmoid164
-  %1329 = fadd <8 x float> %1305, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai165 = fmul <8 x float> %1328, %1329
-  %1330 = fmul <8 x float> %oai165, %1289
-  %1331 = getelementptr inbounds float, ptr %1291, i64 %col161
-  store <8 x float> %1330, ptr %1331, align 4
+k.end162:                                         ; preds = %k.head160
+  %1329 = add nsw i64 %r0, 0
+  %1330 = getelementptr inbounds float, ptr %rw, i64 %1329
+  %1331 = load float, ptr %1330, align 4
+  %1332 = insertelement <8 x float> poison, float %1331, i32 0
+  %1333 = shufflevector <8 x float> %1332, <8 x float> poison, <8 x i32> zeroinitializer
+  %1334 = mul nsw i64 %1329, 2880
+  %1335 = getelementptr inbounds float, ptr %h, i64 %1334
+  %col166 = mul nsw i64 %p, 8
+  %1336 = load <8 x float>, ptr %acc00156, align 4
+  %1337 = load <8 x float>, ptr %acc01157, align 4
+  %1338 = getelementptr inbounds float, ptr %bg, i64 %col166
+  %1339 = load <8 x float>, ptr %1338, align 4
+  %1340 = fadd <8 x float> %1336, %1339
+  %1341 = getelementptr inbounds float, ptr %bu, i64 %col166
+  %1342 = load <8 x float>, ptr %1341, align 4
+  %1343 = fadd <8 x float> %1337, %1342
+  %1344 = fcmp olt <8 x float> %1340, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1345 = select <8 x i1> %1344, <8 x float> %1340, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1346 = fcmp olt <8 x float> %1343, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1347 = select <8 x i1> %1346, <8 x float> %1343, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1348 = fcmp ogt <8 x float> %1347, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1349 = select <8 x i1> %1348, <8 x float> %1347, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1350 = fmul <8 x float> %1345, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1351 = fneg <8 x float> %1350
+  %1352 = fcmp olt <8 x float> %1351, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1353 = select <8 x i1> %1352, <8 x float> %1351, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1354 = fcmp ogt <8 x float> %1353, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1355 = select <8 x i1> %1354, <8 x float> %1353, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1355, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1357 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1356)
+  %1358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1357, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1355)
+  %1359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1357, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1358)
+  %1360 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1359, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1360, <8 x float> %1359, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1361, <8 x float> %1359, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %1359, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1363, <8 x float> %1359, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1365 = fmul <8 x float> %1359, %1359
+  %1366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1364, <8 x float> %1365, <8 x float> %1359)
+  %1367 = fadd <8 x float> %1366, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1368 = fptosi <8 x float> %1357 to <8 x i32>
+  %1369 = add <8 x i32> %1368, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1370 = shl <8 x i32> %1369, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n167 = bitcast <8 x i32> %1370 to <8 x float>
+  %exp168 = fmul <8 x float> %1367, %exp.2n167
+  %1371 = fadd <8 x float> %exp168, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid169 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1371
+  %1372 = fmul <8 x float> %1345, %sigmoid169
+  %1373 = fadd <8 x float> %1349, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai170 = fmul <8 x float> %1372, %1373
+  %1374 = fmul <8 x float> %oai170, %1333
+  %1375 = getelementptr inbounds float, ptr %1335, i64 %col166
+  store <8 x float> %1374, ptr %1375, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end157, %k.end138, %k.end112, %k.end79, %k.end39, %k.end
-  %1332 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end162, %k.end142, %k.end115, %k.end81, %k.end40, %k.end
+  %1376 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1333 = add nsw i64 %p, 1
+  %1377 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.floor.v8f32(<8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
@@ -2666,26 +2726,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0020 = alloca <8 x float>, align 32
-  %acc0121 = alloca <8 x float>, align 32
-  %acc1022 = alloca <8 x float>, align 32
-  %acc1123 = alloca <8 x float>, align 32
-  %acc2024 = alloca <8 x float>, align 32
-  %acc2125 = alloca <8 x float>, align 32
-  %acc3026 = alloca <8 x float>, align 32
-  %acc3127 = alloca <8 x float>, align 32
-  %acc0036 = alloca <8 x float>, align 32
-  %acc0137 = alloca <8 x float>, align 32
-  %acc1038 = alloca <8 x float>, align 32
-  %acc1139 = alloca <8 x float>, align 32
-  %acc2040 = alloca <8 x float>, align 32
-  %acc2141 = alloca <8 x float>, align 32
-  %acc0050 = alloca <8 x float>, align 32
-  %acc0151 = alloca <8 x float>, align 32
-  %acc1052 = alloca <8 x float>, align 32
-  %acc1153 = alloca <8 x float>, align 32
-  %acc0062 = alloca <8 x float>, align 32
-  %acc0163 = alloca <8 x float>, align 32
+  %acc0021 = alloca <8 x float>, align 32
+  %acc0122 = alloca <8 x float>, align 32
+  %acc1023 = alloca <8 x float>, align 32
+  %acc1124 = alloca <8 x float>, align 32
+  %acc2025 = alloca <8 x float>, align 32
+  %acc2126 = alloca <8 x float>, align 32
+  %acc3027 = alloca <8 x float>, align 32
+  %acc3128 = alloca <8 x float>, align 32
+  %acc0038 = alloca <8 x float>, align 32
+  %acc0139 = alloca <8 x float>, align 32
+  %acc1040 = alloca <8 x float>, align 32
+  %acc1141 = alloca <8 x float>, align 32
+  %acc2042 = alloca <8 x float>, align 32
+  %acc2143 = alloca <8 x float>, align 32
+  %acc0053 = alloca <8 x float>, align 32
+  %acc0154 = alloca <8 x float>, align 32
+  %acc1055 = alloca <8 x float>, align 32
+  %acc1156 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2694,7 +2754,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %872, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %916, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2702,7 +2762,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %871, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %915, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2710,6 +2770,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2720,1105 +2783,1159 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 2880
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 2880
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 2880
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 2880
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 2880
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 2880
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 2880
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 2880
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 2880
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 2880
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 2880
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 2880
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 2880
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 2880
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 2880
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 2880
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 2880
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 2880
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 2880
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 2880
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 2880
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 2880
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 2880
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 2880
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
+  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 92160
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
-  %88 = icmp slt i64 %k, 2880
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+  %95 = icmp slt i64 %k, 2880
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
-  %92 = load <8 x i32>, ptr %91, align 4
-  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %93 to <8 x float>
-  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %94 to <8 x float>
-  %95 = getelementptr inbounds float, ptr %6, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc00, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc00, align 4
-  %101 = load <8 x float>, ptr %acc01, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc01, align 4
-  %103 = getelementptr inbounds float, ptr %20, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc10, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc10, align 4
-  %109 = load <8 x float>, ptr %acc11, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc11, align 4
-  %111 = getelementptr inbounds float, ptr %34, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc20, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc20, align 4
-  %117 = load <8 x float>, ptr %acc21, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc21, align 4
-  %119 = getelementptr inbounds float, ptr %48, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc30, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc30, align 4
-  %125 = load <8 x float>, ptr %acc31, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc31, align 4
-  %127 = getelementptr inbounds float, ptr %62, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc40, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc40, align 4
-  %133 = load <8 x float>, ptr %acc41, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc41, align 4
-  %135 = getelementptr inbounds float, ptr %76, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc50, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc50, align 4
-  %141 = load <8 x float>, ptr %acc51, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc51, align 4
-  %143 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 32
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %8, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %22, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %36, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %50, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %64, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %78, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %144 = add nsw i64 %r0, 0
-  %145 = getelementptr inbounds float, ptr %rw, i64 %144
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %acc00, align 4
-  %150 = add nsw i64 %col, 0
-  %151 = getelementptr inbounds float, ptr %bd, i64 %150
-  %152 = load <8 x float>, ptr %151, align 4
-  %153 = fmul <8 x float> %152, %148
-  %154 = fadd <8 x float> %149, %153
-  store <8 x float> %154, ptr %13, align 4
-  %155 = load <8 x float>, ptr %acc01, align 4
-  %156 = add nsw i64 %col, 8
-  %157 = getelementptr inbounds float, ptr %bd, i64 %156
-  %158 = load <8 x float>, ptr %157, align 4
-  %159 = fmul <8 x float> %158, %148
-  %160 = fadd <8 x float> %155, %159
-  store <8 x float> %160, ptr %16, align 4
-  %161 = add nsw i64 %r0, 1
-  %162 = getelementptr inbounds float, ptr %rw, i64 %161
-  %163 = load float, ptr %162, align 4
-  %164 = insertelement <8 x float> poison, float %163, i32 0
-  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
-  %166 = load <8 x float>, ptr %acc10, align 4
-  %167 = add nsw i64 %col, 0
-  %168 = getelementptr inbounds float, ptr %bd, i64 %167
-  %169 = load <8 x float>, ptr %168, align 4
-  %170 = fmul <8 x float> %169, %165
-  %171 = fadd <8 x float> %166, %170
-  store <8 x float> %171, ptr %27, align 4
-  %172 = load <8 x float>, ptr %acc11, align 4
-  %173 = add nsw i64 %col, 8
-  %174 = getelementptr inbounds float, ptr %bd, i64 %173
-  %175 = load <8 x float>, ptr %174, align 4
-  %176 = fmul <8 x float> %175, %165
-  %177 = fadd <8 x float> %172, %176
-  store <8 x float> %177, ptr %30, align 4
-  %178 = add nsw i64 %r0, 2
-  %179 = getelementptr inbounds float, ptr %rw, i64 %178
-  %180 = load float, ptr %179, align 4
-  %181 = insertelement <8 x float> poison, float %180, i32 0
-  %182 = shufflevector <8 x float> %181, <8 x float> poison, <8 x i32> zeroinitializer
-  %183 = load <8 x float>, ptr %acc20, align 4
-  %184 = add nsw i64 %col, 0
-  %185 = getelementptr inbounds float, ptr %bd, i64 %184
-  %186 = load <8 x float>, ptr %185, align 4
-  %187 = fmul <8 x float> %186, %182
-  %188 = fadd <8 x float> %183, %187
-  store <8 x float> %188, ptr %41, align 4
-  %189 = load <8 x float>, ptr %acc21, align 4
-  %190 = add nsw i64 %col, 8
-  %191 = getelementptr inbounds float, ptr %bd, i64 %190
-  %192 = load <8 x float>, ptr %191, align 4
-  %193 = fmul <8 x float> %192, %182
-  %194 = fadd <8 x float> %189, %193
-  store <8 x float> %194, ptr %44, align 4
-  %195 = add nsw i64 %r0, 3
-  %196 = getelementptr inbounds float, ptr %rw, i64 %195
-  %197 = load float, ptr %196, align 4
-  %198 = insertelement <8 x float> poison, float %197, i32 0
-  %199 = shufflevector <8 x float> %198, <8 x float> poison, <8 x i32> zeroinitializer
-  %200 = load <8 x float>, ptr %acc30, align 4
-  %201 = add nsw i64 %col, 0
-  %202 = getelementptr inbounds float, ptr %bd, i64 %201
-  %203 = load <8 x float>, ptr %202, align 4
-  %204 = fmul <8 x float> %203, %199
-  %205 = fadd <8 x float> %200, %204
-  store <8 x float> %205, ptr %55, align 4
-  %206 = load <8 x float>, ptr %acc31, align 4
-  %207 = add nsw i64 %col, 8
-  %208 = getelementptr inbounds float, ptr %bd, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = fmul <8 x float> %209, %199
-  %211 = fadd <8 x float> %206, %210
-  store <8 x float> %211, ptr %58, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = getelementptr inbounds float, ptr %rw, i64 %212
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = load <8 x float>, ptr %acc40, align 4
-  %218 = add nsw i64 %col, 0
-  %219 = getelementptr inbounds float, ptr %bd, i64 %218
-  %220 = load <8 x float>, ptr %219, align 4
-  %221 = fmul <8 x float> %220, %216
-  %222 = fadd <8 x float> %217, %221
-  store <8 x float> %222, ptr %69, align 4
-  %223 = load <8 x float>, ptr %acc41, align 4
-  %224 = add nsw i64 %col, 8
-  %225 = getelementptr inbounds float, ptr %bd, i64 %224
-  %226 = load <8 x float>, ptr %225, align 4
-  %227 = fmul <8 x float> %226, %216
-  %228 = fadd <8 x float> %223, %227
-  store <8 x float> %228, ptr %72, align 4
-  %229 = add nsw i64 %r0, 5
-  %230 = getelementptr inbounds float, ptr %rw, i64 %229
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc50, align 4
-  %235 = add nsw i64 %col, 0
-  %236 = getelementptr inbounds float, ptr %bd, i64 %235
-  %237 = load <8 x float>, ptr %236, align 4
-  %238 = fmul <8 x float> %237, %233
-  %239 = fadd <8 x float> %234, %238
-  store <8 x float> %239, ptr %83, align 4
-  %240 = load <8 x float>, ptr %acc51, align 4
-  %241 = add nsw i64 %col, 8
-  %242 = getelementptr inbounds float, ptr %bd, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  %244 = fmul <8 x float> %243, %233
-  %245 = fadd <8 x float> %240, %244
-  store <8 x float> %245, ptr %86, align 4
+  %153 = add nsw i64 %r0, 0
+  %154 = getelementptr inbounds float, ptr %rw, i64 %153
+  %155 = load float, ptr %154, align 4
+  %156 = insertelement <8 x float> poison, float %155, i32 0
+  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
+  %158 = load <8 x float>, ptr %acc00, align 4
+  %159 = add nsw i64 %col, 0
+  %160 = getelementptr inbounds float, ptr %bd, i64 %159
+  %161 = load <8 x float>, ptr %160, align 4
+  %162 = fmul <8 x float> %161, %157
+  %163 = fadd <8 x float> %158, %162
+  store <8 x float> %163, ptr %15, align 4
+  %164 = load <8 x float>, ptr %acc01, align 4
+  %165 = add nsw i64 %col, 8
+  %166 = getelementptr inbounds float, ptr %bd, i64 %165
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = fmul <8 x float> %167, %157
+  %169 = fadd <8 x float> %164, %168
+  store <8 x float> %169, ptr %18, align 4
+  %170 = add nsw i64 %r0, 1
+  %171 = getelementptr inbounds float, ptr %rw, i64 %170
+  %172 = load float, ptr %171, align 4
+  %173 = insertelement <8 x float> poison, float %172, i32 0
+  %174 = shufflevector <8 x float> %173, <8 x float> poison, <8 x i32> zeroinitializer
+  %175 = load <8 x float>, ptr %acc10, align 4
+  %176 = add nsw i64 %col, 0
+  %177 = getelementptr inbounds float, ptr %bd, i64 %176
+  %178 = load <8 x float>, ptr %177, align 4
+  %179 = fmul <8 x float> %178, %174
+  %180 = fadd <8 x float> %175, %179
+  store <8 x float> %180, ptr %29, align 4
+  %181 = load <8 x float>, ptr %acc11, align 4
+  %182 = add nsw i64 %col, 8
+  %183 = getelementptr inbounds float, ptr %bd, i64 %182
+  %184 = load <8 x float>, ptr %183, align 4
+  %185 = fmul <8 x float> %184, %174
+  %186 = fadd <8 x float> %181, %185
+  store <8 x float> %186, ptr %32, align 4
+  %187 = add nsw i64 %r0, 2
+  %188 = getelementptr inbounds float, ptr %rw, i64 %187
+  %189 = load float, ptr %188, align 4
+  %190 = insertelement <8 x float> poison, float %189, i32 0
+  %191 = shufflevector <8 x float> %190, <8 x float> poison, <8 x i32> zeroinitializer
+  %192 = load <8 x float>, ptr %acc20, align 4
+  %193 = add nsw i64 %col, 0
+  %194 = getelementptr inbounds float, ptr %bd, i64 %193
+  %195 = load <8 x float>, ptr %194, align 4
+  %196 = fmul <8 x float> %195, %191
+  %197 = fadd <8 x float> %192, %196
+  store <8 x float> %197, ptr %43, align 4
+  %198 = load <8 x float>, ptr %acc21, align 4
+  %199 = add nsw i64 %col, 8
+  %200 = getelementptr inbounds float, ptr %bd, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
+  %202 = fmul <8 x float> %201, %191
+  %203 = fadd <8 x float> %198, %202
+  store <8 x float> %203, ptr %46, align 4
+  %204 = add nsw i64 %r0, 3
+  %205 = getelementptr inbounds float, ptr %rw, i64 %204
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc30, align 4
+  %210 = add nsw i64 %col, 0
+  %211 = getelementptr inbounds float, ptr %bd, i64 %210
+  %212 = load <8 x float>, ptr %211, align 4
+  %213 = fmul <8 x float> %212, %208
+  %214 = fadd <8 x float> %209, %213
+  store <8 x float> %214, ptr %57, align 4
+  %215 = load <8 x float>, ptr %acc31, align 4
+  %216 = add nsw i64 %col, 8
+  %217 = getelementptr inbounds float, ptr %bd, i64 %216
+  %218 = load <8 x float>, ptr %217, align 4
+  %219 = fmul <8 x float> %218, %208
+  %220 = fadd <8 x float> %215, %219
+  store <8 x float> %220, ptr %60, align 4
+  %221 = add nsw i64 %r0, 4
+  %222 = getelementptr inbounds float, ptr %rw, i64 %221
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc40, align 4
+  %227 = add nsw i64 %col, 0
+  %228 = getelementptr inbounds float, ptr %bd, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  %230 = fmul <8 x float> %229, %225
+  %231 = fadd <8 x float> %226, %230
+  store <8 x float> %231, ptr %71, align 4
+  %232 = load <8 x float>, ptr %acc41, align 4
+  %233 = add nsw i64 %col, 8
+  %234 = getelementptr inbounds float, ptr %bd, i64 %233
+  %235 = load <8 x float>, ptr %234, align 4
+  %236 = fmul <8 x float> %235, %225
+  %237 = fadd <8 x float> %232, %236
+  store <8 x float> %237, ptr %74, align 4
+  %238 = add nsw i64 %r0, 5
+  %239 = getelementptr inbounds float, ptr %rw, i64 %238
+  %240 = load float, ptr %239, align 4
+  %241 = insertelement <8 x float> poison, float %240, i32 0
+  %242 = shufflevector <8 x float> %241, <8 x float> poison, <8 x i32> zeroinitializer
+  %243 = load <8 x float>, ptr %acc50, align 4
+  %244 = add nsw i64 %col, 0
+  %245 = getelementptr inbounds float, ptr %bd, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
+  %247 = fmul <8 x float> %246, %242
+  %248 = fadd <8 x float> %243, %247
+  store <8 x float> %248, ptr %85, align 4
+  %249 = load <8 x float>, ptr %acc51, align 4
+  %250 = add nsw i64 %col, 8
+  %251 = getelementptr inbounds float, ptr %bd, i64 %250
+  %252 = load <8 x float>, ptr %251, align 4
+  %253 = fmul <8 x float> %252, %242
+  %254 = fadd <8 x float> %249, %253
+  store <8 x float> %254, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %246 = add nsw i64 %r0, 0
-  %247 = mul nsw i64 %246, 2880
-  %248 = getelementptr inbounds float, ptr %h, i64 %247
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %246
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 2880
-  %253 = getelementptr inbounds float, ptr %y, i64 %252
-  %254 = add nsw i64 %col1, 0
-  %255 = getelementptr inbounds float, ptr %253, i64 %254
-  %256 = load <8 x float>, ptr %255, align 4
-  store <8 x float> %256, ptr %acc002, align 4
-  %257 = add nsw i64 %col1, 8
-  %258 = getelementptr inbounds float, ptr %253, i64 %257
-  %259 = load <8 x float>, ptr %258, align 4
-  store <8 x float> %259, ptr %acc013, align 4
-  %260 = add nsw i64 %r0, 1
+  %255 = add nsw i64 %r0, 0
+  %256 = mul nsw i64 %255, 2880
+  %257 = getelementptr inbounds float, ptr %h, i64 %256
+  %258 = getelementptr inbounds i32, ptr %rows, i64 %255
+  %259 = load i32, ptr %258, align 4
+  %260 = sext i32 %259 to i64
   %261 = mul nsw i64 %260, 2880
-  %262 = getelementptr inbounds float, ptr %h, i64 %261
-  %263 = getelementptr inbounds i32, ptr %rows, i64 %260
-  %264 = load i32, ptr %263, align 4
-  %265 = sext i32 %264 to i64
-  %266 = mul nsw i64 %265, 2880
-  %267 = getelementptr inbounds float, ptr %y, i64 %266
-  %268 = add nsw i64 %col1, 0
-  %269 = getelementptr inbounds float, ptr %267, i64 %268
-  %270 = load <8 x float>, ptr %269, align 4
-  store <8 x float> %270, ptr %acc104, align 4
-  %271 = add nsw i64 %col1, 8
-  %272 = getelementptr inbounds float, ptr %267, i64 %271
-  %273 = load <8 x float>, ptr %272, align 4
-  store <8 x float> %273, ptr %acc115, align 4
-  %274 = add nsw i64 %r0, 2
+  %262 = getelementptr inbounds float, ptr %y, i64 %261
+  %263 = add nsw i64 %col1, 0
+  %264 = getelementptr inbounds float, ptr %262, i64 %263
+  %265 = load <8 x float>, ptr %264, align 4
+  store <8 x float> %265, ptr %acc002, align 4
+  %266 = add nsw i64 %col1, 8
+  %267 = getelementptr inbounds float, ptr %262, i64 %266
+  %268 = load <8 x float>, ptr %267, align 4
+  store <8 x float> %268, ptr %acc013, align 4
+  %269 = add nsw i64 %r0, 1
+  %270 = mul nsw i64 %269, 2880
+  %271 = getelementptr inbounds float, ptr %h, i64 %270
+  %272 = getelementptr inbounds i32, ptr %rows, i64 %269
+  %273 = load i32, ptr %272, align 4
+  %274 = sext i32 %273 to i64
   %275 = mul nsw i64 %274, 2880
-  %276 = getelementptr inbounds float, ptr %h, i64 %275
-  %277 = getelementptr inbounds i32, ptr %rows, i64 %274
-  %278 = load i32, ptr %277, align 4
-  %279 = sext i32 %278 to i64
-  %280 = mul nsw i64 %279, 2880
-  %281 = getelementptr inbounds float, ptr %y, i64 %280
-  %282 = add nsw i64 %col1, 0
-  %283 = getelementptr inbounds float, ptr %281, i64 %282
-  %284 = load <8 x float>, ptr %283, align 4
-  store <8 x float> %284, ptr %acc206, align 4
-  %285 = add nsw i64 %col1, 8
-  %286 = getelementptr inbounds float, ptr %281, i64 %285
-  %287 = load <8 x float>, ptr %286, align 4
-  store <8 x float> %287, ptr %acc217, align 4
-  %288 = add nsw i64 %r0, 3
+  %276 = getelementptr inbounds float, ptr %y, i64 %275
+  %277 = add nsw i64 %col1, 0
+  %278 = getelementptr inbounds float, ptr %276, i64 %277
+  %279 = load <8 x float>, ptr %278, align 4
+  store <8 x float> %279, ptr %acc104, align 4
+  %280 = add nsw i64 %col1, 8
+  %281 = getelementptr inbounds float, ptr %276, i64 %280
+  %282 = load <8 x float>, ptr %281, align 4
+  store <8 x float> %282, ptr %acc115, align 4
+  %283 = add nsw i64 %r0, 2
+  %284 = mul nsw i64 %283, 2880
+  %285 = getelementptr inbounds float, ptr %h, i64 %284
+  %286 = getelementptr inbounds i32, ptr %rows, i64 %283
+  %287 = load i32, ptr %286, align 4
+  %288 = sext i32 %287 to i64
   %289 = mul nsw i64 %288, 2880
-  %290 = getelementptr inbounds float, ptr %h, i64 %289
-  %291 = getelementptr inbounds i32, ptr %rows, i64 %288
-  %292 = load i32, ptr %291, align 4
-  %293 = sext i32 %292 to i64
-  %294 = mul nsw i64 %293, 2880
-  %295 = getelementptr inbounds float, ptr %y, i64 %294
-  %296 = add nsw i64 %col1, 0
-  %297 = getelementptr inbounds float, ptr %295, i64 %296
-  %298 = load <8 x float>, ptr %297, align 4
-  store <8 x float> %298, ptr %acc308, align 4
-  %299 = add nsw i64 %col1, 8
-  %300 = getelementptr inbounds float, ptr %295, i64 %299
-  %301 = load <8 x float>, ptr %300, align 4
-  store <8 x float> %301, ptr %acc319, align 4
-  %302 = add nsw i64 %r0, 4
+  %290 = getelementptr inbounds float, ptr %y, i64 %289
+  %291 = add nsw i64 %col1, 0
+  %292 = getelementptr inbounds float, ptr %290, i64 %291
+  %293 = load <8 x float>, ptr %292, align 4
+  store <8 x float> %293, ptr %acc206, align 4
+  %294 = add nsw i64 %col1, 8
+  %295 = getelementptr inbounds float, ptr %290, i64 %294
+  %296 = load <8 x float>, ptr %295, align 4
+  store <8 x float> %296, ptr %acc217, align 4
+  %297 = add nsw i64 %r0, 3
+  %298 = mul nsw i64 %297, 2880
+  %299 = getelementptr inbounds float, ptr %h, i64 %298
+  %300 = getelementptr inbounds i32, ptr %rows, i64 %297
+  %301 = load i32, ptr %300, align 4
+  %302 = sext i32 %301 to i64
   %303 = mul nsw i64 %302, 2880
-  %304 = getelementptr inbounds float, ptr %h, i64 %303
-  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %306 = load i32, ptr %305, align 4
-  %307 = sext i32 %306 to i64
-  %308 = mul nsw i64 %307, 2880
-  %309 = getelementptr inbounds float, ptr %y, i64 %308
-  %310 = add nsw i64 %col1, 0
-  %311 = getelementptr inbounds float, ptr %309, i64 %310
-  %312 = load <8 x float>, ptr %311, align 4
-  store <8 x float> %312, ptr %acc4010, align 4
-  %313 = add nsw i64 %col1, 8
-  %314 = getelementptr inbounds float, ptr %309, i64 %313
-  %315 = load <8 x float>, ptr %314, align 4
-  store <8 x float> %315, ptr %acc4111, align 4
+  %304 = getelementptr inbounds float, ptr %y, i64 %303
+  %305 = add nsw i64 %col1, 0
+  %306 = getelementptr inbounds float, ptr %304, i64 %305
+  %307 = load <8 x float>, ptr %306, align 4
+  store <8 x float> %307, ptr %acc308, align 4
+  %308 = add nsw i64 %col1, 8
+  %309 = getelementptr inbounds float, ptr %304, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc319, align 4
+  %311 = add nsw i64 %r0, 4
+  %312 = mul nsw i64 %311, 2880
+  %313 = getelementptr inbounds float, ptr %h, i64 %312
+  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %315 = load i32, ptr %314, align 4
+  %316 = sext i32 %315 to i64
+  %317 = mul nsw i64 %316, 2880
+  %318 = getelementptr inbounds float, ptr %y, i64 %317
+  %319 = add nsw i64 %col1, 0
+  %320 = getelementptr inbounds float, ptr %318, i64 %319
+  %321 = load <8 x float>, ptr %320, align 4
+  store <8 x float> %321, ptr %acc4010, align 4
+  %322 = add nsw i64 %col1, 8
+  %323 = getelementptr inbounds float, ptr %318, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 46080
-  br label %k.head13
+  %325 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
+  %326 = add nsw i64 %p, 1
+  %327 = icmp slt i64 %326, %p1
+  %328 = getelementptr inbounds i8, ptr %325, i64 92160
+  %329 = and i1 %pf.on, %327
+  %pf13 = select i1 %329, ptr %328, ptr %325
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %363, %k.body14 ]
-  %316 = icmp slt i64 %k16, 2880
-  br i1 %316, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %379, %k.body15 ]
+  %330 = icmp slt i64 %k17, 2880
+  br i1 %330, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %317 = mul nsw i64 %k16, 16
-  %318 = add nsw i64 %panel.off12, %317
-  %319 = getelementptr inbounds i16, ptr %panels, i64 %318
-  %320 = load <8 x i32>, ptr %319, align 4
-  %321 = shl <8 x i32> %320, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b017 = bitcast <8 x i32> %321 to <8 x float>
-  %322 = and <8 x i32> %320, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b118 = bitcast <8 x i32> %322 to <8 x float>
-  %323 = getelementptr inbounds float, ptr %248, i64 %k16
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc002, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b017, <8 x float> %327)
-  store <8 x float> %328, ptr %acc002, align 4
-  %329 = load <8 x float>, ptr %acc013, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b118, <8 x float> %329)
-  store <8 x float> %330, ptr %acc013, align 4
-  %331 = getelementptr inbounds float, ptr %262, i64 %k16
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %acc104, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b017, <8 x float> %335)
-  store <8 x float> %336, ptr %acc104, align 4
-  %337 = load <8 x float>, ptr %acc115, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b118, <8 x float> %337)
-  store <8 x float> %338, ptr %acc115, align 4
-  %339 = getelementptr inbounds float, ptr %276, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %331 = mul nsw i64 %k17, 16
+  %332 = add nsw i64 %panel.off12, %331
+  %333 = mul nsw i64 %k17, 32
+  %334 = getelementptr inbounds i8, ptr %pf13, i64 %333
+  call void @llvm.prefetch.p0(ptr %334, i32 0, i32 2, i32 1)
+  %335 = getelementptr inbounds i16, ptr %panels, i64 %332
+  %336 = load <8 x i32>, ptr %335, align 4
+  %337 = shl <8 x i32> %336, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b018 = bitcast <8 x i32> %337 to <8 x float>
+  %338 = and <8 x i32> %336, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b119 = bitcast <8 x i32> %338 to <8 x float>
+  %339 = getelementptr inbounds float, ptr %257, i64 %k17
   %340 = load float, ptr %339, align 4
   %341 = insertelement <8 x float> poison, float %340, i32 0
   %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %acc206, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b017, <8 x float> %343)
-  store <8 x float> %344, ptr %acc206, align 4
-  %345 = load <8 x float>, ptr %acc217, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b118, <8 x float> %345)
-  store <8 x float> %346, ptr %acc217, align 4
-  %347 = getelementptr inbounds float, ptr %290, i64 %k16
+  %343 = load <8 x float>, ptr %acc002, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b018, <8 x float> %343)
+  store <8 x float> %344, ptr %acc002, align 4
+  %345 = load <8 x float>, ptr %acc013, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b119, <8 x float> %345)
+  store <8 x float> %346, ptr %acc013, align 4
+  %347 = getelementptr inbounds float, ptr %271, i64 %k17
   %348 = load float, ptr %347, align 4
   %349 = insertelement <8 x float> poison, float %348, i32 0
   %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc308, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b017, <8 x float> %351)
-  store <8 x float> %352, ptr %acc308, align 4
-  %353 = load <8 x float>, ptr %acc319, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b118, <8 x float> %353)
-  store <8 x float> %354, ptr %acc319, align 4
-  %355 = getelementptr inbounds float, ptr %304, i64 %k16
+  %351 = load <8 x float>, ptr %acc104, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b018, <8 x float> %351)
+  store <8 x float> %352, ptr %acc104, align 4
+  %353 = load <8 x float>, ptr %acc115, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b119, <8 x float> %353)
+  store <8 x float> %354, ptr %acc115, align 4
+  %355 = getelementptr inbounds float, ptr %285, i64 %k17
   %356 = load float, ptr %355, align 4
   %357 = insertelement <8 x float> poison, float %356, i32 0
   %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc4010, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b017, <8 x float> %359)
-  store <8 x float> %360, ptr %acc4010, align 4
-  %361 = load <8 x float>, ptr %acc4111, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b118, <8 x float> %361)
-  store <8 x float> %362, ptr %acc4111, align 4
-  %363 = add nsw i64 %k16, 1
-  br label %k.head13
+  %359 = load <8 x float>, ptr %acc206, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b018, <8 x float> %359)
+  store <8 x float> %360, ptr %acc206, align 4
+  %361 = load <8 x float>, ptr %acc217, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b119, <8 x float> %361)
+  store <8 x float> %362, ptr %acc217, align 4
+  %363 = getelementptr inbounds float, ptr %299, i64 %k17
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc308, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b018, <8 x float> %367)
+  store <8 x float> %368, ptr %acc308, align 4
+  %369 = load <8 x float>, ptr %acc319, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b119, <8 x float> %369)
+  store <8 x float> %370, ptr %acc319, align 4
+  %371 = getelementptr inbounds float, ptr %313, i64 %k17
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc4010, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b018, <8 x float> %375)
+  store <8 x float> %376, ptr %acc4010, align 4
+  %377 = load <8 x float>, ptr %acc4111, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b119, <8 x float> %377)
+  store <8 x float> %378, ptr %acc4111, align 4
+  %379 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %364 = add nsw i64 %r0, 0
-  %365 = getelementptr inbounds float, ptr %rw, i64 %364
-  %366 = load float, ptr %365, align 4
-  %367 = insertelement <8 x float> poison, float %366, i32 0
-  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc002, align 4
-  %370 = add nsw i64 %col1, 0
-  %371 = getelementptr inbounds float, ptr %bd, i64 %370
-  %372 = load <8 x float>, ptr %371, align 4
-  %373 = fmul <8 x float> %372, %368
-  %374 = fadd <8 x float> %369, %373
-  store <8 x float> %374, ptr %255, align 4
-  %375 = load <8 x float>, ptr %acc013, align 4
-  %376 = add nsw i64 %col1, 8
-  %377 = getelementptr inbounds float, ptr %bd, i64 %376
-  %378 = load <8 x float>, ptr %377, align 4
-  %379 = fmul <8 x float> %378, %368
-  %380 = fadd <8 x float> %375, %379
-  store <8 x float> %380, ptr %258, align 4
-  %381 = add nsw i64 %r0, 1
-  %382 = getelementptr inbounds float, ptr %rw, i64 %381
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = load <8 x float>, ptr %acc104, align 4
-  %387 = add nsw i64 %col1, 0
-  %388 = getelementptr inbounds float, ptr %bd, i64 %387
-  %389 = load <8 x float>, ptr %388, align 4
-  %390 = fmul <8 x float> %389, %385
-  %391 = fadd <8 x float> %386, %390
-  store <8 x float> %391, ptr %269, align 4
-  %392 = load <8 x float>, ptr %acc115, align 4
-  %393 = add nsw i64 %col1, 8
-  %394 = getelementptr inbounds float, ptr %bd, i64 %393
-  %395 = load <8 x float>, ptr %394, align 4
-  %396 = fmul <8 x float> %395, %385
-  %397 = fadd <8 x float> %392, %396
-  store <8 x float> %397, ptr %272, align 4
-  %398 = add nsw i64 %r0, 2
-  %399 = getelementptr inbounds float, ptr %rw, i64 %398
-  %400 = load float, ptr %399, align 4
-  %401 = insertelement <8 x float> poison, float %400, i32 0
-  %402 = shufflevector <8 x float> %401, <8 x float> poison, <8 x i32> zeroinitializer
-  %403 = load <8 x float>, ptr %acc206, align 4
-  %404 = add nsw i64 %col1, 0
-  %405 = getelementptr inbounds float, ptr %bd, i64 %404
-  %406 = load <8 x float>, ptr %405, align 4
-  %407 = fmul <8 x float> %406, %402
-  %408 = fadd <8 x float> %403, %407
-  store <8 x float> %408, ptr %283, align 4
-  %409 = load <8 x float>, ptr %acc217, align 4
-  %410 = add nsw i64 %col1, 8
-  %411 = getelementptr inbounds float, ptr %bd, i64 %410
-  %412 = load <8 x float>, ptr %411, align 4
-  %413 = fmul <8 x float> %412, %402
-  %414 = fadd <8 x float> %409, %413
-  store <8 x float> %414, ptr %286, align 4
-  %415 = add nsw i64 %r0, 3
-  %416 = getelementptr inbounds float, ptr %rw, i64 %415
-  %417 = load float, ptr %416, align 4
-  %418 = insertelement <8 x float> poison, float %417, i32 0
-  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
-  %420 = load <8 x float>, ptr %acc308, align 4
-  %421 = add nsw i64 %col1, 0
-  %422 = getelementptr inbounds float, ptr %bd, i64 %421
-  %423 = load <8 x float>, ptr %422, align 4
-  %424 = fmul <8 x float> %423, %419
-  %425 = fadd <8 x float> %420, %424
-  store <8 x float> %425, ptr %297, align 4
-  %426 = load <8 x float>, ptr %acc319, align 4
-  %427 = add nsw i64 %col1, 8
-  %428 = getelementptr inbounds float, ptr %bd, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  %430 = fmul <8 x float> %429, %419
-  %431 = fadd <8 x float> %426, %430
-  store <8 x float> %431, ptr %300, align 4
-  %432 = add nsw i64 %r0, 4
-  %433 = getelementptr inbounds float, ptr %rw, i64 %432
-  %434 = load float, ptr %433, align 4
-  %435 = insertelement <8 x float> poison, float %434, i32 0
-  %436 = shufflevector <8 x float> %435, <8 x float> poison, <8 x i32> zeroinitializer
-  %437 = load <8 x float>, ptr %acc4010, align 4
-  %438 = add nsw i64 %col1, 0
-  %439 = getelementptr inbounds float, ptr %bd, i64 %438
-  %440 = load <8 x float>, ptr %439, align 4
-  %441 = fmul <8 x float> %440, %436
-  %442 = fadd <8 x float> %437, %441
-  store <8 x float> %442, ptr %311, align 4
-  %443 = load <8 x float>, ptr %acc4111, align 4
-  %444 = add nsw i64 %col1, 8
-  %445 = getelementptr inbounds float, ptr %bd, i64 %444
-  %446 = load <8 x float>, ptr %445, align 4
-  %447 = fmul <8 x float> %446, %436
-  %448 = fadd <8 x float> %443, %447
-  store <8 x float> %448, ptr %314, align 4
+k.end16:                                          ; preds = %k.head14
+  %380 = add nsw i64 %r0, 0
+  %381 = getelementptr inbounds float, ptr %rw, i64 %380
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = load <8 x float>, ptr %acc002, align 4
+  %386 = add nsw i64 %col1, 0
+  %387 = getelementptr inbounds float, ptr %bd, i64 %386
+  %388 = load <8 x float>, ptr %387, align 4
+  %389 = fmul <8 x float> %388, %384
+  %390 = fadd <8 x float> %385, %389
+  store <8 x float> %390, ptr %264, align 4
+  %391 = load <8 x float>, ptr %acc013, align 4
+  %392 = add nsw i64 %col1, 8
+  %393 = getelementptr inbounds float, ptr %bd, i64 %392
+  %394 = load <8 x float>, ptr %393, align 4
+  %395 = fmul <8 x float> %394, %384
+  %396 = fadd <8 x float> %391, %395
+  store <8 x float> %396, ptr %267, align 4
+  %397 = add nsw i64 %r0, 1
+  %398 = getelementptr inbounds float, ptr %rw, i64 %397
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = load <8 x float>, ptr %acc104, align 4
+  %403 = add nsw i64 %col1, 0
+  %404 = getelementptr inbounds float, ptr %bd, i64 %403
+  %405 = load <8 x float>, ptr %404, align 4
+  %406 = fmul <8 x float> %405, %401
+  %407 = fadd <8 x float> %402, %406
+  store <8 x float> %407, ptr %278, align 4
+  %408 = load <8 x float>, ptr %acc115, align 4
+  %409 = add nsw i64 %col1, 8
+  %410 = getelementptr inbounds float, ptr %bd, i64 %409
+  %411 = load <8 x float>, ptr %410, align 4
+  %412 = fmul <8 x float> %411, %401
+  %413 = fadd <8 x float> %408, %412
+  store <8 x float> %413, ptr %281, align 4
+  %414 = add nsw i64 %r0, 2
+  %415 = getelementptr inbounds float, ptr %rw, i64 %414
+  %416 = load float, ptr %415, align 4
+  %417 = insertelement <8 x float> poison, float %416, i32 0
+  %418 = shufflevector <8 x float> %417, <8 x float> poison, <8 x i32> zeroinitializer
+  %419 = load <8 x float>, ptr %acc206, align 4
+  %420 = add nsw i64 %col1, 0
+  %421 = getelementptr inbounds float, ptr %bd, i64 %420
+  %422 = load <8 x float>, ptr %421, align 4
+  %423 = fmul <8 x float> %422, %418
+  %424 = fadd <8 x float> %419, %423
+  store <8 x float> %424, ptr %292, align 4
+  %425 = load <8 x float>, ptr %acc217, align 4
+  %426 = add nsw i64 %col1, 8
+  %427 = getelementptr inbounds float, ptr %bd, i64 %426
+  %428 = load <8 x float>, ptr %427, align 4
+  %429 = fmul <8 x float> %428, %418
+  %430 = fadd <8 x float> %425, %429
+  store <8 x float> %430, ptr %295, align 4
+  %431 = add nsw i64 %r0, 3
+  %432 = getelementptr inbounds float, ptr %rw, i64 %431
+  %433 = load float, ptr %432, align 4
+  %434 = insertelement <8 x float> poison, float %433, i32 0
+  %435 = shufflevector <8 x float> %434, <8 x float> poison, <8 x i32> zeroinitializer
+  %436 = load <8 x float>, ptr %acc308, align 4
+  %437 = add nsw i64 %col1, 0
+  %438 = getelementptr inbounds float, ptr %bd, i64 %437
+  %439 = load <8 x float>, ptr %438, align 4
+  %440 = fmul <8 x float> %439, %435
+  %441 = fadd <8 x float> %436, %440
+  store <8 x float> %441, ptr %306, align 4
+  %442 = load <8 x float>, ptr %acc319, align 4
+  %443 = add nsw i64 %col1, 8
+  %444 = getelementptr inbounds float, ptr %bd, i64 %443
+  %445 = load <8 x float>, ptr %444, align 4
+  %446 = fmul <8 x float> %445, %435
+  %447 = fadd <8 x float> %442, %446
+  store <8 x float> %447, ptr %309, align 4
+  %448 = add nsw i64 %r0, 4
+  %449 = getelementptr inbounds float, ptr %rw, i64 %448
+  %450 = load float, ptr %449, align 4
+  %451 = insertelement <8 x float> poison, float %450, i32 0
+  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
+  %453 = load <8 x float>, ptr %acc4010, align 4
+  %454 = add nsw i64 %col1, 0
+  %455 = getelementptr inbounds float, ptr %bd, i64 %454
+  %456 = load <8 x float>, ptr %455, align 4
+  %457 = fmul <8 x float> %456, %452
+  %458 = fadd <8 x float> %453, %457
+  store <8 x float> %458, ptr %320, align 4
+  %459 = load <8 x float>, ptr %acc4111, align 4
+  %460 = add nsw i64 %col1, 8
+  %461 = getelementptr inbounds float, ptr %bd, i64 %460
+  %462 = load <8 x float>, ptr %461, align 4
+  %463 = fmul <8 x float> %462, %452
+  %464 = fadd <8 x float> %459, %463
+  store <8 x float> %464, ptr %323, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col19 = mul nsw i64 %p, 16
-  %449 = add nsw i64 %r0, 0
-  %450 = mul nsw i64 %449, 2880
-  %451 = getelementptr inbounds float, ptr %h, i64 %450
-  %452 = getelementptr inbounds i32, ptr %rows, i64 %449
-  %453 = load i32, ptr %452, align 4
-  %454 = sext i32 %453 to i64
-  %455 = mul nsw i64 %454, 2880
-  %456 = getelementptr inbounds float, ptr %y, i64 %455
-  %457 = add nsw i64 %col19, 0
-  %458 = getelementptr inbounds float, ptr %456, i64 %457
-  %459 = load <8 x float>, ptr %458, align 4
-  store <8 x float> %459, ptr %acc0020, align 4
-  %460 = add nsw i64 %col19, 8
-  %461 = getelementptr inbounds float, ptr %456, i64 %460
-  %462 = load <8 x float>, ptr %461, align 4
-  store <8 x float> %462, ptr %acc0121, align 4
-  %463 = add nsw i64 %r0, 1
-  %464 = mul nsw i64 %463, 2880
-  %465 = getelementptr inbounds float, ptr %h, i64 %464
-  %466 = getelementptr inbounds i32, ptr %rows, i64 %463
-  %467 = load i32, ptr %466, align 4
-  %468 = sext i32 %467 to i64
-  %469 = mul nsw i64 %468, 2880
-  %470 = getelementptr inbounds float, ptr %y, i64 %469
-  %471 = add nsw i64 %col19, 0
-  %472 = getelementptr inbounds float, ptr %470, i64 %471
-  %473 = load <8 x float>, ptr %472, align 4
-  store <8 x float> %473, ptr %acc1022, align 4
-  %474 = add nsw i64 %col19, 8
-  %475 = getelementptr inbounds float, ptr %470, i64 %474
-  %476 = load <8 x float>, ptr %475, align 4
-  store <8 x float> %476, ptr %acc1123, align 4
-  %477 = add nsw i64 %r0, 2
-  %478 = mul nsw i64 %477, 2880
-  %479 = getelementptr inbounds float, ptr %h, i64 %478
-  %480 = getelementptr inbounds i32, ptr %rows, i64 %477
-  %481 = load i32, ptr %480, align 4
-  %482 = sext i32 %481 to i64
-  %483 = mul nsw i64 %482, 2880
-  %484 = getelementptr inbounds float, ptr %y, i64 %483
-  %485 = add nsw i64 %col19, 0
-  %486 = getelementptr inbounds float, ptr %484, i64 %485
-  %487 = load <8 x float>, ptr %486, align 4
-  store <8 x float> %487, ptr %acc2024, align 4
-  %488 = add nsw i64 %col19, 8
-  %489 = getelementptr inbounds float, ptr %484, i64 %488
-  %490 = load <8 x float>, ptr %489, align 4
-  store <8 x float> %490, ptr %acc2125, align 4
-  %491 = add nsw i64 %r0, 3
-  %492 = mul nsw i64 %491, 2880
-  %493 = getelementptr inbounds float, ptr %h, i64 %492
-  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
-  %495 = load i32, ptr %494, align 4
-  %496 = sext i32 %495 to i64
-  %497 = mul nsw i64 %496, 2880
-  %498 = getelementptr inbounds float, ptr %y, i64 %497
-  %499 = add nsw i64 %col19, 0
-  %500 = getelementptr inbounds float, ptr %498, i64 %499
-  %501 = load <8 x float>, ptr %500, align 4
-  store <8 x float> %501, ptr %acc3026, align 4
-  %502 = add nsw i64 %col19, 8
-  %503 = getelementptr inbounds float, ptr %498, i64 %502
-  %504 = load <8 x float>, ptr %503, align 4
-  store <8 x float> %504, ptr %acc3127, align 4
-  %panel.off28 = mul nsw i64 %p, 46080
-  br label %k.head29
+  %col20 = mul nsw i64 %p, 16
+  %465 = add nsw i64 %r0, 0
+  %466 = mul nsw i64 %465, 2880
+  %467 = getelementptr inbounds float, ptr %h, i64 %466
+  %468 = getelementptr inbounds i32, ptr %rows, i64 %465
+  %469 = load i32, ptr %468, align 4
+  %470 = sext i32 %469 to i64
+  %471 = mul nsw i64 %470, 2880
+  %472 = getelementptr inbounds float, ptr %y, i64 %471
+  %473 = add nsw i64 %col20, 0
+  %474 = getelementptr inbounds float, ptr %472, i64 %473
+  %475 = load <8 x float>, ptr %474, align 4
+  store <8 x float> %475, ptr %acc0021, align 4
+  %476 = add nsw i64 %col20, 8
+  %477 = getelementptr inbounds float, ptr %472, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  store <8 x float> %478, ptr %acc0122, align 4
+  %479 = add nsw i64 %r0, 1
+  %480 = mul nsw i64 %479, 2880
+  %481 = getelementptr inbounds float, ptr %h, i64 %480
+  %482 = getelementptr inbounds i32, ptr %rows, i64 %479
+  %483 = load i32, ptr %482, align 4
+  %484 = sext i32 %483 to i64
+  %485 = mul nsw i64 %484, 2880
+  %486 = getelementptr inbounds float, ptr %y, i64 %485
+  %487 = add nsw i64 %col20, 0
+  %488 = getelementptr inbounds float, ptr %486, i64 %487
+  %489 = load <8 x float>, ptr %488, align 4
+  store <8 x float> %489, ptr %acc1023, align 4
+  %490 = add nsw i64 %col20, 8
+  %491 = getelementptr inbounds float, ptr %486, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  store <8 x float> %492, ptr %acc1124, align 4
+  %493 = add nsw i64 %r0, 2
+  %494 = mul nsw i64 %493, 2880
+  %495 = getelementptr inbounds float, ptr %h, i64 %494
+  %496 = getelementptr inbounds i32, ptr %rows, i64 %493
+  %497 = load i32, ptr %496, align 4
+  %498 = sext i32 %497 to i64
+  %499 = mul nsw i64 %498, 2880
+  %500 = getelementptr inbounds float, ptr %y, i64 %499
+  %501 = add nsw i64 %col20, 0
+  %502 = getelementptr inbounds float, ptr %500, i64 %501
+  %503 = load <8 x float>, ptr %502, align 4
+  store <8 x float> %503, ptr %acc2025, align 4
+  %504 = add nsw i64 %col20, 8
+  %505 = getelementptr inbounds float, ptr %500, i64 %504
+  %506 = load <8 x float>, ptr %505, align 4
+  store <8 x float> %506, ptr %acc2126, align 4
+  %507 = add nsw i64 %r0, 3
+  %508 = mul nsw i64 %507, 2880
+  %509 = getelementptr inbounds float, ptr %h, i64 %508
+  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
+  %511 = load i32, ptr %510, align 4
+  %512 = sext i32 %511 to i64
+  %513 = mul nsw i64 %512, 2880
+  %514 = getelementptr inbounds float, ptr %y, i64 %513
+  %515 = add nsw i64 %col20, 0
+  %516 = getelementptr inbounds float, ptr %514, i64 %515
+  %517 = load <8 x float>, ptr %516, align 4
+  store <8 x float> %517, ptr %acc3027, align 4
+  %518 = add nsw i64 %col20, 8
+  %519 = getelementptr inbounds float, ptr %514, i64 %518
+  %520 = load <8 x float>, ptr %519, align 4
+  store <8 x float> %520, ptr %acc3128, align 4
+  %panel.off29 = mul nsw i64 %p, 46080
+  %521 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
+  %522 = add nsw i64 %p, 1
+  %523 = icmp slt i64 %522, %p1
+  %524 = getelementptr inbounds i8, ptr %521, i64 92160
+  %525 = and i1 %pf.on, %523
+  %pf30 = select i1 %525, ptr %524, ptr %521
+  br label %k.head31
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %544, %k.body30 ]
-  %505 = icmp slt i64 %k32, 2880
-  br i1 %505, label %k.body30, label %k.end31
+k.head31:                                         ; preds = %k.body32, %tile.mr4
+  %k34 = phi i64 [ 0, %tile.mr4 ], [ %567, %k.body32 ]
+  %526 = icmp slt i64 %k34, 2880
+  br i1 %526, label %k.body32, label %k.end33
 
-k.body30:                                         ; preds = %k.head29
-  %506 = mul nsw i64 %k32, 16
-  %507 = add nsw i64 %panel.off28, %506
-  %508 = getelementptr inbounds i16, ptr %panels, i64 %507
-  %509 = load <8 x i32>, ptr %508, align 4
-  %510 = shl <8 x i32> %509, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %510 to <8 x float>
-  %511 = and <8 x i32> %509, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %511 to <8 x float>
-  %512 = getelementptr inbounds float, ptr %451, i64 %k32
-  %513 = load float, ptr %512, align 4
-  %514 = insertelement <8 x float> poison, float %513, i32 0
-  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
-  %516 = load <8 x float>, ptr %acc0020, align 4
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %b033, <8 x float> %516)
-  store <8 x float> %517, ptr %acc0020, align 4
-  %518 = load <8 x float>, ptr %acc0121, align 4
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %b134, <8 x float> %518)
-  store <8 x float> %519, ptr %acc0121, align 4
-  %520 = getelementptr inbounds float, ptr %465, i64 %k32
-  %521 = load float, ptr %520, align 4
-  %522 = insertelement <8 x float> poison, float %521, i32 0
-  %523 = shufflevector <8 x float> %522, <8 x float> poison, <8 x i32> zeroinitializer
-  %524 = load <8 x float>, ptr %acc1022, align 4
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %b033, <8 x float> %524)
-  store <8 x float> %525, ptr %acc1022, align 4
-  %526 = load <8 x float>, ptr %acc1123, align 4
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %b134, <8 x float> %526)
-  store <8 x float> %527, ptr %acc1123, align 4
-  %528 = getelementptr inbounds float, ptr %479, i64 %k32
-  %529 = load float, ptr %528, align 4
-  %530 = insertelement <8 x float> poison, float %529, i32 0
-  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = load <8 x float>, ptr %acc2024, align 4
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %b033, <8 x float> %532)
-  store <8 x float> %533, ptr %acc2024, align 4
-  %534 = load <8 x float>, ptr %acc2125, align 4
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %b134, <8 x float> %534)
-  store <8 x float> %535, ptr %acc2125, align 4
-  %536 = getelementptr inbounds float, ptr %493, i64 %k32
-  %537 = load float, ptr %536, align 4
-  %538 = insertelement <8 x float> poison, float %537, i32 0
-  %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
-  %540 = load <8 x float>, ptr %acc3026, align 4
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %b033, <8 x float> %540)
-  store <8 x float> %541, ptr %acc3026, align 4
-  %542 = load <8 x float>, ptr %acc3127, align 4
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %b134, <8 x float> %542)
-  store <8 x float> %543, ptr %acc3127, align 4
-  %544 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body32:                                         ; preds = %k.head31
+  %527 = mul nsw i64 %k34, 16
+  %528 = add nsw i64 %panel.off29, %527
+  %529 = mul nsw i64 %k34, 32
+  %530 = getelementptr inbounds i8, ptr %pf30, i64 %529
+  call void @llvm.prefetch.p0(ptr %530, i32 0, i32 2, i32 1)
+  %531 = getelementptr inbounds i16, ptr %panels, i64 %528
+  %532 = load <8 x i32>, ptr %531, align 4
+  %533 = shl <8 x i32> %532, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b035 = bitcast <8 x i32> %533 to <8 x float>
+  %534 = and <8 x i32> %532, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b136 = bitcast <8 x i32> %534 to <8 x float>
+  %535 = getelementptr inbounds float, ptr %467, i64 %k34
+  %536 = load float, ptr %535, align 4
+  %537 = insertelement <8 x float> poison, float %536, i32 0
+  %538 = shufflevector <8 x float> %537, <8 x float> poison, <8 x i32> zeroinitializer
+  %539 = load <8 x float>, ptr %acc0021, align 4
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> %b035, <8 x float> %539)
+  store <8 x float> %540, ptr %acc0021, align 4
+  %541 = load <8 x float>, ptr %acc0122, align 4
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> %b136, <8 x float> %541)
+  store <8 x float> %542, ptr %acc0122, align 4
+  %543 = getelementptr inbounds float, ptr %481, i64 %k34
+  %544 = load float, ptr %543, align 4
+  %545 = insertelement <8 x float> poison, float %544, i32 0
+  %546 = shufflevector <8 x float> %545, <8 x float> poison, <8 x i32> zeroinitializer
+  %547 = load <8 x float>, ptr %acc1023, align 4
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %b035, <8 x float> %547)
+  store <8 x float> %548, ptr %acc1023, align 4
+  %549 = load <8 x float>, ptr %acc1124, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %b136, <8 x float> %549)
+  store <8 x float> %550, ptr %acc1124, align 4
+  %551 = getelementptr inbounds float, ptr %495, i64 %k34
+  %552 = load float, ptr %551, align 4
+  %553 = insertelement <8 x float> poison, float %552, i32 0
+  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
+  %555 = load <8 x float>, ptr %acc2025, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %b035, <8 x float> %555)
+  store <8 x float> %556, ptr %acc2025, align 4
+  %557 = load <8 x float>, ptr %acc2126, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %b136, <8 x float> %557)
+  store <8 x float> %558, ptr %acc2126, align 4
+  %559 = getelementptr inbounds float, ptr %509, i64 %k34
+  %560 = load float, ptr %559, align 4
+  %561 = insertelement <8 x float> poison, float %560, i32 0
+  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
+  %563 = load <8 x float>, ptr %acc3027, align 4
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b035, <8 x float> %563)
+  store <8 x float> %564, ptr %acc3027, align 4
+  %565 = load <8 x float>, ptr %acc3128, align 4
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b136, <8 x float> %565)
+  store <8 x float> %566, ptr %acc3128, align 4
+  %567 = add nsw i64 %k34, 1
+  br label %k.head31
 
-k.end31:                                          ; preds = %k.head29
-  %545 = add nsw i64 %r0, 0
-  %546 = getelementptr inbounds float, ptr %rw, i64 %545
-  %547 = load float, ptr %546, align 4
-  %548 = insertelement <8 x float> poison, float %547, i32 0
-  %549 = shufflevector <8 x float> %548, <8 x float> poison, <8 x i32> zeroinitializer
-  %550 = load <8 x float>, ptr %acc0020, align 4
-  %551 = add nsw i64 %col19, 0
-  %552 = getelementptr inbounds float, ptr %bd, i64 %551
-  %553 = load <8 x float>, ptr %552, align 4
-  %554 = fmul <8 x float> %553, %549
-  %555 = fadd <8 x float> %550, %554
-  store <8 x float> %555, ptr %458, align 4
-  %556 = load <8 x float>, ptr %acc0121, align 4
-  %557 = add nsw i64 %col19, 8
-  %558 = getelementptr inbounds float, ptr %bd, i64 %557
-  %559 = load <8 x float>, ptr %558, align 4
-  %560 = fmul <8 x float> %559, %549
-  %561 = fadd <8 x float> %556, %560
-  store <8 x float> %561, ptr %461, align 4
-  %562 = add nsw i64 %r0, 1
-  %563 = getelementptr inbounds float, ptr %rw, i64 %562
-  %564 = load float, ptr %563, align 4
-  %565 = insertelement <8 x float> poison, float %564, i32 0
-  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
-  %567 = load <8 x float>, ptr %acc1022, align 4
-  %568 = add nsw i64 %col19, 0
-  %569 = getelementptr inbounds float, ptr %bd, i64 %568
-  %570 = load <8 x float>, ptr %569, align 4
-  %571 = fmul <8 x float> %570, %566
-  %572 = fadd <8 x float> %567, %571
-  store <8 x float> %572, ptr %472, align 4
-  %573 = load <8 x float>, ptr %acc1123, align 4
-  %574 = add nsw i64 %col19, 8
+k.end33:                                          ; preds = %k.head31
+  %568 = add nsw i64 %r0, 0
+  %569 = getelementptr inbounds float, ptr %rw, i64 %568
+  %570 = load float, ptr %569, align 4
+  %571 = insertelement <8 x float> poison, float %570, i32 0
+  %572 = shufflevector <8 x float> %571, <8 x float> poison, <8 x i32> zeroinitializer
+  %573 = load <8 x float>, ptr %acc0021, align 4
+  %574 = add nsw i64 %col20, 0
   %575 = getelementptr inbounds float, ptr %bd, i64 %574
   %576 = load <8 x float>, ptr %575, align 4
-  %577 = fmul <8 x float> %576, %566
+  %577 = fmul <8 x float> %576, %572
   %578 = fadd <8 x float> %573, %577
-  store <8 x float> %578, ptr %475, align 4
-  %579 = add nsw i64 %r0, 2
-  %580 = getelementptr inbounds float, ptr %rw, i64 %579
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc2024, align 4
-  %585 = add nsw i64 %col19, 0
-  %586 = getelementptr inbounds float, ptr %bd, i64 %585
-  %587 = load <8 x float>, ptr %586, align 4
-  %588 = fmul <8 x float> %587, %583
-  %589 = fadd <8 x float> %584, %588
-  store <8 x float> %589, ptr %486, align 4
-  %590 = load <8 x float>, ptr %acc2125, align 4
-  %591 = add nsw i64 %col19, 8
+  store <8 x float> %578, ptr %474, align 4
+  %579 = load <8 x float>, ptr %acc0122, align 4
+  %580 = add nsw i64 %col20, 8
+  %581 = getelementptr inbounds float, ptr %bd, i64 %580
+  %582 = load <8 x float>, ptr %581, align 4
+  %583 = fmul <8 x float> %582, %572
+  %584 = fadd <8 x float> %579, %583
+  store <8 x float> %584, ptr %477, align 4
+  %585 = add nsw i64 %r0, 1
+  %586 = getelementptr inbounds float, ptr %rw, i64 %585
+  %587 = load float, ptr %586, align 4
+  %588 = insertelement <8 x float> poison, float %587, i32 0
+  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
+  %590 = load <8 x float>, ptr %acc1023, align 4
+  %591 = add nsw i64 %col20, 0
   %592 = getelementptr inbounds float, ptr %bd, i64 %591
   %593 = load <8 x float>, ptr %592, align 4
-  %594 = fmul <8 x float> %593, %583
+  %594 = fmul <8 x float> %593, %589
   %595 = fadd <8 x float> %590, %594
-  store <8 x float> %595, ptr %489, align 4
-  %596 = add nsw i64 %r0, 3
-  %597 = getelementptr inbounds float, ptr %rw, i64 %596
-  %598 = load float, ptr %597, align 4
-  %599 = insertelement <8 x float> poison, float %598, i32 0
-  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = load <8 x float>, ptr %acc3026, align 4
-  %602 = add nsw i64 %col19, 0
-  %603 = getelementptr inbounds float, ptr %bd, i64 %602
-  %604 = load <8 x float>, ptr %603, align 4
-  %605 = fmul <8 x float> %604, %600
-  %606 = fadd <8 x float> %601, %605
-  store <8 x float> %606, ptr %500, align 4
-  %607 = load <8 x float>, ptr %acc3127, align 4
-  %608 = add nsw i64 %col19, 8
+  store <8 x float> %595, ptr %488, align 4
+  %596 = load <8 x float>, ptr %acc1124, align 4
+  %597 = add nsw i64 %col20, 8
+  %598 = getelementptr inbounds float, ptr %bd, i64 %597
+  %599 = load <8 x float>, ptr %598, align 4
+  %600 = fmul <8 x float> %599, %589
+  %601 = fadd <8 x float> %596, %600
+  store <8 x float> %601, ptr %491, align 4
+  %602 = add nsw i64 %r0, 2
+  %603 = getelementptr inbounds float, ptr %rw, i64 %602
+  %604 = load float, ptr %603, align 4
+  %605 = insertelement <8 x float> poison, float %604, i32 0
+  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
+  %607 = load <8 x float>, ptr %acc2025, align 4
+  %608 = add nsw i64 %col20, 0
   %609 = getelementptr inbounds float, ptr %bd, i64 %608
   %610 = load <8 x float>, ptr %609, align 4
-  %611 = fmul <8 x float> %610, %600
+  %611 = fmul <8 x float> %610, %606
   %612 = fadd <8 x float> %607, %611
-  store <8 x float> %612, ptr %503, align 4
+  store <8 x float> %612, ptr %502, align 4
+  %613 = load <8 x float>, ptr %acc2126, align 4
+  %614 = add nsw i64 %col20, 8
+  %615 = getelementptr inbounds float, ptr %bd, i64 %614
+  %616 = load <8 x float>, ptr %615, align 4
+  %617 = fmul <8 x float> %616, %606
+  %618 = fadd <8 x float> %613, %617
+  store <8 x float> %618, ptr %505, align 4
+  %619 = add nsw i64 %r0, 3
+  %620 = getelementptr inbounds float, ptr %rw, i64 %619
+  %621 = load float, ptr %620, align 4
+  %622 = insertelement <8 x float> poison, float %621, i32 0
+  %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
+  %624 = load <8 x float>, ptr %acc3027, align 4
+  %625 = add nsw i64 %col20, 0
+  %626 = getelementptr inbounds float, ptr %bd, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %628 = fmul <8 x float> %627, %623
+  %629 = fadd <8 x float> %624, %628
+  store <8 x float> %629, ptr %516, align 4
+  %630 = load <8 x float>, ptr %acc3128, align 4
+  %631 = add nsw i64 %col20, 8
+  %632 = getelementptr inbounds float, ptr %bd, i64 %631
+  %633 = load <8 x float>, ptr %632, align 4
+  %634 = fmul <8 x float> %633, %623
+  %635 = fadd <8 x float> %630, %634
+  store <8 x float> %635, ptr %519, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %613 = add nsw i64 %r0, 0
-  %614 = mul nsw i64 %613, 2880
-  %615 = getelementptr inbounds float, ptr %h, i64 %614
-  %616 = getelementptr inbounds i32, ptr %rows, i64 %613
-  %617 = load i32, ptr %616, align 4
-  %618 = sext i32 %617 to i64
-  %619 = mul nsw i64 %618, 2880
-  %620 = getelementptr inbounds float, ptr %y, i64 %619
-  %621 = add nsw i64 %col35, 0
-  %622 = getelementptr inbounds float, ptr %620, i64 %621
-  %623 = load <8 x float>, ptr %622, align 4
-  store <8 x float> %623, ptr %acc0036, align 4
-  %624 = add nsw i64 %col35, 8
-  %625 = getelementptr inbounds float, ptr %620, i64 %624
-  %626 = load <8 x float>, ptr %625, align 4
-  store <8 x float> %626, ptr %acc0137, align 4
-  %627 = add nsw i64 %r0, 1
-  %628 = mul nsw i64 %627, 2880
-  %629 = getelementptr inbounds float, ptr %h, i64 %628
-  %630 = getelementptr inbounds i32, ptr %rows, i64 %627
-  %631 = load i32, ptr %630, align 4
-  %632 = sext i32 %631 to i64
-  %633 = mul nsw i64 %632, 2880
-  %634 = getelementptr inbounds float, ptr %y, i64 %633
-  %635 = add nsw i64 %col35, 0
-  %636 = getelementptr inbounds float, ptr %634, i64 %635
-  %637 = load <8 x float>, ptr %636, align 4
-  store <8 x float> %637, ptr %acc1038, align 4
-  %638 = add nsw i64 %col35, 8
-  %639 = getelementptr inbounds float, ptr %634, i64 %638
-  %640 = load <8 x float>, ptr %639, align 4
-  store <8 x float> %640, ptr %acc1139, align 4
-  %641 = add nsw i64 %r0, 2
+  %col37 = mul nsw i64 %p, 16
+  %636 = add nsw i64 %r0, 0
+  %637 = mul nsw i64 %636, 2880
+  %638 = getelementptr inbounds float, ptr %h, i64 %637
+  %639 = getelementptr inbounds i32, ptr %rows, i64 %636
+  %640 = load i32, ptr %639, align 4
+  %641 = sext i32 %640 to i64
   %642 = mul nsw i64 %641, 2880
-  %643 = getelementptr inbounds float, ptr %h, i64 %642
-  %644 = getelementptr inbounds i32, ptr %rows, i64 %641
-  %645 = load i32, ptr %644, align 4
-  %646 = sext i32 %645 to i64
-  %647 = mul nsw i64 %646, 2880
-  %648 = getelementptr inbounds float, ptr %y, i64 %647
-  %649 = add nsw i64 %col35, 0
-  %650 = getelementptr inbounds float, ptr %648, i64 %649
-  %651 = load <8 x float>, ptr %650, align 4
-  store <8 x float> %651, ptr %acc2040, align 4
-  %652 = add nsw i64 %col35, 8
-  %653 = getelementptr inbounds float, ptr %648, i64 %652
-  %654 = load <8 x float>, ptr %653, align 4
-  store <8 x float> %654, ptr %acc2141, align 4
-  %panel.off42 = mul nsw i64 %p, 46080
-  br label %k.head43
+  %643 = getelementptr inbounds float, ptr %y, i64 %642
+  %644 = add nsw i64 %col37, 0
+  %645 = getelementptr inbounds float, ptr %643, i64 %644
+  %646 = load <8 x float>, ptr %645, align 4
+  store <8 x float> %646, ptr %acc0038, align 4
+  %647 = add nsw i64 %col37, 8
+  %648 = getelementptr inbounds float, ptr %643, i64 %647
+  %649 = load <8 x float>, ptr %648, align 4
+  store <8 x float> %649, ptr %acc0139, align 4
+  %650 = add nsw i64 %r0, 1
+  %651 = mul nsw i64 %650, 2880
+  %652 = getelementptr inbounds float, ptr %h, i64 %651
+  %653 = getelementptr inbounds i32, ptr %rows, i64 %650
+  %654 = load i32, ptr %653, align 4
+  %655 = sext i32 %654 to i64
+  %656 = mul nsw i64 %655, 2880
+  %657 = getelementptr inbounds float, ptr %y, i64 %656
+  %658 = add nsw i64 %col37, 0
+  %659 = getelementptr inbounds float, ptr %657, i64 %658
+  %660 = load <8 x float>, ptr %659, align 4
+  store <8 x float> %660, ptr %acc1040, align 4
+  %661 = add nsw i64 %col37, 8
+  %662 = getelementptr inbounds float, ptr %657, i64 %661
+  %663 = load <8 x float>, ptr %662, align 4
+  store <8 x float> %663, ptr %acc1141, align 4
+  %664 = add nsw i64 %r0, 2
+  %665 = mul nsw i64 %664, 2880
+  %666 = getelementptr inbounds float, ptr %h, i64 %665
+  %667 = getelementptr inbounds i32, ptr %rows, i64 %664
+  %668 = load i32, ptr %667, align 4
+  %669 = sext i32 %668 to i64
+  %670 = mul nsw i64 %669, 2880
+  %671 = getelementptr inbounds float, ptr %y, i64 %670
+  %672 = add nsw i64 %col37, 0
+  %673 = getelementptr inbounds float, ptr %671, i64 %672
+  %674 = load <8 x float>, ptr %673, align 4
+  store <8 x float> %674, ptr %acc2042, align 4
+  %675 = add nsw i64 %col37, 8
+  %676 = getelementptr inbounds float, ptr %671, i64 %675
+  %677 = load <8 x float>, ptr %676, align 4
+  store <8 x float> %677, ptr %acc2143, align 4
+  %panel.off44 = mul nsw i64 %p, 46080
+  %678 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
+  %679 = add nsw i64 %p, 1
+  %680 = icmp slt i64 %679, %p1
+  %681 = getelementptr inbounds i8, ptr %678, i64 92160
+  %682 = and i1 %pf.on, %680
+  %pf45 = select i1 %682, ptr %681, ptr %678
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr3
-  %k46 = phi i64 [ 0, %tile.mr3 ], [ %686, %k.body44 ]
-  %655 = icmp slt i64 %k46, 2880
-  br i1 %655, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr3
+  %k49 = phi i64 [ 0, %tile.mr3 ], [ %716, %k.body47 ]
+  %683 = icmp slt i64 %k49, 2880
+  br i1 %683, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %656 = mul nsw i64 %k46, 16
-  %657 = add nsw i64 %panel.off42, %656
-  %658 = getelementptr inbounds i16, ptr %panels, i64 %657
-  %659 = load <8 x i32>, ptr %658, align 4
-  %660 = shl <8 x i32> %659, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %660 to <8 x float>
-  %661 = and <8 x i32> %659, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %661 to <8 x float>
-  %662 = getelementptr inbounds float, ptr %615, i64 %k46
-  %663 = load float, ptr %662, align 4
-  %664 = insertelement <8 x float> poison, float %663, i32 0
-  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
-  %666 = load <8 x float>, ptr %acc0036, align 4
-  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b047, <8 x float> %666)
-  store <8 x float> %667, ptr %acc0036, align 4
-  %668 = load <8 x float>, ptr %acc0137, align 4
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %b148, <8 x float> %668)
-  store <8 x float> %669, ptr %acc0137, align 4
-  %670 = getelementptr inbounds float, ptr %629, i64 %k46
-  %671 = load float, ptr %670, align 4
-  %672 = insertelement <8 x float> poison, float %671, i32 0
-  %673 = shufflevector <8 x float> %672, <8 x float> poison, <8 x i32> zeroinitializer
-  %674 = load <8 x float>, ptr %acc1038, align 4
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %b047, <8 x float> %674)
-  store <8 x float> %675, ptr %acc1038, align 4
-  %676 = load <8 x float>, ptr %acc1139, align 4
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %b148, <8 x float> %676)
-  store <8 x float> %677, ptr %acc1139, align 4
-  %678 = getelementptr inbounds float, ptr %643, i64 %k46
-  %679 = load float, ptr %678, align 4
-  %680 = insertelement <8 x float> poison, float %679, i32 0
-  %681 = shufflevector <8 x float> %680, <8 x float> poison, <8 x i32> zeroinitializer
-  %682 = load <8 x float>, ptr %acc2040, align 4
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %b047, <8 x float> %682)
-  store <8 x float> %683, ptr %acc2040, align 4
-  %684 = load <8 x float>, ptr %acc2141, align 4
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %b148, <8 x float> %684)
-  store <8 x float> %685, ptr %acc2141, align 4
-  %686 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %684 = mul nsw i64 %k49, 16
+  %685 = add nsw i64 %panel.off44, %684
+  %686 = mul nsw i64 %k49, 32
+  %687 = getelementptr inbounds i8, ptr %pf45, i64 %686
+  call void @llvm.prefetch.p0(ptr %687, i32 0, i32 2, i32 1)
+  %688 = getelementptr inbounds i16, ptr %panels, i64 %685
+  %689 = load <8 x i32>, ptr %688, align 4
+  %690 = shl <8 x i32> %689, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %690 to <8 x float>
+  %691 = and <8 x i32> %689, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %691 to <8 x float>
+  %692 = getelementptr inbounds float, ptr %638, i64 %k49
+  %693 = load float, ptr %692, align 4
+  %694 = insertelement <8 x float> poison, float %693, i32 0
+  %695 = shufflevector <8 x float> %694, <8 x float> poison, <8 x i32> zeroinitializer
+  %696 = load <8 x float>, ptr %acc0038, align 4
+  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b050, <8 x float> %696)
+  store <8 x float> %697, ptr %acc0038, align 4
+  %698 = load <8 x float>, ptr %acc0139, align 4
+  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b151, <8 x float> %698)
+  store <8 x float> %699, ptr %acc0139, align 4
+  %700 = getelementptr inbounds float, ptr %652, i64 %k49
+  %701 = load float, ptr %700, align 4
+  %702 = insertelement <8 x float> poison, float %701, i32 0
+  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
+  %704 = load <8 x float>, ptr %acc1040, align 4
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %b050, <8 x float> %704)
+  store <8 x float> %705, ptr %acc1040, align 4
+  %706 = load <8 x float>, ptr %acc1141, align 4
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %b151, <8 x float> %706)
+  store <8 x float> %707, ptr %acc1141, align 4
+  %708 = getelementptr inbounds float, ptr %666, i64 %k49
+  %709 = load float, ptr %708, align 4
+  %710 = insertelement <8 x float> poison, float %709, i32 0
+  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
+  %712 = load <8 x float>, ptr %acc2042, align 4
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b050, <8 x float> %712)
+  store <8 x float> %713, ptr %acc2042, align 4
+  %714 = load <8 x float>, ptr %acc2143, align 4
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b151, <8 x float> %714)
+  store <8 x float> %715, ptr %acc2143, align 4
+  %716 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %687 = add nsw i64 %r0, 0
-  %688 = getelementptr inbounds float, ptr %rw, i64 %687
-  %689 = load float, ptr %688, align 4
-  %690 = insertelement <8 x float> poison, float %689, i32 0
-  %691 = shufflevector <8 x float> %690, <8 x float> poison, <8 x i32> zeroinitializer
-  %692 = load <8 x float>, ptr %acc0036, align 4
-  %693 = add nsw i64 %col35, 0
-  %694 = getelementptr inbounds float, ptr %bd, i64 %693
-  %695 = load <8 x float>, ptr %694, align 4
-  %696 = fmul <8 x float> %695, %691
-  %697 = fadd <8 x float> %692, %696
-  store <8 x float> %697, ptr %622, align 4
-  %698 = load <8 x float>, ptr %acc0137, align 4
-  %699 = add nsw i64 %col35, 8
-  %700 = getelementptr inbounds float, ptr %bd, i64 %699
-  %701 = load <8 x float>, ptr %700, align 4
-  %702 = fmul <8 x float> %701, %691
-  %703 = fadd <8 x float> %698, %702
-  store <8 x float> %703, ptr %625, align 4
-  %704 = add nsw i64 %r0, 1
-  %705 = getelementptr inbounds float, ptr %rw, i64 %704
-  %706 = load float, ptr %705, align 4
-  %707 = insertelement <8 x float> poison, float %706, i32 0
-  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
-  %709 = load <8 x float>, ptr %acc1038, align 4
-  %710 = add nsw i64 %col35, 0
-  %711 = getelementptr inbounds float, ptr %bd, i64 %710
-  %712 = load <8 x float>, ptr %711, align 4
-  %713 = fmul <8 x float> %712, %708
-  %714 = fadd <8 x float> %709, %713
-  store <8 x float> %714, ptr %636, align 4
-  %715 = load <8 x float>, ptr %acc1139, align 4
-  %716 = add nsw i64 %col35, 8
-  %717 = getelementptr inbounds float, ptr %bd, i64 %716
-  %718 = load <8 x float>, ptr %717, align 4
-  %719 = fmul <8 x float> %718, %708
-  %720 = fadd <8 x float> %715, %719
-  store <8 x float> %720, ptr %639, align 4
-  %721 = add nsw i64 %r0, 2
-  %722 = getelementptr inbounds float, ptr %rw, i64 %721
-  %723 = load float, ptr %722, align 4
-  %724 = insertelement <8 x float> poison, float %723, i32 0
-  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
-  %726 = load <8 x float>, ptr %acc2040, align 4
-  %727 = add nsw i64 %col35, 0
-  %728 = getelementptr inbounds float, ptr %bd, i64 %727
-  %729 = load <8 x float>, ptr %728, align 4
-  %730 = fmul <8 x float> %729, %725
-  %731 = fadd <8 x float> %726, %730
-  store <8 x float> %731, ptr %650, align 4
-  %732 = load <8 x float>, ptr %acc2141, align 4
-  %733 = add nsw i64 %col35, 8
-  %734 = getelementptr inbounds float, ptr %bd, i64 %733
-  %735 = load <8 x float>, ptr %734, align 4
-  %736 = fmul <8 x float> %735, %725
-  %737 = fadd <8 x float> %732, %736
-  store <8 x float> %737, ptr %653, align 4
+k.end48:                                          ; preds = %k.head46
+  %717 = add nsw i64 %r0, 0
+  %718 = getelementptr inbounds float, ptr %rw, i64 %717
+  %719 = load float, ptr %718, align 4
+  %720 = insertelement <8 x float> poison, float %719, i32 0
+  %721 = shufflevector <8 x float> %720, <8 x float> poison, <8 x i32> zeroinitializer
+  %722 = load <8 x float>, ptr %acc0038, align 4
+  %723 = add nsw i64 %col37, 0
+  %724 = getelementptr inbounds float, ptr %bd, i64 %723
+  %725 = load <8 x float>, ptr %724, align 4
+  %726 = fmul <8 x float> %725, %721
+  %727 = fadd <8 x float> %722, %726
+  store <8 x float> %727, ptr %645, align 4
+  %728 = load <8 x float>, ptr %acc0139, align 4
+  %729 = add nsw i64 %col37, 8
+  %730 = getelementptr inbounds float, ptr %bd, i64 %729
+  %731 = load <8 x float>, ptr %730, align 4
+  %732 = fmul <8 x float> %731, %721
+  %733 = fadd <8 x float> %728, %732
+  store <8 x float> %733, ptr %648, align 4
+  %734 = add nsw i64 %r0, 1
+  %735 = getelementptr inbounds float, ptr %rw, i64 %734
+  %736 = load float, ptr %735, align 4
+  %737 = insertelement <8 x float> poison, float %736, i32 0
+  %738 = shufflevector <8 x float> %737, <8 x float> poison, <8 x i32> zeroinitializer
+  %739 = load <8 x float>, ptr %acc1040, align 4
+  %740 = add nsw i64 %col37, 0
+  %741 = getelementptr inbounds float, ptr %bd, i64 %740
+  %742 = load <8 x float>, ptr %741, align 4
+  %743 = fmul <8 x float> %742, %738
+  %744 = fadd <8 x float> %739, %743
+  store <8 x float> %744, ptr %659, align 4
+  %745 = load <8 x float>, ptr %acc1141, align 4
+  %746 = add nsw i64 %col37, 8
+  %747 = getelementptr inbounds float, ptr %bd, i64 %746
+  %748 = load <8 x float>, ptr %747, align 4
+  %749 = fmul <8 x float> %748, %738
+  %750 = fadd <8 x float> %745, %749
+  store <8 x float> %750, ptr %662, align 4
+  %751 = add nsw i64 %r0, 2
+  %752 = getelementptr inbounds float, ptr %rw, i64 %751
+  %753 = load float, ptr %752, align 4
+  %754 = insertelement <8 x float> poison, float %753, i32 0
+  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
+  %756 = load <8 x float>, ptr %acc2042, align 4
+  %757 = add nsw i64 %col37, 0
+  %758 = getelementptr inbounds float, ptr %bd, i64 %757
+  %759 = load <8 x float>, ptr %758, align 4
+  %760 = fmul <8 x float> %759, %755
+  %761 = fadd <8 x float> %756, %760
+  store <8 x float> %761, ptr %673, align 4
+  %762 = load <8 x float>, ptr %acc2143, align 4
+  %763 = add nsw i64 %col37, 8
+  %764 = getelementptr inbounds float, ptr %bd, i64 %763
+  %765 = load <8 x float>, ptr %764, align 4
+  %766 = fmul <8 x float> %765, %755
+  %767 = fadd <8 x float> %762, %766
+  store <8 x float> %767, ptr %676, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col49 = mul nsw i64 %p, 16
-  %738 = add nsw i64 %r0, 0
-  %739 = mul nsw i64 %738, 2880
-  %740 = getelementptr inbounds float, ptr %h, i64 %739
-  %741 = getelementptr inbounds i32, ptr %rows, i64 %738
-  %742 = load i32, ptr %741, align 4
-  %743 = sext i32 %742 to i64
-  %744 = mul nsw i64 %743, 2880
-  %745 = getelementptr inbounds float, ptr %y, i64 %744
-  %746 = add nsw i64 %col49, 0
-  %747 = getelementptr inbounds float, ptr %745, i64 %746
-  %748 = load <8 x float>, ptr %747, align 4
-  store <8 x float> %748, ptr %acc0050, align 4
-  %749 = add nsw i64 %col49, 8
-  %750 = getelementptr inbounds float, ptr %745, i64 %749
-  %751 = load <8 x float>, ptr %750, align 4
-  store <8 x float> %751, ptr %acc0151, align 4
-  %752 = add nsw i64 %r0, 1
-  %753 = mul nsw i64 %752, 2880
-  %754 = getelementptr inbounds float, ptr %h, i64 %753
-  %755 = getelementptr inbounds i32, ptr %rows, i64 %752
-  %756 = load i32, ptr %755, align 4
-  %757 = sext i32 %756 to i64
-  %758 = mul nsw i64 %757, 2880
-  %759 = getelementptr inbounds float, ptr %y, i64 %758
-  %760 = add nsw i64 %col49, 0
-  %761 = getelementptr inbounds float, ptr %759, i64 %760
-  %762 = load <8 x float>, ptr %761, align 4
-  store <8 x float> %762, ptr %acc1052, align 4
-  %763 = add nsw i64 %col49, 8
-  %764 = getelementptr inbounds float, ptr %759, i64 %763
-  %765 = load <8 x float>, ptr %764, align 4
-  store <8 x float> %765, ptr %acc1153, align 4
-  %panel.off54 = mul nsw i64 %p, 46080
-  br label %k.head55
+  %col52 = mul nsw i64 %p, 16
+  %768 = add nsw i64 %r0, 0
+  %769 = mul nsw i64 %768, 2880
+  %770 = getelementptr inbounds float, ptr %h, i64 %769
+  %771 = getelementptr inbounds i32, ptr %rows, i64 %768
+  %772 = load i32, ptr %771, align 4
+  %773 = sext i32 %772 to i64
+  %774 = mul nsw i64 %773, 2880
+  %775 = getelementptr inbounds float, ptr %y, i64 %774
+  %776 = add nsw i64 %col52, 0
+  %777 = getelementptr inbounds float, ptr %775, i64 %776
+  %778 = load <8 x float>, ptr %777, align 4
+  store <8 x float> %778, ptr %acc0053, align 4
+  %779 = add nsw i64 %col52, 8
+  %780 = getelementptr inbounds float, ptr %775, i64 %779
+  %781 = load <8 x float>, ptr %780, align 4
+  store <8 x float> %781, ptr %acc0154, align 4
+  %782 = add nsw i64 %r0, 1
+  %783 = mul nsw i64 %782, 2880
+  %784 = getelementptr inbounds float, ptr %h, i64 %783
+  %785 = getelementptr inbounds i32, ptr %rows, i64 %782
+  %786 = load i32, ptr %785, align 4
+  %787 = sext i32 %786 to i64
+  %788 = mul nsw i64 %787, 2880
+  %789 = getelementptr inbounds float, ptr %y, i64 %788
+  %790 = add nsw i64 %col52, 0
+  %791 = getelementptr inbounds float, ptr %789, i64 %790
+  %792 = load <8 x float>, ptr %791, align 4
+  store <8 x float> %792, ptr %acc1055, align 4
+  %793 = add nsw i64 %col52, 8
+  %794 = getelementptr inbounds float, ptr %789, i64 %793
+  %795 = load <8 x float>, ptr %794, align 4
+  store <8 x float> %795, ptr %acc1156, align 4
+  %panel.off57 = mul nsw i64 %p, 46080
+  %796 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
+  %797 = add nsw i64 %p, 1
+  %798 = icmp slt i64 %797, %p1
+  %799 = getelementptr inbounds i8, ptr %796, i64 92160
+  %800 = and i1 %pf.on, %798
+  %pf58 = select i1 %800, ptr %799, ptr %796
+  br label %k.head59
 
-k.head55:                                         ; preds = %k.body56, %tile.mr2
-  %k58 = phi i64 [ 0, %tile.mr2 ], [ %789, %k.body56 ]
-  %766 = icmp slt i64 %k58, 2880
-  br i1 %766, label %k.body56, label %k.end57
+k.head59:                                         ; preds = %k.body60, %tile.mr2
+  %k62 = phi i64 [ 0, %tile.mr2 ], [ %826, %k.body60 ]
+  %801 = icmp slt i64 %k62, 2880
+  br i1 %801, label %k.body60, label %k.end61
 
-k.body56:                                         ; preds = %k.head55
-  %767 = mul nsw i64 %k58, 16
-  %768 = add nsw i64 %panel.off54, %767
-  %769 = getelementptr inbounds i16, ptr %panels, i64 %768
-  %770 = load <8 x i32>, ptr %769, align 4
-  %771 = shl <8 x i32> %770, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b059 = bitcast <8 x i32> %771 to <8 x float>
-  %772 = and <8 x i32> %770, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b160 = bitcast <8 x i32> %772 to <8 x float>
-  %773 = getelementptr inbounds float, ptr %740, i64 %k58
-  %774 = load float, ptr %773, align 4
-  %775 = insertelement <8 x float> poison, float %774, i32 0
-  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
-  %777 = load <8 x float>, ptr %acc0050, align 4
-  %778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b059, <8 x float> %777)
-  store <8 x float> %778, ptr %acc0050, align 4
-  %779 = load <8 x float>, ptr %acc0151, align 4
-  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b160, <8 x float> %779)
-  store <8 x float> %780, ptr %acc0151, align 4
-  %781 = getelementptr inbounds float, ptr %754, i64 %k58
-  %782 = load float, ptr %781, align 4
-  %783 = insertelement <8 x float> poison, float %782, i32 0
-  %784 = shufflevector <8 x float> %783, <8 x float> poison, <8 x i32> zeroinitializer
-  %785 = load <8 x float>, ptr %acc1052, align 4
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %b059, <8 x float> %785)
-  store <8 x float> %786, ptr %acc1052, align 4
-  %787 = load <8 x float>, ptr %acc1153, align 4
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %b160, <8 x float> %787)
-  store <8 x float> %788, ptr %acc1153, align 4
-  %789 = add nsw i64 %k58, 1
-  br label %k.head55
+k.body60:                                         ; preds = %k.head59
+  %802 = mul nsw i64 %k62, 16
+  %803 = add nsw i64 %panel.off57, %802
+  %804 = mul nsw i64 %k62, 32
+  %805 = getelementptr inbounds i8, ptr %pf58, i64 %804
+  call void @llvm.prefetch.p0(ptr %805, i32 0, i32 2, i32 1)
+  %806 = getelementptr inbounds i16, ptr %panels, i64 %803
+  %807 = load <8 x i32>, ptr %806, align 4
+  %808 = shl <8 x i32> %807, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %808 to <8 x float>
+  %809 = and <8 x i32> %807, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %809 to <8 x float>
+  %810 = getelementptr inbounds float, ptr %770, i64 %k62
+  %811 = load float, ptr %810, align 4
+  %812 = insertelement <8 x float> poison, float %811, i32 0
+  %813 = shufflevector <8 x float> %812, <8 x float> poison, <8 x i32> zeroinitializer
+  %814 = load <8 x float>, ptr %acc0053, align 4
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %b063, <8 x float> %814)
+  store <8 x float> %815, ptr %acc0053, align 4
+  %816 = load <8 x float>, ptr %acc0154, align 4
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %b164, <8 x float> %816)
+  store <8 x float> %817, ptr %acc0154, align 4
+  %818 = getelementptr inbounds float, ptr %784, i64 %k62
+  %819 = load float, ptr %818, align 4
+  %820 = insertelement <8 x float> poison, float %819, i32 0
+  %821 = shufflevector <8 x float> %820, <8 x float> poison, <8 x i32> zeroinitializer
+  %822 = load <8 x float>, ptr %acc1055, align 4
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %b063, <8 x float> %822)
+  store <8 x float> %823, ptr %acc1055, align 4
+  %824 = load <8 x float>, ptr %acc1156, align 4
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %b164, <8 x float> %824)
+  store <8 x float> %825, ptr %acc1156, align 4
+  %826 = add nsw i64 %k62, 1
+  br label %k.head59
 
-k.end57:                                          ; preds = %k.head55
-  %790 = add nsw i64 %r0, 0
-  %791 = getelementptr inbounds float, ptr %rw, i64 %790
-  %792 = load float, ptr %791, align 4
-  %793 = insertelement <8 x float> poison, float %792, i32 0
-  %794 = shufflevector <8 x float> %793, <8 x float> poison, <8 x i32> zeroinitializer
-  %795 = load <8 x float>, ptr %acc0050, align 4
-  %796 = add nsw i64 %col49, 0
-  %797 = getelementptr inbounds float, ptr %bd, i64 %796
-  %798 = load <8 x float>, ptr %797, align 4
-  %799 = fmul <8 x float> %798, %794
-  %800 = fadd <8 x float> %795, %799
-  store <8 x float> %800, ptr %747, align 4
-  %801 = load <8 x float>, ptr %acc0151, align 4
-  %802 = add nsw i64 %col49, 8
-  %803 = getelementptr inbounds float, ptr %bd, i64 %802
-  %804 = load <8 x float>, ptr %803, align 4
-  %805 = fmul <8 x float> %804, %794
-  %806 = fadd <8 x float> %801, %805
-  store <8 x float> %806, ptr %750, align 4
-  %807 = add nsw i64 %r0, 1
-  %808 = getelementptr inbounds float, ptr %rw, i64 %807
-  %809 = load float, ptr %808, align 4
-  %810 = insertelement <8 x float> poison, float %809, i32 0
-  %811 = shufflevector <8 x float> %810, <8 x float> poison, <8 x i32> zeroinitializer
-  %812 = load <8 x float>, ptr %acc1052, align 4
-  %813 = add nsw i64 %col49, 0
-  %814 = getelementptr inbounds float, ptr %bd, i64 %813
-  %815 = load <8 x float>, ptr %814, align 4
-  %816 = fmul <8 x float> %815, %811
-  %817 = fadd <8 x float> %812, %816
-  store <8 x float> %817, ptr %761, align 4
-  %818 = load <8 x float>, ptr %acc1153, align 4
-  %819 = add nsw i64 %col49, 8
-  %820 = getelementptr inbounds float, ptr %bd, i64 %819
-  %821 = load <8 x float>, ptr %820, align 4
-  %822 = fmul <8 x float> %821, %811
-  %823 = fadd <8 x float> %818, %822
-  store <8 x float> %823, ptr %764, align 4
-  br label %tile.done
-
-tile.mr1:                                         ; preds = %r0.body
-  %col61 = mul nsw i64 %p, 16
-  %824 = add nsw i64 %r0, 0
-  %825 = mul nsw i64 %824, 2880
-  %826 = getelementptr inbounds float, ptr %h, i64 %825
-  %827 = getelementptr inbounds i32, ptr %rows, i64 %824
-  %828 = load i32, ptr %827, align 4
-  %829 = sext i32 %828 to i64
-  %830 = mul nsw i64 %829, 2880
-  %831 = getelementptr inbounds float, ptr %y, i64 %830
-  %832 = add nsw i64 %col61, 0
-  %833 = getelementptr inbounds float, ptr %831, i64 %832
-  %834 = load <8 x float>, ptr %833, align 4
-  store <8 x float> %834, ptr %acc0062, align 4
-  %835 = add nsw i64 %col61, 8
-  %836 = getelementptr inbounds float, ptr %831, i64 %835
-  %837 = load <8 x float>, ptr %836, align 4
-  store <8 x float> %837, ptr %acc0163, align 4
-  %panel.off64 = mul nsw i64 %p, 46080
-  br label %k.head65
-
-k.head65:                                         ; preds = %k.body66, %tile.mr1
-  %k68 = phi i64 [ 0, %tile.mr1 ], [ %853, %k.body66 ]
-  %838 = icmp slt i64 %k68, 2880
-  br i1 %838, label %k.body66, label %k.end67
-
-k.body66:                                         ; preds = %k.head65
-  %839 = mul nsw i64 %k68, 16
-  %840 = add nsw i64 %panel.off64, %839
-  %841 = getelementptr inbounds i16, ptr %panels, i64 %840
-  %842 = load <8 x i32>, ptr %841, align 4
-  %843 = shl <8 x i32> %842, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b069 = bitcast <8 x i32> %843 to <8 x float>
-  %844 = and <8 x i32> %842, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b170 = bitcast <8 x i32> %844 to <8 x float>
-  %845 = getelementptr inbounds float, ptr %826, i64 %k68
+k.end61:                                          ; preds = %k.head59
+  %827 = add nsw i64 %r0, 0
+  %828 = getelementptr inbounds float, ptr %rw, i64 %827
+  %829 = load float, ptr %828, align 4
+  %830 = insertelement <8 x float> poison, float %829, i32 0
+  %831 = shufflevector <8 x float> %830, <8 x float> poison, <8 x i32> zeroinitializer
+  %832 = load <8 x float>, ptr %acc0053, align 4
+  %833 = add nsw i64 %col52, 0
+  %834 = getelementptr inbounds float, ptr %bd, i64 %833
+  %835 = load <8 x float>, ptr %834, align 4
+  %836 = fmul <8 x float> %835, %831
+  %837 = fadd <8 x float> %832, %836
+  store <8 x float> %837, ptr %777, align 4
+  %838 = load <8 x float>, ptr %acc0154, align 4
+  %839 = add nsw i64 %col52, 8
+  %840 = getelementptr inbounds float, ptr %bd, i64 %839
+  %841 = load <8 x float>, ptr %840, align 4
+  %842 = fmul <8 x float> %841, %831
+  %843 = fadd <8 x float> %838, %842
+  store <8 x float> %843, ptr %780, align 4
+  %844 = add nsw i64 %r0, 1
+  %845 = getelementptr inbounds float, ptr %rw, i64 %844
   %846 = load float, ptr %845, align 4
   %847 = insertelement <8 x float> poison, float %846, i32 0
   %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
-  %849 = load <8 x float>, ptr %acc0062, align 4
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b069, <8 x float> %849)
-  store <8 x float> %850, ptr %acc0062, align 4
-  %851 = load <8 x float>, ptr %acc0163, align 4
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b170, <8 x float> %851)
-  store <8 x float> %852, ptr %acc0163, align 4
-  %853 = add nsw i64 %k68, 1
-  br label %k.head65
-
-k.end67:                                          ; preds = %k.head65
-  %854 = add nsw i64 %r0, 0
-  %855 = getelementptr inbounds float, ptr %rw, i64 %854
-  %856 = load float, ptr %855, align 4
-  %857 = insertelement <8 x float> poison, float %856, i32 0
-  %858 = shufflevector <8 x float> %857, <8 x float> poison, <8 x i32> zeroinitializer
-  %859 = load <8 x float>, ptr %acc0062, align 4
-  %860 = add nsw i64 %col61, 0
-  %861 = getelementptr inbounds float, ptr %bd, i64 %860
-  %862 = load <8 x float>, ptr %861, align 4
-  %863 = fmul <8 x float> %862, %858
-  %864 = fadd <8 x float> %859, %863
-  store <8 x float> %864, ptr %833, align 4
-  %865 = load <8 x float>, ptr %acc0163, align 4
-  %866 = add nsw i64 %col61, 8
-  %867 = getelementptr inbounds float, ptr %bd, i64 %866
-  %868 = load <8 x float>, ptr %867, align 4
-  %869 = fmul <8 x float> %868, %858
-  %870 = fadd <8 x float> %865, %869
-  store <8 x float> %870, ptr %836, align 4
+  %849 = load <8 x float>, ptr %acc1055, align 4
+  %850 = add nsw i64 %col52, 0
+  %851 = getelementptr inbounds float, ptr %bd, i64 %850
+  %852 = load <8 x float>, ptr %851, align 4
+  %853 = fmul <8 x float> %852, %848
+  %854 = fadd <8 x float> %849, %853
+  store <8 x float> %854, ptr %791, align 4
+  %855 = load <8 x float>, ptr %acc1156, align 4
+  %856 = add nsw i64 %col52, 8
+  %857 = getelementptr inbounds float, ptr %bd, i64 %856
+  %858 = load <8 x float>, ptr %857, align 4
+  %859 = fmul <8 x float> %858, %848
+  %860 = fadd <8 x float> %855, %859
+  store <8 x float> %860, ptr %794, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
-  %871 = add nsw i64 %r0, 6
+tile.mr1:                                         ; preds = %r0.body
+  %col65 = mul nsw i64 %p, 16
+  %861 = add nsw i64 %r0, 0
+  %862 = mul nsw i64 %861, 2880
+  %863 = getelementptr inbounds float, ptr %h, i64 %862
+  %864 = getelementptr inbounds i32, ptr %rows, i64 %861
+  %865 = load i32, ptr %864, align 4
+  %866 = sext i32 %865 to i64
+  %867 = mul nsw i64 %866, 2880
+  %868 = getelementptr inbounds float, ptr %y, i64 %867
+  %869 = add nsw i64 %col65, 0
+  %870 = getelementptr inbounds float, ptr %868, i64 %869
+  %871 = load <8 x float>, ptr %870, align 4
+  store <8 x float> %871, ptr %acc0066, align 4
+  %872 = add nsw i64 %col65, 8
+  %873 = getelementptr inbounds float, ptr %868, i64 %872
+  %874 = load <8 x float>, ptr %873, align 4
+  store <8 x float> %874, ptr %acc0167, align 4
+  %panel.off68 = mul nsw i64 %p, 46080
+  %875 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
+  %876 = add nsw i64 %p, 1
+  %877 = icmp slt i64 %876, %p1
+  %878 = getelementptr inbounds i8, ptr %875, i64 92160
+  %879 = and i1 %pf.on, %877
+  %pf69 = select i1 %879, ptr %878, ptr %875
+  br label %k.head70
+
+k.head70:                                         ; preds = %k.body71, %tile.mr1
+  %k73 = phi i64 [ 0, %tile.mr1 ], [ %897, %k.body71 ]
+  %880 = icmp slt i64 %k73, 2880
+  br i1 %880, label %k.body71, label %k.end72
+
+k.body71:                                         ; preds = %k.head70
+  %881 = mul nsw i64 %k73, 16
+  %882 = add nsw i64 %panel.off68, %881
+  %883 = mul nsw i64 %k73, 32
+  %884 = getelementptr inbounds i8, ptr %pf69, i64 %883
+  call void @llvm.prefetch.p0(ptr %884, i32 0, i32 2, i32 1)
+  %885 = getelementptr inbounds i16, ptr %panels, i64 %882
+  %886 = load <8 x i32>, ptr %885, align 4
+  %887 = shl <8 x i32> %886, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %887 to <8 x float>
+  %888 = and <8 x i32> %886, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %888 to <8 x float>
+  %889 = getelementptr inbounds float, ptr %863, i64 %k73
+  %890 = load float, ptr %889, align 4
+  %891 = insertelement <8 x float> poison, float %890, i32 0
+  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
+  %893 = load <8 x float>, ptr %acc0066, align 4
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b074, <8 x float> %893)
+  store <8 x float> %894, ptr %acc0066, align 4
+  %895 = load <8 x float>, ptr %acc0167, align 4
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b175, <8 x float> %895)
+  store <8 x float> %896, ptr %acc0167, align 4
+  %897 = add nsw i64 %k73, 1
+  br label %k.head70
+
+k.end72:                                          ; preds = %k.head70
+  %898 = add nsw i64 %r0, 0
+  %899 = getelementptr inbounds float, ptr %rw, i64 %898
+  %900 = load float, ptr %899, align 4
+  %901 = insertelement <8 x float> poison, float %900, i32 0
+  %902 = shufflevector <8 x float> %901, <8 x float> poison, <8 x i32> zeroinitializer
+  %903 = load <8 x float>, ptr %acc0066, align 4
+  %904 = add nsw i64 %col65, 0
+  %905 = getelementptr inbounds float, ptr %bd, i64 %904
+  %906 = load <8 x float>, ptr %905, align 4
+  %907 = fmul <8 x float> %906, %902
+  %908 = fadd <8 x float> %903, %907
+  store <8 x float> %908, ptr %870, align 4
+  %909 = load <8 x float>, ptr %acc0167, align 4
+  %910 = add nsw i64 %col65, 8
+  %911 = getelementptr inbounds float, ptr %bd, i64 %910
+  %912 = load <8 x float>, ptr %911, align 4
+  %913 = fmul <8 x float> %912, %902
+  %914 = fadd <8 x float> %909, %913
+  store <8 x float> %914, ptr %873, align 4
+  br label %tile.done
+
+tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
+  %915 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %872 = add nsw i64 %p, 1
+  %916 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3826,4 +3943,5 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

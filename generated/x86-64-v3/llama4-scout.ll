@@ -847,33 +847,33 @@ entry:
   %acc3138 = alloca <8 x float>, align 32
   %acc4039 = alloca <8 x float>, align 32
   %acc4140 = alloca <8 x float>, align 32
-  %acc0078 = alloca <8 x float>, align 32
-  %acc0179 = alloca <8 x float>, align 32
-  %acc1080 = alloca <8 x float>, align 32
-  %acc1181 = alloca <8 x float>, align 32
-  %acc2082 = alloca <8 x float>, align 32
-  %acc2183 = alloca <8 x float>, align 32
-  %acc3084 = alloca <8 x float>, align 32
-  %acc3185 = alloca <8 x float>, align 32
-  %acc00117 = alloca <8 x float>, align 32
-  %acc01118 = alloca <8 x float>, align 32
-  %acc10119 = alloca <8 x float>, align 32
-  %acc11120 = alloca <8 x float>, align 32
-  %acc20121 = alloca <8 x float>, align 32
-  %acc21122 = alloca <8 x float>, align 32
-  %acc00148 = alloca <8 x float>, align 32
-  %acc01149 = alloca <8 x float>, align 32
-  %acc10150 = alloca <8 x float>, align 32
-  %acc11151 = alloca <8 x float>, align 32
-  %acc00171 = alloca <8 x float>, align 32
-  %acc01172 = alloca <8 x float>, align 32
+  %acc0079 = alloca <8 x float>, align 32
+  %acc0180 = alloca <8 x float>, align 32
+  %acc1081 = alloca <8 x float>, align 32
+  %acc1182 = alloca <8 x float>, align 32
+  %acc2083 = alloca <8 x float>, align 32
+  %acc2184 = alloca <8 x float>, align 32
+  %acc3085 = alloca <8 x float>, align 32
+  %acc3186 = alloca <8 x float>, align 32
+  %acc00119 = alloca <8 x float>, align 32
+  %acc01120 = alloca <8 x float>, align 32
+  %acc10121 = alloca <8 x float>, align 32
+  %acc11122 = alloca <8 x float>, align 32
+  %acc20123 = alloca <8 x float>, align 32
+  %acc21124 = alloca <8 x float>, align 32
+  %acc00151 = alloca <8 x float>, align 32
+  %acc01152 = alloca <8 x float>, align 32
+  %acc10153 = alloca <8 x float>, align 32
+  %acc11154 = alloca <8 x float>, align 32
+  %acc00175 = alloca <8 x float>, align 32
+  %acc01176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1039, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1083, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -881,7 +881,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1038, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1082, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -889,6 +889,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -898,1384 +901,1441 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 5120
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 5120
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 5120
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 5120
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 5120
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 5120
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 5120
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 5120
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 5120
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 5120
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 5120
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 5120
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 81920
+  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 163840
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
-  %39 = icmp slt i64 %k, 5120
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
+  %46 = icmp slt i64 %k, 5120
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
-  %43 = load <8 x i32>, ptr %42, align 4
-  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %44 to <8 x float>
-  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %45 to <8 x float>
-  %46 = getelementptr inbounds float, ptr %8, i64 %k
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <8 x float> poison, float %47, i32 0
-  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
-  %50 = load <8 x float>, ptr %acc00, align 4
-  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
-  store <8 x float> %51, ptr %acc00, align 4
-  %52 = load <8 x float>, ptr %acc01, align 4
-  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
-  store <8 x float> %53, ptr %acc01, align 4
-  %54 = getelementptr inbounds float, ptr %14, i64 %k
-  %55 = load float, ptr %54, align 4
-  %56 = insertelement <8 x float> poison, float %55, i32 0
-  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
-  %58 = load <8 x float>, ptr %acc10, align 4
-  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
-  store <8 x float> %59, ptr %acc10, align 4
-  %60 = load <8 x float>, ptr %acc11, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
-  store <8 x float> %61, ptr %acc11, align 4
-  %62 = getelementptr inbounds float, ptr %20, i64 %k
-  %63 = load float, ptr %62, align 4
-  %64 = insertelement <8 x float> poison, float %63, i32 0
-  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
-  %66 = load <8 x float>, ptr %acc20, align 4
-  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
-  store <8 x float> %67, ptr %acc20, align 4
-  %68 = load <8 x float>, ptr %acc21, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
-  store <8 x float> %69, ptr %acc21, align 4
-  %70 = getelementptr inbounds float, ptr %26, i64 %k
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc30, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
-  store <8 x float> %75, ptr %acc30, align 4
-  %76 = load <8 x float>, ptr %acc31, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
-  store <8 x float> %77, ptr %acc31, align 4
-  %78 = getelementptr inbounds float, ptr %32, i64 %k
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc40, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
-  store <8 x float> %83, ptr %acc40, align 4
-  %84 = load <8 x float>, ptr %acc41, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
-  store <8 x float> %85, ptr %acc41, align 4
-  %86 = getelementptr inbounds float, ptr %38, i64 %k
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc50, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
-  store <8 x float> %91, ptr %acc50, align 4
-  %92 = load <8 x float>, ptr %acc51, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
-  store <8 x float> %93, ptr %acc51, align 4
-  %94 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 32
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
+  %52 = load <8 x i32>, ptr %51, align 4
+  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %53 to <8 x float>
+  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %54 to <8 x float>
+  %55 = getelementptr inbounds float, ptr %10, i64 %k
+  %56 = load float, ptr %55, align 4
+  %57 = insertelement <8 x float> poison, float %56, i32 0
+  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
+  %59 = load <8 x float>, ptr %acc00, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
+  store <8 x float> %60, ptr %acc00, align 4
+  %61 = load <8 x float>, ptr %acc01, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
+  store <8 x float> %62, ptr %acc01, align 4
+  %63 = getelementptr inbounds float, ptr %16, i64 %k
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = getelementptr inbounds float, ptr %22, i64 %k
+  %72 = load float, ptr %71, align 4
+  %73 = insertelement <8 x float> poison, float %72, i32 0
+  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
+  %75 = load <8 x float>, ptr %acc20, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
+  store <8 x float> %76, ptr %acc20, align 4
+  %77 = load <8 x float>, ptr %acc21, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
+  store <8 x float> %78, ptr %acc21, align 4
+  %79 = getelementptr inbounds float, ptr %28, i64 %k
+  %80 = load float, ptr %79, align 4
+  %81 = insertelement <8 x float> poison, float %80, i32 0
+  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
+  %83 = load <8 x float>, ptr %acc30, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
+  store <8 x float> %84, ptr %acc30, align 4
+  %85 = load <8 x float>, ptr %acc31, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
+  store <8 x float> %86, ptr %acc31, align 4
+  %87 = getelementptr inbounds float, ptr %34, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc40, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
+  store <8 x float> %92, ptr %acc40, align 4
+  %93 = load <8 x float>, ptr %acc41, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
+  store <8 x float> %94, ptr %acc41, align 4
+  %95 = getelementptr inbounds float, ptr %40, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc50, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc50, align 4
+  %101 = load <8 x float>, ptr %acc51, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc51, align 4
+  %103 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %95 = add nsw i64 %r0, 0
-  %96 = getelementptr inbounds float, ptr %rw, i64 %95
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = mul nsw i64 %95, 8192
-  %101 = getelementptr inbounds float, ptr %h, i64 %100
+  %104 = add nsw i64 %r0, 0
+  %105 = getelementptr inbounds float, ptr %rw, i64 %104
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = mul nsw i64 %104, 8192
+  %110 = getelementptr inbounds float, ptr %h, i64 %109
   %col = mul nsw i64 %p, 8
-  %102 = load <8 x float>, ptr %acc00, align 4
-  %103 = fmul <8 x float> %102, %99
-  %104 = load <8 x float>, ptr %acc01, align 4
-  %105 = fmul <8 x float> %104, %99
-  %106 = fneg <8 x float> %103
-  %107 = fcmp olt <8 x float> %106, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %108 = select <8 x i1> %107, <8 x float> %106, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %109 = fcmp ogt <8 x float> %108, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %110 = select <8 x i1> %109, <8 x float> %108, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %112 = call <8 x float> @llvm.floor.v8f32(<8 x float> %111)
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %110)
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %113)
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %114, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %114, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %114, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %114, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %114, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %120 = fmul <8 x float> %114, %114
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %120, <8 x float> %114)
-  %122 = fadd <8 x float> %121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %123 = fptosi <8 x float> %112 to <8 x i32>
-  %124 = add <8 x i32> %123, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %125 = shl <8 x i32> %124, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %125 to <8 x float>
-  %exp = fmul <8 x float> %122, %exp.2n
-  %126 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %126
-  %silu = fmul <8 x float> %103, %sigmoid
-  %glu = fmul <8 x float> %silu, %105
-  %127 = getelementptr inbounds float, ptr %101, i64 %col
-  store <8 x float> %glu, ptr %127, align 4
-  %128 = add nsw i64 %r0, 1
-  %129 = getelementptr inbounds float, ptr %rw, i64 %128
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = mul nsw i64 %128, 8192
-  %134 = getelementptr inbounds float, ptr %h, i64 %133
+  %111 = load <8 x float>, ptr %acc00, align 4
+  %112 = fmul <8 x float> %111, %108
+  %113 = load <8 x float>, ptr %acc01, align 4
+  %114 = fmul <8 x float> %113, %108
+  %115 = fneg <8 x float> %112
+  %116 = fcmp olt <8 x float> %115, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %117 = select <8 x i1> %116, <8 x float> %115, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %118 = fcmp ogt <8 x float> %117, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %119 = select <8 x i1> %118, <8 x float> %117, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %121 = call <8 x float> @llvm.floor.v8f32(<8 x float> %120)
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %119)
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %122)
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %123, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %123, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %123, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %123, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %123, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %129 = fmul <8 x float> %123, %123
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %129, <8 x float> %123)
+  %131 = fadd <8 x float> %130, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %132 = fptosi <8 x float> %121 to <8 x i32>
+  %133 = add <8 x i32> %132, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %134 = shl <8 x i32> %133, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %134 to <8 x float>
+  %exp = fmul <8 x float> %131, %exp.2n
+  %135 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %135
+  %silu = fmul <8 x float> %112, %sigmoid
+  %glu = fmul <8 x float> %silu, %114
+  %136 = getelementptr inbounds float, ptr %110, i64 %col
+  store <8 x float> %glu, ptr %136, align 4
+  %137 = add nsw i64 %r0, 1
+  %138 = getelementptr inbounds float, ptr %rw, i64 %137
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = mul nsw i64 %137, 8192
+  %143 = getelementptr inbounds float, ptr %h, i64 %142
   %col1 = mul nsw i64 %p, 8
-  %135 = load <8 x float>, ptr %acc10, align 4
-  %136 = fmul <8 x float> %135, %132
-  %137 = load <8 x float>, ptr %acc11, align 4
-  %138 = fmul <8 x float> %137, %132
-  %139 = fneg <8 x float> %136
-  %140 = fcmp olt <8 x float> %139, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %141 = select <8 x i1> %140, <8 x float> %139, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %142 = fcmp ogt <8 x float> %141, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %143 = select <8 x i1> %142, <8 x float> %141, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %145 = call <8 x float> @llvm.floor.v8f32(<8 x float> %144)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %143)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %146)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %147, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %147, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %147, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %147, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %147, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %153 = fmul <8 x float> %147, %147
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %153, <8 x float> %147)
-  %155 = fadd <8 x float> %154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %156 = fptosi <8 x float> %145 to <8 x i32>
-  %157 = add <8 x i32> %156, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %158 = shl <8 x i32> %157, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %158 to <8 x float>
-  %exp3 = fmul <8 x float> %155, %exp.2n2
-  %159 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %159
-  %silu5 = fmul <8 x float> %136, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %138
-  %160 = getelementptr inbounds float, ptr %134, i64 %col1
-  store <8 x float> %glu6, ptr %160, align 4
-  %161 = add nsw i64 %r0, 2
-  %162 = getelementptr inbounds float, ptr %rw, i64 %161
-  %163 = load float, ptr %162, align 4
-  %164 = insertelement <8 x float> poison, float %163, i32 0
-  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
-  %166 = mul nsw i64 %161, 8192
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %144 = load <8 x float>, ptr %acc10, align 4
+  %145 = fmul <8 x float> %144, %141
+  %146 = load <8 x float>, ptr %acc11, align 4
+  %147 = fmul <8 x float> %146, %141
+  %148 = fneg <8 x float> %145
+  %149 = fcmp olt <8 x float> %148, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %150 = select <8 x i1> %149, <8 x float> %148, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %151 = fcmp ogt <8 x float> %150, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %152 = select <8 x i1> %151, <8 x float> %150, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %154 = call <8 x float> @llvm.floor.v8f32(<8 x float> %153)
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %152)
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %155)
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %156, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %156, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %156, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %156, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %156, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %162 = fmul <8 x float> %156, %156
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %162, <8 x float> %156)
+  %164 = fadd <8 x float> %163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %165 = fptosi <8 x float> %154 to <8 x i32>
+  %166 = add <8 x i32> %165, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %167 = shl <8 x i32> %166, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %167 to <8 x float>
+  %exp3 = fmul <8 x float> %164, %exp.2n2
+  %168 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %168
+  %silu5 = fmul <8 x float> %145, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %147
+  %169 = getelementptr inbounds float, ptr %143, i64 %col1
+  store <8 x float> %glu6, ptr %169, align 4
+  %170 = add nsw i64 %r0, 2
+  %171 = getelementptr inbounds float, ptr %rw, i64 %170
+  %172 = load float, ptr %171, align 4
+  %173 = insertelement <8 x float> poison, float %172, i32 0
+  %174 = shufflevector <8 x float> %173, <8 x float> poison, <8 x i32> zeroinitializer
+  %175 = mul nsw i64 %170, 8192
+  %176 = getelementptr inbounds float, ptr %h, i64 %175
   %col7 = mul nsw i64 %p, 8
-  %168 = load <8 x float>, ptr %acc20, align 4
-  %169 = fmul <8 x float> %168, %165
-  %170 = load <8 x float>, ptr %acc21, align 4
-  %171 = fmul <8 x float> %170, %165
-  %172 = fneg <8 x float> %169
-  %173 = fcmp olt <8 x float> %172, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %174 = select <8 x i1> %173, <8 x float> %172, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %175 = fcmp ogt <8 x float> %174, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %176 = select <8 x i1> %175, <8 x float> %174, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %178 = call <8 x float> @llvm.floor.v8f32(<8 x float> %177)
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %176)
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %179)
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %180, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %180, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %180, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %180, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %180, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %186 = fmul <8 x float> %180, %180
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %186, <8 x float> %180)
-  %188 = fadd <8 x float> %187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %189 = fptosi <8 x float> %178 to <8 x i32>
-  %190 = add <8 x i32> %189, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %191 = shl <8 x i32> %190, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %191 to <8 x float>
-  %exp9 = fmul <8 x float> %188, %exp.2n8
-  %192 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %192
-  %silu11 = fmul <8 x float> %169, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %171
-  %193 = getelementptr inbounds float, ptr %167, i64 %col7
-  store <8 x float> %glu12, ptr %193, align 4
-  %194 = add nsw i64 %r0, 3
-  %195 = getelementptr inbounds float, ptr %rw, i64 %194
-  %196 = load float, ptr %195, align 4
-  %197 = insertelement <8 x float> poison, float %196, i32 0
-  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
-  %199 = mul nsw i64 %194, 8192
-  %200 = getelementptr inbounds float, ptr %h, i64 %199
+  %177 = load <8 x float>, ptr %acc20, align 4
+  %178 = fmul <8 x float> %177, %174
+  %179 = load <8 x float>, ptr %acc21, align 4
+  %180 = fmul <8 x float> %179, %174
+  %181 = fneg <8 x float> %178
+  %182 = fcmp olt <8 x float> %181, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %183 = select <8 x i1> %182, <8 x float> %181, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %184 = fcmp ogt <8 x float> %183, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %187 = call <8 x float> @llvm.floor.v8f32(<8 x float> %186)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %185)
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %188)
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %189, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %189, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %189, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %189, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %189, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %195 = fmul <8 x float> %189, %189
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %189)
+  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %198 = fptosi <8 x float> %187 to <8 x i32>
+  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %200 to <8 x float>
+  %exp9 = fmul <8 x float> %197, %exp.2n8
+  %201 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
+  %silu11 = fmul <8 x float> %178, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %180
+  %202 = getelementptr inbounds float, ptr %176, i64 %col7
+  store <8 x float> %glu12, ptr %202, align 4
+  %203 = add nsw i64 %r0, 3
+  %204 = getelementptr inbounds float, ptr %rw, i64 %203
+  %205 = load float, ptr %204, align 4
+  %206 = insertelement <8 x float> poison, float %205, i32 0
+  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
+  %208 = mul nsw i64 %203, 8192
+  %209 = getelementptr inbounds float, ptr %h, i64 %208
   %col13 = mul nsw i64 %p, 8
-  %201 = load <8 x float>, ptr %acc30, align 4
-  %202 = fmul <8 x float> %201, %198
-  %203 = load <8 x float>, ptr %acc31, align 4
-  %204 = fmul <8 x float> %203, %198
-  %205 = fneg <8 x float> %202
-  %206 = fcmp olt <8 x float> %205, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %207 = select <8 x i1> %206, <8 x float> %205, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %208 = fcmp ogt <8 x float> %207, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %209 = select <8 x i1> %208, <8 x float> %207, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %211 = call <8 x float> @llvm.floor.v8f32(<8 x float> %210)
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %209)
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %212)
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %213, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %213, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %213, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %213, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %213, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %219 = fmul <8 x float> %213, %213
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %219, <8 x float> %213)
-  %221 = fadd <8 x float> %220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %222 = fptosi <8 x float> %211 to <8 x i32>
-  %223 = add <8 x i32> %222, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %224 = shl <8 x i32> %223, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %224 to <8 x float>
-  %exp15 = fmul <8 x float> %221, %exp.2n14
-  %225 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %225
-  %silu17 = fmul <8 x float> %202, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %204
-  %226 = getelementptr inbounds float, ptr %200, i64 %col13
-  store <8 x float> %glu18, ptr %226, align 4
-  %227 = add nsw i64 %r0, 4
-  %228 = getelementptr inbounds float, ptr %rw, i64 %227
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <8 x float> poison, float %229, i32 0
-  %231 = shufflevector <8 x float> %230, <8 x float> poison, <8 x i32> zeroinitializer
-  %232 = mul nsw i64 %227, 8192
-  %233 = getelementptr inbounds float, ptr %h, i64 %232
+  %210 = load <8 x float>, ptr %acc30, align 4
+  %211 = fmul <8 x float> %210, %207
+  %212 = load <8 x float>, ptr %acc31, align 4
+  %213 = fmul <8 x float> %212, %207
+  %214 = fneg <8 x float> %211
+  %215 = fcmp olt <8 x float> %214, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %216 = select <8 x i1> %215, <8 x float> %214, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %217 = fcmp ogt <8 x float> %216, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %218 = select <8 x i1> %217, <8 x float> %216, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %220 = call <8 x float> @llvm.floor.v8f32(<8 x float> %219)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %218)
+  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %221)
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %222, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %222, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %222, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %222, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %222, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %228 = fmul <8 x float> %222, %222
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %228, <8 x float> %222)
+  %230 = fadd <8 x float> %229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %231 = fptosi <8 x float> %220 to <8 x i32>
+  %232 = add <8 x i32> %231, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %233 = shl <8 x i32> %232, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %233 to <8 x float>
+  %exp15 = fmul <8 x float> %230, %exp.2n14
+  %234 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %234
+  %silu17 = fmul <8 x float> %211, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %213
+  %235 = getelementptr inbounds float, ptr %209, i64 %col13
+  store <8 x float> %glu18, ptr %235, align 4
+  %236 = add nsw i64 %r0, 4
+  %237 = getelementptr inbounds float, ptr %rw, i64 %236
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = mul nsw i64 %236, 8192
+  %242 = getelementptr inbounds float, ptr %h, i64 %241
   %col19 = mul nsw i64 %p, 8
-  %234 = load <8 x float>, ptr %acc40, align 4
-  %235 = fmul <8 x float> %234, %231
-  %236 = load <8 x float>, ptr %acc41, align 4
-  %237 = fmul <8 x float> %236, %231
-  %238 = fneg <8 x float> %235
-  %239 = fcmp olt <8 x float> %238, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %240 = select <8 x i1> %239, <8 x float> %238, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %241 = fcmp ogt <8 x float> %240, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %242 = select <8 x i1> %241, <8 x float> %240, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %244 = call <8 x float> @llvm.floor.v8f32(<8 x float> %243)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %242)
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %245)
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %246, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %246, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %246, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %246, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %246, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %252 = fmul <8 x float> %246, %246
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %252, <8 x float> %246)
-  %254 = fadd <8 x float> %253, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %255 = fptosi <8 x float> %244 to <8 x i32>
-  %256 = add <8 x i32> %255, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %257 = shl <8 x i32> %256, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %257 to <8 x float>
-  %exp21 = fmul <8 x float> %254, %exp.2n20
-  %258 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %258
-  %silu23 = fmul <8 x float> %235, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %237
-  %259 = getelementptr inbounds float, ptr %233, i64 %col19
-  store <8 x float> %glu24, ptr %259, align 4
-  %260 = add nsw i64 %r0, 5
-  %261 = getelementptr inbounds float, ptr %rw, i64 %260
-  %262 = load float, ptr %261, align 4
-  %263 = insertelement <8 x float> poison, float %262, i32 0
-  %264 = shufflevector <8 x float> %263, <8 x float> poison, <8 x i32> zeroinitializer
-  %265 = mul nsw i64 %260, 8192
-  %266 = getelementptr inbounds float, ptr %h, i64 %265
+  %243 = load <8 x float>, ptr %acc40, align 4
+  %244 = fmul <8 x float> %243, %240
+  %245 = load <8 x float>, ptr %acc41, align 4
+  %246 = fmul <8 x float> %245, %240
+  %247 = fneg <8 x float> %244
+  %248 = fcmp olt <8 x float> %247, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %249 = select <8 x i1> %248, <8 x float> %247, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %250 = fcmp ogt <8 x float> %249, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %251 = select <8 x i1> %250, <8 x float> %249, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %253 = call <8 x float> @llvm.floor.v8f32(<8 x float> %252)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %251)
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %254)
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %255, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %255, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %255, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> %255, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %255, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %261 = fmul <8 x float> %255, %255
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %261, <8 x float> %255)
+  %263 = fadd <8 x float> %262, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %264 = fptosi <8 x float> %253 to <8 x i32>
+  %265 = add <8 x i32> %264, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %266 = shl <8 x i32> %265, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %266 to <8 x float>
+  %exp21 = fmul <8 x float> %263, %exp.2n20
+  %267 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %267
+  %silu23 = fmul <8 x float> %244, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %246
+  %268 = getelementptr inbounds float, ptr %242, i64 %col19
+  store <8 x float> %glu24, ptr %268, align 4
+  %269 = add nsw i64 %r0, 5
+  %270 = getelementptr inbounds float, ptr %rw, i64 %269
+  %271 = load float, ptr %270, align 4
+  %272 = insertelement <8 x float> poison, float %271, i32 0
+  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
+  %274 = mul nsw i64 %269, 8192
+  %275 = getelementptr inbounds float, ptr %h, i64 %274
   %col25 = mul nsw i64 %p, 8
-  %267 = load <8 x float>, ptr %acc50, align 4
-  %268 = fmul <8 x float> %267, %264
-  %269 = load <8 x float>, ptr %acc51, align 4
-  %270 = fmul <8 x float> %269, %264
-  %271 = fneg <8 x float> %268
-  %272 = fcmp olt <8 x float> %271, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %273 = select <8 x i1> %272, <8 x float> %271, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %274 = fcmp ogt <8 x float> %273, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %275 = select <8 x i1> %274, <8 x float> %273, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %277 = call <8 x float> @llvm.floor.v8f32(<8 x float> %276)
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %275)
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %278)
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %279, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %279, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %279, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %279, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %279, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %285 = fmul <8 x float> %279, %279
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %285, <8 x float> %279)
-  %287 = fadd <8 x float> %286, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %288 = fptosi <8 x float> %277 to <8 x i32>
-  %289 = add <8 x i32> %288, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %290 = shl <8 x i32> %289, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %290 to <8 x float>
-  %exp27 = fmul <8 x float> %287, %exp.2n26
-  %291 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %291
-  %silu29 = fmul <8 x float> %268, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %270
-  %292 = getelementptr inbounds float, ptr %266, i64 %col25
-  store <8 x float> %glu30, ptr %292, align 4
+  %276 = load <8 x float>, ptr %acc50, align 4
+  %277 = fmul <8 x float> %276, %273
+  %278 = load <8 x float>, ptr %acc51, align 4
+  %279 = fmul <8 x float> %278, %273
+  %280 = fneg <8 x float> %277
+  %281 = fcmp olt <8 x float> %280, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %282 = select <8 x i1> %281, <8 x float> %280, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %283 = fcmp ogt <8 x float> %282, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %284 = select <8 x i1> %283, <8 x float> %282, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %286 = call <8 x float> @llvm.floor.v8f32(<8 x float> %285)
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %284)
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %287)
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %288, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %288, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %288, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %288, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %288, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %294 = fmul <8 x float> %288, %288
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %294, <8 x float> %288)
+  %296 = fadd <8 x float> %295, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %297 = fptosi <8 x float> %286 to <8 x i32>
+  %298 = add <8 x i32> %297, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %299 = shl <8 x i32> %298, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %299 to <8 x float>
+  %exp27 = fmul <8 x float> %296, %exp.2n26
+  %300 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %300
+  %silu29 = fmul <8 x float> %277, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %279
+  %301 = getelementptr inbounds float, ptr %275, i64 %col25
+  store <8 x float> %glu30, ptr %301, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %293 = add nsw i64 %r0, 0
-  %294 = getelementptr inbounds i32, ptr %rows, i64 %293
-  %295 = load i32, ptr %294, align 4
-  %296 = sext i32 %295 to i64
-  %297 = mul nsw i64 %296, 5120
-  %298 = getelementptr inbounds float, ptr %x, i64 %297
+  %302 = add nsw i64 %r0, 0
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 5120
+  %307 = getelementptr inbounds float, ptr %x, i64 %306
   store <8 x float> zeroinitializer, ptr %acc0031, align 4
   store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %299 = add nsw i64 %r0, 1
-  %300 = getelementptr inbounds i32, ptr %rows, i64 %299
-  %301 = load i32, ptr %300, align 4
-  %302 = sext i32 %301 to i64
-  %303 = mul nsw i64 %302, 5120
-  %304 = getelementptr inbounds float, ptr %x, i64 %303
+  %308 = add nsw i64 %r0, 1
+  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
+  %310 = load i32, ptr %309, align 4
+  %311 = sext i32 %310 to i64
+  %312 = mul nsw i64 %311, 5120
+  %313 = getelementptr inbounds float, ptr %x, i64 %312
   store <8 x float> zeroinitializer, ptr %acc1033, align 4
   store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %305 = add nsw i64 %r0, 2
-  %306 = getelementptr inbounds i32, ptr %rows, i64 %305
-  %307 = load i32, ptr %306, align 4
-  %308 = sext i32 %307 to i64
-  %309 = mul nsw i64 %308, 5120
-  %310 = getelementptr inbounds float, ptr %x, i64 %309
+  %314 = add nsw i64 %r0, 2
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 5120
+  %319 = getelementptr inbounds float, ptr %x, i64 %318
   store <8 x float> zeroinitializer, ptr %acc2035, align 4
   store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %311 = add nsw i64 %r0, 3
-  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %313 = load i32, ptr %312, align 4
-  %314 = sext i32 %313 to i64
-  %315 = mul nsw i64 %314, 5120
-  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  %320 = add nsw i64 %r0, 3
+  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
+  %322 = load i32, ptr %321, align 4
+  %323 = sext i32 %322 to i64
+  %324 = mul nsw i64 %323, 5120
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
   store <8 x float> zeroinitializer, ptr %acc3037, align 4
   store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %317 = add nsw i64 %r0, 4
-  %318 = getelementptr inbounds i32, ptr %rows, i64 %317
-  %319 = load i32, ptr %318, align 4
-  %320 = sext i32 %319 to i64
-  %321 = mul nsw i64 %320, 5120
-  %322 = getelementptr inbounds float, ptr %x, i64 %321
+  %326 = add nsw i64 %r0, 4
+  %327 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %328 = load i32, ptr %327, align 4
+  %329 = sext i32 %328 to i64
+  %330 = mul nsw i64 %329, 5120
+  %331 = getelementptr inbounds float, ptr %x, i64 %330
   store <8 x float> zeroinitializer, ptr %acc4039, align 4
   store <8 x float> zeroinitializer, ptr %acc4140, align 4
   %panel.off41 = mul nsw i64 %p, 81920
-  br label %k.head42
+  %332 = getelementptr inbounds i16, ptr %panels, i64 %panel.off41
+  %333 = add nsw i64 %p, 1
+  %334 = icmp slt i64 %333, %p1
+  %335 = getelementptr inbounds i8, ptr %332, i64 163840
+  %336 = and i1 %pf.on, %334
+  %pf42 = select i1 %336, ptr %335, ptr %332
+  br label %k.head43
 
-k.head42:                                         ; preds = %k.body43, %tile.mr5
-  %k45 = phi i64 [ 0, %tile.mr5 ], [ %370, %k.body43 ]
-  %323 = icmp slt i64 %k45, 5120
-  br i1 %323, label %k.body43, label %k.end44
+k.head43:                                         ; preds = %k.body44, %tile.mr5
+  %k46 = phi i64 [ 0, %tile.mr5 ], [ %386, %k.body44 ]
+  %337 = icmp slt i64 %k46, 5120
+  br i1 %337, label %k.body44, label %k.end45
 
-k.body43:                                         ; preds = %k.head42
-  %324 = mul nsw i64 %k45, 16
-  %325 = add nsw i64 %panel.off41, %324
-  %326 = getelementptr inbounds i16, ptr %panels, i64 %325
-  %327 = load <8 x i32>, ptr %326, align 4
-  %328 = shl <8 x i32> %327, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b046 = bitcast <8 x i32> %328 to <8 x float>
-  %329 = and <8 x i32> %327, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b147 = bitcast <8 x i32> %329 to <8 x float>
-  %330 = getelementptr inbounds float, ptr %298, i64 %k45
-  %331 = load float, ptr %330, align 4
-  %332 = insertelement <8 x float> poison, float %331, i32 0
-  %333 = shufflevector <8 x float> %332, <8 x float> poison, <8 x i32> zeroinitializer
-  %334 = load <8 x float>, ptr %acc0031, align 4
-  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %333, <8 x float> %b046, <8 x float> %334)
-  store <8 x float> %335, ptr %acc0031, align 4
-  %336 = load <8 x float>, ptr %acc0132, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %333, <8 x float> %b147, <8 x float> %336)
-  store <8 x float> %337, ptr %acc0132, align 4
-  %338 = getelementptr inbounds float, ptr %304, i64 %k45
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %acc1033, align 4
-  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %b046, <8 x float> %342)
-  store <8 x float> %343, ptr %acc1033, align 4
-  %344 = load <8 x float>, ptr %acc1134, align 4
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %b147, <8 x float> %344)
-  store <8 x float> %345, ptr %acc1134, align 4
-  %346 = getelementptr inbounds float, ptr %310, i64 %k45
+k.body44:                                         ; preds = %k.head43
+  %338 = mul nsw i64 %k46, 16
+  %339 = add nsw i64 %panel.off41, %338
+  %340 = mul nsw i64 %k46, 32
+  %341 = getelementptr inbounds i8, ptr %pf42, i64 %340
+  call void @llvm.prefetch.p0(ptr %341, i32 0, i32 2, i32 1)
+  %342 = getelementptr inbounds i16, ptr %panels, i64 %339
+  %343 = load <8 x i32>, ptr %342, align 4
+  %344 = shl <8 x i32> %343, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %344 to <8 x float>
+  %345 = and <8 x i32> %343, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %345 to <8 x float>
+  %346 = getelementptr inbounds float, ptr %307, i64 %k46
   %347 = load float, ptr %346, align 4
   %348 = insertelement <8 x float> poison, float %347, i32 0
   %349 = shufflevector <8 x float> %348, <8 x float> poison, <8 x i32> zeroinitializer
-  %350 = load <8 x float>, ptr %acc2035, align 4
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %b046, <8 x float> %350)
-  store <8 x float> %351, ptr %acc2035, align 4
-  %352 = load <8 x float>, ptr %acc2136, align 4
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %b147, <8 x float> %352)
-  store <8 x float> %353, ptr %acc2136, align 4
-  %354 = getelementptr inbounds float, ptr %316, i64 %k45
+  %350 = load <8 x float>, ptr %acc0031, align 4
+  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %b047, <8 x float> %350)
+  store <8 x float> %351, ptr %acc0031, align 4
+  %352 = load <8 x float>, ptr %acc0132, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %b148, <8 x float> %352)
+  store <8 x float> %353, ptr %acc0132, align 4
+  %354 = getelementptr inbounds float, ptr %313, i64 %k46
   %355 = load float, ptr %354, align 4
   %356 = insertelement <8 x float> poison, float %355, i32 0
   %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
-  %358 = load <8 x float>, ptr %acc3037, align 4
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b046, <8 x float> %358)
-  store <8 x float> %359, ptr %acc3037, align 4
-  %360 = load <8 x float>, ptr %acc3138, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b147, <8 x float> %360)
-  store <8 x float> %361, ptr %acc3138, align 4
-  %362 = getelementptr inbounds float, ptr %322, i64 %k45
+  %358 = load <8 x float>, ptr %acc1033, align 4
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b047, <8 x float> %358)
+  store <8 x float> %359, ptr %acc1033, align 4
+  %360 = load <8 x float>, ptr %acc1134, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b148, <8 x float> %360)
+  store <8 x float> %361, ptr %acc1134, align 4
+  %362 = getelementptr inbounds float, ptr %319, i64 %k46
   %363 = load float, ptr %362, align 4
   %364 = insertelement <8 x float> poison, float %363, i32 0
   %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
-  %366 = load <8 x float>, ptr %acc4039, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b046, <8 x float> %366)
-  store <8 x float> %367, ptr %acc4039, align 4
-  %368 = load <8 x float>, ptr %acc4140, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b147, <8 x float> %368)
-  store <8 x float> %369, ptr %acc4140, align 4
-  %370 = add nsw i64 %k45, 1
-  br label %k.head42
+  %366 = load <8 x float>, ptr %acc2035, align 4
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b047, <8 x float> %366)
+  store <8 x float> %367, ptr %acc2035, align 4
+  %368 = load <8 x float>, ptr %acc2136, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b148, <8 x float> %368)
+  store <8 x float> %369, ptr %acc2136, align 4
+  %370 = getelementptr inbounds float, ptr %325, i64 %k46
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %acc3037, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b047, <8 x float> %374)
+  store <8 x float> %375, ptr %acc3037, align 4
+  %376 = load <8 x float>, ptr %acc3138, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b148, <8 x float> %376)
+  store <8 x float> %377, ptr %acc3138, align 4
+  %378 = getelementptr inbounds float, ptr %331, i64 %k46
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc4039, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b047, <8 x float> %382)
+  store <8 x float> %383, ptr %acc4039, align 4
+  %384 = load <8 x float>, ptr %acc4140, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b148, <8 x float> %384)
+  store <8 x float> %385, ptr %acc4140, align 4
+  %386 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end44:                                          ; preds = %k.head42
-  %371 = add nsw i64 %r0, 0
-  %372 = getelementptr inbounds float, ptr %rw, i64 %371
-  %373 = load float, ptr %372, align 4
-  %374 = insertelement <8 x float> poison, float %373, i32 0
-  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
-  %376 = mul nsw i64 %371, 8192
-  %377 = getelementptr inbounds float, ptr %h, i64 %376
-  %col48 = mul nsw i64 %p, 8
-  %378 = load <8 x float>, ptr %acc0031, align 4
-  %379 = fmul <8 x float> %378, %375
-  %380 = load <8 x float>, ptr %acc0132, align 4
-  %381 = fmul <8 x float> %380, %375
-  %382 = fneg <8 x float> %379
-  %383 = fcmp olt <8 x float> %382, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %384 = select <8 x i1> %383, <8 x float> %382, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %385 = fcmp ogt <8 x float> %384, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %386 = select <8 x i1> %385, <8 x float> %384, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %388 = call <8 x float> @llvm.floor.v8f32(<8 x float> %387)
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %386)
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %389)
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %390, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %390, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %390, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %390, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %390, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %396 = fmul <8 x float> %390, %390
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %396, <8 x float> %390)
-  %398 = fadd <8 x float> %397, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %399 = fptosi <8 x float> %388 to <8 x i32>
-  %400 = add <8 x i32> %399, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %401 = shl <8 x i32> %400, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n49 = bitcast <8 x i32> %401 to <8 x float>
-  %exp50 = fmul <8 x float> %398, %exp.2n49
-  %402 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %402
-  %silu52 = fmul <8 x float> %379, %sigmoid51
-  %glu53 = fmul <8 x float> %silu52, %381
-  %403 = getelementptr inbounds float, ptr %377, i64 %col48
-  store <8 x float> %glu53, ptr %403, align 4
-  %404 = add nsw i64 %r0, 1
-  %405 = getelementptr inbounds float, ptr %rw, i64 %404
-  %406 = load float, ptr %405, align 4
-  %407 = insertelement <8 x float> poison, float %406, i32 0
-  %408 = shufflevector <8 x float> %407, <8 x float> poison, <8 x i32> zeroinitializer
-  %409 = mul nsw i64 %404, 8192
-  %410 = getelementptr inbounds float, ptr %h, i64 %409
-  %col54 = mul nsw i64 %p, 8
-  %411 = load <8 x float>, ptr %acc1033, align 4
-  %412 = fmul <8 x float> %411, %408
-  %413 = load <8 x float>, ptr %acc1134, align 4
-  %414 = fmul <8 x float> %413, %408
-  %415 = fneg <8 x float> %412
-  %416 = fcmp olt <8 x float> %415, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %417 = select <8 x i1> %416, <8 x float> %415, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %418 = fcmp ogt <8 x float> %417, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %419 = select <8 x i1> %418, <8 x float> %417, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %421 = call <8 x float> @llvm.floor.v8f32(<8 x float> %420)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %419)
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %422)
-  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %423, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %423, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> %423, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %423, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %423, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %429 = fmul <8 x float> %423, %423
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> %429, <8 x float> %423)
-  %431 = fadd <8 x float> %430, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %432 = fptosi <8 x float> %421 to <8 x i32>
-  %433 = add <8 x i32> %432, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %434 = shl <8 x i32> %433, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %434 to <8 x float>
-  %exp56 = fmul <8 x float> %431, %exp.2n55
-  %435 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %435
-  %silu58 = fmul <8 x float> %412, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %414
-  %436 = getelementptr inbounds float, ptr %410, i64 %col54
-  store <8 x float> %glu59, ptr %436, align 4
-  %437 = add nsw i64 %r0, 2
-  %438 = getelementptr inbounds float, ptr %rw, i64 %437
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = mul nsw i64 %437, 8192
-  %443 = getelementptr inbounds float, ptr %h, i64 %442
-  %col60 = mul nsw i64 %p, 8
-  %444 = load <8 x float>, ptr %acc2035, align 4
-  %445 = fmul <8 x float> %444, %441
-  %446 = load <8 x float>, ptr %acc2136, align 4
-  %447 = fmul <8 x float> %446, %441
-  %448 = fneg <8 x float> %445
-  %449 = fcmp olt <8 x float> %448, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %450 = select <8 x i1> %449, <8 x float> %448, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %451 = fcmp ogt <8 x float> %450, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %452 = select <8 x i1> %451, <8 x float> %450, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %454 = call <8 x float> @llvm.floor.v8f32(<8 x float> %453)
-  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %452)
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %455)
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %456, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %456, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %456, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %456, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %462 = fmul <8 x float> %456, %456
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %462, <8 x float> %456)
-  %464 = fadd <8 x float> %463, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %465 = fptosi <8 x float> %454 to <8 x i32>
-  %466 = add <8 x i32> %465, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %467 = shl <8 x i32> %466, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %467 to <8 x float>
-  %exp62 = fmul <8 x float> %464, %exp.2n61
-  %468 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %468
-  %silu64 = fmul <8 x float> %445, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %447
-  %469 = getelementptr inbounds float, ptr %443, i64 %col60
-  store <8 x float> %glu65, ptr %469, align 4
-  %470 = add nsw i64 %r0, 3
-  %471 = getelementptr inbounds float, ptr %rw, i64 %470
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = mul nsw i64 %470, 8192
-  %476 = getelementptr inbounds float, ptr %h, i64 %475
-  %col66 = mul nsw i64 %p, 8
-  %477 = load <8 x float>, ptr %acc3037, align 4
-  %478 = fmul <8 x float> %477, %474
-  %479 = load <8 x float>, ptr %acc3138, align 4
-  %480 = fmul <8 x float> %479, %474
-  %481 = fneg <8 x float> %478
-  %482 = fcmp olt <8 x float> %481, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %483 = select <8 x i1> %482, <8 x float> %481, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %484 = fcmp ogt <8 x float> %483, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %485 = select <8 x i1> %484, <8 x float> %483, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %487 = call <8 x float> @llvm.floor.v8f32(<8 x float> %486)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %485)
-  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %488)
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %489, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %489, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %489, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %489, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> %489, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %495 = fmul <8 x float> %489, %489
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %495, <8 x float> %489)
-  %497 = fadd <8 x float> %496, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %498 = fptosi <8 x float> %487 to <8 x i32>
-  %499 = add <8 x i32> %498, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %500 = shl <8 x i32> %499, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %500 to <8 x float>
-  %exp68 = fmul <8 x float> %497, %exp.2n67
-  %501 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %501
-  %silu70 = fmul <8 x float> %478, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %480
-  %502 = getelementptr inbounds float, ptr %476, i64 %col66
-  store <8 x float> %glu71, ptr %502, align 4
-  %503 = add nsw i64 %r0, 4
-  %504 = getelementptr inbounds float, ptr %rw, i64 %503
-  %505 = load float, ptr %504, align 4
-  %506 = insertelement <8 x float> poison, float %505, i32 0
-  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
-  %508 = mul nsw i64 %503, 8192
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
-  %col72 = mul nsw i64 %p, 8
-  %510 = load <8 x float>, ptr %acc4039, align 4
-  %511 = fmul <8 x float> %510, %507
-  %512 = load <8 x float>, ptr %acc4140, align 4
-  %513 = fmul <8 x float> %512, %507
-  %514 = fneg <8 x float> %511
-  %515 = fcmp olt <8 x float> %514, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %516 = select <8 x i1> %515, <8 x float> %514, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %517 = fcmp ogt <8 x float> %516, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %518 = select <8 x i1> %517, <8 x float> %516, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %520 = call <8 x float> @llvm.floor.v8f32(<8 x float> %519)
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %518)
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %521)
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %522, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %522, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %522, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %522, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %522, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %528 = fmul <8 x float> %522, %522
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %528, <8 x float> %522)
-  %530 = fadd <8 x float> %529, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %531 = fptosi <8 x float> %520 to <8 x i32>
-  %532 = add <8 x i32> %531, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %533 = shl <8 x i32> %532, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %533 to <8 x float>
-  %exp74 = fmul <8 x float> %530, %exp.2n73
-  %534 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %534
-  %silu76 = fmul <8 x float> %511, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %513
-  %535 = getelementptr inbounds float, ptr %509, i64 %col72
-  store <8 x float> %glu77, ptr %535, align 4
+k.end45:                                          ; preds = %k.head43
+  %387 = add nsw i64 %r0, 0
+  %388 = getelementptr inbounds float, ptr %rw, i64 %387
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = mul nsw i64 %387, 8192
+  %393 = getelementptr inbounds float, ptr %h, i64 %392
+  %col49 = mul nsw i64 %p, 8
+  %394 = load <8 x float>, ptr %acc0031, align 4
+  %395 = fmul <8 x float> %394, %391
+  %396 = load <8 x float>, ptr %acc0132, align 4
+  %397 = fmul <8 x float> %396, %391
+  %398 = fneg <8 x float> %395
+  %399 = fcmp olt <8 x float> %398, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %400 = select <8 x i1> %399, <8 x float> %398, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %401 = fcmp ogt <8 x float> %400, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %402 = select <8 x i1> %401, <8 x float> %400, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %404 = call <8 x float> @llvm.floor.v8f32(<8 x float> %403)
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %402)
+  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %405)
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %406, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %406, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %406, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %406, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %406, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %412 = fmul <8 x float> %406, %406
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %412, <8 x float> %406)
+  %414 = fadd <8 x float> %413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %415 = fptosi <8 x float> %404 to <8 x i32>
+  %416 = add <8 x i32> %415, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %417 = shl <8 x i32> %416, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n50 = bitcast <8 x i32> %417 to <8 x float>
+  %exp51 = fmul <8 x float> %414, %exp.2n50
+  %418 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %418
+  %silu53 = fmul <8 x float> %395, %sigmoid52
+  %glu54 = fmul <8 x float> %silu53, %397
+  %419 = getelementptr inbounds float, ptr %393, i64 %col49
+  store <8 x float> %glu54, ptr %419, align 4
+  %420 = add nsw i64 %r0, 1
+  %421 = getelementptr inbounds float, ptr %rw, i64 %420
+  %422 = load float, ptr %421, align 4
+  %423 = insertelement <8 x float> poison, float %422, i32 0
+  %424 = shufflevector <8 x float> %423, <8 x float> poison, <8 x i32> zeroinitializer
+  %425 = mul nsw i64 %420, 8192
+  %426 = getelementptr inbounds float, ptr %h, i64 %425
+  %col55 = mul nsw i64 %p, 8
+  %427 = load <8 x float>, ptr %acc1033, align 4
+  %428 = fmul <8 x float> %427, %424
+  %429 = load <8 x float>, ptr %acc1134, align 4
+  %430 = fmul <8 x float> %429, %424
+  %431 = fneg <8 x float> %428
+  %432 = fcmp olt <8 x float> %431, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %433 = select <8 x i1> %432, <8 x float> %431, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %434 = fcmp ogt <8 x float> %433, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %435 = select <8 x i1> %434, <8 x float> %433, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %437 = call <8 x float> @llvm.floor.v8f32(<8 x float> %436)
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %435)
+  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %438)
+  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %439, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %439, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %439, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %439, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> %439, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %445 = fmul <8 x float> %439, %439
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %445, <8 x float> %439)
+  %447 = fadd <8 x float> %446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %448 = fptosi <8 x float> %437 to <8 x i32>
+  %449 = add <8 x i32> %448, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %450 = shl <8 x i32> %449, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n56 = bitcast <8 x i32> %450 to <8 x float>
+  %exp57 = fmul <8 x float> %447, %exp.2n56
+  %451 = fadd <8 x float> %exp57, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid58 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %451
+  %silu59 = fmul <8 x float> %428, %sigmoid58
+  %glu60 = fmul <8 x float> %silu59, %430
+  %452 = getelementptr inbounds float, ptr %426, i64 %col55
+  store <8 x float> %glu60, ptr %452, align 4
+  %453 = add nsw i64 %r0, 2
+  %454 = getelementptr inbounds float, ptr %rw, i64 %453
+  %455 = load float, ptr %454, align 4
+  %456 = insertelement <8 x float> poison, float %455, i32 0
+  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
+  %458 = mul nsw i64 %453, 8192
+  %459 = getelementptr inbounds float, ptr %h, i64 %458
+  %col61 = mul nsw i64 %p, 8
+  %460 = load <8 x float>, ptr %acc2035, align 4
+  %461 = fmul <8 x float> %460, %457
+  %462 = load <8 x float>, ptr %acc2136, align 4
+  %463 = fmul <8 x float> %462, %457
+  %464 = fneg <8 x float> %461
+  %465 = fcmp olt <8 x float> %464, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %466 = select <8 x i1> %465, <8 x float> %464, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %467 = fcmp ogt <8 x float> %466, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %468 = select <8 x i1> %467, <8 x float> %466, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %470 = call <8 x float> @llvm.floor.v8f32(<8 x float> %469)
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %468)
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %471)
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %472, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %472, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %472, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %472, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %472, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %478 = fmul <8 x float> %472, %472
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %478, <8 x float> %472)
+  %480 = fadd <8 x float> %479, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %481 = fptosi <8 x float> %470 to <8 x i32>
+  %482 = add <8 x i32> %481, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %483 = shl <8 x i32> %482, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n62 = bitcast <8 x i32> %483 to <8 x float>
+  %exp63 = fmul <8 x float> %480, %exp.2n62
+  %484 = fadd <8 x float> %exp63, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid64 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %484
+  %silu65 = fmul <8 x float> %461, %sigmoid64
+  %glu66 = fmul <8 x float> %silu65, %463
+  %485 = getelementptr inbounds float, ptr %459, i64 %col61
+  store <8 x float> %glu66, ptr %485, align 4
+  %486 = add nsw i64 %r0, 3
+  %487 = getelementptr inbounds float, ptr %rw, i64 %486
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = mul nsw i64 %486, 8192
+  %492 = getelementptr inbounds float, ptr %h, i64 %491
+  %col67 = mul nsw i64 %p, 8
+  %493 = load <8 x float>, ptr %acc3037, align 4
+  %494 = fmul <8 x float> %493, %490
+  %495 = load <8 x float>, ptr %acc3138, align 4
+  %496 = fmul <8 x float> %495, %490
+  %497 = fneg <8 x float> %494
+  %498 = fcmp olt <8 x float> %497, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %499 = select <8 x i1> %498, <8 x float> %497, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %500 = fcmp ogt <8 x float> %499, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %501 = select <8 x i1> %500, <8 x float> %499, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %503 = call <8 x float> @llvm.floor.v8f32(<8 x float> %502)
+  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %501)
+  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %504)
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %505, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %505, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %505, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %505, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %505, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %511 = fmul <8 x float> %505, %505
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %511, <8 x float> %505)
+  %513 = fadd <8 x float> %512, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %514 = fptosi <8 x float> %503 to <8 x i32>
+  %515 = add <8 x i32> %514, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %516 = shl <8 x i32> %515, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n68 = bitcast <8 x i32> %516 to <8 x float>
+  %exp69 = fmul <8 x float> %513, %exp.2n68
+  %517 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %517
+  %silu71 = fmul <8 x float> %494, %sigmoid70
+  %glu72 = fmul <8 x float> %silu71, %496
+  %518 = getelementptr inbounds float, ptr %492, i64 %col67
+  store <8 x float> %glu72, ptr %518, align 4
+  %519 = add nsw i64 %r0, 4
+  %520 = getelementptr inbounds float, ptr %rw, i64 %519
+  %521 = load float, ptr %520, align 4
+  %522 = insertelement <8 x float> poison, float %521, i32 0
+  %523 = shufflevector <8 x float> %522, <8 x float> poison, <8 x i32> zeroinitializer
+  %524 = mul nsw i64 %519, 8192
+  %525 = getelementptr inbounds float, ptr %h, i64 %524
+  %col73 = mul nsw i64 %p, 8
+  %526 = load <8 x float>, ptr %acc4039, align 4
+  %527 = fmul <8 x float> %526, %523
+  %528 = load <8 x float>, ptr %acc4140, align 4
+  %529 = fmul <8 x float> %528, %523
+  %530 = fneg <8 x float> %527
+  %531 = fcmp olt <8 x float> %530, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %532 = select <8 x i1> %531, <8 x float> %530, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %533 = fcmp ogt <8 x float> %532, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %534 = select <8 x i1> %533, <8 x float> %532, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %536 = call <8 x float> @llvm.floor.v8f32(<8 x float> %535)
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %534)
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %537)
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %538, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %538, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %538, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %538, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %538, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %544 = fmul <8 x float> %538, %538
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %544, <8 x float> %538)
+  %546 = fadd <8 x float> %545, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %547 = fptosi <8 x float> %536 to <8 x i32>
+  %548 = add <8 x i32> %547, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %549 = shl <8 x i32> %548, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n74 = bitcast <8 x i32> %549 to <8 x float>
+  %exp75 = fmul <8 x float> %546, %exp.2n74
+  %550 = fadd <8 x float> %exp75, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid76 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %550
+  %silu77 = fmul <8 x float> %527, %sigmoid76
+  %glu78 = fmul <8 x float> %silu77, %529
+  %551 = getelementptr inbounds float, ptr %525, i64 %col73
+  store <8 x float> %glu78, ptr %551, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %536 = add nsw i64 %r0, 0
-  %537 = getelementptr inbounds i32, ptr %rows, i64 %536
-  %538 = load i32, ptr %537, align 4
-  %539 = sext i32 %538 to i64
-  %540 = mul nsw i64 %539, 5120
-  %541 = getelementptr inbounds float, ptr %x, i64 %540
-  store <8 x float> zeroinitializer, ptr %acc0078, align 4
-  store <8 x float> zeroinitializer, ptr %acc0179, align 4
-  %542 = add nsw i64 %r0, 1
-  %543 = getelementptr inbounds i32, ptr %rows, i64 %542
-  %544 = load i32, ptr %543, align 4
-  %545 = sext i32 %544 to i64
-  %546 = mul nsw i64 %545, 5120
-  %547 = getelementptr inbounds float, ptr %x, i64 %546
-  store <8 x float> zeroinitializer, ptr %acc1080, align 4
-  store <8 x float> zeroinitializer, ptr %acc1181, align 4
-  %548 = add nsw i64 %r0, 2
-  %549 = getelementptr inbounds i32, ptr %rows, i64 %548
-  %550 = load i32, ptr %549, align 4
-  %551 = sext i32 %550 to i64
-  %552 = mul nsw i64 %551, 5120
-  %553 = getelementptr inbounds float, ptr %x, i64 %552
-  store <8 x float> zeroinitializer, ptr %acc2082, align 4
-  store <8 x float> zeroinitializer, ptr %acc2183, align 4
-  %554 = add nsw i64 %r0, 3
-  %555 = getelementptr inbounds i32, ptr %rows, i64 %554
-  %556 = load i32, ptr %555, align 4
-  %557 = sext i32 %556 to i64
-  %558 = mul nsw i64 %557, 5120
-  %559 = getelementptr inbounds float, ptr %x, i64 %558
-  store <8 x float> zeroinitializer, ptr %acc3084, align 4
-  store <8 x float> zeroinitializer, ptr %acc3185, align 4
-  %panel.off86 = mul nsw i64 %p, 81920
-  br label %k.head87
+  %552 = add nsw i64 %r0, 0
+  %553 = getelementptr inbounds i32, ptr %rows, i64 %552
+  %554 = load i32, ptr %553, align 4
+  %555 = sext i32 %554 to i64
+  %556 = mul nsw i64 %555, 5120
+  %557 = getelementptr inbounds float, ptr %x, i64 %556
+  store <8 x float> zeroinitializer, ptr %acc0079, align 4
+  store <8 x float> zeroinitializer, ptr %acc0180, align 4
+  %558 = add nsw i64 %r0, 1
+  %559 = getelementptr inbounds i32, ptr %rows, i64 %558
+  %560 = load i32, ptr %559, align 4
+  %561 = sext i32 %560 to i64
+  %562 = mul nsw i64 %561, 5120
+  %563 = getelementptr inbounds float, ptr %x, i64 %562
+  store <8 x float> zeroinitializer, ptr %acc1081, align 4
+  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  %564 = add nsw i64 %r0, 2
+  %565 = getelementptr inbounds i32, ptr %rows, i64 %564
+  %566 = load i32, ptr %565, align 4
+  %567 = sext i32 %566 to i64
+  %568 = mul nsw i64 %567, 5120
+  %569 = getelementptr inbounds float, ptr %x, i64 %568
+  store <8 x float> zeroinitializer, ptr %acc2083, align 4
+  store <8 x float> zeroinitializer, ptr %acc2184, align 4
+  %570 = add nsw i64 %r0, 3
+  %571 = getelementptr inbounds i32, ptr %rows, i64 %570
+  %572 = load i32, ptr %571, align 4
+  %573 = sext i32 %572 to i64
+  %574 = mul nsw i64 %573, 5120
+  %575 = getelementptr inbounds float, ptr %x, i64 %574
+  store <8 x float> zeroinitializer, ptr %acc3085, align 4
+  store <8 x float> zeroinitializer, ptr %acc3186, align 4
+  %panel.off87 = mul nsw i64 %p, 81920
+  %576 = getelementptr inbounds i16, ptr %panels, i64 %panel.off87
+  %577 = add nsw i64 %p, 1
+  %578 = icmp slt i64 %577, %p1
+  %579 = getelementptr inbounds i8, ptr %576, i64 163840
+  %580 = and i1 %pf.on, %578
+  %pf88 = select i1 %580, ptr %579, ptr %576
+  br label %k.head89
 
-k.head87:                                         ; preds = %k.body88, %tile.mr4
-  %k90 = phi i64 [ 0, %tile.mr4 ], [ %599, %k.body88 ]
-  %560 = icmp slt i64 %k90, 5120
-  br i1 %560, label %k.body88, label %k.end89
+k.head89:                                         ; preds = %k.body90, %tile.mr4
+  %k92 = phi i64 [ 0, %tile.mr4 ], [ %622, %k.body90 ]
+  %581 = icmp slt i64 %k92, 5120
+  br i1 %581, label %k.body90, label %k.end91
 
-k.body88:                                         ; preds = %k.head87
-  %561 = mul nsw i64 %k90, 16
-  %562 = add nsw i64 %panel.off86, %561
-  %563 = getelementptr inbounds i16, ptr %panels, i64 %562
-  %564 = load <8 x i32>, ptr %563, align 4
-  %565 = shl <8 x i32> %564, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b091 = bitcast <8 x i32> %565 to <8 x float>
-  %566 = and <8 x i32> %564, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b192 = bitcast <8 x i32> %566 to <8 x float>
-  %567 = getelementptr inbounds float, ptr %541, i64 %k90
-  %568 = load float, ptr %567, align 4
-  %569 = insertelement <8 x float> poison, float %568, i32 0
-  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = load <8 x float>, ptr %acc0078, align 4
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b091, <8 x float> %571)
-  store <8 x float> %572, ptr %acc0078, align 4
-  %573 = load <8 x float>, ptr %acc0179, align 4
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %b192, <8 x float> %573)
-  store <8 x float> %574, ptr %acc0179, align 4
-  %575 = getelementptr inbounds float, ptr %547, i64 %k90
-  %576 = load float, ptr %575, align 4
-  %577 = insertelement <8 x float> poison, float %576, i32 0
-  %578 = shufflevector <8 x float> %577, <8 x float> poison, <8 x i32> zeroinitializer
-  %579 = load <8 x float>, ptr %acc1080, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b091, <8 x float> %579)
-  store <8 x float> %580, ptr %acc1080, align 4
-  %581 = load <8 x float>, ptr %acc1181, align 4
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %b192, <8 x float> %581)
-  store <8 x float> %582, ptr %acc1181, align 4
-  %583 = getelementptr inbounds float, ptr %553, i64 %k90
-  %584 = load float, ptr %583, align 4
-  %585 = insertelement <8 x float> poison, float %584, i32 0
-  %586 = shufflevector <8 x float> %585, <8 x float> poison, <8 x i32> zeroinitializer
-  %587 = load <8 x float>, ptr %acc2082, align 4
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %b091, <8 x float> %587)
-  store <8 x float> %588, ptr %acc2082, align 4
-  %589 = load <8 x float>, ptr %acc2183, align 4
-  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %b192, <8 x float> %589)
-  store <8 x float> %590, ptr %acc2183, align 4
-  %591 = getelementptr inbounds float, ptr %559, i64 %k90
-  %592 = load float, ptr %591, align 4
-  %593 = insertelement <8 x float> poison, float %592, i32 0
-  %594 = shufflevector <8 x float> %593, <8 x float> poison, <8 x i32> zeroinitializer
-  %595 = load <8 x float>, ptr %acc3084, align 4
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %b091, <8 x float> %595)
-  store <8 x float> %596, ptr %acc3084, align 4
-  %597 = load <8 x float>, ptr %acc3185, align 4
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %b192, <8 x float> %597)
-  store <8 x float> %598, ptr %acc3185, align 4
-  %599 = add nsw i64 %k90, 1
-  br label %k.head87
+k.body90:                                         ; preds = %k.head89
+  %582 = mul nsw i64 %k92, 16
+  %583 = add nsw i64 %panel.off87, %582
+  %584 = mul nsw i64 %k92, 32
+  %585 = getelementptr inbounds i8, ptr %pf88, i64 %584
+  call void @llvm.prefetch.p0(ptr %585, i32 0, i32 2, i32 1)
+  %586 = getelementptr inbounds i16, ptr %panels, i64 %583
+  %587 = load <8 x i32>, ptr %586, align 4
+  %588 = shl <8 x i32> %587, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b093 = bitcast <8 x i32> %588 to <8 x float>
+  %589 = and <8 x i32> %587, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b194 = bitcast <8 x i32> %589 to <8 x float>
+  %590 = getelementptr inbounds float, ptr %557, i64 %k92
+  %591 = load float, ptr %590, align 4
+  %592 = insertelement <8 x float> poison, float %591, i32 0
+  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
+  %594 = load <8 x float>, ptr %acc0079, align 4
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %b093, <8 x float> %594)
+  store <8 x float> %595, ptr %acc0079, align 4
+  %596 = load <8 x float>, ptr %acc0180, align 4
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %b194, <8 x float> %596)
+  store <8 x float> %597, ptr %acc0180, align 4
+  %598 = getelementptr inbounds float, ptr %563, i64 %k92
+  %599 = load float, ptr %598, align 4
+  %600 = insertelement <8 x float> poison, float %599, i32 0
+  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
+  %602 = load <8 x float>, ptr %acc1081, align 4
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %b093, <8 x float> %602)
+  store <8 x float> %603, ptr %acc1081, align 4
+  %604 = load <8 x float>, ptr %acc1182, align 4
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %b194, <8 x float> %604)
+  store <8 x float> %605, ptr %acc1182, align 4
+  %606 = getelementptr inbounds float, ptr %569, i64 %k92
+  %607 = load float, ptr %606, align 4
+  %608 = insertelement <8 x float> poison, float %607, i32 0
+  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
+  %610 = load <8 x float>, ptr %acc2083, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b093, <8 x float> %610)
+  store <8 x float> %611, ptr %acc2083, align 4
+  %612 = load <8 x float>, ptr %acc2184, align 4
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b194, <8 x float> %612)
+  store <8 x float> %613, ptr %acc2184, align 4
+  %614 = getelementptr inbounds float, ptr %575, i64 %k92
+  %615 = load float, ptr %614, align 4
+  %616 = insertelement <8 x float> poison, float %615, i32 0
+  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
+  %618 = load <8 x float>, ptr %acc3085, align 4
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b093, <8 x float> %618)
+  store <8 x float> %619, ptr %acc3085, align 4
+  %620 = load <8 x float>, ptr %acc3186, align 4
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b194, <8 x float> %620)
+  store <8 x float> %621, ptr %acc3186, align 4
+  %622 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end89:                                          ; preds = %k.head87
-  %600 = add nsw i64 %r0, 0
-  %601 = getelementptr inbounds float, ptr %rw, i64 %600
-  %602 = load float, ptr %601, align 4
-  %603 = insertelement <8 x float> poison, float %602, i32 0
-  %604 = shufflevector <8 x float> %603, <8 x float> poison, <8 x i32> zeroinitializer
-  %605 = mul nsw i64 %600, 8192
-  %606 = getelementptr inbounds float, ptr %h, i64 %605
-  %col93 = mul nsw i64 %p, 8
-  %607 = load <8 x float>, ptr %acc0078, align 4
-  %608 = fmul <8 x float> %607, %604
-  %609 = load <8 x float>, ptr %acc0179, align 4
-  %610 = fmul <8 x float> %609, %604
-  %611 = fneg <8 x float> %608
-  %612 = fcmp olt <8 x float> %611, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %613 = select <8 x i1> %612, <8 x float> %611, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %614 = fcmp ogt <8 x float> %613, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %615 = select <8 x i1> %614, <8 x float> %613, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %617 = call <8 x float> @llvm.floor.v8f32(<8 x float> %616)
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %615)
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %618)
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %619, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %619, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %619, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %619, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %619, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %625 = fmul <8 x float> %619, %619
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %625, <8 x float> %619)
-  %627 = fadd <8 x float> %626, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %628 = fptosi <8 x float> %617 to <8 x i32>
-  %629 = add <8 x i32> %628, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %630 = shl <8 x i32> %629, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n94 = bitcast <8 x i32> %630 to <8 x float>
-  %exp95 = fmul <8 x float> %627, %exp.2n94
-  %631 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %631
-  %silu97 = fmul <8 x float> %608, %sigmoid96
-  %glu98 = fmul <8 x float> %silu97, %610
-  %632 = getelementptr inbounds float, ptr %606, i64 %col93
-  store <8 x float> %glu98, ptr %632, align 4
-  %633 = add nsw i64 %r0, 1
-  %634 = getelementptr inbounds float, ptr %rw, i64 %633
-  %635 = load float, ptr %634, align 4
-  %636 = insertelement <8 x float> poison, float %635, i32 0
-  %637 = shufflevector <8 x float> %636, <8 x float> poison, <8 x i32> zeroinitializer
-  %638 = mul nsw i64 %633, 8192
-  %639 = getelementptr inbounds float, ptr %h, i64 %638
-  %col99 = mul nsw i64 %p, 8
-  %640 = load <8 x float>, ptr %acc1080, align 4
-  %641 = fmul <8 x float> %640, %637
-  %642 = load <8 x float>, ptr %acc1181, align 4
-  %643 = fmul <8 x float> %642, %637
-  %644 = fneg <8 x float> %641
-  %645 = fcmp olt <8 x float> %644, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %646 = select <8 x i1> %645, <8 x float> %644, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %647 = fcmp ogt <8 x float> %646, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %648 = select <8 x i1> %647, <8 x float> %646, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %650 = call <8 x float> @llvm.floor.v8f32(<8 x float> %649)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %648)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %651)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %652, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %652, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %652, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %652, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %658 = fmul <8 x float> %652, %652
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %658, <8 x float> %652)
-  %660 = fadd <8 x float> %659, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %661 = fptosi <8 x float> %650 to <8 x i32>
-  %662 = add <8 x i32> %661, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %663 = shl <8 x i32> %662, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %663 to <8 x float>
-  %exp101 = fmul <8 x float> %660, %exp.2n100
-  %664 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %664
-  %silu103 = fmul <8 x float> %641, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %643
-  %665 = getelementptr inbounds float, ptr %639, i64 %col99
-  store <8 x float> %glu104, ptr %665, align 4
-  %666 = add nsw i64 %r0, 2
-  %667 = getelementptr inbounds float, ptr %rw, i64 %666
-  %668 = load float, ptr %667, align 4
-  %669 = insertelement <8 x float> poison, float %668, i32 0
-  %670 = shufflevector <8 x float> %669, <8 x float> poison, <8 x i32> zeroinitializer
-  %671 = mul nsw i64 %666, 8192
-  %672 = getelementptr inbounds float, ptr %h, i64 %671
-  %col105 = mul nsw i64 %p, 8
-  %673 = load <8 x float>, ptr %acc2082, align 4
-  %674 = fmul <8 x float> %673, %670
-  %675 = load <8 x float>, ptr %acc2183, align 4
-  %676 = fmul <8 x float> %675, %670
-  %677 = fneg <8 x float> %674
-  %678 = fcmp olt <8 x float> %677, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %679 = select <8 x i1> %678, <8 x float> %677, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %680 = fcmp ogt <8 x float> %679, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %681 = select <8 x i1> %680, <8 x float> %679, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %683 = call <8 x float> @llvm.floor.v8f32(<8 x float> %682)
-  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %681)
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %684)
-  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %685, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %685, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %685, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %685, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %685, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %691 = fmul <8 x float> %685, %685
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %691, <8 x float> %685)
-  %693 = fadd <8 x float> %692, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %694 = fptosi <8 x float> %683 to <8 x i32>
-  %695 = add <8 x i32> %694, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %696 = shl <8 x i32> %695, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n106 = bitcast <8 x i32> %696 to <8 x float>
-  %exp107 = fmul <8 x float> %693, %exp.2n106
-  %697 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %697
-  %silu109 = fmul <8 x float> %674, %sigmoid108
-  %glu110 = fmul <8 x float> %silu109, %676
-  %698 = getelementptr inbounds float, ptr %672, i64 %col105
-  store <8 x float> %glu110, ptr %698, align 4
-  %699 = add nsw i64 %r0, 3
-  %700 = getelementptr inbounds float, ptr %rw, i64 %699
-  %701 = load float, ptr %700, align 4
-  %702 = insertelement <8 x float> poison, float %701, i32 0
-  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
-  %704 = mul nsw i64 %699, 8192
-  %705 = getelementptr inbounds float, ptr %h, i64 %704
-  %col111 = mul nsw i64 %p, 8
-  %706 = load <8 x float>, ptr %acc3084, align 4
-  %707 = fmul <8 x float> %706, %703
-  %708 = load <8 x float>, ptr %acc3185, align 4
-  %709 = fmul <8 x float> %708, %703
-  %710 = fneg <8 x float> %707
-  %711 = fcmp olt <8 x float> %710, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %712 = select <8 x i1> %711, <8 x float> %710, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %713 = fcmp ogt <8 x float> %712, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %714 = select <8 x i1> %713, <8 x float> %712, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %716 = call <8 x float> @llvm.floor.v8f32(<8 x float> %715)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %714)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %717)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %718, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %718, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %718, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %718, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %718, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %724 = fmul <8 x float> %718, %718
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %724, <8 x float> %718)
-  %726 = fadd <8 x float> %725, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %727 = fptosi <8 x float> %716 to <8 x i32>
-  %728 = add <8 x i32> %727, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %729 = shl <8 x i32> %728, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n112 = bitcast <8 x i32> %729 to <8 x float>
-  %exp113 = fmul <8 x float> %726, %exp.2n112
-  %730 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %730
-  %silu115 = fmul <8 x float> %707, %sigmoid114
-  %glu116 = fmul <8 x float> %silu115, %709
-  %731 = getelementptr inbounds float, ptr %705, i64 %col111
-  store <8 x float> %glu116, ptr %731, align 4
+k.end91:                                          ; preds = %k.head89
+  %623 = add nsw i64 %r0, 0
+  %624 = getelementptr inbounds float, ptr %rw, i64 %623
+  %625 = load float, ptr %624, align 4
+  %626 = insertelement <8 x float> poison, float %625, i32 0
+  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
+  %628 = mul nsw i64 %623, 8192
+  %629 = getelementptr inbounds float, ptr %h, i64 %628
+  %col95 = mul nsw i64 %p, 8
+  %630 = load <8 x float>, ptr %acc0079, align 4
+  %631 = fmul <8 x float> %630, %627
+  %632 = load <8 x float>, ptr %acc0180, align 4
+  %633 = fmul <8 x float> %632, %627
+  %634 = fneg <8 x float> %631
+  %635 = fcmp olt <8 x float> %634, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %636 = select <8 x i1> %635, <8 x float> %634, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %637 = fcmp ogt <8 x float> %636, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %638 = select <8 x i1> %637, <8 x float> %636, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %638, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %640 = call <8 x float> @llvm.floor.v8f32(<8 x float> %639)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %638)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %641)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %642, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %642, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %642, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %642, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %642, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %648 = fmul <8 x float> %642, %642
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %648, <8 x float> %642)
+  %650 = fadd <8 x float> %649, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %651 = fptosi <8 x float> %640 to <8 x i32>
+  %652 = add <8 x i32> %651, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %653 = shl <8 x i32> %652, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n96 = bitcast <8 x i32> %653 to <8 x float>
+  %exp97 = fmul <8 x float> %650, %exp.2n96
+  %654 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %654
+  %silu99 = fmul <8 x float> %631, %sigmoid98
+  %glu100 = fmul <8 x float> %silu99, %633
+  %655 = getelementptr inbounds float, ptr %629, i64 %col95
+  store <8 x float> %glu100, ptr %655, align 4
+  %656 = add nsw i64 %r0, 1
+  %657 = getelementptr inbounds float, ptr %rw, i64 %656
+  %658 = load float, ptr %657, align 4
+  %659 = insertelement <8 x float> poison, float %658, i32 0
+  %660 = shufflevector <8 x float> %659, <8 x float> poison, <8 x i32> zeroinitializer
+  %661 = mul nsw i64 %656, 8192
+  %662 = getelementptr inbounds float, ptr %h, i64 %661
+  %col101 = mul nsw i64 %p, 8
+  %663 = load <8 x float>, ptr %acc1081, align 4
+  %664 = fmul <8 x float> %663, %660
+  %665 = load <8 x float>, ptr %acc1182, align 4
+  %666 = fmul <8 x float> %665, %660
+  %667 = fneg <8 x float> %664
+  %668 = fcmp olt <8 x float> %667, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %669 = select <8 x i1> %668, <8 x float> %667, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %670 = fcmp ogt <8 x float> %669, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %671 = select <8 x i1> %670, <8 x float> %669, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %673 = call <8 x float> @llvm.floor.v8f32(<8 x float> %672)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %671)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %674)
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %675, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %675, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %675, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %675, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %675, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %681 = fmul <8 x float> %675, %675
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %681, <8 x float> %675)
+  %683 = fadd <8 x float> %682, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %684 = fptosi <8 x float> %673 to <8 x i32>
+  %685 = add <8 x i32> %684, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %686 = shl <8 x i32> %685, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n102 = bitcast <8 x i32> %686 to <8 x float>
+  %exp103 = fmul <8 x float> %683, %exp.2n102
+  %687 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %687
+  %silu105 = fmul <8 x float> %664, %sigmoid104
+  %glu106 = fmul <8 x float> %silu105, %666
+  %688 = getelementptr inbounds float, ptr %662, i64 %col101
+  store <8 x float> %glu106, ptr %688, align 4
+  %689 = add nsw i64 %r0, 2
+  %690 = getelementptr inbounds float, ptr %rw, i64 %689
+  %691 = load float, ptr %690, align 4
+  %692 = insertelement <8 x float> poison, float %691, i32 0
+  %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
+  %694 = mul nsw i64 %689, 8192
+  %695 = getelementptr inbounds float, ptr %h, i64 %694
+  %col107 = mul nsw i64 %p, 8
+  %696 = load <8 x float>, ptr %acc2083, align 4
+  %697 = fmul <8 x float> %696, %693
+  %698 = load <8 x float>, ptr %acc2184, align 4
+  %699 = fmul <8 x float> %698, %693
+  %700 = fneg <8 x float> %697
+  %701 = fcmp olt <8 x float> %700, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %702 = select <8 x i1> %701, <8 x float> %700, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %703 = fcmp ogt <8 x float> %702, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %706 = call <8 x float> @llvm.floor.v8f32(<8 x float> %705)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %704)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %707)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %708, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %708, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %708, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %708, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %708, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %714 = fmul <8 x float> %708, %708
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %714, <8 x float> %708)
+  %716 = fadd <8 x float> %715, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %717 = fptosi <8 x float> %706 to <8 x i32>
+  %718 = add <8 x i32> %717, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %719 = shl <8 x i32> %718, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n108 = bitcast <8 x i32> %719 to <8 x float>
+  %exp109 = fmul <8 x float> %716, %exp.2n108
+  %720 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %720
+  %silu111 = fmul <8 x float> %697, %sigmoid110
+  %glu112 = fmul <8 x float> %silu111, %699
+  %721 = getelementptr inbounds float, ptr %695, i64 %col107
+  store <8 x float> %glu112, ptr %721, align 4
+  %722 = add nsw i64 %r0, 3
+  %723 = getelementptr inbounds float, ptr %rw, i64 %722
+  %724 = load float, ptr %723, align 4
+  %725 = insertelement <8 x float> poison, float %724, i32 0
+  %726 = shufflevector <8 x float> %725, <8 x float> poison, <8 x i32> zeroinitializer
+  %727 = mul nsw i64 %722, 8192
+  %728 = getelementptr inbounds float, ptr %h, i64 %727
+  %col113 = mul nsw i64 %p, 8
+  %729 = load <8 x float>, ptr %acc3085, align 4
+  %730 = fmul <8 x float> %729, %726
+  %731 = load <8 x float>, ptr %acc3186, align 4
+  %732 = fmul <8 x float> %731, %726
+  %733 = fneg <8 x float> %730
+  %734 = fcmp olt <8 x float> %733, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %735 = select <8 x i1> %734, <8 x float> %733, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %736 = fcmp ogt <8 x float> %735, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %737 = select <8 x i1> %736, <8 x float> %735, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %739 = call <8 x float> @llvm.floor.v8f32(<8 x float> %738)
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %737)
+  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %740)
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %741, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %741, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %741, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %741, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %741, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %747 = fmul <8 x float> %741, %741
+  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %747, <8 x float> %741)
+  %749 = fadd <8 x float> %748, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %750 = fptosi <8 x float> %739 to <8 x i32>
+  %751 = add <8 x i32> %750, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %752 = shl <8 x i32> %751, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n114 = bitcast <8 x i32> %752 to <8 x float>
+  %exp115 = fmul <8 x float> %749, %exp.2n114
+  %753 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %753
+  %silu117 = fmul <8 x float> %730, %sigmoid116
+  %glu118 = fmul <8 x float> %silu117, %732
+  %754 = getelementptr inbounds float, ptr %728, i64 %col113
+  store <8 x float> %glu118, ptr %754, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %732 = add nsw i64 %r0, 0
-  %733 = getelementptr inbounds i32, ptr %rows, i64 %732
-  %734 = load i32, ptr %733, align 4
-  %735 = sext i32 %734 to i64
-  %736 = mul nsw i64 %735, 5120
-  %737 = getelementptr inbounds float, ptr %x, i64 %736
-  store <8 x float> zeroinitializer, ptr %acc00117, align 4
-  store <8 x float> zeroinitializer, ptr %acc01118, align 4
-  %738 = add nsw i64 %r0, 1
-  %739 = getelementptr inbounds i32, ptr %rows, i64 %738
-  %740 = load i32, ptr %739, align 4
-  %741 = sext i32 %740 to i64
-  %742 = mul nsw i64 %741, 5120
-  %743 = getelementptr inbounds float, ptr %x, i64 %742
-  store <8 x float> zeroinitializer, ptr %acc10119, align 4
-  store <8 x float> zeroinitializer, ptr %acc11120, align 4
-  %744 = add nsw i64 %r0, 2
-  %745 = getelementptr inbounds i32, ptr %rows, i64 %744
-  %746 = load i32, ptr %745, align 4
-  %747 = sext i32 %746 to i64
-  %748 = mul nsw i64 %747, 5120
-  %749 = getelementptr inbounds float, ptr %x, i64 %748
-  store <8 x float> zeroinitializer, ptr %acc20121, align 4
-  store <8 x float> zeroinitializer, ptr %acc21122, align 4
-  %panel.off123 = mul nsw i64 %p, 81920
-  br label %k.head124
+  %755 = add nsw i64 %r0, 0
+  %756 = getelementptr inbounds i32, ptr %rows, i64 %755
+  %757 = load i32, ptr %756, align 4
+  %758 = sext i32 %757 to i64
+  %759 = mul nsw i64 %758, 5120
+  %760 = getelementptr inbounds float, ptr %x, i64 %759
+  store <8 x float> zeroinitializer, ptr %acc00119, align 4
+  store <8 x float> zeroinitializer, ptr %acc01120, align 4
+  %761 = add nsw i64 %r0, 1
+  %762 = getelementptr inbounds i32, ptr %rows, i64 %761
+  %763 = load i32, ptr %762, align 4
+  %764 = sext i32 %763 to i64
+  %765 = mul nsw i64 %764, 5120
+  %766 = getelementptr inbounds float, ptr %x, i64 %765
+  store <8 x float> zeroinitializer, ptr %acc10121, align 4
+  store <8 x float> zeroinitializer, ptr %acc11122, align 4
+  %767 = add nsw i64 %r0, 2
+  %768 = getelementptr inbounds i32, ptr %rows, i64 %767
+  %769 = load i32, ptr %768, align 4
+  %770 = sext i32 %769 to i64
+  %771 = mul nsw i64 %770, 5120
+  %772 = getelementptr inbounds float, ptr %x, i64 %771
+  store <8 x float> zeroinitializer, ptr %acc20123, align 4
+  store <8 x float> zeroinitializer, ptr %acc21124, align 4
+  %panel.off125 = mul nsw i64 %p, 81920
+  %773 = getelementptr inbounds i16, ptr %panels, i64 %panel.off125
+  %774 = add nsw i64 %p, 1
+  %775 = icmp slt i64 %774, %p1
+  %776 = getelementptr inbounds i8, ptr %773, i64 163840
+  %777 = and i1 %pf.on, %775
+  %pf126 = select i1 %777, ptr %776, ptr %773
+  br label %k.head127
 
-k.head124:                                        ; preds = %k.body125, %tile.mr3
-  %k127 = phi i64 [ 0, %tile.mr3 ], [ %781, %k.body125 ]
-  %750 = icmp slt i64 %k127, 5120
-  br i1 %750, label %k.body125, label %k.end126
+k.head127:                                        ; preds = %k.body128, %tile.mr3
+  %k130 = phi i64 [ 0, %tile.mr3 ], [ %811, %k.body128 ]
+  %778 = icmp slt i64 %k130, 5120
+  br i1 %778, label %k.body128, label %k.end129
 
-k.body125:                                        ; preds = %k.head124
-  %751 = mul nsw i64 %k127, 16
-  %752 = add nsw i64 %panel.off123, %751
-  %753 = getelementptr inbounds i16, ptr %panels, i64 %752
-  %754 = load <8 x i32>, ptr %753, align 4
-  %755 = shl <8 x i32> %754, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0128 = bitcast <8 x i32> %755 to <8 x float>
-  %756 = and <8 x i32> %754, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1129 = bitcast <8 x i32> %756 to <8 x float>
-  %757 = getelementptr inbounds float, ptr %737, i64 %k127
-  %758 = load float, ptr %757, align 4
-  %759 = insertelement <8 x float> poison, float %758, i32 0
-  %760 = shufflevector <8 x float> %759, <8 x float> poison, <8 x i32> zeroinitializer
-  %761 = load <8 x float>, ptr %acc00117, align 4
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %b0128, <8 x float> %761)
-  store <8 x float> %762, ptr %acc00117, align 4
-  %763 = load <8 x float>, ptr %acc01118, align 4
-  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %b1129, <8 x float> %763)
-  store <8 x float> %764, ptr %acc01118, align 4
-  %765 = getelementptr inbounds float, ptr %743, i64 %k127
-  %766 = load float, ptr %765, align 4
-  %767 = insertelement <8 x float> poison, float %766, i32 0
-  %768 = shufflevector <8 x float> %767, <8 x float> poison, <8 x i32> zeroinitializer
-  %769 = load <8 x float>, ptr %acc10119, align 4
-  %770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> %b0128, <8 x float> %769)
-  store <8 x float> %770, ptr %acc10119, align 4
-  %771 = load <8 x float>, ptr %acc11120, align 4
-  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> %b1129, <8 x float> %771)
-  store <8 x float> %772, ptr %acc11120, align 4
-  %773 = getelementptr inbounds float, ptr %749, i64 %k127
-  %774 = load float, ptr %773, align 4
-  %775 = insertelement <8 x float> poison, float %774, i32 0
-  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
-  %777 = load <8 x float>, ptr %acc20121, align 4
-  %778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b0128, <8 x float> %777)
-  store <8 x float> %778, ptr %acc20121, align 4
-  %779 = load <8 x float>, ptr %acc21122, align 4
-  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %b1129, <8 x float> %779)
-  store <8 x float> %780, ptr %acc21122, align 4
-  %781 = add nsw i64 %k127, 1
-  br label %k.head124
+k.body128:                                        ; preds = %k.head127
+  %779 = mul nsw i64 %k130, 16
+  %780 = add nsw i64 %panel.off125, %779
+  %781 = mul nsw i64 %k130, 32
+  %782 = getelementptr inbounds i8, ptr %pf126, i64 %781
+  call void @llvm.prefetch.p0(ptr %782, i32 0, i32 2, i32 1)
+  %783 = getelementptr inbounds i16, ptr %panels, i64 %780
+  %784 = load <8 x i32>, ptr %783, align 4
+  %785 = shl <8 x i32> %784, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0131 = bitcast <8 x i32> %785 to <8 x float>
+  %786 = and <8 x i32> %784, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1132 = bitcast <8 x i32> %786 to <8 x float>
+  %787 = getelementptr inbounds float, ptr %760, i64 %k130
+  %788 = load float, ptr %787, align 4
+  %789 = insertelement <8 x float> poison, float %788, i32 0
+  %790 = shufflevector <8 x float> %789, <8 x float> poison, <8 x i32> zeroinitializer
+  %791 = load <8 x float>, ptr %acc00119, align 4
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %b0131, <8 x float> %791)
+  store <8 x float> %792, ptr %acc00119, align 4
+  %793 = load <8 x float>, ptr %acc01120, align 4
+  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %b1132, <8 x float> %793)
+  store <8 x float> %794, ptr %acc01120, align 4
+  %795 = getelementptr inbounds float, ptr %766, i64 %k130
+  %796 = load float, ptr %795, align 4
+  %797 = insertelement <8 x float> poison, float %796, i32 0
+  %798 = shufflevector <8 x float> %797, <8 x float> poison, <8 x i32> zeroinitializer
+  %799 = load <8 x float>, ptr %acc10121, align 4
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %798, <8 x float> %b0131, <8 x float> %799)
+  store <8 x float> %800, ptr %acc10121, align 4
+  %801 = load <8 x float>, ptr %acc11122, align 4
+  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> %798, <8 x float> %b1132, <8 x float> %801)
+  store <8 x float> %802, ptr %acc11122, align 4
+  %803 = getelementptr inbounds float, ptr %772, i64 %k130
+  %804 = load float, ptr %803, align 4
+  %805 = insertelement <8 x float> poison, float %804, i32 0
+  %806 = shufflevector <8 x float> %805, <8 x float> poison, <8 x i32> zeroinitializer
+  %807 = load <8 x float>, ptr %acc20123, align 4
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b0131, <8 x float> %807)
+  store <8 x float> %808, ptr %acc20123, align 4
+  %809 = load <8 x float>, ptr %acc21124, align 4
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %b1132, <8 x float> %809)
+  store <8 x float> %810, ptr %acc21124, align 4
+  %811 = add nsw i64 %k130, 1
+  br label %k.head127
 
-k.end126:                                         ; preds = %k.head124
-  %782 = add nsw i64 %r0, 0
-  %783 = getelementptr inbounds float, ptr %rw, i64 %782
-  %784 = load float, ptr %783, align 4
-  %785 = insertelement <8 x float> poison, float %784, i32 0
-  %786 = shufflevector <8 x float> %785, <8 x float> poison, <8 x i32> zeroinitializer
-  %787 = mul nsw i64 %782, 8192
-  %788 = getelementptr inbounds float, ptr %h, i64 %787
-  %col130 = mul nsw i64 %p, 8
-  %789 = load <8 x float>, ptr %acc00117, align 4
-  %790 = fmul <8 x float> %789, %786
-  %791 = load <8 x float>, ptr %acc01118, align 4
-  %792 = fmul <8 x float> %791, %786
-  %793 = fneg <8 x float> %790
-  %794 = fcmp olt <8 x float> %793, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %795 = select <8 x i1> %794, <8 x float> %793, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %796 = fcmp ogt <8 x float> %795, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %797 = select <8 x i1> %796, <8 x float> %795, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %799 = call <8 x float> @llvm.floor.v8f32(<8 x float> %798)
-  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %797)
-  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %800)
-  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %801, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %801, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %801, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %801, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> %801, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %807 = fmul <8 x float> %801, %801
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> %807, <8 x float> %801)
-  %809 = fadd <8 x float> %808, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %810 = fptosi <8 x float> %799 to <8 x i32>
-  %811 = add <8 x i32> %810, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %812 = shl <8 x i32> %811, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n131 = bitcast <8 x i32> %812 to <8 x float>
-  %exp132 = fmul <8 x float> %809, %exp.2n131
-  %813 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %813
-  %silu134 = fmul <8 x float> %790, %sigmoid133
-  %glu135 = fmul <8 x float> %silu134, %792
-  %814 = getelementptr inbounds float, ptr %788, i64 %col130
-  store <8 x float> %glu135, ptr %814, align 4
-  %815 = add nsw i64 %r0, 1
-  %816 = getelementptr inbounds float, ptr %rw, i64 %815
-  %817 = load float, ptr %816, align 4
-  %818 = insertelement <8 x float> poison, float %817, i32 0
-  %819 = shufflevector <8 x float> %818, <8 x float> poison, <8 x i32> zeroinitializer
-  %820 = mul nsw i64 %815, 8192
-  %821 = getelementptr inbounds float, ptr %h, i64 %820
-  %col136 = mul nsw i64 %p, 8
-  %822 = load <8 x float>, ptr %acc10119, align 4
-  %823 = fmul <8 x float> %822, %819
-  %824 = load <8 x float>, ptr %acc11120, align 4
-  %825 = fmul <8 x float> %824, %819
-  %826 = fneg <8 x float> %823
-  %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %829 = fcmp ogt <8 x float> %828, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %832 = call <8 x float> @llvm.floor.v8f32(<8 x float> %831)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %830)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %833)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %834, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %834, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %834, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %834, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %834, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %840 = fmul <8 x float> %834, %834
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %834)
-  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %843 = fptosi <8 x float> %832 to <8 x i32>
-  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n137 = bitcast <8 x i32> %845 to <8 x float>
-  %exp138 = fmul <8 x float> %842, %exp.2n137
-  %846 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu140 = fmul <8 x float> %823, %sigmoid139
-  %glu141 = fmul <8 x float> %silu140, %825
-  %847 = getelementptr inbounds float, ptr %821, i64 %col136
-  store <8 x float> %glu141, ptr %847, align 4
-  %848 = add nsw i64 %r0, 2
-  %849 = getelementptr inbounds float, ptr %rw, i64 %848
-  %850 = load float, ptr %849, align 4
-  %851 = insertelement <8 x float> poison, float %850, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = mul nsw i64 %848, 8192
-  %854 = getelementptr inbounds float, ptr %h, i64 %853
-  %col142 = mul nsw i64 %p, 8
-  %855 = load <8 x float>, ptr %acc20121, align 4
-  %856 = fmul <8 x float> %855, %852
-  %857 = load <8 x float>, ptr %acc21122, align 4
-  %858 = fmul <8 x float> %857, %852
-  %859 = fneg <8 x float> %856
-  %860 = fcmp olt <8 x float> %859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %862 = fcmp ogt <8 x float> %861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %864)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %863)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %866)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %873 = fmul <8 x float> %867, %867
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %873, <8 x float> %867)
-  %875 = fadd <8 x float> %874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %876 = fptosi <8 x float> %865 to <8 x i32>
-  %877 = add <8 x i32> %876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %878 = shl <8 x i32> %877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %878 to <8 x float>
-  %exp144 = fmul <8 x float> %875, %exp.2n143
-  %879 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %879
-  %silu146 = fmul <8 x float> %856, %sigmoid145
-  %glu147 = fmul <8 x float> %silu146, %858
-  %880 = getelementptr inbounds float, ptr %854, i64 %col142
-  store <8 x float> %glu147, ptr %880, align 4
+k.end129:                                         ; preds = %k.head127
+  %812 = add nsw i64 %r0, 0
+  %813 = getelementptr inbounds float, ptr %rw, i64 %812
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = mul nsw i64 %812, 8192
+  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %col133 = mul nsw i64 %p, 8
+  %819 = load <8 x float>, ptr %acc00119, align 4
+  %820 = fmul <8 x float> %819, %816
+  %821 = load <8 x float>, ptr %acc01120, align 4
+  %822 = fmul <8 x float> %821, %816
+  %823 = fneg <8 x float> %820
+  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %837 = fmul <8 x float> %831, %831
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
+  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %840 = fptosi <8 x float> %829 to <8 x i32>
+  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n134 = bitcast <8 x i32> %842 to <8 x float>
+  %exp135 = fmul <8 x float> %839, %exp.2n134
+  %843 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
+  %silu137 = fmul <8 x float> %820, %sigmoid136
+  %glu138 = fmul <8 x float> %silu137, %822
+  %844 = getelementptr inbounds float, ptr %818, i64 %col133
+  store <8 x float> %glu138, ptr %844, align 4
+  %845 = add nsw i64 %r0, 1
+  %846 = getelementptr inbounds float, ptr %rw, i64 %845
+  %847 = load float, ptr %846, align 4
+  %848 = insertelement <8 x float> poison, float %847, i32 0
+  %849 = shufflevector <8 x float> %848, <8 x float> poison, <8 x i32> zeroinitializer
+  %850 = mul nsw i64 %845, 8192
+  %851 = getelementptr inbounds float, ptr %h, i64 %850
+  %col139 = mul nsw i64 %p, 8
+  %852 = load <8 x float>, ptr %acc10121, align 4
+  %853 = fmul <8 x float> %852, %849
+  %854 = load <8 x float>, ptr %acc11122, align 4
+  %855 = fmul <8 x float> %854, %849
+  %856 = fneg <8 x float> %853
+  %857 = fcmp olt <8 x float> %856, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %858 = select <8 x i1> %857, <8 x float> %856, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %859 = fcmp ogt <8 x float> %858, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %860 = select <8 x i1> %859, <8 x float> %858, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %860, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %862 = call <8 x float> @llvm.floor.v8f32(<8 x float> %861)
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %860)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %863)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %864, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %864, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %864, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %864, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %864, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %870 = fmul <8 x float> %864, %864
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %870, <8 x float> %864)
+  %872 = fadd <8 x float> %871, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %873 = fptosi <8 x float> %862 to <8 x i32>
+  %874 = add <8 x i32> %873, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %875 = shl <8 x i32> %874, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n140 = bitcast <8 x i32> %875 to <8 x float>
+  %exp141 = fmul <8 x float> %872, %exp.2n140
+  %876 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %876
+  %silu143 = fmul <8 x float> %853, %sigmoid142
+  %glu144 = fmul <8 x float> %silu143, %855
+  %877 = getelementptr inbounds float, ptr %851, i64 %col139
+  store <8 x float> %glu144, ptr %877, align 4
+  %878 = add nsw i64 %r0, 2
+  %879 = getelementptr inbounds float, ptr %rw, i64 %878
+  %880 = load float, ptr %879, align 4
+  %881 = insertelement <8 x float> poison, float %880, i32 0
+  %882 = shufflevector <8 x float> %881, <8 x float> poison, <8 x i32> zeroinitializer
+  %883 = mul nsw i64 %878, 8192
+  %884 = getelementptr inbounds float, ptr %h, i64 %883
+  %col145 = mul nsw i64 %p, 8
+  %885 = load <8 x float>, ptr %acc20123, align 4
+  %886 = fmul <8 x float> %885, %882
+  %887 = load <8 x float>, ptr %acc21124, align 4
+  %888 = fmul <8 x float> %887, %882
+  %889 = fneg <8 x float> %886
+  %890 = fcmp olt <8 x float> %889, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %891 = select <8 x i1> %890, <8 x float> %889, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %892 = fcmp ogt <8 x float> %891, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %893 = select <8 x i1> %892, <8 x float> %891, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %895 = call <8 x float> @llvm.floor.v8f32(<8 x float> %894)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %893)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %896)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %897, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %897, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %897, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %897, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %897, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %903 = fmul <8 x float> %897, %897
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %903, <8 x float> %897)
+  %905 = fadd <8 x float> %904, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %906 = fptosi <8 x float> %895 to <8 x i32>
+  %907 = add <8 x i32> %906, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %908 = shl <8 x i32> %907, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n146 = bitcast <8 x i32> %908 to <8 x float>
+  %exp147 = fmul <8 x float> %905, %exp.2n146
+  %909 = fadd <8 x float> %exp147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid148 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %909
+  %silu149 = fmul <8 x float> %886, %sigmoid148
+  %glu150 = fmul <8 x float> %silu149, %888
+  %910 = getelementptr inbounds float, ptr %884, i64 %col145
+  store <8 x float> %glu150, ptr %910, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %881 = add nsw i64 %r0, 0
-  %882 = getelementptr inbounds i32, ptr %rows, i64 %881
-  %883 = load i32, ptr %882, align 4
-  %884 = sext i32 %883 to i64
-  %885 = mul nsw i64 %884, 5120
-  %886 = getelementptr inbounds float, ptr %x, i64 %885
-  store <8 x float> zeroinitializer, ptr %acc00148, align 4
-  store <8 x float> zeroinitializer, ptr %acc01149, align 4
-  %887 = add nsw i64 %r0, 1
-  %888 = getelementptr inbounds i32, ptr %rows, i64 %887
-  %889 = load i32, ptr %888, align 4
-  %890 = sext i32 %889 to i64
-  %891 = mul nsw i64 %890, 5120
-  %892 = getelementptr inbounds float, ptr %x, i64 %891
-  store <8 x float> zeroinitializer, ptr %acc10150, align 4
-  store <8 x float> zeroinitializer, ptr %acc11151, align 4
-  %panel.off152 = mul nsw i64 %p, 81920
-  br label %k.head153
+  %911 = add nsw i64 %r0, 0
+  %912 = getelementptr inbounds i32, ptr %rows, i64 %911
+  %913 = load i32, ptr %912, align 4
+  %914 = sext i32 %913 to i64
+  %915 = mul nsw i64 %914, 5120
+  %916 = getelementptr inbounds float, ptr %x, i64 %915
+  store <8 x float> zeroinitializer, ptr %acc00151, align 4
+  store <8 x float> zeroinitializer, ptr %acc01152, align 4
+  %917 = add nsw i64 %r0, 1
+  %918 = getelementptr inbounds i32, ptr %rows, i64 %917
+  %919 = load i32, ptr %918, align 4
+  %920 = sext i32 %919 to i64
+  %921 = mul nsw i64 %920, 5120
+  %922 = getelementptr inbounds float, ptr %x, i64 %921
+  store <8 x float> zeroinitializer, ptr %acc10153, align 4
+  store <8 x float> zeroinitializer, ptr %acc11154, align 4
+  %panel.off155 = mul nsw i64 %p, 81920
+  %923 = getelementptr inbounds i16, ptr %panels, i64 %panel.off155
+  %924 = add nsw i64 %p, 1
+  %925 = icmp slt i64 %924, %p1
+  %926 = getelementptr inbounds i8, ptr %923, i64 163840
+  %927 = and i1 %pf.on, %925
+  %pf156 = select i1 %927, ptr %926, ptr %923
+  br label %k.head157
 
-k.head153:                                        ; preds = %k.body154, %tile.mr2
-  %k156 = phi i64 [ 0, %tile.mr2 ], [ %916, %k.body154 ]
-  %893 = icmp slt i64 %k156, 5120
-  br i1 %893, label %k.body154, label %k.end155
+k.head157:                                        ; preds = %k.body158, %tile.mr2
+  %k160 = phi i64 [ 0, %tile.mr2 ], [ %953, %k.body158 ]
+  %928 = icmp slt i64 %k160, 5120
+  br i1 %928, label %k.body158, label %k.end159
 
-k.body154:                                        ; preds = %k.head153
-  %894 = mul nsw i64 %k156, 16
-  %895 = add nsw i64 %panel.off152, %894
-  %896 = getelementptr inbounds i16, ptr %panels, i64 %895
-  %897 = load <8 x i32>, ptr %896, align 4
-  %898 = shl <8 x i32> %897, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0157 = bitcast <8 x i32> %898 to <8 x float>
-  %899 = and <8 x i32> %897, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1158 = bitcast <8 x i32> %899 to <8 x float>
-  %900 = getelementptr inbounds float, ptr %886, i64 %k156
-  %901 = load float, ptr %900, align 4
-  %902 = insertelement <8 x float> poison, float %901, i32 0
-  %903 = shufflevector <8 x float> %902, <8 x float> poison, <8 x i32> zeroinitializer
-  %904 = load <8 x float>, ptr %acc00148, align 4
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %b0157, <8 x float> %904)
-  store <8 x float> %905, ptr %acc00148, align 4
-  %906 = load <8 x float>, ptr %acc01149, align 4
-  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %b1158, <8 x float> %906)
-  store <8 x float> %907, ptr %acc01149, align 4
-  %908 = getelementptr inbounds float, ptr %892, i64 %k156
-  %909 = load float, ptr %908, align 4
-  %910 = insertelement <8 x float> poison, float %909, i32 0
-  %911 = shufflevector <8 x float> %910, <8 x float> poison, <8 x i32> zeroinitializer
-  %912 = load <8 x float>, ptr %acc10150, align 4
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %b0157, <8 x float> %912)
-  store <8 x float> %913, ptr %acc10150, align 4
-  %914 = load <8 x float>, ptr %acc11151, align 4
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %b1158, <8 x float> %914)
-  store <8 x float> %915, ptr %acc11151, align 4
-  %916 = add nsw i64 %k156, 1
-  br label %k.head153
+k.body158:                                        ; preds = %k.head157
+  %929 = mul nsw i64 %k160, 16
+  %930 = add nsw i64 %panel.off155, %929
+  %931 = mul nsw i64 %k160, 32
+  %932 = getelementptr inbounds i8, ptr %pf156, i64 %931
+  call void @llvm.prefetch.p0(ptr %932, i32 0, i32 2, i32 1)
+  %933 = getelementptr inbounds i16, ptr %panels, i64 %930
+  %934 = load <8 x i32>, ptr %933, align 4
+  %935 = shl <8 x i32> %934, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %935 to <8 x float>
+  %936 = and <8 x i32> %934, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %936 to <8 x float>
+  %937 = getelementptr inbounds float, ptr %916, i64 %k160
+  %938 = load float, ptr %937, align 4
+  %939 = insertelement <8 x float> poison, float %938, i32 0
+  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
+  %941 = load <8 x float>, ptr %acc00151, align 4
+  %942 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> %b0161, <8 x float> %941)
+  store <8 x float> %942, ptr %acc00151, align 4
+  %943 = load <8 x float>, ptr %acc01152, align 4
+  %944 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> %b1162, <8 x float> %943)
+  store <8 x float> %944, ptr %acc01152, align 4
+  %945 = getelementptr inbounds float, ptr %922, i64 %k160
+  %946 = load float, ptr %945, align 4
+  %947 = insertelement <8 x float> poison, float %946, i32 0
+  %948 = shufflevector <8 x float> %947, <8 x float> poison, <8 x i32> zeroinitializer
+  %949 = load <8 x float>, ptr %acc10153, align 4
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %948, <8 x float> %b0161, <8 x float> %949)
+  store <8 x float> %950, ptr %acc10153, align 4
+  %951 = load <8 x float>, ptr %acc11154, align 4
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %948, <8 x float> %b1162, <8 x float> %951)
+  store <8 x float> %952, ptr %acc11154, align 4
+  %953 = add nsw i64 %k160, 1
+  br label %k.head157
 
-k.end155:                                         ; preds = %k.head153
-  %917 = add nsw i64 %r0, 0
-  %918 = getelementptr inbounds float, ptr %rw, i64 %917
-  %919 = load float, ptr %918, align 4
-  %920 = insertelement <8 x float> poison, float %919, i32 0
-  %921 = shufflevector <8 x float> %920, <8 x float> poison, <8 x i32> zeroinitializer
-  %922 = mul nsw i64 %917, 8192
-  %923 = getelementptr inbounds float, ptr %h, i64 %922
-  %col159 = mul nsw i64 %p, 8
-  %924 = load <8 x float>, ptr %acc00148, align 4
-  %925 = fmul <8 x float> %924, %921
-  %926 = load <8 x float>, ptr %acc01149, align 4
-  %927 = fmul <8 x float> %926, %921
-  %928 = fneg <8 x float> %925
-  %929 = fcmp olt <8 x float> %928, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %930 = select <8 x i1> %929, <8 x float> %928, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %931 = fcmp ogt <8 x float> %930, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %932 = select <8 x i1> %931, <8 x float> %930, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %932, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %934 = call <8 x float> @llvm.floor.v8f32(<8 x float> %933)
-  %935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %932)
-  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %935)
-  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %936, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %936, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> %936, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %939, <8 x float> %936, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> %936, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %942 = fmul <8 x float> %936, %936
-  %943 = call <8 x float> @llvm.fma.v8f32(<8 x float> %941, <8 x float> %942, <8 x float> %936)
-  %944 = fadd <8 x float> %943, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %945 = fptosi <8 x float> %934 to <8 x i32>
-  %946 = add <8 x i32> %945, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %947 = shl <8 x i32> %946, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n160 = bitcast <8 x i32> %947 to <8 x float>
-  %exp161 = fmul <8 x float> %944, %exp.2n160
-  %948 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %948
-  %silu163 = fmul <8 x float> %925, %sigmoid162
-  %glu164 = fmul <8 x float> %silu163, %927
-  %949 = getelementptr inbounds float, ptr %923, i64 %col159
-  store <8 x float> %glu164, ptr %949, align 4
-  %950 = add nsw i64 %r0, 1
-  %951 = getelementptr inbounds float, ptr %rw, i64 %950
-  %952 = load float, ptr %951, align 4
-  %953 = insertelement <8 x float> poison, float %952, i32 0
-  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
-  %955 = mul nsw i64 %950, 8192
-  %956 = getelementptr inbounds float, ptr %h, i64 %955
-  %col165 = mul nsw i64 %p, 8
-  %957 = load <8 x float>, ptr %acc10150, align 4
-  %958 = fmul <8 x float> %957, %954
-  %959 = load <8 x float>, ptr %acc11151, align 4
-  %960 = fmul <8 x float> %959, %954
-  %961 = fneg <8 x float> %958
-  %962 = fcmp olt <8 x float> %961, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %963 = select <8 x i1> %962, <8 x float> %961, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %964 = fcmp ogt <8 x float> %963, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %965 = select <8 x i1> %964, <8 x float> %963, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %967 = call <8 x float> @llvm.floor.v8f32(<8 x float> %966)
-  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %965)
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %968)
-  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %969, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %969, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %969, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %969, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %969, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %975 = fmul <8 x float> %969, %969
-  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %975, <8 x float> %969)
-  %977 = fadd <8 x float> %976, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %978 = fptosi <8 x float> %967 to <8 x i32>
-  %979 = add <8 x i32> %978, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %980 = shl <8 x i32> %979, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %980 to <8 x float>
-  %exp167 = fmul <8 x float> %977, %exp.2n166
-  %981 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %981
-  %silu169 = fmul <8 x float> %958, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %960
-  %982 = getelementptr inbounds float, ptr %956, i64 %col165
-  store <8 x float> %glu170, ptr %982, align 4
+k.end159:                                         ; preds = %k.head157
+  %954 = add nsw i64 %r0, 0
+  %955 = getelementptr inbounds float, ptr %rw, i64 %954
+  %956 = load float, ptr %955, align 4
+  %957 = insertelement <8 x float> poison, float %956, i32 0
+  %958 = shufflevector <8 x float> %957, <8 x float> poison, <8 x i32> zeroinitializer
+  %959 = mul nsw i64 %954, 8192
+  %960 = getelementptr inbounds float, ptr %h, i64 %959
+  %col163 = mul nsw i64 %p, 8
+  %961 = load <8 x float>, ptr %acc00151, align 4
+  %962 = fmul <8 x float> %961, %958
+  %963 = load <8 x float>, ptr %acc01152, align 4
+  %964 = fmul <8 x float> %963, %958
+  %965 = fneg <8 x float> %962
+  %966 = fcmp olt <8 x float> %965, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %967 = select <8 x i1> %966, <8 x float> %965, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %968 = fcmp ogt <8 x float> %967, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %969 = select <8 x i1> %968, <8 x float> %967, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %971 = call <8 x float> @llvm.floor.v8f32(<8 x float> %970)
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %969)
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %972)
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %973, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %973, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %973, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %976, <8 x float> %973, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %973, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %979 = fmul <8 x float> %973, %973
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %979, <8 x float> %973)
+  %981 = fadd <8 x float> %980, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %982 = fptosi <8 x float> %971 to <8 x i32>
+  %983 = add <8 x i32> %982, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %984 = shl <8 x i32> %983, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n164 = bitcast <8 x i32> %984 to <8 x float>
+  %exp165 = fmul <8 x float> %981, %exp.2n164
+  %985 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %985
+  %silu167 = fmul <8 x float> %962, %sigmoid166
+  %glu168 = fmul <8 x float> %silu167, %964
+  %986 = getelementptr inbounds float, ptr %960, i64 %col163
+  store <8 x float> %glu168, ptr %986, align 4
+  %987 = add nsw i64 %r0, 1
+  %988 = getelementptr inbounds float, ptr %rw, i64 %987
+  %989 = load float, ptr %988, align 4
+  %990 = insertelement <8 x float> poison, float %989, i32 0
+  %991 = shufflevector <8 x float> %990, <8 x float> poison, <8 x i32> zeroinitializer
+  %992 = mul nsw i64 %987, 8192
+  %993 = getelementptr inbounds float, ptr %h, i64 %992
+  %col169 = mul nsw i64 %p, 8
+  %994 = load <8 x float>, ptr %acc10153, align 4
+  %995 = fmul <8 x float> %994, %991
+  %996 = load <8 x float>, ptr %acc11154, align 4
+  %997 = fmul <8 x float> %996, %991
+  %998 = fneg <8 x float> %995
+  %999 = fcmp olt <8 x float> %998, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1000 = select <8 x i1> %999, <8 x float> %998, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1001 = fcmp ogt <8 x float> %1000, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1002, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1004 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1003)
+  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1002)
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1005)
+  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1006, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> %1006, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %1006, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1006, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1006, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1012 = fmul <8 x float> %1006, %1006
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1012, <8 x float> %1006)
+  %1014 = fadd <8 x float> %1013, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1015 = fptosi <8 x float> %1004 to <8 x i32>
+  %1016 = add <8 x i32> %1015, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1017 = shl <8 x i32> %1016, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n170 = bitcast <8 x i32> %1017 to <8 x float>
+  %exp171 = fmul <8 x float> %1014, %exp.2n170
+  %1018 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1018
+  %silu173 = fmul <8 x float> %995, %sigmoid172
+  %glu174 = fmul <8 x float> %silu173, %997
+  %1019 = getelementptr inbounds float, ptr %993, i64 %col169
+  store <8 x float> %glu174, ptr %1019, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %983 = add nsw i64 %r0, 0
-  %984 = getelementptr inbounds i32, ptr %rows, i64 %983
-  %985 = load i32, ptr %984, align 4
-  %986 = sext i32 %985 to i64
-  %987 = mul nsw i64 %986, 5120
-  %988 = getelementptr inbounds float, ptr %x, i64 %987
-  store <8 x float> zeroinitializer, ptr %acc00171, align 4
-  store <8 x float> zeroinitializer, ptr %acc01172, align 4
-  %panel.off173 = mul nsw i64 %p, 81920
-  br label %k.head174
+  %1020 = add nsw i64 %r0, 0
+  %1021 = getelementptr inbounds i32, ptr %rows, i64 %1020
+  %1022 = load i32, ptr %1021, align 4
+  %1023 = sext i32 %1022 to i64
+  %1024 = mul nsw i64 %1023, 5120
+  %1025 = getelementptr inbounds float, ptr %x, i64 %1024
+  store <8 x float> zeroinitializer, ptr %acc00175, align 4
+  store <8 x float> zeroinitializer, ptr %acc01176, align 4
+  %panel.off177 = mul nsw i64 %p, 81920
+  %1026 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
+  %1027 = add nsw i64 %p, 1
+  %1028 = icmp slt i64 %1027, %p1
+  %1029 = getelementptr inbounds i8, ptr %1026, i64 163840
+  %1030 = and i1 %pf.on, %1028
+  %pf178 = select i1 %1030, ptr %1029, ptr %1026
+  br label %k.head179
 
-k.head174:                                        ; preds = %k.body175, %tile.mr1
-  %k177 = phi i64 [ 0, %tile.mr1 ], [ %1004, %k.body175 ]
-  %989 = icmp slt i64 %k177, 5120
-  br i1 %989, label %k.body175, label %k.end176
+k.head179:                                        ; preds = %k.body180, %tile.mr1
+  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1048, %k.body180 ]
+  %1031 = icmp slt i64 %k182, 5120
+  br i1 %1031, label %k.body180, label %k.end181
 
-k.body175:                                        ; preds = %k.head174
-  %990 = mul nsw i64 %k177, 16
-  %991 = add nsw i64 %panel.off173, %990
-  %992 = getelementptr inbounds i16, ptr %panels, i64 %991
-  %993 = load <8 x i32>, ptr %992, align 4
-  %994 = shl <8 x i32> %993, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %994 to <8 x float>
-  %995 = and <8 x i32> %993, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %995 to <8 x float>
-  %996 = getelementptr inbounds float, ptr %988, i64 %k177
-  %997 = load float, ptr %996, align 4
-  %998 = insertelement <8 x float> poison, float %997, i32 0
-  %999 = shufflevector <8 x float> %998, <8 x float> poison, <8 x i32> zeroinitializer
-  %1000 = load <8 x float>, ptr %acc00171, align 4
-  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %999, <8 x float> %b0178, <8 x float> %1000)
-  store <8 x float> %1001, ptr %acc00171, align 4
-  %1002 = load <8 x float>, ptr %acc01172, align 4
-  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %999, <8 x float> %b1179, <8 x float> %1002)
-  store <8 x float> %1003, ptr %acc01172, align 4
-  %1004 = add nsw i64 %k177, 1
-  br label %k.head174
+k.body180:                                        ; preds = %k.head179
+  %1032 = mul nsw i64 %k182, 16
+  %1033 = add nsw i64 %panel.off177, %1032
+  %1034 = mul nsw i64 %k182, 32
+  %1035 = getelementptr inbounds i8, ptr %pf178, i64 %1034
+  call void @llvm.prefetch.p0(ptr %1035, i32 0, i32 2, i32 1)
+  %1036 = getelementptr inbounds i16, ptr %panels, i64 %1033
+  %1037 = load <8 x i32>, ptr %1036, align 4
+  %1038 = shl <8 x i32> %1037, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0183 = bitcast <8 x i32> %1038 to <8 x float>
+  %1039 = and <8 x i32> %1037, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1184 = bitcast <8 x i32> %1039 to <8 x float>
+  %1040 = getelementptr inbounds float, ptr %1025, i64 %k182
+  %1041 = load float, ptr %1040, align 4
+  %1042 = insertelement <8 x float> poison, float %1041, i32 0
+  %1043 = shufflevector <8 x float> %1042, <8 x float> poison, <8 x i32> zeroinitializer
+  %1044 = load <8 x float>, ptr %acc00175, align 4
+  %1045 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1043, <8 x float> %b0183, <8 x float> %1044)
+  store <8 x float> %1045, ptr %acc00175, align 4
+  %1046 = load <8 x float>, ptr %acc01176, align 4
+  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1043, <8 x float> %b1184, <8 x float> %1046)
+  store <8 x float> %1047, ptr %acc01176, align 4
+  %1048 = add nsw i64 %k182, 1
+  br label %k.head179
 
-k.end176:                                         ; preds = %k.head174
-  %1005 = add nsw i64 %r0, 0
-  %1006 = getelementptr inbounds float, ptr %rw, i64 %1005
-  %1007 = load float, ptr %1006, align 4
-  %1008 = insertelement <8 x float> poison, float %1007, i32 0
-  %1009 = shufflevector <8 x float> %1008, <8 x float> poison, <8 x i32> zeroinitializer
-  %1010 = mul nsw i64 %1005, 8192
-  %1011 = getelementptr inbounds float, ptr %h, i64 %1010
-  %col180 = mul nsw i64 %p, 8
-  %1012 = load <8 x float>, ptr %acc00171, align 4
-  %1013 = fmul <8 x float> %1012, %1009
-  %1014 = load <8 x float>, ptr %acc01172, align 4
-  %1015 = fmul <8 x float> %1014, %1009
-  %1016 = fneg <8 x float> %1013
-  %1017 = fcmp olt <8 x float> %1016, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1019 = fcmp ogt <8 x float> %1018, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1022 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1021)
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1020)
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1023)
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1024, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1024, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1024, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1024, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1024, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1030 = fmul <8 x float> %1024, %1024
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1030, <8 x float> %1024)
-  %1032 = fadd <8 x float> %1031, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1033 = fptosi <8 x float> %1022 to <8 x i32>
-  %1034 = add <8 x i32> %1033, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1035 = shl <8 x i32> %1034, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %1035 to <8 x float>
-  %exp182 = fmul <8 x float> %1032, %exp.2n181
-  %1036 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1036
-  %silu184 = fmul <8 x float> %1013, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %1015
-  %1037 = getelementptr inbounds float, ptr %1011, i64 %col180
-  store <8 x float> %glu185, ptr %1037, align 4
+k.end181:                                         ; preds = %k.head179
+  %1049 = add nsw i64 %r0, 0
+  %1050 = getelementptr inbounds float, ptr %rw, i64 %1049
+  %1051 = load float, ptr %1050, align 4
+  %1052 = insertelement <8 x float> poison, float %1051, i32 0
+  %1053 = shufflevector <8 x float> %1052, <8 x float> poison, <8 x i32> zeroinitializer
+  %1054 = mul nsw i64 %1049, 8192
+  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
+  %col185 = mul nsw i64 %p, 8
+  %1056 = load <8 x float>, ptr %acc00175, align 4
+  %1057 = fmul <8 x float> %1056, %1053
+  %1058 = load <8 x float>, ptr %acc01176, align 4
+  %1059 = fmul <8 x float> %1058, %1053
+  %1060 = fneg <8 x float> %1057
+  %1061 = fcmp olt <8 x float> %1060, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1062 = select <8 x i1> %1061, <8 x float> %1060, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1063 = fcmp ogt <8 x float> %1062, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1064 = select <8 x i1> %1063, <8 x float> %1062, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1065 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1064, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1066 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1065)
+  %1067 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1066, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1064)
+  %1068 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1066, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1067)
+  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1068, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> %1068, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> %1068, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> %1068, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1072, <8 x float> %1068, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1074 = fmul <8 x float> %1068, %1068
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1074, <8 x float> %1068)
+  %1076 = fadd <8 x float> %1075, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1077 = fptosi <8 x float> %1066 to <8 x i32>
+  %1078 = add <8 x i32> %1077, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1079 = shl <8 x i32> %1078, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n186 = bitcast <8 x i32> %1079 to <8 x float>
+  %exp187 = fmul <8 x float> %1076, %exp.2n186
+  %1080 = fadd <8 x float> %exp187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid188 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1080
+  %silu189 = fmul <8 x float> %1057, %sigmoid188
+  %glu190 = fmul <8 x float> %silu189, %1059
+  %1081 = getelementptr inbounds float, ptr %1055, i64 %col185
+  store <8 x float> %glu190, ptr %1081, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
-  %1038 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end181, %k.end159, %k.end129, %k.end91, %k.end45, %k.end
+  %1082 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1039 = add nsw i64 %p, 1
+  %1083 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.floor.v8f32(<8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
@@ -2302,26 +2362,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0020 = alloca <8 x float>, align 32
-  %acc0121 = alloca <8 x float>, align 32
-  %acc1022 = alloca <8 x float>, align 32
-  %acc1123 = alloca <8 x float>, align 32
-  %acc2024 = alloca <8 x float>, align 32
-  %acc2125 = alloca <8 x float>, align 32
-  %acc3026 = alloca <8 x float>, align 32
-  %acc3127 = alloca <8 x float>, align 32
-  %acc0036 = alloca <8 x float>, align 32
-  %acc0137 = alloca <8 x float>, align 32
-  %acc1038 = alloca <8 x float>, align 32
-  %acc1139 = alloca <8 x float>, align 32
-  %acc2040 = alloca <8 x float>, align 32
-  %acc2141 = alloca <8 x float>, align 32
-  %acc0050 = alloca <8 x float>, align 32
-  %acc0151 = alloca <8 x float>, align 32
-  %acc1052 = alloca <8 x float>, align 32
-  %acc1153 = alloca <8 x float>, align 32
-  %acc0062 = alloca <8 x float>, align 32
-  %acc0163 = alloca <8 x float>, align 32
+  %acc0021 = alloca <8 x float>, align 32
+  %acc0122 = alloca <8 x float>, align 32
+  %acc1023 = alloca <8 x float>, align 32
+  %acc1124 = alloca <8 x float>, align 32
+  %acc2025 = alloca <8 x float>, align 32
+  %acc2126 = alloca <8 x float>, align 32
+  %acc3027 = alloca <8 x float>, align 32
+  %acc3128 = alloca <8 x float>, align 32
+  %acc0038 = alloca <8 x float>, align 32
+  %acc0139 = alloca <8 x float>, align 32
+  %acc1040 = alloca <8 x float>, align 32
+  %acc1141 = alloca <8 x float>, align 32
+  %acc2042 = alloca <8 x float>, align 32
+  %acc2143 = alloca <8 x float>, align 32
+  %acc0053 = alloca <8 x float>, align 32
+  %acc0154 = alloca <8 x float>, align 32
+  %acc1055 = alloca <8 x float>, align 32
+  %acc1156 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2330,7 +2390,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2338,7 +2398,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2346,6 +2406,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2356,790 +2419,844 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 8192
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 5120
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 8192
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 5120
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 8192
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 5120
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 8192
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 5120
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 8192
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 5120
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 8192
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 5120
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 8192
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 5120
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 8192
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 5120
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 8192
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 5120
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 8192
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 5120
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 8192
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 5120
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 8192
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 5120
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 131072
+  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 262144
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
-  %88 = icmp slt i64 %k, 8192
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+  %95 = icmp slt i64 %k, 8192
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
-  %92 = load <8 x i32>, ptr %91, align 4
-  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %93 to <8 x float>
-  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %94 to <8 x float>
-  %95 = getelementptr inbounds float, ptr %6, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc00, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc00, align 4
-  %101 = load <8 x float>, ptr %acc01, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc01, align 4
-  %103 = getelementptr inbounds float, ptr %20, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc10, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc10, align 4
-  %109 = load <8 x float>, ptr %acc11, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc11, align 4
-  %111 = getelementptr inbounds float, ptr %34, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc20, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc20, align 4
-  %117 = load <8 x float>, ptr %acc21, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc21, align 4
-  %119 = getelementptr inbounds float, ptr %48, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc30, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc30, align 4
-  %125 = load <8 x float>, ptr %acc31, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc31, align 4
-  %127 = getelementptr inbounds float, ptr %62, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc40, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc40, align 4
-  %133 = load <8 x float>, ptr %acc41, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc41, align 4
-  %135 = getelementptr inbounds float, ptr %76, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc50, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc50, align 4
-  %141 = load <8 x float>, ptr %acc51, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc51, align 4
-  %143 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 32
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %8, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %22, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %36, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %50, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %64, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %78, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %144 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %144, ptr %13, align 4
-  %145 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %145, ptr %16, align 4
-  %146 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %146, ptr %27, align 4
-  %147 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %147, ptr %30, align 4
-  %148 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %148, ptr %41, align 4
-  %149 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %149, ptr %44, align 4
-  %150 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %150, ptr %55, align 4
-  %151 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %151, ptr %58, align 4
-  %152 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %152, ptr %69, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %153, ptr %72, align 4
-  %154 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %154, ptr %83, align 4
-  %155 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %155, ptr %86, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %15, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %18, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %29, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %32, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %43, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %46, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %57, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %60, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %71, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %85, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %156 = add nsw i64 %r0, 0
-  %157 = mul nsw i64 %156, 8192
-  %158 = getelementptr inbounds float, ptr %h, i64 %157
-  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
-  %160 = load i32, ptr %159, align 4
-  %161 = sext i32 %160 to i64
-  %162 = mul nsw i64 %161, 5120
-  %163 = getelementptr inbounds float, ptr %y, i64 %162
-  %164 = add nsw i64 %col1, 0
-  %165 = getelementptr inbounds float, ptr %163, i64 %164
-  %166 = load <8 x float>, ptr %165, align 4
-  store <8 x float> %166, ptr %acc002, align 4
-  %167 = add nsw i64 %col1, 8
-  %168 = getelementptr inbounds float, ptr %163, i64 %167
-  %169 = load <8 x float>, ptr %168, align 4
-  store <8 x float> %169, ptr %acc013, align 4
-  %170 = add nsw i64 %r0, 1
-  %171 = mul nsw i64 %170, 8192
-  %172 = getelementptr inbounds float, ptr %h, i64 %171
-  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %174 = load i32, ptr %173, align 4
-  %175 = sext i32 %174 to i64
-  %176 = mul nsw i64 %175, 5120
-  %177 = getelementptr inbounds float, ptr %y, i64 %176
-  %178 = add nsw i64 %col1, 0
-  %179 = getelementptr inbounds float, ptr %177, i64 %178
-  %180 = load <8 x float>, ptr %179, align 4
-  store <8 x float> %180, ptr %acc104, align 4
-  %181 = add nsw i64 %col1, 8
-  %182 = getelementptr inbounds float, ptr %177, i64 %181
-  %183 = load <8 x float>, ptr %182, align 4
-  store <8 x float> %183, ptr %acc115, align 4
-  %184 = add nsw i64 %r0, 2
-  %185 = mul nsw i64 %184, 8192
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 5120
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %193 = getelementptr inbounds float, ptr %191, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  store <8 x float> %194, ptr %acc206, align 4
-  %195 = add nsw i64 %col1, 8
-  %196 = getelementptr inbounds float, ptr %191, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  store <8 x float> %197, ptr %acc217, align 4
-  %198 = add nsw i64 %r0, 3
-  %199 = mul nsw i64 %198, 8192
-  %200 = getelementptr inbounds float, ptr %h, i64 %199
-  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
-  %202 = load i32, ptr %201, align 4
-  %203 = sext i32 %202 to i64
-  %204 = mul nsw i64 %203, 5120
-  %205 = getelementptr inbounds float, ptr %y, i64 %204
-  %206 = add nsw i64 %col1, 0
-  %207 = getelementptr inbounds float, ptr %205, i64 %206
-  %208 = load <8 x float>, ptr %207, align 4
-  store <8 x float> %208, ptr %acc308, align 4
-  %209 = add nsw i64 %col1, 8
-  %210 = getelementptr inbounds float, ptr %205, i64 %209
-  %211 = load <8 x float>, ptr %210, align 4
-  store <8 x float> %211, ptr %acc319, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 8192
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 5120
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col1, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  store <8 x float> %222, ptr %acc4010, align 4
-  %223 = add nsw i64 %col1, 8
-  %224 = getelementptr inbounds float, ptr %219, i64 %223
-  %225 = load <8 x float>, ptr %224, align 4
-  store <8 x float> %225, ptr %acc4111, align 4
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 8192
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 5120
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col1, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  %175 = load <8 x float>, ptr %174, align 4
+  store <8 x float> %175, ptr %acc002, align 4
+  %176 = add nsw i64 %col1, 8
+  %177 = getelementptr inbounds float, ptr %172, i64 %176
+  %178 = load <8 x float>, ptr %177, align 4
+  store <8 x float> %178, ptr %acc013, align 4
+  %179 = add nsw i64 %r0, 1
+  %180 = mul nsw i64 %179, 8192
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 5120
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col1, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %189 = load <8 x float>, ptr %188, align 4
+  store <8 x float> %189, ptr %acc104, align 4
+  %190 = add nsw i64 %col1, 8
+  %191 = getelementptr inbounds float, ptr %186, i64 %190
+  %192 = load <8 x float>, ptr %191, align 4
+  store <8 x float> %192, ptr %acc115, align 4
+  %193 = add nsw i64 %r0, 2
+  %194 = mul nsw i64 %193, 8192
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
+  %197 = load i32, ptr %196, align 4
+  %198 = sext i32 %197 to i64
+  %199 = mul nsw i64 %198, 5120
+  %200 = getelementptr inbounds float, ptr %y, i64 %199
+  %201 = add nsw i64 %col1, 0
+  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  store <8 x float> %203, ptr %acc206, align 4
+  %204 = add nsw i64 %col1, 8
+  %205 = getelementptr inbounds float, ptr %200, i64 %204
+  %206 = load <8 x float>, ptr %205, align 4
+  store <8 x float> %206, ptr %acc217, align 4
+  %207 = add nsw i64 %r0, 3
+  %208 = mul nsw i64 %207, 8192
+  %209 = getelementptr inbounds float, ptr %h, i64 %208
+  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
+  %211 = load i32, ptr %210, align 4
+  %212 = sext i32 %211 to i64
+  %213 = mul nsw i64 %212, 5120
+  %214 = getelementptr inbounds float, ptr %y, i64 %213
+  %215 = add nsw i64 %col1, 0
+  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  store <8 x float> %217, ptr %acc308, align 4
+  %218 = add nsw i64 %col1, 8
+  %219 = getelementptr inbounds float, ptr %214, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  store <8 x float> %220, ptr %acc319, align 4
+  %221 = add nsw i64 %r0, 4
+  %222 = mul nsw i64 %221, 8192
+  %223 = getelementptr inbounds float, ptr %h, i64 %222
+  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %225 = load i32, ptr %224, align 4
+  %226 = sext i32 %225 to i64
+  %227 = mul nsw i64 %226, 5120
+  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  %229 = add nsw i64 %col1, 0
+  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  store <8 x float> %231, ptr %acc4010, align 4
+  %232 = add nsw i64 %col1, 8
+  %233 = getelementptr inbounds float, ptr %228, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  store <8 x float> %234, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 131072
-  br label %k.head13
+  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
+  %236 = add nsw i64 %p, 1
+  %237 = icmp slt i64 %236, %p1
+  %238 = getelementptr inbounds i8, ptr %235, i64 262144
+  %239 = and i1 %pf.on, %237
+  %pf13 = select i1 %239, ptr %238, ptr %235
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
-  %226 = icmp slt i64 %k16, 8192
-  br i1 %226, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
+  %240 = icmp slt i64 %k17, 8192
+  br i1 %240, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %227 = mul nsw i64 %k16, 16
-  %228 = add nsw i64 %panel.off12, %227
-  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
-  %230 = load <8 x i32>, ptr %229, align 4
-  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b017 = bitcast <8 x i32> %231 to <8 x float>
-  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b118 = bitcast <8 x i32> %232 to <8 x float>
-  %233 = getelementptr inbounds float, ptr %158, i64 %k16
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = load <8 x float>, ptr %acc002, align 4
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
-  store <8 x float> %238, ptr %acc002, align 4
-  %239 = load <8 x float>, ptr %acc013, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
-  store <8 x float> %240, ptr %acc013, align 4
-  %241 = getelementptr inbounds float, ptr %172, i64 %k16
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc104, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
-  store <8 x float> %246, ptr %acc104, align 4
-  %247 = load <8 x float>, ptr %acc115, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
-  store <8 x float> %248, ptr %acc115, align 4
-  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %241 = mul nsw i64 %k17, 16
+  %242 = add nsw i64 %panel.off12, %241
+  %243 = mul nsw i64 %k17, 32
+  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
+  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
+  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
+  %246 = load <8 x i32>, ptr %245, align 4
+  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b018 = bitcast <8 x i32> %247 to <8 x float>
+  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b119 = bitcast <8 x i32> %248 to <8 x float>
+  %249 = getelementptr inbounds float, ptr %167, i64 %k17
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc206, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
-  store <8 x float> %254, ptr %acc206, align 4
-  %255 = load <8 x float>, ptr %acc217, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
-  store <8 x float> %256, ptr %acc217, align 4
-  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %253 = load <8 x float>, ptr %acc002, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
+  store <8 x float> %254, ptr %acc002, align 4
+  %255 = load <8 x float>, ptr %acc013, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
+  store <8 x float> %256, ptr %acc013, align 4
+  %257 = getelementptr inbounds float, ptr %181, i64 %k17
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc308, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
-  store <8 x float> %262, ptr %acc308, align 4
-  %263 = load <8 x float>, ptr %acc319, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
-  store <8 x float> %264, ptr %acc319, align 4
-  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %261 = load <8 x float>, ptr %acc104, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
+  store <8 x float> %262, ptr %acc104, align 4
+  %263 = load <8 x float>, ptr %acc115, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
+  store <8 x float> %264, ptr %acc115, align 4
+  %265 = getelementptr inbounds float, ptr %195, i64 %k17
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc4010, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
-  store <8 x float> %270, ptr %acc4010, align 4
-  %271 = load <8 x float>, ptr %acc4111, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4111, align 4
-  %273 = add nsw i64 %k16, 1
-  br label %k.head13
+  %269 = load <8 x float>, ptr %acc206, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
+  store <8 x float> %270, ptr %acc206, align 4
+  %271 = load <8 x float>, ptr %acc217, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
+  store <8 x float> %272, ptr %acc217, align 4
+  %273 = getelementptr inbounds float, ptr %209, i64 %k17
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc308, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
+  store <8 x float> %278, ptr %acc308, align 4
+  %279 = load <8 x float>, ptr %acc319, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
+  store <8 x float> %280, ptr %acc319, align 4
+  %281 = getelementptr inbounds float, ptr %223, i64 %k17
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc4010, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
+  store <8 x float> %286, ptr %acc4010, align 4
+  %287 = load <8 x float>, ptr %acc4111, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4111, align 4
+  %289 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %274 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %274, ptr %165, align 4
-  %275 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %275, ptr %168, align 4
-  %276 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %276, ptr %179, align 4
-  %277 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %277, ptr %182, align 4
-  %278 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %278, ptr %193, align 4
-  %279 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %279, ptr %196, align 4
-  %280 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %280, ptr %207, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %281, ptr %210, align 4
-  %282 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %282, ptr %221, align 4
-  %283 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %283, ptr %224, align 4
+k.end16:                                          ; preds = %k.head14
+  %290 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %290, ptr %174, align 4
+  %291 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %291, ptr %177, align 4
+  %292 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %292, ptr %188, align 4
+  %293 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %293, ptr %191, align 4
+  %294 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %294, ptr %202, align 4
+  %295 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %295, ptr %205, align 4
+  %296 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %296, ptr %216, align 4
+  %297 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %297, ptr %219, align 4
+  %298 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %298, ptr %230, align 4
+  %299 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %299, ptr %233, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col19 = mul nsw i64 %p, 16
-  %284 = add nsw i64 %r0, 0
-  %285 = mul nsw i64 %284, 8192
-  %286 = getelementptr inbounds float, ptr %h, i64 %285
-  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
-  %288 = load i32, ptr %287, align 4
-  %289 = sext i32 %288 to i64
-  %290 = mul nsw i64 %289, 5120
-  %291 = getelementptr inbounds float, ptr %y, i64 %290
-  %292 = add nsw i64 %col19, 0
-  %293 = getelementptr inbounds float, ptr %291, i64 %292
-  %294 = load <8 x float>, ptr %293, align 4
-  store <8 x float> %294, ptr %acc0020, align 4
-  %295 = add nsw i64 %col19, 8
-  %296 = getelementptr inbounds float, ptr %291, i64 %295
-  %297 = load <8 x float>, ptr %296, align 4
-  store <8 x float> %297, ptr %acc0121, align 4
-  %298 = add nsw i64 %r0, 1
-  %299 = mul nsw i64 %298, 8192
-  %300 = getelementptr inbounds float, ptr %h, i64 %299
-  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
-  %302 = load i32, ptr %301, align 4
-  %303 = sext i32 %302 to i64
-  %304 = mul nsw i64 %303, 5120
-  %305 = getelementptr inbounds float, ptr %y, i64 %304
-  %306 = add nsw i64 %col19, 0
-  %307 = getelementptr inbounds float, ptr %305, i64 %306
-  %308 = load <8 x float>, ptr %307, align 4
-  store <8 x float> %308, ptr %acc1022, align 4
-  %309 = add nsw i64 %col19, 8
-  %310 = getelementptr inbounds float, ptr %305, i64 %309
-  %311 = load <8 x float>, ptr %310, align 4
-  store <8 x float> %311, ptr %acc1123, align 4
-  %312 = add nsw i64 %r0, 2
-  %313 = mul nsw i64 %312, 8192
-  %314 = getelementptr inbounds float, ptr %h, i64 %313
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 5120
-  %319 = getelementptr inbounds float, ptr %y, i64 %318
-  %320 = add nsw i64 %col19, 0
-  %321 = getelementptr inbounds float, ptr %319, i64 %320
-  %322 = load <8 x float>, ptr %321, align 4
-  store <8 x float> %322, ptr %acc2024, align 4
-  %323 = add nsw i64 %col19, 8
-  %324 = getelementptr inbounds float, ptr %319, i64 %323
-  %325 = load <8 x float>, ptr %324, align 4
-  store <8 x float> %325, ptr %acc2125, align 4
-  %326 = add nsw i64 %r0, 3
-  %327 = mul nsw i64 %326, 8192
-  %328 = getelementptr inbounds float, ptr %h, i64 %327
-  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
-  %330 = load i32, ptr %329, align 4
-  %331 = sext i32 %330 to i64
-  %332 = mul nsw i64 %331, 5120
-  %333 = getelementptr inbounds float, ptr %y, i64 %332
-  %334 = add nsw i64 %col19, 0
-  %335 = getelementptr inbounds float, ptr %333, i64 %334
-  %336 = load <8 x float>, ptr %335, align 4
-  store <8 x float> %336, ptr %acc3026, align 4
-  %337 = add nsw i64 %col19, 8
-  %338 = getelementptr inbounds float, ptr %333, i64 %337
-  %339 = load <8 x float>, ptr %338, align 4
-  store <8 x float> %339, ptr %acc3127, align 4
-  %panel.off28 = mul nsw i64 %p, 131072
-  br label %k.head29
+  %col20 = mul nsw i64 %p, 16
+  %300 = add nsw i64 %r0, 0
+  %301 = mul nsw i64 %300, 8192
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 5120
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col20, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc0021, align 4
+  %311 = add nsw i64 %col20, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc0122, align 4
+  %314 = add nsw i64 %r0, 1
+  %315 = mul nsw i64 %314, 8192
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 5120
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col20, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc1023, align 4
+  %325 = add nsw i64 %col20, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc1124, align 4
+  %328 = add nsw i64 %r0, 2
+  %329 = mul nsw i64 %328, 8192
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 5120
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col20, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc2025, align 4
+  %339 = add nsw i64 %col20, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc2126, align 4
+  %342 = add nsw i64 %r0, 3
+  %343 = mul nsw i64 %342, 8192
+  %344 = getelementptr inbounds float, ptr %h, i64 %343
+  %345 = getelementptr inbounds i32, ptr %rows, i64 %342
+  %346 = load i32, ptr %345, align 4
+  %347 = sext i32 %346 to i64
+  %348 = mul nsw i64 %347, 5120
+  %349 = getelementptr inbounds float, ptr %y, i64 %348
+  %350 = add nsw i64 %col20, 0
+  %351 = getelementptr inbounds float, ptr %349, i64 %350
+  %352 = load <8 x float>, ptr %351, align 4
+  store <8 x float> %352, ptr %acc3027, align 4
+  %353 = add nsw i64 %col20, 8
+  %354 = getelementptr inbounds float, ptr %349, i64 %353
+  %355 = load <8 x float>, ptr %354, align 4
+  store <8 x float> %355, ptr %acc3128, align 4
+  %panel.off29 = mul nsw i64 %p, 131072
+  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
+  %357 = add nsw i64 %p, 1
+  %358 = icmp slt i64 %357, %p1
+  %359 = getelementptr inbounds i8, ptr %356, i64 262144
+  %360 = and i1 %pf.on, %358
+  %pf30 = select i1 %360, ptr %359, ptr %356
+  br label %k.head31
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
-  %340 = icmp slt i64 %k32, 8192
-  br i1 %340, label %k.body30, label %k.end31
+k.head31:                                         ; preds = %k.body32, %tile.mr4
+  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
+  %361 = icmp slt i64 %k34, 8192
+  br i1 %361, label %k.body32, label %k.end33
 
-k.body30:                                         ; preds = %k.head29
-  %341 = mul nsw i64 %k32, 16
-  %342 = add nsw i64 %panel.off28, %341
-  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
-  %344 = load <8 x i32>, ptr %343, align 4
-  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %345 to <8 x float>
-  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %346 to <8 x float>
-  %347 = getelementptr inbounds float, ptr %286, i64 %k32
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc0020, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
-  store <8 x float> %352, ptr %acc0020, align 4
-  %353 = load <8 x float>, ptr %acc0121, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
-  store <8 x float> %354, ptr %acc0121, align 4
-  %355 = getelementptr inbounds float, ptr %300, i64 %k32
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc1022, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
-  store <8 x float> %360, ptr %acc1022, align 4
-  %361 = load <8 x float>, ptr %acc1123, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
-  store <8 x float> %362, ptr %acc1123, align 4
-  %363 = getelementptr inbounds float, ptr %314, i64 %k32
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc2024, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
-  store <8 x float> %368, ptr %acc2024, align 4
-  %369 = load <8 x float>, ptr %acc2125, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
-  store <8 x float> %370, ptr %acc2125, align 4
-  %371 = getelementptr inbounds float, ptr %328, i64 %k32
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc3026, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
-  store <8 x float> %376, ptr %acc3026, align 4
-  %377 = load <8 x float>, ptr %acc3127, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
-  store <8 x float> %378, ptr %acc3127, align 4
-  %379 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body32:                                         ; preds = %k.head31
+  %362 = mul nsw i64 %k34, 16
+  %363 = add nsw i64 %panel.off29, %362
+  %364 = mul nsw i64 %k34, 32
+  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
+  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
+  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
+  %367 = load <8 x i32>, ptr %366, align 4
+  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b035 = bitcast <8 x i32> %368 to <8 x float>
+  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b136 = bitcast <8 x i32> %369 to <8 x float>
+  %370 = getelementptr inbounds float, ptr %302, i64 %k34
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %acc0021, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
+  store <8 x float> %375, ptr %acc0021, align 4
+  %376 = load <8 x float>, ptr %acc0122, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
+  store <8 x float> %377, ptr %acc0122, align 4
+  %378 = getelementptr inbounds float, ptr %316, i64 %k34
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc1023, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
+  store <8 x float> %383, ptr %acc1023, align 4
+  %384 = load <8 x float>, ptr %acc1124, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
+  store <8 x float> %385, ptr %acc1124, align 4
+  %386 = getelementptr inbounds float, ptr %330, i64 %k34
+  %387 = load float, ptr %386, align 4
+  %388 = insertelement <8 x float> poison, float %387, i32 0
+  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
+  %390 = load <8 x float>, ptr %acc2025, align 4
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
+  store <8 x float> %391, ptr %acc2025, align 4
+  %392 = load <8 x float>, ptr %acc2126, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
+  store <8 x float> %393, ptr %acc2126, align 4
+  %394 = getelementptr inbounds float, ptr %344, i64 %k34
+  %395 = load float, ptr %394, align 4
+  %396 = insertelement <8 x float> poison, float %395, i32 0
+  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
+  %398 = load <8 x float>, ptr %acc3027, align 4
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
+  store <8 x float> %399, ptr %acc3027, align 4
+  %400 = load <8 x float>, ptr %acc3128, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
+  store <8 x float> %401, ptr %acc3128, align 4
+  %402 = add nsw i64 %k34, 1
+  br label %k.head31
 
-k.end31:                                          ; preds = %k.head29
-  %380 = load <8 x float>, ptr %acc0020, align 4
-  store <8 x float> %380, ptr %293, align 4
-  %381 = load <8 x float>, ptr %acc0121, align 4
-  store <8 x float> %381, ptr %296, align 4
-  %382 = load <8 x float>, ptr %acc1022, align 4
-  store <8 x float> %382, ptr %307, align 4
-  %383 = load <8 x float>, ptr %acc1123, align 4
-  store <8 x float> %383, ptr %310, align 4
-  %384 = load <8 x float>, ptr %acc2024, align 4
-  store <8 x float> %384, ptr %321, align 4
-  %385 = load <8 x float>, ptr %acc2125, align 4
-  store <8 x float> %385, ptr %324, align 4
-  %386 = load <8 x float>, ptr %acc3026, align 4
-  store <8 x float> %386, ptr %335, align 4
-  %387 = load <8 x float>, ptr %acc3127, align 4
-  store <8 x float> %387, ptr %338, align 4
+k.end33:                                          ; preds = %k.head31
+  %403 = load <8 x float>, ptr %acc0021, align 4
+  store <8 x float> %403, ptr %309, align 4
+  %404 = load <8 x float>, ptr %acc0122, align 4
+  store <8 x float> %404, ptr %312, align 4
+  %405 = load <8 x float>, ptr %acc1023, align 4
+  store <8 x float> %405, ptr %323, align 4
+  %406 = load <8 x float>, ptr %acc1124, align 4
+  store <8 x float> %406, ptr %326, align 4
+  %407 = load <8 x float>, ptr %acc2025, align 4
+  store <8 x float> %407, ptr %337, align 4
+  %408 = load <8 x float>, ptr %acc2126, align 4
+  store <8 x float> %408, ptr %340, align 4
+  %409 = load <8 x float>, ptr %acc3027, align 4
+  store <8 x float> %409, ptr %351, align 4
+  %410 = load <8 x float>, ptr %acc3128, align 4
+  store <8 x float> %410, ptr %354, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %388 = add nsw i64 %r0, 0
-  %389 = mul nsw i64 %388, 8192
-  %390 = getelementptr inbounds float, ptr %h, i64 %389
-  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
-  %392 = load i32, ptr %391, align 4
-  %393 = sext i32 %392 to i64
-  %394 = mul nsw i64 %393, 5120
-  %395 = getelementptr inbounds float, ptr %y, i64 %394
-  %396 = add nsw i64 %col35, 0
-  %397 = getelementptr inbounds float, ptr %395, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  store <8 x float> %398, ptr %acc0036, align 4
-  %399 = add nsw i64 %col35, 8
-  %400 = getelementptr inbounds float, ptr %395, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0137, align 4
-  %402 = add nsw i64 %r0, 1
-  %403 = mul nsw i64 %402, 8192
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 5120
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col35, 0
-  %411 = getelementptr inbounds float, ptr %409, i64 %410
-  %412 = load <8 x float>, ptr %411, align 4
-  store <8 x float> %412, ptr %acc1038, align 4
-  %413 = add nsw i64 %col35, 8
-  %414 = getelementptr inbounds float, ptr %409, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1139, align 4
-  %416 = add nsw i64 %r0, 2
-  %417 = mul nsw i64 %416, 8192
-  %418 = getelementptr inbounds float, ptr %h, i64 %417
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 5120
-  %423 = getelementptr inbounds float, ptr %y, i64 %422
-  %424 = add nsw i64 %col35, 0
-  %425 = getelementptr inbounds float, ptr %423, i64 %424
-  %426 = load <8 x float>, ptr %425, align 4
-  store <8 x float> %426, ptr %acc2040, align 4
-  %427 = add nsw i64 %col35, 8
-  %428 = getelementptr inbounds float, ptr %423, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2141, align 4
-  %panel.off42 = mul nsw i64 %p, 131072
-  br label %k.head43
+  %col37 = mul nsw i64 %p, 16
+  %411 = add nsw i64 %r0, 0
+  %412 = mul nsw i64 %411, 8192
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 5120
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col37, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
+  %421 = load <8 x float>, ptr %420, align 4
+  store <8 x float> %421, ptr %acc0038, align 4
+  %422 = add nsw i64 %col37, 8
+  %423 = getelementptr inbounds float, ptr %418, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0139, align 4
+  %425 = add nsw i64 %r0, 1
+  %426 = mul nsw i64 %425, 8192
+  %427 = getelementptr inbounds float, ptr %h, i64 %426
+  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %429 = load i32, ptr %428, align 4
+  %430 = sext i32 %429 to i64
+  %431 = mul nsw i64 %430, 5120
+  %432 = getelementptr inbounds float, ptr %y, i64 %431
+  %433 = add nsw i64 %col37, 0
+  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  %435 = load <8 x float>, ptr %434, align 4
+  store <8 x float> %435, ptr %acc1040, align 4
+  %436 = add nsw i64 %col37, 8
+  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1141, align 4
+  %439 = add nsw i64 %r0, 2
+  %440 = mul nsw i64 %439, 8192
+  %441 = getelementptr inbounds float, ptr %h, i64 %440
+  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
+  %443 = load i32, ptr %442, align 4
+  %444 = sext i32 %443 to i64
+  %445 = mul nsw i64 %444, 5120
+  %446 = getelementptr inbounds float, ptr %y, i64 %445
+  %447 = add nsw i64 %col37, 0
+  %448 = getelementptr inbounds float, ptr %446, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  store <8 x float> %449, ptr %acc2042, align 4
+  %450 = add nsw i64 %col37, 8
+  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2143, align 4
+  %panel.off44 = mul nsw i64 %p, 131072
+  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
+  %454 = add nsw i64 %p, 1
+  %455 = icmp slt i64 %454, %p1
+  %456 = getelementptr inbounds i8, ptr %453, i64 262144
+  %457 = and i1 %pf.on, %455
+  %pf45 = select i1 %457, ptr %456, ptr %453
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr3
-  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
-  %430 = icmp slt i64 %k46, 8192
-  br i1 %430, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr3
+  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
+  %458 = icmp slt i64 %k49, 8192
+  br i1 %458, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %431 = mul nsw i64 %k46, 16
-  %432 = add nsw i64 %panel.off42, %431
-  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
-  %434 = load <8 x i32>, ptr %433, align 4
-  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %435 to <8 x float>
-  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = getelementptr inbounds float, ptr %390, i64 %k46
-  %438 = load float, ptr %437, align 4
-  %439 = insertelement <8 x float> poison, float %438, i32 0
-  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
-  %441 = load <8 x float>, ptr %acc0036, align 4
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
-  store <8 x float> %442, ptr %acc0036, align 4
-  %443 = load <8 x float>, ptr %acc0137, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
-  store <8 x float> %444, ptr %acc0137, align 4
-  %445 = getelementptr inbounds float, ptr %404, i64 %k46
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = load <8 x float>, ptr %acc1038, align 4
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
-  store <8 x float> %450, ptr %acc1038, align 4
-  %451 = load <8 x float>, ptr %acc1139, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
-  store <8 x float> %452, ptr %acc1139, align 4
-  %453 = getelementptr inbounds float, ptr %418, i64 %k46
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc2040, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
-  store <8 x float> %458, ptr %acc2040, align 4
-  %459 = load <8 x float>, ptr %acc2141, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
-  store <8 x float> %460, ptr %acc2141, align 4
-  %461 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %459 = mul nsw i64 %k49, 16
+  %460 = add nsw i64 %panel.off44, %459
+  %461 = mul nsw i64 %k49, 32
+  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
+  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
+  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
+  %464 = load <8 x i32>, ptr %463, align 4
+  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %465 to <8 x float>
+  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %466 to <8 x float>
+  %467 = getelementptr inbounds float, ptr %413, i64 %k49
+  %468 = load float, ptr %467, align 4
+  %469 = insertelement <8 x float> poison, float %468, i32 0
+  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
+  %471 = load <8 x float>, ptr %acc0038, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
+  store <8 x float> %472, ptr %acc0038, align 4
+  %473 = load <8 x float>, ptr %acc0139, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
+  store <8 x float> %474, ptr %acc0139, align 4
+  %475 = getelementptr inbounds float, ptr %427, i64 %k49
+  %476 = load float, ptr %475, align 4
+  %477 = insertelement <8 x float> poison, float %476, i32 0
+  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
+  %479 = load <8 x float>, ptr %acc1040, align 4
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
+  store <8 x float> %480, ptr %acc1040, align 4
+  %481 = load <8 x float>, ptr %acc1141, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
+  store <8 x float> %482, ptr %acc1141, align 4
+  %483 = getelementptr inbounds float, ptr %441, i64 %k49
+  %484 = load float, ptr %483, align 4
+  %485 = insertelement <8 x float> poison, float %484, i32 0
+  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
+  %487 = load <8 x float>, ptr %acc2042, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
+  store <8 x float> %488, ptr %acc2042, align 4
+  %489 = load <8 x float>, ptr %acc2143, align 4
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
+  store <8 x float> %490, ptr %acc2143, align 4
+  %491 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %462 = load <8 x float>, ptr %acc0036, align 4
-  store <8 x float> %462, ptr %397, align 4
-  %463 = load <8 x float>, ptr %acc0137, align 4
-  store <8 x float> %463, ptr %400, align 4
-  %464 = load <8 x float>, ptr %acc1038, align 4
-  store <8 x float> %464, ptr %411, align 4
-  %465 = load <8 x float>, ptr %acc1139, align 4
-  store <8 x float> %465, ptr %414, align 4
-  %466 = load <8 x float>, ptr %acc2040, align 4
-  store <8 x float> %466, ptr %425, align 4
-  %467 = load <8 x float>, ptr %acc2141, align 4
-  store <8 x float> %467, ptr %428, align 4
+k.end48:                                          ; preds = %k.head46
+  %492 = load <8 x float>, ptr %acc0038, align 4
+  store <8 x float> %492, ptr %420, align 4
+  %493 = load <8 x float>, ptr %acc0139, align 4
+  store <8 x float> %493, ptr %423, align 4
+  %494 = load <8 x float>, ptr %acc1040, align 4
+  store <8 x float> %494, ptr %434, align 4
+  %495 = load <8 x float>, ptr %acc1141, align 4
+  store <8 x float> %495, ptr %437, align 4
+  %496 = load <8 x float>, ptr %acc2042, align 4
+  store <8 x float> %496, ptr %448, align 4
+  %497 = load <8 x float>, ptr %acc2143, align 4
+  store <8 x float> %497, ptr %451, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col49 = mul nsw i64 %p, 16
-  %468 = add nsw i64 %r0, 0
-  %469 = mul nsw i64 %468, 8192
-  %470 = getelementptr inbounds float, ptr %h, i64 %469
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 5120
-  %475 = getelementptr inbounds float, ptr %y, i64 %474
-  %476 = add nsw i64 %col49, 0
-  %477 = getelementptr inbounds float, ptr %475, i64 %476
-  %478 = load <8 x float>, ptr %477, align 4
-  store <8 x float> %478, ptr %acc0050, align 4
-  %479 = add nsw i64 %col49, 8
-  %480 = getelementptr inbounds float, ptr %475, i64 %479
-  %481 = load <8 x float>, ptr %480, align 4
-  store <8 x float> %481, ptr %acc0151, align 4
-  %482 = add nsw i64 %r0, 1
-  %483 = mul nsw i64 %482, 8192
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 5120
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col49, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
-  %492 = load <8 x float>, ptr %491, align 4
-  store <8 x float> %492, ptr %acc1052, align 4
-  %493 = add nsw i64 %col49, 8
-  %494 = getelementptr inbounds float, ptr %489, i64 %493
-  %495 = load <8 x float>, ptr %494, align 4
-  store <8 x float> %495, ptr %acc1153, align 4
-  %panel.off54 = mul nsw i64 %p, 131072
-  br label %k.head55
+  %col52 = mul nsw i64 %p, 16
+  %498 = add nsw i64 %r0, 0
+  %499 = mul nsw i64 %498, 8192
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 5120
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col52, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %508 = load <8 x float>, ptr %507, align 4
+  store <8 x float> %508, ptr %acc0053, align 4
+  %509 = add nsw i64 %col52, 8
+  %510 = getelementptr inbounds float, ptr %505, i64 %509
+  %511 = load <8 x float>, ptr %510, align 4
+  store <8 x float> %511, ptr %acc0154, align 4
+  %512 = add nsw i64 %r0, 1
+  %513 = mul nsw i64 %512, 8192
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 5120
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col52, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  store <8 x float> %522, ptr %acc1055, align 4
+  %523 = add nsw i64 %col52, 8
+  %524 = getelementptr inbounds float, ptr %519, i64 %523
+  %525 = load <8 x float>, ptr %524, align 4
+  store <8 x float> %525, ptr %acc1156, align 4
+  %panel.off57 = mul nsw i64 %p, 131072
+  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
+  %527 = add nsw i64 %p, 1
+  %528 = icmp slt i64 %527, %p1
+  %529 = getelementptr inbounds i8, ptr %526, i64 262144
+  %530 = and i1 %pf.on, %528
+  %pf58 = select i1 %530, ptr %529, ptr %526
+  br label %k.head59
 
-k.head55:                                         ; preds = %k.body56, %tile.mr2
-  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
-  %496 = icmp slt i64 %k58, 8192
-  br i1 %496, label %k.body56, label %k.end57
+k.head59:                                         ; preds = %k.body60, %tile.mr2
+  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
+  %531 = icmp slt i64 %k62, 8192
+  br i1 %531, label %k.body60, label %k.end61
 
-k.body56:                                         ; preds = %k.head55
-  %497 = mul nsw i64 %k58, 16
-  %498 = add nsw i64 %panel.off54, %497
-  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
-  %500 = load <8 x i32>, ptr %499, align 4
-  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b059 = bitcast <8 x i32> %501 to <8 x float>
-  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b160 = bitcast <8 x i32> %502 to <8 x float>
-  %503 = getelementptr inbounds float, ptr %470, i64 %k58
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc0050, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
-  store <8 x float> %508, ptr %acc0050, align 4
-  %509 = load <8 x float>, ptr %acc0151, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
-  store <8 x float> %510, ptr %acc0151, align 4
-  %511 = getelementptr inbounds float, ptr %484, i64 %k58
-  %512 = load float, ptr %511, align 4
-  %513 = insertelement <8 x float> poison, float %512, i32 0
-  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
-  %515 = load <8 x float>, ptr %acc1052, align 4
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
-  store <8 x float> %516, ptr %acc1052, align 4
-  %517 = load <8 x float>, ptr %acc1153, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
-  store <8 x float> %518, ptr %acc1153, align 4
-  %519 = add nsw i64 %k58, 1
-  br label %k.head55
+k.body60:                                         ; preds = %k.head59
+  %532 = mul nsw i64 %k62, 16
+  %533 = add nsw i64 %panel.off57, %532
+  %534 = mul nsw i64 %k62, 32
+  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
+  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
+  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
+  %537 = load <8 x i32>, ptr %536, align 4
+  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %538 to <8 x float>
+  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %539 to <8 x float>
+  %540 = getelementptr inbounds float, ptr %500, i64 %k62
+  %541 = load float, ptr %540, align 4
+  %542 = insertelement <8 x float> poison, float %541, i32 0
+  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
+  %544 = load <8 x float>, ptr %acc0053, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
+  store <8 x float> %545, ptr %acc0053, align 4
+  %546 = load <8 x float>, ptr %acc0154, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
+  store <8 x float> %547, ptr %acc0154, align 4
+  %548 = getelementptr inbounds float, ptr %514, i64 %k62
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc1055, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
+  store <8 x float> %553, ptr %acc1055, align 4
+  %554 = load <8 x float>, ptr %acc1156, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
+  store <8 x float> %555, ptr %acc1156, align 4
+  %556 = add nsw i64 %k62, 1
+  br label %k.head59
 
-k.end57:                                          ; preds = %k.head55
-  %520 = load <8 x float>, ptr %acc0050, align 4
-  store <8 x float> %520, ptr %477, align 4
-  %521 = load <8 x float>, ptr %acc0151, align 4
-  store <8 x float> %521, ptr %480, align 4
-  %522 = load <8 x float>, ptr %acc1052, align 4
-  store <8 x float> %522, ptr %491, align 4
-  %523 = load <8 x float>, ptr %acc1153, align 4
-  store <8 x float> %523, ptr %494, align 4
+k.end61:                                          ; preds = %k.head59
+  %557 = load <8 x float>, ptr %acc0053, align 4
+  store <8 x float> %557, ptr %507, align 4
+  %558 = load <8 x float>, ptr %acc0154, align 4
+  store <8 x float> %558, ptr %510, align 4
+  %559 = load <8 x float>, ptr %acc1055, align 4
+  store <8 x float> %559, ptr %521, align 4
+  %560 = load <8 x float>, ptr %acc1156, align 4
+  store <8 x float> %560, ptr %524, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col61 = mul nsw i64 %p, 16
-  %524 = add nsw i64 %r0, 0
-  %525 = mul nsw i64 %524, 8192
-  %526 = getelementptr inbounds float, ptr %h, i64 %525
-  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
-  %528 = load i32, ptr %527, align 4
-  %529 = sext i32 %528 to i64
-  %530 = mul nsw i64 %529, 5120
-  %531 = getelementptr inbounds float, ptr %y, i64 %530
-  %532 = add nsw i64 %col61, 0
-  %533 = getelementptr inbounds float, ptr %531, i64 %532
-  %534 = load <8 x float>, ptr %533, align 4
-  store <8 x float> %534, ptr %acc0062, align 4
-  %535 = add nsw i64 %col61, 8
-  %536 = getelementptr inbounds float, ptr %531, i64 %535
-  %537 = load <8 x float>, ptr %536, align 4
-  store <8 x float> %537, ptr %acc0163, align 4
-  %panel.off64 = mul nsw i64 %p, 131072
-  br label %k.head65
+  %col65 = mul nsw i64 %p, 16
+  %561 = add nsw i64 %r0, 0
+  %562 = mul nsw i64 %561, 8192
+  %563 = getelementptr inbounds float, ptr %h, i64 %562
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 5120
+  %568 = getelementptr inbounds float, ptr %y, i64 %567
+  %569 = add nsw i64 %col65, 0
+  %570 = getelementptr inbounds float, ptr %568, i64 %569
+  %571 = load <8 x float>, ptr %570, align 4
+  store <8 x float> %571, ptr %acc0066, align 4
+  %572 = add nsw i64 %col65, 8
+  %573 = getelementptr inbounds float, ptr %568, i64 %572
+  %574 = load <8 x float>, ptr %573, align 4
+  store <8 x float> %574, ptr %acc0167, align 4
+  %panel.off68 = mul nsw i64 %p, 131072
+  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
+  %576 = add nsw i64 %p, 1
+  %577 = icmp slt i64 %576, %p1
+  %578 = getelementptr inbounds i8, ptr %575, i64 262144
+  %579 = and i1 %pf.on, %577
+  %pf69 = select i1 %579, ptr %578, ptr %575
+  br label %k.head70
 
-k.head65:                                         ; preds = %k.body66, %tile.mr1
-  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
-  %538 = icmp slt i64 %k68, 8192
-  br i1 %538, label %k.body66, label %k.end67
+k.head70:                                         ; preds = %k.body71, %tile.mr1
+  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
+  %580 = icmp slt i64 %k73, 8192
+  br i1 %580, label %k.body71, label %k.end72
 
-k.body66:                                         ; preds = %k.head65
-  %539 = mul nsw i64 %k68, 16
-  %540 = add nsw i64 %panel.off64, %539
-  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
-  %542 = load <8 x i32>, ptr %541, align 4
-  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b069 = bitcast <8 x i32> %543 to <8 x float>
-  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b170 = bitcast <8 x i32> %544 to <8 x float>
-  %545 = getelementptr inbounds float, ptr %526, i64 %k68
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0062, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0062, align 4
-  %551 = load <8 x float>, ptr %acc0163, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0163, align 4
-  %553 = add nsw i64 %k68, 1
-  br label %k.head65
+k.body71:                                         ; preds = %k.head70
+  %581 = mul nsw i64 %k73, 16
+  %582 = add nsw i64 %panel.off68, %581
+  %583 = mul nsw i64 %k73, 32
+  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
+  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
+  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
+  %586 = load <8 x i32>, ptr %585, align 4
+  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %587 to <8 x float>
+  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %588 to <8 x float>
+  %589 = getelementptr inbounds float, ptr %563, i64 %k73
+  %590 = load float, ptr %589, align 4
+  %591 = insertelement <8 x float> poison, float %590, i32 0
+  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
+  %593 = load <8 x float>, ptr %acc0066, align 4
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
+  store <8 x float> %594, ptr %acc0066, align 4
+  %595 = load <8 x float>, ptr %acc0167, align 4
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
+  store <8 x float> %596, ptr %acc0167, align 4
+  %597 = add nsw i64 %k73, 1
+  br label %k.head70
 
-k.end67:                                          ; preds = %k.head65
-  %554 = load <8 x float>, ptr %acc0062, align 4
-  store <8 x float> %554, ptr %533, align 4
-  %555 = load <8 x float>, ptr %acc0163, align 4
-  store <8 x float> %555, ptr %536, align 4
+k.end72:                                          ; preds = %k.head70
+  %598 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %598, ptr %570, align 4
+  %599 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %599, ptr %573, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
-  %556 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
+  %600 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %557 = add nsw i64 %p, 1
+  %601 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3171,33 +3288,33 @@ entry:
   %acc3138 = alloca <8 x float>, align 32
   %acc4039 = alloca <8 x float>, align 32
   %acc4140 = alloca <8 x float>, align 32
-  %acc0078 = alloca <8 x float>, align 32
-  %acc0179 = alloca <8 x float>, align 32
-  %acc1080 = alloca <8 x float>, align 32
-  %acc1181 = alloca <8 x float>, align 32
-  %acc2082 = alloca <8 x float>, align 32
-  %acc2183 = alloca <8 x float>, align 32
-  %acc3084 = alloca <8 x float>, align 32
-  %acc3185 = alloca <8 x float>, align 32
-  %acc00117 = alloca <8 x float>, align 32
-  %acc01118 = alloca <8 x float>, align 32
-  %acc10119 = alloca <8 x float>, align 32
-  %acc11120 = alloca <8 x float>, align 32
-  %acc20121 = alloca <8 x float>, align 32
-  %acc21122 = alloca <8 x float>, align 32
-  %acc00148 = alloca <8 x float>, align 32
-  %acc01149 = alloca <8 x float>, align 32
-  %acc10150 = alloca <8 x float>, align 32
-  %acc11151 = alloca <8 x float>, align 32
-  %acc00171 = alloca <8 x float>, align 32
-  %acc01172 = alloca <8 x float>, align 32
+  %acc0079 = alloca <8 x float>, align 32
+  %acc0180 = alloca <8 x float>, align 32
+  %acc1081 = alloca <8 x float>, align 32
+  %acc1182 = alloca <8 x float>, align 32
+  %acc2083 = alloca <8 x float>, align 32
+  %acc2184 = alloca <8 x float>, align 32
+  %acc3085 = alloca <8 x float>, align 32
+  %acc3186 = alloca <8 x float>, align 32
+  %acc00119 = alloca <8 x float>, align 32
+  %acc01120 = alloca <8 x float>, align 32
+  %acc10121 = alloca <8 x float>, align 32
+  %acc11122 = alloca <8 x float>, align 32
+  %acc20123 = alloca <8 x float>, align 32
+  %acc21124 = alloca <8 x float>, align 32
+  %acc00151 = alloca <8 x float>, align 32
+  %acc01152 = alloca <8 x float>, align 32
+  %acc10153 = alloca <8 x float>, align 32
+  %acc11154 = alloca <8 x float>, align 32
+  %acc00175 = alloca <8 x float>, align 32
+  %acc01176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %913, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %957, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -3205,7 +3322,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %912, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %956, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -3213,6 +3330,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3222,1247 +3342,1301 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 5120
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 5120
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 5120
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 5120
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 5120
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 5120
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 5120
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 5120
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 5120
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 5120
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 5120
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 5120
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 81920
+  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 163840
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
-  %39 = icmp slt i64 %k, 5120
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
+  %46 = icmp slt i64 %k, 5120
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
-  %43 = load <8 x i32>, ptr %42, align 4
-  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %44 to <8 x float>
-  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %45 to <8 x float>
-  %46 = getelementptr inbounds float, ptr %8, i64 %k
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <8 x float> poison, float %47, i32 0
-  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
-  %50 = load <8 x float>, ptr %acc00, align 4
-  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
-  store <8 x float> %51, ptr %acc00, align 4
-  %52 = load <8 x float>, ptr %acc01, align 4
-  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
-  store <8 x float> %53, ptr %acc01, align 4
-  %54 = getelementptr inbounds float, ptr %14, i64 %k
-  %55 = load float, ptr %54, align 4
-  %56 = insertelement <8 x float> poison, float %55, i32 0
-  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
-  %58 = load <8 x float>, ptr %acc10, align 4
-  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
-  store <8 x float> %59, ptr %acc10, align 4
-  %60 = load <8 x float>, ptr %acc11, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
-  store <8 x float> %61, ptr %acc11, align 4
-  %62 = getelementptr inbounds float, ptr %20, i64 %k
-  %63 = load float, ptr %62, align 4
-  %64 = insertelement <8 x float> poison, float %63, i32 0
-  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
-  %66 = load <8 x float>, ptr %acc20, align 4
-  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
-  store <8 x float> %67, ptr %acc20, align 4
-  %68 = load <8 x float>, ptr %acc21, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
-  store <8 x float> %69, ptr %acc21, align 4
-  %70 = getelementptr inbounds float, ptr %26, i64 %k
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc30, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
-  store <8 x float> %75, ptr %acc30, align 4
-  %76 = load <8 x float>, ptr %acc31, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
-  store <8 x float> %77, ptr %acc31, align 4
-  %78 = getelementptr inbounds float, ptr %32, i64 %k
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc40, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
-  store <8 x float> %83, ptr %acc40, align 4
-  %84 = load <8 x float>, ptr %acc41, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
-  store <8 x float> %85, ptr %acc41, align 4
-  %86 = getelementptr inbounds float, ptr %38, i64 %k
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc50, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
-  store <8 x float> %91, ptr %acc50, align 4
-  %92 = load <8 x float>, ptr %acc51, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
-  store <8 x float> %93, ptr %acc51, align 4
-  %94 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 32
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
+  %52 = load <8 x i32>, ptr %51, align 4
+  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %53 to <8 x float>
+  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %54 to <8 x float>
+  %55 = getelementptr inbounds float, ptr %10, i64 %k
+  %56 = load float, ptr %55, align 4
+  %57 = insertelement <8 x float> poison, float %56, i32 0
+  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
+  %59 = load <8 x float>, ptr %acc00, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
+  store <8 x float> %60, ptr %acc00, align 4
+  %61 = load <8 x float>, ptr %acc01, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
+  store <8 x float> %62, ptr %acc01, align 4
+  %63 = getelementptr inbounds float, ptr %16, i64 %k
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = getelementptr inbounds float, ptr %22, i64 %k
+  %72 = load float, ptr %71, align 4
+  %73 = insertelement <8 x float> poison, float %72, i32 0
+  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
+  %75 = load <8 x float>, ptr %acc20, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
+  store <8 x float> %76, ptr %acc20, align 4
+  %77 = load <8 x float>, ptr %acc21, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
+  store <8 x float> %78, ptr %acc21, align 4
+  %79 = getelementptr inbounds float, ptr %28, i64 %k
+  %80 = load float, ptr %79, align 4
+  %81 = insertelement <8 x float> poison, float %80, i32 0
+  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
+  %83 = load <8 x float>, ptr %acc30, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
+  store <8 x float> %84, ptr %acc30, align 4
+  %85 = load <8 x float>, ptr %acc31, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
+  store <8 x float> %86, ptr %acc31, align 4
+  %87 = getelementptr inbounds float, ptr %34, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc40, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
+  store <8 x float> %92, ptr %acc40, align 4
+  %93 = load <8 x float>, ptr %acc41, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
+  store <8 x float> %94, ptr %acc41, align 4
+  %95 = getelementptr inbounds float, ptr %40, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc50, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc50, align 4
+  %101 = load <8 x float>, ptr %acc51, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc51, align 4
+  %103 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %95 = add nsw i64 %r0, 0
-  %96 = mul nsw i64 %95, 8192
-  %97 = getelementptr inbounds float, ptr %h, i64 %96
+  %104 = add nsw i64 %r0, 0
+  %105 = mul nsw i64 %104, 8192
+  %106 = getelementptr inbounds float, ptr %h, i64 %105
   %col = mul nsw i64 %p, 8
-  %98 = load <8 x float>, ptr %acc00, align 4
-  %99 = load <8 x float>, ptr %acc01, align 4
-  %100 = fneg <8 x float> %98
-  %101 = fcmp olt <8 x float> %100, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %102 = select <8 x i1> %101, <8 x float> %100, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %103 = fcmp ogt <8 x float> %102, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %104 = select <8 x i1> %103, <8 x float> %102, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %106 = call <8 x float> @llvm.floor.v8f32(<8 x float> %105)
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %104)
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %107)
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %108, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %108, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %108, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %108, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %108, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %114 = fmul <8 x float> %108, %108
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %114, <8 x float> %108)
-  %116 = fadd <8 x float> %115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %117 = fptosi <8 x float> %106 to <8 x i32>
-  %118 = add <8 x i32> %117, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %119 = shl <8 x i32> %118, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %119 to <8 x float>
-  %exp = fmul <8 x float> %116, %exp.2n
-  %120 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %120
-  %silu = fmul <8 x float> %98, %sigmoid
-  %glu = fmul <8 x float> %silu, %99
-  %121 = getelementptr inbounds float, ptr %97, i64 %col
-  store <8 x float> %glu, ptr %121, align 4
-  %122 = add nsw i64 %r0, 1
-  %123 = mul nsw i64 %122, 8192
-  %124 = getelementptr inbounds float, ptr %h, i64 %123
+  %107 = load <8 x float>, ptr %acc00, align 4
+  %108 = load <8 x float>, ptr %acc01, align 4
+  %109 = fneg <8 x float> %107
+  %110 = fcmp olt <8 x float> %109, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %111 = select <8 x i1> %110, <8 x float> %109, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %112 = fcmp ogt <8 x float> %111, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %113 = select <8 x i1> %112, <8 x float> %111, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %115 = call <8 x float> @llvm.floor.v8f32(<8 x float> %114)
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %113)
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %116)
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %117, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %117, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %117, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %117, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> %117, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %123 = fmul <8 x float> %117, %117
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %123, <8 x float> %117)
+  %125 = fadd <8 x float> %124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %126 = fptosi <8 x float> %115 to <8 x i32>
+  %127 = add <8 x i32> %126, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %128 = shl <8 x i32> %127, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %128 to <8 x float>
+  %exp = fmul <8 x float> %125, %exp.2n
+  %129 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %129
+  %silu = fmul <8 x float> %107, %sigmoid
+  %glu = fmul <8 x float> %silu, %108
+  %130 = getelementptr inbounds float, ptr %106, i64 %col
+  store <8 x float> %glu, ptr %130, align 4
+  %131 = add nsw i64 %r0, 1
+  %132 = mul nsw i64 %131, 8192
+  %133 = getelementptr inbounds float, ptr %h, i64 %132
   %col1 = mul nsw i64 %p, 8
-  %125 = load <8 x float>, ptr %acc10, align 4
-  %126 = load <8 x float>, ptr %acc11, align 4
-  %127 = fneg <8 x float> %125
-  %128 = fcmp olt <8 x float> %127, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %130 = fcmp ogt <8 x float> %129, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %131 = select <8 x i1> %130, <8 x float> %129, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %132)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %131)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %134)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %135, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %135, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %135, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %135, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %135, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %141 = fmul <8 x float> %135, %135
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %141, <8 x float> %135)
-  %143 = fadd <8 x float> %142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %144 = fptosi <8 x float> %133 to <8 x i32>
-  %145 = add <8 x i32> %144, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %146 = shl <8 x i32> %145, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %146 to <8 x float>
-  %exp3 = fmul <8 x float> %143, %exp.2n2
-  %147 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %147
-  %silu5 = fmul <8 x float> %125, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %126
-  %148 = getelementptr inbounds float, ptr %124, i64 %col1
-  store <8 x float> %glu6, ptr %148, align 4
-  %149 = add nsw i64 %r0, 2
-  %150 = mul nsw i64 %149, 8192
-  %151 = getelementptr inbounds float, ptr %h, i64 %150
+  %134 = load <8 x float>, ptr %acc10, align 4
+  %135 = load <8 x float>, ptr %acc11, align 4
+  %136 = fneg <8 x float> %134
+  %137 = fcmp olt <8 x float> %136, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %139 = fcmp ogt <8 x float> %138, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %142 = call <8 x float> @llvm.floor.v8f32(<8 x float> %141)
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %140)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %143)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %150 = fmul <8 x float> %144, %144
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %150, <8 x float> %144)
+  %152 = fadd <8 x float> %151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %153 = fptosi <8 x float> %142 to <8 x i32>
+  %154 = add <8 x i32> %153, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %155 = shl <8 x i32> %154, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %155 to <8 x float>
+  %exp3 = fmul <8 x float> %152, %exp.2n2
+  %156 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %156
+  %silu5 = fmul <8 x float> %134, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %135
+  %157 = getelementptr inbounds float, ptr %133, i64 %col1
+  store <8 x float> %glu6, ptr %157, align 4
+  %158 = add nsw i64 %r0, 2
+  %159 = mul nsw i64 %158, 8192
+  %160 = getelementptr inbounds float, ptr %h, i64 %159
   %col7 = mul nsw i64 %p, 8
-  %152 = load <8 x float>, ptr %acc20, align 4
-  %153 = load <8 x float>, ptr %acc21, align 4
-  %154 = fneg <8 x float> %152
-  %155 = fcmp olt <8 x float> %154, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %156 = select <8 x i1> %155, <8 x float> %154, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %157 = fcmp ogt <8 x float> %156, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %160 = call <8 x float> @llvm.floor.v8f32(<8 x float> %159)
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %158)
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %161)
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %162, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %162, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> %162, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %162, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %162, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %168 = fmul <8 x float> %162, %162
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %168, <8 x float> %162)
-  %170 = fadd <8 x float> %169, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %171 = fptosi <8 x float> %160 to <8 x i32>
-  %172 = add <8 x i32> %171, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %173 = shl <8 x i32> %172, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %173 to <8 x float>
-  %exp9 = fmul <8 x float> %170, %exp.2n8
-  %174 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %174
-  %silu11 = fmul <8 x float> %152, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %153
-  %175 = getelementptr inbounds float, ptr %151, i64 %col7
-  store <8 x float> %glu12, ptr %175, align 4
-  %176 = add nsw i64 %r0, 3
-  %177 = mul nsw i64 %176, 8192
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %161 = load <8 x float>, ptr %acc20, align 4
+  %162 = load <8 x float>, ptr %acc21, align 4
+  %163 = fneg <8 x float> %161
+  %164 = fcmp olt <8 x float> %163, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %165 = select <8 x i1> %164, <8 x float> %163, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %166 = fcmp ogt <8 x float> %165, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %167 = select <8 x i1> %166, <8 x float> %165, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %169 = call <8 x float> @llvm.floor.v8f32(<8 x float> %168)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %167)
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %170)
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %171, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %171, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %171, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> %171, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %171, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %177 = fmul <8 x float> %171, %171
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %177, <8 x float> %171)
+  %179 = fadd <8 x float> %178, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %180 = fptosi <8 x float> %169 to <8 x i32>
+  %181 = add <8 x i32> %180, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %182 = shl <8 x i32> %181, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %182 to <8 x float>
+  %exp9 = fmul <8 x float> %179, %exp.2n8
+  %183 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %183
+  %silu11 = fmul <8 x float> %161, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %162
+  %184 = getelementptr inbounds float, ptr %160, i64 %col7
+  store <8 x float> %glu12, ptr %184, align 4
+  %185 = add nsw i64 %r0, 3
+  %186 = mul nsw i64 %185, 8192
+  %187 = getelementptr inbounds float, ptr %h, i64 %186
   %col13 = mul nsw i64 %p, 8
-  %179 = load <8 x float>, ptr %acc30, align 4
-  %180 = load <8 x float>, ptr %acc31, align 4
-  %181 = fneg <8 x float> %179
-  %182 = fcmp olt <8 x float> %181, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %183 = select <8 x i1> %182, <8 x float> %181, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %184 = fcmp ogt <8 x float> %183, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %187 = call <8 x float> @llvm.floor.v8f32(<8 x float> %186)
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %185)
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %188)
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %189, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %189, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %189, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %189, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %189, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %195 = fmul <8 x float> %189, %189
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %195, <8 x float> %189)
-  %197 = fadd <8 x float> %196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %198 = fptosi <8 x float> %187 to <8 x i32>
-  %199 = add <8 x i32> %198, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %200 = shl <8 x i32> %199, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %200 to <8 x float>
-  %exp15 = fmul <8 x float> %197, %exp.2n14
-  %201 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %201
-  %silu17 = fmul <8 x float> %179, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %180
-  %202 = getelementptr inbounds float, ptr %178, i64 %col13
-  store <8 x float> %glu18, ptr %202, align 4
-  %203 = add nsw i64 %r0, 4
-  %204 = mul nsw i64 %203, 8192
-  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %188 = load <8 x float>, ptr %acc30, align 4
+  %189 = load <8 x float>, ptr %acc31, align 4
+  %190 = fneg <8 x float> %188
+  %191 = fcmp olt <8 x float> %190, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %193 = fcmp ogt <8 x float> %192, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %196 = call <8 x float> @llvm.floor.v8f32(<8 x float> %195)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %194)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %197)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %198, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %198, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %198, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %198, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %198, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %204 = fmul <8 x float> %198, %198
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %204, <8 x float> %198)
+  %206 = fadd <8 x float> %205, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %207 = fptosi <8 x float> %196 to <8 x i32>
+  %208 = add <8 x i32> %207, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %209 = shl <8 x i32> %208, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %209 to <8 x float>
+  %exp15 = fmul <8 x float> %206, %exp.2n14
+  %210 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %210
+  %silu17 = fmul <8 x float> %188, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %189
+  %211 = getelementptr inbounds float, ptr %187, i64 %col13
+  store <8 x float> %glu18, ptr %211, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 8192
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
   %col19 = mul nsw i64 %p, 8
-  %206 = load <8 x float>, ptr %acc40, align 4
-  %207 = load <8 x float>, ptr %acc41, align 4
-  %208 = fneg <8 x float> %206
-  %209 = fcmp olt <8 x float> %208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %210 = select <8 x i1> %209, <8 x float> %208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %211 = fcmp ogt <8 x float> %210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %213)
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %212)
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %215)
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %222 = fmul <8 x float> %216, %216
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %222, <8 x float> %216)
-  %224 = fadd <8 x float> %223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %225 = fptosi <8 x float> %214 to <8 x i32>
-  %226 = add <8 x i32> %225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %227 = shl <8 x i32> %226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %227 to <8 x float>
-  %exp21 = fmul <8 x float> %224, %exp.2n20
-  %228 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %228
-  %silu23 = fmul <8 x float> %206, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %207
-  %229 = getelementptr inbounds float, ptr %205, i64 %col19
-  store <8 x float> %glu24, ptr %229, align 4
-  %230 = add nsw i64 %r0, 5
-  %231 = mul nsw i64 %230, 8192
-  %232 = getelementptr inbounds float, ptr %h, i64 %231
+  %215 = load <8 x float>, ptr %acc40, align 4
+  %216 = load <8 x float>, ptr %acc41, align 4
+  %217 = fneg <8 x float> %215
+  %218 = fcmp olt <8 x float> %217, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %219 = select <8 x i1> %218, <8 x float> %217, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %220 = fcmp ogt <8 x float> %219, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %221 = select <8 x i1> %220, <8 x float> %219, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %223 = call <8 x float> @llvm.floor.v8f32(<8 x float> %222)
+  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %221)
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %224)
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %225, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %225, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %225, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> %225, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %225, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %231 = fmul <8 x float> %225, %225
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %231, <8 x float> %225)
+  %233 = fadd <8 x float> %232, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %234 = fptosi <8 x float> %223 to <8 x i32>
+  %235 = add <8 x i32> %234, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %236 = shl <8 x i32> %235, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %236 to <8 x float>
+  %exp21 = fmul <8 x float> %233, %exp.2n20
+  %237 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %237
+  %silu23 = fmul <8 x float> %215, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %216
+  %238 = getelementptr inbounds float, ptr %214, i64 %col19
+  store <8 x float> %glu24, ptr %238, align 4
+  %239 = add nsw i64 %r0, 5
+  %240 = mul nsw i64 %239, 8192
+  %241 = getelementptr inbounds float, ptr %h, i64 %240
   %col25 = mul nsw i64 %p, 8
-  %233 = load <8 x float>, ptr %acc50, align 4
-  %234 = load <8 x float>, ptr %acc51, align 4
-  %235 = fneg <8 x float> %233
-  %236 = fcmp olt <8 x float> %235, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %238 = fcmp ogt <8 x float> %237, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %239 = select <8 x i1> %238, <8 x float> %237, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %241 = call <8 x float> @llvm.floor.v8f32(<8 x float> %240)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %239)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %242)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %243, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %243, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %243, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %243, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %249 = fmul <8 x float> %243, %243
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %249, <8 x float> %243)
-  %251 = fadd <8 x float> %250, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %252 = fptosi <8 x float> %241 to <8 x i32>
-  %253 = add <8 x i32> %252, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %254 = shl <8 x i32> %253, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %254 to <8 x float>
-  %exp27 = fmul <8 x float> %251, %exp.2n26
-  %255 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %255
-  %silu29 = fmul <8 x float> %233, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %234
-  %256 = getelementptr inbounds float, ptr %232, i64 %col25
-  store <8 x float> %glu30, ptr %256, align 4
+  %242 = load <8 x float>, ptr %acc50, align 4
+  %243 = load <8 x float>, ptr %acc51, align 4
+  %244 = fneg <8 x float> %242
+  %245 = fcmp olt <8 x float> %244, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %246 = select <8 x i1> %245, <8 x float> %244, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %247 = fcmp ogt <8 x float> %246, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %248 = select <8 x i1> %247, <8 x float> %246, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %250 = call <8 x float> @llvm.floor.v8f32(<8 x float> %249)
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %248)
+  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %251)
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %252, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %252, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %252, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %252, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %252, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %258 = fmul <8 x float> %252, %252
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %258, <8 x float> %252)
+  %260 = fadd <8 x float> %259, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %261 = fptosi <8 x float> %250 to <8 x i32>
+  %262 = add <8 x i32> %261, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %263 = shl <8 x i32> %262, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %263 to <8 x float>
+  %exp27 = fmul <8 x float> %260, %exp.2n26
+  %264 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %264
+  %silu29 = fmul <8 x float> %242, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %243
+  %265 = getelementptr inbounds float, ptr %241, i64 %col25
+  store <8 x float> %glu30, ptr %265, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %257 = add nsw i64 %r0, 0
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %257
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 5120
-  %262 = getelementptr inbounds float, ptr %x, i64 %261
+  %266 = add nsw i64 %r0, 0
+  %267 = getelementptr inbounds i32, ptr %rows, i64 %266
+  %268 = load i32, ptr %267, align 4
+  %269 = sext i32 %268 to i64
+  %270 = mul nsw i64 %269, 5120
+  %271 = getelementptr inbounds float, ptr %x, i64 %270
   store <8 x float> zeroinitializer, ptr %acc0031, align 4
   store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %263 = add nsw i64 %r0, 1
-  %264 = getelementptr inbounds i32, ptr %rows, i64 %263
-  %265 = load i32, ptr %264, align 4
-  %266 = sext i32 %265 to i64
-  %267 = mul nsw i64 %266, 5120
-  %268 = getelementptr inbounds float, ptr %x, i64 %267
+  %272 = add nsw i64 %r0, 1
+  %273 = getelementptr inbounds i32, ptr %rows, i64 %272
+  %274 = load i32, ptr %273, align 4
+  %275 = sext i32 %274 to i64
+  %276 = mul nsw i64 %275, 5120
+  %277 = getelementptr inbounds float, ptr %x, i64 %276
   store <8 x float> zeroinitializer, ptr %acc1033, align 4
   store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %269 = add nsw i64 %r0, 2
-  %270 = getelementptr inbounds i32, ptr %rows, i64 %269
-  %271 = load i32, ptr %270, align 4
-  %272 = sext i32 %271 to i64
-  %273 = mul nsw i64 %272, 5120
-  %274 = getelementptr inbounds float, ptr %x, i64 %273
+  %278 = add nsw i64 %r0, 2
+  %279 = getelementptr inbounds i32, ptr %rows, i64 %278
+  %280 = load i32, ptr %279, align 4
+  %281 = sext i32 %280 to i64
+  %282 = mul nsw i64 %281, 5120
+  %283 = getelementptr inbounds float, ptr %x, i64 %282
   store <8 x float> zeroinitializer, ptr %acc2035, align 4
   store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %275 = add nsw i64 %r0, 3
-  %276 = getelementptr inbounds i32, ptr %rows, i64 %275
-  %277 = load i32, ptr %276, align 4
-  %278 = sext i32 %277 to i64
-  %279 = mul nsw i64 %278, 5120
-  %280 = getelementptr inbounds float, ptr %x, i64 %279
+  %284 = add nsw i64 %r0, 3
+  %285 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %286 = load i32, ptr %285, align 4
+  %287 = sext i32 %286 to i64
+  %288 = mul nsw i64 %287, 5120
+  %289 = getelementptr inbounds float, ptr %x, i64 %288
   store <8 x float> zeroinitializer, ptr %acc3037, align 4
   store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %281 = add nsw i64 %r0, 4
-  %282 = getelementptr inbounds i32, ptr %rows, i64 %281
-  %283 = load i32, ptr %282, align 4
-  %284 = sext i32 %283 to i64
-  %285 = mul nsw i64 %284, 5120
-  %286 = getelementptr inbounds float, ptr %x, i64 %285
+  %290 = add nsw i64 %r0, 4
+  %291 = getelementptr inbounds i32, ptr %rows, i64 %290
+  %292 = load i32, ptr %291, align 4
+  %293 = sext i32 %292 to i64
+  %294 = mul nsw i64 %293, 5120
+  %295 = getelementptr inbounds float, ptr %x, i64 %294
   store <8 x float> zeroinitializer, ptr %acc4039, align 4
   store <8 x float> zeroinitializer, ptr %acc4140, align 4
   %panel.off41 = mul nsw i64 %p, 81920
-  br label %k.head42
+  %296 = getelementptr inbounds i16, ptr %panels, i64 %panel.off41
+  %297 = add nsw i64 %p, 1
+  %298 = icmp slt i64 %297, %p1
+  %299 = getelementptr inbounds i8, ptr %296, i64 163840
+  %300 = and i1 %pf.on, %298
+  %pf42 = select i1 %300, ptr %299, ptr %296
+  br label %k.head43
 
-k.head42:                                         ; preds = %k.body43, %tile.mr5
-  %k45 = phi i64 [ 0, %tile.mr5 ], [ %334, %k.body43 ]
-  %287 = icmp slt i64 %k45, 5120
-  br i1 %287, label %k.body43, label %k.end44
+k.head43:                                         ; preds = %k.body44, %tile.mr5
+  %k46 = phi i64 [ 0, %tile.mr5 ], [ %350, %k.body44 ]
+  %301 = icmp slt i64 %k46, 5120
+  br i1 %301, label %k.body44, label %k.end45
 
-k.body43:                                         ; preds = %k.head42
-  %288 = mul nsw i64 %k45, 16
-  %289 = add nsw i64 %panel.off41, %288
-  %290 = getelementptr inbounds i16, ptr %panels, i64 %289
-  %291 = load <8 x i32>, ptr %290, align 4
-  %292 = shl <8 x i32> %291, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b046 = bitcast <8 x i32> %292 to <8 x float>
-  %293 = and <8 x i32> %291, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b147 = bitcast <8 x i32> %293 to <8 x float>
-  %294 = getelementptr inbounds float, ptr %262, i64 %k45
-  %295 = load float, ptr %294, align 4
-  %296 = insertelement <8 x float> poison, float %295, i32 0
-  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
-  %298 = load <8 x float>, ptr %acc0031, align 4
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b046, <8 x float> %298)
-  store <8 x float> %299, ptr %acc0031, align 4
-  %300 = load <8 x float>, ptr %acc0132, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b147, <8 x float> %300)
-  store <8 x float> %301, ptr %acc0132, align 4
-  %302 = getelementptr inbounds float, ptr %268, i64 %k45
-  %303 = load float, ptr %302, align 4
-  %304 = insertelement <8 x float> poison, float %303, i32 0
-  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
-  %306 = load <8 x float>, ptr %acc1033, align 4
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b046, <8 x float> %306)
-  store <8 x float> %307, ptr %acc1033, align 4
-  %308 = load <8 x float>, ptr %acc1134, align 4
-  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %b147, <8 x float> %308)
-  store <8 x float> %309, ptr %acc1134, align 4
-  %310 = getelementptr inbounds float, ptr %274, i64 %k45
+k.body44:                                         ; preds = %k.head43
+  %302 = mul nsw i64 %k46, 16
+  %303 = add nsw i64 %panel.off41, %302
+  %304 = mul nsw i64 %k46, 32
+  %305 = getelementptr inbounds i8, ptr %pf42, i64 %304
+  call void @llvm.prefetch.p0(ptr %305, i32 0, i32 2, i32 1)
+  %306 = getelementptr inbounds i16, ptr %panels, i64 %303
+  %307 = load <8 x i32>, ptr %306, align 4
+  %308 = shl <8 x i32> %307, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %308 to <8 x float>
+  %309 = and <8 x i32> %307, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %309 to <8 x float>
+  %310 = getelementptr inbounds float, ptr %271, i64 %k46
   %311 = load float, ptr %310, align 4
   %312 = insertelement <8 x float> poison, float %311, i32 0
   %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %acc2035, align 4
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b046, <8 x float> %314)
-  store <8 x float> %315, ptr %acc2035, align 4
-  %316 = load <8 x float>, ptr %acc2136, align 4
-  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b147, <8 x float> %316)
-  store <8 x float> %317, ptr %acc2136, align 4
-  %318 = getelementptr inbounds float, ptr %280, i64 %k45
+  %314 = load <8 x float>, ptr %acc0031, align 4
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b047, <8 x float> %314)
+  store <8 x float> %315, ptr %acc0031, align 4
+  %316 = load <8 x float>, ptr %acc0132, align 4
+  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b148, <8 x float> %316)
+  store <8 x float> %317, ptr %acc0132, align 4
+  %318 = getelementptr inbounds float, ptr %277, i64 %k46
   %319 = load float, ptr %318, align 4
   %320 = insertelement <8 x float> poison, float %319, i32 0
   %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
-  %322 = load <8 x float>, ptr %acc3037, align 4
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b046, <8 x float> %322)
-  store <8 x float> %323, ptr %acc3037, align 4
-  %324 = load <8 x float>, ptr %acc3138, align 4
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b147, <8 x float> %324)
-  store <8 x float> %325, ptr %acc3138, align 4
-  %326 = getelementptr inbounds float, ptr %286, i64 %k45
+  %322 = load <8 x float>, ptr %acc1033, align 4
+  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b047, <8 x float> %322)
+  store <8 x float> %323, ptr %acc1033, align 4
+  %324 = load <8 x float>, ptr %acc1134, align 4
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b148, <8 x float> %324)
+  store <8 x float> %325, ptr %acc1134, align 4
+  %326 = getelementptr inbounds float, ptr %283, i64 %k46
   %327 = load float, ptr %326, align 4
   %328 = insertelement <8 x float> poison, float %327, i32 0
   %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
-  %330 = load <8 x float>, ptr %acc4039, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b046, <8 x float> %330)
-  store <8 x float> %331, ptr %acc4039, align 4
-  %332 = load <8 x float>, ptr %acc4140, align 4
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b147, <8 x float> %332)
-  store <8 x float> %333, ptr %acc4140, align 4
-  %334 = add nsw i64 %k45, 1
-  br label %k.head42
+  %330 = load <8 x float>, ptr %acc2035, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b047, <8 x float> %330)
+  store <8 x float> %331, ptr %acc2035, align 4
+  %332 = load <8 x float>, ptr %acc2136, align 4
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b148, <8 x float> %332)
+  store <8 x float> %333, ptr %acc2136, align 4
+  %334 = getelementptr inbounds float, ptr %289, i64 %k46
+  %335 = load float, ptr %334, align 4
+  %336 = insertelement <8 x float> poison, float %335, i32 0
+  %337 = shufflevector <8 x float> %336, <8 x float> poison, <8 x i32> zeroinitializer
+  %338 = load <8 x float>, ptr %acc3037, align 4
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %b047, <8 x float> %338)
+  store <8 x float> %339, ptr %acc3037, align 4
+  %340 = load <8 x float>, ptr %acc3138, align 4
+  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %b148, <8 x float> %340)
+  store <8 x float> %341, ptr %acc3138, align 4
+  %342 = getelementptr inbounds float, ptr %295, i64 %k46
+  %343 = load float, ptr %342, align 4
+  %344 = insertelement <8 x float> poison, float %343, i32 0
+  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
+  %346 = load <8 x float>, ptr %acc4039, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %b047, <8 x float> %346)
+  store <8 x float> %347, ptr %acc4039, align 4
+  %348 = load <8 x float>, ptr %acc4140, align 4
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %b148, <8 x float> %348)
+  store <8 x float> %349, ptr %acc4140, align 4
+  %350 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end44:                                          ; preds = %k.head42
-  %335 = add nsw i64 %r0, 0
-  %336 = mul nsw i64 %335, 8192
-  %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %col48 = mul nsw i64 %p, 8
-  %338 = load <8 x float>, ptr %acc0031, align 4
-  %339 = load <8 x float>, ptr %acc0132, align 4
-  %340 = fneg <8 x float> %338
-  %341 = fcmp olt <8 x float> %340, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %342 = select <8 x i1> %341, <8 x float> %340, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %343 = fcmp ogt <8 x float> %342, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %344 = select <8 x i1> %343, <8 x float> %342, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %346 = call <8 x float> @llvm.floor.v8f32(<8 x float> %345)
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %344)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %346, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %347)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %348, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %348, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %348, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %348, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %348, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %354 = fmul <8 x float> %348, %348
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %354, <8 x float> %348)
-  %356 = fadd <8 x float> %355, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %357 = fptosi <8 x float> %346 to <8 x i32>
-  %358 = add <8 x i32> %357, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %359 = shl <8 x i32> %358, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n49 = bitcast <8 x i32> %359 to <8 x float>
-  %exp50 = fmul <8 x float> %356, %exp.2n49
-  %360 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %360
-  %silu52 = fmul <8 x float> %338, %sigmoid51
-  %glu53 = fmul <8 x float> %silu52, %339
-  %361 = getelementptr inbounds float, ptr %337, i64 %col48
-  store <8 x float> %glu53, ptr %361, align 4
-  %362 = add nsw i64 %r0, 1
-  %363 = mul nsw i64 %362, 8192
-  %364 = getelementptr inbounds float, ptr %h, i64 %363
-  %col54 = mul nsw i64 %p, 8
-  %365 = load <8 x float>, ptr %acc1033, align 4
-  %366 = load <8 x float>, ptr %acc1134, align 4
-  %367 = fneg <8 x float> %365
-  %368 = fcmp olt <8 x float> %367, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %369 = select <8 x i1> %368, <8 x float> %367, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %370 = fcmp ogt <8 x float> %369, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %371 = select <8 x i1> %370, <8 x float> %369, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %373 = call <8 x float> @llvm.floor.v8f32(<8 x float> %372)
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %371)
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %374)
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %375, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %375, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %375, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %375, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %375, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %381 = fmul <8 x float> %375, %375
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %381, <8 x float> %375)
-  %383 = fadd <8 x float> %382, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %384 = fptosi <8 x float> %373 to <8 x i32>
-  %385 = add <8 x i32> %384, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %386 = shl <8 x i32> %385, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %386 to <8 x float>
-  %exp56 = fmul <8 x float> %383, %exp.2n55
-  %387 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %387
-  %silu58 = fmul <8 x float> %365, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %366
-  %388 = getelementptr inbounds float, ptr %364, i64 %col54
-  store <8 x float> %glu59, ptr %388, align 4
-  %389 = add nsw i64 %r0, 2
-  %390 = mul nsw i64 %389, 8192
-  %391 = getelementptr inbounds float, ptr %h, i64 %390
-  %col60 = mul nsw i64 %p, 8
-  %392 = load <8 x float>, ptr %acc2035, align 4
-  %393 = load <8 x float>, ptr %acc2136, align 4
-  %394 = fneg <8 x float> %392
-  %395 = fcmp olt <8 x float> %394, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %396 = select <8 x i1> %395, <8 x float> %394, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %397 = fcmp ogt <8 x float> %396, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %398 = select <8 x i1> %397, <8 x float> %396, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %400 = call <8 x float> @llvm.floor.v8f32(<8 x float> %399)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %398)
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %401)
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %402, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %402, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %402, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %402, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %402, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %408 = fmul <8 x float> %402, %402
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %408, <8 x float> %402)
-  %410 = fadd <8 x float> %409, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %411 = fptosi <8 x float> %400 to <8 x i32>
-  %412 = add <8 x i32> %411, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %413 = shl <8 x i32> %412, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %413 to <8 x float>
-  %exp62 = fmul <8 x float> %410, %exp.2n61
-  %414 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %414
-  %silu64 = fmul <8 x float> %392, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %393
-  %415 = getelementptr inbounds float, ptr %391, i64 %col60
-  store <8 x float> %glu65, ptr %415, align 4
-  %416 = add nsw i64 %r0, 3
-  %417 = mul nsw i64 %416, 8192
-  %418 = getelementptr inbounds float, ptr %h, i64 %417
-  %col66 = mul nsw i64 %p, 8
-  %419 = load <8 x float>, ptr %acc3037, align 4
-  %420 = load <8 x float>, ptr %acc3138, align 4
-  %421 = fneg <8 x float> %419
-  %422 = fcmp olt <8 x float> %421, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %423 = select <8 x i1> %422, <8 x float> %421, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %424 = fcmp ogt <8 x float> %423, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %425 = select <8 x i1> %424, <8 x float> %423, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %427 = call <8 x float> @llvm.floor.v8f32(<8 x float> %426)
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %425)
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %428)
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %429, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> %429, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %429, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %429, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %429, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %435 = fmul <8 x float> %429, %429
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %435, <8 x float> %429)
-  %437 = fadd <8 x float> %436, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %438 = fptosi <8 x float> %427 to <8 x i32>
-  %439 = add <8 x i32> %438, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %440 = shl <8 x i32> %439, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %440 to <8 x float>
-  %exp68 = fmul <8 x float> %437, %exp.2n67
-  %441 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %441
-  %silu70 = fmul <8 x float> %419, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %420
-  %442 = getelementptr inbounds float, ptr %418, i64 %col66
-  store <8 x float> %glu71, ptr %442, align 4
-  %443 = add nsw i64 %r0, 4
-  %444 = mul nsw i64 %443, 8192
-  %445 = getelementptr inbounds float, ptr %h, i64 %444
-  %col72 = mul nsw i64 %p, 8
-  %446 = load <8 x float>, ptr %acc4039, align 4
-  %447 = load <8 x float>, ptr %acc4140, align 4
-  %448 = fneg <8 x float> %446
-  %449 = fcmp olt <8 x float> %448, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %450 = select <8 x i1> %449, <8 x float> %448, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %451 = fcmp ogt <8 x float> %450, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %452 = select <8 x i1> %451, <8 x float> %450, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %454 = call <8 x float> @llvm.floor.v8f32(<8 x float> %453)
-  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %452)
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %455)
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %456, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %456, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %456, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %456, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %462 = fmul <8 x float> %456, %456
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %462, <8 x float> %456)
-  %464 = fadd <8 x float> %463, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %465 = fptosi <8 x float> %454 to <8 x i32>
-  %466 = add <8 x i32> %465, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %467 = shl <8 x i32> %466, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %467 to <8 x float>
-  %exp74 = fmul <8 x float> %464, %exp.2n73
-  %468 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %468
-  %silu76 = fmul <8 x float> %446, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %447
-  %469 = getelementptr inbounds float, ptr %445, i64 %col72
-  store <8 x float> %glu77, ptr %469, align 4
+k.end45:                                          ; preds = %k.head43
+  %351 = add nsw i64 %r0, 0
+  %352 = mul nsw i64 %351, 8192
+  %353 = getelementptr inbounds float, ptr %h, i64 %352
+  %col49 = mul nsw i64 %p, 8
+  %354 = load <8 x float>, ptr %acc0031, align 4
+  %355 = load <8 x float>, ptr %acc0132, align 4
+  %356 = fneg <8 x float> %354
+  %357 = fcmp olt <8 x float> %356, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %358 = select <8 x i1> %357, <8 x float> %356, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %359 = fcmp ogt <8 x float> %358, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %360 = select <8 x i1> %359, <8 x float> %358, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %362 = call <8 x float> @llvm.floor.v8f32(<8 x float> %361)
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %360)
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %363)
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %364, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %364, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %364, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %364, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %364, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %370 = fmul <8 x float> %364, %364
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %370, <8 x float> %364)
+  %372 = fadd <8 x float> %371, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %373 = fptosi <8 x float> %362 to <8 x i32>
+  %374 = add <8 x i32> %373, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %375 = shl <8 x i32> %374, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n50 = bitcast <8 x i32> %375 to <8 x float>
+  %exp51 = fmul <8 x float> %372, %exp.2n50
+  %376 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %376
+  %silu53 = fmul <8 x float> %354, %sigmoid52
+  %glu54 = fmul <8 x float> %silu53, %355
+  %377 = getelementptr inbounds float, ptr %353, i64 %col49
+  store <8 x float> %glu54, ptr %377, align 4
+  %378 = add nsw i64 %r0, 1
+  %379 = mul nsw i64 %378, 8192
+  %380 = getelementptr inbounds float, ptr %h, i64 %379
+  %col55 = mul nsw i64 %p, 8
+  %381 = load <8 x float>, ptr %acc1033, align 4
+  %382 = load <8 x float>, ptr %acc1134, align 4
+  %383 = fneg <8 x float> %381
+  %384 = fcmp olt <8 x float> %383, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %385 = select <8 x i1> %384, <8 x float> %383, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %386 = fcmp ogt <8 x float> %385, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %387 = select <8 x i1> %386, <8 x float> %385, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %389 = call <8 x float> @llvm.floor.v8f32(<8 x float> %388)
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %387)
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %390)
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %391, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %391, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %391, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %391, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %391, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %397 = fmul <8 x float> %391, %391
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %397, <8 x float> %391)
+  %399 = fadd <8 x float> %398, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %400 = fptosi <8 x float> %389 to <8 x i32>
+  %401 = add <8 x i32> %400, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %402 = shl <8 x i32> %401, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n56 = bitcast <8 x i32> %402 to <8 x float>
+  %exp57 = fmul <8 x float> %399, %exp.2n56
+  %403 = fadd <8 x float> %exp57, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid58 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %403
+  %silu59 = fmul <8 x float> %381, %sigmoid58
+  %glu60 = fmul <8 x float> %silu59, %382
+  %404 = getelementptr inbounds float, ptr %380, i64 %col55
+  store <8 x float> %glu60, ptr %404, align 4
+  %405 = add nsw i64 %r0, 2
+  %406 = mul nsw i64 %405, 8192
+  %407 = getelementptr inbounds float, ptr %h, i64 %406
+  %col61 = mul nsw i64 %p, 8
+  %408 = load <8 x float>, ptr %acc2035, align 4
+  %409 = load <8 x float>, ptr %acc2136, align 4
+  %410 = fneg <8 x float> %408
+  %411 = fcmp olt <8 x float> %410, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %412 = select <8 x i1> %411, <8 x float> %410, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %413 = fcmp ogt <8 x float> %412, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %414 = select <8 x i1> %413, <8 x float> %412, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %416 = call <8 x float> @llvm.floor.v8f32(<8 x float> %415)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %414)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %417)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %418, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %418, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %418, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %418, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %418, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %424 = fmul <8 x float> %418, %418
+  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %424, <8 x float> %418)
+  %426 = fadd <8 x float> %425, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %427 = fptosi <8 x float> %416 to <8 x i32>
+  %428 = add <8 x i32> %427, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %429 = shl <8 x i32> %428, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n62 = bitcast <8 x i32> %429 to <8 x float>
+  %exp63 = fmul <8 x float> %426, %exp.2n62
+  %430 = fadd <8 x float> %exp63, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid64 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %430
+  %silu65 = fmul <8 x float> %408, %sigmoid64
+  %glu66 = fmul <8 x float> %silu65, %409
+  %431 = getelementptr inbounds float, ptr %407, i64 %col61
+  store <8 x float> %glu66, ptr %431, align 4
+  %432 = add nsw i64 %r0, 3
+  %433 = mul nsw i64 %432, 8192
+  %434 = getelementptr inbounds float, ptr %h, i64 %433
+  %col67 = mul nsw i64 %p, 8
+  %435 = load <8 x float>, ptr %acc3037, align 4
+  %436 = load <8 x float>, ptr %acc3138, align 4
+  %437 = fneg <8 x float> %435
+  %438 = fcmp olt <8 x float> %437, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %439 = select <8 x i1> %438, <8 x float> %437, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %440 = fcmp ogt <8 x float> %439, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %443 = call <8 x float> @llvm.floor.v8f32(<8 x float> %442)
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %441)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %444)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %445, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %445, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %445, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %445, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %445, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %451 = fmul <8 x float> %445, %445
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %451, <8 x float> %445)
+  %453 = fadd <8 x float> %452, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %454 = fptosi <8 x float> %443 to <8 x i32>
+  %455 = add <8 x i32> %454, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %456 = shl <8 x i32> %455, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n68 = bitcast <8 x i32> %456 to <8 x float>
+  %exp69 = fmul <8 x float> %453, %exp.2n68
+  %457 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %457
+  %silu71 = fmul <8 x float> %435, %sigmoid70
+  %glu72 = fmul <8 x float> %silu71, %436
+  %458 = getelementptr inbounds float, ptr %434, i64 %col67
+  store <8 x float> %glu72, ptr %458, align 4
+  %459 = add nsw i64 %r0, 4
+  %460 = mul nsw i64 %459, 8192
+  %461 = getelementptr inbounds float, ptr %h, i64 %460
+  %col73 = mul nsw i64 %p, 8
+  %462 = load <8 x float>, ptr %acc4039, align 4
+  %463 = load <8 x float>, ptr %acc4140, align 4
+  %464 = fneg <8 x float> %462
+  %465 = fcmp olt <8 x float> %464, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %466 = select <8 x i1> %465, <8 x float> %464, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %467 = fcmp ogt <8 x float> %466, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %468 = select <8 x i1> %467, <8 x float> %466, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %470 = call <8 x float> @llvm.floor.v8f32(<8 x float> %469)
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %468)
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %471)
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %472, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %472, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %472, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %472, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %472, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %478 = fmul <8 x float> %472, %472
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %478, <8 x float> %472)
+  %480 = fadd <8 x float> %479, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %481 = fptosi <8 x float> %470 to <8 x i32>
+  %482 = add <8 x i32> %481, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %483 = shl <8 x i32> %482, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n74 = bitcast <8 x i32> %483 to <8 x float>
+  %exp75 = fmul <8 x float> %480, %exp.2n74
+  %484 = fadd <8 x float> %exp75, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid76 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %484
+  %silu77 = fmul <8 x float> %462, %sigmoid76
+  %glu78 = fmul <8 x float> %silu77, %463
+  %485 = getelementptr inbounds float, ptr %461, i64 %col73
+  store <8 x float> %glu78, ptr %485, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %470 = add nsw i64 %r0, 0
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %470
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 5120
-  %475 = getelementptr inbounds float, ptr %x, i64 %474
-  store <8 x float> zeroinitializer, ptr %acc0078, align 4
-  store <8 x float> zeroinitializer, ptr %acc0179, align 4
-  %476 = add nsw i64 %r0, 1
-  %477 = getelementptr inbounds i32, ptr %rows, i64 %476
-  %478 = load i32, ptr %477, align 4
-  %479 = sext i32 %478 to i64
-  %480 = mul nsw i64 %479, 5120
-  %481 = getelementptr inbounds float, ptr %x, i64 %480
-  store <8 x float> zeroinitializer, ptr %acc1080, align 4
-  store <8 x float> zeroinitializer, ptr %acc1181, align 4
-  %482 = add nsw i64 %r0, 2
-  %483 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %484 = load i32, ptr %483, align 4
-  %485 = sext i32 %484 to i64
-  %486 = mul nsw i64 %485, 5120
-  %487 = getelementptr inbounds float, ptr %x, i64 %486
-  store <8 x float> zeroinitializer, ptr %acc2082, align 4
-  store <8 x float> zeroinitializer, ptr %acc2183, align 4
-  %488 = add nsw i64 %r0, 3
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %488
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 5120
-  %493 = getelementptr inbounds float, ptr %x, i64 %492
-  store <8 x float> zeroinitializer, ptr %acc3084, align 4
-  store <8 x float> zeroinitializer, ptr %acc3185, align 4
-  %panel.off86 = mul nsw i64 %p, 81920
-  br label %k.head87
+  %486 = add nsw i64 %r0, 0
+  %487 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %488 = load i32, ptr %487, align 4
+  %489 = sext i32 %488 to i64
+  %490 = mul nsw i64 %489, 5120
+  %491 = getelementptr inbounds float, ptr %x, i64 %490
+  store <8 x float> zeroinitializer, ptr %acc0079, align 4
+  store <8 x float> zeroinitializer, ptr %acc0180, align 4
+  %492 = add nsw i64 %r0, 1
+  %493 = getelementptr inbounds i32, ptr %rows, i64 %492
+  %494 = load i32, ptr %493, align 4
+  %495 = sext i32 %494 to i64
+  %496 = mul nsw i64 %495, 5120
+  %497 = getelementptr inbounds float, ptr %x, i64 %496
+  store <8 x float> zeroinitializer, ptr %acc1081, align 4
+  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  %498 = add nsw i64 %r0, 2
+  %499 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %500 = load i32, ptr %499, align 4
+  %501 = sext i32 %500 to i64
+  %502 = mul nsw i64 %501, 5120
+  %503 = getelementptr inbounds float, ptr %x, i64 %502
+  store <8 x float> zeroinitializer, ptr %acc2083, align 4
+  store <8 x float> zeroinitializer, ptr %acc2184, align 4
+  %504 = add nsw i64 %r0, 3
+  %505 = getelementptr inbounds i32, ptr %rows, i64 %504
+  %506 = load i32, ptr %505, align 4
+  %507 = sext i32 %506 to i64
+  %508 = mul nsw i64 %507, 5120
+  %509 = getelementptr inbounds float, ptr %x, i64 %508
+  store <8 x float> zeroinitializer, ptr %acc3085, align 4
+  store <8 x float> zeroinitializer, ptr %acc3186, align 4
+  %panel.off87 = mul nsw i64 %p, 81920
+  %510 = getelementptr inbounds i16, ptr %panels, i64 %panel.off87
+  %511 = add nsw i64 %p, 1
+  %512 = icmp slt i64 %511, %p1
+  %513 = getelementptr inbounds i8, ptr %510, i64 163840
+  %514 = and i1 %pf.on, %512
+  %pf88 = select i1 %514, ptr %513, ptr %510
+  br label %k.head89
 
-k.head87:                                         ; preds = %k.body88, %tile.mr4
-  %k90 = phi i64 [ 0, %tile.mr4 ], [ %533, %k.body88 ]
-  %494 = icmp slt i64 %k90, 5120
-  br i1 %494, label %k.body88, label %k.end89
+k.head89:                                         ; preds = %k.body90, %tile.mr4
+  %k92 = phi i64 [ 0, %tile.mr4 ], [ %556, %k.body90 ]
+  %515 = icmp slt i64 %k92, 5120
+  br i1 %515, label %k.body90, label %k.end91
 
-k.body88:                                         ; preds = %k.head87
-  %495 = mul nsw i64 %k90, 16
-  %496 = add nsw i64 %panel.off86, %495
-  %497 = getelementptr inbounds i16, ptr %panels, i64 %496
-  %498 = load <8 x i32>, ptr %497, align 4
-  %499 = shl <8 x i32> %498, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b091 = bitcast <8 x i32> %499 to <8 x float>
-  %500 = and <8 x i32> %498, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b192 = bitcast <8 x i32> %500 to <8 x float>
-  %501 = getelementptr inbounds float, ptr %475, i64 %k90
-  %502 = load float, ptr %501, align 4
-  %503 = insertelement <8 x float> poison, float %502, i32 0
-  %504 = shufflevector <8 x float> %503, <8 x float> poison, <8 x i32> zeroinitializer
-  %505 = load <8 x float>, ptr %acc0078, align 4
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %b091, <8 x float> %505)
-  store <8 x float> %506, ptr %acc0078, align 4
-  %507 = load <8 x float>, ptr %acc0179, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %b192, <8 x float> %507)
-  store <8 x float> %508, ptr %acc0179, align 4
-  %509 = getelementptr inbounds float, ptr %481, i64 %k90
-  %510 = load float, ptr %509, align 4
-  %511 = insertelement <8 x float> poison, float %510, i32 0
-  %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
-  %513 = load <8 x float>, ptr %acc1080, align 4
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %b091, <8 x float> %513)
-  store <8 x float> %514, ptr %acc1080, align 4
-  %515 = load <8 x float>, ptr %acc1181, align 4
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %b192, <8 x float> %515)
-  store <8 x float> %516, ptr %acc1181, align 4
-  %517 = getelementptr inbounds float, ptr %487, i64 %k90
-  %518 = load float, ptr %517, align 4
-  %519 = insertelement <8 x float> poison, float %518, i32 0
-  %520 = shufflevector <8 x float> %519, <8 x float> poison, <8 x i32> zeroinitializer
-  %521 = load <8 x float>, ptr %acc2082, align 4
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %b091, <8 x float> %521)
-  store <8 x float> %522, ptr %acc2082, align 4
-  %523 = load <8 x float>, ptr %acc2183, align 4
-  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %b192, <8 x float> %523)
-  store <8 x float> %524, ptr %acc2183, align 4
-  %525 = getelementptr inbounds float, ptr %493, i64 %k90
-  %526 = load float, ptr %525, align 4
-  %527 = insertelement <8 x float> poison, float %526, i32 0
-  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
-  %529 = load <8 x float>, ptr %acc3084, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %b091, <8 x float> %529)
-  store <8 x float> %530, ptr %acc3084, align 4
-  %531 = load <8 x float>, ptr %acc3185, align 4
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %b192, <8 x float> %531)
-  store <8 x float> %532, ptr %acc3185, align 4
-  %533 = add nsw i64 %k90, 1
-  br label %k.head87
+k.body90:                                         ; preds = %k.head89
+  %516 = mul nsw i64 %k92, 16
+  %517 = add nsw i64 %panel.off87, %516
+  %518 = mul nsw i64 %k92, 32
+  %519 = getelementptr inbounds i8, ptr %pf88, i64 %518
+  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
+  %520 = getelementptr inbounds i16, ptr %panels, i64 %517
+  %521 = load <8 x i32>, ptr %520, align 4
+  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b093 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b194 = bitcast <8 x i32> %523 to <8 x float>
+  %524 = getelementptr inbounds float, ptr %491, i64 %k92
+  %525 = load float, ptr %524, align 4
+  %526 = insertelement <8 x float> poison, float %525, i32 0
+  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
+  %528 = load <8 x float>, ptr %acc0079, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b093, <8 x float> %528)
+  store <8 x float> %529, ptr %acc0079, align 4
+  %530 = load <8 x float>, ptr %acc0180, align 4
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b194, <8 x float> %530)
+  store <8 x float> %531, ptr %acc0180, align 4
+  %532 = getelementptr inbounds float, ptr %497, i64 %k92
+  %533 = load float, ptr %532, align 4
+  %534 = insertelement <8 x float> poison, float %533, i32 0
+  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
+  %536 = load <8 x float>, ptr %acc1081, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b093, <8 x float> %536)
+  store <8 x float> %537, ptr %acc1081, align 4
+  %538 = load <8 x float>, ptr %acc1182, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b194, <8 x float> %538)
+  store <8 x float> %539, ptr %acc1182, align 4
+  %540 = getelementptr inbounds float, ptr %503, i64 %k92
+  %541 = load float, ptr %540, align 4
+  %542 = insertelement <8 x float> poison, float %541, i32 0
+  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
+  %544 = load <8 x float>, ptr %acc2083, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b093, <8 x float> %544)
+  store <8 x float> %545, ptr %acc2083, align 4
+  %546 = load <8 x float>, ptr %acc2184, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b194, <8 x float> %546)
+  store <8 x float> %547, ptr %acc2184, align 4
+  %548 = getelementptr inbounds float, ptr %509, i64 %k92
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc3085, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b093, <8 x float> %552)
+  store <8 x float> %553, ptr %acc3085, align 4
+  %554 = load <8 x float>, ptr %acc3186, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b194, <8 x float> %554)
+  store <8 x float> %555, ptr %acc3186, align 4
+  %556 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end89:                                          ; preds = %k.head87
-  %534 = add nsw i64 %r0, 0
-  %535 = mul nsw i64 %534, 8192
-  %536 = getelementptr inbounds float, ptr %h, i64 %535
-  %col93 = mul nsw i64 %p, 8
-  %537 = load <8 x float>, ptr %acc0078, align 4
-  %538 = load <8 x float>, ptr %acc0179, align 4
-  %539 = fneg <8 x float> %537
-  %540 = fcmp olt <8 x float> %539, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %542 = fcmp ogt <8 x float> %541, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %543 = select <8 x i1> %542, <8 x float> %541, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %545 = call <8 x float> @llvm.floor.v8f32(<8 x float> %544)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %543)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %546)
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %547, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %547, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %547, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %547, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %553 = fmul <8 x float> %547, %547
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %553, <8 x float> %547)
-  %555 = fadd <8 x float> %554, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %556 = fptosi <8 x float> %545 to <8 x i32>
-  %557 = add <8 x i32> %556, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %558 = shl <8 x i32> %557, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n94 = bitcast <8 x i32> %558 to <8 x float>
-  %exp95 = fmul <8 x float> %555, %exp.2n94
-  %559 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %559
-  %silu97 = fmul <8 x float> %537, %sigmoid96
-  %glu98 = fmul <8 x float> %silu97, %538
-  %560 = getelementptr inbounds float, ptr %536, i64 %col93
-  store <8 x float> %glu98, ptr %560, align 4
-  %561 = add nsw i64 %r0, 1
-  %562 = mul nsw i64 %561, 8192
-  %563 = getelementptr inbounds float, ptr %h, i64 %562
-  %col99 = mul nsw i64 %p, 8
-  %564 = load <8 x float>, ptr %acc1080, align 4
-  %565 = load <8 x float>, ptr %acc1181, align 4
-  %566 = fneg <8 x float> %564
-  %567 = fcmp olt <8 x float> %566, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %568 = select <8 x i1> %567, <8 x float> %566, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %569 = fcmp ogt <8 x float> %568, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %570 = select <8 x i1> %569, <8 x float> %568, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %572 = call <8 x float> @llvm.floor.v8f32(<8 x float> %571)
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %570)
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %573)
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %574, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %574, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %574, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %574, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %574, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %580 = fmul <8 x float> %574, %574
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %580, <8 x float> %574)
-  %582 = fadd <8 x float> %581, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %583 = fptosi <8 x float> %572 to <8 x i32>
-  %584 = add <8 x i32> %583, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %585 = shl <8 x i32> %584, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %585 to <8 x float>
-  %exp101 = fmul <8 x float> %582, %exp.2n100
-  %586 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %586
-  %silu103 = fmul <8 x float> %564, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %565
-  %587 = getelementptr inbounds float, ptr %563, i64 %col99
-  store <8 x float> %glu104, ptr %587, align 4
-  %588 = add nsw i64 %r0, 2
-  %589 = mul nsw i64 %588, 8192
-  %590 = getelementptr inbounds float, ptr %h, i64 %589
-  %col105 = mul nsw i64 %p, 8
-  %591 = load <8 x float>, ptr %acc2082, align 4
-  %592 = load <8 x float>, ptr %acc2183, align 4
-  %593 = fneg <8 x float> %591
-  %594 = fcmp olt <8 x float> %593, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %595 = select <8 x i1> %594, <8 x float> %593, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %596 = fcmp ogt <8 x float> %595, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %597 = select <8 x i1> %596, <8 x float> %595, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %599 = call <8 x float> @llvm.floor.v8f32(<8 x float> %598)
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %597)
-  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %600)
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %601, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %601, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %601, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %601, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %601, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %607 = fmul <8 x float> %601, %601
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %607, <8 x float> %601)
-  %609 = fadd <8 x float> %608, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %610 = fptosi <8 x float> %599 to <8 x i32>
-  %611 = add <8 x i32> %610, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %612 = shl <8 x i32> %611, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n106 = bitcast <8 x i32> %612 to <8 x float>
-  %exp107 = fmul <8 x float> %609, %exp.2n106
-  %613 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %613
-  %silu109 = fmul <8 x float> %591, %sigmoid108
-  %glu110 = fmul <8 x float> %silu109, %592
-  %614 = getelementptr inbounds float, ptr %590, i64 %col105
-  store <8 x float> %glu110, ptr %614, align 4
-  %615 = add nsw i64 %r0, 3
-  %616 = mul nsw i64 %615, 8192
-  %617 = getelementptr inbounds float, ptr %h, i64 %616
-  %col111 = mul nsw i64 %p, 8
-  %618 = load <8 x float>, ptr %acc3084, align 4
-  %619 = load <8 x float>, ptr %acc3185, align 4
-  %620 = fneg <8 x float> %618
-  %621 = fcmp olt <8 x float> %620, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %623 = fcmp ogt <8 x float> %622, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %624 = select <8 x i1> %623, <8 x float> %622, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %626 = call <8 x float> @llvm.floor.v8f32(<8 x float> %625)
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %624)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %627)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %628, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %628, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %628, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %628, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %628, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %634 = fmul <8 x float> %628, %628
-  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %634, <8 x float> %628)
-  %636 = fadd <8 x float> %635, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %637 = fptosi <8 x float> %626 to <8 x i32>
-  %638 = add <8 x i32> %637, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %639 = shl <8 x i32> %638, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n112 = bitcast <8 x i32> %639 to <8 x float>
-  %exp113 = fmul <8 x float> %636, %exp.2n112
-  %640 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %640
-  %silu115 = fmul <8 x float> %618, %sigmoid114
-  %glu116 = fmul <8 x float> %silu115, %619
-  %641 = getelementptr inbounds float, ptr %617, i64 %col111
-  store <8 x float> %glu116, ptr %641, align 4
+k.end91:                                          ; preds = %k.head89
+  %557 = add nsw i64 %r0, 0
+  %558 = mul nsw i64 %557, 8192
+  %559 = getelementptr inbounds float, ptr %h, i64 %558
+  %col95 = mul nsw i64 %p, 8
+  %560 = load <8 x float>, ptr %acc0079, align 4
+  %561 = load <8 x float>, ptr %acc0180, align 4
+  %562 = fneg <8 x float> %560
+  %563 = fcmp olt <8 x float> %562, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %564 = select <8 x i1> %563, <8 x float> %562, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %565 = fcmp ogt <8 x float> %564, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %566 = select <8 x i1> %565, <8 x float> %564, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %568 = call <8 x float> @llvm.floor.v8f32(<8 x float> %567)
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %566)
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %569)
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %570, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %570, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %570, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %573, <8 x float> %570, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %570, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %576 = fmul <8 x float> %570, %570
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %576, <8 x float> %570)
+  %578 = fadd <8 x float> %577, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %579 = fptosi <8 x float> %568 to <8 x i32>
+  %580 = add <8 x i32> %579, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %581 = shl <8 x i32> %580, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n96 = bitcast <8 x i32> %581 to <8 x float>
+  %exp97 = fmul <8 x float> %578, %exp.2n96
+  %582 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %582
+  %silu99 = fmul <8 x float> %560, %sigmoid98
+  %glu100 = fmul <8 x float> %silu99, %561
+  %583 = getelementptr inbounds float, ptr %559, i64 %col95
+  store <8 x float> %glu100, ptr %583, align 4
+  %584 = add nsw i64 %r0, 1
+  %585 = mul nsw i64 %584, 8192
+  %586 = getelementptr inbounds float, ptr %h, i64 %585
+  %col101 = mul nsw i64 %p, 8
+  %587 = load <8 x float>, ptr %acc1081, align 4
+  %588 = load <8 x float>, ptr %acc1182, align 4
+  %589 = fneg <8 x float> %587
+  %590 = fcmp olt <8 x float> %589, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %591 = select <8 x i1> %590, <8 x float> %589, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %592 = fcmp ogt <8 x float> %591, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %593 = select <8 x i1> %592, <8 x float> %591, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %595 = call <8 x float> @llvm.floor.v8f32(<8 x float> %594)
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %593)
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %596)
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %597, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %597, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %597, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %597, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %597, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %603 = fmul <8 x float> %597, %597
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %603, <8 x float> %597)
+  %605 = fadd <8 x float> %604, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %606 = fptosi <8 x float> %595 to <8 x i32>
+  %607 = add <8 x i32> %606, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %608 = shl <8 x i32> %607, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n102 = bitcast <8 x i32> %608 to <8 x float>
+  %exp103 = fmul <8 x float> %605, %exp.2n102
+  %609 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %609
+  %silu105 = fmul <8 x float> %587, %sigmoid104
+  %glu106 = fmul <8 x float> %silu105, %588
+  %610 = getelementptr inbounds float, ptr %586, i64 %col101
+  store <8 x float> %glu106, ptr %610, align 4
+  %611 = add nsw i64 %r0, 2
+  %612 = mul nsw i64 %611, 8192
+  %613 = getelementptr inbounds float, ptr %h, i64 %612
+  %col107 = mul nsw i64 %p, 8
+  %614 = load <8 x float>, ptr %acc2083, align 4
+  %615 = load <8 x float>, ptr %acc2184, align 4
+  %616 = fneg <8 x float> %614
+  %617 = fcmp olt <8 x float> %616, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %618 = select <8 x i1> %617, <8 x float> %616, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %619 = fcmp ogt <8 x float> %618, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %620 = select <8 x i1> %619, <8 x float> %618, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %622 = call <8 x float> @llvm.floor.v8f32(<8 x float> %621)
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %620)
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %623)
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %624, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %624, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %624, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %624, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %624, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %630 = fmul <8 x float> %624, %624
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %630, <8 x float> %624)
+  %632 = fadd <8 x float> %631, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %633 = fptosi <8 x float> %622 to <8 x i32>
+  %634 = add <8 x i32> %633, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %635 = shl <8 x i32> %634, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n108 = bitcast <8 x i32> %635 to <8 x float>
+  %exp109 = fmul <8 x float> %632, %exp.2n108
+  %636 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %636
+  %silu111 = fmul <8 x float> %614, %sigmoid110
+  %glu112 = fmul <8 x float> %silu111, %615
+  %637 = getelementptr inbounds float, ptr %613, i64 %col107
+  store <8 x float> %glu112, ptr %637, align 4
+  %638 = add nsw i64 %r0, 3
+  %639 = mul nsw i64 %638, 8192
+  %640 = getelementptr inbounds float, ptr %h, i64 %639
+  %col113 = mul nsw i64 %p, 8
+  %641 = load <8 x float>, ptr %acc3085, align 4
+  %642 = load <8 x float>, ptr %acc3186, align 4
+  %643 = fneg <8 x float> %641
+  %644 = fcmp olt <8 x float> %643, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %645 = select <8 x i1> %644, <8 x float> %643, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %646 = fcmp ogt <8 x float> %645, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %649 = call <8 x float> @llvm.floor.v8f32(<8 x float> %648)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %647)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %650)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %651, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %651, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %651, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %651, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %651, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %657 = fmul <8 x float> %651, %651
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %657, <8 x float> %651)
+  %659 = fadd <8 x float> %658, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %660 = fptosi <8 x float> %649 to <8 x i32>
+  %661 = add <8 x i32> %660, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %662 = shl <8 x i32> %661, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n114 = bitcast <8 x i32> %662 to <8 x float>
+  %exp115 = fmul <8 x float> %659, %exp.2n114
+  %663 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %663
+  %silu117 = fmul <8 x float> %641, %sigmoid116
+  %glu118 = fmul <8 x float> %silu117, %642
+  %664 = getelementptr inbounds float, ptr %640, i64 %col113
+  store <8 x float> %glu118, ptr %664, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %642 = add nsw i64 %r0, 0
-  %643 = getelementptr inbounds i32, ptr %rows, i64 %642
-  %644 = load i32, ptr %643, align 4
-  %645 = sext i32 %644 to i64
-  %646 = mul nsw i64 %645, 5120
-  %647 = getelementptr inbounds float, ptr %x, i64 %646
-  store <8 x float> zeroinitializer, ptr %acc00117, align 4
-  store <8 x float> zeroinitializer, ptr %acc01118, align 4
-  %648 = add nsw i64 %r0, 1
-  %649 = getelementptr inbounds i32, ptr %rows, i64 %648
-  %650 = load i32, ptr %649, align 4
-  %651 = sext i32 %650 to i64
-  %652 = mul nsw i64 %651, 5120
-  %653 = getelementptr inbounds float, ptr %x, i64 %652
-  store <8 x float> zeroinitializer, ptr %acc10119, align 4
-  store <8 x float> zeroinitializer, ptr %acc11120, align 4
-  %654 = add nsw i64 %r0, 2
-  %655 = getelementptr inbounds i32, ptr %rows, i64 %654
-  %656 = load i32, ptr %655, align 4
-  %657 = sext i32 %656 to i64
-  %658 = mul nsw i64 %657, 5120
-  %659 = getelementptr inbounds float, ptr %x, i64 %658
-  store <8 x float> zeroinitializer, ptr %acc20121, align 4
-  store <8 x float> zeroinitializer, ptr %acc21122, align 4
-  %panel.off123 = mul nsw i64 %p, 81920
-  br label %k.head124
+  %665 = add nsw i64 %r0, 0
+  %666 = getelementptr inbounds i32, ptr %rows, i64 %665
+  %667 = load i32, ptr %666, align 4
+  %668 = sext i32 %667 to i64
+  %669 = mul nsw i64 %668, 5120
+  %670 = getelementptr inbounds float, ptr %x, i64 %669
+  store <8 x float> zeroinitializer, ptr %acc00119, align 4
+  store <8 x float> zeroinitializer, ptr %acc01120, align 4
+  %671 = add nsw i64 %r0, 1
+  %672 = getelementptr inbounds i32, ptr %rows, i64 %671
+  %673 = load i32, ptr %672, align 4
+  %674 = sext i32 %673 to i64
+  %675 = mul nsw i64 %674, 5120
+  %676 = getelementptr inbounds float, ptr %x, i64 %675
+  store <8 x float> zeroinitializer, ptr %acc10121, align 4
+  store <8 x float> zeroinitializer, ptr %acc11122, align 4
+  %677 = add nsw i64 %r0, 2
+  %678 = getelementptr inbounds i32, ptr %rows, i64 %677
+  %679 = load i32, ptr %678, align 4
+  %680 = sext i32 %679 to i64
+  %681 = mul nsw i64 %680, 5120
+  %682 = getelementptr inbounds float, ptr %x, i64 %681
+  store <8 x float> zeroinitializer, ptr %acc20123, align 4
+  store <8 x float> zeroinitializer, ptr %acc21124, align 4
+  %panel.off125 = mul nsw i64 %p, 81920
+  %683 = getelementptr inbounds i16, ptr %panels, i64 %panel.off125
+  %684 = add nsw i64 %p, 1
+  %685 = icmp slt i64 %684, %p1
+  %686 = getelementptr inbounds i8, ptr %683, i64 163840
+  %687 = and i1 %pf.on, %685
+  %pf126 = select i1 %687, ptr %686, ptr %683
+  br label %k.head127
 
-k.head124:                                        ; preds = %k.body125, %tile.mr3
-  %k127 = phi i64 [ 0, %tile.mr3 ], [ %691, %k.body125 ]
-  %660 = icmp slt i64 %k127, 5120
-  br i1 %660, label %k.body125, label %k.end126
+k.head127:                                        ; preds = %k.body128, %tile.mr3
+  %k130 = phi i64 [ 0, %tile.mr3 ], [ %721, %k.body128 ]
+  %688 = icmp slt i64 %k130, 5120
+  br i1 %688, label %k.body128, label %k.end129
 
-k.body125:                                        ; preds = %k.head124
-  %661 = mul nsw i64 %k127, 16
-  %662 = add nsw i64 %panel.off123, %661
-  %663 = getelementptr inbounds i16, ptr %panels, i64 %662
-  %664 = load <8 x i32>, ptr %663, align 4
-  %665 = shl <8 x i32> %664, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0128 = bitcast <8 x i32> %665 to <8 x float>
-  %666 = and <8 x i32> %664, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1129 = bitcast <8 x i32> %666 to <8 x float>
-  %667 = getelementptr inbounds float, ptr %647, i64 %k127
-  %668 = load float, ptr %667, align 4
-  %669 = insertelement <8 x float> poison, float %668, i32 0
-  %670 = shufflevector <8 x float> %669, <8 x float> poison, <8 x i32> zeroinitializer
-  %671 = load <8 x float>, ptr %acc00117, align 4
-  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %b0128, <8 x float> %671)
-  store <8 x float> %672, ptr %acc00117, align 4
-  %673 = load <8 x float>, ptr %acc01118, align 4
-  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %b1129, <8 x float> %673)
-  store <8 x float> %674, ptr %acc01118, align 4
-  %675 = getelementptr inbounds float, ptr %653, i64 %k127
-  %676 = load float, ptr %675, align 4
-  %677 = insertelement <8 x float> poison, float %676, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = load <8 x float>, ptr %acc10119, align 4
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b0128, <8 x float> %679)
-  store <8 x float> %680, ptr %acc10119, align 4
-  %681 = load <8 x float>, ptr %acc11120, align 4
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %b1129, <8 x float> %681)
-  store <8 x float> %682, ptr %acc11120, align 4
-  %683 = getelementptr inbounds float, ptr %659, i64 %k127
-  %684 = load float, ptr %683, align 4
-  %685 = insertelement <8 x float> poison, float %684, i32 0
-  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
-  %687 = load <8 x float>, ptr %acc20121, align 4
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b0128, <8 x float> %687)
-  store <8 x float> %688, ptr %acc20121, align 4
-  %689 = load <8 x float>, ptr %acc21122, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b1129, <8 x float> %689)
-  store <8 x float> %690, ptr %acc21122, align 4
-  %691 = add nsw i64 %k127, 1
-  br label %k.head124
+k.body128:                                        ; preds = %k.head127
+  %689 = mul nsw i64 %k130, 16
+  %690 = add nsw i64 %panel.off125, %689
+  %691 = mul nsw i64 %k130, 32
+  %692 = getelementptr inbounds i8, ptr %pf126, i64 %691
+  call void @llvm.prefetch.p0(ptr %692, i32 0, i32 2, i32 1)
+  %693 = getelementptr inbounds i16, ptr %panels, i64 %690
+  %694 = load <8 x i32>, ptr %693, align 4
+  %695 = shl <8 x i32> %694, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0131 = bitcast <8 x i32> %695 to <8 x float>
+  %696 = and <8 x i32> %694, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1132 = bitcast <8 x i32> %696 to <8 x float>
+  %697 = getelementptr inbounds float, ptr %670, i64 %k130
+  %698 = load float, ptr %697, align 4
+  %699 = insertelement <8 x float> poison, float %698, i32 0
+  %700 = shufflevector <8 x float> %699, <8 x float> poison, <8 x i32> zeroinitializer
+  %701 = load <8 x float>, ptr %acc00119, align 4
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> %b0131, <8 x float> %701)
+  store <8 x float> %702, ptr %acc00119, align 4
+  %703 = load <8 x float>, ptr %acc01120, align 4
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> %b1132, <8 x float> %703)
+  store <8 x float> %704, ptr %acc01120, align 4
+  %705 = getelementptr inbounds float, ptr %676, i64 %k130
+  %706 = load float, ptr %705, align 4
+  %707 = insertelement <8 x float> poison, float %706, i32 0
+  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
+  %709 = load <8 x float>, ptr %acc10121, align 4
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b0131, <8 x float> %709)
+  store <8 x float> %710, ptr %acc10121, align 4
+  %711 = load <8 x float>, ptr %acc11122, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b1132, <8 x float> %711)
+  store <8 x float> %712, ptr %acc11122, align 4
+  %713 = getelementptr inbounds float, ptr %682, i64 %k130
+  %714 = load float, ptr %713, align 4
+  %715 = insertelement <8 x float> poison, float %714, i32 0
+  %716 = shufflevector <8 x float> %715, <8 x float> poison, <8 x i32> zeroinitializer
+  %717 = load <8 x float>, ptr %acc20123, align 4
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %b0131, <8 x float> %717)
+  store <8 x float> %718, ptr %acc20123, align 4
+  %719 = load <8 x float>, ptr %acc21124, align 4
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %b1132, <8 x float> %719)
+  store <8 x float> %720, ptr %acc21124, align 4
+  %721 = add nsw i64 %k130, 1
+  br label %k.head127
 
-k.end126:                                         ; preds = %k.head124
-  %692 = add nsw i64 %r0, 0
-  %693 = mul nsw i64 %692, 8192
-  %694 = getelementptr inbounds float, ptr %h, i64 %693
-  %col130 = mul nsw i64 %p, 8
-  %695 = load <8 x float>, ptr %acc00117, align 4
-  %696 = load <8 x float>, ptr %acc01118, align 4
-  %697 = fneg <8 x float> %695
-  %698 = fcmp olt <8 x float> %697, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %700 = fcmp ogt <8 x float> %699, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %701 = select <8 x i1> %700, <8 x float> %699, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %703 = call <8 x float> @llvm.floor.v8f32(<8 x float> %702)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %701)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %704)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %705, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %705, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %705, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %705, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %705, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %711 = fmul <8 x float> %705, %705
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %711, <8 x float> %705)
-  %713 = fadd <8 x float> %712, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %714 = fptosi <8 x float> %703 to <8 x i32>
-  %715 = add <8 x i32> %714, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %716 = shl <8 x i32> %715, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n131 = bitcast <8 x i32> %716 to <8 x float>
-  %exp132 = fmul <8 x float> %713, %exp.2n131
-  %717 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %717
-  %silu134 = fmul <8 x float> %695, %sigmoid133
-  %glu135 = fmul <8 x float> %silu134, %696
-  %718 = getelementptr inbounds float, ptr %694, i64 %col130
-  store <8 x float> %glu135, ptr %718, align 4
-  %719 = add nsw i64 %r0, 1
-  %720 = mul nsw i64 %719, 8192
-  %721 = getelementptr inbounds float, ptr %h, i64 %720
-  %col136 = mul nsw i64 %p, 8
-  %722 = load <8 x float>, ptr %acc10119, align 4
-  %723 = load <8 x float>, ptr %acc11120, align 4
-  %724 = fneg <8 x float> %722
-  %725 = fcmp olt <8 x float> %724, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %726 = select <8 x i1> %725, <8 x float> %724, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %727 = fcmp ogt <8 x float> %726, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %728 = select <8 x i1> %727, <8 x float> %726, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %730 = call <8 x float> @llvm.floor.v8f32(<8 x float> %729)
-  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %728)
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %731)
-  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %732, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> %732, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> %732, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %732, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %732, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %738 = fmul <8 x float> %732, %732
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %738, <8 x float> %732)
-  %740 = fadd <8 x float> %739, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %741 = fptosi <8 x float> %730 to <8 x i32>
-  %742 = add <8 x i32> %741, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %743 = shl <8 x i32> %742, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n137 = bitcast <8 x i32> %743 to <8 x float>
-  %exp138 = fmul <8 x float> %740, %exp.2n137
-  %744 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %744
-  %silu140 = fmul <8 x float> %722, %sigmoid139
-  %glu141 = fmul <8 x float> %silu140, %723
-  %745 = getelementptr inbounds float, ptr %721, i64 %col136
-  store <8 x float> %glu141, ptr %745, align 4
-  %746 = add nsw i64 %r0, 2
-  %747 = mul nsw i64 %746, 8192
-  %748 = getelementptr inbounds float, ptr %h, i64 %747
-  %col142 = mul nsw i64 %p, 8
-  %749 = load <8 x float>, ptr %acc20121, align 4
-  %750 = load <8 x float>, ptr %acc21122, align 4
-  %751 = fneg <8 x float> %749
-  %752 = fcmp olt <8 x float> %751, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %753 = select <8 x i1> %752, <8 x float> %751, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %754 = fcmp ogt <8 x float> %753, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %755 = select <8 x i1> %754, <8 x float> %753, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %757 = call <8 x float> @llvm.floor.v8f32(<8 x float> %756)
-  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %755)
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %758)
-  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %759, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %759, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %759, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> %759, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %759, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %765 = fmul <8 x float> %759, %759
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %765, <8 x float> %759)
-  %767 = fadd <8 x float> %766, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %768 = fptosi <8 x float> %757 to <8 x i32>
-  %769 = add <8 x i32> %768, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %770 = shl <8 x i32> %769, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %770 to <8 x float>
-  %exp144 = fmul <8 x float> %767, %exp.2n143
-  %771 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %771
-  %silu146 = fmul <8 x float> %749, %sigmoid145
-  %glu147 = fmul <8 x float> %silu146, %750
-  %772 = getelementptr inbounds float, ptr %748, i64 %col142
-  store <8 x float> %glu147, ptr %772, align 4
+k.end129:                                         ; preds = %k.head127
+  %722 = add nsw i64 %r0, 0
+  %723 = mul nsw i64 %722, 8192
+  %724 = getelementptr inbounds float, ptr %h, i64 %723
+  %col133 = mul nsw i64 %p, 8
+  %725 = load <8 x float>, ptr %acc00119, align 4
+  %726 = load <8 x float>, ptr %acc01120, align 4
+  %727 = fneg <8 x float> %725
+  %728 = fcmp olt <8 x float> %727, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %729 = select <8 x i1> %728, <8 x float> %727, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %730 = fcmp ogt <8 x float> %729, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %731 = select <8 x i1> %730, <8 x float> %729, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %733 = call <8 x float> @llvm.floor.v8f32(<8 x float> %732)
+  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %731)
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %734)
+  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %735, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %735, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %735, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %738, <8 x float> %735, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> %735, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %741 = fmul <8 x float> %735, %735
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %741, <8 x float> %735)
+  %743 = fadd <8 x float> %742, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %744 = fptosi <8 x float> %733 to <8 x i32>
+  %745 = add <8 x i32> %744, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %746 = shl <8 x i32> %745, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n134 = bitcast <8 x i32> %746 to <8 x float>
+  %exp135 = fmul <8 x float> %743, %exp.2n134
+  %747 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %747
+  %silu137 = fmul <8 x float> %725, %sigmoid136
+  %glu138 = fmul <8 x float> %silu137, %726
+  %748 = getelementptr inbounds float, ptr %724, i64 %col133
+  store <8 x float> %glu138, ptr %748, align 4
+  %749 = add nsw i64 %r0, 1
+  %750 = mul nsw i64 %749, 8192
+  %751 = getelementptr inbounds float, ptr %h, i64 %750
+  %col139 = mul nsw i64 %p, 8
+  %752 = load <8 x float>, ptr %acc10121, align 4
+  %753 = load <8 x float>, ptr %acc11122, align 4
+  %754 = fneg <8 x float> %752
+  %755 = fcmp olt <8 x float> %754, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %756 = select <8 x i1> %755, <8 x float> %754, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %757 = fcmp ogt <8 x float> %756, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %758 = select <8 x i1> %757, <8 x float> %756, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %758, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %760 = call <8 x float> @llvm.floor.v8f32(<8 x float> %759)
+  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %758)
+  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %761)
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %762, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %762, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %762, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %762, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %766, <8 x float> %762, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %768 = fmul <8 x float> %762, %762
+  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %767, <8 x float> %768, <8 x float> %762)
+  %770 = fadd <8 x float> %769, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %771 = fptosi <8 x float> %760 to <8 x i32>
+  %772 = add <8 x i32> %771, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %773 = shl <8 x i32> %772, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n140 = bitcast <8 x i32> %773 to <8 x float>
+  %exp141 = fmul <8 x float> %770, %exp.2n140
+  %774 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %774
+  %silu143 = fmul <8 x float> %752, %sigmoid142
+  %glu144 = fmul <8 x float> %silu143, %753
+  %775 = getelementptr inbounds float, ptr %751, i64 %col139
+  store <8 x float> %glu144, ptr %775, align 4
+  %776 = add nsw i64 %r0, 2
+  %777 = mul nsw i64 %776, 8192
+  %778 = getelementptr inbounds float, ptr %h, i64 %777
+  %col145 = mul nsw i64 %p, 8
+  %779 = load <8 x float>, ptr %acc20123, align 4
+  %780 = load <8 x float>, ptr %acc21124, align 4
+  %781 = fneg <8 x float> %779
+  %782 = fcmp olt <8 x float> %781, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %783 = select <8 x i1> %782, <8 x float> %781, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %784 = fcmp ogt <8 x float> %783, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %785 = select <8 x i1> %784, <8 x float> %783, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %787 = call <8 x float> @llvm.floor.v8f32(<8 x float> %786)
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %785)
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %788)
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %789, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %789, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %789, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %789, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %789, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %795 = fmul <8 x float> %789, %789
+  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %795, <8 x float> %789)
+  %797 = fadd <8 x float> %796, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %798 = fptosi <8 x float> %787 to <8 x i32>
+  %799 = add <8 x i32> %798, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %800 = shl <8 x i32> %799, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n146 = bitcast <8 x i32> %800 to <8 x float>
+  %exp147 = fmul <8 x float> %797, %exp.2n146
+  %801 = fadd <8 x float> %exp147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid148 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %801
+  %silu149 = fmul <8 x float> %779, %sigmoid148
+  %glu150 = fmul <8 x float> %silu149, %780
+  %802 = getelementptr inbounds float, ptr %778, i64 %col145
+  store <8 x float> %glu150, ptr %802, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %773 = add nsw i64 %r0, 0
-  %774 = getelementptr inbounds i32, ptr %rows, i64 %773
-  %775 = load i32, ptr %774, align 4
-  %776 = sext i32 %775 to i64
-  %777 = mul nsw i64 %776, 5120
-  %778 = getelementptr inbounds float, ptr %x, i64 %777
-  store <8 x float> zeroinitializer, ptr %acc00148, align 4
-  store <8 x float> zeroinitializer, ptr %acc01149, align 4
-  %779 = add nsw i64 %r0, 1
-  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
-  %781 = load i32, ptr %780, align 4
-  %782 = sext i32 %781 to i64
-  %783 = mul nsw i64 %782, 5120
-  %784 = getelementptr inbounds float, ptr %x, i64 %783
-  store <8 x float> zeroinitializer, ptr %acc10150, align 4
-  store <8 x float> zeroinitializer, ptr %acc11151, align 4
-  %panel.off152 = mul nsw i64 %p, 81920
-  br label %k.head153
+  %803 = add nsw i64 %r0, 0
+  %804 = getelementptr inbounds i32, ptr %rows, i64 %803
+  %805 = load i32, ptr %804, align 4
+  %806 = sext i32 %805 to i64
+  %807 = mul nsw i64 %806, 5120
+  %808 = getelementptr inbounds float, ptr %x, i64 %807
+  store <8 x float> zeroinitializer, ptr %acc00151, align 4
+  store <8 x float> zeroinitializer, ptr %acc01152, align 4
+  %809 = add nsw i64 %r0, 1
+  %810 = getelementptr inbounds i32, ptr %rows, i64 %809
+  %811 = load i32, ptr %810, align 4
+  %812 = sext i32 %811 to i64
+  %813 = mul nsw i64 %812, 5120
+  %814 = getelementptr inbounds float, ptr %x, i64 %813
+  store <8 x float> zeroinitializer, ptr %acc10153, align 4
+  store <8 x float> zeroinitializer, ptr %acc11154, align 4
+  %panel.off155 = mul nsw i64 %p, 81920
+  %815 = getelementptr inbounds i16, ptr %panels, i64 %panel.off155
+  %816 = add nsw i64 %p, 1
+  %817 = icmp slt i64 %816, %p1
+  %818 = getelementptr inbounds i8, ptr %815, i64 163840
+  %819 = and i1 %pf.on, %817
+  %pf156 = select i1 %819, ptr %818, ptr %815
+  br label %k.head157
 
-k.head153:                                        ; preds = %k.body154, %tile.mr2
-  %k156 = phi i64 [ 0, %tile.mr2 ], [ %808, %k.body154 ]
-  %785 = icmp slt i64 %k156, 5120
-  br i1 %785, label %k.body154, label %k.end155
+k.head157:                                        ; preds = %k.body158, %tile.mr2
+  %k160 = phi i64 [ 0, %tile.mr2 ], [ %845, %k.body158 ]
+  %820 = icmp slt i64 %k160, 5120
+  br i1 %820, label %k.body158, label %k.end159
 
-k.body154:                                        ; preds = %k.head153
-  %786 = mul nsw i64 %k156, 16
-  %787 = add nsw i64 %panel.off152, %786
-  %788 = getelementptr inbounds i16, ptr %panels, i64 %787
-  %789 = load <8 x i32>, ptr %788, align 4
-  %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0157 = bitcast <8 x i32> %790 to <8 x float>
-  %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1158 = bitcast <8 x i32> %791 to <8 x float>
-  %792 = getelementptr inbounds float, ptr %778, i64 %k156
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc00148, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0157, <8 x float> %796)
-  store <8 x float> %797, ptr %acc00148, align 4
-  %798 = load <8 x float>, ptr %acc01149, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1158, <8 x float> %798)
-  store <8 x float> %799, ptr %acc01149, align 4
-  %800 = getelementptr inbounds float, ptr %784, i64 %k156
-  %801 = load float, ptr %800, align 4
-  %802 = insertelement <8 x float> poison, float %801, i32 0
-  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
-  %804 = load <8 x float>, ptr %acc10150, align 4
-  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0157, <8 x float> %804)
-  store <8 x float> %805, ptr %acc10150, align 4
-  %806 = load <8 x float>, ptr %acc11151, align 4
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1158, <8 x float> %806)
-  store <8 x float> %807, ptr %acc11151, align 4
-  %808 = add nsw i64 %k156, 1
-  br label %k.head153
+k.body158:                                        ; preds = %k.head157
+  %821 = mul nsw i64 %k160, 16
+  %822 = add nsw i64 %panel.off155, %821
+  %823 = mul nsw i64 %k160, 32
+  %824 = getelementptr inbounds i8, ptr %pf156, i64 %823
+  call void @llvm.prefetch.p0(ptr %824, i32 0, i32 2, i32 1)
+  %825 = getelementptr inbounds i16, ptr %panels, i64 %822
+  %826 = load <8 x i32>, ptr %825, align 4
+  %827 = shl <8 x i32> %826, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %827 to <8 x float>
+  %828 = and <8 x i32> %826, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %828 to <8 x float>
+  %829 = getelementptr inbounds float, ptr %808, i64 %k160
+  %830 = load float, ptr %829, align 4
+  %831 = insertelement <8 x float> poison, float %830, i32 0
+  %832 = shufflevector <8 x float> %831, <8 x float> poison, <8 x i32> zeroinitializer
+  %833 = load <8 x float>, ptr %acc00151, align 4
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %b0161, <8 x float> %833)
+  store <8 x float> %834, ptr %acc00151, align 4
+  %835 = load <8 x float>, ptr %acc01152, align 4
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %b1162, <8 x float> %835)
+  store <8 x float> %836, ptr %acc01152, align 4
+  %837 = getelementptr inbounds float, ptr %814, i64 %k160
+  %838 = load float, ptr %837, align 4
+  %839 = insertelement <8 x float> poison, float %838, i32 0
+  %840 = shufflevector <8 x float> %839, <8 x float> poison, <8 x i32> zeroinitializer
+  %841 = load <8 x float>, ptr %acc10153, align 4
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %b0161, <8 x float> %841)
+  store <8 x float> %842, ptr %acc10153, align 4
+  %843 = load <8 x float>, ptr %acc11154, align 4
+  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %b1162, <8 x float> %843)
+  store <8 x float> %844, ptr %acc11154, align 4
+  %845 = add nsw i64 %k160, 1
+  br label %k.head157
 
-k.end155:                                         ; preds = %k.head153
-  %809 = add nsw i64 %r0, 0
-  %810 = mul nsw i64 %809, 8192
-  %811 = getelementptr inbounds float, ptr %h, i64 %810
-  %col159 = mul nsw i64 %p, 8
-  %812 = load <8 x float>, ptr %acc00148, align 4
-  %813 = load <8 x float>, ptr %acc01149, align 4
-  %814 = fneg <8 x float> %812
-  %815 = fcmp olt <8 x float> %814, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %816 = select <8 x i1> %815, <8 x float> %814, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %817 = fcmp ogt <8 x float> %816, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %818 = select <8 x i1> %817, <8 x float> %816, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %820 = call <8 x float> @llvm.floor.v8f32(<8 x float> %819)
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %818)
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %821)
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %822, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %822, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %822, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %822, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %822, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %828 = fmul <8 x float> %822, %822
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %828, <8 x float> %822)
-  %830 = fadd <8 x float> %829, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %831 = fptosi <8 x float> %820 to <8 x i32>
-  %832 = add <8 x i32> %831, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %833 = shl <8 x i32> %832, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n160 = bitcast <8 x i32> %833 to <8 x float>
-  %exp161 = fmul <8 x float> %830, %exp.2n160
-  %834 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %834
-  %silu163 = fmul <8 x float> %812, %sigmoid162
-  %glu164 = fmul <8 x float> %silu163, %813
-  %835 = getelementptr inbounds float, ptr %811, i64 %col159
-  store <8 x float> %glu164, ptr %835, align 4
-  %836 = add nsw i64 %r0, 1
-  %837 = mul nsw i64 %836, 8192
-  %838 = getelementptr inbounds float, ptr %h, i64 %837
-  %col165 = mul nsw i64 %p, 8
-  %839 = load <8 x float>, ptr %acc10150, align 4
-  %840 = load <8 x float>, ptr %acc11151, align 4
-  %841 = fneg <8 x float> %839
-  %842 = fcmp olt <8 x float> %841, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %843 = select <8 x i1> %842, <8 x float> %841, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %844 = fcmp ogt <8 x float> %843, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %845 = select <8 x i1> %844, <8 x float> %843, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %847 = call <8 x float> @llvm.floor.v8f32(<8 x float> %846)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %845)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %848)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %849, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %849, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %849, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %849, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %849, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %855 = fmul <8 x float> %849, %849
-  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %855, <8 x float> %849)
-  %857 = fadd <8 x float> %856, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %858 = fptosi <8 x float> %847 to <8 x i32>
-  %859 = add <8 x i32> %858, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %860 = shl <8 x i32> %859, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %860 to <8 x float>
-  %exp167 = fmul <8 x float> %857, %exp.2n166
-  %861 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %861
-  %silu169 = fmul <8 x float> %839, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %840
-  %862 = getelementptr inbounds float, ptr %838, i64 %col165
-  store <8 x float> %glu170, ptr %862, align 4
+k.end159:                                         ; preds = %k.head157
+  %846 = add nsw i64 %r0, 0
+  %847 = mul nsw i64 %846, 8192
+  %848 = getelementptr inbounds float, ptr %h, i64 %847
+  %col163 = mul nsw i64 %p, 8
+  %849 = load <8 x float>, ptr %acc00151, align 4
+  %850 = load <8 x float>, ptr %acc01152, align 4
+  %851 = fneg <8 x float> %849
+  %852 = fcmp olt <8 x float> %851, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %853 = select <8 x i1> %852, <8 x float> %851, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %854 = fcmp ogt <8 x float> %853, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %855 = select <8 x i1> %854, <8 x float> %853, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %857 = call <8 x float> @llvm.floor.v8f32(<8 x float> %856)
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %855)
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %858)
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %859, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %860, <8 x float> %859, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> %859, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> %859, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %859, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %865 = fmul <8 x float> %859, %859
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %865, <8 x float> %859)
+  %867 = fadd <8 x float> %866, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %868 = fptosi <8 x float> %857 to <8 x i32>
+  %869 = add <8 x i32> %868, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %870 = shl <8 x i32> %869, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n164 = bitcast <8 x i32> %870 to <8 x float>
+  %exp165 = fmul <8 x float> %867, %exp.2n164
+  %871 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %871
+  %silu167 = fmul <8 x float> %849, %sigmoid166
+  %glu168 = fmul <8 x float> %silu167, %850
+  %872 = getelementptr inbounds float, ptr %848, i64 %col163
+  store <8 x float> %glu168, ptr %872, align 4
+  %873 = add nsw i64 %r0, 1
+  %874 = mul nsw i64 %873, 8192
+  %875 = getelementptr inbounds float, ptr %h, i64 %874
+  %col169 = mul nsw i64 %p, 8
+  %876 = load <8 x float>, ptr %acc10153, align 4
+  %877 = load <8 x float>, ptr %acc11154, align 4
+  %878 = fneg <8 x float> %876
+  %879 = fcmp olt <8 x float> %878, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %880 = select <8 x i1> %879, <8 x float> %878, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %881 = fcmp ogt <8 x float> %880, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %882 = select <8 x i1> %881, <8 x float> %880, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %884 = call <8 x float> @llvm.floor.v8f32(<8 x float> %883)
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %882)
+  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %885)
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %886, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %888 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %886, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %886, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %886, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %890, <8 x float> %886, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %892 = fmul <8 x float> %886, %886
+  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> %892, <8 x float> %886)
+  %894 = fadd <8 x float> %893, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %895 = fptosi <8 x float> %884 to <8 x i32>
+  %896 = add <8 x i32> %895, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %897 = shl <8 x i32> %896, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n170 = bitcast <8 x i32> %897 to <8 x float>
+  %exp171 = fmul <8 x float> %894, %exp.2n170
+  %898 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %898
+  %silu173 = fmul <8 x float> %876, %sigmoid172
+  %glu174 = fmul <8 x float> %silu173, %877
+  %899 = getelementptr inbounds float, ptr %875, i64 %col169
+  store <8 x float> %glu174, ptr %899, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %863 = add nsw i64 %r0, 0
-  %864 = getelementptr inbounds i32, ptr %rows, i64 %863
-  %865 = load i32, ptr %864, align 4
-  %866 = sext i32 %865 to i64
-  %867 = mul nsw i64 %866, 5120
-  %868 = getelementptr inbounds float, ptr %x, i64 %867
-  store <8 x float> zeroinitializer, ptr %acc00171, align 4
-  store <8 x float> zeroinitializer, ptr %acc01172, align 4
-  %panel.off173 = mul nsw i64 %p, 81920
-  br label %k.head174
+  %900 = add nsw i64 %r0, 0
+  %901 = getelementptr inbounds i32, ptr %rows, i64 %900
+  %902 = load i32, ptr %901, align 4
+  %903 = sext i32 %902 to i64
+  %904 = mul nsw i64 %903, 5120
+  %905 = getelementptr inbounds float, ptr %x, i64 %904
+  store <8 x float> zeroinitializer, ptr %acc00175, align 4
+  store <8 x float> zeroinitializer, ptr %acc01176, align 4
+  %panel.off177 = mul nsw i64 %p, 81920
+  %906 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
+  %907 = add nsw i64 %p, 1
+  %908 = icmp slt i64 %907, %p1
+  %909 = getelementptr inbounds i8, ptr %906, i64 163840
+  %910 = and i1 %pf.on, %908
+  %pf178 = select i1 %910, ptr %909, ptr %906
+  br label %k.head179
 
-k.head174:                                        ; preds = %k.body175, %tile.mr1
-  %k177 = phi i64 [ 0, %tile.mr1 ], [ %884, %k.body175 ]
-  %869 = icmp slt i64 %k177, 5120
-  br i1 %869, label %k.body175, label %k.end176
+k.head179:                                        ; preds = %k.body180, %tile.mr1
+  %k182 = phi i64 [ 0, %tile.mr1 ], [ %928, %k.body180 ]
+  %911 = icmp slt i64 %k182, 5120
+  br i1 %911, label %k.body180, label %k.end181
 
-k.body175:                                        ; preds = %k.head174
-  %870 = mul nsw i64 %k177, 16
-  %871 = add nsw i64 %panel.off173, %870
-  %872 = getelementptr inbounds i16, ptr %panels, i64 %871
-  %873 = load <8 x i32>, ptr %872, align 4
-  %874 = shl <8 x i32> %873, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %874 to <8 x float>
-  %875 = and <8 x i32> %873, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %875 to <8 x float>
-  %876 = getelementptr inbounds float, ptr %868, i64 %k177
-  %877 = load float, ptr %876, align 4
-  %878 = insertelement <8 x float> poison, float %877, i32 0
-  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
-  %880 = load <8 x float>, ptr %acc00171, align 4
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %b0178, <8 x float> %880)
-  store <8 x float> %881, ptr %acc00171, align 4
-  %882 = load <8 x float>, ptr %acc01172, align 4
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %b1179, <8 x float> %882)
-  store <8 x float> %883, ptr %acc01172, align 4
-  %884 = add nsw i64 %k177, 1
-  br label %k.head174
+k.body180:                                        ; preds = %k.head179
+  %912 = mul nsw i64 %k182, 16
+  %913 = add nsw i64 %panel.off177, %912
+  %914 = mul nsw i64 %k182, 32
+  %915 = getelementptr inbounds i8, ptr %pf178, i64 %914
+  call void @llvm.prefetch.p0(ptr %915, i32 0, i32 2, i32 1)
+  %916 = getelementptr inbounds i16, ptr %panels, i64 %913
+  %917 = load <8 x i32>, ptr %916, align 4
+  %918 = shl <8 x i32> %917, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0183 = bitcast <8 x i32> %918 to <8 x float>
+  %919 = and <8 x i32> %917, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1184 = bitcast <8 x i32> %919 to <8 x float>
+  %920 = getelementptr inbounds float, ptr %905, i64 %k182
+  %921 = load float, ptr %920, align 4
+  %922 = insertelement <8 x float> poison, float %921, i32 0
+  %923 = shufflevector <8 x float> %922, <8 x float> poison, <8 x i32> zeroinitializer
+  %924 = load <8 x float>, ptr %acc00175, align 4
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %b0183, <8 x float> %924)
+  store <8 x float> %925, ptr %acc00175, align 4
+  %926 = load <8 x float>, ptr %acc01176, align 4
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %b1184, <8 x float> %926)
+  store <8 x float> %927, ptr %acc01176, align 4
+  %928 = add nsw i64 %k182, 1
+  br label %k.head179
 
-k.end176:                                         ; preds = %k.head174
-  %885 = add nsw i64 %r0, 0
-  %886 = mul nsw i64 %885, 8192
-  %887 = getelementptr inbounds float, ptr %h, i64 %886
-  %col180 = mul nsw i64 %p, 8
-  %888 = load <8 x float>, ptr %acc00171, align 4
-  %889 = load <8 x float>, ptr %acc01172, align 4
-  %890 = fneg <8 x float> %888
-  %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %893 = fcmp ogt <8 x float> %892, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %896 = call <8 x float> @llvm.floor.v8f32(<8 x float> %895)
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %894)
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %897)
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %898, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %898, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %898, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %898, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %898, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %904 = fmul <8 x float> %898, %898
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %904, <8 x float> %898)
-  %906 = fadd <8 x float> %905, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %907 = fptosi <8 x float> %896 to <8 x i32>
-  %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %909 to <8 x float>
-  %exp182 = fmul <8 x float> %906, %exp.2n181
-  %910 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
-  %silu184 = fmul <8 x float> %888, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %889
-  %911 = getelementptr inbounds float, ptr %887, i64 %col180
-  store <8 x float> %glu185, ptr %911, align 4
+k.end181:                                         ; preds = %k.head179
+  %929 = add nsw i64 %r0, 0
+  %930 = mul nsw i64 %929, 8192
+  %931 = getelementptr inbounds float, ptr %h, i64 %930
+  %col185 = mul nsw i64 %p, 8
+  %932 = load <8 x float>, ptr %acc00175, align 4
+  %933 = load <8 x float>, ptr %acc01176, align 4
+  %934 = fneg <8 x float> %932
+  %935 = fcmp olt <8 x float> %934, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %936 = select <8 x i1> %935, <8 x float> %934, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %937 = fcmp ogt <8 x float> %936, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %938 = select <8 x i1> %937, <8 x float> %936, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %940 = call <8 x float> @llvm.floor.v8f32(<8 x float> %939)
+  %941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %938)
+  %942 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %941)
+  %943 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %942, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %944 = call <8 x float> @llvm.fma.v8f32(<8 x float> %943, <8 x float> %942, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> %942, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %946 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %942, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %942, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %948 = fmul <8 x float> %942, %942
+  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %947, <8 x float> %948, <8 x float> %942)
+  %950 = fadd <8 x float> %949, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %951 = fptosi <8 x float> %940 to <8 x i32>
+  %952 = add <8 x i32> %951, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %953 = shl <8 x i32> %952, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n186 = bitcast <8 x i32> %953 to <8 x float>
+  %exp187 = fmul <8 x float> %950, %exp.2n186
+  %954 = fadd <8 x float> %exp187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid188 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %954
+  %silu189 = fmul <8 x float> %932, %sigmoid188
+  %glu190 = fmul <8 x float> %silu189, %933
+  %955 = getelementptr inbounds float, ptr %931, i64 %col185
+  store <8 x float> %glu190, ptr %955, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
-  %912 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end181, %k.end159, %k.end129, %k.end91, %k.end45, %k.end
+  %956 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %913 = add nsw i64 %p, 1
+  %957 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4494,26 +4668,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0020 = alloca <8 x float>, align 32
-  %acc0121 = alloca <8 x float>, align 32
-  %acc1022 = alloca <8 x float>, align 32
-  %acc1123 = alloca <8 x float>, align 32
-  %acc2024 = alloca <8 x float>, align 32
-  %acc2125 = alloca <8 x float>, align 32
-  %acc3026 = alloca <8 x float>, align 32
-  %acc3127 = alloca <8 x float>, align 32
-  %acc0036 = alloca <8 x float>, align 32
-  %acc0137 = alloca <8 x float>, align 32
-  %acc1038 = alloca <8 x float>, align 32
-  %acc1139 = alloca <8 x float>, align 32
-  %acc2040 = alloca <8 x float>, align 32
-  %acc2141 = alloca <8 x float>, align 32
-  %acc0050 = alloca <8 x float>, align 32
-  %acc0151 = alloca <8 x float>, align 32
-  %acc1052 = alloca <8 x float>, align 32
-  %acc1153 = alloca <8 x float>, align 32
-  %acc0062 = alloca <8 x float>, align 32
-  %acc0163 = alloca <8 x float>, align 32
+  %acc0021 = alloca <8 x float>, align 32
+  %acc0122 = alloca <8 x float>, align 32
+  %acc1023 = alloca <8 x float>, align 32
+  %acc1124 = alloca <8 x float>, align 32
+  %acc2025 = alloca <8 x float>, align 32
+  %acc2126 = alloca <8 x float>, align 32
+  %acc3027 = alloca <8 x float>, align 32
+  %acc3128 = alloca <8 x float>, align 32
+  %acc0038 = alloca <8 x float>, align 32
+  %acc0139 = alloca <8 x float>, align 32
+  %acc1040 = alloca <8 x float>, align 32
+  %acc1141 = alloca <8 x float>, align 32
+  %acc2042 = alloca <8 x float>, align 32
+  %acc2143 = alloca <8 x float>, align 32
+  %acc0053 = alloca <8 x float>, align 32
+  %acc0154 = alloca <8 x float>, align 32
+  %acc1055 = alloca <8 x float>, align 32
+  %acc1156 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4522,7 +4696,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -4530,7 +4704,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -4538,6 +4712,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -4548,790 +4725,844 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 8192
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 5120
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 8192
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 5120
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 8192
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 5120
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 8192
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 5120
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 8192
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 5120
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 8192
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 5120
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 8192
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 5120
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 8192
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 5120
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 8192
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 5120
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 8192
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 5120
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 8192
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 5120
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 8192
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 5120
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 131072
+  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 262144
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
-  %88 = icmp slt i64 %k, 8192
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+  %95 = icmp slt i64 %k, 8192
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
-  %92 = load <8 x i32>, ptr %91, align 4
-  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %93 to <8 x float>
-  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %94 to <8 x float>
-  %95 = getelementptr inbounds float, ptr %6, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc00, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc00, align 4
-  %101 = load <8 x float>, ptr %acc01, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc01, align 4
-  %103 = getelementptr inbounds float, ptr %20, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc10, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc10, align 4
-  %109 = load <8 x float>, ptr %acc11, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc11, align 4
-  %111 = getelementptr inbounds float, ptr %34, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc20, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc20, align 4
-  %117 = load <8 x float>, ptr %acc21, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc21, align 4
-  %119 = getelementptr inbounds float, ptr %48, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc30, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc30, align 4
-  %125 = load <8 x float>, ptr %acc31, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc31, align 4
-  %127 = getelementptr inbounds float, ptr %62, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc40, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc40, align 4
-  %133 = load <8 x float>, ptr %acc41, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc41, align 4
-  %135 = getelementptr inbounds float, ptr %76, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc50, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc50, align 4
-  %141 = load <8 x float>, ptr %acc51, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc51, align 4
-  %143 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 32
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %8, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %22, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %36, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %50, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %64, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %78, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %144 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %144, ptr %13, align 4
-  %145 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %145, ptr %16, align 4
-  %146 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %146, ptr %27, align 4
-  %147 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %147, ptr %30, align 4
-  %148 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %148, ptr %41, align 4
-  %149 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %149, ptr %44, align 4
-  %150 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %150, ptr %55, align 4
-  %151 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %151, ptr %58, align 4
-  %152 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %152, ptr %69, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %153, ptr %72, align 4
-  %154 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %154, ptr %83, align 4
-  %155 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %155, ptr %86, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %15, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %18, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %29, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %32, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %43, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %46, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %57, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %60, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %71, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %85, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %156 = add nsw i64 %r0, 0
-  %157 = mul nsw i64 %156, 8192
-  %158 = getelementptr inbounds float, ptr %h, i64 %157
-  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
-  %160 = load i32, ptr %159, align 4
-  %161 = sext i32 %160 to i64
-  %162 = mul nsw i64 %161, 5120
-  %163 = getelementptr inbounds float, ptr %y, i64 %162
-  %164 = add nsw i64 %col1, 0
-  %165 = getelementptr inbounds float, ptr %163, i64 %164
-  %166 = load <8 x float>, ptr %165, align 4
-  store <8 x float> %166, ptr %acc002, align 4
-  %167 = add nsw i64 %col1, 8
-  %168 = getelementptr inbounds float, ptr %163, i64 %167
-  %169 = load <8 x float>, ptr %168, align 4
-  store <8 x float> %169, ptr %acc013, align 4
-  %170 = add nsw i64 %r0, 1
-  %171 = mul nsw i64 %170, 8192
-  %172 = getelementptr inbounds float, ptr %h, i64 %171
-  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %174 = load i32, ptr %173, align 4
-  %175 = sext i32 %174 to i64
-  %176 = mul nsw i64 %175, 5120
-  %177 = getelementptr inbounds float, ptr %y, i64 %176
-  %178 = add nsw i64 %col1, 0
-  %179 = getelementptr inbounds float, ptr %177, i64 %178
-  %180 = load <8 x float>, ptr %179, align 4
-  store <8 x float> %180, ptr %acc104, align 4
-  %181 = add nsw i64 %col1, 8
-  %182 = getelementptr inbounds float, ptr %177, i64 %181
-  %183 = load <8 x float>, ptr %182, align 4
-  store <8 x float> %183, ptr %acc115, align 4
-  %184 = add nsw i64 %r0, 2
-  %185 = mul nsw i64 %184, 8192
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 5120
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %193 = getelementptr inbounds float, ptr %191, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  store <8 x float> %194, ptr %acc206, align 4
-  %195 = add nsw i64 %col1, 8
-  %196 = getelementptr inbounds float, ptr %191, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  store <8 x float> %197, ptr %acc217, align 4
-  %198 = add nsw i64 %r0, 3
-  %199 = mul nsw i64 %198, 8192
-  %200 = getelementptr inbounds float, ptr %h, i64 %199
-  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
-  %202 = load i32, ptr %201, align 4
-  %203 = sext i32 %202 to i64
-  %204 = mul nsw i64 %203, 5120
-  %205 = getelementptr inbounds float, ptr %y, i64 %204
-  %206 = add nsw i64 %col1, 0
-  %207 = getelementptr inbounds float, ptr %205, i64 %206
-  %208 = load <8 x float>, ptr %207, align 4
-  store <8 x float> %208, ptr %acc308, align 4
-  %209 = add nsw i64 %col1, 8
-  %210 = getelementptr inbounds float, ptr %205, i64 %209
-  %211 = load <8 x float>, ptr %210, align 4
-  store <8 x float> %211, ptr %acc319, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 8192
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 5120
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col1, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  store <8 x float> %222, ptr %acc4010, align 4
-  %223 = add nsw i64 %col1, 8
-  %224 = getelementptr inbounds float, ptr %219, i64 %223
-  %225 = load <8 x float>, ptr %224, align 4
-  store <8 x float> %225, ptr %acc4111, align 4
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 8192
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 5120
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col1, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  %175 = load <8 x float>, ptr %174, align 4
+  store <8 x float> %175, ptr %acc002, align 4
+  %176 = add nsw i64 %col1, 8
+  %177 = getelementptr inbounds float, ptr %172, i64 %176
+  %178 = load <8 x float>, ptr %177, align 4
+  store <8 x float> %178, ptr %acc013, align 4
+  %179 = add nsw i64 %r0, 1
+  %180 = mul nsw i64 %179, 8192
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 5120
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col1, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %189 = load <8 x float>, ptr %188, align 4
+  store <8 x float> %189, ptr %acc104, align 4
+  %190 = add nsw i64 %col1, 8
+  %191 = getelementptr inbounds float, ptr %186, i64 %190
+  %192 = load <8 x float>, ptr %191, align 4
+  store <8 x float> %192, ptr %acc115, align 4
+  %193 = add nsw i64 %r0, 2
+  %194 = mul nsw i64 %193, 8192
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
+  %197 = load i32, ptr %196, align 4
+  %198 = sext i32 %197 to i64
+  %199 = mul nsw i64 %198, 5120
+  %200 = getelementptr inbounds float, ptr %y, i64 %199
+  %201 = add nsw i64 %col1, 0
+  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  store <8 x float> %203, ptr %acc206, align 4
+  %204 = add nsw i64 %col1, 8
+  %205 = getelementptr inbounds float, ptr %200, i64 %204
+  %206 = load <8 x float>, ptr %205, align 4
+  store <8 x float> %206, ptr %acc217, align 4
+  %207 = add nsw i64 %r0, 3
+  %208 = mul nsw i64 %207, 8192
+  %209 = getelementptr inbounds float, ptr %h, i64 %208
+  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
+  %211 = load i32, ptr %210, align 4
+  %212 = sext i32 %211 to i64
+  %213 = mul nsw i64 %212, 5120
+  %214 = getelementptr inbounds float, ptr %y, i64 %213
+  %215 = add nsw i64 %col1, 0
+  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  store <8 x float> %217, ptr %acc308, align 4
+  %218 = add nsw i64 %col1, 8
+  %219 = getelementptr inbounds float, ptr %214, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  store <8 x float> %220, ptr %acc319, align 4
+  %221 = add nsw i64 %r0, 4
+  %222 = mul nsw i64 %221, 8192
+  %223 = getelementptr inbounds float, ptr %h, i64 %222
+  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %225 = load i32, ptr %224, align 4
+  %226 = sext i32 %225 to i64
+  %227 = mul nsw i64 %226, 5120
+  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  %229 = add nsw i64 %col1, 0
+  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  store <8 x float> %231, ptr %acc4010, align 4
+  %232 = add nsw i64 %col1, 8
+  %233 = getelementptr inbounds float, ptr %228, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  store <8 x float> %234, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 131072
-  br label %k.head13
+  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
+  %236 = add nsw i64 %p, 1
+  %237 = icmp slt i64 %236, %p1
+  %238 = getelementptr inbounds i8, ptr %235, i64 262144
+  %239 = and i1 %pf.on, %237
+  %pf13 = select i1 %239, ptr %238, ptr %235
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
-  %226 = icmp slt i64 %k16, 8192
-  br i1 %226, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
+  %240 = icmp slt i64 %k17, 8192
+  br i1 %240, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %227 = mul nsw i64 %k16, 16
-  %228 = add nsw i64 %panel.off12, %227
-  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
-  %230 = load <8 x i32>, ptr %229, align 4
-  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b017 = bitcast <8 x i32> %231 to <8 x float>
-  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b118 = bitcast <8 x i32> %232 to <8 x float>
-  %233 = getelementptr inbounds float, ptr %158, i64 %k16
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = load <8 x float>, ptr %acc002, align 4
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
-  store <8 x float> %238, ptr %acc002, align 4
-  %239 = load <8 x float>, ptr %acc013, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
-  store <8 x float> %240, ptr %acc013, align 4
-  %241 = getelementptr inbounds float, ptr %172, i64 %k16
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc104, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
-  store <8 x float> %246, ptr %acc104, align 4
-  %247 = load <8 x float>, ptr %acc115, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
-  store <8 x float> %248, ptr %acc115, align 4
-  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %241 = mul nsw i64 %k17, 16
+  %242 = add nsw i64 %panel.off12, %241
+  %243 = mul nsw i64 %k17, 32
+  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
+  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
+  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
+  %246 = load <8 x i32>, ptr %245, align 4
+  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b018 = bitcast <8 x i32> %247 to <8 x float>
+  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b119 = bitcast <8 x i32> %248 to <8 x float>
+  %249 = getelementptr inbounds float, ptr %167, i64 %k17
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc206, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
-  store <8 x float> %254, ptr %acc206, align 4
-  %255 = load <8 x float>, ptr %acc217, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
-  store <8 x float> %256, ptr %acc217, align 4
-  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %253 = load <8 x float>, ptr %acc002, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
+  store <8 x float> %254, ptr %acc002, align 4
+  %255 = load <8 x float>, ptr %acc013, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
+  store <8 x float> %256, ptr %acc013, align 4
+  %257 = getelementptr inbounds float, ptr %181, i64 %k17
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc308, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
-  store <8 x float> %262, ptr %acc308, align 4
-  %263 = load <8 x float>, ptr %acc319, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
-  store <8 x float> %264, ptr %acc319, align 4
-  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %261 = load <8 x float>, ptr %acc104, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
+  store <8 x float> %262, ptr %acc104, align 4
+  %263 = load <8 x float>, ptr %acc115, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
+  store <8 x float> %264, ptr %acc115, align 4
+  %265 = getelementptr inbounds float, ptr %195, i64 %k17
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc4010, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
-  store <8 x float> %270, ptr %acc4010, align 4
-  %271 = load <8 x float>, ptr %acc4111, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4111, align 4
-  %273 = add nsw i64 %k16, 1
-  br label %k.head13
+  %269 = load <8 x float>, ptr %acc206, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
+  store <8 x float> %270, ptr %acc206, align 4
+  %271 = load <8 x float>, ptr %acc217, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
+  store <8 x float> %272, ptr %acc217, align 4
+  %273 = getelementptr inbounds float, ptr %209, i64 %k17
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc308, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
+  store <8 x float> %278, ptr %acc308, align 4
+  %279 = load <8 x float>, ptr %acc319, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
+  store <8 x float> %280, ptr %acc319, align 4
+  %281 = getelementptr inbounds float, ptr %223, i64 %k17
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc4010, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
+  store <8 x float> %286, ptr %acc4010, align 4
+  %287 = load <8 x float>, ptr %acc4111, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4111, align 4
+  %289 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %274 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %274, ptr %165, align 4
-  %275 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %275, ptr %168, align 4
-  %276 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %276, ptr %179, align 4
-  %277 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %277, ptr %182, align 4
-  %278 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %278, ptr %193, align 4
-  %279 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %279, ptr %196, align 4
-  %280 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %280, ptr %207, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %281, ptr %210, align 4
-  %282 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %282, ptr %221, align 4
-  %283 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %283, ptr %224, align 4
+k.end16:                                          ; preds = %k.head14
+  %290 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %290, ptr %174, align 4
+  %291 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %291, ptr %177, align 4
+  %292 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %292, ptr %188, align 4
+  %293 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %293, ptr %191, align 4
+  %294 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %294, ptr %202, align 4
+  %295 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %295, ptr %205, align 4
+  %296 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %296, ptr %216, align 4
+  %297 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %297, ptr %219, align 4
+  %298 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %298, ptr %230, align 4
+  %299 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %299, ptr %233, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col19 = mul nsw i64 %p, 16
-  %284 = add nsw i64 %r0, 0
-  %285 = mul nsw i64 %284, 8192
-  %286 = getelementptr inbounds float, ptr %h, i64 %285
-  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
-  %288 = load i32, ptr %287, align 4
-  %289 = sext i32 %288 to i64
-  %290 = mul nsw i64 %289, 5120
-  %291 = getelementptr inbounds float, ptr %y, i64 %290
-  %292 = add nsw i64 %col19, 0
-  %293 = getelementptr inbounds float, ptr %291, i64 %292
-  %294 = load <8 x float>, ptr %293, align 4
-  store <8 x float> %294, ptr %acc0020, align 4
-  %295 = add nsw i64 %col19, 8
-  %296 = getelementptr inbounds float, ptr %291, i64 %295
-  %297 = load <8 x float>, ptr %296, align 4
-  store <8 x float> %297, ptr %acc0121, align 4
-  %298 = add nsw i64 %r0, 1
-  %299 = mul nsw i64 %298, 8192
-  %300 = getelementptr inbounds float, ptr %h, i64 %299
-  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
-  %302 = load i32, ptr %301, align 4
-  %303 = sext i32 %302 to i64
-  %304 = mul nsw i64 %303, 5120
-  %305 = getelementptr inbounds float, ptr %y, i64 %304
-  %306 = add nsw i64 %col19, 0
-  %307 = getelementptr inbounds float, ptr %305, i64 %306
-  %308 = load <8 x float>, ptr %307, align 4
-  store <8 x float> %308, ptr %acc1022, align 4
-  %309 = add nsw i64 %col19, 8
-  %310 = getelementptr inbounds float, ptr %305, i64 %309
-  %311 = load <8 x float>, ptr %310, align 4
-  store <8 x float> %311, ptr %acc1123, align 4
-  %312 = add nsw i64 %r0, 2
-  %313 = mul nsw i64 %312, 8192
-  %314 = getelementptr inbounds float, ptr %h, i64 %313
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 5120
-  %319 = getelementptr inbounds float, ptr %y, i64 %318
-  %320 = add nsw i64 %col19, 0
-  %321 = getelementptr inbounds float, ptr %319, i64 %320
-  %322 = load <8 x float>, ptr %321, align 4
-  store <8 x float> %322, ptr %acc2024, align 4
-  %323 = add nsw i64 %col19, 8
-  %324 = getelementptr inbounds float, ptr %319, i64 %323
-  %325 = load <8 x float>, ptr %324, align 4
-  store <8 x float> %325, ptr %acc2125, align 4
-  %326 = add nsw i64 %r0, 3
-  %327 = mul nsw i64 %326, 8192
-  %328 = getelementptr inbounds float, ptr %h, i64 %327
-  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
-  %330 = load i32, ptr %329, align 4
-  %331 = sext i32 %330 to i64
-  %332 = mul nsw i64 %331, 5120
-  %333 = getelementptr inbounds float, ptr %y, i64 %332
-  %334 = add nsw i64 %col19, 0
-  %335 = getelementptr inbounds float, ptr %333, i64 %334
-  %336 = load <8 x float>, ptr %335, align 4
-  store <8 x float> %336, ptr %acc3026, align 4
-  %337 = add nsw i64 %col19, 8
-  %338 = getelementptr inbounds float, ptr %333, i64 %337
-  %339 = load <8 x float>, ptr %338, align 4
-  store <8 x float> %339, ptr %acc3127, align 4
-  %panel.off28 = mul nsw i64 %p, 131072
-  br label %k.head29
+  %col20 = mul nsw i64 %p, 16
+  %300 = add nsw i64 %r0, 0
+  %301 = mul nsw i64 %300, 8192
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 5120
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col20, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc0021, align 4
+  %311 = add nsw i64 %col20, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc0122, align 4
+  %314 = add nsw i64 %r0, 1
+  %315 = mul nsw i64 %314, 8192
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 5120
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col20, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc1023, align 4
+  %325 = add nsw i64 %col20, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc1124, align 4
+  %328 = add nsw i64 %r0, 2
+  %329 = mul nsw i64 %328, 8192
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 5120
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col20, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc2025, align 4
+  %339 = add nsw i64 %col20, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc2126, align 4
+  %342 = add nsw i64 %r0, 3
+  %343 = mul nsw i64 %342, 8192
+  %344 = getelementptr inbounds float, ptr %h, i64 %343
+  %345 = getelementptr inbounds i32, ptr %rows, i64 %342
+  %346 = load i32, ptr %345, align 4
+  %347 = sext i32 %346 to i64
+  %348 = mul nsw i64 %347, 5120
+  %349 = getelementptr inbounds float, ptr %y, i64 %348
+  %350 = add nsw i64 %col20, 0
+  %351 = getelementptr inbounds float, ptr %349, i64 %350
+  %352 = load <8 x float>, ptr %351, align 4
+  store <8 x float> %352, ptr %acc3027, align 4
+  %353 = add nsw i64 %col20, 8
+  %354 = getelementptr inbounds float, ptr %349, i64 %353
+  %355 = load <8 x float>, ptr %354, align 4
+  store <8 x float> %355, ptr %acc3128, align 4
+  %panel.off29 = mul nsw i64 %p, 131072
+  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
+  %357 = add nsw i64 %p, 1
+  %358 = icmp slt i64 %357, %p1
+  %359 = getelementptr inbounds i8, ptr %356, i64 262144
+  %360 = and i1 %pf.on, %358
+  %pf30 = select i1 %360, ptr %359, ptr %356
+  br label %k.head31
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
-  %340 = icmp slt i64 %k32, 8192
-  br i1 %340, label %k.body30, label %k.end31
+k.head31:                                         ; preds = %k.body32, %tile.mr4
+  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
+  %361 = icmp slt i64 %k34, 8192
+  br i1 %361, label %k.body32, label %k.end33
 
-k.body30:                                         ; preds = %k.head29
-  %341 = mul nsw i64 %k32, 16
-  %342 = add nsw i64 %panel.off28, %341
-  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
-  %344 = load <8 x i32>, ptr %343, align 4
-  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %345 to <8 x float>
-  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %346 to <8 x float>
-  %347 = getelementptr inbounds float, ptr %286, i64 %k32
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc0020, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
-  store <8 x float> %352, ptr %acc0020, align 4
-  %353 = load <8 x float>, ptr %acc0121, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
-  store <8 x float> %354, ptr %acc0121, align 4
-  %355 = getelementptr inbounds float, ptr %300, i64 %k32
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc1022, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
-  store <8 x float> %360, ptr %acc1022, align 4
-  %361 = load <8 x float>, ptr %acc1123, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
-  store <8 x float> %362, ptr %acc1123, align 4
-  %363 = getelementptr inbounds float, ptr %314, i64 %k32
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc2024, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
-  store <8 x float> %368, ptr %acc2024, align 4
-  %369 = load <8 x float>, ptr %acc2125, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
-  store <8 x float> %370, ptr %acc2125, align 4
-  %371 = getelementptr inbounds float, ptr %328, i64 %k32
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc3026, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
-  store <8 x float> %376, ptr %acc3026, align 4
-  %377 = load <8 x float>, ptr %acc3127, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
-  store <8 x float> %378, ptr %acc3127, align 4
-  %379 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body32:                                         ; preds = %k.head31
+  %362 = mul nsw i64 %k34, 16
+  %363 = add nsw i64 %panel.off29, %362
+  %364 = mul nsw i64 %k34, 32
+  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
+  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
+  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
+  %367 = load <8 x i32>, ptr %366, align 4
+  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b035 = bitcast <8 x i32> %368 to <8 x float>
+  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b136 = bitcast <8 x i32> %369 to <8 x float>
+  %370 = getelementptr inbounds float, ptr %302, i64 %k34
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %acc0021, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
+  store <8 x float> %375, ptr %acc0021, align 4
+  %376 = load <8 x float>, ptr %acc0122, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
+  store <8 x float> %377, ptr %acc0122, align 4
+  %378 = getelementptr inbounds float, ptr %316, i64 %k34
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc1023, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
+  store <8 x float> %383, ptr %acc1023, align 4
+  %384 = load <8 x float>, ptr %acc1124, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
+  store <8 x float> %385, ptr %acc1124, align 4
+  %386 = getelementptr inbounds float, ptr %330, i64 %k34
+  %387 = load float, ptr %386, align 4
+  %388 = insertelement <8 x float> poison, float %387, i32 0
+  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
+  %390 = load <8 x float>, ptr %acc2025, align 4
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
+  store <8 x float> %391, ptr %acc2025, align 4
+  %392 = load <8 x float>, ptr %acc2126, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
+  store <8 x float> %393, ptr %acc2126, align 4
+  %394 = getelementptr inbounds float, ptr %344, i64 %k34
+  %395 = load float, ptr %394, align 4
+  %396 = insertelement <8 x float> poison, float %395, i32 0
+  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
+  %398 = load <8 x float>, ptr %acc3027, align 4
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
+  store <8 x float> %399, ptr %acc3027, align 4
+  %400 = load <8 x float>, ptr %acc3128, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
+  store <8 x float> %401, ptr %acc3128, align 4
+  %402 = add nsw i64 %k34, 1
+  br label %k.head31
 
-k.end31:                                          ; preds = %k.head29
-  %380 = load <8 x float>, ptr %acc0020, align 4
-  store <8 x float> %380, ptr %293, align 4
-  %381 = load <8 x float>, ptr %acc0121, align 4
-  store <8 x float> %381, ptr %296, align 4
-  %382 = load <8 x float>, ptr %acc1022, align 4
-  store <8 x float> %382, ptr %307, align 4
-  %383 = load <8 x float>, ptr %acc1123, align 4
-  store <8 x float> %383, ptr %310, align 4
-  %384 = load <8 x float>, ptr %acc2024, align 4
-  store <8 x float> %384, ptr %321, align 4
-  %385 = load <8 x float>, ptr %acc2125, align 4
-  store <8 x float> %385, ptr %324, align 4
-  %386 = load <8 x float>, ptr %acc3026, align 4
-  store <8 x float> %386, ptr %335, align 4
-  %387 = load <8 x float>, ptr %acc3127, align 4
-  store <8 x float> %387, ptr %338, align 4
+k.end33:                                          ; preds = %k.head31
+  %403 = load <8 x float>, ptr %acc0021, align 4
+  store <8 x float> %403, ptr %309, align 4
+  %404 = load <8 x float>, ptr %acc0122, align 4
+  store <8 x float> %404, ptr %312, align 4
+  %405 = load <8 x float>, ptr %acc1023, align 4
+  store <8 x float> %405, ptr %323, align 4
+  %406 = load <8 x float>, ptr %acc1124, align 4
+  store <8 x float> %406, ptr %326, align 4
+  %407 = load <8 x float>, ptr %acc2025, align 4
+  store <8 x float> %407, ptr %337, align 4
+  %408 = load <8 x float>, ptr %acc2126, align 4
+  store <8 x float> %408, ptr %340, align 4
+  %409 = load <8 x float>, ptr %acc3027, align 4
+  store <8 x float> %409, ptr %351, align 4
+  %410 = load <8 x float>, ptr %acc3128, align 4
+  store <8 x float> %410, ptr %354, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %388 = add nsw i64 %r0, 0
-  %389 = mul nsw i64 %388, 8192
-  %390 = getelementptr inbounds float, ptr %h, i64 %389
-  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
-  %392 = load i32, ptr %391, align 4
-  %393 = sext i32 %392 to i64
-  %394 = mul nsw i64 %393, 5120
-  %395 = getelementptr inbounds float, ptr %y, i64 %394
-  %396 = add nsw i64 %col35, 0
-  %397 = getelementptr inbounds float, ptr %395, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  store <8 x float> %398, ptr %acc0036, align 4
-  %399 = add nsw i64 %col35, 8
-  %400 = getelementptr inbounds float, ptr %395, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0137, align 4
-  %402 = add nsw i64 %r0, 1
-  %403 = mul nsw i64 %402, 8192
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 5120
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col35, 0
-  %411 = getelementptr inbounds float, ptr %409, i64 %410
-  %412 = load <8 x float>, ptr %411, align 4
-  store <8 x float> %412, ptr %acc1038, align 4
-  %413 = add nsw i64 %col35, 8
-  %414 = getelementptr inbounds float, ptr %409, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1139, align 4
-  %416 = add nsw i64 %r0, 2
-  %417 = mul nsw i64 %416, 8192
-  %418 = getelementptr inbounds float, ptr %h, i64 %417
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 5120
-  %423 = getelementptr inbounds float, ptr %y, i64 %422
-  %424 = add nsw i64 %col35, 0
-  %425 = getelementptr inbounds float, ptr %423, i64 %424
-  %426 = load <8 x float>, ptr %425, align 4
-  store <8 x float> %426, ptr %acc2040, align 4
-  %427 = add nsw i64 %col35, 8
-  %428 = getelementptr inbounds float, ptr %423, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2141, align 4
-  %panel.off42 = mul nsw i64 %p, 131072
-  br label %k.head43
+  %col37 = mul nsw i64 %p, 16
+  %411 = add nsw i64 %r0, 0
+  %412 = mul nsw i64 %411, 8192
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 5120
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col37, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
+  %421 = load <8 x float>, ptr %420, align 4
+  store <8 x float> %421, ptr %acc0038, align 4
+  %422 = add nsw i64 %col37, 8
+  %423 = getelementptr inbounds float, ptr %418, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0139, align 4
+  %425 = add nsw i64 %r0, 1
+  %426 = mul nsw i64 %425, 8192
+  %427 = getelementptr inbounds float, ptr %h, i64 %426
+  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %429 = load i32, ptr %428, align 4
+  %430 = sext i32 %429 to i64
+  %431 = mul nsw i64 %430, 5120
+  %432 = getelementptr inbounds float, ptr %y, i64 %431
+  %433 = add nsw i64 %col37, 0
+  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  %435 = load <8 x float>, ptr %434, align 4
+  store <8 x float> %435, ptr %acc1040, align 4
+  %436 = add nsw i64 %col37, 8
+  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1141, align 4
+  %439 = add nsw i64 %r0, 2
+  %440 = mul nsw i64 %439, 8192
+  %441 = getelementptr inbounds float, ptr %h, i64 %440
+  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
+  %443 = load i32, ptr %442, align 4
+  %444 = sext i32 %443 to i64
+  %445 = mul nsw i64 %444, 5120
+  %446 = getelementptr inbounds float, ptr %y, i64 %445
+  %447 = add nsw i64 %col37, 0
+  %448 = getelementptr inbounds float, ptr %446, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  store <8 x float> %449, ptr %acc2042, align 4
+  %450 = add nsw i64 %col37, 8
+  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2143, align 4
+  %panel.off44 = mul nsw i64 %p, 131072
+  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
+  %454 = add nsw i64 %p, 1
+  %455 = icmp slt i64 %454, %p1
+  %456 = getelementptr inbounds i8, ptr %453, i64 262144
+  %457 = and i1 %pf.on, %455
+  %pf45 = select i1 %457, ptr %456, ptr %453
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr3
-  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
-  %430 = icmp slt i64 %k46, 8192
-  br i1 %430, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr3
+  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
+  %458 = icmp slt i64 %k49, 8192
+  br i1 %458, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %431 = mul nsw i64 %k46, 16
-  %432 = add nsw i64 %panel.off42, %431
-  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
-  %434 = load <8 x i32>, ptr %433, align 4
-  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %435 to <8 x float>
-  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = getelementptr inbounds float, ptr %390, i64 %k46
-  %438 = load float, ptr %437, align 4
-  %439 = insertelement <8 x float> poison, float %438, i32 0
-  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
-  %441 = load <8 x float>, ptr %acc0036, align 4
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
-  store <8 x float> %442, ptr %acc0036, align 4
-  %443 = load <8 x float>, ptr %acc0137, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
-  store <8 x float> %444, ptr %acc0137, align 4
-  %445 = getelementptr inbounds float, ptr %404, i64 %k46
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = load <8 x float>, ptr %acc1038, align 4
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
-  store <8 x float> %450, ptr %acc1038, align 4
-  %451 = load <8 x float>, ptr %acc1139, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
-  store <8 x float> %452, ptr %acc1139, align 4
-  %453 = getelementptr inbounds float, ptr %418, i64 %k46
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc2040, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
-  store <8 x float> %458, ptr %acc2040, align 4
-  %459 = load <8 x float>, ptr %acc2141, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
-  store <8 x float> %460, ptr %acc2141, align 4
-  %461 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %459 = mul nsw i64 %k49, 16
+  %460 = add nsw i64 %panel.off44, %459
+  %461 = mul nsw i64 %k49, 32
+  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
+  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
+  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
+  %464 = load <8 x i32>, ptr %463, align 4
+  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %465 to <8 x float>
+  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %466 to <8 x float>
+  %467 = getelementptr inbounds float, ptr %413, i64 %k49
+  %468 = load float, ptr %467, align 4
+  %469 = insertelement <8 x float> poison, float %468, i32 0
+  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
+  %471 = load <8 x float>, ptr %acc0038, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
+  store <8 x float> %472, ptr %acc0038, align 4
+  %473 = load <8 x float>, ptr %acc0139, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
+  store <8 x float> %474, ptr %acc0139, align 4
+  %475 = getelementptr inbounds float, ptr %427, i64 %k49
+  %476 = load float, ptr %475, align 4
+  %477 = insertelement <8 x float> poison, float %476, i32 0
+  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
+  %479 = load <8 x float>, ptr %acc1040, align 4
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
+  store <8 x float> %480, ptr %acc1040, align 4
+  %481 = load <8 x float>, ptr %acc1141, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
+  store <8 x float> %482, ptr %acc1141, align 4
+  %483 = getelementptr inbounds float, ptr %441, i64 %k49
+  %484 = load float, ptr %483, align 4
+  %485 = insertelement <8 x float> poison, float %484, i32 0
+  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
+  %487 = load <8 x float>, ptr %acc2042, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
+  store <8 x float> %488, ptr %acc2042, align 4
+  %489 = load <8 x float>, ptr %acc2143, align 4
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
+  store <8 x float> %490, ptr %acc2143, align 4
+  %491 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %462 = load <8 x float>, ptr %acc0036, align 4
-  store <8 x float> %462, ptr %397, align 4
-  %463 = load <8 x float>, ptr %acc0137, align 4
-  store <8 x float> %463, ptr %400, align 4
-  %464 = load <8 x float>, ptr %acc1038, align 4
-  store <8 x float> %464, ptr %411, align 4
-  %465 = load <8 x float>, ptr %acc1139, align 4
-  store <8 x float> %465, ptr %414, align 4
-  %466 = load <8 x float>, ptr %acc2040, align 4
-  store <8 x float> %466, ptr %425, align 4
-  %467 = load <8 x float>, ptr %acc2141, align 4
-  store <8 x float> %467, ptr %428, align 4
+k.end48:                                          ; preds = %k.head46
+  %492 = load <8 x float>, ptr %acc0038, align 4
+  store <8 x float> %492, ptr %420, align 4
+  %493 = load <8 x float>, ptr %acc0139, align 4
+  store <8 x float> %493, ptr %423, align 4
+  %494 = load <8 x float>, ptr %acc1040, align 4
+  store <8 x float> %494, ptr %434, align 4
+  %495 = load <8 x float>, ptr %acc1141, align 4
+  store <8 x float> %495, ptr %437, align 4
+  %496 = load <8 x float>, ptr %acc2042, align 4
+  store <8 x float> %496, ptr %448, align 4
+  %497 = load <8 x float>, ptr %acc2143, align 4
+  store <8 x float> %497, ptr %451, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col49 = mul nsw i64 %p, 16
-  %468 = add nsw i64 %r0, 0
-  %469 = mul nsw i64 %468, 8192
-  %470 = getelementptr inbounds float, ptr %h, i64 %469
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 5120
-  %475 = getelementptr inbounds float, ptr %y, i64 %474
-  %476 = add nsw i64 %col49, 0
-  %477 = getelementptr inbounds float, ptr %475, i64 %476
-  %478 = load <8 x float>, ptr %477, align 4
-  store <8 x float> %478, ptr %acc0050, align 4
-  %479 = add nsw i64 %col49, 8
-  %480 = getelementptr inbounds float, ptr %475, i64 %479
-  %481 = load <8 x float>, ptr %480, align 4
-  store <8 x float> %481, ptr %acc0151, align 4
-  %482 = add nsw i64 %r0, 1
-  %483 = mul nsw i64 %482, 8192
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 5120
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col49, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
-  %492 = load <8 x float>, ptr %491, align 4
-  store <8 x float> %492, ptr %acc1052, align 4
-  %493 = add nsw i64 %col49, 8
-  %494 = getelementptr inbounds float, ptr %489, i64 %493
-  %495 = load <8 x float>, ptr %494, align 4
-  store <8 x float> %495, ptr %acc1153, align 4
-  %panel.off54 = mul nsw i64 %p, 131072
-  br label %k.head55
+  %col52 = mul nsw i64 %p, 16
+  %498 = add nsw i64 %r0, 0
+  %499 = mul nsw i64 %498, 8192
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 5120
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col52, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %508 = load <8 x float>, ptr %507, align 4
+  store <8 x float> %508, ptr %acc0053, align 4
+  %509 = add nsw i64 %col52, 8
+  %510 = getelementptr inbounds float, ptr %505, i64 %509
+  %511 = load <8 x float>, ptr %510, align 4
+  store <8 x float> %511, ptr %acc0154, align 4
+  %512 = add nsw i64 %r0, 1
+  %513 = mul nsw i64 %512, 8192
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 5120
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col52, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  store <8 x float> %522, ptr %acc1055, align 4
+  %523 = add nsw i64 %col52, 8
+  %524 = getelementptr inbounds float, ptr %519, i64 %523
+  %525 = load <8 x float>, ptr %524, align 4
+  store <8 x float> %525, ptr %acc1156, align 4
+  %panel.off57 = mul nsw i64 %p, 131072
+  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
+  %527 = add nsw i64 %p, 1
+  %528 = icmp slt i64 %527, %p1
+  %529 = getelementptr inbounds i8, ptr %526, i64 262144
+  %530 = and i1 %pf.on, %528
+  %pf58 = select i1 %530, ptr %529, ptr %526
+  br label %k.head59
 
-k.head55:                                         ; preds = %k.body56, %tile.mr2
-  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
-  %496 = icmp slt i64 %k58, 8192
-  br i1 %496, label %k.body56, label %k.end57
+k.head59:                                         ; preds = %k.body60, %tile.mr2
+  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
+  %531 = icmp slt i64 %k62, 8192
+  br i1 %531, label %k.body60, label %k.end61
 
-k.body56:                                         ; preds = %k.head55
-  %497 = mul nsw i64 %k58, 16
-  %498 = add nsw i64 %panel.off54, %497
-  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
-  %500 = load <8 x i32>, ptr %499, align 4
-  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b059 = bitcast <8 x i32> %501 to <8 x float>
-  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b160 = bitcast <8 x i32> %502 to <8 x float>
-  %503 = getelementptr inbounds float, ptr %470, i64 %k58
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc0050, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
-  store <8 x float> %508, ptr %acc0050, align 4
-  %509 = load <8 x float>, ptr %acc0151, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
-  store <8 x float> %510, ptr %acc0151, align 4
-  %511 = getelementptr inbounds float, ptr %484, i64 %k58
-  %512 = load float, ptr %511, align 4
-  %513 = insertelement <8 x float> poison, float %512, i32 0
-  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
-  %515 = load <8 x float>, ptr %acc1052, align 4
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
-  store <8 x float> %516, ptr %acc1052, align 4
-  %517 = load <8 x float>, ptr %acc1153, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
-  store <8 x float> %518, ptr %acc1153, align 4
-  %519 = add nsw i64 %k58, 1
-  br label %k.head55
+k.body60:                                         ; preds = %k.head59
+  %532 = mul nsw i64 %k62, 16
+  %533 = add nsw i64 %panel.off57, %532
+  %534 = mul nsw i64 %k62, 32
+  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
+  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
+  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
+  %537 = load <8 x i32>, ptr %536, align 4
+  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %538 to <8 x float>
+  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %539 to <8 x float>
+  %540 = getelementptr inbounds float, ptr %500, i64 %k62
+  %541 = load float, ptr %540, align 4
+  %542 = insertelement <8 x float> poison, float %541, i32 0
+  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
+  %544 = load <8 x float>, ptr %acc0053, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
+  store <8 x float> %545, ptr %acc0053, align 4
+  %546 = load <8 x float>, ptr %acc0154, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
+  store <8 x float> %547, ptr %acc0154, align 4
+  %548 = getelementptr inbounds float, ptr %514, i64 %k62
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc1055, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
+  store <8 x float> %553, ptr %acc1055, align 4
+  %554 = load <8 x float>, ptr %acc1156, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
+  store <8 x float> %555, ptr %acc1156, align 4
+  %556 = add nsw i64 %k62, 1
+  br label %k.head59
 
-k.end57:                                          ; preds = %k.head55
-  %520 = load <8 x float>, ptr %acc0050, align 4
-  store <8 x float> %520, ptr %477, align 4
-  %521 = load <8 x float>, ptr %acc0151, align 4
-  store <8 x float> %521, ptr %480, align 4
-  %522 = load <8 x float>, ptr %acc1052, align 4
-  store <8 x float> %522, ptr %491, align 4
-  %523 = load <8 x float>, ptr %acc1153, align 4
-  store <8 x float> %523, ptr %494, align 4
+k.end61:                                          ; preds = %k.head59
+  %557 = load <8 x float>, ptr %acc0053, align 4
+  store <8 x float> %557, ptr %507, align 4
+  %558 = load <8 x float>, ptr %acc0154, align 4
+  store <8 x float> %558, ptr %510, align 4
+  %559 = load <8 x float>, ptr %acc1055, align 4
+  store <8 x float> %559, ptr %521, align 4
+  %560 = load <8 x float>, ptr %acc1156, align 4
+  store <8 x float> %560, ptr %524, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col61 = mul nsw i64 %p, 16
-  %524 = add nsw i64 %r0, 0
-  %525 = mul nsw i64 %524, 8192
-  %526 = getelementptr inbounds float, ptr %h, i64 %525
-  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
-  %528 = load i32, ptr %527, align 4
-  %529 = sext i32 %528 to i64
-  %530 = mul nsw i64 %529, 5120
-  %531 = getelementptr inbounds float, ptr %y, i64 %530
-  %532 = add nsw i64 %col61, 0
-  %533 = getelementptr inbounds float, ptr %531, i64 %532
-  %534 = load <8 x float>, ptr %533, align 4
-  store <8 x float> %534, ptr %acc0062, align 4
-  %535 = add nsw i64 %col61, 8
-  %536 = getelementptr inbounds float, ptr %531, i64 %535
-  %537 = load <8 x float>, ptr %536, align 4
-  store <8 x float> %537, ptr %acc0163, align 4
-  %panel.off64 = mul nsw i64 %p, 131072
-  br label %k.head65
+  %col65 = mul nsw i64 %p, 16
+  %561 = add nsw i64 %r0, 0
+  %562 = mul nsw i64 %561, 8192
+  %563 = getelementptr inbounds float, ptr %h, i64 %562
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 5120
+  %568 = getelementptr inbounds float, ptr %y, i64 %567
+  %569 = add nsw i64 %col65, 0
+  %570 = getelementptr inbounds float, ptr %568, i64 %569
+  %571 = load <8 x float>, ptr %570, align 4
+  store <8 x float> %571, ptr %acc0066, align 4
+  %572 = add nsw i64 %col65, 8
+  %573 = getelementptr inbounds float, ptr %568, i64 %572
+  %574 = load <8 x float>, ptr %573, align 4
+  store <8 x float> %574, ptr %acc0167, align 4
+  %panel.off68 = mul nsw i64 %p, 131072
+  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
+  %576 = add nsw i64 %p, 1
+  %577 = icmp slt i64 %576, %p1
+  %578 = getelementptr inbounds i8, ptr %575, i64 262144
+  %579 = and i1 %pf.on, %577
+  %pf69 = select i1 %579, ptr %578, ptr %575
+  br label %k.head70
 
-k.head65:                                         ; preds = %k.body66, %tile.mr1
-  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
-  %538 = icmp slt i64 %k68, 8192
-  br i1 %538, label %k.body66, label %k.end67
+k.head70:                                         ; preds = %k.body71, %tile.mr1
+  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
+  %580 = icmp slt i64 %k73, 8192
+  br i1 %580, label %k.body71, label %k.end72
 
-k.body66:                                         ; preds = %k.head65
-  %539 = mul nsw i64 %k68, 16
-  %540 = add nsw i64 %panel.off64, %539
-  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
-  %542 = load <8 x i32>, ptr %541, align 4
-  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b069 = bitcast <8 x i32> %543 to <8 x float>
-  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b170 = bitcast <8 x i32> %544 to <8 x float>
-  %545 = getelementptr inbounds float, ptr %526, i64 %k68
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0062, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0062, align 4
-  %551 = load <8 x float>, ptr %acc0163, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0163, align 4
-  %553 = add nsw i64 %k68, 1
-  br label %k.head65
+k.body71:                                         ; preds = %k.head70
+  %581 = mul nsw i64 %k73, 16
+  %582 = add nsw i64 %panel.off68, %581
+  %583 = mul nsw i64 %k73, 32
+  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
+  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
+  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
+  %586 = load <8 x i32>, ptr %585, align 4
+  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %587 to <8 x float>
+  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %588 to <8 x float>
+  %589 = getelementptr inbounds float, ptr %563, i64 %k73
+  %590 = load float, ptr %589, align 4
+  %591 = insertelement <8 x float> poison, float %590, i32 0
+  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
+  %593 = load <8 x float>, ptr %acc0066, align 4
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
+  store <8 x float> %594, ptr %acc0066, align 4
+  %595 = load <8 x float>, ptr %acc0167, align 4
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
+  store <8 x float> %596, ptr %acc0167, align 4
+  %597 = add nsw i64 %k73, 1
+  br label %k.head70
 
-k.end67:                                          ; preds = %k.head65
-  %554 = load <8 x float>, ptr %acc0062, align 4
-  store <8 x float> %554, ptr %533, align 4
-  %555 = load <8 x float>, ptr %acc0163, align 4
-  store <8 x float> %555, ptr %536, align 4
+k.end72:                                          ; preds = %k.head70
+  %598 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %598, ptr %570, align 4
+  %599 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %599, ptr %573, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
-  %556 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
+  %600 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %557 = add nsw i64 %p, 1
+  %601 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -5339,4 +5570,5 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

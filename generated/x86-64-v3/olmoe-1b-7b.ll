@@ -892,33 +892,33 @@ entry:
   %acc3138 = alloca <8 x float>, align 32
   %acc4039 = alloca <8 x float>, align 32
   %acc4140 = alloca <8 x float>, align 32
-  %acc0078 = alloca <8 x float>, align 32
-  %acc0179 = alloca <8 x float>, align 32
-  %acc1080 = alloca <8 x float>, align 32
-  %acc1181 = alloca <8 x float>, align 32
-  %acc2082 = alloca <8 x float>, align 32
-  %acc2183 = alloca <8 x float>, align 32
-  %acc3084 = alloca <8 x float>, align 32
-  %acc3185 = alloca <8 x float>, align 32
-  %acc00117 = alloca <8 x float>, align 32
-  %acc01118 = alloca <8 x float>, align 32
-  %acc10119 = alloca <8 x float>, align 32
-  %acc11120 = alloca <8 x float>, align 32
-  %acc20121 = alloca <8 x float>, align 32
-  %acc21122 = alloca <8 x float>, align 32
-  %acc00148 = alloca <8 x float>, align 32
-  %acc01149 = alloca <8 x float>, align 32
-  %acc10150 = alloca <8 x float>, align 32
-  %acc11151 = alloca <8 x float>, align 32
-  %acc00171 = alloca <8 x float>, align 32
-  %acc01172 = alloca <8 x float>, align 32
+  %acc0079 = alloca <8 x float>, align 32
+  %acc0180 = alloca <8 x float>, align 32
+  %acc1081 = alloca <8 x float>, align 32
+  %acc1182 = alloca <8 x float>, align 32
+  %acc2083 = alloca <8 x float>, align 32
+  %acc2184 = alloca <8 x float>, align 32
+  %acc3085 = alloca <8 x float>, align 32
+  %acc3186 = alloca <8 x float>, align 32
+  %acc00119 = alloca <8 x float>, align 32
+  %acc01120 = alloca <8 x float>, align 32
+  %acc10121 = alloca <8 x float>, align 32
+  %acc11122 = alloca <8 x float>, align 32
+  %acc20123 = alloca <8 x float>, align 32
+  %acc21124 = alloca <8 x float>, align 32
+  %acc00151 = alloca <8 x float>, align 32
+  %acc01152 = alloca <8 x float>, align 32
+  %acc10153 = alloca <8 x float>, align 32
+  %acc11154 = alloca <8 x float>, align 32
+  %acc00175 = alloca <8 x float>, align 32
+  %acc01176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1018, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1062, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -926,7 +926,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1017, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1061, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -934,6 +934,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -943,1363 +946,1420 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 2048
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 2048
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 2048
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 2048
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 2048
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 2048
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 2048
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 2048
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 2048
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 2048
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 2048
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 2048
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
+  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 65536
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
-  %39 = icmp slt i64 %k, 2048
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
+  %46 = icmp slt i64 %k, 2048
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
-  %43 = load <8 x i32>, ptr %42, align 4
-  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %44 to <8 x float>
-  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %45 to <8 x float>
-  %46 = getelementptr inbounds float, ptr %8, i64 %k
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <8 x float> poison, float %47, i32 0
-  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
-  %50 = load <8 x float>, ptr %acc00, align 4
-  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
-  store <8 x float> %51, ptr %acc00, align 4
-  %52 = load <8 x float>, ptr %acc01, align 4
-  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
-  store <8 x float> %53, ptr %acc01, align 4
-  %54 = getelementptr inbounds float, ptr %14, i64 %k
-  %55 = load float, ptr %54, align 4
-  %56 = insertelement <8 x float> poison, float %55, i32 0
-  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
-  %58 = load <8 x float>, ptr %acc10, align 4
-  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
-  store <8 x float> %59, ptr %acc10, align 4
-  %60 = load <8 x float>, ptr %acc11, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
-  store <8 x float> %61, ptr %acc11, align 4
-  %62 = getelementptr inbounds float, ptr %20, i64 %k
-  %63 = load float, ptr %62, align 4
-  %64 = insertelement <8 x float> poison, float %63, i32 0
-  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
-  %66 = load <8 x float>, ptr %acc20, align 4
-  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
-  store <8 x float> %67, ptr %acc20, align 4
-  %68 = load <8 x float>, ptr %acc21, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
-  store <8 x float> %69, ptr %acc21, align 4
-  %70 = getelementptr inbounds float, ptr %26, i64 %k
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc30, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
-  store <8 x float> %75, ptr %acc30, align 4
-  %76 = load <8 x float>, ptr %acc31, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
-  store <8 x float> %77, ptr %acc31, align 4
-  %78 = getelementptr inbounds float, ptr %32, i64 %k
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc40, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
-  store <8 x float> %83, ptr %acc40, align 4
-  %84 = load <8 x float>, ptr %acc41, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
-  store <8 x float> %85, ptr %acc41, align 4
-  %86 = getelementptr inbounds float, ptr %38, i64 %k
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc50, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
-  store <8 x float> %91, ptr %acc50, align 4
-  %92 = load <8 x float>, ptr %acc51, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
-  store <8 x float> %93, ptr %acc51, align 4
-  %94 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 32
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
+  %52 = load <8 x i32>, ptr %51, align 4
+  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %53 to <8 x float>
+  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %54 to <8 x float>
+  %55 = getelementptr inbounds float, ptr %10, i64 %k
+  %56 = load float, ptr %55, align 4
+  %57 = insertelement <8 x float> poison, float %56, i32 0
+  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
+  %59 = load <8 x float>, ptr %acc00, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
+  store <8 x float> %60, ptr %acc00, align 4
+  %61 = load <8 x float>, ptr %acc01, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
+  store <8 x float> %62, ptr %acc01, align 4
+  %63 = getelementptr inbounds float, ptr %16, i64 %k
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = getelementptr inbounds float, ptr %22, i64 %k
+  %72 = load float, ptr %71, align 4
+  %73 = insertelement <8 x float> poison, float %72, i32 0
+  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
+  %75 = load <8 x float>, ptr %acc20, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
+  store <8 x float> %76, ptr %acc20, align 4
+  %77 = load <8 x float>, ptr %acc21, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
+  store <8 x float> %78, ptr %acc21, align 4
+  %79 = getelementptr inbounds float, ptr %28, i64 %k
+  %80 = load float, ptr %79, align 4
+  %81 = insertelement <8 x float> poison, float %80, i32 0
+  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
+  %83 = load <8 x float>, ptr %acc30, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
+  store <8 x float> %84, ptr %acc30, align 4
+  %85 = load <8 x float>, ptr %acc31, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
+  store <8 x float> %86, ptr %acc31, align 4
+  %87 = getelementptr inbounds float, ptr %34, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc40, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
+  store <8 x float> %92, ptr %acc40, align 4
+  %93 = load <8 x float>, ptr %acc41, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
+  store <8 x float> %94, ptr %acc41, align 4
+  %95 = getelementptr inbounds float, ptr %40, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc50, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc50, align 4
+  %101 = load <8 x float>, ptr %acc51, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc51, align 4
+  %103 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %95 = add nsw i64 %r0, 0
-  %96 = getelementptr inbounds float, ptr %rw, i64 %95
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = mul nsw i64 %95, 1024
-  %101 = getelementptr inbounds float, ptr %h, i64 %100
+  %104 = add nsw i64 %r0, 0
+  %105 = getelementptr inbounds float, ptr %rw, i64 %104
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = mul nsw i64 %104, 1024
+  %110 = getelementptr inbounds float, ptr %h, i64 %109
   %col = mul nsw i64 %p, 8
-  %102 = load <8 x float>, ptr %acc00, align 4
-  %103 = load <8 x float>, ptr %acc01, align 4
-  %104 = fneg <8 x float> %102
-  %105 = fcmp olt <8 x float> %104, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %106 = select <8 x i1> %105, <8 x float> %104, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %107 = fcmp ogt <8 x float> %106, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %108 = select <8 x i1> %107, <8 x float> %106, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %110 = call <8 x float> @llvm.floor.v8f32(<8 x float> %109)
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %108)
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %111)
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %112, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %112, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %112, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %112, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %112, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %118 = fmul <8 x float> %112, %112
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %118, <8 x float> %112)
-  %120 = fadd <8 x float> %119, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %121 = fptosi <8 x float> %110 to <8 x i32>
-  %122 = add <8 x i32> %121, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %123 = shl <8 x i32> %122, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %123 to <8 x float>
-  %exp = fmul <8 x float> %120, %exp.2n
-  %124 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %124
-  %silu = fmul <8 x float> %102, %sigmoid
-  %glu = fmul <8 x float> %silu, %103
-  %125 = fmul <8 x float> %glu, %99
-  %126 = getelementptr inbounds float, ptr %101, i64 %col
-  store <8 x float> %125, ptr %126, align 4
-  %127 = add nsw i64 %r0, 1
-  %128 = getelementptr inbounds float, ptr %rw, i64 %127
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = mul nsw i64 %127, 1024
-  %133 = getelementptr inbounds float, ptr %h, i64 %132
+  %111 = load <8 x float>, ptr %acc00, align 4
+  %112 = load <8 x float>, ptr %acc01, align 4
+  %113 = fneg <8 x float> %111
+  %114 = fcmp olt <8 x float> %113, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %115 = select <8 x i1> %114, <8 x float> %113, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %116 = fcmp ogt <8 x float> %115, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %117 = select <8 x i1> %116, <8 x float> %115, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %119 = call <8 x float> @llvm.floor.v8f32(<8 x float> %118)
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %117)
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %120)
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %121, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %121, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %121, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %121, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %121, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %127 = fmul <8 x float> %121, %121
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %127, <8 x float> %121)
+  %129 = fadd <8 x float> %128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %130 = fptosi <8 x float> %119 to <8 x i32>
+  %131 = add <8 x i32> %130, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %132 = shl <8 x i32> %131, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %132 to <8 x float>
+  %exp = fmul <8 x float> %129, %exp.2n
+  %133 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %133
+  %silu = fmul <8 x float> %111, %sigmoid
+  %glu = fmul <8 x float> %silu, %112
+  %134 = fmul <8 x float> %glu, %108
+  %135 = getelementptr inbounds float, ptr %110, i64 %col
+  store <8 x float> %134, ptr %135, align 4
+  %136 = add nsw i64 %r0, 1
+  %137 = getelementptr inbounds float, ptr %rw, i64 %136
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = mul nsw i64 %136, 1024
+  %142 = getelementptr inbounds float, ptr %h, i64 %141
   %col1 = mul nsw i64 %p, 8
-  %134 = load <8 x float>, ptr %acc10, align 4
-  %135 = load <8 x float>, ptr %acc11, align 4
-  %136 = fneg <8 x float> %134
-  %137 = fcmp olt <8 x float> %136, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %139 = fcmp ogt <8 x float> %138, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %142 = call <8 x float> @llvm.floor.v8f32(<8 x float> %141)
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %140)
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %143)
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %150 = fmul <8 x float> %144, %144
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %150, <8 x float> %144)
-  %152 = fadd <8 x float> %151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %153 = fptosi <8 x float> %142 to <8 x i32>
-  %154 = add <8 x i32> %153, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %155 = shl <8 x i32> %154, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %155 to <8 x float>
-  %exp3 = fmul <8 x float> %152, %exp.2n2
-  %156 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %156
-  %silu5 = fmul <8 x float> %134, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %135
-  %157 = fmul <8 x float> %glu6, %131
-  %158 = getelementptr inbounds float, ptr %133, i64 %col1
-  store <8 x float> %157, ptr %158, align 4
-  %159 = add nsw i64 %r0, 2
-  %160 = getelementptr inbounds float, ptr %rw, i64 %159
-  %161 = load float, ptr %160, align 4
-  %162 = insertelement <8 x float> poison, float %161, i32 0
-  %163 = shufflevector <8 x float> %162, <8 x float> poison, <8 x i32> zeroinitializer
-  %164 = mul nsw i64 %159, 1024
-  %165 = getelementptr inbounds float, ptr %h, i64 %164
+  %143 = load <8 x float>, ptr %acc10, align 4
+  %144 = load <8 x float>, ptr %acc11, align 4
+  %145 = fneg <8 x float> %143
+  %146 = fcmp olt <8 x float> %145, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %147 = select <8 x i1> %146, <8 x float> %145, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %148 = fcmp ogt <8 x float> %147, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %149 = select <8 x i1> %148, <8 x float> %147, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %151 = call <8 x float> @llvm.floor.v8f32(<8 x float> %150)
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %149)
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %152)
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %153, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %153, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %155, <8 x float> %153, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %153, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %153, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %159 = fmul <8 x float> %153, %153
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %159, <8 x float> %153)
+  %161 = fadd <8 x float> %160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %162 = fptosi <8 x float> %151 to <8 x i32>
+  %163 = add <8 x i32> %162, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %164 = shl <8 x i32> %163, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %164 to <8 x float>
+  %exp3 = fmul <8 x float> %161, %exp.2n2
+  %165 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %165
+  %silu5 = fmul <8 x float> %143, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %144
+  %166 = fmul <8 x float> %glu6, %140
+  %167 = getelementptr inbounds float, ptr %142, i64 %col1
+  store <8 x float> %166, ptr %167, align 4
+  %168 = add nsw i64 %r0, 2
+  %169 = getelementptr inbounds float, ptr %rw, i64 %168
+  %170 = load float, ptr %169, align 4
+  %171 = insertelement <8 x float> poison, float %170, i32 0
+  %172 = shufflevector <8 x float> %171, <8 x float> poison, <8 x i32> zeroinitializer
+  %173 = mul nsw i64 %168, 1024
+  %174 = getelementptr inbounds float, ptr %h, i64 %173
   %col7 = mul nsw i64 %p, 8
-  %166 = load <8 x float>, ptr %acc20, align 4
-  %167 = load <8 x float>, ptr %acc21, align 4
-  %168 = fneg <8 x float> %166
-  %169 = fcmp olt <8 x float> %168, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %170 = select <8 x i1> %169, <8 x float> %168, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %171 = fcmp ogt <8 x float> %170, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %172 = select <8 x i1> %171, <8 x float> %170, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %174 = call <8 x float> @llvm.floor.v8f32(<8 x float> %173)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %172)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %175)
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %176, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %176, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %176, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %176, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %176, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %182 = fmul <8 x float> %176, %176
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %182, <8 x float> %176)
-  %184 = fadd <8 x float> %183, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %185 = fptosi <8 x float> %174 to <8 x i32>
-  %186 = add <8 x i32> %185, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %187 = shl <8 x i32> %186, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %187 to <8 x float>
-  %exp9 = fmul <8 x float> %184, %exp.2n8
-  %188 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %188
-  %silu11 = fmul <8 x float> %166, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %167
-  %189 = fmul <8 x float> %glu12, %163
-  %190 = getelementptr inbounds float, ptr %165, i64 %col7
-  store <8 x float> %189, ptr %190, align 4
-  %191 = add nsw i64 %r0, 3
-  %192 = getelementptr inbounds float, ptr %rw, i64 %191
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <8 x float> poison, float %193, i32 0
-  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
-  %196 = mul nsw i64 %191, 1024
-  %197 = getelementptr inbounds float, ptr %h, i64 %196
+  %175 = load <8 x float>, ptr %acc20, align 4
+  %176 = load <8 x float>, ptr %acc21, align 4
+  %177 = fneg <8 x float> %175
+  %178 = fcmp olt <8 x float> %177, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %179 = select <8 x i1> %178, <8 x float> %177, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %180 = fcmp ogt <8 x float> %179, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %181 = select <8 x i1> %180, <8 x float> %179, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %183 = call <8 x float> @llvm.floor.v8f32(<8 x float> %182)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %181)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %184)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %185, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %185, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %185, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %185, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> %185, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %191 = fmul <8 x float> %185, %185
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %191, <8 x float> %185)
+  %193 = fadd <8 x float> %192, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %194 = fptosi <8 x float> %183 to <8 x i32>
+  %195 = add <8 x i32> %194, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %196 = shl <8 x i32> %195, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %196 to <8 x float>
+  %exp9 = fmul <8 x float> %193, %exp.2n8
+  %197 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %197
+  %silu11 = fmul <8 x float> %175, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %176
+  %198 = fmul <8 x float> %glu12, %172
+  %199 = getelementptr inbounds float, ptr %174, i64 %col7
+  store <8 x float> %198, ptr %199, align 4
+  %200 = add nsw i64 %r0, 3
+  %201 = getelementptr inbounds float, ptr %rw, i64 %200
+  %202 = load float, ptr %201, align 4
+  %203 = insertelement <8 x float> poison, float %202, i32 0
+  %204 = shufflevector <8 x float> %203, <8 x float> poison, <8 x i32> zeroinitializer
+  %205 = mul nsw i64 %200, 1024
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
   %col13 = mul nsw i64 %p, 8
-  %198 = load <8 x float>, ptr %acc30, align 4
-  %199 = load <8 x float>, ptr %acc31, align 4
-  %200 = fneg <8 x float> %198
-  %201 = fcmp olt <8 x float> %200, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %202 = select <8 x i1> %201, <8 x float> %200, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %203 = fcmp ogt <8 x float> %202, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %204 = select <8 x i1> %203, <8 x float> %202, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %206 = call <8 x float> @llvm.floor.v8f32(<8 x float> %205)
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %204)
-  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %207)
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %208, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %208, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %208, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %208, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %208, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %214 = fmul <8 x float> %208, %208
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %214, <8 x float> %208)
-  %216 = fadd <8 x float> %215, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %217 = fptosi <8 x float> %206 to <8 x i32>
-  %218 = add <8 x i32> %217, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %219 = shl <8 x i32> %218, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %219 to <8 x float>
-  %exp15 = fmul <8 x float> %216, %exp.2n14
-  %220 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %220
-  %silu17 = fmul <8 x float> %198, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %199
-  %221 = fmul <8 x float> %glu18, %195
-  %222 = getelementptr inbounds float, ptr %197, i64 %col13
-  store <8 x float> %221, ptr %222, align 4
-  %223 = add nsw i64 %r0, 4
-  %224 = getelementptr inbounds float, ptr %rw, i64 %223
-  %225 = load float, ptr %224, align 4
-  %226 = insertelement <8 x float> poison, float %225, i32 0
-  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
-  %228 = mul nsw i64 %223, 1024
-  %229 = getelementptr inbounds float, ptr %h, i64 %228
+  %207 = load <8 x float>, ptr %acc30, align 4
+  %208 = load <8 x float>, ptr %acc31, align 4
+  %209 = fneg <8 x float> %207
+  %210 = fcmp olt <8 x float> %209, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %211 = select <8 x i1> %210, <8 x float> %209, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %212 = fcmp ogt <8 x float> %211, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %213 = select <8 x i1> %212, <8 x float> %211, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %215 = call <8 x float> @llvm.floor.v8f32(<8 x float> %214)
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %213)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %216)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %217, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %217, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %217, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %217, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %217, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %223 = fmul <8 x float> %217, %217
+  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %223, <8 x float> %217)
+  %225 = fadd <8 x float> %224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %226 = fptosi <8 x float> %215 to <8 x i32>
+  %227 = add <8 x i32> %226, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %228 = shl <8 x i32> %227, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %228 to <8 x float>
+  %exp15 = fmul <8 x float> %225, %exp.2n14
+  %229 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %229
+  %silu17 = fmul <8 x float> %207, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %208
+  %230 = fmul <8 x float> %glu18, %204
+  %231 = getelementptr inbounds float, ptr %206, i64 %col13
+  store <8 x float> %230, ptr %231, align 4
+  %232 = add nsw i64 %r0, 4
+  %233 = getelementptr inbounds float, ptr %rw, i64 %232
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = mul nsw i64 %232, 1024
+  %238 = getelementptr inbounds float, ptr %h, i64 %237
   %col19 = mul nsw i64 %p, 8
-  %230 = load <8 x float>, ptr %acc40, align 4
-  %231 = load <8 x float>, ptr %acc41, align 4
-  %232 = fneg <8 x float> %230
-  %233 = fcmp olt <8 x float> %232, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %234 = select <8 x i1> %233, <8 x float> %232, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %235 = fcmp ogt <8 x float> %234, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %238 = call <8 x float> @llvm.floor.v8f32(<8 x float> %237)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %236)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %239)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %246 = fmul <8 x float> %240, %240
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %246, <8 x float> %240)
-  %248 = fadd <8 x float> %247, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %249 = fptosi <8 x float> %238 to <8 x i32>
-  %250 = add <8 x i32> %249, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %251 = shl <8 x i32> %250, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %251 to <8 x float>
-  %exp21 = fmul <8 x float> %248, %exp.2n20
-  %252 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %252
-  %silu23 = fmul <8 x float> %230, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %231
-  %253 = fmul <8 x float> %glu24, %227
-  %254 = getelementptr inbounds float, ptr %229, i64 %col19
-  store <8 x float> %253, ptr %254, align 4
-  %255 = add nsw i64 %r0, 5
-  %256 = getelementptr inbounds float, ptr %rw, i64 %255
-  %257 = load float, ptr %256, align 4
-  %258 = insertelement <8 x float> poison, float %257, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = mul nsw i64 %255, 1024
-  %261 = getelementptr inbounds float, ptr %h, i64 %260
+  %239 = load <8 x float>, ptr %acc40, align 4
+  %240 = load <8 x float>, ptr %acc41, align 4
+  %241 = fneg <8 x float> %239
+  %242 = fcmp olt <8 x float> %241, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %243 = select <8 x i1> %242, <8 x float> %241, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %244 = fcmp ogt <8 x float> %243, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %247 = call <8 x float> @llvm.floor.v8f32(<8 x float> %246)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %245)
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %248)
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %249, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %249, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %249, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %249, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %249, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %255 = fmul <8 x float> %249, %249
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %255, <8 x float> %249)
+  %257 = fadd <8 x float> %256, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %258 = fptosi <8 x float> %247 to <8 x i32>
+  %259 = add <8 x i32> %258, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %260 = shl <8 x i32> %259, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %260 to <8 x float>
+  %exp21 = fmul <8 x float> %257, %exp.2n20
+  %261 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %261
+  %silu23 = fmul <8 x float> %239, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %240
+  %262 = fmul <8 x float> %glu24, %236
+  %263 = getelementptr inbounds float, ptr %238, i64 %col19
+  store <8 x float> %262, ptr %263, align 4
+  %264 = add nsw i64 %r0, 5
+  %265 = getelementptr inbounds float, ptr %rw, i64 %264
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = mul nsw i64 %264, 1024
+  %270 = getelementptr inbounds float, ptr %h, i64 %269
   %col25 = mul nsw i64 %p, 8
-  %262 = load <8 x float>, ptr %acc50, align 4
-  %263 = load <8 x float>, ptr %acc51, align 4
-  %264 = fneg <8 x float> %262
-  %265 = fcmp olt <8 x float> %264, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %266 = select <8 x i1> %265, <8 x float> %264, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %267 = fcmp ogt <8 x float> %266, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %268 = select <8 x i1> %267, <8 x float> %266, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %270 = call <8 x float> @llvm.floor.v8f32(<8 x float> %269)
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %268)
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %271)
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %272, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %272, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %272, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %272, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %272, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %278 = fmul <8 x float> %272, %272
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %278, <8 x float> %272)
-  %280 = fadd <8 x float> %279, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %281 = fptosi <8 x float> %270 to <8 x i32>
-  %282 = add <8 x i32> %281, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %283 = shl <8 x i32> %282, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %283 to <8 x float>
-  %exp27 = fmul <8 x float> %280, %exp.2n26
-  %284 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %284
-  %silu29 = fmul <8 x float> %262, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %263
-  %285 = fmul <8 x float> %glu30, %259
-  %286 = getelementptr inbounds float, ptr %261, i64 %col25
-  store <8 x float> %285, ptr %286, align 4
+  %271 = load <8 x float>, ptr %acc50, align 4
+  %272 = load <8 x float>, ptr %acc51, align 4
+  %273 = fneg <8 x float> %271
+  %274 = fcmp olt <8 x float> %273, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %275 = select <8 x i1> %274, <8 x float> %273, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %276 = fcmp ogt <8 x float> %275, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %277 = select <8 x i1> %276, <8 x float> %275, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %279 = call <8 x float> @llvm.floor.v8f32(<8 x float> %278)
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %277)
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %280)
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %281, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %281, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %281, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %281, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> %281, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %287 = fmul <8 x float> %281, %281
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %287, <8 x float> %281)
+  %289 = fadd <8 x float> %288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %290 = fptosi <8 x float> %279 to <8 x i32>
+  %291 = add <8 x i32> %290, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %292 = shl <8 x i32> %291, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %292 to <8 x float>
+  %exp27 = fmul <8 x float> %289, %exp.2n26
+  %293 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %293
+  %silu29 = fmul <8 x float> %271, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %272
+  %294 = fmul <8 x float> %glu30, %268
+  %295 = getelementptr inbounds float, ptr %270, i64 %col25
+  store <8 x float> %294, ptr %295, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %287 = add nsw i64 %r0, 0
-  %288 = getelementptr inbounds i32, ptr %rows, i64 %287
-  %289 = load i32, ptr %288, align 4
-  %290 = sext i32 %289 to i64
-  %291 = mul nsw i64 %290, 2048
-  %292 = getelementptr inbounds float, ptr %x, i64 %291
+  %296 = add nsw i64 %r0, 0
+  %297 = getelementptr inbounds i32, ptr %rows, i64 %296
+  %298 = load i32, ptr %297, align 4
+  %299 = sext i32 %298 to i64
+  %300 = mul nsw i64 %299, 2048
+  %301 = getelementptr inbounds float, ptr %x, i64 %300
   store <8 x float> zeroinitializer, ptr %acc0031, align 4
   store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %293 = add nsw i64 %r0, 1
-  %294 = getelementptr inbounds i32, ptr %rows, i64 %293
-  %295 = load i32, ptr %294, align 4
-  %296 = sext i32 %295 to i64
-  %297 = mul nsw i64 %296, 2048
-  %298 = getelementptr inbounds float, ptr %x, i64 %297
+  %302 = add nsw i64 %r0, 1
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 2048
+  %307 = getelementptr inbounds float, ptr %x, i64 %306
   store <8 x float> zeroinitializer, ptr %acc1033, align 4
   store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %299 = add nsw i64 %r0, 2
-  %300 = getelementptr inbounds i32, ptr %rows, i64 %299
-  %301 = load i32, ptr %300, align 4
-  %302 = sext i32 %301 to i64
-  %303 = mul nsw i64 %302, 2048
-  %304 = getelementptr inbounds float, ptr %x, i64 %303
+  %308 = add nsw i64 %r0, 2
+  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
+  %310 = load i32, ptr %309, align 4
+  %311 = sext i32 %310 to i64
+  %312 = mul nsw i64 %311, 2048
+  %313 = getelementptr inbounds float, ptr %x, i64 %312
   store <8 x float> zeroinitializer, ptr %acc2035, align 4
   store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %305 = add nsw i64 %r0, 3
-  %306 = getelementptr inbounds i32, ptr %rows, i64 %305
-  %307 = load i32, ptr %306, align 4
-  %308 = sext i32 %307 to i64
-  %309 = mul nsw i64 %308, 2048
-  %310 = getelementptr inbounds float, ptr %x, i64 %309
+  %314 = add nsw i64 %r0, 3
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 2048
+  %319 = getelementptr inbounds float, ptr %x, i64 %318
   store <8 x float> zeroinitializer, ptr %acc3037, align 4
   store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %311 = add nsw i64 %r0, 4
-  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %313 = load i32, ptr %312, align 4
-  %314 = sext i32 %313 to i64
-  %315 = mul nsw i64 %314, 2048
-  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  %320 = add nsw i64 %r0, 4
+  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
+  %322 = load i32, ptr %321, align 4
+  %323 = sext i32 %322 to i64
+  %324 = mul nsw i64 %323, 2048
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
   store <8 x float> zeroinitializer, ptr %acc4039, align 4
   store <8 x float> zeroinitializer, ptr %acc4140, align 4
   %panel.off41 = mul nsw i64 %p, 32768
-  br label %k.head42
+  %326 = getelementptr inbounds i16, ptr %panels, i64 %panel.off41
+  %327 = add nsw i64 %p, 1
+  %328 = icmp slt i64 %327, %p1
+  %329 = getelementptr inbounds i8, ptr %326, i64 65536
+  %330 = and i1 %pf.on, %328
+  %pf42 = select i1 %330, ptr %329, ptr %326
+  br label %k.head43
 
-k.head42:                                         ; preds = %k.body43, %tile.mr5
-  %k45 = phi i64 [ 0, %tile.mr5 ], [ %364, %k.body43 ]
-  %317 = icmp slt i64 %k45, 2048
-  br i1 %317, label %k.body43, label %k.end44
+k.head43:                                         ; preds = %k.body44, %tile.mr5
+  %k46 = phi i64 [ 0, %tile.mr5 ], [ %380, %k.body44 ]
+  %331 = icmp slt i64 %k46, 2048
+  br i1 %331, label %k.body44, label %k.end45
 
-k.body43:                                         ; preds = %k.head42
-  %318 = mul nsw i64 %k45, 16
-  %319 = add nsw i64 %panel.off41, %318
-  %320 = getelementptr inbounds i16, ptr %panels, i64 %319
-  %321 = load <8 x i32>, ptr %320, align 4
-  %322 = shl <8 x i32> %321, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b046 = bitcast <8 x i32> %322 to <8 x float>
-  %323 = and <8 x i32> %321, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b147 = bitcast <8 x i32> %323 to <8 x float>
-  %324 = getelementptr inbounds float, ptr %292, i64 %k45
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %acc0031, align 4
-  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b046, <8 x float> %328)
-  store <8 x float> %329, ptr %acc0031, align 4
-  %330 = load <8 x float>, ptr %acc0132, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b147, <8 x float> %330)
-  store <8 x float> %331, ptr %acc0132, align 4
-  %332 = getelementptr inbounds float, ptr %298, i64 %k45
-  %333 = load float, ptr %332, align 4
-  %334 = insertelement <8 x float> poison, float %333, i32 0
-  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
-  %336 = load <8 x float>, ptr %acc1033, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b046, <8 x float> %336)
-  store <8 x float> %337, ptr %acc1033, align 4
-  %338 = load <8 x float>, ptr %acc1134, align 4
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b147, <8 x float> %338)
-  store <8 x float> %339, ptr %acc1134, align 4
-  %340 = getelementptr inbounds float, ptr %304, i64 %k45
+k.body44:                                         ; preds = %k.head43
+  %332 = mul nsw i64 %k46, 16
+  %333 = add nsw i64 %panel.off41, %332
+  %334 = mul nsw i64 %k46, 32
+  %335 = getelementptr inbounds i8, ptr %pf42, i64 %334
+  call void @llvm.prefetch.p0(ptr %335, i32 0, i32 2, i32 1)
+  %336 = getelementptr inbounds i16, ptr %panels, i64 %333
+  %337 = load <8 x i32>, ptr %336, align 4
+  %338 = shl <8 x i32> %337, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %338 to <8 x float>
+  %339 = and <8 x i32> %337, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %339 to <8 x float>
+  %340 = getelementptr inbounds float, ptr %301, i64 %k46
   %341 = load float, ptr %340, align 4
   %342 = insertelement <8 x float> poison, float %341, i32 0
   %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = load <8 x float>, ptr %acc2035, align 4
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b046, <8 x float> %344)
-  store <8 x float> %345, ptr %acc2035, align 4
-  %346 = load <8 x float>, ptr %acc2136, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b147, <8 x float> %346)
-  store <8 x float> %347, ptr %acc2136, align 4
-  %348 = getelementptr inbounds float, ptr %310, i64 %k45
+  %344 = load <8 x float>, ptr %acc0031, align 4
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b047, <8 x float> %344)
+  store <8 x float> %345, ptr %acc0031, align 4
+  %346 = load <8 x float>, ptr %acc0132, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b148, <8 x float> %346)
+  store <8 x float> %347, ptr %acc0132, align 4
+  %348 = getelementptr inbounds float, ptr %307, i64 %k46
   %349 = load float, ptr %348, align 4
   %350 = insertelement <8 x float> poison, float %349, i32 0
   %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
-  %352 = load <8 x float>, ptr %acc3037, align 4
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b046, <8 x float> %352)
-  store <8 x float> %353, ptr %acc3037, align 4
-  %354 = load <8 x float>, ptr %acc3138, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b147, <8 x float> %354)
-  store <8 x float> %355, ptr %acc3138, align 4
-  %356 = getelementptr inbounds float, ptr %316, i64 %k45
+  %352 = load <8 x float>, ptr %acc1033, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b047, <8 x float> %352)
+  store <8 x float> %353, ptr %acc1033, align 4
+  %354 = load <8 x float>, ptr %acc1134, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b148, <8 x float> %354)
+  store <8 x float> %355, ptr %acc1134, align 4
+  %356 = getelementptr inbounds float, ptr %313, i64 %k46
   %357 = load float, ptr %356, align 4
   %358 = insertelement <8 x float> poison, float %357, i32 0
   %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = load <8 x float>, ptr %acc4039, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b046, <8 x float> %360)
-  store <8 x float> %361, ptr %acc4039, align 4
-  %362 = load <8 x float>, ptr %acc4140, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b147, <8 x float> %362)
-  store <8 x float> %363, ptr %acc4140, align 4
-  %364 = add nsw i64 %k45, 1
-  br label %k.head42
+  %360 = load <8 x float>, ptr %acc2035, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b047, <8 x float> %360)
+  store <8 x float> %361, ptr %acc2035, align 4
+  %362 = load <8 x float>, ptr %acc2136, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b148, <8 x float> %362)
+  store <8 x float> %363, ptr %acc2136, align 4
+  %364 = getelementptr inbounds float, ptr %319, i64 %k46
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
+  %368 = load <8 x float>, ptr %acc3037, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b047, <8 x float> %368)
+  store <8 x float> %369, ptr %acc3037, align 4
+  %370 = load <8 x float>, ptr %acc3138, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b148, <8 x float> %370)
+  store <8 x float> %371, ptr %acc3138, align 4
+  %372 = getelementptr inbounds float, ptr %325, i64 %k46
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = load <8 x float>, ptr %acc4039, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b047, <8 x float> %376)
+  store <8 x float> %377, ptr %acc4039, align 4
+  %378 = load <8 x float>, ptr %acc4140, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b148, <8 x float> %378)
+  store <8 x float> %379, ptr %acc4140, align 4
+  %380 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end44:                                          ; preds = %k.head42
-  %365 = add nsw i64 %r0, 0
-  %366 = getelementptr inbounds float, ptr %rw, i64 %365
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = mul nsw i64 %365, 1024
-  %371 = getelementptr inbounds float, ptr %h, i64 %370
-  %col48 = mul nsw i64 %p, 8
-  %372 = load <8 x float>, ptr %acc0031, align 4
-  %373 = load <8 x float>, ptr %acc0132, align 4
-  %374 = fneg <8 x float> %372
-  %375 = fcmp olt <8 x float> %374, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %376 = select <8 x i1> %375, <8 x float> %374, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %377 = fcmp ogt <8 x float> %376, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %378 = select <8 x i1> %377, <8 x float> %376, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %380 = call <8 x float> @llvm.floor.v8f32(<8 x float> %379)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %378)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %381)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %382, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %382, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %382, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %382, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %382, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %388 = fmul <8 x float> %382, %382
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %388, <8 x float> %382)
-  %390 = fadd <8 x float> %389, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %391 = fptosi <8 x float> %380 to <8 x i32>
-  %392 = add <8 x i32> %391, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %393 = shl <8 x i32> %392, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n49 = bitcast <8 x i32> %393 to <8 x float>
-  %exp50 = fmul <8 x float> %390, %exp.2n49
-  %394 = fadd <8 x float> %exp50, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid51 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %394
-  %silu52 = fmul <8 x float> %372, %sigmoid51
-  %glu53 = fmul <8 x float> %silu52, %373
-  %395 = fmul <8 x float> %glu53, %369
-  %396 = getelementptr inbounds float, ptr %371, i64 %col48
-  store <8 x float> %395, ptr %396, align 4
-  %397 = add nsw i64 %r0, 1
-  %398 = getelementptr inbounds float, ptr %rw, i64 %397
-  %399 = load float, ptr %398, align 4
-  %400 = insertelement <8 x float> poison, float %399, i32 0
-  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
-  %402 = mul nsw i64 %397, 1024
-  %403 = getelementptr inbounds float, ptr %h, i64 %402
-  %col54 = mul nsw i64 %p, 8
-  %404 = load <8 x float>, ptr %acc1033, align 4
-  %405 = load <8 x float>, ptr %acc1134, align 4
-  %406 = fneg <8 x float> %404
-  %407 = fcmp olt <8 x float> %406, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %409 = fcmp ogt <8 x float> %408, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %412 = call <8 x float> @llvm.floor.v8f32(<8 x float> %411)
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %410)
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %413)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %414, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %414, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %414, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %414, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %420 = fmul <8 x float> %414, %414
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %420, <8 x float> %414)
-  %422 = fadd <8 x float> %421, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %423 = fptosi <8 x float> %412 to <8 x i32>
-  %424 = add <8 x i32> %423, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %425 = shl <8 x i32> %424, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %425 to <8 x float>
-  %exp56 = fmul <8 x float> %422, %exp.2n55
-  %426 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
-  %silu58 = fmul <8 x float> %404, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %405
-  %427 = fmul <8 x float> %glu59, %401
-  %428 = getelementptr inbounds float, ptr %403, i64 %col54
-  store <8 x float> %427, ptr %428, align 4
-  %429 = add nsw i64 %r0, 2
-  %430 = getelementptr inbounds float, ptr %rw, i64 %429
-  %431 = load float, ptr %430, align 4
-  %432 = insertelement <8 x float> poison, float %431, i32 0
-  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
-  %434 = mul nsw i64 %429, 1024
-  %435 = getelementptr inbounds float, ptr %h, i64 %434
-  %col60 = mul nsw i64 %p, 8
-  %436 = load <8 x float>, ptr %acc2035, align 4
-  %437 = load <8 x float>, ptr %acc2136, align 4
-  %438 = fneg <8 x float> %436
-  %439 = fcmp olt <8 x float> %438, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %441 = fcmp ogt <8 x float> %440, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %444 = call <8 x float> @llvm.floor.v8f32(<8 x float> %443)
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %442)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %445)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %446, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %446, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %446, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %446, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %446, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %452 = fmul <8 x float> %446, %446
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %452, <8 x float> %446)
-  %454 = fadd <8 x float> %453, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %455 = fptosi <8 x float> %444 to <8 x i32>
-  %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %457 to <8 x float>
-  %exp62 = fmul <8 x float> %454, %exp.2n61
-  %458 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
-  %silu64 = fmul <8 x float> %436, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %437
-  %459 = fmul <8 x float> %glu65, %433
-  %460 = getelementptr inbounds float, ptr %435, i64 %col60
-  store <8 x float> %459, ptr %460, align 4
-  %461 = add nsw i64 %r0, 3
-  %462 = getelementptr inbounds float, ptr %rw, i64 %461
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = mul nsw i64 %461, 1024
-  %467 = getelementptr inbounds float, ptr %h, i64 %466
-  %col66 = mul nsw i64 %p, 8
-  %468 = load <8 x float>, ptr %acc3037, align 4
-  %469 = load <8 x float>, ptr %acc3138, align 4
-  %470 = fneg <8 x float> %468
-  %471 = fcmp olt <8 x float> %470, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %473 = fcmp ogt <8 x float> %472, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %476 = call <8 x float> @llvm.floor.v8f32(<8 x float> %475)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %474)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %477)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %478, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %478, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %478, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %478, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %478, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %484 = fmul <8 x float> %478, %478
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %484, <8 x float> %478)
-  %486 = fadd <8 x float> %485, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %487 = fptosi <8 x float> %476 to <8 x i32>
-  %488 = add <8 x i32> %487, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %489 = shl <8 x i32> %488, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %489 to <8 x float>
-  %exp68 = fmul <8 x float> %486, %exp.2n67
-  %490 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
-  %silu70 = fmul <8 x float> %468, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %469
-  %491 = fmul <8 x float> %glu71, %465
-  %492 = getelementptr inbounds float, ptr %467, i64 %col66
-  store <8 x float> %491, ptr %492, align 4
-  %493 = add nsw i64 %r0, 4
-  %494 = getelementptr inbounds float, ptr %rw, i64 %493
-  %495 = load float, ptr %494, align 4
-  %496 = insertelement <8 x float> poison, float %495, i32 0
-  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
-  %498 = mul nsw i64 %493, 1024
-  %499 = getelementptr inbounds float, ptr %h, i64 %498
-  %col72 = mul nsw i64 %p, 8
-  %500 = load <8 x float>, ptr %acc4039, align 4
-  %501 = load <8 x float>, ptr %acc4140, align 4
-  %502 = fneg <8 x float> %500
-  %503 = fcmp olt <8 x float> %502, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %505 = fcmp ogt <8 x float> %504, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %508 = call <8 x float> @llvm.floor.v8f32(<8 x float> %507)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %506)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %509)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %510, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %510, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %510, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %510, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %510, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %516 = fmul <8 x float> %510, %510
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %516, <8 x float> %510)
-  %518 = fadd <8 x float> %517, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %519 = fptosi <8 x float> %508 to <8 x i32>
-  %520 = add <8 x i32> %519, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %521 = shl <8 x i32> %520, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %521 to <8 x float>
-  %exp74 = fmul <8 x float> %518, %exp.2n73
-  %522 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
-  %silu76 = fmul <8 x float> %500, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %501
-  %523 = fmul <8 x float> %glu77, %497
-  %524 = getelementptr inbounds float, ptr %499, i64 %col72
-  store <8 x float> %523, ptr %524, align 4
+k.end45:                                          ; preds = %k.head43
+  %381 = add nsw i64 %r0, 0
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = mul nsw i64 %381, 1024
+  %387 = getelementptr inbounds float, ptr %h, i64 %386
+  %col49 = mul nsw i64 %p, 8
+  %388 = load <8 x float>, ptr %acc0031, align 4
+  %389 = load <8 x float>, ptr %acc0132, align 4
+  %390 = fneg <8 x float> %388
+  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %397)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %404 = fmul <8 x float> %398, %398
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %404, <8 x float> %398)
+  %406 = fadd <8 x float> %405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %407 = fptosi <8 x float> %396 to <8 x i32>
+  %408 = add <8 x i32> %407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %409 = shl <8 x i32> %408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n50 = bitcast <8 x i32> %409 to <8 x float>
+  %exp51 = fmul <8 x float> %406, %exp.2n50
+  %410 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %410
+  %silu53 = fmul <8 x float> %388, %sigmoid52
+  %glu54 = fmul <8 x float> %silu53, %389
+  %411 = fmul <8 x float> %glu54, %385
+  %412 = getelementptr inbounds float, ptr %387, i64 %col49
+  store <8 x float> %411, ptr %412, align 4
+  %413 = add nsw i64 %r0, 1
+  %414 = getelementptr inbounds float, ptr %rw, i64 %413
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = mul nsw i64 %413, 1024
+  %419 = getelementptr inbounds float, ptr %h, i64 %418
+  %col55 = mul nsw i64 %p, 8
+  %420 = load <8 x float>, ptr %acc1033, align 4
+  %421 = load <8 x float>, ptr %acc1134, align 4
+  %422 = fneg <8 x float> %420
+  %423 = fcmp olt <8 x float> %422, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = select <8 x i1> %423, <8 x float> %422, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %425 = fcmp ogt <8 x float> %424, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %428 = call <8 x float> @llvm.floor.v8f32(<8 x float> %427)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %426)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %430, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %430, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %430, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %430, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %430, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %436 = fmul <8 x float> %430, %430
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %436, <8 x float> %430)
+  %438 = fadd <8 x float> %437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %439 = fptosi <8 x float> %428 to <8 x i32>
+  %440 = add <8 x i32> %439, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %441 = shl <8 x i32> %440, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n56 = bitcast <8 x i32> %441 to <8 x float>
+  %exp57 = fmul <8 x float> %438, %exp.2n56
+  %442 = fadd <8 x float> %exp57, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid58 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %442
+  %silu59 = fmul <8 x float> %420, %sigmoid58
+  %glu60 = fmul <8 x float> %silu59, %421
+  %443 = fmul <8 x float> %glu60, %417
+  %444 = getelementptr inbounds float, ptr %419, i64 %col55
+  store <8 x float> %443, ptr %444, align 4
+  %445 = add nsw i64 %r0, 2
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = mul nsw i64 %445, 1024
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %col61 = mul nsw i64 %p, 8
+  %452 = load <8 x float>, ptr %acc2035, align 4
+  %453 = load <8 x float>, ptr %acc2136, align 4
+  %454 = fneg <8 x float> %452
+  %455 = fcmp olt <8 x float> %454, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %457 = fcmp ogt <8 x float> %456, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %460 = call <8 x float> @llvm.floor.v8f32(<8 x float> %459)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %458)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %462, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %462, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %462, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %462, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %468 = fmul <8 x float> %462, %462
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %468, <8 x float> %462)
+  %470 = fadd <8 x float> %469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %471 = fptosi <8 x float> %460 to <8 x i32>
+  %472 = add <8 x i32> %471, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %473 = shl <8 x i32> %472, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n62 = bitcast <8 x i32> %473 to <8 x float>
+  %exp63 = fmul <8 x float> %470, %exp.2n62
+  %474 = fadd <8 x float> %exp63, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid64 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %474
+  %silu65 = fmul <8 x float> %452, %sigmoid64
+  %glu66 = fmul <8 x float> %silu65, %453
+  %475 = fmul <8 x float> %glu66, %449
+  %476 = getelementptr inbounds float, ptr %451, i64 %col61
+  store <8 x float> %475, ptr %476, align 4
+  %477 = add nsw i64 %r0, 3
+  %478 = getelementptr inbounds float, ptr %rw, i64 %477
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <8 x float> poison, float %479, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = mul nsw i64 %477, 1024
+  %483 = getelementptr inbounds float, ptr %h, i64 %482
+  %col67 = mul nsw i64 %p, 8
+  %484 = load <8 x float>, ptr %acc3037, align 4
+  %485 = load <8 x float>, ptr %acc3138, align 4
+  %486 = fneg <8 x float> %484
+  %487 = fcmp olt <8 x float> %486, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %488 = select <8 x i1> %487, <8 x float> %486, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %489 = fcmp ogt <8 x float> %488, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %492 = call <8 x float> @llvm.floor.v8f32(<8 x float> %491)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %490)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %493)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %494, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %494, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %494, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %494, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %494, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %500 = fmul <8 x float> %494, %494
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %500, <8 x float> %494)
+  %502 = fadd <8 x float> %501, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %503 = fptosi <8 x float> %492 to <8 x i32>
+  %504 = add <8 x i32> %503, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %505 = shl <8 x i32> %504, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n68 = bitcast <8 x i32> %505 to <8 x float>
+  %exp69 = fmul <8 x float> %502, %exp.2n68
+  %506 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %506
+  %silu71 = fmul <8 x float> %484, %sigmoid70
+  %glu72 = fmul <8 x float> %silu71, %485
+  %507 = fmul <8 x float> %glu72, %481
+  %508 = getelementptr inbounds float, ptr %483, i64 %col67
+  store <8 x float> %507, ptr %508, align 4
+  %509 = add nsw i64 %r0, 4
+  %510 = getelementptr inbounds float, ptr %rw, i64 %509
+  %511 = load float, ptr %510, align 4
+  %512 = insertelement <8 x float> poison, float %511, i32 0
+  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
+  %514 = mul nsw i64 %509, 1024
+  %515 = getelementptr inbounds float, ptr %h, i64 %514
+  %col73 = mul nsw i64 %p, 8
+  %516 = load <8 x float>, ptr %acc4039, align 4
+  %517 = load <8 x float>, ptr %acc4140, align 4
+  %518 = fneg <8 x float> %516
+  %519 = fcmp olt <8 x float> %518, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %520 = select <8 x i1> %519, <8 x float> %518, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %521 = fcmp ogt <8 x float> %520, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %524 = call <8 x float> @llvm.floor.v8f32(<8 x float> %523)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %522)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %525)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %526, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %526, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %526, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %526, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %526, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %532 = fmul <8 x float> %526, %526
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %532, <8 x float> %526)
+  %534 = fadd <8 x float> %533, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %535 = fptosi <8 x float> %524 to <8 x i32>
+  %536 = add <8 x i32> %535, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %537 = shl <8 x i32> %536, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n74 = bitcast <8 x i32> %537 to <8 x float>
+  %exp75 = fmul <8 x float> %534, %exp.2n74
+  %538 = fadd <8 x float> %exp75, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid76 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %538
+  %silu77 = fmul <8 x float> %516, %sigmoid76
+  %glu78 = fmul <8 x float> %silu77, %517
+  %539 = fmul <8 x float> %glu78, %513
+  %540 = getelementptr inbounds float, ptr %515, i64 %col73
+  store <8 x float> %539, ptr %540, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %525 = add nsw i64 %r0, 0
-  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
-  %527 = load i32, ptr %526, align 4
-  %528 = sext i32 %527 to i64
-  %529 = mul nsw i64 %528, 2048
-  %530 = getelementptr inbounds float, ptr %x, i64 %529
-  store <8 x float> zeroinitializer, ptr %acc0078, align 4
-  store <8 x float> zeroinitializer, ptr %acc0179, align 4
-  %531 = add nsw i64 %r0, 1
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 2048
-  %536 = getelementptr inbounds float, ptr %x, i64 %535
-  store <8 x float> zeroinitializer, ptr %acc1080, align 4
-  store <8 x float> zeroinitializer, ptr %acc1181, align 4
-  %537 = add nsw i64 %r0, 2
-  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
-  %539 = load i32, ptr %538, align 4
-  %540 = sext i32 %539 to i64
-  %541 = mul nsw i64 %540, 2048
-  %542 = getelementptr inbounds float, ptr %x, i64 %541
-  store <8 x float> zeroinitializer, ptr %acc2082, align 4
-  store <8 x float> zeroinitializer, ptr %acc2183, align 4
-  %543 = add nsw i64 %r0, 3
-  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
-  %545 = load i32, ptr %544, align 4
-  %546 = sext i32 %545 to i64
-  %547 = mul nsw i64 %546, 2048
-  %548 = getelementptr inbounds float, ptr %x, i64 %547
-  store <8 x float> zeroinitializer, ptr %acc3084, align 4
-  store <8 x float> zeroinitializer, ptr %acc3185, align 4
-  %panel.off86 = mul nsw i64 %p, 32768
-  br label %k.head87
+  %541 = add nsw i64 %r0, 0
+  %542 = getelementptr inbounds i32, ptr %rows, i64 %541
+  %543 = load i32, ptr %542, align 4
+  %544 = sext i32 %543 to i64
+  %545 = mul nsw i64 %544, 2048
+  %546 = getelementptr inbounds float, ptr %x, i64 %545
+  store <8 x float> zeroinitializer, ptr %acc0079, align 4
+  store <8 x float> zeroinitializer, ptr %acc0180, align 4
+  %547 = add nsw i64 %r0, 1
+  %548 = getelementptr inbounds i32, ptr %rows, i64 %547
+  %549 = load i32, ptr %548, align 4
+  %550 = sext i32 %549 to i64
+  %551 = mul nsw i64 %550, 2048
+  %552 = getelementptr inbounds float, ptr %x, i64 %551
+  store <8 x float> zeroinitializer, ptr %acc1081, align 4
+  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  %553 = add nsw i64 %r0, 2
+  %554 = getelementptr inbounds i32, ptr %rows, i64 %553
+  %555 = load i32, ptr %554, align 4
+  %556 = sext i32 %555 to i64
+  %557 = mul nsw i64 %556, 2048
+  %558 = getelementptr inbounds float, ptr %x, i64 %557
+  store <8 x float> zeroinitializer, ptr %acc2083, align 4
+  store <8 x float> zeroinitializer, ptr %acc2184, align 4
+  %559 = add nsw i64 %r0, 3
+  %560 = getelementptr inbounds i32, ptr %rows, i64 %559
+  %561 = load i32, ptr %560, align 4
+  %562 = sext i32 %561 to i64
+  %563 = mul nsw i64 %562, 2048
+  %564 = getelementptr inbounds float, ptr %x, i64 %563
+  store <8 x float> zeroinitializer, ptr %acc3085, align 4
+  store <8 x float> zeroinitializer, ptr %acc3186, align 4
+  %panel.off87 = mul nsw i64 %p, 32768
+  %565 = getelementptr inbounds i16, ptr %panels, i64 %panel.off87
+  %566 = add nsw i64 %p, 1
+  %567 = icmp slt i64 %566, %p1
+  %568 = getelementptr inbounds i8, ptr %565, i64 65536
+  %569 = and i1 %pf.on, %567
+  %pf88 = select i1 %569, ptr %568, ptr %565
+  br label %k.head89
 
-k.head87:                                         ; preds = %k.body88, %tile.mr4
-  %k90 = phi i64 [ 0, %tile.mr4 ], [ %588, %k.body88 ]
-  %549 = icmp slt i64 %k90, 2048
-  br i1 %549, label %k.body88, label %k.end89
+k.head89:                                         ; preds = %k.body90, %tile.mr4
+  %k92 = phi i64 [ 0, %tile.mr4 ], [ %611, %k.body90 ]
+  %570 = icmp slt i64 %k92, 2048
+  br i1 %570, label %k.body90, label %k.end91
 
-k.body88:                                         ; preds = %k.head87
-  %550 = mul nsw i64 %k90, 16
-  %551 = add nsw i64 %panel.off86, %550
-  %552 = getelementptr inbounds i16, ptr %panels, i64 %551
-  %553 = load <8 x i32>, ptr %552, align 4
-  %554 = shl <8 x i32> %553, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b091 = bitcast <8 x i32> %554 to <8 x float>
-  %555 = and <8 x i32> %553, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b192 = bitcast <8 x i32> %555 to <8 x float>
-  %556 = getelementptr inbounds float, ptr %530, i64 %k90
-  %557 = load float, ptr %556, align 4
-  %558 = insertelement <8 x float> poison, float %557, i32 0
-  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
-  %560 = load <8 x float>, ptr %acc0078, align 4
-  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b091, <8 x float> %560)
-  store <8 x float> %561, ptr %acc0078, align 4
-  %562 = load <8 x float>, ptr %acc0179, align 4
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b192, <8 x float> %562)
-  store <8 x float> %563, ptr %acc0179, align 4
-  %564 = getelementptr inbounds float, ptr %536, i64 %k90
-  %565 = load float, ptr %564, align 4
-  %566 = insertelement <8 x float> poison, float %565, i32 0
-  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
-  %568 = load <8 x float>, ptr %acc1080, align 4
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b091, <8 x float> %568)
-  store <8 x float> %569, ptr %acc1080, align 4
-  %570 = load <8 x float>, ptr %acc1181, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b192, <8 x float> %570)
-  store <8 x float> %571, ptr %acc1181, align 4
-  %572 = getelementptr inbounds float, ptr %542, i64 %k90
-  %573 = load float, ptr %572, align 4
-  %574 = insertelement <8 x float> poison, float %573, i32 0
-  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
-  %576 = load <8 x float>, ptr %acc2082, align 4
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b091, <8 x float> %576)
-  store <8 x float> %577, ptr %acc2082, align 4
-  %578 = load <8 x float>, ptr %acc2183, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b192, <8 x float> %578)
-  store <8 x float> %579, ptr %acc2183, align 4
-  %580 = getelementptr inbounds float, ptr %548, i64 %k90
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc3084, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b091, <8 x float> %584)
-  store <8 x float> %585, ptr %acc3084, align 4
-  %586 = load <8 x float>, ptr %acc3185, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b192, <8 x float> %586)
-  store <8 x float> %587, ptr %acc3185, align 4
-  %588 = add nsw i64 %k90, 1
-  br label %k.head87
+k.body90:                                         ; preds = %k.head89
+  %571 = mul nsw i64 %k92, 16
+  %572 = add nsw i64 %panel.off87, %571
+  %573 = mul nsw i64 %k92, 32
+  %574 = getelementptr inbounds i8, ptr %pf88, i64 %573
+  call void @llvm.prefetch.p0(ptr %574, i32 0, i32 2, i32 1)
+  %575 = getelementptr inbounds i16, ptr %panels, i64 %572
+  %576 = load <8 x i32>, ptr %575, align 4
+  %577 = shl <8 x i32> %576, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b093 = bitcast <8 x i32> %577 to <8 x float>
+  %578 = and <8 x i32> %576, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b194 = bitcast <8 x i32> %578 to <8 x float>
+  %579 = getelementptr inbounds float, ptr %546, i64 %k92
+  %580 = load float, ptr %579, align 4
+  %581 = insertelement <8 x float> poison, float %580, i32 0
+  %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
+  %583 = load <8 x float>, ptr %acc0079, align 4
+  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %b093, <8 x float> %583)
+  store <8 x float> %584, ptr %acc0079, align 4
+  %585 = load <8 x float>, ptr %acc0180, align 4
+  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %b194, <8 x float> %585)
+  store <8 x float> %586, ptr %acc0180, align 4
+  %587 = getelementptr inbounds float, ptr %552, i64 %k92
+  %588 = load float, ptr %587, align 4
+  %589 = insertelement <8 x float> poison, float %588, i32 0
+  %590 = shufflevector <8 x float> %589, <8 x float> poison, <8 x i32> zeroinitializer
+  %591 = load <8 x float>, ptr %acc1081, align 4
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %b093, <8 x float> %591)
+  store <8 x float> %592, ptr %acc1081, align 4
+  %593 = load <8 x float>, ptr %acc1182, align 4
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %b194, <8 x float> %593)
+  store <8 x float> %594, ptr %acc1182, align 4
+  %595 = getelementptr inbounds float, ptr %558, i64 %k92
+  %596 = load float, ptr %595, align 4
+  %597 = insertelement <8 x float> poison, float %596, i32 0
+  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
+  %599 = load <8 x float>, ptr %acc2083, align 4
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %b093, <8 x float> %599)
+  store <8 x float> %600, ptr %acc2083, align 4
+  %601 = load <8 x float>, ptr %acc2184, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %b194, <8 x float> %601)
+  store <8 x float> %602, ptr %acc2184, align 4
+  %603 = getelementptr inbounds float, ptr %564, i64 %k92
+  %604 = load float, ptr %603, align 4
+  %605 = insertelement <8 x float> poison, float %604, i32 0
+  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
+  %607 = load <8 x float>, ptr %acc3085, align 4
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b093, <8 x float> %607)
+  store <8 x float> %608, ptr %acc3085, align 4
+  %609 = load <8 x float>, ptr %acc3186, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b194, <8 x float> %609)
+  store <8 x float> %610, ptr %acc3186, align 4
+  %611 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end89:                                          ; preds = %k.head87
-  %589 = add nsw i64 %r0, 0
-  %590 = getelementptr inbounds float, ptr %rw, i64 %589
-  %591 = load float, ptr %590, align 4
-  %592 = insertelement <8 x float> poison, float %591, i32 0
-  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
-  %594 = mul nsw i64 %589, 1024
-  %595 = getelementptr inbounds float, ptr %h, i64 %594
-  %col93 = mul nsw i64 %p, 8
-  %596 = load <8 x float>, ptr %acc0078, align 4
-  %597 = load <8 x float>, ptr %acc0179, align 4
-  %598 = fneg <8 x float> %596
-  %599 = fcmp olt <8 x float> %598, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %600 = select <8 x i1> %599, <8 x float> %598, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %601 = fcmp ogt <8 x float> %600, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %602 = select <8 x i1> %601, <8 x float> %600, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %604 = call <8 x float> @llvm.floor.v8f32(<8 x float> %603)
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %602)
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %605)
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %606, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %606, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %606, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %606, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %606, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %612 = fmul <8 x float> %606, %606
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %612, <8 x float> %606)
-  %614 = fadd <8 x float> %613, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %615 = fptosi <8 x float> %604 to <8 x i32>
-  %616 = add <8 x i32> %615, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %617 = shl <8 x i32> %616, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n94 = bitcast <8 x i32> %617 to <8 x float>
-  %exp95 = fmul <8 x float> %614, %exp.2n94
-  %618 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %618
-  %silu97 = fmul <8 x float> %596, %sigmoid96
-  %glu98 = fmul <8 x float> %silu97, %597
-  %619 = fmul <8 x float> %glu98, %593
-  %620 = getelementptr inbounds float, ptr %595, i64 %col93
-  store <8 x float> %619, ptr %620, align 4
-  %621 = add nsw i64 %r0, 1
-  %622 = getelementptr inbounds float, ptr %rw, i64 %621
-  %623 = load float, ptr %622, align 4
-  %624 = insertelement <8 x float> poison, float %623, i32 0
-  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
-  %626 = mul nsw i64 %621, 1024
-  %627 = getelementptr inbounds float, ptr %h, i64 %626
-  %col99 = mul nsw i64 %p, 8
-  %628 = load <8 x float>, ptr %acc1080, align 4
-  %629 = load <8 x float>, ptr %acc1181, align 4
-  %630 = fneg <8 x float> %628
-  %631 = fcmp olt <8 x float> %630, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %632 = select <8 x i1> %631, <8 x float> %630, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %633 = fcmp ogt <8 x float> %632, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %634 = select <8 x i1> %633, <8 x float> %632, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %636 = call <8 x float> @llvm.floor.v8f32(<8 x float> %635)
-  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %634)
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %637)
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %638, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> %638, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %638, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> %638, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %638, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %644 = fmul <8 x float> %638, %638
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %644, <8 x float> %638)
-  %646 = fadd <8 x float> %645, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %647 = fptosi <8 x float> %636 to <8 x i32>
-  %648 = add <8 x i32> %647, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %649 = shl <8 x i32> %648, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %649 to <8 x float>
-  %exp101 = fmul <8 x float> %646, %exp.2n100
-  %650 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %650
-  %silu103 = fmul <8 x float> %628, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %629
-  %651 = fmul <8 x float> %glu104, %625
-  %652 = getelementptr inbounds float, ptr %627, i64 %col99
-  store <8 x float> %651, ptr %652, align 4
-  %653 = add nsw i64 %r0, 2
-  %654 = getelementptr inbounds float, ptr %rw, i64 %653
-  %655 = load float, ptr %654, align 4
-  %656 = insertelement <8 x float> poison, float %655, i32 0
-  %657 = shufflevector <8 x float> %656, <8 x float> poison, <8 x i32> zeroinitializer
-  %658 = mul nsw i64 %653, 1024
-  %659 = getelementptr inbounds float, ptr %h, i64 %658
-  %col105 = mul nsw i64 %p, 8
-  %660 = load <8 x float>, ptr %acc2082, align 4
-  %661 = load <8 x float>, ptr %acc2183, align 4
-  %662 = fneg <8 x float> %660
-  %663 = fcmp olt <8 x float> %662, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %664 = select <8 x i1> %663, <8 x float> %662, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %665 = fcmp ogt <8 x float> %664, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %666 = select <8 x i1> %665, <8 x float> %664, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %668 = call <8 x float> @llvm.floor.v8f32(<8 x float> %667)
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %666)
-  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %669)
-  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %670, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %670, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %670, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %670, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %670, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %676 = fmul <8 x float> %670, %670
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %676, <8 x float> %670)
-  %678 = fadd <8 x float> %677, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %679 = fptosi <8 x float> %668 to <8 x i32>
-  %680 = add <8 x i32> %679, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %681 = shl <8 x i32> %680, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n106 = bitcast <8 x i32> %681 to <8 x float>
-  %exp107 = fmul <8 x float> %678, %exp.2n106
-  %682 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %682
-  %silu109 = fmul <8 x float> %660, %sigmoid108
-  %glu110 = fmul <8 x float> %silu109, %661
-  %683 = fmul <8 x float> %glu110, %657
-  %684 = getelementptr inbounds float, ptr %659, i64 %col105
-  store <8 x float> %683, ptr %684, align 4
-  %685 = add nsw i64 %r0, 3
-  %686 = getelementptr inbounds float, ptr %rw, i64 %685
-  %687 = load float, ptr %686, align 4
-  %688 = insertelement <8 x float> poison, float %687, i32 0
-  %689 = shufflevector <8 x float> %688, <8 x float> poison, <8 x i32> zeroinitializer
-  %690 = mul nsw i64 %685, 1024
-  %691 = getelementptr inbounds float, ptr %h, i64 %690
-  %col111 = mul nsw i64 %p, 8
-  %692 = load <8 x float>, ptr %acc3084, align 4
-  %693 = load <8 x float>, ptr %acc3185, align 4
-  %694 = fneg <8 x float> %692
-  %695 = fcmp olt <8 x float> %694, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %696 = select <8 x i1> %695, <8 x float> %694, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %697 = fcmp ogt <8 x float> %696, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %700 = call <8 x float> @llvm.floor.v8f32(<8 x float> %699)
-  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %698)
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %701)
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %702, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %702, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %702, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %702, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %702, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %708 = fmul <8 x float> %702, %702
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %708, <8 x float> %702)
-  %710 = fadd <8 x float> %709, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %711 = fptosi <8 x float> %700 to <8 x i32>
-  %712 = add <8 x i32> %711, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %713 = shl <8 x i32> %712, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n112 = bitcast <8 x i32> %713 to <8 x float>
-  %exp113 = fmul <8 x float> %710, %exp.2n112
-  %714 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %714
-  %silu115 = fmul <8 x float> %692, %sigmoid114
-  %glu116 = fmul <8 x float> %silu115, %693
-  %715 = fmul <8 x float> %glu116, %689
-  %716 = getelementptr inbounds float, ptr %691, i64 %col111
-  store <8 x float> %715, ptr %716, align 4
+k.end91:                                          ; preds = %k.head89
+  %612 = add nsw i64 %r0, 0
+  %613 = getelementptr inbounds float, ptr %rw, i64 %612
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = mul nsw i64 %612, 1024
+  %618 = getelementptr inbounds float, ptr %h, i64 %617
+  %col95 = mul nsw i64 %p, 8
+  %619 = load <8 x float>, ptr %acc0079, align 4
+  %620 = load <8 x float>, ptr %acc0180, align 4
+  %621 = fneg <8 x float> %619
+  %622 = fcmp olt <8 x float> %621, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %623 = select <8 x i1> %622, <8 x float> %621, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %624 = fcmp ogt <8 x float> %623, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %625 = select <8 x i1> %624, <8 x float> %623, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %627 = call <8 x float> @llvm.floor.v8f32(<8 x float> %626)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %625)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %628)
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %629, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %629, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %629, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %629, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %629, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %635 = fmul <8 x float> %629, %629
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %635, <8 x float> %629)
+  %637 = fadd <8 x float> %636, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %638 = fptosi <8 x float> %627 to <8 x i32>
+  %639 = add <8 x i32> %638, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %640 = shl <8 x i32> %639, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n96 = bitcast <8 x i32> %640 to <8 x float>
+  %exp97 = fmul <8 x float> %637, %exp.2n96
+  %641 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %641
+  %silu99 = fmul <8 x float> %619, %sigmoid98
+  %glu100 = fmul <8 x float> %silu99, %620
+  %642 = fmul <8 x float> %glu100, %616
+  %643 = getelementptr inbounds float, ptr %618, i64 %col95
+  store <8 x float> %642, ptr %643, align 4
+  %644 = add nsw i64 %r0, 1
+  %645 = getelementptr inbounds float, ptr %rw, i64 %644
+  %646 = load float, ptr %645, align 4
+  %647 = insertelement <8 x float> poison, float %646, i32 0
+  %648 = shufflevector <8 x float> %647, <8 x float> poison, <8 x i32> zeroinitializer
+  %649 = mul nsw i64 %644, 1024
+  %650 = getelementptr inbounds float, ptr %h, i64 %649
+  %col101 = mul nsw i64 %p, 8
+  %651 = load <8 x float>, ptr %acc1081, align 4
+  %652 = load <8 x float>, ptr %acc1182, align 4
+  %653 = fneg <8 x float> %651
+  %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %655 = select <8 x i1> %654, <8 x float> %653, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %656 = fcmp ogt <8 x float> %655, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %657 = select <8 x i1> %656, <8 x float> %655, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %659 = call <8 x float> @llvm.floor.v8f32(<8 x float> %658)
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %657)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %660)
+  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %661, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %661, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %661, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %661, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %661, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %667 = fmul <8 x float> %661, %661
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %667, <8 x float> %661)
+  %669 = fadd <8 x float> %668, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %670 = fptosi <8 x float> %659 to <8 x i32>
+  %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n102 = bitcast <8 x i32> %672 to <8 x float>
+  %exp103 = fmul <8 x float> %669, %exp.2n102
+  %673 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
+  %silu105 = fmul <8 x float> %651, %sigmoid104
+  %glu106 = fmul <8 x float> %silu105, %652
+  %674 = fmul <8 x float> %glu106, %648
+  %675 = getelementptr inbounds float, ptr %650, i64 %col101
+  store <8 x float> %674, ptr %675, align 4
+  %676 = add nsw i64 %r0, 2
+  %677 = getelementptr inbounds float, ptr %rw, i64 %676
+  %678 = load float, ptr %677, align 4
+  %679 = insertelement <8 x float> poison, float %678, i32 0
+  %680 = shufflevector <8 x float> %679, <8 x float> poison, <8 x i32> zeroinitializer
+  %681 = mul nsw i64 %676, 1024
+  %682 = getelementptr inbounds float, ptr %h, i64 %681
+  %col107 = mul nsw i64 %p, 8
+  %683 = load <8 x float>, ptr %acc2083, align 4
+  %684 = load <8 x float>, ptr %acc2184, align 4
+  %685 = fneg <8 x float> %683
+  %686 = fcmp olt <8 x float> %685, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %687 = select <8 x i1> %686, <8 x float> %685, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %688 = fcmp ogt <8 x float> %687, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %689 = select <8 x i1> %688, <8 x float> %687, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %691 = call <8 x float> @llvm.floor.v8f32(<8 x float> %690)
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %689)
+  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %692)
+  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %693, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %693, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %693, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %693, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %697, <8 x float> %693, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %699 = fmul <8 x float> %693, %693
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %699, <8 x float> %693)
+  %701 = fadd <8 x float> %700, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %702 = fptosi <8 x float> %691 to <8 x i32>
+  %703 = add <8 x i32> %702, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %704 = shl <8 x i32> %703, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n108 = bitcast <8 x i32> %704 to <8 x float>
+  %exp109 = fmul <8 x float> %701, %exp.2n108
+  %705 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %705
+  %silu111 = fmul <8 x float> %683, %sigmoid110
+  %glu112 = fmul <8 x float> %silu111, %684
+  %706 = fmul <8 x float> %glu112, %680
+  %707 = getelementptr inbounds float, ptr %682, i64 %col107
+  store <8 x float> %706, ptr %707, align 4
+  %708 = add nsw i64 %r0, 3
+  %709 = getelementptr inbounds float, ptr %rw, i64 %708
+  %710 = load float, ptr %709, align 4
+  %711 = insertelement <8 x float> poison, float %710, i32 0
+  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
+  %713 = mul nsw i64 %708, 1024
+  %714 = getelementptr inbounds float, ptr %h, i64 %713
+  %col113 = mul nsw i64 %p, 8
+  %715 = load <8 x float>, ptr %acc3085, align 4
+  %716 = load <8 x float>, ptr %acc3186, align 4
+  %717 = fneg <8 x float> %715
+  %718 = fcmp olt <8 x float> %717, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %719 = select <8 x i1> %718, <8 x float> %717, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %720 = fcmp ogt <8 x float> %719, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %721 = select <8 x i1> %720, <8 x float> %719, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %723 = call <8 x float> @llvm.floor.v8f32(<8 x float> %722)
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %721)
+  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %724)
+  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %725, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %726, <8 x float> %725, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %725, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %725, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %725, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %731 = fmul <8 x float> %725, %725
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %731, <8 x float> %725)
+  %733 = fadd <8 x float> %732, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %734 = fptosi <8 x float> %723 to <8 x i32>
+  %735 = add <8 x i32> %734, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %736 = shl <8 x i32> %735, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n114 = bitcast <8 x i32> %736 to <8 x float>
+  %exp115 = fmul <8 x float> %733, %exp.2n114
+  %737 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %737
+  %silu117 = fmul <8 x float> %715, %sigmoid116
+  %glu118 = fmul <8 x float> %silu117, %716
+  %738 = fmul <8 x float> %glu118, %712
+  %739 = getelementptr inbounds float, ptr %714, i64 %col113
+  store <8 x float> %738, ptr %739, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %717 = add nsw i64 %r0, 0
-  %718 = getelementptr inbounds i32, ptr %rows, i64 %717
-  %719 = load i32, ptr %718, align 4
-  %720 = sext i32 %719 to i64
-  %721 = mul nsw i64 %720, 2048
-  %722 = getelementptr inbounds float, ptr %x, i64 %721
-  store <8 x float> zeroinitializer, ptr %acc00117, align 4
-  store <8 x float> zeroinitializer, ptr %acc01118, align 4
-  %723 = add nsw i64 %r0, 1
-  %724 = getelementptr inbounds i32, ptr %rows, i64 %723
-  %725 = load i32, ptr %724, align 4
-  %726 = sext i32 %725 to i64
-  %727 = mul nsw i64 %726, 2048
-  %728 = getelementptr inbounds float, ptr %x, i64 %727
-  store <8 x float> zeroinitializer, ptr %acc10119, align 4
-  store <8 x float> zeroinitializer, ptr %acc11120, align 4
-  %729 = add nsw i64 %r0, 2
-  %730 = getelementptr inbounds i32, ptr %rows, i64 %729
-  %731 = load i32, ptr %730, align 4
-  %732 = sext i32 %731 to i64
-  %733 = mul nsw i64 %732, 2048
-  %734 = getelementptr inbounds float, ptr %x, i64 %733
-  store <8 x float> zeroinitializer, ptr %acc20121, align 4
-  store <8 x float> zeroinitializer, ptr %acc21122, align 4
-  %panel.off123 = mul nsw i64 %p, 32768
-  br label %k.head124
+  %740 = add nsw i64 %r0, 0
+  %741 = getelementptr inbounds i32, ptr %rows, i64 %740
+  %742 = load i32, ptr %741, align 4
+  %743 = sext i32 %742 to i64
+  %744 = mul nsw i64 %743, 2048
+  %745 = getelementptr inbounds float, ptr %x, i64 %744
+  store <8 x float> zeroinitializer, ptr %acc00119, align 4
+  store <8 x float> zeroinitializer, ptr %acc01120, align 4
+  %746 = add nsw i64 %r0, 1
+  %747 = getelementptr inbounds i32, ptr %rows, i64 %746
+  %748 = load i32, ptr %747, align 4
+  %749 = sext i32 %748 to i64
+  %750 = mul nsw i64 %749, 2048
+  %751 = getelementptr inbounds float, ptr %x, i64 %750
+  store <8 x float> zeroinitializer, ptr %acc10121, align 4
+  store <8 x float> zeroinitializer, ptr %acc11122, align 4
+  %752 = add nsw i64 %r0, 2
+  %753 = getelementptr inbounds i32, ptr %rows, i64 %752
+  %754 = load i32, ptr %753, align 4
+  %755 = sext i32 %754 to i64
+  %756 = mul nsw i64 %755, 2048
+  %757 = getelementptr inbounds float, ptr %x, i64 %756
+  store <8 x float> zeroinitializer, ptr %acc20123, align 4
+  store <8 x float> zeroinitializer, ptr %acc21124, align 4
+  %panel.off125 = mul nsw i64 %p, 32768
+  %758 = getelementptr inbounds i16, ptr %panels, i64 %panel.off125
+  %759 = add nsw i64 %p, 1
+  %760 = icmp slt i64 %759, %p1
+  %761 = getelementptr inbounds i8, ptr %758, i64 65536
+  %762 = and i1 %pf.on, %760
+  %pf126 = select i1 %762, ptr %761, ptr %758
+  br label %k.head127
 
-k.head124:                                        ; preds = %k.body125, %tile.mr3
-  %k127 = phi i64 [ 0, %tile.mr3 ], [ %766, %k.body125 ]
-  %735 = icmp slt i64 %k127, 2048
-  br i1 %735, label %k.body125, label %k.end126
+k.head127:                                        ; preds = %k.body128, %tile.mr3
+  %k130 = phi i64 [ 0, %tile.mr3 ], [ %796, %k.body128 ]
+  %763 = icmp slt i64 %k130, 2048
+  br i1 %763, label %k.body128, label %k.end129
 
-k.body125:                                        ; preds = %k.head124
-  %736 = mul nsw i64 %k127, 16
-  %737 = add nsw i64 %panel.off123, %736
-  %738 = getelementptr inbounds i16, ptr %panels, i64 %737
-  %739 = load <8 x i32>, ptr %738, align 4
-  %740 = shl <8 x i32> %739, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0128 = bitcast <8 x i32> %740 to <8 x float>
-  %741 = and <8 x i32> %739, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1129 = bitcast <8 x i32> %741 to <8 x float>
-  %742 = getelementptr inbounds float, ptr %722, i64 %k127
-  %743 = load float, ptr %742, align 4
-  %744 = insertelement <8 x float> poison, float %743, i32 0
-  %745 = shufflevector <8 x float> %744, <8 x float> poison, <8 x i32> zeroinitializer
-  %746 = load <8 x float>, ptr %acc00117, align 4
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b0128, <8 x float> %746)
-  store <8 x float> %747, ptr %acc00117, align 4
-  %748 = load <8 x float>, ptr %acc01118, align 4
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b1129, <8 x float> %748)
-  store <8 x float> %749, ptr %acc01118, align 4
-  %750 = getelementptr inbounds float, ptr %728, i64 %k127
-  %751 = load float, ptr %750, align 4
-  %752 = insertelement <8 x float> poison, float %751, i32 0
-  %753 = shufflevector <8 x float> %752, <8 x float> poison, <8 x i32> zeroinitializer
-  %754 = load <8 x float>, ptr %acc10119, align 4
-  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %b0128, <8 x float> %754)
-  store <8 x float> %755, ptr %acc10119, align 4
-  %756 = load <8 x float>, ptr %acc11120, align 4
-  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %b1129, <8 x float> %756)
-  store <8 x float> %757, ptr %acc11120, align 4
-  %758 = getelementptr inbounds float, ptr %734, i64 %k127
-  %759 = load float, ptr %758, align 4
-  %760 = insertelement <8 x float> poison, float %759, i32 0
-  %761 = shufflevector <8 x float> %760, <8 x float> poison, <8 x i32> zeroinitializer
-  %762 = load <8 x float>, ptr %acc20121, align 4
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %b0128, <8 x float> %762)
-  store <8 x float> %763, ptr %acc20121, align 4
-  %764 = load <8 x float>, ptr %acc21122, align 4
-  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %b1129, <8 x float> %764)
-  store <8 x float> %765, ptr %acc21122, align 4
-  %766 = add nsw i64 %k127, 1
-  br label %k.head124
+k.body128:                                        ; preds = %k.head127
+  %764 = mul nsw i64 %k130, 16
+  %765 = add nsw i64 %panel.off125, %764
+  %766 = mul nsw i64 %k130, 32
+  %767 = getelementptr inbounds i8, ptr %pf126, i64 %766
+  call void @llvm.prefetch.p0(ptr %767, i32 0, i32 2, i32 1)
+  %768 = getelementptr inbounds i16, ptr %panels, i64 %765
+  %769 = load <8 x i32>, ptr %768, align 4
+  %770 = shl <8 x i32> %769, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0131 = bitcast <8 x i32> %770 to <8 x float>
+  %771 = and <8 x i32> %769, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1132 = bitcast <8 x i32> %771 to <8 x float>
+  %772 = getelementptr inbounds float, ptr %745, i64 %k130
+  %773 = load float, ptr %772, align 4
+  %774 = insertelement <8 x float> poison, float %773, i32 0
+  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
+  %776 = load <8 x float>, ptr %acc00119, align 4
+  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %b0131, <8 x float> %776)
+  store <8 x float> %777, ptr %acc00119, align 4
+  %778 = load <8 x float>, ptr %acc01120, align 4
+  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %b1132, <8 x float> %778)
+  store <8 x float> %779, ptr %acc01120, align 4
+  %780 = getelementptr inbounds float, ptr %751, i64 %k130
+  %781 = load float, ptr %780, align 4
+  %782 = insertelement <8 x float> poison, float %781, i32 0
+  %783 = shufflevector <8 x float> %782, <8 x float> poison, <8 x i32> zeroinitializer
+  %784 = load <8 x float>, ptr %acc10121, align 4
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %b0131, <8 x float> %784)
+  store <8 x float> %785, ptr %acc10121, align 4
+  %786 = load <8 x float>, ptr %acc11122, align 4
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %b1132, <8 x float> %786)
+  store <8 x float> %787, ptr %acc11122, align 4
+  %788 = getelementptr inbounds float, ptr %757, i64 %k130
+  %789 = load float, ptr %788, align 4
+  %790 = insertelement <8 x float> poison, float %789, i32 0
+  %791 = shufflevector <8 x float> %790, <8 x float> poison, <8 x i32> zeroinitializer
+  %792 = load <8 x float>, ptr %acc20123, align 4
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %b0131, <8 x float> %792)
+  store <8 x float> %793, ptr %acc20123, align 4
+  %794 = load <8 x float>, ptr %acc21124, align 4
+  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %b1132, <8 x float> %794)
+  store <8 x float> %795, ptr %acc21124, align 4
+  %796 = add nsw i64 %k130, 1
+  br label %k.head127
 
-k.end126:                                         ; preds = %k.head124
-  %767 = add nsw i64 %r0, 0
-  %768 = getelementptr inbounds float, ptr %rw, i64 %767
-  %769 = load float, ptr %768, align 4
-  %770 = insertelement <8 x float> poison, float %769, i32 0
-  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
-  %772 = mul nsw i64 %767, 1024
-  %773 = getelementptr inbounds float, ptr %h, i64 %772
-  %col130 = mul nsw i64 %p, 8
-  %774 = load <8 x float>, ptr %acc00117, align 4
-  %775 = load <8 x float>, ptr %acc01118, align 4
-  %776 = fneg <8 x float> %774
-  %777 = fcmp olt <8 x float> %776, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %779 = fcmp ogt <8 x float> %778, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %782 = call <8 x float> @llvm.floor.v8f32(<8 x float> %781)
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %780)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %783)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %784, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %784, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %784, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %784, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %784, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %790 = fmul <8 x float> %784, %784
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %784)
-  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %793 = fptosi <8 x float> %782 to <8 x i32>
-  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n131 = bitcast <8 x i32> %795 to <8 x float>
-  %exp132 = fmul <8 x float> %792, %exp.2n131
-  %796 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
-  %silu134 = fmul <8 x float> %774, %sigmoid133
-  %glu135 = fmul <8 x float> %silu134, %775
-  %797 = fmul <8 x float> %glu135, %771
-  %798 = getelementptr inbounds float, ptr %773, i64 %col130
-  store <8 x float> %797, ptr %798, align 4
-  %799 = add nsw i64 %r0, 1
-  %800 = getelementptr inbounds float, ptr %rw, i64 %799
-  %801 = load float, ptr %800, align 4
-  %802 = insertelement <8 x float> poison, float %801, i32 0
-  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
-  %804 = mul nsw i64 %799, 1024
-  %805 = getelementptr inbounds float, ptr %h, i64 %804
-  %col136 = mul nsw i64 %p, 8
-  %806 = load <8 x float>, ptr %acc10119, align 4
-  %807 = load <8 x float>, ptr %acc11120, align 4
-  %808 = fneg <8 x float> %806
-  %809 = fcmp olt <8 x float> %808, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %810 = select <8 x i1> %809, <8 x float> %808, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %811 = fcmp ogt <8 x float> %810, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %812 = select <8 x i1> %811, <8 x float> %810, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %814 = call <8 x float> @llvm.floor.v8f32(<8 x float> %813)
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %812)
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %815)
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %816, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> %816, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %816, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %816, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %816, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %822 = fmul <8 x float> %816, %816
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %822, <8 x float> %816)
-  %824 = fadd <8 x float> %823, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %825 = fptosi <8 x float> %814 to <8 x i32>
-  %826 = add <8 x i32> %825, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %827 = shl <8 x i32> %826, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n137 = bitcast <8 x i32> %827 to <8 x float>
-  %exp138 = fmul <8 x float> %824, %exp.2n137
-  %828 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %828
-  %silu140 = fmul <8 x float> %806, %sigmoid139
-  %glu141 = fmul <8 x float> %silu140, %807
-  %829 = fmul <8 x float> %glu141, %803
-  %830 = getelementptr inbounds float, ptr %805, i64 %col136
-  store <8 x float> %829, ptr %830, align 4
-  %831 = add nsw i64 %r0, 2
-  %832 = getelementptr inbounds float, ptr %rw, i64 %831
-  %833 = load float, ptr %832, align 4
-  %834 = insertelement <8 x float> poison, float %833, i32 0
-  %835 = shufflevector <8 x float> %834, <8 x float> poison, <8 x i32> zeroinitializer
-  %836 = mul nsw i64 %831, 1024
-  %837 = getelementptr inbounds float, ptr %h, i64 %836
-  %col142 = mul nsw i64 %p, 8
-  %838 = load <8 x float>, ptr %acc20121, align 4
-  %839 = load <8 x float>, ptr %acc21122, align 4
-  %840 = fneg <8 x float> %838
-  %841 = fcmp olt <8 x float> %840, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %842 = select <8 x i1> %841, <8 x float> %840, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %843 = fcmp ogt <8 x float> %842, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %846 = call <8 x float> @llvm.floor.v8f32(<8 x float> %845)
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %844)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %847)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %848, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %848, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %848, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %848, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %848, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %854 = fmul <8 x float> %848, %848
-  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %854, <8 x float> %848)
-  %856 = fadd <8 x float> %855, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %857 = fptosi <8 x float> %846 to <8 x i32>
-  %858 = add <8 x i32> %857, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %859 = shl <8 x i32> %858, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %859 to <8 x float>
-  %exp144 = fmul <8 x float> %856, %exp.2n143
-  %860 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %860
-  %silu146 = fmul <8 x float> %838, %sigmoid145
-  %glu147 = fmul <8 x float> %silu146, %839
-  %861 = fmul <8 x float> %glu147, %835
-  %862 = getelementptr inbounds float, ptr %837, i64 %col142
-  store <8 x float> %861, ptr %862, align 4
+k.end129:                                         ; preds = %k.head127
+  %797 = add nsw i64 %r0, 0
+  %798 = getelementptr inbounds float, ptr %rw, i64 %797
+  %799 = load float, ptr %798, align 4
+  %800 = insertelement <8 x float> poison, float %799, i32 0
+  %801 = shufflevector <8 x float> %800, <8 x float> poison, <8 x i32> zeroinitializer
+  %802 = mul nsw i64 %797, 1024
+  %803 = getelementptr inbounds float, ptr %h, i64 %802
+  %col133 = mul nsw i64 %p, 8
+  %804 = load <8 x float>, ptr %acc00119, align 4
+  %805 = load <8 x float>, ptr %acc01120, align 4
+  %806 = fneg <8 x float> %804
+  %807 = fcmp olt <8 x float> %806, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %808 = select <8 x i1> %807, <8 x float> %806, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %809 = fcmp ogt <8 x float> %808, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %810 = select <8 x i1> %809, <8 x float> %808, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %812 = call <8 x float> @llvm.floor.v8f32(<8 x float> %811)
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %810)
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %813)
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %814, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %814, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %814, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> %814, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %814, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %820 = fmul <8 x float> %814, %814
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %820, <8 x float> %814)
+  %822 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %823 = fptosi <8 x float> %812 to <8 x i32>
+  %824 = add <8 x i32> %823, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %825 = shl <8 x i32> %824, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n134 = bitcast <8 x i32> %825 to <8 x float>
+  %exp135 = fmul <8 x float> %822, %exp.2n134
+  %826 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %826
+  %silu137 = fmul <8 x float> %804, %sigmoid136
+  %glu138 = fmul <8 x float> %silu137, %805
+  %827 = fmul <8 x float> %glu138, %801
+  %828 = getelementptr inbounds float, ptr %803, i64 %col133
+  store <8 x float> %827, ptr %828, align 4
+  %829 = add nsw i64 %r0, 1
+  %830 = getelementptr inbounds float, ptr %rw, i64 %829
+  %831 = load float, ptr %830, align 4
+  %832 = insertelement <8 x float> poison, float %831, i32 0
+  %833 = shufflevector <8 x float> %832, <8 x float> poison, <8 x i32> zeroinitializer
+  %834 = mul nsw i64 %829, 1024
+  %835 = getelementptr inbounds float, ptr %h, i64 %834
+  %col139 = mul nsw i64 %p, 8
+  %836 = load <8 x float>, ptr %acc10121, align 4
+  %837 = load <8 x float>, ptr %acc11122, align 4
+  %838 = fneg <8 x float> %836
+  %839 = fcmp olt <8 x float> %838, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %840 = select <8 x i1> %839, <8 x float> %838, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %841 = fcmp ogt <8 x float> %840, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %842 = select <8 x i1> %841, <8 x float> %840, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %844 = call <8 x float> @llvm.floor.v8f32(<8 x float> %843)
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %842)
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %845)
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %846, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> %846, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %846, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %846, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %846, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %852 = fmul <8 x float> %846, %846
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %852, <8 x float> %846)
+  %854 = fadd <8 x float> %853, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %855 = fptosi <8 x float> %844 to <8 x i32>
+  %856 = add <8 x i32> %855, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %857 = shl <8 x i32> %856, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n140 = bitcast <8 x i32> %857 to <8 x float>
+  %exp141 = fmul <8 x float> %854, %exp.2n140
+  %858 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %858
+  %silu143 = fmul <8 x float> %836, %sigmoid142
+  %glu144 = fmul <8 x float> %silu143, %837
+  %859 = fmul <8 x float> %glu144, %833
+  %860 = getelementptr inbounds float, ptr %835, i64 %col139
+  store <8 x float> %859, ptr %860, align 4
+  %861 = add nsw i64 %r0, 2
+  %862 = getelementptr inbounds float, ptr %rw, i64 %861
+  %863 = load float, ptr %862, align 4
+  %864 = insertelement <8 x float> poison, float %863, i32 0
+  %865 = shufflevector <8 x float> %864, <8 x float> poison, <8 x i32> zeroinitializer
+  %866 = mul nsw i64 %861, 1024
+  %867 = getelementptr inbounds float, ptr %h, i64 %866
+  %col145 = mul nsw i64 %p, 8
+  %868 = load <8 x float>, ptr %acc20123, align 4
+  %869 = load <8 x float>, ptr %acc21124, align 4
+  %870 = fneg <8 x float> %868
+  %871 = fcmp olt <8 x float> %870, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %872 = select <8 x i1> %871, <8 x float> %870, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %873 = fcmp ogt <8 x float> %872, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %876 = call <8 x float> @llvm.floor.v8f32(<8 x float> %875)
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %874)
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %877)
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %878, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %878, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %878, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %878, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %878, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %884 = fmul <8 x float> %878, %878
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %884, <8 x float> %878)
+  %886 = fadd <8 x float> %885, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %887 = fptosi <8 x float> %876 to <8 x i32>
+  %888 = add <8 x i32> %887, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %889 = shl <8 x i32> %888, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n146 = bitcast <8 x i32> %889 to <8 x float>
+  %exp147 = fmul <8 x float> %886, %exp.2n146
+  %890 = fadd <8 x float> %exp147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid148 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %890
+  %silu149 = fmul <8 x float> %868, %sigmoid148
+  %glu150 = fmul <8 x float> %silu149, %869
+  %891 = fmul <8 x float> %glu150, %865
+  %892 = getelementptr inbounds float, ptr %867, i64 %col145
+  store <8 x float> %891, ptr %892, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %863 = add nsw i64 %r0, 0
-  %864 = getelementptr inbounds i32, ptr %rows, i64 %863
-  %865 = load i32, ptr %864, align 4
-  %866 = sext i32 %865 to i64
-  %867 = mul nsw i64 %866, 2048
-  %868 = getelementptr inbounds float, ptr %x, i64 %867
-  store <8 x float> zeroinitializer, ptr %acc00148, align 4
-  store <8 x float> zeroinitializer, ptr %acc01149, align 4
-  %869 = add nsw i64 %r0, 1
-  %870 = getelementptr inbounds i32, ptr %rows, i64 %869
-  %871 = load i32, ptr %870, align 4
-  %872 = sext i32 %871 to i64
-  %873 = mul nsw i64 %872, 2048
-  %874 = getelementptr inbounds float, ptr %x, i64 %873
-  store <8 x float> zeroinitializer, ptr %acc10150, align 4
-  store <8 x float> zeroinitializer, ptr %acc11151, align 4
-  %panel.off152 = mul nsw i64 %p, 32768
-  br label %k.head153
+  %893 = add nsw i64 %r0, 0
+  %894 = getelementptr inbounds i32, ptr %rows, i64 %893
+  %895 = load i32, ptr %894, align 4
+  %896 = sext i32 %895 to i64
+  %897 = mul nsw i64 %896, 2048
+  %898 = getelementptr inbounds float, ptr %x, i64 %897
+  store <8 x float> zeroinitializer, ptr %acc00151, align 4
+  store <8 x float> zeroinitializer, ptr %acc01152, align 4
+  %899 = add nsw i64 %r0, 1
+  %900 = getelementptr inbounds i32, ptr %rows, i64 %899
+  %901 = load i32, ptr %900, align 4
+  %902 = sext i32 %901 to i64
+  %903 = mul nsw i64 %902, 2048
+  %904 = getelementptr inbounds float, ptr %x, i64 %903
+  store <8 x float> zeroinitializer, ptr %acc10153, align 4
+  store <8 x float> zeroinitializer, ptr %acc11154, align 4
+  %panel.off155 = mul nsw i64 %p, 32768
+  %905 = getelementptr inbounds i16, ptr %panels, i64 %panel.off155
+  %906 = add nsw i64 %p, 1
+  %907 = icmp slt i64 %906, %p1
+  %908 = getelementptr inbounds i8, ptr %905, i64 65536
+  %909 = and i1 %pf.on, %907
+  %pf156 = select i1 %909, ptr %908, ptr %905
+  br label %k.head157
 
-k.head153:                                        ; preds = %k.body154, %tile.mr2
-  %k156 = phi i64 [ 0, %tile.mr2 ], [ %898, %k.body154 ]
-  %875 = icmp slt i64 %k156, 2048
-  br i1 %875, label %k.body154, label %k.end155
+k.head157:                                        ; preds = %k.body158, %tile.mr2
+  %k160 = phi i64 [ 0, %tile.mr2 ], [ %935, %k.body158 ]
+  %910 = icmp slt i64 %k160, 2048
+  br i1 %910, label %k.body158, label %k.end159
 
-k.body154:                                        ; preds = %k.head153
-  %876 = mul nsw i64 %k156, 16
-  %877 = add nsw i64 %panel.off152, %876
-  %878 = getelementptr inbounds i16, ptr %panels, i64 %877
-  %879 = load <8 x i32>, ptr %878, align 4
-  %880 = shl <8 x i32> %879, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0157 = bitcast <8 x i32> %880 to <8 x float>
-  %881 = and <8 x i32> %879, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1158 = bitcast <8 x i32> %881 to <8 x float>
-  %882 = getelementptr inbounds float, ptr %868, i64 %k156
-  %883 = load float, ptr %882, align 4
-  %884 = insertelement <8 x float> poison, float %883, i32 0
-  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
-  %886 = load <8 x float>, ptr %acc00148, align 4
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %b0157, <8 x float> %886)
-  store <8 x float> %887, ptr %acc00148, align 4
-  %888 = load <8 x float>, ptr %acc01149, align 4
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %b1158, <8 x float> %888)
-  store <8 x float> %889, ptr %acc01149, align 4
-  %890 = getelementptr inbounds float, ptr %874, i64 %k156
-  %891 = load float, ptr %890, align 4
-  %892 = insertelement <8 x float> poison, float %891, i32 0
-  %893 = shufflevector <8 x float> %892, <8 x float> poison, <8 x i32> zeroinitializer
-  %894 = load <8 x float>, ptr %acc10150, align 4
-  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %b0157, <8 x float> %894)
-  store <8 x float> %895, ptr %acc10150, align 4
-  %896 = load <8 x float>, ptr %acc11151, align 4
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %b1158, <8 x float> %896)
-  store <8 x float> %897, ptr %acc11151, align 4
-  %898 = add nsw i64 %k156, 1
-  br label %k.head153
+k.body158:                                        ; preds = %k.head157
+  %911 = mul nsw i64 %k160, 16
+  %912 = add nsw i64 %panel.off155, %911
+  %913 = mul nsw i64 %k160, 32
+  %914 = getelementptr inbounds i8, ptr %pf156, i64 %913
+  call void @llvm.prefetch.p0(ptr %914, i32 0, i32 2, i32 1)
+  %915 = getelementptr inbounds i16, ptr %panels, i64 %912
+  %916 = load <8 x i32>, ptr %915, align 4
+  %917 = shl <8 x i32> %916, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %917 to <8 x float>
+  %918 = and <8 x i32> %916, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %918 to <8 x float>
+  %919 = getelementptr inbounds float, ptr %898, i64 %k160
+  %920 = load float, ptr %919, align 4
+  %921 = insertelement <8 x float> poison, float %920, i32 0
+  %922 = shufflevector <8 x float> %921, <8 x float> poison, <8 x i32> zeroinitializer
+  %923 = load <8 x float>, ptr %acc00151, align 4
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %b0161, <8 x float> %923)
+  store <8 x float> %924, ptr %acc00151, align 4
+  %925 = load <8 x float>, ptr %acc01152, align 4
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %b1162, <8 x float> %925)
+  store <8 x float> %926, ptr %acc01152, align 4
+  %927 = getelementptr inbounds float, ptr %904, i64 %k160
+  %928 = load float, ptr %927, align 4
+  %929 = insertelement <8 x float> poison, float %928, i32 0
+  %930 = shufflevector <8 x float> %929, <8 x float> poison, <8 x i32> zeroinitializer
+  %931 = load <8 x float>, ptr %acc10153, align 4
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %b0161, <8 x float> %931)
+  store <8 x float> %932, ptr %acc10153, align 4
+  %933 = load <8 x float>, ptr %acc11154, align 4
+  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %b1162, <8 x float> %933)
+  store <8 x float> %934, ptr %acc11154, align 4
+  %935 = add nsw i64 %k160, 1
+  br label %k.head157
 
-k.end155:                                         ; preds = %k.head153
-  %899 = add nsw i64 %r0, 0
-  %900 = getelementptr inbounds float, ptr %rw, i64 %899
-  %901 = load float, ptr %900, align 4
-  %902 = insertelement <8 x float> poison, float %901, i32 0
-  %903 = shufflevector <8 x float> %902, <8 x float> poison, <8 x i32> zeroinitializer
-  %904 = mul nsw i64 %899, 1024
-  %905 = getelementptr inbounds float, ptr %h, i64 %904
-  %col159 = mul nsw i64 %p, 8
-  %906 = load <8 x float>, ptr %acc00148, align 4
-  %907 = load <8 x float>, ptr %acc01149, align 4
-  %908 = fneg <8 x float> %906
-  %909 = fcmp olt <8 x float> %908, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %910 = select <8 x i1> %909, <8 x float> %908, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %911 = fcmp ogt <8 x float> %910, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %912 = select <8 x i1> %911, <8 x float> %910, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %914 = call <8 x float> @llvm.floor.v8f32(<8 x float> %913)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %912)
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %915)
-  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %916, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> %916, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %916, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> %916, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %916, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %922 = fmul <8 x float> %916, %916
-  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %922, <8 x float> %916)
-  %924 = fadd <8 x float> %923, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %925 = fptosi <8 x float> %914 to <8 x i32>
-  %926 = add <8 x i32> %925, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %927 = shl <8 x i32> %926, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n160 = bitcast <8 x i32> %927 to <8 x float>
-  %exp161 = fmul <8 x float> %924, %exp.2n160
-  %928 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %928
-  %silu163 = fmul <8 x float> %906, %sigmoid162
-  %glu164 = fmul <8 x float> %silu163, %907
-  %929 = fmul <8 x float> %glu164, %903
-  %930 = getelementptr inbounds float, ptr %905, i64 %col159
-  store <8 x float> %929, ptr %930, align 4
-  %931 = add nsw i64 %r0, 1
-  %932 = getelementptr inbounds float, ptr %rw, i64 %931
-  %933 = load float, ptr %932, align 4
-  %934 = insertelement <8 x float> poison, float %933, i32 0
-  %935 = shufflevector <8 x float> %934, <8 x float> poison, <8 x i32> zeroinitializer
-  %936 = mul nsw i64 %931, 1024
-  %937 = getelementptr inbounds float, ptr %h, i64 %936
-  %col165 = mul nsw i64 %p, 8
-  %938 = load <8 x float>, ptr %acc10150, align 4
-  %939 = load <8 x float>, ptr %acc11151, align 4
-  %940 = fneg <8 x float> %938
-  %941 = fcmp olt <8 x float> %940, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %942 = select <8 x i1> %941, <8 x float> %940, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %943 = fcmp ogt <8 x float> %942, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %944 = select <8 x i1> %943, <8 x float> %942, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %946 = call <8 x float> @llvm.floor.v8f32(<8 x float> %945)
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %944)
-  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %947)
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %948, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %948, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %948, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %948, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %952, <8 x float> %948, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %954 = fmul <8 x float> %948, %948
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %954, <8 x float> %948)
-  %956 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %957 = fptosi <8 x float> %946 to <8 x i32>
-  %958 = add <8 x i32> %957, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %959 = shl <8 x i32> %958, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %959 to <8 x float>
-  %exp167 = fmul <8 x float> %956, %exp.2n166
-  %960 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %960
-  %silu169 = fmul <8 x float> %938, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %939
-  %961 = fmul <8 x float> %glu170, %935
-  %962 = getelementptr inbounds float, ptr %937, i64 %col165
-  store <8 x float> %961, ptr %962, align 4
+k.end159:                                         ; preds = %k.head157
+  %936 = add nsw i64 %r0, 0
+  %937 = getelementptr inbounds float, ptr %rw, i64 %936
+  %938 = load float, ptr %937, align 4
+  %939 = insertelement <8 x float> poison, float %938, i32 0
+  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
+  %941 = mul nsw i64 %936, 1024
+  %942 = getelementptr inbounds float, ptr %h, i64 %941
+  %col163 = mul nsw i64 %p, 8
+  %943 = load <8 x float>, ptr %acc00151, align 4
+  %944 = load <8 x float>, ptr %acc01152, align 4
+  %945 = fneg <8 x float> %943
+  %946 = fcmp olt <8 x float> %945, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %947 = select <8 x i1> %946, <8 x float> %945, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %948 = fcmp ogt <8 x float> %947, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %949 = select <8 x i1> %948, <8 x float> %947, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %951 = call <8 x float> @llvm.floor.v8f32(<8 x float> %950)
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %949)
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %952)
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %953, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %953, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> %953, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %953, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %953, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %959 = fmul <8 x float> %953, %953
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %959, <8 x float> %953)
+  %961 = fadd <8 x float> %960, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %962 = fptosi <8 x float> %951 to <8 x i32>
+  %963 = add <8 x i32> %962, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %964 = shl <8 x i32> %963, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n164 = bitcast <8 x i32> %964 to <8 x float>
+  %exp165 = fmul <8 x float> %961, %exp.2n164
+  %965 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %965
+  %silu167 = fmul <8 x float> %943, %sigmoid166
+  %glu168 = fmul <8 x float> %silu167, %944
+  %966 = fmul <8 x float> %glu168, %940
+  %967 = getelementptr inbounds float, ptr %942, i64 %col163
+  store <8 x float> %966, ptr %967, align 4
+  %968 = add nsw i64 %r0, 1
+  %969 = getelementptr inbounds float, ptr %rw, i64 %968
+  %970 = load float, ptr %969, align 4
+  %971 = insertelement <8 x float> poison, float %970, i32 0
+  %972 = shufflevector <8 x float> %971, <8 x float> poison, <8 x i32> zeroinitializer
+  %973 = mul nsw i64 %968, 1024
+  %974 = getelementptr inbounds float, ptr %h, i64 %973
+  %col169 = mul nsw i64 %p, 8
+  %975 = load <8 x float>, ptr %acc10153, align 4
+  %976 = load <8 x float>, ptr %acc11154, align 4
+  %977 = fneg <8 x float> %975
+  %978 = fcmp olt <8 x float> %977, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %979 = select <8 x i1> %978, <8 x float> %977, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %980 = fcmp ogt <8 x float> %979, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %981 = select <8 x i1> %980, <8 x float> %979, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %983 = call <8 x float> @llvm.floor.v8f32(<8 x float> %982)
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %981)
+  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %984)
+  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %985, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %985, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %987, <8 x float> %985, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> %985, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> %985, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %991 = fmul <8 x float> %985, %985
+  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> %991, <8 x float> %985)
+  %993 = fadd <8 x float> %992, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %994 = fptosi <8 x float> %983 to <8 x i32>
+  %995 = add <8 x i32> %994, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %996 = shl <8 x i32> %995, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n170 = bitcast <8 x i32> %996 to <8 x float>
+  %exp171 = fmul <8 x float> %993, %exp.2n170
+  %997 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %997
+  %silu173 = fmul <8 x float> %975, %sigmoid172
+  %glu174 = fmul <8 x float> %silu173, %976
+  %998 = fmul <8 x float> %glu174, %972
+  %999 = getelementptr inbounds float, ptr %974, i64 %col169
+  store <8 x float> %998, ptr %999, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %963 = add nsw i64 %r0, 0
-  %964 = getelementptr inbounds i32, ptr %rows, i64 %963
-  %965 = load i32, ptr %964, align 4
-  %966 = sext i32 %965 to i64
-  %967 = mul nsw i64 %966, 2048
-  %968 = getelementptr inbounds float, ptr %x, i64 %967
-  store <8 x float> zeroinitializer, ptr %acc00171, align 4
-  store <8 x float> zeroinitializer, ptr %acc01172, align 4
-  %panel.off173 = mul nsw i64 %p, 32768
-  br label %k.head174
+  %1000 = add nsw i64 %r0, 0
+  %1001 = getelementptr inbounds i32, ptr %rows, i64 %1000
+  %1002 = load i32, ptr %1001, align 4
+  %1003 = sext i32 %1002 to i64
+  %1004 = mul nsw i64 %1003, 2048
+  %1005 = getelementptr inbounds float, ptr %x, i64 %1004
+  store <8 x float> zeroinitializer, ptr %acc00175, align 4
+  store <8 x float> zeroinitializer, ptr %acc01176, align 4
+  %panel.off177 = mul nsw i64 %p, 32768
+  %1006 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
+  %1007 = add nsw i64 %p, 1
+  %1008 = icmp slt i64 %1007, %p1
+  %1009 = getelementptr inbounds i8, ptr %1006, i64 65536
+  %1010 = and i1 %pf.on, %1008
+  %pf178 = select i1 %1010, ptr %1009, ptr %1006
+  br label %k.head179
 
-k.head174:                                        ; preds = %k.body175, %tile.mr1
-  %k177 = phi i64 [ 0, %tile.mr1 ], [ %984, %k.body175 ]
-  %969 = icmp slt i64 %k177, 2048
-  br i1 %969, label %k.body175, label %k.end176
+k.head179:                                        ; preds = %k.body180, %tile.mr1
+  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1028, %k.body180 ]
+  %1011 = icmp slt i64 %k182, 2048
+  br i1 %1011, label %k.body180, label %k.end181
 
-k.body175:                                        ; preds = %k.head174
-  %970 = mul nsw i64 %k177, 16
-  %971 = add nsw i64 %panel.off173, %970
-  %972 = getelementptr inbounds i16, ptr %panels, i64 %971
-  %973 = load <8 x i32>, ptr %972, align 4
-  %974 = shl <8 x i32> %973, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %974 to <8 x float>
-  %975 = and <8 x i32> %973, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %975 to <8 x float>
-  %976 = getelementptr inbounds float, ptr %968, i64 %k177
-  %977 = load float, ptr %976, align 4
-  %978 = insertelement <8 x float> poison, float %977, i32 0
-  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
-  %980 = load <8 x float>, ptr %acc00171, align 4
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %b0178, <8 x float> %980)
-  store <8 x float> %981, ptr %acc00171, align 4
-  %982 = load <8 x float>, ptr %acc01172, align 4
-  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %b1179, <8 x float> %982)
-  store <8 x float> %983, ptr %acc01172, align 4
-  %984 = add nsw i64 %k177, 1
-  br label %k.head174
+k.body180:                                        ; preds = %k.head179
+  %1012 = mul nsw i64 %k182, 16
+  %1013 = add nsw i64 %panel.off177, %1012
+  %1014 = mul nsw i64 %k182, 32
+  %1015 = getelementptr inbounds i8, ptr %pf178, i64 %1014
+  call void @llvm.prefetch.p0(ptr %1015, i32 0, i32 2, i32 1)
+  %1016 = getelementptr inbounds i16, ptr %panels, i64 %1013
+  %1017 = load <8 x i32>, ptr %1016, align 4
+  %1018 = shl <8 x i32> %1017, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0183 = bitcast <8 x i32> %1018 to <8 x float>
+  %1019 = and <8 x i32> %1017, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1184 = bitcast <8 x i32> %1019 to <8 x float>
+  %1020 = getelementptr inbounds float, ptr %1005, i64 %k182
+  %1021 = load float, ptr %1020, align 4
+  %1022 = insertelement <8 x float> poison, float %1021, i32 0
+  %1023 = shufflevector <8 x float> %1022, <8 x float> poison, <8 x i32> zeroinitializer
+  %1024 = load <8 x float>, ptr %acc00175, align 4
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %b0183, <8 x float> %1024)
+  store <8 x float> %1025, ptr %acc00175, align 4
+  %1026 = load <8 x float>, ptr %acc01176, align 4
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %b1184, <8 x float> %1026)
+  store <8 x float> %1027, ptr %acc01176, align 4
+  %1028 = add nsw i64 %k182, 1
+  br label %k.head179
 
-k.end176:                                         ; preds = %k.head174
-  %985 = add nsw i64 %r0, 0
-  %986 = getelementptr inbounds float, ptr %rw, i64 %985
-  %987 = load float, ptr %986, align 4
-  %988 = insertelement <8 x float> poison, float %987, i32 0
-  %989 = shufflevector <8 x float> %988, <8 x float> poison, <8 x i32> zeroinitializer
-  %990 = mul nsw i64 %985, 1024
-  %991 = getelementptr inbounds float, ptr %h, i64 %990
-  %col180 = mul nsw i64 %p, 8
-  %992 = load <8 x float>, ptr %acc00171, align 4
-  %993 = load <8 x float>, ptr %acc01172, align 4
-  %994 = fneg <8 x float> %992
-  %995 = fcmp olt <8 x float> %994, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %996 = select <8 x i1> %995, <8 x float> %994, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %997 = fcmp ogt <8 x float> %996, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %998 = select <8 x i1> %997, <8 x float> %996, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %998, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1000 = call <8 x float> @llvm.floor.v8f32(<8 x float> %999)
-  %1001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %998)
-  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1001)
-  %1003 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1002, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1003, <8 x float> %1002, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %1002, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> %1002, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> %1002, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1008 = fmul <8 x float> %1002, %1002
-  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> %1008, <8 x float> %1002)
-  %1010 = fadd <8 x float> %1009, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1011 = fptosi <8 x float> %1000 to <8 x i32>
-  %1012 = add <8 x i32> %1011, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1013 = shl <8 x i32> %1012, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %1013 to <8 x float>
-  %exp182 = fmul <8 x float> %1010, %exp.2n181
-  %1014 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1014
-  %silu184 = fmul <8 x float> %992, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %993
-  %1015 = fmul <8 x float> %glu185, %989
-  %1016 = getelementptr inbounds float, ptr %991, i64 %col180
-  store <8 x float> %1015, ptr %1016, align 4
+k.end181:                                         ; preds = %k.head179
+  %1029 = add nsw i64 %r0, 0
+  %1030 = getelementptr inbounds float, ptr %rw, i64 %1029
+  %1031 = load float, ptr %1030, align 4
+  %1032 = insertelement <8 x float> poison, float %1031, i32 0
+  %1033 = shufflevector <8 x float> %1032, <8 x float> poison, <8 x i32> zeroinitializer
+  %1034 = mul nsw i64 %1029, 1024
+  %1035 = getelementptr inbounds float, ptr %h, i64 %1034
+  %col185 = mul nsw i64 %p, 8
+  %1036 = load <8 x float>, ptr %acc00175, align 4
+  %1037 = load <8 x float>, ptr %acc01176, align 4
+  %1038 = fneg <8 x float> %1036
+  %1039 = fcmp olt <8 x float> %1038, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1040 = select <8 x i1> %1039, <8 x float> %1038, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1041 = fcmp ogt <8 x float> %1040, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1042 = select <8 x i1> %1041, <8 x float> %1040, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1043 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1042, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1044 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1043)
+  %1045 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1042)
+  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1045)
+  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1046, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> %1046, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %1046, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %1046, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %1046, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1052 = fmul <8 x float> %1046, %1046
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1051, <8 x float> %1052, <8 x float> %1046)
+  %1054 = fadd <8 x float> %1053, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1055 = fptosi <8 x float> %1044 to <8 x i32>
+  %1056 = add <8 x i32> %1055, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1057 = shl <8 x i32> %1056, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n186 = bitcast <8 x i32> %1057 to <8 x float>
+  %exp187 = fmul <8 x float> %1054, %exp.2n186
+  %1058 = fadd <8 x float> %exp187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid188 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1058
+  %silu189 = fmul <8 x float> %1036, %sigmoid188
+  %glu190 = fmul <8 x float> %silu189, %1037
+  %1059 = fmul <8 x float> %glu190, %1033
+  %1060 = getelementptr inbounds float, ptr %1035, i64 %col185
+  store <8 x float> %1059, ptr %1060, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end176, %k.end155, %k.end126, %k.end89, %k.end44, %k.end
-  %1017 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end181, %k.end159, %k.end129, %k.end91, %k.end45, %k.end
+  %1061 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1018 = add nsw i64 %p, 1
+  %1062 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.floor.v8f32(<8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
@@ -2326,26 +2386,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0020 = alloca <8 x float>, align 32
-  %acc0121 = alloca <8 x float>, align 32
-  %acc1022 = alloca <8 x float>, align 32
-  %acc1123 = alloca <8 x float>, align 32
-  %acc2024 = alloca <8 x float>, align 32
-  %acc2125 = alloca <8 x float>, align 32
-  %acc3026 = alloca <8 x float>, align 32
-  %acc3127 = alloca <8 x float>, align 32
-  %acc0036 = alloca <8 x float>, align 32
-  %acc0137 = alloca <8 x float>, align 32
-  %acc1038 = alloca <8 x float>, align 32
-  %acc1139 = alloca <8 x float>, align 32
-  %acc2040 = alloca <8 x float>, align 32
-  %acc2141 = alloca <8 x float>, align 32
-  %acc0050 = alloca <8 x float>, align 32
-  %acc0151 = alloca <8 x float>, align 32
-  %acc1052 = alloca <8 x float>, align 32
-  %acc1153 = alloca <8 x float>, align 32
-  %acc0062 = alloca <8 x float>, align 32
-  %acc0163 = alloca <8 x float>, align 32
+  %acc0021 = alloca <8 x float>, align 32
+  %acc0122 = alloca <8 x float>, align 32
+  %acc1023 = alloca <8 x float>, align 32
+  %acc1124 = alloca <8 x float>, align 32
+  %acc2025 = alloca <8 x float>, align 32
+  %acc2126 = alloca <8 x float>, align 32
+  %acc3027 = alloca <8 x float>, align 32
+  %acc3128 = alloca <8 x float>, align 32
+  %acc0038 = alloca <8 x float>, align 32
+  %acc0139 = alloca <8 x float>, align 32
+  %acc1040 = alloca <8 x float>, align 32
+  %acc1141 = alloca <8 x float>, align 32
+  %acc2042 = alloca <8 x float>, align 32
+  %acc2143 = alloca <8 x float>, align 32
+  %acc0053 = alloca <8 x float>, align 32
+  %acc0154 = alloca <8 x float>, align 32
+  %acc1055 = alloca <8 x float>, align 32
+  %acc1156 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2354,7 +2414,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2362,7 +2422,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2370,6 +2430,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2380,790 +2443,844 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 1024
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 2048
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 1024
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 2048
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 1024
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 2048
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 1024
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 2048
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 1024
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 2048
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 1024
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 2048
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 1024
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 2048
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 1024
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 2048
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 1024
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 2048
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 1024
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 2048
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 1024
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 2048
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 1024
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 2048
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
+  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 32768
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
-  %88 = icmp slt i64 %k, 1024
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+  %95 = icmp slt i64 %k, 1024
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
-  %92 = load <8 x i32>, ptr %91, align 4
-  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %93 to <8 x float>
-  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %94 to <8 x float>
-  %95 = getelementptr inbounds float, ptr %6, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc00, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc00, align 4
-  %101 = load <8 x float>, ptr %acc01, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc01, align 4
-  %103 = getelementptr inbounds float, ptr %20, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc10, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc10, align 4
-  %109 = load <8 x float>, ptr %acc11, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc11, align 4
-  %111 = getelementptr inbounds float, ptr %34, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc20, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc20, align 4
-  %117 = load <8 x float>, ptr %acc21, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc21, align 4
-  %119 = getelementptr inbounds float, ptr %48, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc30, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc30, align 4
-  %125 = load <8 x float>, ptr %acc31, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc31, align 4
-  %127 = getelementptr inbounds float, ptr %62, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc40, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc40, align 4
-  %133 = load <8 x float>, ptr %acc41, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc41, align 4
-  %135 = getelementptr inbounds float, ptr %76, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc50, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc50, align 4
-  %141 = load <8 x float>, ptr %acc51, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc51, align 4
-  %143 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 32
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %8, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %22, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %36, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %50, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %64, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %78, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %144 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %144, ptr %13, align 4
-  %145 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %145, ptr %16, align 4
-  %146 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %146, ptr %27, align 4
-  %147 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %147, ptr %30, align 4
-  %148 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %148, ptr %41, align 4
-  %149 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %149, ptr %44, align 4
-  %150 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %150, ptr %55, align 4
-  %151 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %151, ptr %58, align 4
-  %152 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %152, ptr %69, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %153, ptr %72, align 4
-  %154 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %154, ptr %83, align 4
-  %155 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %155, ptr %86, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %15, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %18, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %29, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %32, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %43, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %46, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %57, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %60, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %71, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %85, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %156 = add nsw i64 %r0, 0
-  %157 = mul nsw i64 %156, 1024
-  %158 = getelementptr inbounds float, ptr %h, i64 %157
-  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
-  %160 = load i32, ptr %159, align 4
-  %161 = sext i32 %160 to i64
-  %162 = mul nsw i64 %161, 2048
-  %163 = getelementptr inbounds float, ptr %y, i64 %162
-  %164 = add nsw i64 %col1, 0
-  %165 = getelementptr inbounds float, ptr %163, i64 %164
-  %166 = load <8 x float>, ptr %165, align 4
-  store <8 x float> %166, ptr %acc002, align 4
-  %167 = add nsw i64 %col1, 8
-  %168 = getelementptr inbounds float, ptr %163, i64 %167
-  %169 = load <8 x float>, ptr %168, align 4
-  store <8 x float> %169, ptr %acc013, align 4
-  %170 = add nsw i64 %r0, 1
-  %171 = mul nsw i64 %170, 1024
-  %172 = getelementptr inbounds float, ptr %h, i64 %171
-  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %174 = load i32, ptr %173, align 4
-  %175 = sext i32 %174 to i64
-  %176 = mul nsw i64 %175, 2048
-  %177 = getelementptr inbounds float, ptr %y, i64 %176
-  %178 = add nsw i64 %col1, 0
-  %179 = getelementptr inbounds float, ptr %177, i64 %178
-  %180 = load <8 x float>, ptr %179, align 4
-  store <8 x float> %180, ptr %acc104, align 4
-  %181 = add nsw i64 %col1, 8
-  %182 = getelementptr inbounds float, ptr %177, i64 %181
-  %183 = load <8 x float>, ptr %182, align 4
-  store <8 x float> %183, ptr %acc115, align 4
-  %184 = add nsw i64 %r0, 2
-  %185 = mul nsw i64 %184, 1024
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 2048
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %193 = getelementptr inbounds float, ptr %191, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  store <8 x float> %194, ptr %acc206, align 4
-  %195 = add nsw i64 %col1, 8
-  %196 = getelementptr inbounds float, ptr %191, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  store <8 x float> %197, ptr %acc217, align 4
-  %198 = add nsw i64 %r0, 3
-  %199 = mul nsw i64 %198, 1024
-  %200 = getelementptr inbounds float, ptr %h, i64 %199
-  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
-  %202 = load i32, ptr %201, align 4
-  %203 = sext i32 %202 to i64
-  %204 = mul nsw i64 %203, 2048
-  %205 = getelementptr inbounds float, ptr %y, i64 %204
-  %206 = add nsw i64 %col1, 0
-  %207 = getelementptr inbounds float, ptr %205, i64 %206
-  %208 = load <8 x float>, ptr %207, align 4
-  store <8 x float> %208, ptr %acc308, align 4
-  %209 = add nsw i64 %col1, 8
-  %210 = getelementptr inbounds float, ptr %205, i64 %209
-  %211 = load <8 x float>, ptr %210, align 4
-  store <8 x float> %211, ptr %acc319, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 1024
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 2048
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col1, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  store <8 x float> %222, ptr %acc4010, align 4
-  %223 = add nsw i64 %col1, 8
-  %224 = getelementptr inbounds float, ptr %219, i64 %223
-  %225 = load <8 x float>, ptr %224, align 4
-  store <8 x float> %225, ptr %acc4111, align 4
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 1024
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 2048
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col1, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  %175 = load <8 x float>, ptr %174, align 4
+  store <8 x float> %175, ptr %acc002, align 4
+  %176 = add nsw i64 %col1, 8
+  %177 = getelementptr inbounds float, ptr %172, i64 %176
+  %178 = load <8 x float>, ptr %177, align 4
+  store <8 x float> %178, ptr %acc013, align 4
+  %179 = add nsw i64 %r0, 1
+  %180 = mul nsw i64 %179, 1024
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 2048
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col1, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %189 = load <8 x float>, ptr %188, align 4
+  store <8 x float> %189, ptr %acc104, align 4
+  %190 = add nsw i64 %col1, 8
+  %191 = getelementptr inbounds float, ptr %186, i64 %190
+  %192 = load <8 x float>, ptr %191, align 4
+  store <8 x float> %192, ptr %acc115, align 4
+  %193 = add nsw i64 %r0, 2
+  %194 = mul nsw i64 %193, 1024
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
+  %197 = load i32, ptr %196, align 4
+  %198 = sext i32 %197 to i64
+  %199 = mul nsw i64 %198, 2048
+  %200 = getelementptr inbounds float, ptr %y, i64 %199
+  %201 = add nsw i64 %col1, 0
+  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  store <8 x float> %203, ptr %acc206, align 4
+  %204 = add nsw i64 %col1, 8
+  %205 = getelementptr inbounds float, ptr %200, i64 %204
+  %206 = load <8 x float>, ptr %205, align 4
+  store <8 x float> %206, ptr %acc217, align 4
+  %207 = add nsw i64 %r0, 3
+  %208 = mul nsw i64 %207, 1024
+  %209 = getelementptr inbounds float, ptr %h, i64 %208
+  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
+  %211 = load i32, ptr %210, align 4
+  %212 = sext i32 %211 to i64
+  %213 = mul nsw i64 %212, 2048
+  %214 = getelementptr inbounds float, ptr %y, i64 %213
+  %215 = add nsw i64 %col1, 0
+  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  store <8 x float> %217, ptr %acc308, align 4
+  %218 = add nsw i64 %col1, 8
+  %219 = getelementptr inbounds float, ptr %214, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  store <8 x float> %220, ptr %acc319, align 4
+  %221 = add nsw i64 %r0, 4
+  %222 = mul nsw i64 %221, 1024
+  %223 = getelementptr inbounds float, ptr %h, i64 %222
+  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %225 = load i32, ptr %224, align 4
+  %226 = sext i32 %225 to i64
+  %227 = mul nsw i64 %226, 2048
+  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  %229 = add nsw i64 %col1, 0
+  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  store <8 x float> %231, ptr %acc4010, align 4
+  %232 = add nsw i64 %col1, 8
+  %233 = getelementptr inbounds float, ptr %228, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  store <8 x float> %234, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 16384
-  br label %k.head13
+  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
+  %236 = add nsw i64 %p, 1
+  %237 = icmp slt i64 %236, %p1
+  %238 = getelementptr inbounds i8, ptr %235, i64 32768
+  %239 = and i1 %pf.on, %237
+  %pf13 = select i1 %239, ptr %238, ptr %235
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
-  %226 = icmp slt i64 %k16, 1024
-  br i1 %226, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
+  %240 = icmp slt i64 %k17, 1024
+  br i1 %240, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %227 = mul nsw i64 %k16, 16
-  %228 = add nsw i64 %panel.off12, %227
-  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
-  %230 = load <8 x i32>, ptr %229, align 4
-  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b017 = bitcast <8 x i32> %231 to <8 x float>
-  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b118 = bitcast <8 x i32> %232 to <8 x float>
-  %233 = getelementptr inbounds float, ptr %158, i64 %k16
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = load <8 x float>, ptr %acc002, align 4
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
-  store <8 x float> %238, ptr %acc002, align 4
-  %239 = load <8 x float>, ptr %acc013, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
-  store <8 x float> %240, ptr %acc013, align 4
-  %241 = getelementptr inbounds float, ptr %172, i64 %k16
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc104, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
-  store <8 x float> %246, ptr %acc104, align 4
-  %247 = load <8 x float>, ptr %acc115, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
-  store <8 x float> %248, ptr %acc115, align 4
-  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %241 = mul nsw i64 %k17, 16
+  %242 = add nsw i64 %panel.off12, %241
+  %243 = mul nsw i64 %k17, 32
+  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
+  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
+  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
+  %246 = load <8 x i32>, ptr %245, align 4
+  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b018 = bitcast <8 x i32> %247 to <8 x float>
+  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b119 = bitcast <8 x i32> %248 to <8 x float>
+  %249 = getelementptr inbounds float, ptr %167, i64 %k17
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc206, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
-  store <8 x float> %254, ptr %acc206, align 4
-  %255 = load <8 x float>, ptr %acc217, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
-  store <8 x float> %256, ptr %acc217, align 4
-  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %253 = load <8 x float>, ptr %acc002, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
+  store <8 x float> %254, ptr %acc002, align 4
+  %255 = load <8 x float>, ptr %acc013, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
+  store <8 x float> %256, ptr %acc013, align 4
+  %257 = getelementptr inbounds float, ptr %181, i64 %k17
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc308, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
-  store <8 x float> %262, ptr %acc308, align 4
-  %263 = load <8 x float>, ptr %acc319, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
-  store <8 x float> %264, ptr %acc319, align 4
-  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %261 = load <8 x float>, ptr %acc104, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
+  store <8 x float> %262, ptr %acc104, align 4
+  %263 = load <8 x float>, ptr %acc115, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
+  store <8 x float> %264, ptr %acc115, align 4
+  %265 = getelementptr inbounds float, ptr %195, i64 %k17
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc4010, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
-  store <8 x float> %270, ptr %acc4010, align 4
-  %271 = load <8 x float>, ptr %acc4111, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4111, align 4
-  %273 = add nsw i64 %k16, 1
-  br label %k.head13
+  %269 = load <8 x float>, ptr %acc206, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
+  store <8 x float> %270, ptr %acc206, align 4
+  %271 = load <8 x float>, ptr %acc217, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
+  store <8 x float> %272, ptr %acc217, align 4
+  %273 = getelementptr inbounds float, ptr %209, i64 %k17
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc308, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
+  store <8 x float> %278, ptr %acc308, align 4
+  %279 = load <8 x float>, ptr %acc319, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
+  store <8 x float> %280, ptr %acc319, align 4
+  %281 = getelementptr inbounds float, ptr %223, i64 %k17
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc4010, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
+  store <8 x float> %286, ptr %acc4010, align 4
+  %287 = load <8 x float>, ptr %acc4111, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4111, align 4
+  %289 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %274 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %274, ptr %165, align 4
-  %275 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %275, ptr %168, align 4
-  %276 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %276, ptr %179, align 4
-  %277 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %277, ptr %182, align 4
-  %278 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %278, ptr %193, align 4
-  %279 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %279, ptr %196, align 4
-  %280 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %280, ptr %207, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %281, ptr %210, align 4
-  %282 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %282, ptr %221, align 4
-  %283 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %283, ptr %224, align 4
+k.end16:                                          ; preds = %k.head14
+  %290 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %290, ptr %174, align 4
+  %291 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %291, ptr %177, align 4
+  %292 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %292, ptr %188, align 4
+  %293 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %293, ptr %191, align 4
+  %294 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %294, ptr %202, align 4
+  %295 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %295, ptr %205, align 4
+  %296 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %296, ptr %216, align 4
+  %297 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %297, ptr %219, align 4
+  %298 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %298, ptr %230, align 4
+  %299 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %299, ptr %233, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col19 = mul nsw i64 %p, 16
-  %284 = add nsw i64 %r0, 0
-  %285 = mul nsw i64 %284, 1024
-  %286 = getelementptr inbounds float, ptr %h, i64 %285
-  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
-  %288 = load i32, ptr %287, align 4
-  %289 = sext i32 %288 to i64
-  %290 = mul nsw i64 %289, 2048
-  %291 = getelementptr inbounds float, ptr %y, i64 %290
-  %292 = add nsw i64 %col19, 0
-  %293 = getelementptr inbounds float, ptr %291, i64 %292
-  %294 = load <8 x float>, ptr %293, align 4
-  store <8 x float> %294, ptr %acc0020, align 4
-  %295 = add nsw i64 %col19, 8
-  %296 = getelementptr inbounds float, ptr %291, i64 %295
-  %297 = load <8 x float>, ptr %296, align 4
-  store <8 x float> %297, ptr %acc0121, align 4
-  %298 = add nsw i64 %r0, 1
-  %299 = mul nsw i64 %298, 1024
-  %300 = getelementptr inbounds float, ptr %h, i64 %299
-  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
-  %302 = load i32, ptr %301, align 4
-  %303 = sext i32 %302 to i64
-  %304 = mul nsw i64 %303, 2048
-  %305 = getelementptr inbounds float, ptr %y, i64 %304
-  %306 = add nsw i64 %col19, 0
-  %307 = getelementptr inbounds float, ptr %305, i64 %306
-  %308 = load <8 x float>, ptr %307, align 4
-  store <8 x float> %308, ptr %acc1022, align 4
-  %309 = add nsw i64 %col19, 8
-  %310 = getelementptr inbounds float, ptr %305, i64 %309
-  %311 = load <8 x float>, ptr %310, align 4
-  store <8 x float> %311, ptr %acc1123, align 4
-  %312 = add nsw i64 %r0, 2
-  %313 = mul nsw i64 %312, 1024
-  %314 = getelementptr inbounds float, ptr %h, i64 %313
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 2048
-  %319 = getelementptr inbounds float, ptr %y, i64 %318
-  %320 = add nsw i64 %col19, 0
-  %321 = getelementptr inbounds float, ptr %319, i64 %320
-  %322 = load <8 x float>, ptr %321, align 4
-  store <8 x float> %322, ptr %acc2024, align 4
-  %323 = add nsw i64 %col19, 8
-  %324 = getelementptr inbounds float, ptr %319, i64 %323
-  %325 = load <8 x float>, ptr %324, align 4
-  store <8 x float> %325, ptr %acc2125, align 4
-  %326 = add nsw i64 %r0, 3
-  %327 = mul nsw i64 %326, 1024
-  %328 = getelementptr inbounds float, ptr %h, i64 %327
-  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
-  %330 = load i32, ptr %329, align 4
-  %331 = sext i32 %330 to i64
-  %332 = mul nsw i64 %331, 2048
-  %333 = getelementptr inbounds float, ptr %y, i64 %332
-  %334 = add nsw i64 %col19, 0
-  %335 = getelementptr inbounds float, ptr %333, i64 %334
-  %336 = load <8 x float>, ptr %335, align 4
-  store <8 x float> %336, ptr %acc3026, align 4
-  %337 = add nsw i64 %col19, 8
-  %338 = getelementptr inbounds float, ptr %333, i64 %337
-  %339 = load <8 x float>, ptr %338, align 4
-  store <8 x float> %339, ptr %acc3127, align 4
-  %panel.off28 = mul nsw i64 %p, 16384
-  br label %k.head29
+  %col20 = mul nsw i64 %p, 16
+  %300 = add nsw i64 %r0, 0
+  %301 = mul nsw i64 %300, 1024
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 2048
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col20, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc0021, align 4
+  %311 = add nsw i64 %col20, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc0122, align 4
+  %314 = add nsw i64 %r0, 1
+  %315 = mul nsw i64 %314, 1024
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 2048
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col20, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc1023, align 4
+  %325 = add nsw i64 %col20, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc1124, align 4
+  %328 = add nsw i64 %r0, 2
+  %329 = mul nsw i64 %328, 1024
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 2048
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col20, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc2025, align 4
+  %339 = add nsw i64 %col20, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc2126, align 4
+  %342 = add nsw i64 %r0, 3
+  %343 = mul nsw i64 %342, 1024
+  %344 = getelementptr inbounds float, ptr %h, i64 %343
+  %345 = getelementptr inbounds i32, ptr %rows, i64 %342
+  %346 = load i32, ptr %345, align 4
+  %347 = sext i32 %346 to i64
+  %348 = mul nsw i64 %347, 2048
+  %349 = getelementptr inbounds float, ptr %y, i64 %348
+  %350 = add nsw i64 %col20, 0
+  %351 = getelementptr inbounds float, ptr %349, i64 %350
+  %352 = load <8 x float>, ptr %351, align 4
+  store <8 x float> %352, ptr %acc3027, align 4
+  %353 = add nsw i64 %col20, 8
+  %354 = getelementptr inbounds float, ptr %349, i64 %353
+  %355 = load <8 x float>, ptr %354, align 4
+  store <8 x float> %355, ptr %acc3128, align 4
+  %panel.off29 = mul nsw i64 %p, 16384
+  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
+  %357 = add nsw i64 %p, 1
+  %358 = icmp slt i64 %357, %p1
+  %359 = getelementptr inbounds i8, ptr %356, i64 32768
+  %360 = and i1 %pf.on, %358
+  %pf30 = select i1 %360, ptr %359, ptr %356
+  br label %k.head31
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
-  %340 = icmp slt i64 %k32, 1024
-  br i1 %340, label %k.body30, label %k.end31
+k.head31:                                         ; preds = %k.body32, %tile.mr4
+  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
+  %361 = icmp slt i64 %k34, 1024
+  br i1 %361, label %k.body32, label %k.end33
 
-k.body30:                                         ; preds = %k.head29
-  %341 = mul nsw i64 %k32, 16
-  %342 = add nsw i64 %panel.off28, %341
-  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
-  %344 = load <8 x i32>, ptr %343, align 4
-  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %345 to <8 x float>
-  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %346 to <8 x float>
-  %347 = getelementptr inbounds float, ptr %286, i64 %k32
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc0020, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
-  store <8 x float> %352, ptr %acc0020, align 4
-  %353 = load <8 x float>, ptr %acc0121, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
-  store <8 x float> %354, ptr %acc0121, align 4
-  %355 = getelementptr inbounds float, ptr %300, i64 %k32
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc1022, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
-  store <8 x float> %360, ptr %acc1022, align 4
-  %361 = load <8 x float>, ptr %acc1123, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
-  store <8 x float> %362, ptr %acc1123, align 4
-  %363 = getelementptr inbounds float, ptr %314, i64 %k32
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc2024, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
-  store <8 x float> %368, ptr %acc2024, align 4
-  %369 = load <8 x float>, ptr %acc2125, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
-  store <8 x float> %370, ptr %acc2125, align 4
-  %371 = getelementptr inbounds float, ptr %328, i64 %k32
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc3026, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
-  store <8 x float> %376, ptr %acc3026, align 4
-  %377 = load <8 x float>, ptr %acc3127, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
-  store <8 x float> %378, ptr %acc3127, align 4
-  %379 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body32:                                         ; preds = %k.head31
+  %362 = mul nsw i64 %k34, 16
+  %363 = add nsw i64 %panel.off29, %362
+  %364 = mul nsw i64 %k34, 32
+  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
+  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
+  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
+  %367 = load <8 x i32>, ptr %366, align 4
+  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b035 = bitcast <8 x i32> %368 to <8 x float>
+  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b136 = bitcast <8 x i32> %369 to <8 x float>
+  %370 = getelementptr inbounds float, ptr %302, i64 %k34
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %acc0021, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
+  store <8 x float> %375, ptr %acc0021, align 4
+  %376 = load <8 x float>, ptr %acc0122, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
+  store <8 x float> %377, ptr %acc0122, align 4
+  %378 = getelementptr inbounds float, ptr %316, i64 %k34
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc1023, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
+  store <8 x float> %383, ptr %acc1023, align 4
+  %384 = load <8 x float>, ptr %acc1124, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
+  store <8 x float> %385, ptr %acc1124, align 4
+  %386 = getelementptr inbounds float, ptr %330, i64 %k34
+  %387 = load float, ptr %386, align 4
+  %388 = insertelement <8 x float> poison, float %387, i32 0
+  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
+  %390 = load <8 x float>, ptr %acc2025, align 4
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
+  store <8 x float> %391, ptr %acc2025, align 4
+  %392 = load <8 x float>, ptr %acc2126, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
+  store <8 x float> %393, ptr %acc2126, align 4
+  %394 = getelementptr inbounds float, ptr %344, i64 %k34
+  %395 = load float, ptr %394, align 4
+  %396 = insertelement <8 x float> poison, float %395, i32 0
+  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
+  %398 = load <8 x float>, ptr %acc3027, align 4
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
+  store <8 x float> %399, ptr %acc3027, align 4
+  %400 = load <8 x float>, ptr %acc3128, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
+  store <8 x float> %401, ptr %acc3128, align 4
+  %402 = add nsw i64 %k34, 1
+  br label %k.head31
 
-k.end31:                                          ; preds = %k.head29
-  %380 = load <8 x float>, ptr %acc0020, align 4
-  store <8 x float> %380, ptr %293, align 4
-  %381 = load <8 x float>, ptr %acc0121, align 4
-  store <8 x float> %381, ptr %296, align 4
-  %382 = load <8 x float>, ptr %acc1022, align 4
-  store <8 x float> %382, ptr %307, align 4
-  %383 = load <8 x float>, ptr %acc1123, align 4
-  store <8 x float> %383, ptr %310, align 4
-  %384 = load <8 x float>, ptr %acc2024, align 4
-  store <8 x float> %384, ptr %321, align 4
-  %385 = load <8 x float>, ptr %acc2125, align 4
-  store <8 x float> %385, ptr %324, align 4
-  %386 = load <8 x float>, ptr %acc3026, align 4
-  store <8 x float> %386, ptr %335, align 4
-  %387 = load <8 x float>, ptr %acc3127, align 4
-  store <8 x float> %387, ptr %338, align 4
+k.end33:                                          ; preds = %k.head31
+  %403 = load <8 x float>, ptr %acc0021, align 4
+  store <8 x float> %403, ptr %309, align 4
+  %404 = load <8 x float>, ptr %acc0122, align 4
+  store <8 x float> %404, ptr %312, align 4
+  %405 = load <8 x float>, ptr %acc1023, align 4
+  store <8 x float> %405, ptr %323, align 4
+  %406 = load <8 x float>, ptr %acc1124, align 4
+  store <8 x float> %406, ptr %326, align 4
+  %407 = load <8 x float>, ptr %acc2025, align 4
+  store <8 x float> %407, ptr %337, align 4
+  %408 = load <8 x float>, ptr %acc2126, align 4
+  store <8 x float> %408, ptr %340, align 4
+  %409 = load <8 x float>, ptr %acc3027, align 4
+  store <8 x float> %409, ptr %351, align 4
+  %410 = load <8 x float>, ptr %acc3128, align 4
+  store <8 x float> %410, ptr %354, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %388 = add nsw i64 %r0, 0
-  %389 = mul nsw i64 %388, 1024
-  %390 = getelementptr inbounds float, ptr %h, i64 %389
-  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
-  %392 = load i32, ptr %391, align 4
-  %393 = sext i32 %392 to i64
-  %394 = mul nsw i64 %393, 2048
-  %395 = getelementptr inbounds float, ptr %y, i64 %394
-  %396 = add nsw i64 %col35, 0
-  %397 = getelementptr inbounds float, ptr %395, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  store <8 x float> %398, ptr %acc0036, align 4
-  %399 = add nsw i64 %col35, 8
-  %400 = getelementptr inbounds float, ptr %395, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0137, align 4
-  %402 = add nsw i64 %r0, 1
-  %403 = mul nsw i64 %402, 1024
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 2048
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col35, 0
-  %411 = getelementptr inbounds float, ptr %409, i64 %410
-  %412 = load <8 x float>, ptr %411, align 4
-  store <8 x float> %412, ptr %acc1038, align 4
-  %413 = add nsw i64 %col35, 8
-  %414 = getelementptr inbounds float, ptr %409, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1139, align 4
-  %416 = add nsw i64 %r0, 2
-  %417 = mul nsw i64 %416, 1024
-  %418 = getelementptr inbounds float, ptr %h, i64 %417
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 2048
-  %423 = getelementptr inbounds float, ptr %y, i64 %422
-  %424 = add nsw i64 %col35, 0
-  %425 = getelementptr inbounds float, ptr %423, i64 %424
-  %426 = load <8 x float>, ptr %425, align 4
-  store <8 x float> %426, ptr %acc2040, align 4
-  %427 = add nsw i64 %col35, 8
-  %428 = getelementptr inbounds float, ptr %423, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2141, align 4
-  %panel.off42 = mul nsw i64 %p, 16384
-  br label %k.head43
+  %col37 = mul nsw i64 %p, 16
+  %411 = add nsw i64 %r0, 0
+  %412 = mul nsw i64 %411, 1024
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 2048
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col37, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
+  %421 = load <8 x float>, ptr %420, align 4
+  store <8 x float> %421, ptr %acc0038, align 4
+  %422 = add nsw i64 %col37, 8
+  %423 = getelementptr inbounds float, ptr %418, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0139, align 4
+  %425 = add nsw i64 %r0, 1
+  %426 = mul nsw i64 %425, 1024
+  %427 = getelementptr inbounds float, ptr %h, i64 %426
+  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %429 = load i32, ptr %428, align 4
+  %430 = sext i32 %429 to i64
+  %431 = mul nsw i64 %430, 2048
+  %432 = getelementptr inbounds float, ptr %y, i64 %431
+  %433 = add nsw i64 %col37, 0
+  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  %435 = load <8 x float>, ptr %434, align 4
+  store <8 x float> %435, ptr %acc1040, align 4
+  %436 = add nsw i64 %col37, 8
+  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1141, align 4
+  %439 = add nsw i64 %r0, 2
+  %440 = mul nsw i64 %439, 1024
+  %441 = getelementptr inbounds float, ptr %h, i64 %440
+  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
+  %443 = load i32, ptr %442, align 4
+  %444 = sext i32 %443 to i64
+  %445 = mul nsw i64 %444, 2048
+  %446 = getelementptr inbounds float, ptr %y, i64 %445
+  %447 = add nsw i64 %col37, 0
+  %448 = getelementptr inbounds float, ptr %446, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  store <8 x float> %449, ptr %acc2042, align 4
+  %450 = add nsw i64 %col37, 8
+  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2143, align 4
+  %panel.off44 = mul nsw i64 %p, 16384
+  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
+  %454 = add nsw i64 %p, 1
+  %455 = icmp slt i64 %454, %p1
+  %456 = getelementptr inbounds i8, ptr %453, i64 32768
+  %457 = and i1 %pf.on, %455
+  %pf45 = select i1 %457, ptr %456, ptr %453
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr3
-  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
-  %430 = icmp slt i64 %k46, 1024
-  br i1 %430, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr3
+  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
+  %458 = icmp slt i64 %k49, 1024
+  br i1 %458, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %431 = mul nsw i64 %k46, 16
-  %432 = add nsw i64 %panel.off42, %431
-  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
-  %434 = load <8 x i32>, ptr %433, align 4
-  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %435 to <8 x float>
-  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = getelementptr inbounds float, ptr %390, i64 %k46
-  %438 = load float, ptr %437, align 4
-  %439 = insertelement <8 x float> poison, float %438, i32 0
-  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
-  %441 = load <8 x float>, ptr %acc0036, align 4
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
-  store <8 x float> %442, ptr %acc0036, align 4
-  %443 = load <8 x float>, ptr %acc0137, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
-  store <8 x float> %444, ptr %acc0137, align 4
-  %445 = getelementptr inbounds float, ptr %404, i64 %k46
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = load <8 x float>, ptr %acc1038, align 4
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
-  store <8 x float> %450, ptr %acc1038, align 4
-  %451 = load <8 x float>, ptr %acc1139, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
-  store <8 x float> %452, ptr %acc1139, align 4
-  %453 = getelementptr inbounds float, ptr %418, i64 %k46
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc2040, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
-  store <8 x float> %458, ptr %acc2040, align 4
-  %459 = load <8 x float>, ptr %acc2141, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
-  store <8 x float> %460, ptr %acc2141, align 4
-  %461 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %459 = mul nsw i64 %k49, 16
+  %460 = add nsw i64 %panel.off44, %459
+  %461 = mul nsw i64 %k49, 32
+  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
+  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
+  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
+  %464 = load <8 x i32>, ptr %463, align 4
+  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %465 to <8 x float>
+  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %466 to <8 x float>
+  %467 = getelementptr inbounds float, ptr %413, i64 %k49
+  %468 = load float, ptr %467, align 4
+  %469 = insertelement <8 x float> poison, float %468, i32 0
+  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
+  %471 = load <8 x float>, ptr %acc0038, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
+  store <8 x float> %472, ptr %acc0038, align 4
+  %473 = load <8 x float>, ptr %acc0139, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
+  store <8 x float> %474, ptr %acc0139, align 4
+  %475 = getelementptr inbounds float, ptr %427, i64 %k49
+  %476 = load float, ptr %475, align 4
+  %477 = insertelement <8 x float> poison, float %476, i32 0
+  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
+  %479 = load <8 x float>, ptr %acc1040, align 4
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
+  store <8 x float> %480, ptr %acc1040, align 4
+  %481 = load <8 x float>, ptr %acc1141, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
+  store <8 x float> %482, ptr %acc1141, align 4
+  %483 = getelementptr inbounds float, ptr %441, i64 %k49
+  %484 = load float, ptr %483, align 4
+  %485 = insertelement <8 x float> poison, float %484, i32 0
+  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
+  %487 = load <8 x float>, ptr %acc2042, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
+  store <8 x float> %488, ptr %acc2042, align 4
+  %489 = load <8 x float>, ptr %acc2143, align 4
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
+  store <8 x float> %490, ptr %acc2143, align 4
+  %491 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %462 = load <8 x float>, ptr %acc0036, align 4
-  store <8 x float> %462, ptr %397, align 4
-  %463 = load <8 x float>, ptr %acc0137, align 4
-  store <8 x float> %463, ptr %400, align 4
-  %464 = load <8 x float>, ptr %acc1038, align 4
-  store <8 x float> %464, ptr %411, align 4
-  %465 = load <8 x float>, ptr %acc1139, align 4
-  store <8 x float> %465, ptr %414, align 4
-  %466 = load <8 x float>, ptr %acc2040, align 4
-  store <8 x float> %466, ptr %425, align 4
-  %467 = load <8 x float>, ptr %acc2141, align 4
-  store <8 x float> %467, ptr %428, align 4
+k.end48:                                          ; preds = %k.head46
+  %492 = load <8 x float>, ptr %acc0038, align 4
+  store <8 x float> %492, ptr %420, align 4
+  %493 = load <8 x float>, ptr %acc0139, align 4
+  store <8 x float> %493, ptr %423, align 4
+  %494 = load <8 x float>, ptr %acc1040, align 4
+  store <8 x float> %494, ptr %434, align 4
+  %495 = load <8 x float>, ptr %acc1141, align 4
+  store <8 x float> %495, ptr %437, align 4
+  %496 = load <8 x float>, ptr %acc2042, align 4
+  store <8 x float> %496, ptr %448, align 4
+  %497 = load <8 x float>, ptr %acc2143, align 4
+  store <8 x float> %497, ptr %451, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col49 = mul nsw i64 %p, 16
-  %468 = add nsw i64 %r0, 0
-  %469 = mul nsw i64 %468, 1024
-  %470 = getelementptr inbounds float, ptr %h, i64 %469
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 2048
-  %475 = getelementptr inbounds float, ptr %y, i64 %474
-  %476 = add nsw i64 %col49, 0
-  %477 = getelementptr inbounds float, ptr %475, i64 %476
-  %478 = load <8 x float>, ptr %477, align 4
-  store <8 x float> %478, ptr %acc0050, align 4
-  %479 = add nsw i64 %col49, 8
-  %480 = getelementptr inbounds float, ptr %475, i64 %479
-  %481 = load <8 x float>, ptr %480, align 4
-  store <8 x float> %481, ptr %acc0151, align 4
-  %482 = add nsw i64 %r0, 1
-  %483 = mul nsw i64 %482, 1024
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 2048
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col49, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
-  %492 = load <8 x float>, ptr %491, align 4
-  store <8 x float> %492, ptr %acc1052, align 4
-  %493 = add nsw i64 %col49, 8
-  %494 = getelementptr inbounds float, ptr %489, i64 %493
-  %495 = load <8 x float>, ptr %494, align 4
-  store <8 x float> %495, ptr %acc1153, align 4
-  %panel.off54 = mul nsw i64 %p, 16384
-  br label %k.head55
+  %col52 = mul nsw i64 %p, 16
+  %498 = add nsw i64 %r0, 0
+  %499 = mul nsw i64 %498, 1024
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 2048
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col52, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %508 = load <8 x float>, ptr %507, align 4
+  store <8 x float> %508, ptr %acc0053, align 4
+  %509 = add nsw i64 %col52, 8
+  %510 = getelementptr inbounds float, ptr %505, i64 %509
+  %511 = load <8 x float>, ptr %510, align 4
+  store <8 x float> %511, ptr %acc0154, align 4
+  %512 = add nsw i64 %r0, 1
+  %513 = mul nsw i64 %512, 1024
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 2048
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col52, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  store <8 x float> %522, ptr %acc1055, align 4
+  %523 = add nsw i64 %col52, 8
+  %524 = getelementptr inbounds float, ptr %519, i64 %523
+  %525 = load <8 x float>, ptr %524, align 4
+  store <8 x float> %525, ptr %acc1156, align 4
+  %panel.off57 = mul nsw i64 %p, 16384
+  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
+  %527 = add nsw i64 %p, 1
+  %528 = icmp slt i64 %527, %p1
+  %529 = getelementptr inbounds i8, ptr %526, i64 32768
+  %530 = and i1 %pf.on, %528
+  %pf58 = select i1 %530, ptr %529, ptr %526
+  br label %k.head59
 
-k.head55:                                         ; preds = %k.body56, %tile.mr2
-  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
-  %496 = icmp slt i64 %k58, 1024
-  br i1 %496, label %k.body56, label %k.end57
+k.head59:                                         ; preds = %k.body60, %tile.mr2
+  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
+  %531 = icmp slt i64 %k62, 1024
+  br i1 %531, label %k.body60, label %k.end61
 
-k.body56:                                         ; preds = %k.head55
-  %497 = mul nsw i64 %k58, 16
-  %498 = add nsw i64 %panel.off54, %497
-  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
-  %500 = load <8 x i32>, ptr %499, align 4
-  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b059 = bitcast <8 x i32> %501 to <8 x float>
-  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b160 = bitcast <8 x i32> %502 to <8 x float>
-  %503 = getelementptr inbounds float, ptr %470, i64 %k58
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc0050, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
-  store <8 x float> %508, ptr %acc0050, align 4
-  %509 = load <8 x float>, ptr %acc0151, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
-  store <8 x float> %510, ptr %acc0151, align 4
-  %511 = getelementptr inbounds float, ptr %484, i64 %k58
-  %512 = load float, ptr %511, align 4
-  %513 = insertelement <8 x float> poison, float %512, i32 0
-  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
-  %515 = load <8 x float>, ptr %acc1052, align 4
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
-  store <8 x float> %516, ptr %acc1052, align 4
-  %517 = load <8 x float>, ptr %acc1153, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
-  store <8 x float> %518, ptr %acc1153, align 4
-  %519 = add nsw i64 %k58, 1
-  br label %k.head55
+k.body60:                                         ; preds = %k.head59
+  %532 = mul nsw i64 %k62, 16
+  %533 = add nsw i64 %panel.off57, %532
+  %534 = mul nsw i64 %k62, 32
+  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
+  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
+  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
+  %537 = load <8 x i32>, ptr %536, align 4
+  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %538 to <8 x float>
+  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %539 to <8 x float>
+  %540 = getelementptr inbounds float, ptr %500, i64 %k62
+  %541 = load float, ptr %540, align 4
+  %542 = insertelement <8 x float> poison, float %541, i32 0
+  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
+  %544 = load <8 x float>, ptr %acc0053, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
+  store <8 x float> %545, ptr %acc0053, align 4
+  %546 = load <8 x float>, ptr %acc0154, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
+  store <8 x float> %547, ptr %acc0154, align 4
+  %548 = getelementptr inbounds float, ptr %514, i64 %k62
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc1055, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
+  store <8 x float> %553, ptr %acc1055, align 4
+  %554 = load <8 x float>, ptr %acc1156, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
+  store <8 x float> %555, ptr %acc1156, align 4
+  %556 = add nsw i64 %k62, 1
+  br label %k.head59
 
-k.end57:                                          ; preds = %k.head55
-  %520 = load <8 x float>, ptr %acc0050, align 4
-  store <8 x float> %520, ptr %477, align 4
-  %521 = load <8 x float>, ptr %acc0151, align 4
-  store <8 x float> %521, ptr %480, align 4
-  %522 = load <8 x float>, ptr %acc1052, align 4
-  store <8 x float> %522, ptr %491, align 4
-  %523 = load <8 x float>, ptr %acc1153, align 4
-  store <8 x float> %523, ptr %494, align 4
+k.end61:                                          ; preds = %k.head59
+  %557 = load <8 x float>, ptr %acc0053, align 4
+  store <8 x float> %557, ptr %507, align 4
+  %558 = load <8 x float>, ptr %acc0154, align 4
+  store <8 x float> %558, ptr %510, align 4
+  %559 = load <8 x float>, ptr %acc1055, align 4
+  store <8 x float> %559, ptr %521, align 4
+  %560 = load <8 x float>, ptr %acc1156, align 4
+  store <8 x float> %560, ptr %524, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col61 = mul nsw i64 %p, 16
-  %524 = add nsw i64 %r0, 0
-  %525 = mul nsw i64 %524, 1024
-  %526 = getelementptr inbounds float, ptr %h, i64 %525
-  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
-  %528 = load i32, ptr %527, align 4
-  %529 = sext i32 %528 to i64
-  %530 = mul nsw i64 %529, 2048
-  %531 = getelementptr inbounds float, ptr %y, i64 %530
-  %532 = add nsw i64 %col61, 0
-  %533 = getelementptr inbounds float, ptr %531, i64 %532
-  %534 = load <8 x float>, ptr %533, align 4
-  store <8 x float> %534, ptr %acc0062, align 4
-  %535 = add nsw i64 %col61, 8
-  %536 = getelementptr inbounds float, ptr %531, i64 %535
-  %537 = load <8 x float>, ptr %536, align 4
-  store <8 x float> %537, ptr %acc0163, align 4
-  %panel.off64 = mul nsw i64 %p, 16384
-  br label %k.head65
+  %col65 = mul nsw i64 %p, 16
+  %561 = add nsw i64 %r0, 0
+  %562 = mul nsw i64 %561, 1024
+  %563 = getelementptr inbounds float, ptr %h, i64 %562
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 2048
+  %568 = getelementptr inbounds float, ptr %y, i64 %567
+  %569 = add nsw i64 %col65, 0
+  %570 = getelementptr inbounds float, ptr %568, i64 %569
+  %571 = load <8 x float>, ptr %570, align 4
+  store <8 x float> %571, ptr %acc0066, align 4
+  %572 = add nsw i64 %col65, 8
+  %573 = getelementptr inbounds float, ptr %568, i64 %572
+  %574 = load <8 x float>, ptr %573, align 4
+  store <8 x float> %574, ptr %acc0167, align 4
+  %panel.off68 = mul nsw i64 %p, 16384
+  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
+  %576 = add nsw i64 %p, 1
+  %577 = icmp slt i64 %576, %p1
+  %578 = getelementptr inbounds i8, ptr %575, i64 32768
+  %579 = and i1 %pf.on, %577
+  %pf69 = select i1 %579, ptr %578, ptr %575
+  br label %k.head70
 
-k.head65:                                         ; preds = %k.body66, %tile.mr1
-  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
-  %538 = icmp slt i64 %k68, 1024
-  br i1 %538, label %k.body66, label %k.end67
+k.head70:                                         ; preds = %k.body71, %tile.mr1
+  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
+  %580 = icmp slt i64 %k73, 1024
+  br i1 %580, label %k.body71, label %k.end72
 
-k.body66:                                         ; preds = %k.head65
-  %539 = mul nsw i64 %k68, 16
-  %540 = add nsw i64 %panel.off64, %539
-  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
-  %542 = load <8 x i32>, ptr %541, align 4
-  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b069 = bitcast <8 x i32> %543 to <8 x float>
-  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b170 = bitcast <8 x i32> %544 to <8 x float>
-  %545 = getelementptr inbounds float, ptr %526, i64 %k68
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0062, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0062, align 4
-  %551 = load <8 x float>, ptr %acc0163, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0163, align 4
-  %553 = add nsw i64 %k68, 1
-  br label %k.head65
+k.body71:                                         ; preds = %k.head70
+  %581 = mul nsw i64 %k73, 16
+  %582 = add nsw i64 %panel.off68, %581
+  %583 = mul nsw i64 %k73, 32
+  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
+  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
+  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
+  %586 = load <8 x i32>, ptr %585, align 4
+  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %587 to <8 x float>
+  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %588 to <8 x float>
+  %589 = getelementptr inbounds float, ptr %563, i64 %k73
+  %590 = load float, ptr %589, align 4
+  %591 = insertelement <8 x float> poison, float %590, i32 0
+  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
+  %593 = load <8 x float>, ptr %acc0066, align 4
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
+  store <8 x float> %594, ptr %acc0066, align 4
+  %595 = load <8 x float>, ptr %acc0167, align 4
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
+  store <8 x float> %596, ptr %acc0167, align 4
+  %597 = add nsw i64 %k73, 1
+  br label %k.head70
 
-k.end67:                                          ; preds = %k.head65
-  %554 = load <8 x float>, ptr %acc0062, align 4
-  store <8 x float> %554, ptr %533, align 4
-  %555 = load <8 x float>, ptr %acc0163, align 4
-  store <8 x float> %555, ptr %536, align 4
+k.end72:                                          ; preds = %k.head70
+  %598 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %598, ptr %570, align 4
+  %599 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %599, ptr %573, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
-  %556 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
+  %600 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %557 = add nsw i64 %p, 1
+  %601 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3171,4 +3288,5 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

@@ -930,38 +930,38 @@ entry:
   %acc2043 = alloca <16 x float>, align 32
   %acc3044 = alloca <16 x float>, align 32
   %acc4045 = alloca <16 x float>, align 32
-  %acc0146 = alloca <16 x float>, align 32
-  %acc1147 = alloca <16 x float>, align 32
-  %acc2148 = alloca <16 x float>, align 32
-  %acc3149 = alloca <16 x float>, align 32
-  %acc4150 = alloca <16 x float>, align 32
-  %acc0096 = alloca <16 x float>, align 32
-  %acc1097 = alloca <16 x float>, align 32
-  %acc2098 = alloca <16 x float>, align 32
-  %acc3099 = alloca <16 x float>, align 32
-  %acc01100 = alloca <16 x float>, align 32
-  %acc11101 = alloca <16 x float>, align 32
-  %acc21102 = alloca <16 x float>, align 32
-  %acc31103 = alloca <16 x float>, align 32
-  %acc00141 = alloca <16 x float>, align 32
-  %acc10142 = alloca <16 x float>, align 32
-  %acc20143 = alloca <16 x float>, align 32
-  %acc01144 = alloca <16 x float>, align 32
-  %acc11145 = alloca <16 x float>, align 32
-  %acc21146 = alloca <16 x float>, align 32
-  %acc00176 = alloca <16 x float>, align 32
-  %acc10177 = alloca <16 x float>, align 32
-  %acc01178 = alloca <16 x float>, align 32
-  %acc11179 = alloca <16 x float>, align 32
-  %acc00201 = alloca <16 x float>, align 32
-  %acc01202 = alloca <16 x float>, align 32
+  %acc0147 = alloca <16 x float>, align 32
+  %acc1148 = alloca <16 x float>, align 32
+  %acc2149 = alloca <16 x float>, align 32
+  %acc3150 = alloca <16 x float>, align 32
+  %acc4151 = alloca <16 x float>, align 32
+  %acc0097 = alloca <16 x float>, align 32
+  %acc1098 = alloca <16 x float>, align 32
+  %acc2099 = alloca <16 x float>, align 32
+  %acc30100 = alloca <16 x float>, align 32
+  %acc01102 = alloca <16 x float>, align 32
+  %acc11103 = alloca <16 x float>, align 32
+  %acc21104 = alloca <16 x float>, align 32
+  %acc31105 = alloca <16 x float>, align 32
+  %acc00143 = alloca <16 x float>, align 32
+  %acc10144 = alloca <16 x float>, align 32
+  %acc20145 = alloca <16 x float>, align 32
+  %acc01147 = alloca <16 x float>, align 32
+  %acc11148 = alloca <16 x float>, align 32
+  %acc21149 = alloca <16 x float>, align 32
+  %acc00179 = alloca <16 x float>, align 32
+  %acc10180 = alloca <16 x float>, align 32
+  %acc01182 = alloca <16 x float>, align 32
+  %acc11183 = alloca <16 x float>, align 32
+  %acc00205 = alloca <16 x float>, align 32
+  %acc01207 = alloca <16 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %chunk.head
 
 chunk.head:                                       ; preds = %p.end, %start
-  %chunk = phi i64 [ 0, %start ], [ %1228, %p.end ]
+  %chunk = phi i64 [ 0, %start ], [ %1278, %p.end ]
   %0 = icmp slt i64 %chunk, %n
   br i1 %0, label %chunk.body, label %chunk.end
 
@@ -1013,7 +1013,7 @@ cvt.r.end:                                        ; preds = %cvt.r.head
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %cvt.r.end
-  %p = phi i64 [ %p0, %cvt.r.end ], [ %1227, %r0.end ]
+  %p = phi i64 [ %p0, %cvt.r.end ], [ %1277, %r0.end ]
   %23 = icmp slt i64 %p, %p1
   br i1 %23, label %p.body, label %p.end
 
@@ -1021,7 +1021,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1226, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1276, %tile.done ]
   %24 = icmp slt i64 %r0, %cn
   br i1 %24, label %r0.body, label %r0.end
 
@@ -1029,6 +1029,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %cn, %r0
   %25 = icmp sge i64 %left, 6
   %mr = select i1 %25, i64 6, i64 %left
+  %26 = icmp sgt i64 %cn, 6
+  %27 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %27, %26
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1038,32 +1041,37 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %26 = add nsw i64 %r0, 0
-  %27 = mul nsw i64 %26, 2048
-  %28 = getelementptr inbounds i16, ptr %xb, i64 %27
+  %28 = add nsw i64 %r0, 0
+  %29 = mul nsw i64 %28, 2048
+  %30 = getelementptr inbounds i16, ptr %xb, i64 %29
   store <16 x float> zeroinitializer, ptr %acc00, align 4
-  %29 = add nsw i64 %r0, 1
-  %30 = mul nsw i64 %29, 2048
-  %31 = getelementptr inbounds i16, ptr %xb, i64 %30
+  %31 = add nsw i64 %r0, 1
+  %32 = mul nsw i64 %31, 2048
+  %33 = getelementptr inbounds i16, ptr %xb, i64 %32
   store <16 x float> zeroinitializer, ptr %acc10, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 2048
-  %34 = getelementptr inbounds i16, ptr %xb, i64 %33
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 2048
+  %36 = getelementptr inbounds i16, ptr %xb, i64 %35
   store <16 x float> zeroinitializer, ptr %acc20, align 4
-  %35 = add nsw i64 %r0, 3
-  %36 = mul nsw i64 %35, 2048
-  %37 = getelementptr inbounds i16, ptr %xb, i64 %36
+  %37 = add nsw i64 %r0, 3
+  %38 = mul nsw i64 %37, 2048
+  %39 = getelementptr inbounds i16, ptr %xb, i64 %38
   store <16 x float> zeroinitializer, ptr %acc30, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = mul nsw i64 %38, 2048
-  %40 = getelementptr inbounds i16, ptr %xb, i64 %39
+  %40 = add nsw i64 %r0, 4
+  %41 = mul nsw i64 %40, 2048
+  %42 = getelementptr inbounds i16, ptr %xb, i64 %41
   store <16 x float> zeroinitializer, ptr %acc40, align 4
-  %41 = add nsw i64 %r0, 5
-  %42 = mul nsw i64 %41, 2048
-  %43 = getelementptr inbounds i16, ptr %xb, i64 %42
+  %43 = add nsw i64 %r0, 5
+  %44 = mul nsw i64 %43, 2048
+  %45 = getelementptr inbounds i16, ptr %xb, i64 %44
   store <16 x float> zeroinitializer, ptr %acc50, align 4
-  %44 = mul nsw i64 %p, 32768
-  %45 = getelementptr inbounds i16, ptr %panels, i64 %44
+  %46 = mul nsw i64 %p, 32768
+  %47 = getelementptr inbounds i16, ptr %panels, i64 %46
+  %48 = add nsw i64 %p, 1
+  %49 = icmp slt i64 %48, %p1
+  %50 = getelementptr inbounds i8, ptr %47, i64 65536
+  %51 = and i1 %pf.on, %49
+  %pf = select i1 %51, ptr %50, ptr %47
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
   store <16 x float> zeroinitializer, ptr %acc21, align 4
@@ -1073,1558 +1081,1619 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %138, %kp.body ]
-  %46 = icmp slt i64 %kp, 512
-  br i1 %46, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %148, %kp.body ]
+  %52 = icmp slt i64 %kp, 512
+  br i1 %52, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %47 = mul nsw i64 %kk, 32
-  %48 = getelementptr inbounds i16, ptr %45, i64 %47
-  %49 = load <32 x bfloat>, ptr %48, align 4
-  %50 = getelementptr inbounds i32, ptr %28, i64 %kk
-  %51 = load i32, ptr %50, align 4
-  %52 = load <16 x float>, ptr %acc00, align 4
-  %53 = insertelement <16 x i32> poison, i32 %51, i32 0
-  %54 = shufflevector <16 x i32> %53, <16 x i32> poison, <16 x i32> zeroinitializer
-  %55 = bitcast <16 x i32> %54 to <32 x bfloat>
-  %56 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %52, <32 x bfloat> %49, <32 x bfloat> %55)
-  store <16 x float> %56, ptr %acc00, align 4
-  %57 = getelementptr inbounds i32, ptr %31, i64 %kk
-  %58 = load i32, ptr %57, align 4
-  %59 = load <16 x float>, ptr %acc10, align 4
-  %60 = insertelement <16 x i32> poison, i32 %58, i32 0
-  %61 = shufflevector <16 x i32> %60, <16 x i32> poison, <16 x i32> zeroinitializer
-  %62 = bitcast <16 x i32> %61 to <32 x bfloat>
-  %63 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %59, <32 x bfloat> %49, <32 x bfloat> %62)
-  store <16 x float> %63, ptr %acc10, align 4
-  %64 = getelementptr inbounds i32, ptr %34, i64 %kk
-  %65 = load i32, ptr %64, align 4
-  %66 = load <16 x float>, ptr %acc20, align 4
-  %67 = insertelement <16 x i32> poison, i32 %65, i32 0
-  %68 = shufflevector <16 x i32> %67, <16 x i32> poison, <16 x i32> zeroinitializer
-  %69 = bitcast <16 x i32> %68 to <32 x bfloat>
-  %70 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %66, <32 x bfloat> %49, <32 x bfloat> %69)
-  store <16 x float> %70, ptr %acc20, align 4
-  %71 = getelementptr inbounds i32, ptr %37, i64 %kk
-  %72 = load i32, ptr %71, align 4
-  %73 = load <16 x float>, ptr %acc30, align 4
-  %74 = insertelement <16 x i32> poison, i32 %72, i32 0
-  %75 = shufflevector <16 x i32> %74, <16 x i32> poison, <16 x i32> zeroinitializer
-  %76 = bitcast <16 x i32> %75 to <32 x bfloat>
-  %77 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %73, <32 x bfloat> %49, <32 x bfloat> %76)
-  store <16 x float> %77, ptr %acc30, align 4
-  %78 = getelementptr inbounds i32, ptr %40, i64 %kk
-  %79 = load i32, ptr %78, align 4
-  %80 = load <16 x float>, ptr %acc40, align 4
-  %81 = insertelement <16 x i32> poison, i32 %79, i32 0
-  %82 = shufflevector <16 x i32> %81, <16 x i32> poison, <16 x i32> zeroinitializer
-  %83 = bitcast <16 x i32> %82 to <32 x bfloat>
-  %84 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %80, <32 x bfloat> %49, <32 x bfloat> %83)
-  store <16 x float> %84, ptr %acc40, align 4
-  %85 = getelementptr inbounds i32, ptr %43, i64 %kk
-  %86 = load i32, ptr %85, align 4
-  %87 = load <16 x float>, ptr %acc50, align 4
-  %88 = insertelement <16 x i32> poison, i32 %86, i32 0
-  %89 = shufflevector <16 x i32> %88, <16 x i32> poison, <16 x i32> zeroinitializer
-  %90 = bitcast <16 x i32> %89 to <32 x bfloat>
-  %91 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %87, <32 x bfloat> %49, <32 x bfloat> %90)
-  store <16 x float> %91, ptr %acc50, align 4
-  %92 = add nsw i64 %kk, 1
-  %93 = mul nsw i64 %92, 32
-  %94 = getelementptr inbounds i16, ptr %45, i64 %93
-  %95 = load <32 x bfloat>, ptr %94, align 4
-  %96 = getelementptr inbounds i32, ptr %28, i64 %92
-  %97 = load i32, ptr %96, align 4
-  %98 = load <16 x float>, ptr %acc01, align 4
-  %99 = insertelement <16 x i32> poison, i32 %97, i32 0
-  %100 = shufflevector <16 x i32> %99, <16 x i32> poison, <16 x i32> zeroinitializer
-  %101 = bitcast <16 x i32> %100 to <32 x bfloat>
-  %102 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %98, <32 x bfloat> %95, <32 x bfloat> %101)
-  store <16 x float> %102, ptr %acc01, align 4
-  %103 = getelementptr inbounds i32, ptr %31, i64 %92
-  %104 = load i32, ptr %103, align 4
-  %105 = load <16 x float>, ptr %acc11, align 4
-  %106 = insertelement <16 x i32> poison, i32 %104, i32 0
-  %107 = shufflevector <16 x i32> %106, <16 x i32> poison, <16 x i32> zeroinitializer
-  %108 = bitcast <16 x i32> %107 to <32 x bfloat>
-  %109 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %105, <32 x bfloat> %95, <32 x bfloat> %108)
-  store <16 x float> %109, ptr %acc11, align 4
-  %110 = getelementptr inbounds i32, ptr %34, i64 %92
-  %111 = load i32, ptr %110, align 4
-  %112 = load <16 x float>, ptr %acc21, align 4
-  %113 = insertelement <16 x i32> poison, i32 %111, i32 0
-  %114 = shufflevector <16 x i32> %113, <16 x i32> poison, <16 x i32> zeroinitializer
-  %115 = bitcast <16 x i32> %114 to <32 x bfloat>
-  %116 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %112, <32 x bfloat> %95, <32 x bfloat> %115)
-  store <16 x float> %116, ptr %acc21, align 4
-  %117 = getelementptr inbounds i32, ptr %37, i64 %92
-  %118 = load i32, ptr %117, align 4
-  %119 = load <16 x float>, ptr %acc31, align 4
-  %120 = insertelement <16 x i32> poison, i32 %118, i32 0
-  %121 = shufflevector <16 x i32> %120, <16 x i32> poison, <16 x i32> zeroinitializer
-  %122 = bitcast <16 x i32> %121 to <32 x bfloat>
-  %123 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %119, <32 x bfloat> %95, <32 x bfloat> %122)
-  store <16 x float> %123, ptr %acc31, align 4
-  %124 = getelementptr inbounds i32, ptr %40, i64 %92
-  %125 = load i32, ptr %124, align 4
-  %126 = load <16 x float>, ptr %acc41, align 4
-  %127 = insertelement <16 x i32> poison, i32 %125, i32 0
-  %128 = shufflevector <16 x i32> %127, <16 x i32> poison, <16 x i32> zeroinitializer
-  %129 = bitcast <16 x i32> %128 to <32 x bfloat>
-  %130 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %126, <32 x bfloat> %95, <32 x bfloat> %129)
-  store <16 x float> %130, ptr %acc41, align 4
-  %131 = getelementptr inbounds i32, ptr %43, i64 %92
-  %132 = load i32, ptr %131, align 4
-  %133 = load <16 x float>, ptr %acc51, align 4
-  %134 = insertelement <16 x i32> poison, i32 %132, i32 0
-  %135 = shufflevector <16 x i32> %134, <16 x i32> poison, <16 x i32> zeroinitializer
-  %136 = bitcast <16 x i32> %135 to <32 x bfloat>
-  %137 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %133, <32 x bfloat> %95, <32 x bfloat> %136)
-  store <16 x float> %137, ptr %acc51, align 4
-  %138 = add nsw i64 %kp, 1
+  %53 = mul nsw i64 %kk, 32
+  %54 = getelementptr inbounds i16, ptr %47, i64 %53
+  %55 = load <32 x bfloat>, ptr %54, align 4
+  %56 = mul nsw i64 %kk, 64
+  %57 = getelementptr inbounds i8, ptr %pf, i64 %56
+  call void @llvm.prefetch.p0(ptr %57, i32 0, i32 2, i32 1)
+  %58 = getelementptr inbounds i32, ptr %30, i64 %kk
+  %59 = load i32, ptr %58, align 4
+  %60 = load <16 x float>, ptr %acc00, align 4
+  %61 = insertelement <16 x i32> poison, i32 %59, i32 0
+  %62 = shufflevector <16 x i32> %61, <16 x i32> poison, <16 x i32> zeroinitializer
+  %63 = bitcast <16 x i32> %62 to <32 x bfloat>
+  %64 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %60, <32 x bfloat> %55, <32 x bfloat> %63)
+  store <16 x float> %64, ptr %acc00, align 4
+  %65 = getelementptr inbounds i32, ptr %33, i64 %kk
+  %66 = load i32, ptr %65, align 4
+  %67 = load <16 x float>, ptr %acc10, align 4
+  %68 = insertelement <16 x i32> poison, i32 %66, i32 0
+  %69 = shufflevector <16 x i32> %68, <16 x i32> poison, <16 x i32> zeroinitializer
+  %70 = bitcast <16 x i32> %69 to <32 x bfloat>
+  %71 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %67, <32 x bfloat> %55, <32 x bfloat> %70)
+  store <16 x float> %71, ptr %acc10, align 4
+  %72 = getelementptr inbounds i32, ptr %36, i64 %kk
+  %73 = load i32, ptr %72, align 4
+  %74 = load <16 x float>, ptr %acc20, align 4
+  %75 = insertelement <16 x i32> poison, i32 %73, i32 0
+  %76 = shufflevector <16 x i32> %75, <16 x i32> poison, <16 x i32> zeroinitializer
+  %77 = bitcast <16 x i32> %76 to <32 x bfloat>
+  %78 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %74, <32 x bfloat> %55, <32 x bfloat> %77)
+  store <16 x float> %78, ptr %acc20, align 4
+  %79 = getelementptr inbounds i32, ptr %39, i64 %kk
+  %80 = load i32, ptr %79, align 4
+  %81 = load <16 x float>, ptr %acc30, align 4
+  %82 = insertelement <16 x i32> poison, i32 %80, i32 0
+  %83 = shufflevector <16 x i32> %82, <16 x i32> poison, <16 x i32> zeroinitializer
+  %84 = bitcast <16 x i32> %83 to <32 x bfloat>
+  %85 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %81, <32 x bfloat> %55, <32 x bfloat> %84)
+  store <16 x float> %85, ptr %acc30, align 4
+  %86 = getelementptr inbounds i32, ptr %42, i64 %kk
+  %87 = load i32, ptr %86, align 4
+  %88 = load <16 x float>, ptr %acc40, align 4
+  %89 = insertelement <16 x i32> poison, i32 %87, i32 0
+  %90 = shufflevector <16 x i32> %89, <16 x i32> poison, <16 x i32> zeroinitializer
+  %91 = bitcast <16 x i32> %90 to <32 x bfloat>
+  %92 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %88, <32 x bfloat> %55, <32 x bfloat> %91)
+  store <16 x float> %92, ptr %acc40, align 4
+  %93 = getelementptr inbounds i32, ptr %45, i64 %kk
+  %94 = load i32, ptr %93, align 4
+  %95 = load <16 x float>, ptr %acc50, align 4
+  %96 = insertelement <16 x i32> poison, i32 %94, i32 0
+  %97 = shufflevector <16 x i32> %96, <16 x i32> poison, <16 x i32> zeroinitializer
+  %98 = bitcast <16 x i32> %97 to <32 x bfloat>
+  %99 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %95, <32 x bfloat> %55, <32 x bfloat> %98)
+  store <16 x float> %99, ptr %acc50, align 4
+  %100 = add nsw i64 %kk, 1
+  %101 = mul nsw i64 %100, 32
+  %102 = getelementptr inbounds i16, ptr %47, i64 %101
+  %103 = load <32 x bfloat>, ptr %102, align 4
+  %104 = mul nsw i64 %100, 64
+  %105 = getelementptr inbounds i8, ptr %pf, i64 %104
+  call void @llvm.prefetch.p0(ptr %105, i32 0, i32 2, i32 1)
+  %106 = getelementptr inbounds i32, ptr %30, i64 %100
+  %107 = load i32, ptr %106, align 4
+  %108 = load <16 x float>, ptr %acc01, align 4
+  %109 = insertelement <16 x i32> poison, i32 %107, i32 0
+  %110 = shufflevector <16 x i32> %109, <16 x i32> poison, <16 x i32> zeroinitializer
+  %111 = bitcast <16 x i32> %110 to <32 x bfloat>
+  %112 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %108, <32 x bfloat> %103, <32 x bfloat> %111)
+  store <16 x float> %112, ptr %acc01, align 4
+  %113 = getelementptr inbounds i32, ptr %33, i64 %100
+  %114 = load i32, ptr %113, align 4
+  %115 = load <16 x float>, ptr %acc11, align 4
+  %116 = insertelement <16 x i32> poison, i32 %114, i32 0
+  %117 = shufflevector <16 x i32> %116, <16 x i32> poison, <16 x i32> zeroinitializer
+  %118 = bitcast <16 x i32> %117 to <32 x bfloat>
+  %119 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %115, <32 x bfloat> %103, <32 x bfloat> %118)
+  store <16 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds i32, ptr %36, i64 %100
+  %121 = load i32, ptr %120, align 4
+  %122 = load <16 x float>, ptr %acc21, align 4
+  %123 = insertelement <16 x i32> poison, i32 %121, i32 0
+  %124 = shufflevector <16 x i32> %123, <16 x i32> poison, <16 x i32> zeroinitializer
+  %125 = bitcast <16 x i32> %124 to <32 x bfloat>
+  %126 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %122, <32 x bfloat> %103, <32 x bfloat> %125)
+  store <16 x float> %126, ptr %acc21, align 4
+  %127 = getelementptr inbounds i32, ptr %39, i64 %100
+  %128 = load i32, ptr %127, align 4
+  %129 = load <16 x float>, ptr %acc31, align 4
+  %130 = insertelement <16 x i32> poison, i32 %128, i32 0
+  %131 = shufflevector <16 x i32> %130, <16 x i32> poison, <16 x i32> zeroinitializer
+  %132 = bitcast <16 x i32> %131 to <32 x bfloat>
+  %133 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %129, <32 x bfloat> %103, <32 x bfloat> %132)
+  store <16 x float> %133, ptr %acc31, align 4
+  %134 = getelementptr inbounds i32, ptr %42, i64 %100
+  %135 = load i32, ptr %134, align 4
+  %136 = load <16 x float>, ptr %acc41, align 4
+  %137 = insertelement <16 x i32> poison, i32 %135, i32 0
+  %138 = shufflevector <16 x i32> %137, <16 x i32> poison, <16 x i32> zeroinitializer
+  %139 = bitcast <16 x i32> %138 to <32 x bfloat>
+  %140 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %136, <32 x bfloat> %103, <32 x bfloat> %139)
+  store <16 x float> %140, ptr %acc41, align 4
+  %141 = getelementptr inbounds i32, ptr %45, i64 %100
+  %142 = load i32, ptr %141, align 4
+  %143 = load <16 x float>, ptr %acc51, align 4
+  %144 = insertelement <16 x i32> poison, i32 %142, i32 0
+  %145 = shufflevector <16 x i32> %144, <16 x i32> poison, <16 x i32> zeroinitializer
+  %146 = bitcast <16 x i32> %145 to <32 x bfloat>
+  %147 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %143, <32 x bfloat> %103, <32 x bfloat> %146)
+  store <16 x float> %147, ptr %acc51, align 4
+  %148 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %139 = load <16 x float>, ptr %acc01, align 4
-  %140 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %140, %139
+  %149 = load <16 x float>, ptr %acc01, align 4
+  %150 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %150, %149
   store <16 x float> %sum, ptr %acc00, align 4
-  %141 = load <16 x float>, ptr %acc11, align 4
-  %142 = load <16 x float>, ptr %acc10, align 4
-  %sum1 = fadd <16 x float> %142, %141
+  %151 = load <16 x float>, ptr %acc11, align 4
+  %152 = load <16 x float>, ptr %acc10, align 4
+  %sum1 = fadd <16 x float> %152, %151
   store <16 x float> %sum1, ptr %acc10, align 4
-  %143 = load <16 x float>, ptr %acc21, align 4
-  %144 = load <16 x float>, ptr %acc20, align 4
-  %sum2 = fadd <16 x float> %144, %143
+  %153 = load <16 x float>, ptr %acc21, align 4
+  %154 = load <16 x float>, ptr %acc20, align 4
+  %sum2 = fadd <16 x float> %154, %153
   store <16 x float> %sum2, ptr %acc20, align 4
-  %145 = load <16 x float>, ptr %acc31, align 4
-  %146 = load <16 x float>, ptr %acc30, align 4
-  %sum3 = fadd <16 x float> %146, %145
+  %155 = load <16 x float>, ptr %acc31, align 4
+  %156 = load <16 x float>, ptr %acc30, align 4
+  %sum3 = fadd <16 x float> %156, %155
   store <16 x float> %sum3, ptr %acc30, align 4
-  %147 = load <16 x float>, ptr %acc41, align 4
-  %148 = load <16 x float>, ptr %acc40, align 4
-  %sum4 = fadd <16 x float> %148, %147
+  %157 = load <16 x float>, ptr %acc41, align 4
+  %158 = load <16 x float>, ptr %acc40, align 4
+  %sum4 = fadd <16 x float> %158, %157
   store <16 x float> %sum4, ptr %acc40, align 4
-  %149 = load <16 x float>, ptr %acc51, align 4
-  %150 = load <16 x float>, ptr %acc50, align 4
-  %sum5 = fadd <16 x float> %150, %149
+  %159 = load <16 x float>, ptr %acc51, align 4
+  %160 = load <16 x float>, ptr %acc50, align 4
+  %sum5 = fadd <16 x float> %160, %159
   store <16 x float> %sum5, ptr %acc50, align 4
-  %151 = add nsw i64 %r0, 0
-  %152 = add nsw i64 %chunk, %151
-  %153 = getelementptr inbounds float, ptr %rw, i64 %152
-  %154 = load float, ptr %153, align 4
-  %155 = insertelement <8 x float> poison, float %154, i32 0
-  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
-  %157 = mul nsw i64 %152, 768
-  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %161 = add nsw i64 %r0, 0
+  %162 = add nsw i64 %chunk, %161
+  %163 = getelementptr inbounds float, ptr %rw, i64 %162
+  %164 = load float, ptr %163, align 4
+  %165 = insertelement <8 x float> poison, float %164, i32 0
+  %166 = shufflevector <8 x float> %165, <8 x float> poison, <8 x i32> zeroinitializer
+  %167 = mul nsw i64 %162, 768
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
   %col = mul nsw i64 %p, 8
-  %159 = load <16 x float>, ptr %acc00, align 4
-  %160 = shufflevector <16 x float> %159, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %161 = load <16 x float>, ptr %acc00, align 4
-  %162 = shufflevector <16 x float> %161, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %163 = fneg <8 x float> %160
-  %164 = fcmp olt <8 x float> %163, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %165 = select <8 x i1> %164, <8 x float> %163, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %166 = fcmp ogt <8 x float> %165, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %167 = select <8 x i1> %166, <8 x float> %165, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %169 = call <8 x float> @llvm.floor.v8f32(<8 x float> %168)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %167)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %170)
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %171, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %171, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %171, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> %171, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %171, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %177 = fmul <8 x float> %171, %171
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %177, <8 x float> %171)
-  %179 = fadd <8 x float> %178, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %180 = fptosi <8 x float> %169 to <8 x i32>
-  %181 = add <8 x i32> %180, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %182 = shl <8 x i32> %181, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %182 to <8 x float>
-  %exp = fmul <8 x float> %179, %exp.2n
-  %183 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %183
-  %silu = fmul <8 x float> %160, %sigmoid
-  %glu = fmul <8 x float> %silu, %162
-  %184 = fmul <8 x float> %glu, %156
-  %185 = getelementptr inbounds i16, ptr %158, i64 %col
-  %hb = fptrunc <8 x float> %184 to <8 x bfloat>
-  store <8 x bfloat> %hb, ptr %185, align 4
-  %186 = add nsw i64 %r0, 1
-  %187 = add nsw i64 %chunk, %186
-  %188 = getelementptr inbounds float, ptr %rw, i64 %187
-  %189 = load float, ptr %188, align 4
-  %190 = insertelement <8 x float> poison, float %189, i32 0
-  %191 = shufflevector <8 x float> %190, <8 x float> poison, <8 x i32> zeroinitializer
-  %192 = mul nsw i64 %187, 768
-  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %169 = load <16 x float>, ptr %acc00, align 4
+  %170 = shufflevector <16 x float> %169, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %171 = load <16 x float>, ptr %acc00, align 4
+  %172 = shufflevector <16 x float> %171, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %173 = fneg <8 x float> %170
+  %174 = fcmp olt <8 x float> %173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %175 = select <8 x i1> %174, <8 x float> %173, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %176 = fcmp ogt <8 x float> %175, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %177 = select <8 x i1> %176, <8 x float> %175, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %179 = call <8 x float> @llvm.floor.v8f32(<8 x float> %178)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %177)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %180)
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %181, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %181, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %181, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %181, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %181, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %187 = fmul <8 x float> %181, %181
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %187, <8 x float> %181)
+  %189 = fadd <8 x float> %188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %190 = fptosi <8 x float> %179 to <8 x i32>
+  %191 = add <8 x i32> %190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %192 = shl <8 x i32> %191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %192 to <8 x float>
+  %exp = fmul <8 x float> %189, %exp.2n
+  %193 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %193
+  %silu = fmul <8 x float> %170, %sigmoid
+  %glu = fmul <8 x float> %silu, %172
+  %194 = fmul <8 x float> %glu, %166
+  %195 = getelementptr inbounds i16, ptr %168, i64 %col
+  %hb = fptrunc <8 x float> %194 to <8 x bfloat>
+  store <8 x bfloat> %hb, ptr %195, align 4
+  %196 = add nsw i64 %r0, 1
+  %197 = add nsw i64 %chunk, %196
+  %198 = getelementptr inbounds float, ptr %rw, i64 %197
+  %199 = load float, ptr %198, align 4
+  %200 = insertelement <8 x float> poison, float %199, i32 0
+  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
+  %202 = mul nsw i64 %197, 768
+  %203 = getelementptr inbounds float, ptr %h, i64 %202
   %col6 = mul nsw i64 %p, 8
-  %194 = load <16 x float>, ptr %acc10, align 4
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %196 = load <16 x float>, ptr %acc10, align 4
-  %197 = shufflevector <16 x float> %196, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %198 = fneg <8 x float> %195
-  %199 = fcmp olt <8 x float> %198, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %200 = select <8 x i1> %199, <8 x float> %198, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %201 = fcmp ogt <8 x float> %200, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %202 = select <8 x i1> %201, <8 x float> %200, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %204 = call <8 x float> @llvm.floor.v8f32(<8 x float> %203)
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %202)
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %205)
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %206, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> %206, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %206, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %206, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %206, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %212 = fmul <8 x float> %206, %206
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %212, <8 x float> %206)
-  %214 = fadd <8 x float> %213, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %215 = fptosi <8 x float> %204 to <8 x i32>
-  %216 = add <8 x i32> %215, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %217 = shl <8 x i32> %216, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n7 = bitcast <8 x i32> %217 to <8 x float>
-  %exp8 = fmul <8 x float> %214, %exp.2n7
-  %218 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %218
-  %silu10 = fmul <8 x float> %195, %sigmoid9
-  %glu11 = fmul <8 x float> %silu10, %197
-  %219 = fmul <8 x float> %glu11, %191
-  %220 = getelementptr inbounds i16, ptr %193, i64 %col6
-  %hb12 = fptrunc <8 x float> %219 to <8 x bfloat>
-  store <8 x bfloat> %hb12, ptr %220, align 4
-  %221 = add nsw i64 %r0, 2
-  %222 = add nsw i64 %chunk, %221
-  %223 = getelementptr inbounds float, ptr %rw, i64 %222
-  %224 = load float, ptr %223, align 4
-  %225 = insertelement <8 x float> poison, float %224, i32 0
-  %226 = shufflevector <8 x float> %225, <8 x float> poison, <8 x i32> zeroinitializer
-  %227 = mul nsw i64 %222, 768
-  %228 = getelementptr inbounds float, ptr %h, i64 %227
+  %204 = load <16 x float>, ptr %acc10, align 4
+  %205 = shufflevector <16 x float> %204, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %206 = load <16 x float>, ptr %acc10, align 4
+  %207 = shufflevector <16 x float> %206, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %208 = fneg <8 x float> %205
+  %209 = fcmp olt <8 x float> %208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %210 = select <8 x i1> %209, <8 x float> %208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %211 = fcmp ogt <8 x float> %210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %213)
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %212)
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %215)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %222 = fmul <8 x float> %216, %216
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %222, <8 x float> %216)
+  %224 = fadd <8 x float> %223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %225 = fptosi <8 x float> %214 to <8 x i32>
+  %226 = add <8 x i32> %225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %227 = shl <8 x i32> %226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n7 = bitcast <8 x i32> %227 to <8 x float>
+  %exp8 = fmul <8 x float> %224, %exp.2n7
+  %228 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %228
+  %silu10 = fmul <8 x float> %205, %sigmoid9
+  %glu11 = fmul <8 x float> %silu10, %207
+  %229 = fmul <8 x float> %glu11, %201
+  %230 = getelementptr inbounds i16, ptr %203, i64 %col6
+  %hb12 = fptrunc <8 x float> %229 to <8 x bfloat>
+  store <8 x bfloat> %hb12, ptr %230, align 4
+  %231 = add nsw i64 %r0, 2
+  %232 = add nsw i64 %chunk, %231
+  %233 = getelementptr inbounds float, ptr %rw, i64 %232
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = mul nsw i64 %232, 768
+  %238 = getelementptr inbounds float, ptr %h, i64 %237
   %col13 = mul nsw i64 %p, 8
-  %229 = load <16 x float>, ptr %acc20, align 4
-  %230 = shufflevector <16 x float> %229, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %231 = load <16 x float>, ptr %acc20, align 4
-  %232 = shufflevector <16 x float> %231, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %233 = fneg <8 x float> %230
-  %234 = fcmp olt <8 x float> %233, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %236 = fcmp ogt <8 x float> %235, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %238)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %237)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %240)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %241, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %241, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %241, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %241, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %241, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %247 = fmul <8 x float> %241, %241
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %247, <8 x float> %241)
-  %249 = fadd <8 x float> %248, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %250 = fptosi <8 x float> %239 to <8 x i32>
-  %251 = add <8 x i32> %250, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %252 = shl <8 x i32> %251, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %252 to <8 x float>
-  %exp15 = fmul <8 x float> %249, %exp.2n14
-  %253 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %253
-  %silu17 = fmul <8 x float> %230, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %232
-  %254 = fmul <8 x float> %glu18, %226
-  %255 = getelementptr inbounds i16, ptr %228, i64 %col13
-  %hb19 = fptrunc <8 x float> %254 to <8 x bfloat>
-  store <8 x bfloat> %hb19, ptr %255, align 4
-  %256 = add nsw i64 %r0, 3
-  %257 = add nsw i64 %chunk, %256
-  %258 = getelementptr inbounds float, ptr %rw, i64 %257
-  %259 = load float, ptr %258, align 4
-  %260 = insertelement <8 x float> poison, float %259, i32 0
-  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
-  %262 = mul nsw i64 %257, 768
-  %263 = getelementptr inbounds float, ptr %h, i64 %262
+  %239 = load <16 x float>, ptr %acc20, align 4
+  %240 = shufflevector <16 x float> %239, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %241 = load <16 x float>, ptr %acc20, align 4
+  %242 = shufflevector <16 x float> %241, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = fneg <8 x float> %240
+  %244 = fcmp olt <8 x float> %243, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %246 = fcmp ogt <8 x float> %245, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %247 = select <8 x i1> %246, <8 x float> %245, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %249 = call <8 x float> @llvm.floor.v8f32(<8 x float> %248)
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %247)
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %250)
+  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %251, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %251, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %251, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %251, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %251, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %257 = fmul <8 x float> %251, %251
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %257, <8 x float> %251)
+  %259 = fadd <8 x float> %258, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %260 = fptosi <8 x float> %249 to <8 x i32>
+  %261 = add <8 x i32> %260, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %262 = shl <8 x i32> %261, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %262 to <8 x float>
+  %exp15 = fmul <8 x float> %259, %exp.2n14
+  %263 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %263
+  %silu17 = fmul <8 x float> %240, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %242
+  %264 = fmul <8 x float> %glu18, %236
+  %265 = getelementptr inbounds i16, ptr %238, i64 %col13
+  %hb19 = fptrunc <8 x float> %264 to <8 x bfloat>
+  store <8 x bfloat> %hb19, ptr %265, align 4
+  %266 = add nsw i64 %r0, 3
+  %267 = add nsw i64 %chunk, %266
+  %268 = getelementptr inbounds float, ptr %rw, i64 %267
+  %269 = load float, ptr %268, align 4
+  %270 = insertelement <8 x float> poison, float %269, i32 0
+  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
+  %272 = mul nsw i64 %267, 768
+  %273 = getelementptr inbounds float, ptr %h, i64 %272
   %col20 = mul nsw i64 %p, 8
-  %264 = load <16 x float>, ptr %acc30, align 4
-  %265 = shufflevector <16 x float> %264, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %266 = load <16 x float>, ptr %acc30, align 4
-  %267 = shufflevector <16 x float> %266, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %268 = fneg <8 x float> %265
-  %269 = fcmp olt <8 x float> %268, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %270 = select <8 x i1> %269, <8 x float> %268, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %271 = fcmp ogt <8 x float> %270, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %272 = select <8 x i1> %271, <8 x float> %270, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %274 = call <8 x float> @llvm.floor.v8f32(<8 x float> %273)
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %272)
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %275)
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %276, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %276, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %276, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %276, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %276, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %282 = fmul <8 x float> %276, %276
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %282, <8 x float> %276)
-  %284 = fadd <8 x float> %283, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %285 = fptosi <8 x float> %274 to <8 x i32>
-  %286 = add <8 x i32> %285, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %287 = shl <8 x i32> %286, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %287 to <8 x float>
-  %exp22 = fmul <8 x float> %284, %exp.2n21
-  %288 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %288
-  %silu24 = fmul <8 x float> %265, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %267
-  %289 = fmul <8 x float> %glu25, %261
-  %290 = getelementptr inbounds i16, ptr %263, i64 %col20
-  %hb26 = fptrunc <8 x float> %289 to <8 x bfloat>
-  store <8 x bfloat> %hb26, ptr %290, align 4
-  %291 = add nsw i64 %r0, 4
-  %292 = add nsw i64 %chunk, %291
-  %293 = getelementptr inbounds float, ptr %rw, i64 %292
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = mul nsw i64 %292, 768
-  %298 = getelementptr inbounds float, ptr %h, i64 %297
+  %274 = load <16 x float>, ptr %acc30, align 4
+  %275 = shufflevector <16 x float> %274, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %276 = load <16 x float>, ptr %acc30, align 4
+  %277 = shufflevector <16 x float> %276, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %278 = fneg <8 x float> %275
+  %279 = fcmp olt <8 x float> %278, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %280 = select <8 x i1> %279, <8 x float> %278, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %281 = fcmp ogt <8 x float> %280, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %282 = select <8 x i1> %281, <8 x float> %280, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %284 = call <8 x float> @llvm.floor.v8f32(<8 x float> %283)
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %282)
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %285)
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %286, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %286, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %286, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %286, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %286, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %292 = fmul <8 x float> %286, %286
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %292, <8 x float> %286)
+  %294 = fadd <8 x float> %293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %295 = fptosi <8 x float> %284 to <8 x i32>
+  %296 = add <8 x i32> %295, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %297 = shl <8 x i32> %296, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %297 to <8 x float>
+  %exp22 = fmul <8 x float> %294, %exp.2n21
+  %298 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %298
+  %silu24 = fmul <8 x float> %275, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %277
+  %299 = fmul <8 x float> %glu25, %271
+  %300 = getelementptr inbounds i16, ptr %273, i64 %col20
+  %hb26 = fptrunc <8 x float> %299 to <8 x bfloat>
+  store <8 x bfloat> %hb26, ptr %300, align 4
+  %301 = add nsw i64 %r0, 4
+  %302 = add nsw i64 %chunk, %301
+  %303 = getelementptr inbounds float, ptr %rw, i64 %302
+  %304 = load float, ptr %303, align 4
+  %305 = insertelement <8 x float> poison, float %304, i32 0
+  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
+  %307 = mul nsw i64 %302, 768
+  %308 = getelementptr inbounds float, ptr %h, i64 %307
   %col27 = mul nsw i64 %p, 8
-  %299 = load <16 x float>, ptr %acc40, align 4
-  %300 = shufflevector <16 x float> %299, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %301 = load <16 x float>, ptr %acc40, align 4
-  %302 = shufflevector <16 x float> %301, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %303 = fneg <8 x float> %300
-  %304 = fcmp olt <8 x float> %303, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %305 = select <8 x i1> %304, <8 x float> %303, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %306 = fcmp ogt <8 x float> %305, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %307 = select <8 x i1> %306, <8 x float> %305, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %307, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %309 = call <8 x float> @llvm.floor.v8f32(<8 x float> %308)
-  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %309, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %307)
-  %311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %309, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %310)
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %311, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %311, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %311, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %311, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %315, <8 x float> %311, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %317 = fmul <8 x float> %311, %311
-  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %317, <8 x float> %311)
-  %319 = fadd <8 x float> %318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %320 = fptosi <8 x float> %309 to <8 x i32>
-  %321 = add <8 x i32> %320, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %322 = shl <8 x i32> %321, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n28 = bitcast <8 x i32> %322 to <8 x float>
-  %exp29 = fmul <8 x float> %319, %exp.2n28
-  %323 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %323
-  %silu31 = fmul <8 x float> %300, %sigmoid30
-  %glu32 = fmul <8 x float> %silu31, %302
-  %324 = fmul <8 x float> %glu32, %296
-  %325 = getelementptr inbounds i16, ptr %298, i64 %col27
-  %hb33 = fptrunc <8 x float> %324 to <8 x bfloat>
-  store <8 x bfloat> %hb33, ptr %325, align 4
-  %326 = add nsw i64 %r0, 5
-  %327 = add nsw i64 %chunk, %326
-  %328 = getelementptr inbounds float, ptr %rw, i64 %327
-  %329 = load float, ptr %328, align 4
-  %330 = insertelement <8 x float> poison, float %329, i32 0
-  %331 = shufflevector <8 x float> %330, <8 x float> poison, <8 x i32> zeroinitializer
-  %332 = mul nsw i64 %327, 768
-  %333 = getelementptr inbounds float, ptr %h, i64 %332
+  %309 = load <16 x float>, ptr %acc40, align 4
+  %310 = shufflevector <16 x float> %309, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %311 = load <16 x float>, ptr %acc40, align 4
+  %312 = shufflevector <16 x float> %311, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %313 = fneg <8 x float> %310
+  %314 = fcmp olt <8 x float> %313, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %315 = select <8 x i1> %314, <8 x float> %313, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %316 = fcmp ogt <8 x float> %315, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %317 = select <8 x i1> %316, <8 x float> %315, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %319 = call <8 x float> @llvm.floor.v8f32(<8 x float> %318)
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %319, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %317)
+  %321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %319, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %320)
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %321, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %322, <8 x float> %321, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %321, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %321, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %321, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %327 = fmul <8 x float> %321, %321
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %327, <8 x float> %321)
+  %329 = fadd <8 x float> %328, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %330 = fptosi <8 x float> %319 to <8 x i32>
+  %331 = add <8 x i32> %330, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %332 = shl <8 x i32> %331, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n28 = bitcast <8 x i32> %332 to <8 x float>
+  %exp29 = fmul <8 x float> %329, %exp.2n28
+  %333 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %333
+  %silu31 = fmul <8 x float> %310, %sigmoid30
+  %glu32 = fmul <8 x float> %silu31, %312
+  %334 = fmul <8 x float> %glu32, %306
+  %335 = getelementptr inbounds i16, ptr %308, i64 %col27
+  %hb33 = fptrunc <8 x float> %334 to <8 x bfloat>
+  store <8 x bfloat> %hb33, ptr %335, align 4
+  %336 = add nsw i64 %r0, 5
+  %337 = add nsw i64 %chunk, %336
+  %338 = getelementptr inbounds float, ptr %rw, i64 %337
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = mul nsw i64 %337, 768
+  %343 = getelementptr inbounds float, ptr %h, i64 %342
   %col34 = mul nsw i64 %p, 8
-  %334 = load <16 x float>, ptr %acc50, align 4
-  %335 = shufflevector <16 x float> %334, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %336 = load <16 x float>, ptr %acc50, align 4
-  %337 = shufflevector <16 x float> %336, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %338 = fneg <8 x float> %335
-  %339 = fcmp olt <8 x float> %338, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %340 = select <8 x i1> %339, <8 x float> %338, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %341 = fcmp ogt <8 x float> %340, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %342 = select <8 x i1> %341, <8 x float> %340, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %344 = call <8 x float> @llvm.floor.v8f32(<8 x float> %343)
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %342)
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %345)
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %346, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %346, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %346, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %349, <8 x float> %346, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %346, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %352 = fmul <8 x float> %346, %346
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %352, <8 x float> %346)
-  %354 = fadd <8 x float> %353, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %355 = fptosi <8 x float> %344 to <8 x i32>
-  %356 = add <8 x i32> %355, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %357 = shl <8 x i32> %356, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n35 = bitcast <8 x i32> %357 to <8 x float>
-  %exp36 = fmul <8 x float> %354, %exp.2n35
-  %358 = fadd <8 x float> %exp36, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid37 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %358
-  %silu38 = fmul <8 x float> %335, %sigmoid37
-  %glu39 = fmul <8 x float> %silu38, %337
-  %359 = fmul <8 x float> %glu39, %331
-  %360 = getelementptr inbounds i16, ptr %333, i64 %col34
-  %hb40 = fptrunc <8 x float> %359 to <8 x bfloat>
-  store <8 x bfloat> %hb40, ptr %360, align 4
+  %344 = load <16 x float>, ptr %acc50, align 4
+  %345 = shufflevector <16 x float> %344, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %346 = load <16 x float>, ptr %acc50, align 4
+  %347 = shufflevector <16 x float> %346, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %348 = fneg <8 x float> %345
+  %349 = fcmp olt <8 x float> %348, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %350 = select <8 x i1> %349, <8 x float> %348, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %351 = fcmp ogt <8 x float> %350, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %352 = select <8 x i1> %351, <8 x float> %350, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %354 = call <8 x float> @llvm.floor.v8f32(<8 x float> %353)
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %352)
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %355)
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %356, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %356, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %356, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %356, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %356, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %362 = fmul <8 x float> %356, %356
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %362, <8 x float> %356)
+  %364 = fadd <8 x float> %363, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %365 = fptosi <8 x float> %354 to <8 x i32>
+  %366 = add <8 x i32> %365, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %367 = shl <8 x i32> %366, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n35 = bitcast <8 x i32> %367 to <8 x float>
+  %exp36 = fmul <8 x float> %364, %exp.2n35
+  %368 = fadd <8 x float> %exp36, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid37 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %368
+  %silu38 = fmul <8 x float> %345, %sigmoid37
+  %glu39 = fmul <8 x float> %silu38, %347
+  %369 = fmul <8 x float> %glu39, %341
+  %370 = getelementptr inbounds i16, ptr %343, i64 %col34
+  %hb40 = fptrunc <8 x float> %369 to <8 x bfloat>
+  store <8 x bfloat> %hb40, ptr %370, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %361 = add nsw i64 %r0, 0
-  %362 = mul nsw i64 %361, 2048
-  %363 = getelementptr inbounds i16, ptr %xb, i64 %362
+  %371 = add nsw i64 %r0, 0
+  %372 = mul nsw i64 %371, 2048
+  %373 = getelementptr inbounds i16, ptr %xb, i64 %372
   store <16 x float> zeroinitializer, ptr %acc0041, align 4
-  %364 = add nsw i64 %r0, 1
-  %365 = mul nsw i64 %364, 2048
-  %366 = getelementptr inbounds i16, ptr %xb, i64 %365
+  %374 = add nsw i64 %r0, 1
+  %375 = mul nsw i64 %374, 2048
+  %376 = getelementptr inbounds i16, ptr %xb, i64 %375
   store <16 x float> zeroinitializer, ptr %acc1042, align 4
-  %367 = add nsw i64 %r0, 2
-  %368 = mul nsw i64 %367, 2048
-  %369 = getelementptr inbounds i16, ptr %xb, i64 %368
+  %377 = add nsw i64 %r0, 2
+  %378 = mul nsw i64 %377, 2048
+  %379 = getelementptr inbounds i16, ptr %xb, i64 %378
   store <16 x float> zeroinitializer, ptr %acc2043, align 4
-  %370 = add nsw i64 %r0, 3
-  %371 = mul nsw i64 %370, 2048
-  %372 = getelementptr inbounds i16, ptr %xb, i64 %371
+  %380 = add nsw i64 %r0, 3
+  %381 = mul nsw i64 %380, 2048
+  %382 = getelementptr inbounds i16, ptr %xb, i64 %381
   store <16 x float> zeroinitializer, ptr %acc3044, align 4
-  %373 = add nsw i64 %r0, 4
-  %374 = mul nsw i64 %373, 2048
-  %375 = getelementptr inbounds i16, ptr %xb, i64 %374
+  %383 = add nsw i64 %r0, 4
+  %384 = mul nsw i64 %383, 2048
+  %385 = getelementptr inbounds i16, ptr %xb, i64 %384
   store <16 x float> zeroinitializer, ptr %acc4045, align 4
-  %376 = mul nsw i64 %p, 32768
-  %377 = getelementptr inbounds i16, ptr %panels, i64 %376
-  store <16 x float> zeroinitializer, ptr %acc0146, align 4
-  store <16 x float> zeroinitializer, ptr %acc1147, align 4
-  store <16 x float> zeroinitializer, ptr %acc2148, align 4
-  store <16 x float> zeroinitializer, ptr %acc3149, align 4
-  store <16 x float> zeroinitializer, ptr %acc4150, align 4
-  br label %kp.head51
+  %386 = mul nsw i64 %p, 32768
+  %387 = getelementptr inbounds i16, ptr %panels, i64 %386
+  %388 = add nsw i64 %p, 1
+  %389 = icmp slt i64 %388, %p1
+  %390 = getelementptr inbounds i8, ptr %387, i64 65536
+  %391 = and i1 %pf.on, %389
+  %pf46 = select i1 %391, ptr %390, ptr %387
+  store <16 x float> zeroinitializer, ptr %acc0147, align 4
+  store <16 x float> zeroinitializer, ptr %acc1148, align 4
+  store <16 x float> zeroinitializer, ptr %acc2149, align 4
+  store <16 x float> zeroinitializer, ptr %acc3150, align 4
+  store <16 x float> zeroinitializer, ptr %acc4151, align 4
+  br label %kp.head52
 
-kp.head51:                                        ; preds = %kp.body52, %tile.mr5
-  %kp54 = phi i64 [ 0, %tile.mr5 ], [ %456, %kp.body52 ]
-  %378 = icmp slt i64 %kp54, 512
-  br i1 %378, label %kp.body52, label %kp.end53
+kp.head52:                                        ; preds = %kp.body53, %tile.mr5
+  %kp55 = phi i64 [ 0, %tile.mr5 ], [ %474, %kp.body53 ]
+  %392 = icmp slt i64 %kp55, 512
+  br i1 %392, label %kp.body53, label %kp.end54
 
-kp.body52:                                        ; preds = %kp.head51
-  %kk55 = mul nsw i64 %kp54, 2
-  %379 = mul nsw i64 %kk55, 32
-  %380 = getelementptr inbounds i16, ptr %377, i64 %379
-  %381 = load <32 x bfloat>, ptr %380, align 4
-  %382 = getelementptr inbounds i32, ptr %363, i64 %kk55
-  %383 = load i32, ptr %382, align 4
-  %384 = load <16 x float>, ptr %acc0041, align 4
-  %385 = insertelement <16 x i32> poison, i32 %383, i32 0
-  %386 = shufflevector <16 x i32> %385, <16 x i32> poison, <16 x i32> zeroinitializer
-  %387 = bitcast <16 x i32> %386 to <32 x bfloat>
-  %388 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %384, <32 x bfloat> %381, <32 x bfloat> %387)
-  store <16 x float> %388, ptr %acc0041, align 4
-  %389 = getelementptr inbounds i32, ptr %366, i64 %kk55
-  %390 = load i32, ptr %389, align 4
-  %391 = load <16 x float>, ptr %acc1042, align 4
-  %392 = insertelement <16 x i32> poison, i32 %390, i32 0
-  %393 = shufflevector <16 x i32> %392, <16 x i32> poison, <16 x i32> zeroinitializer
-  %394 = bitcast <16 x i32> %393 to <32 x bfloat>
-  %395 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %391, <32 x bfloat> %381, <32 x bfloat> %394)
-  store <16 x float> %395, ptr %acc1042, align 4
-  %396 = getelementptr inbounds i32, ptr %369, i64 %kk55
-  %397 = load i32, ptr %396, align 4
-  %398 = load <16 x float>, ptr %acc2043, align 4
-  %399 = insertelement <16 x i32> poison, i32 %397, i32 0
-  %400 = shufflevector <16 x i32> %399, <16 x i32> poison, <16 x i32> zeroinitializer
-  %401 = bitcast <16 x i32> %400 to <32 x bfloat>
-  %402 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %398, <32 x bfloat> %381, <32 x bfloat> %401)
-  store <16 x float> %402, ptr %acc2043, align 4
-  %403 = getelementptr inbounds i32, ptr %372, i64 %kk55
-  %404 = load i32, ptr %403, align 4
-  %405 = load <16 x float>, ptr %acc3044, align 4
-  %406 = insertelement <16 x i32> poison, i32 %404, i32 0
-  %407 = shufflevector <16 x i32> %406, <16 x i32> poison, <16 x i32> zeroinitializer
-  %408 = bitcast <16 x i32> %407 to <32 x bfloat>
-  %409 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %405, <32 x bfloat> %381, <32 x bfloat> %408)
-  store <16 x float> %409, ptr %acc3044, align 4
-  %410 = getelementptr inbounds i32, ptr %375, i64 %kk55
-  %411 = load i32, ptr %410, align 4
-  %412 = load <16 x float>, ptr %acc4045, align 4
-  %413 = insertelement <16 x i32> poison, i32 %411, i32 0
-  %414 = shufflevector <16 x i32> %413, <16 x i32> poison, <16 x i32> zeroinitializer
-  %415 = bitcast <16 x i32> %414 to <32 x bfloat>
-  %416 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %412, <32 x bfloat> %381, <32 x bfloat> %415)
-  store <16 x float> %416, ptr %acc4045, align 4
-  %417 = add nsw i64 %kk55, 1
-  %418 = mul nsw i64 %417, 32
-  %419 = getelementptr inbounds i16, ptr %377, i64 %418
-  %420 = load <32 x bfloat>, ptr %419, align 4
-  %421 = getelementptr inbounds i32, ptr %363, i64 %417
-  %422 = load i32, ptr %421, align 4
-  %423 = load <16 x float>, ptr %acc0146, align 4
-  %424 = insertelement <16 x i32> poison, i32 %422, i32 0
-  %425 = shufflevector <16 x i32> %424, <16 x i32> poison, <16 x i32> zeroinitializer
-  %426 = bitcast <16 x i32> %425 to <32 x bfloat>
-  %427 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %423, <32 x bfloat> %420, <32 x bfloat> %426)
-  store <16 x float> %427, ptr %acc0146, align 4
-  %428 = getelementptr inbounds i32, ptr %366, i64 %417
-  %429 = load i32, ptr %428, align 4
-  %430 = load <16 x float>, ptr %acc1147, align 4
-  %431 = insertelement <16 x i32> poison, i32 %429, i32 0
-  %432 = shufflevector <16 x i32> %431, <16 x i32> poison, <16 x i32> zeroinitializer
-  %433 = bitcast <16 x i32> %432 to <32 x bfloat>
-  %434 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %430, <32 x bfloat> %420, <32 x bfloat> %433)
-  store <16 x float> %434, ptr %acc1147, align 4
-  %435 = getelementptr inbounds i32, ptr %369, i64 %417
-  %436 = load i32, ptr %435, align 4
-  %437 = load <16 x float>, ptr %acc2148, align 4
-  %438 = insertelement <16 x i32> poison, i32 %436, i32 0
-  %439 = shufflevector <16 x i32> %438, <16 x i32> poison, <16 x i32> zeroinitializer
-  %440 = bitcast <16 x i32> %439 to <32 x bfloat>
-  %441 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %437, <32 x bfloat> %420, <32 x bfloat> %440)
-  store <16 x float> %441, ptr %acc2148, align 4
-  %442 = getelementptr inbounds i32, ptr %372, i64 %417
-  %443 = load i32, ptr %442, align 4
-  %444 = load <16 x float>, ptr %acc3149, align 4
-  %445 = insertelement <16 x i32> poison, i32 %443, i32 0
-  %446 = shufflevector <16 x i32> %445, <16 x i32> poison, <16 x i32> zeroinitializer
-  %447 = bitcast <16 x i32> %446 to <32 x bfloat>
-  %448 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %444, <32 x bfloat> %420, <32 x bfloat> %447)
-  store <16 x float> %448, ptr %acc3149, align 4
-  %449 = getelementptr inbounds i32, ptr %375, i64 %417
-  %450 = load i32, ptr %449, align 4
-  %451 = load <16 x float>, ptr %acc4150, align 4
-  %452 = insertelement <16 x i32> poison, i32 %450, i32 0
-  %453 = shufflevector <16 x i32> %452, <16 x i32> poison, <16 x i32> zeroinitializer
-  %454 = bitcast <16 x i32> %453 to <32 x bfloat>
-  %455 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %451, <32 x bfloat> %420, <32 x bfloat> %454)
-  store <16 x float> %455, ptr %acc4150, align 4
-  %456 = add nsw i64 %kp54, 1
-  br label %kp.head51
+kp.body53:                                        ; preds = %kp.head52
+  %kk56 = mul nsw i64 %kp55, 2
+  %393 = mul nsw i64 %kk56, 32
+  %394 = getelementptr inbounds i16, ptr %387, i64 %393
+  %395 = load <32 x bfloat>, ptr %394, align 4
+  %396 = mul nsw i64 %kk56, 64
+  %397 = getelementptr inbounds i8, ptr %pf46, i64 %396
+  call void @llvm.prefetch.p0(ptr %397, i32 0, i32 2, i32 1)
+  %398 = getelementptr inbounds i32, ptr %373, i64 %kk56
+  %399 = load i32, ptr %398, align 4
+  %400 = load <16 x float>, ptr %acc0041, align 4
+  %401 = insertelement <16 x i32> poison, i32 %399, i32 0
+  %402 = shufflevector <16 x i32> %401, <16 x i32> poison, <16 x i32> zeroinitializer
+  %403 = bitcast <16 x i32> %402 to <32 x bfloat>
+  %404 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %400, <32 x bfloat> %395, <32 x bfloat> %403)
+  store <16 x float> %404, ptr %acc0041, align 4
+  %405 = getelementptr inbounds i32, ptr %376, i64 %kk56
+  %406 = load i32, ptr %405, align 4
+  %407 = load <16 x float>, ptr %acc1042, align 4
+  %408 = insertelement <16 x i32> poison, i32 %406, i32 0
+  %409 = shufflevector <16 x i32> %408, <16 x i32> poison, <16 x i32> zeroinitializer
+  %410 = bitcast <16 x i32> %409 to <32 x bfloat>
+  %411 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %407, <32 x bfloat> %395, <32 x bfloat> %410)
+  store <16 x float> %411, ptr %acc1042, align 4
+  %412 = getelementptr inbounds i32, ptr %379, i64 %kk56
+  %413 = load i32, ptr %412, align 4
+  %414 = load <16 x float>, ptr %acc2043, align 4
+  %415 = insertelement <16 x i32> poison, i32 %413, i32 0
+  %416 = shufflevector <16 x i32> %415, <16 x i32> poison, <16 x i32> zeroinitializer
+  %417 = bitcast <16 x i32> %416 to <32 x bfloat>
+  %418 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %414, <32 x bfloat> %395, <32 x bfloat> %417)
+  store <16 x float> %418, ptr %acc2043, align 4
+  %419 = getelementptr inbounds i32, ptr %382, i64 %kk56
+  %420 = load i32, ptr %419, align 4
+  %421 = load <16 x float>, ptr %acc3044, align 4
+  %422 = insertelement <16 x i32> poison, i32 %420, i32 0
+  %423 = shufflevector <16 x i32> %422, <16 x i32> poison, <16 x i32> zeroinitializer
+  %424 = bitcast <16 x i32> %423 to <32 x bfloat>
+  %425 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %421, <32 x bfloat> %395, <32 x bfloat> %424)
+  store <16 x float> %425, ptr %acc3044, align 4
+  %426 = getelementptr inbounds i32, ptr %385, i64 %kk56
+  %427 = load i32, ptr %426, align 4
+  %428 = load <16 x float>, ptr %acc4045, align 4
+  %429 = insertelement <16 x i32> poison, i32 %427, i32 0
+  %430 = shufflevector <16 x i32> %429, <16 x i32> poison, <16 x i32> zeroinitializer
+  %431 = bitcast <16 x i32> %430 to <32 x bfloat>
+  %432 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %428, <32 x bfloat> %395, <32 x bfloat> %431)
+  store <16 x float> %432, ptr %acc4045, align 4
+  %433 = add nsw i64 %kk56, 1
+  %434 = mul nsw i64 %433, 32
+  %435 = getelementptr inbounds i16, ptr %387, i64 %434
+  %436 = load <32 x bfloat>, ptr %435, align 4
+  %437 = mul nsw i64 %433, 64
+  %438 = getelementptr inbounds i8, ptr %pf46, i64 %437
+  call void @llvm.prefetch.p0(ptr %438, i32 0, i32 2, i32 1)
+  %439 = getelementptr inbounds i32, ptr %373, i64 %433
+  %440 = load i32, ptr %439, align 4
+  %441 = load <16 x float>, ptr %acc0147, align 4
+  %442 = insertelement <16 x i32> poison, i32 %440, i32 0
+  %443 = shufflevector <16 x i32> %442, <16 x i32> poison, <16 x i32> zeroinitializer
+  %444 = bitcast <16 x i32> %443 to <32 x bfloat>
+  %445 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %441, <32 x bfloat> %436, <32 x bfloat> %444)
+  store <16 x float> %445, ptr %acc0147, align 4
+  %446 = getelementptr inbounds i32, ptr %376, i64 %433
+  %447 = load i32, ptr %446, align 4
+  %448 = load <16 x float>, ptr %acc1148, align 4
+  %449 = insertelement <16 x i32> poison, i32 %447, i32 0
+  %450 = shufflevector <16 x i32> %449, <16 x i32> poison, <16 x i32> zeroinitializer
+  %451 = bitcast <16 x i32> %450 to <32 x bfloat>
+  %452 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %448, <32 x bfloat> %436, <32 x bfloat> %451)
+  store <16 x float> %452, ptr %acc1148, align 4
+  %453 = getelementptr inbounds i32, ptr %379, i64 %433
+  %454 = load i32, ptr %453, align 4
+  %455 = load <16 x float>, ptr %acc2149, align 4
+  %456 = insertelement <16 x i32> poison, i32 %454, i32 0
+  %457 = shufflevector <16 x i32> %456, <16 x i32> poison, <16 x i32> zeroinitializer
+  %458 = bitcast <16 x i32> %457 to <32 x bfloat>
+  %459 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %455, <32 x bfloat> %436, <32 x bfloat> %458)
+  store <16 x float> %459, ptr %acc2149, align 4
+  %460 = getelementptr inbounds i32, ptr %382, i64 %433
+  %461 = load i32, ptr %460, align 4
+  %462 = load <16 x float>, ptr %acc3150, align 4
+  %463 = insertelement <16 x i32> poison, i32 %461, i32 0
+  %464 = shufflevector <16 x i32> %463, <16 x i32> poison, <16 x i32> zeroinitializer
+  %465 = bitcast <16 x i32> %464 to <32 x bfloat>
+  %466 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %462, <32 x bfloat> %436, <32 x bfloat> %465)
+  store <16 x float> %466, ptr %acc3150, align 4
+  %467 = getelementptr inbounds i32, ptr %385, i64 %433
+  %468 = load i32, ptr %467, align 4
+  %469 = load <16 x float>, ptr %acc4151, align 4
+  %470 = insertelement <16 x i32> poison, i32 %468, i32 0
+  %471 = shufflevector <16 x i32> %470, <16 x i32> poison, <16 x i32> zeroinitializer
+  %472 = bitcast <16 x i32> %471 to <32 x bfloat>
+  %473 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %469, <32 x bfloat> %436, <32 x bfloat> %472)
+  store <16 x float> %473, ptr %acc4151, align 4
+  %474 = add nsw i64 %kp55, 1
+  br label %kp.head52
 
-kp.end53:                                         ; preds = %kp.head51
-  %457 = load <16 x float>, ptr %acc0146, align 4
-  %458 = load <16 x float>, ptr %acc0041, align 4
-  %sum56 = fadd <16 x float> %458, %457
-  store <16 x float> %sum56, ptr %acc0041, align 4
-  %459 = load <16 x float>, ptr %acc1147, align 4
-  %460 = load <16 x float>, ptr %acc1042, align 4
-  %sum57 = fadd <16 x float> %460, %459
-  store <16 x float> %sum57, ptr %acc1042, align 4
-  %461 = load <16 x float>, ptr %acc2148, align 4
-  %462 = load <16 x float>, ptr %acc2043, align 4
-  %sum58 = fadd <16 x float> %462, %461
-  store <16 x float> %sum58, ptr %acc2043, align 4
-  %463 = load <16 x float>, ptr %acc3149, align 4
-  %464 = load <16 x float>, ptr %acc3044, align 4
-  %sum59 = fadd <16 x float> %464, %463
-  store <16 x float> %sum59, ptr %acc3044, align 4
-  %465 = load <16 x float>, ptr %acc4150, align 4
-  %466 = load <16 x float>, ptr %acc4045, align 4
-  %sum60 = fadd <16 x float> %466, %465
-  store <16 x float> %sum60, ptr %acc4045, align 4
-  %467 = add nsw i64 %r0, 0
-  %468 = add nsw i64 %chunk, %467
-  %469 = getelementptr inbounds float, ptr %rw, i64 %468
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = mul nsw i64 %468, 768
-  %474 = getelementptr inbounds float, ptr %h, i64 %473
-  %col61 = mul nsw i64 %p, 8
-  %475 = load <16 x float>, ptr %acc0041, align 4
-  %476 = shufflevector <16 x float> %475, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %477 = load <16 x float>, ptr %acc0041, align 4
-  %478 = shufflevector <16 x float> %477, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %479 = fneg <8 x float> %476
-  %480 = fcmp olt <8 x float> %479, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %481 = select <8 x i1> %480, <8 x float> %479, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %482 = fcmp ogt <8 x float> %481, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %483 = select <8 x i1> %482, <8 x float> %481, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %485 = call <8 x float> @llvm.floor.v8f32(<8 x float> %484)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %483)
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %486)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %487, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %487, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %487, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %487, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %487, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %493 = fmul <8 x float> %487, %487
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %493, <8 x float> %487)
-  %495 = fadd <8 x float> %494, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %496 = fptosi <8 x float> %485 to <8 x i32>
-  %497 = add <8 x i32> %496, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %498 = shl <8 x i32> %497, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n62 = bitcast <8 x i32> %498 to <8 x float>
-  %exp63 = fmul <8 x float> %495, %exp.2n62
-  %499 = fadd <8 x float> %exp63, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid64 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %499
-  %silu65 = fmul <8 x float> %476, %sigmoid64
-  %glu66 = fmul <8 x float> %silu65, %478
-  %500 = fmul <8 x float> %glu66, %472
-  %501 = getelementptr inbounds i16, ptr %474, i64 %col61
-  %hb67 = fptrunc <8 x float> %500 to <8 x bfloat>
-  store <8 x bfloat> %hb67, ptr %501, align 4
-  %502 = add nsw i64 %r0, 1
-  %503 = add nsw i64 %chunk, %502
-  %504 = getelementptr inbounds float, ptr %rw, i64 %503
-  %505 = load float, ptr %504, align 4
-  %506 = insertelement <8 x float> poison, float %505, i32 0
-  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
-  %508 = mul nsw i64 %503, 768
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
-  %col68 = mul nsw i64 %p, 8
-  %510 = load <16 x float>, ptr %acc1042, align 4
-  %511 = shufflevector <16 x float> %510, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %512 = load <16 x float>, ptr %acc1042, align 4
-  %513 = shufflevector <16 x float> %512, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %514 = fneg <8 x float> %511
-  %515 = fcmp olt <8 x float> %514, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %516 = select <8 x i1> %515, <8 x float> %514, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %517 = fcmp ogt <8 x float> %516, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %518 = select <8 x i1> %517, <8 x float> %516, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %520 = call <8 x float> @llvm.floor.v8f32(<8 x float> %519)
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %518)
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %521)
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %522, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %522, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %522, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %522, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %522, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %528 = fmul <8 x float> %522, %522
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %528, <8 x float> %522)
-  %530 = fadd <8 x float> %529, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %531 = fptosi <8 x float> %520 to <8 x i32>
-  %532 = add <8 x i32> %531, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %533 = shl <8 x i32> %532, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n69 = bitcast <8 x i32> %533 to <8 x float>
-  %exp70 = fmul <8 x float> %530, %exp.2n69
-  %534 = fadd <8 x float> %exp70, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid71 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %534
-  %silu72 = fmul <8 x float> %511, %sigmoid71
-  %glu73 = fmul <8 x float> %silu72, %513
-  %535 = fmul <8 x float> %glu73, %507
-  %536 = getelementptr inbounds i16, ptr %509, i64 %col68
-  %hb74 = fptrunc <8 x float> %535 to <8 x bfloat>
-  store <8 x bfloat> %hb74, ptr %536, align 4
-  %537 = add nsw i64 %r0, 2
-  %538 = add nsw i64 %chunk, %537
-  %539 = getelementptr inbounds float, ptr %rw, i64 %538
-  %540 = load float, ptr %539, align 4
-  %541 = insertelement <8 x float> poison, float %540, i32 0
-  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
-  %543 = mul nsw i64 %538, 768
-  %544 = getelementptr inbounds float, ptr %h, i64 %543
-  %col75 = mul nsw i64 %p, 8
-  %545 = load <16 x float>, ptr %acc2043, align 4
-  %546 = shufflevector <16 x float> %545, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %547 = load <16 x float>, ptr %acc2043, align 4
-  %548 = shufflevector <16 x float> %547, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %549 = fneg <8 x float> %546
-  %550 = fcmp olt <8 x float> %549, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %551 = select <8 x i1> %550, <8 x float> %549, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %552 = fcmp ogt <8 x float> %551, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %553 = select <8 x i1> %552, <8 x float> %551, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %555 = call <8 x float> @llvm.floor.v8f32(<8 x float> %554)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %553)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %556)
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %557, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %557, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %557, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %557, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %557, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %563 = fmul <8 x float> %557, %557
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %563, <8 x float> %557)
-  %565 = fadd <8 x float> %564, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %566 = fptosi <8 x float> %555 to <8 x i32>
-  %567 = add <8 x i32> %566, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %568 = shl <8 x i32> %567, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n76 = bitcast <8 x i32> %568 to <8 x float>
-  %exp77 = fmul <8 x float> %565, %exp.2n76
-  %569 = fadd <8 x float> %exp77, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid78 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %569
-  %silu79 = fmul <8 x float> %546, %sigmoid78
-  %glu80 = fmul <8 x float> %silu79, %548
-  %570 = fmul <8 x float> %glu80, %542
-  %571 = getelementptr inbounds i16, ptr %544, i64 %col75
-  %hb81 = fptrunc <8 x float> %570 to <8 x bfloat>
-  store <8 x bfloat> %hb81, ptr %571, align 4
-  %572 = add nsw i64 %r0, 3
-  %573 = add nsw i64 %chunk, %572
-  %574 = getelementptr inbounds float, ptr %rw, i64 %573
-  %575 = load float, ptr %574, align 4
-  %576 = insertelement <8 x float> poison, float %575, i32 0
-  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
-  %578 = mul nsw i64 %573, 768
-  %579 = getelementptr inbounds float, ptr %h, i64 %578
-  %col82 = mul nsw i64 %p, 8
-  %580 = load <16 x float>, ptr %acc3044, align 4
-  %581 = shufflevector <16 x float> %580, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %582 = load <16 x float>, ptr %acc3044, align 4
-  %583 = shufflevector <16 x float> %582, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %584 = fneg <8 x float> %581
-  %585 = fcmp olt <8 x float> %584, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %586 = select <8 x i1> %585, <8 x float> %584, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %587 = fcmp ogt <8 x float> %586, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %588 = select <8 x i1> %587, <8 x float> %586, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %590 = call <8 x float> @llvm.floor.v8f32(<8 x float> %589)
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %588)
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %591)
-  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %592, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %592, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %592, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %592, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %592, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %598 = fmul <8 x float> %592, %592
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %598, <8 x float> %592)
-  %600 = fadd <8 x float> %599, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %601 = fptosi <8 x float> %590 to <8 x i32>
-  %602 = add <8 x i32> %601, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %603 = shl <8 x i32> %602, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n83 = bitcast <8 x i32> %603 to <8 x float>
-  %exp84 = fmul <8 x float> %600, %exp.2n83
-  %604 = fadd <8 x float> %exp84, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid85 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %604
-  %silu86 = fmul <8 x float> %581, %sigmoid85
-  %glu87 = fmul <8 x float> %silu86, %583
-  %605 = fmul <8 x float> %glu87, %577
-  %606 = getelementptr inbounds i16, ptr %579, i64 %col82
-  %hb88 = fptrunc <8 x float> %605 to <8 x bfloat>
-  store <8 x bfloat> %hb88, ptr %606, align 4
-  %607 = add nsw i64 %r0, 4
-  %608 = add nsw i64 %chunk, %607
-  %609 = getelementptr inbounds float, ptr %rw, i64 %608
-  %610 = load float, ptr %609, align 4
-  %611 = insertelement <8 x float> poison, float %610, i32 0
-  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
-  %613 = mul nsw i64 %608, 768
-  %614 = getelementptr inbounds float, ptr %h, i64 %613
-  %col89 = mul nsw i64 %p, 8
-  %615 = load <16 x float>, ptr %acc4045, align 4
-  %616 = shufflevector <16 x float> %615, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %617 = load <16 x float>, ptr %acc4045, align 4
-  %618 = shufflevector <16 x float> %617, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %619 = fneg <8 x float> %616
-  %620 = fcmp olt <8 x float> %619, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %621 = select <8 x i1> %620, <8 x float> %619, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %622 = fcmp ogt <8 x float> %621, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %623 = select <8 x i1> %622, <8 x float> %621, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %625 = call <8 x float> @llvm.floor.v8f32(<8 x float> %624)
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %623)
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %626)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %627, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %627, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %627, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %627, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %627, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %633 = fmul <8 x float> %627, %627
-  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %633, <8 x float> %627)
-  %635 = fadd <8 x float> %634, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %636 = fptosi <8 x float> %625 to <8 x i32>
-  %637 = add <8 x i32> %636, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %638 = shl <8 x i32> %637, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n90 = bitcast <8 x i32> %638 to <8 x float>
-  %exp91 = fmul <8 x float> %635, %exp.2n90
-  %639 = fadd <8 x float> %exp91, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid92 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %639
-  %silu93 = fmul <8 x float> %616, %sigmoid92
-  %glu94 = fmul <8 x float> %silu93, %618
-  %640 = fmul <8 x float> %glu94, %612
-  %641 = getelementptr inbounds i16, ptr %614, i64 %col89
-  %hb95 = fptrunc <8 x float> %640 to <8 x bfloat>
-  store <8 x bfloat> %hb95, ptr %641, align 4
+kp.end54:                                         ; preds = %kp.head52
+  %475 = load <16 x float>, ptr %acc0147, align 4
+  %476 = load <16 x float>, ptr %acc0041, align 4
+  %sum57 = fadd <16 x float> %476, %475
+  store <16 x float> %sum57, ptr %acc0041, align 4
+  %477 = load <16 x float>, ptr %acc1148, align 4
+  %478 = load <16 x float>, ptr %acc1042, align 4
+  %sum58 = fadd <16 x float> %478, %477
+  store <16 x float> %sum58, ptr %acc1042, align 4
+  %479 = load <16 x float>, ptr %acc2149, align 4
+  %480 = load <16 x float>, ptr %acc2043, align 4
+  %sum59 = fadd <16 x float> %480, %479
+  store <16 x float> %sum59, ptr %acc2043, align 4
+  %481 = load <16 x float>, ptr %acc3150, align 4
+  %482 = load <16 x float>, ptr %acc3044, align 4
+  %sum60 = fadd <16 x float> %482, %481
+  store <16 x float> %sum60, ptr %acc3044, align 4
+  %483 = load <16 x float>, ptr %acc4151, align 4
+  %484 = load <16 x float>, ptr %acc4045, align 4
+  %sum61 = fadd <16 x float> %484, %483
+  store <16 x float> %sum61, ptr %acc4045, align 4
+  %485 = add nsw i64 %r0, 0
+  %486 = add nsw i64 %chunk, %485
+  %487 = getelementptr inbounds float, ptr %rw, i64 %486
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = mul nsw i64 %486, 768
+  %492 = getelementptr inbounds float, ptr %h, i64 %491
+  %col62 = mul nsw i64 %p, 8
+  %493 = load <16 x float>, ptr %acc0041, align 4
+  %494 = shufflevector <16 x float> %493, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %495 = load <16 x float>, ptr %acc0041, align 4
+  %496 = shufflevector <16 x float> %495, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %497 = fneg <8 x float> %494
+  %498 = fcmp olt <8 x float> %497, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %499 = select <8 x i1> %498, <8 x float> %497, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %500 = fcmp ogt <8 x float> %499, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %501 = select <8 x i1> %500, <8 x float> %499, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %503 = call <8 x float> @llvm.floor.v8f32(<8 x float> %502)
+  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %501)
+  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %504)
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %505, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %505, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %505, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %505, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %505, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %511 = fmul <8 x float> %505, %505
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %511, <8 x float> %505)
+  %513 = fadd <8 x float> %512, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %514 = fptosi <8 x float> %503 to <8 x i32>
+  %515 = add <8 x i32> %514, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %516 = shl <8 x i32> %515, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n63 = bitcast <8 x i32> %516 to <8 x float>
+  %exp64 = fmul <8 x float> %513, %exp.2n63
+  %517 = fadd <8 x float> %exp64, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid65 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %517
+  %silu66 = fmul <8 x float> %494, %sigmoid65
+  %glu67 = fmul <8 x float> %silu66, %496
+  %518 = fmul <8 x float> %glu67, %490
+  %519 = getelementptr inbounds i16, ptr %492, i64 %col62
+  %hb68 = fptrunc <8 x float> %518 to <8 x bfloat>
+  store <8 x bfloat> %hb68, ptr %519, align 4
+  %520 = add nsw i64 %r0, 1
+  %521 = add nsw i64 %chunk, %520
+  %522 = getelementptr inbounds float, ptr %rw, i64 %521
+  %523 = load float, ptr %522, align 4
+  %524 = insertelement <8 x float> poison, float %523, i32 0
+  %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
+  %526 = mul nsw i64 %521, 768
+  %527 = getelementptr inbounds float, ptr %h, i64 %526
+  %col69 = mul nsw i64 %p, 8
+  %528 = load <16 x float>, ptr %acc1042, align 4
+  %529 = shufflevector <16 x float> %528, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %530 = load <16 x float>, ptr %acc1042, align 4
+  %531 = shufflevector <16 x float> %530, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %532 = fneg <8 x float> %529
+  %533 = fcmp olt <8 x float> %532, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %534 = select <8 x i1> %533, <8 x float> %532, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %535 = fcmp ogt <8 x float> %534, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %538 = call <8 x float> @llvm.floor.v8f32(<8 x float> %537)
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %536)
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %539)
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %540, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %540, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %540, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %540, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %540, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %546 = fmul <8 x float> %540, %540
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %546, <8 x float> %540)
+  %548 = fadd <8 x float> %547, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %549 = fptosi <8 x float> %538 to <8 x i32>
+  %550 = add <8 x i32> %549, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %551 = shl <8 x i32> %550, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n70 = bitcast <8 x i32> %551 to <8 x float>
+  %exp71 = fmul <8 x float> %548, %exp.2n70
+  %552 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
+  %silu73 = fmul <8 x float> %529, %sigmoid72
+  %glu74 = fmul <8 x float> %silu73, %531
+  %553 = fmul <8 x float> %glu74, %525
+  %554 = getelementptr inbounds i16, ptr %527, i64 %col69
+  %hb75 = fptrunc <8 x float> %553 to <8 x bfloat>
+  store <8 x bfloat> %hb75, ptr %554, align 4
+  %555 = add nsw i64 %r0, 2
+  %556 = add nsw i64 %chunk, %555
+  %557 = getelementptr inbounds float, ptr %rw, i64 %556
+  %558 = load float, ptr %557, align 4
+  %559 = insertelement <8 x float> poison, float %558, i32 0
+  %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
+  %561 = mul nsw i64 %556, 768
+  %562 = getelementptr inbounds float, ptr %h, i64 %561
+  %col76 = mul nsw i64 %p, 8
+  %563 = load <16 x float>, ptr %acc2043, align 4
+  %564 = shufflevector <16 x float> %563, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %565 = load <16 x float>, ptr %acc2043, align 4
+  %566 = shufflevector <16 x float> %565, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %567 = fneg <8 x float> %564
+  %568 = fcmp olt <8 x float> %567, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %569 = select <8 x i1> %568, <8 x float> %567, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %570 = fcmp ogt <8 x float> %569, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %571 = select <8 x i1> %570, <8 x float> %569, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %573 = call <8 x float> @llvm.floor.v8f32(<8 x float> %572)
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %573, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %571)
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %573, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %574)
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %575, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %575, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %575, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %575, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %575, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %581 = fmul <8 x float> %575, %575
+  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %581, <8 x float> %575)
+  %583 = fadd <8 x float> %582, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %584 = fptosi <8 x float> %573 to <8 x i32>
+  %585 = add <8 x i32> %584, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %586 = shl <8 x i32> %585, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %586 to <8 x float>
+  %exp78 = fmul <8 x float> %583, %exp.2n77
+  %587 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %587
+  %silu80 = fmul <8 x float> %564, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %566
+  %588 = fmul <8 x float> %glu81, %560
+  %589 = getelementptr inbounds i16, ptr %562, i64 %col76
+  %hb82 = fptrunc <8 x float> %588 to <8 x bfloat>
+  store <8 x bfloat> %hb82, ptr %589, align 4
+  %590 = add nsw i64 %r0, 3
+  %591 = add nsw i64 %chunk, %590
+  %592 = getelementptr inbounds float, ptr %rw, i64 %591
+  %593 = load float, ptr %592, align 4
+  %594 = insertelement <8 x float> poison, float %593, i32 0
+  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
+  %596 = mul nsw i64 %591, 768
+  %597 = getelementptr inbounds float, ptr %h, i64 %596
+  %col83 = mul nsw i64 %p, 8
+  %598 = load <16 x float>, ptr %acc3044, align 4
+  %599 = shufflevector <16 x float> %598, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %600 = load <16 x float>, ptr %acc3044, align 4
+  %601 = shufflevector <16 x float> %600, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %602 = fneg <8 x float> %599
+  %603 = fcmp olt <8 x float> %602, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %604 = select <8 x i1> %603, <8 x float> %602, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %605 = fcmp ogt <8 x float> %604, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %608 = call <8 x float> @llvm.floor.v8f32(<8 x float> %607)
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %606)
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %609)
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %610, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %610, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %610, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %610, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %610, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %616 = fmul <8 x float> %610, %610
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %610)
+  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %619 = fptosi <8 x float> %608 to <8 x i32>
+  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n84 = bitcast <8 x i32> %621 to <8 x float>
+  %exp85 = fmul <8 x float> %618, %exp.2n84
+  %622 = fadd <8 x float> %exp85, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid86 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
+  %silu87 = fmul <8 x float> %599, %sigmoid86
+  %glu88 = fmul <8 x float> %silu87, %601
+  %623 = fmul <8 x float> %glu88, %595
+  %624 = getelementptr inbounds i16, ptr %597, i64 %col83
+  %hb89 = fptrunc <8 x float> %623 to <8 x bfloat>
+  store <8 x bfloat> %hb89, ptr %624, align 4
+  %625 = add nsw i64 %r0, 4
+  %626 = add nsw i64 %chunk, %625
+  %627 = getelementptr inbounds float, ptr %rw, i64 %626
+  %628 = load float, ptr %627, align 4
+  %629 = insertelement <8 x float> poison, float %628, i32 0
+  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
+  %631 = mul nsw i64 %626, 768
+  %632 = getelementptr inbounds float, ptr %h, i64 %631
+  %col90 = mul nsw i64 %p, 8
+  %633 = load <16 x float>, ptr %acc4045, align 4
+  %634 = shufflevector <16 x float> %633, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %635 = load <16 x float>, ptr %acc4045, align 4
+  %636 = shufflevector <16 x float> %635, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %637 = fneg <8 x float> %634
+  %638 = fcmp olt <8 x float> %637, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %639 = select <8 x i1> %638, <8 x float> %637, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %640 = fcmp ogt <8 x float> %639, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %641 = select <8 x i1> %640, <8 x float> %639, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %643 = call <8 x float> @llvm.floor.v8f32(<8 x float> %642)
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %641)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %644)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %645, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %645, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %645, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %645, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %645, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %651 = fmul <8 x float> %645, %645
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %651, <8 x float> %645)
+  %653 = fadd <8 x float> %652, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %654 = fptosi <8 x float> %643 to <8 x i32>
+  %655 = add <8 x i32> %654, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %656 = shl <8 x i32> %655, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n91 = bitcast <8 x i32> %656 to <8 x float>
+  %exp92 = fmul <8 x float> %653, %exp.2n91
+  %657 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %657
+  %silu94 = fmul <8 x float> %634, %sigmoid93
+  %glu95 = fmul <8 x float> %silu94, %636
+  %658 = fmul <8 x float> %glu95, %630
+  %659 = getelementptr inbounds i16, ptr %632, i64 %col90
+  %hb96 = fptrunc <8 x float> %658 to <8 x bfloat>
+  store <8 x bfloat> %hb96, ptr %659, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %642 = add nsw i64 %r0, 0
-  %643 = mul nsw i64 %642, 2048
-  %644 = getelementptr inbounds i16, ptr %xb, i64 %643
-  store <16 x float> zeroinitializer, ptr %acc0096, align 4
-  %645 = add nsw i64 %r0, 1
-  %646 = mul nsw i64 %645, 2048
-  %647 = getelementptr inbounds i16, ptr %xb, i64 %646
-  store <16 x float> zeroinitializer, ptr %acc1097, align 4
-  %648 = add nsw i64 %r0, 2
-  %649 = mul nsw i64 %648, 2048
-  %650 = getelementptr inbounds i16, ptr %xb, i64 %649
-  store <16 x float> zeroinitializer, ptr %acc2098, align 4
-  %651 = add nsw i64 %r0, 3
-  %652 = mul nsw i64 %651, 2048
-  %653 = getelementptr inbounds i16, ptr %xb, i64 %652
-  store <16 x float> zeroinitializer, ptr %acc3099, align 4
-  %654 = mul nsw i64 %p, 32768
-  %655 = getelementptr inbounds i16, ptr %panels, i64 %654
-  store <16 x float> zeroinitializer, ptr %acc01100, align 4
-  store <16 x float> zeroinitializer, ptr %acc11101, align 4
-  store <16 x float> zeroinitializer, ptr %acc21102, align 4
-  store <16 x float> zeroinitializer, ptr %acc31103, align 4
-  br label %kp.head104
+  %660 = add nsw i64 %r0, 0
+  %661 = mul nsw i64 %660, 2048
+  %662 = getelementptr inbounds i16, ptr %xb, i64 %661
+  store <16 x float> zeroinitializer, ptr %acc0097, align 4
+  %663 = add nsw i64 %r0, 1
+  %664 = mul nsw i64 %663, 2048
+  %665 = getelementptr inbounds i16, ptr %xb, i64 %664
+  store <16 x float> zeroinitializer, ptr %acc1098, align 4
+  %666 = add nsw i64 %r0, 2
+  %667 = mul nsw i64 %666, 2048
+  %668 = getelementptr inbounds i16, ptr %xb, i64 %667
+  store <16 x float> zeroinitializer, ptr %acc2099, align 4
+  %669 = add nsw i64 %r0, 3
+  %670 = mul nsw i64 %669, 2048
+  %671 = getelementptr inbounds i16, ptr %xb, i64 %670
+  store <16 x float> zeroinitializer, ptr %acc30100, align 4
+  %672 = mul nsw i64 %p, 32768
+  %673 = getelementptr inbounds i16, ptr %panels, i64 %672
+  %674 = add nsw i64 %p, 1
+  %675 = icmp slt i64 %674, %p1
+  %676 = getelementptr inbounds i8, ptr %673, i64 65536
+  %677 = and i1 %pf.on, %675
+  %pf101 = select i1 %677, ptr %676, ptr %673
+  store <16 x float> zeroinitializer, ptr %acc01102, align 4
+  store <16 x float> zeroinitializer, ptr %acc11103, align 4
+  store <16 x float> zeroinitializer, ptr %acc21104, align 4
+  store <16 x float> zeroinitializer, ptr %acc31105, align 4
+  br label %kp.head106
 
-kp.head104:                                       ; preds = %kp.body105, %tile.mr4
-  %kp107 = phi i64 [ 0, %tile.mr4 ], [ %720, %kp.body105 ]
-  %656 = icmp slt i64 %kp107, 512
-  br i1 %656, label %kp.body105, label %kp.end106
+kp.head106:                                       ; preds = %kp.body107, %tile.mr4
+  %kp109 = phi i64 [ 0, %tile.mr4 ], [ %746, %kp.body107 ]
+  %678 = icmp slt i64 %kp109, 512
+  br i1 %678, label %kp.body107, label %kp.end108
 
-kp.body105:                                       ; preds = %kp.head104
-  %kk108 = mul nsw i64 %kp107, 2
-  %657 = mul nsw i64 %kk108, 32
-  %658 = getelementptr inbounds i16, ptr %655, i64 %657
-  %659 = load <32 x bfloat>, ptr %658, align 4
-  %660 = getelementptr inbounds i32, ptr %644, i64 %kk108
-  %661 = load i32, ptr %660, align 4
-  %662 = load <16 x float>, ptr %acc0096, align 4
-  %663 = insertelement <16 x i32> poison, i32 %661, i32 0
-  %664 = shufflevector <16 x i32> %663, <16 x i32> poison, <16 x i32> zeroinitializer
-  %665 = bitcast <16 x i32> %664 to <32 x bfloat>
-  %666 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %662, <32 x bfloat> %659, <32 x bfloat> %665)
-  store <16 x float> %666, ptr %acc0096, align 4
-  %667 = getelementptr inbounds i32, ptr %647, i64 %kk108
-  %668 = load i32, ptr %667, align 4
-  %669 = load <16 x float>, ptr %acc1097, align 4
-  %670 = insertelement <16 x i32> poison, i32 %668, i32 0
-  %671 = shufflevector <16 x i32> %670, <16 x i32> poison, <16 x i32> zeroinitializer
-  %672 = bitcast <16 x i32> %671 to <32 x bfloat>
-  %673 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %669, <32 x bfloat> %659, <32 x bfloat> %672)
-  store <16 x float> %673, ptr %acc1097, align 4
-  %674 = getelementptr inbounds i32, ptr %650, i64 %kk108
-  %675 = load i32, ptr %674, align 4
-  %676 = load <16 x float>, ptr %acc2098, align 4
-  %677 = insertelement <16 x i32> poison, i32 %675, i32 0
-  %678 = shufflevector <16 x i32> %677, <16 x i32> poison, <16 x i32> zeroinitializer
-  %679 = bitcast <16 x i32> %678 to <32 x bfloat>
-  %680 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %676, <32 x bfloat> %659, <32 x bfloat> %679)
-  store <16 x float> %680, ptr %acc2098, align 4
-  %681 = getelementptr inbounds i32, ptr %653, i64 %kk108
-  %682 = load i32, ptr %681, align 4
-  %683 = load <16 x float>, ptr %acc3099, align 4
-  %684 = insertelement <16 x i32> poison, i32 %682, i32 0
-  %685 = shufflevector <16 x i32> %684, <16 x i32> poison, <16 x i32> zeroinitializer
-  %686 = bitcast <16 x i32> %685 to <32 x bfloat>
-  %687 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %683, <32 x bfloat> %659, <32 x bfloat> %686)
-  store <16 x float> %687, ptr %acc3099, align 4
-  %688 = add nsw i64 %kk108, 1
-  %689 = mul nsw i64 %688, 32
-  %690 = getelementptr inbounds i16, ptr %655, i64 %689
-  %691 = load <32 x bfloat>, ptr %690, align 4
-  %692 = getelementptr inbounds i32, ptr %644, i64 %688
-  %693 = load i32, ptr %692, align 4
-  %694 = load <16 x float>, ptr %acc01100, align 4
-  %695 = insertelement <16 x i32> poison, i32 %693, i32 0
-  %696 = shufflevector <16 x i32> %695, <16 x i32> poison, <16 x i32> zeroinitializer
-  %697 = bitcast <16 x i32> %696 to <32 x bfloat>
-  %698 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %694, <32 x bfloat> %691, <32 x bfloat> %697)
-  store <16 x float> %698, ptr %acc01100, align 4
-  %699 = getelementptr inbounds i32, ptr %647, i64 %688
-  %700 = load i32, ptr %699, align 4
-  %701 = load <16 x float>, ptr %acc11101, align 4
-  %702 = insertelement <16 x i32> poison, i32 %700, i32 0
-  %703 = shufflevector <16 x i32> %702, <16 x i32> poison, <16 x i32> zeroinitializer
-  %704 = bitcast <16 x i32> %703 to <32 x bfloat>
-  %705 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %701, <32 x bfloat> %691, <32 x bfloat> %704)
-  store <16 x float> %705, ptr %acc11101, align 4
-  %706 = getelementptr inbounds i32, ptr %650, i64 %688
-  %707 = load i32, ptr %706, align 4
-  %708 = load <16 x float>, ptr %acc21102, align 4
-  %709 = insertelement <16 x i32> poison, i32 %707, i32 0
-  %710 = shufflevector <16 x i32> %709, <16 x i32> poison, <16 x i32> zeroinitializer
-  %711 = bitcast <16 x i32> %710 to <32 x bfloat>
-  %712 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %708, <32 x bfloat> %691, <32 x bfloat> %711)
-  store <16 x float> %712, ptr %acc21102, align 4
-  %713 = getelementptr inbounds i32, ptr %653, i64 %688
-  %714 = load i32, ptr %713, align 4
-  %715 = load <16 x float>, ptr %acc31103, align 4
-  %716 = insertelement <16 x i32> poison, i32 %714, i32 0
-  %717 = shufflevector <16 x i32> %716, <16 x i32> poison, <16 x i32> zeroinitializer
-  %718 = bitcast <16 x i32> %717 to <32 x bfloat>
-  %719 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %715, <32 x bfloat> %691, <32 x bfloat> %718)
-  store <16 x float> %719, ptr %acc31103, align 4
-  %720 = add nsw i64 %kp107, 1
-  br label %kp.head104
+kp.body107:                                       ; preds = %kp.head106
+  %kk110 = mul nsw i64 %kp109, 2
+  %679 = mul nsw i64 %kk110, 32
+  %680 = getelementptr inbounds i16, ptr %673, i64 %679
+  %681 = load <32 x bfloat>, ptr %680, align 4
+  %682 = mul nsw i64 %kk110, 64
+  %683 = getelementptr inbounds i8, ptr %pf101, i64 %682
+  call void @llvm.prefetch.p0(ptr %683, i32 0, i32 2, i32 1)
+  %684 = getelementptr inbounds i32, ptr %662, i64 %kk110
+  %685 = load i32, ptr %684, align 4
+  %686 = load <16 x float>, ptr %acc0097, align 4
+  %687 = insertelement <16 x i32> poison, i32 %685, i32 0
+  %688 = shufflevector <16 x i32> %687, <16 x i32> poison, <16 x i32> zeroinitializer
+  %689 = bitcast <16 x i32> %688 to <32 x bfloat>
+  %690 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %686, <32 x bfloat> %681, <32 x bfloat> %689)
+  store <16 x float> %690, ptr %acc0097, align 4
+  %691 = getelementptr inbounds i32, ptr %665, i64 %kk110
+  %692 = load i32, ptr %691, align 4
+  %693 = load <16 x float>, ptr %acc1098, align 4
+  %694 = insertelement <16 x i32> poison, i32 %692, i32 0
+  %695 = shufflevector <16 x i32> %694, <16 x i32> poison, <16 x i32> zeroinitializer
+  %696 = bitcast <16 x i32> %695 to <32 x bfloat>
+  %697 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %693, <32 x bfloat> %681, <32 x bfloat> %696)
+  store <16 x float> %697, ptr %acc1098, align 4
+  %698 = getelementptr inbounds i32, ptr %668, i64 %kk110
+  %699 = load i32, ptr %698, align 4
+  %700 = load <16 x float>, ptr %acc2099, align 4
+  %701 = insertelement <16 x i32> poison, i32 %699, i32 0
+  %702 = shufflevector <16 x i32> %701, <16 x i32> poison, <16 x i32> zeroinitializer
+  %703 = bitcast <16 x i32> %702 to <32 x bfloat>
+  %704 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %700, <32 x bfloat> %681, <32 x bfloat> %703)
+  store <16 x float> %704, ptr %acc2099, align 4
+  %705 = getelementptr inbounds i32, ptr %671, i64 %kk110
+  %706 = load i32, ptr %705, align 4
+  %707 = load <16 x float>, ptr %acc30100, align 4
+  %708 = insertelement <16 x i32> poison, i32 %706, i32 0
+  %709 = shufflevector <16 x i32> %708, <16 x i32> poison, <16 x i32> zeroinitializer
+  %710 = bitcast <16 x i32> %709 to <32 x bfloat>
+  %711 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %707, <32 x bfloat> %681, <32 x bfloat> %710)
+  store <16 x float> %711, ptr %acc30100, align 4
+  %712 = add nsw i64 %kk110, 1
+  %713 = mul nsw i64 %712, 32
+  %714 = getelementptr inbounds i16, ptr %673, i64 %713
+  %715 = load <32 x bfloat>, ptr %714, align 4
+  %716 = mul nsw i64 %712, 64
+  %717 = getelementptr inbounds i8, ptr %pf101, i64 %716
+  call void @llvm.prefetch.p0(ptr %717, i32 0, i32 2, i32 1)
+  %718 = getelementptr inbounds i32, ptr %662, i64 %712
+  %719 = load i32, ptr %718, align 4
+  %720 = load <16 x float>, ptr %acc01102, align 4
+  %721 = insertelement <16 x i32> poison, i32 %719, i32 0
+  %722 = shufflevector <16 x i32> %721, <16 x i32> poison, <16 x i32> zeroinitializer
+  %723 = bitcast <16 x i32> %722 to <32 x bfloat>
+  %724 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %720, <32 x bfloat> %715, <32 x bfloat> %723)
+  store <16 x float> %724, ptr %acc01102, align 4
+  %725 = getelementptr inbounds i32, ptr %665, i64 %712
+  %726 = load i32, ptr %725, align 4
+  %727 = load <16 x float>, ptr %acc11103, align 4
+  %728 = insertelement <16 x i32> poison, i32 %726, i32 0
+  %729 = shufflevector <16 x i32> %728, <16 x i32> poison, <16 x i32> zeroinitializer
+  %730 = bitcast <16 x i32> %729 to <32 x bfloat>
+  %731 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %727, <32 x bfloat> %715, <32 x bfloat> %730)
+  store <16 x float> %731, ptr %acc11103, align 4
+  %732 = getelementptr inbounds i32, ptr %668, i64 %712
+  %733 = load i32, ptr %732, align 4
+  %734 = load <16 x float>, ptr %acc21104, align 4
+  %735 = insertelement <16 x i32> poison, i32 %733, i32 0
+  %736 = shufflevector <16 x i32> %735, <16 x i32> poison, <16 x i32> zeroinitializer
+  %737 = bitcast <16 x i32> %736 to <32 x bfloat>
+  %738 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %734, <32 x bfloat> %715, <32 x bfloat> %737)
+  store <16 x float> %738, ptr %acc21104, align 4
+  %739 = getelementptr inbounds i32, ptr %671, i64 %712
+  %740 = load i32, ptr %739, align 4
+  %741 = load <16 x float>, ptr %acc31105, align 4
+  %742 = insertelement <16 x i32> poison, i32 %740, i32 0
+  %743 = shufflevector <16 x i32> %742, <16 x i32> poison, <16 x i32> zeroinitializer
+  %744 = bitcast <16 x i32> %743 to <32 x bfloat>
+  %745 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %741, <32 x bfloat> %715, <32 x bfloat> %744)
+  store <16 x float> %745, ptr %acc31105, align 4
+  %746 = add nsw i64 %kp109, 1
+  br label %kp.head106
 
-kp.end106:                                        ; preds = %kp.head104
-  %721 = load <16 x float>, ptr %acc01100, align 4
-  %722 = load <16 x float>, ptr %acc0096, align 4
-  %sum109 = fadd <16 x float> %722, %721
-  store <16 x float> %sum109, ptr %acc0096, align 4
-  %723 = load <16 x float>, ptr %acc11101, align 4
-  %724 = load <16 x float>, ptr %acc1097, align 4
-  %sum110 = fadd <16 x float> %724, %723
-  store <16 x float> %sum110, ptr %acc1097, align 4
-  %725 = load <16 x float>, ptr %acc21102, align 4
-  %726 = load <16 x float>, ptr %acc2098, align 4
-  %sum111 = fadd <16 x float> %726, %725
-  store <16 x float> %sum111, ptr %acc2098, align 4
-  %727 = load <16 x float>, ptr %acc31103, align 4
-  %728 = load <16 x float>, ptr %acc3099, align 4
-  %sum112 = fadd <16 x float> %728, %727
-  store <16 x float> %sum112, ptr %acc3099, align 4
-  %729 = add nsw i64 %r0, 0
-  %730 = add nsw i64 %chunk, %729
-  %731 = getelementptr inbounds float, ptr %rw, i64 %730
-  %732 = load float, ptr %731, align 4
-  %733 = insertelement <8 x float> poison, float %732, i32 0
-  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
-  %735 = mul nsw i64 %730, 768
-  %736 = getelementptr inbounds float, ptr %h, i64 %735
-  %col113 = mul nsw i64 %p, 8
-  %737 = load <16 x float>, ptr %acc0096, align 4
-  %738 = shufflevector <16 x float> %737, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %739 = load <16 x float>, ptr %acc0096, align 4
-  %740 = shufflevector <16 x float> %739, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %741 = fneg <8 x float> %738
-  %742 = fcmp olt <8 x float> %741, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %743 = select <8 x i1> %742, <8 x float> %741, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %744 = fcmp ogt <8 x float> %743, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %745 = select <8 x i1> %744, <8 x float> %743, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %747 = call <8 x float> @llvm.floor.v8f32(<8 x float> %746)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %745)
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %748)
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %749, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %749, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> %749, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %752, <8 x float> %749, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %749, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %755 = fmul <8 x float> %749, %749
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> %755, <8 x float> %749)
-  %757 = fadd <8 x float> %756, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %758 = fptosi <8 x float> %747 to <8 x i32>
-  %759 = add <8 x i32> %758, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %760 = shl <8 x i32> %759, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n114 = bitcast <8 x i32> %760 to <8 x float>
-  %exp115 = fmul <8 x float> %757, %exp.2n114
-  %761 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %761
-  %silu117 = fmul <8 x float> %738, %sigmoid116
-  %glu118 = fmul <8 x float> %silu117, %740
-  %762 = fmul <8 x float> %glu118, %734
-  %763 = getelementptr inbounds i16, ptr %736, i64 %col113
-  %hb119 = fptrunc <8 x float> %762 to <8 x bfloat>
-  store <8 x bfloat> %hb119, ptr %763, align 4
-  %764 = add nsw i64 %r0, 1
-  %765 = add nsw i64 %chunk, %764
-  %766 = getelementptr inbounds float, ptr %rw, i64 %765
-  %767 = load float, ptr %766, align 4
-  %768 = insertelement <8 x float> poison, float %767, i32 0
-  %769 = shufflevector <8 x float> %768, <8 x float> poison, <8 x i32> zeroinitializer
-  %770 = mul nsw i64 %765, 768
-  %771 = getelementptr inbounds float, ptr %h, i64 %770
-  %col120 = mul nsw i64 %p, 8
-  %772 = load <16 x float>, ptr %acc1097, align 4
-  %773 = shufflevector <16 x float> %772, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %774 = load <16 x float>, ptr %acc1097, align 4
-  %775 = shufflevector <16 x float> %774, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %776 = fneg <8 x float> %773
-  %777 = fcmp olt <8 x float> %776, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %779 = fcmp ogt <8 x float> %778, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %780 = select <8 x i1> %779, <8 x float> %778, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %782 = call <8 x float> @llvm.floor.v8f32(<8 x float> %781)
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %780)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %782, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %783)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %784, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %784, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %784, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %784, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %784, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %790 = fmul <8 x float> %784, %784
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %790, <8 x float> %784)
-  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %793 = fptosi <8 x float> %782 to <8 x i32>
-  %794 = add <8 x i32> %793, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %795 = shl <8 x i32> %794, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n121 = bitcast <8 x i32> %795 to <8 x float>
-  %exp122 = fmul <8 x float> %792, %exp.2n121
-  %796 = fadd <8 x float> %exp122, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid123 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %796
-  %silu124 = fmul <8 x float> %773, %sigmoid123
-  %glu125 = fmul <8 x float> %silu124, %775
-  %797 = fmul <8 x float> %glu125, %769
-  %798 = getelementptr inbounds i16, ptr %771, i64 %col120
-  %hb126 = fptrunc <8 x float> %797 to <8 x bfloat>
-  store <8 x bfloat> %hb126, ptr %798, align 4
-  %799 = add nsw i64 %r0, 2
-  %800 = add nsw i64 %chunk, %799
-  %801 = getelementptr inbounds float, ptr %rw, i64 %800
-  %802 = load float, ptr %801, align 4
-  %803 = insertelement <8 x float> poison, float %802, i32 0
-  %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
-  %805 = mul nsw i64 %800, 768
-  %806 = getelementptr inbounds float, ptr %h, i64 %805
-  %col127 = mul nsw i64 %p, 8
-  %807 = load <16 x float>, ptr %acc2098, align 4
-  %808 = shufflevector <16 x float> %807, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %809 = load <16 x float>, ptr %acc2098, align 4
-  %810 = shufflevector <16 x float> %809, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %811 = fneg <8 x float> %808
-  %812 = fcmp olt <8 x float> %811, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %813 = select <8 x i1> %812, <8 x float> %811, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %814 = fcmp ogt <8 x float> %813, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %815 = select <8 x i1> %814, <8 x float> %813, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %817 = call <8 x float> @llvm.floor.v8f32(<8 x float> %816)
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %815)
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %818)
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %819, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %819, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %819, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %819, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %819, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %825 = fmul <8 x float> %819, %819
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %825, <8 x float> %819)
-  %827 = fadd <8 x float> %826, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %828 = fptosi <8 x float> %817 to <8 x i32>
-  %829 = add <8 x i32> %828, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %830 = shl <8 x i32> %829, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n128 = bitcast <8 x i32> %830 to <8 x float>
-  %exp129 = fmul <8 x float> %827, %exp.2n128
-  %831 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %831
-  %silu131 = fmul <8 x float> %808, %sigmoid130
-  %glu132 = fmul <8 x float> %silu131, %810
-  %832 = fmul <8 x float> %glu132, %804
-  %833 = getelementptr inbounds i16, ptr %806, i64 %col127
-  %hb133 = fptrunc <8 x float> %832 to <8 x bfloat>
-  store <8 x bfloat> %hb133, ptr %833, align 4
-  %834 = add nsw i64 %r0, 3
-  %835 = add nsw i64 %chunk, %834
-  %836 = getelementptr inbounds float, ptr %rw, i64 %835
-  %837 = load float, ptr %836, align 4
-  %838 = insertelement <8 x float> poison, float %837, i32 0
-  %839 = shufflevector <8 x float> %838, <8 x float> poison, <8 x i32> zeroinitializer
-  %840 = mul nsw i64 %835, 768
-  %841 = getelementptr inbounds float, ptr %h, i64 %840
-  %col134 = mul nsw i64 %p, 8
-  %842 = load <16 x float>, ptr %acc3099, align 4
-  %843 = shufflevector <16 x float> %842, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %844 = load <16 x float>, ptr %acc3099, align 4
-  %845 = shufflevector <16 x float> %844, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %846 = fneg <8 x float> %843
-  %847 = fcmp olt <8 x float> %846, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %848 = select <8 x i1> %847, <8 x float> %846, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %849 = fcmp ogt <8 x float> %848, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %850 = select <8 x i1> %849, <8 x float> %848, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %852 = call <8 x float> @llvm.floor.v8f32(<8 x float> %851)
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %850)
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %853)
-  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %854, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %854, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %854, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %854, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %858, <8 x float> %854, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %860 = fmul <8 x float> %854, %854
-  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> %860, <8 x float> %854)
-  %862 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %863 = fptosi <8 x float> %852 to <8 x i32>
-  %864 = add <8 x i32> %863, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %865 = shl <8 x i32> %864, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n135 = bitcast <8 x i32> %865 to <8 x float>
-  %exp136 = fmul <8 x float> %862, %exp.2n135
-  %866 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %866
-  %silu138 = fmul <8 x float> %843, %sigmoid137
-  %glu139 = fmul <8 x float> %silu138, %845
-  %867 = fmul <8 x float> %glu139, %839
-  %868 = getelementptr inbounds i16, ptr %841, i64 %col134
-  %hb140 = fptrunc <8 x float> %867 to <8 x bfloat>
-  store <8 x bfloat> %hb140, ptr %868, align 4
+kp.end108:                                        ; preds = %kp.head106
+  %747 = load <16 x float>, ptr %acc01102, align 4
+  %748 = load <16 x float>, ptr %acc0097, align 4
+  %sum111 = fadd <16 x float> %748, %747
+  store <16 x float> %sum111, ptr %acc0097, align 4
+  %749 = load <16 x float>, ptr %acc11103, align 4
+  %750 = load <16 x float>, ptr %acc1098, align 4
+  %sum112 = fadd <16 x float> %750, %749
+  store <16 x float> %sum112, ptr %acc1098, align 4
+  %751 = load <16 x float>, ptr %acc21104, align 4
+  %752 = load <16 x float>, ptr %acc2099, align 4
+  %sum113 = fadd <16 x float> %752, %751
+  store <16 x float> %sum113, ptr %acc2099, align 4
+  %753 = load <16 x float>, ptr %acc31105, align 4
+  %754 = load <16 x float>, ptr %acc30100, align 4
+  %sum114 = fadd <16 x float> %754, %753
+  store <16 x float> %sum114, ptr %acc30100, align 4
+  %755 = add nsw i64 %r0, 0
+  %756 = add nsw i64 %chunk, %755
+  %757 = getelementptr inbounds float, ptr %rw, i64 %756
+  %758 = load float, ptr %757, align 4
+  %759 = insertelement <8 x float> poison, float %758, i32 0
+  %760 = shufflevector <8 x float> %759, <8 x float> poison, <8 x i32> zeroinitializer
+  %761 = mul nsw i64 %756, 768
+  %762 = getelementptr inbounds float, ptr %h, i64 %761
+  %col115 = mul nsw i64 %p, 8
+  %763 = load <16 x float>, ptr %acc0097, align 4
+  %764 = shufflevector <16 x float> %763, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %765 = load <16 x float>, ptr %acc0097, align 4
+  %766 = shufflevector <16 x float> %765, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %767 = fneg <8 x float> %764
+  %768 = fcmp olt <8 x float> %767, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %769 = select <8 x i1> %768, <8 x float> %767, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %770 = fcmp ogt <8 x float> %769, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %771 = select <8 x i1> %770, <8 x float> %769, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %773 = call <8 x float> @llvm.floor.v8f32(<8 x float> %772)
+  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %771)
+  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %774)
+  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %775, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %775, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %777, <8 x float> %775, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %778, <8 x float> %775, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %775, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %781 = fmul <8 x float> %775, %775
+  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %781, <8 x float> %775)
+  %783 = fadd <8 x float> %782, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %784 = fptosi <8 x float> %773 to <8 x i32>
+  %785 = add <8 x i32> %784, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %786 = shl <8 x i32> %785, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n116 = bitcast <8 x i32> %786 to <8 x float>
+  %exp117 = fmul <8 x float> %783, %exp.2n116
+  %787 = fadd <8 x float> %exp117, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid118 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %787
+  %silu119 = fmul <8 x float> %764, %sigmoid118
+  %glu120 = fmul <8 x float> %silu119, %766
+  %788 = fmul <8 x float> %glu120, %760
+  %789 = getelementptr inbounds i16, ptr %762, i64 %col115
+  %hb121 = fptrunc <8 x float> %788 to <8 x bfloat>
+  store <8 x bfloat> %hb121, ptr %789, align 4
+  %790 = add nsw i64 %r0, 1
+  %791 = add nsw i64 %chunk, %790
+  %792 = getelementptr inbounds float, ptr %rw, i64 %791
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = mul nsw i64 %791, 768
+  %797 = getelementptr inbounds float, ptr %h, i64 %796
+  %col122 = mul nsw i64 %p, 8
+  %798 = load <16 x float>, ptr %acc1098, align 4
+  %799 = shufflevector <16 x float> %798, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %800 = load <16 x float>, ptr %acc1098, align 4
+  %801 = shufflevector <16 x float> %800, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %802 = fneg <8 x float> %799
+  %803 = fcmp olt <8 x float> %802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %804 = select <8 x i1> %803, <8 x float> %802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %805 = fcmp ogt <8 x float> %804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %806 = select <8 x i1> %805, <8 x float> %804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %807)
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %806)
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %809)
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %816 = fmul <8 x float> %810, %810
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %816, <8 x float> %810)
+  %818 = fadd <8 x float> %817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %819 = fptosi <8 x float> %808 to <8 x i32>
+  %820 = add <8 x i32> %819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %821 = shl <8 x i32> %820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n123 = bitcast <8 x i32> %821 to <8 x float>
+  %exp124 = fmul <8 x float> %818, %exp.2n123
+  %822 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %822
+  %silu126 = fmul <8 x float> %799, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %801
+  %823 = fmul <8 x float> %glu127, %795
+  %824 = getelementptr inbounds i16, ptr %797, i64 %col122
+  %hb128 = fptrunc <8 x float> %823 to <8 x bfloat>
+  store <8 x bfloat> %hb128, ptr %824, align 4
+  %825 = add nsw i64 %r0, 2
+  %826 = add nsw i64 %chunk, %825
+  %827 = getelementptr inbounds float, ptr %rw, i64 %826
+  %828 = load float, ptr %827, align 4
+  %829 = insertelement <8 x float> poison, float %828, i32 0
+  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
+  %831 = mul nsw i64 %826, 768
+  %832 = getelementptr inbounds float, ptr %h, i64 %831
+  %col129 = mul nsw i64 %p, 8
+  %833 = load <16 x float>, ptr %acc2099, align 4
+  %834 = shufflevector <16 x float> %833, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %835 = load <16 x float>, ptr %acc2099, align 4
+  %836 = shufflevector <16 x float> %835, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %837 = fneg <8 x float> %834
+  %838 = fcmp olt <8 x float> %837, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %839 = select <8 x i1> %838, <8 x float> %837, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %840 = fcmp ogt <8 x float> %839, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %841 = select <8 x i1> %840, <8 x float> %839, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %843 = call <8 x float> @llvm.floor.v8f32(<8 x float> %842)
+  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %841)
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %844)
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %845, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %845, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> %845, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %845, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %845, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %851 = fmul <8 x float> %845, %845
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %851, <8 x float> %845)
+  %853 = fadd <8 x float> %852, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %854 = fptosi <8 x float> %843 to <8 x i32>
+  %855 = add <8 x i32> %854, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %856 = shl <8 x i32> %855, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n130 = bitcast <8 x i32> %856 to <8 x float>
+  %exp131 = fmul <8 x float> %853, %exp.2n130
+  %857 = fadd <8 x float> %exp131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid132 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %857
+  %silu133 = fmul <8 x float> %834, %sigmoid132
+  %glu134 = fmul <8 x float> %silu133, %836
+  %858 = fmul <8 x float> %glu134, %830
+  %859 = getelementptr inbounds i16, ptr %832, i64 %col129
+  %hb135 = fptrunc <8 x float> %858 to <8 x bfloat>
+  store <8 x bfloat> %hb135, ptr %859, align 4
+  %860 = add nsw i64 %r0, 3
+  %861 = add nsw i64 %chunk, %860
+  %862 = getelementptr inbounds float, ptr %rw, i64 %861
+  %863 = load float, ptr %862, align 4
+  %864 = insertelement <8 x float> poison, float %863, i32 0
+  %865 = shufflevector <8 x float> %864, <8 x float> poison, <8 x i32> zeroinitializer
+  %866 = mul nsw i64 %861, 768
+  %867 = getelementptr inbounds float, ptr %h, i64 %866
+  %col136 = mul nsw i64 %p, 8
+  %868 = load <16 x float>, ptr %acc30100, align 4
+  %869 = shufflevector <16 x float> %868, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %870 = load <16 x float>, ptr %acc30100, align 4
+  %871 = shufflevector <16 x float> %870, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %872 = fneg <8 x float> %869
+  %873 = fcmp olt <8 x float> %872, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %875 = fcmp ogt <8 x float> %874, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %878 = call <8 x float> @llvm.floor.v8f32(<8 x float> %877)
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %876)
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %879)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %880, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %880, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %880, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %880, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %880, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %886 = fmul <8 x float> %880, %880
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %886, <8 x float> %880)
+  %888 = fadd <8 x float> %887, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %889 = fptosi <8 x float> %878 to <8 x i32>
+  %890 = add <8 x i32> %889, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %891 = shl <8 x i32> %890, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %891 to <8 x float>
+  %exp138 = fmul <8 x float> %888, %exp.2n137
+  %892 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %892
+  %silu140 = fmul <8 x float> %869, %sigmoid139
+  %glu141 = fmul <8 x float> %silu140, %871
+  %893 = fmul <8 x float> %glu141, %865
+  %894 = getelementptr inbounds i16, ptr %867, i64 %col136
+  %hb142 = fptrunc <8 x float> %893 to <8 x bfloat>
+  store <8 x bfloat> %hb142, ptr %894, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %869 = add nsw i64 %r0, 0
-  %870 = mul nsw i64 %869, 2048
-  %871 = getelementptr inbounds i16, ptr %xb, i64 %870
-  store <16 x float> zeroinitializer, ptr %acc00141, align 4
-  %872 = add nsw i64 %r0, 1
-  %873 = mul nsw i64 %872, 2048
-  %874 = getelementptr inbounds i16, ptr %xb, i64 %873
-  store <16 x float> zeroinitializer, ptr %acc10142, align 4
-  %875 = add nsw i64 %r0, 2
-  %876 = mul nsw i64 %875, 2048
-  %877 = getelementptr inbounds i16, ptr %xb, i64 %876
-  store <16 x float> zeroinitializer, ptr %acc20143, align 4
-  %878 = mul nsw i64 %p, 32768
-  %879 = getelementptr inbounds i16, ptr %panels, i64 %878
-  store <16 x float> zeroinitializer, ptr %acc01144, align 4
-  store <16 x float> zeroinitializer, ptr %acc11145, align 4
-  store <16 x float> zeroinitializer, ptr %acc21146, align 4
-  br label %kp.head147
+  %895 = add nsw i64 %r0, 0
+  %896 = mul nsw i64 %895, 2048
+  %897 = getelementptr inbounds i16, ptr %xb, i64 %896
+  store <16 x float> zeroinitializer, ptr %acc00143, align 4
+  %898 = add nsw i64 %r0, 1
+  %899 = mul nsw i64 %898, 2048
+  %900 = getelementptr inbounds i16, ptr %xb, i64 %899
+  store <16 x float> zeroinitializer, ptr %acc10144, align 4
+  %901 = add nsw i64 %r0, 2
+  %902 = mul nsw i64 %901, 2048
+  %903 = getelementptr inbounds i16, ptr %xb, i64 %902
+  store <16 x float> zeroinitializer, ptr %acc20145, align 4
+  %904 = mul nsw i64 %p, 32768
+  %905 = getelementptr inbounds i16, ptr %panels, i64 %904
+  %906 = add nsw i64 %p, 1
+  %907 = icmp slt i64 %906, %p1
+  %908 = getelementptr inbounds i8, ptr %905, i64 65536
+  %909 = and i1 %pf.on, %907
+  %pf146 = select i1 %909, ptr %908, ptr %905
+  store <16 x float> zeroinitializer, ptr %acc01147, align 4
+  store <16 x float> zeroinitializer, ptr %acc11148, align 4
+  store <16 x float> zeroinitializer, ptr %acc21149, align 4
+  br label %kp.head150
 
-kp.head147:                                       ; preds = %kp.body148, %tile.mr3
-  %kp150 = phi i64 [ 0, %tile.mr3 ], [ %930, %kp.body148 ]
-  %880 = icmp slt i64 %kp150, 512
-  br i1 %880, label %kp.body148, label %kp.end149
+kp.head150:                                       ; preds = %kp.body151, %tile.mr3
+  %kp153 = phi i64 [ 0, %tile.mr3 ], [ %964, %kp.body151 ]
+  %910 = icmp slt i64 %kp153, 512
+  br i1 %910, label %kp.body151, label %kp.end152
 
-kp.body148:                                       ; preds = %kp.head147
-  %kk151 = mul nsw i64 %kp150, 2
-  %881 = mul nsw i64 %kk151, 32
-  %882 = getelementptr inbounds i16, ptr %879, i64 %881
-  %883 = load <32 x bfloat>, ptr %882, align 4
-  %884 = getelementptr inbounds i32, ptr %871, i64 %kk151
-  %885 = load i32, ptr %884, align 4
-  %886 = load <16 x float>, ptr %acc00141, align 4
-  %887 = insertelement <16 x i32> poison, i32 %885, i32 0
-  %888 = shufflevector <16 x i32> %887, <16 x i32> poison, <16 x i32> zeroinitializer
-  %889 = bitcast <16 x i32> %888 to <32 x bfloat>
-  %890 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %886, <32 x bfloat> %883, <32 x bfloat> %889)
-  store <16 x float> %890, ptr %acc00141, align 4
-  %891 = getelementptr inbounds i32, ptr %874, i64 %kk151
-  %892 = load i32, ptr %891, align 4
-  %893 = load <16 x float>, ptr %acc10142, align 4
-  %894 = insertelement <16 x i32> poison, i32 %892, i32 0
-  %895 = shufflevector <16 x i32> %894, <16 x i32> poison, <16 x i32> zeroinitializer
-  %896 = bitcast <16 x i32> %895 to <32 x bfloat>
-  %897 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %893, <32 x bfloat> %883, <32 x bfloat> %896)
-  store <16 x float> %897, ptr %acc10142, align 4
-  %898 = getelementptr inbounds i32, ptr %877, i64 %kk151
-  %899 = load i32, ptr %898, align 4
-  %900 = load <16 x float>, ptr %acc20143, align 4
-  %901 = insertelement <16 x i32> poison, i32 %899, i32 0
-  %902 = shufflevector <16 x i32> %901, <16 x i32> poison, <16 x i32> zeroinitializer
-  %903 = bitcast <16 x i32> %902 to <32 x bfloat>
-  %904 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %900, <32 x bfloat> %883, <32 x bfloat> %903)
-  store <16 x float> %904, ptr %acc20143, align 4
-  %905 = add nsw i64 %kk151, 1
-  %906 = mul nsw i64 %905, 32
-  %907 = getelementptr inbounds i16, ptr %879, i64 %906
-  %908 = load <32 x bfloat>, ptr %907, align 4
-  %909 = getelementptr inbounds i32, ptr %871, i64 %905
-  %910 = load i32, ptr %909, align 4
-  %911 = load <16 x float>, ptr %acc01144, align 4
-  %912 = insertelement <16 x i32> poison, i32 %910, i32 0
-  %913 = shufflevector <16 x i32> %912, <16 x i32> poison, <16 x i32> zeroinitializer
-  %914 = bitcast <16 x i32> %913 to <32 x bfloat>
-  %915 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %911, <32 x bfloat> %908, <32 x bfloat> %914)
-  store <16 x float> %915, ptr %acc01144, align 4
-  %916 = getelementptr inbounds i32, ptr %874, i64 %905
+kp.body151:                                       ; preds = %kp.head150
+  %kk154 = mul nsw i64 %kp153, 2
+  %911 = mul nsw i64 %kk154, 32
+  %912 = getelementptr inbounds i16, ptr %905, i64 %911
+  %913 = load <32 x bfloat>, ptr %912, align 4
+  %914 = mul nsw i64 %kk154, 64
+  %915 = getelementptr inbounds i8, ptr %pf146, i64 %914
+  call void @llvm.prefetch.p0(ptr %915, i32 0, i32 2, i32 1)
+  %916 = getelementptr inbounds i32, ptr %897, i64 %kk154
   %917 = load i32, ptr %916, align 4
-  %918 = load <16 x float>, ptr %acc11145, align 4
+  %918 = load <16 x float>, ptr %acc00143, align 4
   %919 = insertelement <16 x i32> poison, i32 %917, i32 0
   %920 = shufflevector <16 x i32> %919, <16 x i32> poison, <16 x i32> zeroinitializer
   %921 = bitcast <16 x i32> %920 to <32 x bfloat>
-  %922 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %918, <32 x bfloat> %908, <32 x bfloat> %921)
-  store <16 x float> %922, ptr %acc11145, align 4
-  %923 = getelementptr inbounds i32, ptr %877, i64 %905
+  %922 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %918, <32 x bfloat> %913, <32 x bfloat> %921)
+  store <16 x float> %922, ptr %acc00143, align 4
+  %923 = getelementptr inbounds i32, ptr %900, i64 %kk154
   %924 = load i32, ptr %923, align 4
-  %925 = load <16 x float>, ptr %acc21146, align 4
+  %925 = load <16 x float>, ptr %acc10144, align 4
   %926 = insertelement <16 x i32> poison, i32 %924, i32 0
   %927 = shufflevector <16 x i32> %926, <16 x i32> poison, <16 x i32> zeroinitializer
   %928 = bitcast <16 x i32> %927 to <32 x bfloat>
-  %929 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %925, <32 x bfloat> %908, <32 x bfloat> %928)
-  store <16 x float> %929, ptr %acc21146, align 4
-  %930 = add nsw i64 %kp150, 1
-  br label %kp.head147
+  %929 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %925, <32 x bfloat> %913, <32 x bfloat> %928)
+  store <16 x float> %929, ptr %acc10144, align 4
+  %930 = getelementptr inbounds i32, ptr %903, i64 %kk154
+  %931 = load i32, ptr %930, align 4
+  %932 = load <16 x float>, ptr %acc20145, align 4
+  %933 = insertelement <16 x i32> poison, i32 %931, i32 0
+  %934 = shufflevector <16 x i32> %933, <16 x i32> poison, <16 x i32> zeroinitializer
+  %935 = bitcast <16 x i32> %934 to <32 x bfloat>
+  %936 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %932, <32 x bfloat> %913, <32 x bfloat> %935)
+  store <16 x float> %936, ptr %acc20145, align 4
+  %937 = add nsw i64 %kk154, 1
+  %938 = mul nsw i64 %937, 32
+  %939 = getelementptr inbounds i16, ptr %905, i64 %938
+  %940 = load <32 x bfloat>, ptr %939, align 4
+  %941 = mul nsw i64 %937, 64
+  %942 = getelementptr inbounds i8, ptr %pf146, i64 %941
+  call void @llvm.prefetch.p0(ptr %942, i32 0, i32 2, i32 1)
+  %943 = getelementptr inbounds i32, ptr %897, i64 %937
+  %944 = load i32, ptr %943, align 4
+  %945 = load <16 x float>, ptr %acc01147, align 4
+  %946 = insertelement <16 x i32> poison, i32 %944, i32 0
+  %947 = shufflevector <16 x i32> %946, <16 x i32> poison, <16 x i32> zeroinitializer
+  %948 = bitcast <16 x i32> %947 to <32 x bfloat>
+  %949 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %945, <32 x bfloat> %940, <32 x bfloat> %948)
+  store <16 x float> %949, ptr %acc01147, align 4
+  %950 = getelementptr inbounds i32, ptr %900, i64 %937
+  %951 = load i32, ptr %950, align 4
+  %952 = load <16 x float>, ptr %acc11148, align 4
+  %953 = insertelement <16 x i32> poison, i32 %951, i32 0
+  %954 = shufflevector <16 x i32> %953, <16 x i32> poison, <16 x i32> zeroinitializer
+  %955 = bitcast <16 x i32> %954 to <32 x bfloat>
+  %956 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %952, <32 x bfloat> %940, <32 x bfloat> %955)
+  store <16 x float> %956, ptr %acc11148, align 4
+  %957 = getelementptr inbounds i32, ptr %903, i64 %937
+  %958 = load i32, ptr %957, align 4
+  %959 = load <16 x float>, ptr %acc21149, align 4
+  %960 = insertelement <16 x i32> poison, i32 %958, i32 0
+  %961 = shufflevector <16 x i32> %960, <16 x i32> poison, <16 x i32> zeroinitializer
+  %962 = bitcast <16 x i32> %961 to <32 x bfloat>
+  %963 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %959, <32 x bfloat> %940, <32 x bfloat> %962)
+  store <16 x float> %963, ptr %acc21149, align 4
+  %964 = add nsw i64 %kp153, 1
+  br label %kp.head150
 
-kp.end149:                                        ; preds = %kp.head147
-  %931 = load <16 x float>, ptr %acc01144, align 4
-  %932 = load <16 x float>, ptr %acc00141, align 4
-  %sum152 = fadd <16 x float> %932, %931
-  store <16 x float> %sum152, ptr %acc00141, align 4
-  %933 = load <16 x float>, ptr %acc11145, align 4
-  %934 = load <16 x float>, ptr %acc10142, align 4
-  %sum153 = fadd <16 x float> %934, %933
-  store <16 x float> %sum153, ptr %acc10142, align 4
-  %935 = load <16 x float>, ptr %acc21146, align 4
-  %936 = load <16 x float>, ptr %acc20143, align 4
-  %sum154 = fadd <16 x float> %936, %935
-  store <16 x float> %sum154, ptr %acc20143, align 4
-  %937 = add nsw i64 %r0, 0
-  %938 = add nsw i64 %chunk, %937
-  %939 = getelementptr inbounds float, ptr %rw, i64 %938
-  %940 = load float, ptr %939, align 4
-  %941 = insertelement <8 x float> poison, float %940, i32 0
-  %942 = shufflevector <8 x float> %941, <8 x float> poison, <8 x i32> zeroinitializer
-  %943 = mul nsw i64 %938, 768
-  %944 = getelementptr inbounds float, ptr %h, i64 %943
-  %col155 = mul nsw i64 %p, 8
-  %945 = load <16 x float>, ptr %acc00141, align 4
-  %946 = shufflevector <16 x float> %945, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %947 = load <16 x float>, ptr %acc00141, align 4
-  %948 = shufflevector <16 x float> %947, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %949 = fneg <8 x float> %946
-  %950 = fcmp olt <8 x float> %949, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %951 = select <8 x i1> %950, <8 x float> %949, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %952 = fcmp ogt <8 x float> %951, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %953 = select <8 x i1> %952, <8 x float> %951, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %955 = call <8 x float> @llvm.floor.v8f32(<8 x float> %954)
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %953)
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %956)
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %957, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %957, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %957, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %957, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %963 = fmul <8 x float> %957, %957
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %963, <8 x float> %957)
-  %965 = fadd <8 x float> %964, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %966 = fptosi <8 x float> %955 to <8 x i32>
-  %967 = add <8 x i32> %966, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %968 = shl <8 x i32> %967, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n156 = bitcast <8 x i32> %968 to <8 x float>
-  %exp157 = fmul <8 x float> %965, %exp.2n156
-  %969 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %969
-  %silu159 = fmul <8 x float> %946, %sigmoid158
-  %glu160 = fmul <8 x float> %silu159, %948
-  %970 = fmul <8 x float> %glu160, %942
-  %971 = getelementptr inbounds i16, ptr %944, i64 %col155
-  %hb161 = fptrunc <8 x float> %970 to <8 x bfloat>
-  store <8 x bfloat> %hb161, ptr %971, align 4
-  %972 = add nsw i64 %r0, 1
-  %973 = add nsw i64 %chunk, %972
-  %974 = getelementptr inbounds float, ptr %rw, i64 %973
-  %975 = load float, ptr %974, align 4
-  %976 = insertelement <8 x float> poison, float %975, i32 0
-  %977 = shufflevector <8 x float> %976, <8 x float> poison, <8 x i32> zeroinitializer
-  %978 = mul nsw i64 %973, 768
-  %979 = getelementptr inbounds float, ptr %h, i64 %978
-  %col162 = mul nsw i64 %p, 8
-  %980 = load <16 x float>, ptr %acc10142, align 4
-  %981 = shufflevector <16 x float> %980, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %982 = load <16 x float>, ptr %acc10142, align 4
-  %983 = shufflevector <16 x float> %982, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %984 = fneg <8 x float> %981
-  %985 = fcmp olt <8 x float> %984, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %986 = select <8 x i1> %985, <8 x float> %984, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %987 = fcmp ogt <8 x float> %986, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %988 = select <8 x i1> %987, <8 x float> %986, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %990 = call <8 x float> @llvm.floor.v8f32(<8 x float> %989)
-  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %988)
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %991)
-  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %992, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %992, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %992, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %992, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %992, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %998 = fmul <8 x float> %992, %992
-  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %998, <8 x float> %992)
-  %1000 = fadd <8 x float> %999, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1001 = fptosi <8 x float> %990 to <8 x i32>
-  %1002 = add <8 x i32> %1001, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1003 = shl <8 x i32> %1002, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n163 = bitcast <8 x i32> %1003 to <8 x float>
-  %exp164 = fmul <8 x float> %1000, %exp.2n163
-  %1004 = fadd <8 x float> %exp164, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid165 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1004
-  %silu166 = fmul <8 x float> %981, %sigmoid165
-  %glu167 = fmul <8 x float> %silu166, %983
-  %1005 = fmul <8 x float> %glu167, %977
-  %1006 = getelementptr inbounds i16, ptr %979, i64 %col162
-  %hb168 = fptrunc <8 x float> %1005 to <8 x bfloat>
-  store <8 x bfloat> %hb168, ptr %1006, align 4
-  %1007 = add nsw i64 %r0, 2
-  %1008 = add nsw i64 %chunk, %1007
-  %1009 = getelementptr inbounds float, ptr %rw, i64 %1008
-  %1010 = load float, ptr %1009, align 4
-  %1011 = insertelement <8 x float> poison, float %1010, i32 0
-  %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
-  %1013 = mul nsw i64 %1008, 768
-  %1014 = getelementptr inbounds float, ptr %h, i64 %1013
-  %col169 = mul nsw i64 %p, 8
-  %1015 = load <16 x float>, ptr %acc20143, align 4
-  %1016 = shufflevector <16 x float> %1015, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1017 = load <16 x float>, ptr %acc20143, align 4
-  %1018 = shufflevector <16 x float> %1017, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1019 = fneg <8 x float> %1016
-  %1020 = fcmp olt <8 x float> %1019, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1021 = select <8 x i1> %1020, <8 x float> %1019, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1022 = fcmp ogt <8 x float> %1021, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1023 = select <8 x i1> %1022, <8 x float> %1021, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1025 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1024)
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1023)
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1026)
-  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1027, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1027, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1027, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1030, <8 x float> %1027, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1031, <8 x float> %1027, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1033 = fmul <8 x float> %1027, %1027
-  %1034 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1032, <8 x float> %1033, <8 x float> %1027)
-  %1035 = fadd <8 x float> %1034, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1036 = fptosi <8 x float> %1025 to <8 x i32>
-  %1037 = add <8 x i32> %1036, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1038 = shl <8 x i32> %1037, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n170 = bitcast <8 x i32> %1038 to <8 x float>
-  %exp171 = fmul <8 x float> %1035, %exp.2n170
-  %1039 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1039
-  %silu173 = fmul <8 x float> %1016, %sigmoid172
-  %glu174 = fmul <8 x float> %silu173, %1018
-  %1040 = fmul <8 x float> %glu174, %1012
-  %1041 = getelementptr inbounds i16, ptr %1014, i64 %col169
-  %hb175 = fptrunc <8 x float> %1040 to <8 x bfloat>
-  store <8 x bfloat> %hb175, ptr %1041, align 4
+kp.end152:                                        ; preds = %kp.head150
+  %965 = load <16 x float>, ptr %acc01147, align 4
+  %966 = load <16 x float>, ptr %acc00143, align 4
+  %sum155 = fadd <16 x float> %966, %965
+  store <16 x float> %sum155, ptr %acc00143, align 4
+  %967 = load <16 x float>, ptr %acc11148, align 4
+  %968 = load <16 x float>, ptr %acc10144, align 4
+  %sum156 = fadd <16 x float> %968, %967
+  store <16 x float> %sum156, ptr %acc10144, align 4
+  %969 = load <16 x float>, ptr %acc21149, align 4
+  %970 = load <16 x float>, ptr %acc20145, align 4
+  %sum157 = fadd <16 x float> %970, %969
+  store <16 x float> %sum157, ptr %acc20145, align 4
+  %971 = add nsw i64 %r0, 0
+  %972 = add nsw i64 %chunk, %971
+  %973 = getelementptr inbounds float, ptr %rw, i64 %972
+  %974 = load float, ptr %973, align 4
+  %975 = insertelement <8 x float> poison, float %974, i32 0
+  %976 = shufflevector <8 x float> %975, <8 x float> poison, <8 x i32> zeroinitializer
+  %977 = mul nsw i64 %972, 768
+  %978 = getelementptr inbounds float, ptr %h, i64 %977
+  %col158 = mul nsw i64 %p, 8
+  %979 = load <16 x float>, ptr %acc00143, align 4
+  %980 = shufflevector <16 x float> %979, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %981 = load <16 x float>, ptr %acc00143, align 4
+  %982 = shufflevector <16 x float> %981, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %983 = fneg <8 x float> %980
+  %984 = fcmp olt <8 x float> %983, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %985 = select <8 x i1> %984, <8 x float> %983, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %986 = fcmp ogt <8 x float> %985, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %987 = select <8 x i1> %986, <8 x float> %985, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %987, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %989 = call <8 x float> @llvm.floor.v8f32(<8 x float> %988)
+  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %987)
+  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %990)
+  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %991, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %991, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %991, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %991, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %991, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %997 = fmul <8 x float> %991, %991
+  %998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %997, <8 x float> %991)
+  %999 = fadd <8 x float> %998, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1000 = fptosi <8 x float> %989 to <8 x i32>
+  %1001 = add <8 x i32> %1000, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1002 = shl <8 x i32> %1001, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n159 = bitcast <8 x i32> %1002 to <8 x float>
+  %exp160 = fmul <8 x float> %999, %exp.2n159
+  %1003 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1003
+  %silu162 = fmul <8 x float> %980, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %982
+  %1004 = fmul <8 x float> %glu163, %976
+  %1005 = getelementptr inbounds i16, ptr %978, i64 %col158
+  %hb164 = fptrunc <8 x float> %1004 to <8 x bfloat>
+  store <8 x bfloat> %hb164, ptr %1005, align 4
+  %1006 = add nsw i64 %r0, 1
+  %1007 = add nsw i64 %chunk, %1006
+  %1008 = getelementptr inbounds float, ptr %rw, i64 %1007
+  %1009 = load float, ptr %1008, align 4
+  %1010 = insertelement <8 x float> poison, float %1009, i32 0
+  %1011 = shufflevector <8 x float> %1010, <8 x float> poison, <8 x i32> zeroinitializer
+  %1012 = mul nsw i64 %1007, 768
+  %1013 = getelementptr inbounds float, ptr %h, i64 %1012
+  %col165 = mul nsw i64 %p, 8
+  %1014 = load <16 x float>, ptr %acc10144, align 4
+  %1015 = shufflevector <16 x float> %1014, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1016 = load <16 x float>, ptr %acc10144, align 4
+  %1017 = shufflevector <16 x float> %1016, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1018 = fneg <8 x float> %1015
+  %1019 = fcmp olt <8 x float> %1018, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1021 = fcmp ogt <8 x float> %1020, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1022 = select <8 x i1> %1021, <8 x float> %1020, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1024 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1023)
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1022)
+  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1025)
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1026, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1026, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1026, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1026, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1030, <8 x float> %1026, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1032 = fmul <8 x float> %1026, %1026
+  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1031, <8 x float> %1032, <8 x float> %1026)
+  %1034 = fadd <8 x float> %1033, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1035 = fptosi <8 x float> %1024 to <8 x i32>
+  %1036 = add <8 x i32> %1035, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1037 = shl <8 x i32> %1036, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %1037 to <8 x float>
+  %exp167 = fmul <8 x float> %1034, %exp.2n166
+  %1038 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1038
+  %silu169 = fmul <8 x float> %1015, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %1017
+  %1039 = fmul <8 x float> %glu170, %1011
+  %1040 = getelementptr inbounds i16, ptr %1013, i64 %col165
+  %hb171 = fptrunc <8 x float> %1039 to <8 x bfloat>
+  store <8 x bfloat> %hb171, ptr %1040, align 4
+  %1041 = add nsw i64 %r0, 2
+  %1042 = add nsw i64 %chunk, %1041
+  %1043 = getelementptr inbounds float, ptr %rw, i64 %1042
+  %1044 = load float, ptr %1043, align 4
+  %1045 = insertelement <8 x float> poison, float %1044, i32 0
+  %1046 = shufflevector <8 x float> %1045, <8 x float> poison, <8 x i32> zeroinitializer
+  %1047 = mul nsw i64 %1042, 768
+  %1048 = getelementptr inbounds float, ptr %h, i64 %1047
+  %col172 = mul nsw i64 %p, 8
+  %1049 = load <16 x float>, ptr %acc20145, align 4
+  %1050 = shufflevector <16 x float> %1049, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1051 = load <16 x float>, ptr %acc20145, align 4
+  %1052 = shufflevector <16 x float> %1051, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1053 = fneg <8 x float> %1050
+  %1054 = fcmp olt <8 x float> %1053, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1055 = select <8 x i1> %1054, <8 x float> %1053, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1056 = fcmp ogt <8 x float> %1055, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1057 = select <8 x i1> %1056, <8 x float> %1055, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1057, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1059 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1058)
+  %1060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1059, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1057)
+  %1061 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1059, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1060)
+  %1062 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1061, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1063 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1062, <8 x float> %1061, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1064 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1063, <8 x float> %1061, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1065 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1064, <8 x float> %1061, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1065, <8 x float> %1061, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1067 = fmul <8 x float> %1061, %1061
+  %1068 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1066, <8 x float> %1067, <8 x float> %1061)
+  %1069 = fadd <8 x float> %1068, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1070 = fptosi <8 x float> %1059 to <8 x i32>
+  %1071 = add <8 x i32> %1070, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1072 = shl <8 x i32> %1071, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %1072 to <8 x float>
+  %exp174 = fmul <8 x float> %1069, %exp.2n173
+  %1073 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1073
+  %silu176 = fmul <8 x float> %1050, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %1052
+  %1074 = fmul <8 x float> %glu177, %1046
+  %1075 = getelementptr inbounds i16, ptr %1048, i64 %col172
+  %hb178 = fptrunc <8 x float> %1074 to <8 x bfloat>
+  store <8 x bfloat> %hb178, ptr %1075, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1042 = add nsw i64 %r0, 0
-  %1043 = mul nsw i64 %1042, 2048
-  %1044 = getelementptr inbounds i16, ptr %xb, i64 %1043
-  store <16 x float> zeroinitializer, ptr %acc00176, align 4
-  %1045 = add nsw i64 %r0, 1
-  %1046 = mul nsw i64 %1045, 2048
-  %1047 = getelementptr inbounds i16, ptr %xb, i64 %1046
-  store <16 x float> zeroinitializer, ptr %acc10177, align 4
-  %1048 = mul nsw i64 %p, 32768
-  %1049 = getelementptr inbounds i16, ptr %panels, i64 %1048
-  store <16 x float> zeroinitializer, ptr %acc01178, align 4
-  store <16 x float> zeroinitializer, ptr %acc11179, align 4
-  br label %kp.head180
+  %1076 = add nsw i64 %r0, 0
+  %1077 = mul nsw i64 %1076, 2048
+  %1078 = getelementptr inbounds i16, ptr %xb, i64 %1077
+  store <16 x float> zeroinitializer, ptr %acc00179, align 4
+  %1079 = add nsw i64 %r0, 1
+  %1080 = mul nsw i64 %1079, 2048
+  %1081 = getelementptr inbounds i16, ptr %xb, i64 %1080
+  store <16 x float> zeroinitializer, ptr %acc10180, align 4
+  %1082 = mul nsw i64 %p, 32768
+  %1083 = getelementptr inbounds i16, ptr %panels, i64 %1082
+  %1084 = add nsw i64 %p, 1
+  %1085 = icmp slt i64 %1084, %p1
+  %1086 = getelementptr inbounds i8, ptr %1083, i64 65536
+  %1087 = and i1 %pf.on, %1085
+  %pf181 = select i1 %1087, ptr %1086, ptr %1083
+  store <16 x float> zeroinitializer, ptr %acc01182, align 4
+  store <16 x float> zeroinitializer, ptr %acc11183, align 4
+  br label %kp.head184
 
-kp.head180:                                       ; preds = %kp.body181, %tile.mr2
-  %kp183 = phi i64 [ 0, %tile.mr2 ], [ %1086, %kp.body181 ]
-  %1050 = icmp slt i64 %kp183, 512
-  br i1 %1050, label %kp.body181, label %kp.end182
+kp.head184:                                       ; preds = %kp.body185, %tile.mr2
+  %kp187 = phi i64 [ 0, %tile.mr2 ], [ %1128, %kp.body185 ]
+  %1088 = icmp slt i64 %kp187, 512
+  br i1 %1088, label %kp.body185, label %kp.end186
 
-kp.body181:                                       ; preds = %kp.head180
-  %kk184 = mul nsw i64 %kp183, 2
-  %1051 = mul nsw i64 %kk184, 32
-  %1052 = getelementptr inbounds i16, ptr %1049, i64 %1051
-  %1053 = load <32 x bfloat>, ptr %1052, align 4
-  %1054 = getelementptr inbounds i32, ptr %1044, i64 %kk184
-  %1055 = load i32, ptr %1054, align 4
-  %1056 = load <16 x float>, ptr %acc00176, align 4
-  %1057 = insertelement <16 x i32> poison, i32 %1055, i32 0
-  %1058 = shufflevector <16 x i32> %1057, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1059 = bitcast <16 x i32> %1058 to <32 x bfloat>
-  %1060 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1056, <32 x bfloat> %1053, <32 x bfloat> %1059)
-  store <16 x float> %1060, ptr %acc00176, align 4
-  %1061 = getelementptr inbounds i32, ptr %1047, i64 %kk184
-  %1062 = load i32, ptr %1061, align 4
-  %1063 = load <16 x float>, ptr %acc10177, align 4
-  %1064 = insertelement <16 x i32> poison, i32 %1062, i32 0
-  %1065 = shufflevector <16 x i32> %1064, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1066 = bitcast <16 x i32> %1065 to <32 x bfloat>
-  %1067 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1063, <32 x bfloat> %1053, <32 x bfloat> %1066)
-  store <16 x float> %1067, ptr %acc10177, align 4
-  %1068 = add nsw i64 %kk184, 1
-  %1069 = mul nsw i64 %1068, 32
-  %1070 = getelementptr inbounds i16, ptr %1049, i64 %1069
-  %1071 = load <32 x bfloat>, ptr %1070, align 4
-  %1072 = getelementptr inbounds i32, ptr %1044, i64 %1068
-  %1073 = load i32, ptr %1072, align 4
-  %1074 = load <16 x float>, ptr %acc01178, align 4
-  %1075 = insertelement <16 x i32> poison, i32 %1073, i32 0
-  %1076 = shufflevector <16 x i32> %1075, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1077 = bitcast <16 x i32> %1076 to <32 x bfloat>
-  %1078 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1074, <32 x bfloat> %1071, <32 x bfloat> %1077)
-  store <16 x float> %1078, ptr %acc01178, align 4
-  %1079 = getelementptr inbounds i32, ptr %1047, i64 %1068
-  %1080 = load i32, ptr %1079, align 4
-  %1081 = load <16 x float>, ptr %acc11179, align 4
-  %1082 = insertelement <16 x i32> poison, i32 %1080, i32 0
-  %1083 = shufflevector <16 x i32> %1082, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1084 = bitcast <16 x i32> %1083 to <32 x bfloat>
-  %1085 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1081, <32 x bfloat> %1071, <32 x bfloat> %1084)
-  store <16 x float> %1085, ptr %acc11179, align 4
-  %1086 = add nsw i64 %kp183, 1
-  br label %kp.head180
+kp.body185:                                       ; preds = %kp.head184
+  %kk188 = mul nsw i64 %kp187, 2
+  %1089 = mul nsw i64 %kk188, 32
+  %1090 = getelementptr inbounds i16, ptr %1083, i64 %1089
+  %1091 = load <32 x bfloat>, ptr %1090, align 4
+  %1092 = mul nsw i64 %kk188, 64
+  %1093 = getelementptr inbounds i8, ptr %pf181, i64 %1092
+  call void @llvm.prefetch.p0(ptr %1093, i32 0, i32 2, i32 1)
+  %1094 = getelementptr inbounds i32, ptr %1078, i64 %kk188
+  %1095 = load i32, ptr %1094, align 4
+  %1096 = load <16 x float>, ptr %acc00179, align 4
+  %1097 = insertelement <16 x i32> poison, i32 %1095, i32 0
+  %1098 = shufflevector <16 x i32> %1097, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1099 = bitcast <16 x i32> %1098 to <32 x bfloat>
+  %1100 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1096, <32 x bfloat> %1091, <32 x bfloat> %1099)
+  store <16 x float> %1100, ptr %acc00179, align 4
+  %1101 = getelementptr inbounds i32, ptr %1081, i64 %kk188
+  %1102 = load i32, ptr %1101, align 4
+  %1103 = load <16 x float>, ptr %acc10180, align 4
+  %1104 = insertelement <16 x i32> poison, i32 %1102, i32 0
+  %1105 = shufflevector <16 x i32> %1104, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1106 = bitcast <16 x i32> %1105 to <32 x bfloat>
+  %1107 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1103, <32 x bfloat> %1091, <32 x bfloat> %1106)
+  store <16 x float> %1107, ptr %acc10180, align 4
+  %1108 = add nsw i64 %kk188, 1
+  %1109 = mul nsw i64 %1108, 32
+  %1110 = getelementptr inbounds i16, ptr %1083, i64 %1109
+  %1111 = load <32 x bfloat>, ptr %1110, align 4
+  %1112 = mul nsw i64 %1108, 64
+  %1113 = getelementptr inbounds i8, ptr %pf181, i64 %1112
+  call void @llvm.prefetch.p0(ptr %1113, i32 0, i32 2, i32 1)
+  %1114 = getelementptr inbounds i32, ptr %1078, i64 %1108
+  %1115 = load i32, ptr %1114, align 4
+  %1116 = load <16 x float>, ptr %acc01182, align 4
+  %1117 = insertelement <16 x i32> poison, i32 %1115, i32 0
+  %1118 = shufflevector <16 x i32> %1117, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1119 = bitcast <16 x i32> %1118 to <32 x bfloat>
+  %1120 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1116, <32 x bfloat> %1111, <32 x bfloat> %1119)
+  store <16 x float> %1120, ptr %acc01182, align 4
+  %1121 = getelementptr inbounds i32, ptr %1081, i64 %1108
+  %1122 = load i32, ptr %1121, align 4
+  %1123 = load <16 x float>, ptr %acc11183, align 4
+  %1124 = insertelement <16 x i32> poison, i32 %1122, i32 0
+  %1125 = shufflevector <16 x i32> %1124, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1126 = bitcast <16 x i32> %1125 to <32 x bfloat>
+  %1127 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1123, <32 x bfloat> %1111, <32 x bfloat> %1126)
+  store <16 x float> %1127, ptr %acc11183, align 4
+  %1128 = add nsw i64 %kp187, 1
+  br label %kp.head184
 
-kp.end182:                                        ; preds = %kp.head180
-  %1087 = load <16 x float>, ptr %acc01178, align 4
-  %1088 = load <16 x float>, ptr %acc00176, align 4
-  %sum185 = fadd <16 x float> %1088, %1087
-  store <16 x float> %sum185, ptr %acc00176, align 4
-  %1089 = load <16 x float>, ptr %acc11179, align 4
-  %1090 = load <16 x float>, ptr %acc10177, align 4
-  %sum186 = fadd <16 x float> %1090, %1089
-  store <16 x float> %sum186, ptr %acc10177, align 4
-  %1091 = add nsw i64 %r0, 0
-  %1092 = add nsw i64 %chunk, %1091
-  %1093 = getelementptr inbounds float, ptr %rw, i64 %1092
-  %1094 = load float, ptr %1093, align 4
-  %1095 = insertelement <8 x float> poison, float %1094, i32 0
-  %1096 = shufflevector <8 x float> %1095, <8 x float> poison, <8 x i32> zeroinitializer
-  %1097 = mul nsw i64 %1092, 768
-  %1098 = getelementptr inbounds float, ptr %h, i64 %1097
-  %col187 = mul nsw i64 %p, 8
-  %1099 = load <16 x float>, ptr %acc00176, align 4
-  %1100 = shufflevector <16 x float> %1099, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1101 = load <16 x float>, ptr %acc00176, align 4
-  %1102 = shufflevector <16 x float> %1101, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1103 = fneg <8 x float> %1100
-  %1104 = fcmp olt <8 x float> %1103, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1105 = select <8 x i1> %1104, <8 x float> %1103, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1106 = fcmp ogt <8 x float> %1105, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1107 = select <8 x i1> %1106, <8 x float> %1105, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1107, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1109 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1108)
-  %1110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1109, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1107)
-  %1111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1109, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1110)
-  %1112 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1111, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1112, <8 x float> %1111, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1113, <8 x float> %1111, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> %1111, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1115, <8 x float> %1111, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1117 = fmul <8 x float> %1111, %1111
-  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> %1117, <8 x float> %1111)
-  %1119 = fadd <8 x float> %1118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1120 = fptosi <8 x float> %1109 to <8 x i32>
-  %1121 = add <8 x i32> %1120, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1122 = shl <8 x i32> %1121, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n188 = bitcast <8 x i32> %1122 to <8 x float>
-  %exp189 = fmul <8 x float> %1119, %exp.2n188
-  %1123 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1123
-  %silu191 = fmul <8 x float> %1100, %sigmoid190
-  %glu192 = fmul <8 x float> %silu191, %1102
-  %1124 = fmul <8 x float> %glu192, %1096
-  %1125 = getelementptr inbounds i16, ptr %1098, i64 %col187
-  %hb193 = fptrunc <8 x float> %1124 to <8 x bfloat>
-  store <8 x bfloat> %hb193, ptr %1125, align 4
-  %1126 = add nsw i64 %r0, 1
-  %1127 = add nsw i64 %chunk, %1126
-  %1128 = getelementptr inbounds float, ptr %rw, i64 %1127
-  %1129 = load float, ptr %1128, align 4
-  %1130 = insertelement <8 x float> poison, float %1129, i32 0
-  %1131 = shufflevector <8 x float> %1130, <8 x float> poison, <8 x i32> zeroinitializer
-  %1132 = mul nsw i64 %1127, 768
-  %1133 = getelementptr inbounds float, ptr %h, i64 %1132
-  %col194 = mul nsw i64 %p, 8
-  %1134 = load <16 x float>, ptr %acc10177, align 4
-  %1135 = shufflevector <16 x float> %1134, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1136 = load <16 x float>, ptr %acc10177, align 4
-  %1137 = shufflevector <16 x float> %1136, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1138 = fneg <8 x float> %1135
-  %1139 = fcmp olt <8 x float> %1138, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1140 = select <8 x i1> %1139, <8 x float> %1138, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1141 = fcmp ogt <8 x float> %1140, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1142 = select <8 x i1> %1141, <8 x float> %1140, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1144 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1143)
-  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1142)
-  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1145)
-  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1147, <8 x float> %1146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1148, <8 x float> %1146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1149, <8 x float> %1146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %1146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1152 = fmul <8 x float> %1146, %1146
-  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1152, <8 x float> %1146)
-  %1154 = fadd <8 x float> %1153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1155 = fptosi <8 x float> %1144 to <8 x i32>
-  %1156 = add <8 x i32> %1155, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1157 = shl <8 x i32> %1156, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n195 = bitcast <8 x i32> %1157 to <8 x float>
-  %exp196 = fmul <8 x float> %1154, %exp.2n195
-  %1158 = fadd <8 x float> %exp196, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid197 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1158
-  %silu198 = fmul <8 x float> %1135, %sigmoid197
-  %glu199 = fmul <8 x float> %silu198, %1137
-  %1159 = fmul <8 x float> %glu199, %1131
-  %1160 = getelementptr inbounds i16, ptr %1133, i64 %col194
-  %hb200 = fptrunc <8 x float> %1159 to <8 x bfloat>
-  store <8 x bfloat> %hb200, ptr %1160, align 4
+kp.end186:                                        ; preds = %kp.head184
+  %1129 = load <16 x float>, ptr %acc01182, align 4
+  %1130 = load <16 x float>, ptr %acc00179, align 4
+  %sum189 = fadd <16 x float> %1130, %1129
+  store <16 x float> %sum189, ptr %acc00179, align 4
+  %1131 = load <16 x float>, ptr %acc11183, align 4
+  %1132 = load <16 x float>, ptr %acc10180, align 4
+  %sum190 = fadd <16 x float> %1132, %1131
+  store <16 x float> %sum190, ptr %acc10180, align 4
+  %1133 = add nsw i64 %r0, 0
+  %1134 = add nsw i64 %chunk, %1133
+  %1135 = getelementptr inbounds float, ptr %rw, i64 %1134
+  %1136 = load float, ptr %1135, align 4
+  %1137 = insertelement <8 x float> poison, float %1136, i32 0
+  %1138 = shufflevector <8 x float> %1137, <8 x float> poison, <8 x i32> zeroinitializer
+  %1139 = mul nsw i64 %1134, 768
+  %1140 = getelementptr inbounds float, ptr %h, i64 %1139
+  %col191 = mul nsw i64 %p, 8
+  %1141 = load <16 x float>, ptr %acc00179, align 4
+  %1142 = shufflevector <16 x float> %1141, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1143 = load <16 x float>, ptr %acc00179, align 4
+  %1144 = shufflevector <16 x float> %1143, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1145 = fneg <8 x float> %1142
+  %1146 = fcmp olt <8 x float> %1145, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1147 = select <8 x i1> %1146, <8 x float> %1145, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1148 = fcmp ogt <8 x float> %1147, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1149 = select <8 x i1> %1148, <8 x float> %1147, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1149, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1151 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1150)
+  %1152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1149)
+  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1152)
+  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1153, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1154, <8 x float> %1153, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1155, <8 x float> %1153, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1156, <8 x float> %1153, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1157, <8 x float> %1153, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1159 = fmul <8 x float> %1153, %1153
+  %1160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1158, <8 x float> %1159, <8 x float> %1153)
+  %1161 = fadd <8 x float> %1160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1162 = fptosi <8 x float> %1151 to <8 x i32>
+  %1163 = add <8 x i32> %1162, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1164 = shl <8 x i32> %1163, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n192 = bitcast <8 x i32> %1164 to <8 x float>
+  %exp193 = fmul <8 x float> %1161, %exp.2n192
+  %1165 = fadd <8 x float> %exp193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid194 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1165
+  %silu195 = fmul <8 x float> %1142, %sigmoid194
+  %glu196 = fmul <8 x float> %silu195, %1144
+  %1166 = fmul <8 x float> %glu196, %1138
+  %1167 = getelementptr inbounds i16, ptr %1140, i64 %col191
+  %hb197 = fptrunc <8 x float> %1166 to <8 x bfloat>
+  store <8 x bfloat> %hb197, ptr %1167, align 4
+  %1168 = add nsw i64 %r0, 1
+  %1169 = add nsw i64 %chunk, %1168
+  %1170 = getelementptr inbounds float, ptr %rw, i64 %1169
+  %1171 = load float, ptr %1170, align 4
+  %1172 = insertelement <8 x float> poison, float %1171, i32 0
+  %1173 = shufflevector <8 x float> %1172, <8 x float> poison, <8 x i32> zeroinitializer
+  %1174 = mul nsw i64 %1169, 768
+  %1175 = getelementptr inbounds float, ptr %h, i64 %1174
+  %col198 = mul nsw i64 %p, 8
+  %1176 = load <16 x float>, ptr %acc10180, align 4
+  %1177 = shufflevector <16 x float> %1176, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1178 = load <16 x float>, ptr %acc10180, align 4
+  %1179 = shufflevector <16 x float> %1178, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1180 = fneg <8 x float> %1177
+  %1181 = fcmp olt <8 x float> %1180, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1182 = select <8 x i1> %1181, <8 x float> %1180, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1183 = fcmp ogt <8 x float> %1182, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1184 = select <8 x i1> %1183, <8 x float> %1182, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1184, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1186 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1185)
+  %1187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1184)
+  %1188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1187)
+  %1189 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1188, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1189, <8 x float> %1188, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1190, <8 x float> %1188, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1191, <8 x float> %1188, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1192, <8 x float> %1188, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1194 = fmul <8 x float> %1188, %1188
+  %1195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1193, <8 x float> %1194, <8 x float> %1188)
+  %1196 = fadd <8 x float> %1195, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1197 = fptosi <8 x float> %1186 to <8 x i32>
+  %1198 = add <8 x i32> %1197, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1199 = shl <8 x i32> %1198, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n199 = bitcast <8 x i32> %1199 to <8 x float>
+  %exp200 = fmul <8 x float> %1196, %exp.2n199
+  %1200 = fadd <8 x float> %exp200, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid201 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1200
+  %silu202 = fmul <8 x float> %1177, %sigmoid201
+  %glu203 = fmul <8 x float> %silu202, %1179
+  %1201 = fmul <8 x float> %glu203, %1173
+  %1202 = getelementptr inbounds i16, ptr %1175, i64 %col198
+  %hb204 = fptrunc <8 x float> %1201 to <8 x bfloat>
+  store <8 x bfloat> %hb204, ptr %1202, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1161 = add nsw i64 %r0, 0
-  %1162 = mul nsw i64 %1161, 2048
-  %1163 = getelementptr inbounds i16, ptr %xb, i64 %1162
-  store <16 x float> zeroinitializer, ptr %acc00201, align 4
-  %1164 = mul nsw i64 %p, 32768
-  %1165 = getelementptr inbounds i16, ptr %panels, i64 %1164
-  store <16 x float> zeroinitializer, ptr %acc01202, align 4
-  br label %kp.head203
+  %1203 = add nsw i64 %r0, 0
+  %1204 = mul nsw i64 %1203, 2048
+  %1205 = getelementptr inbounds i16, ptr %xb, i64 %1204
+  store <16 x float> zeroinitializer, ptr %acc00205, align 4
+  %1206 = mul nsw i64 %p, 32768
+  %1207 = getelementptr inbounds i16, ptr %panels, i64 %1206
+  %1208 = add nsw i64 %p, 1
+  %1209 = icmp slt i64 %1208, %p1
+  %1210 = getelementptr inbounds i8, ptr %1207, i64 65536
+  %1211 = and i1 %pf.on, %1209
+  %pf206 = select i1 %1211, ptr %1210, ptr %1207
+  store <16 x float> zeroinitializer, ptr %acc01207, align 4
+  br label %kp.head208
 
-kp.head203:                                       ; preds = %kp.body204, %tile.mr1
-  %kp206 = phi i64 [ 0, %tile.mr1 ], [ %1188, %kp.body204 ]
-  %1166 = icmp slt i64 %kp206, 512
-  br i1 %1166, label %kp.body204, label %kp.end205
+kp.head208:                                       ; preds = %kp.body209, %tile.mr1
+  %kp211 = phi i64 [ 0, %tile.mr1 ], [ %1238, %kp.body209 ]
+  %1212 = icmp slt i64 %kp211, 512
+  br i1 %1212, label %kp.body209, label %kp.end210
 
-kp.body204:                                       ; preds = %kp.head203
-  %kk207 = mul nsw i64 %kp206, 2
-  %1167 = mul nsw i64 %kk207, 32
-  %1168 = getelementptr inbounds i16, ptr %1165, i64 %1167
-  %1169 = load <32 x bfloat>, ptr %1168, align 4
-  %1170 = getelementptr inbounds i32, ptr %1163, i64 %kk207
-  %1171 = load i32, ptr %1170, align 4
-  %1172 = load <16 x float>, ptr %acc00201, align 4
-  %1173 = insertelement <16 x i32> poison, i32 %1171, i32 0
-  %1174 = shufflevector <16 x i32> %1173, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1175 = bitcast <16 x i32> %1174 to <32 x bfloat>
-  %1176 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1172, <32 x bfloat> %1169, <32 x bfloat> %1175)
-  store <16 x float> %1176, ptr %acc00201, align 4
-  %1177 = add nsw i64 %kk207, 1
-  %1178 = mul nsw i64 %1177, 32
-  %1179 = getelementptr inbounds i16, ptr %1165, i64 %1178
-  %1180 = load <32 x bfloat>, ptr %1179, align 4
-  %1181 = getelementptr inbounds i32, ptr %1163, i64 %1177
-  %1182 = load i32, ptr %1181, align 4
-  %1183 = load <16 x float>, ptr %acc01202, align 4
-  %1184 = insertelement <16 x i32> poison, i32 %1182, i32 0
-  %1185 = shufflevector <16 x i32> %1184, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1186 = bitcast <16 x i32> %1185 to <32 x bfloat>
-  %1187 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1183, <32 x bfloat> %1180, <32 x bfloat> %1186)
-  store <16 x float> %1187, ptr %acc01202, align 4
-  %1188 = add nsw i64 %kp206, 1
-  br label %kp.head203
+kp.body209:                                       ; preds = %kp.head208
+  %kk212 = mul nsw i64 %kp211, 2
+  %1213 = mul nsw i64 %kk212, 32
+  %1214 = getelementptr inbounds i16, ptr %1207, i64 %1213
+  %1215 = load <32 x bfloat>, ptr %1214, align 4
+  %1216 = mul nsw i64 %kk212, 64
+  %1217 = getelementptr inbounds i8, ptr %pf206, i64 %1216
+  call void @llvm.prefetch.p0(ptr %1217, i32 0, i32 2, i32 1)
+  %1218 = getelementptr inbounds i32, ptr %1205, i64 %kk212
+  %1219 = load i32, ptr %1218, align 4
+  %1220 = load <16 x float>, ptr %acc00205, align 4
+  %1221 = insertelement <16 x i32> poison, i32 %1219, i32 0
+  %1222 = shufflevector <16 x i32> %1221, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1223 = bitcast <16 x i32> %1222 to <32 x bfloat>
+  %1224 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1220, <32 x bfloat> %1215, <32 x bfloat> %1223)
+  store <16 x float> %1224, ptr %acc00205, align 4
+  %1225 = add nsw i64 %kk212, 1
+  %1226 = mul nsw i64 %1225, 32
+  %1227 = getelementptr inbounds i16, ptr %1207, i64 %1226
+  %1228 = load <32 x bfloat>, ptr %1227, align 4
+  %1229 = mul nsw i64 %1225, 64
+  %1230 = getelementptr inbounds i8, ptr %pf206, i64 %1229
+  call void @llvm.prefetch.p0(ptr %1230, i32 0, i32 2, i32 1)
+  %1231 = getelementptr inbounds i32, ptr %1205, i64 %1225
+  %1232 = load i32, ptr %1231, align 4
+  %1233 = load <16 x float>, ptr %acc01207, align 4
+  %1234 = insertelement <16 x i32> poison, i32 %1232, i32 0
+  %1235 = shufflevector <16 x i32> %1234, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1236 = bitcast <16 x i32> %1235 to <32 x bfloat>
+  %1237 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1233, <32 x bfloat> %1228, <32 x bfloat> %1236)
+  store <16 x float> %1237, ptr %acc01207, align 4
+  %1238 = add nsw i64 %kp211, 1
+  br label %kp.head208
 
-kp.end205:                                        ; preds = %kp.head203
-  %1189 = load <16 x float>, ptr %acc01202, align 4
-  %1190 = load <16 x float>, ptr %acc00201, align 4
-  %sum208 = fadd <16 x float> %1190, %1189
-  store <16 x float> %sum208, ptr %acc00201, align 4
-  %1191 = add nsw i64 %r0, 0
-  %1192 = add nsw i64 %chunk, %1191
-  %1193 = getelementptr inbounds float, ptr %rw, i64 %1192
-  %1194 = load float, ptr %1193, align 4
-  %1195 = insertelement <8 x float> poison, float %1194, i32 0
-  %1196 = shufflevector <8 x float> %1195, <8 x float> poison, <8 x i32> zeroinitializer
-  %1197 = mul nsw i64 %1192, 768
-  %1198 = getelementptr inbounds float, ptr %h, i64 %1197
-  %col209 = mul nsw i64 %p, 8
-  %1199 = load <16 x float>, ptr %acc00201, align 4
-  %1200 = shufflevector <16 x float> %1199, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1201 = load <16 x float>, ptr %acc00201, align 4
-  %1202 = shufflevector <16 x float> %1201, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1203 = fneg <8 x float> %1200
-  %1204 = fcmp olt <8 x float> %1203, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1205 = select <8 x i1> %1204, <8 x float> %1203, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1206 = fcmp ogt <8 x float> %1205, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1207 = select <8 x i1> %1206, <8 x float> %1205, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1207, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1209 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1208)
-  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1209, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1207)
-  %1211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1209, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1210)
-  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1211, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> %1211, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> %1211, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> %1211, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %1211, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1217 = fmul <8 x float> %1211, %1211
-  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %1217, <8 x float> %1211)
-  %1219 = fadd <8 x float> %1218, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1220 = fptosi <8 x float> %1209 to <8 x i32>
-  %1221 = add <8 x i32> %1220, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1222 = shl <8 x i32> %1221, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n210 = bitcast <8 x i32> %1222 to <8 x float>
-  %exp211 = fmul <8 x float> %1219, %exp.2n210
-  %1223 = fadd <8 x float> %exp211, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid212 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1223
-  %silu213 = fmul <8 x float> %1200, %sigmoid212
-  %glu214 = fmul <8 x float> %silu213, %1202
-  %1224 = fmul <8 x float> %glu214, %1196
-  %1225 = getelementptr inbounds i16, ptr %1198, i64 %col209
-  %hb215 = fptrunc <8 x float> %1224 to <8 x bfloat>
-  store <8 x bfloat> %hb215, ptr %1225, align 4
+kp.end210:                                        ; preds = %kp.head208
+  %1239 = load <16 x float>, ptr %acc01207, align 4
+  %1240 = load <16 x float>, ptr %acc00205, align 4
+  %sum213 = fadd <16 x float> %1240, %1239
+  store <16 x float> %sum213, ptr %acc00205, align 4
+  %1241 = add nsw i64 %r0, 0
+  %1242 = add nsw i64 %chunk, %1241
+  %1243 = getelementptr inbounds float, ptr %rw, i64 %1242
+  %1244 = load float, ptr %1243, align 4
+  %1245 = insertelement <8 x float> poison, float %1244, i32 0
+  %1246 = shufflevector <8 x float> %1245, <8 x float> poison, <8 x i32> zeroinitializer
+  %1247 = mul nsw i64 %1242, 768
+  %1248 = getelementptr inbounds float, ptr %h, i64 %1247
+  %col214 = mul nsw i64 %p, 8
+  %1249 = load <16 x float>, ptr %acc00205, align 4
+  %1250 = shufflevector <16 x float> %1249, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1251 = load <16 x float>, ptr %acc00205, align 4
+  %1252 = shufflevector <16 x float> %1251, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1253 = fneg <8 x float> %1250
+  %1254 = fcmp olt <8 x float> %1253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1255 = select <8 x i1> %1254, <8 x float> %1253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1256 = fcmp ogt <8 x float> %1255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1257 = select <8 x i1> %1256, <8 x float> %1255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1258)
+  %1260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1257)
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1260)
+  %1262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1262, <8 x float> %1261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %1261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1264, <8 x float> %1261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1265, <8 x float> %1261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1267 = fmul <8 x float> %1261, %1261
+  %1268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1266, <8 x float> %1267, <8 x float> %1261)
+  %1269 = fadd <8 x float> %1268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1270 = fptosi <8 x float> %1259 to <8 x i32>
+  %1271 = add <8 x i32> %1270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1272 = shl <8 x i32> %1271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n215 = bitcast <8 x i32> %1272 to <8 x float>
+  %exp216 = fmul <8 x float> %1269, %exp.2n215
+  %1273 = fadd <8 x float> %exp216, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid217 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1273
+  %silu218 = fmul <8 x float> %1250, %sigmoid217
+  %glu219 = fmul <8 x float> %silu218, %1252
+  %1274 = fmul <8 x float> %glu219, %1246
+  %1275 = getelementptr inbounds i16, ptr %1248, i64 %col214
+  %hb220 = fptrunc <8 x float> %1274 to <8 x bfloat>
+  store <8 x bfloat> %hb220, ptr %1275, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %kp.end205, %kp.end182, %kp.end149, %kp.end106, %kp.end53, %kp.end
-  %1226 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %kp.end210, %kp.end186, %kp.end152, %kp.end108, %kp.end54, %kp.end
+  %1276 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1227 = add nsw i64 %p, 1
+  %1277 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
-  %1228 = add nsw i64 %chunk, 96
+  %1278 = add nsw i64 %chunk, 96
   br label %chunk.head
 
 chunk.end:                                        ; preds = %chunk.head
@@ -2634,14 +2703,17 @@ chunk.end:                                        ; preds = %chunk.head
 ; Function Attrs: nocallback nofree nosync nounwind willreturn memory(none)
 declare <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float>, <16 x float>) #1
 
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
+
 ; Function Attrs: nocallback nofree nosync nounwind willreturn memory(none)
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #3
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
+declare <8 x float> @llvm.floor.v8f32(<8 x float>) #3
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
@@ -2663,31 +2735,31 @@ entry:
   %acc209 = alloca <16 x float>, align 32
   %acc3010 = alloca <16 x float>, align 32
   %acc4011 = alloca <16 x float>, align 32
-  %acc0112 = alloca <16 x float>, align 32
-  %acc1113 = alloca <16 x float>, align 32
-  %acc2114 = alloca <16 x float>, align 32
-  %acc3115 = alloca <16 x float>, align 32
-  %acc4116 = alloca <16 x float>, align 32
-  %acc0028 = alloca <16 x float>, align 32
-  %acc1029 = alloca <16 x float>, align 32
-  %acc2030 = alloca <16 x float>, align 32
-  %acc3031 = alloca <16 x float>, align 32
-  %acc0132 = alloca <16 x float>, align 32
-  %acc1133 = alloca <16 x float>, align 32
-  %acc2134 = alloca <16 x float>, align 32
-  %acc3135 = alloca <16 x float>, align 32
-  %acc0046 = alloca <16 x float>, align 32
-  %acc1047 = alloca <16 x float>, align 32
-  %acc2048 = alloca <16 x float>, align 32
-  %acc0149 = alloca <16 x float>, align 32
-  %acc1150 = alloca <16 x float>, align 32
-  %acc2151 = alloca <16 x float>, align 32
-  %acc0061 = alloca <16 x float>, align 32
-  %acc1062 = alloca <16 x float>, align 32
-  %acc0163 = alloca <16 x float>, align 32
-  %acc1164 = alloca <16 x float>, align 32
-  %acc0073 = alloca <16 x float>, align 32
-  %acc0174 = alloca <16 x float>, align 32
+  %acc0113 = alloca <16 x float>, align 32
+  %acc1114 = alloca <16 x float>, align 32
+  %acc2115 = alloca <16 x float>, align 32
+  %acc3116 = alloca <16 x float>, align 32
+  %acc4117 = alloca <16 x float>, align 32
+  %acc0029 = alloca <16 x float>, align 32
+  %acc1030 = alloca <16 x float>, align 32
+  %acc2031 = alloca <16 x float>, align 32
+  %acc3032 = alloca <16 x float>, align 32
+  %acc0134 = alloca <16 x float>, align 32
+  %acc1135 = alloca <16 x float>, align 32
+  %acc2136 = alloca <16 x float>, align 32
+  %acc3137 = alloca <16 x float>, align 32
+  %acc0048 = alloca <16 x float>, align 32
+  %acc1049 = alloca <16 x float>, align 32
+  %acc2050 = alloca <16 x float>, align 32
+  %acc0152 = alloca <16 x float>, align 32
+  %acc1153 = alloca <16 x float>, align 32
+  %acc2154 = alloca <16 x float>, align 32
+  %acc0064 = alloca <16 x float>, align 32
+  %acc1065 = alloca <16 x float>, align 32
+  %acc0167 = alloca <16 x float>, align 32
+  %acc1168 = alloca <16 x float>, align 32
+  %acc0077 = alloca <16 x float>, align 32
+  %acc0179 = alloca <16 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2696,7 +2768,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %638, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %688, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2704,7 +2776,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %637, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %687, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2712,6 +2784,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2722,74 +2797,79 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 768
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 2048
-  %11 = add nsw i64 %10, %col
-  %12 = getelementptr inbounds float, ptr %y, i64 %11
-  %13 = load <16 x float>, ptr %12, align 4
-  store <16 x float> %13, ptr %acc00, align 4
-  %14 = add nsw i64 %r0, 1
-  %15 = mul nsw i64 %14, 768
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 2048
-  %21 = add nsw i64 %20, %col
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = load <16 x float>, ptr %22, align 4
-  store <16 x float> %23, ptr %acc10, align 4
-  %24 = add nsw i64 %r0, 2
-  %25 = mul nsw i64 %24, 768
-  %26 = getelementptr inbounds float, ptr %h, i64 %25
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %24
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 2048
-  %31 = add nsw i64 %30, %col
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = load <16 x float>, ptr %32, align 4
-  store <16 x float> %33, ptr %acc20, align 4
-  %34 = add nsw i64 %r0, 3
-  %35 = mul nsw i64 %34, 768
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 2048
-  %41 = add nsw i64 %40, %col
-  %42 = getelementptr inbounds float, ptr %y, i64 %41
-  %43 = load <16 x float>, ptr %42, align 4
-  store <16 x float> %43, ptr %acc30, align 4
-  %44 = add nsw i64 %r0, 4
-  %45 = mul nsw i64 %44, 768
-  %46 = getelementptr inbounds float, ptr %h, i64 %45
-  %47 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %48 = load i32, ptr %47, align 4
-  %49 = sext i32 %48 to i64
-  %50 = mul nsw i64 %49, 2048
-  %51 = add nsw i64 %50, %col
-  %52 = getelementptr inbounds float, ptr %y, i64 %51
-  %53 = load <16 x float>, ptr %52, align 4
-  store <16 x float> %53, ptr %acc40, align 4
-  %54 = add nsw i64 %r0, 5
-  %55 = mul nsw i64 %54, 768
-  %56 = getelementptr inbounds float, ptr %h, i64 %55
-  %57 = getelementptr inbounds i32, ptr %rows, i64 %54
-  %58 = load i32, ptr %57, align 4
-  %59 = sext i32 %58 to i64
-  %60 = mul nsw i64 %59, 2048
-  %61 = add nsw i64 %60, %col
-  %62 = getelementptr inbounds float, ptr %y, i64 %61
-  %63 = load <16 x float>, ptr %62, align 4
-  store <16 x float> %63, ptr %acc50, align 4
-  %64 = mul nsw i64 %p, 12288
-  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 768
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 2048
+  %13 = add nsw i64 %12, %col
+  %14 = getelementptr inbounds float, ptr %y, i64 %13
+  %15 = load <16 x float>, ptr %14, align 4
+  store <16 x float> %15, ptr %acc00, align 4
+  %16 = add nsw i64 %r0, 1
+  %17 = mul nsw i64 %16, 768
+  %18 = getelementptr inbounds float, ptr %h, i64 %17
+  %19 = getelementptr inbounds i32, ptr %rows, i64 %16
+  %20 = load i32, ptr %19, align 4
+  %21 = sext i32 %20 to i64
+  %22 = mul nsw i64 %21, 2048
+  %23 = add nsw i64 %22, %col
+  %24 = getelementptr inbounds float, ptr %y, i64 %23
+  %25 = load <16 x float>, ptr %24, align 4
+  store <16 x float> %25, ptr %acc10, align 4
+  %26 = add nsw i64 %r0, 2
+  %27 = mul nsw i64 %26, 768
+  %28 = getelementptr inbounds float, ptr %h, i64 %27
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 2048
+  %33 = add nsw i64 %32, %col
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = load <16 x float>, ptr %34, align 4
+  store <16 x float> %35, ptr %acc20, align 4
+  %36 = add nsw i64 %r0, 3
+  %37 = mul nsw i64 %36, 768
+  %38 = getelementptr inbounds float, ptr %h, i64 %37
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %36
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 2048
+  %43 = add nsw i64 %42, %col
+  %44 = getelementptr inbounds float, ptr %y, i64 %43
+  %45 = load <16 x float>, ptr %44, align 4
+  store <16 x float> %45, ptr %acc30, align 4
+  %46 = add nsw i64 %r0, 4
+  %47 = mul nsw i64 %46, 768
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 2048
+  %53 = add nsw i64 %52, %col
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = load <16 x float>, ptr %54, align 4
+  store <16 x float> %55, ptr %acc40, align 4
+  %56 = add nsw i64 %r0, 5
+  %57 = mul nsw i64 %56, 768
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 2048
+  %63 = add nsw i64 %62, %col
+  %64 = getelementptr inbounds float, ptr %y, i64 %63
+  %65 = load <16 x float>, ptr %64, align 4
+  store <16 x float> %65, ptr %acc50, align 4
+  %66 = mul nsw i64 %p, 12288
+  %67 = getelementptr inbounds i16, ptr %panels, i64 %66
+  %68 = add nsw i64 %p, 1
+  %69 = icmp slt i64 %68, %p1
+  %70 = getelementptr inbounds i8, ptr %67, i64 24576
+  %71 = and i1 %pf.on, %69
+  %pf = select i1 %71, ptr %70, ptr %67
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
   store <16 x float> zeroinitializer, ptr %acc21, align 4
@@ -2799,171 +2879,166 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %158, %kp.body ]
-  %66 = icmp slt i64 %kp, 192
-  br i1 %66, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %168, %kp.body ]
+  %72 = icmp slt i64 %kp, 192
+  br i1 %72, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %67 = mul nsw i64 %kk, 32
-  %68 = getelementptr inbounds i16, ptr %65, i64 %67
-  %69 = load <32 x bfloat>, ptr %68, align 4
-  %70 = getelementptr inbounds i32, ptr %6, i64 %kk
-  %71 = load i32, ptr %70, align 4
-  %72 = load <16 x float>, ptr %acc00, align 4
-  %73 = insertelement <16 x i32> poison, i32 %71, i32 0
-  %74 = shufflevector <16 x i32> %73, <16 x i32> poison, <16 x i32> zeroinitializer
-  %75 = bitcast <16 x i32> %74 to <32 x bfloat>
-  %76 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %72, <32 x bfloat> %69, <32 x bfloat> %75)
-  store <16 x float> %76, ptr %acc00, align 4
-  %77 = getelementptr inbounds i32, ptr %16, i64 %kk
-  %78 = load i32, ptr %77, align 4
-  %79 = load <16 x float>, ptr %acc10, align 4
-  %80 = insertelement <16 x i32> poison, i32 %78, i32 0
-  %81 = shufflevector <16 x i32> %80, <16 x i32> poison, <16 x i32> zeroinitializer
-  %82 = bitcast <16 x i32> %81 to <32 x bfloat>
-  %83 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %79, <32 x bfloat> %69, <32 x bfloat> %82)
-  store <16 x float> %83, ptr %acc10, align 4
-  %84 = getelementptr inbounds i32, ptr %26, i64 %kk
-  %85 = load i32, ptr %84, align 4
-  %86 = load <16 x float>, ptr %acc20, align 4
-  %87 = insertelement <16 x i32> poison, i32 %85, i32 0
-  %88 = shufflevector <16 x i32> %87, <16 x i32> poison, <16 x i32> zeroinitializer
-  %89 = bitcast <16 x i32> %88 to <32 x bfloat>
-  %90 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %86, <32 x bfloat> %69, <32 x bfloat> %89)
-  store <16 x float> %90, ptr %acc20, align 4
-  %91 = getelementptr inbounds i32, ptr %36, i64 %kk
-  %92 = load i32, ptr %91, align 4
-  %93 = load <16 x float>, ptr %acc30, align 4
-  %94 = insertelement <16 x i32> poison, i32 %92, i32 0
-  %95 = shufflevector <16 x i32> %94, <16 x i32> poison, <16 x i32> zeroinitializer
-  %96 = bitcast <16 x i32> %95 to <32 x bfloat>
-  %97 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %93, <32 x bfloat> %69, <32 x bfloat> %96)
-  store <16 x float> %97, ptr %acc30, align 4
-  %98 = getelementptr inbounds i32, ptr %46, i64 %kk
-  %99 = load i32, ptr %98, align 4
-  %100 = load <16 x float>, ptr %acc40, align 4
-  %101 = insertelement <16 x i32> poison, i32 %99, i32 0
-  %102 = shufflevector <16 x i32> %101, <16 x i32> poison, <16 x i32> zeroinitializer
-  %103 = bitcast <16 x i32> %102 to <32 x bfloat>
-  %104 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %100, <32 x bfloat> %69, <32 x bfloat> %103)
-  store <16 x float> %104, ptr %acc40, align 4
-  %105 = getelementptr inbounds i32, ptr %56, i64 %kk
-  %106 = load i32, ptr %105, align 4
-  %107 = load <16 x float>, ptr %acc50, align 4
-  %108 = insertelement <16 x i32> poison, i32 %106, i32 0
-  %109 = shufflevector <16 x i32> %108, <16 x i32> poison, <16 x i32> zeroinitializer
-  %110 = bitcast <16 x i32> %109 to <32 x bfloat>
-  %111 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %107, <32 x bfloat> %69, <32 x bfloat> %110)
-  store <16 x float> %111, ptr %acc50, align 4
-  %112 = add nsw i64 %kk, 1
-  %113 = mul nsw i64 %112, 32
-  %114 = getelementptr inbounds i16, ptr %65, i64 %113
-  %115 = load <32 x bfloat>, ptr %114, align 4
-  %116 = getelementptr inbounds i32, ptr %6, i64 %112
-  %117 = load i32, ptr %116, align 4
-  %118 = load <16 x float>, ptr %acc01, align 4
-  %119 = insertelement <16 x i32> poison, i32 %117, i32 0
-  %120 = shufflevector <16 x i32> %119, <16 x i32> poison, <16 x i32> zeroinitializer
-  %121 = bitcast <16 x i32> %120 to <32 x bfloat>
-  %122 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %118, <32 x bfloat> %115, <32 x bfloat> %121)
-  store <16 x float> %122, ptr %acc01, align 4
-  %123 = getelementptr inbounds i32, ptr %16, i64 %112
-  %124 = load i32, ptr %123, align 4
-  %125 = load <16 x float>, ptr %acc11, align 4
-  %126 = insertelement <16 x i32> poison, i32 %124, i32 0
-  %127 = shufflevector <16 x i32> %126, <16 x i32> poison, <16 x i32> zeroinitializer
-  %128 = bitcast <16 x i32> %127 to <32 x bfloat>
-  %129 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %125, <32 x bfloat> %115, <32 x bfloat> %128)
-  store <16 x float> %129, ptr %acc11, align 4
-  %130 = getelementptr inbounds i32, ptr %26, i64 %112
-  %131 = load i32, ptr %130, align 4
-  %132 = load <16 x float>, ptr %acc21, align 4
-  %133 = insertelement <16 x i32> poison, i32 %131, i32 0
-  %134 = shufflevector <16 x i32> %133, <16 x i32> poison, <16 x i32> zeroinitializer
-  %135 = bitcast <16 x i32> %134 to <32 x bfloat>
-  %136 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %132, <32 x bfloat> %115, <32 x bfloat> %135)
-  store <16 x float> %136, ptr %acc21, align 4
-  %137 = getelementptr inbounds i32, ptr %36, i64 %112
-  %138 = load i32, ptr %137, align 4
-  %139 = load <16 x float>, ptr %acc31, align 4
-  %140 = insertelement <16 x i32> poison, i32 %138, i32 0
-  %141 = shufflevector <16 x i32> %140, <16 x i32> poison, <16 x i32> zeroinitializer
-  %142 = bitcast <16 x i32> %141 to <32 x bfloat>
-  %143 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %139, <32 x bfloat> %115, <32 x bfloat> %142)
-  store <16 x float> %143, ptr %acc31, align 4
-  %144 = getelementptr inbounds i32, ptr %46, i64 %112
-  %145 = load i32, ptr %144, align 4
-  %146 = load <16 x float>, ptr %acc41, align 4
-  %147 = insertelement <16 x i32> poison, i32 %145, i32 0
-  %148 = shufflevector <16 x i32> %147, <16 x i32> poison, <16 x i32> zeroinitializer
-  %149 = bitcast <16 x i32> %148 to <32 x bfloat>
-  %150 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %146, <32 x bfloat> %115, <32 x bfloat> %149)
-  store <16 x float> %150, ptr %acc41, align 4
-  %151 = getelementptr inbounds i32, ptr %56, i64 %112
-  %152 = load i32, ptr %151, align 4
-  %153 = load <16 x float>, ptr %acc51, align 4
-  %154 = insertelement <16 x i32> poison, i32 %152, i32 0
-  %155 = shufflevector <16 x i32> %154, <16 x i32> poison, <16 x i32> zeroinitializer
-  %156 = bitcast <16 x i32> %155 to <32 x bfloat>
-  %157 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %153, <32 x bfloat> %115, <32 x bfloat> %156)
-  store <16 x float> %157, ptr %acc51, align 4
-  %158 = add nsw i64 %kp, 1
+  %73 = mul nsw i64 %kk, 32
+  %74 = getelementptr inbounds i16, ptr %67, i64 %73
+  %75 = load <32 x bfloat>, ptr %74, align 4
+  %76 = mul nsw i64 %kk, 64
+  %77 = getelementptr inbounds i8, ptr %pf, i64 %76
+  call void @llvm.prefetch.p0(ptr %77, i32 0, i32 2, i32 1)
+  %78 = getelementptr inbounds i32, ptr %8, i64 %kk
+  %79 = load i32, ptr %78, align 4
+  %80 = load <16 x float>, ptr %acc00, align 4
+  %81 = insertelement <16 x i32> poison, i32 %79, i32 0
+  %82 = shufflevector <16 x i32> %81, <16 x i32> poison, <16 x i32> zeroinitializer
+  %83 = bitcast <16 x i32> %82 to <32 x bfloat>
+  %84 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %80, <32 x bfloat> %75, <32 x bfloat> %83)
+  store <16 x float> %84, ptr %acc00, align 4
+  %85 = getelementptr inbounds i32, ptr %18, i64 %kk
+  %86 = load i32, ptr %85, align 4
+  %87 = load <16 x float>, ptr %acc10, align 4
+  %88 = insertelement <16 x i32> poison, i32 %86, i32 0
+  %89 = shufflevector <16 x i32> %88, <16 x i32> poison, <16 x i32> zeroinitializer
+  %90 = bitcast <16 x i32> %89 to <32 x bfloat>
+  %91 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %87, <32 x bfloat> %75, <32 x bfloat> %90)
+  store <16 x float> %91, ptr %acc10, align 4
+  %92 = getelementptr inbounds i32, ptr %28, i64 %kk
+  %93 = load i32, ptr %92, align 4
+  %94 = load <16 x float>, ptr %acc20, align 4
+  %95 = insertelement <16 x i32> poison, i32 %93, i32 0
+  %96 = shufflevector <16 x i32> %95, <16 x i32> poison, <16 x i32> zeroinitializer
+  %97 = bitcast <16 x i32> %96 to <32 x bfloat>
+  %98 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %94, <32 x bfloat> %75, <32 x bfloat> %97)
+  store <16 x float> %98, ptr %acc20, align 4
+  %99 = getelementptr inbounds i32, ptr %38, i64 %kk
+  %100 = load i32, ptr %99, align 4
+  %101 = load <16 x float>, ptr %acc30, align 4
+  %102 = insertelement <16 x i32> poison, i32 %100, i32 0
+  %103 = shufflevector <16 x i32> %102, <16 x i32> poison, <16 x i32> zeroinitializer
+  %104 = bitcast <16 x i32> %103 to <32 x bfloat>
+  %105 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %101, <32 x bfloat> %75, <32 x bfloat> %104)
+  store <16 x float> %105, ptr %acc30, align 4
+  %106 = getelementptr inbounds i32, ptr %48, i64 %kk
+  %107 = load i32, ptr %106, align 4
+  %108 = load <16 x float>, ptr %acc40, align 4
+  %109 = insertelement <16 x i32> poison, i32 %107, i32 0
+  %110 = shufflevector <16 x i32> %109, <16 x i32> poison, <16 x i32> zeroinitializer
+  %111 = bitcast <16 x i32> %110 to <32 x bfloat>
+  %112 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %108, <32 x bfloat> %75, <32 x bfloat> %111)
+  store <16 x float> %112, ptr %acc40, align 4
+  %113 = getelementptr inbounds i32, ptr %58, i64 %kk
+  %114 = load i32, ptr %113, align 4
+  %115 = load <16 x float>, ptr %acc50, align 4
+  %116 = insertelement <16 x i32> poison, i32 %114, i32 0
+  %117 = shufflevector <16 x i32> %116, <16 x i32> poison, <16 x i32> zeroinitializer
+  %118 = bitcast <16 x i32> %117 to <32 x bfloat>
+  %119 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %115, <32 x bfloat> %75, <32 x bfloat> %118)
+  store <16 x float> %119, ptr %acc50, align 4
+  %120 = add nsw i64 %kk, 1
+  %121 = mul nsw i64 %120, 32
+  %122 = getelementptr inbounds i16, ptr %67, i64 %121
+  %123 = load <32 x bfloat>, ptr %122, align 4
+  %124 = mul nsw i64 %120, 64
+  %125 = getelementptr inbounds i8, ptr %pf, i64 %124
+  call void @llvm.prefetch.p0(ptr %125, i32 0, i32 2, i32 1)
+  %126 = getelementptr inbounds i32, ptr %8, i64 %120
+  %127 = load i32, ptr %126, align 4
+  %128 = load <16 x float>, ptr %acc01, align 4
+  %129 = insertelement <16 x i32> poison, i32 %127, i32 0
+  %130 = shufflevector <16 x i32> %129, <16 x i32> poison, <16 x i32> zeroinitializer
+  %131 = bitcast <16 x i32> %130 to <32 x bfloat>
+  %132 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %128, <32 x bfloat> %123, <32 x bfloat> %131)
+  store <16 x float> %132, ptr %acc01, align 4
+  %133 = getelementptr inbounds i32, ptr %18, i64 %120
+  %134 = load i32, ptr %133, align 4
+  %135 = load <16 x float>, ptr %acc11, align 4
+  %136 = insertelement <16 x i32> poison, i32 %134, i32 0
+  %137 = shufflevector <16 x i32> %136, <16 x i32> poison, <16 x i32> zeroinitializer
+  %138 = bitcast <16 x i32> %137 to <32 x bfloat>
+  %139 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %135, <32 x bfloat> %123, <32 x bfloat> %138)
+  store <16 x float> %139, ptr %acc11, align 4
+  %140 = getelementptr inbounds i32, ptr %28, i64 %120
+  %141 = load i32, ptr %140, align 4
+  %142 = load <16 x float>, ptr %acc21, align 4
+  %143 = insertelement <16 x i32> poison, i32 %141, i32 0
+  %144 = shufflevector <16 x i32> %143, <16 x i32> poison, <16 x i32> zeroinitializer
+  %145 = bitcast <16 x i32> %144 to <32 x bfloat>
+  %146 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %142, <32 x bfloat> %123, <32 x bfloat> %145)
+  store <16 x float> %146, ptr %acc21, align 4
+  %147 = getelementptr inbounds i32, ptr %38, i64 %120
+  %148 = load i32, ptr %147, align 4
+  %149 = load <16 x float>, ptr %acc31, align 4
+  %150 = insertelement <16 x i32> poison, i32 %148, i32 0
+  %151 = shufflevector <16 x i32> %150, <16 x i32> poison, <16 x i32> zeroinitializer
+  %152 = bitcast <16 x i32> %151 to <32 x bfloat>
+  %153 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %149, <32 x bfloat> %123, <32 x bfloat> %152)
+  store <16 x float> %153, ptr %acc31, align 4
+  %154 = getelementptr inbounds i32, ptr %48, i64 %120
+  %155 = load i32, ptr %154, align 4
+  %156 = load <16 x float>, ptr %acc41, align 4
+  %157 = insertelement <16 x i32> poison, i32 %155, i32 0
+  %158 = shufflevector <16 x i32> %157, <16 x i32> poison, <16 x i32> zeroinitializer
+  %159 = bitcast <16 x i32> %158 to <32 x bfloat>
+  %160 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %156, <32 x bfloat> %123, <32 x bfloat> %159)
+  store <16 x float> %160, ptr %acc41, align 4
+  %161 = getelementptr inbounds i32, ptr %58, i64 %120
+  %162 = load i32, ptr %161, align 4
+  %163 = load <16 x float>, ptr %acc51, align 4
+  %164 = insertelement <16 x i32> poison, i32 %162, i32 0
+  %165 = shufflevector <16 x i32> %164, <16 x i32> poison, <16 x i32> zeroinitializer
+  %166 = bitcast <16 x i32> %165 to <32 x bfloat>
+  %167 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %163, <32 x bfloat> %123, <32 x bfloat> %166)
+  store <16 x float> %167, ptr %acc51, align 4
+  %168 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %159 = load <16 x float>, ptr %acc01, align 4
-  %160 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %160, %159
+  %169 = load <16 x float>, ptr %acc01, align 4
+  %170 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %170, %169
   store <16 x float> %sum, ptr %acc00, align 4
-  %161 = load <16 x float>, ptr %acc11, align 4
-  %162 = load <16 x float>, ptr %acc10, align 4
-  %sum1 = fadd <16 x float> %162, %161
-  store <16 x float> %sum1, ptr %acc10, align 4
-  %163 = load <16 x float>, ptr %acc21, align 4
-  %164 = load <16 x float>, ptr %acc20, align 4
-  %sum2 = fadd <16 x float> %164, %163
-  store <16 x float> %sum2, ptr %acc20, align 4
-  %165 = load <16 x float>, ptr %acc31, align 4
-  %166 = load <16 x float>, ptr %acc30, align 4
-  %sum3 = fadd <16 x float> %166, %165
-  store <16 x float> %sum3, ptr %acc30, align 4
-  %167 = load <16 x float>, ptr %acc41, align 4
-  %168 = load <16 x float>, ptr %acc40, align 4
-  %sum4 = fadd <16 x float> %168, %167
-  store <16 x float> %sum4, ptr %acc40, align 4
-  %169 = load <16 x float>, ptr %acc51, align 4
-  %170 = load <16 x float>, ptr %acc50, align 4
-  %sum5 = fadd <16 x float> %170, %169
-  store <16 x float> %sum5, ptr %acc50, align 4
-  %171 = load <16 x float>, ptr %acc00, align 4
-  store <16 x float> %171, ptr %12, align 4
+  %171 = load <16 x float>, ptr %acc11, align 4
   %172 = load <16 x float>, ptr %acc10, align 4
-  store <16 x float> %172, ptr %22, align 4
-  %173 = load <16 x float>, ptr %acc20, align 4
-  store <16 x float> %173, ptr %32, align 4
-  %174 = load <16 x float>, ptr %acc30, align 4
-  store <16 x float> %174, ptr %42, align 4
-  %175 = load <16 x float>, ptr %acc40, align 4
-  store <16 x float> %175, ptr %52, align 4
-  %176 = load <16 x float>, ptr %acc50, align 4
-  store <16 x float> %176, ptr %62, align 4
+  %sum1 = fadd <16 x float> %172, %171
+  store <16 x float> %sum1, ptr %acc10, align 4
+  %173 = load <16 x float>, ptr %acc21, align 4
+  %174 = load <16 x float>, ptr %acc20, align 4
+  %sum2 = fadd <16 x float> %174, %173
+  store <16 x float> %sum2, ptr %acc20, align 4
+  %175 = load <16 x float>, ptr %acc31, align 4
+  %176 = load <16 x float>, ptr %acc30, align 4
+  %sum3 = fadd <16 x float> %176, %175
+  store <16 x float> %sum3, ptr %acc30, align 4
+  %177 = load <16 x float>, ptr %acc41, align 4
+  %178 = load <16 x float>, ptr %acc40, align 4
+  %sum4 = fadd <16 x float> %178, %177
+  store <16 x float> %sum4, ptr %acc40, align 4
+  %179 = load <16 x float>, ptr %acc51, align 4
+  %180 = load <16 x float>, ptr %acc50, align 4
+  %sum5 = fadd <16 x float> %180, %179
+  store <16 x float> %sum5, ptr %acc50, align 4
+  %181 = load <16 x float>, ptr %acc00, align 4
+  store <16 x float> %181, ptr %14, align 4
+  %182 = load <16 x float>, ptr %acc10, align 4
+  store <16 x float> %182, ptr %24, align 4
+  %183 = load <16 x float>, ptr %acc20, align 4
+  store <16 x float> %183, ptr %34, align 4
+  %184 = load <16 x float>, ptr %acc30, align 4
+  store <16 x float> %184, ptr %44, align 4
+  %185 = load <16 x float>, ptr %acc40, align 4
+  store <16 x float> %185, ptr %54, align 4
+  %186 = load <16 x float>, ptr %acc50, align 4
+  store <16 x float> %186, ptr %64, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col6 = mul nsw i64 %p, 16
-  %177 = add nsw i64 %r0, 0
-  %178 = mul nsw i64 %177, 768
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
-  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
-  %181 = load i32, ptr %180, align 4
-  %182 = sext i32 %181 to i64
-  %183 = mul nsw i64 %182, 2048
-  %184 = add nsw i64 %183, %col6
-  %185 = getelementptr inbounds float, ptr %y, i64 %184
-  %186 = load <16 x float>, ptr %185, align 4
-  store <16 x float> %186, ptr %acc007, align 4
-  %187 = add nsw i64 %r0, 1
+  %187 = add nsw i64 %r0, 0
   %188 = mul nsw i64 %187, 768
   %189 = getelementptr inbounds float, ptr %h, i64 %188
   %190 = getelementptr inbounds i32, ptr %rows, i64 %187
@@ -2973,8 +3048,8 @@ tile.mr5:                                         ; preds = %r0.body
   %194 = add nsw i64 %193, %col6
   %195 = getelementptr inbounds float, ptr %y, i64 %194
   %196 = load <16 x float>, ptr %195, align 4
-  store <16 x float> %196, ptr %acc108, align 4
-  %197 = add nsw i64 %r0, 2
+  store <16 x float> %196, ptr %acc007, align 4
+  %197 = add nsw i64 %r0, 1
   %198 = mul nsw i64 %197, 768
   %199 = getelementptr inbounds float, ptr %h, i64 %198
   %200 = getelementptr inbounds i32, ptr %rows, i64 %197
@@ -2984,8 +3059,8 @@ tile.mr5:                                         ; preds = %r0.body
   %204 = add nsw i64 %203, %col6
   %205 = getelementptr inbounds float, ptr %y, i64 %204
   %206 = load <16 x float>, ptr %205, align 4
-  store <16 x float> %206, ptr %acc209, align 4
-  %207 = add nsw i64 %r0, 3
+  store <16 x float> %206, ptr %acc108, align 4
+  %207 = add nsw i64 %r0, 2
   %208 = mul nsw i64 %207, 768
   %209 = getelementptr inbounds float, ptr %h, i64 %208
   %210 = getelementptr inbounds i32, ptr %rows, i64 %207
@@ -2995,8 +3070,8 @@ tile.mr5:                                         ; preds = %r0.body
   %214 = add nsw i64 %213, %col6
   %215 = getelementptr inbounds float, ptr %y, i64 %214
   %216 = load <16 x float>, ptr %215, align 4
-  store <16 x float> %216, ptr %acc3010, align 4
-  %217 = add nsw i64 %r0, 4
+  store <16 x float> %216, ptr %acc209, align 4
+  %217 = add nsw i64 %r0, 3
   %218 = mul nsw i64 %217, 768
   %219 = getelementptr inbounds float, ptr %h, i64 %218
   %220 = getelementptr inbounds i32, ptr %rows, i64 %217
@@ -3006,596 +3081,662 @@ tile.mr5:                                         ; preds = %r0.body
   %224 = add nsw i64 %223, %col6
   %225 = getelementptr inbounds float, ptr %y, i64 %224
   %226 = load <16 x float>, ptr %225, align 4
-  store <16 x float> %226, ptr %acc4011, align 4
-  %227 = mul nsw i64 %p, 12288
-  %228 = getelementptr inbounds i16, ptr %panels, i64 %227
-  store <16 x float> zeroinitializer, ptr %acc0112, align 4
-  store <16 x float> zeroinitializer, ptr %acc1113, align 4
-  store <16 x float> zeroinitializer, ptr %acc2114, align 4
-  store <16 x float> zeroinitializer, ptr %acc3115, align 4
-  store <16 x float> zeroinitializer, ptr %acc4116, align 4
-  br label %kp.head17
+  store <16 x float> %226, ptr %acc3010, align 4
+  %227 = add nsw i64 %r0, 4
+  %228 = mul nsw i64 %227, 768
+  %229 = getelementptr inbounds float, ptr %h, i64 %228
+  %230 = getelementptr inbounds i32, ptr %rows, i64 %227
+  %231 = load i32, ptr %230, align 4
+  %232 = sext i32 %231 to i64
+  %233 = mul nsw i64 %232, 2048
+  %234 = add nsw i64 %233, %col6
+  %235 = getelementptr inbounds float, ptr %y, i64 %234
+  %236 = load <16 x float>, ptr %235, align 4
+  store <16 x float> %236, ptr %acc4011, align 4
+  %237 = mul nsw i64 %p, 12288
+  %238 = getelementptr inbounds i16, ptr %panels, i64 %237
+  %239 = add nsw i64 %p, 1
+  %240 = icmp slt i64 %239, %p1
+  %241 = getelementptr inbounds i8, ptr %238, i64 24576
+  %242 = and i1 %pf.on, %240
+  %pf12 = select i1 %242, ptr %241, ptr %238
+  store <16 x float> zeroinitializer, ptr %acc0113, align 4
+  store <16 x float> zeroinitializer, ptr %acc1114, align 4
+  store <16 x float> zeroinitializer, ptr %acc2115, align 4
+  store <16 x float> zeroinitializer, ptr %acc3116, align 4
+  store <16 x float> zeroinitializer, ptr %acc4117, align 4
+  br label %kp.head18
 
-kp.head17:                                        ; preds = %kp.body18, %tile.mr5
-  %kp20 = phi i64 [ 0, %tile.mr5 ], [ %307, %kp.body18 ]
-  %229 = icmp slt i64 %kp20, 192
-  br i1 %229, label %kp.body18, label %kp.end19
+kp.head18:                                        ; preds = %kp.body19, %tile.mr5
+  %kp21 = phi i64 [ 0, %tile.mr5 ], [ %325, %kp.body19 ]
+  %243 = icmp slt i64 %kp21, 192
+  br i1 %243, label %kp.body19, label %kp.end20
 
-kp.body18:                                        ; preds = %kp.head17
-  %kk21 = mul nsw i64 %kp20, 2
-  %230 = mul nsw i64 %kk21, 32
-  %231 = getelementptr inbounds i16, ptr %228, i64 %230
-  %232 = load <32 x bfloat>, ptr %231, align 4
-  %233 = getelementptr inbounds i32, ptr %179, i64 %kk21
-  %234 = load i32, ptr %233, align 4
-  %235 = load <16 x float>, ptr %acc007, align 4
-  %236 = insertelement <16 x i32> poison, i32 %234, i32 0
-  %237 = shufflevector <16 x i32> %236, <16 x i32> poison, <16 x i32> zeroinitializer
-  %238 = bitcast <16 x i32> %237 to <32 x bfloat>
-  %239 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %235, <32 x bfloat> %232, <32 x bfloat> %238)
-  store <16 x float> %239, ptr %acc007, align 4
-  %240 = getelementptr inbounds i32, ptr %189, i64 %kk21
-  %241 = load i32, ptr %240, align 4
-  %242 = load <16 x float>, ptr %acc108, align 4
-  %243 = insertelement <16 x i32> poison, i32 %241, i32 0
-  %244 = shufflevector <16 x i32> %243, <16 x i32> poison, <16 x i32> zeroinitializer
-  %245 = bitcast <16 x i32> %244 to <32 x bfloat>
-  %246 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %242, <32 x bfloat> %232, <32 x bfloat> %245)
-  store <16 x float> %246, ptr %acc108, align 4
-  %247 = getelementptr inbounds i32, ptr %199, i64 %kk21
-  %248 = load i32, ptr %247, align 4
-  %249 = load <16 x float>, ptr %acc209, align 4
-  %250 = insertelement <16 x i32> poison, i32 %248, i32 0
-  %251 = shufflevector <16 x i32> %250, <16 x i32> poison, <16 x i32> zeroinitializer
-  %252 = bitcast <16 x i32> %251 to <32 x bfloat>
-  %253 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %249, <32 x bfloat> %232, <32 x bfloat> %252)
-  store <16 x float> %253, ptr %acc209, align 4
-  %254 = getelementptr inbounds i32, ptr %209, i64 %kk21
-  %255 = load i32, ptr %254, align 4
-  %256 = load <16 x float>, ptr %acc3010, align 4
-  %257 = insertelement <16 x i32> poison, i32 %255, i32 0
-  %258 = shufflevector <16 x i32> %257, <16 x i32> poison, <16 x i32> zeroinitializer
-  %259 = bitcast <16 x i32> %258 to <32 x bfloat>
-  %260 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %256, <32 x bfloat> %232, <32 x bfloat> %259)
-  store <16 x float> %260, ptr %acc3010, align 4
-  %261 = getelementptr inbounds i32, ptr %219, i64 %kk21
-  %262 = load i32, ptr %261, align 4
-  %263 = load <16 x float>, ptr %acc4011, align 4
-  %264 = insertelement <16 x i32> poison, i32 %262, i32 0
-  %265 = shufflevector <16 x i32> %264, <16 x i32> poison, <16 x i32> zeroinitializer
-  %266 = bitcast <16 x i32> %265 to <32 x bfloat>
-  %267 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %263, <32 x bfloat> %232, <32 x bfloat> %266)
-  store <16 x float> %267, ptr %acc4011, align 4
-  %268 = add nsw i64 %kk21, 1
-  %269 = mul nsw i64 %268, 32
-  %270 = getelementptr inbounds i16, ptr %228, i64 %269
-  %271 = load <32 x bfloat>, ptr %270, align 4
-  %272 = getelementptr inbounds i32, ptr %179, i64 %268
-  %273 = load i32, ptr %272, align 4
-  %274 = load <16 x float>, ptr %acc0112, align 4
-  %275 = insertelement <16 x i32> poison, i32 %273, i32 0
-  %276 = shufflevector <16 x i32> %275, <16 x i32> poison, <16 x i32> zeroinitializer
-  %277 = bitcast <16 x i32> %276 to <32 x bfloat>
-  %278 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %274, <32 x bfloat> %271, <32 x bfloat> %277)
-  store <16 x float> %278, ptr %acc0112, align 4
-  %279 = getelementptr inbounds i32, ptr %189, i64 %268
-  %280 = load i32, ptr %279, align 4
-  %281 = load <16 x float>, ptr %acc1113, align 4
-  %282 = insertelement <16 x i32> poison, i32 %280, i32 0
-  %283 = shufflevector <16 x i32> %282, <16 x i32> poison, <16 x i32> zeroinitializer
-  %284 = bitcast <16 x i32> %283 to <32 x bfloat>
-  %285 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %281, <32 x bfloat> %271, <32 x bfloat> %284)
-  store <16 x float> %285, ptr %acc1113, align 4
-  %286 = getelementptr inbounds i32, ptr %199, i64 %268
-  %287 = load i32, ptr %286, align 4
-  %288 = load <16 x float>, ptr %acc2114, align 4
-  %289 = insertelement <16 x i32> poison, i32 %287, i32 0
-  %290 = shufflevector <16 x i32> %289, <16 x i32> poison, <16 x i32> zeroinitializer
-  %291 = bitcast <16 x i32> %290 to <32 x bfloat>
-  %292 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %288, <32 x bfloat> %271, <32 x bfloat> %291)
-  store <16 x float> %292, ptr %acc2114, align 4
-  %293 = getelementptr inbounds i32, ptr %209, i64 %268
-  %294 = load i32, ptr %293, align 4
-  %295 = load <16 x float>, ptr %acc3115, align 4
-  %296 = insertelement <16 x i32> poison, i32 %294, i32 0
-  %297 = shufflevector <16 x i32> %296, <16 x i32> poison, <16 x i32> zeroinitializer
-  %298 = bitcast <16 x i32> %297 to <32 x bfloat>
-  %299 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %295, <32 x bfloat> %271, <32 x bfloat> %298)
-  store <16 x float> %299, ptr %acc3115, align 4
-  %300 = getelementptr inbounds i32, ptr %219, i64 %268
-  %301 = load i32, ptr %300, align 4
-  %302 = load <16 x float>, ptr %acc4116, align 4
-  %303 = insertelement <16 x i32> poison, i32 %301, i32 0
-  %304 = shufflevector <16 x i32> %303, <16 x i32> poison, <16 x i32> zeroinitializer
-  %305 = bitcast <16 x i32> %304 to <32 x bfloat>
-  %306 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %302, <32 x bfloat> %271, <32 x bfloat> %305)
-  store <16 x float> %306, ptr %acc4116, align 4
-  %307 = add nsw i64 %kp20, 1
-  br label %kp.head17
+kp.body19:                                        ; preds = %kp.head18
+  %kk22 = mul nsw i64 %kp21, 2
+  %244 = mul nsw i64 %kk22, 32
+  %245 = getelementptr inbounds i16, ptr %238, i64 %244
+  %246 = load <32 x bfloat>, ptr %245, align 4
+  %247 = mul nsw i64 %kk22, 64
+  %248 = getelementptr inbounds i8, ptr %pf12, i64 %247
+  call void @llvm.prefetch.p0(ptr %248, i32 0, i32 2, i32 1)
+  %249 = getelementptr inbounds i32, ptr %189, i64 %kk22
+  %250 = load i32, ptr %249, align 4
+  %251 = load <16 x float>, ptr %acc007, align 4
+  %252 = insertelement <16 x i32> poison, i32 %250, i32 0
+  %253 = shufflevector <16 x i32> %252, <16 x i32> poison, <16 x i32> zeroinitializer
+  %254 = bitcast <16 x i32> %253 to <32 x bfloat>
+  %255 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %251, <32 x bfloat> %246, <32 x bfloat> %254)
+  store <16 x float> %255, ptr %acc007, align 4
+  %256 = getelementptr inbounds i32, ptr %199, i64 %kk22
+  %257 = load i32, ptr %256, align 4
+  %258 = load <16 x float>, ptr %acc108, align 4
+  %259 = insertelement <16 x i32> poison, i32 %257, i32 0
+  %260 = shufflevector <16 x i32> %259, <16 x i32> poison, <16 x i32> zeroinitializer
+  %261 = bitcast <16 x i32> %260 to <32 x bfloat>
+  %262 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %258, <32 x bfloat> %246, <32 x bfloat> %261)
+  store <16 x float> %262, ptr %acc108, align 4
+  %263 = getelementptr inbounds i32, ptr %209, i64 %kk22
+  %264 = load i32, ptr %263, align 4
+  %265 = load <16 x float>, ptr %acc209, align 4
+  %266 = insertelement <16 x i32> poison, i32 %264, i32 0
+  %267 = shufflevector <16 x i32> %266, <16 x i32> poison, <16 x i32> zeroinitializer
+  %268 = bitcast <16 x i32> %267 to <32 x bfloat>
+  %269 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %265, <32 x bfloat> %246, <32 x bfloat> %268)
+  store <16 x float> %269, ptr %acc209, align 4
+  %270 = getelementptr inbounds i32, ptr %219, i64 %kk22
+  %271 = load i32, ptr %270, align 4
+  %272 = load <16 x float>, ptr %acc3010, align 4
+  %273 = insertelement <16 x i32> poison, i32 %271, i32 0
+  %274 = shufflevector <16 x i32> %273, <16 x i32> poison, <16 x i32> zeroinitializer
+  %275 = bitcast <16 x i32> %274 to <32 x bfloat>
+  %276 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %272, <32 x bfloat> %246, <32 x bfloat> %275)
+  store <16 x float> %276, ptr %acc3010, align 4
+  %277 = getelementptr inbounds i32, ptr %229, i64 %kk22
+  %278 = load i32, ptr %277, align 4
+  %279 = load <16 x float>, ptr %acc4011, align 4
+  %280 = insertelement <16 x i32> poison, i32 %278, i32 0
+  %281 = shufflevector <16 x i32> %280, <16 x i32> poison, <16 x i32> zeroinitializer
+  %282 = bitcast <16 x i32> %281 to <32 x bfloat>
+  %283 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %279, <32 x bfloat> %246, <32 x bfloat> %282)
+  store <16 x float> %283, ptr %acc4011, align 4
+  %284 = add nsw i64 %kk22, 1
+  %285 = mul nsw i64 %284, 32
+  %286 = getelementptr inbounds i16, ptr %238, i64 %285
+  %287 = load <32 x bfloat>, ptr %286, align 4
+  %288 = mul nsw i64 %284, 64
+  %289 = getelementptr inbounds i8, ptr %pf12, i64 %288
+  call void @llvm.prefetch.p0(ptr %289, i32 0, i32 2, i32 1)
+  %290 = getelementptr inbounds i32, ptr %189, i64 %284
+  %291 = load i32, ptr %290, align 4
+  %292 = load <16 x float>, ptr %acc0113, align 4
+  %293 = insertelement <16 x i32> poison, i32 %291, i32 0
+  %294 = shufflevector <16 x i32> %293, <16 x i32> poison, <16 x i32> zeroinitializer
+  %295 = bitcast <16 x i32> %294 to <32 x bfloat>
+  %296 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %292, <32 x bfloat> %287, <32 x bfloat> %295)
+  store <16 x float> %296, ptr %acc0113, align 4
+  %297 = getelementptr inbounds i32, ptr %199, i64 %284
+  %298 = load i32, ptr %297, align 4
+  %299 = load <16 x float>, ptr %acc1114, align 4
+  %300 = insertelement <16 x i32> poison, i32 %298, i32 0
+  %301 = shufflevector <16 x i32> %300, <16 x i32> poison, <16 x i32> zeroinitializer
+  %302 = bitcast <16 x i32> %301 to <32 x bfloat>
+  %303 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %299, <32 x bfloat> %287, <32 x bfloat> %302)
+  store <16 x float> %303, ptr %acc1114, align 4
+  %304 = getelementptr inbounds i32, ptr %209, i64 %284
+  %305 = load i32, ptr %304, align 4
+  %306 = load <16 x float>, ptr %acc2115, align 4
+  %307 = insertelement <16 x i32> poison, i32 %305, i32 0
+  %308 = shufflevector <16 x i32> %307, <16 x i32> poison, <16 x i32> zeroinitializer
+  %309 = bitcast <16 x i32> %308 to <32 x bfloat>
+  %310 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %306, <32 x bfloat> %287, <32 x bfloat> %309)
+  store <16 x float> %310, ptr %acc2115, align 4
+  %311 = getelementptr inbounds i32, ptr %219, i64 %284
+  %312 = load i32, ptr %311, align 4
+  %313 = load <16 x float>, ptr %acc3116, align 4
+  %314 = insertelement <16 x i32> poison, i32 %312, i32 0
+  %315 = shufflevector <16 x i32> %314, <16 x i32> poison, <16 x i32> zeroinitializer
+  %316 = bitcast <16 x i32> %315 to <32 x bfloat>
+  %317 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %313, <32 x bfloat> %287, <32 x bfloat> %316)
+  store <16 x float> %317, ptr %acc3116, align 4
+  %318 = getelementptr inbounds i32, ptr %229, i64 %284
+  %319 = load i32, ptr %318, align 4
+  %320 = load <16 x float>, ptr %acc4117, align 4
+  %321 = insertelement <16 x i32> poison, i32 %319, i32 0
+  %322 = shufflevector <16 x i32> %321, <16 x i32> poison, <16 x i32> zeroinitializer
+  %323 = bitcast <16 x i32> %322 to <32 x bfloat>
+  %324 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %320, <32 x bfloat> %287, <32 x bfloat> %323)
+  store <16 x float> %324, ptr %acc4117, align 4
+  %325 = add nsw i64 %kp21, 1
+  br label %kp.head18
 
-kp.end19:                                         ; preds = %kp.head17
-  %308 = load <16 x float>, ptr %acc0112, align 4
-  %309 = load <16 x float>, ptr %acc007, align 4
-  %sum22 = fadd <16 x float> %309, %308
-  store <16 x float> %sum22, ptr %acc007, align 4
-  %310 = load <16 x float>, ptr %acc1113, align 4
-  %311 = load <16 x float>, ptr %acc108, align 4
-  %sum23 = fadd <16 x float> %311, %310
-  store <16 x float> %sum23, ptr %acc108, align 4
-  %312 = load <16 x float>, ptr %acc2114, align 4
-  %313 = load <16 x float>, ptr %acc209, align 4
-  %sum24 = fadd <16 x float> %313, %312
-  store <16 x float> %sum24, ptr %acc209, align 4
-  %314 = load <16 x float>, ptr %acc3115, align 4
-  %315 = load <16 x float>, ptr %acc3010, align 4
-  %sum25 = fadd <16 x float> %315, %314
-  store <16 x float> %sum25, ptr %acc3010, align 4
-  %316 = load <16 x float>, ptr %acc4116, align 4
-  %317 = load <16 x float>, ptr %acc4011, align 4
-  %sum26 = fadd <16 x float> %317, %316
-  store <16 x float> %sum26, ptr %acc4011, align 4
-  %318 = load <16 x float>, ptr %acc007, align 4
-  store <16 x float> %318, ptr %185, align 4
-  %319 = load <16 x float>, ptr %acc108, align 4
-  store <16 x float> %319, ptr %195, align 4
-  %320 = load <16 x float>, ptr %acc209, align 4
-  store <16 x float> %320, ptr %205, align 4
-  %321 = load <16 x float>, ptr %acc3010, align 4
-  store <16 x float> %321, ptr %215, align 4
-  %322 = load <16 x float>, ptr %acc4011, align 4
-  store <16 x float> %322, ptr %225, align 4
+kp.end20:                                         ; preds = %kp.head18
+  %326 = load <16 x float>, ptr %acc0113, align 4
+  %327 = load <16 x float>, ptr %acc007, align 4
+  %sum23 = fadd <16 x float> %327, %326
+  store <16 x float> %sum23, ptr %acc007, align 4
+  %328 = load <16 x float>, ptr %acc1114, align 4
+  %329 = load <16 x float>, ptr %acc108, align 4
+  %sum24 = fadd <16 x float> %329, %328
+  store <16 x float> %sum24, ptr %acc108, align 4
+  %330 = load <16 x float>, ptr %acc2115, align 4
+  %331 = load <16 x float>, ptr %acc209, align 4
+  %sum25 = fadd <16 x float> %331, %330
+  store <16 x float> %sum25, ptr %acc209, align 4
+  %332 = load <16 x float>, ptr %acc3116, align 4
+  %333 = load <16 x float>, ptr %acc3010, align 4
+  %sum26 = fadd <16 x float> %333, %332
+  store <16 x float> %sum26, ptr %acc3010, align 4
+  %334 = load <16 x float>, ptr %acc4117, align 4
+  %335 = load <16 x float>, ptr %acc4011, align 4
+  %sum27 = fadd <16 x float> %335, %334
+  store <16 x float> %sum27, ptr %acc4011, align 4
+  %336 = load <16 x float>, ptr %acc007, align 4
+  store <16 x float> %336, ptr %195, align 4
+  %337 = load <16 x float>, ptr %acc108, align 4
+  store <16 x float> %337, ptr %205, align 4
+  %338 = load <16 x float>, ptr %acc209, align 4
+  store <16 x float> %338, ptr %215, align 4
+  %339 = load <16 x float>, ptr %acc3010, align 4
+  store <16 x float> %339, ptr %225, align 4
+  %340 = load <16 x float>, ptr %acc4011, align 4
+  store <16 x float> %340, ptr %235, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col27 = mul nsw i64 %p, 16
-  %323 = add nsw i64 %r0, 0
-  %324 = mul nsw i64 %323, 768
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %323
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 2048
-  %330 = add nsw i64 %329, %col27
-  %331 = getelementptr inbounds float, ptr %y, i64 %330
-  %332 = load <16 x float>, ptr %331, align 4
-  store <16 x float> %332, ptr %acc0028, align 4
-  %333 = add nsw i64 %r0, 1
-  %334 = mul nsw i64 %333, 768
-  %335 = getelementptr inbounds float, ptr %h, i64 %334
-  %336 = getelementptr inbounds i32, ptr %rows, i64 %333
-  %337 = load i32, ptr %336, align 4
-  %338 = sext i32 %337 to i64
-  %339 = mul nsw i64 %338, 2048
-  %340 = add nsw i64 %339, %col27
-  %341 = getelementptr inbounds float, ptr %y, i64 %340
-  %342 = load <16 x float>, ptr %341, align 4
-  store <16 x float> %342, ptr %acc1029, align 4
-  %343 = add nsw i64 %r0, 2
-  %344 = mul nsw i64 %343, 768
-  %345 = getelementptr inbounds float, ptr %h, i64 %344
-  %346 = getelementptr inbounds i32, ptr %rows, i64 %343
-  %347 = load i32, ptr %346, align 4
-  %348 = sext i32 %347 to i64
-  %349 = mul nsw i64 %348, 2048
-  %350 = add nsw i64 %349, %col27
-  %351 = getelementptr inbounds float, ptr %y, i64 %350
-  %352 = load <16 x float>, ptr %351, align 4
-  store <16 x float> %352, ptr %acc2030, align 4
-  %353 = add nsw i64 %r0, 3
-  %354 = mul nsw i64 %353, 768
-  %355 = getelementptr inbounds float, ptr %h, i64 %354
-  %356 = getelementptr inbounds i32, ptr %rows, i64 %353
-  %357 = load i32, ptr %356, align 4
-  %358 = sext i32 %357 to i64
-  %359 = mul nsw i64 %358, 2048
-  %360 = add nsw i64 %359, %col27
-  %361 = getelementptr inbounds float, ptr %y, i64 %360
-  %362 = load <16 x float>, ptr %361, align 4
-  store <16 x float> %362, ptr %acc3031, align 4
-  %363 = mul nsw i64 %p, 12288
-  %364 = getelementptr inbounds i16, ptr %panels, i64 %363
-  store <16 x float> zeroinitializer, ptr %acc0132, align 4
-  store <16 x float> zeroinitializer, ptr %acc1133, align 4
-  store <16 x float> zeroinitializer, ptr %acc2134, align 4
-  store <16 x float> zeroinitializer, ptr %acc3135, align 4
-  br label %kp.head36
+  %col28 = mul nsw i64 %p, 16
+  %341 = add nsw i64 %r0, 0
+  %342 = mul nsw i64 %341, 768
+  %343 = getelementptr inbounds float, ptr %h, i64 %342
+  %344 = getelementptr inbounds i32, ptr %rows, i64 %341
+  %345 = load i32, ptr %344, align 4
+  %346 = sext i32 %345 to i64
+  %347 = mul nsw i64 %346, 2048
+  %348 = add nsw i64 %347, %col28
+  %349 = getelementptr inbounds float, ptr %y, i64 %348
+  %350 = load <16 x float>, ptr %349, align 4
+  store <16 x float> %350, ptr %acc0029, align 4
+  %351 = add nsw i64 %r0, 1
+  %352 = mul nsw i64 %351, 768
+  %353 = getelementptr inbounds float, ptr %h, i64 %352
+  %354 = getelementptr inbounds i32, ptr %rows, i64 %351
+  %355 = load i32, ptr %354, align 4
+  %356 = sext i32 %355 to i64
+  %357 = mul nsw i64 %356, 2048
+  %358 = add nsw i64 %357, %col28
+  %359 = getelementptr inbounds float, ptr %y, i64 %358
+  %360 = load <16 x float>, ptr %359, align 4
+  store <16 x float> %360, ptr %acc1030, align 4
+  %361 = add nsw i64 %r0, 2
+  %362 = mul nsw i64 %361, 768
+  %363 = getelementptr inbounds float, ptr %h, i64 %362
+  %364 = getelementptr inbounds i32, ptr %rows, i64 %361
+  %365 = load i32, ptr %364, align 4
+  %366 = sext i32 %365 to i64
+  %367 = mul nsw i64 %366, 2048
+  %368 = add nsw i64 %367, %col28
+  %369 = getelementptr inbounds float, ptr %y, i64 %368
+  %370 = load <16 x float>, ptr %369, align 4
+  store <16 x float> %370, ptr %acc2031, align 4
+  %371 = add nsw i64 %r0, 3
+  %372 = mul nsw i64 %371, 768
+  %373 = getelementptr inbounds float, ptr %h, i64 %372
+  %374 = getelementptr inbounds i32, ptr %rows, i64 %371
+  %375 = load i32, ptr %374, align 4
+  %376 = sext i32 %375 to i64
+  %377 = mul nsw i64 %376, 2048
+  %378 = add nsw i64 %377, %col28
+  %379 = getelementptr inbounds float, ptr %y, i64 %378
+  %380 = load <16 x float>, ptr %379, align 4
+  store <16 x float> %380, ptr %acc3032, align 4
+  %381 = mul nsw i64 %p, 12288
+  %382 = getelementptr inbounds i16, ptr %panels, i64 %381
+  %383 = add nsw i64 %p, 1
+  %384 = icmp slt i64 %383, %p1
+  %385 = getelementptr inbounds i8, ptr %382, i64 24576
+  %386 = and i1 %pf.on, %384
+  %pf33 = select i1 %386, ptr %385, ptr %382
+  store <16 x float> zeroinitializer, ptr %acc0134, align 4
+  store <16 x float> zeroinitializer, ptr %acc1135, align 4
+  store <16 x float> zeroinitializer, ptr %acc2136, align 4
+  store <16 x float> zeroinitializer, ptr %acc3137, align 4
+  br label %kp.head38
 
-kp.head36:                                        ; preds = %kp.body37, %tile.mr4
-  %kp39 = phi i64 [ 0, %tile.mr4 ], [ %429, %kp.body37 ]
-  %365 = icmp slt i64 %kp39, 192
-  br i1 %365, label %kp.body37, label %kp.end38
+kp.head38:                                        ; preds = %kp.body39, %tile.mr4
+  %kp41 = phi i64 [ 0, %tile.mr4 ], [ %455, %kp.body39 ]
+  %387 = icmp slt i64 %kp41, 192
+  br i1 %387, label %kp.body39, label %kp.end40
 
-kp.body37:                                        ; preds = %kp.head36
-  %kk40 = mul nsw i64 %kp39, 2
-  %366 = mul nsw i64 %kk40, 32
-  %367 = getelementptr inbounds i16, ptr %364, i64 %366
-  %368 = load <32 x bfloat>, ptr %367, align 4
-  %369 = getelementptr inbounds i32, ptr %325, i64 %kk40
-  %370 = load i32, ptr %369, align 4
-  %371 = load <16 x float>, ptr %acc0028, align 4
-  %372 = insertelement <16 x i32> poison, i32 %370, i32 0
-  %373 = shufflevector <16 x i32> %372, <16 x i32> poison, <16 x i32> zeroinitializer
-  %374 = bitcast <16 x i32> %373 to <32 x bfloat>
-  %375 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %371, <32 x bfloat> %368, <32 x bfloat> %374)
-  store <16 x float> %375, ptr %acc0028, align 4
-  %376 = getelementptr inbounds i32, ptr %335, i64 %kk40
-  %377 = load i32, ptr %376, align 4
-  %378 = load <16 x float>, ptr %acc1029, align 4
-  %379 = insertelement <16 x i32> poison, i32 %377, i32 0
-  %380 = shufflevector <16 x i32> %379, <16 x i32> poison, <16 x i32> zeroinitializer
-  %381 = bitcast <16 x i32> %380 to <32 x bfloat>
-  %382 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %378, <32 x bfloat> %368, <32 x bfloat> %381)
-  store <16 x float> %382, ptr %acc1029, align 4
-  %383 = getelementptr inbounds i32, ptr %345, i64 %kk40
-  %384 = load i32, ptr %383, align 4
-  %385 = load <16 x float>, ptr %acc2030, align 4
-  %386 = insertelement <16 x i32> poison, i32 %384, i32 0
-  %387 = shufflevector <16 x i32> %386, <16 x i32> poison, <16 x i32> zeroinitializer
-  %388 = bitcast <16 x i32> %387 to <32 x bfloat>
-  %389 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %385, <32 x bfloat> %368, <32 x bfloat> %388)
-  store <16 x float> %389, ptr %acc2030, align 4
-  %390 = getelementptr inbounds i32, ptr %355, i64 %kk40
-  %391 = load i32, ptr %390, align 4
-  %392 = load <16 x float>, ptr %acc3031, align 4
-  %393 = insertelement <16 x i32> poison, i32 %391, i32 0
-  %394 = shufflevector <16 x i32> %393, <16 x i32> poison, <16 x i32> zeroinitializer
-  %395 = bitcast <16 x i32> %394 to <32 x bfloat>
-  %396 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %392, <32 x bfloat> %368, <32 x bfloat> %395)
-  store <16 x float> %396, ptr %acc3031, align 4
-  %397 = add nsw i64 %kk40, 1
-  %398 = mul nsw i64 %397, 32
-  %399 = getelementptr inbounds i16, ptr %364, i64 %398
-  %400 = load <32 x bfloat>, ptr %399, align 4
-  %401 = getelementptr inbounds i32, ptr %325, i64 %397
-  %402 = load i32, ptr %401, align 4
-  %403 = load <16 x float>, ptr %acc0132, align 4
-  %404 = insertelement <16 x i32> poison, i32 %402, i32 0
-  %405 = shufflevector <16 x i32> %404, <16 x i32> poison, <16 x i32> zeroinitializer
-  %406 = bitcast <16 x i32> %405 to <32 x bfloat>
-  %407 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %403, <32 x bfloat> %400, <32 x bfloat> %406)
-  store <16 x float> %407, ptr %acc0132, align 4
-  %408 = getelementptr inbounds i32, ptr %335, i64 %397
-  %409 = load i32, ptr %408, align 4
-  %410 = load <16 x float>, ptr %acc1133, align 4
-  %411 = insertelement <16 x i32> poison, i32 %409, i32 0
-  %412 = shufflevector <16 x i32> %411, <16 x i32> poison, <16 x i32> zeroinitializer
-  %413 = bitcast <16 x i32> %412 to <32 x bfloat>
-  %414 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %410, <32 x bfloat> %400, <32 x bfloat> %413)
-  store <16 x float> %414, ptr %acc1133, align 4
-  %415 = getelementptr inbounds i32, ptr %345, i64 %397
-  %416 = load i32, ptr %415, align 4
-  %417 = load <16 x float>, ptr %acc2134, align 4
-  %418 = insertelement <16 x i32> poison, i32 %416, i32 0
-  %419 = shufflevector <16 x i32> %418, <16 x i32> poison, <16 x i32> zeroinitializer
-  %420 = bitcast <16 x i32> %419 to <32 x bfloat>
-  %421 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %417, <32 x bfloat> %400, <32 x bfloat> %420)
-  store <16 x float> %421, ptr %acc2134, align 4
-  %422 = getelementptr inbounds i32, ptr %355, i64 %397
-  %423 = load i32, ptr %422, align 4
-  %424 = load <16 x float>, ptr %acc3135, align 4
-  %425 = insertelement <16 x i32> poison, i32 %423, i32 0
-  %426 = shufflevector <16 x i32> %425, <16 x i32> poison, <16 x i32> zeroinitializer
-  %427 = bitcast <16 x i32> %426 to <32 x bfloat>
-  %428 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %424, <32 x bfloat> %400, <32 x bfloat> %427)
-  store <16 x float> %428, ptr %acc3135, align 4
-  %429 = add nsw i64 %kp39, 1
-  br label %kp.head36
+kp.body39:                                        ; preds = %kp.head38
+  %kk42 = mul nsw i64 %kp41, 2
+  %388 = mul nsw i64 %kk42, 32
+  %389 = getelementptr inbounds i16, ptr %382, i64 %388
+  %390 = load <32 x bfloat>, ptr %389, align 4
+  %391 = mul nsw i64 %kk42, 64
+  %392 = getelementptr inbounds i8, ptr %pf33, i64 %391
+  call void @llvm.prefetch.p0(ptr %392, i32 0, i32 2, i32 1)
+  %393 = getelementptr inbounds i32, ptr %343, i64 %kk42
+  %394 = load i32, ptr %393, align 4
+  %395 = load <16 x float>, ptr %acc0029, align 4
+  %396 = insertelement <16 x i32> poison, i32 %394, i32 0
+  %397 = shufflevector <16 x i32> %396, <16 x i32> poison, <16 x i32> zeroinitializer
+  %398 = bitcast <16 x i32> %397 to <32 x bfloat>
+  %399 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %395, <32 x bfloat> %390, <32 x bfloat> %398)
+  store <16 x float> %399, ptr %acc0029, align 4
+  %400 = getelementptr inbounds i32, ptr %353, i64 %kk42
+  %401 = load i32, ptr %400, align 4
+  %402 = load <16 x float>, ptr %acc1030, align 4
+  %403 = insertelement <16 x i32> poison, i32 %401, i32 0
+  %404 = shufflevector <16 x i32> %403, <16 x i32> poison, <16 x i32> zeroinitializer
+  %405 = bitcast <16 x i32> %404 to <32 x bfloat>
+  %406 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %402, <32 x bfloat> %390, <32 x bfloat> %405)
+  store <16 x float> %406, ptr %acc1030, align 4
+  %407 = getelementptr inbounds i32, ptr %363, i64 %kk42
+  %408 = load i32, ptr %407, align 4
+  %409 = load <16 x float>, ptr %acc2031, align 4
+  %410 = insertelement <16 x i32> poison, i32 %408, i32 0
+  %411 = shufflevector <16 x i32> %410, <16 x i32> poison, <16 x i32> zeroinitializer
+  %412 = bitcast <16 x i32> %411 to <32 x bfloat>
+  %413 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %409, <32 x bfloat> %390, <32 x bfloat> %412)
+  store <16 x float> %413, ptr %acc2031, align 4
+  %414 = getelementptr inbounds i32, ptr %373, i64 %kk42
+  %415 = load i32, ptr %414, align 4
+  %416 = load <16 x float>, ptr %acc3032, align 4
+  %417 = insertelement <16 x i32> poison, i32 %415, i32 0
+  %418 = shufflevector <16 x i32> %417, <16 x i32> poison, <16 x i32> zeroinitializer
+  %419 = bitcast <16 x i32> %418 to <32 x bfloat>
+  %420 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %416, <32 x bfloat> %390, <32 x bfloat> %419)
+  store <16 x float> %420, ptr %acc3032, align 4
+  %421 = add nsw i64 %kk42, 1
+  %422 = mul nsw i64 %421, 32
+  %423 = getelementptr inbounds i16, ptr %382, i64 %422
+  %424 = load <32 x bfloat>, ptr %423, align 4
+  %425 = mul nsw i64 %421, 64
+  %426 = getelementptr inbounds i8, ptr %pf33, i64 %425
+  call void @llvm.prefetch.p0(ptr %426, i32 0, i32 2, i32 1)
+  %427 = getelementptr inbounds i32, ptr %343, i64 %421
+  %428 = load i32, ptr %427, align 4
+  %429 = load <16 x float>, ptr %acc0134, align 4
+  %430 = insertelement <16 x i32> poison, i32 %428, i32 0
+  %431 = shufflevector <16 x i32> %430, <16 x i32> poison, <16 x i32> zeroinitializer
+  %432 = bitcast <16 x i32> %431 to <32 x bfloat>
+  %433 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %429, <32 x bfloat> %424, <32 x bfloat> %432)
+  store <16 x float> %433, ptr %acc0134, align 4
+  %434 = getelementptr inbounds i32, ptr %353, i64 %421
+  %435 = load i32, ptr %434, align 4
+  %436 = load <16 x float>, ptr %acc1135, align 4
+  %437 = insertelement <16 x i32> poison, i32 %435, i32 0
+  %438 = shufflevector <16 x i32> %437, <16 x i32> poison, <16 x i32> zeroinitializer
+  %439 = bitcast <16 x i32> %438 to <32 x bfloat>
+  %440 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %436, <32 x bfloat> %424, <32 x bfloat> %439)
+  store <16 x float> %440, ptr %acc1135, align 4
+  %441 = getelementptr inbounds i32, ptr %363, i64 %421
+  %442 = load i32, ptr %441, align 4
+  %443 = load <16 x float>, ptr %acc2136, align 4
+  %444 = insertelement <16 x i32> poison, i32 %442, i32 0
+  %445 = shufflevector <16 x i32> %444, <16 x i32> poison, <16 x i32> zeroinitializer
+  %446 = bitcast <16 x i32> %445 to <32 x bfloat>
+  %447 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %443, <32 x bfloat> %424, <32 x bfloat> %446)
+  store <16 x float> %447, ptr %acc2136, align 4
+  %448 = getelementptr inbounds i32, ptr %373, i64 %421
+  %449 = load i32, ptr %448, align 4
+  %450 = load <16 x float>, ptr %acc3137, align 4
+  %451 = insertelement <16 x i32> poison, i32 %449, i32 0
+  %452 = shufflevector <16 x i32> %451, <16 x i32> poison, <16 x i32> zeroinitializer
+  %453 = bitcast <16 x i32> %452 to <32 x bfloat>
+  %454 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %450, <32 x bfloat> %424, <32 x bfloat> %453)
+  store <16 x float> %454, ptr %acc3137, align 4
+  %455 = add nsw i64 %kp41, 1
+  br label %kp.head38
 
-kp.end38:                                         ; preds = %kp.head36
-  %430 = load <16 x float>, ptr %acc0132, align 4
-  %431 = load <16 x float>, ptr %acc0028, align 4
-  %sum41 = fadd <16 x float> %431, %430
-  store <16 x float> %sum41, ptr %acc0028, align 4
-  %432 = load <16 x float>, ptr %acc1133, align 4
-  %433 = load <16 x float>, ptr %acc1029, align 4
-  %sum42 = fadd <16 x float> %433, %432
-  store <16 x float> %sum42, ptr %acc1029, align 4
-  %434 = load <16 x float>, ptr %acc2134, align 4
-  %435 = load <16 x float>, ptr %acc2030, align 4
-  %sum43 = fadd <16 x float> %435, %434
-  store <16 x float> %sum43, ptr %acc2030, align 4
-  %436 = load <16 x float>, ptr %acc3135, align 4
-  %437 = load <16 x float>, ptr %acc3031, align 4
-  %sum44 = fadd <16 x float> %437, %436
-  store <16 x float> %sum44, ptr %acc3031, align 4
-  %438 = load <16 x float>, ptr %acc0028, align 4
-  store <16 x float> %438, ptr %331, align 4
-  %439 = load <16 x float>, ptr %acc1029, align 4
-  store <16 x float> %439, ptr %341, align 4
-  %440 = load <16 x float>, ptr %acc2030, align 4
-  store <16 x float> %440, ptr %351, align 4
-  %441 = load <16 x float>, ptr %acc3031, align 4
-  store <16 x float> %441, ptr %361, align 4
+kp.end40:                                         ; preds = %kp.head38
+  %456 = load <16 x float>, ptr %acc0134, align 4
+  %457 = load <16 x float>, ptr %acc0029, align 4
+  %sum43 = fadd <16 x float> %457, %456
+  store <16 x float> %sum43, ptr %acc0029, align 4
+  %458 = load <16 x float>, ptr %acc1135, align 4
+  %459 = load <16 x float>, ptr %acc1030, align 4
+  %sum44 = fadd <16 x float> %459, %458
+  store <16 x float> %sum44, ptr %acc1030, align 4
+  %460 = load <16 x float>, ptr %acc2136, align 4
+  %461 = load <16 x float>, ptr %acc2031, align 4
+  %sum45 = fadd <16 x float> %461, %460
+  store <16 x float> %sum45, ptr %acc2031, align 4
+  %462 = load <16 x float>, ptr %acc3137, align 4
+  %463 = load <16 x float>, ptr %acc3032, align 4
+  %sum46 = fadd <16 x float> %463, %462
+  store <16 x float> %sum46, ptr %acc3032, align 4
+  %464 = load <16 x float>, ptr %acc0029, align 4
+  store <16 x float> %464, ptr %349, align 4
+  %465 = load <16 x float>, ptr %acc1030, align 4
+  store <16 x float> %465, ptr %359, align 4
+  %466 = load <16 x float>, ptr %acc2031, align 4
+  store <16 x float> %466, ptr %369, align 4
+  %467 = load <16 x float>, ptr %acc3032, align 4
+  store <16 x float> %467, ptr %379, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col45 = mul nsw i64 %p, 16
-  %442 = add nsw i64 %r0, 0
-  %443 = mul nsw i64 %442, 768
-  %444 = getelementptr inbounds float, ptr %h, i64 %443
-  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
-  %446 = load i32, ptr %445, align 4
-  %447 = sext i32 %446 to i64
-  %448 = mul nsw i64 %447, 2048
-  %449 = add nsw i64 %448, %col45
-  %450 = getelementptr inbounds float, ptr %y, i64 %449
-  %451 = load <16 x float>, ptr %450, align 4
-  store <16 x float> %451, ptr %acc0046, align 4
-  %452 = add nsw i64 %r0, 1
-  %453 = mul nsw i64 %452, 768
-  %454 = getelementptr inbounds float, ptr %h, i64 %453
-  %455 = getelementptr inbounds i32, ptr %rows, i64 %452
-  %456 = load i32, ptr %455, align 4
-  %457 = sext i32 %456 to i64
-  %458 = mul nsw i64 %457, 2048
-  %459 = add nsw i64 %458, %col45
-  %460 = getelementptr inbounds float, ptr %y, i64 %459
-  %461 = load <16 x float>, ptr %460, align 4
-  store <16 x float> %461, ptr %acc1047, align 4
-  %462 = add nsw i64 %r0, 2
-  %463 = mul nsw i64 %462, 768
-  %464 = getelementptr inbounds float, ptr %h, i64 %463
-  %465 = getelementptr inbounds i32, ptr %rows, i64 %462
-  %466 = load i32, ptr %465, align 4
-  %467 = sext i32 %466 to i64
-  %468 = mul nsw i64 %467, 2048
-  %469 = add nsw i64 %468, %col45
-  %470 = getelementptr inbounds float, ptr %y, i64 %469
-  %471 = load <16 x float>, ptr %470, align 4
-  store <16 x float> %471, ptr %acc2048, align 4
-  %472 = mul nsw i64 %p, 12288
-  %473 = getelementptr inbounds i16, ptr %panels, i64 %472
-  store <16 x float> zeroinitializer, ptr %acc0149, align 4
-  store <16 x float> zeroinitializer, ptr %acc1150, align 4
-  store <16 x float> zeroinitializer, ptr %acc2151, align 4
-  br label %kp.head52
+  %col47 = mul nsw i64 %p, 16
+  %468 = add nsw i64 %r0, 0
+  %469 = mul nsw i64 %468, 768
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
+  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %472 = load i32, ptr %471, align 4
+  %473 = sext i32 %472 to i64
+  %474 = mul nsw i64 %473, 2048
+  %475 = add nsw i64 %474, %col47
+  %476 = getelementptr inbounds float, ptr %y, i64 %475
+  %477 = load <16 x float>, ptr %476, align 4
+  store <16 x float> %477, ptr %acc0048, align 4
+  %478 = add nsw i64 %r0, 1
+  %479 = mul nsw i64 %478, 768
+  %480 = getelementptr inbounds float, ptr %h, i64 %479
+  %481 = getelementptr inbounds i32, ptr %rows, i64 %478
+  %482 = load i32, ptr %481, align 4
+  %483 = sext i32 %482 to i64
+  %484 = mul nsw i64 %483, 2048
+  %485 = add nsw i64 %484, %col47
+  %486 = getelementptr inbounds float, ptr %y, i64 %485
+  %487 = load <16 x float>, ptr %486, align 4
+  store <16 x float> %487, ptr %acc1049, align 4
+  %488 = add nsw i64 %r0, 2
+  %489 = mul nsw i64 %488, 768
+  %490 = getelementptr inbounds float, ptr %h, i64 %489
+  %491 = getelementptr inbounds i32, ptr %rows, i64 %488
+  %492 = load i32, ptr %491, align 4
+  %493 = sext i32 %492 to i64
+  %494 = mul nsw i64 %493, 2048
+  %495 = add nsw i64 %494, %col47
+  %496 = getelementptr inbounds float, ptr %y, i64 %495
+  %497 = load <16 x float>, ptr %496, align 4
+  store <16 x float> %497, ptr %acc2050, align 4
+  %498 = mul nsw i64 %p, 12288
+  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
+  %500 = add nsw i64 %p, 1
+  %501 = icmp slt i64 %500, %p1
+  %502 = getelementptr inbounds i8, ptr %499, i64 24576
+  %503 = and i1 %pf.on, %501
+  %pf51 = select i1 %503, ptr %502, ptr %499
+  store <16 x float> zeroinitializer, ptr %acc0152, align 4
+  store <16 x float> zeroinitializer, ptr %acc1153, align 4
+  store <16 x float> zeroinitializer, ptr %acc2154, align 4
+  br label %kp.head55
 
-kp.head52:                                        ; preds = %kp.body53, %tile.mr3
-  %kp55 = phi i64 [ 0, %tile.mr3 ], [ %524, %kp.body53 ]
-  %474 = icmp slt i64 %kp55, 192
-  br i1 %474, label %kp.body53, label %kp.end54
+kp.head55:                                        ; preds = %kp.body56, %tile.mr3
+  %kp58 = phi i64 [ 0, %tile.mr3 ], [ %558, %kp.body56 ]
+  %504 = icmp slt i64 %kp58, 192
+  br i1 %504, label %kp.body56, label %kp.end57
 
-kp.body53:                                        ; preds = %kp.head52
-  %kk56 = mul nsw i64 %kp55, 2
-  %475 = mul nsw i64 %kk56, 32
-  %476 = getelementptr inbounds i16, ptr %473, i64 %475
-  %477 = load <32 x bfloat>, ptr %476, align 4
-  %478 = getelementptr inbounds i32, ptr %444, i64 %kk56
-  %479 = load i32, ptr %478, align 4
-  %480 = load <16 x float>, ptr %acc0046, align 4
-  %481 = insertelement <16 x i32> poison, i32 %479, i32 0
-  %482 = shufflevector <16 x i32> %481, <16 x i32> poison, <16 x i32> zeroinitializer
-  %483 = bitcast <16 x i32> %482 to <32 x bfloat>
-  %484 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %480, <32 x bfloat> %477, <32 x bfloat> %483)
-  store <16 x float> %484, ptr %acc0046, align 4
-  %485 = getelementptr inbounds i32, ptr %454, i64 %kk56
-  %486 = load i32, ptr %485, align 4
-  %487 = load <16 x float>, ptr %acc1047, align 4
-  %488 = insertelement <16 x i32> poison, i32 %486, i32 0
-  %489 = shufflevector <16 x i32> %488, <16 x i32> poison, <16 x i32> zeroinitializer
-  %490 = bitcast <16 x i32> %489 to <32 x bfloat>
-  %491 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %487, <32 x bfloat> %477, <32 x bfloat> %490)
-  store <16 x float> %491, ptr %acc1047, align 4
-  %492 = getelementptr inbounds i32, ptr %464, i64 %kk56
-  %493 = load i32, ptr %492, align 4
-  %494 = load <16 x float>, ptr %acc2048, align 4
-  %495 = insertelement <16 x i32> poison, i32 %493, i32 0
-  %496 = shufflevector <16 x i32> %495, <16 x i32> poison, <16 x i32> zeroinitializer
-  %497 = bitcast <16 x i32> %496 to <32 x bfloat>
-  %498 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %494, <32 x bfloat> %477, <32 x bfloat> %497)
-  store <16 x float> %498, ptr %acc2048, align 4
-  %499 = add nsw i64 %kk56, 1
-  %500 = mul nsw i64 %499, 32
-  %501 = getelementptr inbounds i16, ptr %473, i64 %500
-  %502 = load <32 x bfloat>, ptr %501, align 4
-  %503 = getelementptr inbounds i32, ptr %444, i64 %499
-  %504 = load i32, ptr %503, align 4
-  %505 = load <16 x float>, ptr %acc0149, align 4
-  %506 = insertelement <16 x i32> poison, i32 %504, i32 0
-  %507 = shufflevector <16 x i32> %506, <16 x i32> poison, <16 x i32> zeroinitializer
-  %508 = bitcast <16 x i32> %507 to <32 x bfloat>
-  %509 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %505, <32 x bfloat> %502, <32 x bfloat> %508)
-  store <16 x float> %509, ptr %acc0149, align 4
-  %510 = getelementptr inbounds i32, ptr %454, i64 %499
+kp.body56:                                        ; preds = %kp.head55
+  %kk59 = mul nsw i64 %kp58, 2
+  %505 = mul nsw i64 %kk59, 32
+  %506 = getelementptr inbounds i16, ptr %499, i64 %505
+  %507 = load <32 x bfloat>, ptr %506, align 4
+  %508 = mul nsw i64 %kk59, 64
+  %509 = getelementptr inbounds i8, ptr %pf51, i64 %508
+  call void @llvm.prefetch.p0(ptr %509, i32 0, i32 2, i32 1)
+  %510 = getelementptr inbounds i32, ptr %470, i64 %kk59
   %511 = load i32, ptr %510, align 4
-  %512 = load <16 x float>, ptr %acc1150, align 4
+  %512 = load <16 x float>, ptr %acc0048, align 4
   %513 = insertelement <16 x i32> poison, i32 %511, i32 0
   %514 = shufflevector <16 x i32> %513, <16 x i32> poison, <16 x i32> zeroinitializer
   %515 = bitcast <16 x i32> %514 to <32 x bfloat>
-  %516 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %512, <32 x bfloat> %502, <32 x bfloat> %515)
-  store <16 x float> %516, ptr %acc1150, align 4
-  %517 = getelementptr inbounds i32, ptr %464, i64 %499
+  %516 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %512, <32 x bfloat> %507, <32 x bfloat> %515)
+  store <16 x float> %516, ptr %acc0048, align 4
+  %517 = getelementptr inbounds i32, ptr %480, i64 %kk59
   %518 = load i32, ptr %517, align 4
-  %519 = load <16 x float>, ptr %acc2151, align 4
+  %519 = load <16 x float>, ptr %acc1049, align 4
   %520 = insertelement <16 x i32> poison, i32 %518, i32 0
   %521 = shufflevector <16 x i32> %520, <16 x i32> poison, <16 x i32> zeroinitializer
   %522 = bitcast <16 x i32> %521 to <32 x bfloat>
-  %523 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %519, <32 x bfloat> %502, <32 x bfloat> %522)
-  store <16 x float> %523, ptr %acc2151, align 4
-  %524 = add nsw i64 %kp55, 1
-  br label %kp.head52
+  %523 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %519, <32 x bfloat> %507, <32 x bfloat> %522)
+  store <16 x float> %523, ptr %acc1049, align 4
+  %524 = getelementptr inbounds i32, ptr %490, i64 %kk59
+  %525 = load i32, ptr %524, align 4
+  %526 = load <16 x float>, ptr %acc2050, align 4
+  %527 = insertelement <16 x i32> poison, i32 %525, i32 0
+  %528 = shufflevector <16 x i32> %527, <16 x i32> poison, <16 x i32> zeroinitializer
+  %529 = bitcast <16 x i32> %528 to <32 x bfloat>
+  %530 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %526, <32 x bfloat> %507, <32 x bfloat> %529)
+  store <16 x float> %530, ptr %acc2050, align 4
+  %531 = add nsw i64 %kk59, 1
+  %532 = mul nsw i64 %531, 32
+  %533 = getelementptr inbounds i16, ptr %499, i64 %532
+  %534 = load <32 x bfloat>, ptr %533, align 4
+  %535 = mul nsw i64 %531, 64
+  %536 = getelementptr inbounds i8, ptr %pf51, i64 %535
+  call void @llvm.prefetch.p0(ptr %536, i32 0, i32 2, i32 1)
+  %537 = getelementptr inbounds i32, ptr %470, i64 %531
+  %538 = load i32, ptr %537, align 4
+  %539 = load <16 x float>, ptr %acc0152, align 4
+  %540 = insertelement <16 x i32> poison, i32 %538, i32 0
+  %541 = shufflevector <16 x i32> %540, <16 x i32> poison, <16 x i32> zeroinitializer
+  %542 = bitcast <16 x i32> %541 to <32 x bfloat>
+  %543 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %539, <32 x bfloat> %534, <32 x bfloat> %542)
+  store <16 x float> %543, ptr %acc0152, align 4
+  %544 = getelementptr inbounds i32, ptr %480, i64 %531
+  %545 = load i32, ptr %544, align 4
+  %546 = load <16 x float>, ptr %acc1153, align 4
+  %547 = insertelement <16 x i32> poison, i32 %545, i32 0
+  %548 = shufflevector <16 x i32> %547, <16 x i32> poison, <16 x i32> zeroinitializer
+  %549 = bitcast <16 x i32> %548 to <32 x bfloat>
+  %550 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %546, <32 x bfloat> %534, <32 x bfloat> %549)
+  store <16 x float> %550, ptr %acc1153, align 4
+  %551 = getelementptr inbounds i32, ptr %490, i64 %531
+  %552 = load i32, ptr %551, align 4
+  %553 = load <16 x float>, ptr %acc2154, align 4
+  %554 = insertelement <16 x i32> poison, i32 %552, i32 0
+  %555 = shufflevector <16 x i32> %554, <16 x i32> poison, <16 x i32> zeroinitializer
+  %556 = bitcast <16 x i32> %555 to <32 x bfloat>
+  %557 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %553, <32 x bfloat> %534, <32 x bfloat> %556)
+  store <16 x float> %557, ptr %acc2154, align 4
+  %558 = add nsw i64 %kp58, 1
+  br label %kp.head55
 
-kp.end54:                                         ; preds = %kp.head52
-  %525 = load <16 x float>, ptr %acc0149, align 4
-  %526 = load <16 x float>, ptr %acc0046, align 4
-  %sum57 = fadd <16 x float> %526, %525
-  store <16 x float> %sum57, ptr %acc0046, align 4
-  %527 = load <16 x float>, ptr %acc1150, align 4
-  %528 = load <16 x float>, ptr %acc1047, align 4
-  %sum58 = fadd <16 x float> %528, %527
-  store <16 x float> %sum58, ptr %acc1047, align 4
-  %529 = load <16 x float>, ptr %acc2151, align 4
-  %530 = load <16 x float>, ptr %acc2048, align 4
-  %sum59 = fadd <16 x float> %530, %529
-  store <16 x float> %sum59, ptr %acc2048, align 4
-  %531 = load <16 x float>, ptr %acc0046, align 4
-  store <16 x float> %531, ptr %450, align 4
-  %532 = load <16 x float>, ptr %acc1047, align 4
-  store <16 x float> %532, ptr %460, align 4
-  %533 = load <16 x float>, ptr %acc2048, align 4
-  store <16 x float> %533, ptr %470, align 4
+kp.end57:                                         ; preds = %kp.head55
+  %559 = load <16 x float>, ptr %acc0152, align 4
+  %560 = load <16 x float>, ptr %acc0048, align 4
+  %sum60 = fadd <16 x float> %560, %559
+  store <16 x float> %sum60, ptr %acc0048, align 4
+  %561 = load <16 x float>, ptr %acc1153, align 4
+  %562 = load <16 x float>, ptr %acc1049, align 4
+  %sum61 = fadd <16 x float> %562, %561
+  store <16 x float> %sum61, ptr %acc1049, align 4
+  %563 = load <16 x float>, ptr %acc2154, align 4
+  %564 = load <16 x float>, ptr %acc2050, align 4
+  %sum62 = fadd <16 x float> %564, %563
+  store <16 x float> %sum62, ptr %acc2050, align 4
+  %565 = load <16 x float>, ptr %acc0048, align 4
+  store <16 x float> %565, ptr %476, align 4
+  %566 = load <16 x float>, ptr %acc1049, align 4
+  store <16 x float> %566, ptr %486, align 4
+  %567 = load <16 x float>, ptr %acc2050, align 4
+  store <16 x float> %567, ptr %496, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col60 = mul nsw i64 %p, 16
-  %534 = add nsw i64 %r0, 0
-  %535 = mul nsw i64 %534, 768
-  %536 = getelementptr inbounds float, ptr %h, i64 %535
-  %537 = getelementptr inbounds i32, ptr %rows, i64 %534
-  %538 = load i32, ptr %537, align 4
-  %539 = sext i32 %538 to i64
-  %540 = mul nsw i64 %539, 2048
-  %541 = add nsw i64 %540, %col60
-  %542 = getelementptr inbounds float, ptr %y, i64 %541
-  %543 = load <16 x float>, ptr %542, align 4
-  store <16 x float> %543, ptr %acc0061, align 4
-  %544 = add nsw i64 %r0, 1
-  %545 = mul nsw i64 %544, 768
-  %546 = getelementptr inbounds float, ptr %h, i64 %545
-  %547 = getelementptr inbounds i32, ptr %rows, i64 %544
-  %548 = load i32, ptr %547, align 4
-  %549 = sext i32 %548 to i64
-  %550 = mul nsw i64 %549, 2048
-  %551 = add nsw i64 %550, %col60
-  %552 = getelementptr inbounds float, ptr %y, i64 %551
-  %553 = load <16 x float>, ptr %552, align 4
-  store <16 x float> %553, ptr %acc1062, align 4
-  %554 = mul nsw i64 %p, 12288
-  %555 = getelementptr inbounds i16, ptr %panels, i64 %554
-  store <16 x float> zeroinitializer, ptr %acc0163, align 4
-  store <16 x float> zeroinitializer, ptr %acc1164, align 4
-  br label %kp.head65
+  %col63 = mul nsw i64 %p, 16
+  %568 = add nsw i64 %r0, 0
+  %569 = mul nsw i64 %568, 768
+  %570 = getelementptr inbounds float, ptr %h, i64 %569
+  %571 = getelementptr inbounds i32, ptr %rows, i64 %568
+  %572 = load i32, ptr %571, align 4
+  %573 = sext i32 %572 to i64
+  %574 = mul nsw i64 %573, 2048
+  %575 = add nsw i64 %574, %col63
+  %576 = getelementptr inbounds float, ptr %y, i64 %575
+  %577 = load <16 x float>, ptr %576, align 4
+  store <16 x float> %577, ptr %acc0064, align 4
+  %578 = add nsw i64 %r0, 1
+  %579 = mul nsw i64 %578, 768
+  %580 = getelementptr inbounds float, ptr %h, i64 %579
+  %581 = getelementptr inbounds i32, ptr %rows, i64 %578
+  %582 = load i32, ptr %581, align 4
+  %583 = sext i32 %582 to i64
+  %584 = mul nsw i64 %583, 2048
+  %585 = add nsw i64 %584, %col63
+  %586 = getelementptr inbounds float, ptr %y, i64 %585
+  %587 = load <16 x float>, ptr %586, align 4
+  store <16 x float> %587, ptr %acc1065, align 4
+  %588 = mul nsw i64 %p, 12288
+  %589 = getelementptr inbounds i16, ptr %panels, i64 %588
+  %590 = add nsw i64 %p, 1
+  %591 = icmp slt i64 %590, %p1
+  %592 = getelementptr inbounds i8, ptr %589, i64 24576
+  %593 = and i1 %pf.on, %591
+  %pf66 = select i1 %593, ptr %592, ptr %589
+  store <16 x float> zeroinitializer, ptr %acc0167, align 4
+  store <16 x float> zeroinitializer, ptr %acc1168, align 4
+  br label %kp.head69
 
-kp.head65:                                        ; preds = %kp.body66, %tile.mr2
-  %kp68 = phi i64 [ 0, %tile.mr2 ], [ %592, %kp.body66 ]
-  %556 = icmp slt i64 %kp68, 192
-  br i1 %556, label %kp.body66, label %kp.end67
+kp.head69:                                        ; preds = %kp.body70, %tile.mr2
+  %kp72 = phi i64 [ 0, %tile.mr2 ], [ %634, %kp.body70 ]
+  %594 = icmp slt i64 %kp72, 192
+  br i1 %594, label %kp.body70, label %kp.end71
 
-kp.body66:                                        ; preds = %kp.head65
-  %kk69 = mul nsw i64 %kp68, 2
-  %557 = mul nsw i64 %kk69, 32
-  %558 = getelementptr inbounds i16, ptr %555, i64 %557
-  %559 = load <32 x bfloat>, ptr %558, align 4
-  %560 = getelementptr inbounds i32, ptr %536, i64 %kk69
-  %561 = load i32, ptr %560, align 4
-  %562 = load <16 x float>, ptr %acc0061, align 4
-  %563 = insertelement <16 x i32> poison, i32 %561, i32 0
-  %564 = shufflevector <16 x i32> %563, <16 x i32> poison, <16 x i32> zeroinitializer
-  %565 = bitcast <16 x i32> %564 to <32 x bfloat>
-  %566 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %562, <32 x bfloat> %559, <32 x bfloat> %565)
-  store <16 x float> %566, ptr %acc0061, align 4
-  %567 = getelementptr inbounds i32, ptr %546, i64 %kk69
-  %568 = load i32, ptr %567, align 4
-  %569 = load <16 x float>, ptr %acc1062, align 4
-  %570 = insertelement <16 x i32> poison, i32 %568, i32 0
-  %571 = shufflevector <16 x i32> %570, <16 x i32> poison, <16 x i32> zeroinitializer
-  %572 = bitcast <16 x i32> %571 to <32 x bfloat>
-  %573 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %569, <32 x bfloat> %559, <32 x bfloat> %572)
-  store <16 x float> %573, ptr %acc1062, align 4
-  %574 = add nsw i64 %kk69, 1
-  %575 = mul nsw i64 %574, 32
-  %576 = getelementptr inbounds i16, ptr %555, i64 %575
-  %577 = load <32 x bfloat>, ptr %576, align 4
-  %578 = getelementptr inbounds i32, ptr %536, i64 %574
-  %579 = load i32, ptr %578, align 4
-  %580 = load <16 x float>, ptr %acc0163, align 4
-  %581 = insertelement <16 x i32> poison, i32 %579, i32 0
-  %582 = shufflevector <16 x i32> %581, <16 x i32> poison, <16 x i32> zeroinitializer
-  %583 = bitcast <16 x i32> %582 to <32 x bfloat>
-  %584 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %580, <32 x bfloat> %577, <32 x bfloat> %583)
-  store <16 x float> %584, ptr %acc0163, align 4
-  %585 = getelementptr inbounds i32, ptr %546, i64 %574
-  %586 = load i32, ptr %585, align 4
-  %587 = load <16 x float>, ptr %acc1164, align 4
-  %588 = insertelement <16 x i32> poison, i32 %586, i32 0
-  %589 = shufflevector <16 x i32> %588, <16 x i32> poison, <16 x i32> zeroinitializer
-  %590 = bitcast <16 x i32> %589 to <32 x bfloat>
-  %591 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %587, <32 x bfloat> %577, <32 x bfloat> %590)
-  store <16 x float> %591, ptr %acc1164, align 4
-  %592 = add nsw i64 %kp68, 1
-  br label %kp.head65
+kp.body70:                                        ; preds = %kp.head69
+  %kk73 = mul nsw i64 %kp72, 2
+  %595 = mul nsw i64 %kk73, 32
+  %596 = getelementptr inbounds i16, ptr %589, i64 %595
+  %597 = load <32 x bfloat>, ptr %596, align 4
+  %598 = mul nsw i64 %kk73, 64
+  %599 = getelementptr inbounds i8, ptr %pf66, i64 %598
+  call void @llvm.prefetch.p0(ptr %599, i32 0, i32 2, i32 1)
+  %600 = getelementptr inbounds i32, ptr %570, i64 %kk73
+  %601 = load i32, ptr %600, align 4
+  %602 = load <16 x float>, ptr %acc0064, align 4
+  %603 = insertelement <16 x i32> poison, i32 %601, i32 0
+  %604 = shufflevector <16 x i32> %603, <16 x i32> poison, <16 x i32> zeroinitializer
+  %605 = bitcast <16 x i32> %604 to <32 x bfloat>
+  %606 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %602, <32 x bfloat> %597, <32 x bfloat> %605)
+  store <16 x float> %606, ptr %acc0064, align 4
+  %607 = getelementptr inbounds i32, ptr %580, i64 %kk73
+  %608 = load i32, ptr %607, align 4
+  %609 = load <16 x float>, ptr %acc1065, align 4
+  %610 = insertelement <16 x i32> poison, i32 %608, i32 0
+  %611 = shufflevector <16 x i32> %610, <16 x i32> poison, <16 x i32> zeroinitializer
+  %612 = bitcast <16 x i32> %611 to <32 x bfloat>
+  %613 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %609, <32 x bfloat> %597, <32 x bfloat> %612)
+  store <16 x float> %613, ptr %acc1065, align 4
+  %614 = add nsw i64 %kk73, 1
+  %615 = mul nsw i64 %614, 32
+  %616 = getelementptr inbounds i16, ptr %589, i64 %615
+  %617 = load <32 x bfloat>, ptr %616, align 4
+  %618 = mul nsw i64 %614, 64
+  %619 = getelementptr inbounds i8, ptr %pf66, i64 %618
+  call void @llvm.prefetch.p0(ptr %619, i32 0, i32 2, i32 1)
+  %620 = getelementptr inbounds i32, ptr %570, i64 %614
+  %621 = load i32, ptr %620, align 4
+  %622 = load <16 x float>, ptr %acc0167, align 4
+  %623 = insertelement <16 x i32> poison, i32 %621, i32 0
+  %624 = shufflevector <16 x i32> %623, <16 x i32> poison, <16 x i32> zeroinitializer
+  %625 = bitcast <16 x i32> %624 to <32 x bfloat>
+  %626 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %622, <32 x bfloat> %617, <32 x bfloat> %625)
+  store <16 x float> %626, ptr %acc0167, align 4
+  %627 = getelementptr inbounds i32, ptr %580, i64 %614
+  %628 = load i32, ptr %627, align 4
+  %629 = load <16 x float>, ptr %acc1168, align 4
+  %630 = insertelement <16 x i32> poison, i32 %628, i32 0
+  %631 = shufflevector <16 x i32> %630, <16 x i32> poison, <16 x i32> zeroinitializer
+  %632 = bitcast <16 x i32> %631 to <32 x bfloat>
+  %633 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %629, <32 x bfloat> %617, <32 x bfloat> %632)
+  store <16 x float> %633, ptr %acc1168, align 4
+  %634 = add nsw i64 %kp72, 1
+  br label %kp.head69
 
-kp.end67:                                         ; preds = %kp.head65
-  %593 = load <16 x float>, ptr %acc0163, align 4
-  %594 = load <16 x float>, ptr %acc0061, align 4
-  %sum70 = fadd <16 x float> %594, %593
-  store <16 x float> %sum70, ptr %acc0061, align 4
-  %595 = load <16 x float>, ptr %acc1164, align 4
-  %596 = load <16 x float>, ptr %acc1062, align 4
-  %sum71 = fadd <16 x float> %596, %595
-  store <16 x float> %sum71, ptr %acc1062, align 4
-  %597 = load <16 x float>, ptr %acc0061, align 4
-  store <16 x float> %597, ptr %542, align 4
-  %598 = load <16 x float>, ptr %acc1062, align 4
-  store <16 x float> %598, ptr %552, align 4
+kp.end71:                                         ; preds = %kp.head69
+  %635 = load <16 x float>, ptr %acc0167, align 4
+  %636 = load <16 x float>, ptr %acc0064, align 4
+  %sum74 = fadd <16 x float> %636, %635
+  store <16 x float> %sum74, ptr %acc0064, align 4
+  %637 = load <16 x float>, ptr %acc1168, align 4
+  %638 = load <16 x float>, ptr %acc1065, align 4
+  %sum75 = fadd <16 x float> %638, %637
+  store <16 x float> %sum75, ptr %acc1065, align 4
+  %639 = load <16 x float>, ptr %acc0064, align 4
+  store <16 x float> %639, ptr %576, align 4
+  %640 = load <16 x float>, ptr %acc1065, align 4
+  store <16 x float> %640, ptr %586, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col72 = mul nsw i64 %p, 16
-  %599 = add nsw i64 %r0, 0
-  %600 = mul nsw i64 %599, 768
-  %601 = getelementptr inbounds float, ptr %h, i64 %600
-  %602 = getelementptr inbounds i32, ptr %rows, i64 %599
-  %603 = load i32, ptr %602, align 4
-  %604 = sext i32 %603 to i64
-  %605 = mul nsw i64 %604, 2048
-  %606 = add nsw i64 %605, %col72
-  %607 = getelementptr inbounds float, ptr %y, i64 %606
-  %608 = load <16 x float>, ptr %607, align 4
-  store <16 x float> %608, ptr %acc0073, align 4
-  %609 = mul nsw i64 %p, 12288
-  %610 = getelementptr inbounds i16, ptr %panels, i64 %609
-  store <16 x float> zeroinitializer, ptr %acc0174, align 4
-  br label %kp.head75
+  %col76 = mul nsw i64 %p, 16
+  %641 = add nsw i64 %r0, 0
+  %642 = mul nsw i64 %641, 768
+  %643 = getelementptr inbounds float, ptr %h, i64 %642
+  %644 = getelementptr inbounds i32, ptr %rows, i64 %641
+  %645 = load i32, ptr %644, align 4
+  %646 = sext i32 %645 to i64
+  %647 = mul nsw i64 %646, 2048
+  %648 = add nsw i64 %647, %col76
+  %649 = getelementptr inbounds float, ptr %y, i64 %648
+  %650 = load <16 x float>, ptr %649, align 4
+  store <16 x float> %650, ptr %acc0077, align 4
+  %651 = mul nsw i64 %p, 12288
+  %652 = getelementptr inbounds i16, ptr %panels, i64 %651
+  %653 = add nsw i64 %p, 1
+  %654 = icmp slt i64 %653, %p1
+  %655 = getelementptr inbounds i8, ptr %652, i64 24576
+  %656 = and i1 %pf.on, %654
+  %pf78 = select i1 %656, ptr %655, ptr %652
+  store <16 x float> zeroinitializer, ptr %acc0179, align 4
+  br label %kp.head80
 
-kp.head75:                                        ; preds = %kp.body76, %tile.mr1
-  %kp78 = phi i64 [ 0, %tile.mr1 ], [ %633, %kp.body76 ]
-  %611 = icmp slt i64 %kp78, 192
-  br i1 %611, label %kp.body76, label %kp.end77
+kp.head80:                                        ; preds = %kp.body81, %tile.mr1
+  %kp83 = phi i64 [ 0, %tile.mr1 ], [ %683, %kp.body81 ]
+  %657 = icmp slt i64 %kp83, 192
+  br i1 %657, label %kp.body81, label %kp.end82
 
-kp.body76:                                        ; preds = %kp.head75
-  %kk79 = mul nsw i64 %kp78, 2
-  %612 = mul nsw i64 %kk79, 32
-  %613 = getelementptr inbounds i16, ptr %610, i64 %612
-  %614 = load <32 x bfloat>, ptr %613, align 4
-  %615 = getelementptr inbounds i32, ptr %601, i64 %kk79
-  %616 = load i32, ptr %615, align 4
-  %617 = load <16 x float>, ptr %acc0073, align 4
-  %618 = insertelement <16 x i32> poison, i32 %616, i32 0
-  %619 = shufflevector <16 x i32> %618, <16 x i32> poison, <16 x i32> zeroinitializer
-  %620 = bitcast <16 x i32> %619 to <32 x bfloat>
-  %621 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %617, <32 x bfloat> %614, <32 x bfloat> %620)
-  store <16 x float> %621, ptr %acc0073, align 4
-  %622 = add nsw i64 %kk79, 1
-  %623 = mul nsw i64 %622, 32
-  %624 = getelementptr inbounds i16, ptr %610, i64 %623
-  %625 = load <32 x bfloat>, ptr %624, align 4
-  %626 = getelementptr inbounds i32, ptr %601, i64 %622
-  %627 = load i32, ptr %626, align 4
-  %628 = load <16 x float>, ptr %acc0174, align 4
-  %629 = insertelement <16 x i32> poison, i32 %627, i32 0
-  %630 = shufflevector <16 x i32> %629, <16 x i32> poison, <16 x i32> zeroinitializer
-  %631 = bitcast <16 x i32> %630 to <32 x bfloat>
-  %632 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %628, <32 x bfloat> %625, <32 x bfloat> %631)
-  store <16 x float> %632, ptr %acc0174, align 4
-  %633 = add nsw i64 %kp78, 1
-  br label %kp.head75
+kp.body81:                                        ; preds = %kp.head80
+  %kk84 = mul nsw i64 %kp83, 2
+  %658 = mul nsw i64 %kk84, 32
+  %659 = getelementptr inbounds i16, ptr %652, i64 %658
+  %660 = load <32 x bfloat>, ptr %659, align 4
+  %661 = mul nsw i64 %kk84, 64
+  %662 = getelementptr inbounds i8, ptr %pf78, i64 %661
+  call void @llvm.prefetch.p0(ptr %662, i32 0, i32 2, i32 1)
+  %663 = getelementptr inbounds i32, ptr %643, i64 %kk84
+  %664 = load i32, ptr %663, align 4
+  %665 = load <16 x float>, ptr %acc0077, align 4
+  %666 = insertelement <16 x i32> poison, i32 %664, i32 0
+  %667 = shufflevector <16 x i32> %666, <16 x i32> poison, <16 x i32> zeroinitializer
+  %668 = bitcast <16 x i32> %667 to <32 x bfloat>
+  %669 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %665, <32 x bfloat> %660, <32 x bfloat> %668)
+  store <16 x float> %669, ptr %acc0077, align 4
+  %670 = add nsw i64 %kk84, 1
+  %671 = mul nsw i64 %670, 32
+  %672 = getelementptr inbounds i16, ptr %652, i64 %671
+  %673 = load <32 x bfloat>, ptr %672, align 4
+  %674 = mul nsw i64 %670, 64
+  %675 = getelementptr inbounds i8, ptr %pf78, i64 %674
+  call void @llvm.prefetch.p0(ptr %675, i32 0, i32 2, i32 1)
+  %676 = getelementptr inbounds i32, ptr %643, i64 %670
+  %677 = load i32, ptr %676, align 4
+  %678 = load <16 x float>, ptr %acc0179, align 4
+  %679 = insertelement <16 x i32> poison, i32 %677, i32 0
+  %680 = shufflevector <16 x i32> %679, <16 x i32> poison, <16 x i32> zeroinitializer
+  %681 = bitcast <16 x i32> %680 to <32 x bfloat>
+  %682 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %678, <32 x bfloat> %673, <32 x bfloat> %681)
+  store <16 x float> %682, ptr %acc0179, align 4
+  %683 = add nsw i64 %kp83, 1
+  br label %kp.head80
 
-kp.end77:                                         ; preds = %kp.head75
-  %634 = load <16 x float>, ptr %acc0174, align 4
-  %635 = load <16 x float>, ptr %acc0073, align 4
-  %sum80 = fadd <16 x float> %635, %634
-  store <16 x float> %sum80, ptr %acc0073, align 4
-  %636 = load <16 x float>, ptr %acc0073, align 4
-  store <16 x float> %636, ptr %607, align 4
+kp.end82:                                         ; preds = %kp.head80
+  %684 = load <16 x float>, ptr %acc0179, align 4
+  %685 = load <16 x float>, ptr %acc0077, align 4
+  %sum85 = fadd <16 x float> %685, %684
+  store <16 x float> %sum85, ptr %acc0077, align 4
+  %686 = load <16 x float>, ptr %acc0077, align 4
+  store <16 x float> %686, ptr %649, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %kp.end77, %kp.end67, %kp.end54, %kp.end38, %kp.end19, %kp.end
-  %637 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %kp.end82, %kp.end71, %kp.end57, %kp.end40, %kp.end20, %kp.end
+  %687 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %638 = add nsw i64 %p, 1
+  %688 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3604,4 +3745,5 @@ p.end:                                            ; preds = %p.head
 
 attributes #0 = { nounwind }
 attributes #1 = { nocallback nofree nosync nounwind willreturn memory(none) }
-attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #3 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

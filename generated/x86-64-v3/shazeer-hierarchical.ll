@@ -2528,33 +2528,33 @@ entry:
   %acc3113 = alloca <8 x float>, align 32
   %acc4014 = alloca <8 x float>, align 32
   %acc4115 = alloca <8 x float>, align 32
-  %acc0026 = alloca <8 x float>, align 32
-  %acc0127 = alloca <8 x float>, align 32
-  %acc1028 = alloca <8 x float>, align 32
-  %acc1129 = alloca <8 x float>, align 32
-  %acc2030 = alloca <8 x float>, align 32
-  %acc2131 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0057 = alloca <8 x float>, align 32
-  %acc0158 = alloca <8 x float>, align 32
-  %acc1059 = alloca <8 x float>, align 32
-  %acc1160 = alloca <8 x float>, align 32
-  %acc0068 = alloca <8 x float>, align 32
-  %acc0169 = alloca <8 x float>, align 32
+  %acc0027 = alloca <8 x float>, align 32
+  %acc0128 = alloca <8 x float>, align 32
+  %acc1029 = alloca <8 x float>, align 32
+  %acc1130 = alloca <8 x float>, align 32
+  %acc2031 = alloca <8 x float>, align 32
+  %acc2132 = alloca <8 x float>, align 32
+  %acc3033 = alloca <8 x float>, align 32
+  %acc3134 = alloca <8 x float>, align 32
+  %acc0045 = alloca <8 x float>, align 32
+  %acc0146 = alloca <8 x float>, align 32
+  %acc1047 = alloca <8 x float>, align 32
+  %acc1148 = alloca <8 x float>, align 32
+  %acc2049 = alloca <8 x float>, align 32
+  %acc2150 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0072 = alloca <8 x float>, align 32
+  %acc0173 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %751, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %795, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -2562,7 +2562,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %750, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %794, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -2570,6 +2570,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2579,994 +2582,1051 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 512
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 512
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 512
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 512
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 512
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 512
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 512
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 512
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 512
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 512
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 512
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 512
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 8192
+  %41 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 32768
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %95, %k.body ]
-  %39 = icmp slt i64 %k, 512
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %104, %k.body ]
+  %46 = icmp slt i64 %k, 512
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds float, ptr %panels, i64 %41
-  %43 = load <8 x float>, ptr %42, align 4
-  %44 = add nsw i64 %41, 8
-  %45 = getelementptr inbounds float, ptr %panels, i64 %44
-  %46 = load <8 x float>, ptr %45, align 4
-  %47 = getelementptr inbounds float, ptr %8, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc00, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %43, <8 x float> %51)
-  store <8 x float> %52, ptr %acc00, align 4
-  %53 = load <8 x float>, ptr %acc01, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %46, <8 x float> %53)
-  store <8 x float> %54, ptr %acc01, align 4
-  %55 = getelementptr inbounds float, ptr %14, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc10, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %43, <8 x float> %59)
-  store <8 x float> %60, ptr %acc10, align 4
-  %61 = load <8 x float>, ptr %acc11, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %46, <8 x float> %61)
-  store <8 x float> %62, ptr %acc11, align 4
-  %63 = getelementptr inbounds float, ptr %20, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc20, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %43, <8 x float> %67)
-  store <8 x float> %68, ptr %acc20, align 4
-  %69 = load <8 x float>, ptr %acc21, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %46, <8 x float> %69)
-  store <8 x float> %70, ptr %acc21, align 4
-  %71 = getelementptr inbounds float, ptr %26, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc30, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %43, <8 x float> %75)
-  store <8 x float> %76, ptr %acc30, align 4
-  %77 = load <8 x float>, ptr %acc31, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %46, <8 x float> %77)
-  store <8 x float> %78, ptr %acc31, align 4
-  %79 = getelementptr inbounds float, ptr %32, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc40, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %43, <8 x float> %83)
-  store <8 x float> %84, ptr %acc40, align 4
-  %85 = load <8 x float>, ptr %acc41, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %46, <8 x float> %85)
-  store <8 x float> %86, ptr %acc41, align 4
-  %87 = getelementptr inbounds float, ptr %38, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc50, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %43, <8 x float> %91)
-  store <8 x float> %92, ptr %acc50, align 4
-  %93 = load <8 x float>, ptr %acc51, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %46, <8 x float> %93)
-  store <8 x float> %94, ptr %acc51, align 4
-  %95 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 64
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds float, ptr %panels, i64 %48
+  %52 = load <8 x float>, ptr %51, align 4
+  %53 = add nsw i64 %48, 8
+  %54 = getelementptr inbounds float, ptr %panels, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  %56 = getelementptr inbounds float, ptr %10, i64 %k
+  %57 = load float, ptr %56, align 4
+  %58 = insertelement <8 x float> poison, float %57, i32 0
+  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
+  %60 = load <8 x float>, ptr %acc00, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %52, <8 x float> %60)
+  store <8 x float> %61, ptr %acc00, align 4
+  %62 = load <8 x float>, ptr %acc01, align 4
+  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %55, <8 x float> %62)
+  store <8 x float> %63, ptr %acc01, align 4
+  %64 = getelementptr inbounds float, ptr %16, i64 %k
+  %65 = load float, ptr %64, align 4
+  %66 = insertelement <8 x float> poison, float %65, i32 0
+  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
+  %68 = load <8 x float>, ptr %acc10, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %52, <8 x float> %68)
+  store <8 x float> %69, ptr %acc10, align 4
+  %70 = load <8 x float>, ptr %acc11, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %55, <8 x float> %70)
+  store <8 x float> %71, ptr %acc11, align 4
+  %72 = getelementptr inbounds float, ptr %22, i64 %k
+  %73 = load float, ptr %72, align 4
+  %74 = insertelement <8 x float> poison, float %73, i32 0
+  %75 = shufflevector <8 x float> %74, <8 x float> poison, <8 x i32> zeroinitializer
+  %76 = load <8 x float>, ptr %acc20, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %52, <8 x float> %76)
+  store <8 x float> %77, ptr %acc20, align 4
+  %78 = load <8 x float>, ptr %acc21, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %55, <8 x float> %78)
+  store <8 x float> %79, ptr %acc21, align 4
+  %80 = getelementptr inbounds float, ptr %28, i64 %k
+  %81 = load float, ptr %80, align 4
+  %82 = insertelement <8 x float> poison, float %81, i32 0
+  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
+  %84 = load <8 x float>, ptr %acc30, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %52, <8 x float> %84)
+  store <8 x float> %85, ptr %acc30, align 4
+  %86 = load <8 x float>, ptr %acc31, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %55, <8 x float> %86)
+  store <8 x float> %87, ptr %acc31, align 4
+  %88 = getelementptr inbounds float, ptr %34, i64 %k
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <8 x float> poison, float %89, i32 0
+  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
+  %92 = load <8 x float>, ptr %acc40, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %52, <8 x float> %92)
+  store <8 x float> %93, ptr %acc40, align 4
+  %94 = load <8 x float>, ptr %acc41, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %55, <8 x float> %94)
+  store <8 x float> %95, ptr %acc41, align 4
+  %96 = getelementptr inbounds float, ptr %40, i64 %k
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = load <8 x float>, ptr %acc50, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %52, <8 x float> %100)
+  store <8 x float> %101, ptr %acc50, align 4
+  %102 = load <8 x float>, ptr %acc51, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %55, <8 x float> %102)
+  store <8 x float> %103, ptr %acc51, align 4
+  %104 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %96 = add nsw i64 %r0, 0
-  %97 = getelementptr inbounds float, ptr %rw, i64 %96
-  %98 = load float, ptr %97, align 4
-  %99 = insertelement <8 x float> poison, float %98, i32 0
-  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
-  %101 = mul nsw i64 %96, 1024
-  %102 = getelementptr inbounds float, ptr %h, i64 %101
+  %105 = add nsw i64 %r0, 0
+  %106 = getelementptr inbounds float, ptr %rw, i64 %105
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = mul nsw i64 %105, 1024
+  %111 = getelementptr inbounds float, ptr %h, i64 %110
   %col = mul nsw i64 %p, 16
-  %103 = load <8 x float>, ptr %acc00, align 4
-  %104 = load <8 x float>, ptr %acc01, align 4
-  %105 = add nsw i64 %col, 0
-  %106 = fcmp ogt <8 x float> %103, zeroinitializer
-  %107 = select <8 x i1> %106, <8 x float> %103, <8 x float> zeroinitializer
-  %108 = fmul <8 x float> %107, %100
-  %109 = getelementptr inbounds float, ptr %102, i64 %105
-  store <8 x float> %108, ptr %109, align 4
-  %110 = add nsw i64 %col, 8
-  %111 = fcmp ogt <8 x float> %104, zeroinitializer
-  %112 = select <8 x i1> %111, <8 x float> %104, <8 x float> zeroinitializer
-  %113 = fmul <8 x float> %112, %100
-  %114 = getelementptr inbounds float, ptr %102, i64 %110
-  store <8 x float> %113, ptr %114, align 4
-  %115 = add nsw i64 %r0, 1
-  %116 = getelementptr inbounds float, ptr %rw, i64 %115
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = mul nsw i64 %115, 1024
-  %121 = getelementptr inbounds float, ptr %h, i64 %120
+  %112 = load <8 x float>, ptr %acc00, align 4
+  %113 = load <8 x float>, ptr %acc01, align 4
+  %114 = add nsw i64 %col, 0
+  %115 = fcmp ogt <8 x float> %112, zeroinitializer
+  %116 = select <8 x i1> %115, <8 x float> %112, <8 x float> zeroinitializer
+  %117 = fmul <8 x float> %116, %109
+  %118 = getelementptr inbounds float, ptr %111, i64 %114
+  store <8 x float> %117, ptr %118, align 4
+  %119 = add nsw i64 %col, 8
+  %120 = fcmp ogt <8 x float> %113, zeroinitializer
+  %121 = select <8 x i1> %120, <8 x float> %113, <8 x float> zeroinitializer
+  %122 = fmul <8 x float> %121, %109
+  %123 = getelementptr inbounds float, ptr %111, i64 %119
+  store <8 x float> %122, ptr %123, align 4
+  %124 = add nsw i64 %r0, 1
+  %125 = getelementptr inbounds float, ptr %rw, i64 %124
+  %126 = load float, ptr %125, align 4
+  %127 = insertelement <8 x float> poison, float %126, i32 0
+  %128 = shufflevector <8 x float> %127, <8 x float> poison, <8 x i32> zeroinitializer
+  %129 = mul nsw i64 %124, 1024
+  %130 = getelementptr inbounds float, ptr %h, i64 %129
   %col1 = mul nsw i64 %p, 16
-  %122 = load <8 x float>, ptr %acc10, align 4
-  %123 = load <8 x float>, ptr %acc11, align 4
-  %124 = add nsw i64 %col1, 0
-  %125 = fcmp ogt <8 x float> %122, zeroinitializer
-  %126 = select <8 x i1> %125, <8 x float> %122, <8 x float> zeroinitializer
-  %127 = fmul <8 x float> %126, %119
-  %128 = getelementptr inbounds float, ptr %121, i64 %124
-  store <8 x float> %127, ptr %128, align 4
-  %129 = add nsw i64 %col1, 8
-  %130 = fcmp ogt <8 x float> %123, zeroinitializer
-  %131 = select <8 x i1> %130, <8 x float> %123, <8 x float> zeroinitializer
-  %132 = fmul <8 x float> %131, %119
-  %133 = getelementptr inbounds float, ptr %121, i64 %129
-  store <8 x float> %132, ptr %133, align 4
-  %134 = add nsw i64 %r0, 2
-  %135 = getelementptr inbounds float, ptr %rw, i64 %134
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = mul nsw i64 %134, 1024
-  %140 = getelementptr inbounds float, ptr %h, i64 %139
+  %131 = load <8 x float>, ptr %acc10, align 4
+  %132 = load <8 x float>, ptr %acc11, align 4
+  %133 = add nsw i64 %col1, 0
+  %134 = fcmp ogt <8 x float> %131, zeroinitializer
+  %135 = select <8 x i1> %134, <8 x float> %131, <8 x float> zeroinitializer
+  %136 = fmul <8 x float> %135, %128
+  %137 = getelementptr inbounds float, ptr %130, i64 %133
+  store <8 x float> %136, ptr %137, align 4
+  %138 = add nsw i64 %col1, 8
+  %139 = fcmp ogt <8 x float> %132, zeroinitializer
+  %140 = select <8 x i1> %139, <8 x float> %132, <8 x float> zeroinitializer
+  %141 = fmul <8 x float> %140, %128
+  %142 = getelementptr inbounds float, ptr %130, i64 %138
+  store <8 x float> %141, ptr %142, align 4
+  %143 = add nsw i64 %r0, 2
+  %144 = getelementptr inbounds float, ptr %rw, i64 %143
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = mul nsw i64 %143, 1024
+  %149 = getelementptr inbounds float, ptr %h, i64 %148
   %col2 = mul nsw i64 %p, 16
-  %141 = load <8 x float>, ptr %acc20, align 4
-  %142 = load <8 x float>, ptr %acc21, align 4
-  %143 = add nsw i64 %col2, 0
-  %144 = fcmp ogt <8 x float> %141, zeroinitializer
-  %145 = select <8 x i1> %144, <8 x float> %141, <8 x float> zeroinitializer
-  %146 = fmul <8 x float> %145, %138
-  %147 = getelementptr inbounds float, ptr %140, i64 %143
-  store <8 x float> %146, ptr %147, align 4
-  %148 = add nsw i64 %col2, 8
-  %149 = fcmp ogt <8 x float> %142, zeroinitializer
-  %150 = select <8 x i1> %149, <8 x float> %142, <8 x float> zeroinitializer
-  %151 = fmul <8 x float> %150, %138
-  %152 = getelementptr inbounds float, ptr %140, i64 %148
-  store <8 x float> %151, ptr %152, align 4
-  %153 = add nsw i64 %r0, 3
-  %154 = getelementptr inbounds float, ptr %rw, i64 %153
-  %155 = load float, ptr %154, align 4
-  %156 = insertelement <8 x float> poison, float %155, i32 0
-  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
-  %158 = mul nsw i64 %153, 1024
-  %159 = getelementptr inbounds float, ptr %h, i64 %158
+  %150 = load <8 x float>, ptr %acc20, align 4
+  %151 = load <8 x float>, ptr %acc21, align 4
+  %152 = add nsw i64 %col2, 0
+  %153 = fcmp ogt <8 x float> %150, zeroinitializer
+  %154 = select <8 x i1> %153, <8 x float> %150, <8 x float> zeroinitializer
+  %155 = fmul <8 x float> %154, %147
+  %156 = getelementptr inbounds float, ptr %149, i64 %152
+  store <8 x float> %155, ptr %156, align 4
+  %157 = add nsw i64 %col2, 8
+  %158 = fcmp ogt <8 x float> %151, zeroinitializer
+  %159 = select <8 x i1> %158, <8 x float> %151, <8 x float> zeroinitializer
+  %160 = fmul <8 x float> %159, %147
+  %161 = getelementptr inbounds float, ptr %149, i64 %157
+  store <8 x float> %160, ptr %161, align 4
+  %162 = add nsw i64 %r0, 3
+  %163 = getelementptr inbounds float, ptr %rw, i64 %162
+  %164 = load float, ptr %163, align 4
+  %165 = insertelement <8 x float> poison, float %164, i32 0
+  %166 = shufflevector <8 x float> %165, <8 x float> poison, <8 x i32> zeroinitializer
+  %167 = mul nsw i64 %162, 1024
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
   %col3 = mul nsw i64 %p, 16
-  %160 = load <8 x float>, ptr %acc30, align 4
-  %161 = load <8 x float>, ptr %acc31, align 4
-  %162 = add nsw i64 %col3, 0
-  %163 = fcmp ogt <8 x float> %160, zeroinitializer
-  %164 = select <8 x i1> %163, <8 x float> %160, <8 x float> zeroinitializer
-  %165 = fmul <8 x float> %164, %157
-  %166 = getelementptr inbounds float, ptr %159, i64 %162
-  store <8 x float> %165, ptr %166, align 4
-  %167 = add nsw i64 %col3, 8
-  %168 = fcmp ogt <8 x float> %161, zeroinitializer
-  %169 = select <8 x i1> %168, <8 x float> %161, <8 x float> zeroinitializer
-  %170 = fmul <8 x float> %169, %157
-  %171 = getelementptr inbounds float, ptr %159, i64 %167
-  store <8 x float> %170, ptr %171, align 4
-  %172 = add nsw i64 %r0, 4
-  %173 = getelementptr inbounds float, ptr %rw, i64 %172
-  %174 = load float, ptr %173, align 4
-  %175 = insertelement <8 x float> poison, float %174, i32 0
-  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
-  %177 = mul nsw i64 %172, 1024
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %169 = load <8 x float>, ptr %acc30, align 4
+  %170 = load <8 x float>, ptr %acc31, align 4
+  %171 = add nsw i64 %col3, 0
+  %172 = fcmp ogt <8 x float> %169, zeroinitializer
+  %173 = select <8 x i1> %172, <8 x float> %169, <8 x float> zeroinitializer
+  %174 = fmul <8 x float> %173, %166
+  %175 = getelementptr inbounds float, ptr %168, i64 %171
+  store <8 x float> %174, ptr %175, align 4
+  %176 = add nsw i64 %col3, 8
+  %177 = fcmp ogt <8 x float> %170, zeroinitializer
+  %178 = select <8 x i1> %177, <8 x float> %170, <8 x float> zeroinitializer
+  %179 = fmul <8 x float> %178, %166
+  %180 = getelementptr inbounds float, ptr %168, i64 %176
+  store <8 x float> %179, ptr %180, align 4
+  %181 = add nsw i64 %r0, 4
+  %182 = getelementptr inbounds float, ptr %rw, i64 %181
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = mul nsw i64 %181, 1024
+  %187 = getelementptr inbounds float, ptr %h, i64 %186
   %col4 = mul nsw i64 %p, 16
-  %179 = load <8 x float>, ptr %acc40, align 4
-  %180 = load <8 x float>, ptr %acc41, align 4
-  %181 = add nsw i64 %col4, 0
-  %182 = fcmp ogt <8 x float> %179, zeroinitializer
-  %183 = select <8 x i1> %182, <8 x float> %179, <8 x float> zeroinitializer
-  %184 = fmul <8 x float> %183, %176
-  %185 = getelementptr inbounds float, ptr %178, i64 %181
-  store <8 x float> %184, ptr %185, align 4
-  %186 = add nsw i64 %col4, 8
-  %187 = fcmp ogt <8 x float> %180, zeroinitializer
-  %188 = select <8 x i1> %187, <8 x float> %180, <8 x float> zeroinitializer
-  %189 = fmul <8 x float> %188, %176
-  %190 = getelementptr inbounds float, ptr %178, i64 %186
-  store <8 x float> %189, ptr %190, align 4
-  %191 = add nsw i64 %r0, 5
-  %192 = getelementptr inbounds float, ptr %rw, i64 %191
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <8 x float> poison, float %193, i32 0
-  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
-  %196 = mul nsw i64 %191, 1024
-  %197 = getelementptr inbounds float, ptr %h, i64 %196
+  %188 = load <8 x float>, ptr %acc40, align 4
+  %189 = load <8 x float>, ptr %acc41, align 4
+  %190 = add nsw i64 %col4, 0
+  %191 = fcmp ogt <8 x float> %188, zeroinitializer
+  %192 = select <8 x i1> %191, <8 x float> %188, <8 x float> zeroinitializer
+  %193 = fmul <8 x float> %192, %185
+  %194 = getelementptr inbounds float, ptr %187, i64 %190
+  store <8 x float> %193, ptr %194, align 4
+  %195 = add nsw i64 %col4, 8
+  %196 = fcmp ogt <8 x float> %189, zeroinitializer
+  %197 = select <8 x i1> %196, <8 x float> %189, <8 x float> zeroinitializer
+  %198 = fmul <8 x float> %197, %185
+  %199 = getelementptr inbounds float, ptr %187, i64 %195
+  store <8 x float> %198, ptr %199, align 4
+  %200 = add nsw i64 %r0, 5
+  %201 = getelementptr inbounds float, ptr %rw, i64 %200
+  %202 = load float, ptr %201, align 4
+  %203 = insertelement <8 x float> poison, float %202, i32 0
+  %204 = shufflevector <8 x float> %203, <8 x float> poison, <8 x i32> zeroinitializer
+  %205 = mul nsw i64 %200, 1024
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
   %col5 = mul nsw i64 %p, 16
-  %198 = load <8 x float>, ptr %acc50, align 4
-  %199 = load <8 x float>, ptr %acc51, align 4
-  %200 = add nsw i64 %col5, 0
-  %201 = fcmp ogt <8 x float> %198, zeroinitializer
-  %202 = select <8 x i1> %201, <8 x float> %198, <8 x float> zeroinitializer
-  %203 = fmul <8 x float> %202, %195
-  %204 = getelementptr inbounds float, ptr %197, i64 %200
-  store <8 x float> %203, ptr %204, align 4
-  %205 = add nsw i64 %col5, 8
-  %206 = fcmp ogt <8 x float> %199, zeroinitializer
-  %207 = select <8 x i1> %206, <8 x float> %199, <8 x float> zeroinitializer
-  %208 = fmul <8 x float> %207, %195
-  %209 = getelementptr inbounds float, ptr %197, i64 %205
-  store <8 x float> %208, ptr %209, align 4
+  %207 = load <8 x float>, ptr %acc50, align 4
+  %208 = load <8 x float>, ptr %acc51, align 4
+  %209 = add nsw i64 %col5, 0
+  %210 = fcmp ogt <8 x float> %207, zeroinitializer
+  %211 = select <8 x i1> %210, <8 x float> %207, <8 x float> zeroinitializer
+  %212 = fmul <8 x float> %211, %204
+  %213 = getelementptr inbounds float, ptr %206, i64 %209
+  store <8 x float> %212, ptr %213, align 4
+  %214 = add nsw i64 %col5, 8
+  %215 = fcmp ogt <8 x float> %208, zeroinitializer
+  %216 = select <8 x i1> %215, <8 x float> %208, <8 x float> zeroinitializer
+  %217 = fmul <8 x float> %216, %204
+  %218 = getelementptr inbounds float, ptr %206, i64 %214
+  store <8 x float> %217, ptr %218, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %210 = add nsw i64 %r0, 0
-  %211 = getelementptr inbounds i32, ptr %rows, i64 %210
-  %212 = load i32, ptr %211, align 4
-  %213 = sext i32 %212 to i64
-  %214 = mul nsw i64 %213, 512
-  %215 = getelementptr inbounds float, ptr %x, i64 %214
+  %219 = add nsw i64 %r0, 0
+  %220 = getelementptr inbounds i32, ptr %rows, i64 %219
+  %221 = load i32, ptr %220, align 4
+  %222 = sext i32 %221 to i64
+  %223 = mul nsw i64 %222, 512
+  %224 = getelementptr inbounds float, ptr %x, i64 %223
   store <8 x float> zeroinitializer, ptr %acc006, align 4
   store <8 x float> zeroinitializer, ptr %acc017, align 4
-  %216 = add nsw i64 %r0, 1
-  %217 = getelementptr inbounds i32, ptr %rows, i64 %216
-  %218 = load i32, ptr %217, align 4
-  %219 = sext i32 %218 to i64
-  %220 = mul nsw i64 %219, 512
-  %221 = getelementptr inbounds float, ptr %x, i64 %220
+  %225 = add nsw i64 %r0, 1
+  %226 = getelementptr inbounds i32, ptr %rows, i64 %225
+  %227 = load i32, ptr %226, align 4
+  %228 = sext i32 %227 to i64
+  %229 = mul nsw i64 %228, 512
+  %230 = getelementptr inbounds float, ptr %x, i64 %229
   store <8 x float> zeroinitializer, ptr %acc108, align 4
   store <8 x float> zeroinitializer, ptr %acc119, align 4
-  %222 = add nsw i64 %r0, 2
-  %223 = getelementptr inbounds i32, ptr %rows, i64 %222
-  %224 = load i32, ptr %223, align 4
-  %225 = sext i32 %224 to i64
-  %226 = mul nsw i64 %225, 512
-  %227 = getelementptr inbounds float, ptr %x, i64 %226
+  %231 = add nsw i64 %r0, 2
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %231
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 512
+  %236 = getelementptr inbounds float, ptr %x, i64 %235
   store <8 x float> zeroinitializer, ptr %acc2010, align 4
   store <8 x float> zeroinitializer, ptr %acc2111, align 4
-  %228 = add nsw i64 %r0, 3
-  %229 = getelementptr inbounds i32, ptr %rows, i64 %228
-  %230 = load i32, ptr %229, align 4
-  %231 = sext i32 %230 to i64
-  %232 = mul nsw i64 %231, 512
-  %233 = getelementptr inbounds float, ptr %x, i64 %232
+  %237 = add nsw i64 %r0, 3
+  %238 = getelementptr inbounds i32, ptr %rows, i64 %237
+  %239 = load i32, ptr %238, align 4
+  %240 = sext i32 %239 to i64
+  %241 = mul nsw i64 %240, 512
+  %242 = getelementptr inbounds float, ptr %x, i64 %241
   store <8 x float> zeroinitializer, ptr %acc3012, align 4
   store <8 x float> zeroinitializer, ptr %acc3113, align 4
-  %234 = add nsw i64 %r0, 4
-  %235 = getelementptr inbounds i32, ptr %rows, i64 %234
-  %236 = load i32, ptr %235, align 4
-  %237 = sext i32 %236 to i64
-  %238 = mul nsw i64 %237, 512
-  %239 = getelementptr inbounds float, ptr %x, i64 %238
+  %243 = add nsw i64 %r0, 4
+  %244 = getelementptr inbounds i32, ptr %rows, i64 %243
+  %245 = load i32, ptr %244, align 4
+  %246 = sext i32 %245 to i64
+  %247 = mul nsw i64 %246, 512
+  %248 = getelementptr inbounds float, ptr %x, i64 %247
   store <8 x float> zeroinitializer, ptr %acc4014, align 4
   store <8 x float> zeroinitializer, ptr %acc4115, align 4
   %panel.off16 = mul nsw i64 %p, 8192
-  br label %k.head17
+  %249 = getelementptr inbounds float, ptr %panels, i64 %panel.off16
+  %250 = add nsw i64 %p, 1
+  %251 = icmp slt i64 %250, %p1
+  %252 = getelementptr inbounds i8, ptr %249, i64 32768
+  %253 = and i1 %pf.on, %251
+  %pf17 = select i1 %253, ptr %252, ptr %249
+  br label %k.head18
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %k.body18 ]
-  %240 = icmp slt i64 %k20, 512
-  br i1 %240, label %k.body18, label %k.end19
+k.head18:                                         ; preds = %k.body19, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %304, %k.body19 ]
+  %254 = icmp slt i64 %k21, 512
+  br i1 %254, label %k.body19, label %k.end20
 
-k.body18:                                         ; preds = %k.head17
-  %241 = mul nsw i64 %k20, 16
-  %242 = add nsw i64 %panel.off16, %241
-  %243 = getelementptr inbounds float, ptr %panels, i64 %242
-  %244 = load <8 x float>, ptr %243, align 4
-  %245 = add nsw i64 %242, 8
-  %246 = getelementptr inbounds float, ptr %panels, i64 %245
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = getelementptr inbounds float, ptr %215, i64 %k20
-  %249 = load float, ptr %248, align 4
-  %250 = insertelement <8 x float> poison, float %249, i32 0
-  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
-  %252 = load <8 x float>, ptr %acc006, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
-  store <8 x float> %253, ptr %acc006, align 4
-  %254 = load <8 x float>, ptr %acc017, align 4
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
-  store <8 x float> %255, ptr %acc017, align 4
-  %256 = getelementptr inbounds float, ptr %221, i64 %k20
-  %257 = load float, ptr %256, align 4
-  %258 = insertelement <8 x float> poison, float %257, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = load <8 x float>, ptr %acc108, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
-  store <8 x float> %261, ptr %acc108, align 4
-  %262 = load <8 x float>, ptr %acc119, align 4
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
-  store <8 x float> %263, ptr %acc119, align 4
-  %264 = getelementptr inbounds float, ptr %227, i64 %k20
+k.body19:                                         ; preds = %k.head18
+  %255 = mul nsw i64 %k21, 16
+  %256 = add nsw i64 %panel.off16, %255
+  %257 = mul nsw i64 %k21, 64
+  %258 = getelementptr inbounds i8, ptr %pf17, i64 %257
+  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
+  %259 = getelementptr inbounds float, ptr %panels, i64 %256
+  %260 = load <8 x float>, ptr %259, align 4
+  %261 = add nsw i64 %256, 8
+  %262 = getelementptr inbounds float, ptr %panels, i64 %261
+  %263 = load <8 x float>, ptr %262, align 4
+  %264 = getelementptr inbounds float, ptr %224, i64 %k21
   %265 = load float, ptr %264, align 4
   %266 = insertelement <8 x float> poison, float %265, i32 0
   %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
-  %268 = load <8 x float>, ptr %acc2010, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
-  store <8 x float> %269, ptr %acc2010, align 4
-  %270 = load <8 x float>, ptr %acc2111, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
-  store <8 x float> %271, ptr %acc2111, align 4
-  %272 = getelementptr inbounds float, ptr %233, i64 %k20
+  %268 = load <8 x float>, ptr %acc006, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %260, <8 x float> %268)
+  store <8 x float> %269, ptr %acc006, align 4
+  %270 = load <8 x float>, ptr %acc017, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> %270)
+  store <8 x float> %271, ptr %acc017, align 4
+  %272 = getelementptr inbounds float, ptr %230, i64 %k21
   %273 = load float, ptr %272, align 4
   %274 = insertelement <8 x float> poison, float %273, i32 0
   %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = load <8 x float>, ptr %acc3012, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
-  store <8 x float> %277, ptr %acc3012, align 4
-  %278 = load <8 x float>, ptr %acc3113, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
-  store <8 x float> %279, ptr %acc3113, align 4
-  %280 = getelementptr inbounds float, ptr %239, i64 %k20
+  %276 = load <8 x float>, ptr %acc108, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %260, <8 x float> %276)
+  store <8 x float> %277, ptr %acc108, align 4
+  %278 = load <8 x float>, ptr %acc119, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %263, <8 x float> %278)
+  store <8 x float> %279, ptr %acc119, align 4
+  %280 = getelementptr inbounds float, ptr %236, i64 %k21
   %281 = load float, ptr %280, align 4
   %282 = insertelement <8 x float> poison, float %281, i32 0
   %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = load <8 x float>, ptr %acc4014, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
-  store <8 x float> %285, ptr %acc4014, align 4
-  %286 = load <8 x float>, ptr %acc4115, align 4
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
-  store <8 x float> %287, ptr %acc4115, align 4
-  %288 = add nsw i64 %k20, 1
-  br label %k.head17
+  %284 = load <8 x float>, ptr %acc2010, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %260, <8 x float> %284)
+  store <8 x float> %285, ptr %acc2010, align 4
+  %286 = load <8 x float>, ptr %acc2111, align 4
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %263, <8 x float> %286)
+  store <8 x float> %287, ptr %acc2111, align 4
+  %288 = getelementptr inbounds float, ptr %242, i64 %k21
+  %289 = load float, ptr %288, align 4
+  %290 = insertelement <8 x float> poison, float %289, i32 0
+  %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
+  %292 = load <8 x float>, ptr %acc3012, align 4
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %260, <8 x float> %292)
+  store <8 x float> %293, ptr %acc3012, align 4
+  %294 = load <8 x float>, ptr %acc3113, align 4
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %263, <8 x float> %294)
+  store <8 x float> %295, ptr %acc3113, align 4
+  %296 = getelementptr inbounds float, ptr %248, i64 %k21
+  %297 = load float, ptr %296, align 4
+  %298 = insertelement <8 x float> poison, float %297, i32 0
+  %299 = shufflevector <8 x float> %298, <8 x float> poison, <8 x i32> zeroinitializer
+  %300 = load <8 x float>, ptr %acc4014, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %260, <8 x float> %300)
+  store <8 x float> %301, ptr %acc4014, align 4
+  %302 = load <8 x float>, ptr %acc4115, align 4
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %263, <8 x float> %302)
+  store <8 x float> %303, ptr %acc4115, align 4
+  %304 = add nsw i64 %k21, 1
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %289 = add nsw i64 %r0, 0
-  %290 = getelementptr inbounds float, ptr %rw, i64 %289
-  %291 = load float, ptr %290, align 4
-  %292 = insertelement <8 x float> poison, float %291, i32 0
-  %293 = shufflevector <8 x float> %292, <8 x float> poison, <8 x i32> zeroinitializer
-  %294 = mul nsw i64 %289, 1024
-  %295 = getelementptr inbounds float, ptr %h, i64 %294
-  %col21 = mul nsw i64 %p, 16
-  %296 = load <8 x float>, ptr %acc006, align 4
-  %297 = load <8 x float>, ptr %acc017, align 4
-  %298 = add nsw i64 %col21, 0
-  %299 = fcmp ogt <8 x float> %296, zeroinitializer
-  %300 = select <8 x i1> %299, <8 x float> %296, <8 x float> zeroinitializer
-  %301 = fmul <8 x float> %300, %293
-  %302 = getelementptr inbounds float, ptr %295, i64 %298
-  store <8 x float> %301, ptr %302, align 4
-  %303 = add nsw i64 %col21, 8
-  %304 = fcmp ogt <8 x float> %297, zeroinitializer
-  %305 = select <8 x i1> %304, <8 x float> %297, <8 x float> zeroinitializer
-  %306 = fmul <8 x float> %305, %293
-  %307 = getelementptr inbounds float, ptr %295, i64 %303
-  store <8 x float> %306, ptr %307, align 4
-  %308 = add nsw i64 %r0, 1
-  %309 = getelementptr inbounds float, ptr %rw, i64 %308
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = mul nsw i64 %308, 1024
-  %314 = getelementptr inbounds float, ptr %h, i64 %313
+k.end20:                                          ; preds = %k.head18
+  %305 = add nsw i64 %r0, 0
+  %306 = getelementptr inbounds float, ptr %rw, i64 %305
+  %307 = load float, ptr %306, align 4
+  %308 = insertelement <8 x float> poison, float %307, i32 0
+  %309 = shufflevector <8 x float> %308, <8 x float> poison, <8 x i32> zeroinitializer
+  %310 = mul nsw i64 %305, 1024
+  %311 = getelementptr inbounds float, ptr %h, i64 %310
   %col22 = mul nsw i64 %p, 16
-  %315 = load <8 x float>, ptr %acc108, align 4
-  %316 = load <8 x float>, ptr %acc119, align 4
-  %317 = add nsw i64 %col22, 0
-  %318 = fcmp ogt <8 x float> %315, zeroinitializer
-  %319 = select <8 x i1> %318, <8 x float> %315, <8 x float> zeroinitializer
-  %320 = fmul <8 x float> %319, %312
-  %321 = getelementptr inbounds float, ptr %314, i64 %317
-  store <8 x float> %320, ptr %321, align 4
-  %322 = add nsw i64 %col22, 8
-  %323 = fcmp ogt <8 x float> %316, zeroinitializer
-  %324 = select <8 x i1> %323, <8 x float> %316, <8 x float> zeroinitializer
-  %325 = fmul <8 x float> %324, %312
-  %326 = getelementptr inbounds float, ptr %314, i64 %322
-  store <8 x float> %325, ptr %326, align 4
-  %327 = add nsw i64 %r0, 2
-  %328 = getelementptr inbounds float, ptr %rw, i64 %327
-  %329 = load float, ptr %328, align 4
-  %330 = insertelement <8 x float> poison, float %329, i32 0
-  %331 = shufflevector <8 x float> %330, <8 x float> poison, <8 x i32> zeroinitializer
-  %332 = mul nsw i64 %327, 1024
-  %333 = getelementptr inbounds float, ptr %h, i64 %332
+  %312 = load <8 x float>, ptr %acc006, align 4
+  %313 = load <8 x float>, ptr %acc017, align 4
+  %314 = add nsw i64 %col22, 0
+  %315 = fcmp ogt <8 x float> %312, zeroinitializer
+  %316 = select <8 x i1> %315, <8 x float> %312, <8 x float> zeroinitializer
+  %317 = fmul <8 x float> %316, %309
+  %318 = getelementptr inbounds float, ptr %311, i64 %314
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %col22, 8
+  %320 = fcmp ogt <8 x float> %313, zeroinitializer
+  %321 = select <8 x i1> %320, <8 x float> %313, <8 x float> zeroinitializer
+  %322 = fmul <8 x float> %321, %309
+  %323 = getelementptr inbounds float, ptr %311, i64 %319
+  store <8 x float> %322, ptr %323, align 4
+  %324 = add nsw i64 %r0, 1
+  %325 = getelementptr inbounds float, ptr %rw, i64 %324
+  %326 = load float, ptr %325, align 4
+  %327 = insertelement <8 x float> poison, float %326, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = mul nsw i64 %324, 1024
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
   %col23 = mul nsw i64 %p, 16
-  %334 = load <8 x float>, ptr %acc2010, align 4
-  %335 = load <8 x float>, ptr %acc2111, align 4
-  %336 = add nsw i64 %col23, 0
-  %337 = fcmp ogt <8 x float> %334, zeroinitializer
-  %338 = select <8 x i1> %337, <8 x float> %334, <8 x float> zeroinitializer
-  %339 = fmul <8 x float> %338, %331
-  %340 = getelementptr inbounds float, ptr %333, i64 %336
-  store <8 x float> %339, ptr %340, align 4
-  %341 = add nsw i64 %col23, 8
-  %342 = fcmp ogt <8 x float> %335, zeroinitializer
-  %343 = select <8 x i1> %342, <8 x float> %335, <8 x float> zeroinitializer
-  %344 = fmul <8 x float> %343, %331
-  %345 = getelementptr inbounds float, ptr %333, i64 %341
-  store <8 x float> %344, ptr %345, align 4
-  %346 = add nsw i64 %r0, 3
-  %347 = getelementptr inbounds float, ptr %rw, i64 %346
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = mul nsw i64 %346, 1024
-  %352 = getelementptr inbounds float, ptr %h, i64 %351
+  %331 = load <8 x float>, ptr %acc108, align 4
+  %332 = load <8 x float>, ptr %acc119, align 4
+  %333 = add nsw i64 %col23, 0
+  %334 = fcmp ogt <8 x float> %331, zeroinitializer
+  %335 = select <8 x i1> %334, <8 x float> %331, <8 x float> zeroinitializer
+  %336 = fmul <8 x float> %335, %328
+  %337 = getelementptr inbounds float, ptr %330, i64 %333
+  store <8 x float> %336, ptr %337, align 4
+  %338 = add nsw i64 %col23, 8
+  %339 = fcmp ogt <8 x float> %332, zeroinitializer
+  %340 = select <8 x i1> %339, <8 x float> %332, <8 x float> zeroinitializer
+  %341 = fmul <8 x float> %340, %328
+  %342 = getelementptr inbounds float, ptr %330, i64 %338
+  store <8 x float> %341, ptr %342, align 4
+  %343 = add nsw i64 %r0, 2
+  %344 = getelementptr inbounds float, ptr %rw, i64 %343
+  %345 = load float, ptr %344, align 4
+  %346 = insertelement <8 x float> poison, float %345, i32 0
+  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
+  %348 = mul nsw i64 %343, 1024
+  %349 = getelementptr inbounds float, ptr %h, i64 %348
   %col24 = mul nsw i64 %p, 16
-  %353 = load <8 x float>, ptr %acc3012, align 4
-  %354 = load <8 x float>, ptr %acc3113, align 4
-  %355 = add nsw i64 %col24, 0
-  %356 = fcmp ogt <8 x float> %353, zeroinitializer
-  %357 = select <8 x i1> %356, <8 x float> %353, <8 x float> zeroinitializer
-  %358 = fmul <8 x float> %357, %350
-  %359 = getelementptr inbounds float, ptr %352, i64 %355
-  store <8 x float> %358, ptr %359, align 4
-  %360 = add nsw i64 %col24, 8
-  %361 = fcmp ogt <8 x float> %354, zeroinitializer
-  %362 = select <8 x i1> %361, <8 x float> %354, <8 x float> zeroinitializer
-  %363 = fmul <8 x float> %362, %350
-  %364 = getelementptr inbounds float, ptr %352, i64 %360
-  store <8 x float> %363, ptr %364, align 4
-  %365 = add nsw i64 %r0, 4
-  %366 = getelementptr inbounds float, ptr %rw, i64 %365
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = mul nsw i64 %365, 1024
-  %371 = getelementptr inbounds float, ptr %h, i64 %370
+  %350 = load <8 x float>, ptr %acc2010, align 4
+  %351 = load <8 x float>, ptr %acc2111, align 4
+  %352 = add nsw i64 %col24, 0
+  %353 = fcmp ogt <8 x float> %350, zeroinitializer
+  %354 = select <8 x i1> %353, <8 x float> %350, <8 x float> zeroinitializer
+  %355 = fmul <8 x float> %354, %347
+  %356 = getelementptr inbounds float, ptr %349, i64 %352
+  store <8 x float> %355, ptr %356, align 4
+  %357 = add nsw i64 %col24, 8
+  %358 = fcmp ogt <8 x float> %351, zeroinitializer
+  %359 = select <8 x i1> %358, <8 x float> %351, <8 x float> zeroinitializer
+  %360 = fmul <8 x float> %359, %347
+  %361 = getelementptr inbounds float, ptr %349, i64 %357
+  store <8 x float> %360, ptr %361, align 4
+  %362 = add nsw i64 %r0, 3
+  %363 = getelementptr inbounds float, ptr %rw, i64 %362
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = mul nsw i64 %362, 1024
+  %368 = getelementptr inbounds float, ptr %h, i64 %367
   %col25 = mul nsw i64 %p, 16
-  %372 = load <8 x float>, ptr %acc4014, align 4
-  %373 = load <8 x float>, ptr %acc4115, align 4
-  %374 = add nsw i64 %col25, 0
-  %375 = fcmp ogt <8 x float> %372, zeroinitializer
-  %376 = select <8 x i1> %375, <8 x float> %372, <8 x float> zeroinitializer
-  %377 = fmul <8 x float> %376, %369
-  %378 = getelementptr inbounds float, ptr %371, i64 %374
-  store <8 x float> %377, ptr %378, align 4
-  %379 = add nsw i64 %col25, 8
-  %380 = fcmp ogt <8 x float> %373, zeroinitializer
-  %381 = select <8 x i1> %380, <8 x float> %373, <8 x float> zeroinitializer
-  %382 = fmul <8 x float> %381, %369
-  %383 = getelementptr inbounds float, ptr %371, i64 %379
-  store <8 x float> %382, ptr %383, align 4
+  %369 = load <8 x float>, ptr %acc3012, align 4
+  %370 = load <8 x float>, ptr %acc3113, align 4
+  %371 = add nsw i64 %col25, 0
+  %372 = fcmp ogt <8 x float> %369, zeroinitializer
+  %373 = select <8 x i1> %372, <8 x float> %369, <8 x float> zeroinitializer
+  %374 = fmul <8 x float> %373, %366
+  %375 = getelementptr inbounds float, ptr %368, i64 %371
+  store <8 x float> %374, ptr %375, align 4
+  %376 = add nsw i64 %col25, 8
+  %377 = fcmp ogt <8 x float> %370, zeroinitializer
+  %378 = select <8 x i1> %377, <8 x float> %370, <8 x float> zeroinitializer
+  %379 = fmul <8 x float> %378, %366
+  %380 = getelementptr inbounds float, ptr %368, i64 %376
+  store <8 x float> %379, ptr %380, align 4
+  %381 = add nsw i64 %r0, 4
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = mul nsw i64 %381, 1024
+  %387 = getelementptr inbounds float, ptr %h, i64 %386
+  %col26 = mul nsw i64 %p, 16
+  %388 = load <8 x float>, ptr %acc4014, align 4
+  %389 = load <8 x float>, ptr %acc4115, align 4
+  %390 = add nsw i64 %col26, 0
+  %391 = fcmp ogt <8 x float> %388, zeroinitializer
+  %392 = select <8 x i1> %391, <8 x float> %388, <8 x float> zeroinitializer
+  %393 = fmul <8 x float> %392, %385
+  %394 = getelementptr inbounds float, ptr %387, i64 %390
+  store <8 x float> %393, ptr %394, align 4
+  %395 = add nsw i64 %col26, 8
+  %396 = fcmp ogt <8 x float> %389, zeroinitializer
+  %397 = select <8 x i1> %396, <8 x float> %389, <8 x float> zeroinitializer
+  %398 = fmul <8 x float> %397, %385
+  %399 = getelementptr inbounds float, ptr %387, i64 %395
+  store <8 x float> %398, ptr %399, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %384 = add nsw i64 %r0, 0
-  %385 = getelementptr inbounds i32, ptr %rows, i64 %384
-  %386 = load i32, ptr %385, align 4
-  %387 = sext i32 %386 to i64
-  %388 = mul nsw i64 %387, 512
-  %389 = getelementptr inbounds float, ptr %x, i64 %388
-  store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %390 = add nsw i64 %r0, 1
-  %391 = getelementptr inbounds i32, ptr %rows, i64 %390
-  %392 = load i32, ptr %391, align 4
-  %393 = sext i32 %392 to i64
-  %394 = mul nsw i64 %393, 512
-  %395 = getelementptr inbounds float, ptr %x, i64 %394
-  store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %396 = add nsw i64 %r0, 2
-  %397 = getelementptr inbounds i32, ptr %rows, i64 %396
-  %398 = load i32, ptr %397, align 4
-  %399 = sext i32 %398 to i64
-  %400 = mul nsw i64 %399, 512
-  %401 = getelementptr inbounds float, ptr %x, i64 %400
-  store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %402 = add nsw i64 %r0, 3
-  %403 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %404 = load i32, ptr %403, align 4
-  %405 = sext i32 %404 to i64
-  %406 = mul nsw i64 %405, 512
-  %407 = getelementptr inbounds float, ptr %x, i64 %406
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
-  %panel.off34 = mul nsw i64 %p, 8192
-  br label %k.head35
+  %400 = add nsw i64 %r0, 0
+  %401 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %402 = load i32, ptr %401, align 4
+  %403 = sext i32 %402 to i64
+  %404 = mul nsw i64 %403, 512
+  %405 = getelementptr inbounds float, ptr %x, i64 %404
+  store <8 x float> zeroinitializer, ptr %acc0027, align 4
+  store <8 x float> zeroinitializer, ptr %acc0128, align 4
+  %406 = add nsw i64 %r0, 1
+  %407 = getelementptr inbounds i32, ptr %rows, i64 %406
+  %408 = load i32, ptr %407, align 4
+  %409 = sext i32 %408 to i64
+  %410 = mul nsw i64 %409, 512
+  %411 = getelementptr inbounds float, ptr %x, i64 %410
+  store <8 x float> zeroinitializer, ptr %acc1029, align 4
+  store <8 x float> zeroinitializer, ptr %acc1130, align 4
+  %412 = add nsw i64 %r0, 2
+  %413 = getelementptr inbounds i32, ptr %rows, i64 %412
+  %414 = load i32, ptr %413, align 4
+  %415 = sext i32 %414 to i64
+  %416 = mul nsw i64 %415, 512
+  %417 = getelementptr inbounds float, ptr %x, i64 %416
+  store <8 x float> zeroinitializer, ptr %acc2031, align 4
+  store <8 x float> zeroinitializer, ptr %acc2132, align 4
+  %418 = add nsw i64 %r0, 3
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %418
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 512
+  %423 = getelementptr inbounds float, ptr %x, i64 %422
+  store <8 x float> zeroinitializer, ptr %acc3033, align 4
+  store <8 x float> zeroinitializer, ptr %acc3134, align 4
+  %panel.off35 = mul nsw i64 %p, 8192
+  %424 = getelementptr inbounds float, ptr %panels, i64 %panel.off35
+  %425 = add nsw i64 %p, 1
+  %426 = icmp slt i64 %425, %p1
+  %427 = getelementptr inbounds i8, ptr %424, i64 32768
+  %428 = and i1 %pf.on, %426
+  %pf36 = select i1 %428, ptr %427, ptr %424
+  br label %k.head37
 
-k.head35:                                         ; preds = %k.body36, %tile.mr4
-  %k38 = phi i64 [ 0, %tile.mr4 ], [ %448, %k.body36 ]
-  %408 = icmp slt i64 %k38, 512
-  br i1 %408, label %k.body36, label %k.end37
+k.head37:                                         ; preds = %k.body38, %tile.mr4
+  %k40 = phi i64 [ 0, %tile.mr4 ], [ %471, %k.body38 ]
+  %429 = icmp slt i64 %k40, 512
+  br i1 %429, label %k.body38, label %k.end39
 
-k.body36:                                         ; preds = %k.head35
-  %409 = mul nsw i64 %k38, 16
-  %410 = add nsw i64 %panel.off34, %409
-  %411 = getelementptr inbounds float, ptr %panels, i64 %410
-  %412 = load <8 x float>, ptr %411, align 4
-  %413 = add nsw i64 %410, 8
-  %414 = getelementptr inbounds float, ptr %panels, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  %416 = getelementptr inbounds float, ptr %389, i64 %k38
-  %417 = load float, ptr %416, align 4
-  %418 = insertelement <8 x float> poison, float %417, i32 0
-  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
-  %420 = load <8 x float>, ptr %acc0026, align 4
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %412, <8 x float> %420)
-  store <8 x float> %421, ptr %acc0026, align 4
-  %422 = load <8 x float>, ptr %acc0127, align 4
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %415, <8 x float> %422)
-  store <8 x float> %423, ptr %acc0127, align 4
-  %424 = getelementptr inbounds float, ptr %395, i64 %k38
-  %425 = load float, ptr %424, align 4
-  %426 = insertelement <8 x float> poison, float %425, i32 0
-  %427 = shufflevector <8 x float> %426, <8 x float> poison, <8 x i32> zeroinitializer
-  %428 = load <8 x float>, ptr %acc1028, align 4
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %412, <8 x float> %428)
-  store <8 x float> %429, ptr %acc1028, align 4
-  %430 = load <8 x float>, ptr %acc1129, align 4
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %415, <8 x float> %430)
-  store <8 x float> %431, ptr %acc1129, align 4
-  %432 = getelementptr inbounds float, ptr %401, i64 %k38
-  %433 = load float, ptr %432, align 4
-  %434 = insertelement <8 x float> poison, float %433, i32 0
-  %435 = shufflevector <8 x float> %434, <8 x float> poison, <8 x i32> zeroinitializer
-  %436 = load <8 x float>, ptr %acc2030, align 4
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %412, <8 x float> %436)
-  store <8 x float> %437, ptr %acc2030, align 4
-  %438 = load <8 x float>, ptr %acc2131, align 4
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %415, <8 x float> %438)
-  store <8 x float> %439, ptr %acc2131, align 4
-  %440 = getelementptr inbounds float, ptr %407, i64 %k38
-  %441 = load float, ptr %440, align 4
-  %442 = insertelement <8 x float> poison, float %441, i32 0
-  %443 = shufflevector <8 x float> %442, <8 x float> poison, <8 x i32> zeroinitializer
-  %444 = load <8 x float>, ptr %acc3032, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> %412, <8 x float> %444)
-  store <8 x float> %445, ptr %acc3032, align 4
-  %446 = load <8 x float>, ptr %acc3133, align 4
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> %415, <8 x float> %446)
-  store <8 x float> %447, ptr %acc3133, align 4
-  %448 = add nsw i64 %k38, 1
-  br label %k.head35
+k.body38:                                         ; preds = %k.head37
+  %430 = mul nsw i64 %k40, 16
+  %431 = add nsw i64 %panel.off35, %430
+  %432 = mul nsw i64 %k40, 64
+  %433 = getelementptr inbounds i8, ptr %pf36, i64 %432
+  call void @llvm.prefetch.p0(ptr %433, i32 0, i32 2, i32 1)
+  %434 = getelementptr inbounds float, ptr %panels, i64 %431
+  %435 = load <8 x float>, ptr %434, align 4
+  %436 = add nsw i64 %431, 8
+  %437 = getelementptr inbounds float, ptr %panels, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  %439 = getelementptr inbounds float, ptr %405, i64 %k40
+  %440 = load float, ptr %439, align 4
+  %441 = insertelement <8 x float> poison, float %440, i32 0
+  %442 = shufflevector <8 x float> %441, <8 x float> poison, <8 x i32> zeroinitializer
+  %443 = load <8 x float>, ptr %acc0027, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %435, <8 x float> %443)
+  store <8 x float> %444, ptr %acc0027, align 4
+  %445 = load <8 x float>, ptr %acc0128, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %438, <8 x float> %445)
+  store <8 x float> %446, ptr %acc0128, align 4
+  %447 = getelementptr inbounds float, ptr %411, i64 %k40
+  %448 = load float, ptr %447, align 4
+  %449 = insertelement <8 x float> poison, float %448, i32 0
+  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
+  %451 = load <8 x float>, ptr %acc1029, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %435, <8 x float> %451)
+  store <8 x float> %452, ptr %acc1029, align 4
+  %453 = load <8 x float>, ptr %acc1130, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %438, <8 x float> %453)
+  store <8 x float> %454, ptr %acc1130, align 4
+  %455 = getelementptr inbounds float, ptr %417, i64 %k40
+  %456 = load float, ptr %455, align 4
+  %457 = insertelement <8 x float> poison, float %456, i32 0
+  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
+  %459 = load <8 x float>, ptr %acc2031, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %435, <8 x float> %459)
+  store <8 x float> %460, ptr %acc2031, align 4
+  %461 = load <8 x float>, ptr %acc2132, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %438, <8 x float> %461)
+  store <8 x float> %462, ptr %acc2132, align 4
+  %463 = getelementptr inbounds float, ptr %423, i64 %k40
+  %464 = load float, ptr %463, align 4
+  %465 = insertelement <8 x float> poison, float %464, i32 0
+  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
+  %467 = load <8 x float>, ptr %acc3033, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %435, <8 x float> %467)
+  store <8 x float> %468, ptr %acc3033, align 4
+  %469 = load <8 x float>, ptr %acc3134, align 4
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %438, <8 x float> %469)
+  store <8 x float> %470, ptr %acc3134, align 4
+  %471 = add nsw i64 %k40, 1
+  br label %k.head37
 
-k.end37:                                          ; preds = %k.head35
-  %449 = add nsw i64 %r0, 0
-  %450 = getelementptr inbounds float, ptr %rw, i64 %449
-  %451 = load float, ptr %450, align 4
-  %452 = insertelement <8 x float> poison, float %451, i32 0
-  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
-  %454 = mul nsw i64 %449, 1024
-  %455 = getelementptr inbounds float, ptr %h, i64 %454
-  %col39 = mul nsw i64 %p, 16
-  %456 = load <8 x float>, ptr %acc0026, align 4
-  %457 = load <8 x float>, ptr %acc0127, align 4
-  %458 = add nsw i64 %col39, 0
-  %459 = fcmp ogt <8 x float> %456, zeroinitializer
-  %460 = select <8 x i1> %459, <8 x float> %456, <8 x float> zeroinitializer
-  %461 = fmul <8 x float> %460, %453
-  %462 = getelementptr inbounds float, ptr %455, i64 %458
-  store <8 x float> %461, ptr %462, align 4
-  %463 = add nsw i64 %col39, 8
-  %464 = fcmp ogt <8 x float> %457, zeroinitializer
-  %465 = select <8 x i1> %464, <8 x float> %457, <8 x float> zeroinitializer
-  %466 = fmul <8 x float> %465, %453
-  %467 = getelementptr inbounds float, ptr %455, i64 %463
-  store <8 x float> %466, ptr %467, align 4
-  %468 = add nsw i64 %r0, 1
-  %469 = getelementptr inbounds float, ptr %rw, i64 %468
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = mul nsw i64 %468, 1024
-  %474 = getelementptr inbounds float, ptr %h, i64 %473
-  %col40 = mul nsw i64 %p, 16
-  %475 = load <8 x float>, ptr %acc1028, align 4
-  %476 = load <8 x float>, ptr %acc1129, align 4
-  %477 = add nsw i64 %col40, 0
-  %478 = fcmp ogt <8 x float> %475, zeroinitializer
-  %479 = select <8 x i1> %478, <8 x float> %475, <8 x float> zeroinitializer
-  %480 = fmul <8 x float> %479, %472
-  %481 = getelementptr inbounds float, ptr %474, i64 %477
-  store <8 x float> %480, ptr %481, align 4
-  %482 = add nsw i64 %col40, 8
-  %483 = fcmp ogt <8 x float> %476, zeroinitializer
-  %484 = select <8 x i1> %483, <8 x float> %476, <8 x float> zeroinitializer
-  %485 = fmul <8 x float> %484, %472
-  %486 = getelementptr inbounds float, ptr %474, i64 %482
-  store <8 x float> %485, ptr %486, align 4
-  %487 = add nsw i64 %r0, 2
-  %488 = getelementptr inbounds float, ptr %rw, i64 %487
-  %489 = load float, ptr %488, align 4
-  %490 = insertelement <8 x float> poison, float %489, i32 0
-  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
-  %492 = mul nsw i64 %487, 1024
-  %493 = getelementptr inbounds float, ptr %h, i64 %492
+k.end39:                                          ; preds = %k.head37
+  %472 = add nsw i64 %r0, 0
+  %473 = getelementptr inbounds float, ptr %rw, i64 %472
+  %474 = load float, ptr %473, align 4
+  %475 = insertelement <8 x float> poison, float %474, i32 0
+  %476 = shufflevector <8 x float> %475, <8 x float> poison, <8 x i32> zeroinitializer
+  %477 = mul nsw i64 %472, 1024
+  %478 = getelementptr inbounds float, ptr %h, i64 %477
   %col41 = mul nsw i64 %p, 16
-  %494 = load <8 x float>, ptr %acc2030, align 4
-  %495 = load <8 x float>, ptr %acc2131, align 4
-  %496 = add nsw i64 %col41, 0
-  %497 = fcmp ogt <8 x float> %494, zeroinitializer
-  %498 = select <8 x i1> %497, <8 x float> %494, <8 x float> zeroinitializer
-  %499 = fmul <8 x float> %498, %491
-  %500 = getelementptr inbounds float, ptr %493, i64 %496
-  store <8 x float> %499, ptr %500, align 4
-  %501 = add nsw i64 %col41, 8
-  %502 = fcmp ogt <8 x float> %495, zeroinitializer
-  %503 = select <8 x i1> %502, <8 x float> %495, <8 x float> zeroinitializer
-  %504 = fmul <8 x float> %503, %491
-  %505 = getelementptr inbounds float, ptr %493, i64 %501
-  store <8 x float> %504, ptr %505, align 4
-  %506 = add nsw i64 %r0, 3
-  %507 = getelementptr inbounds float, ptr %rw, i64 %506
-  %508 = load float, ptr %507, align 4
-  %509 = insertelement <8 x float> poison, float %508, i32 0
-  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
-  %511 = mul nsw i64 %506, 1024
-  %512 = getelementptr inbounds float, ptr %h, i64 %511
+  %479 = load <8 x float>, ptr %acc0027, align 4
+  %480 = load <8 x float>, ptr %acc0128, align 4
+  %481 = add nsw i64 %col41, 0
+  %482 = fcmp ogt <8 x float> %479, zeroinitializer
+  %483 = select <8 x i1> %482, <8 x float> %479, <8 x float> zeroinitializer
+  %484 = fmul <8 x float> %483, %476
+  %485 = getelementptr inbounds float, ptr %478, i64 %481
+  store <8 x float> %484, ptr %485, align 4
+  %486 = add nsw i64 %col41, 8
+  %487 = fcmp ogt <8 x float> %480, zeroinitializer
+  %488 = select <8 x i1> %487, <8 x float> %480, <8 x float> zeroinitializer
+  %489 = fmul <8 x float> %488, %476
+  %490 = getelementptr inbounds float, ptr %478, i64 %486
+  store <8 x float> %489, ptr %490, align 4
+  %491 = add nsw i64 %r0, 1
+  %492 = getelementptr inbounds float, ptr %rw, i64 %491
+  %493 = load float, ptr %492, align 4
+  %494 = insertelement <8 x float> poison, float %493, i32 0
+  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
+  %496 = mul nsw i64 %491, 1024
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
   %col42 = mul nsw i64 %p, 16
-  %513 = load <8 x float>, ptr %acc3032, align 4
-  %514 = load <8 x float>, ptr %acc3133, align 4
-  %515 = add nsw i64 %col42, 0
-  %516 = fcmp ogt <8 x float> %513, zeroinitializer
-  %517 = select <8 x i1> %516, <8 x float> %513, <8 x float> zeroinitializer
-  %518 = fmul <8 x float> %517, %510
-  %519 = getelementptr inbounds float, ptr %512, i64 %515
-  store <8 x float> %518, ptr %519, align 4
-  %520 = add nsw i64 %col42, 8
-  %521 = fcmp ogt <8 x float> %514, zeroinitializer
-  %522 = select <8 x i1> %521, <8 x float> %514, <8 x float> zeroinitializer
-  %523 = fmul <8 x float> %522, %510
-  %524 = getelementptr inbounds float, ptr %512, i64 %520
-  store <8 x float> %523, ptr %524, align 4
+  %498 = load <8 x float>, ptr %acc1029, align 4
+  %499 = load <8 x float>, ptr %acc1130, align 4
+  %500 = add nsw i64 %col42, 0
+  %501 = fcmp ogt <8 x float> %498, zeroinitializer
+  %502 = select <8 x i1> %501, <8 x float> %498, <8 x float> zeroinitializer
+  %503 = fmul <8 x float> %502, %495
+  %504 = getelementptr inbounds float, ptr %497, i64 %500
+  store <8 x float> %503, ptr %504, align 4
+  %505 = add nsw i64 %col42, 8
+  %506 = fcmp ogt <8 x float> %499, zeroinitializer
+  %507 = select <8 x i1> %506, <8 x float> %499, <8 x float> zeroinitializer
+  %508 = fmul <8 x float> %507, %495
+  %509 = getelementptr inbounds float, ptr %497, i64 %505
+  store <8 x float> %508, ptr %509, align 4
+  %510 = add nsw i64 %r0, 2
+  %511 = getelementptr inbounds float, ptr %rw, i64 %510
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = mul nsw i64 %510, 1024
+  %516 = getelementptr inbounds float, ptr %h, i64 %515
+  %col43 = mul nsw i64 %p, 16
+  %517 = load <8 x float>, ptr %acc2031, align 4
+  %518 = load <8 x float>, ptr %acc2132, align 4
+  %519 = add nsw i64 %col43, 0
+  %520 = fcmp ogt <8 x float> %517, zeroinitializer
+  %521 = select <8 x i1> %520, <8 x float> %517, <8 x float> zeroinitializer
+  %522 = fmul <8 x float> %521, %514
+  %523 = getelementptr inbounds float, ptr %516, i64 %519
+  store <8 x float> %522, ptr %523, align 4
+  %524 = add nsw i64 %col43, 8
+  %525 = fcmp ogt <8 x float> %518, zeroinitializer
+  %526 = select <8 x i1> %525, <8 x float> %518, <8 x float> zeroinitializer
+  %527 = fmul <8 x float> %526, %514
+  %528 = getelementptr inbounds float, ptr %516, i64 %524
+  store <8 x float> %527, ptr %528, align 4
+  %529 = add nsw i64 %r0, 3
+  %530 = getelementptr inbounds float, ptr %rw, i64 %529
+  %531 = load float, ptr %530, align 4
+  %532 = insertelement <8 x float> poison, float %531, i32 0
+  %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
+  %534 = mul nsw i64 %529, 1024
+  %535 = getelementptr inbounds float, ptr %h, i64 %534
+  %col44 = mul nsw i64 %p, 16
+  %536 = load <8 x float>, ptr %acc3033, align 4
+  %537 = load <8 x float>, ptr %acc3134, align 4
+  %538 = add nsw i64 %col44, 0
+  %539 = fcmp ogt <8 x float> %536, zeroinitializer
+  %540 = select <8 x i1> %539, <8 x float> %536, <8 x float> zeroinitializer
+  %541 = fmul <8 x float> %540, %533
+  %542 = getelementptr inbounds float, ptr %535, i64 %538
+  store <8 x float> %541, ptr %542, align 4
+  %543 = add nsw i64 %col44, 8
+  %544 = fcmp ogt <8 x float> %537, zeroinitializer
+  %545 = select <8 x i1> %544, <8 x float> %537, <8 x float> zeroinitializer
+  %546 = fmul <8 x float> %545, %533
+  %547 = getelementptr inbounds float, ptr %535, i64 %543
+  store <8 x float> %546, ptr %547, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %525 = add nsw i64 %r0, 0
-  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
-  %527 = load i32, ptr %526, align 4
-  %528 = sext i32 %527 to i64
-  %529 = mul nsw i64 %528, 512
-  %530 = getelementptr inbounds float, ptr %x, i64 %529
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
-  %531 = add nsw i64 %r0, 1
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 512
-  %536 = getelementptr inbounds float, ptr %x, i64 %535
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %537 = add nsw i64 %r0, 2
-  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
-  %539 = load i32, ptr %538, align 4
-  %540 = sext i32 %539 to i64
-  %541 = mul nsw i64 %540, 512
-  %542 = getelementptr inbounds float, ptr %x, i64 %541
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
-  %panel.off49 = mul nsw i64 %p, 8192
-  br label %k.head50
+  %548 = add nsw i64 %r0, 0
+  %549 = getelementptr inbounds i32, ptr %rows, i64 %548
+  %550 = load i32, ptr %549, align 4
+  %551 = sext i32 %550 to i64
+  %552 = mul nsw i64 %551, 512
+  %553 = getelementptr inbounds float, ptr %x, i64 %552
+  store <8 x float> zeroinitializer, ptr %acc0045, align 4
+  store <8 x float> zeroinitializer, ptr %acc0146, align 4
+  %554 = add nsw i64 %r0, 1
+  %555 = getelementptr inbounds i32, ptr %rows, i64 %554
+  %556 = load i32, ptr %555, align 4
+  %557 = sext i32 %556 to i64
+  %558 = mul nsw i64 %557, 512
+  %559 = getelementptr inbounds float, ptr %x, i64 %558
+  store <8 x float> zeroinitializer, ptr %acc1047, align 4
+  store <8 x float> zeroinitializer, ptr %acc1148, align 4
+  %560 = add nsw i64 %r0, 2
+  %561 = getelementptr inbounds i32, ptr %rows, i64 %560
+  %562 = load i32, ptr %561, align 4
+  %563 = sext i32 %562 to i64
+  %564 = mul nsw i64 %563, 512
+  %565 = getelementptr inbounds float, ptr %x, i64 %564
+  store <8 x float> zeroinitializer, ptr %acc2049, align 4
+  store <8 x float> zeroinitializer, ptr %acc2150, align 4
+  %panel.off51 = mul nsw i64 %p, 8192
+  %566 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
+  %567 = add nsw i64 %p, 1
+  %568 = icmp slt i64 %567, %p1
+  %569 = getelementptr inbounds i8, ptr %566, i64 32768
+  %570 = and i1 %pf.on, %568
+  %pf52 = select i1 %570, ptr %569, ptr %566
+  br label %k.head53
 
-k.head50:                                         ; preds = %k.body51, %tile.mr3
-  %k53 = phi i64 [ 0, %tile.mr3 ], [ %575, %k.body51 ]
-  %543 = icmp slt i64 %k53, 512
-  br i1 %543, label %k.body51, label %k.end52
+k.head53:                                         ; preds = %k.body54, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %605, %k.body54 ]
+  %571 = icmp slt i64 %k56, 512
+  br i1 %571, label %k.body54, label %k.end55
 
-k.body51:                                         ; preds = %k.head50
-  %544 = mul nsw i64 %k53, 16
-  %545 = add nsw i64 %panel.off49, %544
-  %546 = getelementptr inbounds float, ptr %panels, i64 %545
-  %547 = load <8 x float>, ptr %546, align 4
-  %548 = add nsw i64 %545, 8
-  %549 = getelementptr inbounds float, ptr %panels, i64 %548
-  %550 = load <8 x float>, ptr %549, align 4
-  %551 = getelementptr inbounds float, ptr %530, i64 %k53
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = load <8 x float>, ptr %acc0043, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
-  store <8 x float> %556, ptr %acc0043, align 4
-  %557 = load <8 x float>, ptr %acc0144, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
-  store <8 x float> %558, ptr %acc0144, align 4
-  %559 = getelementptr inbounds float, ptr %536, i64 %k53
-  %560 = load float, ptr %559, align 4
-  %561 = insertelement <8 x float> poison, float %560, i32 0
-  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
-  %563 = load <8 x float>, ptr %acc1045, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %547, <8 x float> %563)
-  store <8 x float> %564, ptr %acc1045, align 4
-  %565 = load <8 x float>, ptr %acc1146, align 4
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %550, <8 x float> %565)
-  store <8 x float> %566, ptr %acc1146, align 4
-  %567 = getelementptr inbounds float, ptr %542, i64 %k53
-  %568 = load float, ptr %567, align 4
-  %569 = insertelement <8 x float> poison, float %568, i32 0
-  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = load <8 x float>, ptr %acc2047, align 4
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %547, <8 x float> %571)
-  store <8 x float> %572, ptr %acc2047, align 4
-  %573 = load <8 x float>, ptr %acc2148, align 4
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %550, <8 x float> %573)
-  store <8 x float> %574, ptr %acc2148, align 4
-  %575 = add nsw i64 %k53, 1
-  br label %k.head50
+k.body54:                                         ; preds = %k.head53
+  %572 = mul nsw i64 %k56, 16
+  %573 = add nsw i64 %panel.off51, %572
+  %574 = mul nsw i64 %k56, 64
+  %575 = getelementptr inbounds i8, ptr %pf52, i64 %574
+  call void @llvm.prefetch.p0(ptr %575, i32 0, i32 2, i32 1)
+  %576 = getelementptr inbounds float, ptr %panels, i64 %573
+  %577 = load <8 x float>, ptr %576, align 4
+  %578 = add nsw i64 %573, 8
+  %579 = getelementptr inbounds float, ptr %panels, i64 %578
+  %580 = load <8 x float>, ptr %579, align 4
+  %581 = getelementptr inbounds float, ptr %553, i64 %k56
+  %582 = load float, ptr %581, align 4
+  %583 = insertelement <8 x float> poison, float %582, i32 0
+  %584 = shufflevector <8 x float> %583, <8 x float> poison, <8 x i32> zeroinitializer
+  %585 = load <8 x float>, ptr %acc0045, align 4
+  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %577, <8 x float> %585)
+  store <8 x float> %586, ptr %acc0045, align 4
+  %587 = load <8 x float>, ptr %acc0146, align 4
+  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %580, <8 x float> %587)
+  store <8 x float> %588, ptr %acc0146, align 4
+  %589 = getelementptr inbounds float, ptr %559, i64 %k56
+  %590 = load float, ptr %589, align 4
+  %591 = insertelement <8 x float> poison, float %590, i32 0
+  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
+  %593 = load <8 x float>, ptr %acc1047, align 4
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %577, <8 x float> %593)
+  store <8 x float> %594, ptr %acc1047, align 4
+  %595 = load <8 x float>, ptr %acc1148, align 4
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %580, <8 x float> %595)
+  store <8 x float> %596, ptr %acc1148, align 4
+  %597 = getelementptr inbounds float, ptr %565, i64 %k56
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = load <8 x float>, ptr %acc2049, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %577, <8 x float> %601)
+  store <8 x float> %602, ptr %acc2049, align 4
+  %603 = load <8 x float>, ptr %acc2150, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %580, <8 x float> %603)
+  store <8 x float> %604, ptr %acc2150, align 4
+  %605 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end52:                                          ; preds = %k.head50
-  %576 = add nsw i64 %r0, 0
-  %577 = getelementptr inbounds float, ptr %rw, i64 %576
-  %578 = load float, ptr %577, align 4
-  %579 = insertelement <8 x float> poison, float %578, i32 0
-  %580 = shufflevector <8 x float> %579, <8 x float> poison, <8 x i32> zeroinitializer
-  %581 = mul nsw i64 %576, 1024
-  %582 = getelementptr inbounds float, ptr %h, i64 %581
-  %col54 = mul nsw i64 %p, 16
-  %583 = load <8 x float>, ptr %acc0043, align 4
-  %584 = load <8 x float>, ptr %acc0144, align 4
-  %585 = add nsw i64 %col54, 0
-  %586 = fcmp ogt <8 x float> %583, zeroinitializer
-  %587 = select <8 x i1> %586, <8 x float> %583, <8 x float> zeroinitializer
-  %588 = fmul <8 x float> %587, %580
-  %589 = getelementptr inbounds float, ptr %582, i64 %585
-  store <8 x float> %588, ptr %589, align 4
-  %590 = add nsw i64 %col54, 8
-  %591 = fcmp ogt <8 x float> %584, zeroinitializer
-  %592 = select <8 x i1> %591, <8 x float> %584, <8 x float> zeroinitializer
-  %593 = fmul <8 x float> %592, %580
-  %594 = getelementptr inbounds float, ptr %582, i64 %590
-  store <8 x float> %593, ptr %594, align 4
-  %595 = add nsw i64 %r0, 1
-  %596 = getelementptr inbounds float, ptr %rw, i64 %595
-  %597 = load float, ptr %596, align 4
-  %598 = insertelement <8 x float> poison, float %597, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = mul nsw i64 %595, 1024
-  %601 = getelementptr inbounds float, ptr %h, i64 %600
-  %col55 = mul nsw i64 %p, 16
-  %602 = load <8 x float>, ptr %acc1045, align 4
-  %603 = load <8 x float>, ptr %acc1146, align 4
-  %604 = add nsw i64 %col55, 0
-  %605 = fcmp ogt <8 x float> %602, zeroinitializer
-  %606 = select <8 x i1> %605, <8 x float> %602, <8 x float> zeroinitializer
-  %607 = fmul <8 x float> %606, %599
-  %608 = getelementptr inbounds float, ptr %601, i64 %604
-  store <8 x float> %607, ptr %608, align 4
-  %609 = add nsw i64 %col55, 8
-  %610 = fcmp ogt <8 x float> %603, zeroinitializer
-  %611 = select <8 x i1> %610, <8 x float> %603, <8 x float> zeroinitializer
-  %612 = fmul <8 x float> %611, %599
-  %613 = getelementptr inbounds float, ptr %601, i64 %609
-  store <8 x float> %612, ptr %613, align 4
-  %614 = add nsw i64 %r0, 2
-  %615 = getelementptr inbounds float, ptr %rw, i64 %614
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = mul nsw i64 %614, 1024
-  %620 = getelementptr inbounds float, ptr %h, i64 %619
-  %col56 = mul nsw i64 %p, 16
-  %621 = load <8 x float>, ptr %acc2047, align 4
-  %622 = load <8 x float>, ptr %acc2148, align 4
-  %623 = add nsw i64 %col56, 0
-  %624 = fcmp ogt <8 x float> %621, zeroinitializer
-  %625 = select <8 x i1> %624, <8 x float> %621, <8 x float> zeroinitializer
-  %626 = fmul <8 x float> %625, %618
-  %627 = getelementptr inbounds float, ptr %620, i64 %623
-  store <8 x float> %626, ptr %627, align 4
-  %628 = add nsw i64 %col56, 8
-  %629 = fcmp ogt <8 x float> %622, zeroinitializer
-  %630 = select <8 x i1> %629, <8 x float> %622, <8 x float> zeroinitializer
-  %631 = fmul <8 x float> %630, %618
-  %632 = getelementptr inbounds float, ptr %620, i64 %628
-  store <8 x float> %631, ptr %632, align 4
+k.end55:                                          ; preds = %k.head53
+  %606 = add nsw i64 %r0, 0
+  %607 = getelementptr inbounds float, ptr %rw, i64 %606
+  %608 = load float, ptr %607, align 4
+  %609 = insertelement <8 x float> poison, float %608, i32 0
+  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
+  %611 = mul nsw i64 %606, 1024
+  %612 = getelementptr inbounds float, ptr %h, i64 %611
+  %col57 = mul nsw i64 %p, 16
+  %613 = load <8 x float>, ptr %acc0045, align 4
+  %614 = load <8 x float>, ptr %acc0146, align 4
+  %615 = add nsw i64 %col57, 0
+  %616 = fcmp ogt <8 x float> %613, zeroinitializer
+  %617 = select <8 x i1> %616, <8 x float> %613, <8 x float> zeroinitializer
+  %618 = fmul <8 x float> %617, %610
+  %619 = getelementptr inbounds float, ptr %612, i64 %615
+  store <8 x float> %618, ptr %619, align 4
+  %620 = add nsw i64 %col57, 8
+  %621 = fcmp ogt <8 x float> %614, zeroinitializer
+  %622 = select <8 x i1> %621, <8 x float> %614, <8 x float> zeroinitializer
+  %623 = fmul <8 x float> %622, %610
+  %624 = getelementptr inbounds float, ptr %612, i64 %620
+  store <8 x float> %623, ptr %624, align 4
+  %625 = add nsw i64 %r0, 1
+  %626 = getelementptr inbounds float, ptr %rw, i64 %625
+  %627 = load float, ptr %626, align 4
+  %628 = insertelement <8 x float> poison, float %627, i32 0
+  %629 = shufflevector <8 x float> %628, <8 x float> poison, <8 x i32> zeroinitializer
+  %630 = mul nsw i64 %625, 1024
+  %631 = getelementptr inbounds float, ptr %h, i64 %630
+  %col58 = mul nsw i64 %p, 16
+  %632 = load <8 x float>, ptr %acc1047, align 4
+  %633 = load <8 x float>, ptr %acc1148, align 4
+  %634 = add nsw i64 %col58, 0
+  %635 = fcmp ogt <8 x float> %632, zeroinitializer
+  %636 = select <8 x i1> %635, <8 x float> %632, <8 x float> zeroinitializer
+  %637 = fmul <8 x float> %636, %629
+  %638 = getelementptr inbounds float, ptr %631, i64 %634
+  store <8 x float> %637, ptr %638, align 4
+  %639 = add nsw i64 %col58, 8
+  %640 = fcmp ogt <8 x float> %633, zeroinitializer
+  %641 = select <8 x i1> %640, <8 x float> %633, <8 x float> zeroinitializer
+  %642 = fmul <8 x float> %641, %629
+  %643 = getelementptr inbounds float, ptr %631, i64 %639
+  store <8 x float> %642, ptr %643, align 4
+  %644 = add nsw i64 %r0, 2
+  %645 = getelementptr inbounds float, ptr %rw, i64 %644
+  %646 = load float, ptr %645, align 4
+  %647 = insertelement <8 x float> poison, float %646, i32 0
+  %648 = shufflevector <8 x float> %647, <8 x float> poison, <8 x i32> zeroinitializer
+  %649 = mul nsw i64 %644, 1024
+  %650 = getelementptr inbounds float, ptr %h, i64 %649
+  %col59 = mul nsw i64 %p, 16
+  %651 = load <8 x float>, ptr %acc2049, align 4
+  %652 = load <8 x float>, ptr %acc2150, align 4
+  %653 = add nsw i64 %col59, 0
+  %654 = fcmp ogt <8 x float> %651, zeroinitializer
+  %655 = select <8 x i1> %654, <8 x float> %651, <8 x float> zeroinitializer
+  %656 = fmul <8 x float> %655, %648
+  %657 = getelementptr inbounds float, ptr %650, i64 %653
+  store <8 x float> %656, ptr %657, align 4
+  %658 = add nsw i64 %col59, 8
+  %659 = fcmp ogt <8 x float> %652, zeroinitializer
+  %660 = select <8 x i1> %659, <8 x float> %652, <8 x float> zeroinitializer
+  %661 = fmul <8 x float> %660, %648
+  %662 = getelementptr inbounds float, ptr %650, i64 %658
+  store <8 x float> %661, ptr %662, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %633 = add nsw i64 %r0, 0
-  %634 = getelementptr inbounds i32, ptr %rows, i64 %633
-  %635 = load i32, ptr %634, align 4
-  %636 = sext i32 %635 to i64
-  %637 = mul nsw i64 %636, 512
-  %638 = getelementptr inbounds float, ptr %x, i64 %637
-  store <8 x float> zeroinitializer, ptr %acc0057, align 4
-  store <8 x float> zeroinitializer, ptr %acc0158, align 4
-  %639 = add nsw i64 %r0, 1
-  %640 = getelementptr inbounds i32, ptr %rows, i64 %639
-  %641 = load i32, ptr %640, align 4
-  %642 = sext i32 %641 to i64
-  %643 = mul nsw i64 %642, 512
-  %644 = getelementptr inbounds float, ptr %x, i64 %643
-  store <8 x float> zeroinitializer, ptr %acc1059, align 4
-  store <8 x float> zeroinitializer, ptr %acc1160, align 4
-  %panel.off61 = mul nsw i64 %p, 8192
-  br label %k.head62
+  %663 = add nsw i64 %r0, 0
+  %664 = getelementptr inbounds i32, ptr %rows, i64 %663
+  %665 = load i32, ptr %664, align 4
+  %666 = sext i32 %665 to i64
+  %667 = mul nsw i64 %666, 512
+  %668 = getelementptr inbounds float, ptr %x, i64 %667
+  store <8 x float> zeroinitializer, ptr %acc0060, align 4
+  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  %669 = add nsw i64 %r0, 1
+  %670 = getelementptr inbounds i32, ptr %rows, i64 %669
+  %671 = load i32, ptr %670, align 4
+  %672 = sext i32 %671 to i64
+  %673 = mul nsw i64 %672, 512
+  %674 = getelementptr inbounds float, ptr %x, i64 %673
+  store <8 x float> zeroinitializer, ptr %acc1062, align 4
+  store <8 x float> zeroinitializer, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 8192
+  %675 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %676 = add nsw i64 %p, 1
+  %677 = icmp slt i64 %676, %p1
+  %678 = getelementptr inbounds i8, ptr %675, i64 32768
+  %679 = and i1 %pf.on, %677
+  %pf65 = select i1 %679, ptr %678, ptr %675
+  br label %k.head66
 
-k.head62:                                         ; preds = %k.body63, %tile.mr2
-  %k65 = phi i64 [ 0, %tile.mr2 ], [ %669, %k.body63 ]
-  %645 = icmp slt i64 %k65, 512
-  br i1 %645, label %k.body63, label %k.end64
+k.head66:                                         ; preds = %k.body67, %tile.mr2
+  %k69 = phi i64 [ 0, %tile.mr2 ], [ %706, %k.body67 ]
+  %680 = icmp slt i64 %k69, 512
+  br i1 %680, label %k.body67, label %k.end68
 
-k.body63:                                         ; preds = %k.head62
-  %646 = mul nsw i64 %k65, 16
-  %647 = add nsw i64 %panel.off61, %646
-  %648 = getelementptr inbounds float, ptr %panels, i64 %647
-  %649 = load <8 x float>, ptr %648, align 4
-  %650 = add nsw i64 %647, 8
-  %651 = getelementptr inbounds float, ptr %panels, i64 %650
-  %652 = load <8 x float>, ptr %651, align 4
-  %653 = getelementptr inbounds float, ptr %638, i64 %k65
-  %654 = load float, ptr %653, align 4
-  %655 = insertelement <8 x float> poison, float %654, i32 0
-  %656 = shufflevector <8 x float> %655, <8 x float> poison, <8 x i32> zeroinitializer
-  %657 = load <8 x float>, ptr %acc0057, align 4
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %649, <8 x float> %657)
-  store <8 x float> %658, ptr %acc0057, align 4
-  %659 = load <8 x float>, ptr %acc0158, align 4
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> %659)
-  store <8 x float> %660, ptr %acc0158, align 4
-  %661 = getelementptr inbounds float, ptr %644, i64 %k65
-  %662 = load float, ptr %661, align 4
-  %663 = insertelement <8 x float> poison, float %662, i32 0
-  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
-  %665 = load <8 x float>, ptr %acc1059, align 4
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %649, <8 x float> %665)
-  store <8 x float> %666, ptr %acc1059, align 4
-  %667 = load <8 x float>, ptr %acc1160, align 4
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %652, <8 x float> %667)
-  store <8 x float> %668, ptr %acc1160, align 4
-  %669 = add nsw i64 %k65, 1
-  br label %k.head62
-
-k.end64:                                          ; preds = %k.head62
-  %670 = add nsw i64 %r0, 0
-  %671 = getelementptr inbounds float, ptr %rw, i64 %670
-  %672 = load float, ptr %671, align 4
-  %673 = insertelement <8 x float> poison, float %672, i32 0
-  %674 = shufflevector <8 x float> %673, <8 x float> poison, <8 x i32> zeroinitializer
-  %675 = mul nsw i64 %670, 1024
-  %676 = getelementptr inbounds float, ptr %h, i64 %675
-  %col66 = mul nsw i64 %p, 16
-  %677 = load <8 x float>, ptr %acc0057, align 4
-  %678 = load <8 x float>, ptr %acc0158, align 4
-  %679 = add nsw i64 %col66, 0
-  %680 = fcmp ogt <8 x float> %677, zeroinitializer
-  %681 = select <8 x i1> %680, <8 x float> %677, <8 x float> zeroinitializer
-  %682 = fmul <8 x float> %681, %674
-  %683 = getelementptr inbounds float, ptr %676, i64 %679
-  store <8 x float> %682, ptr %683, align 4
-  %684 = add nsw i64 %col66, 8
-  %685 = fcmp ogt <8 x float> %678, zeroinitializer
-  %686 = select <8 x i1> %685, <8 x float> %678, <8 x float> zeroinitializer
-  %687 = fmul <8 x float> %686, %674
-  %688 = getelementptr inbounds float, ptr %676, i64 %684
-  store <8 x float> %687, ptr %688, align 4
-  %689 = add nsw i64 %r0, 1
-  %690 = getelementptr inbounds float, ptr %rw, i64 %689
+k.body67:                                         ; preds = %k.head66
+  %681 = mul nsw i64 %k69, 16
+  %682 = add nsw i64 %panel.off64, %681
+  %683 = mul nsw i64 %k69, 64
+  %684 = getelementptr inbounds i8, ptr %pf65, i64 %683
+  call void @llvm.prefetch.p0(ptr %684, i32 0, i32 2, i32 1)
+  %685 = getelementptr inbounds float, ptr %panels, i64 %682
+  %686 = load <8 x float>, ptr %685, align 4
+  %687 = add nsw i64 %682, 8
+  %688 = getelementptr inbounds float, ptr %panels, i64 %687
+  %689 = load <8 x float>, ptr %688, align 4
+  %690 = getelementptr inbounds float, ptr %668, i64 %k69
   %691 = load float, ptr %690, align 4
   %692 = insertelement <8 x float> poison, float %691, i32 0
   %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
-  %694 = mul nsw i64 %689, 1024
-  %695 = getelementptr inbounds float, ptr %h, i64 %694
-  %col67 = mul nsw i64 %p, 16
-  %696 = load <8 x float>, ptr %acc1059, align 4
-  %697 = load <8 x float>, ptr %acc1160, align 4
-  %698 = add nsw i64 %col67, 0
-  %699 = fcmp ogt <8 x float> %696, zeroinitializer
-  %700 = select <8 x i1> %699, <8 x float> %696, <8 x float> zeroinitializer
-  %701 = fmul <8 x float> %700, %693
-  %702 = getelementptr inbounds float, ptr %695, i64 %698
-  store <8 x float> %701, ptr %702, align 4
-  %703 = add nsw i64 %col67, 8
-  %704 = fcmp ogt <8 x float> %697, zeroinitializer
-  %705 = select <8 x i1> %704, <8 x float> %697, <8 x float> zeroinitializer
-  %706 = fmul <8 x float> %705, %693
-  %707 = getelementptr inbounds float, ptr %695, i64 %703
-  store <8 x float> %706, ptr %707, align 4
+  %694 = load <8 x float>, ptr %acc0060, align 4
+  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %686, <8 x float> %694)
+  store <8 x float> %695, ptr %acc0060, align 4
+  %696 = load <8 x float>, ptr %acc0161, align 4
+  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %689, <8 x float> %696)
+  store <8 x float> %697, ptr %acc0161, align 4
+  %698 = getelementptr inbounds float, ptr %674, i64 %k69
+  %699 = load float, ptr %698, align 4
+  %700 = insertelement <8 x float> poison, float %699, i32 0
+  %701 = shufflevector <8 x float> %700, <8 x float> poison, <8 x i32> zeroinitializer
+  %702 = load <8 x float>, ptr %acc1062, align 4
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %686, <8 x float> %702)
+  store <8 x float> %703, ptr %acc1062, align 4
+  %704 = load <8 x float>, ptr %acc1163, align 4
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %689, <8 x float> %704)
+  store <8 x float> %705, ptr %acc1163, align 4
+  %706 = add nsw i64 %k69, 1
+  br label %k.head66
+
+k.end68:                                          ; preds = %k.head66
+  %707 = add nsw i64 %r0, 0
+  %708 = getelementptr inbounds float, ptr %rw, i64 %707
+  %709 = load float, ptr %708, align 4
+  %710 = insertelement <8 x float> poison, float %709, i32 0
+  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
+  %712 = mul nsw i64 %707, 1024
+  %713 = getelementptr inbounds float, ptr %h, i64 %712
+  %col70 = mul nsw i64 %p, 16
+  %714 = load <8 x float>, ptr %acc0060, align 4
+  %715 = load <8 x float>, ptr %acc0161, align 4
+  %716 = add nsw i64 %col70, 0
+  %717 = fcmp ogt <8 x float> %714, zeroinitializer
+  %718 = select <8 x i1> %717, <8 x float> %714, <8 x float> zeroinitializer
+  %719 = fmul <8 x float> %718, %711
+  %720 = getelementptr inbounds float, ptr %713, i64 %716
+  store <8 x float> %719, ptr %720, align 4
+  %721 = add nsw i64 %col70, 8
+  %722 = fcmp ogt <8 x float> %715, zeroinitializer
+  %723 = select <8 x i1> %722, <8 x float> %715, <8 x float> zeroinitializer
+  %724 = fmul <8 x float> %723, %711
+  %725 = getelementptr inbounds float, ptr %713, i64 %721
+  store <8 x float> %724, ptr %725, align 4
+  %726 = add nsw i64 %r0, 1
+  %727 = getelementptr inbounds float, ptr %rw, i64 %726
+  %728 = load float, ptr %727, align 4
+  %729 = insertelement <8 x float> poison, float %728, i32 0
+  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
+  %731 = mul nsw i64 %726, 1024
+  %732 = getelementptr inbounds float, ptr %h, i64 %731
+  %col71 = mul nsw i64 %p, 16
+  %733 = load <8 x float>, ptr %acc1062, align 4
+  %734 = load <8 x float>, ptr %acc1163, align 4
+  %735 = add nsw i64 %col71, 0
+  %736 = fcmp ogt <8 x float> %733, zeroinitializer
+  %737 = select <8 x i1> %736, <8 x float> %733, <8 x float> zeroinitializer
+  %738 = fmul <8 x float> %737, %730
+  %739 = getelementptr inbounds float, ptr %732, i64 %735
+  store <8 x float> %738, ptr %739, align 4
+  %740 = add nsw i64 %col71, 8
+  %741 = fcmp ogt <8 x float> %734, zeroinitializer
+  %742 = select <8 x i1> %741, <8 x float> %734, <8 x float> zeroinitializer
+  %743 = fmul <8 x float> %742, %730
+  %744 = getelementptr inbounds float, ptr %732, i64 %740
+  store <8 x float> %743, ptr %744, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %708 = add nsw i64 %r0, 0
-  %709 = getelementptr inbounds i32, ptr %rows, i64 %708
-  %710 = load i32, ptr %709, align 4
-  %711 = sext i32 %710 to i64
-  %712 = mul nsw i64 %711, 512
-  %713 = getelementptr inbounds float, ptr %x, i64 %712
-  store <8 x float> zeroinitializer, ptr %acc0068, align 4
-  store <8 x float> zeroinitializer, ptr %acc0169, align 4
-  %panel.off70 = mul nsw i64 %p, 8192
-  br label %k.head71
+  %745 = add nsw i64 %r0, 0
+  %746 = getelementptr inbounds i32, ptr %rows, i64 %745
+  %747 = load i32, ptr %746, align 4
+  %748 = sext i32 %747 to i64
+  %749 = mul nsw i64 %748, 512
+  %750 = getelementptr inbounds float, ptr %x, i64 %749
+  store <8 x float> zeroinitializer, ptr %acc0072, align 4
+  store <8 x float> zeroinitializer, ptr %acc0173, align 4
+  %panel.off74 = mul nsw i64 %p, 8192
+  %751 = getelementptr inbounds float, ptr %panels, i64 %panel.off74
+  %752 = add nsw i64 %p, 1
+  %753 = icmp slt i64 %752, %p1
+  %754 = getelementptr inbounds i8, ptr %751, i64 32768
+  %755 = and i1 %pf.on, %753
+  %pf75 = select i1 %755, ptr %754, ptr %751
+  br label %k.head76
 
-k.head71:                                         ; preds = %k.body72, %tile.mr1
-  %k74 = phi i64 [ 0, %tile.mr1 ], [ %730, %k.body72 ]
-  %714 = icmp slt i64 %k74, 512
-  br i1 %714, label %k.body72, label %k.end73
+k.head76:                                         ; preds = %k.body77, %tile.mr1
+  %k79 = phi i64 [ 0, %tile.mr1 ], [ %774, %k.body77 ]
+  %756 = icmp slt i64 %k79, 512
+  br i1 %756, label %k.body77, label %k.end78
 
-k.body72:                                         ; preds = %k.head71
-  %715 = mul nsw i64 %k74, 16
-  %716 = add nsw i64 %panel.off70, %715
-  %717 = getelementptr inbounds float, ptr %panels, i64 %716
-  %718 = load <8 x float>, ptr %717, align 4
-  %719 = add nsw i64 %716, 8
-  %720 = getelementptr inbounds float, ptr %panels, i64 %719
-  %721 = load <8 x float>, ptr %720, align 4
-  %722 = getelementptr inbounds float, ptr %713, i64 %k74
-  %723 = load float, ptr %722, align 4
-  %724 = insertelement <8 x float> poison, float %723, i32 0
-  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
-  %726 = load <8 x float>, ptr %acc0068, align 4
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %718, <8 x float> %726)
-  store <8 x float> %727, ptr %acc0068, align 4
-  %728 = load <8 x float>, ptr %acc0169, align 4
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %721, <8 x float> %728)
-  store <8 x float> %729, ptr %acc0169, align 4
-  %730 = add nsw i64 %k74, 1
-  br label %k.head71
+k.body77:                                         ; preds = %k.head76
+  %757 = mul nsw i64 %k79, 16
+  %758 = add nsw i64 %panel.off74, %757
+  %759 = mul nsw i64 %k79, 64
+  %760 = getelementptr inbounds i8, ptr %pf75, i64 %759
+  call void @llvm.prefetch.p0(ptr %760, i32 0, i32 2, i32 1)
+  %761 = getelementptr inbounds float, ptr %panels, i64 %758
+  %762 = load <8 x float>, ptr %761, align 4
+  %763 = add nsw i64 %758, 8
+  %764 = getelementptr inbounds float, ptr %panels, i64 %763
+  %765 = load <8 x float>, ptr %764, align 4
+  %766 = getelementptr inbounds float, ptr %750, i64 %k79
+  %767 = load float, ptr %766, align 4
+  %768 = insertelement <8 x float> poison, float %767, i32 0
+  %769 = shufflevector <8 x float> %768, <8 x float> poison, <8 x i32> zeroinitializer
+  %770 = load <8 x float>, ptr %acc0072, align 4
+  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %769, <8 x float> %762, <8 x float> %770)
+  store <8 x float> %771, ptr %acc0072, align 4
+  %772 = load <8 x float>, ptr %acc0173, align 4
+  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %769, <8 x float> %765, <8 x float> %772)
+  store <8 x float> %773, ptr %acc0173, align 4
+  %774 = add nsw i64 %k79, 1
+  br label %k.head76
 
-k.end73:                                          ; preds = %k.head71
-  %731 = add nsw i64 %r0, 0
-  %732 = getelementptr inbounds float, ptr %rw, i64 %731
-  %733 = load float, ptr %732, align 4
-  %734 = insertelement <8 x float> poison, float %733, i32 0
-  %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
-  %736 = mul nsw i64 %731, 1024
-  %737 = getelementptr inbounds float, ptr %h, i64 %736
-  %col75 = mul nsw i64 %p, 16
-  %738 = load <8 x float>, ptr %acc0068, align 4
-  %739 = load <8 x float>, ptr %acc0169, align 4
-  %740 = add nsw i64 %col75, 0
-  %741 = fcmp ogt <8 x float> %738, zeroinitializer
-  %742 = select <8 x i1> %741, <8 x float> %738, <8 x float> zeroinitializer
-  %743 = fmul <8 x float> %742, %735
-  %744 = getelementptr inbounds float, ptr %737, i64 %740
-  store <8 x float> %743, ptr %744, align 4
-  %745 = add nsw i64 %col75, 8
-  %746 = fcmp ogt <8 x float> %739, zeroinitializer
-  %747 = select <8 x i1> %746, <8 x float> %739, <8 x float> zeroinitializer
-  %748 = fmul <8 x float> %747, %735
-  %749 = getelementptr inbounds float, ptr %737, i64 %745
-  store <8 x float> %748, ptr %749, align 4
+k.end78:                                          ; preds = %k.head76
+  %775 = add nsw i64 %r0, 0
+  %776 = getelementptr inbounds float, ptr %rw, i64 %775
+  %777 = load float, ptr %776, align 4
+  %778 = insertelement <8 x float> poison, float %777, i32 0
+  %779 = shufflevector <8 x float> %778, <8 x float> poison, <8 x i32> zeroinitializer
+  %780 = mul nsw i64 %775, 1024
+  %781 = getelementptr inbounds float, ptr %h, i64 %780
+  %col80 = mul nsw i64 %p, 16
+  %782 = load <8 x float>, ptr %acc0072, align 4
+  %783 = load <8 x float>, ptr %acc0173, align 4
+  %784 = add nsw i64 %col80, 0
+  %785 = fcmp ogt <8 x float> %782, zeroinitializer
+  %786 = select <8 x i1> %785, <8 x float> %782, <8 x float> zeroinitializer
+  %787 = fmul <8 x float> %786, %779
+  %788 = getelementptr inbounds float, ptr %781, i64 %784
+  store <8 x float> %787, ptr %788, align 4
+  %789 = add nsw i64 %col80, 8
+  %790 = fcmp ogt <8 x float> %783, zeroinitializer
+  %791 = select <8 x i1> %790, <8 x float> %783, <8 x float> zeroinitializer
+  %792 = fmul <8 x float> %791, %779
+  %793 = getelementptr inbounds float, ptr %781, i64 %789
+  store <8 x float> %792, ptr %793, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end73, %k.end64, %k.end52, %k.end37, %k.end19, %k.end
-  %750 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end78, %k.end68, %k.end55, %k.end39, %k.end20, %k.end
+  %794 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %751 = add nsw i64 %p, 1
+  %795 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
@@ -3596,26 +3656,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0018 = alloca <8 x float>, align 32
-  %acc0119 = alloca <8 x float>, align 32
-  %acc1020 = alloca <8 x float>, align 32
-  %acc1121 = alloca <8 x float>, align 32
-  %acc2022 = alloca <8 x float>, align 32
-  %acc2123 = alloca <8 x float>, align 32
-  %acc3024 = alloca <8 x float>, align 32
-  %acc3125 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc0044 = alloca <8 x float>, align 32
-  %acc0145 = alloca <8 x float>, align 32
-  %acc1046 = alloca <8 x float>, align 32
-  %acc1147 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
+  %acc0019 = alloca <8 x float>, align 32
+  %acc0120 = alloca <8 x float>, align 32
+  %acc1021 = alloca <8 x float>, align 32
+  %acc1122 = alloca <8 x float>, align 32
+  %acc2023 = alloca <8 x float>, align 32
+  %acc2124 = alloca <8 x float>, align 32
+  %acc3025 = alloca <8 x float>, align 32
+  %acc3126 = alloca <8 x float>, align 32
+  %acc0034 = alloca <8 x float>, align 32
+  %acc0135 = alloca <8 x float>, align 32
+  %acc1036 = alloca <8 x float>, align 32
+  %acc1137 = alloca <8 x float>, align 32
+  %acc2038 = alloca <8 x float>, align 32
+  %acc2139 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc0058 = alloca <8 x float>, align 32
+  %acc0159 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3624,7 +3684,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %563, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %607, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3632,7 +3692,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %562, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %606, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -3640,6 +3700,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3650,784 +3713,838 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 1024
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 512
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 1024
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 512
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 1024
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 512
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 1024
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 512
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 1024
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 512
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 1024
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 512
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 1024
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 512
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 1024
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 512
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 1024
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 512
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 1024
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 512
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 1024
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 512
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 1024
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 512
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
+  %90 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 65536
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %144, %k.body ]
-  %88 = icmp slt i64 %k, 1024
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %k.body ]
+  %95 = icmp slt i64 %k, 1024
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds float, ptr %panels, i64 %90
-  %92 = load <8 x float>, ptr %91, align 4
-  %93 = add nsw i64 %90, 8
-  %94 = getelementptr inbounds float, ptr %panels, i64 %93
-  %95 = load <8 x float>, ptr %94, align 4
-  %96 = getelementptr inbounds float, ptr %6, i64 %k
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc00, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %92, <8 x float> %100)
-  store <8 x float> %101, ptr %acc00, align 4
-  %102 = load <8 x float>, ptr %acc01, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %95, <8 x float> %102)
-  store <8 x float> %103, ptr %acc01, align 4
-  %104 = getelementptr inbounds float, ptr %20, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc10, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %92, <8 x float> %108)
-  store <8 x float> %109, ptr %acc10, align 4
-  %110 = load <8 x float>, ptr %acc11, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %95, <8 x float> %110)
-  store <8 x float> %111, ptr %acc11, align 4
-  %112 = getelementptr inbounds float, ptr %34, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc20, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %92, <8 x float> %116)
-  store <8 x float> %117, ptr %acc20, align 4
-  %118 = load <8 x float>, ptr %acc21, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %95, <8 x float> %118)
-  store <8 x float> %119, ptr %acc21, align 4
-  %120 = getelementptr inbounds float, ptr %48, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc30, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %92, <8 x float> %124)
-  store <8 x float> %125, ptr %acc30, align 4
-  %126 = load <8 x float>, ptr %acc31, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %95, <8 x float> %126)
-  store <8 x float> %127, ptr %acc31, align 4
-  %128 = getelementptr inbounds float, ptr %62, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc40, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %92, <8 x float> %132)
-  store <8 x float> %133, ptr %acc40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %95, <8 x float> %134)
-  store <8 x float> %135, ptr %acc41, align 4
-  %136 = getelementptr inbounds float, ptr %76, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc50, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %92, <8 x float> %140)
-  store <8 x float> %141, ptr %acc50, align 4
-  %142 = load <8 x float>, ptr %acc51, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %95, <8 x float> %142)
-  store <8 x float> %143, ptr %acc51, align 4
-  %144 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 64
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds float, ptr %panels, i64 %97
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = add nsw i64 %97, 8
+  %103 = getelementptr inbounds float, ptr %panels, i64 %102
+  %104 = load <8 x float>, ptr %103, align 4
+  %105 = getelementptr inbounds float, ptr %8, i64 %k
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = load <8 x float>, ptr %acc00, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
+  store <8 x float> %110, ptr %acc00, align 4
+  %111 = load <8 x float>, ptr %acc01, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
+  store <8 x float> %112, ptr %acc01, align 4
+  %113 = getelementptr inbounds float, ptr %22, i64 %k
+  %114 = load float, ptr %113, align 4
+  %115 = insertelement <8 x float> poison, float %114, i32 0
+  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
+  %117 = load <8 x float>, ptr %acc10, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
+  store <8 x float> %118, ptr %acc10, align 4
+  %119 = load <8 x float>, ptr %acc11, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
+  store <8 x float> %120, ptr %acc11, align 4
+  %121 = getelementptr inbounds float, ptr %36, i64 %k
+  %122 = load float, ptr %121, align 4
+  %123 = insertelement <8 x float> poison, float %122, i32 0
+  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
+  %125 = load <8 x float>, ptr %acc20, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
+  store <8 x float> %126, ptr %acc20, align 4
+  %127 = load <8 x float>, ptr %acc21, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
+  store <8 x float> %128, ptr %acc21, align 4
+  %129 = getelementptr inbounds float, ptr %50, i64 %k
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = load <8 x float>, ptr %acc30, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
+  store <8 x float> %134, ptr %acc30, align 4
+  %135 = load <8 x float>, ptr %acc31, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
+  store <8 x float> %136, ptr %acc31, align 4
+  %137 = getelementptr inbounds float, ptr %64, i64 %k
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = load <8 x float>, ptr %acc40, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
+  store <8 x float> %142, ptr %acc40, align 4
+  %143 = load <8 x float>, ptr %acc41, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
+  store <8 x float> %144, ptr %acc41, align 4
+  %145 = getelementptr inbounds float, ptr %78, i64 %k
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %acc50, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
+  store <8 x float> %150, ptr %acc50, align 4
+  %151 = load <8 x float>, ptr %acc51, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
+  store <8 x float> %152, ptr %acc51, align 4
+  %153 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %145 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %145, ptr %13, align 4
-  %146 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %146, ptr %16, align 4
-  %147 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %147, ptr %27, align 4
-  %148 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %148, ptr %30, align 4
-  %149 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %149, ptr %41, align 4
-  %150 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %150, ptr %44, align 4
-  %151 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %151, ptr %55, align 4
-  %152 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %152, ptr %58, align 4
-  %153 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %153, ptr %69, align 4
-  %154 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %154, ptr %72, align 4
-  %155 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %155, ptr %83, align 4
-  %156 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %156, ptr %86, align 4
+  %154 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %154, ptr %15, align 4
+  %155 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %155, ptr %18, align 4
+  %156 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %156, ptr %29, align 4
+  %157 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %157, ptr %32, align 4
+  %158 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %158, ptr %43, align 4
+  %159 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %159, ptr %46, align 4
+  %160 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %160, ptr %57, align 4
+  %161 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %161, ptr %60, align 4
+  %162 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %162, ptr %71, align 4
+  %163 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %163, ptr %74, align 4
+  %164 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %164, ptr %85, align 4
+  %165 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %165, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %157 = add nsw i64 %r0, 0
-  %158 = mul nsw i64 %157, 1024
-  %159 = getelementptr inbounds float, ptr %h, i64 %158
-  %160 = getelementptr inbounds i32, ptr %rows, i64 %157
-  %161 = load i32, ptr %160, align 4
-  %162 = sext i32 %161 to i64
-  %163 = mul nsw i64 %162, 512
-  %164 = getelementptr inbounds float, ptr %y, i64 %163
-  %165 = add nsw i64 %col1, 0
-  %166 = getelementptr inbounds float, ptr %164, i64 %165
-  %167 = load <8 x float>, ptr %166, align 4
-  store <8 x float> %167, ptr %acc002, align 4
-  %168 = add nsw i64 %col1, 8
-  %169 = getelementptr inbounds float, ptr %164, i64 %168
-  %170 = load <8 x float>, ptr %169, align 4
-  store <8 x float> %170, ptr %acc013, align 4
-  %171 = add nsw i64 %r0, 1
-  %172 = mul nsw i64 %171, 1024
-  %173 = getelementptr inbounds float, ptr %h, i64 %172
-  %174 = getelementptr inbounds i32, ptr %rows, i64 %171
-  %175 = load i32, ptr %174, align 4
-  %176 = sext i32 %175 to i64
-  %177 = mul nsw i64 %176, 512
-  %178 = getelementptr inbounds float, ptr %y, i64 %177
-  %179 = add nsw i64 %col1, 0
-  %180 = getelementptr inbounds float, ptr %178, i64 %179
-  %181 = load <8 x float>, ptr %180, align 4
-  store <8 x float> %181, ptr %acc104, align 4
-  %182 = add nsw i64 %col1, 8
-  %183 = getelementptr inbounds float, ptr %178, i64 %182
-  %184 = load <8 x float>, ptr %183, align 4
-  store <8 x float> %184, ptr %acc115, align 4
-  %185 = add nsw i64 %r0, 2
-  %186 = mul nsw i64 %185, 1024
-  %187 = getelementptr inbounds float, ptr %h, i64 %186
-  %188 = getelementptr inbounds i32, ptr %rows, i64 %185
-  %189 = load i32, ptr %188, align 4
-  %190 = sext i32 %189 to i64
-  %191 = mul nsw i64 %190, 512
-  %192 = getelementptr inbounds float, ptr %y, i64 %191
-  %193 = add nsw i64 %col1, 0
-  %194 = getelementptr inbounds float, ptr %192, i64 %193
-  %195 = load <8 x float>, ptr %194, align 4
-  store <8 x float> %195, ptr %acc206, align 4
-  %196 = add nsw i64 %col1, 8
-  %197 = getelementptr inbounds float, ptr %192, i64 %196
-  %198 = load <8 x float>, ptr %197, align 4
-  store <8 x float> %198, ptr %acc217, align 4
-  %199 = add nsw i64 %r0, 3
-  %200 = mul nsw i64 %199, 1024
-  %201 = getelementptr inbounds float, ptr %h, i64 %200
-  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
-  %203 = load i32, ptr %202, align 4
-  %204 = sext i32 %203 to i64
-  %205 = mul nsw i64 %204, 512
-  %206 = getelementptr inbounds float, ptr %y, i64 %205
-  %207 = add nsw i64 %col1, 0
-  %208 = getelementptr inbounds float, ptr %206, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  store <8 x float> %209, ptr %acc308, align 4
-  %210 = add nsw i64 %col1, 8
-  %211 = getelementptr inbounds float, ptr %206, i64 %210
-  %212 = load <8 x float>, ptr %211, align 4
-  store <8 x float> %212, ptr %acc319, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 1024
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 512
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col1, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  store <8 x float> %223, ptr %acc4010, align 4
-  %224 = add nsw i64 %col1, 8
-  %225 = getelementptr inbounds float, ptr %220, i64 %224
-  %226 = load <8 x float>, ptr %225, align 4
-  store <8 x float> %226, ptr %acc4111, align 4
+  %166 = add nsw i64 %r0, 0
+  %167 = mul nsw i64 %166, 1024
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
+  %170 = load i32, ptr %169, align 4
+  %171 = sext i32 %170 to i64
+  %172 = mul nsw i64 %171, 512
+  %173 = getelementptr inbounds float, ptr %y, i64 %172
+  %174 = add nsw i64 %col1, 0
+  %175 = getelementptr inbounds float, ptr %173, i64 %174
+  %176 = load <8 x float>, ptr %175, align 4
+  store <8 x float> %176, ptr %acc002, align 4
+  %177 = add nsw i64 %col1, 8
+  %178 = getelementptr inbounds float, ptr %173, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  store <8 x float> %179, ptr %acc013, align 4
+  %180 = add nsw i64 %r0, 1
+  %181 = mul nsw i64 %180, 1024
+  %182 = getelementptr inbounds float, ptr %h, i64 %181
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 512
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col1, 0
+  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %190 = load <8 x float>, ptr %189, align 4
+  store <8 x float> %190, ptr %acc104, align 4
+  %191 = add nsw i64 %col1, 8
+  %192 = getelementptr inbounds float, ptr %187, i64 %191
+  %193 = load <8 x float>, ptr %192, align 4
+  store <8 x float> %193, ptr %acc115, align 4
+  %194 = add nsw i64 %r0, 2
+  %195 = mul nsw i64 %194, 1024
+  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
+  %198 = load i32, ptr %197, align 4
+  %199 = sext i32 %198 to i64
+  %200 = mul nsw i64 %199, 512
+  %201 = getelementptr inbounds float, ptr %y, i64 %200
+  %202 = add nsw i64 %col1, 0
+  %203 = getelementptr inbounds float, ptr %201, i64 %202
+  %204 = load <8 x float>, ptr %203, align 4
+  store <8 x float> %204, ptr %acc206, align 4
+  %205 = add nsw i64 %col1, 8
+  %206 = getelementptr inbounds float, ptr %201, i64 %205
+  %207 = load <8 x float>, ptr %206, align 4
+  store <8 x float> %207, ptr %acc217, align 4
+  %208 = add nsw i64 %r0, 3
+  %209 = mul nsw i64 %208, 1024
+  %210 = getelementptr inbounds float, ptr %h, i64 %209
+  %211 = getelementptr inbounds i32, ptr %rows, i64 %208
+  %212 = load i32, ptr %211, align 4
+  %213 = sext i32 %212 to i64
+  %214 = mul nsw i64 %213, 512
+  %215 = getelementptr inbounds float, ptr %y, i64 %214
+  %216 = add nsw i64 %col1, 0
+  %217 = getelementptr inbounds float, ptr %215, i64 %216
+  %218 = load <8 x float>, ptr %217, align 4
+  store <8 x float> %218, ptr %acc308, align 4
+  %219 = add nsw i64 %col1, 8
+  %220 = getelementptr inbounds float, ptr %215, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  store <8 x float> %221, ptr %acc319, align 4
+  %222 = add nsw i64 %r0, 4
+  %223 = mul nsw i64 %222, 1024
+  %224 = getelementptr inbounds float, ptr %h, i64 %223
+  %225 = getelementptr inbounds i32, ptr %rows, i64 %222
+  %226 = load i32, ptr %225, align 4
+  %227 = sext i32 %226 to i64
+  %228 = mul nsw i64 %227, 512
+  %229 = getelementptr inbounds float, ptr %y, i64 %228
+  %230 = add nsw i64 %col1, 0
+  %231 = getelementptr inbounds float, ptr %229, i64 %230
+  %232 = load <8 x float>, ptr %231, align 4
+  store <8 x float> %232, ptr %acc4010, align 4
+  %233 = add nsw i64 %col1, 8
+  %234 = getelementptr inbounds float, ptr %229, i64 %233
+  %235 = load <8 x float>, ptr %234, align 4
+  store <8 x float> %235, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 16384
-  br label %k.head13
+  %236 = getelementptr inbounds float, ptr %panels, i64 %panel.off12
+  %237 = add nsw i64 %p, 1
+  %238 = icmp slt i64 %237, %p1
+  %239 = getelementptr inbounds i8, ptr %236, i64 65536
+  %240 = and i1 %pf.on, %238
+  %pf13 = select i1 %240, ptr %239, ptr %236
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %275, %k.body14 ]
-  %227 = icmp slt i64 %k16, 1024
-  br i1 %227, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %291, %k.body15 ]
+  %241 = icmp slt i64 %k17, 1024
+  br i1 %241, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %228 = mul nsw i64 %k16, 16
-  %229 = add nsw i64 %panel.off12, %228
-  %230 = getelementptr inbounds float, ptr %panels, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
-  %232 = add nsw i64 %229, 8
-  %233 = getelementptr inbounds float, ptr %panels, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  %235 = getelementptr inbounds float, ptr %159, i64 %k16
-  %236 = load float, ptr %235, align 4
-  %237 = insertelement <8 x float> poison, float %236, i32 0
-  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
-  %239 = load <8 x float>, ptr %acc002, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %231, <8 x float> %239)
-  store <8 x float> %240, ptr %acc002, align 4
-  %241 = load <8 x float>, ptr %acc013, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %234, <8 x float> %241)
-  store <8 x float> %242, ptr %acc013, align 4
-  %243 = getelementptr inbounds float, ptr %173, i64 %k16
-  %244 = load float, ptr %243, align 4
-  %245 = insertelement <8 x float> poison, float %244, i32 0
-  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
-  %247 = load <8 x float>, ptr %acc104, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %231, <8 x float> %247)
-  store <8 x float> %248, ptr %acc104, align 4
-  %249 = load <8 x float>, ptr %acc115, align 4
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %234, <8 x float> %249)
-  store <8 x float> %250, ptr %acc115, align 4
-  %251 = getelementptr inbounds float, ptr %187, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %242 = mul nsw i64 %k17, 16
+  %243 = add nsw i64 %panel.off12, %242
+  %244 = mul nsw i64 %k17, 64
+  %245 = getelementptr inbounds i8, ptr %pf13, i64 %244
+  call void @llvm.prefetch.p0(ptr %245, i32 0, i32 2, i32 1)
+  %246 = getelementptr inbounds float, ptr %panels, i64 %243
+  %247 = load <8 x float>, ptr %246, align 4
+  %248 = add nsw i64 %243, 8
+  %249 = getelementptr inbounds float, ptr %panels, i64 %248
+  %250 = load <8 x float>, ptr %249, align 4
+  %251 = getelementptr inbounds float, ptr %168, i64 %k17
   %252 = load float, ptr %251, align 4
   %253 = insertelement <8 x float> poison, float %252, i32 0
   %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc206, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %231, <8 x float> %255)
-  store <8 x float> %256, ptr %acc206, align 4
-  %257 = load <8 x float>, ptr %acc217, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %234, <8 x float> %257)
-  store <8 x float> %258, ptr %acc217, align 4
-  %259 = getelementptr inbounds float, ptr %201, i64 %k16
+  %255 = load <8 x float>, ptr %acc002, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %247, <8 x float> %255)
+  store <8 x float> %256, ptr %acc002, align 4
+  %257 = load <8 x float>, ptr %acc013, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> %257)
+  store <8 x float> %258, ptr %acc013, align 4
+  %259 = getelementptr inbounds float, ptr %182, i64 %k17
   %260 = load float, ptr %259, align 4
   %261 = insertelement <8 x float> poison, float %260, i32 0
   %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc308, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %231, <8 x float> %263)
-  store <8 x float> %264, ptr %acc308, align 4
-  %265 = load <8 x float>, ptr %acc319, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %234, <8 x float> %265)
-  store <8 x float> %266, ptr %acc319, align 4
-  %267 = getelementptr inbounds float, ptr %215, i64 %k16
+  %263 = load <8 x float>, ptr %acc104, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %247, <8 x float> %263)
+  store <8 x float> %264, ptr %acc104, align 4
+  %265 = load <8 x float>, ptr %acc115, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %250, <8 x float> %265)
+  store <8 x float> %266, ptr %acc115, align 4
+  %267 = getelementptr inbounds float, ptr %196, i64 %k17
   %268 = load float, ptr %267, align 4
   %269 = insertelement <8 x float> poison, float %268, i32 0
   %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc4010, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %231, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4010, align 4
-  %273 = load <8 x float>, ptr %acc4111, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %234, <8 x float> %273)
-  store <8 x float> %274, ptr %acc4111, align 4
-  %275 = add nsw i64 %k16, 1
-  br label %k.head13
+  %271 = load <8 x float>, ptr %acc206, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %247, <8 x float> %271)
+  store <8 x float> %272, ptr %acc206, align 4
+  %273 = load <8 x float>, ptr %acc217, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %250, <8 x float> %273)
+  store <8 x float> %274, ptr %acc217, align 4
+  %275 = getelementptr inbounds float, ptr %210, i64 %k17
+  %276 = load float, ptr %275, align 4
+  %277 = insertelement <8 x float> poison, float %276, i32 0
+  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
+  %279 = load <8 x float>, ptr %acc308, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %247, <8 x float> %279)
+  store <8 x float> %280, ptr %acc308, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %250, <8 x float> %281)
+  store <8 x float> %282, ptr %acc319, align 4
+  %283 = getelementptr inbounds float, ptr %224, i64 %k17
+  %284 = load float, ptr %283, align 4
+  %285 = insertelement <8 x float> poison, float %284, i32 0
+  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
+  %287 = load <8 x float>, ptr %acc4010, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %247, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4010, align 4
+  %289 = load <8 x float>, ptr %acc4111, align 4
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %250, <8 x float> %289)
+  store <8 x float> %290, ptr %acc4111, align 4
+  %291 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %276 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %276, ptr %166, align 4
-  %277 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %277, ptr %169, align 4
-  %278 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %278, ptr %180, align 4
-  %279 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %279, ptr %183, align 4
-  %280 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %280, ptr %194, align 4
-  %281 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %281, ptr %197, align 4
-  %282 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %282, ptr %208, align 4
-  %283 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %283, ptr %211, align 4
-  %284 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %284, ptr %222, align 4
-  %285 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %285, ptr %225, align 4
+k.end16:                                          ; preds = %k.head14
+  %292 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %292, ptr %175, align 4
+  %293 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %293, ptr %178, align 4
+  %294 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %294, ptr %189, align 4
+  %295 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %295, ptr %192, align 4
+  %296 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %296, ptr %203, align 4
+  %297 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %297, ptr %206, align 4
+  %298 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %298, ptr %217, align 4
+  %299 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %299, ptr %220, align 4
+  %300 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %300, ptr %231, align 4
+  %301 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %301, ptr %234, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col17 = mul nsw i64 %p, 16
-  %286 = add nsw i64 %r0, 0
-  %287 = mul nsw i64 %286, 1024
-  %288 = getelementptr inbounds float, ptr %h, i64 %287
-  %289 = getelementptr inbounds i32, ptr %rows, i64 %286
-  %290 = load i32, ptr %289, align 4
-  %291 = sext i32 %290 to i64
-  %292 = mul nsw i64 %291, 512
-  %293 = getelementptr inbounds float, ptr %y, i64 %292
-  %294 = add nsw i64 %col17, 0
-  %295 = getelementptr inbounds float, ptr %293, i64 %294
-  %296 = load <8 x float>, ptr %295, align 4
-  store <8 x float> %296, ptr %acc0018, align 4
-  %297 = add nsw i64 %col17, 8
-  %298 = getelementptr inbounds float, ptr %293, i64 %297
-  %299 = load <8 x float>, ptr %298, align 4
-  store <8 x float> %299, ptr %acc0119, align 4
-  %300 = add nsw i64 %r0, 1
-  %301 = mul nsw i64 %300, 1024
-  %302 = getelementptr inbounds float, ptr %h, i64 %301
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 512
-  %307 = getelementptr inbounds float, ptr %y, i64 %306
-  %308 = add nsw i64 %col17, 0
-  %309 = getelementptr inbounds float, ptr %307, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc1020, align 4
-  %311 = add nsw i64 %col17, 8
-  %312 = getelementptr inbounds float, ptr %307, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  store <8 x float> %313, ptr %acc1121, align 4
-  %314 = add nsw i64 %r0, 2
-  %315 = mul nsw i64 %314, 1024
-  %316 = getelementptr inbounds float, ptr %h, i64 %315
-  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %318 = load i32, ptr %317, align 4
-  %319 = sext i32 %318 to i64
-  %320 = mul nsw i64 %319, 512
-  %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col17, 0
-  %323 = getelementptr inbounds float, ptr %321, i64 %322
-  %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc2022, align 4
-  %325 = add nsw i64 %col17, 8
-  %326 = getelementptr inbounds float, ptr %321, i64 %325
-  %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc2123, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = mul nsw i64 %328, 1024
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 512
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col17, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
-  %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc3024, align 4
-  %339 = add nsw i64 %col17, 8
-  %340 = getelementptr inbounds float, ptr %335, i64 %339
-  %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc3125, align 4
-  %panel.off26 = mul nsw i64 %p, 16384
-  br label %k.head27
+  %col18 = mul nsw i64 %p, 16
+  %302 = add nsw i64 %r0, 0
+  %303 = mul nsw i64 %302, 1024
+  %304 = getelementptr inbounds float, ptr %h, i64 %303
+  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %306 = load i32, ptr %305, align 4
+  %307 = sext i32 %306 to i64
+  %308 = mul nsw i64 %307, 512
+  %309 = getelementptr inbounds float, ptr %y, i64 %308
+  %310 = add nsw i64 %col18, 0
+  %311 = getelementptr inbounds float, ptr %309, i64 %310
+  %312 = load <8 x float>, ptr %311, align 4
+  store <8 x float> %312, ptr %acc0019, align 4
+  %313 = add nsw i64 %col18, 8
+  %314 = getelementptr inbounds float, ptr %309, i64 %313
+  %315 = load <8 x float>, ptr %314, align 4
+  store <8 x float> %315, ptr %acc0120, align 4
+  %316 = add nsw i64 %r0, 1
+  %317 = mul nsw i64 %316, 1024
+  %318 = getelementptr inbounds float, ptr %h, i64 %317
+  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
+  %320 = load i32, ptr %319, align 4
+  %321 = sext i32 %320 to i64
+  %322 = mul nsw i64 %321, 512
+  %323 = getelementptr inbounds float, ptr %y, i64 %322
+  %324 = add nsw i64 %col18, 0
+  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  %326 = load <8 x float>, ptr %325, align 4
+  store <8 x float> %326, ptr %acc1021, align 4
+  %327 = add nsw i64 %col18, 8
+  %328 = getelementptr inbounds float, ptr %323, i64 %327
+  %329 = load <8 x float>, ptr %328, align 4
+  store <8 x float> %329, ptr %acc1122, align 4
+  %330 = add nsw i64 %r0, 2
+  %331 = mul nsw i64 %330, 1024
+  %332 = getelementptr inbounds float, ptr %h, i64 %331
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %330
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 512
+  %337 = getelementptr inbounds float, ptr %y, i64 %336
+  %338 = add nsw i64 %col18, 0
+  %339 = getelementptr inbounds float, ptr %337, i64 %338
+  %340 = load <8 x float>, ptr %339, align 4
+  store <8 x float> %340, ptr %acc2023, align 4
+  %341 = add nsw i64 %col18, 8
+  %342 = getelementptr inbounds float, ptr %337, i64 %341
+  %343 = load <8 x float>, ptr %342, align 4
+  store <8 x float> %343, ptr %acc2124, align 4
+  %344 = add nsw i64 %r0, 3
+  %345 = mul nsw i64 %344, 1024
+  %346 = getelementptr inbounds float, ptr %h, i64 %345
+  %347 = getelementptr inbounds i32, ptr %rows, i64 %344
+  %348 = load i32, ptr %347, align 4
+  %349 = sext i32 %348 to i64
+  %350 = mul nsw i64 %349, 512
+  %351 = getelementptr inbounds float, ptr %y, i64 %350
+  %352 = add nsw i64 %col18, 0
+  %353 = getelementptr inbounds float, ptr %351, i64 %352
+  %354 = load <8 x float>, ptr %353, align 4
+  store <8 x float> %354, ptr %acc3025, align 4
+  %355 = add nsw i64 %col18, 8
+  %356 = getelementptr inbounds float, ptr %351, i64 %355
+  %357 = load <8 x float>, ptr %356, align 4
+  store <8 x float> %357, ptr %acc3126, align 4
+  %panel.off27 = mul nsw i64 %p, 16384
+  %358 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
+  %359 = add nsw i64 %p, 1
+  %360 = icmp slt i64 %359, %p1
+  %361 = getelementptr inbounds i8, ptr %358, i64 65536
+  %362 = and i1 %pf.on, %360
+  %pf28 = select i1 %362, ptr %361, ptr %358
+  br label %k.head29
 
-k.head27:                                         ; preds = %k.body28, %tile.mr4
-  %k30 = phi i64 [ 0, %tile.mr4 ], [ %382, %k.body28 ]
-  %342 = icmp slt i64 %k30, 1024
-  br i1 %342, label %k.body28, label %k.end29
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %405, %k.body30 ]
+  %363 = icmp slt i64 %k32, 1024
+  br i1 %363, label %k.body30, label %k.end31
 
-k.body28:                                         ; preds = %k.head27
-  %343 = mul nsw i64 %k30, 16
-  %344 = add nsw i64 %panel.off26, %343
-  %345 = getelementptr inbounds float, ptr %panels, i64 %344
-  %346 = load <8 x float>, ptr %345, align 4
-  %347 = add nsw i64 %344, 8
-  %348 = getelementptr inbounds float, ptr %panels, i64 %347
-  %349 = load <8 x float>, ptr %348, align 4
-  %350 = getelementptr inbounds float, ptr %288, i64 %k30
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = load <8 x float>, ptr %acc0018, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %346, <8 x float> %354)
-  store <8 x float> %355, ptr %acc0018, align 4
-  %356 = load <8 x float>, ptr %acc0119, align 4
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %349, <8 x float> %356)
-  store <8 x float> %357, ptr %acc0119, align 4
-  %358 = getelementptr inbounds float, ptr %302, i64 %k30
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc1020, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %346, <8 x float> %362)
-  store <8 x float> %363, ptr %acc1020, align 4
-  %364 = load <8 x float>, ptr %acc1121, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %349, <8 x float> %364)
-  store <8 x float> %365, ptr %acc1121, align 4
-  %366 = getelementptr inbounds float, ptr %316, i64 %k30
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = load <8 x float>, ptr %acc2022, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %346, <8 x float> %370)
-  store <8 x float> %371, ptr %acc2022, align 4
-  %372 = load <8 x float>, ptr %acc2123, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %349, <8 x float> %372)
-  store <8 x float> %373, ptr %acc2123, align 4
-  %374 = getelementptr inbounds float, ptr %330, i64 %k30
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc3024, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %346, <8 x float> %378)
-  store <8 x float> %379, ptr %acc3024, align 4
-  %380 = load <8 x float>, ptr %acc3125, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %349, <8 x float> %380)
-  store <8 x float> %381, ptr %acc3125, align 4
-  %382 = add nsw i64 %k30, 1
-  br label %k.head27
+k.body30:                                         ; preds = %k.head29
+  %364 = mul nsw i64 %k32, 16
+  %365 = add nsw i64 %panel.off27, %364
+  %366 = mul nsw i64 %k32, 64
+  %367 = getelementptr inbounds i8, ptr %pf28, i64 %366
+  call void @llvm.prefetch.p0(ptr %367, i32 0, i32 2, i32 1)
+  %368 = getelementptr inbounds float, ptr %panels, i64 %365
+  %369 = load <8 x float>, ptr %368, align 4
+  %370 = add nsw i64 %365, 8
+  %371 = getelementptr inbounds float, ptr %panels, i64 %370
+  %372 = load <8 x float>, ptr %371, align 4
+  %373 = getelementptr inbounds float, ptr %304, i64 %k32
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = load <8 x float>, ptr %acc0019, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %369, <8 x float> %377)
+  store <8 x float> %378, ptr %acc0019, align 4
+  %379 = load <8 x float>, ptr %acc0120, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %372, <8 x float> %379)
+  store <8 x float> %380, ptr %acc0120, align 4
+  %381 = getelementptr inbounds float, ptr %318, i64 %k32
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = load <8 x float>, ptr %acc1021, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %369, <8 x float> %385)
+  store <8 x float> %386, ptr %acc1021, align 4
+  %387 = load <8 x float>, ptr %acc1122, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %372, <8 x float> %387)
+  store <8 x float> %388, ptr %acc1122, align 4
+  %389 = getelementptr inbounds float, ptr %332, i64 %k32
+  %390 = load float, ptr %389, align 4
+  %391 = insertelement <8 x float> poison, float %390, i32 0
+  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
+  %393 = load <8 x float>, ptr %acc2023, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %369, <8 x float> %393)
+  store <8 x float> %394, ptr %acc2023, align 4
+  %395 = load <8 x float>, ptr %acc2124, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %372, <8 x float> %395)
+  store <8 x float> %396, ptr %acc2124, align 4
+  %397 = getelementptr inbounds float, ptr %346, i64 %k32
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = load <8 x float>, ptr %acc3025, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %369, <8 x float> %401)
+  store <8 x float> %402, ptr %acc3025, align 4
+  %403 = load <8 x float>, ptr %acc3126, align 4
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %372, <8 x float> %403)
+  store <8 x float> %404, ptr %acc3126, align 4
+  %405 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end29:                                          ; preds = %k.head27
-  %383 = load <8 x float>, ptr %acc0018, align 4
-  store <8 x float> %383, ptr %295, align 4
-  %384 = load <8 x float>, ptr %acc0119, align 4
-  store <8 x float> %384, ptr %298, align 4
-  %385 = load <8 x float>, ptr %acc1020, align 4
-  store <8 x float> %385, ptr %309, align 4
-  %386 = load <8 x float>, ptr %acc1121, align 4
-  store <8 x float> %386, ptr %312, align 4
-  %387 = load <8 x float>, ptr %acc2022, align 4
-  store <8 x float> %387, ptr %323, align 4
-  %388 = load <8 x float>, ptr %acc2123, align 4
-  store <8 x float> %388, ptr %326, align 4
-  %389 = load <8 x float>, ptr %acc3024, align 4
-  store <8 x float> %389, ptr %337, align 4
-  %390 = load <8 x float>, ptr %acc3125, align 4
-  store <8 x float> %390, ptr %340, align 4
+k.end31:                                          ; preds = %k.head29
+  %406 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %406, ptr %311, align 4
+  %407 = load <8 x float>, ptr %acc0120, align 4
+  store <8 x float> %407, ptr %314, align 4
+  %408 = load <8 x float>, ptr %acc1021, align 4
+  store <8 x float> %408, ptr %325, align 4
+  %409 = load <8 x float>, ptr %acc1122, align 4
+  store <8 x float> %409, ptr %328, align 4
+  %410 = load <8 x float>, ptr %acc2023, align 4
+  store <8 x float> %410, ptr %339, align 4
+  %411 = load <8 x float>, ptr %acc2124, align 4
+  store <8 x float> %411, ptr %342, align 4
+  %412 = load <8 x float>, ptr %acc3025, align 4
+  store <8 x float> %412, ptr %353, align 4
+  %413 = load <8 x float>, ptr %acc3126, align 4
+  store <8 x float> %413, ptr %356, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col31 = mul nsw i64 %p, 16
-  %391 = add nsw i64 %r0, 0
-  %392 = mul nsw i64 %391, 1024
-  %393 = getelementptr inbounds float, ptr %h, i64 %392
-  %394 = getelementptr inbounds i32, ptr %rows, i64 %391
-  %395 = load i32, ptr %394, align 4
-  %396 = sext i32 %395 to i64
-  %397 = mul nsw i64 %396, 512
-  %398 = getelementptr inbounds float, ptr %y, i64 %397
-  %399 = add nsw i64 %col31, 0
-  %400 = getelementptr inbounds float, ptr %398, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0032, align 4
-  %402 = add nsw i64 %col31, 8
-  %403 = getelementptr inbounds float, ptr %398, i64 %402
-  %404 = load <8 x float>, ptr %403, align 4
-  store <8 x float> %404, ptr %acc0133, align 4
-  %405 = add nsw i64 %r0, 1
-  %406 = mul nsw i64 %405, 1024
-  %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
-  %409 = load i32, ptr %408, align 4
-  %410 = sext i32 %409 to i64
-  %411 = mul nsw i64 %410, 512
-  %412 = getelementptr inbounds float, ptr %y, i64 %411
-  %413 = add nsw i64 %col31, 0
-  %414 = getelementptr inbounds float, ptr %412, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1034, align 4
-  %416 = add nsw i64 %col31, 8
-  %417 = getelementptr inbounds float, ptr %412, i64 %416
-  %418 = load <8 x float>, ptr %417, align 4
-  store <8 x float> %418, ptr %acc1135, align 4
-  %419 = add nsw i64 %r0, 2
-  %420 = mul nsw i64 %419, 1024
-  %421 = getelementptr inbounds float, ptr %h, i64 %420
-  %422 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %423 = load i32, ptr %422, align 4
-  %424 = sext i32 %423 to i64
-  %425 = mul nsw i64 %424, 512
-  %426 = getelementptr inbounds float, ptr %y, i64 %425
-  %427 = add nsw i64 %col31, 0
-  %428 = getelementptr inbounds float, ptr %426, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2036, align 4
-  %430 = add nsw i64 %col31, 8
-  %431 = getelementptr inbounds float, ptr %426, i64 %430
-  %432 = load <8 x float>, ptr %431, align 4
-  store <8 x float> %432, ptr %acc2137, align 4
-  %panel.off38 = mul nsw i64 %p, 16384
-  br label %k.head39
+  %col33 = mul nsw i64 %p, 16
+  %414 = add nsw i64 %r0, 0
+  %415 = mul nsw i64 %414, 1024
+  %416 = getelementptr inbounds float, ptr %h, i64 %415
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 512
+  %421 = getelementptr inbounds float, ptr %y, i64 %420
+  %422 = add nsw i64 %col33, 0
+  %423 = getelementptr inbounds float, ptr %421, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0034, align 4
+  %425 = add nsw i64 %col33, 8
+  %426 = getelementptr inbounds float, ptr %421, i64 %425
+  %427 = load <8 x float>, ptr %426, align 4
+  store <8 x float> %427, ptr %acc0135, align 4
+  %428 = add nsw i64 %r0, 1
+  %429 = mul nsw i64 %428, 1024
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 512
+  %435 = getelementptr inbounds float, ptr %y, i64 %434
+  %436 = add nsw i64 %col33, 0
+  %437 = getelementptr inbounds float, ptr %435, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1036, align 4
+  %439 = add nsw i64 %col33, 8
+  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %441 = load <8 x float>, ptr %440, align 4
+  store <8 x float> %441, ptr %acc1137, align 4
+  %442 = add nsw i64 %r0, 2
+  %443 = mul nsw i64 %442, 1024
+  %444 = getelementptr inbounds float, ptr %h, i64 %443
+  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
+  %446 = load i32, ptr %445, align 4
+  %447 = sext i32 %446 to i64
+  %448 = mul nsw i64 %447, 512
+  %449 = getelementptr inbounds float, ptr %y, i64 %448
+  %450 = add nsw i64 %col33, 0
+  %451 = getelementptr inbounds float, ptr %449, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2038, align 4
+  %453 = add nsw i64 %col33, 8
+  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  store <8 x float> %455, ptr %acc2139, align 4
+  %panel.off40 = mul nsw i64 %p, 16384
+  %456 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
+  %457 = add nsw i64 %p, 1
+  %458 = icmp slt i64 %457, %p1
+  %459 = getelementptr inbounds i8, ptr %456, i64 65536
+  %460 = and i1 %pf.on, %458
+  %pf41 = select i1 %460, ptr %459, ptr %456
+  br label %k.head42
 
-k.head39:                                         ; preds = %k.body40, %tile.mr3
-  %k42 = phi i64 [ 0, %tile.mr3 ], [ %465, %k.body40 ]
-  %433 = icmp slt i64 %k42, 1024
-  br i1 %433, label %k.body40, label %k.end41
+k.head42:                                         ; preds = %k.body43, %tile.mr3
+  %k45 = phi i64 [ 0, %tile.mr3 ], [ %495, %k.body43 ]
+  %461 = icmp slt i64 %k45, 1024
+  br i1 %461, label %k.body43, label %k.end44
 
-k.body40:                                         ; preds = %k.head39
-  %434 = mul nsw i64 %k42, 16
-  %435 = add nsw i64 %panel.off38, %434
-  %436 = getelementptr inbounds float, ptr %panels, i64 %435
-  %437 = load <8 x float>, ptr %436, align 4
-  %438 = add nsw i64 %435, 8
-  %439 = getelementptr inbounds float, ptr %panels, i64 %438
-  %440 = load <8 x float>, ptr %439, align 4
-  %441 = getelementptr inbounds float, ptr %393, i64 %k42
-  %442 = load float, ptr %441, align 4
-  %443 = insertelement <8 x float> poison, float %442, i32 0
-  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
-  %445 = load <8 x float>, ptr %acc0032, align 4
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %437, <8 x float> %445)
-  store <8 x float> %446, ptr %acc0032, align 4
-  %447 = load <8 x float>, ptr %acc0133, align 4
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %440, <8 x float> %447)
-  store <8 x float> %448, ptr %acc0133, align 4
-  %449 = getelementptr inbounds float, ptr %407, i64 %k42
-  %450 = load float, ptr %449, align 4
-  %451 = insertelement <8 x float> poison, float %450, i32 0
-  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
-  %453 = load <8 x float>, ptr %acc1034, align 4
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %437, <8 x float> %453)
-  store <8 x float> %454, ptr %acc1034, align 4
-  %455 = load <8 x float>, ptr %acc1135, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %440, <8 x float> %455)
-  store <8 x float> %456, ptr %acc1135, align 4
-  %457 = getelementptr inbounds float, ptr %421, i64 %k42
-  %458 = load float, ptr %457, align 4
-  %459 = insertelement <8 x float> poison, float %458, i32 0
-  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
-  %461 = load <8 x float>, ptr %acc2036, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %437, <8 x float> %461)
-  store <8 x float> %462, ptr %acc2036, align 4
-  %463 = load <8 x float>, ptr %acc2137, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %440, <8 x float> %463)
-  store <8 x float> %464, ptr %acc2137, align 4
-  %465 = add nsw i64 %k42, 1
-  br label %k.head39
+k.body43:                                         ; preds = %k.head42
+  %462 = mul nsw i64 %k45, 16
+  %463 = add nsw i64 %panel.off40, %462
+  %464 = mul nsw i64 %k45, 64
+  %465 = getelementptr inbounds i8, ptr %pf41, i64 %464
+  call void @llvm.prefetch.p0(ptr %465, i32 0, i32 2, i32 1)
+  %466 = getelementptr inbounds float, ptr %panels, i64 %463
+  %467 = load <8 x float>, ptr %466, align 4
+  %468 = add nsw i64 %463, 8
+  %469 = getelementptr inbounds float, ptr %panels, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
+  %471 = getelementptr inbounds float, ptr %416, i64 %k45
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = load <8 x float>, ptr %acc0034, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %467, <8 x float> %475)
+  store <8 x float> %476, ptr %acc0034, align 4
+  %477 = load <8 x float>, ptr %acc0135, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %477)
+  store <8 x float> %478, ptr %acc0135, align 4
+  %479 = getelementptr inbounds float, ptr %430, i64 %k45
+  %480 = load float, ptr %479, align 4
+  %481 = insertelement <8 x float> poison, float %480, i32 0
+  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
+  %483 = load <8 x float>, ptr %acc1036, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %467, <8 x float> %483)
+  store <8 x float> %484, ptr %acc1036, align 4
+  %485 = load <8 x float>, ptr %acc1137, align 4
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %470, <8 x float> %485)
+  store <8 x float> %486, ptr %acc1137, align 4
+  %487 = getelementptr inbounds float, ptr %444, i64 %k45
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc2038, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %467, <8 x float> %491)
+  store <8 x float> %492, ptr %acc2038, align 4
+  %493 = load <8 x float>, ptr %acc2139, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %470, <8 x float> %493)
+  store <8 x float> %494, ptr %acc2139, align 4
+  %495 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end41:                                          ; preds = %k.head39
-  %466 = load <8 x float>, ptr %acc0032, align 4
-  store <8 x float> %466, ptr %400, align 4
-  %467 = load <8 x float>, ptr %acc0133, align 4
-  store <8 x float> %467, ptr %403, align 4
-  %468 = load <8 x float>, ptr %acc1034, align 4
-  store <8 x float> %468, ptr %414, align 4
-  %469 = load <8 x float>, ptr %acc1135, align 4
-  store <8 x float> %469, ptr %417, align 4
-  %470 = load <8 x float>, ptr %acc2036, align 4
-  store <8 x float> %470, ptr %428, align 4
-  %471 = load <8 x float>, ptr %acc2137, align 4
-  store <8 x float> %471, ptr %431, align 4
+k.end44:                                          ; preds = %k.head42
+  %496 = load <8 x float>, ptr %acc0034, align 4
+  store <8 x float> %496, ptr %423, align 4
+  %497 = load <8 x float>, ptr %acc0135, align 4
+  store <8 x float> %497, ptr %426, align 4
+  %498 = load <8 x float>, ptr %acc1036, align 4
+  store <8 x float> %498, ptr %437, align 4
+  %499 = load <8 x float>, ptr %acc1137, align 4
+  store <8 x float> %499, ptr %440, align 4
+  %500 = load <8 x float>, ptr %acc2038, align 4
+  store <8 x float> %500, ptr %451, align 4
+  %501 = load <8 x float>, ptr %acc2139, align 4
+  store <8 x float> %501, ptr %454, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col43 = mul nsw i64 %p, 16
-  %472 = add nsw i64 %r0, 0
-  %473 = mul nsw i64 %472, 1024
-  %474 = getelementptr inbounds float, ptr %h, i64 %473
-  %475 = getelementptr inbounds i32, ptr %rows, i64 %472
-  %476 = load i32, ptr %475, align 4
-  %477 = sext i32 %476 to i64
-  %478 = mul nsw i64 %477, 512
-  %479 = getelementptr inbounds float, ptr %y, i64 %478
-  %480 = add nsw i64 %col43, 0
-  %481 = getelementptr inbounds float, ptr %479, i64 %480
-  %482 = load <8 x float>, ptr %481, align 4
-  store <8 x float> %482, ptr %acc0044, align 4
-  %483 = add nsw i64 %col43, 8
-  %484 = getelementptr inbounds float, ptr %479, i64 %483
-  %485 = load <8 x float>, ptr %484, align 4
-  store <8 x float> %485, ptr %acc0145, align 4
-  %486 = add nsw i64 %r0, 1
-  %487 = mul nsw i64 %486, 1024
-  %488 = getelementptr inbounds float, ptr %h, i64 %487
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 512
-  %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col43, 0
-  %495 = getelementptr inbounds float, ptr %493, i64 %494
-  %496 = load <8 x float>, ptr %495, align 4
-  store <8 x float> %496, ptr %acc1046, align 4
-  %497 = add nsw i64 %col43, 8
-  %498 = getelementptr inbounds float, ptr %493, i64 %497
-  %499 = load <8 x float>, ptr %498, align 4
-  store <8 x float> %499, ptr %acc1147, align 4
-  %panel.off48 = mul nsw i64 %p, 16384
-  br label %k.head49
+  %col46 = mul nsw i64 %p, 16
+  %502 = add nsw i64 %r0, 0
+  %503 = mul nsw i64 %502, 1024
+  %504 = getelementptr inbounds float, ptr %h, i64 %503
+  %505 = getelementptr inbounds i32, ptr %rows, i64 %502
+  %506 = load i32, ptr %505, align 4
+  %507 = sext i32 %506 to i64
+  %508 = mul nsw i64 %507, 512
+  %509 = getelementptr inbounds float, ptr %y, i64 %508
+  %510 = add nsw i64 %col46, 0
+  %511 = getelementptr inbounds float, ptr %509, i64 %510
+  %512 = load <8 x float>, ptr %511, align 4
+  store <8 x float> %512, ptr %acc0047, align 4
+  %513 = add nsw i64 %col46, 8
+  %514 = getelementptr inbounds float, ptr %509, i64 %513
+  %515 = load <8 x float>, ptr %514, align 4
+  store <8 x float> %515, ptr %acc0148, align 4
+  %516 = add nsw i64 %r0, 1
+  %517 = mul nsw i64 %516, 1024
+  %518 = getelementptr inbounds float, ptr %h, i64 %517
+  %519 = getelementptr inbounds i32, ptr %rows, i64 %516
+  %520 = load i32, ptr %519, align 4
+  %521 = sext i32 %520 to i64
+  %522 = mul nsw i64 %521, 512
+  %523 = getelementptr inbounds float, ptr %y, i64 %522
+  %524 = add nsw i64 %col46, 0
+  %525 = getelementptr inbounds float, ptr %523, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  store <8 x float> %526, ptr %acc1049, align 4
+  %527 = add nsw i64 %col46, 8
+  %528 = getelementptr inbounds float, ptr %523, i64 %527
+  %529 = load <8 x float>, ptr %528, align 4
+  store <8 x float> %529, ptr %acc1150, align 4
+  %panel.off51 = mul nsw i64 %p, 16384
+  %530 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
+  %531 = add nsw i64 %p, 1
+  %532 = icmp slt i64 %531, %p1
+  %533 = getelementptr inbounds i8, ptr %530, i64 65536
+  %534 = and i1 %pf.on, %532
+  %pf52 = select i1 %534, ptr %533, ptr %530
+  br label %k.head53
 
-k.head49:                                         ; preds = %k.body50, %tile.mr2
-  %k52 = phi i64 [ 0, %tile.mr2 ], [ %524, %k.body50 ]
-  %500 = icmp slt i64 %k52, 1024
-  br i1 %500, label %k.body50, label %k.end51
+k.head53:                                         ; preds = %k.body54, %tile.mr2
+  %k56 = phi i64 [ 0, %tile.mr2 ], [ %561, %k.body54 ]
+  %535 = icmp slt i64 %k56, 1024
+  br i1 %535, label %k.body54, label %k.end55
 
-k.body50:                                         ; preds = %k.head49
-  %501 = mul nsw i64 %k52, 16
-  %502 = add nsw i64 %panel.off48, %501
-  %503 = getelementptr inbounds float, ptr %panels, i64 %502
-  %504 = load <8 x float>, ptr %503, align 4
-  %505 = add nsw i64 %502, 8
-  %506 = getelementptr inbounds float, ptr %panels, i64 %505
-  %507 = load <8 x float>, ptr %506, align 4
-  %508 = getelementptr inbounds float, ptr %474, i64 %k52
-  %509 = load float, ptr %508, align 4
-  %510 = insertelement <8 x float> poison, float %509, i32 0
-  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
-  %512 = load <8 x float>, ptr %acc0044, align 4
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %504, <8 x float> %512)
-  store <8 x float> %513, ptr %acc0044, align 4
-  %514 = load <8 x float>, ptr %acc0145, align 4
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %507, <8 x float> %514)
-  store <8 x float> %515, ptr %acc0145, align 4
-  %516 = getelementptr inbounds float, ptr %488, i64 %k52
-  %517 = load float, ptr %516, align 4
-  %518 = insertelement <8 x float> poison, float %517, i32 0
-  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
-  %520 = load <8 x float>, ptr %acc1046, align 4
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %504, <8 x float> %520)
-  store <8 x float> %521, ptr %acc1046, align 4
-  %522 = load <8 x float>, ptr %acc1147, align 4
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %507, <8 x float> %522)
-  store <8 x float> %523, ptr %acc1147, align 4
-  %524 = add nsw i64 %k52, 1
-  br label %k.head49
+k.body54:                                         ; preds = %k.head53
+  %536 = mul nsw i64 %k56, 16
+  %537 = add nsw i64 %panel.off51, %536
+  %538 = mul nsw i64 %k56, 64
+  %539 = getelementptr inbounds i8, ptr %pf52, i64 %538
+  call void @llvm.prefetch.p0(ptr %539, i32 0, i32 2, i32 1)
+  %540 = getelementptr inbounds float, ptr %panels, i64 %537
+  %541 = load <8 x float>, ptr %540, align 4
+  %542 = add nsw i64 %537, 8
+  %543 = getelementptr inbounds float, ptr %panels, i64 %542
+  %544 = load <8 x float>, ptr %543, align 4
+  %545 = getelementptr inbounds float, ptr %504, i64 %k56
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0047, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %541, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0047, align 4
+  %551 = load <8 x float>, ptr %acc0148, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %544, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0148, align 4
+  %553 = getelementptr inbounds float, ptr %518, i64 %k56
+  %554 = load float, ptr %553, align 4
+  %555 = insertelement <8 x float> poison, float %554, i32 0
+  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
+  %557 = load <8 x float>, ptr %acc1049, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %541, <8 x float> %557)
+  store <8 x float> %558, ptr %acc1049, align 4
+  %559 = load <8 x float>, ptr %acc1150, align 4
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %544, <8 x float> %559)
+  store <8 x float> %560, ptr %acc1150, align 4
+  %561 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end51:                                          ; preds = %k.head49
-  %525 = load <8 x float>, ptr %acc0044, align 4
-  store <8 x float> %525, ptr %481, align 4
-  %526 = load <8 x float>, ptr %acc0145, align 4
-  store <8 x float> %526, ptr %484, align 4
-  %527 = load <8 x float>, ptr %acc1046, align 4
-  store <8 x float> %527, ptr %495, align 4
-  %528 = load <8 x float>, ptr %acc1147, align 4
-  store <8 x float> %528, ptr %498, align 4
+k.end55:                                          ; preds = %k.head53
+  %562 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %562, ptr %511, align 4
+  %563 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %563, ptr %514, align 4
+  %564 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %564, ptr %525, align 4
+  %565 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %565, ptr %528, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col53 = mul nsw i64 %p, 16
-  %529 = add nsw i64 %r0, 0
-  %530 = mul nsw i64 %529, 1024
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %529
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 512
-  %536 = getelementptr inbounds float, ptr %y, i64 %535
-  %537 = add nsw i64 %col53, 0
-  %538 = getelementptr inbounds float, ptr %536, i64 %537
-  %539 = load <8 x float>, ptr %538, align 4
-  store <8 x float> %539, ptr %acc0054, align 4
-  %540 = add nsw i64 %col53, 8
-  %541 = getelementptr inbounds float, ptr %536, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  store <8 x float> %542, ptr %acc0155, align 4
-  %panel.off56 = mul nsw i64 %p, 16384
-  br label %k.head57
+  %col57 = mul nsw i64 %p, 16
+  %566 = add nsw i64 %r0, 0
+  %567 = mul nsw i64 %566, 1024
+  %568 = getelementptr inbounds float, ptr %h, i64 %567
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %566
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 512
+  %573 = getelementptr inbounds float, ptr %y, i64 %572
+  %574 = add nsw i64 %col57, 0
+  %575 = getelementptr inbounds float, ptr %573, i64 %574
+  %576 = load <8 x float>, ptr %575, align 4
+  store <8 x float> %576, ptr %acc0058, align 4
+  %577 = add nsw i64 %col57, 8
+  %578 = getelementptr inbounds float, ptr %573, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
+  store <8 x float> %579, ptr %acc0159, align 4
+  %panel.off60 = mul nsw i64 %p, 16384
+  %580 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
+  %581 = add nsw i64 %p, 1
+  %582 = icmp slt i64 %581, %p1
+  %583 = getelementptr inbounds i8, ptr %580, i64 65536
+  %584 = and i1 %pf.on, %582
+  %pf61 = select i1 %584, ptr %583, ptr %580
+  br label %k.head62
 
-k.head57:                                         ; preds = %k.body58, %tile.mr1
-  %k60 = phi i64 [ 0, %tile.mr1 ], [ %559, %k.body58 ]
-  %543 = icmp slt i64 %k60, 1024
-  br i1 %543, label %k.body58, label %k.end59
+k.head62:                                         ; preds = %k.body63, %tile.mr1
+  %k65 = phi i64 [ 0, %tile.mr1 ], [ %603, %k.body63 ]
+  %585 = icmp slt i64 %k65, 1024
+  br i1 %585, label %k.body63, label %k.end64
 
-k.body58:                                         ; preds = %k.head57
-  %544 = mul nsw i64 %k60, 16
-  %545 = add nsw i64 %panel.off56, %544
-  %546 = getelementptr inbounds float, ptr %panels, i64 %545
-  %547 = load <8 x float>, ptr %546, align 4
-  %548 = add nsw i64 %545, 8
-  %549 = getelementptr inbounds float, ptr %panels, i64 %548
-  %550 = load <8 x float>, ptr %549, align 4
-  %551 = getelementptr inbounds float, ptr %531, i64 %k60
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = load <8 x float>, ptr %acc0054, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
-  store <8 x float> %556, ptr %acc0054, align 4
-  %557 = load <8 x float>, ptr %acc0155, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
-  store <8 x float> %558, ptr %acc0155, align 4
-  %559 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body63:                                         ; preds = %k.head62
+  %586 = mul nsw i64 %k65, 16
+  %587 = add nsw i64 %panel.off60, %586
+  %588 = mul nsw i64 %k65, 64
+  %589 = getelementptr inbounds i8, ptr %pf61, i64 %588
+  call void @llvm.prefetch.p0(ptr %589, i32 0, i32 2, i32 1)
+  %590 = getelementptr inbounds float, ptr %panels, i64 %587
+  %591 = load <8 x float>, ptr %590, align 4
+  %592 = add nsw i64 %587, 8
+  %593 = getelementptr inbounds float, ptr %panels, i64 %592
+  %594 = load <8 x float>, ptr %593, align 4
+  %595 = getelementptr inbounds float, ptr %568, i64 %k65
+  %596 = load float, ptr %595, align 4
+  %597 = insertelement <8 x float> poison, float %596, i32 0
+  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
+  %599 = load <8 x float>, ptr %acc0058, align 4
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %591, <8 x float> %599)
+  store <8 x float> %600, ptr %acc0058, align 4
+  %601 = load <8 x float>, ptr %acc0159, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0159, align 4
+  %603 = add nsw i64 %k65, 1
+  br label %k.head62
 
-k.end59:                                          ; preds = %k.head57
-  %560 = load <8 x float>, ptr %acc0054, align 4
-  store <8 x float> %560, ptr %538, align 4
-  %561 = load <8 x float>, ptr %acc0155, align 4
-  store <8 x float> %561, ptr %541, align 4
+k.end64:                                          ; preds = %k.head62
+  %604 = load <8 x float>, ptr %acc0058, align 4
+  store <8 x float> %604, ptr %575, align 4
+  %605 = load <8 x float>, ptr %acc0159, align 4
+  store <8 x float> %605, ptr %578, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end59, %k.end51, %k.end41, %k.end29, %k.end15, %k.end
-  %562 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end64, %k.end55, %k.end44, %k.end31, %k.end16, %k.end
+  %606 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %563 = add nsw i64 %p, 1
+  %607 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4436,3 +4553,4 @@ p.end:                                            ; preds = %p.head
 
 attributes #0 = { nounwind }
 attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }

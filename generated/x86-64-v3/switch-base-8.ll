@@ -978,33 +978,33 @@ entry:
   %acc3113 = alloca <8 x float>, align 32
   %acc4014 = alloca <8 x float>, align 32
   %acc4115 = alloca <8 x float>, align 32
-  %acc0028 = alloca <8 x float>, align 32
-  %acc0129 = alloca <8 x float>, align 32
-  %acc1030 = alloca <8 x float>, align 32
-  %acc1131 = alloca <8 x float>, align 32
-  %acc2032 = alloca <8 x float>, align 32
-  %acc2133 = alloca <8 x float>, align 32
-  %acc3034 = alloca <8 x float>, align 32
-  %acc3135 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc2051 = alloca <8 x float>, align 32
-  %acc2152 = alloca <8 x float>, align 32
-  %acc0063 = alloca <8 x float>, align 32
-  %acc0164 = alloca <8 x float>, align 32
-  %acc1065 = alloca <8 x float>, align 32
-  %acc1166 = alloca <8 x float>, align 32
-  %acc0076 = alloca <8 x float>, align 32
-  %acc0177 = alloca <8 x float>, align 32
+  %acc0029 = alloca <8 x float>, align 32
+  %acc0130 = alloca <8 x float>, align 32
+  %acc1031 = alloca <8 x float>, align 32
+  %acc1132 = alloca <8 x float>, align 32
+  %acc2033 = alloca <8 x float>, align 32
+  %acc2134 = alloca <8 x float>, align 32
+  %acc3035 = alloca <8 x float>, align 32
+  %acc3136 = alloca <8 x float>, align 32
+  %acc0049 = alloca <8 x float>, align 32
+  %acc0150 = alloca <8 x float>, align 32
+  %acc1051 = alloca <8 x float>, align 32
+  %acc1152 = alloca <8 x float>, align 32
+  %acc2053 = alloca <8 x float>, align 32
+  %acc2154 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
+  %acc1068 = alloca <8 x float>, align 32
+  %acc1169 = alloca <8 x float>, align 32
+  %acc0080 = alloca <8 x float>, align 32
+  %acc0181 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %745, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %789, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -1012,7 +1012,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %744, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %788, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -1020,6 +1020,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1029,1003 +1032,1060 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 768
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 768
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 768
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 768
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 768
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 768
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 768
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 768
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 768
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 768
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 768
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 768
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
+  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 24576
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %94, %k.body ]
-  %39 = icmp slt i64 %k, 768
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
+  %46 = icmp slt i64 %k, 768
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds i16, ptr %panels, i64 %41
-  %43 = load <8 x i32>, ptr %42, align 4
-  %44 = shl <8 x i32> %43, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %44 to <8 x float>
-  %45 = and <8 x i32> %43, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %45 to <8 x float>
-  %46 = getelementptr inbounds float, ptr %8, i64 %k
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <8 x float> poison, float %47, i32 0
-  %49 = shufflevector <8 x float> %48, <8 x float> poison, <8 x i32> zeroinitializer
-  %50 = load <8 x float>, ptr %acc00, align 4
-  %51 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b0, <8 x float> %50)
-  store <8 x float> %51, ptr %acc00, align 4
-  %52 = load <8 x float>, ptr %acc01, align 4
-  %53 = call <8 x float> @llvm.fma.v8f32(<8 x float> %49, <8 x float> %b1, <8 x float> %52)
-  store <8 x float> %53, ptr %acc01, align 4
-  %54 = getelementptr inbounds float, ptr %14, i64 %k
-  %55 = load float, ptr %54, align 4
-  %56 = insertelement <8 x float> poison, float %55, i32 0
-  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
-  %58 = load <8 x float>, ptr %acc10, align 4
-  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b0, <8 x float> %58)
-  store <8 x float> %59, ptr %acc10, align 4
-  %60 = load <8 x float>, ptr %acc11, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %b1, <8 x float> %60)
-  store <8 x float> %61, ptr %acc11, align 4
-  %62 = getelementptr inbounds float, ptr %20, i64 %k
-  %63 = load float, ptr %62, align 4
-  %64 = insertelement <8 x float> poison, float %63, i32 0
-  %65 = shufflevector <8 x float> %64, <8 x float> poison, <8 x i32> zeroinitializer
-  %66 = load <8 x float>, ptr %acc20, align 4
-  %67 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b0, <8 x float> %66)
-  store <8 x float> %67, ptr %acc20, align 4
-  %68 = load <8 x float>, ptr %acc21, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %65, <8 x float> %b1, <8 x float> %68)
-  store <8 x float> %69, ptr %acc21, align 4
-  %70 = getelementptr inbounds float, ptr %26, i64 %k
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc30, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b0, <8 x float> %74)
-  store <8 x float> %75, ptr %acc30, align 4
-  %76 = load <8 x float>, ptr %acc31, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %b1, <8 x float> %76)
-  store <8 x float> %77, ptr %acc31, align 4
-  %78 = getelementptr inbounds float, ptr %32, i64 %k
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc40, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b0, <8 x float> %82)
-  store <8 x float> %83, ptr %acc40, align 4
-  %84 = load <8 x float>, ptr %acc41, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %b1, <8 x float> %84)
-  store <8 x float> %85, ptr %acc41, align 4
-  %86 = getelementptr inbounds float, ptr %38, i64 %k
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc50, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b0, <8 x float> %90)
-  store <8 x float> %91, ptr %acc50, align 4
-  %92 = load <8 x float>, ptr %acc51, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %b1, <8 x float> %92)
-  store <8 x float> %93, ptr %acc51, align 4
-  %94 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 32
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
+  %52 = load <8 x i32>, ptr %51, align 4
+  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %53 to <8 x float>
+  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %54 to <8 x float>
+  %55 = getelementptr inbounds float, ptr %10, i64 %k
+  %56 = load float, ptr %55, align 4
+  %57 = insertelement <8 x float> poison, float %56, i32 0
+  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
+  %59 = load <8 x float>, ptr %acc00, align 4
+  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
+  store <8 x float> %60, ptr %acc00, align 4
+  %61 = load <8 x float>, ptr %acc01, align 4
+  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
+  store <8 x float> %62, ptr %acc01, align 4
+  %63 = getelementptr inbounds float, ptr %16, i64 %k
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <8 x float> poison, float %64, i32 0
+  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
+  %67 = load <8 x float>, ptr %acc10, align 4
+  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
+  store <8 x float> %68, ptr %acc10, align 4
+  %69 = load <8 x float>, ptr %acc11, align 4
+  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
+  store <8 x float> %70, ptr %acc11, align 4
+  %71 = getelementptr inbounds float, ptr %22, i64 %k
+  %72 = load float, ptr %71, align 4
+  %73 = insertelement <8 x float> poison, float %72, i32 0
+  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
+  %75 = load <8 x float>, ptr %acc20, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
+  store <8 x float> %76, ptr %acc20, align 4
+  %77 = load <8 x float>, ptr %acc21, align 4
+  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
+  store <8 x float> %78, ptr %acc21, align 4
+  %79 = getelementptr inbounds float, ptr %28, i64 %k
+  %80 = load float, ptr %79, align 4
+  %81 = insertelement <8 x float> poison, float %80, i32 0
+  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
+  %83 = load <8 x float>, ptr %acc30, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
+  store <8 x float> %84, ptr %acc30, align 4
+  %85 = load <8 x float>, ptr %acc31, align 4
+  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
+  store <8 x float> %86, ptr %acc31, align 4
+  %87 = getelementptr inbounds float, ptr %34, i64 %k
+  %88 = load float, ptr %87, align 4
+  %89 = insertelement <8 x float> poison, float %88, i32 0
+  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
+  %91 = load <8 x float>, ptr %acc40, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
+  store <8 x float> %92, ptr %acc40, align 4
+  %93 = load <8 x float>, ptr %acc41, align 4
+  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
+  store <8 x float> %94, ptr %acc41, align 4
+  %95 = getelementptr inbounds float, ptr %40, i64 %k
+  %96 = load float, ptr %95, align 4
+  %97 = insertelement <8 x float> poison, float %96, i32 0
+  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
+  %99 = load <8 x float>, ptr %acc50, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
+  store <8 x float> %100, ptr %acc50, align 4
+  %101 = load <8 x float>, ptr %acc51, align 4
+  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
+  store <8 x float> %102, ptr %acc51, align 4
+  %103 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %95 = add nsw i64 %r0, 0
-  %96 = getelementptr inbounds float, ptr %rw, i64 %95
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = mul nsw i64 %95, 3072
-  %101 = getelementptr inbounds float, ptr %h, i64 %100
+  %104 = add nsw i64 %r0, 0
+  %105 = getelementptr inbounds float, ptr %rw, i64 %104
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = mul nsw i64 %104, 3072
+  %110 = getelementptr inbounds float, ptr %h, i64 %109
   %col = mul nsw i64 %p, 16
-  %102 = load <8 x float>, ptr %acc00, align 4
-  %103 = load <8 x float>, ptr %acc01, align 4
-  %104 = add nsw i64 %col, 0
-  %105 = fcmp ogt <8 x float> %102, zeroinitializer
-  %106 = select <8 x i1> %105, <8 x float> %102, <8 x float> zeroinitializer
-  %107 = fmul <8 x float> %106, %99
-  %108 = getelementptr inbounds float, ptr %101, i64 %104
-  store <8 x float> %107, ptr %108, align 4
-  %109 = add nsw i64 %col, 8
-  %110 = fcmp ogt <8 x float> %103, zeroinitializer
-  %111 = select <8 x i1> %110, <8 x float> %103, <8 x float> zeroinitializer
-  %112 = fmul <8 x float> %111, %99
-  %113 = getelementptr inbounds float, ptr %101, i64 %109
-  store <8 x float> %112, ptr %113, align 4
-  %114 = add nsw i64 %r0, 1
-  %115 = getelementptr inbounds float, ptr %rw, i64 %114
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = mul nsw i64 %114, 3072
-  %120 = getelementptr inbounds float, ptr %h, i64 %119
+  %111 = load <8 x float>, ptr %acc00, align 4
+  %112 = load <8 x float>, ptr %acc01, align 4
+  %113 = add nsw i64 %col, 0
+  %114 = fcmp ogt <8 x float> %111, zeroinitializer
+  %115 = select <8 x i1> %114, <8 x float> %111, <8 x float> zeroinitializer
+  %116 = fmul <8 x float> %115, %108
+  %117 = getelementptr inbounds float, ptr %110, i64 %113
+  store <8 x float> %116, ptr %117, align 4
+  %118 = add nsw i64 %col, 8
+  %119 = fcmp ogt <8 x float> %112, zeroinitializer
+  %120 = select <8 x i1> %119, <8 x float> %112, <8 x float> zeroinitializer
+  %121 = fmul <8 x float> %120, %108
+  %122 = getelementptr inbounds float, ptr %110, i64 %118
+  store <8 x float> %121, ptr %122, align 4
+  %123 = add nsw i64 %r0, 1
+  %124 = getelementptr inbounds float, ptr %rw, i64 %123
+  %125 = load float, ptr %124, align 4
+  %126 = insertelement <8 x float> poison, float %125, i32 0
+  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
+  %128 = mul nsw i64 %123, 3072
+  %129 = getelementptr inbounds float, ptr %h, i64 %128
   %col1 = mul nsw i64 %p, 16
-  %121 = load <8 x float>, ptr %acc10, align 4
-  %122 = load <8 x float>, ptr %acc11, align 4
-  %123 = add nsw i64 %col1, 0
-  %124 = fcmp ogt <8 x float> %121, zeroinitializer
-  %125 = select <8 x i1> %124, <8 x float> %121, <8 x float> zeroinitializer
-  %126 = fmul <8 x float> %125, %118
-  %127 = getelementptr inbounds float, ptr %120, i64 %123
-  store <8 x float> %126, ptr %127, align 4
-  %128 = add nsw i64 %col1, 8
-  %129 = fcmp ogt <8 x float> %122, zeroinitializer
-  %130 = select <8 x i1> %129, <8 x float> %122, <8 x float> zeroinitializer
-  %131 = fmul <8 x float> %130, %118
-  %132 = getelementptr inbounds float, ptr %120, i64 %128
-  store <8 x float> %131, ptr %132, align 4
-  %133 = add nsw i64 %r0, 2
-  %134 = getelementptr inbounds float, ptr %rw, i64 %133
-  %135 = load float, ptr %134, align 4
-  %136 = insertelement <8 x float> poison, float %135, i32 0
-  %137 = shufflevector <8 x float> %136, <8 x float> poison, <8 x i32> zeroinitializer
-  %138 = mul nsw i64 %133, 3072
-  %139 = getelementptr inbounds float, ptr %h, i64 %138
+  %130 = load <8 x float>, ptr %acc10, align 4
+  %131 = load <8 x float>, ptr %acc11, align 4
+  %132 = add nsw i64 %col1, 0
+  %133 = fcmp ogt <8 x float> %130, zeroinitializer
+  %134 = select <8 x i1> %133, <8 x float> %130, <8 x float> zeroinitializer
+  %135 = fmul <8 x float> %134, %127
+  %136 = getelementptr inbounds float, ptr %129, i64 %132
+  store <8 x float> %135, ptr %136, align 4
+  %137 = add nsw i64 %col1, 8
+  %138 = fcmp ogt <8 x float> %131, zeroinitializer
+  %139 = select <8 x i1> %138, <8 x float> %131, <8 x float> zeroinitializer
+  %140 = fmul <8 x float> %139, %127
+  %141 = getelementptr inbounds float, ptr %129, i64 %137
+  store <8 x float> %140, ptr %141, align 4
+  %142 = add nsw i64 %r0, 2
+  %143 = getelementptr inbounds float, ptr %rw, i64 %142
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <8 x float> poison, float %144, i32 0
+  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
+  %147 = mul nsw i64 %142, 3072
+  %148 = getelementptr inbounds float, ptr %h, i64 %147
   %col2 = mul nsw i64 %p, 16
-  %140 = load <8 x float>, ptr %acc20, align 4
-  %141 = load <8 x float>, ptr %acc21, align 4
-  %142 = add nsw i64 %col2, 0
-  %143 = fcmp ogt <8 x float> %140, zeroinitializer
-  %144 = select <8 x i1> %143, <8 x float> %140, <8 x float> zeroinitializer
-  %145 = fmul <8 x float> %144, %137
-  %146 = getelementptr inbounds float, ptr %139, i64 %142
-  store <8 x float> %145, ptr %146, align 4
-  %147 = add nsw i64 %col2, 8
-  %148 = fcmp ogt <8 x float> %141, zeroinitializer
-  %149 = select <8 x i1> %148, <8 x float> %141, <8 x float> zeroinitializer
-  %150 = fmul <8 x float> %149, %137
-  %151 = getelementptr inbounds float, ptr %139, i64 %147
-  store <8 x float> %150, ptr %151, align 4
-  %152 = add nsw i64 %r0, 3
-  %153 = getelementptr inbounds float, ptr %rw, i64 %152
-  %154 = load float, ptr %153, align 4
-  %155 = insertelement <8 x float> poison, float %154, i32 0
-  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
-  %157 = mul nsw i64 %152, 3072
-  %158 = getelementptr inbounds float, ptr %h, i64 %157
+  %149 = load <8 x float>, ptr %acc20, align 4
+  %150 = load <8 x float>, ptr %acc21, align 4
+  %151 = add nsw i64 %col2, 0
+  %152 = fcmp ogt <8 x float> %149, zeroinitializer
+  %153 = select <8 x i1> %152, <8 x float> %149, <8 x float> zeroinitializer
+  %154 = fmul <8 x float> %153, %146
+  %155 = getelementptr inbounds float, ptr %148, i64 %151
+  store <8 x float> %154, ptr %155, align 4
+  %156 = add nsw i64 %col2, 8
+  %157 = fcmp ogt <8 x float> %150, zeroinitializer
+  %158 = select <8 x i1> %157, <8 x float> %150, <8 x float> zeroinitializer
+  %159 = fmul <8 x float> %158, %146
+  %160 = getelementptr inbounds float, ptr %148, i64 %156
+  store <8 x float> %159, ptr %160, align 4
+  %161 = add nsw i64 %r0, 3
+  %162 = getelementptr inbounds float, ptr %rw, i64 %161
+  %163 = load float, ptr %162, align 4
+  %164 = insertelement <8 x float> poison, float %163, i32 0
+  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
+  %166 = mul nsw i64 %161, 3072
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
   %col3 = mul nsw i64 %p, 16
-  %159 = load <8 x float>, ptr %acc30, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  %161 = add nsw i64 %col3, 0
-  %162 = fcmp ogt <8 x float> %159, zeroinitializer
-  %163 = select <8 x i1> %162, <8 x float> %159, <8 x float> zeroinitializer
-  %164 = fmul <8 x float> %163, %156
-  %165 = getelementptr inbounds float, ptr %158, i64 %161
-  store <8 x float> %164, ptr %165, align 4
-  %166 = add nsw i64 %col3, 8
-  %167 = fcmp ogt <8 x float> %160, zeroinitializer
-  %168 = select <8 x i1> %167, <8 x float> %160, <8 x float> zeroinitializer
-  %169 = fmul <8 x float> %168, %156
-  %170 = getelementptr inbounds float, ptr %158, i64 %166
-  store <8 x float> %169, ptr %170, align 4
-  %171 = add nsw i64 %r0, 4
-  %172 = getelementptr inbounds float, ptr %rw, i64 %171
-  %173 = load float, ptr %172, align 4
-  %174 = insertelement <8 x float> poison, float %173, i32 0
-  %175 = shufflevector <8 x float> %174, <8 x float> poison, <8 x i32> zeroinitializer
-  %176 = mul nsw i64 %171, 3072
-  %177 = getelementptr inbounds float, ptr %h, i64 %176
+  %168 = load <8 x float>, ptr %acc30, align 4
+  %169 = load <8 x float>, ptr %acc31, align 4
+  %170 = add nsw i64 %col3, 0
+  %171 = fcmp ogt <8 x float> %168, zeroinitializer
+  %172 = select <8 x i1> %171, <8 x float> %168, <8 x float> zeroinitializer
+  %173 = fmul <8 x float> %172, %165
+  %174 = getelementptr inbounds float, ptr %167, i64 %170
+  store <8 x float> %173, ptr %174, align 4
+  %175 = add nsw i64 %col3, 8
+  %176 = fcmp ogt <8 x float> %169, zeroinitializer
+  %177 = select <8 x i1> %176, <8 x float> %169, <8 x float> zeroinitializer
+  %178 = fmul <8 x float> %177, %165
+  %179 = getelementptr inbounds float, ptr %167, i64 %175
+  store <8 x float> %178, ptr %179, align 4
+  %180 = add nsw i64 %r0, 4
+  %181 = getelementptr inbounds float, ptr %rw, i64 %180
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = mul nsw i64 %180, 3072
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
   %col4 = mul nsw i64 %p, 16
-  %178 = load <8 x float>, ptr %acc40, align 4
-  %179 = load <8 x float>, ptr %acc41, align 4
-  %180 = add nsw i64 %col4, 0
-  %181 = fcmp ogt <8 x float> %178, zeroinitializer
-  %182 = select <8 x i1> %181, <8 x float> %178, <8 x float> zeroinitializer
-  %183 = fmul <8 x float> %182, %175
-  %184 = getelementptr inbounds float, ptr %177, i64 %180
-  store <8 x float> %183, ptr %184, align 4
-  %185 = add nsw i64 %col4, 8
-  %186 = fcmp ogt <8 x float> %179, zeroinitializer
-  %187 = select <8 x i1> %186, <8 x float> %179, <8 x float> zeroinitializer
-  %188 = fmul <8 x float> %187, %175
-  %189 = getelementptr inbounds float, ptr %177, i64 %185
-  store <8 x float> %188, ptr %189, align 4
-  %190 = add nsw i64 %r0, 5
-  %191 = getelementptr inbounds float, ptr %rw, i64 %190
-  %192 = load float, ptr %191, align 4
-  %193 = insertelement <8 x float> poison, float %192, i32 0
-  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
-  %195 = mul nsw i64 %190, 3072
-  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %187 = load <8 x float>, ptr %acc40, align 4
+  %188 = load <8 x float>, ptr %acc41, align 4
+  %189 = add nsw i64 %col4, 0
+  %190 = fcmp ogt <8 x float> %187, zeroinitializer
+  %191 = select <8 x i1> %190, <8 x float> %187, <8 x float> zeroinitializer
+  %192 = fmul <8 x float> %191, %184
+  %193 = getelementptr inbounds float, ptr %186, i64 %189
+  store <8 x float> %192, ptr %193, align 4
+  %194 = add nsw i64 %col4, 8
+  %195 = fcmp ogt <8 x float> %188, zeroinitializer
+  %196 = select <8 x i1> %195, <8 x float> %188, <8 x float> zeroinitializer
+  %197 = fmul <8 x float> %196, %184
+  %198 = getelementptr inbounds float, ptr %186, i64 %194
+  store <8 x float> %197, ptr %198, align 4
+  %199 = add nsw i64 %r0, 5
+  %200 = getelementptr inbounds float, ptr %rw, i64 %199
+  %201 = load float, ptr %200, align 4
+  %202 = insertelement <8 x float> poison, float %201, i32 0
+  %203 = shufflevector <8 x float> %202, <8 x float> poison, <8 x i32> zeroinitializer
+  %204 = mul nsw i64 %199, 3072
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
   %col5 = mul nsw i64 %p, 16
-  %197 = load <8 x float>, ptr %acc50, align 4
-  %198 = load <8 x float>, ptr %acc51, align 4
-  %199 = add nsw i64 %col5, 0
-  %200 = fcmp ogt <8 x float> %197, zeroinitializer
-  %201 = select <8 x i1> %200, <8 x float> %197, <8 x float> zeroinitializer
-  %202 = fmul <8 x float> %201, %194
-  %203 = getelementptr inbounds float, ptr %196, i64 %199
-  store <8 x float> %202, ptr %203, align 4
-  %204 = add nsw i64 %col5, 8
-  %205 = fcmp ogt <8 x float> %198, zeroinitializer
-  %206 = select <8 x i1> %205, <8 x float> %198, <8 x float> zeroinitializer
-  %207 = fmul <8 x float> %206, %194
-  %208 = getelementptr inbounds float, ptr %196, i64 %204
-  store <8 x float> %207, ptr %208, align 4
+  %206 = load <8 x float>, ptr %acc50, align 4
+  %207 = load <8 x float>, ptr %acc51, align 4
+  %208 = add nsw i64 %col5, 0
+  %209 = fcmp ogt <8 x float> %206, zeroinitializer
+  %210 = select <8 x i1> %209, <8 x float> %206, <8 x float> zeroinitializer
+  %211 = fmul <8 x float> %210, %203
+  %212 = getelementptr inbounds float, ptr %205, i64 %208
+  store <8 x float> %211, ptr %212, align 4
+  %213 = add nsw i64 %col5, 8
+  %214 = fcmp ogt <8 x float> %207, zeroinitializer
+  %215 = select <8 x i1> %214, <8 x float> %207, <8 x float> zeroinitializer
+  %216 = fmul <8 x float> %215, %203
+  %217 = getelementptr inbounds float, ptr %205, i64 %213
+  store <8 x float> %216, ptr %217, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %209 = add nsw i64 %r0, 0
-  %210 = getelementptr inbounds i32, ptr %rows, i64 %209
-  %211 = load i32, ptr %210, align 4
-  %212 = sext i32 %211 to i64
-  %213 = mul nsw i64 %212, 768
-  %214 = getelementptr inbounds float, ptr %x, i64 %213
+  %218 = add nsw i64 %r0, 0
+  %219 = getelementptr inbounds i32, ptr %rows, i64 %218
+  %220 = load i32, ptr %219, align 4
+  %221 = sext i32 %220 to i64
+  %222 = mul nsw i64 %221, 768
+  %223 = getelementptr inbounds float, ptr %x, i64 %222
   store <8 x float> zeroinitializer, ptr %acc006, align 4
   store <8 x float> zeroinitializer, ptr %acc017, align 4
-  %215 = add nsw i64 %r0, 1
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %215
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 768
-  %220 = getelementptr inbounds float, ptr %x, i64 %219
+  %224 = add nsw i64 %r0, 1
+  %225 = getelementptr inbounds i32, ptr %rows, i64 %224
+  %226 = load i32, ptr %225, align 4
+  %227 = sext i32 %226 to i64
+  %228 = mul nsw i64 %227, 768
+  %229 = getelementptr inbounds float, ptr %x, i64 %228
   store <8 x float> zeroinitializer, ptr %acc108, align 4
   store <8 x float> zeroinitializer, ptr %acc119, align 4
-  %221 = add nsw i64 %r0, 2
-  %222 = getelementptr inbounds i32, ptr %rows, i64 %221
-  %223 = load i32, ptr %222, align 4
-  %224 = sext i32 %223 to i64
-  %225 = mul nsw i64 %224, 768
-  %226 = getelementptr inbounds float, ptr %x, i64 %225
+  %230 = add nsw i64 %r0, 2
+  %231 = getelementptr inbounds i32, ptr %rows, i64 %230
+  %232 = load i32, ptr %231, align 4
+  %233 = sext i32 %232 to i64
+  %234 = mul nsw i64 %233, 768
+  %235 = getelementptr inbounds float, ptr %x, i64 %234
   store <8 x float> zeroinitializer, ptr %acc2010, align 4
   store <8 x float> zeroinitializer, ptr %acc2111, align 4
-  %227 = add nsw i64 %r0, 3
-  %228 = getelementptr inbounds i32, ptr %rows, i64 %227
-  %229 = load i32, ptr %228, align 4
-  %230 = sext i32 %229 to i64
-  %231 = mul nsw i64 %230, 768
-  %232 = getelementptr inbounds float, ptr %x, i64 %231
+  %236 = add nsw i64 %r0, 3
+  %237 = getelementptr inbounds i32, ptr %rows, i64 %236
+  %238 = load i32, ptr %237, align 4
+  %239 = sext i32 %238 to i64
+  %240 = mul nsw i64 %239, 768
+  %241 = getelementptr inbounds float, ptr %x, i64 %240
   store <8 x float> zeroinitializer, ptr %acc3012, align 4
   store <8 x float> zeroinitializer, ptr %acc3113, align 4
-  %233 = add nsw i64 %r0, 4
-  %234 = getelementptr inbounds i32, ptr %rows, i64 %233
-  %235 = load i32, ptr %234, align 4
-  %236 = sext i32 %235 to i64
-  %237 = mul nsw i64 %236, 768
-  %238 = getelementptr inbounds float, ptr %x, i64 %237
+  %242 = add nsw i64 %r0, 4
+  %243 = getelementptr inbounds i32, ptr %rows, i64 %242
+  %244 = load i32, ptr %243, align 4
+  %245 = sext i32 %244 to i64
+  %246 = mul nsw i64 %245, 768
+  %247 = getelementptr inbounds float, ptr %x, i64 %246
   store <8 x float> zeroinitializer, ptr %acc4014, align 4
   store <8 x float> zeroinitializer, ptr %acc4115, align 4
   %panel.off16 = mul nsw i64 %p, 12288
-  br label %k.head17
+  %248 = getelementptr inbounds i16, ptr %panels, i64 %panel.off16
+  %249 = add nsw i64 %p, 1
+  %250 = icmp slt i64 %249, %p1
+  %251 = getelementptr inbounds i8, ptr %248, i64 24576
+  %252 = and i1 %pf.on, %250
+  %pf17 = select i1 %252, ptr %251, ptr %248
+  br label %k.head18
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %286, %k.body18 ]
-  %239 = icmp slt i64 %k20, 768
-  br i1 %239, label %k.body18, label %k.end19
+k.head18:                                         ; preds = %k.body19, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %302, %k.body19 ]
+  %253 = icmp slt i64 %k21, 768
+  br i1 %253, label %k.body19, label %k.end20
 
-k.body18:                                         ; preds = %k.head17
-  %240 = mul nsw i64 %k20, 16
-  %241 = add nsw i64 %panel.off16, %240
-  %242 = getelementptr inbounds i16, ptr %panels, i64 %241
-  %243 = load <8 x i32>, ptr %242, align 4
-  %244 = shl <8 x i32> %243, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %244 to <8 x float>
-  %245 = and <8 x i32> %243, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %245 to <8 x float>
-  %246 = getelementptr inbounds float, ptr %214, i64 %k20
-  %247 = load float, ptr %246, align 4
-  %248 = insertelement <8 x float> poison, float %247, i32 0
-  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
-  %250 = load <8 x float>, ptr %acc006, align 4
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b021, <8 x float> %250)
-  store <8 x float> %251, ptr %acc006, align 4
-  %252 = load <8 x float>, ptr %acc017, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b122, <8 x float> %252)
-  store <8 x float> %253, ptr %acc017, align 4
-  %254 = getelementptr inbounds float, ptr %220, i64 %k20
-  %255 = load float, ptr %254, align 4
-  %256 = insertelement <8 x float> poison, float %255, i32 0
-  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
-  %258 = load <8 x float>, ptr %acc108, align 4
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b021, <8 x float> %258)
-  store <8 x float> %259, ptr %acc108, align 4
-  %260 = load <8 x float>, ptr %acc119, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b122, <8 x float> %260)
-  store <8 x float> %261, ptr %acc119, align 4
-  %262 = getelementptr inbounds float, ptr %226, i64 %k20
+k.body19:                                         ; preds = %k.head18
+  %254 = mul nsw i64 %k21, 16
+  %255 = add nsw i64 %panel.off16, %254
+  %256 = mul nsw i64 %k21, 32
+  %257 = getelementptr inbounds i8, ptr %pf17, i64 %256
+  call void @llvm.prefetch.p0(ptr %257, i32 0, i32 2, i32 1)
+  %258 = getelementptr inbounds i16, ptr %panels, i64 %255
+  %259 = load <8 x i32>, ptr %258, align 4
+  %260 = shl <8 x i32> %259, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b022 = bitcast <8 x i32> %260 to <8 x float>
+  %261 = and <8 x i32> %259, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b123 = bitcast <8 x i32> %261 to <8 x float>
+  %262 = getelementptr inbounds float, ptr %223, i64 %k21
   %263 = load float, ptr %262, align 4
   %264 = insertelement <8 x float> poison, float %263, i32 0
   %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
-  %266 = load <8 x float>, ptr %acc2010, align 4
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b021, <8 x float> %266)
-  store <8 x float> %267, ptr %acc2010, align 4
-  %268 = load <8 x float>, ptr %acc2111, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b122, <8 x float> %268)
-  store <8 x float> %269, ptr %acc2111, align 4
-  %270 = getelementptr inbounds float, ptr %232, i64 %k20
+  %266 = load <8 x float>, ptr %acc006, align 4
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b022, <8 x float> %266)
+  store <8 x float> %267, ptr %acc006, align 4
+  %268 = load <8 x float>, ptr %acc017, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b123, <8 x float> %268)
+  store <8 x float> %269, ptr %acc017, align 4
+  %270 = getelementptr inbounds float, ptr %229, i64 %k21
   %271 = load float, ptr %270, align 4
   %272 = insertelement <8 x float> poison, float %271, i32 0
   %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
-  %274 = load <8 x float>, ptr %acc3012, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b021, <8 x float> %274)
-  store <8 x float> %275, ptr %acc3012, align 4
-  %276 = load <8 x float>, ptr %acc3113, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b122, <8 x float> %276)
-  store <8 x float> %277, ptr %acc3113, align 4
-  %278 = getelementptr inbounds float, ptr %238, i64 %k20
+  %274 = load <8 x float>, ptr %acc108, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b022, <8 x float> %274)
+  store <8 x float> %275, ptr %acc108, align 4
+  %276 = load <8 x float>, ptr %acc119, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b123, <8 x float> %276)
+  store <8 x float> %277, ptr %acc119, align 4
+  %278 = getelementptr inbounds float, ptr %235, i64 %k21
   %279 = load float, ptr %278, align 4
   %280 = insertelement <8 x float> poison, float %279, i32 0
   %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = load <8 x float>, ptr %acc4014, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b021, <8 x float> %282)
-  store <8 x float> %283, ptr %acc4014, align 4
-  %284 = load <8 x float>, ptr %acc4115, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b122, <8 x float> %284)
-  store <8 x float> %285, ptr %acc4115, align 4
-  %286 = add nsw i64 %k20, 1
-  br label %k.head17
+  %282 = load <8 x float>, ptr %acc2010, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b022, <8 x float> %282)
+  store <8 x float> %283, ptr %acc2010, align 4
+  %284 = load <8 x float>, ptr %acc2111, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b123, <8 x float> %284)
+  store <8 x float> %285, ptr %acc2111, align 4
+  %286 = getelementptr inbounds float, ptr %241, i64 %k21
+  %287 = load float, ptr %286, align 4
+  %288 = insertelement <8 x float> poison, float %287, i32 0
+  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
+  %290 = load <8 x float>, ptr %acc3012, align 4
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b022, <8 x float> %290)
+  store <8 x float> %291, ptr %acc3012, align 4
+  %292 = load <8 x float>, ptr %acc3113, align 4
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b123, <8 x float> %292)
+  store <8 x float> %293, ptr %acc3113, align 4
+  %294 = getelementptr inbounds float, ptr %247, i64 %k21
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <8 x float> poison, float %295, i32 0
+  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
+  %298 = load <8 x float>, ptr %acc4014, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b022, <8 x float> %298)
+  store <8 x float> %299, ptr %acc4014, align 4
+  %300 = load <8 x float>, ptr %acc4115, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b123, <8 x float> %300)
+  store <8 x float> %301, ptr %acc4115, align 4
+  %302 = add nsw i64 %k21, 1
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %287 = add nsw i64 %r0, 0
-  %288 = getelementptr inbounds float, ptr %rw, i64 %287
-  %289 = load float, ptr %288, align 4
-  %290 = insertelement <8 x float> poison, float %289, i32 0
-  %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
-  %292 = mul nsw i64 %287, 3072
-  %293 = getelementptr inbounds float, ptr %h, i64 %292
-  %col23 = mul nsw i64 %p, 16
-  %294 = load <8 x float>, ptr %acc006, align 4
-  %295 = load <8 x float>, ptr %acc017, align 4
-  %296 = add nsw i64 %col23, 0
-  %297 = fcmp ogt <8 x float> %294, zeroinitializer
-  %298 = select <8 x i1> %297, <8 x float> %294, <8 x float> zeroinitializer
-  %299 = fmul <8 x float> %298, %291
-  %300 = getelementptr inbounds float, ptr %293, i64 %296
-  store <8 x float> %299, ptr %300, align 4
-  %301 = add nsw i64 %col23, 8
-  %302 = fcmp ogt <8 x float> %295, zeroinitializer
-  %303 = select <8 x i1> %302, <8 x float> %295, <8 x float> zeroinitializer
-  %304 = fmul <8 x float> %303, %291
-  %305 = getelementptr inbounds float, ptr %293, i64 %301
-  store <8 x float> %304, ptr %305, align 4
-  %306 = add nsw i64 %r0, 1
-  %307 = getelementptr inbounds float, ptr %rw, i64 %306
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = mul nsw i64 %306, 3072
-  %312 = getelementptr inbounds float, ptr %h, i64 %311
+k.end20:                                          ; preds = %k.head18
+  %303 = add nsw i64 %r0, 0
+  %304 = getelementptr inbounds float, ptr %rw, i64 %303
+  %305 = load float, ptr %304, align 4
+  %306 = insertelement <8 x float> poison, float %305, i32 0
+  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
+  %308 = mul nsw i64 %303, 3072
+  %309 = getelementptr inbounds float, ptr %h, i64 %308
   %col24 = mul nsw i64 %p, 16
-  %313 = load <8 x float>, ptr %acc108, align 4
-  %314 = load <8 x float>, ptr %acc119, align 4
-  %315 = add nsw i64 %col24, 0
-  %316 = fcmp ogt <8 x float> %313, zeroinitializer
-  %317 = select <8 x i1> %316, <8 x float> %313, <8 x float> zeroinitializer
-  %318 = fmul <8 x float> %317, %310
-  %319 = getelementptr inbounds float, ptr %312, i64 %315
-  store <8 x float> %318, ptr %319, align 4
-  %320 = add nsw i64 %col24, 8
-  %321 = fcmp ogt <8 x float> %314, zeroinitializer
-  %322 = select <8 x i1> %321, <8 x float> %314, <8 x float> zeroinitializer
-  %323 = fmul <8 x float> %322, %310
-  %324 = getelementptr inbounds float, ptr %312, i64 %320
-  store <8 x float> %323, ptr %324, align 4
-  %325 = add nsw i64 %r0, 2
-  %326 = getelementptr inbounds float, ptr %rw, i64 %325
-  %327 = load float, ptr %326, align 4
-  %328 = insertelement <8 x float> poison, float %327, i32 0
-  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
-  %330 = mul nsw i64 %325, 3072
-  %331 = getelementptr inbounds float, ptr %h, i64 %330
+  %310 = load <8 x float>, ptr %acc006, align 4
+  %311 = load <8 x float>, ptr %acc017, align 4
+  %312 = add nsw i64 %col24, 0
+  %313 = fcmp ogt <8 x float> %310, zeroinitializer
+  %314 = select <8 x i1> %313, <8 x float> %310, <8 x float> zeroinitializer
+  %315 = fmul <8 x float> %314, %307
+  %316 = getelementptr inbounds float, ptr %309, i64 %312
+  store <8 x float> %315, ptr %316, align 4
+  %317 = add nsw i64 %col24, 8
+  %318 = fcmp ogt <8 x float> %311, zeroinitializer
+  %319 = select <8 x i1> %318, <8 x float> %311, <8 x float> zeroinitializer
+  %320 = fmul <8 x float> %319, %307
+  %321 = getelementptr inbounds float, ptr %309, i64 %317
+  store <8 x float> %320, ptr %321, align 4
+  %322 = add nsw i64 %r0, 1
+  %323 = getelementptr inbounds float, ptr %rw, i64 %322
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = mul nsw i64 %322, 3072
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
   %col25 = mul nsw i64 %p, 16
-  %332 = load <8 x float>, ptr %acc2010, align 4
-  %333 = load <8 x float>, ptr %acc2111, align 4
-  %334 = add nsw i64 %col25, 0
-  %335 = fcmp ogt <8 x float> %332, zeroinitializer
-  %336 = select <8 x i1> %335, <8 x float> %332, <8 x float> zeroinitializer
-  %337 = fmul <8 x float> %336, %329
-  %338 = getelementptr inbounds float, ptr %331, i64 %334
-  store <8 x float> %337, ptr %338, align 4
-  %339 = add nsw i64 %col25, 8
-  %340 = fcmp ogt <8 x float> %333, zeroinitializer
-  %341 = select <8 x i1> %340, <8 x float> %333, <8 x float> zeroinitializer
-  %342 = fmul <8 x float> %341, %329
-  %343 = getelementptr inbounds float, ptr %331, i64 %339
-  store <8 x float> %342, ptr %343, align 4
-  %344 = add nsw i64 %r0, 3
-  %345 = getelementptr inbounds float, ptr %rw, i64 %344
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = mul nsw i64 %344, 3072
-  %350 = getelementptr inbounds float, ptr %h, i64 %349
+  %329 = load <8 x float>, ptr %acc108, align 4
+  %330 = load <8 x float>, ptr %acc119, align 4
+  %331 = add nsw i64 %col25, 0
+  %332 = fcmp ogt <8 x float> %329, zeroinitializer
+  %333 = select <8 x i1> %332, <8 x float> %329, <8 x float> zeroinitializer
+  %334 = fmul <8 x float> %333, %326
+  %335 = getelementptr inbounds float, ptr %328, i64 %331
+  store <8 x float> %334, ptr %335, align 4
+  %336 = add nsw i64 %col25, 8
+  %337 = fcmp ogt <8 x float> %330, zeroinitializer
+  %338 = select <8 x i1> %337, <8 x float> %330, <8 x float> zeroinitializer
+  %339 = fmul <8 x float> %338, %326
+  %340 = getelementptr inbounds float, ptr %328, i64 %336
+  store <8 x float> %339, ptr %340, align 4
+  %341 = add nsw i64 %r0, 2
+  %342 = getelementptr inbounds float, ptr %rw, i64 %341
+  %343 = load float, ptr %342, align 4
+  %344 = insertelement <8 x float> poison, float %343, i32 0
+  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
+  %346 = mul nsw i64 %341, 3072
+  %347 = getelementptr inbounds float, ptr %h, i64 %346
   %col26 = mul nsw i64 %p, 16
-  %351 = load <8 x float>, ptr %acc3012, align 4
-  %352 = load <8 x float>, ptr %acc3113, align 4
-  %353 = add nsw i64 %col26, 0
-  %354 = fcmp ogt <8 x float> %351, zeroinitializer
-  %355 = select <8 x i1> %354, <8 x float> %351, <8 x float> zeroinitializer
-  %356 = fmul <8 x float> %355, %348
-  %357 = getelementptr inbounds float, ptr %350, i64 %353
-  store <8 x float> %356, ptr %357, align 4
-  %358 = add nsw i64 %col26, 8
-  %359 = fcmp ogt <8 x float> %352, zeroinitializer
-  %360 = select <8 x i1> %359, <8 x float> %352, <8 x float> zeroinitializer
-  %361 = fmul <8 x float> %360, %348
-  %362 = getelementptr inbounds float, ptr %350, i64 %358
-  store <8 x float> %361, ptr %362, align 4
-  %363 = add nsw i64 %r0, 4
-  %364 = getelementptr inbounds float, ptr %rw, i64 %363
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <8 x float> poison, float %365, i32 0
-  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
-  %368 = mul nsw i64 %363, 3072
-  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %348 = load <8 x float>, ptr %acc2010, align 4
+  %349 = load <8 x float>, ptr %acc2111, align 4
+  %350 = add nsw i64 %col26, 0
+  %351 = fcmp ogt <8 x float> %348, zeroinitializer
+  %352 = select <8 x i1> %351, <8 x float> %348, <8 x float> zeroinitializer
+  %353 = fmul <8 x float> %352, %345
+  %354 = getelementptr inbounds float, ptr %347, i64 %350
+  store <8 x float> %353, ptr %354, align 4
+  %355 = add nsw i64 %col26, 8
+  %356 = fcmp ogt <8 x float> %349, zeroinitializer
+  %357 = select <8 x i1> %356, <8 x float> %349, <8 x float> zeroinitializer
+  %358 = fmul <8 x float> %357, %345
+  %359 = getelementptr inbounds float, ptr %347, i64 %355
+  store <8 x float> %358, ptr %359, align 4
+  %360 = add nsw i64 %r0, 3
+  %361 = getelementptr inbounds float, ptr %rw, i64 %360
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = mul nsw i64 %360, 3072
+  %366 = getelementptr inbounds float, ptr %h, i64 %365
   %col27 = mul nsw i64 %p, 16
-  %370 = load <8 x float>, ptr %acc4014, align 4
-  %371 = load <8 x float>, ptr %acc4115, align 4
-  %372 = add nsw i64 %col27, 0
-  %373 = fcmp ogt <8 x float> %370, zeroinitializer
-  %374 = select <8 x i1> %373, <8 x float> %370, <8 x float> zeroinitializer
-  %375 = fmul <8 x float> %374, %367
-  %376 = getelementptr inbounds float, ptr %369, i64 %372
-  store <8 x float> %375, ptr %376, align 4
-  %377 = add nsw i64 %col27, 8
-  %378 = fcmp ogt <8 x float> %371, zeroinitializer
-  %379 = select <8 x i1> %378, <8 x float> %371, <8 x float> zeroinitializer
-  %380 = fmul <8 x float> %379, %367
-  %381 = getelementptr inbounds float, ptr %369, i64 %377
-  store <8 x float> %380, ptr %381, align 4
+  %367 = load <8 x float>, ptr %acc3012, align 4
+  %368 = load <8 x float>, ptr %acc3113, align 4
+  %369 = add nsw i64 %col27, 0
+  %370 = fcmp ogt <8 x float> %367, zeroinitializer
+  %371 = select <8 x i1> %370, <8 x float> %367, <8 x float> zeroinitializer
+  %372 = fmul <8 x float> %371, %364
+  %373 = getelementptr inbounds float, ptr %366, i64 %369
+  store <8 x float> %372, ptr %373, align 4
+  %374 = add nsw i64 %col27, 8
+  %375 = fcmp ogt <8 x float> %368, zeroinitializer
+  %376 = select <8 x i1> %375, <8 x float> %368, <8 x float> zeroinitializer
+  %377 = fmul <8 x float> %376, %364
+  %378 = getelementptr inbounds float, ptr %366, i64 %374
+  store <8 x float> %377, ptr %378, align 4
+  %379 = add nsw i64 %r0, 4
+  %380 = getelementptr inbounds float, ptr %rw, i64 %379
+  %381 = load float, ptr %380, align 4
+  %382 = insertelement <8 x float> poison, float %381, i32 0
+  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
+  %384 = mul nsw i64 %379, 3072
+  %385 = getelementptr inbounds float, ptr %h, i64 %384
+  %col28 = mul nsw i64 %p, 16
+  %386 = load <8 x float>, ptr %acc4014, align 4
+  %387 = load <8 x float>, ptr %acc4115, align 4
+  %388 = add nsw i64 %col28, 0
+  %389 = fcmp ogt <8 x float> %386, zeroinitializer
+  %390 = select <8 x i1> %389, <8 x float> %386, <8 x float> zeroinitializer
+  %391 = fmul <8 x float> %390, %383
+  %392 = getelementptr inbounds float, ptr %385, i64 %388
+  store <8 x float> %391, ptr %392, align 4
+  %393 = add nsw i64 %col28, 8
+  %394 = fcmp ogt <8 x float> %387, zeroinitializer
+  %395 = select <8 x i1> %394, <8 x float> %387, <8 x float> zeroinitializer
+  %396 = fmul <8 x float> %395, %383
+  %397 = getelementptr inbounds float, ptr %385, i64 %393
+  store <8 x float> %396, ptr %397, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %382 = add nsw i64 %r0, 0
-  %383 = getelementptr inbounds i32, ptr %rows, i64 %382
-  %384 = load i32, ptr %383, align 4
-  %385 = sext i32 %384 to i64
-  %386 = mul nsw i64 %385, 768
-  %387 = getelementptr inbounds float, ptr %x, i64 %386
-  store <8 x float> zeroinitializer, ptr %acc0028, align 4
-  store <8 x float> zeroinitializer, ptr %acc0129, align 4
-  %388 = add nsw i64 %r0, 1
-  %389 = getelementptr inbounds i32, ptr %rows, i64 %388
-  %390 = load i32, ptr %389, align 4
-  %391 = sext i32 %390 to i64
-  %392 = mul nsw i64 %391, 768
-  %393 = getelementptr inbounds float, ptr %x, i64 %392
-  store <8 x float> zeroinitializer, ptr %acc1030, align 4
-  store <8 x float> zeroinitializer, ptr %acc1131, align 4
-  %394 = add nsw i64 %r0, 2
-  %395 = getelementptr inbounds i32, ptr %rows, i64 %394
-  %396 = load i32, ptr %395, align 4
-  %397 = sext i32 %396 to i64
-  %398 = mul nsw i64 %397, 768
-  %399 = getelementptr inbounds float, ptr %x, i64 %398
-  store <8 x float> zeroinitializer, ptr %acc2032, align 4
-  store <8 x float> zeroinitializer, ptr %acc2133, align 4
-  %400 = add nsw i64 %r0, 3
-  %401 = getelementptr inbounds i32, ptr %rows, i64 %400
-  %402 = load i32, ptr %401, align 4
-  %403 = sext i32 %402 to i64
-  %404 = mul nsw i64 %403, 768
-  %405 = getelementptr inbounds float, ptr %x, i64 %404
-  store <8 x float> zeroinitializer, ptr %acc3034, align 4
-  store <8 x float> zeroinitializer, ptr %acc3135, align 4
-  %panel.off36 = mul nsw i64 %p, 12288
-  br label %k.head37
+  %398 = add nsw i64 %r0, 0
+  %399 = getelementptr inbounds i32, ptr %rows, i64 %398
+  %400 = load i32, ptr %399, align 4
+  %401 = sext i32 %400 to i64
+  %402 = mul nsw i64 %401, 768
+  %403 = getelementptr inbounds float, ptr %x, i64 %402
+  store <8 x float> zeroinitializer, ptr %acc0029, align 4
+  store <8 x float> zeroinitializer, ptr %acc0130, align 4
+  %404 = add nsw i64 %r0, 1
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %404
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 768
+  %409 = getelementptr inbounds float, ptr %x, i64 %408
+  store <8 x float> zeroinitializer, ptr %acc1031, align 4
+  store <8 x float> zeroinitializer, ptr %acc1132, align 4
+  %410 = add nsw i64 %r0, 2
+  %411 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %412 = load i32, ptr %411, align 4
+  %413 = sext i32 %412 to i64
+  %414 = mul nsw i64 %413, 768
+  %415 = getelementptr inbounds float, ptr %x, i64 %414
+  store <8 x float> zeroinitializer, ptr %acc2033, align 4
+  store <8 x float> zeroinitializer, ptr %acc2134, align 4
+  %416 = add nsw i64 %r0, 3
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 768
+  %421 = getelementptr inbounds float, ptr %x, i64 %420
+  store <8 x float> zeroinitializer, ptr %acc3035, align 4
+  store <8 x float> zeroinitializer, ptr %acc3136, align 4
+  %panel.off37 = mul nsw i64 %p, 12288
+  %422 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
+  %423 = add nsw i64 %p, 1
+  %424 = icmp slt i64 %423, %p1
+  %425 = getelementptr inbounds i8, ptr %422, i64 24576
+  %426 = and i1 %pf.on, %424
+  %pf38 = select i1 %426, ptr %425, ptr %422
+  br label %k.head39
 
-k.head37:                                         ; preds = %k.body38, %tile.mr4
-  %k40 = phi i64 [ 0, %tile.mr4 ], [ %445, %k.body38 ]
-  %406 = icmp slt i64 %k40, 768
-  br i1 %406, label %k.body38, label %k.end39
+k.head39:                                         ; preds = %k.body40, %tile.mr4
+  %k42 = phi i64 [ 0, %tile.mr4 ], [ %468, %k.body40 ]
+  %427 = icmp slt i64 %k42, 768
+  br i1 %427, label %k.body40, label %k.end41
 
-k.body38:                                         ; preds = %k.head37
-  %407 = mul nsw i64 %k40, 16
-  %408 = add nsw i64 %panel.off36, %407
-  %409 = getelementptr inbounds i16, ptr %panels, i64 %408
-  %410 = load <8 x i32>, ptr %409, align 4
-  %411 = shl <8 x i32> %410, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b041 = bitcast <8 x i32> %411 to <8 x float>
-  %412 = and <8 x i32> %410, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b142 = bitcast <8 x i32> %412 to <8 x float>
-  %413 = getelementptr inbounds float, ptr %387, i64 %k40
-  %414 = load float, ptr %413, align 4
-  %415 = insertelement <8 x float> poison, float %414, i32 0
-  %416 = shufflevector <8 x float> %415, <8 x float> poison, <8 x i32> zeroinitializer
-  %417 = load <8 x float>, ptr %acc0028, align 4
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %b041, <8 x float> %417)
-  store <8 x float> %418, ptr %acc0028, align 4
-  %419 = load <8 x float>, ptr %acc0129, align 4
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %b142, <8 x float> %419)
-  store <8 x float> %420, ptr %acc0129, align 4
-  %421 = getelementptr inbounds float, ptr %393, i64 %k40
-  %422 = load float, ptr %421, align 4
-  %423 = insertelement <8 x float> poison, float %422, i32 0
-  %424 = shufflevector <8 x float> %423, <8 x float> poison, <8 x i32> zeroinitializer
-  %425 = load <8 x float>, ptr %acc1030, align 4
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %b041, <8 x float> %425)
-  store <8 x float> %426, ptr %acc1030, align 4
-  %427 = load <8 x float>, ptr %acc1131, align 4
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %b142, <8 x float> %427)
-  store <8 x float> %428, ptr %acc1131, align 4
-  %429 = getelementptr inbounds float, ptr %399, i64 %k40
-  %430 = load float, ptr %429, align 4
-  %431 = insertelement <8 x float> poison, float %430, i32 0
-  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
-  %433 = load <8 x float>, ptr %acc2032, align 4
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %b041, <8 x float> %433)
-  store <8 x float> %434, ptr %acc2032, align 4
-  %435 = load <8 x float>, ptr %acc2133, align 4
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %b142, <8 x float> %435)
-  store <8 x float> %436, ptr %acc2133, align 4
-  %437 = getelementptr inbounds float, ptr %405, i64 %k40
-  %438 = load float, ptr %437, align 4
-  %439 = insertelement <8 x float> poison, float %438, i32 0
-  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
-  %441 = load <8 x float>, ptr %acc3034, align 4
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b041, <8 x float> %441)
-  store <8 x float> %442, ptr %acc3034, align 4
-  %443 = load <8 x float>, ptr %acc3135, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b142, <8 x float> %443)
-  store <8 x float> %444, ptr %acc3135, align 4
-  %445 = add nsw i64 %k40, 1
-  br label %k.head37
+k.body40:                                         ; preds = %k.head39
+  %428 = mul nsw i64 %k42, 16
+  %429 = add nsw i64 %panel.off37, %428
+  %430 = mul nsw i64 %k42, 32
+  %431 = getelementptr inbounds i8, ptr %pf38, i64 %430
+  call void @llvm.prefetch.p0(ptr %431, i32 0, i32 2, i32 1)
+  %432 = getelementptr inbounds i16, ptr %panels, i64 %429
+  %433 = load <8 x i32>, ptr %432, align 4
+  %434 = shl <8 x i32> %433, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b043 = bitcast <8 x i32> %434 to <8 x float>
+  %435 = and <8 x i32> %433, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b144 = bitcast <8 x i32> %435 to <8 x float>
+  %436 = getelementptr inbounds float, ptr %403, i64 %k42
+  %437 = load float, ptr %436, align 4
+  %438 = insertelement <8 x float> poison, float %437, i32 0
+  %439 = shufflevector <8 x float> %438, <8 x float> poison, <8 x i32> zeroinitializer
+  %440 = load <8 x float>, ptr %acc0029, align 4
+  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %b043, <8 x float> %440)
+  store <8 x float> %441, ptr %acc0029, align 4
+  %442 = load <8 x float>, ptr %acc0130, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %b144, <8 x float> %442)
+  store <8 x float> %443, ptr %acc0130, align 4
+  %444 = getelementptr inbounds float, ptr %409, i64 %k42
+  %445 = load float, ptr %444, align 4
+  %446 = insertelement <8 x float> poison, float %445, i32 0
+  %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
+  %448 = load <8 x float>, ptr %acc1031, align 4
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b043, <8 x float> %448)
+  store <8 x float> %449, ptr %acc1031, align 4
+  %450 = load <8 x float>, ptr %acc1132, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b144, <8 x float> %450)
+  store <8 x float> %451, ptr %acc1132, align 4
+  %452 = getelementptr inbounds float, ptr %415, i64 %k42
+  %453 = load float, ptr %452, align 4
+  %454 = insertelement <8 x float> poison, float %453, i32 0
+  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
+  %456 = load <8 x float>, ptr %acc2033, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b043, <8 x float> %456)
+  store <8 x float> %457, ptr %acc2033, align 4
+  %458 = load <8 x float>, ptr %acc2134, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b144, <8 x float> %458)
+  store <8 x float> %459, ptr %acc2134, align 4
+  %460 = getelementptr inbounds float, ptr %421, i64 %k42
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = load <8 x float>, ptr %acc3035, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b043, <8 x float> %464)
+  store <8 x float> %465, ptr %acc3035, align 4
+  %466 = load <8 x float>, ptr %acc3136, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b144, <8 x float> %466)
+  store <8 x float> %467, ptr %acc3136, align 4
+  %468 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end39:                                          ; preds = %k.head37
-  %446 = add nsw i64 %r0, 0
-  %447 = getelementptr inbounds float, ptr %rw, i64 %446
-  %448 = load float, ptr %447, align 4
-  %449 = insertelement <8 x float> poison, float %448, i32 0
-  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
-  %451 = mul nsw i64 %446, 3072
-  %452 = getelementptr inbounds float, ptr %h, i64 %451
-  %col43 = mul nsw i64 %p, 16
-  %453 = load <8 x float>, ptr %acc0028, align 4
-  %454 = load <8 x float>, ptr %acc0129, align 4
-  %455 = add nsw i64 %col43, 0
-  %456 = fcmp ogt <8 x float> %453, zeroinitializer
-  %457 = select <8 x i1> %456, <8 x float> %453, <8 x float> zeroinitializer
-  %458 = fmul <8 x float> %457, %450
-  %459 = getelementptr inbounds float, ptr %452, i64 %455
-  store <8 x float> %458, ptr %459, align 4
-  %460 = add nsw i64 %col43, 8
-  %461 = fcmp ogt <8 x float> %454, zeroinitializer
-  %462 = select <8 x i1> %461, <8 x float> %454, <8 x float> zeroinitializer
-  %463 = fmul <8 x float> %462, %450
-  %464 = getelementptr inbounds float, ptr %452, i64 %460
-  store <8 x float> %463, ptr %464, align 4
-  %465 = add nsw i64 %r0, 1
-  %466 = getelementptr inbounds float, ptr %rw, i64 %465
-  %467 = load float, ptr %466, align 4
-  %468 = insertelement <8 x float> poison, float %467, i32 0
-  %469 = shufflevector <8 x float> %468, <8 x float> poison, <8 x i32> zeroinitializer
-  %470 = mul nsw i64 %465, 3072
-  %471 = getelementptr inbounds float, ptr %h, i64 %470
-  %col44 = mul nsw i64 %p, 16
-  %472 = load <8 x float>, ptr %acc1030, align 4
-  %473 = load <8 x float>, ptr %acc1131, align 4
-  %474 = add nsw i64 %col44, 0
-  %475 = fcmp ogt <8 x float> %472, zeroinitializer
-  %476 = select <8 x i1> %475, <8 x float> %472, <8 x float> zeroinitializer
-  %477 = fmul <8 x float> %476, %469
-  %478 = getelementptr inbounds float, ptr %471, i64 %474
-  store <8 x float> %477, ptr %478, align 4
-  %479 = add nsw i64 %col44, 8
-  %480 = fcmp ogt <8 x float> %473, zeroinitializer
-  %481 = select <8 x i1> %480, <8 x float> %473, <8 x float> zeroinitializer
-  %482 = fmul <8 x float> %481, %469
-  %483 = getelementptr inbounds float, ptr %471, i64 %479
-  store <8 x float> %482, ptr %483, align 4
-  %484 = add nsw i64 %r0, 2
-  %485 = getelementptr inbounds float, ptr %rw, i64 %484
-  %486 = load float, ptr %485, align 4
-  %487 = insertelement <8 x float> poison, float %486, i32 0
-  %488 = shufflevector <8 x float> %487, <8 x float> poison, <8 x i32> zeroinitializer
-  %489 = mul nsw i64 %484, 3072
-  %490 = getelementptr inbounds float, ptr %h, i64 %489
+k.end41:                                          ; preds = %k.head39
+  %469 = add nsw i64 %r0, 0
+  %470 = getelementptr inbounds float, ptr %rw, i64 %469
+  %471 = load float, ptr %470, align 4
+  %472 = insertelement <8 x float> poison, float %471, i32 0
+  %473 = shufflevector <8 x float> %472, <8 x float> poison, <8 x i32> zeroinitializer
+  %474 = mul nsw i64 %469, 3072
+  %475 = getelementptr inbounds float, ptr %h, i64 %474
   %col45 = mul nsw i64 %p, 16
-  %491 = load <8 x float>, ptr %acc2032, align 4
-  %492 = load <8 x float>, ptr %acc2133, align 4
-  %493 = add nsw i64 %col45, 0
-  %494 = fcmp ogt <8 x float> %491, zeroinitializer
-  %495 = select <8 x i1> %494, <8 x float> %491, <8 x float> zeroinitializer
-  %496 = fmul <8 x float> %495, %488
-  %497 = getelementptr inbounds float, ptr %490, i64 %493
-  store <8 x float> %496, ptr %497, align 4
-  %498 = add nsw i64 %col45, 8
-  %499 = fcmp ogt <8 x float> %492, zeroinitializer
-  %500 = select <8 x i1> %499, <8 x float> %492, <8 x float> zeroinitializer
-  %501 = fmul <8 x float> %500, %488
-  %502 = getelementptr inbounds float, ptr %490, i64 %498
-  store <8 x float> %501, ptr %502, align 4
-  %503 = add nsw i64 %r0, 3
-  %504 = getelementptr inbounds float, ptr %rw, i64 %503
-  %505 = load float, ptr %504, align 4
-  %506 = insertelement <8 x float> poison, float %505, i32 0
-  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
-  %508 = mul nsw i64 %503, 3072
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
+  %476 = load <8 x float>, ptr %acc0029, align 4
+  %477 = load <8 x float>, ptr %acc0130, align 4
+  %478 = add nsw i64 %col45, 0
+  %479 = fcmp ogt <8 x float> %476, zeroinitializer
+  %480 = select <8 x i1> %479, <8 x float> %476, <8 x float> zeroinitializer
+  %481 = fmul <8 x float> %480, %473
+  %482 = getelementptr inbounds float, ptr %475, i64 %478
+  store <8 x float> %481, ptr %482, align 4
+  %483 = add nsw i64 %col45, 8
+  %484 = fcmp ogt <8 x float> %477, zeroinitializer
+  %485 = select <8 x i1> %484, <8 x float> %477, <8 x float> zeroinitializer
+  %486 = fmul <8 x float> %485, %473
+  %487 = getelementptr inbounds float, ptr %475, i64 %483
+  store <8 x float> %486, ptr %487, align 4
+  %488 = add nsw i64 %r0, 1
+  %489 = getelementptr inbounds float, ptr %rw, i64 %488
+  %490 = load float, ptr %489, align 4
+  %491 = insertelement <8 x float> poison, float %490, i32 0
+  %492 = shufflevector <8 x float> %491, <8 x float> poison, <8 x i32> zeroinitializer
+  %493 = mul nsw i64 %488, 3072
+  %494 = getelementptr inbounds float, ptr %h, i64 %493
   %col46 = mul nsw i64 %p, 16
-  %510 = load <8 x float>, ptr %acc3034, align 4
-  %511 = load <8 x float>, ptr %acc3135, align 4
-  %512 = add nsw i64 %col46, 0
-  %513 = fcmp ogt <8 x float> %510, zeroinitializer
-  %514 = select <8 x i1> %513, <8 x float> %510, <8 x float> zeroinitializer
-  %515 = fmul <8 x float> %514, %507
-  %516 = getelementptr inbounds float, ptr %509, i64 %512
-  store <8 x float> %515, ptr %516, align 4
-  %517 = add nsw i64 %col46, 8
-  %518 = fcmp ogt <8 x float> %511, zeroinitializer
-  %519 = select <8 x i1> %518, <8 x float> %511, <8 x float> zeroinitializer
-  %520 = fmul <8 x float> %519, %507
-  %521 = getelementptr inbounds float, ptr %509, i64 %517
-  store <8 x float> %520, ptr %521, align 4
+  %495 = load <8 x float>, ptr %acc1031, align 4
+  %496 = load <8 x float>, ptr %acc1132, align 4
+  %497 = add nsw i64 %col46, 0
+  %498 = fcmp ogt <8 x float> %495, zeroinitializer
+  %499 = select <8 x i1> %498, <8 x float> %495, <8 x float> zeroinitializer
+  %500 = fmul <8 x float> %499, %492
+  %501 = getelementptr inbounds float, ptr %494, i64 %497
+  store <8 x float> %500, ptr %501, align 4
+  %502 = add nsw i64 %col46, 8
+  %503 = fcmp ogt <8 x float> %496, zeroinitializer
+  %504 = select <8 x i1> %503, <8 x float> %496, <8 x float> zeroinitializer
+  %505 = fmul <8 x float> %504, %492
+  %506 = getelementptr inbounds float, ptr %494, i64 %502
+  store <8 x float> %505, ptr %506, align 4
+  %507 = add nsw i64 %r0, 2
+  %508 = getelementptr inbounds float, ptr %rw, i64 %507
+  %509 = load float, ptr %508, align 4
+  %510 = insertelement <8 x float> poison, float %509, i32 0
+  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
+  %512 = mul nsw i64 %507, 3072
+  %513 = getelementptr inbounds float, ptr %h, i64 %512
+  %col47 = mul nsw i64 %p, 16
+  %514 = load <8 x float>, ptr %acc2033, align 4
+  %515 = load <8 x float>, ptr %acc2134, align 4
+  %516 = add nsw i64 %col47, 0
+  %517 = fcmp ogt <8 x float> %514, zeroinitializer
+  %518 = select <8 x i1> %517, <8 x float> %514, <8 x float> zeroinitializer
+  %519 = fmul <8 x float> %518, %511
+  %520 = getelementptr inbounds float, ptr %513, i64 %516
+  store <8 x float> %519, ptr %520, align 4
+  %521 = add nsw i64 %col47, 8
+  %522 = fcmp ogt <8 x float> %515, zeroinitializer
+  %523 = select <8 x i1> %522, <8 x float> %515, <8 x float> zeroinitializer
+  %524 = fmul <8 x float> %523, %511
+  %525 = getelementptr inbounds float, ptr %513, i64 %521
+  store <8 x float> %524, ptr %525, align 4
+  %526 = add nsw i64 %r0, 3
+  %527 = getelementptr inbounds float, ptr %rw, i64 %526
+  %528 = load float, ptr %527, align 4
+  %529 = insertelement <8 x float> poison, float %528, i32 0
+  %530 = shufflevector <8 x float> %529, <8 x float> poison, <8 x i32> zeroinitializer
+  %531 = mul nsw i64 %526, 3072
+  %532 = getelementptr inbounds float, ptr %h, i64 %531
+  %col48 = mul nsw i64 %p, 16
+  %533 = load <8 x float>, ptr %acc3035, align 4
+  %534 = load <8 x float>, ptr %acc3136, align 4
+  %535 = add nsw i64 %col48, 0
+  %536 = fcmp ogt <8 x float> %533, zeroinitializer
+  %537 = select <8 x i1> %536, <8 x float> %533, <8 x float> zeroinitializer
+  %538 = fmul <8 x float> %537, %530
+  %539 = getelementptr inbounds float, ptr %532, i64 %535
+  store <8 x float> %538, ptr %539, align 4
+  %540 = add nsw i64 %col48, 8
+  %541 = fcmp ogt <8 x float> %534, zeroinitializer
+  %542 = select <8 x i1> %541, <8 x float> %534, <8 x float> zeroinitializer
+  %543 = fmul <8 x float> %542, %530
+  %544 = getelementptr inbounds float, ptr %532, i64 %540
+  store <8 x float> %543, ptr %544, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %522 = add nsw i64 %r0, 0
-  %523 = getelementptr inbounds i32, ptr %rows, i64 %522
-  %524 = load i32, ptr %523, align 4
-  %525 = sext i32 %524 to i64
-  %526 = mul nsw i64 %525, 768
-  %527 = getelementptr inbounds float, ptr %x, i64 %526
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %528 = add nsw i64 %r0, 1
-  %529 = getelementptr inbounds i32, ptr %rows, i64 %528
-  %530 = load i32, ptr %529, align 4
-  %531 = sext i32 %530 to i64
-  %532 = mul nsw i64 %531, 768
-  %533 = getelementptr inbounds float, ptr %x, i64 %532
-  store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %534 = add nsw i64 %r0, 2
-  %535 = getelementptr inbounds i32, ptr %rows, i64 %534
-  %536 = load i32, ptr %535, align 4
-  %537 = sext i32 %536 to i64
-  %538 = mul nsw i64 %537, 768
-  %539 = getelementptr inbounds float, ptr %x, i64 %538
-  store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  store <8 x float> zeroinitializer, ptr %acc2152, align 4
-  %panel.off53 = mul nsw i64 %p, 12288
-  br label %k.head54
+  %545 = add nsw i64 %r0, 0
+  %546 = getelementptr inbounds i32, ptr %rows, i64 %545
+  %547 = load i32, ptr %546, align 4
+  %548 = sext i32 %547 to i64
+  %549 = mul nsw i64 %548, 768
+  %550 = getelementptr inbounds float, ptr %x, i64 %549
+  store <8 x float> zeroinitializer, ptr %acc0049, align 4
+  store <8 x float> zeroinitializer, ptr %acc0150, align 4
+  %551 = add nsw i64 %r0, 1
+  %552 = getelementptr inbounds i32, ptr %rows, i64 %551
+  %553 = load i32, ptr %552, align 4
+  %554 = sext i32 %553 to i64
+  %555 = mul nsw i64 %554, 768
+  %556 = getelementptr inbounds float, ptr %x, i64 %555
+  store <8 x float> zeroinitializer, ptr %acc1051, align 4
+  store <8 x float> zeroinitializer, ptr %acc1152, align 4
+  %557 = add nsw i64 %r0, 2
+  %558 = getelementptr inbounds i32, ptr %rows, i64 %557
+  %559 = load i32, ptr %558, align 4
+  %560 = sext i32 %559 to i64
+  %561 = mul nsw i64 %560, 768
+  %562 = getelementptr inbounds float, ptr %x, i64 %561
+  store <8 x float> zeroinitializer, ptr %acc2053, align 4
+  store <8 x float> zeroinitializer, ptr %acc2154, align 4
+  %panel.off55 = mul nsw i64 %p, 12288
+  %563 = getelementptr inbounds i16, ptr %panels, i64 %panel.off55
+  %564 = add nsw i64 %p, 1
+  %565 = icmp slt i64 %564, %p1
+  %566 = getelementptr inbounds i8, ptr %563, i64 24576
+  %567 = and i1 %pf.on, %565
+  %pf56 = select i1 %567, ptr %566, ptr %563
+  br label %k.head57
 
-k.head54:                                         ; preds = %k.body55, %tile.mr3
-  %k57 = phi i64 [ 0, %tile.mr3 ], [ %571, %k.body55 ]
-  %540 = icmp slt i64 %k57, 768
-  br i1 %540, label %k.body55, label %k.end56
+k.head57:                                         ; preds = %k.body58, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %601, %k.body58 ]
+  %568 = icmp slt i64 %k60, 768
+  br i1 %568, label %k.body58, label %k.end59
 
-k.body55:                                         ; preds = %k.head54
-  %541 = mul nsw i64 %k57, 16
-  %542 = add nsw i64 %panel.off53, %541
-  %543 = getelementptr inbounds i16, ptr %panels, i64 %542
-  %544 = load <8 x i32>, ptr %543, align 4
-  %545 = shl <8 x i32> %544, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b058 = bitcast <8 x i32> %545 to <8 x float>
-  %546 = and <8 x i32> %544, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b159 = bitcast <8 x i32> %546 to <8 x float>
-  %547 = getelementptr inbounds float, ptr %527, i64 %k57
-  %548 = load float, ptr %547, align 4
-  %549 = insertelement <8 x float> poison, float %548, i32 0
-  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
-  %551 = load <8 x float>, ptr %acc0047, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b058, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0047, align 4
-  %553 = load <8 x float>, ptr %acc0148, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b159, <8 x float> %553)
-  store <8 x float> %554, ptr %acc0148, align 4
-  %555 = getelementptr inbounds float, ptr %533, i64 %k57
-  %556 = load float, ptr %555, align 4
-  %557 = insertelement <8 x float> poison, float %556, i32 0
-  %558 = shufflevector <8 x float> %557, <8 x float> poison, <8 x i32> zeroinitializer
-  %559 = load <8 x float>, ptr %acc1049, align 4
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %b058, <8 x float> %559)
-  store <8 x float> %560, ptr %acc1049, align 4
-  %561 = load <8 x float>, ptr %acc1150, align 4
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %b159, <8 x float> %561)
-  store <8 x float> %562, ptr %acc1150, align 4
-  %563 = getelementptr inbounds float, ptr %539, i64 %k57
-  %564 = load float, ptr %563, align 4
-  %565 = insertelement <8 x float> poison, float %564, i32 0
-  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
-  %567 = load <8 x float>, ptr %acc2051, align 4
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b058, <8 x float> %567)
-  store <8 x float> %568, ptr %acc2051, align 4
-  %569 = load <8 x float>, ptr %acc2152, align 4
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b159, <8 x float> %569)
-  store <8 x float> %570, ptr %acc2152, align 4
-  %571 = add nsw i64 %k57, 1
-  br label %k.head54
+k.body58:                                         ; preds = %k.head57
+  %569 = mul nsw i64 %k60, 16
+  %570 = add nsw i64 %panel.off55, %569
+  %571 = mul nsw i64 %k60, 32
+  %572 = getelementptr inbounds i8, ptr %pf56, i64 %571
+  call void @llvm.prefetch.p0(ptr %572, i32 0, i32 2, i32 1)
+  %573 = getelementptr inbounds i16, ptr %panels, i64 %570
+  %574 = load <8 x i32>, ptr %573, align 4
+  %575 = shl <8 x i32> %574, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b061 = bitcast <8 x i32> %575 to <8 x float>
+  %576 = and <8 x i32> %574, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b162 = bitcast <8 x i32> %576 to <8 x float>
+  %577 = getelementptr inbounds float, ptr %550, i64 %k60
+  %578 = load float, ptr %577, align 4
+  %579 = insertelement <8 x float> poison, float %578, i32 0
+  %580 = shufflevector <8 x float> %579, <8 x float> poison, <8 x i32> zeroinitializer
+  %581 = load <8 x float>, ptr %acc0049, align 4
+  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b061, <8 x float> %581)
+  store <8 x float> %582, ptr %acc0049, align 4
+  %583 = load <8 x float>, ptr %acc0150, align 4
+  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b162, <8 x float> %583)
+  store <8 x float> %584, ptr %acc0150, align 4
+  %585 = getelementptr inbounds float, ptr %556, i64 %k60
+  %586 = load float, ptr %585, align 4
+  %587 = insertelement <8 x float> poison, float %586, i32 0
+  %588 = shufflevector <8 x float> %587, <8 x float> poison, <8 x i32> zeroinitializer
+  %589 = load <8 x float>, ptr %acc1051, align 4
+  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> %b061, <8 x float> %589)
+  store <8 x float> %590, ptr %acc1051, align 4
+  %591 = load <8 x float>, ptr %acc1152, align 4
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> %b162, <8 x float> %591)
+  store <8 x float> %592, ptr %acc1152, align 4
+  %593 = getelementptr inbounds float, ptr %562, i64 %k60
+  %594 = load float, ptr %593, align 4
+  %595 = insertelement <8 x float> poison, float %594, i32 0
+  %596 = shufflevector <8 x float> %595, <8 x float> poison, <8 x i32> zeroinitializer
+  %597 = load <8 x float>, ptr %acc2053, align 4
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %b061, <8 x float> %597)
+  store <8 x float> %598, ptr %acc2053, align 4
+  %599 = load <8 x float>, ptr %acc2154, align 4
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %b162, <8 x float> %599)
+  store <8 x float> %600, ptr %acc2154, align 4
+  %601 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end56:                                          ; preds = %k.head54
-  %572 = add nsw i64 %r0, 0
-  %573 = getelementptr inbounds float, ptr %rw, i64 %572
-  %574 = load float, ptr %573, align 4
-  %575 = insertelement <8 x float> poison, float %574, i32 0
-  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = mul nsw i64 %572, 3072
-  %578 = getelementptr inbounds float, ptr %h, i64 %577
-  %col60 = mul nsw i64 %p, 16
-  %579 = load <8 x float>, ptr %acc0047, align 4
-  %580 = load <8 x float>, ptr %acc0148, align 4
-  %581 = add nsw i64 %col60, 0
-  %582 = fcmp ogt <8 x float> %579, zeroinitializer
-  %583 = select <8 x i1> %582, <8 x float> %579, <8 x float> zeroinitializer
-  %584 = fmul <8 x float> %583, %576
-  %585 = getelementptr inbounds float, ptr %578, i64 %581
-  store <8 x float> %584, ptr %585, align 4
-  %586 = add nsw i64 %col60, 8
-  %587 = fcmp ogt <8 x float> %580, zeroinitializer
-  %588 = select <8 x i1> %587, <8 x float> %580, <8 x float> zeroinitializer
-  %589 = fmul <8 x float> %588, %576
-  %590 = getelementptr inbounds float, ptr %578, i64 %586
-  store <8 x float> %589, ptr %590, align 4
-  %591 = add nsw i64 %r0, 1
-  %592 = getelementptr inbounds float, ptr %rw, i64 %591
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = mul nsw i64 %591, 3072
-  %597 = getelementptr inbounds float, ptr %h, i64 %596
-  %col61 = mul nsw i64 %p, 16
-  %598 = load <8 x float>, ptr %acc1049, align 4
-  %599 = load <8 x float>, ptr %acc1150, align 4
-  %600 = add nsw i64 %col61, 0
-  %601 = fcmp ogt <8 x float> %598, zeroinitializer
-  %602 = select <8 x i1> %601, <8 x float> %598, <8 x float> zeroinitializer
-  %603 = fmul <8 x float> %602, %595
-  %604 = getelementptr inbounds float, ptr %597, i64 %600
-  store <8 x float> %603, ptr %604, align 4
-  %605 = add nsw i64 %col61, 8
-  %606 = fcmp ogt <8 x float> %599, zeroinitializer
-  %607 = select <8 x i1> %606, <8 x float> %599, <8 x float> zeroinitializer
-  %608 = fmul <8 x float> %607, %595
-  %609 = getelementptr inbounds float, ptr %597, i64 %605
-  store <8 x float> %608, ptr %609, align 4
-  %610 = add nsw i64 %r0, 2
-  %611 = getelementptr inbounds float, ptr %rw, i64 %610
-  %612 = load float, ptr %611, align 4
-  %613 = insertelement <8 x float> poison, float %612, i32 0
-  %614 = shufflevector <8 x float> %613, <8 x float> poison, <8 x i32> zeroinitializer
-  %615 = mul nsw i64 %610, 3072
-  %616 = getelementptr inbounds float, ptr %h, i64 %615
-  %col62 = mul nsw i64 %p, 16
-  %617 = load <8 x float>, ptr %acc2051, align 4
-  %618 = load <8 x float>, ptr %acc2152, align 4
-  %619 = add nsw i64 %col62, 0
-  %620 = fcmp ogt <8 x float> %617, zeroinitializer
-  %621 = select <8 x i1> %620, <8 x float> %617, <8 x float> zeroinitializer
-  %622 = fmul <8 x float> %621, %614
-  %623 = getelementptr inbounds float, ptr %616, i64 %619
-  store <8 x float> %622, ptr %623, align 4
-  %624 = add nsw i64 %col62, 8
-  %625 = fcmp ogt <8 x float> %618, zeroinitializer
-  %626 = select <8 x i1> %625, <8 x float> %618, <8 x float> zeroinitializer
-  %627 = fmul <8 x float> %626, %614
-  %628 = getelementptr inbounds float, ptr %616, i64 %624
-  store <8 x float> %627, ptr %628, align 4
+k.end59:                                          ; preds = %k.head57
+  %602 = add nsw i64 %r0, 0
+  %603 = getelementptr inbounds float, ptr %rw, i64 %602
+  %604 = load float, ptr %603, align 4
+  %605 = insertelement <8 x float> poison, float %604, i32 0
+  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
+  %607 = mul nsw i64 %602, 3072
+  %608 = getelementptr inbounds float, ptr %h, i64 %607
+  %col63 = mul nsw i64 %p, 16
+  %609 = load <8 x float>, ptr %acc0049, align 4
+  %610 = load <8 x float>, ptr %acc0150, align 4
+  %611 = add nsw i64 %col63, 0
+  %612 = fcmp ogt <8 x float> %609, zeroinitializer
+  %613 = select <8 x i1> %612, <8 x float> %609, <8 x float> zeroinitializer
+  %614 = fmul <8 x float> %613, %606
+  %615 = getelementptr inbounds float, ptr %608, i64 %611
+  store <8 x float> %614, ptr %615, align 4
+  %616 = add nsw i64 %col63, 8
+  %617 = fcmp ogt <8 x float> %610, zeroinitializer
+  %618 = select <8 x i1> %617, <8 x float> %610, <8 x float> zeroinitializer
+  %619 = fmul <8 x float> %618, %606
+  %620 = getelementptr inbounds float, ptr %608, i64 %616
+  store <8 x float> %619, ptr %620, align 4
+  %621 = add nsw i64 %r0, 1
+  %622 = getelementptr inbounds float, ptr %rw, i64 %621
+  %623 = load float, ptr %622, align 4
+  %624 = insertelement <8 x float> poison, float %623, i32 0
+  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
+  %626 = mul nsw i64 %621, 3072
+  %627 = getelementptr inbounds float, ptr %h, i64 %626
+  %col64 = mul nsw i64 %p, 16
+  %628 = load <8 x float>, ptr %acc1051, align 4
+  %629 = load <8 x float>, ptr %acc1152, align 4
+  %630 = add nsw i64 %col64, 0
+  %631 = fcmp ogt <8 x float> %628, zeroinitializer
+  %632 = select <8 x i1> %631, <8 x float> %628, <8 x float> zeroinitializer
+  %633 = fmul <8 x float> %632, %625
+  %634 = getelementptr inbounds float, ptr %627, i64 %630
+  store <8 x float> %633, ptr %634, align 4
+  %635 = add nsw i64 %col64, 8
+  %636 = fcmp ogt <8 x float> %629, zeroinitializer
+  %637 = select <8 x i1> %636, <8 x float> %629, <8 x float> zeroinitializer
+  %638 = fmul <8 x float> %637, %625
+  %639 = getelementptr inbounds float, ptr %627, i64 %635
+  store <8 x float> %638, ptr %639, align 4
+  %640 = add nsw i64 %r0, 2
+  %641 = getelementptr inbounds float, ptr %rw, i64 %640
+  %642 = load float, ptr %641, align 4
+  %643 = insertelement <8 x float> poison, float %642, i32 0
+  %644 = shufflevector <8 x float> %643, <8 x float> poison, <8 x i32> zeroinitializer
+  %645 = mul nsw i64 %640, 3072
+  %646 = getelementptr inbounds float, ptr %h, i64 %645
+  %col65 = mul nsw i64 %p, 16
+  %647 = load <8 x float>, ptr %acc2053, align 4
+  %648 = load <8 x float>, ptr %acc2154, align 4
+  %649 = add nsw i64 %col65, 0
+  %650 = fcmp ogt <8 x float> %647, zeroinitializer
+  %651 = select <8 x i1> %650, <8 x float> %647, <8 x float> zeroinitializer
+  %652 = fmul <8 x float> %651, %644
+  %653 = getelementptr inbounds float, ptr %646, i64 %649
+  store <8 x float> %652, ptr %653, align 4
+  %654 = add nsw i64 %col65, 8
+  %655 = fcmp ogt <8 x float> %648, zeroinitializer
+  %656 = select <8 x i1> %655, <8 x float> %648, <8 x float> zeroinitializer
+  %657 = fmul <8 x float> %656, %644
+  %658 = getelementptr inbounds float, ptr %646, i64 %654
+  store <8 x float> %657, ptr %658, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %629 = add nsw i64 %r0, 0
-  %630 = getelementptr inbounds i32, ptr %rows, i64 %629
-  %631 = load i32, ptr %630, align 4
-  %632 = sext i32 %631 to i64
-  %633 = mul nsw i64 %632, 768
-  %634 = getelementptr inbounds float, ptr %x, i64 %633
-  store <8 x float> zeroinitializer, ptr %acc0063, align 4
-  store <8 x float> zeroinitializer, ptr %acc0164, align 4
-  %635 = add nsw i64 %r0, 1
-  %636 = getelementptr inbounds i32, ptr %rows, i64 %635
-  %637 = load i32, ptr %636, align 4
-  %638 = sext i32 %637 to i64
-  %639 = mul nsw i64 %638, 768
-  %640 = getelementptr inbounds float, ptr %x, i64 %639
-  store <8 x float> zeroinitializer, ptr %acc1065, align 4
-  store <8 x float> zeroinitializer, ptr %acc1166, align 4
-  %panel.off67 = mul nsw i64 %p, 12288
-  br label %k.head68
+  %659 = add nsw i64 %r0, 0
+  %660 = getelementptr inbounds i32, ptr %rows, i64 %659
+  %661 = load i32, ptr %660, align 4
+  %662 = sext i32 %661 to i64
+  %663 = mul nsw i64 %662, 768
+  %664 = getelementptr inbounds float, ptr %x, i64 %663
+  store <8 x float> zeroinitializer, ptr %acc0066, align 4
+  store <8 x float> zeroinitializer, ptr %acc0167, align 4
+  %665 = add nsw i64 %r0, 1
+  %666 = getelementptr inbounds i32, ptr %rows, i64 %665
+  %667 = load i32, ptr %666, align 4
+  %668 = sext i32 %667 to i64
+  %669 = mul nsw i64 %668, 768
+  %670 = getelementptr inbounds float, ptr %x, i64 %669
+  store <8 x float> zeroinitializer, ptr %acc1068, align 4
+  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %panel.off70 = mul nsw i64 %p, 12288
+  %671 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %672 = add nsw i64 %p, 1
+  %673 = icmp slt i64 %672, %p1
+  %674 = getelementptr inbounds i8, ptr %671, i64 24576
+  %675 = and i1 %pf.on, %673
+  %pf71 = select i1 %675, ptr %674, ptr %671
+  br label %k.head72
 
-k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %664, %k.body69 ]
-  %641 = icmp slt i64 %k71, 768
-  br i1 %641, label %k.body69, label %k.end70
+k.head72:                                         ; preds = %k.body73, %tile.mr2
+  %k75 = phi i64 [ 0, %tile.mr2 ], [ %701, %k.body73 ]
+  %676 = icmp slt i64 %k75, 768
+  br i1 %676, label %k.body73, label %k.end74
 
-k.body69:                                         ; preds = %k.head68
-  %642 = mul nsw i64 %k71, 16
-  %643 = add nsw i64 %panel.off67, %642
-  %644 = getelementptr inbounds i16, ptr %panels, i64 %643
-  %645 = load <8 x i32>, ptr %644, align 4
-  %646 = shl <8 x i32> %645, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %646 to <8 x float>
-  %647 = and <8 x i32> %645, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %647 to <8 x float>
-  %648 = getelementptr inbounds float, ptr %634, i64 %k71
-  %649 = load float, ptr %648, align 4
-  %650 = insertelement <8 x float> poison, float %649, i32 0
-  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
-  %652 = load <8 x float>, ptr %acc0063, align 4
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b072, <8 x float> %652)
-  store <8 x float> %653, ptr %acc0063, align 4
-  %654 = load <8 x float>, ptr %acc0164, align 4
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b173, <8 x float> %654)
-  store <8 x float> %655, ptr %acc0164, align 4
-  %656 = getelementptr inbounds float, ptr %640, i64 %k71
-  %657 = load float, ptr %656, align 4
-  %658 = insertelement <8 x float> poison, float %657, i32 0
-  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
-  %660 = load <8 x float>, ptr %acc1065, align 4
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b072, <8 x float> %660)
-  store <8 x float> %661, ptr %acc1065, align 4
-  %662 = load <8 x float>, ptr %acc1166, align 4
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b173, <8 x float> %662)
-  store <8 x float> %663, ptr %acc1166, align 4
-  %664 = add nsw i64 %k71, 1
-  br label %k.head68
-
-k.end70:                                          ; preds = %k.head68
-  %665 = add nsw i64 %r0, 0
-  %666 = getelementptr inbounds float, ptr %rw, i64 %665
-  %667 = load float, ptr %666, align 4
-  %668 = insertelement <8 x float> poison, float %667, i32 0
-  %669 = shufflevector <8 x float> %668, <8 x float> poison, <8 x i32> zeroinitializer
-  %670 = mul nsw i64 %665, 3072
-  %671 = getelementptr inbounds float, ptr %h, i64 %670
-  %col74 = mul nsw i64 %p, 16
-  %672 = load <8 x float>, ptr %acc0063, align 4
-  %673 = load <8 x float>, ptr %acc0164, align 4
-  %674 = add nsw i64 %col74, 0
-  %675 = fcmp ogt <8 x float> %672, zeroinitializer
-  %676 = select <8 x i1> %675, <8 x float> %672, <8 x float> zeroinitializer
-  %677 = fmul <8 x float> %676, %669
-  %678 = getelementptr inbounds float, ptr %671, i64 %674
-  store <8 x float> %677, ptr %678, align 4
-  %679 = add nsw i64 %col74, 8
-  %680 = fcmp ogt <8 x float> %673, zeroinitializer
-  %681 = select <8 x i1> %680, <8 x float> %673, <8 x float> zeroinitializer
-  %682 = fmul <8 x float> %681, %669
-  %683 = getelementptr inbounds float, ptr %671, i64 %679
-  store <8 x float> %682, ptr %683, align 4
-  %684 = add nsw i64 %r0, 1
-  %685 = getelementptr inbounds float, ptr %rw, i64 %684
+k.body73:                                         ; preds = %k.head72
+  %677 = mul nsw i64 %k75, 16
+  %678 = add nsw i64 %panel.off70, %677
+  %679 = mul nsw i64 %k75, 32
+  %680 = getelementptr inbounds i8, ptr %pf71, i64 %679
+  call void @llvm.prefetch.p0(ptr %680, i32 0, i32 2, i32 1)
+  %681 = getelementptr inbounds i16, ptr %panels, i64 %678
+  %682 = load <8 x i32>, ptr %681, align 4
+  %683 = shl <8 x i32> %682, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b076 = bitcast <8 x i32> %683 to <8 x float>
+  %684 = and <8 x i32> %682, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b177 = bitcast <8 x i32> %684 to <8 x float>
+  %685 = getelementptr inbounds float, ptr %664, i64 %k75
   %686 = load float, ptr %685, align 4
   %687 = insertelement <8 x float> poison, float %686, i32 0
   %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
-  %689 = mul nsw i64 %684, 3072
-  %690 = getelementptr inbounds float, ptr %h, i64 %689
-  %col75 = mul nsw i64 %p, 16
-  %691 = load <8 x float>, ptr %acc1065, align 4
-  %692 = load <8 x float>, ptr %acc1166, align 4
-  %693 = add nsw i64 %col75, 0
-  %694 = fcmp ogt <8 x float> %691, zeroinitializer
-  %695 = select <8 x i1> %694, <8 x float> %691, <8 x float> zeroinitializer
-  %696 = fmul <8 x float> %695, %688
-  %697 = getelementptr inbounds float, ptr %690, i64 %693
-  store <8 x float> %696, ptr %697, align 4
-  %698 = add nsw i64 %col75, 8
-  %699 = fcmp ogt <8 x float> %692, zeroinitializer
-  %700 = select <8 x i1> %699, <8 x float> %692, <8 x float> zeroinitializer
-  %701 = fmul <8 x float> %700, %688
-  %702 = getelementptr inbounds float, ptr %690, i64 %698
-  store <8 x float> %701, ptr %702, align 4
+  %689 = load <8 x float>, ptr %acc0066, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b076, <8 x float> %689)
+  store <8 x float> %690, ptr %acc0066, align 4
+  %691 = load <8 x float>, ptr %acc0167, align 4
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b177, <8 x float> %691)
+  store <8 x float> %692, ptr %acc0167, align 4
+  %693 = getelementptr inbounds float, ptr %670, i64 %k75
+  %694 = load float, ptr %693, align 4
+  %695 = insertelement <8 x float> poison, float %694, i32 0
+  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
+  %697 = load <8 x float>, ptr %acc1068, align 4
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b076, <8 x float> %697)
+  store <8 x float> %698, ptr %acc1068, align 4
+  %699 = load <8 x float>, ptr %acc1169, align 4
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b177, <8 x float> %699)
+  store <8 x float> %700, ptr %acc1169, align 4
+  %701 = add nsw i64 %k75, 1
+  br label %k.head72
+
+k.end74:                                          ; preds = %k.head72
+  %702 = add nsw i64 %r0, 0
+  %703 = getelementptr inbounds float, ptr %rw, i64 %702
+  %704 = load float, ptr %703, align 4
+  %705 = insertelement <8 x float> poison, float %704, i32 0
+  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
+  %707 = mul nsw i64 %702, 3072
+  %708 = getelementptr inbounds float, ptr %h, i64 %707
+  %col78 = mul nsw i64 %p, 16
+  %709 = load <8 x float>, ptr %acc0066, align 4
+  %710 = load <8 x float>, ptr %acc0167, align 4
+  %711 = add nsw i64 %col78, 0
+  %712 = fcmp ogt <8 x float> %709, zeroinitializer
+  %713 = select <8 x i1> %712, <8 x float> %709, <8 x float> zeroinitializer
+  %714 = fmul <8 x float> %713, %706
+  %715 = getelementptr inbounds float, ptr %708, i64 %711
+  store <8 x float> %714, ptr %715, align 4
+  %716 = add nsw i64 %col78, 8
+  %717 = fcmp ogt <8 x float> %710, zeroinitializer
+  %718 = select <8 x i1> %717, <8 x float> %710, <8 x float> zeroinitializer
+  %719 = fmul <8 x float> %718, %706
+  %720 = getelementptr inbounds float, ptr %708, i64 %716
+  store <8 x float> %719, ptr %720, align 4
+  %721 = add nsw i64 %r0, 1
+  %722 = getelementptr inbounds float, ptr %rw, i64 %721
+  %723 = load float, ptr %722, align 4
+  %724 = insertelement <8 x float> poison, float %723, i32 0
+  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
+  %726 = mul nsw i64 %721, 3072
+  %727 = getelementptr inbounds float, ptr %h, i64 %726
+  %col79 = mul nsw i64 %p, 16
+  %728 = load <8 x float>, ptr %acc1068, align 4
+  %729 = load <8 x float>, ptr %acc1169, align 4
+  %730 = add nsw i64 %col79, 0
+  %731 = fcmp ogt <8 x float> %728, zeroinitializer
+  %732 = select <8 x i1> %731, <8 x float> %728, <8 x float> zeroinitializer
+  %733 = fmul <8 x float> %732, %725
+  %734 = getelementptr inbounds float, ptr %727, i64 %730
+  store <8 x float> %733, ptr %734, align 4
+  %735 = add nsw i64 %col79, 8
+  %736 = fcmp ogt <8 x float> %729, zeroinitializer
+  %737 = select <8 x i1> %736, <8 x float> %729, <8 x float> zeroinitializer
+  %738 = fmul <8 x float> %737, %725
+  %739 = getelementptr inbounds float, ptr %727, i64 %735
+  store <8 x float> %738, ptr %739, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %703 = add nsw i64 %r0, 0
-  %704 = getelementptr inbounds i32, ptr %rows, i64 %703
-  %705 = load i32, ptr %704, align 4
-  %706 = sext i32 %705 to i64
-  %707 = mul nsw i64 %706, 768
-  %708 = getelementptr inbounds float, ptr %x, i64 %707
-  store <8 x float> zeroinitializer, ptr %acc0076, align 4
-  store <8 x float> zeroinitializer, ptr %acc0177, align 4
-  %panel.off78 = mul nsw i64 %p, 12288
-  br label %k.head79
+  %740 = add nsw i64 %r0, 0
+  %741 = getelementptr inbounds i32, ptr %rows, i64 %740
+  %742 = load i32, ptr %741, align 4
+  %743 = sext i32 %742 to i64
+  %744 = mul nsw i64 %743, 768
+  %745 = getelementptr inbounds float, ptr %x, i64 %744
+  store <8 x float> zeroinitializer, ptr %acc0080, align 4
+  store <8 x float> zeroinitializer, ptr %acc0181, align 4
+  %panel.off82 = mul nsw i64 %p, 12288
+  %746 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
+  %747 = add nsw i64 %p, 1
+  %748 = icmp slt i64 %747, %p1
+  %749 = getelementptr inbounds i8, ptr %746, i64 24576
+  %750 = and i1 %pf.on, %748
+  %pf83 = select i1 %750, ptr %749, ptr %746
+  br label %k.head84
 
-k.head79:                                         ; preds = %k.body80, %tile.mr1
-  %k82 = phi i64 [ 0, %tile.mr1 ], [ %724, %k.body80 ]
-  %709 = icmp slt i64 %k82, 768
-  br i1 %709, label %k.body80, label %k.end81
+k.head84:                                         ; preds = %k.body85, %tile.mr1
+  %k87 = phi i64 [ 0, %tile.mr1 ], [ %768, %k.body85 ]
+  %751 = icmp slt i64 %k87, 768
+  br i1 %751, label %k.body85, label %k.end86
 
-k.body80:                                         ; preds = %k.head79
-  %710 = mul nsw i64 %k82, 16
-  %711 = add nsw i64 %panel.off78, %710
-  %712 = getelementptr inbounds i16, ptr %panels, i64 %711
-  %713 = load <8 x i32>, ptr %712, align 4
-  %714 = shl <8 x i32> %713, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b083 = bitcast <8 x i32> %714 to <8 x float>
-  %715 = and <8 x i32> %713, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b184 = bitcast <8 x i32> %715 to <8 x float>
-  %716 = getelementptr inbounds float, ptr %708, i64 %k82
-  %717 = load float, ptr %716, align 4
-  %718 = insertelement <8 x float> poison, float %717, i32 0
-  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
-  %720 = load <8 x float>, ptr %acc0076, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b083, <8 x float> %720)
-  store <8 x float> %721, ptr %acc0076, align 4
-  %722 = load <8 x float>, ptr %acc0177, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b184, <8 x float> %722)
-  store <8 x float> %723, ptr %acc0177, align 4
-  %724 = add nsw i64 %k82, 1
-  br label %k.head79
+k.body85:                                         ; preds = %k.head84
+  %752 = mul nsw i64 %k87, 16
+  %753 = add nsw i64 %panel.off82, %752
+  %754 = mul nsw i64 %k87, 32
+  %755 = getelementptr inbounds i8, ptr %pf83, i64 %754
+  call void @llvm.prefetch.p0(ptr %755, i32 0, i32 2, i32 1)
+  %756 = getelementptr inbounds i16, ptr %panels, i64 %753
+  %757 = load <8 x i32>, ptr %756, align 4
+  %758 = shl <8 x i32> %757, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b088 = bitcast <8 x i32> %758 to <8 x float>
+  %759 = and <8 x i32> %757, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b189 = bitcast <8 x i32> %759 to <8 x float>
+  %760 = getelementptr inbounds float, ptr %745, i64 %k87
+  %761 = load float, ptr %760, align 4
+  %762 = insertelement <8 x float> poison, float %761, i32 0
+  %763 = shufflevector <8 x float> %762, <8 x float> poison, <8 x i32> zeroinitializer
+  %764 = load <8 x float>, ptr %acc0080, align 4
+  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b088, <8 x float> %764)
+  store <8 x float> %765, ptr %acc0080, align 4
+  %766 = load <8 x float>, ptr %acc0181, align 4
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b189, <8 x float> %766)
+  store <8 x float> %767, ptr %acc0181, align 4
+  %768 = add nsw i64 %k87, 1
+  br label %k.head84
 
-k.end81:                                          ; preds = %k.head79
-  %725 = add nsw i64 %r0, 0
-  %726 = getelementptr inbounds float, ptr %rw, i64 %725
-  %727 = load float, ptr %726, align 4
-  %728 = insertelement <8 x float> poison, float %727, i32 0
-  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
-  %730 = mul nsw i64 %725, 3072
-  %731 = getelementptr inbounds float, ptr %h, i64 %730
-  %col85 = mul nsw i64 %p, 16
-  %732 = load <8 x float>, ptr %acc0076, align 4
-  %733 = load <8 x float>, ptr %acc0177, align 4
-  %734 = add nsw i64 %col85, 0
-  %735 = fcmp ogt <8 x float> %732, zeroinitializer
-  %736 = select <8 x i1> %735, <8 x float> %732, <8 x float> zeroinitializer
-  %737 = fmul <8 x float> %736, %729
-  %738 = getelementptr inbounds float, ptr %731, i64 %734
-  store <8 x float> %737, ptr %738, align 4
-  %739 = add nsw i64 %col85, 8
-  %740 = fcmp ogt <8 x float> %733, zeroinitializer
-  %741 = select <8 x i1> %740, <8 x float> %733, <8 x float> zeroinitializer
-  %742 = fmul <8 x float> %741, %729
-  %743 = getelementptr inbounds float, ptr %731, i64 %739
-  store <8 x float> %742, ptr %743, align 4
+k.end86:                                          ; preds = %k.head84
+  %769 = add nsw i64 %r0, 0
+  %770 = getelementptr inbounds float, ptr %rw, i64 %769
+  %771 = load float, ptr %770, align 4
+  %772 = insertelement <8 x float> poison, float %771, i32 0
+  %773 = shufflevector <8 x float> %772, <8 x float> poison, <8 x i32> zeroinitializer
+  %774 = mul nsw i64 %769, 3072
+  %775 = getelementptr inbounds float, ptr %h, i64 %774
+  %col90 = mul nsw i64 %p, 16
+  %776 = load <8 x float>, ptr %acc0080, align 4
+  %777 = load <8 x float>, ptr %acc0181, align 4
+  %778 = add nsw i64 %col90, 0
+  %779 = fcmp ogt <8 x float> %776, zeroinitializer
+  %780 = select <8 x i1> %779, <8 x float> %776, <8 x float> zeroinitializer
+  %781 = fmul <8 x float> %780, %773
+  %782 = getelementptr inbounds float, ptr %775, i64 %778
+  store <8 x float> %781, ptr %782, align 4
+  %783 = add nsw i64 %col90, 8
+  %784 = fcmp ogt <8 x float> %777, zeroinitializer
+  %785 = select <8 x i1> %784, <8 x float> %777, <8 x float> zeroinitializer
+  %786 = fmul <8 x float> %785, %773
+  %787 = getelementptr inbounds float, ptr %775, i64 %783
+  store <8 x float> %786, ptr %787, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end81, %k.end70, %k.end56, %k.end39, %k.end19, %k.end
-  %744 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end86, %k.end74, %k.end59, %k.end41, %k.end20, %k.end
+  %788 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %745 = add nsw i64 %p, 1
+  %789 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
 
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
+
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
@@ -2052,26 +2112,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0020 = alloca <8 x float>, align 32
-  %acc0121 = alloca <8 x float>, align 32
-  %acc1022 = alloca <8 x float>, align 32
-  %acc1123 = alloca <8 x float>, align 32
-  %acc2024 = alloca <8 x float>, align 32
-  %acc2125 = alloca <8 x float>, align 32
-  %acc3026 = alloca <8 x float>, align 32
-  %acc3127 = alloca <8 x float>, align 32
-  %acc0036 = alloca <8 x float>, align 32
-  %acc0137 = alloca <8 x float>, align 32
-  %acc1038 = alloca <8 x float>, align 32
-  %acc1139 = alloca <8 x float>, align 32
-  %acc2040 = alloca <8 x float>, align 32
-  %acc2141 = alloca <8 x float>, align 32
-  %acc0050 = alloca <8 x float>, align 32
-  %acc0151 = alloca <8 x float>, align 32
-  %acc1052 = alloca <8 x float>, align 32
-  %acc1153 = alloca <8 x float>, align 32
-  %acc0062 = alloca <8 x float>, align 32
-  %acc0163 = alloca <8 x float>, align 32
+  %acc0021 = alloca <8 x float>, align 32
+  %acc0122 = alloca <8 x float>, align 32
+  %acc1023 = alloca <8 x float>, align 32
+  %acc1124 = alloca <8 x float>, align 32
+  %acc2025 = alloca <8 x float>, align 32
+  %acc2126 = alloca <8 x float>, align 32
+  %acc3027 = alloca <8 x float>, align 32
+  %acc3128 = alloca <8 x float>, align 32
+  %acc0038 = alloca <8 x float>, align 32
+  %acc0139 = alloca <8 x float>, align 32
+  %acc1040 = alloca <8 x float>, align 32
+  %acc1141 = alloca <8 x float>, align 32
+  %acc2042 = alloca <8 x float>, align 32
+  %acc2143 = alloca <8 x float>, align 32
+  %acc0053 = alloca <8 x float>, align 32
+  %acc0154 = alloca <8 x float>, align 32
+  %acc1055 = alloca <8 x float>, align 32
+  %acc1156 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2080,7 +2140,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %557, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2088,7 +2148,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %556, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2096,6 +2156,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2106,790 +2169,844 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 3072
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 768
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 3072
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 768
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 3072
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 768
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 3072
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 768
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 3072
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 768
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 3072
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 768
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 3072
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 768
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 3072
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 768
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 3072
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 768
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 3072
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 768
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 3072
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 768
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 3072
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 768
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
+  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 98304
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %143, %k.body ]
-  %88 = icmp slt i64 %k, 3072
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+  %95 = icmp slt i64 %k, 3072
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds i16, ptr %panels, i64 %90
-  %92 = load <8 x i32>, ptr %91, align 4
-  %93 = shl <8 x i32> %92, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %93 to <8 x float>
-  %94 = and <8 x i32> %92, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %94 to <8 x float>
-  %95 = getelementptr inbounds float, ptr %6, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc00, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc00, align 4
-  %101 = load <8 x float>, ptr %acc01, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc01, align 4
-  %103 = getelementptr inbounds float, ptr %20, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc10, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc10, align 4
-  %109 = load <8 x float>, ptr %acc11, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc11, align 4
-  %111 = getelementptr inbounds float, ptr %34, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc20, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc20, align 4
-  %117 = load <8 x float>, ptr %acc21, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc21, align 4
-  %119 = getelementptr inbounds float, ptr %48, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc30, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc30, align 4
-  %125 = load <8 x float>, ptr %acc31, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc31, align 4
-  %127 = getelementptr inbounds float, ptr %62, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc40, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc40, align 4
-  %133 = load <8 x float>, ptr %acc41, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc41, align 4
-  %135 = getelementptr inbounds float, ptr %76, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc50, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc50, align 4
-  %141 = load <8 x float>, ptr %acc51, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc51, align 4
-  %143 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 32
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %8, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %22, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %36, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %50, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %64, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %78, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %144 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %144, ptr %13, align 4
-  %145 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %145, ptr %16, align 4
-  %146 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %146, ptr %27, align 4
-  %147 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %147, ptr %30, align 4
-  %148 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %148, ptr %41, align 4
-  %149 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %149, ptr %44, align 4
-  %150 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %150, ptr %55, align 4
-  %151 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %151, ptr %58, align 4
-  %152 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %152, ptr %69, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %153, ptr %72, align 4
-  %154 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %154, ptr %83, align 4
-  %155 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %155, ptr %86, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %15, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %18, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %29, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %32, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %43, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %46, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %57, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %60, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %71, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %85, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %156 = add nsw i64 %r0, 0
-  %157 = mul nsw i64 %156, 3072
-  %158 = getelementptr inbounds float, ptr %h, i64 %157
-  %159 = getelementptr inbounds i32, ptr %rows, i64 %156
-  %160 = load i32, ptr %159, align 4
-  %161 = sext i32 %160 to i64
-  %162 = mul nsw i64 %161, 768
-  %163 = getelementptr inbounds float, ptr %y, i64 %162
-  %164 = add nsw i64 %col1, 0
-  %165 = getelementptr inbounds float, ptr %163, i64 %164
-  %166 = load <8 x float>, ptr %165, align 4
-  store <8 x float> %166, ptr %acc002, align 4
-  %167 = add nsw i64 %col1, 8
-  %168 = getelementptr inbounds float, ptr %163, i64 %167
-  %169 = load <8 x float>, ptr %168, align 4
-  store <8 x float> %169, ptr %acc013, align 4
-  %170 = add nsw i64 %r0, 1
-  %171 = mul nsw i64 %170, 3072
-  %172 = getelementptr inbounds float, ptr %h, i64 %171
-  %173 = getelementptr inbounds i32, ptr %rows, i64 %170
-  %174 = load i32, ptr %173, align 4
-  %175 = sext i32 %174 to i64
-  %176 = mul nsw i64 %175, 768
-  %177 = getelementptr inbounds float, ptr %y, i64 %176
-  %178 = add nsw i64 %col1, 0
-  %179 = getelementptr inbounds float, ptr %177, i64 %178
-  %180 = load <8 x float>, ptr %179, align 4
-  store <8 x float> %180, ptr %acc104, align 4
-  %181 = add nsw i64 %col1, 8
-  %182 = getelementptr inbounds float, ptr %177, i64 %181
-  %183 = load <8 x float>, ptr %182, align 4
-  store <8 x float> %183, ptr %acc115, align 4
-  %184 = add nsw i64 %r0, 2
-  %185 = mul nsw i64 %184, 3072
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
-  %187 = getelementptr inbounds i32, ptr %rows, i64 %184
-  %188 = load i32, ptr %187, align 4
-  %189 = sext i32 %188 to i64
-  %190 = mul nsw i64 %189, 768
-  %191 = getelementptr inbounds float, ptr %y, i64 %190
-  %192 = add nsw i64 %col1, 0
-  %193 = getelementptr inbounds float, ptr %191, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  store <8 x float> %194, ptr %acc206, align 4
-  %195 = add nsw i64 %col1, 8
-  %196 = getelementptr inbounds float, ptr %191, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  store <8 x float> %197, ptr %acc217, align 4
-  %198 = add nsw i64 %r0, 3
-  %199 = mul nsw i64 %198, 3072
-  %200 = getelementptr inbounds float, ptr %h, i64 %199
-  %201 = getelementptr inbounds i32, ptr %rows, i64 %198
-  %202 = load i32, ptr %201, align 4
-  %203 = sext i32 %202 to i64
-  %204 = mul nsw i64 %203, 768
-  %205 = getelementptr inbounds float, ptr %y, i64 %204
-  %206 = add nsw i64 %col1, 0
-  %207 = getelementptr inbounds float, ptr %205, i64 %206
-  %208 = load <8 x float>, ptr %207, align 4
-  store <8 x float> %208, ptr %acc308, align 4
-  %209 = add nsw i64 %col1, 8
-  %210 = getelementptr inbounds float, ptr %205, i64 %209
-  %211 = load <8 x float>, ptr %210, align 4
-  store <8 x float> %211, ptr %acc319, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 3072
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 768
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col1, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  store <8 x float> %222, ptr %acc4010, align 4
-  %223 = add nsw i64 %col1, 8
-  %224 = getelementptr inbounds float, ptr %219, i64 %223
-  %225 = load <8 x float>, ptr %224, align 4
-  store <8 x float> %225, ptr %acc4111, align 4
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 3072
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 768
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col1, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  %175 = load <8 x float>, ptr %174, align 4
+  store <8 x float> %175, ptr %acc002, align 4
+  %176 = add nsw i64 %col1, 8
+  %177 = getelementptr inbounds float, ptr %172, i64 %176
+  %178 = load <8 x float>, ptr %177, align 4
+  store <8 x float> %178, ptr %acc013, align 4
+  %179 = add nsw i64 %r0, 1
+  %180 = mul nsw i64 %179, 3072
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 768
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col1, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %189 = load <8 x float>, ptr %188, align 4
+  store <8 x float> %189, ptr %acc104, align 4
+  %190 = add nsw i64 %col1, 8
+  %191 = getelementptr inbounds float, ptr %186, i64 %190
+  %192 = load <8 x float>, ptr %191, align 4
+  store <8 x float> %192, ptr %acc115, align 4
+  %193 = add nsw i64 %r0, 2
+  %194 = mul nsw i64 %193, 3072
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
+  %197 = load i32, ptr %196, align 4
+  %198 = sext i32 %197 to i64
+  %199 = mul nsw i64 %198, 768
+  %200 = getelementptr inbounds float, ptr %y, i64 %199
+  %201 = add nsw i64 %col1, 0
+  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  store <8 x float> %203, ptr %acc206, align 4
+  %204 = add nsw i64 %col1, 8
+  %205 = getelementptr inbounds float, ptr %200, i64 %204
+  %206 = load <8 x float>, ptr %205, align 4
+  store <8 x float> %206, ptr %acc217, align 4
+  %207 = add nsw i64 %r0, 3
+  %208 = mul nsw i64 %207, 3072
+  %209 = getelementptr inbounds float, ptr %h, i64 %208
+  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
+  %211 = load i32, ptr %210, align 4
+  %212 = sext i32 %211 to i64
+  %213 = mul nsw i64 %212, 768
+  %214 = getelementptr inbounds float, ptr %y, i64 %213
+  %215 = add nsw i64 %col1, 0
+  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  store <8 x float> %217, ptr %acc308, align 4
+  %218 = add nsw i64 %col1, 8
+  %219 = getelementptr inbounds float, ptr %214, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  store <8 x float> %220, ptr %acc319, align 4
+  %221 = add nsw i64 %r0, 4
+  %222 = mul nsw i64 %221, 3072
+  %223 = getelementptr inbounds float, ptr %h, i64 %222
+  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %225 = load i32, ptr %224, align 4
+  %226 = sext i32 %225 to i64
+  %227 = mul nsw i64 %226, 768
+  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  %229 = add nsw i64 %col1, 0
+  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  store <8 x float> %231, ptr %acc4010, align 4
+  %232 = add nsw i64 %col1, 8
+  %233 = getelementptr inbounds float, ptr %228, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  store <8 x float> %234, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 49152
-  br label %k.head13
+  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
+  %236 = add nsw i64 %p, 1
+  %237 = icmp slt i64 %236, %p1
+  %238 = getelementptr inbounds i8, ptr %235, i64 98304
+  %239 = and i1 %pf.on, %237
+  %pf13 = select i1 %239, ptr %238, ptr %235
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %273, %k.body14 ]
-  %226 = icmp slt i64 %k16, 3072
-  br i1 %226, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
+  %240 = icmp slt i64 %k17, 3072
+  br i1 %240, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %227 = mul nsw i64 %k16, 16
-  %228 = add nsw i64 %panel.off12, %227
-  %229 = getelementptr inbounds i16, ptr %panels, i64 %228
-  %230 = load <8 x i32>, ptr %229, align 4
-  %231 = shl <8 x i32> %230, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b017 = bitcast <8 x i32> %231 to <8 x float>
-  %232 = and <8 x i32> %230, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b118 = bitcast <8 x i32> %232 to <8 x float>
-  %233 = getelementptr inbounds float, ptr %158, i64 %k16
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = load <8 x float>, ptr %acc002, align 4
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b017, <8 x float> %237)
-  store <8 x float> %238, ptr %acc002, align 4
-  %239 = load <8 x float>, ptr %acc013, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %b118, <8 x float> %239)
-  store <8 x float> %240, ptr %acc013, align 4
-  %241 = getelementptr inbounds float, ptr %172, i64 %k16
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc104, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b017, <8 x float> %245)
-  store <8 x float> %246, ptr %acc104, align 4
-  %247 = load <8 x float>, ptr %acc115, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b118, <8 x float> %247)
-  store <8 x float> %248, ptr %acc115, align 4
-  %249 = getelementptr inbounds float, ptr %186, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %241 = mul nsw i64 %k17, 16
+  %242 = add nsw i64 %panel.off12, %241
+  %243 = mul nsw i64 %k17, 32
+  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
+  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
+  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
+  %246 = load <8 x i32>, ptr %245, align 4
+  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b018 = bitcast <8 x i32> %247 to <8 x float>
+  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b119 = bitcast <8 x i32> %248 to <8 x float>
+  %249 = getelementptr inbounds float, ptr %167, i64 %k17
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc206, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b017, <8 x float> %253)
-  store <8 x float> %254, ptr %acc206, align 4
-  %255 = load <8 x float>, ptr %acc217, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b118, <8 x float> %255)
-  store <8 x float> %256, ptr %acc217, align 4
-  %257 = getelementptr inbounds float, ptr %200, i64 %k16
+  %253 = load <8 x float>, ptr %acc002, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
+  store <8 x float> %254, ptr %acc002, align 4
+  %255 = load <8 x float>, ptr %acc013, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
+  store <8 x float> %256, ptr %acc013, align 4
+  %257 = getelementptr inbounds float, ptr %181, i64 %k17
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc308, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b017, <8 x float> %261)
-  store <8 x float> %262, ptr %acc308, align 4
-  %263 = load <8 x float>, ptr %acc319, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b118, <8 x float> %263)
-  store <8 x float> %264, ptr %acc319, align 4
-  %265 = getelementptr inbounds float, ptr %214, i64 %k16
+  %261 = load <8 x float>, ptr %acc104, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
+  store <8 x float> %262, ptr %acc104, align 4
+  %263 = load <8 x float>, ptr %acc115, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
+  store <8 x float> %264, ptr %acc115, align 4
+  %265 = getelementptr inbounds float, ptr %195, i64 %k17
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc4010, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b017, <8 x float> %269)
-  store <8 x float> %270, ptr %acc4010, align 4
-  %271 = load <8 x float>, ptr %acc4111, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b118, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4111, align 4
-  %273 = add nsw i64 %k16, 1
-  br label %k.head13
+  %269 = load <8 x float>, ptr %acc206, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
+  store <8 x float> %270, ptr %acc206, align 4
+  %271 = load <8 x float>, ptr %acc217, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
+  store <8 x float> %272, ptr %acc217, align 4
+  %273 = getelementptr inbounds float, ptr %209, i64 %k17
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc308, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
+  store <8 x float> %278, ptr %acc308, align 4
+  %279 = load <8 x float>, ptr %acc319, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
+  store <8 x float> %280, ptr %acc319, align 4
+  %281 = getelementptr inbounds float, ptr %223, i64 %k17
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc4010, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
+  store <8 x float> %286, ptr %acc4010, align 4
+  %287 = load <8 x float>, ptr %acc4111, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4111, align 4
+  %289 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %274 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %274, ptr %165, align 4
-  %275 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %275, ptr %168, align 4
-  %276 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %276, ptr %179, align 4
-  %277 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %277, ptr %182, align 4
-  %278 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %278, ptr %193, align 4
-  %279 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %279, ptr %196, align 4
-  %280 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %280, ptr %207, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %281, ptr %210, align 4
-  %282 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %282, ptr %221, align 4
-  %283 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %283, ptr %224, align 4
+k.end16:                                          ; preds = %k.head14
+  %290 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %290, ptr %174, align 4
+  %291 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %291, ptr %177, align 4
+  %292 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %292, ptr %188, align 4
+  %293 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %293, ptr %191, align 4
+  %294 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %294, ptr %202, align 4
+  %295 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %295, ptr %205, align 4
+  %296 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %296, ptr %216, align 4
+  %297 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %297, ptr %219, align 4
+  %298 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %298, ptr %230, align 4
+  %299 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %299, ptr %233, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col19 = mul nsw i64 %p, 16
-  %284 = add nsw i64 %r0, 0
-  %285 = mul nsw i64 %284, 3072
-  %286 = getelementptr inbounds float, ptr %h, i64 %285
-  %287 = getelementptr inbounds i32, ptr %rows, i64 %284
-  %288 = load i32, ptr %287, align 4
-  %289 = sext i32 %288 to i64
-  %290 = mul nsw i64 %289, 768
-  %291 = getelementptr inbounds float, ptr %y, i64 %290
-  %292 = add nsw i64 %col19, 0
-  %293 = getelementptr inbounds float, ptr %291, i64 %292
-  %294 = load <8 x float>, ptr %293, align 4
-  store <8 x float> %294, ptr %acc0020, align 4
-  %295 = add nsw i64 %col19, 8
-  %296 = getelementptr inbounds float, ptr %291, i64 %295
-  %297 = load <8 x float>, ptr %296, align 4
-  store <8 x float> %297, ptr %acc0121, align 4
-  %298 = add nsw i64 %r0, 1
-  %299 = mul nsw i64 %298, 3072
-  %300 = getelementptr inbounds float, ptr %h, i64 %299
-  %301 = getelementptr inbounds i32, ptr %rows, i64 %298
-  %302 = load i32, ptr %301, align 4
-  %303 = sext i32 %302 to i64
-  %304 = mul nsw i64 %303, 768
-  %305 = getelementptr inbounds float, ptr %y, i64 %304
-  %306 = add nsw i64 %col19, 0
-  %307 = getelementptr inbounds float, ptr %305, i64 %306
-  %308 = load <8 x float>, ptr %307, align 4
-  store <8 x float> %308, ptr %acc1022, align 4
-  %309 = add nsw i64 %col19, 8
-  %310 = getelementptr inbounds float, ptr %305, i64 %309
-  %311 = load <8 x float>, ptr %310, align 4
-  store <8 x float> %311, ptr %acc1123, align 4
-  %312 = add nsw i64 %r0, 2
-  %313 = mul nsw i64 %312, 3072
-  %314 = getelementptr inbounds float, ptr %h, i64 %313
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %312
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 768
-  %319 = getelementptr inbounds float, ptr %y, i64 %318
-  %320 = add nsw i64 %col19, 0
-  %321 = getelementptr inbounds float, ptr %319, i64 %320
-  %322 = load <8 x float>, ptr %321, align 4
-  store <8 x float> %322, ptr %acc2024, align 4
-  %323 = add nsw i64 %col19, 8
-  %324 = getelementptr inbounds float, ptr %319, i64 %323
-  %325 = load <8 x float>, ptr %324, align 4
-  store <8 x float> %325, ptr %acc2125, align 4
-  %326 = add nsw i64 %r0, 3
-  %327 = mul nsw i64 %326, 3072
-  %328 = getelementptr inbounds float, ptr %h, i64 %327
-  %329 = getelementptr inbounds i32, ptr %rows, i64 %326
-  %330 = load i32, ptr %329, align 4
-  %331 = sext i32 %330 to i64
-  %332 = mul nsw i64 %331, 768
-  %333 = getelementptr inbounds float, ptr %y, i64 %332
-  %334 = add nsw i64 %col19, 0
-  %335 = getelementptr inbounds float, ptr %333, i64 %334
-  %336 = load <8 x float>, ptr %335, align 4
-  store <8 x float> %336, ptr %acc3026, align 4
-  %337 = add nsw i64 %col19, 8
-  %338 = getelementptr inbounds float, ptr %333, i64 %337
-  %339 = load <8 x float>, ptr %338, align 4
-  store <8 x float> %339, ptr %acc3127, align 4
-  %panel.off28 = mul nsw i64 %p, 49152
-  br label %k.head29
+  %col20 = mul nsw i64 %p, 16
+  %300 = add nsw i64 %r0, 0
+  %301 = mul nsw i64 %300, 3072
+  %302 = getelementptr inbounds float, ptr %h, i64 %301
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 768
+  %307 = getelementptr inbounds float, ptr %y, i64 %306
+  %308 = add nsw i64 %col20, 0
+  %309 = getelementptr inbounds float, ptr %307, i64 %308
+  %310 = load <8 x float>, ptr %309, align 4
+  store <8 x float> %310, ptr %acc0021, align 4
+  %311 = add nsw i64 %col20, 8
+  %312 = getelementptr inbounds float, ptr %307, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  store <8 x float> %313, ptr %acc0122, align 4
+  %314 = add nsw i64 %r0, 1
+  %315 = mul nsw i64 %314, 3072
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 768
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col20, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  store <8 x float> %324, ptr %acc1023, align 4
+  %325 = add nsw i64 %col20, 8
+  %326 = getelementptr inbounds float, ptr %321, i64 %325
+  %327 = load <8 x float>, ptr %326, align 4
+  store <8 x float> %327, ptr %acc1124, align 4
+  %328 = add nsw i64 %r0, 2
+  %329 = mul nsw i64 %328, 3072
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
+  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %332 = load i32, ptr %331, align 4
+  %333 = sext i32 %332 to i64
+  %334 = mul nsw i64 %333, 768
+  %335 = getelementptr inbounds float, ptr %y, i64 %334
+  %336 = add nsw i64 %col20, 0
+  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %338 = load <8 x float>, ptr %337, align 4
+  store <8 x float> %338, ptr %acc2025, align 4
+  %339 = add nsw i64 %col20, 8
+  %340 = getelementptr inbounds float, ptr %335, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  store <8 x float> %341, ptr %acc2126, align 4
+  %342 = add nsw i64 %r0, 3
+  %343 = mul nsw i64 %342, 3072
+  %344 = getelementptr inbounds float, ptr %h, i64 %343
+  %345 = getelementptr inbounds i32, ptr %rows, i64 %342
+  %346 = load i32, ptr %345, align 4
+  %347 = sext i32 %346 to i64
+  %348 = mul nsw i64 %347, 768
+  %349 = getelementptr inbounds float, ptr %y, i64 %348
+  %350 = add nsw i64 %col20, 0
+  %351 = getelementptr inbounds float, ptr %349, i64 %350
+  %352 = load <8 x float>, ptr %351, align 4
+  store <8 x float> %352, ptr %acc3027, align 4
+  %353 = add nsw i64 %col20, 8
+  %354 = getelementptr inbounds float, ptr %349, i64 %353
+  %355 = load <8 x float>, ptr %354, align 4
+  store <8 x float> %355, ptr %acc3128, align 4
+  %panel.off29 = mul nsw i64 %p, 49152
+  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
+  %357 = add nsw i64 %p, 1
+  %358 = icmp slt i64 %357, %p1
+  %359 = getelementptr inbounds i8, ptr %356, i64 98304
+  %360 = and i1 %pf.on, %358
+  %pf30 = select i1 %360, ptr %359, ptr %356
+  br label %k.head31
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %379, %k.body30 ]
-  %340 = icmp slt i64 %k32, 3072
-  br i1 %340, label %k.body30, label %k.end31
+k.head31:                                         ; preds = %k.body32, %tile.mr4
+  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
+  %361 = icmp slt i64 %k34, 3072
+  br i1 %361, label %k.body32, label %k.end33
 
-k.body30:                                         ; preds = %k.head29
-  %341 = mul nsw i64 %k32, 16
-  %342 = add nsw i64 %panel.off28, %341
-  %343 = getelementptr inbounds i16, ptr %panels, i64 %342
-  %344 = load <8 x i32>, ptr %343, align 4
-  %345 = shl <8 x i32> %344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b033 = bitcast <8 x i32> %345 to <8 x float>
-  %346 = and <8 x i32> %344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b134 = bitcast <8 x i32> %346 to <8 x float>
-  %347 = getelementptr inbounds float, ptr %286, i64 %k32
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc0020, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b033, <8 x float> %351)
-  store <8 x float> %352, ptr %acc0020, align 4
-  %353 = load <8 x float>, ptr %acc0121, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b134, <8 x float> %353)
-  store <8 x float> %354, ptr %acc0121, align 4
-  %355 = getelementptr inbounds float, ptr %300, i64 %k32
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc1022, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b033, <8 x float> %359)
-  store <8 x float> %360, ptr %acc1022, align 4
-  %361 = load <8 x float>, ptr %acc1123, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b134, <8 x float> %361)
-  store <8 x float> %362, ptr %acc1123, align 4
-  %363 = getelementptr inbounds float, ptr %314, i64 %k32
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc2024, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b033, <8 x float> %367)
-  store <8 x float> %368, ptr %acc2024, align 4
-  %369 = load <8 x float>, ptr %acc2125, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b134, <8 x float> %369)
-  store <8 x float> %370, ptr %acc2125, align 4
-  %371 = getelementptr inbounds float, ptr %328, i64 %k32
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc3026, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b033, <8 x float> %375)
-  store <8 x float> %376, ptr %acc3026, align 4
-  %377 = load <8 x float>, ptr %acc3127, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b134, <8 x float> %377)
-  store <8 x float> %378, ptr %acc3127, align 4
-  %379 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body32:                                         ; preds = %k.head31
+  %362 = mul nsw i64 %k34, 16
+  %363 = add nsw i64 %panel.off29, %362
+  %364 = mul nsw i64 %k34, 32
+  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
+  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
+  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
+  %367 = load <8 x i32>, ptr %366, align 4
+  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b035 = bitcast <8 x i32> %368 to <8 x float>
+  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b136 = bitcast <8 x i32> %369 to <8 x float>
+  %370 = getelementptr inbounds float, ptr %302, i64 %k34
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %acc0021, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
+  store <8 x float> %375, ptr %acc0021, align 4
+  %376 = load <8 x float>, ptr %acc0122, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
+  store <8 x float> %377, ptr %acc0122, align 4
+  %378 = getelementptr inbounds float, ptr %316, i64 %k34
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc1023, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
+  store <8 x float> %383, ptr %acc1023, align 4
+  %384 = load <8 x float>, ptr %acc1124, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
+  store <8 x float> %385, ptr %acc1124, align 4
+  %386 = getelementptr inbounds float, ptr %330, i64 %k34
+  %387 = load float, ptr %386, align 4
+  %388 = insertelement <8 x float> poison, float %387, i32 0
+  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
+  %390 = load <8 x float>, ptr %acc2025, align 4
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
+  store <8 x float> %391, ptr %acc2025, align 4
+  %392 = load <8 x float>, ptr %acc2126, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
+  store <8 x float> %393, ptr %acc2126, align 4
+  %394 = getelementptr inbounds float, ptr %344, i64 %k34
+  %395 = load float, ptr %394, align 4
+  %396 = insertelement <8 x float> poison, float %395, i32 0
+  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
+  %398 = load <8 x float>, ptr %acc3027, align 4
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
+  store <8 x float> %399, ptr %acc3027, align 4
+  %400 = load <8 x float>, ptr %acc3128, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
+  store <8 x float> %401, ptr %acc3128, align 4
+  %402 = add nsw i64 %k34, 1
+  br label %k.head31
 
-k.end31:                                          ; preds = %k.head29
-  %380 = load <8 x float>, ptr %acc0020, align 4
-  store <8 x float> %380, ptr %293, align 4
-  %381 = load <8 x float>, ptr %acc0121, align 4
-  store <8 x float> %381, ptr %296, align 4
-  %382 = load <8 x float>, ptr %acc1022, align 4
-  store <8 x float> %382, ptr %307, align 4
-  %383 = load <8 x float>, ptr %acc1123, align 4
-  store <8 x float> %383, ptr %310, align 4
-  %384 = load <8 x float>, ptr %acc2024, align 4
-  store <8 x float> %384, ptr %321, align 4
-  %385 = load <8 x float>, ptr %acc2125, align 4
-  store <8 x float> %385, ptr %324, align 4
-  %386 = load <8 x float>, ptr %acc3026, align 4
-  store <8 x float> %386, ptr %335, align 4
-  %387 = load <8 x float>, ptr %acc3127, align 4
-  store <8 x float> %387, ptr %338, align 4
+k.end33:                                          ; preds = %k.head31
+  %403 = load <8 x float>, ptr %acc0021, align 4
+  store <8 x float> %403, ptr %309, align 4
+  %404 = load <8 x float>, ptr %acc0122, align 4
+  store <8 x float> %404, ptr %312, align 4
+  %405 = load <8 x float>, ptr %acc1023, align 4
+  store <8 x float> %405, ptr %323, align 4
+  %406 = load <8 x float>, ptr %acc1124, align 4
+  store <8 x float> %406, ptr %326, align 4
+  %407 = load <8 x float>, ptr %acc2025, align 4
+  store <8 x float> %407, ptr %337, align 4
+  %408 = load <8 x float>, ptr %acc2126, align 4
+  store <8 x float> %408, ptr %340, align 4
+  %409 = load <8 x float>, ptr %acc3027, align 4
+  store <8 x float> %409, ptr %351, align 4
+  %410 = load <8 x float>, ptr %acc3128, align 4
+  store <8 x float> %410, ptr %354, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col35 = mul nsw i64 %p, 16
-  %388 = add nsw i64 %r0, 0
-  %389 = mul nsw i64 %388, 3072
-  %390 = getelementptr inbounds float, ptr %h, i64 %389
-  %391 = getelementptr inbounds i32, ptr %rows, i64 %388
-  %392 = load i32, ptr %391, align 4
-  %393 = sext i32 %392 to i64
-  %394 = mul nsw i64 %393, 768
-  %395 = getelementptr inbounds float, ptr %y, i64 %394
-  %396 = add nsw i64 %col35, 0
-  %397 = getelementptr inbounds float, ptr %395, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  store <8 x float> %398, ptr %acc0036, align 4
-  %399 = add nsw i64 %col35, 8
-  %400 = getelementptr inbounds float, ptr %395, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0137, align 4
-  %402 = add nsw i64 %r0, 1
-  %403 = mul nsw i64 %402, 3072
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 768
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col35, 0
-  %411 = getelementptr inbounds float, ptr %409, i64 %410
-  %412 = load <8 x float>, ptr %411, align 4
-  store <8 x float> %412, ptr %acc1038, align 4
-  %413 = add nsw i64 %col35, 8
-  %414 = getelementptr inbounds float, ptr %409, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1139, align 4
-  %416 = add nsw i64 %r0, 2
-  %417 = mul nsw i64 %416, 3072
-  %418 = getelementptr inbounds float, ptr %h, i64 %417
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %416
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 768
-  %423 = getelementptr inbounds float, ptr %y, i64 %422
-  %424 = add nsw i64 %col35, 0
-  %425 = getelementptr inbounds float, ptr %423, i64 %424
-  %426 = load <8 x float>, ptr %425, align 4
-  store <8 x float> %426, ptr %acc2040, align 4
-  %427 = add nsw i64 %col35, 8
-  %428 = getelementptr inbounds float, ptr %423, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2141, align 4
-  %panel.off42 = mul nsw i64 %p, 49152
-  br label %k.head43
+  %col37 = mul nsw i64 %p, 16
+  %411 = add nsw i64 %r0, 0
+  %412 = mul nsw i64 %411, 3072
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 768
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col37, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
+  %421 = load <8 x float>, ptr %420, align 4
+  store <8 x float> %421, ptr %acc0038, align 4
+  %422 = add nsw i64 %col37, 8
+  %423 = getelementptr inbounds float, ptr %418, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0139, align 4
+  %425 = add nsw i64 %r0, 1
+  %426 = mul nsw i64 %425, 3072
+  %427 = getelementptr inbounds float, ptr %h, i64 %426
+  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %429 = load i32, ptr %428, align 4
+  %430 = sext i32 %429 to i64
+  %431 = mul nsw i64 %430, 768
+  %432 = getelementptr inbounds float, ptr %y, i64 %431
+  %433 = add nsw i64 %col37, 0
+  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  %435 = load <8 x float>, ptr %434, align 4
+  store <8 x float> %435, ptr %acc1040, align 4
+  %436 = add nsw i64 %col37, 8
+  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1141, align 4
+  %439 = add nsw i64 %r0, 2
+  %440 = mul nsw i64 %439, 3072
+  %441 = getelementptr inbounds float, ptr %h, i64 %440
+  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
+  %443 = load i32, ptr %442, align 4
+  %444 = sext i32 %443 to i64
+  %445 = mul nsw i64 %444, 768
+  %446 = getelementptr inbounds float, ptr %y, i64 %445
+  %447 = add nsw i64 %col37, 0
+  %448 = getelementptr inbounds float, ptr %446, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  store <8 x float> %449, ptr %acc2042, align 4
+  %450 = add nsw i64 %col37, 8
+  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2143, align 4
+  %panel.off44 = mul nsw i64 %p, 49152
+  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
+  %454 = add nsw i64 %p, 1
+  %455 = icmp slt i64 %454, %p1
+  %456 = getelementptr inbounds i8, ptr %453, i64 98304
+  %457 = and i1 %pf.on, %455
+  %pf45 = select i1 %457, ptr %456, ptr %453
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr3
-  %k46 = phi i64 [ 0, %tile.mr3 ], [ %461, %k.body44 ]
-  %430 = icmp slt i64 %k46, 3072
-  br i1 %430, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr3
+  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
+  %458 = icmp slt i64 %k49, 3072
+  br i1 %458, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %431 = mul nsw i64 %k46, 16
-  %432 = add nsw i64 %panel.off42, %431
-  %433 = getelementptr inbounds i16, ptr %panels, i64 %432
-  %434 = load <8 x i32>, ptr %433, align 4
-  %435 = shl <8 x i32> %434, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %435 to <8 x float>
-  %436 = and <8 x i32> %434, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %436 to <8 x float>
-  %437 = getelementptr inbounds float, ptr %390, i64 %k46
-  %438 = load float, ptr %437, align 4
-  %439 = insertelement <8 x float> poison, float %438, i32 0
-  %440 = shufflevector <8 x float> %439, <8 x float> poison, <8 x i32> zeroinitializer
-  %441 = load <8 x float>, ptr %acc0036, align 4
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b047, <8 x float> %441)
-  store <8 x float> %442, ptr %acc0036, align 4
-  %443 = load <8 x float>, ptr %acc0137, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %b148, <8 x float> %443)
-  store <8 x float> %444, ptr %acc0137, align 4
-  %445 = getelementptr inbounds float, ptr %404, i64 %k46
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = load <8 x float>, ptr %acc1038, align 4
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
-  store <8 x float> %450, ptr %acc1038, align 4
-  %451 = load <8 x float>, ptr %acc1139, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
-  store <8 x float> %452, ptr %acc1139, align 4
-  %453 = getelementptr inbounds float, ptr %418, i64 %k46
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc2040, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
-  store <8 x float> %458, ptr %acc2040, align 4
-  %459 = load <8 x float>, ptr %acc2141, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
-  store <8 x float> %460, ptr %acc2141, align 4
-  %461 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %459 = mul nsw i64 %k49, 16
+  %460 = add nsw i64 %panel.off44, %459
+  %461 = mul nsw i64 %k49, 32
+  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
+  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
+  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
+  %464 = load <8 x i32>, ptr %463, align 4
+  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %465 to <8 x float>
+  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %466 to <8 x float>
+  %467 = getelementptr inbounds float, ptr %413, i64 %k49
+  %468 = load float, ptr %467, align 4
+  %469 = insertelement <8 x float> poison, float %468, i32 0
+  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
+  %471 = load <8 x float>, ptr %acc0038, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
+  store <8 x float> %472, ptr %acc0038, align 4
+  %473 = load <8 x float>, ptr %acc0139, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
+  store <8 x float> %474, ptr %acc0139, align 4
+  %475 = getelementptr inbounds float, ptr %427, i64 %k49
+  %476 = load float, ptr %475, align 4
+  %477 = insertelement <8 x float> poison, float %476, i32 0
+  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
+  %479 = load <8 x float>, ptr %acc1040, align 4
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
+  store <8 x float> %480, ptr %acc1040, align 4
+  %481 = load <8 x float>, ptr %acc1141, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
+  store <8 x float> %482, ptr %acc1141, align 4
+  %483 = getelementptr inbounds float, ptr %441, i64 %k49
+  %484 = load float, ptr %483, align 4
+  %485 = insertelement <8 x float> poison, float %484, i32 0
+  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
+  %487 = load <8 x float>, ptr %acc2042, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
+  store <8 x float> %488, ptr %acc2042, align 4
+  %489 = load <8 x float>, ptr %acc2143, align 4
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
+  store <8 x float> %490, ptr %acc2143, align 4
+  %491 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %462 = load <8 x float>, ptr %acc0036, align 4
-  store <8 x float> %462, ptr %397, align 4
-  %463 = load <8 x float>, ptr %acc0137, align 4
-  store <8 x float> %463, ptr %400, align 4
-  %464 = load <8 x float>, ptr %acc1038, align 4
-  store <8 x float> %464, ptr %411, align 4
-  %465 = load <8 x float>, ptr %acc1139, align 4
-  store <8 x float> %465, ptr %414, align 4
-  %466 = load <8 x float>, ptr %acc2040, align 4
-  store <8 x float> %466, ptr %425, align 4
-  %467 = load <8 x float>, ptr %acc2141, align 4
-  store <8 x float> %467, ptr %428, align 4
+k.end48:                                          ; preds = %k.head46
+  %492 = load <8 x float>, ptr %acc0038, align 4
+  store <8 x float> %492, ptr %420, align 4
+  %493 = load <8 x float>, ptr %acc0139, align 4
+  store <8 x float> %493, ptr %423, align 4
+  %494 = load <8 x float>, ptr %acc1040, align 4
+  store <8 x float> %494, ptr %434, align 4
+  %495 = load <8 x float>, ptr %acc1141, align 4
+  store <8 x float> %495, ptr %437, align 4
+  %496 = load <8 x float>, ptr %acc2042, align 4
+  store <8 x float> %496, ptr %448, align 4
+  %497 = load <8 x float>, ptr %acc2143, align 4
+  store <8 x float> %497, ptr %451, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col49 = mul nsw i64 %p, 16
-  %468 = add nsw i64 %r0, 0
-  %469 = mul nsw i64 %468, 3072
-  %470 = getelementptr inbounds float, ptr %h, i64 %469
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 768
-  %475 = getelementptr inbounds float, ptr %y, i64 %474
-  %476 = add nsw i64 %col49, 0
-  %477 = getelementptr inbounds float, ptr %475, i64 %476
-  %478 = load <8 x float>, ptr %477, align 4
-  store <8 x float> %478, ptr %acc0050, align 4
-  %479 = add nsw i64 %col49, 8
-  %480 = getelementptr inbounds float, ptr %475, i64 %479
-  %481 = load <8 x float>, ptr %480, align 4
-  store <8 x float> %481, ptr %acc0151, align 4
-  %482 = add nsw i64 %r0, 1
-  %483 = mul nsw i64 %482, 3072
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 768
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col49, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
-  %492 = load <8 x float>, ptr %491, align 4
-  store <8 x float> %492, ptr %acc1052, align 4
-  %493 = add nsw i64 %col49, 8
-  %494 = getelementptr inbounds float, ptr %489, i64 %493
-  %495 = load <8 x float>, ptr %494, align 4
-  store <8 x float> %495, ptr %acc1153, align 4
-  %panel.off54 = mul nsw i64 %p, 49152
-  br label %k.head55
+  %col52 = mul nsw i64 %p, 16
+  %498 = add nsw i64 %r0, 0
+  %499 = mul nsw i64 %498, 3072
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 768
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col52, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %508 = load <8 x float>, ptr %507, align 4
+  store <8 x float> %508, ptr %acc0053, align 4
+  %509 = add nsw i64 %col52, 8
+  %510 = getelementptr inbounds float, ptr %505, i64 %509
+  %511 = load <8 x float>, ptr %510, align 4
+  store <8 x float> %511, ptr %acc0154, align 4
+  %512 = add nsw i64 %r0, 1
+  %513 = mul nsw i64 %512, 3072
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 768
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col52, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  store <8 x float> %522, ptr %acc1055, align 4
+  %523 = add nsw i64 %col52, 8
+  %524 = getelementptr inbounds float, ptr %519, i64 %523
+  %525 = load <8 x float>, ptr %524, align 4
+  store <8 x float> %525, ptr %acc1156, align 4
+  %panel.off57 = mul nsw i64 %p, 49152
+  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
+  %527 = add nsw i64 %p, 1
+  %528 = icmp slt i64 %527, %p1
+  %529 = getelementptr inbounds i8, ptr %526, i64 98304
+  %530 = and i1 %pf.on, %528
+  %pf58 = select i1 %530, ptr %529, ptr %526
+  br label %k.head59
 
-k.head55:                                         ; preds = %k.body56, %tile.mr2
-  %k58 = phi i64 [ 0, %tile.mr2 ], [ %519, %k.body56 ]
-  %496 = icmp slt i64 %k58, 3072
-  br i1 %496, label %k.body56, label %k.end57
+k.head59:                                         ; preds = %k.body60, %tile.mr2
+  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
+  %531 = icmp slt i64 %k62, 3072
+  br i1 %531, label %k.body60, label %k.end61
 
-k.body56:                                         ; preds = %k.head55
-  %497 = mul nsw i64 %k58, 16
-  %498 = add nsw i64 %panel.off54, %497
-  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
-  %500 = load <8 x i32>, ptr %499, align 4
-  %501 = shl <8 x i32> %500, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b059 = bitcast <8 x i32> %501 to <8 x float>
-  %502 = and <8 x i32> %500, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b160 = bitcast <8 x i32> %502 to <8 x float>
-  %503 = getelementptr inbounds float, ptr %470, i64 %k58
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc0050, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b059, <8 x float> %507)
-  store <8 x float> %508, ptr %acc0050, align 4
-  %509 = load <8 x float>, ptr %acc0151, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b160, <8 x float> %509)
-  store <8 x float> %510, ptr %acc0151, align 4
-  %511 = getelementptr inbounds float, ptr %484, i64 %k58
-  %512 = load float, ptr %511, align 4
-  %513 = insertelement <8 x float> poison, float %512, i32 0
-  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
-  %515 = load <8 x float>, ptr %acc1052, align 4
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b059, <8 x float> %515)
-  store <8 x float> %516, ptr %acc1052, align 4
-  %517 = load <8 x float>, ptr %acc1153, align 4
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %b160, <8 x float> %517)
-  store <8 x float> %518, ptr %acc1153, align 4
-  %519 = add nsw i64 %k58, 1
-  br label %k.head55
+k.body60:                                         ; preds = %k.head59
+  %532 = mul nsw i64 %k62, 16
+  %533 = add nsw i64 %panel.off57, %532
+  %534 = mul nsw i64 %k62, 32
+  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
+  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
+  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
+  %537 = load <8 x i32>, ptr %536, align 4
+  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %538 to <8 x float>
+  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %539 to <8 x float>
+  %540 = getelementptr inbounds float, ptr %500, i64 %k62
+  %541 = load float, ptr %540, align 4
+  %542 = insertelement <8 x float> poison, float %541, i32 0
+  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
+  %544 = load <8 x float>, ptr %acc0053, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
+  store <8 x float> %545, ptr %acc0053, align 4
+  %546 = load <8 x float>, ptr %acc0154, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
+  store <8 x float> %547, ptr %acc0154, align 4
+  %548 = getelementptr inbounds float, ptr %514, i64 %k62
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc1055, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
+  store <8 x float> %553, ptr %acc1055, align 4
+  %554 = load <8 x float>, ptr %acc1156, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
+  store <8 x float> %555, ptr %acc1156, align 4
+  %556 = add nsw i64 %k62, 1
+  br label %k.head59
 
-k.end57:                                          ; preds = %k.head55
-  %520 = load <8 x float>, ptr %acc0050, align 4
-  store <8 x float> %520, ptr %477, align 4
-  %521 = load <8 x float>, ptr %acc0151, align 4
-  store <8 x float> %521, ptr %480, align 4
-  %522 = load <8 x float>, ptr %acc1052, align 4
-  store <8 x float> %522, ptr %491, align 4
-  %523 = load <8 x float>, ptr %acc1153, align 4
-  store <8 x float> %523, ptr %494, align 4
+k.end61:                                          ; preds = %k.head59
+  %557 = load <8 x float>, ptr %acc0053, align 4
+  store <8 x float> %557, ptr %507, align 4
+  %558 = load <8 x float>, ptr %acc0154, align 4
+  store <8 x float> %558, ptr %510, align 4
+  %559 = load <8 x float>, ptr %acc1055, align 4
+  store <8 x float> %559, ptr %521, align 4
+  %560 = load <8 x float>, ptr %acc1156, align 4
+  store <8 x float> %560, ptr %524, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col61 = mul nsw i64 %p, 16
-  %524 = add nsw i64 %r0, 0
-  %525 = mul nsw i64 %524, 3072
-  %526 = getelementptr inbounds float, ptr %h, i64 %525
-  %527 = getelementptr inbounds i32, ptr %rows, i64 %524
-  %528 = load i32, ptr %527, align 4
-  %529 = sext i32 %528 to i64
-  %530 = mul nsw i64 %529, 768
-  %531 = getelementptr inbounds float, ptr %y, i64 %530
-  %532 = add nsw i64 %col61, 0
-  %533 = getelementptr inbounds float, ptr %531, i64 %532
-  %534 = load <8 x float>, ptr %533, align 4
-  store <8 x float> %534, ptr %acc0062, align 4
-  %535 = add nsw i64 %col61, 8
-  %536 = getelementptr inbounds float, ptr %531, i64 %535
-  %537 = load <8 x float>, ptr %536, align 4
-  store <8 x float> %537, ptr %acc0163, align 4
-  %panel.off64 = mul nsw i64 %p, 49152
-  br label %k.head65
+  %col65 = mul nsw i64 %p, 16
+  %561 = add nsw i64 %r0, 0
+  %562 = mul nsw i64 %561, 3072
+  %563 = getelementptr inbounds float, ptr %h, i64 %562
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 768
+  %568 = getelementptr inbounds float, ptr %y, i64 %567
+  %569 = add nsw i64 %col65, 0
+  %570 = getelementptr inbounds float, ptr %568, i64 %569
+  %571 = load <8 x float>, ptr %570, align 4
+  store <8 x float> %571, ptr %acc0066, align 4
+  %572 = add nsw i64 %col65, 8
+  %573 = getelementptr inbounds float, ptr %568, i64 %572
+  %574 = load <8 x float>, ptr %573, align 4
+  store <8 x float> %574, ptr %acc0167, align 4
+  %panel.off68 = mul nsw i64 %p, 49152
+  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
+  %576 = add nsw i64 %p, 1
+  %577 = icmp slt i64 %576, %p1
+  %578 = getelementptr inbounds i8, ptr %575, i64 98304
+  %579 = and i1 %pf.on, %577
+  %pf69 = select i1 %579, ptr %578, ptr %575
+  br label %k.head70
 
-k.head65:                                         ; preds = %k.body66, %tile.mr1
-  %k68 = phi i64 [ 0, %tile.mr1 ], [ %553, %k.body66 ]
-  %538 = icmp slt i64 %k68, 3072
-  br i1 %538, label %k.body66, label %k.end67
+k.head70:                                         ; preds = %k.body71, %tile.mr1
+  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
+  %580 = icmp slt i64 %k73, 3072
+  br i1 %580, label %k.body71, label %k.end72
 
-k.body66:                                         ; preds = %k.head65
-  %539 = mul nsw i64 %k68, 16
-  %540 = add nsw i64 %panel.off64, %539
-  %541 = getelementptr inbounds i16, ptr %panels, i64 %540
-  %542 = load <8 x i32>, ptr %541, align 4
-  %543 = shl <8 x i32> %542, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b069 = bitcast <8 x i32> %543 to <8 x float>
-  %544 = and <8 x i32> %542, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b170 = bitcast <8 x i32> %544 to <8 x float>
-  %545 = getelementptr inbounds float, ptr %526, i64 %k68
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0062, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b069, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0062, align 4
-  %551 = load <8 x float>, ptr %acc0163, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b170, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0163, align 4
-  %553 = add nsw i64 %k68, 1
-  br label %k.head65
+k.body71:                                         ; preds = %k.head70
+  %581 = mul nsw i64 %k73, 16
+  %582 = add nsw i64 %panel.off68, %581
+  %583 = mul nsw i64 %k73, 32
+  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
+  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
+  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
+  %586 = load <8 x i32>, ptr %585, align 4
+  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %587 to <8 x float>
+  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %588 to <8 x float>
+  %589 = getelementptr inbounds float, ptr %563, i64 %k73
+  %590 = load float, ptr %589, align 4
+  %591 = insertelement <8 x float> poison, float %590, i32 0
+  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
+  %593 = load <8 x float>, ptr %acc0066, align 4
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
+  store <8 x float> %594, ptr %acc0066, align 4
+  %595 = load <8 x float>, ptr %acc0167, align 4
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
+  store <8 x float> %596, ptr %acc0167, align 4
+  %597 = add nsw i64 %k73, 1
+  br label %k.head70
 
-k.end67:                                          ; preds = %k.head65
-  %554 = load <8 x float>, ptr %acc0062, align 4
-  store <8 x float> %554, ptr %533, align 4
-  %555 = load <8 x float>, ptr %acc0163, align 4
-  store <8 x float> %555, ptr %536, align 4
+k.end72:                                          ; preds = %k.head70
+  %598 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %598, ptr %570, align 4
+  %599 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %599, ptr %573, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end67, %k.end57, %k.end45, %k.end31, %k.end15, %k.end
-  %556 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
+  %600 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %557 = add nsw i64 %p, 1
+  %601 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2897,4 +3014,5 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

@@ -926,33 +926,33 @@ entry:
   %acc3138 = alloca <8 x float>, align 32
   %acc4039 = alloca <8 x float>, align 32
   %acc4140 = alloca <8 x float>, align 32
-  %acc0076 = alloca <8 x float>, align 32
-  %acc0177 = alloca <8 x float>, align 32
-  %acc1078 = alloca <8 x float>, align 32
-  %acc1179 = alloca <8 x float>, align 32
-  %acc2080 = alloca <8 x float>, align 32
-  %acc2181 = alloca <8 x float>, align 32
-  %acc3082 = alloca <8 x float>, align 32
-  %acc3183 = alloca <8 x float>, align 32
-  %acc00113 = alloca <8 x float>, align 32
-  %acc01114 = alloca <8 x float>, align 32
-  %acc10115 = alloca <8 x float>, align 32
-  %acc11116 = alloca <8 x float>, align 32
-  %acc20117 = alloca <8 x float>, align 32
-  %acc21118 = alloca <8 x float>, align 32
-  %acc00142 = alloca <8 x float>, align 32
-  %acc01143 = alloca <8 x float>, align 32
-  %acc10144 = alloca <8 x float>, align 32
-  %acc11145 = alloca <8 x float>, align 32
-  %acc00163 = alloca <8 x float>, align 32
-  %acc01164 = alloca <8 x float>, align 32
+  %acc0077 = alloca <8 x float>, align 32
+  %acc0178 = alloca <8 x float>, align 32
+  %acc1079 = alloca <8 x float>, align 32
+  %acc1180 = alloca <8 x float>, align 32
+  %acc2081 = alloca <8 x float>, align 32
+  %acc2182 = alloca <8 x float>, align 32
+  %acc3083 = alloca <8 x float>, align 32
+  %acc3184 = alloca <8 x float>, align 32
+  %acc00115 = alloca <8 x float>, align 32
+  %acc01116 = alloca <8 x float>, align 32
+  %acc10117 = alloca <8 x float>, align 32
+  %acc11118 = alloca <8 x float>, align 32
+  %acc20119 = alloca <8 x float>, align 32
+  %acc21120 = alloca <8 x float>, align 32
+  %acc00145 = alloca <8 x float>, align 32
+  %acc01146 = alloca <8 x float>, align 32
+  %acc10147 = alloca <8 x float>, align 32
+  %acc11148 = alloca <8 x float>, align 32
+  %acc00167 = alloca <8 x float>, align 32
+  %acc01168 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1024, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1068, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -960,7 +960,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1023, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1067, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -968,6 +968,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
+  %3 = icmp sgt i64 %n, 6
+  %4 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %4, %3
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -977,1357 +980,1414 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %3 = add nsw i64 %r0, 0
-  %4 = getelementptr inbounds i32, ptr %rows, i64 %3
-  %5 = load i32, ptr %4, align 4
-  %6 = sext i32 %5 to i64
-  %7 = mul nsw i64 %6, 1024
-  %8 = getelementptr inbounds float, ptr %x, i64 %7
+  %5 = add nsw i64 %r0, 0
+  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
+  %7 = load i32, ptr %6, align 4
+  %8 = sext i32 %7 to i64
+  %9 = mul nsw i64 %8, 1024
+  %10 = getelementptr inbounds float, ptr %x, i64 %9
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %9 = add nsw i64 %r0, 1
-  %10 = getelementptr inbounds i32, ptr %rows, i64 %9
-  %11 = load i32, ptr %10, align 4
-  %12 = sext i32 %11 to i64
-  %13 = mul nsw i64 %12, 1024
-  %14 = getelementptr inbounds float, ptr %x, i64 %13
+  %11 = add nsw i64 %r0, 1
+  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
+  %13 = load i32, ptr %12, align 4
+  %14 = sext i32 %13 to i64
+  %15 = mul nsw i64 %14, 1024
+  %16 = getelementptr inbounds float, ptr %x, i64 %15
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %15 = add nsw i64 %r0, 2
-  %16 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %17 = load i32, ptr %16, align 4
-  %18 = sext i32 %17 to i64
-  %19 = mul nsw i64 %18, 1024
-  %20 = getelementptr inbounds float, ptr %x, i64 %19
+  %17 = add nsw i64 %r0, 2
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 1024
+  %22 = getelementptr inbounds float, ptr %x, i64 %21
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %21 = add nsw i64 %r0, 3
-  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
-  %23 = load i32, ptr %22, align 4
-  %24 = sext i32 %23 to i64
-  %25 = mul nsw i64 %24, 1024
-  %26 = getelementptr inbounds float, ptr %x, i64 %25
+  %23 = add nsw i64 %r0, 3
+  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %25 = load i32, ptr %24, align 4
+  %26 = sext i32 %25 to i64
+  %27 = mul nsw i64 %26, 1024
+  %28 = getelementptr inbounds float, ptr %x, i64 %27
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %27 = add nsw i64 %r0, 4
-  %28 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %29 = load i32, ptr %28, align 4
-  %30 = sext i32 %29 to i64
-  %31 = mul nsw i64 %30, 1024
-  %32 = getelementptr inbounds float, ptr %x, i64 %31
+  %29 = add nsw i64 %r0, 4
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 1024
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %33 = add nsw i64 %r0, 5
-  %34 = getelementptr inbounds i32, ptr %rows, i64 %33
-  %35 = load i32, ptr %34, align 4
-  %36 = sext i32 %35 to i64
-  %37 = mul nsw i64 %36, 1024
-  %38 = getelementptr inbounds float, ptr %x, i64 %37
+  %35 = add nsw i64 %r0, 5
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 1024
+  %40 = getelementptr inbounds float, ptr %x, i64 %39
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
+  %41 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %42 = add nsw i64 %p, 1
+  %43 = icmp slt i64 %42, %p1
+  %44 = getelementptr inbounds i8, ptr %41, i64 65536
+  %45 = and i1 %pf.on, %43
+  %pf = select i1 %45, ptr %44, ptr %41
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %95, %k.body ]
-  %39 = icmp slt i64 %k, 1024
-  br i1 %39, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %104, %k.body ]
+  %46 = icmp slt i64 %k, 1024
+  br i1 %46, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %40 = mul nsw i64 %k, 16
-  %41 = add nsw i64 %panel.off, %40
-  %42 = getelementptr inbounds float, ptr %panels, i64 %41
-  %43 = load <8 x float>, ptr %42, align 4
-  %44 = add nsw i64 %41, 8
-  %45 = getelementptr inbounds float, ptr %panels, i64 %44
-  %46 = load <8 x float>, ptr %45, align 4
-  %47 = getelementptr inbounds float, ptr %8, i64 %k
-  %48 = load float, ptr %47, align 4
-  %49 = insertelement <8 x float> poison, float %48, i32 0
-  %50 = shufflevector <8 x float> %49, <8 x float> poison, <8 x i32> zeroinitializer
-  %51 = load <8 x float>, ptr %acc00, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %43, <8 x float> %51)
-  store <8 x float> %52, ptr %acc00, align 4
-  %53 = load <8 x float>, ptr %acc01, align 4
-  %54 = call <8 x float> @llvm.fma.v8f32(<8 x float> %50, <8 x float> %46, <8 x float> %53)
-  store <8 x float> %54, ptr %acc01, align 4
-  %55 = getelementptr inbounds float, ptr %14, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc10, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %43, <8 x float> %59)
-  store <8 x float> %60, ptr %acc10, align 4
-  %61 = load <8 x float>, ptr %acc11, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %46, <8 x float> %61)
-  store <8 x float> %62, ptr %acc11, align 4
-  %63 = getelementptr inbounds float, ptr %20, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc20, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %43, <8 x float> %67)
-  store <8 x float> %68, ptr %acc20, align 4
-  %69 = load <8 x float>, ptr %acc21, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %46, <8 x float> %69)
-  store <8 x float> %70, ptr %acc21, align 4
-  %71 = getelementptr inbounds float, ptr %26, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc30, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %43, <8 x float> %75)
-  store <8 x float> %76, ptr %acc30, align 4
-  %77 = load <8 x float>, ptr %acc31, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %46, <8 x float> %77)
-  store <8 x float> %78, ptr %acc31, align 4
-  %79 = getelementptr inbounds float, ptr %32, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc40, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %43, <8 x float> %83)
-  store <8 x float> %84, ptr %acc40, align 4
-  %85 = load <8 x float>, ptr %acc41, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %46, <8 x float> %85)
-  store <8 x float> %86, ptr %acc41, align 4
-  %87 = getelementptr inbounds float, ptr %38, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc50, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %43, <8 x float> %91)
-  store <8 x float> %92, ptr %acc50, align 4
-  %93 = load <8 x float>, ptr %acc51, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %46, <8 x float> %93)
-  store <8 x float> %94, ptr %acc51, align 4
-  %95 = add nsw i64 %k, 1
+  %47 = mul nsw i64 %k, 16
+  %48 = add nsw i64 %panel.off, %47
+  %49 = mul nsw i64 %k, 64
+  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
+  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
+  %51 = getelementptr inbounds float, ptr %panels, i64 %48
+  %52 = load <8 x float>, ptr %51, align 4
+  %53 = add nsw i64 %48, 8
+  %54 = getelementptr inbounds float, ptr %panels, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  %56 = getelementptr inbounds float, ptr %10, i64 %k
+  %57 = load float, ptr %56, align 4
+  %58 = insertelement <8 x float> poison, float %57, i32 0
+  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
+  %60 = load <8 x float>, ptr %acc00, align 4
+  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %52, <8 x float> %60)
+  store <8 x float> %61, ptr %acc00, align 4
+  %62 = load <8 x float>, ptr %acc01, align 4
+  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %55, <8 x float> %62)
+  store <8 x float> %63, ptr %acc01, align 4
+  %64 = getelementptr inbounds float, ptr %16, i64 %k
+  %65 = load float, ptr %64, align 4
+  %66 = insertelement <8 x float> poison, float %65, i32 0
+  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
+  %68 = load <8 x float>, ptr %acc10, align 4
+  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %52, <8 x float> %68)
+  store <8 x float> %69, ptr %acc10, align 4
+  %70 = load <8 x float>, ptr %acc11, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %55, <8 x float> %70)
+  store <8 x float> %71, ptr %acc11, align 4
+  %72 = getelementptr inbounds float, ptr %22, i64 %k
+  %73 = load float, ptr %72, align 4
+  %74 = insertelement <8 x float> poison, float %73, i32 0
+  %75 = shufflevector <8 x float> %74, <8 x float> poison, <8 x i32> zeroinitializer
+  %76 = load <8 x float>, ptr %acc20, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %52, <8 x float> %76)
+  store <8 x float> %77, ptr %acc20, align 4
+  %78 = load <8 x float>, ptr %acc21, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %55, <8 x float> %78)
+  store <8 x float> %79, ptr %acc21, align 4
+  %80 = getelementptr inbounds float, ptr %28, i64 %k
+  %81 = load float, ptr %80, align 4
+  %82 = insertelement <8 x float> poison, float %81, i32 0
+  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
+  %84 = load <8 x float>, ptr %acc30, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %52, <8 x float> %84)
+  store <8 x float> %85, ptr %acc30, align 4
+  %86 = load <8 x float>, ptr %acc31, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %55, <8 x float> %86)
+  store <8 x float> %87, ptr %acc31, align 4
+  %88 = getelementptr inbounds float, ptr %34, i64 %k
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <8 x float> poison, float %89, i32 0
+  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
+  %92 = load <8 x float>, ptr %acc40, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %52, <8 x float> %92)
+  store <8 x float> %93, ptr %acc40, align 4
+  %94 = load <8 x float>, ptr %acc41, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %55, <8 x float> %94)
+  store <8 x float> %95, ptr %acc41, align 4
+  %96 = getelementptr inbounds float, ptr %40, i64 %k
+  %97 = load float, ptr %96, align 4
+  %98 = insertelement <8 x float> poison, float %97, i32 0
+  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
+  %100 = load <8 x float>, ptr %acc50, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %52, <8 x float> %100)
+  store <8 x float> %101, ptr %acc50, align 4
+  %102 = load <8 x float>, ptr %acc51, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %55, <8 x float> %102)
+  store <8 x float> %103, ptr %acc51, align 4
+  %104 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %96 = add nsw i64 %r0, 0
-  %97 = getelementptr inbounds float, ptr %rw, i64 %96
-  %98 = load float, ptr %97, align 4
-  %99 = insertelement <8 x float> poison, float %98, i32 0
-  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
-  %101 = mul nsw i64 %96, 2816
-  %102 = getelementptr inbounds float, ptr %h, i64 %101
+  %105 = add nsw i64 %r0, 0
+  %106 = getelementptr inbounds float, ptr %rw, i64 %105
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = mul nsw i64 %105, 2816
+  %111 = getelementptr inbounds float, ptr %h, i64 %110
   %col = mul nsw i64 %p, 8
-  %103 = load <8 x float>, ptr %acc00, align 4
-  %104 = load <8 x float>, ptr %acc01, align 4
-  %105 = fneg <8 x float> %103
-  %106 = fcmp olt <8 x float> %105, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %107 = select <8 x i1> %106, <8 x float> %105, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %108 = fcmp ogt <8 x float> %107, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %109 = select <8 x i1> %108, <8 x float> %107, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %111 = call <8 x float> @llvm.floor.v8f32(<8 x float> %110)
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %109)
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %112)
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %113, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %113, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %113, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %113, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %113, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %119 = fmul <8 x float> %113, %113
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %119, <8 x float> %113)
-  %121 = fadd <8 x float> %120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %122 = fptosi <8 x float> %111 to <8 x i32>
-  %123 = add <8 x i32> %122, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %124 = shl <8 x i32> %123, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %124 to <8 x float>
-  %exp = fmul <8 x float> %121, %exp.2n
-  %125 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %125
-  %silu = fmul <8 x float> %103, %sigmoid
-  %glu = fmul <8 x float> %silu, %104
-  %126 = fmul <8 x float> %glu, %100
-  %127 = getelementptr inbounds float, ptr %102, i64 %col
-  store <8 x float> %126, ptr %127, align 4
-  %128 = add nsw i64 %r0, 1
-  %129 = getelementptr inbounds float, ptr %rw, i64 %128
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = mul nsw i64 %128, 2816
-  %134 = getelementptr inbounds float, ptr %h, i64 %133
+  %112 = load <8 x float>, ptr %acc00, align 4
+  %113 = load <8 x float>, ptr %acc01, align 4
+  %114 = fneg <8 x float> %112
+  %115 = fcmp olt <8 x float> %114, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %116 = select <8 x i1> %115, <8 x float> %114, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %117 = fcmp ogt <8 x float> %116, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %118 = select <8 x i1> %117, <8 x float> %116, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %120 = call <8 x float> @llvm.floor.v8f32(<8 x float> %119)
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %118)
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %121)
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %122, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %122, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %122, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %122, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %122, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %128 = fmul <8 x float> %122, %122
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %128, <8 x float> %122)
+  %130 = fadd <8 x float> %129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %131 = fptosi <8 x float> %120 to <8 x i32>
+  %132 = add <8 x i32> %131, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %133 = shl <8 x i32> %132, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %133 to <8 x float>
+  %exp = fmul <8 x float> %130, %exp.2n
+  %134 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %134
+  %silu = fmul <8 x float> %112, %sigmoid
+  %glu = fmul <8 x float> %silu, %113
+  %135 = fmul <8 x float> %glu, %109
+  %136 = getelementptr inbounds float, ptr %111, i64 %col
+  store <8 x float> %135, ptr %136, align 4
+  %137 = add nsw i64 %r0, 1
+  %138 = getelementptr inbounds float, ptr %rw, i64 %137
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = mul nsw i64 %137, 2816
+  %143 = getelementptr inbounds float, ptr %h, i64 %142
   %col1 = mul nsw i64 %p, 8
-  %135 = load <8 x float>, ptr %acc10, align 4
-  %136 = load <8 x float>, ptr %acc11, align 4
-  %137 = fneg <8 x float> %135
-  %138 = fcmp olt <8 x float> %137, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %139 = select <8 x i1> %138, <8 x float> %137, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %140 = fcmp ogt <8 x float> %139, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %141 = select <8 x i1> %140, <8 x float> %139, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %143 = call <8 x float> @llvm.floor.v8f32(<8 x float> %142)
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %141)
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %144)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %145, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %145, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %145, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %145, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %145, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %151 = fmul <8 x float> %145, %145
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %151, <8 x float> %145)
-  %153 = fadd <8 x float> %152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %154 = fptosi <8 x float> %143 to <8 x i32>
-  %155 = add <8 x i32> %154, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %156 = shl <8 x i32> %155, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %156 to <8 x float>
-  %exp3 = fmul <8 x float> %153, %exp.2n2
-  %157 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %157
-  %silu5 = fmul <8 x float> %135, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %136
-  %158 = fmul <8 x float> %glu6, %132
-  %159 = getelementptr inbounds float, ptr %134, i64 %col1
-  store <8 x float> %158, ptr %159, align 4
-  %160 = add nsw i64 %r0, 2
-  %161 = getelementptr inbounds float, ptr %rw, i64 %160
-  %162 = load float, ptr %161, align 4
-  %163 = insertelement <8 x float> poison, float %162, i32 0
-  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
-  %165 = mul nsw i64 %160, 2816
-  %166 = getelementptr inbounds float, ptr %h, i64 %165
+  %144 = load <8 x float>, ptr %acc10, align 4
+  %145 = load <8 x float>, ptr %acc11, align 4
+  %146 = fneg <8 x float> %144
+  %147 = fcmp olt <8 x float> %146, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %148 = select <8 x i1> %147, <8 x float> %146, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %149 = fcmp ogt <8 x float> %148, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %150 = select <8 x i1> %149, <8 x float> %148, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %152 = call <8 x float> @llvm.floor.v8f32(<8 x float> %151)
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %150)
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %153)
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %154, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %155, <8 x float> %154, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %154, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %154, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %154, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %160 = fmul <8 x float> %154, %154
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %160, <8 x float> %154)
+  %162 = fadd <8 x float> %161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %163 = fptosi <8 x float> %152 to <8 x i32>
+  %164 = add <8 x i32> %163, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %165 = shl <8 x i32> %164, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n2 = bitcast <8 x i32> %165 to <8 x float>
+  %exp3 = fmul <8 x float> %162, %exp.2n2
+  %166 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %166
+  %silu5 = fmul <8 x float> %144, %sigmoid4
+  %glu6 = fmul <8 x float> %silu5, %145
+  %167 = fmul <8 x float> %glu6, %141
+  %168 = getelementptr inbounds float, ptr %143, i64 %col1
+  store <8 x float> %167, ptr %168, align 4
+  %169 = add nsw i64 %r0, 2
+  %170 = getelementptr inbounds float, ptr %rw, i64 %169
+  %171 = load float, ptr %170, align 4
+  %172 = insertelement <8 x float> poison, float %171, i32 0
+  %173 = shufflevector <8 x float> %172, <8 x float> poison, <8 x i32> zeroinitializer
+  %174 = mul nsw i64 %169, 2816
+  %175 = getelementptr inbounds float, ptr %h, i64 %174
   %col7 = mul nsw i64 %p, 8
-  %167 = load <8 x float>, ptr %acc20, align 4
-  %168 = load <8 x float>, ptr %acc21, align 4
-  %169 = fneg <8 x float> %167
-  %170 = fcmp olt <8 x float> %169, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %171 = select <8 x i1> %170, <8 x float> %169, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %172 = fcmp ogt <8 x float> %171, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %173 = select <8 x i1> %172, <8 x float> %171, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %175 = call <8 x float> @llvm.floor.v8f32(<8 x float> %174)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %173)
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %176)
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %177, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %177, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %177, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %177, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> %177, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %183 = fmul <8 x float> %177, %177
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %183, <8 x float> %177)
-  %185 = fadd <8 x float> %184, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %186 = fptosi <8 x float> %175 to <8 x i32>
-  %187 = add <8 x i32> %186, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %188 = shl <8 x i32> %187, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %188 to <8 x float>
-  %exp9 = fmul <8 x float> %185, %exp.2n8
-  %189 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %189
-  %silu11 = fmul <8 x float> %167, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %168
-  %190 = fmul <8 x float> %glu12, %164
-  %191 = getelementptr inbounds float, ptr %166, i64 %col7
-  store <8 x float> %190, ptr %191, align 4
-  %192 = add nsw i64 %r0, 3
-  %193 = getelementptr inbounds float, ptr %rw, i64 %192
-  %194 = load float, ptr %193, align 4
-  %195 = insertelement <8 x float> poison, float %194, i32 0
-  %196 = shufflevector <8 x float> %195, <8 x float> poison, <8 x i32> zeroinitializer
-  %197 = mul nsw i64 %192, 2816
-  %198 = getelementptr inbounds float, ptr %h, i64 %197
+  %176 = load <8 x float>, ptr %acc20, align 4
+  %177 = load <8 x float>, ptr %acc21, align 4
+  %178 = fneg <8 x float> %176
+  %179 = fcmp olt <8 x float> %178, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %180 = select <8 x i1> %179, <8 x float> %178, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %181 = fcmp ogt <8 x float> %180, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %182 = select <8 x i1> %181, <8 x float> %180, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %184 = call <8 x float> @llvm.floor.v8f32(<8 x float> %183)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %182)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %185)
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %186, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %186, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %186, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> %186, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %186, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %192 = fmul <8 x float> %186, %186
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %192, <8 x float> %186)
+  %194 = fadd <8 x float> %193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %195 = fptosi <8 x float> %184 to <8 x i32>
+  %196 = add <8 x i32> %195, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %197 = shl <8 x i32> %196, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %197 to <8 x float>
+  %exp9 = fmul <8 x float> %194, %exp.2n8
+  %198 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %198
+  %silu11 = fmul <8 x float> %176, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %177
+  %199 = fmul <8 x float> %glu12, %173
+  %200 = getelementptr inbounds float, ptr %175, i64 %col7
+  store <8 x float> %199, ptr %200, align 4
+  %201 = add nsw i64 %r0, 3
+  %202 = getelementptr inbounds float, ptr %rw, i64 %201
+  %203 = load float, ptr %202, align 4
+  %204 = insertelement <8 x float> poison, float %203, i32 0
+  %205 = shufflevector <8 x float> %204, <8 x float> poison, <8 x i32> zeroinitializer
+  %206 = mul nsw i64 %201, 2816
+  %207 = getelementptr inbounds float, ptr %h, i64 %206
   %col13 = mul nsw i64 %p, 8
-  %199 = load <8 x float>, ptr %acc30, align 4
-  %200 = load <8 x float>, ptr %acc31, align 4
-  %201 = fneg <8 x float> %199
-  %202 = fcmp olt <8 x float> %201, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %203 = select <8 x i1> %202, <8 x float> %201, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %204 = fcmp ogt <8 x float> %203, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %205 = select <8 x i1> %204, <8 x float> %203, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %206)
-  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %205)
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %208)
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %209, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %209, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %209, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %209, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %209, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %215 = fmul <8 x float> %209, %209
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %215, <8 x float> %209)
-  %217 = fadd <8 x float> %216, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %218 = fptosi <8 x float> %207 to <8 x i32>
-  %219 = add <8 x i32> %218, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %220 = shl <8 x i32> %219, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %220 to <8 x float>
-  %exp15 = fmul <8 x float> %217, %exp.2n14
-  %221 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %221
-  %silu17 = fmul <8 x float> %199, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %200
-  %222 = fmul <8 x float> %glu18, %196
-  %223 = getelementptr inbounds float, ptr %198, i64 %col13
-  store <8 x float> %222, ptr %223, align 4
-  %224 = add nsw i64 %r0, 4
-  %225 = getelementptr inbounds float, ptr %rw, i64 %224
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = mul nsw i64 %224, 2816
-  %230 = getelementptr inbounds float, ptr %h, i64 %229
+  %208 = load <8 x float>, ptr %acc30, align 4
+  %209 = load <8 x float>, ptr %acc31, align 4
+  %210 = fneg <8 x float> %208
+  %211 = fcmp olt <8 x float> %210, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %213 = fcmp ogt <8 x float> %212, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %214 = select <8 x i1> %213, <8 x float> %212, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %216 = call <8 x float> @llvm.floor.v8f32(<8 x float> %215)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %214)
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %217)
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %218, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %218, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %218, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %218, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %218, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %224 = fmul <8 x float> %218, %218
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %224, <8 x float> %218)
+  %226 = fadd <8 x float> %225, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %227 = fptosi <8 x float> %216 to <8 x i32>
+  %228 = add <8 x i32> %227, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %229 = shl <8 x i32> %228, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n14 = bitcast <8 x i32> %229 to <8 x float>
+  %exp15 = fmul <8 x float> %226, %exp.2n14
+  %230 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %230
+  %silu17 = fmul <8 x float> %208, %sigmoid16
+  %glu18 = fmul <8 x float> %silu17, %209
+  %231 = fmul <8 x float> %glu18, %205
+  %232 = getelementptr inbounds float, ptr %207, i64 %col13
+  store <8 x float> %231, ptr %232, align 4
+  %233 = add nsw i64 %r0, 4
+  %234 = getelementptr inbounds float, ptr %rw, i64 %233
+  %235 = load float, ptr %234, align 4
+  %236 = insertelement <8 x float> poison, float %235, i32 0
+  %237 = shufflevector <8 x float> %236, <8 x float> poison, <8 x i32> zeroinitializer
+  %238 = mul nsw i64 %233, 2816
+  %239 = getelementptr inbounds float, ptr %h, i64 %238
   %col19 = mul nsw i64 %p, 8
-  %231 = load <8 x float>, ptr %acc40, align 4
-  %232 = load <8 x float>, ptr %acc41, align 4
-  %233 = fneg <8 x float> %231
-  %234 = fcmp olt <8 x float> %233, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %236 = fcmp ogt <8 x float> %235, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %237 = select <8 x i1> %236, <8 x float> %235, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %239 = call <8 x float> @llvm.floor.v8f32(<8 x float> %238)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %237)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %240)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %241, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %241, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %241, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %241, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %241, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %247 = fmul <8 x float> %241, %241
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %247, <8 x float> %241)
-  %249 = fadd <8 x float> %248, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %250 = fptosi <8 x float> %239 to <8 x i32>
-  %251 = add <8 x i32> %250, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %252 = shl <8 x i32> %251, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %252 to <8 x float>
-  %exp21 = fmul <8 x float> %249, %exp.2n20
-  %253 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %253
-  %silu23 = fmul <8 x float> %231, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %232
-  %254 = fmul <8 x float> %glu24, %228
-  %255 = getelementptr inbounds float, ptr %230, i64 %col19
-  store <8 x float> %254, ptr %255, align 4
-  %256 = add nsw i64 %r0, 5
-  %257 = getelementptr inbounds float, ptr %rw, i64 %256
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = mul nsw i64 %256, 2816
-  %262 = getelementptr inbounds float, ptr %h, i64 %261
+  %240 = load <8 x float>, ptr %acc40, align 4
+  %241 = load <8 x float>, ptr %acc41, align 4
+  %242 = fneg <8 x float> %240
+  %243 = fcmp olt <8 x float> %242, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %244 = select <8 x i1> %243, <8 x float> %242, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %245 = fcmp ogt <8 x float> %244, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %246 = select <8 x i1> %245, <8 x float> %244, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %248 = call <8 x float> @llvm.floor.v8f32(<8 x float> %247)
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %246)
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %249)
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %250, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %250, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %250, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %250, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %256 = fmul <8 x float> %250, %250
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %256, <8 x float> %250)
+  %258 = fadd <8 x float> %257, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %259 = fptosi <8 x float> %248 to <8 x i32>
+  %260 = add <8 x i32> %259, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %261 = shl <8 x i32> %260, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n20 = bitcast <8 x i32> %261 to <8 x float>
+  %exp21 = fmul <8 x float> %258, %exp.2n20
+  %262 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %262
+  %silu23 = fmul <8 x float> %240, %sigmoid22
+  %glu24 = fmul <8 x float> %silu23, %241
+  %263 = fmul <8 x float> %glu24, %237
+  %264 = getelementptr inbounds float, ptr %239, i64 %col19
+  store <8 x float> %263, ptr %264, align 4
+  %265 = add nsw i64 %r0, 5
+  %266 = getelementptr inbounds float, ptr %rw, i64 %265
+  %267 = load float, ptr %266, align 4
+  %268 = insertelement <8 x float> poison, float %267, i32 0
+  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
+  %270 = mul nsw i64 %265, 2816
+  %271 = getelementptr inbounds float, ptr %h, i64 %270
   %col25 = mul nsw i64 %p, 8
-  %263 = load <8 x float>, ptr %acc50, align 4
-  %264 = load <8 x float>, ptr %acc51, align 4
-  %265 = fneg <8 x float> %263
-  %266 = fcmp olt <8 x float> %265, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %267 = select <8 x i1> %266, <8 x float> %265, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %268 = fcmp ogt <8 x float> %267, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %269 = select <8 x i1> %268, <8 x float> %267, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %271 = call <8 x float> @llvm.floor.v8f32(<8 x float> %270)
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %269)
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %272)
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %273, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %273, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %273, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %273, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %273, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %279 = fmul <8 x float> %273, %273
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %279, <8 x float> %273)
-  %281 = fadd <8 x float> %280, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %282 = fptosi <8 x float> %271 to <8 x i32>
-  %283 = add <8 x i32> %282, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %284 = shl <8 x i32> %283, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %284 to <8 x float>
-  %exp27 = fmul <8 x float> %281, %exp.2n26
-  %285 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %285
-  %silu29 = fmul <8 x float> %263, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %264
-  %286 = fmul <8 x float> %glu30, %260
-  %287 = getelementptr inbounds float, ptr %262, i64 %col25
-  store <8 x float> %286, ptr %287, align 4
+  %272 = load <8 x float>, ptr %acc50, align 4
+  %273 = load <8 x float>, ptr %acc51, align 4
+  %274 = fneg <8 x float> %272
+  %275 = fcmp olt <8 x float> %274, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %276 = select <8 x i1> %275, <8 x float> %274, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %277 = fcmp ogt <8 x float> %276, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %278 = select <8 x i1> %277, <8 x float> %276, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %280 = call <8 x float> @llvm.floor.v8f32(<8 x float> %279)
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %278)
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %281)
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %282, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %282, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %282, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> %282, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %282, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %288 = fmul <8 x float> %282, %282
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %288, <8 x float> %282)
+  %290 = fadd <8 x float> %289, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %291 = fptosi <8 x float> %280 to <8 x i32>
+  %292 = add <8 x i32> %291, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %293 = shl <8 x i32> %292, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n26 = bitcast <8 x i32> %293 to <8 x float>
+  %exp27 = fmul <8 x float> %290, %exp.2n26
+  %294 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %294
+  %silu29 = fmul <8 x float> %272, %sigmoid28
+  %glu30 = fmul <8 x float> %silu29, %273
+  %295 = fmul <8 x float> %glu30, %269
+  %296 = getelementptr inbounds float, ptr %271, i64 %col25
+  store <8 x float> %295, ptr %296, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %288 = add nsw i64 %r0, 0
-  %289 = getelementptr inbounds i32, ptr %rows, i64 %288
-  %290 = load i32, ptr %289, align 4
-  %291 = sext i32 %290 to i64
-  %292 = mul nsw i64 %291, 1024
-  %293 = getelementptr inbounds float, ptr %x, i64 %292
+  %297 = add nsw i64 %r0, 0
+  %298 = getelementptr inbounds i32, ptr %rows, i64 %297
+  %299 = load i32, ptr %298, align 4
+  %300 = sext i32 %299 to i64
+  %301 = mul nsw i64 %300, 1024
+  %302 = getelementptr inbounds float, ptr %x, i64 %301
   store <8 x float> zeroinitializer, ptr %acc0031, align 4
   store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %294 = add nsw i64 %r0, 1
-  %295 = getelementptr inbounds i32, ptr %rows, i64 %294
-  %296 = load i32, ptr %295, align 4
-  %297 = sext i32 %296 to i64
-  %298 = mul nsw i64 %297, 1024
-  %299 = getelementptr inbounds float, ptr %x, i64 %298
+  %303 = add nsw i64 %r0, 1
+  %304 = getelementptr inbounds i32, ptr %rows, i64 %303
+  %305 = load i32, ptr %304, align 4
+  %306 = sext i32 %305 to i64
+  %307 = mul nsw i64 %306, 1024
+  %308 = getelementptr inbounds float, ptr %x, i64 %307
   store <8 x float> zeroinitializer, ptr %acc1033, align 4
   store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %300 = add nsw i64 %r0, 2
-  %301 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %302 = load i32, ptr %301, align 4
-  %303 = sext i32 %302 to i64
-  %304 = mul nsw i64 %303, 1024
-  %305 = getelementptr inbounds float, ptr %x, i64 %304
+  %309 = add nsw i64 %r0, 2
+  %310 = getelementptr inbounds i32, ptr %rows, i64 %309
+  %311 = load i32, ptr %310, align 4
+  %312 = sext i32 %311 to i64
+  %313 = mul nsw i64 %312, 1024
+  %314 = getelementptr inbounds float, ptr %x, i64 %313
   store <8 x float> zeroinitializer, ptr %acc2035, align 4
   store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %306 = add nsw i64 %r0, 3
-  %307 = getelementptr inbounds i32, ptr %rows, i64 %306
-  %308 = load i32, ptr %307, align 4
-  %309 = sext i32 %308 to i64
-  %310 = mul nsw i64 %309, 1024
-  %311 = getelementptr inbounds float, ptr %x, i64 %310
+  %315 = add nsw i64 %r0, 3
+  %316 = getelementptr inbounds i32, ptr %rows, i64 %315
+  %317 = load i32, ptr %316, align 4
+  %318 = sext i32 %317 to i64
+  %319 = mul nsw i64 %318, 1024
+  %320 = getelementptr inbounds float, ptr %x, i64 %319
   store <8 x float> zeroinitializer, ptr %acc3037, align 4
   store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %312 = add nsw i64 %r0, 4
-  %313 = getelementptr inbounds i32, ptr %rows, i64 %312
-  %314 = load i32, ptr %313, align 4
-  %315 = sext i32 %314 to i64
-  %316 = mul nsw i64 %315, 1024
-  %317 = getelementptr inbounds float, ptr %x, i64 %316
+  %321 = add nsw i64 %r0, 4
+  %322 = getelementptr inbounds i32, ptr %rows, i64 %321
+  %323 = load i32, ptr %322, align 4
+  %324 = sext i32 %323 to i64
+  %325 = mul nsw i64 %324, 1024
+  %326 = getelementptr inbounds float, ptr %x, i64 %325
   store <8 x float> zeroinitializer, ptr %acc4039, align 4
   store <8 x float> zeroinitializer, ptr %acc4140, align 4
   %panel.off41 = mul nsw i64 %p, 16384
-  br label %k.head42
+  %327 = getelementptr inbounds float, ptr %panels, i64 %panel.off41
+  %328 = add nsw i64 %p, 1
+  %329 = icmp slt i64 %328, %p1
+  %330 = getelementptr inbounds i8, ptr %327, i64 65536
+  %331 = and i1 %pf.on, %329
+  %pf42 = select i1 %331, ptr %330, ptr %327
+  br label %k.head43
 
-k.head42:                                         ; preds = %k.body43, %tile.mr5
-  %k45 = phi i64 [ 0, %tile.mr5 ], [ %366, %k.body43 ]
-  %318 = icmp slt i64 %k45, 1024
-  br i1 %318, label %k.body43, label %k.end44
+k.head43:                                         ; preds = %k.body44, %tile.mr5
+  %k46 = phi i64 [ 0, %tile.mr5 ], [ %382, %k.body44 ]
+  %332 = icmp slt i64 %k46, 1024
+  br i1 %332, label %k.body44, label %k.end45
 
-k.body43:                                         ; preds = %k.head42
-  %319 = mul nsw i64 %k45, 16
-  %320 = add nsw i64 %panel.off41, %319
-  %321 = getelementptr inbounds float, ptr %panels, i64 %320
-  %322 = load <8 x float>, ptr %321, align 4
-  %323 = add nsw i64 %320, 8
-  %324 = getelementptr inbounds float, ptr %panels, i64 %323
-  %325 = load <8 x float>, ptr %324, align 4
-  %326 = getelementptr inbounds float, ptr %293, i64 %k45
-  %327 = load float, ptr %326, align 4
-  %328 = insertelement <8 x float> poison, float %327, i32 0
-  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
-  %330 = load <8 x float>, ptr %acc0031, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %322, <8 x float> %330)
-  store <8 x float> %331, ptr %acc0031, align 4
-  %332 = load <8 x float>, ptr %acc0132, align 4
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %325, <8 x float> %332)
-  store <8 x float> %333, ptr %acc0132, align 4
-  %334 = getelementptr inbounds float, ptr %299, i64 %k45
-  %335 = load float, ptr %334, align 4
-  %336 = insertelement <8 x float> poison, float %335, i32 0
-  %337 = shufflevector <8 x float> %336, <8 x float> poison, <8 x i32> zeroinitializer
-  %338 = load <8 x float>, ptr %acc1033, align 4
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %322, <8 x float> %338)
-  store <8 x float> %339, ptr %acc1033, align 4
-  %340 = load <8 x float>, ptr %acc1134, align 4
-  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %325, <8 x float> %340)
-  store <8 x float> %341, ptr %acc1134, align 4
-  %342 = getelementptr inbounds float, ptr %305, i64 %k45
+k.body44:                                         ; preds = %k.head43
+  %333 = mul nsw i64 %k46, 16
+  %334 = add nsw i64 %panel.off41, %333
+  %335 = mul nsw i64 %k46, 64
+  %336 = getelementptr inbounds i8, ptr %pf42, i64 %335
+  call void @llvm.prefetch.p0(ptr %336, i32 0, i32 2, i32 1)
+  %337 = getelementptr inbounds float, ptr %panels, i64 %334
+  %338 = load <8 x float>, ptr %337, align 4
+  %339 = add nsw i64 %334, 8
+  %340 = getelementptr inbounds float, ptr %panels, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  %342 = getelementptr inbounds float, ptr %302, i64 %k46
   %343 = load float, ptr %342, align 4
   %344 = insertelement <8 x float> poison, float %343, i32 0
   %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
-  %346 = load <8 x float>, ptr %acc2035, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %322, <8 x float> %346)
-  store <8 x float> %347, ptr %acc2035, align 4
-  %348 = load <8 x float>, ptr %acc2136, align 4
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %325, <8 x float> %348)
-  store <8 x float> %349, ptr %acc2136, align 4
-  %350 = getelementptr inbounds float, ptr %311, i64 %k45
+  %346 = load <8 x float>, ptr %acc0031, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %338, <8 x float> %346)
+  store <8 x float> %347, ptr %acc0031, align 4
+  %348 = load <8 x float>, ptr %acc0132, align 4
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %341, <8 x float> %348)
+  store <8 x float> %349, ptr %acc0132, align 4
+  %350 = getelementptr inbounds float, ptr %308, i64 %k46
   %351 = load float, ptr %350, align 4
   %352 = insertelement <8 x float> poison, float %351, i32 0
   %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = load <8 x float>, ptr %acc3037, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %322, <8 x float> %354)
-  store <8 x float> %355, ptr %acc3037, align 4
-  %356 = load <8 x float>, ptr %acc3138, align 4
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %325, <8 x float> %356)
-  store <8 x float> %357, ptr %acc3138, align 4
-  %358 = getelementptr inbounds float, ptr %317, i64 %k45
+  %354 = load <8 x float>, ptr %acc1033, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %338, <8 x float> %354)
+  store <8 x float> %355, ptr %acc1033, align 4
+  %356 = load <8 x float>, ptr %acc1134, align 4
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %341, <8 x float> %356)
+  store <8 x float> %357, ptr %acc1134, align 4
+  %358 = getelementptr inbounds float, ptr %314, i64 %k46
   %359 = load float, ptr %358, align 4
   %360 = insertelement <8 x float> poison, float %359, i32 0
   %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc4039, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %322, <8 x float> %362)
-  store <8 x float> %363, ptr %acc4039, align 4
-  %364 = load <8 x float>, ptr %acc4140, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %325, <8 x float> %364)
-  store <8 x float> %365, ptr %acc4140, align 4
-  %366 = add nsw i64 %k45, 1
-  br label %k.head42
+  %362 = load <8 x float>, ptr %acc2035, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %338, <8 x float> %362)
+  store <8 x float> %363, ptr %acc2035, align 4
+  %364 = load <8 x float>, ptr %acc2136, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %341, <8 x float> %364)
+  store <8 x float> %365, ptr %acc2136, align 4
+  %366 = getelementptr inbounds float, ptr %320, i64 %k46
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc3037, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %338, <8 x float> %370)
+  store <8 x float> %371, ptr %acc3037, align 4
+  %372 = load <8 x float>, ptr %acc3138, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %341, <8 x float> %372)
+  store <8 x float> %373, ptr %acc3138, align 4
+  %374 = getelementptr inbounds float, ptr %326, i64 %k46
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc4039, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %338, <8 x float> %378)
+  store <8 x float> %379, ptr %acc4039, align 4
+  %380 = load <8 x float>, ptr %acc4140, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %341, <8 x float> %380)
+  store <8 x float> %381, ptr %acc4140, align 4
+  %382 = add nsw i64 %k46, 1
+  br label %k.head43
 
-k.end44:                                          ; preds = %k.head42
-  %367 = add nsw i64 %r0, 0
-  %368 = getelementptr inbounds float, ptr %rw, i64 %367
-  %369 = load float, ptr %368, align 4
-  %370 = insertelement <8 x float> poison, float %369, i32 0
-  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = mul nsw i64 %367, 2816
-  %373 = getelementptr inbounds float, ptr %h, i64 %372
-  %col46 = mul nsw i64 %p, 8
-  %374 = load <8 x float>, ptr %acc0031, align 4
-  %375 = load <8 x float>, ptr %acc0132, align 4
-  %376 = fneg <8 x float> %374
-  %377 = fcmp olt <8 x float> %376, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %378 = select <8 x i1> %377, <8 x float> %376, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %379 = fcmp ogt <8 x float> %378, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %380 = select <8 x i1> %379, <8 x float> %378, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %382 = call <8 x float> @llvm.floor.v8f32(<8 x float> %381)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %380)
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %383)
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %384, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %384, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %384, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %384, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %384, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %390 = fmul <8 x float> %384, %384
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %390, <8 x float> %384)
-  %392 = fadd <8 x float> %391, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %393 = fptosi <8 x float> %382 to <8 x i32>
-  %394 = add <8 x i32> %393, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %395 = shl <8 x i32> %394, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n47 = bitcast <8 x i32> %395 to <8 x float>
-  %exp48 = fmul <8 x float> %392, %exp.2n47
-  %396 = fadd <8 x float> %exp48, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid49 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %396
-  %silu50 = fmul <8 x float> %374, %sigmoid49
-  %glu51 = fmul <8 x float> %silu50, %375
-  %397 = fmul <8 x float> %glu51, %371
-  %398 = getelementptr inbounds float, ptr %373, i64 %col46
-  store <8 x float> %397, ptr %398, align 4
-  %399 = add nsw i64 %r0, 1
-  %400 = getelementptr inbounds float, ptr %rw, i64 %399
-  %401 = load float, ptr %400, align 4
-  %402 = insertelement <8 x float> poison, float %401, i32 0
-  %403 = shufflevector <8 x float> %402, <8 x float> poison, <8 x i32> zeroinitializer
-  %404 = mul nsw i64 %399, 2816
-  %405 = getelementptr inbounds float, ptr %h, i64 %404
-  %col52 = mul nsw i64 %p, 8
-  %406 = load <8 x float>, ptr %acc1033, align 4
-  %407 = load <8 x float>, ptr %acc1134, align 4
-  %408 = fneg <8 x float> %406
-  %409 = fcmp olt <8 x float> %408, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %411 = fcmp ogt <8 x float> %410, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %412 = select <8 x i1> %411, <8 x float> %410, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %414 = call <8 x float> @llvm.floor.v8f32(<8 x float> %413)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %412)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %415)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %416, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %416, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %416, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %416, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %416, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %422 = fmul <8 x float> %416, %416
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %422, <8 x float> %416)
-  %424 = fadd <8 x float> %423, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %425 = fptosi <8 x float> %414 to <8 x i32>
-  %426 = add <8 x i32> %425, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %427 = shl <8 x i32> %426, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %427 to <8 x float>
-  %exp54 = fmul <8 x float> %424, %exp.2n53
-  %428 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %428
-  %silu56 = fmul <8 x float> %406, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %407
-  %429 = fmul <8 x float> %glu57, %403
-  %430 = getelementptr inbounds float, ptr %405, i64 %col52
-  store <8 x float> %429, ptr %430, align 4
-  %431 = add nsw i64 %r0, 2
-  %432 = getelementptr inbounds float, ptr %rw, i64 %431
-  %433 = load float, ptr %432, align 4
-  %434 = insertelement <8 x float> poison, float %433, i32 0
-  %435 = shufflevector <8 x float> %434, <8 x float> poison, <8 x i32> zeroinitializer
-  %436 = mul nsw i64 %431, 2816
-  %437 = getelementptr inbounds float, ptr %h, i64 %436
-  %col58 = mul nsw i64 %p, 8
-  %438 = load <8 x float>, ptr %acc2035, align 4
-  %439 = load <8 x float>, ptr %acc2136, align 4
-  %440 = fneg <8 x float> %438
-  %441 = fcmp olt <8 x float> %440, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %443 = fcmp ogt <8 x float> %442, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %444 = select <8 x i1> %443, <8 x float> %442, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %446 = call <8 x float> @llvm.floor.v8f32(<8 x float> %445)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %444)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %447)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %448, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %448, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %448, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %448, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %448, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %454 = fmul <8 x float> %448, %448
-  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %454, <8 x float> %448)
-  %456 = fadd <8 x float> %455, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %457 = fptosi <8 x float> %446 to <8 x i32>
-  %458 = add <8 x i32> %457, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %459 = shl <8 x i32> %458, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %459 to <8 x float>
-  %exp60 = fmul <8 x float> %456, %exp.2n59
-  %460 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %460
-  %silu62 = fmul <8 x float> %438, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %439
-  %461 = fmul <8 x float> %glu63, %435
-  %462 = getelementptr inbounds float, ptr %437, i64 %col58
-  store <8 x float> %461, ptr %462, align 4
-  %463 = add nsw i64 %r0, 3
-  %464 = getelementptr inbounds float, ptr %rw, i64 %463
-  %465 = load float, ptr %464, align 4
-  %466 = insertelement <8 x float> poison, float %465, i32 0
-  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = mul nsw i64 %463, 2816
-  %469 = getelementptr inbounds float, ptr %h, i64 %468
-  %col64 = mul nsw i64 %p, 8
-  %470 = load <8 x float>, ptr %acc3037, align 4
-  %471 = load <8 x float>, ptr %acc3138, align 4
-  %472 = fneg <8 x float> %470
-  %473 = fcmp olt <8 x float> %472, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %475 = fcmp ogt <8 x float> %474, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %476 = select <8 x i1> %475, <8 x float> %474, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %478 = call <8 x float> @llvm.floor.v8f32(<8 x float> %477)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %476)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %479)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %480, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %480, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %480, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %480, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %480, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %486 = fmul <8 x float> %480, %480
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %486, <8 x float> %480)
-  %488 = fadd <8 x float> %487, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %489 = fptosi <8 x float> %478 to <8 x i32>
-  %490 = add <8 x i32> %489, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %491 = shl <8 x i32> %490, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %491 to <8 x float>
-  %exp66 = fmul <8 x float> %488, %exp.2n65
-  %492 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %492
-  %silu68 = fmul <8 x float> %470, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %471
-  %493 = fmul <8 x float> %glu69, %467
-  %494 = getelementptr inbounds float, ptr %469, i64 %col64
-  store <8 x float> %493, ptr %494, align 4
-  %495 = add nsw i64 %r0, 4
-  %496 = getelementptr inbounds float, ptr %rw, i64 %495
-  %497 = load float, ptr %496, align 4
-  %498 = insertelement <8 x float> poison, float %497, i32 0
-  %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
-  %500 = mul nsw i64 %495, 2816
-  %501 = getelementptr inbounds float, ptr %h, i64 %500
-  %col70 = mul nsw i64 %p, 8
-  %502 = load <8 x float>, ptr %acc4039, align 4
-  %503 = load <8 x float>, ptr %acc4140, align 4
-  %504 = fneg <8 x float> %502
-  %505 = fcmp olt <8 x float> %504, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %507 = fcmp ogt <8 x float> %506, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %508 = select <8 x i1> %507, <8 x float> %506, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %510 = call <8 x float> @llvm.floor.v8f32(<8 x float> %509)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %508)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %511)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %512, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %512, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %512, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %512, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %512, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %518 = fmul <8 x float> %512, %512
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %518, <8 x float> %512)
-  %520 = fadd <8 x float> %519, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %521 = fptosi <8 x float> %510 to <8 x i32>
-  %522 = add <8 x i32> %521, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %523 = shl <8 x i32> %522, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %523 to <8 x float>
-  %exp72 = fmul <8 x float> %520, %exp.2n71
-  %524 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %524
-  %silu74 = fmul <8 x float> %502, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %503
-  %525 = fmul <8 x float> %glu75, %499
-  %526 = getelementptr inbounds float, ptr %501, i64 %col70
-  store <8 x float> %525, ptr %526, align 4
+k.end45:                                          ; preds = %k.head43
+  %383 = add nsw i64 %r0, 0
+  %384 = getelementptr inbounds float, ptr %rw, i64 %383
+  %385 = load float, ptr %384, align 4
+  %386 = insertelement <8 x float> poison, float %385, i32 0
+  %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
+  %388 = mul nsw i64 %383, 2816
+  %389 = getelementptr inbounds float, ptr %h, i64 %388
+  %col47 = mul nsw i64 %p, 8
+  %390 = load <8 x float>, ptr %acc0031, align 4
+  %391 = load <8 x float>, ptr %acc0132, align 4
+  %392 = fneg <8 x float> %390
+  %393 = fcmp olt <8 x float> %392, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %395 = fcmp ogt <8 x float> %394, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %396 = select <8 x i1> %395, <8 x float> %394, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %398 = call <8 x float> @llvm.floor.v8f32(<8 x float> %397)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %396)
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %399)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %400, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %400, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %400, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %400, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %400, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %406 = fmul <8 x float> %400, %400
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %406, <8 x float> %400)
+  %408 = fadd <8 x float> %407, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %409 = fptosi <8 x float> %398 to <8 x i32>
+  %410 = add <8 x i32> %409, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %411 = shl <8 x i32> %410, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n48 = bitcast <8 x i32> %411 to <8 x float>
+  %exp49 = fmul <8 x float> %408, %exp.2n48
+  %412 = fadd <8 x float> %exp49, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid50 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %412
+  %silu51 = fmul <8 x float> %390, %sigmoid50
+  %glu52 = fmul <8 x float> %silu51, %391
+  %413 = fmul <8 x float> %glu52, %387
+  %414 = getelementptr inbounds float, ptr %389, i64 %col47
+  store <8 x float> %413, ptr %414, align 4
+  %415 = add nsw i64 %r0, 1
+  %416 = getelementptr inbounds float, ptr %rw, i64 %415
+  %417 = load float, ptr %416, align 4
+  %418 = insertelement <8 x float> poison, float %417, i32 0
+  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
+  %420 = mul nsw i64 %415, 2816
+  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %col53 = mul nsw i64 %p, 8
+  %422 = load <8 x float>, ptr %acc1033, align 4
+  %423 = load <8 x float>, ptr %acc1134, align 4
+  %424 = fneg <8 x float> %422
+  %425 = fcmp olt <8 x float> %424, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %427 = fcmp ogt <8 x float> %426, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %428 = select <8 x i1> %427, <8 x float> %426, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %430 = call <8 x float> @llvm.floor.v8f32(<8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %428)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %431)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %432, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %432, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %432, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %432, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %432, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %438 = fmul <8 x float> %432, %432
+  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %438, <8 x float> %432)
+  %440 = fadd <8 x float> %439, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %441 = fptosi <8 x float> %430 to <8 x i32>
+  %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n54 = bitcast <8 x i32> %443 to <8 x float>
+  %exp55 = fmul <8 x float> %440, %exp.2n54
+  %444 = fadd <8 x float> %exp55, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid56 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
+  %silu57 = fmul <8 x float> %422, %sigmoid56
+  %glu58 = fmul <8 x float> %silu57, %423
+  %445 = fmul <8 x float> %glu58, %419
+  %446 = getelementptr inbounds float, ptr %421, i64 %col53
+  store <8 x float> %445, ptr %446, align 4
+  %447 = add nsw i64 %r0, 2
+  %448 = getelementptr inbounds float, ptr %rw, i64 %447
+  %449 = load float, ptr %448, align 4
+  %450 = insertelement <8 x float> poison, float %449, i32 0
+  %451 = shufflevector <8 x float> %450, <8 x float> poison, <8 x i32> zeroinitializer
+  %452 = mul nsw i64 %447, 2816
+  %453 = getelementptr inbounds float, ptr %h, i64 %452
+  %col59 = mul nsw i64 %p, 8
+  %454 = load <8 x float>, ptr %acc2035, align 4
+  %455 = load <8 x float>, ptr %acc2136, align 4
+  %456 = fneg <8 x float> %454
+  %457 = fcmp olt <8 x float> %456, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %459 = fcmp ogt <8 x float> %458, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %462 = call <8 x float> @llvm.floor.v8f32(<8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %460)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %463)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %464, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %464, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %464, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %464, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %464, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %470 = fmul <8 x float> %464, %464
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %464)
+  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %473 = fptosi <8 x float> %462 to <8 x i32>
+  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n60 = bitcast <8 x i32> %475 to <8 x float>
+  %exp61 = fmul <8 x float> %472, %exp.2n60
+  %476 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
+  %silu63 = fmul <8 x float> %454, %sigmoid62
+  %glu64 = fmul <8 x float> %silu63, %455
+  %477 = fmul <8 x float> %glu64, %451
+  %478 = getelementptr inbounds float, ptr %453, i64 %col59
+  store <8 x float> %477, ptr %478, align 4
+  %479 = add nsw i64 %r0, 3
+  %480 = getelementptr inbounds float, ptr %rw, i64 %479
+  %481 = load float, ptr %480, align 4
+  %482 = insertelement <8 x float> poison, float %481, i32 0
+  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
+  %484 = mul nsw i64 %479, 2816
+  %485 = getelementptr inbounds float, ptr %h, i64 %484
+  %col65 = mul nsw i64 %p, 8
+  %486 = load <8 x float>, ptr %acc3037, align 4
+  %487 = load <8 x float>, ptr %acc3138, align 4
+  %488 = fneg <8 x float> %486
+  %489 = fcmp olt <8 x float> %488, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %491 = fcmp ogt <8 x float> %490, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %492 = select <8 x i1> %491, <8 x float> %490, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %494 = call <8 x float> @llvm.floor.v8f32(<8 x float> %493)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %492)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %495)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %496, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %496, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %496, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %496, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %500, <8 x float> %496, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %502 = fmul <8 x float> %496, %496
+  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> %502, <8 x float> %496)
+  %504 = fadd <8 x float> %503, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %505 = fptosi <8 x float> %494 to <8 x i32>
+  %506 = add <8 x i32> %505, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %507 = shl <8 x i32> %506, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n66 = bitcast <8 x i32> %507 to <8 x float>
+  %exp67 = fmul <8 x float> %504, %exp.2n66
+  %508 = fadd <8 x float> %exp67, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid68 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %508
+  %silu69 = fmul <8 x float> %486, %sigmoid68
+  %glu70 = fmul <8 x float> %silu69, %487
+  %509 = fmul <8 x float> %glu70, %483
+  %510 = getelementptr inbounds float, ptr %485, i64 %col65
+  store <8 x float> %509, ptr %510, align 4
+  %511 = add nsw i64 %r0, 4
+  %512 = getelementptr inbounds float, ptr %rw, i64 %511
+  %513 = load float, ptr %512, align 4
+  %514 = insertelement <8 x float> poison, float %513, i32 0
+  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
+  %516 = mul nsw i64 %511, 2816
+  %517 = getelementptr inbounds float, ptr %h, i64 %516
+  %col71 = mul nsw i64 %p, 8
+  %518 = load <8 x float>, ptr %acc4039, align 4
+  %519 = load <8 x float>, ptr %acc4140, align 4
+  %520 = fneg <8 x float> %518
+  %521 = fcmp olt <8 x float> %520, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %523 = fcmp ogt <8 x float> %522, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %524 = select <8 x i1> %523, <8 x float> %522, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %526 = call <8 x float> @llvm.floor.v8f32(<8 x float> %525)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %524)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %527)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %528, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %528, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %528, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %528, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %534 = fmul <8 x float> %528, %528
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %534, <8 x float> %528)
+  %536 = fadd <8 x float> %535, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %537 = fptosi <8 x float> %526 to <8 x i32>
+  %538 = add <8 x i32> %537, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %539 = shl <8 x i32> %538, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n72 = bitcast <8 x i32> %539 to <8 x float>
+  %exp73 = fmul <8 x float> %536, %exp.2n72
+  %540 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %540
+  %silu75 = fmul <8 x float> %518, %sigmoid74
+  %glu76 = fmul <8 x float> %silu75, %519
+  %541 = fmul <8 x float> %glu76, %515
+  %542 = getelementptr inbounds float, ptr %517, i64 %col71
+  store <8 x float> %541, ptr %542, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %527 = add nsw i64 %r0, 0
-  %528 = getelementptr inbounds i32, ptr %rows, i64 %527
-  %529 = load i32, ptr %528, align 4
-  %530 = sext i32 %529 to i64
-  %531 = mul nsw i64 %530, 1024
-  %532 = getelementptr inbounds float, ptr %x, i64 %531
-  store <8 x float> zeroinitializer, ptr %acc0076, align 4
-  store <8 x float> zeroinitializer, ptr %acc0177, align 4
-  %533 = add nsw i64 %r0, 1
-  %534 = getelementptr inbounds i32, ptr %rows, i64 %533
-  %535 = load i32, ptr %534, align 4
-  %536 = sext i32 %535 to i64
-  %537 = mul nsw i64 %536, 1024
-  %538 = getelementptr inbounds float, ptr %x, i64 %537
-  store <8 x float> zeroinitializer, ptr %acc1078, align 4
-  store <8 x float> zeroinitializer, ptr %acc1179, align 4
-  %539 = add nsw i64 %r0, 2
-  %540 = getelementptr inbounds i32, ptr %rows, i64 %539
-  %541 = load i32, ptr %540, align 4
-  %542 = sext i32 %541 to i64
-  %543 = mul nsw i64 %542, 1024
-  %544 = getelementptr inbounds float, ptr %x, i64 %543
-  store <8 x float> zeroinitializer, ptr %acc2080, align 4
-  store <8 x float> zeroinitializer, ptr %acc2181, align 4
-  %545 = add nsw i64 %r0, 3
-  %546 = getelementptr inbounds i32, ptr %rows, i64 %545
-  %547 = load i32, ptr %546, align 4
-  %548 = sext i32 %547 to i64
-  %549 = mul nsw i64 %548, 1024
-  %550 = getelementptr inbounds float, ptr %x, i64 %549
-  store <8 x float> zeroinitializer, ptr %acc3082, align 4
-  store <8 x float> zeroinitializer, ptr %acc3183, align 4
-  %panel.off84 = mul nsw i64 %p, 16384
-  br label %k.head85
+  %543 = add nsw i64 %r0, 0
+  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
+  %545 = load i32, ptr %544, align 4
+  %546 = sext i32 %545 to i64
+  %547 = mul nsw i64 %546, 1024
+  %548 = getelementptr inbounds float, ptr %x, i64 %547
+  store <8 x float> zeroinitializer, ptr %acc0077, align 4
+  store <8 x float> zeroinitializer, ptr %acc0178, align 4
+  %549 = add nsw i64 %r0, 1
+  %550 = getelementptr inbounds i32, ptr %rows, i64 %549
+  %551 = load i32, ptr %550, align 4
+  %552 = sext i32 %551 to i64
+  %553 = mul nsw i64 %552, 1024
+  %554 = getelementptr inbounds float, ptr %x, i64 %553
+  store <8 x float> zeroinitializer, ptr %acc1079, align 4
+  store <8 x float> zeroinitializer, ptr %acc1180, align 4
+  %555 = add nsw i64 %r0, 2
+  %556 = getelementptr inbounds i32, ptr %rows, i64 %555
+  %557 = load i32, ptr %556, align 4
+  %558 = sext i32 %557 to i64
+  %559 = mul nsw i64 %558, 1024
+  %560 = getelementptr inbounds float, ptr %x, i64 %559
+  store <8 x float> zeroinitializer, ptr %acc2081, align 4
+  store <8 x float> zeroinitializer, ptr %acc2182, align 4
+  %561 = add nsw i64 %r0, 3
+  %562 = getelementptr inbounds i32, ptr %rows, i64 %561
+  %563 = load i32, ptr %562, align 4
+  %564 = sext i32 %563 to i64
+  %565 = mul nsw i64 %564, 1024
+  %566 = getelementptr inbounds float, ptr %x, i64 %565
+  store <8 x float> zeroinitializer, ptr %acc3083, align 4
+  store <8 x float> zeroinitializer, ptr %acc3184, align 4
+  %panel.off85 = mul nsw i64 %p, 16384
+  %567 = getelementptr inbounds float, ptr %panels, i64 %panel.off85
+  %568 = add nsw i64 %p, 1
+  %569 = icmp slt i64 %568, %p1
+  %570 = getelementptr inbounds i8, ptr %567, i64 65536
+  %571 = and i1 %pf.on, %569
+  %pf86 = select i1 %571, ptr %570, ptr %567
+  br label %k.head87
 
-k.head85:                                         ; preds = %k.body86, %tile.mr4
-  %k88 = phi i64 [ 0, %tile.mr4 ], [ %591, %k.body86 ]
-  %551 = icmp slt i64 %k88, 1024
-  br i1 %551, label %k.body86, label %k.end87
+k.head87:                                         ; preds = %k.body88, %tile.mr4
+  %k90 = phi i64 [ 0, %tile.mr4 ], [ %614, %k.body88 ]
+  %572 = icmp slt i64 %k90, 1024
+  br i1 %572, label %k.body88, label %k.end89
 
-k.body86:                                         ; preds = %k.head85
-  %552 = mul nsw i64 %k88, 16
-  %553 = add nsw i64 %panel.off84, %552
-  %554 = getelementptr inbounds float, ptr %panels, i64 %553
-  %555 = load <8 x float>, ptr %554, align 4
-  %556 = add nsw i64 %553, 8
-  %557 = getelementptr inbounds float, ptr %panels, i64 %556
-  %558 = load <8 x float>, ptr %557, align 4
-  %559 = getelementptr inbounds float, ptr %532, i64 %k88
-  %560 = load float, ptr %559, align 4
-  %561 = insertelement <8 x float> poison, float %560, i32 0
-  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
-  %563 = load <8 x float>, ptr %acc0076, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %555, <8 x float> %563)
-  store <8 x float> %564, ptr %acc0076, align 4
-  %565 = load <8 x float>, ptr %acc0177, align 4
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %558, <8 x float> %565)
-  store <8 x float> %566, ptr %acc0177, align 4
-  %567 = getelementptr inbounds float, ptr %538, i64 %k88
-  %568 = load float, ptr %567, align 4
-  %569 = insertelement <8 x float> poison, float %568, i32 0
-  %570 = shufflevector <8 x float> %569, <8 x float> poison, <8 x i32> zeroinitializer
-  %571 = load <8 x float>, ptr %acc1078, align 4
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %555, <8 x float> %571)
-  store <8 x float> %572, ptr %acc1078, align 4
-  %573 = load <8 x float>, ptr %acc1179, align 4
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %558, <8 x float> %573)
-  store <8 x float> %574, ptr %acc1179, align 4
-  %575 = getelementptr inbounds float, ptr %544, i64 %k88
-  %576 = load float, ptr %575, align 4
-  %577 = insertelement <8 x float> poison, float %576, i32 0
-  %578 = shufflevector <8 x float> %577, <8 x float> poison, <8 x i32> zeroinitializer
-  %579 = load <8 x float>, ptr %acc2080, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %555, <8 x float> %579)
-  store <8 x float> %580, ptr %acc2080, align 4
-  %581 = load <8 x float>, ptr %acc2181, align 4
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %558, <8 x float> %581)
-  store <8 x float> %582, ptr %acc2181, align 4
-  %583 = getelementptr inbounds float, ptr %550, i64 %k88
-  %584 = load float, ptr %583, align 4
-  %585 = insertelement <8 x float> poison, float %584, i32 0
-  %586 = shufflevector <8 x float> %585, <8 x float> poison, <8 x i32> zeroinitializer
-  %587 = load <8 x float>, ptr %acc3082, align 4
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %555, <8 x float> %587)
-  store <8 x float> %588, ptr %acc3082, align 4
-  %589 = load <8 x float>, ptr %acc3183, align 4
-  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> %558, <8 x float> %589)
-  store <8 x float> %590, ptr %acc3183, align 4
-  %591 = add nsw i64 %k88, 1
-  br label %k.head85
+k.body88:                                         ; preds = %k.head87
+  %573 = mul nsw i64 %k90, 16
+  %574 = add nsw i64 %panel.off85, %573
+  %575 = mul nsw i64 %k90, 64
+  %576 = getelementptr inbounds i8, ptr %pf86, i64 %575
+  call void @llvm.prefetch.p0(ptr %576, i32 0, i32 2, i32 1)
+  %577 = getelementptr inbounds float, ptr %panels, i64 %574
+  %578 = load <8 x float>, ptr %577, align 4
+  %579 = add nsw i64 %574, 8
+  %580 = getelementptr inbounds float, ptr %panels, i64 %579
+  %581 = load <8 x float>, ptr %580, align 4
+  %582 = getelementptr inbounds float, ptr %548, i64 %k90
+  %583 = load float, ptr %582, align 4
+  %584 = insertelement <8 x float> poison, float %583, i32 0
+  %585 = shufflevector <8 x float> %584, <8 x float> poison, <8 x i32> zeroinitializer
+  %586 = load <8 x float>, ptr %acc0077, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %578, <8 x float> %586)
+  store <8 x float> %587, ptr %acc0077, align 4
+  %588 = load <8 x float>, ptr %acc0178, align 4
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %581, <8 x float> %588)
+  store <8 x float> %589, ptr %acc0178, align 4
+  %590 = getelementptr inbounds float, ptr %554, i64 %k90
+  %591 = load float, ptr %590, align 4
+  %592 = insertelement <8 x float> poison, float %591, i32 0
+  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
+  %594 = load <8 x float>, ptr %acc1079, align 4
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %578, <8 x float> %594)
+  store <8 x float> %595, ptr %acc1079, align 4
+  %596 = load <8 x float>, ptr %acc1180, align 4
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %581, <8 x float> %596)
+  store <8 x float> %597, ptr %acc1180, align 4
+  %598 = getelementptr inbounds float, ptr %560, i64 %k90
+  %599 = load float, ptr %598, align 4
+  %600 = insertelement <8 x float> poison, float %599, i32 0
+  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
+  %602 = load <8 x float>, ptr %acc2081, align 4
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %578, <8 x float> %602)
+  store <8 x float> %603, ptr %acc2081, align 4
+  %604 = load <8 x float>, ptr %acc2182, align 4
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %581, <8 x float> %604)
+  store <8 x float> %605, ptr %acc2182, align 4
+  %606 = getelementptr inbounds float, ptr %566, i64 %k90
+  %607 = load float, ptr %606, align 4
+  %608 = insertelement <8 x float> poison, float %607, i32 0
+  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
+  %610 = load <8 x float>, ptr %acc3083, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %578, <8 x float> %610)
+  store <8 x float> %611, ptr %acc3083, align 4
+  %612 = load <8 x float>, ptr %acc3184, align 4
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %581, <8 x float> %612)
+  store <8 x float> %613, ptr %acc3184, align 4
+  %614 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end87:                                          ; preds = %k.head85
-  %592 = add nsw i64 %r0, 0
-  %593 = getelementptr inbounds float, ptr %rw, i64 %592
-  %594 = load float, ptr %593, align 4
-  %595 = insertelement <8 x float> poison, float %594, i32 0
-  %596 = shufflevector <8 x float> %595, <8 x float> poison, <8 x i32> zeroinitializer
-  %597 = mul nsw i64 %592, 2816
-  %598 = getelementptr inbounds float, ptr %h, i64 %597
-  %col89 = mul nsw i64 %p, 8
-  %599 = load <8 x float>, ptr %acc0076, align 4
-  %600 = load <8 x float>, ptr %acc0177, align 4
-  %601 = fneg <8 x float> %599
-  %602 = fcmp olt <8 x float> %601, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %603 = select <8 x i1> %602, <8 x float> %601, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %604 = fcmp ogt <8 x float> %603, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %605 = select <8 x i1> %604, <8 x float> %603, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %607 = call <8 x float> @llvm.floor.v8f32(<8 x float> %606)
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %605)
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %608)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %609, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %609, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %609, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %609, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %609, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %615 = fmul <8 x float> %609, %609
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %615, <8 x float> %609)
-  %617 = fadd <8 x float> %616, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %618 = fptosi <8 x float> %607 to <8 x i32>
-  %619 = add <8 x i32> %618, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %620 = shl <8 x i32> %619, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n90 = bitcast <8 x i32> %620 to <8 x float>
-  %exp91 = fmul <8 x float> %617, %exp.2n90
-  %621 = fadd <8 x float> %exp91, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid92 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %621
-  %silu93 = fmul <8 x float> %599, %sigmoid92
-  %glu94 = fmul <8 x float> %silu93, %600
-  %622 = fmul <8 x float> %glu94, %596
-  %623 = getelementptr inbounds float, ptr %598, i64 %col89
-  store <8 x float> %622, ptr %623, align 4
-  %624 = add nsw i64 %r0, 1
-  %625 = getelementptr inbounds float, ptr %rw, i64 %624
-  %626 = load float, ptr %625, align 4
-  %627 = insertelement <8 x float> poison, float %626, i32 0
-  %628 = shufflevector <8 x float> %627, <8 x float> poison, <8 x i32> zeroinitializer
-  %629 = mul nsw i64 %624, 2816
-  %630 = getelementptr inbounds float, ptr %h, i64 %629
-  %col95 = mul nsw i64 %p, 8
-  %631 = load <8 x float>, ptr %acc1078, align 4
-  %632 = load <8 x float>, ptr %acc1179, align 4
-  %633 = fneg <8 x float> %631
-  %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %636 = fcmp ogt <8 x float> %635, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %637 = select <8 x i1> %636, <8 x float> %635, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %639 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %640)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %641, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %641, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %641, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %641, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %641, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %647 = fmul <8 x float> %641, %641
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %647, <8 x float> %641)
-  %649 = fadd <8 x float> %648, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %650 = fptosi <8 x float> %639 to <8 x i32>
-  %651 = add <8 x i32> %650, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %652 = shl <8 x i32> %651, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n96 = bitcast <8 x i32> %652 to <8 x float>
-  %exp97 = fmul <8 x float> %649, %exp.2n96
-  %653 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %653
-  %silu99 = fmul <8 x float> %631, %sigmoid98
-  %glu100 = fmul <8 x float> %silu99, %632
-  %654 = fmul <8 x float> %glu100, %628
-  %655 = getelementptr inbounds float, ptr %630, i64 %col95
-  store <8 x float> %654, ptr %655, align 4
-  %656 = add nsw i64 %r0, 2
-  %657 = getelementptr inbounds float, ptr %rw, i64 %656
-  %658 = load float, ptr %657, align 4
-  %659 = insertelement <8 x float> poison, float %658, i32 0
-  %660 = shufflevector <8 x float> %659, <8 x float> poison, <8 x i32> zeroinitializer
-  %661 = mul nsw i64 %656, 2816
-  %662 = getelementptr inbounds float, ptr %h, i64 %661
-  %col101 = mul nsw i64 %p, 8
-  %663 = load <8 x float>, ptr %acc2080, align 4
-  %664 = load <8 x float>, ptr %acc2181, align 4
-  %665 = fneg <8 x float> %663
-  %666 = fcmp olt <8 x float> %665, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %667 = select <8 x i1> %666, <8 x float> %665, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %668 = fcmp ogt <8 x float> %667, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %669 = select <8 x i1> %668, <8 x float> %667, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %671 = call <8 x float> @llvm.floor.v8f32(<8 x float> %670)
-  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %669)
-  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %672)
-  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %673, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %673, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %673, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %673, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %673, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %679 = fmul <8 x float> %673, %673
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %679, <8 x float> %673)
-  %681 = fadd <8 x float> %680, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %682 = fptosi <8 x float> %671 to <8 x i32>
-  %683 = add <8 x i32> %682, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %684 = shl <8 x i32> %683, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n102 = bitcast <8 x i32> %684 to <8 x float>
-  %exp103 = fmul <8 x float> %681, %exp.2n102
-  %685 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %685
-  %silu105 = fmul <8 x float> %663, %sigmoid104
-  %glu106 = fmul <8 x float> %silu105, %664
-  %686 = fmul <8 x float> %glu106, %660
-  %687 = getelementptr inbounds float, ptr %662, i64 %col101
-  store <8 x float> %686, ptr %687, align 4
-  %688 = add nsw i64 %r0, 3
-  %689 = getelementptr inbounds float, ptr %rw, i64 %688
-  %690 = load float, ptr %689, align 4
-  %691 = insertelement <8 x float> poison, float %690, i32 0
-  %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
-  %693 = mul nsw i64 %688, 2816
-  %694 = getelementptr inbounds float, ptr %h, i64 %693
-  %col107 = mul nsw i64 %p, 8
-  %695 = load <8 x float>, ptr %acc3082, align 4
-  %696 = load <8 x float>, ptr %acc3183, align 4
-  %697 = fneg <8 x float> %695
-  %698 = fcmp olt <8 x float> %697, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %700 = fcmp ogt <8 x float> %699, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %701 = select <8 x i1> %700, <8 x float> %699, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %703 = call <8 x float> @llvm.floor.v8f32(<8 x float> %702)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %701)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %704)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %705, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %705, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %705, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %705, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %705, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %711 = fmul <8 x float> %705, %705
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %711, <8 x float> %705)
-  %713 = fadd <8 x float> %712, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %714 = fptosi <8 x float> %703 to <8 x i32>
-  %715 = add <8 x i32> %714, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %716 = shl <8 x i32> %715, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n108 = bitcast <8 x i32> %716 to <8 x float>
-  %exp109 = fmul <8 x float> %713, %exp.2n108
-  %717 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %717
-  %silu111 = fmul <8 x float> %695, %sigmoid110
-  %glu112 = fmul <8 x float> %silu111, %696
-  %718 = fmul <8 x float> %glu112, %692
-  %719 = getelementptr inbounds float, ptr %694, i64 %col107
-  store <8 x float> %718, ptr %719, align 4
+k.end89:                                          ; preds = %k.head87
+  %615 = add nsw i64 %r0, 0
+  %616 = getelementptr inbounds float, ptr %rw, i64 %615
+  %617 = load float, ptr %616, align 4
+  %618 = insertelement <8 x float> poison, float %617, i32 0
+  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
+  %620 = mul nsw i64 %615, 2816
+  %621 = getelementptr inbounds float, ptr %h, i64 %620
+  %col91 = mul nsw i64 %p, 8
+  %622 = load <8 x float>, ptr %acc0077, align 4
+  %623 = load <8 x float>, ptr %acc0178, align 4
+  %624 = fneg <8 x float> %622
+  %625 = fcmp olt <8 x float> %624, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %626 = select <8 x i1> %625, <8 x float> %624, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %627 = fcmp ogt <8 x float> %626, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %628 = select <8 x i1> %627, <8 x float> %626, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %630 = call <8 x float> @llvm.floor.v8f32(<8 x float> %629)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %628)
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %631)
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %632, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %632, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %632, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %635, <8 x float> %632, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> %632, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %638 = fmul <8 x float> %632, %632
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> %638, <8 x float> %632)
+  %640 = fadd <8 x float> %639, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %641 = fptosi <8 x float> %630 to <8 x i32>
+  %642 = add <8 x i32> %641, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %643 = shl <8 x i32> %642, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n92 = bitcast <8 x i32> %643 to <8 x float>
+  %exp93 = fmul <8 x float> %640, %exp.2n92
+  %644 = fadd <8 x float> %exp93, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid94 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %644
+  %silu95 = fmul <8 x float> %622, %sigmoid94
+  %glu96 = fmul <8 x float> %silu95, %623
+  %645 = fmul <8 x float> %glu96, %619
+  %646 = getelementptr inbounds float, ptr %621, i64 %col91
+  store <8 x float> %645, ptr %646, align 4
+  %647 = add nsw i64 %r0, 1
+  %648 = getelementptr inbounds float, ptr %rw, i64 %647
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = mul nsw i64 %647, 2816
+  %653 = getelementptr inbounds float, ptr %h, i64 %652
+  %col97 = mul nsw i64 %p, 8
+  %654 = load <8 x float>, ptr %acc1079, align 4
+  %655 = load <8 x float>, ptr %acc1180, align 4
+  %656 = fneg <8 x float> %654
+  %657 = fcmp olt <8 x float> %656, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %658 = select <8 x i1> %657, <8 x float> %656, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %659 = fcmp ogt <8 x float> %658, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %660 = select <8 x i1> %659, <8 x float> %658, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %662 = call <8 x float> @llvm.floor.v8f32(<8 x float> %661)
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %660)
+  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %663)
+  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %664, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %664, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %664, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %664, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> %664, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %670 = fmul <8 x float> %664, %664
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> %670, <8 x float> %664)
+  %672 = fadd <8 x float> %671, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %673 = fptosi <8 x float> %662 to <8 x i32>
+  %674 = add <8 x i32> %673, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %675 = shl <8 x i32> %674, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n98 = bitcast <8 x i32> %675 to <8 x float>
+  %exp99 = fmul <8 x float> %672, %exp.2n98
+  %676 = fadd <8 x float> %exp99, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid100 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %676
+  %silu101 = fmul <8 x float> %654, %sigmoid100
+  %glu102 = fmul <8 x float> %silu101, %655
+  %677 = fmul <8 x float> %glu102, %651
+  %678 = getelementptr inbounds float, ptr %653, i64 %col97
+  store <8 x float> %677, ptr %678, align 4
+  %679 = add nsw i64 %r0, 2
+  %680 = getelementptr inbounds float, ptr %rw, i64 %679
+  %681 = load float, ptr %680, align 4
+  %682 = insertelement <8 x float> poison, float %681, i32 0
+  %683 = shufflevector <8 x float> %682, <8 x float> poison, <8 x i32> zeroinitializer
+  %684 = mul nsw i64 %679, 2816
+  %685 = getelementptr inbounds float, ptr %h, i64 %684
+  %col103 = mul nsw i64 %p, 8
+  %686 = load <8 x float>, ptr %acc2081, align 4
+  %687 = load <8 x float>, ptr %acc2182, align 4
+  %688 = fneg <8 x float> %686
+  %689 = fcmp olt <8 x float> %688, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %690 = select <8 x i1> %689, <8 x float> %688, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %691 = fcmp ogt <8 x float> %690, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %692 = select <8 x i1> %691, <8 x float> %690, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %694 = call <8 x float> @llvm.floor.v8f32(<8 x float> %693)
+  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %692)
+  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %695)
+  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %696, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %697, <8 x float> %696, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %696, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> %696, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> %696, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %702 = fmul <8 x float> %696, %696
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %702, <8 x float> %696)
+  %704 = fadd <8 x float> %703, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %705 = fptosi <8 x float> %694 to <8 x i32>
+  %706 = add <8 x i32> %705, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %707 = shl <8 x i32> %706, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n104 = bitcast <8 x i32> %707 to <8 x float>
+  %exp105 = fmul <8 x float> %704, %exp.2n104
+  %708 = fadd <8 x float> %exp105, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid106 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %708
+  %silu107 = fmul <8 x float> %686, %sigmoid106
+  %glu108 = fmul <8 x float> %silu107, %687
+  %709 = fmul <8 x float> %glu108, %683
+  %710 = getelementptr inbounds float, ptr %685, i64 %col103
+  store <8 x float> %709, ptr %710, align 4
+  %711 = add nsw i64 %r0, 3
+  %712 = getelementptr inbounds float, ptr %rw, i64 %711
+  %713 = load float, ptr %712, align 4
+  %714 = insertelement <8 x float> poison, float %713, i32 0
+  %715 = shufflevector <8 x float> %714, <8 x float> poison, <8 x i32> zeroinitializer
+  %716 = mul nsw i64 %711, 2816
+  %717 = getelementptr inbounds float, ptr %h, i64 %716
+  %col109 = mul nsw i64 %p, 8
+  %718 = load <8 x float>, ptr %acc3083, align 4
+  %719 = load <8 x float>, ptr %acc3184, align 4
+  %720 = fneg <8 x float> %718
+  %721 = fcmp olt <8 x float> %720, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %722 = select <8 x i1> %721, <8 x float> %720, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %723 = fcmp ogt <8 x float> %722, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %724 = select <8 x i1> %723, <8 x float> %722, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %726 = call <8 x float> @llvm.floor.v8f32(<8 x float> %725)
+  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %726, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %724)
+  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %726, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %727)
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %728, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %728, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %728, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> %728, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %728, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %734 = fmul <8 x float> %728, %728
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> %734, <8 x float> %728)
+  %736 = fadd <8 x float> %735, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %737 = fptosi <8 x float> %726 to <8 x i32>
+  %738 = add <8 x i32> %737, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %739 = shl <8 x i32> %738, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n110 = bitcast <8 x i32> %739 to <8 x float>
+  %exp111 = fmul <8 x float> %736, %exp.2n110
+  %740 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %740
+  %silu113 = fmul <8 x float> %718, %sigmoid112
+  %glu114 = fmul <8 x float> %silu113, %719
+  %741 = fmul <8 x float> %glu114, %715
+  %742 = getelementptr inbounds float, ptr %717, i64 %col109
+  store <8 x float> %741, ptr %742, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %720 = add nsw i64 %r0, 0
-  %721 = getelementptr inbounds i32, ptr %rows, i64 %720
-  %722 = load i32, ptr %721, align 4
-  %723 = sext i32 %722 to i64
-  %724 = mul nsw i64 %723, 1024
-  %725 = getelementptr inbounds float, ptr %x, i64 %724
-  store <8 x float> zeroinitializer, ptr %acc00113, align 4
-  store <8 x float> zeroinitializer, ptr %acc01114, align 4
-  %726 = add nsw i64 %r0, 1
-  %727 = getelementptr inbounds i32, ptr %rows, i64 %726
-  %728 = load i32, ptr %727, align 4
-  %729 = sext i32 %728 to i64
-  %730 = mul nsw i64 %729, 1024
-  %731 = getelementptr inbounds float, ptr %x, i64 %730
-  store <8 x float> zeroinitializer, ptr %acc10115, align 4
-  store <8 x float> zeroinitializer, ptr %acc11116, align 4
-  %732 = add nsw i64 %r0, 2
-  %733 = getelementptr inbounds i32, ptr %rows, i64 %732
-  %734 = load i32, ptr %733, align 4
-  %735 = sext i32 %734 to i64
-  %736 = mul nsw i64 %735, 1024
-  %737 = getelementptr inbounds float, ptr %x, i64 %736
-  store <8 x float> zeroinitializer, ptr %acc20117, align 4
-  store <8 x float> zeroinitializer, ptr %acc21118, align 4
-  %panel.off119 = mul nsw i64 %p, 16384
-  br label %k.head120
+  %743 = add nsw i64 %r0, 0
+  %744 = getelementptr inbounds i32, ptr %rows, i64 %743
+  %745 = load i32, ptr %744, align 4
+  %746 = sext i32 %745 to i64
+  %747 = mul nsw i64 %746, 1024
+  %748 = getelementptr inbounds float, ptr %x, i64 %747
+  store <8 x float> zeroinitializer, ptr %acc00115, align 4
+  store <8 x float> zeroinitializer, ptr %acc01116, align 4
+  %749 = add nsw i64 %r0, 1
+  %750 = getelementptr inbounds i32, ptr %rows, i64 %749
+  %751 = load i32, ptr %750, align 4
+  %752 = sext i32 %751 to i64
+  %753 = mul nsw i64 %752, 1024
+  %754 = getelementptr inbounds float, ptr %x, i64 %753
+  store <8 x float> zeroinitializer, ptr %acc10117, align 4
+  store <8 x float> zeroinitializer, ptr %acc11118, align 4
+  %755 = add nsw i64 %r0, 2
+  %756 = getelementptr inbounds i32, ptr %rows, i64 %755
+  %757 = load i32, ptr %756, align 4
+  %758 = sext i32 %757 to i64
+  %759 = mul nsw i64 %758, 1024
+  %760 = getelementptr inbounds float, ptr %x, i64 %759
+  store <8 x float> zeroinitializer, ptr %acc20119, align 4
+  store <8 x float> zeroinitializer, ptr %acc21120, align 4
+  %panel.off121 = mul nsw i64 %p, 16384
+  %761 = getelementptr inbounds float, ptr %panels, i64 %panel.off121
+  %762 = add nsw i64 %p, 1
+  %763 = icmp slt i64 %762, %p1
+  %764 = getelementptr inbounds i8, ptr %761, i64 65536
+  %765 = and i1 %pf.on, %763
+  %pf122 = select i1 %765, ptr %764, ptr %761
+  br label %k.head123
 
-k.head120:                                        ; preds = %k.body121, %tile.mr3
-  %k123 = phi i64 [ 0, %tile.mr3 ], [ %770, %k.body121 ]
-  %738 = icmp slt i64 %k123, 1024
-  br i1 %738, label %k.body121, label %k.end122
+k.head123:                                        ; preds = %k.body124, %tile.mr3
+  %k126 = phi i64 [ 0, %tile.mr3 ], [ %800, %k.body124 ]
+  %766 = icmp slt i64 %k126, 1024
+  br i1 %766, label %k.body124, label %k.end125
 
-k.body121:                                        ; preds = %k.head120
-  %739 = mul nsw i64 %k123, 16
-  %740 = add nsw i64 %panel.off119, %739
-  %741 = getelementptr inbounds float, ptr %panels, i64 %740
-  %742 = load <8 x float>, ptr %741, align 4
-  %743 = add nsw i64 %740, 8
-  %744 = getelementptr inbounds float, ptr %panels, i64 %743
-  %745 = load <8 x float>, ptr %744, align 4
-  %746 = getelementptr inbounds float, ptr %725, i64 %k123
-  %747 = load float, ptr %746, align 4
-  %748 = insertelement <8 x float> poison, float %747, i32 0
-  %749 = shufflevector <8 x float> %748, <8 x float> poison, <8 x i32> zeroinitializer
-  %750 = load <8 x float>, ptr %acc00113, align 4
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %742, <8 x float> %750)
-  store <8 x float> %751, ptr %acc00113, align 4
-  %752 = load <8 x float>, ptr %acc01114, align 4
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %745, <8 x float> %752)
-  store <8 x float> %753, ptr %acc01114, align 4
-  %754 = getelementptr inbounds float, ptr %731, i64 %k123
-  %755 = load float, ptr %754, align 4
-  %756 = insertelement <8 x float> poison, float %755, i32 0
-  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
-  %758 = load <8 x float>, ptr %acc10115, align 4
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %742, <8 x float> %758)
-  store <8 x float> %759, ptr %acc10115, align 4
-  %760 = load <8 x float>, ptr %acc11116, align 4
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %745, <8 x float> %760)
-  store <8 x float> %761, ptr %acc11116, align 4
-  %762 = getelementptr inbounds float, ptr %737, i64 %k123
-  %763 = load float, ptr %762, align 4
-  %764 = insertelement <8 x float> poison, float %763, i32 0
-  %765 = shufflevector <8 x float> %764, <8 x float> poison, <8 x i32> zeroinitializer
-  %766 = load <8 x float>, ptr %acc20117, align 4
-  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %742, <8 x float> %766)
-  store <8 x float> %767, ptr %acc20117, align 4
-  %768 = load <8 x float>, ptr %acc21118, align 4
-  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %745, <8 x float> %768)
-  store <8 x float> %769, ptr %acc21118, align 4
-  %770 = add nsw i64 %k123, 1
-  br label %k.head120
+k.body124:                                        ; preds = %k.head123
+  %767 = mul nsw i64 %k126, 16
+  %768 = add nsw i64 %panel.off121, %767
+  %769 = mul nsw i64 %k126, 64
+  %770 = getelementptr inbounds i8, ptr %pf122, i64 %769
+  call void @llvm.prefetch.p0(ptr %770, i32 0, i32 2, i32 1)
+  %771 = getelementptr inbounds float, ptr %panels, i64 %768
+  %772 = load <8 x float>, ptr %771, align 4
+  %773 = add nsw i64 %768, 8
+  %774 = getelementptr inbounds float, ptr %panels, i64 %773
+  %775 = load <8 x float>, ptr %774, align 4
+  %776 = getelementptr inbounds float, ptr %748, i64 %k126
+  %777 = load float, ptr %776, align 4
+  %778 = insertelement <8 x float> poison, float %777, i32 0
+  %779 = shufflevector <8 x float> %778, <8 x float> poison, <8 x i32> zeroinitializer
+  %780 = load <8 x float>, ptr %acc00115, align 4
+  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %772, <8 x float> %780)
+  store <8 x float> %781, ptr %acc00115, align 4
+  %782 = load <8 x float>, ptr %acc01116, align 4
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %775, <8 x float> %782)
+  store <8 x float> %783, ptr %acc01116, align 4
+  %784 = getelementptr inbounds float, ptr %754, i64 %k126
+  %785 = load float, ptr %784, align 4
+  %786 = insertelement <8 x float> poison, float %785, i32 0
+  %787 = shufflevector <8 x float> %786, <8 x float> poison, <8 x i32> zeroinitializer
+  %788 = load <8 x float>, ptr %acc10117, align 4
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %772, <8 x float> %788)
+  store <8 x float> %789, ptr %acc10117, align 4
+  %790 = load <8 x float>, ptr %acc11118, align 4
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %775, <8 x float> %790)
+  store <8 x float> %791, ptr %acc11118, align 4
+  %792 = getelementptr inbounds float, ptr %760, i64 %k126
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = load <8 x float>, ptr %acc20119, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %772, <8 x float> %796)
+  store <8 x float> %797, ptr %acc20119, align 4
+  %798 = load <8 x float>, ptr %acc21120, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %775, <8 x float> %798)
+  store <8 x float> %799, ptr %acc21120, align 4
+  %800 = add nsw i64 %k126, 1
+  br label %k.head123
 
-k.end122:                                         ; preds = %k.head120
-  %771 = add nsw i64 %r0, 0
-  %772 = getelementptr inbounds float, ptr %rw, i64 %771
-  %773 = load float, ptr %772, align 4
-  %774 = insertelement <8 x float> poison, float %773, i32 0
-  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
-  %776 = mul nsw i64 %771, 2816
-  %777 = getelementptr inbounds float, ptr %h, i64 %776
-  %col124 = mul nsw i64 %p, 8
-  %778 = load <8 x float>, ptr %acc00113, align 4
-  %779 = load <8 x float>, ptr %acc01114, align 4
-  %780 = fneg <8 x float> %778
-  %781 = fcmp olt <8 x float> %780, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %782 = select <8 x i1> %781, <8 x float> %780, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %783 = fcmp ogt <8 x float> %782, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %784 = select <8 x i1> %783, <8 x float> %782, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %786 = call <8 x float> @llvm.floor.v8f32(<8 x float> %785)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %784)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %787)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %788, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %788, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %788, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %788, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %788, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %794 = fmul <8 x float> %788, %788
-  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %794, <8 x float> %788)
-  %796 = fadd <8 x float> %795, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %797 = fptosi <8 x float> %786 to <8 x i32>
-  %798 = add <8 x i32> %797, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %799 = shl <8 x i32> %798, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n125 = bitcast <8 x i32> %799 to <8 x float>
-  %exp126 = fmul <8 x float> %796, %exp.2n125
-  %800 = fadd <8 x float> %exp126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid127 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %800
-  %silu128 = fmul <8 x float> %778, %sigmoid127
-  %glu129 = fmul <8 x float> %silu128, %779
-  %801 = fmul <8 x float> %glu129, %775
-  %802 = getelementptr inbounds float, ptr %777, i64 %col124
-  store <8 x float> %801, ptr %802, align 4
-  %803 = add nsw i64 %r0, 1
-  %804 = getelementptr inbounds float, ptr %rw, i64 %803
-  %805 = load float, ptr %804, align 4
-  %806 = insertelement <8 x float> poison, float %805, i32 0
-  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
-  %808 = mul nsw i64 %803, 2816
-  %809 = getelementptr inbounds float, ptr %h, i64 %808
-  %col130 = mul nsw i64 %p, 8
-  %810 = load <8 x float>, ptr %acc10115, align 4
-  %811 = load <8 x float>, ptr %acc11116, align 4
-  %812 = fneg <8 x float> %810
-  %813 = fcmp olt <8 x float> %812, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %815 = fcmp ogt <8 x float> %814, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %816 = select <8 x i1> %815, <8 x float> %814, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %818 = call <8 x float> @llvm.floor.v8f32(<8 x float> %817)
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %816)
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %819)
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %820, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %820, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %820, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %820, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %820, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %826 = fmul <8 x float> %820, %820
-  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %826, <8 x float> %820)
-  %828 = fadd <8 x float> %827, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %829 = fptosi <8 x float> %818 to <8 x i32>
-  %830 = add <8 x i32> %829, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %831 = shl <8 x i32> %830, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n131 = bitcast <8 x i32> %831 to <8 x float>
-  %exp132 = fmul <8 x float> %828, %exp.2n131
-  %832 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %832
-  %silu134 = fmul <8 x float> %810, %sigmoid133
-  %glu135 = fmul <8 x float> %silu134, %811
-  %833 = fmul <8 x float> %glu135, %807
-  %834 = getelementptr inbounds float, ptr %809, i64 %col130
-  store <8 x float> %833, ptr %834, align 4
-  %835 = add nsw i64 %r0, 2
-  %836 = getelementptr inbounds float, ptr %rw, i64 %835
-  %837 = load float, ptr %836, align 4
-  %838 = insertelement <8 x float> poison, float %837, i32 0
-  %839 = shufflevector <8 x float> %838, <8 x float> poison, <8 x i32> zeroinitializer
-  %840 = mul nsw i64 %835, 2816
-  %841 = getelementptr inbounds float, ptr %h, i64 %840
-  %col136 = mul nsw i64 %p, 8
-  %842 = load <8 x float>, ptr %acc20117, align 4
-  %843 = load <8 x float>, ptr %acc21118, align 4
-  %844 = fneg <8 x float> %842
-  %845 = fcmp olt <8 x float> %844, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %846 = select <8 x i1> %845, <8 x float> %844, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %847 = fcmp ogt <8 x float> %846, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %848 = select <8 x i1> %847, <8 x float> %846, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %850 = call <8 x float> @llvm.floor.v8f32(<8 x float> %849)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %848)
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %851)
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %852, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %852, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %852, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %852, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %852, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %858 = fmul <8 x float> %852, %852
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %858, <8 x float> %852)
-  %860 = fadd <8 x float> %859, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %861 = fptosi <8 x float> %850 to <8 x i32>
-  %862 = add <8 x i32> %861, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %863 = shl <8 x i32> %862, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n137 = bitcast <8 x i32> %863 to <8 x float>
-  %exp138 = fmul <8 x float> %860, %exp.2n137
-  %864 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %864
-  %silu140 = fmul <8 x float> %842, %sigmoid139
-  %glu141 = fmul <8 x float> %silu140, %843
-  %865 = fmul <8 x float> %glu141, %839
-  %866 = getelementptr inbounds float, ptr %841, i64 %col136
-  store <8 x float> %865, ptr %866, align 4
+k.end125:                                         ; preds = %k.head123
+  %801 = add nsw i64 %r0, 0
+  %802 = getelementptr inbounds float, ptr %rw, i64 %801
+  %803 = load float, ptr %802, align 4
+  %804 = insertelement <8 x float> poison, float %803, i32 0
+  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
+  %806 = mul nsw i64 %801, 2816
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
+  %col127 = mul nsw i64 %p, 8
+  %808 = load <8 x float>, ptr %acc00115, align 4
+  %809 = load <8 x float>, ptr %acc01116, align 4
+  %810 = fneg <8 x float> %808
+  %811 = fcmp olt <8 x float> %810, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %812 = select <8 x i1> %811, <8 x float> %810, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %813 = fcmp ogt <8 x float> %812, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %816 = call <8 x float> @llvm.floor.v8f32(<8 x float> %815)
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %814)
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %817)
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %818, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %818, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %818, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %818, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %818, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %824 = fmul <8 x float> %818, %818
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %824, <8 x float> %818)
+  %826 = fadd <8 x float> %825, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %827 = fptosi <8 x float> %816 to <8 x i32>
+  %828 = add <8 x i32> %827, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %829 = shl <8 x i32> %828, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n128 = bitcast <8 x i32> %829 to <8 x float>
+  %exp129 = fmul <8 x float> %826, %exp.2n128
+  %830 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %830
+  %silu131 = fmul <8 x float> %808, %sigmoid130
+  %glu132 = fmul <8 x float> %silu131, %809
+  %831 = fmul <8 x float> %glu132, %805
+  %832 = getelementptr inbounds float, ptr %807, i64 %col127
+  store <8 x float> %831, ptr %832, align 4
+  %833 = add nsw i64 %r0, 1
+  %834 = getelementptr inbounds float, ptr %rw, i64 %833
+  %835 = load float, ptr %834, align 4
+  %836 = insertelement <8 x float> poison, float %835, i32 0
+  %837 = shufflevector <8 x float> %836, <8 x float> poison, <8 x i32> zeroinitializer
+  %838 = mul nsw i64 %833, 2816
+  %839 = getelementptr inbounds float, ptr %h, i64 %838
+  %col133 = mul nsw i64 %p, 8
+  %840 = load <8 x float>, ptr %acc10117, align 4
+  %841 = load <8 x float>, ptr %acc11118, align 4
+  %842 = fneg <8 x float> %840
+  %843 = fcmp olt <8 x float> %842, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %845 = fcmp ogt <8 x float> %844, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %846 = select <8 x i1> %845, <8 x float> %844, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %848 = call <8 x float> @llvm.floor.v8f32(<8 x float> %847)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %846)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %849)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %850, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %850, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %850, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %850, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %850, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %856 = fmul <8 x float> %850, %850
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %856, <8 x float> %850)
+  %858 = fadd <8 x float> %857, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %859 = fptosi <8 x float> %848 to <8 x i32>
+  %860 = add <8 x i32> %859, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %861 = shl <8 x i32> %860, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n134 = bitcast <8 x i32> %861 to <8 x float>
+  %exp135 = fmul <8 x float> %858, %exp.2n134
+  %862 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %862
+  %silu137 = fmul <8 x float> %840, %sigmoid136
+  %glu138 = fmul <8 x float> %silu137, %841
+  %863 = fmul <8 x float> %glu138, %837
+  %864 = getelementptr inbounds float, ptr %839, i64 %col133
+  store <8 x float> %863, ptr %864, align 4
+  %865 = add nsw i64 %r0, 2
+  %866 = getelementptr inbounds float, ptr %rw, i64 %865
+  %867 = load float, ptr %866, align 4
+  %868 = insertelement <8 x float> poison, float %867, i32 0
+  %869 = shufflevector <8 x float> %868, <8 x float> poison, <8 x i32> zeroinitializer
+  %870 = mul nsw i64 %865, 2816
+  %871 = getelementptr inbounds float, ptr %h, i64 %870
+  %col139 = mul nsw i64 %p, 8
+  %872 = load <8 x float>, ptr %acc20119, align 4
+  %873 = load <8 x float>, ptr %acc21120, align 4
+  %874 = fneg <8 x float> %872
+  %875 = fcmp olt <8 x float> %874, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %877 = fcmp ogt <8 x float> %876, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %878 = select <8 x i1> %877, <8 x float> %876, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %880 = call <8 x float> @llvm.floor.v8f32(<8 x float> %879)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %878)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %881)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %882, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %882, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %882, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %882, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %882, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %888 = fmul <8 x float> %882, %882
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %888, <8 x float> %882)
+  %890 = fadd <8 x float> %889, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %891 = fptosi <8 x float> %880 to <8 x i32>
+  %892 = add <8 x i32> %891, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %893 = shl <8 x i32> %892, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n140 = bitcast <8 x i32> %893 to <8 x float>
+  %exp141 = fmul <8 x float> %890, %exp.2n140
+  %894 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %894
+  %silu143 = fmul <8 x float> %872, %sigmoid142
+  %glu144 = fmul <8 x float> %silu143, %873
+  %895 = fmul <8 x float> %glu144, %869
+  %896 = getelementptr inbounds float, ptr %871, i64 %col139
+  store <8 x float> %895, ptr %896, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %867 = add nsw i64 %r0, 0
-  %868 = getelementptr inbounds i32, ptr %rows, i64 %867
-  %869 = load i32, ptr %868, align 4
-  %870 = sext i32 %869 to i64
-  %871 = mul nsw i64 %870, 1024
-  %872 = getelementptr inbounds float, ptr %x, i64 %871
-  store <8 x float> zeroinitializer, ptr %acc00142, align 4
-  store <8 x float> zeroinitializer, ptr %acc01143, align 4
-  %873 = add nsw i64 %r0, 1
-  %874 = getelementptr inbounds i32, ptr %rows, i64 %873
-  %875 = load i32, ptr %874, align 4
-  %876 = sext i32 %875 to i64
-  %877 = mul nsw i64 %876, 1024
-  %878 = getelementptr inbounds float, ptr %x, i64 %877
-  store <8 x float> zeroinitializer, ptr %acc10144, align 4
-  store <8 x float> zeroinitializer, ptr %acc11145, align 4
-  %panel.off146 = mul nsw i64 %p, 16384
-  br label %k.head147
+  %897 = add nsw i64 %r0, 0
+  %898 = getelementptr inbounds i32, ptr %rows, i64 %897
+  %899 = load i32, ptr %898, align 4
+  %900 = sext i32 %899 to i64
+  %901 = mul nsw i64 %900, 1024
+  %902 = getelementptr inbounds float, ptr %x, i64 %901
+  store <8 x float> zeroinitializer, ptr %acc00145, align 4
+  store <8 x float> zeroinitializer, ptr %acc01146, align 4
+  %903 = add nsw i64 %r0, 1
+  %904 = getelementptr inbounds i32, ptr %rows, i64 %903
+  %905 = load i32, ptr %904, align 4
+  %906 = sext i32 %905 to i64
+  %907 = mul nsw i64 %906, 1024
+  %908 = getelementptr inbounds float, ptr %x, i64 %907
+  store <8 x float> zeroinitializer, ptr %acc10147, align 4
+  store <8 x float> zeroinitializer, ptr %acc11148, align 4
+  %panel.off149 = mul nsw i64 %p, 16384
+  %909 = getelementptr inbounds float, ptr %panels, i64 %panel.off149
+  %910 = add nsw i64 %p, 1
+  %911 = icmp slt i64 %910, %p1
+  %912 = getelementptr inbounds i8, ptr %909, i64 65536
+  %913 = and i1 %pf.on, %911
+  %pf150 = select i1 %913, ptr %912, ptr %909
+  br label %k.head151
 
-k.head147:                                        ; preds = %k.body148, %tile.mr2
-  %k150 = phi i64 [ 0, %tile.mr2 ], [ %903, %k.body148 ]
-  %879 = icmp slt i64 %k150, 1024
-  br i1 %879, label %k.body148, label %k.end149
+k.head151:                                        ; preds = %k.body152, %tile.mr2
+  %k154 = phi i64 [ 0, %tile.mr2 ], [ %940, %k.body152 ]
+  %914 = icmp slt i64 %k154, 1024
+  br i1 %914, label %k.body152, label %k.end153
 
-k.body148:                                        ; preds = %k.head147
-  %880 = mul nsw i64 %k150, 16
-  %881 = add nsw i64 %panel.off146, %880
-  %882 = getelementptr inbounds float, ptr %panels, i64 %881
-  %883 = load <8 x float>, ptr %882, align 4
-  %884 = add nsw i64 %881, 8
-  %885 = getelementptr inbounds float, ptr %panels, i64 %884
-  %886 = load <8 x float>, ptr %885, align 4
-  %887 = getelementptr inbounds float, ptr %872, i64 %k150
-  %888 = load float, ptr %887, align 4
-  %889 = insertelement <8 x float> poison, float %888, i32 0
-  %890 = shufflevector <8 x float> %889, <8 x float> poison, <8 x i32> zeroinitializer
-  %891 = load <8 x float>, ptr %acc00142, align 4
-  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %890, <8 x float> %883, <8 x float> %891)
-  store <8 x float> %892, ptr %acc00142, align 4
-  %893 = load <8 x float>, ptr %acc01143, align 4
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %890, <8 x float> %886, <8 x float> %893)
-  store <8 x float> %894, ptr %acc01143, align 4
-  %895 = getelementptr inbounds float, ptr %878, i64 %k150
-  %896 = load float, ptr %895, align 4
-  %897 = insertelement <8 x float> poison, float %896, i32 0
-  %898 = shufflevector <8 x float> %897, <8 x float> poison, <8 x i32> zeroinitializer
-  %899 = load <8 x float>, ptr %acc10144, align 4
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %883, <8 x float> %899)
-  store <8 x float> %900, ptr %acc10144, align 4
-  %901 = load <8 x float>, ptr %acc11145, align 4
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %886, <8 x float> %901)
-  store <8 x float> %902, ptr %acc11145, align 4
-  %903 = add nsw i64 %k150, 1
-  br label %k.head147
+k.body152:                                        ; preds = %k.head151
+  %915 = mul nsw i64 %k154, 16
+  %916 = add nsw i64 %panel.off149, %915
+  %917 = mul nsw i64 %k154, 64
+  %918 = getelementptr inbounds i8, ptr %pf150, i64 %917
+  call void @llvm.prefetch.p0(ptr %918, i32 0, i32 2, i32 1)
+  %919 = getelementptr inbounds float, ptr %panels, i64 %916
+  %920 = load <8 x float>, ptr %919, align 4
+  %921 = add nsw i64 %916, 8
+  %922 = getelementptr inbounds float, ptr %panels, i64 %921
+  %923 = load <8 x float>, ptr %922, align 4
+  %924 = getelementptr inbounds float, ptr %902, i64 %k154
+  %925 = load float, ptr %924, align 4
+  %926 = insertelement <8 x float> poison, float %925, i32 0
+  %927 = shufflevector <8 x float> %926, <8 x float> poison, <8 x i32> zeroinitializer
+  %928 = load <8 x float>, ptr %acc00145, align 4
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %920, <8 x float> %928)
+  store <8 x float> %929, ptr %acc00145, align 4
+  %930 = load <8 x float>, ptr %acc01146, align 4
+  %931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %923, <8 x float> %930)
+  store <8 x float> %931, ptr %acc01146, align 4
+  %932 = getelementptr inbounds float, ptr %908, i64 %k154
+  %933 = load float, ptr %932, align 4
+  %934 = insertelement <8 x float> poison, float %933, i32 0
+  %935 = shufflevector <8 x float> %934, <8 x float> poison, <8 x i32> zeroinitializer
+  %936 = load <8 x float>, ptr %acc10147, align 4
+  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %920, <8 x float> %936)
+  store <8 x float> %937, ptr %acc10147, align 4
+  %938 = load <8 x float>, ptr %acc11148, align 4
+  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %923, <8 x float> %938)
+  store <8 x float> %939, ptr %acc11148, align 4
+  %940 = add nsw i64 %k154, 1
+  br label %k.head151
 
-k.end149:                                         ; preds = %k.head147
-  %904 = add nsw i64 %r0, 0
-  %905 = getelementptr inbounds float, ptr %rw, i64 %904
-  %906 = load float, ptr %905, align 4
-  %907 = insertelement <8 x float> poison, float %906, i32 0
-  %908 = shufflevector <8 x float> %907, <8 x float> poison, <8 x i32> zeroinitializer
-  %909 = mul nsw i64 %904, 2816
-  %910 = getelementptr inbounds float, ptr %h, i64 %909
-  %col151 = mul nsw i64 %p, 8
-  %911 = load <8 x float>, ptr %acc00142, align 4
-  %912 = load <8 x float>, ptr %acc01143, align 4
-  %913 = fneg <8 x float> %911
-  %914 = fcmp olt <8 x float> %913, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %916 = fcmp ogt <8 x float> %915, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %917 = select <8 x i1> %916, <8 x float> %915, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %919 = call <8 x float> @llvm.floor.v8f32(<8 x float> %918)
-  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %917)
-  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %920)
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %921, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %921, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %921, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %921, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> %921, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %927 = fmul <8 x float> %921, %921
-  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %927, <8 x float> %921)
-  %929 = fadd <8 x float> %928, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %930 = fptosi <8 x float> %919 to <8 x i32>
-  %931 = add <8 x i32> %930, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %932 = shl <8 x i32> %931, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n152 = bitcast <8 x i32> %932 to <8 x float>
-  %exp153 = fmul <8 x float> %929, %exp.2n152
-  %933 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %933
-  %silu155 = fmul <8 x float> %911, %sigmoid154
-  %glu156 = fmul <8 x float> %silu155, %912
-  %934 = fmul <8 x float> %glu156, %908
-  %935 = getelementptr inbounds float, ptr %910, i64 %col151
-  store <8 x float> %934, ptr %935, align 4
-  %936 = add nsw i64 %r0, 1
-  %937 = getelementptr inbounds float, ptr %rw, i64 %936
-  %938 = load float, ptr %937, align 4
-  %939 = insertelement <8 x float> poison, float %938, i32 0
-  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
-  %941 = mul nsw i64 %936, 2816
-  %942 = getelementptr inbounds float, ptr %h, i64 %941
-  %col157 = mul nsw i64 %p, 8
-  %943 = load <8 x float>, ptr %acc10144, align 4
-  %944 = load <8 x float>, ptr %acc11145, align 4
-  %945 = fneg <8 x float> %943
-  %946 = fcmp olt <8 x float> %945, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %947 = select <8 x i1> %946, <8 x float> %945, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %948 = fcmp ogt <8 x float> %947, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %949 = select <8 x i1> %948, <8 x float> %947, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %951 = call <8 x float> @llvm.floor.v8f32(<8 x float> %950)
-  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %949)
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %952)
-  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %953, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %953, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> %953, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %953, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %953, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %959 = fmul <8 x float> %953, %953
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %959, <8 x float> %953)
-  %961 = fadd <8 x float> %960, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %962 = fptosi <8 x float> %951 to <8 x i32>
-  %963 = add <8 x i32> %962, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %964 = shl <8 x i32> %963, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n158 = bitcast <8 x i32> %964 to <8 x float>
-  %exp159 = fmul <8 x float> %961, %exp.2n158
-  %965 = fadd <8 x float> %exp159, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid160 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %965
-  %silu161 = fmul <8 x float> %943, %sigmoid160
-  %glu162 = fmul <8 x float> %silu161, %944
-  %966 = fmul <8 x float> %glu162, %940
-  %967 = getelementptr inbounds float, ptr %942, i64 %col157
-  store <8 x float> %966, ptr %967, align 4
+k.end153:                                         ; preds = %k.head151
+  %941 = add nsw i64 %r0, 0
+  %942 = getelementptr inbounds float, ptr %rw, i64 %941
+  %943 = load float, ptr %942, align 4
+  %944 = insertelement <8 x float> poison, float %943, i32 0
+  %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
+  %946 = mul nsw i64 %941, 2816
+  %947 = getelementptr inbounds float, ptr %h, i64 %946
+  %col155 = mul nsw i64 %p, 8
+  %948 = load <8 x float>, ptr %acc00145, align 4
+  %949 = load <8 x float>, ptr %acc01146, align 4
+  %950 = fneg <8 x float> %948
+  %951 = fcmp olt <8 x float> %950, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %952 = select <8 x i1> %951, <8 x float> %950, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %953 = fcmp ogt <8 x float> %952, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %954 = select <8 x i1> %953, <8 x float> %952, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %956 = call <8 x float> @llvm.floor.v8f32(<8 x float> %955)
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %954)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %957)
+  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %958, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %958, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %958, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %958, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %958, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %964 = fmul <8 x float> %958, %958
+  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %964, <8 x float> %958)
+  %966 = fadd <8 x float> %965, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %967 = fptosi <8 x float> %956 to <8 x i32>
+  %968 = add <8 x i32> %967, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %969 = shl <8 x i32> %968, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n156 = bitcast <8 x i32> %969 to <8 x float>
+  %exp157 = fmul <8 x float> %966, %exp.2n156
+  %970 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %970
+  %silu159 = fmul <8 x float> %948, %sigmoid158
+  %glu160 = fmul <8 x float> %silu159, %949
+  %971 = fmul <8 x float> %glu160, %945
+  %972 = getelementptr inbounds float, ptr %947, i64 %col155
+  store <8 x float> %971, ptr %972, align 4
+  %973 = add nsw i64 %r0, 1
+  %974 = getelementptr inbounds float, ptr %rw, i64 %973
+  %975 = load float, ptr %974, align 4
+  %976 = insertelement <8 x float> poison, float %975, i32 0
+  %977 = shufflevector <8 x float> %976, <8 x float> poison, <8 x i32> zeroinitializer
+  %978 = mul nsw i64 %973, 2816
+  %979 = getelementptr inbounds float, ptr %h, i64 %978
+  %col161 = mul nsw i64 %p, 8
+  %980 = load <8 x float>, ptr %acc10147, align 4
+  %981 = load <8 x float>, ptr %acc11148, align 4
+  %982 = fneg <8 x float> %980
+  %983 = fcmp olt <8 x float> %982, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %984 = select <8 x i1> %983, <8 x float> %982, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %985 = fcmp ogt <8 x float> %984, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %986 = select <8 x i1> %985, <8 x float> %984, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %988 = call <8 x float> @llvm.floor.v8f32(<8 x float> %987)
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %986)
+  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %989)
+  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %990, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %991, <8 x float> %990, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %990, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %990, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %990, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %996 = fmul <8 x float> %990, %990
+  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %996, <8 x float> %990)
+  %998 = fadd <8 x float> %997, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %999 = fptosi <8 x float> %988 to <8 x i32>
+  %1000 = add <8 x i32> %999, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1001 = shl <8 x i32> %1000, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n162 = bitcast <8 x i32> %1001 to <8 x float>
+  %exp163 = fmul <8 x float> %998, %exp.2n162
+  %1002 = fadd <8 x float> %exp163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid164 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1002
+  %silu165 = fmul <8 x float> %980, %sigmoid164
+  %glu166 = fmul <8 x float> %silu165, %981
+  %1003 = fmul <8 x float> %glu166, %977
+  %1004 = getelementptr inbounds float, ptr %979, i64 %col161
+  store <8 x float> %1003, ptr %1004, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %968 = add nsw i64 %r0, 0
-  %969 = getelementptr inbounds i32, ptr %rows, i64 %968
-  %970 = load i32, ptr %969, align 4
-  %971 = sext i32 %970 to i64
-  %972 = mul nsw i64 %971, 1024
-  %973 = getelementptr inbounds float, ptr %x, i64 %972
-  store <8 x float> zeroinitializer, ptr %acc00163, align 4
-  store <8 x float> zeroinitializer, ptr %acc01164, align 4
-  %panel.off165 = mul nsw i64 %p, 16384
-  br label %k.head166
+  %1005 = add nsw i64 %r0, 0
+  %1006 = getelementptr inbounds i32, ptr %rows, i64 %1005
+  %1007 = load i32, ptr %1006, align 4
+  %1008 = sext i32 %1007 to i64
+  %1009 = mul nsw i64 %1008, 1024
+  %1010 = getelementptr inbounds float, ptr %x, i64 %1009
+  store <8 x float> zeroinitializer, ptr %acc00167, align 4
+  store <8 x float> zeroinitializer, ptr %acc01168, align 4
+  %panel.off169 = mul nsw i64 %p, 16384
+  %1011 = getelementptr inbounds float, ptr %panels, i64 %panel.off169
+  %1012 = add nsw i64 %p, 1
+  %1013 = icmp slt i64 %1012, %p1
+  %1014 = getelementptr inbounds i8, ptr %1011, i64 65536
+  %1015 = and i1 %pf.on, %1013
+  %pf170 = select i1 %1015, ptr %1014, ptr %1011
+  br label %k.head171
 
-k.head166:                                        ; preds = %k.body167, %tile.mr1
-  %k169 = phi i64 [ 0, %tile.mr1 ], [ %990, %k.body167 ]
-  %974 = icmp slt i64 %k169, 1024
-  br i1 %974, label %k.body167, label %k.end168
+k.head171:                                        ; preds = %k.body172, %tile.mr1
+  %k174 = phi i64 [ 0, %tile.mr1 ], [ %1034, %k.body172 ]
+  %1016 = icmp slt i64 %k174, 1024
+  br i1 %1016, label %k.body172, label %k.end173
 
-k.body167:                                        ; preds = %k.head166
-  %975 = mul nsw i64 %k169, 16
-  %976 = add nsw i64 %panel.off165, %975
-  %977 = getelementptr inbounds float, ptr %panels, i64 %976
-  %978 = load <8 x float>, ptr %977, align 4
-  %979 = add nsw i64 %976, 8
-  %980 = getelementptr inbounds float, ptr %panels, i64 %979
-  %981 = load <8 x float>, ptr %980, align 4
-  %982 = getelementptr inbounds float, ptr %973, i64 %k169
-  %983 = load float, ptr %982, align 4
-  %984 = insertelement <8 x float> poison, float %983, i32 0
-  %985 = shufflevector <8 x float> %984, <8 x float> poison, <8 x i32> zeroinitializer
-  %986 = load <8 x float>, ptr %acc00163, align 4
-  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %978, <8 x float> %986)
-  store <8 x float> %987, ptr %acc00163, align 4
-  %988 = load <8 x float>, ptr %acc01164, align 4
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %981, <8 x float> %988)
-  store <8 x float> %989, ptr %acc01164, align 4
-  %990 = add nsw i64 %k169, 1
-  br label %k.head166
+k.body172:                                        ; preds = %k.head171
+  %1017 = mul nsw i64 %k174, 16
+  %1018 = add nsw i64 %panel.off169, %1017
+  %1019 = mul nsw i64 %k174, 64
+  %1020 = getelementptr inbounds i8, ptr %pf170, i64 %1019
+  call void @llvm.prefetch.p0(ptr %1020, i32 0, i32 2, i32 1)
+  %1021 = getelementptr inbounds float, ptr %panels, i64 %1018
+  %1022 = load <8 x float>, ptr %1021, align 4
+  %1023 = add nsw i64 %1018, 8
+  %1024 = getelementptr inbounds float, ptr %panels, i64 %1023
+  %1025 = load <8 x float>, ptr %1024, align 4
+  %1026 = getelementptr inbounds float, ptr %1010, i64 %k174
+  %1027 = load float, ptr %1026, align 4
+  %1028 = insertelement <8 x float> poison, float %1027, i32 0
+  %1029 = shufflevector <8 x float> %1028, <8 x float> poison, <8 x i32> zeroinitializer
+  %1030 = load <8 x float>, ptr %acc00167, align 4
+  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1022, <8 x float> %1030)
+  store <8 x float> %1031, ptr %acc00167, align 4
+  %1032 = load <8 x float>, ptr %acc01168, align 4
+  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1025, <8 x float> %1032)
+  store <8 x float> %1033, ptr %acc01168, align 4
+  %1034 = add nsw i64 %k174, 1
+  br label %k.head171
 
-k.end168:                                         ; preds = %k.head166
-  %991 = add nsw i64 %r0, 0
-  %992 = getelementptr inbounds float, ptr %rw, i64 %991
-  %993 = load float, ptr %992, align 4
-  %994 = insertelement <8 x float> poison, float %993, i32 0
-  %995 = shufflevector <8 x float> %994, <8 x float> poison, <8 x i32> zeroinitializer
-  %996 = mul nsw i64 %991, 2816
-  %997 = getelementptr inbounds float, ptr %h, i64 %996
-  %col170 = mul nsw i64 %p, 8
-  %998 = load <8 x float>, ptr %acc00163, align 4
-  %999 = load <8 x float>, ptr %acc01164, align 4
-  %1000 = fneg <8 x float> %998
-  %1001 = fcmp olt <8 x float> %1000, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1003 = fcmp ogt <8 x float> %1002, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1004 = select <8 x i1> %1003, <8 x float> %1002, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1006 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1005)
-  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1004)
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1007)
-  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1008, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1008, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1008, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1008, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1014 = fmul <8 x float> %1008, %1008
-  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1014, <8 x float> %1008)
-  %1016 = fadd <8 x float> %1015, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1017 = fptosi <8 x float> %1006 to <8 x i32>
-  %1018 = add <8 x i32> %1017, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1019 = shl <8 x i32> %1018, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n171 = bitcast <8 x i32> %1019 to <8 x float>
-  %exp172 = fmul <8 x float> %1016, %exp.2n171
-  %1020 = fadd <8 x float> %exp172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid173 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
-  %silu174 = fmul <8 x float> %998, %sigmoid173
-  %glu175 = fmul <8 x float> %silu174, %999
-  %1021 = fmul <8 x float> %glu175, %995
-  %1022 = getelementptr inbounds float, ptr %997, i64 %col170
-  store <8 x float> %1021, ptr %1022, align 4
+k.end173:                                         ; preds = %k.head171
+  %1035 = add nsw i64 %r0, 0
+  %1036 = getelementptr inbounds float, ptr %rw, i64 %1035
+  %1037 = load float, ptr %1036, align 4
+  %1038 = insertelement <8 x float> poison, float %1037, i32 0
+  %1039 = shufflevector <8 x float> %1038, <8 x float> poison, <8 x i32> zeroinitializer
+  %1040 = mul nsw i64 %1035, 2816
+  %1041 = getelementptr inbounds float, ptr %h, i64 %1040
+  %col175 = mul nsw i64 %p, 8
+  %1042 = load <8 x float>, ptr %acc00167, align 4
+  %1043 = load <8 x float>, ptr %acc01168, align 4
+  %1044 = fneg <8 x float> %1042
+  %1045 = fcmp olt <8 x float> %1044, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1046 = select <8 x i1> %1045, <8 x float> %1044, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1047 = fcmp ogt <8 x float> %1046, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1048 = select <8 x i1> %1047, <8 x float> %1046, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1050 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1049)
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1048)
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1051)
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1052, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1052, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1052, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1052, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1052, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1058 = fmul <8 x float> %1052, %1052
+  %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1057, <8 x float> %1058, <8 x float> %1052)
+  %1060 = fadd <8 x float> %1059, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1061 = fptosi <8 x float> %1050 to <8 x i32>
+  %1062 = add <8 x i32> %1061, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1063 = shl <8 x i32> %1062, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n176 = bitcast <8 x i32> %1063 to <8 x float>
+  %exp177 = fmul <8 x float> %1060, %exp.2n176
+  %1064 = fadd <8 x float> %exp177, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid178 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1064
+  %silu179 = fmul <8 x float> %1042, %sigmoid178
+  %glu180 = fmul <8 x float> %silu179, %1043
+  %1065 = fmul <8 x float> %glu180, %1039
+  %1066 = getelementptr inbounds float, ptr %1041, i64 %col175
+  store <8 x float> %1065, ptr %1066, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end168, %k.end149, %k.end122, %k.end87, %k.end44, %k.end
-  %1023 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end173, %k.end153, %k.end125, %k.end89, %k.end45, %k.end
+  %1067 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1024 = add nsw i64 %p, 1
+  %1068 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.floor.v8f32(<8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
@@ -2354,26 +2414,26 @@ entry:
   %acc319 = alloca <8 x float>, align 32
   %acc4010 = alloca <8 x float>, align 32
   %acc4111 = alloca <8 x float>, align 32
-  %acc0018 = alloca <8 x float>, align 32
-  %acc0119 = alloca <8 x float>, align 32
-  %acc1020 = alloca <8 x float>, align 32
-  %acc1121 = alloca <8 x float>, align 32
-  %acc2022 = alloca <8 x float>, align 32
-  %acc2123 = alloca <8 x float>, align 32
-  %acc3024 = alloca <8 x float>, align 32
-  %acc3125 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc0044 = alloca <8 x float>, align 32
-  %acc0145 = alloca <8 x float>, align 32
-  %acc1046 = alloca <8 x float>, align 32
-  %acc1147 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
+  %acc0019 = alloca <8 x float>, align 32
+  %acc0120 = alloca <8 x float>, align 32
+  %acc1021 = alloca <8 x float>, align 32
+  %acc1122 = alloca <8 x float>, align 32
+  %acc2023 = alloca <8 x float>, align 32
+  %acc2124 = alloca <8 x float>, align 32
+  %acc3025 = alloca <8 x float>, align 32
+  %acc3126 = alloca <8 x float>, align 32
+  %acc0034 = alloca <8 x float>, align 32
+  %acc0135 = alloca <8 x float>, align 32
+  %acc1036 = alloca <8 x float>, align 32
+  %acc1137 = alloca <8 x float>, align 32
+  %acc2038 = alloca <8 x float>, align 32
+  %acc2139 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc0058 = alloca <8 x float>, align 32
+  %acc0159 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2382,7 +2442,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %563, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %607, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2390,7 +2450,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %562, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %606, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2398,6 +2458,9 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
+  %4 = icmp sgt i64 %n, 6
+  %5 = icmp eq i64 %r0, 0
+  %pf.on = and i1 %5, %4
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2408,784 +2471,838 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %4 = add nsw i64 %r0, 0
-  %5 = mul nsw i64 %4, 2816
-  %6 = getelementptr inbounds float, ptr %h, i64 %5
-  %7 = getelementptr inbounds i32, ptr %rows, i64 %4
-  %8 = load i32, ptr %7, align 4
-  %9 = sext i32 %8 to i64
-  %10 = mul nsw i64 %9, 1024
-  %11 = getelementptr inbounds float, ptr %y, i64 %10
-  %12 = add nsw i64 %col, 0
-  %13 = getelementptr inbounds float, ptr %11, i64 %12
-  %14 = load <8 x float>, ptr %13, align 4
-  store <8 x float> %14, ptr %acc00, align 4
-  %15 = add nsw i64 %col, 8
-  %16 = getelementptr inbounds float, ptr %11, i64 %15
-  %17 = load <8 x float>, ptr %16, align 4
-  store <8 x float> %17, ptr %acc01, align 4
-  %18 = add nsw i64 %r0, 1
-  %19 = mul nsw i64 %18, 2816
-  %20 = getelementptr inbounds float, ptr %h, i64 %19
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %18
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 1024
-  %25 = getelementptr inbounds float, ptr %y, i64 %24
-  %26 = add nsw i64 %col, 0
-  %27 = getelementptr inbounds float, ptr %25, i64 %26
-  %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc10, align 4
-  %29 = add nsw i64 %col, 8
-  %30 = getelementptr inbounds float, ptr %25, i64 %29
-  %31 = load <8 x float>, ptr %30, align 4
-  store <8 x float> %31, ptr %acc11, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 2816
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 1024
-  %39 = getelementptr inbounds float, ptr %y, i64 %38
-  %40 = add nsw i64 %col, 0
-  %41 = getelementptr inbounds float, ptr %39, i64 %40
-  %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc20, align 4
-  %43 = add nsw i64 %col, 8
-  %44 = getelementptr inbounds float, ptr %39, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  store <8 x float> %45, ptr %acc21, align 4
-  %46 = add nsw i64 %r0, 3
-  %47 = mul nsw i64 %46, 2816
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 1024
-  %53 = getelementptr inbounds float, ptr %y, i64 %52
-  %54 = add nsw i64 %col, 0
-  %55 = getelementptr inbounds float, ptr %53, i64 %54
-  %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc30, align 4
-  %57 = add nsw i64 %col, 8
-  %58 = getelementptr inbounds float, ptr %53, i64 %57
-  %59 = load <8 x float>, ptr %58, align 4
-  store <8 x float> %59, ptr %acc31, align 4
-  %60 = add nsw i64 %r0, 4
-  %61 = mul nsw i64 %60, 2816
-  %62 = getelementptr inbounds float, ptr %h, i64 %61
-  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
-  %64 = load i32, ptr %63, align 4
-  %65 = sext i32 %64 to i64
-  %66 = mul nsw i64 %65, 1024
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
-  %68 = add nsw i64 %col, 0
-  %69 = getelementptr inbounds float, ptr %67, i64 %68
-  %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc40, align 4
-  %71 = add nsw i64 %col, 8
-  %72 = getelementptr inbounds float, ptr %67, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  store <8 x float> %73, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 2816
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 1024
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
-  %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc50, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %81, i64 %85
-  %87 = load <8 x float>, ptr %86, align 4
-  store <8 x float> %87, ptr %acc51, align 4
+  %6 = add nsw i64 %r0, 0
+  %7 = mul nsw i64 %6, 2816
+  %8 = getelementptr inbounds float, ptr %h, i64 %7
+  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
+  %10 = load i32, ptr %9, align 4
+  %11 = sext i32 %10 to i64
+  %12 = mul nsw i64 %11, 1024
+  %13 = getelementptr inbounds float, ptr %y, i64 %12
+  %14 = add nsw i64 %col, 0
+  %15 = getelementptr inbounds float, ptr %13, i64 %14
+  %16 = load <8 x float>, ptr %15, align 4
+  store <8 x float> %16, ptr %acc00, align 4
+  %17 = add nsw i64 %col, 8
+  %18 = getelementptr inbounds float, ptr %13, i64 %17
+  %19 = load <8 x float>, ptr %18, align 4
+  store <8 x float> %19, ptr %acc01, align 4
+  %20 = add nsw i64 %r0, 1
+  %21 = mul nsw i64 %20, 2816
+  %22 = getelementptr inbounds float, ptr %h, i64 %21
+  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %24 = load i32, ptr %23, align 4
+  %25 = sext i32 %24 to i64
+  %26 = mul nsw i64 %25, 1024
+  %27 = getelementptr inbounds float, ptr %y, i64 %26
+  %28 = add nsw i64 %col, 0
+  %29 = getelementptr inbounds float, ptr %27, i64 %28
+  %30 = load <8 x float>, ptr %29, align 4
+  store <8 x float> %30, ptr %acc10, align 4
+  %31 = add nsw i64 %col, 8
+  %32 = getelementptr inbounds float, ptr %27, i64 %31
+  %33 = load <8 x float>, ptr %32, align 4
+  store <8 x float> %33, ptr %acc11, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 2816
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 1024
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
+  %42 = add nsw i64 %col, 0
+  %43 = getelementptr inbounds float, ptr %41, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  store <8 x float> %44, ptr %acc20, align 4
+  %45 = add nsw i64 %col, 8
+  %46 = getelementptr inbounds float, ptr %41, i64 %45
+  %47 = load <8 x float>, ptr %46, align 4
+  store <8 x float> %47, ptr %acc21, align 4
+  %48 = add nsw i64 %r0, 3
+  %49 = mul nsw i64 %48, 2816
+  %50 = getelementptr inbounds float, ptr %h, i64 %49
+  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
+  %52 = load i32, ptr %51, align 4
+  %53 = sext i32 %52 to i64
+  %54 = mul nsw i64 %53, 1024
+  %55 = getelementptr inbounds float, ptr %y, i64 %54
+  %56 = add nsw i64 %col, 0
+  %57 = getelementptr inbounds float, ptr %55, i64 %56
+  %58 = load <8 x float>, ptr %57, align 4
+  store <8 x float> %58, ptr %acc30, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %55, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  store <8 x float> %61, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 2816
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 1024
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  store <8 x float> %72, ptr %acc40, align 4
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %69, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  store <8 x float> %75, ptr %acc41, align 4
+  %76 = add nsw i64 %r0, 5
+  %77 = mul nsw i64 %76, 2816
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 1024
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> %86, ptr %acc50, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> %89, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 45056
+  %90 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %91 = add nsw i64 %p, 1
+  %92 = icmp slt i64 %91, %p1
+  %93 = getelementptr inbounds i8, ptr %90, i64 180224
+  %94 = and i1 %pf.on, %92
+  %pf = select i1 %94, ptr %93, ptr %90
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %144, %k.body ]
-  %88 = icmp slt i64 %k, 2816
-  br i1 %88, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %k.body ]
+  %95 = icmp slt i64 %k, 2816
+  br i1 %95, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %89 = mul nsw i64 %k, 16
-  %90 = add nsw i64 %panel.off, %89
-  %91 = getelementptr inbounds float, ptr %panels, i64 %90
-  %92 = load <8 x float>, ptr %91, align 4
-  %93 = add nsw i64 %90, 8
-  %94 = getelementptr inbounds float, ptr %panels, i64 %93
-  %95 = load <8 x float>, ptr %94, align 4
-  %96 = getelementptr inbounds float, ptr %6, i64 %k
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc00, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %92, <8 x float> %100)
-  store <8 x float> %101, ptr %acc00, align 4
-  %102 = load <8 x float>, ptr %acc01, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %95, <8 x float> %102)
-  store <8 x float> %103, ptr %acc01, align 4
-  %104 = getelementptr inbounds float, ptr %20, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc10, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %92, <8 x float> %108)
-  store <8 x float> %109, ptr %acc10, align 4
-  %110 = load <8 x float>, ptr %acc11, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %95, <8 x float> %110)
-  store <8 x float> %111, ptr %acc11, align 4
-  %112 = getelementptr inbounds float, ptr %34, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc20, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %92, <8 x float> %116)
-  store <8 x float> %117, ptr %acc20, align 4
-  %118 = load <8 x float>, ptr %acc21, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %95, <8 x float> %118)
-  store <8 x float> %119, ptr %acc21, align 4
-  %120 = getelementptr inbounds float, ptr %48, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc30, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %92, <8 x float> %124)
-  store <8 x float> %125, ptr %acc30, align 4
-  %126 = load <8 x float>, ptr %acc31, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %95, <8 x float> %126)
-  store <8 x float> %127, ptr %acc31, align 4
-  %128 = getelementptr inbounds float, ptr %62, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc40, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %92, <8 x float> %132)
-  store <8 x float> %133, ptr %acc40, align 4
-  %134 = load <8 x float>, ptr %acc41, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %95, <8 x float> %134)
-  store <8 x float> %135, ptr %acc41, align 4
-  %136 = getelementptr inbounds float, ptr %76, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc50, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %92, <8 x float> %140)
-  store <8 x float> %141, ptr %acc50, align 4
-  %142 = load <8 x float>, ptr %acc51, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %95, <8 x float> %142)
-  store <8 x float> %143, ptr %acc51, align 4
-  %144 = add nsw i64 %k, 1
+  %96 = mul nsw i64 %k, 16
+  %97 = add nsw i64 %panel.off, %96
+  %98 = mul nsw i64 %k, 64
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %100 = getelementptr inbounds float, ptr %panels, i64 %97
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = add nsw i64 %97, 8
+  %103 = getelementptr inbounds float, ptr %panels, i64 %102
+  %104 = load <8 x float>, ptr %103, align 4
+  %105 = getelementptr inbounds float, ptr %8, i64 %k
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = load <8 x float>, ptr %acc00, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
+  store <8 x float> %110, ptr %acc00, align 4
+  %111 = load <8 x float>, ptr %acc01, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
+  store <8 x float> %112, ptr %acc01, align 4
+  %113 = getelementptr inbounds float, ptr %22, i64 %k
+  %114 = load float, ptr %113, align 4
+  %115 = insertelement <8 x float> poison, float %114, i32 0
+  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
+  %117 = load <8 x float>, ptr %acc10, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
+  store <8 x float> %118, ptr %acc10, align 4
+  %119 = load <8 x float>, ptr %acc11, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
+  store <8 x float> %120, ptr %acc11, align 4
+  %121 = getelementptr inbounds float, ptr %36, i64 %k
+  %122 = load float, ptr %121, align 4
+  %123 = insertelement <8 x float> poison, float %122, i32 0
+  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
+  %125 = load <8 x float>, ptr %acc20, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
+  store <8 x float> %126, ptr %acc20, align 4
+  %127 = load <8 x float>, ptr %acc21, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
+  store <8 x float> %128, ptr %acc21, align 4
+  %129 = getelementptr inbounds float, ptr %50, i64 %k
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = load <8 x float>, ptr %acc30, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
+  store <8 x float> %134, ptr %acc30, align 4
+  %135 = load <8 x float>, ptr %acc31, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
+  store <8 x float> %136, ptr %acc31, align 4
+  %137 = getelementptr inbounds float, ptr %64, i64 %k
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = load <8 x float>, ptr %acc40, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
+  store <8 x float> %142, ptr %acc40, align 4
+  %143 = load <8 x float>, ptr %acc41, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
+  store <8 x float> %144, ptr %acc41, align 4
+  %145 = getelementptr inbounds float, ptr %78, i64 %k
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %acc50, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
+  store <8 x float> %150, ptr %acc50, align 4
+  %151 = load <8 x float>, ptr %acc51, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
+  store <8 x float> %152, ptr %acc51, align 4
+  %153 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %145 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %145, ptr %13, align 4
-  %146 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %146, ptr %16, align 4
-  %147 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %147, ptr %27, align 4
-  %148 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %148, ptr %30, align 4
-  %149 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %149, ptr %41, align 4
-  %150 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %150, ptr %44, align 4
-  %151 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %151, ptr %55, align 4
-  %152 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %152, ptr %58, align 4
-  %153 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %153, ptr %69, align 4
-  %154 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %154, ptr %72, align 4
-  %155 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %155, ptr %83, align 4
-  %156 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %156, ptr %86, align 4
+  %154 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %154, ptr %15, align 4
+  %155 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %155, ptr %18, align 4
+  %156 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %156, ptr %29, align 4
+  %157 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %157, ptr %32, align 4
+  %158 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %158, ptr %43, align 4
+  %159 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %159, ptr %46, align 4
+  %160 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %160, ptr %57, align 4
+  %161 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %161, ptr %60, align 4
+  %162 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %162, ptr %71, align 4
+  %163 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %163, ptr %74, align 4
+  %164 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %164, ptr %85, align 4
+  %165 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %165, ptr %88, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col1 = mul nsw i64 %p, 16
-  %157 = add nsw i64 %r0, 0
-  %158 = mul nsw i64 %157, 2816
-  %159 = getelementptr inbounds float, ptr %h, i64 %158
-  %160 = getelementptr inbounds i32, ptr %rows, i64 %157
-  %161 = load i32, ptr %160, align 4
-  %162 = sext i32 %161 to i64
-  %163 = mul nsw i64 %162, 1024
-  %164 = getelementptr inbounds float, ptr %y, i64 %163
-  %165 = add nsw i64 %col1, 0
-  %166 = getelementptr inbounds float, ptr %164, i64 %165
-  %167 = load <8 x float>, ptr %166, align 4
-  store <8 x float> %167, ptr %acc002, align 4
-  %168 = add nsw i64 %col1, 8
-  %169 = getelementptr inbounds float, ptr %164, i64 %168
-  %170 = load <8 x float>, ptr %169, align 4
-  store <8 x float> %170, ptr %acc013, align 4
-  %171 = add nsw i64 %r0, 1
-  %172 = mul nsw i64 %171, 2816
-  %173 = getelementptr inbounds float, ptr %h, i64 %172
-  %174 = getelementptr inbounds i32, ptr %rows, i64 %171
-  %175 = load i32, ptr %174, align 4
-  %176 = sext i32 %175 to i64
-  %177 = mul nsw i64 %176, 1024
-  %178 = getelementptr inbounds float, ptr %y, i64 %177
-  %179 = add nsw i64 %col1, 0
-  %180 = getelementptr inbounds float, ptr %178, i64 %179
-  %181 = load <8 x float>, ptr %180, align 4
-  store <8 x float> %181, ptr %acc104, align 4
-  %182 = add nsw i64 %col1, 8
-  %183 = getelementptr inbounds float, ptr %178, i64 %182
-  %184 = load <8 x float>, ptr %183, align 4
-  store <8 x float> %184, ptr %acc115, align 4
-  %185 = add nsw i64 %r0, 2
-  %186 = mul nsw i64 %185, 2816
-  %187 = getelementptr inbounds float, ptr %h, i64 %186
-  %188 = getelementptr inbounds i32, ptr %rows, i64 %185
-  %189 = load i32, ptr %188, align 4
-  %190 = sext i32 %189 to i64
-  %191 = mul nsw i64 %190, 1024
-  %192 = getelementptr inbounds float, ptr %y, i64 %191
-  %193 = add nsw i64 %col1, 0
-  %194 = getelementptr inbounds float, ptr %192, i64 %193
-  %195 = load <8 x float>, ptr %194, align 4
-  store <8 x float> %195, ptr %acc206, align 4
-  %196 = add nsw i64 %col1, 8
-  %197 = getelementptr inbounds float, ptr %192, i64 %196
-  %198 = load <8 x float>, ptr %197, align 4
-  store <8 x float> %198, ptr %acc217, align 4
-  %199 = add nsw i64 %r0, 3
-  %200 = mul nsw i64 %199, 2816
-  %201 = getelementptr inbounds float, ptr %h, i64 %200
-  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
-  %203 = load i32, ptr %202, align 4
-  %204 = sext i32 %203 to i64
-  %205 = mul nsw i64 %204, 1024
-  %206 = getelementptr inbounds float, ptr %y, i64 %205
-  %207 = add nsw i64 %col1, 0
-  %208 = getelementptr inbounds float, ptr %206, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  store <8 x float> %209, ptr %acc308, align 4
-  %210 = add nsw i64 %col1, 8
-  %211 = getelementptr inbounds float, ptr %206, i64 %210
-  %212 = load <8 x float>, ptr %211, align 4
-  store <8 x float> %212, ptr %acc319, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 2816
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 1024
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col1, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  store <8 x float> %223, ptr %acc4010, align 4
-  %224 = add nsw i64 %col1, 8
-  %225 = getelementptr inbounds float, ptr %220, i64 %224
-  %226 = load <8 x float>, ptr %225, align 4
-  store <8 x float> %226, ptr %acc4111, align 4
+  %166 = add nsw i64 %r0, 0
+  %167 = mul nsw i64 %166, 2816
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
+  %170 = load i32, ptr %169, align 4
+  %171 = sext i32 %170 to i64
+  %172 = mul nsw i64 %171, 1024
+  %173 = getelementptr inbounds float, ptr %y, i64 %172
+  %174 = add nsw i64 %col1, 0
+  %175 = getelementptr inbounds float, ptr %173, i64 %174
+  %176 = load <8 x float>, ptr %175, align 4
+  store <8 x float> %176, ptr %acc002, align 4
+  %177 = add nsw i64 %col1, 8
+  %178 = getelementptr inbounds float, ptr %173, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  store <8 x float> %179, ptr %acc013, align 4
+  %180 = add nsw i64 %r0, 1
+  %181 = mul nsw i64 %180, 2816
+  %182 = getelementptr inbounds float, ptr %h, i64 %181
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 1024
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col1, 0
+  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %190 = load <8 x float>, ptr %189, align 4
+  store <8 x float> %190, ptr %acc104, align 4
+  %191 = add nsw i64 %col1, 8
+  %192 = getelementptr inbounds float, ptr %187, i64 %191
+  %193 = load <8 x float>, ptr %192, align 4
+  store <8 x float> %193, ptr %acc115, align 4
+  %194 = add nsw i64 %r0, 2
+  %195 = mul nsw i64 %194, 2816
+  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
+  %198 = load i32, ptr %197, align 4
+  %199 = sext i32 %198 to i64
+  %200 = mul nsw i64 %199, 1024
+  %201 = getelementptr inbounds float, ptr %y, i64 %200
+  %202 = add nsw i64 %col1, 0
+  %203 = getelementptr inbounds float, ptr %201, i64 %202
+  %204 = load <8 x float>, ptr %203, align 4
+  store <8 x float> %204, ptr %acc206, align 4
+  %205 = add nsw i64 %col1, 8
+  %206 = getelementptr inbounds float, ptr %201, i64 %205
+  %207 = load <8 x float>, ptr %206, align 4
+  store <8 x float> %207, ptr %acc217, align 4
+  %208 = add nsw i64 %r0, 3
+  %209 = mul nsw i64 %208, 2816
+  %210 = getelementptr inbounds float, ptr %h, i64 %209
+  %211 = getelementptr inbounds i32, ptr %rows, i64 %208
+  %212 = load i32, ptr %211, align 4
+  %213 = sext i32 %212 to i64
+  %214 = mul nsw i64 %213, 1024
+  %215 = getelementptr inbounds float, ptr %y, i64 %214
+  %216 = add nsw i64 %col1, 0
+  %217 = getelementptr inbounds float, ptr %215, i64 %216
+  %218 = load <8 x float>, ptr %217, align 4
+  store <8 x float> %218, ptr %acc308, align 4
+  %219 = add nsw i64 %col1, 8
+  %220 = getelementptr inbounds float, ptr %215, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  store <8 x float> %221, ptr %acc319, align 4
+  %222 = add nsw i64 %r0, 4
+  %223 = mul nsw i64 %222, 2816
+  %224 = getelementptr inbounds float, ptr %h, i64 %223
+  %225 = getelementptr inbounds i32, ptr %rows, i64 %222
+  %226 = load i32, ptr %225, align 4
+  %227 = sext i32 %226 to i64
+  %228 = mul nsw i64 %227, 1024
+  %229 = getelementptr inbounds float, ptr %y, i64 %228
+  %230 = add nsw i64 %col1, 0
+  %231 = getelementptr inbounds float, ptr %229, i64 %230
+  %232 = load <8 x float>, ptr %231, align 4
+  store <8 x float> %232, ptr %acc4010, align 4
+  %233 = add nsw i64 %col1, 8
+  %234 = getelementptr inbounds float, ptr %229, i64 %233
+  %235 = load <8 x float>, ptr %234, align 4
+  store <8 x float> %235, ptr %acc4111, align 4
   %panel.off12 = mul nsw i64 %p, 45056
-  br label %k.head13
+  %236 = getelementptr inbounds float, ptr %panels, i64 %panel.off12
+  %237 = add nsw i64 %p, 1
+  %238 = icmp slt i64 %237, %p1
+  %239 = getelementptr inbounds i8, ptr %236, i64 180224
+  %240 = and i1 %pf.on, %238
+  %pf13 = select i1 %240, ptr %239, ptr %236
+  br label %k.head14
 
-k.head13:                                         ; preds = %k.body14, %tile.mr5
-  %k16 = phi i64 [ 0, %tile.mr5 ], [ %275, %k.body14 ]
-  %227 = icmp slt i64 %k16, 2816
-  br i1 %227, label %k.body14, label %k.end15
+k.head14:                                         ; preds = %k.body15, %tile.mr5
+  %k17 = phi i64 [ 0, %tile.mr5 ], [ %291, %k.body15 ]
+  %241 = icmp slt i64 %k17, 2816
+  br i1 %241, label %k.body15, label %k.end16
 
-k.body14:                                         ; preds = %k.head13
-  %228 = mul nsw i64 %k16, 16
-  %229 = add nsw i64 %panel.off12, %228
-  %230 = getelementptr inbounds float, ptr %panels, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
-  %232 = add nsw i64 %229, 8
-  %233 = getelementptr inbounds float, ptr %panels, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  %235 = getelementptr inbounds float, ptr %159, i64 %k16
-  %236 = load float, ptr %235, align 4
-  %237 = insertelement <8 x float> poison, float %236, i32 0
-  %238 = shufflevector <8 x float> %237, <8 x float> poison, <8 x i32> zeroinitializer
-  %239 = load <8 x float>, ptr %acc002, align 4
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %231, <8 x float> %239)
-  store <8 x float> %240, ptr %acc002, align 4
-  %241 = load <8 x float>, ptr %acc013, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %234, <8 x float> %241)
-  store <8 x float> %242, ptr %acc013, align 4
-  %243 = getelementptr inbounds float, ptr %173, i64 %k16
-  %244 = load float, ptr %243, align 4
-  %245 = insertelement <8 x float> poison, float %244, i32 0
-  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
-  %247 = load <8 x float>, ptr %acc104, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %231, <8 x float> %247)
-  store <8 x float> %248, ptr %acc104, align 4
-  %249 = load <8 x float>, ptr %acc115, align 4
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %234, <8 x float> %249)
-  store <8 x float> %250, ptr %acc115, align 4
-  %251 = getelementptr inbounds float, ptr %187, i64 %k16
+k.body15:                                         ; preds = %k.head14
+  %242 = mul nsw i64 %k17, 16
+  %243 = add nsw i64 %panel.off12, %242
+  %244 = mul nsw i64 %k17, 64
+  %245 = getelementptr inbounds i8, ptr %pf13, i64 %244
+  call void @llvm.prefetch.p0(ptr %245, i32 0, i32 2, i32 1)
+  %246 = getelementptr inbounds float, ptr %panels, i64 %243
+  %247 = load <8 x float>, ptr %246, align 4
+  %248 = add nsw i64 %243, 8
+  %249 = getelementptr inbounds float, ptr %panels, i64 %248
+  %250 = load <8 x float>, ptr %249, align 4
+  %251 = getelementptr inbounds float, ptr %168, i64 %k17
   %252 = load float, ptr %251, align 4
   %253 = insertelement <8 x float> poison, float %252, i32 0
   %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc206, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %231, <8 x float> %255)
-  store <8 x float> %256, ptr %acc206, align 4
-  %257 = load <8 x float>, ptr %acc217, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %234, <8 x float> %257)
-  store <8 x float> %258, ptr %acc217, align 4
-  %259 = getelementptr inbounds float, ptr %201, i64 %k16
+  %255 = load <8 x float>, ptr %acc002, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %247, <8 x float> %255)
+  store <8 x float> %256, ptr %acc002, align 4
+  %257 = load <8 x float>, ptr %acc013, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> %257)
+  store <8 x float> %258, ptr %acc013, align 4
+  %259 = getelementptr inbounds float, ptr %182, i64 %k17
   %260 = load float, ptr %259, align 4
   %261 = insertelement <8 x float> poison, float %260, i32 0
   %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc308, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %231, <8 x float> %263)
-  store <8 x float> %264, ptr %acc308, align 4
-  %265 = load <8 x float>, ptr %acc319, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %234, <8 x float> %265)
-  store <8 x float> %266, ptr %acc319, align 4
-  %267 = getelementptr inbounds float, ptr %215, i64 %k16
+  %263 = load <8 x float>, ptr %acc104, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %247, <8 x float> %263)
+  store <8 x float> %264, ptr %acc104, align 4
+  %265 = load <8 x float>, ptr %acc115, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %250, <8 x float> %265)
+  store <8 x float> %266, ptr %acc115, align 4
+  %267 = getelementptr inbounds float, ptr %196, i64 %k17
   %268 = load float, ptr %267, align 4
   %269 = insertelement <8 x float> poison, float %268, i32 0
   %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc4010, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %231, <8 x float> %271)
-  store <8 x float> %272, ptr %acc4010, align 4
-  %273 = load <8 x float>, ptr %acc4111, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %234, <8 x float> %273)
-  store <8 x float> %274, ptr %acc4111, align 4
-  %275 = add nsw i64 %k16, 1
-  br label %k.head13
+  %271 = load <8 x float>, ptr %acc206, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %247, <8 x float> %271)
+  store <8 x float> %272, ptr %acc206, align 4
+  %273 = load <8 x float>, ptr %acc217, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %250, <8 x float> %273)
+  store <8 x float> %274, ptr %acc217, align 4
+  %275 = getelementptr inbounds float, ptr %210, i64 %k17
+  %276 = load float, ptr %275, align 4
+  %277 = insertelement <8 x float> poison, float %276, i32 0
+  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
+  %279 = load <8 x float>, ptr %acc308, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %247, <8 x float> %279)
+  store <8 x float> %280, ptr %acc308, align 4
+  %281 = load <8 x float>, ptr %acc319, align 4
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %250, <8 x float> %281)
+  store <8 x float> %282, ptr %acc319, align 4
+  %283 = getelementptr inbounds float, ptr %224, i64 %k17
+  %284 = load float, ptr %283, align 4
+  %285 = insertelement <8 x float> poison, float %284, i32 0
+  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
+  %287 = load <8 x float>, ptr %acc4010, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %247, <8 x float> %287)
+  store <8 x float> %288, ptr %acc4010, align 4
+  %289 = load <8 x float>, ptr %acc4111, align 4
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %250, <8 x float> %289)
+  store <8 x float> %290, ptr %acc4111, align 4
+  %291 = add nsw i64 %k17, 1
+  br label %k.head14
 
-k.end15:                                          ; preds = %k.head13
-  %276 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %276, ptr %166, align 4
-  %277 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %277, ptr %169, align 4
-  %278 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %278, ptr %180, align 4
-  %279 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %279, ptr %183, align 4
-  %280 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %280, ptr %194, align 4
-  %281 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %281, ptr %197, align 4
-  %282 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %282, ptr %208, align 4
-  %283 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %283, ptr %211, align 4
-  %284 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %284, ptr %222, align 4
-  %285 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %285, ptr %225, align 4
+k.end16:                                          ; preds = %k.head14
+  %292 = load <8 x float>, ptr %acc002, align 4
+  store <8 x float> %292, ptr %175, align 4
+  %293 = load <8 x float>, ptr %acc013, align 4
+  store <8 x float> %293, ptr %178, align 4
+  %294 = load <8 x float>, ptr %acc104, align 4
+  store <8 x float> %294, ptr %189, align 4
+  %295 = load <8 x float>, ptr %acc115, align 4
+  store <8 x float> %295, ptr %192, align 4
+  %296 = load <8 x float>, ptr %acc206, align 4
+  store <8 x float> %296, ptr %203, align 4
+  %297 = load <8 x float>, ptr %acc217, align 4
+  store <8 x float> %297, ptr %206, align 4
+  %298 = load <8 x float>, ptr %acc308, align 4
+  store <8 x float> %298, ptr %217, align 4
+  %299 = load <8 x float>, ptr %acc319, align 4
+  store <8 x float> %299, ptr %220, align 4
+  %300 = load <8 x float>, ptr %acc4010, align 4
+  store <8 x float> %300, ptr %231, align 4
+  %301 = load <8 x float>, ptr %acc4111, align 4
+  store <8 x float> %301, ptr %234, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col17 = mul nsw i64 %p, 16
-  %286 = add nsw i64 %r0, 0
-  %287 = mul nsw i64 %286, 2816
-  %288 = getelementptr inbounds float, ptr %h, i64 %287
-  %289 = getelementptr inbounds i32, ptr %rows, i64 %286
-  %290 = load i32, ptr %289, align 4
-  %291 = sext i32 %290 to i64
-  %292 = mul nsw i64 %291, 1024
-  %293 = getelementptr inbounds float, ptr %y, i64 %292
-  %294 = add nsw i64 %col17, 0
-  %295 = getelementptr inbounds float, ptr %293, i64 %294
-  %296 = load <8 x float>, ptr %295, align 4
-  store <8 x float> %296, ptr %acc0018, align 4
-  %297 = add nsw i64 %col17, 8
-  %298 = getelementptr inbounds float, ptr %293, i64 %297
-  %299 = load <8 x float>, ptr %298, align 4
-  store <8 x float> %299, ptr %acc0119, align 4
-  %300 = add nsw i64 %r0, 1
-  %301 = mul nsw i64 %300, 2816
-  %302 = getelementptr inbounds float, ptr %h, i64 %301
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 1024
-  %307 = getelementptr inbounds float, ptr %y, i64 %306
-  %308 = add nsw i64 %col17, 0
-  %309 = getelementptr inbounds float, ptr %307, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc1020, align 4
-  %311 = add nsw i64 %col17, 8
-  %312 = getelementptr inbounds float, ptr %307, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  store <8 x float> %313, ptr %acc1121, align 4
-  %314 = add nsw i64 %r0, 2
-  %315 = mul nsw i64 %314, 2816
-  %316 = getelementptr inbounds float, ptr %h, i64 %315
-  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %318 = load i32, ptr %317, align 4
-  %319 = sext i32 %318 to i64
-  %320 = mul nsw i64 %319, 1024
-  %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col17, 0
-  %323 = getelementptr inbounds float, ptr %321, i64 %322
-  %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc2022, align 4
-  %325 = add nsw i64 %col17, 8
-  %326 = getelementptr inbounds float, ptr %321, i64 %325
-  %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc2123, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = mul nsw i64 %328, 2816
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 1024
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col17, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
-  %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc3024, align 4
-  %339 = add nsw i64 %col17, 8
-  %340 = getelementptr inbounds float, ptr %335, i64 %339
-  %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc3125, align 4
-  %panel.off26 = mul nsw i64 %p, 45056
-  br label %k.head27
+  %col18 = mul nsw i64 %p, 16
+  %302 = add nsw i64 %r0, 0
+  %303 = mul nsw i64 %302, 2816
+  %304 = getelementptr inbounds float, ptr %h, i64 %303
+  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %306 = load i32, ptr %305, align 4
+  %307 = sext i32 %306 to i64
+  %308 = mul nsw i64 %307, 1024
+  %309 = getelementptr inbounds float, ptr %y, i64 %308
+  %310 = add nsw i64 %col18, 0
+  %311 = getelementptr inbounds float, ptr %309, i64 %310
+  %312 = load <8 x float>, ptr %311, align 4
+  store <8 x float> %312, ptr %acc0019, align 4
+  %313 = add nsw i64 %col18, 8
+  %314 = getelementptr inbounds float, ptr %309, i64 %313
+  %315 = load <8 x float>, ptr %314, align 4
+  store <8 x float> %315, ptr %acc0120, align 4
+  %316 = add nsw i64 %r0, 1
+  %317 = mul nsw i64 %316, 2816
+  %318 = getelementptr inbounds float, ptr %h, i64 %317
+  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
+  %320 = load i32, ptr %319, align 4
+  %321 = sext i32 %320 to i64
+  %322 = mul nsw i64 %321, 1024
+  %323 = getelementptr inbounds float, ptr %y, i64 %322
+  %324 = add nsw i64 %col18, 0
+  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  %326 = load <8 x float>, ptr %325, align 4
+  store <8 x float> %326, ptr %acc1021, align 4
+  %327 = add nsw i64 %col18, 8
+  %328 = getelementptr inbounds float, ptr %323, i64 %327
+  %329 = load <8 x float>, ptr %328, align 4
+  store <8 x float> %329, ptr %acc1122, align 4
+  %330 = add nsw i64 %r0, 2
+  %331 = mul nsw i64 %330, 2816
+  %332 = getelementptr inbounds float, ptr %h, i64 %331
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %330
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 1024
+  %337 = getelementptr inbounds float, ptr %y, i64 %336
+  %338 = add nsw i64 %col18, 0
+  %339 = getelementptr inbounds float, ptr %337, i64 %338
+  %340 = load <8 x float>, ptr %339, align 4
+  store <8 x float> %340, ptr %acc2023, align 4
+  %341 = add nsw i64 %col18, 8
+  %342 = getelementptr inbounds float, ptr %337, i64 %341
+  %343 = load <8 x float>, ptr %342, align 4
+  store <8 x float> %343, ptr %acc2124, align 4
+  %344 = add nsw i64 %r0, 3
+  %345 = mul nsw i64 %344, 2816
+  %346 = getelementptr inbounds float, ptr %h, i64 %345
+  %347 = getelementptr inbounds i32, ptr %rows, i64 %344
+  %348 = load i32, ptr %347, align 4
+  %349 = sext i32 %348 to i64
+  %350 = mul nsw i64 %349, 1024
+  %351 = getelementptr inbounds float, ptr %y, i64 %350
+  %352 = add nsw i64 %col18, 0
+  %353 = getelementptr inbounds float, ptr %351, i64 %352
+  %354 = load <8 x float>, ptr %353, align 4
+  store <8 x float> %354, ptr %acc3025, align 4
+  %355 = add nsw i64 %col18, 8
+  %356 = getelementptr inbounds float, ptr %351, i64 %355
+  %357 = load <8 x float>, ptr %356, align 4
+  store <8 x float> %357, ptr %acc3126, align 4
+  %panel.off27 = mul nsw i64 %p, 45056
+  %358 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
+  %359 = add nsw i64 %p, 1
+  %360 = icmp slt i64 %359, %p1
+  %361 = getelementptr inbounds i8, ptr %358, i64 180224
+  %362 = and i1 %pf.on, %360
+  %pf28 = select i1 %362, ptr %361, ptr %358
+  br label %k.head29
 
-k.head27:                                         ; preds = %k.body28, %tile.mr4
-  %k30 = phi i64 [ 0, %tile.mr4 ], [ %382, %k.body28 ]
-  %342 = icmp slt i64 %k30, 2816
-  br i1 %342, label %k.body28, label %k.end29
+k.head29:                                         ; preds = %k.body30, %tile.mr4
+  %k32 = phi i64 [ 0, %tile.mr4 ], [ %405, %k.body30 ]
+  %363 = icmp slt i64 %k32, 2816
+  br i1 %363, label %k.body30, label %k.end31
 
-k.body28:                                         ; preds = %k.head27
-  %343 = mul nsw i64 %k30, 16
-  %344 = add nsw i64 %panel.off26, %343
-  %345 = getelementptr inbounds float, ptr %panels, i64 %344
-  %346 = load <8 x float>, ptr %345, align 4
-  %347 = add nsw i64 %344, 8
-  %348 = getelementptr inbounds float, ptr %panels, i64 %347
-  %349 = load <8 x float>, ptr %348, align 4
-  %350 = getelementptr inbounds float, ptr %288, i64 %k30
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = load <8 x float>, ptr %acc0018, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %346, <8 x float> %354)
-  store <8 x float> %355, ptr %acc0018, align 4
-  %356 = load <8 x float>, ptr %acc0119, align 4
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %349, <8 x float> %356)
-  store <8 x float> %357, ptr %acc0119, align 4
-  %358 = getelementptr inbounds float, ptr %302, i64 %k30
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc1020, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %346, <8 x float> %362)
-  store <8 x float> %363, ptr %acc1020, align 4
-  %364 = load <8 x float>, ptr %acc1121, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %349, <8 x float> %364)
-  store <8 x float> %365, ptr %acc1121, align 4
-  %366 = getelementptr inbounds float, ptr %316, i64 %k30
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = load <8 x float>, ptr %acc2022, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %346, <8 x float> %370)
-  store <8 x float> %371, ptr %acc2022, align 4
-  %372 = load <8 x float>, ptr %acc2123, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %349, <8 x float> %372)
-  store <8 x float> %373, ptr %acc2123, align 4
-  %374 = getelementptr inbounds float, ptr %330, i64 %k30
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc3024, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %346, <8 x float> %378)
-  store <8 x float> %379, ptr %acc3024, align 4
-  %380 = load <8 x float>, ptr %acc3125, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %349, <8 x float> %380)
-  store <8 x float> %381, ptr %acc3125, align 4
-  %382 = add nsw i64 %k30, 1
-  br label %k.head27
+k.body30:                                         ; preds = %k.head29
+  %364 = mul nsw i64 %k32, 16
+  %365 = add nsw i64 %panel.off27, %364
+  %366 = mul nsw i64 %k32, 64
+  %367 = getelementptr inbounds i8, ptr %pf28, i64 %366
+  call void @llvm.prefetch.p0(ptr %367, i32 0, i32 2, i32 1)
+  %368 = getelementptr inbounds float, ptr %panels, i64 %365
+  %369 = load <8 x float>, ptr %368, align 4
+  %370 = add nsw i64 %365, 8
+  %371 = getelementptr inbounds float, ptr %panels, i64 %370
+  %372 = load <8 x float>, ptr %371, align 4
+  %373 = getelementptr inbounds float, ptr %304, i64 %k32
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = load <8 x float>, ptr %acc0019, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %369, <8 x float> %377)
+  store <8 x float> %378, ptr %acc0019, align 4
+  %379 = load <8 x float>, ptr %acc0120, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %372, <8 x float> %379)
+  store <8 x float> %380, ptr %acc0120, align 4
+  %381 = getelementptr inbounds float, ptr %318, i64 %k32
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = load <8 x float>, ptr %acc1021, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %369, <8 x float> %385)
+  store <8 x float> %386, ptr %acc1021, align 4
+  %387 = load <8 x float>, ptr %acc1122, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %372, <8 x float> %387)
+  store <8 x float> %388, ptr %acc1122, align 4
+  %389 = getelementptr inbounds float, ptr %332, i64 %k32
+  %390 = load float, ptr %389, align 4
+  %391 = insertelement <8 x float> poison, float %390, i32 0
+  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
+  %393 = load <8 x float>, ptr %acc2023, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %369, <8 x float> %393)
+  store <8 x float> %394, ptr %acc2023, align 4
+  %395 = load <8 x float>, ptr %acc2124, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %372, <8 x float> %395)
+  store <8 x float> %396, ptr %acc2124, align 4
+  %397 = getelementptr inbounds float, ptr %346, i64 %k32
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = load <8 x float>, ptr %acc3025, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %369, <8 x float> %401)
+  store <8 x float> %402, ptr %acc3025, align 4
+  %403 = load <8 x float>, ptr %acc3126, align 4
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %372, <8 x float> %403)
+  store <8 x float> %404, ptr %acc3126, align 4
+  %405 = add nsw i64 %k32, 1
+  br label %k.head29
 
-k.end29:                                          ; preds = %k.head27
-  %383 = load <8 x float>, ptr %acc0018, align 4
-  store <8 x float> %383, ptr %295, align 4
-  %384 = load <8 x float>, ptr %acc0119, align 4
-  store <8 x float> %384, ptr %298, align 4
-  %385 = load <8 x float>, ptr %acc1020, align 4
-  store <8 x float> %385, ptr %309, align 4
-  %386 = load <8 x float>, ptr %acc1121, align 4
-  store <8 x float> %386, ptr %312, align 4
-  %387 = load <8 x float>, ptr %acc2022, align 4
-  store <8 x float> %387, ptr %323, align 4
-  %388 = load <8 x float>, ptr %acc2123, align 4
-  store <8 x float> %388, ptr %326, align 4
-  %389 = load <8 x float>, ptr %acc3024, align 4
-  store <8 x float> %389, ptr %337, align 4
-  %390 = load <8 x float>, ptr %acc3125, align 4
-  store <8 x float> %390, ptr %340, align 4
+k.end31:                                          ; preds = %k.head29
+  %406 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %406, ptr %311, align 4
+  %407 = load <8 x float>, ptr %acc0120, align 4
+  store <8 x float> %407, ptr %314, align 4
+  %408 = load <8 x float>, ptr %acc1021, align 4
+  store <8 x float> %408, ptr %325, align 4
+  %409 = load <8 x float>, ptr %acc1122, align 4
+  store <8 x float> %409, ptr %328, align 4
+  %410 = load <8 x float>, ptr %acc2023, align 4
+  store <8 x float> %410, ptr %339, align 4
+  %411 = load <8 x float>, ptr %acc2124, align 4
+  store <8 x float> %411, ptr %342, align 4
+  %412 = load <8 x float>, ptr %acc3025, align 4
+  store <8 x float> %412, ptr %353, align 4
+  %413 = load <8 x float>, ptr %acc3126, align 4
+  store <8 x float> %413, ptr %356, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col31 = mul nsw i64 %p, 16
-  %391 = add nsw i64 %r0, 0
-  %392 = mul nsw i64 %391, 2816
-  %393 = getelementptr inbounds float, ptr %h, i64 %392
-  %394 = getelementptr inbounds i32, ptr %rows, i64 %391
-  %395 = load i32, ptr %394, align 4
-  %396 = sext i32 %395 to i64
-  %397 = mul nsw i64 %396, 1024
-  %398 = getelementptr inbounds float, ptr %y, i64 %397
-  %399 = add nsw i64 %col31, 0
-  %400 = getelementptr inbounds float, ptr %398, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  store <8 x float> %401, ptr %acc0032, align 4
-  %402 = add nsw i64 %col31, 8
-  %403 = getelementptr inbounds float, ptr %398, i64 %402
-  %404 = load <8 x float>, ptr %403, align 4
-  store <8 x float> %404, ptr %acc0133, align 4
-  %405 = add nsw i64 %r0, 1
-  %406 = mul nsw i64 %405, 2816
-  %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
-  %409 = load i32, ptr %408, align 4
-  %410 = sext i32 %409 to i64
-  %411 = mul nsw i64 %410, 1024
-  %412 = getelementptr inbounds float, ptr %y, i64 %411
-  %413 = add nsw i64 %col31, 0
-  %414 = getelementptr inbounds float, ptr %412, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  store <8 x float> %415, ptr %acc1034, align 4
-  %416 = add nsw i64 %col31, 8
-  %417 = getelementptr inbounds float, ptr %412, i64 %416
-  %418 = load <8 x float>, ptr %417, align 4
-  store <8 x float> %418, ptr %acc1135, align 4
-  %419 = add nsw i64 %r0, 2
-  %420 = mul nsw i64 %419, 2816
-  %421 = getelementptr inbounds float, ptr %h, i64 %420
-  %422 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %423 = load i32, ptr %422, align 4
-  %424 = sext i32 %423 to i64
-  %425 = mul nsw i64 %424, 1024
-  %426 = getelementptr inbounds float, ptr %y, i64 %425
-  %427 = add nsw i64 %col31, 0
-  %428 = getelementptr inbounds float, ptr %426, i64 %427
-  %429 = load <8 x float>, ptr %428, align 4
-  store <8 x float> %429, ptr %acc2036, align 4
-  %430 = add nsw i64 %col31, 8
-  %431 = getelementptr inbounds float, ptr %426, i64 %430
-  %432 = load <8 x float>, ptr %431, align 4
-  store <8 x float> %432, ptr %acc2137, align 4
-  %panel.off38 = mul nsw i64 %p, 45056
-  br label %k.head39
+  %col33 = mul nsw i64 %p, 16
+  %414 = add nsw i64 %r0, 0
+  %415 = mul nsw i64 %414, 2816
+  %416 = getelementptr inbounds float, ptr %h, i64 %415
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 1024
+  %421 = getelementptr inbounds float, ptr %y, i64 %420
+  %422 = add nsw i64 %col33, 0
+  %423 = getelementptr inbounds float, ptr %421, i64 %422
+  %424 = load <8 x float>, ptr %423, align 4
+  store <8 x float> %424, ptr %acc0034, align 4
+  %425 = add nsw i64 %col33, 8
+  %426 = getelementptr inbounds float, ptr %421, i64 %425
+  %427 = load <8 x float>, ptr %426, align 4
+  store <8 x float> %427, ptr %acc0135, align 4
+  %428 = add nsw i64 %r0, 1
+  %429 = mul nsw i64 %428, 2816
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 1024
+  %435 = getelementptr inbounds float, ptr %y, i64 %434
+  %436 = add nsw i64 %col33, 0
+  %437 = getelementptr inbounds float, ptr %435, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  store <8 x float> %438, ptr %acc1036, align 4
+  %439 = add nsw i64 %col33, 8
+  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %441 = load <8 x float>, ptr %440, align 4
+  store <8 x float> %441, ptr %acc1137, align 4
+  %442 = add nsw i64 %r0, 2
+  %443 = mul nsw i64 %442, 2816
+  %444 = getelementptr inbounds float, ptr %h, i64 %443
+  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
+  %446 = load i32, ptr %445, align 4
+  %447 = sext i32 %446 to i64
+  %448 = mul nsw i64 %447, 1024
+  %449 = getelementptr inbounds float, ptr %y, i64 %448
+  %450 = add nsw i64 %col33, 0
+  %451 = getelementptr inbounds float, ptr %449, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  store <8 x float> %452, ptr %acc2038, align 4
+  %453 = add nsw i64 %col33, 8
+  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  store <8 x float> %455, ptr %acc2139, align 4
+  %panel.off40 = mul nsw i64 %p, 45056
+  %456 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
+  %457 = add nsw i64 %p, 1
+  %458 = icmp slt i64 %457, %p1
+  %459 = getelementptr inbounds i8, ptr %456, i64 180224
+  %460 = and i1 %pf.on, %458
+  %pf41 = select i1 %460, ptr %459, ptr %456
+  br label %k.head42
 
-k.head39:                                         ; preds = %k.body40, %tile.mr3
-  %k42 = phi i64 [ 0, %tile.mr3 ], [ %465, %k.body40 ]
-  %433 = icmp slt i64 %k42, 2816
-  br i1 %433, label %k.body40, label %k.end41
+k.head42:                                         ; preds = %k.body43, %tile.mr3
+  %k45 = phi i64 [ 0, %tile.mr3 ], [ %495, %k.body43 ]
+  %461 = icmp slt i64 %k45, 2816
+  br i1 %461, label %k.body43, label %k.end44
 
-k.body40:                                         ; preds = %k.head39
-  %434 = mul nsw i64 %k42, 16
-  %435 = add nsw i64 %panel.off38, %434
-  %436 = getelementptr inbounds float, ptr %panels, i64 %435
-  %437 = load <8 x float>, ptr %436, align 4
-  %438 = add nsw i64 %435, 8
-  %439 = getelementptr inbounds float, ptr %panels, i64 %438
-  %440 = load <8 x float>, ptr %439, align 4
-  %441 = getelementptr inbounds float, ptr %393, i64 %k42
-  %442 = load float, ptr %441, align 4
-  %443 = insertelement <8 x float> poison, float %442, i32 0
-  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
-  %445 = load <8 x float>, ptr %acc0032, align 4
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %437, <8 x float> %445)
-  store <8 x float> %446, ptr %acc0032, align 4
-  %447 = load <8 x float>, ptr %acc0133, align 4
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %440, <8 x float> %447)
-  store <8 x float> %448, ptr %acc0133, align 4
-  %449 = getelementptr inbounds float, ptr %407, i64 %k42
-  %450 = load float, ptr %449, align 4
-  %451 = insertelement <8 x float> poison, float %450, i32 0
-  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
-  %453 = load <8 x float>, ptr %acc1034, align 4
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %437, <8 x float> %453)
-  store <8 x float> %454, ptr %acc1034, align 4
-  %455 = load <8 x float>, ptr %acc1135, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %440, <8 x float> %455)
-  store <8 x float> %456, ptr %acc1135, align 4
-  %457 = getelementptr inbounds float, ptr %421, i64 %k42
-  %458 = load float, ptr %457, align 4
-  %459 = insertelement <8 x float> poison, float %458, i32 0
-  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
-  %461 = load <8 x float>, ptr %acc2036, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %437, <8 x float> %461)
-  store <8 x float> %462, ptr %acc2036, align 4
-  %463 = load <8 x float>, ptr %acc2137, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %440, <8 x float> %463)
-  store <8 x float> %464, ptr %acc2137, align 4
-  %465 = add nsw i64 %k42, 1
-  br label %k.head39
+k.body43:                                         ; preds = %k.head42
+  %462 = mul nsw i64 %k45, 16
+  %463 = add nsw i64 %panel.off40, %462
+  %464 = mul nsw i64 %k45, 64
+  %465 = getelementptr inbounds i8, ptr %pf41, i64 %464
+  call void @llvm.prefetch.p0(ptr %465, i32 0, i32 2, i32 1)
+  %466 = getelementptr inbounds float, ptr %panels, i64 %463
+  %467 = load <8 x float>, ptr %466, align 4
+  %468 = add nsw i64 %463, 8
+  %469 = getelementptr inbounds float, ptr %panels, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
+  %471 = getelementptr inbounds float, ptr %416, i64 %k45
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = load <8 x float>, ptr %acc0034, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %467, <8 x float> %475)
+  store <8 x float> %476, ptr %acc0034, align 4
+  %477 = load <8 x float>, ptr %acc0135, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %477)
+  store <8 x float> %478, ptr %acc0135, align 4
+  %479 = getelementptr inbounds float, ptr %430, i64 %k45
+  %480 = load float, ptr %479, align 4
+  %481 = insertelement <8 x float> poison, float %480, i32 0
+  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
+  %483 = load <8 x float>, ptr %acc1036, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %467, <8 x float> %483)
+  store <8 x float> %484, ptr %acc1036, align 4
+  %485 = load <8 x float>, ptr %acc1137, align 4
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %470, <8 x float> %485)
+  store <8 x float> %486, ptr %acc1137, align 4
+  %487 = getelementptr inbounds float, ptr %444, i64 %k45
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc2038, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %467, <8 x float> %491)
+  store <8 x float> %492, ptr %acc2038, align 4
+  %493 = load <8 x float>, ptr %acc2139, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %470, <8 x float> %493)
+  store <8 x float> %494, ptr %acc2139, align 4
+  %495 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end41:                                          ; preds = %k.head39
-  %466 = load <8 x float>, ptr %acc0032, align 4
-  store <8 x float> %466, ptr %400, align 4
-  %467 = load <8 x float>, ptr %acc0133, align 4
-  store <8 x float> %467, ptr %403, align 4
-  %468 = load <8 x float>, ptr %acc1034, align 4
-  store <8 x float> %468, ptr %414, align 4
-  %469 = load <8 x float>, ptr %acc1135, align 4
-  store <8 x float> %469, ptr %417, align 4
-  %470 = load <8 x float>, ptr %acc2036, align 4
-  store <8 x float> %470, ptr %428, align 4
-  %471 = load <8 x float>, ptr %acc2137, align 4
-  store <8 x float> %471, ptr %431, align 4
+k.end44:                                          ; preds = %k.head42
+  %496 = load <8 x float>, ptr %acc0034, align 4
+  store <8 x float> %496, ptr %423, align 4
+  %497 = load <8 x float>, ptr %acc0135, align 4
+  store <8 x float> %497, ptr %426, align 4
+  %498 = load <8 x float>, ptr %acc1036, align 4
+  store <8 x float> %498, ptr %437, align 4
+  %499 = load <8 x float>, ptr %acc1137, align 4
+  store <8 x float> %499, ptr %440, align 4
+  %500 = load <8 x float>, ptr %acc2038, align 4
+  store <8 x float> %500, ptr %451, align 4
+  %501 = load <8 x float>, ptr %acc2139, align 4
+  store <8 x float> %501, ptr %454, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col43 = mul nsw i64 %p, 16
-  %472 = add nsw i64 %r0, 0
-  %473 = mul nsw i64 %472, 2816
-  %474 = getelementptr inbounds float, ptr %h, i64 %473
-  %475 = getelementptr inbounds i32, ptr %rows, i64 %472
-  %476 = load i32, ptr %475, align 4
-  %477 = sext i32 %476 to i64
-  %478 = mul nsw i64 %477, 1024
-  %479 = getelementptr inbounds float, ptr %y, i64 %478
-  %480 = add nsw i64 %col43, 0
-  %481 = getelementptr inbounds float, ptr %479, i64 %480
-  %482 = load <8 x float>, ptr %481, align 4
-  store <8 x float> %482, ptr %acc0044, align 4
-  %483 = add nsw i64 %col43, 8
-  %484 = getelementptr inbounds float, ptr %479, i64 %483
-  %485 = load <8 x float>, ptr %484, align 4
-  store <8 x float> %485, ptr %acc0145, align 4
-  %486 = add nsw i64 %r0, 1
-  %487 = mul nsw i64 %486, 2816
-  %488 = getelementptr inbounds float, ptr %h, i64 %487
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 1024
-  %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col43, 0
-  %495 = getelementptr inbounds float, ptr %493, i64 %494
-  %496 = load <8 x float>, ptr %495, align 4
-  store <8 x float> %496, ptr %acc1046, align 4
-  %497 = add nsw i64 %col43, 8
-  %498 = getelementptr inbounds float, ptr %493, i64 %497
-  %499 = load <8 x float>, ptr %498, align 4
-  store <8 x float> %499, ptr %acc1147, align 4
-  %panel.off48 = mul nsw i64 %p, 45056
-  br label %k.head49
+  %col46 = mul nsw i64 %p, 16
+  %502 = add nsw i64 %r0, 0
+  %503 = mul nsw i64 %502, 2816
+  %504 = getelementptr inbounds float, ptr %h, i64 %503
+  %505 = getelementptr inbounds i32, ptr %rows, i64 %502
+  %506 = load i32, ptr %505, align 4
+  %507 = sext i32 %506 to i64
+  %508 = mul nsw i64 %507, 1024
+  %509 = getelementptr inbounds float, ptr %y, i64 %508
+  %510 = add nsw i64 %col46, 0
+  %511 = getelementptr inbounds float, ptr %509, i64 %510
+  %512 = load <8 x float>, ptr %511, align 4
+  store <8 x float> %512, ptr %acc0047, align 4
+  %513 = add nsw i64 %col46, 8
+  %514 = getelementptr inbounds float, ptr %509, i64 %513
+  %515 = load <8 x float>, ptr %514, align 4
+  store <8 x float> %515, ptr %acc0148, align 4
+  %516 = add nsw i64 %r0, 1
+  %517 = mul nsw i64 %516, 2816
+  %518 = getelementptr inbounds float, ptr %h, i64 %517
+  %519 = getelementptr inbounds i32, ptr %rows, i64 %516
+  %520 = load i32, ptr %519, align 4
+  %521 = sext i32 %520 to i64
+  %522 = mul nsw i64 %521, 1024
+  %523 = getelementptr inbounds float, ptr %y, i64 %522
+  %524 = add nsw i64 %col46, 0
+  %525 = getelementptr inbounds float, ptr %523, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  store <8 x float> %526, ptr %acc1049, align 4
+  %527 = add nsw i64 %col46, 8
+  %528 = getelementptr inbounds float, ptr %523, i64 %527
+  %529 = load <8 x float>, ptr %528, align 4
+  store <8 x float> %529, ptr %acc1150, align 4
+  %panel.off51 = mul nsw i64 %p, 45056
+  %530 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
+  %531 = add nsw i64 %p, 1
+  %532 = icmp slt i64 %531, %p1
+  %533 = getelementptr inbounds i8, ptr %530, i64 180224
+  %534 = and i1 %pf.on, %532
+  %pf52 = select i1 %534, ptr %533, ptr %530
+  br label %k.head53
 
-k.head49:                                         ; preds = %k.body50, %tile.mr2
-  %k52 = phi i64 [ 0, %tile.mr2 ], [ %524, %k.body50 ]
-  %500 = icmp slt i64 %k52, 2816
-  br i1 %500, label %k.body50, label %k.end51
+k.head53:                                         ; preds = %k.body54, %tile.mr2
+  %k56 = phi i64 [ 0, %tile.mr2 ], [ %561, %k.body54 ]
+  %535 = icmp slt i64 %k56, 2816
+  br i1 %535, label %k.body54, label %k.end55
 
-k.body50:                                         ; preds = %k.head49
-  %501 = mul nsw i64 %k52, 16
-  %502 = add nsw i64 %panel.off48, %501
-  %503 = getelementptr inbounds float, ptr %panels, i64 %502
-  %504 = load <8 x float>, ptr %503, align 4
-  %505 = add nsw i64 %502, 8
-  %506 = getelementptr inbounds float, ptr %panels, i64 %505
-  %507 = load <8 x float>, ptr %506, align 4
-  %508 = getelementptr inbounds float, ptr %474, i64 %k52
-  %509 = load float, ptr %508, align 4
-  %510 = insertelement <8 x float> poison, float %509, i32 0
-  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
-  %512 = load <8 x float>, ptr %acc0044, align 4
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %504, <8 x float> %512)
-  store <8 x float> %513, ptr %acc0044, align 4
-  %514 = load <8 x float>, ptr %acc0145, align 4
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %507, <8 x float> %514)
-  store <8 x float> %515, ptr %acc0145, align 4
-  %516 = getelementptr inbounds float, ptr %488, i64 %k52
-  %517 = load float, ptr %516, align 4
-  %518 = insertelement <8 x float> poison, float %517, i32 0
-  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
-  %520 = load <8 x float>, ptr %acc1046, align 4
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %504, <8 x float> %520)
-  store <8 x float> %521, ptr %acc1046, align 4
-  %522 = load <8 x float>, ptr %acc1147, align 4
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %507, <8 x float> %522)
-  store <8 x float> %523, ptr %acc1147, align 4
-  %524 = add nsw i64 %k52, 1
-  br label %k.head49
+k.body54:                                         ; preds = %k.head53
+  %536 = mul nsw i64 %k56, 16
+  %537 = add nsw i64 %panel.off51, %536
+  %538 = mul nsw i64 %k56, 64
+  %539 = getelementptr inbounds i8, ptr %pf52, i64 %538
+  call void @llvm.prefetch.p0(ptr %539, i32 0, i32 2, i32 1)
+  %540 = getelementptr inbounds float, ptr %panels, i64 %537
+  %541 = load <8 x float>, ptr %540, align 4
+  %542 = add nsw i64 %537, 8
+  %543 = getelementptr inbounds float, ptr %panels, i64 %542
+  %544 = load <8 x float>, ptr %543, align 4
+  %545 = getelementptr inbounds float, ptr %504, i64 %k56
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc0047, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %541, <8 x float> %549)
+  store <8 x float> %550, ptr %acc0047, align 4
+  %551 = load <8 x float>, ptr %acc0148, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %544, <8 x float> %551)
+  store <8 x float> %552, ptr %acc0148, align 4
+  %553 = getelementptr inbounds float, ptr %518, i64 %k56
+  %554 = load float, ptr %553, align 4
+  %555 = insertelement <8 x float> poison, float %554, i32 0
+  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
+  %557 = load <8 x float>, ptr %acc1049, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %541, <8 x float> %557)
+  store <8 x float> %558, ptr %acc1049, align 4
+  %559 = load <8 x float>, ptr %acc1150, align 4
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %544, <8 x float> %559)
+  store <8 x float> %560, ptr %acc1150, align 4
+  %561 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end51:                                          ; preds = %k.head49
-  %525 = load <8 x float>, ptr %acc0044, align 4
-  store <8 x float> %525, ptr %481, align 4
-  %526 = load <8 x float>, ptr %acc0145, align 4
-  store <8 x float> %526, ptr %484, align 4
-  %527 = load <8 x float>, ptr %acc1046, align 4
-  store <8 x float> %527, ptr %495, align 4
-  %528 = load <8 x float>, ptr %acc1147, align 4
-  store <8 x float> %528, ptr %498, align 4
+k.end55:                                          ; preds = %k.head53
+  %562 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %562, ptr %511, align 4
+  %563 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %563, ptr %514, align 4
+  %564 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %564, ptr %525, align 4
+  %565 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %565, ptr %528, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col53 = mul nsw i64 %p, 16
-  %529 = add nsw i64 %r0, 0
-  %530 = mul nsw i64 %529, 2816
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %529
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 1024
-  %536 = getelementptr inbounds float, ptr %y, i64 %535
-  %537 = add nsw i64 %col53, 0
-  %538 = getelementptr inbounds float, ptr %536, i64 %537
-  %539 = load <8 x float>, ptr %538, align 4
-  store <8 x float> %539, ptr %acc0054, align 4
-  %540 = add nsw i64 %col53, 8
-  %541 = getelementptr inbounds float, ptr %536, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  store <8 x float> %542, ptr %acc0155, align 4
-  %panel.off56 = mul nsw i64 %p, 45056
-  br label %k.head57
+  %col57 = mul nsw i64 %p, 16
+  %566 = add nsw i64 %r0, 0
+  %567 = mul nsw i64 %566, 2816
+  %568 = getelementptr inbounds float, ptr %h, i64 %567
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %566
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 1024
+  %573 = getelementptr inbounds float, ptr %y, i64 %572
+  %574 = add nsw i64 %col57, 0
+  %575 = getelementptr inbounds float, ptr %573, i64 %574
+  %576 = load <8 x float>, ptr %575, align 4
+  store <8 x float> %576, ptr %acc0058, align 4
+  %577 = add nsw i64 %col57, 8
+  %578 = getelementptr inbounds float, ptr %573, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
+  store <8 x float> %579, ptr %acc0159, align 4
+  %panel.off60 = mul nsw i64 %p, 45056
+  %580 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
+  %581 = add nsw i64 %p, 1
+  %582 = icmp slt i64 %581, %p1
+  %583 = getelementptr inbounds i8, ptr %580, i64 180224
+  %584 = and i1 %pf.on, %582
+  %pf61 = select i1 %584, ptr %583, ptr %580
+  br label %k.head62
 
-k.head57:                                         ; preds = %k.body58, %tile.mr1
-  %k60 = phi i64 [ 0, %tile.mr1 ], [ %559, %k.body58 ]
-  %543 = icmp slt i64 %k60, 2816
-  br i1 %543, label %k.body58, label %k.end59
+k.head62:                                         ; preds = %k.body63, %tile.mr1
+  %k65 = phi i64 [ 0, %tile.mr1 ], [ %603, %k.body63 ]
+  %585 = icmp slt i64 %k65, 2816
+  br i1 %585, label %k.body63, label %k.end64
 
-k.body58:                                         ; preds = %k.head57
-  %544 = mul nsw i64 %k60, 16
-  %545 = add nsw i64 %panel.off56, %544
-  %546 = getelementptr inbounds float, ptr %panels, i64 %545
-  %547 = load <8 x float>, ptr %546, align 4
-  %548 = add nsw i64 %545, 8
-  %549 = getelementptr inbounds float, ptr %panels, i64 %548
-  %550 = load <8 x float>, ptr %549, align 4
-  %551 = getelementptr inbounds float, ptr %531, i64 %k60
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = load <8 x float>, ptr %acc0054, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %547, <8 x float> %555)
-  store <8 x float> %556, ptr %acc0054, align 4
-  %557 = load <8 x float>, ptr %acc0155, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %550, <8 x float> %557)
-  store <8 x float> %558, ptr %acc0155, align 4
-  %559 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body63:                                         ; preds = %k.head62
+  %586 = mul nsw i64 %k65, 16
+  %587 = add nsw i64 %panel.off60, %586
+  %588 = mul nsw i64 %k65, 64
+  %589 = getelementptr inbounds i8, ptr %pf61, i64 %588
+  call void @llvm.prefetch.p0(ptr %589, i32 0, i32 2, i32 1)
+  %590 = getelementptr inbounds float, ptr %panels, i64 %587
+  %591 = load <8 x float>, ptr %590, align 4
+  %592 = add nsw i64 %587, 8
+  %593 = getelementptr inbounds float, ptr %panels, i64 %592
+  %594 = load <8 x float>, ptr %593, align 4
+  %595 = getelementptr inbounds float, ptr %568, i64 %k65
+  %596 = load float, ptr %595, align 4
+  %597 = insertelement <8 x float> poison, float %596, i32 0
+  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
+  %599 = load <8 x float>, ptr %acc0058, align 4
+  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %591, <8 x float> %599)
+  store <8 x float> %600, ptr %acc0058, align 4
+  %601 = load <8 x float>, ptr %acc0159, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0159, align 4
+  %603 = add nsw i64 %k65, 1
+  br label %k.head62
 
-k.end59:                                          ; preds = %k.head57
-  %560 = load <8 x float>, ptr %acc0054, align 4
-  store <8 x float> %560, ptr %538, align 4
-  %561 = load <8 x float>, ptr %acc0155, align 4
-  store <8 x float> %561, ptr %541, align 4
+k.end64:                                          ; preds = %k.head62
+  %604 = load <8 x float>, ptr %acc0058, align 4
+  store <8 x float> %604, ptr %575, align 4
+  %605 = load <8 x float>, ptr %acc0159, align 4
+  store <8 x float> %605, ptr %578, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end59, %k.end51, %k.end41, %k.end29, %k.end15, %k.end
-  %562 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end64, %k.end55, %k.end44, %k.end31, %k.end16, %k.end
+  %606 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %563 = add nsw i64 %p, 1
+  %607 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3193,4 +3310,5 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
